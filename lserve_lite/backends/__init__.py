@@ -1,0 +1,30 @@
+"""Backend selection: "cpu", "cuda", or "auto" (CUDA when CuPy sees a GPU)."""
+
+from __future__ import annotations
+
+from ..errors import LServeError
+
+
+def cuda_available() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def make_ops(backend: str = "auto"):
+    if backend == "auto":
+        backend = "cuda" if cuda_available() else "cpu"
+    if backend == "cpu":
+        from .cpu import CpuOps
+
+        return CpuOps()
+    if backend == "cuda":
+        if not cuda_available():
+            raise LServeError("backend 'cuda' asked for, but CuPy sees no NVIDIA GPU (install lserve-lite[cuda12])")
+        from .cuda import CudaOps
+
+        return CudaOps()
+    raise LServeError(f"unknown backend {backend!r} (cpu, cuda or auto)")

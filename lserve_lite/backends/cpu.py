@@ -1,0 +1,128 @@
+"""CPU backend: NumPy float32 with Numba njit kernels; also the reference every GPU kernel is tested against."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..sparse.plan import AttentionPlan
+from .base import KVCache
+
+
+class CpuOps:
+    """float32 NumPy/Numba implementation of the Ops interface."""
+
+    name = "cpu"
+    dtype = np.float32
+
+    def upload(self, a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a, dtype=np.float32 if a.dtype.kind == "f" else a.dtype)
+
+    def to_numpy(self, a: np.ndarray) -> np.ndarray:
+        return a
+
+    def kv_budget_bytes(self, fraction: float) -> int:
+        """KV memory on the CPU: a fixed 2 GiB scaled by the fraction (the host is shared with everything else)."""
+        return int(2 * 2**30 * fraction / 0.8)
+
+    def alloc_kv(self, cfg: ModelConfig, num_pages: int, page_size: int) -> KVCache:
+        shape = (num_pages, cfg.num_kv_heads, page_size, cfg.head_dim)
+        k = [np.zeros(shape, np.float32) for _ in range(cfg.num_layers)]
+        v = [np.zeros(shape, np.float32) for _ in range(cfg.num_layers)]
+        return KVCache(k=k, v=v, page_size=page_size, num_pages=num_pages)
+
+    def prepare_plan(self, plan: AttentionPlan) -> AttentionPlan:
+        return plan
+
+    def embed(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return table[ids]
+
+    def add_rmsnorm(self, x, residual, w, eps):
+        res = x if residual is None else x + residual
+        return rmsnorm_ref(res, w, eps), res
+
+    def linear(self, x, w, bias=None):
+        y = x @ w.T
+        return y if bias is None else y + bias
+
+    def silu_mul(self, gate_up):
+        return silu_mul_ref(gate_up)
+
+    def rope_write_kv(self, qkv, positions, slots, cache, layer, rope):
+        return rope_write_kv_ref(qkv, positions, slots, cache.k[layer], cache.v[layer], rope[0], rope[1])
+
+    def attention(self, q, cache, layer, plan, head_class):
+        return paged_attention_ref(q, cache.k[layer], cache.v[layer], plan, head_class)
+
+    def logits(self, h, lm_head):
+        return h @ lm_head.T
+
+
+def rmsnorm_ref(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm in float32, as HF Llama."""
+    var = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
+    return (x / np.sqrt(var + np.float32(eps))) * w
+
+
+def silu_mul_ref(gate_up: np.ndarray) -> np.ndarray:
+    """silu(gate) * up for the fused [N, 2*I] gate/up projection."""
+    i = gate_up.shape[-1] // 2
+    g, u = gate_up[:, :i], gate_up[:, i:]
+    return (g / (np.float32(1.0) + np.exp(-g))) * u
+
+
+def rope_write_kv_ref(qkv, positions, slots, k_cache, v_cache, cos, sin) -> np.ndarray:
+    """Rotate q and k (half-split RoPE), write k/v into their page slots; return q [N, Hq, D]."""
+    n = qkv.shape[0]
+    _, hkv, page, d = k_cache.shape
+    hq = qkv.shape[1] // d - 2 * hkv
+    x = qkv.reshape(n, hq + 2 * hkv, d)
+    c, s = cos[positions][:, None, :], sin[positions][:, None, :]
+    qk = x[:, : hq + hkv]
+    a, b = qk[..., : d // 2], qk[..., d // 2 :]
+    rot = np.concatenate([a * c - b * s, b * c + a * s], axis=-1).astype(np.float32)
+    q, k, v = rot[:, :hq], rot[:, hq:], x[:, hq + hkv :]
+    pg, off = slots // page, slots % page
+    k_cache[pg, :, off] = k
+    v_cache[pg, :, off] = v
+    return np.ascontiguousarray(q)
+
+
+def paged_attention_ref(q, k_cache, v_cache, plan: AttentionPlan, head_class: np.ndarray) -> np.ndarray:
+    """Block-sparse paged attention executing `plan`; q [N, Hq, D] -> [N, Hq*D].
+
+    Per query block and head class: gather the listed pages, one batched GEMM per KV-head group,
+    mask (causal, context end, and the sink/local window for streaming heads), softmax in float32.
+    """
+    n, hq, d = q.shape
+    hkv, page = k_cache.shape[1], k_cache.shape[2]
+    group = hq // hkv
+    out = np.empty((n, hq, d), np.float32)
+    scale = np.float32(1.0 / math.sqrt(d))
+    head_class = np.asarray(head_class)
+    for qb in range(plan.num_qblocks):
+        r0, nr, pos0 = int(plan.qb_start[qb]), int(plan.qb_len[qb]), int(plan.qb_pos[qb])
+        ctx = int(plan.seq_ctx[plan.qb_seq[qb]])
+        qpos = pos0 + np.arange(nr)
+        for cls in (0, 1):
+            gsel = np.nonzero(head_class == cls)[0]
+            if gsel.size == 0:
+                continue
+            pages, lpages = plan.pages(qb, cls)
+            kpos = (lpages[:, None] * page + np.arange(page)[None, :]).reshape(-1)
+            k = k_cache[pages][:, gsel].transpose(1, 0, 2, 3).reshape(gsel.size, -1, d)
+            v = v_cache[pages][:, gsel].transpose(1, 0, 2, 3).reshape(gsel.size, -1, d)
+            heads = (gsel[:, None] * group + np.arange(group)[None, :]).reshape(-1)
+            qg = q[r0 : r0 + nr, heads].reshape(nr, gsel.size, group, d).transpose(1, 2, 0, 3)
+            s = (qg.reshape(gsel.size, group * nr, d) @ k.transpose(0, 2, 1)) * scale
+            ok = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] < ctx)
+            if cls == 1:
+                ok &= (kpos[None, :] < plan.sink) | (qpos[:, None] - kpos[None, :] < plan.local)
+            s = np.where(np.tile(ok, (group, 1))[None], s, -np.inf)
+            s = np.exp(s - s.max(-1, keepdims=True))
+            o = (s @ v) / s.sum(-1, keepdims=True)
+            o = o.reshape(gsel.size, group, nr, d).transpose(2, 0, 1, 3).reshape(nr, -1, d)
+            out[r0 : r0 + nr, heads] = o
+    return out.reshape(n, hq * d)

@@ -1,0 +1,171 @@
+"""The engine loop: requests in, one scheduled model step at a time, text deltas out."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..backends import make_ops
+from ..config import EngineConfig
+from ..errors import InvalidRequestError
+from ..kv.block_manager import BlockManager
+from ..sampling_params import SamplingParams
+from ..tokenizer import IncrementalDecoder, Tokenizer
+from ..weights.loader import load_config, load_weights, resolve_model_dir
+from .model_runner import ModelRunner
+from .sampler import sample
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one request: new text and ids, and whether it ended."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    seq: Sequence | None = field(default=None, repr=False)
+
+
+class LLMEngine:
+    """Model + tokenizer + scheduler + runner for one backend; not thread-safe except `abort`."""
+
+    def __init__(self, model: str | None = None, backend: str = "auto", config: EngineConfig | None = None):
+        self.ecfg = config or EngineConfig()
+        self.model_dir = resolve_model_dir(model)
+        self.cfg = load_config(self.model_dir)
+        self.tokenizer = Tokenizer(self.model_dir)
+        self.ops = make_ops(backend)
+        self.max_len = self.ecfg.resolve_max_len(self.cfg)
+        num_pages = self._num_pages()
+        self.max_len = min(self.max_len, num_pages * self.ecfg.page_size)
+        weights = load_weights(self.model_dir, self.cfg)
+        self.runner = ModelRunner(self.cfg, weights, self.ops, self.ecfg, num_pages)
+        del weights
+        self.blocks = BlockManager(num_pages, self.ecfg.page_size)
+        self.scheduler = Scheduler(self.blocks, self.ecfg.max_num_seqs, self.ecfg.max_num_batched_tokens)
+        self.seqs: dict[str, Sequence] = {}
+        self.decoders: dict[str, IncrementalDecoder] = {}
+        self._aborts: list[str] = []
+        self._lock = threading.Lock()
+        self.eos_ids = set(self.cfg.eos_token_ids)
+
+    def _num_pages(self) -> int:
+        if self.ecfg.num_kv_pages:
+            return self.ecfg.num_kv_pages
+        c = self.cfg
+        per_page = 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.ecfg.page_size * np.dtype(self.ops.dtype).itemsize
+        budget = self.ops.kv_budget_bytes(self.ecfg.kv_memory_fraction)
+        return max(1, min(int(budget // per_page), 1 << 20))
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        if any(t < 0 or t >= self.cfg.vocab_size for t in ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
+        if len(ids) >= self.max_len:
+            raise InvalidRequestError(
+                f"prompt has {len(ids)} tokens; the context limit is {self.max_len} (prompt + output)"
+            )
+        seq = Sequence(ids, params, request_id)
+        if seq.request_id in self.seqs:
+            raise InvalidRequestError(f"duplicate request id {seq.request_id}")
+        with self._lock:
+            self.seqs[seq.request_id] = seq
+            self.decoders[seq.request_id] = IncrementalDecoder(self.tokenizer)
+            self.scheduler.add(seq)
+        return seq.request_id
+
+    def abort(self, request_id: str) -> None:
+        """Thread-safe: the sequence is dropped and its pages freed at the start of the next step."""
+        with self._lock:
+            self._aborts.append(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work() or bool(self._aborts)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        outs = self._apply_aborts()
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return outs
+        logits = self.runner.run(batch.seqs, batch.num_new)
+        done_rows = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new)) if s.num_pending == 0]
+        tokens = sample(logits[done_rows], [batch.seqs[i] for i in done_rows]) if done_rows else []
+        for i, tok in zip(done_rows, tokens):
+            outs.append(self._append(batch.seqs[i], tok))
+        return outs
+
+    def _apply_aborts(self) -> list[StepOutput]:
+        with self._lock:
+            ids, self._aborts = self._aborts, []
+        outs = []
+        for rid in ids:
+            seq = self.seqs.get(rid)
+            if seq is not None and not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+                outs.append(self._output(seq, "", []))
+        return outs
+
+    def _append(self, seq: Sequence, tok: int) -> StepOutput:
+        import time
+
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        p = seq.params
+        seq.output_ids.append(tok)
+        dec = self.decoders[seq.request_id]
+        stop_tok = (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids
+        if not stop_tok:
+            seq.text += dec.push(tok)
+        reason = "stop" if stop_tok else None
+        if reason is None and p.stop:
+            hit = min((i for i in (seq.text.find(s, max(0, seq.emitted - len(s))) for s in p.stop) if i >= 0), default=-1)
+            if hit >= 0:
+                seq.text, reason = seq.text[:hit], "stop"
+        if reason is None and (len(seq.output_ids) >= p.max_new_tokens or seq.num_tokens >= self.max_len):
+            seq.text += dec.flush()
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+        held = max((len(s) - 1 for s in p.stop), default=0) if reason is None else 0
+        upto = max(seq.emitted, len(seq.text) - held)
+        delta, seq.emitted = seq.text[seq.emitted : upto], upto
+        return self._output(seq, delta, [tok])
+
+    def _output(self, seq: Sequence, text: str, ids: list[int]) -> StepOutput:
+        out = StepOutput(
+            seq.request_id, text, ids, seq.is_finished, seq.finish_reason,
+            len(seq.prompt_ids), len(seq.output_ids), seq,
+        )  # fmt: skip
+        if seq.is_finished:
+            self.seqs.pop(seq.request_id, None)
+            self.decoders.pop(seq.request_id, None)
+        return out
+
+    def score(self, token_ids: list[int]) -> np.ndarray:
+        """Teacher-forced next-token logits [T, vocab] for `token_ids` (runs alone, in prefill chunks)."""
+        if len(token_ids) > self.max_len:
+            raise InvalidRequestError(f"{len(token_ids)} tokens exceed the context limit {self.max_len}")
+        seq = Sequence(list(token_ids), SamplingParams(max_new_tokens=1))
+        if not self.blocks.can_grow(seq, len(token_ids)):
+            raise InvalidRequestError("not enough free KV pages to score this sequence now")
+        self.blocks.grow(seq, len(token_ids))
+        try:
+            chunks = []
+            while seq.num_pending:
+                n = min(seq.num_pending, self.ecfg.max_num_batched_tokens)
+                chunks.append(self.runner.run([seq], [n], all_logits=True))
+            return np.concatenate(chunks)
+        finally:
+            self.blocks.release(seq)

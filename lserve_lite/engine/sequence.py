@@ -1,0 +1,57 @@
+"""A request's state inside the engine: its tokens, its pages, how far its KV cache has been written."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from enum import Enum, auto
+
+import numpy as np
+
+from ..sampling_params import SamplingParams
+
+_ids = itertools.count()
+
+
+class Status(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    """Prompt + generated ids; `num_cached` tokens already have K/V in `page_table`'s pages."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None):
+        self.seq_id = next(_ids)
+        self.request_id = request_id or f"req-{self.seq_id}"
+        self.prompt_ids = list(prompt_ids)
+        self.output_ids: list[int] = []
+        self.params = params
+        self.status = Status.WAITING
+        self.num_cached = 0
+        self.page_table: list[int] = []
+        self.finish_reason: str | None = None
+        self.arrival = time.monotonic()
+        self.first_token_time: float | None = None
+        seed = params.seed if params.seed is not None else np.random.SeedSequence().entropy
+        self.rng = np.random.default_rng(seed)
+        self.text = ""  # detokenized output so far (stop strings trimmed)
+        self.emitted = 0  # characters of `text` already returned to the caller
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens whose K/V still has to be computed (the prompt left to prefill, or the last sampled id)."""
+        return self.num_tokens - self.num_cached
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED

@@ -1,0 +1,88 @@
+"""The Python API: LLM.generate / chat / stream / logits over one engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import EngineConfig
+from .engine.llm_engine import LLMEngine
+from .sampling_params import SamplingParams
+
+
+@dataclass
+class CompletionOutput:
+    """A finished request: its text, generated ids and why it stopped ("stop", "length", "abort")."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_token_ids: list[int]
+
+
+class LLM:
+    """An embedded engine: `LLM()` loads the default SmolLM2 on the best backend available."""
+
+    def __init__(self, model: str | None = None, backend: str = "auto", config: EngineConfig | None = None, **kw):
+        cfg = config or EngineConfig(**kw)
+        self.engine = LLMEngine(model, backend, cfg)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(
+        self, prompts: str | list[str] | list[list[int]], params: SamplingParams | None = None
+    ) -> list[CompletionOutput]:
+        """Run all prompts as one continuous batch; outputs in prompt order."""
+        params = params or SamplingParams()
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        rids = [self.engine.add_request(p, params) for p in prompts]
+        return self._collect(rids)
+
+    def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None):
+        """One conversation -> one output; a list of conversations -> a list of outputs."""
+        single = bool(messages) and isinstance(messages[0], dict)
+        convs = [messages] if single else messages
+        outs = self.generate([self.tokenizer.encode_chat(c) for c in convs], params)
+        return outs[0] if single else outs
+
+    def stream(self, prompt: str | list[dict] | list[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Text deltas of one request as they are produced; closing the generator aborts the request."""
+        params = params or SamplingParams()
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            prompt = self.tokenizer.encode_chat(prompt)
+        rid = self.engine.add_request(prompt, params)
+        done = False
+        try:
+            while not done:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        done = out.finished
+                        if out.text:
+                            yield out.text
+        finally:
+            if not done:
+                self.engine.abort(rid)
+                self.engine.step()
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        """Teacher-forced next-token logits [T, vocab] (float32 NumPy)."""
+        return self.engine.score(token_ids)
+
+    def _collect(self, rids: list[str]) -> list[CompletionOutput]:
+        pending = set(rids)
+        texts = {r: [] for r in rids}
+        results: dict[str, CompletionOutput] = {}
+        while pending:
+            for out in self.engine.step():
+                if out.request_id not in pending:
+                    continue
+                texts[out.request_id].append(out.text)
+                if out.finished:
+                    s = out.seq
+                    results[out.request_id] = CompletionOutput(
+                        "".join(texts[out.request_id]), list(s.output_ids), out.finish_reason, list(s.prompt_ids)
+                    )
+                    pending.discard(out.request_id)
+        return [results[r] for r in rids]

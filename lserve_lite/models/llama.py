@@ -1,0 +1,80 @@
+"""One decoder forward for Llama, Mistral, Qwen2 and SmolLM2, written against the Ops interface."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..backends.base import KVCache, Ops, rope_tables
+from ..config import ModelConfig
+
+
+@dataclass
+class Layer:
+    """One decoder layer's weights in the backend's layout (q/k/v and gate/up fused)."""
+
+    ln1: Any
+    qkv: Any
+    qkv_bias: Any
+    o: Any
+    ln2: Any
+    gate_up: Any
+    down: Any
+
+
+class LlamaModel:
+    """Decoder-only transformer; `forward` runs one scheduled step over a flattened token batch."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, np.ndarray], ops: Ops, max_len: int):
+        self.cfg, self.ops = cfg, ops
+        up = ops.upload
+        self.embed = up(weights["model.embed_tokens.weight"])
+        self.norm = up(weights["model.norm.weight"])
+        self.lm_head = self.embed if cfg.tie_word_embeddings else up(weights["lm_head.weight"])
+        self.layers = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            qkv = [weights[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]
+            bias = [weights[p + f"self_attn.{n}_proj.bias"] for n in "qkv"] if cfg.qkv_bias else None
+            self.layers.append(
+                Layer(
+                    ln1=up(weights[p + "input_layernorm.weight"]),
+                    qkv=up(np.concatenate(qkv, axis=0)),
+                    qkv_bias=None if bias is None else up(np.concatenate(bias)),
+                    o=up(weights[p + "self_attn.o_proj.weight"]),
+                    ln2=up(weights[p + "post_attention_layernorm.weight"]),
+                    gate_up=up(
+                        np.concatenate([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]])
+                    ),
+                    down=up(weights[p + "mlp.down_proj.weight"]),
+                )
+            )
+        cos, sin = rope_tables(cfg, max_len)
+        self.rope = (up(cos), up(sin))
+
+    def forward(
+        self,
+        ids: Any,
+        positions: Any,
+        slots: Any,
+        plan: Any,
+        cache: KVCache,
+        head_classes: list[Any],
+        logit_rows: Any,
+    ) -> Any:
+        """Write the new tokens' K/V into the cache and return logits [len(logit_rows), vocab] (float32)."""
+        ops, cfg = self.ops, self.cfg
+        x = ops.embed(self.embed, ids)
+        residual = None
+        for i, layer in enumerate(self.layers):
+            h, residual = ops.add_rmsnorm(x, residual, layer.ln1, cfg.rms_norm_eps)
+            qkv = ops.linear(h, layer.qkv, layer.qkv_bias)
+            q = ops.rope_write_kv(qkv, positions, slots, cache, i, self.rope)
+            a = ops.attention(q, cache, i, plan, head_classes[i])
+            x = ops.linear(a, layer.o)
+            h, residual = ops.add_rmsnorm(x, residual, layer.ln2, cfg.rms_norm_eps)
+            x = ops.linear(ops.silu_mul(ops.linear(h, layer.gate_up)), layer.down)
+        h, _ = ops.add_rmsnorm(x[logit_rows], residual[logit_rows], self.norm, cfg.rms_norm_eps)
+        return ops.logits(h, self.lm_head)
