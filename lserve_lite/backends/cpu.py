@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from ..config import ModelConfig
+from ..engine.sampler import sample
 from ..sparse.plan import AttentionPlan
 from .base import KVCache
 
@@ -58,6 +59,9 @@ class CpuOps:
 
     def logits(self, h, lm_head):
         return h @ lm_head.T
+
+    def sample(self, logits: np.ndarray, seqs: list) -> list[int]:
+        return sample(logits, seqs)
 
 
 def rmsnorm_ref(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:

@@ -15,7 +15,6 @@ from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDecoder, Tokenizer
 from ..weights.loader import load_config, load_weights, resolve_model_dir
 from .model_runner import ModelRunner
-from .sampler import sample
 from .scheduler import Scheduler
 from .sequence import Sequence
 
@@ -101,7 +100,7 @@ class LLMEngine:
             return outs
         logits = self.runner.run(batch.seqs, batch.num_new)
         done_rows = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new)) if s.num_pending == 0]
-        tokens = sample(logits[done_rows], [batch.seqs[i] for i in done_rows]) if done_rows else []
+        tokens = self.ops.sample(logits[done_rows], [batch.seqs[i] for i in done_rows]) if done_rows else []
         for i, tok in zip(done_rows, tokens):
             outs.append(self._append(batch.seqs[i], tok))
         return outs
@@ -165,7 +164,7 @@ class LLMEngine:
             chunks = []
             while seq.num_pending:
                 n = min(seq.num_pending, self.ecfg.max_num_batched_tokens)
-                chunks.append(self.runner.run([seq], [n], all_logits=True))
+                chunks.append(self.ops.to_numpy(self.runner.run([seq], [n], all_logits=True)))
             return np.concatenate(chunks)
         finally:
             self.blocks.release(seq)

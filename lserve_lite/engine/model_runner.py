@@ -20,11 +20,15 @@ class ModelRunner:
         self.max_len = ecfg.resolve_max_len(cfg)
         self.model = LlamaModel(cfg, weights, ops, self.max_len)
         self.cache = ops.alloc_kv(cfg, num_pages, self.page_size)
-        dense = ops.upload(np.zeros(cfg.num_kv_heads, np.int32))
-        self.head_classes = [dense] * cfg.num_layers
+        self.set_head_classes([np.zeros(cfg.num_kv_heads, np.int32)] * cfg.num_layers, sink=0, local=0)
+
+    def set_head_classes(self, classes: list[np.ndarray], sink: int, local: int) -> None:
+        """Per-layer KV-head classes (0 dense, 1 streaming) and the streaming heads' prefill window."""
+        self.head_classes = [self.ops.upload(np.asarray(c, np.int32)) for c in classes]
+        self.sink, self.local = sink, local if any(np.any(np.asarray(c) == 1) for c in classes) else 0
 
     def run(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False) -> np.ndarray:
-        """Process each sequence's next `num_new` tokens; logits of every last row (or all rows)."""
+        """Process each sequence's next `num_new` tokens; backend logits of every last row (or all rows)."""
         ids, pos, slots, rows = [], [], [], []
         ps = self.page_size
         for seq, n in zip(seqs, num_new):
@@ -41,7 +45,7 @@ class ModelRunner:
             ctx_lens=[s.num_cached + n for s, n in zip(seqs, num_new)],
             page_tables=[s.page_table for s in seqs],
         )
-        plan = self.ops.prepare_plan(build_plan(layout, ps))
+        plan = self.ops.prepare_plan(build_plan(layout, ps, sink=self.sink, local=self.local))
         logit_rows = np.arange(len(ids)) if all_logits else np.asarray(rows)
         up = self.ops.upload
         logits = self.model.forward(
@@ -55,4 +59,4 @@ class ModelRunner:
         )
         for seq, n in zip(seqs, num_new):
             seq.num_cached += n
-        return self.ops.to_numpy(logits)
+        return logits
