@@ -42,6 +42,8 @@ class ModelConfig:
             raise ModelLoadError(
                 f"{source}: unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})"
             )
+        rope = d.get("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling here
+        scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         try:
             hidden = int(d["hidden_size"])
             heads = int(d["num_attention_heads"])
@@ -55,8 +57,8 @@ class ModelConfig:
                 head_dim=int(d.get("head_dim") or hidden // heads),
                 vocab_size=int(d["vocab_size"]),
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-                rope_theta=float(d.get("rope_theta", 10000.0)),
-                rope_scaling=d.get("rope_scaling"),
+                rope_theta=float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
+                rope_scaling=scaling,
                 max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 qkv_bias=arch == "Qwen2ForCausalLM" or bool(d.get("attention_bias", False)),
@@ -69,6 +71,10 @@ class ModelConfig:
         except (TypeError, ValueError) as e:
             raise ModelLoadError(f"{source}: bad field value ({e})") from None
         cfg.validate(source)
+        sw = d.get("sliding_window")
+        uses_sw = d.get("use_sliding_window", arch == "MistralForCausalLM")
+        if uses_sw and sw is not None and int(sw) < cfg.max_position_embeddings:
+            raise ModelLoadError(f"{source}: sliding-window attention (sliding_window={sw}) is not supported")
         return cfg
 
     @classmethod

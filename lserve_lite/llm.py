@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import EngineConfig
-from .engine.llm_engine import LLMEngine
+from .engine.llm_engine import LLMEngine, StepOutput
 from .sampling_params import SamplingParams
 
 
@@ -49,6 +49,14 @@ class LLM:
 
     def stream(self, prompt: str | list[dict] | list[int], params: SamplingParams | None = None) -> Iterator[str]:
         """Text deltas of one request as they are produced; closing the generator aborts the request."""
+        for out in self.stream_outputs(prompt, params):
+            if out.text:
+                yield out.text
+
+    def stream_outputs(
+        self, prompt: str | list[dict] | list[int], params: SamplingParams | None = None
+    ) -> Iterator[StepOutput]:
+        """Like `stream`, but yields the engine's per-step outputs (token ids, finish reason)."""
         params = params or SamplingParams()
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
             prompt = self.tokenizer.encode_chat(prompt)
@@ -59,8 +67,7 @@ class LLM:
                 for out in self.engine.step():
                     if out.request_id == rid:
                         done = out.finished
-                        if out.text:
-                            yield out.text
+                        yield out
         finally:
             if not done:
                 self.engine.abort(rid)

@@ -1,0 +1,142 @@
+"""Run-time compilation of kernels/*.cu with NVRTC (through CuPy), and a GPU-free compile check for CI.
+
+Every kernel source is compiled with the same flags at run time (`load_module`) and in CI (`nvrtc_check`):
+`STD_FLAGS` + `-I<kernels dir>` + the caller's options (+ `-ftz=true`, which CuPy adds at run time).
+
+Caching: in memory per (file, device arch, options); on disk through CuPy's kernel cache (a user cache dir,
+`~/.cupy/kernel_cache` unless `CUPY_CACHE_DIR` says otherwise), keyed by source, options, arch and NVRTC
+version. Headers included from the kernels dir are hashed into a `-D` option, so editing a `.cuh`
+invalidates every cached module that includes it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.resources
+import re
+from pathlib import Path
+
+STD_FLAGS: tuple[str, ...] = ("-std=c++17",)
+RUNTIME_EXTRA: tuple[str, ...] = ("-ftz=true",)  # CuPy appends this at run time; CI mirrors it
+_INCLUDE_RE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.M)
+_modules: dict[tuple, object] = {}
+
+
+@functools.cache
+def kernels_dir() -> Path:
+    """The folder holding the *.cu / *.cuh sources (package data when installed, ./kernels in a checkout)."""
+    try:
+        p = Path(str(importlib.resources.files("lserve_lite.kernels")))
+        if p.is_dir() and any(p.glob("*.cu")):
+            return p
+    except (ModuleNotFoundError, TypeError, ValueError):
+        pass
+    return Path(__file__).resolve().parents[2] / "kernels"
+
+
+def kernel_sources() -> list[str]:
+    """Names of every compilable kernel source (kernels/*.cu)."""
+    return sorted(p.name for p in kernels_dir().glob("*.cu"))
+
+
+def read_source(filename: str) -> str:
+    return (kernels_dir() / filename).read_text()
+
+
+def _source_digest(filename: str) -> str:
+    """Hash of the source and every local header it includes (transitively)."""
+    h, seen, todo = hashlib.sha256(), set(), [filename]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = kernels_dir() / name
+        if not path.is_file():
+            continue  # a system header, or one NVRTC will report
+        text = path.read_text()
+        h.update(name.encode() + b"\0" + text.encode())
+        todo.extend(_INCLUDE_RE.findall(text))
+    return h.hexdigest()[:16]
+
+
+def compile_options(filename: str, options: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The exact NVRTC options used at run time for this file (arch and -ftz added by CuPy)."""
+    return (*STD_FLAGS, f"-I{kernels_dir()}", f"-DLSERVE_SRC_HASH=0x{_source_digest(filename)}", *options)
+
+
+def load_module(filename: str, name_expressions: tuple[str, ...] = (), options: tuple[str, ...] = ()):
+    """Compile kernels/<filename> for the current device (cached) and return a `cupy.RawModule`.
+
+    `name_expressions` lists template instantiations to fetch later by the same string through
+    `module.get_function("kernel<64, 4>")`.
+    """
+    import cupy
+
+    dev = cupy.cuda.Device()
+    arch = dev.compute_capability
+    opts = compile_options(filename, tuple(options))
+    key = (filename, arch, opts, tuple(name_expressions))
+    mod = _modules.get(key)
+    if mod is None:
+        mod = cupy.RawModule(
+            code=read_source(filename),
+            options=opts,
+            name_expressions=tuple(name_expressions) or None,
+            backend="nvrtc",
+        )
+        mod.compile()
+        _modules[key] = mod
+    return mod
+
+
+@functools.cache
+def _cuda_include_dirs() -> tuple[str, ...]:
+    """Include dirs with cuda_fp16.h etc. for a GPU-free compile (nvidia-cuda-runtime-cu12, CUDA_PATH)."""
+    import os
+
+    dirs = []
+    try:
+        import nvidia.cuda_runtime as rt
+
+        for p in rt.__path__:
+            if (Path(p) / "include" / "cuda_fp16.h").is_file():
+                dirs.append(str(Path(p) / "include"))
+    except ImportError:
+        pass
+    for root in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root and (Path(root) / "include" / "cuda_fp16.h").is_file():
+            dirs.append(str(Path(root) / "include"))
+    return tuple(dict.fromkeys(dirs))
+
+
+def nvrtc_check(
+    filename: str, arch: str, name_expressions: tuple[str, ...] = (), options: tuple[str, ...] = ()
+) -> str:
+    """Compile kernels/<filename> for `arch` ("sm_80", "sm_90", "80") through NVRTC with no GPU.
+
+    Uses the run-time flags; returns the compiler log (warnings); raises RuntimeError with the log on errors.
+    """
+    from cupy_backends.cuda.libs import nvrtc
+
+    cc = arch.removeprefix("sm_").removeprefix("compute_")
+    opts = [
+        f"-arch=compute_{cc}",
+        *compile_options(filename, tuple(options)),
+        *RUNTIME_EXTRA,
+        *(f"-I{d}" for d in _cuda_include_dirs()),
+    ]
+    prog = nvrtc.createProgram(read_source(filename), filename, [], [])
+    try:
+        for ne in name_expressions:
+            nvrtc.addNameExpression(prog, ne)
+        try:
+            nvrtc.compileProgram(prog, opts)
+        except nvrtc.NVRTCError as e:
+            raise RuntimeError(f"NVRTC failed on {filename} for sm_{cc}:\n{nvrtc.getProgramLog(prog)}") from e
+        for ne in name_expressions:
+            nvrtc.getLoweredName(prog, ne)  # raises if the instantiation does not exist
+        return nvrtc.getProgramLog(prog)
+    finally:
+        nvrtc.destroyProgram(prog)

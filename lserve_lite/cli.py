@@ -1,0 +1,185 @@
+"""`lserve-lite` command line: chat, generate, serve, convert, calibrate, kernels."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .errors import LServeError
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF model directory (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--backend", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens (prompt + output)")
+
+
+def _make_llm(args):
+    from .config import EngineConfig
+    from .llm import LLM
+
+    return LLM(args.model, backend=args.backend, config=EngineConfig(max_model_len=args.max_model_len))
+
+
+def _sampling(args, **extra):
+    from .sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.seed, **extra,
+    )  # fmt: skip
+
+
+def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=temperature)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def cmd_generate(args) -> int:
+    params = _sampling(args)
+    llm = _make_llm(args)
+    prompt = llm.tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    for delta in llm.stream(prompt, params):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    params = _sampling(args)
+    llm = _make_llm(args)
+    history: list[dict] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    print("lserve-lite chat: /reset clears the conversation, /exit quits, Ctrl-C stops a reply.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/exit", "/quit"):
+            return 0
+        if cmd == "/reset":
+            history = history[:1] if args.system else []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        reply, n, t0 = [], 0, time.perf_counter()
+        stream = llm.stream_outputs(history, params)
+        try:
+            for out in stream:
+                n += len(out.token_ids)
+                reply.append(out.text)
+                sys.stdout.write(out.text)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            stream.close()
+            sys.stdout.write(" [stopped]")
+        except LServeError as e:
+            history.pop()
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        dt = time.perf_counter() - t0
+        print(f"\n[{n} tokens, {n / dt:.1f} tokens/s]", file=sys.stderr)
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_convert(args) -> int:
+    from .weights.gguf_import import convert_gguf
+
+    out = convert_gguf(args.gguf, args.out_dir, progress=True)
+    print(f"converted {args.gguf} -> {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_kernels(args) -> int:
+    from .kernels_harness import main as harness_main
+
+    return harness_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lserve-lite", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("chat", help="interactive chat REPL (streams replies)")
+    _engine_args(p)
+    _sampling_args(p, temperature=0.7)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="complete one prompt; prints only the completion")
+    _engine_args(p)
+    _sampling_args(p, temperature=0.0)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("convert", help="convert a llama GGUF into a HF safetensors directory")
+    p.add_argument("gguf")
+    p.add_argument("out_dir")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("kernels", help="kernel harness: `kernels test` checks every GPU kernel vs its reference")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_kernels)
+
+    _optional_subcommands(sub)
+    return ap
+
+
+def _optional_subcommands(sub) -> None:
+    """Subcommands whose modules bring optional dependencies (the server) or heavier code."""
+    try:
+        from .serve.app import add_serve_args, run_from_args
+    except ImportError:
+        add_serve_args = None
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the `serve` extra)")
+    if add_serve_args is not None:
+        add_serve_args(p)
+        p.set_defaults(func=run_from_args)
+    else:
+        p.set_defaults(func=lambda a: _missing("serve", "pip install 'lserve-lite[serve]'"))
+    try:
+        from .sparse.calibrate import add_args, main as calibrate_main
+    except ImportError:
+        add_args = None
+    p = sub.add_parser("calibrate", help="derive a streaming-head pattern (full_attention_heads.tsv)")
+    if add_args is not None:
+        add_args(p)
+        p.set_defaults(func=calibrate_main)
+    else:
+        p.set_defaults(func=lambda a: _missing("calibrate", "this build lacks the calibrator"))
+
+
+def _missing(what: str, hint: str) -> int:
+    print(f"error: `{what}` is unavailable: {hint}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LServeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
