@@ -1,0 +1,134 @@
+"""Bad input gets one clear line and loses nothing: model files, prompts, sampling values, the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from lserve_lite import LLM, EngineConfig, InvalidRequestError, ModelLoadError, SamplingParams
+from lserve_lite.engine.llm_engine import LLMEngine
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_config(path, **kw):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(kw)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_unsupported_architecture(tiny_llama, tmp_path):
+    p = _copy(tiny_llama, tmp_path / "m")
+    _edit_config(p, architectures=["GPT2LMHeadModel"])
+    with pytest.raises(ModelLoadError, match=r"config.json: unsupported architecture 'GPT2LMHeadModel'"):
+        LLM(str(p), backend="cpu")
+
+
+def test_unsupported_rope_scaling(tiny_llama, tmp_path):
+    p = _copy(tiny_llama, tmp_path / "m")
+    _edit_config(p, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ModelLoadError, match="unsupported rope_scaling type 'yarn'"):
+        LLM(str(p), backend="cpu")
+
+
+@pytest.mark.parametrize(
+    "damage,msg",
+    [
+        ("no_config", "no config.json"),
+        ("bad_json", r"config.json: not valid JSON"),
+        ("truncated", r"model.safetensors: truncated"),
+        ("garbage_header", r"model.safetensors: corrupt"),
+        ("missing_tensor", r"missing tensor model.layers.1.mlp.down_proj.weight"),
+        ("no_weights", r"no model.safetensors"),
+        ("pickle_only", r"pickle weights"),
+        ("no_tokenizer", r"tokenizer.json: file not found"),
+        ("missing_field", r"missing required field 'hidden_size'"),
+    ],
+)
+def test_damaged_model_dir(tiny_llama, tmp_path, damage, msg):
+    p = _copy(tiny_llama, tmp_path / "m")
+    st = p / "model.safetensors"
+    if damage == "no_config":
+        (p / "config.json").unlink()
+    elif damage == "bad_json":
+        (p / "config.json").write_text("{not json")
+    elif damage == "truncated":
+        st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    elif damage == "garbage_header":
+        st.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00" + b"\xff" * 64)
+    elif damage == "missing_tensor":
+        from safetensors.numpy import load_file, save_file
+
+        w = load_file(st)
+        del w["model.layers.1.mlp.down_proj.weight"]
+        save_file(w, st)
+    elif damage == "no_weights":
+        st.unlink()
+    elif damage == "pickle_only":
+        st.unlink()
+        (p / "pytorch_model.bin").write_bytes(b"x")
+    elif damage == "no_tokenizer":
+        (p / "tokenizer.json").unlink()
+    elif damage == "missing_field":
+        cfg = json.loads((p / "config.json").read_text())
+        del cfg["hidden_size"]
+        (p / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=msg):
+        LLM(str(p), backend="cpu")
+
+
+def test_missing_model_dir(tmp_path):
+    with pytest.raises(ModelLoadError, match="model directory not found"):
+        LLM(str(tmp_path / "nope"), backend="cpu")
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(temperature=-1.0),
+        dict(temperature=float("nan")),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(top_k=-3),
+        dict(max_new_tokens=0),
+        dict(repetition_penalty=0.0),
+        dict(seed="x"),
+        dict(stop=[""]),
+    ],
+)
+def test_invalid_sampling_values(kw):
+    with pytest.raises(InvalidRequestError):
+        SamplingParams(**kw)
+
+
+def test_prompt_over_context_limit_and_engine_survives(tiny_llama):
+    eng = LLMEngine(str(tiny_llama), "cpu", EngineConfig(max_model_len=128))
+    with pytest.raises(InvalidRequestError, match="context limit is 128"):
+        eng.add_request(list(range(3, 200)), SamplingParams())
+    with pytest.raises(InvalidRequestError, match="token ids must be in"):
+        eng.add_request([5, 99999], SamplingParams())
+    with pytest.raises(InvalidRequestError, match="empty"):
+        eng.add_request([], SamplingParams())
+    rid = eng.add_request([5, 6, 7], SamplingParams(temperature=0, max_new_tokens=200, ignore_eos=True))
+    outs = []
+    while eng.has_unfinished():
+        outs += [o for o in eng.step() if o.finished]
+    assert outs[0].request_id == rid and outs[0].finish_reason == "length"
+    assert outs[0].num_output_tokens == 128 - 3  # stopped at the context limit, not the max_new_tokens
+
+
+def test_cli_prints_one_line_not_a_traceback(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0 and "model directory not found" in r.stderr
+    assert "Traceback" not in r.stderr
