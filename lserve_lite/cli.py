@@ -8,18 +8,57 @@ import time
 
 from .errors import LServeError
 
+_SPARSE_KNOBS = {
+    "static_sparsity": (float, "fraction of KV heads that become streaming heads"),
+    "page_size": (int, "tokens per physical KV page"),
+    "sub_pages": (int, "logical pages per physical page (selector granularity)"),
+    "prefill_sink": (int, "streaming heads' sink tokens in prefill"),
+    "prefill_local": (int, "streaming heads' local window in prefill"),
+    "decode_sink": (int, "streaming heads' sink tokens in decode"),
+    "decode_local": (int, "streaming heads' local window in decode"),
+    "token_budget": (int, "dense heads' KV token budget per decode step"),
+    "select_interval": (int, "decode steps between page selections"),
+}
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF model directory (default: bundled SmolLM2-135M-Instruct)")
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Model, backend, limits and the LServe knobs (shared by chat, generate and serve)."""
+    p.add_argument(
+        "--model", default=None, help="HF model directory (default: bundled SmolLM2-135M-Instruct)"
+    )
     p.add_argument("--backend", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens (prompt + output)")
+    p.add_argument(
+        "--max-model-len", type=int, default=None, help="context limit in tokens (prompt + output)"
+    )
+    p.add_argument(
+        "--kv-pages", type=int, default=None, help="KV pages in the pool (default: sized from memory)"
+    )
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--sparse", dest="sparse", action="store_true", help="LServe sparse attention")
+    g.add_argument("--dense", dest="sparse", action="store_false", help="dense attention (the default)")
+    p.set_defaults(sparse=False)
+    p.add_argument("--pattern", default=None, help="DuoAttention full_attention_heads.tsv for --sparse")
+    for name, (typ, text) in _SPARSE_KNOBS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=text)
+
+
+def engine_config_from_args(args):
+    from .config import EngineConfig, SparseConfig
+
+    knobs = {k: getattr(args, k) for k in _SPARSE_KNOBS if getattr(args, k, None) is not None}
+    sparse = SparseConfig(enabled=args.sparse, pattern_path=args.pattern).with_updates(**knobs)
+    return EngineConfig(
+        max_model_len=args.max_model_len,
+        num_kv_pages=args.kv_pages,
+        page_size=sparse.page_size,
+        sparse=sparse,
+    )
 
 
 def _make_llm(args):
-    from .config import EngineConfig
     from .llm import LLM
 
-    return LLM(args.model, backend=args.backend, config=EngineConfig(max_model_len=args.max_model_len))
+    return LLM(args.model, backend=args.backend, config=engine_config_from_args(args))
 
 
 def _sampling(args, **extra):
@@ -42,7 +81,9 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
 def cmd_generate(args) -> int:
     params = _sampling(args)
     llm = _make_llm(args)
-    prompt = llm.tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    prompt = (
+        llm.tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    )
     for delta in llm.stream(prompt, params):
         sys.stdout.write(delta)
         sys.stdout.flush()
@@ -60,7 +101,10 @@ def cmd_chat(args) -> int:
     history: list[dict] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
-    print("lserve-lite chat: /reset clears the conversation, /exit quits, Ctrl-C stops a reply.", file=sys.stderr)
+    print(
+        "lserve-lite chat: /reset clears the conversation, /exit quits, Ctrl-C stops a reply.",
+        file=sys.stderr,
+    )
     while True:
         try:
             line = input(">>> ")
@@ -116,13 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("chat", help="interactive chat REPL (streams replies)")
-    _engine_args(p)
+    add_engine_args(p)
     _sampling_args(p, temperature=0.7)
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="complete one prompt; prints only the completion")
-    _engine_args(p)
+    add_engine_args(p)
     _sampling_args(p, temperature=0.0)
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -133,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("kernels", help="kernel harness: `kernels test` checks every GPU kernel vs its reference")
+    p = sub.add_parser(
+        "kernels", help="kernel harness: `kernels test` checks every GPU kernel vs its reference"
+    )
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_kernels)
 
@@ -154,7 +200,8 @@ def _optional_subcommands(sub) -> None:
     else:
         p.set_defaults(func=lambda a: _missing("serve", "pip install 'lserve-lite[serve]'"))
     try:
-        from .sparse.calibrate import add_args, main as calibrate_main
+        from .sparse.calibrate import add_args
+        from .sparse.calibrate import main as calibrate_main
     except ImportError:
         add_args = None
     p = sub.add_parser("calibrate", help="derive a streaming-head pattern (full_attention_heads.tsv)")

@@ -172,6 +172,13 @@ class EngineConfig:
     cuda_graphs: bool = True
     seed: int = 0
 
+    def __post_init__(self):
+        self.sparse.validate()
+        if self.sparse.enabled and self.sparse.page_size != self.page_size:
+            raise InvalidRequestError(
+                f"sparse page_size {self.sparse.page_size} differs from the KV page_size {self.page_size}"
+            )
+
     def resolve_max_len(self, model: ModelConfig) -> int:
         if self.max_model_len is None:
             return model.max_position_embeddings

@@ -25,7 +25,9 @@ class CompletionOutput:
 class LLM:
     """An embedded engine: `LLM()` loads the default SmolLM2 on the best backend available."""
 
-    def __init__(self, model: str | None = None, backend: str = "auto", config: EngineConfig | None = None, **kw):
+    def __init__(
+        self, model: str | None = None, backend: str = "auto", config: EngineConfig | None = None, **kw
+    ):
         cfg = config or EngineConfig(**kw)
         self.engine = LLMEngine(model, backend, cfg)
         self.tokenizer = self.engine.tokenizer
@@ -47,7 +49,9 @@ class LLM:
         outs = self.generate([self.tokenizer.encode_chat(c) for c in convs], params)
         return outs[0] if single else outs
 
-    def stream(self, prompt: str | list[dict] | list[int], params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(
+        self, prompt: str | list[dict] | list[int], params: SamplingParams | None = None
+    ) -> Iterator[str]:
         """Text deltas of one request as they are produced; closing the generator aborts the request."""
         for out in self.stream_outputs(prompt, params):
             if out.text:
@@ -89,7 +93,10 @@ class LLM:
                 if out.finished:
                     s = out.seq
                     results[out.request_id] = CompletionOutput(
-                        "".join(texts[out.request_id]), list(s.output_ids), out.finish_reason, list(s.prompt_ids)
+                        "".join(texts[out.request_id]),
+                        list(s.output_ids),
+                        out.finish_reason,
+                        list(s.prompt_ids),
                     )
                     pending.discard(out.request_id)
         return [results[r] for r in rids]

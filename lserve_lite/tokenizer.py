@@ -62,7 +62,9 @@ class Tokenizer:
         if self._compiled is None:
             self._compiled = _jinja_env().from_string(self.chat_template)
         specials = {k: self._special(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-        return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **specials)
+        return self._compiled.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **specials
+        )
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return self.encode(self.render_chat(messages), add_special_tokens=False)
@@ -73,9 +75,13 @@ def _jinja_env() -> jinja2.Environment:
         raise InvalidRequestError(f"chat template: {msg}")
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

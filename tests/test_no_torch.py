@@ -16,6 +16,8 @@ print("torch" in sys.modules, "transformers" in sys.modules)
 
 
 def test_generate_without_torch(tiny_llama):
-    r = subprocess.run([sys.executable, "-c", CODE, str(tiny_llama)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", CODE, str(tiny_llama)], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False", "False"]

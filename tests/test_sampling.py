@@ -55,8 +55,14 @@ def test_stop_string_truncates_and_finishes(tiny_llama):
     llm = LLM(str(tiny_llama), backend="cpu", config=EngineConfig())
     free = llm.generate(["the quick"], SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True))[0]
     stop = free.text[5:8]
-    out = llm.generate(["the quick"], SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True, stop=[stop]))
+    out = llm.generate(
+        ["the quick"], SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True, stop=[stop])
+    )
     assert out[0].finish_reason == "stop"
     assert out[0].text == free.text[: free.text.find(stop)]
-    streamed = "".join(llm.stream("the quick", SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True, stop=[stop])))
+    streamed = "".join(
+        llm.stream(
+            "the quick", SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True, stop=[stop])
+        )
+    )
     assert streamed == out[0].text

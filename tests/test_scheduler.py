@@ -30,8 +30,12 @@ def test_32_concurrent_greedy_requests_equal_solo_runs(tiny_llama):
 
 def test_abort_frees_pages(tiny_llama):
     eng = LLMEngine(str(tiny_llama), "cpu", EngineConfig(num_kv_pages=64, page_size=16))
-    rid = eng.add_request(list(range(3, 100)), SamplingParams(temperature=0, max_new_tokens=50, ignore_eos=True))
-    other = eng.add_request(list(range(3, 40)), SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True))
+    rid = eng.add_request(
+        list(range(3, 100)), SamplingParams(temperature=0, max_new_tokens=50, ignore_eos=True)
+    )
+    other = eng.add_request(
+        list(range(3, 40)), SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True)
+    )
     eng.step()
     assert eng.blocks.num_used > 0
     eng.abort(rid)

@@ -9,7 +9,8 @@ from lserve_lite import SamplingParams
 
 TEXTS = [
     "The history of the Roman Empire spans many centuries. " * 25,
-    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n" * 6,
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n"
+    * 6,
     "東京は日本の首都です。🙂 Emoji and CJK mixed with English text, numbers 12345 and    spaces.\n\n" * 8,
 ]
 
@@ -43,7 +44,10 @@ def test_chat_prompt_and_greedy_generation_match(hf_model, smollm2_cpu):
     import torch
 
     model, tok = hf_model
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three primary colors."}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name three primary colors."},
+    ]
     want = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert smollm2_cpu.tokenizer.render_chat(msgs) == want
     ids = smollm2_cpu.tokenizer.encode_chat(msgs)

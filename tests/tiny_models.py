@@ -19,12 +19,16 @@ def write_tokenizer(path: Path, vocab_size: int) -> None:
         special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    text = ["the quick brown fox jumps over the lazy dog " * 3, "hello world, how are you today?", "0123456789"]
+    text = [
+        "the quick brown fox jumps over the lazy dog " * 3,
+        "hello world, how are you today?",
+        "0123456789",
+    ]
     tok.train_from_iterator(text * 10, trainer)
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(
         '{"eos_token": "<|im_end|>", "bos_token": "<|im_start|>", "chat_template": '
-        '"{% for m in messages %}<|im_start|>{{ m[\'role\'] }}\\n{{ m[\'content\'] }}<|im_end|>\\n{% endfor %}'
+        "\"{% for m in messages %}<|im_start|>{{ m['role'] }}\\n{{ m['content'] }}<|im_end|>\\n{% endfor %}"
         '{% if add_generation_prompt %}<|im_start|>assistant\\n{% endif %}"}'
     )
 

@@ -23,7 +23,9 @@ def make_ops(backend: str = "auto"):
         return CpuOps()
     if backend == "cuda":
         if not cuda_available():
-            raise LServeError("backend 'cuda' asked for, but CuPy sees no NVIDIA GPU (install lserve-lite[cuda12])")
+            raise LServeError(
+                "backend 'cuda' asked for, but CuPy sees no NVIDIA GPU (install lserve-lite[cuda12])"
+            )
         from .cuda import CudaOps
 
         return CudaOps()

@@ -16,12 +16,29 @@ Array = Any  # numpy.ndarray on the CPU, cupy.ndarray on the GPU
 
 @dataclass
 class KVCache:
-    """Paged K/V per layer: [num_pages, num_kv_heads, page_size, head_dim] in the backend's dtype."""
+    """Paged K/V per layer: [num_pages, heads, page_size, head_dim] in the backend's dtype.
+
+    Dense mode: `k`/`v` hold every KV head. LServe mode: `k`/`v` are the dense pool (dense heads only),
+    `ks`/`vs` the streaming pool, `head_slot[layer][g]` KV head g's row in its pool, `kmax`/`kmin` the
+    logical-page key stats of the dense pool, `sel_idx`/`sel_cnt` the reusable page selections.
+    """
 
     k: list[Array]
     v: list[Array]
     page_size: int
     num_pages: int
+    ks: list[Array] | None = None
+    vs: list[Array] | None = None
+    head_class: list[Array] | None = None
+    head_slot: list[Array] | None = None
+    kmax: list[Array] | None = None
+    kmin: list[Array] | None = None
+    sel_idx: list[Array] | None = None  # [max_seqs, Hkv, K] int32 logical page indices
+    sel_cnt: list[Array] | None = None  # [max_seqs, Hkv] int32
+
+    @property
+    def sparse(self) -> bool:
+        return self.ks is not None
 
 
 class Ops(Protocol):
@@ -33,13 +50,23 @@ class Ops(Protocol):
     def upload(self, a: np.ndarray) -> Array: ...
     def to_numpy(self, a: Array) -> np.ndarray: ...
     def alloc_kv(self, cfg: ModelConfig, num_pages: int, page_size: int) -> KVCache: ...
+    def alloc_sparse_kv(
+        self, cfg: ModelConfig, layout: Any, num_pages: int, num_stream_pages: int, max_seqs: int
+    ) -> KVCache: ...
+    def select_pages(self, q: Array, cache: KVCache, layer: int, plan: Any) -> None: ...
     def prepare_plan(self, plan: AttentionPlan) -> Any: ...
     def embed(self, table: Array, ids: Array) -> Array: ...
     def add_rmsnorm(self, x: Array, residual: Array | None, w: Array, eps: float) -> tuple[Array, Array]: ...
     def linear(self, x: Array, w: Array, bias: Array | None = None) -> Array: ...
     def silu_mul(self, gate_up: Array) -> Array: ...
     def rope_write_kv(
-        self, qkv: Array, positions: Array, slots: Array, cache: KVCache, layer: int, rope: tuple[Array, Array]
+        self,
+        qkv: Array,
+        positions: Array,
+        slots: Array,
+        cache: KVCache,
+        layer: int,
+        rope: tuple[Array, Array],
     ) -> Array: ...
     def attention(self, q: Array, cache: KVCache, layer: int, plan: Any, head_class: Array) -> Array: ...
     def logits(self, h: Array, lm_head: Array) -> Array: ...

@@ -10,6 +10,7 @@ from ..config import ModelConfig
 from ..engine.sampler import sample
 from ..sparse.plan import AttentionPlan
 from .base import KVCache
+from .reference import paged_attention_sparse_ref, rope_write_kv_sparse_ref, select_pages_ref
 
 
 class CpuOps:
@@ -34,6 +35,38 @@ class CpuOps:
         v = [np.zeros(shape, np.float32) for _ in range(cfg.num_layers)]
         return KVCache(k=k, v=v, page_size=page_size, num_pages=num_pages)
 
+    def alloc_sparse_kv(self, cfg: ModelConfig, layout, num_pages: int, num_stream_pages: int, max_seqs: int):
+        """Two pools (dense heads / streaming heads per layer), page stats and selection buffers."""
+        ps, d, L = layout.page_size, cfg.head_dim, cfg.num_layers
+        z = np.zeros
+        nd = [layout.num_dense(i) for i in range(L)]
+        ns = [layout.num_streaming(i) for i in range(L)]
+        cap = layout.select_pages + 1
+        return KVCache(
+            k=[z((num_pages, n, ps, d), np.float32) for n in nd],
+            v=[z((num_pages, n, ps, d), np.float32) for n in nd],
+            page_size=ps,
+            num_pages=num_pages,
+            ks=[z((num_stream_pages, n, ps, d), np.float32) for n in ns],
+            vs=[z((num_stream_pages, n, ps, d), np.float32) for n in ns],
+            head_class=list(layout.head_class),
+            head_slot=list(layout.head_slot),
+            kmax=[z((num_pages, n, layout.sub_pages, d), np.float32) for n in nd]
+            if layout.sub_pages
+            else None,
+            kmin=[z((num_pages, n, layout.sub_pages, d), np.float32) for n in nd]
+            if layout.sub_pages
+            else None,
+            sel_idx=[z((max_seqs, cfg.num_kv_heads, cap), np.int32) for _ in range(L)],
+            sel_cnt=[z((max_seqs, cfg.num_kv_heads), np.int32) for _ in range(L)],
+        )
+
+    def select_pages(self, q, cache: KVCache, layer: int, plan: AttentionPlan) -> None:
+        select_pages_ref(
+            q, cache.kmax[layer], cache.kmin[layer], plan, cache.head_class[layer], cache.head_slot[layer],
+            cache.sel_idx[layer], cache.sel_cnt[layer],
+        )  # fmt: skip
+
     def prepare_plan(self, plan: AttentionPlan) -> AttentionPlan:
         return plan
 
@@ -52,10 +85,22 @@ class CpuOps:
         return silu_mul_ref(gate_up)
 
     def rope_write_kv(self, qkv, positions, slots, cache, layer, rope):
-        return rope_write_kv_ref(qkv, positions, slots, cache.k[layer], cache.v[layer], rope[0], rope[1])
+        """`slots` [N] (dense mode) or [2, N]: dense-pool slots, streaming-pool slots."""
+        if not cache.sparse:
+            return rope_write_kv_ref(qkv, positions, slots, cache.k[layer], cache.v[layer], rope[0], rope[1])
+        return rope_write_kv_sparse_ref(
+            qkv, positions, slots[0], slots[1], cache.k[layer], cache.v[layer], cache.ks[layer],
+            cache.vs[layer], cache.head_class[layer], cache.head_slot[layer], rope[0], rope[1],
+            cache.kmax[layer] if cache.kmax else None, cache.kmin[layer] if cache.kmin else None,
+        )  # fmt: skip
 
     def attention(self, q, cache, layer, plan, head_class):
-        return paged_attention_ref(q, cache.k[layer], cache.v[layer], plan, head_class)
+        if not cache.sparse:
+            return paged_attention_ref(q, cache.k[layer], cache.v[layer], plan, head_class)
+        return paged_attention_sparse_ref(
+            q, cache.k[layer], cache.v[layer], cache.ks[layer], cache.vs[layer], plan, cache.head_class[layer],
+            cache.head_slot[layer], cache.sel_idx[layer], cache.sel_cnt[layer],
+        )  # fmt: skip
 
     def logits(self, h, lm_head):
         return h @ lm_head.T

@@ -80,13 +80,21 @@ def load_module(filename: str, name_expressions: tuple[str, ...] = (), options: 
     key = (filename, arch, opts, tuple(name_expressions))
     mod = _modules.get(key)
     if mod is None:
-        mod = cupy.RawModule(
-            code=read_source(filename),
-            options=opts,
-            name_expressions=tuple(name_expressions) or None,
-            backend="nvrtc",
-        )
-        mod.compile()
+
+        def build(o):
+            m = cupy.RawModule(
+                code=read_source(filename), options=o, name_expressions=tuple(name_expressions) or None
+            )
+            m.compile()
+            return m
+
+        try:
+            mod = build(opts)
+        except cupy.cuda.compiler.CompileException as e:
+            if "cannot open source file" not in str(e) or not _cuda_include_dirs():
+                raise
+            # CuPy found no CUDA headers (cuda_fp16.h): point NVRTC at the ones we know of.
+            mod = build(opts + tuple(f"-I{d}" for d in _cuda_include_dirs()))
         _modules[key] = mod
     return mod
 

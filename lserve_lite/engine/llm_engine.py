@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..backends import make_ops
-from ..config import EngineConfig
+from ..config import EngineConfig, SparseConfig
 from ..errors import InvalidRequestError
 from ..kv.block_manager import BlockManager
+from ..kv.layout import KVLayout
 from ..sampling_params import SamplingParams
+from ..sparse.patterns import head_classes, resolve_pattern
 from ..tokenizer import IncrementalDecoder, Tokenizer
 from ..weights.loader import load_config, load_weights, resolve_model_dir
 from .model_runner import ModelRunner
@@ -43,12 +45,16 @@ class LLMEngine:
         self.tokenizer = Tokenizer(self.model_dir)
         self.ops = make_ops(backend)
         self.max_len = self.ecfg.resolve_max_len(self.cfg)
-        num_pages = self._num_pages()
+        self.layout = self._kv_layout()
+        num_pages, num_stream = self._num_pages()
         self.max_len = min(self.max_len, num_pages * self.ecfg.page_size)
         weights = load_weights(self.model_dir, self.cfg)
-        self.runner = ModelRunner(self.cfg, weights, self.ops, self.ecfg, num_pages)
+        self.runner = ModelRunner(self.cfg, weights, self.ops, self.ecfg, num_pages, self.layout, num_stream)
         del weights
-        self.blocks = BlockManager(num_pages, self.ecfg.page_size)
+        per_seq = self.layout.stream_pages_per_seq if self.layout else 0
+        self.blocks = BlockManager(
+            num_pages, self.ecfg.page_size, num_stream, per_seq, self.ecfg.max_num_seqs
+        )
         self.scheduler = Scheduler(self.blocks, self.ecfg.max_num_seqs, self.ecfg.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self.decoders: dict[str, IncrementalDecoder] = {}
@@ -56,16 +62,49 @@ class LLMEngine:
         self._lock = threading.Lock()
         self.eos_ids = set(self.cfg.eos_token_ids)
 
-    def _num_pages(self) -> int:
-        if self.ecfg.num_kv_pages:
-            return self.ecfg.num_kv_pages
+    def _kv_layout(self) -> KVLayout | None:
+        """LServe mode: head classes from the pattern (static sparsity) and the two-pool geometry."""
+        sp = self.ecfg.sparse
+        if not sp.enabled:
+            return None
         c = self.cfg
-        per_page = 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.ecfg.page_size * np.dtype(self.ops.dtype).itemsize
+        if sp.static_sparsity > 0:
+            gates = resolve_pattern(self.model_dir, c.num_layers, c.num_kv_heads, sp.pattern_path)
+            classes = head_classes(gates, sp.static_sparsity)
+        else:
+            classes = [np.zeros(c.num_kv_heads, np.int32)] * c.num_layers
+        return KVLayout.sparse(c, sp, classes, self.ecfg.max_num_batched_tokens)
+
+    def _num_pages(self) -> tuple[int, int]:
+        """(dense-pool pages, streaming-pool pages) from the configured count or the memory budget."""
+        c, ps = self.cfg, self.ecfg.page_size
+        item = np.dtype(self.ops.dtype).itemsize
         budget = self.ops.kv_budget_bytes(self.ecfg.kv_memory_fraction)
-        return max(1, min(int(budget // per_page), 1 << 20))
+        if self.layout is None:
+            if self.ecfg.num_kv_pages:
+                return self.ecfg.num_kv_pages, 0
+            per_page = 2 * c.num_layers * c.num_kv_heads * c.head_dim * ps * item
+            return max(1, min(int(budget // per_page), 1 << 20)), 0
+        dense_b, stream_b = self.layout.bytes_per_page(c, item)
+        per_seq = self.layout.stream_pages_per_seq
+        stream = 0
+        if per_seq:
+            want = self.ecfg.max_num_seqs * per_seq
+            stream = max(per_seq, min(want, int(0.3 * budget // stream_b)))
+        if self.ecfg.num_kv_pages:
+            return self.ecfg.num_kv_pages, stream
+        dense = int((budget - stream * stream_b) // max(dense_b, 1))
+        return max(1, min(dense, 1 << 20)), stream
 
     # -- requests ---------------------------------------------------------------------------
-    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        sparse: dict | None = None,
+    ) -> str:
+        """Queue a request; `sparse` overrides LServe knobs for it (token_budget, select_interval, windows)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
             raise InvalidRequestError("prompt is empty")
@@ -76,6 +115,8 @@ class LLMEngine:
                 f"prompt has {len(ids)} tokens; the context limit is {self.max_len} (prompt + output)"
             )
         seq = Sequence(ids, params, request_id)
+        if sparse:
+            seq.sparse = self._request_sparse(sparse)
         if seq.request_id in self.seqs:
             raise InvalidRequestError(f"duplicate request id {seq.request_id}")
         with self._lock:
@@ -83,6 +124,30 @@ class LLMEngine:
             self.decoders[seq.request_id] = IncrementalDecoder(self.tokenizer)
             self.scheduler.add(seq)
         return seq.request_id
+
+    def _request_sparse(self, knobs: dict) -> SparseConfig:
+        sp = self.ecfg.sparse
+        if not sp.enabled:
+            raise InvalidRequestError("per-request sparse knobs need an engine started in sparse mode")
+        fixed = {"enabled", "static_sparsity", "page_size", "sub_pages", "pattern_path"} & set(knobs)
+        if fixed:
+            raise InvalidRequestError(
+                f"sparse knob(s) {sorted(fixed)} are fixed per engine (KV memory layout)"
+            )
+        req = sp.with_updates(**knobs)
+        lay = self.layout
+        ring_tokens = (
+            lay.ring_pages * self.ecfg.page_size - self.ecfg.max_num_batched_tokens - self.ecfg.page_size
+        )
+        if max(req.prefill_local, req.decode_local) > ring_tokens or max(
+            req.prefill_sink, req.decode_sink
+        ) > (lay.sink_pages * self.ecfg.page_size):
+            raise InvalidRequestError(
+                "per-request streaming windows must fit the engine's (sink/local are maxima)"
+            )
+        if req.token_budget > sp.token_budget:
+            raise InvalidRequestError(f"token_budget above the engine's {sp.token_budget} is not possible")
+        return req
 
     def abort(self, request_id: str) -> None:
         """Thread-safe: the sequence is dropped and its pages freed at the start of the next step."""
@@ -129,7 +194,10 @@ class LLMEngine:
             seq.text += dec.push(tok)
         reason = "stop" if stop_tok else None
         if reason is None and p.stop:
-            hit = min((i for i in (seq.text.find(s, max(0, seq.emitted - len(s))) for s in p.stop) if i >= 0), default=-1)
+            hit = min(
+                (i for i in (seq.text.find(s, max(0, seq.emitted - len(s))) for s in p.stop) if i >= 0),
+                default=-1,
+            )
             if hit >= 0:
                 seq.text, reason = seq.text[:hit], "stop"
         if reason is None and (len(seq.output_ids) >= p.max_new_tokens or seq.num_tokens >= self.max_len):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..backends.base import Ops
-from ..config import EngineConfig, ModelConfig
+from ..config import EngineConfig, ModelConfig, SparseConfig
+from ..kv.layout import KVLayout
 from ..models.llama import LlamaModel
 from ..sparse.plan import BatchLayout, build_plan
 from .sequence import Sequence
@@ -14,44 +15,82 @@ from .sequence import Sequence
 class ModelRunner:
     """Owns the model and the KV cache of one backend."""
 
-    def __init__(self, cfg: ModelConfig, weights: dict, ops: Ops, ecfg: EngineConfig, num_pages: int):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: dict,
+        ops: Ops,
+        ecfg: EngineConfig,
+        num_pages: int,
+        layout: KVLayout | None = None,
+        num_stream_pages: int = 0,
+    ):
         self.cfg, self.ops, self.ecfg = cfg, ops, ecfg
         self.page_size = ecfg.page_size
         self.max_len = ecfg.resolve_max_len(cfg)
         self.model = LlamaModel(cfg, weights, ops, self.max_len)
-        self.cache = ops.alloc_kv(cfg, num_pages, self.page_size)
-        self.set_head_classes([np.zeros(cfg.num_kv_heads, np.int32)] * cfg.num_layers, sink=0, local=0)
+        self.layout = layout
+        if layout is None:
+            self.cache = ops.alloc_kv(cfg, num_pages, self.page_size)
+            self.set_head_classes([np.zeros(cfg.num_kv_heads, np.int32)] * cfg.num_layers, sink=0, local=0)
+        else:
+            self.cache = ops.alloc_sparse_kv(cfg, layout, num_pages, num_stream_pages, ecfg.max_num_seqs)
+            self.head_classes = [ops.upload(c) for c in layout.head_class]
+            self.cache.head_class = self.head_classes
+            self.cache.head_slot = [ops.upload(s) for s in layout.head_slot]
+            self.sink = self.local = 0
+        self.graphs = None
+        if ops.name == "cuda" and ecfg.cuda_graphs and layout is None:
+            from .cuda_graph import DecodeGraphs
+
+            self.graphs = DecodeGraphs(
+                self.model, ops, self.cache, ecfg.max_num_seqs, self.max_len, self.page_size
+            )
 
     def set_head_classes(self, classes: list[np.ndarray], sink: int, local: int) -> None:
-        """Per-layer KV-head classes (0 dense, 1 streaming) and the streaming heads' prefill window."""
+        """Dense-pool emulation of streaming heads (calibration, evaluation): per-layer KV-head classes
+        (0 dense, 1 streaming) and their window; memory is not saved this way, attention is the same."""
         self.head_classes = [self.ops.upload(np.asarray(c, np.int32)) for c in classes]
         self.sink, self.local = sink, local if any(np.any(np.asarray(c) == 1) for c in classes) else 0
 
-    def run(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False) -> np.ndarray:
+    def run(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False):
         """Process each sequence's next `num_new` tokens; backend logits of every last row (or all rows)."""
-        ids, pos, slots, rows = [], [], [], []
-        ps = self.page_size
+        if self.graphs is not None and not all_logits:
+            from .cuda_graph import decode_with_graphs
+
+            logits = decode_with_graphs(self, self.graphs, seqs, num_new)  # None unless a pure decode batch
+            if logits is not None:
+                return logits
+        ids, pos, slots, stream_slots, rows = [], [], [], [], []
+        ps, lay = self.page_size, self.layout
         for seq, n in zip(seqs, num_new):
             start = seq.num_cached
-            toks = seq.all_ids[start : start + n]
             p = np.arange(start, start + n)
-            table = np.asarray(seq.page_table, np.int64)
-            ids.extend(toks)
+            ids.extend(seq.all_ids[start : start + n])
             pos.append(p)
-            slots.append(table[p // ps] * ps + p % ps)
+            slots.append(np.asarray(seq.page_table, np.int64)[p // ps] * ps + p % ps)
+            if lay is not None:
+                stream_slots.append(self._stream_slots(seq, p))
             rows.append(len(ids) - 1)
         layout = BatchLayout(
             q_lens=list(num_new),
             ctx_lens=[s.num_cached + n for s, n in zip(seqs, num_new)],
             page_tables=[s.page_table for s in seqs],
         )
-        plan = self.ops.prepare_plan(build_plan(layout, ps, sink=self.sink, local=self.local))
+        ring = None
+        if lay is not None:
+            self._sparse_layout(layout, seqs, num_new)
+            ring = (lay.sink_pages, lay.ring_pages) if lay.has_streaming else None
+        plan = self.ops.prepare_plan(build_plan(layout, ps, sink=self.sink, local=self.local, ring=ring))
+        slot_arr = np.concatenate(slots)
+        if lay is not None:
+            slot_arr = np.stack([slot_arr, np.concatenate(stream_slots)])
         logit_rows = np.arange(len(ids)) if all_logits else np.asarray(rows)
         up = self.ops.upload
         logits = self.model.forward(
             up(np.asarray(ids, np.int64)),
             up(np.concatenate(pos).astype(np.int64)),
-            up(np.concatenate(slots).astype(np.int64)),
+            up(slot_arr.astype(np.int64)),
             plan,
             self.cache,
             self.head_classes,
@@ -60,3 +99,35 @@ class ModelRunner:
         for seq, n in zip(seqs, num_new):
             seq.num_cached += n
         return logits
+
+    def _stream_slots(self, seq: Sequence, p: np.ndarray) -> np.ndarray:
+        lay, ps = self.layout, self.page_size
+        if not lay.has_streaming:
+            return np.full(p.shape, -1, np.int64)
+        lp = p // ps
+        idx = np.where(
+            lp < lay.sink_pages, lp, lay.sink_pages + (lp - lay.sink_pages) % max(lay.ring_pages, 1)
+        )
+        return np.asarray(seq.stream_table, np.int64)[idx] * ps + p % ps
+
+    def _sparse_layout(self, layout: BatchLayout, seqs: list[Sequence], num_new: list[int]) -> None:
+        """Per-sequence windows and page-selection settings (decode vs prefill, per-request knobs)."""
+        windows, keep, refresh = [], [], []
+        for seq, n in zip(seqs, num_new):
+            sp: SparseConfig = seq.sparse or self.ecfg.sparse
+            decoding = n == 1 and seq.num_cached >= len(seq.prompt_ids)
+            if decoding:
+                windows.append((sp.decode_sink, sp.decode_local) if self.layout.has_streaming else (0, 0))
+                budget = sp.token_budget // self.page_size if self.layout.select_pages else 0
+                keep.append(budget)
+                refresh.append(int(seq.decode_steps % sp.select_interval == 0))
+                seq.decode_steps += 1
+            else:
+                windows.append((sp.prefill_sink, sp.prefill_local) if self.layout.has_streaming else (0, 0))
+                keep.append(0)
+                refresh.append(0)
+        layout.stream_tables = [s.stream_table for s in seqs]
+        layout.windows = windows
+        layout.sel_slots = [s.sel_slot for s in seqs]
+        layout.sel_keep = keep
+        layout.sel_refresh = refresh

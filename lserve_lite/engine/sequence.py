@@ -30,7 +30,11 @@ class Sequence:
         self.params = params
         self.status = Status.WAITING
         self.num_cached = 0
-        self.page_table: list[int] = []
+        self.page_table: list[int] = []  # dense-pool pages, in logical order
+        self.stream_table: list[int] = []  # streaming-pool pages: sink pages, then the local ring
+        self.sel_slot = -1  # row of this sequence in the page-selection buffers while it runs
+        self.sparse = None  # per-request SparseConfig (None: the engine's)
+        self.decode_steps = 0  # decode steps since the last prefill (drives the reusable page selector)
         self.finish_reason: str | None = None
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None

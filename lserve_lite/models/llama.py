@@ -46,7 +46,9 @@ class LlamaModel:
                     o=up(weights[p + "self_attn.o_proj.weight"]),
                     ln2=up(weights[p + "post_attention_layernorm.weight"]),
                     gate_up=up(
-                        np.concatenate([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]])
+                        np.concatenate(
+                            [weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]]
+                        )
                     ),
                     down=up(weights[p + "mlp.down_proj.weight"]),
                 )
@@ -72,6 +74,8 @@ class LlamaModel:
             h, residual = ops.add_rmsnorm(x, residual, layer.ln1, cfg.rms_norm_eps)
             qkv = ops.linear(h, layer.qkv, layer.qkv_bias)
             q = ops.rope_write_kv(qkv, positions, slots, cache, i, self.rope)
+            if plan.selects:
+                ops.select_pages(q, cache, i, plan)
             a = ops.attention(q, cache, i, plan, head_classes[i])
             x = ops.linear(a, layer.o)
             h, residual = ops.add_rmsnorm(x, residual, layer.ln2, cfg.rms_norm_eps)

@@ -1,0 +1,100 @@
+"""OpenAI-compatible HTTP server: `lserve-lite serve`. The CLI hook (add_serve_args / run_from_args) lives here
+and imports FastAPI/uvicorn only when the server actually starts."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from ..config import EngineConfig
+from ..errors import LServeError
+
+
+def add_serve_args(parser: argparse.ArgumentParser, engine_args: bool = True) -> None:
+    """Options of `lserve-lite serve`. With engine_args, also the CLI's shared engine options (model, backend,
+    context, KV pages, LServe knobs: `cli.add_engine_args`); pass False if the caller adds those itself."""
+    if engine_args:
+        from ..cli import add_engine_args
+
+        add_engine_args(parser)
+    s = parser.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--api-key",
+        default=os.environ.get("LSERVE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $LSERVE_API_KEY, else none)",
+    )
+    s.add_argument(
+        "--served-model-name", default=None, help="model id in the API (default: model directory name)"
+    )
+    s.add_argument("--max-num-seqs", type=int, default=64, help="requests batched together at most")
+    s.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step at most")
+    s.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="requests allowed to wait beyond the --max-num-seqs running ones; more get HTTP 429",
+    )
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def run_from_args(args: argparse.Namespace, engine_config: EngineConfig | None = None) -> int:
+    """Entry for `lserve-lite serve`: returns the exit status (errors print one line, no traceback)."""
+    try:
+        if engine_config is None:
+            from ..cli import engine_config_from_args
+
+            engine_config = engine_config_from_args(args)
+    except LServeError as e:
+        print(f"lserve-lite serve: {e}", file=sys.stderr)
+        return 2
+    engine_config.max_num_seqs = args.max_num_seqs
+    engine_config.max_num_batched_tokens = args.max_num_batched_tokens
+    return run_server(args.model, args.host, args.port, args.api_key, args.max_model_len, args.backend,
+                      engine_config, served_model_name=args.served_model_name, max_queue=args.max_queue,
+                      log_level=args.log_level)  # fmt: skip
+
+
+def run_server(
+    model: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_model_len: int | None = None,
+    backend: str = "auto",
+    engine_config: EngineConfig | None = None,
+    served_model_name: str | None = None,
+    max_queue: int = 256,
+    log_level: str = "info",
+) -> int:
+    """Load the model, then serve until interrupted (Ctrl-C)."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("lserve_lite.serve")
+    cfg = engine_config or EngineConfig()
+    if max_model_len is not None:
+        cfg.max_model_len = max_model_len
+    try:
+        import uvicorn
+
+        from ..engine.llm_engine import LLMEngine
+        from .app import create_app
+    except ImportError as e:
+        print(f"lserve-lite serve: {e.name} is missing; pip install 'lserve-lite[serve]'", file=sys.stderr)
+        return 1
+    try:
+        engine = LLMEngine(model, backend, cfg)
+    except LServeError as e:
+        print(f"lserve-lite serve: {e}", file=sys.stderr)
+        return 1
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        log.warning(
+            "listening on %s without --api-key: anyone who can reach this port can use the model", host
+        )
+    app = create_app(engine, api_key, served_model_name, max_queue)
+    log.info("serving %s (%s backend, context %d) on http://%s:%d", served_model_name or engine.model_dir.name,
+             engine.ops.name, engine.max_len, host, port)  # fmt: skip
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    return 0

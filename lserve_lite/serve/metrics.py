@@ -13,7 +13,7 @@ def _labels(labels: dict[str, str]) -> str:
     if not labels:
         return ""
     esc = (str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for v in labels.values())
-    return "{" + ",".join(f'{k}="{v}"' for k, v in zip(labels, esc)) + "}"
+    return "{" + ",".join(f'{k}="{v}"' for k, v in zip(labels, esc, strict=True)) + "}"
 
 
 def _num(x: float) -> str:
@@ -36,10 +36,14 @@ class Histogram:
 
     def lines(self, name: str) -> list[str]:
         out, acc = [], 0
-        for b, c in zip(self.buckets, self.counts):
+        for b, c in zip(self.buckets, self.counts, strict=True):
             acc += c
             out.append(f'{name}_bucket{{le="{b}"}} {acc}')
-        out += [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum!r}", f"{name}_count {self.count}"]
+        out += [
+            f'{name}_bucket{{le="+Inf"}} {self.count}',
+            f"{name}_sum {self.sum!r}",
+            f"{name}_count {self.count}",
+        ]
         return out
 
 

@@ -23,7 +23,8 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict:
-        err = {"message": self.message, "type": self.TYPES.get(self.status, "server_error")}
+        kind = self.TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        err = {"message": self.message, "type": kind}
         return {"error": err | {"param": self.param, "code": self.code}}
 
 

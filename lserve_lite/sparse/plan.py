@@ -37,6 +37,26 @@ class AttentionPlan:
     # Streaming window, in tokens (used for class STREAMING only).
     sink: int = 0
     local: int = 0
+    # Per query block streaming window (class 1); defaults to the scalars above.
+    qb_sink: np.ndarray | None = None  # [nqb] int32
+    qb_local: np.ndarray | None = None  # [nqb] int32
+    # Decode page selection for dense heads (None: dense heads visit their whole class-0 list).
+    # qb_keep[qb] > 0: dense heads visit only the pages the selector picked (at most qb_keep), stored by
+    # the selector per (selection slot, KV head) as indices into the block's class-0 list.
+    qb_slot: np.ndarray | None = None  # [nqb] int32 selection slot of the block's sequence
+    qb_keep: np.ndarray | None = None  # [nqb] int32 page budget (0: no selection for this block)
+    qb_refresh: np.ndarray | None = None  # [nqb] int32 1: recompute the selection this step
+
+    def __post_init__(self):
+        n = self.qb_seq.shape[0]
+        if self.qb_sink is None:
+            self.qb_sink = np.full(n, self.sink, np.int32)
+        if self.qb_local is None:
+            self.qb_local = np.full(n, self.local, np.int32)
+
+    @property
+    def selects(self) -> bool:
+        return self.qb_keep is not None and bool((self.qb_keep > 0).any())
 
     @property
     def num_qblocks(self) -> int:
@@ -54,6 +74,12 @@ class BatchLayout:
     q_lens: list[int]  # new tokens per sequence
     ctx_lens: list[int]  # cached tokens after this step
     page_tables: list[list[int]]  # physical pages of each sequence, in logical order
+    # LServe mode (all None in the dense baseline):
+    stream_tables: list[list[int]] | None = None  # streaming-pool pages (sink pages, then the ring)
+    windows: list[tuple[int, int]] | None = None  # per sequence (sink, local) of its streaming heads
+    sel_slots: list[int] | None = None  # per sequence selection slot
+    sel_keep: list[int] | None = None  # per sequence page budget (0 = no selection this step)
+    sel_refresh: list[int] | None = None  # per sequence 1 = recompute its selection now
 
 
 def build_plan(
@@ -62,16 +88,22 @@ def build_plan(
     q_block: int = 64,
     sink: int = 0,
     local: int = 0,
+    ring: tuple[int, int] | None = None,
 ) -> AttentionPlan:
     """Plan one step: dense heads visit every causal page; streaming heads sink + local pages only.
 
-    With local == 0 there are no streaming heads (the dense baseline): class 1 lists stay empty.
+    With local == 0 and no per-sequence windows there are no streaming heads (the dense baseline):
+    class 1 lists stay empty. `ring` = (sink_pages, ring_pages) maps streaming heads' logical pages
+    onto the sequence's streaming-pool table; without it they share the dense page table.
     """
-    qb_seq, qb_start, qb_len, qb_pos = [], [], [], []
+    qb_seq, qb_start, qb_len, qb_pos, qb_sink, qb_local = [], [], [], [], [], []
+    qb_slot, qb_keep, qb_refresh = [], [], []
     indptr, pages, lpages = [0], [], []
     row = 0
     for s, (ql, ctx, table) in enumerate(zip(layout.q_lens, layout.ctx_lens, layout.page_tables)):
         pos0 = ctx - ql
+        w_sink, w_local = layout.windows[s] if layout.windows else (sink, local)
+        stable = layout.stream_tables[s] if ring else table
         for off in range(0, ql, q_block):
             n = min(q_block, ql - off)
             first, last = pos0 + off, pos0 + off + n - 1
@@ -79,17 +111,24 @@ def build_plan(
             qb_start.append(row + off)
             qb_len.append(n)
             qb_pos.append(first)
+            qb_sink.append(w_sink)
+            qb_local.append(w_local)
+            if layout.sel_keep is not None:
+                qb_slot.append(layout.sel_slots[s])
+                qb_keep.append(layout.sel_keep[s] if n == 1 else 0)
+                qb_refresh.append(layout.sel_refresh[s])
             n_pages = last // page_size + 1
             pages.extend(table[:n_pages])
             lpages.extend(range(n_pages))
             indptr.append(len(pages))
-            if local > 0:
-                keep = streaming_pages(first, last, page_size, sink, local)
-                pages.extend(table[p] for p in keep)
+            if w_local > 0:
+                keep = streaming_pages(first, last, page_size, w_sink, w_local)
+                pages.extend(stable[_ring_index(p, ring)] for p in keep)
                 lpages.extend(keep)
             indptr.append(len(pages))
         row += ql
     i32 = lambda v: np.asarray(v, dtype=np.int32)  # noqa: E731
+    sel = layout.sel_keep is not None
     return AttentionPlan(
         page_size=page_size,
         q_block=q_block,
@@ -104,7 +143,20 @@ def build_plan(
         kv_lpage=i32(lpages),
         sink=sink,
         local=local,
+        qb_sink=i32(qb_sink),
+        qb_local=i32(qb_local),
+        qb_slot=i32(qb_slot) if sel else None,
+        qb_keep=i32(qb_keep) if sel else None,
+        qb_refresh=i32(qb_refresh) if sel else None,
     )
+
+
+def _ring_index(lpage: int, ring: tuple[int, int] | None) -> int:
+    """Where logical page `lpage` of a streaming head lives in its sequence's streaming table."""
+    if ring is None:
+        return lpage
+    sink_pages, ring_pages = ring
+    return lpage if lpage < sink_pages else sink_pages + (lpage - sink_pages) % ring_pages
 
 
 def streaming_pages(first: int, last: int, page_size: int, sink: int, local: int) -> list[int]:

@@ -1,0 +1,121 @@
+// Shared device helpers for the paged attention kernels (attention_prefill.cu, attention_decode.cu).
+//
+// Everything is inline PTX on raw 16-bit words, so the kernels need no CUDA header (cuda_fp16.h) and
+// compile the same under any NVRTC: fp16 values travel as `unsigned short` / packed `unsigned int` pairs.
+// Tensor-core instructions: mma.sync m16n8k16 (fp16 x fp16 -> fp32), ldmatrix, cp.async (sm_80+).
+//
+// Shared-memory tiles of K, V and Q are stored row-major with rows of D halves (D/8 chunks of 16 bytes)
+// and the chunk index XOR-swizzled by (row % 8), so the 8 row addresses of one ldmatrix 8x8 matrix fall
+// in 8 different bank groups (no conflicts) and cp.async writes stay 16-byte aligned.
+#pragma once
+
+typedef unsigned short f16_t;  // raw IEEE half
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define LSERVE_NEG_INF (-__int_as_float(0x7f800000))
+#define LSERVE_KPOS_NONE 0x7fffffff  // key position of a padding row: masked by any causal test
+
+namespace lsattn {
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  u32 r;
+  asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+  return r;
+}
+
+// 16-byte global -> shared copy; src_bytes = 0 zero-fills the destination (padding rows).
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// D[16x8] += A[16x16] * B[16x8], fp16 inputs, fp32 accumulators (PTX fragment layouts).
+__device__ __forceinline__ void mma16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats -> packed half2 (lo in the low 16 bits), round to nearest.
+__device__ __forceinline__ u32 pack_half2(float lo, float hi) {
+  u32 r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+__device__ __forceinline__ f16_t float_to_half(float x) {
+  f16_t r;
+  asm("cvt.rn.f16.f32 %0, %1;\n" : "=h"(r) : "f"(x));
+  return r;
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx(-inf) = 0
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+  return r;
+}
+__device__ __forceinline__ float fast_log2(float x) {
+  float r;
+  asm("lg2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+  return r;
+}
+
+// Hides a value from loop-invariant code motion: addresses recomputed in a loop (one XOR each) instead of
+// being hoisted into dozens of live registers.
+__device__ __forceinline__ u32 opaque(u32 x) {
+  asm volatile("" : "+r"(x));
+  return x;
+}
+
+// Dynamic shared memory rounded up to a 256-byte boundary (launchers allocate 256 bytes extra), so that
+// swizzled addresses can be formed by XOR on the full shared-window address.
+__device__ __forceinline__ unsigned char* align_smem256(unsigned char* raw, u32& addr) {
+  const u32 a = smem_addr(raw), pad = (256u - (a & 255u)) & 255u;
+  addr = a + pad;
+  return raw + pad;
+}
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile with CHUNKS chunks per row.
+template <int CHUNKS>
+__device__ __forceinline__ u32 swz(int row, int chunk) {
+  return (u32)((row * CHUNKS + (chunk ^ (row & 7))) * 16);
+}
+
+// Visibility of key position kp for query position qp (the reference's mask, one element).
+// Class 0 (dense): causal and inside the context; class 1 (streaming): also in the sink or the local window.
+__device__ __forceinline__ bool key_visible(int kp, int qp, int ctx, int cls, int sink, int local) {
+  bool ok = kp <= qp && kp < ctx;
+  if (cls) ok = ok && (kp < sink || qp - kp < local);
+  return ok;
+}
+
+// Reads of plan scalars that every thread of a CTA needs.
+struct PlanView {
+  const int* meta;       // [8]: nqb, num_tokens, sink, local
+  const int* qb_seq;     // [cap_qb]
+  const int* qb_start;   // [cap_qb]
+  const int* qb_len;     // [cap_qb]
+  const int* qb_pos;     // [cap_qb]
+  const int* seq_ctx;    // [cap_seq]
+  const int* kv_indptr;  // [2 * cap_qb + 1], CSR over qb * 2 + class
+  const int2* kv_pl;     // [cap_nnz] (physical page, logical page)
+};
+
+}  // namespace lsattn

@@ -1,0 +1,276 @@
+// Flash-decoding over paged KV for one query row per query block: executes an AttentionPlan whose query
+// blocks all have length 1 (decode). Reference: lserve_lite/backends/cpu.py::paged_attention_ref;
+// launcher: lserve_lite/backends/cuda_attention.py.
+//
+// Split-KV: the page list of each (query block, KV head) is cut into SW = gridDim.x * 4 equal ranges of
+// 16-token units, one per warp. A warp computes the partial attention of up to 16 query heads of the GQA
+// group (rows of an m16 tile; more heads -> more head tiles in gridDim.z) over its range with
+// mma.sync m16n8k16, streaming its units through its own STAGES-deep cp.async ring in shared memory
+// (no CTA barriers in the loop), and writes the normalized partial output and its base-2 log-sum-exp.
+// `paged_attn_decode_combine` merges the SW partials of each (query block, head) into the fp16 output.
+//
+// CUDA Graphs: the grid is sized from the plan's capacity; counts (query blocks, pages per list) are read
+// from the device plan, so one captured graph replays for any plan of up to that many query blocks.
+// CTAs past the live query blocks exit; warps with an empty range write O = 0 and lse = -inf.
+#include "attention_common.cuh"
+
+namespace lsattn {
+
+constexpr int DC_THREADS = 128;
+constexpr int DC_WARPS = DC_THREADS / 32;
+constexpr int DC_UNIT = 16;  // keys per unit (the smallest page size)
+
+template <int D, int STAGES>
+struct DecodeSmem {
+  static constexpr int CH = D / 8;
+  static constexpr int Q_BYTES = 16 * D * 2;
+  static constexpr int UNIT_BYTES = DC_UNIT * D * 2;  // K (or V) of one unit
+  static constexpr int WARP_BYTES = STAGES * 2 * UNIT_BYTES;
+  static constexpr int BYTES = Q_BYTES + DC_WARPS * WARP_BYTES;
+};
+
+template <int D, int STAGES>
+__device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const f16_t* __restrict__ kc,
+                                            const f16_t* __restrict__ vc, float* __restrict__ part_o,
+                                            float* __restrict__ part_lse, const PlanView pv,
+                                            const int* __restrict__ head_class, int Hq, int Hkv, int ps_shift,
+                                            int n_htiles, float scale_log2) {
+  using L = DecodeSmem<D, STAGES>;
+  constexpr int CH = L::CH;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int qb = blockIdx.y;
+  if (qb >= pv.meta[0]) return;
+  const int kvh = blockIdx.z / n_htiles, ht = blockIdx.z % n_htiles;
+  const int group = Hq / Hkv;
+  const int nh = min(16, group - ht * 16);  // query heads in this tile
+  const int head0 = kvh * group + ht * 16;
+  const int tok = pv.qb_start[qb], qpos = pv.qb_pos[qb];
+  const int ctx = pv.seq_ctx[pv.qb_seq[qb]];
+  const int sink = pv.meta[2], local = pv.meta[3];
+  const int cls = head_class[kvh];
+  const int lo = pv.kv_indptr[qb * 2 + cls], npages = pv.kv_indptr[qb * 2 + cls + 1] - lo;
+  const int ps = 1 << ps_shift;
+  const int units_per_page_shift = ps_shift - 4;
+  const int nunits = npages << units_per_page_shift;
+  const int SW = gridDim.x * DC_WARPS, ws = blockIdx.x * DC_WARPS + warp;
+  const int u0 = (int)(((long long)ws * nunits) / SW), u1 = (int)(((long long)(ws + 1) * nunits) / SW);
+
+  const u32 sQ = smem_addr(smem);
+  const u32 sK = sQ + L::Q_BYTES + warp * L::WARP_BYTES, sV = sK + STAGES * L::UNIT_BYTES;
+
+  // ---- Q (16 rows, zero past the group's heads) -> smem, then A fragments in registers
+#pragma unroll
+  for (int it = 0; it < 16 * CH / DC_THREADS + (16 * CH % DC_THREADS ? 1 : 0); ++it) {
+    const int idx = tid + it * DC_THREADS, r = idx / CH, c = idx % CH;
+    if (idx < 16 * CH) {
+      const bool ok = r < nh;
+      const f16_t* src = ok ? q + ((size_t)tok * Hq + head0 + r) * D + c * 8 : q;
+      cp_async16(sQ + swz<CH>(r, c), src, ok ? 16 : 0);
+    }
+  }
+  cp_async_commit();
+
+  auto load_unit = [&](int u, int st) {  // unit u of the list -> this warp's ring stage st
+    const int e = u >> units_per_page_shift;
+    const int off = (u << 4) & (ps - 1);
+    const int page = pv.kv_pl[lo + e].x;
+    const size_t base = (((size_t)page * Hkv + kvh) * ps + off) * D;
+#pragma unroll
+    for (int it = 0; it < DC_UNIT * CH / 32; ++it) {
+      const int idx = lane + it * 32, r = idx / CH, c = idx % CH;
+      const u32 dst = swz<CH>(r, c) + st * L::UNIT_BYTES;
+      cp_async16(sK + dst, kc + base + idx * 8, 16);
+      cp_async16(sV + dst, vc + base + idx * 8, 16);
+    }
+  };
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (u0 + st < u1) load_unit(u0 + st, st);
+    cp_async_commit();
+  }
+
+  const int g = lane >> 2, t4 = lane & 3, lm = lane >> 3, lr = lane & 7;
+  cp_async_wait<STAGES - 1>();  // the Q group (the oldest) has landed for this thread
+  __syncthreads();
+  u32 qa[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(qa[kk], sQ + swz<CH>(lane & 15, kk * 2 + (lane >> 4)));
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m_run[2] = {LSERVE_NEG_INF, LSERVE_NEG_INF}, l_run[2] = {0.f, 0.f};
+
+  for (int u = u0, it = 0; u < u1; ++u, ++it) {
+    cp_async_wait<STAGES - 2>();
+    __syncwarp();
+    if (u + STAGES - 1 < u1) load_unit(u + STAGES - 1, (it + STAGES - 1) % STAGES);
+    cp_async_commit();
+    const int st = it % STAGES;
+    const u32 sKst = sK + st * L::UNIT_BYTES, sVst = sV + st * L::UNIT_BYTES;
+
+    // S = Q K^T: 16 heads x 16 keys
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      u32 b[4];
+      ldmatrix_x4(b, sKst + swz<CH>((lm >> 1) * 8 + lr, kk * 2 + (lm & 1)));
+      mma16816(s[0], qa[kk], b[0], b[1]);
+      mma16816(s[1], qa[kk], b[2], b[3]);
+    }
+    // Mask every element (cheap here): key position of column n*8 + 2*t4 + j.
+    const int kbase = (pv.kv_pl[lo + (u >> units_per_page_shift)].y << ps_shift) + ((u << 4) & (ps - 1));
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const bool ok = key_visible(kbase + n * 8 + 2 * t4 + j, qpos, ctx, cls, sink, local);
+        if (!ok) s[n][j] = s[n][2 + j] = LSERVE_NEG_INF;  // same key for rows g and g + 8
+      }
+    // Online softmax for rows g (h = 0) and g + 8 (h = 1).
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = fmaxf(m_run[h], fmaxf(fmaxf(s[0][2 * h], s[0][2 * h + 1]), fmaxf(s[1][2 * h], s[1][2 * h + 1])));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_use = mx == LSERVE_NEG_INF ? 0.f : mx;
+      const float alpha = fast_exp2((m_run[h] - m_use) * scale_log2);
+      const float mb = m_use * scale_log2;
+      float sum = 0.f;
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const float p = fast_exp2(fmaf(s[n][2 * h + j], scale_log2, -mb));
+          s[n][2 * h + j] = p;
+          sum += p;
+        }
+      l_run[h] = l_run[h] * alpha + sum;
+      m_run[h] = mx;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        o[n][2 * h] *= alpha;
+        o[n][2 * h + 1] *= alpha;
+      }
+    }
+    // O += P V (one k16 step over the unit's 16 keys)
+    u32 pa[4];
+    pa[0] = pack_half2(s[0][0], s[0][1]);
+    pa[1] = pack_half2(s[0][2], s[0][3]);
+    pa[2] = pack_half2(s[1][0], s[1][1]);
+    pa[3] = pack_half2(s[1][2], s[1][3]);
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      u32 b[4];
+      ldmatrix_x4_trans(b, sVst + swz<CH>((lm & 1) * 8 + lr, dp * 2 + (lm >> 1)));
+      mma16816(o[2 * dp], pa, b[0], b[1]);
+      mma16816(o[2 * dp + 1], pa, b[2], b[3]);
+    }
+    __syncwarp();  // this stage is refilled STAGES - 1 iterations later
+  }
+  cp_async_wait<0>();
+
+  // ---- partial output (normalized) and base-2 log-sum-exp of this warp's range
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float l = l_run[h];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int r = g + 8 * h;
+    if (r < nh) {
+      const size_t slot = ((size_t)qb * Hq + head0 + r) * SW + ws;
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      float* dst = part_o + slot * D + 2 * t4;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n)
+        *reinterpret_cast<float2*>(dst + n * 8) = make_float2(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
+      if (t4 == 0) part_lse[slot] = l > 0.f ? m_run[h] * scale_log2 + fast_log2(l) : LSERVE_NEG_INF;
+    }
+  }
+}
+
+// Merge the SW partials of (query block blockIdx.x, query head blockIdx.y) into the fp16 output.
+// Warps take interleaved splits; a lane owns 4 consecutive dims (float4 loads, D / 4 lanes busy).
+// Every split slot was written by the decode kernel (empty ranges: O = 0, lse = -inf -> weight 0).
+constexpr int CB_THREADS = 256;
+__device__ __forceinline__ void combine_body(const float* __restrict__ part_o, const float* __restrict__ part_lse,
+                                             f16_t* __restrict__ out, const int* meta, const int* qb_start,
+                                             int Hq, int SW, int D) {
+  constexpr int NW = CB_THREADS / 32;
+  extern __shared__ float cb_s[];  // [SW] weights | [NW] partial max | [NW] weight sums | [NW][D] sums
+  float* w_s = cb_s;
+  float* red = cb_s + SW;
+  float* wsum_s = red + NW;
+  float* acc_s = wsum_s + NW;
+  const int qb = blockIdx.x, h = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (qb >= meta[0]) return;
+  const size_t slot0 = ((size_t)qb * Hq + h) * SW;
+  float mx = LSERVE_NEG_INF;
+  for (int s = tid; s < SW; s += CB_THREADS) {
+    const float l = part_lse[slot0 + s];
+    w_s[s] = l;
+    mx = fmaxf(mx, l);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if (lane == 0) red[warp] = mx;
+  __syncthreads();
+  mx = red[0];
+#pragma unroll
+  for (int i = 1; i < NW; ++i) mx = fmaxf(mx, red[i]);
+  const float m_use = mx == LSERVE_NEG_INF ? 0.f : mx;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  float wsum = 0.f;
+  const bool active = lane * 4 < D;
+#pragma unroll 4
+  for (int s = warp; s < SW; s += NW) {
+    const float w = fast_exp2(w_s[s] - m_use);
+    wsum += w;
+    if (active) {
+      const float4 v = *reinterpret_cast<const float4*>(part_o + (slot0 + s) * D + lane * 4);
+      acc.x = fmaf(w, v.x, acc.x);
+      acc.y = fmaf(w, v.y, acc.y);
+      acc.z = fmaf(w, v.z, acc.z);
+      acc.w = fmaf(w, v.w, acc.w);
+    }
+  }
+  if (active) *reinterpret_cast<float4*>(acc_s + warp * D + lane * 4) = acc;
+  if (lane == 0) wsum_s[warp] = wsum;
+  __syncthreads();
+  if (tid < D) {
+    float a = 0.f, ws = 0.f;
+#pragma unroll
+    for (int i = 0; i < NW; ++i) {
+      a += acc_s[i * D + tid];
+      ws += wsum_s[i];
+    }
+    out[((size_t)qb_start[qb] * Hq + h) * D + tid] = float_to_half(ws > 0.f ? a / ws : 0.f);
+  }
+}
+
+}  // namespace lsattn
+
+#define LSERVE_DECODE_KERNEL(D, STAGES)                                                                    \
+  extern "C" __global__ void __launch_bounds__(lsattn::DC_THREADS) paged_attn_decode_d##D##_s##STAGES(     \
+      const f16_t* q, const f16_t* kc, const f16_t* vc, float* part_o, float* part_lse, const int* meta,   \
+      const int* qb_seq, const int* qb_start, const int* qb_len, const int* qb_pos, const int* seq_ctx,    \
+      const int* kv_indptr, const int* kv_pl, const int* head_class, int Hq, int Hkv, int ps_shift,        \
+      int n_htiles, float scale_log2) {                                                                    \
+    const lsattn::PlanView pv{meta,    qb_seq,    qb_start, qb_len, qb_pos,                                \
+                              seq_ctx, kv_indptr, reinterpret_cast<const int2*>(kv_pl)};                   \
+    lsattn::decode_body<D, STAGES>(q, kc, vc, part_o, part_lse, pv, head_class, Hq, Hkv, ps_shift,         \
+                                   n_htiles, scale_log2);                                                  \
+  }
+
+// Ring depth (units per warp; STAGES - 1 in flight while one is computed): the launcher's DECODE_STAGES
+// picks one per head dim; the others are there to be measured (docs/PERF_attention.md).
+LSERVE_DECODE_KERNEL(64, 4)
+LSERVE_DECODE_KERNEL(128, 2)
+LSERVE_DECODE_KERNEL(128, 3)
+LSERVE_DECODE_KERNEL(128, 4)
+
+extern "C" __global__ void __launch_bounds__(lsattn::CB_THREADS) paged_attn_decode_combine(const float* part_o, const float* part_lse, f16_t* out,
+                                                     const int* meta, const int* qb_start, int Hq, int SW, int D) {
+  lsattn::combine_body(part_o, part_lse, out, meta, qb_start, Hq, SW, D);
+}

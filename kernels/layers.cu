@@ -1,0 +1,167 @@
+// Per-token layer kernels for the CUDA backend (fp16 storage, fp32 math).
+// References: lserve_lite/backends/cpu.py (CpuOps.embed, rmsnorm_ref, rope_write_kv_ref, silu_mul_ref).
+// Launchers: lserve_lite/backends/cuda.py (CudaOps). All kernels: one block per token row unless noted.
+#include "block_reduce.cuh"
+
+using lserve::block_reduce;
+
+// out[n, :] = table[ids[n], :]. VEC = 8 copies 16 bytes per access (hidden % 8 == 0).
+template <int VEC>
+__global__ void embed_gather(const __half* __restrict__ table, const long long* __restrict__ ids,
+                             __half* __restrict__ out, int hidden) {
+  const long long row = blockIdx.x;
+  const __half* src = table + ids[row] * hidden;
+  __half* dst = out + row * hidden;
+  if (VEC == 8) {
+    const uint4* s = reinterpret_cast<const uint4*>(src);
+    uint4* d = reinterpret_cast<uint4*>(dst);
+    for (int i = threadIdx.x; i < hidden / 8; i += blockDim.x) d[i] = s[i];
+  } else {
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = src[i];
+  }
+}
+
+// res_out = x + res_in (float32 residual stream; res_in may alias res_out, or be absent),
+// out = res_out * rsqrt(mean(res_out^2) + eps) * w in fp16.
+template <bool HAS_RES>
+__global__ void add_rmsnorm(const __half* __restrict__ x, const float* res_in, float* res_out,
+                            const __half* __restrict__ w, __half* __restrict__ out, int hidden, float eps) {
+  __shared__ float scratch[32];
+  const long long off = (long long)blockIdx.x * hidden;
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+    float r = __half2float(x[off + i]);
+    if (HAS_RES) r += res_in[off + i];
+    res_out[off + i] = r;
+    ss += r * r;
+  }
+  ss = block_reduce(ss, scratch, lserve::SumOp(), 0.f);
+  const float inv = 1.0f / sqrtf(ss / (float)hidden + eps);
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+    out[off + i] = __float2half(res_out[off + i] * inv * __half2float(w[i]));
+}
+
+// Half-split RoPE on q and k of the fused qkv row [Hq + 2 Hkv, D], k and v written into their page slot
+// (slot = page * page_size + offset; a negative slot writes nothing: padding rows of a captured batch).
+// q_out [N, Hq, D]. cos/sin [max_len, D/2] carry any rope scaling (llama3) already.
+__global__ void rope_write_kv(const __half* __restrict__ qkv, const long long* __restrict__ positions,
+                              const long long* __restrict__ slots, const __half* __restrict__ cos_t,
+                              const __half* __restrict__ sin_t, __half* __restrict__ q_out,
+                              __half* __restrict__ k_cache, __half* __restrict__ v_cache, int hq, int hkv,
+                              int head_dim, int page_size) {
+  const long long row = blockIdx.x;
+  const int half_d = head_dim / 2, nheads = hq + 2 * hkv;
+  const long long pos = positions[row], slot = slots[row];
+  const long long page = slot / page_size, offset = slot % page_size;
+  const __half* x = qkv + row * nheads * head_dim;
+  for (int i = threadIdx.x; i < nheads * half_d; i += blockDim.x) {
+    const int h = i / half_d, j = i - h * half_d;
+    const float a = __half2float(x[h * head_dim + j]), b = __half2float(x[h * head_dim + j + half_d]);
+    if (h < hq + hkv) {
+      const float c = __half2float(cos_t[pos * half_d + j]), s = __half2float(sin_t[pos * half_d + j]);
+      const __half ra = __float2half(a * c - b * s), rb = __float2half(b * c + a * s);
+      if (h < hq) {
+        __half* dst = q_out + (row * hq + h) * head_dim;
+        dst[j] = ra;
+        dst[j + half_d] = rb;
+      } else if (slot >= 0) {
+        __half* dst = k_cache + ((page * hkv + (h - hq)) * page_size + offset) * head_dim;
+        dst[j] = ra;
+        dst[j + half_d] = rb;
+      }
+    } else if (slot >= 0) {
+      __half* dst = v_cache + ((page * hkv + (h - hq - hkv)) * page_size + offset) * head_dim;
+      dst[j] = x[h * head_dim + j];
+      dst[j + half_d] = x[h * head_dim + j + half_d];
+    }
+  }
+}
+
+// out[n, i] = silu(gu[n, i]) * gu[n, inter + i]; flat grid over N * inter / VEC (VEC = 8 when inter % 8 == 0).
+template <int VEC>
+__global__ void silu_mul(const __half* __restrict__ gu, __half* __restrict__ out, int inter, long long total) {
+  const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= total) return;
+  const long long e = t * VEC, n = e / inter, i = e - n * inter;
+  const __half* g = gu + n * 2 * inter + i;
+  const __half* u = g + inter;
+  __half* o = out + e;
+  if (VEC == 8) {
+    uint4 gv = *reinterpret_cast<const uint4*>(g), uv = *reinterpret_cast<const uint4*>(u), ov;
+    const __half* gh = reinterpret_cast<const __half*>(&gv);
+    const __half* uh = reinterpret_cast<const __half*>(&uv);
+    __half* oh = reinterpret_cast<__half*>(&ov);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const float gf = __half2float(gh[k]);
+      oh[k] = __float2half(gf / (1.0f + expf(-gf)) * __half2float(uh[k]));
+    }
+    *reinterpret_cast<uint4*>(o) = ov;
+  } else {
+    const float gf = __half2float(g[0]);
+    o[0] = __float2half(gf / (1.0f + expf(-gf)) * __half2float(u[0]));
+  }
+}
+
+// Small-batch linear for decode: y[n, m] = sum_k x[n, k] w[m, k] for N <= 8 rows, fp32 accumulation.
+// One warp per output feature m (blockDim.x / 32 of them per block), 16-byte loads of w (read once) and of x
+// (N * K halves, L1/L2-resident); needs K % 8 == 0. cuBLAS handles every other shape (CudaOps.gemm).
+template <int N, typename TOut>
+__global__ void gemv_rows(const __half* __restrict__ x, const __half* __restrict__ w, TOut* __restrict__ y, int M,
+                          int K) {
+  const int lane = threadIdx.x & 31;
+  const int m = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (m >= M) return;
+  const uint4* wr = reinterpret_cast<const uint4*>(w + (long long)m * K);
+  const int kc = K / 8;
+  float acc[N];
+#pragma unroll
+  for (int n = 0; n < N; ++n) acc[n] = 0.f;
+#pragma unroll 4
+  for (int c = lane; c < kc; c += 32) {
+    const uint4 wv = __ldg(wr + c);
+    const __half2* wh = reinterpret_cast<const __half2*>(&wv);
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + (long long)n * K) + c);
+      const __half2* xh = reinterpret_cast<const __half2*>(&xv);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 wf = __half22float2(wh[j]), xf = __half22float2(xh[j]);
+        acc[n] = fmaf(wf.x, xf.x, fmaf(wf.y, xf.y, acc[n]));
+      }
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc[n] += __shfl_xor_sync(0xffffffffu, acc[n], o);
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) y[(long long)n * M + m] = (TOut)acc[n];
+  }
+}
+
+template __global__ void embed_gather<1>(const __half*, const long long*, __half*, int);
+template __global__ void embed_gather<8>(const __half*, const long long*, __half*, int);
+template __global__ void add_rmsnorm<false>(const __half*, const float*, float*, const __half*, __half*, int, float);
+template __global__ void add_rmsnorm<true>(const __half*, const float*, float*, const __half*, __half*, int, float);
+template __global__ void silu_mul<1>(const __half*, __half*, int, long long);
+template __global__ void silu_mul<8>(const __half*, __half*, int, long long);
+template __global__ void gemv_rows<1, __half>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<2, __half>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<3, __half>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<4, __half>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<5, __half>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<6, __half>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<7, __half>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<8, __half>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<1, float>(const __half*, const __half*, float*, int, int);
+template __global__ void gemv_rows<2, float>(const __half*, const __half*, float*, int, int);
+template __global__ void gemv_rows<3, float>(const __half*, const __half*, float*, int, int);
+template __global__ void gemv_rows<4, float>(const __half*, const __half*, float*, int, int);
+template __global__ void gemv_rows<5, float>(const __half*, const __half*, float*, int, int);
+template __global__ void gemv_rows<6, float>(const __half*, const __half*, float*, int, int);
+template __global__ void gemv_rows<7, float>(const __half*, const __half*, float*, int, int);
+template __global__ void gemv_rows<8, float>(const __half*, const __half*, float*, int, int);

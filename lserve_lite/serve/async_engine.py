@@ -1,0 +1,217 @@
+"""One engine thread steps the LLMEngine for every client; asyncio handlers submit and read per-request queues.
+
+The engine thread owns the engine: it adds the submitted requests, runs `step()` while work exists and
+sleeps on a condition otherwise. Outputs go back to the event loop in one `call_soon_threadsafe` per step
+and land in per-request asyncio queues. An abort (client gone) is applied at the start of the next step,
+which frees the request's KV pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from ..engine.llm_engine import LLMEngine, StepOutput
+from ..errors import InvalidRequestError
+from ..sampling_params import SamplingParams
+from .metrics import Metrics
+from .protocol import ApiError
+
+log = logging.getLogger("lserve_lite.serve")
+
+_ACCEPTED = object()  # the first item of a request's queue once the engine took it
+
+
+@dataclass
+class _Submission:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: float
+
+
+class RequestHandle:
+    """The outputs of one admitted request, in order (async iterator); `close()` aborts it if unfinished."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue):
+        self.engine, self.request_id, self.queue = engine, request_id, queue
+        self.done = False  # the final output (or an error) has been received
+        self.closed = False
+
+    def __aiter__(self) -> RequestHandle:
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        if self.done:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            self.done = True
+            raise item
+        self.done = item.finished
+        return item
+
+    def close(self) -> None:
+        """Abort the request unless it has finished (idempotent; call on the event loop)."""
+        if not self.done and not self.closed:
+            self.closed = True
+            self.engine.abort(self.request_id)
+
+
+class AsyncEngine:
+    """Continuous batching of all clients' requests on one engine thread."""
+
+    def __init__(self, engine: LLMEngine, max_queue: int = 256, metrics: Metrics | None = None):
+        self.engine = engine
+        self.max_queue = max_queue
+        self.metrics = metrics or Metrics()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._queues: dict[str, asyncio.Queue] = {}  # event-loop side: requests in flight
+        self._cv = threading.Condition()
+        self._inbox: list[_Submission] = []  # guarded by _cv
+        self._stopping = False
+        self._timing: dict[str, list[float]] = {}  # engine-thread side: [arrival, last token time]
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle (event loop) -----------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._thread = threading.Thread(target=self._run, name="lserve-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        for q in self._queues.values():
+            q.put_nowait(ApiError(503, "the server is shutting down"))
+        self._queues.clear()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.engine.ecfg.max_num_seqs + self.max_queue
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._queues)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._inbox) + len(self.engine.scheduler.waiting)
+
+    # -- requests (event loop) ------------------------------------------------------------------
+    async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None):
+        """Hand a request to the engine; returns its RequestHandle once admitted, raises ApiError if refused."""
+        if not self.alive:
+            raise ApiError(503, "the engine is not running")
+        if len(self._queues) >= self.max_in_flight:
+            raise ApiError(429, f"server overloaded: {len(self._queues)} requests in flight; retry later")
+        rid = request_id or uuid.uuid4().hex
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[rid] = queue
+        with self._cv:
+            self._inbox.append(_Submission(rid, prompt_ids, params, time.monotonic()))
+            self._cv.notify()
+        try:
+            first = await queue.get()
+        except asyncio.CancelledError:
+            self.abort(rid)
+            raise
+        if isinstance(first, BaseException):
+            raise first
+        return RequestHandle(self, rid, queue)
+
+    def abort(self, request_id: str) -> None:
+        with self._cv:
+            pending = next((s for s in self._inbox if s.request_id == request_id), None)
+            if pending is not None:  # never reached the engine: drop it here
+                self._inbox.remove(pending)
+                self._queues.pop(request_id, None)
+                return
+            self.engine.abort(request_id)
+            self._cv.notify()
+
+    def _deliver(self, posts: list[tuple[str, object]]) -> None:
+        for rid, item in posts:
+            q = self._queues.get(rid)
+            if q is None:
+                continue
+            q.put_nowait(item)
+            if isinstance(item, BaseException) or (isinstance(item, StepOutput) and item.finished):
+                del self._queues[rid]
+
+    # -- the engine thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        eng = self.engine
+        while True:
+            with self._cv:
+                while not (self._inbox or self._stopping or eng.has_unfinished()):
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                new, self._inbox = self._inbox, []
+            posts: list[tuple[str, object]] = [(s.request_id, self._add(s)) for s in new]
+            if eng.has_unfinished():
+                try:
+                    outs = eng.step()
+                except Exception:
+                    log.exception("engine step failed; failing the requests in flight")
+                    outs, posts = [], posts + self._fail_all()
+                for out in outs:
+                    self._observe(out)
+                    posts.append((out.request_id, out))
+            if posts:
+                try:
+                    self.loop.call_soon_threadsafe(self._deliver, posts)
+                except RuntimeError:  # the event loop is closed: the server is going away
+                    return
+
+    def _add(self, s: _Submission) -> object:
+        try:
+            self.engine.add_request(s.prompt_ids, s.params, s.request_id)
+        except InvalidRequestError as e:
+            return ApiError(400, str(e))
+        except Exception:
+            log.exception("add_request failed")
+            return ApiError(500, "internal server error")
+        self._timing[s.request_id] = [s.arrival, 0.0]
+        return _ACCEPTED
+
+    def _observe(self, out: StepOutput) -> None:
+        t = self._timing.get(out.request_id)
+        if t is None:
+            return
+        now = time.monotonic()
+        if out.token_ids:
+            if t[1]:
+                self.metrics.next_token(now - t[1])
+            else:
+                self.metrics.first_token(now - t[0])
+            t[1] = now
+        if out.finished:
+            self.metrics.finished(out.finish_reason or "abort", out.num_prompt_tokens, out.num_output_tokens,
+                                  now - t[0])  # fmt: skip
+            del self._timing[out.request_id]
+
+    def _fail_all(self) -> list[tuple[str, object]]:
+        """After a failed step: abort every sequence (frees its pages) and tell its client."""
+        rids = list(self._timing)
+        for rid in rids:
+            self.engine.abort(rid)
+        self._timing.clear()
+        try:
+            self.engine.step()  # applies the aborts; nothing is left to schedule
+        except Exception:
+            log.exception("engine cleanup step failed")
+            time.sleep(0.1)
+        return [(rid, ApiError(500, "internal server error")) for rid in rids]

@@ -1,0 +1,167 @@
+"""Static sparsity: DuoAttention head gates (`full_attention_heads.tsv`) and the streaming-head choice.
+
+A pattern file holds one gate per (layer, KV head): tab-separated, one row per layer, one column per KV
+head, higher = keep full attention. With static sparsity `s`, the round(s * layers * kv_heads) heads with
+the lowest gates become streaming heads (class 1), ranked globally over all layers.
+Shipped patterns live in the data folder `sparse/patterns/<model>/full_attention_heads.tsv`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelLoadError
+
+PATTERN_FILE = "full_attention_heads.tsv"
+PATTERNS_DIR = Path(__file__).with_name("patterns")
+
+# Other spellings of a bundled model's name (lower case) -> the bundled folder.
+_ALIASES = {
+    "llama-3.1-8b-instruct": "Meta-Llama-3.1-8B-Instruct",
+    "llama-3-8b-gradient-1048k": "Llama-3-8B-Instruct-Gradient-1048k",
+    "mistral-7b-instruct": "Mistral-7B-Instruct-v0.2",
+    "smollm2-135m": "SmolLM2-135M-Instruct",
+}
+
+
+def load_pattern(path: str | Path, num_layers: int, num_kv_heads: int) -> np.ndarray:
+    """Gates [num_layers, num_kv_heads] float64 from a DuoAttention TSV; ModelLoadError on any defect.
+
+    Blank lines and lines starting with '#' are ignored; fields may be separated by tabs or spaces.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: head pattern file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: cannot read head pattern ({e})") from None
+    rows: list[list[float]] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        try:
+            vals = [float(f) for f in s.split()]
+        except ValueError:
+            bad = next(f for f in s.split() if not _is_float(f))
+            raise ModelLoadError(f"{path}:{lineno}: non-numeric gate value {bad[:32]!r}") from None
+        if not all(math.isfinite(v) for v in vals):
+            raise ModelLoadError(f"{path}:{lineno}: gate values must be finite")
+        rows.append(vals)
+    widths = {len(r) for r in rows}
+    if len(widths) > 1:
+        raise ModelLoadError(f"{path}: ragged head pattern (rows have {sorted(widths)} columns)")
+    got = (len(rows), widths.pop() if widths else 0)
+    if got != (num_layers, num_kv_heads):
+        raise ModelLoadError(
+            f"{path}: head pattern is {got[0]} x {got[1]} (layers x KV heads); "
+            f"the model needs {num_layers} x {num_kv_heads}"
+        )
+    return np.asarray(rows, dtype=np.float64)
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def save_pattern(path: str | Path, gates: np.ndarray) -> Path:
+    """Write gates [L, Hkv] as a DuoAttention TSV (one row per layer, tab-separated)."""
+    gates = np.asarray(gates, dtype=np.float64)
+    if gates.ndim != 2 or not np.all(np.isfinite(gates)):
+        raise ValueError("gates must be a finite [layers, kv_heads] array")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join("\t".join(f"{v:.18e}" for v in row) + "\n" for row in gates))
+    return path
+
+
+def num_streaming(static_sparsity: float, num_layers: int, num_kv_heads: int) -> int:
+    """How many KV heads become streaming heads: round(s * L * Hkv) (Python's round)."""
+    if not 0.0 <= static_sparsity <= 1.0:
+        raise ValueError(f"static_sparsity must be in [0, 1], got {static_sparsity}")
+    return int(round(static_sparsity * num_layers * num_kv_heads))
+
+
+def head_classes(gates: np.ndarray, static_sparsity: float) -> list[np.ndarray]:
+    """Per-layer int32 [Hkv] classes: 1 (streaming) for the round(s*L*Hkv) lowest gates over all layers.
+
+    One global ranking; ties go to the earlier (layer, head) in row-major order, so the choice is
+    deterministic and monotone in `static_sparsity` (a streaming head stays streaming as s grows).
+    """
+    gates = np.asarray(gates, dtype=np.float64)
+    if gates.ndim != 2:
+        raise ValueError(f"gates must be [layers, kv_heads], got shape {gates.shape}")
+    n = num_streaming(static_sparsity, *gates.shape)
+    order = np.argsort(gates.reshape(-1), kind="stable")
+    flat = np.zeros(gates.size, np.int32)
+    flat[order[:n]] = 1
+    return list(flat.reshape(gates.shape))
+
+
+def bundled_patterns() -> dict[str, Path]:
+    """Shipped patterns: folder name -> TSV path."""
+    if not PATTERNS_DIR.is_dir():
+        return {}
+    return {d.name: d / PATTERN_FILE for d in sorted(PATTERNS_DIR.iterdir()) if (d / PATTERN_FILE).is_file()}
+
+
+def _model_names(model_name_or_dir: str | Path) -> list[str]:
+    s = str(model_name_or_dir).rstrip("/\\")
+    names = [Path(s).name, s.replace("\\", "/").split("/")[-1].split("--")[-1]]
+    cfg = Path(s) / "config.json"
+    if cfg.is_file():
+        try:
+            d = json.loads(cfg.read_text())
+        except (OSError, json.JSONDecodeError):
+            d = {}
+        for key in ("_name_or_path", "name_or_path"):
+            if isinstance(d.get(key), str) and d[key]:
+                names.append(d[key].rstrip("/").split("/")[-1])
+    return [n for n in dict.fromkeys(names) if n]
+
+
+def bundled_pattern(model_name_or_dir: str | Path) -> Path | None:
+    """The pattern for a model, by directory or model name; None if nothing fits.
+
+    Order: `full_attention_heads.tsv` inside the model directory itself; then a shipped folder whose
+    name equals the model's name (case-insensitive, a leading "org/" or "org--" dropped), or prefixes it
+    followed by "-", "_" or "." (e.g. "SmolLM2-135M-Instruct-q4_1"); then a few known aliases.
+    """
+    local = Path(model_name_or_dir) / PATTERN_FILE
+    if local.is_file():
+        return local
+    shipped = bundled_patterns()
+    by_lower = {k.lower(): v for k, v in shipped.items()}
+    aliases = {a: shipped[t] for a, t in _ALIASES.items() if t in shipped}
+    for name in _model_names(model_name_or_dir):
+        n = name.lower()
+        for table in (by_lower, aliases):
+            if n in table:
+                return table[n]
+        for table in (by_lower, aliases):
+            hits = [k for k in table if n.startswith(k) and n[len(k)] in "-_."]
+            if hits:
+                return table[max(hits, key=len)]
+    return None
+
+
+def resolve_pattern(
+    model_dir: str | Path, num_layers: int, num_kv_heads: int, pattern_path: str | Path | None = None
+) -> np.ndarray:
+    """Gates for a model: `pattern_path` if given, else the bundled one; ModelLoadError if none exists."""
+    path = Path(pattern_path) if pattern_path else bundled_pattern(model_dir)
+    if path is None:
+        raise ModelLoadError(
+            f"{model_dir}: no head pattern for this model; make one with "
+            f"`lserve-lite calibrate --model {model_dir} --out PATTERN.tsv` and pass it as the pattern path"
+        )
+    return load_pattern(path, num_layers, num_kv_heads)

@@ -1,0 +1,119 @@
+"""GPU kernels against their CPU references (gpu-marked; skipped without a GPU).
+
+The per-kernel cases are the kernel harness's (`lserve-lite kernels test`); on top: a whole forward of a
+small random Llama on the CUDA backend against the CPU backend, and CUDA Graph decode against eager decode.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lserve_lite.kernels_harness import CASES
+
+
+@pytest.fixture(scope="module")
+def hctx():
+    from lserve_lite.kernels_harness import Ctx
+
+    return Ctx(seed=int(np.random.SeedSequence().entropy % (1 << 31)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernel_against_reference(hctx, case):
+    from lserve_lite.kernels_harness import format_table
+
+    results = CASES[case](hctx)
+    print(format_table(results))
+    assert results and all(r.ok for r in results), format_table([r for r in results if not r.ok])
+
+
+def small_llama(seed=0, layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, inter=512, vocab=1000):
+    """A random Llama config and its float32 weights (as the loader returns them)."""
+    from lserve_lite.config import ModelConfig
+
+    cfg = ModelConfig(
+        "LlamaForCausalLM", hidden, inter, layers, heads, kv_heads, head_dim, vocab,
+        rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
+    )  # fmt: skip
+    rng = np.random.default_rng(seed)
+
+    def w(*shape, scale=None):
+        return (rng.standard_normal(shape) * (scale or 1 / np.sqrt(shape[-1]))).astype(np.float32)
+
+    ws = {"model.embed_tokens.weight": w(vocab, hidden, scale=1.0), "lm_head.weight": w(vocab, hidden)}
+    ws["model.norm.weight"] = 1 + 0.1 * w(hidden, scale=1.0)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        ws |= {
+            p + "self_attn.q_proj.weight": w(heads * head_dim, hidden),
+            p + "self_attn.k_proj.weight": w(kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.weight": w(kv_heads * head_dim, hidden),
+            p + "self_attn.o_proj.weight": w(hidden, heads * head_dim),
+            p + "mlp.gate_proj.weight": w(inter, hidden),
+            p + "mlp.up_proj.weight": w(inter, hidden),
+            p + "mlp.down_proj.weight": w(hidden, inter),
+            p + "input_layernorm.weight": 1 + 0.1 * w(hidden, scale=1.0),
+            p + "post_attention_layernorm.weight": 1 + 0.1 * w(hidden, scale=1.0),
+        }
+    return cfg, ws
+
+
+def _runner(cfg, ws, backend, graphs=False, num_pages=96, page_size=16):
+    from lserve_lite.backends import make_ops
+    from lserve_lite.config import EngineConfig
+    from lserve_lite.engine.cuda_graph import attach_decode_graphs
+    from lserve_lite.engine.model_runner import ModelRunner
+    from lserve_lite.kv.block_manager import BlockManager
+
+    ecfg = EngineConfig(max_num_seqs=8, page_size=page_size, max_model_len=1024, num_kv_pages=num_pages)
+    runner = ModelRunner(cfg, ws, make_ops(backend), ecfg, num_pages)
+    if graphs:
+        assert attach_decode_graphs(runner, sizes=(1, 2, 4, 8)) is not None
+    return runner, BlockManager(num_pages, page_size)
+
+
+def _step(runner, blocks, seqs, num_new, all_logits=False):
+    for s, n in zip(seqs, num_new, strict=True):
+        blocks.grow(s, s.num_cached + n)
+    return runner.ops.to_numpy(runner.run(seqs, num_new, all_logits)).astype(np.float32)
+
+
+@pytest.mark.gpu
+def test_forward_matches_cpu_and_graphs_match_eager():
+    """Prefill (ragged, chunked) then decode steps, teacher-forced with the CPU runner's greedy tokens."""
+    from lserve_lite.engine.sequence import Sequence
+    from lserve_lite.sampling_params import SamplingParams
+
+    cfg, ws = small_llama()
+    rng = np.random.default_rng(1)
+    prompts = [list(rng.integers(0, cfg.vocab_size, n)) for n in (5, 40, 17)]
+    runs = {name: _runner(cfg, ws, *spec) for name, spec in
+            {"cpu": ("cpu",), "eager": ("cuda",), "graph": ("cuda", True)}.items()}  # fmt: skip
+    seqs = {k: [Sequence(list(p), SamplingParams()) for p in prompts] for k in runs}
+    # prefill in two chunks for the long prompt: 5 + 24 + 17 first, then the last 16 of prompt 2
+    for k, (runner, blocks) in runs.items():
+        first = _step(runner, blocks, seqs[k], [5, 24, 17], all_logits=True)
+        if k == "cpu":
+            ref_first = first
+        else:
+            err = np.abs(first - ref_first).max() / np.abs(ref_first).max()
+            assert err < 2e-2, f"{k} prefill logits rel err {err:.3g}"
+        _step(runner, blocks, seqs[k][1:2], [16])
+        for s, t in zip(seqs[k], (11, 22, 33), strict=True):  # the first generated token, teacher-forced
+            s.output_ids.append(t)
+    for step in range(12):
+        live = [0, 1, 2] if step < 8 else [1, 2]  # the batch shrinks: graph size 4 (padded) then 2
+        out = {}
+        for k, (runner, blocks) in runs.items():
+            out[k] = _step(runner, blocks, [seqs[k][i] for i in live], [1] * len(live))
+        toks = out["cpu"].argmax(-1)
+        scale = np.abs(out["cpu"]).max()
+        assert np.abs(out["eager"] - out["cpu"]).max() / scale < 2e-2
+        assert np.abs(out["graph"] - out["eager"]).max() / scale < 5e-3, f"graph vs eager at step {step}"
+        for k in runs:
+            for i, t in zip(live, toks, strict=True):
+                seqs[k][i].output_ids.append(int(t))
+    graphs = runs["graph"][0].graphs
+    assert set(graphs.graphs) == {2, 4}, f"captured sizes {sorted(graphs.graphs)}"

@@ -1,0 +1,398 @@
+"""The OpenAI-compatible server, driven by the official `openai` client against a real uvicorn on 127.0.0.1.
+
+The tiny random model carries the heavy tests (concurrency, disconnects, errors); the default SmolLM2
+checks that greedy server outputs equal LLM.generate on a real model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+import httpx  # noqa: E402
+
+from lserve_lite import LLM, EngineConfig, SamplingParams  # noqa: E402
+from lserve_lite.engine.llm_engine import LLMEngine  # noqa: E402
+from lserve_lite.serve.app import ServerThread, create_app  # noqa: E402
+
+KEY = "test-key"
+CFG = dict(num_kv_pages=64, max_model_len=256, max_num_seqs=64)
+PROMPTS = ["hello world", "the quick brown fox", "0123456789", "how are you today?"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_llama) -> Path:
+    return tiny_llama
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_dir) -> LLM:
+    return LLM(str(tiny_dir), backend="cpu", config=EngineConfig(**CFG))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    engine = LLMEngine(str(tiny_dir), "cpu", EngineConfig(**CFG))
+    with ServerThread(create_app(engine, api_key=KEY, served_model_name="tiny")) as url:
+        yield url, engine
+
+
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def metrics(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics").text
+    return {m[0]: float(m[1]) for m in re.findall(r"^(\S+) (\S+)$", text, re.M)}
+
+
+def wait_for(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+@contextlib.contextmanager
+def paused(engine: LLMEngine):
+    """Hold the engine thread at its next step() until the block ends (deterministic queue states)."""
+    gate, orig = threading.Event(), engine.step
+
+    def step():
+        gate.wait()
+        return orig()
+
+    engine.step = step
+    try:
+        yield
+    finally:
+        gate.set()
+        del engine.step
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0.0, **kw)
+
+
+def chat_msgs(p: str) -> list[dict]:
+    return [{"role": "system", "content": "be brief"}, {"role": "user", "content": p}]
+
+
+# -- basics -----------------------------------------------------------------------------------------------
+def test_models_health_metrics(server, client):
+    url, _ = server
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    m = metrics(url)
+    assert m["lserve_kv_pages_total"] == 64 and "lserve_time_to_first_token_seconds_count" in m
+    assert 'lserve_time_per_output_token_seconds_bucket{le="+Inf"}' in m
+
+
+def test_cli_hook(monkeypatch):
+    from lserve_lite import cli
+    from lserve_lite.serve import run_from_args
+
+    a = cli.build_parser().parse_args(
+        ["serve", "--max-model-len", "512", "--api-key", "k", "--max-num-seqs", "8"]
+    )
+    assert (a.host, a.port, a.api_key, a.max_queue) == ("127.0.0.1", 8000, "k", 256)
+    seen = {}
+    monkeypatch.setattr("lserve_lite.serve.run_server", lambda *a, **k: seen.update(args=a, kw=k) or 0)
+    assert run_from_args(a) == 0
+    cfg = seen["args"][6]
+    assert (cfg.max_model_len, cfg.max_num_seqs, seen["args"][1]) == (512, 8, "127.0.0.1")
+
+
+# -- greedy equality with the embedded API ------------------------------------------------------------------
+def test_chat_matches_llm(client, ref):
+    for p in PROMPTS[:2]:
+        want = ref.chat(chat_msgs(p), greedy(16))
+        r = client.chat.completions.create(model="tiny", messages=chat_msgs(p), max_tokens=16, temperature=0)
+        c = r.choices[0]
+        assert (c.message.content, c.finish_reason, c.message.role) == (
+            want.text,
+            want.finish_reason,
+            "assistant",
+        )
+        assert r.usage.prompt_tokens == len(want.prompt_token_ids)
+        assert r.usage.completion_tokens == len(want.token_ids)
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+        chunks = list(client.chat.completions.create(model="tiny", messages=chat_msgs(p), max_tokens=16,
+                                                     temperature=0, stream=True,
+                                                     stream_options={"include_usage": True}))  # fmt: skip
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want.text
+        assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == want.finish_reason
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want.token_ids)
+        assert all(ch.usage is None for ch in chunks[:-1])
+
+
+def test_completions_match_llm(client, ref):
+    prompts = PROMPTS[2:] + [ref.tokenizer.encode("the lazy dog")]
+    for p in prompts:
+        want = ref.generate(p, greedy(12))[0]
+        r = client.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0)
+        assert (r.choices[0].text, r.choices[0].finish_reason) == (want.text, want.finish_reason)
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (
+            len(want.prompt_token_ids),
+            len(want.token_ids),
+        )
+        chunks = list(
+            client.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0, stream=True)
+        )
+        assert "".join(ch.choices[0].text for ch in chunks) == want.text
+        assert chunks[-1].choices[0].finish_reason == want.finish_reason
+        assert all(ch.usage is None for ch in chunks)  # no include_usage: no usage chunk
+
+
+def test_stop_seed_top_p(client, ref):
+    full = ref.generate(PROMPTS[1], greedy(24, ignore_eos=True))[0].text
+    stop = full[5:8]
+    cut = full[: full.index(stop)]
+    r = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=24, temperature=0, stop=[stop],
+                                  extra_body={"ignore_eos": True})  # fmt: skip
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (cut, "stop")
+    want = ref.generate(PROMPTS[0], SamplingParams(max_new_tokens=16, temperature=0.9, top_p=0.8, seed=7))[0]
+    for _ in range(2):
+        r = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=16, temperature=0.9, top_p=0.8,
+                                      seed=7)  # fmt: skip
+        assert r.choices[0].text == want.text
+
+
+# -- concurrency and disconnects -------------------------------------------------------------------------------
+def test_32_concurrent_streams(server, ref):
+    url, _ = server
+    prompts = [f"{PROMPTS[i % 4]} {i}" for i in range(32)]
+    want = ref.chat([[{"role": "user", "content": p}] for p in prompts], greedy(24, ignore_eos=True))
+
+    async def one(c: openai.AsyncOpenAI, i: int):
+        stream = await c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompts[i]}],
+                                                 max_tokens=24, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True})  # fmt: skip
+        text, reason, used = [], None, None
+        async for ch in stream:
+            if ch.choices:
+                text.append(ch.choices[0].delta.content or "")
+                reason = ch.choices[0].finish_reason or reason
+            if ch.usage:
+                used = ch.usage.completion_tokens
+        return "".join(text), reason, used
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(32)))
+
+    results = asyncio.run(main())
+    assert [r[0] for r in results] == [w.text for w in want]
+    assert all(r[1] == "length" and r[2] == 24 for r in results)
+    m = metrics(url)
+    assert m["lserve_kv_pages_used"] == 0 and m["lserve_requests_running"] == 0
+
+
+def test_client_killed_mid_stream_frees_pages(server, client):
+    url, _ = server
+    aborted0 = metrics(url)['lserve_requests_total{finish_reason="abort"}']
+    results: list = [None] * 4
+
+    def normal(i: int):
+        s = client.completions.create(model="tiny", prompt=PROMPTS[i], max_tokens=120, temperature=0, stream=True,
+                                      extra_body={"ignore_eos": True})  # fmt: skip
+        chunks = list(s)
+        results[i] = (chunks[-1].choices[0].finish_reason, sum(1 for ch in chunks if ch.choices[0].text))
+
+    threads = [threading.Thread(target=normal, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    body = {"model": "tiny", "prompt": "the quick brown fox", "max_tokens": 230, "temperature": 0, "stream": True,
+            "ignore_eos": True}  # fmt: skip
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}) as h:
+        with h.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            got = 0
+            for line in r.iter_lines():
+                got += line.startswith("data:")
+                if got == 3:
+                    break
+    # the killed request is aborted (pages returned) while the others keep streaming
+    assert wait_for(lambda: metrics(url)['lserve_requests_total{finish_reason="abort"}'] == aborted0 + 1)
+    for t in threads:
+        t.join()
+    assert all(r is not None and r[0] == "length" for r in results)
+    m = metrics(url)
+    assert m["lserve_kv_pages_used"] == 0 and m["lserve_requests_in_flight"] == 0
+
+
+def test_non_streaming_client_gone_aborts(server):
+    url, engine = server
+    aborted0 = metrics(url)['lserve_requests_total{finish_reason="abort"}']
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "temperature": 0}
+    with paused(engine):
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(
+                url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5
+            )
+        time.sleep(0.2)
+    assert wait_for(lambda: metrics(url)['lserve_requests_total{finish_reason="abort"}'] == aborted0 + 1)
+    assert wait_for(lambda: metrics(url)["lserve_kv_pages_used"] == 0)
+
+
+# -- errors ------------------------------------------------------------------------------------------------
+def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert "Traceback" not in r.text
+    return err
+
+
+def test_bad_requests_400(server, client):
+    url, _ = server
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(url + "/v1/chat/completions", content=b'{"model": "tiny", "messages": [', headers=auth)
+    assert "JSON" in _error(r, 400)["message"]
+    r = httpx.post(url + "/v1/completions", content=b"[1, 2]", headers=auth)
+    _error(r, 400)
+    cases = [
+        dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(max_tokens=0), dict(n=2),
+        dict(stop=3), dict(seed="x"), dict(presence_penalty=1.0), dict(messages=[]),
+        dict(messages=[{"role": "wizard", "content": "hi"}]), dict(messages=None),
+    ]  # fmt: skip
+    for kw in cases:
+        body = {"model": "tiny", "messages": chat_msgs("hi")} | kw
+        err = _error(httpx.post(url + "/v1/chat/completions", json=body, headers=auth), 400)
+        assert err["param"] == next(iter(kw)), (kw, err)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=chat_msgs("hi"), n=2)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="", max_tokens=4)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt=[5, 9999], max_tokens=4)
+
+
+def test_context_limit_400(server, client):
+    long = "the quick brown fox jumps over the lazy dog " * 60
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt=long, max_tokens=4)
+    assert "256" in str(e.value) and e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=chat_msgs("hi"), max_tokens=250, stream=True)
+    assert "256" in str(e.value) and e.value.param == "max_tokens"
+
+
+def test_auth_401_and_model_404(server):
+    url, _ = server
+    bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model="tiny", messages=chat_msgs("hi"), max_tokens=2)
+    _error(httpx.post(url + "/v1/completions", json={"prompt": "hi"}), 401)
+    _error(httpx.post(url + "/v1/completions", json={"prompt": "hi"}, headers={"Authorization": KEY}), 401)
+    assert httpx.get(url + "/health").status_code == 200  # health and metrics stay open
+    good = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as e:
+        good.chat.completions.create(model="gpt-4o", messages=chat_msgs("hi"), max_tokens=2)
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        good.models.retrieve("gpt-4o")
+    assert good.models.retrieve("tiny").id == "tiny"
+    _error(httpx.get(url + "/v1/nothing-here", headers={"Authorization": f"Bearer {KEY}"}), 404)
+
+
+def test_overload_429(tiny_dir):
+    engine = LLMEngine(str(tiny_dir), "cpu", EngineConfig(**(CFG | {"max_num_seqs": 1})))
+    with ServerThread(create_app(engine, served_model_name="tiny", max_queue=1)) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        body = dict(model="tiny", prompt="hello", max_tokens=8, temperature=0)
+        results: list = []
+        with paused(engine):  # 1 request running + 1 queued fill the server
+            threads = [
+                threading.Thread(target=lambda: results.append(c.completions.create(**body)))
+                for _ in range(2)
+            ]
+            for t in threads:
+                t.start()
+            assert wait_for(lambda: metrics(url)["lserve_requests_in_flight"] == 2)
+            with pytest.raises(openai.RateLimitError):
+                c.completions.create(**body)
+        for t in threads:
+            t.join()
+        assert [r.choices[0].finish_reason for r in results] == ["length", "length"]
+        assert c.completions.create(**body).choices[0].finish_reason == "length"  # room again
+        assert metrics(url)['lserve_request_errors_total{status="429"}'] == 1
+
+
+def test_internal_errors_500_without_trace(server, client, monkeypatch):
+    url, engine = server
+
+    def boom(*a, **k):
+        raise RuntimeError("secret internal detail")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(engine.tokenizer, "encode_chat", boom)
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": chat_msgs("hi")},
+                       headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+        err = _error(r, 500)
+        assert "secret" not in r.text and err["message"] == "internal server error"
+    # a failing engine step fails the requests in flight, then the server carries on
+    orig = engine.step
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("secret step failure")
+        return orig()
+
+    with monkeypatch.context() as mp:
+        mp.setattr(engine, "step", flaky)
+        with pytest.raises(openai.APIError) as e:
+            client.completions.create(model="tiny", prompt="hello", max_tokens=20, temperature=0)
+        assert "secret" not in str(e.value)
+    assert wait_for(lambda: metrics(url)["lserve_kv_pages_used"] == 0)
+    r = client.completions.create(model="tiny", prompt="hello", max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason == "length"
+    assert httpx.get(url + "/health").status_code == 200
+
+
+def test_sse_wire_format(server):
+    url, _ = server
+    body = {"model": "tiny", "messages": chat_msgs("hi"), "max_tokens": 3, "stream": True, "temperature": 0}
+    r = httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in r.text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    first = json.loads(events[0][6:])
+    assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"]["role"] == "assistant"
+
+
+# -- the default model ------------------------------------------------------------------------------------------
+def test_default_model_matches_llm(smollm2_cpu):
+    """Greedy chat through the server equals LLM.chat on SmolLM2 (same engine config: the defaults)."""
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    want = smollm2_cpu.chat(msgs, greedy(8))
+    engine = LLMEngine(str(smollm2_cpu.engine.model_dir), "cpu", smollm2_cpu.engine.ecfg)
+    with ServerThread(create_app(engine)) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
+        name = "SmolLM2-135M-Instruct"
+        assert c.models.list().data[0].id == name
+        r = c.chat.completions.create(model=name, messages=msgs, max_tokens=8, temperature=0)
+        assert (r.choices[0].message.content, r.choices[0].finish_reason) == (want.text, want.finish_reason)
+        assert r.usage.prompt_tokens == len(want.prompt_token_ids)
+        s = c.chat.completions.create(model=name, messages=msgs, max_tokens=8, temperature=0, stream=True)
+        assert "".join(ch.choices[0].delta.content or "" for ch in s) == want.text

@@ -1,0 +1,178 @@
+"""LServe on the CPU: sparse attention equals dense attention with the element mask materialized."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from lserve_lite import LLM, EngineConfig, SamplingParams, SparseConfig
+from lserve_lite.backends.reference import paged_attention_sparse_ref, select_pages_ref, visited_pages
+from lserve_lite.config import ModelConfig
+from lserve_lite.engine.sequence import Sequence
+from lserve_lite.kv.block_manager import BlockManager
+from lserve_lite.kv.layout import KVLayout
+from lserve_lite.kv.page_stats import update_page_stats
+from lserve_lite.sparse.plan import BatchLayout, build_plan
+
+
+def masked_dense(q, keys, vals, qpos, mask):
+    """Plain attention over a sequence's contiguous keys with an explicit [Nq, Hkv, T] mask."""
+    nq, hq, d = q.shape
+    hkv = keys.shape[1]
+    g = hq // hkv
+    out = np.zeros((nq, hq, d), np.float32)
+    for h in range(hq):
+        s = q[:, h] @ keys[:, h // g].T / math.sqrt(d)
+        s = np.where(mask[:, h // g], s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        out[:, h] = (p / p.sum(-1, keepdims=True)) @ vals[:, h // g]
+    return out
+
+
+def _pools(rng, seq_len, hkv, d, ps, head_class, ring):
+    """Random keys of one sequence scattered into shuffled pages of a dense and a streaming pool."""
+    keys = rng.standard_normal((seq_len, hkv, d)).astype(np.float32)
+    vals = rng.standard_normal((seq_len, hkv, d)).astype(np.float32)
+    n_pages = -(-seq_len // ps)
+    table = list(rng.permutation(n_pages + 5)[:n_pages])
+    sink_pages, ring_pages = ring
+    stable = list(rng.permutation(sink_pages + ring_pages + 3)[: sink_pages + ring_pages])
+    dense, stream = np.nonzero(head_class == 0)[0], np.nonzero(head_class == 1)[0]
+    slot = np.zeros(hkv, np.int32)
+    slot[dense], slot[stream] = np.arange(dense.size), np.arange(stream.size)
+    kd = np.full((n_pages + 5, dense.size, ps, d), np.nan, np.float32)
+    vd = kd.copy()
+    ks = np.full((sink_pages + ring_pages + 3, stream.size, ps, d), np.nan, np.float32)
+    vs = ks.copy()
+    for t in range(seq_len):
+        lp = t // ps
+        kd[table[lp], :, t % ps], vd[table[lp], :, t % ps] = keys[t, dense], vals[t, dense]
+        ri = lp if lp < sink_pages else sink_pages + (lp - sink_pages) % ring_pages
+        ks[stable[ri], :, t % ps], vs[stable[ri], :, t % ps] = keys[t, stream], vals[t, stream]
+    return keys, vals, table, stable, kd, vd, ks, vs, slot
+
+
+@pytest.mark.parametrize("q_len,ctx,group", [(64, 64, 1), (37, 300, 3), (200, 700, 4), (1, 513, 2)])
+def test_prefill_two_pools_equal_masked_dense(q_len, ctx, group):
+    rng = np.random.default_rng(q_len * 7 + ctx)
+    hkv, d, ps, sink, local = 4, 16, 16, 32, 80
+    head_class = np.array([0, 1, 1, 0], np.int32)
+    ring = (2, math.ceil((local + q_len) / ps) + 1)
+    keys, vals, table, stable, kd, vd, ks, vs, slot = _pools(rng, ctx, hkv, d, ps, head_class, ring)
+    # The ring only holds the latest pages: it must have been filled in the order the engine writes.
+    q = rng.standard_normal((q_len, hkv * group, d)).astype(np.float32)
+    lay = BatchLayout([q_len], [ctx], [table], stream_tables=[stable], windows=[(sink, local)])
+    plan = build_plan(lay, ps, q_block=32, ring=ring)
+    got = paged_attention_sparse_ref(q, kd, vd, ks, vs, plan, head_class, slot).reshape(q_len, -1, d)
+    qpos = np.arange(ctx - q_len, ctx)
+    kpos = np.arange(ctx)
+    causal = kpos[None, :] <= qpos[:, None]
+    lam = causal & ((kpos[None, :] < sink) | (qpos[:, None] - kpos[None, :] < local))
+    mask = np.stack([lam if c else causal for c in head_class], axis=1)
+    want = masked_dense(q, keys, vals, qpos, mask)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("ctx,keep", [(1000, 8), (1000, 100), (130, 4)])
+def test_decode_selection_equals_masked_dense(ctx, keep):
+    rng = np.random.default_rng(ctx + keep)
+    hkv, d, ps, sub, group = 2, 16, 16, 4, 3
+    head_class = np.zeros(hkv, np.int32)
+    keys, vals, table, _, kd, vd, ks, vs, slot = _pools(rng, ctx, hkv, d, ps, head_class, (0, 1))
+    kmax = np.zeros((kd.shape[0], hkv, sub, d), np.float32)
+    kmin = np.zeros_like(kmax)
+    update_page_stats(kmax, kmin, kd, (np.asarray(table)[np.arange(ctx) // ps] * ps + np.arange(ctx) % ps))
+    q = rng.standard_normal((1, hkv * group, d)).astype(np.float32)
+    lay = BatchLayout([1], [ctx], [table], sel_slots=[3], sel_keep=[keep], sel_refresh=[1])
+    plan = build_plan(lay, ps)
+    sel_idx = np.full((5, hkv, keep + 1), -1, np.int32)
+    sel_cnt = np.zeros((5, hkv), np.int32)
+    select_pages_ref(q, kmax, kmin, plan, head_class, slot, sel_idx, sel_cnt)
+    n_pages = -(-ctx // ps)
+    assert (sel_cnt[3] == min(keep, n_pages)).all()
+    got = paged_attention_sparse_ref(q, kd, vd, ks, vs, plan, head_class, slot, sel_idx, sel_cnt)
+    mask = np.zeros((1, hkv, ctx), bool)
+    for g in range(hkv):
+        _, lpages = visited_pages(plan, 0, 0, g, sel_idx, sel_cnt)
+        assert n_pages - 1 in lpages  # the newest page is always visited
+        for lp in lpages:
+            mask[0, g, lp * ps : (lp + 1) * ps] = True
+    mask &= np.arange(ctx)[None, None, :] < ctx
+    want = masked_dense(q, keys, vals, np.array([ctx - 1]), mask)
+    np.testing.assert_allclose(got.reshape(want.shape), want, atol=2e-5, rtol=1e-4)
+    if keep >= n_pages:  # budget covers the context: exactly dense decode
+        full = masked_dense(q, keys, vals, np.array([ctx - 1]), np.ones((1, hkv, ctx), bool))
+        np.testing.assert_allclose(got.reshape(full.shape), full, atol=2e-5, rtol=1e-4)
+
+
+def _sparse_tiny(tiny_llama, tmp_path, **kw):
+    import shutil
+
+    p = tmp_path / "m"
+    shutil.copytree(tiny_llama, p)
+    (p / "full_attention_heads.tsv").write_text("0.9\t0.1\n0.2\t0.8\n")
+    knobs = dict(
+        page_size=16, sub_pages=4, prefill_sink=32, prefill_local=128, decode_sink=32, decode_local=64
+    )
+    knobs.update(kw)
+    sp = SparseConfig(enabled=True, **knobs).validate()
+    return p, LLM(
+        str(p), backend="cpu", config=EngineConfig(page_size=16, max_num_batched_tokens=64, sparse=sp)
+    )
+
+
+def test_engine_budget_over_context_equals_dense(tiny_llama, tmp_path):
+    ids = [int(t) for t in np.random.default_rng(5).integers(3, 320, 300)]
+    params = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True)
+    _, sparse = _sparse_tiny(tiny_llama, tmp_path, static_sparsity=0.0, token_budget=1024, select_interval=1)
+    dense = LLM(str(tiny_llama), backend="cpu", config=EngineConfig(page_size=16, max_num_batched_tokens=64))
+    assert sparse.generate([ids], params)[0].token_ids == dense.generate([ids], params)[0].token_ids
+    assert sparse.engine.blocks.num_used == 0
+
+
+def test_engine_streaming_heads_and_selection_run_and_free(tiny_llama, tmp_path):
+    rng = np.random.default_rng(6)
+    prompts = [[int(t) for t in rng.integers(3, 320, int(n))] for n in rng.integers(100, 600, 6)]
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    _, llm = _sparse_tiny(tiny_llama, tmp_path, token_budget=128, select_interval=4)
+    assert llm.engine.layout.has_streaming
+    outs = llm.generate(prompts, params)
+    assert all(len(o.token_ids) == 12 for o in outs)
+    assert llm.engine.blocks.num_used == 0
+    # Per request: a budget override changes nothing structural and must match a solo run.
+    rid = llm.engine.add_request(prompts[0], params, sparse={"token_budget": 64, "select_interval": 2})
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    assert rid not in llm.engine.seqs
+    with pytest.raises(Exception, match="fixed per engine"):
+        llm.engine.add_request(prompts[0], params, sparse={"static_sparsity": 0.2})
+
+
+def test_streaming_memory_is_constant_in_context_length():
+    cfg = ModelConfig.from_dict(
+        dict(architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+             num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=262144)
+    )  # fmt: skip
+    classes = [np.array([0, 1] * 4, np.int32)] * 32
+    sp = SparseConfig(enabled=True, prefill_local=1024, decode_local=256)
+    lay = KVLayout.sparse(cfg, sp, classes, max_chunk=512)
+    bm = BlockManager(
+        num_pages=5000, page_size=64, num_stream_pages=100, stream_per_seq=lay.stream_pages_per_seq
+    )
+    dense_b, stream_b = lay.bytes_per_page(cfg, 2)
+    use = {}
+    for n in (1024, 65536):
+        s = Sequence([1], SamplingParams())
+        bm.grow(s, n)
+        use[n] = (len(s.page_table) * dense_b, len(s.stream_table) * stream_b)
+        bm.release(s)
+    assert use[65536][1] == use[1024][1] + (lay.stream_pages_per_seq - 1024 // 64) * stream_b
+    assert len(range(lay.stream_pages_per_seq)) * stream_b == use[65536][1]
+    # Streaming memory stops growing once sink + ring are full: 64k tokens cost what ~1.6k cost.
+    s = Sequence([1], SamplingParams())
+    bm.grow(s, lay.stream_pages_per_seq * 64)
+    assert len(s.stream_table) * stream_b == use[65536][1]
+    assert use[65536][0] == 64 * use[1024][0]  # dense heads keep every page

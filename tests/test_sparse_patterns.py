@@ -1,0 +1,305 @@
+"""Head patterns: loading DuoAttention's TSV files, the global streaming-head ranking, bundled lookup."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lserve_lite.errors import ModelLoadError
+from lserve_lite.sparse.patterns import (
+    PATTERNS_DIR,
+    bundled_pattern,
+    bundled_patterns,
+    head_classes,
+    load_pattern,
+    num_streaming,
+    resolve_pattern,
+    save_pattern,
+)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "duo_patterns"
+REAL = {
+    "Llama-3-8B-Instruct-Gradient-1048k": (32, 8),
+    "Meta-Llama-3.1-8B-Instruct": (32, 8),
+    "Mistral-7B-Instruct-v0.2": (32, 8),
+    "Llama-2-7B-32K-Instruct": (32, 32),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_patterns_load(name):
+    path = bundled_pattern(name)
+    assert path is not None and path.parent.name == name
+    g = load_pattern(path, *REAL[name])
+    assert g.shape == REAL[name] and g.dtype == np.float64
+    assert np.all(np.isfinite(g)) and g.max() <= 1.01 and g.min() > -0.1
+    if SHARED.is_dir():  # the shipped copy is the shared data, unchanged
+        assert (SHARED / name / "full_attention_heads.tsv").read_bytes() == path.read_bytes()
+
+
+def test_real_pattern_wrong_shape_names_file():
+    path = bundled_pattern("Meta-Llama-3.1-8B-Instruct")
+    with pytest.raises(ModelLoadError, match=r"full_attention_heads.tsv.*32 x 8.*needs 30 x 3"):
+        load_pattern(path, 30, 3)
+    with pytest.raises(ModelLoadError, match="32 x 32"):
+        load_pattern(bundled_pattern("Llama-2-7B-32K-Instruct"), 32, 8)
+
+
+def test_bad_files(tmp_path):
+    missing = tmp_path / "nope.tsv"
+    with pytest.raises(ModelLoadError, match="nope.tsv: head pattern file not found"):
+        load_pattern(missing, 2, 2)
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("0.1\t0.2\n0.3\tabc\n")
+    with pytest.raises(ModelLoadError, match=r"bad.tsv:2: non-numeric gate value 'abc'"):
+        load_pattern(bad, 2, 2)
+    bad.write_text("0.1\t0.2\n0.3\n")
+    with pytest.raises(ModelLoadError, match="bad.tsv: ragged"):
+        load_pattern(bad, 2, 2)
+    bad.write_text("0.1\tnan\n0.3\t0.4\n")
+    with pytest.raises(ModelLoadError, match="finite"):
+        load_pattern(bad, 2, 2)
+    bad.write_text("")
+    with pytest.raises(ModelLoadError, match=r"0 x 0 .*needs 2 x 2"):
+        load_pattern(bad, 2, 2)
+    bad.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ModelLoadError, match="bad.tsv"):
+        load_pattern(bad, 2, 2)
+    for err in (ModelLoadError,):  # one line, no traceback needed
+        try:
+            load_pattern(missing, 1, 1)
+        except err as e:
+            assert "\n" not in str(e)
+
+
+def test_save_roundtrip_and_blank_lines(tmp_path):
+    g = np.random.default_rng(0).random((5, 3))
+    p = save_pattern(tmp_path / "x" / "p.tsv", g)
+    np.testing.assert_array_equal(load_pattern(p, 5, 3), g)
+    p.write_text("# comment\n" + p.read_text() + "\n\n")
+    np.testing.assert_array_equal(load_pattern(p, 5, 3), g)
+
+
+def test_head_classes_count_and_global_ranking():
+    g = np.array([[0.9, 0.8, 0.7], [0.1, 0.2, 0.3], [0.95, 0.05, 0.99]])
+    cls = head_classes(g, 1 / 3)  # round(3) = 3 lowest: 0.05, 0.1, 0.2
+    assert all(c.dtype == np.int32 and c.shape == (3,) for c in cls)
+    np.testing.assert_array_equal(np.stack(cls), [[0, 0, 0], [1, 1, 0], [0, 1, 0]])
+    # not per layer: layer 0 keeps all heads dense although its lowest gate is 0.7
+    assert np.stack(head_classes(g, 0.0)).sum() == 0 and np.stack(head_classes(g, 1.0)).sum() == 9
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_head_classes_on_real_patterns(name):
+    g = load_pattern(bundled_pattern(name), *REAL[name])
+    L, H = g.shape
+    prev = np.zeros((L, H), np.int32)
+    for s in np.linspace(0, 1, 21):
+        c = np.stack(head_classes(g, s))
+        assert c.sum() == round(s * L * H) == num_streaming(s, L, H)
+        assert np.all(c >= prev)  # monotone: a streaming head stays streaming as s grows
+        if 0 < c.sum() < c.size:  # every streaming gate <= every dense gate
+            assert g[c == 1].max() <= g[c == 0].min()
+        prev = c
+    c = np.stack(head_classes(g, 0.5))
+    per_layer = c.sum(axis=1)
+    assert per_layer.min() != per_layer.max()  # real patterns: the split differs by layer (global ranking)
+
+
+def test_head_classes_ties_deterministic():
+    g = np.zeros((4, 2))
+    c = np.stack(head_classes(g, 0.5))
+    np.testing.assert_array_equal(c.reshape(-1), [1, 1, 1, 1, 0, 0, 0, 0])  # row-major order wins ties
+    np.testing.assert_array_equal(np.stack(head_classes(g.copy(), 0.5)), c)
+    with pytest.raises(ValueError):
+        head_classes(g, 1.5)
+
+
+def test_bundled_lookup(tmp_path):
+    assert set(REAL) <= set(bundled_patterns())
+    assert bundled_pattern("/models/meta-llama--Meta-Llama-3.1-8B-Instruct").parent.name == (
+        "Meta-Llama-3.1-8B-Instruct"
+    )
+    assert bundled_pattern("meta-llama/Llama-3.1-8B-Instruct").parent.name == "Meta-Llama-3.1-8B-Instruct"
+    assert bundled_pattern("mistral-7b-instruct-v0.2-q4").parent.name == "Mistral-7B-Instruct-v0.2"
+    assert bundled_pattern("gpt2") is None
+    assert bundled_pattern(tmp_path / "Qwen2-0.5B") is None
+    # a pattern inside the model directory wins; config.json's _name_or_path is consulted
+    d = tmp_path / "my-model"
+    d.mkdir()
+    (d / "config.json").write_text('{"_name_or_path": "org/Mistral-7B-Instruct-v0.2"}')
+    assert bundled_pattern(d).parent.name == "Mistral-7B-Instruct-v0.2"
+    save_pattern(d / "full_attention_heads.tsv", np.ones((2, 2)))
+    assert bundled_pattern(d) == d / "full_attention_heads.tsv"
+    with pytest.raises(ModelLoadError, match="lserve-lite calibrate"):
+        resolve_pattern(tmp_path / "other", 2, 2)
+    assert resolve_pattern(d, 2, 2).shape == (2, 2)
+
+
+def test_smollm2_pattern_shipped():
+    p = PATTERNS_DIR / "SmolLM2-135M-Instruct" / "full_attention_heads.tsv"
+    if not p.exists():
+        pytest.skip("calibrated SmolLM2 pattern not produced yet")
+    g = load_pattern(p, 30, 3)
+    assert g.min() >= 0 and g.max() == pytest.approx(1.0)
+    assert bundled_pattern("HuggingFaceTB/SmolLM2-135M-Instruct") == p
+
+
+# -- calibration and the runner-level harness (tiny random model) ------------------------------------------
+
+
+def _np_tiny(
+    path: Path, layers: int = 2, hidden: int = 64, heads: int = 4, kv: int = 2, vocab: int = 320
+) -> Path:
+    """A random tiny Llama written with NumPy (no torch): config, safetensors, tokenizer."""
+    import json
+
+    from safetensors.numpy import save_file
+    from tiny_models import write_tokenizer
+
+    rng = np.random.default_rng(0)
+    d, inter = hidden // heads, 96
+    w = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "model.norm.weight": None,
+        "lm_head.weight": (vocab, hidden),
+    }
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        w |= {p + "self_attn.q_proj.weight": (heads * d, hidden), p + "self_attn.k_proj.weight": (kv * d, hidden),
+              p + "self_attn.v_proj.weight": (kv * d, hidden), p + "self_attn.o_proj.weight": (hidden, heads * d),
+              p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+              p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": None,
+              p + "post_attention_layernorm.weight": None}  # fmt: skip
+    tensors = {
+        k: (
+            np.ones(hidden, np.float32)
+            if shape is None
+            else (rng.standard_normal(shape) * 0.08).astype(np.float32)
+        )
+        for k, shape in w.items()
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": hidden, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
+        "vocab_size": vocab, "max_position_embeddings": 1024, "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "eos_token_id": 2, "bos_token_id": 1,
+        "torch_dtype": "float32",
+    }))  # fmt: skip
+    write_tokenizer(path, vocab)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return _np_tiny(tmp_path_factory.mktemp("np_tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_dir):
+    from lserve_lite import LLM, EngineConfig
+
+    return LLM(str(tiny_dir), backend="cpu", config=EngineConfig(num_kv_pages=40, max_num_batched_tokens=128))
+
+
+def test_passkey_sample_layout(tiny_llm):
+    from lserve_lite.sparse.calibrate import corpus_text, passkey_sample
+
+    tok = tiny_llm.tokenizer
+    for filler in ("classic", "corpus"):
+        s = passkey_sample(tok, 400, 0.5, "12345", filler, offset=1000)
+        assert abs(s.num_tokens - 400) <= 40 and s.answer_ids == tok.encode(" 12345", False)
+        assert tok.decode(s.prompt_ids[s.needle_pos :]).lstrip().startswith("The pass key is 12345.")
+        assert 0.3 < s.needle_pos / s.num_tokens < 0.7
+    assert len(corpus_text()) > 60_000 and corpus_text(1000) == corpus_text()[: len(corpus_text(1000))]
+
+
+def test_harness_prefix_reuse_is_exact(tiny_llm):
+    from lserve_lite.sparse.calibrate import SparseHarness
+
+    h = SparseHarness(tiny_llm)
+    ids = [int(t) for t in np.random.default_rng(0).integers(3, 300, 300)]
+    ref = tiny_llm.logits(ids)
+    seq = h.begin(ids)
+    try:
+        h.set_heads(h.dense_classes(), 0, 0)
+        np.testing.assert_allclose(h.forward(seq, 300), ref, rtol=1e-5, atol=1e-5)
+        cls = h.dense_classes()
+        cls[1][0] = 1
+        h.set_heads(cls, 64, 64)  # a streaming head changes the tail ...
+        h.rewind(seq, 260)
+        changed = h.forward(seq, 40)
+        assert np.abs(changed - ref[260:]).max() > 1e-4
+        h.set_heads(h.dense_classes(), 0, 0)  # ... and re-running it dense restores the dense logits
+        h.rewind(seq, 260)
+        np.testing.assert_allclose(h.decode(seq, 40), ref[260:], rtol=1e-4, atol=1e-4)
+    finally:
+        h.end(seq)
+
+
+def test_emulated_selection(tiny_llm):
+    """Budget >= context: sparse decode == dense decode; small budget: each dense head's output is the
+    softmax over its selected pages exactly."""
+    from lserve_lite.sparse.calibrate import SparseHarness
+    from lserve_lite.sparse.plan import BatchLayout, build_plan
+    from lserve_lite.sparse.selector import select_pages
+
+    h = SparseHarness(tiny_llm)
+    ids = [int(t) for t in np.random.default_rng(1).integers(3, 300, 700)]
+    seq = h.begin(ids)
+    try:
+        h.set_heads(h.dense_classes(), 0, 0)
+        h.forward(seq, 680, logits="last")
+        dense = h.decode(seq, 8)
+        h.enable_selection(token_budget=768, select_interval=4, sub_pages=4)
+        h.rewind(seq, 680)
+        np.testing.assert_allclose(h.decode(seq, 8), dense, rtol=1e-5, atol=1e-5)
+        h.enable_selection(token_budget=128, select_interval=4, sub_pages=4)
+        h.rewind(seq, 680)
+        assert np.abs(h.decode(seq, 3) - dense[:3]).max() > 1e-4
+
+        # one attention call, checked against a brute-force softmax over the selected pages
+        emu, cfg = h._sel, h.cfg
+        layer, ctx = 1, 683
+        rng = np.random.default_rng(2)
+        q = rng.standard_normal((1, cfg.num_heads, cfg.head_dim)).astype(np.float32)
+        plan = build_plan(BatchLayout([1], [ctx], [seq.page_table]), 64)
+        h.decoding = True
+        out = emu.attention(q, h.runner.cache, layer, plan, np.zeros(cfg.num_kv_heads, np.int32))
+        h.decoding = False
+        out = out.reshape(cfg.num_heads, cfg.head_dim)
+        kmax, kmin = emu.stats[layer]
+        pages, lpages = select_pages(q[0], kmax, kmin, seq.page_table, ctx, cfg.group_size, 128, 64)
+        kc, vc = h.runner.cache.k[layer], h.runner.cache.v[layer]
+        for head in range(cfg.num_heads):
+            kvh = head // cfg.group_size
+            pos = (lpages[kvh][:, None] * 64 + np.arange(64)).reshape(-1)
+            k = kc[pages[kvh]][:, kvh].reshape(-1, cfg.head_dim)
+            v = vc[pages[kvh]][:, kvh].reshape(-1, cfg.head_dim)
+            s = (k @ q[0, head]) / np.sqrt(cfg.head_dim)
+            s = np.where(pos < ctx, s, -np.inf)
+            p = np.exp(s - s.max())
+            np.testing.assert_allclose(out[head], (p / p.sum()) @ v, rtol=1e-4, atol=1e-5)
+    finally:
+        h.disable_selection()
+        h.end(seq)
+
+
+def test_calibrate_tiny(tiny_dir, tmp_path):
+    from lserve_lite.sparse.calibrate import calibrate
+
+    out = tmp_path / "pat.tsv"
+    res = calibrate(
+        tiny_dir, out, num_samples=2, lengths=[384], sink=64, local=64, tail=8, log=lambda s: None
+    )
+    g = load_pattern(out, 2, 2)
+    np.testing.assert_allclose(g, res.gates)
+    assert g.min() >= 0 and g.max() == pytest.approx(1.0)
+    import json
+
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert set(meta["validation"]) == {"calibrated", "random", "inverted"} and len(meta["samples"]) == 2

@@ -1,0 +1,432 @@
+"""Benchmark the paged attention kernels against torch SDPA (flash and cuDNN backends), same run, same GPU.
+
+Llama-3-8B head shapes (32 query heads, 8 KV heads, head dim 128), fp16, batch 1 unless stated, page 64:
+  prefill (dense causal plan) at 8k, 32k, 128k tokens; 50%-streaming-heads prefill (sink 128, local 4096
+  and 8192) at 32k and 128k; decode at 32k, 128k, 256k of context (batch 1 and 8), replayed as CUDA Graphs.
+Timing: CUDA events after warm-up, median. Rooflines: 750 TFLOP/s (fp16 tensor cores, cuBLAS) and
+4.27 TB/s (device copy). Causal FLOPs = 2 * 2 * Hq * D * S^2 / 2. Decode bytes = K + V read once.
+
+    python3 tools/bench_attention.py --out DIR [--quick]
+
+Prints a table, writes DIR/bench_attention.json and DIR/bench_attention.png (when matplotlib is there).
+torch is imported only inside the peer functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+HQ, HKV, D, PAGE = 32, 8, 128, 64
+PEAK_TFLOPS, PEAK_TBS = 750.0, 4.27
+
+
+def _events_median(fn, warmup: int, reps: int) -> float:
+    """Median milliseconds of fn() (on the current stream), CUDA events around each call."""
+    import cupy as cp
+
+    for _ in range(warmup):
+        fn()
+    cp.cuda.get_current_stream().synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(cp.cuda.get_elapsed_time(a, b))
+    return float(np.median(times))
+
+
+def _reps(est_ms: float) -> int:
+    return int(max(3, min(50, 400.0 / max(est_ms, 0.01))))
+
+
+def _dense_layout(ctx_lens, q_lens, num_pages_hint=None, rng=None):
+    from lserve_lite.sparse.plan import BatchLayout
+
+    rng = rng or np.random.default_rng(0)
+    need = [-(-c // PAGE) for c in ctx_lens]
+    perm = rng.permutation(sum(need))
+    tables, o = [], 0
+    for n in need:
+        tables.append([int(x) for x in perm[o : o + n]])
+        o += n
+    return BatchLayout(list(q_lens), list(ctx_lens), tables), sum(need)
+
+
+def _rand(cp, shape, rng_seed):
+    g = cp.random.default_rng(rng_seed)
+    return g.standard_normal(shape, dtype=np.float32).astype(np.float16)
+
+
+# ------------------------------------------------------------------------------------------------ ours
+
+
+def ours_prefill(seq: int, q_block: int = 64, streaming_local: int = 0, sink: int = 128) -> dict:
+    import cupy as cp
+
+    from lserve_lite.backends.cuda_attention import CudaPlan, paged_attention
+    from lserve_lite.sparse.plan import build_plan
+
+    layout, npages = _dense_layout([seq], [seq])
+    t0 = time.perf_counter()
+    plan = build_plan(layout, PAGE, q_block, sink if streaming_local else 0, streaming_local)
+    plan_s = time.perf_counter() - t0
+    cplan = CudaPlan.from_plan(plan)
+    q = _rand(cp, (seq, HQ, D), 1)
+    k = _rand(cp, (npages, HKV, PAGE, D), 2)
+    v = _rand(cp, (npages, HKV, PAGE, D), 3)
+    hc = cp.asarray(np.array([0, 1] * (HKV // 2) if streaming_local else [0] * HKV, np.int32))
+    out = cp.empty((seq, HQ * D), np.float16)
+    fn = lambda: paged_attention(q, k, v, cplan, hc, out=out)  # noqa: E731
+    t1 = _events_median(fn, 1, 1)
+    ms = _events_median(fn, 1, _reps(t1))
+    flops = 4.0 * HQ * D * seq * seq / 2
+    res = {
+        "ms": ms,
+        "tflops": flops / ms / 1e9,
+        "plan_build_s": plan_s,
+        "pages_listed": int(plan.kv_page.size),
+    }
+    return res
+
+
+def ours_decode(ctx: int, batch: int = 1) -> dict:
+    import cupy as cp
+
+    from lserve_lite.backends.cuda_attention import CudaPlan, paged_attention
+    from lserve_lite.sparse.plan import build_plan
+
+    layout, npages = _dense_layout([ctx] * batch, [1] * batch)
+    plan = build_plan(layout, PAGE, 64)
+    cplan = CudaPlan.from_plan(plan)
+    q = _rand(cp, (batch, HQ, D), 1)
+    k = _rand(cp, (npages, HKV, PAGE, D), 2)
+    v = _rand(cp, (npages, HKV, PAGE, D), 3)
+    hc = cp.asarray(np.zeros(HKV, np.int32))
+    out = cp.empty((batch, HQ * D), np.float16)
+    cp.cuda.Device().synchronize()  # inputs were made on the null stream; the graph runs on another
+    stream = cp.cuda.Stream(non_blocking=True)
+    per_graph = 10
+    with stream:
+        paged_attention(q, k, v, cplan, hc, out=out, decode=True)
+        eager_ms = _events_median(lambda: paged_attention(q, k, v, cplan, hc, out=out, decode=True), 3, 20)
+        stream.begin_capture()
+        for _ in range(per_graph):
+            paged_attention(q, k, v, cplan, hc, out=out, decode=True)
+        graph = stream.end_capture()
+        ms = _events_median(lambda: graph.launch(stream), 2, 20) / per_graph
+    kv_bytes = 2.0 * batch * ctx * HKV * D * 2
+    return {"ms": ms, "eager_us": eager_ms * 1e3, "tbs": kv_bytes / ms / 1e9, "us": ms * 1e3}
+
+
+def check_vs_torch(seq: int = 4096) -> dict:
+    """Our dense causal prefill and decode against torch SDPA (fp16) on the same random inputs."""
+    import cupy as cp
+    import torch
+    import torch.nn.functional as F
+
+    from lserve_lite.backends.cuda_attention import CudaPlan, paged_attention
+    from lserve_lite.sparse.plan import build_plan
+
+    layout, npages = _dense_layout([seq], [seq])
+    plan = build_plan(layout, PAGE, 64)
+    q = _rand(cp, (seq, HQ, D), 11)
+    kd = _rand(cp, (seq, HKV, D), 12)
+    vd = _rand(cp, (seq, HKV, D), 13)
+    table = cp.asarray(np.asarray(layout.page_tables[0], np.int64))
+    k = cp.empty((npages, HKV, PAGE, D), np.float16)
+    v = cp.empty_like(k)
+    k[table] = kd.reshape(npages, PAGE, HKV, D).transpose(0, 2, 1, 3)
+    v[table] = vd.reshape(npages, PAGE, HKV, D).transpose(0, 2, 1, 3)
+    out = paged_attention(q, k, v, CudaPlan.from_plan(plan), cp.zeros(HKV, np.int32))
+    tq = torch.as_tensor(q, device="cuda").transpose(0, 1)[None]
+    tk = torch.as_tensor(kd, device="cuda").transpose(0, 1)[None].repeat_interleave(HQ // HKV, dim=1)
+    tv = torch.as_tensor(vd, device="cuda").transpose(0, 1)[None].repeat_interleave(HQ // HKV, dim=1)
+    ref = F.scaled_dot_product_attention(tq.float(), tk.float(), tv.float(), is_causal=True)
+    ref = ref[0].transpose(0, 1).reshape(seq, HQ * D)
+    ours = torch.as_tensor(out, device="cuda").float()
+    err = (ours - ref).abs().max().item()
+    rel = ((ours - ref).norm() / ref.norm()).item()
+    return {"seq": seq, "max_abs_err_vs_torch_fp32": err, "rel_err": rel}
+
+
+# ------------------------------------------------------------------------------------------------ peers
+
+
+def torch_prefill(seq: int, backend: str) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, HQ, seq, D, device="cuda", dtype=torch.float16, generator=g)
+    k = torch.randn(1, HKV, seq, D, device="cuda", dtype=torch.float16, generator=g)
+    v = torch.randn(1, HKV, seq, D, device="cuda", dtype=torch.float16, generator=g)
+    k, v = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)
+    with sdpa_kernel(be):
+        fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+        ms = _torch_median(fn)
+    flops = 4.0 * HQ * D * seq * seq / 2
+    return {"ms": ms, "tflops": flops / ms / 1e9}
+
+
+def torch_decode(ctx: int, backend: str, batch: int = 1) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=torch.float16, generator=g)
+    k = torch.randn(batch, HKV, ctx, D, device="cuda", dtype=torch.float16, generator=g)
+    v = torch.randn(batch, HKV, ctx, D, device="cuda", dtype=torch.float16, generator=g)
+    note = "enable_gqa"
+    with sdpa_kernel(be):
+        try:
+            fn = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+            fn()
+        except RuntimeError:
+            ke, ve = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)
+            fn = lambda: F.scaled_dot_product_attention(q, ke, ve)  # noqa: E731
+            note = "kv expanded"
+        ms = _torch_median(fn)
+    kv_bytes = 2.0 * batch * ctx * HKV * D * 2
+    return {"ms": ms, "us": ms * 1e3, "tbs": kv_bytes / ms / 1e9, "note": note}
+
+
+def _torch_median(fn) -> float:
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    b.synchronize()
+    est = a.elapsed_time(b)
+    times = []
+    for _ in range(_reps(est)):
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return float(np.median(times))
+
+
+def _peer(fn, *args, **kw) -> dict:
+    try:
+        return fn(*args, **kw)
+    except Exception as e:  # a backend missing on this build must not stop the run
+        return {"error": f"{type(e).__name__}: {str(e)[:160]}"}
+    finally:
+        _free_memory()
+
+
+def _free_memory() -> None:
+    import cupy as cp
+
+    cp.get_default_memory_pool().free_all_blocks()
+    if "torch" in sys.modules:
+        sys.modules["torch"].cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="tools/results")
+    ap.add_argument("--quick", action="store_true", help="8k/32k prefill and 32k/128k decode only")
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--variants", action="store_true", help="also time the compiled kernel variants")
+    ap.add_argument("--sections", default="prefill,streaming,decode", help="comma-separated subset to run")
+    args = ap.parse_args(argv)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    import cupy as cp
+
+    dev = cp.cuda.runtime.getDeviceProperties(0)
+    prefill_seqs = [8192, 32768] if args.quick else [8192, 32768, 131072]
+    decode_ctx = [32768, 131072] if args.quick else [32768, 131072, 262144]
+    res: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "device": dev["name"].decode() if isinstance(dev["name"], bytes) else str(dev["name"]),
+        "shapes": {"hq": HQ, "hkv": HKV, "head_dim": D, "page_size": PAGE, "dtype": "fp16"},
+        "roofline": {"tflops": PEAK_TFLOPS, "tbs": PEAK_TBS},
+        "prefill": [],
+        "streaming_prefill": [],
+        "decode": [],
+    }
+    if not args.no_peers:
+        res["check_vs_torch"] = _peer(check_vs_torch)
+        print("check vs torch:", res["check_vs_torch"], flush=True)
+    sections = set(args.sections.split(","))
+    for s in prefill_seqs if "prefill" in sections else []:
+        row = {"seq": s, "ours": _peer(ours_prefill, s)}
+        if s == 32768:
+            row["ours_qblock128"] = _peer(ours_prefill, s, q_block=128)
+        if not args.no_peers:
+            row["sdpa_flash"] = _peer(torch_prefill, s, "flash")
+            row["sdpa_cudnn"] = _peer(torch_prefill, s, "cudnn")
+        row["roofline_ms"] = 4.0 * HQ * D * s * s / 2 / PEAK_TFLOPS / 1e9
+        res["prefill"].append(row)
+        print("prefill", row, flush=True)
+    for s in [x for x in prefill_seqs if x >= 32768 and "streaming" in sections]:
+        for local in (4096, 8192):
+            row = {
+                "seq": s,
+                "sink": 128,
+                "local": local,
+                "ours": _peer(ours_prefill, s, streaming_local=local),
+            }
+            res["streaming_prefill"].append(row)
+            print("streaming prefill", row, flush=True)
+    for batch in (1, 8) if "decode" in sections else ():
+        for c in decode_ctx:
+            if batch == 8 and c > 131072:
+                continue
+            row = {"ctx": c, "batch": batch, "ours": _peer(ours_decode, c, batch)}
+            if not args.no_peers:
+                row["sdpa_flash"] = _peer(torch_decode, c, "flash", batch)
+                row["sdpa_cudnn"] = _peer(torch_decode, c, "cudnn", batch)
+            row["roofline_us"] = 2.0 * batch * c * HKV * D * 2 / PEAK_TBS / 1e6
+            res["decode"].append(row)
+            print("decode", row, flush=True)
+
+    if args.variants:
+        res["variants"] = run_variants()
+        print("variants", res["variants"], flush=True)
+    (out_dir / "bench_attention.json").write_text(json.dumps(res, indent=1))
+    table = format_table(res)
+    (out_dir / "bench_attention.md").write_text(table + "\n")
+    _plot(res, out_dir / "bench_attention.png")
+    print(table)
+    return 0
+
+
+def run_variants() -> dict:
+    """Prefill key tile 32 vs 64 (32k, dense) and decode ring depth 2/3/4 (128k, batch 1)."""
+    from lserve_lite.backends import cuda_attention as ca
+
+    out: dict = {}
+    default_bn, default_stages = ca.PREFILL_BN[(128, 2)], ca.DECODE_STAGES[128]
+    for bn in (32, 64):
+        ca.PREFILL_BN[(128, 2)] = bn
+        out[f"prefill_32k_bn{bn}"] = _peer(ours_prefill, 32768)
+    ca.PREFILL_BN[(128, 2)] = default_bn
+    for st in (2, 3, 4):
+        ca.DECODE_STAGES[128] = st
+        out[f"decode_128k_stages{st}"] = _peer(ours_decode, 131072)
+        out[f"decode_32k_x8_stages{st}"] = _peer(ours_decode, 32768, 8)
+    ca.DECODE_STAGES[128] = default_stages
+    return out
+
+
+def _fmt(d: dict, key: str, unit: str = "") -> str:
+    if not d:
+        return "-"
+    if "error" in d:
+        return "n/a"
+    return f"{d[key]:.3g}{unit}"
+
+
+def format_table(res: dict) -> str:
+    lines = [
+        f"{res['device']}, {res['date']}; Llama-3-8B heads 32/8/128 fp16, page 64, batch 1 unless noted",
+        "",
+        "| prefill (causal) | ours ms | ours TFLOP/s | SDPA flash ms | SDPA cuDNN ms | roofline ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in res["prefill"]:
+        lines.append(
+            f"| {r['seq'] // 1024}k | {_fmt(r['ours'], 'ms')} | {_fmt(r['ours'], 'tflops')} | "
+            f"{_fmt(r.get('sdpa_flash'), 'ms')} ({_fmt(r.get('sdpa_flash'), 'tflops')} TF/s) | "
+            f"{_fmt(r.get('sdpa_cudnn'), 'ms')} ({_fmt(r.get('sdpa_cudnn'), 'tflops')} TF/s) | "
+            f"{r['roofline_ms']:.3g} |"
+        )
+        if "ours_qblock128" in r:
+            lines.append(
+                f"| {r['seq'] // 1024}k, q_block 128 | {_fmt(r['ours_qblock128'], 'ms')} | "
+                f"{_fmt(r['ours_qblock128'], 'tflops')} | | | |"
+            )
+    if res["streaming_prefill"]:
+        lines += [
+            "",
+            "| prefill, half heads streaming | ours ms | dense-equivalent TFLOP/s |",
+            "|---|---|---|",
+        ]
+        for r in res["streaming_prefill"]:
+            lines.append(
+                f"| {r['seq'] // 1024}k sink {r['sink']} local {r['local']} | {_fmt(r['ours'], 'ms')} | "
+                f"{_fmt(r['ours'], 'tflops')} |"
+            )
+    lines += [
+        "",
+        "| decode | ours us (graph) | ours TB/s | ours eager us | SDPA flash us | SDPA cuDNN us | "
+        "roofline us |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in res["decode"]:
+        o = r["ours"]
+        lines.append(
+            f"| {r['ctx'] // 1024}k x{r['batch']} | {_fmt(o, 'us')} | {_fmt(o, 'tbs')} | "
+            f"{_fmt(o, 'eager_us')} | {_fmt(r.get('sdpa_flash'), 'us')} | "
+            f"{_fmt(r.get('sdpa_cudnn'), 'us')} | {r['roofline_us']:.4g} |"
+        )
+    return "\n".join(lines)
+
+
+def _plot(res: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    seqs = [r["seq"] for r in res["prefill"]]
+    for key, label in (("ours", "lserve-lite"), ("sdpa_flash", "SDPA flash"), ("sdpa_cudnn", "SDPA cuDNN")):
+        ys = [r.get(key, {}).get("tflops", np.nan) for r in res["prefill"]]
+        a1.plot(seqs, ys, "o-", label=label)
+    a1.axhline(PEAK_TFLOPS, ls="--", c="gray", label="fp16 roofline")
+    a1.set(xscale="log", xlabel="tokens", ylabel="TFLOP/s", title="causal prefill")
+    a1.legend()
+    for b in (1, 8):
+        rows = [r for r in res["decode"] if r["batch"] == b]
+        if rows:
+            a2.plot(
+                [r["ctx"] for r in rows],
+                [r["ours"].get("tbs", np.nan) for r in rows],
+                "o-",
+                label=f"lserve-lite x{b}",
+            )
+            a2.plot(
+                [r["ctx"] for r in rows],
+                [r.get("sdpa_flash", {}).get("tbs", np.nan) for r in rows],
+                "s--",
+                label=f"SDPA flash x{b}",
+            )
+    a2.axhline(PEAK_TBS, ls="--", c="gray", label="copy roofline")
+    a2.set(xscale="log", xlabel="context", ylabel="TB/s", title="decode")
+    a2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,180 @@
+"""Teacher-forced perplexity of a long text, dense vs LServe sparse configs.
+
+Text: `lserve_lite.sparse.calibrate.corpus_text()`, the module docstrings of ~90 prose-rich standard-library
+modules in a fixed order followed by Python's LICENSE.txt (about 25k SmolLM2 tokens; deterministic for a
+given Python version, its SHA-256 is recorded). For each context length C the first C tokens are used:
+the first C - N - 1 tokens are prefilled, the last N tokens are scored by N teacher-forced decode steps.
+Sparsity acts where LServe applies it: streaming heads use the prefill window in prefill and the decode
+window in decode; dense heads use page selection (token budget) in decode. So:
+- `ppl_decode`: perplexity of the last N tokens, scored by decode steps (sparse decode vs dense decode);
+- `ppl_prefill`: perplexity of the prefilled tokens (identical to dense whenever the prefill window
+  covers the context, as LServe's default 8192-token window does for SmolLM2).
+Configs and modes as in eval_passkey.py. Writes <out>.json and <out>.png.
+Usage: python tools/eval_ppl.py [--lengths 1024,2048] [--decode-tokens 64] [--out tools/results/ppl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_passkey import Runner, config_dict, parse_configs  # noqa: E402
+
+from lserve_lite.sparse.calibrate import corpus_text  # noqa: E402
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    lse = (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))[:, 0]
+    return lse - x[np.arange(len(targets)), targets]
+
+
+def prefill_nll(h, seq, n: int, chunk: int = 512) -> np.ndarray:
+    """Prefill n tokens in chunks; NLL of tokens 1..n (row i predicts token i+1)."""
+    ids = np.asarray(seq.prompt_ids)
+    out, done = [], seq.num_cached
+    while done < n:
+        k = min(chunk, n - done)
+        lg = h.forward(seq, k, logits="all")
+        out.append(_nll(lg, ids[done + 1 : done + k + 1]))
+        done += k
+    return np.concatenate(out)
+
+
+def eval_length(r: Runner, ids: list[int], n_dec: int, log) -> dict:
+    """NLLs of every config for one context window (emulate mode)."""
+    h, configs = r.h, r.configs
+    C = len(ids)
+    P = C - n_dec - 1
+    tgt = np.asarray(ids[P + 1 : P + n_dec + 1])
+    seq = h.begin(ids)
+    res: dict[str, dict] = {}
+    try:
+        order = sorted(configs, key=lambda k: not r.prefill_shared(configs[k], C))
+        dense_pre = None
+        for name in order:
+            sc = configs[name]
+            t = time.perf_counter()
+            if r.prefill_shared(sc, C):
+                if dense_pre is None:
+                    h.rewind(seq, 0)
+                    h.disable_selection()
+                    h.set_heads(h.dense_classes(), 0, 0)
+                    dense_pre = prefill_nll(h, seq, P)
+                pre = dense_pre
+            else:
+                h.rewind(seq, 0)
+                h.disable_selection()
+                h.set_heads(r.classes(sc), sc.prefill_sink, sc.prefill_local)
+                pre = prefill_nll(h, seq, P)
+                dense_pre = None
+            h.rewind(seq, P)
+            if sc is None:
+                h.disable_selection()
+                h.set_heads(h.dense_classes(), 0, 0)
+            else:
+                h.set_heads(r.classes(sc), sc.decode_sink, sc.decode_local)
+                h.enable_selection(sc.token_budget, sc.select_interval, sc.sub_pages)
+            dec = _nll(h.decode(seq, n_dec), tgt)
+            res[name] = {"ppl_prefill": float(np.exp(pre.mean())), "ppl_decode": float(np.exp(dec.mean())),
+                         "nll_decode": float(dec.mean()), "seconds": round(time.perf_counter() - t, 1)}  # fmt: skip
+            log(f"  {name:>14}: ppl decode {res[name]['ppl_decode']:.3f}, prefill {res[name]['ppl_prefill']:.3f}"
+                f" ({res[name]['seconds']:.0f} s)")  # fmt: skip
+    finally:
+        h.end(seq)
+    return res
+
+
+def plot(result: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no PNG (pip install matplotlib)", file=sys.stderr)
+        return False
+    lengths = result["lengths"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for name in result["configs"]:
+        ys = [result["results"][str(n)][name]["ppl_decode"] for n in lengths]
+        a1.plot(lengths, ys, marker="o", label=name)
+        if name != "dense":
+            base = [result["results"][str(n)]["dense"]["ppl_decode"] for n in lengths]
+            a2.plot(
+                lengths, [100 * (y / b - 1) for y, b in zip(ys, base, strict=True)], marker="o", label=name
+            )
+    a1.set_xlabel("context tokens")
+    a1.set_ylabel(f"perplexity (last {result['decode_tokens']} tokens, decode)")
+    a2.set_xlabel("context tokens")
+    a2.set_ylabel("change vs dense (%)")
+    a2.axhline(0, color="k", lw=0.5)
+    a2.axhspan(-2, 2, color="g", alpha=0.1)
+    for a in (a1, a2):
+        a.set_xscale("log", base=2)
+        a.set_xticks(lengths, [str(n) for n in lengths])
+        a.legend(fontsize=8)
+    fig.suptitle(f"teacher-forced perplexity: {result['model']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model directory (default: the bundled SmolLM2)")
+    ap.add_argument("--lengths", default="1024,2048", help="context lengths in tokens (1024,2048)")
+    ap.add_argument("--decode-tokens", type=int, default=64, help="tokens scored by decode steps (64)")
+    ap.add_argument("--configs", default="dense,lserve,lserve-b512", help="as in eval_passkey.py")
+    ap.add_argument("--pattern", default=None, help="head pattern TSV (default: the model's bundled one)")
+    ap.add_argument("--out", default="tools/results/ppl", help="output stem: <out>.json, <out>.png")
+    args = ap.parse_args(argv)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    configs = parse_configs(args.configs)
+    t0 = time.perf_counter()
+    r = Runner(args.model, configs, "emulate", max(lengths) + 64, args.pattern)
+    text = corpus_text()
+    ids = r.tokenizer.encode(text)
+    if len(ids) < max(lengths):
+        raise SystemExit(f"the text has only {len(ids)} tokens")
+    results = {}
+    for n in lengths:
+        print(f"context {n}:", flush=True)
+        results[str(n)] = eval_length(r, ids[:n], args.decode_tokens, lambda s: print(s, flush=True))
+    result = {
+        "tool": "eval_ppl", "model": Path(r.llm.engine.model_dir).name, "mode": "emulate",
+        "pattern": args.pattern or "bundled",
+        "text": {"source": "corpus_text(): stdlib module docstrings + LICENSE.txt", "tokens": len(ids),
+                 "sha256": hashlib.sha256(text.encode()).hexdigest(), "python": platform.python_version()},
+        "lengths": lengths, "decode_tokens": args.decode_tokens,
+        "configs": {k: config_dict(v) for k, v in configs.items()},
+        "results": results, "seconds": round(time.perf_counter() - t0, 1),
+    }  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    png = plot(result, out.with_suffix(".png"))
+    print("decode perplexity (change vs dense):")
+    for n in lengths:
+        d = results[str(n)]["dense"]["ppl_decode"]
+        cells = [
+            f"{k} {v['ppl_decode']:.3f} ({100 * (v['ppl_decode'] / d - 1):+.2f}%)"
+            for k, v in results[str(n)].items()
+        ]
+        print(f"  {n}: " + ", ".join(cells))
+    print(f"wrote {out.with_suffix('.json')}" + (f" and {out.with_suffix('.png')}" if png else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
