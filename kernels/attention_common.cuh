@@ -106,16 +106,86 @@ __device__ __forceinline__ bool key_visible(int kp, int qp, int ctx, int cls, in
   return ok;
 }
 
-// Reads of plan scalars that every thread of a CTA needs.
+// A plan in device memory (cuda_attention.CudaPlan): one int32 buffer whose layout follows from the capacity
+// (cap_qb query blocks, cap_seq sequences):
+//   meta[8] | qb_seq | qb_start | qb_len | qb_pos | qb_sink | qb_local | qb_slot | qb_keep | qb_refresh
+//   (cap_qb each) | seq_ctx (cap_seq) | kv_indptr (2 cap_qb + 1) | pad to 8 bytes | kv_pl (int2 pairs).
+constexpr int PLAN_META = 8;
 struct PlanView {
-  const int* meta;       // [8]: nqb, num_tokens, sink, local
-  const int* qb_seq;     // [cap_qb]
-  const int* qb_start;   // [cap_qb]
-  const int* qb_len;     // [cap_qb]
-  const int* qb_pos;     // [cap_qb]
-  const int* seq_ctx;    // [cap_seq]
-  const int* kv_indptr;  // [2 * cap_qb + 1], CSR over qb * 2 + class
-  const int2* kv_pl;     // [cap_nnz] (physical page, logical page)
+  const int* meta;        // [8]: nqb, num_tokens, sink, local (scalars of the host plan; kernels use qb_*)
+  const int* qb_seq;      // [cap_qb]
+  const int* qb_start;    // [cap_qb]
+  const int* qb_len;      // [cap_qb]
+  const int* qb_pos;      // [cap_qb]
+  const int* qb_sink;     // [cap_qb] streaming window of the block (class 1)
+  const int* qb_local;    // [cap_qb]
+  const int* qb_slot;     // [cap_qb] selection slot of the block's sequence
+  const int* qb_keep;     // [cap_qb] decode page budget (0: dense heads visit their whole list)
+  const int* qb_refresh;  // [cap_qb] 1: the selector recomputes this block's selection now
+  const int* seq_ctx;     // [cap_seq]
+  const int* kv_indptr;   // [2 * cap_qb + 1], CSR over qb * 2 + class
+  const int2* kv_pl;      // [cap_nnz] (physical page, logical page)
 };
+
+__device__ __forceinline__ PlanView plan_view(const int* buf, int cap_qb, int cap_seq) {
+  PlanView p;
+  p.meta = buf;
+  const int* a = buf + PLAN_META;
+  p.qb_seq = a;
+  p.qb_start = a + cap_qb;
+  p.qb_len = a + 2 * cap_qb;
+  p.qb_pos = a + 3 * cap_qb;
+  p.qb_sink = a + 4 * cap_qb;
+  p.qb_local = a + 5 * cap_qb;
+  p.qb_slot = a + 6 * cap_qb;
+  p.qb_keep = a + 7 * cap_qb;
+  p.qb_refresh = a + 8 * cap_qb;
+  p.seq_ctx = a + 9 * cap_qb;
+  p.kv_indptr = p.seq_ctx + cap_seq;
+  int o = PLAN_META + 9 * cap_qb + cap_seq + 2 * cap_qb + 1;
+  o += o & 1;
+  p.kv_pl = reinterpret_cast<const int2*>(buf + o);
+  return p;
+}
+
+// The two KV pools of a layer (LServe): class-0 (dense) KV heads live in pool 0 [pages, n0, page, D],
+// class-1 (streaming) heads in pool 1 [pages, n1, page, D]; head_slot[g] is KV head g's row in its pool.
+// Dense mode: pool 0 holds every head (head_slot = arange) and pool 1 is unused.
+struct KVPools {
+  const f16_t* k0;
+  const f16_t* v0;
+  const f16_t* k1;
+  const f16_t* v1;
+  const int* head_class;
+  const int* head_slot;
+  int n0, n1;
+};
+
+// Decode page selection of one (query block, KV head): the dense head visits sel[0..cnt) (indices into the
+// block's class-0 list) plus the newest list entry when the selection lacks it (the context grew since).
+struct Visit {
+  const int* sel;  // nullptr: the whole list
+  int cnt;         // entries of sel
+  int npages;      // entries visited
+  int last;        // index of the newest entry of the full list
+  __device__ __forceinline__ int entry(int e) const { return sel == nullptr ? e : (e < cnt ? sel[e] : last); }
+};
+
+// Warp-uniform: the visit of (qb, KV head kvh of class cls) whose full list has `npages` entries.
+__device__ __forceinline__ Visit make_visit(const PlanView& pv, int qb, int kvh, int cls, int Hkv, int npages,
+                                            const int* sel_idx, const int* sel_cnt, int sel_cap) {
+  Visit v{nullptr, npages, npages, npages - 1};
+  if (cls != 0 || sel_idx == nullptr || pv.qb_keep[qb] <= 0 || npages == 0) return v;
+  const int row = pv.qb_slot[qb] * Hkv + kvh;
+  const int* sel = sel_idx + (size_t)row * sel_cap;
+  const int cnt = min(sel_cnt[row], sel_cap);
+  bool has_last = false;
+  for (int i = (threadIdx.x & 31); i < cnt; i += 32) has_last |= sel[i] == npages - 1;
+  has_last = __any_sync(0xffffffffu, has_last);
+  v.sel = sel;
+  v.cnt = cnt;
+  v.npages = cnt + (has_last ? 0 : 1);
+  return v;
+}
 
 }  // namespace lsattn

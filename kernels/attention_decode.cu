@@ -1,5 +1,7 @@
 // Flash-decoding over paged KV for one query row per query block: executes an AttentionPlan whose query
-// blocks all have length 1 (decode). Reference: lserve_lite/backends/cpu.py::paged_attention_ref;
+// blocks all have length 1 (decode). References: lserve_lite/backends/cpu.py::paged_attention_ref (dense),
+// lserve_lite/backends/reference.py::paged_attention_sparse_ref (LServe: two pools, per-block streaming
+// windows, dense heads visiting the pages the selector picked: sel_idx/sel_cnt, see make_visit);
 // launcher: lserve_lite/backends/cuda_attention.py.
 //
 // Split-KV: the page list of each (query block, KV head) is cut into SW = gridDim.x * 4 equal ranges of
@@ -30,11 +32,11 @@ struct DecodeSmem {
 };
 
 template <int D, int STAGES>
-__device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const f16_t* __restrict__ kc,
-                                            const f16_t* __restrict__ vc, float* __restrict__ part_o,
-                                            float* __restrict__ part_lse, const PlanView pv,
-                                            const int* __restrict__ head_class, int Hq, int Hkv, int ps_shift,
-                                            int n_htiles, float scale_log2) {
+__device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const KVPools pools,
+                                            float* __restrict__ part_o, float* __restrict__ part_lse,
+                                            const PlanView pv, const int* __restrict__ sel_idx,
+                                            const int* __restrict__ sel_cnt, int sel_cap, int Hq, int Hkv,
+                                            int ps_shift, int n_htiles, float scale_log2) {
   using L = DecodeSmem<D, STAGES>;
   constexpr int CH = L::CH;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -47,9 +49,16 @@ __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const f
   const int head0 = kvh * group + ht * 16;
   const int tok = pv.qb_start[qb], qpos = pv.qb_pos[qb];
   const int ctx = pv.seq_ctx[pv.qb_seq[qb]];
-  const int sink = pv.meta[2], local = pv.meta[3];
-  const int cls = head_class[kvh];
-  const int lo = pv.kv_indptr[qb * 2 + cls], npages = pv.kv_indptr[qb * 2 + cls + 1] - lo;
+  const int sink = pv.qb_sink[qb], local = pv.qb_local[qb];
+  const int cls = pools.head_class[kvh];
+  const f16_t* __restrict__ kc = cls ? pools.k1 : pools.k0;
+  const f16_t* __restrict__ vc = cls ? pools.v1 : pools.v0;
+  const int pool_heads = cls ? pools.n1 : pools.n0, slot = pools.head_slot[kvh];
+  const int lo = pv.kv_indptr[qb * 2 + cls];
+  // Dense heads of a block with a page budget visit the selected entries of their list (+ the newest).
+  const Visit vis = make_visit(pv, qb, kvh, cls, Hkv, pv.kv_indptr[qb * 2 + cls + 1] - lo, sel_idx, sel_cnt,
+                               sel_cap);
+  const int npages = vis.npages;
   const int ps = 1 << ps_shift;
   const int units_per_page_shift = ps_shift - 4;
   const int nunits = npages << units_per_page_shift;
@@ -72,10 +81,10 @@ __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const f
   cp_async_commit();
 
   auto load_unit = [&](int u, int st) {  // unit u of the list -> this warp's ring stage st
-    const int e = u >> units_per_page_shift;
+    const int e = vis.entry(u >> units_per_page_shift);
     const int off = (u << 4) & (ps - 1);
     const int page = pv.kv_pl[lo + e].x;
-    const size_t base = (((size_t)page * Hkv + kvh) * ps + off) * D;
+    const size_t base = (((size_t)page * pool_heads + slot) * ps + off) * D;
 #pragma unroll
     for (int it = 0; it < DC_UNIT * CH / 32; ++it) {
       const int idx = lane + it * 32, r = idx / CH, c = idx % CH;
@@ -120,7 +129,7 @@ __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const f
       mma16816(s[1], qa[kk], b[2], b[3]);
     }
     // Mask every element (cheap here): key position of column n*8 + 2*t4 + j.
-    const int kbase = (pv.kv_pl[lo + (u >> units_per_page_shift)].y << ps_shift) + ((u << 4) & (ps - 1));
+    const int kbase = (pv.kv_pl[lo + vis.entry(u >> units_per_page_shift)].y << ps_shift) + ((u << 4) & (ps - 1));
 #pragma unroll
     for (int n = 0; n < 2; ++n)
 #pragma unroll
@@ -253,14 +262,13 @@ __device__ __forceinline__ void combine_body(const float* __restrict__ part_o, c
 
 #define LSERVE_DECODE_KERNEL(D, STAGES)                                                                    \
   extern "C" __global__ void __launch_bounds__(lsattn::DC_THREADS) paged_attn_decode_d##D##_s##STAGES(     \
-      const f16_t* q, const f16_t* kc, const f16_t* vc, float* part_o, float* part_lse, const int* meta,   \
-      const int* qb_seq, const int* qb_start, const int* qb_len, const int* qb_pos, const int* seq_ctx,    \
-      const int* kv_indptr, const int* kv_pl, const int* head_class, int Hq, int Hkv, int ps_shift,        \
+      const f16_t* q, const f16_t* k0, const f16_t* v0, const f16_t* k1, const f16_t* v1, float* part_o,   \
+      float* part_lse, const int* plan, int cap_qb, int cap_seq, const int* head_class, const int* head_slot, \
+      int n0, int n1, const int* sel_idx, const int* sel_cnt, int sel_cap, int Hq, int Hkv, int ps_shift,  \
       int n_htiles, float scale_log2) {                                                                    \
-    const lsattn::PlanView pv{meta,    qb_seq,    qb_start, qb_len, qb_pos,                                \
-                              seq_ctx, kv_indptr, reinterpret_cast<const int2*>(kv_pl)};                   \
-    lsattn::decode_body<D, STAGES>(q, kc, vc, part_o, part_lse, pv, head_class, Hq, Hkv, ps_shift,         \
-                                   n_htiles, scale_log2);                                                  \
+    const lsattn::KVPools pools{k0, v0, k1, v1, head_class, head_slot, n0, n1};                            \
+    lsattn::decode_body<D, STAGES>(q, pools, part_o, part_lse, lsattn::plan_view(plan, cap_qb, cap_seq),   \
+                                   sel_idx, sel_cnt, sel_cap, Hq, Hkv, ps_shift, n_htiles, scale_log2);     \
   }
 
 // Ring depth (units per warp; STAGES - 1 in flight while one is computed): the launcher's DECODE_STAGES

@@ -1,5 +1,6 @@
 // Block-sparse paged flash attention for prefill (and chunked prefill): executes an AttentionPlan.
-// Reference: lserve_lite/backends/cpu.py::paged_attention_ref; launcher: lserve_lite/backends/cuda_attention.py.
+// References: lserve_lite/backends/cpu.py::paged_attention_ref (dense mode),
+// lserve_lite/backends/reference.py::paged_attention_sparse_ref (two pools); launcher: lserve_lite/backends/cuda_attention.py.
 //
 // One CTA (4 warps) computes BM = 64 * MT query rows of one query block against the KV pages that the plan
 // lists for (query block, class of the KV head). The BM rows are the block's rows for one or several query
@@ -11,6 +12,8 @@
 // S = Q K^T and O += P V run on mma.sync m16n8k16 (fp16 in, fp32 accumulate); the softmax is online in fp32
 // (base 2, scale folded in). The element mask (causal, context end, streaming sink/local window) is applied
 // only to tiles that straddle a boundary; a tile that is visible to every row of the CTA skips it.
+// LServe: a KV head of class c reads pool c at row head_slot[g] (dense and streaming heads in one launch);
+// the streaming window (sink, local) is per query block.
 #include "attention_common.cuh"
 
 namespace lsattn {
@@ -31,10 +34,9 @@ struct PrefillSmem {
 };
 
 template <int D, int MT, int BN>
-__device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const f16_t* __restrict__ kc,
-                                             const f16_t* __restrict__ vc, f16_t* __restrict__ out,
-                                             const PlanView pv, const int* __restrict__ head_class, int Hq,
-                                             int Hkv, int ps_shift, int rows_per_head, int heads_per_cta,
+__device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const KVPools pools,
+                                             f16_t* __restrict__ out, const PlanView pv, int Hq, int Hkv,
+                                             int ps_shift, int rows_per_head, int heads_per_cta,
                                              int n_sub, int hgroups, float scale_log2) {
   using L = PrefillSmem<D, MT, BN>;
   constexpr int CH = L::CH, BM = L::BM;
@@ -56,8 +58,12 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
   const int row0 = sub * rows_per_head;  // first row of the block this CTA handles (per head)
   if (row0 >= q_len) return;
   const int ctx = pv.seq_ctx[pv.qb_seq[qb]];
-  const int sink = pv.meta[2], local = pv.meta[3];
-  const int cls = head_class[kvh];
+  const int sink = pv.qb_sink[qb], local = pv.qb_local[qb];
+  const int cls = pools.head_class[kvh];
+  // This KV head's rows in the pool of its class.
+  const f16_t* __restrict__ kc = cls ? pools.k1 : pools.k0;
+  const f16_t* __restrict__ vc = cls ? pools.v1 : pools.v0;
+  const int pool_heads = cls ? pools.n1 : pools.n0, slot = pools.head_slot[kvh];
   const int lo = pv.kv_indptr[qb * 2 + cls], npages = pv.kv_indptr[qb * 2 + cls + 1] - lo;
   const int ps = 1 << ps_shift;
   const int nkeys = npages << ps_shift;
@@ -94,7 +100,7 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
       const int g = j * BN + r, e = g >> ps_shift, off = g & (ps - 1);
       const bool ok = g < nkeys;
       const int2 pl = ok ? pv.kv_pl[lo + e] : make_int2(0, 0);
-      const size_t base = (((size_t)pl.x * Hkv + kvh) * ps + off) * D + c_ld * 8;
+      const size_t base = (((size_t)pl.x * pool_heads + slot) * ps + off) * D + c_ld * 8;
       const u32 dst = dst0 + it * ROWS_PER_PASS * CH * 16;
       cp_async16(sK + dst, kc + base, ok ? 16 : 0);
       cp_async16(sV + dst, vc + base, ok ? 16 : 0);
@@ -279,17 +285,16 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
 
 }  // namespace lsattn
 
-// One extern "C" entry point per (head dim, row tiles per warp): no name mangling, no name expressions.
+// One extern "C" entry point per (head dim, row tiles per warp, key tile): no name mangling.
 #define LSERVE_PREFILL_KERNEL(D, MT, BN)                                                                    \
   extern "C" __global__ void __launch_bounds__(lsattn::PF_THREADS, 2) paged_attn_prefill_d##D##_m##MT##_n##BN( \
-      const f16_t* q, const f16_t* kc, const f16_t* vc, f16_t* out, const int* meta, const int* qb_seq,     \
-      const int* qb_start, const int* qb_len, const int* qb_pos, const int* seq_ctx, const int* kv_indptr, \
-      const int* kv_pl, const int* head_class, int Hq, int Hkv, int ps_shift, int rows_per_head,           \
-      int heads_per_cta, int n_sub, int hgroups, float scale_log2) {                                        \
-    const lsattn::PlanView pv{meta,    qb_seq,    qb_start, qb_len, qb_pos,                                 \
-                              seq_ctx, kv_indptr, reinterpret_cast<const int2*>(kv_pl)};                    \
-    lsattn::prefill_body<D, MT, BN>(q, kc, vc, out, pv, head_class, Hq, Hkv, ps_shift, rows_per_head,           \
-                                heads_per_cta, n_sub, hgroups, scale_log2);                                 \
+      const f16_t* q, const f16_t* k0, const f16_t* v0, const f16_t* k1, const f16_t* v1, f16_t* out,      \
+      const int* plan, int cap_qb, int cap_seq, const int* head_class, const int* head_slot, int n0, int n1, \
+      int Hq, int Hkv, int ps_shift, int rows_per_head, int heads_per_cta, int n_sub, int hgroups,          \
+      float scale_log2) {                                                                                  \
+    const lsattn::KVPools pools{k0, v0, k1, v1, head_class, head_slot, n0, n1};                            \
+    lsattn::prefill_body<D, MT, BN>(q, pools, out, lsattn::plan_view(plan, cap_qb, cap_seq), Hq, Hkv,       \
+                                    ps_shift, rows_per_head, heads_per_cta, n_sub, hgroups, scale_log2);    \
   }
 
 // Key tile BN = 64 (one default page); d128_m2_n32 is a register-lighter variant measured beside it.

@@ -77,6 +77,91 @@ __global__ void rope_write_kv(const __half* __restrict__ qkv, const long long* _
   }
 }
 
+// Rotated channel c of a head vector x[D] (half-split RoPE), rounded without FMA contraction so a value
+// recomputed later (page stats below) has exactly the bits that were written into the cache.
+__device__ __forceinline__ __half rope_channel(const __half* x, int c, int half_d, const __half* cos_row,
+                                               const __half* sin_row) {
+  const int j = c < half_d ? c : c - half_d;
+  const float a = __half2float(x[j]), b = __half2float(x[j + half_d]);
+  const float cs = __half2float(cos_row[j]), sn = __half2float(sin_row[j]);
+  return c < half_d ? __float2half(__fsub_rn(__fmul_rn(a, cs), __fmul_rn(b, sn)))
+                    : __float2half(__fadd_rn(__fmul_rn(b, cs), __fmul_rn(a, sn)));
+}
+
+// LServe mode: RoPE on q/k; KV head g's k/v go into the pool of its class (0: dense pool kd/vd [P, nd, page, D]
+// at dense slot slots[0][n]; 1: streaming pool ks/vs [Ps, ns, page, D] at slots[1][n]) at row head_slot[g];
+// a negative slot writes nothing. Then, fused: the key statistics of the dense pool's logical pages
+// (kmax/kmin [P, nd, sub, D] fp16, may be null) for every logical page this batch wrote into, recomputed over
+// the written prefix (offsets 0 .. last written) by the block of the batch's last row in that logical page.
+// Keys of earlier rows of the batch in the same logical page (consecutive rows with consecutive slots) are
+// recomputed from qkv, not read back (other blocks write them); older keys come from the cache.
+// Reference: lserve_lite/backends/reference.py::rope_write_kv_sparse_ref (+ kv/page_stats.py).
+__global__ void rope_write_kv_sparse(const __half* __restrict__ qkv, const long long* __restrict__ positions,
+                                     const long long* __restrict__ slots, const __half* __restrict__ cos_t,
+                                     const __half* __restrict__ sin_t, __half* __restrict__ q_out,
+                                     __half* __restrict__ kd, __half* __restrict__ vd, __half* __restrict__ ks,
+                                     __half* __restrict__ vs, const int* __restrict__ head_class,
+                                     const int* __restrict__ head_slot, __half* __restrict__ kmax,
+                                     __half* __restrict__ kmin, int hq, int hkv, int nd, int ns, int head_dim,
+                                     int page_size, int sub, int n_rows) {
+  const int row = blockIdx.x;
+  const int half_d = head_dim / 2, nheads = hq + 2 * hkv;
+  const long long pos = positions[row], dslot = slots[row], sslot = slots[n_rows + row];
+  const __half* x = qkv + (long long)row * nheads * head_dim;
+  const __half* cos_row = cos_t + pos * half_d;
+  const __half* sin_row = sin_t + pos * half_d;
+  for (int i = threadIdx.x; i < nheads * head_dim; i += blockDim.x) {
+    const int h = i / head_dim, c = i - h * head_dim;
+    if (h < hq) {
+      q_out[((long long)row * hq + h) * head_dim + c] = rope_channel(x + h * head_dim, c, half_d, cos_row, sin_row);
+      continue;
+    }
+    const bool is_k = h < hq + hkv;
+    const int g = is_k ? h - hq : h - hq - hkv;
+    const int cls = head_class[g];
+    const long long slot = cls ? sslot : dslot;
+    if (slot < 0) continue;
+    const long long page = slot / page_size, off = slot % page_size;
+    const long long dst = ((page * (cls ? ns : nd) + head_slot[g]) * page_size + off) * head_dim + c;
+    if (is_k)
+      (cls ? ks : kd)[dst] = rope_channel(x + h * head_dim, c, half_d, cos_row, sin_row);
+    else
+      (cls ? vs : vd)[dst] = x[h * head_dim + c];
+  }
+  if (kmax == nullptr || dslot < 0 || nd == 0) return;
+  // ---- page stats of the logical page holding dslot, if this row is the batch's last one written into it
+  const int lp = page_size / sub;
+  const long long lid = dslot / lp;
+  if (row + 1 < n_rows && slots[row + 1] == dslot + 1 && (dslot + 1) / lp == lid) return;
+  int r0 = row;  // first row of the run of consecutive slots in this logical page
+  while (r0 > 0 && slots[r0 - 1] == slots[r0] - 1 && slots[r0 - 1] / lp == lid) --r0;
+  const int last_off = (int)(dslot % lp), first_off = last_off - (row - r0);
+  const long long page = dslot / page_size;
+  const int lsub = (int)((dslot % page_size) / lp);
+  for (int i = threadIdx.x; i < hkv * head_dim; i += blockDim.x) {
+    const int g = i / head_dim, c = i - g * head_dim;
+    if (head_class[g] != 0) continue;
+    const long long hrow = page * nd + head_slot[g];
+    float mx = -__int_as_float(0x7f800000), mn = __int_as_float(0x7f800000);
+    for (int o = 0; o <= last_off; ++o) {
+      float kv;
+      if (o < first_off) {
+        kv = __half2float(kd[(hrow * page_size + lsub * lp + o) * head_dim + c]);
+      } else {
+        const int r = r0 + (o - first_off);
+        const long long p = positions[r];
+        const __half* xr = qkv + (long long)r * nheads * head_dim + (hq + g) * head_dim;
+        kv = __half2float(rope_channel(xr, c, half_d, cos_t + p * half_d, sin_t + p * half_d));
+      }
+      mx = fmaxf(mx, kv);
+      mn = fminf(mn, kv);
+    }
+    const long long st = (hrow * sub + lsub) * head_dim + c;
+    kmax[st] = __float2half(mx);
+    kmin[st] = __float2half(mn);
+  }
+}
+
 // out[n, i] = silu(gu[n, i]) * gu[n, inter + i]; flat grid over N * inter / VEC (VEC = 8 when inter % 8 == 0).
 template <int VEC>
 __global__ void silu_mul(const __half* __restrict__ gu, __half* __restrict__ out, int inter, long long total) {

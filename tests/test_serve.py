@@ -269,7 +269,7 @@ def test_bad_requests_400(server, client):
     _error(r, 400)
     cases = [
         dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(max_tokens=0), dict(n=2),
-        dict(stop=3), dict(seed="x"), dict(presence_penalty=1.0), dict(messages=[]),
+        dict(stop=3), dict(seed="x"), dict(seed=-1), dict(presence_penalty=1.0), dict(messages=[]),
         dict(messages=[{"role": "wizard", "content": "hi"}]), dict(messages=None),
     ]  # fmt: skip
     for kw in cases:

@@ -262,8 +262,15 @@ def test_emulated_selection(tiny_llm):
         h.rewind(seq, 680)
         assert np.abs(h.decode(seq, 3) - dense[:3]).max() > 1e-4
 
-        # one attention call, checked against a brute-force softmax over the selected pages
+        # page stats were tracked from the prefill on: equal to a from-scratch computation
+        from lserve_lite.kv.page_stats import page_stats_reference
+
         emu, cfg = h._sel, h.cfg
+        ref_max, ref_min = page_stats_reference(h.runner.cache.k[1], seq.page_table, seq.num_cached, 4)
+        np.testing.assert_array_equal(emu.stats[1][0][seq.page_table[:10]], ref_max[:10])
+        np.testing.assert_array_equal(emu.stats[1][1][seq.page_table[:10]], ref_min[:10])
+
+        # one attention call, checked against a brute-force softmax over the selected pages
         layer, ctx = 1, 683
         rng = np.random.default_rng(2)
         q = rng.standard_normal((1, cfg.num_heads, cfg.head_dim)).astype(np.float32)

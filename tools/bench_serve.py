@@ -163,6 +163,7 @@ def main() -> None:
     info = {} if args.url else {"backend": args.backend, "max_num_seqs": args.max_num_seqs}
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     rng = random.Random(args.seed)
+    load_start = os.getloadavg()[0]
     with server as url:
         model = httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"]
         warm = [make_prompt(rng, args.input_len) for _ in range(args.warmup)]
@@ -177,6 +178,7 @@ def main() -> None:
     result = {
         "date": time.strftime("%Y-%m-%d"), "model": model, "url": args.url or "spawned on 127.0.0.1",
         "cpu": platform.machine(), "cores": os.cpu_count(), **info,
+        "load_avg_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)],  # other work on the host: start, end
         "input_words": args.input_len, "output_len": args.output_len, "num_requests": args.num_requests,
         "levels": rows,
     }  # fmt: skip

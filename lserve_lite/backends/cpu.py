@@ -19,13 +19,13 @@ class CpuOps:
     name = "cpu"
     dtype = np.float32
 
-    def upload(self, a: np.ndarray) -> np.ndarray:
+    def upload(self, a: np.ndarray, name: str | None = None) -> np.ndarray:
         return np.ascontiguousarray(a, dtype=np.float32 if a.dtype.kind == "f" else a.dtype)
 
     def to_numpy(self, a: np.ndarray) -> np.ndarray:
         return a
 
-    def kv_budget_bytes(self, fraction: float) -> int:
+    def kv_budget_bytes(self, fraction: float, reserved: int = 0) -> int:
         """KV memory on the CPU: a fixed 2 GiB scaled by the fraction (the host is shared with everything else)."""
         return int(2 * 2**30 * fraction / 0.8)
 

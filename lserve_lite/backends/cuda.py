@@ -28,6 +28,7 @@ LAYER_KERNELS = (
     "add_rmsnorm<false>",
     "add_rmsnorm<true>",
     "rope_write_kv",
+    "rope_write_kv_sparse",
     "silu_mul<1>",
     "silu_mul<8>",
     *(f"gemv_rows<{n}, {t}>" for t in ("__half", "float") for n in range(1, 9)),
@@ -179,12 +180,12 @@ class CudaOps:
         out = self.cp.asnumpy(a)
         return out.astype(np.float32) if out.dtype == np.float16 else out
 
-    def kv_budget_bytes(self, fraction: float) -> int:
-        """`fraction` of the device memory free now (CuPy's cached free blocks count as free), less 1 GiB
-        kept for activations, cuBLAS workspaces and captured graphs."""
+    def kv_budget_bytes(self, fraction: float, reserved: int = 0) -> int:
+        """`fraction` of the device memory free now (CuPy's cached free blocks count as free), less
+        `reserved` bytes still to be uploaded (the weights) and 1 GiB for activations, cuBLAS and graphs."""
         free, _total = self._runtime.memGetInfo()
         free += self.cp.get_default_memory_pool().free_bytes()
-        return max(0, int(free * fraction) - (1 << 30))
+        return max(0, int((free - reserved) * fraction) - (1 << 30))
 
     def alloc_kv(self, cfg: ModelConfig, num_pages: int, page_size: int) -> KVCache:
         cp = self.cp
@@ -193,6 +194,43 @@ class CudaOps:
         k = [cp.zeros(shape, cp.float16) for _ in range(cfg.num_layers)]
         v = [cp.zeros(shape, cp.float16) for _ in range(cfg.num_layers)]
         return KVCache(k=k, v=v, page_size=page_size, num_pages=num_pages)
+
+    def alloc_sparse_kv(self, cfg: ModelConfig, layout, num_pages: int, num_stream_pages: int, max_seqs: int):
+        """LServe KV memory (reference: CpuOps.alloc_sparse_kv): per layer a dense pool [P, nd, page, D], a
+        streaming pool [Ps, ns, page, D], fp16 key statistics [P, nd, sub_pages, D] (exact: keys are fp16) and
+        the selection buffers sel_idx [max_seqs, Hkv, budget + 1] / sel_cnt [max_seqs, Hkv] (int32)."""
+        cp = self.cp
+        ps, d, L = layout.page_size, cfg.head_dim, cfg.num_layers
+        nd = [layout.num_dense(i) for i in range(L)]
+        ns = [layout.num_streaming(i) for i in range(L)]
+        cap = layout.select_pages + 1
+        z = lambda shape, dt=cp.float16: cp.zeros(shape, dt)  # noqa: E731  (zeroed: never NaN when read masked)
+        stats = layout.sub_pages > 0
+        return KVCache(
+            k=[z((num_pages, n, ps, d)) for n in nd],
+            v=[z((num_pages, n, ps, d)) for n in nd],
+            page_size=ps,
+            num_pages=num_pages,
+            ks=[z((num_stream_pages, n, ps, d)) for n in ns],
+            vs=[z((num_stream_pages, n, ps, d)) for n in ns],
+            head_class=[cp.asarray(np.asarray(c, np.int32)) for c in layout.head_class],
+            head_slot=[cp.asarray(np.asarray(s, np.int32)) for s in layout.head_slot],
+            kmax=[z((num_pages, n, layout.sub_pages, d)) for n in nd] if stats else None,
+            kmin=[z((num_pages, n, layout.sub_pages, d)) for n in nd] if stats else None,
+            sel_idx=[z((max_seqs, cfg.num_kv_heads, cap), cp.int32) for _ in range(L)],
+            sel_cnt=[z((max_seqs, cfg.num_kv_heads), cp.int32) for _ in range(L)],
+        )
+
+    def select_pages(self, q, cache: KVCache, layer: int, plan) -> None:
+        """Reference: select_pages_ref. On the device (page_select.cu), no host synchronization."""
+        from .cuda_attention import select_pages
+
+        if cache.kmax is None:
+            return
+        select_pages(
+            q, cache.kmax[layer], cache.kmin[layer], plan, cache.head_class[layer], cache.head_slot[layer],
+            cache.sel_idx[layer], cache.sel_cnt[layer],
+        )  # fmt: skip
 
     def prepare_plan(self, plan: AttentionPlan):
         """Upload the host plan into a device plan (cuda_attention.CudaPlan) reused across steps.
@@ -285,8 +323,12 @@ class CudaOps:
         return out
 
     def rope_write_kv(self, qkv, positions, slots, cache: KVCache, layer: int, rope, out=None):
-        """Reference: rope_write_kv_ref. Negative slots write no K/V (padding rows of a captured batch)."""
+        """Reference: rope_write_kv_ref; LServe caches (`slots` [2, N]: dense-pool, streaming-pool slots):
+        rope_write_kv_sparse_ref, with the page statistics update fused. Negative slots write no K/V
+        (padding rows of a captured batch)."""
         cp = self.cp
+        if cache.sparse:
+            return self._rope_write_kv_sparse(qkv, positions, slots, cache, layer, rope, out)
         kc, vc = cache.k[layer], cache.v[layer]
         _, hkv, page, d = kc.shape
         n = int(qkv.shape[0])
@@ -298,11 +340,40 @@ class CudaOps:
             self.k["rope_write_kv"]((n,), (_threads((hq + 2 * hkv) * d // 2, 512),), args)
         return q
 
+    def _rope_write_kv_sparse(self, qkv, positions, slots, cache: KVCache, layer: int, rope, out=None):
+        cp = self.cp
+        kd, vd, ks, vs = cache.k[layer], cache.v[layer], cache.ks[layer], cache.vs[layer]
+        hc, hs = cache.head_class[layer], cache.head_slot[layer]
+        hkv = int(hc.shape[0])
+        nd, ns = int(kd.shape[1]), int(ks.shape[1])
+        page, d = int(kd.shape[2]), int(kd.shape[3])
+        n = int(qkv.shape[0])
+        hq = int(qkv.shape[1]) // d - 2 * hkv
+        q = cp.empty((n, hq, d), cp.float16) if out is None else out
+        stats = cache.kmax is not None and nd > 0
+        kmax = cache.kmax[layer] if stats else np.uint64(0)
+        kmin = cache.kmin[layer] if stats else np.uint64(0)
+        sub = int(cache.kmax[layer].shape[2]) if stats else 1
+        if n:
+            args = (cp.ascontiguousarray(qkv), positions, cp.ascontiguousarray(slots), rope[0], rope[1], q,
+                    kd, vd, ks, vs, hc, hs, kmax, kmin, np.int32(hq), np.int32(hkv), np.int32(nd),
+                    np.int32(ns), np.int32(d), np.int32(page), np.int32(sub), np.int32(n))  # fmt: skip
+            self.k["rope_write_kv_sparse"]((n,), (_threads((hq + 2 * hkv) * d, 512),), args)
+        return q
+
     def attention(self, q, cache: KVCache, layer: int, plan, head_class, out=None):
-        """Reference: paged_attention_ref. Returns [N, Hq * D] float16."""
+        """Reference: paged_attention_ref (dense cache), paged_attention_sparse_ref (LServe cache: two
+        pools, per-block windows, selected pages). Returns [N, Hq * D] float16."""
         from .cuda_attention import paged_attention
 
-        o = paged_attention(q, cache.k[layer], cache.v[layer], plan, head_class, out=out)
+        if not cache.sparse:
+            o = paged_attention(q, cache.k[layer], cache.v[layer], plan, head_class, out=out)
+        else:
+            o = paged_attention(
+                q, cache.k[layer], cache.v[layer], plan, cache.head_class[layer], out=out,
+                ks=cache.ks[layer], vs=cache.vs[layer], head_slot=cache.head_slot[layer],
+                sel_idx=cache.sel_idx[layer] if plan.selects else None, sel_cnt=cache.sel_cnt[layer],
+            )  # fmt: skip
         return o.reshape(q.shape[0], -1)
 
     def logits(self, h, lm_head, out=None):

@@ -20,11 +20,13 @@ from .cuda_compile import load_module, nvrtc_check
 
 PREFILL_SOURCE = "attention_prefill.cu"
 DECODE_SOURCE = "attention_decode.cu"
+SELECT_SOURCE = "page_select.cu"
 KERNEL_OPTIONS: tuple[str, ...] = ()  # extra NVRTC options, the same at run time and in the CI compile check
 HEAD_DIMS = (64, 128)
 _THREADS = 128
 _COMBINE_THREADS = 256
-_META = 8  # nqb, num_tokens, sink, local, then spare
+_META = 8  # nqb, num_tokens, sink, local, then spare (PLAN_META in attention_common.cuh)
+_QB_FIELDS = ("qb_seq", "qb_start", "qb_len", "qb_pos", "qb_sink", "qb_local", "qb_slot", "qb_keep", "qb_refresh")
 _LOG2E = 1.4426950408889634
 
 
@@ -62,10 +64,13 @@ def _decode_smem(d: int, stages: int) -> int:
 class CudaPlan:
     """Device copy of an `AttentionPlan`, in buffers of fixed capacity.
 
-    Layout of the one int32 device buffer: meta[8] | qb_seq | qb_start | qb_len | qb_pos (max_qblocks each)
-    | seq_ctx (max_seqs) | kv_indptr (2 * max_qblocks + 1) | kv_pl (max_pages pairs of physical page, logical
-    page). `update()` copies the used prefix only (one async copy from pinned memory on the current stream).
-    Host-side fields (`nqb`, `max_qb_len`, ...) describe the last plan uploaded.
+    Layout of the one int32 device buffer (`plan_view` in attention_common.cuh reads it from the capacity):
+    meta[8] | qb_seq | qb_start | qb_len | qb_pos | qb_sink | qb_local | qb_slot | qb_keep | qb_refresh
+    (max_qblocks each) | seq_ctx (max_seqs) | kv_indptr (2 * max_qblocks + 1) | kv_pl (max_pages pairs of
+    physical page, logical page). `update()` copies the used prefix only (one async copy from pinned memory
+    on the current stream). Host-side fields (`nqb`, `max_qb_len`, `selects`, ...) describe the last plan
+    uploaded; `always_select` (CUDA Graphs) keeps `selects` True so a captured step always runs the selector
+    (blocks without a budget or refresh flag skip it on the device).
     """
 
     def __init__(self, max_qblocks: int, max_pages: int, max_seqs: int | None = None):
@@ -78,10 +83,7 @@ class CudaPlan:
         offs, o = {}, 0
         for name, n in (
             ("meta", _META),
-            ("qb_seq", cq),
-            ("qb_start", cq),
-            ("qb_len", cq),
-            ("qb_pos", cq),
+            *((f, cq) for f in _QB_FIELDS),
             ("seq_ctx", cs),
             ("kv_indptr", 2 * cq + 1),
         ):
@@ -102,6 +104,10 @@ class CudaPlan:
         self.kv_page, self.kv_lpage = self.kv_pl[0::2], self.kv_pl[1::2]
         self.nqb = self.num_tokens = self.max_qb_len = self.q_block = self.page_size = 0
         self.sink = self.local = 0
+        self.selects = False
+        self.always_select = False
+        self.visit_pages: int | None = None  # longest page list a decode head visits (None: unknown)
+        self.fixed_visit_pages: int | None = None  # set for CUDA Graphs: the split count must not change
         self._workspace: dict = {}
 
     @classmethod
@@ -122,16 +128,15 @@ class CudaPlan:
         ps = int(plan.page_size)
         if ps < 16 or ps > 1024 or ps & (ps - 1):
             raise ValueError(f"page_size must be a power of two >= 16, got {ps}")
-        if plan.selects:
-            raise ValueError("decode page selection is not on the CUDA backend yet (use backend='cpu')")
-        self.selects = False
+        self.selects = self.always_select or plan.selects
         if self._copy_done is not None:
             self._copy_done.synchronize()
         h, o = self._host, self._offs
         h[o["meta"][0] : o["meta"][0] + 4] = (nqb, plan.num_tokens, plan.sink, plan.local)
-        for name in ("qb_seq", "qb_start", "qb_len", "qb_pos"):
+        for name in _QB_FIELDS:
             a = o[name][0]
-            h[a : a + nqb] = getattr(plan, name)
+            v = getattr(plan, name)
+            h[a : a + nqb] = 0 if v is None else v
         a = o["seq_ctx"][0]
         h[a : a + nseq] = plan.seq_ctx
         a = o["kv_indptr"][0]
@@ -147,6 +152,7 @@ class CudaPlan:
         self.max_qb_len = int(plan.qb_len.max()) if nqb else 0
         self.q_block, self.page_size = int(plan.q_block), ps
         self.sink, self.local = int(plan.sink), int(plan.local)
+        self.visit_pages = _visit_pages(plan) if plan.selects else None
         return self
 
     def workspace(self, name: str, size: int, dtype):
@@ -163,6 +169,15 @@ class CudaPlan:
 # --------------------------------------------------------------------------------------------------------
 
 
+def _visit_pages(plan: AttentionPlan) -> int:
+    """The longest page list a head visits in a selecting decode plan (selected + newest, or a window)."""
+    lens = np.diff(plan.kv_indptr).reshape(-1, 2)
+    if lens.size == 0:
+        return 0
+    dense = np.where(plan.qb_keep > 0, np.minimum(lens[:, 0], plan.qb_keep + 1), lens[:, 0])
+    return int(max(dense.max(), lens[:, 1].max()))
+
+
 class _Kernels:
     """The compiled modules of the current device, loaded on first use."""
 
@@ -171,6 +186,7 @@ class _Kernels:
 
         self.prefill = load_module(PREFILL_SOURCE, options=KERNEL_OPTIONS)
         self.decode = load_module(DECODE_SOURCE, options=KERNEL_OPTIONS)
+        self.select = load_module(SELECT_SOURCE, options=KERNEL_OPTIONS)
         self.num_sms = cp.cuda.Device().attributes["MultiProcessorCount"]
         self.smem_per_sm = cp.cuda.Device().attributes["MaxSharedMemoryPerMultiprocessor"]
         self._fns: dict = {}
@@ -199,16 +215,29 @@ def _kernels() -> _Kernels:
 
 
 def _plan_args(plan: CudaPlan) -> tuple:
-    return (
-        plan.meta,
-        plan.qb_seq,
-        plan.qb_start,
-        plan.qb_len,
-        plan.qb_pos,
-        plan.seq_ctx,
-        plan.kv_indptr,
-        plan.kv_pl,
-    )
+    return (plan.buffer, np.int32(plan.max_qblocks), np.int32(plan.max_seqs))
+
+
+_arange_cache: dict = {}
+
+
+def _arange(n: int):
+    """Device int32 arange(n), cached (the head_slot of dense mode: pool 0 holds every head)."""
+    import cupy as cp
+
+    key = (cp.cuda.Device().id, n)
+    a = _arange_cache.get(key)
+    if a is None:
+        a = _arange_cache[key] = cp.arange(n, dtype=np.int32)
+    return a
+
+
+def _int32_dev(a):
+    import cupy as cp
+
+    if isinstance(a, cp.ndarray) and a.dtype == np.int32:
+        return a
+    return cp.asarray(np.asarray(a.get() if isinstance(a, cp.ndarray) else a, dtype=np.int32))
 
 
 def decode_splits(plan: CudaPlan, hkv: int, head_tiles: int, d: int) -> int:
@@ -217,7 +246,12 @@ def decode_splits(plan: CudaPlan, hkv: int, head_tiles: int, d: int) -> int:
     per_sm = max(1, min(16, k.smem_per_sm // (_decode_smem(d, DECODE_STAGES[d]) + 1024)))
     slots = k.num_sms * per_sm
     pairs = max(1, plan.max_qblocks * hkv * head_tiles)
-    return max(1, slots // pairs)
+    splits = max(1, slots // pairs)
+    visit = plan.fixed_visit_pages if plan.fixed_visit_pages is not None else plan.visit_pages
+    if visit is not None:  # short (selected / windowed) lists: about 4 units of 16 keys per warp at least
+        units = max(1, visit * plan.page_size // 16)
+        splits = min(splits, max(1, -(-units // (4 * (_THREADS // 32)))))
+    return splits
 
 
 def paged_attention(
@@ -230,36 +264,51 @@ def paged_attention(
     *,
     decode: bool | None = None,
     num_splits: int | None = None,
+    ks=None,
+    vs=None,
+    head_slot=None,
+    sel_idx=None,
+    sel_cnt=None,
 ):
-    """Block-sparse paged attention executing `plan` (see `cpu.paged_attention_ref`); returns out [N, Hq*D].
+    """Block-sparse paged attention executing `plan`; returns out [N, Hq*D] (fp16).
 
-    q: fp16 [N, Hq, D]; k_cache, v_cache: fp16 [num_pages, Hkv, page_size, D]; head_class: int32 [Hkv] on
-    the device (0 dense, 1 streaming). `decode=None` picks the decode kernel when every query block has one
-    row; pass `decode=True` when capturing a decode step in a CUDA Graph (only row 0 of each query block is
-    computed then). `num_splits` (decode) overrides the CTAs per (query block, KV head); keep it fixed
-    between capture and replay (the default depends only on the plan's capacity).
+    Dense mode (reference `cpu.paged_attention_ref`): q fp16 [N, Hq, D]; k_cache, v_cache fp16
+    [num_pages, Hkv, page_size, D]; head_class int32 [Hkv] (0 dense, 1 streaming: the window of its query
+    block). LServe mode (reference `reference.paged_attention_sparse_ref`): k_cache/v_cache are the dense pool
+    [P, nd, page, D], ks/vs the streaming pool [Ps, ns, page, D], head_slot[g] KV head g's row in the pool of
+    its class; with sel_idx [slots, Hkv, K] / sel_cnt [slots, Hkv] dense heads of decode blocks with
+    qb_keep > 0 visit only their selected pages plus the newest one. Either pool may have 0 heads.
+    `decode=None` picks the decode kernel when every query block has one row; pass `decode=True` when
+    capturing a decode step in a CUDA Graph (only row 0 of each query block is computed then). `num_splits`
+    (decode) overrides the CTAs per (query block, KV head); it must stay fixed between capture and replay
+    (the default depends only on the plan's capacity and `fixed_visit_pages`).
     """
     import cupy as cp
 
     n, hq, d = q.shape
-    npages, hkv, ps, d2 = k_cache.shape
-    if d != d2 or v_cache.shape != k_cache.shape:
-        raise ValueError(f"shape mismatch: q {q.shape}, k {k_cache.shape}, v {v_cache.shape}")
+    ps, d2 = k_cache.shape[2], k_cache.shape[3]
+    hkv = int(head_class.shape[0])
+    sparse = ks is not None
+    if not sparse:
+        ks, vs = k_cache, v_cache
+        if k_cache.shape[1] != hkv:
+            raise ValueError(f"cache has {k_cache.shape[1]} heads, head_class {hkv}")
+    if d != d2 or v_cache.shape != k_cache.shape or vs.shape != ks.shape or ks.shape[2:] != k_cache.shape[2:]:
+        raise ValueError(f"shape mismatch: q {q.shape}, k {k_cache.shape}, v {v_cache.shape}, ks {ks.shape}")
     if d not in HEAD_DIMS:
         raise ValueError(f"head_dim {d} not compiled (have {HEAD_DIMS})")
     if hq % hkv:
         raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
     if ps != plan.page_size:
         raise ValueError(f"cache page size {ps} != plan page size {plan.page_size}")
-    for name, a in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+    for name, a in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("ks", ks), ("vs", vs)):
         if a.dtype != np.float16 or not a.flags.c_contiguous:
             raise ValueError(f"{name} must be a C-contiguous float16 array")
-    if not isinstance(head_class, cp.ndarray) or head_class.dtype != np.int32:
-        head_class = cp.asarray(
-            np.asarray(head_class, dtype=np.int32)
-            if not isinstance(head_class, cp.ndarray)
-            else head_class.astype(np.int32)
-        )
+    head_class = _int32_dev(head_class)
+    head_slot = _arange(hkv) if head_slot is None else _int32_dev(head_slot)
+    n0, n1 = int(k_cache.shape[1]), int(ks.shape[1]) if sparse else 0
+    pools = (k_cache, v_cache, ks, vs)
+    pool_args = (head_class, head_slot, np.int32(n0), np.int32(n1))
     if out is None:
         out = cp.empty((n, hq * d), dtype=np.float16)
     group = hq // hkv
@@ -279,25 +328,17 @@ def paged_attention(
         stages = DECODE_STAGES[d]
         smem = _decode_smem(d, stages)
         fn = k.get(k.decode, f"paged_attn_decode_d{d}_s{stages}", smem)
+        if sel_idx is None:
+            sel = (np.uint64(0), np.uint64(0), np.int32(0))  # null pointers: no selection
+        else:
+            sel = (sel_idx, sel_cnt, np.int32(sel_idx.shape[-1]))
         fn(
             (splits, plan.max_qblocks, hkv * head_tiles),
             (_THREADS,),
-            (
-                q,
-                k_cache,
-                v_cache,
-                part_o,
-                part_lse,
-                *_plan_args(plan),
-                head_class,
-                np.int32(hq),
-                np.int32(hkv),
-                ps_shift,
-                np.int32(head_tiles),
-                scale_log2,
-            ),
+            (q, *pools, part_o, part_lse, *_plan_args(plan), *pool_args, *sel, np.int32(hq), np.int32(hkv),
+             ps_shift, np.int32(head_tiles), scale_log2),
             shared_mem=smem,
-        )
+        )  # fmt: skip
         comb = k.get(k.decode, "paged_attn_decode_combine", 0)
         comb(
             (plan.max_qblocks, hq),
@@ -320,22 +361,51 @@ def paged_attention(
     fn(
         (plan.nqb * n_sub, hkv * hgroups),
         (_THREADS,),
-        (
-            q,
-            k_cache,
-            v_cache,
-            out,
-            *_plan_args(plan),
-            head_class,
-            np.int32(hq),
-            np.int32(hkv),
-            ps_shift,
-            np.int32(rows_per_head),
-            np.int32(heads_per_cta),
-            np.int32(n_sub),
-            np.int32(hgroups),
-            scale_log2,
-        ),
+        (q, *pools, out, *_plan_args(plan), *pool_args, np.int32(hq), np.int32(hkv), ps_shift,
+         np.int32(rows_per_head), np.int32(heads_per_cta), np.int32(n_sub), np.int32(hgroups), scale_log2),
         shared_mem=smem,
-    )
+    )  # fmt: skip
     return out
+
+
+_SELECT_THREADS = 128
+_TOPK_THREADS = 512
+
+
+def select_pages(q, kmax, kmin, plan: CudaPlan, head_class, head_slot, sel_idx, sel_cnt) -> None:
+    """The page selector on the GPU (reference `reference.select_pages_ref`): for decode blocks with
+    qb_keep > 0 and qb_refresh = 1, each dense KV head's top pages -> sel_idx / sel_cnt (ascending indices
+    into the block's class-0 list, the newest last). kmax/kmin fp16 [P, nd, sub_pages, D]. Two launches
+    (page_score, page_topk) sized by the plan's capacity only: graph-capturable, no host round trip."""
+    n, hq, d = q.shape
+    hkv = int(head_class.shape[0])
+    nd, sub = int(kmax.shape[1]), int(kmax.shape[2])
+    if nd == 0 or plan.max_qblocks == 0:
+        return
+    if kmax.dtype != np.float16 or kmin.dtype != np.float16 or q.dtype != np.float16:
+        raise ValueError("select_pages needs float16 q and key statistics")
+    ps = plan.page_size
+    if ps % sub or (sub & (sub - 1)):
+        raise ValueError(f"sub_pages {sub} must be a power of two dividing page_size {ps}")
+    k = _kernels()
+    head_class, head_slot = _int32_dev(head_class), _int32_dev(head_slot)
+    scores = plan.workspace("sel_scores", hkv * plan.max_pages, np.float32)
+    group = hq // hkv
+    smem = group * d * 4
+    gx = int(max(1, min(1024, -(-4 * k.num_sms // (plan.max_qblocks * hkv)))))
+    plan_args = _plan_args(plan)
+    fn = k.get(k.select, f"page_score_d{d}", smem)
+    fn(
+        (gx, plan.max_qblocks, hkv),
+        (_SELECT_THREADS,),
+        (q, kmax, kmin, *plan_args, head_class, head_slot, np.int32(nd), np.int32(sub), scores,
+         np.int32(plan.max_pages), np.int32(hq), np.int32(hkv), np.int32(ps.bit_length() - 1)),
+        shared_mem=smem,
+    )  # fmt: skip
+    topk = k.get(k.select, "page_topk", 0)
+    topk(
+        (plan.max_qblocks, hkv),
+        (_TOPK_THREADS,),
+        (*plan_args, head_class, scores, np.int32(plan.max_pages), np.int32(hkv), sel_idx, sel_cnt,
+         np.int32(sel_idx.shape[-1])),
+    )  # fmt: skip

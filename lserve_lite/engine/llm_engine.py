@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,10 +46,12 @@ class LLMEngine:
         self.tokenizer = Tokenizer(self.model_dir)
         self.ops = make_ops(backend)
         self.max_len = self.ecfg.resolve_max_len(self.cfg)
+        weights = load_weights(self.model_dir, self.cfg)
+        itemsize = np.dtype(self.ops.dtype).itemsize
+        self.weight_bytes = sum(w.size for w in weights.values()) * itemsize
         self.layout = self._kv_layout()
         num_pages, num_stream = self._num_pages()
         self.max_len = min(self.max_len, num_pages * self.ecfg.page_size)
-        weights = load_weights(self.model_dir, self.cfg)
         self.runner = ModelRunner(self.cfg, weights, self.ops, self.ecfg, num_pages, self.layout, num_stream)
         del weights
         per_seq = self.layout.stream_pages_per_seq if self.layout else 0
@@ -79,7 +82,7 @@ class LLMEngine:
         """(dense-pool pages, streaming-pool pages) from the configured count or the memory budget."""
         c, ps = self.cfg, self.ecfg.page_size
         item = np.dtype(self.ops.dtype).itemsize
-        budget = self.ops.kv_budget_bytes(self.ecfg.kv_memory_fraction)
+        budget = self.ops.kv_budget_bytes(self.ecfg.kv_memory_fraction, self.weight_bytes)
         if self.layout is None:
             if self.ecfg.num_kv_pages:
                 return self.ecfg.num_kv_pages, 0
@@ -165,7 +168,9 @@ class LLMEngine:
             return outs
         logits = self.runner.run(batch.seqs, batch.num_new)
         done_rows = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new)) if s.num_pending == 0]
-        tokens = self.ops.sample(logits[done_rows], [batch.seqs[i] for i in done_rows]) if done_rows else []
+        if len(done_rows) < len(batch.seqs):  # rows of sequences still in prefill produce no token
+            logits = logits[np.asarray(done_rows)] if done_rows else None
+        tokens = self.ops.sample(logits, [batch.seqs[i] for i in done_rows]) if done_rows else []
         for i, tok in zip(done_rows, tokens):
             outs.append(self._append(batch.seqs[i], tok))
         return outs
@@ -182,8 +187,6 @@ class LLMEngine:
         return outs
 
     def _append(self, seq: Sequence, tok: int) -> StepOutput:
-        import time
-
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
         p = seq.params

@@ -29,10 +29,14 @@ class LlamaModel:
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, np.ndarray], ops: Ops, max_len: int):
         self.cfg, self.ops = cfg, ops
-        up = ops.upload
-        self.embed = up(weights["model.embed_tokens.weight"])
-        self.norm = up(weights["model.norm.weight"])
-        self.lm_head = self.embed if cfg.tie_word_embeddings else up(weights["lm_head.weight"])
+
+        def up(name: str, a: np.ndarray | None = None) -> Any:
+            """Upload a tensor with its name, so a backend's range check can name it."""
+            return ops.upload(weights[name] if a is None else a, name=name)
+
+        self.embed = up("model.embed_tokens.weight")
+        self.norm = up("model.norm.weight")
+        self.lm_head = self.embed if cfg.tie_word_embeddings else up("lm_head.weight")
         self.layers = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
@@ -40,21 +44,24 @@ class LlamaModel:
             bias = [weights[p + f"self_attn.{n}_proj.bias"] for n in "qkv"] if cfg.qkv_bias else None
             self.layers.append(
                 Layer(
-                    ln1=up(weights[p + "input_layernorm.weight"]),
-                    qkv=up(np.concatenate(qkv, axis=0)),
-                    qkv_bias=None if bias is None else up(np.concatenate(bias)),
-                    o=up(weights[p + "self_attn.o_proj.weight"]),
-                    ln2=up(weights[p + "post_attention_layernorm.weight"]),
+                    ln1=up(p + "input_layernorm.weight"),
+                    qkv=up(p + "self_attn.{q,k,v}_proj.weight", np.concatenate(qkv, axis=0)),
+                    qkv_bias=None
+                    if bias is None
+                    else up(p + "self_attn.{q,k,v}_proj.bias", np.concatenate(bias)),
+                    o=up(p + "self_attn.o_proj.weight"),
+                    ln2=up(p + "post_attention_layernorm.weight"),
                     gate_up=up(
+                        p + "mlp.{gate,up}_proj.weight",
                         np.concatenate(
                             [weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]]
-                        )
+                        ),
                     ),
-                    down=up(weights[p + "mlp.down_proj.weight"]),
+                    down=up(p + "mlp.down_proj.weight"),
                 )
             )
         cos, sin = rope_tables(cfg, max_len)
-        self.rope = (up(cos), up(sin))
+        self.rope = (up("rope.cos", cos), up("rope.sin", sin))
 
     def forward(
         self,

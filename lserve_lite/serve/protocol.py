@@ -45,7 +45,7 @@ class _Request(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0)
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     # extensions (vLLM names)

@@ -17,6 +17,7 @@ and can emulate decode-time page selection with the CPU reference selector.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import inspect
 import json
@@ -155,11 +156,16 @@ def passkey_sample(
 
 
 class SparseHarness:
-    """Runs single sequences through an LLM's ModelRunner with chosen head classes and windows.
+    """Runs single sequences through an LLM's ModelRunner, step by step, for calibration and evaluation.
 
-    Until the engine applies a SparseConfig itself, the tools use this to emulate LServe: prefill with the
-    prefill window, decode with the decode window, and (`enable_selection`) decode-time page selection
-    for dense heads with the CPU reference selector and page statistics.
+    Two ways to get LServe behaviour:
+    - emulation (a dense-mode CPU LLM): `set_heads` makes chosen KV heads streaming heads with a window
+      (ModelRunner.set_head_classes), and `enable_selection` restricts dense heads at decode steps to the
+      pages chosen by the CPU reference selector (logical-page stats are tracked from the start);
+    - engine (an LLM built with `SparseConfig(enabled=True)`): the engine applies its own config;
+      `set_request_sparse` sets per-request knobs (budget, interval, windows).
+    Decode steps are the runner's: a sequence is decoding once its prompt is cached, so tokens that should
+    be scored by decode steps go after `prompt_len` (`begin`).
     """
 
     def __init__(self, llm):
@@ -168,21 +174,36 @@ class SparseHarness:
         self.runner = llm.engine.runner
         self.cfg = llm.engine.cfg
         self.chunk = llm.engine.ecfg.max_num_batched_tokens
+        self.engine_sparse = getattr(llm.engine, "layout", None) is not None
         self.decoding = False
         self._sel: _SelectionEmulator | None = None
+        if not self.engine_sparse and self.runner.ops.name == "cpu":
+            self._sel = _SelectionEmulator(self)  # tracks page stats from the first write on
 
     # classes ------------------------------------------------------------------------------------------
     def dense_classes(self) -> list[np.ndarray]:
         return [np.zeros(self.cfg.num_kv_heads, np.int32) for _ in range(self.cfg.num_layers)]
 
     def set_heads(self, classes: list[np.ndarray], sink: int, local: int) -> None:
+        """Emulation: per-layer KV-head classes (1 = streaming with the sink/local window)."""
+        if self.engine_sparse:
+            raise InvalidRequestError("this LLM applies its own sparse config; set_heads is for dense mode")
         self.runner.set_head_classes([np.asarray(c, np.int32) for c in classes], sink=sink, local=local)
-        self._classes = [np.asarray(c, np.int32) for c in classes]
+
+    def set_request_sparse(self, seq: Sequence, sc: SparseConfig) -> None:
+        """Engine mode: this sequence's per-request knobs (token budget, interval, windows)."""
+        knobs = {k: getattr(sc, k) for k in ("token_budget", "select_interval", "prefill_sink",
+                                             "prefill_local", "decode_sink", "decode_local")}  # fmt: skip
+        req = getattr(self.engine, "_request_sparse", None)
+        seq.sparse = req(knobs) if req is not None else sc
 
     # sequences ----------------------------------------------------------------------------------------
-    def begin(self, ids: list[int], reserve: int = 0) -> Sequence:
-        """A sequence holding `ids` with KV pages for len(ids) + reserve tokens; nothing computed yet."""
-        seq = Sequence(list(ids), SamplingParams(max_new_tokens=max(1, reserve)))
+    def begin(self, ids: list[int], prompt_len: int | None = None, reserve: int = 0) -> Sequence:
+        """A sequence of `ids` (prompt = the first `prompt_len`, the rest teacher-forced outputs) with KV
+        pages for len(ids) + reserve tokens; nothing computed yet."""
+        p = len(ids) if prompt_len is None else prompt_len
+        seq = Sequence(list(ids[:p]), SamplingParams(max_new_tokens=max(1, reserve)))
+        seq.output_ids = list(ids[p:])
         blocks = self.engine.blocks
         total = len(ids) + reserve
         if total > self.engine.max_len:
@@ -197,15 +218,19 @@ class SparseHarness:
             self._sel.state.drop(seq.seq_id)
         self.engine.blocks.release(seq)
 
-    def rewind(self, seq: Sequence, num_cached: int) -> None:
-        """Forget computed K/V beyond `num_cached` tokens (they are overwritten when recomputed)."""
+    def rewind(self, seq: Sequence, num_cached: int, keep_outputs: bool = True) -> None:
+        """Forget computed K/V beyond `num_cached` tokens (overwritten when recomputed); restart the
+        page-selection schedule. `keep_outputs=False` also drops output ids beyond that point."""
         seq.num_cached = num_cached
-        del seq.output_ids[max(0, num_cached - len(seq.prompt_ids)) :]
+        if hasattr(seq, "decode_steps"):
+            seq.decode_steps = 0
+        if not keep_outputs:
+            del seq.output_ids[max(0, num_cached - len(seq.prompt_ids)) :]
         if self._sel is not None:
             self._sel.state.drop(seq.seq_id)
 
     def forward(self, seq: Sequence, n: int, logits: str = "all") -> np.ndarray:
-        """Compute the next `n` tokens (prefill chunks); logits of every row ("all") or the last one."""
+        """Compute the next `n` tokens (in chunks); logits of every row ("all") or the last one."""
         out = []
         ops = self.runner.ops
         if self._sel is not None:
@@ -220,7 +245,9 @@ class SparseHarness:
         return np.concatenate(out) if out else np.zeros((0, self.cfg.vocab_size), np.float32)
 
     def decode(self, seq: Sequence, n: int) -> np.ndarray:
-        """Teacher-force the next `n` tokens one decode step each; logits [n, vocab]."""
+        """Teacher-force the next `n` tokens (outputs) by one decode step each; logits [n, vocab]."""
+        if seq.num_cached < len(seq.prompt_ids) or seq.num_cached + n > seq.num_tokens:
+            raise InvalidRequestError("decode() needs the prompt cached and n teacher-forced outputs left")
         self.decoding = True
         try:
             return np.concatenate([self.forward(seq, 1) for _ in range(n)])
@@ -228,7 +255,8 @@ class SparseHarness:
             self.decoding = False
 
     def greedy(self, seq: Sequence, max_new: int, first_logits: np.ndarray, stop_ids=()) -> list[int]:
-        """Greedy generation by decode steps, starting from the prompt's last logits."""
+        """Greedy generation by decode steps after the cached prompt, from the prompt's last logits."""
+        self.rewind(seq, len(seq.prompt_ids), keep_outputs=False)
         tok = int(np.argmax(first_logits))
         out = [tok]
         self.decoding = True
@@ -243,9 +271,9 @@ class SparseHarness:
 
     # page selection -----------------------------------------------------------------------------------
     def enable_selection(self, token_budget: int, select_interval: int, sub_pages: int) -> None:
-        """Emulate decode-time page selection for dense heads (no effect on prefill or streaming heads)."""
+        """Emulation: decode-time page selection for dense heads (no effect on prefill or streaming heads)."""
         if self._sel is None:
-            self._sel = _SelectionEmulator(self)
+            raise InvalidRequestError("page-selection emulation needs a dense-mode LLM on the cpu backend")
         self._sel.configure(token_budget, select_interval, sub_pages)
 
     def disable_selection(self) -> None:
@@ -257,29 +285,33 @@ class _SelectionEmulator:
     """Wraps the runner's ops: keeps logical-page stats current on every K write, and at decode steps
     restricts each dense KV head to its selected pages (CPU reference attention, one call per head)."""
 
-    def __init__(self, h: SparseHarness):
+    def __init__(self, h: SparseHarness, sub_pages: int = 4):
         self.h = h
         ops = h.runner.ops
-        if ops.name != "cpu":
-            raise InvalidRequestError("page-selection emulation needs the cpu backend")
         self._write, self._attn = ops.rope_write_kv, ops.attention
-        cfg, cache = h.cfg, h.runner.cache
-        self.stats = None
-        self.cache, self.group = cache, cfg.group_size
+        self.cache, self.group = h.runner.cache, h.cfg.group_size
+        self.stats = self._alloc(sub_pages)
+        self.state = SelectorState(2 * self.cache.page_size, self.cache.page_size)
         ops.rope_write_kv = self.rope_write_kv
         ops.attention = self.attention
         self.active = False
         self.table: list[int] = []
         self.seq_id = -1
 
+    def _alloc(self, sub_pages: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        c = self.h.cfg
+        return [
+            alloc_page_stats(self.cache.num_pages, c.num_kv_heads, sub_pages, c.head_dim)
+            for _ in range(c.num_layers)
+        ]
+
     def configure(self, token_budget: int, interval: int, sub_pages: int) -> None:
-        cfg, cache = self.h.cfg, self.cache
-        if self.stats is None or self.stats[0][0].shape[2] != sub_pages:
-            self.stats = [
-                alloc_page_stats(cache.num_pages, cfg.num_kv_heads, sub_pages, cfg.head_dim)
-                for _ in range(cfg.num_layers)
-            ]
-        self.state = SelectorState(token_budget, cache.page_size, interval)
+        if self.stats[0][0].shape[2] != sub_pages:  # rebuild from the cache (whole pages: slots past a
+            self.stats = self._alloc(sub_pages)  # context only touch the newest page, which is always kept)
+            everything = np.arange(self.cache.num_pages * self.cache.page_size)
+            for layer, (kmax, kmin) in enumerate(self.stats):
+                update_page_stats(kmax, kmin, self.cache.k[layer], everything)
+        self.state = SelectorState(token_budget, self.cache.page_size, interval)
         self.active = True
 
     def rope_write_kv(self, qkv, positions, slots, cache, layer, rope):
@@ -301,13 +333,8 @@ class _SelectionEmulator:
                 self.seq_id, layer, q[0], kmax, kmin, self.table, ctx, self.group
             )
             for h in dense:
-                k = pages.shape[1]
-                sub = AttentionPlan(
-                    page_size=plan.page_size, q_block=plan.q_block, num_tokens=plan.num_tokens,
-                    qb_seq=plan.qb_seq, qb_start=plan.qb_start, qb_len=plan.qb_len, qb_pos=plan.qb_pos,
-                    seq_ctx=plan.seq_ctx, kv_indptr=np.array([0, k, k], np.int32), kv_page=pages[h],
-                    kv_lpage=lpages[h], sink=plan.sink, local=plan.local,
-                )  # fmt: skip
+                k = np.array([0, pages.shape[1], pages.shape[1]], np.int32)
+                sub = dataclasses.replace(plan, kv_indptr=k, kv_page=pages[h], kv_lpage=lpages[h])
                 only = np.full_like(hc, -1)
                 only[h] = 0
                 o = self._attn(q, cache, layer, sub, only).reshape(q.shape)
@@ -416,6 +443,7 @@ def calibrate(
         seq = h.begin(ids)
         h.set_heads(dense, 0, 0)
         h.forward(seq, prefix, logits="last")
+        log(f"  sample {si + 1}/{num_samples}: {T} tokens prefilled in {time.perf_counter() - ts:.0f} s")
 
         def run_tail(classes, s=sink, w=local, seq=seq, prefix=prefix, T=T, m=m):
             h.set_heads(classes, s, w)
@@ -436,6 +464,8 @@ def calibrate(
                 lp = run_tail(cls)
                 kl[layer, head] += float((p_ref * (ref - lp)).sum(-1).mean())
                 dnll[layer, head] += float(-lp[rows, ans].sum() - ref_nll)
+            if (layer + 1) % 10 == 0 and layer + 1 < L:
+                log(f"    {layer + 1}/{L} layers scored ({time.perf_counter() - ts:.0f} s)")
         per_sample.append({"tokens": T, "depth": round(smp.depth, 3), "needle_pos": smp.needle_pos,
                            "passkey": smp.passkey, "dense_nll": round(float(ref_nll), 4), "dense_correct": ok,
                            "seconds": round(time.perf_counter() - ts, 1)})  # fmt: skip
