@@ -91,11 +91,32 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_chat(args) -> int:
+def _readline_history() -> None:
+    """Line editing and a persistent input history for the REPL, where readline exists."""
     try:
-        import readline  # noqa: F401  (line editing and history for input())
+        import atexit
+        import os
+        import readline
     except ImportError:
+        return
+    path = os.path.join(os.path.expanduser("~"), ".lserve_lite_history")
+    try:
+        readline.read_history_file(path)
+    except OSError:
         pass
+    readline.set_history_length(1000)
+    atexit.register(lambda: _save_history(readline, path))
+
+
+def _save_history(readline, path: str) -> None:
+    try:
+        readline.write_history_file(path)
+    except OSError:
+        pass
+
+
+def cmd_chat(args) -> int:
+    _readline_history()
     params = _sampling(args)
     llm = _make_llm(args)
     history: list[dict] = []
@@ -121,10 +142,11 @@ def cmd_chat(args) -> int:
             print("(conversation cleared)", file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
-        reply, n, t0 = [], 0, time.perf_counter()
+        reply, n, t0, t1 = [], 0, time.perf_counter(), None
         stream = llm.stream_outputs(history, params)
         try:
             for out in stream:
+                t1 = t1 or time.perf_counter()
                 n += len(out.token_ids)
                 reply.append(out.text)
                 sys.stdout.write(out.text)
@@ -136,8 +158,9 @@ def cmd_chat(args) -> int:
             history.pop()
             print(f"error: {e}", file=sys.stderr)
             continue
-        dt = time.perf_counter() - t0
-        print(f"\n[{n} tokens, {n / dt:.1f} tokens/s]", file=sys.stderr)
+        t2 = time.perf_counter()
+        rate = (n - 1) / (t2 - t1) if t1 and n > 1 and t2 > t1 else 0.0
+        print(f"\n[{n} tokens, first after {(t1 or t2) - t0:.2f} s, {rate:.1f} tokens/s]", file=sys.stderr)
         history.append({"role": "assistant", "content": "".join(reply)})
 
 

@@ -224,7 +224,7 @@ def test_harness_prefix_reuse_is_exact(tiny_llm):
     h = SparseHarness(tiny_llm)
     ids = [int(t) for t in np.random.default_rng(0).integers(3, 300, 300)]
     ref = tiny_llm.logits(ids)
-    seq = h.begin(ids)
+    seq = h.begin(ids, prompt_len=260)
     try:
         h.set_heads(h.dense_classes(), 0, 0)
         np.testing.assert_allclose(h.forward(seq, 300), ref, rtol=1e-5, atol=1e-5)
@@ -250,7 +250,7 @@ def test_emulated_selection(tiny_llm):
 
     h = SparseHarness(tiny_llm)
     ids = [int(t) for t in np.random.default_rng(1).integers(3, 300, 700)]
-    seq = h.begin(ids)
+    seq = h.begin(ids, prompt_len=680)
     try:
         h.set_heads(h.dense_classes(), 0, 0)
         h.forward(seq, 680, logits="last")
@@ -275,6 +275,7 @@ def test_emulated_selection(tiny_llm):
         rng = np.random.default_rng(2)
         q = rng.standard_normal((1, cfg.num_heads, cfg.head_dim)).astype(np.float32)
         plan = build_plan(BatchLayout([1], [ctx], [seq.page_table]), 64)
+        emu.state.reset()  # a fresh selection for this query (no reuse from the decode steps above)
         h.decoding = True
         out = emu.attention(q, h.runner.cache, layer, plan, np.zeros(cfg.num_kv_heads, np.int32))
         h.decoding = False

@@ -65,76 +65,90 @@ def config_dict(c: SparseConfig | None) -> dict | None:
 
 
 class Runner:
-    """Runs one prompt under every config (emulate or engine mode); keeps the prefill when it can."""
+    """Runs prompts under every config: `emulate` (one dense-mode LLM, LServe applied by the harness) or
+    `engine` (one LLM per group of configs that share a KV layout; per-request knobs for the rest).
+    Configs whose prefill is identical share one prefill per prompt."""
 
     def __init__(self, model: str | None, configs: dict, mode: str, max_len: int, pattern: str | None):
-        self.configs, self.mode = configs, mode
+        from lserve_lite.tokenizer import Tokenizer
+        from lserve_lite.weights.loader import resolve_model_dir
+
+        self.configs, self.mode, self.model, self.pattern = configs, mode, model, pattern
+        self.model_dir = resolve_model_dir(model)
+        self.tokenizer = Tokenizer(self.model_dir)
         pages = -(-(max_len + 64) // 64) + 2
         self.ecfg = dict(num_kv_pages=pages, max_model_len=max_len, max_num_batched_tokens=2048)
-        self.model, self.pattern = model, pattern
-        if mode == "emulate":
-            self.llm = LLM(model, backend="cpu", config=EngineConfig(**self.ecfg))
-            self.h = SparseHarness(self.llm)
-            c = self.h.cfg
-            self.gates = resolve_pattern(self.llm.engine.model_dir, c.num_layers, c.num_kv_heads, pattern)
-            self.tokenizer = self.llm.tokenizer
-        else:
-            self.tokenizer = LLM(model, backend="cpu", config=EngineConfig(**self.ecfg)).tokenizer
+        self.gates = None
 
-    def classes(self, sc: SparseConfig) -> list[np.ndarray]:
-        return head_classes(self.gates, sc.static_sparsity)
+    # groups of configs that run on one LLM ------------------------------------------------------------
+    def groups(self):
+        """Yield (harness, config names); the previous group's LLM is dropped first."""
+        if self.mode == "emulate":
+            llm = LLM(self.model, backend="cpu", config=EngineConfig(**self.ecfg))
+            c = llm.engine.cfg
+            self.gates = resolve_pattern(self.model_dir, c.num_layers, c.num_kv_heads, self.pattern)
+            yield SparseHarness(llm), list(self.configs)
+            return
+        fixed = ("static_sparsity", "page_size", "sub_pages")
+        keyed: dict = {}
+        for name, sc in self.configs.items():
+            keyed.setdefault(None if sc is None else tuple(getattr(sc, k) for k in fixed), []).append(name)
+        for key, names in keyed.items():
+            if key is None:
+                sparse = SparseConfig(enabled=False)
+            else:
+                scs = [self.configs[n] for n in names]
+                widest = {k: max(getattr(c, k) for c in scs) for k in
+                          ("prefill_sink", "prefill_local", "decode_sink", "decode_local", "token_budget")}  # fmt: skip
+                sparse = scs[0].with_updates(pattern_path=self.pattern, **widest)
+            ecfg = EngineConfig(**self.ecfg, sparse=sparse, page_size=sparse.page_size)
+            llm = LLM(self.model, backend="auto", config=ecfg)
+            yield SparseHarness(llm), names
+            del llm
 
-    def prefill_shared(self, sc: SparseConfig | None, n: int) -> bool:
-        """Whether this config's prefill equals the dense one for an n-token prompt."""
-        return sc is None or sc.static_sparsity == 0 or sc.prefill_local >= n
+    def prefill_key(self, name: str, n: int):
+        """Configs with equal keys have identical prefills of an n-token prompt."""
+        sc = self.configs[name]
+        if sc is None or sc.static_sparsity == 0 or sc.prefill_local >= n:
+            return "dense"  # in engine mode: the full prefill of this group's LLM
+        return (sc.prefill_sink, sc.prefill_local)
 
-    def run_ids(self, ids: list[int], max_new: int) -> dict[str, list[int]]:
-        """Greedy output token ids of every config for prompt `ids`."""
+    def order(self, names: list[str], n: int) -> list[str]:
+        return sorted(names, key=lambda k: (self.prefill_key(k, n) != "dense", str(self.prefill_key(k, n))))
+
+    def prepare(self, h: SparseHarness, seq, name: str, phase: str) -> None:
+        """Apply config `name` for the prefill or decode phase of `seq`."""
+        sc = self.configs[name]
         if self.mode == "engine":
-            return self._run_engine(ids, max_new)
-        h, out = self.h, {}
+            if sc is not None and phase == "prefill":
+                h.set_request_sparse(seq, sc)
+            return
+        if sc is None or sc.static_sparsity == 0:
+            h.set_heads(h.dense_classes(), 0, 0)
+        elif phase == "prefill":
+            h.set_heads(head_classes(self.gates, sc.static_sparsity), sc.prefill_sink, sc.prefill_local)
+        else:
+            h.set_heads(head_classes(self.gates, sc.static_sparsity), sc.decode_sink, sc.decode_local)
+        if phase == "decode" and sc is not None:
+            h.enable_selection(sc.token_budget, sc.select_interval, sc.sub_pages)
+        else:
+            h.disable_selection()
+
+    def greedy_all(self, h: SparseHarness, names: list[str], ids: list[int], max_new: int) -> dict:
+        """Greedy output ids of configs `names` for prompt `ids` on harness h."""
+        out, key, first = {}, None, None
         seq = h.begin(ids, reserve=max_new + 1)
         try:
-            T = len(ids)
-            order = sorted(self.configs, key=lambda k: not self.prefill_shared(self.configs[k], T))
-            dense_first = None
-            for name in order:
-                sc = self.configs[name]
-                if self.prefill_shared(sc, T):
-                    if dense_first is None:
-                        h.rewind(seq, 0)
-                        h.disable_selection()
-                        h.set_heads(h.dense_classes(), 0, 0)
-                        dense_first = h.forward(seq, T, logits="last")[-1]
-                    first = dense_first
-                else:
-                    h.rewind(seq, 0)
-                    h.disable_selection()
-                    h.set_heads(self.classes(sc), sc.prefill_sink, sc.prefill_local)
-                    first = h.forward(seq, T, logits="last")[-1]
-                    dense_first = None  # the cache no longer holds the dense prefill
-                h.rewind(seq, T)
-                if sc is None:
-                    h.disable_selection()
-                    h.set_heads(h.dense_classes(), 0, 0)
-                else:
-                    h.set_heads(self.classes(sc), sc.decode_sink, sc.decode_local)
-                    h.enable_selection(sc.token_budget, sc.select_interval, sc.sub_pages)
+            for name in self.order(names, len(ids)):
+                self.prepare(h, seq, name, "prefill")
+                if self.prefill_key(name, len(ids)) != key:
+                    h.rewind(seq, 0, keep_outputs=False)
+                    first = h.forward(seq, len(ids), logits="last")[-1]
+                    key = self.prefill_key(name, len(ids))
+                self.prepare(h, seq, name, "decode")
                 out[name] = h.greedy(seq, max_new, first)
         finally:
             h.end(seq)
-        return out
-
-    def _run_engine(self, ids: list[int], max_new: int) -> dict:
-        from lserve_lite import SamplingParams
-
-        out = {}
-        for name, sc in self.configs.items():
-            ecfg = EngineConfig(**self.ecfg, sparse=sc or SparseConfig(enabled=False))
-            llm = LLM(self.model, backend="auto", config=ecfg)
-            res = llm.generate([ids], SamplingParams(temperature=0, max_new_tokens=max_new, ignore_eos=True))
-            out[name] = res[0].token_ids
-            del llm
         return out
 
 
@@ -204,17 +218,23 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     runner = Runner(args.model, configs, args.mode, max(lengths) + 64, args.pattern)
     grid = make_grid(runner.tokenizer, lengths, depths, args.samples, args.seed)
+    outs: list[dict] = [{} for _ in grid]
+    for h, names in runner.groups():
+        for i, (_, smp) in enumerate(grid):
+            ts = time.perf_counter()
+            got = runner.greedy_all(h, names, smp.prompt_ids, len(smp.answer_ids) + 2)
+            outs[i].update(got)
+            marks = " ".join(
+                f"{k}={'ok' if smp.passkey in runner.tokenizer.decode(v) else 'FAIL'}" for k, v in got.items()
+            )
+            print(f"[{i + 1}/{len(grid)}] {smp.num_tokens} tokens, depth {smp.depth:.2f}: {marks} "
+                  f"({time.perf_counter() - ts:.0f} s)", flush=True)  # fmt: skip
     rows = []
-    for i, (n, smp) in enumerate(grid):
-        ts = time.perf_counter()
-        outs = runner.run_ids(smp.prompt_ids, len(smp.answer_ids) + 2)
-        texts = {k: runner.tokenizer.decode(v) for k, v in outs.items()}
-        passed = {k: smp.passkey in t for k, t in texts.items()}
+    for (n, smp), o in zip(grid, outs, strict=True):
+        texts = {k: runner.tokenizer.decode(o[k]) for k in configs}
         rows.append({"length": n, "tokens": smp.num_tokens, "depth": smp.depth, "needle_pos": smp.needle_pos,
-                     "passkey": smp.passkey, "output": texts, "pass": passed})  # fmt: skip
-        marks = " ".join(f"{k}={'ok' if v else 'FAIL'}" for k, v in passed.items())
-        print(f"[{i + 1}/{len(grid)}] {smp.num_tokens} tokens, depth {smp.depth:.2f}: {marks} "
-              f"({time.perf_counter() - ts:.0f} s)", flush=True)  # fmt: skip
+                     "passkey": smp.passkey, "output": texts,
+                     "pass": {k: smp.passkey in t for k, t in texts.items()}})  # fmt: skip
     summary = {
         name: {str(n): float(np.mean([r["pass"][name] for r in rows if r["length"] == n])) for n in lengths}
         for name in configs

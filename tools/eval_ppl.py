@@ -40,7 +40,7 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 def prefill_nll(h, seq, n: int, chunk: int = 512) -> np.ndarray:
     """Prefill n tokens in chunks; NLL of tokens 1..n (row i predicts token i+1)."""
-    ids = np.asarray(seq.prompt_ids)
+    ids = np.asarray(seq.all_ids)
     out, done = [], seq.num_cached
     while done < n:
         k = min(chunk, n - done)
@@ -50,45 +50,29 @@ def prefill_nll(h, seq, n: int, chunk: int = 512) -> np.ndarray:
     return np.concatenate(out)
 
 
-def eval_length(r: Runner, ids: list[int], n_dec: int, log) -> dict:
-    """NLLs of every config for one context window (emulate mode)."""
-    h, configs = r.h, r.configs
+def eval_length(r: Runner, h, names: list[str], ids: list[int], n_dec: int, log) -> dict:
+    """Prefill and decode perplexities of configs `names` for one context window, on harness h."""
     C = len(ids)
     P = C - n_dec - 1
     tgt = np.asarray(ids[P + 1 : P + n_dec + 1])
-    seq = h.begin(ids)
+    seq = h.begin(ids, prompt_len=P)
     res: dict[str, dict] = {}
+    key, pre = None, None
     try:
-        order = sorted(configs, key=lambda k: not r.prefill_shared(configs[k], C))
-        dense_pre = None
-        for name in order:
-            sc = configs[name]
+        for name in r.order(names, C):
             t = time.perf_counter()
-            if r.prefill_shared(sc, C):
-                if dense_pre is None:
-                    h.rewind(seq, 0)
-                    h.disable_selection()
-                    h.set_heads(h.dense_classes(), 0, 0)
-                    dense_pre = prefill_nll(h, seq, P)
-                pre = dense_pre
-            else:
+            r.prepare(h, seq, name, "prefill")
+            if r.prefill_key(name, C) != key:
                 h.rewind(seq, 0)
-                h.disable_selection()
-                h.set_heads(r.classes(sc), sc.prefill_sink, sc.prefill_local)
                 pre = prefill_nll(h, seq, P)
-                dense_pre = None
+                key = r.prefill_key(name, C)
             h.rewind(seq, P)
-            if sc is None:
-                h.disable_selection()
-                h.set_heads(h.dense_classes(), 0, 0)
-            else:
-                h.set_heads(r.classes(sc), sc.decode_sink, sc.decode_local)
-                h.enable_selection(sc.token_budget, sc.select_interval, sc.sub_pages)
+            r.prepare(h, seq, name, "decode")
             dec = _nll(h.decode(seq, n_dec), tgt)
             res[name] = {"ppl_prefill": float(np.exp(pre.mean())), "ppl_decode": float(np.exp(dec.mean())),
                          "nll_decode": float(dec.mean()), "seconds": round(time.perf_counter() - t, 1)}  # fmt: skip
-            log(f"  {name:>14}: ppl decode {res[name]['ppl_decode']:.3f}, prefill {res[name]['ppl_prefill']:.3f}"
-                f" ({res[name]['seconds']:.0f} s)")  # fmt: skip
+            log(f"  {C} tokens, {name:>14}: ppl decode {res[name]['ppl_decode']:.3f}, "
+                f"prefill {res[name]['ppl_prefill']:.3f} ({res[name]['seconds']:.0f} s)")  # fmt: skip
     finally:
         h.end(seq)
     return res
@@ -137,22 +121,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=64, help="tokens scored by decode steps (64)")
     ap.add_argument("--configs", default="dense,lserve,lserve-b512", help="as in eval_passkey.py")
     ap.add_argument("--pattern", default=None, help="head pattern TSV (default: the model's bundled one)")
+    ap.add_argument("--mode", choices=("emulate", "engine"), default="emulate", help="as in eval_passkey.py")
     ap.add_argument("--out", default="tools/results/ppl", help="output stem: <out>.json, <out>.png")
     args = ap.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",")]
     configs = parse_configs(args.configs)
     t0 = time.perf_counter()
-    r = Runner(args.model, configs, "emulate", max(lengths) + 64, args.pattern)
+    r = Runner(args.model, configs, args.mode, max(lengths) + 64, args.pattern)
     text = corpus_text()
     ids = r.tokenizer.encode(text)
     if len(ids) < max(lengths):
         raise SystemExit(f"the text has only {len(ids)} tokens")
-    results = {}
-    for n in lengths:
-        print(f"context {n}:", flush=True)
-        results[str(n)] = eval_length(r, ids[:n], args.decode_tokens, lambda s: print(s, flush=True))
+    results: dict[str, dict] = {str(n): {} for n in lengths}
+    for h, names in r.groups():
+        for n in lengths:
+            results[str(n)].update(
+                eval_length(r, h, names, ids[:n], args.decode_tokens, lambda s: print(s, flush=True))
+            )
     result = {
-        "tool": "eval_ppl", "model": Path(r.llm.engine.model_dir).name, "mode": "emulate",
+        "tool": "eval_ppl", "model": Path(r.model_dir).name, "mode": args.mode,
         "pattern": args.pattern or "bundled",
         "text": {"source": "corpus_text(): stdlib module docstrings + LICENSE.txt", "tokens": len(ids),
                  "sha256": hashlib.sha256(text.encode()).hexdigest(), "python": platform.python_version()},

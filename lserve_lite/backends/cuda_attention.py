@@ -26,7 +26,17 @@ HEAD_DIMS = (64, 128)
 _THREADS = 128
 _COMBINE_THREADS = 256
 _META = 8  # nqb, num_tokens, sink, local, then spare (PLAN_META in attention_common.cuh)
-_QB_FIELDS = ("qb_seq", "qb_start", "qb_len", "qb_pos", "qb_sink", "qb_local", "qb_slot", "qb_keep", "qb_refresh")
+_QB_FIELDS = (
+    "qb_seq",
+    "qb_start",
+    "qb_len",
+    "qb_pos",
+    "qb_sink",
+    "qb_local",
+    "qb_slot",
+    "qb_keep",
+    "qb_refresh",
+)
 _LOG2E = 1.4426950408889634
 
 
