@@ -172,6 +172,12 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args, _make_llm(args))
+
+
 def cmd_kernels(args) -> int:
     from .kernels_harness import main as harness_main
 
@@ -199,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("gguf")
     p.add_argument("out_dir")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("bench", help="prefill and decode tokens/s of this model on this backend")
+    add_engine_args(p)
+    from .bench import add_args as add_bench_args
+
+    add_bench_args(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
         "kernels", help="kernel harness: `kernels test` checks every GPU kernel vs its reference"

@@ -1,0 +1,70 @@
+"""`lserve-lite bench`: prefill and decode throughput of the engine for one model and backend.
+
+A quick figure for users; the tools/bench_*.py scripts are the full benchmarks with peers and rooflines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+
+from .llm import LLM
+from .sampling_params import SamplingParams
+
+
+def random_prompt(n: int, vocab: int, seed: int = 0) -> list[int]:
+    """Random token ids (never a constant prompt: the attention pattern must be realistic)."""
+    return [int(t) for t in np.random.default_rng(seed).integers(100, max(101, vocab - 1), n)]
+
+
+def prefill_tok_s(llm: LLM, n: int, reps: int = 2) -> float:
+    ids = random_prompt(n, llm.engine.cfg.vocab_size, seed=n)
+    llm.logits(ids[: min(n, 64)])  # warm-up
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        llm.logits(ids)
+        times.append(time.perf_counter() - t)
+    return n / statistics.median(times)
+
+
+def decode_tok_s(llm: LLM, ctx: int, steps: int, batch: int = 1) -> float:
+    """Median steady-state decode rate (tokens/s summed over the batch) after `ctx` prompt tokens."""
+    prompts = [random_prompt(ctx, llm.engine.cfg.vocab_size, seed=ctx + b) for b in range(batch)]
+    params = SamplingParams(temperature=0, max_new_tokens=steps + 2, ignore_eos=True)
+    eng = llm.engine
+    for p in prompts:
+        eng.add_request(p, params)
+    stamps = []
+    while eng.has_unfinished():
+        outs = eng.step()
+        if outs and all(len(o.token_ids) for o in outs) and len(outs) == batch:
+            stamps.append(time.perf_counter())
+    gaps = np.diff(stamps[1:])
+    return batch / float(np.median(gaps)) if gaps.size else 0.0
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt-lens", default="512,2048", help="prefill lengths, comma-separated")
+    p.add_argument("--context", type=int, default=512, help="prompt tokens before decoding")
+    p.add_argument("--steps", type=int, default=32, help="decode steps to time")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+
+
+def main(args: argparse.Namespace, llm: LLM) -> int:
+    rows = {f"prefill_{n}_tok_s": prefill_tok_s(llm, int(n)) for n in args.prompt_lens.split(",")}
+    rows[f"decode_ctx{args.context}_b{args.batch}_tok_s"] = decode_tok_s(
+        llm, args.context, args.steps, args.batch
+    )
+    print(f"model {llm.engine.model_dir.name}, backend {llm.engine.ops.name}")
+    for k, v in rows.items():
+        print(f"  {k:<28}{v:>12.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
