@@ -15,7 +15,9 @@ import pytest
 from lserve_lite.errors import ModelLoadError
 from lserve_lite.weights import default_model
 from lserve_lite.weights.default_model import default_gguf_path, default_model_dir
-from lserve_lite.weights.gguf_import import _bytes_to_unicode, convert_gguf, read_gguf_metadata
+from lserve_lite.weights.gguf_import import convert_gguf
+from lserve_lite.weights.gguf_reader import read_gguf_metadata
+from lserve_lite.weights.gguf_tokenizer import _bytes_to_unicode
 
 TEXTS = [
     "Hello world",

@@ -1,9 +1,10 @@
-"""GGUF import: a llama-architecture GGUF file -> a Hugging Face style model directory.
-
-The directory holds float32 safetensors under HF tensor names (dequantized with `gguf.quants`, Q/K rows
-un-permuted), `config.json`, `generation_config.json`, and a `tokenizer.json` / `tokenizer_config.json`
-rebuilt from the GGUF vocabulary so that it tokenizes exactly as transformers' own GGUF tokenizer does
-(`transformers/integrations/gguf/gguf_tokenizer_mapping.py`).
+"""GGUF import: convert a llama-architecture GGUF file into a Hugging Face style model directory (float32
+safetensors under HF tensor names, `config.json`, `generation_config.json`, `tokenizer.json`,
+`tokenizer_config.json`). This module holds the conversion itself: `convert_gguf`, the config.json derived
+from the metadata with its tensor name / type / shape checks, llama3 rope scaling recovered from
+`rope_freqs.weight`, the Q/K row un-permute, dequantization with `gguf.quants` and the (sharded) writing;
+parsing the file is `gguf_reader`'s job and rebuilding the tokenizer is `gguf_tokenizer`'s, so each piece
+stays one concept that can be read and tested on its own.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ import math
 import os
 import re
 import shutil
-import struct
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import ModelLoadError
+from .gguf_reader import _one_line, read_gguf
+from .gguf_tokenizer import _tokenizer_files
 
 SUPPORTED_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
 MAX_SHARD_BYTES = 4 << 30  # one model.safetensors up to this size, HF-style shards above it
@@ -43,55 +44,6 @@ _TOP_TENSORS = {
     "output.weight": "lm_head.weight",
 }
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
-
-# llama.cpp token types (tokenizer.ggml.token_type)
-_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
-
-# Split regexes transformers uses per `tokenizer.ggml.pre` (GGUF_PRE_TOKENIZER_SPLITS); others: GPT-2's.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN35_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
-    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_TEKKEN_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_GPT4O_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-PRE_TOKENIZER_SPLITS = {
-    **dict.fromkeys(
-        (
-            "llama3",
-            "llama-v3",
-            "llama-bpe",
-            "falcon3",
-            "falcon-h1",
-            "pixtral",
-            "midm-2.0",
-            "lfm2",
-            "jina-v5-nano",
-            "dbrx",
-            "smaug-bpe",
-        ),
-        _LLAMA3_SPLIT,
-    ),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2_SPLIT),
-    "qwen35": _QWEN35_SPLIT,
-    "tekken": _TEKKEN_SPLIT,
-    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O_SPLIT),
-}
 
 
 def convert_gguf(
@@ -130,146 +82,7 @@ def convert_gguf(
     return out
 
 
-# ---------------------------------------------------------------------------------------------- reading
-
-
-@dataclass(frozen=True)
-class GGUFTensor:
-    """One tensor of a GGUF file: its raw bytes, shaped (*shape[:-1], bytes per row)."""
-
-    name: str
-    ggml_type: int  # a gguf.GGMLQuantizationType
-    type_name: str
-    shape: tuple[int, ...]  # row-major (numpy / HF) order: GGUF's dims reversed
-    data: np.ndarray
-
-
-class _Bad(ValueError):
-    """A structural problem in the file; becomes a one-line ModelLoadError."""
-
-
-# GGUF value types -> struct format (scalars) / numpy dtype (arrays); 8 is string, 9 is array
-_SCALAR_FMT = {
-    0: "<B",
-    1: "<b",
-    2: "<H",
-    3: "<h",
-    4: "<I",
-    5: "<i",
-    6: "<f",
-    7: "<?",
-    10: "<Q",
-    11: "<q",
-    12: "<d",
-}
-_ARRAY_DTYPE = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8",
-                11: "<i8", 12: "<f8"}  # fmt: skip
-
-
-class _Cursor:
-    """Sequential little-endian reads over the mapped file, bounds-checked."""
-
-    def __init__(self, buf: np.ndarray):
-        self.buf, self.pos, self.size = buf, 0, len(buf)
-
-    def take(self, n: int) -> int:
-        if n < 0 or self.pos + n > self.size:
-            raise _Bad(f"truncated at byte {self.pos} (file is {self.size} bytes)")
-        at = self.pos
-        self.pos += n
-        return at
-
-    def unpack(self, fmt: str) -> tuple:
-        return struct.unpack_from(fmt, self.buf, self.take(struct.calcsize(fmt)))
-
-    def string(self) -> str:
-        (n,) = self.unpack("<Q")
-        at = self.take(n)
-        return bytes(self.buf[at : at + n]).decode("utf-8")
-
-    def value(self, vtype: int) -> Any:
-        if vtype == 8:
-            return self.string()
-        if vtype == 9:
-            itype, n = self.unpack("<IQ")
-            if itype in _ARRAY_DTYPE:
-                dt = np.dtype(_ARRAY_DTYPE[itype])
-                at = self.take(n * dt.itemsize)
-                arr = np.frombuffer(self.buf, dtype=dt, count=n, offset=at)
-                return (arr != 0).tolist() if itype == 7 else arr.tolist()
-            if n * 8 > self.size - self.pos:  # every string or array item takes at least 8 bytes
-                raise _Bad(f"array of {n} items at byte {self.pos} runs past the end of the file")
-            return [self.value(itype) for _ in range(n)]
-        if vtype not in _SCALAR_FMT:
-            raise _Bad(f"unknown metadata value type {vtype} at byte {self.pos}")
-        return self.unpack(_SCALAR_FMT[vtype])[0]
-
-
-def read_gguf(gguf_path: str | Path) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
-    """(metadata as Python values, tensors by GGUF name) of a GGUF v2/v3 file; ModelLoadError if unreadable.
-
-    Tensor data stays memory-mapped; nothing is dequantized here.
-    """
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    path = Path(gguf_path).expanduser()
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: GGUF file not found")
-    try:
-        buf = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
-        cur = _Cursor(buf)
-        if bytes(buf[: cur.take(4) + 4]) != b"GGUF":
-            raise _Bad("no GGUF magic bytes at the start")
-        (version,) = cur.unpack("<I")
-        if version in (2 << 24, 3 << 24):
-            raise _Bad("big-endian GGUF files are not supported")
-        if version not in (2, 3):
-            raise _Bad(f"GGUF version {version} is not supported (2 or 3)")
-        n_tensors, n_kv = cur.unpack("<QQ")
-        meta: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = cur.string()
-            (vtype,) = cur.unpack("<I")
-            meta[key] = cur.value(vtype)
-        infos = []
-        for _ in range(n_tensors):
-            name = cur.string()
-            (n_dims,) = cur.unpack("<I")
-            if not 1 <= n_dims <= 4:
-                raise _Bad(f"tensor {name!r} has {n_dims} dimensions")
-            dims = cur.unpack(f"<{n_dims}Q")
-            ttype, offset = cur.unpack("<IQ")
-            infos.append((name, dims, ttype, offset))
-        align = int(meta.get("general.alignment", 32))
-        if align <= 0:
-            raise _Bad(f"bad general.alignment {align}")
-        data_start = -(-cur.pos // align) * align
-        tensors: dict[str, GGUFTensor] = {}
-        for name, dims, ttype, offset in infos:
-            try:
-                qtype = GGMLQuantizationType(ttype)
-            except ValueError:
-                raise _Bad(f"tensor {name!r} has unknown type id {ttype}") from None
-            block, block_bytes = GGML_QUANT_SIZES[qtype]
-            if dims[0] % block:
-                raise _Bad(f"tensor {name!r}: row length {dims[0]} is not a multiple of {block}")
-            row_bytes = dims[0] // block * block_bytes
-            nbytes = row_bytes * math.prod(dims[1:])
-            start = data_start + offset
-            if start + nbytes > len(buf):
-                raise _Bad(f"tensor {name!r} runs past the end of the file (truncated?)")
-            shape = tuple(int(d) for d in reversed(dims))
-            data = buf[start : start + nbytes].reshape(*shape[:-1], row_bytes)
-            tensors[name] = GGUFTensor(name, qtype, qtype.name, shape, data)
-    except _Bad as e:
-        raise ModelLoadError(f"{path}: not a valid GGUF file ({_one_line(e)})") from None
-    except UnicodeDecodeError as e:
-        raise ModelLoadError(
-            f"{path}: not a valid GGUF file (a string is not UTF-8: {_one_line(e)})"
-        ) from None
-    except (OSError, ValueError, OverflowError, MemoryError) as e:
-        raise ModelLoadError(f"{path}: cannot read the GGUF file ({_one_line(e)})") from None
-    return meta, tensors
+# ---------------------------------------------------------------------------------------------- config
 
 
 def _model_config(meta: dict[str, Any], tensors: dict, path: Path) -> dict[str, Any]:
@@ -540,213 +353,8 @@ def _write_weights(tensors: dict, cfg: dict[str, Any], src: Path, out: Path, pro
         _write_json(out / "model.safetensors.index.json", index)
 
 
-# -------------------------------------------------------------------------------------------- tokenizer
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
-def _generate_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
-    """BPE merges implied by a scored vocabulary (transformers' generate_merges with vocab_scores)."""
-    merges = []
-    for piece, score in scores.items():
-        local = [
-            (piece[:i], piece[i:], score)
-            for i in range(1, len(piece))
-            if piece[:i] in vocab and piece[i:] in vocab
-        ]
-        merges.extend(sorted(local, key=lambda x: (vocab[x[0]], vocab[x[1]])))
-    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
-    return [(a, b) for a, b, _ in merges]
-
-
-def _merges(meta: dict[str, Any], vocab: dict[str, int], tokens: list[str]) -> list[tuple[str, str]]:
-    raw = meta.get("tokenizer.ggml.merges")
-    if raw is not None:
-        return [tuple(m.split(" ")) for m in raw]
-    scores = meta.get("tokenizer.ggml.scores")
-    if scores is None or len(scores) != len(tokens):
-        raise ValueError("the GGUF has neither merges nor token scores")
-    return _generate_merges(vocab, dict(zip(tokens, scores, strict=True)))
-
-
-def build_tokenizer(meta: dict[str, Any], path: str | Path = "GGUF"):
-    """A `tokenizers.Tokenizer` equal to the one transformers builds from this GGUF's metadata, plus
-    (add_bos_token, add_eos_token)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
-    from tokenizers.models import BPE
-
-    kind = meta.get("tokenizer.ggml.model")
-    tokens: list[str] | None = meta.get("tokenizer.ggml.tokens")
-    if not tokens:
-        raise ModelLoadError(f"{path}: no tokenizer vocabulary (tokenizer.ggml.tokens)")
-    types = list(meta.get("tokenizer.ggml.token_type") or [])
-    try:
-        if kind == "gpt2":
-            spelling = _bytes_to_unicode()
-            alphabet = set(spelling.values())
-            vocab = {
-                tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8")): i
-                for i, tok in enumerate(tokens)
-            }
-            tok = Tokenizer(
-                BPE(
-                    vocab=vocab,
-                    merges=_merges(meta, vocab, tokens),
-                    dropout=None,
-                    continuing_subword_prefix="",
-                    end_of_word_suffix="",
-                    fuse_unk=False,
-                )
-            )
-            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-            tok.decoder = decoders.ByteLevel()
-            default_names = ["<|endoftext|>"]  # GPT2Tokenizer's default unk/bos/eos
-            add_bos_default = False
-        elif kind == "llama":
-            alphabet = None
-            vocab = {t: i for i, t in enumerate(tokens)}
-            tok = Tokenizer(
-                BPE(
-                    vocab=vocab,
-                    merges=_merges(meta, vocab, tokens),
-                    fuse_unk=True,
-                    byte_fallback=True,
-                    dropout=None,
-                )
-            )
-            tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-            tok.decoder = decoders.Sequence(
-                [
-                    decoders.Replace("▁", " "),
-                    decoders.ByteFallback(),
-                    decoders.Fuse(),
-                    decoders.Strip(content=" ", left=1),
-                ]
-            )
-            default_names = ["<unk>", "<s>", "</s>"]  # LlamaTokenizer's defaults
-            add_bos_default = True
-        else:
-            raise ModelLoadError(
-                f"{path}: tokenizer model {kind!r} is not supported (supported: gpt2, llama)"
-            )
-    except ModelLoadError:
-        raise
-    except Exception as e:
-        raise ModelLoadError(f"{path}: cannot build the tokenizer ({_one_line(e)})") from None
-
-    def named(key: str) -> str | None:
-        i = meta.get(f"tokenizer.ggml.{key}")
-        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
-
-    specials = {k: named(k + "_token_id") for k in ("bos", "eos", "unknown", "padding")}
-    # As transformers: the class's default special names first, then control tokens, user-defined tokens
-    # (not special) and the GGUF's named special tokens; a name outside the vocabulary is not added.
-    added = [t for t in default_names if t in vocab]
-    added += [
-        t
-        for t, ty in zip(tokens, types, strict=False)
-        if ty == _CONTROL and (alphabet is None or set(t) <= alphabet)
-    ]
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in dict.fromkeys(added)])
-    user = [t for t, ty in zip(tokens, types, strict=False) if ty == _USER_DEFINED and t in vocab]
-    if user:
-        tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
-    have = set(tok.get_added_tokens_decoder()[i].content for i in tok.get_added_tokens_decoder())
-    named_new = [t for t in specials.values() if t is not None and t not in have and t in vocab]
-    if named_new:
-        tok.add_special_tokens(
-            [AddedToken(t, normalized=False, special=True) for t in dict.fromkeys(named_new)]
-        )
-
-    split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
-    if split is not None:
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
-
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)) and specials["bos"] is not None
-    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and specials["eos"] is not None
-    bos, eos = specials["bos"], specials["eos"]
-    single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
-    pair = f"{single}{(' ' + bos + ':1') if add_bos else ''} $B:1{(' ' + eos + ':1') if add_eos else ''}"
-    special_ids = ([(bos, tok.token_to_id(bos))] if add_bos else []) + (
-        [(eos, tok.token_to_id(eos))] if add_eos else []
-    )
-    tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special_ids)
-    return tok, add_bos, add_eos
-
-
-def _tokenizer_files(meta: dict[str, Any], cfg: dict[str, Any], path: Path):
-    """(tokenizer, tokenizer_config.json dict, generation_config.json dict)."""
-    tok, add_bos, add_eos = build_tokenizer(meta, path)
-    tokens = meta["tokenizer.ggml.tokens"]
-    tc: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": add_bos,
-        "add_eos_token": add_eos,
-    }
-    for name, key in (
-        ("bos_token", "bos"),
-        ("eos_token", "eos"),
-        ("unk_token", "unknown"),
-        ("pad_token", "padding"),
-    ):
-        i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        if i is not None and 0 <= i < len(tokens):
-            tc[name] = tokens[i]
-    tc["clean_up_tokenization_spaces"] = False
-    tc["model_max_length"] = cfg["max_position_embeddings"]
-    if (template := meta.get("tokenizer.chat_template")) is not None:
-        tc["chat_template"] = template
-    gen: dict[str, Any] = {}
-    if "bos_token_id" in cfg:
-        gen["bos_token_id"] = cfg["bos_token_id"]
-    if "eos_token_id" in cfg:
-        gen["eos_token_id"] = cfg["eos_token_id"]
-    if "pad_token_id" in cfg:
-        gen["pad_token_id"] = cfg["pad_token_id"]
-    return tok, tc, gen
-
-
-# ------------------------------------------------------------------------------------------------ utils
-
-
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _one_line(e: BaseException) -> str:
-    msg = " ".join(str(e).split()) or type(e).__name__
-    return msg if len(msg) <= 200 else msg[:197] + "..."
-
-
-def read_gguf_metadata(gguf_path: str | Path) -> dict[str, Any]:
-    """The key/value metadata of a GGUF file as Python values (ModelLoadError if unreadable)."""
-    return read_gguf(gguf_path)[0]
-
-
-__all__ = [
-    "GGUFTensor",
-    "convert_gguf",
-    "read_gguf",
-    "build_tokenizer",
-    "read_gguf_metadata",
-    "hf_name",
-    "llama3_rope_factors",
-]
+__all__ = ["convert_gguf", "hf_name", "llama3_rope_factors"]
