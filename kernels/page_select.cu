@@ -61,6 +61,7 @@ __device__ __forceinline__ void page_score_body(const f16_t* __restrict__ q, con
     const int2 pl = pv.kv_pl[lo + e];
     const size_t base = ((size_t)pl.x * nd + slot) * sub * D;
     float best = LSERVE_NEG_INF;
+#pragma unroll 4
     for (int s0 = 0; s0 < sub; s0 += PER_IT) {
       const int ls = s0 + lane / LP;
       const bool in = ls < sub;

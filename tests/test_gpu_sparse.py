@@ -161,7 +161,8 @@ def test_sparse_decode_selector_matches_reference(name):
         table, _ = plan.pages(qb, 0)
         n_pages = table.shape[0]
         scores = page_scores(
-            c["q"][qb], kmax[:, slot[hc == 0]], kmin[:, slot[hc == 0]], table, ctx[qb], group, ps
+            c["q"][qb].reshape(hkv, group, -1)[hc == 0].reshape(-1, c["q"].shape[-1]),
+            kmax[:, slot[hc == 0]], kmin[:, slot[hc == 0]], table, ctx[qb], group, ps,
         ) if (hc == 0).any() else None  # fmt: skip
         for j, g in enumerate(np.nonzero(hc == 0)[0]):
             got = np.sort(sel_g[qb, g, : cnt_g[qb, g]])
@@ -265,12 +266,22 @@ def _sparse_llm(path, backend, **kw):
     )
 
 
+@pytest.fixture(scope="module")
+def tiny64(tmp_path_factory):
+    """A tiny random Llama with head_dim 64 (the GPU kernels are compiled for 64 and 128)."""
+    from tiny_models import make_tiny
+
+    return make_tiny(
+        tmp_path_factory.mktemp("tiny64"), hidden_size=256, num_attention_heads=4, num_key_value_heads=2
+    )
+
+
 @pytest.fixture
-def sparse_tiny(tiny_llama, tmp_path):
+def sparse_tiny(tiny64, tmp_path):
     import shutil
 
     p = tmp_path / "m"
-    shutil.copytree(tiny_llama, p)
+    shutil.copytree(tiny64, p)
     (p / "full_attention_heads.tsv").write_text("0.9\t0.1\n0.2\t0.8\n")
     return p
 
@@ -293,11 +304,11 @@ def test_engine_sparse_cuda_matches_cpu(sparse_tiny):
     assert min(agree) >= 4 and sum(agree) >= 0.75 * sum(len(x) for x in outs["cpu"]), (agree, outs)
 
 
-def test_engine_sparse_budget_over_context_equals_dense_cuda(sparse_tiny, tiny_llama):
+def test_engine_sparse_budget_over_context_equals_dense_cuda(sparse_tiny, tiny64):
     from lserve_lite import LLM, EngineConfig, SamplingParams
 
     ids = [int(t) for t in np.random.default_rng(5).integers(3, 320, 300)]
     params = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True)
     sparse = _sparse_llm(sparse_tiny, "cuda", static_sparsity=0.0, token_budget=1024, select_interval=1)
-    dense = LLM(str(tiny_llama), backend="cuda", config=EngineConfig(page_size=16, max_num_batched_tokens=64))
+    dense = LLM(str(tiny64), backend="cuda", config=EngineConfig(page_size=16, max_num_batched_tokens=64))
     assert sparse.generate([ids], params)[0].token_ids == dense.generate([ids], params)[0].token_ids

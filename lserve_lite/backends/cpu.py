@@ -9,8 +9,12 @@ import numpy as np
 from ..config import ModelConfig
 from ..engine.sampler import sample
 from ..sparse.plan import AttentionPlan
+from . import cpu_kernels as K
 from .base import KVCache
 from .reference import paged_attention_sparse_ref, rope_write_kv_sparse_ref, select_pages_ref
+
+# Up to this many rows (decode), the Numba kernels; beyond (prefill), NumPy and OpenBLAS GEMMs.
+SMALL_ROWS = 8
 
 
 class CpuOps:
@@ -74,20 +78,41 @@ class CpuOps:
         return table[ids]
 
     def add_rmsnorm(self, x, residual, w, eps):
-        res = x if residual is None else x + residual
-        return rmsnorm_ref(res, w, eps), res
+        if x.shape[0] > SMALL_ROWS:
+            res = x if residual is None else x + residual
+            return rmsnorm_ref(res, w, eps), res
+        h = np.empty_like(x)
+        if residual is None:
+            K.rmsnorm(x, w, eps, h)
+            return h, x
+        res = np.empty_like(x)
+        K.add_rmsnorm(x, residual, w, eps, h, res)
+        return h, res
 
     def linear(self, x, w, bias=None):
-        y = x @ w.T
+        if x.shape[0] > SMALL_ROWS:
+            y = x @ w.T
+        else:
+            y = np.empty((x.shape[0], w.shape[0]), np.float32)
+            K.gemv(np.ascontiguousarray(x), w, y)
         return y if bias is None else y + bias
 
     def silu_mul(self, gate_up):
-        return silu_mul_ref(gate_up)
+        if gate_up.shape[0] > SMALL_ROWS:
+            return silu_mul_ref(gate_up)
+        out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.float32)
+        K.silu_mul(gate_up, out)
+        return out
 
     def rope_write_kv(self, qkv, positions, slots, cache, layer, rope):
         """`slots` [N] (dense mode) or [2, N]: dense-pool slots, streaming-pool slots."""
         if not cache.sparse:
-            return rope_write_kv_ref(qkv, positions, slots, cache.k[layer], cache.v[layer], rope[0], rope[1])
+            if qkv.shape[0] > SMALL_ROWS:
+                return rope_write_kv_ref(qkv, positions, slots, cache.k[layer], cache.v[layer], *rope)
+            kc = cache.k[layer]
+            q = np.empty((qkv.shape[0], qkv.shape[1] // kc.shape[3] - 2 * kc.shape[1], kc.shape[3]), np.float32)
+            K.rope_write_kv(qkv, positions, slots, kc, cache.v[layer], rope[0], rope[1], q)
+            return q
         return rope_write_kv_sparse_ref(
             qkv, positions, slots[0], slots[1], cache.k[layer], cache.v[layer], cache.ks[layer],
             cache.vs[layer], cache.head_class[layer], cache.head_slot[layer], rope[0], rope[1],
@@ -96,14 +121,16 @@ class CpuOps:
 
     def attention(self, q, cache, layer, plan, head_class):
         if not cache.sparse:
-            return paged_attention_ref(q, cache.k[layer], cache.v[layer], plan, head_class)
+            if int(plan.qb_len.max(initial=0)) > SMALL_ROWS:
+                return paged_attention_ref(q, cache.k[layer], cache.v[layer], plan, head_class)
+            return paged_attention_numba(q, cache.k[layer], cache.v[layer], plan, head_class)
         return paged_attention_sparse_ref(
             q, cache.k[layer], cache.v[layer], cache.ks[layer], cache.vs[layer], plan, cache.head_class[layer],
             cache.head_slot[layer], cache.sel_idx[layer], cache.sel_cnt[layer],
         )  # fmt: skip
 
     def logits(self, h, lm_head):
-        return h @ lm_head.T
+        return self.linear(h, lm_head)
 
     def sample(self, logits: np.ndarray, seqs: list) -> list[int]:
         return sample(logits, seqs)
@@ -175,3 +202,13 @@ def paged_attention_ref(q, k_cache, v_cache, plan: AttentionPlan, head_class: np
             o = o.reshape(gsel.size, group, nr, d).transpose(2, 0, 1, 3).reshape(nr, -1, d)
             out[r0 : r0 + nr, heads] = o
     return out.reshape(n, hq * d)
+
+
+def paged_attention_numba(q, k_cache, v_cache, plan: AttentionPlan, head_class: np.ndarray) -> np.ndarray:
+    """`paged_attention_ref` as one Numba kernel (same plan, masks and float32 softmax); for decode rows."""
+    out = np.empty(q.shape, np.float32)
+    K.paged_attention(
+        q, k_cache, v_cache, plan.qb_start, plan.qb_len, plan.qb_pos, plan.seq_ctx[plan.qb_seq], plan.kv_indptr,
+        plan.kv_page, plan.kv_lpage, np.asarray(head_class, np.int32), plan.sink, plan.local, out,
+    )  # fmt: skip
+    return out.reshape(q.shape[0], -1)

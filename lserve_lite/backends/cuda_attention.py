@@ -316,7 +316,7 @@ def paged_attention(
             raise ValueError(f"{name} must be a C-contiguous float16 array")
     head_class = _int32_dev(head_class)
     head_slot = _arange(hkv) if head_slot is None else _int32_dev(head_slot)
-    n0, n1 = int(k_cache.shape[1]), int(ks.shape[1]) if sparse else 0
+    n0, n1 = int(k_cache.shape[1]), int(ks.shape[1])  # dense mode: pool 1 is pool 0 (every head)
     pools = (k_cache, v_cache, ks, vs)
     pool_args = (head_class, head_slot, np.int32(n0), np.int32(n1))
     if out is None:
@@ -402,7 +402,10 @@ def select_pages(q, kmax, kmin, plan: CudaPlan, head_class, head_slot, sel_idx, 
     scores = plan.workspace("sel_scores", hkv * plan.max_pages, np.float32)
     group = hq // hkv
     smem = group * d * 4
-    gx = int(max(1, min(1024, -(-4 * k.num_sms // (plan.max_qblocks * hkv)))))
+    # About 8 pages per warp (4 warps per CTA) for the longest list the capacity allows: the loads of a warp
+    # are dependent round trips, so the GPU needs many warps in flight (measured: 1 TB/s with 4 CTAs per SM).
+    per_list = -(-plan.max_pages // plan.max_qblocks)
+    gx = int(max(1, min(1024, -(-per_list // 32))))
     plan_args = _plan_args(plan)
     fn = k.get(k.select, f"page_score_d{d}", smem)
     fn(
