@@ -100,6 +100,7 @@ def test_missing_model_dir(tmp_path):
         dict(max_new_tokens=0),
         dict(repetition_penalty=0.0),
         dict(seed="x"),
+        dict(seed=-1),
         dict(stop=[""]),
     ],
 )
