@@ -8,10 +8,21 @@ Two models:
   generated on the GPU, never zeros): prefill of 4k and 32k tokens, batch-1 decode at 4k and 32k context
   through DecodeGraphs, beside the floor = weight bytes / device copy bandwidth measured in this run.
 
-Prints a table, writes JSON to --out. Model source for SmolLM2: --gguf / $LSERVE_SMOLLM2_GGUF (converted
-into /tmp/lserve_smollm2_hf), else --model-dir, else the default model.
+`--sparse` (only this section): LServe end to end on the Llama-3-8B-shaped random model with the
+Llama-3-8B-Instruct-Gradient-1048k head pattern (static sparsity 0.5, LServe defaults) against our dense
+mode, through the engine's ModelRunner (two-pool KV cache, chunked prefill, decode through CUDA Graphs with
+the page selector inside, GPU sampling): one sequence is prefilled in chunks up to each context of
+--sparse-contexts in turn; prefill time to a context is the sum of its chunks (wall time, host planning
+included); at each context the prompt is cut there and decode is measured (engine step = host inputs + plan
++ graph replay + sampling + one token to the host; and the graph replay alone, GPU time, refresh and reuse
+steps weighted 1 : select_interval - 1). Writes bench_e2e_sparse.json (and .png when matplotlib is there;
+else `--plot-from JSON` draws it afterwards).
+
+Prints a table, writes JSON to --out (a file, or a folder). Model source for SmolLM2: --gguf /
+$LSERVE_SMOLLM2_GGUF (converted into /tmp/lserve_smollm2_hf), else --model-dir, else the default model.
 
     python tools/bench_e2e.py --out tools/results/bench_e2e.json
+    python tools/bench_e2e.py --sparse --out $OUT --deadline $(($(date +%s) + 400))
 """
 
 from __future__ import annotations
@@ -288,6 +299,272 @@ def bench_llama8b(args, bw: float, emit) -> None:
     ops.small_gemv = True
 
 
+# -- LServe end to end: sparse vs dense on the Llama-3-8B shape --------------------------------------
+PATTERN = "Llama-3-8B-Instruct-Gradient-1048k"
+
+
+def llama3_head_classes(num_layers: int, num_kv_heads: int, sparsity: float):
+    """Per-layer KV-head classes from the bundled DuoAttention pattern (or ../shared's copy)."""
+    from lserve_lite.sparse.patterns import PATTERN_FILE, head_classes, load_pattern
+
+    root = Path(__file__).resolve().parents[1]
+    for p in (
+        root / "lserve_lite/sparse/patterns" / PATTERN / PATTERN_FILE,
+        root.parent / "shared/data/duo_patterns" / PATTERN / PATTERN_FILE,
+    ):
+        if p.is_file():
+            return head_classes(load_pattern(p, num_layers, num_kv_heads), sparsity), str(
+                p.relative_to(root.parent)
+            )
+    raise FileNotFoundError(f"{PATTERN}/{PATTERN_FILE} not found")
+
+
+def _fill_random(cache, lo_page: int, hi_page: int, seed: int = 1) -> None:
+    """Random normal fp16 K/V (and page statistics) in pages [lo_page, hi_page) of every layer."""
+    import cupy as cp
+
+    rs = cp.random.RandomState(seed)
+    pools = [cache.k, cache.v] + ([cache.kmax, cache.kmin] if cache.kmax is not None else [])
+    for pool in pools:
+        for a in pool:
+            part = a[lo_page:hi_page]
+            if part.size:
+                part[...] = rs.standard_normal(part.shape, dtype=cp.float32).astype(cp.float16)
+    if cache.kmax is not None:  # keep max >= min
+        for mx, mn in zip(cache.kmax, cache.kmin):
+            hi, lo = (
+                cp.maximum(mx[lo_page:hi_page], mn[lo_page:hi_page]),
+                cp.minimum(mx[lo_page:hi_page], mn[lo_page:hi_page]),
+            )
+            mx[lo_page:hi_page], mn[lo_page:hi_page] = hi, lo
+
+
+def bench_e2e_sparse(args, bw: float, emit) -> None:
+    import cupy as cp
+
+    from lserve_lite.backends.cuda import CudaOps
+    from lserve_lite.config import EngineConfig, SparseConfig
+    from lserve_lite.engine.model_runner import ModelRunner
+    from lserve_lite.engine.sequence import Sequence
+    from lserve_lite.kv.block_manager import BlockManager
+    from lserve_lite.kv.layout import KVLayout
+    from lserve_lite.sampling_params import SamplingParams
+
+    ctxs = sorted(args.sparse_contexts)
+    chunk, ps, steps = args.sparse_chunk, 64, args.sparse_decode_steps
+    max_len = max(ctxs) + steps + 64
+    cfg = llama3_8b_config(max_len)
+    ops = CudaOps()
+    model = random_llama(cfg, ops, max_len)
+    wbytes = sum(int(a.nbytes) for a in _model_arrays(model)) - int(model.embed.nbytes)
+    floor = wbytes / bw
+    classes, pattern_path = llama3_head_classes(cfg.num_layers, cfg.num_kv_heads, 0.5)
+    sp_default = SparseConfig(enabled=True)
+    info = emit.result.setdefault("sparse_setup", {})
+    info.update(
+        pattern=pattern_path, static_sparsity=0.5, dense_kv_heads=int(sum(int((c == 0).sum()) for c in classes)),
+        kv_heads=cfg.num_layers * cfg.num_kv_heads, chunk=chunk, sparse_config=dict(sp_default.__dict__),
+        weight_bytes=wbytes, floor_ms=floor * 1e3, contexts=ctxs, notes=[],
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    full = [int(t) for t in rng.integers(100, cfg.vocab_size, max(ctxs))]
+    deadline = args.deadline or float("inf")
+
+    def run_mode(mode: str) -> None:
+        sparse = mode == "sparse"
+        ecfg = EngineConfig(
+            max_num_seqs=1, max_num_batched_tokens=chunk, max_model_len=max_len, page_size=ps,
+            sparse=sp_default if sparse else SparseConfig(), cuda_graphs=True,
+        )  # fmt: skip
+        num_pages = -(-max_len // ps) + 1
+        layout = KVLayout.sparse(cfg, ecfg.sparse, classes, chunk) if sparse else None
+        per_seq = layout.stream_pages_per_seq if sparse else 0
+        runner = ModelRunner(cfg, {}, ops, ecfg, num_pages, layout, per_seq, model=model)
+        blocks = BlockManager(num_pages, ps, per_seq, per_seq, 1)
+        seq = Sequence(list(full), SamplingParams(temperature=0.0, max_new_tokens=steps))
+        blocks.grow(seq, max_len)
+        sync = cp.cuda.get_current_stream().synchronize
+        # warm-up: one chunk (kernels, cuBLAS heuristics at this shape), then start over
+        runner.run([seq], [chunk])
+        sync()
+        seq.num_cached, seq.decode_steps = 0, 0
+        done, total, last_seg = 0, 0.0, None
+        for ctx in ctxs:
+            seg = (done, ctx)
+            est = None
+            if last_seg is not None:  # attention-bound: segment time grows as b^2 - a^2
+                (a0, a1), t_prev = last_seg
+                est = t_prev * (ctx**2 - done**2) / max(1, a1**2 - a0**2)
+            if est is not None and time.time() + est + 20 > deadline:
+                info["notes"].append(
+                    f"{mode}: prefill {done}->{ctx} skipped (estimated {est:.0f} s past the deadline); "
+                    f"K/V of those positions filled with random values for the decode measurement"
+                )
+                _fill_random(runner.cache, done // ps, -(-ctx // ps))
+                sync()
+                seq.num_cached = done = ctx
+                total = None
+            else:
+                t0 = time.perf_counter()
+                while seq.num_cached < ctx:
+                    runner.run([seq], [min(chunk, ctx - seq.num_cached)])
+                sync()
+                t = time.perf_counter() - t0
+                last_seg, done = (seg, t), ctx
+                if total is not None:
+                    total += t
+                    emit(dict(model="Llama-3-8B-shape", what=f"prefill {mode} (chunks {chunk})", batch=1,
+                              context=ctx, tokens_per_s=ctx / total, ms=total * 1e3, mode=mode,
+                              kind="prefill"))  # fmt: skip
+            # decode at this context: the prompt ends here
+            seq.prompt_ids, seq.output_ids, seq.decode_steps = full[:ctx], [], 0
+            seq.params = SamplingParams(temperature=0.0, max_new_tokens=steps)
+
+            def step(runner=runner, seq=seq):
+                logits = runner.run([seq], [1])
+                seq.output_ids.append(ops.sample(logits, [seq])[0])  # synchronizes (token to the host)
+
+            seq.output_ids.append(int(rng.integers(100, cfg.vocab_size)))
+            for _ in range(4):
+                step()  # warm-up (the first one captures the graph)
+            n0 = runner.graphs.replays
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            t = (time.perf_counter() - t0) / steps
+            replays = runner.graphs.replays - n0  # == steps: every step replayed the CUDA Graph
+            emit(dict(model="Llama-3-8B-shape", what=f"decode step {mode} (engine)", batch=1, context=ctx,
+                      tokens_per_s=1 / t, ms=t * 1e3, floor_ms=floor * 1e3, x_floor=t / floor, mode=mode,
+                      kind="decode_step", graph_replays=replays, steps=steps))  # fmt: skip
+            g = runner.graphs.graphs[1]
+            launch = lambda g=g: g.graph.launch(cp.cuda.get_current_stream())  # noqa: E731
+            if sparse:
+                interval = ecfg.sparse.select_interval
+                while seq.decode_steps % interval:
+                    step()
+                step()  # uploaded with refresh = 1
+                t_ref = gpu_time(launch, 20)
+                step()  # refresh = 0
+                t_reuse = gpu_time(launch, 20)
+                t = (t_ref + (interval - 1) * t_reuse) / interval
+                extra = dict(refresh_ms=t_ref * 1e3, reuse_ms=t_reuse * 1e3)
+            else:
+                t, extra = gpu_time(launch, 20), {}
+            emit(dict(model="Llama-3-8B-shape", what=f"decode replay {mode} (GPU)", batch=1, context=ctx,
+                      tokens_per_s=1 / t, ms=t * 1e3, floor_ms=floor * 1e3, x_floor=t / floor, mode=mode,
+                      kind="decode_replay", **extra))  # fmt: skip
+            # back to prefill: the rest of the prompt overwrites the decode steps' K/V
+            seq.prompt_ids, seq.output_ids = full, []
+            seq.num_cached, seq.decode_steps = ctx, 0
+        blocks.release(seq)
+
+    for mode in args.sparse_modes:
+        try:
+            run_mode(mode)  # its runner (caches, graphs) is freed on return
+        except Exception as e:
+            import traceback
+
+            traceback.print_exc()
+            info["notes"].append(f"{mode}: failed: {e!r}")
+        import gc
+
+        gc.collect()
+        cp.get_default_memory_pool().free_all_blocks()
+    emit.result["sparse_summary"] = sparse_summary(emit.result["rows"], floor)
+    print(format_sparse_summary(emit.result["sparse_summary"]), flush=True)
+    emit.save()
+
+
+def sparse_summary(rows: list[dict], floor: float) -> list[dict]:
+    """Per context: sparse and dense figures and sparse-over-dense speedups."""
+    by = {}
+    for r in rows:
+        if "kind" in r:
+            by.setdefault(r["context"], {})[(r["kind"], r["mode"])] = r["ms"]
+    out = []
+    for ctx in sorted(by):
+        d = by[ctx]
+        row = dict(context=ctx, floor_ms=floor * 1e3)
+        for kind in ("prefill", "decode_step", "decode_replay"):
+            s, n = d.get((kind, "sparse")), d.get((kind, "dense"))
+            row[f"{kind}_sparse_ms"], row[f"{kind}_dense_ms"] = s, n
+            row[f"{kind}_speedup"] = n / s if s and n else None
+        out.append(row)
+    return out
+
+
+def format_sparse_summary(summary: list[dict]) -> str:
+    f = lambda v, spec=".2f": "-" if v is None else format(v, spec)  # noqa: E731
+    lines = [
+        "| context | decode step sparse ms (tok/s) | dense ms (tok/s) | speedup | replay sparse / dense ms | "
+        "replay speedup | sparse replay x floor | prefill sparse s | dense s | speedup |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary:
+        ds, dd = r["decode_step_sparse_ms"], r["decode_step_dense_ms"]
+        rs, rd = r["decode_replay_sparse_ms"], r["decode_replay_dense_ms"]
+        ps_, pd = r["prefill_sparse_ms"], r["prefill_dense_ms"]
+        lines.append(
+            f"| {r['context'] // 1024}k | {f(ds)} ({f(ds and 1e3 / ds, '.1f')}) | {f(dd)} ({f(dd and 1e3 / dd, '.1f')}) "
+            f"| {f(r['decode_step_speedup'])}x | {f(rs)} / {f(rd)} | {f(r['decode_replay_speedup'])}x | "
+            f"{f(rs and rs / r['floor_ms'])} | {f(ps_ and ps_ / 1e3)} | {f(pd and pd / 1e3)} | "
+            f"{f(r['prefill_speedup'])}x |"
+        )
+    return "\n".join(lines)
+
+
+def plot_sparse(result: dict, path: Path) -> None:
+    """Speedup of LServe sparse over our dense mode against context length (decode and prefill)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summ = result["sparse_summary"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, label, mk in (
+        ("decode_step_speedup", "decode (engine step)", "o-"),
+        ("decode_replay_speedup", "decode (graph replay, GPU)", "s--"),
+        ("prefill_speedup", "prefill (chunked, end to end)", "^-"),
+    ):
+        pts = [(r["context"] // 1024, r[key]) for r in summ if r.get(key)]
+        if pts:
+            ax1.plot([p[0] for p in pts], [p[1] for p in pts], mk, label=label)
+            for x, y in pts:
+                ax1.annotate(f"{y:.2f}x", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax1.axhline(1.0, color="grey", lw=0.8)
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel("context (k tokens)")
+    ax1.set_ylabel("speedup, sparse over dense")
+    ax1.set_title("LServe vs dense, Llama-3-8B shape, batch 1")
+    ax1.legend(fontsize=8)
+    floor = summ[0]["floor_ms"] if summ else None
+    for mode, mk in (("sparse", "o-"), ("dense", "s-")):
+        pts = [
+            (r["context"] // 1024, r[f"decode_step_{mode}_ms"])
+            for r in summ
+            if r.get(f"decode_step_{mode}_ms")
+        ]
+        if pts:
+            ax2.plot([p[0] for p in pts], [p[1] for p in pts], mk, label=f"{mode} decode step")
+    if floor:
+        ax2.axhline(floor, color="k", ls=":", label=f"weight-read floor {floor:.2f} ms")
+        ax2.axhline(1.3 * floor, color="grey", ls=":", label="1.3x floor")
+    ax2.set_xscale("log", base=2)
+    ax2.set_xlabel("context (k tokens)")
+    ax2.set_ylabel("ms per decode token")
+    ax2.set_ylim(bottom=0)
+    ax2.legend(fontsize=8)
+    ticks = [r["context"] // 1024 for r in summ]
+    for ax in (ax1, ax2):
+        ax.set_xticks(ticks, [f"{t}k" for t in ticks])
+        ax.minorticks_off()
+    fig.suptitle(f"{result.get('device', '')} {result.get('date', '')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def splits_sweep(args, bw: float, emit) -> None:
     """GPU time of one captured decode step vs the decode kernel's split count (cuda_attention.decode_splits
     overridden), for SmolLM2- and Llama-3-8B-shaped random models at batch 1."""
@@ -349,7 +626,24 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-chunk", type=int, default=8192)
     ap.add_argument("--skip", choices=["smollm2", "llama", "splits"], action="append", default=[])
     ap.add_argument("--splits-sweep", action="store_true", help="also sweep the decode attention split count")
+    ap.add_argument(
+        "--sparse", action="store_true", help="only the LServe sparse-vs-dense end-to-end section"
+    )
+    ap.add_argument("--sparse-contexts", type=int, nargs="+", default=[32768, 131072, 262144])
+    ap.add_argument("--sparse-modes", nargs="+", choices=["sparse", "dense"], default=["sparse", "dense"])
+    ap.add_argument("--sparse-chunk", type=int, default=16384, help="prefill chunk (max_num_batched_tokens)")
+    ap.add_argument("--sparse-decode-steps", type=int, default=24)
+    ap.add_argument(
+        "--deadline", type=float, default=None, help="epoch seconds: skip prefill segments past it"
+    )
+    ap.add_argument("--plot-from", default=None, help="draw the --sparse PNG from this JSON and exit")
     args = ap.parse_args(argv)
+    if args.plot_from:
+        src = Path(args.plot_from)
+        plot_sparse(json.loads(src.read_text()), src.with_suffix(".png"))
+        return 0
+    if Path(args.out).is_dir() or not args.out.endswith(".json"):
+        args.out = str(Path(args.out) / ("bench_e2e_sparse.json" if args.sparse else "bench_e2e.json"))
     import cupy as cp
 
     bw = copy_bandwidth()
@@ -363,15 +657,23 @@ def main(argv=None) -> int:
                   command=" ".join(["python tools/bench_e2e.py", *(argv or sys.argv[1:])]))  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
 
+    def save() -> None:
+        Path(args.out).write_text(json.dumps(result, indent=1, default=float) + "\n")
+
     def emit(r: dict) -> None:
         rows.append(r)
         fl = f"{r['floor_ms']:9.3f}" if "floor_ms" in r else " " * 9
         print(f"{r['model']:18s} {r['what'][:30]:30s} {r['batch']:5d} {r['context']:7d} {r['tokens_per_s']:10.1f} "
               f"{r['ms']:9.3f} {fl}", flush=True)  # fmt: skip
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        save()
+
+    emit.result, emit.save = result, save
 
     failed = 0
-    for name, fn in (("smollm2", bench_smollm2), ("llama", bench_llama8b), ("splits", splits_sweep)):
+    sections = (("smollm2", bench_smollm2), ("llama", bench_llama8b), ("splits", splits_sweep))
+    if args.sparse:
+        sections = (("sparse", bench_e2e_sparse),)
+    for name, fn in sections:
         if name in args.skip or (name == "splits" and not args.splits_sweep):
             continue
         try:
@@ -382,6 +684,11 @@ def main(argv=None) -> int:
             traceback.print_exc()
             failed += 1
         cp.get_default_memory_pool().free_all_blocks()
+    if args.sparse and result.get("sparse_summary"):
+        try:
+            plot_sparse(result, Path(args.out).with_suffix(".png"))
+        except Exception as e:  # matplotlib may be missing on the device: --plot-from afterwards
+            print(f"no plot: {e}")
     return 1 if failed else 0
 
 

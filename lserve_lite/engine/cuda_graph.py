@@ -11,6 +11,14 @@ and slot -1 (their K/V is not written) and lie past the plan's live query blocks
 their logits rows are dropped. Intermediates live in a private CuPy memory pool that nothing else
 allocates from, so eager steps between replays cannot reuse the graphs' memory.
 
+LServe mode (a two-pool sparse cache): the static inputs hold both KV slots of each row (dense pool and
+streaming pool, the ring mapping done on the host), and the plan carries the per-block windows (qb_sink,
+qb_local) and page-selection fields (qb_slot, qb_keep, qb_refresh) as data. The captured step always runs
+the page selector (`CudaPlan.always_select`): blocks whose refresh flag is 0 exit at once on the device, so
+one graph serves refresh and reuse steps. The decode split count is fixed at capture from `visit_pages`
+(the longest list a decode head visits: budget + newest page, or the streaming window); a batch whose
+lists are longer (a one-token prefill chunk, a wider per-request window) runs eagerly.
+
 The logits returned by `run` are a view of the graph's static output: valid until the next `run`.
 """
 
@@ -43,7 +51,10 @@ class _Captured:
 class DecodeGraphs:
     """Captures decode steps lazily, one graph per batch size in `sizes` (up to max_num_seqs)."""
 
-    def __init__(self, model, ops, cache, max_num_seqs: int, max_len: int, page_size: int, sizes=None):
+    def __init__(
+        self, model, ops, cache, max_num_seqs: int, max_len: int, page_size: int, sizes=None,
+        visit_pages: int | None = None,
+    ):  # fmt: skip
         import cupy as cp
         import cupyx
 
@@ -57,7 +68,14 @@ class DecodeGraphs:
         self.pool = cp.cuda.MemoryPool()
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.graphs: dict[int, _Captured] = {}
-        self._staging = {s: cupyx.empty_pinned((3, s), np.int64) for s in self.sizes}
+        self.sparse = bool(getattr(cache, "sparse", False))
+        self.visit_pages = visit_pages if self.sparse else None
+        if self.sparse and self.visit_pages is None:
+            self.visit_pages = self.max_pages
+        self._rows = 4 if self.sparse else 3  # ids, positions, slots (dense pool [, streaming pool])
+        self._staging = {s: cupyx.empty_pinned((self._rows, s), np.int64) for s in self.sizes}
+        self._staged: dict[int, object] = {}  # event after each size's last upload from its pinned staging
+        self.replays = 0
         self._hc_src = None  # the head-class list last copied into the static buffers
         self._hc = None
         self._window = None  # (sink, local) the graphs were captured with
@@ -76,6 +94,8 @@ class DecodeGraphs:
         size = self.size_for(n)
         if size is None or self._pages_per_list(plan) > self._list_capacity(plan):
             return None
+        if self.sparse and (np.ndim(slots) != 2 or _visit_pages(plan) > self.visit_pages):
+            return None
         if self._window != (plan.sink, plan.local):
             self.graphs.clear()  # the window may be baked into launches: capture again
             self._window = (plan.sink, plan.local)
@@ -84,12 +104,17 @@ class DecodeGraphs:
         if g is None:
             g = self.graphs[size] = self._capture(size, plan.sink, plan.local)
         st = self._staging[size]
-        st[0, :n], st[1, :n], st[2, :n] = ids, positions, slots
-        st[0, n:], st[1, n:], st[2, n:] = 0, 0, -1
+        done = self._staged.get(size)
+        if done is not None:
+            done.synchronize()  # the previous upload from this pinned buffer has been read
+        st[0, :n], st[1, :n], st[2:, :n] = ids, positions, slots
+        st[0, n:], st[1, n:], st[2:, n:] = 0, 0, -1
         cur = self.cp.cuda.get_current_stream()
         g.io.set(st, stream=cur)
+        self._staged[size] = cur.record()
         g.plan.update(plan)
         g.graph.launch(stream=cur)
+        self.replays += 1
         return g.logits[:n]
 
     def capture_all(self, head_classes, sink: int = 0, local: int = 0) -> None:
@@ -121,10 +146,14 @@ class DecodeGraphs:
         from ..backends.cuda_attention import CudaPlan
 
         cp = self.cp
-        io = cp.empty((3, size), cp.int64)
-        io[0], io[1], io[2] = 1, 0, -1  # token 1 at position 0, no K/V written
+        io = cp.empty((self._rows, size), cp.int64)
+        io[0], io[1], io[2:] = 1, 0, -1  # token 1 at position 0, no K/V written
+        slots = io[2:] if self.sparse else io[2]  # [2, size] (dense-pool, streaming-pool slots) or [size]
         rows = cp.arange(size, dtype=cp.int64)
         plan_cap = CudaPlan(max_qblocks=size, max_pages=2 * size * self.max_pages, max_seqs=size)
+        if self.sparse:
+            plan_cap.always_select = True  # the selector is in the graph; qb_keep / qb_refresh gate it
+            plan_cap.fixed_visit_pages = self.visit_pages
         dummy = build_plan(
             BatchLayout([1] * size, [1] * size, [[0]] * size), self.page_size, sink=sink, local=local
         )
@@ -132,7 +161,7 @@ class DecodeGraphs:
         cp.cuda.get_current_stream().synchronize()
 
         def fwd():
-            return self.model.forward(io[0], io[1], io[2], plan_cap, self.cache, self._hc, rows)
+            return self.model.forward(io[0], io[1], slots, plan_cap, self.cache, self._hc, rows)
 
         with cp.cuda.using_allocator(self.pool.malloc), self.stream:
             fwd()  # warm-up: compiles kernels, picks cuBLAS algorithms, fills the pool
@@ -146,15 +175,26 @@ class DecodeGraphs:
         return _Captured(size, graph, io, rows, plan_cap, logits)
 
 
-def decode_with_graphs(runner, graphs: DecodeGraphs, seqs: list, num_new: list[int]):
-    """ModelRunner.run for a pure decode batch through `graphs`; None (nothing done) for any other batch.
+def _visit_pages(plan: AttentionPlan) -> int:
+    """The longest page list a head visits at this decode step: a dense head with a budget visits at most
+    budget + 1 pages (selection + newest), otherwise its whole list; a streaming head its window."""
+    lens = np.diff(plan.kv_indptr).reshape(-1, 2)
+    if lens.size == 0:
+        return 0
+    dense = lens[:, 0]
+    if plan.qb_keep is not None:
+        dense = np.where(plan.qb_keep > 0, np.minimum(dense, plan.qb_keep + 1), dense)
+    return int(max(dense.max(), lens[:, 1].max()))
 
-    This is the body the runner needs: host arrays for ids/positions/slots and the host plan, no uploads.
+
+def decode_with_graphs(runner, graphs: DecodeGraphs, seqs: list, num_new: list[int]):
+    """A dense runner's `run` for a pure decode batch through `graphs`; None (nothing done) for any other
+    batch. For runners that are not wired natively (ModelRunner calls `graphs.run` itself, in both modes).
     """
     if not seqs or any(n != 1 for n in num_new):
         return None
     if getattr(runner, "layout", None) is not None:
-        return None  # the LServe sparse KV layout (stream slots, rings, page selection) runs eagerly for now
+        return None  # LServe mode needs the runner's own inputs (stream slots, selection state)
     ps = runner.page_size
     n = len(seqs)
     ids, pos, slots = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..backends.base import Ops
 from ..config import EngineConfig, ModelConfig, SparseConfig
 from ..kv.layout import KVLayout
 from ..models.llama import LlamaModel
-from ..sparse.plan import BatchLayout, build_plan
+from ..sparse.plan import AttentionPlan, BatchLayout, build_plan
 from .sequence import Sequence
 
 
 class ModelRunner:
-    """Owns the model and the KV cache of one backend."""
+    """Owns the model and the KV cache of one backend.
+
+    On CUDA (EngineConfig.cuda_graphs) pure decode batches replay captured CUDA Graphs (engine/cuda_graph.py),
+    in dense and in LServe mode; every other batch runs eagerly. Both paths get the same host inputs and the
+    same host plan from `_inputs`.
+    """
 
     def __init__(
         self,
@@ -24,11 +31,13 @@ class ModelRunner:
         num_pages: int,
         layout: KVLayout | None = None,
         num_stream_pages: int = 0,
+        model: LlamaModel | None = None,
     ):
         self.cfg, self.ops, self.ecfg = cfg, ops, ecfg
         self.page_size = ecfg.page_size
         self.max_len = ecfg.resolve_max_len(cfg)
-        self.model = LlamaModel(cfg, weights, ops, self.max_len)
+        # `model`: an already built model on this backend (benchmarks with random weights made on the device)
+        self.model = model if model is not None else LlamaModel(cfg, weights, ops, self.max_len)
         self.layout = layout
         if layout is None:
             self.cache = ops.alloc_kv(cfg, num_pages, self.page_size)
@@ -40,12 +49,25 @@ class ModelRunner:
             self.cache.head_slot = [ops.upload(s) for s in layout.head_slot]
             self.sink = self.local = 0
         self.graphs = None
-        if ops.name == "cuda" and ecfg.cuda_graphs and layout is None:
+        if ops.name == "cuda" and ecfg.cuda_graphs:
             from .cuda_graph import DecodeGraphs
 
             self.graphs = DecodeGraphs(
-                self.model, ops, self.cache, ecfg.max_num_seqs, self.max_len, self.page_size
-            )
+                self.model, ops, self.cache, ecfg.max_num_seqs, self.max_len, self.page_size,
+                visit_pages=self._graph_visit_pages(),
+            )  # fmt: skip
+
+    def _graph_visit_pages(self) -> int | None:
+        """LServe decode graphs: the longest page list a head visits at a decode step (selected pages + the
+        newest, or the streaming window). It fixes the decode kernel's split count at capture."""
+        lay = self.layout
+        if lay is None:
+            return None
+        sp, ps = self.ecfg.sparse, self.page_size
+        window = (
+            math.ceil(sp.decode_sink / ps) + math.ceil(sp.decode_local / ps) + 1 if lay.has_streaming else 0
+        )
+        return max(lay.select_pages + 1, window, 1)
 
     def set_head_classes(self, classes: list[np.ndarray], sink: int, local: int) -> None:
         """Dense-pool emulation of streaming heads (calibration, evaluation): per-layer KV-head classes
@@ -55,20 +77,35 @@ class ModelRunner:
 
     def run(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False):
         """Process each sequence's next `num_new` tokens; backend logits of every last row (or all rows)."""
-        if self.graphs is not None and not all_logits:
-            from .cuda_graph import decode_with_graphs
+        ids, pos, slots, plan, rows = self._inputs(seqs, num_new)
+        logits = None
+        if self.graphs is not None and not all_logits and all(n == 1 for n in num_new):
+            # None unless the graphs can serve this batch (pure decode, fits a captured size and capacity)
+            logits = self.graphs.run(ids, pos, slots, plan, self.cache, self.head_classes)
+        if logits is None:
+            logit_rows = np.arange(len(ids)) if all_logits else rows
+            up = self.ops.upload
+            logits = self.model.forward(
+                up(ids), up(pos), up(slots), self.ops.prepare_plan(plan), self.cache, self.head_classes,
+                up(logit_rows.astype(np.int64)),
+            )  # fmt: skip
+        for seq, n in zip(seqs, num_new):
+            seq.num_cached += n
+        return logits
 
-            logits = decode_with_graphs(self, self.graphs, seqs, num_new)  # None unless a pure decode batch
-            if logits is not None:
-                return logits
+    def _inputs(self, seqs: list[Sequence], num_new: list[int]):
+        """Host inputs of one step: token ids, positions, KV slots ([N], or [2, N] dense-pool and
+        streaming-pool slots in LServe mode), the host plan and the last row of each sequence."""
         ids, pos, slots, stream_slots, rows = [], [], [], [], []
         ps, lay = self.page_size, self.layout
         for seq, n in zip(seqs, num_new):
             start = seq.num_cached
             p = np.arange(start, start + n)
-            ids.extend(seq.all_ids[start : start + n])
+            ids.extend(_token_ids(seq, start, n))
             pos.append(p)
-            slots.append(np.asarray(seq.page_table, np.int64)[p // ps] * ps + p % ps)
+            first = start // ps  # only the pages this step writes (page tables grow with the context)
+            table = np.asarray(seq.page_table[first : (start + n - 1) // ps + 1], np.int64)
+            slots.append(table[p // ps - first] * ps + p % ps)
             if lay is not None:
                 stream_slots.append(self._stream_slots(seq, p))
             rows.append(len(ids) - 1)
@@ -81,24 +118,17 @@ class ModelRunner:
         if lay is not None:
             self._sparse_layout(layout, seqs, num_new)
             ring = (lay.sink_pages, lay.ring_pages) if lay.has_streaming else None
-        plan = self.ops.prepare_plan(build_plan(layout, ps, sink=self.sink, local=self.local, ring=ring))
+        plan: AttentionPlan = build_plan(layout, ps, sink=self.sink, local=self.local, ring=ring)
         slot_arr = np.concatenate(slots)
         if lay is not None:
             slot_arr = np.stack([slot_arr, np.concatenate(stream_slots)])
-        logit_rows = np.arange(len(ids)) if all_logits else np.asarray(rows)
-        up = self.ops.upload
-        logits = self.model.forward(
-            up(np.asarray(ids, np.int64)),
-            up(np.concatenate(pos).astype(np.int64)),
-            up(slot_arr.astype(np.int64)),
+        return (
+            np.asarray(ids, np.int64),
+            np.concatenate(pos).astype(np.int64),
+            np.ascontiguousarray(slot_arr, dtype=np.int64),
             plan,
-            self.cache,
-            self.head_classes,
-            up(logit_rows.astype(np.int64)),
+            np.asarray(rows, np.int64),
         )
-        for seq, n in zip(seqs, num_new):
-            seq.num_cached += n
-        return logits
 
     def _stream_slots(self, seq: Sequence, p: np.ndarray) -> np.ndarray:
         lay, ps = self.layout, self.page_size
@@ -131,3 +161,13 @@ class ModelRunner:
         layout.sel_slots = [s.sel_slot for s in seqs]
         layout.sel_keep = keep
         layout.sel_refresh = refresh
+
+
+def _token_ids(seq: Sequence, start: int, n: int) -> list[int]:
+    """seq.all_ids[start : start + n] without concatenating the whole prompt (long contexts)."""
+    np_ = len(seq.prompt_ids)
+    if start + n <= np_:
+        return seq.prompt_ids[start : start + n]
+    if start >= np_:
+        return seq.output_ids[start - np_ : start - np_ + n]
+    return seq.prompt_ids[start:] + seq.output_ids[: start + n - np_]
