@@ -311,3 +311,36 @@ def test_calibrate_tiny(tiny_dir, tmp_path):
 
     meta = json.loads(out.with_suffix(".json").read_text())
     assert set(meta["validation"]) == {"calibrated", "random", "inverted"} and len(meta["samples"]) == 2
+
+
+def test_engine_sparse_mode_matches_emulation(tiny_dir, tiny_llm, tmp_path):
+    """The engine's LServe mode (two pools, page selection) against the harness emulation built on the CPU
+    reference selector: same teacher-forced decode logits (select_interval 1: no reuse-policy difference)."""
+    from lserve_lite import LLM, EngineConfig, SparseConfig
+    from lserve_lite.sparse.calibrate import SparseHarness
+
+    gates = np.random.default_rng(5).random((2, 2))
+    pat = save_pattern(tmp_path / "p.tsv", gates)
+    sc = SparseConfig(enabled=True, static_sparsity=0.5, token_budget=128, select_interval=1, prefill_sink=64,
+                      prefill_local=128, decode_sink=64, decode_local=64, pattern_path=str(pat))  # fmt: skip
+    ids = [int(t) for t in np.random.default_rng(6).integers(3, 300, 520)]
+    P = 500
+    eng = SparseHarness(LLM(str(tiny_dir), backend="cpu", config=EngineConfig(num_kv_pages=40, sparse=sc)))
+    seq = eng.begin(ids, prompt_len=P)
+    eng.forward(seq, P, logits="last")
+    got = eng.decode(seq, 20)
+    eng.end(seq)
+
+    emu = SparseHarness(tiny_llm)
+    cls = head_classes(gates, 0.5)
+    seq = emu.begin(ids, prompt_len=P)
+    try:
+        emu.set_heads(cls, 64, 128)
+        emu.forward(seq, P, logits="last")
+        emu.set_heads(cls, 64, 64)
+        emu.enable_selection(128, 1, 4)
+        want = emu.decode(seq, 20)
+    finally:
+        emu.disable_selection()
+        emu.end(seq)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

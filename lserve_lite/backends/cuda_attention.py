@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from ..sparse.plan import AttentionPlan
-from .cuda_compile import load_module, nvrtc_check
+from .cuda_compile import load_module
 
 PREFILL_SOURCE = "attention_prefill.cu"
 DECODE_SOURCE = "attention_decode.cu"
@@ -38,14 +38,6 @@ _QB_FIELDS = (
     "qb_refresh",
 )
 _LOG2E = 1.4426950408889634
-
-
-def nvrtc_compile_check(source: str, arch: str) -> str:
-    """Compile kernels/<source> (a file name, or a path whose name is used) for `arch` ("sm_80", "sm_90")
-    through NVRTC with the run-time flags, no GPU needed; returns the log, raises RuntimeError on errors."""
-    from pathlib import Path
-
-    return nvrtc_check(Path(source).name, arch, options=KERNEL_OPTIONS)
 
 
 # --------------------------------------------------------------------------------------------------------
