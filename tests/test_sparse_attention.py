@@ -176,3 +176,33 @@ def test_streaming_memory_is_constant_in_context_length():
     bm.grow(s, lay.stream_pages_per_seq * 64)
     assert len(s.stream_table) * stream_b == use[65536][1]
     assert use[65536][0] == 64 * use[1024][0]  # dense heads keep every page
+
+
+def test_plan_subset_keeps_rows_and_pages():
+    """A mixed step's decode rows, planned alone (as the CUDA backend recomputes them), give the same rows."""
+    rng = np.random.default_rng(9)
+    hkv, d, ps = 2, 16, 16
+    head_class = np.array([0, 1], np.int32)
+    ring = (2, 12)
+    seqs = [_pools(rng, n, hkv, d, ps, head_class, ring) for n in (300, 90)]
+    n_pages = seqs[0][4].shape[0]
+    # Both sequences in one pair of pools: offset the second one's page ids.
+    kd = np.concatenate([seqs[0][4], seqs[1][4]])
+    vd = np.concatenate([seqs[0][5], seqs[1][5]])
+    ks = np.concatenate([seqs[0][6], seqs[1][6]])
+    vs = np.concatenate([seqs[0][7], seqs[1][7]])
+    s_pages = seqs[0][6].shape[0]
+    tables = [seqs[0][2], [p + n_pages for p in seqs[1][2]]]
+    stables = [seqs[0][3], [p + s_pages for p in seqs[1][3]]]
+    lay = BatchLayout([1, 40], [300, 90], tables, stream_tables=stables, windows=[(32, 64), (32, 64)],
+                      sel_slots=[0, 1], sel_keep=[4, 0], sel_refresh=[1, 0])  # fmt: skip
+    plan = build_plan(lay, ps, q_block=16, ring=ring)
+    q = rng.standard_normal((41, hkv * 2, d)).astype(np.float32)
+    sel_idx, sel_cnt = np.zeros((2, hkv, 5), np.int32), np.zeros((2, hkv), np.int32)
+    sel_idx[0, 0, :4] = [0, 5, 9, 18]
+    sel_cnt[0, 0] = 4
+    full = paged_attention_sparse_ref(q, kd, vd, ks, vs, plan, head_class, seqs[0][8], sel_idx, sel_cnt)
+    part = plan.subset(np.nonzero((plan.qb_len == 1) & (plan.qb_keep > 0))[0])
+    assert part.num_qblocks == 1 and part.selects
+    rows = paged_attention_sparse_ref(q, kd, vd, ks, vs, part, head_class, seqs[0][8], sel_idx, sel_cnt)
+    np.testing.assert_allclose(rows[:1], full[:1], atol=1e-6)

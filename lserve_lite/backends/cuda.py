@@ -153,6 +153,7 @@ class CudaOps:
         self.sampler = GpuSampler()
         self.blas = Cublas(cp)
         self._plans: dict[tuple[int, int, int], object] = {}  # eager device plans by capacity bucket
+        self._decode_parts: dict[tuple[int, int, int], object] = {}  # decode rows of mixed steps, likewise
         # Decode-sized GEMMs (<= 8 rows) through our GEMV kernel instead of cuBLAS; LSERVE_CUDA_GEMV=0 turns it off.
         self.small_gemv = os.environ.get("LSERVE_CUDA_GEMV", "1") != "0"
 
@@ -238,14 +239,26 @@ class CudaOps:
         Plans are kept per capacity bucket (powers of two of query blocks, pages and sequences), so a step
         reuses buffers sized within 2x of its needs (the decode kernel's grid follows the capacity).
         """
+
+        dplan = self._bucket(self._plans, plan).update(plan)
+        dplan.decode_part = None
+        if plan.selects and int(plan.qb_len.max()) > 1:
+            # Decode rows that select pages, mixed into a prefill step: the prefill kernel has no page
+            # selection, so these rows are recomputed by the decode kernel on their own sub-plan.
+            part = plan.subset(np.nonzero((plan.qb_len == 1) & (plan.qb_keep > 0))[0])
+            dplan.decode_part = self._bucket(self._decode_parts, part).update(part)
+        return dplan
+
+    @staticmethod
+    def _bucket(cache: dict, plan: AttentionPlan):
+        """A CudaPlan from `cache` whose capacity (powers of two) fits `plan`."""
         from .cuda_attention import CudaPlan
 
         need = (plan.num_qblocks, int(plan.kv_page.shape[0]), int(plan.seq_ctx.shape[0]))
         key = tuple(1 << max(0, int(x) - 1).bit_length() for x in need)
-        dplan = self._plans.get(key)
-        if dplan is None:
-            dplan = self._plans[key] = CudaPlan(max_qblocks=key[0], max_pages=key[1], max_seqs=key[2])
-        return dplan.update(plan)
+        if key not in cache:
+            cache[key] = CudaPlan(max_qblocks=key[0], max_pages=key[1], max_seqs=key[2])
+        return cache[key]
 
     # -- layers -------------------------------------------------------------------------------
     def embed(self, table, ids, out=None):
@@ -368,12 +381,16 @@ class CudaOps:
 
         if not cache.sparse:
             o = paged_attention(q, cache.k[layer], cache.v[layer], plan, head_class, out=out)
-        else:
-            o = paged_attention(
-                q, cache.k[layer], cache.v[layer], plan, cache.head_class[layer], out=out,
-                ks=cache.ks[layer], vs=cache.vs[layer], head_slot=cache.head_slot[layer],
-                sel_idx=cache.sel_idx[layer] if plan.selects else None, sel_cnt=cache.sel_cnt[layer],
-            )  # fmt: skip
+            return o.reshape(q.shape[0], -1)
+        pools = dict(ks=cache.ks[layer], vs=cache.vs[layer], head_slot=cache.head_slot[layer])
+        sel = dict(sel_idx=cache.sel_idx[layer], sel_cnt=cache.sel_cnt[layer]) if plan.selects else {}
+        o = paged_attention(
+            q, cache.k[layer], cache.v[layer], plan, cache.head_class[layer], out=out, **pools, **sel
+        )
+        part = getattr(plan, "decode_part", None)
+        if part is not None:  # selecting decode rows of a mixed step, with their page selection
+            paged_attention(q, cache.k[layer], cache.v[layer], part, cache.head_class[layer], out=o, decode=True,
+                            **pools, **sel)  # fmt: skip
         return o.reshape(q.shape[0], -1)
 
     def logits(self, h, lm_head, out=None):

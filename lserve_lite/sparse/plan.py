@@ -62,6 +62,21 @@ class AttentionPlan:
     def num_qblocks(self) -> int:
         return int(self.qb_seq.shape[0])
 
+    def subset(self, qbs: np.ndarray) -> AttentionPlan:
+        """The plan restricted to query blocks `qbs` (same rows, sequences and page ids)."""
+        qbs = np.asarray(qbs, np.int64)
+        lists = [self.pages(int(qb), c) for qb in qbs for c in (0, 1)]
+        indptr = np.concatenate([[0], np.cumsum([len(p) for p, _ in lists])]).astype(np.int32)
+        cat = lambda i: np.concatenate([x[i] for x in lists] or [np.zeros(0, np.int32)]).astype(np.int32)  # noqa: E731
+        opt = lambda a: None if a is None else a[qbs]  # noqa: E731
+        return AttentionPlan(
+            page_size=self.page_size, q_block=self.q_block, num_tokens=self.num_tokens,
+            qb_seq=self.qb_seq[qbs], qb_start=self.qb_start[qbs], qb_len=self.qb_len[qbs], qb_pos=self.qb_pos[qbs],
+            seq_ctx=self.seq_ctx, kv_indptr=indptr, kv_page=cat(0), kv_lpage=cat(1), sink=self.sink,
+            local=self.local, qb_sink=self.qb_sink[qbs], qb_local=self.qb_local[qbs], qb_slot=opt(self.qb_slot),
+            qb_keep=opt(self.qb_keep), qb_refresh=opt(self.qb_refresh),
+        )  # fmt: skip
+
     def pages(self, qb: int, cls: int) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = self.kv_indptr[qb * 2 + cls], self.kv_indptr[qb * 2 + cls + 1]
         return self.kv_page[lo:hi], self.kv_lpage[lo:hi]
