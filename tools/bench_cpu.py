@@ -1,7 +1,12 @@
 """CPU benchmark of the default model: prefill tokens/s (512, 2048 prompt tokens) and batch-1 decode tokens/s.
 
-Prints a table and writes JSON. Also reports the decode floor set by reading the float32 weights once per
-token at the machine's measured copy bandwidth. Usage: python tools/bench_cpu.py [--out tools/results]
+Prefill is the time to the first token of a fresh prompt (one forward, last row's logits, as llama-bench's
+pp test); decode is the median gap between tokens after a prompt of 512 or 2048 tokens. Beside each wall-clock
+figure: the process CPU seconds it used, and the host's load, since a shared host skews wall time. The decode
+floor is the float32 weight bytes read per token over the best weight-streaming rate measured here (a GEMV
+over a 512 MB matrix on one thread and on two). Prints a table and writes JSON.
+
+Usage: python tools/bench_cpu.py [--model DIR] [--out tools/results] [--steps 48]
 """
 
 from __future__ import annotations
@@ -17,9 +22,40 @@ from pathlib import Path
 import numpy as np
 
 from lserve_lite import LLM, SamplingParams
+from lserve_lite.backends import cpu_kernels
+from lserve_lite.backends.cpu import SplitRunner, even_bounds
+
+LLAMA_CPP = {"prefill_512": 311, "prefill_2048": 211, "decode_ctx512": 100, "decode_ctx2048": 100}
+
+
+def busy_cpus() -> tuple[float, float]:
+    """(jiffies busy, jiffies total) summed over all CPUs, from /proc/stat (0, 0 where unreadable)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return 0.0, 0.0
+    idle = v[3] + v[4]
+    return float(sum(v) - idle), float(sum(v))
+
+
+class Meter:
+    """Wall seconds, this process's CPU seconds and the whole host's busy CPUs over a `with` block."""
+
+    def __enter__(self):
+        self.t, self.c, self.b = time.perf_counter(), time.process_time(), busy_cpus()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.t, time.process_time() - self.c
+        (b0, t0), (b1, t1) = self.b, busy_cpus()
+        ncpu = os.cpu_count() or 1
+        host = ncpu * (b1 - b0) / (t1 - t0) if t1 > t0 else float("nan")
+        self.others = max(0.0, host - self.cpu / self.wall)  # CPUs kept busy by other processes
 
 
 def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
+    """Single-thread np.copyto bandwidth (bytes read + written per second), median of `reps`."""
     a = np.ones(nbytes // 4, np.float32)
     b = np.empty_like(a)
     ts = []
@@ -30,70 +66,104 @@ def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
     return 2 * nbytes / statistics.median(ts)
 
 
-def bench_prefill(llm: LLM, n: int, reps: int) -> float:
-    ids = [int(t) for t in np.random.default_rng(n).integers(100, 40000, n)]
-    llm.logits(ids[:64])
+def gemv_bandwidth(threads: int, nbytes: int = 512 << 20, reps: int = 5) -> float:
+    """Weight bytes/s of the decode GEMV kernel over one big matrix on `threads` threads (best run)."""
+    w = np.random.default_rng(0).standard_normal((nbytes // 4 // 576, 576), dtype=np.float32)
+    x, y = w[:1].copy(), np.empty((1, w.shape[0]), np.float32)
+    runner, bounds = SplitRunner(parts=threads, first=1 << 30), even_bounds(0, w.shape[0], threads)
+    part = lambda a, b: cpu_kernels.gemv_rows(x, w, y, a, b)  # noqa: E731
+    runner.run("bw", part, bounds)  # warm up
+    if threads > 1:
+        runner._keys["bw"].spread = True
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
-        llm.logits(ids)
+        runner.run("bw", part, bounds)
         ts.append(time.perf_counter() - t)
-    return n / statistics.median(ts)
+    return w.nbytes / min(ts)
 
 
-def bench_decode(llm: LLM, ctx: int, steps: int) -> float:
-    ids = [int(t) for t in np.random.default_rng(ctx).integers(100, 40000, ctx)]
+def prompt(n: int) -> list[int]:
+    return [int(t) for t in np.random.default_rng(n).integers(100, 40000, n)]
+
+
+def bench_prefill(llm: LLM, n: int, reps: int) -> dict:
+    """Time to first token of an n-token prompt: the median run of `reps`, with its CPU time and load."""
+    ids = prompt(n)
+    params = SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True)
+    llm.generate([ids[:100]], params)
+    runs = []
+    for _ in range(reps):
+        with Meter() as m:
+            llm.generate([ids], params)
+        runs.append(m)
+    m = sorted(runs, key=lambda r: r.wall)[len(runs) // 2]
+    return {"tok_s": n / m.wall, "cpu_tok_s": n / m.cpu, "others_busy_cpus": m.others}
+
+
+def bench_decode(llm: LLM, ctx: int, steps: int) -> dict:
+    """Median wall gap between decode tokens after a ctx-token prompt, CPU seconds per token, host load."""
     params = SamplingParams(temperature=0, max_new_tokens=steps + 1, ignore_eos=True)
-    stamps = [time.perf_counter() for _ in llm.stream_outputs(ids, params)]
-    gaps = np.diff(stamps[1:])  # the first output comes after the prefill
-    return 1.0 / float(np.median(gaps))
+    stream = llm.stream_outputs(prompt(ctx), params)
+    next(stream)  # the first token comes after the prefill
+    stamps, cpus = [time.perf_counter()], [time.process_time()]
+    with Meter() as m:
+        for _ in stream:
+            stamps.append(time.perf_counter())
+            cpus.append(time.process_time())
+    return {
+        "tok_s": 1.0 / float(np.median(np.diff(stamps))),
+        "cpu_tok_s": (len(cpus) - 1) / (cpus[-1] - cpus[0]),
+        "others_busy_cpus": m.others,
+    }
+
+
+def weight_bytes(llm: LLM) -> int:
+    """float32 bytes of all weights (tied lm_head counted once): what a decode step reads."""
+    model = llm.engine.runner.model
+    arrays = {id(a): a for a in [model.embed, model.lm_head, model.norm]}
+    for layer in model.layers:
+        arrays.update({id(a): a for a in vars(layer).values() if a is not None})
+    return sum(a.nbytes for a in arrays.values())
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", default="tools/results")
     ap.add_argument("--steps", type=int, default=48)
     args = ap.parse_args()
     llm = LLM(args.model, backend="cpu")
-    cfg = llm.engine.cfg
-    weight_bytes = sum(
-        a.nbytes for a in [llm.engine.runner.model.embed, *[
-            x for layer in llm.engine.runner.model.layers for x in vars(layer).values() if x is not None
-        ]]
-    )  # fmt: skip
-    bw = copy_bandwidth()
+    wbytes = weight_bytes(llm)
+    bw = {"copy": copy_bandwidth(), "gemv_1_thread": gemv_bandwidth(1), "gemv_2_threads": gemv_bandwidth(2)}
     rows = {
-        "prefill_512_tok_s": bench_prefill(llm, 512, 3),
-        "prefill_2048_tok_s": bench_prefill(llm, 2048, 2),
-        "decode_ctx512_tok_s": bench_decode(llm, 512, args.steps),
-        "decode_ctx2048_tok_s": bench_decode(llm, 2048, args.steps),
+        "prefill_512": bench_prefill(llm, 512, 3),
+        "prefill_2048": bench_prefill(llm, 2048, 2),
+        "decode_ctx512": bench_decode(llm, 512, args.steps),
+        "decode_ctx2048": bench_decode(llm, 2048, args.steps),
     }
-    floor = bw / weight_bytes
+    floors = {k: v / wbytes for k, v in bw.items() if k.startswith("gemv")}
     result = {
-        "date": time.strftime("%Y-%m-%d"),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
         "model": str(llm.engine.model_dir.name),
-        "layers": cfg.num_layers,
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
-        "weight_bytes": weight_bytes,
-        "copy_bandwidth_GBs": bw / 1e9,
-        "decode_floor_tok_s": floor,
-        **rows,
-        "llama_cpp_reference": {"prefill_512": 311, "prefill_2048": 211, "decode": 100},
+        "loadavg_1min_at_end": os.getloadavg()[0],
+        "weight_bytes": wbytes,
+        "bandwidth_GBs": {k: v / 1e9 for k, v in bw.items()},
+        "decode_floor_tok_s": floors,
+        "results": rows,
+        "llama_cpp_q4_1_reference": LLAMA_CPP,
     }
-    print(f"{'metric':<24}{'lserve-lite':>14}{'llama.cpp Q4_1 (DESIGN.md)':>30}")
-    ref = {
-        "prefill_512_tok_s": 311,
-        "prefill_2048_tok_s": 211,
-        "decode_ctx512_tok_s": 100,
-        "decode_ctx2048_tok_s": 100,
-    }
-    for k, v in rows.items():
-        print(f"{k:<24}{v:>14.1f}{ref[k]:>30}")
-    print(
-        f"weight-read floor for f32 decode: {floor:.1f} tok/s ({weight_bytes / 1e6:.0f} MB at {bw / 1e9:.1f} GB/s)"
-    )
+    print(f"{'tokens/s':<16}{'wall':>8}{'per CPU-s':>11}{'others busy':>13}{'llama.cpp Q4_1':>16}")
+    for k, r in rows.items():
+        print(
+            f"{k:<16}{r['tok_s']:>8.1f}{r['cpu_tok_s']:>11.1f}"
+            f"{r['others_busy_cpus']:>11.1f} CPUs{LLAMA_CPP[k]:>11}"
+        )
+    print(f"weights {wbytes / 1e6:.0f} MB/token; GEMV streaming " + ", ".join(
+        f"{k.split('_', 1)[1]} {bw[k] / 1e9:.1f} GB/s -> floor {floors[k]:.1f} tok/s" for k in floors
+    ) + f"; copy {bw['copy'] / 1e9:.1f} GB/s; load average {result['loadavg_1min_at_end']:.1f}")  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_cpu.json").write_text(json.dumps(result, indent=2))

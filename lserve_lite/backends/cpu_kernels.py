@@ -1,8 +1,8 @@
-"""Numba kernels of the CPU backend for decode-sized work (a few rows per step).
+"""Numba kernels of the CPU backend: GEMV, norms, activations, RoPE and softmax passes, decode attention.
 
-At batch 1 a decode step is a chain of small memory-bound operations: NumPy's per-call temporaries and
-OpenBLAS's thread hand-offs (which stall for whole scheduler time slices on a busy host) cost more than
-the arithmetic. These kernels read each operand once and write the result in place; all math is float32.
+A batch-1 decode step is a chain of small memory-bound operations, where NumPy's temporaries and per-call
+costs outweigh the arithmetic; these kernels read each operand once and write in place. All math is float32.
+`nogil` lets `SplitRunner` (cpu.py) run parts of one kernel call on several threads at once.
 """
 
 from __future__ import annotations
@@ -11,17 +11,51 @@ import math
 
 import numba as nb
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 # Reassociation (vectorized float32 sums) without "no NaN / no Inf", which masks and softmax rely on.
 FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 NEG_INF = np.float32(-np.inf)
+# IEEE division (a ZeroDivisionError branch keeps loops from vectorizing); cached; callable off the GIL.
+JIT = dict(cache=True, nogil=True, error_model="numpy")
+EXP_MIN, EXP_MAX = np.float32(-87.33654), np.float32(88.37626)  # exp32 is 0 below, clamped above
 
 
-@nb.njit(fastmath=FAST, cache=True, nogil=True)
-def gemv(x, w, out):
-    """out[m, j] = dot(x[m], w[j]): each weight row comes from memory once, for all rows of x."""
+@intrinsic
+def _bits_to_f32(typingctx, i):
+    """Reinterpret an int32 as the float32 with the same bits."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@nb.njit(inline="always")
+def exp32(x):
+    """float32 exp (Cody-Waite reduction, Cephes polynomial, <= 1 ulp on [-87, 88]) that vectorizes.
+
+    Call it from kernels without fastmath "reassoc", which would fold the two-step reduction into one.
+    """
+    x = min(max(x, EXP_MIN), EXP_MAX)
+    n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    return (p * r * r + r + np.float32(1.0)) * _bits_to_f32((np.int32(n) + np.int32(127)) << np.int32(23))
+
+
+@nb.njit(fastmath=FAST, **JIT)
+def gemv_rows(x, w, out, j0, j1):
+    """out[m, j] = dot(x[m], w[j]) for j0 <= j < j1: each weight row is read once, for all rows of x."""
     m, k = x.shape
-    for j in range(w.shape[0]):
+    for j in range(j0, j1):
         for r in range(m):
             acc = np.float32(0.0)
             for i in range(k):
@@ -29,15 +63,7 @@ def gemv(x, w, out):
             out[r, j] = acc
 
 
-@nb.njit(fastmath=FAST, cache=True, nogil=True, parallel=True)
-def gemv_parallel(x, w, out, nt):
-    """`gemv` with the weight rows split evenly over `nt` threads."""
-    step = (w.shape[0] + nt - 1) // nt
-    for c in nb.prange(nt):
-        gemv(x, w[c * step : (c + 1) * step], out[:, c * step : (c + 1) * step])
-
-
-@nb.njit(fastmath=FAST, cache=True, nogil=True)
+@nb.njit(fastmath=FAST, **JIT)
 def add_rmsnorm(x, residual, w, eps, h, res):
     """res = x + residual; h = res / sqrt(mean(res^2) + eps) * w, row by row (HF Llama RMSNorm)."""
     n, d = x.shape
@@ -52,7 +78,7 @@ def add_rmsnorm(x, residual, w, eps, h, res):
             h[r, i] = (res[r, i] / den) * w[i]
 
 
-@nb.njit(fastmath=FAST, cache=True, nogil=True)
+@nb.njit(fastmath=FAST, **JIT)
 def rmsnorm(x, w, eps, h):
     """h = x / sqrt(mean(x^2) + eps) * w, row by row."""
     n, d = x.shape
@@ -65,19 +91,21 @@ def rmsnorm(x, w, eps, h):
             h[r, i] = (x[r, i] / den) * w[i]
 
 
-@nb.njit(cache=True, nogil=True)
+@nb.njit(**JIT)
 def silu_mul(gate_up, out):
     """out = silu(gate) * up for the fused [N, 2*I] gate/up rows."""
-    n, i2 = gate_up.shape
-    inter = i2 // 2
-    one = np.float32(1.0)
-    for r in range(n):
-        for i in range(inter):
-            g = gate_up[r, i]
-            out[r, i] = (g / (one + np.exp(-g))) * gate_up[r, inter + i]
+    inter = out.shape[1]
+    for r in range(out.shape[0]):
+        _silu_mul_row(gate_up[r, :inter], gate_up[r, inter:], out[r])
 
 
-@nb.njit(cache=True, nogil=True)
+@nb.njit(**JIT)
+def _silu_mul_row(g, u, out):
+    for i in range(out.shape[0]):
+        out[i] = (g[i] / (np.float32(1.0) + exp32(-g[i]))) * u[i]
+
+
+@nb.njit(**JIT)
 def rope_write_kv(qkv, positions, slots, k_cache, v_cache, cos, sin, q):
     """Half-split RoPE on q and k of each row; k and v go to their page slot, q to `q` [N, Hq, D]."""
     hkv, page, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
@@ -95,71 +123,114 @@ def rope_write_kv(qkv, positions, slots, k_cache, v_cache, cos, sin, q):
                 v_cache[pg, h, off, i] = qkv[t, (hq + hkv + h) * d + i]
 
 
-@nb.njit(fastmath=FAST, cache=True, nogil=True)
+@nb.njit(fastmath={"nnan", "nsz"}, **JIT)
+def _row_max(row):
+    m = NEG_INF
+    for i in range(row.shape[0]):
+        m = max(m, row[i])
+    return m
+
+
+@nb.njit(fastmath=FAST, **JIT)
+def _row_sum(row):
+    tot = np.float32(0.0)
+    for i in range(row.shape[0]):
+        tot += row[i]
+    return tot
+
+
+@nb.njit(**JIT)
+def _exp_shift(row, m):
+    """In place row = exp(row - m), 0 where row is -inf (masked)."""
+    for i in range(row.shape[0]):
+        v = row[i] - m
+        row[i] = exp32(v) if v >= EXP_MIN else np.float32(0.0)
+
+
+@nb.njit(fastmath=FAST, **JIT)
+def _scale_mask(row, ok, scale):
+    """In place row = row * scale where ok, -inf elsewhere."""
+    for i in range(row.shape[0]):
+        row[i] = row[i] * scale if ok[i] else NEG_INF
+
+
+@nb.njit(**JIT)
+def masked_softmax(s, ok, scale):
+    """In place over scores s [R, G, K]: exp(s*scale - row max) where ok [R, K], else 0; row sums [R, G]."""
+    tot = np.empty(s.shape[:2], np.float32)
+    for r in range(s.shape[0]):
+        for g in range(s.shape[1]):
+            _scale_mask(s[r, g], ok[r], scale)
+            _exp_shift(s[r, g], _row_max(s[r, g]))
+            tot[r, g] = _row_sum(s[r, g])
+    return tot
+
+
+@nb.njit(fastmath=FAST, **JIT)
 def paged_attention(q, k_cache, v_cache, qb_start, qb_len, qb_pos, ctx, indptr, kv_page, kv_lpage,
-                    head_class, sink, local, out):  # fmt: skip
-    """Execute an attention plan: per query block and KV head, the pages of the head's class.
+                    head_class, sink, local, out, i0, i1):  # fmt: skip
+    """Execute an attention plan for work items i0..i1-1 (item = query block * 2 + head class).
 
-    Mask: key <= query position, key < context end, and for class 1 (streaming) key < sink or
-    query - key < local. Exact two-pass float32 softmax, as `paged_attention_ref`'s NumPy path.
+    Each item visits the pages listed for its class with all KV heads of that class. Mask: key <= query
+    position, key < context end, and for class 1 (streaming) key < sink or query - key < local.
+    Exact two-pass float32 softmax.
     """
-    for qb in range(qb_start.shape[0]):
-        for h in range(k_cache.shape[1]):
-            cls = head_class[h]
-            lo, hi = indptr[qb * 2 + cls], indptr[qb * 2 + cls + 1]
-            win = (sink, local) if cls == 1 else (-1, -1)
-            rows = (qb_start[qb], qb_len[qb], qb_pos[qb], ctx[qb])
-            _attend_block(q, k_cache, v_cache, h, rows, kv_page[lo:hi], kv_lpage[lo:hi], win, out)
+    for item in range(i0, i1):
+        qb, cls = item // 2, item % 2
+        heads = np.nonzero(head_class == cls)[0]
+        lo, hi = indptr[item], indptr[item + 1]
+        if heads.size == 0 or hi == lo:
+            continue
+        win = (sink, local) if cls == 1 else (-1, -1)
+        rows = (qb_start[qb], qb_len[qb], qb_pos[qb], ctx[qb])
+        _attend_block(q, k_cache, v_cache, heads, rows, kv_page[lo:hi], kv_lpage[lo:hi], win, out)
 
 
-@nb.njit(fastmath=FAST, cache=True, nogil=True)
-def _attend_block(q, k_cache, v_cache, h, rows, pages, lpages, win, out):
-    """One query block x KV head h: masked scores of its query heads over the pages, softmax, sum of V."""
+@nb.njit(fastmath=FAST, **JIT)
+def _attend_block(q, k_cache, v_cache, heads, rows, pages, lpages, win, out):
+    """One query block x the KV heads `heads`: masked scores over the pages, softmax, weighted sum of V.
+
+    Pages are walked in memory order (page, head, key) so each page's heads stream as one block.
+    """
     r0, nr, pos0, ctx = rows
     page, d = k_cache.shape[2], k_cache.shape[3]
     group = q.shape[1] // k_cache.shape[1]
-    nq, nk = nr * group, pages.shape[0] * page
+    per_head = nr * group  # score rows of one KV head: (query row, query head of its group)
+    nq, nk = heads.size * per_head, pages.shape[0] * page
     qv = np.empty((nq, d), np.float32)
+    for hi in range(heads.size):
+        for r in range(nr):
+            for g in range(group):
+                qv[hi * per_head + r * group + g] = q[r0 + r, heads[hi] * group + g]
     scale = np.float32(1.0 / math.sqrt(d))
-    for r in range(nr):
-        for g in range(group):
-            qv[r * group + g] = q[r0 + r, h * group + g]
     s = np.empty((nq, nk), np.float32)
     for pi in range(pages.shape[0]):
-        for o in range(page):
-            kpos, key = lpages[pi] * page + o, k_cache[pages[pi], h, o]
-            for r in range(nr):
-                qpos = pos0 + r
-                ok = kpos <= qpos and kpos < ctx and (win[1] < 0 or kpos < win[0] or qpos - kpos < win[1])
-                for j in range(r * group, (r + 1) * group):
-                    acc = np.float32(0.0)
-                    for i in range(d):
-                        acc += qv[j, i] * key[i]
-                    s[j, pi * page + o] = acc * scale if ok else NEG_INF
-    tot = _exp_rows(s)
+        for hi in range(heads.size):
+            for o in range(page):
+                kpos, key = lpages[pi] * page + o, k_cache[pages[pi], heads[hi], o]
+                for r in range(nr):
+                    qpos = pos0 + r
+                    ok = kpos <= qpos and kpos < ctx and (win[1] < 0 or kpos < win[0] or qpos - kpos < win[1])
+                    for j in range(hi * per_head + r * group, hi * per_head + (r + 1) * group):
+                        acc = np.float32(0.0)
+                        for i in range(d):
+                            acc += qv[j, i] * key[i]
+                        s[j, pi * page + o] = acc * scale if ok else NEG_INF
+    tot = np.empty(nq, np.float32)
+    for j in range(nq):
+        _exp_shift(s[j], _row_max(s[j]))
+        tot[j] = _row_sum(s[j])
     acc = np.zeros((nq, d), np.float32)
     for pi in range(pages.shape[0]):
-        for o in range(page):
-            val = v_cache[pages[pi], h, o]
-            for j in range(nq):
-                p = s[j, pi * page + o]
-                for i in range(d):
-                    acc[j, i] += p * val[i]
-    for r in range(nr):
-        for g in range(group):
-            out[r0 + r, h * group + g] = acc[r * group + g] / tot[r * group + g]
-
-
-@nb.njit(fastmath=FAST, cache=True, nogil=True)
-def _exp_rows(s):
-    """In place s = exp(s - row max) (-inf entries become 0); return the row sums."""
-    tot = np.zeros(s.shape[0], np.float32)
-    for j in range(s.shape[0]):
-        m = NEG_INF
-        for i in range(s.shape[1]):
-            m = max(m, s[j, i])
-        for i in range(s.shape[1]):
-            e = np.exp(s[j, i] - m) if s[j, i] != NEG_INF else np.float32(0.0)
-            s[j, i] = e
-            tot[j] += e
-    return tot
+        for hi in range(heads.size):
+            for o in range(page):
+                val = v_cache[pages[pi], heads[hi], o]
+                for j in range(hi * per_head, (hi + 1) * per_head):
+                    p = s[j, pi * page + o]
+                    for i in range(d):
+                        acc[j, i] += p * val[i]
+    for hi in range(heads.size):
+        for r in range(nr):
+            for g in range(group):
+                j = hi * per_head + r * group + g
+                out[r0 + r, heads[hi] * group + g] = acc[j] / tot[j]

@@ -1,0 +1,123 @@
+"""The CPU backend's Numba kernels and thread split against the NumPy references (float32)."""
+
+import numpy as np
+import pytest
+
+from lserve_lite.backends import cpu as C
+from lserve_lite.backends import cpu_kernels as K
+from lserve_lite.sparse.plan import BatchLayout, build_plan
+
+RNG = np.random.default_rng(0)
+
+
+def rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_exp32_within_one_ulp():
+    x = np.linspace(-87, 88, 200_001).astype(np.float32)
+    row = x.copy()
+    K._exp_shift(row, np.float32(0.0))
+    want = np.exp(x.astype(np.float64))
+    assert (np.abs(row - want) <= 1.5 * np.spacing(want.astype(np.float32))).all()
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_gemv_and_elementwise_kernels(m):
+    x, r = RNG.standard_normal((2, m, 576), dtype=np.float32)
+    w = RNG.standard_normal((1000, 576), dtype=np.float32)
+    y = np.empty((m, 1000), np.float32)
+    K.gemv_rows(x, w, y, 0, 1000)
+    assert rel(y, x @ w.T) < 1e-5
+    g = RNG.standard_normal(576, dtype=np.float32)
+    h, res = np.empty_like(x), np.empty_like(x)
+    K.add_rmsnorm(x, r, g, 1e-5, h, res)
+    assert rel(h, C.rmsnorm_ref(x + r, g, 1e-5)) < 1e-5 and np.array_equal(res, x + r)
+    gu = RNG.standard_normal((m, 3072), dtype=np.float32) * 6
+    out = np.empty((m, 1536), np.float32)
+    K.silu_mul(gu, out)
+    assert rel(out, C.silu_mul_ref(gu)) < 1e-5
+
+
+def test_rope_write_kv_matches_ref():
+    cos, sin = RNG.standard_normal((2, 100, 32), dtype=np.float32)
+    qkv = RNG.standard_normal((4, 960), dtype=np.float32)
+    pos, slots = np.array([5, 17, 99, 0]), np.array([3, 70, 200, 64])
+    k1, v1 = np.zeros((2, 5, 3, 64, 64), np.float32)
+    k2, v2 = k1.copy(), v1.copy()
+    q1 = C.rope_write_kv_ref(qkv, pos, slots, k1, v1, cos, sin)
+    q2 = np.empty_like(q1)
+    K.rope_write_kv(qkv, pos, slots, k2, v2, cos, sin, q2)
+    assert rel(q2, q1) < 1e-6 and np.array_equal(k1, k2) and np.array_equal(v1, v2)
+
+
+def naive_attention(q, k_cache, v_cache, plan, head_class):
+    """Dense float64 attention with the plan's masks, one (row, head) at a time."""
+    n, hq, d = q.shape
+    page, group = k_cache.shape[2], hq // k_cache.shape[1]
+    out = np.zeros((n, hq, d))
+    for qb in range(plan.num_qblocks):
+        ctx = plan.seq_ctx[plan.qb_seq[qb]]
+        for hh in range(hq):
+            cls = head_class[hh // group]
+            pages, lpages = plan.pages(qb, cls)
+            kpos = (lpages[:, None] * page + np.arange(page)).reshape(-1)
+            k = k_cache[pages, hh // group].reshape(-1, d).astype(np.float64)
+            v = v_cache[pages, hh // group].reshape(-1, d).astype(np.float64)
+            for r in range(plan.qb_len[qb]):
+                row, qpos = plan.qb_start[qb] + r, plan.qb_pos[qb] + r
+                ok = (kpos <= qpos) & (kpos < ctx)
+                if cls == 1:
+                    ok &= (kpos < plan.sink) | (qpos - kpos < plan.local)
+                s = np.where(ok, k @ q[row, hh] / np.sqrt(d), -np.inf)
+                p = np.exp(s - s.max())
+                out[row, hh] = p @ v / p.sum()
+    return out.reshape(n, -1)
+
+
+@pytest.mark.parametrize(
+    "q_lens,ctx_lens,sink,local,hc",
+    [
+        ([1], [512], 0, 0, [0, 0, 0]),
+        ([1, 1, 1], [700, 1, 64], 0, 0, [0, 0, 0]),
+        ([1, 1], [900, 300], 128, 256, [1, 0, 1]),
+        ([5, 8, 1], [1000, 130, 65], 64, 100, [1, 1, 0]),
+        ([200], [1500], 64, 300, [0, 1, 0]),
+    ],
+)
+def test_attention_paths_agree(q_lens, ctx_lens, sink, local, hc):
+    kc, vc = RNG.standard_normal((2, 64, 3, 64, 64), dtype=np.float32)
+    perm, tables = [int(p) for p in RNG.permutation(64)], []
+    for c in ctx_lens:
+        tables.append(perm[: -(-c // 64)])
+        perm = perm[-(-c // 64) :]
+    plan = build_plan(BatchLayout(q_lens, ctx_lens, tables), 64, sink=sink, local=local)
+    q = RNG.standard_normal((sum(q_lens), 9, 64), dtype=np.float32)
+    hc = np.array(hc, np.int32)
+    want = naive_attention(q, kc, vc, plan, hc)
+    assert rel(C.paged_attention_ref(q, kc, vc, plan, hc), want) < 1e-5
+    assert rel(C.paged_attention_numba(q, kc, vc, plan, hc), want) < 1e-5
+
+
+def test_split_runner_results_do_not_depend_on_threads():
+    ops = C.CpuOps()
+    ops.split = C.SplitRunner(parts=2, first=1 << 30)
+    x = RNG.standard_normal((300, 576), dtype=np.float32)
+    w = RNG.standard_normal((960, 576), dtype=np.float32)
+    one, many = ops.linear(x[:1], w), ops.linear(x, w)
+    for st in ops.split._keys.values():
+        st.spread = True
+    assert np.array_equal(one, ops.linear(x[:1], w)) and np.array_equal(many, ops.linear(x, w))
+
+
+def test_split_runner_passes_helper_errors_to_the_caller():
+    runner = C.SplitRunner(parts=2, first=1 << 30)
+    runner.run("k", lambda a, b: None, [0, 1, 2])
+    runner._keys["k"].spread = True
+
+    def part(a, b):
+        if a == 1:
+            raise ValueError("helper part")
+
+    with pytest.raises(ValueError, match="helper part"):
+        runner.run("k", part, [0, 1, 2])
