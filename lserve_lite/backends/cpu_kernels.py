@@ -35,7 +35,7 @@ def _bits_to_f32(typingctx, i):
 
 @nb.njit(inline="always")
 def exp32(x):
-    """float32 exp (Cody-Waite reduction, Cephes polynomial, <= 1 ulp on [-87, 88]) that vectorizes.
+    """float32 exp (Cody-Waite reduction, Cephes polynomial, <= 4.5 ulp, median 1.4, on [-87, 0]) that vectorizes.
 
     Call it from kernels without fastmath "reassoc", which would fold the two-step reduction into one.
     """
