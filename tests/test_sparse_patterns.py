@@ -212,7 +212,7 @@ def test_passkey_sample_layout(tiny_llm):
     tok = tiny_llm.tokenizer
     for filler in ("classic", "corpus"):
         s = passkey_sample(tok, 400, 0.5, "12345", filler, offset=1000)
-        assert abs(s.num_tokens - 400) <= 40 and s.answer_ids == tok.encode(" 12345", False)
+        assert abs(s.num_tokens - 400) <= 40 and s.answer_ids == tok.encode(" 12345.", False)
         assert tok.decode(s.prompt_ids[s.needle_pos :]).lstrip().startswith("The pass key is 12345.")
         assert 0.3 < s.needle_pos / s.num_tokens < 0.7
     assert len(corpus_text()) > 60_000 and corpus_text(1000) == corpus_text()[: len(corpus_text(1000))]

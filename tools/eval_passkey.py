@@ -1,7 +1,7 @@
 """Passkey retrieval over a grid of context lengths and needle depths, dense vs LServe sparse configs.
 
 The tool writes its own prompts (a 5-digit pass key hidden in the classic grass/sky/sun filler, the
-question at the end), decodes greedily and counts a pass when the key appears in the output.
+question at the end), decodes greedily and counts a pass when the first number in the output is the key.
 
 Sparse configs: `dense` (baseline), `lserve` (SparseConfig defaults) and `lserve-b512` (token budget 512),
 or NAME:knob=value,... (e.g. `s75:static_sparsity=0.75,token_budget=1024`). Two ways to run them:
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -32,6 +33,13 @@ import numpy as np
 from lserve_lite import LLM, EngineConfig, SparseConfig
 from lserve_lite.sparse.calibrate import PasskeySample, SparseHarness, passkey_sample
 from lserve_lite.sparse.patterns import head_classes, resolve_pattern
+
+
+def passed(text: str, passkey: str) -> bool:
+    """A pass: the first run of digits in the output is exactly the pass key (no extra digits)."""
+    m = re.search(r"\d+", text)
+    return m is not None and m.group() == passkey
+
 
 PRESETS = {"dense": None, "lserve": {}, "lserve-b512": {"token_budget": 512}}
 
@@ -211,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode", choices=("emulate", "engine"), default="emulate")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="tools/results/passkey", help="output stem: <out>.json, <out>.png")
+    ap.add_argument("--plot-only", metavar="JSON", help="redraw the PNG of an earlier run's JSON and exit")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        res = json.loads(Path(args.plot_only).read_text())
+        return 0 if heatmap(res, Path(args.plot_only).with_suffix(".png")) else 1
     lengths = [int(x) for x in args.lengths.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
     configs = parse_configs(args.configs)
@@ -225,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             got = runner.greedy_all(h, names, smp.prompt_ids, len(smp.answer_ids) + 2)
             outs[i].update(got)
             marks = " ".join(
-                f"{k}={'ok' if smp.passkey in runner.tokenizer.decode(v) else 'FAIL'}" for k, v in got.items()
+                f"{k}={'ok' if passed(runner.tokenizer.decode(v), smp.passkey) else 'FAIL'}"
+                for k, v in got.items()
             )
             print(f"[{i + 1}/{len(grid)}] {smp.num_tokens} tokens, depth {smp.depth:.2f}: {marks} "
                   f"({time.perf_counter() - ts:.0f} s)", flush=True)  # fmt: skip
@@ -234,14 +247,12 @@ def main(argv: list[str] | None = None) -> int:
         texts = {k: runner.tokenizer.decode(o[k]) for k in configs}
         rows.append({"length": n, "tokens": smp.num_tokens, "depth": smp.depth, "needle_pos": smp.needle_pos,
                      "passkey": smp.passkey, "output": texts,
-                     "pass": {k: smp.passkey in t for k, t in texts.items()}})  # fmt: skip
+                     "pass": {k: passed(t, smp.passkey) for k, t in texts.items()}})  # fmt: skip
     summary = {
         name: {str(n): float(np.mean([r["pass"][name] for r in rows if r["length"] == n])) for n in lengths}
         for name in configs
     }
-    model_name = (
-        Path(runner.llm.engine.model_dir).name if args.mode == "emulate" else (args.model or "default")
-    )
+    model_name = Path(runner.model_dir).name
     result = {
         "tool": "eval_passkey", "model": model_name, "mode": args.mode,
         "pattern": args.pattern or "bundled",

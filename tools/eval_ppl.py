@@ -89,14 +89,13 @@ def plot(result: dict, path: Path) -> bool:
         return False
     lengths = result["lengths"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
-    for name in result["configs"]:
+    for i, name in enumerate(result["configs"]):
         ys = [result["results"][str(n)][name]["ppl_decode"] for n in lengths]
-        a1.plot(lengths, ys, marker="o", label=name)
+        a1.plot(lengths, ys, marker="o", label=name, color=f"C{i}")
         if name != "dense":
             base = [result["results"][str(n)]["dense"]["ppl_decode"] for n in lengths]
-            a2.plot(
-                lengths, [100 * (y / b - 1) for y, b in zip(ys, base, strict=True)], marker="o", label=name
-            )
+            rel = [100 * (y / b - 1) for y, b in zip(ys, base, strict=True)]
+            a2.plot(lengths, rel, marker="o", label=name, color=f"C{i}")
     a1.set_xlabel("context tokens")
     a1.set_ylabel(f"perplexity (last {result['decode_tokens']} tokens, decode)")
     a2.set_xlabel("context tokens")
@@ -123,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pattern", default=None, help="head pattern TSV (default: the model's bundled one)")
     ap.add_argument("--mode", choices=("emulate", "engine"), default="emulate", help="as in eval_passkey.py")
     ap.add_argument("--out", default="tools/results/ppl", help="output stem: <out>.json, <out>.png")
+    ap.add_argument("--plot-only", metavar="JSON", help="redraw the PNG of an earlier run's JSON and exit")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        res = json.loads(Path(args.plot_only).read_text())
+        return 0 if plot(res, Path(args.plot_only).with_suffix(".png")) else 1
     lengths = [int(x) for x in args.lengths.split(",")]
     configs = parse_configs(args.configs)
     t0 = time.perf_counter()

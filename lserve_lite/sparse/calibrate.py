@@ -120,12 +120,13 @@ def passkey_sample(
 
     filler "classic" repeats the grass/sky/sun sentences (the usual passkey test); "corpus" takes
     `corpus_text()` from character `offset`. Cuts happen after sentence ends, so lengths are approximate
-    (within a sentence). The answer is " <passkey>".
+    (within a sentence). The answer is " <passkey>." (the period too: stopping after the key is part of
+    retrieving it).
     """
     intro = tokenizer.encode(INTRO)
     needle = tokenizer.encode(f" The pass key is {passkey}. Remember it. {passkey} is the pass key.", False)
     question = tokenizer.encode(QUESTION, False)
-    answer = tokenizer.encode(" " + passkey, False)
+    answer = tokenizer.encode(f" {passkey}.", False)
     budget = num_tokens - len(intro) - len(needle) - len(question)
     if budget < 16:
         raise InvalidRequestError(f"passkey sample of {num_tokens} tokens is too short")
@@ -178,7 +179,10 @@ class SparseHarness:
         self.decoding = False
         self._sel: _SelectionEmulator | None = None
         if not self.engine_sparse and self.runner.ops.name == "cpu":
-            self._sel = _SelectionEmulator(self)  # tracks page stats from the first write on
+            # one emulator per runner (it wraps the runner's ops); it tracks page stats from the first write on
+            self._sel = getattr(self.runner, "_selection_emulator", None) or _SelectionEmulator(self)
+            self._sel.h = self
+            self.runner._selection_emulator = self._sel
 
     # classes ------------------------------------------------------------------------------------------
     def dense_classes(self) -> list[np.ndarray]:
