@@ -47,7 +47,8 @@ PRESETS = {"dense": None, "lserve": {}, "lserve-b512": {"token_budget": 512}}
 def parse_configs(spec: str) -> dict[str, SparseConfig | None]:
     """'dense,lserve,name:knob=v,...' -> name -> SparseConfig (None: dense). Knobs as in SparseConfig."""
     out: dict[str, SparseConfig | None] = {}
-    for item in filter(None, (s.strip() for s in spec.split(";" if ":" in spec else ","))):
+    items = spec.split(";") if ";" in spec else [spec] if ":" in spec else spec.split(",")
+    for item in filter(None, (s.strip() for s in items)):
         name, _, knobs = item.partition(":")
         if not knobs:
             if name not in PRESETS:
@@ -182,10 +183,13 @@ def heatmap(result: dict, path: Path) -> bool:
         print("matplotlib not installed: no PNG (pip install matplotlib)", file=sys.stderr)
         return False
     names, lengths, depths = list(result["configs"]), result["grid"]["lengths"], result["grid"]["depths"]
-    fig, axes = plt.subplots(
-        1, len(names), figsize=(2.2 + 1.1 * len(lengths) * len(names), 3.2), squeeze=False
-    )
-    for ax, name in zip(axes[0], names, strict=True):
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    w = 1.2 + 1.0 * len(lengths)
+    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, 0.5 + 2.9 * rows), squeeze=False)
+    for ax in axes.flat[len(names) :]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names):
         m = np.zeros((len(depths), len(lengths)))
         for i, d in enumerate(depths):
             for j, n in enumerate(lengths):
@@ -199,7 +203,8 @@ def heatmap(result: dict, path: Path) -> bool:
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_xlabel("context tokens")
         ax.set_title(name, fontsize=10)
-    axes[0][0].set_ylabel("needle depth")
+    for r in range(rows):
+        axes[r][0].set_ylabel("needle depth")
     fig.suptitle(f"passkey retrieval: {result['model']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
