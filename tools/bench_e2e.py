@@ -22,7 +22,7 @@ Prints a table, writes JSON to --out (a file, or a folder). Model source for Smo
 $LSERVE_SMOLLM2_GGUF (converted into /tmp/lserve_smollm2_hf), else --model-dir, else the default model.
 
     python tools/bench_e2e.py --out tools/results/bench_e2e.json
-    python tools/bench_e2e.py --sparse --out $OUT --deadline $(($(date +%s) + 400))
+    python tools/bench_e2e.py --sparse --out results --deadline $(($(date +%s) + 400))
 """
 
 from __future__ import annotations
