@@ -17,7 +17,7 @@ from ..engine.sampler import sample
 from ..sparse.plan import AttentionPlan
 from . import cpu_kernels as K
 from .base import KVCache
-from .reference import paged_attention_sparse_ref, rope_write_kv_sparse_ref, select_pages_ref
+from .reference import paged_attention_sparse_ref, rope_qkv, rope_write_kv_sparse_ref, select_pages_ref
 
 # Up to this many rows (decode), the Numba GEMV and attention kernels; beyond (prefill), OpenBLAS GEMMs.
 SMALL_ROWS = 8
@@ -303,15 +303,8 @@ def silu_mul_ref(gate_up: np.ndarray) -> np.ndarray:
 
 def rope_write_kv_ref(qkv, positions, slots, k_cache, v_cache, cos, sin) -> np.ndarray:
     """Rotate q and k (half-split RoPE), write k/v into their page slots; return q [N, Hq, D]."""
-    n = qkv.shape[0]
     _, hkv, page, d = k_cache.shape
-    hq = qkv.shape[1] // d - 2 * hkv
-    x = qkv.reshape(n, hq + 2 * hkv, d)
-    c, s = cos[positions][:, None, :], sin[positions][:, None, :]
-    qk = x[:, : hq + hkv]
-    a, b = qk[..., : d // 2], qk[..., d // 2 :]
-    rot = np.concatenate([a * c - b * s, b * c + a * s], axis=-1).astype(np.float32)
-    q, k, v = rot[:, :hq], rot[:, hq:], x[:, hq + hkv :]
+    q, k, v = rope_qkv(qkv, positions, hkv, d, cos, sin)
     pg, off = slots // page, slots % page
     k_cache[pg, :, off] = k
     v_cache[pg, :, off] = v

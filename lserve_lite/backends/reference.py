@@ -16,20 +16,25 @@ from ..sparse.plan import AttentionPlan
 from ..sparse.selector import page_scores, top_pages
 
 
-def rope_write_kv_sparse_ref(
-    qkv, positions, dense_slots, stream_slots, kd, vd, ks, vs, head_class, head_slot, cos, sin,
-    kmax=None, kmin=None,
-) -> np.ndarray:  # fmt: skip
-    """Rotate q/k (half-split RoPE); write each KV head's k/v into the pool of its class; refresh stats."""
+def rope_qkv(qkv, positions, hkv: int, d: int, cos, sin) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split the fused [N, (Hq + 2 Hkv) * D] projection into q, k (both rotated, half-split RoPE) and v."""
     n = qkv.shape[0]
-    hkv, d = head_class.shape[0], kd.shape[-1] if kd.shape[1] else ks.shape[-1]
     hq = qkv.shape[1] // d - 2 * hkv
     x = qkv.reshape(n, hq + 2 * hkv, d)
     c, s = cos[positions][:, None, :], sin[positions][:, None, :]
     qk = x[:, : hq + hkv]
     a, b = qk[..., : d // 2], qk[..., d // 2 :]
     rot = np.concatenate([a * c - b * s, b * c + a * s], axis=-1).astype(np.float32)
-    k, v = rot[:, hq:], x[:, hq + hkv :]
+    return rot[:, :hq], rot[:, hq:], x[:, hq + hkv :]
+
+
+def rope_write_kv_sparse_ref(
+    qkv, positions, dense_slots, stream_slots, kd, vd, ks, vs, head_class, head_slot, cos, sin,
+    kmax=None, kmin=None,
+) -> np.ndarray:  # fmt: skip
+    """Rotate q/k (half-split RoPE); write each KV head's k/v into the pool of its class; refresh stats."""
+    hkv, d = head_class.shape[0], kd.shape[-1] if kd.shape[1] else ks.shape[-1]
+    q, k, v = rope_qkv(qkv, positions, hkv, d, cos, sin)
     for cls, slots, kc, vc in ((0, dense_slots, kd, vd), (1, stream_slots, ks, vs)):
         heads = np.nonzero(head_class == cls)[0]
         if heads.size == 0:
@@ -41,7 +46,7 @@ def rope_write_kv_sparse_ref(
         vc[pg[:, None], rows[None, :], off[:, None]] = v[:, heads]
     if kmax is not None and kd.shape[1]:
         update_page_stats(kmax, kmin, kd, dense_slots)
-    return np.ascontiguousarray(rot[:, :hq])
+    return np.ascontiguousarray(q)
 
 
 def select_pages_ref(q, kmax, kmin, plan: AttentionPlan, head_class, head_slot, sel_idx, sel_cnt) -> None:
