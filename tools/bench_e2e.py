@@ -37,7 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_attention import _events_median  # noqa: E402
 
 
 def copy_bandwidth(nbytes: int = 4 << 30, reps: int = 10) -> float:
@@ -60,19 +63,7 @@ def copy_bandwidth(nbytes: int = 4 << 30, reps: int = 10) -> float:
 
 def gpu_time(fn, reps: int, warm: int = 3) -> float:
     """Median seconds of fn() by CUDA events (after `warm` warm-up calls)."""
-    import cupy as cp
-
-    for _ in range(warm):
-        fn()
-    ts = []
-    for _ in range(reps):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(cp.cuda.get_elapsed_time(a, b) / 1e3)
-    return float(np.median(ts))
+    return _events_median(fn, warm, reps) / 1e3
 
 
 # -- SmolLM2 through the engine ----------------------------------------------------------------------
