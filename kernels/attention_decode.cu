@@ -1,6 +1,6 @@
 // Flash-decoding over paged KV for one query row per query block: executes an AttentionPlan whose query
-// blocks all have length 1 (decode). References: lserve_lite/backends/cpu.py::paged_attention_ref (dense),
-// lserve_lite/backends/reference.py::paged_attention_sparse_ref (LServe: two pools, per-block streaming
+// blocks all have length 1 (decode). References: lserve_lite/backends/reference/attention.py::paged_attention_ref (dense),
+// lserve_lite/backends/reference/attention.py::paged_attention_sparse_ref (LServe: two pools, per-block streaming
 // windows, dense heads visiting the pages the selector picked: sel_idx/sel_cnt, see make_visit);
 // launcher: lserve_lite/backends/cuda_attention.py.
 //

@@ -1,6 +1,6 @@
 // Block-sparse paged flash attention for prefill (and chunked prefill): executes an AttentionPlan.
-// References: lserve_lite/backends/cpu.py::paged_attention_ref (dense mode),
-// lserve_lite/backends/reference.py::paged_attention_sparse_ref (two pools); launcher: lserve_lite/backends/cuda_attention.py.
+// References: lserve_lite/backends/reference/attention.py::paged_attention_ref (dense mode),
+// lserve_lite/backends/reference/attention.py::paged_attention_sparse_ref (two pools); launcher: lserve_lite/backends/cuda_attention.py.
 //
 // One CTA (4 warps) computes BM = 64 * MT query rows of one query block against the KV pages that the plan
 // lists for (query block, class of the KV head). The BM rows are the block's rows for one or several query

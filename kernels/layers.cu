@@ -1,5 +1,5 @@
 // Per-token layer kernels for the CUDA backend (fp16 storage, fp32 math).
-// References: lserve_lite/backends/cpu.py (CpuOps.embed, rmsnorm_ref, rope_write_kv_ref, silu_mul_ref).
+// References: lserve_lite/backends/reference/layers.py (embed_ref, rmsnorm_ref, rope_write_kv_ref, silu_mul_ref).
 // Launchers: lserve_lite/backends/cuda.py (CudaOps). All kernels: one block per token row unless noted.
 #include "block_reduce.cuh"
 
@@ -95,7 +95,7 @@ __device__ __forceinline__ __half rope_channel(const __half* x, int c, int half_
 // the written prefix (offsets 0 .. last written) by the block of the batch's last row in that logical page.
 // Keys of earlier rows of the batch in the same logical page (consecutive rows with consecutive slots) are
 // recomputed from qkv, not read back (other blocks write them); older keys come from the cache.
-// Reference: lserve_lite/backends/reference.py::rope_write_kv_sparse_ref (+ kv/page_stats.py).
+// Reference: lserve_lite/backends/reference/layers.py::rope_write_kv_sparse_ref (+ reference/page_stats.py).
 __global__ void rope_write_kv_sparse(const __half* __restrict__ qkv, const long long* __restrict__ positions,
                                      const long long* __restrict__ slots, const __half* __restrict__ cos_t,
                                      const __half* __restrict__ sin_t, __half* __restrict__ q_out,

@@ -1,5 +1,5 @@
 // LServe's query-aware page selector for dense KV heads at decode, on the GPU (no host round trip).
-// Reference: lserve_lite/backends/reference.py::select_pages_ref (scores: sparse/selector.py::page_scores,
+// Reference: lserve_lite/backends/reference/page_select.py::select_pages_ref (scores: sparse/selector.py::page_scores,
 // top-k: sparse/selector.py::top_pages); launcher: lserve_lite/backends/cuda_attention.py::select_pages.
 //
 // Two launches per layer, both graph-capturable (every count and flag is read from the device plan, so the

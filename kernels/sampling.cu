@@ -1,5 +1,5 @@
 // Token sampling on the GPU: one block per row of float32 logits; only token ids go back to the host.
-// Reference: lserve_lite/engine/sampler.py (sample, sample_row). Launchers: lserve_lite/backends/cuda_sampling.py.
+// Reference: lserve_lite/backends/reference/sampling.py (sample, sample_row). Launchers: lserve_lite/backends/cuda_sampling.py.
 //
 // The CPU sampler sorts the tempered logits (descending, ties by index), keeps the top_k, then the
 // smallest prefix whose probability reaches top_p, and picks by inverse CDF with one uniform u per row.

@@ -9,11 +9,14 @@ import argparse
 import json
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .llm import LLM
 from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # the CLI builds its parser without loading the engine
+    from .llm import LLM
 
 
 def random_prompt(n: int, vocab: int, seed: int = 0) -> list[int]:

@@ -6,53 +6,10 @@ import argparse
 import sys
 import time
 
+from .engine_args import add_engine_args, engine_config_from_args
 from .errors import LServeError
-
-_SPARSE_KNOBS = {
-    "static_sparsity": (float, "fraction of KV heads that become streaming heads"),
-    "page_size": (int, "tokens per physical KV page"),
-    "sub_pages": (int, "logical pages per physical page (selector granularity)"),
-    "prefill_sink": (int, "streaming heads' sink tokens in prefill"),
-    "prefill_local": (int, "streaming heads' local window in prefill"),
-    "decode_sink": (int, "streaming heads' sink tokens in decode"),
-    "decode_local": (int, "streaming heads' local window in decode"),
-    "token_budget": (int, "dense heads' KV token budget per decode step"),
-    "select_interval": (int, "decode steps between page selections"),
-}
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Model, backend, limits and the LServe knobs (shared by chat, generate and serve)."""
-    p.add_argument(
-        "--model", default=None, help="HF model directory (default: bundled SmolLM2-135M-Instruct)"
-    )
-    p.add_argument("--backend", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument(
-        "--max-model-len", type=int, default=None, help="context limit in tokens (prompt + output)"
-    )
-    p.add_argument(
-        "--kv-pages", type=int, default=None, help="KV pages in the pool (default: sized from memory)"
-    )
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--sparse", dest="sparse", action="store_true", help="LServe sparse attention")
-    g.add_argument("--dense", dest="sparse", action="store_false", help="dense attention (the default)")
-    p.set_defaults(sparse=False)
-    p.add_argument("--pattern", default=None, help="DuoAttention full_attention_heads.tsv for --sparse")
-    for name, (typ, text) in _SPARSE_KNOBS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=text)
-
-
-def engine_config_from_args(args):
-    from .config import EngineConfig, SparseConfig
-
-    knobs = {k: getattr(args, k) for k in _SPARSE_KNOBS if getattr(args, k, None) is not None}
-    sparse = SparseConfig(enabled=args.sparse, pattern_path=args.pattern).with_updates(**knobs)
-    return EngineConfig(
-        max_model_len=args.max_model_len,
-        num_kv_pages=args.kv_pages,
-        page_size=sparse.page_size,
-        sparse=sparse,
-    )
+from .evaluation.calibrate_args import add_calibrate_args
+from .serve import add_serve_args, run_from_args
 
 
 def _make_llm(args):
@@ -179,7 +136,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_kernels(args) -> int:
-    from .kernels_harness import main as harness_main
+    from .harness import main as harness_main
 
     return harness_main(args.rest)
 
@@ -219,38 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_kernels)
 
-    _optional_subcommands(sub)
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the `serve` extra)")
+    add_serve_args(p)
+    p.set_defaults(func=run_from_args)
+
+    p = sub.add_parser("calibrate", help="derive a streaming-head pattern (full_attention_heads.tsv)")
+    add_calibrate_args(p)
+    p.set_defaults(func=cmd_calibrate)
     return ap
 
 
-def _optional_subcommands(sub) -> None:
-    """Subcommands whose modules bring optional dependencies (the server) or heavier code."""
-    try:
-        from .serve.app import add_serve_args, run_from_args
-    except ImportError:
-        add_serve_args = None
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the `serve` extra)")
-    if add_serve_args is not None:
-        add_serve_args(p)
-        p.set_defaults(func=run_from_args)
-    else:
-        p.set_defaults(func=lambda a: _missing("serve", "pip install 'lserve-lite[serve]'"))
-    try:
-        from .sparse.calibrate import add_args
-        from .sparse.calibrate import main as calibrate_main
-    except ImportError:
-        add_args = None
-    p = sub.add_parser("calibrate", help="derive a streaming-head pattern (full_attention_heads.tsv)")
-    if add_args is not None:
-        add_args(p)
-        p.set_defaults(func=calibrate_main)
-    else:
-        p.set_defaults(func=lambda a: _missing("calibrate", "this build lacks the calibrator"))
+def cmd_calibrate(args) -> int:
+    from .evaluation.calibrate import main as calibrate_main
 
-
-def _missing(what: str, hint: str) -> int:
-    print(f"error: `{what}` is unavailable: {hint}", file=sys.stderr)
-    return 2
+    return calibrate_main(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lserve_lite.backends import cuda_available
-from lserve_lite.backends.cpu import paged_attention_ref
+from lserve_lite.backends.reference.attention import paged_attention_ref
 from lserve_lite.sparse.plan import BatchLayout, build_plan
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -153,11 +153,8 @@ def smol():
 def gpu_llm(smol):
     from lserve_lite import LLM
     from lserve_lite.config import EngineConfig
-    from lserve_lite.engine.cuda_graph import attach_decode_graphs
 
-    llm = LLM(str(smol[0]), backend="cuda", config=EngineConfig(num_kv_pages=4096, max_num_seqs=64))
-    attach_decode_graphs(llm.engine.runner)
-    return llm
+    return LLM(str(smol[0]), backend="cuda", config=EngineConfig(num_kv_pages=4096, max_num_seqs=64))
 
 
 @pytest.mark.gpu

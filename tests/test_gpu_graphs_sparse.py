@@ -90,12 +90,12 @@ def _lockstep(eager, graph, prompts, max_new):
 
 def test_sparse_decode_graphs_match_eager(sparse_tiny64):
     eager, graph = _engine(sparse_tiny64, graphs=False), _engine(sparse_tiny64, graphs=True)
-    assert eager.runner.graphs is None and graph.runner.graphs is not None
+    assert not hasattr(eager.runner.executor, "graphs") and hasattr(graph.runner.executor, "graphs")
     assert graph.layout is not None and graph.layout.has_streaming and graph.layout.select_pages == 8
     rng = np.random.default_rng(11)
     prompts = [[int(t) for t in rng.integers(3, 320, n)] for n in (150, 420, 333, 200, 260)]
     steps, decode_steps, ties = _lockstep(eager, graph, prompts, max_new=[60, 48, 48, 20, 20])
-    g = graph.runner.graphs
+    g = graph.runner.executor
     assert g.sparse and g.visit_pages == 9  # budget 8 pages + the newest; window 2 + 4 + 1 = 7
     assert {4, 8} <= set(g.graphs), f"captured sizes {sorted(g.graphs)}"
     assert g.replays >= 30 and g.replays == decode_steps, (g.replays, decode_steps, steps)
@@ -107,7 +107,7 @@ def test_sparse_decode_graphs_match_eager(sparse_tiny64):
 def test_sparse_graph_one_token_prefill_chunk_runs_eagerly(sparse_tiny64):
     """A one-token prefill chunk (no page budget, prefill window) is not a decode step: it runs eagerly."""
     from lserve_lite import SamplingParams
-    from lserve_lite.engine.sequence import Sequence
+    from lserve_lite.sequence import Sequence
 
     eng = _engine(sparse_tiny64, graphs=True)
     rng = np.random.default_rng(3)
@@ -116,8 +116,8 @@ def test_sparse_graph_one_token_prefill_chunk_runs_eagerly(sparse_tiny64):
     while seq.num_pending > 1:
         eng.runner.run([seq], [min(64, seq.num_pending - 1)])
     eng.runner.run([seq], [1])  # the last prompt token alone: dense heads visit every page
-    assert eng.runner.graphs.replays == 0
+    assert eng.runner.executor.replays == 0
     seq.output_ids.append(5)
     eng.runner.run([seq], [1])  # a decode step
-    assert eng.runner.graphs.replays == 1
+    assert eng.runner.executor.replays == 1
     eng.blocks.release(seq)

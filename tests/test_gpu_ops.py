@@ -9,12 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lserve_lite.kernels_harness import CASES
+from lserve_lite.harness import CASES
 
 
 @pytest.fixture(scope="module")
 def hctx():
-    from lserve_lite.kernels_harness import Ctx
+    from lserve_lite.harness import Ctx
 
     return Ctx(seed=int(np.random.SeedSequence().entropy % (1 << 31)))
 
@@ -22,7 +22,7 @@ def hctx():
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", list(CASES))
 def test_kernel_against_reference(hctx, case):
-    from lserve_lite.kernels_harness import format_table
+    from lserve_lite.harness import format_table
 
     results = CASES[case](hctx)
     print(format_table(results))
@@ -63,14 +63,13 @@ def small_llama(seed=0, layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, 
 def _runner(cfg, ws, backend, graphs=False, num_pages=96, page_size=16):
     from lserve_lite.backends import make_ops
     from lserve_lite.config import EngineConfig
-    from lserve_lite.engine.cuda_graph import attach_decode_graphs
     from lserve_lite.engine.model_runner import ModelRunner
     from lserve_lite.kv.block_manager import BlockManager
 
-    ecfg = EngineConfig(max_num_seqs=8, page_size=page_size, max_model_len=1024, num_kv_pages=num_pages)
-    runner = ModelRunner(cfg, ws, make_ops(backend), ecfg, num_pages)
-    if graphs:
-        assert attach_decode_graphs(runner, sizes=(1, 2, 4, 8)) is not None
+    ecfg = EngineConfig(max_num_seqs=8, page_size=page_size, max_model_len=1024, num_kv_pages=num_pages,
+                        cuda_graphs=graphs)  # fmt: skip
+    runner = ModelRunner(cfg, ws, make_ops(backend), ecfg, 1024, num_pages)
+    assert hasattr(runner.executor, "graphs") == graphs
     return runner, BlockManager(num_pages, page_size)
 
 
@@ -83,7 +82,7 @@ def _step(runner, blocks, seqs, num_new, all_logits=False):
 @pytest.mark.gpu
 def test_forward_matches_cpu_and_graphs_match_eager():
     """Prefill (ragged, chunked) then decode steps, teacher-forced with the CPU runner's greedy tokens."""
-    from lserve_lite.engine.sequence import Sequence
+    from lserve_lite.sequence import Sequence
     from lserve_lite.sampling_params import SamplingParams
 
     cfg, ws = small_llama()
@@ -115,5 +114,5 @@ def test_forward_matches_cpu_and_graphs_match_eager():
         for k in runs:
             for i, t in zip(live, toks, strict=True):
                 seqs[k][i].output_ids.append(int(t))
-    graphs = runs["graph"][0].graphs
+    graphs = runs["graph"][0].executor
     assert set(graphs.graphs) == {2, 4}, f"captured sizes {sorted(graphs.graphs)}"

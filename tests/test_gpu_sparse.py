@@ -12,21 +12,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lserve_lite.kernels_harness import ROPE_SPARSE, SPARSE_DECODE, SPARSE_PREFILL
+from lserve_lite.harness import ROPE_SPARSE, SPARSE_DECODE, SPARSE_PREFILL
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
 def hctx():
-    from lserve_lite.kernels_harness import Ctx
+    from lserve_lite.harness import Ctx
 
     return Ctx(seed=0)
 
 
 def _run(hctx, case, name):
     """Run harness case `case` for setup `name` on a fresh seed; assert every row passes."""
-    from lserve_lite import kernels_harness as H
+    from lserve_lite import harness as H
 
     seed = int(np.random.SeedSequence().entropy % (1 << 31))
     hctx.rng = np.random.default_rng(seed)  # as Ctx(seed): reproduce with H.<case>(H.Ctx(seed), name)
@@ -51,7 +51,7 @@ def test_sparse_decode_matches_reference(hctx, name):
 
 def test_mixed_prefill_and_selecting_decode_step(hctx):
     """Decode rows keep their page selection when a prefill chunk shares the step."""
-    from lserve_lite import kernels_harness as H
+    from lserve_lite import harness as H
 
     r = H.sparse_mixed_one(hctx)
     assert r.ok, H.format_table([r])

@@ -58,7 +58,7 @@ def test_every_launcher_source_exists():
 
 def test_gpu_sampling_draws_like_the_cpu_sampler():
     from lserve_lite.backends.cuda_sampling import sampling_inputs
-    from lserve_lite.engine.sequence import Sequence
+    from lserve_lite.sequence import Sequence
     from lserve_lite.sampling_params import SamplingParams
 
     ps = [

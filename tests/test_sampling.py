@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from lserve_lite import LLM, EngineConfig, SamplingParams
-from lserve_lite.engine.sampler import sample, sample_row
-from lserve_lite.engine.sequence import Sequence
+from lserve_lite.backends.reference.sampling import sample, sample_row
+from lserve_lite.sequence import Sequence
 from lserve_lite.tokenizer import IncrementalDecoder
 
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from lserve_lite import LLM, EngineConfig, SamplingParams
 from lserve_lite.engine.llm_engine import LLMEngine
 from lserve_lite.engine.scheduler import Scheduler
-from lserve_lite.engine.sequence import Sequence
+from lserve_lite.sequence import Sequence
 from lserve_lite.kv.block_manager import BlockManager
 
 

@@ -5,8 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lserve_lite.kv.page_stats import alloc_page_stats, page_stats_reference, update_page_stats
-from lserve_lite.sparse.selector import SelectorState, page_scores, select_pages, top_pages
+from lserve_lite.backends.reference.page_stats import (
+    alloc_page_stats,
+    page_stats_reference,
+    update_page_stats,
+)
+from lserve_lite.geometry import budget_pages, visit_capacity
+from lserve_lite.sparse.selector import choose_pages, page_scores, refresh_due, top_pages, visited_selection
 
 PS, SUB, HKV, D = 16, 4, 2, 8
 
@@ -109,7 +114,7 @@ def test_scores_and_topk_bruteforce(ctx, seed):
     ref = _independent_scores(q, cache, table, ctx, group)
     np.testing.assert_allclose(sc, ref, rtol=1e-5, atol=1e-5)
     budget = 4 * PS
-    pages, lpages = select_pages(q, kmax, kmin, table, ctx, group, budget, PS)
+    pages, lpages = _select(q, kmax, kmin, table, ctx, group, budget)
     n = -(-ctx // PS)
     k = min(n, budget // PS)
     assert pages.shape == lpages.shape == (HKV, k) and pages.dtype == np.int32
@@ -127,7 +132,7 @@ def test_budget_covers_context_returns_all_pages():
     for ctx in (1, 16, 64, 65):
         q, _, kmax, kmin, table, group = _setup(ctx, 7)
         n = -(-ctx // PS)
-        pages, lpages = select_pages(q, kmax, kmin, table, ctx, group, max(2 * PS, n * PS), PS)
+        pages, lpages = _select(q, kmax, kmin, table, ctx, group, max(2 * PS, n * PS))
         np.testing.assert_array_equal(lpages, np.tile(np.arange(n), (HKV, 1)))
         np.testing.assert_array_equal(pages[0], table[:n])
 
@@ -137,7 +142,7 @@ def test_newest_page_kept_even_if_lowest():
     kmax[table[-1]] = -50.0  # make the newest page score terribly
     kmin[table[-1]] = -60.0
     q = np.abs(q)
-    _, lpages = select_pages(q, kmax, kmin, table, 160, group, 2 * PS, PS)
+    _, lpages = _select(q, kmax, kmin, table, 160, group, 2 * PS)
     assert np.all(lpages[:, -1] == 9) and lpages.shape == (HKV, 2)
 
 
@@ -155,68 +160,34 @@ def test_top_pages_ties_deterministic():
     np.testing.assert_array_equal(top_pages(s, 3), [[0, 1, 5]])
 
 
-def test_selector_state_reuse_interval():
-    ctx = 200
-    q, cache, kmax, kmin, table, group = _setup(ctx, 6)
-    st = SelectorState(token_budget=4 * PS, page_size=PS, interval=4)
-    rng = np.random.default_rng(0)
-    recomputed, sels = [], []
-    qs = [rng.standard_normal(q.shape).astype(np.float32) for _ in range(9)]
-    for step in range(9):
-        pages, lpages = st.select(1, 0, qs[step], kmax, kmin, table, ctx, group)
-        recomputed.append(st.last_recomputed)
-        sels.append(lpages.copy())
-        if st.last_recomputed:
-            np.testing.assert_array_equal(
-                lpages, select_pages(qs[step], kmax, kmin, table, ctx, group, 4 * PS, PS)[1]
-            )
-        else:
-            np.testing.assert_array_equal(lpages, sels[-2])  # reused unchanged
-    assert recomputed == [True, False, False, False, True, False, False, False, True]
-    assert st.num_recomputes == 3
-    # other (sequence, layer) keys are independent
-    st.select(1, 1, q, kmax, kmin, table, ctx, group)
-    assert st.last_recomputed
-    st.drop(1)
-    st.select(1, 0, q, kmax, kmin, table, ctx, group)
-    assert st.last_recomputed
+def _select(q, kmax, kmin, table, ctx, group, budget):
+    lpages = choose_pages(q, kmax, kmin, table, ctx, group, budget_pages(budget, PS), PS)
+    return np.asarray(table, np.int32)[lpages], lpages
 
 
-def test_selector_state_new_page_included_between_recomputes():
-    rng = np.random.default_rng(8)
-    num_pages, budget = 20, 4 * PS
-    cache = rng.standard_normal((num_pages, HKV, PS, D)).astype(np.float32)
-    kmax, kmin = alloc_page_stats(num_pages, HKV, SUB, D)
-    table = list(rng.permutation(num_pages))
-    ctx = 5 * PS - 1  # 5 pages, last one has one free slot
-    update_page_stats(kmax, kmin, cache, (np.asarray(table)[:5, None] * PS + np.arange(PS)).reshape(-1)[:ctx])
-    q = rng.standard_normal((HKV * 3, D)).astype(np.float32)
-    st = SelectorState(budget, PS, interval=8)
-    _, first = st.select(0, 0, q, kmax, kmin, table, ctx, 3)
-    assert st.last_recomputed and first.shape == (HKV, 4) and np.all(first[:, -1] == 4)
-    scores = page_scores(q, kmax, kmin, table, ctx, 3, PS)
-    for _ in range(1, 4):  # decode steps: the 5th page fills, then the 6th page starts
-        ctx += 1
-        update_page_stats(kmax, kmin, cache, [table[(ctx - 1) // PS] * PS + (ctx - 1) % PS])
-        pages, lp = st.select(0, 0, q, kmax, kmin, table, ctx, 3)
-        assert not st.last_recomputed
-        n = -(-ctx // PS)
-        assert lp.shape == (HKV, 4) and np.all(lp[:, -1] == n - 1)  # newest page present, budget kept
-        np.testing.assert_array_equal(pages, np.asarray(table)[lp])
-        if n == 6:
-            for h in range(HKV):
-                assert 4 in lp[h]  # the previous newest page stays
-                old = first[h, :-1]
-                dropped = old[np.argmin(scores[h, old])]  # the lowest-scoring old page was evicted
-                np.testing.assert_array_equal(lp[h], sorted([p for p in old if p != dropped] + [4, 5]))
+def test_refresh_schedule():
+    """The reusable selector recomputes at the first decode step and every `interval` steps after it."""
+    assert [refresh_due(i, 4) for i in range(9)] == [
+        True,
+        False,
+        False,
+        False,
+        True,
+        False,
+        False,
+        False,
+        True,
+    ]
+    assert all(refresh_due(i, 1) for i in range(5))
 
 
-def test_selector_state_fit_then_outgrow_recomputes():
-    q, cache, kmax, kmin, table, group = _setup(300, 9)
-    st = SelectorState(token_budget=4 * PS, page_size=PS, interval=100)
-    _, lp = st.select(0, 0, q, kmax, kmin, table, 3 * PS, group)
-    assert lp.shape == (HKV, 3)
-    _, lp = st.select(0, 0, q, kmax, kmin, table, 3 * PS + 1, group)  # 4 pages: still fits, appended
-    assert not st.last_recomputed and lp.shape == (HKV, 4) and np.all(lp == np.arange(4))
-    _, lp = st.select(0, 0, q, kmax, kmin, table, 4 * PS + 1, group)  # 5 pages: outgrew -> recompute
-    assert st.last_recomputed and lp.shape == (HKV, 4) and np.all(lp[:, -1] == 4)
+def test_reused_selection_visits_the_newest_page():
+    """Between refreshes the stored selection is visited with the newest page, even one begun after it."""
+    q, cache, kmax, kmin, table, group = _setup(5 * PS - 1, 8)
+    _, stored = _select(q, kmax, kmin, table, 5 * PS - 1, group, 4 * PS)
+    assert stored.shape == (HKV, 4) and np.all(stored[:, -1] == 4)
+    for ctx, newest in ((5 * PS, 4), (5 * PS + 1, 5), (6 * PS + 3, 6)):
+        for h in range(HKV):
+            vis = visited_selection(stored[h], ctx, PS)
+            assert vis[-1] == newest and set(stored[h]) <= set(vis)
+            assert len(vis) <= visit_capacity(budget_pages(4 * PS, PS))

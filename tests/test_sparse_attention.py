@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from lserve_lite import LLM, EngineConfig, SamplingParams, SparseConfig
-from lserve_lite.backends.reference import paged_attention_sparse_ref, select_pages_ref, visited_pages
+from lserve_lite.backends.reference.attention import paged_attention_sparse_ref, visited_pages
+from lserve_lite.backends.reference.page_select import select_pages_ref
 from lserve_lite.config import ModelConfig
-from lserve_lite.engine.sequence import Sequence
+from lserve_lite.sequence import Sequence
 from lserve_lite.kv.block_manager import BlockManager
 from lserve_lite.kv.layout import KVLayout
-from lserve_lite.kv.page_stats import update_page_stats
+from lserve_lite.backends.reference.page_stats import update_page_stats
 from lserve_lite.sparse.plan import BatchLayout, build_plan
 
 

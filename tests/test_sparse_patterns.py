@@ -207,7 +207,7 @@ def tiny_llm(tiny_dir):
 
 
 def test_passkey_sample_layout(tiny_llm):
-    from lserve_lite.sparse.calibrate import corpus_text, passkey_sample
+    from lserve_lite.evaluation.synthetic import corpus_text, passkey_sample
 
     tok = tiny_llm.tokenizer
     for filler in ("classic", "corpus"):
@@ -219,7 +219,7 @@ def test_passkey_sample_layout(tiny_llm):
 
 
 def test_harness_prefix_reuse_is_exact(tiny_llm):
-    from lserve_lite.sparse.calibrate import SparseHarness
+    from lserve_lite.evaluation.harness import SparseHarness
 
     h = SparseHarness(tiny_llm)
     ids = [int(t) for t in np.random.default_rng(0).integers(3, 300, 300)]
@@ -241,48 +241,57 @@ def test_harness_prefix_reuse_is_exact(tiny_llm):
         h.end(seq)
 
 
-def test_emulated_selection(tiny_llm):
-    """Budget >= context: sparse decode == dense decode; small budget: each dense head's output is the
-    softmax over its selected pages exactly."""
-    from lserve_lite.sparse.calibrate import SparseHarness
+def test_engine_selection(tiny_dir, tiny_llm):
+    """The engine's page selector (all heads dense, LServe mode), run through the harness: budget >= context
+    gives the dense decode; a small budget changes it; the key statistics equal a from-scratch computation;
+    one selecting attention call equals a brute-force softmax over the pages the rule picks."""
+    from lserve_lite import LLM, EngineConfig, SparseConfig
+    from lserve_lite.backends.reference.page_stats import page_stats_reference
+    from lserve_lite.evaluation.harness import SparseHarness
     from lserve_lite.sparse.plan import BatchLayout, build_plan
-    from lserve_lite.sparse.selector import select_pages
+    from lserve_lite.sparse.selector import choose_pages
 
-    h = SparseHarness(tiny_llm)
     ids = [int(t) for t in np.random.default_rng(1).integers(3, 300, 700)]
+    dense_h = SparseHarness(tiny_llm)
+    seq = dense_h.begin(ids, prompt_len=680)
+    try:
+        dense_h.forward(seq, 680, logits="last")
+        dense = dense_h.decode(seq, 8)
+    finally:
+        dense_h.end(seq)
+    sc = SparseConfig(enabled=True, static_sparsity=0.0, token_budget=768, select_interval=4)
+    llm = LLM(
+        str(tiny_dir),
+        backend="cpu",
+        config=EngineConfig(num_kv_pages=40, max_num_batched_tokens=128, sparse=sc),
+    )
+    h = SparseHarness(llm)
     seq = h.begin(ids, prompt_len=680)
     try:
-        h.set_heads(h.dense_classes(), 0, 0)
         h.forward(seq, 680, logits="last")
-        dense = h.decode(seq, 8)
-        h.enable_selection(token_budget=768, select_interval=4, sub_pages=4)
-        h.rewind(seq, 680)
         np.testing.assert_allclose(h.decode(seq, 8), dense, rtol=1e-5, atol=1e-5)
-        h.enable_selection(token_budget=128, select_interval=4, sub_pages=4)
+        h.set_request_sparse(seq, sc.with_updates(token_budget=128))
         h.rewind(seq, 680)
         assert np.abs(h.decode(seq, 3) - dense[:3]).max() > 1e-4
 
-        # page stats were tracked from the prefill on: equal to a from-scratch computation
-        from lserve_lite.kv.page_stats import page_stats_reference
+        cache, cfg, ops = h.runner.cache, h.cfg, h.runner.ops
+        ref_max, ref_min = page_stats_reference(cache.k[1], seq.page_table, seq.num_cached, 4)
+        np.testing.assert_array_equal(cache.kmax[1][seq.page_table[:10]], ref_max[:10])
+        np.testing.assert_array_equal(cache.kmin[1][seq.page_table[:10]], ref_min[:10])
 
-        emu, cfg = h._sel, h.cfg
-        ref_max, ref_min = page_stats_reference(h.runner.cache.k[1], seq.page_table, seq.num_cached, 4)
-        np.testing.assert_array_equal(emu.stats[1][0][seq.page_table[:10]], ref_max[:10])
-        np.testing.assert_array_equal(emu.stats[1][1][seq.page_table[:10]], ref_min[:10])
-
-        # one attention call, checked against a brute-force softmax over the selected pages
         layer, ctx = 1, 683
-        rng = np.random.default_rng(2)
-        q = rng.standard_normal((1, cfg.num_heads, cfg.head_dim)).astype(np.float32)
-        plan = build_plan(BatchLayout([1], [ctx], [seq.page_table]), 64)
-        emu.state.reset()  # a fresh selection for this query (no reuse from the decode steps above)
-        h.decoding = True
-        out = emu.attention(q, h.runner.cache, layer, plan, np.zeros(cfg.num_kv_heads, np.int32))
-        h.decoding = False
-        out = out.reshape(cfg.num_heads, cfg.head_dim)
-        kmax, kmin = emu.stats[layer]
-        pages, lpages = select_pages(q[0], kmax, kmin, seq.page_table, ctx, cfg.group_size, 128, 64)
-        kc, vc = h.runner.cache.k[layer], h.runner.cache.v[layer]
+        q = np.random.default_rng(2).standard_normal((1, cfg.num_heads, cfg.head_dim)).astype(np.float32)
+        lay = BatchLayout(
+            [1], [ctx], [seq.page_table], sel_slots=[seq.sel_slot], sel_keep=[2], sel_refresh=[1]
+        )
+        plan = build_plan(lay, 64)
+        ops.select_pages(q, cache, layer, plan)
+        out = ops.attention(q, cache, layer, plan, cache.head_class[layer]).reshape(cfg.num_heads, -1)
+        lpages = choose_pages(
+            q[0], cache.kmax[layer], cache.kmin[layer], seq.page_table, ctx, cfg.group_size, 2, 64
+        )
+        pages = np.asarray(seq.page_table)[lpages]
+        kc, vc = cache.k[layer], cache.v[layer]
         for head in range(cfg.num_heads):
             kvh = head // cfg.group_size
             pos = (lpages[kvh][:, None] * 64 + np.arange(64)).reshape(-1)
@@ -293,12 +302,11 @@ def test_emulated_selection(tiny_llm):
             p = np.exp(s - s.max())
             np.testing.assert_allclose(out[head], (p / p.sum()) @ v, rtol=1e-4, atol=1e-5)
     finally:
-        h.disable_selection()
         h.end(seq)
 
 
 def test_calibrate_tiny(tiny_dir, tmp_path):
-    from lserve_lite.sparse.calibrate import calibrate
+    from lserve_lite.evaluation.calibrate import calibrate
 
     out = tmp_path / "pat.tsv"
     res = calibrate(
@@ -313,15 +321,16 @@ def test_calibrate_tiny(tiny_dir, tmp_path):
     assert set(meta["validation"]) == {"calibrated", "random", "inverted"} and len(meta["samples"]) == 2
 
 
-def test_engine_sparse_mode_matches_emulation(tiny_dir, tiny_llm, tmp_path):
-    """The engine's LServe mode (two pools, page selection) against the harness emulation built on the CPU
-    reference selector: same teacher-forced decode logits (select_interval 1: no reuse-policy difference)."""
+def test_engine_sparse_mode_matches_dense_pool_streaming(tiny_dir, tiny_llm, tmp_path):
+    """The engine's LServe mode (two pools, ring, per-phase windows; a budget that covers the context) against
+    the same streaming heads made in the dense pool through the runner's `set_head_classes` hook: same
+    teacher-forced decode logits."""
     from lserve_lite import LLM, EngineConfig, SparseConfig
-    from lserve_lite.sparse.calibrate import SparseHarness
+    from lserve_lite.evaluation.harness import SparseHarness
 
     gates = np.random.default_rng(5).random((2, 2))
     pat = save_pattern(tmp_path / "p.tsv", gates)
-    sc = SparseConfig(enabled=True, static_sparsity=0.5, token_budget=128, select_interval=1, prefill_sink=64,
+    sc = SparseConfig(enabled=True, static_sparsity=0.5, token_budget=1024, select_interval=1, prefill_sink=64,
                       prefill_local=128, decode_sink=64, decode_local=64, pattern_path=str(pat))  # fmt: skip
     ids = [int(t) for t in np.random.default_rng(6).integers(3, 300, 520)]
     P = 500
@@ -338,9 +347,8 @@ def test_engine_sparse_mode_matches_emulation(tiny_dir, tiny_llm, tmp_path):
         emu.set_heads(cls, 64, 128)
         emu.forward(seq, P, logits="last")
         emu.set_heads(cls, 64, 64)
-        emu.enable_selection(128, 1, 4)
         want = emu.decode(seq, 20)
     finally:
-        emu.disable_selection()
+        emu.set_heads(emu.dense_classes(), 0, 0)
         emu.end(seq)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -6,7 +6,7 @@ Two models:
   batch-64 decode throughput; plus the GPU time of one captured decode step.
 - Llama-3-8B-shaped random weights (32 layers, hidden 4096, 32/8 heads, head dim 128, FFN 14336, vocab 128256,
   generated on the GPU, never zeros): prefill of 4k and 32k tokens, batch-1 decode at 4k and 32k context
-  through DecodeGraphs, beside the floor = weight bytes / device copy bandwidth measured in this run.
+  through the CUDA backend's GraphExecutor, beside the floor = weight bytes / device copy bandwidth measured in this run.
 
 `--sparse` (only this section): LServe end to end on the Llama-3-8B-shaped random model with the
 Llama-3-8B-Instruct-Gradient-1048k head pattern (static sparsity 0.5, LServe defaults) against our dense
@@ -89,7 +89,6 @@ def bench_smollm2(args, bw: float, emit) -> None:
 
     from lserve_lite import LLM, SamplingParams
     from lserve_lite.config import EngineConfig
-    from lserve_lite.engine.cuda_graph import attach_decode_graphs
 
     llm = LLM(
         str(smollm2_dir(args)),
@@ -97,7 +96,6 @@ def bench_smollm2(args, bw: float, emit) -> None:
         config=EngineConfig(num_kv_pages=8192, max_num_seqs=64, max_num_batched_tokens=8192),
     )
     eng = llm.engine
-    attach_decode_graphs(eng.runner)
     vocab = eng.cfg.vocab_size
     rng = np.random.default_rng(0)
     wbytes = sum(int(a.nbytes) for a in _model_arrays(eng.runner.model)) - int(eng.runner.model.embed.nbytes)
@@ -219,11 +217,21 @@ def random_llama(cfg, ops, max_len: int, seed: int = 0):
     return m
 
 
+def replay_step(graphs, ids, pos, slot, plan, head_classes):
+    """One batch-1 decode step through a GraphExecutor; fails loudly when it would not replay a graph."""
+    from lserve_lite.backends.base import StepInputs
+
+    step = StepInputs(np.asarray(ids), np.asarray(pos), np.asarray(slot), plan, np.arange(1), head_classes)
+    prepared = graphs.plan(step)
+    assert not isinstance(prepared, tuple), "the step was not served by a CUDA Graph"
+    return graphs.run(prepared)
+
+
 def bench_llama8b(args, bw: float, emit) -> None:
     import cupy as cp
 
     from lserve_lite.backends.cuda import CudaOps
-    from lserve_lite.engine.cuda_graph import DecodeGraphs
+    from lserve_lite.backends.cuda_graphs import GraphExecutor
     from lserve_lite.sparse.plan import BatchLayout, build_plan
 
     ctxs = sorted(args.llama_contexts)
@@ -233,9 +241,10 @@ def bench_llama8b(args, bw: float, emit) -> None:
     model = random_llama(cfg, ops, max_len)
     wbytes = sum(int(a.nbytes) for a in _model_arrays(model)) - int(model.embed.nbytes)
     num_pages = math.ceil(max_len / ps) + 2
-    cache = ops.alloc_kv(cfg, num_pages, ps)
+    cache = ops.alloc_kv(cfg, ps, num_pages)
     table = list(range(num_pages))
-    hc = [cp.zeros(cfg.num_kv_heads, cp.int32) for _ in range(cfg.num_layers)]
+    hc_host = [np.zeros(cfg.num_kv_heads, np.int32) for _ in range(cfg.num_layers)]
+    hc = [cp.asarray(c) for c in hc_host]
     rng = np.random.default_rng(0)
 
     def prefill(start: int, n: int):
@@ -256,7 +265,7 @@ def bench_llama8b(args, bw: float, emit) -> None:
         t = gpu_time(run_prefill, 3, warm=1)
         emit(dict(model="Llama-3-8B-shape", what=f"prefill (chunks of {chunk})", batch=1, context=ctx,
                          tokens_per_s=ctx / t, ms=t * 1e3))  # fmt: skip
-    graphs = DecodeGraphs(model, ops, cache, max_num_seqs=1, max_len=max_len, page_size=ps, sizes=(1,))
+    graphs = GraphExecutor(ops, model.forward, cache, max_num_seqs=1, max_len=max_len, sizes=(1,))
     floor = wbytes / bw
 
     def decode(ctx: int, label: str, host_steps: bool = True):
@@ -266,9 +275,9 @@ def bench_llama8b(args, bw: float, emit) -> None:
         ids = rng.integers(0, cfg.vocab_size, 1)
 
         def step():
-            return graphs.run(ids, pos, slot, plan, cache, hc)
+            return replay_step(graphs, ids, pos, slot, plan, hc_host)
 
-        assert step() is not None
+        step()
         g = graphs.graphs[1]
         t = gpu_time(lambda: g.graph.launch(cp.cuda.get_current_stream()), 30)
         emit(dict(model="Llama-3-8B-shape", what=f"decode graph replay (GPU){label}", batch=1, context=ctx,
@@ -336,10 +345,10 @@ def bench_e2e_sparse(args, bw: float, emit) -> None:
     from lserve_lite.backends.cuda import CudaOps
     from lserve_lite.config import EngineConfig, SparseConfig
     from lserve_lite.engine.model_runner import ModelRunner
-    from lserve_lite.engine.sequence import Sequence
     from lserve_lite.kv.block_manager import BlockManager
     from lserve_lite.kv.layout import KVLayout
     from lserve_lite.sampling_params import SamplingParams
+    from lserve_lite.sequence import Sequence
 
     ctxs = sorted(args.sparse_contexts)
     chunk, ps, steps = args.sparse_chunk, 64, args.sparse_decode_steps
@@ -370,7 +379,7 @@ def bench_e2e_sparse(args, bw: float, emit) -> None:
         num_pages = -(-max_len // ps) + 1
         layout = KVLayout.sparse(cfg, ecfg.sparse, classes, chunk) if sparse else None
         per_seq = layout.stream_pages_per_seq if sparse else 0
-        runner = ModelRunner(cfg, {}, ops, ecfg, num_pages, layout, per_seq, model=model)
+        runner = ModelRunner(cfg, {}, ops, ecfg, max_len, num_pages, layout, per_seq, model=model)
         blocks = BlockManager(num_pages, ps, per_seq, per_seq, 1)
         seq = Sequence(list(full), SamplingParams(temperature=0.0, max_new_tokens=steps))
         blocks.grow(seq, max_len)
@@ -563,8 +572,8 @@ def splits_sweep(args, bw: float, emit) -> None:
 
     from lserve_lite.backends import cuda_attention
     from lserve_lite.backends.cuda import CudaOps
+    from lserve_lite.backends.cuda_graphs import GraphExecutor
     from lserve_lite.config import ModelConfig
-    from lserve_lite.engine.cuda_graph import DecodeGraphs
     from lserve_lite.sparse.plan import BatchLayout, build_plan
 
     default = cuda_attention.decode_splits
@@ -578,7 +587,7 @@ def splits_sweep(args, bw: float, emit) -> None:
         ops, ps, max_len = CudaOps(), 64, 8192
         model = random_llama(cfg, ops, max_len)
         wbytes = sum(int(a.nbytes) for a in _model_arrays(model)) - int(model.embed.nbytes)
-        cache = ops.alloc_kv(cfg, max_len // ps + 2, ps)
+        cache = ops.alloc_kv(cfg, ps, max_len // ps + 2)
         for layer in range(cfg.num_layers):
             cache.k[layer][...] = cp.random.standard_normal(cache.k[layer].shape, dtype=cp.float32).astype(
                 cp.float16
@@ -586,17 +595,15 @@ def splits_sweep(args, bw: float, emit) -> None:
             cache.v[layer][...] = cp.random.standard_normal(cache.v[layer].shape, dtype=cp.float32).astype(
                 cp.float16
             )
-        hc = [cp.zeros(cfg.num_kv_heads, cp.int32) for _ in range(cfg.num_layers)]
+        hc = [np.zeros(cfg.num_kv_heads, np.int32) for _ in range(cfg.num_layers)]
         table = list(range(max_len // ps + 2))
         for splits in (None, 128, 64, 32, 16, 8):
             cuda_attention.decode_splits = default if splits is None else (lambda *a, s=splits: s)
-            graphs = DecodeGraphs(
-                model, ops, cache, max_num_seqs=1, max_len=max_len, page_size=ps, sizes=(1,)
-            )
+            graphs = GraphExecutor(ops, model.forward, cache, max_num_seqs=1, max_len=max_len, sizes=(1,))
             for ctx in ctxs:
                 plan = build_plan(BatchLayout([1], [ctx + 1], [table]), ps)
                 slot = np.array([table[ctx // ps] * ps + ctx % ps])
-                assert graphs.run(np.array([1]), np.array([ctx]), slot, plan, cache, hc) is not None
+                replay_step(graphs, np.array([1]), np.array([ctx]), slot, plan, hc)
                 g = graphs.graphs[1]
                 t = gpu_time(lambda g=g: g.graph.launch(cp.cuda.get_current_stream()), 50)
                 emit(dict(model=name, what=f"graph replay, splits={splits or 'default'}", batch=1, context=ctx,

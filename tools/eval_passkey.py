@@ -4,14 +4,11 @@ The tool writes its own prompts (a 5-digit pass key hidden in the classic grass/
 question at the end), decodes greedily and counts a pass when the first number in the output is the key.
 
 Sparse configs: `dense` (baseline), `lserve` (SparseConfig defaults) and `lserve-b512` (token budget 512),
-or NAME:knob=value,... (e.g. `s75:static_sparsity=0.75,token_budget=1024`). Two ways to run them:
-- `--mode emulate` (default, CPU): one LLM; the tool applies LServe itself through the model runner
-  (`SparseHarness`): streaming heads from the head pattern with the prefill window in prefill and the decode
-  window in decode, and decode-time page selection for dense heads with the CPU reference selector.
-  The dense prefill is shared by every config whose prefill window covers the whole prompt (then the
-  streaming prefill is identical to the dense one).
-- `--mode engine`: one `LLM(config=EngineConfig(sparse=SparseConfig(enabled=True, ...)))` per config,
-  trusting the engine to apply the config (once it does).
+or NAME:knob=value,... (e.g. `s75:static_sparsity=0.75,token_budget=1024`). Each group of configs that share
+the KV layout (static sparsity, page size, sub-pages) runs on one `LLM(config=EngineConfig(sparse=...))`
+through `SparseHarness`: the engine's own LServe mode (two pools, windows, page selector), with the other
+knobs set per request. (Earlier versions also had an `emulate` mode with a second selector implementation;
+the engine's gave the same perplexities to 5 digits, so only the engine's is kept.)
 
 Writes <out>.json and <out>.png (heatmap, needs matplotlib). Default grid: a few minutes on 2 CPU cores.
 Usage: python tools/eval_passkey.py [--lengths 1024,2048] [--depths 0.1,0.5,0.9] [--out tools/results/passkey]
@@ -31,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from lserve_lite import LLM, EngineConfig, SparseConfig
-from lserve_lite.sparse.calibrate import PasskeySample, SparseHarness, passkey_sample
-from lserve_lite.sparse.patterns import head_classes, resolve_pattern
+from lserve_lite.evaluation.harness import SparseHarness
+from lserve_lite.evaluation.synthetic import PasskeySample, passkey_sample
 
 
 def passed(text: str, passkey: str) -> bool:
@@ -74,9 +71,8 @@ def config_dict(c: SparseConfig | None) -> dict | None:
 
 
 class Runner:
-    """Runs prompts under every config: `emulate` (one dense-mode LLM, LServe applied by the harness) or
-    `engine` (one LLM per group of configs that share a KV layout; per-request knobs for the rest).
-    Configs whose prefill is identical share one prefill per prompt."""
+    """Runs prompts under every config: one LLM per group of configs that share a KV layout, per-request
+    knobs for the rest. Configs whose prefill is identical share one prefill per prompt."""
 
     def __init__(self, model: str | None, configs: dict, mode: str, max_len: int, pattern: str | None):
         from lserve_lite.tokenizer import Tokenizer
@@ -87,17 +83,10 @@ class Runner:
         self.tokenizer = Tokenizer(self.model_dir)
         pages = -(-(max_len + 64) // 64) + 2
         self.ecfg = dict(num_kv_pages=pages, max_model_len=max_len, max_num_batched_tokens=2048)
-        self.gates = None
 
     # groups of configs that run on one LLM ------------------------------------------------------------
     def groups(self):
         """Yield (harness, config names); the previous group's LLM is dropped first."""
-        if self.mode == "emulate":
-            llm = LLM(self.model, backend="cpu", config=EngineConfig(**self.ecfg))
-            c = llm.engine.cfg
-            self.gates = resolve_pattern(self.model_dir, c.num_layers, c.num_kv_heads, self.pattern)
-            yield SparseHarness(llm), list(self.configs)
-            return
         fixed = ("static_sparsity", "page_size", "sub_pages")
         keyed: dict = {}
         for name, sc in self.configs.items():
@@ -128,20 +117,8 @@ class Runner:
     def prepare(self, h: SparseHarness, seq, name: str, phase: str) -> None:
         """Apply config `name` for the prefill or decode phase of `seq`."""
         sc = self.configs[name]
-        if self.mode == "engine":
-            if sc is not None and phase == "prefill":
-                h.set_request_sparse(seq, sc)
-            return
-        if sc is None or sc.static_sparsity == 0:
-            h.set_heads(h.dense_classes(), 0, 0)
-        elif phase == "prefill":
-            h.set_heads(head_classes(self.gates, sc.static_sparsity), sc.prefill_sink, sc.prefill_local)
-        else:
-            h.set_heads(head_classes(self.gates, sc.static_sparsity), sc.decode_sink, sc.decode_local)
-        if phase == "decode" and sc is not None:
-            h.enable_selection(sc.token_budget, sc.select_interval, sc.sub_pages)
-        else:
-            h.disable_selection()
+        if sc is not None and phase == "prefill":
+            h.set_request_sparse(seq, sc)
 
     def greedy_all(self, h: SparseHarness, names: list[str], ids: list[int], max_new: int) -> dict:
         """Greedy output ids of configs `names` for prompt `ids` on harness h."""
@@ -221,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default="dense,lserve,lserve-b512",
                     help="configs: presets dense, lserve, lserve-b512, or NAME:knob=v,... separated by ';'")  # fmt: skip
     ap.add_argument("--pattern", default=None, help="head pattern TSV (default: the model's bundled one)")
-    ap.add_argument("--mode", choices=("emulate", "engine"), default="emulate")
+    ap.add_argument("--mode", choices=("engine",), default="engine", help="kept for old command lines")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="tools/results/passkey", help="output stem: <out>.json, <out>.png")
     ap.add_argument("--plot-only", metavar="JSON", help="redraw the PNG of an earlier run's JSON and exit")

@@ -1,6 +1,6 @@
 """Teacher-forced perplexity of a long text, dense vs LServe sparse configs.
 
-Text: `lserve_lite.sparse.calibrate.corpus_text()`, the module docstrings of ~90 prose-rich standard-library
+Text: `lserve_lite.evaluation.synthetic.corpus_text()`, the module docstrings of ~90 prose-rich standard-library
 modules in a fixed order followed by Python's LICENSE.txt (about 25k SmolLM2 tokens; deterministic for a
 given Python version, its SHA-256 is recorded). For each context length C the first C tokens are used:
 the first C - N - 1 tokens are prefilled, the last N tokens are scored by N teacher-forced decode steps.
@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_passkey import Runner, config_dict, parse_configs  # noqa: E402
 
-from lserve_lite.sparse.calibrate import corpus_text  # noqa: E402
+from lserve_lite.evaluation.synthetic import corpus_text  # noqa: E402
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=64, help="tokens scored by decode steps (64)")
     ap.add_argument("--configs", default="dense,lserve,lserve-b512", help="as in eval_passkey.py")
     ap.add_argument("--pattern", default=None, help="head pattern TSV (default: the model's bundled one)")
-    ap.add_argument("--mode", choices=("emulate", "engine"), default="emulate", help="as in eval_passkey.py")
+    ap.add_argument("--mode", choices=("engine",), default="engine", help="as in eval_passkey.py")
     ap.add_argument("--out", default="tools/results/ppl", help="output stem: <out>.json, <out>.png")
     ap.add_argument("--plot-only", metavar="JSON", help="redraw the PNG of an earlier run's JSON and exit")
     args = ap.parse_args(argv)

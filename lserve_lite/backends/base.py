@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from ..config import ModelConfig
+from ..config import EngineConfig, ModelConfig
+from ..geometry import visit_capacity
+from ..kv.layout import KVLayout
 from ..sparse.plan import AttentionPlan
 
 Array = Any  # numpy.ndarray on the CPU, cupy.ndarray on the GPU
@@ -41,6 +44,64 @@ class KVCache:
         return self.ks is not None
 
 
+@dataclass
+class StepInputs:
+    """Host (NumPy) inputs of one forward step, as the model runner builds them."""
+
+    ids: np.ndarray  # [N] int64 token ids
+    positions: np.ndarray  # [N] int64
+    slots: np.ndarray  # [N] int64 KV slots, or [2, N] (dense pool, streaming pool) in LServe mode
+    plan: AttentionPlan
+    logit_rows: np.ndarray  # [R] int64 rows whose logits are wanted
+    head_classes: list[np.ndarray]  # per layer [Hkv] int32 (0 dense, 1 streaming)
+
+    @property
+    def is_decode(self) -> bool:
+        """One new token per sequence, logits of every row: what a decode CUDA Graph can replay."""
+        n = len(self.ids)
+        return (
+            n > 0
+            and self.plan.num_qblocks == n
+            and len(self.logit_rows) == n
+            and bool(np.all(self.plan.qb_len == 1))
+        )
+
+
+# model.forward(ids, positions, slots, plan, cache, head_classes, logit_rows) -> logits
+Forward = Callable[..., Any]
+
+
+class Executor(Protocol):
+    """Runs forward steps on one backend, FlashInfer style: `plan` does all host work of a step (uploads,
+    device plan, graph choice); `run` only launches or replays. Logits stay valid until the next `run`."""
+
+    def plan(self, step: StepInputs) -> Any: ...
+    def run(self, prepared: Any) -> Array: ...
+
+
+class EagerExecutor:
+    """Every step through `forward` with the backend's arrays (the CPU backend's executor; the CUDA one
+    for steps its graphs do not serve)."""
+
+    def __init__(self, ops: Ops, forward: Forward, cache: KVCache):
+        self.ops, self.forward, self.cache = ops, forward, cache
+        self._hc_src: list | None = None
+        self._hc: list = []
+
+    def plan(self, step: StepInputs) -> tuple:
+        up = self.ops.upload
+        if step.head_classes is not self._hc_src:
+            self._hc_src, self._hc = (
+                step.head_classes,
+                [up(np.asarray(c, np.int32)) for c in step.head_classes],
+            )
+        return (up(step.ids), up(step.positions), up(step.slots), self.ops.prepare_plan(step.plan), self.cache,
+                self._hc, up(step.logit_rows))  # fmt: skip
+
+    def run(self, prepared: tuple) -> Array:
+        return self.forward(*prepared)
+
+
 class Ops(Protocol):
     """Backend operations; arrays are the backend's own (NumPy or CuPy)."""
 
@@ -49,10 +110,13 @@ class Ops(Protocol):
 
     def upload(self, a: np.ndarray, name: str | None = None) -> Array: ...
     def to_numpy(self, a: Array) -> np.ndarray: ...
-    def alloc_kv(self, cfg: ModelConfig, num_pages: int, page_size: int) -> KVCache: ...
-    def alloc_sparse_kv(
-        self, cfg: ModelConfig, layout: Any, num_pages: int, num_stream_pages: int, max_seqs: int
-    ) -> KVCache: ...
+    def alloc_kv(
+        self, cfg: ModelConfig, page_size: int, num_pages: int, layout: KVLayout | None = None,
+        num_stream_pages: int = 0, max_seqs: int = 0,
+    ) -> KVCache: ...  # fmt: skip
+    def executor(
+        self, forward: Forward, cache: KVCache, ecfg: EngineConfig, layout: KVLayout | None, max_len: int
+    ) -> Executor: ...
     def select_pages(self, q: Array, cache: KVCache, layer: int, plan: Any) -> None: ...
     def prepare_plan(self, plan: AttentionPlan) -> Any: ...
     def embed(self, table: Array, ids: Array) -> Array: ...
@@ -72,6 +136,38 @@ class Ops(Protocol):
     def logits(self, h: Array, lm_head: Array) -> Array: ...
     def sample(self, logits: Array, seqs: list) -> list[int]: ...
     def kv_budget_bytes(self, fraction: float, reserved: int = 0) -> int: ...
+
+
+def alloc_kv_cache(
+    zeros: Callable, asarray: Callable, dtype: Any, cfg: ModelConfig, page_size: int, num_pages: int, layout: KVLayout | None,
+    num_stream_pages: int, max_seqs: int,
+) -> KVCache:  # fmt: skip
+    """Paged KV memory with the backend's `zeros(shape, dtype)` and `asarray` (zeroed: pages never written may be read,
+    masked, and must not hold NaN). Dense mode (layout None): one pool of every head. LServe mode: per
+    layer a dense-head pool, a streaming pool, the selector's key statistics and selection buffers."""
+    L, d, ps = cfg.num_layers, cfg.head_dim, page_size
+    if layout is None:
+        shape = (num_pages, cfg.num_kv_heads, ps, d)
+        return KVCache(k=[zeros(shape, dtype) for _ in range(L)], v=[zeros(shape, dtype) for _ in range(L)],
+                       page_size=ps, num_pages=num_pages)  # fmt: skip
+    nd = [layout.num_dense(i) for i in range(L)]
+    ns = [layout.num_streaming(i) for i in range(L)]
+    cap = visit_capacity(layout.select_pages)
+    stats = [zeros((num_pages, n, layout.sub_pages, d), dtype) for n in nd] if layout.sub_pages else None
+    return KVCache(
+        k=[zeros((num_pages, n, ps, d), dtype) for n in nd],
+        v=[zeros((num_pages, n, ps, d), dtype) for n in nd],
+        page_size=ps,
+        num_pages=num_pages,
+        ks=[zeros((num_stream_pages, n, ps, d), dtype) for n in ns],
+        vs=[zeros((num_stream_pages, n, ps, d), dtype) for n in ns],
+        head_class=[asarray(np.asarray(c, np.int32)) for c in layout.head_class],
+        head_slot=[asarray(np.asarray(s, np.int32)) for s in layout.head_slot],
+        kmax=stats,
+        kmin=[zeros((num_pages, n, layout.sub_pages, d), dtype) for n in nd] if stats else None,
+        sel_idx=[zeros((max_seqs, cfg.num_kv_heads, cap), np.int32) for _ in range(L)],
+        sel_cnt=[zeros((max_seqs, cfg.num_kv_heads), np.int32) for _ in range(L)],
+    )
 
 
 def rope_tables(cfg: ModelConfig, max_len: int) -> tuple[np.ndarray, np.ndarray]:

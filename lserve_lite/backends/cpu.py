@@ -1,9 +1,9 @@
-"""CPU backend: NumPy float32 and Numba kernels; also the reference every GPU kernel is tested against."""
+"""CPU backend: NumPy float32 and Numba kernels. Its LServe mode runs the references in backends/reference/,
+which every GPU kernel is tested against."""
 
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 import queue
 import threading
@@ -12,12 +12,14 @@ from collections import deque
 
 import numpy as np
 
-from ..config import ModelConfig
-from ..engine.sampler import sample
+from ..config import EngineConfig
 from ..sparse.plan import AttentionPlan
 from . import cpu_kernels as K
-from .base import KVCache
-from .reference import paged_attention_sparse_ref, rope_qkv, rope_write_kv_sparse_ref, select_pages_ref
+from .base import EagerExecutor, Forward, KVCache, alloc_kv_cache
+from .reference.attention import attend_qblocks, paged_attention_sparse_ref
+from .reference.layers import rope_write_kv_sparse_ref
+from .reference.page_select import select_pages_ref
+from .reference.sampling import sample
 
 # Up to this many rows (decode), the Numba GEMV and attention kernels; beyond (prefill), OpenBLAS GEMMs.
 SMALL_ROWS = 8
@@ -174,37 +176,13 @@ class CpuOps:
         """KV memory on the CPU: a fixed 2 GiB scaled by the fraction (the host is shared with all else)."""
         return int(2 * 2**30 * fraction / 0.8)
 
-    def alloc_kv(self, cfg: ModelConfig, num_pages: int, page_size: int) -> KVCache:
-        shape = (num_pages, cfg.num_kv_heads, page_size, cfg.head_dim)
-        k = [np.zeros(shape, np.float32) for _ in range(cfg.num_layers)]
-        v = [np.zeros(shape, np.float32) for _ in range(cfg.num_layers)]
-        return KVCache(k=k, v=v, page_size=page_size, num_pages=num_pages)
+    def alloc_kv(self, cfg, page_size, num_pages, layout=None, num_stream_pages=0, max_seqs=0) -> KVCache:
+        return alloc_kv_cache(np.zeros, np.asarray, np.float32, cfg, page_size, num_pages, layout,
+                              num_stream_pages, max_seqs)  # fmt: skip
 
-    def alloc_sparse_kv(self, cfg: ModelConfig, layout, num_pages: int, num_stream_pages: int, max_seqs: int):
-        """Two pools (dense heads / streaming heads per layer), page stats and selection buffers."""
-        ps, d, L = layout.page_size, cfg.head_dim, cfg.num_layers
-        z = np.zeros
-        nd = [layout.num_dense(i) for i in range(L)]
-        ns = [layout.num_streaming(i) for i in range(L)]
-        cap = layout.select_pages + 1
-        return KVCache(
-            k=[z((num_pages, n, ps, d), np.float32) for n in nd],
-            v=[z((num_pages, n, ps, d), np.float32) for n in nd],
-            page_size=ps,
-            num_pages=num_pages,
-            ks=[z((num_stream_pages, n, ps, d), np.float32) for n in ns],
-            vs=[z((num_stream_pages, n, ps, d), np.float32) for n in ns],
-            head_class=list(layout.head_class),
-            head_slot=list(layout.head_slot),
-            kmax=[z((num_pages, n, layout.sub_pages, d), np.float32) for n in nd]
-            if layout.sub_pages
-            else None,
-            kmin=[z((num_pages, n, layout.sub_pages, d), np.float32) for n in nd]
-            if layout.sub_pages
-            else None,
-            sel_idx=[z((max_seqs, cfg.num_kv_heads, cap), np.int32) for _ in range(L)],
-            sel_cnt=[z((max_seqs, cfg.num_kv_heads), np.int32) for _ in range(L)],
-        )
+    def executor(self, forward: Forward, cache: KVCache, ecfg: EngineConfig, layout, max_len: int):
+        """Every step eagerly: NumPy arrays need no upload and there is nothing to capture."""
+        return EagerExecutor(self, forward, cache)
 
     def select_pages(self, q, cache: KVCache, layer: int, plan: AttentionPlan) -> None:
         select_pages_ref(
@@ -286,68 +264,6 @@ def _qblock_bounds(plan: AttentionPlan, parts: int) -> list[int]:
     work = np.cumsum(np.diff(plan.kv_indptr).reshape(-1, 2).sum(1))
     cuts = np.searchsorted(work, work[-1] * np.arange(1, parts) / parts) if work.size else []
     return [0, *(int(c) for c in cuts), plan.num_qblocks]
-
-
-def rmsnorm_ref(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    """RMSNorm in float32, as HF Llama."""
-    var = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
-    return (x / np.sqrt(var + np.float32(eps))) * w
-
-
-def silu_mul_ref(gate_up: np.ndarray) -> np.ndarray:
-    """silu(gate) * up for the fused [N, 2*I] gate/up projection."""
-    i = gate_up.shape[-1] // 2
-    g, u = gate_up[:, :i], gate_up[:, i:]
-    return (g / (np.float32(1.0) + np.exp(-g))) * u
-
-
-def rope_write_kv_ref(qkv, positions, slots, k_cache, v_cache, cos, sin) -> np.ndarray:
-    """Rotate q and k (half-split RoPE), write k/v into their page slots; return q [N, Hq, D]."""
-    _, hkv, page, d = k_cache.shape
-    q, k, v = rope_qkv(qkv, positions, hkv, d, cos, sin)
-    pg, off = slots // page, slots % page
-    k_cache[pg, :, off] = k
-    v_cache[pg, :, off] = v
-    return np.ascontiguousarray(q)
-
-
-def paged_attention_ref(q, k_cache, v_cache, plan: AttentionPlan, head_class: np.ndarray) -> np.ndarray:
-    """Block-sparse paged attention executing `plan`; q [N, Hq, D] -> [N, Hq*D].
-
-    Per query block and KV head: gather the head's listed pages, one GEMM for its query heads, mask
-    (causal, context end, and the sink/local window for streaming heads), softmax in float32, one GEMM.
-    """
-    out = np.empty(q.shape, np.float32)
-    attend_qblocks(q, k_cache, v_cache, plan, np.asarray(head_class), out, 0, plan.num_qblocks)
-    return out.reshape(q.shape[0], -1)
-
-
-def attend_qblocks(q, k_cache, v_cache, plan: AttentionPlan, head_class, out, qb0: int, qb1: int) -> None:
-    """`paged_attention_ref` for query blocks qb0..qb1-1, written into out [N, Hq, D]."""
-    d, page = q.shape[2], k_cache.shape[2]
-    group = q.shape[1] // k_cache.shape[1]
-    scale = np.float32(1.0 / math.sqrt(d))
-    for qb in range(qb0, qb1):
-        r0, nr, pos0 = int(plan.qb_start[qb]), int(plan.qb_len[qb]), int(plan.qb_pos[qb])
-        ctx = int(plan.seq_ctx[plan.qb_seq[qb]])
-        qpos = pos0 + np.arange(nr)
-        for cls in (0, 1):
-            heads = np.nonzero(head_class == cls)[0]
-            if heads.size == 0:
-                continue
-            pages, lpages = plan.pages(qb, cls)
-            kpos = (lpages[:, None] * page + np.arange(page)[None, :]).reshape(-1)
-            ok = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] < ctx)
-            if cls == 1:
-                ok &= (kpos[None, :] < plan.sink) | (qpos[:, None] - kpos[None, :] < plan.local)
-            for h in heads:
-                rows = slice(h * group, (h + 1) * group)
-                qh = q[r0 : r0 + nr, rows].reshape(nr * group, d)
-                s = (qh @ k_cache[pages, h].reshape(-1, d).T).reshape(nr, group, -1)
-                tot = K.masked_softmax(s, ok, scale)
-                o = s.reshape(nr * group, -1) @ v_cache[pages, h].reshape(-1, d)
-                o /= tot.reshape(-1, 1)
-                out[r0 : r0 + nr, rows] = o.reshape(nr, group, d)
 
 
 def paged_attention_numba(q, k_cache, v_cache, plan: AttentionPlan, head_class, split=None) -> np.ndarray:

@@ -2,11 +2,11 @@
 
 Kernels: kernels/layers.cu (embedding gather, residual add + RMSNorm, RoPE + K/V page write, SiLU-and-multiply),
 kernels/attention_*.cu (through cuda_attention.py), kernels/sampling.cu (through cuda_sampling.py).
-Each launcher below names its CPU reference in cpu.py. The residual stream is kept in float32; everything
+Each launcher below names its CPU reference in backends/reference/. The residual stream is kept in float32; everything
 else that crosses kernels (activations, weights, K/V pages) is float16. Logits come out as float32.
 
 Nothing here synchronizes with the host except `to_numpy`, `sample` and `kv_budget_bytes`, so a decode
-forward can be captured in a CUDA Graph (engine/cuda_graph.py).
+forward can be captured in a CUDA Graph (cuda_graphs.py).
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import os
 
 import numpy as np
 
-from ..config import ModelConfig
+from ..config import EngineConfig
 from ..errors import ModelLoadError
+from ..kv.layout import KVLayout
 from ..sparse.plan import AttentionPlan
-from .base import KVCache
+from .base import EagerExecutor, Forward, KVCache, alloc_kv_cache
 from .cuda_compile import load_module
+from .cuda_graphs import GraphExecutor
 
 FP16_MAX = 65504.0
 LAYER_KERNELS = (
@@ -168,13 +170,6 @@ class CudaOps:
             a = to_fp16(a, name)
         return cp.asarray(np.ascontiguousarray(a))
 
-    def check_weights(self, weights: dict[str, np.ndarray]) -> None:
-        """Raise ModelLoadError naming the first float tensor that float16 cannot hold."""
-        for name, w in weights.items():
-            if w.dtype.kind == "f" and w.dtype != np.float16 and w.size:
-                if not (max(float(np.max(w)), -float(np.min(w))) <= FP16_MAX):
-                    to_fp16(w, name)  # raises with the tensor's name
-
     def to_numpy(self, a) -> np.ndarray:
         if isinstance(a, np.ndarray):
             return a
@@ -188,42 +183,23 @@ class CudaOps:
         free += self.cp.get_default_memory_pool().free_bytes()
         return max(0, int((free - reserved) * fraction) - (1 << 30))
 
-    def alloc_kv(self, cfg: ModelConfig, num_pages: int, page_size: int) -> KVCache:
-        cp = self.cp
-        shape = (num_pages, cfg.num_kv_heads, page_size, cfg.head_dim)
-        # Zeroed once: pages never written may still be read (masked) by a kernel, and must not hold NaN.
-        k = [cp.zeros(shape, cp.float16) for _ in range(cfg.num_layers)]
-        v = [cp.zeros(shape, cp.float16) for _ in range(cfg.num_layers)]
-        return KVCache(k=k, v=v, page_size=page_size, num_pages=num_pages)
+    def alloc_kv(self, cfg, page_size, num_pages, layout=None, num_stream_pages=0, max_seqs=0) -> KVCache:
+        """Reference: backends/base.alloc_kv_cache. fp16 pools; fp16 key statistics (exact: keys are fp16)."""
+        kv = alloc_kv_cache(self.cp.zeros, self.cp.asarray, self.cp.float16, cfg, page_size, num_pages, layout,
+                            num_stream_pages, max_seqs)  # fmt: skip
+        self.cp.cuda.Stream.null.synchronize()  # the zero fills must be done before other streams read
+        return kv
 
-    def alloc_sparse_kv(self, cfg: ModelConfig, layout, num_pages: int, num_stream_pages: int, max_seqs: int):
-        """LServe KV memory (reference: CpuOps.alloc_sparse_kv): per layer a dense pool [P, nd, page, D], a
-        streaming pool [Ps, ns, page, D], fp16 key statistics [P, nd, sub_pages, D] (exact: keys are fp16) and
-        the selection buffers sel_idx [max_seqs, Hkv, budget + 1] / sel_cnt [max_seqs, Hkv] (int32)."""
-        cp = self.cp
-        ps, d, L = layout.page_size, cfg.head_dim, cfg.num_layers
-        nd = [layout.num_dense(i) for i in range(L)]
-        ns = [layout.num_streaming(i) for i in range(L)]
-        cap = layout.select_pages + 1
-        z = lambda shape, dt=cp.float16: cp.zeros(shape, dt)  # noqa: E731  (zeroed: never NaN when read masked)
-        stats = layout.sub_pages > 0
-        return KVCache(
-            k=[z((num_pages, n, ps, d)) for n in nd],
-            v=[z((num_pages, n, ps, d)) for n in nd],
-            page_size=ps,
-            num_pages=num_pages,
-            ks=[z((num_stream_pages, n, ps, d)) for n in ns],
-            vs=[z((num_stream_pages, n, ps, d)) for n in ns],
-            head_class=[cp.asarray(np.asarray(c, np.int32)) for c in layout.head_class],
-            head_slot=[cp.asarray(np.asarray(s, np.int32)) for s in layout.head_slot],
-            kmax=[z((num_pages, n, layout.sub_pages, d)) for n in nd] if stats else None,
-            kmin=[z((num_pages, n, layout.sub_pages, d)) for n in nd] if stats else None,
-            sel_idx=[z((max_seqs, cfg.num_kv_heads, cap), cp.int32) for _ in range(L)],
-            sel_cnt=[z((max_seqs, cfg.num_kv_heads), cp.int32) for _ in range(L)],
-        )
+    def executor(self, forward: Forward, cache: KVCache, ecfg: EngineConfig, layout: KVLayout | None,
+                 max_len: int):  # fmt: skip
+        """Decode steps through CUDA Graphs (cuda_graphs.py) when `ecfg.cuda_graphs`, the rest eagerly."""
+        if not ecfg.cuda_graphs:
+            return EagerExecutor(self, forward, cache)
+        visit = layout.decode_visit_pages(ecfg.sparse) if layout is not None else None
+        return GraphExecutor(self, forward, cache, ecfg.max_num_seqs, max_len, visit)
 
     def select_pages(self, q, cache: KVCache, layer: int, plan) -> None:
-        """Reference: select_pages_ref. On the device (page_select.cu), no host synchronization."""
+        """Reference: reference/page_select.select_pages_ref. On the device (page_select.cu), no host synchronization."""
         from .cuda_attention import select_pages
 
         if cache.kmax is None:
@@ -240,14 +216,13 @@ class CudaOps:
         reuses buffers sized within 2x of its needs (the decode kernel's grid follows the capacity).
         """
 
-        dplan = self._bucket(self._plans, plan).update(plan)
-        dplan.decode_part = None
+        part = None
         if plan.selects and int(plan.qb_len.max()) > 1:
             # Decode rows that select pages, mixed into a prefill step: the prefill kernel has no page
             # selection, so these rows are recomputed by the decode kernel on their own sub-plan.
-            part = plan.subset(np.nonzero((plan.qb_len == 1) & (plan.qb_keep > 0))[0])
-            dplan.decode_part = self._bucket(self._decode_parts, part).update(part)
-        return dplan
+            sub = plan.subset(np.nonzero((plan.qb_len == 1) & (plan.qb_keep > 0))[0])
+            part = self._bucket(self._decode_parts, sub).update(sub)
+        return self._bucket(self._plans, plan).update(plan, decode_part=part)
 
     @staticmethod
     def _bucket(cache: dict, plan: AttentionPlan):
@@ -262,7 +237,7 @@ class CudaOps:
 
     # -- layers -------------------------------------------------------------------------------
     def embed(self, table, ids, out=None):
-        """Reference: CpuOps.embed (table[ids])."""
+        """Reference: reference/layers.embed_ref."""
         n, hidden = int(ids.shape[0]), int(table.shape[1])
         out = self.cp.empty((n, hidden), self.cp.float16) if out is None else out
         if n:
@@ -273,7 +248,7 @@ class CudaOps:
         return out
 
     def add_rmsnorm(self, x, residual, w, eps, out=None, res_out=None):
-        """Reference: CpuOps.add_rmsnorm. Residual stream in float32 (updated in place when given)."""
+        """Reference: reference/layers.rmsnorm_ref (after the residual add). Residual stream in float32 (updated in place when given)."""
         cp = self.cp
         x = cp.ascontiguousarray(x)
         n, hidden = int(x.shape[0]), int(x.shape[1])
@@ -321,7 +296,7 @@ class CudaOps:
         return out
 
     def silu_mul(self, gate_up, out=None):
-        """Reference: silu_mul_ref."""
+        """Reference: reference/layers.silu_mul_ref."""
         cp = self.cp
         n, inter = int(gate_up.shape[0]), int(gate_up.shape[1]) // 2
         out = cp.empty((n, inter), cp.float16) if out is None else out
@@ -336,7 +311,7 @@ class CudaOps:
         return out
 
     def rope_write_kv(self, qkv, positions, slots, cache: KVCache, layer: int, rope, out=None):
-        """Reference: rope_write_kv_ref; LServe caches (`slots` [2, N]: dense-pool, streaming-pool slots):
+        """Reference: reference/layers.rope_write_kv_ref; LServe caches (`slots` [2, N]: dense-pool, streaming-pool slots):
         rope_write_kv_sparse_ref, with the page statistics update fused. Negative slots write no K/V
         (padding rows of a captured batch)."""
         cp = self.cp
@@ -375,7 +350,7 @@ class CudaOps:
         return q
 
     def attention(self, q, cache: KVCache, layer: int, plan, head_class, out=None):
-        """Reference: paged_attention_ref (dense cache), paged_attention_sparse_ref (LServe cache: two
+        """Reference: reference/attention.paged_attention_ref (dense cache), paged_attention_sparse_ref (LServe cache: two
         pools, per-block windows, selected pages). Returns [N, Hq * D] float16."""
         from .cuda_attention import paged_attention
 
@@ -387,7 +362,7 @@ class CudaOps:
         o = paged_attention(
             q, cache.k[layer], cache.v[layer], plan, cache.head_class[layer], out=out, **pools, **sel
         )
-        part = getattr(plan, "decode_part", None)
+        part = plan.decode_part
         if part is not None:  # selecting decode rows of a mixed step, with their page selection
             paged_attention(q, cache.k[layer], cache.v[layer], part, cache.head_class[layer], out=o, decode=True,
                             **pools, **sel)  # fmt: skip
@@ -398,5 +373,5 @@ class CudaOps:
         return self.gemm(h, lm_head, self.cp.float32, out=out)
 
     def sample(self, logits, seqs: list) -> list[int]:
-        """Reference: engine/sampler.py. Only the token ids come back to the host."""
+        """Reference: backends/reference/sampling.py. Only the token ids come back to the host."""
         return self.sampler.sample(logits, seqs)

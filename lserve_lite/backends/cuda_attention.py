@@ -1,5 +1,5 @@
 """Paged block-sparse attention on NVIDIA GPUs: launchers for kernels/attention_prefill.cu and
-kernels/attention_decode.cu. The reference they are tested against is `cpu.paged_attention_ref`.
+kernels/attention_decode.cu. The references they are tested against: backends/reference/attention.py.
 
 - `CudaPlan`: an `AttentionPlan` in device buffers of fixed capacity (one int32 allocation), refreshed in
   place by `update()` with a single host-to-device copy from pinned memory, so a decode step captured in a
@@ -75,7 +75,13 @@ class CudaPlan:
     (blocks without a budget or refresh flag skip it on the device).
     """
 
-    def __init__(self, max_qblocks: int, max_pages: int, max_seqs: int | None = None):
+    def __init__(
+        self, max_qblocks: int, max_pages: int, max_seqs: int | None = None, *, always_select: bool = False,
+        fixed_visit_pages: int | None = None,
+    ):  # fmt: skip
+        """`always_select` and `fixed_visit_pages` are for CUDA Graphs: the captured step always runs the
+        selector (blocks without a budget or refresh flag skip it on the device), and the decode split
+        count (which depends on the longest page list) must not change between capture and replay."""
         import cupy as cp
 
         self.max_qblocks = int(max_qblocks)
@@ -107,9 +113,12 @@ class CudaPlan:
         self.nqb = self.num_tokens = self.max_qb_len = self.q_block = self.page_size = 0
         self.sink = self.local = 0
         self.selects = False
-        self.always_select = False
+        self.always_select = always_select
         self.visit_pages: int | None = None  # longest page list a decode head visits (None: unknown)
-        self.fixed_visit_pages: int | None = None  # set for CUDA Graphs: the split count must not change
+        self.fixed_visit_pages = fixed_visit_pages
+        self.decode_part: CudaPlan | None = (
+            None  # selecting decode rows of a mixed step (CudaOps.prepare_plan)
+        )
         self._workspace: dict = {}
 
     @classmethod
@@ -117,7 +126,7 @@ class CudaPlan:
         cp_ = cls(max(1, plan.num_qblocks), max(1, int(plan.kv_page.shape[0])), max(1, len(plan.seq_ctx)))
         return cp_.update(plan)
 
-    def update(self, plan: AttentionPlan, stream=None) -> CudaPlan:
+    def update(self, plan: AttentionPlan, stream=None, decode_part: CudaPlan | None = None) -> CudaPlan:
         """Upload `plan` into the fixed buffers (raises ValueError when it exceeds the capacity)."""
         import cupy as cp
 
@@ -154,7 +163,8 @@ class CudaPlan:
         self.max_qb_len = int(plan.qb_len.max()) if nqb else 0
         self.q_block, self.page_size = int(plan.q_block), ps
         self.sink, self.local = int(plan.sink), int(plan.local)
-        self.visit_pages = _visit_pages(plan) if plan.selects else None
+        self.visit_pages = plan.decode_visit_pages() if plan.selects else None
+        self.decode_part = decode_part
         return self
 
     def workspace(self, name: str, size: int, dtype):
@@ -169,15 +179,6 @@ class CudaPlan:
 
 
 # --------------------------------------------------------------------------------------------------------
-
-
-def _visit_pages(plan: AttentionPlan) -> int:
-    """The longest page list a head visits in a selecting decode plan (selected + newest, or a window)."""
-    lens = np.diff(plan.kv_indptr).reshape(-1, 2)
-    if lens.size == 0:
-        return 0
-    dense = np.where(plan.qb_keep > 0, np.minimum(lens[:, 0], plan.qb_keep + 1), lens[:, 0])
-    return int(max(dense.max(), lens[:, 1].max()))
 
 
 class _Kernels:
@@ -274,9 +275,9 @@ def paged_attention(
 ):
     """Block-sparse paged attention executing `plan`; returns out [N, Hq*D] (fp16).
 
-    Dense mode (reference `cpu.paged_attention_ref`): q fp16 [N, Hq, D]; k_cache, v_cache fp16
+    Dense mode (reference `reference/attention.paged_attention_ref`): q fp16 [N, Hq, D]; k_cache, v_cache fp16
     [num_pages, Hkv, page_size, D]; head_class int32 [Hkv] (0 dense, 1 streaming: the window of its query
-    block). LServe mode (reference `reference.paged_attention_sparse_ref`): k_cache/v_cache are the dense pool
+    block). LServe mode (reference `reference/attention.paged_attention_sparse_ref`): k_cache/v_cache are the dense pool
     [P, nd, page, D], ks/vs the streaming pool [Ps, ns, page, D], head_slot[g] KV head g's row in the pool of
     its class; with sel_idx [slots, Hkv, K] / sel_cnt [slots, Hkv] dense heads of decode blocks with
     qb_keep > 0 visit only their selected pages plus the newest one. Either pool may have 0 heads.
@@ -375,7 +376,7 @@ _TOPK_THREADS = 512
 
 
 def select_pages(q, kmax, kmin, plan: CudaPlan, head_class, head_slot, sel_idx, sel_cnt) -> None:
-    """The page selector on the GPU (reference `reference.select_pages_ref`): for decode blocks with
+    """The page selector on the GPU (reference `reference/page_select.select_pages_ref`): for decode blocks with
     qb_keep > 0 and qb_refresh = 1, each dense KV head's top pages -> sel_idx / sel_cnt (ascending indices
     into the block's class-0 list, the newest last). kmax/kmin fp16 [P, nd, sub_pages, D]. Two launches
     (page_score, page_topk) sized by the plan's capacity only: graph-capturable, no host round trip."""

@@ -1,4 +1,4 @@
-"""GPU sampling (kernels/sampling.cu): the same decisions as engine/sampler.py, one block per row.
+"""GPU sampling (kernels/sampling.cu): the same decisions as backends/reference/sampling.py, one block per row.
 
 A step uploads a [4, B] float64 parameter block (temperature, top_k, top_p, and one uniform per row drawn
 from the sequence's own seeded generator, exactly as the CPU sampler draws it), plus each penalized row's
@@ -21,7 +21,7 @@ def sampling_inputs(
 ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
     """Host side of a step: the [4, B] parameter block and the penalty triples (rows, ids, penalties).
 
-    Draws one uniform from `seq.rng` for each non-greedy row, in row order, as engine/sampler.py does.
+    Draws one uniform from `seq.rng` for each non-greedy row, in row order, as backends/reference/sampling.py does.
     """
     b = len(seqs)
     params = np.zeros((4, b), np.float64)

@@ -12,14 +12,14 @@ from ..backends import make_ops
 from ..config import EngineConfig, SparseConfig
 from ..errors import InvalidRequestError
 from ..kv.block_manager import BlockManager
-from ..kv.layout import KVLayout
+from ..kv.layout import KVLayout, pool_pages
 from ..sampling_params import SamplingParams
+from ..sequence import Sequence
 from ..sparse.patterns import head_classes, resolve_pattern
 from ..tokenizer import IncrementalDecoder, Tokenizer
 from ..weights.loader import load_config, load_weights, resolve_model_dir
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
-from .sequence import Sequence
 
 
 @dataclass
@@ -52,7 +52,9 @@ class LLMEngine:
         self.layout = self._kv_layout()
         num_pages, num_stream = self._num_pages()
         self.max_len = min(self.max_len, num_pages * self.ecfg.page_size)
-        self.runner = ModelRunner(self.cfg, weights, self.ops, self.ecfg, num_pages, self.layout, num_stream)
+        self.runner = ModelRunner(
+            self.cfg, weights, self.ops, self.ecfg, self.max_len, num_pages, self.layout, num_stream
+        )
         del weights
         per_seq = self.layout.stream_pages_per_seq if self.layout else 0
         self.blocks = BlockManager(
@@ -80,24 +82,10 @@ class LLMEngine:
 
     def _num_pages(self) -> tuple[int, int]:
         """(dense-pool pages, streaming-pool pages) from the configured count or the memory budget."""
-        c, ps = self.cfg, self.ecfg.page_size
+        e = self.ecfg
+        budget = self.ops.kv_budget_bytes(e.kv_memory_fraction, self.weight_bytes)
         item = np.dtype(self.ops.dtype).itemsize
-        budget = self.ops.kv_budget_bytes(self.ecfg.kv_memory_fraction, self.weight_bytes)
-        if self.layout is None:
-            if self.ecfg.num_kv_pages:
-                return self.ecfg.num_kv_pages, 0
-            per_page = 2 * c.num_layers * c.num_kv_heads * c.head_dim * ps * item
-            return max(1, min(int(budget // per_page), 1 << 20)), 0
-        dense_b, stream_b = self.layout.bytes_per_page(c, item)
-        per_seq = self.layout.stream_pages_per_seq
-        stream = 0
-        if per_seq:
-            want = self.ecfg.max_num_seqs * per_seq
-            stream = max(per_seq, min(want, int(0.3 * budget // stream_b)))
-        if self.ecfg.num_kv_pages:
-            return self.ecfg.num_kv_pages, stream
-        dense = int((budget - stream * stream_b) // max(dense_b, 1))
-        return max(1, min(dense, 1 << 20)), stream
+        return pool_pages(self.cfg, e.page_size, item, budget, self.layout, e.max_num_seqs, e.num_kv_pages)
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(
@@ -119,7 +107,7 @@ class LLMEngine:
             )
         seq = Sequence(ids, params, request_id)
         if sparse:
-            seq.sparse = self._request_sparse(sparse)
+            seq.sparse = self.request_sparse_config(sparse)
         if seq.request_id in self.seqs:
             raise InvalidRequestError(f"duplicate request id {seq.request_id}")
         with self._lock:
@@ -128,7 +116,8 @@ class LLMEngine:
             self.scheduler.add(seq)
         return seq.request_id
 
-    def _request_sparse(self, knobs: dict) -> SparseConfig:
+    def request_sparse_config(self, knobs: dict) -> SparseConfig:
+        """The engine's SparseConfig with a request's knobs (budget, select interval, windows) applied."""
         sp = self.ecfg.sparse
         if not sp.enabled:
             raise InvalidRequestError("per-request sparse knobs need an engine started in sparse mode")

@@ -1,97 +1,67 @@
-"""Turns a scheduled batch into model inputs and a plan, runs the model, returns logits."""
+"""Turns a scheduled batch into a step's host inputs and plan, runs it on the backend, returns logits."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from ..backends.base import Ops
+from ..backends.base import Ops, StepInputs
 from ..config import EngineConfig, ModelConfig, SparseConfig
+from ..geometry import budget_pages, ring_slot
 from ..kv.layout import KVLayout
 from ..models.llama import LlamaModel
-from ..sparse.plan import AttentionPlan, BatchLayout, build_plan
-from .sequence import Sequence
+from ..sequence import Sequence
+from ..sparse.plan import BatchLayout, build_plan
+from ..sparse.selector import refresh_due
 
 
 class ModelRunner:
     """Owns the model and the KV cache of one backend.
 
-    On CUDA (EngineConfig.cuda_graphs) pure decode batches replay captured CUDA Graphs (engine/cuda_graph.py),
-    in dense and in LServe mode; every other batch runs eagerly. Both paths get the same host inputs and the
-    same host plan from `_inputs`.
+    A step is prepared on the host (`prepare`: token ids, positions, KV slots, the LServe plan), then handed
+    to the backend's executor, FlashInfer style: `executor.plan` does the backend's host work (uploads,
+    device plans, the choice of a CUDA Graph), `executor.run` only launches or replays. The runner never
+    asks which backend it runs on.
     """
 
     def __init__(
-        self,
-        cfg: ModelConfig,
-        weights: dict,
-        ops: Ops,
-        ecfg: EngineConfig,
-        num_pages: int,
-        layout: KVLayout | None = None,
-        num_stream_pages: int = 0,
-        model: LlamaModel | None = None,
-    ):
+        self, cfg: ModelConfig, weights: dict, ops: Ops, ecfg: EngineConfig, max_len: int, num_pages: int,
+        layout: KVLayout | None = None, num_stream_pages: int = 0, model: LlamaModel | None = None,
+    ):  # fmt: skip
+        """`max_len`: the engine's context limit (already clipped to the KV pool); `model`: an already built
+        model on this backend (benchmarks with random weights made on the device)."""
         self.cfg, self.ops, self.ecfg = cfg, ops, ecfg
         self.page_size = ecfg.page_size
-        self.max_len = ecfg.resolve_max_len(cfg)
-        # `model`: an already built model on this backend (benchmarks with random weights made on the device)
-        self.model = model if model is not None else LlamaModel(cfg, weights, ops, self.max_len)
+        self.max_len = max_len
+        self.model = model if model is not None else LlamaModel(cfg, weights, ops, max_len)
         self.layout = layout
+        self.cache = ops.alloc_kv(cfg, self.page_size, num_pages, layout, num_stream_pages, ecfg.max_num_seqs)
+        self.sink = self.local = 0
         if layout is None:
-            self.cache = ops.alloc_kv(cfg, num_pages, self.page_size)
-            self.set_head_classes([np.zeros(cfg.num_kv_heads, np.int32)] * cfg.num_layers, sink=0, local=0)
+            self.head_classes = [np.zeros(cfg.num_kv_heads, np.int32) for _ in range(cfg.num_layers)]
         else:
-            self.cache = ops.alloc_sparse_kv(cfg, layout, num_pages, num_stream_pages, ecfg.max_num_seqs)
-            self.head_classes = [ops.upload(c) for c in layout.head_class]
-            self.cache.head_class = self.head_classes
-            self.cache.head_slot = [ops.upload(s) for s in layout.head_slot]
-            self.sink = self.local = 0
-        self.graphs = None
-        if ops.name == "cuda" and ecfg.cuda_graphs:
-            from .cuda_graph import DecodeGraphs
-
-            self.graphs = DecodeGraphs(
-                self.model, ops, self.cache, ecfg.max_num_seqs, self.max_len, self.page_size,
-                visit_pages=self._graph_visit_pages(),
-            )  # fmt: skip
-
-    def _graph_visit_pages(self) -> int | None:
-        """LServe decode graphs: the longest page list a head visits at a decode step (selected pages + the
-        newest, or the streaming window). It fixes the decode kernel's split count at capture."""
-        lay = self.layout
-        if lay is None:
-            return None
-        sp, ps = self.ecfg.sparse, self.page_size
-        window = (
-            math.ceil(sp.decode_sink / ps) + math.ceil(sp.decode_local / ps) + 1 if lay.has_streaming else 0
-        )
-        return max(lay.select_pages + 1, window, 1)
+            self.head_classes = [np.asarray(c, np.int32) for c in layout.head_class]
+        self.executor = ops.executor(self.model.forward, self.cache, ecfg, layout, max_len)
 
     def set_head_classes(self, classes: list[np.ndarray], sink: int, local: int) -> None:
-        """Dense-pool emulation of streaming heads (calibration, evaluation): per-layer KV-head classes
-        (0 dense, 1 streaming) and their window; memory is not saved this way, attention is the same."""
-        self.head_classes = [self.ops.upload(np.asarray(c, np.int32)) for c in classes]
-        self.sink, self.local = sink, local if any(np.any(np.asarray(c) == 1) for c in classes) else 0
+        """Public hook for calibration: in dense mode, make chosen KV heads streaming heads (1) with a
+        sink/local window, in the dense pool (memory is not saved this way; attention is the same)."""
+        if self.layout is not None:
+            raise ValueError("head classes of an LServe-mode runner come from its head pattern")
+        self.head_classes = [np.asarray(c, np.int32) for c in classes]
+        self.sink, self.local = sink, local if any(np.any(c == 1) for c in self.head_classes) else 0
 
     def run(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False):
         """Process each sequence's next `num_new` tokens; backend logits of every last row (or all rows)."""
-        ids, pos, slots, plan, rows = self._inputs(seqs, num_new)
-        logits = None
-        if self.graphs is not None and not all_logits and all(n == 1 for n in num_new):
-            # None unless the graphs can serve this batch (pure decode, fits a captured size and capacity)
-            logits = self.graphs.run(ids, pos, slots, plan, self.cache, self.head_classes)
-        if logits is None:
-            logit_rows = np.arange(len(ids)) if all_logits else rows
-            up = self.ops.upload
-            logits = self.model.forward(
-                up(ids), up(pos), up(slots), self.ops.prepare_plan(plan), self.cache, self.head_classes,
-                up(logit_rows.astype(np.int64)),
-            )  # fmt: skip
+        logits = self.executor.run(self.executor.plan(self.prepare(seqs, num_new, all_logits)))
         for seq, n in zip(seqs, num_new):
             seq.num_cached += n
         return logits
+
+    def prepare(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False) -> StepInputs:
+        """Host inputs of one step; advances the sequences' page-selection schedules."""
+        ids, pos, slots, plan, rows = self._inputs(seqs, num_new)
+        rows = np.arange(len(ids), dtype=np.int64) if all_logits else rows
+        return StepInputs(ids, pos, slots, plan, rows, self.head_classes)
 
     def _inputs(self, seqs: list[Sequence], num_new: list[int]):
         """Host inputs of one step: token ids, positions, KV slots ([N], or [2, N] dense-pool and
@@ -118,7 +88,7 @@ class ModelRunner:
         if lay is not None:
             self._sparse_layout(layout, seqs, num_new)
             ring = (lay.sink_pages, lay.ring_pages) if lay.has_streaming else None
-        plan: AttentionPlan = build_plan(layout, ps, sink=self.sink, local=self.local, ring=ring)
+        plan = build_plan(layout, ps, sink=self.sink, local=self.local, ring=ring)
         slot_arr = np.concatenate(slots)
         if lay is not None:
             slot_arr = np.stack([slot_arr, np.concatenate(stream_slots)])
@@ -134,10 +104,7 @@ class ModelRunner:
         lay, ps = self.layout, self.page_size
         if not lay.has_streaming:
             return np.full(p.shape, -1, np.int64)
-        lp = p // ps
-        idx = np.where(
-            lp < lay.sink_pages, lp, lay.sink_pages + (lp - lay.sink_pages) % max(lay.ring_pages, 1)
-        )
+        idx = ring_slot(p // ps, lay.sink_pages, lay.ring_pages)
         return np.asarray(seq.stream_table, np.int64)[idx] * ps + p % ps
 
     def _sparse_layout(self, layout: BatchLayout, seqs: list[Sequence], num_new: list[int]) -> None:
@@ -148,9 +115,8 @@ class ModelRunner:
             decoding = n == 1 and seq.num_cached >= len(seq.prompt_ids)
             if decoding:
                 windows.append((sp.decode_sink, sp.decode_local) if self.layout.has_streaming else (0, 0))
-                budget = sp.token_budget // self.page_size if self.layout.select_pages else 0
-                keep.append(budget)
-                refresh.append(int(seq.decode_steps % sp.select_interval == 0))
+                keep.append(budget_pages(sp.token_budget, self.page_size) if self.layout.select_pages else 0)
+                refresh.append(int(refresh_due(seq.decode_steps, sp.select_interval)))
                 seq.decode_steps += 1
             else:
                 windows.append((sp.prefill_sink, sp.prefill_local) if self.layout.has_streaming else (0, 0))

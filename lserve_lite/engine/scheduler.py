@@ -6,7 +6,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..kv.block_manager import BlockManager
-from .sequence import Sequence, Status
+from ..sequence import Sequence, Status
 
 
 @dataclass

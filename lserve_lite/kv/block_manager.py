@@ -11,7 +11,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..engine.sequence import Sequence
+    from ..sequence import Sequence
 
 
 class BlockManager:

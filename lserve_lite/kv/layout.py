@@ -8,12 +8,20 @@ index among the heads of its class in that layer, i.e. its row in the pool of it
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from .. import geometry
 from ..config import ModelConfig, SparseConfig
+
+
+def head_slots(head_class: np.ndarray) -> np.ndarray:
+    """Each KV head's row in the pool of its class: its index among the heads of its class in the layer."""
+    slots = np.zeros(len(head_class), np.int32)
+    for k in (0, 1):
+        slots[head_class == k] = np.arange(int((head_class == k).sum()), dtype=np.int32)
+    return slots
 
 
 @dataclass(frozen=True)
@@ -42,38 +50,26 @@ class KVLayout:
     def num_streaming(self, layer: int) -> int:
         return int((self.head_class[layer] == 1).sum())
 
-    def stream_page_index(self, lpage: int) -> int:
-        """Index in a sequence's streaming page table that holds logical page `lpage` (sink, then ring)."""
-        if lpage < self.sink_pages:
-            return lpage
-        return self.sink_pages + (lpage - self.sink_pages) % self.ring_pages
-
-    @staticmethod
-    def dense(cfg: ModelConfig, page_size: int) -> KVLayout:
-        zeros = np.zeros(cfg.num_kv_heads, np.int32)
-        slots = np.arange(cfg.num_kv_heads, dtype=np.int32)
-        return KVLayout(page_size, (zeros,) * cfg.num_layers, (slots,) * cfg.num_layers)
-
     @staticmethod
     def sparse(cfg: ModelConfig, sp: SparseConfig, classes: list[np.ndarray], max_chunk: int) -> KVLayout:
         """Layout for LServe mode; the ring holds the widest local window plus one prefill chunk."""
         ps = sp.page_size
-        slots = []
-        for c in classes:
-            s = np.zeros_like(c)
-            for k in (0, 1):
-                s[c == k] = np.arange(int((c == k).sum()))
-            slots.append(s.astype(np.int32))
         window = max(sp.prefill_local, sp.decode_local)
         return KVLayout(
             page_size=ps,
             head_class=tuple(np.asarray(c, np.int32) for c in classes),
-            head_slot=tuple(slots),
-            sink_pages=math.ceil(max(sp.prefill_sink, sp.decode_sink) / ps),
-            ring_pages=math.ceil((window + max_chunk) / ps) + 1,
+            head_slot=tuple(head_slots(c) for c in classes),
+            sink_pages=geometry.sink_pages(max(sp.prefill_sink, sp.decode_sink), ps),
+            ring_pages=geometry.ring_pages(window, max_chunk, ps),
             sub_pages=sp.sub_pages,
-            select_pages=sp.token_budget // ps,
+            select_pages=geometry.budget_pages(sp.token_budget, ps),
         )
+
+    def decode_visit_pages(self, sp: SparseConfig) -> int:
+        """Longest page list a head visits at a decode step: a dense head's budget (plus the newest page), or
+        a streaming head's decode window. It fixes the decode split count of captured CUDA Graphs."""
+        window = geometry.window_visit_pages(sp.decode_sink, sp.decode_local, self.page_size)
+        return max(geometry.visit_capacity(self.select_pages), window if self.has_streaming else 0, 1)
 
     def bytes_per_page(self, cfg: ModelConfig, itemsize: int) -> tuple[int, int]:
         """K+V bytes of one dense-pool page and one streaming-pool page over all layers."""
@@ -86,3 +82,25 @@ class KVLayout:
             )
         stream = sum(self.num_streaming(i) for i in range(cfg.num_layers)) * per_head
         return dense + stats, stream
+
+
+MAX_POOL_PAGES = 1 << 20  # a pool never has more pages than this (page ids are int32 in plans)
+
+
+def pool_pages(
+    cfg: ModelConfig, page_size: int, itemsize: int, budget: int, layout: KVLayout | None, max_seqs: int,
+    num_pages: int | None = None,
+) -> tuple[int, int]:  # fmt: skip
+    """(dense-pool pages, streaming-pool pages) for `budget` bytes of KV memory, or `num_pages` dense pages.
+
+    The streaming pool holds every running sequence's sink + ring pages, within 30% of the budget."""
+    if layout is None:
+        per_page = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * page_size * itemsize
+        return num_pages or max(1, min(budget // per_page, MAX_POOL_PAGES)), 0
+    dense_b, stream_b = layout.bytes_per_page(cfg, itemsize)
+    per_seq = layout.stream_pages_per_seq
+    stream = max(per_seq, min(max_seqs * per_seq, int(0.3 * budget // stream_b))) if per_seq else 0
+    if num_pages:
+        return num_pages, stream
+    dense = int((budget - stream * stream_b) // max(dense_b, 1))
+    return max(1, min(dense, MAX_POOL_PAGES)), stream

@@ -1,5 +1,5 @@
 """OpenAI-compatible HTTP server: `lserve-lite serve`. The CLI hook (add_serve_args / run_from_args) lives here
-and imports FastAPI/uvicorn only when the server actually starts."""
+and imports FastAPI/uvicorn and the engine only when the server actually starts, so other commands start fast."""
 
 from __future__ import annotations
 
@@ -9,19 +9,16 @@ import os
 import sys
 
 from ..config import EngineConfig
+from ..engine_args import add_engine_args, bounded_int, engine_config_from_args
 from ..errors import LServeError
 
 
-def add_serve_args(parser: argparse.ArgumentParser, engine_args: bool = True) -> None:
-    """Options of `lserve-lite serve`. With engine_args, also the CLI's shared engine options (model, backend,
-    context, KV pages, LServe knobs: `cli.add_engine_args`); pass False if the caller adds those itself."""
-    if engine_args:
-        from ..cli import add_engine_args
-
-        add_engine_args(parser)
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    """Options of `lserve-lite serve`: the shared engine options (engine_args.py) and the server's own."""
+    add_engine_args(parser)
     s = parser.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=bounded_int(1, 65535), default=8000)
     s.add_argument(
         "--api-key",
         default=os.environ.get("LSERVE_API_KEY"),
@@ -30,11 +27,18 @@ def add_serve_args(parser: argparse.ArgumentParser, engine_args: bool = True) ->
     s.add_argument(
         "--served-model-name", default=None, help="model id in the API (default: model directory name)"
     )
-    s.add_argument("--max-num-seqs", type=int, default=64, help="requests batched together at most")
-    s.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step at most")
+    s.add_argument(
+        "--max-num-seqs", type=bounded_int(1, 4096), default=64, help="requests batched together at most"
+    )
+    s.add_argument(
+        "--max-num-batched-tokens",
+        type=bounded_int(1, 1 << 20),
+        default=2048,
+        help="tokens per engine step at most",
+    )
     s.add_argument(
         "--max-queue",
-        type=int,
+        type=bounded_int(0, 1 << 20),
         default=256,
         help="requests allowed to wait beyond the --max-num-seqs running ones; more get HTTP 429",
     )
@@ -45,8 +49,6 @@ def run_from_args(args: argparse.Namespace, engine_config: EngineConfig | None =
     """Entry for `lserve-lite serve`: returns the exit status (errors print one line, no traceback)."""
     try:
         if engine_config is None:
-            from ..cli import engine_config_from_args
-
             engine_config = engine_config_from_args(args)
     except LServeError as e:
         print(f"lserve-lite serve: {e}", file=sys.stderr)

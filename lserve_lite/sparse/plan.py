@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DENSE, STREAMING = 0, 1
+from ..geometry import ring_slot, streaming_pages, visit_capacity
 
 
 @dataclass
@@ -77,6 +77,17 @@ class AttentionPlan:
             qb_keep=opt(self.qb_keep), qb_refresh=opt(self.qb_refresh),
         )  # fmt: skip
 
+    def decode_visit_pages(self) -> int:
+        """The longest page list a head visits at this (decode) step: a dense head with a page budget visits
+        at most geometry.visit_capacity(budget) pages, any other head its whole list (a window for streaming)."""
+        lens = np.diff(self.kv_indptr).reshape(-1, 2)
+        if lens.size == 0:
+            return 0
+        dense = lens[:, 0]
+        if self.qb_keep is not None:
+            dense = np.where(self.qb_keep > 0, np.minimum(dense, visit_capacity(self.qb_keep)), dense)
+        return int(max(dense.max(), lens[:, 1].max()))
+
     def pages(self, qb: int, cls: int) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = self.kv_indptr[qb * 2 + cls], self.kv_indptr[qb * 2 + cls + 1]
         return self.kv_page[lo:hi], self.kv_lpage[lo:hi]
@@ -138,7 +149,7 @@ def build_plan(
             indptr.append(len(pages))
             if w_local > 0:
                 keep = streaming_pages(first, last, page_size, w_sink, w_local)
-                pages.extend(stable[_ring_index(p, ring)] for p in keep)
+                pages.extend(stable[int(ring_slot(p, *ring)) if ring else p] for p in keep)
                 lpages.extend(keep)
             indptr.append(len(pages))
         row += ql
@@ -164,19 +175,3 @@ def build_plan(
         qb_keep=i32(qb_keep) if sel else None,
         qb_refresh=i32(qb_refresh) if sel else None,
     )
-
-
-def _ring_index(lpage: int, ring: tuple[int, int] | None) -> int:
-    """Where logical page `lpage` of a streaming head lives in its sequence's streaming table."""
-    if ring is None:
-        return lpage
-    sink_pages, ring_pages = ring
-    return lpage if lpage < sink_pages else sink_pages + (lpage - sink_pages) % ring_pages
-
-
-def streaming_pages(first: int, last: int, page_size: int, sink: int, local: int) -> list[int]:
-    """Logical pages a streaming head needs for queries at positions first..last (Lambda mask)."""
-    n_pages = last // page_size + 1
-    sink_pages = range(min(-(-sink // page_size), n_pages))
-    lo = max(0, first - local + 1) // page_size
-    return sorted(set(sink_pages) | set(range(lo, n_pages)))

@@ -8,7 +8,7 @@ from enum import Enum, auto
 
 import numpy as np
 
-from ..sampling_params import SamplingParams
+from .sampling_params import SamplingParams
 
 _ids = itertools.count()
 

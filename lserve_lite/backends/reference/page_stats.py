@@ -1,4 +1,5 @@
-"""Logical-page key statistics for the page selector (CPU reference for the GPU kernel).
+"""Logical-page key statistics for the page selector: the reference of the statistics update fused into
+kernels/layers.cu::rope_write_kv_sparse.
 
 A physical page of `page_size` tokens is split into `sub_pages` logical pages of `page_size // sub_pages`
 tokens. For each logical page and KV head we keep the per-channel max and min of its keys:

@@ -1,10 +1,11 @@
-"""Host sampler: repetition penalty, temperature, top-k, top-p, per-request seeded RNG."""
+"""Reference of kernels/sampling.cu, and the CPU backend's sampler: repetition penalty, temperature,
+top-k, top-p, a per-request seeded RNG."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from .sequence import Sequence
+from ...sequence import Sequence
 
 
 def sample(logits: np.ndarray, seqs: list[Sequence]) -> list[int]:

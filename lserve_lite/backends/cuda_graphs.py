@@ -1,0 +1,178 @@
+"""The CUDA backend's executor: decode steps replay CUDA Graphs, every other step runs eagerly.
+
+A graph is captured lazily per batch size (1, 2, 4, ... up to max_num_seqs). Each captured size owns static
+device inputs (token ids, positions, slots), a device plan of fixed capacity (CudaPlan: up to `size` query
+blocks, ceil(max_len / page_size) pages per sequence and class) and static per-layer head-class buffers.
+`plan()` copies a step's host arrays into them (one pinned copy for ids/positions/slots plus the plan's own
+upload); `run()` launches the graph: one launch instead of ~10 per layer.
+
+A batch of n decode rows runs in the smallest captured size >= n: padding rows get token 0 at position 0
+and slot -1 (their K/V is not written) and lie past the plan's live query blocks (attention skips them);
+their logits rows are dropped. Intermediates live in a private CuPy memory pool that nothing else allocates
+from, so eager steps between replays cannot reuse the graphs' memory.
+
+LServe mode (a two-pool sparse cache): the static inputs hold both KV slots of each row, and the plan
+carries the per-block windows and page-selection fields as data. The captured step always runs the page
+selector (`CudaPlan(always_select=True)`): blocks whose refresh flag is 0 exit at once on the device, so one
+graph serves refresh and reuse steps. The decode split count is fixed at capture from `visit_pages`
+(KVLayout.decode_visit_pages); a batch whose lists are longer (a wider per-request window) runs eagerly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..sparse.plan import BatchLayout, build_plan
+from .base import Array, EagerExecutor, Forward, KVCache, StepInputs
+from .cuda_attention import CudaPlan
+
+DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclass
+class _Captured:
+    """One batch size: its graph, static buffers and device plan (all referenced while the graph lives:
+    freed memory would be reused)."""
+
+    size: int
+    graph: object
+    io: Array  # [rows, size] int64: ids, positions, slots (dense pool [, streaming pool])
+    plan: CudaPlan
+    logits: Array
+
+
+@dataclass
+class _Replay:
+    graph: _Captured
+    n: int
+
+
+class GraphExecutor:
+    """CUDA Graphs for pure decode batches up to max_num_seqs rows; an EagerExecutor for the rest."""
+
+    def __init__(
+        self, ops, forward: Forward, cache: KVCache, max_num_seqs: int, max_len: int,
+        visit_pages: int | None = None, sizes: tuple[int, ...] = DEFAULT_SIZES,
+    ):  # fmt: skip
+        import cupy as cp
+        import cupyx
+
+        self.cp, self.forward, self.cache = cp, forward, cache
+        self.eager = EagerExecutor(ops, forward, cache)
+        sizes = [s for s in sizes if s <= max_num_seqs]
+        if max_num_seqs not in sizes and max_num_seqs <= max(DEFAULT_SIZES):
+            sizes.append(max_num_seqs)
+        self.sizes = sorted(set(sizes or [max_num_seqs]))
+        self.page_size = cache.page_size
+        self.max_pages = math.ceil(max_len / cache.page_size)
+        self.sparse = cache.sparse
+        self.visit_pages = (visit_pages or self.max_pages) if self.sparse else None
+        self.pool = cp.cuda.MemoryPool()
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self.graphs: dict[int, _Captured] = {}
+        self._rows = 4 if self.sparse else 3
+        self._staging = {s: cupyx.empty_pinned((self._rows, s), np.int64) for s in self.sizes}
+        self._staged: dict[int, object] = {}  # event after each size's last upload from its pinned staging
+        self.replays = 0
+        self._hc_src: list | None = None  # the head-class list last copied into the static buffers
+        self._hc: list | None = None
+        self._window: tuple[int, int] | None = None  # (sink, local) the graphs were captured with
+
+    def size_for(self, n: int) -> int | None:
+        return next((s for s in self.sizes if s >= n), None)
+
+    def plan(self, step: StepInputs):
+        """Stage a decode batch into its graph's static buffers, or plan it eagerly."""
+        size = self._graph_size(step)
+        if size is None:
+            return self.eager.plan(step)
+        plan, n = step.plan, len(step.ids)
+        if self._window != (plan.sink, plan.local):
+            self.graphs.clear()  # the window may be baked into launches: capture again
+            self._window = (plan.sink, plan.local)
+        self._sync_head_classes(step.head_classes)
+        g = self.graphs.get(size)
+        if g is None:
+            g = self.graphs[size] = self._capture(size, plan.sink, plan.local)
+        st = self._staging[size]
+        done = self._staged.get(size)
+        if done is not None:
+            done.synchronize()  # the previous upload from this pinned buffer has been read
+        st[0, :n], st[1, :n], st[2:, :n] = step.ids, step.positions, step.slots
+        st[0, n:], st[1, n:], st[2:, n:] = 0, 0, -1
+        cur = self.cp.cuda.get_current_stream()
+        g.io.set(st, stream=cur)
+        self._staged[size] = cur.record()
+        g.plan.update(plan)
+        return _Replay(g, n)
+
+    def run(self, prepared) -> Array:
+        """Replay (logits: a view of the graph's static output) or run the eager step."""
+        if not isinstance(prepared, _Replay):
+            return self.eager.run(prepared)
+        prepared.graph.graph.launch(stream=self.cp.cuda.get_current_stream())
+        self.replays += 1
+        return prepared.graph.logits[: prepared.n]
+
+    def capture_all(self, head_classes: list, sink: int = 0, local: int = 0) -> None:
+        """Capture every size now (instead of at first use)."""
+        self._sync_head_classes(head_classes)
+        self._window = (sink, local)
+        for s in self.sizes:
+            if s not in self.graphs:
+                self.graphs[s] = self._capture(s, sink, local)
+
+    def _graph_size(self, step: StepInputs) -> int | None:
+        """The captured size that serves this step, None when it is not a decode batch the graphs fit."""
+        if not step.is_decode:
+            return None
+        plan = step.plan
+        size = self.size_for(len(step.ids))
+        longest = int(np.max(np.diff(plan.kv_indptr))) if plan.kv_indptr.size > 1 else 0
+        if size is None or longest > self.max_pages:
+            return None
+        if self.sparse and (np.ndim(step.slots) != 2 or plan.decode_visit_pages() > self.visit_pages):
+            return None
+        return size
+
+    def _sync_head_classes(self, head_classes: list) -> None:
+        cp = self.cp
+        if self._hc is None:
+            self._hc = [cp.array(h, dtype=cp.int32) for h in head_classes]
+        elif head_classes is not self._hc_src:
+            for dst, src in zip(self._hc, head_classes, strict=True):
+                dst[...] = cp.asarray(src, dtype=cp.int32)
+        self._hc_src = head_classes
+
+    def _capture(self, size: int, sink: int, local: int) -> _Captured:
+        cp = self.cp
+        io = cp.empty((self._rows, size), cp.int64)
+        io[0], io[1], io[2:] = 1, 0, -1  # token 1 at position 0, no K/V written
+        slots = io[2:] if self.sparse else io[2]  # [2, size] (dense-pool, streaming-pool slots) or [size]
+        rows = cp.arange(size, dtype=cp.int64)
+        plan = CudaPlan(
+            max_qblocks=size, max_pages=2 * size * self.max_pages, max_seqs=size, always_select=self.sparse,
+            fixed_visit_pages=self.visit_pages,
+        )  # fmt: skip
+        dummy = build_plan(
+            BatchLayout([1] * size, [1] * size, [[0]] * size), self.page_size, sink=sink, local=local
+        )
+        plan.update(dummy)
+        cp.cuda.get_current_stream().synchronize()
+
+        def fwd():
+            return self.forward(io[0], io[1], slots, plan, self.cache, self._hc, rows)
+
+        with cp.cuda.using_allocator(self.pool.malloc), self.stream:
+            fwd()  # warm-up: compiles kernels, picks cuBLAS algorithms, fills the pool
+            self.stream.synchronize()
+            self.stream.begin_capture()
+            try:
+                logits = fwd()
+            finally:
+                graph = self.stream.end_capture()
+            self.stream.synchronize()
+        return _Captured(size, graph, io, plan, logits)

@@ -1,0 +1,100 @@
+"""References of kernels/attention_prefill.cu and kernels/attention_decode.cu: block-sparse paged attention
+executing an AttentionPlan, over one KV pool (dense mode) or two (LServe: dense-head pool + streaming
+pool, selected pages at decode). float32, softmax in float32; they run the same plans as the GPU kernels,
+so the two compare exactly. `attend_qblocks` is also the CPU backend's prefill attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ...sparse.plan import AttentionPlan
+from ...sparse.selector import visited_selection
+from .. import cpu_kernels as K
+
+
+def paged_attention_ref(q, k_cache, v_cache, plan: AttentionPlan, head_class: np.ndarray) -> np.ndarray:
+    """Block-sparse paged attention executing `plan`; q [N, Hq, D] -> [N, Hq*D].
+
+    Per query block and KV head: gather the head's listed pages, one GEMM for its query heads, mask
+    (causal, context end, and the sink/local window for streaming heads), softmax in float32, one GEMM.
+    """
+    out = np.empty(q.shape, np.float32)
+    attend_qblocks(q, k_cache, v_cache, plan, np.asarray(head_class), out, 0, plan.num_qblocks)
+    return out.reshape(q.shape[0], -1)
+
+
+def attend_qblocks(q, k_cache, v_cache, plan: AttentionPlan, head_class, out, qb0: int, qb1: int) -> None:
+    """`paged_attention_ref` for query blocks qb0..qb1-1, written into out [N, Hq, D]."""
+    d, page = q.shape[2], k_cache.shape[2]
+    group = q.shape[1] // k_cache.shape[1]
+    scale = np.float32(1.0 / math.sqrt(d))
+    for qb in range(qb0, qb1):
+        r0, nr, pos0 = int(plan.qb_start[qb]), int(plan.qb_len[qb]), int(plan.qb_pos[qb])
+        ctx = int(plan.seq_ctx[plan.qb_seq[qb]])
+        qpos = pos0 + np.arange(nr)
+        for cls in (0, 1):
+            heads = np.nonzero(head_class == cls)[0]
+            if heads.size == 0:
+                continue
+            pages, lpages = plan.pages(qb, cls)
+            kpos = (lpages[:, None] * page + np.arange(page)[None, :]).reshape(-1)
+            ok = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] < ctx)
+            if cls == 1:
+                ok &= (kpos[None, :] < plan.sink) | (qpos[:, None] - kpos[None, :] < plan.local)
+            for h in heads:
+                rows = slice(h * group, (h + 1) * group)
+                qh = q[r0 : r0 + nr, rows].reshape(nr * group, d)
+                s = (qh @ k_cache[pages, h].reshape(-1, d).T).reshape(nr, group, -1)
+                tot = K.masked_softmax(s, ok, scale)
+                o = s.reshape(nr * group, -1) @ v_cache[pages, h].reshape(-1, d)
+                o /= tot.reshape(-1, 1)
+                out[r0 : r0 + nr, rows] = o.reshape(nr, group, d)
+
+
+def visited_pages(
+    plan: AttentionPlan, qb: int, cls: int, g: int, sel_idx, sel_cnt
+) -> tuple[np.ndarray, np.ndarray]:
+    """(physical, logical) pages KV head g of class `cls` visits for query block qb."""
+    pages, lpages = plan.pages(qb, cls)
+    if cls == 1 or plan.qb_keep is None or plan.qb_keep[qb] == 0:
+        return pages, lpages
+    slot = int(plan.qb_slot[qb])
+    ctx = int(plan.qb_pos[qb] + plan.qb_len[qb])
+    idx = visited_selection(sel_idx[slot, g, : sel_cnt[slot, g]], ctx, plan.page_size)
+    return pages[idx], lpages[idx]
+
+
+def paged_attention_sparse_ref(
+    q, kd, vd, ks, vs, plan: AttentionPlan, head_class, head_slot, sel_idx=None, sel_cnt=None
+) -> np.ndarray:
+    """Block-sparse paged attention over both pools; q [N, Hq, D] -> [N, Hq*D]."""
+    n, hq, d = q.shape
+    hkv = head_class.shape[0]
+    group = hq // hkv
+    out = np.empty((n, hq, d), np.float32)
+    scale = np.float32(1.0 / math.sqrt(d))
+    for qb in range(plan.num_qblocks):
+        r0, nr, pos0 = int(plan.qb_start[qb]), int(plan.qb_len[qb]), int(plan.qb_pos[qb])
+        ctx = int(plan.seq_ctx[plan.qb_seq[qb]])
+        qpos = pos0 + np.arange(nr)
+        for g in range(hkv):
+            cls = int(head_class[g])
+            kc, vc = (kd, vd) if cls == 0 else (ks, vs)
+            pages, lpages = visited_pages(plan, qb, cls, g, sel_idx, sel_cnt)
+            page = kc.shape[2]
+            kpos = (lpages[:, None] * page + np.arange(page)[None, :]).reshape(-1)
+            k = kc[pages, head_slot[g]].reshape(-1, d)
+            v = vc[pages, head_slot[g]].reshape(-1, d)
+            ok = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] < ctx)
+            if cls == 1:
+                ok &= (kpos[None, :] < plan.qb_sink[qb]) | (qpos[:, None] - kpos[None, :] < plan.qb_local[qb])
+            heads = slice(g * group, (g + 1) * group)
+            s = (q[r0 : r0 + nr, heads] @ k.T) * scale  # [nr, group, L]
+            s = np.where(ok[:, None, :], s, -np.inf)
+            v = np.where((kpos < ctx)[:, None], v, 0)  # slots past the context may hold anything
+            s = np.exp(s - s.max(-1, keepdims=True))
+            out[r0 : r0 + nr, heads] = (s @ v) / s.sum(-1, keepdims=True)
+    return out.reshape(n, hq * d)

@@ -1,0 +1,77 @@
+"""Engine options on the command line, shared by every subcommand that runs a model (chat, generate, bench,
+serve): one parser and one EngineConfig builder, with argument types that refuse absurd values at once."""
+
+from __future__ import annotations
+
+import argparse
+
+from .config import EngineConfig, SparseConfig
+
+
+def bounded_int(lo: int, hi: int = 1 << 31):
+    """An argparse type: an integer in [lo, hi], else a one-line usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{v} is outside [{lo}, {hi}]")
+        return v
+
+    return parse
+
+
+MAX_CONTEXT = 1 << 24  # tokens; beyond any model we load (and checked again against the KV pool)
+
+_SPARSE_KNOBS = {
+    "static_sparsity": (float, "fraction of KV heads that become streaming heads"),
+    "page_size": (int, "tokens per physical KV page"),
+    "sub_pages": (int, "logical pages per physical page (selector granularity)"),
+    "prefill_sink": (int, "streaming heads' sink tokens in prefill"),
+    "prefill_local": (int, "streaming heads' local window in prefill"),
+    "decode_sink": (int, "streaming heads' sink tokens in decode"),
+    "decode_local": (int, "streaming heads' local window in decode"),
+    "token_budget": (int, "dense heads' KV token budget per decode step"),
+    "select_interval": (int, "decode steps between page selections"),
+}
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Model, backend, limits and the LServe knobs (shared by chat, generate and serve)."""
+    p.add_argument(
+        "--model", default=None, help="HF model directory (default: bundled SmolLM2-135M-Instruct)"
+    )
+    p.add_argument("--backend", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--max-model-len",
+        type=bounded_int(1, MAX_CONTEXT),
+        default=None,
+        help="context limit in tokens (prompt + output)",
+    )
+    p.add_argument(
+        "--kv-pages",
+        type=bounded_int(1, 1 << 20),
+        default=None,
+        help="KV pages in the pool (default: sized from memory)",
+    )
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--sparse", dest="sparse", action="store_true", help="LServe sparse attention")
+    g.add_argument("--dense", dest="sparse", action="store_false", help="dense attention (the default)")
+    p.set_defaults(sparse=False)
+    p.add_argument("--pattern", default=None, help="DuoAttention full_attention_heads.tsv for --sparse")
+    for name, (typ, text) in _SPARSE_KNOBS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=text)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig the parsed options describe (raises InvalidRequestError for bad combinations)."""
+    knobs = {k: getattr(args, k) for k in _SPARSE_KNOBS if getattr(args, k, None) is not None}
+    sparse = SparseConfig(enabled=args.sparse, pattern_path=args.pattern).with_updates(**knobs)
+    return EngineConfig(
+        max_model_len=args.max_model_len,
+        num_kv_pages=args.kv_pages,
+        page_size=sparse.page_size,
+        sparse=sparse,
+    )

@@ -1,0 +1,226 @@
+"""`lserve-lite calibrate`: a DuoAttention-style head pattern for a model that has none.
+
+Method (docs/SPARSE.md): synthetic passkey-retrieval samples (a 5-digit key hidden at several depths in
+filler text, the question at the end; evaluation/synthetic.py). Per sample the context is prefilled once
+with every head dense and that KV cache kept; then, for every (layer, KV head) alone, only the sample's
+tail (the question and the teacher-forced answer) is re-run with that head made a streaming head (sink +
+local window, LServe's decode window), and we measure how far the answer-token distribution moves:
+KL(dense || one-head-streaming), averaged over answer positions and samples (the increase of the answer's
+negative log-likelihood is recorded too). Gates are the scores divided by the largest one, in [0, 1]:
+a high gate = the head retrieves from far away = keep it dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import EngineConfig
+from ..errors import InvalidRequestError
+from ..llm import LLM
+from ..sparse.patterns import head_classes, save_pattern
+from ..weights.loader import load_config, resolve_model_dir
+from .harness import SparseHarness
+from .synthetic import corpus_text, passkey_sample
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@dataclass
+class CalibrationResult:
+    """Gates [L, Hkv] in [0, 1] and the raw per-head scores behind them."""
+
+    gates: np.ndarray
+    kl: np.ndarray
+    dnll: np.ndarray
+    info: dict = field(default_factory=dict)
+
+
+def default_lengths(max_len: int) -> list[int]:
+    """Sample lengths: 1/4, 3/8 and 1/2 of the context limit, at most 4096 tokens, at least 512."""
+    return sorted({max(512, min(4096, int(max_len * f) // 64 * 64)) for f in (0.25, 0.375, 0.5)})
+
+
+def _depths(n: int, rng: np.random.Generator) -> np.ndarray:
+    """n stratified depths in [0.05, 0.95] (shuffled), so every region of the context gets a needle."""
+    edges = np.linspace(0.05, 0.95, n + 1)
+    return rng.permutation(edges[:-1] + rng.random(n) * (edges[1] - edges[0]))
+
+
+def make_samples(
+    tokenizer, lengths: list[int], num_samples: int, sink: int, local: int, tail: int, seed: int
+):
+    """Calibration samples: lengths cycle over `lengths`, fillers alternate classic/corpus, needles at
+    stratified depths, all placed outside the sink and beyond the local window of the tail."""
+    rng = np.random.default_rng(seed)
+    out = []
+    corpus_len = len(corpus_text())
+    for i, d in enumerate(_depths(num_samples, rng)):
+        n = lengths[i % len(lengths)]
+        key = str(rng.integers(10000, 100000))
+        lo, hi = sink + 32, n - tail - local - 64  # needle region the streaming window cannot see
+        if hi <= lo:
+            raise InvalidRequestError(f"samples of {n} tokens are too short for sink {sink} + local {local}")
+        frac = (lo + d * (hi - lo)) / n
+        filler = "classic" if i % 2 == 0 else "corpus"
+        out.append(passkey_sample(tokenizer, n, frac, key, filler, offset=int(rng.integers(0, corpus_len))))
+    return out
+
+
+def calibrate(
+    model_dir: str | Path | None = None,
+    out_path: str | Path | None = None,
+    *,
+    num_samples: int = 8,
+    lengths: list[int] | None = None,
+    sink: int = 128,
+    local: int = 256,
+    tail: int = 24,
+    seed: int = 0,
+    backend: str = "cpu",
+    validate: bool = True,
+    log: Callable[[str], None] = print,
+) -> CalibrationResult:
+    """Score every (layer, KV head) on synthetic passkey samples; write the gate TSV to `out_path`.
+
+    Per sample: one dense prefill of all but the last `tail` prompt tokens (kept), then for each head
+    alone a re-run of the tail + teacher-forced answer with that head streaming (sink/local window).
+    Writes `out_path` (TSV) and `out_path.with_suffix(".json")` (settings, raw scores, validation).
+    """
+    t0 = time.perf_counter()
+    max_len = load_config(resolve_model_dir(model_dir)).max_position_embeddings
+    lengths = sorted(lengths or default_lengths(max_len))
+    if max(lengths) > max_len - 16:
+        raise InvalidRequestError(f"sample length {max(lengths)} exceeds the model's context {max_len}")
+    page = 64
+    need = sum(-(-(lengths[i % len(lengths)] + 64) // page) + 1 for i in range(num_samples))
+    pages = need if validate else -(-(max(lengths) + 64) // page) + 1
+    llm = LLM(model_dir, backend=backend, config=EngineConfig(num_kv_pages=pages, page_size=page))
+    h = SparseHarness(llm)
+    cfg = h.cfg
+    L, H = cfg.num_layers, cfg.num_kv_heads
+    samples = make_samples(llm.tokenizer, lengths, num_samples, sink, local, tail, seed)
+    kl, dnll = np.zeros((L, H)), np.zeros((L, H))
+    kept, per_sample = [], []
+    dense = h.dense_classes()
+    log(f"calibrating {L} layers x {H} KV heads on {num_samples} passkey samples {lengths} "
+        f"(streaming window: sink {sink} + local {local}, tail {tail} tokens)")  # fmt: skip
+    for si, smp in enumerate(samples):
+        ts = time.perf_counter()
+        ids = smp.prompt_ids + smp.answer_ids
+        T, m = len(smp.prompt_ids), len(smp.answer_ids)
+        prefix = T - tail
+        seq = h.begin(ids)
+        h.set_heads(dense, 0, 0)
+        h.forward(seq, prefix, logits="last")
+        log(f"  sample {si + 1}/{num_samples}: {T} tokens prefilled in {time.perf_counter() - ts:.0f} s")
+
+        def run_tail(classes, s=sink, w=local, seq=seq, prefix=prefix, T=T, m=m):
+            h.set_heads(classes, s, w)
+            h.rewind(seq, prefix)
+            h.forward(seq, T - 1 - prefix, logits="last")
+            return _log_softmax(h.forward(seq, m, logits="all"))
+
+        ref = run_tail(dense, 0, 0)
+        ans = np.asarray(smp.answer_ids)
+        rows = np.arange(m)
+        ref_nll = -ref[rows, ans].sum()
+        ok = bool(np.all(ref.argmax(-1) == ans))
+        p_ref = np.exp(ref)
+        for layer in range(L):
+            for head in range(H):
+                cls = [c.copy() for c in dense]
+                cls[layer][head] = 1
+                lp = run_tail(cls)
+                kl[layer, head] += float((p_ref * (ref - lp)).sum(-1).mean())
+                dnll[layer, head] += float(-lp[rows, ans].sum() - ref_nll)
+            if (layer + 1) % 10 == 0 and layer + 1 < L:
+                log(f"    {layer + 1}/{L} layers scored ({time.perf_counter() - ts:.0f} s)")
+        per_sample.append({"tokens": T, "depth": round(smp.depth, 3), "needle_pos": smp.needle_pos,
+                           "passkey": smp.passkey, "dense_nll": round(float(ref_nll), 4), "dense_correct": ok,
+                           "seconds": round(time.perf_counter() - ts, 1)})  # fmt: skip
+        log(f"  sample {si + 1}/{num_samples}: {T} tokens, needle at {smp.needle_pos} ({smp.depth:.2f}), "
+            f"dense answer NLL {ref_nll:.3f} ({'correct' if ok else 'wrong'}), {L * H} heads in "
+            f"{time.perf_counter() - ts:.0f} s")  # fmt: skip
+        if validate:
+            kept.append((seq, smp, run_tail, ref, ref_nll))
+        else:
+            h.end(seq)
+    kl /= num_samples
+    dnll /= num_samples
+    score = np.maximum(kl, 0.0)
+    gates = score / score.max() if score.max() > 0 else np.ones_like(score)
+    info = {
+        "method": "per-head streaming ablation on synthetic passkey samples (docs/SPARSE.md)",
+        "model": str(llm.engine.model_dir),
+        "score": "mean KL(dense || head-streaming) over answer tokens; gate = score / max(score)",
+        "num_samples": num_samples, "lengths": lengths, "sink": sink, "local": local, "tail": tail,
+        "seed": seed, "samples": per_sample,
+    }  # fmt: skip
+    if validate:
+        info["validation"] = _validate(h, kept, gates, sink, local, seed, log)
+        for seq, *_ in kept:
+            h.end(seq)
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    res = CalibrationResult(gates, kl, dnll, info)
+    if out_path is not None:
+        write_result(res, out_path)
+        log(f"wrote {out_path} and {Path(out_path).with_suffix('.json')} in {info['seconds']:.0f} s")
+    return res
+
+
+def _validate(h: SparseHarness, kept, gates, sink, local, seed, log) -> dict:
+    """At static sparsity 0.5: the calibrated choice against a random and the inverted one."""
+    rng = np.random.default_rng(seed + 1)
+    choices = {
+        "calibrated": head_classes(gates, 0.5),
+        "random": head_classes(rng.random(gates.shape), 0.5),
+        "inverted": head_classes(-gates, 0.5),
+    }
+    out = {}
+    for name, cls in choices.items():
+        kls, dn, correct = [], [], 0
+        for _seq, smp, run_tail, ref, ref_nll in kept:
+            lp = run_tail(cls, sink, local)
+            ans = np.asarray(smp.answer_ids)
+            kls.append(float((np.exp(ref) * (ref - lp)).sum(-1).mean()))
+            dn.append(float(-lp[np.arange(len(ans)), ans].sum() - ref_nll))
+            correct += bool(np.all(lp.argmax(-1) == ans))
+        out[name] = {"mean_kl": round(float(np.mean(kls)), 5), "mean_dnll": round(float(np.mean(dn)), 4),
+                     "answers_correct": f"{correct}/{len(kept)}"}  # fmt: skip
+        log(f"  validation, half the heads streaming, {name:>10}: mean KL {np.mean(kls):.4f}, "
+            f"answer NLL +{np.mean(dn):.3f}, correct {correct}/{len(kept)}")  # fmt: skip
+    return out
+
+
+def write_result(res: CalibrationResult, out_path: str | Path) -> None:
+    out_path = Path(out_path)
+    save_pattern(out_path, res.gates)
+    meta = dict(res.info)
+    meta["kl"] = np.round(res.kl, 7).tolist()
+    meta["dnll"] = np.round(res.dnll, 5).tolist()
+    out_path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `lserve-lite calibrate`; returns the exit status."""
+    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
+    if args.samples < 1 or args.tail < 2:
+        raise InvalidRequestError("--samples must be >= 1 and --tail >= 2")
+    calibrate(
+        args.model, args.out, num_samples=args.samples, lengths=lengths, sink=args.sink, local=args.local,
+        tail=args.tail, seed=args.seed, backend=args.backend, validate=not args.no_validate,
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+    )  # fmt: skip
+    return 0

@@ -1,0 +1,26 @@
+"""Options of `lserve-lite calibrate`, apart from the calibrator so the CLI builds its parser without
+loading the engine."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import SparseConfig
+
+
+def add_calibrate_args(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `lserve-lite calibrate`."""
+    parser.add_argument("--model", default=None, help="model directory (default: the bundled SmolLM2)")
+    parser.add_argument(
+        "--out", required=True, help="output pattern TSV (a .json with details goes beside it)"
+    )
+    parser.add_argument("--samples", type=int, default=8, help="number of synthetic passkey samples (8)")
+    parser.add_argument("--lengths", default=None,
+                        help="comma-separated sample lengths in tokens (default: 1/4, 3/8, 1/2 of the "
+                             "context, at most 4096)")  # fmt: skip
+    parser.add_argument("--sink", type=int, default=SparseConfig.decode_sink, help="streaming sink tokens")
+    parser.add_argument("--local", type=int, default=SparseConfig.decode_local, help="streaming local tokens")
+    parser.add_argument("--tail", type=int, default=24, help="prompt tokens re-run per head (24)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--no-validate", action="store_true", help="skip the sparsity-0.5 sanity check")

@@ -1,0 +1,110 @@
+"""A step-by-step harness over an LLM's model runner, shared by calibration and the evaluation tools.
+
+It runs one sequence at a time through the engine's own runner (prefill in chunks, decode steps one token
+each), so every LServe behaviour measured is the engine's: in an LLM built with
+`SparseConfig(enabled=True)` the two KV pools, the streaming windows and the page selector (with its reuse
+rule) are the ones `lserve-lite serve` runs. One public hook changes heads on a dense-mode LLM:
+`ModelRunner.set_head_classes` (calibration makes one head at a time a streaming head, in the dense pool).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import SparseConfig
+from ..errors import InvalidRequestError
+from ..llm import LLM
+from ..sampling_params import SamplingParams
+from ..sequence import Sequence
+
+
+class SparseHarness:
+    """Runs single sequences through an LLM's ModelRunner, step by step, for calibration and evaluation.
+
+    - dense-mode LLM: `set_heads` makes chosen KV heads streaming heads with a window (the runner's
+      `set_head_classes` hook); every other head attends densely.
+    - LServe-mode LLM (`SparseConfig(enabled=True)`): the engine applies its config, page selection
+      included; `set_request_sparse` sets per-request knobs (budget, interval, windows) on a sequence.
+    A sequence is decoding once its prompt is cached, so tokens that decode steps should score go after
+    `prompt_len` (`begin`).
+    """
+
+    def __init__(self, llm: LLM):
+        self.llm = llm
+        self.engine = llm.engine
+        self.runner = llm.engine.runner
+        self.cfg = llm.engine.cfg
+        self.chunk = llm.engine.ecfg.max_num_batched_tokens
+        self.engine_sparse = llm.engine.layout is not None
+
+    # classes ------------------------------------------------------------------------------------------
+    def dense_classes(self) -> list[np.ndarray]:
+        return [np.zeros(self.cfg.num_kv_heads, np.int32) for _ in range(self.cfg.num_layers)]
+
+    def set_heads(self, classes: list[np.ndarray], sink: int, local: int) -> None:
+        """Dense-mode LLM: per-layer KV-head classes (1 = streaming with the sink/local window)."""
+        if self.engine_sparse:
+            raise InvalidRequestError("this LLM applies its own sparse config; set_heads is for dense mode")
+        self.runner.set_head_classes([np.asarray(c, np.int32) for c in classes], sink=sink, local=local)
+
+    def set_request_sparse(self, seq: Sequence, sc: SparseConfig) -> None:
+        """LServe-mode LLM: this sequence's per-request knobs (token budget, interval, windows)."""
+        knobs = {k: getattr(sc, k) for k in ("token_budget", "select_interval", "prefill_sink",
+                                             "prefill_local", "decode_sink", "decode_local")}  # fmt: skip
+        seq.sparse = self.engine.request_sparse_config(knobs)
+
+    # sequences ----------------------------------------------------------------------------------------
+    def begin(self, ids: list[int], prompt_len: int | None = None, reserve: int = 0) -> Sequence:
+        """A sequence of `ids` (prompt = the first `prompt_len`, the rest teacher-forced outputs) with KV
+        pages for len(ids) + reserve tokens; nothing computed yet."""
+        p = len(ids) if prompt_len is None else prompt_len
+        seq = Sequence(list(ids[:p]), SamplingParams(max_new_tokens=max(1, reserve)))
+        seq.output_ids = list(ids[p:])
+        blocks = self.engine.blocks
+        total = len(ids) + reserve
+        if total > self.engine.max_len:
+            raise InvalidRequestError(f"{total} tokens exceed the context limit {self.engine.max_len}")
+        if not blocks.can_grow(seq, total):
+            raise InvalidRequestError("not enough free KV pages for this sequence")
+        blocks.grow(seq, total)
+        return seq
+
+    def end(self, seq: Sequence) -> None:
+        self.engine.blocks.release(seq)
+
+    def rewind(self, seq: Sequence, num_cached: int, keep_outputs: bool = True) -> None:
+        """Forget computed K/V beyond `num_cached` tokens (overwritten when recomputed); restart the
+        page-selection schedule. `keep_outputs=False` also drops output ids beyond that point."""
+        seq.num_cached = num_cached
+        seq.decode_steps = 0
+        if not keep_outputs:
+            del seq.output_ids[max(0, num_cached - len(seq.prompt_ids)) :]
+
+    def forward(self, seq: Sequence, n: int, logits: str = "all") -> np.ndarray:
+        """Compute the next `n` tokens (in chunks); logits of every row ("all") or the last one."""
+        out = []
+        ops = self.runner.ops
+        while n > 0:
+            k = min(n, self.chunk)
+            lg = ops.to_numpy(self.runner.run([seq], [k], all_logits=logits == "all"))
+            n -= k
+            if logits == "all" or n == 0:
+                out.append(lg)
+        return np.concatenate(out) if out else np.zeros((0, self.cfg.vocab_size), np.float32)
+
+    def decode(self, seq: Sequence, n: int) -> np.ndarray:
+        """Teacher-force the next `n` tokens (outputs) by one decode step each; logits [n, vocab]."""
+        if seq.num_cached < len(seq.prompt_ids) or seq.num_cached + n > seq.num_tokens:
+            raise InvalidRequestError("decode() needs the prompt cached and n teacher-forced outputs left")
+        return np.concatenate([self.forward(seq, 1) for _ in range(n)])
+
+    def greedy(self, seq: Sequence, max_new: int, first_logits: np.ndarray, stop_ids=()) -> list[int]:
+        """Greedy generation by decode steps after the cached prompt, from the prompt's last logits."""
+        self.rewind(seq, len(seq.prompt_ids), keep_outputs=False)
+        tok = int(np.argmax(first_logits))
+        out = [tok]
+        while len(out) < max_new and tok not in stop_ids:
+            seq.output_ids.append(tok)
+            tok = int(np.argmax(self.forward(seq, 1)[-1]))
+            out.append(tok)
+        return out

@@ -1,0 +1,62 @@
+"""LServe's page geometry: the one home of every rule that turns tokens, budgets and windows into pages.
+
+The planner (sparse/plan.py), the KV layout (kv/layout.py), both backends and the tests all ask here, so a
+rule changes in one place. Positions are token indices; a sequence's logical page `p` holds positions
+[p * page_size, (p + 1) * page_size).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def pages_for(tokens: int, page_size: int) -> int:
+    """Pages that hold `tokens` tokens (ceil)."""
+    return -(-tokens // page_size)
+
+
+def newest_page(ctx_len: int, page_size: int) -> int:
+    """Logical index of the page that holds the last of `ctx_len` tokens (the one decode writes into)."""
+    return pages_for(ctx_len, page_size) - 1
+
+
+def budget_pages(token_budget: int, page_size: int) -> int:
+    """Pages a dense head keeps at a selecting decode step: the newest + the top (budget - 1) by score."""
+    return token_budget // page_size
+
+
+def visit_capacity(keep: int) -> int:
+    """Most pages a dense head visits with a page budget `keep`: a reused selection may predate the newest
+    page, which is visited anyway (sparse/selector.py's reuse rule), so one more than the budget."""
+    return keep + 1
+
+
+def sink_pages(sink: int, page_size: int) -> int:
+    """Pages that hold a streaming head's `sink` first tokens."""
+    return pages_for(sink, page_size)
+
+
+def ring_pages(local: int, max_chunk: int, page_size: int) -> int:
+    """Ring of a streaming head's local pages: the window plus one prefill chunk being written, plus the
+    page the window's oldest token may straddle."""
+    return pages_for(local + max_chunk, page_size) + 1
+
+
+def ring_slot(lpage, num_sink_pages: int, num_ring_pages: int):
+    """Index in a sequence's streaming-pool table of logical page `lpage` (an int or an int array): sink
+    pages, then the ring."""
+    wrapped = num_sink_pages + (lpage - num_sink_pages) % max(num_ring_pages, 1)
+    return np.where(lpage < num_sink_pages, lpage, wrapped)
+
+
+def streaming_pages(first: int, last: int, page_size: int, sink: int, local: int) -> list[int]:
+    """Logical pages a streaming head visits for queries at positions first..last (the Lambda mask)."""
+    n_pages = last // page_size + 1
+    sinks = range(min(sink_pages(sink, page_size), n_pages))
+    lo = max(0, first - local + 1) // page_size
+    return sorted(set(sinks) | set(range(lo, n_pages)))
+
+
+def window_visit_pages(sink: int, local: int, page_size: int) -> int:
+    """Most pages a streaming head visits at a decode step (sink pages + local pages + a straddled one)."""
+    return sink_pages(sink, page_size) + pages_for(local, page_size) + 1

@@ -1,0 +1,91 @@
+"""`lserve-lite kernels test`: every GPU kernel against its CPU reference on fresh random inputs.
+
+One module per kernel family, named after kernels/<family>.cu and backends/reference/<family>.py:
+layers (layers.cu, and the GEMMs), attention (attention_prefill.cu + attention_decode.cu), page_select,
+sampling. Each case draws new random inputs (never zeros), poisons the outputs (NaN, or -1 for token ids)
+before the launch, runs the kernel through its launcher and compares with the float32 reference evaluated
+on the same float16-rounded inputs. One row per kernel and shape: max abs error, rel = max abs error /
+max |ref|, PASS/FAIL (a NaN left in an output fails). Exit status 1 on any failure; 0 with a note when no
+GPU is visible.
+
+LServe's named setups (attention.SPARSE_PREFILL / SPARSE_DECODE, layers.ROPE_SPARSE) run one at a time
+through the `*_one(ctx, name)` functions; the same cases back `pytest -m gpu` (tests/test_gpu_ops.py,
+tests/test_gpu_sparse.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+
+from ..backends import cuda_available
+from .attention import case_attention, case_sparse_attention
+from .common import Ctx, Result, format_table
+from .layers import (
+    case_add_rmsnorm,
+    case_embed,
+    case_linear,
+    case_logits,
+    case_rope_write_kv,
+    case_rope_write_kv_sparse,
+    case_silu_mul,
+)
+from .page_select import case_page_select
+from .sampling import case_sampling
+
+CASES: dict[str, Callable[[Ctx], list[Result]]] = {
+    "embed": case_embed,
+    "add_rmsnorm": case_add_rmsnorm,
+    "rope_write_kv": case_rope_write_kv,
+    "silu_mul": case_silu_mul,
+    "linear": case_linear,
+    "logits": case_logits,
+    "sampling": case_sampling,
+    "attention": case_attention,
+    "sparse_attention": case_sparse_attention,
+    "page_select": case_page_select,
+    "rope_write_kv_sparse": case_rope_write_kv_sparse,
+}
+
+
+def run_cases(names=None, seed: int | None = None) -> list[Result]:
+    """Run the named cases (all by default); a case that raises becomes one failed row."""
+    c = Ctx(int(time.time_ns() % (1 << 31)) if seed is None else seed)
+    results = []
+    for name in names or CASES:
+        try:
+            results.extend(CASES[name](c))
+        except Exception as e:  # a crash is a failure of that kernel, not of the harness
+            results.append(Result(name, "-", math.inf, math.inf, False, f"{type(e).__name__}: {e}"[:200]))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lserve-lite kernels test", description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("cases", nargs="*", help=f"subset of: {', '.join(CASES)}")
+    ap.add_argument("--seed", type=int, default=None, help="random seed (default: fresh each run)")
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    argv = list(argv or [])
+    if argv[:1] == ["test"]:  # `lserve-lite kernels test [cases]`
+        argv = argv[1:]
+    args = ap.parse_args(argv)
+    unknown = [n for n in args.cases if n not in CASES]
+    if unknown:
+        ap.error(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
+    if not cuda_available():
+        print("kernels test: no NVIDIA GPU visible to CuPy; nothing to run (the CPU backend needs none).")
+        return 0
+    results = run_cases(args.cases or None, args.seed)
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in results], f, indent=1)
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""What every harness case shares: a context with CuPy, the CUDA ops and a fresh generator; the row type and
+the comparison rule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Result:
+    kernel: str
+    shape: str
+    max_abs: float
+    rel: float
+    ok: bool
+    note: str = ""
+
+
+class Ctx:
+    """What every case needs: CuPy, the ops, a fresh generator."""
+
+    def __init__(self, seed: int):
+        import cupy as cp
+
+        from ..backends.cuda import CudaOps
+
+        self.cp = cp
+        self.ops = CudaOps()
+        self.rng = np.random.default_rng(seed)
+
+    def f16(self, *shape, scale=1.0) -> np.ndarray:
+        """Random normal float16 values (as float32 arrays holding float16-exact numbers); never zero-filled."""
+        return (self.rng.standard_normal(shape) * scale).astype(np.float16).astype(np.float32)
+
+    def dev16(self, a: np.ndarray):
+        return self.cp.asarray(a.astype(np.float16))
+
+    def poison(self, shape, dtype):
+        return self.cp.full(shape, np.nan if np.dtype(dtype).kind == "f" else -1, dtype=dtype)
+
+
+def compare(kernel: str, shape: str, got, ref, atol: float, rtol: float, nan_ok: bool = False) -> Result:
+    """Elementwise |got - ref| <= atol + rtol |ref|; a non-finite value where ref is finite fails."""
+    got = np.asarray(got, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if got.shape != ref.shape:
+        return Result(kernel, shape, math.inf, math.inf, False, f"shape {got.shape} != {ref.shape}")
+    both_nan = np.isnan(got) & np.isnan(ref)
+    bad_nan = ~np.isfinite(got) & ~both_nan
+    err = np.where(both_nan, 0.0, np.abs(got - ref))
+    err = np.where(bad_nan, np.inf, err)
+    max_abs = float(err.max()) if err.size else 0.0
+    scale = float(np.nanmax(np.abs(ref))) if np.isfinite(ref).any() else 1.0
+    ok = bool(np.all(err <= atol + rtol * np.abs(np.nan_to_num(ref))))
+    note = f"{int(bad_nan.sum())} non-finite" if bad_nan.any() else ""
+    return Result(kernel, shape, max_abs, max_abs / max(scale, 1e-30), ok, note)
+
+
+# -- cases: each returns a list of Results -----------------------------------------------------------
+
+
+def format_table(results: list[Result]) -> str:
+    rows = [f"{'kernel':34s} {'shape':44s} {'max abs':>10s} {'rel':>10s}  result"]
+    for r in results:
+        rows.append(
+            f"{r.kernel:34s} {r.shape[:44]:44s} {r.max_abs:10.3g} {r.rel:10.3g}  {'PASS' if r.ok else 'FAIL'}"
+            + (f"  ({r.note})" if r.note else "")
+        )
+    fails = sum(not r.ok for r in results)
+    rows.append(f"{len(results) - fails} passed, {fails} failed")
+    return "\n".join(rows)

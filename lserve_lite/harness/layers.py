@@ -1,0 +1,208 @@
+"""Harness rows of kernels/layers.cu (embedding gather, residual add + RMSNorm, RoPE + K/V page write in both
+KV layouts with the page statistics, SiLU-and-multiply) and of the GEMMs (our GEMV and cuBLAS), against
+backends/reference/layers.py."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..backends.base import KVCache, rope_tables
+from ..backends.reference.layers import rmsnorm_ref, rope_write_kv_ref, rope_write_kv_sparse_ref, silu_mul_ref
+from ..config import ModelConfig
+from .common import Ctx, Result, compare
+from .sparse_batch import head_classes
+
+
+def case_embed(c: Ctx) -> list[Result]:
+    out = []
+    for vocab, hidden, n in [(1000, 576, 7), (333, 100, 5), (4096, 4096, 33)]:
+        table = c.f16(vocab, hidden)
+        ids = c.rng.integers(0, vocab, n)
+        got = c.poison((n, hidden), np.float16)
+        c.ops.embed(c.dev16(table), c.cp.asarray(ids), out=got)
+        out.append(compare("embed_gather", f"V{vocab} H{hidden} N{n}", got.get(), table[ids], 0, 0))
+    return out
+
+
+def case_add_rmsnorm(c: Ctx) -> list[Result]:
+    out = []
+    for n, hidden in [(1, 576), (7, 100), (130, 4096), (3, 1000)]:
+        for with_res in (False, True):
+            x, w = c.f16(n, hidden), c.f16(hidden, scale=0.3) + 1.0
+            w = w.astype(np.float16).astype(np.float32)
+            res = c.rng.standard_normal((n, hidden)).astype(np.float32) * 2
+            ref_res = x + res if with_res else x
+            ref = rmsnorm_ref(ref_res, w, 1e-5)
+            got = c.poison((n, hidden), np.float16)
+            got_res = c.cp.asarray(res) if with_res else c.poison((n, hidden), np.float32)
+            c.ops.add_rmsnorm(
+                c.dev16(x), got_res if with_res else None, c.dev16(w), 1e-5, out=got, res_out=got_res
+            )
+            tag = f"N{n} H{hidden}" + (" +res" if with_res else "")
+            out.append(compare("add_rmsnorm", tag, got.get(), ref, 2e-3, 4e-3))
+            out.append(compare("add_rmsnorm.residual", tag, got_res.get(), ref_res, 1e-5, 1e-6))
+    return out
+
+
+def case_rope_write_kv(c: Ctx) -> list[Result]:
+    out = []
+    for hq, hkv, d, page, n, scaling in [
+        (9, 3, 64, 64, 13, None),
+        (
+            32,
+            8,
+            128,
+            16,
+            70,
+            {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192},
+        ),
+        (4, 4, 32, 64, 1, None),
+    ]:
+        cfg = ModelConfig(
+            "LlamaForCausalLM", hq * d, 4 * d, 1, hq, hkv, d, 100, rope_theta=5e5, rope_scaling=scaling
+        )
+        max_len, num_pages = 20000, 40
+        cos, sin = (t.astype(np.float16).astype(np.float32) for t in rope_tables(cfg, max_len))
+        qkv = c.f16(n, (hq + 2 * hkv) * d)
+        pos = c.rng.integers(0, max_len, n)
+        slots = c.rng.permutation(num_pages * page)[:n]
+        slots[c.rng.random(n) < 0.2] = -1  # padding rows write nothing
+        shape = (num_pages, hkv, page, d)
+        k_ref, v_ref = np.full(shape, np.nan, np.float32), np.full(shape, np.nan, np.float32)
+        live = slots >= 0
+        q_ref = rope_write_kv_ref(qkv, pos, np.maximum(slots, 0), k_ref.copy(), v_ref.copy(), cos, sin)
+        rope_write_kv_ref(qkv[live], pos[live], slots[live], k_ref, v_ref, cos, sin)
+        kc, vc = c.poison(shape, np.float16), c.poison(shape, np.float16)
+        q = c.poison((n, hq, d), np.float16)
+        cache = KVCache([kc], [vc], page, num_pages)
+        c.ops.rope_write_kv(
+            c.dev16(qkv),
+            c.cp.asarray(pos),
+            c.cp.asarray(slots),
+            cache,
+            0,
+            (c.dev16(cos), c.dev16(sin)),
+            out=q,
+        )
+        tag = f"Hq{hq} Hkv{hkv} D{d} page{page} N{n}" + (" llama3" if scaling else "")
+        out.append(compare("rope_write_kv.q", tag, q.get(), q_ref, 2e-3, 4e-3))
+        out.append(compare("rope_write_kv.k", tag, kc.get(), k_ref, 2e-3, 4e-3))
+        out.append(compare("rope_write_kv.v", tag, vc.get(), v_ref, 0, 0))
+    return out
+
+
+def case_silu_mul(c: Ctx) -> list[Result]:
+    out = []
+    for n, inter in [(1, 1536), (5, 100), (64, 14336), (3, 7)]:
+        gu = c.f16(n, 2 * inter, scale=2.0)
+        got = c.poison((n, inter), np.float16)
+        c.ops.silu_mul(c.dev16(gu), out=got)
+        out.append(compare("silu_mul", f"N{n} I{inter}", got.get(), silu_mul_ref(gu), 2e-3, 4e-3))
+    return out
+
+
+def case_linear(c: Ctx) -> list[Result]:
+    out = []
+    for n, k, m in [
+        (1, 576, 960),
+        (7, 100, 33),
+        (3, 4096, 14336),
+        (8, 1536, 576),
+        (64, 4096, 1024),
+        (300, 576, 1536),
+    ]:
+        x, w = c.f16(n, k), c.f16(m, k, scale=1 / math.sqrt(k))
+        got = c.poison((n, m), np.float16)
+        c.ops.linear(c.dev16(x), c.dev16(w), out=got)
+        name = f"linear [{c.ops.gemm_path(n, k)}]"
+        out.append(compare(name, f"N{n} K{k} M{m}", got.get(), x @ w.T, 4e-3, 4e-3))
+    return out
+
+
+def case_logits(c: Ctx) -> list[Result]:
+    out = []
+    for n, h, v in [(1, 576, 49152), (3, 4096, 32000), (20, 576, 49152)]:
+        x, w = c.f16(n, h), c.f16(v, h, scale=1 / math.sqrt(h))
+        got = c.poison((n, v), np.float32)
+        c.ops.logits(c.dev16(x), c.dev16(w), out=got)
+        name = f"logits fp32 [{c.ops.gemm_path(n, h)}]"
+        out.append(compare(name, f"N{n} H{h} V{v}", got.get(), x @ w.T, 1e-4, 1e-4))
+    return out
+
+
+ROPE_SPARSE = {
+    # name: (head classes, query heads per KV head, D, page, sub_pages)
+    "mixed": ("0110", 2, 64, 16, 4),
+    "no_streaming": ("00", 2, 64, 16, 2),
+    "no_dense": ("111", 2, 64, 16, 4),
+    "one_dense_sub1": ("1000", 2, 64, 16, 1),
+    "gqa3_d128_p64": ("01011", 3, 128, 64, 8),
+}
+
+
+def rope_write_kv_sparse_one(c: Ctx, name: str) -> list[Result]:
+    """CudaOps.rope_write_kv on an LServe cache (kernel rope_write_kv_sparse: RoPE, K/V into the pool of each
+    KV head's class, fused page statistics) vs rope_write_kv_sparse_ref. Three sequences (a chunk appended at
+    an unaligned position, a fresh prompt, a decode row at an unaligned position) and two padding rows (slots
+    -1); the pools NaN-poisoned except the sequences' earlier tokens (the statistics read them back), the
+    statistics and q NaN-poisoned."""
+    pattern, gsize, d, ps, sub = ROPE_SPARSE[name]
+    hc, slot = head_classes(pattern)
+    hkv = hc.size
+    hq, nd, ns = gsize * hkv, int((hc == 0).sum()), int((hc == 1).sum())
+    starts, lens, pad = [37, 0, 203], [45, 20, 1], 2
+    n_live = sum(lens)
+    need = [-(-(s + m) // ps) for s, m in zip(starts, lens, strict=True)]
+    n_pages, n_spages = sum(need) + 5, -(-n_live // ps) + 3
+    perm, offs = c.rng.permutation(n_pages), np.cumsum([0, *need])
+    tables = [perm[offs[i] : offs[i + 1]] for i in range(len(lens))]
+
+    def slot_of(t, p):
+        return t[p // ps] * ps + p % ps
+
+    spans = [np.arange(s, s + m) for s, m in zip(starts, lens, strict=True)]
+    pos = np.concatenate([*spans, c.rng.integers(0, max(starts), pad)]).astype(np.int64)
+    n = pos.size
+    live = np.arange(n) < n_live
+    dslots, sslots = np.full(n, -1, np.int64), np.full(n, -1, np.int64)
+    dslots[live] = np.concatenate([slot_of(t, p) for t, p in zip(tables, spans, strict=True)])
+    sslots[live] = c.rng.permutation(n_spages * ps)[:n_live]
+    qkv = c.f16(n, (hq + 2 * hkv) * d)
+    cos, sin = c.f16(256, d // 2), c.f16(256, d // 2)
+    pools = [np.full((n_pages, nd, ps, d), np.nan, np.float32) for _ in "kv"]
+    pools += [np.full((n_spages, ns, ps, d), np.nan, np.float32) for _ in "kv"]
+    hist = np.concatenate([slot_of(t, np.arange(s)) for t, s in zip(tables, starts, strict=True)])
+    for pool in pools[:2]:  # the sequences' earlier tokens (dense pool): random
+        pool[hist // ps, :, hist % ps] = c.f16(hist.size, nd, d)
+    stats = [np.full((n_pages, nd, sub, d), np.nan, np.float32) for _ in "xn"]
+    dev = [c.dev16(a) for a in pools + stats]
+    want = [a.copy() for a in pools + stats]
+    rope_write_kv_sparse_ref(
+        qkv[live], pos[live], dslots[live], sslots[live], *want[:4], hc, slot, cos, sin, *want[4:]
+    )
+    q_ref = rope_write_kv_sparse_ref(  # q of every row, padding included (its K/V writes are thrown away)
+        qkv, pos, np.maximum(dslots, 0), np.maximum(sslots, 0), *[a.copy() for a in pools], hc, slot, cos, sin
+    )
+    cp = c.cp
+    cache = KVCache(
+        k=[dev[0]], v=[dev[1]], page_size=ps, num_pages=n_pages, ks=[dev[2]], vs=[dev[3]],
+        head_class=[cp.asarray(hc)], head_slot=[cp.asarray(slot)], kmax=[dev[4]], kmin=[dev[5]],
+    )  # fmt: skip
+    q = c.poison((n, hq, d), np.float16)
+    slots = cp.asarray(np.stack([dslots, sslots]))
+    c.ops.rope_write_kv(c.dev16(qkv), cp.asarray(pos), slots, cache, 0, (c.dev16(cos), c.dev16(sin)), out=q)
+    tag = f"{name} {pattern} Hq{hq} D{d} p{ps} sub{sub} N{n}"
+    out = [compare("rope_write_kv_sparse.q", tag, q.get(), q_ref, 2e-3, 4e-3)]
+    rot, exact = (2e-3, 4e-3), (0.0, 0.0)  # rotated keys and their statistics; values are copied
+    names = ("k dense", "v dense", "k stream", "v stream", "kmax", "kmin")
+    tols = (rot, exact, rot, exact, rot, rot)
+    for what, got, ref, tol in zip(names, dev, want, tols, strict=True):
+        if ref.size:  # a pool without heads (layer with no dense / no streaming heads) has nothing to check
+            out.append(compare(f"rope_write_kv_sparse.{what}", tag, got.get(), ref, *tol))
+    return out
+
+
+def case_rope_write_kv_sparse(c: Ctx) -> list[Result]:
+    return [r for n in ROPE_SPARSE for r in rope_write_kv_sparse_one(c, n)]

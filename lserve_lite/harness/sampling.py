@@ -1,0 +1,63 @@
+"""Harness rows of kernels/sampling.cu against backends/reference/sampling.py."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..backends.reference.sampling import sample as cpu_sample
+from ..backends.reference.sampling import sample_row
+from ..sampling_params import SamplingParams
+from ..sequence import Sequence
+from .common import Ctx, Result
+
+
+def case_sampling(c: Ctx) -> list[Result]:
+    cp, sampler = c.cp, c.ops.sampler
+    out = []
+    for b, vocab, ties in [(1, 49152, False), (7, 1000, True), (64, 128256, False)]:
+        x = (c.rng.standard_normal((b, vocab)) * 3).astype(np.float32)
+        if ties:
+            x = np.round(x)
+        got = c.poison((b,), np.int32)
+        sampler.k["argmax_rows"]((b,), (1024,), (cp.asarray(x), np.int64(vocab), np.int32(vocab), got))
+        miss = int(np.sum(got.get() != np.argmax(x, axis=1)))
+        out.append(Result("argmax_rows", f"B{b} V{vocab}" + (" ties" if ties else ""), miss, 0.0, miss == 0))
+    for b, vocab in [(48, 49152), (9, 777)]:
+        x = (c.rng.standard_normal((b, vocab)) * c.rng.uniform(1, 6, (b, 1))).astype(np.float32)
+        temps = c.rng.choice([0.0, 0.4, 1.0, 1.7], b)
+        topk = c.rng.choice([0, 1, 7, 50, vocab + 5], b)
+        topp = c.rng.choice([1.0, 0.95, 0.5, 0.1], b)
+        us = c.rng.random(b)
+        params = np.stack([temps, topk, topp, us]).astype(np.float64)
+        got = c.poison((b,), np.int32)
+        sampler.k["sample_rows"](
+            (b,), (1024,), (cp.asarray(x), np.int64(vocab), np.int32(vocab), cp.asarray(params), got)
+        )
+        want = [
+            int(np.argmax(x[i])) if temps[i] == 0 else sample_row(x[i], float(temps[i]), int(topk[i]), float(topp[i]), us[i])
+            for i in range(b)
+        ]  # fmt: skip
+        miss = int(np.sum(got.get() != np.asarray(want)))
+        out.append(
+            Result(
+                "sample_rows", f"B{b} V{vocab} mixed T/top-k/top-p", miss, 0.0, miss == 0, "abs = mismatches"
+            )
+        )
+    # the whole path: penalties, per-sequence seeded uniforms, greedy and sampled rows in one batch
+    b, vocab = 12, 5000
+    x = (c.rng.standard_normal((b, vocab)) * 3).astype(np.float32)
+    prompts = [list(c.rng.integers(0, vocab + 20, int(c.rng.integers(1, 300)))) for _ in range(b)]
+    mk = [
+        SamplingParams(temperature=float(t), top_k=int(k), top_p=float(p), repetition_penalty=float(r), seed=int(s))
+        for t, k, p, r, s in zip(
+            c.rng.choice([0.0, 0.8, 1.3], b), c.rng.choice([0, 40], b), c.rng.choice([1.0, 0.9], b),
+            c.rng.choice([1.0, 1.3, 0.8], b), c.rng.integers(0, 1 << 30, b), strict=True,
+        )
+    ]  # fmt: skip
+    want = cpu_sample(x, [Sequence(pr, sp) for pr, sp in zip(prompts, mk, strict=True)])
+    got = c.ops.sample(cp.asarray(x), [Sequence(pr, sp) for pr, sp in zip(prompts, mk, strict=True)])
+    miss = int(np.sum(np.asarray(got) != np.asarray(want)))
+    out.append(
+        Result("sample (penalty + seeded rng)", f"B{b} V{vocab}", miss, 0.0, miss == 0, "abs = mismatches")
+    )
+    return out
