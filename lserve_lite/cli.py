@@ -89,6 +89,11 @@ def cmd_chat(args) -> int:
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return 0
+        except UnicodeDecodeError:
+            line = "\udcff"  # reported below, like bytes that a surrogate-escaping stdin let through
+        if not _is_utf8(line):
+            print("error: that line is not valid UTF-8; type it again", file=sys.stderr)
+            continue
         cmd = line.strip()
         if not cmd:
             continue
@@ -99,6 +104,12 @@ def cmd_chat(args) -> int:
             print("(conversation cleared)", file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
+        if not _fit_context(llm, history, keep=1 if args.system else 0):
+            history.pop()
+            print(
+                "error: this message alone does not fit the context; shorten it (or /reset)", file=sys.stderr
+            )
+            continue
         reply, n, t0, t1 = [], 0, time.perf_counter(), None
         stream = llm.stream_outputs(history, params)
         try:
@@ -119,6 +130,30 @@ def cmd_chat(args) -> int:
         rate = (n - 1) / (t2 - t1) if t1 and n > 1 and t2 > t1 else 0.0
         print(f"\n[{n} tokens, first after {(t1 or t2) - t0:.2f} s, {rate:.1f} tokens/s]", file=sys.stderr)
         history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _fit_context(llm, history: list[dict], keep: int) -> bool:
+    """Drop the oldest turns (after the first `keep` messages) until the conversation leaves room for a
+    reply; False when even the newest message alone does not fit."""
+    dropped = 0
+    while len(llm.tokenizer.encode_chat(history)) >= llm.engine.max_len - 16:
+        if len(history) - keep <= 1:
+            return False
+        del history[keep : keep + 2]  # a user message and the reply to it
+        dropped += 1
+    if dropped:
+        print(
+            f"(context full: dropped the {dropped} oldest exchange(s); /reset starts afresh)", file=sys.stderr
+        )
+    return True
 
 
 def cmd_convert(args) -> int:

@@ -114,7 +114,7 @@ def _as_ids(v) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class SparseConfig:
-    """LServe's knobs (DESIGN.md). `enabled=False` is the dense baseline."""
+    """LServe's knobs, with the paper's defaults (docs/SPARSE.md). `enabled=False` is the dense baseline."""
 
     enabled: bool = False
     static_sparsity: float = 0.5

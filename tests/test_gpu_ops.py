@@ -82,8 +82,8 @@ def _step(runner, blocks, seqs, num_new, all_logits=False):
 @pytest.mark.gpu
 def test_forward_matches_cpu_and_graphs_match_eager():
     """Prefill (ragged, chunked) then decode steps, teacher-forced with the CPU runner's greedy tokens."""
-    from lserve_lite.sequence import Sequence
     from lserve_lite.sampling_params import SamplingParams
+    from lserve_lite.sequence import Sequence
 
     cfg, ws = small_llama()
     rng = np.random.default_rng(1)

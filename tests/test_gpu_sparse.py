@@ -2,7 +2,7 @@
 
 Kernels: two-pool block-sparse prefill/decode attention (kernels/attention_*.cu), the page selector
 (kernels/page_select.cu), RoPE + two-pool K/V write + page statistics (kernels/layers.cu). References:
-lserve_lite/backends/reference.py. The per-kernel cases are the kernel harness's (`lserve-lite kernels test
+lserve_lite/backends/reference/. The per-kernel cases are the kernel harness's (`lserve-lite kernels test
 sparse_attention page_select rope_write_kv_sparse`), one test per named setup here: fresh random inputs (never
 zeros), NaN-poisoned outputs. On top: the sparse engine on the CUDA backend against the CPU backend.
 """
@@ -12,29 +12,37 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lserve_lite.harness import ROPE_SPARSE, SPARSE_DECODE, SPARSE_PREFILL
+from lserve_lite.harness import attention as HA
+from lserve_lite.harness import layers as HL
+from lserve_lite.harness import page_select as HP
+from lserve_lite.harness.attention import SPARSE_DECODE, SPARSE_PREFILL
+from lserve_lite.harness.common import Ctx, format_table
+from lserve_lite.harness.layers import ROPE_SPARSE
+
+CASES = {
+    "sparse_prefill_one": HA.sparse_prefill_one,
+    "sparse_decode_one": HA.sparse_decode_one,
+    "page_select_one": HP.page_select_one,
+    "rope_write_kv_sparse_one": HL.rope_write_kv_sparse_one,
+}
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
 def hctx():
-    from lserve_lite.harness import Ctx
-
     return Ctx(seed=0)
 
 
 def _run(hctx, case, name):
     """Run harness case `case` for setup `name` on a fresh seed; assert every row passes."""
-    from lserve_lite import harness as H
-
     seed = int(np.random.SeedSequence().entropy % (1 << 31))
-    hctx.rng = np.random.default_rng(seed)  # as Ctx(seed): reproduce with H.<case>(H.Ctx(seed), name)
-    results = getattr(H, case)(hctx, name)
+    hctx.rng = np.random.default_rng(seed)  # as Ctx(seed): reproduce with CASES[case](Ctx(seed), name)
+    results = CASES[case](hctx, name)
     results = results if isinstance(results, list) else [results]
-    print(H.format_table(results))
+    print(format_table(results))
     bad = [r for r in results if not r.ok]
-    assert results and not bad, f"{case}(Ctx({seed}), {name!r}):\n" + H.format_table(bad)
+    assert results and not bad, f"{case}(Ctx({seed}), {name!r}):\n" + format_table(bad)
 
 
 @pytest.mark.parametrize("name", list(SPARSE_PREFILL))
@@ -51,10 +59,8 @@ def test_sparse_decode_matches_reference(hctx, name):
 
 def test_mixed_prefill_and_selecting_decode_step(hctx):
     """Decode rows keep their page selection when a prefill chunk shares the step."""
-    from lserve_lite import harness as H
-
-    r = H.sparse_mixed_one(hctx)
-    assert r.ok, H.format_table([r])
+    r = HA.sparse_mixed_one(hctx)
+    assert r.ok, format_table([r])
 
 
 @pytest.mark.parametrize("name", list(SPARSE_DECODE))

@@ -58,8 +58,8 @@ def test_every_launcher_source_exists():
 
 def test_gpu_sampling_draws_like_the_cpu_sampler():
     from lserve_lite.backends.cuda_sampling import sampling_inputs
-    from lserve_lite.sequence import Sequence
     from lserve_lite.sampling_params import SamplingParams
+    from lserve_lite.sequence import Sequence
 
     ps = [
         SamplingParams(temperature=0.0, seed=1),

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from lserve_lite import LLM, EngineConfig, SamplingParams
 from lserve_lite.engine.llm_engine import LLMEngine
 from lserve_lite.engine.scheduler import Scheduler
-from lserve_lite.sequence import Sequence
 from lserve_lite.kv.block_manager import BlockManager
+from lserve_lite.sequence import Sequence
 
 
 def test_32_concurrent_greedy_requests_equal_solo_runs(tiny_llama):

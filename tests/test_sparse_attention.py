@@ -10,11 +10,11 @@ import pytest
 from lserve_lite import LLM, EngineConfig, SamplingParams, SparseConfig
 from lserve_lite.backends.reference.attention import paged_attention_sparse_ref, visited_pages
 from lserve_lite.backends.reference.page_select import select_pages_ref
+from lserve_lite.backends.reference.page_stats import update_page_stats
 from lserve_lite.config import ModelConfig
-from lserve_lite.sequence import Sequence
 from lserve_lite.kv.block_manager import BlockManager
 from lserve_lite.kv.layout import KVLayout
-from lserve_lite.backends.reference.page_stats import update_page_stats
+from lserve_lite.sequence import Sequence
 from lserve_lite.sparse.plan import BatchLayout, build_plan
 
 

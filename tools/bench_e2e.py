@@ -304,14 +304,11 @@ PATTERN = "Llama-3-8B-Instruct-Gradient-1048k"
 
 
 def llama3_head_classes(num_layers: int, num_kv_heads: int, sparsity: float):
-    """Per-layer KV-head classes from the bundled DuoAttention pattern (or ../shared's copy)."""
+    """Per-layer KV-head classes from the bundled DuoAttention pattern."""
     from lserve_lite.sparse.patterns import PATTERN_FILE, head_classes, load_pattern
 
     root = Path(__file__).resolve().parents[1]
-    for p in (
-        root / "lserve_lite/sparse/patterns" / PATTERN / PATTERN_FILE,
-        root.parent / "shared/data/duo_patterns" / PATTERN / PATTERN_FILE,
-    ):
+    for p in (root / "lserve_lite/sparse/patterns" / PATTERN / PATTERN_FILE,):
         if p.is_file():
             return head_classes(load_pattern(p, num_layers, num_kv_heads), sparsity), str(
                 p.relative_to(root.parent)

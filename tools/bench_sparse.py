@@ -37,10 +37,7 @@ def layer_classes(sparsity: float = 0.5) -> list[np.ndarray]:
     from lserve_lite.sparse.patterns import head_classes, load_pattern
 
     here = Path(__file__).resolve().parents[1]
-    for p in (
-        here / "lserve_lite/sparse/patterns" / PATTERN / "full_attention_heads.tsv",
-        here.parent / "shared/data/duo_patterns" / PATTERN / "full_attention_heads.tsv",
-    ):
+    for p in (here / "lserve_lite/sparse/patterns" / PATTERN / "full_attention_heads.tsv",):
         if p.is_file():
             return head_classes(load_pattern(p, 32, HKV), sparsity)
     raise FileNotFoundError(PATTERN)

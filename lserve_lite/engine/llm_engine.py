@@ -96,11 +96,7 @@ class LLMEngine:
         sparse: dict | None = None,
     ) -> str:
         """Queue a request; `sparse` overrides LServe knobs for it (token_budget, select_interval, windows)."""
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if not ids:
-            raise InvalidRequestError("prompt is empty")
-        if any(t < 0 or t >= self.cfg.vocab_size for t in ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self._check_ids(prompt, "prompt")
         if len(ids) >= self.max_len:
             raise InvalidRequestError(
                 f"prompt has {len(ids)} tokens; the context limit is {self.max_len} (prompt + output)"
@@ -212,8 +208,24 @@ class LLMEngine:
             self.decoders.pop(seq.request_id, None)
         return out
 
+    def _check_ids(self, ids, what: str) -> list[int]:
+        """Token ids as a list of ints in [0, vocab): bools, floats and out-of-range ids are refused."""
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
+            raise InvalidRequestError(f"{what} must be a list of token ids")
+        if len(ids) == 0:
+            raise InvalidRequestError(f"{what} is empty")
+        out = []
+        for t in ids:
+            if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+                raise InvalidRequestError(f"{what} token ids must be integers, got {t!r}")
+            if not 0 <= t < self.cfg.vocab_size:
+                raise InvalidRequestError(f"{what} token id {int(t)} is outside [0, {self.cfg.vocab_size})")
+            out.append(int(t))
+        return out
+
     def score(self, token_ids: list[int]) -> np.ndarray:
         """Teacher-forced next-token logits [T, vocab] for `token_ids` (runs alone, in prefill chunks)."""
+        token_ids = self._check_ids(token_ids, "token_ids")
         if len(token_ids) > self.max_len:
             raise InvalidRequestError(f"{len(token_ids)} tokens exceed the context limit {self.max_len}")
         seq = Sequence(list(token_ids), SamplingParams(max_new_tokens=1))

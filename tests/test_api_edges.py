@@ -1,0 +1,53 @@
+"""The Python API's edge: token ids and engine options that make no sense get one clear InvalidRequestError
+(never a NumPy traceback, a silent acceptance or an allocation sized by them)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lserve_lite import LLM, EngineConfig, InvalidRequestError, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama):
+    return LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=16))
+
+
+@pytest.mark.parametrize(
+    "ids,match",
+    [
+        ([], "empty"),
+        ([5, 99999], "outside"),
+        ([5, -1], "outside"),
+        ([True, 5], "integers"),
+        ([5, 2.0], "integers"),
+        ("text", "list of token ids"),
+    ],
+)
+def test_logits_refuses_bad_ids(llm, ids, match):
+    with pytest.raises(InvalidRequestError, match=match):
+        llm.logits(ids)
+    assert llm.engine.blocks.num_used == 0
+
+
+@pytest.mark.parametrize("ids", [[5, 99999], [True], [-3]])
+def test_generate_refuses_bad_prompt_ids(llm, ids):
+    with pytest.raises(InvalidRequestError):
+        llm.generate([ids], SamplingParams(max_new_tokens=2))
+    assert not llm.engine.has_unfinished()
+
+
+def test_logits_of_valid_ids(llm):
+    out = llm.logits([1, 2, 3])
+    assert out.shape == (3, llm.engine.cfg.vocab_size) and np.isfinite(out).all()
+
+
+def test_huge_max_model_len_is_clipped_to_the_pool(tiny_llama):
+    """A context limit of a billion tokens does not size anything: the KV pool bounds it (and the RoPE
+    tables are built for the clipped limit)."""
+    llm = LLM(
+        str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=8, max_model_len=1_000_000_000)
+    )
+    assert llm.engine.max_len == 8 * 64
+    assert llm.engine.runner.model.rope[0].shape[0] == 8 * 64
