@@ -124,7 +124,7 @@ def bench_smollm2(args, bw: float, emit) -> None:
         emit(dict(model="SmolLM2-135M", what="decode (engine)", batch=1, context=plen,
                          tokens_per_s=1 / per_tok, ms=per_tok * 1e3, floor_ms=wbytes / bw * 1e3))  # fmt: skip
     # the same decode without CUDA Graphs, and with cuBLAS for the small GEMMs
-    graphs, ctx0 = eng.runner.graphs, args.smol_prompts[0]
+    graphs, ctx0 = eng.runner.executor, args.smol_prompts[0]
     sizes, graphs.sizes = graphs.sizes, []
     _, per_tok = one(ctx0, 32)
     emit(dict(model="SmolLM2-135M", what="decode (engine, eager)", batch=1, context=ctx0,
@@ -143,7 +143,7 @@ def bench_smollm2(args, bw: float, emit) -> None:
     graphs.graphs.clear()
     one(64, 4)
     # GPU time of one captured decode step at the last context (no host work)
-    g = eng.runner.graphs.graphs.get(1)
+    g = eng.runner.executor.graphs.get(1)
     if g is not None:
         t = gpu_time(lambda: g.graph.launch(cp.cuda.get_current_stream()), 100)
         emit(dict(model="SmolLM2-135M", what="decode graph replay (GPU)", batch=1,
@@ -424,16 +424,16 @@ def bench_e2e_sparse(args, bw: float, emit) -> None:
             seq.output_ids.append(int(rng.integers(100, cfg.vocab_size)))
             for _ in range(4):
                 step()  # warm-up (the first one captures the graph)
-            n0 = runner.graphs.replays
+            n0 = runner.executor.replays
             t0 = time.perf_counter()
             for _ in range(steps):
                 step()
             t = (time.perf_counter() - t0) / steps
-            replays = runner.graphs.replays - n0  # == steps: every step replayed the CUDA Graph
+            replays = runner.executor.replays - n0  # == steps: every step replayed the CUDA Graph
             emit(dict(model="Llama-3-8B-shape", what=f"decode step {mode} (engine)", batch=1, context=ctx,
                       tokens_per_s=1 / t, ms=t * 1e3, floor_ms=floor * 1e3, x_floor=t / floor, mode=mode,
                       kind="decode_step", graph_replays=replays, steps=steps))  # fmt: skip
-            g = runner.graphs.graphs[1]
+            g = runner.executor.graphs[1]
             launch = lambda g=g: g.graph.launch(cp.cuda.get_current_stream())  # noqa: E731
             if sparse:
                 interval = ecfg.sparse.select_interval

@@ -116,9 +116,7 @@ class CudaPlan:
         self.always_select = always_select
         self.visit_pages: int | None = None  # longest page list a decode head visits (None: unknown)
         self.fixed_visit_pages = fixed_visit_pages
-        self.decode_part: CudaPlan | None = (
-            None  # selecting decode rows of a mixed step (CudaOps.prepare_plan)
-        )
+        self.decode_part: CudaPlan | None = None  # selecting decode rows of a mixed step (prepare_plan)
         self._workspace: dict = {}
 
     @classmethod
