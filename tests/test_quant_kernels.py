@@ -67,12 +67,30 @@ def _int_reference(qt: QuantTensor) -> np.ndarray:
     return ((q - 8) * d).reshape(m, k)
 
 
-def _tolerance(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """Bound for float32 products summed in float32: (K + 16) u sum|x| (|w| + offset), where a block's
-    offset term (q4_1 min, 8d of q4_0, dmin*m of q4_k, 32*d*sc of q6_k) is at most ~1.1 max|w| of its row."""
-    k = x.shape[1]
+def _rounding(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Float32 products summed in float32: (K + 16) u sum|x| (|w| + offset), where a block's offset term
+    (q4_1 min, 8d of q4_0, dmin*m of q4_k, 32*d*sc of q6_k) is at most ~1.1 max|w| of its row."""
     mag = np.abs(x).astype(np.float64) @ (np.abs(ref) + 1.1 * np.abs(ref).max(axis=1, keepdims=True)).T
-    return 2 * (k + 16) * U32 * mag
+    return 2 * (x.shape[1] + 16) * U32 * mag
+
+
+def _tolerance(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Error bound of linear_q against x @ W.T: rounding, and for decode (N <= 8) the int8 activations
+    (cpu_quant.py): |x - x^| <= dx/2, dx = max|x| / 127 of each 32 values, adding sum|w| dx/2 per 32."""
+    n = x.shape[0]
+    tol = _rounding(x, ref)
+    if n <= 8:
+        dx = np.abs(x.reshape(n, -1, 32)).max(axis=2).astype(np.float64) / 127
+        tol += (np.repeat(dx, 32, axis=1) / 2) @ np.abs(ref).T * (1 + 1e-5)
+    return tol
+
+
+def _int8_activations(x: np.ndarray) -> np.ndarray:
+    """x as the decode GEMV sees it (cpu_quant.py's docstring): per 32 values dx = max|x| / 127, dx * round(x / dx)."""
+    xb = x.reshape(x.shape[0], -1, 32)
+    dx = np.abs(xb).max(axis=2, keepdims=True) / np.float32(127)
+    inv = np.divide(np.float32(1), dx, out=np.zeros_like(dx), where=dx > 0)
+    return (np.rint(xb * inv).astype(np.float64) * dx).reshape(x.shape)
 
 
 @pytest.mark.parametrize("fmt", GGUF_FORMATS)
@@ -111,6 +129,10 @@ def test_gemv_and_gemm_match_float64(fmt):
         assert y.shape == (n, 45) and y.dtype == np.float32
         err, tol = np.abs(y - want), _tolerance(x, ref)
         assert (err <= tol).all(), f"{fmt} N={n}: max error {err.max():.3g}, tolerance {tol.min():.3g}"
+        if n <= 8:  # against the int8 activations themselves: only float32 rounding is left
+            x_hat = _int8_activations(x)
+            err = np.abs(y - x_hat @ ref.T)
+            assert (err <= _rounding(x_hat, ref)).all(), f"{fmt} N={n}: {err.max():.3g} from x's int8 values"
 
 
 @pytest.mark.parametrize("n", [1, 4, 20])
