@@ -23,13 +23,14 @@ import numpy as np
 
 from ..weights.qtensor import FORMATS, LAYOUTS, QuantTensor
 from .cpu import SMALL_ROWS, SplitRunner, even_bounds
-from .cpu_kernels import FAST, JIT
-from .cpu_quant_simd import f16_at, i8_dot32, u4_dot32, u4_pair16, u6_dot32
+from .cpu_kernels import JIT
+from .cpu_quant_simd import ROW_DOT, f16_at
 
 Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, INT8, INT4 = range(7)
 assert FORMATS == ("q8_0", "q4_0", "q4_1", "q4_k", "q6_k", "int8", "int4")
 BLOCK = tuple(lay.block for lay in LAYOUTS.values())
 BLOCK_BYTES = tuple(lay.block_bytes for lay in LAYOUTS.values())
+_ROW_Q8_0, _ROW_Q4_0, _ROW_Q4_1, _ROW_Q4_K, _ROW_Q6_K, _ROW_INT8, _ROW_INT4 = ROW_DOT
 TILE_BYTES = 1 << 18  # float32 scratch per GEMM tile: fits the L2 cache next to the activations' panel
 
 
@@ -41,15 +42,6 @@ def _k4_scale(row, o, s):
     return (row[o + s + 4] & 15) | ((row[o + s - 4] >> 6) << 4), (row[o + s + 4] >> 4) | (
         (row[o + s] >> 6) << 4
     )
-
-
-@nb.njit(inline="always")
-def _sum16(xs, i, n):
-    """Sum of x over n consecutive 16-value chunks from chunk i."""
-    s = np.float32(0.0)
-    for c in range(n):
-        s += xs[i + c]
-    return s
 
 
 @nb.njit(**JIT)
@@ -74,64 +66,30 @@ def quantize_activations(x, xq, dx, xs):
 
 
 @nb.njit(inline="always")
-def _block_dot(fmt, row, b, xq, dx, xs, row_scale):
-    """dot(block b of the packed row, the dequantized int8 activations of its span of x)."""
+def _row_dot(fmt, row, nblocks, xq, dx, xs):
     if fmt == Q4_1:
-        o = b * 20
-        return f16_at(row, o) * dx[b] * u4_pair16(row, o + 4, xq, 32 * b) + f16_at(row, o + 2) * _sum16(
-            xs, 2 * b, 2
-        )
+        return _ROW_Q4_1(row, nblocks, xq, dx, xs)
     if fmt == Q4_0:
-        o = b * 18
-        return f16_at(row, o) * (
-            dx[b] * u4_pair16(row, o + 2, xq, 32 * b) - np.float32(8.0) * _sum16(xs, 2 * b, 2)
-        )
+        return _ROW_Q4_0(row, nblocks, xq, dx, xs)
     if fmt == Q8_0:
-        o = b * 34
-        return f16_at(row, o) * dx[b] * i8_dot32(row, o + 2, xq, 32 * b)
-    if fmt == INT8:
-        return row_scale * dx[b] * i8_dot32(row, 32 * b, xq, 32 * b)
-    if fmt == INT4:  # 32-value group g: the low (g < 2) or high nibbles of 32 of the 64 bytes
-        o = b * 66
-        acc = np.float32(0.0)
-        for g in range(4):
-            acc += dx[4 * b + g] * u4_dot32(row, o + 2 + 32 * (g % 2), 4 * (g // 2), xq, 128 * b + 32 * g)
-        return f16_at(row, o) * (acc - np.float32(8.0) * _sum16(xs, 8 * b, 8))
+        return _ROW_Q8_0(row, nblocks, xq, dx, xs)
     if fmt == Q4_K:
-        o = b * 144
-        acc, mins = np.float32(0.0), np.float32(0.0)
-        for s in range(8):
-            sc, m = _k4_scale(row, o + 4, s)
-            q = u4_dot32(row, o + 16 + 32 * (s // 2), 4 * (s % 2), xq, 256 * b + 32 * s)
-            acc += np.float32(sc) * dx[8 * b + s] * q
-            mins += np.float32(m) * _sum16(xs, 16 * b + 2 * s, 2)
-        return f16_at(row, o) * acc - f16_at(row, o + 2) * mins
-    o = b * 210  # Q6_K: 32-value group G = 4 * half + g
-    acc, off = np.float32(0.0), np.float32(0.0)
-    for G in range(8):
-        h, g = G // 4, G % 4
-        sc0, sc1 = np.int64(np.int8(row[o + 192 + 2 * G])), np.int64(np.int8(row[o + 193 + 2 * G]))
-        ol, oh = o + 64 * h + 32 * (g % 2), o + 128 + 32 * h
-        acc += dx[8 * b + G] * u6_dot32(row, ol, 4 * (g // 2), oh, 2 * g, sc0, sc1, xq, 256 * b + 32 * G)
-        off += np.float32(sc0) * xs[16 * b + 2 * G] + np.float32(sc1) * xs[16 * b + 2 * G + 1]
-    return f16_at(row, o + 208) * (acc - np.float32(32.0) * off)
+        return _ROW_Q4_K(row, nblocks, xq, dx, xs)
+    if fmt == Q6_K:
+        return _ROW_Q6_K(row, nblocks, xq, dx, xs)
+    if fmt == INT8:
+        return _ROW_INT8(row, nblocks, xq, dx, xs)
+    return _ROW_INT4(row, nblocks, xq, dx, xs)
 
 
-@nb.njit(fastmath=FAST, **JIT)
+@nb.njit(**JIT)
 def gemv_rows_q(fmt, xq, dx, xs, data, out, j0, j1):
     """out[r, j] = W[j] . x[r] for j0 <= j < j1; W's row j packed in data[j] (format code fmt), x quantized
     by `quantize_activations` into (xq, dx, xs)."""
-    n, k = xq.shape
-    nblocks = k // BLOCK[fmt]
+    nblocks = xq.shape[1] // BLOCK[fmt]
     for j in range(j0, j1):
-        row = data[j]
-        row_scale = f16_at(row, row.shape[0] - 2) if fmt == INT8 else np.float32(1.0)
-        for r in range(n):
-            xqr, dxr, xsr = xq[r], dx[r], xs[r]
-            acc = np.float32(0.0)
-            for b in range(nblocks):
-                acc += _block_dot(fmt, row, b, xqr, dxr, xsr, row_scale)
-            out[r, j] = acc
+        for r in range(xq.shape[0]):
+            out[r, j] = _row_dot(fmt, data[j], nblocks, xq[r], dx[r], xs[r])
 
 
 @nb.njit(inline="always")

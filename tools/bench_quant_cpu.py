@@ -1,0 +1,129 @@
+"""Decode GEMV (one token: x is [1, K]) straight from packed quantized weights vs the float32 GEMV, at SmolLM2
+and Llama shapes, on 1 and 2 threads: milliseconds per call and GB/s of weight bytes read.
+
+    PYTHONPATH=. python tools/bench_quant_cpu.py [--quick]
+
+Prints a table and writes tools/results/bench_quant_cpu.json. Times are the minimum over repeated calls of
+`linear_q` (activation quantization and Python overhead included), so a busy host shows up as noise, not bias.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lserve_lite.backends import cpu as C
+from lserve_lite.backends import cpu_kernels as K
+from lserve_lite.backends.cpu_quant import linear_q
+from lserve_lite.weights.qtensor import FORMATS, LAYOUTS, QuantTensor
+
+# [out_features, in_features]: SmolLM2-135M q/o, down, gate/up, lm_head; a Llama-7B/8B square projection
+SHAPES = [(576, 576), (576, 1536), (1536, 576), (49152, 576), (4096, 4096)]
+OUT = Path(__file__).parent / "results" / "bench_quant_cpu.json"
+
+
+class Spread:
+    """A SplitRunner stand-in that always runs its parts on this and helper threads (cpu.py's helpers)."""
+
+    def __init__(self, parts: int):
+        self.parts = parts
+
+    def run(self, key, part, bounds: list[int]) -> None:
+        if len(bounds) < 3 or not C._HELPERS.spread(part, bounds):
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                part(a, b)
+
+
+SCALE_BYTES = {
+    "q8_0": (0, 2),
+    "q4_0": (0, 2),
+    "q4_1": (0, 4),
+    "q4_k": (0, 4),
+    "q6_k": (208, 210),
+    "int4": (0, 2),
+}
+
+
+def random_weight(fmt: str, m: int, k: int, rng: np.random.Generator) -> QuantTensor:
+    """Random packed bytes with small finite fp16 scales (speed does not depend on the values)."""
+    lay = LAYOUTS[fmt]
+    nb = k // lay.block
+    data = rng.integers(0, 256, (m, lay.row_bytes(k)), dtype=np.uint8)
+    scales = rng.uniform(-0.05, 0.05, (m, nb, 2)).astype("<f2").view(np.uint8).reshape(m, nb, 4)
+    if fmt == "int8":
+        data[:, -2:] = scales[:, 0, :2]
+    else:
+        a, b = SCALE_BYTES[fmt]
+        data.reshape(m, nb, lay.block_bytes)[..., a:b] = scales[..., : b - a]
+    return QuantTensor(fmt, (m, k), data)
+
+
+def best_time(fn, budget: float) -> float:
+    fn()
+    best, t_end = float("inf"), time.perf_counter() + budget
+    while time.perf_counter() < t_end:
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def time_f32(x: np.ndarray, w: np.ndarray, threads: int, budget: float) -> float:
+    """The float32 decode GEMV of the CPU backend (cpu_kernels.gemv_rows over row parts)."""
+    y = np.empty((1, w.shape[0]), np.float32)
+    bounds = C.even_bounds(0, w.shape[0], threads)
+    return best_time(
+        lambda: Spread(threads).run(None, lambda a, b: K.gemv_rows(x, w, y, a, b), bounds), budget
+    )
+
+
+def time_quant(x: np.ndarray, w: QuantTensor, threads: int, budget: float) -> float:
+    return best_time(lambda: linear_q(x, w, Spread(threads)), budget)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="shorter timing budget per case")
+    budget = 0.15 if ap.parse_args().quick else 0.5
+    rng = np.random.default_rng(0)
+    rows = []
+    for m, k in SHAPES:
+        x = rng.standard_normal((1, k)).astype(np.float32)
+        weights = {"f32": rng.standard_normal((m, k)).astype(np.float32)}
+        weights.update({f: random_weight(f, m, k, rng) for f in FORMATS if k % LAYOUTS[f].block == 0})
+        for fmt, w in weights.items():
+            for threads in (1, 2):
+                dt = (time_f32 if fmt == "f32" else time_quant)(x, w, threads, budget)
+                rows.append(
+                    dict(fmt=fmt, shape=[m, k], threads=threads, ms=dt * 1e3, gbps=w.nbytes / dt / 1e9)
+                )
+    print_table(rows)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(cpu=platform.processor() or platform.machine(), cpus=C.usable_cpus(), loadavg=os.getloadavg())
+    OUT.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    print(f"wrote {OUT}  (load average during the run: {meta['loadavg'][0]:.1f})")
+
+
+def print_table(rows: list[dict]) -> None:
+    by = {(r["fmt"], tuple(r["shape"]), r["threads"]): r for r in rows}
+    head = "format   " + "".join(f"{m}x{k}".rjust(22) for m, k in SHAPES)
+    print("ms per GEMV (GB/s of weight bytes), 1 thread | 2 threads")
+    print(head)
+    for fmt in ("f32", *FORMATS):
+        cells = []
+        for m, k in SHAPES:
+            one, two = by.get((fmt, (m, k), 1)), by.get((fmt, (m, k), 2))
+            cells.append(
+                f"{one['ms']:.2f}({one['gbps']:.1f})|{two['ms']:.2f}({two['gbps']:.1f})" if one else "n/a"
+            )
+        print(fmt.ljust(9) + "".join(c.rjust(22) for c in cells))
+
+
+if __name__ == "__main__":
+    main()
