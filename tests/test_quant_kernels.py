@@ -6,11 +6,17 @@ make blocks where it can), times a float64 matmul.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
+from lserve_lite.backends import cpu_quant_simd
 from lserve_lite.backends.cpu import SplitRunner
 from lserve_lite.backends.cpu_quant import dequant_rows, linear_q
 from lserve_lite.errors import ModelLoadError
@@ -234,3 +240,37 @@ def test_smollm2_unpermute_heads_matches_the_importer(smollm2_tensors):
     t = smollm2_tensors["blk.0.attn_q.weight"]
     got = unpermute_heads(from_gguf(t), 9).dequantize()
     np.testing.assert_array_equal(got, _unpermute(dequantize(t.data, t.ggml_type), 9))
+
+
+PORTABLE_SCRIPT = """
+import sys, numpy as np
+sys.path.insert(0, sys.argv[2])
+from test_quant_kernels import _make
+from lserve_lite.backends import cpu_quant_simd
+from lserve_lite.backends.cpu_quant import linear_q
+from lserve_lite.weights.qtensor import FORMATS
+assert not cpu_quant_simd._AVX2 and not cpu_quant_simd._NATIVE_HALF
+rng = np.random.default_rng(7)
+out = {}
+for fmt in FORMATS:
+    qt, _ = _make(fmt, 9, 768, rng)
+    out[fmt] = linear_q(rng.standard_normal((3, 768)).astype(np.float32), qt)
+    out[fmt + "_gemm"] = linear_q(rng.standard_normal((20, 768)).astype(np.float32), qt)
+np.savez(sys.argv[1], **out)
+"""
+
+
+@pytest.mark.skipif(not cpu_quant_simd._AVX2, reason="the portable path is the one under test already")
+def test_portable_path_matches_avx2(tmp_path):
+    """The plain-IR integer dot and the fp16 decoding by bit operations (used without AVX2 / F16C; forced here
+    by compiling for a generic CPU in a subprocess) give bitwise the native path's results, GEMV and GEMM."""
+    env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    out, here = tmp_path / "portable.npz", str(Path(__file__).parent)
+    subprocess.run([sys.executable, "-c", PORTABLE_SCRIPT, str(out), here], check=True, env=env, timeout=300)
+    got = np.load(out)
+    rng = np.random.default_rng(7)
+    for fmt in FORMATS:
+        qt, _ = _make(fmt, 9, 768, rng)
+        np.testing.assert_array_equal(
+            got[fmt], linear_q(rng.standard_normal((3, 768)).astype(np.float32), qt)
+        )
