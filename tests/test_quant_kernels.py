@@ -271,6 +271,7 @@ def test_portable_path_matches_avx2(tmp_path):
     rng = np.random.default_rng(7)
     for fmt in FORMATS:
         qt, _ = _make(fmt, 9, 768, rng)
-        np.testing.assert_array_equal(
-            got[fmt], linear_q(rng.standard_normal((3, 768)).astype(np.float32), qt)
-        )
+        gemv = linear_q(rng.standard_normal((3, 768)).astype(np.float32), qt)
+        gemm = linear_q(rng.standard_normal((20, 768)).astype(np.float32), qt)
+        np.testing.assert_array_equal(got[fmt], gemv)
+        np.testing.assert_array_equal(got[fmt + "_gemm"], gemm)
