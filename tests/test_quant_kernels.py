@@ -263,15 +263,19 @@ np.savez(sys.argv[1], **out)
 @pytest.mark.skipif(not cpu_quant_simd._AVX2, reason="the portable path is the one under test already")
 def test_portable_path_matches_avx2(tmp_path):
     """The plain-IR integer dot and the fp16 decoding by bit operations (used without AVX2 / F16C; forced here
-    by compiling for a generic CPU in a subprocess) give bitwise the native path's results, GEMV and GEMM."""
+    by compiling for a generic CPU in a subprocess) give the native path's results: the GEMV up to float32
+    rounding, the GEMM (same dequantized tiles) bitwise."""
     env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
     out, here = tmp_path / "portable.npz", str(Path(__file__).parent)
     subprocess.run([sys.executable, "-c", PORTABLE_SCRIPT, str(out), here], check=True, env=env, timeout=300)
     got = np.load(out)
     rng = np.random.default_rng(7)
     for fmt in FORMATS:
-        qt, _ = _make(fmt, 9, 768, rng)
-        gemv = linear_q(rng.standard_normal((3, 768)).astype(np.float32), qt)
+        qt, ref = _make(fmt, 9, 768, rng)
+        x = rng.standard_normal((3, 768)).astype(np.float32)
         gemm = linear_q(rng.standard_normal((20, 768)).astype(np.float32), qt)
-        np.testing.assert_array_equal(got[fmt], gemv)
+        # integer sums are exact on both paths; only where FMA contraction applies (not on a generic CPU)
+        # the float32 scaling rounds differently
+        err = np.abs(got[fmt] - linear_q(x, qt))
+        assert (err <= 2 * _rounding(_int8_activations(x), ref)).all(), f"{fmt}: {err.max():.3g}"
         np.testing.assert_array_equal(got[fmt + "_gemm"], gemm)

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..weights.qtensor import FORMATS, LAYOUTS, QuantTensor
 from .cpu import SMALL_ROWS, SplitRunner, even_bounds
-from .cpu_kernels import JIT
+from .cpu_kernels import FAST, JIT
 from .cpu_quant_simd import ROW_DOT, f16_at
 
 Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, INT8, INT4 = range(7)
@@ -82,7 +82,7 @@ def _row_dot(fmt, row, nblocks, xq, dx, xs):
     return _ROW_INT4(row, nblocks, xq, dx, xs)
 
 
-@nb.njit(**JIT)
+@nb.njit(fastmath=FAST, **JIT)  # contract: the per-block scale-and-accumulate becomes one FMA (1.6x)
 def gemv_rows_q(fmt, xq, dx, xs, data, out, j0, j1):
     """out[r, j] = W[j] . x[r] for j0 <= j < j1; W's row j packed in data[j] (format code fmt), x quantized
     by `quantize_activations` into (xq, dx, xs)."""
