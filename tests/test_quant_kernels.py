@@ -18,9 +18,9 @@ from gguf.quants import dequantize, quantize
 
 from lserve_lite.backends import cpu_quant_simd
 from lserve_lite.backends.cpu import SplitRunner
-from lserve_lite.backends.cpu_quant import dequant_rows, linear_q
+from lserve_lite.backends.cpu_quant import dequant_rows, embed_q, linear_q
 from lserve_lite.errors import ModelLoadError
-from lserve_lite.weights.qtensor import FORMATS, LAYOUTS, QuantTensor
+from lserve_lite.weights.qtensor import FORMATS, LAYOUTS, QuantTensor, concat_rows
 from lserve_lite.weights.quantize import from_gguf, quantize_int4, quantize_int8, unpermute_heads
 
 GGUF_FORMATS = [f for f in FORMATS if LAYOUTS[f].ggml_type is not None]
@@ -157,6 +157,36 @@ def test_split_rows_do_not_change_results(n):
         np.testing.assert_array_equal(first, whole)
     else:
         np.testing.assert_allclose(first, whole, rtol=1e-5, atol=1e-5 * np.abs(whole).max())
+
+
+@pytest.mark.parametrize("n", [2, 12])
+def test_fused_weights_of_one_or_mixed_formats(n):
+    """A fused q/k/v: one tensor when the formats match (concat_rows), else column blocks of one output
+    written in place by `out=` (Q4_K q/k with a Q6_K v, as in Q4_K_M files); both equal separate products."""
+    rng = np.random.default_rng(8)
+    q, k, v = (_make(f, m, 512, rng)[0] for f, m in (("q4_k", 24), ("q4_k", 8), ("q6_k", 8)))
+    x = rng.standard_normal((n, 512)).astype(np.float32)
+    separate = np.concatenate([linear_q(x, t) for t in (q, k, v)], axis=1)
+    fused = concat_rows([q, k])
+    assert fused.shape == (32, 512) and fused.fmt == "q4_k"
+    y = np.full((n, 40), np.nan, np.float32)
+    linear_q(x, fused, out=y[:, :32])
+    linear_q(x, v, out=y[:, 32:])
+    if n <= 8:  # GEMV rows are independent; GEMM tiles of other heights round differently in BLAS
+        np.testing.assert_array_equal(y, separate)
+    else:
+        np.testing.assert_allclose(y, separate, rtol=0, atol=1e-5 * np.abs(separate).max())
+    with pytest.raises(ValueError, match="cannot fuse"):
+        concat_rows([q, v])
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_1", "int8"])
+def test_embedding_rows(fmt):
+    """embed_q gathers and dequantizes only the rows asked for, equal to the oracle's rows."""
+    rng = np.random.default_rng(9)
+    table, ref = _make(fmt, 50, 64, rng)
+    ids = np.array([3, 0, 49, 3])
+    np.testing.assert_array_equal(embed_q(table, ids), ref[ids].astype(np.float32))
 
 
 def test_int8_round_trip_within_half_a_step():

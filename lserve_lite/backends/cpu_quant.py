@@ -157,14 +157,30 @@ def gemm_rows_q(fmt: int, x: np.ndarray, data: np.ndarray, out: np.ndarray, j0: 
         np.matmul(x, scratch[: t1 - t0].T, out=out[:, t0:t1])
 
 
-def linear_q(x: np.ndarray, w: QuantTensor, split: SplitRunner | None = None) -> np.ndarray:
-    """x @ W.T for float32 x [N, K]: decode rows by the GEMV, more rows by tiled GEMMs; parts over W's rows."""
+def embed_q(table: QuantTensor, ids: np.ndarray) -> np.ndarray:
+    """Rows `ids` of a quantized embedding table as float32 [len(ids), K]; only those rows are dequantized."""
+    rows = np.ascontiguousarray(table.data[np.asarray(ids)])
+    out = np.empty((rows.shape[0], table.shape[1]), np.float32)
+    dequant_rows(FORMATS.index(table.fmt), rows, out, 0, rows.shape[0])
+    return out
+
+
+def linear_q(
+    x: np.ndarray, w: QuantTensor, split: SplitRunner | None = None, out: np.ndarray | None = None
+) -> np.ndarray:
+    """x @ W.T for float32 x [N, K]: decode rows by the GEMV, more rows by tiled GEMMs; parts over W's rows.
+
+    `out`: where to write the [N, M] result, e.g. a column block y[:, a:b] of a fused q/k/v output whose parts
+    have different formats (a Q4_K_M file's Q4_K q/k and Q6_K v).
+    """
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"x {x.shape} does not match a {w.fmt} weight of shape {w.shape}")
     n, m = x.shape[0], w.shape[0]
     fmt, parts = FORMATS.index(w.fmt), split.parts if split else 1
-    y = np.empty((n, m), np.float32)
+    y = np.empty((n, m), np.float32) if out is None else out
+    if y.shape != (n, m) or y.dtype != np.float32 or y.strides[1] != 4:
+        raise ValueError(f"out must be float32 ({n}, {m}) with unit column stride, got {y.dtype} {y.shape}")
     if n <= SMALL_ROWS:
         k = x.shape[1]
         xq, dx, xs = (

@@ -105,6 +105,15 @@ class QuantTensor:
         return w.reshape(out_f, in_f).astype(f, copy=False)
 
 
+def concat_rows(parts: list[QuantTensor]) -> QuantTensor:
+    """One tensor of the parts' rows in order (a fused q/k/v or gate/up weight); one format and in_features."""
+    fmts, ins = {p.fmt for p in parts}, {p.shape[1] for p in parts}
+    if len(fmts) != 1 or len(ins) != 1:
+        raise ValueError(f"cannot fuse {sorted(fmts)} weights with in_features {sorted(ins)} into one tensor")
+    data = np.concatenate([p.data for p in parts], axis=0)
+    return QuantTensor(parts[0].fmt, (data.shape[0], parts[0].shape[1]), data)
+
+
 def _f16(b: np.ndarray, f: np.dtype) -> np.ndarray:
     """Little-endian fp16 fields (last axis: 2 bytes) as `f`, shape without that axis."""
     return np.ascontiguousarray(b).view("<f2")[..., 0].astype(f)
