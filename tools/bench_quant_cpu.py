@@ -57,7 +57,7 @@ def random_weight(fmt: str, m: int, k: int, rng: np.random.Generator) -> QuantTe
     data = rng.integers(0, 256, (m, lay.row_bytes(k)), dtype=np.uint8)
     scales = rng.uniform(-0.05, 0.05, (m, nb, 2)).astype("<f2").view(np.uint8).reshape(m, nb, 4)
     if fmt == "int8":
-        data[:, -2:] = scales[:, 0, :2]
+        data[:, :2] = scales[:, 0, :2]
     else:
         a, b = SCALE_BYTES[fmt]
         data.reshape(m, nb, lay.block_bytes)[..., a:b] = scales[..., : b - a]

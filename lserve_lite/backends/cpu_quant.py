@@ -111,7 +111,7 @@ def _block_dequant(fmt, row, b, dst, row_scale):
         o, h = b * BLOCK_BYTES[fmt], BLOCK[fmt] // 2
         _nibbles(row, o + 2, h, dst, b * 2 * h, f16_at(row, o), 8, np.float32(0.0))
     elif fmt == Q8_0 or fmt == INT8:
-        o = b * 34 + 2 if fmt == Q8_0 else b * 32
+        o = b * 34 + 2 if fmt == Q8_0 else 2 + b * 32
         d = f16_at(row, b * 34) if fmt == Q8_0 else row_scale
         for i in range(32):
             dst[b * 32 + i] = np.float32(np.int8(row[o + i])) * d
@@ -140,7 +140,7 @@ def dequant_rows(fmt, data, out, j0, j1):
     nblocks = out.shape[1] // BLOCK[fmt]
     for j in range(j0, j1):
         row = data[j]
-        row_scale = f16_at(row, row.shape[0] - 2) if fmt == INT8 else np.float32(1.0)
+        row_scale = f16_at(row, 0) if fmt == INT8 else np.float32(1.0)
         for b in range(nblocks):
             _block_dequant(fmt, row, b, out[j - j0], row_scale)
 

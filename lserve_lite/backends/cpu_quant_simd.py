@@ -118,7 +118,6 @@ class _Row:
             context.make_array(sig.args[i])(context, builder, value=args[i]) for i in (0, 2, 3, 4)
         )
         self.row, self.xq, self.dx, self.xs = row.data, xq.data, dx.data, xs.data
-        self.row_len = builder.extract_value(row.shape, 0)
 
     def _at(self, base, index, ty: ir.Type):
         index = index if isinstance(index, ir.Value) else _I64(index)
@@ -222,7 +221,7 @@ def _q8_0(r: _Row, blk):
 
 
 def _int8(r: _Row, blk):
-    return _signed32(r, blk, r.b.mul(blk, _I64(32)), r.half(r.b.sub(r.row_len, _I64(2))))
+    return _signed32(r, blk, r.i(r.b.mul(blk, _I64(32)), 2), r.half(_I64(0)))
 
 
 def _int4(r: _Row, blk):

@@ -16,7 +16,7 @@ def quantize_int8(w: np.ndarray) -> QuantTensor:
     w = _as_matrix(w, LAYOUTS["int8"].block)
     s = _fp16_scales(np.abs(w).max(axis=1), 127)
     q = _round_clip(w / _safe(s)[:, None], 127).astype(np.int8)
-    data = np.concatenate([q.view(np.uint8), s.astype("<f2")[:, None].view(np.uint8)], axis=1)
+    data = np.concatenate([s.astype("<f2")[:, None].view(np.uint8), q.view(np.uint8)], axis=1)
     return QuantTensor("int8", w.shape, np.ascontiguousarray(data))
 
 
