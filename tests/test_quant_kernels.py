@@ -18,7 +18,7 @@ from gguf.quants import dequantize, quantize
 
 from lserve_lite.backends import cpu_quant_simd
 from lserve_lite.backends.cpu import SplitRunner
-from lserve_lite.backends.cpu_quant import dequant_rows, embed_q, linear_q
+from lserve_lite.backends.cpu_quant import GEMV_ROWS, dequant_rows, embed_q, linear_q
 from lserve_lite.errors import ModelLoadError
 from lserve_lite.weights.qtensor import FORMATS, LAYOUTS, QuantTensor, concat_rows
 from lserve_lite.weights.quantize import from_gguf, quantize_int4, quantize_int8, unpermute_heads
@@ -81,11 +81,11 @@ def _rounding(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 
 def _tolerance(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """Error bound of linear_q against x @ W.T: rounding, and for decode (N <= 8) the int8 activations
+    """Error bound of linear_q against x @ W.T: rounding, and for decode (N <= GEMV_ROWS) the int8 activations
     (cpu_quant.py): |x - x^| <= dx/2, dx = max|x| / 127 of each 32 values, adding sum|w| dx/2 per 32."""
     n = x.shape[0]
     tol = _rounding(x, ref)
-    if n <= 8:
+    if n <= GEMV_ROWS:
         dx = np.abs(x.reshape(n, -1, 32)).max(axis=2).astype(np.float64) / 127
         tol += (np.repeat(dx, 32, axis=1) / 2) @ np.abs(ref).T * (1 + 1e-5)
     return tol
@@ -122,20 +122,20 @@ def test_dequantize_matches_gguf(fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gemv_and_gemm_match_float64(fmt):
-    """linear_q (GEMV for N = 1..8, tiled GEMM for N = 37) against x @ W.T in float64 of the oracle's W;
+    """linear_q (GEMV for N = 1..8 and 16, tiled GEMM for N = 37) against x @ W.T in float64 of the oracle's W;
     odd M, and K an odd number of blocks (of 32-value groups for the 32-blocks)."""
     rng = np.random.default_rng(2)
     block = LAYOUTS[fmt].block
     k = {32: 9 * 32, 128: 5 * 128, 256: 3 * 256}[block]
     qt, ref = _make(fmt, 45, k, rng)
-    for n in (*range(1, 9), 37):
+    for n in (*range(1, 9), 16, 37):
         x = rng.standard_normal((n, k)).astype(np.float32)
         y = linear_q(x, qt)
         want = x.astype(np.float64) @ ref.T
         assert y.shape == (n, 45) and y.dtype == np.float32
         err, tol = np.abs(y - want), _tolerance(x, ref)
         assert (err <= tol).all(), f"{fmt} N={n}: max error {err.max():.3g}, tolerance {tol.min():.3g}"
-        if n <= 8:  # against the int8 activations themselves: only float32 rounding is left
+        if n <= GEMV_ROWS:  # against the int8 activations themselves: only float32 rounding is left
             x_hat = _int8_activations(x)
             err = np.abs(y - x_hat @ ref.T)
             assert (err <= _rounding(x_hat, ref)).all(), f"{fmt} N={n}: {err.max():.3g} from x's int8 values"
@@ -153,13 +153,13 @@ def test_split_rows_do_not_change_results(n):
     for _ in range(3):  # both ways (spread over threads or not) get tried
         np.testing.assert_array_equal(linear_q(x, qt, split), first)
     whole = linear_q(x, qt)
-    if n <= 8:
+    if n <= GEMV_ROWS:
         np.testing.assert_array_equal(first, whole)
     else:
         np.testing.assert_allclose(first, whole, rtol=1e-5, atol=1e-5 * np.abs(whole).max())
 
 
-@pytest.mark.parametrize("n", [2, 12])
+@pytest.mark.parametrize("n", [2, 20])
 def test_fused_weights_of_one_or_mixed_formats(n):
     """A fused q/k/v: one tensor when the formats match (concat_rows), else column blocks of one output
     written in place by `out=` (Q4_K q/k with a Q6_K v, as in Q4_K_M files); both equal separate products."""
@@ -172,7 +172,7 @@ def test_fused_weights_of_one_or_mixed_formats(n):
     y = np.full((n, 40), np.nan, np.float32)
     linear_q(x, fused, out=y[:, :32])
     linear_q(x, v, out=y[:, 32:])
-    if n <= 8:  # GEMV rows are independent; GEMM tiles of other heights round differently in BLAS
+    if n <= GEMV_ROWS:  # GEMV rows are independent; GEMM tiles of other heights round differently in BLAS
         np.testing.assert_array_equal(y, separate)
     else:
         np.testing.assert_allclose(y, separate, rtol=0, atol=1e-5 * np.abs(separate).max())

@@ -1,13 +1,13 @@
 """Numba kernels for y[N, M] = x[N, K] @ W^T with W a `QuantTensor`, read straight from its packed blocks.
 
-- Decode, N <= 8 (`gemv_rows_q`): each weight row is read once from memory for all rows of x, and each block
+- Decode, N <= GEMV_ROWS = 16 (`gemv_rows_q`): each weight row is read once from memory for all rows of x, and each block
   is unpacked in vector registers (cpu_quant_simd.py) and dotted with int8 activations: as llama.cpp does,
   x is quantized per 32 values (dx = max|x| / 127, xq = round(x / dx)), so a block costs a few integer
   instructions instead of widening every weight to float32 (measured 2.7x faster on AVX2). Cost: an error
   of at most dx/2 per activation value, i.e. |y - y_exact| <= sum over blocks of dx/2 * sum|w| (~0.1-0.5%
   of |y| on random data; the 4-bit weights' own error is ~10x that). The formats' offsets (q4_1 min, 8 of
   q4_0 / int4, q4_k min, 32 of q6_k) use the quantized activations' sums, so the bound holds for them too.
-- Prefill, N > 8 (`gemm_rows_q`): float32 activations; a tile of weight rows is dequantized into a reused
+- Prefill, N > 16 (`gemm_rows_q`): float32 activations; a tile of weight rows is dequantized into a reused
   float32 scratch that stays in cache, then one BLAS GEMM per tile (the arithmetic dominates there).
 Both take an output-row range (j0, j1), like `gemv_rows` in cpu_kernels.py, so that `SplitRunner` (cpu.py)
 can run parts of one product on several threads; `linear_q` does that split.
@@ -22,7 +22,7 @@ import numba as nb
 import numpy as np
 
 from ..weights.qtensor import FORMATS, LAYOUTS, QuantTensor
-from .cpu import SMALL_ROWS, SplitRunner, even_bounds
+from .cpu import SplitRunner, even_bounds
 from .cpu_kernels import FAST, JIT
 from .cpu_quant_simd import ROW_DOT, f16_at
 
@@ -31,6 +31,9 @@ assert FORMATS == ("q8_0", "q4_0", "q4_1", "q4_k", "q6_k", "int8", "int4")
 BLOCK = tuple(lay.block for lay in LAYOUTS.values())
 BLOCK_BYTES = tuple(lay.block_bytes for lay in LAYOUTS.values())
 _ROW_Q8_0, _ROW_Q4_0, _ROW_Q4_1, _ROW_Q4_K, _ROW_Q6_K, _ROW_INT8, _ROW_INT4 = ROW_DOT
+# Up to this many rows of x, the GEMV (its cost grows with N; the GEMM's tile dequantization does not):
+# measured crossover ~16-32 rows at 1536x576 and 4096x4096 (1 thread)
+GEMV_ROWS = 16
 TILE_BYTES = 1 << 20  # float32 scratch per GEMM tile (measured: 256 KB-4 MB within noise, 1 MB best)
 
 
@@ -181,7 +184,7 @@ def linear_q(
     y = np.empty((n, m), np.float32) if out is None else out
     if y.shape != (n, m) or y.dtype != np.float32 or y.strides[1] != 4:
         raise ValueError(f"out must be float32 ({n}, {m}) with unit column stride, got {y.dtype} {y.shape}")
-    if n <= SMALL_ROWS:
+    if n <= GEMV_ROWS:
         k = x.shape[1]
         xq, dx, xs = (
             np.empty((n, k), np.int8),
