@@ -4,7 +4,8 @@ and Llama shapes, on 1 and 2 threads: milliseconds per call and GB/s of weight b
     PYTHONPATH=. python tools/bench_quant_cpu.py [--quick]
 
 Prints a table and writes tools/results/bench_quant_cpu.json. Times are the minimum over repeated calls of
-`linear_q` (activation quantization and Python overhead included), so a busy host shows up as noise, not bias.
+`linear_q` (activation quantization and Python overhead included); 1-thread rows also give the minimum CPU
+time of the calling thread, which a host busy with other jobs inflates less than the wall time.
 """
 
 from __future__ import annotations
@@ -64,17 +65,19 @@ def random_weight(fmt: str, m: int, k: int, rng: np.random.Generator) -> QuantTe
     return QuantTensor(fmt, (m, k), data)
 
 
-def best_time(fn, budget: float) -> float:
+def best_time(fn, budget: float) -> tuple[float, float]:
+    """(minimum wall time, minimum CPU time of this thread) of fn() over `budget` seconds of calls."""
     fn()
-    best, t_end = float("inf"), time.perf_counter() + budget
+    wall = cpu = float("inf")
+    t_end = time.perf_counter() + budget
     while time.perf_counter() < t_end:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+        wall, cpu = min(wall, time.perf_counter() - t), min(cpu, time.thread_time() - c)
+    return wall, cpu
 
 
-def time_f32(x: np.ndarray, w: np.ndarray, threads: int, budget: float) -> float:
+def time_f32(x: np.ndarray, w: np.ndarray, threads: int, budget: float) -> tuple[float, float]:
     """The float32 decode GEMV of the CPU backend (cpu_kernels.gemv_rows over row parts)."""
     y = np.empty((1, w.shape[0]), np.float32)
     bounds = C.even_bounds(0, w.shape[0], threads)
@@ -83,7 +86,7 @@ def time_f32(x: np.ndarray, w: np.ndarray, threads: int, budget: float) -> float
     )
 
 
-def time_quant(x: np.ndarray, w: QuantTensor, threads: int, budget: float) -> float:
+def time_quant(x: np.ndarray, w: QuantTensor, threads: int, budget: float) -> tuple[float, float]:
     return best_time(lambda: linear_q(x, w, Spread(threads)), budget)
 
 
@@ -99,10 +102,11 @@ def main() -> None:
         weights.update({f: random_weight(f, m, k, rng) for f in FORMATS if k % LAYOUTS[f].block == 0})
         for fmt, w in weights.items():
             for threads in (1, 2):
-                dt = (time_f32 if fmt == "f32" else time_quant)(x, w, threads, budget)
-                rows.append(
-                    dict(fmt=fmt, shape=[m, k], threads=threads, ms=dt * 1e3, gbps=w.nbytes / dt / 1e9)
-                )
+                dt, cpu = (time_f32 if fmt == "f32" else time_quant)(x, w, threads, budget)
+                row = dict(fmt=fmt, shape=[m, k], threads=threads, ms=dt * 1e3, gbps=w.nbytes / dt / 1e9)
+                if threads == 1:  # all on this thread: its CPU time excludes waits for a busy host's cores
+                    row.update(cpu_ms=cpu * 1e3, cpu_gbps=w.nbytes / cpu / 1e9)
+                rows.append(row)
     print_table(rows)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(cpu=platform.processor() or platform.machine(), cpus=C.usable_cpus(), loadavg=os.getloadavg())
@@ -112,17 +116,19 @@ def main() -> None:
 
 def print_table(rows: list[dict]) -> None:
     by = {(r["fmt"], tuple(r["shape"]), r["threads"]): r for r in rows}
-    head = "format   " + "".join(f"{m}x{k}".rjust(22) for m, k in SHAPES)
-    print("ms per GEMV (GB/s of weight bytes), 1 thread | 2 threads")
-    print(head)
+    print("GB/s of weight bytes per GEMV: 1 thread wall / 1 thread CPU time / 2 threads wall")
+    print("format " + "".join(f"{m}x{k}".rjust(18) for m, k in SHAPES))
     for fmt in ("f32", *FORMATS):
         cells = []
         for m, k in SHAPES:
             one, two = by.get((fmt, (m, k), 1)), by.get((fmt, (m, k), 2))
-            cells.append(
-                f"{one['ms']:.2f}({one['gbps']:.1f})|{two['ms']:.2f}({two['gbps']:.1f})" if one else "n/a"
-            )
-        print(fmt.ljust(9) + "".join(c.rjust(22) for c in cells))
+            cells.append(f"{one['gbps']:.1f}/{one['cpu_gbps']:.1f}/{two['gbps']:.1f}" if one else "n/a")
+        print(fmt.ljust(7) + "".join(c.rjust(18) for c in cells))
+    big = [r for r in rows if r["shape"] == [49152, 576] and r["threads"] == 1]
+    print(
+        "ms at 49152x576, 1 thread (wall / CPU): "
+        + ", ".join(f"{r['fmt']} {r['ms']:.2f}/{r['cpu_ms']:.2f}" for r in big)
+    )
 
 
 if __name__ == "__main__":
