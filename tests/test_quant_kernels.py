@@ -28,8 +28,8 @@ U32 = float(np.finfo(np.float32).eps) / 2  # float32 unit roundoff
 
 
 def _random_blocks(fmt: str, m: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Packed [m, row_bytes] blocks: gguf's quantizer where it has one, else random bytes whose fp16 scales are
-    finite (some subnormal, to exercise the fp16 decoding)."""
+    """Packed [m, row_bytes] blocks: gguf's quantizer where it has one, else random bytes whose fp16 scales
+    are finite (some subnormal, to exercise the fp16 decoding)."""
     lay = LAYOUTS[fmt]
     qtype = GGMLQuantizationType(lay.ggml_type)
     if fmt in ("q8_0", "q4_0", "q4_1"):
@@ -51,7 +51,7 @@ def _oracle(qt: QuantTensor) -> np.ndarray:
 
 
 def _make(fmt: str, m: int, k: int, rng: np.random.Generator) -> tuple[QuantTensor, np.ndarray]:
-    """A weight of the format and its float64 reference values (gguf oracle; int8/int4: exact integers * scale)."""
+    """A weight and its float64 values (gguf oracle; int8/int4: the integers times their scale)."""
     if fmt in ("int8", "int4"):
         w = rng.standard_normal((m, k)).astype(np.float32)
         qt = quantize_int8(w) if fmt == "int8" else quantize_int4(w)
@@ -92,7 +92,7 @@ def _tolerance(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 
 def _int8_activations(x: np.ndarray) -> np.ndarray:
-    """x as the decode GEMV sees it (cpu_quant.py's docstring): per 32 values dx = max|x| / 127, dx * round(x / dx)."""
+    """x as the decode GEMV sees it (cpu_quant.py): per 32 values dx = max|x| / 127, dx * round(x / dx)."""
     xb = x.reshape(x.shape[0], -1, 32)
     dx = np.abs(xb).max(axis=2, keepdims=True) / np.float32(127)
     inv = np.divide(np.float32(1), dx, out=np.zeros_like(dx), where=dx > 0)
@@ -122,8 +122,8 @@ def test_dequantize_matches_gguf(fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gemv_and_gemm_match_float64(fmt):
-    """linear_q (GEMV for N = 1..8 and 16, tiled GEMM for N = 37) against x @ W.T in float64 of the oracle's W;
-    odd M, and K an odd number of blocks (of 32-value groups for the 32-blocks)."""
+    """linear_q (GEMV for N = 1..8 and 16, tiled GEMM for N = 37) against x @ W.T in float64 of the
+    oracle's W; odd M, and K an odd number of blocks (of 32-value groups for the 32-blocks)."""
     rng = np.random.default_rng(2)
     block = LAYOUTS[fmt].block
     k = {32: 9 * 32, 128: 5 * 128, 256: 3 * 256}[block]
@@ -232,7 +232,7 @@ def test_quantizers_reject_unsupported_shapes():
 
 @pytest.fixture(scope="module")
 def smollm2_tensors(request):
-    """The bundled SmolLM2 Q4_1 GGUF's tensors, fetched like the other tests' `smollm2_gguf` (CI downloads it)."""
+    """The bundled SmolLM2 Q4_1 GGUF's tensors, fetched as for the other tests (CI downloads it)."""
     from lserve_lite.weights.gguf_reader import read_gguf
 
     try:

@@ -1,19 +1,19 @@
 """Numba kernels for y[N, M] = x[N, K] @ W^T with W a `QuantTensor`, read straight from its packed blocks.
 
-- Decode, N <= GEMV_ROWS = 16 (`gemv_rows_q`): each weight row is read once from memory for all rows of x, and each block
-  is unpacked in vector registers (cpu_quant_simd.py) and dotted with int8 activations: as llama.cpp does,
-  x is quantized per 32 values (dx = max|x| / 127, xq = round(x / dx)), so a block costs a few integer
-  instructions instead of widening every weight to float32 (measured 2.7x faster on AVX2). Cost: an error
-  of at most dx/2 per activation value, i.e. |y - y_exact| <= sum over blocks of dx/2 * sum|w| (~0.1-0.5%
-  of |y| on random data; the 4-bit weights' own error is ~10x that). The formats' offsets (q4_1 min, 8 of
-  q4_0 / int4, q4_k min, 32 of q6_k) use the quantized activations' sums, so the bound holds for them too.
-- Prefill, N > 16 (`gemm_rows_q`): float32 activations; a tile of weight rows is dequantized into a reused
-  float32 scratch that stays in cache, then one BLAS GEMM per tile (the arithmetic dominates there).
+- Decode, N <= GEMV_ROWS (`gemv_rows_q`): each weight row is read from memory once for all rows of x; its
+  blocks are unpacked in vector registers and multiplied with int8 activations (cpu_quant_simd.py). As in
+  llama.cpp, x is quantized per 32 values (dx = max|x| / 127, xq = round(x / dx)), so a block costs a few
+  integer instructions instead of a float32 conversion per weight (2.7x faster on AVX2). Accuracy cost: each
+  activation is off by at most dx/2, so |y - x @ W.T| <= sum over 32-blocks of dx/2 * sum|w| (0.3-0.9% of
+  max|y| on random data, well under the 4-bit weights' own error). The formats' offsets (q4_1 min, 8 of
+  q4_0 / int4, q4_k mins, 32 of q6_k) go through the quantized activations' sums, so the bound covers them.
+- Prefill, N > GEMV_ROWS (`gemm_rows_q`): float32 activations; a tile of weight rows is dequantized into a
+  reused float32 scratch that stays in cache, then one BLAS GEMM per tile (arithmetic-bound there).
 Both take an output-row range (j0, j1), like `gemv_rows` in cpu_kernels.py, so that `SplitRunner` (cpu.py)
 can run parts of one product on several threads; `linear_q` does that split.
 
-One generic kernel per shape of work; the per-format block decoders (`_block_dot`, `_block_dequant`) are
-inlined and chosen by a format code that is constant for the whole call.
+One generic kernel per shape of work with the format's block decoder inlined, chosen by a format code that is
+constant for the whole call: the IR row loops of `ROW_DOT` for the GEMV, `_block_dequant` for the GEMM tiles.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _k4_scale(row, o, s):
 
 @nb.njit(**JIT)
 def quantize_activations(x, xq, dx, xs):
-    """Per 32 values of each row: dx = max|x| / 127, xq = round(x / dx); xs = dx * (sum of xq per 16 values)."""
+    """Per 32 values of each row: dx = max|x| / 127, xq = round(x / dx); xs = dx * (sum of xq per 16)."""
     n, k = x.shape
     for r in range(n):
         for b in range(k // 32):

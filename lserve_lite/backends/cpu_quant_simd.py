@@ -110,7 +110,7 @@ def _half(builder, h16):
 
 
 class _Row:
-    """IR accessors for one codegen of a row dot: the packed row, the int8 activations and their scales/sums."""
+    """IR accessors for one row dot: the packed row, the int8 activations, their scales and sums."""
 
     def __init__(self, context, builder, sig, args):
         self.b = builder
@@ -159,7 +159,7 @@ Decoder = Callable[[_Row, ir.Value], tuple[list, ir.Value]]
 
 
 def _row_dot(decode: Decoder):
-    """The intrinsic row_dot(row, nblocks, xq, dx, xs) -> float32 of one format, `decode` inlined per block."""
+    """The intrinsic row_dot(row, nblocks, xq, dx, xs) -> float32 of a format, `decode` inlined per block."""
 
     @intrinsic
     def row_dot(typingctx, row, nblocks, xq, dx, xs):
@@ -238,7 +238,7 @@ def _int4(r: _Row, blk):
 
 
 def _q4_k(r: _Row, blk):
-    """d, dmin, 12 bytes of 6-bit (scale, min) x 8, 128 bytes: sub-block s = nibbles (s % 2) of 32 (s // 2)."""
+    """d, dmin, 12 bytes of 6-bit (scale, min) x 8, qs[128]: sub-block s = nibbles s % 2 of group s // 2."""
     b = r.b
     o = b.mul(blk, _I64(144))
     d, dmin = r.half(o), r.half(r.i(o, 2))

@@ -59,7 +59,7 @@ FORMATS: tuple[str, ...] = tuple(LAYOUTS)  # a format's index here is its code i
 
 @dataclass(frozen=True, eq=False)
 class QuantTensor:
-    """A [out_features, in_features] weight matrix as packed blocks (`data`: uint8 [out_features, row_bytes])."""
+    """A [out_features, in_features] matrix as packed blocks (`data`: uint8 [out_features, row_bytes])."""
 
     fmt: str
     shape: tuple[int, int]
@@ -96,7 +96,7 @@ class QuantTensor:
         return QuantTensor(self.fmt, (data.shape[0], self.shape[1]), data)
 
     def dequantize(self, dtype: type = np.float32) -> np.ndarray:
-        """The float matrix (NumPy reference, float32 or float64): for tests and conversions, not for serving."""
+        """The float matrix (NumPy reference, float32 or float64): for tests and conversions, not serving."""
         f = np.dtype(dtype)
         out_f, in_f = self.shape
         lay = self.layout
@@ -109,7 +109,7 @@ class QuantTensor:
 
 
 def concat_rows(parts: list[QuantTensor]) -> QuantTensor:
-    """One tensor of the parts' rows in order (a fused q/k/v or gate/up weight); one format and in_features."""
+    """The parts' rows in order as one tensor (a fused q/k/v or gate/up); one format and in_features."""
     fmts, ins = {p.fmt for p in parts}, {p.shape[1] for p in parts}
     if len(fmts) != 1 or len(ins) != 1:
         raise ValueError(f"cannot fuse {sorted(fmts)} weights with in_features {sorted(ins)} into one tensor")

@@ -21,8 +21,8 @@ def quantize_int8(w: np.ndarray) -> QuantTensor:
 
 
 def quantize_int4(w: np.ndarray) -> QuantTensor:
-    """Symmetric int4 in groups of 128 along the input: q = round(w / d) in [-7, 7], d = max|group| / 7 (fp16),
-    stored as the nibble q + 8 in q4_0's nibble order (see qtensor.py)."""
+    """Symmetric int4 in groups of 128 along the input: q = round(w / d) in [-7, 7], d = max|group| / 7
+    (fp16), stored as the nibble q + 8 in q4_0's nibble order (see qtensor.py)."""
     block = LAYOUTS["int4"].block
     w = _as_matrix(w, block)
     g = w.reshape(w.shape[0], -1, block)
@@ -44,7 +44,7 @@ def from_gguf(t: GGUFTensor) -> QuantTensor:
 
 
 def unpermute_heads(qt: QuantTensor, n_head: int) -> QuantTensor:
-    """Undo llama.cpp's Q/K row interleave by reordering whole rows (gguf_import._unpermute on row indices)."""
+    """Undo llama.cpp's Q/K row interleave by reordering whole rows (gguf_import._unpermute on rows)."""
     dim = qt.shape[0] // n_head // 2
     order = np.arange(qt.shape[0]).reshape(n_head, dim, 2).swapaxes(2, 1).reshape(-1)
     return qt.take_rows(order)
