@@ -22,7 +22,8 @@ import numpy as np
 from lserve_lite.backends import cpu as C
 from lserve_lite.backends import cpu_kernels as K
 from lserve_lite.backends.cpu_quant import linear_q
-from lserve_lite.weights.qtensor import FORMATS, LAYOUTS, QuantTensor
+from lserve_lite.weights.qtensor import FORMATS, LAYOUTS, QuantTensor, concat_rows
+from lserve_lite.weights.quantize import from_gguf
 
 # [out_features, in_features]: SmolLM2-135M q/o, down, gate/up, lm_head; a Llama-7B/8B square projection
 SHAPES = [(576, 576), (576, 1536), (1536, 576), (49152, 576), (4096, 4096)]
@@ -90,6 +91,44 @@ def time_quant(x: np.ndarray, w: QuantTensor, threads: int, budget: float) -> tu
     return best_time(lambda: linear_q(x, w, Spread(threads)), budget)
 
 
+def smollm2_token(budget: float) -> list[dict]:
+    """All matrix products of one SmolLM2 decode token from the bundled GGUF's own tensors (30 layers of fused
+    q/k/v, o, fused gate/up, down, and the tied Q8_0 head), quantized vs their float32 copies."""
+    from lserve_lite.weights.default_model import GGUF_NAME, weights_home
+    from lserve_lite.weights.gguf_reader import read_gguf
+
+    path = weights_home() / GGUF_NAME
+    if not path.is_file():
+        print(f"(no {path}: SmolLM2 per-token figures skipped)")
+        return []
+    tensors = read_gguf(path)[1]
+    q = lambda name: from_gguf(tensors[name])  # noqa: E731
+    mats = [q("token_embd.weight")]
+    for i in range(30):
+        b = f"blk.{i}."
+        mats += [concat_rows([q(b + f"attn_{n}.weight") for n in "qkv"]), q(b + "attn_output.weight")]
+        mats += [concat_rows([q(b + "ffn_gate.weight"), q(b + "ffn_up.weight")]), q(b + "ffn_down.weight")]
+    f32 = [m.dequantize() for m in mats]
+    xs = {m.shape[1]: np.ones((1, m.shape[1]), np.float32) for m in mats}
+    rows = []
+    for threads in (1, 2):
+        wall, _ = best_time(lambda: [linear_q(xs[m.shape[1]], m, Spread(threads)) for m in mats], budget)  # noqa: B023
+        nbytes = sum(m.nbytes for m in mats)
+        rows.append(dict(fmt="smollm2_gguf", threads=threads, ms=wall * 1e3, gbps=nbytes / wall / 1e9))
+        wall, _ = best_time(lambda: [time_f32_once(xs[w.shape[1]], w, threads) for w in f32], budget)  # noqa: B023
+        nbytes = sum(w.nbytes for w in f32)
+        rows.append(dict(fmt="smollm2_f32", threads=threads, ms=wall * 1e3, gbps=nbytes / wall / 1e9))
+    for r in rows:
+        print(f"SmolLM2 one token, all matmuls, {r['fmt']}, {r['threads']} thread(s): {r['ms']:.2f} ms "
+              f"({r['gbps']:.1f} GB/s)")  # fmt: skip
+    return rows
+
+
+def time_f32_once(x: np.ndarray, w: np.ndarray, threads: int) -> None:
+    y = np.empty((1, w.shape[0]), np.float32)
+    Spread(threads).run(None, lambda a, b: K.gemv_rows(x, w, y, a, b), C.even_bounds(0, w.shape[0], threads))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="shorter timing budget per case")
@@ -108,6 +147,7 @@ def main() -> None:
                     row.update(cpu_ms=cpu * 1e3, cpu_gbps=w.nbytes / cpu / 1e9)
                 rows.append(row)
     print_table(rows)
+    rows += smollm2_token(4 * budget)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(cpu=platform.processor() or platform.machine(), cpus=C.usable_cpus(), loadavg=os.getloadavg())
     OUT.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
