@@ -98,9 +98,8 @@ def _half(builder, h16):
         return builder.fpext(builder.bitcast(h16, ir.HalfType()), _F32)
     h = builder.zext(h16, _I32)
     bits = builder.shl(builder.and_(h, _I32(0x7FFF)), _I32(13))
-    normal = builder.fmul(
-        builder.bitcast(bits, _F32), _F32(2.0**112)
-    )  # exact for normal and subnormal halves
+    # times 2^112 is exact for normal and subnormal halves
+    normal = builder.fmul(builder.bitcast(bits, _F32), _F32(2.0**112))
     special = builder.bitcast(builder.or_(bits, _I32(0x7F800000)), _F32)  # Inf / NaN
     mag = builder.select(
         builder.icmp_unsigned("==", builder.and_(h, _I32(0x7C00)), _I32(0x7C00)), special, normal
