@@ -192,7 +192,8 @@ def linear_q(
             np.empty((n, k // 16), np.float32),
         )
         quantize_activations(x, xq, dx, xs)
-        part = lambda a, b: gemv_rows_q(fmt, xq, dx, xs, w.data, y, a, b)  # noqa: E731
+        y_c = y if y.flags.c_contiguous else np.empty((n, m), np.float32)  # one compiled layout of `out`
+        part = lambda a, b: gemv_rows_q(fmt, xq, dx, xs, w.data, y_c, a, b)  # noqa: E731
         key = ("qgemv", n, w.fmt, w.shape)
     else:
         part = lambda a, b: gemm_rows_q(fmt, x, w.data, y, a, b)  # noqa: E731
@@ -202,4 +203,6 @@ def linear_q(
         split.run(key, part, bounds)
     else:
         part(0, m)
+    if n <= GEMV_ROWS and y_c is not y:
+        y[...] = y_c
     return y

@@ -34,13 +34,14 @@ def quantize_int4(w: np.ndarray) -> QuantTensor:
 
 
 def from_gguf(t: GGUFTensor) -> QuantTensor:
-    """The GGUF tensor's own blocks as a QuantTensor (no copy; ValueError for a type kept as float)."""
+    """The GGUF tensor's own blocks as a QuantTensor (a plain-ndarray view of the mapped bytes, no copy:
+    the kernels compile once for ndarray, not again for np.memmap). ValueError for a type kept as float."""
     fmt = _BY_GGML_TYPE.get(int(t.ggml_type))
     if fmt is None:
         raise ValueError(f"{t.name}: GGUF type {t.type_name} has no quantized kernel ({', '.join(FORMATS)})")
     if len(t.shape) != 2:
         raise ValueError(f"{t.name}: a {len(t.shape)}-d tensor is not a weight matrix")
-    return QuantTensor(fmt, (int(t.shape[0]), int(t.shape[1])), t.data)
+    return QuantTensor(fmt, (int(t.shape[0]), int(t.shape[1])), np.asarray(t.data))
 
 
 def unpermute_heads(qt: QuantTensor, n_head: int) -> QuantTensor:
