@@ -221,6 +221,19 @@ def test_int4_round_trip_within_half_a_step():
     np.testing.assert_array_equal(qt.dequantize(np.float64), _int_reference(qt))
 
 
+@pytest.mark.parametrize("n", [1, 20])
+def test_nan_and_inf_activations_propagate(n):
+    """A NaN or Inf in x gives NaN / Inf outputs on its row, as the float32 product does (not finite noise)."""
+    rng = np.random.default_rng(10)
+    qt, _ = _make("q4_1", 8, 64, rng)
+    x = rng.standard_normal((n, 64)).astype(np.float32)
+    x[0, 5], x[n - 1, 40] = np.nan, np.inf
+    y = linear_q(x, qt)
+    assert not np.isfinite(y[0]).any() and not np.isfinite(y[n - 1]).any()
+    if n > 2:
+        assert np.isfinite(y[1 : n - 1]).all()
+
+
 def test_quantizers_reject_unsupported_shapes():
     with pytest.raises(ValueError, match="multiple of 128"):
         quantize_int4(np.ones((4, 576), np.float32))  # SmolLM2's hidden size is not

@@ -49,14 +49,16 @@ def _k4_scale(row, o, s):
 
 @nb.njit(**JIT)
 def quantize_activations(x, xq, dx, xs):
-    """Per 32 values of each row: dx = max|x| / 127, xq = round(x / dx); xs = dx * (sum of xq per 16)."""
+    """Per 32 values of each row: dx = max|x| / 127, xq = round(x / dx); xs = dx * (sum of xq per 16).
+    A NaN or Inf among the 32 makes dx NaN, so that it reaches y as it would in float32."""
     n, k = x.shape
     for r in range(n):
         for b in range(k // 32):
-            amax = np.float32(0.0)
+            amax, finite = np.float32(0.0), True
             for i in range(32 * b, 32 * b + 32):
                 amax = max(amax, abs(x[r, i]))
-            d = amax / np.float32(127.0)
+                finite &= np.isfinite(x[r, i])
+            d = amax / np.float32(127.0) if finite else np.float32(np.nan)
             inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
             dx[r, b] = d
             for c in range(2 * b, 2 * b + 2):
