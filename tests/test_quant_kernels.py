@@ -267,6 +267,8 @@ def test_quantizers_reject_unsupported_shapes():
         quantize_int8(np.full((2, 32), np.nan, np.float32))
     with pytest.raises(ValueError, match="data must be uint8"):
         QuantTensor("q4_1", (2, 64), np.zeros((2, 39), np.uint8))
+    with pytest.raises(ValueError, match="contiguous rows"):  # the kernels read a row's bytes in one run
+        QuantTensor("q4_1", (2, 64), np.zeros((2, 80), np.uint8)[:, ::2])
 
 
 @pytest.fixture(scope="module")

@@ -73,9 +73,9 @@ class QuantTensor:
         if in_f <= 0 or in_f % lay.block:
             raise ValueError(f"{self.fmt}: in_features {in_f} is not a positive multiple of {lay.block}")
         want = (out_f, lay.row_bytes(in_f))
-        if self.data.dtype != np.uint8 or self.data.shape != want:
-            raise ValueError(f"{self.fmt} {self.shape}: data must be uint8 {want}, got {self.data.dtype} "
-                             f"{self.data.shape}")  # fmt: skip
+        if self.data.dtype != np.uint8 or self.data.shape != want or self.data.strides[1] != 1:
+            raise ValueError(f"{self.fmt} {self.shape}: data must be uint8 {want} with contiguous rows, got "
+                             f"{self.data.dtype} {self.data.shape}")  # fmt: skip
 
     @property
     def layout(self) -> BlockLayout:
@@ -87,8 +87,8 @@ class QuantTensor:
 
     def rows(self, r0: int, r1: int) -> QuantTensor:
         """Output rows r0..r1 (a view of the same bytes)."""
-        return QuantTensor(self.fmt, (len(range(*slice(r0, r1).indices(self.shape[0]))), self.shape[1]),
-                           self.data[r0:r1])  # fmt: skip
+        data = self.data[r0:r1]
+        return QuantTensor(self.fmt, (data.shape[0], self.shape[1]), data)
 
     def take_rows(self, index: np.ndarray) -> QuantTensor:
         """Output rows reordered / selected by `index` (a copy), e.g. to undo llama.cpp's Q/K permutation."""
