@@ -1,0 +1,315 @@
+"""Row dot products of the quantized CPU GEMV, written as LLVM IR (Numba intrinsics), one per format.
+
+`ROW_DOT[fmt](row, nblocks, xq, dx, xs)` is one packed weight row dotted with one row of int8 activations
+(cpu_quant.quantize_activations). It is one generic loop over blocks (`_row_dot`) with the format's block
+decoder inlined: each block's bytes are loaded as one vector, unpacked in registers and multiplied with the
+int8 activations, on AVX2 through pmaddubsw/pmaddwd (32 products in two instructions, as llama.cpp does),
+elsewhere through plain integer IR that LLVM lowers for the target; the int32 sums are scaled into a float32
+vector accumulator that is reduced once per row.
+
+Why IR: written as Numba loops, LLVM fully unrolls a block and then vectorizes the loop over blocks with
+strided gathers, or not at all (3-6x slower), and a per-block primitive pays a horizontal sum per block
+(1.6x slower than this). Unaligned loads, no bounds checks: cpu_quant.py checks the shapes. No pair sum
+overflows int16 (|unsigned q| <= 128, |xq| <= 127), so the portable path needs no saturation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import llvmlite.binding as llvm
+import numba as nb
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .cpu_kernels import _bits_to_f32
+
+_F32, _I8, _I16, _I32, _I64 = ir.FloatType(), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+
+
+def _host_has(feature: str) -> bool:
+    """Whether Numba compiles for this host (no NUMBA_CPU_NAME) and the host has the CPU feature."""
+    return nb.config.CPU_NAME is None and f"+{feature}" in llvm.get_host_cpu_features().flatten()
+
+
+_AVX2 = _host_has("avx2")
+# fpext half -> float is one instruction with F16C (x86) and on ARM; elsewhere a libcall Numba lacks
+_NATIVE_HALF = not llvm.get_process_triple().startswith(("x86_64", "i686")) or _host_has("f16c")
+
+
+def _vec(elem: ir.Type, n: int) -> ir.VectorType:
+    return ir.VectorType(elem, n)
+
+
+def _lanes(values: list[int]) -> ir.Constant:
+    return ir.Constant(_vec(_I32, len(values)), values)
+
+
+def _const(value: int, n: int, elem: ir.Type = _I8) -> ir.Constant:
+    return ir.Constant(_vec(elem, n), [value] * n)
+
+
+def _splat(builder, value, n: int):
+    v = builder.insert_element(ir.Constant(_vec(value.type, n), ir.Undefined), value, _I32(0))
+    return builder.shuffle_vector(v, v, _lanes([0] * n))
+
+
+def _x86(builder, name: str, ret: ir.Type, args: list):
+    fn = builder.module.globals.get(name)
+    fn = fn or ir.Function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, args)
+
+
+def _pair_sums(builder, w, n: int):
+    even = builder.shuffle_vector(w, w, _lanes(list(range(0, n, 2))))
+    odd = builder.shuffle_vector(w, w, _lanes(list(range(1, n, 2))))
+    return builder.add(even, odd)
+
+
+def _maddubs(builder, u, s):
+    """32 unsigned bytes u times 32 signed bytes s, adjacent pairs added: <16 x i16> (pmaddubsw)."""
+    if _AVX2:
+        return _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [u, s])
+    return _pair_sums(
+        builder, builder.mul(builder.zext(u, _vec(_I16, 32)), builder.sext(s, _vec(_I16, 32))), 32
+    )
+
+
+def _maddwd(builder, a, b):
+    """<16 x i16> a * b, adjacent pairs added: <8 x i32> (pmaddwd)."""
+    if _AVX2:
+        return _x86(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [a, b])
+    return _pair_sums(
+        builder, builder.mul(builder.sext(a, _vec(_I32, 16)), builder.sext(b, _vec(_I32, 16))), 16
+    )
+
+
+def _dot32(builder, u, s, scales=None):
+    """<8 x i32> partial sums of u * s over 32 bytes (u unsigned, s signed); `scales`: <16 x i16> per pair."""
+    return _maddwd(builder, _maddubs(builder, u, s), _const(1, 16, _I16) if scales is None else scales)
+
+
+def _half(builder, h16):
+    """An fp16 bit pattern (i16) as float32."""
+    if _NATIVE_HALF:
+        return builder.fpext(builder.bitcast(h16, ir.HalfType()), _F32)
+    h = builder.zext(h16, _I32)
+    bits = builder.shl(builder.and_(h, _I32(0x7FFF)), _I32(13))
+    # times 2^112 is exact for normal and subnormal halves
+    normal = builder.fmul(builder.bitcast(bits, _F32), _F32(2.0**112))
+    special = builder.bitcast(builder.or_(bits, _I32(0x7F800000)), _F32)  # Inf / NaN
+    mag = builder.select(
+        builder.icmp_unsigned("==", builder.and_(h, _I32(0x7C00)), _I32(0x7C00)), special, normal
+    )
+    sign = builder.shl(builder.and_(h, _I32(0x8000)), _I32(16))
+    return builder.bitcast(builder.or_(builder.bitcast(mag, _I32), sign), _F32)
+
+
+class _Row:
+    """IR accessors for one row dot: the packed row, the int8 activations, their scales and sums."""
+
+    def __init__(self, context, builder, sig, args):
+        self.b = builder
+        row, xq, dx, xs = (
+            context.make_array(sig.args[i])(context, builder, value=args[i]) for i in (0, 2, 3, 4)
+        )
+        self.row, self.xq, self.dx, self.xs = row.data, xq.data, dx.data, xs.data
+
+    def _at(self, base, index, ty: ir.Type):
+        index = index if isinstance(index, ir.Value) else _I64(index)
+        return self.b.load(self.b.bitcast(self.b.gep(base, [index]), ir.PointerType(ty)), align=1)
+
+    def i(self, *terms):
+        """Sum of int64 IR values and Python ints."""
+        out = _I64(0)
+        for t in terms:
+            out = self.b.add(out, t if isinstance(t, ir.Value) else _I64(t))
+        return out
+
+    def half(self, o):
+        return _half(self.b, self._at(self.row, o, _I16))
+
+    def bytes(self, o, n: int):
+        return self._at(self.row, o, _vec(_I8, n))
+
+    def byte(self, o):
+        """row[o] zero-extended to int32."""
+        return self.b.zext(self._at(self.row, o, _I8), _I32)
+
+    def xq32(self, k):
+        return self._at(self.xq, k, _vec(_I8, 32))
+
+    def dx_at(self, i):
+        return self._at(self.dx, i, _F32)
+
+    def xs_sum(self, i, n: int):
+        """Sum of n consecutive xs entries (sums of x per 16 values) from i."""
+        acc = self._at(self.xs, i, _F32)
+        for c in range(1, n):
+            acc = self.b.fadd(acc, self._at(self.xs, self.i(i, c), _F32))
+        return acc
+
+
+# A block decoder: (_Row, block index) -> ([(int32 x 8 partial dot, float32 scale)], float32 offset term)
+Decoder = Callable[[_Row, ir.Value], tuple[list, ir.Value]]
+
+
+def _row_dot(decode: Decoder):
+    """The intrinsic row_dot(row, nblocks, xq, dx, xs) -> float32 of a format, `decode` inlined per block."""
+
+    @intrinsic
+    def row_dot(typingctx, row, nblocks, xq, dx, xs):
+        def codegen(context, builder, sig, args):
+            r = _Row(context, builder, sig, args)
+            acc = cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, 8), [0.0] * 8))
+            off = cgutils.alloca_once_value(builder, _F32(0.0))
+            with cgutils.for_range(builder, args[1]) as loop:
+                terms, offset = decode(r, loop.index)
+                a = builder.load(acc)
+                for part, scale in terms:
+                    a = builder.fadd(
+                        a, builder.fmul(builder.sitofp(part, _vec(_F32, 8)), _splat(builder, scale, 8))
+                    )
+                builder.store(a, acc)
+                builder.store(builder.fadd(builder.load(off), offset), off)
+            v, n = builder.load(acc), 8
+            while n > 1:
+                n //= 2
+                lo = builder.shuffle_vector(v, v, _lanes(list(range(n))))
+                v = builder.fadd(lo, builder.shuffle_vector(v, v, _lanes(list(range(n, 2 * n)))))
+            return builder.fadd(builder.extract_element(v, _I32(0)), builder.load(off))
+
+        return types.float32(row, nblocks, xq, dx, xs), codegen
+
+    return row_dot
+
+
+def _nibbles(b, v, shift: int, n: int):
+    return b.and_(b.lshr(v, _const(shift, n)), _const(15, n)) if shift else b.and_(v, _const(15, n))
+
+
+def _q4_small(r: _Row, blk, block_bytes: int, with_min: bool):
+    """q4_0 / q4_1: d[, m], 16 bytes of nibbles (low: values 0-15, high: 16-31)."""
+    b = r.b
+    o = b.mul(blk, _I64(block_bytes))
+    d = r.half(o)
+    qs = r.bytes(r.i(o, 4 if with_min else 2), 16)
+    q = b.shuffle_vector(_nibbles(b, qs, 0, 16), _nibbles(b, qs, 4, 16), _lanes(list(range(32))))
+    part = _dot32(b, q, r.xq32(b.mul(blk, _I64(32))))
+    sums = r.xs_sum(b.mul(blk, _I64(2)), 2)
+    offset = b.fmul(r.half(r.i(o, 2)), sums) if with_min else b.fmul(b.fmul(d, _F32(-8.0)), sums)
+    return [(part, b.fmul(d, r.dx_at(blk)))], offset
+
+
+def _signed32(r: _Row, blk, o, scale):
+    """32 int8 weights at row[o:] (q8_0, int8) as |w| * (xq with w's sign): maddubs' operand types."""
+    b = r.b
+    w, x = r.bytes(o, 32), r.xq32(b.mul(blk, _I64(32)))
+    zero = _const(0, 32)
+    neg = b.icmp_signed("<", w, zero)
+    x = b.select(neg, b.sub(zero, x), b.select(b.icmp_signed("==", w, zero), zero, x))
+    return [(_dot32(b, b.select(neg, b.sub(zero, w), w), x), b.fmul(scale, r.dx_at(blk)))], _F32(0.0)
+
+
+def _q8_0(r: _Row, blk):
+    o = r.b.mul(blk, _I64(34))
+    return _signed32(r, blk, r.i(o, 2), r.half(o))
+
+
+def _int8(r: _Row, blk):
+    return _signed32(r, blk, r.i(r.b.mul(blk, _I64(32)), 2), r.half(_I64(0)))
+
+
+def _int4(r: _Row, blk):
+    """d, 64 bytes: value group g (32 values) = the low (g < 2) or high nibbles of bytes 32 (g % 2)..+32."""
+    b = r.b
+    o = b.mul(blk, _I64(66))
+    d = r.half(o)
+    terms = []
+    for g in range(4):
+        q = _nibbles(b, r.bytes(r.i(o, 2 + 32 * (g % 2)), 32), 4 * (g // 2), 32)
+        a = r.i(b.mul(blk, _I64(4)), g)
+        terms.append((_dot32(b, q, r.xq32(b.mul(a, _I64(32)))), b.fmul(d, r.dx_at(a))))
+    return terms, b.fmul(b.fmul(d, _F32(-8.0)), r.xs_sum(b.mul(blk, _I64(8)), 8))
+
+
+def _q4_k(r: _Row, blk):
+    """d, dmin, 12 bytes of 6-bit (scale, min) x 8, qs[128]: sub-block s = nibbles s % 2 of group s // 2."""
+    b = r.b
+    o = b.mul(blk, _I64(144))
+    d, dmin = r.half(o), r.half(r.i(o, 2))
+    sb = [r.byte(r.i(o, 4 + i)) for i in range(12)]
+    terms, mins = [], _F32(0.0)
+    for s in range(8):
+        if s < 4:
+            sc, m = b.and_(sb[s], _I32(63)), b.and_(sb[s + 4], _I32(63))
+        else:
+            top = b.shl(b.lshr(sb[s - 4], _I32(6)), _I32(4))
+            sc = b.or_(b.and_(sb[s + 4], _I32(15)), top)
+            m = b.or_(b.lshr(sb[s + 4], _I32(4)), b.shl(b.lshr(sb[s], _I32(6)), _I32(4)))
+        a = r.i(b.mul(blk, _I64(8)), s)
+        q = _nibbles(b, r.bytes(r.i(o, 16 + 32 * (s // 2)), 32), 4 * (s % 2), 32)
+        scale = b.fmul(b.fmul(d, b.uitofp(sc, _F32)), r.dx_at(a))
+        terms.append((_dot32(b, q, r.xq32(b.mul(a, _I64(32)))), scale))
+        mins = b.fadd(mins, b.fmul(b.uitofp(m, _F32), r.xs_sum(b.mul(a, _I64(2)), 2)))
+    return terms, b.fmul(b.fmul(dmin, _F32(-1.0)), mins)
+
+
+def _q6_k(r: _Row, blk):
+    """ql[128], qh[64], 16 int8 scales, d: group G = 4 h + g of 32 values takes nibbles g // 2 of
+    ql[64 h + 32 (g % 2):] and bits 2g of qh[32 h:]; each 16 values have a scale; q6 - 32 is the value."""
+    b = r.b
+    o = b.mul(blk, _I64(210))
+    d = r.half(r.i(o, 208))
+    terms, offset = [], _F32(0.0)
+    for G in range(8):
+        h, g = G // 4, G % 4
+        low = _nibbles(b, r.bytes(r.i(o, 64 * h + 32 * (g % 2)), 32), 4 * (g // 2), 32)
+        high = b.and_(b.lshr(r.bytes(r.i(o, 128 + 32 * h), 32), _const(2 * g, 32)), _const(3, 32))
+        q = b.or_(low, b.shl(high, _const(4, 32)))
+        sc = [b.sext(b.trunc(r.byte(r.i(o, 192 + 2 * G + t)), _I8), _I16) for t in (0, 1)]
+        pair = b.insert_element(b.insert_element(_const(0, 2, _I16), sc[0], _I32(0)), sc[1], _I32(1))
+        scales = b.shuffle_vector(pair, pair, _lanes([0] * 8 + [1] * 8))
+        a = r.i(b.mul(blk, _I64(8)), G)
+        terms.append((_dot32(b, q, r.xq32(b.mul(a, _I64(32))), scales), b.fmul(d, r.dx_at(a))))
+        for t in (0, 1):
+            xs = r.xs_sum(r.i(b.mul(a, _I64(2)), t), 1)
+            offset = b.fadd(offset, b.fmul(b.sitofp(sc[t], _F32), xs))
+    return terms, b.fmul(b.fmul(d, _F32(-32.0)), offset)
+
+
+# in qtensor.FORMATS order: q8_0, q4_0, q4_1, q4_k, q6_k, int8, int4
+ROW_DOT = (
+    _row_dot(_q8_0),
+    _row_dot(lambda r, blk: _q4_small(r, blk, 18, False)),
+    _row_dot(lambda r, blk: _q4_small(r, blk, 20, True)),
+    _row_dot(_q4_k),
+    _row_dot(_q6_k),
+    _row_dot(_int8),
+    _row_dot(_int4),
+)
+
+
+@intrinsic
+def _f16_fpext(typingctx, row, o):
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, value=args[0]).data
+        ptr = builder.bitcast(builder.gep(data, [args[1]]), ir.PointerType(ir.HalfType()))
+        return builder.fpext(builder.load(ptr, align=1), _F32)
+
+    return types.float32(row, o), codegen
+
+
+@nb.njit(inline="always")
+def _f16_bits(row, o):
+    h = np.int32(row[o]) | (np.int32(row[o + 1]) << 8)
+    mag = _bits_to_f32((h & 0x7FFF) << 13) * np.float32(2.0**112)  # exact for normal and subnormal halves
+    if (h & 0x7C00) == 0x7C00:
+        mag = _bits_to_f32(((h & 0x7FFF) << 13) | 0x7F800000)  # Inf / NaN
+    return -mag if h & 0x8000 else mag
+
+
+f16_at = _f16_fpext if _NATIVE_HALF else _f16_bits  # the little-endian fp16 at row[o:o + 2], for Numba code

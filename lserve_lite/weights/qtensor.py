@@ -1,0 +1,172 @@
+"""`QuantTensor`: a quantized weight matrix kept in its packed blocks, the one type that travels from the
+loader to `Ops.linear`, and the block layout of every supported format (the single source of truth).
+
+Every format packs a row of `in_features` values into `in_features // block` blocks of `block_bytes` bytes
+(int8 puts a 2-byte row scale before its blocks), so a matrix is a uint8 array [out_features, row_bytes] and
+a range of output rows is a slice. The GGUF formats are byte-identical to ggml's (ggml-quants.c,
+`gguf.constants.GGML_QUANT_SIZES`); fp16 fields are little-endian IEEE half.
+
+| format | block | bytes | block contents (value of element i)                                          |
+|--------|-------|-------|------------------------------------------------------------------------------|
+| q8_0   | 32    | 34    | d:f16, q[32]:i8                          w = d*q[i]                          |
+| q4_0   | 32    | 18    | d:f16, qs[16]                            w = d*(nib(i) - 8)                  |
+| q4_1   | 32    | 20    | d:f16, m:f16, qs[16]                     w = d*nib(i) + m                    |
+| q4_k   | 256   | 144   | d:f16, dmin:f16, scales[12] (8 x 6-bit sc, m), qs[128]                       |
+|        |       |       |   sub-block s (32 values) of 4-bit q:    w = d*sc[s]*q - dmin*m[s]           |
+| q6_k   | 256   | 210   | ql[128], qh[64], sc[16]:i8, d:f16        w = d*sc[i//16]*(q6(i) - 32)        |
+| int8   | 32    | 32    | q[32]:i8, after the row's s:f16          w = s*q[i]  (per output channel)    |
+| int4   | 128   | 66    | d:f16, qs[64]                            w = d*(nib(i) - 8), nib in [1, 15]  |
+
+nib(i) (q4_0, q4_1, int4, with h = block / 2): the low nibble of qs[i] for i < h, else the high nibble of
+qs[i - h]; q4_k's qs hold its sub-blocks in pairs the same way (32 bytes: low nibbles sub-block 2j, high
+nibbles 2j + 1). So int4 is q4_0 with blocks of 128 and one nibble decoder reads all four formats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """How one format packs a row: `row_head` bytes, then `block` values per `block_bytes` bytes.
+
+    A row-scale header, not a trailer: read first, it streams with the row (at the end, a per-row
+    scale cost a memory latency per row: 4x slower at K = 576)."""
+
+    block: int
+    block_bytes: int
+    row_head: int = 0
+    ggml_type: int | None = None  # gguf.GGMLQuantizationType value for the GGUF formats
+
+    def row_bytes(self, in_features: int) -> int:
+        return self.row_head + in_features // self.block * self.block_bytes
+
+
+LAYOUTS: dict[str, BlockLayout] = {
+    "q8_0": BlockLayout(32, 34, ggml_type=8),
+    "q4_0": BlockLayout(32, 18, ggml_type=2),
+    "q4_1": BlockLayout(32, 20, ggml_type=3),
+    "q4_k": BlockLayout(256, 144, ggml_type=12),
+    "q6_k": BlockLayout(256, 210, ggml_type=14),
+    "int8": BlockLayout(32, 32, row_head=2),
+    "int4": BlockLayout(128, 66),
+}
+FORMATS: tuple[str, ...] = tuple(LAYOUTS)  # a format's index here is its code in the Numba kernels
+
+
+@dataclass(frozen=True, eq=False)
+class QuantTensor:
+    """A [out_features, in_features] matrix as packed blocks (`data`: uint8 [out_features, row_bytes])."""
+
+    fmt: str
+    shape: tuple[int, int]
+    data: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.fmt not in LAYOUTS:
+            raise ValueError(f"unknown quantization format {self.fmt!r} (one of {', '.join(FORMATS)})")
+        out_f, in_f = self.shape
+        lay = LAYOUTS[self.fmt]
+        if in_f <= 0 or in_f % lay.block:
+            raise ValueError(f"{self.fmt}: in_features {in_f} is not a positive multiple of {lay.block}")
+        want = (out_f, lay.row_bytes(in_f))
+        if self.data.dtype != np.uint8 or self.data.shape != want or self.data.strides[1] != 1:
+            raise ValueError(f"{self.fmt} {self.shape}: data must be uint8 {want} with contiguous rows, got "
+                             f"{self.data.dtype} {self.data.shape}")  # fmt: skip
+
+    @property
+    def layout(self) -> BlockLayout:
+        return LAYOUTS[self.fmt]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def rows(self, r0: int, r1: int) -> QuantTensor:
+        """Output rows r0..r1 (a view of the same bytes)."""
+        data = self.data[r0:r1]
+        return QuantTensor(self.fmt, (data.shape[0], self.shape[1]), data)
+
+    def take_rows(self, index: np.ndarray) -> QuantTensor:
+        """Output rows reordered / selected by `index` (a copy), e.g. to undo llama.cpp's Q/K permutation."""
+        data = np.ascontiguousarray(self.data[np.asarray(index)])
+        return QuantTensor(self.fmt, (data.shape[0], self.shape[1]), data)
+
+    def dequantize(self, dtype: type = np.float32) -> np.ndarray:
+        """The float matrix (NumPy reference, float32 or float64): for tests and conversions, not serving."""
+        f = np.dtype(dtype)
+        out_f, in_f = self.shape
+        lay = self.layout
+        nb = in_f // lay.block
+        blocks = self.data[:, lay.row_head :].reshape(out_f, nb, lay.block_bytes)
+        w = _DEQUANT[self.fmt](blocks, f)
+        if self.fmt == "int8":
+            w = w * _f16(self.data[:, :2], f).reshape(out_f, 1, 1)
+        return w.reshape(out_f, in_f).astype(f, copy=False)
+
+
+def concat_rows(parts: list[QuantTensor]) -> QuantTensor:
+    """The parts' rows in order as one tensor (a fused q/k/v or gate/up); one format and in_features."""
+    fmts, ins = {p.fmt for p in parts}, {p.shape[1] for p in parts}
+    if len(fmts) != 1 or len(ins) != 1:
+        raise ValueError(f"cannot fuse {sorted(fmts)} weights with in_features {sorted(ins)} into one tensor")
+    data = np.concatenate([p.data for p in parts], axis=0)
+    return QuantTensor(parts[0].fmt, (data.shape[0], parts[0].shape[1]), data)
+
+
+def _f16(b: np.ndarray, f: np.dtype) -> np.ndarray:
+    """Little-endian fp16 fields (last axis: 2 bytes) as `f`, shape without that axis."""
+    return np.ascontiguousarray(b).view("<f2")[..., 0].astype(f)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """[..., h] bytes -> [..., 2h] values: the low nibbles, then the high ones."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _q8_0(b, f):
+    return _f16(b[..., 0:2], f)[..., None] * b[..., 2:].view(np.int8).astype(f)
+
+
+def _q4_0(b, f):
+    return _f16(b[..., 0:2], f)[..., None] * (_nibbles(b[..., 2:]).astype(f) - 8)
+
+
+def _q4_1(b, f):
+    return _f16(b[..., 0:2], f)[..., None] * _nibbles(b[..., 4:]).astype(f) + _f16(b[..., 2:4], f)[..., None]
+
+
+def _q4_k(b, f):
+    d, dmin, sc = _f16(b[..., 0:2], f), _f16(b[..., 2:4], f), b[..., 4:16].astype(np.int32)
+    lo4, hi4 = sc[..., 8:12], sc[..., 0:8] >> 6
+    scale = np.concatenate([sc[..., 0:4] & 63, (lo4 & 15) | (hi4[..., 0:4] << 4)], axis=-1)
+    mins = np.concatenate([sc[..., 4:8] & 63, (lo4 >> 4) | (hi4[..., 4:8] << 4)], axis=-1)
+    q = _nibbles(b[..., 16:].reshape(*b.shape[:-1], 4, 32))  # [..., pair, 64]: sub-blocks 2j, 2j + 1
+    q = q.reshape(*b.shape[:-1], 8, 32).astype(f)
+    w = d[..., None, None] * scale[..., None].astype(f) * q - dmin[..., None, None] * mins[..., None].astype(
+        f
+    )
+    return w.reshape(*b.shape[:-1], 256)
+
+
+def _q6_k(b, f):
+    ql = b[..., 0:128].reshape(*b.shape[:-1], 2, 2, 32).astype(np.int32)  # [half, l >= 32, l % 32]
+    qh = b[..., 128:192].reshape(*b.shape[:-1], 2, 1, 32).astype(np.int32)
+    low = np.concatenate([ql[..., 0, :] & 15, ql[..., 1, :] & 15, ql[..., 0, :] >> 4, ql[..., 1, :] >> 4], -1)
+    high = np.concatenate([(qh[..., 0, :] >> s) & 3 for s in (0, 2, 4, 6)], axis=-1)
+    q = (low | (high << 4)) - 32  # [..., half, 128]
+    scale = b[..., 192:208].view(np.int8).astype(f)
+    d = _f16(b[..., 208:210], f)
+    w = q.reshape(*b.shape[:-1], 16, 16).astype(f) * scale[..., None] * d[..., None, None]
+    return w.reshape(*b.shape[:-1], 256)
+
+
+def _int8(b, f):
+    return b.view(np.int8).astype(f)
+
+
+_DEQUANT = {"q8_0": _q8_0, "q4_0": _q4_0, "q4_1": _q4_1, "q4_k": _q4_k, "q6_k": _q6_k, "int8": _int8,
+            "int4": _q4_0}  # fmt: skip
