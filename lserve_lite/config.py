@@ -171,8 +171,8 @@ class ModelConfig:
         cfg = cls(
             arch=arch,
             hidden_size=hidden,
-            intermediate_size=f.int("intermediate_size"),
-            num_layers=f.int("num_hidden_layers"),
+            intermediate_size=f.integer("intermediate_size"),
+            num_layers=f.integer("num_hidden_layers"),
             num_heads=heads,
             num_kv_heads=f.integer("num_key_value_heads", heads),
             head_dim=f.integer("head_dim", hidden // heads),

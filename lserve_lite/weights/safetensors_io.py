@@ -118,8 +118,12 @@ def _tensor_info(name: str, v: object, data_bytes: int, where: str) -> TensorInf
     if not isinstance(offs, list) or len(offs) != 2 or not all(_is_uint(o) for o in offs):
         raise bad("data_offsets", "must be [begin, end] with non-negative integers")
     start, end = offs
-    if start > end or end > data_bytes:
-        raise bad("data_offsets", f"must satisfy begin <= end <= {data_bytes} (the data section's size)")
+    if start > end:
+        raise bad("data_offsets", "must satisfy begin <= end")
+    if end > data_bytes:
+        raise ModelLoadError(
+            f"{where}: truncated (tensor {name!r}: field 'data_offsets' ends at {end}, the data has {data_bytes} bytes)"
+        )
     if end - start != math.prod(shape) * _ITEMSIZE[dtype]:
         raise bad("data_offsets", f"must span {math.prod(shape) * _ITEMSIZE[dtype]} bytes ({dtype} {shape})")
     return TensorInfo(dtype, tuple(shape), start, end)
