@@ -50,7 +50,13 @@ def _shards(model_dir: Path) -> tuple[list[Path], dict[str, str]]:
                 raise ModelLoadError(
                     f"{index}: field 'weight_map' maps {name!r} to {fname!r}, not a file name in {model_dir}"
                 )
-        return [model_dir / f for f in dict.fromkeys(wm.values())], wm
+        files = [model_dir / f for f in dict.fromkeys(wm.values())]
+        for f in files:
+            if not f.is_file():
+                raise ModelLoadError(
+                    f"{index}: field 'weight_map' names {f.name}, file not found in {model_dir}"
+                )
+        return files, wm
     single = model_dir / "model.safetensors"
     if single.exists():
         return [single], {}
