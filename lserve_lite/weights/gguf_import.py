@@ -99,7 +99,9 @@ def _model_config(meta: dict[str, Any], tensors: dict, path: Path) -> dict[str, 
             raise ModelLoadError(f"{path}: missing metadata key 'llama.{key}'")
         if isinstance(v, list):  # per-layer values: fine if all equal
             if not v or len(set(map(repr, v))) != 1:
-                raise ModelLoadError(f"{path}: per-layer 'llama.{key}' values differ (not supported)")
+                raise ModelLoadError(
+                    f"{path}: per-layer 'llama.{key}' values are empty or differ (not supported)"
+                )
             v = v[0]
         if (
             isinstance(v, bool)
@@ -116,9 +118,9 @@ def _model_config(meta: dict[str, Any], tensors: dict, path: Path) -> dict[str, 
     layers, hidden = get("block_count"), get("embedding_length")
     heads = get("attention.head_count")
     kv_heads = get("attention.head_count_kv", heads)
-    rope_dim = meta.get("llama.rope.dimension_count")
+    rope_dim = get("rope.dimension_count", 0)
     head_dim = get("attention.key_length", rope_dim or hidden // max(heads, 1))
-    if rope_dim is not None and int(rope_dim) != head_dim:
+    if rope_dim and rope_dim != head_dim:
         raise ModelLoadError(
             f"{path}: partial rotary (rope dim {rope_dim} != head dim {head_dim}) is not supported"
         )
