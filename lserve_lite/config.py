@@ -206,6 +206,11 @@ class ModelConfig:
         """Cross-field consistency the forward pass relies on."""
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(f"{source}: num_attention_heads must be a multiple of num_key_value_heads")
+        if self.num_heads * self.head_dim > SIZE_BOUNDS["hidden_size"]:
+            raise ModelLoadError(
+                f"{source}: num_attention_heads x head_dim = {self.num_heads * self.head_dim} exceeds"
+                f" {SIZE_BOUNDS['hidden_size']} (sizes the attention and KV memory)"
+            )
         if self.head_dim % 2:
             raise ModelLoadError(f"{source}: head_dim must be even (rotary embedding), got {self.head_dim}")
         if self.dtype not in ("float32", "float16", "bfloat16"):

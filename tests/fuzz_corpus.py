@@ -138,6 +138,8 @@ CORPUS: dict[str, tuple[bytes, str]] = {
     "config/head_dim_huge.json": (_config(head_dim=2**20), "'head_dim' must be in"),
     "config/head_dim_odd.json": (_config(head_dim=15), "head_dim must be even"),
     "config/intermediate_huge.json": (_config(intermediate_size=2**40), "'intermediate_size' must be in"),
+    "config/attention_width_huge.json": (
+        _config(num_attention_heads=1024, num_key_value_heads=1024, head_dim=1024), "exceeds 65536"),
     "config/kv_heads_not_divisor.json": (_config(num_key_value_heads=3), "multiple of num_key_value_heads"),
     "config/layers_string.json": (_config(num_hidden_layers="2"), "'num_hidden_layers' must be an integer"),
     "config/layers_fraction.json": (_config(num_hidden_layers=2.5), "'num_hidden_layers' must be an integer"),
