@@ -7,6 +7,7 @@ import io
 import json
 import shutil
 import struct
+import subprocess
 import sys
 import tracemalloc
 import zipfile
@@ -277,3 +278,13 @@ def test_download_progress_on_stderr_only_on_a_terminal(tmp_path: Path, monkeypa
     text = err.getvalue()
     assert "lserve-lite: downloading" in text and "lserve-lite: saved" in text
     assert ("unpacking" in text and "\r" in text) if tty else ("\r" not in text and "unpacking" not in text)
+
+
+def test_cli_one_line_for_a_runaway_config(tmp_path: Path):
+    d = write_min_model_dir(tmp_path / "m", weights=True, max_position_embeddings=1e9)
+    r = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "generate", "--model", str(d), "--prompt", "w1", "--backend", "cpu"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "'max_position_embeddings' must be in" in r.stderr
