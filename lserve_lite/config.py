@@ -23,6 +23,7 @@ SIZE_BOUNDS = {
     "vocab_size": 1 << 22,
     "max_position_embeddings": 1 << 24,
 }
+MAX_MODEL_LEN = SIZE_BOUNDS["max_position_embeddings"]  # the longest context an EngineConfig accepts
 MAX_JSON_BYTES = 64 << 20  # config / tokenizer_config / index files larger than this are not configs
 
 
@@ -118,9 +119,9 @@ def _short(v: object) -> str:
 
 def token_ids(v: object, key: str, source: str, vocab_size: int) -> tuple[int, ...]:
     """An id or a list of ids (eos_token_id), each in [0, vocab_size)."""
-    items = v if isinstance(v, list) else [v]
     if v is None:
         return ()
+    items = v if isinstance(v, list) else [v]
     if len(items) > 1024 or not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
         raise ModelLoadError(f"{source}: field {key!r} must be a token id or a list of them, got {_short(v)}")
     if any(not 0 <= i < vocab_size for i in items):
@@ -232,6 +233,8 @@ def _rope_scaling(f: _Fields, rope: dict) -> dict | None:
     if kind != "llama3":
         raise ModelLoadError(f"{f.source}: unsupported rope_scaling type {_short(kind)} (supported: llama3)")
     g = _Fields(rs, f"{f.source}: rope_scaling")
+    if "factor" not in rs:
+        raise ModelLoadError(f"{f.source}: rope_scaling: missing required field 'factor'")
     factor = g.number("factor", math.nan, lo=0.0, hi=1e6)
     low = g.number("low_freq_factor", 1.0, lo=0.0, hi=1e6)
     high = g.number("high_freq_factor", 4.0, lo=low, hi=1e6)
@@ -329,9 +332,6 @@ class EngineConfig:
 
     def pages_for(self, tokens: int) -> int:
         return math.ceil(tokens / self.page_size)
-
-
-MAX_MODEL_LEN = SIZE_BOUNDS["max_position_embeddings"]  # the longest context an EngineConfig accepts
 
 
 def _positive_int(name: str, v: object, lo: int = 1, hi: int | None = None) -> None:

@@ -48,7 +48,7 @@ def _shards(model_dir: Path) -> tuple[list[Path], dict[str, str]]:
         for name, fname in wm.items():
             if not isinstance(fname, str) or not _plain_name(fname):
                 raise ModelLoadError(
-                    f"{index}: field 'weight_map' maps {name!r} to {fname!r}, not a file name in {model_dir}"
+                    f"{index}: field 'weight_map' maps {name!r:.60} to {fname!r:.60}, not a file name in {model_dir}"
                 )
         files = [model_dir / f for f in dict.fromkeys(wm.values())]
         for f in files:
