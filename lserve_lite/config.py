@@ -12,6 +12,123 @@ from .errors import InvalidRequestError, ModelLoadError
 SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
+# Sane bounds for config.json sizes: far above any released model, far below a runaway allocation.
+SIZE_BOUNDS = {
+    "hidden_size": 1 << 16,
+    "intermediate_size": 1 << 20,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 1024,
+    "vocab_size": 1 << 22,
+    "max_position_embeddings": 1 << 24,
+}
+MAX_MODEL_LEN = SIZE_BOUNDS["max_position_embeddings"]  # the longest context an EngineConfig accepts
+MAX_JSON_BYTES = 64 << 20  # config / tokenizer_config / index files larger than this are not configs
+
+
+def read_json_object(path: str | Path) -> dict:
+    """A JSON file that must hold an object; every way it can be wrong is one ModelLoadError line."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise ModelLoadError(f"{path}: {path.stat().st_size} bytes, too large for a JSON config file")
+        d = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise ModelLoadError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ModelLoadError(f"{path}: not valid JSON (nested too deeply)") from None
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not isinstance(d, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {_kind(d)}")
+    return d
+
+
+def _kind(v: object) -> str:
+    """A JSON type name for error messages."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(v), "a number")
+
+
+class _Fields:
+    """Typed access to one JSON object's fields; each wrong one raises ModelLoadError naming file and field."""
+
+    def __init__(self, d: dict, source: str):
+        self.d, self.source = d, source
+
+    def bad(self, key: str, what: str, value: object) -> ModelLoadError:
+        return ModelLoadError(f"{self.source}: field {key!r} {what}, got {_short(value)}")
+
+    def integer(self, key: str, default: int | None = None, lo: int = 1, hi: int | None = None) -> int:
+        """An integer in [lo, hi] (hi: SIZE_BOUNDS); integral floats (1e3) pass, as some JSON writers emit them."""
+        v = self.d.get(key)
+        if v is None:
+            if default is None:
+                raise ModelLoadError(f"{self.source}: missing required field {key!r}")
+            v = default
+        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self.bad(key, "must be an integer", v)
+        hi = SIZE_BOUNDS.get(key) if hi is None else hi
+        if v < lo or (hi is not None and v > hi):
+            raise self.bad(key, f"must be in [{lo}, {hi}]" if hi is not None else f"must be >= {lo}", v)
+        return v
+
+    def number(self, key: str, default: float, lo: float, hi: float = math.inf) -> float:
+        """A finite number in the open interval (lo, hi): NaN, inf and signs that break RoPE/RMSNorm refused."""
+        v = self.d.get(key)
+        v = default if v is None else v
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise self.bad(key, "must be a number", v)
+        if not (math.isfinite(v) and lo < v < hi):
+            raise self.bad(key, f"must be a finite number in ({lo:g}, {hi:g})", v)
+        return float(v)
+
+    def flag(self, key: str, default: bool) -> bool:
+        v = self.d.get(key)
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            raise self.bad(key, "must be true or false", v)
+        return v
+
+    def obj(self, key: str) -> dict | None:
+        v = self.d.get(key)
+        if v is not None and not isinstance(v, dict):
+            raise self.bad(key, "must be an object", v)
+        return v or None
+
+    def text(self, key: str) -> str | None:
+        v = self.d.get(key)
+        if v is not None and not isinstance(v, str):
+            raise self.bad(key, "must be a string", v)
+        return v
+
+
+def _short(v: object) -> str:
+    """repr of a field value, cut to keep the error one short line."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def token_ids(v: object, key: str, source: str, vocab_size: int) -> tuple[int, ...]:
+    """An id or a list of ids (eos_token_id), each in [0, vocab_size)."""
+    if v is None:
+        return ()
+    items = v if isinstance(v, list) else [v]
+    if len(items) > 1024 or not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+        raise ModelLoadError(f"{source}: field {key!r} must be a token id or a list of them, got {_short(v)}")
+    if any(not 0 <= i < vocab_size for i in items):
+        raise ModelLoadError(f"{source}: field {key!r} has ids outside [0, {vocab_size}), got {_short(v)}")
+    return tuple(dict.fromkeys(items))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The decoder shape and options that the forward pass needs."""
@@ -36,66 +153,67 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> ModelConfig:
-        archs = d.get("architectures") or []
-        arch = archs[0] if archs else None
-        if arch not in SUPPORTED_ARCHS:
+        """The one validation place for config.json: types, sane bounds and consistency, field by field."""
+        if not isinstance(d, dict):
+            raise ModelLoadError(f"{source}: expected a JSON object, got {_kind(d)}")
+        f = _Fields(d, source)
+        archs = d.get("architectures")
+        if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
+            raise f.bad("architectures", "must be a non-empty list of names", archs)
+        if archs[0] not in SUPPORTED_ARCHS:
             raise ModelLoadError(
-                f"{source}: unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})"
+                f"{source}: unsupported architecture {archs[0]!r} (supported: {', '.join(SUPPORTED_ARCHS)})"
             )
-        rope = d.get("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling here
-        scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        try:
-            hidden = int(d["hidden_size"])
-            heads = int(d["num_attention_heads"])
-            cfg = cls(
-                arch=arch,
-                hidden_size=hidden,
-                intermediate_size=int(d["intermediate_size"]),
-                num_layers=int(d["num_hidden_layers"]),
-                num_heads=heads,
-                num_kv_heads=int(d.get("num_key_value_heads") or heads),
-                head_dim=int(d.get("head_dim") or hidden // heads),
-                vocab_size=int(d["vocab_size"]),
-                rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-                rope_theta=float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
-                rope_scaling=scaling,
-                max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                qkv_bias=arch == "Qwen2ForCausalLM" or bool(d.get("attention_bias", False)),
-                dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
-                bos_token_id=d.get("bos_token_id"),
-                eos_token_ids=_as_ids(d.get("eos_token_id")),
-            )
-        except KeyError as e:
-            raise ModelLoadError(f"{source}: missing required field {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            raise ModelLoadError(f"{source}: bad field value ({e})") from None
+        arch = archs[0]
+        rope = f.obj("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling here
+        hidden, heads = f.integer("hidden_size"), f.integer("num_attention_heads")
+        vocab = f.integer("vocab_size")
+        bos = token_ids(d.get("bos_token_id"), "bos_token_id", source, vocab)
+        cfg = cls(
+            arch=arch,
+            hidden_size=hidden,
+            intermediate_size=f.integer("intermediate_size"),
+            num_layers=f.integer("num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=f.integer("num_key_value_heads", heads),
+            head_dim=f.integer("head_dim", hidden // heads),
+            vocab_size=vocab,
+            rms_norm_eps=f.number("rms_norm_eps", 1e-5, lo=0.0, hi=1.0),
+            rope_theta=f.number("rope_theta", rope.get("rope_theta", 10000.0), lo=1.0),
+            rope_scaling=_rope_scaling(f, rope),
+            max_position_embeddings=f.integer("max_position_embeddings", 4096),
+            tie_word_embeddings=f.flag("tie_word_embeddings", False),
+            qkv_bias=arch == "Qwen2ForCausalLM" or f.flag("attention_bias", False),
+            dtype=f.text("torch_dtype") or f.text("dtype") or "float32",
+            bos_token_id=bos[0] if bos else None,
+            eos_token_ids=token_ids(d.get("eos_token_id"), "eos_token_id", source, vocab),
+        )
         cfg.validate(source)
-        sw = d.get("sliding_window")
-        uses_sw = d.get("use_sliding_window", arch == "MistralForCausalLM")
-        if uses_sw and sw is not None and int(sw) < cfg.max_position_embeddings:
+        has_sw = d.get("sliding_window") is not None
+        sw = f.integer("sliding_window", lo=0, hi=None) if has_sw else None
+        if (
+            f.flag("use_sliding_window", arch == "MistralForCausalLM")
+            and has_sw
+            and sw < cfg.max_position_embeddings
+        ):
             raise ModelLoadError(f"{source}: sliding-window attention (sliding_window={sw}) is not supported")
         return cfg
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ModelLoadError(f"{path}: file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d, str(path))
+        return cls.from_dict(read_json_object(path), str(path))
 
     def validate(self, source: str) -> None:
+        """Cross-field consistency the forward pass relies on."""
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(f"{source}: num_attention_heads must be a multiple of num_key_value_heads")
-        rs = self.rope_scaling
-        if rs is not None:
-            kind = rs.get("rope_type", rs.get("type"))
-            if kind not in ("llama3", "default"):
-                raise ModelLoadError(f"{source}: unsupported rope_scaling type {kind!r} (supported: llama3)")
+        if self.num_heads * self.head_dim > SIZE_BOUNDS["hidden_size"]:
+            raise ModelLoadError(
+                f"{source}: num_attention_heads x head_dim = {self.num_heads * self.head_dim} exceeds"
+                f" {SIZE_BOUNDS['hidden_size']} (sizes the attention and KV memory)"
+            )
+        if self.head_dim % 2:
+            raise ModelLoadError(f"{source}: head_dim must be even (rotary embedding), got {self.head_dim}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ModelLoadError(f"{source}: unsupported torch_dtype {self.dtype!r}")
 
@@ -104,12 +222,25 @@ class ModelConfig:
         return self.num_heads // self.num_kv_heads
 
 
-def _as_ids(v) -> tuple[int, ...]:
-    if v is None:
-        return ()
-    if isinstance(v, int):
-        return (v,)
-    return tuple(int(x) for x in v)
+def _rope_scaling(f: _Fields, rope: dict) -> dict | None:
+    """rope_scaling (or transformers 5's rope_parameters): None, or llama3 with finite, ordered factors."""
+    rs = f.obj("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if rs is None:
+        return None
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise ModelLoadError(f"{f.source}: unsupported rope_scaling type {_short(kind)} (supported: llama3)")
+    g = _Fields(rs, f"{f.source}: rope_scaling")
+    if "factor" not in rs:
+        raise ModelLoadError(f"{f.source}: rope_scaling: missing required field 'factor'")
+    factor = g.number("factor", math.nan, lo=0.0, hi=1e6)
+    low = g.number("low_freq_factor", 1.0, lo=0.0, hi=1e6)
+    high = g.number("high_freq_factor", 4.0, lo=low, hi=1e6)
+    old = g.integer("original_max_position_embeddings", hi=SIZE_BOUNDS["max_position_embeddings"])
+    return {**rs, "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+            "original_max_position_embeddings": old}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -173,6 +304,19 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self):
+        """Absurd limits are refused here, before they can hang the scheduler or size an allocation."""
+        _positive_int("max_num_seqs", self.max_num_seqs)
+        _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
+        if self.num_kv_pages is not None:
+            _positive_int("num_kv_pages", self.num_kv_pages)
+        if self.max_model_len is not None:
+            _positive_int("max_model_len", self.max_model_len, hi=MAX_MODEL_LEN)
+        f = self.kv_memory_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
+            raise InvalidRequestError(f"kv_memory_fraction must be in (0, 1], got {f!r}")
+        _positive_int("page_size", self.page_size, lo=16, hi=1024)
+        if self.page_size & (self.page_size - 1):
+            raise InvalidRequestError(f"page_size must be a power of two in [16, 1024], got {self.page_size}")
         self.sparse.validate()
         if self.sparse.enabled and self.sparse.page_size != self.page_size:
             raise InvalidRequestError(
@@ -188,3 +332,10 @@ class EngineConfig:
 
     def pages_for(self, tokens: int) -> int:
         return math.ceil(tokens / self.page_size)
+
+
+def _positive_int(name: str, v: object, lo: int = 1, hi: int | None = None) -> None:
+    """One engine limit: an int in [lo, hi], else one InvalidRequestError line naming it."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise InvalidRequestError(f"{name} must be an integer {bound}, got {v!r}")

@@ -10,7 +10,10 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
-from .errors import InvalidRequestError, ModelLoadError
+from .config import read_json_object
+from .errors import InvalidRequestError, LServeError, ModelLoadError
+
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 class Tokenizer:
@@ -23,17 +26,17 @@ class Tokenizer:
         try:
             self.tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises bare Exception on bad JSON
-            raise ModelLoadError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+            raise ModelLoadError(f"{path}: cannot load tokenizer ({_one_line(e)})") from None
         cfg_path = model_dir / "tokenizer_config.json"
-        try:
-            self.cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-        except json.JSONDecodeError as e:
-            raise ModelLoadError(f"{cfg_path}: not valid JSON ({e})") from None
-        tmpl = self.cfg.get("chat_template")
-        if isinstance(tmpl, list):  # named templates: take the default
-            tmpl = next((t["template"] for t in tmpl if t.get("name") == "default"), None)
-        self.chat_template = tmpl
-        self._compiled = None
+        self.cfg = read_json_object(cfg_path) if cfg_path.exists() else {}
+        self.chat_template = _chat_template(self.cfg, cfg_path)
+        self._compiled = _compile(self.chat_template, cfg_path) if self.chat_template else None
+        for key in SPECIAL_KEYS:
+            v = self.cfg.get(key)
+            if not (
+                v is None or isinstance(v, str) or (isinstance(v, dict) and isinstance(v.get("content"), str))
+            ):
+                raise ModelLoadError(f"{cfg_path}: field {key!r} must be a string or {{'content': string}}")
 
     def _special(self, key: str) -> str | None:
         v = self.cfg.get(key)
@@ -47,27 +50,76 @@ class Tokenizer:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of `text`; InvalidRequestError for what is not Unicode text (a lone surrogate)."""
+        return self.tok.encode(_checked_text(text), add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text for `messages`, rendered as transformers' apply_chat_template does."""
-        if not self.chat_template:
-            raise InvalidRequestError("this model has no chat template; use a plain prompt")
-        for m in messages:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise InvalidRequestError("each chat message needs 'role' and 'content'")
         if self._compiled is None:
-            self._compiled = _jinja_env().from_string(self.chat_template)
-        specials = {k: self._special(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-        return self._compiled.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **specials
-        )
+            raise InvalidRequestError("this model has no chat template; use a plain prompt")
+        if not isinstance(messages, list):
+            raise InvalidRequestError("chat messages must be a list")
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+                raise InvalidRequestError("each chat message needs a string 'role' and a 'content'")
+        specials = {k: self._special(k) for k in SPECIAL_KEYS}
+        try:
+            return self._compiled.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **specials
+            )
+        except LServeError:
+            raise
+        except Exception as e:  # the template is code from the model files: any failure is a bad request
+            raise InvalidRequestError(f"chat template failed on these messages ({_one_line(e)})") from None
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return self.encode(self.render_chat(messages), add_special_tokens=False)
+
+
+def _chat_template(cfg: dict, path: Path) -> str | None:
+    """tokenizer_config.json's chat_template: a string, or the 'default' of a list of named ones."""
+    tmpl = cfg.get("chat_template")
+    if isinstance(tmpl, list):
+        named = [t for t in tmpl if isinstance(t, dict) and isinstance(t.get("template"), str)]
+        if len(named) != len(tmpl):
+            raise ModelLoadError(f"{path}: field 'chat_template' must list {{'name', 'template'}} objects")
+        tmpl = next((t["template"] for t in named if t.get("name") == "default"), None)
+    if tmpl is not None and not isinstance(tmpl, str):
+        raise ModelLoadError(f"{path}: field 'chat_template' must be a string, got {type(tmpl).__name__}")
+    return tmpl
+
+
+def _compile(template: str, path: Path) -> jinja2.Template:
+    """The chat template compiled once at load, so that a syntax error names the file, not a request."""
+    try:
+        return _jinja_env().from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ModelLoadError(
+            f"{path}: field 'chat_template' has a Jinja syntax error at line {e.lineno} ({_one_line(e)})"
+        ) from None
+    except (jinja2.TemplateError, RecursionError, MemoryError) as e:
+        raise ModelLoadError(f"{path}: field 'chat_template' cannot be compiled ({_one_line(e)})") from None
+
+
+def _checked_text(text: object) -> str:
+    """Prompt text the tokenizer can take: a str that encodes to UTF-8 (no lone surrogates)."""
+    if not isinstance(text, str):
+        raise InvalidRequestError(f"prompt text must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(
+            f"prompt is not valid Unicode text (lone surrogate U+{ord(text[e.start]):04X} at index {e.start})"
+        ) from None
+    return text
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg if len(msg) <= 200 else msg[:197] + "..."
 
 
 def _jinja_env() -> jinja2.Environment:

