@@ -16,8 +16,10 @@ Bound: with a free seat and pages, the request at the head of the queue gets its
 the step after it arrives, and the k-th waiting request within k steps, however long the prompts being
 prefilled are. A prompt of at most `reserve` tokens is fully prefilled in that step and decodes from the
 next; one of at most 2 x `reserve` tokens in the step after. A longer prompt then queues its remaining
-chunks behind older prefills (first come, first served). A sequence that lacks pages preempts the newest sequences not yet scheduled in this step (at
-worst itself); they go back to the head of the queue and recompute their K/V when readmitted.
+chunks behind older prefills (first come, first served).
+
+A sequence that lacks pages preempts the newest sequences not yet scheduled in this step (at worst
+itself); they go back to the head of the queue and recompute their K/V when readmitted.
 
 A step that schedules nothing and preempts nothing while work exists can never make progress (a budget
 or seat limit below 1, or a pool too small for the head request alone): it raises SchedulerStalled.
