@@ -13,11 +13,12 @@ from .errors import InvalidRequestError
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (dividing logits by them overflows float32)
 
 
 @dataclass
 class SamplingParams:
-    """temperature 0 means greedy; top_k 0 and top_p 1 disable those filters."""
+    """temperature 0 (or below 1e-5) means greedy; top_k 0 and top_p 1 disable those filters."""
 
     max_new_tokens: int = 256
     temperature: float = 1.0
@@ -77,7 +78,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def _int(x) -> bool:

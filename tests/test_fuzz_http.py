@@ -71,6 +71,26 @@ messages = (
 )
 
 
+clean_texts = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=30)
+VALID = {
+    "model": st.just("tiny"), "max_tokens": st.integers(1, 8), "temperature": st.floats(0, 2),
+    "top_p": st.floats(0.05, 1), "top_k": st.integers(0, 400), "seed": st.integers(0, 2**64 - 1),
+    "stream": st.booleans(), "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "stop": st.lists(clean_texts, max_size=4) | clean_texts, "stop_token_ids": st.lists(st.integers(0, 400), max_size=4),
+    "ignore_eos": st.booleans(), "repetition_penalty": st.floats(0.5, 2),
+}  # fmt: skip
+VALID_MAIN = {
+    "prompt": clean_texts | st.lists(st.integers(0, 319), min_size=1, max_size=8),
+    "messages": st.lists(
+        st.fixed_dictionaries(
+            {"role": st.sampled_from(["system", "user", "assistant"]), "content": clean_texts}
+        ),
+        min_size=1,
+        max_size=2,
+    ),
+}
+
+
 def field(valid: st.SearchStrategy) -> st.SearchStrategy:
     """Mostly plausible values, sometimes anything at all."""
     return st.one_of(valid, valid, json_values)
@@ -101,11 +121,12 @@ def bodies(main: str, main_values: st.SearchStrategy) -> st.SearchStrategy:
         optional={k: v for k, v in COMMON.items() if k != "max_tokens"},
     )
     stray = st.dictionaries(texts, json_values, max_size=2)
-    return st.tuples(objs, stray).map(lambda t: t[1] | t[0])
+    valid = st.fixed_dictionaries({main: VALID_MAIN[main]}, optional=VALID)
+    return st.one_of(st.tuples(objs, stray).map(lambda t: t[1] | t[0]), valid)
 
 
 def raw(objs: st.SearchStrategy) -> st.SearchStrategy:
-    """Bytes on the wire: the JSON, cut or spliced, or arbitrary bytes, or deep nesting."""
+    """Bytes on the wire: the JSON (most often), cut or spliced, or arbitrary bytes, or deep nesting."""
     enc = objs.map(lambda o: json.dumps(o).encode())
     cut = st.tuples(enc, st.integers(0, 200)).map(lambda t: t[0][: t[1]])
     splice = st.tuples(enc, st.integers(0, 200), st.binary(max_size=8)).map(

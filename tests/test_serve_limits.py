@@ -125,6 +125,13 @@ def test_stop_limits(client):
     assert error(post(client, ok | {"stop_token_ids": list(range(300))}))["param"] == "stop_token_ids"
 
 
+def test_subnormal_temperature_is_greedy(client):
+    """Dividing logits by 1e-30 overflows float32: such temperatures sample greedily, never NaN."""
+    body = {"prompt": "the quick", "max_tokens": 8, "ignore_eos": True}
+    texts = [post(client, body | {"temperature": t}).json()["choices"][0]["text"] for t in (0, 1e-30, 5e-324)]
+    assert texts[0] == texts[1] == texts[2]
+
+
 def test_huge_numbers(client):
     for field, value in (
         ("max_tokens", 10**30),
@@ -150,4 +157,5 @@ def test_sampling_params_limits():
         with pytest.raises(InvalidRequestError):
             SamplingParams(**kw)
     assert SamplingParams(stop=("a", "b"), stop_token_ids=[3]).stop == ("a", "b")
+    assert SamplingParams(temperature=5e-324).greedy and not SamplingParams(temperature=1e-4).greedy
     assert json.dumps(SamplingParams(stop="x").stop) == '["x"]'
