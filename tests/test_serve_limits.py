@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from lserve_lite import EngineConfig, InvalidRequestError, SamplingParams  # noqa: E402
 from lserve_lite.engine.llm_engine import LLMEngine  # noqa: E402
+from lserve_lite.engine.scheduler import SchedulerStalled  # noqa: E402
 from lserve_lite.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS  # noqa: E402
 from lserve_lite.serve.app import create_app  # noqa: E402
 
@@ -145,6 +146,20 @@ def test_huge_numbers(client):
             assert error(r)["param"] == field
     for prompt in ([10**30], [-1], [], "", [[]]):
         assert error(post(client, {"prompt": prompt, "max_tokens": 2}))["param"] == "prompt"
+
+
+def test_stalled_step_gives_503_then_recovers(client, monkeypatch):
+    engine = client.app.state.engine.engine
+
+    def stalled():
+        raise SchedulerStalled("no sequence can be scheduled: test")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(engine, "step", stalled)
+        r = post(client, {"prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 503 and r.json()["error"]["message"] == "no sequence can be scheduled: test"
+    assert post(client, {"prompt": "hi", "max_tokens": 2}).status_code == 200
+    assert engine.blocks.num_used == 0
 
 
 def test_sampling_params_limits():
