@@ -106,6 +106,7 @@ def spawned_server(
            "--max-num-seqs", str(args.concurrency), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
            "--max-model-len", str(args.max_model_len), "--log-level", "warning"]  # fmt: skip
     cmd += ["--model", model] if model else []
+    cmd += ["--kv-pages", str(args.kv_pages)] if args.kv_pages else []
     log = log_path.open("wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -354,6 +355,9 @@ def main() -> int:
     ap.add_argument("--long-words", type=int, default=120, help="words in the long prompts")
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--max-num-batched-tokens", type=int, default=128)
+    ap.add_argument("--kv-pages", type=int, default=1024,
+                    help="KV pool pages (0: the engine's memory-sized pool, whose zeroed memory the FIFO free "
+                         "list touches page by page, so RSS grows until the whole pool has been used once)")  # fmt: skip
     ap.add_argument("--rss-tolerance-mb", type=float, default=40.0, help="allowed RSS growth over the load")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="tools/results/soak_serve.json")
@@ -403,6 +407,7 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d"), "model": name, "cpu": platform.machine(), "cores": os.cpu_count(),
         "load_avg_1m_end": round(os.getloadavg()[0], 2), "seconds": wall, "concurrency": args.concurrency,
         "max_model_len": args.max_model_len, "max_num_batched_tokens": args.max_num_batched_tokens,
+        "kv_pages": g.get("lserve_kv_pages_total"),
         "cases": args.cases, "requests": len(log), "errors": errors, "rss_mb": [round(rss0, 1), round(rss1, 1)],
         "rss_samples_mb": series,
         "final_gauges": {k: v for k, v in g.items() if k.startswith("lserve_") and "bucket" not in k},

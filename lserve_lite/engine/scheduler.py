@@ -89,7 +89,7 @@ class Scheduler:
                 break
             if seq.status is Status.RUNNING:
                 budget -= self._run(seq, min(seq.num_pending, cap), batch)
-        budget -= self._admit(budget, batch)
+        self._admit(budget, batch)
         if not batch.seqs and not batch.preempted and self.has_work():
             raise SchedulerStalled(self._stall_reason())
         return batch
@@ -116,8 +116,8 @@ class Scheduler:
         batch.num_new.append(n)
         return n
 
-    def _admit(self, budget: int, batch: ScheduledBatch) -> int:
-        """Admit waiting sequences while pages, seats and budget last; returns the tokens they take."""
+    def _admit(self, budget: int, batch: ScheduledBatch) -> None:
+        """Admit waiting sequences while pages, seats and budget last."""
         used = 0
         while (
             self.waiting and used < budget and len(self.running) < self.max_num_seqs and not batch.preempted
@@ -133,7 +133,6 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new.append(n)
             used += n
-        return used
 
     def _stall_reason(self) -> str:
         head = self.waiting[0] if self.waiting else self.running[0]
