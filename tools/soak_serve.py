@@ -350,6 +350,7 @@ def main() -> int:
         "--model", default="tiny", help="'tiny' (random, written to a temp dir), 'default' (SmolLM2) or a dir"
     )
     ap.add_argument("--seconds", type=float, default=60.0, help="duration of the mixed load")
+    ap.add_argument("--warmup-seconds", type=float, default=10.0, help="load before the first RSS reading")
     ap.add_argument("--concurrency", type=int, default=8, help="concurrent clients (also --max-num-seqs)")
     ap.add_argument("--cases", type=int, default=12, help="distinct greedy prompts")
     ap.add_argument("--long-words", type=int, default=120, help="words in the long prompts")
@@ -376,7 +377,7 @@ def main() -> int:
             name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
             refs = asyncio.run(reference(url, cases))
             warm: list[dict] = []
-            asyncio.run(run_load(url, cases, refs, args, min(10.0, args.seconds / 6), warm))
+            asyncio.run(run_load(url, cases, refs, args, args.warmup_seconds, warm))
             rss0 = rss_mb(proc.pid)
             log: list[dict] = []
             t0 = time.monotonic()
@@ -405,7 +406,7 @@ def main() -> int:
     print("checks: " + ", ".join(f"{k}={'ok' if v else 'FAILED'}" for k, v in checks.items()))
     result = {
         "date": time.strftime("%Y-%m-%d"), "model": name, "cpu": platform.machine(), "cores": os.cpu_count(),
-        "load_avg_1m_end": round(os.getloadavg()[0], 2), "seconds": wall, "concurrency": args.concurrency,
+        "load_avg_1m_end": round(os.getloadavg()[0], 2), "seconds": wall, "warmup_seconds": args.warmup_seconds, "concurrency": args.concurrency,
         "max_model_len": args.max_model_len, "max_num_batched_tokens": args.max_num_batched_tokens,
         "kv_pages": g.get("lserve_kv_pages_total"),
         "cases": args.cases, "requests": len(log), "errors": errors, "rss_mb": [round(rss0, 1), round(rss1, 1)],
