@@ -3,7 +3,7 @@
 Every answer must be a 200 with a valid completion (or a valid SSE stream) or a 4xx OpenAI-style error,
 never a 500 and never a hang (each request has a client timeout). The server is a real uvicorn on
 127.0.0.1 in this process, over a tiny random model with a 64-token context so that every accepted
-request ends quickly. LSERVE_FUZZ_EXAMPLES sets the examples per endpoint (default 120, about 20 s each
+request ends quickly. LSERVE_FUZZ_EXAMPLES sets the examples per endpoint (default 120, about 5 s each
 here); with it set, the run is also randomized (new cases on every run).
 """
 
