@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lserve_lite import LLM, EngineConfig, SamplingParams
 from lserve_lite.engine.llm_engine import LLMEngine
-from lserve_lite.engine.scheduler import Scheduler
+from lserve_lite.engine.scheduler import Scheduler, SchedulerStalled
 from lserve_lite.kv.block_manager import BlockManager
 from lserve_lite.sequence import Sequence
 
@@ -51,29 +52,35 @@ def test_abort_frees_pages(tiny_llama):
 class _Driver:
     """Drives the scheduler with fake model steps (no model): each scheduled token is 'computed'."""
 
-    def __init__(self, pages: int, page_size: int, budget: int):
+    def __init__(self, pages: int, page_size: int, budget: int, max_num_seqs: int = 8):
         self.blocks = BlockManager(pages, page_size)
-        self.sched = Scheduler(self.blocks, max_num_seqs=8, max_num_batched_tokens=budget)
+        self.sched = Scheduler(self.blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+
+    def add(self, prompt_len: int, gen: int) -> Sequence:
+        seq = Sequence(list(range(prompt_len)), SamplingParams(max_new_tokens=gen))
+        self.sched.add(seq)
+        return seq
+
+    def step(self) -> None:
+        batch = self.sched.schedule()
+        used = sum(len(s.page_table) for s in self.sched.running)
+        assert used == self.blocks.num_used  # pages are owned by running sequences only
+        assert len(set(p for s in self.sched.running for p in s.page_table)) == used  # no page shared
+        assert batch.num_tokens <= self.sched.budget
+        for s, n in zip(batch.seqs, batch.num_new):
+            assert len(s.page_table) * self.blocks.page_size >= s.num_cached + n
+            s.num_cached += n
+            if s.num_pending == 0:
+                s.output_ids.append(1)
+                if len(s.output_ids) >= s.params.max_new_tokens:
+                    self.sched.finish(s, "length")
 
     def run(self, reqs: list[tuple[int, int]], max_steps: int = 5000) -> list[Sequence]:
-        seqs = [Sequence(list(range(p)), SamplingParams(max_new_tokens=g)) for p, g in reqs]
-        for s in seqs:
-            self.sched.add(s)
+        seqs = [self.add(p, g) for p, g in reqs]
         for _ in range(max_steps):
             if not self.sched.has_work():
                 break
-            batch = self.sched.schedule()
-            used = sum(len(s.page_table) for s in self.sched.running)
-            assert used == self.blocks.num_used  # pages are owned by running sequences only
-            assert len(set(p for s in self.sched.running for p in s.page_table)) == used  # no page shared
-            assert batch.num_tokens <= self.sched.budget
-            for s, n in zip(batch.seqs, batch.num_new):
-                assert len(s.page_table) * self.blocks.page_size >= s.num_cached + n
-                s.num_cached += n
-                if s.num_pending == 0:
-                    s.output_ids.append(1)
-                    if len(s.output_ids) >= s.params.max_new_tokens:
-                        self.sched.finish(s, "length")
+            self.step()
         return seqs
 
 
@@ -90,3 +97,60 @@ def test_kv_manager_property(reqs, page_size, budget):
     seqs = d.run(reqs)
     assert all(s.is_finished and len(s.output_ids) == g for s, (_, g) in zip(seqs, reqs))
     assert d.blocks.num_used == 0 and d.blocks.num_free == pages
+
+
+def _steps_until(d: _Driver, cond, limit: int = 1000) -> int:
+    for i in range(1, limit + 1):
+        d.step()
+        if cond():
+            return i
+    raise AssertionError(f"not reached in {limit} steps")
+
+
+def test_short_request_not_starved_by_long_prefill():
+    """Budget 64, a 6000-token prompt prefilling: a 5-token request arriving runs in the next step."""
+    d = _Driver(pages=(6000 + 64) // 16 + 8, page_size=16, budget=64)
+    long = d.add(6000, 1)
+    _steps_until(d, lambda: long.num_cached == 640)  # 10 steps of full 64-token chunks
+    short = d.add(5, 8)
+    assert _steps_until(d, lambda: short.num_cached > 0) == 1  # first (and only) prefill chunk
+    assert _steps_until(d, lambda: short.is_finished) == 7  # then one decode per step
+    assert long.num_cached == 640 + 8 * 64 - (5 + 7)  # it gave up only the short request's 12 tokens
+    assert long.num_pending > 64 * 70  # and is still more than 70 steps from the end of its prefill
+    left = -(-(6000 - long.num_cached) // 64)
+    assert _steps_until(d, lambda: long.is_finished) == left  # alone again: full 64-token chunks
+
+
+def test_queue_heads_get_first_chunks_within_k_steps():
+    """Three long prompts and then four short ones arrive: the k-th waiting request starts by step k."""
+    d = _Driver(pages=400, page_size=16, budget=64)
+    longs = [d.add(1500, 2) for _ in range(3)]
+    d.step()
+    shorts = [d.add(n, 4) for n in (5, 20, 3, 30)]
+    first = {}
+    for step in range(1, 12):
+        d.step()
+        for i, s in enumerate(longs[1:] + shorts):
+            if s.num_cached and i not in first:
+                first[i] = step
+    assert all(first[k] <= k + 1 for k in range(6)), first
+    # 20 and 30 tokens exceed the 16-token reserve: their rest comes before the long prompts' chunks
+    assert all(s.is_finished for s in shorts) and not any(s.is_finished for s in longs)
+
+
+def test_limits_below_one_raise_instead_of_spinning():
+    for seqs, budget in ((0, 64), (8, 0), (-1, 64), (8, True)):
+        with pytest.raises(SchedulerStalled, match="must be an integer >= 1"):
+            Scheduler(BlockManager(8, 16), seqs, budget)
+    d = _Driver(pages=2, page_size=16, budget=64)  # 32 tokens of KV: a 100-token prompt never fits
+    d.add(100, 1)
+    with pytest.raises(SchedulerStalled, match="no sequence can be scheduled"):
+        d.step()
+
+
+def test_engine_with_zero_budget_raises(tiny_llama):
+    from lserve_lite.errors import LServeError
+
+    for kw in (dict(max_num_batched_tokens=0), dict(max_num_seqs=0), dict(max_num_seqs=-1)):
+        with pytest.raises(LServeError):
+            LLMEngine(str(tiny_llama), "cpu", EngineConfig(**kw))

@@ -1,12 +1,44 @@
-"""Continuous batching with chunked prefill under a per-step token budget, preemption by recompute."""
+"""Continuous batching with chunked prefill under a per-step token budget, preemption by recompute.
+
+Each step fills the token budget in three passes:
+
+1. Decodes: every running sequence with one pending token gets it, oldest first.
+2. Running prefills: the budget left goes to running sequences still prefilling, oldest first, except
+   that those with at most `reserve` tokens left go before the others (a short prompt that got a partial
+   first chunk finishes its prefill in the next step instead of waiting behind a long one).
+   While requests wait and a seat is free, these chunks leave a reserve of `budget // 4` tokens
+   (at least 1) for the queue: a long prompt never takes the whole step.
+3. Admission: waiting requests, first come first served, get chunks from what is left (the reserve, plus
+   anything the passes above did not use) while pages and seats last, and never ahead of a request
+   preempted in this step.
+
+Bound: with a free seat and pages, the request at the head of the queue gets its first prefill chunk in
+the step after it arrives, and the k-th waiting request within k steps, however long the prompts being
+prefilled are. A prompt of at most `reserve` tokens is fully prefilled in that step and decodes from the
+next; one of at most 2 x `reserve` tokens in the step after. A longer prompt then queues its remaining
+chunks behind older prefills (first come, first served).
+
+A sequence that lacks pages preempts the newest sequences not yet scheduled in this step (at worst
+itself); they go back to the head of the queue and recompute their K/V when readmitted.
+
+A step that schedules nothing and preempts nothing while work exists can never make progress (a budget
+or seat limit below 1, or a pool too small for the head request alone): it raises SchedulerStalled.
+"""
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
 
+from ..errors import LServeError
 from ..kv.block_manager import BlockManager
 from ..sequence import Sequence, Status
+
+RESERVE_DIVISOR = 4  # while requests wait, running prefills leave budget // 4 tokens for the queue
+
+
+class SchedulerStalled(LServeError):
+    """The scheduler cannot run any waiting or running sequence (limits below 1 or too few KV pages)."""
 
 
 @dataclass
@@ -23,12 +55,16 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    """Decodes first (one token per running sequence), then fills the rest of the budget with prefill chunks."""
+    """Decodes first, then running prefill chunks, then admissions; see the module docstring for the rule."""
 
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        for name, v in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SchedulerStalled(f"{name} must be an integer >= 1, got {v!r}")
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.budget = max_num_batched_tokens
+        self.reserve = max(1, max_num_batched_tokens // RESERVE_DIVISOR)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -39,41 +75,72 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
-        seqs, num_new, preempted = [], [], []
+        batch = ScheduledBatch([], [], [])
         budget = self.budget
-        # 1. Running sequences, oldest first; a sequence without room preempts the newest ones.
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_pending, budget)
-            while not self.blocks.can_grow(seq, seq.num_cached + n):
-                victim = self.running.pop()
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is seq:
-                    break
-            else:
-                self.blocks.grow(seq, seq.num_cached + n)
-                seqs.append(seq)
-                num_new.append(n)
-                budget -= n
-                i += 1
-                continue
-            break
-        # 2. Admit waiting sequences while pages, slots and budget last (never ahead of a preempted one).
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+        for seq in [s for s in self.running if s.num_pending == 1]:
+            if budget > 0 and seq.status is Status.RUNNING:  # a decode before it may have preempted it
+                budget -= self._run(seq, 1, batch)
+        prefills = sorted(
+            (s for s in self.running if s.num_pending > 1), key=lambda s: s.num_pending > self.reserve
+        )
+        for seq in prefills:
+            cap = budget - self._queue_reserve(budget, batch)
+            if cap <= 0:
+                break
+            if seq.status is Status.RUNNING:
+                budget -= self._run(seq, min(seq.num_pending, cap), batch)
+        self._admit(budget, batch)
+        if not batch.seqs and not batch.preempted and self.has_work():
+            raise SchedulerStalled(self._stall_reason())
+        return batch
+
+    def _queue_reserve(self, budget: int, batch: ScheduledBatch) -> int:
+        """Tokens kept for the queue's head this step: none if it cannot be admitted anyway."""
+        if not self.waiting or len(self.running) >= self.max_num_seqs or batch.preempted:
+            return 0
+        head = self.waiting[0]
+        n = min(head.num_pending, self.reserve, budget)
+        return n if self.blocks.can_grow(head, head.num_cached + n) else 0
+
+    def _run(self, seq: Sequence, n: int, batch: ScheduledBatch) -> int:
+        """Schedule n tokens of running `seq`, preempting the newest unscheduled sequences for pages."""
+        while not self.blocks.can_grow(seq, seq.num_cached + n):
+            victim = next(s for s in reversed(self.running) if s not in batch.seqs)  # seq is unscheduled
+            self.running.remove(victim)
+            self._preempt(victim)
+            batch.preempted.append(victim)
+            if victim is seq:
+                return 0
+        self.blocks.grow(seq, seq.num_cached + n)
+        batch.seqs.append(seq)
+        batch.num_new.append(n)
+        return n
+
+    def _admit(self, budget: int, batch: ScheduledBatch) -> None:
+        """Admit waiting sequences while pages, seats and budget last."""
+        used = 0
+        while (
+            self.waiting and used < budget and len(self.running) < self.max_num_seqs and not batch.preempted
+        ):
             seq = self.waiting[0]
-            n = min(seq.num_pending, budget)
+            n = min(seq.num_pending, budget - used)
             if not self.blocks.can_grow(seq, seq.num_cached + n):
                 break
             self.waiting.popleft()
             self.blocks.grow(seq, seq.num_cached + n)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            seqs.append(seq)
-            num_new.append(n)
-            budget -= n
-        return ScheduledBatch(seqs, num_new, preempted)
+            batch.seqs.append(seq)
+            batch.num_new.append(n)
+            used += n
+
+    def _stall_reason(self) -> str:
+        head = self.waiting[0] if self.waiting else self.running[0]
+        return (
+            f"no sequence can be scheduled: {len(self.running)} running, {len(self.waiting)} waiting, "
+            f"{self.blocks.num_free} free KV pages, the next request needs {head.num_pending} tokens "
+            f"(max_num_seqs={self.max_num_seqs}, max_num_batched_tokens={self.budget})"
+        )
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.release(seq)

@@ -22,17 +22,30 @@ from ..errors import InvalidRequestError
 from . import add_serve_args, run_from_args, run_server
 from .async_engine import AsyncEngine, RequestHandle
 from .metrics import Metrics
-from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, new_id, now, parse, usage
+from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, decode, new_id, now, parse, usage
 
 log = logging.getLogger("lserve_lite.serve")
 __all__ = ["create_app", "ServerThread", "add_serve_args", "run_from_args", "run_server"]
 
+MAX_BODY_BYTES = 8 << 20  # a request body larger than this gets 413 before it is parsed
+PROMPT_CHARS_PER_TOKEN = 16  # prompts over 16 characters per token of context get 400 before tokenizing
+
 
 def create_app(
-    engine: LLMEngine, api_key: str | None = None, served_model_name: str | None = None, max_queue: int = 256
+    engine: LLMEngine,
+    api_key: str | None = None,
+    served_model_name: str | None = None,
+    max_queue: int = 256,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_prompt_chars: int | None = None,
 ) -> FastAPI:
-    """An app serving `engine`; its engine thread runs for the app's lifespan."""
+    """An app serving `engine`; its engine thread runs for the app's lifespan.
+
+    Requests over `max_body_bytes` get 413, prompts over `max_prompt_chars` characters (default:
+    PROMPT_CHARS_PER_TOKEN x the context length) get 400, both before any tokenization.
+    """
     metrics = Metrics()
+    prompt_limit = max_prompt_chars or PROMPT_CHARS_PER_TOKEN * engine.max_len
     aengine = AsyncEngine(engine, max_queue, metrics)
     model_name = served_model_name or engine.model_dir.name
     created = now()
@@ -117,20 +130,42 @@ def create_app(
         return model_card()
 
     # -- generation -----------------------------------------------------------------------------
-    async def read_json(request: Request):
-        try:
-            return json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"malformed JSON body: {e}") from None
+    async def read_json(request: Request) -> dict:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            raise ApiError(413, f"the request body has {declared} bytes; at most {max_body_bytes} allowed")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise ApiError(413, f"the request body exceeds {max_body_bytes} bytes")
+            chunks.append(chunk)
+        return decode(b"".join(chunks))
+
+    def check_prompt_size(req: ChatCompletionRequest | CompletionRequest) -> None:
+        n = req.prompt_chars()
+        if n > prompt_limit:
+            where = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
+            raise ApiError(400, f"the prompt has {n} characters; at most {prompt_limit} allowed", where,
+                           "context_length_exceeded")  # fmt: skip
 
     def tokenize(req: ChatCompletionRequest | CompletionRequest) -> list[int]:
+        where = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
         try:
             if isinstance(req, ChatCompletionRequest):
-                return engine.tokenizer.encode_chat([m.as_dict() for m in req.messages])
+                return check_ids(engine.tokenizer.encode_chat([m.as_dict() for m in req.messages]))
             p = req.prompt
-            return engine.tokenizer.encode(p) if isinstance(p, str) else list(p)
+            return check_ids(engine.tokenizer.encode(p) if isinstance(p, str) else p)
         except InvalidRequestError as e:
-            raise ApiError(400, str(e)) from None
+            raise ApiError(400, str(e), where) from None
+
+    def check_ids(ids: list[int]) -> list[int]:
+        vocab = engine.cfg.vocab_size
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        if not all(0 <= t < vocab for t in ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        return ids
 
     def max_new_tokens(req: ChatCompletionRequest | CompletionRequest, n: int) -> int:
         limit, where = engine.max_len, "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
@@ -148,6 +183,7 @@ def create_app(
         check_key(request)
         req = parse(ChatCompletionRequest if chat else CompletionRequest, await read_json(request))
         check_model(req.model)
+        check_prompt_size(req)
         prompt_ids = await asyncio.to_thread(tokenize, req)
         params = req.sampling_params(max_new_tokens(req, len(prompt_ids)))
         rid = new_id("chatcmpl" if chat else "cmpl")

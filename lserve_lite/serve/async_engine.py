@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 
 from ..engine.llm_engine import LLMEngine, StepOutput
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, LServeError
 from ..sampling_params import SamplingParams
 from .metrics import Metrics
 from .protocol import ApiError
@@ -164,9 +164,9 @@ class AsyncEngine:
             if eng.has_unfinished():
                 try:
                     outs = eng.step()
-                except Exception:
+                except Exception as e:
                     log.exception("engine step failed; failing the requests in flight")
-                    outs, posts = [], posts + self._fail_all()
+                    outs, posts = [], posts + self._fail_all(_step_error(e))
                 for out in outs:
                     self._observe(out)
                     posts.append((out.request_id, out))
@@ -203,7 +203,7 @@ class AsyncEngine:
                                   now - t[0])  # fmt: skip
             del self._timing[out.request_id]
 
-    def _fail_all(self) -> list[tuple[str, object]]:
+    def _fail_all(self, err: ApiError) -> list[tuple[str, object]]:
         """After a failed step: abort every sequence (frees its pages) and tell its client."""
         rids = list(self._timing)
         for rid in rids:
@@ -214,4 +214,11 @@ class AsyncEngine:
         except Exception:
             log.exception("engine cleanup step failed")
             time.sleep(0.1)
-        return [(rid, ApiError(500, "internal server error")) for rid in rids]
+        return [(rid, err) for rid in rids]
+
+
+def _step_error(e: Exception) -> ApiError:
+    """What clients see of a failed step: an lserve-lite error's own line (503), else nothing internal."""
+    if isinstance(e, LServeError):
+        return ApiError(503, str(e))
+    return ApiError(500, "internal server error")

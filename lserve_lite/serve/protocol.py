@@ -1,7 +1,14 @@
-"""OpenAI request/response shapes: pydantic models for requests, plain dicts for responses, API errors."""
+"""OpenAI request/response shapes: pydantic models for requests, plain dicts for responses, API errors.
+
+Request bodies are checked strictly, as OpenAI does: a JSON boolean is not an integer (`max_tokens: true`
+is refused), a float is not an integer, a string is not a number. Before any model sees a body, `decode`
+refuses bodies that are not plain JSON objects, nest deeper than MAX_JSON_DEPTH, or hold a string with a
+lone UTF-16 surrogate (it cannot be tokenized nor echoed back as UTF-8).
+"""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -28,14 +35,26 @@ class ApiError(Exception):
         return {"error": err | {"param": self.param, "code": self.code}}
 
 
+MAX_JSON_DEPTH = 32  # the deepest valid body is 5 levels (messages[i].content[j].text)
+
+_STRICT = ConfigDict(extra="ignore", strict=True)
+_UNION_HINTS = {
+    "prompt": "must be a string, a list of one string, a list of token ids or a list of one list of token ids",
+    "stop": "must be a string or a list of strings",
+    "content": "must be a string or a list of text parts",
+}
+
+
 class StreamOptions(BaseModel):
+    model_config = _STRICT
+
     include_usage: bool = False
 
 
 class _Request(BaseModel):
     """Fields common to both endpoints; unknown fields are ignored, unsupported ones refused."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -45,7 +64,7 @@ class _Request(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, lt=2**64)
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     # extensions (vLLM names)
@@ -53,6 +72,10 @@ class _Request(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+
+    def prompt_chars(self) -> int:
+        """Characters of text to tokenize (0 for token ids)."""
+        raise NotImplementedError
 
     def check(self) -> None:
         if self.n not in (None, 1):
@@ -76,20 +99,29 @@ class _Request(BaseModel):
                 ignore_eos=self.ignore_eos,
             )
         except InvalidRequestError as e:
-            raise ApiError(400, str(e)) from None
+            raise ApiError(400, str(e), _param_of(str(e))) from None
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
+def _param_of(message: str) -> str:
+    """The request field a SamplingParams error names ('top_k must be ...', 'a stop string has ...')."""
+    words = message.split(" ", 2)
+    name = words[1] if words[0] == "a" and len(words) > 1 else words[0]
+    return {"max_new_tokens": "max_tokens"}.get(name, name)
+
+
 class TextPart(BaseModel):
+    model_config = _STRICT
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
@@ -115,6 +147,9 @@ class ChatCompletionRequest(_Request):
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
 
+    def prompt_chars(self) -> int:
+        return sum(len(m.as_dict()["content"]) for m in self.messages)
+
 
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -135,11 +170,59 @@ class CompletionRequest(_Request):
                 raise ApiError(400, f"one prompt per request (got {len(p)})", "prompt")
             self.prompt = p[0]
 
+    def prompt_chars(self) -> int:
+        return len(self.prompt) if isinstance(self.prompt, str) else 0
 
-def parse(model: type[_Request], body: Any) -> _Request:
-    """Validate a decoded JSON body; the first problem becomes a 400 naming the parameter."""
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def decode(raw: bytes) -> dict:
+    """Bytes to a JSON object: malformed, non-standard (NaN), too deep or surrogate-holding bodies are 400."""
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ApiError(400, f"malformed JSON body: nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, NaN, ints over the digit limit
+        raise ApiError(400, f"malformed JSON body: {e}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    for key, value in body.items():
+        if not _clean(key):
+            raise ApiError(400, "a top-level key holds a lone UTF-16 surrogate (invalid Unicode)")
+        _check_value(value, key)
+    return body
+
+
+def _clean(s: str) -> bool:
+    """False for a string with a lone surrogate (only a JSON \\uD800-style escape can produce one)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_value(value: Any, param: str) -> None:
+    """Walk one top-level field without recursion: depth limit, and no lone surrogate in keys or strings."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"malformed JSON body: nested deeper than {MAX_JSON_DEPTH} levels", param)
+        if isinstance(v, str) and not _clean(v):
+            raise ApiError(400, f"{param}: a string holds a lone UTF-16 surrogate (invalid Unicode)", param)
+        if isinstance(v, dict):
+            if not all(_clean(k) for k in v):
+                raise ApiError(400, f"{param}: a key holds a lone UTF-16 surrogate (invalid Unicode)", param)
+            stack.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v)
+
+
+def parse(model: type[_Request], body: dict) -> _Request:
+    """Validate a decoded JSON object; the first problem becomes a 400 naming the parameter."""
     try:
         req = model.model_validate(body)
     except ValidationError as e:
@@ -147,7 +230,10 @@ def parse(model: type[_Request], body: Any) -> _Request:
         loc = err["loc"]
         param = str(loc[0]) if loc else None
         where = "".join([param or "body"] + [f"[{x}]" for x in loc[1:] if isinstance(x, int)])
-        raise ApiError(400, f"{where}: {err['msg']}", param) from None
+        hint = (
+            next((h for k, h in _UNION_HINTS.items() if k in map(str, loc)), None) if len(loc) > 1 else None
+        )
+        raise ApiError(400, f"{where}: {hint or err['msg']}", param) from None
     req.check()
     return req
 

@@ -1,0 +1,176 @@
+"""The request edge, in-process: strict JSON types, size and depth limits, bad Unicode, stop-string limits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from lserve_lite import EngineConfig, InvalidRequestError, SamplingParams  # noqa: E402
+from lserve_lite.engine.llm_engine import LLMEngine  # noqa: E402
+from lserve_lite.engine.scheduler import SchedulerStalled  # noqa: E402
+from lserve_lite.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS  # noqa: E402
+from lserve_lite.serve.app import create_app  # noqa: E402
+
+CFG = dict(num_kv_pages=32, max_model_len=128, max_num_seqs=8)
+MSGS = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def client(tiny_llama):
+    engine = LLMEngine(str(tiny_llama), "cpu", EngineConfig(**CFG))
+    with TestClient(
+        create_app(engine, served_model_name="tiny", max_body_bytes=300_000, max_prompt_chars=200)
+    ) as c:
+        yield c
+
+
+def error(r, status: int = 400) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["type"] == "invalid_request_error"
+    return err
+
+
+def post(c: TestClient, body: dict | str | bytes, chat: bool = False):
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    if isinstance(body, dict):
+        return c.post(path, json=body)
+    return c.post(path, content=body if isinstance(body, bytes) else body.encode())
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("max_tokens", True), ("max_tokens", 2.0), ("max_tokens", "4"), ("temperature", "0"),
+        ("temperature", True), ("top_p", False), ("top_k", True), ("seed", 1.5), ("seed", 2**64),
+        ("stream", "yes"), ("stream", 1), ("ignore_eos", 1), ("stop", [1]), ("stop", [True]),
+        ("stop_token_ids", [True]), ("stop_token_ids", "2"), ("n", True), ("model", 5),
+        ("stream_options", {"include_usage": "yes"}), ("repetition_penalty", "1"),
+    ],
+)  # fmt: skip
+def test_strict_types(client, field, value):
+    for chat in (False, True):
+        body = {"max_tokens": 2} | ({"messages": MSGS} if chat else {"prompt": "hi"}) | {field: value}
+        assert error(post(client, body, chat))["param"] == field
+
+
+@pytest.mark.parametrize(
+    "prompt", [[True, False], [[True]], [1.0, 2.0], {"text": "hi"}, None, [["a"]], [[1], [2]], ["a", "b"]]
+)
+def test_prompt_types(client, prompt):
+    err = error(post(client, {"prompt": prompt, "max_tokens": 2}))
+    assert err["param"] == "prompt"
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [[{"role": "user", "content": 5}], [{"role": "user", "content": [{"type": "text", "text": 5}]}],
+     [{"role": True, "content": "x"}], [{"content": "x"}], ["hi"], "hi", [{"role": "user", "content": [5]}]],
+)  # fmt: skip
+def test_message_types(client, messages):
+    assert error(post(client, {"messages": messages, "max_tokens": 2}, chat=True))["param"] == "messages"
+
+
+def test_deep_nesting_and_bad_json(client):
+    for depth in (100_000, 40):
+        nest = "[" * depth + "]" * depth
+        assert "nested deeper" in error(post(client, '{"prompt": ' + nest + "}"))["message"]
+        assert (
+            "nested deeper"
+            in error(post(client, '{"messages": [{"content": ' + nest + "}]}", True))["message"]
+        )
+        error(post(client, nest))
+    for body in ('{"prompt": "hi", "max_tokens": ' + "9" * 5000 + "}", '{"prompt": "hi", "temperature": NaN}',
+                 '{"prompt": "hi", "top_p": Infinity}', "[1]", "3", "null", '{"prompt": "hi"', b"\xff\xfe"):  # fmt: skip
+        assert "JSON" in error(post(client, body))["message"]
+
+
+def test_surrogates_400(client):
+    cases = [
+        ('{"prompt": "a\\ud800b", "max_tokens": 2}', False, "prompt"),
+        ('{"prompt": ["\\udfff"], "max_tokens": 2}', False, "prompt"),
+        ('{"prompt": "hi", "stop": ["\\ud83d"], "max_tokens": 2}', False, "stop"),
+        ('{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 2}', True, "messages"),
+        ('{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}', True, "messages"),
+        ('{"model": "\\ud800", "prompt": "hi"}', False, "model"),
+        ('{"\\ud800": 1, "prompt": "hi"}', False, None),
+    ]  # fmt: skip
+    for body, chat, param in cases:
+        err = error(post(client, body, chat))
+        assert err["param"] == param and "surrogate" in err["message"]
+    r = post(client, '{"prompt": "\\ud83d\\ude00", "max_tokens": 2, "temperature": 0}')  # a valid pair
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_size_limits(client):
+    assert error(post(client, {"prompt": "x" * 300_000}), 413)["code"] is None
+    err = error(post(client, {"prompt": "x" * 201, "max_tokens": 2}))
+    assert (err["param"], err["code"]) == ("prompt", "context_length_exceeded") and "200" in err["message"]
+    err = error(post(client, {"messages": [{"role": "user", "content": "y" * 150}] * 2}, chat=True))
+    assert err["param"] == "messages"
+    chunked = client.post("/v1/completions", content=iter([b'{"prompt": "', b"z" * 300_000, b'"}']))
+    error(chunked, 413)  # no content-length: counted while read
+
+
+def test_stop_limits(client):
+    ok = {"prompt": "hi", "max_tokens": 2, "temperature": 0}
+    r = post(client, ok | {"stop": ["s" * MAX_STOP_CHARS] + ["x"] * (MAX_STOP_STRINGS - 1)})
+    assert r.status_code == 200
+    for stop in (["x"] * (MAX_STOP_STRINGS + 1), ["s" * (MAX_STOP_CHARS + 1)], [""], ["a", ""]):
+        assert error(post(client, ok | {"stop": stop}))["param"] == "stop"
+    assert error(post(client, ok | {"stop_token_ids": list(range(300))}))["param"] == "stop_token_ids"
+
+
+def test_subnormal_temperature_is_greedy(client):
+    """Dividing logits by 1e-30 overflows float32: such temperatures sample greedily, never NaN."""
+    body = {"prompt": "the quick", "max_tokens": 8, "ignore_eos": True}
+    texts = [post(client, body | {"temperature": t}).json()["choices"][0]["text"] for t in (0, 1e-30, 5e-324)]
+    assert texts[0] == texts[1] == texts[2]
+
+
+def test_huge_numbers(client):
+    for field, value in (
+        ("max_tokens", 10**30),
+        ("top_k", 10**30),
+        ("temperature", 1e308),
+        ("seed", 2**64 - 1),
+    ):
+        r = post(client, {"prompt": "hi", "max_tokens": 2} | {field: value})
+        assert r.status_code in (200, 400), r.text
+        if r.status_code == 400:
+            assert error(r)["param"] == field
+    for prompt in ([10**30], [-1], [], "", [[]]):
+        assert error(post(client, {"prompt": prompt, "max_tokens": 2}))["param"] == "prompt"
+
+
+def test_stalled_step_gives_503_then_recovers(client, monkeypatch):
+    engine = client.app.state.engine.engine
+
+    def stalled():
+        raise SchedulerStalled("no sequence can be scheduled: test")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(engine, "step", stalled)
+        r = post(client, {"prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 503 and r.json()["error"]["message"] == "no sequence can be scheduled: test"
+    assert post(client, {"prompt": "hi", "max_tokens": 2}).status_code == 200
+    assert engine.blocks.num_used == 0
+
+
+def test_sampling_params_limits():
+    with pytest.raises(InvalidRequestError, match="at most 16"):
+        SamplingParams(stop=["a"] * 17)
+    with pytest.raises(InvalidRequestError, match="at most 256"):
+        SamplingParams(stop=["a" * 257])
+    for kw in (dict(max_new_tokens=True), dict(top_k=False), dict(seed=True), dict(ignore_eos=1),
+               dict(stop_token_ids=[True]), dict(stop=5), dict(stop_token_ids=list(range(257)))):  # fmt: skip
+        with pytest.raises(InvalidRequestError):
+            SamplingParams(**kw)
+    assert SamplingParams(stop=("a", "b"), stop_token_ids=[3]).stop == ("a", "b")
+    assert SamplingParams(temperature=5e-324).greedy and not SamplingParams(temperature=1e-4).greedy
+    assert json.dumps(SamplingParams(stop="x").stop) == '["x"]'
