@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import EngineConfig, SparseConfig
+from .config import MAX_MODEL_LEN, EngineConfig, SparseConfig
 
 
 def bounded_int(lo: int, hi: int = 1 << 31):
@@ -22,8 +22,6 @@ def bounded_int(lo: int, hi: int = 1 << 31):
 
     return parse
 
-
-MAX_CONTEXT = 1 << 24  # tokens; beyond any model we load (and checked again against the KV pool)
 
 _SPARSE_KNOBS = {
     "static_sparsity": (float, "fraction of KV heads that become streaming heads"),
@@ -46,7 +44,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
         "--max-model-len",
-        type=bounded_int(1, MAX_CONTEXT),
+        type=bounded_int(1, MAX_MODEL_LEN),
         default=None,
         help="context limit in tokens (prompt + output)",
     )

@@ -13,6 +13,7 @@ from .errors import InvalidRequestError
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
+REPETITION_PENALTY_RANGE = (0.01, 100.0)  # beyond it logits overflow float32 (inf / NaN probabilities)
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (dividing logits by them overflows float32)
 
 
@@ -47,8 +48,9 @@ class SamplingParams:
             bad(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        lo, hi = REPETITION_PENALTY_RANGE
+        if not _finite(self.repetition_penalty) or not lo <= self.repetition_penalty <= hi:
+            bad(f"repetition_penalty must be in [{lo}, {hi}], got {self.repetition_penalty!r}")
         if self.seed is not None and (not _int(self.seed) or self.seed < 0):
             bad(f"seed must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.ignore_eos, bool):

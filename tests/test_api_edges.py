@@ -51,3 +51,10 @@ def test_huge_max_model_len_is_clipped_to_the_pool(tiny_llama):
     )
     assert llm.engine.max_len == 8 * 64
     assert llm.engine.runner.model.rope[0].shape[0] == 8 * 64
+
+
+@pytest.mark.parametrize("pen", [0.0, 1e-300, 1e6, float("nan")])
+def test_repetition_penalty_outside_its_range_is_refused(pen):
+    """Beyond [0.01, 100] a penalty makes float32 logits infinite (NaN probabilities): refused up front."""
+    with pytest.raises(InvalidRequestError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=pen)

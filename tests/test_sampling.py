@@ -37,7 +37,7 @@ def test_seed_reproducible_and_repetition_penalty():
     b = [sample(logits, [Sequence([1, 2], p)])[0] for _ in range(5)]
     assert a == b
     top = int(np.argmax(logits[0]))
-    pen = SamplingParams(temperature=0, repetition_penalty=1e6)
+    pen = SamplingParams(temperature=0, repetition_penalty=100.0)
     assert sample(logits, [Sequence([top], pen)])[0] != top
 
 
