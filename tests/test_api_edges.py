@@ -44,11 +44,12 @@ def test_logits_of_valid_ids(llm):
 
 
 def test_huge_max_model_len_is_clipped_to_the_pool(tiny_llama):
-    """A context limit of a billion tokens does not size anything: the KV pool bounds it (and the RoPE
-    tables are built for the clipped limit)."""
-    llm = LLM(
-        str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=8, max_model_len=1_000_000_000)
-    )
+    """A context limit of ten million tokens does not size anything: the KV pool bounds it (and the RoPE
+    tables are built for the clipped limit); a billion is refused by EngineConfig itself."""
+    with pytest.raises(InvalidRequestError, match="max_model_len"):
+        EngineConfig(max_model_len=1_000_000_000)
+    ecfg = EngineConfig(num_kv_pages=8, max_model_len=10_000_000)
+    llm = LLM(str(tiny_llama), backend="cpu", config=ecfg)
     assert llm.engine.max_len == 8 * 64
     assert llm.engine.runner.model.rope[0].shape[0] == 8 * 64
 
