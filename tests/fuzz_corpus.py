@@ -155,6 +155,8 @@ CORPUS: dict[str, tuple[bytes, str]] = {
     "config/rope_llama3_low_above_high.json": (
         _config(rope_scaling={"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 1,
                               "original_max_position_embeddings": 8192}), "'high_freq_factor'"),  # fmt: skip
+    "config/rope_llama3_no_factor.json": (
+        _config(rope_scaling={"rope_type": "llama3", "original_max_position_embeddings": 8}), "missing required field 'factor'"),
     "config/rope_type_list.json": (_config(rope_scaling={"rope_type": [1]}), "unsupported rope_scaling type"),
     "config/architectures_string.json": (_config(architectures="LlamaForCausalLM"), "'architectures'"),
     "config/tie_string.json": (_config(tie_word_embeddings="yes"), "'tie_word_embeddings' must be true or false"),
