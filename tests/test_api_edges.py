@@ -59,3 +59,13 @@ def test_repetition_penalty_outside_its_range_is_refused(pen):
     """Beyond [0.01, 100] a penalty makes float32 logits infinite (NaN probabilities): refused up front."""
     with pytest.raises(InvalidRequestError, match="repetition_penalty"):
         SamplingParams(repetition_penalty=pen)
+
+
+def test_kv_budget_that_holds_no_page_is_an_error():
+    from lserve_lite.config import ModelConfig
+    from lserve_lite.kv.layout import pool_pages
+
+    cfg = ModelConfig("LlamaForCausalLM", 64, 128, 2, 4, 2, 16, 100)
+    assert pool_pages(cfg, 64, 4, 10 * 2**20, None, 4) == (10 * 2**20 // (2 * 2 * 2 * 16 * 64 * 4), 0)
+    with pytest.raises(InvalidRequestError, match="holds no KV page"):
+        pool_pages(cfg, 64, 4, 100, None, 4)

@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import geometry
 from ..config import ModelConfig, SparseConfig
+from ..errors import InvalidRequestError
 
 
 def head_slots(head_class: np.ndarray) -> np.ndarray:
@@ -96,11 +97,21 @@ def pool_pages(
     The streaming pool holds every running sequence's sink + ring pages, within 30% of the budget."""
     if layout is None:
         per_page = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * page_size * itemsize
-        return num_pages or max(1, min(budget // per_page, MAX_POOL_PAGES)), 0
+        return num_pages or _fit(budget, per_page), 0
     dense_b, stream_b = layout.bytes_per_page(cfg, itemsize)
     per_seq = layout.stream_pages_per_seq
     stream = max(per_seq, min(max_seqs * per_seq, int(0.3 * budget // stream_b))) if per_seq else 0
     if num_pages:
         return num_pages, stream
-    dense = int((budget - stream * stream_b) // max(dense_b, 1))
-    return max(1, min(dense, MAX_POOL_PAGES)), stream
+    return _fit(budget - stream * stream_b, max(dense_b, 1)), stream
+
+
+def _fit(budget: int, per_page: int) -> int:
+    """Pages of `per_page` bytes in `budget` bytes; a budget that holds none is an error, not one page."""
+    pages = int(budget // per_page)
+    if pages < 1:
+        raise InvalidRequestError(
+            f"the KV memory budget ({max(budget, 0) / 2**20:.1f} MiB) holds no KV page ({per_page / 2**20:.2f} "
+            f"MiB); raise kv_memory_fraction, free device memory, or set num_kv_pages"
+        )
+    return min(pages, MAX_POOL_PAGES)
