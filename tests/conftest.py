@@ -48,3 +48,16 @@ def smollm2_cpu(smollm2_dir):
     from lserve_lite import LLM
 
     return LLM(str(smollm2_dir), backend="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> tuple[dict, dict, Path]:
+    """A tiny llama GGUF written with the gguf package, and what our reader makes of it."""
+    from test_gguf_import import write_tiny_gguf
+
+    from lserve_lite.weights.gguf_reader import read_gguf
+
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_tiny_gguf(path)
+    meta, tensors = read_gguf(path)
+    return meta, tensors, path

@@ -18,8 +18,8 @@ def llm(tiny_llama):
     "ids,match",
     [
         ([], "empty"),
-        ([5, 99999], "outside"),
-        ([5, -1], "outside"),
+        ([5, 99999], "must be in"),
+        ([5, -1], "must be in"),
         ([True, 5], "integers"),
         ([5, 2.0], "integers"),
         ("text", "list of token ids"),

@@ -133,16 +133,6 @@ def test_safetensors_sizes_checked_against_the_file(tmp_path: Path):
 # ------------------------------------------------------------------------------------------- GGUF metadata
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory) -> tuple[dict, dict, Path]:
-    from test_gguf_import import write_tiny_gguf
-
-    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    write_tiny_gguf(path)
-    meta, tensors = read_gguf(path)
-    return meta, tensors, path
-
-
 @pytest.mark.parametrize(
     "key,value,msg",
     [

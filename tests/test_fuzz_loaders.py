@@ -222,16 +222,6 @@ def test_fuzz_gguf_bytes(scratch: Path, blob: bytes):
             assert t.data.nbytes <= len(blob)
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory) -> tuple[dict, dict, Path]:
-    from test_gguf_import import write_tiny_gguf
-
-    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    write_tiny_gguf(path)
-    meta, tensors = read_gguf(path)
-    return meta, tensors, path
-
-
 META_KEYS = [
     "general.architecture", "llama.block_count", "llama.context_length", "llama.embedding_length",
     "llama.feed_forward_length", "llama.attention.head_count", "llama.attention.head_count_kv",

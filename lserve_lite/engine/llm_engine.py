@@ -219,7 +219,9 @@ class LLMEngine:
             if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
                 raise InvalidRequestError(f"{what} token ids must be integers, got {t!r}")
             if not 0 <= t < self.cfg.vocab_size:
-                raise InvalidRequestError(f"{what} token id {int(t)} is outside [0, {self.cfg.vocab_size})")
+                raise InvalidRequestError(
+                    f"{what} token ids must be in [0, {self.cfg.vocab_size}), got {int(t)}"
+                )
             out.append(int(t))
         return out
 

@@ -7,6 +7,8 @@ import numpy as np
 
 from ...sequence import Sequence
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 def sample(logits: np.ndarray, seqs: list[Sequence]) -> list[int]:
     """One token per row of `logits` [B, vocab] (float32), following each sequence's params."""
@@ -28,7 +30,7 @@ def sample(logits: np.ndarray, seqs: list[Sequence]) -> list[int]:
 
 def sample_row(x: np.ndarray, temperature: float, top_k: int, top_p: float, u: float) -> int:
     """Inverse-CDF sampling with uniform `u` in [0, 1) over the filtered, tempered distribution."""
-    x = x / np.float32(temperature)
+    x = x / np.float32(min(temperature, FLOAT32_MAX))  # a huge temperature: uniform, no overflow
     order = np.argsort(-x, kind="stable")
     if top_k > 0:
         order = order[:top_k]
