@@ -10,7 +10,8 @@ Each step fills the token budget in three passes:
    (at least 1) for the queue: a long prompt never takes the whole step.
 3. Admission: waiting requests, first come first served, get chunks from what is left (the reserve, plus
    anything the passes above did not use) while pages and seats last, and never ahead of a request
-   preempted in this step.
+   preempted in this step. A request first attaches the longest cached prefix of its prompt (prefix
+   cache, kv/prefix_cache.py): its chunk starts after it, and the tokens attached cost no budget.
 
 Bound: with a free seat and pages, the request at the head of the queue gets its first prefill chunk in
 the step after it arrives, and the k-th waiting request within k steps, however long the prompts being
@@ -19,7 +20,8 @@ next; one of at most 2 x `reserve` tokens in the step after. A longer prompt the
 chunks behind older prefills (first come, first served).
 
 A sequence that lacks pages preempts the newest sequences not yet scheduled in this step (at worst
-itself); they go back to the head of the queue and recompute their K/V when readmitted.
+itself); they go back to the head of the queue and recompute their K/V when readmitted (their indexed
+pages stay in the prefix cache, so readmission attaches what was not evicted meanwhile).
 
 A step that schedules nothing and preempts nothing while work exists can never make progress (a budget
 or seat limit below 1, or a pool too small for the head request alone): it raises SchedulerStalled.
@@ -67,6 +69,7 @@ class Scheduler:
         self.reserve = max(1, max_num_batched_tokens // RESERVE_DIVISOR)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.prompt_tokens_cached = 0  # prompt tokens attached from the prefix cache, over all admissions
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -123,9 +126,14 @@ class Scheduler:
             self.waiting and used < budget and len(self.running) < self.max_num_seqs and not batch.preempted
         ):
             seq = self.waiting[0]
+            got = self.blocks.attach(seq)
             n = min(seq.num_pending, budget - used)
             if not self.blocks.can_grow(seq, seq.num_cached + n):
+                self.blocks.release(seq)  # the attached prefix goes back to the cache
                 break
+            if seq.num_prefix_cached is None:
+                seq.num_prefix_cached = got
+            self.prompt_tokens_cached += min(got, len(seq.prompt_ids))
             self.waiting.popleft()
             self.blocks.grow(seq, seq.num_cached + n)
             seq.status = Status.RUNNING
