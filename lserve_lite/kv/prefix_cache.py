@@ -64,6 +64,7 @@ class PrefixCache:
         self.idle: OrderedDict[int, None] = OrderedDict()  # indexed pages nobody references, oldest first
         self.snap_of: dict[bytes, Snapshot] = {}
         self.snaps: OrderedDict[Snapshot, None] = OrderedDict()  # oldest first
+        self.snapshot_pages = 0  # a count, not a sum over `snaps`: /metrics reads it from another thread
 
     # -- dense pages ----------------------------------------------------------------------------------
     def cacheable(self, seq: Sequence) -> int:
@@ -102,10 +103,6 @@ class PrefixCache:
         return page
 
     # -- streaming snapshots ---------------------------------------------------------------------------
-    @property
-    def snapshot_pages(self) -> int:
-        return sum(len(s.pages) for s in self.snaps)
-
     def _covers(self, boundary: int, end: int, seq: Sequence | None) -> bool:
         sp = seq.sparse if seq is not None else None
         window = max(sp.prefill_local, sp.decode_local) if sp is not None else self.window
@@ -126,6 +123,7 @@ class PrefixCache:
         for key in snap.keys:
             self.snap_of[key] = snap
         self.snaps[snap] = None
+        self.snapshot_pages += len(snap.pages)
 
     def find_snapshot(self, seq: Sequence, num_pages: int) -> tuple[int, Snapshot | None]:
         """The deepest boundary (in pages, <= num_pages) of `seq`'s prompt that a snapshot can resume."""
@@ -141,4 +139,5 @@ class PrefixCache:
         snap, _ = self.snaps.popitem(last=False)
         for key in snap.keys:
             del self.snap_of[key]
+        self.snapshot_pages -= len(snap.pages)
         return snap.pages
