@@ -90,11 +90,11 @@ def run_doc(llm: LLM, prompts: list[list[int]], params: SamplingParams, arrival:
     computed0, cached0 = eng.prompt_tokens_computed, eng.scheduler.prompt_tokens_cached
     t0 = time.perf_counter()
     if arrival == "staggered":
-        llm.generate([prompts[0]], params)
-        llm.generate(prompts[1:], params)
+        outs = llm.generate([prompts[0]], params) + llm.generate(prompts[1:], params)
     else:
-        llm.generate(prompts, params)
+        outs = llm.generate(prompts, params)
     return {"wall_s": time.perf_counter() - t0, "prompt_tokens": sum(map(len, prompts)),
+            "outputs": [o.token_ids for o in outs],
             "prompt_tokens_computed": eng.prompt_tokens_computed - computed0,
             "prompt_tokens_cached": eng.scheduler.prompt_tokens_cached - cached0}  # fmt: skip
 
@@ -113,11 +113,12 @@ def bench_doc(args) -> dict:
         prompts = [
             doc + llm.tokenizer.encode(q, add_special_tokens=False) for q in questions[: args.requests]
         ]
-        llm.generate([prompts[0][:64]], SamplingParams(max_new_tokens=1))  # warm-up (kernels, graphs)
+        warm = prompts[0][:128][::-1]  # warm-up (kernels, graphs) on tokens no request starts with
+        llm.generate([warm], SamplingParams(max_new_tokens=1))
         res["with_cache" if cache else "without_cache"] = run_doc(llm, prompts, params, args.arrival)
-        print(json.dumps(res))
         del llm
     w, wo = res["with_cache"], res["without_cache"]
+    res["outputs_equal"] = w.pop("outputs") == wo.pop("outputs")  # greedy: the cache must not change them
     res["computed_ratio"] = wo["prompt_tokens_computed"] / max(1, w["prompt_tokens_computed"])
     res["speedup"] = wo["wall_s"] / w["wall_s"]
     return res
