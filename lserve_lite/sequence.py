@@ -39,6 +39,9 @@ class Sequence:
         self.block_hashes: list[bytes] = []  # keys of the full pages of all_ids hashed so far
         self.num_registered = 0  # leading pages of page_table indexed in the prefix cache
         self.num_attached = 0  # tokens whose K/V came from the prefix cache at this admission
+        self.in_flight: list[
+            bytes
+        ] = []  # keys of prompt pages this sequence computes that others may wait for
         self.num_prefix_cached: int | None = None  # prompt tokens taken from the cache at the first admission
         self.finish_reason: str | None = None
         self.arrival = time.monotonic()

@@ -105,6 +105,19 @@ def test_shared_system_prompt_many_requests(model, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_burst_waits_for_the_prefix_being_computed(model, mode):
+    """Requests arriving together: the first computes the shared pages, the others wait and attach them."""
+    rng = np.random.default_rng(9)
+    system = ids(rng, 330)
+    prompts = [system + ids(rng, int(rng.integers(1, 40))) for _ in range(6)]
+    eng = engine(model, mode)
+    got = run(eng, prompts)
+    assert [g[1] for g in got] == [0] + [320] * 5
+    assert eng.prompt_tokens_computed == sum(map(len, prompts)) - 5 * 320
+    assert [g[0] for g in got] == cold(model, mode, prompts)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_prefix_ending_mid_page_and_whole_prompt_hit(model, mode):
     rng = np.random.default_rng(3)
     a = ids(rng, 400)
@@ -190,6 +203,7 @@ class Driver:
         streams = [p for s in self.sched.running for p in s.stream_table]
         snaps = [p for s in b.cache.snaps for p in s.pages]
         assert sorted(streams + snaps + list(b.stream_free)) == list(range(b.num_stream_pages))
+        assert b.in_flight == Counter(k for s in self.sched.running for k in s.in_flight)
 
     def step(self) -> None:
         batch = self.sched.schedule()
@@ -247,6 +261,7 @@ def test_ref_counts_and_free_list_property(ops, ps, budget, stream):
     while d.blocks.cache.idle:  # the free list is whole once the cache lets go
         d.blocks.free.append(d.blocks.cache.evict_page())
     assert sorted(d.blocks.free) == list(range(d.blocks.num_pages)) and not d.blocks.cache.page_of
+    assert not d.blocks.in_flight
 
 
 def test_driver_stream_exercises_preemption_and_snapshots():

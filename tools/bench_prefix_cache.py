@@ -8,9 +8,8 @@ engine without the cache, for reference. Each trial uses its own conversation (n
 
 doc: `--requests` requests sharing a `--doc-tokens`-token document, each with its own question, with and
 without the cache: wall time, prompt tokens computed and taken from the cache. Arrival "staggered": one
-request first, then the rest at once (a document is uploaded, then questioned); "burst": all at once (a
-prefix being computed is not shared until its pages are full: later admissions attach what is cached by
-then). Meant for the GPU (32 requests, 32k tokens: a long-context model, `--model`); small sizes run on the
+request first, then the rest at once (a document is uploaded, then questioned); "burst": all at once (the
+others wait for the first to compute the document, then attach it). Meant for the GPU (32 requests, 32k tokens: a long-context model, `--model`); small sizes run on the
 CPU as a check of the tool itself.
 
 Usage:

@@ -12,7 +12,8 @@ through `Ops.copy_stream_pages` before the next forward, in the order recorded).
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
+from itertools import takewhile
 from typing import TYPE_CHECKING
 
 from .prefix_cache import PrefixCache, Snapshot, extend_hashes
@@ -41,6 +42,7 @@ class BlockManager:
         self.ref = [0] * num_pages
         self.cache = cache
         self.copies: list[tuple[list[int], list[int]]] = []  # streaming-pool (src, dst) copies, in order
+        self.in_flight: Counter[bytes] = Counter()  # keys of prompt pages running sequences are computing
 
     @property
     def num_free(self) -> int:
@@ -95,6 +97,7 @@ class BlockManager:
                 self.free.append(page)
         if seq.sel_slot >= 0:
             self.slots.append(seq.sel_slot)
+        self._settle(seq, len(seq.in_flight))
         seq.page_table, seq.stream_table, seq.sel_slot = [], [], -1
         seq.num_cached = seq.decode_steps = seq.num_registered = seq.num_attached = 0
 
@@ -121,7 +124,33 @@ class BlockManager:
             self.copies.append((list(snap.pages), list(seq.stream_table)))
         seq.num_registered = len(pages)
         seq.num_cached = seq.num_attached = len(pages) * self.page_size
+        full = len(seq.prompt_ids) // self.page_size
+        extend_hashes(seq, full * self.page_size, self.page_size)
+        seq.in_flight = seq.block_hashes[len(pages) : full]
+        self.in_flight.update(seq.in_flight)
         return seq.num_cached
+
+    def awaits_prefix(self, seq: Sequence) -> bool:
+        """Whether a running sequence is computing a page of this waiting sequence's prompt that is not cached
+        yet: admitted after that page is cached, it attaches the page instead of computing it again."""
+        if self.cache is None or not self.in_flight:
+            return False
+        most = (len(seq.prompt_ids) - 1) // self.page_size
+        extend_hashes(seq, most * self.page_size, self.page_size)
+        for key in seq.block_hashes[:most]:
+            if self.in_flight[key]:
+                return True
+            if key not in self.cache.page_of:
+                return False
+        return False
+
+    def _settle(self, seq: Sequence, n: int) -> None:
+        """The first `n` announced pages of `seq` are cached (or will never be): nobody waits for them."""
+        for key in seq.in_flight[:n]:
+            self.in_flight[key] -= 1
+            if not self.in_flight[key]:
+                del self.in_flight[key]
+        del seq.in_flight[:n]
 
     def cache_computed(self, seq: Sequence) -> None:
         """After a step: index the sequence's newly filled cacheable pages; with streaming heads, snapshot
@@ -136,6 +165,11 @@ class BlockManager:
         seq.num_registered = max(seq.num_registered, full)
         if self.stream_per_seq and seq.num_cached == len(seq.prompt_ids) > seq.num_attached:
             self._capture_snapshot(seq)
+        # Waiters need the pages (dense mode) or, with streaming heads, the snapshot at the prompt's end too.
+        if seq.num_cached >= len(seq.prompt_ids):
+            self._settle(seq, len(seq.in_flight))
+        elif not self.stream_per_seq:
+            self._settle(seq, len(list(takewhile(c.page_of.__contains__, seq.in_flight))))
 
     def _capture_snapshot(self, seq: Sequence) -> None:
         """Copy the sequence's streaming pages into cache-owned ones, if free pages allow and it adds keys."""
