@@ -110,11 +110,11 @@ def cmd_chat(args) -> int:
                 "error: this message alone does not fit the context; shorten it (or /reset)", file=sys.stderr
             )
             continue
-        reply, n, t0, t1 = [], 0, time.perf_counter(), None
+        reply, n, t0, t1, last = [], 0, time.perf_counter(), None, None
         stream = llm.stream_outputs(history, params)
         try:
             for out in stream:
-                t1 = t1 or time.perf_counter()
+                t1, last = t1 or time.perf_counter(), out
                 n += len(out.token_ids)
                 reply.append(out.text)
                 sys.stdout.write(out.text)
@@ -128,7 +128,11 @@ def cmd_chat(args) -> int:
             continue
         t2 = time.perf_counter()
         rate = (n - 1) / (t2 - t1) if t1 and n > 1 and t2 > t1 else 0.0
-        print(f"\n[{n} tokens, first after {(t1 or t2) - t0:.2f} s, {rate:.1f} tokens/s]", file=sys.stderr)
+        cached = f", {last.num_cached_tokens}/{last.num_prompt_tokens} prompt tokens cached" if last else ""
+        print(
+            f"\n[{n} tokens, first after {(t1 or t2) - t0:.2f} s, {rate:.1f} tokens/s{cached}]",
+            file=sys.stderr,
+        )
         history.append({"role": "assistant", "content": "".join(reply)})
 
 

@@ -302,6 +302,7 @@ class EngineConfig:
     sparse: SparseConfig = field(default_factory=SparseConfig)
     cuda_graphs: bool = True
     seed: int = 0
+    prefix_caching: bool = True  # reuse cached KV pages of equal prompt prefixes (docs/PREFIX_CACHE.md)
 
     def __post_init__(self):
         """Absurd limits are refused here, before they can hang the scheduler or size an allocation."""

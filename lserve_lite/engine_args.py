@@ -59,6 +59,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dense", dest="sparse", action="store_false", help="dense attention (the default)")
     p.set_defaults(sparse=False)
     p.add_argument("--pattern", default=None, help="DuoAttention full_attention_heads.tsv for --sparse")
+    p.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="recompute every prompt instead of reusing cached KV pages of equal prefixes",
+    )
     for name, (typ, text) in _SPARSE_KNOBS.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=text)
 
@@ -72,4 +78,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         num_kv_pages=args.kv_pages,
         page_size=sparse.page_size,
         sparse=sparse,
+        prefix_caching=getattr(args, "prefix_caching", True),
     )

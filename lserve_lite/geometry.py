@@ -60,3 +60,13 @@ def streaming_pages(first: int, last: int, page_size: int, sink: int, local: int
 def window_visit_pages(sink: int, local: int, page_size: int) -> int:
     """Most pages a streaming head visits at a decode step (sink pages + local pages + a straddled one)."""
     return sink_pages(sink, page_size) + pages_for(local, page_size) + 1
+
+
+def ring_covers(
+    boundary: int, end: int, local: int, num_sink_pages: int, num_ring_pages: int, page_size: int
+) -> bool:
+    """Whether a streaming table written up to `end` tokens still holds every page that queries from the page
+    boundary `boundary` on can see with a `local` window (sink pages always stay; the ring keeps the newest)."""
+    first = max(max(0, boundary - local + 1) // page_size, num_sink_pages)  # oldest non-sink page visible
+    kept = (end - 1) // page_size - num_ring_pages + 1  # oldest page the ring still holds
+    return boundary <= end and (first >= boundary // page_size or first >= kept)

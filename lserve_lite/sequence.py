@@ -35,6 +35,14 @@ class Sequence:
         self.sel_slot = -1  # row of this sequence in the page-selection buffers while it runs
         self.sparse = None  # per-request SparseConfig (None: the engine's)
         self.decode_steps = 0  # decode steps since the last prefill (drives the reusable page selector)
+        self.kv_salt = b""  # seed of the prefix cache's page keys (kv/prefix_cache.py)
+        self.block_hashes: list[bytes] = []  # keys of the full pages of all_ids hashed so far
+        self.num_registered = 0  # leading pages of page_table indexed in the prefix cache
+        self.num_attached = 0  # tokens whose K/V came from the prefix cache at this admission
+        self.in_flight: list[
+            bytes
+        ] = []  # keys of prompt pages this sequence computes that others may wait for
+        self.num_prefix_cached: int | None = None  # prompt tokens taken from the cache at the first admission
         self.finish_reason: str | None = None
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
@@ -50,6 +58,13 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_range(self, start: int, stop: int) -> list[int]:
+        """all_ids[start:stop] without concatenating the whole prompt (long contexts)."""
+        n = len(self.prompt_ids)
+        if stop <= n:
+            return self.prompt_ids[start:stop]
+        return self.prompt_ids[start:] + self.output_ids[max(0, start - n) : stop - n]
 
     @property
     def num_pending(self) -> int:

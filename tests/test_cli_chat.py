@@ -30,3 +30,23 @@ def test_cli_refuses_absurd_numbers_in_one_line():
                            timeout=60)  # fmt: skip
         assert r.returncode == 2, (argv, r.stderr)
         assert "error:" in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
+
+
+def _chat(tiny_llama, *flags: str) -> list[tuple[int, int]]:
+    """(cached, prompt) tokens from the status line of each reply to three long messages."""
+    import re
+
+    msg = b" ".join([b"the quick brown fox"] * 30) + b"\n"
+    r = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "chat", "--model", str(tiny_llama), "--backend", "cpu",
+         "--max-new-tokens", "8", "--temperature", "0", *flags],
+        input=msg * 3 + b"/exit\n", capture_output=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    return [(int(a), int(b)) for a, b in re.findall(r"(\d+)/(\d+) prompt tokens cached", r.stderr.decode())]
+
+
+def test_chat_status_line_reports_cached_tokens(tiny_llama):
+    on, off = _chat(tiny_llama), _chat(tiny_llama, "--no-prefix-caching")
+    assert [p for _, p in on] == [p for _, p in off] and len(on) == 3
+    assert on[0][0] == 0 and all(c >= 64 for c, _ in on[1:]) and all(c == 0 for c, _ in off)

@@ -396,3 +396,24 @@ def test_default_model_matches_llm(smollm2_cpu):
         assert r.usage.prompt_tokens == len(want.prompt_token_ids)
         s = c.chat.completions.create(model=name, messages=msgs, max_tokens=8, temperature=0, stream=True)
         assert "".join(ch.choices[0].delta.content or "" for ch in s) == want.text
+
+
+def test_usage_and_metrics_report_cached_prompt_tokens(server, client, ref):
+    """A second request sharing a long system prompt: OpenAI's usage.prompt_tokens_details.cached_tokens and
+    the /metrics counters show the cached pages; the reply equals a cold run."""
+    url, _ = server
+    system = " ".join(["the lazy dog jumps over the quick brown fox"] * 12)
+    before = metrics(url)
+    usages = []
+    for q in ("hello world", "how are you today?"):
+        msgs = [{"role": "system", "content": system}, {"role": "user", "content": q}]
+        r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, temperature=0)
+        assert r.choices[0].message.content == ref.chat(msgs, greedy(4)).text
+        usages.append(r.usage)
+    assert usages[0].prompt_tokens_details.cached_tokens == 0
+    assert usages[1].prompt_tokens_details.cached_tokens >= 64
+    after = metrics(url)
+    cached = after["lserve_prompt_tokens_cached_total"] - before["lserve_prompt_tokens_cached_total"]
+    computed = after["lserve_prompt_tokens_computed_total"] - before["lserve_prompt_tokens_computed_total"]
+    assert cached == usages[1].prompt_tokens_details.cached_tokens
+    assert computed == sum(u.prompt_tokens for u in usages) - cached

@@ -190,6 +190,12 @@ class CpuOps:
             cache.sel_idx[layer], cache.sel_cnt[layer],
         )  # fmt: skip
 
+    def copy_stream_pages(self, cache: KVCache, src: np.ndarray, dst: np.ndarray) -> None:
+        """Streaming-pool pages src[i] -> dst[i] in every layer (prefix-cache snapshots); the gather completes
+        before the scatter, so the two lists may overlap."""
+        for pool in (*cache.ks, *cache.vs):
+            pool[dst] = pool[src]
+
     def prepare_plan(self, plan: AttentionPlan) -> AttentionPlan:
         return plan
 

@@ -209,6 +209,13 @@ class CudaOps:
             cache.sel_idx[layer], cache.sel_cnt[layer],
         )  # fmt: skip
 
+    def copy_stream_pages(self, cache: KVCache, src: np.ndarray, dst: np.ndarray) -> None:
+        """Reference: CpuOps.copy_stream_pages. CuPy's gather makes a temporary before the scatter (overlap is
+        safe), on the current stream, so it lands before the next forward or graph replay."""
+        s, d = self.cp.asarray(np.asarray(src, np.int64)), self.cp.asarray(np.asarray(dst, np.int64))
+        for pool in (*cache.ks, *cache.vs):
+            pool[d] = pool[s]
+
     def prepare_plan(self, plan: AttentionPlan):
         """Upload the host plan into a device plan (cuda_attention.CudaPlan) reused across steps.
 

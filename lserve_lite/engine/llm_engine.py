@@ -13,6 +13,7 @@ from ..config import EngineConfig, SparseConfig
 from ..errors import InvalidRequestError
 from ..kv.block_manager import BlockManager
 from ..kv.layout import KVLayout, pool_pages
+from ..kv.prefix_cache import PrefixCache, kv_salt
 from ..sampling_params import SamplingParams
 from ..sequence import Sequence
 from ..sparse.patterns import head_classes, resolve_pattern
@@ -33,6 +34,7 @@ class StepOutput:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache
     seq: Sequence | None = field(default=None, repr=False)
 
 
@@ -58,7 +60,7 @@ class LLMEngine:
         del weights
         per_seq = self.layout.stream_pages_per_seq if self.layout else 0
         self.blocks = BlockManager(
-            num_pages, self.ecfg.page_size, num_stream, per_seq, self.ecfg.max_num_seqs
+            num_pages, self.ecfg.page_size, num_stream, per_seq, self.ecfg.max_num_seqs, self._prefix_cache()
         )
         self.scheduler = Scheduler(self.blocks, self.ecfg.max_num_seqs, self.ecfg.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
@@ -66,6 +68,31 @@ class LLMEngine:
         self._aborts: list[str] = []
         self._lock = threading.Lock()
         self.eos_ids = set(self.cfg.eos_token_ids)
+        self.prompt_tokens_computed = 0  # prompt tokens run through the model (recomputation included)
+
+    def _prefix_cache(self) -> PrefixCache | None:
+        """The prefix cache (None when turned off); in LServe mode only prompt K/V is cacheable."""
+        if not self.ecfg.prefix_caching:
+            return None
+        lay, sp = self.layout, self.ecfg.sparse
+        if lay is None:
+            return PrefixCache(self.ecfg.page_size)
+        window = max(sp.prefill_local, sp.decode_local)
+        return PrefixCache(self.ecfg.page_size, lay.sink_pages, lay.ring_pages, window, prompt_only=True)
+
+    def _kv_salt(self, seq: Sequence) -> bytes:
+        """What besides token ids changes a page's K/V or its streaming snapshot: model, KV dtype, layout,
+        the runner's head classes and windows and, with streaming heads, the request's prefill windows
+        (streaming heads feed every later layer). Decode knobs do not: decode K/V is never cached in LServe
+        mode (PrefixCache.prompt_only)."""
+        run, lay = self.runner, self.layout
+        parts = [str(self.model_dir), repr(self.cfg), np.dtype(self.ops.dtype).str, self.ecfg.page_size,
+                 [c.tobytes() for c in run.head_classes], run.sink, run.local]  # fmt: skip
+        if lay is not None:
+            sp = seq.sparse or self.ecfg.sparse
+            parts += [lay.sink_pages, lay.ring_pages, lay.sub_pages]
+            parts += [sp.prefill_sink, sp.prefill_local] if lay.has_streaming else []
+        return kv_salt(*parts)
 
     def _kv_layout(self) -> KVLayout | None:
         """LServe mode: head classes from the pattern (static sparsity) and the two-pool geometry."""
@@ -106,6 +133,7 @@ class LLMEngine:
             seq.sparse = self.request_sparse_config(sparse)
         if seq.request_id in self.seqs:
             raise InvalidRequestError(f"duplicate request id {seq.request_id}")
+        seq.kv_salt = self._kv_salt(seq)
         with self._lock:
             self.seqs[seq.request_id] = seq
             self.decoders[seq.request_id] = IncrementalDecoder(self.tokenizer)
@@ -149,9 +177,17 @@ class LLMEngine:
     def step(self) -> list[StepOutput]:
         outs = self._apply_aborts()
         batch = self.scheduler.schedule()
+        self.runner.copy_stream_pages(self.blocks.take_copies())  # attached snapshots, before any write
         if not batch.seqs:
             return outs
+        self.prompt_tokens_computed += sum(
+            max(0, min(s.num_cached + n, len(s.prompt_ids)) - s.num_cached)
+            for s, n in zip(batch.seqs, batch.num_new)
+        )
         logits = self.runner.run(batch.seqs, batch.num_new)
+        for seq in batch.seqs:
+            self.blocks.cache_computed(seq)
+        self.runner.copy_stream_pages(self.blocks.take_copies())  # snapshots taken, before sequences move on
         done_rows = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new)) if s.num_pending == 0]
         if len(done_rows) < len(batch.seqs):  # rows of sequences still in prefill produce no token
             logits = logits[np.asarray(done_rows)] if done_rows else None
@@ -201,7 +237,7 @@ class LLMEngine:
     def _output(self, seq: Sequence, text: str, ids: list[int]) -> StepOutput:
         out = StepOutput(
             seq.request_id, text, ids, seq.is_finished, seq.finish_reason,
-            len(seq.prompt_ids), len(seq.output_ids), seq,
+            len(seq.prompt_ids), len(seq.output_ids), seq.num_prefix_cached or 0, seq,
         )  # fmt: skip
         if seq.is_finished:
             self.seqs.pop(seq.request_id, None)

@@ -50,6 +50,11 @@ class ModelRunner:
         self.head_classes = [np.asarray(c, np.int32) for c in classes]
         self.sink, self.local = sink, local if any(np.any(c == 1) for c in self.head_classes) else 0
 
+    def copy_stream_pages(self, copies: list[tuple[list[int], list[int]]]) -> None:
+        """Run the block manager's streaming-pool copies (prefix-cache snapshots), in order."""
+        for src, dst in copies:
+            self.ops.copy_stream_pages(self.cache, np.asarray(src, np.int64), np.asarray(dst, np.int64))
+
     def run(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False):
         """Process each sequence's next `num_new` tokens; backend logits of every last row (or all rows)."""
         logits = self.executor.run(self.executor.plan(self.prepare(seqs, num_new, all_logits)))

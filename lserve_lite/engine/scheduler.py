@@ -10,16 +10,21 @@ Each step fills the token budget in three passes:
    (at least 1) for the queue: a long prompt never takes the whole step.
 3. Admission: waiting requests, first come first served, get chunks from what is left (the reserve, plus
    anything the passes above did not use) while pages and seats last, and never ahead of a request
-   preempted in this step.
+   preempted in this step. A request first attaches the longest cached prefix of its prompt (prefix
+   cache, kv/prefix_cache.py): its chunk starts after it, and the tokens attached cost no budget. A
+   request whose prompt continues into pages a running sequence is still computing waits until they are
+   cached (it would compute them again otherwise); requests behind it may go first.
 
-Bound: with a free seat and pages, the request at the head of the queue gets its first prefill chunk in
+Bound (for requests not waiting for a prefix being computed): with a free seat and pages, the request at
+the head of the queue gets its first prefill chunk in
 the step after it arrives, and the k-th waiting request within k steps, however long the prompts being
 prefilled are. A prompt of at most `reserve` tokens is fully prefilled in that step and decodes from the
 next; one of at most 2 x `reserve` tokens in the step after. A longer prompt then queues its remaining
 chunks behind older prefills (first come, first served).
 
 A sequence that lacks pages preempts the newest sequences not yet scheduled in this step (at worst
-itself); they go back to the head of the queue and recompute their K/V when readmitted.
+itself); they go back to the head of the queue and recompute their K/V when readmitted (their indexed
+pages stay in the prefix cache, so readmission attaches what was not evicted meanwhile).
 
 A step that schedules nothing and preempts nothing while work exists can never make progress (a budget
 or seat limit below 1, or a pool too small for the head request alone): it raises SchedulerStalled.
@@ -67,6 +72,7 @@ class Scheduler:
         self.reserve = max(1, max_num_batched_tokens // RESERVE_DIVISOR)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.prompt_tokens_cached = 0  # prompt tokens attached from the prefix cache, over all admissions
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -98,7 +104,9 @@ class Scheduler:
         """Tokens kept for the queue's head this step: none if it cannot be admitted anyway."""
         if not self.waiting or len(self.running) >= self.max_num_seqs or batch.preempted:
             return 0
-        head = self.waiting[0]
+        head = next((s for s in self.waiting if not self.blocks.awaits_prefix(s)), None)
+        if head is None:
+            return 0
         n = min(head.num_pending, self.reserve, budget)
         return n if self.blocks.can_grow(head, head.num_cached + n) else 0
 
@@ -119,14 +127,20 @@ class Scheduler:
     def _admit(self, budget: int, batch: ScheduledBatch) -> None:
         """Admit waiting sequences while pages, seats and budget last."""
         used = 0
-        while (
-            self.waiting and used < budget and len(self.running) < self.max_num_seqs and not batch.preempted
-        ):
-            seq = self.waiting[0]
+        for seq in list(self.waiting):
+            if used >= budget or len(self.running) >= self.max_num_seqs or batch.preempted:
+                break
+            if self.blocks.awaits_prefix(seq):
+                continue
+            got = self.blocks.attach(seq)
             n = min(seq.num_pending, budget - used)
             if not self.blocks.can_grow(seq, seq.num_cached + n):
+                self.blocks.release(seq)  # the attached prefix goes back to the cache
                 break
-            self.waiting.popleft()
+            if seq.num_prefix_cached is None:
+                seq.num_prefix_cached = got
+            self.prompt_tokens_cached += min(got, len(seq.prompt_ids))
+            self.waiting.remove(seq)
             self.blocks.grow(seq, seq.num_cached + n)
             seq.status = Status.RUNNING
             self.running.append(seq)

@@ -1,14 +1,22 @@
-"""Paged KV allocator: free lists of physical pages for the dense pool and the streaming pool.
+"""Paged KV allocator: reference-counted pages of the dense pool, the streaming pool's pages, and the prefix
+cache's hooks (attach a cached prefix, index computed pages, keep streaming snapshots).
 
 A sequence owns `page_table` (dense pool, one page per `page_size` tokens, grows with the context) and
 `stream_table` (streaming pool: sink pages then a ring of local pages, at most `stream_per_seq` pages).
-Pages go back when the sequence ends, is aborted or is preempted.
+Dense pages are shared by reference count: a page attached from the prefix cache is referenced by every
+sequence holding it. A page whose count drops to zero goes to the free list, or, when the prefix cache
+indexes it, stays cached (idle) until an allocation evicts it. Streaming pages are never shared: a
+snapshot's pages belong to the cache and are copied into the sequence's own (`copies`, run by the engine
+through `Ops.copy_stream_pages` before the next forward, in the order recorded).
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
+from itertools import takewhile
 from typing import TYPE_CHECKING
+
+from .prefix_cache import PrefixCache, Snapshot, extend_hashes
 
 if TYPE_CHECKING:
     from ..sequence import Sequence
@@ -24,21 +32,31 @@ class BlockManager:
         num_stream_pages: int = 0,
         stream_per_seq: int = 0,
         max_seqs: int = 0,
+        cache: PrefixCache | None = None,
     ):
         self.num_pages, self.page_size = num_pages, page_size
         self.num_stream_pages, self.stream_per_seq = num_stream_pages, stream_per_seq
         self.free: deque[int] = deque(range(num_pages))
         self.stream_free: deque[int] = deque(range(num_stream_pages))
         self.slots: deque[int] = deque(range(max_seqs))  # page-selection slots of running sequences
+        self.ref = [0] * num_pages
+        self.cache = cache
+        self.copies: list[tuple[list[int], list[int]]] = []  # streaming-pool (src, dst) copies, in order
+        self.in_flight: Counter[bytes] = Counter()  # keys of prompt pages running sequences are computing
 
     @property
     def num_free(self) -> int:
-        return len(self.free)
+        """Dense pages an allocation can get: free ones and idle cached ones."""
+        return len(self.free) + (len(self.cache.idle) if self.cache else 0)
+
+    @property
+    def num_stream_free(self) -> int:
+        return len(self.stream_free) + (self.cache.snapshot_pages if self.cache else 0)
 
     @property
     def num_used(self) -> int:
-        """Pages in use in both pools."""
-        return self.num_pages - len(self.free) + self.num_stream_pages - len(self.stream_free)
+        """Pages held by sequences in both pools (idle cached pages and snapshots do not count)."""
+        return self.num_pages - self.num_free + self.num_stream_pages - self.num_stream_free
 
     def _needed(self, seq: Sequence, num_tokens: int) -> tuple[int, int]:
         pages = -(-num_tokens // self.page_size)
@@ -48,21 +66,130 @@ class BlockManager:
 
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
         dense, stream = self._needed(seq, num_tokens)
-        return dense <= len(self.free) and stream <= len(self.stream_free)
+        return dense <= self.num_free and stream <= self.num_stream_free
 
     def grow(self, seq: Sequence, num_tokens: int) -> None:
         dense, stream = self._needed(seq, num_tokens)
-        if dense > len(self.free) or stream > len(self.stream_free):
+        if dense > self.num_free or stream > self.num_stream_free:
             raise RuntimeError("KV page pool exhausted (scheduler must check can_grow first)")
-        seq.page_table.extend(self.free.popleft() for _ in range(dense))
-        seq.stream_table.extend(self.stream_free.popleft() for _ in range(stream))
+        seq.page_table.extend(self._page() for _ in range(dense))
+        seq.stream_table.extend(self._stream_page() for _ in range(stream))
         if seq.sel_slot < 0 and self.slots:
             seq.sel_slot = self.slots.popleft()
 
+    def _page(self) -> int:
+        page = self.free.popleft() if self.free else self.cache.evict_page()
+        self.ref[page] = 1
+        return page
+
+    def _stream_page(self) -> int:
+        if not self.stream_free:
+            self.stream_free.extend(self.cache.evict_snapshot())
+        return self.stream_free.popleft()
+
     def release(self, seq: Sequence) -> None:
-        self.free.extend(seq.page_table)
-        self.stream_free.extend(seq.stream_table)
+        """Give back a sequence's pages (finished, aborted or preempted): cached ones stay cached."""
+        if not self._donate_snapshot(seq):
+            self.stream_free.extend(seq.stream_table)
+        for page in reversed(seq.page_table):  # the tail goes idle first, so it is evicted before its prefix
+            self.ref[page] -= 1
+            if self.ref[page] == 0 and not (self.cache and self.cache.park(page)):
+                self.free.append(page)
         if seq.sel_slot >= 0:
             self.slots.append(seq.sel_slot)
+        self._settle(seq, len(seq.in_flight))
         seq.page_table, seq.stream_table, seq.sel_slot = [], [], -1
-        seq.num_cached = seq.decode_steps = 0
+        seq.num_cached = seq.decode_steps = seq.num_registered = seq.num_attached = 0
+
+    # -- prefix cache ---------------------------------------------------------------------------------
+    def attach(self, seq: Sequence) -> int:
+        """Give a sequence without pages the longest cached prefix of its prompt (whole pages, never its last
+        token; with streaming heads, only up to a boundary a snapshot can resume). Returns its tokens."""
+        c = self.cache
+        if c is None or seq.page_table:
+            return 0
+        most = ((len(seq.prompt_ids) if c.prompt_only else seq.num_tokens) - 1) // self.page_size
+        extend_hashes(seq, most * self.page_size, self.page_size)
+        pages = c.match(seq.block_hashes[:most])
+        snap = None
+        if self.stream_per_seq and pages:
+            k, snap = c.find_snapshot(seq, len(pages))
+            pages = pages[:k] if snap is not None and len(snap.pages) <= self.num_stream_free else []
+        for page in pages:
+            c.claim(page)
+            self.ref[page] += 1
+        seq.page_table = list(pages)
+        if pages and snap is not None:
+            seq.stream_table = [self._stream_page() for _ in snap.pages]  # may reuse snap's own: copy gathers
+            self.copies.append((list(snap.pages), list(seq.stream_table)))
+        seq.num_registered = len(pages)
+        seq.num_cached = seq.num_attached = len(pages) * self.page_size
+        full = len(seq.prompt_ids) // self.page_size
+        extend_hashes(seq, full * self.page_size, self.page_size)
+        seq.in_flight = seq.block_hashes[len(pages) : full]
+        self.in_flight.update(seq.in_flight)
+        return seq.num_cached
+
+    def awaits_prefix(self, seq: Sequence) -> bool:
+        """Whether a running sequence is computing a page of this waiting sequence's prompt that is not cached
+        yet: admitted after that page is cached, it attaches the page instead of computing it again."""
+        if self.cache is None or not self.in_flight:
+            return False
+        most = (len(seq.prompt_ids) - 1) // self.page_size
+        extend_hashes(seq, most * self.page_size, self.page_size)
+        for key in seq.block_hashes[:most]:
+            if self.in_flight[key]:
+                return True
+            if key not in self.cache.page_of:
+                return False
+        return False
+
+    def _settle(self, seq: Sequence, n: int) -> None:
+        """The first `n` announced pages of `seq` are cached (or will never be): nobody waits for them."""
+        for key in seq.in_flight[:n]:
+            self.in_flight[key] -= 1
+            if not self.in_flight[key]:
+                del self.in_flight[key]
+        del seq.in_flight[:n]
+
+    def cache_computed(self, seq: Sequence) -> None:
+        """After a step: index the sequence's newly filled cacheable pages; with streaming heads, snapshot
+        its streaming state when its prompt has just been computed."""
+        c = self.cache
+        if c is None:
+            return
+        full = c.cacheable(seq) // self.page_size
+        extend_hashes(seq, full * self.page_size, self.page_size)
+        for k in range(seq.num_registered, full):
+            c.register(seq.block_hashes[k], seq.page_table[k])
+        seq.num_registered = max(seq.num_registered, full)
+        if self.stream_per_seq and seq.num_cached == len(seq.prompt_ids) > seq.num_attached:
+            self._capture_snapshot(seq)
+        # Waiters need the pages (dense mode) or, with streaming heads, the snapshot at the prompt's end too.
+        if seq.num_cached >= len(seq.prompt_ids):
+            self._settle(seq, len(seq.in_flight))
+        elif not self.stream_per_seq:
+            self._settle(seq, len(list(takewhile(c.page_of.__contains__, seq.in_flight))))
+
+    def _capture_snapshot(self, seq: Sequence) -> None:
+        """Copy the sequence's streaming pages into cache-owned ones, if free pages allow and it adds keys."""
+        keys = self.cache.snapshot_keys(seq, seq.num_cached)
+        if not keys or len(seq.stream_table) > self.num_stream_free:
+            return
+        pages = [self._stream_page() for _ in seq.stream_table]  # may evict older snapshots
+        self.copies.append((list(seq.stream_table), pages))
+        self.cache.add_snapshot(Snapshot(pages, seq.num_cached, keys))
+
+    def _donate_snapshot(self, seq: Sequence) -> bool:
+        """A released sequence's streaming pages become a snapshot of its state if they add keys."""
+        if self.cache is None or not seq.stream_table or seq.num_cached <= seq.num_attached:
+            return False
+        keys = self.cache.snapshot_keys(seq, seq.num_cached)
+        if keys:
+            self.cache.add_snapshot(Snapshot(list(seq.stream_table), seq.num_cached, keys))
+        return bool(keys)
+
+    def take_copies(self) -> list[tuple[list[int], list[int]]]:
+        """The streaming-pool copies recorded since the last call, to run in this order before a forward."""
+        copies, self.copies = self.copies, []
+        return copies

@@ -112,7 +112,18 @@ def create_app(
             "kv_pages_used": ("KV cache pages in use.", engine.blocks.num_used),
             "kv_pages_total": ("KV cache pages in the pool.", engine.blocks.num_pages),
         }
-        return PlainTextResponse(metrics.render(gauges), media_type="text/plain; version=0.0.4")
+        counters = {
+            "prompt_tokens_cached_total": (
+                "Prompt tokens whose KV came from the prefix cache (every admission).",
+                engine.scheduler.prompt_tokens_cached,
+            ),
+            "prompt_tokens_computed_total": (
+                "Prompt tokens run through the model (recomputation after preemption included).",
+                engine.prompt_tokens_computed,
+            ),
+        }
+        text = metrics.render(gauges, counters)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     def model_card() -> dict:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "lserve-lite",
@@ -200,7 +211,7 @@ def create_app(
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
         body = base | {"object": "chat.completion" if chat else "text_completion", "choices": [choice]}
-        return body | {"usage": usage(last.num_prompt_tokens, last.num_output_tokens)}
+        return body | {"usage": usage(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens)}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -261,7 +272,13 @@ async def sse_events(
                 yield chunk(None, out.finish_reason)
                 if include_usage:
                     yield _sse(
-                        base | {"choices": [], "usage": usage(out.num_prompt_tokens, out.num_output_tokens)}
+                        base
+                        | {
+                            "choices": [],
+                            "usage": usage(
+                                out.num_prompt_tokens, out.num_output_tokens, out.num_cached_tokens
+                            ),
+                        }
                     )
     except ApiError as e:
         yield _sse(e.body())

@@ -81,8 +81,10 @@ class Metrics:
         with self.lock:
             self.errors[status] += 1
 
-    def render(self, gauges: dict[str, tuple[str, float]]) -> str:
-        """The exposition text; `gauges` maps a name to (help, current value)."""
+    def render(
+        self, gauges: dict[str, tuple[str, float]], counters: dict[str, tuple[str, float]] | None = None
+    ) -> str:
+        """The exposition text; `gauges` and `counters` (kept elsewhere) map a name to (help, value)."""
         p = self.PREFIX
         out: list[str] = []
 
@@ -100,6 +102,8 @@ class Metrics:
                        f"{self.prompt_tokens}")  # fmt: skip
             out.append(f"{head('generation_tokens_total', 'counter', 'Generated tokens of finished requests.')} "
                        f"{self.generation_tokens}")  # fmt: skip
+            for name, (help_, value) in (counters or {}).items():
+                out.append(f"{head(name, 'counter', help_)} {_num(value)}")
             for name, (help_, value) in gauges.items():
                 out.append(f"{head(name, 'gauge', help_)} {_num(value)}")
             for name, hist, help_ in (

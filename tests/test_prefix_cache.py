@@ -1,0 +1,299 @@
+"""Prefix caching: greedy outputs with the cache equal a cold run (dense and LServe), pages are shared by
+reference count, evicted only when idle, and every page comes back when everything finishes."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_sparse_patterns import _np_tiny
+
+from lserve_lite import EngineConfig, SamplingParams, SparseConfig
+from lserve_lite.engine.llm_engine import LLMEngine
+from lserve_lite.engine.scheduler import Scheduler
+from lserve_lite.kv.block_manager import BlockManager
+from lserve_lite.kv.prefix_cache import PrefixCache
+from lserve_lite.sequence import Sequence
+from lserve_lite.sparse.patterns import save_pattern
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> tuple[Path, str]:
+    d = tmp_path_factory.mktemp("pc")
+    return _np_tiny(d / "m"), str(save_pattern(d / "p.tsv", np.random.default_rng(5).random((2, 2))))
+
+
+def engine(model, mode: str, cache: bool = True, **kw) -> LLMEngine:
+    """A tiny engine, dense or LServe (half the KV heads streaming, windows far below the prompts)."""
+    path, pat = model
+    sc = SparseConfig()
+    if mode == "lserve":
+        sc = SparseConfig(enabled=True, static_sparsity=0.5, prefill_sink=64, prefill_local=128, decode_sink=64,
+                          decode_local=64, token_budget=256, pattern_path=pat)  # fmt: skip
+    kw = dict(num_kv_pages=48, max_num_batched_tokens=128) | kw
+    return LLMEngine(str(path), "cpu", EngineConfig(sparse=sc, prefix_caching=cache, **kw))
+
+
+def run(eng: LLMEngine, prompts: list[list[int]], params=GREEDY, aborts: dict | None = None) -> dict:
+    """Request id -> (output ids, cached prompt tokens); `aborts` maps a prompt index to the step it aborts at."""
+    rids = [eng.add_request(p, params) for p in prompts]
+    out, step = {}, 0
+    while eng.has_unfinished():
+        for i, at in (aborts or {}).items():
+            if at == step:
+                eng.abort(rids[i])
+        for o in eng.step():
+            if o.finished:
+                out[o.request_id] = (list(o.seq.output_ids), o.num_cached_tokens, o.finish_reason)
+        step += 1
+    check_pool(eng.blocks)
+    return [out[r] for r in rids]
+
+
+def cold(model, mode: str, prompts: list[list[int]], params=GREEDY) -> list[list[int]]:
+    """Each prompt alone in a fresh engine without the cache."""
+    return [run(engine(model, mode, cache=False), [p], params)[0][0] for p in prompts]
+
+
+def check_pool(b: BlockManager) -> None:
+    """Nothing referenced; free and idle pages partition the dense pool, free and snapshot pages the stream pool."""
+    assert not any(b.ref) and b.num_used == 0
+    idle = list(b.cache.idle) if b.cache else []
+    assert sorted(list(b.free) + idle) == list(range(b.num_pages))
+    snaps = [p for s in b.cache.snaps for p in s.pages] if b.cache else []
+    assert sorted(list(b.stream_free) + snaps) == list(range(b.num_stream_pages))
+
+
+def ids(rng, n: int) -> list[int]:
+    return [int(t) for t in rng.integers(3, 300, n)]
+
+
+MODES = ["dense", "lserve"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_multi_turn_conversation(model, mode):
+    rng = np.random.default_rng(1)
+    eng = engine(model, mode)
+    turn, want = ids(rng, 420), 0
+    for _ in range(3):
+        ((out, cached, _),) = run(eng, [turn])
+        assert out == cold(model, mode, [turn])[0] and cached == want
+        # dense: the previous turn's computed pages (its last output has no K/V yet); LServe: its prompt's
+        # pages (decode K/V is computed under decode sparsity, so it is not cached)
+        want = (len(turn) + 9 if mode == "dense" else len(turn)) // 64 * 64
+        turn = turn + out + ids(rng, 30)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_shared_system_prompt_many_requests(model, mode):
+    rng = np.random.default_rng(2)
+    system = ids(rng, 330)
+    prompts = [system + ids(rng, int(rng.integers(1, 60))) for _ in range(10)]
+    eng = engine(model, mode, max_num_seqs=3)
+    got = run(eng, prompts)
+    assert [g[0] for g in got] == cold(model, mode, prompts)
+    hits = [g[1] for g in got]
+    assert hits[0] == 0 and sum(h == 320 for h in hits) >= 6, hits  # the shared whole pages, 5 x 64
+    assert eng.scheduler.prompt_tokens_cached == sum(hits)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_burst_waits_for_the_prefix_being_computed(model, mode):
+    """Requests arriving together: the first computes the shared pages, the others wait and attach them."""
+    rng = np.random.default_rng(9)
+    system = ids(rng, 330)
+    prompts = [system + ids(rng, int(rng.integers(1, 40))) for _ in range(6)]
+    eng = engine(model, mode)
+    got = run(eng, prompts)
+    assert [g[1] for g in got] == [0] + [320] * 5
+    assert eng.prompt_tokens_computed == sum(map(len, prompts)) - 5 * 320
+    assert [g[0] for g in got] == cold(model, mode, prompts)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_prefix_ending_mid_page_and_whole_prompt_hit(model, mode):
+    rng = np.random.default_rng(3)
+    a = ids(rng, 400)
+    b = a[:350] + ids(rng, 20)  # shares 350 tokens: 5 whole pages, the 6th differs at offset 30
+    eng = engine(model, mode)
+    got = (
+        run(eng, [a]) + run(eng, [b]) + run(eng, [a[:384]])
+    )  # a page-aligned prompt: its last page recomputed
+    assert [g[0] for g in got] == cold(model, mode, [a, b, a[:384]])
+    assert [g[1] for g in got] == [0, 320, 320]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_eviction_under_memory_pressure(model, mode):
+    rng = np.random.default_rng(4)
+    prompts = [ids(rng, 300) for _ in range(6)]  # 5 pages each; 6 of them do not fit 16 pages
+    eng = engine(model, mode, num_kv_pages=16, max_num_seqs=2)
+    got = run(eng, prompts) + run(eng, [prompts[-1] + [7], prompts[0] + [7]])
+    assert [g[0] for g in got] == cold(model, mode, prompts + [prompts[-1] + [7], prompts[0] + [7]])
+    assert got[-2][1] == 256 and got[-1][1] == 0  # the newest prefix is still cached, the oldest evicted
+    assert len(eng.blocks.cache.page_of) <= 16
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_aborted_request_whose_pages_others_share(model, mode):
+    rng = np.random.default_rng(5)
+    system = ids(rng, 260)
+    first = system + ids(rng, 5)
+    eng = engine(model, mode)
+    run(eng, [first])  # caches the system prompt's pages
+    prompts = [system + ids(rng, 10) for _ in range(3)]
+    params = SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True)
+    got = run(eng, prompts, params, aborts={0: 3})
+    assert got[0][2] == "abort" and [g[1] for g in got] == [256] * 3
+    assert [g[0] for g in got[1:]] == cold(model, mode, prompts[1:], params)
+    assert got[0][0] == cold(model, mode, prompts[:1], params)[0][: len(got[0][0])]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_preemption_returns_pages_to_the_cache(model, mode):
+    rng = np.random.default_rng(6)
+    system = ids(rng, 200)
+    prompts = [system + ids(rng, int(rng.integers(20, 90))) for _ in range(6)]
+    params = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
+    eng = engine(model, mode, num_kv_pages=14, max_num_batched_tokens=64)
+    preempted = []
+    orig = eng.scheduler._preempt
+    eng.scheduler._preempt = lambda s: preempted.append(s.request_id) or orig(s)
+    got = run(eng, prompts, params)
+    assert preempted, "the pool was meant to force preemption"
+    assert [g[0] for g in got] == cold(model, mode, prompts, params)
+    first_hits = sum(g[1] for g in got)
+    assert eng.scheduler.prompt_tokens_cached > first_hits  # readmissions attached their own pages back
+
+
+def test_cache_off_computes_every_prompt_token(model):
+    rng = np.random.default_rng(7)
+    prompts = [ids(rng, 200)] * 2
+    eng = engine(model, "dense", cache=False)
+    got = run(eng, prompts[:1]) + run(eng, prompts[1:])
+    assert [g[1] for g in got] == [0, 0] and eng.prompt_tokens_computed == 400 and eng.blocks.cache is None
+
+
+# -- property: random request streams under a small pool (no model) -----------------------------------------
+class Driver:
+    """The scheduler and block manager with fake model steps, with the prefix cache and a streaming pool."""
+
+    def __init__(self, pages: int, ps: int, budget: int, stream: bool):
+        sink, ring = (1, 3) if stream else (0, 0)
+        cache = PrefixCache(ps, sink, ring, window=ps, prompt_only=stream)
+        per = sink + ring
+        self.blocks = BlockManager(pages, ps, 3 * per if stream else 0, per, 4, cache)
+        self.sched = Scheduler(self.blocks, max_num_seqs=3, max_num_batched_tokens=budget)
+        self.preemptions = 0
+
+    def check(self) -> None:
+        b = self.blocks
+        held = Counter(p for s in self.sched.running for p in s.page_table)
+        assert all(b.ref[p] == held[p] for p in range(b.num_pages))  # counts equal holders
+        idle, free = set(b.cache.idle), set(b.free)
+        assert len(free) == len(b.free) and not (idle & free) and not (idle | free) & set(held)
+        assert idle | free | set(held) == set(range(b.num_pages))
+        streams = [p for s in self.sched.running for p in s.stream_table]
+        snaps = [p for s in b.cache.snaps for p in s.pages]
+        assert sorted(streams + snaps + list(b.stream_free)) == list(range(b.num_stream_pages))
+        assert b.in_flight == Counter(k for s in self.sched.running for k in s.in_flight)
+
+    def step(self) -> None:
+        batch = self.sched.schedule()
+        self.blocks.take_copies()
+        self.preemptions += len(batch.preempted)
+        for s, n in zip(batch.seqs, batch.num_new):
+            s.num_cached += n
+            self.blocks.cache_computed(s)
+            if s.num_pending == 0:
+                s.output_ids.append(5)
+                if len(s.output_ids) >= s.params.max_new_tokens:
+                    self.sched.finish(s, "length")
+        self.blocks.take_copies()
+        self.check()
+
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(0, 3), st.integers(1, 70), st.integers(1, 12)),
+        st.tuples(st.just("abort"), st.integers(0, 30)),
+        st.tuples(st.just("step"), st.integers(1, 4)),
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(ops=OPS, ps=st.sampled_from([4, 8]), budget=st.integers(6, 40), stream=st.booleans())
+def test_ref_counts_and_free_list_property(ops, ps, budget, stream):
+    """Requests share prefixes (one of four stems), abort at random, and preempt one another in a pool that
+    holds about two of them: after every step the counts equal the holders; at the end nothing is held."""
+    d = Driver(pages=-(-(90 + 12) // ps) + 3, ps=ps, budget=budget, stream=stream)
+    stems = [list(range(10 * i, 10 * i + 80)) for i in range(4)]
+    seqs: list[Sequence] = []
+    for op in ops:
+        if op[0] == "add":
+            _, stem, n, gen = op
+            s = Sequence(stems[stem][:n] + [999] * (n % 3), SamplingParams(max_new_tokens=gen))
+            s.kv_salt = b"s"
+            seqs.append(s)
+            d.sched.add(s)
+        elif op[0] == "abort" and seqs:
+            d.sched.finish(seqs[op[1] % len(seqs)], "abort")
+        else:
+            for _ in range(op[1]):
+                if d.sched.has_work():
+                    d.step()
+    for _ in range(3000):
+        if not d.sched.has_work():
+            break
+        d.step()
+    assert all(s.is_finished for s in seqs)
+    check_pool(d.blocks)
+    while d.blocks.cache.idle:  # the free list is whole once the cache lets go
+        d.blocks.free.append(d.blocks.cache.evict_page())
+    assert sorted(d.blocks.free) == list(range(d.blocks.num_pages)) and not d.blocks.cache.page_of
+    assert not d.blocks.in_flight
+
+
+def test_driver_stream_exercises_preemption_and_snapshots():
+    """The property test's driver on one fixed stream does preempt, attach and restore snapshots."""
+    d = Driver(pages=16, ps=8, budget=24, stream=True)
+    restores = []
+    take = d.blocks.take_copies
+    d.blocks.take_copies = lambda: restores.extend(take()) or []
+    seqs = [Sequence(list(range(70)) + [900 + i], SamplingParams(max_new_tokens=12)) for i in range(6)]
+    for s in seqs:
+        s.kv_salt = b"s"
+        d.sched.add(s)
+    while d.sched.has_work():
+        d.step()
+    assert d.preemptions and d.sched.prompt_tokens_cached and restores
+    check_pool(d.blocks)
+
+
+def test_prefill_windows_are_part_of_the_key(model):
+    """LServe: a request with other prefill windows computes different K/V, so it must not hit."""
+    rng = np.random.default_rng(8)
+    p = ids(rng, 300)
+    eng = engine(model, "lserve")
+    run(eng, [p])
+    rid = eng.add_request(p, GREEDY, sparse={"prefill_local": 64})
+    outs = []
+    while eng.has_unfinished():
+        outs += [o for o in eng.step() if o.finished]
+    assert outs[0].num_cached_tokens == 0
+    ref = engine(model, "lserve", cache=False)
+    ref.add_request(p, GREEDY, request_id=rid, sparse={"prefill_local": 64})
+    want = []
+    while ref.has_unfinished():
+        want += [o for o in ref.step() if o.finished]
+    assert outs[0].seq.output_ids == want[0].seq.output_ids
