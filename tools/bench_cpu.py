@@ -23,7 +23,7 @@ import numpy as np
 
 from lserve_lite import LLM, SamplingParams
 from lserve_lite.backends import cpu_kernels
-from lserve_lite.backends.cpu import SplitRunner, even_bounds
+from lserve_lite.backends.cpu_threads import SplitRunner, even_bounds
 
 LLAMA_CPP = {"prefill_512": 311, "prefill_2048": 211, "decode_ctx512": 100, "decode_ctx2048": 100}
 

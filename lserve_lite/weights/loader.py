@@ -1,26 +1,54 @@
-"""Loading a Hugging Face model directory (config, safetensors shards, tokenizer files) without torch."""
+"""Loading a model without torch: a Hugging Face directory (config, safetensors shards, tokenizer files),
+optionally quantized at load (`--quantize`), or a llama GGUF file run from its quantized blocks."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..config import ModelConfig, read_json_object, token_ids
 from ..errors import ModelLoadError
+from ..tokenizer import Tokenizer
+from .gguf_weights import gguf_config, gguf_model
+from .qtensor import QuantTensor
+from .quantize import quantize_weights
 from .safetensors_io import SafetensorsFile
 
 
-def resolve_model_dir(model: str | Path | None) -> Path:
-    """The model directory for `model` (None: the default SmolLM2, obtained on first use)."""
-    if model is None:
-        from .default_model import default_model_dir
+@dataclass
+class LoadedModel:
+    """A model's config, tokenizer and weights by HF name (float arrays or QuantTensors)."""
 
-        return default_model_dir()
+    cfg: ModelConfig
+    tokenizer: Tokenizer
+    weights: dict[str, np.ndarray | QuantTensor]
+
+
+def load_model(path: Path, quantize: str | None = None) -> LoadedModel:
+    """The model at `path` (from `resolve_model_dir`); `quantize` ("int8" / "int4") quantizes the float
+    projection matrices at load (a GGUF's quantized tensors stay as they are)."""
+    if path.suffix == ".gguf" and path.is_file():
+        model = LoadedModel(*gguf_model(path))
+    else:
+        cfg = load_config(path)
+        model = LoadedModel(cfg, Tokenizer(path), load_weights(path, cfg))
+    if quantize:
+        model.weights = quantize_weights(model.weights, quantize)
+    return model
+
+
+def resolve_model_dir(model: str | Path | None) -> Path:
+    """The model directory or GGUF file for `model` (None: the default SmolLM2's GGUF, fetched on first
+    use)."""
+    if model is None:
+        from .default_model import default_gguf_path
+
+        return default_gguf_path()
     p = Path(model).expanduser()
     if p.is_file() and p.suffix == ".gguf":
-        raise ModelLoadError(f"{p}: a GGUF file; convert it first: lserve-lite convert {p} OUTDIR")
+        return p
     if not p.is_dir():
         raise ModelLoadError(f"{p}: model directory not found")
     if not (p / "config.json").exists():
@@ -29,7 +57,9 @@ def resolve_model_dir(model: str | Path | None) -> Path:
 
 
 def load_config(model_dir: Path) -> ModelConfig:
-    """config.json, with generation_config.json's end-of-generation ids merged in."""
+    """config.json, with generation_config.json's end-of-generation ids merged in (a GGUF: its metadata)."""
+    if model_dir.suffix == ".gguf" and model_dir.is_file():
+        return gguf_config(model_dir)
     cfg = ModelConfig.from_file(model_dir / "config.json")
     gen = model_dir / "generation_config.json"
     if not gen.exists():
