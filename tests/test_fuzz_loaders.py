@@ -32,7 +32,7 @@ from lserve_lite.errors import LServeError
 from lserve_lite.tokenizer import Tokenizer
 from lserve_lite.weights.gguf_import import model_config
 from lserve_lite.weights.gguf_reader import read_gguf
-from lserve_lite.weights.gguf_tokenizer import tokenizer_files, check_tokenizer_metadata
+from lserve_lite.weights.gguf_tokenizer import check_tokenizer_metadata, tokenizer_files
 from lserve_lite.weights.loader import load_config, load_weights
 
 LONG = int(os.environ.get("LSERVE_FUZZ_EXAMPLES", "0"))
