@@ -45,7 +45,6 @@ class LLMEngine:
         self.model_dir = resolve_model_dir(model)  # an HF directory or a GGUF file
         loaded = load_model(self.model_dir, self.ecfg.quantize)
         self.cfg, self.tokenizer, weights = loaded.cfg, loaded.tokenizer, loaded.weights
-        del loaded
         self.ops = make_ops(backend)
         self.max_len = self.ecfg.resolve_max_len(self.cfg)
         # The weights at the backend's float type: what a backend without quantized kernels uploads, and an
@@ -58,7 +57,8 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.cfg, weights, self.ops, self.ecfg, self.max_len, num_pages, self.layout, num_stream
         )
-        del weights
+        loaded.drop_file_pages()
+        del weights, loaded
         per_seq = self.layout.stream_pages_per_seq if self.layout else 0
         self.blocks = BlockManager(
             num_pages, self.ecfg.page_size, num_stream, per_seq, self.ecfg.max_num_seqs

@@ -3,6 +3,7 @@ optionally quantized at load (`--quantize`), or a llama GGUF file run from its q
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,6 +26,14 @@ class LoadedModel:
     tokenizer: Tokenizer
     weights: dict[str, np.ndarray | QuantTensor]
 
+    def drop_file_pages(self) -> None:
+        """Once the backend holds its copies (fused q/k/v and gate/up, GPU uploads), let the kernel drop the
+        mapped file's resident pages (MADV_DONTNEED): they stop counting in RSS, and those a weight still
+        views fault back in from the page cache when read."""
+        maps = {id(m): m for m in map(_mapping, self.weights.values()) if m is not None}
+        for m in maps.values():
+            m.madvise(mmap.MADV_DONTNEED)
+
 
 def load_model(path: Path, quantize: str | None = None) -> LoadedModel:
     """The model at `path` (from `resolve_model_dir`); `quantize` ("int8" / "int4") quantizes the float
@@ -37,6 +46,16 @@ def load_model(path: Path, quantize: str | None = None) -> LoadedModel:
     if quantize:
         model.weights = quantize_weights(model.weights, quantize)
     return model
+
+
+def _mapping(w: np.ndarray | QuantTensor) -> mmap.mmap | None:
+    """The file mapping a weight views (np.memmap keeps it as `_mmap`), if any."""
+    a = w.data if isinstance(w, QuantTensor) else w
+    while a is not None:
+        if isinstance(getattr(a, "_mmap", None), mmap.mmap):
+            return a._mmap
+        a = getattr(a, "base", None)
+    return None
 
 
 def resolve_model_dir(model: str | Path | None) -> Path:
