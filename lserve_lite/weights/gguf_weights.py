@@ -22,11 +22,21 @@ from .quantize import from_gguf, unpermute_heads
 def gguf_model(path: Path) -> tuple[ModelConfig, Tokenizer, dict[str, np.ndarray | QuantTensor]]:
     """What the engine needs from a GGUF file, parsed once."""
     meta, tensors = read_gguf(path)
-    check_tokenizer_metadata(meta, path)
     cfg = model_config(meta, tensors, path)
-    tok, tok_config, _ = tokenizer_files(meta, cfg, path)
-    tokenizer = Tokenizer.from_parts(tok, tok_config, path)
+    tokenizer = _tokenizer(meta, cfg, path)
     return ModelConfig.from_dict(cfg, f"{path} (as config.json)"), tokenizer, _weights(tensors, cfg)
+
+
+def gguf_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer of a GGUF file, rebuilt in memory."""
+    meta, tensors = read_gguf(path)
+    return _tokenizer(meta, model_config(meta, tensors, path), path)
+
+
+def _tokenizer(meta: dict[str, Any], cfg: dict[str, Any], path: Path) -> Tokenizer:
+    check_tokenizer_metadata(meta, path)
+    tok, tok_config, _ = tokenizer_files(meta, cfg, path)
+    return Tokenizer.from_parts(tok, tok_config, path)
 
 
 def gguf_config(path: Path) -> ModelConfig:

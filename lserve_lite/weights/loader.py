@@ -12,7 +12,7 @@ import numpy as np
 from ..config import ModelConfig, read_json_object, token_ids
 from ..errors import ModelLoadError
 from ..tokenizer import Tokenizer
-from .gguf_weights import gguf_config, gguf_model
+from .gguf_weights import gguf_config, gguf_model, gguf_tokenizer
 from .qtensor import QuantTensor
 from .quantize import quantize_weights
 from .safetensors_io import SafetensorsFile
@@ -38,7 +38,7 @@ class LoadedModel:
 def load_model(path: Path, quantize: str | None = None) -> LoadedModel:
     """The model at `path` (from `resolve_model_dir`); `quantize` ("int8" / "int4") quantizes the float
     projection matrices at load (a GGUF's quantized tensors stay as they are)."""
-    if path.suffix == ".gguf" and path.is_file():
+    if _is_gguf(path):
         model = LoadedModel(*gguf_model(path))
     else:
         cfg = load_config(path)
@@ -46,6 +46,15 @@ def load_model(path: Path, quantize: str | None = None) -> LoadedModel:
     if quantize:
         model.weights = quantize_weights(model.weights, quantize)
     return model
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer of an HF directory or a GGUF file (from `resolve_model_dir`)."""
+    return gguf_tokenizer(path) if _is_gguf(path) else Tokenizer(path)
+
+
+def _is_gguf(path: Path) -> bool:
+    return path.suffix == ".gguf" and path.is_file()
 
 
 def _mapping(w: np.ndarray | QuantTensor) -> mmap.mmap | None:
@@ -77,7 +86,7 @@ def resolve_model_dir(model: str | Path | None) -> Path:
 
 def load_config(model_dir: Path) -> ModelConfig:
     """config.json, with generation_config.json's end-of-generation ids merged in (a GGUF: its metadata)."""
-    if model_dir.suffix == ".gguf" and model_dir.is_file():
+    if _is_gguf(model_dir):
         return gguf_config(model_dir)
     cfg = ModelConfig.from_file(model_dir / "config.json")
     gen = model_dir / "generation_config.json"
