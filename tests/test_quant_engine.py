@@ -165,3 +165,16 @@ def test_quantize_bogus_is_a_clear_error(tiny_llama):
         EngineConfig(quantize="bogus")
     with pytest.raises(InvalidRequestError, match="'int3'"):
         LLM(str(tiny_llama), backend="cpu", quantize="int3")
+
+
+def test_quantize_command_line_option():
+    import argparse
+
+    from lserve_lite.engine_args import add_engine_args, engine_config_from_args
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    assert engine_config_from_args(p.parse_args(["--quantize", "int4"])).quantize == "int4"
+    assert engine_config_from_args(p.parse_args([])).quantize is None
+    with pytest.raises(SystemExit):
+        p.parse_args(["--quantize", "int3"])

@@ -29,10 +29,12 @@ class LoadedModel:
     def drop_file_pages(self) -> None:
         """Once the backend holds its copies (fused q/k/v and gate/up, GPU uploads), let the kernel drop the
         mapped file's resident pages (MADV_DONTNEED): they stop counting in RSS, and those a weight still
-        views fault back in from the page cache when read."""
+        views fault back in from the page cache when read. The loaders map files read-only, so nothing is
+        lost; a no-op where the platform has no MADV_DONTNEED."""
+        advice = getattr(mmap, "MADV_DONTNEED", None)
         maps = {id(m): m for m in map(_mapping, self.weights.values()) if m is not None}
-        for m in maps.values():
-            m.madvise(mmap.MADV_DONTNEED)
+        for m in maps.values() if advice is not None else ():
+            m.madvise(advice)
 
 
 def load_model(path: Path, quantize: str | None = None) -> LoadedModel:
