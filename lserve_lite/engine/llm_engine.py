@@ -18,7 +18,7 @@ from ..sampling_params import SamplingParams
 from ..sequence import Sequence
 from ..sparse.patterns import head_classes, resolve_pattern
 from ..tokenizer import IncrementalDecoder
-from ..weights.loader import load_model, resolve_model_dir
+from ..weights.loader import load_model, model_name, resolve_model_dir
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
 
@@ -43,6 +43,7 @@ class LLMEngine:
     def __init__(self, model: str | None = None, backend: str = "auto", config: EngineConfig | None = None):
         self.ecfg = config or EngineConfig()
         self.model_dir = resolve_model_dir(model)  # an HF directory or a GGUF file
+        self.model_name = model_name(self.model_dir)
         loaded = load_model(self.model_dir, self.ecfg.quantize)
         self.cfg, self.tokenizer, weights = loaded.cfg, loaded.tokenizer, loaded.weights
         self.ops = make_ops(backend)

@@ -55,6 +55,16 @@ def load_tokenizer(path: Path) -> Tokenizer:
     return gguf_tokenizer(path) if _is_gguf(path) else Tokenizer(path)
 
 
+def model_name(path: Path) -> str:
+    """The name a model is served under: its directory's name, a GGUF file's stem, and the default GGUF's
+    model name (so `"model": "SmolLM2-135M-Instruct"` keeps working now that the engine runs the GGUF)."""
+    from .default_model import GGUF_NAME, MODEL_NAME
+
+    if not _is_gguf(path):
+        return path.name
+    return MODEL_NAME if path.name == GGUF_NAME else path.stem
+
+
 def _is_gguf(path: Path) -> bool:
     return path.suffix == ".gguf" and path.is_file()
 
