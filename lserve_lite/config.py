@@ -289,6 +289,9 @@ class SparseConfig:
         return replace(self, **kw).validate()
 
 
+QUANTIZE_MODES = (None, "int8", "int4")
+
+
 @dataclass
 class EngineConfig:
     """Engine limits: KV memory, batching, context."""
@@ -303,6 +306,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     seed: int = 0
     prefix_caching: bool = True  # reuse cached KV pages of equal prompt prefixes (docs/PREFIX_CACHE.md)
+    quantize: str | None = None  # "int8" / "int4": quantize a float model's projection matrices at load
 
     def __post_init__(self):
         """Absurd limits are refused here, before they can hang the scheduler or size an allocation."""
@@ -318,6 +322,10 @@ class EngineConfig:
         _positive_int("page_size", self.page_size, lo=16, hi=1024)
         if self.page_size & (self.page_size - 1):
             raise InvalidRequestError(f"page_size must be a power of two in [16, 1024], got {self.page_size}")
+        if self.quantize not in QUANTIZE_MODES:
+            raise InvalidRequestError(
+                f"quantize must be one of 'int8', 'int4' or None, got {self.quantize!r}"
+            )
         self.sparse.validate()
         if self.sparse.enabled and self.sparse.page_size != self.page_size:
             raise InvalidRequestError(

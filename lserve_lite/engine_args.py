@@ -39,7 +39,16 @@ _SPARSE_KNOBS = {
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Model, backend, limits and the LServe knobs (shared by chat, generate and serve)."""
     p.add_argument(
-        "--model", default=None, help="HF model directory (default: bundled SmolLM2-135M-Instruct)"
+        "--model",
+        default=None,
+        help="HF model directory or llama GGUF file (default: bundled SmolLM2-135M-Instruct, Q4_1 GGUF)",
+    )
+    p.add_argument(
+        "--quantize",
+        default=None,
+        choices=["int8", "int4"],
+        help="quantize an HF model's projection matrices at load (round to nearest: int8 per output "
+        "channel, int4 in groups of 128)",
     )
     p.add_argument("--backend", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
@@ -74,6 +83,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     knobs = {k: getattr(args, k) for k in _SPARSE_KNOBS if getattr(args, k, None) is not None}
     sparse = SparseConfig(enabled=args.sparse, pattern_path=args.pattern).with_updates(**knobs)
     return EngineConfig(
+        quantize=args.quantize,
         max_model_len=args.max_model_len,
         num_kv_pages=args.kv_pages,
         page_size=sparse.page_size,

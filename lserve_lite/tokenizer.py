@@ -24,11 +24,22 @@ class Tokenizer:
         if not path.exists():
             raise ModelLoadError(f"{path}: file not found")
         try:
-            self.tok = HFTokenizer.from_file(str(path))
+            tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises bare Exception on bad JSON
             raise ModelLoadError(f"{path}: cannot load tokenizer ({_one_line(e)})") from None
         cfg_path = model_dir / "tokenizer_config.json"
-        self.cfg = read_json_object(cfg_path) if cfg_path.exists() else {}
+        self._setup(tok, read_json_object(cfg_path) if cfg_path.exists() else {}, cfg_path)
+
+    @classmethod
+    def from_parts(cls, tok: HFTokenizer, cfg: dict, source: Path) -> Tokenizer:
+        """A tokenizer built in memory (a GGUF's vocabulary) with its tokenizer_config.json dict."""
+        self = cls.__new__(cls)
+        self._setup(tok, cfg, source)
+        return self
+
+    def _setup(self, tok: HFTokenizer, cfg: dict, cfg_path: Path) -> None:
+        """The chat template and special tokens of `cfg`, checked; `cfg_path` names it in errors."""
+        self.tok, self.cfg = tok, cfg
         self.chat_template = _chat_template(self.cfg, cfg_path)
         self._compiled = _compile(self.chat_template, cfg_path) if self.chat_template else None
         for key in SPECIAL_KEYS:

@@ -22,7 +22,7 @@ from lserve_lite.config import ModelConfig
 from lserve_lite.errors import LServeError
 from lserve_lite.tokenizer import Tokenizer
 from lserve_lite.weights import default_model
-from lserve_lite.weights.gguf_import import _model_config
+from lserve_lite.weights.gguf_import import model_config
 from lserve_lite.weights.gguf_reader import read_gguf
 from lserve_lite.weights.gguf_tokenizer import check_tokenizer_metadata
 from lserve_lite.weights.loader import load_config, load_weights
@@ -147,7 +147,7 @@ def test_safetensors_sizes_checked_against_the_file(tmp_path: Path):
 def test_gguf_absurd_metadata(tiny_gguf, key: str, value: object, msg: str):
     meta, tensors, path = tiny_gguf
     with pytest.raises(ModelLoadError) as e:
-        _model_config({**meta, key: value}, tensors, path)
+        model_config({**meta, key: value}, tensors, path)
     assert msg in one_line_error(e.value, path.name)
 
 

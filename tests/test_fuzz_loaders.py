@@ -30,9 +30,9 @@ from test_bad_files import replay
 from lserve_lite.config import SIZE_BOUNDS, ModelConfig
 from lserve_lite.errors import LServeError
 from lserve_lite.tokenizer import Tokenizer
-from lserve_lite.weights.gguf_import import _model_config
+from lserve_lite.weights.gguf_import import model_config
 from lserve_lite.weights.gguf_reader import read_gguf
-from lserve_lite.weights.gguf_tokenizer import _tokenizer_files, check_tokenizer_metadata
+from lserve_lite.weights.gguf_tokenizer import check_tokenizer_metadata, tokenizer_files
 from lserve_lite.weights.loader import load_config, load_weights
 
 LONG = int(os.environ.get("LSERVE_FUZZ_EXAMPLES", "0"))
@@ -240,8 +240,8 @@ def test_fuzz_gguf_metadata_to_config(tiny_gguf, edits: dict):
 
     def convert(m: dict) -> None:
         check_tokenizer_metadata(m, path)
-        cfg = _model_config(m, tensors, path)
-        _tokenizer_files(m, cfg, path)
+        cfg = model_config(m, tensors, path)
+        tokenizer_files(m, cfg, path)
 
     clear_or_ok(convert, {**meta, **edits}, name=path.name)
 

@@ -186,6 +186,24 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def random_k_blocks(kind: str, shape: tuple[int, int], rng: np.random.Generator, scale: float) -> np.ndarray:
+    """Random Q4_K / Q6_K blocks [rows, row bytes] with fp16 super-block scales that keep |w| around `scale`."""
+    block_bytes = {"Q4_K": 144, "Q6_K": 210}[kind]
+    nb = shape[1] // 256
+    data = rng.integers(0, 256, (shape[0], nb, block_bytes), dtype=np.uint8)
+    d = (
+        (rng.uniform(0.5e-3, 2e-3, (shape[0], nb, 2)) * scale)
+        .astype("<f2")
+        .view(np.uint8)
+        .reshape(shape[0], nb, 4)
+    )
+    if kind == "Q4_K":
+        data[..., 0:4] = d  # d, dmin
+    else:
+        data[..., 208:210] = d[..., 0:2]  # q6_k: d last
+    return data.reshape(shape[0], -1)
+
+
 def _gpt2_vocab() -> tuple[list[str], list[int], list[str]]:
     chars = sorted(_bytes_to_unicode().values())
     merges = ["Ġ t", "h e", "Ġt he", "Ġ a"]
@@ -214,16 +232,22 @@ def write_tiny_gguf(
     rope_freqs: np.ndarray | None = None,
     extra_tensor: str | None = None,
     extra_kv: dict | None = None,
+    hidden: int = HID,
+    ffn: int = FFN,
+    matrix_scale: float = 1.0,
 ) -> dict[str, tuple[np.ndarray, str]]:
-    """A tiny llama GGUF; returns {gguf name: (the float32 tensor before quantization, type name)}."""
+    """A tiny llama GGUF; returns {gguf name: (the float32 tensor before quantization, type name)}.
+    Q4_K / Q6_K, which the gguf package cannot quantize, get random blocks (truth: their gguf dequantization);
+    they need `hidden`, `ffn` and NH * head_dim to be multiples of 256. `matrix_scale` scales the matrices
+    (e.g. 1/sqrt(hidden) for a model whose attention is not saturated)."""
     import gguf
 
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(L)
     w.add_context_length(256)
-    w.add_embedding_length(HID)
-    w.add_feed_forward_length(FFN)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
     w.add_head_count(NH)
     w.add_head_count_kv(NKV)
     w.add_rope_dimension_count(head_dim)
@@ -250,25 +274,25 @@ def write_tiny_gguf(
     w.add_token_types(ttypes)
     w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     V, Q, KV = len(tokens), NH * head_dim, NKV * head_dim
-    shapes = {"token_embd.weight": (V, HID), "output_norm.weight": (HID,)}
+    shapes = {"token_embd.weight": (V, hidden), "output_norm.weight": (hidden,)}
     if untied:
-        shapes["output.weight"] = (V, HID)
+        shapes["output.weight"] = (V, hidden)
     for i in range(L):
         shapes |= {
-            f"blk.{i}.attn_norm.weight": (HID,), f"blk.{i}.ffn_norm.weight": (HID,),
-            f"blk.{i}.attn_q.weight": (Q, HID), f"blk.{i}.attn_k.weight": (KV, HID),
-            f"blk.{i}.attn_v.weight": (KV, HID), f"blk.{i}.attn_output.weight": (HID, Q),
-            f"blk.{i}.ffn_gate.weight": (FFN, HID), f"blk.{i}.ffn_up.weight": (FFN, HID),
-            f"blk.{i}.ffn_down.weight": (HID, FFN),
+            f"blk.{i}.attn_norm.weight": (hidden,), f"blk.{i}.ffn_norm.weight": (hidden,),
+            f"blk.{i}.attn_q.weight": (Q, hidden), f"blk.{i}.attn_k.weight": (KV, hidden),
+            f"blk.{i}.attn_v.weight": (KV, hidden), f"blk.{i}.attn_output.weight": (hidden, Q),
+            f"blk.{i}.ffn_gate.weight": (ffn, hidden), f"blk.{i}.ffn_up.weight": (ffn, hidden),
+            f"blk.{i}.ffn_down.weight": (hidden, ffn),
         }  # fmt: skip
     if extra_tensor:
-        shapes[extra_tensor] = (HID,)
+        shapes[extra_tensor] = (hidden,)
     default = {"token_embd": "Q8_0", "attn_q": "F32", "attn_k": "Q4_0", "attn_v": "Q4_1", "attn_output": "F16",
                "ffn_gate": "Q4_1", "ffn_up": "Q8_0", "ffn_down": "Q4_0", "output": "F16"}  # fmt: skip
     types = {**default, **(types or {})}
     truth = {}
     for name, shape in shapes.items():
-        x = rng.standard_normal(shape).astype(np.float32)
+        x = (rng.standard_normal(shape) * (matrix_scale if len(shape) == 2 else 1.0)).astype(np.float32)
         if name.endswith("attn_q.weight"):
             x = _permute(x, NH)
         elif name.endswith("attn_k.weight"):
@@ -278,6 +302,11 @@ def write_tiny_gguf(
             w.add_tensor(name, x)
         elif kind == "F16":
             w.add_tensor(name, x.astype(np.float16))
+        elif kind in ("Q4_K", "Q6_K"):
+            qt = gguf.GGMLQuantizationType[kind]
+            raw = random_k_blocks(kind, shape, rng, matrix_scale)
+            w.add_tensor(name, raw, raw_dtype=qt)
+            x = gguf.quants.dequantize(raw, qt)
         else:
             qt = gguf.GGMLQuantizationType[kind]
             w.add_tensor(name, gguf.quants.quantize(x, qt), raw_dtype=qt)

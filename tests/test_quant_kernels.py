@@ -17,8 +17,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from lserve_lite.backends import cpu_quant_simd
-from lserve_lite.backends.cpu import SplitRunner
 from lserve_lite.backends.cpu_quant import GEMV_ROWS, dequant_rows, embed_q, linear_q
+from lserve_lite.backends.cpu_threads import SplitRunner
 from lserve_lite.errors import ModelLoadError
 from lserve_lite.weights.qtensor import FORMATS, LAYOUTS, QuantTensor, concat_rows
 from lserve_lite.weights.quantize import (
@@ -359,7 +359,7 @@ def test_portable_path_matches_avx2(tmp_path):
 def test_smollm2_gguf_weights_stay_quantized(smollm2_path):
     """The GGUF loaded by HF name keeps every matrix in its blocks (95 MB, not 538 MB of float32) and equals
     the float importer's tensors once dequantized (q/k head permutation undone the same way)."""
-    from lserve_lite.weights.gguf_import import _dequantized, _model_config
+    from lserve_lite.weights.gguf_import import dequantized, model_config
     from lserve_lite.weights.gguf_reader import read_gguf
     from lserve_lite.weights.gguf_weights import gguf_weights
 
@@ -369,8 +369,8 @@ def test_smollm2_gguf_weights_stay_quantized(smollm2_path):
     assert 90e6 < sum(w.nbytes for w in quant.values()) < 100e6
     assert all(w.dtype == np.float32 and w.ndim == 1 for n, w in weights.items() if n not in quant)
     meta, tensors = read_gguf(smollm2_path)
-    cfg_f = _model_config(meta, tensors, smollm2_path)
+    cfg_f = model_config(meta, tensors, smollm2_path)
     for gguf_name, hf in [("blk.7.attn_q.weight", "model.layers.7.self_attn.q_proj.weight"),
                           ("blk.7.attn_k.weight", "model.layers.7.self_attn.k_proj.weight"),
                           ("blk.7.ffn_up.weight", "model.layers.7.mlp.up_proj.weight")]:  # fmt: skip
-        np.testing.assert_array_equal(weights[hf].dequantize(), _dequantized(tensors[gguf_name], cfg_f))
+        np.testing.assert_array_equal(weights[hf].dequantize(), dequantized(tensors[gguf_name], cfg_f))

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lserve_lite.backends import cpu as C
 from lserve_lite.backends import cpu_kernels as K
+from lserve_lite.backends import cpu_threads as C
 from lserve_lite.backends.cpu_quant import linear_q
 from lserve_lite.weights.qtensor import FORMATS, LAYOUTS, QuantTensor, concat_rows
 from lserve_lite.weights.quantize import from_gguf

@@ -74,15 +74,19 @@ class Runner:
     """Runs prompts under every config: one LLM per group of configs that share a KV layout, per-request
     knobs for the rest. Configs whose prefill is identical share one prefill per prompt."""
 
-    def __init__(self, model: str | None, configs: dict, mode: str, max_len: int, pattern: str | None):
-        from lserve_lite.tokenizer import Tokenizer
-        from lserve_lite.weights.loader import resolve_model_dir
+    def __init__(
+        self, model: str | None, configs: dict, mode: str, max_len: int, pattern: str | None,
+        quantize: str | None = None,
+    ):  # fmt: skip
+        from lserve_lite.weights.loader import load_tokenizer, resolve_model_dir
 
         self.configs, self.mode, self.model, self.pattern = configs, mode, model, pattern
         self.model_dir = resolve_model_dir(model)
-        self.tokenizer = Tokenizer(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir)
         pages = -(-(max_len + 64) // 64) + 2
-        self.ecfg = dict(num_kv_pages=pages, max_model_len=max_len, max_num_batched_tokens=2048)
+        self.ecfg = dict(
+            num_kv_pages=pages, max_model_len=max_len, max_num_batched_tokens=2048, quantize=quantize
+        )
 
     # groups of configs that run on one LLM ------------------------------------------------------------
     def groups(self):

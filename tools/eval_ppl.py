@@ -115,7 +115,8 @@ def plot(result: dict, path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model directory (default: the bundled SmolLM2)")
+    ap.add_argument("--model", default=None, help="model directory or GGUF (default: the bundled SmolLM2)")
+    ap.add_argument("--quantize", choices=("int8", "int4"), default=None, help="quantize an HF model at load")
     ap.add_argument("--lengths", default="1024,2048", help="context lengths in tokens (1024,2048)")
     ap.add_argument("--decode-tokens", type=int, default=64, help="tokens scored by decode steps (64)")
     ap.add_argument("--configs", default="dense,lserve,lserve-b512", help="as in eval_passkey.py")
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [int(x) for x in args.lengths.split(",")]
     configs = parse_configs(args.configs)
     t0 = time.perf_counter()
-    r = Runner(args.model, configs, args.mode, max(lengths) + 64, args.pattern)
+    r = Runner(args.model, configs, args.mode, max(lengths) + 64, args.pattern, args.quantize)
     text = corpus_text()
     ids = r.tokenizer.encode(text)
     if len(ids) < max(lengths):
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 eval_length(r, h, names, ids[:n], args.decode_tokens, lambda s: print(s, flush=True))
             )
     result = {
-        "tool": "eval_ppl", "model": Path(r.model_dir).name, "mode": args.mode,
+        "tool": "eval_ppl", "model": Path(r.model_dir).name, "quantize": args.quantize, "mode": args.mode,
         "pattern": args.pattern or "bundled",
         "text": {"source": "corpus_text(): stdlib module docstrings + LICENSE.txt", "tokens": len(ids),
                  "sha256": hashlib.sha256(text.encode()).hexdigest(), "python": platform.python_version()},

@@ -3,19 +3,15 @@ which every GPU kernel is tested against."""
 
 from __future__ import annotations
 
-import ctypes
-import os
-import queue
-import threading
-import time
-from collections import deque
-
 import numpy as np
 
 from ..config import EngineConfig
 from ..sparse.plan import AttentionPlan
+from ..weights.qtensor import QuantTensor, RowStack
 from . import cpu_kernels as K
 from .base import EagerExecutor, Forward, KVCache, alloc_kv_cache
+from .cpu_quant import embed_q, linear_q, logits_q
+from .cpu_threads import SplitRunner, even_bounds, openblas_set_threads
 from .reference.attention import attend_qblocks, paged_attention_sparse_ref
 from .reference.layers import rope_write_kv_sparse_ref
 from .reference.page_select import select_pages_ref
@@ -23,135 +19,6 @@ from .reference.sampling import sample
 
 # Up to this many rows (decode), the Numba GEMV and attention kernels; beyond (prefill), OpenBLAS GEMMs.
 SMALL_ROWS = 8
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-class _Helpers:
-    """Daemon threads (one per extra CPU, started on first use) that run the parts of a split call."""
-
-    def __init__(self):
-        self.lock = threading.Lock()  # held by the caller whose parts are on the helpers
-        self._req: list[queue.SimpleQueue] = []
-        self._done: queue.SimpleQueue = queue.SimpleQueue()
-        self._seq = 0
-
-    def spread(self, part, bounds: list[int]) -> bool:
-        """part(bounds[i], bounds[i + 1]) for i >= 1 on helpers while part 0 runs here; False if busy."""
-        if not self.lock.acquire(blocking=False):
-            return False
-        try:
-            while len(self._req) < len(bounds) - 2:
-                self._req.append(queue.SimpleQueue())
-                threading.Thread(
-                    target=self._loop, args=(self._req[-1],), name="lserve-cpu", daemon=True
-                ).start()
-            self._seq += 1
-            for i in range(1, len(bounds) - 1):
-                self._req[i - 1].put((self._seq, part, bounds[i], bounds[i + 1]))
-            try:
-                part(bounds[0], bounds[1])
-            finally:
-                self._wait(self._seq, len(bounds) - 2)
-        finally:
-            self.lock.release()
-        return True
-
-    def _wait(self, seq: int, n: int) -> None:
-        errors = []
-        while n:  # completions for a caller interrupted while waiting are stale: skip them
-            done, err = self._done.get()
-            if done == seq:
-                n -= 1
-                errors.append(err)
-        for err in filter(None, errors):
-            raise err
-
-    def _loop(self, req: queue.SimpleQueue) -> None:
-        while True:
-            seq, part, a, b = req.get()
-            try:
-                part(a, b)
-                self._done.put((seq, None))
-            except BaseException as e:  # handed to the waiting caller
-                self._done.put((seq, e))
-
-
-_HELPERS = _Helpers()
-os.register_at_fork(after_in_child=lambda: _HELPERS.__init__())  # threads do not survive a fork
-
-
-def openblas_set_threads(n: int) -> bool:
-    """Set the loaded OpenBLAS's thread count (process-wide) through ctypes; False where there is none."""
-    try:
-        with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower()})
-    except OSError:
-        return False
-    names = ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads")
-    for path in paths:
-        lib = ctypes.CDLL(path)
-        for fn in filter(None, (getattr(lib, name, None) for name in names)):
-            fn(n)
-            return True
-    return False
-
-
-def even_bounds(lo: int, hi: int, parts: int) -> list[int]:
-    """parts + 1 boundaries cutting lo..hi into near-equal ranges."""
-    return [lo + (hi - lo) * i // parts for i in range(parts + 1)]
-
-
-class SplitRunner:
-    """Runs the parts of a step on this thread and helper threads at once, or all on this thread.
-
-    The parts are fixed by the caller, so results never depend on the choice. On an idle host more threads
-    read memory and multiply faster; on an oversubscribed one a hand-off can wait a whole scheduler slice.
-    So the way in use is timed per key and the other is retried after `interval` calls, the interval
-    doubling while it keeps losing.
-    """
-
-    def __init__(self, parts: int | None = None, first: int = 8, longest: int = 512):
-        self.parts = min(8, usable_cpus()) if parts is None else parts
-        self.first, self.longest = first, longest
-        self._keys: dict = {}
-
-    def run(self, key, part, bounds: list[int]) -> None:
-        """part(bounds[i], bounds[i + 1]) for every i, spread over threads when that was faster lately."""
-        if len(bounds) < 3:
-            part(bounds[0], bounds[-1])
-            return
-        st = self._keys.get(key) or self._keys.setdefault(key, _WayStats(self.first))
-        probe = st.countdown <= 0
-        t = time.perf_counter()
-        if not (st.spread != probe and _HELPERS.spread(part, bounds)):
-            for a, b in zip(bounds[:-1], bounds[1:]):
-                part(a, b)
-        st.record(time.perf_counter() - t, probe, self.first, self.longest)
-
-
-class _WayStats:
-    """Recent timings of the way in use (spread or not) and when to retry the other one."""
-
-    def __init__(self, first: int):
-        self.spread, self.countdown, self.interval = False, first, first
-        self.times: deque = deque(maxlen=8)
-
-    def record(self, dt: float, probe: bool, first: int, longest: int) -> None:
-        if not probe:
-            self.times.append(dt)
-            self.countdown -= 1
-            return
-        if self.times and dt < 0.9 * float(np.median(self.times)):  # the other way wins: switch
-            self.spread, self.interval = not self.spread, first
-            self.times.clear()
-            self.times.append(dt)
-        else:
-            self.interval = min(2 * self.interval, longest)
-        self.countdown = self.interval
 
 
 class CpuOps:
@@ -166,7 +33,10 @@ class CpuOps:
         openblas_set_threads(1)
         self.split = SplitRunner()
 
-    def upload(self, a: np.ndarray, name: str | None = None) -> np.ndarray:
+    def upload(self, a, name: str | None = None):
+        """Floats as float32; quantized weights stay in their blocks (the kernels read them directly)."""
+        if isinstance(a, (QuantTensor, RowStack)):
+            return a
         return np.ascontiguousarray(a, dtype=np.float32 if a.dtype.kind == "f" else a.dtype)
 
     def to_numpy(self, a: np.ndarray) -> np.ndarray:
@@ -199,8 +69,9 @@ class CpuOps:
     def prepare_plan(self, plan: AttentionPlan) -> AttentionPlan:
         return plan
 
-    def embed(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        return table[ids]
+    def embed(self, table, ids: np.ndarray) -> np.ndarray:
+        """Rows of the table; a quantized table dequantizes only the gathered rows."""
+        return embed_q(table, ids) if isinstance(table, QuantTensor) else table[ids]
 
     def add_rmsnorm(self, x, residual, w, eps):
         h = np.empty_like(x)
@@ -212,7 +83,30 @@ class CpuOps:
         return h, res
 
     def linear(self, x, w, bias=None):
-        """x @ w.T: decode rows by the Numba GEMV over parts of w's rows, more rows by GEMMs on parts of x."""
+        """x @ w.T for a float, quantized (cpu_quant.linear_q) or row-stacked weight, plus the bias."""
+        if isinstance(w, QuantTensor):
+            y = linear_q(x, w, self.split)
+        elif isinstance(w, RowStack):
+            y = self._linear_stack(x, w)
+        else:
+            y = self._linear_f32(x, w)
+        return y if bias is None else y + bias
+
+    def _linear_stack(self, x, w: RowStack) -> np.ndarray:
+        """Each part's product written into its own columns of one output."""
+        y = np.empty((x.shape[0], w.shape[0]), np.float32)
+        c = 0
+        for p in w.parts:
+            cols = y[:, c : c + p.shape[0]]
+            if isinstance(p, QuantTensor):
+                linear_q(x, p, self.split, out=cols)
+            else:
+                cols[...] = self._linear_f32(x, p)
+            c += p.shape[0]
+        return y
+
+    def _linear_f32(self, x, w: np.ndarray) -> np.ndarray:
+        """Decode rows by the Numba GEMV over parts of w's rows, more rows by GEMMs on parts of x."""
         m, n = x.shape[0], w.shape[0]
         y = np.empty((m, n), np.float32)
         if m > SMALL_ROWS:
@@ -222,7 +116,7 @@ class CpuOps:
             x = np.ascontiguousarray(x)
             part = lambda a, b: K.gemv_rows(x, w, y, a, b)  # noqa: E731
             self.split.run(("gemv", m, w.shape), part, even_bounds(0, n, self.split.parts))
-        return y if bias is None else y + bias
+        return y
 
     def silu_mul(self, gate_up):
         out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.float32)
@@ -259,7 +153,10 @@ class CpuOps:
         )  # fmt: skip
 
     def logits(self, h, lm_head):
-        return self.linear(h, lm_head)
+        """float32 logits; a quantized head keeps float32-grade activations (`cpu_quant.logits_q`)."""
+        return (
+            logits_q(h, lm_head, self.split) if isinstance(lm_head, QuantTensor) else self.linear(h, lm_head)
+        )
 
     def sample(self, logits: np.ndarray, seqs: list) -> list[int]:
         return sample(logits, seqs)

@@ -22,9 +22,9 @@ import numba as nb
 import numpy as np
 
 from ..weights.qtensor import FORMATS, LAYOUTS, QuantTensor
-from .cpu import SplitRunner, even_bounds
 from .cpu_kernels import FAST, JIT
 from .cpu_quant_simd import ROW_DOT, f16_at
+from .cpu_threads import SplitRunner, even_bounds
 
 Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, INT8, INT4 = range(7)
 assert FORMATS == ("q8_0", "q4_0", "q4_1", "q4_k", "q6_k", "int8", "int4")
@@ -34,7 +34,9 @@ _ROW_Q8_0, _ROW_Q4_0, _ROW_Q4_1, _ROW_Q4_K, _ROW_Q6_K, _ROW_INT8, _ROW_INT4 = RO
 # Up to this many rows of x, the GEMV (its cost grows with N; the GEMM's tile dequantization does not):
 # measured crossover ~16-32 rows at 1536x576 and 4096x4096 (1 thread)
 GEMV_ROWS = 16
-TILE_BYTES = 1 << 20  # float32 scratch per GEMM tile (measured: 256 KB-4 MB within noise, 1 MB best)
+# float32 scratch per GEMM tile: SmolLM2's four layer matrices at N = 512 took 78 ms with 8 MB tiles (one
+# tile per matrix; float32 GEMMs 67 ms) against 92 ms with 1 MB tiles (float32 70 ms), one thread, loaded host
+TILE_BYTES = 8 << 20
 
 
 @nb.njit(inline="always")
@@ -208,3 +210,25 @@ def linear_q(
     if n <= GEMV_ROWS and y_c is not y:
         y[...] = y_c
     return y
+
+
+def logits_q(x: np.ndarray, w: QuantTensor, split: SplitRunner | None = None) -> np.ndarray:
+    """x @ W.T at float32-grade accuracy for the final logits, whose top two often differ by < 0.5% (the
+    int8 activations alone flipped SmolLM2's greedy answer): decode rows run the int8 GEMV a second time on
+    the activations' rounding residual, so each activation is off by dx/254 instead of dx/2."""
+    y = linear_q(x, w, split)
+    if x.shape[0] <= GEMV_ROWS:
+        y += linear_q(x - _int8_rounded(np.ascontiguousarray(x, dtype=np.float32)), w, split)
+    return y
+
+
+def _int8_rounded(x: np.ndarray) -> np.ndarray:
+    """x as the GEMV sees it: per 32 values dx * round(x / dx) (`quantize_activations`)."""
+    n, k = x.shape
+    xq, dx, xs = (
+        np.empty((n, k), np.int8),
+        np.empty((n, k // 32), np.float32),
+        np.empty((n, k // 16), np.float32),
+    )
+    quantize_activations(x, xq, dx, xs)
+    return (xq.reshape(n, -1, 32) * dx[..., None]).reshape(n, k)

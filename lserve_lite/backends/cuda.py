@@ -19,6 +19,7 @@ from ..config import EngineConfig
 from ..errors import ModelLoadError
 from ..kv.layout import KVLayout
 from ..sparse.plan import AttentionPlan
+from ..weights.qtensor import QuantTensor, RowStack
 from .base import EagerExecutor, Forward, KVCache, alloc_kv_cache
 from .cuda_compile import load_module
 from .cuda_graphs import GraphExecutor
@@ -161,11 +162,12 @@ class CudaOps:
 
     # -- data movement ------------------------------------------------------------------------
     def upload(self, a, name: str | None = None):
-        """Floats become float16 (checked), integers keep their dtype. Device arrays pass through."""
+        """Floats become float16 (checked), integers keep their dtype. Device arrays pass through. Quantized
+        weights are dequantized to float16 here: GPU kernels for the packed formats are not written yet."""
         cp = self.cp
         if isinstance(a, cp.ndarray):
             return a if a.dtype.kind != "f" or a.dtype == np.float16 else a.astype(np.float16)
-        a = np.asarray(a)
+        a = a.dequantize(np.float32) if isinstance(a, (QuantTensor, RowStack)) else np.asarray(a)
         if a.dtype.kind == "f":
             a = to_fp16(a, name)
         return cp.asarray(np.ascontiguousarray(a))

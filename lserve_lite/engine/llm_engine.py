@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,8 +18,8 @@ from ..kv.prefix_cache import PrefixCache, kv_salt
 from ..sampling_params import SamplingParams
 from ..sequence import Sequence
 from ..sparse.patterns import head_classes, resolve_pattern
-from ..tokenizer import IncrementalDecoder, Tokenizer
-from ..weights.loader import load_config, load_weights, resolve_model_dir
+from ..tokenizer import IncrementalDecoder
+from ..weights.loader import load_model, model_name, resolve_model_dir
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
 
@@ -43,21 +44,24 @@ class LLMEngine:
 
     def __init__(self, model: str | None = None, backend: str = "auto", config: EngineConfig | None = None):
         self.ecfg = config or EngineConfig()
-        self.model_dir = resolve_model_dir(model)
-        self.cfg = load_config(self.model_dir)
-        self.tokenizer = Tokenizer(self.model_dir)
+        self.model_dir = resolve_model_dir(model)  # an HF directory or a GGUF file
+        self.model_name = model_name(self.model_dir)
+        loaded = load_model(self.model_dir, self.ecfg.quantize)
+        self.cfg, self.tokenizer, weights = loaded.cfg, loaded.tokenizer, loaded.weights
         self.ops = make_ops(backend)
         self.max_len = self.ecfg.resolve_max_len(self.cfg)
-        weights = load_weights(self.model_dir, self.cfg)
+        # The weights at the backend's float type: what a backend without quantized kernels uploads, and an
+        # upper bound for one that keeps the blocks (the budget only matters on the GPU).
         itemsize = np.dtype(self.ops.dtype).itemsize
-        self.weight_bytes = sum(w.size for w in weights.values()) * itemsize
+        self.weight_bytes = sum(math.prod(w.shape) for w in weights.values()) * itemsize
         self.layout = self._kv_layout()
         num_pages, num_stream = self._num_pages()
         self.max_len = min(self.max_len, num_pages * self.ecfg.page_size)
         self.runner = ModelRunner(
             self.cfg, weights, self.ops, self.ecfg, self.max_len, num_pages, self.layout, num_stream
         )
-        del weights
+        loaded.drop_file_pages()
+        del weights, loaded
         per_seq = self.layout.stream_pages_per_seq if self.layout else 0
         self.blocks = BlockManager(
             num_pages, self.ecfg.page_size, num_stream, per_seq, self.ecfg.max_num_seqs, self._prefix_cache()

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..backends.base import KVCache, Ops, rope_tables
 from ..config import ModelConfig
+from ..weights.qtensor import Weight, fuse_rows
 
 
 @dataclass
@@ -27,10 +28,10 @@ class Layer:
 class LlamaModel:
     """Decoder-only transformer; `forward` runs one scheduled step over a flattened token batch."""
 
-    def __init__(self, cfg: ModelConfig, weights: dict[str, np.ndarray], ops: Ops, max_len: int):
+    def __init__(self, cfg: ModelConfig, weights: dict[str, Weight], ops: Ops, max_len: int):
         self.cfg, self.ops = cfg, ops
 
-        def up(name: str, a: np.ndarray | None = None) -> Any:
+        def up(name: str, a: Weight | None = None) -> Any:
             """Upload a tensor with its name, so a backend's range check can name it."""
             return ops.upload(weights[name] if a is None else a, name=name)
 
@@ -40,12 +41,12 @@ class LlamaModel:
         self.layers = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
-            qkv = [weights[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]
+            qkv = fuse_rows([weights[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
             bias = [weights[p + f"self_attn.{n}_proj.bias"] for n in "qkv"] if cfg.qkv_bias else None
             self.layers.append(
                 Layer(
                     ln1=up(p + "input_layernorm.weight"),
-                    qkv=up(p + "self_attn.{q,k,v}_proj.weight", np.concatenate(qkv, axis=0)),
+                    qkv=up(p + "self_attn.{q,k,v}_proj.weight", qkv),
                     qkv_bias=None
                     if bias is None
                     else up(p + "self_attn.{q,k,v}_proj.bias", np.concatenate(bias)),
@@ -53,9 +54,7 @@ class LlamaModel:
                     ln2=up(p + "post_attention_layernorm.weight"),
                     gate_up=up(
                         p + "mlp.{gate,up}_proj.weight",
-                        np.concatenate(
-                            [weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]]
-                        ),
+                        fuse_rows([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]]),
                     ),
                     down=up(p + "mlp.down_proj.weight"),
                 )

@@ -47,7 +47,7 @@ def create_app(
     metrics = Metrics()
     prompt_limit = max_prompt_chars or PROMPT_CHARS_PER_TOKEN * engine.max_len
     aengine = AsyncEngine(engine, max_queue, metrics)
-    model_name = served_model_name or engine.model_dir.name
+    model_name = served_model_name or engine.model_name
     created = now()
 
     @asynccontextmanager

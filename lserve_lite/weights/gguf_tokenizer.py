@@ -256,7 +256,7 @@ def build_tokenizer(meta: dict[str, Any], path: str | Path = "GGUF"):
     return tok, add_bos, add_eos
 
 
-def _tokenizer_files(meta: dict[str, Any], cfg: dict[str, Any], path: Path):
+def tokenizer_files(meta: dict[str, Any], cfg: dict[str, Any], path: Path):
     """(tokenizer, tokenizer_config.json dict, generation_config.json dict)."""
     tok, add_bos, add_eos = build_tokenizer(meta, path)
     tokens = meta["tokenizer.ggml.tokens"]

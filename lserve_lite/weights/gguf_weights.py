@@ -1,6 +1,7 @@
-"""A llama GGUF's weights kept quantized, by Hugging Face name: what the engine needs to run a GGUF directly
-instead of converting it to a float32 checkpoint first (issue 10). The config is the one `convert_gguf`
-writes; the float path of the importer is reused for the tensors that stay float (norms, F32/F16)."""
+"""A llama GGUF run directly: config, tokenizer (rebuilt in memory) and weights by Hugging Face name, with
+every quantized matrix kept in its packed blocks; no file is written and no float copy of a matrix made.
+The config is the one `convert_gguf` writes; the importer's float path reads the tensors that stay float
+(norms, F32/F16)."""
 
 from __future__ import annotations
 
@@ -9,31 +10,62 @@ from typing import Any
 
 import numpy as np
 
-from .gguf_import import _dequantized, _model_config, hf_name
+from ..config import ModelConfig
+from ..tokenizer import Tokenizer
+from .gguf_import import dequantized, hf_name, model_config
 from .gguf_reader import read_gguf
+from .gguf_tokenizer import check_tokenizer_metadata, tokenizer_files
 from .qtensor import LAYOUTS, QuantTensor
 from .quantize import from_gguf, unpermute_heads
 
 
-def gguf_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray | QuantTensor]]:
-    """(config.json dict, HF name -> QuantTensor for quantized matrices, float32 array otherwise).
+def gguf_model(path: Path) -> tuple[ModelConfig, Tokenizer, dict[str, np.ndarray | QuantTensor]]:
+    """What the engine needs from a GGUF file, parsed once."""
+    meta, tensors = read_gguf(path)
+    cfg = model_config(meta, tensors, path)
+    tokenizer = _tokenizer(meta, cfg, path)
+    return ModelConfig.from_dict(cfg, f"{path} (as config.json)"), tokenizer, _weights(tensors, cfg)
 
-    Quantized matrices are views of the memory-mapped file, except attn_q / attn_k, whose rows are reordered
-    (llama.cpp's head permutation undone) into one packed copy each.
-    """
+
+def gguf_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer of a GGUF file, rebuilt in memory."""
+    meta, tensors = read_gguf(path)
+    return _tokenizer(meta, model_config(meta, tensors, path), path)
+
+
+def _tokenizer(meta: dict[str, Any], cfg: dict[str, Any], path: Path) -> Tokenizer:
+    check_tokenizer_metadata(meta, path)
+    tok, tok_config, _ = tokenizer_files(meta, cfg, path)
+    return Tokenizer.from_parts(tok, tok_config, path)
+
+
+def gguf_config(path: Path) -> ModelConfig:
+    """The ModelConfig of a GGUF file (what config.json would hold after `convert_gguf`)."""
+    meta, tensors = read_gguf(path)
+    return ModelConfig.from_dict(model_config(meta, tensors, path), f"{path} (as config.json)")
+
+
+def gguf_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray | QuantTensor]]:
+    """(config.json dict, HF name -> QuantTensor for quantized matrices, float32 array otherwise)."""
     path = Path(path)
     meta, tensors = read_gguf(path)
-    cfg = _model_config(meta, tensors, path)
+    cfg = model_config(meta, tensors, path)
+    return cfg, _weights(tensors, cfg)
+
+
+def _weights(tensors: dict, cfg: dict[str, Any]) -> dict[str, np.ndarray | QuantTensor]:
+    """Quantized matrices are views of the memory-mapped file, except attn_q / attn_k, whose rows are
+    reordered (llama.cpp's head permutation undone) into one packed copy each."""
     heads = {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]}
     out: dict[str, np.ndarray | QuantTensor] = {}
     for name, t in tensors.items():
         hf = hf_name(name)
-        if hf is None:  # rope_freqs: read into the config by _model_config
+        if hf is None:  # rope_freqs: read into the config by model_config
             continue
         if t.type_name.lower() in LAYOUTS and len(t.shape) == 2:
             w = from_gguf(t)
             kind = name.split(".")[-2]
             out[hf] = unpermute_heads(w, heads[kind]) if kind in heads else w
         else:
-            out[hf] = _dequantized(t, cfg)
-    return cfg, out
+            out[hf] = dequantized(t, cfg)
+    return out

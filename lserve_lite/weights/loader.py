@@ -1,26 +1,94 @@
-"""Loading a Hugging Face model directory (config, safetensors shards, tokenizer files) without torch."""
+"""Loading a model without torch: a Hugging Face directory (config, safetensors shards, tokenizer files),
+optionally quantized at load (`--quantize`), or a llama GGUF file run from its quantized blocks."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import mmap
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..config import ModelConfig, read_json_object, token_ids
 from ..errors import ModelLoadError
+from ..tokenizer import Tokenizer
+from .gguf_weights import gguf_config, gguf_model, gguf_tokenizer
+from .qtensor import QuantTensor
+from .quantize import quantize_weights
 from .safetensors_io import SafetensorsFile
 
 
-def resolve_model_dir(model: str | Path | None) -> Path:
-    """The model directory for `model` (None: the default SmolLM2, obtained on first use)."""
-    if model is None:
-        from .default_model import default_model_dir
+@dataclass
+class LoadedModel:
+    """A model's config, tokenizer and weights by HF name (float arrays or QuantTensors)."""
 
-        return default_model_dir()
+    cfg: ModelConfig
+    tokenizer: Tokenizer
+    weights: dict[str, np.ndarray | QuantTensor]
+
+    def drop_file_pages(self) -> None:
+        """Once the backend holds its copies (fused q/k/v and gate/up, GPU uploads), let the kernel drop the
+        mapped file's resident pages (MADV_DONTNEED): they stop counting in RSS, and those a weight still
+        views fault back in from the page cache when read. The loaders map files read-only, so nothing is
+        lost; a no-op where the platform has no MADV_DONTNEED."""
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        maps = {id(m): m for m in map(_mapping, self.weights.values()) if m is not None}
+        for m in maps.values() if advice is not None else ():
+            m.madvise(advice)
+
+
+def load_model(path: Path, quantize: str | None = None) -> LoadedModel:
+    """The model at `path` (from `resolve_model_dir`); `quantize` ("int8" / "int4") quantizes the float
+    projection matrices at load (a GGUF's quantized tensors stay as they are)."""
+    if _is_gguf(path):
+        model = LoadedModel(*gguf_model(path))
+    else:
+        cfg = load_config(path)
+        model = LoadedModel(cfg, Tokenizer(path), load_weights(path, cfg))
+    if quantize:
+        model.weights = quantize_weights(model.weights, quantize)
+    return model
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer of an HF directory or a GGUF file (from `resolve_model_dir`)."""
+    return gguf_tokenizer(path) if _is_gguf(path) else Tokenizer(path)
+
+
+def model_name(path: Path) -> str:
+    """The name a model is served under: its directory's name, a GGUF file's stem, and the default GGUF's
+    model name (so `"model": "SmolLM2-135M-Instruct"` keeps working now that the engine runs the GGUF)."""
+    from .default_model import GGUF_NAME, MODEL_NAME
+
+    if not _is_gguf(path):
+        return path.name
+    return MODEL_NAME if path.name == GGUF_NAME else path.stem
+
+
+def _is_gguf(path: Path) -> bool:
+    return path.suffix == ".gguf" and path.is_file()
+
+
+def _mapping(w: np.ndarray | QuantTensor) -> mmap.mmap | None:
+    """The file mapping a weight views (np.memmap keeps it as `_mmap`), if any."""
+    a = w.data if isinstance(w, QuantTensor) else w
+    while a is not None:
+        if isinstance(getattr(a, "_mmap", None), mmap.mmap):
+            return a._mmap
+        a = getattr(a, "base", None)
+    return None
+
+
+def resolve_model_dir(model: str | Path | None) -> Path:
+    """The model directory or GGUF file for `model` (None: the default SmolLM2's GGUF, fetched on first
+    use)."""
+    if model is None:
+        from .default_model import default_gguf_path
+
+        return default_gguf_path()
     p = Path(model).expanduser()
     if p.is_file() and p.suffix == ".gguf":
-        raise ModelLoadError(f"{p}: a GGUF file; convert it first: lserve-lite convert {p} OUTDIR")
+        return p
     if not p.is_dir():
         raise ModelLoadError(f"{p}: model directory not found")
     if not (p / "config.json").exists():
@@ -29,7 +97,9 @@ def resolve_model_dir(model: str | Path | None) -> Path:
 
 
 def load_config(model_dir: Path) -> ModelConfig:
-    """config.json, with generation_config.json's end-of-generation ids merged in."""
+    """config.json, with generation_config.json's end-of-generation ids merged in (a GGUF: its metadata)."""
+    if _is_gguf(model_dir):
+        return gguf_config(model_dir)
     cfg = ModelConfig.from_file(model_dir / "config.json")
     gen = model_dir / "generation_config.json"
     if not gen.exists():

@@ -117,6 +117,45 @@ def concat_rows(parts: list[QuantTensor]) -> QuantTensor:
     return QuantTensor(parts[0].fmt, (data.shape[0], parts[0].shape[1]), data)
 
 
+@dataclass(frozen=True, eq=False)
+class RowStack:
+    """Row blocks of one fused matrix whose parts cannot share one packing (a Q4_K_M file's Q4_K q/k with
+    Q6_K v, or a quantized part beside a float one): the product is computed per part into its columns."""
+
+    parts: tuple[QuantTensor | np.ndarray, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return sum(p.shape[0] for p in self.parts), self.parts[0].shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(p.nbytes) for p in self.parts)
+
+    def dequantize(self, dtype: type = np.float32) -> np.ndarray:
+        """The float matrix (for tests and for backends without kernels for these formats)."""
+        return np.concatenate([_dequantized(p, dtype) for p in self.parts], axis=0)
+
+
+Weight = np.ndarray | QuantTensor | RowStack
+
+
+def fuse_rows(parts: list[np.ndarray | QuantTensor]) -> Weight:
+    """One matrix with the parts' rows in order (fused q/k/v, gate/up): a float array, one QuantTensor when
+    the formats match, else a RowStack; the model file stays the same for every format."""
+    if len({p.shape[1] for p in parts}) != 1:
+        raise ValueError(f"cannot fuse weights with in_features {sorted({p.shape[1] for p in parts})}")
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return np.concatenate(parts, axis=0)
+    if len({getattr(p, "fmt", None) for p in parts}) == 1:
+        return concat_rows(parts)
+    return RowStack(tuple(parts))
+
+
+def _dequantized(p: QuantTensor | np.ndarray, dtype: type) -> np.ndarray:
+    return p.dequantize(dtype) if isinstance(p, QuantTensor) else np.asarray(p, dtype=dtype)
+
+
 def _f16(b: np.ndarray, f: np.dtype) -> np.ndarray:
     """Little-endian fp16 fields (last axis: 2 bytes) as `f`, shape without that axis."""
     return np.ascontiguousarray(b).view("<f2")[..., 0].astype(f)

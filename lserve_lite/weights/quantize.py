@@ -80,15 +80,17 @@ def _round_clip(v: np.ndarray, qmax: int) -> np.ndarray:
     return np.clip(np.rint(v), -qmax, qmax)
 
 
-def quantize_weights(weights: dict[str, np.ndarray], mode: str) -> dict[str, np.ndarray | QuantTensor]:
-    """`--quantize int8|int4` on a Hugging Face model: every projection matrix and an untied lm_head become
-    int8 / int4; int4 falls back to int8 where in_features is not a multiple of 128. Embeddings, norms and
-    biases stay float."""
+def quantize_weights(
+    weights: dict[str, np.ndarray | QuantTensor], mode: str
+) -> dict[str, np.ndarray | QuantTensor]:
+    """`--quantize int8|int4` on a Hugging Face model: every float projection matrix and an untied lm_head
+    become int8 / int4; int4 falls back to int8 where in_features is not a multiple of 128. Embeddings, norms,
+    biases and already quantized matrices (a GGUF's) stay as they are."""
     if mode not in ("int8", "int4"):
         raise ValueError(f"quantize must be 'int8' or 'int4', got {mode!r}")
     out: dict[str, np.ndarray | QuantTensor] = {}
     for name, w in weights.items():
-        if not (name.endswith("_proj.weight") or name == "lm_head.weight"):
+        if isinstance(w, QuantTensor) or not (name.endswith("_proj.weight") or name == "lm_head.weight"):
             out[name] = w
         elif mode == "int4" and w.shape[1] % LAYOUTS["int4"].block == 0:
             out[name] = quantize_int4(w)
