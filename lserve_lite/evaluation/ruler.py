@@ -48,6 +48,7 @@ class Sample:
     expected: list[str]
     max_new: int
     info: dict = field(default_factory=dict)
+    stop: tuple[str, ...] = (".", "\n")  # generation ends at a token that is one of these
 
     def score(self, text: str) -> float:
         """Fraction of expected strings present in `text` as whole words (case-insensitive)."""
@@ -145,7 +146,7 @@ def _niah(kind: str, num_keys: int, num_values: int):
         else:
             q = f"\nWhat are all the special magic {noun}s for {keys[0]} mentioned in the provided text? " \
                 f"The special magic {noun}s for {keys[0]} mentioned in the provided text are"  # fmt: skip
-        per = {"numbers": 6, "words": 8, "uuids": 28}[kind]
+        per = {"numbers": 7, "words": 9, "uuids": 40}[kind]
         ids = _assemble(tok, n, items, depths, q, filler, rng)
         return Sample("", ids, vals[keys[0]], per * num_values + 4, {"depth": depths[0]})
 
@@ -174,9 +175,8 @@ def _variable_tracking(num_chains: int = 1, hops: int = 4):
             f"Answer: According to the chain(s) of variable assignment in the text above, {len(first_chain)} " \
             f"variables are assigned the value {first_value}, they are:"  # fmt: skip
         ids = _assemble(tok, n, items, depths, q, filler, rng)
-        return Sample(
-            "", ids, first_chain, 6 * len(first_chain) + 4, {"depth": float(min(depths[: hops + 1]))}
-        )
+        info = {"depth": float(min(depths[: hops + 1]))}
+        return Sample("", ids, first_chain, 6 * len(first_chain) + 4, info, stop=())
 
     return make
 
@@ -206,7 +206,9 @@ def _common_words(top: int = 10, top_freq: int = 30, rare_freq: int = 3):
             n_rare = int(n_rare * scale)
         else:
             raise InvalidRequestError(f"a prompt of {n} tokens is too short for common-word extraction")
-        return Sample("", head + body + tok.encode(q, False), common, 4 * top + 4, {"top_freq": freq})
+        return Sample(
+            "", head + body + tok.encode(q, False), common, 4 * top + 4, {"top_freq": freq}, stop=()
+        )
 
     return make
 

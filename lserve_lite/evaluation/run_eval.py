@@ -124,7 +124,7 @@ def evaluate(args: argparse.Namespace, log=print) -> dict:
     }
     # sample i of every (length, task) before sample i + 1: a time-limited run stays balanced
     samples = [(n, gen[n, t][i]) for i in range(args.samples) for n in lengths for t in tasks]
-    stop = set(tok.encode("\n", False))
+    eos: set[int] = set()
     outs: list[dict] = [{} for _ in samples]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -134,13 +134,14 @@ def evaluate(args: argparse.Namespace, log=print) -> dict:
               "filler": args.filler, "pattern": args.pattern or "bundled", "machine": platform.machine()}  # fmt: skip
     done = len(samples)
     for h, names in r.groups():
-        stop |= set(h.cfg.eos_token_ids)
+        eos |= set(h.cfg.eos_token_ids)
         for i, (n, smp) in enumerate(samples[:done]):
             if args.time_limit and time.perf_counter() - t0 > args.time_limit:
                 done = i
                 log(f"time limit reached: {i} of {len(samples)} prompts run")
                 break
             ts = time.perf_counter()
+            stop = eos | {t for s in smp.stop for t in tok.encode(s, False)[:1]}
             got = r.greedy_all(h, names, smp.prompt_ids, smp.max_new, tuple(stop))
             outs[i].update({k: tok.decode(v) for k, v in got.items()})
             marks = " ".join(f"{k}={'ok' if smp.correct(v) else 'x'}" for k, v in outs[i].items())
