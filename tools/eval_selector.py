@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--lengths", type=_ints, default=(2048, 4096, 8192), help="context lengths (2048,4096,8192)"
     )
-    ap.add_argument("--steps", type=int, default=32, help="decode steps measured per length (32)")
+    ap.add_argument("--steps", type=int, default=16, help="decode steps measured per length and text (16)")
+    ap.add_argument("--offsets", type=_ints, default=(0,), help="texts: corpus token offsets (0)")
     ap.add_argument("--budgets", type=_ints, default=(512, 1024, 2048, 4096), help="token budgets")
     ap.add_argument("--sub-pages", type=_ints, default=(1, 2, 4, 8), help="sub_pages settings (1,2,4,8)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="scoring variants (all)")
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     res = measure(args.model, args.lengths, args.steps, args.budgets, args.sub_pages,
-                  tuple(args.variants.split(",")), log=lambda s: print(s, file=sys.stderr, flush=True))  # fmt: skip
+                  tuple(args.variants.split(",")), args.offsets, log=lambda s: print(s, file=sys.stderr, flush=True))  # fmt: skip
     res.update(date=date.today().isoformat(), seconds=round(time.perf_counter() - t0, 1),
                command="python tools/eval_selector.py " + " ".join(argv if argv is not None else sys.argv[1:]))  # fmt: skip
     out = Path(args.out).with_suffix(".json")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..config import EngineConfig
-from ..geometry import newest_page, pages_for
+from ..geometry import pages_for
 from ..llm import LLM
 from ..sparse.patterns import bundled_pattern, head_classes, load_pattern
 from ..sparse.selector import page_scores, top_pages, visited_selection
@@ -131,82 +131,104 @@ def _dense_heads(model_dir, num_layers: int, num_kv_heads: int, sparsity: float)
 def measure(
     model: str | None = None,
     lengths: tuple[int, ...] = (2048, 4096, 8192),
-    steps: int = 32,
+    steps: int = 16,
     budgets: tuple[int, ...] = (512, 1024, 2048, 4096),
     subs: tuple[int, ...] = (1, 2, 4, 8),
     variants: tuple[str, ...] = tuple(VARIANTS),
+    offsets: tuple[int, ...] = (0,),
     interval: int = 4,
     sparsity: float = 0.5,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Selected vs oracle attention mass at `steps` decode steps ending at each context length (one pass
-    over corpus_text()); sums per (length, variant, sub_pages, budget) over dense heads and all heads,
-    per (layer, head) for the engine's rule at sub_pages 4, and the engine's rule with selection reuse."""
+    """Selected vs oracle attention mass at `steps` decode steps ending at each context length, in one
+    pass per text (corpus_text() from each token offset); per (length, variant, sub_pages, budget) and
+    step, summed per (layer, head); `lserve_reuse<interval>` is the engine's rule with selection reuse."""
     lengths = tuple(sorted(lengths))
     page = 64
     llm = LLM(model, backend="cpu", config=EngineConfig(num_kv_pages=pages_for(lengths[-1], page) + 2,
                                                         max_model_len=lengths[-1], page_size=page))  # fmt: skip
     h, cfg = SparseHarness(llm), llm.engine.cfg
     dense = _dense_heads(llm.engine.model_dir, cfg.num_layers, cfg.num_kv_heads, sparsity)
-    ids = llm.tokenizer.encode(corpus_text())[: lengths[-1]]
-    seq = h.begin(ids, prompt_len=lengths[0] - steps)
-    cells = [(v, s, b) for v in variants for s in subs for b in budgets] + [
-        (f"lserve_reuse{interval}", 4, b) for b in budgets
-    ]
-    L, H = cfg.num_layers, cfg.num_kv_heads
-    acc = {n: {c: np.zeros((2, L, H)) for c in cells} for n in lengths}  # [selected, oracle] mass sums
-    for n in lengths:
-        h.forward(seq, n - steps - seq.num_cached, logits="last")
-        stored: dict = {}
-        for t in range(steps):
-            qs = decode_step_queries(h, seq)
-            ctx = seq.num_cached
-            table = np.asarray(seq.page_table[: pages_for(ctx, page)])
-            for layer, q in enumerate(qs):
-                k = np.asarray(llm.engine.runner.ops.to_numpy(h.runner.cache.k[layer]))[table]
-                mass = page_mass(q, k, ctx)
-                oracle = {b: np.take_along_axis(mass, top_pages(mass, b // page), 1).sum(1) for b in budgets}
-                for s in subs:
-                    kx, kn, km = page_stats(k, ctx, s)
-                    for v in variants:
-                        sc = VARIANTS[v](q, kx, kn, km, ctx, page)
-                        for b in budgets:
-                            sel = top_pages(sc, b // page)
-                            acc[n][v, s, b][0, layer] += np.take_along_axis(mass, sel, 1).sum(1)
-                            acc[n][v, s, b][1, layer] += oracle[b]
-                            if v == "lserve" and s == 4:
-                                if t % interval == 0:
-                                    stored[layer, b] = sel
-                                vis = [visited_selection(x, ctx, page) for x in stored[layer, b]]
-                                got = [mass[g, x].sum() for g, x in enumerate(vis)]
-                                acc[n][f"lserve_reuse{interval}", 4, b][0, layer] += got
-                                acc[n][f"lserve_reuse{interval}", 4, b][1, layer] += oracle[b]
-            log(
-                f"  {n} tokens: decode step {t + 1}/{steps} (context {ctx}, newest page {newest_page(ctx, page)})"
-            )
-    h.end(seq)
-    return _summary(acc, dense, lengths, steps, page)
+    all_ids = llm.tokenizer.encode(corpus_text())
+    cells = [(v, s, b) for v in variants for s in subs for b in budgets]
+    cells += (
+        [(f"lserve_reuse{interval}", 4, b) for b in budgets] if "lserve" in variants and 4 in subs else []
+    )
+    shape = (
+        len(offsets) * steps,
+        2,
+        cfg.num_layers,
+        cfg.num_kv_heads,
+    )  # [text x step, selected/oracle, L, H]
+    acc = {n: {c: np.zeros(shape) for c in cells} for n in lengths}
+    for ti, off in enumerate(offsets):
+        seq = h.begin(all_ids[off : off + lengths[-1]], prompt_len=lengths[0] - steps)
+        for n in lengths:
+            h.forward(seq, n - steps - seq.num_cached, logits="last")
+            stored: dict = {}
+            for t in range(steps):
+                qs = decode_step_queries(h, seq)
+                ctx, row = seq.num_cached, ti * steps + t
+                table = np.asarray(seq.page_table[: pages_for(ctx, page)])
+                for layer, q in enumerate(qs):
+                    k = np.asarray(h.runner.ops.to_numpy(h.runner.cache.k[layer]))[table]
+                    mass = page_mass(q, k, ctx)
+                    orc = {b: np.take_along_axis(mass, top_pages(mass, b // page), 1).sum(1) for b in budgets}
+                    for s in subs:
+                        stats = page_stats(k, ctx, s)
+                        for v in variants:
+                            sc = VARIANTS[v](q, *stats, ctx, page)
+                            for b in budgets:
+                                sel = top_pages(sc, b // page)
+                                acc[n][v, s, b][row, :, layer] = (
+                                    np.take_along_axis(mass, sel, 1).sum(1),
+                                    orc[b],
+                                )
+                                if (f"lserve_reuse{interval}", s, b) in acc[n] and v == "lserve":
+                                    if t % interval == 0:
+                                        stored[layer, b] = sel
+                                    vis = [visited_selection(x, ctx, page) for x in stored[layer, b]]
+                                    got = [mass[g, x].sum() for g, x in enumerate(vis)]
+                                    acc[n][f"lserve_reuse{interval}", s, b][row, :, layer] = got, orc[b]
+                log(
+                    f"  text {ti + 1}/{len(offsets)}, {n} tokens: decode step {t + 1}/{steps} (context {ctx})"
+                )
+        h.end(seq)
+    out = {"page_size": page, "steps": steps, "offsets": list(offsets), "dense_heads": int(dense.sum()),
+           "sparsity": sparsity, "text": "corpus_text() tokens from each offset"}  # fmt: skip
+    return {**out, "results": _summary(acc, dense, lengths, page)}
 
 
-def _summary(acc: dict, dense: np.ndarray, lengths, steps: int, page: int) -> dict:
-    out = {"page_size": page, "steps": steps, "dense_heads": int(dense.sum()), "results": []}
+def _recall_ci(a: np.ndarray, m: np.ndarray, rng: np.random.Generator) -> list[float]:
+    """95% bootstrap interval of recall (ratio of summed masses) over the (text, step) rows of a."""
+    sel, orc = a[:, 0][:, m].sum(1), a[:, 1][:, m].sum(1)
+    idx = rng.integers(0, len(sel), (1000, len(sel)))
+    boot = sel[idx].sum(1) / orc[idx].sum(1)
+    return [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))]
+
+
+def _summary(acc: dict, dense: np.ndarray, lengths, page: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    out = []
     for n in lengths:
         for (v, s, b), a in acc[n].items():
             if pages_for(n, page) <= b // page:
                 continue  # the budget covers the context: everything is selected
             d = {"length": n, "variant": v, "sub_pages": s, "budget": b}
             for name, m in (("dense_heads", dense), ("all_heads", np.ones_like(dense))):
-                sel, orc = a[0][m].sum(), a[1][m].sum()
-                cnt = m.sum() * steps
-                d[name] = {"selected_mass": sel / cnt, "oracle_mass": orc / cnt, "recall": sel / orc}
+                sel, orc = a[:, 0][:, m].sum(), a[:, 1][:, m].sum()
+                cnt = m.sum() * len(a)
+                d[name] = {"selected_mass": sel / cnt, "oracle_mass": orc / cnt, "recall": sel / orc,
+                           "recall_ci95": _recall_ci(a, m, rng)}  # fmt: skip
             if v == "lserve" and s == 4:
-                d["per_head_recall"] = np.round(a[0] / a[1], 4).tolist()
-            out["results"].append(d)
+                d["per_head_recall"] = np.round(a[:, 0].sum(0) / a[:, 1].sum(0), 4).tolist()
+            out.append(d)
     return out
 
 
 def table(summary: dict, variant: str = "lserve", heads: str = "dense_heads") -> str:
-    """Markdown table: recall (selected / oracle mass) per length and budget, one column per sub_pages."""
+    """Markdown table: recall (selected / oracle mass) [95% CI] per length and budget, a column per
+    sub_pages."""
     rows = [r for r in summary["results"] if r["variant"] == variant]
     subs = sorted({r["sub_pages"] for r in rows})
     lines = ["| length | budget | oracle mass | " + " | ".join(f"sub_pages {s}" for s in subs) + " |",
@@ -215,5 +237,10 @@ def table(summary: dict, variant: str = "lserve", heads: str = "dense_heads") ->
         cell = {r["sub_pages"]: r[heads] for r in rows if r["length"] == n and r["budget"] == b}
         orc = next(iter(cell.values()))["oracle_mass"]
         lines.append(f"| {n} | {b} | {orc:.3f} | " + " | ".join(
-            f"{cell[s]['recall']:.3f}" if s in cell else "-" for s in subs) + " |")  # fmt: skip
+            _fmt(cell[s]) if s in cell else "-" for s in subs) + " |")  # fmt: skip
     return "\n".join(lines)
+
+
+def _fmt(c: dict) -> str:
+    lo, hi = c["recall_ci95"]
+    return f"{c['recall']:.3f} [{lo:.3f}, {hi:.3f}]"
