@@ -146,7 +146,7 @@ def _niah(kind: str, num_keys: int, num_values: int):
         else:
             q = f"\nWhat are all the special magic {noun}s for {keys[0]} mentioned in the provided text? " \
                 f"The special magic {noun}s for {keys[0]} mentioned in the provided text are"  # fmt: skip
-        per = {"numbers": 7, "words": 9, "uuids": 40}[kind]
+        per = {"numbers": 10, "words": 9, "uuids": 40}[kind]  # SmolLM2 spells numbers digit by digit
         ids = _assemble(tok, n, items, depths, q, filler, rng)
         return Sample("", ids, vals[keys[0]], per * num_values + 4, {"depth": depths[0]})
 
