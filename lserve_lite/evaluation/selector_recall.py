@@ -220,8 +220,7 @@ def _summary(acc: dict, dense: np.ndarray, lengths, page: int) -> list[dict]:
                 cnt = m.sum() * len(a)
                 d[name] = {"selected_mass": sel / cnt, "oracle_mass": orc / cnt, "recall": sel / orc,
                            "recall_ci95": _recall_ci(a, m, rng)}  # fmt: skip
-            if v == "lserve" and s == 4:
-                d["per_head_recall"] = np.round(a[:, 0].sum(0) / a[:, 1].sum(0), 4).tolist()
+            d["per_head_recall"] = np.round(a[:, 0].sum(0) / a[:, 1].sum(0), 4).tolist()
             out.append(d)
     return out
 
