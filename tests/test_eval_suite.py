@@ -147,3 +147,17 @@ def test_selector_diagnostics_pieces(tiny):
     for layer in range(2):
         ka, kb = (cache.k[layer][s.page_table[399 // 64], :, 399 % 64] for s in (a, b))
         np.testing.assert_array_equal(ka, kb)
+
+
+def test_default_model_short_run(smollm2_dir, tmp_path):
+    """SmolLM2 at 1k tokens, two single-needle prompts (24 s on 2 quiet cores). Recorded 2026-12-01:
+    dense 2/2, budget 256 with a 128-token decode window 1/2; a regression below either fails."""
+    from lserve_lite.cli import main
+
+    out = tmp_path / "smol"
+    rc = main(["eval", "--model", str(smollm2_dir), "--backend", "cpu", "--lengths", "1024", "--samples", "2",
+               "--tasks", "niah_single_numbers", "--configs", "dense;b256:token_budget=256,decode_local=128",
+               "--shared-dense", "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    acc = json.loads(out.with_suffix(".json").read_text())["summary"]["1024"]["tasks"]["all"]
+    assert acc["dense"]["acc"] == 1.0 and acc["b256"]["acc"] >= 0.5, acc
