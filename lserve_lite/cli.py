@@ -1,4 +1,4 @@
-"""`lserve-lite` command line: chat, generate, serve, convert, calibrate, kernels."""
+"""`lserve-lite` command line: chat, generate, serve, convert, calibrate, eval, kernels."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from .engine_args import add_engine_args, engine_config_from_args
 from .errors import LServeError
 from .evaluation.calibrate_args import add_calibrate_args
+from .evaluation.eval_args import add_eval_args
 from .serve import add_serve_args, run_from_args
 
 
@@ -222,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="derive a streaming-head pattern (full_attention_heads.tsv)")
     add_calibrate_args(p)
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("eval", help="RULER-style accuracy suite: dense vs LServe settings, with 95% CIs")
+    add_eval_args(p)
+    p.set_defaults(func=cmd_eval)
     return ap
 
 
@@ -229,6 +234,12 @@ def cmd_calibrate(args) -> int:
     from .evaluation.calibrate import main as calibrate_main
 
     return calibrate_main(args)
+
+
+def cmd_eval(args) -> int:
+    from .evaluation.run_eval import main as eval_main
+
+    return eval_main(args)
 
 
 def main(argv: list[str] | None = None) -> int:

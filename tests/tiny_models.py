@@ -66,3 +66,33 @@ def hf_logits(path: Path, ids: list[int]) -> np.ndarray:
     model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def make_tiny_numpy(path: Path, seed: int = 0, max_position_embeddings: int = 2048) -> Path:
+    """A random tiny llama written with NumPy + safetensors (no torch import: seconds instead of tens)."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    v, d, f, layers, heads, kv = 320, 64, 96, 2, 4, 2
+    hd = d // heads
+    w = {"model.embed_tokens.weight": (v, d), "model.norm.weight": None, "lm_head.weight": (v, d)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        w.update({p + "self_attn.q_proj.weight": (d, d), p + "self_attn.k_proj.weight": (kv * hd, d),
+                  p + "self_attn.v_proj.weight": (kv * hd, d), p + "self_attn.o_proj.weight": (d, d),
+                  p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
+                  p + "mlp.down_proj.weight": (d, f), p + "input_layernorm.weight": None,
+                  p + "post_attention_layernorm.weight": None})  # fmt: skip
+    tensors = {k: np.ones(d, np.float32) if s is None else (0.02 * rng.standard_normal(s)).astype(np.float32)
+               for k, s in w.items()}  # fmt: skip
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors"))
+    cfg = dict(architectures=["LlamaForCausalLM"], vocab_size=v, hidden_size=d, intermediate_size=f,
+               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+               max_position_embeddings=max_position_embeddings, rope_theta=10000.0, rms_norm_eps=1e-6,
+               tie_word_embeddings=False, eos_token_id=2, bos_token_id=1, torch_dtype="float32")  # fmt: skip
+    (path / "config.json").write_text(json.dumps(cfg))
+    write_tokenizer(path, v)
+    return path

@@ -22,13 +22,11 @@ import platform
 import re
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from lserve_lite import LLM, EngineConfig, SparseConfig
-from lserve_lite.evaluation.harness import SparseHarness
+from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs
 from lserve_lite.evaluation.synthetic import PasskeySample, passkey_sample
 
 
@@ -36,110 +34,6 @@ def passed(text: str, passkey: str) -> bool:
     """A pass: the first run of digits in the output is exactly the pass key (no extra digits)."""
     m = re.search(r"\d+", text)
     return m is not None and m.group() == passkey
-
-
-PRESETS = {"dense": None, "lserve": {}, "lserve-b512": {"token_budget": 512}}
-
-
-def parse_configs(spec: str) -> dict[str, SparseConfig | None]:
-    """'dense,lserve,name:knob=v,...' -> name -> SparseConfig (None: dense). Knobs as in SparseConfig."""
-    out: dict[str, SparseConfig | None] = {}
-    items = spec.split(";") if ";" in spec else [spec] if ":" in spec else spec.split(",")
-    for item in filter(None, (s.strip() for s in items)):
-        name, _, knobs = item.partition(":")
-        if not knobs:
-            if name not in PRESETS:
-                raise SystemExit(f"unknown config {name!r} (presets: {', '.join(PRESETS)})")
-            kw = PRESETS[name]
-            out[name] = None if kw is None else SparseConfig(enabled=True).with_updates(**kw)
-            continue
-        kw = {}
-        for kv in knobs.split(","):
-            k, _, v = kv.partition("=")
-            f = SparseConfig.__dataclass_fields__.get(k.strip())
-            if f is None:
-                raise SystemExit(f"unknown sparse knob {k!r}")
-            kw[k.strip()] = float(v) if k.strip() == "static_sparsity" else int(v)
-        out[name] = SparseConfig(enabled=True).with_updates(**kw)
-    if "dense" not in out:
-        out = {"dense": None, **out}
-    return out
-
-
-def config_dict(c: SparseConfig | None) -> dict | None:
-    return None if c is None else {k: v for k, v in asdict(c).items() if k != "pattern_path"}
-
-
-class Runner:
-    """Runs prompts under every config: one LLM per group of configs that share a KV layout, per-request
-    knobs for the rest. Configs whose prefill is identical share one prefill per prompt."""
-
-    def __init__(
-        self, model: str | None, configs: dict, mode: str, max_len: int, pattern: str | None,
-        quantize: str | None = None,
-    ):  # fmt: skip
-        from lserve_lite.weights.loader import load_tokenizer, resolve_model_dir
-
-        self.configs, self.mode, self.model, self.pattern = configs, mode, model, pattern
-        self.model_dir = resolve_model_dir(model)
-        self.tokenizer = load_tokenizer(self.model_dir)
-        pages = -(-(max_len + 64) // 64) + 2
-        self.ecfg = dict(
-            num_kv_pages=pages, max_model_len=max_len, max_num_batched_tokens=2048, quantize=quantize
-        )
-
-    # groups of configs that run on one LLM ------------------------------------------------------------
-    def groups(self):
-        """Yield (harness, config names); the previous group's LLM is dropped first."""
-        fixed = ("static_sparsity", "page_size", "sub_pages")
-        keyed: dict = {}
-        for name, sc in self.configs.items():
-            keyed.setdefault(None if sc is None else tuple(getattr(sc, k) for k in fixed), []).append(name)
-        for key, names in keyed.items():
-            if key is None:
-                sparse = SparseConfig(enabled=False)
-            else:
-                scs = [self.configs[n] for n in names]
-                widest = {k: max(getattr(c, k) for c in scs) for k in
-                          ("prefill_sink", "prefill_local", "decode_sink", "decode_local", "token_budget")}  # fmt: skip
-                sparse = scs[0].with_updates(pattern_path=self.pattern, **widest)
-            ecfg = EngineConfig(**self.ecfg, sparse=sparse, page_size=sparse.page_size)
-            llm = LLM(self.model, backend="auto", config=ecfg)
-            yield SparseHarness(llm), names
-            del llm
-
-    def prefill_key(self, name: str, n: int):
-        """Configs with equal keys have identical prefills of an n-token prompt."""
-        sc = self.configs[name]
-        if sc is None or sc.static_sparsity == 0 or sc.prefill_local >= n:
-            return "dense"  # in engine mode: the full prefill of this group's LLM
-        return (sc.prefill_sink, sc.prefill_local)
-
-    def order(self, names: list[str], n: int) -> list[str]:
-        return sorted(names, key=lambda k: (self.prefill_key(k, n) != "dense", str(self.prefill_key(k, n))))
-
-    def prepare(self, h: SparseHarness, seq, name: str, phase: str) -> None:
-        """Apply config `name` for the prefill or decode phase of `seq`."""
-        sc = self.configs[name]
-        if sc is not None and phase == "prefill":
-            h.set_request_sparse(seq, sc)
-
-    def greedy_all(self, h: SparseHarness, names: list[str], ids: list[int], max_new: int) -> dict:
-        """Greedy output ids of configs `names` for prompt `ids` on harness h."""
-        out, key, first = {}, None, None
-        seq = h.begin(ids, reserve=max_new + 1)
-        try:
-            for name in self.order(names, len(ids)):
-                self.prepare(h, seq, name, "prefill")
-                if self.prefill_key(name, len(ids)) != key:
-                    h.rewind(seq, 0, keep_outputs=False)
-                    first = h.forward(seq, len(ids), logits="last")[-1]
-                    key = self.prefill_key(name, len(ids))
-                self.prepare(h, seq, name, "decode")
-                out[name] = h.greedy(seq, max_new, first)
-        finally:
-            h.end(seq)
-        return out
 
 
 def make_grid(tokenizer, lengths, depths, samples, seed) -> list[tuple[int, PasskeySample]]:
@@ -214,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     depths = [float(x) for x in args.depths.split(",")]
     configs = parse_configs(args.configs)
     t0 = time.perf_counter()
-    runner = Runner(args.model, configs, args.mode, max(lengths) + 64, args.pattern)
+    runner = Runner(args.model, configs, max(lengths) + 64, args.pattern)
     grid = make_grid(runner.tokenizer, lengths, depths, args.samples, args.seed)
     outs: list[dict] = [{} for _ in grid]
     for h, names in runner.groups():

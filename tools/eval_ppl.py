@@ -25,10 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_passkey import Runner, config_dict, parse_configs  # noqa: E402
-
-from lserve_lite.evaluation.synthetic import corpus_text  # noqa: E402
+from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs
+from lserve_lite.evaluation.synthetic import corpus_text
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -131,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [int(x) for x in args.lengths.split(",")]
     configs = parse_configs(args.configs)
     t0 = time.perf_counter()
-    r = Runner(args.model, configs, args.mode, max(lengths) + 64, args.pattern, args.quantize)
+    r = Runner(args.model, configs, max(lengths) + 64, args.pattern, quantize=args.quantize)
     text = corpus_text()
     ids = r.tokenizer.encode(text)
     if len(ids) < max(lengths):

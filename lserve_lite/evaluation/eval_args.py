@@ -1,0 +1,44 @@
+"""Options of `lserve-lite eval`, apart from the suite so the CLI builds its parser without loading the
+engine; also the refusal of settings that do not exist yet (KV dtypes)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import InvalidRequestError
+
+# Options a setting may name that lserve-lite does not implement yet: refused, never silently ignored.
+NOT_IMPLEMENTED = {"kv_dtype": "KV-cache quantization (int8 / int4 KV)"}
+UNQUANTIZED = ("", "none", "fp16", "float16", "bf16", "bfloat16", "fp32", "float32")
+
+
+def refuse_unimplemented(name: str, value: str | None) -> None:
+    """Raise a clear error for a setting the engine does not have yet (unquantized values are accepted)."""
+    if name in NOT_IMPLEMENTED and value is not None and str(value).lower() not in UNQUANTIZED:
+        raise InvalidRequestError(
+            f"{name}={value}: {NOT_IMPLEMENTED[name]} is not implemented in lserve-lite yet; "
+            f"run without {name} (KV and weights stay in the model's float dtype)"
+        )
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of `lserve-lite eval` (and tools/eval_ruler.py)."""
+    p.add_argument("--model", default=None, help="model directory (default: the bundled SmolLM2)")
+    p.add_argument("--tasks", default="all", help="comma-separated tasks (default all; see ruler.TASKS)")
+    p.add_argument("--lengths", default="2048", help="comma-separated context lengths in tokens (2048)")
+    p.add_argument("--samples", type=int, default=4, help="prompts per (task, length) (4)")
+    p.add_argument("--configs", default="dense;lserve",
+                   help="settings separated by ';': presets dense, lserve, lserve-b512, lserve-b1024, "
+                        "lserve-b2048, or NAME:knob=v,... (SparseConfig knobs)")  # fmt: skip
+    p.add_argument("--kv-dtype", default=None, help="KV cache dtype (not implemented yet: refused)")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="quantize a float model's weights at load, for every setting of the run")  # fmt: skip
+    p.add_argument("--filler", choices=("classic", "corpus"), default="classic", help="haystack text")
+    p.add_argument("--shared-dense", action="store_true",
+                   help="run dense as a full-window request on the LServe LLM (one prefill for all)")  # fmt: skip
+    p.add_argument("--pattern", default=None, help="head pattern TSV (default: the model's bundled one)")
+    p.add_argument("--backend", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-limit", type=float, default=0, help="start no new sample after this many s")
+    p.add_argument("--out", default="tools/results/ruler", help="output stem: <out>.json, <out>.png")
+    p.add_argument("--plot-only", metavar="JSON", help="redraw the heatmap of an earlier run and exit")

@@ -1,0 +1,188 @@
+"""`lserve-lite eval`: the RULER-style suite (evaluation/ruler.py) under a list of engine settings.
+
+Every setting answers the same prompts (greedy, short answers); per (length, task, setting) the accuracy
+with a 95% Wilson interval, and per (length, setting) the paired comparison with dense (exact McNemar
+test on the discordant prompts). Writes <out>.json after every prompt and <out>.png (heatmap) at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InvalidRequestError
+from . import ruler
+from .eval_args import refuse_unimplemented
+from .settings import Runner, config_dict, parse_configs
+
+Z95 = 1.959963984540054
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n (valid at 0 and n, unlike the normal one)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z / den * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def mcnemar(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for b vs c discordant pairs."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def summarize(rows: list[dict], names: list[str]) -> dict:
+    """Per length: per task and overall accuracy with Wilson CIs, and the paired comparison with dense."""
+    out: dict = {}
+    for n in sorted({r["length"] for r in rows}):
+        at = [r for r in rows if r["length"] == n]
+        cell: dict = {}
+        for task in [*dict.fromkeys(r["task"] for r in at), "all"]:
+            sub = [r for r in at if task in ("all", r["task"])]
+            cell[task] = {}
+            for s in names:
+                k = sum(r["correct"][s] for r in sub)
+                lo, hi = wilson(k, len(sub))
+                cell[task][s] = {"n": len(sub), "correct": k, "acc": k / len(sub), "ci95": [lo, hi],
+                                 "mean_score": float(np.mean([r["score"][s] for r in sub]))}  # fmt: skip
+        paired = {}
+        for s in names:
+            if s == "dense":
+                continue
+            b = sum(r["correct"]["dense"] and not r["correct"][s] for r in at)
+            c = sum(r["correct"][s] and not r["correct"]["dense"] for r in at)
+            paired[s] = {"dense_only": b, "setting_only": c, "diff": (c - b) / len(at),
+                         "mcnemar_p": mcnemar(b, c)}  # fmt: skip
+        out[str(n)] = {"tasks": cell, "vs_dense": paired}
+    return out
+
+
+def heatmap(result: dict, path: Path) -> bool:
+    """One panel per length: accuracy per (setting, task). False (and a note) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no PNG (pip install matplotlib)", file=sys.stderr)
+        return False
+    summ, names = result["summary"], list(result["configs"])
+    lengths = list(summ)
+    tasks = [t for t in result["tasks"] if any(t in summ[n]["tasks"] for n in lengths)] + ["all"]
+    fig, axes = plt.subplots(1, len(lengths), figsize=(1.2 + 0.75 * len(tasks) * len(lengths),
+                                                        1.4 + 0.45 * len(names)), squeeze=False)  # fmt: skip
+    for ax, n in zip(axes[0], lengths):
+        m = np.array([[summ[n]["tasks"].get(t, {}).get(s, {}).get("acc", np.nan) for t in tasks]
+                      for s in names])  # fmt: skip
+        ax.imshow(m, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        for i in range(len(names)):
+            for j in range(len(tasks)):
+                ax.text(j, i, "-" if np.isnan(m[i, j]) else f"{m[i, j]:.0%}", ha="center", va="center",
+                        fontsize=7)  # fmt: skip
+        ax.set_xticks(range(len(tasks)), tasks, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.set_title(f"{n} tokens (n={summ[n]['tasks']['all']['dense']['n']})", fontsize=9)
+    fig.suptitle(f"RULER-style suite, accuracy: {result['model']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def evaluate(args: argparse.Namespace, log=print) -> dict:
+    """Run the suite as `args` (see eval_args.add_eval_args) describe; returns the result dict."""
+    refuse_unimplemented("kv_dtype", args.kv_dtype)
+    tasks = list(ruler.TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",")]
+    lengths = [int(x) for x in args.lengths.split(",")]
+    configs = parse_configs(args.configs)
+    if args.samples < 1 or min(lengths) < 256:
+        raise InvalidRequestError("--samples must be >= 1 and lengths >= 256 tokens")
+    t0 = time.perf_counter()
+    r = Runner(args.model, configs, max(lengths) + 128, args.pattern, args.shared_dense, args.backend,
+               quantize=args.quantize)  # fmt: skip
+    tok = r.tokenizer
+    gen = {
+        (n, t): ruler.generate(t, tok, n, args.samples, args.seed, args.filler)
+        for n in lengths
+        for t in tasks
+    }
+    # sample i of every (length, task) before sample i + 1: a time-limited run stays balanced
+    samples = [(n, gen[n, t][i]) for i in range(args.samples) for n in lengths for t in tasks]
+    eos: set[int] = set()
+    outs: list[dict] = [{} for _ in samples]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"tool": "lserve-lite eval", "model": Path(r.model_dir).name, "date": date.today().isoformat(),
+              "configs": {k: config_dict(v) for k, v in configs.items()}, "shared_dense": args.shared_dense,
+              "tasks": tasks, "lengths": lengths, "samples_per_task": args.samples, "seed": args.seed,
+              "filler": args.filler, "pattern": args.pattern or "bundled", "machine": platform.machine()}  # fmt: skip
+    done = len(samples)
+    for h, names in r.groups():
+        eos |= set(h.cfg.eos_token_ids)
+        for i, (n, smp) in enumerate(samples[:done]):
+            if args.time_limit and time.perf_counter() - t0 > args.time_limit:
+                done = i
+                log(f"time limit reached: {i} of {len(samples)} prompts run")
+                break
+            ts = time.perf_counter()
+            stop = eos | {t for s in smp.stop for t in tok.encode(s, False)[:1]}
+            got = r.greedy_all(h, names, smp.prompt_ids, smp.max_new, tuple(stop))
+            outs[i].update({k: tok.decode(v) for k, v in got.items()})
+            marks = " ".join(f"{k}={'ok' if smp.correct(v) else 'x'}" for k, v in outs[i].items())
+            log(f"[{i + 1}/{len(samples)}] {n} {smp.task}: {marks} ({time.perf_counter() - ts:.0f} s)")
+            _write(result, samples, outs, list(configs), out, t0)
+    rows = _write(result, samples[:done], outs[:done], list(configs), out, t0)
+    result["png"] = heatmap(result, out.with_suffix(".png"))
+    log(report(result))
+    return {**result, "rows": rows}
+
+
+def _write(result: dict, samples, outs, names: list[str], out: Path, t0: float) -> list[dict]:
+    """Rows of the prompts every setting has answered, their summary, into <out>.json."""
+    rows = [{"length": n, "task": s.task, "tokens": len(s.prompt_ids), "expected": [str(e) for e in s.expected],
+             "info": s.info, "output": o, "score": {k: s.score(o[k]) for k in names},
+             "correct": {k: s.correct(o[k]) for k in names}}
+            for (n, s), o in zip(samples, outs) if all(k in o for k in names)]  # fmt: skip
+    result.update(summary=summarize(rows, names) if rows else {}, seconds=round(time.perf_counter() - t0, 1))
+    out.with_suffix(".json").write_text(
+        json.dumps({**result, "results": rows}, indent=1, default=float) + "\n"
+    )
+    return rows
+
+
+def report(result: dict) -> str:
+    """A plain-text table: overall accuracy [95% CI] per setting and length, and the paired test."""
+    lines = []
+    for n, cell in result["summary"].items():
+        lines.append(f"{n} tokens:")
+        for s, v in cell["tasks"]["all"].items():
+            pr = cell["vs_dense"].get(s)
+            tail = f"  vs dense {pr['diff']:+.1%} (-{pr['dense_only']}/+{pr['setting_only']}, McNemar p={pr['mcnemar_p']:.2f})" if pr else ""  # fmt: skip
+            lines.append(f"  {s:>14}: {v['correct']}/{v['n']} = {v['acc']:.1%} [{v['ci95'][0]:.1%}, "
+                         f"{v['ci95'][1]:.1%}]{tail}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `lserve-lite eval`; returns the exit status."""
+    if args.plot_only:
+        res = json.loads(Path(args.plot_only).read_text())
+        return 0 if heatmap(res, Path(args.plot_only).with_suffix(".png")) else 1
+    evaluate(args, log=lambda s: print(s, file=sys.stderr, flush=True))
+    return 0

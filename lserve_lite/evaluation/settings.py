@@ -1,0 +1,142 @@
+"""Engine settings for the evaluation tools: parsing `dense;lserve;NAME:knob=v,...` and running prompts
+under many settings with as few LLMs and prefills as possible (shared by run_eval and tools/eval_*.py)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+
+from ..config import EngineConfig, SparseConfig
+from ..errors import InvalidRequestError
+from ..llm import LLM
+from .eval_args import NOT_IMPLEMENTED, refuse_unimplemented
+from .harness import SparseHarness
+
+PRESETS: dict[str, dict | None] = {
+    "dense": None,
+    "lserve": {},
+    "lserve-b512": {"token_budget": 512},
+    "lserve-b1024": {"token_budget": 1024},
+    "lserve-b2048": {"token_budget": 2048},
+}
+
+
+def parse_configs(spec: str) -> dict[str, SparseConfig | None]:
+    """'dense;lserve;name:knob=v,...' -> name -> SparseConfig (None: dense); always includes dense.
+
+    Items are separated by ';' (or ',' when no item has knobs); knobs as in SparseConfig, plus kv_dtype
+    which is refused until it exists; weight quantization is per run (`--quantize`), not per setting."""
+    out: dict[str, SparseConfig | None] = {}
+    items = spec.split(";") if ";" in spec else [spec] if ":" in spec else spec.split(",")
+    for item in filter(None, (s.strip() for s in items)):
+        name, _, knobs = item.partition(":")
+        if not knobs:
+            if name not in PRESETS:
+                raise InvalidRequestError(f"unknown config {name!r} (presets: {', '.join(PRESETS)})")
+            kw = PRESETS[name]
+            out[name] = None if kw is None else SparseConfig(enabled=True).with_updates(**kw)
+            continue
+        kw = {}
+        for kv in knobs.split(","):
+            k, _, v = (s.strip() for s in kv.partition("="))
+            if k == "quantize":
+                raise InvalidRequestError("quantize is per run, not per setting: pass --quantize int8|int4")
+            if k in NOT_IMPLEMENTED:
+                refuse_unimplemented(k, v)
+                continue
+            if k not in SparseConfig.__dataclass_fields__ or k in ("enabled", "pattern_path"):
+                raise InvalidRequestError(f"unknown sparse knob {k!r}")
+            kw[k] = float(v) if k == "static_sparsity" else int(v)
+        out[name] = SparseConfig(enabled=True).with_updates(**kw)
+    return {"dense": None, **out} if "dense" not in out else out
+
+
+def config_dict(c: SparseConfig | None) -> dict | None:
+    return None if c is None else {k: v for k, v in asdict(c).items() if k != "pattern_path"}
+
+
+class Runner:
+    """Runs prompts under every config: one LLM per group of configs that share a KV layout, per-request
+    knobs for the rest. Configs whose prefill is identical share one prefill per prompt.
+
+    `shared_dense`: run `dense` on the first LServe group's LLM as a request whose windows and token
+    budget cover the whole context (every head sees every token), so it shares that group's prefill
+    too; tests/test_eval_suite.py checks that this equals the dense engine."""
+
+    def __init__(self, model: str | None, configs: dict, max_len: int, pattern: str | None,
+                 shared_dense: bool = False, backend: str = "auto", quantize: str | None = None):  # fmt: skip
+        from ..weights.loader import load_tokenizer, resolve_model_dir
+
+        self.configs, self.model, self.pattern, self.backend = dict(configs), model, pattern, backend
+        self.model_dir = resolve_model_dir(model)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.max_len = max_len
+        pages = -(-(max_len + 64) // 64) + 2
+        self.ecfg = dict(
+            num_kv_pages=pages, max_model_len=max_len, max_num_batched_tokens=2048, quantize=quantize
+        )
+        self.full: SparseConfig | None = None
+        if shared_dense and any(c is not None for c in configs.values()):
+            first = next(c for c in configs.values() if c is not None)
+            w = -(-max_len // first.page_size) * first.page_size
+            self.full = first.with_updates(prefill_local=w, decode_local=w, token_budget=w)
+
+    def _config(self, name: str) -> SparseConfig | None:
+        sc = self.configs[name]
+        return self.full if sc is None and self.full is not None else sc
+
+    def groups(self):
+        """Yield (harness, config names); the previous group's LLM is dropped first."""
+        fixed = ("static_sparsity", "page_size", "sub_pages")
+        keyed: dict = {}
+        for name in self.configs:
+            sc = self._config(name)
+            keyed.setdefault(None if sc is None else tuple(getattr(sc, k) for k in fixed), []).append(name)
+        for key, names in keyed.items():
+            if key is None:
+                sparse = SparseConfig(enabled=False)
+            else:
+                scs = [self._config(n) for n in names]
+                widest = {k: max(getattr(c, k) for c in scs) for k in
+                          ("prefill_sink", "prefill_local", "decode_sink", "decode_local", "token_budget")}  # fmt: skip
+                sparse = scs[0].with_updates(pattern_path=self.pattern, **widest)
+            ecfg = EngineConfig(**self.ecfg, sparse=sparse, page_size=sparse.page_size)
+            llm = LLM(self.model, backend=self.backend, config=ecfg)
+            yield SparseHarness(llm), names
+            del llm
+
+    def prefill_key(self, name: str, n: int):
+        """Configs with equal keys have identical prefills of an n-token prompt."""
+        sc = self._config(name)
+        if sc is None or sc.static_sparsity == 0 or sc.prefill_local >= n:
+            return "dense"
+        return (sc.prefill_sink, sc.prefill_local)
+
+    def order(self, names: list[str], n: int) -> list[str]:
+        return sorted(names, key=lambda k: (self.prefill_key(k, n) != "dense", str(self.prefill_key(k, n))))
+
+    def prepare(self, h: SparseHarness, seq, name: str, phase: str) -> None:
+        """Apply config `name` for the prefill or decode phase of `seq`."""
+        sc = self._config(name)
+        if sc is not None and phase == "prefill":
+            h.set_request_sparse(seq, sc)
+
+    def greedy_all(
+        self, h: SparseHarness, names: list[str], ids: list[int], max_new: int, stop_ids=()
+    ) -> dict[str, list[int]]:
+        """Greedy output ids of configs `names` for prompt `ids` on harness h."""
+        out, key, first = {}, None, None
+        seq = h.begin(ids, reserve=max_new + 1)
+        try:
+            for name in self.order(names, len(ids)):
+                self.prepare(h, seq, name, "prefill")
+                if self.prefill_key(name, len(ids)) != key:
+                    h.rewind(seq, 0, keep_outputs=False)
+                    first = np.asarray(h.forward(seq, len(ids), logits="last")[-1])
+                    key = self.prefill_key(name, len(ids))
+                self.prepare(h, seq, name, "decode")
+                out[name] = h.greedy(seq, max_new, first, stop_ids)
+        finally:
+            h.end(seq)
+        return out

@@ -1,0 +1,163 @@
+"""The accuracy suite's small configuration: generators, scoring, confidence intervals, the refusal of
+unimplemented settings, `lserve-lite eval` end to end on a tiny random model, the dense-equivalence of
+`--shared-dense`, and the selector diagnostics' pieces against the references."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lserve_lite.errors import InvalidRequestError
+from lserve_lite.evaluation import ruler
+from lserve_lite.evaluation.run_eval import mcnemar, wilson
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random llama with a 2k context and a head pattern (one streaming head of four)."""
+    from tiny_models import make_tiny_numpy
+
+    from lserve_lite.sparse.patterns import save_pattern
+
+    path = make_tiny_numpy(tmp_path_factory.mktemp("tiny_eval"))
+    save_pattern(path / "full_attention_heads.tsv", np.array([[1.0, 0.2], [0.9, 0.8]]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok(tiny):
+    from lserve_lite.tokenizer import Tokenizer
+
+    return Tokenizer(tiny)
+
+
+def test_generators_deterministic_and_sized(tok):
+    for task in ruler.TASKS:
+        a = ruler.generate(task, tok, 1024, 2, seed=3)
+        b = ruler.generate(task, tok, 1024, 2, seed=3)
+        c = ruler.generate(task, tok, 1024, 2, seed=4)
+        assert [s.prompt_ids for s in a] == [s.prompt_ids for s in b], task
+        assert [s.expected for s in a] == [s.expected for s in b], task
+        assert [s.prompt_ids for s in a] != [s.prompt_ids for s in c], task
+        for s in a:
+            assert 900 <= len(s.prompt_ids) <= 1024, (task, len(s.prompt_ids))
+            text = tok.decode(s.prompt_ids)
+            assert all(e in text for e in s.expected), task  # the answer is in the context
+
+
+def test_scoring():
+    s = ruler.Sample("t", [], ["1234567"], 8)
+    assert s.score(" 1234567.") == 1.0 and s.correct("The number is 1234567")
+    assert s.score(" 7654321.") == 0.0 and s.score(" 12345678") == 0.0  # whole numbers only
+    m = ruler.Sample("t", [], ["silver-falcon", "tiger-ivory"], 8)
+    assert m.score("Silver-Falcon, and more") == 0.5 and not m.correct("silver-falcon")
+    assert m.score("silver-falconry tiger") == 0.0
+
+
+def test_wilson_and_mcnemar_known_values():
+    for (k, n), ref in {(0, 10): (0.0, 0.27753), (5, 10): (0.23659, 0.76341), (10, 10): (0.72247, 1.0),
+                        (81, 263): (0.25529, 0.36621)}.items():  # fmt: skip
+        assert wilson(k, n) == pytest.approx(ref, abs=1e-5), (k, n)
+    assert mcnemar(0, 0) == 1.0 and mcnemar(5, 0) == pytest.approx(0.0625) and mcnemar(3, 3) == 1.0
+
+
+def test_unimplemented_settings_refused():
+    from lserve_lite.cli import main
+    from lserve_lite.evaluation.settings import parse_configs
+
+    with pytest.raises(InvalidRequestError, match="kv_dtype=int8: KV-cache quantization .* not implemented"):
+        parse_configs("dense;q8:kv_dtype=int8")
+    assert parse_configs("dense;lserve-b1024")["lserve-b1024"].token_budget == 1024
+    assert main(["eval", "--quantize", "int4", "--model", "/nonexistent"]) == 1  # refused before loading
+
+
+def test_eval_cli_end_to_end(tiny, tmp_path):
+    from lserve_lite.cli import main
+
+    out = tmp_path / "r"
+    rc = main(["eval", "--model", str(tiny), "--backend", "cpu", "--lengths", "1024", "--samples", "2",
+               "--tasks", "niah_single_numbers,qa", "--configs", "dense;lserve;b128:token_budget=128",
+               "--out", str(out), "--shared-dense"])  # fmt: skip
+    assert rc == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    cell = res["summary"]["1024"]
+    assert set(cell["tasks"]) == {"niah_single_numbers", "qa", "all"}
+    for s in ("dense", "lserve", "b128"):
+        a = cell["tasks"]["all"][s]
+        assert a["n"] == 4 and 0 <= a["ci95"][0] <= a["acc"] <= a["ci95"][1] <= 1
+    assert set(cell["vs_dense"]) == {"lserve", "b128"}
+    assert len(res["results"]) == 4 and all(
+        set(r["output"]) == {"dense", "lserve", "b128"} for r in res["results"]
+    )
+
+
+def test_shared_dense_equals_dense_engine(tiny, tok):
+    """`--shared-dense` (a full-window request on the LServe LLM) gives the dense engine's logits."""
+    from lserve_lite.evaluation.settings import Runner, parse_configs
+
+    ids = ruler.generate("niah_single_words", tok, 700, 1)[0].prompt_ids
+    logits = {}
+    for shared in (False, True):
+        r = Runner(str(tiny), parse_configs("dense;b128:token_budget=128"), 1024, None, shared, "cpu")
+        h, names = next(r.groups())
+        assert "dense" in names
+        seq = h.begin(ids, prompt_len=len(ids) - 6)
+        r.prepare(h, seq, "dense", "prefill")
+        logits[shared] = np.concatenate([h.forward(seq, len(ids) - 6, logits="last"), h.decode(seq, 6)])
+        h.end(seq)
+    np.testing.assert_allclose(logits[True], logits[False], atol=2e-4, rtol=1e-4)
+
+
+def test_selector_diagnostics_pieces(tiny):
+    from lserve_lite import LLM, EngineConfig
+    from lserve_lite.backends.reference.page_stats import page_stats_reference
+    from lserve_lite.evaluation.harness import SparseHarness
+    from lserve_lite.evaluation.selector_recall import VARIANTS, decode_step_queries, page_mass, page_stats
+    from lserve_lite.sparse.selector import top_pages
+
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((5, 2, 64, 16)).astype(np.float32)
+    for sub in (1, 2, 4, 8):
+        ref = page_stats_reference(k, np.arange(5), 300, sub)
+        got = page_stats(k, 300, sub)
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_array_equal(got[1], ref[1])
+    q = rng.standard_normal((4, 16)).astype(np.float32)
+    mass = page_mass(q, k, 300)
+    np.testing.assert_allclose(mass.sum(1), 1.0, rtol=1e-5)
+    assert np.all(mass[:, -1] == mass[:, -1]) and mass.shape == (2, 5)
+    oracle = np.take_along_axis(mass, top_pages(mass, 3), 1).sum(1)
+    for fn in VARIANTS.values():
+        sel = np.take_along_axis(mass, top_pages(fn(q, *page_stats(k, 300, 4), 300, 64), 3), 1).sum(1)
+        assert np.all(sel <= oracle + 1e-6) and np.all(sel > 0)
+
+    # the recording step writes the cache exactly as the engine's own step does
+    llm = LLM(str(tiny), backend="cpu", config=EngineConfig(num_kv_pages=40, max_model_len=1024))
+    h = SparseHarness(llm)
+    ids = rng.integers(3, 300, 400).tolist()
+    a, b = h.begin(ids, prompt_len=399), h.begin(ids, prompt_len=399)
+    for s in (a, b):
+        h.forward(s, 399, logits="last")
+    h.forward(a, 1)
+    qs = decode_step_queries(h, b)
+    assert len(qs) == 2 and qs[0].shape == (4, 16)
+    cache = h.runner.cache
+    for layer in range(2):
+        ka, kb = (cache.k[layer][s.page_table[399 // 64], :, 399 % 64] for s in (a, b))
+        np.testing.assert_array_equal(ka, kb)
+
+
+def test_default_model_short_run(smollm2_dir, tmp_path):
+    """SmolLM2 at 1k tokens, two single-needle prompts (24 s on 2 quiet cores). Recorded 2026-12-01:
+    dense 2/2, budget 256 with a 128-token decode window 1/2; a regression below either fails."""
+    from lserve_lite.cli import main
+
+    out = tmp_path / "smol"
+    rc = main(["eval", "--model", str(smollm2_dir), "--backend", "cpu", "--lengths", "1024", "--samples", "2",
+               "--tasks", "niah_single_numbers", "--configs", "dense;b256:token_budget=256,decode_local=128",
+               "--shared-dense", "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    acc = json.loads(out.with_suffix(".json").read_text())["summary"]["1024"]["tasks"]["all"]
+    assert acc["dense"]["acc"] == 1.0 and acc["b256"]["acc"] >= 0.5, acc
