@@ -36,8 +36,10 @@ class BlockManager:
     ):
         self.num_pages, self.page_size = num_pages, page_size
         self.num_stream_pages, self.stream_per_seq = num_stream_pages, stream_per_seq
-        self.free: deque[int] = deque(range(num_pages))
-        self.stream_free: deque[int] = deque(range(num_stream_pages))
+        # Free lists are stacks (last freed, first reused): memory the OS backs stays at the peak in use
+        # instead of creeping over the whole zero-filled pool under a long mixed load.
+        self.free: deque[int] = deque(range(num_pages - 1, -1, -1))
+        self.stream_free: deque[int] = deque(range(num_stream_pages - 1, -1, -1))
         self.slots: deque[int] = deque(range(max_seqs))  # page-selection slots of running sequences
         self.ref = [0] * num_pages
         self.cache = cache
@@ -78,14 +80,14 @@ class BlockManager:
             seq.sel_slot = self.slots.popleft()
 
     def _page(self) -> int:
-        page = self.free.popleft() if self.free else self.cache.evict_page()
+        page = self.free.pop() if self.free else self.cache.evict_page()
         self.ref[page] = 1
         return page
 
     def _stream_page(self) -> int:
         if not self.stream_free:
             self.stream_free.extend(self.cache.evict_snapshot())
-        return self.stream_free.popleft()
+        return self.stream_free.pop()
 
     def release(self, seq: Sequence) -> None:
         """Give back a sequence's pages (finished, aborted or preempted): cached ones stay cached."""
