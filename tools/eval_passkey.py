@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lserve_lite.evaluation.plotting import pyplot
 from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs
 from lserve_lite.evaluation.synthetic import PasskeySample, passkey_sample
 
@@ -49,13 +50,8 @@ def make_grid(tokenizer, lengths, depths, samples, seed) -> list[tuple[int, Pass
 
 def heatmap(result: dict, path: Path) -> bool:
     """One panel per config: pass rate by (depth, length). False if matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no PNG (pip install matplotlib)", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return False
     names, lengths, depths = list(result["configs"]), result["grid"]["lengths"], result["grid"]["depths"]
     cols = min(3, len(names))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lserve_lite.evaluation.plotting import pyplot
 from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs
 from lserve_lite.evaluation.synthetic import corpus_text
 
@@ -77,13 +78,8 @@ def eval_length(r: Runner, h, names: list[str], ids: list[int], n_dec: int, log)
 
 
 def plot(result: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no PNG (pip install matplotlib)", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return False
     lengths = result["lengths"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))

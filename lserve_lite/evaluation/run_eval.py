@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import InvalidRequestError
 from . import ruler
 from .eval_args import refuse_unimplemented
+from .plotting import pyplot
 from .settings import Runner, config_dict, parse_configs
 
 Z95 = 1.959963984540054
@@ -74,13 +75,8 @@ def summarize(rows: list[dict], names: list[str]) -> dict:
 
 def heatmap(result: dict, path: Path) -> bool:
     """One panel per length: accuracy per (setting, task). False (and a note) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no PNG (pip install matplotlib)", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return False
     summ, names = result["summary"], list(result["configs"])
     lengths = list(summ)
