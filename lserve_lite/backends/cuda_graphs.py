@@ -40,6 +40,7 @@ class _Captured:
     size: int
     graph: object
     io: Array  # [rows, size] int64: ids, positions, slots (dense pool [, streaming pool])
+    rows: Array  # [size] int64 logit rows (arange): the graph reads it at every replay
     plan: CudaPlan
     logits: Array
 
@@ -175,4 +176,4 @@ class GraphExecutor:
             finally:
                 graph = self.stream.end_capture()
             self.stream.synchronize()
-        return _Captured(size, graph, io, plan, logits)
+        return _Captured(size, graph, io, rows, plan, logits)
