@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -140,7 +139,7 @@ def main() -> None:
     args = ap.parse_args()
     res = bench_chat(args) if args.scenario == "chat" else bench_doc(args)
     res |= {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "host": platform.node(), "cpus": os.cpu_count(), "loadavg": os.getloadavg()}  # fmt: skip
+            "cpus": os.cpu_count(), "loadavg": os.getloadavg()}  # fmt: skip
     name = (
         "bench_prefix_cache_chat_cpu.json"
         if args.scenario == "chat"

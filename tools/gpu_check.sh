@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-call GPU check on a CUDA machine: kernel harness, GPU tests, end-to-end benches.
-# Usage: OUT=dir bash tools/gpu_check.sh [kernels] [pytest] [llama] [sparse] [smol]   (default: all)
+# Usage: OUT=dir bash tools/gpu_check.sh [kernels] [pytest] [llama] [sparse] [smol] [prefix]   (default: the first five)
 # Each step has its own time limit so one slow or failing step does not hide the others.
 set -u
 OUT=${OUT:-results}; mkdir -p "$OUT"
@@ -13,5 +13,11 @@ for s in $steps; do case $s in
   sparse)  step sparse 200 python3 tools/bench_e2e.py --sparse --sparse-contexts 32768 --deadline $(($(date +%s)+120)) --out "$OUT/sparse.json" ;;
   smol)    step smol 200 env LSERVE_SMOLLM2_GGUF=${LSERVE_SMOLLM2_GGUF:-/tmp/smollm2.gguf} python3 tools/bench_e2e.py --skip llama --skip splits --out "$OUT/smol.json"
            step e2e 200 env LSERVE_SMOLLM2_GGUF=${LSERVE_SMOLLM2_GGUF:-/tmp/smollm2.gguf} python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_gpu_e2e.py ;;
+  prefix)  # 32 requests sharing a 32k-token document: SmolLM2 with its position limit raised to 40k (speed
+           # and cache-vs-cold equality only: the model was not trained past 8k)
+           d=/tmp/smol_40k; [ -f $d/config.json ] || python3 -m lserve_lite.cli convert ${LSERVE_SMOLLM2_GGUF:-/tmp/smollm2.gguf} $d
+           python3 -c "import json,sys; p=sys.argv[1]; c=json.load(open(p)); c['max_position_embeddings']=40960; json.dump(c,open(p,'w'))" $d/config.json
+           step prefix 240 python3 tools/bench_prefix_cache.py doc --model $d --backend cuda --requests 32 --doc-tokens 32768 --out "$OUT/prefix_doc_cuda.json"
+           step prefix_sparse 240 python3 tools/bench_prefix_cache.py doc --model $d --backend cuda --requests 32 --doc-tokens 32768 --sparse --pattern lserve_lite/sparse/patterns/SmolLM2-135M-Instruct/full_attention_heads.tsv --out "$OUT/prefix_doc_cuda_sparse.json" ;;
   *) echo "unknown step $s"; exit 2 ;;
 esac; done
