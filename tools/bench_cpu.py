@@ -9,10 +9,12 @@ floor of the float32 path is its weight bytes read per token over the best weigh
 here (a GEMV over a 512 MB matrix on one thread and on two); the quantized GEMV is bound by instructions, not
 bytes (docs/QUANT.md), so it has no such floor. Prints a table and writes JSON.
 
-llama.cpp is not run here (issue 10 asks for it): LLAMA_CPP holds the issue's figures from another day, printed
-as quoted, never as measured.
+llama.cpp, the peer, runs in the same invocation on the same GGUF and threads when `--llama-bench` names a
+llama-bench binary (built from source: see docs/QUANT.md): prefill 512 (`-p 512`) and decode at 512 and 2048
+context (`-n 64 -d 512,2048`), median of `-r 3`. Without it the llama.cpp column says "not run".
 
-Usage: python tools/bench_cpu.py [--model GGUF] [--float-model DIR] [--out tools/results] [--steps 48]
+Usage: python tools/bench_cpu.py [--model GGUF] [--float-model DIR] [--llama-bench PATH] [--out tools/results]
+       [--steps 48]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -30,13 +33,25 @@ import numpy as np
 from lserve_lite import LLM, SamplingParams
 from lserve_lite.backends import cpu_kernels
 from lserve_lite.backends.cpu_threads import SplitRunner, even_bounds
-from lserve_lite.weights.default_model import default_model_dir
+from lserve_lite.weights.default_model import default_gguf_path, default_model_dir
 
-LLAMA_CPP = {
-    "prefill_512": 311,
-    "decode_ctx512": 100,
-    "decode_ctx2048": 100,
-}  # quoted (issue 10), not measured
+
+def llama_cpp(binary: str, gguf: str, threads: int) -> dict[str, float]:
+    """llama-bench's tokens/s on the same rows as ours: prefill 512, decode (64 tokens) at depth 512 and 2048."""
+    cmd = [binary, "-m", gguf, "-t", str(threads), "-r", "3", "-o", "json"]
+    rows = json.loads(
+        subprocess.run(cmd + ["-p", "512", "-n", "0"], check=True, capture_output=True, text=True).stdout
+    )
+    rows += json.loads(
+        subprocess.run(
+            cmd + ["-p", "0", "-n", "64", "-d", "512,2048"], check=True, capture_output=True, text=True
+        ).stdout
+    )
+    out = {}
+    for r in rows:
+        key = "prefill_512" if r["n_prompt"] else f"decode_ctx{r.get('n_depth', 0)}"
+        out[key] = float(r["avg_ts"])
+    return out
 
 
 def busy_cpus() -> tuple[float, float]:
@@ -155,10 +170,13 @@ def main() -> None:
     ap.add_argument("--float-model", default=None, help="float32 directory (default: the converted SmolLM2)")
     ap.add_argument("--out", default="tools/results")
     ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--llama-bench", default=None, help="a llama-bench binary: run llama.cpp beside us")
     args = ap.parse_args()
     load0 = os.getloadavg()[0]
     runs = {"native_gguf": bench_model(args.model, args.steps)}
     runs["float32"] = bench_model(args.float_model or str(default_model_dir()), args.steps)
+    gguf = args.model or str(default_gguf_path())
+    peer = llama_cpp(args.llama_bench, gguf, os.cpu_count() or 1) if args.llama_bench else {}
     bw = {"copy": copy_bandwidth(), "gemv_1_thread": gemv_bandwidth(1), "gemv_2_threads": gemv_bandwidth(2)}
     wf32 = runs["float32"]["weight_bytes"]
     floors = {k: v / wf32 for k, v in bw.items() if k.startswith("gemv")}
@@ -171,16 +189,16 @@ def main() -> None:
         "bandwidth_GBs": {k: v / 1e9 for k, v in bw.items()},
         "float32_decode_floor_tok_s": floors,
         "runs": runs,
-        "llama_cpp_q4_1_quoted_not_measured": LLAMA_CPP,
+        "llama_cpp_same_run": peer or "not run (no --llama-bench)",
     }
     print(
-        f"{'tokens/s':<16}{'path':<13}{'wall':>8}{'per CPU-s':>11}{'others busy':>13}{'llama.cpp (quoted)':>20}"
+        f"{'tokens/s':<16}{'path':<13}{'wall':>8}{'per CPU-s':>11}{'others busy':>13}{'llama.cpp (same run)':>22}"
     )
     for path, run in runs.items():
         for k, r in run["results"].items():
             print(
                 f"{k:<16}{path:<13}{r['tok_s']:>8.1f}{r['cpu_tok_s']:>11.1f}"
-                f"{r['others_busy_cpus']:>8.1f} CPUs{LLAMA_CPP[k]:>20}"
+                f"{r['others_busy_cpus']:>8.1f} CPUs{peer.get(k, float('nan')):>22.1f}"
             )
     print(", ".join(f"{p}: weights {r['weight_bytes'] / 1e6:.0f} MB/token" for p, r in runs.items()))
     print("float32 GEMV streaming " + ", ".join(
