@@ -5,19 +5,22 @@
 
 using lserve::block_reduce;
 
-// out[n, :] = table[ids[n], :]. VEC = 8 copies 16 bytes per access (hidden % 8 == 0).
+// out[n, :] = table[ids[n] - vocab_start, :], zeros for ids outside the table's `rows` (a tensor-parallel
+// vocabulary shard). VEC = 8 copies 16 bytes per access (hidden % 8 == 0).
 template <int VEC>
 __global__ void embed_gather(const __half* __restrict__ table, const long long* __restrict__ ids,
-                             __half* __restrict__ out, int hidden) {
+                             __half* __restrict__ out, int hidden, long long vocab_start, long long rows) {
   const long long row = blockIdx.x;
-  const __half* src = table + ids[row] * hidden;
+  const long long id = ids[row] - vocab_start;
+  const bool inside = id >= 0 && id < rows;
+  const __half* src = table + (inside ? id : 0) * hidden;
   __half* dst = out + row * hidden;
   if (VEC == 8) {
     const uint4* s = reinterpret_cast<const uint4*>(src);
     uint4* d = reinterpret_cast<uint4*>(dst);
-    for (int i = threadIdx.x; i < hidden / 8; i += blockDim.x) d[i] = s[i];
+    for (int i = threadIdx.x; i < hidden / 8; i += blockDim.x) d[i] = inside ? s[i] : make_uint4(0, 0, 0, 0);
   } else {
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = src[i];
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = inside ? src[i] : __float2half(0.f);
   }
 }
 
@@ -228,8 +231,8 @@ __global__ void gemv_rows(const __half* __restrict__ x, const __half* __restrict
   }
 }
 
-template __global__ void embed_gather<1>(const __half*, const long long*, __half*, int);
-template __global__ void embed_gather<8>(const __half*, const long long*, __half*, int);
+template __global__ void embed_gather<1>(const __half*, const long long*, __half*, int, long long, long long);
+template __global__ void embed_gather<8>(const __half*, const long long*, __half*, int, long long, long long);
 template __global__ void add_rmsnorm<false>(const __half*, const float*, float*, const __half*, __half*, int, float);
 template __global__ void add_rmsnorm<true>(const __half*, const float*, float*, const __half*, __half*, int, float);
 template __global__ void silu_mul<1>(const __half*, __half*, int, long long);

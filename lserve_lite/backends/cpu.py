@@ -13,7 +13,7 @@ from .base import EagerExecutor, Forward, KVCache, alloc_kv_cache
 from .cpu_quant import embed_q, linear_q, logits_q
 from .cpu_threads import SplitRunner, even_bounds, openblas_set_threads
 from .reference.attention import attend_qblocks, paged_attention_sparse_ref
-from .reference.layers import rope_write_kv_sparse_ref
+from .reference.layers import embed_ref, rope_write_kv_sparse_ref
 from .reference.page_select import select_pages_ref
 from .reference.sampling import sample
 
@@ -69,9 +69,10 @@ class CpuOps:
     def prepare_plan(self, plan: AttentionPlan) -> AttentionPlan:
         return plan
 
-    def embed(self, table, ids: np.ndarray) -> np.ndarray:
-        """Rows of the table; a quantized table dequantizes only the gathered rows."""
-        return embed_q(table, ids) if isinstance(table, QuantTensor) else table[ids]
+    def embed(self, table, ids: np.ndarray, vocab_start: int = 0) -> np.ndarray:
+        """Rows of the table (zeros for ids outside a vocabulary shard); a quantized table dequantizes only the
+        gathered rows."""
+        return embed_ref(table, ids, vocab_start, embed_q if isinstance(table, QuantTensor) else None)
 
     def add_rmsnorm(self, x, residual, w, eps):
         h = np.empty_like(x)

@@ -245,15 +245,14 @@ class CudaOps:
         return cache[key]
 
     # -- layers -------------------------------------------------------------------------------
-    def embed(self, table, ids, out=None):
-        """Reference: reference/layers.embed_ref."""
+    def embed(self, table, ids, out=None, vocab_start: int = 0):
+        """Reference: reference/layers.embed_ref (zeros for ids outside a vocabulary shard)."""
         n, hidden = int(ids.shape[0]), int(table.shape[1])
         out = self.cp.empty((n, hidden), self.cp.float16) if out is None else out
         if n:
             vec = 8 if hidden % 8 == 0 else 1
-            self.k[f"embed_gather<{vec}>"](
-                (n,), (_threads(hidden // vec, 256),), (table, ids, out, np.int32(hidden))
-            )
+            args = (table, ids, out, np.int32(hidden), np.int64(vocab_start), np.int64(table.shape[0]))
+            self.k[f"embed_gather<{vec}>"]((n,), (_threads(hidden // vec, 256),), args)
         return out
 
     def add_rmsnorm(self, x, residual, w, eps, out=None, res_out=None):

@@ -9,7 +9,13 @@ import math
 import numpy as np
 
 from ..backends.base import KVCache, rope_tables
-from ..backends.reference.layers import rmsnorm_ref, rope_write_kv_ref, rope_write_kv_sparse_ref, silu_mul_ref
+from ..backends.reference.layers import (
+    embed_ref,
+    rmsnorm_ref,
+    rope_write_kv_ref,
+    rope_write_kv_sparse_ref,
+    silu_mul_ref,
+)
 from ..config import ModelConfig
 from .common import Ctx, Result, compare
 from .sparse_batch import head_classes
@@ -17,12 +23,19 @@ from .sparse_batch import head_classes
 
 def case_embed(c: Ctx) -> list[Result]:
     out = []
-    for vocab, hidden, n in [(1000, 576, 7), (333, 100, 5), (4096, 4096, 33)]:
+    for vocab, hidden, n, start in [
+        (1000, 576, 7, 0),
+        (333, 100, 5, 0),
+        (4096, 4096, 33, 0),
+        (500, 576, 9, 500),
+    ]:
         table = c.f16(vocab, hidden)
-        ids = c.rng.integers(0, vocab, n)
+        ids = c.rng.integers(0, 2 * vocab, n)  # a vocabulary shard at `start`: ids outside it give zeros
+        ids = ids if start else ids % vocab
         got = c.poison((n, hidden), np.float16)
-        c.ops.embed(c.dev16(table), c.cp.asarray(ids), out=got)
-        out.append(compare("embed_gather", f"V{vocab} H{hidden} N{n}", got.get(), table[ids], 0, 0))
+        c.ops.embed(c.dev16(table), c.cp.asarray(ids), out=got, vocab_start=start)
+        want = embed_ref(table, ids, start)
+        out.append(compare("embed_gather", f"V{vocab} H{hidden} N{n} start{start}", got.get(), want, 0, 0))
     return out
 
 

@@ -8,7 +8,7 @@ index among the heads of its class in that layer, i.e. its row in the pool of it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -65,6 +65,11 @@ class KVLayout:
             sub_pages=sp.sub_pages,
             select_pages=geometry.budget_pages(sp.token_budget, ps),
         )
+
+    def heads(self, k0: int, k1: int) -> KVLayout:
+        """The layout of KV heads k0..k1 only (a tensor-parallel rank's pools); the ring geometry is kept."""
+        classes = tuple(c[k0:k1] for c in self.head_class)
+        return replace(self, head_class=classes, head_slot=tuple(head_slots(c) for c in classes))
 
     def decode_visit_pages(self, sp: SparseConfig) -> int:
         """Longest page list a head visits at a decode step: a dense head's budget (plus the newest page), or

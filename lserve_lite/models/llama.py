@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..backends.base import KVCache, Ops, rope_tables
+from ..backends.comm import Communicator
 from ..config import ModelConfig
 from ..weights.qtensor import Weight, fuse_rows
 
@@ -26,10 +27,22 @@ class Layer:
 
 
 class LlamaModel:
-    """Decoder-only transformer; `forward` runs one scheduled step over a flattened token batch."""
+    """Decoder-only transformer; `forward` runs one scheduled step over a flattened token batch.
 
-    def __init__(self, cfg: ModelConfig, weights: dict[str, Weight], ops: Ops, max_len: int):
-        self.cfg, self.ops = cfg, ops
+    Tensor parallel (`comm` given; `cfg` and `weights` are this rank's shard, weights/shard.py): the embedding
+    is a vocabulary slice (other ids give zeros), o_proj and down_proj give partial sums; one all-reduce after
+    each completes them, and the vocabulary-parallel logits are gathered."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: dict[str, Weight],
+        ops: Ops,
+        max_len: int,
+        comm: Communicator | None = None,
+    ):
+        self.cfg, self.ops, self.comm = cfg, ops, comm
+        self.vocab_start = comm.rank * cfg.vocab_size if comm is not None else 0
 
         def up(name: str, a: Weight | None = None) -> Any:
             """Upload a tensor with its name, so a backend's range check can name it."""
@@ -74,7 +87,7 @@ class LlamaModel:
     ) -> Any:
         """Write the new tokens' K/V into the cache and return logits [len(logit_rows), vocab] (float32)."""
         ops, cfg = self.ops, self.cfg
-        x = ops.embed(self.embed, ids)
+        x = self._sum(ops.embed(self.embed, ids, vocab_start=self.vocab_start))
         residual = None
         for i, layer in enumerate(self.layers):
             h, residual = ops.add_rmsnorm(x, residual, layer.ln1, cfg.rms_norm_eps)
@@ -83,8 +96,15 @@ class LlamaModel:
             if plan.selects:
                 ops.select_pages(q, cache, i, plan)
             a = ops.attention(q, cache, i, plan, head_classes[i])
-            x = ops.linear(a, layer.o)
+            x = self._sum(ops.linear(a, layer.o))
             h, residual = ops.add_rmsnorm(x, residual, layer.ln2, cfg.rms_norm_eps)
-            x = ops.linear(ops.silu_mul(ops.linear(h, layer.gate_up)), layer.down)
+            x = self._sum(ops.linear(ops.silu_mul(ops.linear(h, layer.gate_up)), layer.down))
         h, _ = ops.add_rmsnorm(x[logit_rows], residual[logit_rows], self.norm, cfg.rms_norm_eps)
-        return ops.logits(h, self.lm_head)
+        logits = ops.logits(h, self.lm_head)
+        return logits if self.comm is None else self.comm.all_gather(logits)
+
+    def _sum(self, x: Any) -> Any:
+        """The all-reduce that completes a row-parallel product (and the vocabulary-parallel embedding)."""
+        if self.comm is not None:
+            self.comm.all_reduce(x)
+        return x

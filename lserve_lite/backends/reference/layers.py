@@ -4,14 +4,25 @@ Numba versions of the same math (backends/cpu_kernels.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 
 from .page_stats import update_page_stats
 
 
-def embed_ref(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Row gather: the embedding of each token id."""
-    return table[ids]
+def embed_ref(
+    table: Any, ids: np.ndarray, vocab_start: int = 0, gather: Callable | None = None
+) -> np.ndarray:
+    """Row gather: the embedding of each token id. The table may be a vocabulary shard (rows for ids
+    vocab_start..): other ids give zeros. `gather(table, rows)`: how a packed table gives float rows."""
+    local = np.asarray(ids) - vocab_start
+    inside = (local >= 0) & (local < table.shape[0])
+    rows = np.where(inside, local, 0)
+    out = table[rows] if gather is None else gather(table, rows)
+    out[~inside] = 0
+    return out
 
 
 def rmsnorm_ref(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
