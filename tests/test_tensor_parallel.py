@@ -85,7 +85,7 @@ def run_steps(
             blocks.grow(s, s.num_cached + n)
         step = ref.prepare([s for s, _ in live], [n for _, n in live])
         want = ref.executor.run(ref.executor.plan(step))
-        got = _threads([lambda r=r: r.run(step) for r in ranks])
+        got = _threads([lambda r=r, step=step: r.run(step) for r in ranks])
         for g in got[1:]:
             np.testing.assert_array_equal(g, got[0])  # every rank gets the same gathered logits
         out.append((want, got[0]))
