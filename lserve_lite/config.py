@@ -307,6 +307,7 @@ class EngineConfig:
     seed: int = 0
     prefix_caching: bool = True  # reuse cached KV pages of equal prompt prefixes (docs/PREFIX_CACHE.md)
     quantize: str | None = None  # "int8" / "int4": quantize a float model's projection matrices at load
+    tensor_parallel: int | None = None  # ranks in worker processes (1 too); None: one in-process runner
 
     def __post_init__(self):
         """Absurd limits are refused here, before they can hang the scheduler or size an allocation."""
@@ -326,6 +327,8 @@ class EngineConfig:
             raise InvalidRequestError(
                 f"quantize must be one of 'int8', 'int4' or None, got {self.quantize!r}"
             )
+        if self.tensor_parallel is not None:
+            _positive_int("tensor_parallel", self.tensor_parallel, hi=64)
         self.sparse.validate()
         if self.sparse.enabled and self.sparse.page_size != self.page_size:
             raise InvalidRequestError(

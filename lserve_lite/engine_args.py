@@ -52,6 +52,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--backend", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
+        "--tensor-parallel",
+        type=bounded_int(1, 64),
+        default=None,
+        metavar="N",
+        help="split the model over N GPUs, one worker process each (NCCL); 1 runs the worker path on one GPU",
+    )
+    p.add_argument(
         "--max-model-len",
         type=bounded_int(1, MAX_MODEL_LEN),
         default=None,
@@ -89,4 +96,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         page_size=sparse.page_size,
         sparse=sparse,
         prefix_caching=getattr(args, "prefix_caching", True),
+        tensor_parallel=args.tensor_parallel,
     )

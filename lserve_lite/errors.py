@@ -11,3 +11,7 @@ class ModelLoadError(LServeError):
 
 class InvalidRequestError(LServeError, ValueError):
     """A prompt or sampling parameter the engine cannot honour."""
+
+
+class TensorParallelError(LServeError):
+    """A tensor-parallel worker failed, died or hung; the engine cannot go on."""

@@ -74,13 +74,15 @@ class ShmCommunicator(SumCommunicator):
     """The process stand-in (CPU backend across worker processes): each rank's slot in one shared-memory
     block, chunk by chunk, between barriers of a multiprocessing.Barrier."""
 
-    def __init__(self, name: str, barrier: Any, rank: int, world: int, slot_bytes: int):
+    SLOT_BYTES = 1 << 22
+
+    def __init__(self, name: str, barrier: Any, rank: int, world: int, slot_bytes: int = SLOT_BYTES):
         self.rank, self.world, self.barrier = rank, world, barrier
         self.shm = shared_memory.SharedMemory(name=name)
         self.slot_bytes = slot_bytes
 
     @staticmethod
-    def create(world: int, slot_bytes: int = 1 << 22) -> shared_memory.SharedMemory:
+    def create(world: int, slot_bytes: int = SLOT_BYTES) -> shared_memory.SharedMemory:
         """The shared block of a group (the driver owns it and unlinks it at shutdown)."""
         return shared_memory.SharedMemory(create=True, size=world * slot_bytes)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..backends import make_ops
+from ..backends.group import host_ops
 from ..config import EngineConfig, SparseConfig
 from ..errors import InvalidRequestError
 from ..kv.block_manager import BlockManager
@@ -19,9 +20,10 @@ from ..sampling_params import SamplingParams
 from ..sequence import Sequence
 from ..sparse.patterns import head_classes, resolve_pattern
 from ..tokenizer import IncrementalDecoder
-from ..weights.loader import load_model, model_name, resolve_model_dir
+from ..weights.loader import load_config, load_model, load_tokenizer, model_name, resolve_model_dir
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
+from .tp_group import tensor_parallel_runner
 
 
 @dataclass
@@ -46,6 +48,29 @@ class LLMEngine:
         self.ecfg = config or EngineConfig()
         self.model_dir = resolve_model_dir(model)  # an HF directory or a GGUF file
         self.model_name = model_name(self.model_dir)
+        if self.ecfg.tensor_parallel is None:
+            num_pages, num_stream = self._load_local(backend)
+        else:  # workers load their shards; the driver keeps the config, tokenizer, scheduler and planner
+            self.cfg, self.tokenizer = load_config(self.model_dir), load_tokenizer(self.model_dir)
+            self.ops, self.layout = host_ops(), self._kv_layout()
+            self.runner, num_pages, num_stream = tensor_parallel_runner(
+                self.model_dir, backend, self.cfg, self.ecfg, self.layout, self.ecfg.resolve_max_len(self.cfg)
+            )
+            self.max_len = self.runner.max_len
+        per_seq = self.layout.stream_pages_per_seq if self.layout else 0
+        self.blocks = BlockManager(
+            num_pages, self.ecfg.page_size, num_stream, per_seq, self.ecfg.max_num_seqs, self._prefix_cache()
+        )
+        self.scheduler = Scheduler(self.blocks, self.ecfg.max_num_seqs, self.ecfg.max_num_batched_tokens)
+        self.seqs: dict[str, Sequence] = {}
+        self.decoders: dict[str, IncrementalDecoder] = {}
+        self._aborts: list[str] = []
+        self._lock = threading.Lock()
+        self.eos_ids = set(self.cfg.eos_token_ids)
+        self.prompt_tokens_computed = 0  # prompt tokens run through the model (recomputation included)
+
+    def _load_local(self, backend: str) -> tuple[int, int]:
+        """The whole model in this process on one backend; (dense pages, streaming pages)."""
         loaded = load_model(self.model_dir, self.ecfg.quantize)
         self.cfg, self.tokenizer, weights = loaded.cfg, loaded.tokenizer, loaded.weights
         self.ops = make_ops(backend)
@@ -61,18 +86,7 @@ class LLMEngine:
             self.cfg, weights, self.ops, self.ecfg, self.max_len, num_pages, self.layout, num_stream
         )
         loaded.drop_file_pages()
-        del weights, loaded
-        per_seq = self.layout.stream_pages_per_seq if self.layout else 0
-        self.blocks = BlockManager(
-            num_pages, self.ecfg.page_size, num_stream, per_seq, self.ecfg.max_num_seqs, self._prefix_cache()
-        )
-        self.scheduler = Scheduler(self.blocks, self.ecfg.max_num_seqs, self.ecfg.max_num_batched_tokens)
-        self.seqs: dict[str, Sequence] = {}
-        self.decoders: dict[str, IncrementalDecoder] = {}
-        self._aborts: list[str] = []
-        self._lock = threading.Lock()
-        self.eos_ids = set(self.cfg.eos_token_ids)
-        self.prompt_tokens_computed = 0  # prompt tokens run through the model (recomputation included)
+        return num_pages, num_stream
 
     def _prefix_cache(self) -> PrefixCache | None:
         """The prefix cache (None when turned off); in LServe mode only prompt K/V is cacheable."""

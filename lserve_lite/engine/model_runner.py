@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
-from ..backends.base import Ops, StepInputs
+from ..backends.base import Executor, Ops, StepInputs
 from ..config import EngineConfig, ModelConfig, SparseConfig
 from ..geometry import budget_pages, ring_slot
 from ..kv.layout import KVLayout
@@ -26,21 +28,30 @@ class ModelRunner:
     def __init__(
         self, cfg: ModelConfig, weights: dict, ops: Ops, ecfg: EngineConfig, max_len: int, num_pages: int,
         layout: KVLayout | None = None, num_stream_pages: int = 0, model: LlamaModel | None = None,
+        executor: Executor | None = None,
     ):  # fmt: skip
         """`max_len`: the engine's context limit (already clipped to the KV pool); `model`: an already built
-        model on this backend (benchmarks with random weights made on the device)."""
+        model on this backend (benchmarks with random weights made on the device); `executor`: one that runs
+        the steps elsewhere, with its own model and KV cache (tensor-parallel workers, engine/tp_group.py)."""
         self.cfg, self.ops, self.ecfg = cfg, ops, ecfg
         self.page_size = ecfg.page_size
         self.max_len = max_len
-        self.model = model if model is not None else LlamaModel(cfg, weights, ops, max_len)
         self.layout = layout
-        self.cache = ops.alloc_kv(cfg, self.page_size, num_pages, layout, num_stream_pages, ecfg.max_num_seqs)
         self.sink = self.local = 0
         if layout is None:
             self.head_classes = [np.zeros(cfg.num_kv_heads, np.int32) for _ in range(cfg.num_layers)]
         else:
             self.head_classes = [np.asarray(c, np.int32) for c in layout.head_class]
-        self.executor = ops.executor(self.model.forward, self.cache, ecfg, layout, max_len)
+        if executor is None:
+            self.model = model if model is not None else LlamaModel(cfg, weights, ops, max_len)
+            self.cache = ops.alloc_kv(
+                cfg, self.page_size, num_pages, layout, num_stream_pages, ecfg.max_num_seqs
+            )
+            executor = ops.executor(self.model.forward, self.cache, ecfg, layout, max_len)
+            self._copy = partial(ops.copy_stream_pages, self.cache)
+        else:
+            self._copy = executor.copy_stream_pages
+        self.executor = executor
 
     def set_head_classes(self, classes: list[np.ndarray], sink: int, local: int) -> None:
         """Public hook for calibration: in dense mode, make chosen KV heads streaming heads (1) with a
@@ -53,7 +64,7 @@ class ModelRunner:
     def copy_stream_pages(self, copies: list[tuple[list[int], list[int]]]) -> None:
         """Run the block manager's streaming-pool copies (prefix-cache snapshots), in order."""
         for src, dst in copies:
-            self.ops.copy_stream_pages(self.cache, np.asarray(src, np.int64), np.asarray(dst, np.int64))
+            self._copy(np.asarray(src, np.int64), np.asarray(dst, np.int64))
 
     def run(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False):
         """Process each sequence's next `num_new` tokens; backend logits of every last row (or all rows)."""

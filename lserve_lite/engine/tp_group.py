@@ -1,0 +1,168 @@
+"""The driver's side of tensor parallelism: one worker process per rank (multiprocessing spawn), each step
+the scheduler and planner made sent to every rank, and supervision: a worker that fails, exits or falls
+silent ends the engine with its reason, never a hang (docs/TENSOR_PARALLEL.md)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+import time
+import weakref
+from collections.abc import Callable
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..backends.base import StepInputs
+from ..backends.group import host_ops, new_group
+from ..config import EngineConfig, ModelConfig
+from ..errors import TensorParallelError
+from ..kv.layout import KVLayout, pool_pages
+from ..weights.shard import check_tensor_parallel, shard_config, shard_of
+from .model_runner import ModelRunner
+from .tp_worker import worker_main
+
+STARTUP_TIMEOUT = 1800.0  # loading a large checkpoint from a cold disk
+STEP_TIMEOUT = 600.0  # no step takes this long: a worker silent for it is hung
+
+
+class WorkerGroup:
+    """The ranks behind the Executor interface: `plan` passes the host step through, `run` sends it to every
+    rank and returns rank 0's logits (NumPy); `copy_stream_pages` runs the KV copies on every rank."""
+
+    def __init__(self, model_dir: Path, backend: str, ecfg: EngineConfig, world: int):
+        ctx = mp.get_context("spawn")
+        spec, cleanup = new_group(backend, world, ctx)
+        self.conns: list[Any] = []
+        self.procs: list[Any] = []
+        self.failure: str | None = None
+        self._close = weakref.finalize(self, _shutdown, self.procs, self.conns, cleanup)
+        for rank in range(world):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=worker_main, args=(rank, spec, model_dir, ecfg, child), daemon=True,
+                            name=f"lserve-tp{rank}")  # fmt: skip
+            p.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(p)
+        ready = [self._recv(r, STARTUP_TIMEOUT) for r in range(world)]
+        self.budgets = [m[1] for m in ready]  # KV bytes each rank can hold
+        self.itemsize = ready[0][2]
+
+    def build(self, max_len: int, num_pages: int, layout: KVLayout | None, num_stream: int) -> None:
+        """Every rank builds its model, KV pools (these page counts, all ranks alike) and executor."""
+        self._send(("build", max_len, num_pages, layout, num_stream))
+        for r in range(len(self.procs)):
+            self._recv(r, STARTUP_TIMEOUT)
+
+    def plan(self, step: StepInputs) -> StepInputs:
+        return step
+
+    def run(self, step: StepInputs) -> np.ndarray:
+        self._send(("step", step))
+        return self._recv(0, STEP_TIMEOUT)[1]
+
+    def copy_stream_pages(self, src: np.ndarray, dst: np.ndarray) -> None:
+        self._send(("copy", src, dst))
+
+    def close(self) -> None:
+        """Stop the workers (also done when the group is collected or the interpreter exits)."""
+        self._close()
+
+    def _send(self, msg: tuple) -> None:
+        if self.failure:
+            raise TensorParallelError(self.failure)
+        for r, conn in enumerate(self.conns):
+            try:
+                conn.send(msg)
+            except OSError:
+                self._fail(self._death(r))
+
+    def _recv(self, rank: int, timeout: float) -> tuple:
+        """`rank`'s next message, watching every worker's exit meanwhile; an error report, an exit or
+        `timeout` seconds of silence end the group."""
+        deadline = time.monotonic() + timeout
+        conn = self.conns[rank]
+        sentinels = {p.sentinel: r for r, p in enumerate(self.procs)}
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._fail(f"worker {rank} sent nothing for {timeout:.0f} s (hung)")
+            ready = wait([conn, *sentinels], timeout=min(left, 1.0))
+            if conn in ready:
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    self._fail(self._death(rank))
+                if msg[0] == "error":
+                    self._fail(f"worker {msg[1]} failed: {msg[2]}")
+                return msg
+            for s in ready:
+                self._fail(self._death(sentinels[s]))
+
+    def _death(self, rank: int) -> str:
+        """Why `rank` is gone: its own error report if it sent one, else how its process ended."""
+        conn, p = self.conns[rank], self.procs[rank]
+        try:
+            while conn.poll():
+                msg = conn.recv()
+                if msg[0] == "error":
+                    return f"worker {rank} failed: {msg[2]}"
+        except (EOFError, OSError):
+            pass
+        p.join(timeout=1.0)
+        code = p.exitcode
+        how = (
+            f"killed by {signal.Signals(-code).name}"
+            if code is not None and code < 0
+            else f"exit code {code}"
+        )
+        return f"worker {rank} (pid {p.pid}) died ({how})"
+
+    def _fail(self, reason: str) -> None:
+        self.failure = f"tensor-parallel engine stopped: {reason}"
+        _shutdown(self.procs, self.conns, lambda: None, grace=0.0)
+        raise TensorParallelError(self.failure)
+
+
+def _shutdown(procs: list, conns: list, cleanup: Callable[[], None], grace: float = 5.0) -> None:
+    """Ask the workers to stop, then terminate (a rank blocked in a collective cannot stop itself)."""
+    for conn in conns:
+        try:
+            conn.send(("stop",))
+        except OSError:
+            pass
+    for p in procs:
+        p.join(timeout=grace)
+        if p.is_alive():
+            p.terminate()
+            p.join(timeout=5.0)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    cleanup()
+
+
+def tensor_parallel_runner(
+    model_dir: Path, backend: str, cfg: ModelConfig, ecfg: EngineConfig, layout: KVLayout | None, max_len: int
+) -> tuple[ModelRunner, int, int]:
+    """Workers started and built, KV pools sized to the rank with the least room: (the driver's runner,
+    dense pages, streaming pages). `cfg`, `layout`: the whole model's."""
+    world = ecfg.tensor_parallel
+    check_tensor_parallel(cfg, world)
+    group = WorkerGroup(model_dir, backend, ecfg, world)
+    dense, stream = [], []
+    for rank, budget in enumerate(group.budgets):
+        s = shard_of(cfg, rank, world)
+        lay = layout.heads(*s.kv_heads) if layout is not None else None
+        d, st = pool_pages(shard_config(cfg, s), ecfg.page_size, group.itemsize, budget, lay, ecfg.max_num_seqs,
+                           ecfg.num_kv_pages)  # fmt: skip
+        dense.append(d)
+        stream += [st] if lay is not None and lay.has_streaming else []
+    num_pages, num_stream = min(dense), min(stream, default=0)
+    max_len = min(max_len, num_pages * ecfg.page_size)
+    group.build(max_len, num_pages, layout, num_stream)
+    runner = ModelRunner(cfg, {}, host_ops(), ecfg, max_len, num_pages, layout, num_stream, executor=group)
+    return runner, num_pages, num_stream

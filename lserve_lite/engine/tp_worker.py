@@ -1,0 +1,58 @@
+"""A tensor-parallel worker process: loads its shard, builds its rank on its device, then runs the steps the
+driver sends until told to stop. Rank 0 sends the logits back; any failure is reported, then the process ends."""
+
+from __future__ import annotations
+
+import math
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..backends.group import GroupSpec, join_group
+from ..config import EngineConfig
+from ..errors import LServeError
+from ..weights.loader import load_model
+from ..weights.shard import shard_of
+from .tp_rank import RankRunner
+
+
+def worker_main(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig, conn: Any) -> None:
+    """The process entry (multiprocessing spawn). Messages in: ("build", max_len, pages, layout, stream
+    pages), ("step", StepInputs), ("copy", src, dst), ("stop",). Out: ("ready", kv budget bytes, itemsize),
+    ("built",), ("logits", array) from rank 0, ("error", rank, text)."""
+    try:
+        _serve(rank, spec, model_dir, ecfg, conn)
+    except BaseException as e:  # reported to the driver, which ends the engine with it
+        text = str(e) if isinstance(e, LServeError) else traceback.format_exc()
+        try:
+            conn.send(("error", rank, text))
+        finally:
+            raise SystemExit(1) from None
+
+
+def _serve(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig, conn: Any) -> None:
+    ops, comm = join_group(spec, rank)
+    loaded = load_model(model_dir, ecfg.quantize)
+    cfg = loaded.cfg
+    shard_of(cfg, rank, spec.world)  # refuses a model that does not split, before anything is built
+    itemsize = np.dtype(ops.dtype).itemsize
+    # about this rank's share of the weights at the device's float type (norms are replicated: negligible)
+    weight_bytes = sum(math.prod(w.shape) for w in loaded.weights.values()) * itemsize // spec.world
+    conn.send(("ready", ops.kv_budget_bytes(ecfg.kv_memory_fraction, weight_bytes), itemsize))
+    _, max_len, num_pages, layout, num_stream = conn.recv()
+    runner = RankRunner(cfg, loaded.weights, ops, ecfg, max_len, num_pages, layout, num_stream, comm)
+    loaded.drop_file_pages()
+    del loaded
+    conn.send(("built",))
+    while True:
+        msg = conn.recv()
+        if msg[0] == "step":
+            logits = runner.run(msg[1])
+            if rank == 0:
+                conn.send(("logits", ops.to_numpy(logits)))
+        elif msg[0] == "copy":
+            runner.copy_stream_pages(msg[1], msg[2])
+        else:
+            return
