@@ -183,9 +183,9 @@ def llama3_8b_config(max_len: int):
     )  # fmt: skip
 
 
-def random_llama(cfg, ops, max_len: int, seed: int = 0):
+def random_llama(cfg, ops, max_len: int, seed: int = 0, comm=None):
     """A LlamaModel with random float16 weights made on the GPU (LlamaModel.__init__ would need 32 GB of host
-    float32 arrays); same attributes as LlamaModel builds."""
+    float32 arrays); same attributes as LlamaModel builds. With `comm`: `cfg` is a tensor-parallel rank's."""
     import cupy as cp
 
     from lserve_lite.backends.base import rope_tables
@@ -199,7 +199,8 @@ def random_llama(cfg, ops, max_len: int, seed: int = 0):
 
     h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     m = LlamaModel.__new__(LlamaModel)
-    m.cfg, m.ops = cfg, ops
+    m.cfg, m.ops, m.comm = cfg, ops, comm
+    m.vocab_start = comm.rank * cfg.vocab_size if comm is not None else 0
     m.embed, m.norm, m.lm_head = (
         w(cfg.vocab_size, h, scale=1.0),
         w(h, scale=0.1, offset=1.0),
