@@ -30,9 +30,10 @@ SPARSE = SparseConfig(enabled=True, page_size=PAGE, prefill_sink=16, prefill_loc
 
 def tiny(num_kv_heads: int = 2, seed: int = 0, **over) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """A random 2-layer llama whose every split (world 2 and 4) falls on int8's 32-value blocks."""
-    cfg = ModelConfig(arch="LlamaForCausalLM", hidden_size=128, intermediate_size=256, num_layers=2, num_heads=8,
-                      num_kv_heads=num_kv_heads, head_dim=16, vocab_size=256, rms_norm_eps=1e-6,
-                      max_position_embeddings=MAX_LEN, **over)  # fmt: skip
+    kw = dict(arch="LlamaForCausalLM", hidden_size=128, intermediate_size=256, num_layers=2, num_heads=8,
+              num_kv_heads=num_kv_heads, head_dim=16, vocab_size=256, rms_norm_eps=1e-6,
+              max_position_embeddings=MAX_LEN)  # fmt: skip
+    cfg = ModelConfig(**(kw | over))
     rng = np.random.default_rng(seed)
     h, d, q, kv, f = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
@@ -183,7 +184,7 @@ def test_quantized_split_off_block_boundary_refused():
     "over,world,msg",
     [
         (dict(num_heads=6), 4, r"tensor_parallel 4 must divide num_attention_heads \(6\)"),
-        (dict(num_kv_heads=4), 8, r"must divide intermediate_size|must divide num_attention_heads"),
+        (dict(intermediate_size=100), 8, r"tensor_parallel 8 must divide intermediate_size \(100\)"),
         (dict(num_heads=12, num_kv_heads=3), 2, r"and num_key_value_heads \(3\) must divide one another"),
         (dict(vocab_size=250), 4, r"must divide vocab_size \(250\)"),
     ],

@@ -65,7 +65,7 @@ class ThreadCommunicator(SumCommunicator):
         g = self.group
         g.slots[self.rank] = x
         g.barrier.wait()
-        total = np.sum([s for s in g.slots], axis=0, dtype=x.dtype)
+        total = np.sum(g.slots, axis=0, dtype=x.dtype)
         g.barrier.wait()  # everyone has read every slot before anyone writes its own
         x[...] = total
 
@@ -87,6 +87,8 @@ class ShmCommunicator(SumCommunicator):
         return shared_memory.SharedMemory(create=True, size=world * slot_bytes)
 
     def all_reduce(self, x: np.ndarray) -> None:
+        if not x.flags.c_contiguous:
+            raise ValueError("ShmCommunicator.all_reduce needs a contiguous array (it works on a flat view)")
         flat = x.reshape(-1)
         slots = np.ndarray((self.world, self.slot_bytes // x.itemsize), x.dtype, self.shm.buf)
         step = slots.shape[1]
@@ -97,4 +99,3 @@ class ShmCommunicator(SumCommunicator):
             total = slots[:, : c1 - c0].sum(axis=0, dtype=x.dtype)
             self.barrier.wait()
             flat[c0:c1] = total
-        del slots

@@ -20,7 +20,7 @@ class GroupSpec:
 
     backend: str  # "cuda" (NCCL, one GPU per rank) or "cpu" (shared-memory stand-in, for tests)
     world: int
-    nccl_id: tuple | None = None
+    nccl_id: bytes | tuple | None = None  # nccl.get_unique_id(): bytes or a tuple, by CuPy version
     shm_name: str | None = None
     barrier: Any = None
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 
-def nccl_unique_id() -> tuple:
+def nccl_unique_id() -> bytes | tuple:
     """The group's id, made once by the driver and given to every rank at start-up."""
     from cupy.cuda import nccl
 
@@ -18,7 +18,7 @@ def nccl_unique_id() -> tuple:
 class NcclCommunicator:
     """One rank's NCCL communicator on the current device (the `Communicator` of backends/comm.py)."""
 
-    def __init__(self, unique_id: tuple, rank: int, world: int):
+    def __init__(self, unique_id: bytes | tuple, rank: int, world: int):
         import cupy as cp
         from cupy.cuda import nccl
 

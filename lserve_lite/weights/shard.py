@@ -77,7 +77,8 @@ def shard_config(cfg: ModelConfig, s: Shard) -> ModelConfig:
 
 def shard_weights(weights: dict[str, Weight], cfg: ModelConfig, s: Shard) -> dict[str, Weight]:
     """Rank `s.rank`'s slice of every tensor, by the same names (norms are replicated). Float slices are
-    copies, so the full tensors (a memory map, or widened bf16) can be dropped after this."""
+    copies, so the full tensors (a memory map, or widened bf16) can be dropped after this; quantized row
+    slices are views of their blocks, column slices copies."""
     d = cfg.head_dim
     q = (s.q_heads[0] * d, s.q_heads[1] * d)
     kv = (s.kv_heads[0] * d, s.kv_heads[1] * d)
@@ -101,7 +102,7 @@ def shard_weights(weights: dict[str, Weight], cfg: ModelConfig, s: Shard) -> dic
 
 def _rows(w: Weight, r0: int, r1: int) -> Weight:
     if isinstance(w, QuantTensor):
-        return w.take_rows(np.arange(r0, r1))
+        return w.rows(r0, r1)  # a view of the packed blocks (of the mapped file for a GGUF)
     if isinstance(w, RowStack):
         raise TypeError("row stacks are fused in the model, after sharding")
     return np.array(w[r0:r1])
