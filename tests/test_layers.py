@@ -24,10 +24,11 @@ def test_import_layers_contract():
 
 
 def test_engine_knows_no_backend():
-    """The engine asks the Ops interface; it never imports CuPy or compares backend names."""
+    """The engine asks the Ops interface; it never imports CuPy, names NCCL or compares backend names."""
     for f in (PKG / "engine").glob("*.py"):
         src = f.read_text()
-        assert "cupy" not in src, f"{f.name} mentions cupy"
+        for lib in ("cupy", "nccl"):
+            assert lib not in src.lower(), f"{f.name} mentions {lib}"
         for name in ('"cuda"', "'cuda'", '"cpu"', "'cpu'", "ops.name"):
             assert name not in src, f"{f.name} branches on a backend ({name})"
 
