@@ -9,6 +9,7 @@ import signal
 import time
 import weakref
 from collections.abc import Callable
+from multiprocessing import shared_memory
 from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
@@ -32,13 +33,17 @@ class WorkerGroup:
     """The ranks behind the Executor interface: `plan` passes the host step through, `run` sends it to every
     rank and returns rank 0's logits (NumPy); `copy_stream_pages` runs the KV copies on every rank."""
 
-    def __init__(self, model_dir: Path, backend: str, ecfg: EngineConfig, world: int):
+    def __init__(self, model_dir: Path, backend: str, ecfg: EngineConfig, world: int, vocab_size: int):
         ctx = mp.get_context("spawn")
         spec, cleanup = new_group(backend, world, ctx)
+        # rank 0's logits of up to max_num_seqs rows (decode) come back through here; more rows by the pipe
+        self.logits = shared_memory.SharedMemory(create=True, size=ecfg.max_num_seqs * vocab_size * 4)
         self.conns: list[Any] = []
         self.procs: list[Any] = []
         self.failure: str | None = None
-        self._close = weakref.finalize(self, _shutdown, self.procs, self.conns, cleanup)
+        self._close = weakref.finalize(
+            self, _shutdown, self.procs, self.conns, _releaser(cleanup, self.logits)
+        )
         for rank in range(world):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=worker_main, args=(rank, spec, model_dir, ecfg, child), daemon=True,
@@ -53,7 +58,7 @@ class WorkerGroup:
 
     def build(self, max_len: int, num_pages: int, layout: KVLayout | None, num_stream: int) -> None:
         """Every rank builds its model, KV pools (these page counts, all ranks alike) and executor."""
-        self._send(("build", max_len, num_pages, layout, num_stream))
+        self._send(("build", max_len, num_pages, layout, num_stream, self.logits.name))
         for r in range(len(self.procs)):
             self._recv(r, STARTUP_TIMEOUT)
 
@@ -61,8 +66,11 @@ class WorkerGroup:
         return step
 
     def run(self, step: StepInputs) -> np.ndarray:
+        """Rank 0's logits, from the shared block (copied: callers may keep them past the next run) or as it
+        sent them."""
         self._send(("step", step))
-        return self._recv(0, STEP_TIMEOUT)[1]
+        out = self._recv(0, STEP_TIMEOUT)[1]
+        return np.array(np.ndarray(out, np.float32, self.logits.buf)) if isinstance(out, tuple) else out
 
     def copy_stream_pages(self, src: np.ndarray, dst: np.ndarray) -> None:
         self._send(("copy", src, dst))
@@ -145,6 +153,17 @@ def _shutdown(procs: list, conns: list, cleanup: Callable[[], None], grace: floa
     cleanup()
 
 
+def _releaser(cleanup: Callable[[], None], shm: shared_memory.SharedMemory) -> Callable[[], None]:
+    """The group's cleanup, then the logits block's."""
+
+    def release() -> None:
+        cleanup()
+        shm.close()
+        shm.unlink()
+
+    return release
+
+
 def tensor_parallel_runner(
     model_dir: Path, backend: str, cfg: ModelConfig, ecfg: EngineConfig, layout: KVLayout | None, max_len: int
 ) -> tuple[ModelRunner, int, int]:
@@ -152,7 +171,7 @@ def tensor_parallel_runner(
     dense pages, streaming pages). `cfg`, `layout`: the whole model's."""
     world = ecfg.tensor_parallel
     check_tensor_parallel(cfg, world)
-    group = WorkerGroup(model_dir, backend, ecfg, world)
+    group = WorkerGroup(model_dir, backend, ecfg, world, cfg.vocab_size)
     dense, stream = [], []
     for rank, budget in enumerate(group.budgets):
         s = shard_of(cfg, rank, world)
