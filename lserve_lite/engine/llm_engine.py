@@ -50,13 +50,8 @@ class LLMEngine:
         self.model_name = model_name(self.model_dir)
         if self.ecfg.tensor_parallel is None:
             num_pages, num_stream = self._load_local(backend)
-        else:  # workers load their shards; the driver keeps the config, tokenizer, scheduler and planner
-            self.cfg, self.tokenizer = load_config(self.model_dir), load_tokenizer(self.model_dir)
-            self.ops, self.layout = host_ops(), self._kv_layout()
-            self.runner, num_pages, num_stream = tensor_parallel_runner(
-                self.model_dir, backend, self.cfg, self.ecfg, self.layout, self.ecfg.resolve_max_len(self.cfg)
-            )
-            self.max_len = self.runner.max_len
+        else:
+            num_pages, num_stream = self._start_workers(backend)
         per_seq = self.layout.stream_pages_per_seq if self.layout else 0
         self.blocks = BlockManager(
             num_pages, self.ecfg.page_size, num_stream, per_seq, self.ecfg.max_num_seqs, self._prefix_cache()
@@ -86,6 +81,18 @@ class LLMEngine:
             self.cfg, weights, self.ops, self.ecfg, self.max_len, num_pages, self.layout, num_stream
         )
         loaded.drop_file_pages()
+        return num_pages, num_stream
+
+    def _start_workers(self, backend: str) -> tuple[int, int]:
+        """Tensor parallel: the workers load their shards; the driver keeps the config, tokenizer, scheduler
+        and planner (engine/tp_group.py). (dense pages, streaming pages)."""
+        self.cfg, self.tokenizer = load_config(self.model_dir), load_tokenizer(self.model_dir)
+        self.ops, self.layout = host_ops(), self._kv_layout()
+        max_len = self.ecfg.resolve_max_len(self.cfg)
+        self.runner, num_pages, num_stream = tensor_parallel_runner(
+            self.model_dir, backend, self.cfg, self.ecfg, self.layout, max_len
+        )
+        self.max_len = self.runner.max_len
         return num_pages, num_stream
 
     def _prefix_cache(self) -> PrefixCache | None:
