@@ -74,17 +74,12 @@ class DeviceRowStack:
         return sum(int(p.nbytes) for p in self.parts)
 
 
-def tile_rows(m: int, k: int) -> int:
-    """Rows of a weight dequantized per cuBLAS call on the prefill path (all of them when they fit)."""
-    return max(1, min(m, TILE_BYTES // (2 * k)))
-
-
 class QuantKernels:
     """The packed-weight launchers of one CudaOps: per-format modules compiled at the first upload of a format,
     and the fp16 scratch of the prefill path, grown at upload to the largest tile."""
 
-    def __init__(self, cp, blas):
-        self.cp, self.blas = cp, blas
+    def __init__(self, cp, blas, tile_bytes: int = TILE_BYTES):
+        self.cp, self.blas, self.tile_bytes = cp, blas, tile_bytes
         self._fns: dict[str, dict[str, Any]] = {}
         self.scratch = cp.empty(0, cp.float16)
 
@@ -102,10 +97,14 @@ class QuantKernels:
         data[host.size :] = 0
         self._kernels(w.fmt)
         m, k = w.shape
-        need = tile_rows(m, k) * k
+        need = self.tile_rows(m, k) * k
         if need > self.scratch.size:
             self.scratch = cp.empty(need, cp.float16)
         return DeviceQuant(w.fmt, (int(m), int(k)), data)
+
+    def tile_rows(self, m: int, k: int) -> int:
+        """Rows of a weight dequantized per cuBLAS call on the prefill path (all of them when they fit)."""
+        return max(1, min(m, self.tile_bytes // (2 * k)))
 
     def _kernels(self, fmt: str) -> dict[str, Any]:
         fns = self._fns.get(fmt)
@@ -146,7 +145,7 @@ class QuantKernels:
             )
             fn((-(-m // GEMV_WARPS),), (32 * GEMV_WARPS,), args)
             return
-        tile = tile_rows(m, k)
+        tile = self.tile_rows(m, k)
         for r0 in range(0, m, tile):
             r1 = min(m, r0 + tile)
             wt = self.scratch[: (r1 - r0) * k].reshape(r1 - r0, k)
