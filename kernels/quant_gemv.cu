@@ -21,37 +21,68 @@ __device__ __forceinline__ float f16_at(const u8* p) {
   return __half2float(__ushort_as_half((unsigned short)(p[0] | (p[1] << 8))));
 }
 
+// Bytes p[0..7] as two little-endian words, from aligned 32-bit loads and funnel shifts (p may have any
+// alignment; up to 4 bytes past p + 8 are read: the GEMV stage and the device weights have that slack).
+__device__ __forceinline__ void load8(const u8* p, unsigned& lo, unsigned& hi) {
+  const unsigned long long a = reinterpret_cast<unsigned long long>(p);
+  const unsigned* w = reinterpret_cast<const unsigned*>(a & ~3ull);
+  const unsigned sh = (unsigned)(a & 3) * 8;
+  const unsigned w0 = w[0], w1 = w[1], w2 = w[2];
+  lo = __funnelshift_r(w0, w1, sh);
+  hi = __funnelshift_r(w1, w2, sh);
+}
+
+// Integers to floats without a conversion instruction (I2F runs at a fraction of the FMA rate): 2^23 + u for a
+// small unsigned u is the float whose mantissa bits are u; subtracting (2^23 + offset) leaves u - offset exactly.
+constexpr float MAGIC = 8388608.f;  // 2^23
+__device__ __forceinline__ float magic_u(unsigned u) { return __uint_as_float(0x4B000000u | u); }
+// 2^23 + byte t of w (a byte permute puts it under 2^23's exponent bits)
+__device__ __forceinline__ float magic_byte(unsigned w, int t) {
+  return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7440u | t));
+}
+
 // q4_0 / q4_1 / int4 nibble order: value i < H is qs[i] & 15, value i >= H is qs[i - H] >> 4.
-// v[t] = d * (nib(e + t) - z) + mn.
+// v[t] = d * (nib(e + t) - z) + mn, with zo = 2^23 + z.
 template <int H>
-__device__ __forceinline__ void nibbles8(const u8* qs, int e, float d, int z, float mn, float (&v)[8]) {
-  const u8* q = qs + (e < H ? e : e - H);
+__device__ __forceinline__ void nibbles8(const u8* qs, int e, float d, float zo, float mn, float (&v)[8]) {
+  unsigned lo, hi;
+  load8(qs + (e < H ? e : e - H), lo, hi);
   const int sh = e < H ? 0 : 4;
+  lo = (lo >> sh) & 0x0F0F0F0Fu;
+  hi = (hi >> sh) & 0x0F0F0F0Fu;
 #pragma unroll
-  for (int t = 0; t < 8; ++t) v[t] = d * (float)(((q[t] >> sh) & 15) - z) + mn;
+  for (int t = 0; t < 8; ++t) v[t] = d * (magic_byte(t < 4 ? lo : hi, t & 3) - zo) + mn;
+}
+
+// v[t] = s * (signed byte p[t]): the bytes flipped to offset binary (q + 128) for magic_byte.
+__device__ __forceinline__ void int8x8(const u8* p, float s, float (&v)[8]) {
+  unsigned lo, hi;
+  load8(p, lo, hi);
+  lo ^= 0x80808080u;
+  hi ^= 0x80808080u;
+#pragma unroll
+  for (int t = 0; t < 8; ++t) v[t] = s * (magic_byte(t < 4 ? lo : hi, t & 3) - (MAGIC + 128.f));
 }
 
 struct Q8_0 {  // d:f16, q[32]:i8; w = d * q
   static constexpr int BLOCK = 32, BYTES = 34, HEAD = 0, SEG = 32;
   static __device__ float row_scale(const u8*) { return 1.f; }
-  static __device__ void decode8(const u8* b, int e, float, float (&v)[8]) {
-    const float d = f16_at(b);
-#pragma unroll
-    for (int t = 0; t < 8; ++t) v[t] = d * (float)(signed char)b[2 + e + t];
-  }
+  static __device__ void decode8(const u8* b, int e, float, float (&v)[8]) { int8x8(b + 2 + e, f16_at(b), v); }
 };
 
 struct Q4_0 {  // d:f16, qs[16]; w = d * (nib - 8)
   static constexpr int BLOCK = 32, BYTES = 18, HEAD = 0, SEG = 64;
   static __device__ float row_scale(const u8*) { return 1.f; }
-  static __device__ void decode8(const u8* b, int e, float, float (&v)[8]) { nibbles8<16>(b + 2, e, f16_at(b), 8, 0.f, v); }
+  static __device__ void decode8(const u8* b, int e, float, float (&v)[8]) {
+    nibbles8<16>(b + 2, e, f16_at(b), MAGIC + 8.f, 0.f, v);
+  }
 };
 
 struct Q4_1 {  // d:f16, m:f16, qs[16]; w = d * nib + m
   static constexpr int BLOCK = 32, BYTES = 20, HEAD = 0, SEG = 64;
   static __device__ float row_scale(const u8*) { return 1.f; }
   static __device__ void decode8(const u8* b, int e, float, float (&v)[8]) {
-    nibbles8<16>(b + 4, e, f16_at(b), 0, f16_at(b + 2), v);
+    nibbles8<16>(b + 4, e, f16_at(b), MAGIC, f16_at(b + 2), v);
   }
 };
 
@@ -61,7 +92,7 @@ struct Q4_K {  // d:f16, dmin:f16, scales[12] (8 x 6-bit scale, 6-bit min), qs[1
   static __device__ void decode8(const u8* b, int e, float, float (&v)[8]) {
     const int s = e >> 5;  // sub-block of 32 values
     const u8* sc = b + 4;  // ggml's get_scale_min_k4
-    int scale, mn;
+    unsigned scale, mn;
     if (s < 4) {
       scale = sc[s] & 63;
       mn = sc[s + 4] & 63;
@@ -69,11 +100,14 @@ struct Q4_K {  // d:f16, dmin:f16, scales[12] (8 x 6-bit scale, 6-bit min), qs[1
       scale = (sc[s + 4] & 15) | ((sc[s - 4] >> 6) << 4);
       mn = (sc[s + 4] >> 4) | ((sc[s] >> 6) << 4);
     }
-    const float ds = f16_at(b) * (float)scale, dm = f16_at(b + 2) * (float)mn;
-    const u8* q = b + 16 + 32 * (s >> 1) + (e & 31);  // sub-blocks 2j (low nibbles), 2j + 1 (high) share 32 bytes
+    const float ds = f16_at(b) * (magic_u(scale) - MAGIC), dm = f16_at(b + 2) * (magic_u(mn) - MAGIC);
+    unsigned lo, hi;  // sub-blocks 2j (low nibbles) and 2j + 1 (high nibbles) share 32 bytes
+    load8(b + 16 + 32 * (s >> 1) + (e & 31), lo, hi);
     const int sh = 4 * (s & 1);
+    lo = (lo >> sh) & 0x0F0F0F0Fu;
+    hi = (hi >> sh) & 0x0F0F0F0Fu;
 #pragma unroll
-    for (int t = 0; t < 8; ++t) v[t] = ds * (float)((q[t] >> sh) & 15) - dm;
+    for (int t = 0; t < 8; ++t) v[t] = ds * (magic_byte(t < 4 ? lo : hi, t & 3) - MAGIC) - dm;
   }
 };
 
@@ -82,28 +116,30 @@ struct Q6_K {  // ql[128], qh[64], sc[16]:i8, d:f16; w = d * sc[i / 16] * (q6(i)
   static __device__ float row_scale(const u8*) { return 1.f; }
   static __device__ void decode8(const u8* b, int e, float, float (&v)[8]) {
     const int h = e >> 7, g = (e >> 5) & 3, i = e & 31;  // half of 128, quarter of 32, index in it
-    const u8* ql = b + 64 * h + 32 * (g & 1) + i;
-    const u8* qh = b + 128 + 32 * h + i;
+    unsigned l0, l1, h0, h1;
+    load8(b + 64 * h + 32 * (g & 1) + i, l0, l1);  // ql: 4 low bits
+    load8(b + 128 + 32 * h + i, h0, h1);           // qh: 2 high bits
     const int shl = 4 * (g >> 1), shh = 2 * g;
-    const float dsc = f16_at(b + 208) * (float)(signed char)b[192 + (e >> 4)];
+    l0 = ((l0 >> shl) & 0x0F0F0F0Fu) | (((h0 >> shh) & 0x03030303u) << 4);
+    l1 = ((l1 >> shl) & 0x0F0F0F0Fu) | (((h1 >> shh) & 0x03030303u) << 4);
+    const float dsc = f16_at(b + 208) * (magic_u(b[192 + (e >> 4)] ^ 0x80u) - (MAGIC + 128.f));
 #pragma unroll
-    for (int t = 0; t < 8; ++t) v[t] = dsc * (float)((((ql[t] >> shl) & 15) | (((qh[t] >> shh) & 3) << 4)) - 32);
+    for (int t = 0; t < 8; ++t) v[t] = dsc * (magic_byte(t < 4 ? l0 : l1, t & 3) - (MAGIC + 32.f));
   }
 };
 
 struct INT8 {  // row: s:f16, then q[32]:i8 blocks; w = s * q (per output channel)
   static constexpr int BLOCK = 32, BYTES = 32, HEAD = 2, SEG = 32;
   static __device__ float row_scale(const u8* row) { return f16_at(row); }
-  static __device__ void decode8(const u8* b, int e, float s, float (&v)[8]) {
-#pragma unroll
-    for (int t = 0; t < 8; ++t) v[t] = s * (float)(signed char)b[e + t];
-  }
+  static __device__ void decode8(const u8* b, int e, float s, float (&v)[8]) { int8x8(b + e, s, v); }
 };
 
 struct INT4 {  // d:f16, qs[64]; w = d * (nib - 8): q4_0 with blocks of 128
   static constexpr int BLOCK = 128, BYTES = 66, HEAD = 0, SEG = 16;
   static __device__ float row_scale(const u8*) { return 1.f; }
-  static __device__ void decode8(const u8* b, int e, float, float (&v)[8]) { nibbles8<64>(b + 2, e, f16_at(b), 8, 0.f, v); }
+  static __device__ void decode8(const u8* b, int e, float, float (&v)[8]) {
+    nibbles8<64>(b + 2, e, f16_at(b), MAGIC + 8.f, 0.f, v);
+  }
 };
 
 constexpr int QWARPS = 4;  // output rows (one per warp) per block of quant_gemv; cuda_quant.GEMV_WARPS
@@ -133,14 +169,14 @@ __device__ __forceinline__ int load_words(const u8* p, int nbytes, int lane, uin
 // One warp per output row m. The row's packed bytes stream through a per-warp shared-memory stage in segments
 // of SEG blocks: coalesced 16-byte loads (the next segment's are issued before the current one is decoded),
 // then each lane decodes groups of 8 values and multiplies them with the n rows of x (fp32 accumulation).
-// Needs the weight buffer readable 15 bytes past its last row (cuda_quant.DeviceQuant pads it) and K % 8 == 0.
+// Needs the weight buffer readable 15 bytes past its last row (cuda_quant.DeviceQuant pads 16) and K % 8 == 0.
 // y[r * ldy + m] (ldy >= M: a column block of a wider output).
 template <typename F, int NMAX, typename TOut>
 __global__ void __launch_bounds__(QWARPS * 32)
     quant_gemv(const u8* __restrict__ w, long long row_bytes, const __half* __restrict__ x, int n,
                TOut* __restrict__ y, int ldy, int M, int K) {
   typedef Segment<F> S;
-  __shared__ uint4 stage[QWARPS][S::PER_LANE * 32];
+  __shared__ uint4 stage[QWARPS][S::PER_LANE * 32 + 1];  // + 1: load8's slack
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
   const int m = blockIdx.x * QWARPS + wid;
   if (m >= M) return;
