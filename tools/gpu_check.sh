@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-call GPU check on a CUDA machine: kernel harness, GPU tests, end-to-end benches.
-# Usage: OUT=dir bash tools/gpu_check.sh [kernels] [pytest] [llama] [sparse] [smol]   (default: all)
+# Usage: OUT=dir bash tools/gpu_check.sh [kernels] [pytest] [llama] [sparse] [smol] [quant]
+# (default: all but quant; kernels and pytest include the quantized-weight rows, quant adds their benchmarks)
 # Each step has its own time limit so one slow or failing step does not hide the others.
 set -u
 OUT=${OUT:-results}; mkdir -p "$OUT"
@@ -13,5 +14,9 @@ for s in $steps; do case $s in
   sparse)  step sparse 200 python3 tools/bench_e2e.py --sparse --sparse-contexts 32768 --deadline $(($(date +%s)+120)) --out "$OUT/sparse.json" ;;
   smol)    step smol 200 env LSERVE_SMOLLM2_GGUF=${LSERVE_SMOLLM2_GGUF:-/tmp/smollm2.gguf} python3 tools/bench_e2e.py --skip llama --skip splits --out "$OUT/smol.json"
            step e2e 200 env LSERVE_SMOLLM2_GGUF=${LSERVE_SMOLLM2_GGUF:-/tmp/smollm2.gguf} python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_gpu_e2e.py ;;
+  quant)   step quant-bench 300 python3 tools/bench_quant_gpu.py --prefill-rows 2048 --out "$OUT/bench_quant_gpu.json"
+           for q in int8 int4; do
+             step llama-$q 200 python3 tools/bench_e2e.py --skip smollm2 --skip splits --quantize $q --llama-contexts 4096 32768 --out "$OUT/llama_$q.json"
+           done ;;
   *) echo "unknown step $s"; exit 2 ;;
 esac; done
