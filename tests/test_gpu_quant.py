@@ -18,11 +18,13 @@ from test_gguf_import import write_tiny_gguf
 from test_gpu_ops import _runner, _step, small_llama
 from test_quant_engine import GGUF_TYPES, KINDS
 
+from lserve_lite.config import EngineConfig
 from lserve_lite.harness import CASES
 from lserve_lite.weights.qtensor import LAYOUTS, QuantTensor, RowStack, stored_bytes
 from lserve_lite.weights.quantize import quantize_int8, quantize_weights
 
 QUANT_CASES = [name for name in CASES if name.startswith("quant_")]
+SMALL_KV = EngineConfig(num_kv_pages=256)  # 16k tokens of KV, not most of the GPU
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,7 @@ def test_gguf_every_type_on_the_gpu(tmp_path: Path, name: str):
     types = GGUF_TYPES[name] or dict.fromkeys(KINDS, name)
     src = tmp_path / f"tiny-{name}.gguf"
     write_tiny_gguf(src, types=types, hidden=256, ffn=512, head_dim=64, matrix_scale=1 / 16)
-    gpu, cpu = LLM(str(src), backend="cuda"), LLM(str(src), backend="cpu")
+    gpu, cpu = LLM(str(src), backend="cuda", config=SMALL_KV), LLM(str(src), backend="cpu")
     model = gpu.engine.runner.model
     assert isinstance(model.layers[0].qkv, DeviceRowStack if name == "Q4_K_M-mix" else DeviceQuant)
     assert isinstance(model.embed, DeviceQuant)
@@ -115,7 +117,7 @@ def test_smollm2_q4_1_gguf_on_the_gpu():
     path = os.environ.get("LSERVE_SMOLLM2_GGUF")
     if not path or not Path(path).is_file():
         pytest.skip("set LSERVE_SMOLLM2_GGUF to the default model's GGUF")
-    gpu, cpu = LLM(path, backend="cuda"), LLM(path, backend="cpu")
+    gpu, cpu = LLM(path, backend="cuda", config=SMALL_KV), LLM(path, backend="cpu")
     ids = gpu.tokenizer.encode(TEXT)[:N_POSITIONS]
     agree = float(np.mean(gpu.logits(ids).argmax(-1) == cpu.logits(ids).argmax(-1)))
     assert len(ids) >= 1000 and agree >= 0.99, f"argmax agreement {agree:.4f} over {len(ids)} positions"
