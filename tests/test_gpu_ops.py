@@ -20,7 +20,7 @@ def hctx():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [c for c in CASES if not c.startswith("quant_")])  # those: test_gpu_quant.py
 def test_kernel_against_reference(hctx, case):
     from lserve_lite.harness import format_table
 

@@ -18,9 +18,14 @@ ARCHS = ("sm_80", "sm_90")
 def _builds() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
     """kernels/<file> -> (name expressions, extra options), as the launchers use them."""
     from lserve_lite.backends.cuda import LAYER_KERNELS
+    from lserve_lite.backends.cuda_quant import QUANT_KERNELS, QUANT_SOURCE
     from lserve_lite.backends.cuda_sampling import SAMPLING_KERNELS
 
-    builds = {"layers.cu": (LAYER_KERNELS, ()), "sampling.cu": (SAMPLING_KERNELS, ())}
+    builds = {
+        "layers.cu": (LAYER_KERNELS, ()),
+        "sampling.cu": (SAMPLING_KERNELS, ()),
+        QUANT_SOURCE: (QUANT_KERNELS, ()),
+    }
     try:
         from lserve_lite.backends import cuda_attention as att
 
@@ -54,6 +59,24 @@ def test_kernel_source_compiles(source, arch):
 
 def test_every_launcher_source_exists():
     assert set(_builds()) <= set(kernel_sources())
+
+
+def test_quant_traits_match_the_block_layouts():
+    """kernels/quant_gemv.cu's format traits (BLOCK, BYTES, HEAD) against weights/qtensor.LAYOUTS, the single
+    source of truth, and the launcher's rows per block against the kernel's."""
+    import re
+
+    from lserve_lite.backends.cuda_compile import read_source
+    from lserve_lite.backends.cuda_quant import GEMV_WARPS, QUANT_SOURCE
+    from lserve_lite.weights.qtensor import LAYOUTS
+
+    src = read_source(QUANT_SOURCE)
+    traits = re.findall(
+        r"struct (\w+) \{.*\n\s*static constexpr int BLOCK = (\d+), BYTES = (\d+), HEAD = (\d+)", src
+    )
+    got = {name.lower(): tuple(int(v) for v in vals) for name, *vals in traits}
+    assert got == {f: (lay.block, lay.block_bytes, lay.row_head) for f, lay in LAYOUTS.items()}
+    assert re.search(rf"constexpr int QWARPS = {GEMV_WARPS};", src)
 
 
 def test_gpu_sampling_draws_like_the_cpu_sampler():

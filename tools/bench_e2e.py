@@ -7,6 +7,7 @@ Two models:
 - Llama-3-8B-shaped random weights (32 layers, hidden 4096, 32/8 heads, head dim 128, FFN 14336, vocab 128256,
   generated on the GPU, never zeros): prefill of 4k and 32k tokens, batch-1 decode at 4k and 32k context
   through the CUDA backend's GraphExecutor, beside the floor = weight bytes / device copy bandwidth measured in this run.
+  `--quantize int8|int4`: its matrices and lm_head as packed blocks (floor = the packed bytes).
 
 `--sparse` (only this section): LServe end to end on the Llama-3-8B-shaped random model with the
 Llama-3-8B-Instruct-Gradient-1048k head pattern (static sparsity 0.5, LServe defaults) against our dense
@@ -183,10 +184,15 @@ def llama3_8b_config(max_len: int):
     )  # fmt: skip
 
 
-def random_llama(cfg, ops, max_len: int, seed: int = 0, comm=None):
+def random_llama(cfg, ops, max_len: int, seed: int = 0, quantize: str | None = None, comm=None):
     """A LlamaModel with random float16 weights made on the GPU (LlamaModel.__init__ would need 32 GB of host
-    float32 arrays); same attributes as LlamaModel builds. With `comm`: `cfg` is a tensor-parallel rank's."""
+    float32 arrays); same attributes as LlamaModel builds. `quantize` ("int8" / "int4"): the projection
+    matrices and the lm_head as random packed blocks instead (the embedding stays float16, as --quantize does).
+    With `comm`: `cfg` is a tensor-parallel rank's."""
+    import itertools
+
     import cupy as cp
+    from bench_quant_gpu import random_device_quant
 
     from lserve_lite.backends.base import rope_tables
     from lserve_lite.models.llama import Layer, LlamaModel
@@ -197,6 +203,11 @@ def random_llama(cfg, ops, max_len: int, seed: int = 0, comm=None):
         a = rs.standard_normal(shape, dtype=cp.float32) * (scale or 1 / math.sqrt(shape[-1])) + offset
         return a.astype(cp.float16)
 
+    seeds = itertools.count(seed + 1)
+
+    def mat(rows: int, cols: int):
+        return w(rows, cols) if quantize is None else random_device_quant(quantize, rows, cols, next(seeds))
+
     h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     m = LlamaModel.__new__(LlamaModel)
     m.cfg, m.ops, m.comm = cfg, ops, comm
@@ -204,12 +215,12 @@ def random_llama(cfg, ops, max_len: int, seed: int = 0, comm=None):
     m.embed, m.norm, m.lm_head = (
         w(cfg.vocab_size, h, scale=1.0),
         w(h, scale=0.1, offset=1.0),
-        w(cfg.vocab_size, h),
+        mat(cfg.vocab_size, h),
     )
     m.layers = [
         Layer(
-            ln1=w(h, scale=0.1, offset=1.0), qkv=w((cfg.num_heads + 2 * cfg.num_kv_heads) * d, h), qkv_bias=None,
-            o=w(h, cfg.num_heads * d), ln2=w(h, scale=0.1, offset=1.0), gate_up=w(2 * i, h), down=w(h, i),
+            ln1=w(h, scale=0.1, offset=1.0), qkv=mat((cfg.num_heads + 2 * cfg.num_kv_heads) * d, h), qkv_bias=None,
+            o=mat(h, cfg.num_heads * d), ln2=w(h, scale=0.1, offset=1.0), gate_up=mat(2 * i, h), down=mat(h, i),
         )
         for _ in range(cfg.num_layers)
     ]  # fmt: skip
@@ -239,7 +250,8 @@ def bench_llama8b(args, bw: float, emit) -> None:
     max_len, ps = max(ctxs) + 256, 64
     cfg = llama3_8b_config(max_len)
     ops = CudaOps()
-    model = random_llama(cfg, ops, max_len)
+    model = random_llama(cfg, ops, max_len, quantize=args.quantize)
+    name = "Llama-3-8B-shape" + (f" {args.quantize}" if args.quantize else "")
     wbytes = sum(int(a.nbytes) for a in _model_arrays(model)) - int(model.embed.nbytes)
     num_pages = math.ceil(max_len / ps) + 2
     cache = ops.alloc_kv(cfg, ps, num_pages)
@@ -264,7 +276,7 @@ def bench_llama8b(args, bw: float, emit) -> None:
                 prefill(s, min(chunk, ctx - s))
 
         t = gpu_time(run_prefill, 3, warm=1)
-        emit(dict(model="Llama-3-8B-shape", what=f"prefill (chunks of {chunk})", batch=1, context=ctx,
+        emit(dict(model=name, what=f"prefill (chunks of {chunk})", batch=1, context=ctx,
                          tokens_per_s=ctx / t, ms=t * 1e3))  # fmt: skip
     graphs = GraphExecutor(ops, model.forward, cache, max_num_seqs=1, max_len=max_len, sizes=(1,))
     floor = wbytes / bw
@@ -281,7 +293,7 @@ def bench_llama8b(args, bw: float, emit) -> None:
         step()
         g = graphs.graphs[1]
         t = gpu_time(lambda: g.graph.launch(cp.cuda.get_current_stream()), 30)
-        emit(dict(model="Llama-3-8B-shape", what=f"decode graph replay (GPU){label}", batch=1, context=ctx,
+        emit(dict(model=name, what=f"decode graph replay (GPU){label}", batch=1, context=ctx,
                          tokens_per_s=1 / t, ms=t * 1e3, floor_ms=floor * 1e3, x_floor=t / floor))  # fmt: skip
         if host_steps:
             t0 = time.perf_counter()
@@ -289,11 +301,13 @@ def bench_llama8b(args, bw: float, emit) -> None:
                 step()
                 cp.cuda.get_current_stream().synchronize()
             t = (time.perf_counter() - t0) / 20
-            emit(dict(model="Llama-3-8B-shape", what=f"decode step (host+GPU){label}", batch=1, context=ctx,
+            emit(dict(model=name, what=f"decode step (host+GPU){label}", batch=1, context=ctx,
                              tokens_per_s=1 / t, ms=t * 1e3, floor_ms=floor * 1e3, x_floor=t / floor))  # fmt: skip
 
     for ctx in ctxs:
         decode(ctx, "")
+    if args.quantize:  # packed weights have no cuBLAS decode path
+        return
     ops.small_gemv = False
     graphs.graphs.clear()
     decode(ctxs[0], ", cuBLAS", host_steps=False)
@@ -621,6 +635,8 @@ def main(argv=None) -> int:
     ap.add_argument("--llama-contexts", type=int, nargs="+", default=[4096, 32768])
     ap.add_argument("--prefill-chunk", type=int, default=8192)
     ap.add_argument("--skip", choices=["smollm2", "llama", "splits"], action="append", default=[])
+    ap.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                    help="the Llama-3-8B-shaped model's matrices and lm_head as packed int8 / int4 blocks")  # fmt: skip
     ap.add_argument("--splits-sweep", action="store_true", help="also sweep the decode attention split count")
     ap.add_argument(
         "--sparse", action="store_true", help="only the LServe sparse-vs-dense end-to-end section"

@@ -105,7 +105,7 @@ class EagerExecutor:
 class Ops(Protocol):
     """Backend operations; arrays are the backend's own (NumPy or CuPy). A weight given to `upload` may be a
     float array, a `QuantTensor` or a `RowStack` (weights/qtensor.py); `linear`, `embed` and `logits` take
-    what `upload` returned (the CPU keeps the packed blocks, the GPU dequantizes them to float16 for now)."""
+    what `upload` returned (both backends keep the packed blocks: QuantTensor on the CPU, DeviceQuant on the GPU)."""
 
     name: str
     dtype: Any

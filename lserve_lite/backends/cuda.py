@@ -1,7 +1,8 @@
 """CUDA backend: CuPy arrays in float16, cuBLAS GEMMs with float32 accumulation, our kernels for the rest.
 
 Kernels: kernels/layers.cu (embedding gather, residual add + RMSNorm, RoPE + K/V page write, SiLU-and-multiply),
-kernels/attention_*.cu (through cuda_attention.py), kernels/sampling.cu (through cuda_sampling.py).
+kernels/attention_*.cu (through cuda_attention.py), kernels/sampling.cu (through cuda_sampling.py),
+kernels/quant_gemv.cu (quantized weights kept in their packed blocks, through cuda_quant.py).
 Each launcher below names its CPU reference in backends/reference/. The residual stream is kept in float32; everything
 else that crosses kernels (activations, weights, K/V pages) is float16. Logits come out as float32.
 
@@ -23,6 +24,7 @@ from ..weights.qtensor import QuantTensor, RowStack
 from .base import EagerExecutor, Forward, KVCache, alloc_kv_cache
 from .cuda_compile import load_module
 from .cuda_graphs import GraphExecutor
+from .cuda_quant import DeviceQuant, DeviceRowStack, QuantKernels
 
 FP16_MAX = 65504.0
 LAYER_KERNELS = (
@@ -114,9 +116,11 @@ class Cublas:
             raise RuntimeError(f"{what} failed with cuBLAS status {status}")
 
     def gemm_nt(self, x, w, out) -> None:
-        """out[N, M] = x[N, K] @ w[M, K]^T (float16 inputs, float16 or float32 out, float32 compute)."""
+        """out[N, M] = x[N, K] @ w[M, K]^T (float16 inputs, float16 or float32 out, float32 compute); `out` may be
+        a column block of a wider output (its row stride is the leading dimension)."""
         n, k = x.shape
         m = w.shape[0]
+        ldc = out.strides[0] // out.itemsize
         stream = self.cp.cuda.get_current_stream().ptr
         if stream != self._stream:
             self._check(self.lib.cublasSetStream_v2(self.handle, stream), "cublasSetStream")
@@ -129,7 +133,7 @@ class Cublas:
         self._check(
             self.lib.cublasGemmEx(
                 self.handle, self.OP_T, self.OP_N, m, n, k, self._pone, w.data.ptr, self.R_16F, k,
-                x.data.ptr, self.R_16F, k, self._pzero, out.data.ptr, rc, m, self.COMPUTE_32F, self.GEMM_DEFAULT,
+                x.data.ptr, self.R_16F, k, self._pzero, out.data.ptr, rc, ldc, self.COMPUTE_32F, self.GEMM_DEFAULT,
             ),
             "cublasGemmEx",
         )  # fmt: skip
@@ -155,6 +159,7 @@ class CudaOps:
         self.k = {n: mod.get_function(n) for n in LAYER_KERNELS}
         self.sampler = GpuSampler()
         self.blas = Cublas(cp)
+        self.quant = QuantKernels(cp, self.blas)
         self._plans: dict[tuple[int, int, int], object] = {}  # eager device plans by capacity bucket
         self._decode_parts: dict[tuple[int, int, int], object] = {}  # decode rows of mixed steps, likewise
         # Decode-sized GEMMs (<= 8 rows) through our GEMV kernel instead of cuBLAS; LSERVE_CUDA_GEMV=0 turns it off.
@@ -163,11 +168,13 @@ class CudaOps:
     # -- data movement ------------------------------------------------------------------------
     def upload(self, a, name: str | None = None):
         """Floats become float16 (checked), integers keep their dtype. Device arrays pass through. Quantized
-        weights are dequantized to float16 here: GPU kernels for the packed formats are not written yet."""
+        weights keep their packed blocks (cuda_quant.DeviceQuant / DeviceRowStack; no float copy)."""
         cp = self.cp
         if isinstance(a, cp.ndarray):
             return a if a.dtype.kind != "f" or a.dtype == np.float16 else a.astype(np.float16)
-        a = a.dequantize(np.float32) if isinstance(a, (QuantTensor, RowStack)) else np.asarray(a)
+        if isinstance(a, (QuantTensor, RowStack)):
+            return self.quant.upload(a, lambda part: self.upload(part, name))
+        a = np.asarray(a)
         if a.dtype.kind == "f":
             a = to_fp16(a, name)
         return cp.asarray(np.ascontiguousarray(a))
@@ -246,10 +253,16 @@ class CudaOps:
 
     # -- layers -------------------------------------------------------------------------------
     def embed(self, table, ids, out=None, vocab_start: int = 0):
-        """Reference: reference/layers.embed_ref (zeros for ids outside a vocabulary shard)."""
+        """Reference: reference/layers.embed_ref (zeros for ids outside a vocabulary shard); a quantized table
+        decodes only the gathered rows."""
         n, hidden = int(ids.shape[0]), int(table.shape[1])
         out = self.cp.empty((n, hidden), self.cp.float16) if out is None else out
-        if n:
+        if isinstance(table, DeviceQuant):  # ids outside a vocabulary shard decode row 0, then are zeroed
+            local = ids - vocab_start
+            inside = (local >= 0) & (local < table.shape[0])
+            self.quant.embed(table, self.cp.where(inside, local, 0), out)
+            out *= inside[:, None]
+        elif n:
             vec = 8 if hidden % 8 == 0 else 1
             args = (table, ids, out, np.int32(hidden), np.int64(vocab_start), np.int64(table.shape[0]))
             self.k[f"embed_gather<{vec}>"]((n,), (_threads(hidden // vec, 256),), args)
@@ -276,7 +289,7 @@ class CudaOps:
         return out, res_out
 
     def linear(self, x, w, bias=None, out=None):
-        """x [N, K] @ w[M, K]^T through cuBLAS (float16 in and out, float32 accumulation)."""
+        """x [N, K] @ w[M, K]^T (float16 in and out, float32 accumulation; `gemm` picks the kernel)."""
         y = self.gemm(x, w, self.cp.float16, out=out)
         if bias is not None:
             y += bias
@@ -287,7 +300,7 @@ class CudaOps:
 
     def gemm(self, x, w, out_dtype, out=None):
         """out[N, M] = x[N, K] @ w[M, K]^T, float32 accumulation: gemv_rows (layers.cu) for N <= 8, else
-        cublasGemmEx with CUBLAS_COMPUTE_32F (class Cublas)."""
+        cublasGemmEx with CUBLAS_COMPUTE_32F (class Cublas); a quantized w through cuda_quant.QuantKernels."""
         cp = self.cp
         x = cp.ascontiguousarray(x)
         n, k = int(x.shape[0]), int(x.shape[1])
@@ -295,6 +308,9 @@ class CudaOps:
         if out is None:
             out = cp.empty((n, m), out_dtype)
         if n == 0:
+            return out
+        if isinstance(w, (DeviceQuant, DeviceRowStack)):
+            self.quant.gemm(x, w, out)
             return out
         if self.gemm_path(n, k) == "gemv":
             t = "__half" if out.dtype == np.float16 else "float"
@@ -377,7 +393,8 @@ class CudaOps:
         return o.reshape(q.shape[0], -1)
 
     def logits(self, h, lm_head, out=None):
-        """float32 logits straight from cuBLAS (float16 inputs, float32 accumulation and output)."""
+        """float32 logits (float16 inputs, float32 accumulation and output). A quantized head needs no second
+        pass as on the CPU (cpu_quant.logits_q): the activations stay float16, not int8."""
         return self.gemm(h, lm_head, self.cp.float32, out=out)
 
     def sample(self, logits, seqs: list) -> list[int]:

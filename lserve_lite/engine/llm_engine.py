@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from ..sequence import Sequence
 from ..sparse.patterns import head_classes, resolve_pattern
 from ..tokenizer import IncrementalDecoder
 from ..weights.loader import load_config, load_model, load_tokenizer, model_name, resolve_model_dir
+from ..weights.qtensor import stored_bytes
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
 from .tp_group import tensor_parallel_runner
@@ -70,10 +70,10 @@ class LLMEngine:
         self.cfg, self.tokenizer, weights = loaded.cfg, loaded.tokenizer, loaded.weights
         self.ops = make_ops(backend)
         self.max_len = self.ecfg.resolve_max_len(self.cfg)
-        # The weights at the backend's float type: what a backend without quantized kernels uploads, and an
-        # upper bound for one that keeps the blocks (the budget only matters on the GPU).
+        # What the backend will hold (packed bytes of quantized matrices, floats at its type), reserved from
+        # the KV budget before the upload (the budget only matters on the GPU).
         itemsize = np.dtype(self.ops.dtype).itemsize
-        self.weight_bytes = sum(math.prod(w.shape) for w in weights.values()) * itemsize
+        self.weight_bytes = sum(stored_bytes(w, itemsize) for w in weights.values())
         self.layout = self._kv_layout()
         num_pages, num_stream = self._num_pages()
         self.max_len = min(self.max_len, num_pages * self.ecfg.page_size)

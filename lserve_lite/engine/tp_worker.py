@@ -3,7 +3,6 @@ driver sends until told to stop. Rank 0 sends the logits back; any failure is re
 
 from __future__ import annotations
 
-import math
 import traceback
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -15,6 +14,7 @@ from ..backends.group import GroupSpec, join_group
 from ..config import EngineConfig
 from ..errors import LServeError
 from ..weights.loader import load_model
+from ..weights.qtensor import stored_bytes
 from ..weights.shard import shard_of
 from .tp_rank import RankRunner
 
@@ -39,8 +39,8 @@ def _serve(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig, conn
     cfg = loaded.cfg
     shard_of(cfg, rank, spec.world)  # refuses a model that does not split, before anything is built
     itemsize = np.dtype(ops.dtype).itemsize
-    # about this rank's share of the weights at the device's float type (norms are replicated: negligible)
-    weight_bytes = sum(math.prod(w.shape) for w in loaded.weights.values()) * itemsize // spec.world
+    # about this rank's share of what the device will hold (norms are replicated: negligible)
+    weight_bytes = sum(stored_bytes(w, itemsize) for w in loaded.weights.values()) // spec.world
     conn.send(("ready", ops.kv_budget_bytes(ecfg.kv_memory_fraction, weight_bytes), itemsize))
     _, max_len, num_pages, layout, num_stream, logits_name = conn.recv()
     out = shared_memory.SharedMemory(name=logits_name) if rank == 0 else None

@@ -1,10 +1,10 @@
 """`lserve-lite kernels test`: every GPU kernel against its CPU reference on fresh random inputs.
 
 One module per kernel family, named after kernels/<family>.cu and backends/reference/<family>.py:
-layers (layers.cu, and the GEMMs), attention (attention_prefill.cu + attention_decode.cu), page_select,
-sampling. Each case draws new random inputs (never zeros), poisons the outputs (NaN, or -1 for token ids)
-before the launch, runs the kernel through its launcher and compares with the float32 reference evaluated
-on the same float16-rounded inputs. One row per kernel and shape: max abs error, rel = max abs error /
+layers (layers.cu, and the GEMMs), quant (quant_gemv.cu: quantized weights, against float64), attention
+(attention_prefill.cu + attention_decode.cu), page_select, sampling. Each case draws new random inputs (never
+zeros), poisons the outputs (NaN, or -1 for token ids) before the launch, runs the kernel through its launcher
+and compares with the float32 reference evaluated on the same float16-rounded inputs. One row per kernel and shape: max abs error, rel = max abs error /
 max |ref|, PASS/FAIL (a NaN left in an output fails). Exit status 1 on any failure; 0 with a note when no
 GPU is visible.
 
@@ -35,6 +35,7 @@ from .layers import (
     case_silu_mul,
 )
 from .page_select import case_page_select
+from .quant import case_quant_embed, case_quant_gemv, case_quant_prefill, case_quant_rowstack
 from .sampling import case_sampling
 
 CASES: dict[str, Callable[[Ctx], list[Result]]] = {
@@ -44,6 +45,10 @@ CASES: dict[str, Callable[[Ctx], list[Result]]] = {
     "silu_mul": case_silu_mul,
     "linear": case_linear,
     "logits": case_logits,
+    "quant_gemv": case_quant_gemv,
+    "quant_prefill": case_quant_prefill,
+    "quant_rowstack": case_quant_rowstack,
+    "quant_embed": case_quant_embed,
     "sampling": case_sampling,
     "attention": case_attention,
     "sparse_attention": case_sparse_attention,

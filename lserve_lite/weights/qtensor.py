@@ -140,6 +140,16 @@ class RowStack:
 Weight = np.ndarray | QuantTensor | RowStack
 
 
+def stored_bytes(w: Weight, float_itemsize: int) -> int:
+    """Bytes a backend holds for `w`: quantized matrices (parts) keep their packed bytes on every backend,
+    float ones take `float_itemsize` bytes a value (the backend's float type)."""
+    if isinstance(w, QuantTensor):
+        return w.nbytes
+    if isinstance(w, RowStack):
+        return sum(stored_bytes(p, float_itemsize) for p in w.parts)
+    return int(np.prod(w.shape)) * float_itemsize
+
+
 def fuse_rows(parts: list[np.ndarray | QuantTensor]) -> Weight:
     """One matrix with the parts' rows in order (fused q/k/v, gate/up): a float array, one QuantTensor when
     the formats match, else a RowStack; the model file stays the same for every format."""

@@ -1,0 +1,162 @@
+"""Quantized weights on the GPU (kernels/quant_gemv.cu through backends/cuda_quant.py).
+
+gpu-marked (skipped without a GPU): the harness rows (`lserve-lite kernels test quant_gemv quant_prefill
+quant_rowstack quant_embed`; float64 references from gguf.quants.dequantize), a random Llama quantized with
+int8 / int4 through the CUDA engine (eager and CUDA Graphs) against the CPU engine on the same weights
+dequantized to float32, GGUF files of every type, and SmolLM2's Q4_1 GGUF ($LSERVE_SMOLLM2_GGUF) against the
+CPU backend on the same file. Unmarked: the host-side bookkeeping (kernel names, packed byte counts).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_gguf_import import write_tiny_gguf
+from test_gpu_ops import _runner, _step, small_llama
+from test_quant_engine import GGUF_TYPES, KINDS
+
+from lserve_lite.config import EngineConfig
+from lserve_lite.harness import CASES
+from lserve_lite.weights.qtensor import LAYOUTS, QuantTensor, RowStack, stored_bytes
+from lserve_lite.weights.quantize import quantize_int8, quantize_weights
+
+QUANT_CASES = [name for name in CASES if name.startswith("quant_")]
+SMALL_KV = EngineConfig(num_kv_pages=256)  # 16k tokens of KV, not most of the GPU
+
+
+@pytest.fixture(scope="module")
+def hctx():
+    from lserve_lite.harness import Ctx
+
+    return Ctx(seed=int(np.random.SeedSequence().entropy % (1 << 31)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", QUANT_CASES)
+def test_quant_kernel_against_float64(hctx, case):
+    from lserve_lite.harness import format_table
+
+    results = CASES[case](hctx)
+    print(format_table(results))
+    assert results and all(r.ok for r in results), format_table([r for r in results if not r.ok])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_llama_cuda_vs_cpu_and_graphs_vs_eager(mode):
+    """Prefill (46 rows: dequantized tiles + cuBLAS) then 10 decode steps of 3 rows (the GEMV; graph size 4,
+    padded), teacher-forced with the CPU's greedy tokens. CPU: the same quantized weights as float32."""
+    from lserve_lite.backends.cuda_quant import DeviceQuant
+    from lserve_lite.sampling_params import SamplingParams
+    from lserve_lite.sequence import Sequence
+
+    cfg, ws = small_llama()
+    wq = quantize_weights(ws, mode)
+    wf = {n: w.dequantize() if isinstance(w, QuantTensor) else w for n, w in wq.items()}
+    runs = {"cpu": _runner(cfg, wf, "cpu"), "eager": _runner(cfg, wq, "cuda"),
+            "graph": _runner(cfg, wq, "cuda", True)}  # fmt: skip
+    model = runs["eager"][0].model
+    assert all(isinstance(w, DeviceQuant) and w.fmt == mode for w in (model.layers[0].qkv, model.lm_head))
+    rng = np.random.default_rng(2)
+    prompts = [list(rng.integers(0, cfg.vocab_size, n)) for n in (5, 24, 17)]
+    seqs = {k: [Sequence(list(p), SamplingParams()) for p in prompts] for k in runs}
+    first = {k: _step(r, b, seqs[k], [5, 24, 17], all_logits=True) for k, (r, b) in runs.items()}
+    scale = np.abs(first["cpu"]).max()
+    assert np.abs(first["eager"] - first["cpu"]).max() / scale < 2e-2
+    for k in runs:
+        for s, t in zip(seqs[k], (11, 22, 33), strict=True):
+            s.output_ids.append(t)
+    for step in range(10):
+        out = {k: _step(r, b, seqs[k], [1, 1, 1]) for k, (r, b) in runs.items()}
+        scale = np.abs(out["cpu"]).max()
+        assert np.abs(out["eager"] - out["cpu"]).max() / scale < 2e-2, f"eager vs cpu at step {step}"
+        assert np.abs(out["graph"] - out["eager"]).max() / scale < 5e-3, f"graph vs eager at step {step}"
+        for k in runs:
+            for s, t in zip(seqs[k], out["cpu"].argmax(-1), strict=True):
+                s.output_ids.append(int(t))
+    assert runs["graph"][0].executor.replays >= 10
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", [n for n in GGUF_TYPES if n not in ("F16", "F32")])
+def test_gguf_every_type_on_the_gpu(tmp_path: Path, name: str):
+    """A GGUF of each quantized type (and a Q4_K_M-style mix: a RowStack with an F16 part, a Q6_K embedding)
+    runs packed on the GPU: logits of prefill (40 rows) and of decode-sized batches (6 rows) against the CPU
+    backend's prefill on the same file (float32 activations on exactly the quantized weights)."""
+    from lserve_lite import LLM, SamplingParams
+    from lserve_lite.backends.cuda_quant import DeviceQuant, DeviceRowStack
+
+    types = GGUF_TYPES[name] or dict.fromkeys(KINDS, name)
+    src = tmp_path / f"tiny-{name}.gguf"
+    write_tiny_gguf(src, types=types, hidden=256, ffn=512, head_dim=64, matrix_scale=1 / 16)
+    gpu, cpu = LLM(str(src), backend="cuda", config=SMALL_KV), LLM(str(src), backend="cpu")
+    model = gpu.engine.runner.model
+    assert isinstance(model.layers[0].qkv, DeviceRowStack if name == "Q4_K_M-mix" else DeviceQuant)
+    assert isinstance(model.embed, DeviceQuant)
+    ids = list(np.random.default_rng(1).integers(3, 200, 40))
+    ref = cpu.logits(ids)
+    tol = 2e-2 * np.abs(ref).max()
+    assert np.abs(gpu.logits(ids) - ref).max() <= tol
+    assert np.abs(gpu.logits(ids[:6]) - ref[:6]).max() <= tol
+    out = gpu.generate([ids], SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True))[0]
+    assert len(out.token_ids) == 6
+
+
+@pytest.mark.gpu
+def test_smollm2_q4_1_gguf_on_the_gpu():
+    """The default model's Q4_1 GGUF run packed on the GPU: teacher-forced argmax equal to the CPU backend's
+    on the same file at >= 99% of 1000+ positions (prefill on both), and the greedy chat still says Paris."""
+    from test_gpu_e2e import N_POSITIONS, TEXT
+    from test_quant_engine import PARIS
+
+    from lserve_lite import LLM, SamplingParams
+
+    path = os.environ.get("LSERVE_SMOLLM2_GGUF")
+    if not path or not Path(path).is_file():
+        pytest.skip("set LSERVE_SMOLLM2_GGUF to the default model's GGUF")
+    gpu, cpu = LLM(path, backend="cuda", config=SMALL_KV), LLM(path, backend="cpu")
+    ids = gpu.tokenizer.encode(TEXT)[:N_POSITIONS]
+    agree = float(np.mean(gpu.logits(ids).argmax(-1) == cpu.logits(ids).argmax(-1)))
+    assert len(ids) >= 1000 and agree >= 0.99, f"argmax agreement {agree:.4f} over {len(ids)} positions"
+    reply = gpu.chat(PARIS, SamplingParams(temperature=0, max_new_tokens=24)).text
+    assert "Paris" in reply, reply
+
+
+def test_kernel_names_cover_every_format_and_row_count():
+    from lserve_lite.backends.cuda_quant import GEMV_ROWS, QUANT_KERNELS, kernel_names
+
+    assert len(QUANT_KERNELS) == len(LAYOUTS) * (2 * len(GEMV_ROWS) + 1)
+    assert "quant_gemv<Q4_K, 8, float>" in kernel_names("q4_k") and "quant_dequant<INT4>" in kernel_names(
+        "int4"
+    )
+
+
+def test_device_weights_count_packed_bytes():
+    """What the KV budget reserves: packed bytes for quantized matrices, the backend's float size otherwise."""
+    from lserve_lite.backends.cuda_quant import DeviceQuant, DeviceRowStack
+
+    q = quantize_int8(np.random.default_rng(0).standard_normal((6, 64)).astype(np.float32))
+    f = np.ones((3, 64), np.float32)
+    assert stored_bytes(q, 2) == q.nbytes == 6 * (2 + 64)
+    assert stored_bytes(RowStack((q, f)), 2) == q.nbytes + 3 * 64 * 2
+    assert stored_bytes(f, 4) == f.nbytes
+    dq = DeviceQuant("int8", q.shape, data=None)
+    assert dq.row_bytes == 66 and dq.nbytes == q.nbytes
+    assert DeviceRowStack((dq, f)).shape == (9, 64)
+
+
+def test_engine_reserves_packed_bytes(tmp_path: Path):
+    """The engine's weight estimate for the KV budget counts a GGUF's packed bytes, not a float copy."""
+    from lserve_lite import LLM
+
+    src = tmp_path / "tiny-q4k.gguf"
+    write_tiny_gguf(src, types=dict.fromkeys(KINDS, "Q4_K"), hidden=256, ffn=512, head_dim=64)
+    eng = LLM(str(src), backend="cpu").engine
+    model = eng.runner.model
+    packed = sum(w.nbytes for lay in model.layers for w in (lay.qkv, lay.o, lay.gate_up, lay.down))
+    floats = sum(a.nbytes for lay in model.layers for a in (lay.ln1, lay.ln2)) + model.norm.nbytes
+    heads = model.embed.nbytes + (0 if model.lm_head is model.embed else model.lm_head.nbytes)
+    assert eng.weight_bytes == packed + floats + heads

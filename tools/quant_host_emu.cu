@@ -1,0 +1,139 @@
+// Host emulation of kernels/quant_gemv.cu for checking it without a GPU (driven by tools/quant_host_check.py).
+// The kernel source is compiled unchanged as host code: one std::thread per CUDA thread of a block, a barrier per
+// warp for __syncwarp and the shuffles, host versions of the few intrinsics it uses. Not a performance model.
+//   quant_host_emu gemv FMT n M K ldy W X Y     y[n, ldy] (float) = x[n, K] (fp16) @ W^T through quant_gemv
+//   quant_host_emu dequant FMT M K n W IDS OUT  out[n, K] (fp16) = rows IDS (int64) of W through quant_dequant
+#include <cuda_fp16.h>
+#include <pthread.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+struct Dim3 {
+  unsigned x, y, z;
+};
+thread_local Dim3 emu_thread, emu_block;
+Dim3 emu_block_dim;
+pthread_barrier_t emu_warp_bar[32];
+float emu_shfl[1024];
+static void emu_syncwarp() { pthread_barrier_wait(&emu_warp_bar[emu_thread.x >> 5]); }
+static float emu_shfl_xor(float v, int o) {
+  const int t = emu_thread.x;
+  emu_shfl[t] = v;
+  emu_syncwarp();
+  const float r = emu_shfl[(t & ~31) | ((t & 31) ^ o)];
+  emu_syncwarp();
+  return r;
+}
+static unsigned emu_byte_perm(unsigned x, unsigned y, unsigned s) {
+  const unsigned long long v = ((unsigned long long)y << 32) | x;
+  unsigned r = 0;
+  for (int n = 0; n < 4; ++n) r |= (unsigned)((v >> (8 * ((s >> (4 * n)) & 7))) & 0xFF) << (8 * n);
+  return r;
+}
+static unsigned emu_funnelshift_r(unsigned lo, unsigned hi, unsigned sh) {
+  return (unsigned)((((unsigned long long)hi << 32) | lo) >> (sh & 31));
+}
+static float emu_uint_as_float(unsigned u) {
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+#undef __device__
+#define __device__ __host__ __attribute__((device))
+#undef __global__
+#define __global__
+#undef __shared__
+#define __shared__ static
+#undef __launch_bounds__
+#define __launch_bounds__(x)
+#define threadIdx emu_thread
+#define blockIdx emu_block
+#define blockDim emu_block_dim
+#define __syncwarp() emu_syncwarp()
+#define __shfl_xor_sync(mask, v, o) emu_shfl_xor(v, o)
+#define __ldg(p) (*(p))
+#define __byte_perm emu_byte_perm
+#define __funnelshift_r emu_funnelshift_r
+#define __uint_as_float emu_uint_as_float
+#include "quant_gemv.cu"
+
+template <typename T>
+static T* read_file(const char* path, size_t count, size_t pad) {
+  T* p = (T*)aligned_alloc(256, (count * sizeof(T) + pad + 255) / 256 * 256);
+  memset(p, 0xA5, (count * sizeof(T) + pad + 255) / 256 * 256);  // garbage past the end, as on the device
+  FILE* f = fopen(path, "rb");
+  if (!f || fread(p, sizeof(T), count, f) != count) exit(3);
+  fclose(f);
+  return p;
+}
+
+template <typename F, int NMAX>
+static void gemv(int n, int M, int K, int ldy, char** a) {
+  const long long rb = F::HEAD + (long long)(K / F::BLOCK) * F::BYTES;
+  const u8* w = read_file<u8>(a[0], (size_t)M * rb, 16);
+  const __half* x = read_file<__half>(a[1], (size_t)n * K, 0);
+  std::vector<float> y((size_t)n * ldy, 12345.f);  // a sentinel: columns past M must stay untouched
+  for (int i = 0; i < QWARPS; ++i) pthread_barrier_init(&emu_warp_bar[i], nullptr, 32);
+  for (int b = 0; b < (M + QWARPS - 1) / QWARPS; ++b) {
+    std::vector<std::thread> threads;
+    for (int t = 0; t < QWARPS * 32; ++t)
+      threads.emplace_back([=, &y] {
+        emu_thread = {(unsigned)t, 0, 0};
+        emu_block = {(unsigned)b, 0, 0};
+        quant_gemv<F, NMAX, float>(w, rb, x, n, y.data(), ldy, M, K);
+      });
+    for (auto& t : threads) t.join();
+  }
+  FILE* f = fopen(a[2], "wb");
+  fwrite(y.data(), 4, y.size(), f);
+  fclose(f);
+}
+
+template <typename F>
+static void dequant(int M, int K, int n, char** a) {
+  const long long rb = F::HEAD + (long long)(K / F::BLOCK) * F::BYTES;
+  const u8* w = read_file<u8>(a[0], (size_t)M * rb, 16);
+  const long long* rows = read_file<long long>(a[1], n, 0);
+  __half* out = (__half*)aligned_alloc(256, ((size_t)n * K * 2 + 255) / 256 * 256);
+  const long long total = (long long)n * (K / 8);
+  emu_block_dim = {256, 1, 1};
+  for (long long g = 0; g < (total + 255) / 256; ++g)
+    for (unsigned t = 0; t < 256; ++t) {
+      emu_block = {(unsigned)g, 0, 0};
+      emu_thread = {t, 0, 0};
+      quant_dequant<F>(w, rb, rows, 0, n, K, out);
+    }
+  FILE* f = fopen(a[2], "wb");
+  fwrite(out, 2, (size_t)n * K, f);
+  fclose(f);
+}
+
+template <typename F>
+static void run(const std::string& mode, char** v) {
+  if (mode == "dequant") return dequant<F>(atoi(v[0]), atoi(v[1]), atoi(v[2]), v + 3);
+  const int n = atoi(v[0]), M = atoi(v[1]), K = atoi(v[2]), ldy = atoi(v[3]);
+  if (n <= 1) return gemv<F, 1>(n, M, K, ldy, v + 4);
+  if (n <= 2) return gemv<F, 2>(n, M, K, ldy, v + 4);
+  if (n <= 4) return gemv<F, 4>(n, M, K, ldy, v + 4);
+  gemv<F, 8>(n, M, K, ldy, v + 4);
+}
+
+int main(int argc, char** argv) {
+  if (argc < 4) return 2;
+  const std::string mode = argv[1], fmt = argv[2];
+  char** v = argv + 3;
+  if (fmt == "q8_0") run<Q8_0>(mode, v);
+  else if (fmt == "q4_0") run<Q4_0>(mode, v);
+  else if (fmt == "q4_1") run<Q4_1>(mode, v);
+  else if (fmt == "q4_k") run<Q4_K>(mode, v);
+  else if (fmt == "q6_k") run<Q6_K>(mode, v);
+  else if (fmt == "int8") run<INT8>(mode, v);
+  else if (fmt == "int4") run<INT4>(mode, v);
+  else return 2;
+  return 0;
+}
