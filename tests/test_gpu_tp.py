@@ -24,7 +24,7 @@ def tiny(tmp_path_factory) -> tuple[str, str]:
     """A tiny random llama that splits in 2 (8 heads, 2 KV heads) and a head pattern for it (one streaming
     and one dense KV head per layer)."""
     path = make_tiny(tmp_path_factory.mktemp("tp") / "tiny", num_attention_heads=8, num_key_value_heads=2,
-                     hidden_size=128, intermediate_size=256, vocab_size=512, max_position_embeddings=2048)  # fmt: skip
+                     hidden_size=512, intermediate_size=1024, vocab_size=512, max_position_embeddings=2048)  # fmt: skip
     pattern = save_pattern(path / "pattern.tsv", np.array([[0.9, 0.1], [0.2, 0.8]]))
     return str(path), str(pattern)
 

@@ -206,7 +206,9 @@ def random_llama(cfg, ops, max_len: int, seed: int = 0, quantize: str | None = N
     seeds = itertools.count(seed + 1)
 
     def mat(rows: int, cols: int):
-        return w(rows, cols) if quantize is None else random_device_quant(quantize, rows, cols, next(seeds))
+        return (
+            w(rows, cols) if quantize is None else random_device_quant(ops, quantize, rows, cols, next(seeds))
+        )
 
     h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     m = LlamaModel.__new__(LlamaModel)

@@ -36,9 +36,10 @@ ROTATE_BYTES = 256 << 20
 F16_FIELDS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q4_k": (0, 2), "q6_k": (208,), "int4": (0,)}
 
 
-def random_device_quant(fmt: str, m: int, k: int, seed: int = 0):
+def random_device_quant(ops, fmt: str, m: int, k: int, seed: int = 0):
     """A DeviceQuant of random packed bytes (never all zeros) whose fp16 fields hold finite scales of about
-    1 / (sqrt(k) * qmax), so that activations through many layers stay in range; made on the GPU."""
+    1 / (sqrt(k) * qmax), so that activations through many layers stay in range; made on the GPU, with `ops`'s
+    prefill scratch grown for it as an upload would."""
     import cupy as cp
 
     from lserve_lite.backends.cuda_quant import PAD, DeviceQuant
@@ -58,6 +59,7 @@ def random_device_quant(fmt: str, m: int, k: int, seed: int = 0):
         blocks = rows.reshape(m, k // lay.block, lay.block_bytes)
         for off in F16_FIELDS[fmt]:
             blocks[..., off : off + 2] = bits
+    ops.quant.reserve(m, k)
     return DeviceQuant(fmt, (m, k), data)
 
 
@@ -96,7 +98,9 @@ def bench_shape(ops, fmt: str, name: str, m: int, k: int, batches, prefill_rows:
 
     from lserve_lite.weights.qtensor import LAYOUTS
 
-    ws = [random_device_quant(fmt, m, k, seed=i) for i in range(copies_for(m * LAYOUTS[fmt].row_bytes(k)))]
+    ws = [
+        random_device_quant(ops, fmt, m, k, seed=i) for i in range(copies_for(m * LAYOUTS[fmt].row_bytes(k)))
+    ]
     nbytes = ws[0].nbytes
     dst = cp.empty(nbytes, cp.uint8)
     stream_ptr = lambda: cp.cuda.get_current_stream().ptr  # noqa: E731

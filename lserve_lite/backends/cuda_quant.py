@@ -97,10 +97,14 @@ class QuantKernels:
         data[host.size :] = 0
         self._kernels(w.fmt)
         m, k = w.shape
+        self.reserve(m, k)
+        return DeviceQuant(w.fmt, (int(m), int(k)), data)
+
+    def reserve(self, m: int, k: int) -> None:
+        """Grow the prefill scratch for an [m, k] weight (at upload, or for packed weights made on the device)."""
         need = self.tile_rows(m, k) * k
         if need > self.scratch.size:
-            self.scratch = cp.empty(need, cp.float16)
-        return DeviceQuant(w.fmt, (int(m), int(k)), data)
+            self.scratch = self.cp.empty(need, self.cp.float16)
 
     def tile_rows(self, m: int, k: int) -> int:
         """Rows of a weight dequantized per cuBLAS call on the prefill path (all of them when they fit)."""

@@ -18,6 +18,10 @@ class Result:
     ok: bool
     note: str = ""
 
+    def __post_init__(self) -> None:
+        """Plain Python numbers (cases compute them with NumPy/CuPy), so rows serialise to JSON."""
+        self.max_abs, self.rel, self.ok = float(self.max_abs), float(self.rel), bool(self.ok)
+
 
 class Ctx:
     """What every case needs: CuPy, the ops, a fresh generator."""
