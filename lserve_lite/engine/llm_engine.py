@@ -157,6 +157,8 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"prompt has {len(ids)} tokens; the context limit is {self.max_len} (prompt + output)"
             )
+        if params.n != 1:
+            raise InvalidRequestError("one sequence per engine request: add params.candidates() for n > 1")
         bad = [t for t in params.logit_bias if t >= self.cfg.vocab_size]
         if bad:
             raise InvalidRequestError(f"logit_bias token id {bad[0]} is not in [0, {self.cfg.vocab_size})")
