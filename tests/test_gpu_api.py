@@ -25,7 +25,7 @@ SCHEMA = {
 def gpu_llm(tmp_path_factory) -> LLM:
     from tiny_models import make_tiny_numpy
 
-    model = make_tiny_numpy(tmp_path_factory.mktemp("tiny_gpu_api"))
+    model = make_tiny_numpy(tmp_path_factory.mktemp("tiny_gpu_api"), hidden=256)
     return LLM(
         str(model), backend="cuda", config=EngineConfig(page_size=16, max_model_len=256, num_kv_pages=64)
     )
