@@ -203,13 +203,20 @@ def create_app(
             for c in req.sampling_params(max_new_tokens(req, len(ids))).candidates()
         ]
         rid = new_id("chatcmpl" if chat else "cmpl")
-        handles: list[RequestHandle] = []
-        try:  # candidates of one prompt share its KV pages through the prefix cache
-            for i, (ids, c) in enumerate(jobs):
-                handles.append(await aengine.submit(ids, c, rid if len(jobs) == 1 else f"{rid}-{i}"))
-        except BaseException:
+        # all at once, so that they reach the engine in one step: the first candidate of a prompt prefills
+        # it, the others wait for its pages and attach them from the prefix cache
+        got = await asyncio.gather(
+            *(
+                aengine.submit(ids, c, rid if len(jobs) == 1 else f"{rid}-{i}")
+                for i, (ids, c) in enumerate(jobs)
+            ),
+            return_exceptions=True,
+        )
+        handles: list[RequestHandle] = [h for h in got if isinstance(h, RequestHandle)]
+        failed = next((e for e in got if isinstance(e, BaseException)), None)
+        if failed is not None:
             close_all(handles)
-            raise
+            raise failed
         texts = (
             [p if isinstance(p, str) else engine.tokenizer.decode(p, False) for p in req.prompts()]
             if not chat and req.echo
