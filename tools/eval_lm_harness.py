@@ -212,6 +212,7 @@ def main() -> int:
         "acc_lm_eval_server": acc_server, "acc_direct_llm": acc_direct, "max_abs_loglikelihood_diff": diff,
         "chat_acc_lm_eval_server": acc_chat_server, "chat_acc_direct_llm": acc_chat_direct,
         "chat_replies_identical": sum(a == b for a, b in zip(chat_server, chat_direct)),
+        "chat_replies_differing": [(i, a, b) for i, (a, b) in enumerate(zip(chat_server, chat_direct)) if a != b],
         "seconds_lm_eval": round(t_server, 1), "seconds_direct": round(t_direct, 1), "lm_eval": lm_eval.__version__,
     }  # fmt: skip
     print(json.dumps(report, indent=2))
