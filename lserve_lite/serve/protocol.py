@@ -120,7 +120,7 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
     """OpenAI's {"token id as a string": bias} as {id: bias}."""
     out = {}
     for key, value in (bias or {}).items():
-        if not key.isdigit() or len(key) > 10:
+        if not (key.isascii() and key.isdigit()) or len(key) > 10:
             raise ApiError(400, f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
         out[int(key)] = value
     return out
