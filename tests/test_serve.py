@@ -270,7 +270,8 @@ def test_bad_requests_400(server, client):
     cases = [
         dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(max_tokens=0), dict(n=0), dict(n=17),
         dict(stop=3), dict(seed="x"), dict(seed=-1), dict(presence_penalty=3.0), dict(messages=[]),
-        dict(logit_bias={"x": 1}), dict(logit_bias={"²": 1}), dict(logit_bias={"5": 101}), dict(logit_bias={"99999": 1}), dict(top_logprobs=2), dict(tools=[{}]),
+        dict(logit_bias={"x": 1}), dict(logit_bias={"²": 1}), dict(logit_bias={"5": 101}),
+        dict(logit_bias={"99999": 1}), dict(top_logprobs=2), dict(tools=[{}]),
         dict(messages=[{"role": "wizard", "content": "hi"}]), dict(messages=None),
     ]  # fmt: skip
     for kw in cases:
