@@ -49,6 +49,7 @@ def test_logprobs_from_the_kernels_match_the_gpu_logits(gpu_llm):
 
 
 def test_masks_bias_and_candidates_on_the_device(gpu_llm):
+    pytest.importorskip("llguidance")
     fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}}
     outs = gpu_llm.generate(
         ["go"] * 16, SamplingParams(temperature=0.9, max_new_tokens=60, response_format=fmt)
