@@ -1,5 +1,9 @@
 // Token sampling on the GPU: one block per row of float32 logits; only token ids go back to the host.
-// Reference: lserve_lite/backends/reference/sampling.py (sample, sample_row). Launchers: lserve_lite/backends/cuda_sampling.py.
+// Reference: lserve_lite/backends/reference/sampling.py (sample, sample_row, additive_terms, allowed_tokens,
+// logprobs_ref). Launchers: lserve_lite/backends/cuda_sampling.py.
+// Before sampling, on a copy of the logits: apply_penalty (repetition), add_logits (presence / frequency
+// penalties and logit bias, as (row, id, amount) triples), mask_logits (a grammar's allowed-token bitmask).
+// logprob_rows reads the raw logits: log-softmax of the chosen id and the top-k, only those numbers go back.
 //
 // The CPU sampler sorts the tempered logits (descending, ties by index), keeps the top_k, then the
 // smallest prefix whose probability reaches top_p, and picks by inverse CDF with one uniform u per row.
@@ -156,4 +160,55 @@ __global__ void apply_penalty(float* __restrict__ logits, long long stride, cons
   float* p = logits + rows[i] * stride + ids[i];
   const float v = *p, pen = pens[i];
   *p = v > 0.f ? v / pen : v * pen;
+}
+
+// logits[rows[i], ids[i]] += deltas[i]: presence / frequency penalties and logit bias (unique ids per row).
+__global__ void add_logits(float* __restrict__ logits, long long stride, const int* __restrict__ rows,
+                           const long long* __restrict__ ids, const float* __restrict__ deltas, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  logits[rows[i] * stride + ids[i]] += deltas[i];
+}
+
+// -inf where bit (i % 32) of word masks[r, i / 32] is 0: a grammar's allowed tokens (llguidance's layout).
+// Grid (ceil(vocab / blockDim.x), masked rows); rows[r] is the logit row of mask r.
+__global__ void mask_logits(float* __restrict__ logits, long long stride, int vocab, const int* __restrict__ rows,
+                            const int* __restrict__ masks, int words) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
+  if (i >= vocab) return;
+  const unsigned int w = (unsigned int)masks[(long long)r * words + (i >> 5)];
+  if (!((w >> (i & 31)) & 1u)) logits[rows[r] * stride + i] = -__int_as_float(0x7f800000);
+}
+
+// Log-softmax of each raw row (float64 sum): lp[row] of chosen[row], and the k most likely ids (descending,
+// ties by index, as np.argsort(-x, kind="stable")) with their logprobs [rows, k]. One block per row.
+__global__ void logprob_rows(const float* __restrict__ logits, long long stride, int vocab,
+                             const long long* __restrict__ chosen, int k, float* __restrict__ lp,
+                             long long* __restrict__ top_ids, float* __restrict__ top_lp) {
+  __shared__ float fscratch[32];
+  __shared__ double dscratch[32];
+  __shared__ u64 kscratch[32];
+  const int row = blockIdx.x;
+  const float* x = logits + row * stride;
+  float m = -__int_as_float(0x7f800000);
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) m = fmaxf(m, x[i]);
+  const double xmax = (double)block_reduce(m, fscratch, lserve::MaxOp(), -__int_as_float(0x7f800000));
+  double s = 0.0;
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) s += exp((double)x[i] - xmax);
+  const double lse = xmax + log(block_reduce(s, dscratch, lserve::SumOp(), 0.0));
+  if (threadIdx.x == 0) lp[row] = (float)((double)x[chosen[row]] - lse);
+  u64 prev = 0;
+  for (int j = 0; j < k; ++j) {  // the j-th smallest sort key: the smallest above the (j-1)-th
+    u64 best = ~0ull;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+      const u64 key = sort_key(x[i], i);
+      if (j == 0 || key > prev) best = min(best, key);
+    }
+    prev = block_reduce(best, kscratch, lserve::MinOp(), ~0ull);
+    if (threadIdx.x == 0) {
+      const int id = (int)(prev & 0xffffffffu);
+      top_ids[(long long)row * k + j] = id;
+      top_lp[(long long)row * k + j] = (float)((double)x[id] - lse);
+    }
+  }
 }

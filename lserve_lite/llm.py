@@ -10,6 +10,7 @@ import numpy as np
 from .config import EngineConfig
 from .engine.llm_engine import LLMEngine, StepOutput
 from .sampling_params import SamplingParams
+from .sequence import TokenLogprob
 
 
 @dataclass
@@ -20,6 +21,8 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str
     prompt_token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None  # per generated token, with SamplingParams(logprobs=k)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token, with prompt_logprobs=k
 
 
 class LLM:
@@ -35,19 +38,20 @@ class LLM:
     def generate(
         self, prompts: str | list[str] | list[list[int]], params: SamplingParams | None = None
     ) -> list[CompletionOutput]:
-        """Run all prompts as one continuous batch; outputs in prompt order."""
+        """Run all prompts as one continuous batch; outputs in prompt order (with `n > 1`, the n candidates
+        of each prompt in a row; they share the prompt's KV pages through the prefix cache)."""
         params = params or SamplingParams()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        rids = [self.engine.add_request(p, params) for p in prompts]
+        rids = [self.engine.add_request(p, c) for p in prompts for c in params.candidates()]
         return self._collect(rids)
 
     def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None):
-        """One conversation -> one output; a list of conversations -> a list of outputs."""
+        """One conversation -> one output; a list of conversations (or n > 1) -> a list of outputs."""
         single = bool(messages) and isinstance(messages[0], dict)
         convs = [messages] if single else messages
         outs = self.generate([self.tokenizer.encode_chat(c) for c in convs], params)
-        return outs[0] if single else outs
+        return outs[0] if single and len(outs) == 1 else outs
 
     def stream(
         self, prompt: str | list[dict] | list[int], params: SamplingParams | None = None
@@ -97,6 +101,8 @@ class LLM:
                         list(s.output_ids),
                         out.finish_reason,
                         list(s.prompt_ids),
+                        list(s.logprobs) if s.params.logprobs is not None else None,
+                        s.prompt_logprobs,
                     )
                     pending.discard(out.request_id)
         return [results[r] for r in rids]

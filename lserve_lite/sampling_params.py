@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import InvalidRequestError
 
@@ -15,6 +15,11 @@ MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
 REPETITION_PENALTY_RANGE = (0.01, 100.0)  # beyond it logits overflow float32 (inf / NaN probabilities)
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (dividing logits by them overflows float32)
+MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's chat limit; each costs a pass over the vocabulary)
+MAX_N = 16  # candidates per request (each is a running sequence)
+MAX_LOGIT_BIAS = 1024  # biased ids per request (applied on every step)
+PENALTY_RANGE = (-2.0, 2.0)  # presence / frequency penalties, as OpenAI
+BIAS_RANGE = (-100.0, 100.0)  # logit_bias values, as OpenAI
 
 
 @dataclass
@@ -30,6 +35,15 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    n: int = 1
+    logprobs: int | None = None  # per generated token: its logprob and the top-`logprobs` alternatives
+    prompt_logprobs: int | None = None  # the same for each prompt token (echo); the prompt is recomputed
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    response_format: dict | None = (
+        None  # {"type": "json_object"} or {"type": "json_schema", "json_schema": ...}
+    )
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -56,6 +70,51 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):
             bad(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         self._validate_stops()
+        self._validate_api()
+
+    def _validate_api(self) -> None:
+        """The OpenAI options: candidates, logprobs, penalties, logit bias, response format (shape only)."""
+        if not _int(self.n) or not 1 <= self.n <= MAX_N:
+            raise InvalidRequestError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not _int(v) or not 0 <= v <= MAX_LOGPROBS):
+                raise InvalidRequestError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {v!r}")
+        lo, hi = PENALTY_RANGE
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _finite(v) or not lo <= v <= hi:
+                raise InvalidRequestError(f"{name} must be in [{lo}, {hi}], got {v!r}")
+        bias = self.logit_bias
+        if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+            raise InvalidRequestError(f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to numbers")
+        lo, hi = BIAS_RANGE
+        for t, v in bias.items():
+            if not _int(t) or t < 0 or not _finite(v) or not lo <= v <= hi:
+                raise InvalidRequestError(
+                    f"logit_bias must map token ids >= 0 to numbers in [{lo}, {hi}], got {t!r}: {v!r}"
+                )
+        fmt = self.response_format
+        if fmt is not None:
+            kind = fmt.get("type") if isinstance(fmt, dict) else None
+            if kind not in ("text", "json_object", "json_schema"):
+                raise InvalidRequestError(
+                    "response_format must be {'type': 'text' | 'json_object' | 'json_schema', ...}"
+                )
+            if kind == "json_schema" and not isinstance(schema_of(fmt), (dict, bool)):
+                raise InvalidRequestError("response_format json_schema needs a 'schema' object")
+
+    def candidates(self) -> list[SamplingParams]:
+        """The n single-candidate requests of `n > 1` (seed + i each, so seeded candidates differ)."""
+        if self.n == 1:
+            return [self]
+        seed = self.seed
+        return [replace(self, n=1, seed=None if seed is None else seed + i) for i in range(self.n)]
+
+    @property
+    def constrained(self) -> bool:
+        """Whether a grammar restricts the output (JSON object or schema)."""
+        return self.response_format is not None and self.response_format.get("type") != "text"
 
     def _validate_stops(self) -> None:
         """Bounded stop conditions: they are checked on every token, for every request in the batch."""
@@ -89,3 +148,9 @@ def _int(x) -> bool:
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def schema_of(fmt: dict):
+    """The JSON schema of an OpenAI `json_schema` response format ({"json_schema": {"schema": ...}})."""
+    inner = fmt.get("json_schema")
+    return inner.get("schema") if isinstance(inner, dict) else None

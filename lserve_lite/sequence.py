@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 from enum import Enum, auto
 
 import numpy as np
@@ -11,6 +12,15 @@ import numpy as np
 from .sampling_params import SamplingParams
 
 _ids = itertools.count()
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model (log-softmax of its raw logits) and the top alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
 
 
 class Status(Enum):
@@ -48,6 +58,10 @@ class Sequence:
         self.first_token_time: float | None = None
         seed = params.seed if params.seed is not None else np.random.SeedSequence().entropy
         self.rng = np.random.default_rng(seed)
+        self.logprobs: list[TokenLogprob] = []  # per generated token, when params.logprobs is set
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (the first: None)
+        self.guide = None  # the grammar matcher of a constrained request (engine/structured.py)
+        self.token_mask: np.ndarray | None = None  # this step's allowed-token bitmask (int32 words)
         self.text = ""  # detokenized output so far (stop strings trimmed)
         self.emitted = 0  # characters of `text` already returned to the caller
 
@@ -65,6 +79,11 @@ class Sequence:
         if stop <= n:
             return self.prompt_ids[start:stop]
         return self.prompt_ids[start:] + self.output_ids[max(0, start - n) : stop - n]
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prefilling a prompt whose token logprobs were asked for: every row's logits are needed."""
+        return self.params.prompt_logprobs is not None and self.num_cached < len(self.prompt_ids)
 
     @property
     def num_pending(self) -> int:

@@ -77,7 +77,10 @@ VALID = {
     "top_p": st.floats(0.05, 1), "top_k": st.integers(0, 400), "seed": st.integers(0, 2**64 - 1),
     "stream": st.booleans(), "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
     "stop": st.lists(clean_texts, max_size=4) | clean_texts, "stop_token_ids": st.lists(st.integers(0, 400), max_size=4),
-    "ignore_eos": st.booleans(), "repetition_penalty": st.floats(0.5, 2),
+    "ignore_eos": st.booleans(), "repetition_penalty": st.floats(0.5, 2), "n": st.integers(1, 3),
+    "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
+    "logit_bias": st.dictionaries(st.integers(0, 319).map(str), st.floats(-100, 100), max_size=3),
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}]),
 }  # fmt: skip
 VALID_MAIN = {
     "prompt": clean_texts | st.lists(st.integers(0, 319), min_size=1, max_size=8),
@@ -102,7 +105,7 @@ COMMON = {
     "temperature": field(st.floats(0, 3) | st.just(0)),
     "top_p": field(st.floats(0, 1.5)),
     "top_k": field(st.integers(-1, 400)),
-    "n": field(st.integers(0, 2)),
+    "n": field(st.integers(0, 3)),
     "seed": field(st.integers(-1, 2**64)),
     "stream": field(st.booleans()),
     "stream_options": field(st.fixed_dictionaries({"include_usage": field(st.booleans())})),
@@ -110,7 +113,25 @@ COMMON = {
     "stop_token_ids": field(st.lists(st.integers(-1, 400), max_size=4)),
     "ignore_eos": field(st.booleans()),
     "repetition_penalty": field(st.floats(0, 3)),
-    "presence_penalty": field(st.just(0.0)),
+    "presence_penalty": field(st.floats(-3, 3)),
+    "frequency_penalty": field(st.floats(-3, 3)),
+    "logit_bias": field(
+        st.dictionaries(st.integers(-1, 400).map(str) | texts, st.floats(-200, 200), max_size=3)
+    ),
+    "logprobs": field(st.integers(-1, 21) | st.booleans()),
+    "top_logprobs": field(st.integers(-1, 21)),
+    "echo": field(st.booleans()),
+    "response_format": field(
+        st.sampled_from(
+            [
+                {"type": "json_object"},
+                {"type": "text"},
+                {"type": "json_schema"},
+                {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}},
+                {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}},
+            ]
+        )  # fmt: skip
+    ),
 }
 
 
@@ -155,13 +176,16 @@ def check_ok(r: httpx.Response, chat: bool) -> None:
         assert events and events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
         chunks = [json.loads(e[6:]) for e in events[:-1]]
         assert all("error" not in c for c in chunks), r.text
-        finals = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
-        assert finals[-1] in REASONS and not any(finals[:-1])
+        finals: dict[int, str | None] = {}
+        for choice in (ch for c in chunks for ch in c["choices"]):
+            assert finals.get(choice["index"]) is None, r.text  # nothing after a choice's finish reason
+            finals[choice["index"]] = choice["finish_reason"]
+        assert finals and all(f in REASONS for f in finals.values()), r.text
         return
     body = r.json()
-    choice = body["choices"][0]
-    text = choice["message"]["content"] if chat else choice["text"]
-    assert isinstance(text, str) and choice["finish_reason"] in REASONS
+    for choice in body["choices"]:
+        text = choice["message"]["content"] if chat else choice["text"]
+        assert isinstance(text, str) and choice["finish_reason"] in REASONS
     u = body["usage"]
     assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] and u["prompt_tokens"] > 0
 

@@ -268,8 +268,10 @@ def test_bad_requests_400(server, client):
     r = httpx.post(url + "/v1/completions", content=b"[1, 2]", headers=auth)
     _error(r, 400)
     cases = [
-        dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(max_tokens=0), dict(n=2),
-        dict(stop=3), dict(seed="x"), dict(seed=-1), dict(presence_penalty=1.0), dict(messages=[]),
+        dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(max_tokens=0), dict(n=0), dict(n=17),
+        dict(stop=3), dict(seed="x"), dict(seed=-1), dict(presence_penalty=3.0), dict(messages=[]),
+        dict(logit_bias={"x": 1}), dict(logit_bias={"²": 1}), dict(logit_bias={"5": 101}),
+        dict(logit_bias={"99999": 1}), dict(top_logprobs=2), dict(tools=[{}]),
         dict(messages=[{"role": "wizard", "content": "hi"}]), dict(messages=None),
     ]  # fmt: skip
     for kw in cases:
@@ -277,7 +279,7 @@ def test_bad_requests_400(server, client):
         err = _error(httpx.post(url + "/v1/chat/completions", json=body, headers=auth), 400)
         assert err["param"] == next(iter(kw)), (kw, err)
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="tiny", messages=chat_msgs("hi"), n=2)
+        client.chat.completions.create(model="tiny", messages=chat_msgs("hi"), n=99)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt="", max_tokens=4)
     with pytest.raises(openai.BadRequestError):

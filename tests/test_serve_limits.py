@@ -60,11 +60,20 @@ def test_strict_types(client, field, value):
 
 
 @pytest.mark.parametrize(
-    "prompt", [[True, False], [[True]], [1.0, 2.0], {"text": "hi"}, None, [["a"]], [[1], [2]], ["a", "b"]]
+    "prompt",
+    [[True, False], [[True]], [1.0, 2.0], {"text": "hi"}, None, [["a"]], [[1], []], ["a", ""], [[1], "a"]],
 )
 def test_prompt_types(client, prompt):
     err = error(post(client, {"prompt": prompt, "max_tokens": 2}))
     assert err["param"] == "prompt"
+
+
+def test_batch_prompts(client):
+    """A list of prompts (strings or token-id lists) gets one choice per prompt, in order; at most 64 choices."""
+    for prompt in ([[1], [2, 3]], ["a", "b"]):
+        r = post(client, {"prompt": prompt, "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200 and [c["index"] for c in r.json()["choices"]] == [0, 1]
+    assert "at most 64" in error(post(client, {"prompt": ["a"] * 33, "n": 2}))["message"]
 
 
 @pytest.mark.parametrize(

@@ -68,14 +68,15 @@ def hf_logits(path: Path, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
-def make_tiny_numpy(path: Path, seed: int = 0, max_position_embeddings: int = 2048) -> Path:
-    """A random tiny llama written with NumPy + safetensors (no torch import: seconds instead of tens)."""
+def make_tiny_numpy(path: Path, seed: int = 0, max_position_embeddings: int = 2048, hidden: int = 64) -> Path:
+    """A random tiny llama written with NumPy + safetensors (no torch import: seconds instead of tens);
+    4 heads, so `hidden=256` gives head_dim 64, a size the GPU kernels run."""
     import json
 
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(seed)
-    v, d, f, layers, heads, kv = 320, 64, 96, 2, 4, 2
+    v, d, f, layers, heads, kv = 320, hidden, 96, 2, 4, 2
     hd = d // heads
     w = {"model.embed_tokens.weight": (v, d), "model.norm.weight": None, "lm_head.weight": (v, d)}
     for i in range(layers):

@@ -191,7 +191,7 @@ INVALID = [
     ("deep_json", b'{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"),
     ("unknown_model", {"model": "nope", "prompt": "hi", "max_tokens": 4}),
     ("context_exceeded", {"prompt": "hello " * 5000, "max_tokens": 4}),
-    ("n_2", {"prompt": "hi", "max_tokens": 4, "n": 2}),
+    ("n_99", {"prompt": "hi", "max_tokens": 4, "n": 99}),
 ]
 
 

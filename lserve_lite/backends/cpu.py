@@ -15,7 +15,7 @@ from .cpu_threads import SplitRunner, even_bounds, openblas_set_threads
 from .reference.attention import attend_qblocks, paged_attention_sparse_ref
 from .reference.layers import embed_ref, rope_write_kv_sparse_ref
 from .reference.page_select import select_pages_ref
-from .reference.sampling import sample
+from .reference.sampling import logprobs_ref, sample
 
 # Up to this many rows (decode), the Numba GEMV and attention kernels; beyond (prefill), OpenBLAS GEMMs.
 SMALL_ROWS = 8
@@ -161,6 +161,9 @@ class CpuOps:
 
     def sample(self, logits: np.ndarray, seqs: list) -> list[int]:
         return sample(logits, seqs)
+
+    def logprobs(self, logits: np.ndarray, chosen: np.ndarray, k: int):
+        return logprobs_ref(logits, chosen, k)
 
 
 def _qblock_bounds(plan: AttentionPlan, parts: int) -> list[int]:

@@ -400,3 +400,7 @@ class CudaOps:
     def sample(self, logits, seqs: list) -> list[int]:
         """Reference: backends/reference/sampling.py. Only the token ids come back to the host."""
         return self.sampler.sample(logits, seqs)
+
+    def logprobs(self, logits, chosen: np.ndarray, k: int):
+        """Reference: backends/reference/sampling.logprobs_ref. Only the requested numbers come back."""
+        return self.sampler.logprobs(logits, chosen, k)

@@ -2,7 +2,9 @@
 
 A step uploads a [4, B] float64 parameter block (temperature, top_k, top_p, and one uniform per row drawn
 from the sequence's own seeded generator, exactly as the CPU sampler draws it), plus each penalized row's
-unique ids, and copies back only the B token ids. Same seed, same token as the CPU backend up to ties
+unique ids, the (row, id, amount) triples of presence / frequency penalties and logit bias, and the bitmasks
+of grammar-constrained rows, and copies back only the B token ids. Logprobs (`logprobs`) come back as the
+chosen ids' values and the top-k ids and values, never a vocabulary-sized row. Same seed, same token as the CPU backend up to ties
 (and up to float64 summation-order rounding at a CDF boundary).
 """
 
@@ -11,8 +13,16 @@ from __future__ import annotations
 import numpy as np
 
 from .cuda_compile import load_module
+from .reference.sampling import additive_terms
 
-SAMPLING_KERNELS = ("argmax_rows", "sample_rows", "apply_penalty")
+SAMPLING_KERNELS = (
+    "argmax_rows",
+    "sample_rows",
+    "apply_penalty",
+    "add_logits",
+    "mask_logits",
+    "logprob_rows",
+)
 THREADS = 1024
 
 
@@ -40,6 +50,28 @@ def sampling_inputs(
     return params, pen
 
 
+def additive_inputs(seqs: list, vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(rows, ids, amounts) of every row's presence / frequency penalties and logit bias (None: none)."""
+    rows, ids, deltas = [], [], []
+    for i, seq in enumerate(seqs):
+        t, d = additive_terms(seq, vocab)
+        if t.size:
+            rows.append(np.full(t.size, i, np.int32))
+            ids.append(t)
+            deltas.append(d)
+    return (np.concatenate(rows), np.concatenate(ids), np.concatenate(deltas)) if rows else None
+
+
+def mask_inputs(seqs: list) -> tuple[np.ndarray, np.ndarray] | None:
+    """(rows, bitmasks [R, words] int32) of the grammar-constrained rows (None: none)."""
+    rows = [i for i, s in enumerate(seqs) if s.token_mask is not None]
+    if not rows:
+        return None
+    return np.asarray(rows, np.int32), np.ascontiguousarray(
+        np.stack([seqs[i].token_mask for i in rows]), np.int32
+    )
+
+
 class GpuSampler:
     """Launches kernels/sampling.cu; `sample(logits, seqs)` returns one token id per row."""
 
@@ -62,9 +94,15 @@ class GpuSampler:
             raise ValueError(f"{logits.shape[0]} logit rows for {b} sequences")
         vocab = int(logits.shape[1])
         params, pen = sampling_inputs(seqs, vocab)
+        add, masks = additive_inputs(seqs, vocab), mask_inputs(seqs)
+        if pen is not None or add is not None or masks is not None:
+            logits = logits.copy()  # never change the caller's logits (logprobs read them raw)
         if pen is not None:
-            logits = logits.copy()  # never change the caller's logits
             self.apply_penalty(logits, *pen)
+        if add is not None:
+            self.add_logits(logits, *add)
+        if masks is not None:
+            self.mask_logits(logits, *masks)
         out = cp.empty(b, cp.int32)
         stride = np.int64(vocab)
         if not params[0].any():  # all greedy
@@ -89,3 +127,45 @@ class GpuSampler:
                 np.int32(n),
             )
             self.k["apply_penalty"]((-(-n // 256),), (256,), args)
+
+    def add_logits(self, logits, rows: np.ndarray, ids: np.ndarray, deltas: np.ndarray) -> None:
+        """In place: logits[rows[i], ids[i]] += deltas[i]."""
+        cp, n = self.cp, int(rows.size)
+        args = (
+            logits,
+            np.int64(logits.shape[1]),
+            cp.asarray(rows),
+            cp.asarray(ids),
+            cp.asarray(deltas),
+            np.int32(n),
+        )
+        self.k["add_logits"]((-(-n // 256),), (256,), args)
+
+    def mask_logits(self, logits, rows: np.ndarray, masks: np.ndarray) -> None:
+        """In place: -inf outside each masked row's allowed tokens."""
+        cp, vocab = self.cp, int(logits.shape[1])
+        args = (
+            logits,
+            np.int64(vocab),
+            np.int32(vocab),
+            cp.asarray(rows),
+            cp.asarray(masks),
+            np.int32(masks.shape[1]),
+        )
+        self.k["mask_logits"]((-(-vocab // 256), int(rows.size)), (256,), args)
+
+    def logprobs(self, logits, chosen: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Raw-logit logprobs of `chosen` [R] and the top-k [R, k]; reference: logprobs_ref."""
+        cp = self.cp
+        logits = cp.ascontiguousarray(cp.asarray(logits), dtype=cp.float32)
+        r, vocab = int(logits.shape[0]), int(logits.shape[1])
+        lp, ids, top = (
+            cp.full(r, cp.nan, cp.float32),
+            cp.full((r, k), -1, cp.int64),
+            cp.full((r, k), cp.nan, cp.float32),
+        )
+        if r:
+            args = (logits, np.int64(vocab), np.int32(vocab), cp.asarray(np.asarray(chosen, np.int64)), np.int32(k),
+                    lp, ids, top)  # fmt: skip
+            self.k["logprob_rows"]((r,), (THREADS,), args)
+        return lp.get(), ids.get(), top.get()

@@ -16,13 +16,15 @@ from ..kv.block_manager import BlockManager
 from ..kv.layout import KVLayout, pool_pages
 from ..kv.prefix_cache import PrefixCache, kv_salt
 from ..sampling_params import SamplingParams
-from ..sequence import Sequence
+from ..sequence import Sequence, TokenLogprob
 from ..sparse.patterns import head_classes, resolve_pattern
 from ..tokenizer import IncrementalDecoder
 from ..weights.loader import load_config, load_model, load_tokenizer, model_name, resolve_model_dir
 from ..weights.qtensor import stored_bytes
+from .logprobs import record_prompt_logprobs, record_token_logprobs
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
+from .structured import Grammars, advance
 from .tp_group import tensor_parallel_runner
 
 
@@ -38,6 +40,7 @@ class StepOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of `token_ids`, when asked for
     seq: Sequence | None = field(default=None, repr=False)
 
 
@@ -62,6 +65,7 @@ class LLMEngine:
         self._aborts: list[str] = []
         self._lock = threading.Lock()
         self.eos_ids = set(self.cfg.eos_token_ids)
+        self.grammars = Grammars(self.tokenizer, self.cfg.vocab_size, sorted(self.eos_ids))
         self.prompt_tokens_computed = 0  # prompt tokens run through the model (recomputation included)
 
     def _load_local(self, backend: str) -> tuple[int, int]:
@@ -153,7 +157,14 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"prompt has {len(ids)} tokens; the context limit is {self.max_len} (prompt + output)"
             )
+        if params.n != 1:
+            raise InvalidRequestError("one sequence per engine request: add params.candidates() for n > 1")
+        bad = [t for t in params.logit_bias if t >= self.cfg.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"logit_bias token id {bad[0]} is not in [0, {self.cfg.vocab_size})")
         seq = Sequence(ids, params, request_id)
+        if params.constrained:
+            seq.guide = self.grammars.matcher(params.response_format)
         if sparse:
             seq.sparse = self.request_sparse_config(sparse)
         if seq.request_id in self.seqs:
@@ -209,16 +220,25 @@ class LLMEngine:
             max(0, min(s.num_cached + n, len(s.prompt_ids)) - s.num_cached)
             for s, n in zip(batch.seqs, batch.num_new)
         )
+        wants = [s.wants_prompt_logprobs for s in batch.seqs]
         logits = self.runner.run(batch.seqs, batch.num_new)
         for seq in batch.seqs:
             self.blocks.cache_computed(seq)
         self.runner.copy_stream_pages(self.blocks.take_copies())  # snapshots taken, before sequences move on
+        last = (
+            np.cumsum([n if w else 1 for n, w in zip(batch.num_new, wants)]) - 1
+        )  # each sequence's last row
+        if any(wants):
+            record_prompt_logprobs(self.ops, logits, batch.seqs, batch.num_new, wants)
         done_rows = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new)) if s.num_pending == 0]
-        if len(done_rows) < len(batch.seqs):  # rows of sequences still in prefill produce no token
-            logits = logits[np.asarray(done_rows)] if done_rows else None
-        tokens = self.ops.sample(logits, [batch.seqs[i] for i in done_rows]) if done_rows else []
-        for i, tok in zip(done_rows, tokens):
-            outs.append(self._append(batch.seqs[i], tok))
+        if last[-1] + 1 > len(done_rows):  # rows of sequences still in prefill produce no token
+            logits = logits[last[np.asarray(done_rows, np.int64)]] if done_rows else None
+        done = [batch.seqs[i] for i in done_rows]
+        self.grammars.fill_masks(done)
+        tokens = self.ops.sample(logits, done) if done_rows else []
+        record_token_logprobs(self.ops, logits, done, tokens)
+        for seq, tok in zip(done, tokens):
+            outs.append(self._append(seq, tok))
         return outs
 
     def _apply_aborts(self) -> list[StepOutput]:
@@ -239,9 +259,10 @@ class LLMEngine:
         seq.output_ids.append(tok)
         dec = self.decoders[seq.request_id]
         stop_tok = (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids
+        complete = advance(seq, tok)  # a constrained request ends where its grammar does
         if not stop_tok:
             seq.text += dec.push(tok)
-        reason = "stop" if stop_tok else None
+        reason = "stop" if stop_tok or complete else None
         if reason is None and p.stop:
             hit = min(
                 (i for i in (seq.text.find(s, max(0, seq.emitted - len(s))) for s in p.stop) if i >= 0),
@@ -260,9 +281,10 @@ class LLMEngine:
         return self._output(seq, delta, [tok])
 
     def _output(self, seq: Sequence, text: str, ids: list[int]) -> StepOutput:
+        lps = seq.logprobs[-1:] if ids and seq.params.logprobs is not None else []
         out = StepOutput(
             seq.request_id, text, ids, seq.is_finished, seq.finish_reason,
-            len(seq.prompt_ids), len(seq.output_ids), seq.num_prefix_cached or 0, seq,
+            len(seq.prompt_ids), len(seq.output_ids), seq.num_prefix_cached or 0, lps, seq,
         )  # fmt: skip
         if seq.is_finished:
             self.seqs.pop(seq.request_id, None)

@@ -81,7 +81,8 @@ class ModelRunner:
 
     def _inputs(self, seqs: list[Sequence], num_new: list[int]):
         """Host inputs of one step: token ids, positions, KV slots ([N], or [2, N] dense-pool and
-        streaming-pool slots in LServe mode), the host plan and the last row of each sequence."""
+        streaming-pool slots in LServe mode), the host plan and the last row of each sequence (every row of a
+        prompt chunk whose token logprobs were asked for)."""
         ids, pos, slots, stream_slots, rows = [], [], [], [], []
         ps, lay = self.page_size, self.layout
         for seq, n in zip(seqs, num_new):
@@ -94,7 +95,7 @@ class ModelRunner:
             slots.append(table[p // ps - first] * ps + p % ps)
             if lay is not None:
                 stream_slots.append(self._stream_slots(seq, p))
-            rows.append(len(ids) - 1)
+            rows.extend(range(len(ids) - n, len(ids)) if seq.wants_prompt_logprobs else [len(ids) - 1])
         layout = BatchLayout(
             q_lens=list(num_new),
             ctx_lens=[s.num_cached + n for s, n in zip(seqs, num_new)],

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..backends.reference.sampling import logprobs_ref, sample_row
 from ..backends.reference.sampling import sample as cpu_sample
-from ..backends.reference.sampling import sample_row
 from ..sampling_params import SamplingParams
 from ..sequence import Sequence
 from .common import Ctx, Result
@@ -60,4 +60,60 @@ def case_sampling(c: Ctx) -> list[Result]:
     out.append(
         Result("sample (penalty + seeded rng)", f"B{b} V{vocab}", miss, 0.0, miss == 0, "abs = mismatches")
     )
+    out.append(_case_api_options(c))
+    out += _case_logprobs(c)
+    return out
+
+
+def _case_api_options(c: Ctx) -> Result:
+    """add_logits + mask_logits in the whole path: presence / frequency penalties over generated ids, logit
+    bias, grammar bitmasks (some rows with a handful of allowed ids), greedy and sampled rows."""
+    b, vocab = 10, 3001
+    x = (c.rng.standard_normal((b, vocab)) * 3).astype(np.float32)
+
+    def make() -> list[Sequence]:
+        r = np.random.default_rng(7)
+        seqs = []
+        for i in range(b):
+            sp = SamplingParams(
+                temperature=[0.0, 0.9][i % 2], presence_penalty=float(r.uniform(-2, 2)),
+                frequency_penalty=float(r.uniform(-2, 2)), seed=i,
+                logit_bias={int(t): float(r.uniform(-100, 100)) for t in r.integers(0, vocab, 5)},
+            )  # fmt: skip
+            seq = Sequence(list(r.integers(0, vocab, 20)), sp)
+            seq.output_ids = list(r.integers(0, 50, int(r.integers(0, 40))))
+            if i % 3:
+                allowed = np.zeros((vocab + 31) // 32 * 32, bool)
+                allowed[r.integers(0, vocab, [3, 200][i % 2])] = True
+                seq.token_mask = np.packbits(allowed, bitorder="little").view(np.int32)
+            seqs.append(seq)
+        return seqs
+
+    want = cpu_sample(x, make())
+    got = c.ops.sample(c.cp.asarray(x), make())
+    miss = int(np.sum(np.asarray(got) != np.asarray(want)))
+    return Result(
+        "sample (penalties + bias + mask)", f"B{b} V{vocab}", miss, 0.0, miss == 0, "abs = mismatches"
+    )
+
+
+def _case_logprobs(c: Ctx) -> list[Result]:
+    """logprob_rows against logprobs_ref: chosen logprobs and top-k (ids exact, values within 1e-5)."""
+    out = []
+    for r, vocab, k, ties in [
+        (1, 49152, 0, False),
+        (37, 1000, 5, True),
+        (200, 32000, 20, False),
+        (3, 128256, 1, False),
+    ]:
+        x = (c.rng.standard_normal((r, vocab)) * 4).astype(np.float32)
+        if ties:
+            x = np.round(x)
+        chosen = c.rng.integers(0, vocab, r)
+        lp, ids, top = c.ops.logprobs(c.cp.asarray(x), chosen, k)
+        want_lp, want_ids, want_top = logprobs_ref(x, chosen, k)
+        err = float(max(np.max(np.abs(lp - want_lp)), np.max(np.abs(top - want_top), initial=0.0)))
+        ok = err <= 1e-5 and np.array_equal(ids, want_ids)
+        name = f"R{r} V{vocab} k{k}" + (" ties" if ties else "")
+        out.append(Result("logprob_rows", name, err, 0.0, ok, "abs = max |logprob error|; ids exact"))
     return out

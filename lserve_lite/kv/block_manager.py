@@ -106,9 +106,10 @@ class BlockManager:
     # -- prefix cache ---------------------------------------------------------------------------------
     def attach(self, seq: Sequence) -> int:
         """Give a sequence without pages the longest cached prefix of its prompt (whole pages, never its last
-        token; with streaming heads, only up to a boundary a snapshot can resume). Returns its tokens."""
+        token; with streaming heads, only up to a boundary a snapshot can resume). Returns its tokens. A request
+        for prompt logprobs attaches nothing: it needs the logits of every prompt row."""
         c = self.cache
-        if c is None or seq.page_table:
+        if c is None or seq.page_table or seq.params.prompt_logprobs is not None:
             return 0
         most = ((len(seq.prompt_ids) if c.prompt_only else seq.num_tokens) - 1) // self.page_size
         extend_hashes(seq, most * self.page_size, self.page_size)
@@ -135,7 +136,7 @@ class BlockManager:
     def awaits_prefix(self, seq: Sequence) -> bool:
         """Whether a running sequence is computing a page of this waiting sequence's prompt that is not cached
         yet: admitted after that page is cached, it attaches the page instead of computing it again."""
-        if self.cache is None or not self.in_flight:
+        if self.cache is None or not self.in_flight or seq.params.prompt_logprobs is not None:
             return False
         most = (len(seq.prompt_ids) - 1) // self.page_size
         extend_hashes(seq, most * self.page_size, self.page_size)

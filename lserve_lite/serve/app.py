@@ -4,25 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.llm_engine import LLMEngine
 from ..errors import InvalidRequestError
 from . import add_serve_args, run_from_args, run_server
 from .async_engine import AsyncEngine, RequestHandle
+from .logprobs import LogprobFormatter
 from .metrics import Metrics
-from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, decode, new_id, now, parse, usage
+from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, decode, new_id, now, parse
+from .responses import Choices, EventStream, close_all, collect, sse_events
 
 log = logging.getLogger("lserve_lite.serve")
 __all__ = ["create_app", "ServerThread", "add_serve_args", "run_from_args", "run_server"]
@@ -48,6 +48,7 @@ def create_app(
     prompt_limit = max_prompt_chars or PROMPT_CHARS_PER_TOKEN * engine.max_len
     aengine = AsyncEngine(engine, max_queue, metrics)
     model_name = served_model_name or engine.model_name
+    formatter = LogprobFormatter(engine.tokenizer)
     created = now()
 
     @asynccontextmanager
@@ -160,13 +161,13 @@ def create_app(
             raise ApiError(400, f"the prompt has {n} characters; at most {prompt_limit} allowed", where,
                            "context_length_exceeded")  # fmt: skip
 
-    def tokenize(req: ChatCompletionRequest | CompletionRequest) -> list[int]:
+    def tokenize(req: ChatCompletionRequest | CompletionRequest) -> list[list[int]]:
+        """Each prompt's token ids (one for chat)."""
         where = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
         try:
             if isinstance(req, ChatCompletionRequest):
-                return check_ids(engine.tokenizer.encode_chat([m.as_dict() for m in req.messages]))
-            p = req.prompt
-            return check_ids(engine.tokenizer.encode(p) if isinstance(p, str) else p)
+                return [check_ids(engine.tokenizer.encode_chat([m.as_dict() for m in req.messages]))]
+            return [check_ids(engine.tokenizer.encode(p) if isinstance(p, str) else p) for p in req.prompts()]
         except InvalidRequestError as e:
             raise ApiError(400, str(e), where) from None
 
@@ -195,23 +196,43 @@ def create_app(
         req = parse(ChatCompletionRequest if chat else CompletionRequest, await read_json(request))
         check_model(req.model)
         check_prompt_size(req)
-        prompt_ids = await asyncio.to_thread(tokenize, req)
-        params = req.sampling_params(max_new_tokens(req, len(prompt_ids)))
+        prompts = await asyncio.to_thread(tokenize, req)
+        jobs = [
+            (ids, c)
+            for ids in prompts
+            for c in req.sampling_params(max_new_tokens(req, len(ids))).candidates()
+        ]
         rid = new_id("chatcmpl" if chat else "cmpl")
-        handle = await aengine.submit(prompt_ids, params, rid)
+        # all at once, so that they reach the engine in one step: the first candidate of a prompt prefills
+        # it, the others wait for its pages and attach them from the prefix cache
+        got = await asyncio.gather(
+            *(
+                aengine.submit(ids, c, rid if len(jobs) == 1 else f"{rid}-{i}")
+                for i, (ids, c) in enumerate(jobs)
+            ),
+            return_exceptions=True,
+        )
+        handles: list[RequestHandle] = [h for h in got if isinstance(h, RequestHandle)]
+        failed = next((e for e in got if isinstance(e, BaseException)), None)
+        if failed is not None:
+            close_all(handles)
+            raise failed
+        texts = (
+            [p if isinstance(p, str) else engine.tokenizer.decode(p, False) for p in req.prompts()]
+            if not chat and req.echo
+            else []
+        )
+        shape = Choices(chat, req, prompts, texts, formatter)
         base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": now(),
                 "model": model_name}  # fmt: skip
         if req.stream:
-            return EventStream(handle, sse_events(handle, base, chat, req.include_usage))
-        text, last = await collect(request, handle)
-        reason = last.finish_reason
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": reason}  # fmt: skip
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-        body = base | {"object": "chat.completion" if chat else "text_completion", "choices": [choice]}
-        return body | {"usage": usage(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens)}
+            return EventStream(handles, sse_events(handles, base, shape, req.include_usage))
+        choices, use = await collect(request, handles, shape)
+        return base | {
+            "object": "chat.completion" if chat else "text_completion",
+            "choices": choices,
+            "usage": use,
+        }
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -222,82 +243,6 @@ def create_app(
         return await generate(request, chat=True)
 
     return app
-
-
-async def collect(request: Request, handle: RequestHandle):
-    """All of a non-streamed request's text; a client that goes away meanwhile aborts it."""
-    watch = asyncio.create_task(_on_disconnect(request, handle.close))
-    parts, last = [], None
-    try:
-        async for out in handle:
-            parts.append(out.text)
-            last = out
-    finally:
-        watch.cancel()
-        handle.close()
-    return "".join(parts), last
-
-
-async def _on_disconnect(request: Request, callback: Callable[[], None]) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-    callback()
-
-
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-async def sse_events(
-    handle: RequestHandle, base: dict, chat: bool, include_usage: bool
-) -> AsyncIterator[str]:
-    """OpenAI stream chunks, then (with include_usage) a usage chunk, then `data: [DONE]`."""
-    extra = {"usage": None} if include_usage else {}
-
-    def chunk(text: str | None, finish: str | None = None, role: bool = False) -> str:
-        if chat:
-            delta = ({"role": "assistant"} if role else {}) | ({} if text is None else {"content": text})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        return _sse(base | {"choices": [choice]} | extra)
-
-    try:
-        if chat:
-            yield chunk("", role=True)
-        async for out in handle:
-            if out.text:
-                yield chunk(out.text)
-            if out.finished:
-                yield chunk(None, out.finish_reason)
-                if include_usage:
-                    yield _sse(
-                        base
-                        | {
-                            "choices": [],
-                            "usage": usage(
-                                out.num_prompt_tokens, out.num_output_tokens, out.num_cached_tokens
-                            ),
-                        }
-                    )
-    except ApiError as e:
-        yield _sse(e.body())
-    yield "data: [DONE]\n\n"
-
-
-class EventStream(StreamingResponse):
-    """An SSE response that aborts its request however the response ends (done, disconnect, error)."""
-
-    def __init__(self, handle: RequestHandle, events: AsyncIterator[str]):
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        super().__init__(events, media_type="text/event-stream", headers=headers)
-        self.handle = handle
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.handle.close()
 
 
 class ServerThread:

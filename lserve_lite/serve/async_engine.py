@@ -19,7 +19,7 @@ from ..engine.llm_engine import LLMEngine, StepOutput
 from ..errors import InvalidRequestError, LServeError
 from ..sampling_params import SamplingParams
 from .metrics import Metrics
-from .protocol import ApiError
+from .protocol import ApiError, param_of
 
 log = logging.getLogger("lserve_lite.serve")
 
@@ -180,7 +180,7 @@ class AsyncEngine:
         try:
             self.engine.add_request(s.prompt_ids, s.params, s.request_id)
         except InvalidRequestError as e:
-            return ApiError(400, str(e))
+            return ApiError(400, str(e), param_of(str(e)))
         except Exception:
             log.exception("add_request failed")
             return ApiError(500, "internal server error")

@@ -35,11 +35,12 @@ class ApiError(Exception):
         return {"error": err | {"param": self.param, "code": self.code}}
 
 
+MAX_CHOICES = 64  # prompts x n of one request: each is a running sequence
 MAX_JSON_DEPTH = 32  # the deepest valid body is 5 levels (messages[i].content[j].text)
 
 _STRICT = ConfigDict(extra="ignore", strict=True)
 _UNION_HINTS = {
-    "prompt": "must be a string, a list of one string, a list of token ids or a list of one list of token ids",
+    "prompt": "must be a string, a list of strings, a list of token ids or a list of lists of token ids",
     "stop": "must be a string or a list of strings",
     "content": "must be a string or a list of text parts",
 }
@@ -67,6 +68,8 @@ class _Request(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**64)
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
     # extensions (vLLM names)
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0)
@@ -78,16 +81,23 @@ class _Request(BaseModel):
         raise NotImplementedError
 
     def check(self) -> None:
-        if self.n not in (None, 1):
-            raise ApiError(400, f"n must be 1 (one choice per request), got {self.n}", "n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise ApiError(400, f"{name} is not supported (use repetition_penalty)", name)
+        if self.n is None:
+            self.n = 1
+
+    def logprob_params(self) -> dict:
+        """SamplingParams' logprobs / prompt_logprobs from this endpoint's fields."""
+        raise NotImplementedError
 
     def sampling_params(self, max_new_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         try:
             return SamplingParams(
+                n=self.n,
+                presence_penalty=self.presence_penalty or 0.0,
+                frequency_penalty=self.frequency_penalty or 0.0,
+                logit_bias=_logit_bias(self.logit_bias),
+                response_format=self.response_format,
+                **self.logprob_params(),
                 max_new_tokens=max_new_tokens,
                 temperature=1.0 if self.temperature is None else self.temperature,
                 top_p=1.0 if self.top_p is None else self.top_p,
@@ -99,18 +109,29 @@ class _Request(BaseModel):
                 ignore_eos=self.ignore_eos,
             )
         except InvalidRequestError as e:
-            raise ApiError(400, str(e), _param_of(str(e))) from None
+            raise ApiError(400, str(e), param_of(str(e))) from None
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
-def _param_of(message: str) -> str:
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's {"token id as a string": bias} as {id: bias}."""
+    out = {}
+    for key, value in (bias or {}).items():
+        if not (key.isascii() and key.isdigit()) or len(key) > 10:
+            raise ApiError(400, f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+        out[int(key)] = value
+    return out
+
+
+def param_of(message: str) -> str:
     """The request field a SamplingParams error names ('top_k must be ...', 'a stop string has ...')."""
     words = message.split(" ", 2)
     name = words[1] if words[0] == "a" and len(words) > 1 else words[0]
-    return {"max_new_tokens": "max_tokens"}.get(name, name)
+    name = name.rstrip(":")
+    return {"max_new_tokens": "max_tokens", "prompt_logprobs": "logprobs"}.get(name, name)
 
 
 class TextPart(BaseModel):
@@ -136,12 +157,13 @@ class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
+    top_logprobs: int | None = None
     tools: list[Any] | None = None
 
     def check(self) -> None:
         super().check()
-        if self.logprobs:
-            raise ApiError(400, "logprobs are not supported", "logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         if self.tools:
             raise ApiError(400, "tools are not supported", "tools")
         if self.max_completion_tokens is not None:
@@ -149,6 +171,9 @@ class ChatCompletionRequest(_Request):
 
     def prompt_chars(self) -> int:
         return sum(len(m.as_dict()["content"]) for m in self.messages)
+
+    def logprob_params(self) -> dict:
+        return {"logprobs": (self.top_logprobs or 0) if self.logprobs else None}
 
 
 class CompletionRequest(_Request):
@@ -160,18 +185,23 @@ class CompletionRequest(_Request):
 
     def check(self) -> None:
         super().check()
-        for name, ok in (("echo", not self.echo), ("suffix", self.suffix is None),
-                         ("logprobs", self.logprobs is None), ("best_of", self.best_of in (None, 1))):  # fmt: skip
-            if not ok:
-                raise ApiError(400, f"{name} is not supported", name)
+        if self.suffix is not None:
+            raise ApiError(400, "suffix is not supported (no fill-in-the-middle)", "suffix")
+        if self.best_of not in (None, self.n):
+            raise ApiError(400, "best_of must equal n (candidates are not ranked)", "best_of")
+        if len(self.prompts()) * self.n > MAX_CHOICES:
+            raise ApiError(400, f"prompts x n must be at most {MAX_CHOICES}", "prompt")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of a batch request (a string, token ids, or a list of either)."""
         p = self.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            if len(p) != 1:
-                raise ApiError(400, f"one prompt per request (got {len(p)})", "prompt")
-            self.prompt = p[0]
+        return list(p) if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
 
     def prompt_chars(self) -> int:
-        return len(self.prompt) if isinstance(self.prompt, str) else 0
+        return sum(len(p) for p in self.prompts() if isinstance(p, str))
+
+    def logprob_params(self) -> dict:
+        return {"logprobs": self.logprobs, "prompt_logprobs": self.logprobs if self.echo else None}
 
 
 def _reject_constant(name: str) -> None:

@@ -1,0 +1,73 @@
+"""Structured outputs (`response_format`) by constrained decoding with llguidance: one grammar matcher per
+request; each step it writes the allowed-token bitmask that the backend's sampler applies (CPU or GPU), and
+takes the sampled token back. llguidance is optional (the `structured` extra): Rust wheels, no torch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from ..errors import InvalidRequestError
+from ..sampling_params import schema_of
+from ..sequence import Sequence
+from ..tokenizer import Tokenizer
+
+INSTALL = "structured outputs need the llguidance package: pip install 'lserve-lite[structured]'"
+# Compact JSON: a model may not pad with endless whitespace (a random or weak model otherwise does).
+JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+class Grammars:
+    """Builds matchers for one tokenizer; llguidance's tokenizer (~1 s to build) is made on first use."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: list[int]):
+        self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, eos_ids
+        self._ll_tok = None
+
+    def _llg(self):
+        try:
+            import llguidance
+        except ImportError:
+            raise InvalidRequestError(INSTALL) from None
+        if self._ll_tok is None:
+            raw = self.tokenizer.tok.to_str()
+            self._ll_tok = llguidance.LLTokenizer(raw, n_vocab=self.vocab_size, eos_token=list(self.eos_ids))
+        return llguidance
+
+    def matcher(self, response_format: dict):
+        """A fresh matcher for an OpenAI response format; an invalid schema is a one-line InvalidRequestError."""
+        llg = self._llg()
+        schema = (
+            {"type": "object"} if response_format["type"] == "json_object" else schema_of(response_format)
+        )
+        try:
+            grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS)
+        except (ValueError, TypeError) as e:
+            raise InvalidRequestError(f"response_format: invalid JSON schema ({e})") from None
+        m = llg.LLMatcher(self._ll_tok, grammar, log_level=0)
+        if m.is_error():
+            raise InvalidRequestError(f"response_format: invalid JSON schema ({_one_line(m.get_error())})")
+        return m
+
+    def fill_masks(self, seqs: list[Sequence]) -> None:
+        """This step's bitmask on each constrained sequence (`seq.token_mask`, int32 words)."""
+        words = (self.vocab_size + 31) // 32
+        for seq in seqs:
+            if seq.guide is not None:
+                mask = np.frombuffer(seq.guide.compute_bitmask(), np.int32)
+                seq.token_mask = mask[:words] if mask.size >= words else np.pad(mask, (0, words - mask.size))
+
+
+def advance(seq: Sequence, token: int) -> bool:
+    """Feed the sampled token to the request's matcher; True when the grammar is complete (nothing may follow)."""
+    g = seq.guide
+    if g is None:
+        return False
+    g.consume_token(token)
+    seq.token_mask = None
+    return g.is_stopped() or g.is_error()
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split())[:500]

@@ -1,0 +1,179 @@
+"""Response bodies and SSE streams of one request's choices (prompts x n candidates, each an engine
+request): text, echo, logprobs, finish reasons and usage, in OpenAI's completion and chat shapes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from ..engine.llm_engine import StepOutput
+from .async_engine import RequestHandle
+from .logprobs import LogprobFormatter
+from .protocol import ApiError, usage
+
+
+class Choices:
+    """How one request's choices are shaped: choice i answers prompt i // n."""
+
+    def __init__(
+        self, chat: bool, req, prompts: list[list[int]], prompt_texts: list[str], fmt: LogprobFormatter
+    ):
+        self.chat, self.req, self.prompts, self.fmt = chat, req, prompts, fmt
+        self.n = req.n
+        self.echo = not chat and bool(req.echo)
+        self.prompt_texts = prompt_texts
+        self.want_logprobs = bool(req.logprobs) if chat else req.logprobs is not None
+
+    def echo_part(self, i: int, seq) -> tuple[str, list, list[int]]:
+        """The echoed prompt of choice i: its text, its logprob entries and ids (empty without echo)."""
+        if not self.echo:
+            return "", [], []
+        ids = self.prompts[i // self.n]
+        entries = seq.prompt_logprobs if seq is not None and seq.prompt_logprobs else [None] * len(ids)
+        return self.prompt_texts[i // self.n], entries, ids
+
+    def logprobs(self, entries: list, ids: list[int], offset: int) -> dict | None:
+        if not self.want_logprobs:
+            return None
+        return self.fmt.chat(entries) if self.chat else self.fmt.completion(entries, ids, offset)
+
+    def choice(self, i: int, text: str, last: StepOutput, lps: list) -> dict:
+        """A non-streamed choice."""
+        if self.chat:
+            return {"index": i, "message": {"role": "assistant", "content": text},
+                    "logprobs": self.logprobs(lps, [], 0), "finish_reason": last.finish_reason}  # fmt: skip
+        prefix, entries, ids = self.echo_part(i, last.seq)
+        lp = self.logprobs(entries + lps, ids + [e.token_id for e in lps], 0)
+        return {"index": i, "text": prefix + text, "logprobs": lp, "finish_reason": last.finish_reason}
+
+    def usage(self, lasts: list[StepOutput]) -> dict:
+        """Prompt tokens once per prompt; cached: per prompt, the most any of its candidates took from cache."""
+        cached = [
+            max(o.num_cached_tokens for o in lasts[k : k + self.n]) for k in range(0, len(lasts), self.n)
+        ]
+        return usage(sum(map(len, self.prompts)), sum(o.num_output_tokens for o in lasts), sum(cached))
+
+
+async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, StepOutput]]:
+    """(choice index, output) of all handles as they come; the first error is raised."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, h: RequestHandle) -> None:
+        try:
+            async for out in h:
+                await queue.put((i, out))
+        except ApiError as e:
+            await queue.put((i, e))
+        await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    left = len(handles)
+    try:
+        while left:
+            i, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, ApiError):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def collect(request: Request, handles: list[RequestHandle], shape: Choices) -> tuple[list[dict], dict]:
+    """All choices of a non-streamed request; a client that goes away meanwhile aborts them."""
+    watch = asyncio.create_task(_on_disconnect(request, lambda: close_all(handles)))
+    texts = [[] for _ in handles]
+    lps = [[] for _ in handles]
+    lasts: list[StepOutput | None] = [None] * len(handles)
+    try:
+        async for i, out in merged(handles):
+            texts[i].append(out.text)
+            lps[i] += out.logprobs
+            lasts[i] = out
+    finally:
+        watch.cancel()
+        close_all(handles)
+    choices = [
+        shape.choice(i, "".join(t), last, lp) for i, (t, last, lp) in enumerate(zip(texts, lasts, lps))
+    ]
+    return choices, shape.usage(lasts)
+
+
+def close_all(handles: list[RequestHandle]) -> None:
+    for h in handles:
+        h.close()
+
+
+async def _on_disconnect(request: Request, callback: Callable[[], None]) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    callback()
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def sse_events(
+    handles: list[RequestHandle], base: dict, shape: Choices, include_usage: bool
+) -> AsyncIterator[str]:
+    """OpenAI stream chunks, then (with include_usage) a usage chunk, then `data: [DONE]`."""
+    extra = {"usage": None} if include_usage else {}
+    offsets = [0] * len(handles)
+    started = [False] * len(handles)
+
+    def chunk(
+        i: int, text: str | None, lp: dict | None = None, finish: str | None = None, role: bool = False
+    ):
+        if shape.chat:
+            delta = ({"role": "assistant"} if role else {}) | ({} if text is None else {"content": text})
+            choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
+        else:
+            choice = {"index": i, "text": text or "", "logprobs": lp, "finish_reason": finish}
+        return _sse(base | {"choices": [choice]} | extra)
+
+    try:
+        if shape.chat:
+            for i in range(len(handles)):
+                yield chunk(i, "", role=True)
+        lasts: list[StepOutput | None] = [None] * len(handles)
+        async for i, out in merged(handles):
+            prefix, entries, ids = ("", [], []) if started[i] else shape.echo_part(i, out.seq)
+            started[i] = True
+            text = prefix + out.text
+            if text or out.logprobs or prefix:
+                lp = shape.logprobs(
+                    entries + out.logprobs, ids + [e.token_id for e in out.logprobs], offsets[i]
+                )
+                offsets[i] += len(text)
+                yield chunk(i, text, lp)
+            if out.finished:
+                lasts[i] = out
+                yield chunk(i, None, finish=out.finish_reason)
+        if include_usage:
+            yield _sse(base | {"choices": [], "usage": shape.usage(lasts)})
+    except ApiError as e:
+        yield _sse(e.body())
+    yield "data: [DONE]\n\n"
+
+
+class EventStream(StreamingResponse):
+    """An SSE response that aborts its requests however the response ends (done, disconnect, error)."""
+
+    def __init__(self, handles: list[RequestHandle], events: AsyncIterator[str]):
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(events, media_type="text/event-stream", headers=headers)
+        self.handles = handles
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close_all(self.handles)

@@ -1,0 +1,256 @@
+"""The OpenAI options real clients use: logprobs / top_logprobs, echo with prompt logprobs, n candidates
+sharing the prompt's KV pages, presence / frequency penalties, logit_bias and response_format (constrained
+decoding with llguidance), through SamplingParams, LLM and the server with the official `openai` client."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import numpy as np
+import pytest
+
+from lserve_lite import LLM, EngineConfig, SamplingParams
+from lserve_lite.backends.reference.sampling import additive_terms, allowed_tokens, sample
+from lserve_lite.errors import InvalidRequestError
+from lserve_lite.sequence import Sequence
+
+CFG = dict(num_kv_pages=128, max_model_len=256, max_num_seqs=64, page_size=16)
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
+LONG = "the quick brown fox jumps over the lazy dog " * 6  # 60+ tokens: several full pages
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def valid(obj) -> bool:
+    return (
+        isinstance(obj, dict) and set(obj) == {"name", "age", "tags"} and isinstance(obj["name"], str)
+        and len(obj["name"]) <= 12 and isinstance(obj["age"], int) and 0 <= obj["age"] <= 120
+        and len(obj["tags"]) <= 3 and set(obj["tags"]) <= {"a", "b", "c"}
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tiny_models import make_tiny_numpy
+
+    return make_tiny_numpy(tmp_path_factory.mktemp("tiny_api"))
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dir) -> LLM:
+    return LLM(str(tiny_dir), backend="cpu", config=EngineConfig(**CFG))
+
+
+# -- SamplingParams and the CPU sampler ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(n=0), "n must be"), (dict(n=17), "n must be"), (dict(logprobs=21), "logprobs must be"),
+        (dict(prompt_logprobs=-1), "prompt_logprobs must be"), (dict(presence_penalty=2.5), "presence_penalty"),
+        (dict(frequency_penalty=float("nan")), "frequency_penalty"), (dict(logit_bias={5: 101}), "logit_bias"),
+        (dict(logit_bias={-1: 1}), "logit_bias"), (dict(logit_bias=[1]), "logit_bias"),
+        (dict(response_format={"type": "xml"}), "response_format"),
+        (dict(response_format={"type": "json_schema", "json_schema": {}}), "response_format"),
+    ],
+)  # fmt: skip
+def test_sampling_params_refuse_in_one_line(kw, msg):
+    with pytest.raises(InvalidRequestError, match=msg) as e:
+        SamplingParams(**kw)
+    assert "\n" not in str(e.value)
+
+
+def test_penalties_bias_and_mask_in_the_cpu_sampler():
+    seq = Sequence([1, 2], SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=1.0,
+                                          logit_bias={7: 3.0, 9: -100.0}))  # fmt: skip
+    seq.output_ids = [4, 4, 4, 7]
+    ids, deltas = additive_terms(seq, 100)
+    assert dict(zip(ids.tolist(), deltas.tolist())) == {4: -3.5, 7: 1.5, 9: -100.0}
+    x = np.zeros((1, 100), np.float32)
+    x[0, 4], x[0, 9] = 3.0, 50.0  # 4 falls to -0.5 and 9 to -50: 7 (bias +3, penalty -1.5) wins
+    assert sample(x, [seq]) == [7]
+    allowed = np.zeros(128, bool)
+    allowed[[3, 60]] = True
+    seq.token_mask = np.packbits(allowed, bitorder="little").view(np.int32)
+    assert allowed_tokens(seq.token_mask, 100).nonzero()[0].tolist() == [3, 60]
+    assert sample(x, [seq]) == [3]  # x[3] = 0 > x[60] = 0 at a lower index
+    seq.params = SamplingParams(temperature=1.5, seed=1)
+    assert {sample(x, [seq])[0] for _ in range(50)} <= {3, 60}
+
+
+# -- LLM ----------------------------------------------------------------------------------------------------
+def test_logprobs_equal_teacher_forced_log_softmax(llm):
+    out = llm.generate("hello world, how are you", SamplingParams(temperature=0, max_new_tokens=6, logprobs=3,
+                                                                  prompt_logprobs=2))[0]  # fmt: skip
+    ids = out.prompt_token_ids + out.token_ids
+    lp = log_softmax(llm.logits(ids))
+    p = len(out.prompt_token_ids)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == p
+    for j in range(1, p):
+        e = out.prompt_logprobs[j]
+        assert e.token_id == ids[j] and abs(e.logprob - lp[j - 1, ids[j]]) < 1e-4
+        assert [t for t, _ in e.top] == np.argsort(-lp[j - 1], kind="stable")[:2].tolist()
+    for i, e in enumerate(out.logprobs):
+        assert abs(e.logprob - lp[p - 1 + i, out.token_ids[i]]) < 1e-4
+        assert e.top[0] == (out.token_ids[i], pytest.approx(e.logprob))  # greedy: the chosen is the top
+        assert len(e.top) == 3
+
+
+def test_n_candidates_share_the_prompt_pages(llm):
+    eng = llm.engine
+    before = eng.prompt_tokens_computed
+    outs = llm.generate(LONG, SamplingParams(n=4, temperature=1.0, seed=5, max_new_tokens=8, ignore_eos=True))
+    p = len(outs[0].prompt_token_ids)
+    shared = (p - 1) // 16 * 16
+    assert len(outs) == 4 and len({tuple(o.token_ids) for o in outs}) > 1  # seeds 5..8: different samples
+    assert eng.prompt_tokens_computed - before == p + 3 * (p - shared)  # the prompt prefilled once
+    assert eng.blocks.num_used == 0
+
+
+def test_response_format_json_schema_and_object(llm):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+    outs = llm.generate(["Describe a person."] * 20, SamplingParams(temperature=0.9, seed=None, max_new_tokens=120,
+                                                                    response_format=fmt, n=1))  # fmt: skip
+    assert all(o.finish_reason == "stop" and valid(json.loads(o.text)) for o in outs), [o.text for o in outs]
+    out = llm.generate(
+        "{", SamplingParams(temperature=0.8, max_new_tokens=200, response_format={"type": "json_object"})
+    )
+    assert out[0].finish_reason != "stop" or isinstance(json.loads(out[0].text), dict)
+    with pytest.raises(InvalidRequestError, match="response_format: invalid JSON schema"):
+        llm.generate(
+            "x",
+            SamplingParams(response_format={"type": "json_schema", "json_schema": {"schema": {"type": 5}}}),
+        )
+    with pytest.raises(InvalidRequestError, match="logit_bias token id 999"):
+        llm.generate("x", SamplingParams(logit_bias={999: 1.0}))
+
+
+# -- the server -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    pytest.importorskip("fastapi")
+    from lserve_lite.engine.llm_engine import LLMEngine
+    from lserve_lite.serve.app import ServerThread, create_app
+
+    engine = LLMEngine(str(tiny_dir), "cpu", EngineConfig(**CFG))
+    with ServerThread(create_app(engine, served_model_name="tiny")) as url:
+        yield url, engine
+
+
+@pytest.fixture
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def test_completion_echo_logprobs_as_lm_eval_reads_them(client, llm):
+    """lm-evaluation-harness's loglikelihood request: echo, logprobs=1, max_tokens=1, temperature 0."""
+    ids = llm.tokenizer.encode("the quick brown fox jumps")
+    r = client.completions.create(
+        model="tiny", prompt=[ids], max_tokens=1, logprobs=1, echo=True, temperature=0
+    )
+    lp = r.choices[0].logprobs
+    want = log_softmax(llm.logits(ids))
+    assert (
+        len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    )
+    for j in range(1, len(ids)):
+        assert abs(lp.token_logprobs[j] - want[j - 1, ids[j]]) < 1e-4
+    greedy = int(np.argmax(want[-1]))
+    assert lp.token_logprobs[-1] == max(lp.top_logprobs[-1].values()) and r.usage.completion_tokens == 1
+    assert r.choices[0].text.startswith(llm.tokenizer.decode(ids, False))
+    assert abs(lp.token_logprobs[-1] - want[-1, greedy]) < 1e-4
+    assert lp.text_offset[0] == 0 and lp.tokens[1] == llm.tokenizer.decode([ids[1]], False)
+
+
+def test_batch_prompts_n_and_cached_tokens(server, client):
+    url, engine = server
+    r = client.completions.create(model="tiny", prompt=[LONG, "hello world"], n=3, max_tokens=4, temperature=1.0,
+                                  seed=11, extra_body={"ignore_eos": True})  # fmt: skip
+    assert [c.index for c in r.choices] == list(range(6)) and all(
+        c.finish_reason == "length" for c in r.choices
+    )
+    p = len(engine.tokenizer.encode(LONG))
+    assert r.usage.prompt_tokens == p + len(engine.tokenizer.encode("hello world"))
+    assert r.usage.prompt_tokens_details.cached_tokens >= (p - 1) // 16 * 16  # candidates attached the prompt
+    assert r.usage.completion_tokens == 24
+    assert engine.blocks.num_used == 0
+
+
+def test_chat_logprobs_streaming_and_not(client):
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0,
+              logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})  # fmt: skip
+    r = client.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 5 and all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
+    assert all(c.top_logprobs[0].logprob == c.logprob for c in content)  # greedy
+    streamed = [c for ch in client.chat.completions.create(**kw, stream=True) if ch.choices and ch.choices[0].logprobs
+                for c in ch.choices[0].logprobs.content]  # fmt: skip
+    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in content]
+
+
+def test_streamed_completion_n_echo(server):
+    body = {"prompt": "hello", "max_tokens": 3, "n": 2, "echo": True, "logprobs": 1, "stream": True,
+            "temperature": 0.7, "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    with httpx.stream("POST", server[0] + "/v1/completions", json=body, timeout=30) as r:
+        events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+    finish = [c["index"] for e in events for c in e["choices"] if c["finish_reason"]]
+    assert sorted(finish) == [0, 1] and events[-1]["usage"]["completion_tokens"] == 6
+    first: dict[int, dict] = {}
+    for c in (c for e in events for c in e["choices"]):
+        first.setdefault(c["index"], c)
+    assert all(
+        c["text"].startswith("hello") and c["logprobs"]["token_logprobs"][0] is None for c in first.values()
+    )
+
+
+def test_penalties_and_logit_bias(server, client):
+    tok = server[1].tokenizer
+    kw = dict(
+        model="tiny", prompt="hello", max_tokens=6, temperature=0, logprobs=0, extra_body={"ignore_eos": True}
+    )
+    forced = client.completions.create(**kw, logit_bias={"42": 100}).choices[0].logprobs.tokens
+    assert forced == [tok.decode([42], False)] * 6
+    # the tiny model's logits span less than 4: presence + frequency 2 + 2 forbid any repeat under greedy
+    ids = [t for t, _ in _token_ids(client, kw | {"presence_penalty": 2.0, "frequency_penalty": 2.0})]
+    assert len(set(ids)) == 6
+
+
+def _token_ids(client, kw: dict) -> list[tuple[int, float]]:
+    """Generated token strings come back; their logprobs identify them with top_logprobs=1 (greedy: top = chosen)."""
+    r = client.completions.create(**(kw | {"logprobs": 1}))
+    lp = r.choices[0].logprobs
+    return [(t, v) for t, v in zip(lp.tokens, lp.token_logprobs)]
+
+
+def test_structured_outputs_through_the_server(server, client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a person"}], n=8,
+                                       temperature=0.7, max_tokens=150, response_format=fmt)  # fmt: skip
+    assert all(valid(json.loads(c.message.content)) for c in r.choices), [
+        c.message.content for c in r.choices
+    ]
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=150,
+                                       response_format={"type": "json_object"}, temperature=0)  # fmt: skip
+    assert r.choices[0].finish_reason == "length" or isinstance(
+        json.loads(r.choices[0].message.content), dict
+    )
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}
+    e = httpx.post(server[0] + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                             "response_format": bad}).json()["error"]  # fmt: skip
+    assert e["param"] == "response_format" and re.search("invalid JSON schema", e["message"])
+    assert server[1].blocks.num_used == 0
