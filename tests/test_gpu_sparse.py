@@ -34,11 +34,11 @@ def hctx():
     return Ctx(seed=0)
 
 
-def _run(hctx, case, name):
+def _run(hctx, case, name, *args):
     """Run harness case `case` for setup `name` on a fresh seed; assert every row passes."""
     seed = int(np.random.SeedSequence().entropy % (1 << 31))
     hctx.rng = np.random.default_rng(seed)  # as Ctx(seed): reproduce with CASES[case](Ctx(seed), name)
-    results = CASES[case](hctx, name)
+    results = CASES[case](hctx, name, *args)
     results = results if isinstance(results, list) else [results]
     print(format_table(results))
     bad = [r for r in results if not r.ok]
@@ -63,9 +63,10 @@ def test_mixed_prefill_and_selecting_decode_step(hctx):
     assert r.ok, format_table([r])
 
 
+@pytest.mark.parametrize("group_reduce", HP.GROUP_REDUCE)
 @pytest.mark.parametrize("name", list(SPARSE_DECODE))
-def test_page_selector_matches_reference(hctx, name):
-    _run(hctx, "page_select_one", name)
+def test_page_selector_matches_reference(hctx, name, group_reduce):
+    _run(hctx, "page_select_one", name, group_reduce)
 
 
 @pytest.mark.parametrize("name", list(ROPE_SPARSE))

@@ -25,7 +25,8 @@ KERNEL_OPTIONS: tuple[str, ...] = ()  # extra NVRTC options, the same at run tim
 HEAD_DIMS = (64, 128)
 _THREADS = 128
 _COMBINE_THREADS = 256
-_META = 8  # nqb, num_tokens, sink, local, then spare (PLAN_META in attention_common.cuh)
+_META = 8  # nqb, num_tokens, sink, local, group_reduce, then spare (PLAN_META in attention_common.cuh)
+GROUP_REDUCE_CODE = {"max": 0, "mass": 1}  # plan meta[4], read by the selector kernels
 _QB_FIELDS = (
     "qb_seq",
     "qb_start",
@@ -112,6 +113,7 @@ class CudaPlan:
         self.kv_page, self.kv_lpage = self.kv_pl[0::2], self.kv_pl[1::2]
         self.nqb = self.num_tokens = self.max_qb_len = self.q_block = self.page_size = 0
         self.sink = self.local = 0
+        self.group_reduce = "max"
         self.selects = False
         self.always_select = always_select
         self.visit_pages: int | None = None  # longest page list a decode head visits (None: unknown)
@@ -141,7 +143,13 @@ class CudaPlan:
         if self._copy_done is not None:
             self._copy_done.synchronize()
         h, o = self._host, self._offs
-        h[o["meta"][0] : o["meta"][0] + 4] = (nqb, plan.num_tokens, plan.sink, plan.local)
+        h[o["meta"][0] : o["meta"][0] + 5] = (
+            nqb,
+            plan.num_tokens,
+            plan.sink,
+            plan.local,
+            GROUP_REDUCE_CODE[plan.group_reduce],
+        )
         for name in _QB_FIELDS:
             a = o[name][0]
             v = getattr(plan, name)
@@ -161,6 +169,7 @@ class CudaPlan:
         self.max_qb_len = int(plan.qb_len.max()) if nqb else 0
         self.q_block, self.page_size = int(plan.q_block), ps
         self.sink, self.local = int(plan.sink), int(plan.local)
+        self.group_reduce = plan.group_reduce
         self.visit_pages = plan.decode_visit_pages() if plan.selects else None
         self.decode_part = decode_part
         return self
@@ -377,7 +386,8 @@ def select_pages(q, kmax, kmin, plan: CudaPlan, head_class, head_slot, sel_idx, 
     """The page selector on the GPU (reference `reference/page_select.select_pages_ref`): for decode blocks with
     qb_keep > 0 and qb_refresh = 1, each dense KV head's top pages -> sel_idx / sel_cnt (ascending indices
     into the block's class-0 list, the newest last). kmax/kmin fp16 [P, nd, sub_pages, D]. Two launches
-    (page_score, page_topk) sized by the plan's capacity only: graph-capturable, no host round trip."""
+    (page_score, page_topk) sized by the plan's capacity only: graph-capturable, no host round trip; the
+    group reduction is read from the device plan (meta[4]), so one graph serves either."""
     n, hq, d = q.shape
     hkv = int(head_class.shape[0])
     nd, sub = int(kmax.shape[1]), int(kmax.shape[2])
@@ -388,10 +398,12 @@ def select_pages(q, kmax, kmin, plan: CudaPlan, head_class, head_slot, sel_idx, 
     ps = plan.page_size
     if ps % sub or (sub & (sub - 1)):
         raise ValueError(f"sub_pages {sub} must be a power of two dividing page_size {ps}")
+    group = hq // hkv
+    if plan.group_reduce == "mass" and group > 32:
+        raise ValueError(f"group_reduce mass needs at most 32 query heads per KV head, got {group}")
     k = _kernels()
     head_class, head_slot = _int32_dev(head_class), _int32_dev(head_slot)
-    scores = plan.workspace("sel_scores", hkv * plan.max_pages, np.float32)
-    group = hq // hkv
+    scores = plan.workspace("sel_scores", hq * plan.max_pages, np.float32)  # mass: a row per query head
     smem = group * d * 4
     # About 8 pages per warp (4 warps per CTA) for the longest list the capacity allows: the loads of a warp
     # are dependent round trips, so the GPU needs many warps in flight (measured: 1 TB/s with 4 CTAs per SM).
@@ -410,6 +422,6 @@ def select_pages(q, kmax, kmin, plan: CudaPlan, head_class, head_slot, sel_idx, 
     topk(
         (plan.max_qblocks, hkv),
         (_TOPK_THREADS,),
-        (*plan_args, head_class, scores, np.int32(plan.max_pages), np.int32(hkv), sel_idx, sel_cnt,
-         np.int32(sel_idx.shape[-1])),
+        (*plan_args, head_class, scores, np.int32(plan.max_pages), np.int32(hkv), np.int32(group), sel_idx,
+         sel_cnt, np.int32(sel_idx.shape[-1])),
     )  # fmt: skip

@@ -11,12 +11,16 @@ from .common import Ctx, Result
 from .sparse_batch import SparseBatch, sparse_cache
 
 
-def page_select_one(c: Ctx, name: str) -> Result:
+GROUP_REDUCE = ("max", "mass")  # config.GROUP_REDUCE: every selector row runs with each
+
+
+def page_select_one(c: Ctx, name: str, group_reduce: str = "max") -> Result:
     """CudaOps.select_pages vs select_pages_ref on a poisoned (-1) selection: the selected page sets per
     (selection slot, dense head), the counts, and rows the selector must leave alone (streaming heads, no
     budget, reused selections). abs = mismatching rows; a set that differs only by pages whose reference
     scores tie the k-th best within fp32 summation error is noted, not counted."""
     b, kmax, kmin, cap = decode_setup(c, name)
+    b.plan.group_reduce = group_reduce
     hkv = b.hc.size
     sel = np.full((b.num_slots, hkv, cap), -1, np.int32)
     cnt = np.full((b.num_slots, hkv), -1, np.int32)
@@ -26,7 +30,7 @@ def page_select_one(c: Ctx, name: str) -> Result:
     got_sel, got_cnt = cache.sel_idx[0].get(), cache.sel_cnt[0].get()
     hard, near = _selection_mismatches(b, kmax, kmin, got_sel, got_cnt, sel, cnt)
     pattern = "".join(str(int(x)) for x in b.hc)
-    tag = f"{name} {pattern} Hq{b.q.shape[1]} D{b.q.shape[2]} p{b.plan.page_size}"
+    tag = f"{name} {group_reduce} {pattern} Hq{b.q.shape[1]} D{b.q.shape[2]} p{b.plan.page_size}"
     note = "abs = mismatching rows" + (f"; {near} near-tie swaps" if near else "")
     return Result("page_select", tag, hard, 0.0, hard == 0, note)
 
@@ -54,7 +58,8 @@ def _selection_mismatches(b: SparseBatch, kmax, kmin, sel_g, cnt_g, sel_r, cnt_r
             group = b.q.shape[1] // b.hc.size
             qg = b.q[plan.qb_start[qb]].reshape(b.hc.size, group, -1)[g]
             st = (kmax[:, b.slot[g] : b.slot[g] + 1], kmin[:, b.slot[g] : b.slot[g] + 1])
-            scores = page_scores(qg, *st, table, int(plan.qb_pos[qb]) + 1, group, plan.page_size)[0, :-1]
+            ctx = int(plan.qb_pos[qb]) + 1
+            scores = page_scores(qg, *st, table, ctx, group, plan.page_size, plan.group_reduce)[0, :-1]
             kth = np.sort(scores)[::-1][k - 2]
             swapped = np.asarray(sorted(got ^ want))
             tol = 1e-4 * max(1.0, abs(kth))
@@ -66,4 +71,4 @@ def _selection_mismatches(b: SparseBatch, kmax, kmin, sel_g, cnt_g, sel_r, cnt_r
 
 
 def case_page_select(c: Ctx) -> list[Result]:
-    return [page_select_one(c, n) for n in SPARSE_DECODE]
+    return [page_select_one(c, n, r) for n in SPARSE_DECODE for r in GROUP_REDUCE]
