@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lserve_lite.config import GROUP_REDUCE
 from lserve_lite.harness import attention as HA
 from lserve_lite.harness import layers as HL
 from lserve_lite.harness import page_select as HP
@@ -63,7 +64,7 @@ def test_mixed_prefill_and_selecting_decode_step(hctx):
     assert r.ok, format_table([r])
 
 
-@pytest.mark.parametrize("group_reduce", HP.GROUP_REDUCE)
+@pytest.mark.parametrize("group_reduce", GROUP_REDUCE)
 @pytest.mark.parametrize("name", list(SPARSE_DECODE))
 def test_page_selector_matches_reference(hctx, name, group_reduce):
     _run(hctx, "page_select_one", name, group_reduce)

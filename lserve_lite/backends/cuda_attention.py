@@ -64,6 +64,42 @@ def _decode_smem(d: int, stages: int) -> int:
 # --------------------------------------------------------------------------------------------------------
 
 
+def plan_offsets(max_qblocks: int, max_seqs: int, max_pages: int) -> dict[str, tuple[int, int]]:
+    """[start, end) of each field in a device plan buffer of this capacity (`plan_view` in
+    attention_common.cuh computes the same from the capacity); the buffer size is offs["kv_pl"][1]."""
+    cq, offs, o = max_qblocks, {}, 0
+    for name, n in (
+        ("meta", _META),
+        *((f, cq) for f in _QB_FIELDS),
+        ("seq_ctx", max_seqs),
+        ("kv_indptr", 2 * cq + 1),
+    ):
+        offs[name] = (o, o + n)
+        o += n
+    o += o & 1  # kv_pl is read as int2: 8-byte aligned
+    offs["kv_pl"] = (o, o + 2 * max_pages)
+    return offs
+
+
+def pack_plan(h: np.ndarray, offs: dict[str, tuple[int, int]], plan: AttentionPlan) -> int:
+    """Write `plan` into the int32 host buffer `h` laid out by `offs`; returns the used prefix length."""
+    nqb, nnz, nseq = plan.num_qblocks, int(plan.kv_page.shape[0]), int(plan.seq_ctx.shape[0])
+    m = offs["meta"][0]
+    h[m : m + 5] = (nqb, plan.num_tokens, plan.sink, plan.local, GROUP_REDUCE_CODE[plan.group_reduce])
+    for name in _QB_FIELDS:
+        a = offs[name][0]
+        v = getattr(plan, name)
+        h[a : a + nqb] = 0 if v is None else v
+    a = offs["seq_ctx"][0]
+    h[a : a + nseq] = plan.seq_ctx
+    a = offs["kv_indptr"][0]
+    h[a : a + 2 * nqb + 1] = plan.kv_indptr
+    a = offs["kv_pl"][0]
+    h[a : a + 2 * nnz : 2] = plan.kv_page
+    h[a + 1 : a + 2 * nnz : 2] = plan.kv_lpage
+    return a + 2 * nnz
+
+
 class CudaPlan:
     """Device copy of an `AttentionPlan`, in buffers of fixed capacity.
 
@@ -88,20 +124,8 @@ class CudaPlan:
         self.max_qblocks = int(max_qblocks)
         self.max_pages = int(max_pages)
         self.max_seqs = int(max_seqs if max_seqs is not None else max_qblocks)
-        cq, cs = self.max_qblocks, self.max_seqs
-        offs, o = {}, 0
-        for name, n in (
-            ("meta", _META),
-            *((f, cq) for f in _QB_FIELDS),
-            ("seq_ctx", cs),
-            ("kv_indptr", 2 * cq + 1),
-        ):
-            offs[name] = (o, o + n)
-            o += n
-        o += o & 1  # kv_pl is read as int2: 8-byte aligned
-        offs["kv_pl"] = (o, o + 2 * self.max_pages)
-        self._offs = offs
-        self._size = o + 2 * self.max_pages
+        self._offs = offs = plan_offsets(self.max_qblocks, self.max_seqs, self.max_pages)
+        self._size = offs["kv_pl"][1]
         self.buffer = cp.zeros(self._size, dtype=np.int32)
         cp.cuda.Stream.null.synchronize()  # the zero fill must not race with an update on another stream
         self._pinned_mem = cp.cuda.alloc_pinned_memory(self._size * 4)
@@ -142,28 +166,9 @@ class CudaPlan:
         self.selects = self.always_select or plan.selects
         if self._copy_done is not None:
             self._copy_done.synchronize()
-        h, o = self._host, self._offs
-        h[o["meta"][0] : o["meta"][0] + 5] = (
-            nqb,
-            plan.num_tokens,
-            plan.sink,
-            plan.local,
-            GROUP_REDUCE_CODE[plan.group_reduce],
-        )
-        for name in _QB_FIELDS:
-            a = o[name][0]
-            v = getattr(plan, name)
-            h[a : a + nqb] = 0 if v is None else v
-        a = o["seq_ctx"][0]
-        h[a : a + nseq] = plan.seq_ctx
-        a = o["kv_indptr"][0]
-        h[a : a + 2 * nqb + 1] = plan.kv_indptr
-        a = o["kv_pl"][0]
-        h[a : a + 2 * nnz : 2] = plan.kv_page
-        h[a + 1 : a + 2 * nnz : 2] = plan.kv_lpage
-        n = a + 2 * nnz
+        n = pack_plan(self._host, self._offs, plan)
         stream = stream if stream is not None else cp.cuda.get_current_stream()
-        self.buffer[:n].set(h[:n], stream=stream)
+        self.buffer[:n].set(self._host[:n], stream=stream)
         self._copy_done = stream.record()
         self.nqb, self.num_tokens = nqb, int(plan.num_tokens)
         self.max_qb_len = int(plan.qb_len.max()) if nqb else 0

@@ -5,14 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..backends.reference.page_select import select_pages_ref
+from ..config import GROUP_REDUCE
 from ..sparse.selector import page_scores
 from .attention import SPARSE_DECODE, decode_setup
 from .common import Ctx, Result
 from .sparse_batch import SparseBatch, sparse_cache
-
-
-GROUP_REDUCE = ("max", "mass")  # config.GROUP_REDUCE: every selector row runs with each
-
 
 def page_select_one(c: Ctx, name: str, group_reduce: str = "max") -> Result:
     """CudaOps.select_pages vs select_pages_ref on a poisoned (-1) selection: the selected page sets per
