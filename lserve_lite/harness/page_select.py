@@ -11,6 +11,7 @@ from .attention import SPARSE_DECODE, decode_setup
 from .common import Ctx, Result
 from .sparse_batch import SparseBatch, sparse_cache
 
+
 def page_select_one(c: Ctx, name: str, group_reduce: str = "max") -> Result:
     """CudaOps.select_pages vs select_pages_ref on a poisoned (-1) selection: the selected page sets per
     (selection slot, dense head), the counts, and rows the selector must leave alone (streaming heads, no
