@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lserve_lite.backends.cuda import SELECTORS
 from lserve_lite.config import GROUP_REDUCE
 from lserve_lite.harness import attention as HA
 from lserve_lite.harness import layers as HL
@@ -64,10 +65,12 @@ def test_mixed_prefill_and_selecting_decode_step(hctx):
     assert r.ok, format_table([r])
 
 
+@pytest.mark.parametrize("selector", SELECTORS)
 @pytest.mark.parametrize("group_reduce", GROUP_REDUCE)
-@pytest.mark.parametrize("name", list(SPARSE_DECODE))
-def test_page_selector_matches_reference(hctx, name, group_reduce):
-    _run(hctx, "page_select_one", name, group_reduce)
+@pytest.mark.parametrize("name", [*SPARSE_DECODE, *HP.SELECT_LONG])
+def test_page_selector_matches_reference(hctx, name, group_reduce, selector):
+    """Both launchers (page_select.cu, the Numba kernel), up to 256k-token page counts."""
+    _run(hctx, "page_select_one", name, group_reduce, selector)
 
 
 @pytest.mark.parametrize("name", list(ROPE_SPARSE))

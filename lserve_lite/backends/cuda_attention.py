@@ -179,13 +179,14 @@ class CudaPlan:
         self.decode_part = decode_part
         return self
 
-    def workspace(self, name: str, size: int, dtype):
-        """A device scratch buffer that only grows (stable pointers for CUDA Graph replay)."""
+    def workspace(self, name: str, size: int, dtype, zeroed: bool = False):
+        """A device scratch buffer that only grows (stable pointers for CUDA Graph replay); `zeroed`: filled
+        with zeros when (re)allocated, for state a kernel keeps and restores itself (counters)."""
         import cupy as cp
 
         buf = self._workspace.get(name)
         if buf is None or buf.size < size:
-            buf = cp.empty(size, dtype=dtype)
+            buf = (cp.zeros if zeroed else cp.empty)(size, dtype=dtype)
             self._workspace[name] = buf
         return buf[:size]
 
