@@ -163,7 +163,7 @@ def page_select_kernel(q, kmax, kmin, plan, cap_qb, cap_seq, head_class, head_sl
             if e < npages:
                 lpage = plan[pl + 2 * (lo + e) + 1]
                 if (lpage << ps_shift) + ((li % sub) << lp_shift) < ctx:
-                    acc = 0.0
+                    acc = float32(0.0)
                     for i in range(li * tpl, li * tpl + tpl):
                         acc += part[h * nt + i]
             lbound[h * lpi + li] = acc
@@ -303,9 +303,12 @@ class NumbaSelector:
         self._views: dict = {}
         self._streams: dict = {}
 
-    def _dev(self, a):
-        """A Numba view of a CuPy array, cached by (pointer, shape, dtype) (as_cuda_array costs host time);
-        sync=False: the producer is the same stream, and a sync would break a capture."""
+    def _dev(self, a, cached: bool = True):
+        """A Numba view of a CuPy array (sync=False: the producer is the same stream, and a sync would break a
+        capture); views of long-lived arrays (caches, plans, workspaces) are kept, as as_cuda_array costs host
+        time and a view keeps its array alive: per-step activations pass cached=False."""
+        if not cached:
+            return cuda.as_cuda_array(a, sync=False)
         key = (a.data.ptr, a.shape, a.dtype.str)
         v = self._views.get(key)
         if v is None:
@@ -333,7 +336,7 @@ class NumbaSelector:
             stream = self._streams[ptr] = cuda.external_stream(ptr)
         dev, ps_shift = self._dev, plan.page_size.bit_length() - 1
         page_select_kernel[grid, block, stream](
-            dev(q), dev(kmax), dev(kmin), dev(plan.buffer), plan.max_qblocks, plan.max_seqs, dev(head_class),
+            dev(q, cached=False), dev(kmax), dev(kmin), dev(plan.buffer), plan.max_qblocks, plan.max_seqs, dev(head_class),
             dev(head_slot), dev(scores), dev(scores.view(np.uint32)), rows, dev(counter), dev(sel_idx),
             dev(sel_cnt), ps_shift, ps_shift - (sub.bit_length() - 1), np.float32(1 / math.sqrt(d)),
         )  # fmt: skip
