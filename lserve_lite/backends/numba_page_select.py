@@ -35,6 +35,24 @@ MAX_LPI = MAX_THREADS // (MIN_D // CH)  # logical pages scored per step
 CHUNK = 16  # two-level block scans: entries per chunk
 NEG_INF = -math.inf
 NQB_FIELDS = len(_QB_FIELDS)
+# shared array sizes (Numba wants each a single constant)
+QS_SIZE = MAX_GROUP * MAX_D
+PART_SIZE = MAX_GROUP * MAX_THREADS
+LBOUND_SIZE = MAX_GROUP * MAX_LPI
+CHUNKS_SIZE = MAX_THREADS // CHUNK + 1
+PAIRS_SIZE = 2 * MAX_THREADS
+
+
+@cuda.jit(device=True)
+def _lo(a, b):
+    """min (the builtin does not type in every Numba CUDA version)."""
+    return a if a < b else b
+
+
+@cuda.jit(device=True)
+def _hi(a, b):
+    """max, as _lo."""
+    return a if a > b else b
 
 
 @cuda.jit(device=True)
@@ -62,7 +80,7 @@ def _exclusive_sum(v, sh, chunks, tid, nt):
     nc = (nt + CHUNK - 1) // CHUNK
     if tid < nc:
         s = 0
-        for i in range(tid * CHUNK, min(nt, tid * CHUNK + CHUNK)):
+        for i in range(tid * CHUNK, _lo(nt, tid * CHUNK + CHUNK)):
             s += sh[i]
         chunks[tid] = s
     cuda.syncthreads()
@@ -81,7 +99,7 @@ def _exclusive_sum(v, sh, chunks, tid, nt):
 
 @cuda.jit(device=True)
 def _lse_merge(m, z, m2, z2):
-    mx = max(m, m2)
+    mx = _hi(m, m2)
     if mx == NEG_INF:
         return m, z
     return mx, z * math.exp(m - mx) + z2 * math.exp(m2 - mx)
@@ -92,13 +110,13 @@ def page_select_kernel(q, kmax, kmin, plan, cap_qb, cap_seq, head_class, head_sl
                        counter, sel_idx, sel_cnt, ps_shift, lp_shift, inv_sqrt_d):  # fmt: skip
     """One layer's page selection (module docstring); q [N, Hq, D], kmax/kmin [P, nd, sub, D], scores and
     scores_u one float32 buffer [Hq * row_cap] seen as float and as uint32, counter [cap_qb * Hkv] zeros."""
-    qs = cuda.shared.array(MAX_GROUP * MAX_D, float32)
-    part = cuda.shared.array(MAX_GROUP * MAX_THREADS, float32)
-    lbound = cuda.shared.array(MAX_GROUP * MAX_LPI, float32)
+    qs = cuda.shared.array(QS_SIZE, float32)
+    part = cuda.shared.array(PART_SIZE, float32)
+    lbound = cuda.shared.array(LBOUND_SIZE, float32)
     ish = cuda.shared.array(MAX_THREADS, int32)
-    chunks = cuda.shared.array(MAX_THREADS // CHUNK + 1, int32)
+    chunks = cuda.shared.array(CHUNKS_SIZE, int32)
     hist = cuda.shared.array(256, int32)
-    fsh = cuda.shared.array(2 * MAX_THREADS, float32)  # (m, z) pairs of logsumexp reductions
+    fsh = cuda.shared.array(PAIRS_SIZE, float32)  # (m, z) pairs of logsumexp reductions
     lse = cuda.shared.array(MAX_GROUP, float32)
     state = cuda.shared.array(4, int64)  # last CTA flag / prefix / need / done
 
@@ -114,7 +132,7 @@ def page_select_kernel(q, kmax, kmin, plan, cap_qb, cap_seq, head_class, head_sl
     keep = plan[f + 7 * cap_qb + qb]
     if keep <= 0 or plan[f + 8 * cap_qb + qb] == 0:
         return
-    keep = min(keep, sel_idx.shape[2])
+    keep = _lo(keep, sel_idx.shape[2])
     lo = plan[indptr + 2 * qb]
     npages = plan[indptr + 2 * qb + 1] - lo
     slot = plan[f + 6 * cap_qb + qb]
@@ -154,7 +172,7 @@ def page_select_kernel(q, kmax, kmin, plan, cap_qb, cap_seq, head_class, head_sl
                 kn = float32(kmin[phys, hslot, s, c])
                 for h in range(group):
                     qv = qs[h * d + c]
-                    part[h * nt + tid] += max(qv * kx, qv * kn)
+                    part[h * nt + tid] += _hi(qv * kx, qv * kn)
         cuda.syncthreads()
         for t in range(tid, lpi * group, nt):
             li, h = t % lpi, t // lpi
@@ -173,10 +191,10 @@ def page_select_kernel(q, kmax, kmin, plan, cap_qb, cap_seq, head_class, head_sl
             for h in range(group):
                 bh = float32(NEG_INF)
                 for s in range(sub):
-                    bh = max(bh, lbound[h * lpi + tid * sub + s])
+                    bh = _hi(bh, lbound[h * lpi + tid * sub + s])
                 if mass:
                     scores[row0 + h * row_cap + e0 + tid] = bh * inv_sqrt_d
-                best = max(best, bh)
+                best = _hi(best, bh)
             if not mass:
                 scores[row0 + e0 + tid] = best
 
@@ -200,7 +218,7 @@ def page_select_kernel(q, kmax, kmin, plan, cap_qb, cap_seq, head_class, head_sl
             fsh[2 * tid], fsh[2 * tid + 1] = m, z
             cuda.syncthreads()
             if tid * CHUNK < nt:  # two levels: CHUNK pairs per thread, then thread 0
-                for t in range(tid * CHUNK + 1, min(nt, tid * CHUNK + CHUNK)):
+                for t in range(tid * CHUNK + 1, _lo(nt, tid * CHUNK + CHUNK)):
                     m, z = _lse_merge(m, z, fsh[2 * t], fsh[2 * t + 1])
             cuda.syncthreads()
             if tid * CHUNK < nt:
@@ -220,7 +238,7 @@ def page_select_kernel(q, kmax, kmin, plan, cap_qb, cap_seq, head_class, head_sl
 
     n, k = npages - 1, keep - 1  # candidates (all but the newest), how many of them to keep
     seg = (n + nt - 1) // nt  # each thread owns candidates [tid * seg, tid * seg + seg)
-    a, b = min(n, tid * seg), min(n, tid * seg + seg)
+    a, b = _lo(n, tid * seg), _lo(n, tid * seg + seg)
     if k > 0:
         prefix, mask, need = int64(0), int64(0), int64(k)
         state[3] = 0
@@ -262,7 +280,7 @@ def page_select_kernel(q, kmax, kmin, plan, cap_qb, cap_seq, head_class, head_sl
             gt += 1 if key > prefix else 0
             ties += 1 if key == prefix else 0
         tie0, _ = _exclusive_sum(ties, ish, chunks, tid, nt)
-        take_ties = min(max(need - tie0, 0), ties)
+        take_ties = _lo(_hi(need - tie0, 0), ties)
         pos, _ = _exclusive_sum(gt + take_ties, ish, chunks, tid, nt)
         for i in range(a, b):
             key = _order_key(scores_u[row0 + i]) & mask
