@@ -1,5 +1,5 @@
-"""The one-launch Numba page selector (backends/numba_page_select.py) against select_pages_ref, in Numba's CUDA
-simulator. The simulator is chosen when numba.cuda is first imported, so the checks run in a subprocess with
+"""The one-launch Numba page selector (backends/numba_page_select.py): against select_pages_ref in Numba's CUDA
+simulator, and compiled to PTX for the GPU. The simulator is chosen when numba.cuda is first imported, so the checks run in a subprocess with
 NUMBA_ENABLE_CUDASIM=1 and this process's numba.cuda (other tests, a real GPU) is left alone."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 # SPARSE_DECODE's format (harness/attention.py): contexts, Hq, head classes, D, page, sub_pages, budget in
 # pages per sequence, (sink, local) per sequence, refresh per sequence (None: all). Small: the simulator runs
@@ -36,6 +37,42 @@ def test_numba_selector_matches_reference_in_simulator():
     r = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("ok") == 2 * len(CASES), r.stdout
+
+
+def test_numba_selector_compiles_for_the_gpu():
+    """PTX for sm_80 and sm_90 with the GPU's argument types (float16 statistics), as NVRTC checks the
+    RawKernels (tests/test_kernels_compile.py); skipped where Numba finds no NVVM."""
+    r = subprocess.run([sys.executable, __file__, "ptx"], capture_output=True, text=True, timeout=600)
+    if r.returncode == 0 and r.stdout.startswith("skip"):
+        pytest.skip(r.stdout.strip())
+    assert r.returncode == 0 and r.stdout.count("ptx ok") == 2, r.stdout + r.stderr[-3000:]
+
+
+def _ptx() -> int:
+    import types
+
+    import numba.cuda.dispatcher
+    from numba import cuda
+    from numba import types as nt
+    from numba.cuda.cudadrv.error import NvvmSupportError
+
+    from lserve_lite.backends.numba_page_select import page_select_kernel
+
+    a = lambda dt, n: nt.Array(dt, n, "C")  # noqa: E731
+    i32, i64, f16 = nt.int32, nt.int64, nt.float16
+    sig = (a(f16, 3), a(f16, 4), a(f16, 4), a(i32, 1), i64, i64, a(i32, 1), a(i32, 1), a(nt.float32, 1),
+           a(nt.uint32, 1), i64, a(i32, 1), a(i32, 3), a(i32, 2), i64, i64, nt.float32)  # fmt: skip
+    for cc in ((8, 0), (9, 0)):
+        # device functions take the compute capability of the current device: there is none here
+        numba.cuda.dispatcher.get_current_device = lambda cc=cc: types.SimpleNamespace(compute_capability=cc)
+        try:
+            ptx, _ = cuda.compile_ptx(page_select_kernel.py_func, sig, cc=cc)
+        except NvvmSupportError as e:
+            print(f"skip: no NVVM ({e})")
+            return 0
+        assert ".local" not in ptx and ".f64" not in ptx  # no spills to local memory, no double math
+        print(f"sm_{cc[0]}{cc[1]} ptx ok ({len(ptx)} chars)")
+    return 0
 
 
 def _run_case(name: str, spec: tuple, group_reduce: str, seed: int) -> None:
@@ -104,6 +141,8 @@ def _main() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["ptx"]:
+        sys.exit(_ptx())
     if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
         sys.exit("run with NUMBA_ENABLE_CUDASIM=1 (pytest does: tests/test_numba_selector.py)")
     sys.exit(_main())
