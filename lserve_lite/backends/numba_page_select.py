@@ -28,11 +28,12 @@ from .cuda_attention import _META, _QB_FIELDS
 
 THREADS = 256  # per CTA on the GPU (tests run fewer in the simulator)
 MAX_THREADS = 256  # shared arrays are sized for this many threads per CTA
-MAX_GROUP = 16  # query heads per KV head
+MAX_GROUP = 8  # query heads per KV head
 MIN_D, MAX_D = 32, 256
 CH = 8  # channels a thread sums per logical page
 MAX_LPI = MAX_THREADS // (MIN_D // CH)  # logical pages scored per step
 CHUNK = 16  # two-level block scans: entries per chunk
+MAX_KEYS = 4096  # candidates the top-k keeps in shared memory (256k tokens at page 64); longer lists read L2
 NEG_INF = -math.inf
 NQB_FIELDS = len(_QB_FIELDS)
 # shared array sizes (Numba wants each a single constant)
@@ -70,6 +71,12 @@ def _order_key(u):
     """uint32 bits of a float32 -> an int64 key that orders like the float."""
     k = int64(u)
     return int64(0xFFFFFFFF) - k if k >= 0x80000000 else k + 0x80000000
+
+
+@cuda.jit(device=True)
+def _key(i, keys, in_smem, scores_u, row0):
+    """Order key of candidate i: from the shared copy (stored less 2^31, as int32) or from the scores row."""
+    return int64(keys[i]) + 0x80000000 if in_smem else _order_key(scores_u[row0 + i])
 
 
 @cuda.jit(device=True)
@@ -119,6 +126,7 @@ def page_select_kernel(q, kmax, kmin, plan, cap_qb, cap_seq, head_class, head_sl
     fsh = cuda.shared.array(PAIRS_SIZE, float32)  # (m, z) pairs of logsumexp reductions
     lse = cuda.shared.array(MAX_GROUP, float32)
     state = cuda.shared.array(4, int64)  # last CTA flag / prefix / need / done
+    keys = cuda.shared.array(MAX_KEYS, int32)  # the top-k's candidate keys (less 2^31)
 
     x, qb, g = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
     gx, nt, tid = cuda.gridDim.x, cuda.blockDim.x, cuda.threadIdx.x
@@ -239,6 +247,11 @@ def page_select_kernel(q, kmax, kmin, plan, cap_qb, cap_seq, head_class, head_sl
     n, k = npages - 1, keep - 1  # candidates (all but the newest), how many of them to keep
     seg = (n + nt - 1) // nt  # each thread owns candidates [tid * seg, tid * seg + seg)
     a, b = _lo(n, tid * seg), _lo(n, tid * seg + seg)
+    in_smem = n <= MAX_KEYS
+    if in_smem and k > 0:  # one coalesced read of the scores; the passes below read shared memory
+        for i in range(tid, n, nt):
+            keys[i] = int32(_order_key(scores_u[row0 + i]) - 0x80000000)
+        cuda.syncthreads()
     if k > 0:
         prefix, mask, need = int64(0), int64(0), int64(k)
         state[3] = 0
@@ -247,7 +260,7 @@ def page_select_kernel(q, kmax, kmin, plan, cap_qb, cap_seq, head_class, head_sl
                 hist[i] = 0
             cuda.syncthreads()
             for i in range(a, b):
-                key = _order_key(scores_u[row0 + i])
+                key = _key(i, keys, in_smem, scores_u, row0)
                 if (key & mask) == prefix:
                     cuda.atomic.add(hist, (key >> shift) & 255, 1)
             cuda.syncthreads()
@@ -276,14 +289,14 @@ def page_select_kernel(q, kmax, kmin, plan, cap_qb, cap_seq, head_class, head_sl
         # ---- compaction in index order: keys above the threshold, and the first `need` ties
         gt, ties = 0, 0
         for i in range(a, b):
-            key = _order_key(scores_u[row0 + i]) & mask
+            key = _key(i, keys, in_smem, scores_u, row0) & mask
             gt += 1 if key > prefix else 0
             ties += 1 if key == prefix else 0
         tie0, _ = _exclusive_sum(ties, ish, chunks, tid, nt)
         take_ties = _lo(_hi(need - tie0, 0), ties)
         pos, _ = _exclusive_sum(gt + take_ties, ish, chunks, tid, nt)
         for i in range(a, b):
-            key = _order_key(scores_u[row0 + i]) & mask
+            key = _key(i, keys, in_smem, scores_u, row0) & mask
             take = key > prefix
             if key == prefix:
                 take = take_ties > 0
