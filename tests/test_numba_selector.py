@@ -132,9 +132,8 @@ def _run_case(name: str, spec: tuple, group_reduce: str, seed: int) -> None:
 
 
 def _main() -> int:
-    from lserve_lite.config import GROUP_REDUCE
-
     import lserve_lite.backends.numba_page_select as nps
+    from lserve_lite.config import GROUP_REDUCE
 
     for i, (name, spec) in enumerate(CASES.items()):
         for group_reduce in GROUP_REDUCE:
