@@ -110,9 +110,8 @@ def _run_case(name: str, spec: tuple, group_reduce: str, seed: int) -> None:
     counter = cuda.to_device(np.zeros(cap_qb * hkv, np.int32))
     d_sel, d_cnt = cuda.to_device(np.full_like(want_sel, -1)), cuda.to_device(np.full_like(want_cnt, -1))
     f16 = lambda a: np.ascontiguousarray(a, np.float16)  # noqa: E731  (the GPU's storage)
-    for _ in range(
-        2 if name == "mixed" else 1
-    ):  # twice: the counters the last CTAs reset serve the next launch
+    launches = 2 if name == "mixed" else 1  # twice: the counters the last CTAs reset serve the next launch
+    for _ in range(launches):
         page_select_kernel[grid, block](
             f16(b.q), f16(kmax), f16(kmin), buf, cap_qb, cap_seq, b.hc, b.slot, scores, scores.view(np.uint32),
             rows, counter, d_sel, d_cnt, ps.bit_length() - 1, ps.bit_length() - sub.bit_length(),
@@ -138,8 +137,10 @@ def _main() -> int:
     for i, (name, spec) in enumerate(CASES.items()):
         for group_reduce in GROUP_REDUCE:
             _run_case(name, spec, group_reduce, seed=100 + i)
-    nps.MAX_KEYS = 4  # lists longer than the shared key copy: the top-k reads the scores rows (the simulator
-    _run_case("mixed", CASES["mixed"], "max", seed=7)  # reads module constants at run time)
+    # lists longer than the shared key copy: the top-k reads the scores rows (the simulator reads module
+    # constants when it runs)
+    nps.MAX_KEYS = 4
+    _run_case("mixed", CASES["mixed"], "max", seed=7)
     return 0
 
 
