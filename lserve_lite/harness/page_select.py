@@ -13,12 +13,9 @@ from .attention import SPARSE_DECODE, decode_setup
 from .common import Ctx, Result
 from .sparse_batch import SparseBatch, sparse_cache
 
-# Page counts of long contexts (Llama-3-8B heads, half of them streaming): selector rows only, the attention
-# rows' NumPy references would take minutes there.
-SELECT_LONG = {
-    "llama3_128k": ([131072], 32, "01010101", 128, 64, 4, [64], [(128, 256)], None),
-    "llama3_256k": ([262144], 32, "01010101", 128, 64, 4, [64], [(128, 256)], None),
-}
+# The page count of a 256k-token context (Llama-3-8B heads, half of them streaming): selector rows only, the
+# attention rows' NumPy references would take minutes there.
+SELECT_LONG = {"llama3_256k": ([262144], 32, "01010101", 128, 64, 4, [64], [(128, 256)], None)}
 
 
 def page_select_one(c: Ctx, name: str, group_reduce: str = "max", selector: str = "rawkernel") -> Result:
