@@ -10,8 +10,9 @@ Grid (gx, plan capacity in query blocks, Hkv), one CTA of `threads`:
   head of the group, shared memory adds them up and keeps valid logical pages' max per head -> the page
   bound of each head (mass: / sqrt(D), a row per head) or of the group (max) in `scores`.
 - top-k: the CTA that finishes last for (qb, g) (threadfence + a counter it resets) turns mass bounds into
-  log weights (sparse/selector.py), radix-selects the (keep - 1)-th largest candidate key (8 bits a pass,
-  stopping once the threshold's bucket is taken whole), and writes the candidates above it plus the
+  log weights (sparse/selector.py), copies the candidates' order keys into shared memory (lists up to
+  MAX_KEYS; longer ones are read from the scores row), radix-selects the (keep - 1)-th largest (8 bits a
+  pass, stopping once the threshold's bucket is taken whole), and writes the candidates above it plus the
   lowest-index ties in index order, then the newest entry -> sel_idx[slot, g], sel_cnt[slot, g].
 Each (qb) region of `scores` starts on its own 128-byte line and no other CTA reads it, so the last CTA's
 ordinary loads cannot hit a line another CTA brought into its SM's L1 earlier in the launch.
