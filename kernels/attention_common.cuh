@@ -112,7 +112,7 @@ __device__ __forceinline__ bool key_visible(int kp, int qp, int ctx, int cls, in
 //   (cap_qb each) | seq_ctx (cap_seq) | kv_indptr (2 cap_qb + 1) | pad to 8 bytes | kv_pl (int2 pairs).
 constexpr int PLAN_META = 8;
 struct PlanView {
-  const int* meta;        // [8]: nqb, num_tokens, sink, local (scalars of the host plan; kernels use qb_*)
+  const int* meta;        // [8]: nqb, num_tokens, sink, local (kernels use qb_*), group_reduce (1: mass)
   const int* qb_seq;      // [cap_qb]
   const int* qb_start;    // [cap_qb]
   const int* qb_len;      // [cap_qb]

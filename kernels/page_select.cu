@@ -5,13 +5,15 @@
 // Two launches per layer, both graph-capturable (every count and flag is read from the device plan, so the
 // same graph serves refresh steps and reuse steps: blocks without qb_keep > 0 and qb_refresh = 1 exit):
 //   page_score<D>: per (query block, dense KV head, physical page of its class-0 list):
-//       logical score = sum_c max(q_c * kmax_c, q_c * kmin_c), max over the GQA group's query heads,
-//       physical score = max over its logical pages holding a valid token -> scores[g][lo + e] (fp32).
+//       logical bound = sum_c max(q_c * kmax_c, q_c * kmin_c) per query head, page bound = max over its
+//       logical pages holding a valid token. group_reduce max (plan meta[4] = 0): the max over the GQA group
+//       -> scores[g][0][lo + e]; mass (1): each head's bound / sqrt(D) -> scores[g][h][lo + e] (fp32).
 //       One warp per physical page, grid-stride; a lane reads 8 channels (16 bytes) of kmax and of kmin.
-//   page_topk: per (query block, dense KV head): radix select of the (keep - 1)-th largest score among all
-//       entries but the newest (4 passes of 8 bits), then the entries above it and the lowest-index ties, in
-//       index order, then the newest entry -> sel_idx[slot, g, :keep] (ascending), sel_cnt = keep. When the
-//       list fits the budget: every entry.
+//   page_topk: per (query block, dense KV head): (mass: per head the logsumexp over the list, then each
+//       entry's logsumexp over the group of bound - that, in place into scores[g][0]) radix select of the
+//       (keep - 1)-th largest score among all entries but the newest (4 passes of 8 bits), then the entries
+//       above it and the lowest-index ties, in index order, then the newest entry -> sel_idx[slot, g, :keep]
+//       (ascending), sel_cnt = keep. When the list fits the budget: every entry.
 // Key statistics kmax/kmin [pages, n_dense, sub_pages, D] are fp16 (exact: keys are stored in fp16).
 #include "attention_common.cuh"
 
@@ -43,6 +45,7 @@ __device__ __forceinline__ void page_score_body(const f16_t* __restrict__ q, con
                                                 const int* __restrict__ head_slot, int nd, int sub,
                                                 float* __restrict__ scores, int cap_nnz, int Hq, int Hkv,
                                                 int ps_shift) {
+  static_assert(D / 8 <= 32, "a logical page's channels fit one warp");
   constexpr int LP = D / 8;         // lanes per logical page (16 bytes of channels each)
   constexpr int PER_IT = 32 / LP;   // logical pages per warp iteration
   extern __shared__ float qs[];     // [group][D] fp32
@@ -56,11 +59,12 @@ __device__ __forceinline__ void page_score_body(const f16_t* __restrict__ q, con
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int lp_shift = ps_shift - (31 - __clz(sub));  // log2 tokens per logical page
   const int slot = head_slot[g], c8 = lane % LP;
-  float* out = scores + (size_t)g * cap_nnz + lo;
+  const bool mass = pv.meta[4] == 1;  // uniform: the head bounds are kept apart (lane h keeps head h's)
+  float* out = scores + (size_t)g * group * cap_nnz + lo;
   for (int e = blockIdx.x * nwarps + warp; e < npages; e += gridDim.x * nwarps) {
     const int2 pl = pv.kv_pl[lo + e];
     const size_t base = ((size_t)pl.x * nd + slot) * sub * D;
-    float best = LSERVE_NEG_INF;
+    float best = LSERVE_NEG_INF, mine = LSERVE_NEG_INF;
 #pragma unroll 4
     for (int s0 = 0; s0 < sub; s0 += PER_IT) {
       const int ls = s0 + lane / LP;
@@ -89,8 +93,18 @@ __device__ __forceinline__ void page_score_body(const f16_t* __restrict__ q, con
 #pragma unroll
         for (int o = LP / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
         lbest = fmaxf(lbest, acc);
+        if (mass) {  // head h's bound over this iteration's valid logical pages, kept by lane h
+          float v = valid ? acc : LSERVE_NEG_INF;
+#pragma unroll
+          for (int o = 16; o >= LP; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+          if (lane == h) mine = fmaxf(mine, v);
+        }
       }
       if (valid) best = fmaxf(best, lbest);
+    }
+    if (mass) {
+      if (lane < group) out[(size_t)lane * cap_nnz + e] = mine * rsqrtf((float)D);
+      continue;
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, o));
@@ -125,8 +139,44 @@ __device__ __forceinline__ int cta_exclusive_count(bool flag, int* warp_sums, in
   return before + __popc(b & ((1u << lane) - 1u));
 }
 
+// (m, z) of a logsumexp m + log z, merged with another.
+__device__ __forceinline__ void lse_merge(float& m, float& z, float m2, float z2) {
+  const float mx = fmaxf(m, m2);
+  if (mx == LSERVE_NEG_INF) return;
+  z = z * expf(m - mx) + z2 * expf(m2 - mx);
+  m = mx;
+}
+
+// group_reduce mass: rows h = 0..group-1 of bounds b[h][i] (i < n) -> row 0 holds
+// logsumexp_h(b[h][i] - logsumexp_i b[h][i]), the log of the group's summed softmax weight of entry i.
+__device__ void group_mass_scores(float* __restrict__ s, int n, int group, int cap_nnz, float* red) {
+  __shared__ float s_lse[32];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  for (int h = 0; h < group; ++h) {
+    const float* b = s + (size_t)h * cap_nnz;
+    float m = LSERVE_NEG_INF, z = 0.f;
+    for (int i = tid; i < n; i += TK_THREADS) lse_merge(m, z, b[i], 1.f);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+      lse_merge(m, z, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, z, o));
+    if (lane == 0) red[2 * warp] = m, red[2 * warp + 1] = z;
+    __syncthreads();
+    if (tid == 0) {
+      for (int w = 1; w < TK_WARPS; ++w) lse_merge(m, z, red[2 * w], red[2 * w + 1]);
+      s_lse[h] = m + logf(z);
+    }
+    __syncthreads();
+  }
+  for (int i = tid; i < n; i += TK_THREADS) {
+    float m = LSERVE_NEG_INF, z = 0.f;
+    for (int h = 0; h < group; ++h) lse_merge(m, z, s[(size_t)h * cap_nnz + i] - s_lse[h], 1.f);
+    s[i] = m + logf(z);
+  }
+  __syncthreads();
+}
+
 __device__ __forceinline__ void page_topk_body(const PlanView pv, const int* __restrict__ head_class,
-                                               const float* __restrict__ scores, int cap_nnz, int Hkv,
+                                               float* __restrict__ scores, int cap_nnz, int Hkv, int group,
                                                int* __restrict__ sel_idx, int* __restrict__ sel_cnt, int sel_cap) {
   __shared__ int hist[256];
   __shared__ int warp_sums[TK_WARPS];
@@ -143,8 +193,12 @@ __device__ __forceinline__ void page_topk_body(const PlanView pv, const int* __r
     if (tid == 0) sel_cnt[row] = npages;
     return;
   }
-  const float* s = scores + (size_t)g * cap_nnz + lo;
+  float* s = scores + (size_t)g * group * cap_nnz + lo;
   const int n = npages - 1, k = keep - 1;  // candidates (all but the newest), how many of them to keep
+  if (pv.meta[4] == 1) {
+    __shared__ float red[2 * TK_WARPS];
+    group_mass_scores(s, npages, group, cap_nnz, red);
+  }
   if (k > 0) {
     // ---- radix select: the key of the k-th largest candidate, and how many of its ties to take
     u32 prefix = 0, mask = 0;
@@ -218,8 +272,8 @@ LSERVE_PAGE_SCORE_KERNEL(64)
 LSERVE_PAGE_SCORE_KERNEL(128)
 
 extern "C" __global__ void __launch_bounds__(lsattn::TK_THREADS)
-    page_topk(const int* plan, int cap_qb, int cap_seq, const int* head_class, const float* scores, int cap_nnz,
-              int Hkv, int* sel_idx, int* sel_cnt, int sel_cap) {
-  lsattn::page_topk_body(lsattn::plan_view(plan, cap_qb, cap_seq), head_class, scores, cap_nnz, Hkv, sel_idx,
-                         sel_cnt, sel_cap);
+    page_topk(const int* plan, int cap_qb, int cap_seq, const int* head_class, float* scores, int cap_nnz,
+              int Hkv, int group, int* sel_idx, int* sel_cnt, int sel_cap) {
+  lsattn::page_topk_body(lsattn::plan_view(plan, cap_qb, cap_seq), head_class, scores, cap_nnz, Hkv, group,
+                         sel_idx, sel_cnt, sel_cap);
 }

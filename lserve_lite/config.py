@@ -243,6 +243,9 @@ def _rope_scaling(f: _Fields, rope: dict) -> dict | None:
             "original_max_position_embeddings": old}  # fmt: skip
 
 
+GROUP_REDUCE = ("max", "mass")  # the page selector's GQA group reductions (sparse/selector.py)
+
+
 @dataclass(frozen=True)
 class SparseConfig:
     """LServe's knobs, with the paper's defaults (docs/SPARSE.md). `enabled=False` is the dense baseline."""
@@ -257,6 +260,7 @@ class SparseConfig:
     decode_local: int = 256
     token_budget: int = 4096
     select_interval: int = 4
+    group_reduce: str = "max"  # selector: one score per KV head from its query group (sparse/selector.py)
     pattern_path: str | None = None
 
     def validate(self) -> SparseConfig:
@@ -279,6 +283,8 @@ class SparseConfig:
             bad(f"token_budget must be a multiple of page_size and >= 2 pages, got {self.token_budget}")
         if self.select_interval < 1:
             bad(f"select_interval must be >= 1, got {self.select_interval}")
+        if self.group_reduce not in GROUP_REDUCE:
+            bad(f"group_reduce must be one of {', '.join(GROUP_REDUCE)}, got {self.group_reduce!r}")
         return self
 
     def with_updates(self, **kw) -> SparseConfig:

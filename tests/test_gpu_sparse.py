@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lserve_lite.backends.cuda import SELECTORS
+from lserve_lite.config import GROUP_REDUCE
 from lserve_lite.harness import attention as HA
 from lserve_lite.harness import layers as HL
 from lserve_lite.harness import page_select as HP
@@ -34,11 +36,11 @@ def hctx():
     return Ctx(seed=0)
 
 
-def _run(hctx, case, name):
+def _run(hctx, case, name, *args):
     """Run harness case `case` for setup `name` on a fresh seed; assert every row passes."""
     seed = int(np.random.SeedSequence().entropy % (1 << 31))
     hctx.rng = np.random.default_rng(seed)  # as Ctx(seed): reproduce with CASES[case](Ctx(seed), name)
-    results = CASES[case](hctx, name)
+    results = CASES[case](hctx, name, *args)
     results = results if isinstance(results, list) else [results]
     print(format_table(results))
     bad = [r for r in results if not r.ok]
@@ -63,9 +65,12 @@ def test_mixed_prefill_and_selecting_decode_step(hctx):
     assert r.ok, format_table([r])
 
 
-@pytest.mark.parametrize("name", list(SPARSE_DECODE))
-def test_page_selector_matches_reference(hctx, name):
-    _run(hctx, "page_select_one", name)
+@pytest.mark.parametrize("selector", SELECTORS)
+@pytest.mark.parametrize("group_reduce", GROUP_REDUCE)
+@pytest.mark.parametrize("name", [*SPARSE_DECODE, *HP.SELECT_LONG])
+def test_page_selector_matches_reference(hctx, name, group_reduce, selector):
+    """Both launchers (page_select.cu, the Numba kernel), up to 256k-token page counts."""
+    _run(hctx, "page_select_one", name, group_reduce, selector)
 
 
 @pytest.mark.parametrize("name", list(ROPE_SPARSE))

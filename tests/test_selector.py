@@ -155,6 +155,21 @@ def test_gqa_max_over_group():
     np.testing.assert_allclose(full[0], np.max(per_head, axis=0), rtol=1e-6)
 
 
+@pytest.mark.parametrize("ctx,seed", [(200, 0), (161, 1), (300, 3)])
+def test_group_mass_bruteforce(ctx, seed):
+    """group_reduce "mass": log of the group's summed softmax weight of each page's bound / sqrt(D)."""
+    q, cache, kmax, kmin, table, group = _setup(ctx, seed)
+    q = q * 4  # spread the bounds so that the softmax is far from uniform
+    got = page_scores(q, kmax, kmin, table, ctx, group, PS, "mass")
+    # [group, HKV, n]: member g of every KV head's group alone
+    b = np.stack([_independent_scores(q[g::group], cache, table, ctx, 1) for g in range(group)]) / np.sqrt(D)
+    w = np.exp(b - b.max(2, keepdims=True))
+    w = (w / w.sum(2, keepdims=True)).sum(0)
+    np.testing.assert_allclose(got, np.log(w), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="group_reduce"):
+        page_scores(q, kmax, kmin, table, ctx, group, PS, "mean")
+
+
 def test_top_pages_ties_deterministic():
     s = np.zeros((1, 6))
     np.testing.assert_array_equal(top_pages(s, 3), [[0, 1, 5]])

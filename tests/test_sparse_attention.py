@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 
 from lserve_lite import LLM, EngineConfig, SamplingParams, SparseConfig
+from lserve_lite.backends.reference import page_select as page_select_ref
 from lserve_lite.backends.reference.attention import paged_attention_sparse_ref, visited_pages
 from lserve_lite.backends.reference.page_select import select_pages_ref
 from lserve_lite.backends.reference.page_stats import update_page_stats
-from lserve_lite.config import ModelConfig
+from lserve_lite.config import GROUP_REDUCE, ModelConfig
 from lserve_lite.kv.block_manager import BlockManager
 from lserve_lite.kv.layout import KVLayout
 from lserve_lite.sequence import Sequence
 from lserve_lite.sparse.plan import BatchLayout, build_plan
+from lserve_lite.sparse.selector import choose_pages
 
 
 def masked_dense(q, keys, vals, qpos, mask):
@@ -134,22 +136,34 @@ def test_engine_budget_over_context_equals_dense(tiny_llama, tmp_path):
     assert sparse.engine.blocks.num_used == 0
 
 
-def test_engine_streaming_heads_and_selection_run_and_free(tiny_llama, tmp_path):
+@pytest.mark.parametrize("group_reduce", GROUP_REDUCE)
+def test_engine_streaming_heads_and_selection_run_and_free(tiny_llama, tmp_path, monkeypatch, group_reduce):
     rng = np.random.default_rng(6)
     prompts = [[int(t) for t in rng.integers(3, 320, int(n))] for n in rng.integers(100, 600, 6)]
     params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
-    _, llm = _sparse_tiny(tiny_llama, tmp_path, token_budget=128, select_interval=4)
+    _, llm = _sparse_tiny(
+        tiny_llama, tmp_path, token_budget=128, select_interval=4, group_reduce=group_reduce
+    )
     assert llm.engine.layout.has_streaming
+    used = []  # the group reductions the CPU selector was asked for
+
+    def spy(*args):
+        used.append(args[-1])
+        return choose_pages(*args)
+
+    monkeypatch.setattr(page_select_ref, "choose_pages", spy)
     outs = llm.generate(prompts, params)
     assert all(len(o.token_ids) == 12 for o in outs)
+    assert used and set(used) == {group_reduce}
     assert llm.engine.blocks.num_used == 0
     # Per request: a budget override changes nothing structural and must match a solo run.
     rid = llm.engine.add_request(prompts[0], params, sparse={"token_budget": 64, "select_interval": 2})
     while llm.engine.has_unfinished():
         llm.engine.step()
     assert rid not in llm.engine.seqs
-    with pytest.raises(Exception, match="fixed per engine"):
-        llm.engine.add_request(prompts[0], params, sparse={"static_sparsity": 0.2})
+    for knob in ({"static_sparsity": 0.2}, {"group_reduce": "max"}):
+        with pytest.raises(Exception, match="fixed per engine"):
+            llm.engine.add_request(prompts[0], params, sparse=knob)
 
 
 def test_streaming_memory_is_constant_in_context_length():

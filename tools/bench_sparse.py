@@ -9,7 +9,9 @@ DuoAttention pattern at static sparsity 0.5 (per-layer head classes; layers LAYE
   over the selected pages (budget 4096 tokens) + streaming windows (sink 128 + local 256) + 1/4 of the page
   selector (select_interval 4), both through CUDA Graphs; SDPA flash / cuDNN dense decode.
 Writes JSON (--out DIR/bench_sparse.json) and a PNG of speedup against context length; prints a table.
-Usage: python3 tools/bench_sparse.py --out DIR [--no-flex] [--quick]
+- the page selector per layer at 128k and 256k, batch 1: page_select.cu (two launches) and the Numba kernel
+  (one launch), group_reduce max and mass, through CUDA Graphs, and whether they pick the same pages.
+Usage: python3 tools/bench_sparse.py --out DIR [--no-flex] [--quick] [--selector-only]
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +110,63 @@ def _graph_us(fn, steps: int = 10) -> float:
     return ms * 1000 / steps
 
 
+def _sparse_step(ctx: int, batch: int, hc: np.ndarray, budget: int, sink: int, local: int) -> dict:
+    """Random LServe decode inputs of one layer: pools, key statistics, selection buffers, and the device plans
+    of a reuse step (0), a refresh step (1) and a refresh step with group_reduce mass ("mass")."""
+    import cupy as cp
+
+    from lserve_lite.backends.cuda_attention import CudaPlan
+    from lserve_lite.sparse.plan import BatchLayout, build_plan
+
+    per = ctx // PAGE
+    perm = np.random.default_rng(0).permutation(per * batch)
+    tables = [[int(x) for x in perm[i * per : (i + 1) * per]] for i in range(batch)]
+    nd, ns = int((hc == 0).sum()), int((hc == 1).sum())
+    ring = (math.ceil(sink / PAGE), math.ceil((local + 64) / PAGE) + 1)
+    sp = ring[0] + ring[1]
+    stables = [list(range(i * sp, (i + 1) * sp)) for i in range(batch)]
+    keep = budget // PAGE
+    kmax = _rand(cp, (per * batch, nd, SUB, D), 6)
+    st = dict(
+        q=_rand(cp, (batch, HQ, D), 1), nd=nd, ns=ns, kmax=kmax, kmin=kmax - cp.abs(_rand(cp, kmax.shape, 7)),
+        k=_rand(cp, (per * batch, nd, PAGE, D), 2), v=_rand(cp, (per * batch, nd, PAGE, D), 3),
+        ks=_rand(cp, (sp * batch, ns, PAGE, D), 4), vs=_rand(cp, (sp * batch, ns, PAGE, D), 5),
+        hcd=cp.asarray(hc.astype(np.int32)), hsd=cp.asarray(_slots(hc).astype(np.int32)),
+        sel=cp.zeros((batch, HKV, keep + 1), np.int32), cnt=cp.zeros((batch, HKV), np.int32),
+    )  # fmt: skip
+    for key, refresh, reduce in ((0, 0, "max"), (1, 1, "max"), ("mass", 1, "mass")):
+        lay = BatchLayout([1] * batch, [ctx] * batch, tables, stream_tables=stables, windows=[(sink, local)] * batch,
+                          sel_slots=list(range(batch)), sel_keep=[keep] * batch, sel_refresh=[refresh] * batch)  # fmt: skip
+        st[key] = CudaPlan.from_plan(build_plan(lay, PAGE, 64, ring=ring, group_reduce=reduce))
+    return st
+
+
+def selectors(ctx: int, batch: int, hc: np.ndarray, budget: int = 4096) -> dict:
+    """The page selector of one layer per launcher (backends.cuda.SELECTORS) and group reduction: us per
+    call (CUDA Graph replays), and the fraction of (sequence, dense head) rows whose pages equal the
+    RawKernel's with the same reduction."""
+    import cupy as cp
+
+    from lserve_lite.backends.cuda import SELECTORS, page_selector
+
+    st = _sparse_step(ctx, batch, hc, budget, 128, 256)
+    dense = hc == 0
+    res, first = {}, {}
+    for reduce, plan in (("max", st[1]), ("mass", st["mass"])):
+        for name in SELECTORS:
+            fn = page_selector(name)
+            args = (st["q"], st["kmax"], st["kmin"], plan, st["hcd"], st["hsd"], st["sel"], st["cnt"])
+            call = partial(fn, *args)
+            st["sel"].fill(-1)
+            call()
+            cp.cuda.Device().synchronize()
+            got = np.sort(st["sel"].get()[:, dense], axis=-1)
+            first.setdefault(reduce, got)
+            res[f"{name}_{reduce}_us"] = _graph_us(call)
+            res[f"{name}_{reduce}_same"] = float(np.mean(np.all(got == first[reduce], axis=-1)))
+    return res
+
+
 def ours_decode(ctx: int, batch: int, hc: np.ndarray | None, budget: int = 4096, sink: int = 128,
                 local: int = 256) -> dict:  # fmt: skip
     """Per-layer decode attention (us per step, CUDA Graph replays): dense path, or LServe sparse."""
@@ -115,53 +175,35 @@ def ours_decode(ctx: int, batch: int, hc: np.ndarray | None, budget: int = 4096,
     from lserve_lite.backends.cuda_attention import CudaPlan, paged_attention, select_pages
     from lserve_lite.sparse.plan import BatchLayout, build_plan
 
-    per = ctx // PAGE
-    rng = np.random.default_rng(0)
-    perm = rng.permutation(per * batch)
-    tables = [[int(x) for x in perm[i * per : (i + 1) * per]] for i in range(batch)]
-    q = _rand(cp, (batch, HQ, D), 1)
-    out = cp.empty((batch, HQ * D), np.float16)
+    q, out = _rand(cp, (batch, HQ, D), 1), cp.empty((batch, HQ * D), np.float16)
     if hc is None:
+        per = ctx // PAGE
+        perm = np.random.default_rng(0).permutation(per * batch)
+        tables = [[int(x) for x in perm[i * per : (i + 1) * per]] for i in range(batch)]
         plan = CudaPlan.from_plan(build_plan(BatchLayout([1] * batch, [ctx] * batch, tables), PAGE, 64))
         k, v = _rand(cp, (per * batch, HKV, PAGE, D), 2), _rand(cp, (per * batch, HKV, PAGE, D), 3)
         us = _graph_us(lambda: paged_attention(q, k, v, plan, cp.zeros(HKV, np.int32), out=out, decode=True))
         return {"us": us}
-    nd, ns = int((hc == 0).sum()), int((hc == 1).sum())
-    ring = (math.ceil(sink / PAGE), math.ceil((local + 64) / PAGE) + 1)
-    sp = ring[0] + ring[1]
-    stables = [list(range(i * sp, (i + 1) * sp)) for i in range(batch)]
-    keep = budget // PAGE
-    res = {}
-    k, v = _rand(cp, (per * batch, nd, PAGE, D), 2), _rand(cp, (per * batch, nd, PAGE, D), 3)
-    ks, vs = _rand(cp, (sp * batch, ns, PAGE, D), 4), _rand(cp, (sp * batch, ns, PAGE, D), 5)
-    kmax = _rand(cp, (per * batch, nd, SUB, D), 6)
-    kmin = kmax - cp.abs(_rand(cp, kmax.shape, 7))
-    hcd, hsd = cp.asarray(hc.astype(np.int32)), cp.asarray(_slots(hc).astype(np.int32))
-    sel = cp.zeros((batch, HKV, keep + 1), np.int32)
-    cnt = cp.zeros((batch, HKV), np.int32)
-    plans = {}
-    for refresh in (0, 1):
-        lay = BatchLayout([1] * batch, [ctx] * batch, tables, stream_tables=stables, windows=[(sink, local)] * batch,
-                          sel_slots=list(range(batch)), sel_keep=[keep] * batch, sel_refresh=[refresh] * batch)  # fmt: skip
-        plans[refresh] = CudaPlan.from_plan(build_plan(lay, PAGE, 64, ring=ring))
-    select_pages(q, kmax, kmin, plans[1], hcd, hsd, sel, cnt)
+    st = _sparse_step(ctx, batch, hc, budget, sink, local)
+    sel_args = (st["q"], st["kmax"], st["kmin"], st[1], st["hcd"], st["hsd"], st["sel"], st["cnt"])
+    select_pages(*sel_args)
     cp.cuda.Device().synchronize()
-    res["sel_cnt_min"] = int(cnt[:, hc == 0].min()) if nd else 0
-    res["select_us"] = _graph_us(lambda: select_pages(q, kmax, kmin, plans[1], hcd, hsd, sel, cnt))
+    res = {"sel_cnt_min": int(st["cnt"][:, hc == 0].min()) if st["nd"] else 0}
+    res["select_us"] = _graph_us(lambda: select_pages(*sel_args))
     res["attn_us"] = _graph_us(
         lambda: paged_attention(
-            q,
-            k,
-            v,
-            plans[0],
-            hcd,
+            st["q"],
+            st["k"],
+            st["v"],
+            st[0],
+            st["hcd"],
             out=out,
             decode=True,
-            ks=ks,
-            vs=vs,
-            head_slot=hsd,
-            sel_idx=sel,
-            sel_cnt=cnt,
+            ks=st["ks"],
+            vs=st["vs"],
+            head_slot=st["hsd"],
+            sel_idx=st["sel"],
+            sel_cnt=st["cnt"],
         )  # fmt: skip
     )
     res["us"] = res["attn_us"] + res["select_us"] / 4
@@ -195,14 +237,26 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=".")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--selector-only", action="store_true", help="only the page selector rows (batch 1)")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     classes = layer_classes()
     layers = LAYERS[:2] if a.quick else LAYERS
     res = {"date": time.strftime("%Y-%m-%d %H:%M"), "layers": list(layers),
-           "dense_heads_per_layer": [int((c == 0).sum()) for c in classes], "prefill": [], "decode": []}  # fmt: skip
+           "dense_heads_per_layer": [int((c == 0).sum()) for c in classes], "prefill": [], "decode": [],
+           "selector": []}  # fmt: skip
     t0 = time.time()
+    for ctx in (131072, 262144):
+        per = [selectors(ctx, 1, classes[i]) for i in layers]
+        row = {"ctx": ctx, "batch": 1, **{k: float(np.mean([p[k] for p in per])) for k in per[0]}}
+        res["selector"].append(row)
+        _free_memory()
+        print(json.dumps(row), f"t={time.time() - t0:.0f}s", flush=True)
+    if a.selector_only:
+        (out / "bench_sparse_selector.json").write_text(json.dumps(res, indent=1))
+        print(format_table(res))
+        return 0
     for seq in (32768, 131072):
         row = {"seq": seq, "ours_dense_ms": ours_prefill(seq, None)}
         for local in (8192, 4096):
@@ -254,6 +308,15 @@ def format_table(res: dict) -> str:
             f"{_ms(fl):.1f} ({r.get('ours_sparse_l4096_same_layer_ms', float('nan')):.1f}) | "
             f"{_ms(r['sdpa_flash']) / r['ours_sparse_l8192_ms']:.2f}x |"
         )
+    lines += ["", "| selector per layer | " + " | ".join(f"{n} {r} us (same pages)" for r in ("max", "mass")
+              for n in ("rawkernel", "numba")) + " |", "|---|---|---|---|---|"]  # fmt: skip
+    for r in res.get("selector", []):
+        cells = [
+            f"{r[f'{n}_{g}_us']:.1f} ({r[f'{n}_{g}_same']:.2f})"
+            for g in ("max", "mass")
+            for n in ("rawkernel", "numba")
+        ]
+        lines.append(f"| {r['ctx'] // 1024}k x{r['batch']} | " + " | ".join(cells) + " |")
     lines += ["", "| decode | ours dense us | ours sparse us (attn + select/4) | select us | SDPA flash us | "
               "SDPA cuDNN us | flash / ours sparse |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in res["decode"]:

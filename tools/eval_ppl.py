@@ -69,7 +69,8 @@ def eval_length(r: Runner, h, names: list[str], ids: list[int], n_dec: int, log)
             r.prepare(h, seq, name, "decode")
             dec = _nll(h.decode(seq, n_dec), tgt)
             res[name] = {"ppl_prefill": float(np.exp(pre.mean())), "ppl_decode": float(np.exp(dec.mean())),
-                         "nll_decode": float(dec.mean()), "seconds": round(time.perf_counter() - t, 1)}  # fmt: skip
+                         "nll_decode": float(dec.mean()), "seconds": round(time.perf_counter() - t, 1),
+                         "nll_decode_tokens": np.round(dec, 5).tolist()}  # per token: paired comparisons  # fmt: skip
             log(f"  {C} tokens, {name:>14}: ppl decode {res[name]['ppl_decode']:.3f}, "
                 f"prefill {res[name]['ppl_prefill']:.3f} ({res[name]['seconds']:.0f} s)")  # fmt: skip
     finally:

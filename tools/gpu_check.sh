@@ -5,7 +5,7 @@
 # Each step has its own time limit so one slow or failing step does not hide the others.
 set -u
 OUT=${OUT:-results}; mkdir -p "$OUT"
-steps=${*:-kernels pytest llama sparse smol}
+steps=${*:-kernels pytest llama sparse smol selector}
 step() { local name=$1 limit=$2; shift 2; echo "== $name ($(date +%T))"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "   rc=$? $(tail -n 1 "$OUT/$name.log")"; }
 for s in $steps; do case $s in
   kernels) step kernels 200 python3 -m lserve_lite.cli kernels test --json "$OUT/kernels.json" ;;
@@ -27,5 +27,8 @@ for s in $steps; do case $s in
   tp)      # tensor parallelism: world 1 through NCCL on any GPU count; world 2 and the figures with 2+ GPUs
            step tp 400 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_gpu_tp.py
            step tp_bench 300 python3 tools/bench_tp.py --tensor-parallel 1 $( [ "$(nvidia-smi -L | wc -l)" -ge 2 ] && echo 2 ) --out "$OUT/bench_tp.json" ;;
+  selector) step selector_tests 300 env LSERVE_SELECTOR=numba python3 -m pytest -p no:cacheprovider -m gpu -q \
+               tests/test_gpu_sparse.py tests/test_gpu_graphs_sparse.py
+            step selector_bench 200 python3 tools/bench_sparse.py --selector-only --out "$OUT" ;;
   *) echo "unknown step $s"; exit 2 ;;
 esac; done

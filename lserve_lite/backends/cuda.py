@@ -139,6 +139,23 @@ class Cublas:
         )  # fmt: skip
 
 
+SELECTORS = ("rawkernel", "numba")
+
+
+def page_selector(name: str):
+    """The page selector launcher (arguments of cuda_attention.select_pages): "rawkernel", page_select.cu's
+    two launches (the default), or "numba", numba_page_select.py's one launch (docs/SPARSE.md)."""
+    if name == "rawkernel":
+        from .cuda_attention import select_pages
+
+        return select_pages
+    if name == "numba":
+        from .numba_page_select import NumbaSelector
+
+        return NumbaSelector()
+    raise ValueError(f"LSERVE_SELECTOR must be one of {', '.join(SELECTORS)}, got {name!r}")
+
+
 class CudaOps:
     """float16 CuPy implementation of the Ops interface (sm_80 and newer)."""
 
@@ -158,6 +175,7 @@ class CudaOps:
         mod = load_module("layers.cu", LAYER_KERNELS)
         self.k = {n: mod.get_function(n) for n in LAYER_KERNELS}
         self.sampler = GpuSampler()
+        self._selector = None  # page_selector(LSERVE_SELECTOR), on first use
         self.blas = Cublas(cp)
         self.quant = QuantKernels(cp, self.blas)
         self._plans: dict[tuple[int, int, int], object] = {}  # eager device plans by capacity bucket
@@ -208,12 +226,13 @@ class CudaOps:
         return GraphExecutor(self, forward, cache, ecfg.max_num_seqs, max_len, visit)
 
     def select_pages(self, q, cache: KVCache, layer: int, plan) -> None:
-        """Reference: reference/page_select.select_pages_ref. On the device (page_select.cu), no host synchronization."""
-        from .cuda_attention import select_pages
-
+        """Reference: reference/page_select.select_pages_ref. On the device, no host synchronization, with the
+        launcher LSERVE_SELECTOR names (page_selector)."""
         if cache.kmax is None:
             return
-        select_pages(
+        if self._selector is None:
+            self._selector = page_selector(os.environ.get("LSERVE_SELECTOR", "rawkernel"))
+        self._selector(
             q, cache.kmax[layer], cache.kmin[layer], plan, cache.head_class[layer], cache.head_slot[layer],
             cache.sel_idx[layer], cache.sel_cnt[layer],
         )  # fmt: skip

@@ -25,7 +25,8 @@ KERNEL_OPTIONS: tuple[str, ...] = ()  # extra NVRTC options, the same at run tim
 HEAD_DIMS = (64, 128)
 _THREADS = 128
 _COMBINE_THREADS = 256
-_META = 8  # nqb, num_tokens, sink, local, then spare (PLAN_META in attention_common.cuh)
+_META = 8  # nqb, num_tokens, sink, local, group_reduce, then spare (PLAN_META in attention_common.cuh)
+GROUP_REDUCE_CODE = {"max": 0, "mass": 1}  # plan meta[4], read by the selector kernels
 _QB_FIELDS = (
     "qb_seq",
     "qb_start",
@@ -63,6 +64,42 @@ def _decode_smem(d: int, stages: int) -> int:
 # --------------------------------------------------------------------------------------------------------
 
 
+def plan_offsets(max_qblocks: int, max_seqs: int, max_pages: int) -> dict[str, tuple[int, int]]:
+    """[start, end) of each field in a device plan buffer of this capacity (`plan_view` in
+    attention_common.cuh computes the same from the capacity); the buffer size is offs["kv_pl"][1]."""
+    cq, offs, o = max_qblocks, {}, 0
+    for name, n in (
+        ("meta", _META),
+        *((f, cq) for f in _QB_FIELDS),
+        ("seq_ctx", max_seqs),
+        ("kv_indptr", 2 * cq + 1),
+    ):
+        offs[name] = (o, o + n)
+        o += n
+    o += o & 1  # kv_pl is read as int2: 8-byte aligned
+    offs["kv_pl"] = (o, o + 2 * max_pages)
+    return offs
+
+
+def pack_plan(h: np.ndarray, offs: dict[str, tuple[int, int]], plan: AttentionPlan) -> int:
+    """Write `plan` into the int32 host buffer `h` laid out by `offs`; returns the used prefix length."""
+    nqb, nnz, nseq = plan.num_qblocks, int(plan.kv_page.shape[0]), int(plan.seq_ctx.shape[0])
+    m = offs["meta"][0]
+    h[m : m + 5] = (nqb, plan.num_tokens, plan.sink, plan.local, GROUP_REDUCE_CODE[plan.group_reduce])
+    for name in _QB_FIELDS:
+        a = offs[name][0]
+        v = getattr(plan, name)
+        h[a : a + nqb] = 0 if v is None else v
+    a = offs["seq_ctx"][0]
+    h[a : a + nseq] = plan.seq_ctx
+    a = offs["kv_indptr"][0]
+    h[a : a + 2 * nqb + 1] = plan.kv_indptr
+    a = offs["kv_pl"][0]
+    h[a : a + 2 * nnz : 2] = plan.kv_page
+    h[a + 1 : a + 2 * nnz : 2] = plan.kv_lpage
+    return a + 2 * nnz
+
+
 class CudaPlan:
     """Device copy of an `AttentionPlan`, in buffers of fixed capacity.
 
@@ -87,20 +124,8 @@ class CudaPlan:
         self.max_qblocks = int(max_qblocks)
         self.max_pages = int(max_pages)
         self.max_seqs = int(max_seqs if max_seqs is not None else max_qblocks)
-        cq, cs = self.max_qblocks, self.max_seqs
-        offs, o = {}, 0
-        for name, n in (
-            ("meta", _META),
-            *((f, cq) for f in _QB_FIELDS),
-            ("seq_ctx", cs),
-            ("kv_indptr", 2 * cq + 1),
-        ):
-            offs[name] = (o, o + n)
-            o += n
-        o += o & 1  # kv_pl is read as int2: 8-byte aligned
-        offs["kv_pl"] = (o, o + 2 * self.max_pages)
-        self._offs = offs
-        self._size = o + 2 * self.max_pages
+        self._offs = offs = plan_offsets(self.max_qblocks, self.max_seqs, self.max_pages)
+        self._size = offs["kv_pl"][1]
         self.buffer = cp.zeros(self._size, dtype=np.int32)
         cp.cuda.Stream.null.synchronize()  # the zero fill must not race with an update on another stream
         self._pinned_mem = cp.cuda.alloc_pinned_memory(self._size * 4)
@@ -112,6 +137,7 @@ class CudaPlan:
         self.kv_page, self.kv_lpage = self.kv_pl[0::2], self.kv_pl[1::2]
         self.nqb = self.num_tokens = self.max_qb_len = self.q_block = self.page_size = 0
         self.sink = self.local = 0
+        self.group_reduce = "max"
         self.selects = False
         self.always_select = always_select
         self.visit_pages: int | None = None  # longest page list a decode head visits (None: unknown)
@@ -140,38 +166,27 @@ class CudaPlan:
         self.selects = self.always_select or plan.selects
         if self._copy_done is not None:
             self._copy_done.synchronize()
-        h, o = self._host, self._offs
-        h[o["meta"][0] : o["meta"][0] + 4] = (nqb, plan.num_tokens, plan.sink, plan.local)
-        for name in _QB_FIELDS:
-            a = o[name][0]
-            v = getattr(plan, name)
-            h[a : a + nqb] = 0 if v is None else v
-        a = o["seq_ctx"][0]
-        h[a : a + nseq] = plan.seq_ctx
-        a = o["kv_indptr"][0]
-        h[a : a + 2 * nqb + 1] = plan.kv_indptr
-        a = o["kv_pl"][0]
-        h[a : a + 2 * nnz : 2] = plan.kv_page
-        h[a + 1 : a + 2 * nnz : 2] = plan.kv_lpage
-        n = a + 2 * nnz
+        n = pack_plan(self._host, self._offs, plan)
         stream = stream if stream is not None else cp.cuda.get_current_stream()
-        self.buffer[:n].set(h[:n], stream=stream)
+        self.buffer[:n].set(self._host[:n], stream=stream)
         self._copy_done = stream.record()
         self.nqb, self.num_tokens = nqb, int(plan.num_tokens)
         self.max_qb_len = int(plan.qb_len.max()) if nqb else 0
         self.q_block, self.page_size = int(plan.q_block), ps
         self.sink, self.local = int(plan.sink), int(plan.local)
+        self.group_reduce = plan.group_reduce
         self.visit_pages = plan.decode_visit_pages() if plan.selects else None
         self.decode_part = decode_part
         return self
 
-    def workspace(self, name: str, size: int, dtype):
-        """A device scratch buffer that only grows (stable pointers for CUDA Graph replay)."""
+    def workspace(self, name: str, size: int, dtype, zeroed: bool = False):
+        """A device scratch buffer that only grows (stable pointers for CUDA Graph replay); `zeroed`: filled
+        with zeros when (re)allocated, for state a kernel keeps and restores itself (counters)."""
         import cupy as cp
 
         buf = self._workspace.get(name)
         if buf is None or buf.size < size:
-            buf = cp.empty(size, dtype=dtype)
+            buf = (cp.zeros if zeroed else cp.empty)(size, dtype=dtype)
             self._workspace[name] = buf
         return buf[:size]
 
@@ -377,7 +392,8 @@ def select_pages(q, kmax, kmin, plan: CudaPlan, head_class, head_slot, sel_idx, 
     """The page selector on the GPU (reference `reference/page_select.select_pages_ref`): for decode blocks with
     qb_keep > 0 and qb_refresh = 1, each dense KV head's top pages -> sel_idx / sel_cnt (ascending indices
     into the block's class-0 list, the newest last). kmax/kmin fp16 [P, nd, sub_pages, D]. Two launches
-    (page_score, page_topk) sized by the plan's capacity only: graph-capturable, no host round trip."""
+    (page_score, page_topk) sized by the plan's capacity only: graph-capturable, no host round trip; the
+    group reduction is read from the device plan (meta[4]), so one graph serves either."""
     n, hq, d = q.shape
     hkv = int(head_class.shape[0])
     nd, sub = int(kmax.shape[1]), int(kmax.shape[2])
@@ -388,10 +404,12 @@ def select_pages(q, kmax, kmin, plan: CudaPlan, head_class, head_slot, sel_idx, 
     ps = plan.page_size
     if ps % sub or (sub & (sub - 1)):
         raise ValueError(f"sub_pages {sub} must be a power of two dividing page_size {ps}")
+    group = hq // hkv
+    if plan.group_reduce == "mass" and group > 32:
+        raise ValueError(f"group_reduce mass needs at most 32 query heads per KV head, got {group}")
     k = _kernels()
     head_class, head_slot = _int32_dev(head_class), _int32_dev(head_slot)
-    scores = plan.workspace("sel_scores", hkv * plan.max_pages, np.float32)
-    group = hq // hkv
+    scores = plan.workspace("sel_scores", hq * plan.max_pages, np.float32)  # mass: a row per query head
     smem = group * d * 4
     # About 8 pages per warp (4 warps per CTA) for the longest list the capacity allows: the loads of a warp
     # are dependent round trips, so the GPU needs many warps in flight (measured: 1 TB/s with 4 CTAs per SM).
@@ -410,6 +428,6 @@ def select_pages(q, kmax, kmin, plan: CudaPlan, head_class, head_slot, sel_idx, 
     topk(
         (plan.max_qblocks, hkv),
         (_TOPK_THREADS,),
-        (*plan_args, head_class, scores, np.int32(plan.max_pages), np.int32(hkv), sel_idx, sel_cnt,
-         np.int32(sel_idx.shape[-1])),
+        (*plan_args, head_class, scores, np.int32(plan.max_pages), np.int32(hkv), np.int32(group), sel_idx,
+         sel_cnt, np.int32(sel_idx.shape[-1])),
     )  # fmt: skip

@@ -181,10 +181,17 @@ class LLMEngine:
         sp = self.ecfg.sparse
         if not sp.enabled:
             raise InvalidRequestError("per-request sparse knobs need an engine started in sparse mode")
-        fixed = {"enabled", "static_sparsity", "page_size", "sub_pages", "pattern_path"} & set(knobs)
+        fixed = {
+            "enabled",
+            "static_sparsity",
+            "page_size",
+            "sub_pages",
+            "pattern_path",
+            "group_reduce",
+        } & set(knobs)
         if fixed:
             raise InvalidRequestError(
-                f"sparse knob(s) {sorted(fixed)} are fixed per engine (KV memory layout)"
+                f"sparse knob(s) {sorted(fixed)} are fixed per engine (KV memory layout, selector rule)"
             )
         req = sp.with_updates(**knobs)
         lay = self.layout

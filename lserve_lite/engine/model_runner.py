@@ -105,7 +105,8 @@ class ModelRunner:
         if lay is not None:
             self._sparse_layout(layout, seqs, num_new)
             ring = (lay.sink_pages, lay.ring_pages) if lay.has_streaming else None
-        plan = build_plan(layout, ps, sink=self.sink, local=self.local, ring=ring)
+        plan = build_plan(layout, ps, sink=self.sink, local=self.local, ring=ring,
+                          group_reduce=self.ecfg.sparse.group_reduce)  # fmt: skip
         slot_arr = np.concatenate(slots)
         if lay is not None:
             slot_arr = np.stack([slot_arr, np.concatenate(stream_slots)])

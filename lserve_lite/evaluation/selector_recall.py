@@ -6,8 +6,8 @@ Per layer and KV head, the exact softmax attention gives every page's mass (mean
 group). The selector (sparse/selector.py's `page_scores` + `top_pages`, on statistics of
 backends/reference/page_stats.py's definition for each sub_pages) keeps `budget / page_size` pages; the
 oracle keeps the newest page and the pages of largest exact mass under the same budget. Recall = selected
-mass / oracle mass. Scoring variants (`VARIANTS`) are candidates for a better rule, measured the same way;
-the engine's selector is not changed here.
+mass / oracle mass. Scoring variants (`VARIANTS`) are candidates for a better rule, measured the same way
+(`lserve` and `group_mass` are the engine's group_reduce "max" and "mass").
 """
 
 from __future__ import annotations
@@ -110,8 +110,11 @@ VARIANTS: dict[str, Callable[..., np.ndarray]] = {
     ),
     # logical pages combined by logsumexp (a page with several high logical pages holds more mass)
     "lse_sub": lambda q, kx, kn, km, ctx, page: _lse(_bounds(q, kx, kn, ctx, page), 3).max(1),
-    # query group combined by mean softmax weight (the mass the group's heads attend with)
-    "group_mass": lambda q, kx, kn, km, ctx, page: _group_mass(_bounds(q, kx, kn, ctx, page).max(3)),
+    # query group combined by mean softmax weight (the mass the group's heads attend with): the engine's
+    # group_reduce="mass", in log space
+    "group_mass": lambda q, kx, kn, km, ctx, page: page_scores(
+        q, kx, kn, np.arange(kx.shape[0]), ctx, q.shape[0] // kx.shape[1], page, "mass"
+    ),
     "lse_sub+group_mass": lambda q, kx, kn, km, ctx, page: _group_mass(
         _lse(_bounds(q, kx, kn, ctx, page), 3)
     ),

@@ -47,7 +47,7 @@ def parse_configs(spec: str) -> dict[str, SparseConfig | None]:
                 continue
             if k not in SparseConfig.__dataclass_fields__ or k in ("enabled", "pattern_path"):
                 raise InvalidRequestError(f"unknown sparse knob {k!r}")
-            kw[k] = float(v) if k == "static_sparsity" else int(v)
+            kw[k] = float(v) if k == "static_sparsity" else v if k == "group_reduce" else int(v)
         out[name] = SparseConfig(enabled=True).with_updates(**kw)
     return {"dense": None, **out} if "dense" not in out else out
 
@@ -88,7 +88,7 @@ class Runner:
 
     def groups(self):
         """Yield (harness, config names); the previous group's LLM is dropped first."""
-        fixed = ("static_sparsity", "page_size", "sub_pages")
+        fixed = ("static_sparsity", "page_size", "sub_pages", "group_reduce")
         keyed: dict = {}
         for name in self.configs:
             sc = self._config(name)

@@ -101,9 +101,10 @@ SPARSE_DECODE = {
                               [(128, 256)] * 4, [0, 0, 1, 1]),
 }
 
-def decode_setup(c: Ctx, name: str):
-    """The batch of SPARSE_DECODE[name], its dense-pool key statistics and the selection capacity."""
-    ctx, hq, pattern, d, ps, sub, keep, windows, refresh = SPARSE_DECODE[name]
+def decode_setup(c: Ctx, name: str, spec: tuple | None = None):
+    """The batch of SPARSE_DECODE[name] (or of `spec`, in its format), its dense-pool key statistics and
+    the selection capacity."""
+    ctx, hq, pattern, d, ps, sub, keep, windows, refresh = spec or SPARSE_DECODE[name]
     b = sparse_batch(c, [1] * len(ctx), ctx, hq, pattern, d, ps, windows, keep=keep, refresh=refresh)
     shape = (b.kd.shape[0], b.kd.shape[1], sub, d)
     x, y = c.f16(*shape), c.f16(*shape)

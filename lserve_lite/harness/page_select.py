@@ -1,32 +1,44 @@
-"""Harness rows of kernels/page_select.cu against backends/reference/page_select.py."""
+"""Harness rows of the page selectors (kernels/page_select.cu, backends/numba_page_select.py) against
+backends/reference/page_select.py."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..backends.cuda import SELECTORS, page_selector
 from ..backends.reference.page_select import select_pages_ref
+from ..config import GROUP_REDUCE
 from ..sparse.selector import page_scores
 from .attention import SPARSE_DECODE, decode_setup
 from .common import Ctx, Result
 from .sparse_batch import SparseBatch, sparse_cache
 
+# The page count of a 256k-token context (Llama-3-8B heads, half of them streaming): selector rows only, the
+# attention rows' NumPy references would take minutes there.
+SELECT_LONG = {"llama3_256k": ([262144], 32, "01010101", 128, 64, 4, [64], [(128, 256)], None)}
 
-def page_select_one(c: Ctx, name: str) -> Result:
-    """CudaOps.select_pages vs select_pages_ref on a poisoned (-1) selection: the selected page sets per
-    (selection slot, dense head), the counts, and rows the selector must leave alone (streaming heads, no
-    budget, reused selections). abs = mismatching rows; a set that differs only by pages whose reference
-    scores tie the k-th best within fp32 summation error is noted, not counted."""
-    b, kmax, kmin, cap = decode_setup(c, name)
+
+def page_select_one(c: Ctx, name: str, group_reduce: str = "max", selector: str = "rawkernel") -> Result:
+    """A page selector launcher (backends.cuda.page_selector) vs select_pages_ref on a poisoned (-1)
+    selection: the selected page sets per (selection slot, dense head), the counts, and rows the selector
+    must leave alone (streaming heads, no budget, reused selections). abs = mismatching rows; a set that
+    differs only by pages whose reference scores tie the k-th best within fp32 summation error is noted,
+    not counted. `name`: a setup of SPARSE_DECODE or SELECT_LONG."""
+    b, kmax, kmin, cap = decode_setup(c, name, SELECT_LONG.get(name))
+    b.plan.group_reduce = group_reduce
     hkv = b.hc.size
     sel = np.full((b.num_slots, hkv, cap), -1, np.int32)
     cnt = np.full((b.num_slots, hkv), -1, np.int32)
     select_pages_ref(b.q, kmax, kmin, b.plan, b.hc, b.slot, sel, cnt)
     cache = sparse_cache(c, b, kmax, kmin, cap=cap)
-    c.ops.select_pages(c.dev16(b.q), cache, 0, c.ops.prepare_plan(b.plan))
+    page_selector(selector)(
+        c.dev16(b.q), cache.kmax[0], cache.kmin[0], c.ops.prepare_plan(b.plan), cache.head_class[0],
+        cache.head_slot[0], cache.sel_idx[0], cache.sel_cnt[0],
+    )  # fmt: skip
     got_sel, got_cnt = cache.sel_idx[0].get(), cache.sel_cnt[0].get()
     hard, near = _selection_mismatches(b, kmax, kmin, got_sel, got_cnt, sel, cnt)
     pattern = "".join(str(int(x)) for x in b.hc)
-    tag = f"{name} {pattern} Hq{b.q.shape[1]} D{b.q.shape[2]} p{b.plan.page_size}"
+    tag = f"{name} {selector} {group_reduce} {pattern} Hq{b.q.shape[1]} D{b.q.shape[2]} p{b.plan.page_size}"
     note = "abs = mismatching rows" + (f"; {near} near-tie swaps" if near else "")
     return Result("page_select", tag, hard, 0.0, hard == 0, note)
 
@@ -54,7 +66,8 @@ def _selection_mismatches(b: SparseBatch, kmax, kmin, sel_g, cnt_g, sel_r, cnt_r
             group = b.q.shape[1] // b.hc.size
             qg = b.q[plan.qb_start[qb]].reshape(b.hc.size, group, -1)[g]
             st = (kmax[:, b.slot[g] : b.slot[g] + 1], kmin[:, b.slot[g] : b.slot[g] + 1])
-            scores = page_scores(qg, *st, table, int(plan.qb_pos[qb]) + 1, group, plan.page_size)[0, :-1]
+            ctx = int(plan.qb_pos[qb]) + 1
+            scores = page_scores(qg, *st, table, ctx, group, plan.page_size, plan.group_reduce)[0, :-1]
             kth = np.sort(scores)[::-1][k - 2]
             swapped = np.asarray(sorted(got ^ want))
             tol = 1e-4 * max(1.0, abs(kth))
@@ -66,4 +79,9 @@ def _selection_mismatches(b: SparseBatch, kmax, kmin, sel_g, cnt_g, sel_r, cnt_r
 
 
 def case_page_select(c: Ctx) -> list[Result]:
-    return [page_select_one(c, n) for n in SPARSE_DECODE]
+    return [
+        page_select_one(c, n, r, k)
+        for n in [*SPARSE_DECODE, *SELECT_LONG]
+        for r in GROUP_REDUCE
+        for k in SELECTORS
+    ]

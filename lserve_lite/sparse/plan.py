@@ -46,6 +46,7 @@ class AttentionPlan:
     qb_slot: np.ndarray | None = None  # [nqb] int32 selection slot of the block's sequence
     qb_keep: np.ndarray | None = None  # [nqb] int32 page budget (0: no selection for this block)
     qb_refresh: np.ndarray | None = None  # [nqb] int32 1: recompute the selection this step
+    group_reduce: str = "max"  # the selector's GQA group reduction (sparse/selector.py), one per engine
 
     def __post_init__(self):
         n = self.qb_seq.shape[0]
@@ -74,7 +75,7 @@ class AttentionPlan:
             qb_seq=self.qb_seq[qbs], qb_start=self.qb_start[qbs], qb_len=self.qb_len[qbs], qb_pos=self.qb_pos[qbs],
             seq_ctx=self.seq_ctx, kv_indptr=indptr, kv_page=cat(0), kv_lpage=cat(1), sink=self.sink,
             local=self.local, qb_sink=self.qb_sink[qbs], qb_local=self.qb_local[qbs], qb_slot=opt(self.qb_slot),
-            qb_keep=opt(self.qb_keep), qb_refresh=opt(self.qb_refresh),
+            qb_keep=opt(self.qb_keep), qb_refresh=opt(self.qb_refresh), group_reduce=self.group_reduce,
         )  # fmt: skip
 
     def decode_visit_pages(self) -> int:
@@ -115,6 +116,7 @@ def build_plan(
     sink: int = 0,
     local: int = 0,
     ring: tuple[int, int] | None = None,
+    group_reduce: str = "max",
 ) -> AttentionPlan:
     """Plan one step: dense heads visit every causal page; streaming heads sink + local pages only.
 
@@ -174,4 +176,5 @@ def build_plan(
         qb_slot=i32(qb_slot) if sel else None,
         qb_keep=i32(qb_keep) if sel else None,
         qb_refresh=i32(qb_refresh) if sel else None,
+        group_reduce=group_reduce,
     )

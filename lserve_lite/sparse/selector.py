@@ -1,9 +1,16 @@
 """LServe's query-aware page selector for dense heads at decode (hierarchical paging): the rule, in one place.
 
-Scores: logical page score = sum_c max(q_c * kmax_c, q_c * kmin_c); physical page score = max of its
-logical pages' scores; with GQA the score of a KV head is the max over its group's query heads. Per KV
-head keep the top `budget_pages - 1` pages among all but the newest page, plus the newest page; if the
-context fits in the budget, keep every page (geometry.budget_pages).
+Scores: logical page score = sum_c max(q_c * kmax_c, q_c * kmin_c) (an upper bound of q.k over its keys);
+physical page score = max of its logical pages' scores. With GQA one score per KV head, from its group's
+query heads (`group_reduce`):
+- "max" (LServe's rule): the max over the group of the raw bounds;
+- "mass": each query head's bounds / sqrt(D) through a softmax over the sequence's pages, the group's mean
+  weight; kept in log space (logsumexp over the group of bound - the head's logsumexp over pages), which
+  ranks pages as the mean weight does and still orders those whose weight underflows. It keeps more of the
+  exact attention mass at equal budget (docs/ACCURACY.md): the max follows whichever head has the largest
+  bounds, not the one whose attention sits on a few far pages.
+Per KV head keep the top `budget_pages - 1` pages among all but the newest page, plus the newest page; if
+the context fits in the budget, keep every page (geometry.budget_pages).
 
 Reuse (the reusable page selector): a selection is computed at the decode steps where `refresh_due` says
 so (every `select_interval` steps from the first decode step) and reused in between; a reused selection
@@ -19,6 +26,11 @@ import numpy as np
 from ..geometry import newest_page, pages_for
 
 
+def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
+    m = x.max(axis=axis, keepdims=True)
+    return (m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
 def page_scores(
     q: np.ndarray,
     kmax: np.ndarray,
@@ -27,12 +39,13 @@ def page_scores(
     ctx_len: int,
     group_size: int,
     page_size: int,
+    group_reduce: str = "max",
 ) -> np.ndarray:
     """Physical page scores [Hkv, n_pages] (n_pages = ceil(ctx_len / page_size)) for one sequence.
 
     q [Hq, D] (Hq = Hkv * group_size, query head h belongs to KV head h // group_size);
     kmax/kmin [num_pages, Hkv, sub_pages, D] indexed by physical page id. Logical pages that hold no
-    valid token (start >= ctx_len) score -inf.
+    valid token (start >= ctx_len) are ignored (every page has a valid first logical page).
     """
     q = np.asarray(q, np.float32)
     hq, d = q.shape
@@ -49,11 +62,17 @@ def page_scores(
     kx = kmax[table].transpose(1, 0, 2, 3).reshape(hkv, n_pages * sub, d)  # [Hkv, P*S, D]
     kn = kmin[table].transpose(1, 0, 2, 3).reshape(hkv, n_pages * sub, d)
     s = qp @ kx.transpose(0, 2, 1) + qn @ kn.transpose(0, 2, 1)  # [Hkv, G, P*S]
-    s = s.max(axis=1).reshape(hkv, n_pages, sub)  # GQA: max over the group
     lp = page_size // sub
     start = np.arange(n_pages)[:, None] * page_size + np.arange(sub)[None, :] * lp
-    s = np.where(start[None] < ctx_len, s, -np.inf)
-    return s.max(axis=2)
+    b = np.where(start < ctx_len, s.reshape(hkv, group_size, n_pages, sub), -np.inf).max(
+        axis=3
+    )  # [Hkv, G, P]
+    if group_reduce == "max":
+        return b.max(axis=1)
+    if group_reduce != "mass":
+        raise ValueError(f"group_reduce must be 'max' or 'mass', got {group_reduce!r}")
+    b = b * np.float32(1 / np.sqrt(d))
+    return _logsumexp(b - _logsumexp(b, 2)[..., None], 1)
 
 
 def top_pages(scores: np.ndarray, keep: int) -> np.ndarray:
@@ -78,12 +97,14 @@ def choose_pages(
     group_size: int,
     keep: int,
     page_size: int,
+    group_reduce: str = "max",
 ) -> np.ndarray:
     """Logical pages [Hkv, min(keep, P)] one sequence's dense heads keep (all of them if P <= keep)."""
     n_pages = pages_for(ctx_len, page_size)
     if n_pages <= keep:
         return np.broadcast_to(np.arange(n_pages, dtype=np.int32), (kmax.shape[1], n_pages)).copy()
-    return top_pages(page_scores(q, kmax, kmin, page_table, ctx_len, group_size, page_size), keep)
+    scores = page_scores(q, kmax, kmin, page_table, ctx_len, group_size, page_size, group_reduce)
+    return top_pages(scores, keep)
 
 
 def refresh_due(decode_step: int, interval: int) -> bool:

@@ -27,7 +27,7 @@ def select_pages_ref(q, kmax, kmin, plan: AttentionPlan, head_class, head_slot, 
         table, _ = plan.pages(qb, 0)
         qh = q[plan.qb_start[qb]].reshape(hkv, group, -1)[dense].reshape(dense.size * group, -1)
         st_max, st_min = kmax[:, head_slot[dense]], kmin[:, head_slot[dense]]
-        chosen = choose_pages(qh, st_max, st_min, table, ctx, group, keep, plan.page_size)
+        chosen = choose_pages(qh, st_max, st_min, table, ctx, group, keep, plan.page_size, plan.group_reduce)
         slot = int(plan.qb_slot[qb])
         sel_idx[slot, dense, : chosen.shape[1]] = chosen
         sel_cnt[slot, dense] = chosen.shape[1]
