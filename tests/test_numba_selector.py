@@ -28,6 +28,9 @@ CASES = {
         [0, 1, 1, 1],
     ),  # fmt: skip
     "gqa4_d64": ([330], 8, "00", 64, 32, 4, [4], [(0, 0)], None),
+    # more pages (41) than a chunk of the mass logsumexp's two-level reduction (CHUNK 16 of THREADS 32
+    # partials); one page dominates the first head of each group (_one_page_dominates)
+    "mass_one_page": ([16 * 40 + 3], 4, "00", 32, 16, 2, [6], [(0, 0)], None),
 }
 THREADS = 32
 
@@ -93,6 +96,8 @@ def _run_case(name: str, spec: tuple, group_reduce: str, seed: int) -> None:
     plan.group_reduce = group_reduce
     if name == "mixed":
         b.q[0] = 0  # every score of the first sequence ties: the lowest indices win, as in top_pages
+    if name == "mass_one_page":
+        _one_page_dominates(b, kmax, kmin, 16)
     hkv = b.hc.size
     want_sel = np.full((b.num_slots, hkv, cap), -1, np.int32)
     want_cnt = np.full((b.num_slots, hkv), -1, np.int32)
@@ -128,6 +133,24 @@ def _run_case(name: str, spec: tuple, group_reduce: str, seed: int) -> None:
     ]
     assert hard == 0, (name, group_reduce, hard, diff)
     print(f"{name} {group_reduce}: ok ({near} near-tie swaps)")
+
+
+def _one_page_dominates(b, kmax, kmin, e: int) -> None:
+    """Entry e of the first block's list gets a bound about 90 (after / sqrt(D)) above the rest for the first
+    query head of each group only (channel 0; the group's other heads have q = 0 there): with mass, that
+    head's logsumexp over the list is its bound at e, so its weight elsewhere is ~0 and the selection follows
+    the other heads. A logsumexp reduction that drops the partial holding e (thread e of the 32 here) makes
+    the first head's other weights ~1/n and changes the selection (it did: the chunk reduction started from
+    its own pair, not the chunk's first)."""
+    plan, hkv = b.plan, b.hc.size
+    group = b.q.shape[1] // hkv
+    table, _ = plan.pages(0, 0)
+    phys, tok = int(table[e]), int(plan.qb_start[0])
+    for g in range(hkv):
+        b.q[tok, g * group, 0] = 8.0
+        b.q[tok, g * group + 1 : (g + 1) * group, 0] = 0.0
+        kmax[phys, b.slot[g], :, 0] = 64.0
+        kmin[phys, b.slot[g], :, 0] = np.minimum(kmin[phys, b.slot[g], :, 0], 64.0)
 
 
 def _main() -> int:

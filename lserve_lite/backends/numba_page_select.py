@@ -226,7 +226,10 @@ def page_select_kernel(q, kmax, kmin, plan, cap_qb, cap_seq, head_class, head_sl
                 m, z = _lse_merge(m, z, scores[row0 + h * row_cap + i], float32(1.0))
             fsh[2 * tid], fsh[2 * tid + 1] = m, z
             cuda.syncthreads()
-            if tid * CHUNK < nt:  # two levels: CHUNK pairs per thread, then thread 0
+            # two levels: thread c merges pairs c * CHUNK .. c * CHUNK + CHUNK - 1 (from the chunk's first
+            # pair, not its own: thread c's pair belongs to chunk c / CHUNK), then thread 0 the chunks
+            if tid * CHUNK < nt:
+                m, z = fsh[2 * tid * CHUNK], fsh[2 * tid * CHUNK + 1]
                 for t in range(tid * CHUNK + 1, _lo(nt, tid * CHUNK + CHUNK)):
                     m, z = _lse_merge(m, z, fsh[2 * t], fsh[2 * t + 1])
             cuda.syncthreads()
