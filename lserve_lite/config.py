@@ -290,6 +290,7 @@ class SparseConfig:
 
 
 QUANTIZE_MODES = (None, "int8", "int4")
+KV_DTYPES = ("auto", "fp16", "fp32", "int8", "int4", "fp8")  # formats: kv/quant.py
 
 
 @dataclass
@@ -307,6 +308,7 @@ class EngineConfig:
     seed: int = 0
     prefix_caching: bool = True  # reuse cached KV pages of equal prompt prefixes (docs/PREFIX_CACHE.md)
     quantize: str | None = None  # "int8" / "int4": quantize a float model's projection matrices at load
+    kv_dtype: str = "auto"  # KV-cache format (kv/quant.py); "auto": the backend's float type
 
     def __post_init__(self):
         """Absurd limits are refused here, before they can hang the scheduler or size an allocation."""
@@ -325,6 +327,10 @@ class EngineConfig:
         if self.quantize not in QUANTIZE_MODES:
             raise InvalidRequestError(
                 f"quantize must be one of 'int8', 'int4' or None, got {self.quantize!r}"
+            )
+        if self.kv_dtype not in KV_DTYPES:
+            raise InvalidRequestError(
+                f"kv_dtype must be one of {', '.join(KV_DTYPES)}; got {self.kv_dtype!r}"
             )
         self.sparse.validate()
         if self.sparse.enabled and self.sparse.page_size != self.page_size:

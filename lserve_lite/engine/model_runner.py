@@ -8,6 +8,7 @@ from ..backends.base import Ops, StepInputs
 from ..config import EngineConfig, ModelConfig, SparseConfig
 from ..geometry import budget_pages, ring_slot
 from ..kv.layout import KVLayout
+from ..kv.quant import KVFormat
 from ..models.llama import LlamaModel
 from ..sequence import Sequence
 from ..sparse.plan import BatchLayout, build_plan
@@ -26,15 +27,19 @@ class ModelRunner:
     def __init__(
         self, cfg: ModelConfig, weights: dict, ops: Ops, ecfg: EngineConfig, max_len: int, num_pages: int,
         layout: KVLayout | None = None, num_stream_pages: int = 0, model: LlamaModel | None = None,
+        kv_format: KVFormat | None = None,
     ):  # fmt: skip
         """`max_len`: the engine's context limit (already clipped to the KV pool); `model`: an already built
-        model on this backend (benchmarks with random weights made on the device)."""
+        model on this backend (benchmarks with random weights made on the device); `kv_format`: the KV
+        cache's format (None: the backend's float type)."""
         self.cfg, self.ops, self.ecfg = cfg, ops, ecfg
         self.page_size = ecfg.page_size
         self.max_len = max_len
         self.model = model if model is not None else LlamaModel(cfg, weights, ops, max_len)
         self.layout = layout
-        self.cache = ops.alloc_kv(cfg, self.page_size, num_pages, layout, num_stream_pages, ecfg.max_num_seqs)
+        self.cache = ops.alloc_kv(
+            cfg, self.page_size, num_pages, layout, num_stream_pages, ecfg.max_num_seqs, kv_format
+        )
         self.sink = self.local = 0
         if layout is None:
             self.head_classes = [np.zeros(cfg.num_kv_heads, np.int32) for _ in range(cfg.num_layers)]
