@@ -123,7 +123,7 @@ def e4m3_encode(y: np.ndarray) -> np.ndarray:
     lo = hi - 1
     dlo, dhi = a - E4M3[lo], E4M3[hi] - a
     code = np.where((dlo < dhi) | ((dlo == dhi) & (lo % 2 == 0)), lo, hi)
-    return (code | np.where(y < 0, 128, 0)).astype(np.uint8)
+    return (code | np.where(np.signbit(y), 128, 0)).astype(np.uint8)
 
 
 def e4m3_decode(bits: np.ndarray) -> np.ndarray:
