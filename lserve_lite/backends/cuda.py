@@ -198,11 +198,15 @@ class CudaOps:
         free += self.cp.get_default_memory_pool().free_bytes()
         return max(0, int((free - reserved) * fraction) - (1 << 30))
 
-    def alloc_kv(self, cfg, page_size, num_pages, layout=None, num_stream_pages=0, max_seqs=0, fmt=None) -> KVCache:
+    def alloc_kv(
+        self, cfg, page_size, num_pages, layout=None, num_stream_pages=0, max_seqs=0, fmt=None
+    ) -> KVCache:
         """Reference: backends/base.alloc_kv_cache. fp16 pools, or quantized values with fp16 scales (head dims
         64 and 128); fp16 key statistics (exact: keys are fp16)."""
         if fmt is not None and fmt.quantized and cfg.head_dim not in HEAD_DIMS:
-            raise InvalidRequestError(f"kv_dtype {fmt.name} needs head_dim 64 or 128 on the GPU, got {cfg.head_dim}")
+            raise InvalidRequestError(
+                f"kv_dtype {fmt.name} needs head_dim 64 or 128 on the GPU, got {cfg.head_dim}"
+            )
         kv = alloc_kv_cache(self.cp.zeros, self.cp.asarray, self.cp.float16, cfg, page_size, num_pages, layout,
                             num_stream_pages, max_seqs, fmt)  # fmt: skip
         self.cp.cuda.Stream.null.synchronize()  # the zero fills must be done before other streams read

@@ -74,6 +74,18 @@ def _suffix(kv: str) -> str:
     return "" if kv == "fp16" else f"_{kv}"
 
 
+def launcher_kernels(source: str) -> tuple[str, ...]:
+    """The entry points of `source` this launcher may ask for, every KV format (the CI compile check
+    requires each to exist)."""
+    kvs = [_suffix(kv) for kv in KV_TRAITS]
+    if source == PREFILL_SOURCE:
+        return tuple(
+            f"paged_attn_prefill_d{d}_m{mt}_n{bn}{s}" for (d, mt), bn in PREFILL_BN.items() for s in kvs
+        )
+    names = tuple(f"paged_attn_decode_d{d}_s{st}{s}" for d, st in DECODE_STAGES.items() for s in kvs)
+    return (*names, "paged_attn_decode_combine")
+
+
 # --------------------------------------------------------------------------------------------------------
 
 
