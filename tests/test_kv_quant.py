@@ -235,7 +235,7 @@ def test_kv_sizing_counts_real_bytes():
 def test_kv_dtype_errors_are_one_line():
     with pytest.raises(InvalidRequestError, match="kv_dtype must be one of"):
         EngineConfig(kv_dtype="int3")
-    for name, why in (("fp8", "sm_89"), ("fp16", "cpu backend")):
-        with pytest.raises(InvalidRequestError, match=why):
-            Q.resolve_kv_format(name, "cpu", C.CpuOps.kv_dtypes, 64)
-    assert Q.resolve_kv_format("auto", "cpu", C.CpuOps.kv_dtypes, 64).name == "fp32"
+    for name, why in (("fp8", "needs the CUDA backend on an sm_89"), ("fp16", "is not available here")):
+        with pytest.raises(InvalidRequestError, match=f"kv_dtype {name} {why}.*has fp32, int8, int4$"):
+            Q.resolve_kv_format(name, C.CpuOps.kv_dtypes, 64)
+    assert Q.resolve_kv_format("auto", C.CpuOps.kv_dtypes, 64).name == "fp32"

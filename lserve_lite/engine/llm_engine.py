@@ -56,9 +56,7 @@ class LLMEngine:
         itemsize = np.dtype(self.ops.dtype).itemsize
         self.weight_bytes = sum(math.prod(w.shape) for w in weights.values()) * itemsize
         self.layout = self._kv_layout()
-        self.kv_format = resolve_kv_format(
-            self.ecfg.kv_dtype, self.ops.name, self.ops.kv_dtypes, self.cfg.head_dim
-        )
+        self.kv_format = resolve_kv_format(self.ecfg.kv_dtype, self.ops.kv_dtypes, self.cfg.head_dim)
         num_pages, num_stream = self._num_pages()
         self.max_len = min(self.max_len, num_pages * self.ecfg.page_size)
         self.runner = ModelRunner(

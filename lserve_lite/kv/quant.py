@@ -60,16 +60,18 @@ FORMATS = {
 }
 
 
-def resolve_kv_format(name: str, backend: str, supported: tuple[str, ...], head_dim: int) -> KVFormat:
+def resolve_kv_format(name: str, supported: tuple[str, ...], head_dim: int) -> KVFormat:
     """The format of `name` on a backend whose KV dtypes are `supported` (the first is its float type, `auto`)."""
     if name not in KV_DTYPES:
         raise InvalidRequestError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}; got {name!r}")
     fmt = FORMATS[supported[0] if name == "auto" else name]
     if fmt.name not in supported:
-        need = " on sm_89 or newer (Ada, Hopper)" if fmt.name == "fp8" else ""
-        raise InvalidRequestError(
-            f"kv_dtype {fmt.name} is not available on the {backend} backend{need}; it has {', '.join(supported)}"
+        need = (
+            "needs the CUDA backend on an sm_89 or newer GPU"
+            if fmt.name == "fp8"
+            else "is not available here"
         )
+        raise InvalidRequestError(f"kv_dtype {fmt.name} {need}; this backend has {', '.join(supported)}")
     if fmt.name == "int4" and head_dim % 2:
         raise InvalidRequestError(f"kv_dtype int4 needs an even head_dim, got {head_dim}")
     return fmt
