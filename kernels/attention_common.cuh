@@ -8,6 +8,7 @@
 // and the chunk index XOR-swizzled by (row % 8), so the 8 row addresses of one ldmatrix 8x8 matrix fall
 // in 8 different bank groups (no conflicts) and cp.async writes stay 16-byte aligned.
 #pragma once
+#include "kv_quant.cuh"
 
 typedef unsigned short f16_t;  // raw IEEE half
 typedef unsigned int u32;
@@ -150,12 +151,17 @@ __device__ __forceinline__ PlanView plan_view(const int* buf, int cap_qb, int ca
 
 // The two KV pools of a layer (LServe): class-0 (dense) KV heads live in pool 0 [pages, n0, page, D],
 // class-1 (streaming) heads in pool 1 [pages, n1, page, D]; head_slot[g] is KV head g's row in its pool.
-// Dense mode: pool 0 holds every head (head_slot = arange) and pool 1 is unused.
+// Dense mode: pool 0 holds every head (head_slot = arange) and pool 1 is unused. Values are fp16, or a
+// quantized format (kv_quant.cuh) with fp16 scales s* [pages, n, page, GROUPS] beside them (null for fp16).
 struct KVPools {
-  const f16_t* k0;
-  const f16_t* v0;
-  const f16_t* k1;
-  const f16_t* v1;
+  const unsigned char* k0;
+  const unsigned char* v0;
+  const unsigned char* k1;
+  const unsigned char* v1;
+  const f16_t* sk0;
+  const f16_t* sv0;
+  const f16_t* sk1;
+  const f16_t* sv1;
   const int* head_class;
   const int* head_slot;
   int n0, n1;
@@ -186,6 +192,45 @@ __device__ __forceinline__ Visit make_visit(const PlanView& pv, int qb, int kvh,
   v.cnt = cnt;
   v.npages = cnt + (has_last ? 0 : 1);
   return v;
+}
+
+// Quantized K/V travel to shared memory as stored, in units of 16 cache rows (16 consecutive tokens of one
+// page): the unit's values [16][Row::BYTES], then its fp16 scales [16][Row::GROUPS] (UNIT bytes in all).
+template <class KV, int D>
+struct Staged {
+  using R = lskv::Row<KV, D>;
+  static constexpr int UNIT = 16 * (R::BYTES + R::SCALE_BYTES);
+};
+
+// cp.async of the unit starting at cache row `row` (of its pool) into `dst`; ok = false zero-fills it.
+// Threads t = 0 .. nt-1 share the 16-byte copies.
+template <class KV, int D>
+__device__ __forceinline__ void stage_unit(u32 dst, const unsigned char* vals, const f16_t* scales, size_t row, bool ok,
+                                           int t, int nt) {
+  using R = lskv::Row<KV, D>;
+  constexpr int VCH = 16 * R::BYTES / 16, SCH = 16 * R::SCALE_BYTES / 16;
+  const unsigned char* v = vals + (ok ? row * R::BYTES : 0);
+  const unsigned char* sc = reinterpret_cast<const unsigned char*>(scales) + (ok ? row * R::SCALE_BYTES : 0);
+  for (int i = t; i < VCH + SCH; i += nt) cp_async16(dst + i * 16, i < VCH ? v + i * 16 : sc + (i - VCH) * 16, ok ? 16 : 0);
+}
+
+// ROWS staged rows (ROWS / 16 units) -> the fp16 tile [ROWS][D] in the swizzled layout the ldmatrix loads
+// expect. Threads t = 0 .. nt-1 share the work; the caller synchronizes before the tile is read.
+template <class KV, int D, int ROWS>
+__device__ __forceinline__ void dequant_tile(const unsigned char* raw, unsigned char* tile, int t, int nt) {
+  using R = lskv::Row<KV, D>;
+  for (int i = t; i < ROWS * R::CHUNKS; i += nt) {
+    const int r = i / R::CHUNKS, c = i % R::CHUNKS;
+    const unsigned char* unit = raw + (r >> 4) * Staged<KV, D>::UNIT;
+    const uint4 w = *reinterpret_cast<const uint4*>(unit + (r & 15) * R::BYTES + c * 16);
+    const f16_t* scales = reinterpret_cast<const f16_t*>(unit + 16 * R::BYTES);
+    const float s = lskv::h2f(scales[(r & 15) * R::GROUPS + (R::GROUPS == 1 ? 0 : c)]);
+    uint4 out[R::OUT_CHUNKS];
+    lskv::dequant16<KV>(w, s, out);
+#pragma unroll
+    for (int k = 0; k < R::OUT_CHUNKS; ++k)
+      *reinterpret_cast<uint4*>(tile + swz<D / 8>(r, c * R::OUT_CHUNKS + k)) = out[k];
+  }
 }
 
 }  // namespace lsattn

@@ -11,6 +11,9 @@
 // (no CTA barriers in the loop), and writes the normalized partial output and its base-2 log-sum-exp.
 // `paged_attn_decode_combine` merges the SW partials of each (query block, head) into the fp16 output.
 //
+// Quantized caches (KV = lskv::Int8 / Int4 / Fp8): a unit travels as stored (values + fp16 scales, through
+// the same ring) and the warp dequantizes it into an fp16 K and V tile just before its mma steps.
+//
 // CUDA Graphs: the grid is sized from the plan's capacity; counts (query blocks, pages per list) are read
 // from the device plan, so one captured graph replays for any plan of up to that many query blocks.
 // CTAs past the live query blocks exit; warps with an empty range write O = 0 and lse = -inf.
@@ -22,22 +25,23 @@ constexpr int DC_THREADS = 128;
 constexpr int DC_WARPS = DC_THREADS / 32;
 constexpr int DC_UNIT = 16;  // keys per unit (the smallest page size)
 
-template <int D, int STAGES>
+template <int D, int STAGES, class KV>
 struct DecodeSmem {
   static constexpr int CH = D / 8;
   static constexpr int Q_BYTES = 16 * D * 2;
-  static constexpr int UNIT_BYTES = DC_UNIT * D * 2;  // K (or V) of one unit
-  static constexpr int WARP_BYTES = STAGES * 2 * UNIT_BYTES;
+  static constexpr int UNIT_BYTES = DC_UNIT * D * 2;  // fp16 K (or V) of one unit
+  static constexpr int RAW_BYTES = KV::QUANT ? Staged<KV, D>::UNIT : UNIT_BYTES;  // a unit as stored
+  static constexpr int WARP_BYTES = STAGES * 2 * RAW_BYTES + (KV::QUANT ? 2 * UNIT_BYTES : 0);
   static constexpr int BYTES = Q_BYTES + DC_WARPS * WARP_BYTES;
 };
 
-template <int D, int STAGES>
+template <int D, int STAGES, class KV>
 __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const KVPools pools,
                                             float* __restrict__ part_o, float* __restrict__ part_lse,
                                             const PlanView pv, const int* __restrict__ sel_idx,
                                             const int* __restrict__ sel_cnt, int sel_cap, int Hq, int Hkv,
                                             int ps_shift, int n_htiles, float scale_log2) {
-  using L = DecodeSmem<D, STAGES>;
+  using L = DecodeSmem<D, STAGES, KV>;
   constexpr int CH = L::CH;
   extern __shared__ __align__(128) unsigned char smem[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -51,8 +55,10 @@ __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const K
   const int ctx = pv.seq_ctx[pv.qb_seq[qb]];
   const int sink = pv.qb_sink[qb], local = pv.qb_local[qb];
   const int cls = pools.head_class[kvh];
-  const f16_t* __restrict__ kc = cls ? pools.k1 : pools.k0;
-  const f16_t* __restrict__ vc = cls ? pools.v1 : pools.v0;
+  const unsigned char* __restrict__ kc = cls ? pools.k1 : pools.k0;
+  const unsigned char* __restrict__ vc = cls ? pools.v1 : pools.v0;
+  const f16_t* __restrict__ kcs = cls ? pools.sk1 : pools.sk0;
+  const f16_t* __restrict__ vcs = cls ? pools.sv1 : pools.sv0;
   const int pool_heads = cls ? pools.n1 : pools.n0, slot = pools.head_slot[kvh];
   const int lo = pv.kv_indptr[qb * 2 + cls];
   // Dense heads of a block with a page budget visit the selected entries of their list (+ the newest).
@@ -66,7 +72,8 @@ __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const K
   const int u0 = (int)(((long long)ws * nunits) / SW), u1 = (int)(((long long)(ws + 1) * nunits) / SW);
 
   const u32 sQ = smem_addr(smem);
-  const u32 sK = sQ + L::Q_BYTES + warp * L::WARP_BYTES, sV = sK + STAGES * L::UNIT_BYTES;
+  const u32 sK = sQ + L::Q_BYTES + warp * L::WARP_BYTES, sV = sK + STAGES * L::RAW_BYTES;
+  unsigned char* const tiles = smem + L::Q_BYTES + warp * L::WARP_BYTES + 2 * STAGES * L::RAW_BYTES;  // quantized
 
   // ---- Q (16 rows, zero past the group's heads) -> smem, then A fragments in registers
 #pragma unroll
@@ -84,13 +91,20 @@ __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const K
     const int e = vis.entry(u >> units_per_page_shift);
     const int off = (u << 4) & (ps - 1);
     const int page = pv.kv_pl[lo + e].x;
-    const size_t base = (((size_t)page * pool_heads + slot) * ps + off) * D;
+    const size_t row = ((size_t)page * pool_heads + slot) * ps + off;
+    if constexpr (KV::QUANT) {
+      stage_unit<KV, D>(sK + st * L::RAW_BYTES, kc, kcs, row, true, lane, 32);
+      stage_unit<KV, D>(sV + st * L::RAW_BYTES, vc, vcs, row, true, lane, 32);
+    } else {
+      const f16_t* kh = reinterpret_cast<const f16_t*>(kc) + row * D;
+      const f16_t* vh = reinterpret_cast<const f16_t*>(vc) + row * D;
 #pragma unroll
-    for (int it = 0; it < DC_UNIT * CH / 32; ++it) {
-      const int idx = lane + it * 32, r = idx / CH, c = idx % CH;
-      const u32 dst = swz<CH>(r, c) + st * L::UNIT_BYTES;
-      cp_async16(sK + dst, kc + base + idx * 8, 16);
-      cp_async16(sV + dst, vc + base + idx * 8, 16);
+      for (int it = 0; it < DC_UNIT * CH / 32; ++it) {
+        const int idx = lane + it * 32, r = idx / CH, c = idx % CH;
+        const u32 dst = swz<CH>(r, c) + st * L::UNIT_BYTES;
+        cp_async16(sK + dst, kh + idx * 8, 16);
+        cp_async16(sV + dst, vh + idx * 8, 16);
+      }
     }
   };
 #pragma unroll
@@ -117,7 +131,15 @@ __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const K
     if (u + STAGES - 1 < u1) load_unit(u + STAGES - 1, (it + STAGES - 1) % STAGES);
     cp_async_commit();
     const int st = it % STAGES;
-    const u32 sKst = sK + st * L::UNIT_BYTES, sVst = sV + st * L::UNIT_BYTES;
+    u32 sKst = sK + st * L::UNIT_BYTES, sVst = sV + st * L::UNIT_BYTES;
+    if constexpr (KV::QUANT) {  // the staged unit -> this warp's fp16 K and V tiles
+      const unsigned char* raw = smem + L::Q_BYTES + warp * L::WARP_BYTES + st * L::RAW_BYTES;
+      dequant_tile<KV, D, DC_UNIT>(raw, tiles, lane, 32);
+      dequant_tile<KV, D, DC_UNIT>(raw + STAGES * L::RAW_BYTES, tiles + L::UNIT_BYTES, lane, 32);
+      __syncwarp();
+      sKst = smem_addr(tiles);
+      sVst = sKst + L::UNIT_BYTES;
+    }
 
     // S = Q K^T: 16 heads x 16 keys
     float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
@@ -260,23 +282,33 @@ __device__ __forceinline__ void combine_body(const float* __restrict__ part_o, c
 
 }  // namespace lsattn
 
-#define LSERVE_DECODE_KERNEL(D, STAGES)                                                                    \
-  extern "C" __global__ void __launch_bounds__(lsattn::DC_THREADS) paged_attn_decode_d##D##_s##STAGES(     \
-      const f16_t* q, const f16_t* k0, const f16_t* v0, const f16_t* k1, const f16_t* v1, float* part_o,   \
-      float* part_lse, const int* plan, int cap_qb, int cap_seq, const int* head_class, const int* head_slot, \
-      int n0, int n1, const int* sel_idx, const int* sel_cnt, int sel_cap, int Hq, int Hkv, int ps_shift,  \
-      int n_htiles, float scale_log2) {                                                                    \
-    const lsattn::KVPools pools{k0, v0, k1, v1, head_class, head_slot, n0, n1};                            \
-    lsattn::decode_body<D, STAGES>(q, pools, part_o, part_lse, lsattn::plan_view(plan, cap_qb, cap_seq),   \
-                                   sel_idx, sel_cnt, sel_cap, Hq, Hkv, ps_shift, n_htiles, scale_log2);     \
+// One extern "C" entry point per (head dim, ring depth, KV format); the fp16 names carry no format suffix.
+// k0/v0/k1/v1: the pools' values; sk0/sv0/sk1/sv1: their fp16 scales (null for fp16).
+#define LSERVE_DECODE_KERNEL(D, STAGES, KV, SUFFIX)                                                        \
+  extern "C" __global__ void __launch_bounds__(lsattn::DC_THREADS) paged_attn_decode_d##D##_s##STAGES##SUFFIX( \
+      const f16_t* q, const unsigned char* k0, const unsigned char* v0, const unsigned char* k1,          \
+      const unsigned char* v1, const f16_t* sk0, const f16_t* sv0, const f16_t* sk1, const f16_t* sv1,     \
+      float* part_o, float* part_lse, const int* plan, int cap_qb, int cap_seq, const int* head_class,     \
+      const int* head_slot, int n0, int n1, const int* sel_idx, const int* sel_cnt, int sel_cap, int Hq,   \
+      int Hkv, int ps_shift, int n_htiles, float scale_log2) {                                             \
+    const lsattn::KVPools pools{k0, v0, k1, v1, sk0, sv0, sk1, sv1, head_class, head_slot, n0, n1};        \
+    lsattn::decode_body<D, STAGES, KV>(q, pools, part_o, part_lse, lsattn::plan_view(plan, cap_qb, cap_seq), \
+                                       sel_idx, sel_cnt, sel_cap, Hq, Hkv, ps_shift, n_htiles, scale_log2); \
   }
 
 // Ring depth (units per warp; STAGES - 1 in flight while one is computed): the launcher's DECODE_STAGES
 // picks one per head dim; the others are there to be measured (docs/PERF_attention.md).
-LSERVE_DECODE_KERNEL(64, 4)
-LSERVE_DECODE_KERNEL(128, 2)
-LSERVE_DECODE_KERNEL(128, 3)
-LSERVE_DECODE_KERNEL(128, 4)
+LSERVE_DECODE_KERNEL(64, 4, lskv::Half, )
+LSERVE_DECODE_KERNEL(128, 2, lskv::Half, )
+LSERVE_DECODE_KERNEL(128, 3, lskv::Half, )
+LSERVE_DECODE_KERNEL(128, 4, lskv::Half, )
+// Quantized caches: the launcher's ring depth only.
+LSERVE_DECODE_KERNEL(64, 4, lskv::Int8, _int8)
+LSERVE_DECODE_KERNEL(128, 4, lskv::Int8, _int8)
+LSERVE_DECODE_KERNEL(64, 4, lskv::Int4, _int4)
+LSERVE_DECODE_KERNEL(128, 4, lskv::Int4, _int4)
+LSERVE_DECODE_KERNEL(64, 4, lskv::Fp8, _fp8)
+LSERVE_DECODE_KERNEL(128, 4, lskv::Fp8, _fp8)
 
 extern "C" __global__ void __launch_bounds__(lsattn::CB_THREADS) paged_attn_decode_combine(const float* part_o, const float* part_lse, f16_t* out,
                                                      const int* meta, const int* qb_start, int Hq, int SW, int D) {

@@ -14,31 +14,36 @@
 // only to tiles that straddle a boundary; a tile that is visible to every row of the CTA skips it.
 // LServe: a KV head of class c reads pool c at row head_slot[g] (dense and streaming heads in one launch);
 // the streaming window (sink, local) is per query block.
+// Quantized caches (KV = lskv::Int8 / Int4 / Fp8): tiles travel as stored (values + fp16 scales) through the
+// same double buffer, and after the tile barrier the CTA dequantizes the current one into fp16 K and V tiles
+// (a second barrier) that the mma steps read.
 #include "attention_common.cuh"
 
 namespace lsattn {
 
 constexpr int PF_THREADS = 128;
 
-template <int D, int MT, int BN>
+template <int D, int MT, int BN, class KV>
 struct PrefillSmem {
   static constexpr int CH = D / 8;           // 16-byte chunks per row
   static constexpr int BM = 64 * MT;         // query rows per CTA
   static constexpr int Q_BYTES = BM * D * 2;
-  static constexpr int KV_BYTES = BN * D * 2;  // one K (or V) tile
+  static constexpr int KV_BYTES = BN * D * 2;  // one fp16 K (or V) tile
+  static constexpr int RAW_BYTES = KV::QUANT ? BN / 16 * Staged<KV, D>::UNIT : KV_BYTES;  // a tile as stored
   static constexpr int OFF_K = Q_BYTES;                    // 2 stages of K
-  static constexpr int OFF_V = OFF_K + 2 * KV_BYTES;       // 2 stages of V
-  static constexpr int OFF_KPOS = OFF_V + 2 * KV_BYTES;    // 2 stages x BN key positions
+  static constexpr int OFF_V = OFF_K + 2 * RAW_BYTES;      // 2 stages of V
+  static constexpr int OFF_KT = (OFF_V + 2 * RAW_BYTES + 255) / 256 * 256;  // quantized: fp16 K, V tiles
+  static constexpr int OFF_KPOS = KV::QUANT ? OFF_KT + 2 * KV_BYTES : OFF_V + 2 * KV_BYTES;  // 2 stages x BN key positions
   static constexpr int OFF_QPOS = OFF_KPOS + 2 * BN * 4;  // BM query positions
   static constexpr int BYTES = OFF_QPOS + BM * 4;
 };
 
-template <int D, int MT, int BN>
+template <int D, int MT, int BN, class KV>
 __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const KVPools pools,
                                              f16_t* __restrict__ out, const PlanView pv, int Hq, int Hkv,
                                              int ps_shift, int rows_per_head, int heads_per_cta,
                                              int n_sub, int hgroups, float scale_log2) {
-  using L = PrefillSmem<D, MT, BN>;
+  using L = PrefillSmem<D, MT, BN, KV>;
   constexpr int CH = L::CH, BM = L::BM;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   u32 s_base;
@@ -61,8 +66,10 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
   const int sink = pv.qb_sink[qb], local = pv.qb_local[qb];
   const int cls = pools.head_class[kvh];
   // This KV head's rows in the pool of its class.
-  const f16_t* __restrict__ kc = cls ? pools.k1 : pools.k0;
-  const f16_t* __restrict__ vc = cls ? pools.v1 : pools.v0;
+  const unsigned char* __restrict__ kc = cls ? pools.k1 : pools.k0;
+  const unsigned char* __restrict__ vc = cls ? pools.v1 : pools.v0;
+  const f16_t* __restrict__ kcs = cls ? pools.sk1 : pools.sk0;
+  const f16_t* __restrict__ vcs = cls ? pools.sv1 : pools.sv0;
   const int pool_heads = cls ? pools.n1 : pools.n0, slot = pools.head_slot[kvh];
   const int lo = pv.kv_indptr[qb * 2 + cls], npages = pv.kv_indptr[qb * 2 + cls + 1] - lo;
   const int ps = 1 << ps_shift;
@@ -93,6 +100,19 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
 
   // ---- K/V tile loader: tile j of the page list -> stage st
   auto load_kv = [&](int j, int st) {
+    if constexpr (KV::QUANT) {  // BN / 16 units of 16 rows (one page each); threads split 4 units x 32 lanes
+      for (int u = warp; u < BN / 16; u += PF_THREADS / 32) {
+        const int g = j * BN + u * 16, e = g >> ps_shift, off = g & (ps - 1);
+        const bool ok = g < nkeys;
+        const int2 pl = ok ? pv.kv_pl[lo + e] : make_int2(0, 0);
+        const size_t row = ((size_t)pl.x * pool_heads + slot) * ps + off;
+        const u32 dst = u * Staged<KV, D>::UNIT + st * L::RAW_BYTES;
+        stage_unit<KV, D>(sK + dst, kc, kcs, row, ok, lane, 32);
+        stage_unit<KV, D>(sV + dst, vc, vcs, row, ok, lane, 32);
+        if (lane < 16) kpos_s[st * BN + u * 16 + lane] = ok ? (pl.y << ps_shift) + off + lane : LSERVE_KPOS_NONE;
+      }
+      return;
+    }
     const u32 dst0 = swz<CH>(r_ld, c_ld) + st * L::KV_BYTES;  // + it * ROWS_PER_PASS rows (same swizzle)
 #pragma unroll
     for (int it = 0; it < BN / ROWS_PER_PASS; ++it) {
@@ -102,8 +122,8 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
       const int2 pl = ok ? pv.kv_pl[lo + e] : make_int2(0, 0);
       const size_t base = (((size_t)pl.x * pool_heads + slot) * ps + off) * D + c_ld * 8;
       const u32 dst = dst0 + it * ROWS_PER_PASS * CH * 16;
-      cp_async16(sK + dst, kc + base, ok ? 16 : 0);
-      cp_async16(sV + dst, vc + base, ok ? 16 : 0);
+      cp_async16(sK + dst, reinterpret_cast<const f16_t*>(kc) + base, ok ? 16 : 0);
+      cp_async16(sV + dst, reinterpret_cast<const f16_t*>(vc) + base, ok ? 16 : 0);
       if (c_ld == 0) kpos_s[st * BN + r] = ok ? (pl.y << ps_shift) + off : LSERVE_KPOS_NONE;
     }
   };
@@ -146,6 +166,14 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
     __syncthreads();
     if (j + 1 < ntiles) load_kv(j + 1, st ^ 1);
     cp_async_commit();
+    u32 kt = sK + st * L::KV_BYTES, vt = sV + st * L::KV_BYTES;
+    if constexpr (KV::QUANT) {  // the staged tile -> fp16 tiles (every warp was done with them at the barrier)
+      dequant_tile<KV, D, BN>(smem + L::OFF_K + st * L::RAW_BYTES, smem + L::OFF_KT, tid, PF_THREADS);
+      dequant_tile<KV, D, BN>(smem + L::OFF_V + st * L::RAW_BYTES, smem + L::OFF_KT + L::KV_BYTES, tid, PF_THREADS);
+      __syncthreads();
+      kt = s_base + L::OFF_KT;
+      vt = kt + L::KV_BYTES;
+    }
 
     // Does any element of this tile need the mask? (uniform over the CTA)
     const int* kp = kpos_s + st * BN;
@@ -161,7 +189,7 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
 #pragma unroll
       for (int n = 0; n < BN / 8; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
     const u32 q_addr = opaque(sQ + q_off);
-    const u32 k_addr = opaque(sK + st * L::KV_BYTES + k_off), v_addr = opaque(sV + st * L::KV_BYTES + v_off);
+    const u32 k_addr = opaque(kt + k_off), v_addr = opaque(vt + v_off);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       u32 a[MT][4];
@@ -286,20 +314,36 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
 }  // namespace lsattn
 
 // One extern "C" entry point per (head dim, row tiles per warp, key tile): no name mangling.
-#define LSERVE_PREFILL_KERNEL(D, MT, BN)                                                                    \
-  extern "C" __global__ void __launch_bounds__(lsattn::PF_THREADS, 2) paged_attn_prefill_d##D##_m##MT##_n##BN( \
-      const f16_t* q, const f16_t* k0, const f16_t* v0, const f16_t* k1, const f16_t* v1, f16_t* out,      \
-      const int* plan, int cap_qb, int cap_seq, const int* head_class, const int* head_slot, int n0, int n1, \
-      int Hq, int Hkv, int ps_shift, int rows_per_head, int heads_per_cta, int n_sub, int hgroups,          \
-      float scale_log2) {                                                                                  \
-    const lsattn::KVPools pools{k0, v0, k1, v1, head_class, head_slot, n0, n1};                            \
-    lsattn::prefill_body<D, MT, BN>(q, pools, out, lsattn::plan_view(plan, cap_qb, cap_seq), Hq, Hkv,       \
-                                    ps_shift, rows_per_head, heads_per_cta, n_sub, hgroups, scale_log2);    \
+// k0/v0/k1/v1: the pools' values; sk0/sv0/sk1/sv1: their fp16 scales (null for fp16).
+#define LSERVE_PREFILL_KERNEL(D, MT, BN, KV, SUFFIX)                                                        \
+  extern "C" __global__ void __launch_bounds__(lsattn::PF_THREADS, 2)                                      \
+      paged_attn_prefill_d##D##_m##MT##_n##BN##SUFFIX(                                                     \
+          const f16_t* q, const unsigned char* k0, const unsigned char* v0, const unsigned char* k1,      \
+          const unsigned char* v1, const f16_t* sk0, const f16_t* sv0, const f16_t* sk1, const f16_t* sv1, \
+          f16_t* out, const int* plan, int cap_qb, int cap_seq, const int* head_class, const int* head_slot, \
+          int n0, int n1, int Hq, int Hkv, int ps_shift, int rows_per_head, int heads_per_cta, int n_sub,  \
+          int hgroups, float scale_log2) {                                                                 \
+    const lsattn::KVPools pools{k0, v0, k1, v1, sk0, sv0, sk1, sv1, head_class, head_slot, n0, n1};        \
+    lsattn::prefill_body<D, MT, BN, KV>(q, pools, out, lsattn::plan_view(plan, cap_qb, cap_seq), Hq, Hkv,   \
+                                        ps_shift, rows_per_head, heads_per_cta, n_sub, hgroups, scale_log2); \
   }
 
 // Key tile BN = 64 (one default page); d128_m2_n32 is a register-lighter variant measured beside it.
-LSERVE_PREFILL_KERNEL(64, 1, 64)
-LSERVE_PREFILL_KERNEL(64, 2, 64)
-LSERVE_PREFILL_KERNEL(128, 1, 64)
-LSERVE_PREFILL_KERNEL(128, 2, 64)
-LSERVE_PREFILL_KERNEL(128, 2, 32)
+LSERVE_PREFILL_KERNEL(64, 1, 64, lskv::Half, )
+LSERVE_PREFILL_KERNEL(64, 2, 64, lskv::Half, )
+LSERVE_PREFILL_KERNEL(128, 1, 64, lskv::Half, )
+LSERVE_PREFILL_KERNEL(128, 2, 64, lskv::Half, )
+LSERVE_PREFILL_KERNEL(128, 2, 32, lskv::Half, )
+// Quantized caches: the launcher's key tiles (PREFILL_BN) only.
+LSERVE_PREFILL_KERNEL(64, 1, 64, lskv::Int8, _int8)
+LSERVE_PREFILL_KERNEL(64, 2, 64, lskv::Int8, _int8)
+LSERVE_PREFILL_KERNEL(128, 1, 64, lskv::Int8, _int8)
+LSERVE_PREFILL_KERNEL(128, 2, 64, lskv::Int8, _int8)
+LSERVE_PREFILL_KERNEL(64, 1, 64, lskv::Int4, _int4)
+LSERVE_PREFILL_KERNEL(64, 2, 64, lskv::Int4, _int4)
+LSERVE_PREFILL_KERNEL(128, 1, 64, lskv::Int4, _int4)
+LSERVE_PREFILL_KERNEL(128, 2, 64, lskv::Int4, _int4)
+LSERVE_PREFILL_KERNEL(64, 1, 64, lskv::Fp8, _fp8)
+LSERVE_PREFILL_KERNEL(64, 2, 64, lskv::Fp8, _fp8)
+LSERVE_PREFILL_KERNEL(128, 1, 64, lskv::Fp8, _fp8)
+LSERVE_PREFILL_KERNEL(128, 2, 64, lskv::Fp8, _fp8)

@@ -2,6 +2,7 @@
 // References: lserve_lite/backends/reference/layers.py (embed_ref, rmsnorm_ref, rope_write_kv_ref, silu_mul_ref).
 // Launchers: lserve_lite/backends/cuda.py (CudaOps). All kernels: one block per token row unless noted.
 #include "block_reduce.cuh"
+#include "kv_quant.cuh"
 
 using lserve::block_reduce;
 
@@ -44,42 +45,6 @@ __global__ void add_rmsnorm(const __half* __restrict__ x, const float* res_in, f
     out[off + i] = __float2half(res_out[off + i] * inv * __half2float(w[i]));
 }
 
-// Half-split RoPE on q and k of the fused qkv row [Hq + 2 Hkv, D], k and v written into their page slot
-// (slot = page * page_size + offset; a negative slot writes nothing: padding rows of a captured batch).
-// q_out [N, Hq, D]. cos/sin [max_len, D/2] carry any rope scaling (llama3) already.
-__global__ void rope_write_kv(const __half* __restrict__ qkv, const long long* __restrict__ positions,
-                              const long long* __restrict__ slots, const __half* __restrict__ cos_t,
-                              const __half* __restrict__ sin_t, __half* __restrict__ q_out,
-                              __half* __restrict__ k_cache, __half* __restrict__ v_cache, int hq, int hkv,
-                              int head_dim, int page_size) {
-  const long long row = blockIdx.x;
-  const int half_d = head_dim / 2, nheads = hq + 2 * hkv;
-  const long long pos = positions[row], slot = slots[row];
-  const long long page = slot / page_size, offset = slot % page_size;
-  const __half* x = qkv + row * nheads * head_dim;
-  for (int i = threadIdx.x; i < nheads * half_d; i += blockDim.x) {
-    const int h = i / half_d, j = i - h * half_d;
-    const float a = __half2float(x[h * head_dim + j]), b = __half2float(x[h * head_dim + j + half_d]);
-    if (h < hq + hkv) {
-      const float c = __half2float(cos_t[pos * half_d + j]), s = __half2float(sin_t[pos * half_d + j]);
-      const __half ra = __float2half(a * c - b * s), rb = __float2half(b * c + a * s);
-      if (h < hq) {
-        __half* dst = q_out + (row * hq + h) * head_dim;
-        dst[j] = ra;
-        dst[j + half_d] = rb;
-      } else if (slot >= 0) {
-        __half* dst = k_cache + ((page * hkv + (h - hq)) * page_size + offset) * head_dim;
-        dst[j] = ra;
-        dst[j + half_d] = rb;
-      }
-    } else if (slot >= 0) {
-      __half* dst = v_cache + ((page * hkv + (h - hq - hkv)) * page_size + offset) * head_dim;
-      dst[j] = x[h * head_dim + j];
-      dst[j + half_d] = x[h * head_dim + j + half_d];
-    }
-  }
-}
-
 // Rotated channel c of a head vector x[D] (half-split RoPE), rounded without FMA contraction so a value
 // recomputed later (page stats below) has exactly the bits that were written into the cache.
 __device__ __forceinline__ __half rope_channel(const __half* x, int c, int half_d, const __half* cos_row,
@@ -91,19 +56,104 @@ __device__ __forceinline__ __half rope_channel(const __half* x, int c, int half_
                     : __float2half(__fadd_rn(__fmul_rn(b, cs), __fmul_rn(a, sn)));
 }
 
+// A quantized cache (KV = lskv::Int8 / Int4 / Fp8, kernels/kv_quant.cuh): warp w quantizes K (after RoPE,
+// rounded to fp16 as a float cache would hold it) or V of KV head g, for items w, w + warps, ... of 2 * hkv;
+// `where(is_k, g, vals, scales)` points at the row's values and scales, or returns false (nothing to write).
+template <class KV, class Where>
+__device__ __forceinline__ void write_kv_quant(const __half* x, int hq, int hkv, int head_dim, const __half* cos_row,
+                                               const __half* sin_row, Where where) {
+  const int lane = threadIdx.x & 31, ni = head_dim / 32, half_d = head_dim / 2;
+  for (int item = threadIdx.x >> 5; item < 2 * hkv; item += blockDim.x >> 5) {
+    const bool is_k = item < hkv;
+    unsigned char* vals;
+    unsigned short* scales;
+    if (!where(is_k, is_k ? item : item - hkv, vals, scales)) continue;
+    const __half* src = x + (hq + item) * head_dim;
+    float v[8];
+    for (int i = 0; i < ni; ++i) {
+      const int c = i * 32 + lane;
+      v[i] = __half2float(is_k ? rope_channel(src, c, half_d, cos_row, sin_row) : src[c]);
+    }
+    lskv::quantize_row<KV>(v, ni, vals, scales, lane);
+  }
+}
+
+// Byte offset of a (token, head) row's values, and its first scale, in a pool of format KV.
+template <class KV>
+__device__ __forceinline__ void kv_row(void* pool, __half* scales, long long r, int head_dim, unsigned char*& vals,
+                                       unsigned short*& sc) {
+  vals = static_cast<unsigned char*>(pool) + r * (head_dim * KV::BITS / 8);
+  sc = reinterpret_cast<unsigned short*>(scales) + r * (KV::GROUP ? head_dim / KV::GROUP : 1);
+}
+
+// Half-split RoPE on q and k of the fused qkv row [Hq + 2 Hkv, D], k and v written into their page slot
+// (slot = page * page_size + offset; a negative slot writes nothing: padding rows of a captured batch).
+// q_out [N, Hq, D]. cos/sin [max_len, D/2] carry any rope scaling (llama3) already. KV: the cache format
+// (lskv::Half: fp16 k_cache / v_cache, scales unused; quantized: values + fp16 scales, D % 32 == 0).
+template <class KV>
+__global__ void rope_write_kv(const __half* __restrict__ qkv, const long long* __restrict__ positions,
+                              const long long* __restrict__ slots, const __half* __restrict__ cos_t,
+                              const __half* __restrict__ sin_t, __half* __restrict__ q_out,
+                              void* __restrict__ k_cache, void* __restrict__ v_cache, __half* __restrict__ k_scale,
+                              __half* __restrict__ v_scale, int hq, int hkv, int head_dim, int page_size) {
+  const long long row = blockIdx.x;
+  const int half_d = head_dim / 2, nheads = hq + 2 * hkv;
+  const long long pos = positions[row], slot = slots[row];
+  const long long page = slot / page_size, offset = slot % page_size;
+  const __half* x = qkv + row * nheads * head_dim;
+  __half* kc = static_cast<__half*>(k_cache);
+  __half* vc = static_cast<__half*>(v_cache);
+  for (int i = threadIdx.x; i < (KV::QUANT ? hq : nheads) * half_d; i += blockDim.x) {
+    const int h = i / half_d, j = i - h * half_d;
+    const float a = __half2float(x[h * head_dim + j]), b = __half2float(x[h * head_dim + j + half_d]);
+    if (h < hq + hkv) {
+      const float c = __half2float(cos_t[pos * half_d + j]), s = __half2float(sin_t[pos * half_d + j]);
+      const __half ra = __float2half(a * c - b * s), rb = __float2half(b * c + a * s);
+      if (h < hq) {
+        __half* dst = q_out + (row * hq + h) * head_dim;
+        dst[j] = ra;
+        dst[j + half_d] = rb;
+      } else if (slot >= 0) {
+        __half* dst = kc + ((page * hkv + (h - hq)) * page_size + offset) * head_dim;
+        dst[j] = ra;
+        dst[j + half_d] = rb;
+      }
+    } else if (slot >= 0) {
+      __half* dst = vc + ((page * hkv + (h - hq - hkv)) * page_size + offset) * head_dim;
+      dst[j] = x[h * head_dim + j];
+      dst[j + half_d] = x[h * head_dim + j + half_d];
+    }
+  }
+  if constexpr (KV::QUANT) {
+    if (slot < 0) return;
+    write_kv_quant<KV>(x, hq, hkv, head_dim, cos_t + pos * half_d, sin_t + pos * half_d,
+                       [&](bool is_k, int g, unsigned char*& vals, unsigned short*& sc) {
+                         const long long r = (page * hkv + g) * page_size + offset;
+                         kv_row<KV>(is_k ? k_cache : v_cache, is_k ? k_scale : v_scale, r, head_dim, vals, sc);
+                         return true;
+                       });
+  }
+}
+
 // LServe mode: RoPE on q/k; KV head g's k/v go into the pool of its class (0: dense pool kd/vd [P, nd, page, D]
 // at dense slot slots[0][n]; 1: streaming pool ks/vs [Ps, ns, page, D] at slots[1][n]) at row head_slot[g];
 // a negative slot writes nothing. Then, fused: the key statistics of the dense pool's logical pages
 // (kmax/kmin [P, nd, sub, D] fp16, may be null) for every logical page this batch wrote into, recomputed over
 // the written prefix (offsets 0 .. last written) by the block of the batch's last row in that logical page.
 // Keys of earlier rows of the batch in the same logical page (consecutive rows with consecutive slots) are
-// recomputed from qkv, not read back (other blocks write them); older keys come from the cache.
+// recomputed from qkv, not read back (other blocks write them); older keys come from the cache. A quantized
+// cache (KV, with fp16 scales kd_s/vd_s/ks_s/vs_s beside the pools) holds no unquantized keys: there the
+// older keys are the logical page's stats themselves, merged with the new keys (reference/page_stats.py
+// merge_page_stats), so the stats stay those of the unquantized keys.
 // Reference: lserve_lite/backends/reference/layers.py::rope_write_kv_sparse_ref (+ reference/page_stats.py).
+template <class KV>
 __global__ void rope_write_kv_sparse(const __half* __restrict__ qkv, const long long* __restrict__ positions,
                                      const long long* __restrict__ slots, const __half* __restrict__ cos_t,
                                      const __half* __restrict__ sin_t, __half* __restrict__ q_out,
-                                     __half* __restrict__ kd, __half* __restrict__ vd, __half* __restrict__ ks,
-                                     __half* __restrict__ vs, const int* __restrict__ head_class,
+                                     void* __restrict__ kd_p, void* __restrict__ vd_p, void* __restrict__ ks_p,
+                                     void* __restrict__ vs_p, __half* __restrict__ kd_s, __half* __restrict__ vd_s,
+                                     __half* __restrict__ ks_s, __half* __restrict__ vs_s,
+                                     const int* __restrict__ head_class,
                                      const int* __restrict__ head_slot, __half* __restrict__ kmax,
                                      __half* __restrict__ kmin, int hq, int hkv, int nd, int ns, int head_dim,
                                      int page_size, int sub, int n_rows) {
@@ -113,7 +163,9 @@ __global__ void rope_write_kv_sparse(const __half* __restrict__ qkv, const long 
   const __half* x = qkv + (long long)row * nheads * head_dim;
   const __half* cos_row = cos_t + pos * half_d;
   const __half* sin_row = sin_t + pos * half_d;
-  for (int i = threadIdx.x; i < nheads * head_dim; i += blockDim.x) {
+  __half *kd = static_cast<__half*>(kd_p), *vd = static_cast<__half*>(vd_p);
+  __half *ks = static_cast<__half*>(ks_p), *vs = static_cast<__half*>(vs_p);
+  for (int i = threadIdx.x; i < (KV::QUANT ? hq : nheads) * head_dim; i += blockDim.x) {
     const int h = i / head_dim, c = i - h * head_dim;
     if (h < hq) {
       q_out[((long long)row * hq + h) * head_dim + c] = rope_channel(x + h * head_dim, c, half_d, cos_row, sin_row);
@@ -131,6 +183,19 @@ __global__ void rope_write_kv_sparse(const __half* __restrict__ qkv, const long 
     else
       (cls ? vs : vd)[dst] = x[h * head_dim + c];
   }
+  if constexpr (KV::QUANT) {
+    write_kv_quant<KV>(x, hq, hkv, head_dim, cos_row, sin_row,
+                       [&](bool is_k, int g, unsigned char*& vals, unsigned short*& sc) {
+                         const int cls = head_class[g];
+                         const long long slot = cls ? sslot : dslot;
+                         if (slot < 0) return false;
+                         const long long r = ((slot / page_size) * (cls ? ns : nd) + head_slot[g]) * page_size +
+                                             slot % page_size;
+                         kv_row<KV>(is_k ? (cls ? ks_p : kd_p) : (cls ? vs_p : vd_p),
+                                    is_k ? (cls ? ks_s : kd_s) : (cls ? vs_s : vd_s), r, head_dim, vals, sc);
+                         return true;
+                       });
+  }
   if (kmax == nullptr || dslot < 0 || nd == 0) return;
   // ---- page stats of the logical page holding dslot, if this row is the batch's last one written into it
   const int lp = page_size / sub;
@@ -145,8 +210,13 @@ __global__ void rope_write_kv_sparse(const __half* __restrict__ qkv, const long 
     const int g = i / head_dim, c = i - g * head_dim;
     if (head_class[g] != 0) continue;
     const long long hrow = page * nd + head_slot[g];
+    const long long st = (hrow * sub + lsub) * head_dim + c;
     float mx = -__int_as_float(0x7f800000), mn = __int_as_float(0x7f800000);
-    for (int o = 0; o <= last_off; ++o) {
+    if (KV::QUANT && first_off > 0) {
+      mx = __half2float(kmax[st]);
+      mn = __half2float(kmin[st]);
+    }
+    for (int o = KV::QUANT ? first_off : 0; o <= last_off; ++o) {
       float kv;
       if (o < first_off) {
         kv = __half2float(kd[(hrow * page_size + lsub * lp + o) * head_dim + c]);
@@ -159,7 +229,6 @@ __global__ void rope_write_kv_sparse(const __half* __restrict__ qkv, const long 
       mx = fmaxf(mx, kv);
       mn = fminf(mn, kv);
     }
-    const long long st = (hrow * sub + lsub) * head_dim + c;
     kmax[st] = __float2half(mx);
     kmin[st] = __float2half(mn);
   }

@@ -81,7 +81,8 @@ def cmd_chat(args) -> int:
     if args.system:
         history.append({"role": "system", "content": args.system})
     print(
-        "lserve-lite chat: /reset clears the conversation, /exit quits, Ctrl-C stops a reply.",
+        f"lserve-lite chat ({llm.engine.kv_summary()}): /reset clears the conversation, /exit quits, "
+        "Ctrl-C stops a reply.",
         file=sys.stderr,
     )
     while True:

@@ -296,6 +296,7 @@ class SparseConfig:
 
 
 QUANTIZE_MODES = (None, "int8", "int4")
+KV_DTYPES = ("auto", "fp16", "fp32", "int8", "int4", "fp8")  # formats: kv/quant.py
 
 
 @dataclass
@@ -314,6 +315,7 @@ class EngineConfig:
     prefix_caching: bool = True  # reuse cached KV pages of equal prompt prefixes (docs/PREFIX_CACHE.md)
     quantize: str | None = None  # "int8" / "int4": quantize a float model's projection matrices at load
     tensor_parallel: int | None = None  # ranks in worker processes (1 too); None: one in-process runner
+    kv_dtype: str = "auto"  # KV-cache format (kv/quant.py); "auto": the backend's float type
 
     def __post_init__(self):
         """Absurd limits are refused here, before they can hang the scheduler or size an allocation."""
@@ -335,6 +337,12 @@ class EngineConfig:
             )
         if self.tensor_parallel is not None:
             _positive_int("tensor_parallel", self.tensor_parallel, hi=64)
+        if self.kv_dtype not in KV_DTYPES:
+            raise InvalidRequestError(
+                f"kv_dtype must be one of {', '.join(KV_DTYPES)}; got {self.kv_dtype!r}"
+            )
+        if self.tensor_parallel is not None and self.kv_dtype != "auto":
+            raise InvalidRequestError("kv_dtype other than 'auto' is not supported with tensor_parallel yet")
         self.sparse.validate()
         if self.sparse.enabled and self.sparse.page_size != self.page_size:
             raise InvalidRequestError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import MAX_MODEL_LEN, EngineConfig, SparseConfig
+from .config import KV_DTYPES, MAX_MODEL_LEN, EngineConfig, SparseConfig
 
 
 def bounded_int(lo: int, hi: int = 1 << 31):
@@ -60,6 +60,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="split the model over N GPUs, one worker process each (NCCL); 1 runs the worker path on one GPU",
     )
     p.add_argument(
+        "--kv-dtype",
+        default="auto",
+        choices=KV_DTYPES,
+        help="KV-cache format: auto (the backend's float type), fp16, fp32, int8 (scale per token and head), "
+        "int4 (scale per 32 channels), fp8 (e4m3, CUDA sm_89+)",
+    )
+    p.add_argument(
         "--max-model-len",
         type=bounded_int(1, MAX_MODEL_LEN),
         default=None,
@@ -92,6 +99,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     sparse = SparseConfig(enabled=args.sparse, pattern_path=args.pattern).with_updates(**knobs)
     return EngineConfig(
         quantize=args.quantize,
+        kv_dtype=getattr(args, "kv_dtype", "auto"),
         max_model_len=args.max_model_len,
         num_kv_pages=args.kv_pages,
         page_size=sparse.page_size,

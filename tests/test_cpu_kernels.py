@@ -51,7 +51,7 @@ def test_rope_write_kv_matches_ref():
     k2, v2 = k1.copy(), v1.copy()
     q1 = L.rope_write_kv_ref(qkv, pos, slots, k1, v1, cos, sin)
     q2 = np.empty_like(q1)
-    K.rope_write_kv(qkv, pos, slots, k2, v2, cos, sin, q2)
+    K.rope_write_kv(qkv, pos, slots, k2, v2, C.NO_SCALES, C.NO_SCALES, cos, sin, q2)
     assert rel(q2, q1) < 1e-6 and np.array_equal(k1, k2) and np.array_equal(v1, v2)
 
 

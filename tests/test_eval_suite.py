@@ -63,11 +63,13 @@ def test_wilson_and_mcnemar_known_values():
     assert mcnemar(0, 0) == 1.0 and mcnemar(5, 0) == pytest.approx(0.0625) and mcnemar(3, 3) == 1.0
 
 
-def test_unimplemented_settings_refused():
+def test_per_run_settings_refused_per_setting():
     from lserve_lite.cli import main
     from lserve_lite.evaluation.settings import parse_configs
 
-    with pytest.raises(InvalidRequestError, match="kv_dtype=int8: KV-cache quantization .* not implemented"):
+    with pytest.raises(
+        InvalidRequestError, match="kv_dtype is per run, not per setting: pass --kv-dtype int8"
+    ):
         parse_configs("dense;q8:kv_dtype=int8")
     assert parse_configs("dense;lserve-b1024")["lserve-b1024"].token_budget == 1024
     assert main(["eval", "--quantize", "int4", "--model", "/nonexistent"]) == 1  # refused before loading

@@ -30,7 +30,7 @@ def _builds() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
         from lserve_lite.backends import cuda_attention as att
 
         for src in (att.PREFILL_SOURCE, att.DECODE_SOURCE):
-            builds[src] = ((), tuple(att.KERNEL_OPTIONS))
+            builds[src] = (att.launcher_kernels(src), tuple(att.KERNEL_OPTIONS))
     except ImportError:
         pass
     return builds

@@ -6,7 +6,10 @@ Llama-3-8B head shapes (32 query heads, 8 KV heads, head dim 128), fp16, batch 1
 Timing: CUDA events after warm-up, median. Rooflines: 750 TFLOP/s (fp16 tensor cores, cuBLAS) and
 4.27 TB/s (device copy). Causal FLOPs = 2 * 2 * Hq * D * S^2 / 2. Decode bytes = K + V read once.
 
-    python3 tools/bench_attention.py --out DIR [--quick]
+    python3 tools/bench_attention.py --out DIR [--quick] [--kv-dtypes fp16,int8,int4,fp8]
+
+`--kv-dtypes`: our kernels also over quantized KV caches (docs/KV_QUANT.md), rows `ours_<dtype>`; their
+decode bandwidth counts the bytes actually read (values + fp16 scales).
 
 Prints a table, writes DIR/bench_attention.json and DIR/bench_attention.png (when matplotlib is there).
 torch is imported only inside the peer functions.
@@ -68,10 +71,38 @@ def _rand(cp, shape, rng_seed):
     return g.standard_normal(shape, dtype=np.float32).astype(np.float16)
 
 
+def _kv_pools(cp, npages: int, kv: str) -> tuple:
+    """(k, v, attention kwargs) of a random cache in format `kv`: fp16 values, or random quantized bytes
+    (fp8: finite codes only) with fp16 scales around 0.01."""
+    from lserve_lite.kv.quant import FORMATS
+
+    if kv == "fp16":
+        return _rand(cp, (npages, HKV, PAGE, D), 2), _rand(cp, (npages, HKV, PAGE, D), 3), {}
+    fmt = FORMATS[kv]
+    g = cp.random.default_rng(4)
+    shape = (npages, HKV, PAGE, fmt.packed_dim(D))
+    vals = [g.integers(0, 256, shape, dtype=np.int32).astype(np.uint8) for _ in "kv"]
+    if kv == "fp8":
+        vals = [v & 0xFE for v in vals]  # codes 0x7f / 0xff (NaN) never occur
+    vals = [v.view(fmt.value_dtype) for v in vals]
+    sshape = (npages, HKV, PAGE, D // fmt.group(D))
+    scales = tuple((0.005 + 0.01 * g.random(sshape, dtype=np.float32)).astype(np.float16) for _ in "kv")
+    return vals[0], vals[1], {"scales": scales, "kv": kv}
+
+
+def _kv_bytes(tokens: int, kv: str) -> float:
+    """K + V bytes of `tokens` tokens of all KV heads in format `kv`, scales included."""
+    from lserve_lite.kv.quant import FORMATS
+
+    return 2.0 * tokens * HKV * FORMATS[kv].row_bytes(D, 2)
+
+
 # ------------------------------------------------------------------------------------------------ ours
 
 
-def ours_prefill(seq: int, q_block: int = 64, streaming_local: int = 0, sink: int = 128) -> dict:
+def ours_prefill(
+    seq: int, q_block: int = 64, streaming_local: int = 0, sink: int = 128, kv: str = "fp16"
+) -> dict:
     import cupy as cp
 
     from lserve_lite.backends.cuda_attention import CudaPlan, paged_attention
@@ -83,11 +114,10 @@ def ours_prefill(seq: int, q_block: int = 64, streaming_local: int = 0, sink: in
     plan_s = time.perf_counter() - t0
     cplan = CudaPlan.from_plan(plan)
     q = _rand(cp, (seq, HQ, D), 1)
-    k = _rand(cp, (npages, HKV, PAGE, D), 2)
-    v = _rand(cp, (npages, HKV, PAGE, D), 3)
+    k, v, quant = _kv_pools(cp, npages, kv)
     hc = cp.asarray(np.array([0, 1] * (HKV // 2) if streaming_local else [0] * HKV, np.int32))
     out = cp.empty((seq, HQ * D), np.float16)
-    fn = lambda: paged_attention(q, k, v, cplan, hc, out=out)  # noqa: E731
+    fn = lambda: paged_attention(q, k, v, cplan, hc, out=out, **quant)  # noqa: E731
     t1 = _events_median(fn, 1, 1)
     ms = _events_median(fn, 1, _reps(t1))
     flops = 4.0 * HQ * D * seq * seq / 2
@@ -100,7 +130,7 @@ def ours_prefill(seq: int, q_block: int = 64, streaming_local: int = 0, sink: in
     return res
 
 
-def ours_decode(ctx: int, batch: int = 1) -> dict:
+def ours_decode(ctx: int, batch: int = 1, kv: str = "fp16") -> dict:
     import cupy as cp
 
     from lserve_lite.backends.cuda_attention import CudaPlan, paged_attention
@@ -110,22 +140,22 @@ def ours_decode(ctx: int, batch: int = 1) -> dict:
     plan = build_plan(layout, PAGE, 64)
     cplan = CudaPlan.from_plan(plan)
     q = _rand(cp, (batch, HQ, D), 1)
-    k = _rand(cp, (npages, HKV, PAGE, D), 2)
-    v = _rand(cp, (npages, HKV, PAGE, D), 3)
+    k, v, quant = _kv_pools(cp, npages, kv)
     hc = cp.asarray(np.zeros(HKV, np.int32))
     out = cp.empty((batch, HQ * D), np.float16)
     cp.cuda.Device().synchronize()  # inputs were made on the null stream; the graph runs on another
     stream = cp.cuda.Stream(non_blocking=True)
     per_graph = 10
+    step = lambda: paged_attention(q, k, v, cplan, hc, out=out, decode=True, **quant)  # noqa: E731
     with stream:
-        paged_attention(q, k, v, cplan, hc, out=out, decode=True)
-        eager_ms = _events_median(lambda: paged_attention(q, k, v, cplan, hc, out=out, decode=True), 3, 20)
+        step()
+        eager_ms = _events_median(step, 3, 20)
         stream.begin_capture()
         for _ in range(per_graph):
-            paged_attention(q, k, v, cplan, hc, out=out, decode=True)
+            step()
         graph = stream.end_capture()
         ms = _events_median(lambda: graph.launch(stream), 2, 20) / per_graph
-    kv_bytes = 2.0 * batch * ctx * HKV * D * 2
+    kv_bytes = _kv_bytes(batch * ctx, kv)
     return {"ms": ms, "eager_us": eager_ms * 1e3, "tbs": kv_bytes / ms / 1e9, "us": ms * 1e3}
 
 
@@ -253,6 +283,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--variants", action="store_true", help="also time the compiled kernel variants")
     ap.add_argument("--sections", default="prefill,streaming,decode", help="comma-separated subset to run")
+    ap.add_argument("--kv-dtypes", default="fp16", help="KV formats of our kernels, e.g. fp16,int8,int4,fp8")
     args = ap.parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -262,6 +293,7 @@ def main(argv=None) -> int:
     dev = cp.cuda.runtime.getDeviceProperties(0)
     prefill_seqs = [8192, 32768] if args.quick else [8192, 32768, 131072]
     decode_ctx = [32768, 131072] if args.quick else [32768, 131072, 262144]
+    quant_kvs = [kv for kv in args.kv_dtypes.split(",") if kv != "fp16"]
     res: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "device": dev["name"].decode() if isinstance(dev["name"], bytes) else str(dev["name"]),
@@ -277,6 +309,7 @@ def main(argv=None) -> int:
     sections = set(args.sections.split(","))
     for s in prefill_seqs if "prefill" in sections else []:
         row = {"seq": s, "ours": _peer(ours_prefill, s)}
+        row.update({f"ours_{kv}": _peer(ours_prefill, s, kv=kv) for kv in quant_kvs})
         if s == 32768:
             row["ours_qblock128"] = _peer(ours_prefill, s, q_block=128)
         if not args.no_peers:
@@ -300,6 +333,7 @@ def main(argv=None) -> int:
             if batch == 8 and c > 131072:
                 continue
             row = {"ctx": c, "batch": batch, "ours": _peer(ours_decode, c, batch)}
+            row.update({f"ours_{kv}": _peer(ours_decode, c, batch, kv) for kv in quant_kvs})
             if not args.no_peers:
                 row["sdpa_flash"] = _peer(torch_decode, c, "flash", batch)
                 row["sdpa_cudnn"] = _peer(torch_decode, c, "cudnn", batch)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lserve_lite.config import KV_DTYPES
 from lserve_lite.evaluation.plotting import pyplot
 from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs
 from lserve_lite.evaluation.synthetic import PasskeySample, passkey_sample
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default="dense,lserve,lserve-b512",
                     help="configs: presets dense, lserve, lserve-b512, or NAME:knob=v,... separated by ';'")  # fmt: skip
     ap.add_argument("--pattern", default=None, help="head pattern TSV (default: the model's bundled one)")
+    ap.add_argument(
+        "--kv-dtype", choices=KV_DTYPES, default="auto", help="KV-cache format (docs/KV_QUANT.md)"
+    )
     ap.add_argument("--mode", choices=("engine",), default="engine", help="kept for old command lines")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="tools/results/passkey", help="output stem: <out>.json, <out>.png")
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     depths = [float(x) for x in args.depths.split(",")]
     configs = parse_configs(args.configs)
     t0 = time.perf_counter()
-    runner = Runner(args.model, configs, max(lengths) + 64, args.pattern)
+    runner = Runner(args.model, configs, max(lengths) + 64, args.pattern, kv_dtype=args.kv_dtype)
     grid = make_grid(runner.tokenizer, lengths, depths, args.samples, args.seed)
     outs: list[dict] = [{} for _ in grid]
     for h, names in runner.groups():
@@ -130,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     model_name = Path(runner.model_dir).name
     result = {
-        "tool": "eval_passkey", "model": model_name, "mode": args.mode,
+        "tool": "eval_passkey", "model": model_name, "kv_dtype": args.kv_dtype, "mode": args.mode,
         "pattern": args.pattern or "bundled",
         "configs": {k: config_dict(v) for k, v in configs.items()},
         "grid": {"lengths": lengths, "depths": depths, "samples": args.samples, "seed": args.seed},

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lserve_lite.config import KV_DTYPES
 from lserve_lite.evaluation.plotting import pyplot
 from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs
 from lserve_lite.evaluation.synthetic import corpus_text
@@ -116,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=64, help="tokens scored by decode steps (64)")
     ap.add_argument("--configs", default="dense,lserve,lserve-b512", help="as in eval_passkey.py")
     ap.add_argument("--pattern", default=None, help="head pattern TSV (default: the model's bundled one)")
+    ap.add_argument(
+        "--kv-dtype", choices=KV_DTYPES, default="auto", help="KV-cache format (docs/KV_QUANT.md)"
+    )
     ap.add_argument("--mode", choices=("engine",), default="engine", help="as in eval_passkey.py")
     ap.add_argument("--out", default="tools/results/ppl", help="output stem: <out>.json, <out>.png")
     ap.add_argument("--plot-only", metavar="JSON", help="redraw the PNG of an earlier run's JSON and exit")
@@ -126,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [int(x) for x in args.lengths.split(",")]
     configs = parse_configs(args.configs)
     t0 = time.perf_counter()
-    r = Runner(args.model, configs, max(lengths) + 64, args.pattern, quantize=args.quantize)
+    r = Runner(
+        args.model, configs, max(lengths) + 64, args.pattern, quantize=args.quantize, kv_dtype=args.kv_dtype
+    )
     text = corpus_text()
     ids = r.tokenizer.encode(text)
     if len(ids) < max(lengths):
@@ -138,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 eval_length(r, h, names, ids[:n], args.decode_tokens, lambda s: print(s, flush=True))
             )
     result = {
-        "tool": "eval_ppl", "model": Path(r.model_dir).name, "quantize": args.quantize, "mode": args.mode,
+        "tool": "eval_ppl", "model": Path(r.model_dir).name, "quantize": args.quantize, "kv_dtype": args.kv_dtype, "mode": args.mode,
         "pattern": args.pattern or "bundled",
         "text": {"source": "corpus_text(): stdlib module docstrings + LICENSE.txt", "tokens": len(ids),
                  "sha256": hashlib.sha256(text.encode()).hexdigest(), "python": platform.python_version()},

@@ -12,6 +12,7 @@ import numpy as np
 from ..config import EngineConfig, ModelConfig
 from ..geometry import visit_capacity
 from ..kv.layout import KVLayout
+from ..kv.quant import KVFormat
 from ..sparse.plan import AttentionPlan
 
 Array = Any  # numpy.ndarray on the CPU, cupy.ndarray on the GPU
@@ -19,7 +20,8 @@ Array = Any  # numpy.ndarray on the CPU, cupy.ndarray on the GPU
 
 @dataclass
 class KVCache:
-    """Paged K/V per layer: [num_pages, heads, page_size, head_dim] in the backend's dtype.
+    """Paged K/V per layer: [num_pages, heads, page_size, head_dim] in the backend's dtype, or in a quantized
+    format (`fmt`, kv/quant.py): values in `k`/`v`/`ks`/`vs`, their scales in `*_scale` by the same page ids.
 
     Dense mode: `k`/`v` hold every KV head. LServe mode: `k`/`v` are the dense pool (dense heads only),
     `ks`/`vs` the streaming pool, `head_slot[layer][g]` KV head g's row in its pool, `kmax`/`kmin` the
@@ -38,10 +40,29 @@ class KVCache:
     kmin: list[Array] | None = None
     sel_idx: list[Array] | None = None  # [max_seqs, Hkv, K] int32 logical page indices
     sel_cnt: list[Array] | None = None  # [max_seqs, Hkv] int32
+    fmt: KVFormat | None = None  # None: the backend's float type
+    k_scale: list[Array] | None = None  # [num_pages, heads, page_size, D / group] per pool, as k/v/ks/vs
+    v_scale: list[Array] | None = None
+    ks_scale: list[Array] | None = None
+    vs_scale: list[Array] | None = None
 
     @property
     def sparse(self) -> bool:
         return self.ks is not None
+
+    @property
+    def quantized(self) -> bool:
+        return self.fmt is not None and self.fmt.quantized
+
+    @property
+    def head_dim(self) -> int:
+        d = int(self.k[0].shape[3])
+        return d if self.fmt is None else d * 2 // self.fmt.packed_dim(2)
+
+    def scales(self, layer: int) -> tuple:
+        """(k, v, ks, vs) scales of a layer's pools; Nones for a float cache (or a pool that does not exist)."""
+        pick = lambda a: a[layer] if a is not None else None  # noqa: E731
+        return pick(self.k_scale), pick(self.v_scale), pick(self.ks_scale), pick(self.vs_scale)
 
 
 @dataclass
@@ -109,12 +130,13 @@ class Ops(Protocol):
 
     name: str
     dtype: Any
+    kv_dtypes: tuple[str, ...]  # KV formats the backend runs; the first is its float type ("auto")
 
     def upload(self, a: np.ndarray, name: str | None = None) -> Array: ...
     def to_numpy(self, a: Array) -> np.ndarray: ...
     def alloc_kv(
         self, cfg: ModelConfig, page_size: int, num_pages: int, layout: KVLayout | None = None,
-        num_stream_pages: int = 0, max_seqs: int = 0,
+        num_stream_pages: int = 0, max_seqs: int = 0, fmt: KVFormat | None = None,
     ) -> KVCache: ...  # fmt: skip
     def executor(
         self, forward: Forward, cache: KVCache, ecfg: EngineConfig, layout: KVLayout | None, max_len: int
@@ -150,27 +172,44 @@ class Ops(Protocol):
 
 def alloc_kv_cache(
     zeros: Callable, asarray: Callable, dtype: Any, cfg: ModelConfig, page_size: int, num_pages: int, layout: KVLayout | None,
-    num_stream_pages: int, max_seqs: int,
+    num_stream_pages: int, max_seqs: int, fmt: KVFormat | None = None,
 ) -> KVCache:  # fmt: skip
     """Paged KV memory with the backend's `zeros(shape, dtype)` and `asarray` (zeroed: pages never written may be read,
     masked, and must not hold NaN). Dense mode (layout None): one pool of every head. LServe mode: per
-    layer a dense-head pool, a streaming pool, the selector's key statistics and selection buffers."""
+    layer a dense-head pool, a streaming pool, the selector's key statistics and selection buffers. A
+    quantized `fmt` stores values in its own type and scales in `dtype` beside them (kv/quant.py)."""
     L, d, ps = cfg.num_layers, cfg.head_dim, page_size
+    q = fmt is not None and fmt.quantized
+    vshape, vtype = (fmt.packed_dim(d), fmt.value_dtype) if q else (d, dtype)
+    groups = d // fmt.group(d) if q else 0
+
+    def pools(pages: int, heads: list[int]) -> tuple[list, list, list | None, list | None]:
+        """K and V values of every layer, and their scales (None for a float cache)."""
+        kv = [[zeros((pages, n, ps, vshape), vtype) for n in heads] for _ in range(2)]
+        sc = [[zeros((pages, n, ps, groups), dtype) for n in heads] for _ in range(2)] if q else [None, None]
+        return kv[0], kv[1], sc[0], sc[1]
+
     if layout is None:
-        shape = (num_pages, cfg.num_kv_heads, ps, d)
-        return KVCache(k=[zeros(shape, dtype) for _ in range(L)], v=[zeros(shape, dtype) for _ in range(L)],
-                       page_size=ps, num_pages=num_pages)  # fmt: skip
+        k, v, k_s, v_s = pools(num_pages, [cfg.num_kv_heads] * L)
+        return KVCache(k=k, v=v, page_size=ps, num_pages=num_pages, fmt=fmt, k_scale=k_s, v_scale=v_s)
     nd = [layout.num_dense(i) for i in range(L)]
     ns = [layout.num_streaming(i) for i in range(L)]
     cap = visit_capacity(layout.select_pages)
     stats = [zeros((num_pages, n, layout.sub_pages, d), dtype) for n in nd] if layout.sub_pages else None
+    k, v, k_s, v_s = pools(num_pages, nd)
+    ks, vs, ks_s, vs_s = pools(num_stream_pages, ns)
     return KVCache(
-        k=[zeros((num_pages, n, ps, d), dtype) for n in nd],
-        v=[zeros((num_pages, n, ps, d), dtype) for n in nd],
+        k=k,
+        v=v,
         page_size=ps,
         num_pages=num_pages,
-        ks=[zeros((num_stream_pages, n, ps, d), dtype) for n in ns],
-        vs=[zeros((num_stream_pages, n, ps, d), dtype) for n in ns],
+        ks=ks,
+        vs=vs,
+        fmt=fmt,
+        k_scale=k_s,
+        v_scale=v_s,
+        ks_scale=ks_s,
+        vs_scale=vs_s,
         head_class=[asarray(np.asarray(c, np.int32)) for c in layout.head_class],
         head_slot=[asarray(np.asarray(s, np.int32)) for s in layout.head_slot],
         kmax=stats,

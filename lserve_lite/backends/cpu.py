@@ -26,6 +26,7 @@ class CpuOps:
 
     name = "cpu"
     dtype = np.float32
+    kv_dtypes = ("fp32", "int8", "int4")  # no fp16 / fp8 kernels on the CPU
 
     def __init__(self):
         # The backend spreads work over its own threads (`SplitRunner`); OpenBLAS's would oversubscribe the
@@ -46,9 +47,12 @@ class CpuOps:
         """KV memory on the CPU: a fixed 2 GiB scaled by the fraction (the host is shared with all else)."""
         return int(2 * 2**30 * fraction / 0.8)
 
-    def alloc_kv(self, cfg, page_size, num_pages, layout=None, num_stream_pages=0, max_seqs=0) -> KVCache:
+    def alloc_kv(
+        self, cfg, page_size, num_pages, layout=None, num_stream_pages=0, max_seqs=0, fmt=None
+    ) -> KVCache:
+        """float32 pools, or quantized values with float32 scales (kv/quant.py)."""
         return alloc_kv_cache(np.zeros, np.asarray, np.float32, cfg, page_size, num_pages, layout,
-                              num_stream_pages, max_seqs)  # fmt: skip
+                              num_stream_pages, max_seqs, fmt)  # fmt: skip
 
     def executor(self, forward: Forward, cache: KVCache, ecfg: EngineConfig, layout, max_len: int):
         """Every step eagerly: NumPy arrays need no upload and there is nothing to capture."""
@@ -63,7 +67,7 @@ class CpuOps:
     def copy_stream_pages(self, cache: KVCache, src: np.ndarray, dst: np.ndarray) -> None:
         """Streaming-pool pages src[i] -> dst[i] in every layer (prefix-cache snapshots); the gather completes
         before the scatter, so the two lists may overlap."""
-        for pool in (*cache.ks, *cache.vs):
+        for pool in (*cache.ks, *cache.vs, *(cache.ks_scale or ()), *(cache.vs_scale or ())):
             pool[dst] = pool[src]
 
     def prepare_plan(self, plan: AttentionPlan) -> AttentionPlan:
@@ -125,32 +129,37 @@ class CpuOps:
         return out
 
     def rope_write_kv(self, qkv, positions, slots, cache, layer, rope):
-        """`slots` [N] (dense mode) or [2, N]: dense-pool slots, streaming-pool slots."""
+        """`slots` [N] (dense mode) or [2, N]: dense-pool slots, streaming-pool slots. A quantized cache is
+        quantized here, as K/V are written (and LServe's key statistics come from the unquantized keys)."""
+        ksc, vsc, kss, vss = cache.scales(layer)
         if not cache.sparse:
-            kc = cache.k[layer]
-            q = np.empty(
-                (qkv.shape[0], qkv.shape[1] // kc.shape[3] - 2 * kc.shape[1], kc.shape[3]), np.float32
-            )
-            K.rope_write_kv(qkv, positions, slots, kc, cache.v[layer], rope[0], rope[1], q)
+            kc, d = cache.k[layer], cache.head_dim
+            q = np.empty((qkv.shape[0], qkv.shape[1] // d - 2 * kc.shape[1], d), np.float32)
+            K.rope_write_kv(qkv, positions, slots, kc, cache.v[layer], _scales_arg(ksc), _scales_arg(vsc), rope[0],
+                            rope[1], q)  # fmt: skip
             return q
         return rope_write_kv_sparse_ref(
             qkv, positions, slots[0], slots[1], cache.k[layer], cache.v[layer], cache.ks[layer],
             cache.vs[layer], cache.head_class[layer], cache.head_slot[layer], rope[0], rope[1],
             cache.kmax[layer] if cache.kmax else None, cache.kmin[layer] if cache.kmin else None,
+            scales=(ksc, vsc, kss, vss), fmt=cache.fmt,
         )  # fmt: skip
 
     def attention(self, q, cache, layer, plan, head_class):
+        """Dequantizes a quantized cache inside the kernels, as pages are read."""
+        ksc, vsc, kss, vss = cache.scales(layer)
         if not cache.sparse:
             kc, vc = cache.k[layer], cache.v[layer]
             if int(plan.qb_len.max(initial=0)) <= SMALL_ROWS:
-                return paged_attention_numba(q, kc, vc, plan, head_class, self.split)
+                return paged_attention_numba(q, kc, vc, plan, head_class, self.split, ksc, vsc)
             out, hc = np.empty(q.shape, np.float32), np.asarray(head_class)
-            part = lambda a, b: attend_qblocks(q, kc, vc, plan, hc, out, a, b)  # noqa: E731
+            part = lambda a, b: attend_qblocks(q, kc, vc, plan, hc, out, a, b, ksc, vsc, cache.fmt)  # noqa: E731
             self.split.run(("prefill-attn",), part, _qblock_bounds(plan, self.split.parts))
             return out.reshape(q.shape[0], -1)
         return paged_attention_sparse_ref(
             q, cache.k[layer], cache.v[layer], cache.ks[layer], cache.vs[layer], plan,
             cache.head_class[layer], cache.head_slot[layer], cache.sel_idx[layer], cache.sel_cnt[layer],
+            scales=(ksc, vsc, kss, vss), fmt=cache.fmt,
         )  # fmt: skip
 
     def logits(self, h, lm_head):
@@ -173,14 +182,24 @@ def _qblock_bounds(plan: AttentionPlan, parts: int) -> list[int]:
     return [0, *(int(c) for c in cuts), plan.num_qblocks]
 
 
-def paged_attention_numba(q, k_cache, v_cache, plan: AttentionPlan, head_class, split=None) -> np.ndarray:
-    """`paged_attention_ref` as a Numba kernel (same plan, masks and float32 softmax), for decode rows.
+NO_SCALES = np.zeros((1, 1, 1, 1), np.float32)  # the scales argument of a float cache's kernels
+
+
+def _scales_arg(scales):
+    return NO_SCALES if scales is None else scales
+
+
+def paged_attention_numba(
+    q, k_cache, v_cache, plan: AttentionPlan, head_class, split=None, k_scale=None, v_scale=None
+) -> np.ndarray:
+    """`paged_attention_ref` as a Numba kernel (same plan, masks and float32 softmax), for decode rows; the
+    scales of a quantized cache (its format follows from the values' dtype: cpu_kv.py).
 
     With a `SplitRunner`, the query blocks are cut into parts that may run at once.
     """
     out = np.empty(q.shape, np.float32)
     args = (
-        q, k_cache, v_cache, plan.qb_start, plan.qb_len, plan.qb_pos, plan.seq_ctx[plan.qb_seq],
+        q, k_cache, v_cache, _scales_arg(k_scale), _scales_arg(v_scale), plan.qb_start, plan.qb_len, plan.qb_pos, plan.seq_ctx[plan.qb_seq],
         plan.kv_indptr, plan.kv_page, plan.kv_lpage, np.asarray(head_class, np.int32), plan.sink,
         plan.local, out,
     )  # fmt: skip

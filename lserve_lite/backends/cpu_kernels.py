@@ -15,6 +15,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from .cpu_kv import kv_load, kv_store
+
 # Reassociation (vectorized float32 sums) without "no NaN / no Inf", which masks and softmax rely on.
 FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 NEG_INF = np.float32(-np.inf)
@@ -106,21 +108,25 @@ def _silu_mul_row(g, u, out):
 
 
 @nb.njit(**JIT)
-def rope_write_kv(qkv, positions, slots, k_cache, v_cache, cos, sin, q):
-    """Half-split RoPE on q and k of each row; k and v go to their page slot, q to `q` [N, Hq, D]."""
-    hkv, page, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
-    hq, half = q.shape[1], d // 2
+def rope_write_kv(qkv, positions, slots, k_cache, v_cache, k_scale, v_scale, cos, sin, q):
+    """Half-split RoPE on q and k of each row; k and v go to their page slot (quantized there for a quantized
+    cache: `cpu_kv.kv_store`), q to `q` [N, Hq, D]."""
+    hkv, page = k_cache.shape[1], k_cache.shape[2]
+    hq, d = q.shape[1], q.shape[2]
+    half = d // 2
+    row = np.empty(d, np.float32)
     for t in range(qkv.shape[0]):
         p, pg, off = positions[t], slots[t] // page, slots[t] % page
         for h in range(hq + hkv):
-            dst = q[t, h] if h < hq else k_cache[pg, h - hq, off]
+            dst = q[t, h] if h < hq else row
             for i in range(half):
                 a, b = qkv[t, h * d + i], qkv[t, h * d + half + i]
                 dst[i] = a * cos[p, i] - b * sin[p, i]
                 dst[half + i] = b * cos[p, i] + a * sin[p, i]
+            if h >= hq:
+                kv_store(row, k_cache, k_scale, pg, h - hq, off)
         for h in range(hkv):
-            for i in range(d):
-                v_cache[pg, h, off, i] = qkv[t, (hq + hkv + h) * d + i]
+            kv_store(qkv[t, (hq + hkv + h) * d : (hq + hkv + h + 1) * d], v_cache, v_scale, pg, h, off)
 
 
 @nb.njit(fastmath={"nnan", "nsz"}, **JIT)
@@ -167,13 +173,13 @@ def masked_softmax(s, ok, scale):
 
 
 @nb.njit(fastmath=FAST, **JIT)
-def paged_attention(q, k_cache, v_cache, qb_start, qb_len, qb_pos, ctx, indptr, kv_page, kv_lpage,
+def paged_attention(q, k_cache, v_cache, k_scale, v_scale, qb_start, qb_len, qb_pos, ctx, indptr, kv_page, kv_lpage,
                     head_class, sink, local, out, i0, i1):  # fmt: skip
     """Execute an attention plan for work items i0..i1-1 (item = query block * 2 + head class).
 
     Each item visits the pages listed for its class with all KV heads of that class. Mask: key <= query
     position, key < context end, and for class 1 (streaming) key < sink or query - key < local.
-    Exact two-pass float32 softmax.
+    Exact two-pass float32 softmax. A quantized cache is dequantized row by row as it is read (`kv_load`).
     """
     for item in range(i0, i1):
         qb, cls = item // 2, item % 2
@@ -183,17 +189,20 @@ def paged_attention(q, k_cache, v_cache, qb_start, qb_len, qb_pos, ctx, indptr, 
             continue
         win = (sink, local) if cls == 1 else (-1, -1)
         rows = (qb_start[qb], qb_len[qb], qb_pos[qb], ctx[qb])
-        _attend_block(q, k_cache, v_cache, heads, rows, kv_page[lo:hi], kv_lpage[lo:hi], win, out)
+        kv = (k_cache, v_cache, k_scale, v_scale)
+        _attend_block(q, kv, heads, rows, kv_page[lo:hi], kv_lpage[lo:hi], win, out)
 
 
 @nb.njit(fastmath=FAST, **JIT)
-def _attend_block(q, k_cache, v_cache, heads, rows, pages, lpages, win, out):
+def _attend_block(q, kv, heads, rows, pages, lpages, win, out):
     """One query block x the KV heads `heads`: masked scores over the pages, softmax, weighted sum of V.
 
     Pages are walked in memory order (page, head, key) so each page's heads stream as one block.
     """
     r0, nr, pos0, ctx = rows
-    page, d = k_cache.shape[2], k_cache.shape[3]
+    k_cache, v_cache, k_scale, v_scale = kv
+    page, d = k_cache.shape[2], q.shape[2]
+    buf = np.empty(d, np.float32)
     group = q.shape[1] // k_cache.shape[1]
     per_head = nr * group  # score rows of one KV head: (query row, query head of its group)
     nq, nk = heads.size * per_head, pages.shape[0] * page
@@ -207,7 +216,7 @@ def _attend_block(q, k_cache, v_cache, heads, rows, pages, lpages, win, out):
     for pi in range(pages.shape[0]):
         for hi in range(heads.size):
             for o in range(page):
-                kpos, key = lpages[pi] * page + o, k_cache[pages[pi], heads[hi], o]
+                kpos, key = lpages[pi] * page + o, kv_load(k_cache, k_scale, pages[pi], heads[hi], o, buf)
                 for r in range(nr):
                     qpos = pos0 + r
                     ok = kpos <= qpos and kpos < ctx and (win[1] < 0 or kpos < win[0] or qpos - kpos < win[1])
@@ -224,7 +233,7 @@ def _attend_block(q, k_cache, v_cache, heads, rows, pages, lpages, win, out):
     for pi in range(pages.shape[0]):
         for hi in range(heads.size):
             for o in range(page):
-                val = v_cache[pages[pi], heads[hi], o]
+                val = kv_load(v_cache, v_scale, pages[pi], heads[hi], o, buf)
                 for j in range(hi * per_head, (hi + 1) * per_head):
                     p = s[j, pi * page + o]
                     for i in range(d):

@@ -17,11 +17,12 @@ import os
 import numpy as np
 
 from ..config import EngineConfig
-from ..errors import ModelLoadError
+from ..errors import InvalidRequestError, ModelLoadError
 from ..kv.layout import KVLayout
 from ..sparse.plan import AttentionPlan
 from ..weights.qtensor import QuantTensor, RowStack
 from .base import EagerExecutor, Forward, KVCache, alloc_kv_cache
+from .cuda_attention import HEAD_DIMS, KV_TRAITS
 from .cuda_compile import load_module
 from .cuda_graphs import GraphExecutor
 from .cuda_quant import DeviceQuant, DeviceRowStack, QuantKernels
@@ -32,8 +33,7 @@ LAYER_KERNELS = (
     "embed_gather<8>",
     "add_rmsnorm<false>",
     "add_rmsnorm<true>",
-    "rope_write_kv",
-    "rope_write_kv_sparse",
+    *(f"rope_write_kv{s}<{t}>" for s in ("", "_sparse") for t in KV_TRAITS.values()),
     "silu_mul<1>",
     "silu_mul<8>",
     *(f"gemv_rows<{n}, {t}>" for t in ("__half", "float") for n in range(1, 9)),
@@ -53,6 +53,16 @@ def to_fp16(a: np.ndarray, name: str | None = None) -> np.ndarray:
             f"({FP16_MAX:g}); the CUDA backend stores weights in float16"
         )
     return np.ascontiguousarray(a, dtype=np.float16)
+
+
+def kv_trait(cache: KVCache) -> str:
+    """The kernels' template argument for the cache's format (kernels/kv_quant.cuh)."""
+    return KV_TRAITS[cache.fmt.name if cache.fmt is not None else "fp16"]
+
+
+def _scale_args(cache: KVCache, layer: int) -> tuple:
+    """The four scale pointers of a layer's pools (k, v, ks, vs); null for a float cache or a missing pool."""
+    return tuple(np.uint64(0) if a is None else a for a in cache.scales(layer))
 
 
 def _threads(n: int, cap: int = 1024) -> int:
@@ -161,6 +171,7 @@ class CudaOps:
 
     name = "cuda"
     dtype = np.float16
+    kv_dtypes: tuple[str, ...] = ("fp16", "int8", "int4")  # + fp8 on sm_89 and newer (__init__)
 
     def __init__(self, device: int | None = None):
         import cupy as cp
@@ -172,6 +183,8 @@ class CudaOps:
         if device is not None:
             cp.cuda.Device(device).use()
         self.device = cp.cuda.Device()
+        if int(self.device.compute_capability) >= 89:
+            self.kv_dtypes = (*CudaOps.kv_dtypes, "fp8")
         mod = load_module("layers.cu", LAYER_KERNELS)
         self.k = {n: mod.get_function(n) for n in LAYER_KERNELS}
         self.sampler = GpuSampler()
@@ -210,10 +223,17 @@ class CudaOps:
         free += self.cp.get_default_memory_pool().free_bytes()
         return max(0, int((free - reserved) * fraction) - (1 << 30))
 
-    def alloc_kv(self, cfg, page_size, num_pages, layout=None, num_stream_pages=0, max_seqs=0) -> KVCache:
-        """Reference: backends/base.alloc_kv_cache. fp16 pools; fp16 key statistics (exact: keys are fp16)."""
+    def alloc_kv(
+        self, cfg, page_size, num_pages, layout=None, num_stream_pages=0, max_seqs=0, fmt=None
+    ) -> KVCache:
+        """Reference: backends/base.alloc_kv_cache. fp16 pools, or quantized values with fp16 scales (head dims
+        64 and 128); fp16 key statistics (exact: keys are fp16)."""
+        if fmt is not None and fmt.quantized and cfg.head_dim not in HEAD_DIMS:
+            raise InvalidRequestError(
+                f"kv_dtype {fmt.name} needs head_dim 64 or 128 on the GPU, got {cfg.head_dim}"
+            )
         kv = alloc_kv_cache(self.cp.zeros, self.cp.asarray, self.cp.float16, cfg, page_size, num_pages, layout,
-                            num_stream_pages, max_seqs)  # fmt: skip
+                            num_stream_pages, max_seqs, fmt)  # fmt: skip
         self.cp.cuda.Stream.null.synchronize()  # the zero fills must be done before other streams read
         return kv
 
@@ -241,7 +261,7 @@ class CudaOps:
         """Reference: CpuOps.copy_stream_pages. CuPy's gather makes a temporary before the scatter (overlap is
         safe), on the current stream, so it lands before the next forward or graph replay."""
         s, d = self.cp.asarray(np.asarray(src, np.int64)), self.cp.asarray(np.asarray(dst, np.int64))
-        for pool in (*cache.ks, *cache.vs):
+        for pool in (*cache.ks, *cache.vs, *(cache.ks_scale or ()), *(cache.vs_scale or ())):
             pool[d] = pool[s]
 
     def prepare_plan(self, plan: AttentionPlan):
@@ -361,14 +381,15 @@ class CudaOps:
         if cache.sparse:
             return self._rope_write_kv_sparse(qkv, positions, slots, cache, layer, rope, out)
         kc, vc = cache.k[layer], cache.v[layer]
-        _, hkv, page, d = kc.shape
+        hkv, page, d = int(kc.shape[1]), int(kc.shape[2]), cache.head_dim
         n = int(qkv.shape[0])
         hq = int(qkv.shape[1]) // d - 2 * hkv
         q = cp.empty((n, hq, d), cp.float16) if out is None else out
+        ksc, vsc, _, _ = _scale_args(cache, layer)
         if n:
-            args = (cp.ascontiguousarray(qkv), positions, slots, rope[0], rope[1], q, kc, vc,
+            args = (cp.ascontiguousarray(qkv), positions, slots, rope[0], rope[1], q, kc, vc, ksc, vsc,
                     np.int32(hq), np.int32(hkv), np.int32(d), np.int32(page))  # fmt: skip
-            self.k["rope_write_kv"]((n,), (_threads((hq + 2 * hkv) * d // 2, 512),), args)
+            self.k[f"rope_write_kv<{kv_trait(cache)}>"]((n,), (_threads((hq + 2 * hkv) * d // 2, 512),), args)
         return q
 
     def _rope_write_kv_sparse(self, qkv, positions, slots, cache: KVCache, layer: int, rope, out=None):
@@ -377,7 +398,7 @@ class CudaOps:
         hc, hs = cache.head_class[layer], cache.head_slot[layer]
         hkv = int(hc.shape[0])
         nd, ns = int(kd.shape[1]), int(ks.shape[1])
-        page, d = int(kd.shape[2]), int(kd.shape[3])
+        page, d = int(kd.shape[2]), cache.head_dim
         n = int(qkv.shape[0])
         hq = int(qkv.shape[1]) // d - 2 * hkv
         q = cp.empty((n, hq, d), cp.float16) if out is None else out
@@ -387,9 +408,10 @@ class CudaOps:
         sub = int(cache.kmax[layer].shape[2]) if stats else 1
         if n:
             args = (cp.ascontiguousarray(qkv), positions, cp.ascontiguousarray(slots), rope[0], rope[1], q,
-                    kd, vd, ks, vs, hc, hs, kmax, kmin, np.int32(hq), np.int32(hkv), np.int32(nd),
-                    np.int32(ns), np.int32(d), np.int32(page), np.int32(sub), np.int32(n))  # fmt: skip
-            self.k["rope_write_kv_sparse"]((n,), (_threads((hq + 2 * hkv) * d, 512),), args)
+                    kd, vd, ks, vs, *_scale_args(cache, layer), hc, hs, kmax, kmin, np.int32(hq), np.int32(hkv),
+                    np.int32(nd), np.int32(ns), np.int32(d), np.int32(page), np.int32(sub), np.int32(n))  # fmt: skip
+            kernel = self.k[f"rope_write_kv_sparse<{kv_trait(cache)}>"]
+            kernel((n,), (_threads((hq + 2 * hkv) * d, 512),), args)
         return q
 
     def attention(self, q, cache: KVCache, layer: int, plan, head_class, out=None):
@@ -397,10 +419,11 @@ class CudaOps:
         pools, per-block windows, selected pages). Returns [N, Hq * D] float16."""
         from .cuda_attention import paged_attention
 
+        quant = dict(scales=cache.scales(layer), kv=cache.fmt.name) if cache.quantized else {}
         if not cache.sparse:
-            o = paged_attention(q, cache.k[layer], cache.v[layer], plan, head_class, out=out)
+            o = paged_attention(q, cache.k[layer], cache.v[layer], plan, head_class, out=out, **quant)
             return o.reshape(q.shape[0], -1)
-        pools = dict(ks=cache.ks[layer], vs=cache.vs[layer], head_slot=cache.head_slot[layer])
+        pools = dict(ks=cache.ks[layer], vs=cache.vs[layer], head_slot=cache.head_slot[layer], **quant)
         sel = dict(sel_idx=cache.sel_idx[layer], sel_cnt=cache.sel_cnt[layer]) if plan.selects else {}
         o = paged_attention(
             q, cache.k[layer], cache.v[layer], plan, cache.head_class[layer], out=out, **pools, **sel

@@ -7,6 +7,8 @@ kernels/attention_decode.cu. The references they are tested against: backends/re
 - `paged_attention(q, k_cache, v_cache, plan, head_class)`: fp16 q [N, Hq, D], fp16 caches
   [pages, Hkv, page_size, D] -> fp16 [N, Hq * D]; fp32 softmax and accumulation. Prefill (flash attention
   on tensor cores over the listed pages only) or decode (flash-decoding: split-KV partials + combine).
+  Quantized caches (int8 / int4 / fp8 values with fp16 scales, kv/quant.py) run the same kernels
+  instantiated for their format (kernels/kv_quant.cuh), dequantizing in shared memory.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import math
 
 import numpy as np
 
+from ..kv.quant import FORMATS
 from ..sparse.plan import AttentionPlan
 from .cuda_compile import load_module
 
@@ -23,6 +26,8 @@ DECODE_SOURCE = "attention_decode.cu"
 SELECT_SOURCE = "page_select.cu"
 KERNEL_OPTIONS: tuple[str, ...] = ()  # extra NVRTC options, the same at run time and in the CI compile check
 HEAD_DIMS = (64, 128)
+# KV format -> the kernels' template argument (kernels/kv_quant.cuh); fp16 kernel names carry no suffix.
+KV_TRAITS = {"fp16": "lskv::Half", "int8": "lskv::Int8", "int4": "lskv::Int4", "fp8": "lskv::Fp8"}
 _THREADS = 128
 _COMBINE_THREADS = 256
 _META = 8  # nqb, num_tokens, sink, local, group_reduce, then spare (PLAN_META in attention_common.cuh)
@@ -52,13 +57,34 @@ DECODE_STAGES = {64: 4, 128: 4}
 # Shared-memory bytes (must match PrefillSmem / DecodeSmem in the .cu files; +256 for the in-kernel alignment)
 
 
-def _prefill_smem(d: int, mt: int, bn: int) -> int:
-    bm = 64 * mt
-    return bm * d * 2 + 4 * bn * d * 2 + 2 * bn * 4 + bm * 4 + 256
+def _prefill_smem(d: int, mt: int, bn: int, kv: str = "fp16") -> int:
+    bm, tile = 64 * mt, bn * d * 2
+    if kv == "fp16":
+        return bm * d * 2 + 4 * tile + 2 * bn * 4 + bm * 4 + 256
+    raw = bn * FORMATS[kv].row_bytes(d, 2)  # a tile as stored: values + fp16 scales
+    return -(-(bm * d * 2 + 4 * raw) // 256) * 256 + 2 * tile + 2 * bn * 4 + bm * 4 + 256
 
 
-def _decode_smem(d: int, stages: int) -> int:
-    return 16 * d * 2 + (_THREADS // 32) * stages * 2 * 16 * d * 2 + 256
+def _decode_smem(d: int, stages: int, kv: str = "fp16") -> int:
+    unit, raw = 16 * d * 2, 16 * FORMATS[kv].row_bytes(d, 2)
+    tiles = 0 if kv == "fp16" else 2 * unit
+    return 16 * d * 2 + (_THREADS // 32) * (stages * 2 * raw + tiles) + 256
+
+
+def _suffix(kv: str) -> str:
+    return "" if kv == "fp16" else f"_{kv}"
+
+
+def launcher_kernels(source: str) -> tuple[str, ...]:
+    """The entry points of `source` this launcher may ask for, every KV format (the CI compile check
+    requires each to exist)."""
+    kvs = [_suffix(kv) for kv in KV_TRAITS]
+    if source == PREFILL_SOURCE:
+        return tuple(
+            f"paged_attn_prefill_d{d}_m{mt}_n{bn}{s}" for (d, mt), bn in PREFILL_BN.items() for s in kvs
+        )
+    names = tuple(f"paged_attn_decode_d{d}_s{st}{s}" for d, st in DECODE_STAGES.items() for s in kvs)
+    return (*names, "paged_attn_decode_combine")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -285,6 +311,8 @@ def paged_attention(
     head_slot=None,
     sel_idx=None,
     sel_cnt=None,
+    scales: tuple | None = None,
+    kv: str = "fp16",
 ):
     """Block-sparse paged attention executing `plan`; returns out [N, Hq*D] (fp16).
 
@@ -297,12 +325,14 @@ def paged_attention(
     `decode=None` picks the decode kernel when every query block has one row; pass `decode=True` when
     capturing a decode step in a CUDA Graph (only row 0 of each query block is computed then). `num_splits`
     (decode) overrides the CTAs per (query block, KV head); it must stay fixed between capture and replay
-    (the default depends only on the plan's capacity and `fixed_visit_pages`).
+    (the default depends only on the plan's capacity and `fixed_visit_pages`). A quantized cache (`kv` int8 /
+    int4 / fp8): the pools hold its values and `scales` (k, v, ks, vs) its fp16 scales [pages, heads, page,
+    groups] (reference: the same functions with their `scales` / `fmt` arguments).
     """
     import cupy as cp
 
     n, hq, d = q.shape
-    ps, d2 = k_cache.shape[2], k_cache.shape[3]
+    ps, d2 = k_cache.shape[2], k_cache.shape[3] * 2 // FORMATS[kv].packed_dim(2)
     hkv = int(head_class.shape[0])
     sparse = ks is not None
     if not sparse:
@@ -317,13 +347,21 @@ def paged_attention(
         raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
     if ps != plan.page_size:
         raise ValueError(f"cache page size {ps} != plan page size {plan.page_size}")
+    vtype = FORMATS[kv].value_dtype
     for name, a in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("ks", ks), ("vs", vs)):
-        if a.dtype != np.float16 or not a.flags.c_contiguous:
-            raise ValueError(f"{name} must be a C-contiguous float16 array")
+        if a.dtype != (np.float16 if name == "q" else vtype) or not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be a C-contiguous {np.dtype(vtype).name} array ({kv} cache)")
+    if (scales is None) != (kv == "fp16"):
+        raise ValueError(f"a {kv} cache {'needs' if scales is None else 'has no'} scales")
+    if scales is None:
+        scale_args = (np.uint64(0),) * 4
+    else:
+        scale_args = tuple(np.uint64(0) if a is None else a for a in scales)
+        scale_args = scale_args if sparse else (scale_args[0], scale_args[1], scale_args[0], scale_args[1])
     head_class = _int32_dev(head_class)
     head_slot = _arange(hkv) if head_slot is None else _int32_dev(head_slot)
     n0, n1 = int(k_cache.shape[1]), int(ks.shape[1])  # dense mode: pool 1 is pool 0 (every head)
-    pools = (k_cache, v_cache, ks, vs)
+    pools = (k_cache, v_cache, ks, vs, *scale_args)
     pool_args = (head_class, head_slot, np.int32(n0), np.int32(n1))
     if out is None:
         out = cp.empty((n, hq * d), dtype=np.float16)
@@ -342,8 +380,8 @@ def paged_attention(
         part_o = plan.workspace("part_o", plan.max_qblocks * hq * sw * d, np.float32)
         part_lse = plan.workspace("part_lse", plan.max_qblocks * hq * sw, np.float32)
         stages = DECODE_STAGES[d]
-        smem = _decode_smem(d, stages)
-        fn = k.get(k.decode, f"paged_attn_decode_d{d}_s{stages}", smem)
+        smem = _decode_smem(d, stages, kv)
+        fn = k.get(k.decode, f"paged_attn_decode_d{d}_s{stages}{_suffix(kv)}", smem)
         if sel_idx is None:
             sel = (np.uint64(0), np.uint64(0), np.int32(0))  # null pointers: no selection
         else:
@@ -372,8 +410,8 @@ def paged_attention(
     n_sub = -(-qlen // rows_per_head)
     hgroups = -(-group // heads_per_cta)
     bn = PREFILL_BN[(d, mt)]
-    smem = _prefill_smem(d, mt, bn)
-    fn = k.get(k.prefill, f"paged_attn_prefill_d{d}_m{mt}_n{bn}", smem)
+    smem = _prefill_smem(d, mt, bn, kv)
+    fn = k.get(k.prefill, f"paged_attn_prefill_d{d}_m{mt}_n{bn}{_suffix(kv)}", smem)
     fn(
         (plan.nqb * n_sub, hkv * hgroups),
         (_THREADS,),

@@ -15,6 +15,7 @@ from ..errors import InvalidRequestError
 from ..kv.block_manager import BlockManager
 from ..kv.layout import KVLayout, pool_pages
 from ..kv.prefix_cache import PrefixCache, kv_salt
+from ..kv.quant import resolve_kv_format
 from ..sampling_params import SamplingParams
 from ..sequence import Sequence, TokenLogprob
 from ..sparse.patterns import head_classes, resolve_pattern
@@ -79,11 +80,13 @@ class LLMEngine:
         itemsize = np.dtype(self.ops.dtype).itemsize
         self.weight_bytes = sum(stored_bytes(w, itemsize) for w in weights.values())
         self.layout = self._kv_layout()
+        self.kv_format = resolve_kv_format(self.ecfg.kv_dtype, self.ops.kv_dtypes, self.cfg.head_dim)
         num_pages, num_stream = self._num_pages()
         self.max_len = min(self.max_len, num_pages * self.ecfg.page_size)
         self.runner = ModelRunner(
-            self.cfg, weights, self.ops, self.ecfg, self.max_len, num_pages, self.layout, num_stream
-        )
+            self.cfg, weights, self.ops, self.ecfg, self.max_len, num_pages, self.layout, num_stream,
+            kv_format=self.kv_format,
+        )  # fmt: skip
         loaded.drop_file_pages()
         return num_pages, num_stream
 
@@ -92,6 +95,7 @@ class LLMEngine:
         and planner (engine/tp_group.py). (dense pages, streaming pages)."""
         self.cfg, self.tokenizer = load_config(self.model_dir), load_tokenizer(self.model_dir)
         self.ops, self.layout = host_ops(), self._kv_layout()
+        self.kv_format = resolve_kv_format("auto", ("fp16",), self.cfg.head_dim)  # workers: the float cache
         max_len = self.ecfg.resolve_max_len(self.cfg)
         self.runner, num_pages, num_stream = tensor_parallel_runner(
             self.model_dir, backend, self.cfg, self.ecfg, self.layout, max_len
@@ -115,7 +119,7 @@ class LLMEngine:
         (streaming heads feed every later layer). Decode knobs do not: decode K/V is never cached in LServe
         mode (PrefixCache.prompt_only)."""
         run, lay = self.runner, self.layout
-        parts = [str(self.model_dir), repr(self.cfg), np.dtype(self.ops.dtype).str, self.ecfg.page_size,
+        parts = [str(self.model_dir), repr(self.cfg), np.dtype(self.ops.dtype).str, self.kv_format.name, self.ecfg.page_size,
                  [c.tobytes() for c in run.head_classes], run.sink, run.local]  # fmt: skip
         if lay is not None:
             sp = seq.sparse or self.ecfg.sparse
@@ -140,8 +144,20 @@ class LLMEngine:
         """(dense-pool pages, streaming-pool pages) from the configured count or the memory budget."""
         e = self.ecfg
         budget = self.ops.kv_budget_bytes(e.kv_memory_fraction, self.weight_bytes)
-        item = np.dtype(self.ops.dtype).itemsize
-        return pool_pages(self.cfg, e.page_size, item, budget, self.layout, e.max_num_seqs, e.num_kv_pages)
+        return pool_pages(self.cfg, e.page_size, self.kv_row_bytes, budget, self.layout, e.max_num_seqs,
+                          e.num_kv_pages)  # fmt: skip
+
+    @property
+    def kv_row_bytes(self) -> int:
+        """Bytes of one token's K (or V) of one KV head in the KV format, scales included."""
+        return self.kv_format.row_bytes(self.cfg.head_dim, np.dtype(self.ops.dtype).itemsize)
+
+    def kv_summary(self) -> str:
+        """The KV cache in one line (startup logs): format, capacity in tokens, bytes per token."""
+        pages = self.blocks.num_pages
+        per_tok = 2 * self.cfg.num_layers * self.cfg.num_kv_heads * self.kv_row_bytes
+        return (f"KV cache {self.kv_format.name}: {pages} pages x {self.ecfg.page_size} tokens = "
+                f"{pages * self.ecfg.page_size} tokens, {per_tok / 1024:.1f} KiB per token")  # fmt: skip
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(

@@ -10,6 +10,7 @@ from ..backends.base import Executor, Ops, StepInputs
 from ..config import EngineConfig, ModelConfig, SparseConfig
 from ..geometry import budget_pages, ring_slot
 from ..kv.layout import KVLayout
+from ..kv.quant import KVFormat
 from ..models.llama import LlamaModel
 from ..sequence import Sequence
 from ..sparse.plan import BatchLayout, build_plan
@@ -28,11 +29,12 @@ class ModelRunner:
     def __init__(
         self, cfg: ModelConfig, weights: dict, ops: Ops, ecfg: EngineConfig, max_len: int, num_pages: int,
         layout: KVLayout | None = None, num_stream_pages: int = 0, model: LlamaModel | None = None,
-        executor: Executor | None = None,
+        executor: Executor | None = None, kv_format: KVFormat | None = None,
     ):  # fmt: skip
         """`max_len`: the engine's context limit (already clipped to the KV pool); `model`: an already built
         model on this backend (benchmarks with random weights made on the device); `executor`: one that runs
-        the steps elsewhere, with its own model and KV cache (tensor-parallel workers, engine/tp_group.py)."""
+        the steps elsewhere, with its own model and KV cache (tensor-parallel workers, engine/tp_group.py);
+        `kv_format`: the KV cache's format (None: the backend's float type)."""
         self.cfg, self.ops, self.ecfg = cfg, ops, ecfg
         self.page_size = ecfg.page_size
         self.max_len = max_len
@@ -45,7 +47,7 @@ class ModelRunner:
         if executor is None:
             self.model = model if model is not None else LlamaModel(cfg, weights, ops, max_len)
             self.cache = ops.alloc_kv(
-                cfg, self.page_size, num_pages, layout, num_stream_pages, ecfg.max_num_seqs
+                cfg, self.page_size, num_pages, layout, num_stream_pages, ecfg.max_num_seqs, kv_format
             )
             executor = ops.executor(self.model.forward, self.cache, ecfg, layout, max_len)
             self._copy = partial(ops.copy_stream_pages, self.cache)

@@ -1,24 +1,11 @@
 """Options of `lserve-lite eval`, apart from the suite so the CLI builds its parser without loading the
-engine; also the refusal of settings that do not exist yet (KV dtypes)."""
+engine."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..errors import InvalidRequestError
-
-# Options a setting may name that lserve-lite does not implement yet: refused, never silently ignored.
-NOT_IMPLEMENTED = {"kv_dtype": "KV-cache quantization (int8 / int4 KV)"}
-UNQUANTIZED = ("", "none", "fp16", "float16", "bf16", "bfloat16", "fp32", "float32")
-
-
-def refuse_unimplemented(name: str, value: str | None) -> None:
-    """Raise a clear error for a setting the engine does not have yet (unquantized values are accepted)."""
-    if name in NOT_IMPLEMENTED and value is not None and str(value).lower() not in UNQUANTIZED:
-        raise InvalidRequestError(
-            f"{name}={value}: {NOT_IMPLEMENTED[name]} is not implemented in lserve-lite yet; "
-            f"run without {name} (KV and weights stay in the model's float dtype)"
-        )
+from ..config import KV_DTYPES
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -30,7 +17,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs", default="dense;lserve",
                    help="settings separated by ';': presets dense, lserve, lserve-b512, lserve-b1024, "
                         "lserve-b2048, or NAME:knob=v,... (SparseConfig knobs)")  # fmt: skip
-    p.add_argument("--kv-dtype", default=None, help="KV cache dtype (not implemented yet: refused)")
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default="auto",
+                   help="KV-cache format for every setting of the run (docs/KV_QUANT.md)")  # fmt: skip
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
                    help="quantize a float model's weights at load, for every setting of the run")  # fmt: skip
     p.add_argument("--filler", choices=("classic", "corpus"), default="classic", help="haystack text")

@@ -20,7 +20,6 @@ import numpy as np
 
 from ..errors import InvalidRequestError
 from . import ruler
-from .eval_args import refuse_unimplemented
 from .plotting import pyplot
 from .settings import Runner, config_dict, parse_configs
 
@@ -103,7 +102,6 @@ def heatmap(result: dict, path: Path) -> bool:
 
 def evaluate(args: argparse.Namespace, log=print) -> dict:
     """Run the suite as `args` (see eval_args.add_eval_args) describe; returns the result dict."""
-    refuse_unimplemented("kv_dtype", args.kv_dtype)
     tasks = list(ruler.TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",")]
     lengths = [int(x) for x in args.lengths.split(",")]
     configs = parse_configs(args.configs)
@@ -111,7 +109,7 @@ def evaluate(args: argparse.Namespace, log=print) -> dict:
         raise InvalidRequestError("--samples must be >= 1 and lengths >= 256 tokens")
     t0 = time.perf_counter()
     r = Runner(args.model, configs, max(lengths) + 128, args.pattern, args.shared_dense, args.backend,
-               quantize=args.quantize)  # fmt: skip
+               quantize=args.quantize, kv_dtype=args.kv_dtype)  # fmt: skip
     tok = r.tokenizer
     gen = {
         (n, t): ruler.generate(t, tok, n, args.samples, args.seed, args.filler)
@@ -126,6 +124,7 @@ def evaluate(args: argparse.Namespace, log=print) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"tool": "lserve-lite eval", "model": Path(r.model_dir).name, "date": date.today().isoformat(),
               "configs": {k: config_dict(v) for k, v in configs.items()}, "shared_dense": args.shared_dense,
+              "kv_dtype": args.kv_dtype,
               "tasks": tasks, "lengths": lengths, "samples_per_task": args.samples, "seed": args.seed,
               "filler": args.filler, "pattern": args.pattern or "bundled", "machine": platform.machine()}  # fmt: skip
     done = len(samples)

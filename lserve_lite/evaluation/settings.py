@@ -10,7 +10,6 @@ import numpy as np
 from ..config import EngineConfig, SparseConfig
 from ..errors import InvalidRequestError
 from ..llm import LLM
-from .eval_args import NOT_IMPLEMENTED, refuse_unimplemented
 from .harness import SparseHarness
 
 PRESETS: dict[str, dict | None] = {
@@ -25,8 +24,8 @@ PRESETS: dict[str, dict | None] = {
 def parse_configs(spec: str) -> dict[str, SparseConfig | None]:
     """'dense;lserve;name:knob=v,...' -> name -> SparseConfig (None: dense); always includes dense.
 
-    Items are separated by ';' (or ',' when no item has knobs); knobs as in SparseConfig, plus kv_dtype
-    which is refused until it exists; weight quantization is per run (`--quantize`), not per setting."""
+    Items are separated by ';' (or ',' when no item has knobs); knobs as in SparseConfig; weight
+    quantization and the KV format are per run (`--quantize`, `--kv-dtype`), not per setting."""
     out: dict[str, SparseConfig | None] = {}
     items = spec.split(";") if ";" in spec else [spec] if ":" in spec else spec.split(",")
     for item in filter(None, (s.strip() for s in items)):
@@ -40,11 +39,9 @@ def parse_configs(spec: str) -> dict[str, SparseConfig | None]:
         kw = {}
         for kv in knobs.split(","):
             k, _, v = (s.strip() for s in kv.partition("="))
-            if k == "quantize":
-                raise InvalidRequestError("quantize is per run, not per setting: pass --quantize int8|int4")
-            if k in NOT_IMPLEMENTED:
-                refuse_unimplemented(k, v)
-                continue
+            if k in ("quantize", "kv_dtype"):
+                flag = "--" + k.replace("_", "-")
+                raise InvalidRequestError(f"{k} is per run, not per setting: pass {flag} {v or 'MODE'}")
             if k not in SparseConfig.__dataclass_fields__ or k in ("enabled", "pattern_path"):
                 raise InvalidRequestError(f"unknown sparse knob {k!r}")
             kw[k] = float(v) if k == "static_sparsity" else v if k == "group_reduce" else int(v)
@@ -65,7 +62,8 @@ class Runner:
     too; tests/test_eval_suite.py checks that this equals the dense engine."""
 
     def __init__(self, model: str | None, configs: dict, max_len: int, pattern: str | None,
-                 shared_dense: bool = False, backend: str = "auto", quantize: str | None = None):  # fmt: skip
+                 shared_dense: bool = False, backend: str = "auto", quantize: str | None = None,
+                 kv_dtype: str = "auto"):  # fmt: skip
         from ..weights.loader import load_tokenizer, resolve_model_dir
 
         self.configs, self.model, self.pattern, self.backend = dict(configs), model, pattern, backend
@@ -74,7 +72,11 @@ class Runner:
         self.max_len = max_len
         pages = -(-(max_len + 64) // 64) + 2
         self.ecfg = dict(
-            num_kv_pages=pages, max_model_len=max_len, max_num_batched_tokens=2048, quantize=quantize
+            num_kv_pages=pages,
+            max_model_len=max_len,
+            max_num_batched_tokens=2048,
+            quantize=quantize,
+            kv_dtype=kv_dtype,
         )
         self.full: SparseConfig | None = None
         if shared_dense and any(c is not None for c in configs.values()):

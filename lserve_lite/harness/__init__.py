@@ -2,9 +2,10 @@
 
 One module per kernel family, named after kernels/<family>.cu and backends/reference/<family>.py:
 layers (layers.cu, and the GEMMs), quant (quant_gemv.cu: quantized weights, against float64), attention
-(attention_prefill.cu + attention_decode.cu), page_select, sampling. Each case draws new random inputs (never
-zeros), poisons the outputs (NaN, or -1 for token ids) before the launch, runs the kernel through its launcher
-and compares with the float32 reference evaluated on the same float16-rounded inputs. One row per kernel and shape: max abs error, rel = max abs error /
+(attention_prefill.cu + attention_decode.cu), page_select, sampling, kv_quant (the quantized KV cache in those
+kernels, per KV dtype). Each case draws new random inputs (never zeros), poisons the outputs (NaN, or -1 for
+token ids) before the launch, runs the kernel through its launcher and compares with the float32 reference
+evaluated on the same float16-rounded inputs. One row per kernel and shape: max abs error, rel = max abs error /
 max |ref|, PASS/FAIL (a NaN left in an output fails). Exit status 1 on any failure; 0 with a note when no
 GPU is visible.
 
@@ -25,6 +26,7 @@ from dataclasses import asdict
 from ..backends import cuda_available
 from .attention import case_attention, case_sparse_attention
 from .common import Ctx, Result, format_table
+from .kv_quant import case_kv_quant
 from .layers import (
     case_add_rmsnorm,
     case_embed,
@@ -54,6 +56,7 @@ CASES: dict[str, Callable[[Ctx], list[Result]]] = {
     "sparse_attention": case_sparse_attention,
     "page_select": case_page_select,
     "rope_write_kv_sparse": case_rope_write_kv_sparse,
+    "kv_quant": case_kv_quant,
 }
 
 

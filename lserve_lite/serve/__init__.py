@@ -96,7 +96,7 @@ def run_server(
             "listening on %s without --api-key: anyone who can reach this port can use the model", host
         )
     app = create_app(engine, api_key, served_model_name, max_queue)
-    log.info("serving %s (%s backend, context %d) on http://%s:%d", served_model_name or engine.model_name,
-             engine.ops.name, engine.max_len, host, port)  # fmt: skip
+    log.info("serving %s (%s backend, context %d; %s) on http://%s:%d", served_model_name or engine.model_name,
+             engine.ops.name, engine.max_len, engine.kv_summary(), host, port)  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level=log_level)
     return 0

@@ -112,6 +112,11 @@ def create_app(
             "requests_in_flight": ("Requests admitted and not finished.", aengine.num_in_flight),
             "kv_pages_used": ("KV cache pages in use.", engine.blocks.num_used),
             "kv_pages_total": ("KV cache pages in the pool.", engine.blocks.num_pages),
+            "kv_capacity_tokens": (
+                "Tokens the KV pool holds.",
+                engine.blocks.num_pages * engine.ecfg.page_size,
+            ),
+            f'kv_cache_info{{dtype="{engine.kv_format.name}"}}': ("The KV cache format (--kv-dtype).", 1),
         }
         counters = {
             "prompt_tokens_cached_total": (

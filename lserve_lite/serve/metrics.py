@@ -104,8 +104,9 @@ class Metrics:
                        f"{self.generation_tokens}")  # fmt: skip
             for name, (help_, value) in (counters or {}).items():
                 out.append(f"{head(name, 'counter', help_)} {_num(value)}")
-            for name, (help_, value) in gauges.items():
-                out.append(f"{head(name, 'gauge', help_)} {_num(value)}")
+            for name, (help_, value) in gauges.items():  # a name may carry labels: 'name{k="v"}'
+                base, brace, labels = name.partition("{")
+                out.append(f"{head(base, 'gauge', help_)}{brace}{labels} {_num(value)}")
             for name, hist, help_ in (
                 ("time_to_first_token_seconds", self.ttft, "Time from arrival to the first output token."),
                 ("time_per_output_token_seconds", self.tpot, "Time between consecutive output tokens."),

@@ -1,7 +1,8 @@
 """References of kernels/attention_prefill.cu and kernels/attention_decode.cu: block-sparse paged attention
 executing an AttentionPlan, over one KV pool (dense mode) or two (LServe: dense-head pool + streaming
 pool, selected pages at decode). float32, softmax in float32; they run the same plans as the GPU kernels,
-so the two compare exactly. `attend_qblocks` is also the CPU backend's prefill attention.
+so the two compare exactly. `attend_qblocks` is also the CPU backend's prefill attention. A quantized cache
+(values + `scales`, kv/quant.py) is dequantized as its visited pages are gathered.
 """
 
 from __future__ import annotations
@@ -10,23 +11,38 @@ import math
 
 import numpy as np
 
+from ...kv.quant import KVFormat, dequantize
 from ...sparse.plan import AttentionPlan
 from ...sparse.selector import visited_selection
 from .. import cpu_kernels as K
 
 
-def paged_attention_ref(q, k_cache, v_cache, plan: AttentionPlan, head_class: np.ndarray) -> np.ndarray:
+def gather_rows(cache, scales, fmt: KVFormat | None, pages, h) -> np.ndarray:
+    """Head h's K (or V) rows on `pages` as float32 [len(pages) * page, D], dequantized if `scales` is given."""
+    x = cache[pages, h]
+    x = x if scales is None else dequantize(x, scales[pages, h], fmt, np.float32)
+    return x.reshape(-1, x.shape[-1])
+
+
+def paged_attention_ref(
+    q, k_cache, v_cache, plan: AttentionPlan, head_class: np.ndarray, k_scale=None, v_scale=None, fmt=None
+) -> np.ndarray:
     """Block-sparse paged attention executing `plan`; q [N, Hq, D] -> [N, Hq*D].
 
     Per query block and KV head: gather the head's listed pages, one GEMM for its query heads, mask
     (causal, context end, and the sink/local window for streaming heads), softmax in float32, one GEMM.
     """
     out = np.empty(q.shape, np.float32)
-    attend_qblocks(q, k_cache, v_cache, plan, np.asarray(head_class), out, 0, plan.num_qblocks)
+    attend_qblocks(
+        q, k_cache, v_cache, plan, np.asarray(head_class), out, 0, plan.num_qblocks, k_scale, v_scale, fmt
+    )
     return out.reshape(q.shape[0], -1)
 
 
-def attend_qblocks(q, k_cache, v_cache, plan: AttentionPlan, head_class, out, qb0: int, qb1: int) -> None:
+def attend_qblocks(
+    q, k_cache, v_cache, plan: AttentionPlan, head_class, out, qb0: int, qb1: int, k_scale=None, v_scale=None,
+    fmt=None,
+) -> None:  # fmt: skip
     """`paged_attention_ref` for query blocks qb0..qb1-1, written into out [N, Hq, D]."""
     d, page = q.shape[2], k_cache.shape[2]
     group = q.shape[1] // k_cache.shape[1]
@@ -47,9 +63,9 @@ def attend_qblocks(q, k_cache, v_cache, plan: AttentionPlan, head_class, out, qb
             for h in heads:
                 rows = slice(h * group, (h + 1) * group)
                 qh = q[r0 : r0 + nr, rows].reshape(nr * group, d)
-                s = (qh @ k_cache[pages, h].reshape(-1, d).T).reshape(nr, group, -1)
+                s = (qh @ gather_rows(k_cache, k_scale, fmt, pages, h).T).reshape(nr, group, -1)
                 tot = K.masked_softmax(s, ok, scale)
-                o = s.reshape(nr * group, -1) @ v_cache[pages, h].reshape(-1, d)
+                o = s.reshape(nr * group, -1) @ gather_rows(v_cache, v_scale, fmt, pages, h)
                 o /= tot.reshape(-1, 1)
                 out[r0 : r0 + nr, rows] = o.reshape(nr, group, d)
 
@@ -68,9 +84,10 @@ def visited_pages(
 
 
 def paged_attention_sparse_ref(
-    q, kd, vd, ks, vs, plan: AttentionPlan, head_class, head_slot, sel_idx=None, sel_cnt=None
-) -> np.ndarray:
-    """Block-sparse paged attention over both pools; q [N, Hq, D] -> [N, Hq*D]."""
+    q, kd, vd, ks, vs, plan: AttentionPlan, head_class, head_slot, sel_idx=None, sel_cnt=None,
+    scales: tuple = (None,) * 4, fmt: KVFormat | None = None,
+) -> np.ndarray:  # fmt: skip
+    """Block-sparse paged attention over both pools; q [N, Hq, D] -> [N, Hq*D]; `scales` of kd, vd, ks, vs."""
     n, hq, d = q.shape
     hkv = head_class.shape[0]
     group = hq // hkv
@@ -82,12 +99,12 @@ def paged_attention_sparse_ref(
         qpos = pos0 + np.arange(nr)
         for g in range(hkv):
             cls = int(head_class[g])
-            kc, vc = (kd, vd) if cls == 0 else (ks, vs)
+            kc, vc, ksc, vsc = (kd, vd, *scales[:2]) if cls == 0 else (ks, vs, *scales[2:])
             pages, lpages = visited_pages(plan, qb, cls, g, sel_idx, sel_cnt)
             page = kc.shape[2]
             kpos = (lpages[:, None] * page + np.arange(page)[None, :]).reshape(-1)
-            k = kc[pages, head_slot[g]].reshape(-1, d)
-            v = vc[pages, head_slot[g]].reshape(-1, d)
+            k = gather_rows(kc, ksc, fmt, pages, head_slot[g])
+            v = gather_rows(vc, vsc, fmt, pages, head_slot[g])
             ok = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] < ctx)
             if cls == 1:
                 ok &= (kpos[None, :] < plan.qb_sink[qb]) | (qpos[:, None] - kpos[None, :] < plan.qb_local[qb])

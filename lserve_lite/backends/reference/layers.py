@@ -1,6 +1,7 @@
 """References of kernels/layers.cu: embedding gather, RMSNorm, RoPE + K/V page write (both KV layouts,
 with the page statistics of the selector), SiLU-and-multiply. float32 NumPy; the CPU backend runs the
-Numba versions of the same math (backends/cpu_kernels.py)."""
+Numba versions of the same math (backends/cpu_kernels.py). A quantized cache (kv/quant.py) gets its
+values and scales written here, quantized from the float32 K/V."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from .page_stats import update_page_stats
+from ...kv.quant import KVFormat, quantize
+from .page_stats import merge_page_stats, update_page_stats
 
 
 def embed_ref(
@@ -50,32 +52,54 @@ def rope_qkv(qkv, positions, hkv: int, d: int, cos, sin) -> tuple[np.ndarray, np
     return rot[:, :hq], rot[:, hq:], x[:, hq + hkv :]
 
 
-def rope_write_kv_ref(qkv, positions, slots, k_cache, v_cache, cos, sin) -> np.ndarray:
+def write_rows(x, cache, scales, fmt: KVFormat | None, idx: tuple) -> None:
+    """cache[idx] = x (float rows), or their quantized values and scales for a quantized cache."""
+    if scales is None:
+        cache[idx] = x
+        return
+    vals, sc = quantize(x, fmt, scales.dtype)
+    cache[idx], scales[idx] = vals, sc
+
+
+def rope_write_kv_ref(
+    qkv, positions, slots, k_cache, v_cache, cos, sin, k_scale=None, v_scale=None, fmt=None
+) -> np.ndarray:
     """Rotate q and k (half-split RoPE), write k/v into their page slots; return q [N, Hq, D]."""
-    _, hkv, page, d = k_cache.shape
+    _, hkv, page, _ = k_cache.shape
+    d = cos.shape[1] * 2
     q, k, v = rope_qkv(qkv, positions, hkv, d, cos, sin)
     pg, off = slots // page, slots % page
-    k_cache[pg, :, off] = k
-    v_cache[pg, :, off] = v
+    write_rows(k, k_cache, k_scale, fmt, (pg, slice(None), off))
+    write_rows(v, v_cache, v_scale, fmt, (pg, slice(None), off))
     return np.ascontiguousarray(q)
 
 
 def rope_write_kv_sparse_ref(
     qkv, positions, dense_slots, stream_slots, kd, vd, ks, vs, head_class, head_slot, cos, sin,
-    kmax=None, kmin=None,
+    kmax=None, kmin=None, scales: tuple = (None,) * 4, fmt: KVFormat | None = None,
 ) -> np.ndarray:  # fmt: skip
-    """Rotate q/k (half-split RoPE); write each KV head's k/v into the pool of its class; refresh stats."""
-    hkv, d = head_class.shape[0], kd.shape[-1] if kd.shape[1] else ks.shape[-1]
+    """Rotate q/k (half-split RoPE); write each KV head's k/v into the pool of its class (`scales` of kd, vd,
+    ks, vs for a quantized cache); refresh the dense pool's key statistics from the unquantized keys."""
+    hkv, d = head_class.shape[0], cos.shape[1] * 2
     q, k, v = rope_qkv(qkv, positions, hkv, d, cos, sin)
-    for cls, slots, kc, vc in ((0, dense_slots, kd, vd), (1, stream_slots, ks, vs)):
+    for cls, slots, kc, vc, ksc, vsc in (
+        (0, dense_slots, kd, vd, *scales[:2]),
+        (1, stream_slots, ks, vs, *scales[2:]),
+    ):
         heads = np.nonzero(head_class == cls)[0]
         if heads.size == 0:
             continue
         page = kc.shape[2]
         pg, off = slots // page, slots % page
-        rows = head_slot[heads]
-        kc[pg[:, None], rows[None, :], off[:, None]] = k[:, heads]
-        vc[pg[:, None], rows[None, :], off[:, None]] = v[:, heads]
+        idx = (pg[:, None], head_slot[heads][None, :], off[:, None])
+        write_rows(k[:, heads], kc, ksc, fmt, idx)
+        write_rows(v[:, heads], vc, vsc, fmt, idx)
     if kmax is not None and kd.shape[1]:
-        update_page_stats(kmax, kmin, kd, dense_slots)
+        if scales[0] is None:
+            update_page_stats(kmax, kmin, kd, dense_slots)
+        else:
+            dense = np.nonzero(head_class == 0)[0]
+            keys = np.zeros((k.shape[0], kd.shape[1], d), np.float32)
+            keys[:, head_slot[dense]] = k[:, dense]
+            merge_page_stats(kmax, kmin, keys, dense_slots, kd.shape[2])
     return np.ascontiguousarray(q)

@@ -52,6 +52,24 @@ def update_page_stats(kmax: np.ndarray, kmin: np.ndarray, k_cache: np.ndarray, s
         kmin[pages, :, subs] = k.min(axis=1)
 
 
+def merge_page_stats(kmax, kmin, keys: np.ndarray, slots: np.ndarray, page_size: int) -> None:
+    """The statistics update of a quantized cache, whose stored keys are not the model's: from the written
+    keys themselves (keys [N, Hkv, D] unquantized, in slot order per sequence). A logical page whose first
+    written slot is its offset 0 starts afresh, else its stats are merged with the keys; with tokens appended
+    in order this equals `update_page_stats` on the unquantized keys."""
+    slots = np.asarray(slots, dtype=np.int64).reshape(-1)
+    lp = page_size // kmax.shape[2]
+    ok = slots >= 0
+    logical = slots // lp
+    for lid in np.unique(logical[ok]):
+        rows = np.nonzero(ok & (logical == lid))[0]
+        page, sub = lid // kmax.shape[2], lid % kmax.shape[2]
+        mx, mn = keys[rows].max(0), keys[rows].min(0)
+        if slots[rows].min() % lp:
+            mx, mn = np.maximum(mx, kmax[page, :, sub]), np.minimum(mn, kmin[page, :, sub])
+        kmax[page, :, sub], kmin[page, :, sub] = mx, mn
+
+
 def page_stats_reference(
     k_cache: np.ndarray, page_table: list[int] | np.ndarray, ctx_len: int, sub_pages: int
 ) -> tuple[np.ndarray, np.ndarray]:

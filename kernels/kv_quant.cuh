@@ -1,0 +1,139 @@
+// KV-cache formats (--kv-dtype) as template parameters of the K/V-write and attention kernels.
+// The rule, and its float64 reference: lserve_lite/kv/quant.py. A quantized pool is values
+// [pages, heads, page, D * BITS / 8] plus fp16 scales [pages, heads, page, GROUPS] indexed by the same page id.
+// int8: one scale per (token, head) = amax / 127, values round(x / scale) in [-127, 127].
+// int4: one scale per 32 channels = amax / 7, stored q + 8 with channel 2i in the low nibble of byte i.
+// fp8:  one scale per (token, head) = amax / 448, values the nearest e4m3 (ties to even), converted in
+//       software here (bit-exact with the reference; no sm_89 instruction needed to compile).
+// Scales are rounded to fp16 first and the values quantized against the rounded scale, as the reference.
+// Self-contained (inline PTX conversions on raw 16-bit words), so layers.cu and the attention kernels share it.
+#pragma once
+
+namespace lskv {
+
+__device__ __forceinline__ float h2f(unsigned short h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;\n" : "=f"(f) : "h"(h));
+  return f;
+}
+__device__ __forceinline__ unsigned short f2h(float x) {
+  unsigned short r;
+  asm("cvt.rn.f16.f32 %0, %1;\n" : "=h"(r) : "f"(x));
+  return r;
+}
+__device__ __forceinline__ unsigned int pack2(float lo, float hi) {  // half2, lo in the low 16 bits
+  unsigned int r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// e4m3 (fn) bits -> float; code 127 (NaN) is never written.
+__device__ __forceinline__ float e4m3_to_float(unsigned int b) {
+  const unsigned int e = (b >> 3) & 15u, m = b & 7u;
+  const float v = e ? __uint_as_float(((e + 120u) << 23) | (m << 20)) : (float)m * 0.001953125f;
+  return (b & 128u) ? -v : v;
+}
+// float -> nearest e4m3 bits, ties to even, saturating at 448 (kv/quant.py::e4m3_encode).
+__device__ __forceinline__ unsigned int float_to_e4m3(float x) {
+  const float a = fminf(fabsf(x), 448.f);
+  unsigned int code;
+  if (a < 0.015625f) {  // below 2^-6: subnormal steps of 2^-9 (a result of 8 is the smallest normal)
+    code = (unsigned int)rintf(a * 512.f);
+  } else {
+    const int e = (int)((__float_as_uint(a) >> 23) & 255u) - 127;  // -6 .. 8
+    const float q = rintf(a * __uint_as_float((unsigned int)(127 + 3 - e) << 23));  // 8 .. 16
+    code = (unsigned int)((e + 7) << 3) + (unsigned int)q - 8u;
+  }
+  return code | (signbit(x) ? 128u : 0u);
+}
+
+// The formats. QUANT: values + scales; BITS per stored value; GROUP channels per scale (0: the whole head).
+struct Half {
+  static constexpr bool QUANT = false;
+  static constexpr int BITS = 16, GROUP = 0;
+};
+struct Int8 {
+  static constexpr bool QUANT = true;
+  static constexpr int BITS = 8, GROUP = 0;
+  static constexpr float QMAX = 127.f;
+  __device__ static float value(unsigned int byte) { return (float)(signed char)byte; }
+  __device__ static unsigned int encode(float y) { return (unsigned int)(int)fminf(fmaxf(rintf(y), -127.f), 127.f) & 255u; }
+};
+struct Fp8 {
+  static constexpr bool QUANT = true;
+  static constexpr int BITS = 8, GROUP = 0;
+  static constexpr float QMAX = 448.f;
+  __device__ static float value(unsigned int byte) { return e4m3_to_float(byte); }
+  __device__ static unsigned int encode(float y) { return float_to_e4m3(y); }
+};
+struct Int4 {
+  static constexpr bool QUANT = true;
+  static constexpr int BITS = 4, GROUP = 32;
+  static constexpr float QMAX = 7.f;
+};
+
+// One (token, head) row of D channels in format KV.
+template <class KV, int D>
+struct Row {
+  static constexpr int BYTES = D * KV::BITS / 8;                     // stored values
+  static constexpr int GROUPS = KV::GROUP ? D / KV::GROUP : 1;        // fp16 scales
+  static constexpr int SCALE_BYTES = 2 * GROUPS;
+  static constexpr int CHUNKS = BYTES / 16;                          // 16-byte value chunks
+  static constexpr int CHUNK_CH = 128 / KV::BITS;                    // channels per chunk: 16, or 32 (int4)
+  static constexpr int OUT_CHUNKS = CHUNK_CH / 8;                    // 16-byte fp16 chunks it expands to
+  static_assert(!KV::QUANT || (GROUPS == 1 || GROUPS == CHUNKS), "an int4 scale group is one value chunk");
+  static_assert(!KV::QUANT || 16 % SCALE_BYTES == 0, "a 16-byte scale chunk holds whole rows");
+};
+
+// A 16-byte value chunk with its scale -> fp16 channels, as OUT_CHUNKS 16-byte words.
+template <class KV>
+__device__ __forceinline__ void dequant16(const uint4 w, float s, uint4* out) {
+  const unsigned int word[4] = {w.x, w.y, w.z, w.w};
+  unsigned int h[KV::BITS == 4 ? 16 : 8];
+  if constexpr (KV::BITS == 4) {
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const unsigned int b = (word[i >> 2] >> (8 * (i & 3))) & 255u;
+      h[i] = pack2((float)((int)(b & 15u) - 8) * s, (float)((int)(b >> 4) - 8) * s);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const unsigned int pair = word[i >> 1] >> (16 * (i & 1));
+      h[i] = pack2(KV::value(pair & 255u) * s, KV::value((pair >> 8) & 255u) * s);
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < (KV::BITS == 4 ? 4 : 2); ++k) out[k] = make_uint4(h[4 * k], h[4 * k + 1], h[4 * k + 2], h[4 * k + 3]);
+}
+
+// Warp-cooperative quantization of one (token, head) row: lane l holds channel i * 32 + l in x[i]
+// (i < ni = D / 32); writes the row's values and fp16 scales. Every lane of the warp must call it.
+template <class KV>
+__device__ __forceinline__ void quantize_row(const float (&x)[8], int ni, unsigned char* vals,
+                                             unsigned short* scales, int lane) {
+  if constexpr (KV::GROUP == 0) {
+    float a = 0.f;
+    for (int i = 0; i < ni; ++i) a = fmaxf(a, fabsf(x[i]));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+    const unsigned short sh = f2h(a / KV::QMAX);
+    const float s = h2f(sh);
+    if (lane == 0) scales[0] = sh;
+    for (int i = 0; i < ni; ++i) vals[i * 32 + lane] = (unsigned char)KV::encode(s > 0.f ? x[i] / s : 0.f);
+  } else {
+    for (int i = 0; i < ni; ++i) {  // group i: channels i * 32 .. i * 32 + 31, one per lane
+      float a = fabsf(x[i]);
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+      const unsigned short sh = f2h(a / KV::QMAX);
+      const float s = h2f(sh);
+      if (lane == 0) scales[i] = sh;
+      const int q = s > 0.f ? (int)fminf(fmaxf(rintf(x[i] / s), -KV::QMAX), KV::QMAX) + 8 : 8;
+      const int hi = __shfl_down_sync(0xffffffffu, q, 1);
+      if (!(lane & 1)) vals[(i * 32 + lane) >> 1] = (unsigned char)(q | (hi << 4));
+    }
+  }
+}
+
+}  // namespace lskv

@@ -1,0 +1,84 @@
+"""One KV row (a token's K or V of one head) stored into and loaded from a CPU KV pool in any CPU format.
+
+Numba picks the format from the values' dtype (float32: fp32, int8: int8, uint8: int4; kv/quant.py has the
+rule): the kernels that write and read K/V call `kv_store` / `kv_load` and stay format-free, quantizing on
+write and dequantizing on load with no float copy of the cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import types
+from numba.extending import overload
+
+
+def kv_store(x, vals, scales, pg, h, off):
+    """Store row x [D] float32 at vals[pg, h, off] (and its scales); quantized caches round to nearest."""
+    raise NotImplementedError  # Numba-only (the overload below)
+
+
+def kv_load(vals, scales, pg, h, off, buf):
+    """Row vals[pg, h, off] as float32 [D]: the cache's own row, or dequantized into buf."""
+    raise NotImplementedError  # Numba-only (the overload below)
+
+
+@overload(kv_store)
+def _kv_store(x, vals, scales, pg, h, off):
+    if isinstance(vals.dtype, types.Float):
+
+        def store_float(x, vals, scales, pg, h, off):
+            for i in range(x.shape[0]):
+                vals[pg, h, off, i] = x[i]
+
+        return store_float
+
+    qmax = np.float32(127.0 if vals.dtype == types.int8 else 7.0)
+    bias = 0 if vals.dtype == types.int8 else 8
+    pack = vals.dtype != types.int8
+
+    def store_quant(x, vals, scales, pg, h, off):
+        groups = scales.shape[3]
+        g = x.shape[0] // groups
+        for k in range(groups):
+            amax = np.float32(0.0)
+            for i in range(k * g, (k + 1) * g):
+                amax = max(amax, abs(x[i]))
+            s = amax / qmax
+            scales[pg, h, off, k] = s
+            for i in range(k * g, (k + 1) * g, 2 if pack else 1):
+                a = min(max(np.rint(x[i] / s), -qmax), qmax) if s > 0 else np.float32(0.0)
+                if pack:
+                    b = min(max(np.rint(x[i + 1] / s), -qmax), qmax) if s > 0 else np.float32(0.0)
+                    vals[pg, h, off, i // 2] = np.uint8(int(a) + bias) | (
+                        np.uint8(int(b) + bias) << np.uint8(4)
+                    )
+                else:
+                    vals[pg, h, off, i] = np.int8(int(a))
+
+    return store_quant
+
+
+@overload(kv_load)
+def _kv_load(vals, scales, pg, h, off, buf):
+    if isinstance(vals.dtype, types.Float):
+        return lambda vals, scales, pg, h, off, buf: vals[pg, h, off]
+    if vals.dtype == types.int8:
+
+        def load_int8(vals, scales, pg, h, off, buf):
+            s = np.float32(scales[pg, h, off, 0])
+            for i in range(buf.shape[0]):
+                buf[i] = np.float32(vals[pg, h, off, i]) * s
+            return buf
+
+        return load_int8
+
+    def load_int4(vals, scales, pg, h, off, buf):
+        g = buf.shape[0] // scales.shape[3]
+        for i in range(vals.shape[3]):
+            b = np.int32(vals[pg, h, off, i])
+            s = np.float32(scales[pg, h, off, (2 * i) // g])
+            buf[2 * i] = np.float32((b & 15) - 8) * s
+            buf[2 * i + 1] = np.float32((b >> 4) - 8) * s
+        return buf
+
+    return load_int4

@@ -1,0 +1,215 @@
+"""Harness rows of the quantized KV cache (`--kv-dtype` int8 / int4 / fp8; kernels/kv_quant.cuh inside
+layers.cu and attention_*.cu), one per KV dtype the GPU offers, against the references of kv/quant.py and
+backends/reference/: attention over the same quantized values (both pools, chunked prefill over cached pages,
+selected pages), and the K/V write (values within half a quantization step of the float K/V, the selector
+statistics of the unquantized keys)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..backends.base import KVCache
+from ..backends.reference.attention import paged_attention_ref, paged_attention_sparse_ref
+from ..backends.reference.layers import rope_write_kv_ref, rope_write_kv_sparse_ref
+from ..backends.reference.page_select import select_pages_ref
+from ..backends.reference.page_stats import update_page_stats
+from ..kv.quant import FORMATS, KVFormat, dequantize, quantize
+from ..sparse.plan import BatchLayout, build_plan
+from .attention import SPARSE_PREFILL, decode_setup
+from .common import Ctx, Result, compare
+from .sparse_batch import head_classes, sparse_batch, sparse_cache
+
+QUANT_KV = ("int8", "int4", "fp8")
+
+KV_ATTENTION = {
+    # name: (Hq, Hkv, D, page, q_lens, ctx_lens, streaming heads, sink, local)
+    "decode_d64": (9, 3, 64, 64, [1, 1, 1], [1, 700, 3000], 0, 0, 0),
+    "decode_d128_p16": (32, 8, 128, 16, [1, 1], [4096, 33], 0, 0, 0),
+    "chunked_prefill_d128": (32, 8, 128, 64, [129, 1], [2000, 77], 0, 0, 0),
+    "prefill_stream_d64": (9, 3, 64, 32, [70, 5], [1000, 5], 2, 64, 256),
+}
+
+
+def kv_formats(c: Ctx) -> list[str]:
+    """The quantized KV dtypes this GPU runs (fp8: sm_89 and newer)."""
+    return [k for k in QUANT_KV if k in c.ops.kv_dtypes]
+
+
+def _garbage(c: Ctx, shape, dtype):
+    """Poisoned quantized values (random bytes) or scales (NaN), for outputs a kernel must overwrite."""
+    if np.dtype(dtype).kind == "f":
+        return c.poison(shape, dtype)
+    return c.cp.asarray(c.rng.integers(0, 256, shape, dtype=np.uint8).view(dtype))
+
+
+def _quantized(c: Ctx, x: np.ndarray, fmt: KVFormat) -> tuple[np.ndarray, np.ndarray, object, object]:
+    """Host (values, fp16 scales) of x by the reference rule, and their device copies."""
+    vals, sc = quantize(x, fmt, np.float16)
+    return vals, sc, c.cp.asarray(vals), c.cp.asarray(sc)
+
+
+def kv_attention_one(c: Ctx, name: str, kv: str) -> Result:
+    """CudaOps.attention over a quantized dense-mode cache vs paged_attention_ref on the same values."""
+    hq, hkv, d, page, q_lens, ctx_lens, n_stream, sink, local = KV_ATTENTION[name]
+    fmt = FORMATS[kv]
+    need = [-(-t // page) for t in ctx_lens]
+    num_pages = sum(need) + 3
+    perm = list(c.rng.permutation(num_pages))
+    tables = [[int(perm.pop()) for _ in range(k)] for k in need]
+    kq, ks, kq_d, ks_d = _quantized(c, c.f16(num_pages, hkv, page, d), fmt)
+    vq, vs, vq_d, vs_d = _quantized(c, c.f16(num_pages, hkv, page, d), fmt)
+    q = c.f16(sum(q_lens), hq, d)
+    hc = np.zeros(hkv, np.int32)
+    hc[c.rng.permutation(hkv)[:n_stream]] = 1
+    plan = build_plan(BatchLayout(list(q_lens), list(ctx_lens), tables), page, sink=sink, local=local)
+    ref = paged_attention_ref(q, kq, vq, plan, hc, ks, vs, fmt)
+    cache = KVCache([kq_d], [vq_d], page, num_pages, fmt=fmt, k_scale=[ks_d], v_scale=[vs_d])
+    got = c.poison((sum(q_lens), hq * d), np.float16)
+    o = c.ops.attention(c.dev16(q), cache, 0, c.ops.prepare_plan(plan), c.cp.asarray(hc), out=got)
+    kind = "decode" if all(n == 1 for n in q_lens) else "prefill"
+    return compare(f"kv_quant.attention.{kind}", f"{kv} {name}", o.get(), ref, 4e-3, 2e-2)
+
+
+def kv_sparse_one(c: Ctx, stage: str, kv: str) -> Result:
+    """LServe's two quantized pools: prefill (SPARSE_PREFILL mixed_two_seqs) or decode with fresh page
+    selections from the unquantized keys' statistics (SPARSE_DECODE mixed_select) vs
+    paged_attention_sparse_ref on the same values."""
+    fmt, sel = FORMATS[kv], {}
+    if stage == "prefill":
+        q_lens, prefix, hq, pattern, d, ps, windows = SPARSE_PREFILL["mixed_two_seqs"]
+        ctx = [a + b for a, b in zip(q_lens, prefix, strict=True)]
+        b = sparse_batch(c, q_lens, ctx, hq, pattern, d, ps, windows)
+    else:
+        b, kmax, kmin, cap = decode_setup(c, "mixed_select")
+        idx = np.full((b.num_slots, b.hc.size, cap), -1, np.int32)
+        cnt = np.full((b.num_slots, b.hc.size), -1, np.int32)
+        select_pages_ref(b.q, kmax, kmin, b.plan, b.hc, b.slot, idx, cnt)
+        sel = dict(sel_idx=idx, sel_cnt=cnt)
+    pools = [_quantized(c, a, fmt) for a in (b.kd, b.vd, b.ks, b.vs)]
+    ref = paged_attention_sparse_ref(
+        b.q, *(p[0] for p in pools), b.plan, b.hc, b.slot, sel.get("sel_idx"), sel.get("sel_cnt"),
+        scales=tuple(p[1] for p in pools), fmt=fmt,
+    )  # fmt: skip
+    cache = sparse_cache(c, b, **sel)
+    cache.k, cache.v, cache.ks, cache.vs = ([p[2]] for p in pools)
+    cache.k_scale, cache.v_scale, cache.ks_scale, cache.vs_scale = ([p[3]] for p in pools)
+    cache.fmt = fmt
+    n, hq, d = b.q.shape
+    got = c.poison((n, hq * d), np.float16)
+    o = c.ops.attention(c.dev16(b.q), cache, 0, c.ops.prepare_plan(b.plan), cache.head_class[0], out=got)
+    return compare(f"kv_quant.sparse_{stage}", f"{kv} two pools", o.get(), ref, 4e-3, 2e-2)
+
+
+def _within_step(kernel: str, tag: str, vals, scales, ref: np.ndarray, fmt: KVFormat) -> Result:
+    """Written rows dequantized vs the float rows: within half a step (int) or 1/16 (fp8) plus the fp16
+    rounding of the key and of its scale."""
+    got = dequantize(vals, scales, fmt)
+    step = np.repeat(scales.astype(np.float64), ref.shape[-1] // scales.shape[-1], -1)
+    if fmt.name == "fp8":
+        bound = np.abs(ref) * (1 / 16 + 2e-3) + step * 2.0**-9
+    else:
+        bound = step * 0.57 + np.abs(ref) * 2e-3
+    err = np.abs(got - ref)
+    ok = bool(np.all(err <= bound + 1e-6)) and np.isfinite(got).all()
+    worst = float(np.max(err / (bound + 1e-6))) if err.size else 0.0
+    return Result(kernel, tag, float(err.max(initial=0)), worst, ok, "" if ok else "beyond the step bound")
+
+
+def kv_write_one(c: Ctx, kv: str) -> list[Result]:
+    """CudaOps.rope_write_kv into a quantized dense-mode cache (padding rows included) vs rope_write_kv_ref:
+    q exact as the fp16 path, K/V within the step bound, scales as the reference rule gives them."""
+    fmt, out = FORMATS[kv], []
+    for hq, hkv, d, page, n in [(9, 3, 64, 64, 13), (32, 8, 128, 16, 70)]:
+        num_pages = 40
+        qkv = c.f16(n, (hq + 2 * hkv) * d)
+        cos, sin = c.f16(512, d // 2), c.f16(512, d // 2)
+        pos = c.rng.integers(0, 512, n)
+        slots = c.rng.permutation(num_pages * page)[:n]
+        slots[c.rng.random(n) < 0.2] = -1
+        live = slots >= 0
+        k_ref, v_ref = np.zeros((2, num_pages, hkv, page, d), np.float32)
+        q_ref = rope_write_kv_ref(qkv, pos, np.maximum(slots, 0), k_ref.copy(), v_ref.copy(), cos, sin)
+        rope_write_kv_ref(qkv[live], pos[live], slots[live], k_ref, v_ref, cos, sin)
+        shape, groups = (num_pages, hkv, page, fmt.packed_dim(d)), d // fmt.group(d)
+        dev = [_garbage(c, shape, fmt.value_dtype) for _ in "kv"]
+        dev += [c.poison((num_pages, hkv, page, groups), np.float16) for _ in "kv"]
+        cache = KVCache(dev[:1], dev[1:2], page, num_pages, fmt=fmt, k_scale=dev[2:3], v_scale=dev[3:])
+        q = c.poison((n, hq, d), np.float16)
+        rope = (c.dev16(cos), c.dev16(sin))
+        c.ops.rope_write_kv(c.dev16(qkv), c.cp.asarray(pos), c.cp.asarray(slots), cache, 0, rope, out=q)
+        tag = f"{kv} Hq{hq} Hkv{hkv} D{d} page{page} N{n}"
+        out.append(compare("kv_quant.write.q", tag, q.get(), q_ref, 2e-3, 4e-3))
+        pg, off = slots[live] // page, slots[live] % page
+        for what, vals, sc, ref in (("k", dev[0], dev[2], k_ref), ("v", dev[1], dev[3], v_ref)):
+            rows = ref[pg, :, off]
+            got_sc = sc.get()[pg, :, off]
+            out.append(_within_step(f"kv_quant.write.{what}", tag, vals.get()[pg, :, off], got_sc, rows, fmt))
+            want_sc = quantize(rows, fmt, np.float16)[1]
+            out.append(compare(f"kv_quant.write.{what}_scale", tag, got_sc, want_sc, 1e-6, 2e-3))
+    return out
+
+
+def kv_write_sparse_one(c: Ctx, kv: str) -> list[Result]:
+    """rope_write_kv_sparse into quantized pools: a chunk appended at an unaligned position (its logical page
+    holds earlier tokens: the statistics merge) and a fresh prompt; K/V of both pools within the step bound,
+    kmax/kmin = rope_write_kv_sparse_ref's (the unquantized keys' statistics)."""
+    fmt, (hc, slot), d, ps, sub, gsize = FORMATS[kv], head_classes("0110"), 64, 16, 4, 2
+    hkv, nd, ns = hc.size, 2, 2
+    hq = gsize * hkv
+    starts, lens = [37, 0], [45, 20]
+    need = [-(-(s + m) // ps) for s, m in zip(starts, lens, strict=True)]
+    n_pages, n_spages = sum(need) + 3, -(-sum(lens) // ps) + 3
+    perm, offs = c.rng.permutation(n_pages), np.cumsum([0, *need])
+    tables = [perm[offs[i] : offs[i + 1]] for i in range(len(lens))]
+    spans = [np.arange(s, s + m) for s, m in zip(starts, lens, strict=True)]
+    pos = np.concatenate(spans).astype(np.int64)
+    dslots = np.concatenate([t[p // ps] * ps + p % ps for t, p in zip(tables, spans, strict=True)])
+    sslots = c.rng.permutation(n_spages * ps)[: pos.size]
+    qkv = c.f16(pos.size, (hq + 2 * hkv) * d)
+    cos, sin = c.f16(256, d // 2), c.f16(256, d // 2)
+    hist_k = np.zeros((n_pages, nd, ps, d), np.float32)  # earlier tokens' keys: only their stats matter
+    hist = tables[0][np.arange(starts[0]) // ps] * ps + np.arange(starts[0]) % ps
+    hist_k[hist // ps, :, hist % ps] = c.f16(hist.size, nd, d)
+    kmax, kmin = np.zeros((2, n_pages, nd, sub, d), np.float32)
+    update_page_stats(kmax, kmin, hist_k, hist)
+    floats = [np.zeros((n_pages, nd, ps, d), np.float32) for _ in "kv"]
+    floats += [np.zeros((n_spages, ns, ps, d), np.float32) for _ in "kv"]
+    q_ref = rope_write_kv_sparse_ref(qkv, pos, dslots, sslots, *floats, hc, slot, cos, sin)
+    host = [np.zeros((*a.shape[:3], fmt.packed_dim(d)), fmt.value_dtype) for a in floats]
+    hsc = [np.zeros((*a.shape[:3], d // fmt.group(d)), np.float16) for a in floats]
+    want_max, want_min = kmax.copy(), kmin.copy()
+    rope_write_kv_sparse_ref(qkv, pos, dslots, sslots, *host, hc, slot, cos, sin, want_max, want_min,
+                             scales=tuple(hsc), fmt=fmt)  # fmt: skip
+    cp = c.cp
+    dev = [_garbage(c, a.shape, a.dtype) for a in host]
+    dsc = [c.poison(a.shape, np.float16) for a in hsc]
+    stats = [c.dev16(kmax), c.dev16(kmin)]
+    cache = KVCache(
+        k=dev[:1], v=dev[1:2], page_size=ps, num_pages=n_pages, ks=dev[2:3], vs=dev[3:],
+        head_class=[cp.asarray(hc)], head_slot=[cp.asarray(slot)], kmax=stats[:1], kmin=stats[1:], fmt=fmt,
+        k_scale=dsc[:1], v_scale=dsc[1:2], ks_scale=dsc[2:3], vs_scale=dsc[3:],
+    )  # fmt: skip
+    q = c.poison((pos.size, hq, d), np.float16)
+    rope = (c.dev16(cos), c.dev16(sin))
+    c.ops.rope_write_kv(
+        c.dev16(qkv), cp.asarray(pos), cp.asarray(np.stack([dslots, sslots])), cache, 0, rope, out=q
+    )
+    tag = f"{kv} 0110 Hq{hq} D{d} p{ps} sub{sub}"
+    out = [compare("kv_quant.write_sparse.q", tag, q.get(), q_ref, 2e-3, 4e-3)]
+    for i, (what, slots) in enumerate((("k dense", dslots), ("v dense", dslots), ("k stream", sslots),
+                                       ("v stream", sslots))):  # fmt: skip
+        pg, off = slots // ps, slots % ps
+        vals, sc = dev[i].get()[pg, :, off], dsc[i].get()[pg, :, off]
+        out.append(_within_step(f"kv_quant.write_sparse.{what}", tag, vals, sc, floats[i][pg, :, off], fmt))
+    out.append(compare("kv_quant.write_sparse.kmax", tag, stats[0].get(), want_max, 2e-3, 4e-3))
+    out.append(compare("kv_quant.write_sparse.kmin", tag, stats[1].get(), want_min, 2e-3, 4e-3))
+    return out
+
+
+def case_kv_quant(c: Ctx) -> list[Result]:
+    out: list[Result] = []
+    for kv in kv_formats(c):
+        out += [kv_attention_one(c, name, kv) for name in KV_ATTENTION]
+        out += [kv_sparse_one(c, stage, kv) for stage in ("prefill", "decode")]
+        out += kv_write_one(c, kv) + kv_write_sparse_one(c, kv)
+    return out

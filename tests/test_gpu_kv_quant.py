@@ -1,0 +1,107 @@
+"""Quantized KV cache on the GPU (gpu-marked; skipped without a GPU): the kernel harness's kv_quant rows per
+KV dtype (`lserve-lite kernels test kv_quant`), and the engine with int8 / int4 / fp8 KV on the CUDA backend
+against its fp16 KV (dense and LServe modes, eager and CUDA Graph decode)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lserve_lite.harness import kv_quant as HK
+from lserve_lite.harness.common import Ctx, format_table
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def hctx():
+    return Ctx(seed=0)
+
+
+def _run(hctx, kv, fn, *args):
+    """One harness case on a fresh seed for one KV dtype; every row must pass."""
+    if kv not in hctx.ops.kv_dtypes:
+        pytest.skip(f"kv_dtype {kv} needs sm_89 or newer")
+    seed = int(np.random.SeedSequence().entropy % (1 << 31))
+    hctx.rng = np.random.default_rng(seed)
+    results = fn(hctx, *args, kv)
+    results = results if isinstance(results, list) else [results]
+    print(format_table(results))
+    bad = [r for r in results if not r.ok]
+    assert results and not bad, f"{fn.__name__}(Ctx({seed}), {args}, {kv!r}):\n" + format_table(bad)
+
+
+@pytest.mark.parametrize("kv", HK.QUANT_KV)
+@pytest.mark.parametrize("name", list(HK.KV_ATTENTION))
+def test_attention_over_quantized_cache(hctx, kv, name):
+    _run(hctx, kv, HK.kv_attention_one, name)
+
+
+@pytest.mark.parametrize("kv", HK.QUANT_KV)
+@pytest.mark.parametrize("stage", ["prefill", "decode"])
+def test_two_quantized_pools(hctx, kv, stage):
+    _run(hctx, kv, HK.kv_sparse_one, stage)
+
+
+@pytest.mark.parametrize("kv", HK.QUANT_KV)
+def test_rope_write_quantizes(hctx, kv):
+    _run(hctx, kv, HK.kv_write_one)
+
+
+@pytest.mark.parametrize("kv", HK.QUANT_KV)
+def test_rope_write_sparse_quantizes_and_keeps_unquantized_stats(hctx, kv):
+    _run(hctx, kv, HK.kv_write_sparse_one)
+
+
+@pytest.fixture(scope="module")
+def tiny64(tmp_path_factory):
+    """A tiny llama with head_dim 64 (the GPU kernels' smallest) and a head pattern for LServe mode."""
+    from tiny_models import make_tiny
+
+    p = make_tiny(tmp_path_factory.mktemp("tiny64"), hidden_size=256, intermediate_size=512, head_dim=64)
+    (p / "full_attention_heads.tsv").write_text("0.9\t0.1\n0.2\t0.8\n")
+    return p
+
+
+def _llm(path, kv: str, sparse: bool, graphs: bool):
+    from lserve_lite import LLM, EngineConfig, SparseConfig
+
+    knobs = dict(page_size=16, sub_pages=4, prefill_sink=16, prefill_local=64, decode_sink=16, decode_local=32,
+                 token_budget=64)  # fmt: skip
+    sp = SparseConfig(enabled=True, static_sparsity=0.5, **knobs) if sparse else SparseConfig()
+    cfg = EngineConfig(kv_dtype=kv, page_size=16, sparse=sp, max_num_batched_tokens=64, num_kv_pages=64,
+                       cuda_graphs=graphs, max_num_seqs=4)  # fmt: skip
+    return LLM(str(path), backend="cuda", config=cfg)
+
+
+def _decode_logits(llm, ids: list[int], prompt: int) -> np.ndarray:
+    """Teacher-forced decode logits of ids[prompt:] after a prefill of ids[:prompt] (decode steps go through
+    the runner's executor: CUDA Graph replays when the LLM has them)."""
+    from lserve_lite.evaluation.harness import SparseHarness
+
+    h = SparseHarness(llm)
+    seq = h.begin(ids, prompt_len=prompt)
+    try:
+        h.forward(seq, prompt, logits="last")
+        return h.decode(seq, len(ids) - prompt)
+    finally:
+        h.end(seq)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("kv,tol", [("int8", 0.03), ("fp8", 0.1), ("int4", 0.25)])
+def test_engine_with_quantized_kv(tiny64, kv, tol, sparse):
+    """Chunked prefill logits near fp16 KV's (the quantization error); decode steps through CUDA Graphs equal
+    to eager ones with the same KV dtype."""
+    ref = _llm(tiny64, "fp16", sparse, graphs=False)
+    if kv not in ref.engine.ops.kv_dtypes:
+        pytest.skip(f"kv_dtype {kv} needs sm_89 or newer")
+    ids = [int(t) for t in np.random.default_rng(3).integers(3, 300, 240)]
+    want = ref.logits(ids)
+    eager = _llm(tiny64, kv, sparse, graphs=False)
+    got = eager.logits(ids)
+    assert np.isfinite(got).all()
+    assert np.abs(got - want).max() / np.abs(want).max() < tol
+    e = _decode_logits(eager, ids, 200)
+    g = _decode_logits(_llm(tiny64, kv, sparse, graphs=True), ids, 200)
+    assert np.isfinite(g).all() and np.abs(g - e).max() / np.abs(e).max() < 5e-3

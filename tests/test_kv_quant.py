@@ -1,0 +1,241 @@
+"""Quantized KV cache on the CPU: the format rules (kv/quant.py), quantize-on-write, attention over quantized
+pages (both pools, decode and prefill), the selector's statistics, engine runs and KV sizing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_cpu_kernels import naive_attention
+
+from lserve_lite.backends import cpu as C
+from lserve_lite.backends import cpu_kernels as K
+from lserve_lite.backends.reference import attention as A
+from lserve_lite.backends.reference import layers as L
+from lserve_lite.config import EngineConfig, ModelConfig, SparseConfig
+from lserve_lite.errors import InvalidRequestError
+from lserve_lite.kv import quant as Q
+from lserve_lite.kv.layout import pool_pages
+from lserve_lite.sparse.plan import BatchLayout, build_plan
+
+RNG = np.random.default_rng(11)
+CPU_FORMATS = ["int8", "int4"]
+
+
+def rel(a, b) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("scale_dtype", [np.float64, np.float32, np.float16])
+def test_round_trip_error_is_within_half_a_step(name, scale_dtype):
+    fmt = Q.FORMATS[name]
+    x = RNG.standard_normal((40, 3, 64)) * np.exp(RNG.uniform(-3, 3, (40, 3, 1)))
+    x[0, 0] = 0.0  # an all-zero row: scale 0, values 0
+    vals, sc = Q.quantize(x, fmt, scale_dtype)
+    assert vals.dtype == fmt.value_dtype and vals.shape[-1] == fmt.packed_dim(64)
+    assert sc.shape == (40, 3, 64 // fmt.group(64)) and sc.dtype == scale_dtype
+    y = Q.dequantize(vals, sc, fmt)
+    step = np.repeat(sc.astype(np.float64), fmt.group(64), -1)
+    if name == "fp8":  # 3 mantissa bits: half an ulp is 1/16 of the value (normals), 2^-10 steps (subnormals)
+        bound = np.maximum(np.abs(x) / 16, step * 2.0**-10) * (1 + 1e-9)
+    else:  # rounding to the integer grid, plus the clip of a scale rounded down (fp16 / fp32)
+        bound = step * (0.5 + fmt.qmax * 2.0 ** -np.finfo(scale_dtype).nmant)
+    assert (np.abs(y - x) <= bound + 1e-300).all()
+    assert (y[0, 0] == 0).all()
+
+
+def test_int4_packs_even_channels_low_and_e4m3_codes_round_trip():
+    vals, sc = Q.quantize(np.array([[7.0, -7.0, 1.0, 0.0] * 8]), Q.FORMATS["int4"])
+    assert sc[0, 0] == 1.0 and vals[0, 0] == (15 | 1 << 4) and vals[0, 1] == (9 | 8 << 4)
+    codes = np.array([c for c in range(256) if c & 127 != 127], np.uint8)
+    assert np.array_equal(Q.e4m3_encode(Q.e4m3_decode(codes)), codes)
+    assert Q.e4m3_decode(np.array([0x7E, 0x08, 0x01], np.uint8)).tolist() == [448.0, 2.0**-6, 2.0**-9]
+
+
+def _quantized_pools(fmt, shape):
+    """Random float K/V pools, their quantized (values, scales) and the float64 dequantized copies."""
+    k, v = RNG.standard_normal((2, *shape)).astype(np.float32)
+    (kq, ks), (vq, vs) = Q.quantize(k, fmt, np.float32), Q.quantize(v, fmt, np.float32)
+    return (k, v), (kq, ks, vq, vs), (Q.dequantize(kq, ks, fmt), Q.dequantize(vq, vs, fmt))
+
+
+@pytest.mark.parametrize("name", CPU_FORMATS)
+@pytest.mark.parametrize(
+    "q_lens,ctx_lens,sink,local,hc",
+    [([1, 1, 1], [700, 1, 64], 0, 0, [0, 0, 0]), ([5, 8, 1], [1000, 130, 65], 64, 100, [1, 1, 0]),
+     ([40], [600], 64, 300, [0, 1, 0])],
+)  # fmt: skip
+def test_attention_over_a_quantized_cache(name, q_lens, ctx_lens, sink, local, hc):
+    """Decode (Numba) and prefill (NumPy) kernels = float64 attention over the dequantized cache (tight), and
+    near attention over the unquantized one (loose: the quantization error)."""
+    fmt = Q.FORMATS[name]
+    (k, v), (kq, ks, vq, vs), (kd, vd) = _quantized_pools(fmt, (40, 3, 64, 64))
+    tables, perm = [], [int(p) for p in RNG.permutation(40)]
+    for c in ctx_lens:
+        tables.append(perm[: -(-c // 64)])
+        perm = perm[-(-c // 64) :]
+    plan = build_plan(BatchLayout(q_lens, ctx_lens, tables), 64, sink=sink, local=local)
+    q = RNG.standard_normal((sum(q_lens), 9, 64)).astype(np.float32)
+    hc = np.array(hc, np.int32)
+    want, exact = naive_attention(q, kd, vd, plan, hc), naive_attention(q, k, v, plan, hc)
+    got = [A.paged_attention_ref(q, kq, vq, plan, hc, ks, vs, fmt)]
+    if max(q_lens) <= C.SMALL_ROWS:
+        got.append(C.paged_attention_numba(q, kq, vq, plan, hc, None, ks, vs))
+    for out in got:
+        assert rel(out, want) < 1e-5
+        assert rel(out, exact) < (0.02 if name == "int8" else 0.25)
+
+
+@pytest.mark.parametrize("name", CPU_FORMATS)
+def test_sparse_attention_reads_both_quantized_pools(name):
+    """LServe attention (dense-head pool + streaming ring) over quantized pools equals it over the same
+    pools dequantized."""
+    fmt = Q.FORMATS[name]
+    ps, ctx, q_len, hc = 16, 300, 20, np.array([0, 1, 1, 0], np.int32)
+    slot = np.array([0, 0, 1, 1], np.int32)
+    (_, _), (kq, ks, vq, vs), (kd, vd) = _quantized_pools(fmt, (30, 2, ps, 32))
+    (_, _), (sq, ss, tq, ts), (sd, td) = _quantized_pools(fmt, (12, 2, ps, 32))
+    table, ring = [int(p) for p in RNG.permutation(30)[: -(-ctx // ps)]], (2, 10)
+    stable = [0, 1] + [2 + (i % 10) for i in range(2, -(-ctx // ps))]
+    lay = BatchLayout([q_len], [ctx], [table], stream_tables=[stable], windows=[(32, 80)])
+    plan = build_plan(lay, ps, q_block=8, ring=ring)
+    q = RNG.standard_normal((q_len, 8, 32)).astype(np.float32)
+    got = A.paged_attention_sparse_ref(q, kq, vq, sq, tq, plan, hc, slot, scales=(ks, vs, ss, ts), fmt=fmt)
+    f32 = [a.astype(np.float32) for a in (kd, vd, sd, td)]
+    want = A.paged_attention_sparse_ref(q, *f32, plan, hc, slot)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", CPU_FORMATS)
+def test_rope_write_quantizes_on_write(name):
+    """The Numba write kernel and the NumPy reference store the rotated K/V within half a step, same scales."""
+    fmt = Q.FORMATS[name]
+    cos, sin = RNG.standard_normal((2, 100, 32), dtype=np.float32)
+    qkv = RNG.standard_normal((4, 960), dtype=np.float32)
+    pos, slots = np.array([5, 17, 99, 0]), np.array([3, 70, 200, 64])
+    k_f, v_f = np.zeros((2, 5, 3, 64, 64), np.float32)
+    L.rope_write_kv_ref(qkv, pos, slots, k_f, v_f, cos, sin)
+    caches = []
+    for write in ("ref", "numba"):
+        kq, vq = np.zeros((2, 5, 3, 64, fmt.packed_dim(64)), fmt.value_dtype)
+        ks, vs = np.zeros((2, 5, 3, 64, 64 // fmt.group(64)), np.float32)
+        q = L.rope_write_kv_ref(qkv, pos, slots, kq, vq, cos, sin, ks, vs, fmt)
+        if write == "numba":
+            kq[:], vq[:], ks[:], vs[:] = 0, 0, 0, 0
+            K.rope_write_kv(qkv, pos, slots, kq, vq, ks, vs, cos, sin, q)
+        caches.append((ks, vs))
+        for vals, sc, ref in ((kq, ks, k_f), (vq, vs, v_f)):
+            step = np.repeat(sc, fmt.group(64), -1) * (0.5 + 1e-5)
+            assert (np.abs(Q.dequantize(vals, sc, fmt) - ref) <= step + 1e-12).all()
+    np.testing.assert_allclose(caches[0], caches[1], rtol=1e-6)
+
+
+def test_merged_stats_equal_recomputed_ones():
+    """Token-by-token and chunked merges give the stats of the keys themselves (update_page_stats)."""
+    from lserve_lite.backends.reference.page_stats import merge_page_stats, update_page_stats
+
+    keys = RNG.standard_normal((150, 2, 16)).astype(np.float32)
+    slots = np.arange(150) + 64  # the sequence starts at page 1
+    k_cache = np.zeros((5, 2, 64, 16), np.float32)
+    k_cache[slots // 64, :, slots % 64] = keys
+    want = np.zeros((2, 5, 2, 4, 16), np.float32)
+    update_page_stats(*want, k_cache, slots)
+    got = np.full_like(want, 9.0)
+    for a, b in ((0, 1), (1, 2), (2, 37), (37, 101), (101, 150)):
+        merge_page_stats(*got, keys[a:b], slots[a:b], 64)
+    np.testing.assert_array_equal(got[:, 1:3], want[:, 1:3])
+    np.testing.assert_array_equal(got[:, 3, :, :2], want[:, 3, :, :2])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    from tiny_models import make_tiny_numpy
+
+    p = make_tiny_numpy(tmp_path_factory.mktemp("tiny_kvq"))
+    (p / "full_attention_heads.tsv").write_text("0.9\t0.1\n0.2\t0.8\n")
+    return p
+
+
+def _llm(path, kv: str, sparse: bool = False, chunk: int = 2048):
+    from lserve_lite import LLM
+
+    knobs = dict(page_size=16, sub_pages=4, prefill_sink=16, prefill_local=64, decode_sink=16, decode_local=32,
+                 token_budget=64)  # fmt: skip
+    sp = SparseConfig(enabled=True, static_sparsity=0.5, **knobs) if sparse else SparseConfig()
+    cfg = EngineConfig(kv_dtype=kv, page_size=16, sparse=sp, max_num_batched_tokens=chunk, num_kv_pages=64)
+    return LLM(str(path), backend="cpu", config=cfg)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_engine_greedy_with_quantized_kv(tiny, sparse):
+    """int8 / int4 KV: greedy tokens as fp32 KV's on the tiny model (int8), logits close; chunked prefill over
+    cached quantized pages = one-chunk prefill."""
+    from lserve_lite import SamplingParams
+
+    ids = [int(t) for t in RNG.integers(3, 300, 230)]
+    greedy = SamplingParams(temperature=0, max_new_tokens=10)
+    ref = _llm(tiny, "fp32", sparse)
+    ref_tokens, ref_logits = ref.generate([ids], greedy)[0].token_ids, ref.logits(ids)
+    for kv, tol in (("int8", 0.02), ("int4", 0.2)):
+        llm = _llm(tiny, kv, sparse)
+        assert llm.engine.kv_format.name == kv and f"KV cache {kv}" in llm.engine.kv_summary()
+        lg = llm.logits(ids)
+        assert rel(lg, ref_logits) < tol
+        if kv == "int8":
+            assert llm.generate([ids], greedy)[0].token_ids == ref_tokens
+        np.testing.assert_allclose(_llm(tiny, kv, sparse, chunk=48).logits(ids), lg, rtol=1e-4, atol=1e-4)
+
+
+def test_selector_stats_of_a_quantized_cache_are_the_unquantized_keys(tiny):
+    """Layer 0 keys do not depend on the cache format: its stats must equal the fp32 cache's exactly, after
+    chunked prefill and decode steps (merged, never read back from quantized keys)."""
+    from lserve_lite.evaluation.harness import SparseHarness
+
+    ids = [int(t) for t in RNG.integers(3, 300, 140)]
+    stats = {}
+    for kv in ("fp32", "int8", "int4"):
+        h = SparseHarness(_llm(tiny, kv, sparse=True, chunk=40))
+        seq = h.begin(ids, prompt_len=130)
+        try:
+            h.forward(seq, 130, logits="last")
+            h.decode(seq, 10)
+            cache, pages = h.runner.cache, seq.page_table
+            stats[kv] = cache.kmax[0][pages].copy(), cache.kmin[0][pages].copy()
+        finally:
+            h.end(seq)
+    for kv in ("int8", "int4"):
+        np.testing.assert_array_equal(stats[kv][0], stats["fp32"][0])
+        np.testing.assert_array_equal(stats[kv][1], stats["fp32"][1])
+
+
+def test_prefix_cache_snapshot_copies_scales(tiny):
+    """copy_stream_pages moves the streaming pool's scales with its values."""
+    llm = _llm(tiny, "int8", sparse=True)
+    cache = llm.engine.runner.cache
+    for a in (*cache.ks, *cache.ks_scale, *cache.vs_scale):
+        a[2] = RNG.integers(1, 100, a[2].shape).astype(a.dtype)
+    llm.engine.ops.copy_stream_pages(cache, np.array([2]), np.array([5]))
+    for a in (*cache.ks, *cache.ks_scale, *cache.vs_scale):
+        assert np.array_equal(a[5], a[2])
+
+
+def test_kv_sizing_counts_real_bytes():
+    """Same memory: int8 ~2x and int4 ~3.5x the tokens of fp16 (GPU: fp16 scales), more vs CPU fp32."""
+    cfg = ModelConfig.from_dict(
+        dict(architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+             num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=262144)
+    )  # fmt: skip
+    pages = {n: pool_pages(cfg, 64, Q.FORMATS[n].row_bytes(128, 2), 40 << 30, None, 1)[0] for n in Q.FORMATS}
+    assert 1.95 < pages["int8"] / pages["fp16"] < 2.0 and 3.5 < pages["int4"] / pages["fp16"] < 3.6
+    assert pages["fp8"] == pages["int8"] and pages["fp32"] * 2 == pages["fp16"]
+
+
+def test_kv_dtype_errors_are_one_line():
+    with pytest.raises(InvalidRequestError, match="kv_dtype must be one of"):
+        EngineConfig(kv_dtype="int3")
+    for name, why in (("fp8", "needs the CUDA backend on an sm_89"), ("fp16", "is not available here")):
+        with pytest.raises(InvalidRequestError, match=f"kv_dtype {name} {why}.*has fp32, int8, int4$"):
+            Q.resolve_kv_format(name, C.CpuOps.kv_dtypes, 64)
+    assert Q.resolve_kv_format("auto", C.CpuOps.kv_dtypes, 64).name == "fp32"
