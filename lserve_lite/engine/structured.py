@@ -32,7 +32,12 @@ class Grammars:
             raise InvalidRequestError(INSTALL) from None
         if self._ll_tok is None:
             raw = self.tokenizer.tok.to_str()
-            self._ll_tok = llguidance.LLTokenizer(raw, n_vocab=self.vocab_size, eos_token=list(self.eos_ids))
+            try:
+                self._ll_tok = llguidance.LLTokenizer(
+                    raw, n_vocab=self.vocab_size, eos_token=list(self.eos_ids)
+                )
+            except TypeError:  # older llguidance releases take one end-of-sequence id
+                self._ll_tok = llguidance.LLTokenizer(raw, n_vocab=self.vocab_size, eos_token=self.eos_ids[0])
         return llguidance
 
     def matcher(self, response_format: dict):
