@@ -221,6 +221,359 @@ __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const K
   }
 }
 
+// ---- v2 of the quantized decode (LSERVE_KVQ_DECODE=v2, cuda_attention.KVQ_DECODE) --------------------
+// The same split-KV flash-decoding and per-warp cp.async ring, but a staged unit is never expanded to an fp16
+// tile: each lane reads the stored bytes its mma fragments need (16-, 8- or 4-byte shared loads) and converts
+// them in registers (magic-number int8 / int4 -> half, hardware e4m3 -> half on sm_89+).
+// - K: the head dimension is permuted (the same permutation for Q and K leaves QK^T unchanged) so that lane
+//   (g, t4) needs bytes [t4 * D/4 channels ..) of key rows g and g + 8 only: KV8 (int8 / fp8) are exact in
+//   fp16 (no scale), and the per-(token, head) scale multiplies the score (s = (q . k_int) * scale_k);
+//   int4 multiplies its group scale in (a lane's channels lie in one group).
+// - V: output dim g * D/8 + nt is column g of n-tile nt, so a lane reads D/8 contiguous channels of the four
+//   key rows its B fragments hold; KV8's per-token scale is folded into the probabilities (p * scale_v),
+//   int4's group scale (one group per lane) is multiplied in. The partial output is written un-permuted.
+// - Values in shared memory: 16-byte chunks XOR-swizzled by (chunk index / 8) % 8, so the K and V fragment
+//   loads of a quarter warp hit distinct banks (D = 128); scales stay linear after them.
+// No fp16 tiles: 2 * STAGES units of shared memory per warp, so more CTAs fit per SM (the launcher sizes the
+// split count for this kernel's own shared memory and registers).
+template <class A, class B>
+struct same_t {
+  static constexpr bool value = false;
+};
+template <class A>
+struct same_t<A, A> {
+  static constexpr bool value = true;
+};
+
+template <class KV, int D>
+struct FragV2 {
+  using R = lskv::Row<KV, D>;
+  static constexpr bool Q4 = KV::BITS == 4;
+  static constexpr int RB = R::BYTES;        // bytes of a stored row
+  static constexpr int KB = D / 4 * KV::BITS / 8;  // K bytes of a row a lane reads
+  static constexpr int VB = D / 8 * KV::BITS / 8;  // V bytes of a row a lane reads
+  static constexpr int UNIT = DC_UNIT * (R::BYTES + R::SCALE_BYTES);
+  static constexpr int VBYTES = DC_UNIT * R::BYTES;
+  static constexpr float UNITS = same_t<KV, lskv::Fp8>::value ? lskv::FP8_UNIT : 1.f;
+  // Physical channel of k-index j (0..15) of mma k-step kk: lane t4 = (j & 7) >> 1 owns channels
+  // [t4 * D/4, (t4 + 1) * D/4); b0 holds j = 2 t4, 2 t4 + 1, b1 holds j = 2 t4 + 8, 2 t4 + 9.
+  __device__ static __forceinline__ int kchan(int kk, int j) {
+    const int t = (j & 7) >> 1, hi = j >> 3, lo = j & 1;
+    return t * (D / 4) + (Q4 ? 8 * (kk >> 1) + 2 * (kk & 1) + hi + 4 * lo : 4 * kk + 2 * hi + lo);
+  }
+};
+
+__device__ __forceinline__ u32 swz_v2(int i) { return (u32)((i ^ ((i >> 3) & 7)) << 4); }
+
+// NB bytes at byte b of stored row r of a unit's values (RB bytes per row), as words.
+template <int RB, int NB>
+__device__ __forceinline__ void lds_v2(const unsigned char* base, int r, int b, u32 (&w)[NB / 4]) {
+  const int i = r * (RB / 16) + (b >> 4);
+  if constexpr (NB >= 16) {
+#pragma unroll
+    for (int c = 0; c < NB / 16; ++c) {
+      const uint4 x = *reinterpret_cast<const uint4*>(base + swz_v2(i + c));
+      w[4 * c] = x.x, w[4 * c + 1] = x.y, w[4 * c + 2] = x.z, w[4 * c + 3] = x.w;
+    }
+  } else if constexpr (NB == 8) {
+    const uint2 x = *reinterpret_cast<const uint2*>(base + swz_v2(i) + (b & 15));
+    w[0] = x.x, w[1] = x.y;
+  } else {
+    w[0] = *reinterpret_cast<const u32*>(base + swz_v2(i) + (b & 15));
+  }
+}
+
+// B fragments (b0, b1) of QK^T k-step kk from a lane's K words of one key row; s2: int4's scale (half2).
+template <class KV>
+__device__ __forceinline__ void kfrag_v2(const u32* w, int kk, u32 s2, u32& b0, u32& b1) {
+  if constexpr (KV::BITS == 4) {  // nibble m of word kk / 2 and nibble m + 4, m = 2 (kk & 1) (+1 for b1)
+    const u32 x = w[kk >> 1] >> (8 * (kk & 1));
+    b0 = lskv::hmul2(lskv::hsub2((x & 0x000F000Fu) | 0x64006400u, 0x64086408u), s2);
+    b1 = lskv::hmul2(lskv::hsub2(((x >> 4) & 0x000F000Fu) | 0x64006400u, 0x64086408u), s2);
+  } else if constexpr (same_t<KV, lskv::Int8>::value) {  // bytes 0, 1 and 2, 3 of word kk
+    const u32 x = w[kk] ^ 0x80808080u;
+    b0 = lskv::hsub2(lskv::prmt(x, 0x64646464u, 0x4140u), 0x64806480u);
+    b1 = lskv::hsub2(lskv::prmt(x, 0x64646464u, 0x4342u), 0x64806480u);
+  } else {
+    b0 = lskv::e4m3x2_to_h2(w[kk]);
+    b1 = lskv::e4m3x2_to_h2(w[kk] >> 16);
+  }
+}
+
+// The PV B fragments of n-tiles 4 i .. 4 i + 3 (KV8) or 8 i .. 8 i + 7 (int4) from word i of two key rows
+// (a: key 2 t4 (+8), b: key 2 t4 + 1 (+9)); s2: int4's scales of the two keys (half2).
+template <class KV>
+__device__ __forceinline__ void vfrag_v2(u32 a, u32 b, u32 s2, u32* out) {
+  if constexpr (KV::BITS == 4) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // byte i of both rows -> [a_i, -, b_i, -]: low nibbles, then high ones
+      const u32 y = lskv::prmt(a, b, (u32)(i | (i << 4) | ((4 + i) << 8) | ((4 + i) << 12)));
+      out[2 * i] = lskv::hmul2(lskv::hsub2((y & 0x000F000Fu) | 0x64006400u, 0x64086408u), s2);
+      out[2 * i + 1] = lskv::hmul2(lskv::hsub2(((y >> 4) & 0x000F000Fu) | 0x64006400u, 0x64086408u), s2);
+    }
+  } else {
+    const u32 x0 = lskv::prmt(a, b, 0x5140u), x1 = lskv::prmt(a, b, 0x7362u);  // [a0 b0 a1 b1], [a2 b2 a3 b3]
+    if constexpr (same_t<KV, lskv::Int8>::value) {
+      const u32 y0 = x0 ^ 0x80808080u, y1 = x1 ^ 0x80808080u;
+      out[0] = lskv::hsub2(lskv::prmt(y0, 0x64646464u, 0x4140u), 0x64806480u);
+      out[1] = lskv::hsub2(lskv::prmt(y0, 0x64646464u, 0x4342u), 0x64806480u);
+      out[2] = lskv::hsub2(lskv::prmt(y1, 0x64646464u, 0x4140u), 0x64806480u);
+      out[3] = lskv::hsub2(lskv::prmt(y1, 0x64646464u, 0x4342u), 0x64806480u);
+    } else {
+      out[0] = lskv::e4m3x2_to_h2(x0);
+      out[1] = lskv::e4m3x2_to_h2(x0 >> 16);
+      out[2] = lskv::e4m3x2_to_h2(x1);
+      out[3] = lskv::e4m3x2_to_h2(x1 >> 16);
+    }
+  }
+}
+
+template <int D, int STAGES, class KV>
+struct DecodeSmemV2 {
+  static constexpr int WARP_BYTES = STAGES * 2 * FragV2<KV, D>::UNIT;
+  static constexpr int BYTES = DC_WARPS * WARP_BYTES;
+};
+
+template <int D, int STAGES, class KV>
+__device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, const KVPools pools,
+                                               float* __restrict__ part_o, float* __restrict__ part_lse,
+                                               const PlanView pv, const int* __restrict__ sel_idx,
+                                               const int* __restrict__ sel_cnt, int sel_cap, int Hq, int Hkv,
+                                               int ps_shift, int n_htiles, float scale_log2) {
+  static_assert(KV::QUANT, "v2 is the quantized decode");
+  using F = FragV2<KV, D>;
+  using R = typename F::R;
+  constexpr int UNIT = F::UNIT, KW = F::KB / 4, VW = F::VB / 4, NT = D / 8;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int qb = blockIdx.y;
+  if (qb >= pv.meta[0]) return;
+  const int kvh = blockIdx.z / n_htiles, ht = blockIdx.z % n_htiles;
+  const int group = Hq / Hkv;
+  const int nh = min(16, group - ht * 16);
+  const int head0 = kvh * group + ht * 16;
+  const int tok = pv.qb_start[qb], qpos = pv.qb_pos[qb];
+  const int ctx = pv.seq_ctx[pv.qb_seq[qb]];
+  const int sink = pv.qb_sink[qb], local = pv.qb_local[qb];
+  const int cls = pools.head_class[kvh];
+  const unsigned char* __restrict__ kc = cls ? pools.k1 : pools.k0;
+  const unsigned char* __restrict__ vc = cls ? pools.v1 : pools.v0;
+  const unsigned char* __restrict__ kcs = reinterpret_cast<const unsigned char*>(cls ? pools.sk1 : pools.sk0);
+  const unsigned char* __restrict__ vcs = reinterpret_cast<const unsigned char*>(cls ? pools.sv1 : pools.sv0);
+  const int pool_heads = cls ? pools.n1 : pools.n0, slot = pools.head_slot[kvh];
+  const int lo = pv.kv_indptr[qb * 2 + cls];
+  const Visit vis = make_visit(pv, qb, kvh, cls, Hkv, pv.kv_indptr[qb * 2 + cls + 1] - lo, sel_idx, sel_cnt,
+                               sel_cap);
+  const int npages = vis.npages;
+  const int ps = 1 << ps_shift;
+  const int units_per_page_shift = ps_shift - 4;
+  const int nunits = npages << units_per_page_shift;
+  const int SW = gridDim.x * DC_WARPS, ws = blockIdx.x * DC_WARPS + warp;
+  const int u0 = (int)(((long long)ws * nunits) / SW), u1 = (int)(((long long)(ws + 1) * nunits) / SW);
+
+  unsigned char* const wbase = smem + warp * DecodeSmemV2<D, STAGES, KV>::WARP_BYTES;
+  const u32 sK = smem_addr(wbase), sV = sK + STAGES * UNIT;
+
+  auto load_unit = [&](int u, int st) {  // unit u: values (swizzled chunks) then scales, K and V
+    const int e = vis.entry(u >> units_per_page_shift);
+    const int off = (u << 4) & (ps - 1);
+    const size_t row = ((size_t)pv.kv_pl[lo + e].x * pool_heads + slot) * ps + off;
+    constexpr int VCH = F::VBYTES / 16, CH = UNIT / 16;
+#pragma unroll
+    for (int it = 0; it < (CH + 31) / 32; ++it) {
+      const int i = lane + it * 32;
+      if (i < VCH) {
+        cp_async16(sK + st * UNIT + swz_v2(i), kc + row * R::BYTES + i * 16, 16);
+        cp_async16(sV + st * UNIT + swz_v2(i), vc + row * R::BYTES + i * 16, 16);
+      } else if (i < CH) {
+        cp_async16(sK + st * UNIT + i * 16, kcs + row * R::SCALE_BYTES + (i - VCH) * 16, 16);
+        cp_async16(sV + st * UNIT + i * 16, vcs + row * R::SCALE_BYTES + (i - VCH) * 16, 16);
+      }
+    }
+  };
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (u0 + st < u1) load_unit(u0 + st, st);
+    cp_async_commit();
+  }
+
+  const int g = lane >> 2, t4 = lane & 3;
+  // Q A fragments in the permuted channel order (rows past the group's heads are zero).
+  u32 qa[D / 16][4];
+  {
+    const f16_t* q0 = q + ((size_t)tok * Hq + head0 + g) * D;
+    const f16_t* q1 = q0 + 8 * D;
+    const bool ok0 = g < nh, ok1 = g + 8 < nh;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int j = 2 * t4 + 8 * (r >> 1);
+        const f16_t* src = (r & 1) ? q1 : q0;
+        const bool ok = (r & 1) ? ok1 : ok0;
+        const u32 a = ok ? src[F::kchan(kk, j)] : 0u, b = ok ? src[F::kchan(kk, j + 1)] : 0u;
+        qa[kk][r] = a | (b << 16);
+      }
+  }
+
+  float o[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m_run[2] = {LSERVE_NEG_INF, LSERVE_NEG_INF}, l_run[2] = {0.f, 0.f};
+
+  for (int u = u0, it = 0; u < u1; ++u, ++it) {
+    cp_async_wait<STAGES - 2>();
+    __syncwarp();
+    if (u + STAGES - 1 < u1) load_unit(u + STAGES - 1, (it + STAGES - 1) % STAGES);
+    cp_async_commit();
+    const int st = it % STAGES;
+    const unsigned char* rk = wbase + st * UNIT;
+    const unsigned char* rv = rk + STAGES * UNIT;
+    const f16_t* skh = reinterpret_cast<const f16_t*>(rk + F::VBYTES);
+    const f16_t* svh = reinterpret_cast<const f16_t*>(rv + F::VBYTES);
+
+    // S = Q K^T: 16 heads x 16 keys (n-tile n: keys 8 n .. 8 n + 7; this lane's B column is key g + 8 n)
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    {
+      u32 kw[2][KW];
+      u32 ks2[2] = {0u, 0u};
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        lds_v2<F::RB, F::KB>(rk, g + 8 * n, t4 * F::KB, kw[n]);
+        if constexpr (F::Q4) {
+          const u32 h = skh[(g + 8 * n) * R::GROUPS + t4 * (D / 4) / 32];
+          ks2[n] = h | (h << 16);
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          u32 b0, b1;
+          kfrag_v2<KV>(kw[n], kk, ks2[n], b0, b1);
+          mma16816(s[n], qa[kk], b0, b1);
+        }
+    }
+    if constexpr (!F::Q4) {  // the per-token K scale of key n * 8 + 2 t4 + j (rows g and g + 8 alike)
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        const u32 h = *reinterpret_cast<const u32*>(skh + 8 * n + 2 * t4);
+        const float k0 = lskv::h2f((unsigned short)(h & 0xffffu)) * F::UNITS;
+        const float k1 = lskv::h2f((unsigned short)(h >> 16)) * F::UNITS;
+        s[n][0] *= k0, s[n][2] *= k0, s[n][1] *= k1, s[n][3] *= k1;
+      }
+    }
+    const int kbase = (pv.kv_pl[lo + vis.entry(u >> units_per_page_shift)].y << ps_shift) + ((u << 4) & (ps - 1));
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const bool ok = key_visible(kbase + n * 8 + 2 * t4 + j, qpos, ctx, cls, sink, local);
+        if (!ok) s[n][j] = s[n][2 + j] = LSERVE_NEG_INF;
+      }
+    float alphas[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = fmaxf(m_run[h], fmaxf(fmaxf(s[0][2 * h], s[0][2 * h + 1]), fmaxf(s[1][2 * h], s[1][2 * h + 1])));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_use = mx == LSERVE_NEG_INF ? 0.f : mx;
+      const float alpha = fast_exp2((m_run[h] - m_use) * scale_log2);
+      const float mb = m_use * scale_log2;
+      float sum = 0.f;
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const float p = fast_exp2(fmaf(s[n][2 * h + j], scale_log2, -mb));
+          s[n][2 * h + j] = p;
+          sum += p;
+        }
+      l_run[h] = l_run[h] * alpha + sum;
+      m_run[h] = mx;
+      alphas[h] = alpha;
+    }
+    // Rescale O only when a running max of the warp moved (alpha = exp2(0) = 1 exactly otherwise): after the
+    // first units of a range it rarely does, which saves 2 * D / 2 multiplies per unit.
+    if (__any_sync(0xffffffffu, alphas[0] != 1.f || alphas[1] != 1.f)) {
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        o[n][0] *= alphas[0];
+        o[n][1] *= alphas[0];
+        o[n][2] *= alphas[1];
+        o[n][3] *= alphas[1];
+      }
+    }
+    if constexpr (!F::Q4) {  // fold the per-token V scale into p (masked keys: exactly 0, whatever the scale)
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        const u32 h = *reinterpret_cast<const u32*>(svh + 8 * n + 2 * t4);
+        const float v0 = lskv::h2f((unsigned short)(h & 0xffffu)) * F::UNITS;
+        const float v1 = lskv::h2f((unsigned short)(h >> 16)) * F::UNITS;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          s[n][2 * r] = s[n][2 * r] > 0.f ? s[n][2 * r] * v0 : 0.f;
+          s[n][2 * r + 1] = s[n][2 * r + 1] > 0.f ? s[n][2 * r + 1] * v1 : 0.f;
+        }
+      }
+    }
+    u32 pa[4];
+    pa[0] = pack_half2(s[0][0], s[0][1]);
+    pa[1] = pack_half2(s[0][2], s[0][3]);
+    pa[2] = pack_half2(s[1][0], s[1][1]);
+    pa[3] = pack_half2(s[1][2], s[1][3]);
+    // O += P V: B fragment of n-tile nt = channel g * D/8 + nt of keys 2 t4, 2 t4 + 1 (b0) and + 8 (b1)
+    {
+      u32 vw[4][VW];
+      u32 vs2[2] = {0u, 0u};
+#pragma unroll
+      for (int r = 0; r < 4; ++r) lds_v2<F::RB, F::VB>(rv, 2 * t4 + (r & 1) + 8 * (r >> 1), g * F::VB, vw[r]);
+      if constexpr (F::Q4) {
+        const int gv = g * (D / 8) / 32;
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int k0 = 2 * t4 + 8 * hh;
+          vs2[hh] = (u32)svh[k0 * R::GROUPS + gv] | ((u32)svh[(k0 + 1) * R::GROUPS + gv] << 16);
+        }
+      }
+      constexpr int PER = F::Q4 ? 8 : 4;  // n-tiles per word
+#pragma unroll
+      for (int w = 0; w < VW; ++w) {
+        u32 b0[PER], b1[PER];
+        vfrag_v2<KV>(vw[0][w], vw[1][w], vs2[0], b0);
+        vfrag_v2<KV>(vw[2][w], vw[3][w], vs2[1], b1);
+#pragma unroll
+        for (int i = 0; i < PER; ++i) mma16816(o[w * PER + i], pa, b0[i], b1[i]);
+      }
+    }
+    __syncwarp();  // this stage is refilled STAGES - 1 iterations later
+  }
+  cp_async_wait<0>();
+
+  // ---- partial output (normalized; column c of n-tile nt is dim c * D/8 + nt) and base-2 log-sum-exp
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float l = l_run[h];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int r = g + 8 * h;
+    if (r < nh) {
+      const size_t pslot = ((size_t)qb * Hq + head0 + r) * SW + ws;
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        float* dst = part_o + pslot * D + (2 * t4 + j) * NT;
+#pragma unroll
+        for (int i = 0; i < NT / 4; ++i)
+          *reinterpret_cast<float4*>(dst + 4 * i) =
+              make_float4(o[4 * i][2 * h + j] * inv, o[4 * i + 1][2 * h + j] * inv, o[4 * i + 2][2 * h + j] * inv,
+                          o[4 * i + 3][2 * h + j] * inv);
+      }
+      if (t4 == 0) part_lse[pslot] = l > 0.f ? m_run[h] * scale_log2 + fast_log2(l) : LSERVE_NEG_INF;
+    }
+  }
+}
+
 // Merge the SW partials of (query block blockIdx.x, query head blockIdx.y) into the fp16 output.
 // Warps take interleaved splits; a lane owns 4 consecutive dims (float4 loads, D / 4 lanes busy).
 // Every split slot was written by the decode kernel (empty ranges: O = 0, lse = -inf -> weight 0).
@@ -309,6 +662,28 @@ LSERVE_DECODE_KERNEL(64, 4, lskv::Int4, _int4)
 LSERVE_DECODE_KERNEL(128, 4, lskv::Int4, _int4)
 LSERVE_DECODE_KERNEL(64, 4, lskv::Fp8, _fp8)
 LSERVE_DECODE_KERNEL(128, 4, lskv::Fp8, _fp8)
+
+// v2 (register-level dequantization, LSERVE_KVQ_DECODE=v2): paged_attn_decode_v2_d<D>_s<STAGES>_<kv>, the same
+// arguments. __launch_bounds__ asks for DC_V2_MIN_CTAS CTAs per SM (the launcher reads the real occupancy).
+constexpr int DC_V2_MIN_CTAS = 3;
+#define LSERVE_DECODE_V2_KERNEL(D, STAGES, KV, SUFFIX)                                                     \
+  extern "C" __global__ void __launch_bounds__(lsattn::DC_THREADS, DC_V2_MIN_CTAS)                         \
+      paged_attn_decode_v2_d##D##_s##STAGES##SUFFIX(                                                       \
+          const f16_t* q, const unsigned char* k0, const unsigned char* v0, const unsigned char* k1,      \
+          const unsigned char* v1, const f16_t* sk0, const f16_t* sv0, const f16_t* sk1, const f16_t* sv1, \
+          float* part_o, float* part_lse, const int* plan, int cap_qb, int cap_seq, const int* head_class, \
+          const int* head_slot, int n0, int n1, const int* sel_idx, const int* sel_cnt, int sel_cap, int Hq, \
+          int Hkv, int ps_shift, int n_htiles, float scale_log2) {                                         \
+    const lsattn::KVPools pools{k0, v0, k1, v1, sk0, sv0, sk1, sv1, head_class, head_slot, n0, n1};        \
+    lsattn::decode_body_v2<D, STAGES, KV>(q, pools, part_o, part_lse, lsattn::plan_view(plan, cap_qb, cap_seq), \
+                                          sel_idx, sel_cnt, sel_cap, Hq, Hkv, ps_shift, n_htiles, scale_log2); \
+  }
+LSERVE_DECODE_V2_KERNEL(64, 4, lskv::Int8, _int8)
+LSERVE_DECODE_V2_KERNEL(128, 4, lskv::Int8, _int8)
+LSERVE_DECODE_V2_KERNEL(64, 8, lskv::Int4, _int4)  // int4 units are small: a deeper ring, same smem
+LSERVE_DECODE_V2_KERNEL(128, 8, lskv::Int4, _int4)
+LSERVE_DECODE_V2_KERNEL(64, 4, lskv::Fp8, _fp8)
+LSERVE_DECODE_V2_KERNEL(128, 4, lskv::Fp8, _fp8)
 
 extern "C" __global__ void __launch_bounds__(lsattn::CB_THREADS) paged_attn_decode_combine(const float* part_o, const float* part_lse, f16_t* out,
                                                      const int* meta, const int* qb_start, int Hq, int SW, int D) {

@@ -136,4 +136,40 @@ __device__ __forceinline__ void quantize_row(const float (&x)[8], int ni, unsign
   }
 }
 
+// ---- Register-level conversions for the fragment dequantization of decode v2 (attention_decode.cu) ----
+// Magic-number conversions: the half whose bits are 0x6400 | b is 1024 + b for b < 1024, so a byte or nibble
+// placed in the low mantissa bits and 1024 (+ the storage offset) subtracted gives the value exactly.
+__device__ __forceinline__ unsigned int prmt(unsigned int a, unsigned int b, unsigned int sel) {
+  unsigned int d;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+__device__ __forceinline__ unsigned int hsub2(unsigned int a, unsigned int b) {
+  unsigned int d;
+  asm("sub.rn.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+__device__ __forceinline__ unsigned int hmul2(unsigned int a, unsigned int b) {
+  unsigned int d;
+  asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+// The two e4m3 bytes in the low 16 bits of x -> half2 (byte 0 in the low half). sm_89+: the hardware
+// conversion (exact). Elsewhere: the bits moved into a half, which is then the value / 256 exactly (normal and
+// subnormal alike); FP8_UNIT is that factor, folded by the caller into the scales.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+constexpr float FP8_UNIT = 1.f;
+__device__ __forceinline__ unsigned int e4m3x2_to_h2(unsigned int x) {
+  unsigned int d;
+  asm("{\n .reg .b16 lo, hi;\n mov.b32 {lo, hi}, %1;\n cvt.rn.f16x2.e4m3x2 %0, lo;\n}\n" : "=r"(d) : "r"(x));
+  return d;
+}
+#else
+constexpr float FP8_UNIT = 256.f;
+__device__ __forceinline__ unsigned int e4m3x2_to_h2(unsigned int x) {
+  const unsigned int y = prmt(x, 0u, 0x1404u);  // [0, byte 0, 0, byte 1]: sign at bits 15 / 31
+  return ((y >> 1) & 0x3F803F80u) | (y & 0x80008000u);
+}
+#endif
+
 }  // namespace lskv

@@ -18,29 +18,35 @@ def hctx():
     return Ctx(seed=0)
 
 
-def _run(hctx, kv, fn, *args):
+def _run(hctx, kv, fn, *args, **kw):
     """One harness case on a fresh seed for one KV dtype; every row must pass."""
     if kv not in hctx.ops.kv_dtypes:
         pytest.skip(f"kv_dtype {kv} needs sm_89 or newer")
     seed = int(np.random.SeedSequence().entropy % (1 << 31))
     hctx.rng = np.random.default_rng(seed)
-    results = fn(hctx, *args, kv)
+    results = fn(hctx, *args, kv, **kw)
     results = results if isinstance(results, list) else [results]
     print(format_table(results))
     bad = [r for r in results if not r.ok]
-    assert results and not bad, f"{fn.__name__}(Ctx({seed}), {args}, {kv!r}):\n" + format_table(bad)
+    assert results and not bad, f"{fn.__name__}(Ctx({seed}), {args}, {kv!r}, {kw}):\n" + format_table(bad)
 
 
+@pytest.mark.parametrize("impl", HK.DECODE_IMPLS)
 @pytest.mark.parametrize("kv", HK.QUANT_KV)
 @pytest.mark.parametrize("name", list(HK.KV_ATTENTION))
-def test_attention_over_quantized_cache(hctx, kv, name):
-    _run(hctx, kv, HK.kv_attention_one, name)
+def test_attention_over_quantized_cache(hctx, kv, name, impl):
+    if impl != "v1" and not HK.is_decode(name):
+        pytest.skip("prefill rows do not use the decode implementation")
+    _run(hctx, kv, HK.kv_attention_one, name, impl=impl)
 
 
+@pytest.mark.parametrize("impl", HK.DECODE_IMPLS)
 @pytest.mark.parametrize("kv", HK.QUANT_KV)
 @pytest.mark.parametrize("stage", ["prefill", "decode"])
-def test_two_quantized_pools(hctx, kv, stage):
-    _run(hctx, kv, HK.kv_sparse_one, stage)
+def test_two_quantized_pools(hctx, kv, stage, impl):
+    if impl != "v1" and stage != "decode":
+        pytest.skip("prefill does not use the decode implementation")
+    _run(hctx, kv, HK.kv_sparse_one, stage, impl=impl)
 
 
 @pytest.mark.parametrize("kv", HK.QUANT_KV)
@@ -88,11 +94,15 @@ def _decode_logits(llm, ids: list[int], prompt: int) -> np.ndarray:
         h.end(seq)
 
 
+@pytest.mark.parametrize("impl", HK.DECODE_IMPLS)
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("kv,tol", [("int8", 0.03), ("fp8", 0.1), ("int4", 0.25)])
-def test_engine_with_quantized_kv(tiny64, kv, tol, sparse):
+def test_engine_with_quantized_kv(tiny64, kv, tol, sparse, impl, monkeypatch):
     """Chunked prefill logits near fp16 KV's (the quantization error); decode steps through CUDA Graphs equal
-    to eager ones with the same KV dtype."""
+    to eager ones with the same KV dtype (`impl`: the quantized decode implementation, both LLMs)."""
+    from lserve_lite.backends import cuda_attention as CA
+
+    monkeypatch.setattr(CA, "KVQ_DECODE", impl)
     ref = _llm(tiny64, "fp16", sparse, graphs=False)
     if kv not in ref.engine.ops.kv_dtypes:
         pytest.skip(f"kv_dtype {kv} needs sm_89 or newer")

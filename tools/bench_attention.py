@@ -9,7 +9,9 @@ Timing: CUDA events after warm-up, median. Rooflines: 750 TFLOP/s (fp16 tensor c
     python3 tools/bench_attention.py --out DIR [--quick] [--kv-dtypes fp16,int8,int4,fp8]
 
 `--kv-dtypes`: our kernels also over quantized KV caches (docs/KV_QUANT.md), rows `ours_<dtype>`; their
-decode bandwidth counts the bytes actually read (values + fp16 scales).
+decode bandwidth counts the bytes actually read (values + fp16 scales). Decode also times the register-level
+quantized decode (`cuda_attention.KVQ_DECODE = "v2"`), rows `ours_<dtype>_v2`, with its largest difference
+from v1's output on the same inputs (`max_diff_vs_v1`).
 
 Prints a table, writes DIR/bench_attention.json and DIR/bench_attention.png (when matplotlib is there).
 torch is imported only inside the peer functions.
@@ -130,11 +132,22 @@ def ours_prefill(
     return res
 
 
-def ours_decode(ctx: int, batch: int = 1, kv: str = "fp16") -> dict:
+def ours_decode(ctx: int, batch: int = 1, kv: str = "fp16", impl: str = "v1") -> dict:
     import cupy as cp
 
+    from lserve_lite.backends import cuda_attention as ca
     from lserve_lite.backends.cuda_attention import CudaPlan, paged_attention
     from lserve_lite.sparse.plan import build_plan
+
+    old_impl, ca.KVQ_DECODE = ca.KVQ_DECODE, impl
+    try:
+        return _ours_decode(ctx, batch, kv, impl, cp, CudaPlan, paged_attention, build_plan)
+    finally:
+        ca.KVQ_DECODE = old_impl
+
+
+def _ours_decode(ctx, batch, kv, impl, cp, CudaPlan, paged_attention, build_plan) -> dict:  # noqa: N803
+    from lserve_lite.backends import cuda_attention as ca
 
     layout, npages = _dense_layout([ctx] * batch, [1] * batch)
     plan = build_plan(layout, PAGE, 64)
@@ -155,8 +168,21 @@ def ours_decode(ctx: int, batch: int = 1, kv: str = "fp16") -> dict:
             step()
         graph = stream.end_capture()
         ms = _events_median(lambda: graph.launch(stream), 2, 20) / per_graph
-    kv_bytes = _kv_bytes(batch * ctx, kv)
-    return {"ms": ms, "eager_us": eager_ms * 1e3, "tbs": kv_bytes / ms / 1e9, "us": ms * 1e3}
+        stream.synchronize()
+        res = {
+            "ms": ms,
+            "eager_us": eager_ms * 1e3,
+            "tbs": _kv_bytes(batch * ctx, kv) / ms / 1e9,
+            "us": ms * 1e3,
+        }
+        if impl != "v1" and kv != "fp16":  # the same inputs through v1: the outputs must agree
+            got = out.astype(np.float32)
+            ca.KVQ_DECODE = "v1"
+            want = paged_attention(q, k, v, cplan, hc, decode=True, **quant).astype(np.float32)
+            stream.synchronize()
+            res["max_diff_vs_v1"] = float(cp.abs(got - want).max())
+            res["max_abs_v1"] = float(cp.abs(want).max())
+    return res
 
 
 def check_vs_torch(seq: int = 4096) -> dict:
@@ -334,6 +360,7 @@ def main(argv=None) -> int:
                 continue
             row = {"ctx": c, "batch": batch, "ours": _peer(ours_decode, c, batch)}
             row.update({f"ours_{kv}": _peer(ours_decode, c, batch, kv) for kv in quant_kvs})
+            row.update({f"ours_{kv}_v2": _peer(ours_decode, c, batch, kv, "v2") for kv in quant_kvs})
             if not args.no_peers:
                 row["sdpa_flash"] = _peer(torch_decode, c, "flash", batch)
                 row["sdpa_cudnn"] = _peer(torch_decode, c, "cudnn", batch)
@@ -347,7 +374,10 @@ def main(argv=None) -> int:
     (out_dir / "bench_attention.json").write_text(json.dumps(res, indent=1))
     table = format_table(res)
     (out_dir / "bench_attention.md").write_text(table + "\n")
-    _plot(res, out_dir / "bench_attention.png")
+    try:
+        _plot(res, out_dir / "bench_attention.png")
+    except Exception as e:  # the JSON and table are written already; a figure must not fail the run
+        print(f"plot skipped: {type(e).__name__}: {e}", flush=True)
     print(table)
     return 0
 
@@ -421,7 +451,29 @@ def format_table(res: dict) -> str:
             f"{_fmt(o, 'eager_us')} | {_fmt(r.get('sdpa_flash'), 'us')} | "
             f"{_fmt(r.get('sdpa_cudnn'), 'us')} | {r['roofline_us']:.4g} |"
         )
+    quant = sorted({k for r in res["decode"] for k in r if k.startswith("ours_")}, key=_kv_order)
+    if quant:
+        lines += [
+            "",
+            "| decode, quantized KV | ours us (graph) | bytes-read TB/s | x fp16 time | max diff vs v1 (max abs) |",
+            "|---|---|---|---|---|",
+        ]
+        for r in res["decode"]:
+            base = r["ours"].get("us") if r["ours"] and "error" not in r["ours"] else None
+            for key in quant:
+                o = r.get(key) or {}
+                ratio = f"{o['us'] / base:.3f}" if base and "us" in o else "-"
+                diff = f"{o['max_diff_vs_v1']:.3g} ({o['max_abs_v1']:.3g})" if "max_diff_vs_v1" in o else ""
+                lines.append(
+                    f"| {r['ctx'] // 1024}k x{r['batch']} {key[5:]} | {_fmt(o, 'us')} | {_fmt(o, 'tbs')} | "
+                    f"{ratio} | {diff} |"
+                )
     return "\n".join(lines)
+
+
+def _kv_order(key: str) -> tuple:
+    kv, _, impl = key[5:].partition("_")
+    return (impl, ("int8", "int4", "fp8").index(kv) if kv in ("int8", "int4", "fp8") else 9, kv)
 
 
 def _plot(res: dict, path: Path) -> None:
@@ -432,26 +484,42 @@ def _plot(res: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except Exception:
         return
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    seqs = [r["seq"] for r in res["prefill"]]
-    for key, label in (("ours", "lserve-lite"), ("sdpa_flash", "SDPA flash"), ("sdpa_cudnn", "SDPA cuDNN")):
-        ys = [r.get(key, {}).get("tflops", np.nan) for r in res["prefill"]]
-        a1.plot(seqs, ys, "o-", label=label)
-    a1.axhline(PEAK_TFLOPS, ls="--", c="gray", label="fp16 roofline")
-    a1.set(xscale="log", xlabel="tokens", ylabel="TFLOP/s", title="causal prefill")
-    a1.legend()
+    # Only the sections that ran: an empty panel with log axes makes matplotlib raise.
+    panels = [name for name in ("prefill", "decode") if res.get(name)]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    ax = dict(zip(panels, axes[0], strict=True))
+    if "prefill" in ax:
+        a1 = ax["prefill"]
+        seqs = [r["seq"] for r in res["prefill"]]
+        for key, label in (
+            ("ours", "lserve-lite"),
+            ("sdpa_flash", "SDPA flash"),
+            ("sdpa_cudnn", "SDPA cuDNN"),
+        ):
+            ys = [(r.get(key) or {}).get("tflops", np.nan) for r in res["prefill"]]
+            a1.plot(seqs, ys, "o-", label=label)
+        a1.axhline(PEAK_TFLOPS, ls="--", c="gray", label="fp16 roofline")
+        a1.set(xscale="log", xlabel="tokens", ylabel="TFLOP/s", title="causal prefill")
+        a1.legend()
+    if "decode" not in ax:
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        return
+    a2 = ax["decode"]
     for b in (1, 8):
         rows = [r for r in res["decode"] if r["batch"] == b]
         if rows:
             a2.plot(
                 [r["ctx"] for r in rows],
-                [r["ours"].get("tbs", np.nan) for r in rows],
+                [(r["ours"] or {}).get("tbs", np.nan) for r in rows],
                 "o-",
                 label=f"lserve-lite x{b}",
             )
             a2.plot(
                 [r["ctx"] for r in rows],
-                [r.get("sdpa_flash", {}).get("tbs", np.nan) for r in rows],
+                [(r.get("sdpa_flash") or {}).get("tbs", np.nan) for r in rows],
                 "s--",
                 label=f"SDPA flash x{b}",
             )

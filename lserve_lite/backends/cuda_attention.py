@@ -8,12 +8,15 @@ kernels/attention_decode.cu. The references they are tested against: backends/re
   [pages, Hkv, page_size, D] -> fp16 [N, Hq * D]; fp32 softmax and accumulation. Prefill (flash attention
   on tensor cores over the listed pages only) or decode (flash-decoding: split-KV partials + combine).
   Quantized caches (int8 / int4 / fp8 values with fp16 scales, kv/quant.py) run the same kernels
-  instantiated for their format (kernels/kv_quant.cuh), dequantizing in shared memory.
+  instantiated for their format (kernels/kv_quant.cuh), dequantizing in shared memory; decode has a second
+  implementation (`KVQ_DECODE = "v2"`, env `LSERVE_KVQ_DECODE=v2`) that dequantizes in registers straight
+  into the mma fragments, with its own split count.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -52,6 +55,12 @@ _LOG2E = 1.4426950408889634
 # (measured choices: docs/PERF_attention.md).
 PREFILL_BN = {(64, 1): 64, (64, 2): 64, (128, 1): 64, (128, 2): 64}
 DECODE_STAGES = {64: 4, 128: 4}
+# Quantized decode: "v1" (dequantize each unit into an fp16 tile in shared memory, then ldmatrix) or "v2"
+# (register-level dequantization into the mma fragments; paged_attn_decode_v2_*). Read per call, so tests and
+# benchmarks can switch it; the environment variable LSERVE_KVQ_DECODE sets the initial value.
+KVQ_DECODE = os.environ.get("LSERVE_KVQ_DECODE", "v1")
+KVQ_DECODE_IMPLS = ("v1", "v2")
+DECODE_V2_STAGES = {"int8": 4, "fp8": 4, "int4": 8}  # ring depth of v2 per format (both head dims)
 
 
 # Shared-memory bytes (must match PrefillSmem / DecodeSmem in the .cu files; +256 for the in-kernel alignment)
@@ -71,6 +80,15 @@ def _decode_smem(d: int, stages: int, kv: str = "fp16") -> int:
     return 16 * d * 2 + (_THREADS // 32) * (stages * 2 * raw + tiles) + 256
 
 
+def _decode_v2_smem(d: int, stages: int, kv: str) -> int:
+    """DecodeSmemV2: per warp, `stages` K and V units as stored (no fp16 tiles, no Q tile)."""
+    return (_THREADS // 32) * stages * 2 * 16 * FORMATS[kv].row_bytes(d, 2)
+
+
+def _decode_v2_name(d: int, kv: str) -> str:
+    return f"paged_attn_decode_v2_d{d}_s{DECODE_V2_STAGES[kv]}_{kv}"
+
+
 def _suffix(kv: str) -> str:
     return "" if kv == "fp16" else f"_{kv}"
 
@@ -84,7 +102,8 @@ def launcher_kernels(source: str) -> tuple[str, ...]:
             f"paged_attn_prefill_d{d}_m{mt}_n{bn}{s}" for (d, mt), bn in PREFILL_BN.items() for s in kvs
         )
     names = tuple(f"paged_attn_decode_d{d}_s{st}{s}" for d, st in DECODE_STAGES.items() for s in kvs)
-    return (*names, "paged_attn_decode_combine")
+    v2 = tuple(_decode_v2_name(d, kv) for d in DECODE_STAGES for kv in KV_TRAITS if kv != "fp16")
+    return (*names, *v2, "paged_attn_decode_combine")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -282,10 +301,25 @@ def _int32_dev(a):
     return cp.asarray(np.asarray(a.get() if isinstance(a, cp.ndarray) else a, dtype=np.int32))
 
 
-def decode_splits(plan: CudaPlan, hkv: int, head_tiles: int, d: int) -> int:
-    """CTAs per (query block, KV head, head tile): fill the GPU once (all CTAs resident together)."""
+def _ctas_per_sm(fn, smem: int) -> int:
+    """Resident CTAs of _THREADS threads per SM for kernel `fn` with `smem` bytes of dynamic shared memory:
+    the smaller of the shared-memory and register limits (65536 registers, allocated 8 per thread at a time)."""
     k = _kernels()
-    per_sm = max(1, min(16, k.smem_per_sm // (_decode_smem(d, DECODE_STAGES[d]) + 1024)))
+    by_smem = k.smem_per_sm // (smem + 1024)
+    try:
+        regs = -(-int(fn.num_regs) // 8) * 8
+        by_regs = 65536 // (max(regs, 1) * _THREADS)
+    except Exception:  # attribute not offered by this CuPy: trust __launch_bounds__ (DC_V2_MIN_CTAS)
+        by_regs = 3
+    return max(1, min(16, by_smem, by_regs))
+
+
+def decode_splits(plan: CudaPlan, hkv: int, head_tiles: int, d: int, per_sm: int | None = None) -> int:
+    """CTAs per (query block, KV head, head tile): fill the GPU once (all CTAs resident together).
+    `per_sm`: resident CTAs per SM of the kernel launched (default: the fp16 / v1 kernel's shared memory)."""
+    k = _kernels()
+    if not per_sm:
+        per_sm = max(1, min(16, k.smem_per_sm // (_decode_smem(d, DECODE_STAGES[d]) + 1024)))
     slots = k.num_sms * per_sm
     pairs = max(1, plan.max_qblocks * hkv * head_tiles)
     splits = max(1, slots // pairs)
@@ -375,13 +409,23 @@ def paged_attention(
     k = _kernels()
     if decode:
         head_tiles = -(-group // 16)
-        splits = int(num_splits) if num_splits else decode_splits(plan, hkv, head_tiles, d)
+        impl = KVQ_DECODE if kv != "fp16" else "v1"
+        if impl not in KVQ_DECODE_IMPLS:
+            raise ValueError(
+                f"LSERVE_KVQ_DECODE / KVQ_DECODE must be one of {KVQ_DECODE_IMPLS}, got {impl!r}"
+            )
+        per_sm = None
+        if impl == "v2":
+            smem = _decode_v2_smem(d, DECODE_V2_STAGES[kv], kv)
+            fn = _v2_kernel(k, _decode_v2_name(d, kv), smem)
+            per_sm = _ctas_per_sm(fn, smem)
+        else:
+            smem = _decode_smem(d, DECODE_STAGES[d], kv)
+            fn = k.get(k.decode, f"paged_attn_decode_d{d}_s{DECODE_STAGES[d]}{_suffix(kv)}", smem)
+        splits = int(num_splits) if num_splits else decode_splits(plan, hkv, head_tiles, d, per_sm)
         sw = splits * (_THREADS // 32)
         part_o = plan.workspace("part_o", plan.max_qblocks * hq * sw * d, np.float32)
         part_lse = plan.workspace("part_lse", plan.max_qblocks * hq * sw, np.float32)
-        stages = DECODE_STAGES[d]
-        smem = _decode_smem(d, stages, kv)
-        fn = k.get(k.decode, f"paged_attn_decode_d{d}_s{stages}{_suffix(kv)}", smem)
         if sel_idx is None:
             sel = (np.uint64(0), np.uint64(0), np.int32(0))  # null pointers: no selection
         else:
@@ -420,6 +464,18 @@ def paged_attention(
         shared_mem=smem,
     )  # fmt: skip
     return out
+
+
+def _v2_kernel(k: _Kernels, name: str, smem: int):
+    """A v2 decode kernel, asking once for the largest shared-memory carveout (several CTAs per SM)."""
+    new = name not in k._fns
+    fn = k.get(k.decode, name, smem)
+    if new:
+        try:
+            fn.preferred_shared_memory_carveout = 100
+        except Exception:  # not offered by this CuPy: the driver's choice
+            pass
+    return fn
 
 
 _SELECT_THREADS = 128

@@ -2,9 +2,12 @@
 layers.cu and attention_*.cu), one per KV dtype the GPU offers, against the references of kv/quant.py and
 backends/reference/: attention over the same quantized values (both pools, chunked prefill over cached pages,
 selected pages), and the K/V write (values within half a quantization step of the float K/V, the selector
-statistics of the unquantized keys)."""
+statistics of the unquantized keys). Decode rows run once per quantized-decode implementation
+(`cuda_attention.KVQ_DECODE`: v1 shared-memory dequantization, v2 register-level), tagged with it."""
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -20,6 +23,27 @@ from .common import Ctx, Result, compare
 from .sparse_batch import head_classes, sparse_batch, sparse_cache
 
 QUANT_KV = ("int8", "int4", "fp8")
+DECODE_IMPLS = ("v1", "v2")  # cuda_attention.KVQ_DECODE_IMPLS
+
+
+@contextmanager
+def kvq_decode(impl: str | None):
+    """Run the quantized decode attention through implementation `impl` (None: leave the setting)."""
+    from ..backends import cuda_attention as CA
+
+    old = CA.KVQ_DECODE
+    if impl is not None:
+        CA.KVQ_DECODE = impl
+    try:
+        yield
+    finally:
+        CA.KVQ_DECODE = old
+
+
+def is_decode(name: str) -> bool:
+    """Whether KV_ATTENTION[name] is a decode row (every query block one token)."""
+    return all(n == 1 for n in KV_ATTENTION[name][4])
+
 
 KV_ATTENTION = {
     # name: (Hq, Hkv, D, page, q_lens, ctx_lens, streaming heads, sink, local)
@@ -48,8 +72,9 @@ def _quantized(c: Ctx, x: np.ndarray, fmt: KVFormat) -> tuple[np.ndarray, np.nda
     return vals, sc, c.cp.asarray(vals), c.cp.asarray(sc)
 
 
-def kv_attention_one(c: Ctx, name: str, kv: str) -> Result:
-    """CudaOps.attention over a quantized dense-mode cache vs paged_attention_ref on the same values."""
+def kv_attention_one(c: Ctx, name: str, kv: str, impl: str | None = None) -> Result:
+    """CudaOps.attention over a quantized dense-mode cache vs paged_attention_ref on the same values
+    (`impl`: the quantized decode implementation, decode rows)."""
     hq, hkv, d, page, q_lens, ctx_lens, n_stream, sink, local = KV_ATTENTION[name]
     fmt = FORMATS[kv]
     need = [-(-t // page) for t in ctx_lens]
@@ -65,12 +90,14 @@ def kv_attention_one(c: Ctx, name: str, kv: str) -> Result:
     ref = paged_attention_ref(q, kq, vq, plan, hc, ks, vs, fmt)
     cache = KVCache([kq_d], [vq_d], page, num_pages, fmt=fmt, k_scale=[ks_d], v_scale=[vs_d])
     got = c.poison((sum(q_lens), hq * d), np.float16)
-    o = c.ops.attention(c.dev16(q), cache, 0, c.ops.prepare_plan(plan), c.cp.asarray(hc), out=got)
+    with kvq_decode(impl):
+        o = c.ops.attention(c.dev16(q), cache, 0, c.ops.prepare_plan(plan), c.cp.asarray(hc), out=got)
     kind = "decode" if all(n == 1 for n in q_lens) else "prefill"
-    return compare(f"kv_quant.attention.{kind}", f"{kv} {name}", o.get(), ref, 4e-3, 2e-2)
+    tag = f"{kv} {name}" + (f" {impl}" if impl else "")
+    return compare(f"kv_quant.attention.{kind}", tag, o.get(), ref, 4e-3, 2e-2)
 
 
-def kv_sparse_one(c: Ctx, stage: str, kv: str) -> Result:
+def kv_sparse_one(c: Ctx, stage: str, kv: str, impl: str | None = None) -> Result:
     """LServe's two quantized pools: prefill (SPARSE_PREFILL mixed_two_seqs) or decode with fresh page
     selections from the unquantized keys' statistics (SPARSE_DECODE mixed_select) vs
     paged_attention_sparse_ref on the same values."""
@@ -96,8 +123,10 @@ def kv_sparse_one(c: Ctx, stage: str, kv: str) -> Result:
     cache.fmt = fmt
     n, hq, d = b.q.shape
     got = c.poison((n, hq * d), np.float16)
-    o = c.ops.attention(c.dev16(b.q), cache, 0, c.ops.prepare_plan(b.plan), cache.head_class[0], out=got)
-    return compare(f"kv_quant.sparse_{stage}", f"{kv} two pools", o.get(), ref, 4e-3, 2e-2)
+    with kvq_decode(impl):
+        o = c.ops.attention(c.dev16(b.q), cache, 0, c.ops.prepare_plan(b.plan), cache.head_class[0], out=got)
+    tag = f"{kv} two pools" + (f" {impl}" if impl else "")
+    return compare(f"kv_quant.sparse_{stage}", tag, o.get(), ref, 4e-3, 2e-2)
 
 
 def _within_step(kernel: str, tag: str, vals, scales, ref: np.ndarray, fmt: KVFormat) -> Result:
@@ -209,7 +238,10 @@ def kv_write_sparse_one(c: Ctx, kv: str) -> list[Result]:
 def case_kv_quant(c: Ctx) -> list[Result]:
     out: list[Result] = []
     for kv in kv_formats(c):
-        out += [kv_attention_one(c, name, kv) for name in KV_ATTENTION]
-        out += [kv_sparse_one(c, stage, kv) for stage in ("prefill", "decode")]
+        for name in KV_ATTENTION:
+            impls = DECODE_IMPLS if is_decode(name) else (None,)
+            out += [kv_attention_one(c, name, kv, impl) for impl in impls]
+        out.append(kv_sparse_one(c, "prefill", kv))
+        out += [kv_sparse_one(c, "decode", kv, impl) for impl in DECODE_IMPLS]
         out += kv_write_one(c, kv) + kv_write_sparse_one(c, kv)
     return out
