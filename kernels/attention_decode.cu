@@ -255,6 +255,10 @@ struct FragV2 {
   static constexpr int UNIT = DC_UNIT * (R::BYTES + R::SCALE_BYTES);
   static constexpr int VBYTES = DC_UNIT * R::BYTES;
   static constexpr float UNITS = same_t<KV, lskv::Fp8>::value ? lskv::FP8_UNIT : 1.f;
+  // KV8: P carries p * scale_v * PGAIN (O is divided by PGAIN at the end), which keeps small products out of
+  // fp16's subnormal range; it cannot overflow: scale_v <= 65504 / 127 (int8), 65504 / 448 (fp8), and the
+  // software fp8 path's UNITS = 256 already plays that part.
+  static constexpr float PGAIN = (Q4 || UNITS != 1.f) ? 1.f : 64.f;
   // Physical channel of k-index j (0..15) of mma k-step kk: lane t4 = (j & 7) >> 1 owns channels
   // [t4 * D/4, (t4 + 1) * D/4); b0 holds j = 2 t4, 2 t4 + 1, b1 holds j = 2 t4 + 8, 2 t4 + 9.
   __device__ static __forceinline__ int kchan(int kk, int j) {
@@ -508,8 +512,8 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
         const u32 h = *reinterpret_cast<const u32*>(svh + 8 * n + 2 * t4);
-        const float v0 = lskv::h2f((unsigned short)(h & 0xffffu)) * F::UNITS;
-        const float v1 = lskv::h2f((unsigned short)(h >> 16)) * F::UNITS;
+        const float v0 = lskv::h2f((unsigned short)(h & 0xffffu)) * (F::UNITS * F::PGAIN);
+        const float v1 = lskv::h2f((unsigned short)(h >> 16)) * (F::UNITS * F::PGAIN);
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           s[n][2 * r] = s[n][2 * r] > 0.f ? s[n][2 * r] * v0 : 0.f;
@@ -559,7 +563,7 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
     const int r = g + 8 * h;
     if (r < nh) {
       const size_t pslot = ((size_t)qb * Hq + head0 + r) * SW + ws;
-      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const float inv = l > 0.f ? 1.f / (l * F::PGAIN) : 0.f;
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         float* dst = part_o + pslot * D + (2 * t4 + j) * NT;

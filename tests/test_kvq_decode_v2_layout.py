@@ -69,6 +69,7 @@ def run(kvname, D, sw_fp8, rng):  # noqa: N803
     KB, VB = D // 4 * BITS // 8, D // 8 * BITS // 8
     NT = D // 8
     UNITS = 256.0 if (kvname == "fp8" and sw_fp8) else 1.0
+    PGAIN = 1.0 if (kvname == "int4" or UNITS != 1.0) else 64.0  # FragV2::PGAIN
     conv = e4m3_sw if sw_fp8 else e4m3_hw
     kf = rng.standard_normal((16, D)).astype(np.float16)
     vf = rng.standard_normal((16, D)).astype(np.float16) * 3
@@ -156,7 +157,7 @@ def run(kvname, D, sw_fp8, rng):  # noqa: N803
     Pd = P.copy()
     if not Q4:
         for key in range(16):
-            Pd[:, key] = P[:, key] * h(sc_half(vbuf, key)) * UNITS
+            Pd[:, key] = P[:, key] * h(sc_half(vbuf, key)) * (UNITS * PGAIN)
     Pd = Pd.astype(np.float16).astype(np.float64)
     out_o = np.zeros((16, D))
     for w_ in range(VB // 4):
@@ -198,6 +199,7 @@ def run(kvname, D, sw_fp8, rng):  # noqa: N803
             C = Pd @ Bs[i]  # 16 x 8: column c <-> dim c * NT + nt
             for c in range(8):
                 out_o[:, c * NT + nt] += C[:, c]
+    out_o /= PGAIN
     O_ref = P @ vd
     errO = np.abs(out_o - O_ref).max() / np.abs(O_ref).max()
     return errS, errO
