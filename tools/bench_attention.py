@@ -133,21 +133,22 @@ def ours_prefill(
 
 
 def ours_decode(ctx: int, batch: int = 1, kv: str = "fp16", impl: str = "v1") -> dict:
+    """Decode over `batch` sequences of `ctx` tokens; `impl`: the quantized decode (cuda_attention.KVQ_DECODE)."""
+    from lserve_lite.backends import cuda_attention as ca
+
+    old_impl, ca.KVQ_DECODE = ca.KVQ_DECODE, impl
+    try:
+        return _ours_decode(ctx, batch, kv, impl)
+    finally:
+        ca.KVQ_DECODE = old_impl
+
+
+def _ours_decode(ctx: int, batch: int, kv: str, impl: str) -> dict:
     import cupy as cp
 
     from lserve_lite.backends import cuda_attention as ca
     from lserve_lite.backends.cuda_attention import CudaPlan, paged_attention
     from lserve_lite.sparse.plan import build_plan
-
-    old_impl, ca.KVQ_DECODE = ca.KVQ_DECODE, impl
-    try:
-        return _ours_decode(ctx, batch, kv, impl, cp, CudaPlan, paged_attention, build_plan)
-    finally:
-        ca.KVQ_DECODE = old_impl
-
-
-def _ours_decode(ctx, batch, kv, impl, cp, CudaPlan, paged_attention, build_plan) -> dict:  # noqa: N803
-    from lserve_lite.backends import cuda_attention as ca
 
     layout, npages = _dense_layout([ctx] * batch, [1] * batch)
     plan = build_plan(layout, PAGE, 64)
