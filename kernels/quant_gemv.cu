@@ -3,9 +3,12 @@
 // dequantization of lserve_lite/weights/qtensor.py (checked against gguf.quants.dequantize), and the Numba
 // block decoders of lserve_lite/backends/cpu_quant.py (_block_dequant); harness rows: harness/quant.py.
 //
-// Each format is a trait struct (the one place its byte layout lives on the GPU), and both kernels are
+// Each format is a trait struct (the one place its byte layout lives on the GPU), and the kernels are
 // templates over it:
 //   quant_gemv<F, NMAX, TOut>  decode GEMV, y[r, m] = sum_k x[r, k] W[m, k] for n <= NMAX rows of fp16 x.
+//   quant_gemv2<F, NMAX, TOut> the same product, another kernel (LSERVE_QGEMV=v2 / auto; docs/QUANT.md has the
+//                             H200 figures of both): no shared memory, the trait's v2 members (UPB, WORDS,
+//                             GROUPS, unit, gk, q8) decode per-lane units, scales applied once per 8 values.
 //   quant_dequant<F>          rows of W as fp16 (prefill tiles for cuBLAS, and the embedding gather).
 // A trait gives BLOCK values per BYTES bytes after a HEAD-byte row header (int8's fp16 row scale), SEG blocks
 // per GEMV segment (a multiple of 16 bytes where the block size allows), `row_scale(row)` and
@@ -64,10 +67,75 @@ __device__ __forceinline__ void int8x8(const u8* p, float s, float (&v)[8]) {
   for (int t = 0; t < 8; ++t) v[t] = s * (magic_byte(t < 4 ? lo : hi, t & 3) - (MAGIC + 128.f));
 }
 
+
+// ---- v2 (quant_gemv2) helpers: no shared-memory stage; each lane reads its own unit of the packed row ----
+
+// An fp16 field (every fp16 field of every format sits at an even byte offset of a row: one 16-bit load).
+__device__ __forceinline__ float h16(const u8* p) {
+  return __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(p))));
+}
+
+// NW little-endian words of bytes p[0 .. 4 NW) at any alignment: NW + 1 aligned 32-bit read-only loads (all
+// issued before any use) and funnel shifts. Reads up to 4 bytes past p + 4 NW (the weights have 16 of slack).
+template <int NW>
+__device__ __forceinline__ void loadw(const u8* p, unsigned* w) {
+  const unsigned long long a = reinterpret_cast<unsigned long long>(p);
+  const unsigned* b = reinterpret_cast<const unsigned*>(a & ~3ull);
+  const unsigned sh = (unsigned)(a & 3) * 8;
+  unsigned r[NW + 1];
+#pragma unroll
+  for (int i = 0; i <= NW; ++i) r[i] = __ldg(b + i);
+#pragma unroll
+  for (int i = 0; i < NW; ++i) w[i] = __funnelshift_r(r[i], r[i + 1], sh);
+}
+
+// Byte i of little-endian words w.
+__device__ __forceinline__ unsigned byte_of(const unsigned* w, int i) { return (w[i >> 2] >> (8 * (i & 3))) & 255u; }
+
+// What one lane decodes at a time in quant_gemv2: GROUPS groups of 8 values from WORDS words, value t of
+// group g = d[g] * q[t] + m[g] with q[t] a small integer (exact in float32).
+template <int WORDS, int GROUPS>
+struct UnitT {
+  unsigned w[WORDS];
+  float d[GROUPS], m[GROUPS];
+};
+
+// 8 nibbles of a unit whose words hold GROUPS / 2 groups in their low nibbles then GROUPS / 2 in their high ones
+// (q4_0 / q4_1 / int4 / q4_k order), as 2^23 + nibble - z (q is exact: the caller subtracts nothing more).
+template <int GROUPS>
+__device__ __forceinline__ void nib_q8(const unsigned* w, int g, float z, float (&q)[8]) {
+  const int pr = g & (GROUPS / 2 - 1), sh = 4 * (g / (GROUPS / 2));
+  const unsigned lo = (w[2 * pr] >> sh) & 0x0F0F0F0Fu, hi = (w[2 * pr + 1] >> sh) & 0x0F0F0F0Fu;
+#pragma unroll
+  for (int t = 0; t < 8; ++t) q[t] = magic_byte(t < 4 ? lo : hi, t & 3) - (MAGIC + z);
+}
+
+// 8 signed bytes (words w[2g], w[2g + 1]) as floats.
+__device__ __forceinline__ void i8_q8(const unsigned* w, int g, float (&q)[8]) {
+  const unsigned lo = w[2 * g] ^ 0x80808080u, hi = w[2 * g + 1] ^ 0x80808080u;
+#pragma unroll
+  for (int t = 0; t < 8; ++t) q[t] = magic_byte(t < 4 ? lo : hi, t & 3) - (MAGIC + 128.f);
+}
+
+// v2 trait members: UPB units per block, each GROUPS groups of 8 values read from WORDS words; MIN: the format
+// has an additive term m. unit(block, s, row scale, U) loads unit s; gk(s, g) is the element of group g of unit s
+// in its block; q8(U, g, q) its 8 integers.
+
 struct Q8_0 {  // d:f16, q[32]:i8; w = d * q
   static constexpr int BLOCK = 32, BYTES = 34, HEAD = 0, SEG = 32;
   static __device__ float row_scale(const u8*) { return 1.f; }
   static __device__ void decode8(const u8* b, int e, float, float (&v)[8]) { int8x8(b + 2 + e, f16_at(b), v); }
+  static constexpr int UPB = 1, WORDS = 8, GROUPS = 4;
+  static constexpr bool MIN = false;
+  typedef UnitT<WORDS, GROUPS> U;
+  static __device__ void unit(const u8* b, int, float, U& u) {
+    loadw<8>(b + 2, u.w);
+    const float d = h16(b);
+#pragma unroll
+    for (int g = 0; g < GROUPS; ++g) u.d[g] = d, u.m[g] = 0.f;
+  }
+  static __device__ int gk(int, int g) { return 8 * g; }
+  static __device__ void q8(const U& u, int g, float (&q)[8]) { i8_q8(u.w, g, q); }
 };
 
 struct Q4_0 {  // d:f16, qs[16]; w = d * (nib - 8)
@@ -76,6 +144,17 @@ struct Q4_0 {  // d:f16, qs[16]; w = d * (nib - 8)
   static __device__ void decode8(const u8* b, int e, float, float (&v)[8]) {
     nibbles8<16>(b + 2, e, f16_at(b), MAGIC + 8.f, 0.f, v);
   }
+  static constexpr int UPB = 1, WORDS = 4, GROUPS = 4;
+  static constexpr bool MIN = false;
+  typedef UnitT<WORDS, GROUPS> U;
+  static __device__ void unit(const u8* b, int, float, U& u) {
+    loadw<4>(b + 2, u.w);
+    const float d = h16(b);
+#pragma unroll
+    for (int g = 0; g < GROUPS; ++g) u.d[g] = d, u.m[g] = 0.f;
+  }
+  static __device__ int gk(int, int g) { return 8 * (g & 1) + 16 * (g >> 1); }
+  static __device__ void q8(const U& u, int g, float (&q)[8]) { nib_q8<GROUPS>(u.w, g, 8.f, q); }
 };
 
 struct Q4_1 {  // d:f16, m:f16, qs[16]; w = d * nib + m
@@ -84,6 +163,17 @@ struct Q4_1 {  // d:f16, m:f16, qs[16]; w = d * nib + m
   static __device__ void decode8(const u8* b, int e, float, float (&v)[8]) {
     nibbles8<16>(b + 4, e, f16_at(b), MAGIC, f16_at(b + 2), v);
   }
+  static constexpr int UPB = 1, WORDS = 4, GROUPS = 4;
+  static constexpr bool MIN = true;
+  typedef UnitT<WORDS, GROUPS> U;
+  static __device__ void unit(const u8* b, int, float, U& u) {
+    loadw<4>(b + 4, u.w);
+    const float d = h16(b), m = h16(b + 2);
+#pragma unroll
+    for (int g = 0; g < GROUPS; ++g) u.d[g] = d, u.m[g] = m;
+  }
+  static __device__ int gk(int, int g) { return 8 * (g & 1) + 16 * (g >> 1); }
+  static __device__ void q8(const U& u, int g, float (&q)[8]) { nib_q8<GROUPS>(u.w, g, 0.f, q); }
 };
 
 struct Q4_K {  // d:f16, dmin:f16, scales[12] (8 x 6-bit scale, 6-bit min), qs[128]; w = d*sc[s]*q - dmin*m[s]
@@ -109,6 +199,33 @@ struct Q4_K {  // d:f16, dmin:f16, scales[12] (8 x 6-bit scale, 6-bit min), qs[1
 #pragma unroll
     for (int t = 0; t < 8; ++t) v[t] = ds * (magic_byte(t < 4 ? lo : hi, t & 3) - MAGIC) - dm;
   }
+  // v2 unit j < 4: the 32 bytes of sub-blocks 2j (low nibbles, groups 0-3) and 2j + 1 (high, groups 4-7)
+  static constexpr int UPB = 4, WORDS = 8, GROUPS = 8;
+  static constexpr bool MIN = true;
+  typedef UnitT<WORDS, GROUPS> U;
+  static __device__ void unit(const u8* b, int j, float, U& u) {
+    unsigned sw[3];
+    loadw<3>(b + 4, sw);
+    loadw<8>(b + 16 + 32 * j, u.w);
+    const float d = h16(b), dmin = h16(b + 2);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int s = 2 * j + h;
+      unsigned scale, mn;
+      if (s < 4) {
+        scale = byte_of(sw, s) & 63;
+        mn = byte_of(sw, s + 4) & 63;
+      } else {
+        scale = (byte_of(sw, s + 4) & 15) | ((byte_of(sw, s - 4) >> 6) << 4);
+        mn = (byte_of(sw, s + 4) >> 4) | ((byte_of(sw, s) >> 6) << 4);
+      }
+      const float ds = d * (magic_u(scale) - MAGIC), dm = dmin * (magic_u(mn) - MAGIC);
+#pragma unroll
+      for (int g = 4 * h; g < 4 * h + 4; ++g) u.d[g] = ds, u.m[g] = -dm;
+    }
+  }
+  static __device__ int gk(int j, int g) { return 64 * j + 8 * g; }
+  static __device__ void q8(const U& u, int g, float (&q)[8]) { nib_q8<GROUPS>(u.w, g, 0.f, q); }
 };
 
 struct Q6_K {  // ql[128], qh[64], sc[16]:i8, d:f16; w = d * sc[i / 16] * (q6(i) - 32)
@@ -126,12 +243,52 @@ struct Q6_K {  // ql[128], qh[64], sc[16]:i8, d:f16; w = d * sc[i / 16] * (q6(i)
 #pragma unroll
     for (int t = 0; t < 8; ++t) v[t] = dsc * (magic_byte(t < 4 ? l0 : l1, t & 3) - (MAGIC + 32.f));
   }
+  // v2 unit s = 2h + p: ql[64h + 32p ..] (quarters p and p + 2 of half h) and qh[32h ..]; group i: quarter
+  // p + 2 (i >> 2), elements 8 (i & 3) .. of it
+  static constexpr int UPB = 4, WORDS = 16, GROUPS = 8;
+  static constexpr bool MIN = false;
+  typedef UnitT<WORDS, GROUPS> U;
+  static __device__ void unit(const u8* b, int s, float, U& u) {
+    const int h = s >> 1, p = s & 1;
+    loadw<8>(b + 64 * h + 32 * p, u.w);  // ql
+    loadw<8>(b + 128 + 32 * h, u.w + 8);  // qh
+#pragma unroll
+    for (int i = 8; i < 16; ++i) u.w[i] >>= 2 * p;  // quarter p's 2 bits at bit 0 of each byte, p + 2's at bit 4
+    const float d = h16(b + 208);
+    const unsigned short* sc = reinterpret_cast<const unsigned short*>(b + 192 + 8 * h + 2 * p);
+    const unsigned s0 = __ldg(sc), s1 = __ldg(sc + 2);  // scales of quarter p, then quarter p + 2 (2 each)
+#pragma unroll
+    for (int i = 0; i < GROUPS; ++i) {
+      const unsigned sb = ((i < 4 ? s0 : s1) >> (8 * ((i & 3) >> 1))) & 255u;
+      u.d[i] = d * (magic_u(sb ^ 0x80u) - (MAGIC + 128.f));
+      u.m[i] = 0.f;
+    }
+  }
+  static __device__ int gk(int s, int i) { return 128 * (s >> 1) + 32 * ((s & 1) + 2 * (i >> 2)) + 8 * (i & 3); }
+  static __device__ void q8(const U& u, int i, float (&q)[8]) {
+    const int pr = i & 3, sh = 4 * (i >> 2);  // quarter p + 2 (i >> 2): nibble i >> 2, qh bits 2p + sh
+    const unsigned q0 = ((u.w[2 * pr] >> sh) & 0x0F0F0F0Fu) | (((u.w[8 + 2 * pr] >> sh) & 0x03030303u) << 4);
+    const unsigned q1 = ((u.w[2 * pr + 1] >> sh) & 0x0F0F0F0Fu) | (((u.w[9 + 2 * pr] >> sh) & 0x03030303u) << 4);
+#pragma unroll
+    for (int t = 0; t < 8; ++t) q[t] = magic_byte(t < 4 ? q0 : q1, t & 3) - (MAGIC + 32.f);
+  }
+
 };
 
 struct INT8 {  // row: s:f16, then q[32]:i8 blocks; w = s * q (per output channel)
   static constexpr int BLOCK = 32, BYTES = 32, HEAD = 2, SEG = 32;
   static __device__ float row_scale(const u8* row) { return f16_at(row); }
   static __device__ void decode8(const u8* b, int e, float s, float (&v)[8]) { int8x8(b + e, s, v); }
+  static constexpr int UPB = 1, WORDS = 8, GROUPS = 4;
+  static constexpr bool MIN = false;
+  typedef UnitT<WORDS, GROUPS> U;
+  static __device__ void unit(const u8* b, int, float rs, U& u) {
+    loadw<8>(b, u.w);
+#pragma unroll
+    for (int g = 0; g < GROUPS; ++g) u.d[g] = rs, u.m[g] = 0.f;
+  }
+  static __device__ int gk(int, int g) { return 8 * g; }
+  static __device__ void q8(const U& u, int g, float (&q)[8]) { i8_q8(u.w, g, q); }
 };
 
 struct INT4 {  // d:f16, qs[64]; w = d * (nib - 8): q4_0 with blocks of 128
@@ -140,6 +297,18 @@ struct INT4 {  // d:f16, qs[64]; w = d * (nib - 8): q4_0 with blocks of 128
   static __device__ void decode8(const u8* b, int e, float, float (&v)[8]) {
     nibbles8<64>(b + 2, e, f16_at(b), MAGIC + 8.f, 0.f, v);
   }
+  // v2 unit s < 2: qs[32s ..], low nibbles = elements 32s + .. (groups 0-3), high = 64 + 32s + .. (groups 4-7)
+  static constexpr int UPB = 2, WORDS = 8, GROUPS = 8;
+  static constexpr bool MIN = false;
+  typedef UnitT<WORDS, GROUPS> U;
+  static __device__ void unit(const u8* b, int s, float, U& u) {
+    loadw<8>(b + 2 + 32 * s, u.w);
+    const float d = h16(b);
+#pragma unroll
+    for (int g = 0; g < GROUPS; ++g) u.d[g] = d, u.m[g] = 0.f;
+  }
+  static __device__ int gk(int s, int g) { return 32 * s + 8 * g + (g >= 4 ? 32 : 0); }
+  static __device__ void q8(const U& u, int g, float (&q)[8]) { nib_q8<GROUPS>(u.w, g, 8.f, q); }
 };
 
 constexpr int QWARPS = 4;  // output rows (one per warp) per block of quant_gemv; cuda_quant.GEMV_WARPS
@@ -221,6 +390,81 @@ __global__ void __launch_bounds__(QWARPS * 32)
           for (int j = 0; j < 4; ++j) {
             const float2 xf = __half22float2(xh[j]);
             acc[r] = fmaf(v[2 * j], xf.x, fmaf(v[2 * j + 1], xf.y, acc[r]));
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < NMAX; ++r) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < NMAX; ++r)
+      if (r < n) y[(long long)r * ldy + m] = (TOut)acc[r];
+  }
+}
+
+constexpr int QWARPS2 = 8;  // output rows (one per warp) per block of quant_gemv2; cuda_quant.GEMV2_WARPS
+
+// v2 (LSERVE_QGEMV=v2 in cuda_quant.py): one warp per output row m, no shared memory. The row is cut into units
+// (F::UPB per block, 32-128 values: whole blocks for q8_0 / q4_0 / q4_1 / int8); lane l takes units l, l + 32,
+// ...: consecutive lanes read consecutive bytes (coalesced), each lane issues the read-only 32-bit loads of UNR
+// units (F::WORDS + 1 words and its scales each) before decoding any, so a warp keeps ~UNR * 32 * WORDS * 4 bytes
+// in flight. A group of 8 values is decoded once to small integers q (exact floats), dotted with each of the n
+// rows of x in float32 (exact products q * x), and the group's partial sum is scaled once: acc += d * sum(q x)
+// (+ m * sum(x) for q4_1 / q4_k's additive term). Warp-shuffle reduction, y[r * ldy + m].
+// Needs the weights readable 4 bytes past the last row (16 padded) and K % F::BLOCK == 0.
+template <typename F, int NMAX, typename TOut>
+__global__ void __launch_bounds__(QWARPS2 * 32)
+    quant_gemv2(const u8* __restrict__ w, long long row_bytes, const __half* __restrict__ x, int n,
+                TOut* __restrict__ y, int ldy, int M, int K) {
+  constexpr int UNR = F::WORDS <= 4 ? 4 : (F::WORDS <= 8 ? (NMAX <= 4 ? 4 : 2) : 2);
+  const int lane = threadIdx.x & 31;
+  const int m = blockIdx.x * QWARPS2 + (threadIdx.x >> 5);
+  if (m >= M) return;
+  const u8* row = w + (long long)m * row_bytes;
+  const u8* blocks = row + F::HEAD;
+  const float rs = F::HEAD ? F::row_scale(row) : 1.f;
+  const int nu = (K / F::BLOCK) * F::UPB;
+  float acc[NMAX];
+#pragma unroll
+  for (int r = 0; r < NMAX; ++r) acc[r] = 0.f;
+  for (int u0 = 0; u0 < nu; u0 += 32 * UNR) {
+    typename F::U un[UNR];
+#pragma unroll
+    for (int j = 0; j < UNR; ++j) {
+      const int u = u0 + lane + 32 * j;
+      if (u < nu) F::unit(blocks + (long long)(u / F::UPB) * F::BYTES, u % F::UPB, rs, un[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < UNR; ++j) {
+      const int u = u0 + lane + 32 * j;
+      if (u < nu) {
+        const long long kb = (long long)(u / F::UPB) * F::BLOCK;
+#pragma unroll
+        for (int g = 0; g < F::GROUPS; ++g) {
+          float q[8];
+          F::q8(un[j], g, q);
+          const long long k0 = kb + F::gk(u % F::UPB, g);
+#pragma unroll
+          for (int r = 0; r < NMAX; ++r) {
+            if (r < n) {
+              const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + r * (long long)K + k0));
+              const __half2* xh = reinterpret_cast<const __half2*>(&xv);
+              float p0 = 0.f, p1 = 0.f, sx = 0.f;
+#pragma unroll
+              for (int t = 0; t < 4; ++t) {
+                const float2 xf = __half22float2(xh[t]);
+                p0 = fmaf(q[2 * t], xf.x, p0);
+                p1 = fmaf(q[2 * t + 1], xf.y, p1);
+                if (F::MIN) sx += xf.x + xf.y;
+              }
+              acc[r] = fmaf(un[j].d[g], p0 + p1, acc[r]);
+              if (F::MIN) acc[r] = fmaf(un[j].m[g], sx, acc[r]);
+            }
           }
         }
       }

@@ -126,12 +126,28 @@ def test_smollm2_q4_1_gguf_on_the_gpu():
 
 
 def test_kernel_names_cover_every_format_and_row_count():
-    from lserve_lite.backends.cuda_quant import GEMV_ROWS, QUANT_KERNELS, kernel_names
+    from lserve_lite.backends.cuda_quant import GEMV_ROWS, GEMV_VARIANTS, QUANT_KERNELS, kernel_names
 
-    assert len(QUANT_KERNELS) == len(LAYOUTS) * (2 * len(GEMV_ROWS) + 1)
-    assert "quant_gemv<Q4_K, 8, float>" in kernel_names("q4_k") and "quant_dequant<INT4>" in kernel_names(
-        "int4"
-    )
+    assert len(QUANT_KERNELS) == len(LAYOUTS) * (2 * len(GEMV_VARIANTS) * len(GEMV_ROWS) + 1)
+    names = kernel_names("q4_k")
+    assert "quant_gemv<Q4_K, 8, float>" in names and "quant_gemv2<Q4_K, 8, float>" in names
+    assert "quant_dequant<INT4>" in kernel_names("int4")
+
+
+def test_gemv_variant_from_the_environment(monkeypatch):
+    from lserve_lite.backends.cuda_quant import gemv_variant, pick_variant
+
+    monkeypatch.delenv("LSERVE_QGEMV", raising=False)
+    assert gemv_variant() == "v1"
+    monkeypatch.setenv("LSERVE_QGEMV", "v2")
+    assert gemv_variant() == "v2"
+    monkeypatch.setenv("LSERVE_QGEMV", "bogus")
+    with pytest.raises(ValueError, match="LSERVE_QGEMV"):
+        gemv_variant()
+    monkeypatch.setenv("LSERVE_QGEMV", "auto")
+    assert gemv_variant() == "auto"
+    assert pick_variant("auto", "q4_0", 1) == "v2" and pick_variant("auto", "q4_0", 2) == "v1"
+    assert pick_variant("auto", "q4_k", 1) == "v1" and pick_variant("v2", "q4_k", 8) == "v2"
 
 
 def test_device_weights_count_packed_bytes():

@@ -67,7 +67,7 @@ def test_quant_traits_match_the_block_layouts():
     import re
 
     from lserve_lite.backends.cuda_compile import read_source
-    from lserve_lite.backends.cuda_quant import GEMV_WARPS, QUANT_SOURCE
+    from lserve_lite.backends.cuda_quant import GEMV2_WARPS, GEMV_WARPS, QUANT_SOURCE
     from lserve_lite.weights.qtensor import LAYOUTS
 
     src = read_source(QUANT_SOURCE)
@@ -77,6 +77,7 @@ def test_quant_traits_match_the_block_layouts():
     got = {name.lower(): tuple(int(v) for v in vals) for name, *vals in traits}
     assert got == {f: (lay.block, lay.block_bytes, lay.row_head) for f, lay in LAYOUTS.items()}
     assert re.search(rf"constexpr int QWARPS = {GEMV_WARPS};", src)
+    assert re.search(rf"constexpr int QWARPS2 = {GEMV2_WARPS};", src)
 
 
 def test_gpu_sampling_draws_like_the_cpu_sampler():

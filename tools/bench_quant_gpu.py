@@ -1,7 +1,8 @@
 """Speed of the quantized-weight kernels (kernels/quant_gemv.cu) at Llama-3-8B shapes, against the copy bandwidth.
 
 Per format (q8_0, q4_0, q4_1, q4_k, q6_k, int8, int4) and shape (4096x4096 attention output, 28672x4096 fused
-gate/up, 4096x14336 down, 128256x4096 lm_head), batch 1 and 8: the decode GEMV's time, its effective
+gate/up, 4096x14336 down, 128256x4096 lm_head), batch 1 and 8, for each decode GEMV kernel (path "gemv v1":
+quant_gemv, the default; "gemv v2": quant_gemv2, LSERVE_QGEMV=v2): the decode GEMV's time, its effective
 bandwidth on the packed bytes (bytes / time), and the bandwidth of a device-to-device copy of the same
 bytes in the same run (read + written bytes / time, as tools/bench_e2e.copy_bandwidth), so `x copy` = the
 GEMV's bytes/s over the copy's (1.0 = the GEMV streams its weights as fast as a copy moves data). Beside it,
@@ -93,7 +94,9 @@ def copies_for(nbytes: int) -> int:
     return int(min(32, max(2, math.ceil(ROTATE_BYTES / nbytes))))
 
 
-def bench_shape(ops, fmt: str, name: str, m: int, k: int, batches, prefill_rows: int, emit) -> None:
+def bench_shape(
+    ops, fmt: str, name: str, m: int, k: int, batches, prefill_rows: int, emit, variants=("v1", "v2")
+) -> None:
     import cupy as cp
 
     from lserve_lite.weights.qtensor import LAYOUTS
@@ -108,12 +111,16 @@ def bench_shape(ops, fmt: str, name: str, m: int, k: int, batches, prefill_rows:
             for w in ws]  # fmt: skip
     t_copy = graph_time(copy)
     copy_bw = 2 * nbytes / t_copy
+    saved = ops.quant.gemv_variant
     for n in batches:
         x = cp.random.standard_normal((n, k), dtype=cp.float32).astype(cp.float16)
         y = cp.empty((n, m), cp.float16)
-        t = graph_time([lambda w=w, x=x, y=y: ops.gemm(x, w, cp.float16, out=y) for w in ws])
-        emit(dict(format=fmt, shape=name, M=m, K=k, batch=n, path="gemv", us=t * 1e6, packed_bytes=nbytes,
-                  GBps=nbytes / t / 1e9, copy_GBps=copy_bw / 1e9, x_copy=nbytes / t / copy_bw))  # fmt: skip
+        for v in variants:  # the decode GEMV kernels: v1 quant_gemv, v2 quant_gemv2 (LSERVE_QGEMV)
+            ops.quant.gemv_variant = v
+            t = graph_time([lambda w=w, x=x, y=y: ops.gemm(x, w, cp.float16, out=y) for w in ws])
+            emit(dict(format=fmt, shape=name, M=m, K=k, batch=n, path=f"gemv {v}", us=t * 1e6, packed_bytes=nbytes,
+                      GBps=nbytes / t / 1e9, copy_GBps=copy_bw / 1e9, x_copy=nbytes / t / copy_bw))  # fmt: skip
+    ops.quant.gemv_variant = saved
     if prefill_rows:
         x = cp.random.standard_normal((prefill_rows, k), dtype=cp.float32).astype(cp.float16)
         y = cp.empty((prefill_rows, m), cp.float16)
@@ -157,6 +164,13 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument(
+        "--variants",
+        nargs="+",
+        choices=("v1", "v2"),
+        default=["v1", "v2"],
+        help="decode GEMV kernels to time (v1 quant_gemv, v2 quant_gemv2; LSERVE_QGEMV picks the engine's)",
+    )
+    ap.add_argument(
         "--prefill-rows", type=int, default=0, help="also time the prefill path at this many rows"
     )
     args = ap.parse_args(argv)
@@ -188,7 +202,7 @@ def main(argv=None) -> int:
         m, k = SHAPES[name]
         bench_fp16(ops, name, m, k, args.batches, args.prefill_rows, emit)
         for fmt in args.formats:
-            bench_shape(ops, fmt, name, m, k, args.batches, args.prefill_rows, emit)
+            bench_shape(ops, fmt, name, m, k, args.batches, args.prefill_rows, emit, args.variants)
             cp.get_default_memory_pool().free_all_blocks()
     return 0
 

@@ -2,7 +2,8 @@
 nvcc; a thread per CUDA thread, a barrier per warp) on the kernel harness's random weights, against the harness's
 float64 references (gguf.quants.dequantize) and tolerances (lserve_lite/harness/quant.py).
 
-What it checks: the format traits' byte layouts and decoders, the GEMV's segment staging (rows that are not
+What it checks: the format traits' byte layouts and decoders (v1's decode8 and v2's units), both GEMV kernels
+(quant_gemv and quant_gemv2), v1's segment staging (rows that are not
 16-byte aligned, partial segments), row counts 1..8, output strides, the dequantize kernel's row gather.
 What it cannot: anything about the GPU itself (memory model, alignment faults, speed). The GPU rows
 (`lserve-lite kernels test quant_gemv ...`) remain the test; this is for editing the kernels on a machine
@@ -47,13 +48,15 @@ def build(tmp: Path) -> Path:
     return exe
 
 
-def check_gemv(exe: Path, tmp: Path, fmt: str, n: int, k: int, m: int, rng: np.random.Generator) -> bool:
+def check_gemv(
+    exe: Path, tmp: Path, fmt: str, n: int, k: int, m: int, rng: np.random.Generator, mode: str = "gemv"
+) -> bool:
     qt = random_quant(fmt, m, k, rng)
     x = rng.standard_normal((n, k)).astype(np.float16)
     ldy = m + 3  # a column block of a wider output: columns past m must stay untouched
     qt.data.tofile(tmp / "w.bin")
     x.tofile(tmp / "x.bin")
-    args = [str(exe), "gemv", fmt, str(n), str(m), str(k), str(ldy)] + [
+    args = [str(exe), mode, fmt, str(n), str(m), str(k), str(ldy)] + [
         str(tmp / f) for f in ("w.bin", "x.bin", "y.bin")
     ]
     subprocess.run(args, check=True)
@@ -64,7 +67,7 @@ def check_gemv(exe: Path, tmp: Path, fmt: str, n: int, k: int, m: int, rng: np.r
     err = np.abs(y[:, :m] - x64 @ ref_w.T)
     ok = bool(np.all(err <= (k / 32 + 20) * U32 * bound) and np.all(y[:, m:] == 12345.0))
     print(
-        f"gemv    {fmt:5s} N{n} K{k} M{m}: max err / bound {float((err / bound).max()):.2e} {'PASS' if ok else 'FAIL'}"
+        f"{mode:7s} {fmt:5s} N{n} K{k} M{m}: max err / bound {float((err / bound).max()):.2e} {'PASS' if ok else 'FAIL'}"
     )
     return ok
 
@@ -94,6 +97,13 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        choices=("gemv", "gemv2"),
+        default=["gemv", "gemv2"],
+        help="quant_gemv (v1, the default kernel) and/or quant_gemv2 (LSERVE_QGEMV=v2)",
+    )
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     shapes = QUICK_SHAPES if args.quick else GEMV_SHAPES
@@ -104,7 +114,8 @@ def main(argv=None) -> int:
         for fmt in args.formats:
             for n, k, m in shapes:
                 if k % LAYOUTS[fmt].block == 0:
-                    ok &= check_gemv(exe, tmp, fmt, n, k, m, rng)
+                    for mode in args.variants:
+                        ok &= check_gemv(exe, tmp, fmt, n, k, m, rng, mode)
             ok &= check_dequant(exe, tmp, fmt, rng)
     print("all passed" if ok else "FAILURES")
     return 0 if ok else 1

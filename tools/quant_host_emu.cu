@@ -2,6 +2,7 @@
 // The kernel source is compiled unchanged as host code: one std::thread per CUDA thread of a block, a barrier per
 // warp for __syncwarp and the shuffles, host versions of the few intrinsics it uses. Not a performance model.
 //   quant_host_emu gemv FMT n M K ldy W X Y     y[n, ldy] (float) = x[n, K] (fp16) @ W^T through quant_gemv
+//   quant_host_emu gemv2 FMT n M K ldy W X Y    the same through quant_gemv2 (LSERVE_QGEMV=v2)
 //   quant_host_emu dequant FMT M K n W IDS OUT  out[n, K] (fp16) = rows IDS (int64) of W through quant_dequant
 #include <cuda_fp16.h>
 #include <pthread.h>
@@ -72,26 +73,38 @@ static T* read_file(const char* path, size_t count, size_t pad) {
   return p;
 }
 
-template <typename F, int NMAX>
+template <typename F, int NMAX, int V>
 static void gemv(int n, int M, int K, int ldy, char** a) {
+  constexpr int WARPS = V == 2 ? QWARPS2 : QWARPS;
   const long long rb = F::HEAD + (long long)(K / F::BLOCK) * F::BYTES;
   const u8* w = read_file<u8>(a[0], (size_t)M * rb, 16);
   const __half* x = read_file<__half>(a[1], (size_t)n * K, 0);
   std::vector<float> y((size_t)n * ldy, 12345.f);  // a sentinel: columns past M must stay untouched
-  for (int i = 0; i < QWARPS; ++i) pthread_barrier_init(&emu_warp_bar[i], nullptr, 32);
-  for (int b = 0; b < (M + QWARPS - 1) / QWARPS; ++b) {
+  for (int i = 0; i < WARPS; ++i) pthread_barrier_init(&emu_warp_bar[i], nullptr, 32);
+  for (int b = 0; b < (M + WARPS - 1) / WARPS; ++b) {
     std::vector<std::thread> threads;
-    for (int t = 0; t < QWARPS * 32; ++t)
+    for (int t = 0; t < WARPS * 32; ++t)
       threads.emplace_back([=, &y] {
         emu_thread = {(unsigned)t, 0, 0};
         emu_block = {(unsigned)b, 0, 0};
-        quant_gemv<F, NMAX, float>(w, rb, x, n, y.data(), ldy, M, K);
+        if (V == 2)
+          quant_gemv2<F, NMAX, float>(w, rb, x, n, y.data(), ldy, M, K);
+        else
+          quant_gemv<F, NMAX, float>(w, rb, x, n, y.data(), ldy, M, K);
       });
     for (auto& t : threads) t.join();
   }
   FILE* f = fopen(a[2], "wb");
   fwrite(y.data(), 4, y.size(), f);
   fclose(f);
+}
+
+template <typename F, int V>
+static void gemv_n(int n, int M, int K, int ldy, char** a) {
+  if (n <= 1) return gemv<F, 1, V>(n, M, K, ldy, a);
+  if (n <= 2) return gemv<F, 2, V>(n, M, K, ldy, a);
+  if (n <= 4) return gemv<F, 4, V>(n, M, K, ldy, a);
+  gemv<F, 8, V>(n, M, K, ldy, a);
 }
 
 template <typename F>
@@ -117,10 +130,8 @@ template <typename F>
 static void run(const std::string& mode, char** v) {
   if (mode == "dequant") return dequant<F>(atoi(v[0]), atoi(v[1]), atoi(v[2]), v + 3);
   const int n = atoi(v[0]), M = atoi(v[1]), K = atoi(v[2]), ldy = atoi(v[3]);
-  if (n <= 1) return gemv<F, 1>(n, M, K, ldy, v + 4);
-  if (n <= 2) return gemv<F, 2>(n, M, K, ldy, v + 4);
-  if (n <= 4) return gemv<F, 4>(n, M, K, ldy, v + 4);
-  gemv<F, 8>(n, M, K, ldy, v + 4);
+  if (mode == "gemv2") return gemv_n<F, 2>(n, M, K, ldy, v + 4);
+  gemv_n<F, 1>(n, M, K, ldy, v + 4);
 }
 
 int main(int argc, char** argv) {

@@ -7,6 +7,9 @@ independent decoder), int8 / int4 by QuantTensor.dequantize (itself checked agai
 in tests/test_quant_kernels.py), times the fp16-rounded activations. Tolerances follow the arithmetic:
 - GEMV: every product is exact float32 on the stored fields, summed in float32 (K/32 terms a lane, then a
   5-level warp tree): |err| <= (K/32 + 20) u32 * (|x| @ |W|^T), plus the output's rounding (2^-11 in fp16).
+  v2 (quant_gemv2) sums q * x (exact products of small integers and fp16) over 8 values, then adds
+  d * partial (+ m * sum(x) for q4_1 / q4_k): 8 + 2 roundings per group, K/256 groups a lane, the warp tree;
+  within the same bound (where d q and m nearly cancel, |d q| + |m| exceeds |w|: the bound's slack covers it).
 - prefill: the weights rounded to fp16 before cuBLAS, so the reference is x @ fp16(W)^T, with cuBLAS's
   float32 accumulation: 1e-4 * (|x| @ |W|^T).
 Shapes: odd M, K a multiple of the block with whole and partial GEMV segments and rows that are not
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..backends.cuda_quant import GEMV_VARIANTS
 from ..weights.qtensor import FORMATS, LAYOUTS, QuantTensor, RowStack
 from ..weights.quantize import quantize_int4, quantize_int8
 from .common import Ctx, Result, compare
@@ -60,19 +64,28 @@ def reference_matrix(w: QuantTensor | RowStack | np.ndarray) -> np.ndarray:
     return dequantize(w.data, GGMLQuantizationType(w.layout.ggml_type)).astype(np.float64)
 
 
-def check_linear(c: Ctx, w: QuantTensor | RowStack, n: int, out_dtype=np.float16, tag: str = "") -> Result:
-    """One product through CudaOps.gemm on the uploaded packed weight, against the float64 reference."""
+def check_linear(
+    c: Ctx, w: QuantTensor | RowStack, n: int, out_dtype=np.float16, tag: str = "", variant: str | None = None
+) -> Result:
+    """One product through CudaOps.gemm on the uploaded packed weight, against the float64 reference
+    (`variant`: the decode GEMV kernel, "v1" quant_gemv / "v2" quant_gemv2; None: the backend's choice)."""
     m, k = w.shape
     x = c.f16(n, k)
     ref_w = reference_matrix(w)
     bound = np.abs(x).astype(np.float64) @ np.abs(ref_w).T
     got = c.poison((n, m), out_dtype)
-    c.ops.gemm(c.dev16(x), c.ops.upload(w), out_dtype, out=got)
+    q = c.ops.quant
+    saved = q.gemv_variant
+    q.gemv_variant = variant or saved
+    try:
+        c.ops.gemm(c.dev16(x), c.ops.upload(w), out_dtype, out=got)
+    finally:
+        q.gemv_variant = saved
     fmt = w.fmt if isinstance(w, QuantTensor) else "+".join(getattr(p, "fmt", "f16") for p in w.parts)
     half = np.dtype(out_dtype) == np.float16
     rtol = 2.0**-10 if half else 1e-6
     if n <= 8:  # the GEMV (a RowStack's float part goes through cuBLAS: the prefill tolerance)
-        name, ref = f"quant_gemv {fmt}", x @ ref_w.T
+        name, ref = f"quant_gemv{' ' + variant if variant else ''} {fmt}", x @ ref_w.T
         atol = (k / 32 + 20) * U32 * bound if isinstance(w, QuantTensor) else 1e-4 * bound
     else:
         name, ref = f"quant_prefill {fmt}", x @ ref_w.astype(np.float16).astype(np.float64).T
@@ -82,12 +95,15 @@ def check_linear(c: Ctx, w: QuantTensor | RowStack, n: int, out_dtype=np.float16
 
 
 def case_quant_gemv(c: Ctx) -> list[Result]:
+    """Every format and shape through both decode GEMV kernels (v1 quant_gemv, v2 quant_gemv2)."""
     out = []
     for fmt in FORMATS:
         for n, k, m in GEMV_SHAPES:
             if k % LAYOUTS[fmt].block == 0:
-                out.append(check_linear(c, random_quant(fmt, m, k, c.rng), n))
-        out.append(check_linear(c, random_quant(fmt, 257, 1024, c.rng), 3, np.float32))  # logits
+                qt = random_quant(fmt, m, k, c.rng)
+                out.extend(check_linear(c, qt, n, variant=v) for v in GEMV_VARIANTS)
+        qt = random_quant(fmt, 257, 1024, c.rng)  # logits
+        out.extend(check_linear(c, qt, 3, np.float32, variant=v) for v in GEMV_VARIANTS)
     return out
 
 
@@ -113,7 +129,9 @@ def case_quant_rowstack(c: Ctx) -> list[Result]:
     w = RowStack(
         (random_quant("q4_k", 129, k, c.rng), random_quant("q6_k", 33, k, c.rng), c.f16(31, k, scale=0.05))
     )
-    return [check_linear(c, w, n) for n in (1, 5, 8, 12)]
+    return [check_linear(c, w, n, variant=v) for n in (1, 5, 8) for v in GEMV_VARIANTS] + [
+        check_linear(c, w, 12)
+    ]
 
 
 def case_quant_embed(c: Ctx) -> list[Result]:
