@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lserve_lite import LLM, SamplingParams
+from lserve_lite import LLM, EngineConfig, SamplingParams
 from lserve_lite.backends import cpu_kernels
 from lserve_lite.backends.cpu_threads import SplitRunner, even_bounds
 from lserve_lite.weights.default_model import default_gguf_path, default_model_dir
@@ -155,7 +155,9 @@ def weight_bytes(llm: LLM) -> int:
 
 def bench_model(model: str | None, steps: int) -> dict:
     """One engine's rows: prefill 512, decode at 512 and 2048 context."""
-    llm = LLM(model, backend="cpu")
+    llm = LLM(
+        model, backend="cpu", config=EngineConfig(prefix_caching=False)
+    )  # each prefill computes its prompt
     rows = {
         "prefill_512": bench_prefill(llm, 512, 3),
         "decode_ctx512": bench_decode(llm, 512, steps),
