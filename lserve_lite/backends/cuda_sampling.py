@@ -115,31 +115,25 @@ class GpuSampler:
 
     def apply_penalty(self, logits, rows: np.ndarray, ids: np.ndarray, pens: np.ndarray) -> None:
         """In place on contiguous float32 `logits`: the repetition penalty of each (row, id)."""
-        cp = self.cp
-        n = int(rows.size)
+        self._per_entry("apply_penalty", logits, rows, ids, pens)
+
+    def add_logits(self, logits, rows: np.ndarray, ids: np.ndarray, deltas: np.ndarray) -> None:
+        """In place: logits[rows[i], ids[i]] += deltas[i]."""
+        self._per_entry("add_logits", logits, rows, ids, deltas)
+
+    def _per_entry(self, kernel: str, logits, rows: np.ndarray, ids: np.ndarray, values: np.ndarray) -> None:
+        """One thread per (row, id, value) entry of a sparse update of `logits` (nothing to launch for none)."""
+        cp, n = self.cp, int(rows.size)
         if n:
             args = (
                 logits,
                 np.int64(logits.shape[1]),
                 cp.asarray(rows),
                 cp.asarray(ids),
-                cp.asarray(pens),
+                cp.asarray(values),
                 np.int32(n),
             )
-            self.k["apply_penalty"]((-(-n // 256),), (256,), args)
-
-    def add_logits(self, logits, rows: np.ndarray, ids: np.ndarray, deltas: np.ndarray) -> None:
-        """In place: logits[rows[i], ids[i]] += deltas[i]."""
-        cp, n = self.cp, int(rows.size)
-        args = (
-            logits,
-            np.int64(logits.shape[1]),
-            cp.asarray(rows),
-            cp.asarray(ids),
-            cp.asarray(deltas),
-            np.int32(n),
-        )
-        self.k["add_logits"]((-(-n // 256),), (256,), args)
+            self.k[kernel]((-(-n // 256),), (256,), args)
 
     def mask_logits(self, logits, rows: np.ndarray, masks: np.ndarray) -> None:
         """In place: -inf outside each masked row's allowed tokens."""
