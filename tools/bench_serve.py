@@ -96,12 +96,35 @@ async def run_level(
     }  # fmt: skip
 
 
+def free_port() -> int:
+    """A loopback port free now (the server binds it right after)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(
+    url: str, proc: subprocess.Popen, timeout_s: float | None = None, log: Path | None = None
+) -> None:
+    """Poll /health until it answers 200; the server's exit (with the tail of `log`) or `timeout_s` ends the wait."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while deadline is None or time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = f":\n{log.read_text()[-2000:]}" if log is not None else ""
+            raise SystemExit(f"the server exited with status {proc.returncode}{tail}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"the server did not become healthy in {timeout_s:.0f} s")
+
+
 @contextmanager
 def spawned_server(args: argparse.Namespace) -> Iterator[str]:
     """`python -m lserve_lite.cli serve` on a free port; yields its URL once /health answers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "lserve_lite.cli", "serve", "--port", str(port), "--backend", args.backend,
            "--max-num-seqs", str(args.max_num_seqs), "--log-level", "warning"]  # fmt: skip
     cmd += ["--model", args.model] if args.model else []
@@ -110,15 +133,7 @@ def spawned_server(args: argparse.Namespace) -> Iterator[str]:
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"the server exited with status {proc.returncode}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        wait_healthy(url, proc)
         yield url
     finally:
         proc.terminate()

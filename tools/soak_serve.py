@@ -23,7 +23,6 @@ import os
 import platform
 import random
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from bench_serve import free_port, wait_healthy  # tools/ is on the path when run as a script
 
 WORDS = ("the quick brown fox jumps over lazy dog hello world how are you today river mountain city music "
          "light garden ocean story 0123456789").split()  # fmt: skip
@@ -99,9 +99,7 @@ def spawned_server(
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     """`python -m lserve_lite.cli serve` on a free loopback port, output to `log_path`; yields (url, process)
     once /health answers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "lserve_lite.cli", "serve", "--port", str(port), "--backend", "cpu",
            "--max-num-seqs", str(args.concurrency), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
            "--max-model-len", str(args.max_model_len), "--log-level", "warning"]  # fmt: skip
@@ -111,20 +109,7 @@ def spawned_server(
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(
-                    f"the server exited with status {proc.returncode}:\n{log_path.read_text()[-2000:]}"
-                )
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise SystemExit("the server did not become healthy in 600 s")
+        wait_healthy(url, proc, timeout_s=600, log=log_path)
         yield url, proc
     finally:
         proc.terminate()
