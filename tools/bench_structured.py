@@ -35,6 +35,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--gpu", action="store_true", help="also time the GPU path: mask upload + mask_logits")
     ap.add_argument("--out", default="tools/results/bench_structured.json")
     args = ap.parse_args()
     from lserve_lite.backends.reference.sampling import allowed_tokens
@@ -50,7 +51,7 @@ def main() -> None:
     t_tok = time.perf_counter() - t0
     ids = tok.encode(json.dumps(REPLY, separators=(",", ":")), add_special_tokens=False)
     logits = np.random.default_rng(0).standard_normal(cfg.vocab_size).astype(np.float32)
-    compile_s, mask_s, apply_s, steps = [], [], [], 0
+    compile_s, mask_s, apply_s, masks, steps = [], [], [], [], 0
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         m = grammars.matcher(fmt)
@@ -58,6 +59,7 @@ def main() -> None:
         for t in ids:
             t0 = time.perf_counter()
             mask = np.frombuffer(m.compute_bitmask(), np.int32)
+            masks.append(mask)
             ok = m.consume_token(t)
             t1 = time.perf_counter()
             x = logits.copy()
@@ -75,9 +77,38 @@ def main() -> None:
         "mask_and_consume_us_p99": round(float(np.percentile(mask_s, 99)) * 1e6, 1),
         "cpu_mask_apply_us_median": round(float(np.median(apply_s)) * 1e6, 1),
     }  # fmt: skip
+    if args.gpu:
+        report.update(gpu_mask_cost(masks, logits))
     print(json.dumps(report, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def gpu_mask_cost(masks: list[np.ndarray], logits: np.ndarray) -> dict:
+    """Per-token GPU cost of a grammar mask: the bitmask's upload plus `mask_logits` on one row (CUDA events,
+    median over the reply's masks), checked against the CPU's masked row."""
+    import cupy as cp
+
+    from lserve_lite.backends.cuda_sampling import GpuSampler
+    from lserve_lite.backends.reference.sampling import allowed_tokens
+
+    sampler, rows = GpuSampler(), np.zeros(1, np.int32)
+    d_logits = cp.asarray(logits[None])
+    start, stop, times = cp.cuda.Event(), cp.cuda.Event(), []
+    for i, mask in enumerate(masks * 3):
+        x = d_logits.copy()
+        start.record()
+        sampler.mask_logits(x, rows, mask[None])
+        stop.record()
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop) * 1e3)
+        if i < len(masks):
+            want = np.where(allowed_tokens(mask, logits.size), logits, -np.inf)
+            assert np.array_equal(x.get()[0], want), f"GPU mask {i} differs from the CPU's"
+    return {
+        "gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
+        "gpu_mask_upload_and_apply_us_median": round(float(np.median(times[len(masks) :])), 1),
+    }
 
 
 if __name__ == "__main__":
