@@ -95,6 +95,15 @@ def test_eval_cli_end_to_end(tiny, tmp_path):
     )
 
 
+def test_eval_time_limit_spent_before_any_prompt_is_one_clear_error(tiny, tmp_path, capsys):
+    from lserve_lite.cli import main
+
+    rc = main(["eval", "--model", str(tiny), "--backend", "cpu", "--lengths", "1024", "--samples", "1",
+               "--tasks", "niah_single_numbers", "--configs", "dense", "--time-limit", "1e-9",
+               "--out", str(tmp_path / "r")])  # fmt: skip
+    assert rc == 1 and "no prompt finished" in capsys.readouterr().err
+
+
 def test_shared_dense_equals_dense_engine(tiny, tok):
     """`--shared-dense` (a full-window request on the LServe LLM) gives the dense engine's logits."""
     from lserve_lite.evaluation.settings import Runner, parse_configs

@@ -27,6 +27,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pattern", default=None, help="head pattern TSV (default: the model's bundled one)")
     p.add_argument("--backend", default="auto", help="auto, cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-limit", type=float, default=0, help="start no new sample after this many s")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=0,
+        help="start no new prompt after this many s (counted from the start: model load included)",
+    )
     p.add_argument("--out", default="tools/results/ruler", help="output stem: <out>.json, <out>.png")
     p.add_argument("--plot-only", metavar="JSON", help="redraw the heatmap of an earlier run and exit")

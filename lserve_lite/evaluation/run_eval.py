@@ -143,6 +143,8 @@ def evaluate(args: argparse.Namespace, log=print) -> dict:
             log(f"[{i + 1}/{len(samples)}] {n} {smp.task}: {marks} ({time.perf_counter() - ts:.0f} s)")
             _write(result, samples, outs, list(configs), out, t0)
     rows = _write(result, samples[:done], outs[:done], list(configs), out, t0)
+    if not rows:  # e.g. a time limit spent on loading: say so instead of an empty table and plot
+        raise InvalidRequestError(f"no prompt finished (time limit {args.time_limit} s, model load included)")
     result["png"] = heatmap(result, out.with_suffix(".png"))
     log(report(result))
     return {**result, "rows": rows}
