@@ -5,6 +5,9 @@ unimplemented settings, `lserve-lite eval` end to end on a tiny random model, th
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -45,6 +48,25 @@ def test_generators_deterministic_and_sized(tok):
             assert 900 <= len(s.prompt_ids) <= 1024, (task, len(s.prompt_ids))
             text = tok.decode(s.prompt_ids)
             assert all(e in text for e in s.expected), task  # the answer is in the context
+
+
+def test_generators_do_not_depend_on_string_hashing(tiny):
+    """The same prompts in every process: nothing iterates a set of strings (PYTHONHASHSEED varies)."""
+    code = ("import sys, hashlib, pathlib; from lserve_lite.tokenizer import Tokenizer; from lserve_lite.evaluation import ruler;"
+            "t = Tokenizer(pathlib.Path(sys.argv[1])); h = hashlib.sha256();"
+            "[h.update(bytes(str(s.prompt_ids), 'ascii')) for k in ruler.TASKS for s in ruler.generate(k, t, 1024, 2)];"
+            "print(h.hexdigest())")  # fmt: skip
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", code, str(tiny)],
+            env={**os.environ, "PYTHONHASHSEED": h},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout  # fmt: skip
+        for h in ("1", "2", "3")
+    }
+    assert len(digests) == 1, digests
 
 
 def test_scoring():

@@ -83,7 +83,8 @@ def _keys(rng: np.random.Generator, n: int) -> list[str]:
     keys: set[str] = set()
     while len(keys) < n:
         keys.add(_value("words", rng))
-    return sorted(keys, key=lambda _: rng.random())
+    ordered = sorted(keys)  # a set's order follows the process's string hashing: fix it before shuffling
+    return [ordered[i] for i in rng.permutation(n)]
 
 
 # haystack -------------------------------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def _variable_tracking(num_chains: int = 1, hops: int = 4):
     """RULER's variable tracking: a chain of `hops` assignments from a value; name every variable in it."""
 
     def make(tok, n: int, rng, depth: float | None, filler: str) -> Sample:
-        names = list({_name(rng, 2).upper()[:5] for _ in range(4 * num_chains * (hops + 1))})
+        names = list(dict.fromkeys(_name(rng, 2).upper()[:5] for _ in range(4 * num_chains * (hops + 1))))
         rng.shuffle(names)
         items, depths, first_chain = [], [], []
         for c in range(num_chains):
