@@ -244,11 +244,15 @@ def _rope_scaling(f: _Fields, rope: dict) -> dict | None:
 
 
 GROUP_REDUCE = ("max", "mass")  # the page selector's GQA group reductions (sparse/selector.py)
+MASS_MAX_GROUP = (
+    32  # query heads per KV head that `mass` handles (kernels/page_select.cu keeps them in registers)
+)
 
 
 @dataclass(frozen=True)
 class SparseConfig:
-    """LServe's knobs, with the paper's defaults (docs/SPARSE.md). `enabled=False` is the dense baseline."""
+    """LServe's knobs, with the paper's defaults except the selector's GQA reduction (`mass`: docs/ACCURACY.md
+    has the retrieval results that chose it; docs/SPARSE.md). `enabled=False` is the dense baseline."""
 
     enabled: bool = False
     static_sparsity: float = 0.5
@@ -260,7 +264,7 @@ class SparseConfig:
     decode_local: int = 256
     token_budget: int = 4096
     select_interval: int = 4
-    group_reduce: str = "max"  # selector: one score per KV head from its query group (sparse/selector.py)
+    group_reduce: str = "mass"  # selector: one score per KV head from its query group (sparse/selector.py)
     pattern_path: str | None = None
 
     def validate(self) -> SparseConfig:

@@ -33,7 +33,10 @@ _SPARSE_KNOBS = {
     "decode_local": (int, "streaming heads' local window in decode"),
     "token_budget": (int, "dense heads' KV token budget per decode step"),
     "select_interval": (int, "decode steps between page selections"),
-    "group_reduce": (str, "selector score of a GQA group: max (LServe) or mass (mean softmax weight)"),
+    "group_reduce": (
+        str,
+        "selector score of a GQA group: mass (summed softmax weight, the default) or max (LServe's)",
+    ),
 }
 
 

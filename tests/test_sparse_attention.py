@@ -13,6 +13,7 @@ from lserve_lite.backends.reference.attention import paged_attention_sparse_ref,
 from lserve_lite.backends.reference.page_select import select_pages_ref
 from lserve_lite.backends.reference.page_stats import update_page_stats
 from lserve_lite.config import GROUP_REDUCE, ModelConfig
+from lserve_lite.errors import InvalidRequestError
 from lserve_lite.kv.block_manager import BlockManager
 from lserve_lite.kv.layout import KVLayout
 from lserve_lite.sequence import Sequence
@@ -164,6 +165,17 @@ def test_engine_streaming_heads_and_selection_run_and_free(tiny_llama, tmp_path,
     for knob in ({"static_sparsity": 0.2}, {"group_reduce": "max"}):
         with pytest.raises(Exception, match="fixed per engine"):
             llm.engine.add_request(prompts[0], params, sparse=knob)
+
+
+def test_mass_reduction_refused_at_start_for_groups_it_cannot_hold(tiny_llama, tmp_path, monkeypatch):
+    """The default `mass` keeps a group's query heads in registers: a larger group is refused at start, with
+    the way out named; `max` has no limit."""
+    from lserve_lite.engine import llm_engine
+
+    monkeypatch.setattr(llm_engine, "MASS_MAX_GROUP", 1)  # the tiny model has 2 query heads per KV head
+    with pytest.raises(InvalidRequestError, match="at most 1 query heads per KV head .*--group-reduce max"):
+        _sparse_tiny(tiny_llama, tmp_path)
+    assert _sparse_tiny(tiny_llama, tmp_path / "b", group_reduce="max")[1].engine.layout is not None
 
 
 def test_streaming_memory_is_constant_in_context_length():

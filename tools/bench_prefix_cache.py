@@ -15,7 +15,7 @@ CPU as a check of the tool itself.
 Usage:
   python tools/bench_prefix_cache.py chat [--trials 3] [--history 2000]
   python tools/bench_prefix_cache.py doc --model DIR [--backend cuda] [--requests 32] [--doc-tokens 32768]
-        [--arrival staggered|burst] [--sparse]
+        [--arrival staggered|burst] [--sparse] [--control]
 """
 
 from __future__ import annotations
@@ -114,11 +114,17 @@ def bench_doc(args) -> dict:
         warm = prompts[0][:128][::-1]  # warm-up (kernels, graphs) on tokens no request starts with
         llm.generate([warm], SamplingParams(max_new_tokens=1))
         res["with_cache" if cache else "without_cache"] = run_doc(llm, prompts, params, args.arrival)
+        if args.control and not cache:  # the same cold engine, the requests in the other arrival order
+            other = "burst" if args.arrival == "staggered" else "staggered"
+            res["control"] = run_doc(llm, prompts, params, other) | {"arrival": other}
         del llm
     w, wo = res["with_cache"], res["without_cache"]
     same = [a == b for a, b in zip(w["outputs"], wo["outputs"])]  # both kept: runs can be compared later
     res["outputs_equal"] = all(same)  # greedy: the cache must not change them (up to rounding, see docs)
     res["outputs_equal_count"] = f"{sum(same)}/{len(same)}"
+    if args.control:  # without the cache both times: what batch composition alone changes
+        same = [a == b for a, b in zip(wo["outputs"], res["control"]["outputs"])]
+        res["control_outputs_equal_count"] = f"{sum(same)}/{len(same)}"
     res["computed_ratio"] = wo["prompt_tokens_computed"] / max(1, w["prompt_tokens_computed"])
     res["speedup"] = wo["wall_s"] / w["wall_s"]
     return res
@@ -137,6 +143,8 @@ def main() -> None:
     ap.add_argument("--arrival", choices=["staggered", "burst"], default="staggered")
     ap.add_argument("--sparse", action="store_true", help="LServe mode (needs a head pattern for the model)")
     ap.add_argument("--pattern", default=None)
+    ap.add_argument("--control", action="store_true", help="doc: run the cold engine again in the other arrival "
+                    "order and count the outputs equal to its first run")  # fmt: skip
     ap.add_argument("--out", default=None, help="JSON results file (default: tools/results/...)")
     args = ap.parse_args()
     res = bench_chat(args) if args.scenario == "chat" else bench_doc(args)

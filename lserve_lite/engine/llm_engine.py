@@ -10,7 +10,7 @@ import numpy as np
 
 from ..backends import make_ops
 from ..backends.group import host_ops
-from ..config import EngineConfig, SparseConfig
+from ..config import MASS_MAX_GROUP, EngineConfig, SparseConfig
 from ..errors import InvalidRequestError
 from ..kv.block_manager import BlockManager
 from ..kv.layout import KVLayout, pool_pages
@@ -133,6 +133,11 @@ class LLMEngine:
         if not sp.enabled:
             return None
         c = self.cfg
+        if sp.group_reduce == "mass" and c.num_heads // c.num_kv_heads > MASS_MAX_GROUP:
+            raise InvalidRequestError(
+                f"group_reduce mass handles at most {MASS_MAX_GROUP} query heads per KV head (this model: "
+                f"{c.num_heads // c.num_kv_heads}); start with --group-reduce max"
+            )
         if sp.static_sparsity > 0:
             gates = resolve_pattern(self.model_dir, c.num_layers, c.num_kv_heads, sp.pattern_path)
             classes = head_classes(gates, sp.static_sparsity)
