@@ -33,19 +33,23 @@ for s in $steps; do case $s in
            step structured 100 python3 tools/bench_structured.py --model $g --gpu --out "$OUT/bench_structured_gpu.json"
            step smol_tests 240 env LSERVE_SMOLLM2_GGUF=$g python3 -m pytest -p no:cacheprovider -m gpu -q \
                tests/test_gpu_e2e.py tests/test_gpu_quant.py::test_smollm2_q4_1_gguf_on_the_gpu ;;
-  ruler)   # the RULER-style suite on the GPU at 2k/4k/8k: float weights (fp16 on the GPU) with four sparse settings,
-           # then dense vs LServe under each KV format and weight quantization (same seed: the same prompts)
+  ruler)   # the RULER-style suite on the GPU (docs/ACCURACY.md): float weights (fp16 on the GPU) with four sparse
+           # settings at 2k/4k/8k, max vs mass at 4k/8k, then dense vs LServe per KV format and with the GGUF's
+           # packed Q4_1 weights. --time-limit counts from the start, model load (20-50 s) included.
            f=${LSERVE_SMOLLM2_DIR:-/tmp/lserve_smollm2_hf}; g=${LSERVE_SMOLLM2_GGUF:-/tmp/smollm2.gguf}
            [ -f $f/config.json ] || python3 -m lserve_lite.cli convert $g $f
            pat=lserve_lite/sparse/patterns/SmolLM2-135M-Instruct/full_attention_heads.tsv
            tasks=niah_single_numbers,niah_single_words,niah_multikey_numbers,niah_multikey_words,niah_multivalue
            ev() { local name=$1 limit=$2; shift 2; step "ruler_$name" $((limit + 60)) python3 -m lserve_lite.cli eval \
-               --backend cuda --pattern $pat --tasks $tasks --lengths 2048,4096,8000 --samples 100 --shared-dense \
+               --backend cuda --pattern $pat --tasks $tasks --samples 100 --shared-dense \
                --time-limit "$limit" --out "$OUT/ruler_gpu_$name" "$@"; }
-           ev fp16 ${RULER_MAIN_S:-200} --model $f --configs "dense;lserve;lserve-b1024;lserve-b2048"
-           for kv in int8 int4 fp8; do ev kv_$kv ${RULER_SIDE_S:-60} --model $f --kv-dtype $kv --configs "dense;lserve"; done
-           ev w_int8 ${RULER_SIDE_S:-60} --model $f --quantize int8 --configs "dense;lserve"
-           ev w_q4_1 ${RULER_SIDE_S:-60} --model $g --configs "dense;lserve" ;;
+           L=2048,4096,8000
+           mx=group_reduce=max  # the runs of 2026-12-02 (max was the default then; mass is now)
+           ev fp16 210 --model $f --lengths $L --configs "dense;lserve:$mx;lserve-b1024:token_budget=1024,$mx;lserve-b2048:token_budget=2048,$mx"
+           ev mass 200 --model $f --lengths 4096,8000 --configs "dense;lserve:$mx;lserve-mass:group_reduce=mass;lserve-b2048-mass:token_budget=2048,group_reduce=mass"
+           for kv in int8 int4 fp8; do ev kv_$kv 85 --model $f --lengths $L --kv-dtype $kv --configs "dense;lserve:$mx"; done
+           ev w_int8 85 --model $f --lengths $L --quantize int8 --configs "dense;lserve:$mx"
+           ev w_q4_1 85 --model $g --lengths $L --configs "dense;lserve:$mx" ;;
   tp)      # tensor parallelism: world 1 through NCCL on any GPU count; world 2 and the figures with 2+ GPUs
            step tp 400 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_gpu_tp.py
            step tp_bench 300 python3 tools/bench_tp.py --tensor-parallel 1 $( [ "$(nvidia-smi -L | wc -l)" -ge 2 ] && echo 2 ) --out "$OUT/bench_tp.json" ;;
