@@ -35,7 +35,8 @@ _SPARSE_KNOBS = {
     "select_interval": (int, "decode steps between page selections"),
     "group_reduce": (
         str,
-        "selector score of a GQA group: mass (summed softmax weight, the default) or max (LServe's)",
+        "selector score of a GQA group: mass (summed softmax weight, the default) or max (LServe's); "
+        "oracle (evaluation, CPU only): pages by exact attention",
     ),
 }
 

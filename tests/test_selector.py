@@ -11,7 +11,14 @@ from lserve_lite.backends.reference.page_stats import (
     update_page_stats,
 )
 from lserve_lite.geometry import budget_pages, visit_capacity
-from lserve_lite.sparse.selector import choose_pages, page_scores, refresh_due, top_pages, visited_selection
+from lserve_lite.sparse.selector import (
+    choose_pages,
+    exact_page_scores,
+    page_scores,
+    refresh_due,
+    top_pages,
+    visited_selection,
+)
 
 PS, SUB, HKV, D = 16, 4, 2, 8
 
@@ -168,6 +175,28 @@ def test_group_mass_bruteforce(ctx, seed):
     np.testing.assert_allclose(got, np.log(w), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="group_reduce"):
         page_scores(q, kmax, kmin, table, ctx, group, PS, "mean")
+
+
+@pytest.mark.parametrize("ctx,seed", [(200, 0), (161, 1), (17, 2)])
+def test_oracle_scores_are_exact_attention_mass(ctx, seed):
+    """group_reduce "oracle": log of the group's mean softmax weight per page, by a plain loop; its top
+    pages hold the most exact mass any selection of that size can."""
+    q, cache, _, _, table, group = _setup(ctx, seed)
+    q = q * 3
+    got = exact_page_scores(q, cache, table, ctx, group)
+    n = -(-ctx // PS)
+    want = np.zeros((HKV, n))
+    for h in range(HKV):
+        keys = np.concatenate([cache[table[p], h] for p in range(n)])[:ctx]
+        for g in range(group):
+            w = np.exp(keys @ q[h * group + g] / np.sqrt(D))
+            w /= w.sum()
+            want[h] += np.bincount(np.arange(ctx) // PS, w, n) / group
+    np.testing.assert_allclose(np.exp(got), want, rtol=1e-4, atol=1e-7)
+    if n > 3:
+        sel = top_pages(got, 3)
+        others = np.sort(want[:, :-1], axis=1)[:, -2:].sum(1) + want[:, -1]
+        np.testing.assert_allclose(np.take_along_axis(want, sel, 1).sum(1), others, rtol=1e-5)
 
 
 def test_top_pages_ties_deterministic():

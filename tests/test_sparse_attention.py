@@ -112,6 +112,42 @@ def test_decode_selection_equals_masked_dense(ctx, keep):
         np.testing.assert_allclose(got.reshape(full.shape), full, atol=2e-5, rtol=1e-4)
 
 
+def test_oracle_selection_picks_the_heaviest_pages():
+    """group_reduce "oracle" (evaluation): select_pages_ref ranks pages by the exact attention of the
+    current query over the dense pool's keys; the newest page stays."""
+    rng = np.random.default_rng(9)
+    hkv, d, ps, sub, group, ctx, keep = 2, 16, 16, 4, 3, 400, 5
+    head_class = np.zeros(hkv, np.int32)
+    _, _, table, _, kd, vd, ks, vs, slot = _pools(rng, ctx, hkv, d, ps, head_class, (0, 1))
+    kmax = np.zeros((kd.shape[0], hkv, sub, d), np.float32)
+    q = 3 * rng.standard_normal((1, hkv * group, d)).astype(np.float32)
+    plan = build_plan(BatchLayout([1], [ctx], [table], sel_slots=[0], sel_keep=[keep], sel_refresh=[1]), ps,
+                      group_reduce="oracle")  # fmt: skip
+    sel_idx = np.full((1, hkv, keep + 1), -1, np.int32)
+    sel_cnt = np.zeros((1, hkv), np.int32)
+    select_pages_ref(q, kmax, kmax, plan, head_class, slot, sel_idx, sel_cnt, k=kd)
+    n = -(-ctx // ps)
+    for g in range(hkv):
+        keys = kd[np.asarray(table)[:n], slot[g]].reshape(-1, d)[:ctx]
+        w = np.exp(q[0, g * group : (g + 1) * group] @ keys.T / np.sqrt(d))
+        mass = (w / w.sum(1, keepdims=True)).mean(0)
+        mass = np.bincount(np.arange(ctx) // ps, mass, n)
+        want = np.sort(np.append(np.argsort(-mass[:-1], kind="stable")[: keep - 1], n - 1))
+        np.testing.assert_array_equal(sel_idx[0, g, : sel_cnt[0, g]], want)
+
+
+def test_oracle_runs_on_the_cpu_float_cache_only(tiny_llama, tmp_path):
+    ids = [int(t) for t in np.random.default_rng(8).integers(3, 320, 300)]
+    params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+    _, llm = _sparse_tiny(tiny_llama, tmp_path, token_budget=64, group_reduce="oracle")
+    assert len(llm.generate([ids], params)[0].token_ids) == 6
+    p = tmp_path / "m"
+    sp = SparseConfig(enabled=True, page_size=16, decode_local=64, prefill_local=128, group_reduce="oracle")
+    ecfg = EngineConfig(page_size=16, max_num_batched_tokens=64, sparse=sp, kv_dtype="int8")
+    with pytest.raises(InvalidRequestError, match="oracle is an evaluation selector"):
+        LLM(str(p), backend="cpu", config=ecfg)
+
+
 def _sparse_tiny(tiny_llama, tmp_path, **kw):
     import shutil
 

@@ -61,7 +61,7 @@ class CpuOps:
     def select_pages(self, q, cache: KVCache, layer: int, plan: AttentionPlan) -> None:
         select_pages_ref(
             q, cache.kmax[layer], cache.kmin[layer], plan, cache.head_class[layer], cache.head_slot[layer],
-            cache.sel_idx[layer], cache.sel_cnt[layer],
+            cache.sel_idx[layer], cache.sel_cnt[layer], k=cache.k[layer],
         )  # fmt: skip
 
     def copy_stream_pages(self, cache: KVCache, src: np.ndarray, dst: np.ndarray) -> None:

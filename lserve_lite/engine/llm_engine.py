@@ -10,7 +10,7 @@ import numpy as np
 
 from ..backends import make_ops
 from ..backends.group import host_ops
-from ..config import MASS_MAX_GROUP, EngineConfig, SparseConfig
+from ..config import MASS_MAX_GROUP, ORACLE_REDUCE, EngineConfig, SparseConfig
 from ..errors import InvalidRequestError
 from ..kv.block_manager import BlockManager
 from ..kv.layout import KVLayout, pool_pages
@@ -81,6 +81,7 @@ class LLMEngine:
         self.weight_bytes = sum(stored_bytes(w, itemsize) for w in weights.values())
         self.layout = self._kv_layout()
         self.kv_format = resolve_kv_format(self.ecfg.kv_dtype, self.ops.kv_dtypes, self.cfg.head_dim)
+        self._check_oracle(self.ops.name == "cpu" and not self.kv_format.quantized)
         num_pages, num_stream = self._num_pages()
         self.max_len = min(self.max_len, num_pages * self.ecfg.page_size)
         self.runner = ModelRunner(
@@ -95,6 +96,7 @@ class LLMEngine:
         and planner (engine/tp_group.py). (dense pages, streaming pages)."""
         self.cfg, self.tokenizer = load_config(self.model_dir), load_tokenizer(self.model_dir)
         self.ops, self.layout = host_ops(), self._kv_layout()
+        self._check_oracle(False)
         self.kv_format = resolve_kv_format("auto", ("fp16",), self.cfg.head_dim)  # workers: the float cache
         max_len = self.ecfg.resolve_max_len(self.cfg)
         self.runner, num_pages, num_stream = tensor_parallel_runner(
@@ -126,6 +128,13 @@ class LLMEngine:
             parts += [lay.sink_pages, lay.ring_pages, lay.sub_pages]
             parts += [sp.prefill_sink, sp.prefill_local] if lay.has_streaming else []
         return kv_salt(*parts)
+
+    def _check_oracle(self, supported: bool) -> None:
+        """The oracle selector reads float keys in the CPU reference; refused elsewhere, at start."""
+        if self.ecfg.sparse.enabled and self.ecfg.sparse.group_reduce == ORACLE_REDUCE and not supported:
+            raise InvalidRequestError(
+                "group_reduce oracle is an evaluation selector of the CPU backend with a float KV cache"
+            )
 
     def _kv_layout(self) -> KVLayout | None:
         """LServe mode: head classes from the pattern (static sparsity) and the two-pool geometry."""

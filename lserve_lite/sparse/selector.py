@@ -9,6 +9,9 @@ query heads (`group_reduce`):
   ranks pages as the mean weight does and still orders those whose weight underflows. It keeps more of the
   exact attention mass at equal budget (docs/ACCURACY.md): the max follows whichever head has the largest
   bounds, not the one whose attention sits on a few far pages.
+- "oracle" (evaluation only, CPU backend, float KV): the group's mean exact attention weight per page from
+  the keys themselves (`exact_page_scores`): the best any page choice of that size can do for this query,
+  so a loss it keeps is the selector's, one it also loses is the budget's (docs/ACCURACY.md).
 Per KV head keep the top `budget_pages - 1` pages among all but the newest page, plus the newest page; if
 the context fits in the budget, keep every page (geometry.budget_pages).
 
@@ -73,6 +76,26 @@ def page_scores(
         raise ValueError(f"group_reduce must be 'max' or 'mass', got {group_reduce!r}")
     b = b * np.float32(1 / np.sqrt(d))
     return _logsumexp(b - _logsumexp(b, 2)[..., None], 1)
+
+
+def exact_page_scores(
+    q: np.ndarray, k: np.ndarray, page_table: list[int] | np.ndarray, ctx_len: int, group_size: int
+) -> np.ndarray:
+    """The oracle's page scores [Hkv, n_pages]: log of the group's mean exact softmax weight per page.
+
+    q [Hq, D]; k [num_pages, Hkv, page_size, D] (the dense pool, by physical page id). Log space keeps the
+    order of pages whose weight underflows."""
+    q = np.asarray(q, np.float32)
+    hq, d = q.shape
+    page = k.shape[2]
+    n_pages = pages_for(ctx_len, page)
+    table = np.asarray(page_table, np.int64)[:n_pages]
+    hkv = k.shape[1]
+    kk = k[table].transpose(1, 0, 2, 3).reshape(hkv, n_pages * page, d)[:, :ctx_len]
+    s = np.einsum("hgd,htd->hgt", q.reshape(hkv, group_size, d), kk) * np.float32(1 / np.sqrt(d))
+    s = s - _logsumexp(s, 2)[..., None]  # per query head, log-softmax over the context
+    s = np.pad(s, ((0, 0), (0, 0), (0, n_pages * page - ctx_len)), constant_values=-np.inf)
+    return _logsumexp(_logsumexp(s.reshape(hkv, group_size, n_pages, page), 3), 1) - np.log(group_size)
 
 
 def top_pages(scores: np.ndarray, keep: int) -> np.ndarray:

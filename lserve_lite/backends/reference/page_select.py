@@ -7,12 +7,15 @@ from __future__ import annotations
 import numpy as np
 
 from ...sparse.plan import AttentionPlan
-from ...sparse.selector import choose_pages
+from ...sparse.selector import choose_pages, exact_page_scores, top_pages
 
 
-def select_pages_ref(q, kmax, kmin, plan: AttentionPlan, head_class, head_slot, sel_idx, sel_cnt) -> None:
+def select_pages_ref(
+    q, kmax, kmin, plan: AttentionPlan, head_class, head_slot, sel_idx, sel_cnt, k=None
+) -> None:
     """For decode blocks with a budget that refresh this step: store each dense head's top pages.
 
+    `k` (the layer's dense pool) only for group_reduce "oracle", which ranks pages by exact attention.
     sel_idx [slots, Hkv, K] holds logical page indices (= positions in the block's class-0 list),
     sel_cnt [slots, Hkv] how many; the newest page is always among them.
     """
@@ -27,7 +30,16 @@ def select_pages_ref(q, kmax, kmin, plan: AttentionPlan, head_class, head_slot, 
         table, _ = plan.pages(qb, 0)
         qh = q[plan.qb_start[qb]].reshape(hkv, group, -1)[dense].reshape(dense.size * group, -1)
         st_max, st_min = kmax[:, head_slot[dense]], kmin[:, head_slot[dense]]
-        chosen = choose_pages(qh, st_max, st_min, table, ctx, group, keep, plan.page_size, plan.group_reduce)
+        if plan.group_reduce == "oracle":
+            n_pages = -(-ctx // plan.page_size)
+            scores = exact_page_scores(qh, k[:, head_slot[dense]], table, ctx, group)
+            chosen = (
+                top_pages(scores, keep) if n_pages > keep else np.tile(np.arange(n_pages), (dense.size, 1))
+            )
+        else:
+            chosen = choose_pages(
+                qh, st_max, st_min, table, ctx, group, keep, plan.page_size, plan.group_reduce
+            )
         slot = int(plan.qb_slot[qb])
         sel_idx[slot, dense, : chosen.shape[1]] = chosen
         sel_cnt[slot, dense] = chosen.shape[1]
