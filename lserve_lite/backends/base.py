@@ -131,6 +131,9 @@ class Ops(Protocol):
     name: str
     dtype: Any
     kv_dtypes: tuple[str, ...]  # KV formats the backend runs; the first is its float type ("auto")
+    selector_reductions: tuple[
+        str, ...
+    ]  # page selector group reductions it runs (config.GROUP_REDUCE, + oracle)
 
     def upload(self, a: np.ndarray, name: str | None = None) -> Array: ...
     def to_numpy(self, a: Array) -> np.ndarray: ...

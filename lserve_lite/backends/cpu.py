@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import EngineConfig
+from ..config import GROUP_REDUCE, ORACLE_REDUCE, EngineConfig
 from ..sparse.plan import AttentionPlan
 from ..weights.qtensor import QuantTensor, RowStack
 from . import cpu_kernels as K
@@ -27,6 +27,7 @@ class CpuOps:
     name = "cpu"
     dtype = np.float32
     kv_dtypes = ("fp32", "int8", "int4")  # no fp16 / fp8 kernels on the CPU
+    selector_reductions = (*GROUP_REDUCE, ORACLE_REDUCE)  # the oracle reads float keys (float KV only)
 
     def __init__(self):
         # The backend spreads work over its own threads (`SplitRunner`); OpenBLAS's would oversubscribe the

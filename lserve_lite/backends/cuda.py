@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from ..config import EngineConfig
+from ..config import GROUP_REDUCE, EngineConfig
 from ..errors import InvalidRequestError, ModelLoadError
 from ..kv.layout import KVLayout
 from ..sparse.plan import AttentionPlan
@@ -172,6 +172,7 @@ class CudaOps:
     name = "cuda"
     dtype = np.float16
     kv_dtypes: tuple[str, ...] = ("fp16", "int8", "int4")  # + fp8 on sm_89 and newer (__init__)
+    selector_reductions = GROUP_REDUCE
 
     def __init__(self, device: int | None = None):
         import cupy as cp

@@ -81,7 +81,7 @@ class LLMEngine:
         self.weight_bytes = sum(stored_bytes(w, itemsize) for w in weights.values())
         self.layout = self._kv_layout()
         self.kv_format = resolve_kv_format(self.ecfg.kv_dtype, self.ops.kv_dtypes, self.cfg.head_dim)
-        self._check_oracle(self.ops.name == "cpu" and not self.kv_format.quantized)
+        self._check_oracle(ORACLE_REDUCE in self.ops.selector_reductions and not self.kv_format.quantized)
         num_pages, num_stream = self._num_pages()
         self.max_len = min(self.max_len, num_pages * self.ecfg.page_size)
         self.runner = ModelRunner(
