@@ -110,6 +110,14 @@ def _graph_us(fn, steps: int = 10) -> float:
     return ms * 1000 / steps
 
 
+def set_sub_pages(n: int) -> None:
+    """The selector's logical pages per physical page for this run's key statistics."""
+    global SUB
+    if n < 1 or PAGE % n or n & (n - 1):
+        raise SystemExit(f"--sub-pages must be a power of two dividing {PAGE}, got {n}")
+    SUB = n
+
+
 def _sparse_step(ctx: int, batch: int, hc: np.ndarray, budget: int, sink: int, local: int) -> dict:
     """Random LServe decode inputs of one layer: pools, key statistics, selection buffers, and the device plans
     of a reuse step (0), a refresh step (1) and a refresh step with group_reduce mass ("mass")."""
@@ -238,14 +246,16 @@ def main(argv=None) -> int:
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--selector-only", action="store_true", help="only the page selector rows (batch 1)")
+    ap.add_argument("--sub-pages", type=int, default=SUB, help=f"logical pages per page ({SUB})")
     a = ap.parse_args(argv)
+    set_sub_pages(a.sub_pages)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     classes = layer_classes()
     layers = LAYERS[:2] if a.quick else LAYERS
     res = {"date": time.strftime("%Y-%m-%d %H:%M"), "layers": list(layers),
            "dense_heads_per_layer": [int((c == 0).sum()) for c in classes], "prefill": [], "decode": [],
-           "selector": []}  # fmt: skip
+           "selector": [], "sub_pages": SUB}  # fmt: skip
     t0 = time.time()
     for ctx in (131072, 262144):
         per = [selectors(ctx, 1, classes[i]) for i in layers]
@@ -254,7 +264,8 @@ def main(argv=None) -> int:
         _free_memory()
         print(json.dumps(row), f"t={time.time() - t0:.0f}s", flush=True)
     if a.selector_only:
-        (out / "bench_sparse_selector.json").write_text(json.dumps(res, indent=1))
+        tail = "" if SUB == 4 else f"_s{SUB}"
+        (out / f"bench_sparse_selector{tail}.json").write_text(json.dumps(res, indent=1))
         print(format_table(res))
         return 0
     for seq in (32768, 131072):

@@ -50,6 +50,15 @@ for s in $steps; do case $s in
            for kv in int8 int4 fp8; do ev kv_$kv 85 --model $f --lengths $L --kv-dtype $kv --configs "dense;lserve:$mx"; done
            ev w_int8 85 --model $f --lengths $L --quantize int8 --configs "dense;lserve:$mx"
            ev w_q4_1 85 --model $g --lengths $L --configs "dense;lserve:$mx" ;;
+  subpages) # sub_pages 8 (docs/ACCURACY.md "Why selection loses retrievals"): the suite at 8000 tokens and the selector's cost
+           f=${LSERVE_SMOLLM2_DIR:-/tmp/lserve_smollm2_hf}; g=${LSERVE_SMOLLM2_GGUF:-/tmp/smollm2.gguf}
+           [ -f $f/config.json ] || python3 -m lserve_lite.cli convert $g $f
+           step selector_s8 120 python3 tools/bench_sparse.py --selector-only --sub-pages 8 --out "$OUT"
+           step ruler_s8 300 python3 -m lserve_lite.cli eval --backend cuda --model $f --lengths 8000 --samples 100 \
+               --pattern lserve_lite/sparse/patterns/SmolLM2-135M-Instruct/full_attention_heads.tsv --shared-dense \
+               --tasks niah_single_numbers,niah_single_words,niah_multikey_numbers,niah_multikey_words \
+               --configs "dense;lserve;max:group_reduce=max;s8:sub_pages=8;max-s8:sub_pages=8,group_reduce=max" \
+               --time-limit 240 --out "$OUT/ruler_gpu_s8" ;;
   tp)      # tensor parallelism: world 1 through NCCL on any GPU count; world 2 and the figures with 2+ GPUs
            step tp 400 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_gpu_tp.py
            step tp_bench 300 python3 tools/bench_tp.py --tensor-parallel 1 $( [ "$(nvidia-smi -L | wc -l)" -ge 2 ] && echo 2 ) --out "$OUT/bench_tp.json" ;;
