@@ -1,0 +1,124 @@
+"""Which KV quantizer keeps attention closest to exact? The relative L2 error of every layer's attention
+output at real decode steps (the default SmolLM2 or --model, dense, CPU, float32 cache), under the engine's
+formats (kv/quant.py) and candidate int4 layouts: asymmetric groups, and keys quantized per channel over a
+run of tokens (KIVI's layout; 16 tokens = one logical page of the selector, 64 = one page). Evidence for
+the int4 design (docs/KV_QUANT.md); it changes nothing in the engine.
+
+    python tools/kv_quant_error.py [--model DIR|FILE.gguf] [--context 2048] [--steps 4] [--out JSON]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from lserve_lite.config import EngineConfig
+from lserve_lite.evaluation.harness import SparseHarness
+from lserve_lite.evaluation.selector_recall import decode_step_queries
+from lserve_lite.evaluation.synthetic import corpus_text
+from lserve_lite.geometry import pages_for
+from lserve_lite.kv.quant import FORMATS, dequantize, quantize
+from lserve_lite.llm import LLM
+
+Quantizer = Callable[[np.ndarray], np.ndarray]  # [T, D] float64 -> its dequantized values
+
+
+def engine_format(name: str) -> Quantizer:
+    """The engine's own format (per token: int8 / fp8 one scale, int4 a scale per 32 channels)."""
+    return lambda x: dequantize(*quantize(x, FORMATS[name]), FORMATS[name])
+
+
+def int4_groups(x: np.ndarray) -> np.ndarray:
+    """Asymmetric 4-bit over the last axis: 16 levels from the group's min to its max."""
+    lo, hi = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
+    step = np.where(hi > lo, (hi - lo) / 15, 1.0)
+    return np.rint((x - lo) / step) * step + lo
+
+
+def per_token(group: int) -> Quantizer:
+    """Asymmetric int4, `group` channels of one token per scale and zero point."""
+    return lambda x: int4_groups(x.reshape(len(x), -1, group)).reshape(x.shape)
+
+
+def per_channel(tokens: int) -> Quantizer:
+    """Asymmetric int4, one channel over `tokens` consecutive tokens per scale and zero point."""
+
+    def q(x: np.ndarray) -> np.ndarray:
+        t, d = x.shape
+        xp = np.pad(x, ((0, -t % tokens), (0, 0)), mode="edge").reshape(-1, tokens, d)
+        return int4_groups(xp.transpose(0, 2, 1)).transpose(0, 2, 1).reshape(-1, d)[:t]
+
+    return q
+
+
+def schemes() -> dict[str, tuple[Quantizer, Quantizer]]:
+    """name -> (key quantizer, value quantizer)."""
+    exact: Quantizer = lambda x: x  # noqa: E731
+    return {
+        "int8 (engine)": (engine_format("int8"), engine_format("int8")),
+        "int4 (engine: symmetric, 32 channels)": (engine_format("int4"), engine_format("int4")),
+        "int4 keys only (engine)": (engine_format("int4"), exact),
+        "int4 values only (engine)": (exact, engine_format("int4")),
+        "int4 asymmetric, 32 channels": (per_token(32), per_token(32)),
+        "int4 asymmetric, 16 channels": (per_token(16), per_token(16)),
+        "int4 K per channel / 64 tokens, V asym 32 ch": (per_channel(64), per_token(32)),
+        "int4 K per channel / 16 tokens, V asym 32 ch": (per_channel(16), per_token(32)),
+    }
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Exact softmax attention of q [Hkv, G, D] over k, v [Hkv, T, D], float64."""
+    s = np.einsum("hgd,htd->hgt", q, k) / math.sqrt(q.shape[-1])
+    w = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("hgt,htd->hgd", w / w.sum(-1, keepdims=True), v)
+
+
+def measure(model: str | None, context: int, steps: int, page: int = 64) -> dict:
+    llm = LLM(model, backend="cpu", config=EngineConfig(num_kv_pages=pages_for(context, page) + 2,
+                                                        max_model_len=context, page_size=page))  # fmt: skip
+    h, cache = SparseHarness(llm), llm.engine.runner.cache
+    seq = h.begin(llm.tokenizer.encode(corpus_text())[:context], prompt_len=context - steps)
+    h.forward(seq, context - steps, logits="last")
+    errors: dict[str, list[float]] = {name: [] for name in schemes()}
+    for _ in range(steps):
+        qs = decode_step_queries(h, seq)
+        ctx, table = seq.num_cached, np.asarray(seq.page_table[: pages_for(seq.num_cached, page)])
+        for layer, q in enumerate(qs):
+            k, v = (np.asarray(llm.engine.runner.ops.to_numpy(a[layer]))[table] for a in (cache.k, cache.v))
+            hkv, d = k.shape[1], k.shape[3]
+            k, v = (a.transpose(1, 0, 2, 3).reshape(hkv, -1, d)[:, :ctx].astype(np.float64) for a in (k, v))
+            qg = q.reshape(hkv, -1, d).astype(np.float64)
+            ref = attention(qg, k, v)
+            for name, (fk, fv) in schemes().items():
+                out = attention(qg, np.stack([fk(x) for x in k]), np.stack([fv(x) for x in v]))
+                errors[name].append(float(np.linalg.norm(out - ref) / np.linalg.norm(ref)))
+    h.end(seq)
+    rows = {n: {"mean": float(np.mean(e)), "p90": float(np.percentile(e, 90)), "max": float(np.max(e))}
+            for n, e in errors.items()}  # fmt: skip
+    return {"model": str(llm.engine.model_dir), "context": context, "decode_steps": steps,
+            "layers": llm.engine.cfg.num_layers, "relative_error": rows}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--out", default=None, help="JSON results file")
+    args = ap.parse_args()
+    res = measure(args.model, args.context, args.steps)
+    print(f"context {res['context']}, {res['decode_steps']} decode steps x {res['layers']} layers: relative L2 "
+          "error of the attention output (mean / p90 / max)")  # fmt: skip
+    for name, r in res["relative_error"].items():
+        print(f"  {name:46s} {r['mean']:.4f} / {r['p90']:.4f} / {r['max']:.4f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
