@@ -4,7 +4,12 @@ formats (kv/quant.py) and candidate int4 layouts: asymmetric groups, and keys qu
 run of tokens (KIVI's layout; 16 tokens = one logical page of the selector, 64 = one page). Evidence for
 the int4 design (docs/KV_QUANT.md); it changes nothing in the engine.
 
-    python tools/kv_quant_error.py [--model DIR|FILE.gguf] [--context 2048] [--steps 4] [--out JSON]
+`--ppl`: teacher-forced perplexity instead, the text run in chunks of 16 tokens (one logical page) with each
+chunk's K/V replaced by its quantized-then-dequantized values once the chunk is computed: every scheme alike,
+a chunk attends to its own 16 tokens exactly (as the per-channel layout's fp16 tail would) and to every
+earlier one quantized.
+
+    python tools/kv_quant_error.py [--model DIR|FILE.gguf] [--context 2048] [--steps 4] [--ppl] [--out JSON]
 """
 
 from __future__ import annotations
@@ -104,13 +109,45 @@ def measure(model: str | None, context: int, steps: int, page: int = 64) -> dict
             "layers": llm.engine.cfg.num_layers, "relative_error": rows}  # fmt: skip
 
 
+def perplexity(model: str | None, context: int, names: list[str], chunk: int = 16, page: int = 64) -> dict:
+    """Teacher-forced perplexity of the text's first `context` tokens per scheme (see the module's `--ppl`)."""
+    llm = LLM(model, backend="cpu", config=EngineConfig(num_kv_pages=pages_for(context, page) + 2,
+                                                        max_model_len=context, page_size=page))  # fmt: skip
+    h, cache = SparseHarness(llm), llm.engine.runner.cache
+    ids = llm.tokenizer.encode(corpus_text())[:context]
+    out = {}
+    for name in names:
+        fk, fv = (lambda x: x, lambda x: x) if name == "exact" else schemes()[name]
+        seq, nll = h.begin(ids), []
+        for c in range(0, context, chunk):
+            logits = h.forward(seq, min(chunk, context - c)).astype(np.float64)
+            tgt = np.asarray(ids[c + 1 : c + 1 + len(logits)])
+            lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+            nll += list(lse[: len(tgt)] - logits[np.arange(len(tgt)), tgt])
+            page_id, at = seq.page_table[c // page], c % page
+            for layer in range(len(cache.k)):
+                for arr, f in ((cache.k[layer], fk), (cache.v[layer], fv)):
+                    rows = arr[page_id, :, at : at + len(logits)].astype(np.float64)  # [Hkv, chunk, D]
+                    arr[page_id, :, at : at + len(logits)] = np.stack([f(r) for r in rows])
+        h.end(seq)
+        out[name] = float(np.exp(np.mean(nll)))
+        print(f"  {name:46s} perplexity {out[name]:.3f}", flush=True)
+    return {"model": str(llm.engine.model_dir), "context": context, "chunk": chunk, "perplexity": out}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--ppl", action="store_true", help="teacher-forced perplexity per scheme instead")
     ap.add_argument("--out", default=None, help="JSON results file")
     args = ap.parse_args()
+    if args.ppl:
+        res = perplexity(args.model, args.context, ["exact", *schemes()])
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        return
     res = measure(args.model, args.context, args.steps)
     print(f"context {res['context']}, {res['decode_steps']} decode steps x {res['layers']} layers: relative L2 "
           "error of the attention output (mean / p90 / max)")  # fmt: skip
