@@ -245,9 +245,8 @@ def _rope_scaling(f: _Fields, rope: dict) -> dict | None:
 
 GROUP_REDUCE = ("max", "mass")  # the page selector's GQA group reductions (sparse/selector.py)
 ORACLE_REDUCE = "oracle"  # evaluation only: exact attention picks the pages (CPU backend, float KV)
-MASS_MAX_GROUP = (
-    32  # query heads per KV head that `mass` handles (kernels/page_select.cu keeps them in registers)
-)
+# query heads per KV head that `mass` handles (kernels/page_select.cu keeps them in registers)
+MASS_MAX_GROUP = 32
 
 
 @dataclass(frozen=True)
@@ -288,10 +287,9 @@ class SparseConfig:
             bad(f"token_budget must be a multiple of page_size and >= 2 pages, got {self.token_budget}")
         if self.select_interval < 1:
             bad(f"select_interval must be >= 1, got {self.select_interval}")
-        if self.group_reduce not in (*GROUP_REDUCE, ORACLE_REDUCE):
-            bad(
-                f"group_reduce must be one of {', '.join((*GROUP_REDUCE, ORACLE_REDUCE))}, got {self.group_reduce!r}"
-            )
+        reductions = (*GROUP_REDUCE, ORACLE_REDUCE)
+        if self.group_reduce not in reductions:
+            bad(f"group_reduce must be one of {', '.join(reductions)}, got {self.group_reduce!r}")
         return self
 
     def with_updates(self, **kw) -> SparseConfig:
