@@ -70,7 +70,7 @@ def main() -> None:
             apply_s.append(t2 - t1)
             steps += 1
     report = {
-        "model": str(resolve_model_dir(args.model)), "vocab": cfg.vocab_size, "reply_tokens": len(ids),
+        "model": Path(resolve_model_dir(args.model)).name, "vocab": cfg.vocab_size, "reply_tokens": len(ids),
         "tokens_timed": steps, "llguidance_tokenizer_build_ms": round(t_tok * 1e3, 1),
         "grammar_compile_ms_median": round(float(np.median(compile_s)) * 1e3, 2),
         "mask_and_consume_us_median": round(float(np.median(mask_s)) * 1e6, 1),

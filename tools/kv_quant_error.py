@@ -105,7 +105,7 @@ def measure(model: str | None, context: int, steps: int, page: int = 64) -> dict
     h.end(seq)
     rows = {n: {"mean": float(np.mean(e)), "p90": float(np.percentile(e, 90)), "max": float(np.max(e))}
             for n, e in errors.items()}  # fmt: skip
-    return {"model": str(llm.engine.model_dir), "context": context, "decode_steps": steps,
+    return {"model": Path(llm.engine.model_dir).name, "context": context, "decode_steps": steps,
             "layers": llm.engine.cfg.num_layers, "relative_error": rows}  # fmt: skip
 
 
@@ -132,7 +132,7 @@ def perplexity(model: str | None, context: int, names: list[str], chunk: int = 1
         h.end(seq)
         out[name] = float(np.exp(np.mean(nll)))
         print(f"  {name:46s} perplexity {out[name]:.3f}", flush=True)
-    return {"model": str(llm.engine.model_dir), "context": context, "chunk": chunk, "perplexity": out}
+    return {"model": Path(llm.engine.model_dir).name, "context": context, "chunk": chunk, "perplexity": out}
 
 
 def main() -> None:
