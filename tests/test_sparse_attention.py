@@ -184,9 +184,9 @@ def test_engine_streaming_heads_and_selection_run_and_free(tiny_llama, tmp_path,
     assert llm.engine.layout.has_streaming
     used = []  # the group reductions the CPU selector was asked for
 
-    def spy(*args):
+    def spy(*args, **kw):
         used.append(args[-1])
-        return choose_pages(*args)
+        return choose_pages(*args, **kw)
 
     monkeypatch.setattr(page_select_ref, "choose_pages", spy)
     outs = llm.generate(prompts, params)

@@ -121,12 +121,17 @@ def choose_pages(
     keep: int,
     page_size: int,
     group_reduce: str = "max",
+    keys: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Logical pages [Hkv, min(keep, P)] one sequence's dense heads keep (all of them if P <= keep)."""
+    """Logical pages [Hkv, min(keep, P)] one sequence's dense heads keep (all of them if P <= keep).
+    `keys` (the dense heads' pool [num_pages, Hkv, page_size, D]) is read by "oracle" only."""
     n_pages = pages_for(ctx_len, page_size)
     if n_pages <= keep:
         return np.broadcast_to(np.arange(n_pages, dtype=np.int32), (kmax.shape[1], n_pages)).copy()
-    scores = page_scores(q, kmax, kmin, page_table, ctx_len, group_size, page_size, group_reduce)
+    if group_reduce == "oracle":
+        scores = exact_page_scores(q, keys, page_table, ctx_len, group_size)
+    else:
+        scores = page_scores(q, kmax, kmin, page_table, ctx_len, group_size, page_size, group_reduce)
     return top_pages(scores, keep)
 
 

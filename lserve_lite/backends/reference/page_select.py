@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...sparse.plan import AttentionPlan
-from ...sparse.selector import choose_pages, exact_page_scores, top_pages
+from ...sparse.selector import choose_pages
 
 
 def select_pages_ref(
@@ -30,16 +30,10 @@ def select_pages_ref(
         table, _ = plan.pages(qb, 0)
         qh = q[plan.qb_start[qb]].reshape(hkv, group, -1)[dense].reshape(dense.size * group, -1)
         st_max, st_min = kmax[:, head_slot[dense]], kmin[:, head_slot[dense]]
-        if plan.group_reduce == "oracle":
-            n_pages = -(-ctx // plan.page_size)
-            scores = exact_page_scores(qh, k[:, head_slot[dense]], table, ctx, group)
-            chosen = (
-                top_pages(scores, keep) if n_pages > keep else np.tile(np.arange(n_pages), (dense.size, 1))
-            )
-        else:
-            chosen = choose_pages(
-                qh, st_max, st_min, table, ctx, group, keep, plan.page_size, plan.group_reduce
-            )
+        keys = k[:, head_slot[dense]] if plan.group_reduce == "oracle" else None  # no copy for the others
+        chosen = choose_pages(
+            qh, st_max, st_min, table, ctx, group, keep, plan.page_size, plan.group_reduce, keys=keys
+        )
         slot = int(plan.qb_slot[qb])
         sel_idx[slot, dense, : chosen.shape[1]] = chosen
         sel_cnt[slot, dense] = chosen.shape[1]
