@@ -97,6 +97,11 @@ def run_doc(llm: LLM, prompts: list[list[int]], params: SamplingParams, arrival:
             "prompt_tokens_cached": eng.scheduler.prompt_tokens_cached - cached0}  # fmt: skip
 
 
+def equal_count(a: list, b: list) -> str:
+    """How many of two runs' outputs are equal, as "equal/total"."""
+    return f"{sum(x == y for x, y in zip(a, b))}/{len(a)}"
+
+
 def bench_doc(args) -> dict:
     sparse = SparseConfig(enabled=args.sparse, pattern_path=args.pattern)
     res = {"scenario": "doc", "model": args.model or "default", "backend": args.backend, "requests": args.requests,
@@ -119,12 +124,11 @@ def bench_doc(args) -> dict:
             res["control"] = run_doc(llm, prompts, params, other) | {"arrival": other}
         del llm
     w, wo = res["with_cache"], res["without_cache"]
-    same = [a == b for a, b in zip(w["outputs"], wo["outputs"])]  # both kept: runs can be compared later
-    res["outputs_equal"] = all(same)  # greedy: the cache must not change them (up to rounding, see docs)
-    res["outputs_equal_count"] = f"{sum(same)}/{len(same)}"
+    same = equal_count(w["outputs"], wo["outputs"])  # both kept in the JSON: runs can be compared later
+    res["outputs_equal"] = w["outputs"] == wo["outputs"]  # greedy: the cache must not change them
+    res["outputs_equal_count"] = same
     if args.control:  # without the cache both times: what batch composition alone changes
-        same = [a == b for a, b in zip(wo["outputs"], res["control"]["outputs"])]
-        res["control_outputs_equal_count"] = f"{sum(same)}/{len(same)}"
+        res["control_outputs_equal_count"] = equal_count(wo["outputs"], res["control"]["outputs"])
     res["computed_ratio"] = wo["prompt_tokens_computed"] / max(1, w["prompt_tokens_computed"])
     res["speedup"] = wo["wall_s"] / w["wall_s"]
     return res

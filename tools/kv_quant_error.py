@@ -89,7 +89,8 @@ def measure(model: str | None, context: int, steps: int, page: int = 64) -> dict
     h, cache = SparseHarness(llm), llm.engine.runner.cache
     seq = h.begin(llm.tokenizer.encode(corpus_text())[:context], prompt_len=context - steps)
     h.forward(seq, context - steps, logits="last")
-    errors: dict[str, list[float]] = {name: [] for name in schemes()}
+    quantizers = schemes()
+    errors: dict[str, list[float]] = {name: [] for name in quantizers}
     for _ in range(steps):
         qs = decode_step_queries(h, seq)
         ctx, table = seq.num_cached, np.asarray(seq.page_table[: pages_for(seq.num_cached, page)])
@@ -99,7 +100,7 @@ def measure(model: str | None, context: int, steps: int, page: int = 64) -> dict
             k, v = (a.transpose(1, 0, 2, 3).reshape(hkv, -1, d)[:, :ctx].astype(np.float64) for a in (k, v))
             qg = q.reshape(hkv, -1, d).astype(np.float64)
             ref = attention(qg, k, v)
-            for name, (fk, fv) in schemes().items():
+            for name, (fk, fv) in quantizers.items():
                 out = attention(qg, np.stack([fk(x) for x in k]), np.stack([fv(x) for x in v]))
                 errors[name].append(float(np.linalg.norm(out - ref) / np.linalg.norm(ref)))
     h.end(seq)
@@ -115,9 +116,9 @@ def perplexity(model: str | None, context: int, names: list[str], chunk: int = 1
                                                         max_model_len=context, page_size=page))  # fmt: skip
     h, cache = SparseHarness(llm), llm.engine.runner.cache
     ids = llm.tokenizer.encode(corpus_text())[:context]
-    out = {}
+    out, quantizers = {}, schemes()
     for name in names:
-        fk, fv = (lambda x: x, lambda x: x) if name == "exact" else schemes()[name]
+        fk, fv = (lambda x: x, lambda x: x) if name == "exact" else quantizers[name]
         seq, nll = h.begin(ids), []
         for c in range(0, context, chunk):
             logits = h.forward(seq, min(chunk, context - c)).astype(np.float64)
