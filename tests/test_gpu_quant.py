@@ -1,7 +1,7 @@
-"""Quantized weights on the GPU (kernels/quant_gemv.cu through backends/cuda_quant.py).
+"""Quantized weights on the GPU (kernels/quant_gemv.cu and quant_gemv_split.cu through backends/cuda_quant.py).
 
 gpu-marked (skipped without a GPU): the harness rows (`lserve-lite kernels test quant_gemv quant_prefill
-quant_rowstack quant_embed`; float64 references from gguf.quants.dequantize), a random Llama quantized with
+quant_rowstack quant_split_rowstack quant_embed`; float64 references from gguf.quants.dequantize), a random Llama quantized with
 int8 / int4 through the CUDA engine (eager and CUDA Graphs) against the CPU engine on the same weights
 dequantized to float32, GGUF files of every type, and SmolLM2's Q4_1 GGUF ($LSERVE_SMOLLM2_GGUF) against the
 CPU backend on the same file. Unmarked: the host-side bookkeeping (kernel names, packed byte counts).
@@ -126,28 +126,44 @@ def test_smollm2_q4_1_gguf_on_the_gpu():
 
 
 def test_kernel_names_cover_every_format_and_row_count():
-    from lserve_lite.backends.cuda_quant import GEMV_ROWS, GEMV_VARIANTS, QUANT_KERNELS, kernel_names
+    from lserve_lite.backends.cuda_quant import (
+        GEMV_ROWS,
+        GEMV_VARIANTS,
+        QUANT_KERNELS,
+        SPLIT_KERNELS,
+        SPLIT_R,
+        kernel_names,
+    )
+    from lserve_lite.backends.quant_split import SPLIT_FORMATS
 
     assert len(QUANT_KERNELS) == len(LAYOUTS) * (2 * len(GEMV_VARIANTS) * len(GEMV_ROWS) + 1)
+    assert len(SPLIT_KERNELS) == len(SPLIT_FORMATS) * (3 * len(SPLIT_R) * len(GEMV_ROWS) + 1)
     names = kernel_names("q4_k")
     assert "quant_gemv<Q4_K, 8, float>" in names and "quant_gemv2<Q4_K, 8, float>" in names
+    assert not any("split" in n for n in names)
     assert "quant_dequant<INT4>" in kernel_names("int4")
+    assert "quant_gemv_split<SQ4_1, 4, 8, 1, __half>" in kernel_names("q4_1", ("split",))
+    assert "quant_gemv_split<SQ4_1, 4, 8, 2, float>" in kernel_names("q4_1", ("split",))
+    assert kernel_names("int8", ("split",))[-1] == "quant_dequant_split<SINT8>"
 
 
 def test_gemv_variant_from_the_environment(monkeypatch):
-    from lserve_lite.backends.cuda_quant import gemv_variant, pick_variant
+    from lserve_lite.backends.cuda_quant import gemv_variant, pick_variant, split_rows
 
     monkeypatch.delenv("LSERVE_QGEMV", raising=False)
-    assert gemv_variant() == "v1"
+    assert gemv_variant() == "auto"
     monkeypatch.setenv("LSERVE_QGEMV", "v2")
     assert gemv_variant() == "v2"
     monkeypatch.setenv("LSERVE_QGEMV", "bogus")
     with pytest.raises(ValueError, match="LSERVE_QGEMV"):
         gemv_variant()
-    monkeypatch.setenv("LSERVE_QGEMV", "auto")
-    assert gemv_variant() == "auto"
-    assert pick_variant("auto", "q4_0", 1) == "v2" and pick_variant("auto", "q4_0", 2) == "v1"
+    monkeypatch.setenv("LSERVE_QGEMV", "v1")
+    assert gemv_variant() == "v1"
+    assert pick_variant("auto", "q4_0", 1) == "split" and pick_variant("auto", "int8", 8) == "split"
+    assert pick_variant("auto", "q6_k", 1) == "v2" and pick_variant("auto", "q6_k", 2) == "v1"
     assert pick_variant("auto", "q4_k", 1) == "v1" and pick_variant("v2", "q4_k", 8) == "v2"
+    assert pick_variant("v1", "q4_1", 1) == "v1"
+    assert split_rows(576) == 1 and split_rows(4224) == 2 and split_rows(128256) == 4
 
 
 def test_device_weights_count_packed_bytes():
@@ -161,6 +177,11 @@ def test_device_weights_count_packed_bytes():
     assert stored_bytes(f, 4) == f.nbytes
     dq = DeviceQuant("int8", q.shape, data=None)
     assert dq.row_bytes == 66 and dq.nbytes == q.nbytes
+    from lserve_lite.backends.quant_split import SPLIT_FORMATS, split
+
+    s = split(q)  # the split layout reads the same bytes: integers, then one fp16 scale per row
+    sq = DeviceQuant("int8", q.shape, s.q, SPLIT_FORMATS["int8"], s.d)
+    assert sq.row_bytes == 64 and sq.nbytes == q.nbytes
     assert DeviceRowStack((dq, f)).shape == (9, 64)
 
 

@@ -18,13 +18,14 @@ ARCHS = ("sm_80", "sm_90")
 def _builds() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
     """kernels/<file> -> (name expressions, extra options), as the launchers use them."""
     from lserve_lite.backends.cuda import LAYER_KERNELS
-    from lserve_lite.backends.cuda_quant import QUANT_KERNELS, QUANT_SOURCE
+    from lserve_lite.backends.cuda_quant import QUANT_KERNELS, QUANT_SOURCE, SPLIT_KERNELS, SPLIT_SOURCE
     from lserve_lite.backends.cuda_sampling import SAMPLING_KERNELS
 
     builds = {
         "layers.cu": (LAYER_KERNELS, ()),
         "sampling.cu": (SAMPLING_KERNELS, ()),
         QUANT_SOURCE: (QUANT_KERNELS, ()),
+        SPLIT_SOURCE: (SPLIT_KERNELS, ()),
     }
     try:
         from lserve_lite.backends import cuda_attention as att

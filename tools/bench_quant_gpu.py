@@ -1,8 +1,9 @@
-"""Speed of the quantized-weight kernels (kernels/quant_gemv.cu) at Llama-3-8B shapes, against the copy bandwidth.
+"""Speed of the quantized-weight kernels (kernels/quant_gemv*.cu) at Llama-3-8B shapes, against the copy bandwidth.
 
 Per format (q8_0, q4_0, q4_1, q4_k, q6_k, int8, int4) and shape (4096x4096 attention output, 28672x4096 fused
 gate/up, 4096x14336 down, 128256x4096 lm_head), batch 1 and 8, for each decode GEMV kernel (path "gemv v1":
-quant_gemv, the default; "gemv v2": quant_gemv2, LSERVE_QGEMV=v2): the decode GEMV's time, its effective
+quant_gemv; "gemv v2": quant_gemv2; "gemv split": quant_gemv_split on the split layout, the default of its
+formats, with the engine's rows per warp or `--split-r`'s): the decode GEMV's time, its effective
 bandwidth on the packed bytes (bytes / time), and the bandwidth of a device-to-device copy of the same
 bytes in the same run (read + written bytes / time, as tools/bench_e2e.copy_bandwidth), so `x copy` = the
 GEMV's bytes/s over the copy's (1.0 = the GEMV streams its weights as fast as a copy moves data). Beside it,
@@ -37,22 +38,34 @@ ROTATE_BYTES = 256 << 20
 F16_FIELDS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q4_k": (0, 2), "q6_k": (208,), "int4": (0,)}
 
 
-def random_device_quant(ops, fmt: str, m: int, k: int, seed: int = 0):
+def random_device_quant(ops, fmt: str, m: int, k: int, seed: int = 0, split: bool = False):
     """A DeviceQuant of random packed bytes (never all zeros) whose fp16 fields hold finite scales of about
-    1 / (sqrt(k) * qmax), so that activations through many layers stay in range; made on the GPU, with `ops`'s
-    prefill scratch grown for it as an upload would."""
+    1 / (sqrt(k) * qmax), so that activations through many layers stay in range; made on the GPU (in the
+    split layout if `split`), prepared as an upload would (kernels, shared memory, prefill scratch)."""
     import cupy as cp
 
     from lserve_lite.backends.cuda_quant import PAD, DeviceQuant
+    from lserve_lite.backends.quant_split import SPLIT_FORMATS
     from lserve_lite.weights.qtensor import LAYOUTS
 
     lay = LAYOUTS[fmt]
-    rb = lay.row_bytes(k)
     rs = cp.random.RandomState(seed)
-    data = rs.randint(0, 256, size=m * rb + PAD, dtype=cp.uint8)
     qmax = 127 if fmt in ("q8_0", "int8", "q6_k") else 15
-    scale = rs.uniform(0.5, 1.0, size=(m, max(1, k // lay.block)), dtype=cp.float32) / (math.sqrt(k) * qmax)
-    bits = scale.astype(cp.float16).view(cp.uint8).reshape(m, -1, 2)
+
+    def scales(groups: int):
+        s = rs.uniform(0.5, 1.0, size=(m, groups), dtype=cp.float32) / (math.sqrt(k) * qmax)
+        return s.astype(cp.float16)
+
+    if split:
+        f = SPLIT_FORMATS[fmt]
+        q = rs.randint(0, 256, size=m * k * f.bits // 8 + PAD, dtype=cp.uint8)
+        d = scales(f.groups(k))
+        dq = DeviceQuant(fmt, (m, k), q, f, d, scales(f.groups(k)) if f.has_min else None)
+        ops.quant.prepare(dq)
+        return dq
+    rb = lay.row_bytes(k)
+    data = rs.randint(0, 256, size=m * rb + PAD, dtype=cp.uint8)
+    bits = scales(max(1, k // lay.block)).view(cp.uint8).reshape(m, -1, 2)
     rows = data[: m * rb].reshape(m, rb)
     if fmt == "int8":
         rows[:, 0:2] = bits[:, 0]
@@ -60,8 +73,9 @@ def random_device_quant(ops, fmt: str, m: int, k: int, seed: int = 0):
         blocks = rows.reshape(m, k // lay.block, lay.block_bytes)
         for off in F16_FIELDS[fmt]:
             blocks[..., off : off + 2] = bits
-    ops.quant.reserve(m, k)
-    return DeviceQuant(fmt, (m, k), data)
+    dq = DeviceQuant(fmt, (m, k), data)
+    ops.quant.prepare(dq)
+    return dq
 
 
 def graph_time(calls: list, reps: int = 20) -> float:
@@ -94,39 +108,55 @@ def copies_for(nbytes: int) -> int:
     return int(min(32, max(2, math.ceil(ROTATE_BYTES / nbytes))))
 
 
-def bench_shape(
-    ops, fmt: str, name: str, m: int, k: int, batches, prefill_rows: int, emit, variants=("v1", "v2")
-) -> None:
+def copy_bandwidth(bufs: list, nbytes: int) -> float:
+    """Bytes/s (read + written) of device-to-device copies of `nbytes` of each buffer in turn."""
     import cupy as cp
 
-    from lserve_lite.weights.qtensor import LAYOUTS
-
-    ws = [
-        random_device_quant(ops, fmt, m, k, seed=i) for i in range(copies_for(m * LAYOUTS[fmt].row_bytes(k)))
-    ]
-    nbytes = ws[0].nbytes
     dst = cp.empty(nbytes, cp.uint8)
-    stream_ptr = lambda: cp.cuda.get_current_stream().ptr  # noqa: E731
-    copy = [lambda w=w: cp.cuda.runtime.memcpyAsync(dst.data.ptr, w.data.data.ptr, nbytes, 3, stream_ptr())
-            for w in ws]  # fmt: skip
-    t_copy = graph_time(copy)
-    copy_bw = 2 * nbytes / t_copy
-    saved = ops.quant.gemv_variant
-    for n in batches:
-        x = cp.random.standard_normal((n, k), dtype=cp.float32).astype(cp.float16)
-        y = cp.empty((n, m), cp.float16)
-        for v in variants:  # the decode GEMV kernels: v1 quant_gemv, v2 quant_gemv2 (LSERVE_QGEMV)
-            ops.quant.gemv_variant = v
-            t = graph_time([lambda w=w, x=x, y=y: ops.gemm(x, w, cp.float16, out=y) for w in ws])
-            emit(dict(format=fmt, shape=name, M=m, K=k, batch=n, path=f"gemv {v}", us=t * 1e6, packed_bytes=nbytes,
-                      GBps=nbytes / t / 1e9, copy_GBps=copy_bw / 1e9, x_copy=nbytes / t / copy_bw))  # fmt: skip
-    ops.quant.gemv_variant = saved
-    if prefill_rows:
-        x = cp.random.standard_normal((prefill_rows, k), dtype=cp.float32).astype(cp.float16)
-        y = cp.empty((prefill_rows, m), cp.float16)
-        t = graph_time([lambda: ops.gemm(x, ws[0], cp.float16, out=y)], reps=5)
-        emit(dict(format=fmt, shape=name, M=m, K=k, batch=prefill_rows, path="dequant+cublas", us=t * 1e6,
-                  packed_bytes=nbytes, TFLOPs=2 * prefill_rows * m * k / t / 1e12))  # fmt: skip
+    copy = [lambda b=b: cp.cuda.runtime.memcpyAsync(dst.data.ptr, b.data.ptr, nbytes, 3,
+                                                    cp.cuda.get_current_stream().ptr)
+            for b in bufs]  # fmt: skip
+    return 2 * nbytes / graph_time(copy)
+
+
+def bench_shape(
+    ops, fmt: str, name: str, m: int, k: int, batches, prefill_rows: int, emit, variants=("v1", "v2", "split"),
+    split_r=(None,),
+) -> None:  # fmt: skip
+    import cupy as cp
+
+    from lserve_lite.backends.cuda_quant import PAD
+    from lserve_lite.backends.quant_split import SPLIT_FORMATS
+
+    variants = [v for v in variants if v != "split" or fmt in SPLIT_FORMATS]
+    saved = ops.quant.gemv_variant, ops.quant.split_r
+    for layout in sorted({v == "split" for v in variants}):
+        probe = random_device_quant(ops, fmt, m, k, split=layout)
+        copies = copies_for(probe.nbytes)
+        ws = [probe] + [random_device_quant(ops, fmt, m, k, seed=i, split=layout) for i in range(1, copies)]
+        nbytes = ws[0].nbytes
+        copy_bw = copy_bandwidth([w.data for w in ws], int(ws[0].data.nbytes) - PAD)  # the integers' bytes
+        for n in batches:
+            x = cp.random.standard_normal((n, k), dtype=cp.float32).astype(cp.float16)
+            y = cp.empty((n, m), cp.float16)
+            for v in (v for v in variants if (v == "split") == layout):
+                ops.quant.gemv_variant = "auto" if v == "split" else v
+                for r in split_r if v == "split" else (None,):
+                    ops.quant.split_r = r
+                    t = graph_time([lambda w=w, x=x, y=y: ops.gemm(x, w, cp.float16, out=y) for w in ws])
+                    path = f"gemv {v}" + (f" R{r}" if r else "")
+                    emit(dict(format=fmt, shape=name, M=m, K=k, batch=n, path=path, us=t * 1e6, packed_bytes=nbytes,
+                              GBps=nbytes / t / 1e9, copy_GBps=copy_bw / 1e9, x_copy=nbytes / t / copy_bw))  # fmt: skip
+        ops.quant.gemv_variant, ops.quant.split_r = saved
+        if prefill_rows:
+            x = cp.random.standard_normal((prefill_rows, k), dtype=cp.float32).astype(cp.float16)
+            y = cp.empty((prefill_rows, m), cp.float16)
+            t = graph_time([lambda w=ws[0], x=x, y=y: ops.gemm(x, w, cp.float16, out=y)], reps=5)
+            path = "dequant-split+cublas" if layout else "dequant+cublas"
+            emit(dict(format=fmt, shape=name, M=m, K=k, batch=prefill_rows, path=path,
+                      us=t * 1e6, packed_bytes=nbytes, TFLOPs=2 * prefill_rows * m * k / t / 1e12))  # fmt: skip
+        del ws, probe
+        cp.get_default_memory_pool().free_all_blocks()
 
 
 def bench_fp16(ops, name: str, m: int, k: int, batches, prefill_rows: int, emit) -> None:
@@ -166,10 +196,14 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--variants",
         nargs="+",
-        choices=("v1", "v2"),
-        default=["v1", "v2"],
-        help="decode GEMV kernels to time (v1 quant_gemv, v2 quant_gemv2; LSERVE_QGEMV picks the engine's)",
+        choices=("v1", "v2", "split"),
+        default=["v1", "v2", "split"],
+        help="decode GEMV kernels to time (v1 quant_gemv, v2 quant_gemv2, split quant_gemv_split)",
     )
+    ap.add_argument(
+        "--split-r", type=int, nargs="+", choices=(1, 2, 4), help="rows per warp of the split GEMV to time "
+        "(default: the engine's choice for each shape)",
+    )  # fmt: skip
     ap.add_argument(
         "--prefill-rows", type=int, default=0, help="also time the prefill path at this many rows"
     )
@@ -202,7 +236,8 @@ def main(argv=None) -> int:
         m, k = SHAPES[name]
         bench_fp16(ops, name, m, k, args.batches, args.prefill_rows, emit)
         for fmt in args.formats:
-            bench_shape(ops, fmt, name, m, k, args.batches, args.prefill_rows, emit, args.variants)
+            bench_shape(ops, fmt, name, m, k, args.batches, args.prefill_rows, emit, args.variants,
+                        tuple(args.split_r or (None,)))  # fmt: skip
             cp.get_default_memory_pool().free_all_blocks()
     return 0
 

@@ -4,6 +4,9 @@
 //   quant_host_emu gemv FMT n M K ldy W X Y     y[n, ldy] (float) = x[n, K] (fp16) @ W^T through quant_gemv
 //   quant_host_emu gemv2 FMT n M K ldy W X Y    the same through quant_gemv2 (LSERVE_QGEMV=v2)
 //   quant_host_emu dequant FMT M K n W IDS OUT  out[n, K] (fp16) = rows IDS (int64) of W through quant_dequant
+// and of kernels/quant_gemv_split.cu (the split layout's arrays Q D MN as written by quant_split.split):
+//   quant_host_emu split FMT n M K ldy R P Q D MN X Y   y through quant_gemv_split: R rows per warp, P passes
+//   quant_host_emu dsplit FMT M K n Q D MN IDS OUT      rows IDS through quant_dequant_split
 #include <cuda_fp16.h>
 #include <pthread.h>
 
@@ -62,6 +65,21 @@ static float emu_uint_as_float(unsigned u) {
 #define __funnelshift_r emu_funnelshift_r
 #define __uint_as_float emu_uint_as_float
 #include "quant_gemv.cu"
+
+// quant_gemv_split.cu: a block barrier for __syncthreads, its dynamic shared memory as one global array (the
+// emulator runs one block at a time), host dp4a and rounding.
+pthread_barrier_t emu_block_bar;
+#define __syncthreads() pthread_barrier_wait(&emu_block_bar)
+static int emu_dp4a(int a, int b, int c) {
+  for (int i = 0; i < 4; ++i) c += (int)(signed char)(a >> (8 * i)) * (int)(signed char)(b >> (8 * i));
+  return c;
+}
+#define __dp4a emu_dp4a
+#define __float2int_rn(f) ((int)nearbyintf(f))
+#undef __shared__
+#define __shared__
+#include "quant_gemv_split.cu"
+int4 smem[1 << 15];
 
 template <typename T>
 static T* read_file(const char* path, size_t count, size_t pad) {
@@ -126,6 +144,76 @@ static void dequant(int M, int K, int n, char** a) {
   fclose(f);
 }
 
+template <typename S, int R, int NMAX, int P>
+static void gemv_split(int n, int M, int K, int ldy, char** a) {
+  const int groups = S::CPG ? K / (32 * S::CPG) : 1;
+  const u8* q = read_file<u8>(a[0], (size_t)M * K * S::BITS / 8, 16);
+  const __half* d = read_file<__half>(a[1], (size_t)M * groups, 16);
+  const __half* mn = S::MIN ? read_file<__half>(a[2], (size_t)M * groups, 16) : d;
+  const __half* x = read_file<__half>(a[3], (size_t)n * K, 0);
+  std::vector<float> y((size_t)n * ldy, 12345.f);
+  for (int i = 0; i < SWARPS; ++i) pthread_barrier_init(&emu_warp_bar[i], nullptr, 32);
+  pthread_barrier_init(&emu_block_bar, nullptr, SWARPS * 32);
+  emu_block_dim = {SWARPS * 32, 1, 1};
+  for (int b = 0; b < (M + SWARPS * R - 1) / (SWARPS * R); ++b) {
+    std::vector<std::thread> threads;
+    for (int t = 0; t < SWARPS * 32; ++t)
+      threads.emplace_back([=, &y] {
+        emu_thread = {(unsigned)t, 0, 0};
+        emu_block = {(unsigned)b, 0, 0};
+        quant_gemv_split<S, R, NMAX, P, float>(q, d, mn, x, n, y.data(), ldy, M, K);
+      });
+    for (auto& t : threads) t.join();
+  }
+  FILE* f = fopen(a[4], "wb");
+  fwrite(y.data(), 4, y.size(), f);
+  fclose(f);
+}
+
+template <typename S, int R, int P>
+static void gemv_split_n(int n, int M, int K, int ldy, char** a) {
+  if (n <= 1) return gemv_split<S, R, 1, P>(n, M, K, ldy, a);
+  if (n <= 2) return gemv_split<S, R, 2, P>(n, M, K, ldy, a);
+  if (n <= 4) return gemv_split<S, R, 4, P>(n, M, K, ldy, a);
+  gemv_split<S, R, 8, P>(n, M, K, ldy, a);
+}
+
+template <typename S, int R>
+static void gemv_split_p(int n, int M, int K, int ldy, int P, char** a) {
+  if (P == 2) return gemv_split_n<S, R, 2>(n, M, K, ldy, a);
+  gemv_split_n<S, R, 1>(n, M, K, ldy, a);
+}
+
+template <typename S>
+static void dequant_split(int M, int K, int n, char** a) {
+  const int groups = S::CPG ? K / (32 * S::CPG) : 1;
+  const u8* q = read_file<u8>(a[0], (size_t)M * K * S::BITS / 8, 16);
+  const __half* d = read_file<__half>(a[1], (size_t)M * groups, 16);
+  const __half* mn = S::MIN ? read_file<__half>(a[2], (size_t)M * groups, 16) : d;
+  const long long* rows = read_file<long long>(a[3], n, 0);
+  __half* out = (__half*)aligned_alloc(256, ((size_t)n * K * 2 + 255) / 256 * 256);
+  const long long total = (long long)n * (K / 8);
+  emu_block_dim = {256, 1, 1};
+  for (long long g = 0; g < (total + 255) / 256; ++g)
+    for (unsigned t = 0; t < 256; ++t) {
+      emu_block = {(unsigned)g, 0, 0};
+      emu_thread = {t, 0, 0};
+      quant_dequant_split<S>(q, d, mn, rows, 0, n, K, out);
+    }
+  FILE* f = fopen(a[4], "wb");
+  fwrite(out, 2, (size_t)n * K, f);
+  fclose(f);
+}
+
+template <typename S>
+static void run_split(const std::string& mode, char** v) {
+  if (mode == "dsplit") return dequant_split<S>(atoi(v[0]), atoi(v[1]), atoi(v[2]), v + 3);
+  const int n = atoi(v[0]), M = atoi(v[1]), K = atoi(v[2]), ldy = atoi(v[3]), R = atoi(v[4]), P = atoi(v[5]);
+  if (R == 1) return gemv_split_p<S, 1>(n, M, K, ldy, P, v + 6);
+  if (R == 2) return gemv_split_p<S, 2>(n, M, K, ldy, P, v + 6);
+  gemv_split_p<S, 4>(n, M, K, ldy, P, v + 6);
+}
+
 template <typename F>
 static void run(const std::string& mode, char** v) {
   if (mode == "dequant") return dequant<F>(atoi(v[0]), atoi(v[1]), atoi(v[2]), v + 3);
@@ -138,6 +226,15 @@ int main(int argc, char** argv) {
   if (argc < 4) return 2;
   const std::string mode = argv[1], fmt = argv[2];
   char** v = argv + 3;
+  if (mode == "split" || mode == "dsplit") {
+    if (fmt == "q8_0") run_split<SQ8_0>(mode, v);
+    else if (fmt == "q4_0") run_split<SQ4_0>(mode, v);
+    else if (fmt == "q4_1") run_split<SQ4_1>(mode, v);
+    else if (fmt == "int8") run_split<SINT8>(mode, v);
+    else if (fmt == "int4") run_split<SINT4>(mode, v);
+    else return 2;
+    return 0;
+  }
   if (fmt == "q8_0") run<Q8_0>(mode, v);
   else if (fmt == "q4_0") run<Q4_0>(mode, v);
   else if (fmt == "q4_1") run<Q4_1>(mode, v);

@@ -436,8 +436,18 @@ class CudaOps:
         return o.reshape(q.shape[0], -1)
 
     def logits(self, h, lm_head, out=None):
-        """float32 logits (float16 inputs, float32 accumulation and output). A quantized head needs no second
-        pass as on the CPU (cpu_quant.logits_q): the activations stay float16, not int8."""
+        """float32 logits (float16 inputs, float32 accumulation and output). A quantized head's decode GEMV
+        rounds the activations to int8 in two passes (x, then its residual), as the CPU's cpu_quant.logits_q:
+        the top two logits are often < 0.5% apart."""
+        if isinstance(lm_head, (DeviceQuant, DeviceRowStack)):
+            h = self.cp.ascontiguousarray(h)
+            out = (
+                self.cp.empty((int(h.shape[0]), int(lm_head.shape[0])), self.cp.float32)
+                if out is None
+                else out
+            )
+            self.quant.gemm(h, lm_head, out, precise=True)
+            return out
         return self.gemm(h, lm_head, self.cp.float32, out=out)
 
     def sample(self, logits, seqs: list) -> list[int]:

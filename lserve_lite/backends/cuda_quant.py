@@ -1,18 +1,18 @@
-"""Quantized weights on the GPU: their packed blocks uploaded as they are (`DeviceQuant`, no float copy), the
-decode GEMV that reads them and the prefill path, through kernels/quant_gemv.cu.
+"""Quantized weights on the GPU: their packed blocks uploaded without a float copy (`DeviceQuant`), the decode
+GEMV that reads them and the prefill path, through kernels/quant_gemv_split.cu and kernels/quant_gemv.cu.
 
-- Decode, n <= GEMV_MAX_ROWS rows of x: `quant_gemv`, one warp per output row streaming the packed row
-  through shared memory with 16-byte loads; fp16 activations times exactly dequantized weights, float32
-  accumulation (no int8 activations: the same numerics as the fp16-weight path). `LSERVE_QGEMV=v2` (or
-  `QuantKernels.gemv_variant = "v2"`) selects `quant_gemv2` instead (`auto`: v2 at batch 1 for the formats
-  where the H200 measured it faster, `AUTO_V2_BATCH1`): no shared memory, each lane reading its
-  own units of the row straight from global memory with several loads in flight, the block scale applied
-  once per 8-value group; same float32 numerics (fp16 x, exact integer products). v1 stays the default
-  until v2 is measured on a GPU.
-- Prefill, more rows: `quant_dequant` writes a tile of rows as fp16 into one scratch buffer of at most
-  TILE_BYTES, then cuBLAS multiplies it into the output's columns (Cublas.gemm_nt); tile after tile.
-- A quantized embedding table: `quant_dequant` with the token ids as rows (only those rows are decoded,
-  as the CPU's embed_q does).
+- The 32-value block formats (q8_0, q4_0, q4_1, int8, int4: backends/quant_split.py) are repacked at upload
+  into the "split" layout (integers, scales and additive terms in separate aligned arrays; lossless) and
+  decode through `quant_gemv_split`: int8 activations per 32 values (llama.cpp's scheme, as the CPU backend's
+  decode) and dp4a integer dot products, R output rows per warp. `LSERVE_QGEMV=v1|v2` keeps their blocks as
+  stored and runs the float kernels below instead.
+- q4_k / q6_k (and every format under v1 / v2): `quant_gemv` (v1), one warp per output row streaming the
+  packed row through shared memory, or `quant_gemv2` (v2; `auto`: v2 at batch 1 where the H200 measured it
+  faster, `AUTO_V2_BATCH1`), each lane reading its own units of the row; both multiply fp16 activations by
+  exactly dequantized weights in float32.
+- Prefill, more than GEMV_MAX_ROWS rows: a dequantize kernel writes a tile of rows as fp16 into one scratch
+  buffer of at most TILE_BYTES, then cuBLAS multiplies it into the output's columns (Cublas.gemm_nt).
+- A quantized embedding table: the dequantize kernel with the token ids as rows.
 The scratch is allocated when weights are uploaded, never during a step, so all of this runs inside the
 decode CUDA Graphs (cuda_graphs.py); nothing here synchronizes with the host.
 Reference: QuantTensor.dequantize (weights/qtensor.py, checked against gguf.quants.dequantize) times x.
@@ -28,17 +28,24 @@ import numpy as np
 
 from ..weights.qtensor import FORMATS, LAYOUTS, QuantTensor, RowStack
 from .cuda_compile import load_module
+from .quant_split import SPLIT_FORMATS, SplitFormat, split
 
 QUANT_SOURCE = "quant_gemv.cu"
+SPLIT_SOURCE = "quant_gemv_split.cu"
 GEMV_ROWS = (1, 2, 4, 8)  # the kernel's NMAX instantiations: n rows run in the smallest NMAX >= n
 GEMV_MAX_ROWS = GEMV_ROWS[-1]
 GEMV_WARPS = 4  # output rows per block: QWARPS in quant_gemv.cu
 GEMV2_WARPS = 8  # output rows per block of quant_gemv2: QWARPS2
 GEMV_VARIANTS = {"v1": ("quant_gemv", GEMV_WARPS), "v2": ("quant_gemv2", GEMV2_WARPS)}
-# LSERVE_QGEMV=auto: v2 where the H200 measured it faster than v1 (2026-12-02, tools/bench_quant_gpu.py at
-# 4096x4096, 4096x14336, 128256x4096: +0-29% at batch 1), v1 elsewhere (q4_k and int8 at batch 1, every
-# format at batch 8, where v2 was slower; batch 2-4 was not measured)
+SETTINGS = (*GEMV_VARIANTS, "auto")
+# LSERVE_QGEMV=auto (the default) for q4_k / q6_k: v2 where the H200 measured it faster than v1 (2026-12-02,
+# tools/bench_quant_gpu.py at 4096x4096, 4096x14336, 128256x4096: +0-29% at batch 1), v1 elsewhere (q4_k at
+# batch 1, every format at batch 8, where v2 was slower; batch 2-4 was not measured)
 AUTO_V2_BATCH1 = frozenset({"q8_0", "q4_0", "q4_1", "q6_k", "int4"})
+SPLIT_WARPS = 8  # warps per block of quant_gemv_split: SWARPS
+SPLIT_R = (1, 2, 4)  # output rows per warp instantiated (split_rows picks one)
+SPLIT_PASSES = ((1, "__half"), (1, "float"), (2, "float"))  # (int8 passes of x, output type) instantiated
+SMEM_DEFAULT = 48 << 10  # dynamic shared memory a launch gets without opting in
 
 
 TILE_BYTES = 64 << 20  # fp16 scratch for the prefill path's dequantized tiles
@@ -46,52 +53,82 @@ PAD = 16  # bytes after the last row: the GEMV's aligned 16-byte loads may reach
 
 
 def gemv_variant() -> str:
-    """The decode GEMV kernel: $LSERVE_QGEMV ("v1", the default; "v2"; "auto": per format and row count)."""
-    v = os.environ.get("LSERVE_QGEMV", "v1").strip().lower() or "v1"
-    if v not in (*GEMV_VARIANTS, "auto"):
-        raise ValueError(f"LSERVE_QGEMV={v!r}: expected one of {[*GEMV_VARIANTS, 'auto']}")
+    """The decode GEMV setting: $LSERVE_QGEMV ("auto", the default: split kernels for the 32-value block
+    formats, v1 / v2 for the others; "v1" / "v2": those float kernels for every format)."""
+    v = os.environ.get("LSERVE_QGEMV", "auto").strip().lower() or "auto"
+    if v not in SETTINGS:
+        raise ValueError(f"LSERVE_QGEMV={v!r}: expected one of {list(SETTINGS)}")
     return v
 
 
 def pick_variant(setting: str, fmt: str, n: int) -> str:
-    """The kernel that runs n rows of a `fmt` weight under the setting ("v1", "v2" or "auto")."""
+    """The kernel that runs n rows of a `fmt` weight under the setting: "split", "v1" or "v2"."""
     if setting == "auto":
+        if fmt in SPLIT_FORMATS:
+            return "split"
         return "v2" if n == 1 and fmt in AUTO_V2_BATCH1 else "v1"
     return setting
 
 
-def kernel_names(fmt: str, variants: tuple[str, ...] = tuple(GEMV_VARIANTS)) -> tuple[str, ...]:
-    """The template instantiations one format needs (its trait struct is the format's name in capitals): the
-    GEMV of each of `variants` (all by default: the compile test) and the dequantize kernel."""
-    t = fmt.upper()
-    gemv = (
-        f"{GEMV_VARIANTS[v][0]}<{t}, {n}, {o}>"
-        for v in variants
-        for n in GEMV_ROWS
-        for o in ("__half", "float")
-    )
-    return (*gemv, f"quant_dequant<{t}>")
+def split_rows(m: int) -> int:
+    """Output rows per warp of the split GEMV for an M-row weight: more rows share each block's quantized x
+    (read and rounded once per block), as long as the grid still fills the GPU (~2 blocks per SM on an H200)."""
+    for r in reversed(SPLIT_R):
+        if m >= 264 * SPLIT_WARPS * r:
+            return r
+    return 1
 
 
-QUANT_KERNELS = tuple(name for fmt in FORMATS for name in kernel_names(fmt))
+def split_smem(n: int, k: int, passes: int = 1) -> int:
+    """Dynamic shared memory of a split GEMV launch: n rows of x as int8 plus a {dx, sum} pair per 32, per pass."""
+    return passes * (n * k + n * (k // 32) * 8)
+
+
+def kernel_names(fmt: str, variants: tuple[str, ...] = (*GEMV_VARIANTS, "split")) -> tuple[str, ...]:
+    """The template instantiations one format needs (all variants by default: the compile test). v1 / v2:
+    the format's trait struct is its name in capitals; split: SPLIT_FORMATS' trait (split formats only)."""
+    t, names = fmt.upper(), []
+    for v in variants:
+        if v == "split":
+            if fmt in SPLIT_FORMATS:
+                s = SPLIT_FORMATS[fmt].trait
+                names += [f"quant_gemv_split<{s}, {r}, {n}, {p}, {o}>" for r in SPLIT_R for n in GEMV_ROWS
+                          for p, o in SPLIT_PASSES]  # fmt: skip
+                names.append(f"quant_dequant_split<{s}>")
+            continue
+        names += [f"{GEMV_VARIANTS[v][0]}<{t}, {n}, {o}>" for n in GEMV_ROWS for o in ("__half", "float")]
+    if any(v != "split" for v in variants):
+        names.append(f"quant_dequant<{t}>")
+    return tuple(names)
+
+
+QUANT_KERNELS = tuple(name for fmt in FORMATS for name in kernel_names(fmt, tuple(GEMV_VARIANTS)))
+SPLIT_KERNELS = tuple(name for fmt in SPLIT_FORMATS for name in kernel_names(fmt, ("split",)))
 
 
 @dataclass(frozen=True, eq=False)
 class DeviceQuant:
-    """A QuantTensor on the GPU: `data` is a flat uint8 device array, row r at r * row_bytes, then PAD bytes."""
+    """A QuantTensor on the GPU. Blocks as stored: `data` flat uint8, row r at r * row_bytes, then PAD bytes.
+    Split (`split` set): `data` the integers [M, K * bits / 8], `d` / `m` the fp16 scales / additive terms."""
 
     fmt: str
     shape: tuple[int, int]
     data: Any
+    split: SplitFormat | None = None
+    d: Any = None
+    m: Any = None
 
     @property
     def row_bytes(self) -> int:
+        if self.split:
+            return self.shape[1] * self.split.bits // 8
         return LAYOUTS[self.fmt].row_bytes(self.shape[1])
 
     @property
     def nbytes(self) -> int:
-        """The packed bytes (what a decode step reads), without the padding."""
-        return self.shape[0] * self.row_bytes
+        """The bytes a decode step reads (integers and scales), without the padding."""
+        extra = sum(int(a.nbytes) for a in (self.d, self.m) if a is not None)
+        return self.shape[0] * self.row_bytes + extra
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,27 +152,59 @@ class QuantKernels:
 
     def __init__(self, cp, blas, tile_bytes: int = TILE_BYTES):
         self.cp, self.blas, self.tile_bytes = cp, blas, tile_bytes
-        self.gemv_variant = gemv_variant()  # "v1" | "v2" | "auto": which decode GEMV kernel `gemm` launches
+        self.gemv_variant = gemv_variant()  # "auto" | "v1" | "v2": which decode GEMV kernels `gemm` launches
+        self.split_r: int | None = (
+            None  # rows per warp of the split GEMV (None: split_rows; benchmarks set it)
+        )
         self._fns: dict[tuple[str, str], dict[str, Any]] = {}
+        self._smem: dict[str, int] = {}  # kernel name -> dynamic shared memory it was opted in to
         self.scratch = cp.empty(0, cp.float16)
 
     def upload(self, w: QuantTensor | RowStack, upload_float) -> DeviceQuant | DeviceRowStack:
-        """The packed bytes copied as they are (`upload_float` takes the float parts of a RowStack)."""
+        """The packed weight on the device (`upload_float` takes the float parts of a RowStack): split formats
+        repacked under the split kernels, the other formats' bytes copied as they are."""
         if isinstance(w, RowStack):
             return DeviceRowStack(
                 tuple(self.upload(p, upload_float) if isinstance(p, QuantTensor) else upload_float(p)
                       for p in w.parts)
             )  # fmt: skip
-        cp = self.cp
-        host = np.ascontiguousarray(w.data).reshape(-1)
-        data = cp.empty(host.size + PAD, cp.uint8)
-        data[: host.size].set(host)
-        data[host.size :] = 0
-        for v in {pick_variant(self.gemv_variant, w.fmt, n) for n in (1, GEMV_MAX_ROWS)}:
-            self._kernels(w.fmt, v)  # compiled now, never inside a CUDA Graph capture
+        m, k = int(w.shape[0]), int(w.shape[1])
+        if pick_variant(self.gemv_variant, w.fmt, 1) == "split":
+            host = split(w)
+            dq = DeviceQuant(w.fmt, (m, k), self._device(host.q), SPLIT_FORMATS[w.fmt], self._device(host.d),
+                             None if host.m is None else self._device(host.m))  # fmt: skip
+        else:
+            dq = DeviceQuant(w.fmt, (m, k), self._device(w.data))
+        self.prepare(dq)
+        return dq
+
+    def prepare(self, w: DeviceQuant) -> None:
+        """Everything a weight's launches need made now, never inside a CUDA Graph capture: its kernels compiled,
+        the split GEMV's shared memory opted in for its K, the prefill scratch grown for it."""
         m, k = w.shape
         self.reserve(m, k)
-        return DeviceQuant(w.fmt, (int(m), int(k)), data)
+        if not w.split:
+            for v in {pick_variant(self.gemv_variant, w.fmt, n) for n in (1, GEMV_MAX_ROWS)}:
+                self._kernels(w.fmt, v)
+            return
+        for name, fn in self._kernels(w.fmt, "split").items():
+            if name.startswith("quant_gemv_split"):
+                nmax, passes = (int(a) for a in name.split(",")[2:4])
+                self._opt_in(name, fn, split_smem(nmax, k, passes))
+
+    def _device(self, a: np.ndarray):
+        """A host array's bytes on the device, flat, with PAD zero bytes after them."""
+        host = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+        data = self.cp.empty(host.size + PAD, self.cp.uint8)
+        data[: host.size].set(host)
+        data[host.size :] = 0
+        return data
+
+    def _opt_in(self, name: str, fn, nbytes: int) -> None:
+        """Let `fn` launch with `nbytes` of dynamic shared memory (past the default 48 KB, an opt-in)."""
+        if nbytes > max(self._smem.get(name, 0), SMEM_DEFAULT):
+            fn.max_dynamic_shared_size_bytes = nbytes
+            self._smem[name] = nbytes
 
     def reserve(self, m: int, k: int) -> None:
         """Grow the prefill scratch for an [m, k] weight (at upload, or for packed weights made on the device)."""
@@ -153,42 +222,44 @@ class QuantKernels:
         fns = self._fns.get(key)
         if fns is None:
             names = kernel_names(fmt, (variant,))
-            mod = load_module(QUANT_SOURCE, names)
+            mod = load_module(SPLIT_SOURCE if variant == "split" else QUANT_SOURCE, names)
             fns = self._fns[key] = {n: mod.get_function(n) for n in names}
         return fns
 
-    def gemm(self, x, w: DeviceQuant | DeviceRowStack, out) -> None:
-        """out[N, M] = x[N, K] @ W^T (x contiguous float16; out float16 or float32, rows of stride >= M)."""
+    def gemm(self, x, w: DeviceQuant | DeviceRowStack, out, precise: bool = False) -> None:
+        """out[N, M] = x[N, K] @ W^T (x contiguous float16; out float16 or float32, rows of stride >= M).
+        `precise` (the logits, float32 out): the split GEMV rounds x in two int8 passes (x, then its residual)."""
         if isinstance(w, DeviceRowStack):
             c = 0
             for p in w.parts:
                 cols = out[:, c : c + int(p.shape[0])]
-                self.gemm(x, p, cols) if isinstance(p, DeviceQuant) else self.blas.gemm_nt(x, p, cols)
+                self.gemm(x, p, cols, precise) if isinstance(p, DeviceQuant) else self.blas.gemm_nt(
+                    x, p, cols
+                )
                 c += int(p.shape[0])
             return
         n, k = int(x.shape[0]), int(x.shape[1])
         m = w.shape[0]
         if n == 0 or m == 0:
             return
-        variant = pick_variant(self.gemv_variant, w.fmt, n)
+        variant = "split" if w.split else pick_variant(self.gemv_variant, w.fmt, n)
         fns = self._kernels(w.fmt, variant)
         if n <= GEMV_MAX_ROWS:
             nmax = next(r for r in GEMV_ROWS if r >= n)
             t = "__half" if out.dtype == np.float16 else "float"
+            ldy = np.int32(out.strides[0] // out.itemsize)
+            tail = (x, np.int32(n), out, ldy, np.int32(m), np.int32(k))
+            if w.split:
+                r = self.split_r or split_rows(m)
+                passes = 2 if precise and t == "float" else 1
+                fn = fns[f"quant_gemv_split<{w.split.trait}, {r}, {nmax}, {passes}, {t}>"]
+                rows = SPLIT_WARPS * r
+                fn((-(-m // rows),), (32 * SPLIT_WARPS,), (w.data, w.d, self._mins(w), *tail),
+                   shared_mem=split_smem(n, k, passes))  # fmt: skip
+                return
             kernel, warps = GEMV_VARIANTS[variant]
             fn = fns[f"{kernel}<{w.fmt.upper()}, {nmax}, {t}>"]
-            ldy = out.strides[0] // out.itemsize
-            args = (
-                w.data,
-                np.int64(w.row_bytes),
-                x,
-                np.int32(n),
-                out,
-                np.int32(ldy),
-                np.int32(m),
-                np.int32(k),
-            )
-            fn((-(-m // warps),), (32 * warps,), args)
+            fn((-(-m // warps),), (32 * warps,), (w.data, np.int64(w.row_bytes), *tail))
             return
         tile = self.tile_rows(m, k)
         for r0 in range(0, m, tile):
@@ -197,16 +268,27 @@ class QuantKernels:
             self._dequant(fns, w, None, r0, r1 - r0, wt)
             self.blas.gemm_nt(x, wt, out[:, r0:r1])
 
+    @staticmethod
+    def _mins(w: DeviceQuant):
+        """The additive terms' array, or the scales' as a placeholder the kernel never reads."""
+        return w.d if w.m is None else w.m
+
     def embed(self, table: DeviceQuant, ids, out) -> None:
         """out[j] = row ids[j] of the table as float16 (ids: int64 on the device)."""
         if int(ids.shape[0]):
             ids = self.cp.ascontiguousarray(ids, dtype=self.cp.int64)
-            fns = self._kernels(table.fmt, pick_variant(self.gemv_variant, table.fmt, 1))
-            self._dequant(fns, table, ids, 0, int(ids.shape[0]), out)
+            variant = "split" if table.split else pick_variant(self.gemv_variant, table.fmt, 1)
+            self._dequant(self._kernels(table.fmt, variant), table, ids, 0, int(ids.shape[0]), out)
 
     def _dequant(self, fns, w: DeviceQuant, rows, r0: int, nrows: int, out) -> None:
         k = w.shape[1]
         total = nrows * (k // 8)
         rows_arg = np.uint64(0) if rows is None else rows
-        args = (w.data, np.int64(w.row_bytes), rows_arg, np.int64(r0), np.int32(nrows), np.int32(k), out)
-        fns[f"quant_dequant<{w.fmt.upper()}>"]((-(-total // 256),), (256,), args)
+        tail = (rows_arg, np.int64(r0), np.int32(nrows), np.int32(k), out)
+        if w.split:
+            args = (w.data, w.d, self._mins(w), *tail)
+            fn = fns[f"quant_dequant_split<{w.split.trait}>"]
+        else:
+            args = (w.data, np.int64(w.row_bytes), *tail)
+            fn = fns[f"quant_dequant<{w.fmt.upper()}>"]
+        fn((-(-total // 256),), (256,), args)

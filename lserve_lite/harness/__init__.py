@@ -37,7 +37,13 @@ from .layers import (
     case_silu_mul,
 )
 from .page_select import case_page_select
-from .quant import case_quant_embed, case_quant_gemv, case_quant_prefill, case_quant_rowstack
+from .quant import (
+    case_quant_embed,
+    case_quant_gemv,
+    case_quant_prefill,
+    case_quant_rowstack,
+    case_quant_split_rowstack,
+)
 from .sampling import case_sampling
 
 CASES: dict[str, Callable[[Ctx], list[Result]]] = {
@@ -50,6 +56,7 @@ CASES: dict[str, Callable[[Ctx], list[Result]]] = {
     "quant_gemv": case_quant_gemv,
     "quant_prefill": case_quant_prefill,
     "quant_rowstack": case_quant_rowstack,
+    "quant_split_rowstack": case_quant_split_rowstack,
     "quant_embed": case_quant_embed,
     "sampling": case_sampling,
     "attention": case_attention,

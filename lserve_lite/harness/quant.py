@@ -10,6 +10,10 @@ in tests/test_quant_kernels.py), times the fp16-rounded activations. Tolerances 
   v2 (quant_gemv2) sums q * x (exact products of small integers and fp16) over 8 values, then adds
   d * partial (+ m * sum(x) for q4_1 / q4_k): 8 + 2 roundings per group, K/256 groups a lane, the warp tree;
   within the same bound (where d q and m nearly cancel, |d q| + |m| exceeds |w|: the bound's slack covers it).
+- split (quant_gemv_split: q8_0 / q4_0 / q4_1 / int8 / int4 by default): x is rounded to int8 per 32 values
+  (dx = max|x| / 127 over the block), so each x_k is off by up to dx / 2 and the sum by up to
+  sum_k |W_mk| dx_b(k) / 2 (`activation_bound`, 1% slack for x * (127 / max) vs x / dx), plus the bound above
+  for the float32 arithmetic on the exact integer dot products.
 - prefill: the weights rounded to fp16 before cuBLAS, so the reference is x @ fp16(W)^T, with cuBLAS's
   float32 accumulation: 1e-4 * (|x| @ |W|^T).
 Shapes: odd M, K a multiple of the block with whole and partial GEMV segments and rows that are not
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backends.cuda_quant import GEMV_VARIANTS
+from ..backends.cuda_quant import GEMV_VARIANTS, pick_variant
 from ..weights.qtensor import FORMATS, LAYOUTS, QuantTensor, RowStack
 from ..weights.quantize import quantize_int4, quantize_int8
 from .common import Ctx, Result, compare
@@ -64,11 +68,22 @@ def reference_matrix(w: QuantTensor | RowStack | np.ndarray) -> np.ndarray:
     return dequantize(w.data, GGMLQuantizationType(w.layout.ggml_type)).astype(np.float64)
 
 
+def activation_bound(x: np.ndarray, ref_w: np.ndarray, passes: int = 1) -> np.ndarray:
+    """|error| bound [n, m] of x @ W^T from rounding x to int8 per 32 values (the split GEMV's activations):
+    dx / 2 per value, or dx / 508 with the logits' second pass on the residual (whose step is <= dx / 254)."""
+    n, k = x.shape
+    dx = np.abs(x.astype(np.float64)).reshape(n, k // 32, 32).max(axis=2) / 127.0
+    step = np.repeat(dx / 2 if passes == 1 else dx / 508, 32, axis=1)  # [n, k]
+    return 1.02 * step @ np.abs(ref_w).T
+
+
 def check_linear(
-    c: Ctx, w: QuantTensor | RowStack, n: int, out_dtype=np.float16, tag: str = "", variant: str | None = None
-) -> Result:
+    c: Ctx, w: QuantTensor | RowStack, n: int, out_dtype=np.float16, tag: str = "", variant: str | None = None,
+    logits: bool = False,
+) -> Result:  # fmt: skip
     """One product through CudaOps.gemm on the uploaded packed weight, against the float64 reference
-    (`variant`: the decode GEMV kernel, "v1" quant_gemv / "v2" quant_gemv2; None: the backend's choice)."""
+    (`variant`: the decode GEMV setting, "v1" quant_gemv / "v2" quant_gemv2 / "auto" (split kernels for their
+    formats); None: the backend's). `logits`: through CudaOps.logits (float32; the split GEMV's two passes)."""
     m, k = w.shape
     x = c.f16(n, k)
     ref_w = reference_matrix(w)
@@ -78,15 +93,29 @@ def check_linear(
     saved = q.gemv_variant
     q.gemv_variant = variant or saved
     try:
-        c.ops.gemm(c.dev16(x), c.ops.upload(w), out_dtype, out=got)
+        if logits:
+            got = c.poison((n, m), np.float32)
+            c.ops.logits(c.dev16(x), c.ops.upload(w), out=got)
+        else:
+            c.ops.gemm(c.dev16(x), c.ops.upload(w), out_dtype, out=got)
     finally:
         q.gemv_variant = saved
-    fmt = w.fmt if isinstance(w, QuantTensor) else "+".join(getattr(p, "fmt", "f16") for p in w.parts)
-    half = np.dtype(out_dtype) == np.float16
+    parts = (w,) if isinstance(w, QuantTensor) else w.parts
+    fmt = "+".join(getattr(p, "fmt", "f16") for p in parts)
+    half = np.dtype(out_dtype) == np.float16 and not logits
     rtol = 2.0**-10 if half else 1e-6
     if n <= 8:  # the GEMV (a RowStack's float part goes through cuBLAS: the prefill tolerance)
         name, ref = f"quant_gemv{' ' + variant if variant else ''} {fmt}", x @ ref_w.T
-        atol = (k / 32 + 20) * U32 * bound if isinstance(w, QuantTensor) else 1e-4 * bound
+        atol, c0 = np.empty_like(bound), 0
+        for p in parts:  # per part: its kernel's arithmetic (a float part: cuBLAS)
+            cols = slice(c0, c0 + p.shape[0])
+            c0 += p.shape[0]
+            if not isinstance(p, QuantTensor):
+                atol[:, cols] = 1e-4 * bound[:, cols]
+                continue
+            atol[:, cols] = (k / 32 + 20) * U32 * bound[:, cols]
+            if pick_variant(variant or saved, p.fmt, n) == "split":
+                atol[:, cols] += activation_bound(x, ref_w[cols], 2 if logits else 1)
     else:
         name, ref = f"quant_prefill {fmt}", x @ ref_w.astype(np.float16).astype(np.float64).T
         atol = 1e-4 * bound
@@ -95,15 +124,25 @@ def check_linear(
 
 
 def case_quant_gemv(c: Ctx) -> list[Result]:
-    """Every format and shape through both decode GEMV kernels (v1 quant_gemv, v2 quant_gemv2)."""
+    """Every format and shape through every decode GEMV kernel (v1 quant_gemv, v2 quant_gemv2, and "auto":
+    quant_gemv_split for its formats, at every rows-per-warp choice)."""
     out = []
     for fmt in FORMATS:
+        variants = (
+            (*GEMV_VARIANTS, "auto") if pick_variant("auto", fmt, 1) == "split" else tuple(GEMV_VARIANTS)
+        )
         for n, k, m in GEMV_SHAPES:
             if k % LAYOUTS[fmt].block == 0:
                 qt = random_quant(fmt, m, k, c.rng)
-                out.extend(check_linear(c, qt, n, variant=v) for v in GEMV_VARIANTS)
+                out.extend(check_linear(c, qt, n, variant=v) for v in variants)
         qt = random_quant(fmt, 257, 1024, c.rng)  # logits
-        out.extend(check_linear(c, qt, 3, np.float32, variant=v) for v in GEMV_VARIANTS)
+        out.extend(check_linear(c, qt, 3, np.float32, variant=v) for v in variants)
+        out.append(check_linear(c, qt, 3, variant="auto", tag=" logits", logits=True))
+        if "auto" in variants:  # R = 2 and 4 rows per warp (split_rows picks them for large M only)
+            qt = random_quant(fmt, 4 * 8 * 264 + 5, 128, c.rng)
+            out.append(check_linear(c, qt, 2, variant="auto", tag=" R4"))
+            qt = random_quant(fmt, 2 * 8 * 264 + 3, 96 if fmt != "int4" else 128, c.rng)
+            out.append(check_linear(c, qt, 1, variant="auto", tag=" R2"))
     return out
 
 
@@ -132,6 +171,15 @@ def case_quant_rowstack(c: Ctx) -> list[Result]:
     return [check_linear(c, w, n, variant=v) for n in (1, 5, 8) for v in GEMV_VARIANTS] + [
         check_linear(c, w, 12)
     ]
+
+
+def case_quant_split_rowstack(c: Ctx) -> list[Result]:
+    """A fused matrix of split and block formats (q4_1 beside q6_k and a float part) under the default."""
+    k = 512
+    w = RowStack(
+        (random_quant("q4_1", 129, k, c.rng), random_quant("q6_k", 33, k, c.rng), c.f16(31, k, scale=0.05))
+    )
+    return [check_linear(c, w, n, variant="auto") for n in (1, 5, 8)] + [check_linear(c, w, 12)]
 
 
 def case_quant_embed(c: Ctx) -> list[Result]:

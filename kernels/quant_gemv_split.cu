@@ -1,0 +1,227 @@
+// Decode GEMV with int8 activations over the "split" device layout of the formats whose blocks are 32 values
+// with plain scales (GGUF Q8_0 / Q4_0 / Q4_1, our int8 / int4). Launchers: lserve_lite/backends/cuda_quant.py;
+// the host repacking that makes the layout: lserve_lite/backends/quant_split.py; references: QuantTensor /
+// gguf.quants.dequantize times x in float64 (harness/quant.py), with the activation rounding bounded there.
+//
+// Why another layout: GGUF blocks are 18-34 bytes (scales inline), so a lane cannot read them with aligned
+// 16-byte loads, and multiplying fp16 x by each dequantized weight in float32 costs ~4 instructions per weight:
+// the H200 measured that at 0.2-0.5x of the copy bandwidth. Split at upload (lossless, no float copy):
+//   q [M, K * BITS / 8]   the integers: 32 values a 32-BITS/8-byte chunk; 4-bit chunk byte i = v[i] | v[i + 16] << 4
+//                         (Q4_0 / Q4_1's own nibble order; int4's 128-blocks are re-nibbled to it)
+//   d [M, NG] fp16        scale per group of CPG chunks (CPG = 0: one per row, int8's per-channel scale)
+//   m [M, NG] fp16        additive term (Q4_1 only)
+// and w = d * (q - Z) + m. Each block first quantizes the n rows of x to int8 per 32 values into shared memory
+// (dx = max|x| / 127, xq = round(x / dx), s = sum xq: llama.cpp's q8_1 scheme; the logits add a second pass
+// on the rounding residual, P = 2), then each warp takes R output
+// rows; lane l reads chunks l, l + 32, ... of each row with 16-byte loads (U chunks x R rows in flight before
+// any is used) and sums q * xq with dp4a (exact int32); per chunk y += dx * (d * (sum - Z s) + m s).
+
+#include <cuda_fp16.h>
+
+typedef unsigned char u8;
+
+// A split format: BITS per value, CPG chunks of 32 values per scale group (0: one per row), an additive
+// term (MIN), the zero point Z subtracted from q.
+template <int BITS_, int CPG_, bool MIN_, int Z_>
+struct Split {
+  static constexpr int BITS = BITS_, CPG = CPG_, Z = Z_;
+  static constexpr bool MIN = MIN_;
+  static constexpr int WORDS = BITS;  // 32-bit words per 32-value chunk (4 for 4-bit, 8 for 8-bit)
+};
+typedef Split<8, 1, false, 0> SQ8_0;
+typedef Split<4, 1, false, 8> SQ4_0;
+typedef Split<4, 1, true, 0> SQ4_1;
+typedef Split<8, 0, false, 0> SINT8;
+typedef Split<4, 4, false, 8> SINT4;
+
+constexpr int SWARPS = 8;  // warps per block; cuda_quant.SPLIT_WARPS
+
+// Groups of scales in a row of K values.
+template <typename F>
+__device__ __forceinline__ int groups_per_row(int K) {
+  return F::CPG ? K / (32 * F::CPG) : 1;
+}
+
+// x rows [n, K] fp16 -> xq [P][n][K / 4] words of int8 and xs [P][n][K / 32] {dx, sum of the chunk's xq}.
+// P = 2 (the logits): pass 1 rounds the residual x - dx * xq of pass 0 the same way, so the two passes
+// together leave each value off by dx' / 2 ~ dx / 508 (cpu_quant.logits_q's scheme).
+template <int P>
+__device__ __forceinline__ void quantize_x(const __half* __restrict__ x, int n, int K, int* xq, float2* xs) {
+  const int nc = K / 32;
+  for (int c = threadIdx.x; c < n * nc; c += blockDim.x) {
+    const uint4* src = reinterpret_cast<const uint4*>(x + (long long)c * 32);  // rows are contiguous
+    float f[32];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint4 v = __ldg(src + i);
+      const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 p = __half22float2(h[j]);
+        f[8 * i + 2 * j] = p.x, f[8 * i + 2 * j + 1] = p.y;
+      }
+    }
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      float amax = 0.f;
+#pragma unroll
+      for (int i = 0; i < 32; ++i) amax = fmaxf(amax, fabsf(f[i]));
+      const float dx = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+      int s = 0;
+#pragma unroll
+      for (int w = 0; w < 8; ++w) {
+        unsigned word = 0;
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          const int v = __float2int_rn(f[4 * w + b] * id);
+          f[4 * w + b] -= dx * (float)v;  // the residual, for the next pass
+          s += v;
+          word |= (unsigned)(v & 255) << (8 * b);
+        }
+        xq[(p * n * nc + c) * 8 + w] = (int)word;
+      }
+      xs[p * n * nc + c] = make_float2(dx, (float)s);
+    }
+  }
+}
+
+// One chunk's dot product q . xq (exact int32): 4-bit chunks hold v[i] in the low and v[i + 16] in the high
+// nibble of byte i, so word j's low nibbles meet xq words j and its high nibbles xq words 4 + j.
+template <typename F>
+__device__ __forceinline__ int chunk_dot(const unsigned (&w)[F::WORDS], const int* xw) {
+  int acc = 0;
+  if (F::BITS == 8) {
+#pragma unroll
+    for (int j = 0; j < F::WORDS; ++j) acc = __dp4a((int)w[j], xw[j], acc);
+  } else {
+#pragma unroll
+    for (int j = 0; j < F::WORDS; ++j) {
+      acc = __dp4a((int)(w[j] & 0x0F0F0F0Fu), xw[j], acc);
+      acc = __dp4a((int)((w[j] >> 4) & 0x0F0F0F0Fu), xw[4 + j], acc);
+    }
+  }
+  return acc;
+}
+
+// y[r * ldy + m] = sum_k x[r, k] W[m, k] for r < n <= NMAX, R rows of W per warp, x in P int8 passes.
+// Dynamic shared memory: P * n * K bytes of xq + P * n * K / 32 float2 of xs. K % 32 == 0.
+template <typename F, int R, int NMAX, int P, typename TOut>
+__global__ void __launch_bounds__(SWARPS * 32)
+    quant_gemv_split(const u8* __restrict__ q, const __half* __restrict__ d, const __half* __restrict__ mn,
+                     const __half* __restrict__ x, int n, TOut* __restrict__ y, int ldy, int M, int K) {
+  constexpr int U = (8 / R) / (F::BITS / 4) > 0 ? (8 / R) / (F::BITS / 4) : 1;  // ~8 16-byte loads a lane
+  extern __shared__ int4 smem[];
+  int* xq = reinterpret_cast<int*>(smem);
+  float2* xs = reinterpret_cast<float2*>(xq + P * n * (K / 4));
+  const int nc = K / 32, ng = groups_per_row<F>(K);
+  const long long qrow = (long long)K * F::BITS / 8;
+  const int lane = threadIdx.x & 31;
+  const int m0 = (blockIdx.x * SWARPS + (threadIdx.x >> 5)) * R;
+  quantize_x<P>(x, n, K, xq, xs);
+  __syncthreads();
+  if (m0 >= M) return;
+  float acc[R][NMAX];
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int r = 0; r < NMAX; ++r) acc[i][r] = 0.f;
+  for (int c0 = lane; c0 < nc; c0 += 32 * U) {
+    unsigned w[U][R][F::WORDS];
+    float dd[U][R], mm[U][R];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + 32 * u;
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+        const int m = m0 + i;
+        if (c < nc && m < M) {
+          const uint4* src = reinterpret_cast<const uint4*>(q + m * qrow + (long long)c * F::WORDS * 4);
+#pragma unroll
+          for (int h = 0; h < F::WORDS / 4; ++h) {
+            const uint4 v = __ldg(src + h);
+            w[u][i][4 * h] = v.x, w[u][i][4 * h + 1] = v.y, w[u][i][4 * h + 2] = v.z, w[u][i][4 * h + 3] = v.w;
+          }
+          const long long g = (long long)m * ng + (F::CPG ? c / F::CPG : 0);
+          dd[u][i] = F::CPG ? __half2float(__ldg(d + g)) : 1.f;
+          mm[u][i] = F::MIN ? __half2float(__ldg(mn + g)) : 0.f;
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + 32 * u;
+      if (c < nc) {
+#pragma unroll
+        for (int r = 0; r < NMAX; ++r) {
+          if (r < n) {
+#pragma unroll
+            for (int p = 0; p < P; ++p) {
+              const int* xw = xq + ((p * n + r) * nc + c) * 8;
+              const float2 sx = xs[(p * n + r) * nc + c];
+#pragma unroll
+              for (int i = 0; i < R; ++i) {
+                const int dot = chunk_dot<F>(w[u][i], xw) - F::Z * (int)sx.y;
+                float t = dd[u][i] * (float)dot;
+                if (F::MIN) t = fmaf(mm[u][i], sx.y, t);
+                acc[i][r] = fmaf(sx.x, t, acc[i][r]);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int r = 0; r < NMAX; ++r)
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc[i][r] += __shfl_xor_sync(0xffffffffu, acc[i][r], o);
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      const int m = m0 + i;
+      if (m < M) {
+        const float rs = F::CPG ? 1.f : __half2float(d[m]);  // int8's per-channel scale, applied once
+#pragma unroll
+        for (int r = 0; r < NMAX; ++r)
+          if (r < n) y[(long long)r * ldy + m] = (TOut)(rs * acc[i][r]);
+      }
+    }
+  }
+}
+
+// out[j, :] = W's row (rows ? rows[j] : r0 + j) as fp16, for j < nrows; one thread per 8 values (a 16-byte
+// store). Prefill tiles for cuBLAS (rows null) and the embedding gather of a quantized table (rows = token ids).
+template <typename F>
+__global__ void quant_dequant_split(const u8* __restrict__ q, const __half* __restrict__ d,
+                                    const __half* __restrict__ mn, const long long* __restrict__ rows,
+                                    long long r0, int nrows, int K, __half* __restrict__ out) {
+  const long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  const int per_row = K / 8;
+  if (idx >= (long long)nrows * per_row) return;
+  const long long j = idx / per_row;
+  const int k0 = (int)(idx % per_row) * 8;
+  const long long m = rows ? rows[j] : r0 + j;
+  const u8* chunk = q + m * ((long long)K * F::BITS / 8) + (k0 / 32) * (F::WORDS * 4);
+  const int i0 = k0 % 32;
+  unsigned lo, hi;  // the 8 values' bytes: 8-bit values i0.., or the 4-bit bytes (i0 % 16).. and nibble i0 / 16
+  if (F::BITS == 8) {
+    const uint2 v = *reinterpret_cast<const uint2*>(chunk + i0);
+    lo = v.x ^ 0x80808080u, hi = v.y ^ 0x80808080u;  // offset binary: byte + 128
+  } else {
+    const uint2 v = *reinterpret_cast<const uint2*>(chunk + (i0 % 16));
+    const int sh = 4 * (i0 / 16);
+    lo = (v.x >> sh) & 0x0F0F0F0Fu, hi = (v.y >> sh) & 0x0F0F0F0Fu;
+  }
+  const int off = F::BITS == 8 ? 128 : F::Z;
+  const long long g = m * groups_per_row<F>(K) + (F::CPG ? (k0 / 32) / F::CPG : 0);
+  const float dv = __half2float(d[g]), mv = F::MIN ? __half2float(mn[g]) : 0.f;
+  __align__(16) __half h[8];
+#pragma unroll
+  for (int t = 0; t < 8; ++t) {
+    const int b = (int)(((t < 4 ? lo : hi) >> (8 * (t & 3))) & 255u) - off;
+    h[t] = __float2half_rn(dv * (float)b + mv);
+  }
+  *reinterpret_cast<uint4*>(out + j * K + k0) = *reinterpret_cast<const uint4*>(h);
+}
