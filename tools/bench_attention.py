@@ -406,15 +406,24 @@ def main(argv=None) -> int:
 
 
 def run_variants() -> dict:
-    """Prefill key tile 32 vs 64 (32k, dense) and decode ring depth 2/3/4 (128k, batch 1)."""
+    """Prefill key tile 32 vs 64 (32k, dense, the mma.sync kernel), the wgmma prefill's ring depth 2 vs 3 (32k,
+    on 9.x) and decode ring depth 2/3/4 (128k, batch 1)."""
+    import cupy as cp
+
     from lserve_lite.backends import cuda_attention as ca
 
     out: dict = {}
     default_bn, default_stages = ca.PREFILL_BN[(128, 2)], ca.DECODE_STAGES[128]
     for bn in (32, 64):
         ca.PREFILL_BN[(128, 2)] = bn
-        out[f"prefill_32k_bn{bn}"] = _peer(ours_prefill, 32768)
+        out[f"prefill_32k_bn{bn}"] = _peer(ours_prefill, 32768, kernel="mma")
     ca.PREFILL_BN[(128, 2)] = default_bn
+    if cp.cuda.Device().compute_capability.startswith("9"):
+        default_sm90 = ca.PREFILL_SM90_STAGES[(128, 2)]
+        for st in (2, 3):  # both instantiated in attention_prefill_sm90.cu
+            ca.PREFILL_SM90_STAGES[(128, 2)] = st
+            out[f"prefill_32k_wgmma_stages{st}"] = _peer(ours_prefill, 32768, kernel="wgmma")
+        ca.PREFILL_SM90_STAGES[(128, 2)] = default_sm90
     for st in (2, 3, 4):
         ca.DECODE_STAGES[128] = st
         out[f"decode_128k_stages{st}"] = _peer(ours_decode, 131072)

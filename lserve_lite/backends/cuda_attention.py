@@ -100,7 +100,7 @@ def _prefill_sm90_name(d: int, nwg: int, stages: int) -> str:
 
 
 def prefill_kernel_for(d: int, kv: str, cc: str) -> str:
-    """ "mma" or "wgmma": the prefill kernel `PREFILL_KERNEL` selects for head dim d, cache format kv, on a
+    """The prefill kernel, "mma" or "wgmma", that `PREFILL_KERNEL` selects for head dim d, cache format kv, on a
     device of compute capability cc ("90")."""
     choice = PREFILL_KERNEL
     if choice not in PREFILL_KERNELS:
