@@ -48,7 +48,7 @@ def _run(hctx, case, name, *args):
 
 
 @pytest.mark.parametrize("name", list(SPARSE_PREFILL))
-def test_sparse_prefill_matches_reference(hctx, name):
+def test_sparse_prefill_matches_reference(hctx, name, prefill_kernel):
     _run(hctx, "sparse_prefill_one", name)
 
 
@@ -59,7 +59,7 @@ def test_sparse_decode_matches_reference(hctx, name):
     _run(hctx, "sparse_decode_one", name)
 
 
-def test_mixed_prefill_and_selecting_decode_step(hctx):
+def test_mixed_prefill_and_selecting_decode_step(hctx, prefill_kernel):
     """Decode rows keep their page selection when a prefill chunk shares the step."""
     r = HA.sparse_mixed_one(hctx)
     assert r.ok, format_table([r])

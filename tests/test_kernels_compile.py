@@ -1,7 +1,9 @@
 """CPU-side checks of the GPU code (no GPU needed; these run in CI).
 
 - Every kernels/*.cu compiles through NVRTC for sm_80 and sm_90 with the flags used at run time
-  (cuda_compile.compile_options + the launcher's own options) and exports the kernels its launcher asks for.
+  (cuda_compile.compile_options + the launcher's own options) and exports the kernels its launcher asks for;
+  arch-specific sources (cuda_compile.ARCH_SPECIFIC: the wgmma prefill, sm_90a) compile for their target only
+  and refuse any other.
 - The host side of GPU sampling draws the same uniforms as the CPU sampler.
 """
 
@@ -10,9 +12,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lserve_lite.backends.cuda_compile import kernel_sources, nvrtc_check
+from lserve_lite.backends.cuda_compile import ARCH_SPECIFIC, kernel_sources, nvrtc_check
 
 ARCHS = ("sm_80", "sm_90")
+
+
+def _source_archs() -> list[tuple[str, str]]:
+    """(source, arch) pairs to compile: ARCHS, or the one target of an arch-specific source."""
+    return [
+        (src, a)
+        for src in kernel_sources()
+        for a in ((ARCH_SPECIFIC[src],) if src in ARCH_SPECIFIC else ARCHS)
+    ]
 
 
 def _builds() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
@@ -30,7 +41,7 @@ def _builds() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
     try:
         from lserve_lite.backends import cuda_attention as att
 
-        for src in (att.PREFILL_SOURCE, att.DECODE_SOURCE):
+        for src in (att.PREFILL_SOURCE, att.PREFILL_SM90_SOURCE, att.DECODE_SOURCE):
             builds[src] = (att.launcher_kernels(src), tuple(att.KERNEL_OPTIONS))
     except ImportError:
         pass
@@ -50,12 +61,63 @@ def _nvrtc_available() -> bool:
 @pytest.mark.skipif(
     not _nvrtc_available(), reason="NVRTC not installed (pip install 'lserve-lite[cuda12,ctk]')"
 )
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("source", kernel_sources())
+@pytest.mark.parametrize(("source", "arch"), _source_archs())
 def test_kernel_source_compiles(source, arch):
     names, options = _builds().get(source, ((), ()))
     log = nvrtc_check(source, arch, names, options)
     assert "error" not in log.lower(), log
+
+
+@pytest.mark.skipif(not _nvrtc_available(), reason="NVRTC not installed")
+@pytest.mark.parametrize("source", sorted(ARCH_SPECIFIC))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_arch_specific_source_refuses_other_targets(source, arch):
+    """The wgmma kernels must never be built for sm_80 (or plain sm_90, which lacks wgmma): the #error guard."""
+    with pytest.raises(RuntimeError, match="sm_90a"):
+        nvrtc_check(source, arch)
+
+
+def test_prefill_kernel_choice():
+    """auto: wgmma on 9.x for fp16 caches of head dim 64 / 128; quantized caches and other devices: mma.sync."""
+    from lserve_lite.backends import cuda_attention as att
+
+    saved = att.PREFILL_KERNEL
+    try:
+        att.PREFILL_KERNEL = "auto"
+        assert att.prefill_kernel_for(128, "fp16", "90") == "wgmma"
+        assert att.prefill_kernel_for(64, "fp16", "90") == "wgmma"
+        assert att.prefill_kernel_for(128, "int8", "90") == "mma"
+        assert att.prefill_kernel_for(128, "fp16", "80") == "mma"
+        assert att.prefill_kernel_for(128, "fp16", "100") == "mma"
+        att.PREFILL_KERNEL = "mma"
+        assert att.prefill_kernel_for(128, "fp16", "90") == "mma"
+        att.PREFILL_KERNEL = "wgmma"
+        assert att.prefill_kernel_for(64, "fp16", "90") == "wgmma"
+        assert att.prefill_kernel_for(64, "int4", "90") == "mma"
+        with pytest.raises(ValueError, match="9.x"):
+            att.prefill_kernel_for(64, "fp16", "89")
+        att.PREFILL_KERNEL = "tma"
+        with pytest.raises(ValueError, match="PREFILL_KERNEL"):
+            att.prefill_kernel_for(64, "fp16", "90")
+    finally:
+        att.PREFILL_KERNEL = saved
+
+
+def test_prefill_sm90_smem_matches_the_kernel():
+    """The launcher's shared-memory size against lsattn::sm90::Smem (parsed from the source)."""
+    import re
+
+    from lserve_lite.backends import cuda_attention as att
+    from lserve_lite.backends.cuda_compile import read_source
+
+    src = read_source(att.PREFILL_SM90_SOURCE)
+    assert re.search(r"BM = 64 \* NWG, BN = 64, THREADS = 128 \* NWG", src)
+    for (d, w), st in att.PREFILL_SM90_STAGES.items():
+        assert re.search(rf"LSERVE_PREFILL_SM90_KERNEL\({d}, {w}, {st}, \d\)", src), (d, w, st)
+        bm, bn = 64 * w, 64
+        body = bm * d * 2 + 2 * st * bn * d * 2 + st * bn * 4 + bm * 4
+        assert att._prefill_sm90_smem(d, w, st) == body + 1024
+        assert att._prefill_sm90_smem(d, w, st) <= 227 * 1024
 
 
 def test_every_launcher_source_exists():

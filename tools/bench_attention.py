@@ -8,6 +8,10 @@ Timing: CUDA events after warm-up, median. Rooflines: 750 TFLOP/s (fp16 tensor c
 
     python3 tools/bench_attention.py --out DIR [--quick] [--kv-dtypes fp16,int8,int4,fp8]
 
+`--prefill-kernels mma,wgmma`: our prefill rows also under each named prefill kernel (cuda_attention.PREFILL_KERNEL:
+the mma.sync kernel, and the sm_90a wgmma kernel on compute capability 9.x), rows `ours_<kernel>`; the plain
+`ours` row is the default choice ("auto").
+
 `--kv-dtypes`: our kernels also over quantized KV caches (docs/KV_QUANT.md), rows `ours_<dtype>`; their
 decode bandwidth counts the bytes actually read (values + fp16 scales). Decode also times the register-level
 quantized decode (`cuda_attention.KVQ_DECODE = "v2"`), rows `ours_<dtype>_v2`, with its largest difference
@@ -103,11 +107,26 @@ def _kv_bytes(tokens: int, kv: str) -> float:
 
 
 def ours_prefill(
-    seq: int, q_block: int = 64, streaming_local: int = 0, sink: int = 128, kv: str = "fp16"
+    seq: int,
+    q_block: int = 64,
+    streaming_local: int = 0,
+    sink: int = 128,
+    kv: str = "fp16",
+    kernel: str | None = None,
 ) -> dict:
+    """`kernel`: cuda_attention.PREFILL_KERNEL for this row ("mma" / "wgmma"; None: leave it as it is)."""
     import cupy as cp
 
+    from lserve_lite.backends import cuda_attention
     from lserve_lite.backends.cuda_attention import CudaPlan, paged_attention
+
+    if kernel is not None:
+        saved = cuda_attention.PREFILL_KERNEL
+        cuda_attention.PREFILL_KERNEL = kernel
+        try:
+            return ours_prefill(seq, q_block, streaming_local, sink, kv)
+        finally:
+            cuda_attention.PREFILL_KERNEL = saved
     from lserve_lite.sparse.plan import build_plan
 
     layout, npages = _dense_layout([seq], [seq])
@@ -311,6 +330,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", action="store_true", help="also time the compiled kernel variants")
     ap.add_argument("--sections", default="prefill,streaming,decode", help="comma-separated subset to run")
     ap.add_argument("--kv-dtypes", default="fp16", help="KV formats of our kernels, e.g. fp16,int8,int4,fp8")
+    ap.add_argument("--prefill-kernels", default="", help="also time these prefill kernels, e.g. mma,wgmma")
     args = ap.parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -321,6 +341,7 @@ def main(argv=None) -> int:
     prefill_seqs = [8192, 32768] if args.quick else [8192, 32768, 131072]
     decode_ctx = [32768, 131072] if args.quick else [32768, 131072, 262144]
     quant_kvs = [kv for kv in args.kv_dtypes.split(",") if kv != "fp16"]
+    prefill_kernels = [pk for pk in args.prefill_kernels.split(",") if pk]
     res: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "device": dev["name"].decode() if isinstance(dev["name"], bytes) else str(dev["name"]),
@@ -337,6 +358,7 @@ def main(argv=None) -> int:
     for s in prefill_seqs if "prefill" in sections else []:
         row = {"seq": s, "ours": _peer(ours_prefill, s)}
         row.update({f"ours_{kv}": _peer(ours_prefill, s, kv=kv) for kv in quant_kvs})
+        row.update({f"ours_{pk}": _peer(ours_prefill, s, kernel=pk) for pk in prefill_kernels})
         if s == 32768:
             row["ours_qblock128"] = _peer(ours_prefill, s, q_block=128)
         if not args.no_peers:
@@ -384,15 +406,24 @@ def main(argv=None) -> int:
 
 
 def run_variants() -> dict:
-    """Prefill key tile 32 vs 64 (32k, dense) and decode ring depth 2/3/4 (128k, batch 1)."""
+    """Prefill key tile 32 vs 64 (32k, dense, the mma.sync kernel), the wgmma prefill's ring depth 2 vs 3 (32k,
+    on 9.x) and decode ring depth 2/3/4 (128k, batch 1)."""
+    import cupy as cp
+
     from lserve_lite.backends import cuda_attention as ca
 
     out: dict = {}
     default_bn, default_stages = ca.PREFILL_BN[(128, 2)], ca.DECODE_STAGES[128]
     for bn in (32, 64):
         ca.PREFILL_BN[(128, 2)] = bn
-        out[f"prefill_32k_bn{bn}"] = _peer(ours_prefill, 32768)
+        out[f"prefill_32k_bn{bn}"] = _peer(ours_prefill, 32768, kernel="mma")
     ca.PREFILL_BN[(128, 2)] = default_bn
+    if cp.cuda.Device().compute_capability.startswith("9"):
+        default_sm90 = ca.PREFILL_SM90_STAGES[(128, 2)]
+        for st in (2, 3):  # both instantiated in attention_prefill_sm90.cu
+            ca.PREFILL_SM90_STAGES[(128, 2)] = st
+            out[f"prefill_32k_wgmma_stages{st}"] = _peer(ours_prefill, 32768, kernel="wgmma")
+        ca.PREFILL_SM90_STAGES[(128, 2)] = default_sm90
     for st in (2, 3, 4):
         ca.DECODE_STAGES[128] = st
         out[f"decode_128k_stages{st}"] = _peer(ours_decode, 131072)

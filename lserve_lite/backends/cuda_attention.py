@@ -11,6 +11,9 @@ kernels/attention_decode.cu. The references they are tested against: backends/re
   instantiated for their format (kernels/kv_quant.cuh), dequantizing in shared memory; decode by default
   dequantizes in registers straight into the mma fragments, with its own split count (`KVQ_DECODE = "v2"`;
   "v1", env `LSERVE_KVQ_DECODE=v1`, is the shared-memory path).
+- Prefill on Hopper: kernels/attention_prefill_sm90.cu (wgmma, sm_90a) runs fp16 caches of head dim 64 / 128 on
+  compute capability 9.x; everything else runs kernels/attention_prefill.cu (mma.sync). `PREFILL_KERNEL`
+  ("auto" | "mma" | "wgmma", env `LSERVE_PREFILL_KERNEL`) overrides the choice for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from ..sparse.plan import AttentionPlan
 from .cuda_compile import load_module
 
 PREFILL_SOURCE = "attention_prefill.cu"
+PREFILL_SM90_SOURCE = "attention_prefill_sm90.cu"  # sm_90a only (cuda_compile.ARCH_SPECIFIC)
 DECODE_SOURCE = "attention_decode.cu"
 SELECT_SOURCE = "page_select.cu"
 KERNEL_OPTIONS: tuple[str, ...] = ()  # extra NVRTC options, the same at run time and in the CI compile check
@@ -56,6 +60,15 @@ _LOG2E = 1.4426950408889634
 # (measured choices: docs/PERF_attention.md).
 PREFILL_BN = {(64, 1): 64, (64, 2): 64, (128, 1): 64, (128, 2): 64}
 DECODE_STAGES = {64: 4, 128: 4}
+# Prefill kernel: "auto" (wgmma on compute capability 9.x for fp16 caches of a head dim in SM90_HEAD_DIMS,
+# mma.sync otherwise), "mma" (always attention_prefill.cu) or "wgmma" (attention_prefill_sm90.cu wherever it
+# applies; quantized caches still run the mma.sync kernel; an error on a device that is not 9.x). Read per call;
+# the environment variable LSERVE_PREFILL_KERNEL sets the initial value.
+PREFILL_KERNEL = os.environ.get("LSERVE_PREFILL_KERNEL", "auto")
+PREFILL_KERNELS = ("auto", "mma", "wgmma")
+SM90_HEAD_DIMS = (64, 128)
+# wgmma prefill: cp.async ring depth per (head dim, warpgroups per CTA); each must be instantiated in the .cu.
+PREFILL_SM90_STAGES = {(64, 1): 2, (64, 2): 2, (128, 1): 2, (128, 2): 2}
 # Quantized decode: "v2" (register-level dequantization into the mma fragments; paged_attn_decode_v2_*), the
 # default since the H200 measured it 2.6-3.6x faster than "v1" (dequantize each unit into an fp16 tile in shared
 # memory, then ldmatrix; kept as the reference path the benchmarks compare with). Read per call, so tests and
@@ -74,6 +87,31 @@ def _prefill_smem(d: int, mt: int, bn: int, kv: str = "fp16") -> int:
         return bm * d * 2 + 4 * tile + 2 * bn * 4 + bm * 4 + 256
     raw = bn * FORMATS[kv].row_bytes(d, 2)  # a tile as stored: values + fp16 scales
     return -(-(bm * d * 2 + 4 * raw) // 256) * 256 + 2 * tile + 2 * bn * 4 + bm * 4 + 256
+
+
+def _prefill_sm90_smem(d: int, nwg: int, stages: int) -> int:
+    """lsattn::sm90::Smem (BN = 64) + 1024 for the in-kernel alignment to the 128-byte swizzle atom."""
+    bm, bn = 64 * nwg, 64
+    return bm * d * 2 + 2 * stages * bn * d * 2 + stages * bn * 4 + bm * 4 + 1024
+
+
+def _prefill_sm90_name(d: int, nwg: int, stages: int) -> str:
+    return f"paged_attn_prefill_sm90_d{d}_w{nwg}_s{stages}"
+
+
+def prefill_kernel_for(d: int, kv: str, cc: str) -> str:
+    """The prefill kernel, "mma" or "wgmma", that `PREFILL_KERNEL` selects for head dim d, cache format kv, on a
+    device of compute capability cc ("90")."""
+    choice = PREFILL_KERNEL
+    if choice not in PREFILL_KERNELS:
+        raise ValueError(
+            f"LSERVE_PREFILL_KERNEL / PREFILL_KERNEL must be one of {PREFILL_KERNELS}, got {choice!r}"
+        )
+    hopper = str(cc).startswith("9")
+    if choice == "wgmma" and not hopper:
+        raise ValueError(f"PREFILL_KERNEL='wgmma' needs compute capability 9.x (sm_90a), this device is {cc}")
+    fits = kv == "fp16" and d in SM90_HEAD_DIMS
+    return "wgmma" if choice != "mma" and hopper and fits else "mma"
 
 
 def _decode_smem(d: int, stages: int, kv: str = "fp16") -> int:
@@ -99,6 +137,8 @@ def launcher_kernels(source: str) -> tuple[str, ...]:
     """The entry points of `source` this launcher may ask for, every KV format (the CI compile check
     requires each to exist)."""
     kvs = [_suffix(kv) for kv in KV_TRAITS]
+    if source == PREFILL_SM90_SOURCE:
+        return tuple(_prefill_sm90_name(d, w, st) for (d, w), st in PREFILL_SM90_STAGES.items())
     if source == PREFILL_SOURCE:
         return tuple(
             f"paged_attn_prefill_d{d}_m{mt}_n{bn}{s}" for (d, mt), bn in PREFILL_BN.items() for s in kvs
@@ -252,7 +292,16 @@ class _Kernels:
         self.select = load_module(SELECT_SOURCE, options=KERNEL_OPTIONS)
         self.num_sms = cp.cuda.Device().attributes["MultiProcessorCount"]
         self.smem_per_sm = cp.cuda.Device().attributes["MaxSharedMemoryPerMultiprocessor"]
+        self.cc = cp.cuda.Device().compute_capability
+        self._prefill_sm90 = None
         self._fns: dict = {}
+
+    @property
+    def prefill_sm90(self):
+        """attention_prefill_sm90.cu, compiled on first use (sm_90a devices only)."""
+        if self._prefill_sm90 is None:
+            self._prefill_sm90 = load_module(PREFILL_SM90_SOURCE, options=KERNEL_OPTIONS)
+        return self._prefill_sm90
 
     def get(self, module, name: str, smem: int):
         fn = self._fns.get(name)
@@ -455,12 +504,19 @@ def paged_attention(
     heads_per_cta = bm // rows_per_head
     n_sub = -(-qlen // rows_per_head)
     hgroups = -(-group // heads_per_cta)
-    bn = PREFILL_BN[(d, mt)]
-    smem = _prefill_smem(d, mt, bn, kv)
-    fn = k.get(k.prefill, f"paged_attn_prefill_d{d}_m{mt}_n{bn}{_suffix(kv)}", smem)
+    if prefill_kernel_for(d, kv, k.cc) == "wgmma":  # mt warpgroups of 64 rows: the same row packing
+        stages = PREFILL_SM90_STAGES[(d, mt)]
+        smem = _prefill_sm90_smem(d, mt, stages)
+        fn = k.get(k.prefill_sm90, _prefill_sm90_name(d, mt, stages), smem)
+        threads = 128 * mt
+    else:
+        bn = PREFILL_BN[(d, mt)]
+        smem = _prefill_smem(d, mt, bn, kv)
+        fn = k.get(k.prefill, f"paged_attn_prefill_d{d}_m{mt}_n{bn}{_suffix(kv)}", smem)
+        threads = _THREADS
     fn(
         (plan.nqb * n_sub, hkv * hgroups),
-        (_THREADS,),
+        (threads,),
         (q, *pools, out, *_plan_args(plan), *pool_args, np.int32(hq), np.int32(hkv), ps_shift,
          np.int32(rows_per_head), np.int32(heads_per_cta), np.int32(n_sub), np.int32(hgroups), scale_log2),
         shared_mem=smem,

@@ -19,6 +19,9 @@ from pathlib import Path
 
 STD_FLAGS: tuple[str, ...] = ("-std=c++17",)
 RUNTIME_EXTRA: tuple[str, ...] = ("-ftz=true",)  # CuPy appends this at run time; CI mirrors it
+# Sources with arch-specific instructions (wgmma needs the "a" target sm_90a): compiled for that target only,
+# never for other devices (the source #errors elsewhere). Every other source compiles for the device's arch.
+ARCH_SPECIFIC: dict[str, str] = {"attention_prefill_sm90.cu": "sm_90a"}
 _INCLUDE_RE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.M)
 _modules: dict[tuple, object] = {}
 
@@ -77,6 +80,14 @@ def load_module(filename: str, name_expressions: tuple[str, ...] = (), options: 
     dev = cupy.cuda.Device()
     arch = dev.compute_capability
     opts = compile_options(filename, tuple(options))
+    target = ARCH_SPECIFIC.get(filename)
+    if target is not None:
+        if target.removeprefix("sm_").rstrip("a") != arch:
+            raise RuntimeError(f"{filename} is built for {target} only; this device is sm_{arch}")
+        # CuPy appends its own -arch=sm_<cc> after these options; NVRTC keeps the arch-specific target
+        # (checked: NVRTC 12.9 emits .target sm_90a and an sm_90a cubin for either order), and the source's
+        # #error guard turns any other outcome into a compile error rather than a wrong kernel.
+        opts = (*opts, f"-arch={target}")
     key = (filename, arch, opts, tuple(name_expressions))
     mod = _modules.get(key)
     if mod is None:
@@ -122,7 +133,7 @@ def _cuda_include_dirs() -> tuple[str, ...]:
 def nvrtc_check(
     filename: str, arch: str, name_expressions: tuple[str, ...] = (), options: tuple[str, ...] = ()
 ) -> str:
-    """Compile kernels/<filename> for `arch` ("sm_80", "sm_90", "80") through NVRTC with no GPU.
+    """Compile kernels/<filename> for `arch` ("sm_80", "sm_90", "80", "sm_90a") through NVRTC with no GPU.
 
     Uses the run-time flags; returns the compiler log (warnings); raises RuntimeError with the log on errors.
     """

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from ..backends import cuda_available
-from .attention import case_attention, case_sparse_attention
+from .attention import case_attention, case_prefill_kernels, case_sparse_attention
 from .common import Ctx, Result, format_table
 from .kv_quant import case_kv_quant
 from .layers import (
@@ -61,6 +61,7 @@ CASES: dict[str, Callable[[Ctx], list[Result]]] = {
     "sampling": case_sampling,
     "attention": case_attention,
     "sparse_attention": case_sparse_attention,
+    "prefill_kernels": case_prefill_kernels,
     "page_select": case_page_select,
     "rope_write_kv_sparse": case_rope_write_kv_sparse,
     "kv_quant": case_kv_quant,

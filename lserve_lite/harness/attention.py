@@ -1,10 +1,14 @@
 """Harness rows of kernels/attention_prefill.cu and kernels/attention_decode.cu (dense mode, and LServe's two
-pools with windows and page selections: prefill, decode, mixed steps) against backends/reference/attention.py."""
+pools with windows and page selections: prefill, decode, mixed steps) against backends/reference/attention.py.
+`case_prefill_kernels`: the prefill rows again under each prefill kernel the device has (mma.sync, and the
+wgmma one of kernels/attention_prefill_sm90.cu on compute capability 9.x), forced through
+cuda_attention.PREFILL_KERNEL."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..backends import cuda_attention
 from ..backends.base import KVCache
 from ..backends.reference.attention import paged_attention_ref, paged_attention_sparse_ref
 from ..backends.reference.page_select import select_pages_ref
@@ -37,26 +41,61 @@ def _attention_case(c: Ctx, hq, hkv, d, page, q_lens, ctx_lens, sink=0, local=0,
     return compare(f"attention.{kind}", tag, o.get(), ref, 2e-3, 1e-2)
 
 
+ATTENTION_CASES = [
+    dict(hq=9, hkv=3, d=64, page=64, q_lens=[1, 1, 1, 1, 1], ctx_lens=[1, 63, 64, 65, 3000]),
+    dict(hq=32, hkv=8, d=128, page=64, q_lens=[1, 1, 1], ctx_lens=[4096, 17, 200]),
+    dict(hq=32, hkv=8, d=128, page=16, q_lens=[1], ctx_lens=[32768]),
+    dict(hq=9, hkv=3, d=64, page=64, q_lens=[5, 70, 1], ctx_lens=[5, 200, 1000]),
+    dict(hq=32, hkv=8, d=128, page=64, q_lens=[300], ctx_lens=[300]),
+    dict(hq=32, hkv=8, d=128, page=64, q_lens=[129, 1], ctx_lens=[2000, 77]),
+    dict(
+        hq=8,
+        hkv=8,
+        d=64,
+        page=32,
+        q_lens=[33, 1, 1],
+        ctx_lens=[33, 500, 1],
+    ),
+    dict(hq=9, hkv=3, d=64, page=64, q_lens=[1, 1], ctx_lens=[1500, 700], sink=64, local=256, n_stream=2),
+    dict(hq=32, hkv=8, d=128, page=64, q_lens=[200], ctx_lens=[1200], sink=128, local=256, n_stream=4),
+]
+
+
 def case_attention(c: Ctx) -> list[Result]:
-    cases = [
-        dict(hq=9, hkv=3, d=64, page=64, q_lens=[1, 1, 1, 1, 1], ctx_lens=[1, 63, 64, 65, 3000]),
-        dict(hq=32, hkv=8, d=128, page=64, q_lens=[1, 1, 1], ctx_lens=[4096, 17, 200]),
-        dict(hq=32, hkv=8, d=128, page=16, q_lens=[1], ctx_lens=[32768]),
-        dict(hq=9, hkv=3, d=64, page=64, q_lens=[5, 70, 1], ctx_lens=[5, 200, 1000]),
-        dict(hq=32, hkv=8, d=128, page=64, q_lens=[300], ctx_lens=[300]),
-        dict(hq=32, hkv=8, d=128, page=64, q_lens=[129, 1], ctx_lens=[2000, 77]),
-        dict(
-            hq=8,
-            hkv=8,
-            d=64,
-            page=32,
-            q_lens=[33, 1, 1],
-            ctx_lens=[33, 500, 1],
-        ),
-        dict(hq=9, hkv=3, d=64, page=64, q_lens=[1, 1], ctx_lens=[1500, 700], sink=64, local=256, n_stream=2),
-        dict(hq=32, hkv=8, d=128, page=64, q_lens=[200], ctx_lens=[1200], sink=128, local=256, n_stream=4),
-    ]
-    return [_attention_case(c, **kw) for kw in cases]
+    return [_attention_case(c, **kw) for kw in ATTENTION_CASES]
+
+
+# Prefill-only rows for the kernel comparison: ATTENTION_CASES' prefill rows plus shapes that exercise the wgmma
+# kernel's two tile shapes (one / two warpgroups), deep tile loops and 16 / 32-token pages.
+PREFILL_KERNEL_CASES = [kw for kw in ATTENTION_CASES if any(n > 1 for n in kw["q_lens"])] + [
+    dict(hq=32, hkv=8, d=128, page=64, q_lens=[1000], ctx_lens=[3100]),
+    dict(hq=4, hkv=4, d=128, page=16, q_lens=[33, 64, 7], ctx_lens=[33, 900, 7]),
+    dict(hq=12, hkv=4, d=64, page=32, q_lens=[257, 2], ctx_lens=[700, 2]),
+    dict(hq=8, hkv=2, d=64, page=16, q_lens=[500], ctx_lens=[2000], sink=16, local=100, n_stream=1),
+]
+
+
+def prefill_kernels_available() -> list[str]:
+    """The prefill kernels this device runs: "mma" everywhere, "wgmma" on compute capability 9.x."""
+    import cupy as cp
+
+    return ["mma", "wgmma"] if cp.cuda.Device().compute_capability.startswith("9") else ["mma"]
+
+
+def case_prefill_kernels(c: Ctx) -> list[Result]:
+    """Every prefill row (dense mode, and the LServe two-pool setups) under each available prefill kernel."""
+    saved, out = cuda_attention.PREFILL_KERNEL, []
+    try:
+        for impl in prefill_kernels_available():
+            cuda_attention.PREFILL_KERNEL = impl
+            rows = [_attention_case(c, **kw) for kw in PREFILL_KERNEL_CASES]
+            rows += [sparse_prefill_one(c, name) for name in SPARSE_PREFILL]
+            for r in rows:
+                r.kernel = f"{r.kernel}[{impl}]"
+            out += rows
+    finally:
+        cuda_attention.PREFILL_KERNEL = saved
+    return out
 
 
 # -- LServe sparse kernels: two KV pools, per-query-block windows, page selection, page statistics -------

@@ -1,0 +1,402 @@
+// Block-sparse paged flash attention for prefill on Hopper (sm_90a): the plan format, arguments and semantics of
+// attention_prefill.cu (read that first; its comments on the plan, the pools, GQA packing and the mask hold here),
+// with the two products on warpgroup MMA (wgmma.mma_async, fp16 in, fp32 accumulate) instead of mma.sync.
+// References: lserve_lite/backends/reference/attention.py::paged_attention_ref / paged_attention_sparse_ref;
+// launcher: lserve_lite/backends/cuda_attention.py (PREFILL_KERNEL picks this file on compute capability 9.x).
+// fp16 caches only (as attention_prefill.cu: q, K, V and out are fp16); quantized caches keep the mma.sync kernel.
+//
+// Design (simple first, measured later):
+// - A CTA is NWG warpgroups (128 threads each); warpgroup w owns query rows 64w .. 64w + 63 of the CTA's
+//   BM = 64 * NWG rows (the same row -> (head, block row) packing as the mma.sync kernel). Warp k of the CTA
+//   owns rows 16k .. 16k + 15, so the per-thread row/column bookkeeping is the mma.sync kernel's with MT = 1.
+// - No producer warps and no TMA: every thread issues 16-byte cp.async copies of the K/V tiles (BN = 64 keys,
+//   gathered from the page list; pages are 16 .. 1024 tokens, so a tile is several pages or part of one, and a
+//   TMA descriptor per pool would still need a gather per page) into a ring of STAGES stages; tile j + STAGES - 1
+//   is in flight while tile j is computed, one CTA barrier per tile.
+// - S = Q K^T: wgmma m64n64k16 with Q (A) and K (B) both read from shared memory through descriptors, K-major.
+//   O += P V: wgmma m64nDk16 with P (A) from registers (the S accumulator re-packed to fp16, no shared-memory
+//   round trip) and V (B) from shared memory, N-major ("transposed", imm-trans-b = 1, allowed for 16-bit types).
+//   Each product is committed and waited for at once (no overlap of softmax with the next QK^T inside a
+//   warpgroup; the other warpgroup / CTA on the SM fills the tensor cores meanwhile).
+// - Online softmax in fp32, base 2, as the mma.sync kernel (the accumulator fragment of wgmma has the same
+//   per-warp layout as mma.sync's m16n8 C fragment, see below).
+//
+// Shared-memory layout (every tile 1024-byte aligned): Q [BM][D], and per stage K [BN][D] and V [BN][D], all
+// fp16 rows split into column blocks of 64 halves (128 bytes): block b of a tile with R rows is at b * R * 128,
+// row r of a block at r * 128, and its 16-byte chunk c stored at chunk position c ^ (r % 8). That is the PTX
+// "128-byte swizzle" (swizzle mode 1): the hardware XORs address bits [4:6] with bits [7:9], i.e. within each
+// 1024-byte atom of 8 rows x 128 bytes the chunk index with the row index, so the pattern is a function of the
+// absolute address and tiles must start 1024-byte aligned (descriptor base offset 0).
+//
+// PTX ISA rules relied on (9.7.15 "Asynchronous Warpgroup Level Matrix Multiply-Accumulate", sm_90a):
+// - Matrix descriptor (64 bits): [0:13] start address >> 4, [16:29] leading dimension byte offset (LBO) >> 4,
+//   [32:45] stride dimension byte offset (SBO) >> 4, [49:51] base offset, [62:63] swizzle (1 = 128B).
+// - K-major operand (Q as A, K as B; transpose bit 0): "core matrices" of 8 rows x 16 bytes; SBO is the distance
+//   between adjacent 8-row groups along M/N (here 8 rows * 128 B = 1024); LBO, the distance between core
+//   matrices along K, is not used with a 128-byte swizzle when the instruction's K extent (16 halves = 32 B)
+//   stays inside one 128-byte row (set to 16 B, as CUTLASS does). The k-th 16-wide K step inside a 64-half
+//   column block starts 32 * k bytes further (the swizzle is applied by the hardware on the resulting
+//   addresses); the next column block is R * 128 bytes further.
+// - N-major operand (V as B, imm-trans-b = 1, only for .f16/.bf16): the roles swap (CUTLASS make_gmma_desc
+//   Major::MN, canonical SW128 layout ((64 halves, n), (8 rows, k)) : ((1, LBO), (128 B, SBO))): SBO is the
+//   distance between 8-row groups along K (the keys: 1024 B) and LBO the distance between 64-wide atoms along N
+//   (the head dim: the next column block, BN * 128 B; unused for D = 64). The k-th 16-key step starts 16 * 128
+//   bytes further (a whole number of atoms: the swizzle phase is unchanged).
+// - Register fragments (m64nNk16): thread t of the warpgroup, warp w = t / 32, g = (t % 32) / 4, t4 = t % 4.
+//   Accumulator D (f32): d[4i + 2h + e] is row 16w + g + 8h, column 8i + 2 t4 + e. A (f16, four .f16x2):
+//   a0 = (row g, k 2t4..+1), a1 = (g + 8, 2t4), a2 = (g, 2t4 + 8), a3 = (g + 8, 2t4 + 8) within the warp's 16
+//   rows: the mma.sync m16n8k16 A layout, so S columns 16k .. 16k + 15 become P's k-th A fragment by packing
+//   pairs, exactly as in attention_prefill.cu.
+// - Ordering: cp.async writes shared memory through the generic proxy and wgmma reads it through the async
+//   proxy, so each thread fences (fence.proxy.async.shared::cta) after its copies have landed and before the
+//   CTA barrier that precedes the wgmma. wgmma.fence precedes the first wgmma of a batch whose accumulator or A
+//   registers were written by ordinary instructions (zeroing, rescaling, packing); the registers are not
+//   touched between the wgmma and its wgmma.wait_group (compiler-level fences on them, as CUTLASS does).
+#include "attention_common.cuh"
+
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "attention_prefill_sm90.cu uses wgmma: compile it for sm_90a (-arch=sm_90a / compute_90a) only"
+#endif
+
+namespace lsattn {
+namespace sm90 {
+
+// D[64 x 64] (+)= A[64 x 16] * B[16 x 64]; A and B K-major in shared memory (descriptors).
+__device__ __forceinline__ void wgmma_ss_m64n64k16(float (&d)[32], u64 desc_a, u64 desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "%32, %33, p, 1, 1, 0, 0;\n}\n"
+      :
+        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// D[64 x 64] += A[64 x 16] * B[16 x 64]; A in registers (four f16x2 per thread), B N-major ("transposed")
+// in shared memory (imm-trans-b = 1).
+__device__ __forceinline__ void wgmma_rs_m64n64k16_tb(float (&d)[32], const u32 (&a)[4], u64 desc_b) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
+      :
+        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+}
+
+// D[64 x 128] += A[64 x 16] * B[16 x 128]; A in registers (four f16x2 per thread), B N-major ("transposed")
+// in shared memory (imm-trans-b = 1).
+__device__ __forceinline__ void wgmma_rs_m64n128k16_tb(float (&d)[64], const u32 (&a)[4], u64 desc_b) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
+      :
+        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+}
+
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Keeps the compiler from moving reads / writes of accumulator registers across a wgmma issue or wait.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// Byte offset of 16-byte chunk c (of D / 8) of row r in a 128B-swizzled tile of R rows (see the header).
+template <int R>
+__device__ __forceinline__ u32 sw128(int r, int c) {
+  return (u32)((c >> 3) * R * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
+}
+
+// wgmma shared-memory matrix descriptor, 128-byte swizzle (mode 1), base offset 0.
+__device__ __forceinline__ u64 smem_desc(u32 addr, u32 lbo, u32 sbo) {
+  return (u64)((addr & 0x3FFFFu) >> 4) | ((u64)((lbo >> 4) & 0x3FFFu) << 16) | ((u64)((sbo >> 4) & 0x3FFFu) << 32) |
+         (1ull << 62);
+}
+
+template <int D, int NWG, int STAGES>
+struct Smem {
+  static constexpr int BM = 64 * NWG, BN = 64, THREADS = 128 * NWG, CH = D / 8;
+  static constexpr int Q_BYTES = BM * D * 2;   // multiples of 1024: every tile stays 1024-byte aligned
+  static constexpr int KV_BYTES = BN * D * 2;  // one K (or V) stage
+  static constexpr int OFF_K = Q_BYTES;
+  static constexpr int OFF_V = OFF_K + STAGES * KV_BYTES;
+  static constexpr int OFF_KPOS = OFF_V + STAGES * KV_BYTES;  // STAGES x BN key positions
+  static constexpr int OFF_QPOS = OFF_KPOS + STAGES * BN * 4;  // BM query positions
+  static constexpr int BYTES = OFF_QPOS + BM * 4;
+};
+
+// Dynamic shared memory rounded up to 1024 bytes (the launcher allocates 1024 extra): the swizzle atom.
+__device__ __forceinline__ unsigned char* align_smem1024(unsigned char* raw, u32& addr) {
+  const u32 a = smem_addr(raw), pad = (1024u - (a & 1023u)) & 1023u;
+  addr = a + pad;
+  return raw + pad;
+}
+
+template <int D, int NWG, int STAGES>
+__device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const KVPools pools, f16_t* __restrict__ out,
+                                             const PlanView pv, int Hq, int Hkv, int ps_shift, int rows_per_head,
+                                             int heads_per_cta, int n_sub, int hgroups, float scale_log2) {
+  using L = Smem<D, NWG, STAGES>;
+  constexpr int CH = L::CH, BM = L::BM, BN = L::BN, THREADS = L::THREADS;
+  static_assert(STAGES >= 2, "a ring of at least two stages");
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  u32 s_base;
+  unsigned char* smem = align_smem1024(smem_raw, s_base);
+  const u32 sQ = s_base, sK = s_base + L::OFF_K, sV = s_base + L::OFF_V;
+  int* kpos_s = reinterpret_cast<int*>(smem + L::OFF_KPOS);
+  int* qpos_s = reinterpret_cast<int*>(smem + L::OFF_QPOS);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wg = warp >> 2;
+  // ---- the CTA's work: as attention_prefill.cu (heaviest query blocks first)
+  const int xi = gridDim.x - 1 - blockIdx.x;
+  const int qb = xi / n_sub, sub = xi % n_sub;
+  if (qb >= pv.meta[0]) return;
+  const int kvh = blockIdx.y / hgroups, hg = blockIdx.y % hgroups;
+  const int group = Hq / Hkv;
+  const int q_len = pv.qb_len[qb], pos0 = pv.qb_pos[qb], tok0 = pv.qb_start[qb];
+  const int row0 = sub * rows_per_head;
+  if (row0 >= q_len) return;
+  const int ctx = pv.seq_ctx[pv.qb_seq[qb]];
+  const int sink = pv.qb_sink[qb], local = pv.qb_local[qb];
+  const int cls = pools.head_class[kvh];
+  const f16_t* __restrict__ kc = reinterpret_cast<const f16_t*>(cls ? pools.k1 : pools.k0);
+  const f16_t* __restrict__ vc = reinterpret_cast<const f16_t*>(cls ? pools.v1 : pools.v0);
+  const int pool_heads = cls ? pools.n1 : pools.n0, slot = pools.head_slot[kvh];
+  const int lo = pv.kv_indptr[qb * 2 + cls], npages = pv.kv_indptr[qb * 2 + cls + 1] - lo;
+  const int ps = 1 << ps_shift;
+  const int nkeys = npages << ps_shift;
+  const int ntiles = (nkeys + BN - 1) / BN;
+  const int q_min = pos0 + row0, q_max = pos0 + min(q_len, row0 + rows_per_head) - 1;
+
+  auto row_info = [&](int r, int& head, int& i) -> bool {
+    const int hl = r / rows_per_head;
+    i = row0 + r % rows_per_head;
+    const int hig = hg * heads_per_cta + hl;
+    head = kvh * group + hig;
+    return hl < heads_per_cta && hig < group && i < q_len;
+  };
+
+  // ---- Q tile -> shared memory (invalid rows zero-filled)
+  constexpr int ROWS_PER_PASS = THREADS / CH;
+  const int c_ld = tid % CH, r_ld = tid / CH;
+#pragma unroll
+  for (int it = 0; it < BM / ROWS_PER_PASS; ++it) {
+    const int r = r_ld + it * ROWS_PER_PASS;
+    int head, i;
+    const bool ok = row_info(r, head, i);
+    const f16_t* src = ok ? q + ((size_t)(tok0 + i) * Hq + head) * D + c_ld * 8 : q;
+    cp_async16(sQ + sw128<BM>(r, c_ld), src, ok ? 16 : 0);
+  }
+
+  // ---- K/V tile j of the page list -> stage st (rows past the list zero-filled, key position NONE)
+  auto load_kv = [&](int j, int st) {
+#pragma unroll
+    for (int it = 0; it < BN / ROWS_PER_PASS; ++it) {
+      const int r = r_ld + it * ROWS_PER_PASS;
+      const int g = j * BN + r, e = g >> ps_shift, off = g & (ps - 1);
+      const bool ok = g < nkeys;
+      const int2 pl = ok ? pv.kv_pl[lo + e] : make_int2(0, 0);
+      const size_t base = (((size_t)pl.x * pool_heads + slot) * ps + off) * D + c_ld * 8;
+      const u32 dst = st * L::KV_BYTES + sw128<BN>(r, c_ld);
+      cp_async16(sK + dst, kc + base, ok ? 16 : 0);
+      cp_async16(sV + dst, vc + base, ok ? 16 : 0);
+      if (c_ld == 0) kpos_s[st * BN + r] = ok ? (pl.y << ps_shift) + off : LSERVE_KPOS_NONE;
+    }
+  };
+
+  // Prologue: Q and tiles 0 .. STAGES - 2, one commit group each (Q rides with tile 0); empty groups keep the
+  // count uniform, so cp.async.wait_group STAGES - 2 at iteration j means "tile j has landed".
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < ntiles) load_kv(s, s);
+    cp_async_commit();
+  }
+  if (tid < BM) {
+    int head, i;
+    row_info(tid, head, i);
+    qpos_s[tid] = pos0 + i;
+  }
+
+  const int g = lane >> 2, t4 = lane & 3;
+  const int wrow = warp * 16;  // this warp's first row in the CTA; the thread's rows are wrow + g + 8h
+  float o[D / 2];              // O accumulator [64 x D] of the warpgroup: o[4n + 2h + e] = (row g + 8h, col 8n + 2t4 + e)
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+  float m_run[2] = {LSERVE_NEG_INF, LSERVE_NEG_INF}, l_run[2] = {0.f, 0.f};
+  const u32 q_wg = sQ + wg * 64 * 128;  // this warpgroup's 64 rows in each column block of Q
+
+  for (int j = 0; j < ntiles; ++j) {
+    const int st = j % STAGES;
+    cp_async_wait<STAGES - 2>();
+    fence_proxy_async();  // this thread's landed copies -> visible to the async proxy (wgmma)
+    __syncthreads();      // ... and everyone's; every warpgroup is done with tile j - 1 (its wgmma waited)
+    {
+      const int jn = j + STAGES - 1;  // refill the stage tile j - 1 used
+      if (jn < ntiles) load_kv(jn, jn % STAGES);
+      cp_async_commit();
+    }
+    const u32 kt = sK + st * L::KV_BYTES, vt = sV + st * L::KV_BYTES;
+
+    const int* kp = kpos_s + st * BN;
+    const int nvalid = min(BN, nkeys - j * BN);
+    const int kmin = kp[0], kmax = kp[nvalid - 1];  // lists are sorted by logical page
+    bool need_mask = nvalid < BN || kmax > q_min || kmax >= ctx;
+    if (cls) need_mask = need_mask || !(kmax < sink || q_max - kmin < local);
+
+    // ---- S = Q K^T: [64 rows x 64 keys] per warpgroup, D / 16 k-steps of 16 head-dim columns
+    float s[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) s[i] = 0.f;
+    fence_regs(s);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const u32 col = (kk >> 2) * 128, kin = (kk & 3) * 32;  // column block (x rows x 128 B), 32 B per k-step
+      const u64 da = smem_desc(q_wg + col * BM + kin, 16, 1024);
+      const u64 db = smem_desc(kt + col * BN + kin, 16, 1024);
+      wgmma_ss_m64n64k16(s, da, db, kk > 0 ? 1 : 0);
+    }
+    wgmma_commit();
+    wgmma_wait0();
+    fence_regs(s);
+
+    if (need_mask) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int qp = qpos_s[wrow + g + 8 * h];
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n) {
+          const int2 k2 = *reinterpret_cast<const int2*>(kp + n * 8 + 2 * t4);
+          if (!key_visible(k2.x, qp, ctx, cls, sink, local)) s[4 * n + 2 * h] = LSERVE_NEG_INF;
+          if (!key_visible(k2.y, qp, ctx, cls, sink, local)) s[4 * n + 2 * h + 1] = LSERVE_NEG_INF;
+        }
+      }
+    }
+
+    // ---- online softmax (fp32, base 2); P packed to the A fragments of the PV wgmma as it is computed
+    u32 pa[BN / 16][4];
+    float alpha[2];
+    bool rescale = false;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = m_run[h];
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * h], s[4 * n + 2 * h + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_use = mx == LSERVE_NEG_INF ? 0.f : mx;
+      alpha[h] = fast_exp2((m_run[h] - m_use) * scale_log2);
+      rescale |= mx != m_run[h];
+      const float mb = m_use * scale_log2;
+      float sum = 0.f;
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) {
+        const float p0 = fast_exp2(fmaf(s[4 * n + 2 * h], scale_log2, -mb));
+        const float p1 = fast_exp2(fmaf(s[4 * n + 2 * h + 1], scale_log2, -mb));
+        sum += p0 + p1;
+        pa[n >> 1][(n & 1) * 2 + h] = pack_half2(p0, p1);  // keys 16k + 8(n&1) + 2t4, row g + 8h
+      }
+      l_run[h] = l_run[h] * alpha[h] + sum;
+      m_run[h] = mx;
+    }
+    if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        o[4 * n] *= alpha[0];
+        o[4 * n + 1] *= alpha[0];
+        o[4 * n + 2] *= alpha[1];
+        o[4 * n + 3] *= alpha[1];
+      }
+    }
+
+    // ---- O += P V: BN / 16 k-steps of 16 keys; V N-major (rows = keys, the head dim contiguous)
+    fence_regs(o);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      const u64 db = smem_desc(vt + kk * 16 * 128, BN * 128, 1024);
+      if constexpr (D == 64) {
+        wgmma_rs_m64n64k16_tb(o, pa[kk], db);
+      } else {
+        wgmma_rs_m64n128k16_tb(o, pa[kk], db);
+      }
+    }
+    wgmma_commit();
+    wgmma_wait0();
+    fence_regs(o);
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // Q has landed (ntiles == 0) and no warpgroup still reads Q before the reuse below
+
+  // ---- normalize, stage this warp's rows through shared memory (plain swz layout), 16-byte coalesced stores
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float l = l_run[h];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int r = wrow + g + 8 * h;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      const u32 v = pack_half2(o[4 * n + 2 * h] * inv, o[4 * n + 2 * h + 1] * inv);
+      *reinterpret_cast<u32*>(smem + swz<CH>(r, n) + t4 * 4) = v;
+    }
+  }
+  __syncwarp();
+#pragma unroll
+  for (int it = 0; it < 16 * CH / 32; ++it) {
+    const int idx = lane + it * 32, r = wrow + idx / CH, c = idx % CH;
+    int head, i;
+    if (row_info(r, head, i)) {
+      const uint4 v = *reinterpret_cast<const uint4*>(smem + swz<CH>(r, c));
+      *reinterpret_cast<uint4*>(out + ((size_t)(tok0 + i) * Hq + head) * D + c * 8) = v;
+    }
+  }
+}
+
+}  // namespace sm90
+}  // namespace lsattn
+
+// One extern "C" entry point per (head dim, warpgroups, stages); the argument list is the mma.sync kernel's.
+#define LSERVE_PREFILL_SM90_KERNEL(D, NWG, STAGES, MINB)                                                      \
+  extern "C" __global__ void __launch_bounds__(128 * NWG, MINB)                                            \
+      paged_attn_prefill_sm90_d##D##_w##NWG##_s##STAGES(                                                   \
+          const f16_t* q, const unsigned char* k0, const unsigned char* v0, const unsigned char* k1,      \
+          const unsigned char* v1, const f16_t* sk0, const f16_t* sv0, const f16_t* sk1, const f16_t* sv1, \
+          f16_t* out, const int* plan, int cap_qb, int cap_seq, const int* head_class, const int* head_slot, \
+          int n0, int n1, int Hq, int Hkv, int ps_shift, int rows_per_head, int heads_per_cta, int n_sub,  \
+          int hgroups, float scale_log2) {                                                                 \
+    const lsattn::KVPools pools{k0, v0, k1, v1, sk0, sv0, sk1, sv1, head_class, head_slot, n0, n1};        \
+    lsattn::sm90::prefill_body<D, NWG, STAGES>(q, pools, out, lsattn::plan_view(plan, cap_qb, cap_seq), Hq, \
+                                               Hkv, ps_shift, rows_per_head, heads_per_cta, n_sub, hgroups, \
+                                               scale_log2);                                                \
+  }
+
+// BN = 64 keys per tile throughout. Two CTAs per SM where shared memory allows (d128 w2 s2: 97 KiB each).
+LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 2)
+LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2)
+LSERVE_PREFILL_SM90_KERNEL(64, 2, 3, 2)
+LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2)
+LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2)
+LSERVE_PREFILL_SM90_KERNEL(128, 2, 3, 1)
