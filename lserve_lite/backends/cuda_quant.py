@@ -158,6 +158,7 @@ class QuantKernels:
         )
         self._fns: dict[tuple[str, str], dict[str, Any]] = {}
         self._smem: dict[str, int] = {}  # kernel name -> dynamic shared memory it was opted in to
+        self._smem_limit: int | None = None
         self.scratch = cp.empty(0, cp.float16)
 
     def upload(self, w: QuantTensor | RowStack, upload_float) -> DeviceQuant | DeviceRowStack:
@@ -201,10 +202,20 @@ class QuantKernels:
         return data
 
     def _opt_in(self, name: str, fn, nbytes: int) -> None:
-        """Let `fn` launch with `nbytes` of dynamic shared memory (past the default 48 KB, an opt-in)."""
+        """Let `fn` launch with `nbytes` of dynamic shared memory (past the default 48 KB, an opt-in), up to the
+        device's limit (`gemm` launches fewer rows of x at a time past it)."""
+        nbytes = min(nbytes, self.smem_limit)
         if nbytes > max(self._smem.get(name, 0), SMEM_DEFAULT):
             fn.max_dynamic_shared_size_bytes = nbytes
             self._smem[name] = nbytes
+
+    @property
+    def smem_limit(self) -> int:
+        """The most dynamic shared memory one block may opt in to on this device (227 KB on an H100 / H200)."""
+        if self._smem_limit is None:
+            attrs = self.cp.cuda.Device().attributes
+            self._smem_limit = int(attrs.get("MaxSharedMemoryPerBlockOptin", SMEM_DEFAULT))
+        return self._smem_limit
 
     def reserve(self, m: int, k: int) -> None:
         """Grow the prefill scratch for an [m, k] weight (at upload, or for packed weights made on the device)."""
@@ -233,33 +244,29 @@ class QuantKernels:
             c = 0
             for p in w.parts:
                 cols = out[:, c : c + int(p.shape[0])]
-                self.gemm(x, p, cols, precise) if isinstance(p, DeviceQuant) else self.blas.gemm_nt(
-                    x, p, cols
-                )
+                if isinstance(p, DeviceQuant):
+                    self.gemm(x, p, cols, precise)
+                else:
+                    self.blas.gemm_nt(x, p, cols)
                 c += int(p.shape[0])
             return
         n, k = int(x.shape[0]), int(x.shape[1])
         m = w.shape[0]
         if n == 0 or m == 0:
             return
-        variant = "split" if w.split else pick_variant(self.gemv_variant, w.fmt, n)
+        variant = self._variant(w, n)
         fns = self._kernels(w.fmt, variant)
+        if n <= GEMV_MAX_ROWS and w.split:
+            self._gemv_split(fns, x, w, out, precise and out.dtype == np.float32)
+            return
         if n <= GEMV_MAX_ROWS:
             nmax = next(r for r in GEMV_ROWS if r >= n)
             t = "__half" if out.dtype == np.float16 else "float"
             ldy = np.int32(out.strides[0] // out.itemsize)
-            tail = (x, np.int32(n), out, ldy, np.int32(m), np.int32(k))
-            if w.split:
-                r = self.split_r or split_rows(m)
-                passes = 2 if precise and t == "float" else 1
-                fn = fns[f"quant_gemv_split<{w.split.trait}, {r}, {nmax}, {passes}, {t}>"]
-                rows = SPLIT_WARPS * r
-                fn((-(-m // rows),), (32 * SPLIT_WARPS,), (w.data, w.d, self._mins(w), *tail),
-                   shared_mem=split_smem(n, k, passes))  # fmt: skip
-                return
             kernel, warps = GEMV_VARIANTS[variant]
             fn = fns[f"{kernel}<{w.fmt.upper()}, {nmax}, {t}>"]
-            fn((-(-m // warps),), (32 * warps,), (w.data, np.int64(w.row_bytes), *tail))
+            args = (w.data, np.int64(w.row_bytes), x, np.int32(n), out, ldy, np.int32(m), np.int32(k))
+            fn((-(-m // warps),), (32 * warps,), args)
             return
         tile = self.tile_rows(m, k)
         for r0 in range(0, m, tile):
@@ -267,6 +274,38 @@ class QuantKernels:
             wt = self.scratch[: (r1 - r0) * k].reshape(r1 - r0, k)
             self._dequant(fns, w, None, r0, r1 - r0, wt)
             self.blas.gemm_nt(x, wt, out[:, r0:r1])
+
+    def _gemv_split(self, fns, x, w: DeviceQuant, out, two_pass: bool) -> None:
+        """quant_gemv_split over x's rows, as many per launch as the shared memory holds (all of them unless K is
+        large: 8 rows of K = 14336 need 140 KB, 280 KB with two passes; two passes fall back to one first)."""
+        n, k, m = int(x.shape[0]), int(x.shape[1]), w.shape[0]
+        passes = 2 if two_pass and split_smem(n, k, 2) <= self.smem_limit else 1
+        step = n
+        while step > 1 and split_smem(step, k, passes) > self.smem_limit:
+            step = (step + 1) // 2
+        r = self.split_r or split_rows(m)
+        t = "__half" if out.dtype == np.float16 else "float"
+        ldy = np.int32(out.strides[0] // out.itemsize)
+        for i in range(0, n, step):
+            rows = min(step, n - i)
+            nmax = next(g for g in GEMV_ROWS if g >= rows)
+            fn = fns[f"quant_gemv_split<{w.split.trait}, {r}, {nmax}, {passes}, {t}>"]
+            args = (w.data, w.d, self._mins(w), x[i : i + rows], np.int32(rows), out[i : i + rows], ldy,
+                    np.int32(m), np.int32(k))  # fmt: skip
+            fn(
+                (-(-m // (SPLIT_WARPS * r)),),
+                (32 * SPLIT_WARPS,),
+                args,
+                shared_mem=split_smem(rows, k, passes),
+            )
+
+    def _variant(self, w: DeviceQuant, n: int) -> str:
+        """The kernels of w's layout: split for a split weight, else v1 / v2 (v1 where the setting would pick
+        split for the format, for weights stored as blocks under another setting)."""
+        if w.split:
+            return "split"
+        v = pick_variant(self.gemv_variant, w.fmt, n)
+        return "v1" if v == "split" else v
 
     @staticmethod
     def _mins(w: DeviceQuant):
@@ -277,8 +316,9 @@ class QuantKernels:
         """out[j] = row ids[j] of the table as float16 (ids: int64 on the device)."""
         if int(ids.shape[0]):
             ids = self.cp.ascontiguousarray(ids, dtype=self.cp.int64)
-            variant = "split" if table.split else pick_variant(self.gemv_variant, table.fmt, 1)
-            self._dequant(self._kernels(table.fmt, variant), table, ids, 0, int(ids.shape[0]), out)
+            self._dequant(
+                self._kernels(table.fmt, self._variant(table, 1)), table, ids, 0, int(ids.shape[0]), out
+            )
 
     def _dequant(self, fns, w: DeviceQuant, rows, r0: int, nrows: int, out) -> None:
         k = w.shape[1]
