@@ -14,7 +14,7 @@
 // (dx = max|x| / 127, xq = round(x / dx), s = sum xq: llama.cpp's q8_1 scheme; the logits add a second pass
 // on the rounding residual, P = 2), then each warp takes R output
 // rows; lane l reads chunks l, l + 32, ... of each row with 16-byte loads (U chunks x R rows in flight before
-// any is used) and sums q * xq with dp4a (exact int32); per chunk y += dx * (d * (sum - Z s) + m s).
+// any is used; the first of them issued before x is quantized) and sums q * xq with dp4a (exact int32); per chunk y += dx * (d * (sum - Z s) + m s).
 
 #include <cuda_fp16.h>
 
@@ -103,6 +103,33 @@ __device__ __forceinline__ int chunk_dot(const unsigned (&w)[F::WORDS], const in
   return acc;
 }
 
+// Chunks c0, c0 + 32, ... (U of them) of rows m0 .. m0 + R - 1 into registers: integers, scales, additive terms.
+template <typename F, int R, int U>
+__device__ __forceinline__ void load_chunks(const u8* __restrict__ q, const __half* __restrict__ d,
+                                            const __half* __restrict__ mn, int c0, int nc, int ng, long long qrow,
+                                            int m0, int M, unsigned (&w)[U][R][F::WORDS], float (&dd)[U][R],
+                                            float (&mm)[U][R]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int c = c0 + 32 * u;
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      const int m = m0 + i;
+      if (c < nc && m < M) {
+        const uint4* src = reinterpret_cast<const uint4*>(q + m * qrow + (long long)c * F::WORDS * 4);
+#pragma unroll
+        for (int h = 0; h < F::WORDS / 4; ++h) {
+          const uint4 v = __ldg(src + h);
+          w[u][i][4 * h] = v.x, w[u][i][4 * h + 1] = v.y, w[u][i][4 * h + 2] = v.z, w[u][i][4 * h + 3] = v.w;
+        }
+        const long long g = (long long)m * ng + (F::CPG ? c / F::CPG : 0);
+        dd[u][i] = F::CPG ? __half2float(__ldg(d + g)) : 1.f;
+        mm[u][i] = F::MIN ? __half2float(__ldg(mn + g)) : 0.f;
+      }
+    }
+  }
+}
+
 // y[r * ldy + m] = sum_k x[r, k] W[m, k] for r < n <= NMAX, R rows of W per warp, x in P int8 passes.
 // Dynamic shared memory: P * n * K bytes of xq + P * n * K / 32 float2 of xs. K % 32 == 0.
 template <typename F, int R, int NMAX, int P, typename TOut>
@@ -117,6 +144,9 @@ __global__ void __launch_bounds__(SWARPS * 32)
   const long long qrow = (long long)K * F::BITS / 8;
   const int lane = threadIdx.x & 31;
   const int m0 = (blockIdx.x * SWARPS + (threadIdx.x >> 5)) * R;
+  unsigned w[U][R][F::WORDS];
+  float dd[U][R], mm[U][R];
+  load_chunks<F, R, U>(q, d, mn, lane, nc, ng, qrow, m0, M, w, dd, mm);  // in flight while x is quantized
   quantize_x<P>(x, n, K, xq, xs);
   __syncthreads();
   if (m0 >= M) return;
@@ -126,27 +156,7 @@ __global__ void __launch_bounds__(SWARPS * 32)
 #pragma unroll
     for (int r = 0; r < NMAX; ++r) acc[i][r] = 0.f;
   for (int c0 = lane; c0 < nc; c0 += 32 * U) {
-    unsigned w[U][R][F::WORDS];
-    float dd[U][R], mm[U][R];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int c = c0 + 32 * u;
-#pragma unroll
-      for (int i = 0; i < R; ++i) {
-        const int m = m0 + i;
-        if (c < nc && m < M) {
-          const uint4* src = reinterpret_cast<const uint4*>(q + m * qrow + (long long)c * F::WORDS * 4);
-#pragma unroll
-          for (int h = 0; h < F::WORDS / 4; ++h) {
-            const uint4 v = __ldg(src + h);
-            w[u][i][4 * h] = v.x, w[u][i][4 * h + 1] = v.y, w[u][i][4 * h + 2] = v.z, w[u][i][4 * h + 3] = v.w;
-          }
-          const long long g = (long long)m * ng + (F::CPG ? c / F::CPG : 0);
-          dd[u][i] = F::CPG ? __half2float(__ldg(d + g)) : 1.f;
-          mm[u][i] = F::MIN ? __half2float(__ldg(mn + g)) : 0.f;
-        }
-      }
-    }
+    if (c0 != lane) load_chunks<F, R, U>(q, d, mn, c0, nc, ng, qrow, m0, M, w, dd, mm);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + 32 * u;

@@ -166,7 +166,8 @@ def test_gemv_variant_from_the_environment(monkeypatch):
     assert pick_variant("auto", "q6_k", 1) == "v2" and pick_variant("auto", "q6_k", 2) == "v1"
     assert pick_variant("auto", "q4_k", 1) == "v1" and pick_variant("v2", "q4_k", 8) == "v2"
     assert pick_variant("v1", "q4_1", 1) == "v1"
-    assert split_rows(576) == 1 and split_rows(4224) == 2 and split_rows(128256) == 4
+    assert split_rows(576) == 1 and split_rows(4096) == 2 and split_rows(128256) == 4
+    assert split_rows(576, 8) == 1 and split_rows(1536, 8) == 4
 
 
 def test_device_weights_count_packed_bytes():
