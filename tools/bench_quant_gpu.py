@@ -38,16 +38,21 @@ ROTATE_BYTES = 256 << 20
 F16_FIELDS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q4_k": (0, 2), "q6_k": (208,), "int4": (0,)}
 
 
-def random_device_quant(ops, fmt: str, m: int, k: int, seed: int = 0, split: bool = False):
+def random_device_quant(ops, fmt: str, m: int, k: int, seed: int = 0, split: bool | None = None):
     """A DeviceQuant of random packed bytes (never all zeros) whose fp16 fields hold finite scales of about
-    1 / (sqrt(k) * qmax), so that activations through many layers stay in range; made on the GPU (in the
-    split layout if `split`), prepared as an upload would (kernels, shared memory, prefill scratch)."""
+    1 / (sqrt(k) * qmax), so that activations through many layers stay in range; made on the GPU in the layout
+    an upload would choose under `ops`'s GEMV setting (or the split layout if `split` says so), and prepared as
+    an upload would (kernels, shared memory, prefill scratch)."""
     import cupy as cp
 
     from lserve_lite.backends.cuda_quant import PAD, DeviceQuant
     from lserve_lite.backends.quant_split import SPLIT_FORMATS
     from lserve_lite.weights.qtensor import LAYOUTS
 
+    from lserve_lite.backends.cuda_quant import pick_variant
+
+    if split is None:
+        split = pick_variant(ops.quant.gemv_variant, fmt, 1) == "split"
     lay = LAYOUTS[fmt]
     rs = cp.random.RandomState(seed)
     qmax = 127 if fmt in ("q8_0", "int8", "q6_k") else 15
