@@ -701,8 +701,8 @@ constexpr int DC_V2_MIN_CTAS = 3;
   }
 LSERVE_DECODE_V2_KERNEL(64, 4, lskv::Int8, _int8)
 LSERVE_DECODE_V2_KERNEL(128, 4, lskv::Int8, _int8)
-LSERVE_DECODE_V2_KERNEL(64, 8, lskv::Int4, _int4)  // int4 units are small: a deeper ring, same smem
-LSERVE_DECODE_V2_KERNEL(128, 8, lskv::Int4, _int4)
+LSERVE_DECODE_V2_KERNEL(64, 6, lskv::Int4, _int4)  // int4 units are small: a deeper ring, 3 CTAs per SM at D 128
+LSERVE_DECODE_V2_KERNEL(128, 6, lskv::Int4, _int4)
 LSERVE_DECODE_V2_KERNEL(64, 4, lskv::Fp8, _fp8)
 LSERVE_DECODE_V2_KERNEL(128, 4, lskv::Fp8, _fp8)
 
