@@ -29,7 +29,8 @@ struct PrefillSmem {
   static constexpr int BM = 64 * MT;         // query rows per CTA
   static constexpr int Q_BYTES = BM * D * 2;
   static constexpr int KV_BYTES = BN * D * 2;  // one fp16 K (or V) tile
-  static constexpr int RAW_BYTES = KV::QUANT ? BN / 16 * Staged<typename KV::KEY, D>::UNIT : KV_BYTES;  // a K tile as stored (V's fits)
+  // a tile as stored: K's, the larger (V's fits)
+  static constexpr int RAW_BYTES = KV::QUANT ? BN / 16 * Staged<typename KV::KEY, D>::UNIT : KV_BYTES;
   static constexpr int OFF_K = Q_BYTES;                    // 2 stages of K
   static constexpr int OFF_V = OFF_K + 2 * RAW_BYTES;      // 2 stages of V
   static constexpr int OFF_KT = (OFF_V + 2 * RAW_BYTES + 255) / 256 * 256;  // quantized: fp16 K, V tiles
@@ -106,9 +107,9 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
         const bool ok = g < nkeys;
         const int2 pl = ok ? pv.kv_pl[lo + e] : make_int2(0, 0);
         const size_t row = ((size_t)pl.x * pool_heads + slot) * ps + off;
-        const u32 dst = st * L::RAW_BYTES;
-        stage_unit<typename KV::KEY, D>(sK + dst + u * Staged<typename KV::KEY, D>::UNIT, kc, kcs, row, ok, lane, 32);
-        stage_unit<KV, D>(sV + dst + u * Staged<KV, D>::UNIT, vc, vcs, row, ok, lane, 32);
+        using KK = typename KV::KEY;  // K's format (int4: finer groups, a larger unit)
+        stage_unit<KK, D>(sK + st * L::RAW_BYTES + u * Staged<KK, D>::UNIT, kc, kcs, row, ok, lane, 32);
+        stage_unit<KV, D>(sV + st * L::RAW_BYTES + u * Staged<KV, D>::UNIT, vc, vcs, row, ok, lane, 32);
         if (lane < 16) kpos_s[st * BN + u * 16 + lane] = ok ? (pl.y << ps_shift) + off + lane : LSERVE_KPOS_NONE;
       }
       return;

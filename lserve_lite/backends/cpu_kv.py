@@ -1,8 +1,9 @@
 """One KV row (a token's K or V of one head) stored into and loaded from a CPU KV pool in any CPU format.
 
 Numba picks the format from the values' dtype (float32: fp32, int8: int8, uint8: int4 with (scale, min) per
-group; kv/quant.py has the rule): the kernels that write and read K/V call `kv_store` / `kv_load` and stay format-free, quantizing on
-write and dequantizing on load with no float copy of the cache.
+group, the group read from the scales' width; kv/quant.py has the rule): the kernels that write and read K/V
+call `kv_store` / `kv_load` and stay format-free, quantizing on write and dequantizing on load with no float
+copy of the cache.
 """
 
 from __future__ import annotations
