@@ -152,7 +152,7 @@ __device__ __forceinline__ PlanView plan_view(const int* buf, int cap_qb, int ca
 // The two KV pools of a layer (LServe): class-0 (dense) KV heads live in pool 0 [pages, n0, page, D],
 // class-1 (streaming) heads in pool 1 [pages, n1, page, D]; head_slot[g] is KV head g's row in its pool.
 // Dense mode: pool 0 holds every head (head_slot = arange) and pool 1 is unused. Values are fp16, or a
-// quantized format (kv_quant.cuh) with fp16 scales s* [pages, n, page, GROUPS] beside them (null for fp16).
+// quantized format (kv_quant.cuh) with fp16 scales s* [pages, n, page, SCALES] beside them (null for fp16).
 struct KVPools {
   const unsigned char* k0;
   const unsigned char* v0;
@@ -195,7 +195,8 @@ __device__ __forceinline__ Visit make_visit(const PlanView& pv, int qb, int kvh,
 }
 
 // Quantized K/V travel to shared memory as stored, in units of 16 cache rows (16 consecutive tokens of one
-// page): the unit's values [16][Row::BYTES], then its fp16 scales [16][Row::GROUPS] (UNIT bytes in all).
+// page): the unit's values [16][Row::BYTES], then its fp16 scales [16][Row::SCALES] (UNIT bytes in all;
+// K's format is KV::KEY, whose unit is at least V's: a buffer sized for K holds either).
 template <class KV, int D>
 struct Staged {
   using R = lskv::Row<KV, D>;
@@ -224,9 +225,9 @@ __device__ __forceinline__ void dequant_tile(const unsigned char* raw, unsigned 
     const unsigned char* unit = raw + (r >> 4) * Staged<KV, D>::UNIT;
     const uint4 w = *reinterpret_cast<const uint4*>(unit + (r & 15) * R::BYTES + c * 16);
     const f16_t* scales = reinterpret_cast<const f16_t*>(unit + 16 * R::BYTES);
-    const float s = lskv::h2f(scales[(r & 15) * R::GROUPS + (R::GROUPS == 1 ? 0 : c)]);
+    const int group0 = R::GROUPS == 1 ? 0 : c * (R::CHUNK_CH / KV::GROUP);  // the chunk's first group
     uint4 out[R::OUT_CHUNKS];
-    lskv::dequant16<KV>(w, s, out);
+    lskv::dequant16<KV>(w, scales + (r & 15) * R::SCALES + group0 * (KV::ASYM ? 2 : 1), out);
 #pragma unroll
     for (int k = 0; k < R::OUT_CHUNKS; ++k)
       *reinterpret_cast<uint4*>(tile + swz<D / 8>(r, c * R::OUT_CHUNKS + k)) = out[k];

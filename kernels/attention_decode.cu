@@ -30,7 +30,8 @@ struct DecodeSmem {
   static constexpr int CH = D / 8;
   static constexpr int Q_BYTES = 16 * D * 2;
   static constexpr int UNIT_BYTES = DC_UNIT * D * 2;  // fp16 K (or V) of one unit
-  static constexpr int RAW_BYTES = KV::QUANT ? Staged<KV, D>::UNIT : UNIT_BYTES;  // a unit as stored
+  // a unit as stored: K's, the larger (V's fits)
+  static constexpr int RAW_BYTES = KV::QUANT ? Staged<typename KV::KEY, D>::UNIT : UNIT_BYTES;
   static constexpr int WARP_BYTES = STAGES * 2 * RAW_BYTES + (KV::QUANT ? 2 * UNIT_BYTES : 0);
   static constexpr int BYTES = Q_BYTES + DC_WARPS * WARP_BYTES;
 };
@@ -93,7 +94,7 @@ __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const K
     const int page = pv.kv_pl[lo + e].x;
     const size_t row = ((size_t)page * pool_heads + slot) * ps + off;
     if constexpr (KV::QUANT) {
-      stage_unit<KV, D>(sK + st * L::RAW_BYTES, kc, kcs, row, true, lane, 32);
+      stage_unit<typename KV::KEY, D>(sK + st * L::RAW_BYTES, kc, kcs, row, true, lane, 32);
       stage_unit<KV, D>(sV + st * L::RAW_BYTES, vc, vcs, row, true, lane, 32);
     } else {
       const f16_t* kh = reinterpret_cast<const f16_t*>(kc) + row * D;
@@ -134,7 +135,7 @@ __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const K
     u32 sKst = sK + st * L::UNIT_BYTES, sVst = sV + st * L::UNIT_BYTES;
     if constexpr (KV::QUANT) {  // the staged unit -> this warp's fp16 K and V tiles
       const unsigned char* raw = smem + L::Q_BYTES + warp * L::WARP_BYTES + st * L::RAW_BYTES;
-      dequant_tile<KV, D, DC_UNIT>(raw, tiles, lane, 32);
+      dequant_tile<typename KV::KEY, D, DC_UNIT>(raw, tiles, lane, 32);
       dequant_tile<KV, D, DC_UNIT>(raw + STAGES * L::RAW_BYTES, tiles + L::UNIT_BYTES, lane, 32);
       __syncwarp();
       sKst = smem_addr(tiles);
@@ -228,10 +229,12 @@ __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const K
 // - K: the head dimension is permuted (the same permutation for Q and K leaves QK^T unchanged) so that lane
 //   (g, t4) needs bytes [t4 * D/4 channels ..) of key rows g and g + 8 only: KV8 (int8 / fp8) are exact in
 //   fp16 (no scale), and the per-(token, head) scale multiplies the score (s = (q . k_int) * scale_k);
-//   int4 multiplies its group scale in (a lane's channels lie in one group).
+//   int4 applies its group's scale and min in (q * scale + min, one fp16 FMA per value pair; a lane's D/4
+//   channels are KG = 1 (D = 64) or 2 (D = 128) key groups of 16, k-steps 0-3 and 4-7).
 // - V: output dim g * D/8 + nt is column g of n-tile nt, so a lane reads D/8 contiguous channels of the four
 //   key rows its B fragments hold; KV8's per-token scale is folded into the probabilities (p * scale_v),
-//   int4's group scale (one group per lane) is multiplied in. The partial output is written un-permuted.
+//   int4's group scale and min (one group per lane) are applied in by one FMA. The partial output is written
+//   un-permuted.
 // - Values in shared memory: 16-byte chunks XOR-swizzled by (chunk index / 8) % 8, so the K and V fragment
 //   loads of a quarter warp hit distinct banks (D = 128); scales stay linear after them.
 // No fp16 tiles: 2 * STAGES units of shared memory per warp, so more CTAs fit per SM (the launcher sizes the
@@ -247,13 +250,16 @@ struct same_t<A, A> {
 
 template <class KV, int D>
 struct FragV2 {
-  using R = lskv::Row<KV, D>;
+  using R = lskv::Row<KV, D>;                   // a V row
+  using RK = lskv::Row<typename KV::KEY, D>;    // a K row: the same values, its own scales (int4: finer groups)
   static constexpr bool Q4 = KV::BITS == 4;
-  static constexpr int RB = R::BYTES;        // bytes of a stored row
+  static constexpr int RB = R::BYTES;        // bytes of a stored row's values (K and V alike)
   static constexpr int KB = D / 4 * KV::BITS / 8;  // K bytes of a row a lane reads
   static constexpr int VB = D / 8 * KV::BITS / 8;  // V bytes of a row a lane reads
-  static constexpr int UNIT = DC_UNIT * (R::BYTES + R::SCALE_BYTES);
-  static constexpr int VBYTES = DC_UNIT * R::BYTES;
+  static constexpr int KG = Q4 ? D / 4 / KV::KEY::GROUP : 1;  // int4 key groups of a lane's K channels
+  static constexpr int KUNIT = DC_UNIT * (RK::BYTES + RK::SCALE_BYTES);  // a K unit as stored
+  static constexpr int UNIT = DC_UNIT * (R::BYTES + R::SCALE_BYTES);     // a V unit as stored
+  static constexpr int VBYTES = DC_UNIT * R::BYTES;  // a unit's values (then its scales)
   static constexpr float UNITS = same_t<KV, lskv::Fp8>::value ? lskv::FP8_UNIT : 1.f;
   // KV8: P carries p * scale_v * PGAIN (O is divided by PGAIN at the end), which keeps small products out of
   // fp16's subnormal range; it cannot overflow: scale_v <= 65504 / 127 (int8), 65504 / 448 (fp8), and the
@@ -287,13 +293,19 @@ __device__ __forceinline__ void lds_v2(const unsigned char* base, int r, int b, 
   }
 }
 
-// B fragments (b0, b1) of QK^T k-step kk from a lane's K words of one key row; s2: int4's scale (half2).
+// int4 nibbles at bits 0 and 16 of x -> half2 (q0 * s + m0, q1 * s + m1): q exact (1024 + q minus 1024), one FMA.
+__device__ __forceinline__ u32 nib2_v2(u32 x, u32 s2, u32 m2) {
+  return lskv::hfma2(lskv::hsub2((x & 0x000F000Fu) | 0x64006400u, 0x64006400u), s2, m2);
+}
+
+// B fragments (b0, b1) of QK^T k-step kk from a lane's K words of one key row; s2, m2: int4's scale and min
+// of the row's group (half2, both halves equal).
 template <class KV>
-__device__ __forceinline__ void kfrag_v2(const u32* w, int kk, u32 s2, u32& b0, u32& b1) {
+__device__ __forceinline__ void kfrag_v2(const u32* w, int kk, u32 s2, u32 m2, u32& b0, u32& b1) {
   if constexpr (KV::BITS == 4) {  // nibble m of word kk / 2 and nibble m + 4, m = 2 (kk & 1) (+1 for b1)
     const u32 x = w[kk >> 1] >> (8 * (kk & 1));
-    b0 = lskv::hmul2(lskv::hsub2((x & 0x000F000Fu) | 0x64006400u, 0x64086408u), s2);
-    b1 = lskv::hmul2(lskv::hsub2(((x >> 4) & 0x000F000Fu) | 0x64006400u, 0x64086408u), s2);
+    b0 = nib2_v2(x, s2, m2);
+    b1 = nib2_v2(x >> 4, s2, m2);
   } else if constexpr (same_t<KV, lskv::Int8>::value) {  // bytes 0, 1 and 2, 3 of word kk
     const u32 x = w[kk] ^ 0x80808080u;
     b0 = lskv::hsub2(lskv::prmt(x, 0x64646464u, 0x4140u), 0x64806480u);
@@ -305,15 +317,15 @@ __device__ __forceinline__ void kfrag_v2(const u32* w, int kk, u32 s2, u32& b0, 
 }
 
 // The PV B fragments of n-tiles 4 i .. 4 i + 3 (KV8) or 8 i .. 8 i + 7 (int4) from word i of two key rows
-// (a: key 2 t4 (+8), b: key 2 t4 + 1 (+9)); s2: int4's scales of the two keys (half2).
+// (a: key 2 t4 (+8), b: key 2 t4 + 1 (+9)); s2, m2: int4's scales and mins of the two keys (half2).
 template <class KV>
-__device__ __forceinline__ void vfrag_v2(u32 a, u32 b, u32 s2, u32* out) {
+__device__ __forceinline__ void vfrag_v2(u32 a, u32 b, u32 s2, u32 m2, u32* out) {
   if constexpr (KV::BITS == 4) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {  // byte i of both rows -> [a_i, -, b_i, -]: low nibbles, then high ones
       const u32 y = lskv::prmt(a, b, (u32)(i | (i << 4) | ((4 + i) << 8) | ((4 + i) << 12)));
-      out[2 * i] = lskv::hmul2(lskv::hsub2((y & 0x000F000Fu) | 0x64006400u, 0x64086408u), s2);
-      out[2 * i + 1] = lskv::hmul2(lskv::hsub2(((y >> 4) & 0x000F000Fu) | 0x64006400u, 0x64086408u), s2);
+      out[2 * i] = nib2_v2(y, s2, m2);
+      out[2 * i + 1] = nib2_v2(y >> 4, s2, m2);
     }
   } else {
     const u32 x0 = lskv::prmt(a, b, 0x5140u), x1 = lskv::prmt(a, b, 0x7362u);  // [a0 b0 a1 b1], [a2 b2 a3 b3]
@@ -334,7 +346,7 @@ __device__ __forceinline__ void vfrag_v2(u32 a, u32 b, u32 s2, u32* out) {
 
 template <int D, int STAGES, class KV>
 struct DecodeSmemV2 {
-  static constexpr int WARP_BYTES = STAGES * 2 * FragV2<KV, D>::UNIT;
+  static constexpr int WARP_BYTES = STAGES * (FragV2<KV, D>::KUNIT + FragV2<KV, D>::UNIT);
   static constexpr int BYTES = DC_WARPS * WARP_BYTES;
 };
 
@@ -347,7 +359,7 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
   static_assert(KV::QUANT, "v2 is the quantized decode");
   using F = FragV2<KV, D>;
   using R = typename F::R;
-  constexpr int UNIT = F::UNIT, KW = F::KB / 4, VW = F::VB / 4, NT = D / 8;
+  constexpr int KUNIT = F::KUNIT, UNIT = F::UNIT, KW = F::KB / 4, VW = F::VB / 4, NT = D / 8;
   extern __shared__ __align__(128) unsigned char smem[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int qb = blockIdx.y;
@@ -376,22 +388,22 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
   const int u0 = (int)(((long long)ws * nunits) / SW), u1 = (int)(((long long)(ws + 1) * nunits) / SW);
 
   unsigned char* const wbase = smem + warp * DecodeSmemV2<D, STAGES, KV>::WARP_BYTES;
-  const u32 sK = smem_addr(wbase), sV = sK + STAGES * UNIT;
+  const u32 sK = smem_addr(wbase), sV = sK + STAGES * KUNIT;
 
   auto load_unit = [&](int u, int st) {  // unit u: values (swizzled chunks) then scales, K and V
     const int e = vis.entry(u >> units_per_page_shift);
     const int off = (u << 4) & (ps - 1);
     const size_t row = ((size_t)pv.kv_pl[lo + e].x * pool_heads + slot) * ps + off;
-    constexpr int VCH = F::VBYTES / 16, CH = UNIT / 16;
+    constexpr int VCH = F::VBYTES / 16, KCH = KUNIT / 16, CH = UNIT / 16;
 #pragma unroll
-    for (int it = 0; it < (CH + 31) / 32; ++it) {
+    for (int it = 0; it < (KCH + 31) / 32; ++it) {
       const int i = lane + it * 32;
       if (i < VCH) {
-        cp_async16(sK + st * UNIT + swz_v2(i), kc + row * R::BYTES + i * 16, 16);
+        cp_async16(sK + st * KUNIT + swz_v2(i), kc + row * R::BYTES + i * 16, 16);
         cp_async16(sV + st * UNIT + swz_v2(i), vc + row * R::BYTES + i * 16, 16);
-      } else if (i < CH) {
-        cp_async16(sK + st * UNIT + i * 16, kcs + row * R::SCALE_BYTES + (i - VCH) * 16, 16);
-        cp_async16(sV + st * UNIT + i * 16, vcs + row * R::SCALE_BYTES + (i - VCH) * 16, 16);
+      } else {
+        if (i < KCH) cp_async16(sK + st * KUNIT + i * 16, kcs + row * F::RK::SCALE_BYTES + (i - VCH) * 16, 16);
+        if (i < CH) cp_async16(sV + st * UNIT + i * 16, vcs + row * R::SCALE_BYTES + (i - VCH) * 16, 16);
       }
     }
   };
@@ -431,8 +443,8 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
     if (u + STAGES - 1 < u1) load_unit(u + STAGES - 1, (it + STAGES - 1) % STAGES);
     cp_async_commit();
     const int st = it % STAGES;
-    const unsigned char* rk = wbase + st * UNIT;
-    const unsigned char* rv = rk + STAGES * UNIT;
+    const unsigned char* rk = wbase + st * KUNIT;
+    const unsigned char* rv = wbase + STAGES * KUNIT + st * UNIT;
     const f16_t* skh = reinterpret_cast<const f16_t*>(rk + F::VBYTES);
     const f16_t* svh = reinterpret_cast<const f16_t*>(rv + F::VBYTES);
 
@@ -440,13 +452,16 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
     float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
     {
       u32 kw[2][KW];
-      u32 ks2[2] = {0u, 0u};
+      u32 ks2[2][F::KG] = {}, km2[2][F::KG] = {};
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
         lds_v2<F::RB, F::KB>(rk, g + 8 * n, t4 * F::KB, kw[n]);
-        if constexpr (F::Q4) {
-          const u32 h = skh[(g + 8 * n) * R::GROUPS + t4 * (D / 4) / 32];
-          ks2[n] = h | (h << 16);
+        if constexpr (F::Q4) {  // (scale, min) pairs of key row g + 8 n's groups t4 * KG .. t4 * KG + KG - 1
+#pragma unroll
+          for (int j = 0; j < F::KG; ++j) {
+            const u32 sm = *reinterpret_cast<const u32*>(skh + (g + 8 * n) * F::RK::SCALES + 2 * (t4 * F::KG + j));
+            ks2[n][j] = lskv::prmt(sm, 0u, 0x1010u), km2[n][j] = lskv::prmt(sm, 0u, 0x3232u);
+          }
         }
       }
 #pragma unroll
@@ -454,7 +469,8 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
           u32 b0, b1;
-          kfrag_v2<KV>(kw[n], kk, ks2[n], b0, b1);
+          const int j = 8 * (kk >> 1) * F::KG / (D / 4);  // the group of kk's lane channels 8 (kk / 2) .. + 7
+          kfrag_v2<KV>(kw[n], kk, ks2[n][j], km2[n][j], b0, b1);
           mma16816(s[n], qa[kk], b0, b1);
         }
     }
@@ -529,23 +545,25 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
     // O += P V: B fragment of n-tile nt = channel g * D/8 + nt of keys 2 t4, 2 t4 + 1 (b0) and + 8 (b1)
     {
       u32 vw[4][VW];
-      u32 vs2[2] = {0u, 0u};
+      u32 vs2[2] = {0u, 0u}, vm2[2] = {0u, 0u};
 #pragma unroll
       for (int r = 0; r < 4; ++r) lds_v2<F::RB, F::VB>(rv, 2 * t4 + (r & 1) + 8 * (r >> 1), g * F::VB, vw[r]);
-      if constexpr (F::Q4) {
-        const int gv = g * (D / 8) / 32;
+      if constexpr (F::Q4) {  // (scale, min) of keys k0 and k0 + 1 in group g * (D/8) / GROUP -> scales, mins
+        const int gv = 2 * (g * (D / 8) / KV::GROUP);
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
           const int k0 = 2 * t4 + 8 * hh;
-          vs2[hh] = (u32)svh[k0 * R::GROUPS + gv] | ((u32)svh[(k0 + 1) * R::GROUPS + gv] << 16);
+          const u32 a = *reinterpret_cast<const u32*>(svh + k0 * R::SCALES + gv);
+          const u32 b = *reinterpret_cast<const u32*>(svh + (k0 + 1) * R::SCALES + gv);
+          vs2[hh] = lskv::prmt(a, b, 0x5410u), vm2[hh] = lskv::prmt(a, b, 0x7632u);
         }
       }
       constexpr int PER = F::Q4 ? 8 : 4;  // n-tiles per word
 #pragma unroll
       for (int w = 0; w < VW; ++w) {
         u32 b0[PER], b1[PER];
-        vfrag_v2<KV>(vw[0][w], vw[1][w], vs2[0], b0);
-        vfrag_v2<KV>(vw[2][w], vw[3][w], vs2[1], b1);
+        vfrag_v2<KV>(vw[0][w], vw[1][w], vs2[0], vm2[0], b0);
+        vfrag_v2<KV>(vw[2][w], vw[3][w], vs2[1], vm2[1], b1);
 #pragma unroll
         for (int i = 0; i < PER; ++i) mma16816(o[w * PER + i], pa, b0[i], b1[i]);
       }
@@ -684,8 +702,8 @@ constexpr int DC_V2_MIN_CTAS = 3;
   }
 LSERVE_DECODE_V2_KERNEL(64, 4, lskv::Int8, _int8)
 LSERVE_DECODE_V2_KERNEL(128, 4, lskv::Int8, _int8)
-LSERVE_DECODE_V2_KERNEL(64, 8, lskv::Int4, _int4)  // int4 units are small: a deeper ring, same smem
-LSERVE_DECODE_V2_KERNEL(128, 8, lskv::Int4, _int4)
+LSERVE_DECODE_V2_KERNEL(64, 6, lskv::Int4, _int4)  // int4 units are small: a deeper ring, 3 CTAs per SM at D 128
+LSERVE_DECODE_V2_KERNEL(128, 6, lskv::Int4, _int4)
 LSERVE_DECODE_V2_KERNEL(64, 4, lskv::Fp8, _fp8)
 LSERVE_DECODE_V2_KERNEL(128, 4, lskv::Fp8, _fp8)
 

@@ -1,11 +1,13 @@
 // KV-cache formats (--kv-dtype) as template parameters of the K/V-write and attention kernels.
 // The rule, and its float64 reference: lserve_lite/kv/quant.py. A quantized pool is values
-// [pages, heads, page, D * BITS / 8] plus fp16 scales [pages, heads, page, GROUPS] indexed by the same page id.
+// [pages, heads, page, D * BITS / 8] plus fp16 scales [pages, heads, page, SCALES] indexed by the same page id.
 // int8: one scale per (token, head) = amax / 127, values round(x / scale) in [-127, 127].
-// int4: one scale per 32 channels = amax / 7, stored q + 8 with channel 2i in the low nibble of byte i.
+// int4: asymmetric, per group (16 channels of a key: Int4Key, 32 of a value: Int4) a (scale, min) pair of
+//       halves, scale = (max - min) / 15, value scale * q + min with q in 0..15, channel 2i in the low nibble
+//       of byte i.
 // fp8:  one scale per (token, head) = amax / 448, values the nearest e4m3 (ties to even), converted in
 //       software here (bit-exact with the reference; no sm_89 instruction needed to compile).
-// Scales are rounded to fp16 first and the values quantized against the rounded scale, as the reference.
+// Scales (and int4's min) are rounded to fp16 first and the values quantized against them, as the reference.
 // Self-contained (inline PTX conversions on raw 16-bit words), so layers.cu and the attention kernels share it.
 #pragma once
 
@@ -47,56 +49,77 @@ __device__ __forceinline__ unsigned int float_to_e4m3(float x) {
   return code | (signbit(x) ? 128u : 0u);
 }
 
-// The formats. QUANT: values + scales; BITS per stored value; GROUP channels per scale (0: the whole head).
+// The formats. QUANT: values + scales; BITS per stored value; GROUP channels per scale (0: the whole head);
+// ASYM: a (scale, min) pair per group (int4) instead of a scale; KEY: the K pool's format (the V pool's is
+// the format itself; int4 keys have finer groups). Kernels are instantiated per format and use KV::KEY for K.
 struct Half {
-  static constexpr bool QUANT = false;
+  static constexpr bool QUANT = false, ASYM = false;
   static constexpr int BITS = 16, GROUP = 0;
+  using KEY = Half;
 };
 struct Int8 {
-  static constexpr bool QUANT = true;
+  using KEY = Int8;
+  static constexpr bool QUANT = true, ASYM = false;
   static constexpr int BITS = 8, GROUP = 0;
   static constexpr float QMAX = 127.f;
   __device__ static float value(unsigned int byte) { return (float)(signed char)byte; }
   __device__ static unsigned int encode(float y) { return (unsigned int)(int)fminf(fmaxf(rintf(y), -127.f), 127.f) & 255u; }
 };
 struct Fp8 {
-  static constexpr bool QUANT = true;
+  using KEY = Fp8;
+  static constexpr bool QUANT = true, ASYM = false;
   static constexpr int BITS = 8, GROUP = 0;
   static constexpr float QMAX = 448.f;
   __device__ static float value(unsigned int byte) { return e4m3_to_float(byte); }
   __device__ static unsigned int encode(float y) { return float_to_e4m3(y); }
 };
-struct Int4 {
-  static constexpr bool QUANT = true;
-  static constexpr int BITS = 4, GROUP = 32;
-  static constexpr float QMAX = 7.f;
+struct Int4Key {
+  using KEY = Int4Key;
+  static constexpr bool QUANT = true, ASYM = true;
+  static constexpr int BITS = 4, GROUP = 16;
+  static constexpr float QMAX = 15.f;
 };
+struct Int4 {
+  using KEY = Int4Key;
+  static constexpr bool QUANT = true, ASYM = true;
+  static constexpr int BITS = 4, GROUP = 32;
+  static constexpr float QMAX = 15.f;
+};
+
+// fp16 scale entries of one (token, head) row: a scale (or a (scale, min) pair) per group.
+template <class KV>
+__host__ __device__ constexpr int scale_cols(int head_dim) {
+  return (KV::GROUP ? head_dim / KV::GROUP : 1) * (KV::ASYM ? 2 : 1);
+}
 
 // One (token, head) row of D channels in format KV.
 template <class KV, int D>
 struct Row {
   static constexpr int BYTES = D * KV::BITS / 8;                     // stored values
-  static constexpr int GROUPS = KV::GROUP ? D / KV::GROUP : 1;        // fp16 scales
-  static constexpr int SCALE_BYTES = 2 * GROUPS;
+  static constexpr int GROUPS = KV::GROUP ? D / KV::GROUP : 1;        // scale groups
+  static constexpr int SCALES = scale_cols<KV>(D);                   // fp16 entries: (scale, min) per group if ASYM
+  static constexpr int SCALE_BYTES = 2 * SCALES;
   static constexpr int CHUNKS = BYTES / 16;                          // 16-byte value chunks
   static constexpr int CHUNK_CH = 128 / KV::BITS;                    // channels per chunk: 16, or 32 (int4)
   static constexpr int OUT_CHUNKS = CHUNK_CH / 8;                    // 16-byte fp16 chunks it expands to
-  static_assert(!KV::QUANT || (GROUPS == 1 || GROUPS == CHUNKS), "an int4 scale group is one value chunk");
-  static_assert(!KV::QUANT || 16 % SCALE_BYTES == 0, "a 16-byte scale chunk holds whole rows");
+  static_assert(!KV::QUANT || GROUPS == 1 || CHUNK_CH % KV::GROUP == 0, "a value chunk holds whole groups");
 };
 
-// A 16-byte value chunk with its scale -> fp16 channels, as OUT_CHUNKS 16-byte words.
+// A 16-byte value chunk -> fp16 channels, as OUT_CHUNKS 16-byte words; sc: the fp16 scale entries of the
+// chunk's first group (int4: (scale, min) pairs, 32 / GROUP groups per chunk).
 template <class KV>
-__device__ __forceinline__ void dequant16(const uint4 w, float s, uint4* out) {
+__device__ __forceinline__ void dequant16(const uint4 w, const unsigned short* sc, uint4* out) {
   const unsigned int word[4] = {w.x, w.y, w.z, w.w};
   unsigned int h[KV::BITS == 4 ? 16 : 8];
   if constexpr (KV::BITS == 4) {
 #pragma unroll
-    for (int i = 0; i < 16; ++i) {
+    for (int i = 0; i < 16; ++i) {  // byte i: channels 2i, 2i + 1 of group 2i / GROUP
       const unsigned int b = (word[i >> 2] >> (8 * (i & 3))) & 255u;
-      h[i] = pack2((float)((int)(b & 15u) - 8) * s, (float)((int)(b >> 4) - 8) * s);
+      const float s = h2f(sc[2 * (2 * i / KV::GROUP)]), m = h2f(sc[2 * (2 * i / KV::GROUP) + 1]);
+      h[i] = pack2(fmaf((float)(b & 15u), s, m), fmaf((float)(b >> 4), s, m));
     }
   } else {
+    const float s = h2f(sc[0]);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const unsigned int pair = word[i >> 1] >> (16 * (i & 1));
@@ -122,16 +145,23 @@ __device__ __forceinline__ void quantize_row(const float (&x)[8], int ni, unsign
     if (lane == 0) scales[0] = sh;
     for (int i = 0; i < ni; ++i) vals[i * 32 + lane] = (unsigned char)KV::encode(s > 0.f ? x[i] / s : 0.f);
   } else {
-    for (int i = 0; i < ni; ++i) {  // group i: channels i * 32 .. i * 32 + 31, one per lane
-      float a = fabsf(x[i]);
+    static_assert(KV::ASYM && 32 % KV::GROUP == 0, "int4: (scale, min) pairs of groups of lanes");
+    for (int i = 0; i < ni; ++i) {  // channel i * 32 + lane, of group (i * 32 + lane) / GROUP
+      float lo = x[i], hi = x[i];
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
-      const unsigned short sh = f2h(a / KV::QMAX);
+      for (int o = KV::GROUP / 2; o > 0; o >>= 1) {  // within the lane's group
+        lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+        hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+      }
+      const unsigned short mh = f2h(lo);
+      const float m = h2f(mh);
+      const unsigned short sh = f2h((hi - m) / KV::QMAX);  // the range from the stored min, as the reference
       const float s = h2f(sh);
-      if (lane == 0) scales[i] = sh;
-      const int q = s > 0.f ? (int)fminf(fmaxf(rintf(x[i] / s), -KV::QMAX), KV::QMAX) + 8 : 8;
-      const int hi = __shfl_down_sync(0xffffffffu, q, 1);
-      if (!(lane & 1)) vals[(i * 32 + lane) >> 1] = (unsigned char)(q | (hi << 4));
+      const int grp = (i * 32 + lane) / KV::GROUP;
+      if (lane % KV::GROUP == 0) scales[2 * grp] = sh, scales[2 * grp + 1] = mh;
+      const int q = s > 0.f ? (int)fminf(fmaxf(rintf((x[i] - m) / s), 0.f), KV::QMAX) : 0;
+      const int q1 = __shfl_down_sync(0xffffffffu, q, 1);  // the odd neighbour: the byte's high nibble
+      if (!(lane & 1)) vals[(i * 32 + lane) >> 1] = (unsigned char)(q | (q1 << 4));
     }
   }
 }
@@ -149,9 +179,9 @@ __device__ __forceinline__ unsigned int hsub2(unsigned int a, unsigned int b) {
   asm("sub.rn.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
   return d;
 }
-__device__ __forceinline__ unsigned int hmul2(unsigned int a, unsigned int b) {
+__device__ __forceinline__ unsigned int hfma2(unsigned int a, unsigned int b, unsigned int c) {
   unsigned int d;
-  asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+  asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
   return d;
 }
 // The two e4m3 bytes in the low 16 bits of x -> half2 (byte 0 in the low half). sm_89+: the hardware

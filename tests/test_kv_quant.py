@@ -27,38 +27,62 @@ def rel(a, b) -> float:
     return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
 
 
-@pytest.mark.parametrize("name", ["int8", "int4", "fp8"])
+FORMATS_AND_PARTS = [("int8", False), ("int4", False), ("int4", True), ("fp8", False)]  # (name, keys())
+
+
+def _part(name: str, keys: bool) -> Q.KVFormat:
+    return Q.FORMATS[name].keys() if keys else Q.FORMATS[name]
+
+
+@pytest.mark.parametrize("name,keys", FORMATS_AND_PARTS)
 @pytest.mark.parametrize("scale_dtype", [np.float64, np.float32, np.float16])
-def test_round_trip_error_is_within_half_a_step(name, scale_dtype):
-    fmt = Q.FORMATS[name]
-    x = RNG.standard_normal((40, 3, 64)) * np.exp(RNG.uniform(-3, 3, (40, 3, 1)))
+def test_round_trip_error_is_within_half_a_step(name, keys, scale_dtype):
+    fmt = _part(name, keys)
+    x = RNG.standard_normal((40, 3, 64)) * np.exp(RNG.uniform(-3, 3, (40, 3, 1))) + RNG.uniform(-2, 2, 64)
     x[0, 0] = 0.0  # an all-zero row: scale 0, values 0
+    x[0, 1] = 3.5  # a constant row: scale 0, values the min
     vals, sc = Q.quantize(x, fmt, scale_dtype)
     assert vals.dtype == fmt.value_dtype and vals.shape[-1] == fmt.packed_dim(64)
-    assert sc.shape == (40, 3, 64 // fmt.group(64)) and sc.dtype == scale_dtype
+    assert sc.shape == (40, 3, fmt.scale_cols(64)) and sc.dtype == scale_dtype
     y = Q.dequantize(vals, sc, fmt)
-    step = np.repeat(sc.astype(np.float64), fmt.group(64), -1)
+    step = Q.steps(sc, fmt, 64)
     if name == "fp8":  # 3 mantissa bits: half an ulp is 1/16 of the value (normals), 2^-10 steps (subnormals)
         bound = np.maximum(np.abs(x) / 16, step * 2.0**-10) * (1 + 1e-9)
-    else:  # rounding to the integer grid, plus the clip of a scale rounded down (fp16 / fp32)
-        bound = step * (0.5 + fmt.qmax * 2.0 ** -np.finfo(scale_dtype).nmant)
+    else:  # rounding to the integer grid, plus the clip of a scale (and int4's min) rounded (fp16 / fp32)
+        ulp = 2.0 ** -np.finfo(scale_dtype).nmant
+        bound = step * (0.5 + fmt.qmax * ulp) + (
+            np.abs(x).max(-1, keepdims=True) * ulp if fmt.asymmetric else 0
+        )
     assert (np.abs(y - x) <= bound + 1e-300).all()
-    assert (y[0, 0] == 0).all()
+    assert (y[0, 0] == 0).all() and (name != "int4" or np.allclose(y[0, 1], 3.5, rtol=1e-3))
 
 
-def test_int4_packs_even_channels_low_and_e4m3_codes_round_trip():
-    vals, sc = Q.quantize(np.array([[7.0, -7.0, 1.0, 0.0] * 8]), Q.FORMATS["int4"])
-    assert sc[0, 0] == 1.0 and vals[0, 0] == (15 | 1 << 4) and vals[0, 1] == (9 | 8 << 4)
+def test_int4_is_asymmetric_with_finer_key_groups():
+    """(scale, min) per group, value scale * q + min, q in 0..15, channel 2i in the low nibble of byte i;
+    keys in groups of 16 channels, values of 32."""
+    fmt = Q.FORMATS["int4"]
+    assert (fmt.group(64), fmt.keys().group(64), fmt.scale_cols(64), fmt.keys().scale_cols(64)) == (
+        32,
+        16,
+        4,
+        8,
+    )
+    vals, sc = Q.quantize(np.array([[-1.0, 14.0, 1.0, 0.0] * 8]), fmt)
+    assert sc[0, :2].tolist() == [1.0, -1.0] and vals[0, 0] == (0 | 15 << 4) and vals[0, 1] == (2 | 1 << 4)
+    assert fmt.kv_bytes(64, 4) == (32 + 8 * 4) + (32 + 4 * 4)  # values + float32 (scale, min) pairs, K then V
     codes = np.array([c for c in range(256) if c & 127 != 127], np.uint8)
     assert np.array_equal(Q.e4m3_encode(Q.e4m3_decode(codes)), codes)
     assert Q.e4m3_decode(np.array([0x7E, 0x08, 0x01], np.uint8)).tolist() == [448.0, 2.0**-6, 2.0**-9]
 
 
 def _quantized_pools(fmt, shape):
-    """Random float K/V pools, their quantized (values, scales) and the float64 dequantized copies."""
+    """Random float K/V pools (keys with channel offsets, as post-RoPE keys), their quantized (values, scales)
+    and the float64 dequantized copies."""
     k, v = RNG.standard_normal((2, *shape)).astype(np.float32)
-    (kq, ks), (vq, vs) = Q.quantize(k, fmt, np.float32), Q.quantize(v, fmt, np.float32)
-    return (k, v), (kq, ks, vq, vs), (Q.dequantize(kq, ks, fmt), Q.dequantize(vq, vs, fmt))
+    k += RNG.uniform(-2, 2, shape[-1]).astype(np.float32)
+    kf = fmt.keys()
+    (kq, ks), (vq, vs) = Q.quantize(k, kf, np.float32), Q.quantize(v, fmt, np.float32)
+    return (k, v), (kq, ks, vq, vs), (Q.dequantize(kq, ks, kf), Q.dequantize(vq, vs, fmt))
 
 
 @pytest.mark.parametrize("name", CPU_FORMATS)
@@ -120,16 +144,17 @@ def test_rope_write_quantizes_on_write(name):
     caches = []
     for write in ("ref", "numba"):
         kq, vq = np.zeros((2, 5, 3, 64, fmt.packed_dim(64)), fmt.value_dtype)
-        ks, vs = np.zeros((2, 5, 3, 64, 64 // fmt.group(64)), np.float32)
+        ks, vs = (np.zeros((5, 3, 64, f.scale_cols(64)), np.float32) for f in (fmt.keys(), fmt))
         q = L.rope_write_kv_ref(qkv, pos, slots, kq, vq, cos, sin, ks, vs, fmt)
         if write == "numba":
             kq[:], vq[:], ks[:], vs[:] = 0, 0, 0, 0
             K.rope_write_kv(qkv, pos, slots, kq, vq, ks, vs, cos, sin, q)
         caches.append((ks, vs))
-        for vals, sc, ref in ((kq, ks, k_f), (vq, vs, v_f)):
-            step = np.repeat(sc, fmt.group(64), -1) * (0.5 + 1e-5)
-            assert (np.abs(Q.dequantize(vals, sc, fmt) - ref) <= step + 1e-12).all()
-    np.testing.assert_allclose(caches[0], caches[1], rtol=1e-6)
+        for vals, sc, ref, f in ((kq, ks, k_f, fmt.keys()), (vq, vs, v_f, fmt)):
+            step = Q.steps(sc, f, 64) * (0.5 + 1e-5)
+            assert (np.abs(Q.dequantize(vals, sc, f) - ref) <= step + 1e-6).all()
+    for ref_sc, numba_sc in zip(*caches, strict=True):
+        np.testing.assert_allclose(ref_sc, numba_sc, rtol=1e-6)
 
 
 def test_merged_stats_equal_recomputed_ones():
@@ -222,13 +247,13 @@ def test_prefix_cache_snapshot_copies_scales(tiny):
 
 
 def test_kv_sizing_counts_real_bytes():
-    """Same memory: int8 ~2x and int4 ~3.5x the tokens of fp16 (GPU: fp16 scales), more vs CPU fp32."""
+    """Same memory: int8 ~2x and int4 ~2.9x the tokens of fp16 (GPU: fp16 scales), more vs CPU fp32."""
     cfg = ModelConfig.from_dict(
         dict(architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
              num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=262144)
     )  # fmt: skip
-    pages = {n: pool_pages(cfg, 64, Q.FORMATS[n].row_bytes(128, 2), 40 << 30, None, 1)[0] for n in Q.FORMATS}
-    assert 1.95 < pages["int8"] / pages["fp16"] < 2.0 and 3.5 < pages["int4"] / pages["fp16"] < 3.6
+    pages = {n: pool_pages(cfg, 64, Q.FORMATS[n].kv_bytes(128, 2), 40 << 30, None, 1)[0] for n in Q.FORMATS}
+    assert 1.95 < pages["int8"] / pages["fp16"] < 2.0 and 2.9 < pages["int4"] / pages["fp16"] < 2.92
     assert pages["fp8"] == pages["int8"] and pages["fp32"] * 2 == pages["fp16"]
 
 

@@ -1,6 +1,6 @@
 """CPU check of the quantized decode v2's index math (kernels/attention_decode.cu, decode_body_v2): a NumPy
 emulation of what each of the 32 lanes loads from the swizzled shared-memory unit and converts (the same bit
-operations: prmt, magic-number halves, f16x2 sub / mul, e4m3 hardware and software conversions), assembled
+operations: prmt, magic-number halves, f16x2 sub / fma, e4m3 hardware and software conversions), assembled
 into the mma.sync m16n8k16 fragments by the PTX layouts, against Q K^T and P V over the reference
 dequantization (kv/quant.py). No GPU needed; the GPU rows are in tests/test_gpu_kv_quant.py."""
 
@@ -41,9 +41,13 @@ def hsub2(a, b):
     return join(np.float16(a0 - b0), np.float16(a1 - b1))
 
 
-def hmul2(a, b):
-    (a0, a1), (b0, b1) = split(a), split(b)
-    return join(np.float16(np.float32(a0) * np.float32(b0)), np.float16(np.float32(a1) * np.float32(b1)))
+def hfma2(a, b, c):  # fma.rn.f16x2: the exact a * b + c, rounded once to fp16
+    (a0, a1), (b0, b1), (c0, c1) = split(a), split(b), split(c)
+    return join(np.float16(a0 * b0 + c0), np.float16(a1 * b1 + c1))
+
+
+def nib2(x, s2, m2):  # nib2_v2: nibbles at bits 0 and 16 -> q * scale + min
+    return hfma2(hsub2((x & 0x000F000F) | 0x64006400, 0x64006400), s2, m2)
 
 
 def e4m3_hw(x):
@@ -65,30 +69,33 @@ def run(kvname, D, sw_fp8, rng):  # noqa: N803
     BITS = 4 if kvname == "int4" else 8
     Q4 = BITS == 4
     RB = D * BITS // 8
-    GROUPS = D // 32 if Q4 else 1
+    kfmt = fmt.keys()
+    SCALES = 2 * D // fmt.group(D) if Q4 else 1  # Row::SCALES of V: a (scale, min) pair per group for int4
+    KSCALES = 2 * D // kfmt.group(D) if Q4 else 1  # and of K (int4: finer groups)
+    KG = D // 4 // kfmt.group(D) if Q4 else 1  # FragV2::KG: key groups of a lane's D/4 channels
     KB, VB = D // 4 * BITS // 8, D // 8 * BITS // 8
     NT = D // 8
     UNITS = 256.0 if (kvname == "fp8" and sw_fp8) else 1.0
     PGAIN = 1.0 if (kvname == "int4" or UNITS != 1.0) else 64.0  # FragV2::PGAIN
     conv = e4m3_sw if sw_fp8 else e4m3_hw
-    kf = rng.standard_normal((16, D)).astype(np.float16)
+    kf = (rng.standard_normal((16, D)) + rng.uniform(-3, 3, D)).astype(np.float16)  # channel offsets, as keys
     vf = rng.standard_normal((16, D)).astype(np.float16) * 3
-    kq, ks = quantize(kf.astype(np.float32)[None, None], fmt, np.float16)
+    kq, ks = quantize(kf.astype(np.float32)[None, None], kfmt, np.float16)
     vq, vs = quantize(vf.astype(np.float32)[None, None], fmt, np.float16)
-    kd = dequantize(kq, ks, fmt)[0, 0]
+    kd = dequantize(kq, ks, kfmt)[0, 0]
     vd = dequantize(vq, vs, fmt)[0, 0]
     kq, ks, vq, vs = kq[0, 0], ks[0, 0], vq[0, 0], vs[0, 0]
 
-    def smem_unit(vals, sc):
+    def smem_unit(vals, sc, scales):
         raw = np.frombuffer(np.ascontiguousarray(vals).tobytes(), np.uint8)
-        assert raw.size == 16 * RB
-        buf = np.zeros(16 * RB + 16 * GROUPS * 2, np.uint8)
+        assert raw.size == 16 * RB and sc.shape[-1] == scales
+        buf = np.zeros(16 * RB + 16 * scales * 2, np.uint8)
         for i in range(raw.size // 16):
             buf[swz(i) : swz(i) + 16] = raw[i * 16 : (i + 1) * 16]
         buf[16 * RB :] = np.frombuffer(sc.astype(np.float16).tobytes(), np.uint8)
         return buf
 
-    kbuf, vbuf = smem_unit(kq, ks), smem_unit(vq, vs)
+    kbuf, vbuf = smem_unit(kq, ks, KSCALES), smem_unit(vq, vs, SCALES)
 
     def words(buf, r, b, nb):
         i = r * (RB // 16) + (b >> 4)
@@ -105,6 +112,9 @@ def run(kvname, D, sw_fp8, rng):  # noqa: N803
     def sc_half(buf, idx):
         o = 16 * RB + 2 * idx
         return int(buf[o : o + 2].view(np.uint16)[0])
+
+    def sc_word(buf, idx):  # the u32 load of halves idx, idx + 1
+        return sc_half(buf, idx) | (sc_half(buf, idx + 1) << 16)
 
     def kchan(kk, j):
         t, hi, lo = (j & 7) >> 1, j >> 3, j & 1
@@ -129,14 +139,12 @@ def run(kvname, D, sw_fp8, rng):  # noqa: N803
             for n in range(2):
                 key = g + 8 * n
                 w = words(kbuf, key, t4 * KB, KB)
-                s2 = 0
                 if Q4:
-                    hh = sc_half(kbuf, key * GROUPS + t4 * (D // 4) // 32)
-                    s2 = hh | (hh << 16)
-                if Q4:
+                    j = 8 * (kk >> 1) * KG // (D // 4)  # the lane's key group of this k-step
+                    sm = sc_word(kbuf, key * KSCALES + 2 * (t4 * KG + j))
+                    s2, m2 = prmt(sm, 0, 0x1010), prmt(sm, 0, 0x3232)
                     x = w[kk >> 1] >> (8 * (kk & 1))
-                    b0 = hmul2(hsub2((x & 0x000F000F) | 0x64006400, 0x64086408), s2)
-                    b1 = hmul2(hsub2(((x >> 4) & 0x000F000F) | 0x64006400, 0x64086408), s2)
+                    b0, b1 = nib2(x, s2, m2), nib2(x >> 4, s2, m2)
                 elif kvname == "int8":
                     x = w[kk] ^ 0x80808080
                     b0 = hsub2(prmt(x, 0x64646464, 0x4140), 0x64806480)
@@ -166,20 +174,20 @@ def run(kvname, D, sw_fp8, rng):  # noqa: N803
         for lane in range(32):
             g, t4 = lane >> 2, lane & 3
             vw = [words(vbuf, 2 * t4 + (r & 1) + 8 * (r >> 1), g * VB, VB) for r in range(4)]
-            vs2 = [0, 0]
+            vs2, vm2 = [0, 0], [0, 0]
             if Q4:
-                gv = g * (D // 8) // 32
+                gv = 2 * (g * (D // 8) // fmt.group(D))
                 for hh in range(2):
                     k0 = 2 * t4 + 8 * hh
-                    vs2[hh] = sc_half(vbuf, k0 * GROUPS + gv) | (sc_half(vbuf, (k0 + 1) * GROUPS + gv) << 16)
+                    a, b = sc_word(vbuf, k0 * SCALES + gv), sc_word(vbuf, (k0 + 1) * SCALES + gv)
+                    vs2[hh], vm2[hh] = prmt(a, b, 0x5410), prmt(a, b, 0x7632)
             for half, (ra, rb) in enumerate(((0, 1), (2, 3))):
                 a, b = vw[ra][w_], vw[rb][w_]
                 out = []
                 if Q4:
                     for i in range(4):
                         y = prmt(a, b, i | (i << 4) | ((4 + i) << 8) | ((4 + i) << 12))
-                        out.append(hmul2(hsub2((y & 0x000F000F) | 0x64006400, 0x64086408), vs2[half]))
-                        out.append(hmul2(hsub2(((y >> 4) & 0x000F000F) | 0x64006400, 0x64086408), vs2[half]))
+                        out += [nib2(y, vs2[half], vm2[half]), nib2(y >> 4, vs2[half], vm2[half])]
                 else:
                     x0, x1 = prmt(a, b, 0x5140), prmt(a, b, 0x7362)
                     if kvname == "int8":

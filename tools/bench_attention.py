@@ -91,8 +91,10 @@ def _kv_pools(cp, npages: int, kv: str) -> tuple:
     if kv == "fp8":
         vals = [v & 0xFE for v in vals]  # codes 0x7f / 0xff (NaN) never occur
     vals = [v.view(fmt.value_dtype) for v in vals]
-    sshape = (npages, HKV, PAGE, D // fmt.group(D))
-    scales = tuple((0.005 + 0.01 * g.random(sshape, dtype=np.float32)).astype(np.float16) for _ in "kv")
+    scales = tuple(
+        (0.005 + 0.01 * g.random((npages, HKV, PAGE, f.scale_cols(D)), dtype=np.float32)).astype(np.float16)
+        for f in (fmt.keys(), fmt)
+    )  # int4: the mins (odd entries) drawn the same way
     return vals[0], vals[1], {"scales": scales, "kv": kv}
 
 
@@ -100,7 +102,7 @@ def _kv_bytes(tokens: int, kv: str) -> float:
     """K + V bytes of `tokens` tokens of all KV heads in format `kv`, scales included."""
     from lserve_lite.kv.quant import FORMATS
 
-    return 2.0 * tokens * HKV * FORMATS[kv].row_bytes(D, 2)
+    return float(tokens * HKV * FORMATS[kv].kv_bytes(D, 2))
 
 
 # ------------------------------------------------------------------------------------------------ ours

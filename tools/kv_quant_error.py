@@ -33,9 +33,18 @@ from lserve_lite.llm import LLM
 Quantizer = Callable[[np.ndarray], np.ndarray]  # [T, D] float64 -> its dequantized values
 
 
-def engine_format(name: str) -> Quantizer:
-    """The engine's own format (per token: int8 / fp8 one scale, int4 a scale per 32 channels)."""
-    return lambda x: dequantize(*quantize(x, FORMATS[name]), FORMATS[name])
+def engine_format(name: str, keys: bool) -> Quantizer:
+    """The engine's own format of the K (`keys`) or V pool (kv/quant.py: int8 / fp8 one scale per token, int4
+    a (scale, min) per 16 channels of a key, 32 of a value)."""
+    fmt = FORMATS[name].keys() if keys else FORMATS[name]
+    return lambda x: dequantize(*quantize(x, fmt), fmt)
+
+
+def int4_symmetric(x: np.ndarray) -> np.ndarray:
+    """The engine's int4 before issue 11's fix: symmetric, a scale amax / 7 per 32 channels (the baseline row)."""
+    xg = x.reshape(len(x), -1, 32)
+    s = np.abs(xg).max(-1, keepdims=True) / 7
+    return (np.rint(np.divide(xg, s, out=np.zeros_like(xg), where=s > 0)) * s).reshape(x.shape)
 
 
 def int4_groups(x: np.ndarray) -> np.ndarray:
@@ -65,10 +74,14 @@ def schemes() -> dict[str, tuple[Quantizer, Quantizer]]:
     """name -> (key quantizer, value quantizer)."""
     exact: Quantizer = lambda x: x  # noqa: E731
     return {
-        "int8 (engine)": (engine_format("int8"), engine_format("int8")),
-        "int4 (engine: symmetric, 32 channels)": (engine_format("int4"), engine_format("int4")),
-        "int4 keys only (engine)": (engine_format("int4"), exact),
-        "int4 values only (engine)": (exact, engine_format("int4")),
+        "int8 (engine)": (engine_format("int8", True), engine_format("int8", False)),
+        "int4 (engine: asymmetric, K 16 / V 32 channels)": (
+            engine_format("int4", True),
+            engine_format("int4", False),
+        ),
+        "int4 keys only (engine)": (engine_format("int4", True), exact),
+        "int4 values only (engine)": (exact, engine_format("int4", False)),
+        "int4 symmetric, 32 channels (the old engine format)": (int4_symmetric, int4_symmetric),
         "int4 asymmetric, 32 channels": (per_token(32), per_token(32)),
         "int4 asymmetric, 16 channels": (per_token(16), per_token(16)),
         "int4 K per channel / 64 tokens, V asym 32 ch": (per_channel(64), per_token(32)),

@@ -184,12 +184,15 @@ def alloc_kv_cache(
     L, d, ps = cfg.num_layers, cfg.head_dim, page_size
     q = fmt is not None and fmt.quantized
     vshape, vtype = (fmt.packed_dim(d), fmt.value_dtype) if q else (d, dtype)
-    groups = d // fmt.group(d) if q else 0
 
     def pools(pages: int, heads: list[int]) -> tuple[list, list, list | None, list | None]:
         """K and V values of every layer, and their scales (None for a float cache)."""
         kv = [[zeros((pages, n, ps, vshape), vtype) for n in heads] for _ in range(2)]
-        sc = [[zeros((pages, n, ps, groups), dtype) for n in heads] for _ in range(2)] if q else [None, None]
+        sc = (
+            [[zeros((pages, n, ps, f.scale_cols(d)), dtype) for n in heads] for f in (fmt.keys(), fmt)]
+            if q
+            else [None, None]
+        )
         return kv[0], kv[1], sc[0], sc[1]
 
     if layout is None:

@@ -1,8 +1,9 @@
 """One KV row (a token's K or V of one head) stored into and loaded from a CPU KV pool in any CPU format.
 
-Numba picks the format from the values' dtype (float32: fp32, int8: int8, uint8: int4; kv/quant.py has the
-rule): the kernels that write and read K/V call `kv_store` / `kv_load` and stay format-free, quantizing on
-write and dequantizing on load with no float copy of the cache.
+Numba picks the format from the values' dtype (float32: fp32, int8: int8, uint8: int4 with (scale, min) per
+group, the group read from the scales' width; kv/quant.py has the rule): the kernels that write and read K/V
+call `kv_store` / `kv_load` and stay format-free, quantizing on write and dequantizing on load with no float
+copy of the cache.
 """
 
 from __future__ import annotations
@@ -32,30 +33,35 @@ def _kv_store(x, vals, scales, pg, h, off):
 
         return store_float
 
-    qmax = np.float32(127.0 if vals.dtype == types.int8 else 7.0)
-    bias = 0 if vals.dtype == types.int8 else 8
-    pack = vals.dtype != types.int8
+    if vals.dtype == types.int8:
 
-    def store_quant(x, vals, scales, pg, h, off):
-        groups = scales.shape[3]
+        def store_int8(x, vals, scales, pg, h, off):
+            amax = np.float32(0.0)
+            for i in range(x.shape[0]):
+                amax = max(amax, abs(x[i]))
+            s = amax / np.float32(127.0)
+            scales[pg, h, off, 0] = s
+            for i in range(x.shape[0]):
+                vals[pg, h, off, i] = np.int8(min(max(np.rint(x[i] / s), -127.0), 127.0) if s > 0 else 0)
+
+        return store_int8
+
+    def store_int4(x, vals, scales, pg, h, off):
+        groups = scales.shape[3] // 2
         g = x.shape[0] // groups
         for k in range(groups):
-            amax = np.float32(0.0)
+            lo, hi = x[k * g], x[k * g]
             for i in range(k * g, (k + 1) * g):
-                amax = max(amax, abs(x[i]))
-            s = amax / qmax
-            scales[pg, h, off, k] = s
-            for i in range(k * g, (k + 1) * g, 2 if pack else 1):
-                a = min(max(np.rint(x[i] / s), -qmax), qmax) if s > 0 else np.float32(0.0)
-                if pack:
-                    b = min(max(np.rint(x[i + 1] / s), -qmax), qmax) if s > 0 else np.float32(0.0)
-                    vals[pg, h, off, i // 2] = np.uint8(int(a) + bias) | (
-                        np.uint8(int(b) + bias) << np.uint8(4)
-                    )
-                else:
-                    vals[pg, h, off, i] = np.int8(int(a))
+                lo, hi = min(lo, x[i]), max(hi, x[i])
+            scales[pg, h, off, 2 * k] = (np.float64(hi) - lo) / 15.0  # float64 as the reference, then stored
+            scales[pg, h, off, 2 * k + 1] = lo
+            s, m = np.float64(scales[pg, h, off, 2 * k]), np.float64(lo)
+            for i in range(k * g, (k + 1) * g, 2):
+                a = min(max(np.rint((x[i] - m) / s), 0.0), 15.0) if s > 0 else 0.0
+                b = min(max(np.rint((x[i + 1] - m) / s), 0.0), 15.0) if s > 0 else 0.0
+                vals[pg, h, off, i // 2] = np.uint8(int(a) | (int(b) << 4))
 
-    return store_quant
+    return store_int4
 
 
 @overload(kv_load)
@@ -73,12 +79,13 @@ def _kv_load(vals, scales, pg, h, off, buf):
         return load_int8
 
     def load_int4(vals, scales, pg, h, off, buf):
-        g = buf.shape[0] // scales.shape[3]
+        g = 2 * buf.shape[0] // scales.shape[3]
         for i in range(vals.shape[3]):
             b = np.int32(vals[pg, h, off, i])
-            s = np.float32(scales[pg, h, off, (2 * i) // g])
-            buf[2 * i] = np.float32((b & 15) - 8) * s
-            buf[2 * i + 1] = np.float32((b >> 4) - 8) * s
+            k = 2 * ((2 * i) // g)
+            s, m = np.float32(scales[pg, h, off, k]), np.float32(scales[pg, h, off, k + 1])
+            buf[2 * i] = np.float32(b & 15) * s + m
+            buf[2 * i + 1] = np.float32(b >> 4) * s + m
         return buf
 
     return load_int4

@@ -75,7 +75,9 @@ PREFILL_SM90_STAGES = {(64, 1): 2, (64, 2): 2, (128, 1): 2, (128, 2): 2}
 # benchmarks can switch it; the environment variable LSERVE_KVQ_DECODE sets the initial value.
 KVQ_DECODE = os.environ.get("LSERVE_KVQ_DECODE", "v2")
 KVQ_DECODE_IMPLS = ("v1", "v2")
-DECODE_V2_STAGES = {"int8": 4, "fp8": 4, "int4": 8}  # ring depth of v2 per format (both head dims)
+# Ring depth of v2 per format (both head dims). int4: 6, so that 3 CTAs fit an H200 SM at D 128 (66 KB; 8 stages
+# took 88 KB once its keys' (scale, min) pairs per 16 channels grew a K unit to 1536 bytes).
+DECODE_V2_STAGES = {"int8": 4, "fp8": 4, "int4": 6}
 
 
 # Shared-memory bytes (must match PrefillSmem / DecodeSmem in the .cu files; +256 for the in-kernel alignment)
@@ -85,7 +87,7 @@ def _prefill_smem(d: int, mt: int, bn: int, kv: str = "fp16") -> int:
     bm, tile = 64 * mt, bn * d * 2
     if kv == "fp16":
         return bm * d * 2 + 4 * tile + 2 * bn * 4 + bm * 4 + 256
-    raw = bn * FORMATS[kv].row_bytes(d, 2)  # a tile as stored: values + fp16 scales
+    raw = bn * FORMATS[kv].keys().row_bytes(d, 2)  # a tile as stored: values + fp16 scales (K's, the larger)
     return -(-(bm * d * 2 + 4 * raw) // 256) * 256 + 2 * tile + 2 * bn * 4 + bm * 4 + 256
 
 
@@ -115,14 +117,14 @@ def prefill_kernel_for(d: int, kv: str, cc: str) -> str:
 
 
 def _decode_smem(d: int, stages: int, kv: str = "fp16") -> int:
-    unit, raw = 16 * d * 2, 16 * FORMATS[kv].row_bytes(d, 2)
+    unit, raw = 16 * d * 2, 16 * FORMATS[kv].keys().row_bytes(d, 2)  # a K unit, the larger, spaces K and V
     tiles = 0 if kv == "fp16" else 2 * unit
     return 16 * d * 2 + (_THREADS // 32) * (stages * 2 * raw + tiles) + 256
 
 
 def _decode_v2_smem(d: int, stages: int, kv: str) -> int:
     """DecodeSmemV2: per warp, `stages` K and V units as stored (no fp16 tiles, no Q tile)."""
-    return (_THREADS // 32) * stages * 2 * 16 * FORMATS[kv].row_bytes(d, 2)
+    return (_THREADS // 32) * stages * 16 * FORMATS[kv].kv_bytes(d, 2)
 
 
 def _decode_v2_name(d: int, kv: str) -> str:
@@ -412,7 +414,7 @@ def paged_attention(
     (decode) overrides the CTAs per (query block, KV head); it must stay fixed between capture and replay
     (the default depends only on the plan's capacity and `fixed_visit_pages`). A quantized cache (`kv` int8 /
     int4 / fp8): the pools hold its values and `scales` (k, v, ks, vs) its fp16 scales [pages, heads, page,
-    groups] (reference: the same functions with their `scales` / `fmt` arguments).
+    scale_cols] (K's: `FORMATS[kv].keys()`; reference: the same functions with their `scales` / `fmt` arguments).
     """
     import cupy as cp
 

@@ -158,18 +158,18 @@ class LLMEngine:
         """(dense-pool pages, streaming-pool pages) from the configured count or the memory budget."""
         e = self.ecfg
         budget = self.ops.kv_budget_bytes(e.kv_memory_fraction, self.weight_bytes)
-        return pool_pages(self.cfg, e.page_size, self.kv_row_bytes, budget, self.layout, e.max_num_seqs,
+        return pool_pages(self.cfg, e.page_size, self.kv_bytes, budget, self.layout, e.max_num_seqs,
                           e.num_kv_pages)  # fmt: skip
 
     @property
-    def kv_row_bytes(self) -> int:
-        """Bytes of one token's K (or V) of one KV head in the KV format, scales included."""
-        return self.kv_format.row_bytes(self.cfg.head_dim, np.dtype(self.ops.dtype).itemsize)
+    def kv_bytes(self) -> int:
+        """Bytes of one token's K and V of one KV head in the KV format, scales included."""
+        return self.kv_format.kv_bytes(self.cfg.head_dim, np.dtype(self.ops.dtype).itemsize)
 
     def kv_summary(self) -> str:
         """The KV cache in one line (startup logs): format, capacity in tokens, bytes per token."""
         pages = self.blocks.num_pages
-        per_tok = 2 * self.cfg.num_layers * self.cfg.num_kv_heads * self.kv_row_bytes
+        per_tok = self.cfg.num_layers * self.cfg.num_kv_heads * self.kv_bytes
         return (f"KV cache {self.kv_format.name}: {pages} pages x {self.ecfg.page_size} tokens = "
                 f"{pages * self.ecfg.page_size} tokens, {per_tok / 1024:.1f} KiB per token")  # fmt: skip
 

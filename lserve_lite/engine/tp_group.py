@@ -176,7 +176,7 @@ def tensor_parallel_runner(
     for rank, budget in enumerate(group.budgets):
         s = shard_of(cfg, rank, world)
         lay = layout.heads(*s.kv_heads) if layout is not None else None
-        d, st = pool_pages(shard_config(cfg, s), ecfg.page_size, group.itemsize, budget, lay, ecfg.max_num_seqs,
+        d, st = pool_pages(shard_config(cfg, s), ecfg.page_size, 2 * group.itemsize, budget, lay, ecfg.max_num_seqs,
                            ecfg.num_kv_pages)  # fmt: skip
         dense.append(d)
         stream += [st] if lay is not None and lay.has_streaming else []

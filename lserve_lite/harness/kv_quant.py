@@ -16,7 +16,7 @@ from ..backends.reference.attention import paged_attention_ref, paged_attention_
 from ..backends.reference.layers import rope_write_kv_ref, rope_write_kv_sparse_ref
 from ..backends.reference.page_select import select_pages_ref
 from ..backends.reference.page_stats import update_page_stats
-from ..kv.quant import FORMATS, KVFormat, dequantize, quantize
+from ..kv.quant import FORMATS, KVFormat, dequantize, quantize, steps
 from ..sparse.plan import BatchLayout, build_plan
 from .attention import SPARSE_PREFILL, decode_setup
 from .common import Ctx, Result, compare
@@ -81,7 +81,7 @@ def kv_attention_one(c: Ctx, name: str, kv: str, impl: str | None = None) -> Res
     num_pages = sum(need) + 3
     perm = list(c.rng.permutation(num_pages))
     tables = [[int(perm.pop()) for _ in range(k)] for k in need]
-    kq, ks, kq_d, ks_d = _quantized(c, c.f16(num_pages, hkv, page, d), fmt)
+    kq, ks, kq_d, ks_d = _quantized(c, c.f16(num_pages, hkv, page, d), fmt.keys())
     vq, vs, vq_d, vs_d = _quantized(c, c.f16(num_pages, hkv, page, d), fmt)
     q = c.f16(sum(q_lens), hq, d)
     hc = np.zeros(hkv, np.int32)
@@ -112,7 +112,9 @@ def kv_sparse_one(c: Ctx, stage: str, kv: str, impl: str | None = None) -> Resul
         cnt = np.full((b.num_slots, b.hc.size), -1, np.int32)
         select_pages_ref(b.q, kmax, kmin, b.plan, b.hc, b.slot, idx, cnt)
         sel = dict(sel_idx=idx, sel_cnt=cnt)
-    pools = [_quantized(c, a, fmt) for a in (b.kd, b.vd, b.ks, b.vs)]
+    pools = [
+        _quantized(c, a, f) for a, f in zip((b.kd, b.vd, b.ks, b.vs), (fmt.keys(), fmt) * 2, strict=True)
+    ]
     ref = paged_attention_sparse_ref(
         b.q, *(p[0] for p in pools), b.plan, b.hc, b.slot, sel.get("sel_idx"), sel.get("sel_cnt"),
         scales=tuple(p[1] for p in pools), fmt=fmt,
@@ -131,9 +133,9 @@ def kv_sparse_one(c: Ctx, stage: str, kv: str, impl: str | None = None) -> Resul
 
 def _within_step(kernel: str, tag: str, vals, scales, ref: np.ndarray, fmt: KVFormat) -> Result:
     """Written rows dequantized vs the float rows: within half a step (int) or 1/16 (fp8) plus the fp16
-    rounding of the key and of its scale."""
+    rounding of the key and of its scale (`fmt`: the pool's, keys() for K)."""
     got = dequantize(vals, scales, fmt)
-    step = np.repeat(scales.astype(np.float64), ref.shape[-1] // scales.shape[-1], -1)
+    step = steps(scales, fmt, ref.shape[-1])
     if fmt.name == "fp8":
         bound = np.abs(ref) * (1 / 16 + 2e-3) + step * 2.0**-9
     else:
@@ -159,9 +161,9 @@ def kv_write_one(c: Ctx, kv: str) -> list[Result]:
         k_ref, v_ref = np.zeros((2, num_pages, hkv, page, d), np.float32)
         q_ref = rope_write_kv_ref(qkv, pos, np.maximum(slots, 0), k_ref.copy(), v_ref.copy(), cos, sin)
         rope_write_kv_ref(qkv[live], pos[live], slots[live], k_ref, v_ref, cos, sin)
-        shape, groups = (num_pages, hkv, page, fmt.packed_dim(d)), d // fmt.group(d)
+        shape = (num_pages, hkv, page, fmt.packed_dim(d))
         dev = [_garbage(c, shape, fmt.value_dtype) for _ in "kv"]
-        dev += [c.poison((num_pages, hkv, page, groups), np.float16) for _ in "kv"]
+        dev += [c.poison((num_pages, hkv, page, f.scale_cols(d)), np.float16) for f in (fmt.keys(), fmt)]
         cache = KVCache(dev[:1], dev[1:2], page, num_pages, fmt=fmt, k_scale=dev[2:3], v_scale=dev[3:])
         q = c.poison((n, hq, d), np.float16)
         rope = (c.dev16(cos), c.dev16(sin))
@@ -169,11 +171,14 @@ def kv_write_one(c: Ctx, kv: str) -> list[Result]:
         tag = f"{kv} Hq{hq} Hkv{hkv} D{d} page{page} N{n}"
         out.append(compare("kv_quant.write.q", tag, q.get(), q_ref, 2e-3, 4e-3))
         pg, off = slots[live] // page, slots[live] % page
-        for what, vals, sc, ref in (("k", dev[0], dev[2], k_ref), ("v", dev[1], dev[3], v_ref)):
+        for what, vals, sc, ref, f in (
+            ("k", dev[0], dev[2], k_ref, fmt.keys()),
+            ("v", dev[1], dev[3], v_ref, fmt),
+        ):
             rows = ref[pg, :, off]
             got_sc = sc.get()[pg, :, off]
-            out.append(_within_step(f"kv_quant.write.{what}", tag, vals.get()[pg, :, off], got_sc, rows, fmt))
-            want_sc = quantize(rows, fmt, np.float16)[1]
+            out.append(_within_step(f"kv_quant.write.{what}", tag, vals.get()[pg, :, off], got_sc, rows, f))
+            want_sc = quantize(rows, f, np.float16)[1]
             out.append(compare(f"kv_quant.write.{what}_scale", tag, got_sc, want_sc, 1e-6, 2e-3))
     return out
 
@@ -205,7 +210,10 @@ def kv_write_sparse_one(c: Ctx, kv: str) -> list[Result]:
     floats += [np.zeros((n_spages, ns, ps, d), np.float32) for _ in "kv"]
     q_ref = rope_write_kv_sparse_ref(qkv, pos, dslots, sslots, *floats, hc, slot, cos, sin)
     host = [np.zeros((*a.shape[:3], fmt.packed_dim(d)), fmt.value_dtype) for a in floats]
-    hsc = [np.zeros((*a.shape[:3], d // fmt.group(d)), np.float16) for a in floats]
+    pool_fmts = (fmt.keys(), fmt) * 2  # kd, vd, ks, vs
+    hsc = [
+        np.zeros((*a.shape[:3], f.scale_cols(d)), np.float16) for a, f in zip(floats, pool_fmts, strict=True)
+    ]
     want_max, want_min = kmax.copy(), kmin.copy()
     rope_write_kv_sparse_ref(qkv, pos, dslots, sslots, *host, hc, slot, cos, sin, want_max, want_min,
                              scales=tuple(hsc), fmt=fmt)  # fmt: skip
@@ -229,7 +237,9 @@ def kv_write_sparse_one(c: Ctx, kv: str) -> list[Result]:
                                        ("v stream", sslots))):  # fmt: skip
         pg, off = slots // ps, slots % ps
         vals, sc = dev[i].get()[pg, :, off], dsc[i].get()[pg, :, off]
-        out.append(_within_step(f"kv_quant.write_sparse.{what}", tag, vals, sc, floats[i][pg, :, off], fmt))
+        out.append(
+            _within_step(f"kv_quant.write_sparse.{what}", tag, vals, sc, floats[i][pg, :, off], pool_fmts[i])
+        )
     out.append(compare("kv_quant.write_sparse.kmax", tag, stats[0].get(), want_max, 2e-3, 4e-3))
     out.append(compare("kv_quant.write_sparse.kmin", tag, stats[1].get(), want_min, 2e-3, 4e-3))
     return out

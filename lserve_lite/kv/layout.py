@@ -77,10 +77,10 @@ class KVLayout:
         window = geometry.window_visit_pages(sp.decode_sink, sp.decode_local, self.page_size)
         return max(geometry.visit_capacity(self.select_pages), window if self.has_streaming else 0, 1)
 
-    def bytes_per_page(self, cfg: ModelConfig, row_bytes: int) -> tuple[int, int]:
-        """K+V bytes of one dense-pool page and one streaming-pool page over all layers; `row_bytes`: one
-        token's K (or V) of one head, scales included (kv/quant.KVFormat.row_bytes)."""
-        per_head = 2 * self.page_size * row_bytes
+    def bytes_per_page(self, cfg: ModelConfig, kv_bytes: int) -> tuple[int, int]:
+        """K+V bytes of one dense-pool page and one streaming-pool page over all layers; `kv_bytes`: one
+        token's K and V of one head, scales included (kv/quant.KVFormat.kv_bytes)."""
+        per_head = self.page_size * kv_bytes
         dense = sum(self.num_dense(i) for i in range(cfg.num_layers)) * per_head
         stats = 0
         if self.sub_pages:
@@ -95,17 +95,17 @@ MAX_POOL_PAGES = 1 << 20  # a pool never has more pages than this (page ids are 
 
 
 def pool_pages(
-    cfg: ModelConfig, page_size: int, row_bytes: int, budget: int, layout: KVLayout | None, max_seqs: int,
+    cfg: ModelConfig, page_size: int, kv_bytes: int, budget: int, layout: KVLayout | None, max_seqs: int,
     num_pages: int | None = None,
 ) -> tuple[int, int]:  # fmt: skip
     """(dense-pool pages, streaming-pool pages) for `budget` bytes of KV memory, or `num_pages` dense pages;
-    `row_bytes` as in `KVLayout.bytes_per_page` (a quantized cache fits more pages in the same budget).
+    `kv_bytes` as in `KVLayout.bytes_per_page` (a quantized cache fits more pages in the same budget).
 
     The streaming pool holds every running sequence's sink + ring pages, within 30% of the budget."""
     if layout is None:
-        per_page = 2 * cfg.num_layers * cfg.num_kv_heads * page_size * row_bytes
+        per_page = cfg.num_layers * cfg.num_kv_heads * page_size * kv_bytes
         return num_pages or _fit(budget, per_page), 0
-    dense_b, stream_b = layout.bytes_per_page(cfg, row_bytes)
+    dense_b, stream_b = layout.bytes_per_page(cfg, kv_bytes)
     per_seq = layout.stream_pages_per_seq
     stream = max(per_seq, min(max_seqs * per_seq, int(0.3 * budget // stream_b))) if per_seq else 0
     if num_pages:

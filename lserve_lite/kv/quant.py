@@ -2,24 +2,25 @@
 
 A quantized pool is two arrays indexed by the same page id, so the allocator, the selector and the plans
 see pages exactly as with a float cache: values [pages, heads, page_size, D] (int8, fp8 bits) or
-[pages, heads, page_size, D/2] (int4, two per byte) and scales [pages, heads, page_size, D / group] in the
-backend's float type (fp16 on the GPU, float32 on the CPU, which has no fp16 kernels). Rules, symmetric and
-round-to-nearest: int8 one scale per (token, KV head) = amax / 127; int4 one scale per `group` channels of
-a (token, head) = amax / 7, stored as q + 8 with channel 2i in the low nibble of byte i; fp8 (e4m3, GPU
-sm_89+) one scale per (token, head) = amax / 448, values rounded to the nearest e4m3 (ties to even).
+[pages, heads, page_size, D/2] (int4, two per byte) and scales [pages, heads, page_size, scale_cols(D)] in
+the backend's float type (fp16 on the GPU, float32 on the CPU, which has no fp16 kernels). Rules, round to
+nearest: int8 symmetric, one scale per (token, KV head) = amax / 127; fp8 (e4m3, GPU sm_89+) symmetric, one
+scale per (token, head) = amax / 448, values the nearest e4m3 (ties to even); int4 asymmetric, per group of
+a (token, head) (16 channels of a key, 32 of a value) a scale (max - min) / 15 and a min, stored
+interleaved (scale, min) per group, value = scale * q + min with q in 0..15, channel 2i in the low nibble
+of byte i. Why (docs/KV_QUANT.md): post-RoPE keys are lopsided per group and carry the loss, so the
+symmetric rule (7 levels a side, 32 channels) cost +15-18% perplexity; this one about +3%.
 `quantize` / `dequantize` here are the float64 references (and the NumPy path of the CPU backend).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..config import KV_DTYPES
 from ..errors import InvalidRequestError
-
-INT4_GROUP = 32  # channels per int4 scale (a head of fewer, or of a non-multiple, has one group)
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class KVFormat:
 
     name: str  # fp16 / fp32 / int8 / int4 / fp8
     qmax: float = 0.0  # largest quantized magnitude (0: a float cache)
+    asymmetric: bool = False  # levels 0..qmax from a per-group min (int4) instead of -qmax..qmax
+    group_size: int = 0  # channels per scale (0, or a head it does not divide: the whole head)
+    key_group: int = 0  # the keys' group_size where it differs (int4: finer, keys carry the loss)
 
     @property
     def quantized(self) -> bool:
@@ -41,21 +45,35 @@ class KVFormat:
         """Stored values per (token, head): int4 packs two channels per byte."""
         return head_dim // 2 if self.name == "int4" else head_dim
 
+    def keys(self) -> KVFormat:
+        """The format of the K pool (the V pool's is self): the same, or with the keys' own group."""
+        return replace(self, group_size=self.key_group, key_group=0) if self.key_group else self
+
     def group(self, head_dim: int) -> int:
-        """Channels sharing one scale: the whole head, or INT4_GROUP for int4."""
-        return INT4_GROUP if self.name == "int4" and head_dim % INT4_GROUP == 0 else head_dim
+        """Channels sharing one scale (or (scale, min) pair)."""
+        g = self.group_size
+        return g if g and head_dim % g == 0 else head_dim
+
+    def scale_cols(self, head_dim: int) -> int:
+        """Scale entries per (token, head): one per group, or a (scale, min) pair per group (asymmetric)."""
+        return (head_dim // self.group(head_dim)) * (2 if self.asymmetric else 1) if self.quantized else 0
 
     def row_bytes(self, head_dim: int, scale_itemsize: int) -> int:
-        """Bytes of one token's K (or V) for one KV head, values and scales: what sizes a page."""
-        vals = self.packed_dim(head_dim) * self.value_dtype.itemsize
-        return vals + (head_dim // self.group(head_dim)) * scale_itemsize if self.quantized else vals
+        """Bytes of one token's row of this pool for one KV head, values and scales."""
+        return (
+            self.packed_dim(head_dim) * self.value_dtype.itemsize + self.scale_cols(head_dim) * scale_itemsize
+        )
+
+    def kv_bytes(self, head_dim: int, scale_itemsize: int) -> int:
+        """Bytes of one token's K and V for one KV head: what sizes a page."""
+        return self.keys().row_bytes(head_dim, scale_itemsize) + self.row_bytes(head_dim, scale_itemsize)
 
 
 FORMATS = {
     "fp16": KVFormat("fp16"),
     "fp32": KVFormat("fp32"),
     "int8": KVFormat("int8", 127.0),
-    "int4": KVFormat("int4", 7.0),
+    "int4": KVFormat("int4", 15.0, asymmetric=True, group_size=32, key_group=16),
     "fp8": KVFormat("fp8", 448.0),
 }
 
@@ -78,34 +96,50 @@ def resolve_kv_format(name: str, supported: tuple[str, ...], head_dim: int) -> K
 
 
 def quantize(x: np.ndarray, fmt: KVFormat, scale_dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
-    """x [..., D] -> (values [..., packed D], scales [..., D / group]) in float64 arithmetic; scales are
-    rounded to `scale_dtype` first and the values quantized against the rounded scale."""
+    """x [..., D] -> (values [..., packed D], scales [..., scale_cols(D)]) in float64 arithmetic; scale and
+    min are rounded to `scale_dtype` first and the values quantized against the rounded pair."""
     d = x.shape[-1]
     g = fmt.group(d)
     xg = np.asarray(x, np.float64).reshape(*x.shape[:-1], d // g, g)
-    scale = (np.abs(xg).max(-1) / fmt.qmax).astype(scale_dtype)
+    if fmt.asymmetric:
+        lo = xg.min(-1).astype(scale_dtype)
+        scale = ((xg.max(-1) - lo) / fmt.qmax).astype(scale_dtype)
+        xg = xg - lo.astype(np.float64)[..., None]
+        stored = np.stack([scale, lo], -1).reshape(*scale.shape[:-1], -1)
+    else:
+        scale = stored = (np.abs(xg).max(-1) / fmt.qmax).astype(scale_dtype)
     s = scale.astype(np.float64)[..., None]
     y = np.divide(xg, s, out=np.zeros_like(xg), where=s > 0).reshape(x.shape)
     if fmt.name == "fp8":
-        return e4m3_encode(y), scale
-    q = np.clip(np.rint(y), -fmt.qmax, fmt.qmax)
+        return e4m3_encode(y), stored
+    q = np.clip(np.rint(y), 0 if fmt.asymmetric else -fmt.qmax, fmt.qmax)
     if fmt.name == "int8":
-        return q.astype(np.int8), scale
-    u = (q + 8).astype(np.uint8)
-    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8), scale
+        return q.astype(np.int8), stored
+    u = q.astype(np.uint8)
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8), stored
 
 
 def dequantize(vals: np.ndarray, scales: np.ndarray, fmt: KVFormat, dtype=np.float64) -> np.ndarray:
     """(values, scales) -> x [..., D] in `dtype` (float64: the reference; float32: the CPU backend's path)."""
     if fmt.name == "int4":
-        lo, hi = (vals & 15).astype(np.int8) - 8, (vals >> 4).astype(np.int8) - 8
-        q = np.stack([lo, hi], -1).reshape(*vals.shape[:-1], 2 * vals.shape[-1])
+        q = np.stack([vals & 15, vals >> 4], -1).reshape(*vals.shape[:-1], 2 * vals.shape[-1])
     else:
         q = e4m3_decode(vals) if fmt.name == "fp8" else vals
     d = q.shape[-1]
     g = fmt.group(d)
-    x = q.astype(dtype).reshape(*q.shape[:-1], d // g, g) * scales.astype(dtype)[..., None]
+    sc = scales.astype(dtype)
+    scale, lo = (sc[..., 0::2], sc[..., 1::2]) if fmt.asymmetric else (sc, 0)
+    x = (
+        q.astype(dtype).reshape(*q.shape[:-1], d // g, g) * scale[..., None]
+        + np.asarray(lo, dtype)[..., None]
+    )
     return x.reshape(q.shape)
+
+
+def steps(scales: np.ndarray, fmt: KVFormat, head_dim: int) -> np.ndarray:
+    """Each channel's quantization step (its group's scale) as float64 [..., head_dim]: what bounds a round trip."""
+    s = scales[..., 0::2] if fmt.asymmetric else scales
+    return np.repeat(s.astype(np.float64), fmt.group(head_dim), -1)
 
 
 def _e4m3_table() -> np.ndarray:
