@@ -45,11 +45,9 @@ def random_device_quant(ops, fmt: str, m: int, k: int, seed: int = 0, split: boo
     an upload would (kernels, shared memory, prefill scratch)."""
     import cupy as cp
 
-    from lserve_lite.backends.cuda_quant import PAD, DeviceQuant
+    from lserve_lite.backends.cuda_quant import PAD, DeviceQuant, pick_variant
     from lserve_lite.backends.quant_split import SPLIT_FORMATS
     from lserve_lite.weights.qtensor import LAYOUTS
-
-    from lserve_lite.backends.cuda_quant import pick_variant
 
     if split is None:
         split = pick_variant(ops.quant.gemv_variant, fmt, 1) == "split"
