@@ -13,8 +13,8 @@
 // and w = d * (q - Z) + m. Each block first quantizes the n rows of x to int8 per 32 values into shared memory
 // (dx = max|x| / 127, xq = round(x / dx), s = sum xq: llama.cpp's q8_1 scheme; the logits add a second pass
 // on the rounding residual, P = 2), then each warp takes R output
-// rows; lane l reads chunks l, l + 32, ... of each row with 16-byte loads, in two register sets (one set's
-// loads in flight while the other's chunks are multiplied; the first of them issued before x is quantized) and sums q * xq with dp4a (exact int32); per chunk y += dx * (d * (sum - Z s) + m s).
+// rows; lane l reads chunks l, l + 32, ... of each row with 16-byte loads (U chunks x R rows in flight before
+// any is used; the first of them issued before x is quantized) and sums q * xq with dp4a (exact int32); per chunk y += dx * (d * (sum - Z s) + m s).
 
 #include <cuda_fp16.h>
 
@@ -221,37 +221,6 @@ __device__ __forceinline__ void load_chunks(const u8* __restrict__ q, const __ha
   }
 }
 
-// acc[i][r] += row m0 + i of W . input row r over the UH chunks c0, c0 + 32, ... held in w (exact int32 dot
-// products, then per chunk acc += dx * (d * (dot - Z s) + m s) for each of the P passes).
-template <typename F, int R, int NMAX, int P, int UH>
-__device__ __forceinline__ void dot_chunks(const unsigned (&w)[UH][R][F::WORDS], const float (&dd)[UH][R],
-                                           const float (&mm)[UH][R], int c0, int nc, int n, const int* xq,
-                                           const float2* xs, float (&acc)[R][NMAX]) {
-#pragma unroll
-  for (int u = 0; u < UH; ++u) {
-    const int c = c0 + 32 * u;
-    if (c < nc) {
-#pragma unroll
-      for (int r = 0; r < NMAX; ++r) {
-        if (r < n) {
-#pragma unroll
-          for (int p = 0; p < P; ++p) {
-            const int* xw = xq + ((p * n + r) * nc + c) * 8;
-            const float2 sx = xs[(p * n + r) * nc + c];
-#pragma unroll
-            for (int i = 0; i < R; ++i) {
-              const int dot = chunk_dot<F>(w[u][i], xw) - F::Z * (int)sx.y;
-              float t = dd[u][i] * (float)dot;
-              if (F::MIN) t = fmaf(mm[u][i], sx.y, t);
-              acc[i][r] = fmaf(sx.x, t, acc[i][r]);
-            }
-          }
-        }
-      }
-    }
-  }
-}
-
 // y[r * ldy + m] = sum_k in[r, k] W[m, k] for r < n <= NMAX, R rows of W per warp, `in` the prologue PRO's
 // input in P int8 passes. Dynamic shared memory: P * n * K bytes of xq, P * n * K / 32 float2 of xs (PRO_NORM
 // borrows the xs area for its per-chunk sums first), n floats of PRO_NORM's row factors. K % 32 == 0.
@@ -261,9 +230,7 @@ __global__ void __launch_bounds__(SWARPS * 32)
                      const __half* __restrict__ x, int n, TOut* __restrict__ y, int ldy, int M, int K,
                      const float* res_in, float* res_out, const __half* __restrict__ gamma, float eps) {
   const Prologue pro{res_in, res_out, gamma, eps};
-  // Two register sets of UH chunks x R rows (~4 16-byte loads a lane each): one set's loads are in flight
-  // while the other's chunks are multiplied.
-  constexpr int U = (8 / R) / (F::BITS / 4), UH = U / 2 > 0 ? U / 2 : 1;
+  constexpr int U = (8 / R) / (F::BITS / 4) > 0 ? (8 / R) / (F::BITS / 4) : 1;  // ~8 16-byte loads a lane
   extern __shared__ int4 smem[];
   int* xq = reinterpret_cast<int*>(smem);
   float2* xs = reinterpret_cast<float2*>(xq + P * n * (K / 4));
@@ -271,10 +238,9 @@ __global__ void __launch_bounds__(SWARPS * 32)
   const long long qrow = (long long)K * F::BITS / 8;
   const int lane = threadIdx.x & 31;
   const int m0 = (blockIdx.x * SWARPS + (threadIdx.x >> 5)) * R;
-  unsigned wa[UH][R][F::WORDS], wb[UH][R][F::WORDS];
-  float da[UH][R], ma[UH][R], db[UH][R], mb[UH][R];
-  load_chunks<F, R, UH>(q, d, mn, lane, nc, ng, qrow, m0, M, wa, da, ma);  // in flight while x is quantized
-  load_chunks<F, R, UH>(q, d, mn, lane + 32 * UH, nc, ng, qrow, m0, M, wb, db, mb);
+  unsigned w[U][R][F::WORDS];
+  float dd[U][R], mm[U][R];
+  load_chunks<F, R, U>(q, d, mn, lane, nc, ng, qrow, m0, M, w, dd, mm);  // in flight while x is quantized
   float* inv = reinterpret_cast<float*>(xs + P * n * (K / 32));  // [n]: PRO_NORM's row factors
   if (PRO == PRO_NORM) norm_factors(x, pro, n, K, reinterpret_cast<float*>(xs), inv);
   quantize_x<P, PRO>(x, pro, n, K, inv, xq, xs);
@@ -285,11 +251,31 @@ __global__ void __launch_bounds__(SWARPS * 32)
   for (int i = 0; i < R; ++i)
 #pragma unroll
     for (int r = 0; r < NMAX; ++r) acc[i][r] = 0.f;
-  for (int c0 = lane; c0 < nc; c0 += 64 * UH) {
-    dot_chunks<F, R, NMAX, P, UH>(wa, da, ma, c0, nc, n, xq, xs, acc);
-    load_chunks<F, R, UH>(q, d, mn, c0 + 64 * UH, nc, ng, qrow, m0, M, wa, da, ma);
-    dot_chunks<F, R, NMAX, P, UH>(wb, db, mb, c0 + 32 * UH, nc, n, xq, xs, acc);
-    load_chunks<F, R, UH>(q, d, mn, c0 + 96 * UH, nc, ng, qrow, m0, M, wb, db, mb);
+  for (int c0 = lane; c0 < nc; c0 += 32 * U) {
+    if (c0 != lane) load_chunks<F, R, U>(q, d, mn, c0, nc, ng, qrow, m0, M, w, dd, mm);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + 32 * u;
+      if (c < nc) {
+#pragma unroll
+        for (int r = 0; r < NMAX; ++r) {
+          if (r < n) {
+#pragma unroll
+            for (int p = 0; p < P; ++p) {
+              const int* xw = xq + ((p * n + r) * nc + c) * 8;
+              const float2 sx = xs[(p * n + r) * nc + c];
+#pragma unroll
+              for (int i = 0; i < R; ++i) {
+                const int dot = chunk_dot<F>(w[u][i], xw) - F::Z * (int)sx.y;
+                float t = dd[u][i] * (float)dot;
+                if (F::MIN) t = fmaf(mm[u][i], sx.y, t);
+                acc[i][r] = fmaf(sx.x, t, acc[i][r]);
+              }
+            }
+          }
+        }
+      }
+    }
   }
 #pragma unroll
   for (int i = 0; i < R; ++i)
