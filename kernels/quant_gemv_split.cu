@@ -42,116 +42,25 @@ __device__ __forceinline__ int groups_per_row(int K) {
   return F::CPG ? K / (32 * F::CPG) : 1;
 }
 
-// What the GEMV multiplies (PRO, its input's prologue), one 32-value chunk c of row c / nc at a time:
-//   PRO_X     x [n, K] fp16 as it is
-//   PRO_SILU  silu(gate) * up of x = gate_up [n, 2K] (the down projection's input), rounded to fp16 as the
-//             silu_mul kernel of layers.cu writes it
-//   PRO_NORM  fp16(r * inv(row) * gamma) with r = x + res_in (res_in may be null): add_rmsnorm of layers.cu,
-//             inv(row) = 1 / sqrt(mean(r^2) + eps) from the block's own pass over the row; block 0 also
-//             writes r to res_out (the residual stream, float32; never aliasing res_in, which other blocks read)
-constexpr int PRO_X = 0, PRO_SILU = 1, PRO_NORM = 2;
-
-struct Prologue {
-  const float* res_in;
-  float* res_out;
-  const __half* gamma;
-  float eps;
-};
-
-// 8 fp16 values at p (16-byte aligned) as floats.
-__device__ __forceinline__ void load8h(const __half* p, float* f) {
-  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
-  const __half2* h = reinterpret_cast<const __half2*>(&v);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float2 q = __half22float2(h[j]);
-    f[2 * j] = q.x, f[2 * j + 1] = q.y;
-  }
-}
-
-// r = x (+ res_in) for the 32 values of chunk c (PRO_NORM's residual sum, before normalization).
-__device__ __forceinline__ void residual32(const __half* x, const float* res_in, long long off, float (&f)[32]) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i) load8h(x + off + 8 * i, f + 8 * i);
-  if (res_in) {
-#pragma unroll
-    for (int i = 0; i < 32; ++i) f[i] += res_in[off + i];
-  }
-}
-
-// PRO_NORM's per-row factor inv[r] = 1 / sqrt(mean(r^2) + eps) into shared memory: per-chunk sums of squares
-// (in `part`, n * nc floats), then warp r sums row r's in a fixed order (deterministic, as a replay must be).
-__device__ __forceinline__ void norm_factors(const __half* x, const Prologue& pro, int n, int K, float* part,
-                                             float* inv) {
-  const int nc = K / 32;
-  for (int c = threadIdx.x; c < n * nc; c += blockDim.x) {
-    float f[32];
-    residual32(x, pro.res_in, (long long)c * 32, f);
-    float ss = 0.f;
-#pragma unroll
-    for (int i = 0; i < 32; ++i) ss += f[i] * f[i];
-    part[c] = ss;
-  }
-  __syncthreads();
-  const int lane = threadIdx.x & 31;
-  for (int r = threadIdx.x >> 5; r < n; r += blockDim.x >> 5) {
-    float ss = 0.f;
-    for (int j = lane; j < nc; j += 32) ss += part[r * nc + j];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    if (lane == 0) inv[r] = 1.0f / sqrtf(ss / (float)K + pro.eps);
-  }
-  __syncthreads();
-}
-
-// The 32 input values of chunk c (row c / nc) as the prologue PRO makes them.
-template <int PRO>
-__device__ __forceinline__ void input32(const __half* __restrict__ x, const Prologue& pro, int K, int c,
-                                        const float* inv, float (&f)[32]) {
-  const int nc = K / 32, row = c / nc, j = c - row * nc;
-  if (PRO == PRO_X) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) load8h(x + (long long)c * 32 + 8 * i, f + 8 * i);
-  } else if (PRO == PRO_SILU) {
-    const __half* g = x + (long long)row * 2 * K + 32 * j;
-    float u[8];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      load8h(g + 8 * i, f + 8 * i);
-      load8h(g + K + 8 * i, u);
-#pragma unroll
-      for (int t = 0; t < 8; ++t) {
-        const float gf = f[8 * i + t];
-        f[8 * i + t] = __half2float(__float2half(gf / (1.0f + expf(-gf)) * u[t]));
-      }
-    }
-  } else {
-    const long long off = (long long)c * 32;
-    residual32(x, pro.res_in, off, f);
-    if (blockIdx.x == 0) {
-#pragma unroll
-      for (int i = 0; i < 32; ++i) pro.res_out[off + i] = f[i];
-    }
-    float gm[8];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      load8h(pro.gamma + 32 * j + 8 * i, gm);
-#pragma unroll
-      for (int t = 0; t < 8; ++t) f[8 * i + t] = __half2float(__float2half(f[8 * i + t] * inv[row] * gm[t]));
-    }
-  }
-}
-
-// The n input rows -> xq [P][n][K / 4] words of int8 and xs [P][n][K / 32] {dx, sum of the chunk's xq}.
+// x rows [n, K] fp16 -> xq [P][n][K / 4] words of int8 and xs [P][n][K / 32] {dx, sum of the chunk's xq}.
 // P = 2 (the logits): pass 1 rounds the residual x - dx * xq of pass 0 the same way, so the two passes
 // together leave each value off by dx' / 2 ~ dx / 508 (cpu_quant.logits_q's scheme).
-template <int P, int PRO>
-__device__ __forceinline__ void quantize_x(const __half* __restrict__ x, const Prologue& pro, int n, int K,
-                                           const float* inv, int* xq, float2* xs) {
+template <int P>
+__device__ __forceinline__ void quantize_x(const __half* __restrict__ x, int n, int K, int* xq, float2* xs) {
   const int nc = K / 32;
   for (int c = threadIdx.x; c < n * nc; c += blockDim.x) {
+    const uint4* src = reinterpret_cast<const uint4*>(x + (long long)c * 32);  // rows are contiguous
     float f[32];
-    input32<PRO>(x, pro, K, c, inv, f);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint4 v = __ldg(src + i);
+      const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 p = __half22float2(h[j]);
+        f[8 * i + 2 * j] = p.x, f[8 * i + 2 * j + 1] = p.y;
+      }
+    }
 #pragma unroll
     for (int p = 0; p < P; ++p) {
       float amax = 0.f;
@@ -221,15 +130,12 @@ __device__ __forceinline__ void load_chunks(const u8* __restrict__ q, const __ha
   }
 }
 
-// y[r * ldy + m] = sum_k in[r, k] W[m, k] for r < n <= NMAX, R rows of W per warp, `in` the prologue PRO's
-// input in P int8 passes. Dynamic shared memory: P * n * K bytes of xq, P * n * K / 32 float2 of xs (PRO_NORM
-// borrows the xs area for its per-chunk sums first), n floats of PRO_NORM's row factors. K % 32 == 0.
-template <typename F, int R, int NMAX, int P, int PRO, typename TOut>
+// y[r * ldy + m] = sum_k x[r, k] W[m, k] for r < n <= NMAX, R rows of W per warp, x in P int8 passes.
+// Dynamic shared memory: P * n * K bytes of xq + P * n * K / 32 float2 of xs. K % 32 == 0.
+template <typename F, int R, int NMAX, int P, typename TOut>
 __global__ void __launch_bounds__(SWARPS * 32)
     quant_gemv_split(const u8* __restrict__ q, const __half* __restrict__ d, const __half* __restrict__ mn,
-                     const __half* __restrict__ x, int n, TOut* __restrict__ y, int ldy, int M, int K,
-                     const float* res_in, float* res_out, const __half* __restrict__ gamma, float eps) {
-  const Prologue pro{res_in, res_out, gamma, eps};
+                     const __half* __restrict__ x, int n, TOut* __restrict__ y, int ldy, int M, int K) {
   constexpr int U = (8 / R) / (F::BITS / 4) > 0 ? (8 / R) / (F::BITS / 4) : 1;  // ~8 16-byte loads a lane
   extern __shared__ int4 smem[];
   int* xq = reinterpret_cast<int*>(smem);
@@ -241,9 +147,7 @@ __global__ void __launch_bounds__(SWARPS * 32)
   unsigned w[U][R][F::WORDS];
   float dd[U][R], mm[U][R];
   load_chunks<F, R, U>(q, d, mn, lane, nc, ng, qrow, m0, M, w, dd, mm);  // in flight while x is quantized
-  float* inv = reinterpret_cast<float*>(xs + P * n * (K / 32));  // [n]: PRO_NORM's row factors
-  if (PRO == PRO_NORM) norm_factors(x, pro, n, K, reinterpret_cast<float*>(xs), inv);
-  quantize_x<P, PRO>(x, pro, n, K, inv, xq, xs);
+  quantize_x<P>(x, n, K, xq, xs);
   __syncthreads();
   if (m0 >= M) return;
   float acc[R][NMAX];

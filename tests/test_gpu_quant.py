@@ -135,23 +135,18 @@ def test_kernel_names_cover_every_format_and_row_count():
         QUANT_KERNELS,
         SPLIT_KERNELS,
         SPLIT_R,
-        SPLIT_ROWS,
-        SPLIT_VARIANTS,
         kernel_names,
     )
     from lserve_lite.backends.quant_split import SPLIT_FORMATS
 
     assert len(QUANT_KERNELS) == len(LAYOUTS) * (2 * len(GEMV_VARIANTS) * len(GEMV_ROWS) + 1)
-    assert len(SPLIT_KERNELS) == len(SPLIT_FORMATS) * (
-        len(SPLIT_VARIANTS) * len(SPLIT_R) * len(SPLIT_ROWS) + 1
-    )
+    assert len(SPLIT_KERNELS) == len(SPLIT_FORMATS) * (3 * len(SPLIT_R) * len(GEMV_ROWS) + 1)
     names = kernel_names("q4_k")
     assert "quant_gemv<Q4_K, 8, float>" in names and "quant_gemv2<Q4_K, 8, float>" in names
     assert not any("split" in n for n in names)
     assert "quant_dequant<INT4>" in kernel_names("int4")
-    assert "quant_gemv_split<SQ4_1, 4, 8, 1, 0, __half>" in kernel_names("q4_1", ("split",))
-    assert "quant_gemv_split<SQ4_1, 4, 8, 2, 0, float>" in kernel_names("q4_1", ("split",))
-    assert "quant_gemv_split<SINT4, 1, 1, 1, 2, __half>" in kernel_names("int4", ("split",))
+    assert "quant_gemv_split<SQ4_1, 4, 8, 1, __half>" in kernel_names("q4_1", ("split",))
+    assert "quant_gemv_split<SQ4_1, 4, 8, 2, float>" in kernel_names("q4_1", ("split",))
     assert kernel_names("int8", ("split",))[-1] == "quant_dequant_split<SINT8>"
 
 

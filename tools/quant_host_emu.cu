@@ -5,10 +5,7 @@
 //   quant_host_emu gemv2 FMT n M K ldy W X Y    the same through quant_gemv2 (LSERVE_QGEMV=v2)
 //   quant_host_emu dequant FMT M K n W IDS OUT  out[n, K] (fp16) = rows IDS (int64) of W through quant_dequant
 // and of kernels/quant_gemv_split.cu (the split layout's arrays Q D MN as written by quant_split.split):
-//   quant_host_emu split FMT n M K ldy R P PRO Q D MN X Y [RES GAMMA EPS RESOUT]
-//                                                      y through quant_gemv_split: R rows per warp, P passes,
-//                                                      prologue PRO (1: X is gate_up [n, 2K]; 2: add + RMSNorm,
-//                                                      RES '-' for none, RESOUT written)
+//   quant_host_emu split FMT n M K ldy R P Q D MN X Y   y through quant_gemv_split: R rows per warp, P passes
 //   quant_host_emu dsplit FMT M K n Q D MN IDS OUT      rows IDS through quant_dequant_split
 #include <cuda_fp16.h>
 #include <pthread.h>
@@ -147,23 +144,13 @@ static void dequant(int M, int K, int n, char** a) {
   fclose(f);
 }
 
-template <typename S, int R, int NMAX, int P, int PRO>
+template <typename S, int R, int NMAX, int P>
 static void gemv_split(int n, int M, int K, int ldy, char** a) {
   const int groups = S::CPG ? K / (32 * S::CPG) : 1;
   const u8* q = read_file<u8>(a[0], (size_t)M * K * S::BITS / 8, 16);
   const __half* d = read_file<__half>(a[1], (size_t)M * groups, 16);
   const __half* mn = S::MIN ? read_file<__half>(a[2], (size_t)M * groups, 16) : d;
-  const __half* x = read_file<__half>(a[3], (size_t)n * K * (PRO == PRO_SILU ? 2 : 1), 0);
-  const float* res_in = nullptr;
-  float* res_out = nullptr;
-  const __half* gamma = nullptr;
-  float eps = 0.f;
-  if (PRO == PRO_NORM) {
-    if (std::string(a[5]) != "-") res_in = read_file<float>(a[5], (size_t)n * K, 0);
-    gamma = read_file<__half>(a[6], K, 0);
-    eps = (float)atof(a[7]);
-    res_out = (float*)calloc((size_t)n * K, 4);
-  }
+  const __half* x = read_file<__half>(a[3], (size_t)n * K, 0);
   std::vector<float> y((size_t)n * ldy, 12345.f);
   for (int i = 0; i < SWARPS; ++i) pthread_barrier_init(&emu_warp_bar[i], nullptr, 32);
   pthread_barrier_init(&emu_block_bar, nullptr, SWARPS * 32);
@@ -174,34 +161,27 @@ static void gemv_split(int n, int M, int K, int ldy, char** a) {
       threads.emplace_back([=, &y] {
         emu_thread = {(unsigned)t, 0, 0};
         emu_block = {(unsigned)b, 0, 0};
-        quant_gemv_split<S, R, NMAX, P, PRO, float>(q, d, mn, x, n, y.data(), ldy, M, K, res_in, res_out, gamma, eps);
+        quant_gemv_split<S, R, NMAX, P, float>(q, d, mn, x, n, y.data(), ldy, M, K);
       });
     for (auto& t : threads) t.join();
   }
   FILE* f = fopen(a[4], "wb");
   fwrite(y.data(), 4, y.size(), f);
   fclose(f);
-  if (PRO == PRO_NORM) {
-    f = fopen(a[8], "wb");
-    fwrite(res_out, 4, (size_t)n * K, f);
-    fclose(f);
-  }
 }
 
-template <typename S, int R, int P, int PRO>
+template <typename S, int R, int P>
 static void gemv_split_n(int n, int M, int K, int ldy, char** a) {
-  if (n <= 1) return gemv_split<S, R, 1, P, PRO>(n, M, K, ldy, a);
-  if (n <= 2) return gemv_split<S, R, 2, P, PRO>(n, M, K, ldy, a);
-  if (n <= 4) return gemv_split<S, R, 4, P, PRO>(n, M, K, ldy, a);
-  gemv_split<S, R, 8, P, PRO>(n, M, K, ldy, a);
+  if (n <= 1) return gemv_split<S, R, 1, P>(n, M, K, ldy, a);
+  if (n <= 2) return gemv_split<S, R, 2, P>(n, M, K, ldy, a);
+  if (n <= 4) return gemv_split<S, R, 4, P>(n, M, K, ldy, a);
+  gemv_split<S, R, 8, P>(n, M, K, ldy, a);
 }
 
 template <typename S, int R>
-static void gemv_split_p(int n, int M, int K, int ldy, int P, int PRO, char** a) {
-  if (P == 2) return gemv_split_n<S, R, 2, PRO_X>(n, M, K, ldy, a);
-  if (PRO == PRO_SILU) return gemv_split_n<S, R, 1, PRO_SILU>(n, M, K, ldy, a);
-  if (PRO == PRO_NORM) return gemv_split_n<S, R, 1, PRO_NORM>(n, M, K, ldy, a);
-  gemv_split_n<S, R, 1, PRO_X>(n, M, K, ldy, a);
+static void gemv_split_p(int n, int M, int K, int ldy, int P, char** a) {
+  if (P == 2) return gemv_split_n<S, R, 2>(n, M, K, ldy, a);
+  gemv_split_n<S, R, 1>(n, M, K, ldy, a);
 }
 
 template <typename S>
@@ -229,10 +209,9 @@ template <typename S>
 static void run_split(const std::string& mode, char** v) {
   if (mode == "dsplit") return dequant_split<S>(atoi(v[0]), atoi(v[1]), atoi(v[2]), v + 3);
   const int n = atoi(v[0]), M = atoi(v[1]), K = atoi(v[2]), ldy = atoi(v[3]), R = atoi(v[4]), P = atoi(v[5]);
-  const int PRO = atoi(v[6]);
-  if (R == 1) return gemv_split_p<S, 1>(n, M, K, ldy, P, PRO, v + 7);
-  if (R == 2) return gemv_split_p<S, 2>(n, M, K, ldy, P, PRO, v + 7);
-  gemv_split_p<S, 4>(n, M, K, ldy, P, PRO, v + 7);
+  if (R == 1) return gemv_split_p<S, 1>(n, M, K, ldy, P, v + 6);
+  if (R == 2) return gemv_split_p<S, 2>(n, M, K, ldy, P, v + 6);
+  gemv_split_p<S, 4>(n, M, K, ldy, P, v + 6);
 }
 
 template <typename F>

@@ -151,17 +151,6 @@ class Ops(Protocol):
     def add_rmsnorm(self, x: Array, residual: Array | None, w: Array, eps: float) -> tuple[Array, Array]: ...
     def linear(self, x: Array, w: Array, bias: Array | None = None) -> Array: ...
     def silu_mul(self, gate_up: Array) -> Array: ...
-    def norm_linear(
-        self, x: Array, residual: Array | None, w_norm: Array, eps: float, w: Array, bias: Array | None = None
-    ) -> tuple[Array, Array]:
-        """linear(add_rmsnorm(x, residual, w_norm, eps)[0], w, bias) and the new residual: one op so that a
-        backend can fuse the norm into the product's input (the GPU's split GEMV does at decode sizes)."""
-        ...
-
-    def silu_linear(self, gate_up: Array, w: Array) -> Array:
-        """linear(silu_mul(gate_up), w), one op for the same reason."""
-        ...
-
     def rope_write_kv(
         self,
         qkv: Array,

@@ -129,14 +129,6 @@ class CpuOps:
         K.silu_mul(gate_up, out)
         return out
 
-    def norm_linear(self, x, residual, w_norm, eps, w, bias=None):
-        """add_rmsnorm then linear (nothing to fuse on the CPU: both are memory passes over one row)."""
-        h, residual = self.add_rmsnorm(x, residual, w_norm, eps)
-        return self.linear(h, w, bias), residual
-
-    def silu_linear(self, gate_up, w):
-        return self.linear(self.silu_mul(gate_up), w)
-
     def rope_write_kv(self, qkv, positions, slots, cache, layer, rope):
         """`slots` [N] (dense mode) or [2, N]: dense-pool slots, streaming-pool slots. A quantized cache is
         quantized here, as K/V are written (and LServe's key statistics come from the unquantized keys)."""

@@ -374,32 +374,6 @@ class CudaOps:
             )
         return out
 
-    def norm_linear(self, x, residual, w_norm, eps, w, bias=None):
-        """add_rmsnorm + linear; decode rows into a split quantized weight in one launch (quant_gemv_split's
-        PRO_NORM prologue: each block normalizes x itself, block 0 writes the new residual stream)."""
-        cp = self.cp
-        n = int(x.shape[0])
-        if not self.quant.fusable(w, n):
-            h, residual = self.add_rmsnorm(x, residual, w_norm, eps)
-            return self.linear(h, w, bias), residual
-        x = cp.ascontiguousarray(x)
-        res_in = None if residual is None else cp.ascontiguousarray(residual, dtype=cp.float32)
-        res_out = cp.empty(x.shape, cp.float32)
-        y = cp.empty((n, int(w.shape[0])), cp.float16)
-        self.quant.gemm_fused(x, w, y, "norm", (res_in, res_out, w_norm, eps))
-        if bias is not None:
-            y += bias
-        return y, res_out
-
-    def silu_linear(self, gate_up, w):
-        """silu_mul + linear; decode rows into a split quantized weight in one launch (PRO_SILU)."""
-        n = int(gate_up.shape[0])
-        if not self.quant.fusable(w, n):
-            return self.linear(self.silu_mul(gate_up), w)
-        y = self.cp.empty((n, int(w.shape[0])), self.cp.float16)
-        self.quant.gemm_fused(self.cp.ascontiguousarray(gate_up), w, y, "silu")
-        return y
-
     def rope_write_kv(self, qkv, positions, slots, cache: KVCache, layer: int, rope, out=None):
         """Reference: reference/layers.rope_write_kv_ref; LServe caches (`slots` [2, N]: dense-pool, streaming-pool slots):
         rope_write_kv_sparse_ref, with the page statistics update fused. Negative slots write no K/V
@@ -463,8 +437,17 @@ class CudaOps:
 
     def logits(self, h, lm_head, out=None):
         """float32 logits (float16 inputs, float32 accumulation and output). A quantized head's decode GEMV
-        rounds the activations to int8 in two passes (x, then its residual) into a float32 output, as the CPU's
-        cpu_quant.logits_q."""
+        rounds the activations to int8 in two passes (x, then its residual), as the CPU's cpu_quant.logits_q:
+        the top two logits are often < 0.5% apart."""
+        if isinstance(lm_head, (DeviceQuant, DeviceRowStack)):
+            h = self.cp.ascontiguousarray(h)
+            out = (
+                self.cp.empty((int(h.shape[0]), int(lm_head.shape[0])), self.cp.float32)
+                if out is None
+                else out
+            )
+            self.quant.gemm(h, lm_head, out, precise=True)
+            return out
         return self.gemm(h, lm_head, self.cp.float32, out=out)
 
     def sample(self, logits, seqs: list) -> list[int]:

@@ -44,16 +44,7 @@ SETTINGS = (*GEMV_VARIANTS, "auto")
 AUTO_V2_BATCH1 = frozenset({"q8_0", "q4_0", "q4_1", "q6_k", "int4"})
 SPLIT_WARPS = 8  # warps per block of quant_gemv_split: SWARPS
 SPLIT_R = (1, 2, 4)  # output rows per warp instantiated (split_rows picks one)
-# (int8 passes of x, prologue, output type) instantiated: plain x into fp16, float32 outputs (the logits: their
-# top two are often < 0.5% apart) in two passes, and the fused inputs of the decode layer: PRO_SILU
-# (silu(gate) * up) and PRO_NORM (add + RMSNorm)
-SPLIT_VARIANTS = ((1, 0, "__half"), (2, 0, "float"), (1, 1, "__half"), (1, 2, "__half"))
-SPLIT_ROWS = (
-    1,
-    4,
-    8,
-)  # NMAX of the split kernels (fewer than GEMV_ROWS: each instantiation costs compile time)
-PROLOGUES = {"x": 0, "silu": 1, "norm": 2}  # PRO_X / PRO_SILU / PRO_NORM in quant_gemv_split.cu
+SPLIT_PASSES = ((1, "__half"), (1, "float"), (2, "float"))  # (int8 passes of x, output type) instantiated
 SMEM_DEFAULT = 48 << 10  # dynamic shared memory a launch gets without opting in
 
 
@@ -90,9 +81,8 @@ def split_rows(m: int, n: int = 1) -> int:
 
 
 def split_smem(n: int, k: int, passes: int = 1) -> int:
-    """Dynamic shared memory of a split GEMV launch: n rows of x as int8 plus a {dx, sum} pair per 32, per pass,
-    and a float per row (the fused RMSNorm's factor)."""
-    return passes * (n * k + n * (k // 32) * 8) + 4 * n
+    """Dynamic shared memory of a split GEMV launch: n rows of x as int8 plus a {dx, sum} pair per 32, per pass."""
+    return passes * (n * k + n * (k // 32) * 8)
 
 
 def kernel_names(fmt: str, variants: tuple[str, ...] = (*GEMV_VARIANTS, "split")) -> tuple[str, ...]:
@@ -103,8 +93,8 @@ def kernel_names(fmt: str, variants: tuple[str, ...] = (*GEMV_VARIANTS, "split")
         if v == "split":
             if fmt in SPLIT_FORMATS:
                 s = SPLIT_FORMATS[fmt].trait
-                names += [f"quant_gemv_split<{s}, {r}, {n}, {p}, {pro}, {o}>" for r in SPLIT_R for n in SPLIT_ROWS
-                          for p, pro, o in SPLIT_VARIANTS]  # fmt: skip
+                names += [f"quant_gemv_split<{s}, {r}, {n}, {p}, {o}>" for r in SPLIT_R for n in GEMV_ROWS
+                          for p, o in SPLIT_PASSES]  # fmt: skip
                 names.append(f"quant_dequant_split<{s}>")
             continue
         names += [f"{GEMV_VARIANTS[v][0]}<{t}, {n}, {o}>" for n in GEMV_ROWS for o in ("__half", "float")]
@@ -201,7 +191,7 @@ class QuantKernels:
             return
         for name, fn in self._kernels(w.fmt, "split").items():
             if name.startswith("quant_gemv_split"):
-                nmax, passes = (int(a) for a in name.split(",")[2:4])  # <S, R, NMAX, P, PRO, T>
+                nmax, passes = (int(a) for a in name.split(",")[2:4])
                 self._opt_in(name, fn, split_smem(nmax, k, passes))
 
     def _device(self, a: np.ndarray):
@@ -251,16 +241,15 @@ class QuantKernels:
             fns = self._fns[key] = {n: mod.get_function(n) for n in names}
         return fns
 
-    def gemm(self, x, w: DeviceQuant | DeviceRowStack, out) -> None:
-        """out[N, M] = x[N, K] @ W^T (x contiguous float16; out float16 or float32, rows of stride >= M). Into
-        float32 (the logits) the split GEMV rounds x in two int8 passes (x, then its residual), as the CPU's
-        cpu_quant.logits_q: the top two logits are often < 0.5% apart."""
+    def gemm(self, x, w: DeviceQuant | DeviceRowStack, out, precise: bool = False) -> None:
+        """out[N, M] = x[N, K] @ W^T (x contiguous float16; out float16 or float32, rows of stride >= M).
+        `precise` (the logits, float32 out): the split GEMV rounds x in two int8 passes (x, then its residual)."""
         if isinstance(w, DeviceRowStack):
             c = 0
             for p in w.parts:
                 cols = out[:, c : c + int(p.shape[0])]
                 if isinstance(p, DeviceQuant):
-                    self.gemm(x, p, cols)
+                    self.gemm(x, p, cols, precise)
                 else:
                     self.blas.gemm_nt(x, p, cols)
                 c += int(p.shape[0])
@@ -272,7 +261,7 @@ class QuantKernels:
         variant = self._variant(w, n)
         fns = self._kernels(w.fmt, variant)
         if n <= GEMV_MAX_ROWS and w.split:
-            self._gemv_split(fns, x, w, out)
+            self._gemv_split(fns, x, w, out, precise and out.dtype == np.float32)
             return
         if n <= GEMV_MAX_ROWS:
             nmax = next(r for r in GEMV_ROWS if r >= n)
@@ -290,46 +279,29 @@ class QuantKernels:
             self._dequant(fns, w, None, r0, r1 - r0, wt)
             self.blas.gemm_nt(x, wt, out[:, r0:r1])
 
-    def _gemv_split(self, fns, x, w: DeviceQuant, out, pro: str = "x", norm=None) -> None:
+    def _gemv_split(self, fns, x, w: DeviceQuant, out, two_pass: bool) -> None:
         """quant_gemv_split over x's rows, as many per launch as the shared memory holds (all of them unless K is
-        large: 8 rows of K = 14336 need 140 KB, 280 KB with a float32 output's two passes). `pro`: the input's
-        prologue ("silu": x is gate_up [n, 2K]; "norm": x + residual, RMSNorm, with `norm` = (res_in or None,
-        res_out, gamma, eps))."""
-        n, m, k = int(x.shape[0]), w.shape[0], w.shape[1]
-        passes = 2 if out.dtype == np.float32 else 1
+        large: 8 rows of K = 14336 need 140 KB, 280 KB with two passes; two passes fall back to one first)."""
+        n, k, m = int(x.shape[0]), int(x.shape[1]), w.shape[0]
+        passes = 2 if two_pass and split_smem(n, k, 2) <= self.smem_limit else 1
         step = n
         while step > 1 and split_smem(step, k, passes) > self.smem_limit:
             step = (step + 1) // 2
         r = self.split_r or split_rows(m, n)
         t = "__half" if out.dtype == np.float16 else "float"
         ldy = np.int32(out.strides[0] // out.itemsize)
-        null = np.uint64(0)
         for i in range(0, n, step):
             rows = min(step, n - i)
-            nmax = next(g for g in SPLIT_ROWS if g >= rows)
-            fn = fns[f"quant_gemv_split<{w.split.trait}, {r}, {nmax}, {passes}, {PROLOGUES[pro]}, {t}>"]
-            if norm is None:
-                tail = (null, null, null, np.float32(0))
-            else:
-                res_in, res_out, gamma, eps = norm
-                tail = (null if res_in is None else res_in[i : i + rows], res_out[i : i + rows], gamma,
-                        np.float32(eps))  # fmt: skip
+            nmax = next(g for g in GEMV_ROWS if g >= rows)
+            fn = fns[f"quant_gemv_split<{w.split.trait}, {r}, {nmax}, {passes}, {t}>"]
             args = (w.data, w.d, self._mins(w), x[i : i + rows], np.int32(rows), out[i : i + rows], ldy,
-                    np.int32(m), np.int32(k), *tail)  # fmt: skip
+                    np.int32(m), np.int32(k))  # fmt: skip
             fn(
                 (-(-m // (SPLIT_WARPS * r)),),
                 (32 * SPLIT_WARPS,),
                 args,
                 shared_mem=split_smem(rows, k, passes),
             )
-
-    def fusable(self, w, n: int) -> bool:
-        """Whether `gemm_fused` runs n rows into w in one launch (split weights at decode sizes)."""
-        return isinstance(w, DeviceQuant) and w.split is not None and 0 < n <= GEMV_MAX_ROWS
-
-    def gemm_fused(self, x, w: DeviceQuant, out, pro: str, norm=None) -> None:
-        """out = prologue(x) @ W^T in one launch (see _gemv_split; `fusable` must hold)."""
-        self._gemv_split(self._kernels(w.fmt, "split"), x, w, out, pro, norm)
 
     def _variant(self, w: DeviceQuant, n: int) -> str:
         """The kernels of w's layout: split for a split weight, else v1 / v2 (v1 where the setting would pick

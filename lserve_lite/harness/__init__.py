@@ -39,7 +39,6 @@ from .layers import (
 from .page_select import case_page_select
 from .quant import (
     case_quant_embed,
-    case_quant_fused,
     case_quant_gemv,
     case_quant_prefill,
     case_quant_rowstack,
@@ -58,7 +57,6 @@ CASES: dict[str, Callable[[Ctx], list[Result]]] = {
     "quant_prefill": case_quant_prefill,
     "quant_rowstack": case_quant_rowstack,
     "quant_split_rowstack": case_quant_split_rowstack,
-    "quant_fused": case_quant_fused,
     "quant_embed": case_quant_embed,
     "sampling": case_sampling,
     "attention": case_attention,

@@ -90,16 +90,15 @@ class LlamaModel:
         x = self._sum(ops.embed(self.embed, ids, vocab_start=self.vocab_start))
         residual = None
         for i, layer in enumerate(self.layers):
-            qkv, residual = ops.norm_linear(
-                x, residual, layer.ln1, cfg.rms_norm_eps, layer.qkv, layer.qkv_bias
-            )
+            h, residual = ops.add_rmsnorm(x, residual, layer.ln1, cfg.rms_norm_eps)
+            qkv = ops.linear(h, layer.qkv, layer.qkv_bias)
             q = ops.rope_write_kv(qkv, positions, slots, cache, i, self.rope)
             if plan.selects:
                 ops.select_pages(q, cache, i, plan)
             a = ops.attention(q, cache, i, plan, head_classes[i])
             x = self._sum(ops.linear(a, layer.o))
-            gate_up, residual = ops.norm_linear(x, residual, layer.ln2, cfg.rms_norm_eps, layer.gate_up)
-            x = self._sum(ops.silu_linear(gate_up, layer.down))
+            h, residual = ops.add_rmsnorm(x, residual, layer.ln2, cfg.rms_norm_eps)
+            x = self._sum(ops.linear(ops.silu_mul(ops.linear(h, layer.gate_up)), layer.down))
         h, _ = ops.add_rmsnorm(x[logit_rows], residual[logit_rows], self.norm, cfg.rms_norm_eps)
         logits = ops.logits(h, self.lm_head)
         return logits if self.comm is None else self.comm.all_gather(logits)
