@@ -37,7 +37,7 @@ HQ, HKV, D, PAGE = 32, 8, 128, 64
 PEAK_TFLOPS, PEAK_TBS = 750.0, 4.27
 
 
-def _events_median(fn, warmup: int, reps: int) -> float:
+def events_median(fn, warmup: int, reps: int) -> float:
     """Median milliseconds of fn() (on the current stream), CUDA events around each call."""
     import cupy as cp
 
@@ -141,8 +141,8 @@ def ours_prefill(
     hc = cp.asarray(np.array([0, 1] * (HKV // 2) if streaming_local else [0] * HKV, np.int32))
     out = cp.empty((seq, HQ * D), np.float16)
     fn = lambda: paged_attention(q, k, v, cplan, hc, out=out, **quant)  # noqa: E731
-    t1 = _events_median(fn, 1, 1)
-    ms = _events_median(fn, 1, _reps(t1))
+    t1 = events_median(fn, 1, 1)
+    ms = events_median(fn, 1, _reps(t1))
     flops = 4.0 * HQ * D * seq * seq / 2
     res = {
         "ms": ms,
@@ -184,12 +184,12 @@ def _ours_decode(ctx: int, batch: int, kv: str, impl: str) -> dict:
     step = lambda: paged_attention(q, k, v, cplan, hc, out=out, decode=True, **quant)  # noqa: E731
     with stream:
         step()
-        eager_ms = _events_median(step, 3, 20)
+        eager_ms = events_median(step, 3, 20)
         stream.begin_capture()
         for _ in range(per_graph):
             step()
         graph = stream.end_capture()
-        ms = _events_median(lambda: graph.launch(stream), 2, 20) / per_graph
+        ms = events_median(lambda: graph.launch(stream), 2, 20) / per_graph
         stream.synchronize()
         res = {
             "ms": ms,

@@ -24,6 +24,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_attention import events_median  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 64
 Q_BLOCK = 64  # as tools/bench_attention.py (two heads of a GQA group share each CTA)
@@ -96,23 +99,6 @@ def accuracy(kernels: list[str]) -> list[dict]:
     return rows
 
 
-def _median_ms(fn, warmup: int, reps: int) -> float:
-    import cupy as cp
-
-    for _ in range(warmup):
-        fn()
-    cp.cuda.get_current_stream().synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(cp.cuda.get_elapsed_time(a, b))
-    return float(np.median(times))
-
-
 def timing(seq: int, kernels: list[str]) -> dict:
     """Dense causal prefill of one `seq`-token sequence (Llama-3-8B heads) with each kernel."""
     import cupy as cp
@@ -136,9 +122,9 @@ def timing(seq: int, kernels: list[str]) -> dict:
     for kern in kernels:
         out = cp.empty((seq, HQ * D), np.float16)
         fn = lambda kern=kern, out=out: _run(kern, q, k, v, cplan, hc, out)  # noqa: E731
-        est = _median_ms(fn, 1, 1)
+        est = events_median(fn, 1, 1)
         reps = int(max(3, min(20, 300.0 / max(est, 0.01))))
-        ms = _median_ms(fn, 1, reps)
+        ms = events_median(fn, 1, reps)
         row[kern] = {"ms": ms, "tflops": flops / ms / 1e9, "reps": reps}
         outs[kern] = out
     if len(outs) == 2:

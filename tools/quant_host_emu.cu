@@ -125,20 +125,25 @@ static void gemv_n(int n, int M, int K, int ldy, char** a) {
   gemv<F, 8, V>(n, M, K, ldy, a);
 }
 
+// A one-thread-per-item kernel (no barriers) over `total` items in blocks of 256, run sequentially.
+template <typename Fn>
+static void launch_threads(long long total, Fn kernel) {
+  emu_block_dim = {256, 1, 1};
+  for (long long g = 0; g < (total + 255) / 256; ++g)
+    for (unsigned t = 0; t < 256; ++t) {
+      emu_block = {(unsigned)g, 0, 0};
+      emu_thread = {t, 0, 0};
+      kernel();
+    }
+}
+
 template <typename F>
 static void dequant(int M, int K, int n, char** a) {
   const long long rb = F::HEAD + (long long)(K / F::BLOCK) * F::BYTES;
   const u8* w = read_file<u8>(a[0], (size_t)M * rb, 16);
   const long long* rows = read_file<long long>(a[1], n, 0);
   __half* out = (__half*)aligned_alloc(256, ((size_t)n * K * 2 + 255) / 256 * 256);
-  const long long total = (long long)n * (K / 8);
-  emu_block_dim = {256, 1, 1};
-  for (long long g = 0; g < (total + 255) / 256; ++g)
-    for (unsigned t = 0; t < 256; ++t) {
-      emu_block = {(unsigned)g, 0, 0};
-      emu_thread = {t, 0, 0};
-      quant_dequant<F>(w, rb, rows, 0, n, K, out);
-    }
+  launch_threads((long long)n * (K / 8), [&] { quant_dequant<F>(w, rb, rows, 0, n, K, out); });
   FILE* f = fopen(a[2], "wb");
   fwrite(out, 2, (size_t)n * K, f);
   fclose(f);
@@ -192,14 +197,7 @@ static void dequant_split(int M, int K, int n, char** a) {
   const __half* mn = S::MIN ? read_file<__half>(a[2], (size_t)M * groups, 16) : d;
   const long long* rows = read_file<long long>(a[3], n, 0);
   __half* out = (__half*)aligned_alloc(256, ((size_t)n * K * 2 + 255) / 256 * 256);
-  const long long total = (long long)n * (K / 8);
-  emu_block_dim = {256, 1, 1};
-  for (long long g = 0; g < (total + 255) / 256; ++g)
-    for (unsigned t = 0; t < 256; ++t) {
-      emu_block = {(unsigned)g, 0, 0};
-      emu_thread = {t, 0, 0};
-      quant_dequant_split<S>(q, d, mn, rows, 0, n, K, out);
-    }
+  launch_threads((long long)n * (K / 8), [&] { quant_dequant_split<S>(q, d, mn, rows, 0, n, K, out); });
   FILE* f = fopen(a[4], "wb");
   fwrite(out, 2, (size_t)n * K, f);
   fclose(f);
