@@ -45,7 +45,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_attention import _events_median  # noqa: E402
+from bench_attention import events_median  # noqa: E402
 
 
 def copy_bandwidth(nbytes: int = 4 << 30, reps: int = 10) -> float:
@@ -68,7 +68,7 @@ def copy_bandwidth(nbytes: int = 4 << 30, reps: int = 10) -> float:
 
 def gpu_time(fn, reps: int, warm: int = 3) -> float:
     """Median seconds of fn() by CUDA events (after `warm` warm-up calls)."""
-    return _events_median(fn, warm, reps) / 1e3
+    return events_median(fn, warm, reps) / 1e3
 
 
 # -- SmolLM2 through the engine ----------------------------------------------------------------------
