@@ -3,7 +3,11 @@
 Two models:
 - SmolLM2-135M-Instruct, real weights, through the engine (LLM -> scheduler -> runner -> CUDA Graph decode
   -> GPU sampling): prefill tokens/s at two prompt lengths, batch-1 decode tokens/s at those contexts,
-  batch-64 decode throughput; plus the GPU time of one captured decode step.
+  batch-64 decode throughput; plus the GPU time of one captured decode step. Each batch-1 decode is measured
+  with the overlapped step ("decode (engine)", EngineConfig.async_scheduling) and without it ("decode
+  (engine, sync)"), beside the GPU time of the graph replays of that same run ("replay in run (GPU)", CUDA
+  events around each replay; `x_replay` = engine step / replay), dense and in LServe mode (dynamic
+  sparsity, `--smol-budget` tokens).
 - Llama-3-8B-shaped random weights (32 layers, hidden 4096, 32/8 heads, head dim 128, FFN 14336, vocab 128256,
   generated on the GPU, never zeros): prefill of 4k and 32k tokens, batch-1 decode at 4k and 32k context
   through the CUDA backend's GraphExecutor, beside the floor = weight bytes / device copy bandwidth measured in this run.
@@ -41,7 +45,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_attention import _events_median  # noqa: E402
+from bench_attention import events_median  # noqa: E402
 
 
 def copy_bandwidth(nbytes: int = 4 << 30, reps: int = 10) -> float:
@@ -64,7 +68,7 @@ def copy_bandwidth(nbytes: int = 4 << 30, reps: int = 10) -> float:
 
 def gpu_time(fn, reps: int, warm: int = 3) -> float:
     """Median seconds of fn() by CUDA events (after `warm` warm-up calls)."""
-    return _events_median(fn, warm, reps) / 1e3
+    return events_median(fn, warm, reps) / 1e3
 
 
 # -- SmolLM2 through the engine ----------------------------------------------------------------------
@@ -85,6 +89,67 @@ def smollm2_dir(args) -> Path:
     return default_model_dir()
 
 
+def replay_timer(executor) -> list:
+    """CUDA events around each graph replay of `executor` (no host synchronization); (start, end) pairs."""
+    import cupy as cp
+
+    pairs, run = [], executor.run
+
+    def timed(prepared):
+        n, a = executor.replays, cp.cuda.Event()
+        a.record()
+        out = run(prepared)
+        if executor.replays > n:
+            b = cp.cuda.Event()
+            b.record()
+            pairs.append((a, b))
+        return out
+
+    executor.run = timed
+    return pairs
+
+
+def smol_decode(eng, rng, vocab: int, replays: list):
+    """A `one(prompt_len, new)` for `eng`: (prefill s, engine s per decode token, replay GPU s per step)."""
+    import cupy as cp
+
+    from lserve_lite import SamplingParams
+
+    def one(prompt_len: int, new: int):
+        ids = [int(t) for t in rng.integers(100, vocab, prompt_len)]
+        eng.add_request(ids, SamplingParams(temperature=0.0, max_new_tokens=new, ignore_eos=True))
+        t0 = time.perf_counter()
+        eng.step()  # the whole prompt in one chunk, and the first token
+        t1 = time.perf_counter()
+        n = 0
+        replays.clear()
+        while eng.has_unfinished():
+            n += len(eng.step())
+        t2 = time.perf_counter()
+        cp.cuda.get_current_stream().synchronize()
+        gpu = [cp.cuda.get_elapsed_time(a, b) / 1e3 for a, b in replays]
+        return t1 - t0, (t2 - t1) / max(n, 1), float(np.mean(gpu)) if gpu else float("nan")
+
+    return one
+
+
+def emit_decode_modes(
+    eng, one, label: str, plen: int, steps: int, emit, floor_ms: float | None = None
+) -> None:
+    """Batch-1 decode at `plen` with and without the overlapped step, each beside its replays' GPU time."""
+    extra = {} if floor_ms is None else dict(floor_ms=floor_ms)
+    for overlap in (True, False):
+        eng.ecfg.async_scheduling = overlap
+        one(plen, 2)  # warm-up for this prompt length (cuBLAS heuristics, attention variant, plan buffers)
+        _, per_tok, replay = one(plen, steps)
+        what = f"decode (engine{label}{'' if overlap else ', sync'})"
+        emit(dict(model="SmolLM2-135M", what=what, batch=1, context=plen, tokens_per_s=1 / per_tok,
+                  ms=per_tok * 1e3, x_replay=per_tok / replay, async_scheduling=overlap, **extra))  # fmt: skip
+        emit(dict(model="SmolLM2-135M", what=f"replay in run{label} (GPU)", batch=1, context=plen,
+                  tokens_per_s=1 / replay, ms=replay * 1e3, async_scheduling=overlap))  # fmt: skip
+    eng.ecfg.async_scheduling = True
+
+
 def bench_smollm2(args, bw: float, emit) -> None:
     import cupy as cp
 
@@ -103,27 +168,19 @@ def bench_smollm2(args, bw: float, emit) -> None:
     wbytes += (
         int(eng.runner.model.lm_head.nbytes) if eng.runner.model.lm_head is eng.runner.model.embed else 0
     )
+    timed = smol_decode(eng, rng, vocab, replay_timer(eng.runner.executor))
 
     def one(prompt_len: int, new: int):
-        ids = [int(t) for t in rng.integers(100, vocab, prompt_len)]
-        eng.add_request(ids, SamplingParams(temperature=0.0, max_new_tokens=new, ignore_eos=True))
-        t0 = time.perf_counter()
-        eng.step()  # the whole prompt in one chunk, and the first token
-        t1 = time.perf_counter()
-        n = 0
-        while eng.has_unfinished():
-            n += len(eng.step())
-        t2 = time.perf_counter()
-        return t1 - t0, (t2 - t1) / max(n, 1)
+        pre, per_tok, _ = timed(prompt_len, new)
+        return pre, per_tok
 
     one(64, 16)  # warm-up: compile, capture the batch-1 graph
     for plen in args.smol_prompts:
-        one(plen, 2)  # warm-up for this prompt length (cuBLAS heuristics, attention variant, plan buffers)
-        pre, per_tok = one(plen, args.decode_steps)
+        one(plen, 2)
+        pre, _ = one(plen, args.decode_steps)
         emit(dict(model="SmolLM2-135M", what="prefill", batch=1, context=plen, tokens_per_s=plen / pre,
                          ms=pre * 1e3))  # fmt: skip
-        emit(dict(model="SmolLM2-135M", what="decode (engine)", batch=1, context=plen,
-                         tokens_per_s=1 / per_tok, ms=per_tok * 1e3, floor_ms=wbytes / bw * 1e3))  # fmt: skip
+        emit_decode_modes(eng, timed, "", plen, args.decode_steps, emit, wbytes / bw * 1e3)
     # the same decode without CUDA Graphs, and with cuBLAS for the small GEMMs
     graphs, ctx0 = eng.runner.executor, args.smol_prompts[0]
     sizes, graphs.sizes = graphs.sizes, []
@@ -149,20 +206,38 @@ def bench_smollm2(args, bw: float, emit) -> None:
         t = gpu_time(lambda: g.graph.launch(cp.cuda.get_current_stream()), 100)
         emit(dict(model="SmolLM2-135M", what="decode graph replay (GPU)", batch=1,
                          context=args.smol_prompts[-1], tokens_per_s=1 / t, ms=t * 1e3, floor_ms=wbytes / bw * 1e3))  # fmt: skip
-    # batch 64: prompts of 256 tokens, 64 new tokens each
+    # batch 64: prompts of 256 tokens, 64 new tokens each, with and without the overlapped step
     b, new = 64, args.decode_steps
-    for _ in range(b):
-        ids = [int(t) for t in rng.integers(100, vocab, 256)]
-        eng.add_request(ids, SamplingParams(temperature=0.0, max_new_tokens=new, ignore_eos=True))
-    while eng.scheduler.waiting:
-        eng.step()  # prefill (and first tokens)
-    t0, n = time.perf_counter(), 0
-    while eng.has_unfinished():
-        n += len(eng.step())
-    dt = time.perf_counter() - t0
-    emit(dict(model="SmolLM2-135M", what="decode (engine)", batch=b, context=256, tokens_per_s=n / dt,
-                     ms=dt / max(1, n // b) * 1e3))  # fmt: skip
+    for overlap in (True, False):
+        eng.ecfg.async_scheduling = overlap
+        for _ in range(b):
+            ids = [int(t) for t in rng.integers(100, vocab, 256)]
+            eng.add_request(ids, SamplingParams(temperature=0.0, max_new_tokens=new, ignore_eos=True))
+        while eng.scheduler.waiting:
+            eng.step()  # prefill (and first tokens)
+        t0, n = time.perf_counter(), 0
+        while eng.has_unfinished():
+            n += len(eng.step())
+        dt = time.perf_counter() - t0
+        emit(dict(model="SmolLM2-135M", what=f"decode (engine{'' if overlap else ', sync'})", batch=b, context=256,
+                  tokens_per_s=n / dt, ms=dt / max(1, n // b) * 1e3, async_scheduling=overlap))  # fmt: skip
+    eng.ecfg.async_scheduling = True
     assert eng.blocks.num_used == 0
+
+
+def bench_smollm2_lserve(args, bw: float, emit) -> None:
+    """SmolLM2 in LServe mode (no head pattern: dynamic sparsity only, a `--smol-budget`-token page budget):
+    batch-1 decode with and without the overlapped step, beside the replays' GPU time."""
+    from lserve_lite import LLM
+    from lserve_lite.config import EngineConfig, SparseConfig
+
+    sp = SparseConfig(enabled=True, static_sparsity=0.0, token_budget=args.smol_budget)
+    cfg = EngineConfig(num_kv_pages=8192, max_num_seqs=64, max_num_batched_tokens=8192, sparse=sp)
+    eng = LLM(str(smollm2_dir(args)), backend="cuda", config=cfg).engine
+    one = smol_decode(eng, np.random.default_rng(0), eng.cfg.vocab_size, replay_timer(eng.runner.executor))
+    one(64, 16)  # warm-up: compile, capture the batch-1 graph
+    for plen in args.smol_prompts:
+        emit_decode_modes(eng, one, ", LServe", plen, args.decode_steps, emit)
 
 
 def _model_arrays(model):
@@ -636,7 +711,10 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--llama-contexts", type=int, nargs="+", default=[4096, 32768])
     ap.add_argument("--prefill-chunk", type=int, default=8192)
-    ap.add_argument("--skip", choices=["smollm2", "llama", "splits"], action="append", default=[])
+    ap.add_argument("--smol-budget", type=int, default=1024, help="LServe token budget of smollm2-lserve")
+    ap.add_argument(
+        "--skip", choices=["smollm2", "smollm2-lserve", "llama", "splits"], action="append", default=[]
+    )
     ap.add_argument("--quantize", choices=["int8", "int4"], default=None,
                     help="the Llama-3-8B-shaped model's matrices and lm_head as packed int8 / int4 blocks")  # fmt: skip
     ap.add_argument("--splits-sweep", action="store_true", help="also sweep the decode attention split count")
@@ -684,7 +762,8 @@ def main(argv=None) -> int:
     emit.result, emit.save = result, save
 
     failed = 0
-    sections = (("smollm2", bench_smollm2), ("llama", bench_llama8b), ("splits", splits_sweep))
+    sections = (("smollm2", bench_smollm2), ("smollm2-lserve", bench_smollm2_lserve), ("llama", bench_llama8b),
+                ("splits", splits_sweep))  # fmt: skip
     if args.sparse:
         sections = (("sparse", bench_e2e_sparse),)
     for name, fn in sections:

@@ -69,7 +69,7 @@ class KVCache:
 class StepInputs:
     """Host (NumPy) inputs of one forward step, as the model runner builds them."""
 
-    ids: np.ndarray  # [N] int64 token ids
+    ids: Any  # [N] int64 token ids: NumPy, or the backend's array of the previous step's samples (overlap)
     positions: np.ndarray  # [N] int64
     slots: np.ndarray  # [N] int64 KV slots, or [2, N] (dense pool, streaming pool) in LServe mode
     plan: AttentionPlan
@@ -86,6 +86,25 @@ class StepInputs:
             and len(self.logit_rows) == n
             and bool(np.all(self.plan.qb_len == 1))
         )
+
+
+class SampledTokens(Protocol):
+    """One step's sampled ids: `ids` stays on the backend (the next step's input ids, [B] int64); `tolist`
+    waits for this step's sampling only, so the host can read them while the device runs a later step."""
+
+    ids: Array
+
+    def tolist(self) -> list[int]: ...
+
+
+@dataclass
+class HostTokens:
+    """Sampled ids already on the host (a backend whose launches compute synchronously)."""
+
+    ids: np.ndarray
+
+    def tolist(self) -> list[int]:
+        return self.ids.tolist()
 
 
 # model.forward(ids, positions, slots, plan, cache, head_classes, logit_rows) -> logits
@@ -134,6 +153,9 @@ class Ops(Protocol):
     selector_reductions: tuple[
         str, ...
     ]  # page selector group reductions it runs (config.GROUP_REDUCE, + oracle)
+    async_steps: (
+        bool  # launches return before the device is done: the engine overlaps its host work with them
+    )
 
     def upload(self, a: np.ndarray, name: str | None = None) -> Array: ...
     def to_numpy(self, a: Array) -> np.ndarray: ...
@@ -163,6 +185,10 @@ class Ops(Protocol):
     def attention(self, q: Array, cache: KVCache, layer: int, plan: Any, head_class: Array) -> Array: ...
     def logits(self, h: Array, lm_head: Array) -> Array: ...
     def sample(self, logits: Array, seqs: list) -> list[int]: ...
+    def sample_async(self, logits: Array, seqs: list) -> SampledTokens:
+        """`sample` without waiting for the device: the ids stay on it, their copy to the host is queued."""
+        ...
+
     def logprobs(
         self, logits: Array, chosen: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ from ..config import GROUP_REDUCE, ORACLE_REDUCE, EngineConfig
 from ..sparse.plan import AttentionPlan
 from ..weights.qtensor import QuantTensor, RowStack
 from . import cpu_kernels as K
-from .base import EagerExecutor, Forward, KVCache, alloc_kv_cache
+from .base import EagerExecutor, Forward, HostTokens, KVCache, alloc_kv_cache
 from .cpu_quant import embed_q, linear_q, logits_q
 from .cpu_threads import SplitRunner, even_bounds, openblas_set_threads
 from .reference.attention import attend_qblocks, paged_attention_sparse_ref
@@ -28,6 +28,7 @@ class CpuOps:
     dtype = np.float32
     kv_dtypes = ("fp32", "int8", "int4")  # no fp16 / fp8 kernels on the CPU
     selector_reductions = (*GROUP_REDUCE, ORACLE_REDUCE)  # the oracle reads float keys (float KV only)
+    async_steps = False  # a step computes before its launch returns: nothing to overlap
 
     def __init__(self):
         # The backend spreads work over its own threads (`SplitRunner`); OpenBLAS's would oversubscribe the
@@ -171,6 +172,9 @@ class CpuOps:
 
     def sample(self, logits: np.ndarray, seqs: list) -> list[int]:
         return sample(logits, seqs)
+
+    def sample_async(self, logits: np.ndarray, seqs: list) -> HostTokens:
+        return HostTokens(np.asarray(sample(logits, seqs), np.int64))
 
     def logprobs(self, logits: np.ndarray, chosen: np.ndarray, k: int):
         return logprobs_ref(logits, chosen, k)

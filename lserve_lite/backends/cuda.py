@@ -6,8 +6,9 @@ kernels/quant_gemv.cu (quantized weights kept in their packed blocks, through cu
 Each launcher below names its CPU reference in backends/reference/. The residual stream is kept in float32; everything
 else that crosses kernels (activations, weights, K/V pages) is float16. Logits come out as float32.
 
-Nothing here synchronizes with the host except `to_numpy`, `sample` and `kv_budget_bytes`, so a decode
-forward can be captured in a CUDA Graph (cuda_graphs.py).
+Nothing here synchronizes with the host except `to_numpy`, `sample`, `logprobs` and `kv_budget_bytes`, so a
+decode forward can be captured in a CUDA Graph (cuda_graphs.py) and `sample_async` lets the engine plan the
+next step while the device runs this one.
 """
 
 from __future__ import annotations
@@ -173,6 +174,7 @@ class CudaOps:
     dtype = np.float16
     kv_dtypes: tuple[str, ...] = ("fp16", "int8", "int4")  # + fp8 on sm_89 and newer (__init__)
     selector_reductions = GROUP_REDUCE
+    async_steps = True  # kernels and graph replays are queued on a stream: the host may plan the next step
 
     def __init__(self, device: int | None = None):
         import cupy as cp
@@ -453,6 +455,10 @@ class CudaOps:
     def sample(self, logits, seqs: list) -> list[int]:
         """Reference: backends/reference/sampling.py. Only the token ids come back to the host."""
         return self.sampler.sample(logits, seqs)
+
+    def sample_async(self, logits, seqs: list):
+        """`sample` whose ids stay on the device (cuda_sampling.DeviceTokens); no host synchronization."""
+        return self.sampler.sample_async(logits, seqs)
 
     def logprobs(self, logits, chosen: np.ndarray, k: int):
         """Reference: backends/reference/sampling.logprobs_ref. Only the requested numbers come back."""

@@ -4,7 +4,8 @@ A graph is captured lazily per batch size (1, 2, 4, ... up to max_num_seqs). Eac
 device inputs (token ids, positions, slots), a device plan of fixed capacity (CudaPlan: up to `size` query
 blocks, ceil(max_len / page_size) pages per sequence and class) and static per-layer head-class buffers.
 `plan()` copies a step's host arrays into them (one pinned copy for ids/positions/slots plus the plan's own
-upload); `run()` launches the graph: one launch instead of ~10 per layer.
+upload; ids still on the device, the previous step's samples under the engine's overlapped step, by a device
+copy); `run()` launches the graph: one launch instead of ~10 per layer.
 
 A batch of n decode rows runs in the smallest captured size >= n: padding rows get token 0 at position 0
 and slot -1 (their K/V is not written) and lie past the plan's live query blocks (attention skips them);
@@ -102,11 +103,14 @@ class GraphExecutor:
         done = self._staged.get(size)
         if done is not None:
             done.synchronize()  # the previous upload from this pinned buffer has been read
-        st[0, :n], st[1, :n], st[2:, :n] = step.ids, step.positions, step.slots
+        on_host = isinstance(step.ids, np.ndarray)
+        st[0, :n], st[1, :n], st[2:, :n] = step.ids if on_host else 0, step.positions, step.slots
         st[0, n:], st[1, n:], st[2:, n:] = 0, 0, -1
         cur = self.cp.cuda.get_current_stream()
         g.io.set(st, stream=cur)
         self._staged[size] = cur.record()
+        if not on_host:
+            g.io[0, :n] = step.ids  # the previous step's samples, copied on the device behind its sampling
         g.plan.update(plan)
         return _Replay(g, n)
 

@@ -3,7 +3,8 @@
 A step uploads a [4, B] float64 parameter block (temperature, top_k, top_p, and one uniform per row drawn
 from the sequence's own seeded generator, exactly as the CPU sampler draws it), plus each penalized row's
 unique ids, the (row, id, amount) triples of presence / frequency penalties and logit bias, and the bitmasks
-of grammar-constrained rows, and copies back only the B token ids. Logprobs (`logprobs`) come back as the
+of grammar-constrained rows, and copies back only the B token ids (`sample_async`: they also stay on the
+device as the next step's inputs, and the copy is only queued). Logprobs (`logprobs`) come back as the
 chosen ids' values and the top-k ids and values, never a vocabulary-sized row. Same seed, same token as the CPU backend up to ties
 (and up to float64 summation-order rounding at a CDF boundary).
 """
@@ -72,6 +73,30 @@ def mask_inputs(seqs: list) -> tuple[np.ndarray, np.ndarray] | None:
     )
 
 
+class DeviceTokens:
+    """A step's sampled ids on the device (`ids`) and their copy into pinned host memory, queued on the
+    current stream right behind the sampling: `tolist` waits for that copy, not for steps launched later."""
+
+    def __init__(self, ids):
+        import cupy as cp
+        import cupyx
+
+        self.ids = ids
+        self._host = cupyx.empty_pinned(ids.shape, np.int64)
+        stream = cp.cuda.get_current_stream()
+        cp.cuda.runtime.memcpyAsync(self._host.ctypes.data, ids.data.ptr, ids.nbytes,
+                                    cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)  # fmt: skip
+        self._copied = stream.record()
+
+    def tolist(self) -> list[int]:
+        self._copied.synchronize()
+        return self._host.tolist()
+
+    def __del__(self):
+        """The pinned buffer returns to CuPy's pool only after the copy into it is done."""
+        self._copied.synchronize()
+
+
 class GpuSampler:
     """Launches kernels/sampling.cu; `sample(logits, seqs)` returns one token id per row."""
 
@@ -83,10 +108,16 @@ class GpuSampler:
         self.k = {n: mod.get_function(n) for n in SAMPLING_KERNELS}
 
     def sample(self, logits, seqs: list) -> list[int]:
+        return [int(t) for t in self._launch(logits, seqs).get()] if seqs else []
+
+    def sample_async(self, logits, seqs: list) -> DeviceTokens:
+        """The ids as the next step's int64 inputs on the device, their copy to the host queued behind them."""
+        return DeviceTokens(self._launch(logits, seqs).astype(self.cp.int64))
+
+    def _launch(self, logits, seqs: list):
+        """Queue the sampling kernels of a non-empty batch; the [B] int32 ids on the device."""
         cp = self.cp
         b = len(seqs)
-        if b == 0:
-            return []
         logits = cp.asarray(logits)
         if logits.dtype != cp.float32 or not logits.flags.c_contiguous:
             logits = cp.ascontiguousarray(logits, dtype=cp.float32)
@@ -111,7 +142,7 @@ class GpuSampler:
             self.k["sample_rows"](
                 (b,), (THREADS,), (logits, stride, np.int32(vocab), cp.asarray(params), out)
             )
-        return [int(t) for t in out.get()]
+        return out
 
     def apply_penalty(self, logits, rows: np.ndarray, ids: np.ndarray, pens: np.ndarray) -> None:
         """In place on contiguous float32 `logits`: the repetition penalty of each (row, id)."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..backends import make_ops
+from ..backends.base import SampledTokens
 from ..backends.group import host_ops
 from ..config import MASS_MAX_GROUP, ORACLE_REDUCE, EngineConfig, SparseConfig
 from ..errors import InvalidRequestError
@@ -17,14 +18,14 @@ from ..kv.layout import KVLayout, pool_pages
 from ..kv.prefix_cache import PrefixCache, kv_salt
 from ..kv.quant import resolve_kv_format
 from ..sampling_params import SamplingParams
-from ..sequence import Sequence, TokenLogprob
+from ..sequence import Sequence, Status, TokenLogprob
 from ..sparse.patterns import head_classes, resolve_pattern
 from ..tokenizer import IncrementalDecoder
 from ..weights.loader import load_config, load_model, load_tokenizer, model_name, resolve_model_dir
 from ..weights.qtensor import stored_bytes
 from .logprobs import record_prompt_logprobs, record_token_logprobs
 from .model_runner import ModelRunner
-from .scheduler import Scheduler
+from .scheduler import ScheduledBatch, Scheduler
 from .structured import Grammars, advance
 from .tp_group import tensor_parallel_runner
 
@@ -43,6 +44,18 @@ class StepOutput:
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of `token_ids`, when asked for
     seq: Sequence | None = field(default=None, repr=False)
+
+
+@dataclass
+class _InFlight:
+    """A launched decode step whose sampled ids the host has not read yet; each of its sequences holds a
+    placeholder as its last output id meanwhile."""
+
+    seqs: list[Sequence]
+    tokens: SampledTokens
+
+
+PLACEHOLDER = -1  # output id of a token sampled on the device and not read back yet
 
 
 class LLMEngine:
@@ -68,6 +81,7 @@ class LLMEngine:
         self.eos_ids = set(self.cfg.eos_token_ids)
         self.grammars = Grammars(self.tokenizer, self.cfg.vocab_size, sorted(self.eos_ids))
         self.prompt_tokens_computed = 0  # prompt tokens run through the model (recomputation included)
+        self._inflight: _InFlight | None = None  # the overlapped decode step (docs/ARCHITECTURE.md)
 
     def _load_local(self, backend: str) -> tuple[int, int]:
         """The whole model in this process on one backend; (dense pages, streaming pages)."""
@@ -248,15 +262,24 @@ class LLMEngine:
 
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        """One scheduled step. A plain decode batch is launched without waiting for the device (`_launch`):
+        its outputs come one call later; anything else first reads the step in flight, then runs in sync."""
         outs = self._apply_aborts()
+        if self._inflight is not None and self._inflight_ends():
+            outs += self._read(self._take_inflight())  # schedule none of them past its limits
         batch = self.scheduler.schedule()
         self.runner.copy_stream_pages(self.blocks.take_copies())  # attached snapshots, before any write
+        if self._inflight is not None and not self._overlaps(batch):
+            outs += self._read(self._take_inflight())
+            _drop_finished(batch)
         if not batch.seqs:
             return outs
         self.prompt_tokens_computed += sum(
             max(0, min(s.num_cached + n, len(s.prompt_ids)) - s.num_cached)
             for s, n in zip(batch.seqs, batch.num_new)
         )
+        if self._overlaps(batch):
+            return outs + self._launch(batch)
         wants = [s.wants_prompt_logprobs for s in batch.seqs]
         logits = self.runner.run(batch.seqs, batch.num_new)
         for seq in batch.seqs:
@@ -278,6 +301,61 @@ class LLMEngine:
             outs.append(self._append(seq, tok))
         return outs
 
+    # -- the overlapped decode step ---------------------------------------------------------------
+    def _overlaps(self, batch: ScheduledBatch) -> bool:
+        """Whether the batch may launch before the host reads its samples: plain decodes on a backend that
+        runs asynchronously, each fed by the step in flight (if any), nothing preempted."""
+        if not (self.ecfg.async_scheduling and self.ops.async_steps) or batch.preempted:
+            return False
+        live = set(map(id, self._inflight.seqs)) if self._inflight is not None else None
+        return all(
+            n == 1 and s.num_cached >= len(s.prompt_ids) and _plain(s) and (live is None or id(s) in live)
+            for s, n in zip(batch.seqs, batch.num_new)
+        )
+
+    def _inflight_ends(self) -> bool:
+        """The step in flight has no running sequence left, or its sample is the last of one by length
+        (max_new_tokens, context limit)."""
+        live = [s for s in self._inflight.seqs if not s.is_finished]
+        return not live or any(
+            len(s.output_ids) >= s.params.max_new_tokens or s.num_tokens >= self.max_len for s in live
+        )
+
+    def _launch(self, batch: ScheduledBatch) -> list[StepOutput]:
+        """Launch the batch on the previous step's samples (still on the device), then read those back and
+        handle them (detokenize, stop checks) while the device computes this one. Sequences that stop there
+        computed one token too many: it is never appended (`_read` skips finished sequences)."""
+        prev, ids = self._inflight, None
+        if prev is not None:
+            ids = prev.tokens.ids
+            if batch.seqs != prev.seqs:  # some finished or were aborted: gather the survivors' rows
+                row = {id(s): i for i, s in enumerate(prev.seqs)}
+                ids = ids[self.ops.upload(np.asarray([row[id(s)] for s in batch.seqs], np.int64))]
+        logits = self.runner.run(batch.seqs, batch.num_new, ids=ids)
+        self._inflight = _InFlight(list(batch.seqs), self.ops.sample_async(logits, batch.seqs))
+        outs = self._read(prev) if prev is not None else []
+        for seq in batch.seqs:
+            if not seq.is_finished:
+                seq.output_ids.append(PLACEHOLDER)  # its pending token for the scheduler's next step
+        return outs
+
+    def _take_inflight(self) -> _InFlight:
+        fl, self._inflight = self._inflight, None
+        return fl
+
+    def _read(self, fl: _InFlight) -> list[StepOutput]:
+        """The host's half of an overlapped step: its samples replace the placeholders and are handled as a
+        synchronous step handles its tokens; sequences finished (or aborted) meanwhile drop theirs."""
+        outs = []
+        for seq, tok in zip(fl.seqs, fl.tokens.tolist()):
+            if seq.is_finished:
+                continue
+            seq.output_ids.pop()
+            if seq.status is Status.RUNNING:  # a preempted one has no pages left to index
+                self.blocks.cache_computed(seq)
+            outs.append(self._append(seq, tok))
+        return outs
+
     def _apply_aborts(self) -> list[StepOutput]:
         with self._lock:
             ids, self._aborts = self._aborts, []
@@ -285,6 +363,8 @@ class LLMEngine:
         for rid in ids:
             seq = self.seqs.get(rid)
             if seq is not None and not seq.is_finished:
+                if seq.output_ids and seq.output_ids[-1] == PLACEHOLDER:
+                    seq.output_ids.pop()  # its token in flight is dropped with it
                 self.scheduler.finish(seq, "abort")
                 outs.append(self._output(seq, "", []))
         return outs
@@ -362,3 +442,23 @@ class LLMEngine:
             return np.concatenate(chunks)
         finally:
             self.blocks.release(seq)
+
+
+def _plain(seq: Sequence) -> bool:
+    """A sequence whose next step needs nothing of this step's token on the host: no grammar, no logprobs,
+    no penalty that counts the generated tokens."""
+    p = seq.params
+    return (
+        seq.guide is None
+        and p.logprobs is None
+        and p.repetition_penalty == 1.0
+        and not p.presence_penalty
+        and not p.frequency_penalty
+    )
+
+
+def _drop_finished(batch: ScheduledBatch) -> None:
+    """Rows of sequences that finished after the batch was scheduled (their pages are already freed)."""
+    keep = [i for i, s in enumerate(batch.seqs) if not s.is_finished]
+    batch.seqs = [batch.seqs[i] for i in keep]
+    batch.num_new = [batch.num_new[i] for i in keep]

@@ -68,9 +68,14 @@ class ModelRunner:
         for src, dst in copies:
             self._copy(np.asarray(src, np.int64), np.asarray(dst, np.int64))
 
-    def run(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False):
-        """Process each sequence's next `num_new` tokens; backend logits of every last row (or all rows)."""
-        logits = self.executor.run(self.executor.plan(self.prepare(seqs, num_new, all_logits)))
+    def run(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False, ids=None):
+        """Process each sequence's next `num_new` tokens; backend logits of every last row (or all rows).
+        `ids`: the step's token ids as a backend array, when they are the previous step's samples still on
+        the device (the engine's overlapped decode; the host holds placeholders for them)."""
+        step = self.prepare(seqs, num_new, all_logits)
+        if ids is not None:
+            step.ids = ids
+        logits = self.executor.run(self.executor.plan(step))
         for seq, n in zip(seqs, num_new):
             seq.num_cached += n
         return logits

@@ -1,0 +1,171 @@
+"""The overlapped decode step (LLMEngine._launch) forced on the CPU backend: token for token what the
+synchronous engine emits, never a token past a stop, pages and counters as the synchronous engine leaves them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lserve_lite import EngineConfig, SamplingParams, SparseConfig
+from lserve_lite.engine.llm_engine import PLACEHOLDER, LLMEngine
+
+RNG = np.random.default_rng(7)
+PROMPTS = [[int(t) for t in RNG.integers(3, 320, int(n))] for n in RNG.integers(3, 90, 12)]
+
+
+def engine(path, overlap: bool, **kw) -> LLMEngine:
+    """A CPU engine; `overlap`: its Ops claims asynchronous launches, and the rows it samples so are counted."""
+    cfg = EngineConfig(page_size=16, async_scheduling=overlap, **kw)
+    eng = LLMEngine(str(path), "cpu", cfg)
+    eng.launches = 0
+    if overlap:
+        eng.ops.async_steps = True
+        sample_async = eng.ops.sample_async
+
+        def counted(logits, seqs):
+            eng.launches += len(seqs)  # rows
+            return sample_async(logits, seqs)
+
+        eng.ops.sample_async = counted
+    return eng
+
+
+def drive(eng: LLMEngine, requests: list[tuple[list[int], SamplingParams]], abort_after: dict | None = None):
+    """Run every request to its end; per request (ids, text, finish reason, output count) from the stream.
+    `abort_after[i] = k`: abort request i once k of its tokens were emitted."""
+    abort_after = abort_after or {}
+    rids = [eng.add_request(p, sp) for p, sp in requests]
+    ids = {r: [] for r in rids}
+    text = {r: "" for r in rids}
+    end: dict[str, tuple] = {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            assert out.request_id not in end, "output after the request finished"
+            assert PLACEHOLDER not in out.token_ids
+            ids[out.request_id] += out.token_ids
+            text[out.request_id] += out.text
+            assert out.num_output_tokens == len(ids[out.request_id])
+            if out.finished:
+                end[out.request_id] = (out.finish_reason, out.num_output_tokens)
+            i = rids.index(out.request_id)
+            if not out.finished and abort_after.get(i) == len(ids[out.request_id]):
+                eng.abort(out.request_id)
+    assert eng.blocks.num_used == 0 and not eng.seqs
+    return [(ids[r], text[r], *end[r]) for r in rids]
+
+
+def counters(eng: LLMEngine) -> tuple[int, int]:
+    return eng.prompt_tokens_computed, eng.scheduler.prompt_tokens_cached
+
+
+def both(path, requests, abort_after=None, **kw):
+    """The synchronous and the overlapped engine on the same requests; asserts equal streams and counters."""
+    sync, over = engine(path, False, **kw), engine(path, True, **kw)
+    ref = drive(sync, requests, abort_after)
+    got = drive(over, requests, abort_after)
+    assert got == ref
+    assert counters(over) == counters(sync)
+    assert sync.launches == 0
+    return ref, over
+
+
+def plain(**kw) -> list[SamplingParams]:
+    return [SamplingParams(max_new_tokens=int(n), **kw) for n in RNG.integers(1, 30, len(PROMPTS))]
+
+
+def test_greedy_many_lengths_equals_sync(tiny_llama):
+    reqs = list(zip(PROMPTS, plain(temperature=0, ignore_eos=True)))
+    ref, over = both(tiny_llama, reqs, max_num_seqs=8)
+    assert [r[2] for r in ref] == ["length"] * len(reqs)
+    decoded = sum(len(r[0]) - 1 for r in ref)  # each request's first token comes from its prefill step
+    # most decode rows were overlapped, and none past a length limit (its sample would be dropped)
+    assert decoded // 2 < over.launches <= decoded
+
+
+def test_context_limit_equals_sync(tiny_llama):
+    """Sequences that end at the context limit, not at max_new_tokens: no row is scheduled past it."""
+    reqs = [(p[:40], SamplingParams(temperature=0, max_new_tokens=100, ignore_eos=True)) for p in PROMPTS]
+    ref, over = both(tiny_llama, reqs, max_model_len=48, max_num_seqs=4)
+    assert all(r[2] == "length" and len(r[0]) == 48 - min(40, len(p)) for r, (p, _) in zip(ref, reqs))
+    assert 0 < over.launches <= sum(len(r[0]) - 1 for r in ref)
+
+
+def test_seeded_sampling_equals_sync(tiny_llama):
+    params = [
+        SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=i, max_new_tokens=25) for i in range(12)
+    ]
+    _, over = both(tiny_llama, list(zip(PROMPTS, params)))
+    assert over.launches > 0
+
+
+def test_stop_tokens_and_strings_never_emit_the_extra_token(tiny_llama):
+    """Stops found only when the host reads a sample: the overlapped step computed one more token for them."""
+    free = drive(engine(tiny_llama, False), [(p, SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True))
+                                             for p in PROMPTS])  # fmt: skip
+    reqs = []
+    for i, (p, (ids, text, _, _)) in enumerate(zip(PROMPTS, free)):
+        k = 3 + i % 7
+        if i % 3 == 0:
+            sp = SamplingParams(temperature=0, max_new_tokens=30, stop_token_ids=[ids[k]])
+        elif i % 3 == 1 and len(text) > 12:
+            sp = SamplingParams(temperature=0, max_new_tokens=30, stop=[text[8:11]])
+        else:
+            sp = SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True, stop_token_ids=[ids[k], 2])
+        reqs.append((p, sp))
+    ref, over = both(tiny_llama, reqs, max_num_seqs=6)
+    stops = [r for r in ref if r[2] == "stop"]
+    assert len(stops) >= len(reqs) // 2
+    for i in range(0, len(reqs), 3):
+        assert ref[i][0][-1] == free[i][0][3 + i % 7] and len(ref[i][0]) <= 4 + i % 7
+    assert over.launches > 0
+
+
+def test_aborts_equal_sync(tiny_llama):
+    reqs = list(zip(PROMPTS, plain(temperature=0, ignore_eos=True)))
+    long = [i for i, (_, sp) in enumerate(reqs) if sp.max_new_tokens > 6][:4]
+    ref, _ = both(tiny_llama, reqs, abort_after={i: 2 + j for j, i in enumerate(long)})
+    assert [ref[i][2] for i in long] == ["abort"] * len(long)
+    assert [len(ref[i][0]) for i in long] == [2 + j for j in range(len(long))]
+
+
+def test_kv_pressure_preemption_equals_sync(tiny_llama):
+    """Few pages: sequences are preempted (the step in flight is read first) and recompute."""
+    reqs = list(zip(PROMPTS, plain(temperature=0, ignore_eos=True)))
+    _, over = both(tiny_llama, reqs, num_kv_pages=14, max_num_batched_tokens=64)
+    assert over.launches > 0
+
+
+def test_requests_that_need_the_host_fall_back(tiny_llama):
+    """Logprobs and penalties need each token on the host before the next step: those batches run in sync,
+    the others overlap, and the mix equals the synchronous engine."""
+    special = [SamplingParams(temperature=0, max_new_tokens=12, logprobs=2),
+               SamplingParams(temperature=0.7, seed=3, max_new_tokens=12, repetition_penalty=1.3),
+               SamplingParams(temperature=0, max_new_tokens=12, presence_penalty=0.5, frequency_penalty=0.5)]  # fmt: skip
+    params = plain(temperature=0, ignore_eos=True)
+    reqs = [(PROMPTS[i], special[i] if i < 3 else params[i]) for i in range(len(PROMPTS))]
+    both(tiny_llama, reqs[:3], max_num_seqs=3)
+    both(tiny_llama, reqs)
+    alone = engine(tiny_llama, True)
+    drive(alone, reqs[:3])
+    assert alone.launches == 0
+
+
+def test_lserve_mode_equals_sync(tiny_llama, tmp_path):
+    pattern = tmp_path / "full_attention_heads.tsv"
+    pattern.write_text("0.9\t0.1\n0.2\t0.8\n")
+    sp = SparseConfig(enabled=True, static_sparsity=0.5, page_size=16, sub_pages=4, prefill_sink=16,
+                      prefill_local=32, decode_sink=16, decode_local=32, token_budget=48, select_interval=3,
+                      pattern_path=str(pattern))  # fmt: skip
+    reqs = list(zip(PROMPTS, plain(temperature=0, ignore_eos=True)))
+    _, over = both(tiny_llama, reqs, sparse=sp, max_num_seqs=5)
+    assert over.launches > 0
+
+
+def test_off_switch_and_synchronous_backends_never_overlap(tiny_llama):
+    reqs = list(zip(PROMPTS[:4], plain(temperature=0)[:4]))
+
+    def never(logits, seqs):
+        raise AssertionError("an overlapped step where the engine should run in sync")
+
+    for eng in (engine(tiny_llama, False), LLMEngine(str(tiny_llama), "cpu", EngineConfig(page_size=16))):
+        eng.ops.sample_async = never
+        drive(eng, reqs)

@@ -1,0 +1,77 @@
+"""The overlapped decode step on the CUDA backend (gpu-marked): decode graphs replayed on the previous step's
+samples still on the device give the synchronous engine's tokens, dense and LServe; stops end the stream."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def tiny64(tmp_path_factory):
+    from tiny_models import make_tiny
+
+    p = make_tiny(tmp_path_factory.mktemp("tiny64_overlap"), hidden_size=256, num_attention_heads=4,
+                  num_key_value_heads=2)  # fmt: skip
+    (p / "full_attention_heads.tsv").write_text("0.9\t0.1\n0.2\t0.8\n")
+    return p
+
+
+def _engine(path, overlap: bool, sparse: bool):
+    from lserve_lite import EngineConfig, SparseConfig
+    from lserve_lite.engine.llm_engine import LLMEngine
+
+    sp = SparseConfig(enabled=True, page_size=16, sub_pages=4, prefill_sink=32, prefill_local=128, decode_sink=32,
+                      decode_local=64, token_budget=128, select_interval=3)  # fmt: skip
+    ecfg = EngineConfig(page_size=16, max_num_batched_tokens=64, max_num_seqs=8, num_kv_pages=512,
+                        sparse=sp if sparse else SparseConfig(page_size=16), async_scheduling=overlap)  # fmt: skip
+    eng = LLMEngine(str(path), backend="cuda", config=ecfg)
+    eng.rows = 0
+    sample_async = eng.ops.sample_async
+
+    def counted(logits, seqs):
+        eng.rows += len(seqs)
+        return sample_async(logits, seqs)
+
+    eng.ops.sample_async = counted
+    return eng
+
+
+def _run(eng, reqs) -> list[tuple[list[int], str]]:
+    rids = [eng.add_request(p, sp) for p, sp in reqs]
+    ids, end = {r: [] for r in rids}, {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            assert out.request_id not in end and -1 not in out.token_ids
+            ids[out.request_id] += out.token_ids
+            if out.finished:
+                end[out.request_id] = out.finish_reason
+    assert eng.blocks.num_used == 0
+    return [(ids[r], end[r]) for r in rids]
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_overlapped_decode_equals_sync(tiny64, sparse):
+    from lserve_lite import SamplingParams
+
+    rng = np.random.default_rng(3)
+    prompts = [[int(t) for t in rng.integers(3, 300, int(n))] for n in rng.integers(5, 300, 10)]
+    reqs = [(p, SamplingParams(temperature=0, max_new_tokens=int(m), ignore_eos=True))
+            for p, m in zip(prompts, rng.integers(1, 40, 10))]  # fmt: skip
+    sync, over = _engine(tiny64, False, sparse), _engine(tiny64, True, sparse)
+    ref = _run(sync, reqs)
+    replays = over.runner.executor.replays
+    assert _run(over, reqs) == ref
+    assert sync.rows == 0 and over.rows > 0 and over.runner.executor.replays > replays
+    # seeded sampling with stop tokens: a stop ends the stream at the stop token, no token after it
+    stops = {7, 11, 13, 17}
+    reqs = [(p, SamplingParams(temperature=1.0, seed=i, max_new_tokens=40, stop_token_ids=sorted(stops)))
+            for i, p in enumerate(prompts)]  # fmt: skip
+    for ids, reason in _run(over, reqs):
+        assert not set(ids[:-1]) & stops
+        if reason == "length":
+            assert len(ids) == 40
+        else:
+            assert reason == "stop" and ids[-1] in stops | over.eos_ids
