@@ -94,10 +94,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="recompute every prompt instead of reusing cached KV pages of equal prefixes",
     )
     p.add_argument(
-        "--no-async-scheduling",
-        dest="async_scheduling",
-        action="store_false",
-        help="plan each decode step after the previous one is read back (no host/device overlap)",
+        "--async-scheduling",
+        action="store_true",
+        help="plan each decode step while the GPU runs the previous one (not yet run on a GPU)",
     )
     for name, (typ, text) in _SPARSE_KNOBS.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=text)
@@ -115,6 +114,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         page_size=sparse.page_size,
         sparse=sparse,
         prefix_caching=getattr(args, "prefix_caching", True),
-        async_scheduling=getattr(args, "async_scheduling", True),
+        async_scheduling=getattr(args, "async_scheduling", False),
         tensor_parallel=args.tensor_parallel,
     )

@@ -138,6 +138,7 @@ def emit_decode_modes(
 ) -> None:
     """Batch-1 decode at `plen` with and without the overlapped step, each beside its replays' GPU time."""
     extra = {} if floor_ms is None else dict(floor_ms=floor_ms)
+    saved = eng.ecfg.async_scheduling
     for overlap in (True, False):
         eng.ecfg.async_scheduling = overlap
         one(plen, 2)  # warm-up for this prompt length (cuBLAS heuristics, attention variant, plan buffers)
@@ -147,7 +148,7 @@ def emit_decode_modes(
                   ms=per_tok * 1e3, x_replay=per_tok / replay, async_scheduling=overlap, **extra))  # fmt: skip
         emit(dict(model="SmolLM2-135M", what=f"replay in run{label} (GPU)", batch=1, context=plen,
                   tokens_per_s=1 / replay, ms=replay * 1e3, async_scheduling=overlap))  # fmt: skip
-    eng.ecfg.async_scheduling = True
+    eng.ecfg.async_scheduling = saved
 
 
 def bench_smollm2(args, bw: float, emit) -> None:
@@ -208,6 +209,7 @@ def bench_smollm2(args, bw: float, emit) -> None:
                          context=args.smol_prompts[-1], tokens_per_s=1 / t, ms=t * 1e3, floor_ms=wbytes / bw * 1e3))  # fmt: skip
     # batch 64: prompts of 256 tokens, 64 new tokens each, with and without the overlapped step
     b, new = 64, args.decode_steps
+    saved = eng.ecfg.async_scheduling
     for overlap in (True, False):
         eng.ecfg.async_scheduling = overlap
         for _ in range(b):
@@ -221,7 +223,7 @@ def bench_smollm2(args, bw: float, emit) -> None:
         dt = time.perf_counter() - t0
         emit(dict(model="SmolLM2-135M", what=f"decode (engine{'' if overlap else ', sync'})", batch=b, context=256,
                   tokens_per_s=n / dt, ms=dt / max(1, n // b) * 1e3, async_scheduling=overlap))  # fmt: skip
-    eng.ecfg.async_scheduling = True
+    eng.ecfg.async_scheduling = saved
     assert eng.blocks.num_used == 0
 
 

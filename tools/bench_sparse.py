@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_attention import _events_median, _free_memory, _peer, _reps, torch_decode, torch_prefill  # noqa: E402
+from bench_attention import _free_memory, _peer, _reps, events_median, torch_decode, torch_prefill  # noqa: E402
 
 HQ, HKV, D, PAGE, SUB = 32, 8, 128, 64, 4
 LAYERS = (0, 8, 16, 24, 31)
@@ -59,8 +59,8 @@ def _rand(cp, shape, seed):
 
 def _timed(fn, est_ms=None):
     if est_ms is None:
-        est_ms = _events_median(fn, 1, 1)
-    return _events_median(fn, 1, _reps(est_ms))
+        est_ms = events_median(fn, 1, 1)
+    return events_median(fn, 1, _reps(est_ms))
 
 
 def ours_prefill(seq: int, hc: np.ndarray | None, sink: int = 128, local: int = 8192) -> float:
@@ -106,7 +106,7 @@ def _graph(fn, steps: int = 10):
 def _graph_us(fn, steps: int = 10) -> float:
     g, s = _graph(fn, steps)
     with s:
-        ms = _events_median(lambda: g.launch(stream=s), 3, 30)
+        ms = events_median(lambda: g.launch(stream=s), 3, 30)
     return ms * 1000 / steps
 
 
