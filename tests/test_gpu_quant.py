@@ -134,13 +134,15 @@ def test_kernel_names_cover_every_format_and_row_count():
         GEMV_VARIANTS,
         QUANT_KERNELS,
         SPLIT_KERNELS,
+        SPLIT_PASSES,
         SPLIT_R,
+        SPLIT_ROWS,
         kernel_names,
     )
     from lserve_lite.backends.quant_split import SPLIT_FORMATS
 
     assert len(QUANT_KERNELS) == len(LAYOUTS) * (2 * len(GEMV_VARIANTS) * len(GEMV_ROWS) + 1)
-    assert len(SPLIT_KERNELS) == len(SPLIT_FORMATS) * (3 * len(SPLIT_R) * len(GEMV_ROWS) + 1)
+    assert len(SPLIT_KERNELS) == len(SPLIT_FORMATS) * (len(SPLIT_PASSES) * len(SPLIT_R) * len(SPLIT_ROWS) + 1)
     names = kernel_names("q4_k")
     assert "quant_gemv<Q4_K, 8, float>" in names and "quant_gemv2<Q4_K, 8, float>" in names
     assert not any("split" in n for n in names)

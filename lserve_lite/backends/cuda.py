@@ -439,17 +439,8 @@ class CudaOps:
 
     def logits(self, h, lm_head, out=None):
         """float32 logits (float16 inputs, float32 accumulation and output). A quantized head's decode GEMV
-        rounds the activations to int8 in two passes (x, then its residual), as the CPU's cpu_quant.logits_q:
-        the top two logits are often < 0.5% apart."""
-        if isinstance(lm_head, (DeviceQuant, DeviceRowStack)):
-            h = self.cp.ascontiguousarray(h)
-            out = (
-                self.cp.empty((int(h.shape[0]), int(lm_head.shape[0])), self.cp.float32)
-                if out is None
-                else out
-            )
-            self.quant.gemm(h, lm_head, out, precise=True)
-            return out
+        rounds the activations to int8 in two passes (x, then its residual) into its float32 output, as the
+        CPU's cpu_quant.logits_q."""
         return self.gemm(h, lm_head, self.cp.float32, out=out)
 
     def sample(self, logits, seqs: list) -> list[int]:

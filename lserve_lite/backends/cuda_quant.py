@@ -44,7 +44,14 @@ SETTINGS = (*GEMV_VARIANTS, "auto")
 AUTO_V2_BATCH1 = frozenset({"q8_0", "q4_0", "q4_1", "q6_k", "int4"})
 SPLIT_WARPS = 8  # warps per block of quant_gemv_split: SWARPS
 SPLIT_R = (1, 2, 4)  # output rows per warp instantiated (split_rows picks one)
-SPLIT_PASSES = ((1, "__half"), (1, "float"), (2, "float"))  # (int8 passes of x, output type) instantiated
+# (int8 passes of x, output type) instantiated: fp16 outputs in one pass, float32 outputs (the logits: their top
+# two are often < 0.5% apart) in two
+SPLIT_PASSES = ((1, "__half"), (2, "float"))
+SPLIT_ROWS = (
+    1,
+    4,
+    8,
+)  # NMAX of the split kernels (fewer than GEMV_ROWS: each instantiation costs compile time)
 SMEM_DEFAULT = 48 << 10  # dynamic shared memory a launch gets without opting in
 
 
@@ -93,7 +100,7 @@ def kernel_names(fmt: str, variants: tuple[str, ...] = (*GEMV_VARIANTS, "split")
         if v == "split":
             if fmt in SPLIT_FORMATS:
                 s = SPLIT_FORMATS[fmt].trait
-                names += [f"quant_gemv_split<{s}, {r}, {n}, {p}, {o}>" for r in SPLIT_R for n in GEMV_ROWS
+                names += [f"quant_gemv_split<{s}, {r}, {n}, {p}, {o}>" for r in SPLIT_R for n in SPLIT_ROWS
                           for p, o in SPLIT_PASSES]  # fmt: skip
                 names.append(f"quant_dequant_split<{s}>")
             continue
@@ -241,15 +248,16 @@ class QuantKernels:
             fns = self._fns[key] = {n: mod.get_function(n) for n in names}
         return fns
 
-    def gemm(self, x, w: DeviceQuant | DeviceRowStack, out, precise: bool = False) -> None:
-        """out[N, M] = x[N, K] @ W^T (x contiguous float16; out float16 or float32, rows of stride >= M).
-        `precise` (the logits, float32 out): the split GEMV rounds x in two int8 passes (x, then its residual)."""
+    def gemm(self, x, w: DeviceQuant | DeviceRowStack, out) -> None:
+        """out[N, M] = x[N, K] @ W^T (x contiguous float16; out float16 or float32, rows of stride >= M). Into
+        float32 (the logits) the split GEMV rounds x in two int8 passes (x, then its residual), as the CPU's
+        cpu_quant.logits_q."""
         if isinstance(w, DeviceRowStack):
             c = 0
             for p in w.parts:
                 cols = out[:, c : c + int(p.shape[0])]
                 if isinstance(p, DeviceQuant):
-                    self.gemm(x, p, cols, precise)
+                    self.gemm(x, p, cols)
                 else:
                     self.blas.gemm_nt(x, p, cols)
                 c += int(p.shape[0])
@@ -261,7 +269,7 @@ class QuantKernels:
         variant = self._variant(w, n)
         fns = self._kernels(w.fmt, variant)
         if n <= GEMV_MAX_ROWS and w.split:
-            self._gemv_split(fns, x, w, out, precise and out.dtype == np.float32)
+            self._gemv_split(fns, x, w, out)
             return
         if n <= GEMV_MAX_ROWS:
             nmax = next(r for r in GEMV_ROWS if r >= n)
@@ -279,11 +287,11 @@ class QuantKernels:
             self._dequant(fns, w, None, r0, r1 - r0, wt)
             self.blas.gemm_nt(x, wt, out[:, r0:r1])
 
-    def _gemv_split(self, fns, x, w: DeviceQuant, out, two_pass: bool) -> None:
+    def _gemv_split(self, fns, x, w: DeviceQuant, out) -> None:
         """quant_gemv_split over x's rows, as many per launch as the shared memory holds (all of them unless K is
-        large: 8 rows of K = 14336 need 140 KB, 280 KB with two passes; two passes fall back to one first)."""
+        large: 8 rows of K = 14336 need 140 KB, 280 KB with a float32 output's two passes)."""
         n, k, m = int(x.shape[0]), int(x.shape[1]), w.shape[0]
-        passes = 2 if two_pass and split_smem(n, k, 2) <= self.smem_limit else 1
+        passes = 2 if out.dtype == np.float32 else 1
         step = n
         while step > 1 and split_smem(step, k, passes) > self.smem_limit:
             step = (step + 1) // 2
@@ -292,7 +300,7 @@ class QuantKernels:
         ldy = np.int32(out.strides[0] // out.itemsize)
         for i in range(0, n, step):
             rows = min(step, n - i)
-            nmax = next(g for g in GEMV_ROWS if g >= rows)
+            nmax = next(g for g in SPLIT_ROWS if g >= rows)
             fn = fns[f"quant_gemv_split<{w.split.trait}, {r}, {nmax}, {passes}, {t}>"]
             args = (w.data, w.d, self._mins(w), x[i : i + rows], np.int32(rows), out[i : i + rows], ldy,
                     np.int32(m), np.int32(k))  # fmt: skip
