@@ -59,6 +59,16 @@ for s in $steps; do case $s in
                --tasks niah_single_numbers,niah_single_words,niah_multikey_numbers,niah_multikey_words \
                --configs "dense;lserve;max:group_reduce=max;s8:sub_pages=8;max-s8:sub_pages=8,group_reduce=max" \
                --time-limit 240 --out "$OUT/ruler_gpu_s8" ;;
+  overlap) # the overlapped decode step (opt-in): its GPU test, then SmolLM2 batch-1 decode with and without it
+           g=${LSERVE_SMOLLM2_GGUF:-/tmp/smollm2.gguf}
+           step overlap_tests 200 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_gpu_overlap.py tests/test_gpu_graphs_sparse.py
+           step overlap_bench 200 env LSERVE_SMOLLM2_GGUF=$g python3 tools/bench_e2e.py --skip llama --skip splits --out "$OUT/smol_overlap.json" ;;
+  split)   # the split-layout GEMV: harness rows and GPU tests, then its speed beside the block kernel v2
+           step split_tests 240 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_gpu_quant.py -k "not smollm2"
+           step split_bench 200 python3 tools/bench_quant_gpu.py --formats int8 int4 q4_1 q8_0 --variants split v2 --batches 1 8 --prefill-rows 4096 --out "$OUT/bench_quant_gpu.json" ;;
+  wgmma)   # the Hopper prefill: both kernels against the reference and timed, then beside SDPA / cuDNN
+           step wgmma_check 120 python3 tools/check_prefill_sm90.py --out "$OUT/check_prefill_sm90.json"
+           step wgmma_bench 200 python3 tools/bench_attention.py --sections prefill --prefill-kernels mma,wgmma --out "$OUT" ;;
   tp)      # tensor parallelism: world 1 through NCCL on any GPU count; world 2 and the figures with 2+ GPUs
            step tp 400 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_gpu_tp.py
            step tp_bench 300 python3 tools/bench_tp.py --tensor-parallel 1 $( [ "$(nvidia-smi -L | wc -l)" -ge 2 ] && echo 2 ) --out "$OUT/bench_tp.json" ;;
