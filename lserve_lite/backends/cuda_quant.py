@@ -161,9 +161,7 @@ class QuantKernels:
     def __init__(self, cp, blas, tile_bytes: int = TILE_BYTES):
         self.cp, self.blas, self.tile_bytes = cp, blas, tile_bytes
         self.gemv_variant = gemv_variant()  # "auto" | "v1" | "v2": which decode GEMV kernels `gemm` launches
-        self.split_r: int | None = (
-            None  # rows per warp of the split GEMV (None: split_rows; benchmarks set it)
-        )
+        self.split_r: int | None = None  # split GEMV rows per warp (None: split_rows; benchmarks set it)
         self._fns: dict[tuple[str, str], dict[str, Any]] = {}
         self._smem: dict[str, int] = {}  # kernel name -> dynamic shared memory it was opted in to
         self._smem_limit: int | None = None
@@ -193,7 +191,7 @@ class QuantKernels:
         m, k = w.shape
         self.reserve(m, k)
         if not w.split:
-            for v in {pick_variant(self.gemv_variant, w.fmt, n) for n in (1, GEMV_MAX_ROWS)}:
+            for v in {self._variant(w, n) for n in (1, GEMV_MAX_ROWS)}:
                 self._kernels(w.fmt, v)
             return
         for name, fn in self._kernels(w.fmt, "split").items():
