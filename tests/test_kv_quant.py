@@ -157,6 +157,50 @@ def test_rope_write_quantizes_on_write(name):
         np.testing.assert_allclose(ref_sc, numba_sc, rtol=1e-6)
 
 
+_WRITE_INT4 = """
+import numpy as np
+from lserve_lite.backends import cpu_kernels as K
+from lserve_lite.kv import quant as Q
+fmt = Q.FORMATS["int4"]
+rng = np.random.default_rng(0)
+cos, sin = rng.standard_normal((2, 8, 32), dtype=np.float32)
+qkv = rng.standard_normal((1, 320), dtype=np.float32)  # 1 query head, 2 KV heads of 64 channels
+kq, vq = np.zeros((2, 1, 2, 4, 32), np.uint8)
+ks, vs = (np.zeros((1, 2, 4, f.scale_cols(64)), np.float32) for f in (fmt.keys(), fmt))
+K.rope_write_kv(qkv, np.array([3]), np.array([1]), kq, vq, ks, vs, cos, sin, np.empty((1, 1, 64), np.float32))
+print(Q.dequantize(vq[0, 0, 1], vs[0, 0, 1], fmt).sum())
+"""
+
+
+def test_cached_kernels_follow_a_changed_kv_format(tmp_path):
+    """Numba's disk cache keys a kernel by its own file only: after cpu_kv.py (the int4 store compiled into
+    cpu_kernels.rope_write_kv) changes, the cached kernel must not keep the old format (it did: a dense int4
+    engine wrote the old symmetric int4 that the prefill attention read as garbage, eval_ppl 2.7e11)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import lserve_lite
+
+    shutil.copytree(Path(lserve_lite.__file__).parent, tmp_path / "lserve_lite",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "NUMBA_CACHE_DIR": str(tmp_path / "numba_cache")}
+
+    def run() -> float:
+        out = subprocess.run([sys.executable, "-c", _WRITE_INT4], env=env, cwd=tmp_path, capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        return float(out.stdout.split()[-1])
+
+    before = run()  # compiles and caches rope_write_kv
+    kv = tmp_path / "lserve_lite" / "backends" / "cpu_kv.py"
+    src = kv.read_text()
+    old = "scales[pg, h, off, 2 * k + 1] = lo\n"
+    assert src.count(old) == 1
+    kv.write_text(src.replace(old, "scales[pg, h, off, 2 * k + 1] = lo + 1.0\n"))  # every value 1 higher
+    assert run() == pytest.approx(before + 64, abs=1e-3)
+
+
 def test_merged_stats_equal_recomputed_ones():
     """Token-by-token and chunked merges give the stats of the keys themselves (update_page_stats)."""
     from lserve_lite.backends.reference.page_stats import merge_page_stats, update_page_stats

@@ -15,7 +15,9 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from . import cpu_kv
 from .cpu_kv import kv_load, kv_store
+from .numba_cache import flush_if_deps_changed
 
 # Reassociation (vectorized float32 sums) without "no NaN / no Inf", which masks and softmax rely on.
 FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -243,3 +245,7 @@ def _attend_block(q, kv, heads, rows, pages, lpages, win, out):
             for g in range(group):
                 j = hi * per_head + r * group + g
                 out[r0 + r, heads[hi] * group + g] = acc[j] / tot[j]
+
+
+# The int4/int8 store and load above are compiled in from cpu_kv.py, which Numba's cache does not track.
+flush_if_deps_changed(globals(), [cpu_kv])

@@ -21,10 +21,13 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from ..weights import qtensor
 from ..weights.qtensor import FORMATS, LAYOUTS, QuantTensor
+from . import cpu_kernels, cpu_quant_simd
 from .cpu_kernels import FAST, JIT
 from .cpu_quant_simd import ROW_DOT, f16_at
 from .cpu_threads import SplitRunner, even_bounds
+from .numba_cache import flush_if_deps_changed
 
 Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, INT8, INT4 = range(7)
 assert FORMATS == ("q8_0", "q4_0", "q4_1", "q4_k", "q6_k", "int8", "int4")
@@ -232,3 +235,7 @@ def _int8_rounded(x: np.ndarray) -> np.ndarray:
     )
     quantize_activations(x, xq, dx, xs)
     return (xq.reshape(n, -1, 32) * dx[..., None]).reshape(n, k)
+
+
+# Row kernels, block layouts and bit casts compiled in from these modules, which Numba's cache does not track.
+flush_if_deps_changed(globals(), [cpu_quant_simd, cpu_kernels, qtensor])
