@@ -79,6 +79,7 @@ class GraphExecutor:
         self._staging = {s: cupyx.empty_pinned((self._rows, s), np.int64) for s in self.sizes}
         self._staged: dict[int, object] = {}  # event after each size's last upload from its pinned staging
         self.replays = 0
+        self.replay_events: list | None = None  # a list (benchmarks): (start, end) CUDA events of each replay
         self._hc_src: list | None = None  # the head-class list last copied into the static buffers
         self._hc: list | None = None
         self._window: tuple[int, int] | None = None  # (sink, local) the graphs were captured with
@@ -118,7 +119,11 @@ class GraphExecutor:
         """Replay (logits: a view of the graph's static output) or run the eager step."""
         if not isinstance(prepared, _Replay):
             return self.eager.run(prepared)
-        prepared.graph.graph.launch(stream=self.cp.cuda.get_current_stream())
+        stream = self.cp.cuda.get_current_stream()
+        start = stream.record() if self.replay_events is not None else None
+        prepared.graph.graph.launch(stream=stream)
+        if start is not None:
+            self.replay_events.append((start, stream.record()))
         self.replays += 1
         return prepared.graph.logits[: prepared.n]
 
