@@ -30,6 +30,7 @@ class SplitFormat:
     bits: int
     cpg: int  # chunks of 32 values per scale (0: one scale per row)
     has_min: bool
+    zero: int = 0  # Z, subtracted from each integer: w = d * (q - Z) (+ m)
 
     def groups(self, k: int) -> int:
         """Scales per row of k values."""
@@ -38,10 +39,10 @@ class SplitFormat:
 
 SPLIT_FORMATS: dict[str, SplitFormat] = {
     "q8_0": SplitFormat("SQ8_0", 8, 1, False),
-    "q4_0": SplitFormat("SQ4_0", 4, 1, False),
+    "q4_0": SplitFormat("SQ4_0", 4, 1, False, 8),
     "q4_1": SplitFormat("SQ4_1", 4, 1, True),
     "int8": SplitFormat("SINT8", 8, 0, False),
-    "int4": SplitFormat("SINT4", 4, 4, False),
+    "int4": SplitFormat("SINT4", 4, 4, False, 8),
 }
 
 
@@ -63,17 +64,14 @@ def split(w: QuantTensor) -> SplitHost:
     def f16(a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a).view("<f2").reshape(rows, -1).astype(np.float16)
 
-    if w.fmt == "q8_0":
-        return SplitHost(_rows(blocks[..., 2:], rows), f16(blocks[..., :2]), None)
-    if w.fmt == "q4_0":
+    if w.fmt in ("q8_0", "q4_0"):  # d, then the integers
         return SplitHost(_rows(blocks[..., 2:], rows), f16(blocks[..., :2]), None)
     if w.fmt == "q4_1":
         return SplitHost(_rows(blocks[..., 4:], rows), f16(blocks[..., :2]), f16(blocks[..., 2:4]))
     if w.fmt == "int8":
         return SplitHost(_rows(blocks, rows), f16(w.data[:, :2]), None)
-    if (
-        w.fmt == "int4"
-    ):  # qs byte i: v[i] | v[i + 64] << 4 -> 4 chunks of 32, chunk byte i: v[i] | v[i + 16] << 4
+    if w.fmt == "int4":
+        # qs byte i: v[i] | v[i + 64] << 4 -> 4 chunks of 32, chunk byte i: v[i] | v[i + 16] << 4
         qs = blocks[..., 2:]
         v = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(rows, -1, 4, 2, 16)
         return SplitHost(_rows(v[..., 0, :] | (v[..., 1, :] << 4), rows), f16(blocks[..., :2]), None)
@@ -92,9 +90,8 @@ def dequantize(s: SplitHost, fmt: str, dtype: type = np.float64) -> np.ndarray:
         q = s.q.view(np.int8).astype(dtype)
     else:
         c = s.q.reshape(rows, -1, 16)
-        q = np.concatenate([c & 15, c >> 4], axis=-1).reshape(rows, -1).astype(dtype) - (
-            0 if f.has_min else 8
-        )
+        q = np.concatenate([c & 15, c >> 4], axis=-1).reshape(rows, -1).astype(dtype)
+    q -= f.zero
     k = q.shape[1]
     per = k // s.d.shape[1]
     w = q * np.repeat(s.d.astype(dtype), per, axis=1)
