@@ -150,12 +150,10 @@ class Ops(Protocol):
     name: str
     dtype: Any
     kv_dtypes: tuple[str, ...]  # KV formats the backend runs; the first is its float type ("auto")
-    selector_reductions: tuple[
-        str, ...
-    ]  # page selector group reductions it runs (config.GROUP_REDUCE, + oracle)
-    async_steps: (
-        bool  # launches return before the device is done: the engine overlaps its host work with them
-    )
+    # page selector group reductions it runs (config.GROUP_REDUCE, + oracle)
+    selector_reductions: tuple[str, ...]
+    # launches return before the device is done: the engine overlaps its host work with them
+    async_steps: bool
 
     def upload(self, a: np.ndarray, name: str | None = None) -> Array: ...
     def to_numpy(self, a: Array) -> np.ndarray: ...

@@ -47,11 +47,8 @@ SPLIT_R = (1, 2, 4)  # output rows per warp instantiated (split_rows picks one)
 # (int8 passes of x, output type) instantiated: fp16 outputs in one pass, float32 outputs (the logits: their top
 # two are often < 0.5% apart) in two
 SPLIT_PASSES = ((1, "__half"), (2, "float"))
-SPLIT_ROWS = (
-    1,
-    4,
-    8,
-)  # NMAX of the split kernels (fewer than GEMV_ROWS: each instantiation costs compile time)
+# NMAX of the split kernels (fewer than GEMV_ROWS: each instantiation costs compile time)
+SPLIT_ROWS = (1, 4, 8)
 SMEM_DEFAULT = 48 << 10  # dynamic shared memory a launch gets without opting in
 
 
