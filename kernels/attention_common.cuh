@@ -9,6 +9,7 @@
 // in 8 different bank groups (no conflicts) and cp.async writes stay 16-byte aligned.
 #pragma once
 #include "kv_quant.cuh"
+#include "pdl.cuh"
 
 typedef unsigned short f16_t;  // raw IEEE half
 typedef unsigned int u32;

@@ -666,6 +666,7 @@ __device__ __forceinline__ void combine_body(const float* __restrict__ part_o, c
       float* part_o, float* part_lse, const int* plan, int cap_qb, int cap_seq, const int* head_class,     \
       const int* head_slot, int n0, int n1, const int* sel_idx, const int* sel_cnt, int sel_cap, int Hq,   \
       int Hkv, int ps_shift, int n_htiles, float scale_log2) {                                             \
+    lserve::pdl_enter();                                                                                   \
     const lsattn::KVPools pools{k0, v0, k1, v1, sk0, sv0, sk1, sv1, head_class, head_slot, n0, n1};        \
     lsattn::decode_body<D, STAGES, KV>(q, pools, part_o, part_lse, lsattn::plan_view(plan, cap_qb, cap_seq), \
                                        sel_idx, sel_cnt, sel_cap, Hq, Hkv, ps_shift, n_htiles, scale_log2); \
@@ -696,6 +697,7 @@ constexpr int DC_V2_MIN_CTAS = 3;
           float* part_o, float* part_lse, const int* plan, int cap_qb, int cap_seq, const int* head_class, \
           const int* head_slot, int n0, int n1, const int* sel_idx, const int* sel_cnt, int sel_cap, int Hq, \
           int Hkv, int ps_shift, int n_htiles, float scale_log2) {                                         \
+    lserve::pdl_enter();                                                                                   \
     const lsattn::KVPools pools{k0, v0, k1, v1, sk0, sv0, sk1, sv1, head_class, head_slot, n0, n1};        \
     lsattn::decode_body_v2<D, STAGES, KV>(q, pools, part_o, part_lse, lsattn::plan_view(plan, cap_qb, cap_seq), \
                                           sel_idx, sel_cnt, sel_cap, Hq, Hkv, ps_shift, n_htiles, scale_log2); \
@@ -709,5 +711,6 @@ LSERVE_DECODE_V2_KERNEL(128, 4, lskv::Fp8, _fp8)
 
 extern "C" __global__ void __launch_bounds__(lsattn::CB_THREADS) paged_attn_decode_combine(const float* part_o, const float* part_lse, f16_t* out,
                                                      const int* meta, const int* qb_start, int Hq, int SW, int D) {
+  lserve::pdl_enter();
   lsattn::combine_body(part_o, part_lse, out, meta, qb_start, Hq, SW, D);
 }

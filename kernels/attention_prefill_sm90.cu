@@ -387,6 +387,7 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
           f16_t* out, const int* plan, int cap_qb, int cap_seq, const int* head_class, const int* head_slot, \
           int n0, int n1, int Hq, int Hkv, int ps_shift, int rows_per_head, int heads_per_cta, int n_sub,  \
           int hgroups, float scale_log2) {                                                                 \
+    lserve::pdl_enter();                                                                                   \
     const lsattn::KVPools pools{k0, v0, k1, v1, sk0, sv0, sk1, sv1, head_class, head_slot, n0, n1};        \
     lsattn::sm90::prefill_body<D, NWG, STAGES>(q, pools, out, lsattn::plan_view(plan, cap_qb, cap_seq), Hq, \
                                                Hkv, ps_shift, rows_per_head, heads_per_cta, n_sub, hgroups, \

@@ -264,6 +264,7 @@ __device__ __forceinline__ void page_topk_body(const PlanView pv, const int* __r
       const f16_t* q, const f16_t* kmax, const f16_t* kmin, const int* plan, int cap_qb, int cap_seq,       \
       const int* head_class, const int* head_slot, int nd, int sub, float* scores, int cap_nnz, int Hq,     \
       int Hkv, int ps_shift) {                                                                             \
+    lserve::pdl_enter();                                                                                   \
     lsattn::page_score_body<D>(q, kmax, kmin, lsattn::plan_view(plan, cap_qb, cap_seq), head_class,         \
                                head_slot, nd, sub, scores, cap_nnz, Hq, Hkv, ps_shift);                    \
   }
@@ -274,6 +275,7 @@ LSERVE_PAGE_SCORE_KERNEL(128)
 extern "C" __global__ void __launch_bounds__(lsattn::TK_THREADS)
     page_topk(const int* plan, int cap_qb, int cap_seq, const int* head_class, float* scores, int cap_nnz,
               int Hkv, int group, int* sel_idx, int* sel_cnt, int sel_cap) {
+  lserve::pdl_enter();
   lsattn::page_topk_body(lsattn::plan_view(plan, cap_qb, cap_seq), head_class, scores, cap_nnz, Hkv, group,
                          sel_idx, sel_cnt, sel_cap);
 }

@@ -17,6 +17,8 @@
 
 #include <cuda_fp16.h>
 
+#include "pdl.cuh"
+
 typedef unsigned char u8;
 
 // A little-endian IEEE half at any byte address.
@@ -359,6 +361,7 @@ __global__ void __launch_bounds__(QWARPS * 32)
   for (int r = 0; r < NMAX; ++r) acc[r] = 0.f;
   uint4 regs[S::PER_LANE];
   int words = load_words<F>(blocks, min(F::SEG, nb) * F::BYTES, lane, regs);
+  lserve::pdl_enter();  // the first weights are in flight; x comes from the previous kernel
   for (int b0 = 0; b0 < nb; b0 += F::SEG) {
     const int nblk = min(F::SEG, nb - b0);
     const int off = (int)(reinterpret_cast<unsigned long long>(blocks + (long long)b0 * F::BYTES) & 15);
@@ -424,6 +427,7 @@ __global__ void __launch_bounds__(QWARPS2 * 32)
   constexpr int UNR = F::WORDS <= 4 ? 4 : (F::WORDS <= 8 ? (NMAX <= 4 ? 4 : 2) : 2);
   const int lane = threadIdx.x & 31;
   const int m = blockIdx.x * QWARPS2 + (threadIdx.x >> 5);
+  lserve::pdl_enter();
   if (m >= M) return;
   const u8* row = w + (long long)m * row_bytes;
   const u8* blocks = row + F::HEAD;
@@ -487,6 +491,7 @@ __global__ void __launch_bounds__(QWARPS2 * 32)
 template <typename F>
 __global__ void quant_dequant(const u8* __restrict__ w, long long row_bytes, const long long* __restrict__ rows,
                               long long r0, int nrows, int K, __half* __restrict__ out) {
+  lserve::pdl_enter();
   const long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x;
   const int per_row = K / 8;
   if (idx >= (long long)nrows * per_row) return;

@@ -18,6 +18,8 @@
 
 #include <cuda_fp16.h>
 
+#include "pdl.cuh"
+
 typedef unsigned char u8;
 
 // A split format: BITS per value, CPG chunks of 32 values per scale group (0: one per row), an additive
@@ -147,6 +149,7 @@ __global__ void __launch_bounds__(SWARPS * 32)
   unsigned w[U][R][F::WORDS];
   float dd[U][R], mm[U][R];
   load_chunks<F, R, U>(q, d, mn, lane, nc, ng, qrow, m0, M, w, dd, mm);  // in flight while x is quantized
+  lserve::pdl_enter();  // and while the kernel that writes x ends
   quantize_x<P>(x, n, K, xq, xs);
   __syncthreads();
   if (m0 >= M) return;
@@ -207,6 +210,7 @@ template <typename F>
 __global__ void quant_dequant_split(const u8* __restrict__ q, const __half* __restrict__ d,
                                     const __half* __restrict__ mn, const long long* __restrict__ rows,
                                     long long r0, int nrows, int K, __half* __restrict__ out) {
+  lserve::pdl_enter();
   const long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x;
   const int per_row = K / 8;
   if (idx >= (long long)nrows * per_row) return;

@@ -11,6 +11,7 @@
 // radix select over the keys (8 bits a pass, histograms of counts or of exp masses) finds the element
 // where a cumulative weight crosses a target -- the k-th element, the top-p boundary, the sampled one.
 #include "block_reduce.cuh"
+#include "pdl.cuh"
 
 typedef unsigned long long u64;
 using lserve::block_reduce;
@@ -98,6 +99,7 @@ __device__ double mass_below(const float* x, int vocab, float temp, float xmax, 
 
 // First index of the row maximum (np.argmax). One block per row.
 __global__ void argmax_rows(const float* __restrict__ logits, long long stride, int vocab, int* __restrict__ out) {
+  lserve::pdl_enter();
   __shared__ u64 scratch[32];
   const float* x = logits + blockIdx.x * stride;
   u64 best = ~0ull;
@@ -109,6 +111,7 @@ __global__ void argmax_rows(const float* __restrict__ logits, long long stride, 
 // params [4, rows] float64: temperature (0 = greedy), top_k (0 = off), top_p (1 = off), uniform u in [0, 1).
 __global__ void sample_rows(const float* __restrict__ logits, long long stride, int vocab,
                             const double* __restrict__ params, int* __restrict__ out) {
+  lserve::pdl_enter();
   __shared__ SelectSmem sm;
   __shared__ float fscratch[32];
   __shared__ double dscratch[32];
@@ -155,6 +158,7 @@ __global__ void sample_rows(const float* __restrict__ logits, long long stride, 
 // logits[rows[i], ids[i]] /= penalty (if > 0) or *= penalty: repetition penalty over each row's unique ids.
 __global__ void apply_penalty(float* __restrict__ logits, long long stride, const int* __restrict__ rows,
                               const long long* __restrict__ ids, const float* __restrict__ pens, int n) {
+  lserve::pdl_enter();
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   float* p = logits + rows[i] * stride + ids[i];
@@ -165,6 +169,7 @@ __global__ void apply_penalty(float* __restrict__ logits, long long stride, cons
 // logits[rows[i], ids[i]] += deltas[i]: presence / frequency penalties and logit bias (unique ids per row).
 __global__ void add_logits(float* __restrict__ logits, long long stride, const int* __restrict__ rows,
                            const long long* __restrict__ ids, const float* __restrict__ deltas, int n) {
+  lserve::pdl_enter();
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   logits[rows[i] * stride + ids[i]] += deltas[i];
@@ -174,6 +179,7 @@ __global__ void add_logits(float* __restrict__ logits, long long stride, const i
 // Grid (ceil(vocab / blockDim.x), masked rows); rows[r] is the logit row of mask r.
 __global__ void mask_logits(float* __restrict__ logits, long long stride, int vocab, const int* __restrict__ rows,
                             const int* __restrict__ masks, int words) {
+  lserve::pdl_enter();
   const int i = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
   if (i >= vocab) return;
   const unsigned int w = (unsigned int)masks[(long long)r * words + (i >> 5)];
@@ -185,6 +191,7 @@ __global__ void mask_logits(float* __restrict__ logits, long long stride, int vo
 __global__ void logprob_rows(const float* __restrict__ logits, long long stride, int vocab,
                              const long long* __restrict__ chosen, int k, float* __restrict__ lp,
                              long long* __restrict__ top_ids, float* __restrict__ top_lp) {
+  lserve::pdl_enter();
   __shared__ float fscratch[32];
   __shared__ double dscratch[32];
   __shared__ u64 kscratch[32];

@@ -17,6 +17,8 @@ import importlib.resources
 import re
 from pathlib import Path
 
+from .cuda_launch import Module, pdl_setting
+
 STD_FLAGS: tuple[str, ...] = ("-std=c++17",)
 RUNTIME_EXTRA: tuple[str, ...] = ("-ftz=true",)  # CuPy appends this at run time; CI mirrors it
 # Sources with arch-specific instructions (wgmma needs the "a" target sm_90a): compiled for that target only,
@@ -70,7 +72,7 @@ def compile_options(filename: str, options: tuple[str, ...] = ()) -> tuple[str, 
 
 
 def load_module(filename: str, name_expressions: tuple[str, ...] = (), options: tuple[str, ...] = ()):
-    """Compile kernels/<filename> for the current device (cached) and return a `cupy.RawModule`.
+    """Compile kernels/<filename> for the current device (cached) and return it as a cuda_launch.Module.
 
     `name_expressions` lists template instantiations to fetch later by the same string through
     `module.get_function("kernel<64, 4>")`.
@@ -107,7 +109,7 @@ def load_module(filename: str, name_expressions: tuple[str, ...] = (), options: 
             # CuPy found no CUDA headers (cuda_fp16.h): point NVRTC at the ones we know of.
             mod = build(opts + tuple(f"-I{d}" for d in _cuda_include_dirs()))
         _modules[key] = mod
-    return mod
+    return Module(mod, pdl_setting(arch))
 
 
 @functools.cache

@@ -1,0 +1,21 @@
+// Programmatic dependent launch (sm_90 and newer; no-ops when compiled for older GPUs).
+// The launcher (lserve_lite/backends/cuda_launch.py) lets a kernel start while the kernel before it on the
+// stream is still running, so its launch and its first weight loads overlap that kernel's tail: each decode
+// step is ~10 dependent kernels per layer, and the gaps between them were a large part of the step's time.
+// The rule every kernel here follows: pdl_enter() before the first access to memory that an earlier kernel
+// writes or reads (activations, the KV cache, plans, outputs). Only constant data (weights) may be read
+// before it (tests/test_cuda_launch.py checks that every __global__ function in kernels/ calls it).
+#pragma once
+
+namespace lserve {
+
+// Wait until the previous kernel on the stream has completed and its writes are visible (griddepcontrol.wait),
+// then let the next kernel begin launching (griddepcontrol.launch_dependents): at most one grid waits behind us.
+__device__ __forceinline__ void pdl_enter() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+}  // namespace lserve

@@ -1,0 +1,98 @@
+"""The programmatic-dependent-launch contract (backends/cuda_launch.py, kernels/pdl.cuh), checked without a GPU:
+every kernel waits in pdl_enter() before it may touch another kernel's memory, the ctypes structures match
+cuda.h's layout, and arguments convert as CuPy's RawKernel converts them."""
+
+from __future__ import annotations
+
+import ctypes
+import re
+
+import numpy as np
+import pytest
+
+from lserve_lite.backends import cuda_launch
+from lserve_lite.backends.cuda_compile import kernels_dir
+
+_GLOBAL = re.compile(r"^(?!template __global__).*__global__\b", re.M)
+
+
+def _bodies(src: str) -> list[tuple[str, str]]:
+    """(signature head, body) of every __global__ function definition (explicit instantiations excluded)."""
+    out = []
+    for m in _GLOBAL.finditer(src):
+        start = src.index("{", m.end())
+        depth, i = 0, start
+        while True:
+            depth += {"{": 1, "}": -1}.get(src[i], 0)
+            if depth == 0:
+                break
+            i += 1
+        out.append((src[m.start() : start].split("(")[0].split()[-1], src[start : i + 1]))
+    return out
+
+
+def test_every_kernel_calls_pdl_enter():
+    """A kernel launched while its predecessor still runs must wait before reading activations or writing
+    outputs: each __global__ body calls pdl_enter() (the GEMVs after their first weight loads only)."""
+    seen = 0
+    for path in sorted(kernels_dir().glob("*.cu")):
+        for name, body in _bodies(path.read_text()):
+            seen += 1
+            assert "pdl_enter();" in body, f"{path.name}: kernel {name} never calls pdl_enter()"
+    assert seen >= 24  # every family: layers, attention (prefill, sm90, decode), selector, quant, sampling
+
+
+def test_ctypes_structures_match_cuda_h():
+    """Sizes and offsets of CUlaunchConfig / CUlaunchAttribute as cuda.h (CUDA 12-13, x86-64) lays them out."""
+    cfg, attr = cuda_launch.LaunchConfig, cuda_launch.LaunchAttribute
+    assert ctypes.sizeof(cfg) == 56 and ctypes.sizeof(attr) == 72
+    assert (cfg.stream.offset, cfg.attrs.offset, cfg.num_attrs.offset, cfg.shared_mem.offset) == (
+        32,
+        40,
+        48,
+        24,
+    )
+    assert attr.value.offset == 8
+
+
+class _Array:
+    """Stands for a cupy.ndarray: a `data` with a `ptr`."""
+
+    class data:
+        ptr = 0x7F00_1234_5600
+
+
+@pytest.mark.parametrize(
+    "arg,size,raw",
+    [
+        (np.int32(-7), 4, np.int32(-7).tobytes()),
+        (np.float32(1.5), 4, np.float32(1.5).tobytes()),
+        (np.int64(1 << 40), 8, np.int64(1 << 40).tobytes()),
+        (np.uint64(0), 8, bytes(8)),
+        (None, 8, bytes(8)),
+        (3, 8, np.int64(3).tobytes()),
+        (0.25, 8, np.float64(0.25).tobytes()),
+        (_Array(), 8, np.uint64(0x7F00_1234_5600).tobytes()),
+    ],
+)
+def test_kernel_args_convert_as_cupy_does(arg, size, raw):
+    v = cuda_launch.kernel_arg(arg)
+    assert ctypes.sizeof(v) == size
+    assert ctypes.string_at(ctypes.addressof(v), size) == raw
+
+
+def test_kernel_arg_refuses_what_it_cannot_pass():
+    with pytest.raises(TypeError, match="cannot pass a str"):
+        cuda_launch.kernel_arg("x")
+
+
+def test_pdl_setting(monkeypatch):
+    monkeypatch.delenv("LSERVE_PDL", raising=False)
+    assert cuda_launch.pdl_setting("90") and not cuda_launch.pdl_setting("80")
+    monkeypatch.setenv("LSERVE_PDL", "0")
+    assert not cuda_launch.pdl_setting("90")
+    monkeypatch.setenv("LSERVE_PDL", "1")
+    assert cuda_launch.pdl_setting("80")
+    monkeypatch.setenv("LSERVE_PDL", "yes")
+    with pytest.raises(ValueError, match="LSERVE_PDL must be auto, 0 or 1"):
+        cuda_launch.pdl_setting("90")
