@@ -69,6 +69,20 @@ for s in $steps; do case $s in
   wgmma)   # the Hopper prefill: both kernels against the reference and timed, then beside SDPA / cuDNN
            step wgmma_check 120 python3 tools/check_prefill_sm90.py --out "$OUT/check_prefill_sm90.json"
            step wgmma_bench 200 python3 tools/bench_attention.py --sections prefill --prefill-kernels mma,wgmma --out "$OUT" ;;
+  pdl)     # programmatic dependent launch in captured graphs: PDL graphs vs eager (bitwise chain, whole models),
+           # then Llama-3-8B-shaped batch-1 decode at 4k with it off and on (LSERVE_PDL=0 / 1)
+           step pdl_tests 300 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_gpu_pdl.py tests/test_gpu_overlap.py \
+               tests/test_gpu_graphs_sparse.py tests/test_gpu_ops.py::test_forward_matches_cpu_and_graphs_match_eager \
+               tests/test_gpu_quant.py::test_quantized_llama_cuda_vs_cpu_and_graphs_vs_eager
+           for q in ${PDL_WEIGHTS:-fp16}; do for p in 0 1; do
+             step llama_${q}_pdl$p 200 env LSERVE_PDL=$p python3 tools/bench_e2e.py --skip smollm2 --skip splits \
+                 $( [ $q = fp16 ] || echo --quantize $q ) --llama-contexts 4096 --out "$OUT/llama_${q}_pdl$p.json"
+           done; done ;;
+  pdl_smol) # SmolLM2 (the GGUF) batch-1 / batch-64 decode with PDL off and on (each with and without the overlapped step)
+           for p in 0 1; do
+             step smol_pdl$p 200 env LSERVE_PDL=$p LSERVE_SMOLLM2_GGUF=${LSERVE_SMOLLM2_GGUF:-/tmp/smollm2.gguf} \
+                 python3 tools/bench_e2e.py --skip llama --skip splits --out "$OUT/smol_pdl$p.json"
+           done ;;
   tp)      # tensor parallelism: world 1 through NCCL on any GPU count; world 2 and the figures with 2+ GPUs
            step tp 400 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_gpu_tp.py
            step tp_bench 300 python3 tools/bench_tp.py --tensor-parallel 1 $( [ "$(nvidia-smi -L | wc -l)" -ge 2 ] && echo 2 ) --out "$OUT/bench_tp.json" ;;
