@@ -137,23 +137,26 @@ def test_kernel_names_cover_every_format_and_row_count():
         SPLIT_PASSES,
         SPLIT_R,
         SPLIT_ROWS,
+        SPLIT_SILU_R,
         kernel_names,
     )
     from lserve_lite.backends.quant_split import SPLIT_FORMATS
 
     assert len(QUANT_KERNELS) == len(LAYOUTS) * (2 * len(GEMV_VARIANTS) * len(GEMV_ROWS) + 1)
-    assert len(SPLIT_KERNELS) == len(SPLIT_FORMATS) * (len(SPLIT_PASSES) * len(SPLIT_R) * len(SPLIT_ROWS) + 1)
+    per_fmt = (len(SPLIT_PASSES) * len(SPLIT_R) + len(SPLIT_SILU_R)) * len(SPLIT_ROWS) + 1
+    assert len(SPLIT_KERNELS) == len(SPLIT_FORMATS) * per_fmt
     names = kernel_names("q4_k")
     assert "quant_gemv<Q4_K, 8, float>" in names and "quant_gemv2<Q4_K, 8, float>" in names
     assert not any("split" in n for n in names)
     assert "quant_dequant<INT4>" in kernel_names("int4")
     assert "quant_gemv_split<SQ4_1, 4, 8, 1, __half>" in kernel_names("q4_1", ("split",))
     assert "quant_gemv_split<SQ4_1, 4, 8, 2, float>" in kernel_names("q4_1", ("split",))
+    assert "quant_gemv_split<SINT4, 2, 1, 1, __half, true>" in kernel_names("int4", ("split",))
     assert kernel_names("int8", ("split",))[-1] == "quant_dequant_split<SINT8>"
 
 
 def test_gemv_variant_from_the_environment(monkeypatch):
-    from lserve_lite.backends.cuda_quant import gemv_variant, pick_variant, split_rows
+    from lserve_lite.backends.cuda_quant import gemv_variant, pick_variant, split_rows, split_silu_rows
 
     monkeypatch.delenv("LSERVE_QGEMV", raising=False)
     assert gemv_variant() == "auto"
@@ -170,6 +173,11 @@ def test_gemv_variant_from_the_environment(monkeypatch):
     assert pick_variant("v1", "q4_1", 1) == "v1"
     assert split_rows(576) == 1 and split_rows(4096) == 2 and split_rows(128256) == 4
     assert split_rows(576, 8) == 1 and split_rows(1536, 8) == 4
+    assert (
+        split_silu_rows(2 * 576) == 2
+        and split_silu_rows(2 * 14336) == 4
+        and split_silu_rows(2 * 1536, 8) == 4
+    )
 
 
 def test_device_weights_count_packed_bytes():
