@@ -274,43 +274,67 @@ __global__ void silu_mul(const __half* __restrict__ gu, __half* __restrict__ out
 // Small-batch linear for decode: y[n, m] = sum_k x[n, k] w[m, k] for N <= 8 rows, fp32 accumulation.
 // One warp per output feature m (blockDim.x / 32 of them per block), 16-byte loads of w (read once) and of x
 // (N * K halves, L1/L2-resident); needs K % 8 == 0. cuBLAS handles every other shape (CudaOps.gemm).
-template <int N, typename TOut>
+// SILU (TOut = __half): w is the row-fused gate/up matrix [2M, K] and y[n, m] = silu(g) * u with g, u the float32
+// dot products of rows m and M + m (silu_mul's epilogue on them, without the fp16 round trip of [N, 2M]);
+// reference: silu_mul_ref(x @ w^T) (CudaOps.gate_up_silu).
+template <int N, typename TOut, bool SILU = false>
 __global__ void gemv_rows(const __half* __restrict__ x, const __half* __restrict__ w, TOut* __restrict__ y, int M,
                           int K) {
   const int lane = threadIdx.x & 31;
   const int m = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  const uint4* wr = reinterpret_cast<const uint4*>(w + (long long)min(m, M - 1) * K);
+  constexpr int W = SILU ? 2 : 1;  // rows of w per warp: m (and its up row M + m)
+  const uint4* wr[W];
   const int kc = K / 8;
-  for (int c = lane; c < min(kc, 4 * 32); c += 32)  // the row's first 2 KiB into L2 while the previous kernel ends
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(wr + c));
+#pragma unroll
+  for (int i = 0; i < W; ++i) {
+    wr[i] = reinterpret_cast<const uint4*>(w + ((long long)i * M + min(m, M - 1)) * K);
+    for (int c = lane; c < min(kc, 4 * 32); c += 32)  // the row's first 2 KiB into L2 while the previous kernel ends
+      lserve::prefetch_l2(wr[i] + c);
+  }
   pdl_enter();
   if (m >= M) return;
-  float acc[N];
+  float acc[W][N];
 #pragma unroll
-  for (int n = 0; n < N; ++n) acc[n] = 0.f;
+  for (int i = 0; i < W; ++i)
+#pragma unroll
+    for (int n = 0; n < N; ++n) acc[i][n] = 0.f;
 #pragma unroll 4
   for (int c = lane; c < kc; c += 32) {
-    const uint4 wv = __ldg(wr + c);
-    const __half2* wh = reinterpret_cast<const __half2*>(&wv);
+    uint4 wv[W];
+#pragma unroll
+    for (int i = 0; i < W; ++i) wv[i] = __ldg(wr[i] + c);
 #pragma unroll
     for (int n = 0; n < N; ++n) {
       const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + (long long)n * K) + c);
       const __half2* xh = reinterpret_cast<const __half2*>(&xv);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 wf = __half22float2(wh[j]), xf = __half22float2(xh[j]);
-        acc[n] = fmaf(wf.x, xf.x, fmaf(wf.y, xf.y, acc[n]));
+      for (int i = 0; i < W; ++i) {
+        const __half2* wh = reinterpret_cast<const __half2*>(&wv[i]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float2 wf = __half22float2(wh[j]), xf = __half22float2(xh[j]);
+          acc[i][n] = fmaf(wf.x, xf.x, fmaf(wf.y, xf.y, acc[i][n]));
+        }
       }
     }
   }
 #pragma unroll
-  for (int n = 0; n < N; ++n) {
+  for (int i = 0; i < W; ++i)
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc[n] += __shfl_xor_sync(0xffffffffu, acc[n], o);
-  }
+    for (int n = 0; n < N; ++n) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc[i][n] += __shfl_xor_sync(0xffffffffu, acc[i][n], o);
+    }
   if (lane == 0) {
 #pragma unroll
-    for (int n = 0; n < N; ++n) y[(long long)n * M + m] = (TOut)acc[n];
+    for (int n = 0; n < N; ++n) {
+      if constexpr (SILU) {
+        const float g = acc[0][n];
+        y[(long long)n * M + m] = __float2half(g / (1.0f + expf(-g)) * acc[W - 1][n]);
+      } else {
+        y[(long long)n * M + m] = (TOut)acc[0][n];
+      }
+    }
   }
 }
 
@@ -336,3 +360,11 @@ template __global__ void gemv_rows<5, float>(const __half*, const __half*, float
 template __global__ void gemv_rows<6, float>(const __half*, const __half*, float*, int, int);
 template __global__ void gemv_rows<7, float>(const __half*, const __half*, float*, int, int);
 template __global__ void gemv_rows<8, float>(const __half*, const __half*, float*, int, int);
+template __global__ void gemv_rows<1, __half, true>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<2, __half, true>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<3, __half, true>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<4, __half, true>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<5, __half, true>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<6, __half, true>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<7, __half, true>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<8, __half, true>(const __half*, const __half*, __half*, int, int);

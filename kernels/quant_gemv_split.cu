@@ -105,8 +105,20 @@ __device__ __forceinline__ int chunk_dot(const unsigned (&w)[F::WORDS], const in
   return acc;
 }
 
-// Chunks c0, c0 + 32, ... (U of them) of rows m0 .. m0 + R - 1 into registers: integers, scales, additive terms.
-template <typename F, int R, int U>
+// The output a warp's accumulator row i belongs to (m0 + i), and the row of W it reads: the same, or with SILU
+// (W = [gate; up], M outputs) the gate rows m0 .. m0 + R/2 - 1 of outputs m0 + i, then their up rows M + m0 ..
+template <int R, bool SILU>
+__device__ __forceinline__ int acc_output(int m0, int i) {
+  return SILU ? m0 + i % (R / 2) : m0 + i;
+}
+template <int R, bool SILU>
+__device__ __forceinline__ int acc_row(int m0, int i, int M) {
+  return SILU && i >= R / 2 ? M + m0 + i - R / 2 : m0 + i;
+}
+
+// Chunks c0, c0 + 32, ... (U of them) of the warp's R rows (acc_row) into registers: integers, scales, additive
+// terms.
+template <typename F, int R, int U, bool SILU = false>
 __device__ __forceinline__ void load_chunks(const u8* __restrict__ q, const __half* __restrict__ d,
                                             const __half* __restrict__ mn, int c0, int nc, int ng, long long qrow,
                                             int m0, int M, unsigned (&w)[U][R][F::WORDS], float (&dd)[U][R],
@@ -116,8 +128,8 @@ __device__ __forceinline__ void load_chunks(const u8* __restrict__ q, const __ha
     const int c = c0 + 32 * u;
 #pragma unroll
     for (int i = 0; i < R; ++i) {
-      const int m = m0 + i;
-      if (c < nc && m < M) {
+      const int m = acc_row<R, SILU>(m0, i, M);
+      if (c < nc && acc_output<R, SILU>(m0, i) < M) {
         const uint4* src = reinterpret_cast<const uint4*>(q + m * qrow + (long long)c * F::WORDS * 4);
 #pragma unroll
         for (int h = 0; h < F::WORDS / 4; ++h) {
@@ -134,10 +146,14 @@ __device__ __forceinline__ void load_chunks(const u8* __restrict__ q, const __ha
 
 // y[r * ldy + m] = sum_k x[r, k] W[m, k] for r < n <= NMAX, R rows of W per warp, x in P int8 passes.
 // Dynamic shared memory: P * n * K bytes of xq + P * n * K / 32 float2 of xs. K % 32 == 0.
-template <typename F, int R, int NMAX, int P, typename TOut>
+// SILU (R even, TOut = __half, P = 1): W is the row-fused gate/up matrix [2M, K], a warp's R rows are R/2 gate
+// rows and their up rows (acc_row), and y[r * ldy + m] = silu(g) * u on the float32 sums, each with int8's
+// per-channel scale applied first (CudaOps.gate_up_silu; reference: silu_mul_ref(x @ W^T)).
+template <typename F, int R, int NMAX, int P, typename TOut, bool SILU = false>
 __global__ void __launch_bounds__(SWARPS * 32)
     quant_gemv_split(const u8* __restrict__ q, const __half* __restrict__ d, const __half* __restrict__ mn,
                      const __half* __restrict__ x, int n, TOut* __restrict__ y, int ldy, int M, int K) {
+  static_assert(!SILU || R % 2 == 0, "SILU pairs gate and up rows in a warp");
   constexpr int U = (8 / R) / (F::BITS / 4) > 0 ? (8 / R) / (F::BITS / 4) : 1;  // ~8 16-byte loads a lane
   extern __shared__ int4 smem[];
   int* xq = reinterpret_cast<int*>(smem);
@@ -145,10 +161,10 @@ __global__ void __launch_bounds__(SWARPS * 32)
   const int nc = K / 32, ng = groups_per_row<F>(K);
   const long long qrow = (long long)K * F::BITS / 8;
   const int lane = threadIdx.x & 31;
-  const int m0 = (blockIdx.x * SWARPS + (threadIdx.x >> 5)) * R;
+  const int m0 = (blockIdx.x * SWARPS + (threadIdx.x >> 5)) * (SILU ? R / 2 : R);  // the warp's first output
   unsigned w[U][R][F::WORDS];
   float dd[U][R], mm[U][R];
-  load_chunks<F, R, U>(q, d, mn, lane, nc, ng, qrow, m0, M, w, dd, mm);  // in flight while x is quantized
+  load_chunks<F, R, U, SILU>(q, d, mn, lane, nc, ng, qrow, m0, M, w, dd, mm);  // in flight while x is quantized
   lserve::pdl_enter();  // and while the kernel that writes x ends
   quantize_x<P>(x, n, K, xq, xs);
   __syncthreads();
@@ -159,7 +175,7 @@ __global__ void __launch_bounds__(SWARPS * 32)
 #pragma unroll
     for (int r = 0; r < NMAX; ++r) acc[i][r] = 0.f;
   for (int c0 = lane; c0 < nc; c0 += 32 * U) {
-    if (c0 != lane) load_chunks<F, R, U>(q, d, mn, c0, nc, ng, qrow, m0, M, w, dd, mm);
+    if (c0 != lane) load_chunks<F, R, U, SILU>(q, d, mn, c0, nc, ng, qrow, m0, M, w, dd, mm);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + 32 * u;
@@ -192,13 +208,24 @@ __global__ void __launch_bounds__(SWARPS * 32)
       for (int o = 16; o > 0; o >>= 1) acc[i][r] += __shfl_xor_sync(0xffffffffu, acc[i][r], o);
   if (lane == 0) {
 #pragma unroll
-    for (int i = 0; i < R; ++i) {
+    for (int i = 0; i < (SILU ? R / 2 : R); ++i) {
       const int m = m0 + i;
       if (m < M) {
         const float rs = F::CPG ? 1.f : __half2float(d[m]);  // int8's per-channel scale, applied once
+        if constexpr (SILU) {
+          const float ru = F::CPG ? 1.f : __half2float(d[M + m]);  // the up row's
 #pragma unroll
-        for (int r = 0; r < NMAX; ++r)
-          if (r < n) y[(long long)r * ldy + m] = (TOut)(rs * acc[i][r]);
+          for (int r = 0; r < NMAX; ++r) {
+            if (r < n) {
+              const float g = rs * acc[i][r];
+              y[(long long)r * ldy + m] = __float2half(g / (1.0f + expf(-g)) * (ru * acc[i + R / 2][r]));
+            }
+          }
+        } else {
+#pragma unroll
+          for (int r = 0; r < NMAX; ++r)
+            if (r < n) y[(long long)r * ldy + m] = (TOut)(rs * acc[i][r]);
+        }
       }
     }
   }

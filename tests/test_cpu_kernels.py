@@ -103,6 +103,28 @@ def test_attention_paths_agree(q_lens, ctx_lens, sink, local, hc):
     assert rel(C.paged_attention_numba(q, kc, vc, plan, hc), want) < 1e-5
 
 
+@pytest.mark.parametrize("n", [1, 3, 8, 20])
+@pytest.mark.parametrize("fmt", ["f32", "int8", "q4_1+f32"])
+def test_gate_up_silu_is_silu_mul_of_linear(n, fmt):
+    """CpuOps.gate_up_silu composes linear and silu_mul (nothing fused on the CPU): bit-identical results, for
+    float, quantized and row-stacked weights, decode and prefill rows."""
+    from lserve_lite.harness.quant import random_quant
+    from lserve_lite.weights.qtensor import RowStack
+    from lserve_lite.weights.quantize import quantize_int8
+
+    ops = C.CpuOps()
+    k, inter = 256, 37
+    w = RNG.standard_normal((2 * inter, k), dtype=np.float32) / 16
+    if fmt == "int8":
+        w = quantize_int8(w)
+    elif fmt == "q4_1+f32":
+        w = RowStack((random_quant("q4_1", inter, k, RNG), w[inter:]))
+    x = RNG.standard_normal((n, k), dtype=np.float32)
+    got = ops.gate_up_silu(x, ops.upload(w))
+    assert got.shape == (n, inter) and got.dtype == np.float32
+    assert np.array_equal(got, ops.silu_mul(ops.linear(x, ops.upload(w))))
+
+
 def test_split_runner_results_do_not_depend_on_threads():
     ops = C.CpuOps()
     ops.split = C.SplitRunner(parts=2, first=1 << 30)

@@ -1,7 +1,9 @@
 """Quantized weights on the GPU (kernels/quant_gemv.cu and quant_gemv_split.cu through backends/cuda_quant.py).
 
 gpu-marked (skipped without a GPU): the harness rows (`lserve-lite kernels test quant_gemv quant_prefill
-quant_rowstack quant_split_rowstack quant_embed`; float64 references from gguf.quants.dequantize), a random Llama quantized with
+quant_rowstack quant_split_rowstack quant_embed quant_gate_up_silu`; float64 references from
+gguf.quants.dequantize), the fused gate_up GEMV + SiLU-and-multiply against the unfused launches (fp16, int8,
+int4, q4_1 weights), a random Llama quantized with
 int8 / int4 through the CUDA engine (eager and CUDA Graphs) against the CPU engine on the same weights
 dequantized to float32, GGUF files of every type, and SmolLM2's Q4_1 GGUF ($LSERVE_SMOLLM2_GGUF) against the
 CPU backend on the same file. Unmarked: the host-side bookkeeping (kernel names, packed byte counts).
@@ -42,6 +44,48 @@ def test_quant_kernel_against_float64(hctx, case):
     results = CASES[case](hctx)
     print(format_table(results))
     assert results and all(r.ok for r in results), format_table([r for r in results if not r.ok])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 3, 8])
+@pytest.mark.parametrize("fmt", ["f16", "int8", "int4", "q4_1"])
+def test_gate_up_silu_fused_matches_unfused(hctx, fmt, n):
+    """CudaOps.gate_up_silu in one kernel (gemv_rows / quant_gemv_split with SiLU-and-multiply in the epilogue)
+    against silu_mul(linear(h, w)) on the same device weight, odd I, NaN-poisoned output. Both take the same
+    float32 dot products (the same kernel code, the same order), so they differ by the unfused path's fp16
+    rounding of [g | u] (2^-11 relative each, through silu_mul_atol) and the outputs' own rounding (2^-10);
+    the GEMV's bound is added in case the compiler ordered the two differently."""
+    from lserve_lite.backends.cuda_quant import DeviceQuant
+    from lserve_lite.harness.common import silu_mul_atol
+    from lserve_lite.harness.quant import U32, random_quant, reference_matrix, silu_inputs
+    from lserve_lite.weights.quantize import quantize_int4
+
+    ops, rng, cp = hctx.ops, hctx.rng, hctx.cp
+    k, inter = 512, 1037
+    w = hctx.f16(2 * inter, k, scale=1 / np.sqrt(k))
+    if fmt in ("int8", "int4"):
+        w = (quantize_int8 if fmt == "int8" else quantize_int4)(w)
+    elif fmt == "q4_1":
+        w = random_quant(fmt, 2 * inter, k, rng)
+    ref_w = reference_matrix(w)
+    x = silu_inputs(rng, n, ref_w).astype(np.float16)  # g, u ~ 3
+    dw, dx = ops.upload(w), cp.asarray(x)
+    if fmt == "f16":
+        assert ops.gemm_path(n, k) == "gemv"
+    else:
+        assert isinstance(dw, DeviceQuant) and dw.split is not None  # the fused path
+    assert ops.fuse_silu, "LSERVE_CUDA_FUSE_SILU=0 in the environment: nothing fused to test"
+    fused = hctx.poison((n, inter), np.float16)
+    assert ops.gate_up_silu(dx, dw, out=fused) is fused
+    gu = ops.linear(dx, dw)
+    unfused = cp.asnumpy(ops.silu_mul(gu)).astype(np.float64)
+    got, gu = cp.asnumpy(fused).astype(np.float64), cp.asnumpy(gu).astype(np.float64)
+    agu = 2 * (k / 32 + 20) * U32 * (np.abs(x.astype(np.float64)) @ np.abs(ref_w).T)
+    tol = silu_mul_atol(gu, agu, rounded=True) + 2.0**-10 * np.abs(unfused)
+    assert np.isfinite(got).all()
+    err = np.abs(got - unfused)
+    assert np.all(err <= tol), f"max err / tol {float((err / tol).max()):.3g}"
+    assert np.abs(unfused).max() > 1.0  # silu's curved range reached
 
 
 @pytest.mark.gpu
@@ -137,23 +181,26 @@ def test_kernel_names_cover_every_format_and_row_count():
         SPLIT_PASSES,
         SPLIT_R,
         SPLIT_ROWS,
+        SPLIT_SILU_R,
         kernel_names,
     )
     from lserve_lite.backends.quant_split import SPLIT_FORMATS
 
     assert len(QUANT_KERNELS) == len(LAYOUTS) * (2 * len(GEMV_VARIANTS) * len(GEMV_ROWS) + 1)
-    assert len(SPLIT_KERNELS) == len(SPLIT_FORMATS) * (len(SPLIT_PASSES) * len(SPLIT_R) * len(SPLIT_ROWS) + 1)
+    per_fmt = (len(SPLIT_PASSES) * len(SPLIT_R) + len(SPLIT_SILU_R)) * len(SPLIT_ROWS) + 1
+    assert len(SPLIT_KERNELS) == len(SPLIT_FORMATS) * per_fmt
     names = kernel_names("q4_k")
     assert "quant_gemv<Q4_K, 8, float>" in names and "quant_gemv2<Q4_K, 8, float>" in names
     assert not any("split" in n for n in names)
     assert "quant_dequant<INT4>" in kernel_names("int4")
     assert "quant_gemv_split<SQ4_1, 4, 8, 1, __half>" in kernel_names("q4_1", ("split",))
     assert "quant_gemv_split<SQ4_1, 4, 8, 2, float>" in kernel_names("q4_1", ("split",))
+    assert "quant_gemv_split<SINT4, 2, 1, 1, __half, true>" in kernel_names("int4", ("split",))
     assert kernel_names("int8", ("split",))[-1] == "quant_dequant_split<SINT8>"
 
 
 def test_gemv_variant_from_the_environment(monkeypatch):
-    from lserve_lite.backends.cuda_quant import gemv_variant, pick_variant, split_rows
+    from lserve_lite.backends.cuda_quant import gemv_variant, pick_variant, split_rows, split_silu_rows
 
     monkeypatch.delenv("LSERVE_QGEMV", raising=False)
     assert gemv_variant() == "auto"
@@ -170,6 +217,11 @@ def test_gemv_variant_from_the_environment(monkeypatch):
     assert pick_variant("v1", "q4_1", 1) == "v1"
     assert split_rows(576) == 1 and split_rows(4096) == 2 and split_rows(128256) == 4
     assert split_rows(576, 8) == 1 and split_rows(1536, 8) == 4
+    assert (
+        split_silu_rows(2 * 576) == 2
+        and split_silu_rows(2 * 14336) == 4
+        and split_silu_rows(2 * 1536, 8) == 4
+    )
 
 
 def test_device_weights_count_packed_bytes():

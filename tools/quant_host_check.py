@@ -1,4 +1,4 @@
-"""Check kernels/quant_gemv.cu and kernels/quant_gemv_split.cu without a GPU: their kernels compiled unchanged as host code (tools/quant_host_emu.cu,
+"""Check kernels/quant_gemv.cu, kernels/quant_gemv_split.cu and layers.cu's gemv_rows without a GPU: their kernels compiled unchanged as host code (tools/quant_host_emu.cu,
 nvcc; a thread per CUDA thread, a barrier per warp) on the kernel harness's random weights, against the harness's
 float64 references (gguf.quants.dequantize) and tolerances (lserve_lite/harness/quant.py).
 
@@ -6,12 +6,15 @@ What it checks: the format traits' byte layouts and decoders (v1's decode8 and v
 (quant_gemv and quant_gemv2), v1's segment staging (rows that are not
 16-byte aligned, partial segments), row counts 1..8, output strides, the dequantize kernel's row gather; the
 split layout (backends/quant_split.py's repacking) through quant_gemv_split at 1, 2 and 4 rows per warp (its
-int8 activations within harness.quant.activation_bound) and quant_dequant_split.
+int8 activations within harness.quant.activation_bound) and quant_dequant_split; the gate_up GEMVs with
+SiLU-and-multiply in their epilogue (quant_gemv_split with SILU at 2 and 4 rows per warp, gemv_rows<n, __half,
+true> on fp16 weights) against silu_mul_ref of the float64 product (harness.common.silu_mul_atol), and the
+plain gemv_rows<n, float>.
 What it cannot: anything about the GPU itself (memory model, alignment faults, speed). The GPU rows
 (`lserve-lite kernels test quant_gemv ...`) remain the test; this is for editing the kernels on a machine
 without one.
 
-    python3 tools/quant_host_check.py [--quick] [--formats q4_k int8]
+    python3 tools/quant_host_check.py [--quick] [--formats q4_k int8] [--variants silu rows]
 
 Prints one line per case; exit status 1 on any failure.
 """
@@ -19,6 +22,7 @@ Prints one line per case; exit status 1 on any failure.
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import tempfile
@@ -30,25 +34,44 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lserve_lite.backends.quant_split import SPLIT_FORMATS, split  # noqa: E402
+from lserve_lite.backends.reference.layers import silu_mul_ref  # noqa: E402
+from lserve_lite.harness.common import silu_mul_atol  # noqa: E402
 from lserve_lite.harness.quant import (  # noqa: E402
     GEMV_SHAPES,
     U32,
     activation_bound,
     random_quant,
     reference_matrix,
+    silu_inputs,
 )
 from lserve_lite.weights.qtensor import FORMATS, LAYOUTS  # noqa: E402
 
 QUICK_SHAPES = [(1, 96, 37), (3, 256, 9), (8, 2304, 5)]
+# (n, k, I) of the gate_up GEMVs with SiLU-and-multiply (outputs I, weights [2I, K]): odd I, n over the NMAX
+# instantiations; rows per warp 2 and 4 run on each
+SILU_SHAPES = [(1, 96, 37), (3, 256, 21), (8, 2304, 5), (4, 768, 1), (2, 512, 19)]
+QUICK_SILU_SHAPES = [(1, 256, 21), (5, 512, 9)]
+
+
+def gemv_rows_source() -> str:
+    """The text of gemv_rows in kernels/layers.cu, from its comment to its closing brace (the emulator includes
+    it alone: the rest of layers.cu has inline PTX, which cannot run on the host)."""
+    src = (ROOT / "kernels" / "layers.cu").read_text()
+    found = re.search(r"// Small-batch linear for decode.*?\n}\n", src, re.S)
+    if not found or "void gemv_rows(" not in found.group(0):
+        raise RuntimeError("gemv_rows not found in kernels/layers.cu")
+    return found.group(0)
 
 
 def build(tmp: Path) -> Path:
     exe = tmp / "quant_host_emu"
+    (tmp / "gemv_rows.inc").write_text(gemv_rows_source())
     cmd = [
         "nvcc",
         "-std=c++17",
         "-w",
         f"-I{ROOT / 'kernels'}",
+        f"-I{tmp}",
         "-o",
         str(exe),
         str(ROOT / "tools" / "quant_host_emu.cu"),
@@ -99,6 +122,71 @@ def check_gemv(
     return ok
 
 
+def check_silu(
+    exe: Path, tmp: Path, fmt: str | None, n: int, k: int, inter: int, rng: np.random.Generator, r: int = 2
+) -> bool:
+    """silu(x @ Wg^T) * (x @ Wu^T) in one kernel (fp16 out) against silu_mul_ref of the float64 product: through
+    quant_gemv_split with SILU (a split format, R rows per warp), or gemv_rows<n, __half, true> (fmt None: an
+    fp16 W). Tolerance: the GEMV's on [g | u] (+ the int8 activations' for split) through silu_mul_atol, plus
+    the fp16 output's rounding (2^-10 relative)."""
+    ldy = inter + 3 if fmt else inter
+    if fmt:
+        qt = random_quant(fmt, 2 * inter, k, rng)
+        ref_w = reference_matrix(qt)
+        args = [str(exe), "ssilu", fmt, *(str(v) for v in (n, inter, k, ldy, r)), *write_split(tmp, qt)]
+    else:
+        w = (rng.standard_normal((2 * inter, k)) / np.sqrt(k)).astype(np.float16)
+        w.tofile(tmp / "w.bin")
+        ref_w = w.astype(np.float64)
+        args = [str(exe), "gsilu", "-", str(n), str(inter), str(k), str(tmp / "w.bin")]
+    x = silu_inputs(rng, n, ref_w).astype(np.float16)
+    x[:, :32] *= 8.0  # one block of large activations: its int8 step is 8x the others'
+    x.tofile(tmp / "x.bin")
+    args += [str(tmp / "x.bin"), str(tmp / "y.bin")]
+    subprocess.run(args, check=True)
+    y = np.fromfile(tmp / "y.bin", np.float16).reshape(n, ldy).astype(np.float64)
+    x64 = x.astype(np.float64)
+    gu = x64 @ ref_w.T
+    agu = (k / 32 + 20) * U32 * (np.abs(x64) @ np.abs(ref_w).T)
+    if fmt:
+        agu = agu + activation_bound(x, ref_w, 1)
+    ref = silu_mul_ref(gu)
+    tol = silu_mul_atol(gu, agu) + 2.0**-10 * np.abs(ref)
+    err = np.abs(y[:, :inter] - ref)
+    ok = bool(np.all(err <= tol) and np.all(y[:, inter:] == 12344.0))
+    mode = f"ssilu{r}" if fmt else "gsilu"
+    print(f"{mode:7s} {fmt or 'f16':5s} N{n} K{k} I{inter}: max err / bound {float((err / tol).max()):.2e} "
+          f"{'PASS' if ok else 'FAIL'}")  # fmt: skip
+    return ok
+
+
+def check_gemv_rows(exe: Path, tmp: Path, n: int, k: int, m: int, rng: np.random.Generator) -> bool:
+    """gemv_rows<n, float> (the plain decode GEMV of fp16 weights) against x @ W^T in float64."""
+    x = rng.standard_normal((n, k)).astype(np.float16)
+    w = (rng.standard_normal((m, k)) / np.sqrt(k)).astype(np.float16)
+    x.tofile(tmp / "x.bin")
+    w.tofile(tmp / "w.bin")
+    args = [
+        str(exe),
+        "grows",
+        "-",
+        str(n),
+        str(m),
+        str(k),
+        *(str(tmp / f) for f in ("w.bin", "x.bin", "y.bin")),
+    ]
+    subprocess.run(args, check=True)
+    y = np.fromfile(tmp / "y.bin", np.float32).reshape(n, m)
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    tol = (k / 32 + 20) * U32 * (np.abs(x64) @ np.abs(w64).T)
+    err = np.abs(y - x64 @ w64.T)
+    ok = bool(np.all(err <= tol))
+    print(
+        f"grows   f16   N{n} K{k} M{m}: max err / bound {float((err / tol).max()):.2e} {'PASS' if ok else 'FAIL'}"
+    )
+    return ok
+
+
 def check_dequant(exe: Path, tmp: Path, fmt: str, rng: np.random.Generator, mode: str = "dequant") -> bool:
     m, k, n = 301, 768, 13
     qt = random_quant(fmt, m, k, rng)
@@ -129,9 +217,11 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--variants",
         nargs="+",
-        choices=("gemv", "gemv2", "split"),
-        default=["gemv", "gemv2", "split"],
-        help="quant_gemv (v1), quant_gemv2 (v2), quant_gemv_split (the split formats' default)",
+        choices=("gemv", "gemv2", "split", "silu", "rows"),
+        default=["gemv", "gemv2", "split", "silu", "rows"],
+        help="quant_gemv (v1), quant_gemv2 (v2), quant_gemv_split (the split formats' default), the split "
+        "formats' gate_up GEMV with SiLU-and-multiply (silu), gemv_rows of layers.cu, fp16 weights (rows: "
+        "plain, and with SiLU-and-multiply)",
     )
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
@@ -144,14 +234,24 @@ def main(argv=None) -> int:
             for n, k, m in shapes:
                 if k % LAYOUTS[fmt].block == 0:
                     for mode in args.variants:
-                        if mode != "split":
+                        if mode in ("gemv", "gemv2"):
                             ok &= check_gemv(exe, tmp, fmt, n, k, m, rng, mode)
-                        elif fmt in SPLIT_FORMATS:
+                        elif mode == "split" and fmt in SPLIT_FORMATS:
                             for r in ("1", "2", "4", "1p2", "4p2"):
                                 ok &= check_gemv(exe, tmp, fmt, n, k, m, rng, f"split{r}")
             ok &= check_dequant(exe, tmp, fmt, rng)
             if "split" in args.variants and fmt in SPLIT_FORMATS:
                 ok &= check_dequant(exe, tmp, fmt, rng, "dsplit")
+            if "silu" in args.variants and fmt in SPLIT_FORMATS:
+                for n, k, inter in QUICK_SILU_SHAPES if args.quick else SILU_SHAPES:
+                    if k % LAYOUTS[fmt].block == 0:
+                        ok &= all([check_silu(exe, tmp, fmt, n, k, inter, rng, r) for r in (2, 4)])
+        if "rows" in args.variants:
+            for n, k, m in shapes:
+                if k % 8 == 0:
+                    ok &= check_gemv_rows(exe, tmp, n, k, m, rng)
+            for n, k, inter in QUICK_SILU_SHAPES if args.quick else SILU_SHAPES:
+                ok &= check_silu(exe, tmp, None, n, k, inter, rng)
     print("all passed" if ok else "FAILURES")
     return 0 if ok else 1
 

@@ -6,15 +6,23 @@
 //   quant_host_emu dequant FMT M K n W IDS OUT  out[n, K] (fp16) = rows IDS (int64) of W through quant_dequant
 // and of kernels/quant_gemv_split.cu (the split layout's arrays Q D MN as written by quant_split.split):
 //   quant_host_emu split FMT n M K ldy R P Q D MN X Y   y through quant_gemv_split: R rows per warp, P passes
+//   quant_host_emu ssilu FMT n M K ldy R Q D MN X Y     y[n, ldy] (fp16) = silu(x Wg^T) * (x Wu^T) through
+//                                                      quant_gemv_split with SILU (W = [Wg; Wu]: 2M rows)
 //   quant_host_emu dsplit FMT M K n Q D MN IDS OUT      rows IDS through quant_dequant_split
+// and of gemv_rows in kernels/layers.cu (its text, cut out by quant_host_check.py into gemv_rows.inc: the rest
+// of layers.cu has inline PTX), W fp16:
+//   quant_host_emu grows - n M K W X Y                  y[n, M] (float) = x W^T through gemv_rows<n, float>
+//   quant_host_emu gsilu - n M K W X Y                  y[n, M] (fp16) through gemv_rows<n, __half, true>
 #include <cuda_fp16.h>
 #include <pthread.h>
 
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <cmath>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 struct Dim3 {
@@ -80,6 +88,7 @@ static int emu_dp4a(int a, int b, int c) {
 #define __shared__
 #include "quant_gemv_split.cu"
 int4 smem[1 << 15];
+#include "gemv_rows.inc"
 
 template <typename T>
 static T* read_file(const char* path, size_t count, size_t pad) {
@@ -189,6 +198,40 @@ static void gemv_split_p(int n, int M, int K, int ldy, int P, char** a) {
   gemv_split_n<S, R, 1>(n, M, K, ldy, a);
 }
 
+// quant_gemv_split with SILU: M outputs from 2M rows of W; y fp16 with a sentinel (12344) everywhere.
+template <typename S, int R, int NMAX>
+static void gemv_split_silu(int n, int M, int K, int ldy, char** a) {
+  const int groups = S::CPG ? K / (32 * S::CPG) : 1;
+  const u8* q = read_file<u8>(a[0], (size_t)2 * M * K * S::BITS / 8, 16);
+  const __half* d = read_file<__half>(a[1], (size_t)2 * M * groups, 16);
+  const __half* mn = S::MIN ? read_file<__half>(a[2], (size_t)2 * M * groups, 16) : d;
+  const __half* x = read_file<__half>(a[3], (size_t)n * K, 0);
+  std::vector<__half> y((size_t)n * ldy, __float2half(12344.f));
+  for (int i = 0; i < SWARPS; ++i) pthread_barrier_init(&emu_warp_bar[i], nullptr, 32);
+  pthread_barrier_init(&emu_block_bar, nullptr, SWARPS * 32);
+  emu_block_dim = {SWARPS * 32, 1, 1};
+  for (int b = 0; b < (M + SWARPS * R / 2 - 1) / (SWARPS * R / 2); ++b) {
+    std::vector<std::thread> threads;
+    for (int t = 0; t < SWARPS * 32; ++t)
+      threads.emplace_back([=, &y] {
+        emu_thread = {(unsigned)t, 0, 0};
+        emu_block = {(unsigned)b, 0, 0};
+        quant_gemv_split<S, R, NMAX, 1, __half, true>(q, d, mn, x, n, y.data(), ldy, M, K);
+      });
+    for (auto& t : threads) t.join();
+  }
+  FILE* f = fopen(a[4], "wb");
+  fwrite(y.data(), 2, y.size(), f);
+  fclose(f);
+}
+
+template <typename S, int R>
+static void gemv_split_silu_n(int n, int M, int K, int ldy, char** a) {
+  if (n <= 1) return gemv_split_silu<S, R, 1>(n, M, K, ldy, a);
+  if (n <= 4) return gemv_split_silu<S, R, 4>(n, M, K, ldy, a);
+  gemv_split_silu<S, R, 8>(n, M, K, ldy, a);
+}
+
 template <typename S>
 static void dequant_split(int M, int K, int n, char** a) {
   const int groups = S::CPG ? K / (32 * S::CPG) : 1;
@@ -206,10 +249,53 @@ static void dequant_split(int M, int K, int n, char** a) {
 template <typename S>
 static void run_split(const std::string& mode, char** v) {
   if (mode == "dsplit") return dequant_split<S>(atoi(v[0]), atoi(v[1]), atoi(v[2]), v + 3);
+  if (mode == "ssilu") {
+    const int n = atoi(v[0]), M = atoi(v[1]), K = atoi(v[2]), ldy = atoi(v[3]), R = atoi(v[4]);
+    if (R == 2) return gemv_split_silu_n<S, 2>(n, M, K, ldy, v + 5);
+    return gemv_split_silu_n<S, 4>(n, M, K, ldy, v + 5);
+  }
   const int n = atoi(v[0]), M = atoi(v[1]), K = atoi(v[2]), ldy = atoi(v[3]), R = atoi(v[4]), P = atoi(v[5]);
   if (R == 1) return gemv_split_p<S, 1>(n, M, K, ldy, P, v + 6);
   if (R == 2) return gemv_split_p<S, 2>(n, M, K, ldy, P, v + 6);
   gemv_split_p<S, 4>(n, M, K, ldy, P, v + 6);
+}
+
+// gemv_rows<N, TOut, SILU> over blocks of 8 warps, as CudaOps launches it; y without a stride (NaN-filled).
+template <int N, bool SILU>
+static void rows_gemv(int M, int K, char** a) {
+  typedef typename std::conditional<SILU, __half, float>::type T;
+  const __half* w = read_file<__half>(a[0], (size_t)(SILU ? 2 : 1) * M * K, 0);
+  const __half* x = read_file<__half>(a[1], (size_t)N * K, 0);
+  std::vector<T> y((size_t)N * M, (T)__float2half(NAN));
+  for (int i = 0; i < 8; ++i) pthread_barrier_init(&emu_warp_bar[i], nullptr, 32);
+  emu_block_dim = {256, 1, 1};
+  for (int b = 0; b < (M + 7) / 8; ++b) {
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 256; ++t)
+      threads.emplace_back([=, &y] {
+        emu_thread = {(unsigned)t, 0, 0};
+        emu_block = {(unsigned)b, 0, 0};
+        gemv_rows<N, T, SILU>(x, w, y.data(), M, K);
+      });
+    for (auto& t : threads) t.join();
+  }
+  FILE* f = fopen(a[2], "wb");
+  fwrite(y.data(), sizeof(T), y.size(), f);
+  fclose(f);
+}
+
+template <bool SILU>
+static void rows_gemv_n(int n, int M, int K, char** a) {
+  switch (n) {
+    case 1: return rows_gemv<1, SILU>(M, K, a);
+    case 2: return rows_gemv<2, SILU>(M, K, a);
+    case 3: return rows_gemv<3, SILU>(M, K, a);
+    case 4: return rows_gemv<4, SILU>(M, K, a);
+    case 5: return rows_gemv<5, SILU>(M, K, a);
+    case 6: return rows_gemv<6, SILU>(M, K, a);
+    case 7: return rows_gemv<7, SILU>(M, K, a);
+    default: return rows_gemv<8, SILU>(M, K, a);
+  }
 }
 
 template <typename F>
@@ -224,7 +310,13 @@ int main(int argc, char** argv) {
   if (argc < 4) return 2;
   const std::string mode = argv[1], fmt = argv[2];
   char** v = argv + 3;
-  if (mode == "split" || mode == "dsplit") {
+  if (mode == "grows" || mode == "gsilu") {
+    const int n = atoi(v[0]), M = atoi(v[1]), K = atoi(v[2]);
+    if (mode == "gsilu") rows_gemv_n<true>(n, M, K, v + 3);
+    else rows_gemv_n<false>(n, M, K, v + 3);
+    return 0;
+  }
+  if (mode == "split" || mode == "dsplit" || mode == "ssilu") {
     if (fmt == "q8_0") run_split<SQ8_0>(mode, v);
     else if (fmt == "q4_0") run_split<SQ4_0>(mode, v);
     else if (fmt == "q4_1") run_split<SQ4_1>(mode, v);

@@ -130,6 +130,10 @@ class CpuOps:
         K.silu_mul(gate_up, out)
         return out
 
+    def gate_up_silu(self, h, w):
+        """silu_mul(linear(h, w)): the same kernels and numerics as the two calls (nothing fused on the CPU)."""
+        return self.silu_mul(self.linear(h, w))
+
     def rope_write_kv(self, qkv, positions, slots, cache, layer, rope):
         """`slots` [N] (dense mode) or [2, N]: dense-pool slots, streaming-pool slots. A quantized cache is
         quantized here, as K/V are written (and LServe's key statistics come from the unquantized keys)."""

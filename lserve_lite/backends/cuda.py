@@ -38,6 +38,7 @@ LAYER_KERNELS = (
     "silu_mul<1>",
     "silu_mul<8>",
     *(f"gemv_rows<{n}, {t}>" for t in ("__half", "float") for n in range(1, 9)),
+    *(f"gemv_rows<{n}, __half, true>" for n in range(1, 9)),  # gate_up GEMV + SiLU-and-multiply (decode)
 )
 GEMV_MAX_ROWS = 8
 
@@ -198,6 +199,8 @@ class CudaOps:
         self._decode_parts: dict[tuple[int, int, int], object] = {}  # decode rows of mixed steps, likewise
         # Decode-sized GEMMs (<= 8 rows) through our GEMV kernel instead of cuBLAS; LSERVE_CUDA_GEMV=0 turns it off.
         self.small_gemv = os.environ.get("LSERVE_CUDA_GEMV", "1") != "0"
+        # SiLU-and-multiply in the decode gate_up GEMV's epilogue (gate_up_silu); LSERVE_CUDA_FUSE_SILU=0: separate.
+        self.fuse_silu = os.environ.get("LSERVE_CUDA_FUSE_SILU", "1") != "0"
 
     # -- data movement ------------------------------------------------------------------------
     def upload(self, a, name: str | None = None):
@@ -360,6 +363,25 @@ class CudaOps:
             return out
         self.blas.gemm_nt(x, w, out)
         return out
+
+    def gate_up_silu(self, h, w, out=None):
+        """silu(h @ Wg^T) * (h @ Wu^T) [N, I] fp16 for the row-fused w = [Wg; Wu] [2I, K]. Decode rows (the
+        GEMV paths: gemv_rows, or quant_gemv_split for a split weight) in one kernel that applies SiLU-and-multiply
+        to its float32 sums; otherwise (cuBLAS, the q4_K / q6_K block kernels, a RowStack) `linear` + `silu_mul`.
+        Reference: reference/layers.silu_mul_ref(h @ w^T)."""
+        cp = self.cp
+        h = cp.ascontiguousarray(h)
+        n, k = int(h.shape[0]), int(h.shape[1])
+        inter = int(w.shape[0]) // 2
+        out = cp.empty((n, inter), cp.float16) if out is None else out
+        fused = False
+        if self.fuse_silu and isinstance(w, DeviceQuant):
+            fused = self.quant.gate_up_silu(h, w, out)  # split weights only
+        elif self.fuse_silu and not isinstance(w, DeviceRowStack) and self.gemm_path(n, k) == "gemv":
+            args = (h, w, out, np.int32(inter), np.int32(k))
+            self.k[f"gemv_rows<{n}, __half, true>"]((-(-inter // 8),), (256,), args)
+            fused = True
+        return out if fused else self.silu_mul(self.linear(h, w), out=out)
 
     def silu_mul(self, gate_up, out=None):
         """Reference: reference/layers.silu_mul_ref."""

@@ -4,8 +4,9 @@ GEMV that reads them and the prefill path, through kernels/quant_gemv_split.cu a
 - The 32-value block formats (q8_0, q4_0, q4_1, int8, int4: backends/quant_split.py) are repacked at upload
   into the "split" layout (integers, scales and additive terms in separate aligned arrays; lossless) and
   decode through `quant_gemv_split`: int8 activations per 32 values (llama.cpp's scheme, as the CPU backend's
-  decode) and dp4a integer dot products, R output rows per warp. `LSERVE_QGEMV=v1|v2` keeps their blocks as
-  stored and runs the float kernels below instead.
+  decode) and dp4a integer dot products, R output rows per warp; a [gate; up] weight's decode may apply
+  SiLU-and-multiply in the same kernel (`gate_up_silu`). `LSERVE_QGEMV=v1|v2` keeps their blocks as stored and
+  runs the float kernels below instead.
 - q4_k / q6_k (and every format under v1 / v2): `quant_gemv` (v1), one warp per output row streaming the
   packed row through shared memory, or `quant_gemv2` (v2; `auto`: v2 at batch 1 where the H200 measured it
   faster, `AUTO_V2_BATCH1`), each lane reading its own units of the row; both multiply fp16 activations by
@@ -44,6 +45,9 @@ SETTINGS = (*GEMV_VARIANTS, "auto")
 AUTO_V2_BATCH1 = frozenset({"q8_0", "q4_0", "q4_1", "q6_k", "int4"})
 SPLIT_WARPS = 8  # warps per block of quant_gemv_split: SWARPS
 SPLIT_R = (1, 2, 4)  # output rows per warp instantiated (split_rows picks one)
+# rows per warp of the fused gate_up + SiLU-and-multiply GEMV (SILU: R/2 gate rows and their up rows a warp),
+# instantiated with fp16 outputs in one pass only (split_silu_rows picks one)
+SPLIT_SILU_R = (2, 4)
 # (int8 passes of x, output type) instantiated: fp16 outputs in one pass, float32 outputs (the logits: their top
 # two are often < 0.5% apart) in two
 SPLIT_PASSES = ((1, "__half"), (2, "float"))
@@ -84,6 +88,13 @@ def split_rows(m: int, n: int = 1) -> int:
     return 2 if m >= 2048 else 1
 
 
+def split_silu_rows(m: int, n: int = 1) -> int:
+    """Rows per warp of the fused gate_up GEMV for a [gate; up] weight of m = 2I rows: what the unfused launch
+    of the same weight would take (split_rows(m, n), so a warp reads as many rows either way), at least 2 (a
+    gate row and its up row)."""
+    return max(2, split_rows(m, n))
+
+
 def split_smem(n: int, k: int, passes: int = 1) -> int:
     """Dynamic shared memory of a split GEMV launch: n rows of x as int8 plus a {dx, sum} pair per 32, per pass."""
     return passes * (n * k + n * (k // 32) * 8)
@@ -99,6 +110,8 @@ def kernel_names(fmt: str, variants: tuple[str, ...] = (*GEMV_VARIANTS, "split")
                 s = SPLIT_FORMATS[fmt].trait
                 names += [f"quant_gemv_split<{s}, {r}, {n}, {p}, {o}>" for r in SPLIT_R for n in SPLIT_ROWS
                           for p, o in SPLIT_PASSES]  # fmt: skip
+                names += [f"quant_gemv_split<{s}, {r}, {n}, 1, __half, true>" for r in SPLIT_SILU_R
+                          for n in SPLIT_ROWS]  # fmt: skip
                 names.append(f"quant_dequant_split<{s}>")
             continue
         names += [f"{GEMV_VARIANTS[v][0]}<{t}, {n}, {o}>" for n in GEMV_ROWS for o in ("__half", "float")]
@@ -184,7 +197,8 @@ class QuantKernels:
 
     def prepare(self, w: DeviceQuant) -> None:
         """Everything a weight's launches need made now, never inside a CUDA Graph capture: its kernels compiled,
-        the split GEMV's shared memory opted in for its K, the prefill scratch grown for it."""
+        the split GEMV's shared memory opted in for its K (the SILU instantiations too: any split weight may be a
+        gate_up), the prefill scratch grown for it."""
         m, k = w.shape
         self.reserve(m, k)
         if not w.split:
@@ -282,9 +296,20 @@ class QuantKernels:
             self._dequant(fns, w, None, r0, r1 - r0, wt)
             self.blas.gemm_nt(x, wt, out[:, r0:r1])
 
-    def _gemv_split(self, fns, x, w: DeviceQuant, out) -> None:
+    def gate_up_silu(self, x, w: DeviceQuant, out) -> bool:
+        """out[N, I] = silu(x @ Wg^T) * (x @ Wu^T) for the row-fused w = [Wg; Wu] [2I, K] in one launch per
+        shared-memory step (quant_gemv_split with SILU) when w is a split weight and N <= GEMV_MAX_ROWS (out
+        float16); False (nothing launched) otherwise, for the caller's GEMM + silu_mul."""
+        n = int(x.shape[0])
+        if not (w.split and 0 < n <= GEMV_MAX_ROWS and out.dtype == np.float16):
+            return False
+        self._gemv_split(self._kernels(w.fmt, "split"), x, w, out, silu=True)
+        return True
+
+    def _gemv_split(self, fns, x, w: DeviceQuant, out, silu: bool = False) -> None:
         """quant_gemv_split over x's rows, as many per launch as the shared memory holds (all of them unless K is
-        large: 8 rows of K = 14336 need 140 KB, 280 KB with a float32 output's two passes)."""
+        large: 8 rows of K = 14336 need 140 KB, 280 KB with a float32 output's two passes). `silu`: w is
+        [gate; up] and out gets silu(gate) * up, [N, M / 2] in fp16."""
         n, k, m = int(x.shape[0]), int(x.shape[1]), w.shape[0]
         passes = 2 if out.dtype == np.float32 else 1
         step = n
@@ -292,15 +317,18 @@ class QuantKernels:
             step = (step + 1) // 2
         r = self.split_r or split_rows(m, n)
         t = "__half" if out.dtype == np.float16 else "float"
+        tail, outs = "", m  # template flag, outputs of the launch (M, the kernel's)
+        if silu:  # R in SPLIT_SILU_R, R/2 outputs a warp
+            r, tail, outs = max(2, self.split_r or split_silu_rows(m, n)), ", true", m // 2
         ldy = np.int32(out.strides[0] // out.itemsize)
         for i in range(0, n, step):
             rows = min(step, n - i)
             nmax = next(g for g in SPLIT_ROWS if g >= rows)
-            fn = fns[f"quant_gemv_split<{w.split.trait}, {r}, {nmax}, {passes}, {t}>"]
+            fn = fns[f"quant_gemv_split<{w.split.trait}, {r}, {nmax}, {passes}, {t}{tail}>"]
             args = (w.data, w.d, self._mins(w), x[i : i + rows], np.int32(rows), out[i : i + rows], ldy,
-                    np.int32(m), np.int32(k))  # fmt: skip
+                    np.int32(outs), np.int32(k))  # fmt: skip
             fn(
-                (-(-m // (SPLIT_WARPS * r)),),
+                (-(-outs // (SPLIT_WARPS * (r // 2 if silu else r))),),
                 (32 * SPLIT_WARPS,),
                 args,
                 shared_mem=split_smem(rows, k, passes),

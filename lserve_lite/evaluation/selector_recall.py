@@ -40,7 +40,7 @@ def decode_step_queries(h: SparseHarness, seq) -> list[np.ndarray]:
         qs.append(np.array(ops.to_numpy(q)[0], np.float32))
         x = ops.linear(ops.attention(q, cache, i, plan, classes[i]), layer.o)
         hh, residual = ops.add_rmsnorm(x, residual, layer.ln2, eps)
-        x = ops.linear(ops.silu_mul(ops.linear(hh, layer.gate_up)), layer.down)
+        x = ops.linear(ops.gate_up_silu(hh, layer.gate_up), layer.down)
     seq.num_cached += 1
     return qs
 

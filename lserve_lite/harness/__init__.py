@@ -30,6 +30,7 @@ from .kv_quant import case_kv_quant
 from .layers import (
     case_add_rmsnorm,
     case_embed,
+    case_gate_up_silu,
     case_linear,
     case_logits,
     case_rope_write_kv,
@@ -39,6 +40,7 @@ from .layers import (
 from .page_select import case_page_select
 from .quant import (
     case_quant_embed,
+    case_quant_gate_up_silu,
     case_quant_gemv,
     case_quant_prefill,
     case_quant_rowstack,
@@ -51,6 +53,7 @@ CASES: dict[str, Callable[[Ctx], list[Result]]] = {
     "add_rmsnorm": case_add_rmsnorm,
     "rope_write_kv": case_rope_write_kv,
     "silu_mul": case_silu_mul,
+    "gate_up_silu": case_gate_up_silu,
     "linear": case_linear,
     "logits": case_logits,
     "quant_gemv": case_quant_gemv,
@@ -58,6 +61,7 @@ CASES: dict[str, Callable[[Ctx], list[Result]]] = {
     "quant_rowstack": case_quant_rowstack,
     "quant_split_rowstack": case_quant_split_rowstack,
     "quant_embed": case_quant_embed,
+    "quant_gate_up_silu": case_quant_gate_up_silu,
     "sampling": case_sampling,
     "attention": case_attention,
     "sparse_attention": case_sparse_attention,

@@ -63,6 +63,23 @@ def compare(kernel: str, shape: str, got, ref, atol: float, rtol: float, nan_ok:
     return Result(kernel, shape, max_abs, max_abs / max(scale, 1e-30), ok, note)
 
 
+SILU_SLOPE = 1.1  # max |d/dx x sigmoid(x)| = 1.0998 (at x ~ 2.4)
+
+
+def silu_mul_atol(gu: np.ndarray, agu: np.ndarray, rounded: bool = False) -> np.ndarray:
+    """|error| bound [n, I] of silu(g) * u from the float64 gate_up product gu = [g | u] [n, 2I] and the bound
+    agu on its error: 1.1 ag (|u| + au) + |silu(g)| au (silu's slope is at most 1.1). `rounded`: g and u were
+    stored in fp16 before silu_mul (the unfused path: 2^-11 relative more each). The output's own fp16 rounding
+    is the caller's rtol; 2^-24 covers fp16's subnormal step."""
+    i = gu.shape[-1] // 2
+    g, u = gu[:, :i], np.abs(gu[:, i:])
+    ag, au = agu[:, :i], agu[:, i:]
+    if rounded:
+        ag, au = ag + 2.0**-11 * np.abs(g), au + 2.0**-11 * u
+    silu = np.abs(g) * 0.5 * (1.0 + np.tanh(g / 2))
+    return SILU_SLOPE * ag * (u + au) + silu * au + 2.0**-24
+
+
 # -- cases: each returns a list of Results -----------------------------------------------------------
 
 

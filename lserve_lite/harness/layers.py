@@ -1,6 +1,6 @@
 """Harness rows of kernels/layers.cu (embedding gather, residual add + RMSNorm, RoPE + K/V page write in both
-KV layouts with the page statistics, SiLU-and-multiply) and of the GEMMs (our GEMV and cuBLAS), against
-backends/reference/layers.py."""
+KV layouts with the page statistics, SiLU-and-multiply, alone and in the gate_up GEMV) and of the GEMMs (our
+GEMV and cuBLAS), against backends/reference/layers.py."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from ..backends.reference.layers import (
     silu_mul_ref,
 )
 from ..config import ModelConfig
-from .common import Ctx, Result, compare
+from .common import Ctx, Result, compare, silu_mul_atol
+from .quant import U32, silu_inputs
 from .sparse_batch import head_classes
 
 
@@ -113,6 +114,34 @@ def case_silu_mul(c: Ctx) -> list[Result]:
         got = c.poison((n, inter), np.float16)
         c.ops.silu_mul(c.dev16(gu), out=got)
         out.append(compare("silu_mul", f"N{n} I{inter}", got.get(), silu_mul_ref(gu), 2e-3, 4e-3))
+    return out
+
+
+def case_gate_up_silu(c: Ctx) -> list[Result]:
+    """CudaOps.gate_up_silu on an fp16 [gate; up] weight [2I, K]: decode rows in one kernel (gemv_rows with SiLU-
+    and-multiply in its epilogue), more rows through cuBLAS + silu_mul; against silu_mul_ref(x @ W^T) in float64.
+    Tolerance: the GEMV's float32 sums ((K/32 + 20) u32 (|x| @ |W|^T); cuBLAS: 1e-4) through silu_mul_atol, plus
+    the output's fp16 rounding."""
+    out = []
+    for n, k, inter in [
+        (1, 576, 1536),
+        (3, 256, 1001),
+        (8, 1024, 77),
+        (5, 4096, 2731),
+        (2, 96, 7),
+        (12, 512, 301),
+    ]:
+        w = c.f16(2 * inter, k, scale=1 / math.sqrt(k))
+        x = silu_inputs(c.rng, n, w)
+        x64, w64 = x.astype(np.float64), w.astype(np.float64)
+        gu, bound = x64 @ w64.T, np.abs(x64) @ np.abs(w64).T
+        gemv = c.ops.gemm_path(n, k) == "gemv"
+        fused = gemv and c.ops.fuse_silu
+        got = c.poison((n, inter), np.float16)
+        c.ops.gate_up_silu(c.dev16(x), c.dev16(w), out=got)
+        atol = silu_mul_atol(gu, (k / 32 + 20) * U32 * bound if gemv else 1e-4 * bound, rounded=not fused)
+        name = f"gate_up_silu [{'gemv fused' if fused else c.ops.gemm_path(n, k) + ' + silu_mul'}]"
+        out.append(compare(name, f"N{n} K{k} I{inter}", c.cp.asnumpy(got), silu_mul_ref(gu), atol, 2.0**-10))
     return out
 
 

@@ -1,6 +1,7 @@
 """Harness rows of kernels/quant_gemv.cu (through backends/cuda_quant.py): the decode GEMV (n = 1..8 rows), the
-prefill path (dequantized fp16 tiles + cuBLAS, n > 8), a fused matrix of mixed formats (RowStack) and the
-embedding gather of a quantized table, for every format.
+prefill path (dequantized fp16 tiles + cuBLAS, n > 8), a fused matrix of mixed formats (RowStack), the
+embedding gather of a quantized table, and the gate_up GEMV with SiLU-and-multiply (CudaOps.gate_up_silu), for
+every format.
 
 Reference, in float64: the GGUF formats dequantized by the `gguf` package's own `quants.dequantize` (an
 independent decoder), int8 / int4 by QuantTensor.dequantize (itself checked against the documented layout
@@ -26,9 +27,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..backends.cuda_quant import GEMV_VARIANTS, pick_variant
+from ..backends.reference.layers import silu_mul_ref
 from ..weights.qtensor import FORMATS, LAYOUTS, QuantTensor, RowStack
 from ..weights.quantize import quantize_int4, quantize_int8
-from .common import Ctx, Result, compare
+from .common import Ctx, Result, compare, silu_mul_atol
 
 U32 = 2.0**-24
 # (n, k, m): n <= 8 runs the GEMV, more rows the prefill path; k not a multiple of a format's block is skipped
@@ -144,6 +146,59 @@ def case_quant_gemv(c: Ctx) -> list[Result]:
             out.append(check_linear(c, qt, 2, variant="auto", tag=" R4"))
             qt = random_quant(fmt, 2 * 8 * 264 + 3, 96 if fmt != "int4" else 128, c.rng)
             out.append(check_linear(c, qt, 1, variant="auto", tag=" R2"))
+    return out
+
+
+def silu_inputs(rng: np.random.Generator, n: int, ref_w: np.ndarray) -> np.ndarray:
+    """x [n, K] (float16 values, as float32) scaled so x @ W^T has a standard deviation of about 3: silu's curved
+    range, and no fp16 overflow of silu(g) * u (unscaled, int8's N(0, 1) weights or random q4_k / q6_k blocks
+    make products past 65504)."""
+    k = ref_w.shape[1]
+    x = rng.standard_normal((n, k)) * 3.0 / np.sqrt(k * np.mean(ref_w**2))
+    return x.astype(np.float16).astype(np.float32)
+
+
+def check_gate_up_silu(c: Ctx, w: QuantTensor, n: int, variant: str | None = None, tag: str = "") -> Result:
+    """CudaOps.gate_up_silu on a packed [gate; up] weight [2I, K] (n <= 8 rows), against silu_mul_ref(x @ W^T) in
+    float64: in one kernel (quant_gemv_split with SILU) for the split formats, else the block GEMV + silu_mul
+    (`variant`: the decode GEMV setting at upload, as check_linear). Tolerance: check_linear's on [g | u] (the
+    split GEMV's with its activation rounding) through silu_mul_atol, plus the output's fp16 rounding."""
+    m, k = w.shape
+    inter = m // 2
+    ref_w = reference_matrix(w)
+    x = silu_inputs(c.rng, n, ref_w)
+    x64 = x.astype(np.float64)
+    gu = x64 @ ref_w.T
+    agu = (k / 32 + 20) * U32 * (np.abs(x64) @ np.abs(ref_w).T)
+    q = c.ops.quant
+    saved = q.gemv_variant
+    q.gemv_variant = variant or saved
+    try:
+        split = pick_variant(q.gemv_variant, w.fmt, n) == "split"
+        if split:
+            agu = agu + activation_bound(x, ref_w, 1)
+        got = c.poison((n, inter), np.float16)
+        c.ops.gate_up_silu(c.dev16(x), c.ops.upload(w), out=got)
+    finally:
+        q.gemv_variant = saved
+    fused = split and c.ops.fuse_silu
+    atol = silu_mul_atol(gu, agu, rounded=not fused)
+    name = f"quant_gate_up_silu{' ' + variant if variant else ''} {w.fmt}{' fused' if fused else ''}"
+    return compare(name, f"N{n} K{k} I{inter}{tag}", c.cp.asnumpy(got), silu_mul_ref(gu), atol, 2.0**-10)
+
+
+def case_quant_gate_up_silu(c: Ctx) -> list[Result]:
+    """The fused gate_up GEMV + SiLU-and-multiply of every split format (rows per warp 2 and 4, odd I), and the
+    fallback (block kernels + silu_mul) of the other formats and of a split format stored as blocks (v1)."""
+    out = []
+    # (n, k, I): R = 2 at the small ones, R = 4 at n >= 4 or 2I >= 8192 (split_silu_rows)
+    shapes = [(1, 256, 1001), (3, 512, 77), (8, 2304, 515), (2, 768, 1537), (5, 4096, 4097), (1, 512, 4099),
+              (1, 256, 3)]  # fmt: skip
+    for fmt in FORMATS:
+        for n, k, inter in shapes:
+            if k % LAYOUTS[fmt].block == 0:
+                out.append(check_gate_up_silu(c, random_quant(fmt, 2 * inter, k, c.rng), n))
+    out.append(check_gate_up_silu(c, random_quant("int4", 2 * 301, 512, c.rng), 3, variant="v1"))
     return out
 
 

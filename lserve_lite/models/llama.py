@@ -98,7 +98,7 @@ class LlamaModel:
             a = ops.attention(q, cache, i, plan, head_classes[i])
             x = self._sum(ops.linear(a, layer.o))
             h, residual = ops.add_rmsnorm(x, residual, layer.ln2, cfg.rms_norm_eps)
-            x = self._sum(ops.linear(ops.silu_mul(ops.linear(h, layer.gate_up)), layer.down))
+            x = self._sum(ops.linear(ops.gate_up_silu(h, layer.gate_up), layer.down))
         h, _ = ops.add_rmsnorm(x[logit_rows], residual[logit_rows], self.norm, cfg.rms_norm_eps)
         logits = ops.logits(h, self.lm_head)
         return logits if self.comm is None else self.comm.all_gather(logits)
