@@ -6,14 +6,13 @@
 #include "pdl.cuh"
 
 using lserve::block_reduce;
-using lserve::pdl_enter;
 
 // out[n, :] = table[ids[n] - vocab_start, :], zeros for ids outside the table's `rows` (a tensor-parallel
 // vocabulary shard). VEC = 8 copies 16 bytes per access (hidden % 8 == 0).
 template <int VEC>
 __global__ void embed_gather(const __half* __restrict__ table, const long long* __restrict__ ids,
                              __half* __restrict__ out, int hidden, long long vocab_start, long long rows) {
-  pdl_enter();
+  lserve::pdl_enter();
   const long long row = blockIdx.x;
   const long long id = ids[row] - vocab_start;
   const bool inside = id >= 0 && id < rows;
@@ -34,7 +33,7 @@ template <bool HAS_RES>
 __global__ void add_rmsnorm(const __half* __restrict__ x, const float* res_in, float* res_out,
                             const __half* __restrict__ w, __half* __restrict__ out, int hidden, float eps) {
   __shared__ float scratch[32];
-  pdl_enter();
+  lserve::pdl_enter();
   const long long off = (long long)blockIdx.x * hidden;
   float ss = 0.f;
   for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
@@ -104,7 +103,7 @@ __global__ void rope_write_kv(const __half* __restrict__ qkv, const long long* _
                               const __half* __restrict__ sin_t, __half* __restrict__ q_out,
                               void* __restrict__ k_cache, void* __restrict__ v_cache, __half* __restrict__ k_scale,
                               __half* __restrict__ v_scale, int hq, int hkv, int head_dim, int page_size) {
-  pdl_enter();
+  lserve::pdl_enter();
   const long long row = blockIdx.x;
   const int half_d = head_dim / 2, nheads = hq + 2 * hkv;
   const long long pos = positions[row], slot = slots[row];
@@ -166,7 +165,7 @@ __global__ void rope_write_kv_sparse(const __half* __restrict__ qkv, const long 
                                      const int* __restrict__ head_slot, __half* __restrict__ kmax,
                                      __half* __restrict__ kmin, int hq, int hkv, int nd, int ns, int head_dim,
                                      int page_size, int sub, int n_rows) {
-  pdl_enter();
+  lserve::pdl_enter();
   const int row = blockIdx.x;
   const int half_d = head_dim / 2, nheads = hq + 2 * hkv;
   const long long pos = positions[row], dslot = slots[row], sslot = slots[n_rows + row];
@@ -247,7 +246,7 @@ __global__ void rope_write_kv_sparse(const __half* __restrict__ qkv, const long 
 // out[n, i] = silu(gu[n, i]) * gu[n, inter + i]; flat grid over N * inter / VEC (VEC = 8 when inter % 8 == 0).
 template <int VEC>
 __global__ void silu_mul(const __half* __restrict__ gu, __half* __restrict__ out, int inter, long long total) {
-  pdl_enter();
+  lserve::pdl_enter();
   const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= total) return;
   const long long e = t * VEC, n = e / inter, i = e - n * inter;
@@ -291,7 +290,7 @@ __global__ void gemv_rows(const __half* __restrict__ x, const __half* __restrict
     for (int c = lane; c < min(kc, 4 * 32); c += 32)  // the row's first 2 KiB into L2 while the previous kernel ends
       lserve::prefetch_l2(wr[i] + c);
   }
-  pdl_enter();
+  lserve::pdl_enter();
   if (m >= M) return;
   float acc[W][N];
 #pragma unroll
