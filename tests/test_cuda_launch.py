@@ -96,3 +96,20 @@ def test_pdl_setting(monkeypatch):
     monkeypatch.setenv("LSERVE_PDL", "yes")
     with pytest.raises(ValueError, match="LSERVE_PDL must be auto, 0 or 1"):
         cuda_launch.pdl_setting("90")
+
+
+def test_pdl_max_rows(monkeypatch):
+    monkeypatch.delenv("LSERVE_PDL_MAX_ROWS", raising=False)
+    assert cuda_launch.pdl_max_rows() >= 1 << 20
+    monkeypatch.setenv("LSERVE_PDL_MAX_ROWS", "8")
+    assert cuda_launch.pdl_max_rows() == 8
+    monkeypatch.setenv("LSERVE_PDL_MAX_ROWS", "-1")
+    with pytest.raises(ValueError, match="LSERVE_PDL_MAX_ROWS must be a positive integer"):
+        cuda_launch.pdl_max_rows()
+
+
+def test_programmatic_scope_restores():
+    assert cuda_launch._allowed.get()
+    with cuda_launch.programmatic(False):
+        assert not cuda_launch._allowed.get()
+    assert cuda_launch._allowed.get()

@@ -64,5 +64,7 @@ def test_captured_chain_with_pdl_equals_eager(weights: str):
             graph.launch(stream=stream)
             got, got_tok = out.get(stream=stream), tok.get(stream=stream)
             ref, ref_tok = chain(cp.asarray(x))
-            assert np.array_equal(got, ref.get(stream=stream)), "PDL graph replay differs from the eager chain"
+            assert np.array_equal(got, ref.get(stream=stream)), (
+                "PDL graph replay differs from the eager chain"
+            )
             assert np.array_equal(got_tok, ref_tok.get(stream=stream))

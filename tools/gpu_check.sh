@@ -78,10 +78,19 @@ for s in $steps; do case $s in
              step llama_${q}_pdl$p 200 env LSERVE_PDL=$p python3 tools/bench_e2e.py --skip smollm2 --skip splits \
                  $( [ $q = fp16 ] || echo --quantize $q ) --llama-contexts 4096 --out "$OUT/llama_${q}_pdl$p.json"
            done; done ;;
-  pdl_smol) # SmolLM2 (the GGUF) batch-1 / batch-64 decode with PDL off and on (each with and without the overlapped step)
-           for p in 0 1; do
-             step smol_pdl$p 200 env LSERVE_PDL=$p LSERVE_SMOLLM2_GGUF=${LSERVE_SMOLLM2_GGUF:-/tmp/smollm2.gguf} \
-                 python3 tools/bench_e2e.py --skip llama --skip splits --out "$OUT/smol_pdl$p.json"
+  fuse)    # the fused decode kernels (gate_up GEMV + SiLU-and-multiply): harness rows, GPU tests, then Llama-3-8B-shaped
+           # batch-1 decode at 4k per weight format, fused (default) and not (LSERVE_CUDA_FUSE_SILU=0)
+           step fuse_kernels 200 python3 -m lserve_lite.cli kernels test gate_up_silu quant_gate_up_silu linear quant_gemv --json "$OUT/fuse_kernels.json"
+           step fuse_tests 300 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_gpu_pdl.py \
+               tests/test_gpu_ops.py::test_forward_matches_cpu_and_graphs_match_eager tests/test_gpu_quant.py -k "not smollm2"
+           for q in ${FUSE_WEIGHTS:-fp16 int8 int4}; do for f in 1 0; do
+             step llama_${q}_fuse$f 200 env LSERVE_CUDA_FUSE_SILU=$f python3 tools/bench_e2e.py --skip smollm2 --skip smollm2-lserve \
+                 --skip splits $( [ $q = fp16 ] || echo --quantize $q ) --llama-contexts 4096 --out "$OUT/llama_${q}_fuse$f.json"
+           done; done ;;
+  pdl_smol) # SmolLM2 (the GGUF) batch-1 / batch-64 decode with PDL off, on in every graph, on in graphs of <= 8 rows
+           for p in 0 1 8; do
+             step smol_pdl$p 200 env LSERVE_PDL=$( [ $p = 0 ] && echo 0 || echo 1 ) $( [ $p = 8 ] && echo LSERVE_PDL_MAX_ROWS=8 ) \
+                 LSERVE_SMOLLM2_GGUF=${LSERVE_SMOLLM2_GGUF:-/tmp/smollm2.gguf} python3 tools/bench_e2e.py --skip llama --skip splits --out "$OUT/smol_pdl$p.json"
            done ;;
   tp)      # tensor parallelism: world 1 through NCCL on any GPU count; world 2 and the figures with 2+ GPUs
            step tp 400 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_gpu_tp.py
