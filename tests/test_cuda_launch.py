@@ -97,19 +97,26 @@ def test_pdl_setting(monkeypatch):
     with pytest.raises(ValueError, match="LSERVE_PDL must be auto, 0 or 1"):
         cuda_launch.pdl_setting("90")
 
-
-def test_pdl_max_rows(monkeypatch):
-    monkeypatch.delenv("LSERVE_PDL_MAX_ROWS", raising=False)
-    assert cuda_launch.pdl_max_rows() >= 1 << 20
-    monkeypatch.setenv("LSERVE_PDL_MAX_ROWS", "8")
-    assert cuda_launch.pdl_max_rows() == 8
-    monkeypatch.setenv("LSERVE_PDL_MAX_ROWS", "-1")
-    with pytest.raises(ValueError, match="LSERVE_PDL_MAX_ROWS must be a positive integer"):
-        cuda_launch.pdl_max_rows()
-
-
-def test_programmatic_scope_restores():
-    assert cuda_launch._allowed.get()
     with cuda_launch.programmatic(False):
         assert not cuda_launch._allowed.get()
     assert cuda_launch._allowed.get()
+
+
+def test_kernel_forwards_the_attributes_the_launchers_use():
+    """Launchers read num_regs and set the shared-memory attributes: those must reach CuPy's kernel, not
+    land on the wrapper (found: a carveout set on the wrapper did nothing)."""
+
+    class Raw:
+        num_regs, max_dynamic_shared_size_bytes, preferred_shared_memory_carveout = 40, 0, -1
+
+    raw = Raw()
+    k = cuda_launch.Kernel(raw, "k", pdl=False)
+    k.max_dynamic_shared_size_bytes = 1000
+    k.preferred_shared_memory_carveout = 100
+    assert (raw.max_dynamic_shared_size_bytes, raw.preferred_shared_memory_carveout, k.num_regs) == (
+        1000,
+        100,
+        40,
+    )
+    with pytest.raises(AttributeError):
+        k.not_an_attribute = 1

@@ -87,10 +87,10 @@ for s in $steps; do case $s in
              step llama_${q}_fuse$f 200 env LSERVE_CUDA_FUSE_SILU=$f python3 tools/bench_e2e.py --skip smollm2 --skip smollm2-lserve \
                  --skip splits $( [ $q = fp16 ] || echo --quantize $q ) --llama-contexts 4096 --out "$OUT/llama_${q}_fuse$f.json"
            done; done ;;
-  pdl_smol) # SmolLM2 (the GGUF) batch-1 / batch-64 decode with PDL off, on in every graph, on in graphs of <= 8 rows
-           for p in 0 1 8; do
-             step smol_pdl$p 200 env LSERVE_PDL=$( [ $p = 0 ] && echo 0 || echo 1 ) $( [ $p = 8 ] && echo LSERVE_PDL_MAX_ROWS=8 ) \
-                 LSERVE_SMOLLM2_GGUF=${LSERVE_SMOLLM2_GGUF:-/tmp/smollm2.gguf} python3 tools/bench_e2e.py --skip llama --skip splits --out "$OUT/smol_pdl$p.json"
+  pdl_smol) # SmolLM2 (the GGUF): batch-1 / batch-64 decode and the replay per batch size, PDL off and on
+           for p in 0 1; do
+             step smol_pdl$p 200 env LSERVE_PDL=$p LSERVE_SMOLLM2_GGUF=${LSERVE_SMOLLM2_GGUF:-/tmp/smollm2.gguf} \
+                 python3 tools/bench_e2e.py --skip llama --skip splits --out "$OUT/smol_pdl$p.json"
            done ;;
   tp)      # tensor parallelism: world 1 through NCCL on any GPU count; world 2 and the figures with 2+ GPUs
            step tp 400 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_gpu_tp.py

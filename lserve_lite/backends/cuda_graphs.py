@@ -29,7 +29,6 @@ import numpy as np
 from ..sparse.plan import BatchLayout, build_plan
 from .base import Array, EagerExecutor, Forward, KVCache, StepInputs
 from .cuda_attention import CudaPlan
-from .cuda_launch import pdl_max_rows, programmatic
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -177,7 +176,7 @@ class GraphExecutor:
         def fwd():
             return self.forward(io[0], io[1], slots, plan, self.cache, self._hc, rows)
 
-        with cp.cuda.using_allocator(self.pool.malloc), self.stream, programmatic(size <= pdl_max_rows()):
+        with cp.cuda.using_allocator(self.pool.malloc), self.stream:
             fwd()  # warm-up: compiles kernels, picks cuBLAS algorithms, fills the pool
             self.stream.synchronize()
             self.stream.begin_capture()

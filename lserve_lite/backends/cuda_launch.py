@@ -15,18 +15,14 @@ against its eager twin is the test of the overlap (tests/test_gpu_graphs*.py com
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import ctypes
 import functools
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
-_allowed = contextvars.ContextVar("lserve_pdl_allowed", default=True)
 
 
 class LaunchAttribute(ctypes.Structure):
@@ -117,26 +113,11 @@ def pdl_setting(compute_capability: str) -> bool:
     return setting == "1" or (setting == "auto" and int(compute_capability) >= 90)
 
 
-def pdl_max_rows() -> int:
-    """The largest captured batch whose graph uses PDL ($LSERVE_PDL_MAX_ROWS; default: every size)."""
-    v = os.environ.get("LSERVE_PDL_MAX_ROWS", "")
-    if v and not (v.isdigit() and int(v) > 0):
-        raise ValueError(f"LSERVE_PDL_MAX_ROWS must be a positive integer, got {v!r}")
-    return int(v) if v else 1 << 30
-
-
-@contextlib.contextmanager
-def programmatic(allowed: bool) -> Iterator[None]:
-    """Within this block, captured launches use PDL only if `allowed` (GraphExecutor: per captured size)."""
-    token = _allowed.set(allowed)
-    try:
-        yield
-    finally:
-        _allowed.reset(token)
-
-
 class Kernel:
-    """A kernel of ours, called as CuPy's RawKernel is: `kernel(grid, block, args, shared_mem=0)`."""
+    """A kernel of ours, called as CuPy's RawKernel is: `kernel(grid, block, args, shared_mem=0)`; the CuPy
+    attributes our launchers use are forwarded (slots: any other assignment fails instead of doing nothing)."""
+
+    __slots__ = ("raw", "name", "pdl")
 
     def __init__(self, raw: Any, name: str, pdl: bool):
         self.raw, self.name, self.pdl = raw, name, pdl
@@ -149,8 +130,20 @@ class Kernel:
     def max_dynamic_shared_size_bytes(self, nbytes: int) -> None:
         self.raw.max_dynamic_shared_size_bytes = nbytes
 
+    @property
+    def preferred_shared_memory_carveout(self) -> int:
+        return self.raw.preferred_shared_memory_carveout
+
+    @preferred_shared_memory_carveout.setter
+    def preferred_shared_memory_carveout(self, percent: int) -> None:
+        self.raw.preferred_shared_memory_carveout = percent
+
+    @property
+    def num_regs(self) -> int:
+        return self.raw.num_regs
+
     def __call__(self, grid, block, args: tuple, shared_mem: int = 0) -> None:
-        if self.pdl and _allowed.get():
+        if self.pdl:
             import cupy as cp
 
             stream = cp.cuda.get_current_stream()
