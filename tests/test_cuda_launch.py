@@ -97,10 +97,6 @@ def test_pdl_setting(monkeypatch):
     with pytest.raises(ValueError, match="LSERVE_PDL must be auto, 0 or 1"):
         cuda_launch.pdl_setting("90")
 
-    with cuda_launch.programmatic(False):
-        assert not cuda_launch._allowed.get()
-    assert cuda_launch._allowed.get()
-
 
 def test_kernel_forwards_the_attributes_the_launchers_use():
     """Launchers read num_regs and set the shared-memory attributes: those must reach CuPy's kernel, not
