@@ -321,8 +321,8 @@ class EngineConfig:
     quantize: str | None = None  # "int8" / "int4": quantize a float model's projection matrices at load
     tensor_parallel: int | None = None  # ranks in worker processes (1 too); None: one in-process runner
     kv_dtype: str = "auto"  # KV-cache format (kv/quant.py); "auto": the backend's float type
-    # plan decode step N+1 while the device runs N (where Ops.async_steps); off by default until it has run on a GPU
-    async_scheduling: bool = False
+    # plan decode step N+1 while the device runs N (where Ops.async_steps: the CUDA backend)
+    async_scheduling: bool = True
 
     def __post_init__(self):
         """Absurd limits are refused here, before they can hang the scheduler or size an allocation."""

@@ -94,9 +94,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="recompute every prompt instead of reusing cached KV pages of equal prefixes",
     )
     p.add_argument(
-        "--async-scheduling",
-        action="store_true",
-        help="plan each decode step while the GPU runs the previous one (not yet run on a GPU)",
+        "--no-async-scheduling",
+        dest="async_scheduling",
+        action="store_false",
+        help="plan each decode step only after the previous one's tokens are back (the GPU's default overlaps them)",
     )
     for name, (typ, text) in _SPARSE_KNOBS.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=text)
@@ -114,6 +115,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         page_size=sparse.page_size,
         sparse=sparse,
         prefix_caching=getattr(args, "prefix_caching", True),
-        async_scheduling=getattr(args, "async_scheduling", False),
+        async_scheduling=getattr(args, "async_scheduling", True),
         tensor_parallel=args.tensor_parallel,
     )

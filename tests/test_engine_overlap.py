@@ -169,3 +169,17 @@ def test_off_switch_and_synchronous_backends_never_overlap(tiny_llama):
     for eng in (engine(tiny_llama, False), LLMEngine(str(tiny_llama), "cpu", EngineConfig(page_size=16))):
         eng.ops.sample_async = never
         drive(eng, reqs)
+
+
+def test_overlap_is_the_default_and_the_cli_turns_it_off():
+    """On by default (the CUDA backend overlaps; the CPU's steps compute before they return, so it never does);
+    `--no-async-scheduling` gives the synchronous engine."""
+    import argparse
+
+    from lserve_lite.engine_args import add_engine_args, engine_config_from_args
+
+    assert EngineConfig().async_scheduling
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    assert engine_config_from_args(p.parse_args([])).async_scheduling
+    assert not engine_config_from_args(p.parse_args(["--no-async-scheduling"])).async_scheduling
