@@ -215,6 +215,81 @@ def test_decode_cuda_graph_replays_new_plans():
             check(cp.asnumpy(out[: len(ctx)]).astype(np.float32), ref)
 
 
+REPEAT_CASES = {
+    # name: (ctx_lens, hq, hkv, d, page_size); a spare query block of capacity (its CTAs exit) in each plan
+    "d128_g4": ([1, 700, 5000], 16, 4, 128, 64),
+    "d64_g20_two_head_tiles": ([900, 33], 40, 2, 64, 32),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [None, 1, 5])
+@pytest.mark.parametrize("kv", ["fp16", "int8/v1", "int8/v2", "int4/v2"])
+@pytest.mark.parametrize("name", list(REPEAT_CASES))
+def test_decode_repeats_and_graph_replays_identically(name, kv, splits):
+    """Decode is one launch: the last CTA of each (query block, KV head, head tile) group merges the group's
+    partials and zeroes its ticket counter. The same plan run three times, then captured once and replayed twice,
+    writes bit-identical outputs into NaN-poisoned buffers and leaves every counter at zero; splits from the
+    default (> 1), 1 (the only CTA merges its own partials) and 5."""
+    import cupy as cp
+
+    from lserve_lite.backends import cuda_attention as CA
+    from lserve_lite.kv.quant import FORMATS, quantize
+
+    fmt_name, _, impl = kv.partition("/")
+    rng = np.random.default_rng(zlib.crc32(f"{name}/{kv}/{splits}".encode()))
+    ctx, hq, hkv, d, ps = REPEAT_CASES[name]
+    q, k, v, plan, hc, ref = make_case(rng, [1] * len(ctx), [c - 1 for c in ctx], hq, hkv, d, ps)
+    quant = {}
+    if fmt_name != "fp16":
+        fmt = FORMATS[fmt_name]
+        kq, ksc = quantize(k.astype(np.float32), fmt.keys(), np.float16)
+        vq, vsc = quantize(v.astype(np.float32), fmt, np.float16)
+        ref = paged_attention_ref(q.astype(np.float32), kq, vq, plan, hc, ksc, vsc, fmt)
+        k, v = kq, vq
+        quant = dict(kv=fmt_name, scales=(cp.asarray(ksc), cp.asarray(vsc), None, None))
+    cplan = CA.CudaPlan(max_qblocks=len(ctx) + 1, max_pages=int(plan.kv_page.shape[0]) + 8)
+    qd, kd, vd, hcd = cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(hc)
+    out = cp.empty((q.shape[0], hq * d), np.float16)
+    cp.cuda.Device().synchronize()  # made on the null stream; everything below runs on `stream`
+    saved = CA.KVQ_DECODE
+    CA.KVQ_DECODE = impl or saved
+    try:
+        stream = cp.cuda.Stream(non_blocking=True)
+        outs = []
+        with stream:
+            cplan.update(plan)
+
+            def attend():
+                CA.paged_attention(qd, kd, vd, cplan, hcd, out=out, decode=True, num_splits=splits, **quant)
+
+            for _ in range(3):
+                out.fill(np.nan)
+                attend()
+                stream.synchronize()
+                outs.append(cp.asnumpy(out))
+            stream.begin_capture()
+            attend()
+            graph = stream.end_capture()
+            for _ in range(2):
+                out.fill(np.nan)
+                graph.launch(stream)
+                stream.synchronize()
+                outs.append(cp.asnumpy(out))
+            counters = cp.asnumpy(cplan._workspace["decode_counters"])
+    finally:
+        CA.KVQ_DECODE = saved
+    if fmt_name == "fp16":
+        check(outs[0].astype(np.float32), ref)
+    else:
+        assert not np.isnan(outs[0]).any()
+        np.testing.assert_allclose(outs[0].astype(np.float32), ref, atol=4e-3, rtol=2e-2)
+    for i, o in enumerate(outs[1:], 1):
+        np.testing.assert_array_equal(o, outs[0], err_msg=f"run {i} ({'graph replay' if i > 2 else 'eager'})")
+    assert counters.size >= (len(ctx) + 1) * hkv * -(-(hq // hkv) // 16)
+    assert not counters.any(), "a launch left a ticket counter non-zero"
+
+
 @pytest.mark.gpu
 def test_cuda_available_for_gpu_tests():
     assert cuda_available()

@@ -194,3 +194,50 @@ def test_fp16_conversion_refuses_overflow():
         to_fp16(np.array([1.0, 7e4], np.float32), "model.layers.3.mlp.down_proj.weight")
     with pytest.raises(ModelLoadError):
         to_fp16(np.array([np.nan], np.float32), "w")
+
+
+def test_decode_launch_smem_covers_the_merge():
+    """Decode is one launch: the last CTA of each group merges the partials in the kernel's own shared memory
+    (merge_smem_floats in attention_decode.cu: SW weights, then 2 + D floats per warp of 128 threads). At the
+    default split counts (at most one CTA per resident slot of an SM count up to 148) the kernel's ring is the
+    larger need, so the launch asks for what it did before the merge moved in (the same occupancy)."""
+    from lserve_lite.backends import cuda_attention as att
+
+    assert att._decode_merge_smem(128, 64) == (64 + 2 * 4 + 4 * 128) * 4
+    assert att._decode_merge_smem(64, 4) == (4 + 8 + 256) * 4
+    smem_per_sm = 228 * 1024
+    kernels = [
+        (d, att._decode_smem(d, att.DECODE_STAGES[d], kv)) for d in att.HEAD_DIMS for kv in att.KV_TRAITS
+    ]
+    kernels += [
+        (d, att._decode_v2_smem(d, att.DECODE_V2_STAGES[kv], kv))
+        for d in att.HEAD_DIMS
+        for kv in att.KV_TRAITS
+        if kv != "fp16"
+    ]
+    for d, smem in kernels:
+        per_sm = max(1, min(16, smem_per_sm // (smem + 1024)))
+        for sms in (108, 132, 148):
+            assert att.decode_launch_smem(smem, d, sms * per_sm) == smem, (d, smem, sms)
+    # Only an enormous num_splits makes the merge the larger need; the launch then asks for the merge's.
+    assert att.decode_launch_smem(1024, 128, 4096) == att._decode_merge_smem(128, 4096 * 4) > 1024
+
+
+def test_decode_counters_workspace():
+    """One zero-initialized int32 ticket per (query block, KV head, head tile), from the plan's grow-only
+    workspace (stable for CUDA Graph replays)."""
+    from lserve_lite.backends import cuda_attention as att
+
+    class Plan:
+        max_qblocks = 6
+
+        def __init__(self):
+            self.calls = []
+
+        def workspace(self, name, size, dtype, zeroed=False):
+            self.calls.append((name, size, np.dtype(dtype), zeroed))
+            return np.zeros(size, dtype)
+
+    plan = Plan()
+    assert att.decode_counters(plan, 8, 2).shape == (6 * 8 * 2,)
+    assert plan.calls == [("decode_counters", 96, np.dtype(np.int32), True)]
