@@ -9,17 +9,14 @@
 // group (rows of an m16 tile; more heads -> more head tiles in gridDim.z) over its range with
 // mma.sync m16n8k16, streaming its units through its own STAGES-deep cp.async ring in shared memory
 // (no CTA barriers in the loop), and writes the normalized partial output and its base-2 log-sum-exp.
-// One launch, no combine kernel: after writing its partials a CTA takes a ticket on its (query block, KV head,
-// head tile) group's counter, and the group's last CTA merges the group's SW partials of each of its query
-// heads into the fp16 output (decode_merge_tail, merge_partials) and zeroes the counter again.
+// `paged_attn_decode_combine` merges the SW partials of each (query block, head) into the fp16 output.
 //
 // Quantized caches (KV = lskv::Int8 / Int4 / Fp8): a unit travels as stored (values + fp16 scales, through
 // the same ring) and the warp dequantizes it into an fp16 K and V tile just before its mma steps.
 //
 // CUDA Graphs: the grid is sized from the plan's capacity; counts (query blocks, pages per list) are read
 // from the device plan, so one captured graph replays for any plan of up to that many query blocks.
-// CTAs past the live query blocks exit (their groups' counters untouched); warps with an empty range write
-// O = 0 and lse = -inf (weight 0 in the merge).
+// CTAs past the live query blocks exit; warps with an empty range write O = 0 and lse = -inf.
 #include "attention_common.cuh"
 
 namespace lsattn {
@@ -599,45 +596,25 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
   }
 }
 
-// ---- the merge: the last CTA of each (query block, KV head, head tile) group ------------------------------
-// Each CTA writes its warps' partials, then takes a ticket (one atomicAdd on the group's counter); the CTA that
-// draws the last one (gridDim.x - 1: every split of the group has written) merges the group's partials into the
-// fp16 output and resets the counter: decode is one launch, no combine kernel. The ordering is CUDA's
-// threadFenceReduction pattern: every thread fences its partial stores (__threadfence) before the barrier that
-// precedes the ticket; the last CTA fences again after drawing it, and reads the partials through L2 (__ldcg;
-// never the read-only / non-coherent path, whose lines could be stale).
-// Counters: int32 [cap_qb * gridDim.z], zero before the launch; each launch leaves them all zero again (the last
-// CTA of a group resets its counter once every split has drawn; groups of query blocks past meta[0] never touch
-// theirs), so the one array of a plan serves every layer and every CUDA Graph replay: kernels on one stream never
-// overlap (under PDL each kernel's pdl_enter() waits for the one before it to complete before any of this).
-
-// Shared-memory floats merge_partials needs: [SW] weights | [NW] partial maxima | [NW] weight sums | [NW][D]
-// sums (NW = THREADS / 32); the launcher's _decode_merge_smem computes the same in bytes.
-__host__ __device__ constexpr int merge_smem_floats(int SW, int threads, int D) {
-  return SW + 2 * (threads / 32) + (threads / 32) * D;
-}
-
-// Merge the SW partials of (query block qb, query head h) into out row tok (fp16) with the CTA's THREADS threads
-// (all of them call it: it has barriers; `scratch`: merge_smem_floats(SW, THREADS, D) floats of shared memory).
-// The weights are exp2(lse_s - max lse): splits with an empty range (O = 0, lse = -inf) weigh 0, and a head whose
-// every split is empty (max = -inf) gets 0. Warps take interleaved splits; a lane owns 4 consecutive dims
-// (float4 loads, D / 4 lanes busy; D <= 128). Ends with a barrier, so it may be called again at once.
-// Not inlined: inlined into the decode kernels it raised their register counts (ptxas, sm_90: the D = 64 kernels
-// from 96 to 120-128, which would cost the v1 int4 D = 64 kernel a CTA per SM); called, it runs in the last CTA
-// of each group only.
-template <int THREADS>
-__device__ __noinline__ void merge_partials(const float* part_o, const float* part_lse, f16_t* out, int qb,
-                                               int h, int tok, int Hq, int SW, int D, float* scratch) {
-  constexpr int NW = THREADS / 32;
-  float* w_s = scratch;
-  float* red = scratch + SW;
+// Merge the SW partials of (query block blockIdx.x, query head blockIdx.y) into the fp16 output.
+// Warps take interleaved splits; a lane owns 4 consecutive dims (float4 loads, D / 4 lanes busy).
+// Every split slot was written by the decode kernel (empty ranges: O = 0, lse = -inf -> weight 0).
+constexpr int CB_THREADS = 256;
+__device__ __forceinline__ void combine_body(const float* __restrict__ part_o, const float* __restrict__ part_lse,
+                                             f16_t* __restrict__ out, const int* meta, const int* qb_start,
+                                             int Hq, int SW, int D) {
+  constexpr int NW = CB_THREADS / 32;
+  extern __shared__ float cb_s[];  // [SW] weights | [NW] partial max | [NW] weight sums | [NW][D] sums
+  float* w_s = cb_s;
+  float* red = cb_s + SW;
   float* wsum_s = red + NW;
   float* acc_s = wsum_s + NW;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int qb = blockIdx.x, h = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (qb >= meta[0]) return;
   const size_t slot0 = ((size_t)qb * Hq + h) * SW;
   float mx = LSERVE_NEG_INF;
-  for (int s = tid; s < SW; s += THREADS) {
-    const float l = __ldcg(part_lse + slot0 + s);
+  for (int s = tid; s < SW; s += CB_THREADS) {
+    const float l = part_lse[slot0 + s];
     w_s[s] = l;
     mx = fmaxf(mx, l);
   }
@@ -657,7 +634,7 @@ __device__ __noinline__ void merge_partials(const float* part_o, const float* pa
     const float w = fast_exp2(w_s[s] - m_use);
     wsum += w;
     if (active) {
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(part_o + (slot0 + s) * D + lane * 4));
+      const float4 v = *reinterpret_cast<const float4*>(part_o + (slot0 + s) * D + lane * 4);
       acc.x = fmaf(w, v.x, acc.x);
       acc.y = fmaf(w, v.y, acc.y);
       acc.z = fmaf(w, v.z, acc.z);
@@ -667,65 +644,32 @@ __device__ __noinline__ void merge_partials(const float* part_o, const float* pa
   if (active) *reinterpret_cast<float4*>(acc_s + warp * D + lane * 4) = acc;
   if (lane == 0) wsum_s[warp] = wsum;
   __syncthreads();
-  for (int c = tid; c < D; c += THREADS) {
+  if (tid < D) {
     float a = 0.f, ws = 0.f;
 #pragma unroll
     for (int i = 0; i < NW; ++i) {
-      a += acc_s[i * D + c];
+      a += acc_s[i * D + tid];
       ws += wsum_s[i];
     }
-    out[((size_t)tok * Hq + h) * D + c] = float_to_half(ws > 0.f ? a / ws : 0.f);
+    out[((size_t)qb_start[qb] * Hq + h) * D + tid] = float_to_half(ws > 0.f ? a / ws : 0.f);
   }
-  __syncthreads();  // scratch is free again
-}
-
-// The end of every decode CTA (after decode_body / decode_body_v2 wrote its partials): the ticket, and in the
-// group's last CTA the merge of every query head the group computed (head tile blockIdx.z % n_htiles of KV head
-// blockIdx.z / n_htiles). splits == 1: the only CTA draws ticket 0 == gridDim.x - 1 and merges its own partials.
-// The merge reuses the CTA's dynamic shared memory (the launcher sizes it to the larger of the two needs).
-template <int D>
-__device__ __forceinline__ void decode_merge_tail(const float* part_o, const float* part_lse, f16_t* out,
-                                                  int* counters, const PlanView pv, int Hq, int Hkv,
-                                                  int n_htiles) {
-  extern __shared__ __align__(128) unsigned char smem[];
-  const int qb = blockIdx.y;
-  if (qb >= pv.meta[0]) return;  // the whole group exits (decode_body returned early too): counter untouched
-  __threadfence();               // this thread's partial stores, visible device-wide before the ticket
-  __syncthreads();               // every thread fenced, every warp done with its ring (smem is free)
-  int* const counter = counters + (size_t)qb * gridDim.z + blockIdx.z;
-  const bool last = __syncthreads_or(threadIdx.x == 0 && atomicAdd(counter, 1) == (int)gridDim.x - 1);
-  if (!last) return;
-  __threadfence();  // the other splits' partials are read after their tickets
-  if (threadIdx.x == 0) *counter = 0;  // every split has drawn: zero for the next launch
-  const int kvh = blockIdx.z / n_htiles, ht = blockIdx.z % n_htiles;
-  const int group = Hq / Hkv;
-  const int nh = min(16, group - ht * 16);
-  const int head0 = kvh * group + ht * 16;
-  const int tok = pv.qb_start[qb];
-  const int SW = gridDim.x * DC_WARPS;
-  float* const scratch = reinterpret_cast<float*>(smem);
-  for (int r = 0; r < nh; ++r)
-    merge_partials<DC_THREADS>(part_o, part_lse, out, qb, head0 + r, tok, Hq, SW, D, scratch);
 }
 
 }  // namespace lsattn
 
 // One extern "C" entry point per (head dim, ring depth, KV format); the fp16 names carry no format suffix.
-// k0/v0/k1/v1: the pools' values; sk0/sv0/sk1/sv1: their fp16 scales (null for fp16). part_o / part_lse: the
-// split partials (scratch); out: fp16 [tokens, Hq * D], written by each group's last CTA; counters: the tickets.
+// k0/v0/k1/v1: the pools' values; sk0/sv0/sk1/sv1: their fp16 scales (null for fp16).
 #define LSERVE_DECODE_KERNEL(D, STAGES, KV, SUFFIX)                                                        \
   extern "C" __global__ void __launch_bounds__(lsattn::DC_THREADS) paged_attn_decode_d##D##_s##STAGES##SUFFIX( \
       const f16_t* q, const unsigned char* k0, const unsigned char* v0, const unsigned char* k1,          \
       const unsigned char* v1, const f16_t* sk0, const f16_t* sv0, const f16_t* sk1, const f16_t* sv1,     \
-      float* part_o, float* part_lse, f16_t* out, int* counters, const int* plan, int cap_qb, int cap_seq, \
-      const int* head_class, const int* head_slot, int n0, int n1, const int* sel_idx, const int* sel_cnt, \
-      int sel_cap, int Hq, int Hkv, int ps_shift, int n_htiles, float scale_log2) {                        \
+      float* part_o, float* part_lse, const int* plan, int cap_qb, int cap_seq, const int* head_class,     \
+      const int* head_slot, int n0, int n1, const int* sel_idx, const int* sel_cnt, int sel_cap, int Hq,   \
+      int Hkv, int ps_shift, int n_htiles, float scale_log2) {                                             \
     lserve::pdl_enter();                                                                                   \
     const lsattn::KVPools pools{k0, v0, k1, v1, sk0, sv0, sk1, sv1, head_class, head_slot, n0, n1};        \
-    const lsattn::PlanView pv = lsattn::plan_view(plan, cap_qb, cap_seq);                                  \
-    lsattn::decode_body<D, STAGES, KV>(q, pools, part_o, part_lse, pv, sel_idx, sel_cnt, sel_cap, Hq, Hkv,  \
-                                       ps_shift, n_htiles, scale_log2);                                    \
-    lsattn::decode_merge_tail<D>(part_o, part_lse, out, counters, pv, Hq, Hkv, n_htiles);                  \
+    lsattn::decode_body<D, STAGES, KV>(q, pools, part_o, part_lse, lsattn::plan_view(plan, cap_qb, cap_seq), \
+                                       sel_idx, sel_cnt, sel_cap, Hq, Hkv, ps_shift, n_htiles, scale_log2); \
   }
 
 // Ring depth (units per warp; STAGES - 1 in flight while one is computed): the launcher's DECODE_STAGES
@@ -750,15 +694,13 @@ constexpr int DC_V2_MIN_CTAS = 3;
       paged_attn_decode_v2_d##D##_s##STAGES##SUFFIX(                                                       \
           const f16_t* q, const unsigned char* k0, const unsigned char* v0, const unsigned char* k1,      \
           const unsigned char* v1, const f16_t* sk0, const f16_t* sv0, const f16_t* sk1, const f16_t* sv1, \
-          float* part_o, float* part_lse, f16_t* out, int* counters, const int* plan, int cap_qb,          \
-          int cap_seq, const int* head_class, const int* head_slot, int n0, int n1, const int* sel_idx,    \
-          const int* sel_cnt, int sel_cap, int Hq, int Hkv, int ps_shift, int n_htiles, float scale_log2) { \
+          float* part_o, float* part_lse, const int* plan, int cap_qb, int cap_seq, const int* head_class, \
+          const int* head_slot, int n0, int n1, const int* sel_idx, const int* sel_cnt, int sel_cap, int Hq, \
+          int Hkv, int ps_shift, int n_htiles, float scale_log2) {                                         \
     lserve::pdl_enter();                                                                                   \
     const lsattn::KVPools pools{k0, v0, k1, v1, sk0, sv0, sk1, sv1, head_class, head_slot, n0, n1};        \
-    const lsattn::PlanView pv = lsattn::plan_view(plan, cap_qb, cap_seq);                                  \
-    lsattn::decode_body_v2<D, STAGES, KV>(q, pools, part_o, part_lse, pv, sel_idx, sel_cnt, sel_cap, Hq,    \
-                                          Hkv, ps_shift, n_htiles, scale_log2);                            \
-    lsattn::decode_merge_tail<D>(part_o, part_lse, out, counters, pv, Hq, Hkv, n_htiles);                  \
+    lsattn::decode_body_v2<D, STAGES, KV>(q, pools, part_o, part_lse, lsattn::plan_view(plan, cap_qb, cap_seq), \
+                                          sel_idx, sel_cnt, sel_cap, Hq, Hkv, ps_shift, n_htiles, scale_log2); \
   }
 LSERVE_DECODE_V2_KERNEL(64, 4, lskv::Int8, _int8)
 LSERVE_DECODE_V2_KERNEL(128, 4, lskv::Int8, _int8)
@@ -766,3 +708,9 @@ LSERVE_DECODE_V2_KERNEL(64, 6, lskv::Int4, _int4)  // int4 units are small: a de
 LSERVE_DECODE_V2_KERNEL(128, 6, lskv::Int4, _int4)
 LSERVE_DECODE_V2_KERNEL(64, 4, lskv::Fp8, _fp8)
 LSERVE_DECODE_V2_KERNEL(128, 4, lskv::Fp8, _fp8)
+
+extern "C" __global__ void __launch_bounds__(lsattn::CB_THREADS) paged_attn_decode_combine(const float* part_o, const float* part_lse, f16_t* out,
+                                                     const int* meta, const int* qb_start, int Hq, int SW, int D) {
+  lserve::pdl_enter();
+  lsattn::combine_body(part_o, part_lse, out, meta, qb_start, Hq, SW, D);
+}

@@ -6,8 +6,7 @@ kernels/attention_decode.cu. The references they are tested against: backends/re
   CUDA Graph replays for any plan of the same capacity (the kernels read every count from the buffers).
 - `paged_attention(q, k_cache, v_cache, plan, head_class)`: fp16 q [N, Hq, D], fp16 caches
   [pages, Hkv, page_size, D] -> fp16 [N, Hq * D]; fp32 softmax and accumulation. Prefill (flash attention
-  on tensor cores over the listed pages only) or decode (flash-decoding in one launch: split-KV partials, and
-  the last CTA of each (query block, KV head, head tile) group merges the group's partials into the output).
+  on tensor cores over the listed pages only) or decode (flash-decoding: split-KV partials + combine).
   Quantized caches (int8 / int4 / fp8 values with fp16 scales, kv/quant.py) run the same kernels
   instantiated for their format (kernels/kv_quant.cuh), dequantizing in shared memory; decode by default
   dequantizes in registers straight into the mma fragments, with its own split count (`KVQ_DECODE = "v2"`;
@@ -38,6 +37,7 @@ HEAD_DIMS = (64, 128)
 # KV format -> the kernels' template argument (kernels/kv_quant.cuh); fp16 kernel names carry no suffix.
 KV_TRAITS = {"fp16": "lskv::Half", "int8": "lskv::Int8", "int4": "lskv::Int4", "fp8": "lskv::Fp8"}
 _THREADS = 128
+_COMBINE_THREADS = 256
 _META = 8  # nqb, num_tokens, sink, local, group_reduce, then spare (PLAN_META in attention_common.cuh)
 GROUP_REDUCE_CODE = {"max": 0, "mass": 1}  # plan meta[4], read by the selector kernels
 _QB_FIELDS = (
@@ -127,30 +127,6 @@ def _decode_v2_smem(d: int, stages: int, kv: str) -> int:
     return (_THREADS // 32) * stages * 16 * FORMATS[kv].kv_bytes(d, 2)
 
 
-def _decode_merge_smem(d: int, sw: int) -> int:
-    """Shared-memory bytes of the decode kernels' merge (merge_smem_floats in attention_decode.cu, _THREADS
-    threads): sw weights, two floats and a d-wide row of sums per warp."""
-    nw = _THREADS // 32
-    return (sw + 2 * nw + nw * d) * 4
-
-
-def decode_launch_smem(kernel_smem: int, d: int, splits: int) -> int:
-    """Dynamic shared memory of a decode launch: the merge (the last CTA of each group) reuses the kernel's
-    buffers, so the larger of the two. At the default split counts (`decode_splits`: at most one CTA per resident
-    slot) the kernel's own need is the larger one, so the merge leaves occupancy as it was; only a very large
-    `num_splits` could make the merge's the larger."""
-    return max(kernel_smem, _decode_merge_smem(d, splits * (_THREADS // 32)))
-
-
-def decode_counters(plan: CudaPlan, hkv: int, head_tiles: int):
-    """The decode kernels' tickets: int32 [max_qblocks * hkv * head_tiles], one per (query block, KV head, head
-    tile) group. Zeroed once when allocated; every launch leaves them all zero (the last CTA of a group resets its
-    counter), and kernels on one stream never overlap (under PDL each waits in pdl_enter() for the one before it),
-    so the one array of a plan serves every layer, the decode part of mixed steps (its own CudaPlan), and every
-    replay of a captured CUDA Graph (a workspace only grows: its pointer is stable once the warm-up made it)."""
-    return plan.workspace("decode_counters", plan.max_qblocks * hkv * head_tiles, np.int32, zeroed=True)
-
-
 def _decode_v2_name(d: int, kv: str) -> str:
     return f"paged_attn_decode_v2_d{d}_s{DECODE_V2_STAGES[kv]}_{kv}"
 
@@ -171,7 +147,7 @@ def launcher_kernels(source: str) -> tuple[str, ...]:
         )
     names = tuple(f"paged_attn_decode_d{d}_s{st}{s}" for d, st in DECODE_STAGES.items() for s in kvs)
     v2 = tuple(_decode_v2_name(d, kv) for d in DECODE_STAGES for kv in KV_TRAITS if kv != "fp16")
-    return (*names, *v2)
+    return (*names, *v2, "paged_attn_decode_combine")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -321,7 +297,6 @@ class _Kernels:
         self.cc = cp.cuda.Device().compute_capability
         self._prefill_sm90 = None
         self._fns: dict = {}
-        self._smem: dict = {}  # name -> the dynamic shared memory the function was allowed
 
     @property
     def prefill_sm90(self):
@@ -331,13 +306,12 @@ class _Kernels:
         return self._prefill_sm90
 
     def get(self, module, name: str, smem: int):
-        """Function `name` of `module`, allowed at least `smem` bytes of dynamic shared memory."""
         fn = self._fns.get(name)
         if fn is None:
-            fn = self._fns[name] = module.get_function(name)
-        if smem > max(48 * 1024, self._smem.get(name, 0)):
-            fn.max_dynamic_shared_size_bytes = smem
-            self._smem[name] = smem
+            fn = module.get_function(name)
+            if smem > 48 * 1024:
+                fn.max_dynamic_shared_size_bytes = smem
+            self._fns[name] = fn
         return fn
 
 
@@ -495,20 +469,16 @@ def paged_attention(
             )
         per_sm = None
         if impl == "v2":
-            name = _decode_v2_name(d, kv)
             smem = _decode_v2_smem(d, DECODE_V2_STAGES[kv], kv)
-            per_sm = _ctas_per_sm(_v2_kernel(k, name, smem), smem)
+            fn = _v2_kernel(k, _decode_v2_name(d, kv), smem)
+            per_sm = _ctas_per_sm(fn, smem)
         else:
-            name = f"paged_attn_decode_d{d}_s{DECODE_STAGES[d]}{_suffix(kv)}"
             smem = _decode_smem(d, DECODE_STAGES[d], kv)
-        # Occupancy (the split count) from the kernel's own shared memory; the launch covers the merge's too.
+            fn = k.get(k.decode, f"paged_attn_decode_d{d}_s{DECODE_STAGES[d]}{_suffix(kv)}", smem)
         splits = int(num_splits) if num_splits else decode_splits(plan, hkv, head_tiles, d, per_sm)
         sw = splits * (_THREADS // 32)
-        smem = decode_launch_smem(smem, d, splits)
-        fn = k.get(k.decode, name, smem)
         part_o = plan.workspace("part_o", plan.max_qblocks * hq * sw * d, np.float32)
         part_lse = plan.workspace("part_lse", plan.max_qblocks * hq * sw, np.float32)
-        counters = decode_counters(plan, hkv, head_tiles)
         if sel_idx is None:
             sel = (np.uint64(0), np.uint64(0), np.int32(0))  # null pointers: no selection
         else:
@@ -516,10 +486,17 @@ def paged_attention(
         fn(
             (splits, plan.max_qblocks, hkv * head_tiles),
             (_THREADS,),
-            (q, *pools, part_o, part_lse, out, counters, *_plan_args(plan), *pool_args, *sel, np.int32(hq),
-             np.int32(hkv), ps_shift, np.int32(head_tiles), scale_log2),
+            (q, *pools, part_o, part_lse, *_plan_args(plan), *pool_args, *sel, np.int32(hq), np.int32(hkv),
+             ps_shift, np.int32(head_tiles), scale_log2),
             shared_mem=smem,
         )  # fmt: skip
+        comb = k.get(k.decode, "paged_attn_decode_combine", 0)
+        comb(
+            (plan.max_qblocks, hq),
+            (_COMBINE_THREADS,),
+            (part_o, part_lse, out, plan.meta, plan.qb_start, np.int32(hq), np.int32(sw), np.int32(d)),
+            shared_mem=(sw + 2 * (_COMBINE_THREADS // 32) * (1 + d // 2)) * 4,
+        )
         return out
     # Prefill: BM = 64 * mt rows per CTA, packing `heads_per_cta` heads of `rows_per_head` rows each.
     qlen = plan.max_qb_len
