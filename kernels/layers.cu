@@ -2,7 +2,6 @@
 // References: lserve_lite/backends/reference/layers.py (embed_ref, rmsnorm_ref, rope_write_kv_ref, silu_mul_ref).
 // Launchers: lserve_lite/backends/cuda.py (CudaOps). All kernels: one block per token row unless noted.
 #include "block_reduce.cuh"
-#include "gemv_epilogue.cuh"
 #include "kv_quant.cuh"
 #include "pdl.cuh"
 
@@ -274,19 +273,15 @@ __global__ void silu_mul(const __half* __restrict__ gu, __half* __restrict__ out
 // Small-batch linear for decode: y[n, m] = sum_k x[n, k] w[m, k] for N <= 8 rows, fp32 accumulation.
 // One warp per output feature m (blockDim.x / 32 of them per block), 16-byte loads of w (read once) and of x
 // (N * K halves, L1/L2-resident); needs K % 8 == 0. cuBLAS handles every other shape (CudaOps.gemm).
-// EPI (kernels/gemv_epilogue.cuh), TOut = __half for all but EPI_STORE:
-// EPI_SILU: w is the row-fused gate/up matrix [2M, K] and y[n, m] = silu(g) * u with g, u the float32 dot
-// products of rows m and M + m (silu_mul's epilogue on them, without the fp16 round trip of [N, 2M]);
+// SILU (TOut = __half): w is the row-fused gate/up matrix [2M, K] and y[n, m] = silu(g) * u with g, u the float32
+// dot products of rows m and M + m (silu_mul's epilogue on them, without the fp16 round trip of [N, 2M]);
 // reference: silu_mul_ref(x @ w^T) (CudaOps.gate_up_silu).
-// EPI_ADD_NORM: nrm.res[n, m] += fp16(dot), then y = RMSNorm(nrm.res) * nrm.w by the last block to finish
-// (lserve::add_rmsnorm_last_block); reference: add_rmsnorm(x @ w^T, res) (CudaOps.linear_add_rmsnorm).
-template <int N, typename TOut, Epi EPI = EPI_STORE>
+template <int N, typename TOut, bool SILU = false>
 __global__ void gemv_rows(const __half* __restrict__ x, const __half* __restrict__ w, TOut* __restrict__ y, int M,
-                          int K, float* nrm_res, const __half* __restrict__ nrm_w, int* nrm_counter,
-                          float nrm_eps) {
+                          int K) {
   const int lane = threadIdx.x & 31;
   const int m = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  constexpr int W = EPI == EPI_SILU ? 2 : 1;  // rows of w per warp: m (and its up row M + m)
+  constexpr int W = SILU ? 2 : 1;  // rows of w per warp: m (and its up row M + m)
   const uint4* wr[W];
   const int kc = K / 8;
 #pragma unroll
@@ -296,56 +291,50 @@ __global__ void gemv_rows(const __half* __restrict__ x, const __half* __restrict
       lserve::prefetch_l2(wr[i] + c);
   }
   lserve::pdl_enter();
-  if (EPI != EPI_ADD_NORM && m >= M) return;  // ADD_NORM: every thread reaches the block barriers below
-  if (m < M) {
-    float acc[W][N];
+  if (m >= M) return;
+  float acc[W][N];
 #pragma unroll
-    for (int i = 0; i < W; ++i)
+  for (int i = 0; i < W; ++i)
 #pragma unroll
-      for (int n = 0; n < N; ++n) acc[i][n] = 0.f;
+    for (int n = 0; n < N; ++n) acc[i][n] = 0.f;
 #pragma unroll 4
-    for (int c = lane; c < kc; c += 32) {
-      uint4 wv[W];
+  for (int c = lane; c < kc; c += 32) {
+    uint4 wv[W];
 #pragma unroll
-      for (int i = 0; i < W; ++i) wv[i] = __ldg(wr[i] + c);
+    for (int i = 0; i < W; ++i) wv[i] = __ldg(wr[i] + c);
 #pragma unroll
-      for (int n = 0; n < N; ++n) {
-        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + (long long)n * K) + c);
-        const __half2* xh = reinterpret_cast<const __half2*>(&xv);
+    for (int n = 0; n < N; ++n) {
+      const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + (long long)n * K) + c);
+      const __half2* xh = reinterpret_cast<const __half2*>(&xv);
 #pragma unroll
-        for (int i = 0; i < W; ++i) {
-          const __half2* wh = reinterpret_cast<const __half2*>(&wv[i]);
+      for (int i = 0; i < W; ++i) {
+        const __half2* wh = reinterpret_cast<const __half2*>(&wv[i]);
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const float2 wf = __half22float2(wh[j]), xf = __half22float2(xh[j]);
-            acc[i][n] = fmaf(wf.x, xf.x, fmaf(wf.y, xf.y, acc[i][n]));
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < W; ++i)
-#pragma unroll
-      for (int n = 0; n < N; ++n) {
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) acc[i][n] += __shfl_xor_sync(0xffffffffu, acc[i][n], o);
-      }
-    if (lane == 0) {
-#pragma unroll
-      for (int n = 0; n < N; ++n) {
-        if constexpr (EPI == EPI_SILU) {
-          const float g = acc[0][n];
-          y[(long long)n * M + m] = __float2half(g / (1.0f + expf(-g)) * acc[W - 1][n]);
-        } else if constexpr (EPI == EPI_ADD_NORM) {
-          nrm_res[(long long)n * M + m] += __half2float(__float2half(acc[0][n]));
-        } else {
-          y[(long long)n * M + m] = (TOut)acc[0][n];
+        for (int j = 0; j < 4; ++j) {
+          const float2 wf = __half22float2(wh[j]), xf = __half22float2(xh[j]);
+          acc[i][n] = fmaf(wf.x, xf.x, fmaf(wf.y, xf.y, acc[i][n]));
         }
       }
     }
   }
-  if constexpr (EPI == EPI_ADD_NORM)
-    lserve::add_rmsnorm_last_block({nrm_res, nrm_w, nrm_counter, nrm_eps}, (__half*)y, M, N, M);
+#pragma unroll
+  for (int i = 0; i < W; ++i)
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc[i][n] += __shfl_xor_sync(0xffffffffu, acc[i][n], o);
+    }
+  if (lane == 0) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      if constexpr (SILU) {
+        const float g = acc[0][n];
+        y[(long long)n * M + m] = __float2half(g / (1.0f + expf(-g)) * acc[W - 1][n]);
+      } else {
+        y[(long long)n * M + m] = (TOut)acc[0][n];
+      }
+    }
+  }
 }
 
 template __global__ void embed_gather<1>(const __half*, const long long*, __half*, int, long long, long long);
@@ -354,35 +343,27 @@ template __global__ void add_rmsnorm<false>(const __half*, const float*, float*,
 template __global__ void add_rmsnorm<true>(const __half*, const float*, float*, const __half*, __half*, int, float);
 template __global__ void silu_mul<1>(const __half*, __half*, int, long long);
 template __global__ void silu_mul<8>(const __half*, __half*, int, long long);
-template __global__ void gemv_rows<1, __half>(const __half*, const __half*, __half*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<2, __half>(const __half*, const __half*, __half*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<3, __half>(const __half*, const __half*, __half*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<4, __half>(const __half*, const __half*, __half*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<5, __half>(const __half*, const __half*, __half*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<6, __half>(const __half*, const __half*, __half*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<7, __half>(const __half*, const __half*, __half*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<8, __half>(const __half*, const __half*, __half*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<1, float>(const __half*, const __half*, float*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<2, float>(const __half*, const __half*, float*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<3, float>(const __half*, const __half*, float*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<4, float>(const __half*, const __half*, float*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<5, float>(const __half*, const __half*, float*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<6, float>(const __half*, const __half*, float*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<7, float>(const __half*, const __half*, float*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<8, float>(const __half*, const __half*, float*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<1, __half, EPI_SILU>(const __half*, const __half*, __half*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<2, __half, EPI_SILU>(const __half*, const __half*, __half*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<3, __half, EPI_SILU>(const __half*, const __half*, __half*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<4, __half, EPI_SILU>(const __half*, const __half*, __half*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<5, __half, EPI_SILU>(const __half*, const __half*, __half*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<6, __half, EPI_SILU>(const __half*, const __half*, __half*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<7, __half, EPI_SILU>(const __half*, const __half*, __half*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<8, __half, EPI_SILU>(const __half*, const __half*, __half*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<1, __half, EPI_ADD_NORM>(const __half*, const __half*, __half*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<2, __half, EPI_ADD_NORM>(const __half*, const __half*, __half*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<3, __half, EPI_ADD_NORM>(const __half*, const __half*, __half*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<4, __half, EPI_ADD_NORM>(const __half*, const __half*, __half*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<5, __half, EPI_ADD_NORM>(const __half*, const __half*, __half*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<6, __half, EPI_ADD_NORM>(const __half*, const __half*, __half*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<7, __half, EPI_ADD_NORM>(const __half*, const __half*, __half*, int, int, float*, const __half*, int*, float);
-template __global__ void gemv_rows<8, __half, EPI_ADD_NORM>(const __half*, const __half*, __half*, int, int, float*, const __half*, int*, float);
+template __global__ void gemv_rows<1, __half>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<2, __half>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<3, __half>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<4, __half>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<5, __half>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<6, __half>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<7, __half>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<8, __half>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<1, float>(const __half*, const __half*, float*, int, int);
+template __global__ void gemv_rows<2, float>(const __half*, const __half*, float*, int, int);
+template __global__ void gemv_rows<3, float>(const __half*, const __half*, float*, int, int);
+template __global__ void gemv_rows<4, float>(const __half*, const __half*, float*, int, int);
+template __global__ void gemv_rows<5, float>(const __half*, const __half*, float*, int, int);
+template __global__ void gemv_rows<6, float>(const __half*, const __half*, float*, int, int);
+template __global__ void gemv_rows<7, float>(const __half*, const __half*, float*, int, int);
+template __global__ void gemv_rows<8, float>(const __half*, const __half*, float*, int, int);
+template __global__ void gemv_rows<1, __half, true>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<2, __half, true>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<3, __half, true>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<4, __half, true>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<5, __half, true>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<6, __half, true>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<7, __half, true>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<8, __half, true>(const __half*, const __half*, __half*, int, int);

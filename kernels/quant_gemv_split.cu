@@ -18,7 +18,6 @@
 
 #include <cuda_fp16.h>
 
-#include "gemv_epilogue.cuh"
 #include "pdl.cuh"
 
 typedef unsigned char u8;
@@ -147,20 +146,14 @@ __device__ __forceinline__ void load_chunks(const u8* __restrict__ q, const __ha
 
 // y[r * ldy + m] = sum_k x[r, k] W[m, k] for r < n <= NMAX, R rows of W per warp, x in P int8 passes.
 // Dynamic shared memory: P * n * K bytes of xq + P * n * K / 32 float2 of xs. K % 32 == 0.
-// EPI (kernels/gemv_epilogue.cuh; TOut = __half and P = 1 for all but EPI_STORE):
-// EPI_SILU (R even): W is the row-fused gate/up matrix [2M, K], a warp's R rows are R/2 gate rows and their up
-// rows (acc_row), and y[r * ldy + m] = silu(g) * u on the float32 sums, each with int8's per-channel scale
-// applied first (CudaOps.gate_up_silu; reference: silu_mul_ref(x @ W^T)).
-// EPI_ADD_NORM: nrm_res[r * ldy + m] += fp16(sum), then y = RMSNorm(nrm_res) * nrm_w by the last block to
-// finish (lserve::add_rmsnorm_last_block; CudaOps.linear_add_rmsnorm; reference: add_rmsnorm(x @ W^T, res)).
-template <typename F, int R, int NMAX, int P, typename TOut, Epi EPI = EPI_STORE>
+// SILU (R even, TOut = __half, P = 1): W is the row-fused gate/up matrix [2M, K], a warp's R rows are R/2 gate
+// rows and their up rows (acc_row), and y[r * ldy + m] = silu(g) * u on the float32 sums, each with int8's
+// per-channel scale applied first (CudaOps.gate_up_silu; reference: silu_mul_ref(x @ W^T)).
+template <typename F, int R, int NMAX, int P, typename TOut, bool SILU = false>
 __global__ void __launch_bounds__(SWARPS * 32)
     quant_gemv_split(const u8* __restrict__ q, const __half* __restrict__ d, const __half* __restrict__ mn,
-                     const __half* __restrict__ x, int n, TOut* __restrict__ y, int ldy, int M, int K,
-                     float* nrm_res, const __half* __restrict__ nrm_w, int* nrm_counter, float nrm_eps) {
-  constexpr bool SILU = EPI == EPI_SILU;
+                     const __half* __restrict__ x, int n, TOut* __restrict__ y, int ldy, int M, int K) {
   static_assert(!SILU || R % 2 == 0, "SILU pairs gate and up rows in a warp");
-  static_assert(EPI == EPI_STORE || P == 1, "the fused epilogues take one int8 pass of x");
   constexpr int U = (8 / R) / (F::BITS / 4) > 0 ? (8 / R) / (F::BITS / 4) : 1;  // ~8 16-byte loads a lane
   extern __shared__ int4 smem[];
   int* xq = reinterpret_cast<int*>(smem);
@@ -175,76 +168,67 @@ __global__ void __launch_bounds__(SWARPS * 32)
   lserve::pdl_enter();  // and while the kernel that writes x ends
   quantize_x<P>(x, n, K, xq, xs);
   __syncthreads();
-  if (EPI != EPI_ADD_NORM && m0 >= M) return;  // ADD_NORM: every thread reaches the block barriers below
-  if (m0 < M) {
-    float acc[R][NMAX];
+  if (m0 >= M) return;
+  float acc[R][NMAX];
 #pragma unroll
-    for (int i = 0; i < R; ++i)
+  for (int i = 0; i < R; ++i)
 #pragma unroll
-      for (int r = 0; r < NMAX; ++r) acc[i][r] = 0.f;
-    for (int c0 = lane; c0 < nc; c0 += 32 * U) {
-      if (c0 != lane) load_chunks<F, R, U, SILU>(q, d, mn, c0, nc, ng, qrow, m0, M, w, dd, mm);
+    for (int r = 0; r < NMAX; ++r) acc[i][r] = 0.f;
+  for (int c0 = lane; c0 < nc; c0 += 32 * U) {
+    if (c0 != lane) load_chunks<F, R, U, SILU>(q, d, mn, c0, nc, ng, qrow, m0, M, w, dd, mm);
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int c = c0 + 32 * u;
-        if (c < nc) {
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + 32 * u;
+      if (c < nc) {
 #pragma unroll
-          for (int r = 0; r < NMAX; ++r) {
-            if (r < n) {
+        for (int r = 0; r < NMAX; ++r) {
+          if (r < n) {
 #pragma unroll
-              for (int p = 0; p < P; ++p) {
-                const int* xw = xq + ((p * n + r) * nc + c) * 8;
-                const float2 sx = xs[(p * n + r) * nc + c];
+            for (int p = 0; p < P; ++p) {
+              const int* xw = xq + ((p * n + r) * nc + c) * 8;
+              const float2 sx = xs[(p * n + r) * nc + c];
 #pragma unroll
-                for (int i = 0; i < R; ++i) {
-                  const int dot = chunk_dot<F>(w[u][i], xw) - F::Z * (int)sx.y;
-                  float t = dd[u][i] * (float)dot;
-                  if (F::MIN) t = fmaf(mm[u][i], sx.y, t);
-                  acc[i][r] = fmaf(sx.x, t, acc[i][r]);
-                }
+              for (int i = 0; i < R; ++i) {
+                const int dot = chunk_dot<F>(w[u][i], xw) - F::Z * (int)sx.y;
+                float t = dd[u][i] * (float)dot;
+                if (F::MIN) t = fmaf(mm[u][i], sx.y, t);
+                acc[i][r] = fmaf(sx.x, t, acc[i][r]);
               }
             }
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < R; ++i)
-#pragma unroll
-      for (int r = 0; r < NMAX; ++r)
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) acc[i][r] += __shfl_xor_sync(0xffffffffu, acc[i][r], o);
-    if (lane == 0) {
-#pragma unroll
-      for (int i = 0; i < (SILU ? R / 2 : R); ++i) {
-        const int m = m0 + i;
-        if (m < M) {
-          const float rs = F::CPG ? 1.f : __half2float(d[m]);  // int8's per-channel scale, applied once
-          if constexpr (SILU) {
-            const float ru = F::CPG ? 1.f : __half2float(d[M + m]);  // the up row's
-#pragma unroll
-            for (int r = 0; r < NMAX; ++r) {
-              if (r < n) {
-                const float g = rs * acc[i][r];
-                y[(long long)r * ldy + m] = __float2half(g / (1.0f + expf(-g)) * (ru * acc[i + R / 2][r]));
-              }
-            }
-          } else {
-#pragma unroll
-            for (int r = 0; r < NMAX; ++r)
-              if (r < n) {
-                if constexpr (EPI == EPI_ADD_NORM)
-                  nrm_res[(long long)r * ldy + m] += __half2float(__float2half(rs * acc[i][r]));
-                else
-                  y[(long long)r * ldy + m] = (TOut)(rs * acc[i][r]);
-              }
           }
         }
       }
     }
   }
-  if constexpr (EPI == EPI_ADD_NORM)
-    lserve::add_rmsnorm_last_block({nrm_res, nrm_w, nrm_counter, nrm_eps}, (__half*)y, ldy, n, M);
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int r = 0; r < NMAX; ++r)
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc[i][r] += __shfl_xor_sync(0xffffffffu, acc[i][r], o);
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < (SILU ? R / 2 : R); ++i) {
+      const int m = m0 + i;
+      if (m < M) {
+        const float rs = F::CPG ? 1.f : __half2float(d[m]);  // int8's per-channel scale, applied once
+        if constexpr (SILU) {
+          const float ru = F::CPG ? 1.f : __half2float(d[M + m]);  // the up row's
+#pragma unroll
+          for (int r = 0; r < NMAX; ++r) {
+            if (r < n) {
+              const float g = rs * acc[i][r];
+              y[(long long)r * ldy + m] = __float2half(g / (1.0f + expf(-g)) * (ru * acc[i + R / 2][r]));
+            }
+          }
+        } else {
+#pragma unroll
+          for (int r = 0; r < NMAX; ++r)
+            if (r < n) y[(long long)r * ldy + m] = (TOut)(rs * acc[i][r]);
+        }
+      }
+    }
+  }
 }
 
 // out[j, :] = W's row (rows ? rows[j] : r0 + j) as fp16, for j < nrows; one thread per 8 values (a 16-byte

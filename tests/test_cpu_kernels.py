@@ -125,34 +125,6 @@ def test_gate_up_silu_is_silu_mul_of_linear(n, fmt):
     assert np.array_equal(got, ops.silu_mul(ops.linear(x, ops.upload(w))))
 
 
-@pytest.mark.parametrize("n", [1, 3, 8, 20])
-@pytest.mark.parametrize("fmt", ["f32", "int4", "q4_1+f32"])
-def test_linear_add_rmsnorm_is_add_rmsnorm_of_linear(n, fmt):
-    """CpuOps.linear_add_rmsnorm composes linear and add_rmsnorm (nothing fused on the CPU): bit-identical h and
-    residual, for float, quantized and row-stacked weights, decode and prefill rows; the input residual is left
-    as it was (the CPU's add_rmsnorm returns a new one)."""
-    from lserve_lite.harness.quant import random_quant
-    from lserve_lite.weights.qtensor import RowStack
-    from lserve_lite.weights.quantize import quantize_int4
-
-    ops = C.CpuOps()
-    k, hidden = 256, 37
-    w = RNG.standard_normal((hidden, k), dtype=np.float32) / 16
-    if fmt == "int4":
-        w = quantize_int4(w)
-    elif fmt == "q4_1+f32":
-        w = RowStack((random_quant("q4_1", 20, k, RNG), w[20:]))
-    x = RNG.standard_normal((n, k), dtype=np.float32)
-    res = RNG.standard_normal((n, hidden), dtype=np.float32)
-    ln = (1 + 0.3 * RNG.standard_normal(hidden)).astype(np.float32)
-    saved = res.copy()
-    h, r = ops.linear_add_rmsnorm(x, ops.upload(w), res, ln, 1e-5)
-    assert h.shape == r.shape == (n, hidden) and h.dtype == r.dtype == np.float32
-    assert np.array_equal(res, saved)
-    want_h, want_r = ops.add_rmsnorm(ops.linear(x, ops.upload(w)), res, ln, 1e-5)
-    assert np.array_equal(h, want_h) and np.array_equal(r, want_r)
-
-
 def test_split_runner_results_do_not_depend_on_threads():
     ops = C.CpuOps()
     ops.split = C.SplitRunner(parts=2, first=1 << 30)

@@ -12,20 +12,12 @@
 // and of gemv_rows in kernels/layers.cu (its text, cut out by quant_host_check.py into gemv_rows.inc: the rest
 // of layers.cu has inline PTX), W fp16:
 //   quant_host_emu grows - n M K W X Y                  y[n, M] (float) = x W^T through gemv_rows<n, float>
-//   quant_host_emu gsilu - n M K W X Y                  y[n, M] (fp16) through gemv_rows<n, __half, EPI_SILU>
-// and the residual add + RMSNorm epilogue (EPI_ADD_NORM) of both, RES [n, M] float32, NW [M] fp16 the norm weight:
-//   quant_host_emu snorm FMT n M K R EPS Q D MN X RES NW H RO   h (fp16), residual out (float32) of
-//                                                      quant_gemv_split<.., R, .., 1, __half, EPI_ADD_NORM>
-//   quant_host_emu gnorm - n M K EPS W X RES NW H RO    the same through gemv_rows<n, __half, EPI_ADD_NORM>
-// each run twice, blocks in ascending then descending order (another block draws the last ticket) on the same
-// inputs: the second run must give the same bits and both must leave the ticket counter at 0 (exit status 4).
+//   quant_host_emu gsilu - n M K W X Y                  y[n, M] (fp16) through gemv_rows<n, __half, true>
 #include <cuda_fp16.h>
 #include <pthread.h>
 
 #include <cstdio>
 #include <cstdlib>
-#include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <cmath>
 #include <string>
@@ -37,7 +29,7 @@ struct Dim3 {
   unsigned x, y, z;
 };
 thread_local Dim3 emu_thread, emu_block;
-Dim3 emu_block_dim, emu_grid_dim;
+Dim3 emu_block_dim;
 pthread_barrier_t emu_warp_bar[32];
 float emu_shfl[1024];
 static void emu_syncwarp() { pthread_barrier_wait(&emu_warp_bar[emu_thread.x >> 5]); }
@@ -74,7 +66,6 @@ static float emu_uint_as_float(unsigned u) {
 #define threadIdx emu_thread
 #define blockIdx emu_block
 #define blockDim emu_block_dim
-#define gridDim emu_grid_dim
 #define __syncwarp() emu_syncwarp()
 #define __shfl_xor_sync(mask, v, o) emu_shfl_xor(v, o)
 #define __ldg(p) (*(p))
@@ -93,12 +84,6 @@ static int emu_dp4a(int a, int b, int c) {
 }
 #define __dp4a emu_dp4a
 #define __float2int_rn(f) ((int)nearbyintf(f))
-// gemv_epilogue.cuh (included here first, while __shared__ is `static`: its shared variables are one per block, and
-// blocks run one at a time): the last-block ticket with host atomics and fences, L2 loads as plain loads.
-#define __threadfence() std::atomic_thread_fence(std::memory_order_seq_cst)
-#define atomicAdd(p, v) __atomic_fetch_add((p), (v), __ATOMIC_SEQ_CST)
-#define __ldcg(p) (*(p))
-#include "gemv_epilogue.cuh"
 #undef __shared__
 #define __shared__
 #include "quant_gemv_split.cu"
@@ -190,7 +175,7 @@ static void gemv_split(int n, int M, int K, int ldy, char** a) {
       threads.emplace_back([=, &y] {
         emu_thread = {(unsigned)t, 0, 0};
         emu_block = {(unsigned)b, 0, 0};
-        quant_gemv_split<S, R, NMAX, P, float>(q, d, mn, x, n, y.data(), ldy, M, K, nullptr, nullptr, nullptr, 0.f);
+        quant_gemv_split<S, R, NMAX, P, float>(q, d, mn, x, n, y.data(), ldy, M, K);
       });
     for (auto& t : threads) t.join();
   }
@@ -231,8 +216,7 @@ static void gemv_split_silu(int n, int M, int K, int ldy, char** a) {
       threads.emplace_back([=, &y] {
         emu_thread = {(unsigned)t, 0, 0};
         emu_block = {(unsigned)b, 0, 0};
-        quant_gemv_split<S, R, NMAX, 1, __half, EPI_SILU>(q, d, mn, x, n, y.data(), ldy, M, K, nullptr, nullptr,
-                                                          nullptr, 0.f);
+        quant_gemv_split<S, R, NMAX, 1, __half, true>(q, d, mn, x, n, y.data(), ldy, M, K);
       });
     for (auto& t : threads) t.join();
   }
@@ -262,117 +246,9 @@ static void dequant_split(int M, int K, int n, char** a) {
   fclose(f);
 }
 
-// One launch of `kernel` over `blocks` blocks of `threads` threads, blocks one at a time in ascending order or
-// (reverse) descending; the grid size visible to the kernel as gridDim.
-template <typename Fn>
-static void launch_blocks(int blocks, int threads, bool reverse, Fn kernel) {
-  for (int i = 0; i < threads / 32; ++i) pthread_barrier_init(&emu_warp_bar[i], nullptr, 32);
-  pthread_barrier_init(&emu_block_bar, nullptr, threads);
-  emu_block_dim = {(unsigned)threads, 1, 1};
-  emu_grid_dim = {(unsigned)blocks, 1, 1};
-  for (int i = 0; i < blocks; ++i) {
-    const int b = reverse ? blocks - 1 - i : i;
-    std::vector<std::thread> ts;
-    for (int t = 0; t < threads; ++t)
-      ts.emplace_back([=] {
-        emu_thread = {(unsigned)t, 0, 0};
-        emu_block = {(unsigned)b, 0, 0};
-        kernel();
-      });
-    for (auto& t : ts) t.join();
-  }
-}
-
-// An EPI_ADD_NORM launch twice on the same inputs (res0 copied into the residual each time; h NaN-filled):
-// blocks ascending, then descending. Writes h and the residual of the first run to `out[0]`, `out[1]`.
-// Exit status 4 if the counter is not 0 after a run or the runs differ.
-template <typename Launch>
-static void norm_twice(int n, int M, const float* res0, char** out, Launch launch) {
-  std::vector<__half> h[2];
-  std::vector<float> res[2];
-  int counter = 0;
-  for (int run = 0; run < 2; ++run) {
-    h[run].assign((size_t)n * M, __float2half(NAN));
-    res[run].assign(res0, res0 + (size_t)n * M);
-    launch(run == 1, res[run].data(), h[run].data(), &counter);
-    if (counter != 0) {
-      fprintf(stderr, "run %d left the counter at %d\n", run, counter);
-      exit(4);
-    }
-  }
-  if (memcmp(h[0].data(), h[1].data(), h[0].size() * 2) || memcmp(res[0].data(), res[1].data(), res[0].size() * 4)) {
-    fprintf(stderr, "the two runs differ\n");
-    exit(4);
-  }
-  FILE* f = fopen(out[0], "wb");
-  fwrite(h[0].data(), 2, h[0].size(), f);
-  fclose(f);
-  f = fopen(out[1], "wb");
-  fwrite(res[0].data(), 4, res[0].size(), f);
-  fclose(f);
-}
-
-// gemv_rows<N, __half, EPI_ADD_NORM> as CudaOps.linear_add_rmsnorm launches it (blocks of 8 warps).
-template <int N>
-static void rows_norm(int M, int K, float eps, char** a) {
-  const __half* w = read_file<__half>(a[0], (size_t)M * K, 0);
-  const __half* x = read_file<__half>(a[1], (size_t)N * K, 0);
-  const float* res0 = read_file<float>(a[2], (size_t)N * M, 0);
-  const __half* nw = read_file<__half>(a[3], (size_t)M, 0);
-  norm_twice(N, M, res0, a + 4, [&](bool reverse, float* res, __half* h, int* counter) {
-    launch_blocks((M + 7) / 8, 256, reverse, [&] {
-      gemv_rows<N, __half, EPI_ADD_NORM>(x, w, h, M, K, res, nw, counter, eps);
-    });
-  });
-}
-
-static void rows_norm_n(int n, int M, int K, float eps, char** a) {
-  switch (n) {
-    case 1: return rows_norm<1>(M, K, eps, a);
-    case 2: return rows_norm<2>(M, K, eps, a);
-    case 3: return rows_norm<3>(M, K, eps, a);
-    case 4: return rows_norm<4>(M, K, eps, a);
-    case 5: return rows_norm<5>(M, K, eps, a);
-    case 6: return rows_norm<6>(M, K, eps, a);
-    case 7: return rows_norm<7>(M, K, eps, a);
-    default: return rows_norm<8>(M, K, eps, a);
-  }
-}
-
-// quant_gemv_split<S, R, NMAX, 1, __half, EPI_ADD_NORM> as cuda_quant launches it (ldy = M).
-template <typename S, int R, int NMAX>
-static void split_norm(int n, int M, int K, float eps, char** a) {
-  const int groups = S::CPG ? K / (32 * S::CPG) : 1;
-  const u8* q = read_file<u8>(a[0], (size_t)M * K * S::BITS / 8, 16);
-  const __half* d = read_file<__half>(a[1], (size_t)M * groups, 16);
-  const __half* mn = S::MIN ? read_file<__half>(a[2], (size_t)M * groups, 16) : d;
-  const __half* x = read_file<__half>(a[3], (size_t)n * K, 0);
-  const float* res0 = read_file<float>(a[4], (size_t)n * M, 0);
-  const __half* nw = read_file<__half>(a[5], (size_t)M, 0);
-  norm_twice(n, M, res0, a + 6, [&](bool reverse, float* res, __half* h, int* counter) {
-    launch_blocks((M + SWARPS * R - 1) / (SWARPS * R), SWARPS * 32, reverse, [&] {
-      quant_gemv_split<S, R, NMAX, 1, __half, EPI_ADD_NORM>(q, d, mn, x, n, h, M, M, K, res, nw, counter, eps);
-    });
-  });
-}
-
-template <typename S, int R>
-static void split_norm_n(int n, int M, int K, float eps, char** a) {
-  if (n <= 1) return split_norm<S, R, 1>(n, M, K, eps, a);
-  if (n <= 4) return split_norm<S, R, 4>(n, M, K, eps, a);
-  split_norm<S, R, 8>(n, M, K, eps, a);
-}
-
 template <typename S>
 static void run_split(const std::string& mode, char** v) {
   if (mode == "dsplit") return dequant_split<S>(atoi(v[0]), atoi(v[1]), atoi(v[2]), v + 3);
-  if (mode == "snorm") {
-    const int n = atoi(v[0]), M = atoi(v[1]), K = atoi(v[2]), R = atoi(v[3]);
-    const float eps = (float)atof(v[4]);
-    if (R == 1) return split_norm_n<S, 1>(n, M, K, eps, v + 5);
-    if (R == 2) return split_norm_n<S, 2>(n, M, K, eps, v + 5);
-    return split_norm_n<S, 4>(n, M, K, eps, v + 5);
-  }
   if (mode == "ssilu") {
     const int n = atoi(v[0]), M = atoi(v[1]), K = atoi(v[2]), ldy = atoi(v[3]), R = atoi(v[4]);
     if (R == 2) return gemv_split_silu_n<S, 2>(n, M, K, ldy, v + 5);
@@ -384,7 +260,7 @@ static void run_split(const std::string& mode, char** v) {
   gemv_split_p<S, 4>(n, M, K, ldy, P, v + 6);
 }
 
-// gemv_rows<N, TOut, EPI_STORE / EPI_SILU> over blocks of 8 warps, as CudaOps launches it; y without a stride (NaN-filled).
+// gemv_rows<N, TOut, SILU> over blocks of 8 warps, as CudaOps launches it; y without a stride (NaN-filled).
 template <int N, bool SILU>
 static void rows_gemv(int M, int K, char** a) {
   typedef typename std::conditional<SILU, __half, float>::type T;
@@ -399,7 +275,7 @@ static void rows_gemv(int M, int K, char** a) {
       threads.emplace_back([=, &y] {
         emu_thread = {(unsigned)t, 0, 0};
         emu_block = {(unsigned)b, 0, 0};
-        gemv_rows<N, T, SILU ? EPI_SILU : EPI_STORE>(x, w, y.data(), M, K, nullptr, nullptr, nullptr, 0.f);
+        gemv_rows<N, T, SILU>(x, w, y.data(), M, K);
       });
     for (auto& t : threads) t.join();
   }
@@ -434,17 +310,13 @@ int main(int argc, char** argv) {
   if (argc < 4) return 2;
   const std::string mode = argv[1], fmt = argv[2];
   char** v = argv + 3;
-  if (mode == "gnorm") {
-    rows_norm_n(atoi(v[0]), atoi(v[1]), atoi(v[2]), (float)atof(v[3]), v + 4);
-    return 0;
-  }
   if (mode == "grows" || mode == "gsilu") {
     const int n = atoi(v[0]), M = atoi(v[1]), K = atoi(v[2]);
     if (mode == "gsilu") rows_gemv_n<true>(n, M, K, v + 3);
     else rows_gemv_n<false>(n, M, K, v + 3);
     return 0;
   }
-  if (mode == "split" || mode == "dsplit" || mode == "ssilu" || mode == "snorm") {
+  if (mode == "split" || mode == "dsplit" || mode == "ssilu") {
     if (fmt == "q8_0") run_split<SQ8_0>(mode, v);
     else if (fmt == "q4_0") run_split<SQ4_0>(mode, v);
     else if (fmt == "q4_1") run_split<SQ4_1>(mode, v);

@@ -176,14 +176,6 @@ class Ops(Protocol):
         returned it): silu_mul(linear(h, w)), which a backend may run as one kernel (CUDA: decode GEMVs)."""
         ...
 
-    def linear_add_rmsnorm(
-        self, a: Array, w: Array, residual: Array, ln_w: Array, eps: float
-    ) -> tuple[Array, Array]:
-        """add_rmsnorm(linear(a, w), residual, ln_w, eps) -> (h, residual), the residual (float32) updated in
-        place where the backend updates it so; a backend may run it as one kernel (CUDA: decode GEMVs with the
-        norm in their epilogue)."""
-        ...
-
     def rope_write_kv(
         self,
         qkv: Array,

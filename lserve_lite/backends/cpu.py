@@ -134,10 +134,6 @@ class CpuOps:
         """silu_mul(linear(h, w)): the same kernels and numerics as the two calls (nothing fused on the CPU)."""
         return self.silu_mul(self.linear(h, w))
 
-    def linear_add_rmsnorm(self, a, w, residual, ln_w, eps):
-        """add_rmsnorm(linear(a, w), residual, ln_w, eps): the same kernels and numerics as the two calls."""
-        return self.add_rmsnorm(self.linear(a, w), residual, ln_w, eps)
-
     def rope_write_kv(self, qkv, positions, slots, cache, layer, rope):
         """`slots` [N] (dense mode) or [2, N]: dense-pool slots, streaming-pool slots. A quantized cache is
         quantized here, as K/V are written (and LServe's key statistics come from the unquantized keys)."""

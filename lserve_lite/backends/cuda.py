@@ -38,12 +38,9 @@ LAYER_KERNELS = (
     "silu_mul<1>",
     "silu_mul<8>",
     *(f"gemv_rows<{n}, {t}>" for t in ("__half", "float") for n in range(1, 9)),
-    *(f"gemv_rows<{n}, __half, EPI_SILU>" for n in range(1, 9)),  # gate_up GEMV + SiLU-and-multiply (decode)
-    *(f"gemv_rows<{n}, __half, EPI_ADD_NORM>" for n in range(1, 9)),  # o / down GEMV + residual add + RMSNorm
+    *(f"gemv_rows<{n}, __half, true>" for n in range(1, 9)),  # gate_up GEMV + SiLU-and-multiply (decode)
 )
 GEMV_MAX_ROWS = 8
-# the GEMV kernels' EPI_ADD_NORM arguments (residual, norm weight, counter, eps) for the other epilogues
-NO_NORM = (np.uint64(0), np.uint64(0), np.uint64(0), np.float32(0))
 
 
 def to_fp16(a: np.ndarray, name: str | None = None) -> np.ndarray:
@@ -204,14 +201,6 @@ class CudaOps:
         self.small_gemv = os.environ.get("LSERVE_CUDA_GEMV", "1") != "0"
         # SiLU-and-multiply in the decode gate_up GEMV's epilogue (gate_up_silu); LSERVE_CUDA_FUSE_SILU=0: separate.
         self.fuse_silu = os.environ.get("LSERVE_CUDA_FUSE_SILU", "1") != "0"
-        # Residual add + RMSNorm in the decode o / down GEMV's epilogue (linear_add_rmsnorm);
-        # LSERVE_CUDA_FUSE_NORM=0: linear + add_rmsnorm.
-        self.fuse_norm = os.environ.get("LSERVE_CUDA_FUSE_NORM", "1") != "0"
-        # The fused kernels' "last block" ticket counter (kernels/gemv_epilogue.cuh), zero between launches: each
-        # launch's last block resets it, and kernels on one stream never overlap (a PDL launch waits in
-        # pdl_enter() for the previous grid to complete before touching memory), so one counter serves every
-        # launch, CUDA Graph replays included. (Two streams running fused GEMVs at once would need one each.)
-        self.norm_counter = cp.zeros(1, cp.int32)
 
     # -- data movement ------------------------------------------------------------------------
     def upload(self, a, name: str | None = None):
@@ -370,8 +359,7 @@ class CudaOps:
             return out
         if self.gemm_path(n, k) == "gemv":
             t = "__half" if out.dtype == np.float16 else "float"
-            args = (x, w, out, np.int32(m), np.int32(k), *NO_NORM)
-            self.k[f"gemv_rows<{n}, {t}>"]((-(-m // 8),), (256,), args)
+            self.k[f"gemv_rows<{n}, {t}>"]((-(-m // 8),), (256,), (x, w, out, np.int32(m), np.int32(k)))
             return out
         self.blas.gemm_nt(x, w, out)
         return out
@@ -390,38 +378,10 @@ class CudaOps:
         if self.fuse_silu and isinstance(w, DeviceQuant):
             fused = self.quant.gate_up_silu(h, w, out)  # split weights only
         elif self.fuse_silu and not isinstance(w, DeviceRowStack) and self.gemm_path(n, k) == "gemv":
-            args = (h, w, out, np.int32(inter), np.int32(k), *NO_NORM)
-            self.k[f"gemv_rows<{n}, __half, EPI_SILU>"]((-(-inter // 8),), (256,), args)
+            args = (h, w, out, np.int32(inter), np.int32(k))
+            self.k[f"gemv_rows<{n}, __half, true>"]((-(-inter // 8),), (256,), args)
             fused = True
         return out if fused else self.silu_mul(self.linear(h, w), out=out)
-
-    def linear_add_rmsnorm(self, a, w, residual, ln_w, eps, out=None):
-        """add_rmsnorm(linear(a, w), residual, ln_w, eps): (h fp16, residual float32 updated in place). Decode rows
-        (the GEMV paths: gemv_rows for an fp16 w, quant_gemv_split for a split weight) in one kernel whose
-        epilogue adds its outputs, rounded to fp16 as `linear` stores them, into the residual (so the residual
-        is bit-identical to the unfused path's) and normalizes the rows in the block that finishes last
-        (kernels/gemv_epilogue.cuh); otherwise (cuBLAS, the q4_K / q6_K block kernels, a RowStack) `linear` +
-        `add_rmsnorm`. h differs from the unfused path's by the order of the sum of squares only.
-        Reference: reference/layers.rmsnorm_ref(residual + a @ w^T)."""
-        cp = self.cp
-        if residual is None or not self.fuse_norm:
-            return self.add_rmsnorm(self.linear(a, w), residual, ln_w, eps, out=out)
-        a = cp.ascontiguousarray(a)
-        n, k, m = int(a.shape[0]), int(a.shape[1]), int(w.shape[0])
-        fused = False
-        if out is not None and not (out.flags.c_contiguous and out.shape == (n, m)):
-            pass  # the kernels write h with the residual's row stride
-        elif n and isinstance(w, DeviceQuant):
-            res = cp.ascontiguousarray(residual, dtype=cp.float32)
-            out = cp.empty((n, m), cp.float16) if out is None else out
-            fused = self.quant.linear_add_rmsnorm(a, w, res, ln_w, eps, out, self.norm_counter)  # split only
-        elif n and not isinstance(w, DeviceRowStack) and self.gemm_path(n, k) == "gemv":
-            res = cp.ascontiguousarray(residual, dtype=cp.float32)
-            out = cp.empty((n, m), cp.float16) if out is None else out
-            args = (a, w, out, np.int32(m), np.int32(k), res, ln_w, self.norm_counter, np.float32(eps))
-            self.k[f"gemv_rows<{n}, __half, EPI_ADD_NORM>"]((-(-m // 8),), (256,), args)
-            fused = True
-        return (out, res) if fused else self.add_rmsnorm(self.linear(a, w), residual, ln_w, eps, out=out)
 
     def silu_mul(self, gate_up, out=None):
         """Reference: reference/layers.silu_mul_ref."""

@@ -5,8 +5,7 @@ GEMV that reads them and the prefill path, through kernels/quant_gemv_split.cu a
   into the "split" layout (integers, scales and additive terms in separate aligned arrays; lossless) and
   decode through `quant_gemv_split`: int8 activations per 32 values (llama.cpp's scheme, as the CPU backend's
   decode) and dp4a integer dot products, R output rows per warp; a [gate; up] weight's decode may apply
-  SiLU-and-multiply in the same kernel (`gate_up_silu`), and an o / down weight's the residual add + RMSNorm
-  that follows it (`linear_add_rmsnorm`). `LSERVE_QGEMV=v1|v2` keeps their blocks as stored and
+  SiLU-and-multiply in the same kernel (`gate_up_silu`). `LSERVE_QGEMV=v1|v2` keeps their blocks as stored and
   runs the float kernels below instead.
 - q4_k / q6_k (and every format under v1 / v2): `quant_gemv` (v1), one warp per output row streaming the
   packed row through shared memory, or `quant_gemv2` (v2; `auto`: v2 at batch 1 where the H200 measured it
@@ -55,11 +54,6 @@ SPLIT_PASSES = ((1, "__half"), (2, "float"))
 # NMAX of the split kernels (fewer than GEMV_ROWS: each instantiation costs compile time)
 SPLIT_ROWS = (1, 4, 8)
 SMEM_DEFAULT = 48 << 10  # dynamic shared memory a launch gets without opting in
-# static shared memory of the EPI_ADD_NORM epilogue (33 words in gemv_epilogue.cuh, rounded up): its launches
-# may opt in to that much less dynamic shared memory
-NORM_STATIC_SMEM = 1 << 10
-# the EPI_ADD_NORM arguments (residual, norm weight, counter, eps) of the other epilogues: unused
-NO_NORM = (np.uint64(0), np.uint64(0), np.uint64(0), np.float32(0))
 
 
 TILE_BYTES = 64 << 20  # fp16 scratch for the prefill path's dequantized tiles
@@ -116,9 +110,7 @@ def kernel_names(fmt: str, variants: tuple[str, ...] = (*GEMV_VARIANTS, "split")
                 s = SPLIT_FORMATS[fmt].trait
                 names += [f"quant_gemv_split<{s}, {r}, {n}, {p}, {o}>" for r in SPLIT_R for n in SPLIT_ROWS
                           for p, o in SPLIT_PASSES]  # fmt: skip
-                names += [f"quant_gemv_split<{s}, {r}, {n}, 1, __half, EPI_SILU>" for r in SPLIT_SILU_R
-                          for n in SPLIT_ROWS]  # fmt: skip
-                names += [f"quant_gemv_split<{s}, {r}, {n}, 1, __half, EPI_ADD_NORM>" for r in SPLIT_R
+                names += [f"quant_gemv_split<{s}, {r}, {n}, 1, __half, true>" for r in SPLIT_SILU_R
                           for n in SPLIT_ROWS]  # fmt: skip
                 names.append(f"quant_dequant_split<{s}>")
             continue
@@ -216,7 +208,7 @@ class QuantKernels:
         for name, fn in self._kernels(w.fmt, "split").items():
             if name.startswith("quant_gemv_split"):
                 nmax, passes = (int(a) for a in name.split(",")[2:4])
-                self._opt_in(name, fn, split_smem(nmax, k, passes), self._split_limit("EPI_ADD_NORM" in name))
+                self._opt_in(name, fn, split_smem(nmax, k, passes))
 
     def _device(self, a: np.ndarray):
         """A host array's bytes on the device, flat, with PAD zero bytes after them."""
@@ -226,10 +218,10 @@ class QuantKernels:
         data[host.size :] = 0
         return data
 
-    def _opt_in(self, name: str, fn, nbytes: int, limit: int | None = None) -> None:
+    def _opt_in(self, name: str, fn, nbytes: int) -> None:
         """Let `fn` launch with `nbytes` of dynamic shared memory (past the default 48 KB, an opt-in), up to the
-        device's limit or `limit` (`gemm` launches fewer rows of x at a time past it)."""
-        nbytes = min(nbytes, self.smem_limit if limit is None else limit)
+        device's limit (`gemm` launches fewer rows of x at a time past it)."""
+        nbytes = min(nbytes, self.smem_limit)
         if nbytes > max(self._smem.get(name, 0), SMEM_DEFAULT):
             fn.max_dynamic_shared_size_bytes = nbytes
             self._smem[name] = nbytes
@@ -314,46 +306,27 @@ class QuantKernels:
         self._gemv_split(self._kernels(w.fmt, "split"), x, w, out, silu=True)
         return True
 
-    def linear_add_rmsnorm(self, x, w: DeviceQuant, res, ln_w, eps: float, out, counter) -> bool:
-        """out[N, M] = RMSNorm(res + fp16(x @ W^T)) * ln_w (fp16), res [N, M] float32 (contiguous) updated in
-        place, in one launch per shared-memory step (quant_gemv_split with EPI_ADD_NORM; `counter`: the
-        epilogue's int32 ticket counter, 0 between launches) when w is a split weight and N <= GEMV_MAX_ROWS;
-        False (nothing launched) otherwise, for the caller's GEMM + add_rmsnorm."""
-        n = int(x.shape[0])
-        if not (w.split and 0 < n <= GEMV_MAX_ROWS and out.dtype == np.float16):
-            return False
-        self._gemv_split(self._kernels(w.fmt, "split"), x, w, out, norm=(res, ln_w, np.float32(eps), counter))
-        return True
-
-    def _split_limit(self, norm: bool) -> int:
-        """The dynamic shared memory a split GEMV launch may take (less the ADD_NORM epilogue's static share)."""
-        return self.smem_limit - (NORM_STATIC_SMEM if norm else 0)
-
-    def _gemv_split(self, fns, x, w: DeviceQuant, out, silu: bool = False, norm: tuple | None = None) -> None:
+    def _gemv_split(self, fns, x, w: DeviceQuant, out, silu: bool = False) -> None:
         """quant_gemv_split over x's rows, as many per launch as the shared memory holds (all of them unless K is
         large: 8 rows of K = 14336 need 140 KB, 280 KB with a float32 output's two passes). `silu`: w is
-        [gate; up] and out gets silu(gate) * up, [N, M / 2] in fp16. `norm` (residual [N, M] float32 with out's
-        row stride, norm weight, eps, counter): out gets the residual add + RMSNorm of the product (fp16)."""
+        [gate; up] and out gets silu(gate) * up, [N, M / 2] in fp16."""
         n, k, m = int(x.shape[0]), int(x.shape[1]), w.shape[0]
         passes = 2 if out.dtype == np.float32 else 1
-        step, limit = n, self._split_limit(norm is not None)
-        while step > 1 and split_smem(step, k, passes) > limit:
+        step = n
+        while step > 1 and split_smem(step, k, passes) > self.smem_limit:
             step = (step + 1) // 2
         r = self.split_r or split_rows(m, n)
         t = "__half" if out.dtype == np.float16 else "float"
-        tail, outs = "", m  # template epilogue, outputs of the launch (M, the kernel's)
+        tail, outs = "", m  # template flag, outputs of the launch (M, the kernel's)
         if silu:  # R in SPLIT_SILU_R, R/2 outputs a warp
-            r, tail, outs = max(2, self.split_r or split_silu_rows(m, n)), ", EPI_SILU", m // 2
-        elif norm is not None:
-            tail = ", EPI_ADD_NORM"
+            r, tail, outs = max(2, self.split_r or split_silu_rows(m, n)), ", true", m // 2
         ldy = np.int32(out.strides[0] // out.itemsize)
         for i in range(0, n, step):
             rows = min(step, n - i)
             nmax = next(g for g in SPLIT_ROWS if g >= rows)
             fn = fns[f"quant_gemv_split<{w.split.trait}, {r}, {nmax}, {passes}, {t}{tail}>"]
-            extra = NO_NORM if norm is None else (norm[0][i : i + rows], norm[1], norm[3], norm[2])
             args = (w.data, w.d, self._mins(w), x[i : i + rows], np.int32(rows), out[i : i + rows], ldy,
-                    np.int32(outs), np.int32(k), *extra)  # fmt: skip
+                    np.int32(outs), np.int32(k))  # fmt: skip
             fn(
                 (-(-outs // (SPLIT_WARPS * (r // 2 if silu else r))),),
                 (32 * SPLIT_WARPS,),

@@ -80,33 +80,6 @@ def silu_mul_atol(gu: np.ndarray, agu: np.ndarray, rounded: bool = False) -> np.
     return SILU_SLOPE * ag * (u + au) + silu * au + 2.0**-24
 
 
-def add_rmsnorm_bounds(
-    res0: np.ndarray, y: np.ndarray, ay: np.ndarray, w: np.ndarray, eps: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """References and |error| bounds of the fused residual add + RMSNorm (CudaOps.linear_add_rmsnorm) from the
-    float32 residual `res0` [n, H], the float64 product y [n, H] and the bound `ay` on the kernel's error in y,
-    the norm weight w [H]: (res, ares, h, ah), res = res0 + y, h = res * inv * w, inv = 1 / sqrt(mean(res^2) +
-    eps). The kernel rounds y to fp16 (2^-11 relative, 2^-25 absolute for subnormals) and adds it in float32
-    (2^-24 relative): ares. inv: first order d(ms) = 2/H sum |res| ares (+ ares^2), the float32 sum of squares
-    ((H/32 + 20) u32 relative: any split into thread sums and a block tree of at most 1024 threads), 3 u32 for
-    the division, sqrt and reciprocal; h: two float32 products (2 u32) on top. The output's fp16 rounding is the
-    caller's rtol (2^-10)."""
-    u32 = 2.0**-24
-    hdim = res0.shape[-1]
-    res = res0.astype(np.float64) + y
-    ares = (1 + 2.0**-10) * ay + 2.0**-11 * np.abs(y) + 2.0**-25 + u32 * np.abs(res)
-    ss = np.sum(res * res, axis=-1, keepdims=True)
-    ms = ss / hdim
-    dms = 2 * np.sum(np.abs(res) * ares, axis=-1, keepdims=True) + np.sum(ares * ares, axis=-1, keepdims=True)
-    rel = 0.5 * (dms / hdim + (hdim / 32 + 20) * u32 * ms) / (ms + eps) + 3 * u32
-    rel = 1.01 * rel + rel * rel  # second order
-    inv = 1.0 / np.sqrt(ms + eps)
-    w64 = np.abs(w.astype(np.float64))
-    h = res * inv * w.astype(np.float64)
-    ah = w64 * inv * (ares + np.abs(res) * rel) * (1 + rel) + 3 * u32 * np.abs(h) + 2.0**-24
-    return res, ares, h, ah
-
-
 # -- cases: each returns a list of Results -----------------------------------------------------------
 
 

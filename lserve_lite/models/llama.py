@@ -87,29 +87,19 @@ class LlamaModel:
     ) -> Any:
         """Write the new tokens' K/V into the cache and return logits [len(logit_rows), vocab] (float32)."""
         ops, cfg = self.ops, self.cfg
-        eps = cfg.rms_norm_eps
-        fuse = self.comm is None  # tensor parallel: the all-reduce sits between each GEMV and its norm
         x = self._sum(ops.embed(self.embed, ids, vocab_start=self.vocab_start))
-        h, residual = ops.add_rmsnorm(x, None, self.layers[0].ln1, eps)
+        residual = None
         for i, layer in enumerate(self.layers):
+            h, residual = ops.add_rmsnorm(x, residual, layer.ln1, cfg.rms_norm_eps)
             qkv = ops.linear(h, layer.qkv, layer.qkv_bias)
             q = ops.rope_write_kv(qkv, positions, slots, cache, i, self.rope)
             if plan.selects:
                 ops.select_pages(q, cache, i, plan)
             a = ops.attention(q, cache, i, plan, head_classes[i])
-            if fuse:  # o_proj with the residual add + ln2 after it (one kernel on the CUDA decode path)
-                h, residual = ops.linear_add_rmsnorm(a, layer.o, residual, layer.ln2, eps)
-            else:
-                h, residual = ops.add_rmsnorm(self._sum(ops.linear(a, layer.o)), residual, layer.ln2, eps)
-            g = ops.gate_up_silu(h, layer.gate_up)
-            nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
-            if fuse and nxt is not None:  # down_proj with the next layer's input norm
-                h, residual = ops.linear_add_rmsnorm(g, layer.down, residual, nxt.ln1, eps)
-                continue
-            x = self._sum(ops.linear(g, layer.down))
-            if nxt is not None:
-                h, residual = ops.add_rmsnorm(x, residual, nxt.ln1, eps)
-        h, _ = ops.add_rmsnorm(x[logit_rows], residual[logit_rows], self.norm, eps)
+            x = self._sum(ops.linear(a, layer.o))
+            h, residual = ops.add_rmsnorm(x, residual, layer.ln2, cfg.rms_norm_eps)
+            x = self._sum(ops.linear(ops.gate_up_silu(h, layer.gate_up), layer.down))
+        h, _ = ops.add_rmsnorm(x[logit_rows], residual[logit_rows], self.norm, cfg.rms_norm_eps)
         logits = ops.logits(h, self.lm_head)
         return logits if self.comm is None else self.comm.all_gather(logits)
 
