@@ -1,0 +1,130 @@
+"""Per-kernel GPU time of batch-1 decode steps under Nsight Compute: where a decode step's time goes.
+
+    ncu --profile-from-start off --metrics gpu__time_duration.sum --csv --log-file prof.csv \
+        python3 tools/profile_decode.py --model llama8b [--quantize int8] --context 4096 --steps 2
+    python3 tools/profile_decode.py --summarize prof.csv --steps 2 [--replay-ms 4.93] [--out prof.json]
+
+Random weights of the Llama-3-8B shape or SmolLM2-135M's shape (tools/bench_e2e.random_llama), a dense KV cache
+prefilled to `--context`, then `--steps` decode forwards launched eagerly: the same kernels a decode graph
+replays, one by one. ncu times each kernel alone, so launch gaps (and the overlap programmatic dependent launch
+gives inside graphs) are not in these figures: their sum against the graph replay time shows what they cost.
+The summary groups kernels by name (template arguments dropped) per decode step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+UNITS_US = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+
+
+def smollm2_config(max_len: int):
+    from lserve_lite.config import ModelConfig
+
+    return ModelConfig(
+        "LlamaForCausalLM", 576, 1536, 30, 9, 3, 64, 49152, rms_norm_eps=1e-5, rope_theta=1e5,
+        max_position_embeddings=max_len, tie_word_embeddings=True,
+    )  # fmt: skip
+
+
+def run(args) -> None:
+    import cupy as cp
+    from bench_e2e import llama3_8b_config, random_llama
+
+    from lserve_lite.backends.cuda import CudaOps
+    from lserve_lite.sparse.plan import BatchLayout, build_plan
+
+    ps, ctx = 64, args.context
+    max_len = ctx + args.steps + ps
+    cfg = (llama3_8b_config if args.model == "llama8b" else smollm2_config)(max_len)
+    ops = CudaOps()
+    model = random_llama(cfg, ops, max_len, quantize=args.quantize)
+    pages = -(-max_len // ps)
+    cache = ops.alloc_kv(cfg, ps, pages)
+    table = list(range(pages))
+    hc = [cp.zeros(cfg.num_kv_heads, cp.int32) for _ in range(cfg.num_layers)]
+    rng = np.random.default_rng(0)
+
+    def forward(start: int, n: int):
+        pos = np.arange(start, start + n)
+        slots = np.asarray(table)[pos // ps] * ps + pos % ps
+        plan = ops.prepare_plan(build_plan(BatchLayout([n], [start + n], [table]), ps))
+        up = ops.upload
+        return model.forward(up(rng.integers(0, cfg.vocab_size, n)), up(pos), up(slots), plan, cache, hc,
+                             up(np.array([n - 1])))  # fmt: skip
+
+    for s in range(0, ctx, 8192):
+        forward(s, min(8192, ctx - s))
+    forward(ctx, 1)  # a warm-up decode: compiles, allocates
+    cp.cuda.Device().synchronize()
+    cp.cuda.profiler.start()
+    for i in range(args.steps):
+        forward(ctx + 1 + i, 1)
+    cp.cuda.Device().synchronize()
+    cp.cuda.profiler.stop()
+
+
+def family(name: str) -> str:
+    """A kernel's name without template arguments or parameter list (ncu prints demangled names)."""
+    name = re.sub(r"^void ", "", name)
+    return re.split(r"[<(]", name, maxsplit=1)[0].strip()
+
+
+def summarize(path: Path, steps: int, replay_ms: float | None) -> dict:
+    per: dict[str, list[float]] = defaultdict(list)
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if len(r) > 5]
+    head = rows[0]
+    col = {k: head.index(k) for k in ("Kernel Name", "Metric Name", "Metric Unit", "Metric Value")}
+    for r in rows[1:]:
+        if r[col["Metric Name"]] != "gpu__time_duration.sum":
+            continue
+        us = float(r[col["Metric Value"]].replace(",", "")) * UNITS_US[r[col["Metric Unit"]]]
+        per[family(r[col["Kernel Name"]])].append(us)
+    table = sorted(
+        ({"kernel": k, "per_step": len(v) / steps, "us_per_step": sum(v) / steps, "us_mean": sum(v) / len(v)}
+         for k, v in per.items()), key=lambda d: -d["us_per_step"],
+    )  # fmt: skip
+    total = sum(d["us_per_step"] for d in table)
+    print(f"{'kernel':40s} {'per step':>8s} {'us/step':>9s} {'us each':>8s}")
+    for d in table:
+        print(f"{d['kernel'][:40]:40s} {d['per_step']:8.1f} {d['us_per_step']:9.1f} {d['us_mean']:8.2f}")
+    print(f"{'sum of kernel times':40s} {sum(d['per_step'] for d in table):8.1f} {total:9.1f}")
+    if replay_ms:
+        print(
+            f"graph replay {replay_ms * 1e3:.1f} us: {replay_ms * 1e3 - total:.1f} us outside the kernels' own times"
+        )
+    return {"source": path.name, "steps": steps, "kernels": table, "sum_us": total, "replay_ms": replay_ms}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["llama8b", "smollm2"], default="llama8b")
+    ap.add_argument("--quantize", choices=["int8", "int4"], default=None)
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--summarize", type=Path, default=None, help="an ncu --csv log of this script's run")
+    ap.add_argument("--replay-ms", type=float, default=None, help="the graph replay time of the same step")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.summarize is None:
+        run(args)
+        return 0
+    result = summarize(args.summarize, args.steps, args.replay_ms)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
