@@ -24,7 +24,7 @@ def test_summary_groups_by_kernel_family_per_step(tmp_path):
         _row(0, "void add_rmsnorm<true>(const __half *, const float *, float *, const __half *, __half *, int, float)", "nsecond", "3,000"),
         _row(1, "void gemv_rows<1, __half>(const __half *, const __half *, __half *, int, int)", "usecond", "20.5"),
         _row(2, "paged_attn_decode_d128_s2", "usecond", "6"),
-        _row(3, "void add_rmsnorm<true>(const __half *, const float *, float *, const __half *, __half *, int, float)", "ns", "5,000"),  # ncu 2025+: short units
+        _row(3, "void add_rmsnorm<true>(const __half *, const float *, float *, const __half *, __half *, int, float)", "ns", "5,000"),  # the H200 image's ncu prints "ns"
         _row(4, "paged_attn_decode_d128_s2", "usecond", "99", metric="sm__throughput.avg.pct_of_peak_sustained_elapsed"),
     ]))  # fmt: skip
     out = profile_decode.summarize(log, steps=2, replay_ms=0.05)
