@@ -26,7 +26,7 @@ class CpuOps:
 
     name = "cpu"
     dtype = np.float32
-    kv_dtypes = ("fp32", "int8", "int4")  # no fp16 / fp8 kernels on the CPU
+    kv_dtypes = ("fp32", "int8", "int4", "fp8")  # no fp16 kernels on the CPU
     selector_reductions = (*GROUP_REDUCE, ORACLE_REDUCE)  # the oracle reads float keys (float KV only)
     async_steps = False  # a step computes before its launch returns: nothing to overlap
 

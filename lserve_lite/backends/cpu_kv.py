@@ -1,16 +1,45 @@
 """One KV row (a token's K or V of one head) stored into and loaded from a CPU KV pool in any CPU format.
 
 Numba picks the format from the values' dtype (float32: fp32, int8: int8, uint8: int4 with (scale, min) per
-group, the group read from the scales' width; kv/quant.py has the rule): the kernels that write and read K/V
-call `kv_store` / `kv_load` and stay format-free, quantizing on write and dequantizing on load with no float
-copy of the cache.
+group, the group read from the scales' width, or fp8 e4m3 bits when a row has one scale; kv/quant.py has
+the rule): the kernels that write and read K/V call `kv_store` / `kv_load` and stay format-free, quantizing
+on write and dequantizing on load with no float copy of the cache.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import types
+from numba import njit, types
 from numba.extending import overload
+
+from ..kv.quant import E4M3, FORMATS
+
+E4M3_MAX = FORMATS["fp8"].qmax
+
+
+@njit
+def e4m3_code(y: float) -> int:
+    """kv/quant.e4m3_encode of one value: the nearest e4m3 code (ties to the even code, saturating at 448)."""
+    a = min(abs(y), E4M3_MAX)
+    lo, hi = 0, 126  # the first code whose value is >= a (searchsorted), then clamped to 1..126
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if E4M3[mid] < a:
+            lo = mid + 1
+        else:
+            hi = mid
+    hi = min(max(lo, 1), 126)
+    lo = hi - 1
+    dlo, dhi = a - E4M3[lo], E4M3[hi] - a
+    code = lo if dlo < dhi or (dlo == dhi and lo % 2 == 0) else hi
+    return code | (128 if np.signbit(y) else 0)
+
+
+@njit
+def e4m3_value(bits: int) -> float:
+    """kv/quant.e4m3_decode of one code (127 and 255, NaN in e4m3fn, are never written)."""
+    mag = E4M3[bits & 127] if (bits & 127) < 127 else np.nan
+    return -mag if bits & 128 else mag
 
 
 def kv_store(x, vals, scales, pg, h, off):
@@ -46,7 +75,16 @@ def _kv_store(x, vals, scales, pg, h, off):
 
         return store_int8
 
-    def store_int4(x, vals, scales, pg, h, off):
+    def store_uint8(x, vals, scales, pg, h, off):
+        if scales.shape[3] == 1:  # fp8: one scale per row (int4 has (scale, min) pairs)
+            amax = np.float32(0.0)
+            for i in range(x.shape[0]):
+                amax = max(amax, abs(x[i]))
+            scales[pg, h, off, 0] = amax / np.float32(E4M3_MAX)
+            s = np.float64(scales[pg, h, off, 0])  # against the stored scale, in float64 as the reference
+            for i in range(x.shape[0]):
+                vals[pg, h, off, i] = np.uint8(e4m3_code(np.float64(x[i]) / s) if s > 0 else 0)
+            return
         groups = scales.shape[3] // 2
         g = x.shape[0] // groups
         for k in range(groups):
@@ -61,7 +99,7 @@ def _kv_store(x, vals, scales, pg, h, off):
                 b = min(max(np.rint((x[i + 1] - m) / s), 0.0), 15.0) if s > 0 else 0.0
                 vals[pg, h, off, i // 2] = np.uint8(int(a) | (int(b) << 4))
 
-    return store_int4
+    return store_uint8
 
 
 @overload(kv_load)
@@ -78,7 +116,12 @@ def _kv_load(vals, scales, pg, h, off, buf):
 
         return load_int8
 
-    def load_int4(vals, scales, pg, h, off, buf):
+    def load_uint8(vals, scales, pg, h, off, buf):
+        if scales.shape[3] == 1:  # fp8
+            s = np.float32(scales[pg, h, off, 0])
+            for i in range(buf.shape[0]):
+                buf[i] = np.float32(e4m3_value(vals[pg, h, off, i])) * s
+            return buf
         g = 2 * buf.shape[0] // scales.shape[3]
         for i in range(vals.shape[3]):
             b = np.int32(vals[pg, h, off, i])
@@ -88,4 +131,4 @@ def _kv_load(vals, scales, pg, h, off, buf):
             buf[2 * i + 1] = np.float32(b >> 4) * s + m
         return buf
 
-    return load_int4
+    return load_uint8

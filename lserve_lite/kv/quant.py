@@ -4,7 +4,7 @@ A quantized pool is two arrays indexed by the same page id, so the allocator, th
 see pages exactly as with a float cache: values [pages, heads, page_size, D] (int8, fp8 bits) or
 [pages, heads, page_size, D/2] (int4, two per byte) and scales [pages, heads, page_size, scale_cols(D)] in
 the backend's float type (fp16 on the GPU, float32 on the CPU, which has no fp16 kernels). Rules, round to
-nearest: int8 symmetric, one scale per (token, KV head) = amax / 127; fp8 (e4m3, GPU sm_89+) symmetric, one
+nearest: int8 symmetric, one scale per (token, KV head) = amax / 127; fp8 (e4m3; CPU, GPU sm_89+) symmetric, one
 scale per (token, head) = amax / 448, values the nearest e4m3 (ties to even); int4 asymmetric, per group of
 a (token, head) (16 channels of a key, 32 of a value) a scale (max - min) / 15 and a min, stored
 interleaved (scale, min) per group, value = scale * q + min with q in 0..15, channel 2i in the low nibble
@@ -85,7 +85,7 @@ def resolve_kv_format(name: str, supported: tuple[str, ...], head_dim: int) -> K
     fmt = FORMATS[supported[0] if name == "auto" else name]
     if fmt.name not in supported:
         need = (
-            "needs the CUDA backend on an sm_89 or newer GPU"
+            "needs an sm_89 or newer GPU (or the CPU backend)"
             if fmt.name == "fp8"
             else "is not available here"
         )
