@@ -87,9 +87,9 @@ for s in $steps; do case $s in
              step llama_${q}_fuse$f 200 env LSERVE_CUDA_FUSE_SILU=$f python3 tools/bench_e2e.py --skip smollm2 --skip smollm2-lserve \
                  --skip splits $( [ $q = fp16 ] || echo --quantize $q ) --llama-contexts 4096 --out "$OUT/llama_${q}_fuse$f.json"
            done; done ;;
-  ab)      # Llama-3-8B-shaped batch-1 decode at 4k per weight format with a switch off and on: AB=LSERVE_CUDA_FUSE_NORM
-           # (default), LSERVE_CUDA_FUSE_SILU, LSERVE_PDL, ...
-           v=${AB:-LSERVE_CUDA_FUSE_NORM}
+  ab)      # Llama-3-8B-shaped batch-1 decode at 4k per weight format with a switch off and on: AB=LSERVE_CUDA_FUSE_SILU
+           # (default), LSERVE_PDL, ...
+           v=${AB:-LSERVE_CUDA_FUSE_SILU}
            for q in ${AB_WEIGHTS:-fp16 int8 int4}; do for f in 1 0; do
              step llama_${q}_${v}_$f 200 env $v=$f python3 tools/bench_e2e.py --skip smollm2 --skip smollm2-lserve \
                  --skip splits $( [ $q = fp16 ] || echo --quantize $q ) --llama-contexts 4096 --out "$OUT/llama_${q}_${v}_$f.json"
