@@ -11,6 +11,8 @@ Two models:
 - Llama-3-8B-shaped random weights (32 layers, hidden 4096, 32/8 heads, head dim 128, FFN 14336, vocab 128256,
   generated on the GPU, never zeros): prefill of 4k and 32k tokens, batch-1 decode at 4k and 32k context
   through the CUDA backend's GraphExecutor, beside the floor = weight bytes / device copy bandwidth measured in this run.
+  `--llama-batches 8 32`: also decode graph replays of that many rows at each context, every row with the
+  sequence's K/V (its own pages within `--batch-kv-gib`, else a shared document's pages as a prefix cache serves them).
   `--quantize int8|int4`: its matrices and lm_head as packed blocks (floor = the packed bytes).
 
 `--sparse` (only this section): LServe end to end on the Llama-3-8B-shaped random model with the
@@ -304,13 +306,31 @@ def random_llama(cfg, ops, max_len: int, seed: int = 0, quantize: str | None = N
 
 
 def replay_step(graphs, ids, pos, slot, plan, head_classes):
-    """One batch-1 decode step through a GraphExecutor; fails loudly when it would not replay a graph."""
+    """One decode step (a row per id) through a GraphExecutor; fails loudly when it would not replay a graph."""
     from lserve_lite.backends.base import StepInputs
 
-    step = StepInputs(np.asarray(ids), np.asarray(pos), np.asarray(slot), plan, np.arange(1), head_classes)
+    step = StepInputs(
+        np.asarray(ids), np.asarray(pos), np.asarray(slot), plan, np.arange(len(ids)), head_classes
+    )
     prepared = graphs.plan(step)
     assert not isinstance(prepared, tuple), "the step was not served by a CUDA Graph"
     return graphs.run(prepared)
+
+
+def batch_tables(b: int, ctx: int, ps: int, seq_pages: int, private: bool, spare0: int):
+    """Page tables of b decode rows at context `ctx` whose row 0 owns pages 0 .. seq_pages - 1, and the page copies
+    [(src, dst), ...] that give every row row 0's K/V: `private`, row i owns pages i * seq_pages ..; else the rows
+    share row 0's pages (a shared document, as a prefix cache serves it) but the page their new token goes into,
+    row i's spare page spare0 + i - 1 (a copy of row 0's page there)."""
+    t0 = list(range(seq_pages))
+    last = ctx // ps
+    if private:
+        tables = [[i * seq_pages + p for p in t0] for i in range(b)]
+        copies = [(p, tables[i][p]) for i in range(1, b) for p in range(last + 1)]
+    else:
+        tables = [t0] + [t0[:last] + [spare0 + i - 1] + t0[last + 1 :] for i in range(1, b)]
+        copies = [(t0[last], spare0 + i - 1) for i in range(1, b)]
+    return tables, copies
 
 
 def bench_llama8b(args, bw: float, emit) -> None:
@@ -327,9 +347,14 @@ def bench_llama8b(args, bw: float, emit) -> None:
     model = random_llama(cfg, ops, max_len, quantize=args.quantize)
     name = "Llama-3-8B-shape" + (f" {args.quantize}" if args.quantize else "")
     wbytes = sum(int(a.nbytes) for a in _model_arrays(model)) - int(model.embed.nbytes)
-    num_pages = math.ceil(max_len / ps) + 2
-    cache = ops.alloc_kv(cfg, ps, num_pages)
-    table = list(range(num_pages))
+    seq_pages = math.ceil(max_len / ps) + 2
+    page_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * ps * cfg.head_dim * 2
+    batches = sorted(set(args.llama_batches) - {1})
+    private = {b: b * seq_pages * page_bytes <= args.batch_kv_gib * 2**30 for b in batches}
+    rows_private = max([b for b in batches if private[b]], default=1)
+    spare0 = seq_pages * rows_private
+    cache = ops.alloc_kv(cfg, ps, spare0 + max(batches, default=1))
+    table = list(range(seq_pages))
     hc_host = [np.zeros(cfg.num_kv_heads, np.int32) for _ in range(cfg.num_layers)]
     hc = [cp.asarray(c) for c in hc_host]
     rng = np.random.default_rng(0)
@@ -380,6 +405,25 @@ def bench_llama8b(args, bw: float, emit) -> None:
 
     for ctx in ctxs:
         decode(ctx, "")
+    for b in batches:  # batch b: b rows at each context, each with row 0's K/V (own pages, or shared ones)
+        bgraphs = GraphExecutor(ops, model.forward, cache, max_num_seqs=b, max_len=max_len, sizes=(b,))
+        kind = "own KV" if private[b] else "shared KV"
+        for ctx in ctxs:
+            tables, copies = batch_tables(b, ctx, ps, seq_pages, private[b], spare0)
+            src, dst = (cp.asarray(np.array(c, np.int64)) for c in zip(*copies, strict=True))
+            for layer in range(cfg.num_layers):
+                for pool in (cache.k[layer], cache.v[layer]):
+                    pool[dst] = pool[src]
+            pos = np.full(b, ctx)
+            slot = np.array([t[ctx // ps] * ps + ctx % ps for t in tables])
+            plan = build_plan(BatchLayout([1] * b, [ctx + 1] * b, tables), ps)
+            ids = rng.integers(0, cfg.vocab_size, b)
+            replay_step(bgraphs, ids, pos, slot, plan, hc_host)
+            g = bgraphs.graphs[b]
+            t = gpu_time(lambda g=g: g.graph.launch(cp.cuda.get_current_stream()), 30)
+            emit(dict(model=name, what=f"decode graph replay (GPU), {kind}", batch=b, context=ctx,
+                      tokens_per_s=b / t, ms=t * 1e3, floor_ms=floor * 1e3, x_floor=t / floor))  # fmt: skip
+        del bgraphs
     if args.quantize:  # packed weights have no cuBLAS decode path
         return
     ops.small_gemv = False
@@ -707,6 +751,15 @@ def main(argv=None) -> int:
     ap.add_argument("--smol-prompts", type=int, nargs="+", default=[512, 4096])
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--llama-contexts", type=int, nargs="+", default=[4096, 32768])
+    ap.add_argument(
+        "--llama-batches",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="decode batch sizes of the Llama-3-8B-shaped model (graph replay; batch 1 always runs)",
+    )
+    ap.add_argument("--batch-kv-gib", type=float, default=96.0,
+                    help="KV memory for batched rows' own pages; beyond it the rows share row 0's pages")  # fmt: skip
     ap.add_argument("--prefill-chunk", type=int, default=8192)
     ap.add_argument("--smol-budget", type=int, default=1024, help="LServe token budget of smollm2-lserve")
     ap.add_argument(

@@ -94,6 +94,9 @@ for s in $steps; do case $s in
              step llama_${q}_${v}_$f 200 env $v=$f python3 tools/bench_e2e.py --skip smollm2 --skip smollm2-lserve \
                  --skip splits $( [ $q = fp16 ] || echo --quantize $q ) --llama-contexts 4096 --out "$OUT/llama_${q}_${v}_$f.json"
            done; done ;;
+  batches) # Llama-3-8B-shaped decode at batch 1 / 8 / 32, 32k and 128k (graph replay; rows past the KV budget share pages)
+           step llama_batches 300 python3 tools/bench_e2e.py --skip smollm2 --skip smollm2-lserve --skip splits \
+               --llama-contexts 32768 131072 --llama-batches 8 32 --out "$OUT/llama_batches.json" ;;
   pdl_smol) # SmolLM2 (the GGUF): batch-1 / batch-64 decode and the replay per batch size, PDL off and on
            for p in 0 1; do
              step smol_pdl$p 200 env LSERVE_PDL=$p LSERVE_SMOLLM2_GGUF=${LSERVE_SMOLLM2_GGUF:-/tmp/smollm2.gguf} \
