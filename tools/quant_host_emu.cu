@@ -100,6 +100,32 @@ static T* read_file(const char* path, size_t count, size_t pad) {
   return p;
 }
 
+// A kernel with barriers: `blocks` blocks of `warps` warps, each block's threads concurrent (std::thread, so
+// __syncwarp / __syncthreads meet), blocks one after another.
+template <typename Fn>
+static void launch_blocks(int blocks, int warps, Fn kernel) {
+  for (int i = 0; i < warps; ++i) pthread_barrier_init(&emu_warp_bar[i], nullptr, 32);
+  pthread_barrier_init(&emu_block_bar, nullptr, warps * 32);
+  emu_block_dim = {(unsigned)warps * 32, 1, 1};
+  for (int b = 0; b < blocks; ++b) {
+    std::vector<std::thread> threads;
+    for (int t = 0; t < warps * 32; ++t)
+      threads.emplace_back([=] {
+        emu_thread = {(unsigned)t, 0, 0};
+        emu_block = {(unsigned)b, 0, 0};
+        kernel();
+      });
+    for (auto& t : threads) t.join();
+  }
+}
+
+template <typename T>
+static void write_file(const char* path, const T* p, size_t count) {
+  FILE* f = fopen(path, "wb");
+  fwrite(p, sizeof(T), count, f);
+  fclose(f);
+}
+
 template <typename F, int NMAX, int V>
 static void gemv(int n, int M, int K, int ldy, char** a) {
   constexpr int WARPS = V == 2 ? QWARPS2 : QWARPS;
@@ -107,23 +133,14 @@ static void gemv(int n, int M, int K, int ldy, char** a) {
   const u8* w = read_file<u8>(a[0], (size_t)M * rb, 16);
   const __half* x = read_file<__half>(a[1], (size_t)n * K, 0);
   std::vector<float> y((size_t)n * ldy, 12345.f);  // a sentinel: columns past M must stay untouched
-  for (int i = 0; i < WARPS; ++i) pthread_barrier_init(&emu_warp_bar[i], nullptr, 32);
-  for (int b = 0; b < (M + WARPS - 1) / WARPS; ++b) {
-    std::vector<std::thread> threads;
-    for (int t = 0; t < WARPS * 32; ++t)
-      threads.emplace_back([=, &y] {
-        emu_thread = {(unsigned)t, 0, 0};
-        emu_block = {(unsigned)b, 0, 0};
-        if (V == 2)
-          quant_gemv2<F, NMAX, float>(w, rb, x, n, y.data(), ldy, M, K);
-        else
-          quant_gemv<F, NMAX, float>(w, rb, x, n, y.data(), ldy, M, K);
-      });
-    for (auto& t : threads) t.join();
-  }
-  FILE* f = fopen(a[2], "wb");
-  fwrite(y.data(), 4, y.size(), f);
-  fclose(f);
+  float* yp = y.data();
+  launch_blocks((M + WARPS - 1) / WARPS, WARPS, [=] {
+    if (V == 2)
+      quant_gemv2<F, NMAX, float>(w, rb, x, n, yp, ldy, M, K);
+    else
+      quant_gemv<F, NMAX, float>(w, rb, x, n, yp, ldy, M, K);
+  });
+  write_file(a[2], yp, y.size());
 }
 
 template <typename F, int V>
@@ -153,9 +170,7 @@ static void dequant(int M, int K, int n, char** a) {
   const long long* rows = read_file<long long>(a[1], n, 0);
   __half* out = (__half*)aligned_alloc(256, ((size_t)n * K * 2 + 255) / 256 * 256);
   launch_threads((long long)n * (K / 8), [&] { quant_dequant<F>(w, rb, rows, 0, n, K, out); });
-  FILE* f = fopen(a[2], "wb");
-  fwrite(out, 2, (size_t)n * K, f);
-  fclose(f);
+  write_file(a[2], out, (size_t)n * K);
 }
 
 template <typename S, int R, int NMAX, int P>
@@ -166,22 +181,10 @@ static void gemv_split(int n, int M, int K, int ldy, char** a) {
   const __half* mn = S::MIN ? read_file<__half>(a[2], (size_t)M * groups, 16) : d;
   const __half* x = read_file<__half>(a[3], (size_t)n * K, 0);
   std::vector<float> y((size_t)n * ldy, 12345.f);
-  for (int i = 0; i < SWARPS; ++i) pthread_barrier_init(&emu_warp_bar[i], nullptr, 32);
-  pthread_barrier_init(&emu_block_bar, nullptr, SWARPS * 32);
-  emu_block_dim = {SWARPS * 32, 1, 1};
-  for (int b = 0; b < (M + SWARPS * R - 1) / (SWARPS * R); ++b) {
-    std::vector<std::thread> threads;
-    for (int t = 0; t < SWARPS * 32; ++t)
-      threads.emplace_back([=, &y] {
-        emu_thread = {(unsigned)t, 0, 0};
-        emu_block = {(unsigned)b, 0, 0};
-        quant_gemv_split<S, R, NMAX, P, float>(q, d, mn, x, n, y.data(), ldy, M, K);
-      });
-    for (auto& t : threads) t.join();
-  }
-  FILE* f = fopen(a[4], "wb");
-  fwrite(y.data(), 4, y.size(), f);
-  fclose(f);
+  float* yp = y.data();
+  launch_blocks((M + SWARPS * R - 1) / (SWARPS * R), SWARPS,
+                [=] { quant_gemv_split<S, R, NMAX, P, float>(q, d, mn, x, n, yp, ldy, M, K); });
+  write_file(a[4], yp, y.size());
 }
 
 template <typename S, int R, int P>
@@ -207,22 +210,10 @@ static void gemv_split_silu(int n, int M, int K, int ldy, char** a) {
   const __half* mn = S::MIN ? read_file<__half>(a[2], (size_t)2 * M * groups, 16) : d;
   const __half* x = read_file<__half>(a[3], (size_t)n * K, 0);
   std::vector<__half> y((size_t)n * ldy, __float2half(12344.f));
-  for (int i = 0; i < SWARPS; ++i) pthread_barrier_init(&emu_warp_bar[i], nullptr, 32);
-  pthread_barrier_init(&emu_block_bar, nullptr, SWARPS * 32);
-  emu_block_dim = {SWARPS * 32, 1, 1};
-  for (int b = 0; b < (M + SWARPS * R / 2 - 1) / (SWARPS * R / 2); ++b) {
-    std::vector<std::thread> threads;
-    for (int t = 0; t < SWARPS * 32; ++t)
-      threads.emplace_back([=, &y] {
-        emu_thread = {(unsigned)t, 0, 0};
-        emu_block = {(unsigned)b, 0, 0};
-        quant_gemv_split<S, R, NMAX, 1, __half, true>(q, d, mn, x, n, y.data(), ldy, M, K);
-      });
-    for (auto& t : threads) t.join();
-  }
-  FILE* f = fopen(a[4], "wb");
-  fwrite(y.data(), 2, y.size(), f);
-  fclose(f);
+  __half* yp = y.data();
+  launch_blocks((M + SWARPS * R / 2 - 1) / (SWARPS * R / 2), SWARPS,
+                [=] { quant_gemv_split<S, R, NMAX, 1, __half, true>(q, d, mn, x, n, yp, ldy, M, K); });
+  write_file(a[4], yp, y.size());
 }
 
 template <typename S, int R>
@@ -241,9 +232,7 @@ static void dequant_split(int M, int K, int n, char** a) {
   const long long* rows = read_file<long long>(a[3], n, 0);
   __half* out = (__half*)aligned_alloc(256, ((size_t)n * K * 2 + 255) / 256 * 256);
   launch_threads((long long)n * (K / 8), [&] { quant_dequant_split<S>(q, d, mn, rows, 0, n, K, out); });
-  FILE* f = fopen(a[4], "wb");
-  fwrite(out, 2, (size_t)n * K, f);
-  fclose(f);
+  write_file(a[4], out, (size_t)n * K);
 }
 
 template <typename S>
@@ -267,21 +256,9 @@ static void rows_gemv(int M, int K, char** a) {
   const __half* w = read_file<__half>(a[0], (size_t)(SILU ? 2 : 1) * M * K, 0);
   const __half* x = read_file<__half>(a[1], (size_t)N * K, 0);
   std::vector<T> y((size_t)N * M, (T)__float2half(NAN));
-  for (int i = 0; i < 8; ++i) pthread_barrier_init(&emu_warp_bar[i], nullptr, 32);
-  emu_block_dim = {256, 1, 1};
-  for (int b = 0; b < (M + 7) / 8; ++b) {
-    std::vector<std::thread> threads;
-    for (int t = 0; t < 256; ++t)
-      threads.emplace_back([=, &y] {
-        emu_thread = {(unsigned)t, 0, 0};
-        emu_block = {(unsigned)b, 0, 0};
-        gemv_rows<N, T, SILU>(x, w, y.data(), M, K);
-      });
-    for (auto& t : threads) t.join();
-  }
-  FILE* f = fopen(a[2], "wb");
-  fwrite(y.data(), sizeof(T), y.size(), f);
-  fclose(f);
+  T* yp = y.data();
+  launch_blocks((M + 7) / 8, 8, [=] { gemv_rows<N, T, SILU>(x, w, yp, M, K); });
+  write_file(a[2], yp, y.size());
 }
 
 template <bool SILU>
