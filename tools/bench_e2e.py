@@ -317,6 +317,20 @@ def replay_step(graphs, ids, pos, slot, plan, head_classes):
     return graphs.run(prepared)
 
 
+def sequence_forward(model, cache, head_classes, table: list[int], ps: int, rng, start: int, n: int):
+    """Tokens start .. start + n - 1 of one sequence (random ids) through `model`, K/V into its page `table`;
+    the logits of the last row."""
+    from lserve_lite.sparse.plan import BatchLayout, build_plan
+
+    ops = model.ops
+    pos = np.arange(start, start + n)
+    slots = np.asarray(table)[pos // ps] * ps + pos % ps
+    plan = ops.prepare_plan(build_plan(BatchLayout([n], [start + n], [table]), ps))
+    up = ops.upload
+    return model.forward(up(rng.integers(0, model.cfg.vocab_size, n)), up(pos), up(slots), plan, cache,
+                         head_classes, up(np.array([n - 1])))  # fmt: skip
+
+
 def batch_tables(b: int, ctx: int, ps: int, seq_pages: int, private: bool, spare0: int):
     """Page tables of b decode rows at context `ctx` whose row 0 owns pages 0 .. seq_pages - 1, and the page copies
     [(src, dst), ...] that give every row row 0's K/V: `private`, row i owns pages i * seq_pages ..; else the rows
@@ -360,12 +374,7 @@ def bench_llama8b(args, bw: float, emit) -> None:
     rng = np.random.default_rng(0)
 
     def prefill(start: int, n: int):
-        pos = np.arange(start, start + n)
-        slots = np.asarray(table)[pos // ps] * ps + pos % ps
-        plan = ops.prepare_plan(build_plan(BatchLayout([n], [start + n], [table]), ps))
-        up = ops.upload
-        return model.forward(up(rng.integers(0, cfg.vocab_size, n)), up(pos), up(slots), plan, cache, hc,
-                             up(np.array([n - 1])))  # fmt: skip
+        return sequence_forward(model, cache, hc, table, ps, rng, start, n)
 
     chunk = args.prefill_chunk
     for ctx in ctxs:  # prefill the sequence from 0 to ctx in chunks (the cache ends up holding real K/V)

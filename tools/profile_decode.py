@@ -48,10 +48,9 @@ def smollm2_config(max_len: int):
 
 def run(args) -> None:
     import cupy as cp
-    from bench_e2e import llama3_8b_config, random_llama
+    from bench_e2e import llama3_8b_config, random_llama, sequence_forward
 
     from lserve_lite.backends.cuda import CudaOps
-    from lserve_lite.sparse.plan import BatchLayout, build_plan
 
     ps, ctx = 64, args.context
     max_len = ctx + args.steps + ps
@@ -65,12 +64,7 @@ def run(args) -> None:
     rng = np.random.default_rng(0)
 
     def forward(start: int, n: int):
-        pos = np.arange(start, start + n)
-        slots = np.asarray(table)[pos // ps] * ps + pos % ps
-        plan = ops.prepare_plan(build_plan(BatchLayout([n], [start + n], [table]), ps))
-        up = ops.upload
-        return model.forward(up(rng.integers(0, cfg.vocab_size, n)), up(pos), up(slots), plan, cache, hc,
-                             up(np.array([n - 1])))  # fmt: skip
+        return sequence_forward(model, cache, hc, table, ps, rng, start, n)
 
     for s in range(0, ctx, 8192):
         forward(s, min(8192, ctx - s))
