@@ -4,6 +4,7 @@
 #include "block_reduce.cuh"
 #include "kv_quant.cuh"
 #include "pdl.cuh"
+#include "rms_in.cuh"
 
 using lserve::block_reduce;
 
@@ -276,9 +277,12 @@ __global__ void silu_mul(const __half* __restrict__ gu, __half* __restrict__ out
 // SILU (TOut = __half): w is the row-fused gate/up matrix [2M, K] and y[n, m] = silu(g) * u with g, u the float32
 // dot products of rows m and M + m (silu_mul's epilogue on them, without the fp16 round trip of [N, 2M]);
 // reference: silu_mul_ref(x @ w^T) (CudaOps.gate_up_silu).
-template <int N, typename TOut, bool SILU = false>
+// NORM: x is the layer's stream before its residual add and RMSNorm (rms_in.cuh; res_in, res_out, norm_w, eps), the
+// block puts the normed rows in dynamic shared memory (N * K halves, then rms_rows' scratch) and the warps read
+// them from there (CudaOps.rmsnorm_linear); the other instantiations ignore those four arguments.
+template <int N, typename TOut, bool SILU = false, bool NORM = false>
 __global__ void gemv_rows(const __half* __restrict__ x, const __half* __restrict__ w, TOut* __restrict__ y, int M,
-                          int K) {
+                          int K, const float* res_in, float* res_out, const __half* __restrict__ norm_w, float eps) {
   const int lane = threadIdx.x & 31;
   const int m = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   constexpr int W = SILU ? 2 : 1;  // rows of w per warp: m (and its up row M + m)
@@ -291,6 +295,23 @@ __global__ void gemv_rows(const __half* __restrict__ x, const __half* __restrict
       lserve::prefetch_l2(wr[i] + c);
   }
   lserve::pdl_enter();
+  const __half* xr = x;  // the rows the warps multiply: x, or the normed rows in shared memory
+  if constexpr (NORM) {
+    extern __shared__ uint4 normed[];
+    float* rstd = reinterpret_cast<float*>(normed + N * kc);
+    const lserve::RmsIn in{res_in, res_out, norm_w, eps};
+    lserve::rms_rows<N>(x, in, N, K, rstd);
+    for (int i = threadIdx.x; i < N * kc; i += blockDim.x) {
+      float h[8];
+      lserve::rms_normed8(x, in, rstd, i / kc, K, i % kc, h);
+      __half2 p[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) p[j] = __floats2half2_rn(h[2 * j], h[2 * j + 1]);
+      normed[i] = *reinterpret_cast<const uint4*>(p);
+    }
+    __syncthreads();
+    xr = reinterpret_cast<const __half*>(normed);
+  }
   if (m >= M) return;
   float acc[W][N];
 #pragma unroll
@@ -304,7 +325,8 @@ __global__ void gemv_rows(const __half* __restrict__ x, const __half* __restrict
     for (int i = 0; i < W; ++i) wv[i] = __ldg(wr[i] + c);
 #pragma unroll
     for (int n = 0; n < N; ++n) {
-      const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + (long long)n * K) + c);
+      const uint4* xp = reinterpret_cast<const uint4*>(xr + (long long)n * K) + c;
+      const uint4 xv = NORM ? *xp : __ldg(xp);
       const __half2* xh = reinterpret_cast<const __half2*>(&xv);
 #pragma unroll
       for (int i = 0; i < W; ++i) {
@@ -343,27 +365,43 @@ template __global__ void add_rmsnorm<false>(const __half*, const float*, float*,
 template __global__ void add_rmsnorm<true>(const __half*, const float*, float*, const __half*, __half*, int, float);
 template __global__ void silu_mul<1>(const __half*, __half*, int, long long);
 template __global__ void silu_mul<8>(const __half*, __half*, int, long long);
-template __global__ void gemv_rows<1, __half>(const __half*, const __half*, __half*, int, int);
-template __global__ void gemv_rows<2, __half>(const __half*, const __half*, __half*, int, int);
-template __global__ void gemv_rows<3, __half>(const __half*, const __half*, __half*, int, int);
-template __global__ void gemv_rows<4, __half>(const __half*, const __half*, __half*, int, int);
-template __global__ void gemv_rows<5, __half>(const __half*, const __half*, __half*, int, int);
-template __global__ void gemv_rows<6, __half>(const __half*, const __half*, __half*, int, int);
-template __global__ void gemv_rows<7, __half>(const __half*, const __half*, __half*, int, int);
-template __global__ void gemv_rows<8, __half>(const __half*, const __half*, __half*, int, int);
-template __global__ void gemv_rows<1, float>(const __half*, const __half*, float*, int, int);
-template __global__ void gemv_rows<2, float>(const __half*, const __half*, float*, int, int);
-template __global__ void gemv_rows<3, float>(const __half*, const __half*, float*, int, int);
-template __global__ void gemv_rows<4, float>(const __half*, const __half*, float*, int, int);
-template __global__ void gemv_rows<5, float>(const __half*, const __half*, float*, int, int);
-template __global__ void gemv_rows<6, float>(const __half*, const __half*, float*, int, int);
-template __global__ void gemv_rows<7, float>(const __half*, const __half*, float*, int, int);
-template __global__ void gemv_rows<8, float>(const __half*, const __half*, float*, int, int);
-template __global__ void gemv_rows<1, __half, true>(const __half*, const __half*, __half*, int, int);
-template __global__ void gemv_rows<2, __half, true>(const __half*, const __half*, __half*, int, int);
-template __global__ void gemv_rows<3, __half, true>(const __half*, const __half*, __half*, int, int);
-template __global__ void gemv_rows<4, __half, true>(const __half*, const __half*, __half*, int, int);
-template __global__ void gemv_rows<5, __half, true>(const __half*, const __half*, __half*, int, int);
-template __global__ void gemv_rows<6, __half, true>(const __half*, const __half*, __half*, int, int);
-template __global__ void gemv_rows<7, __half, true>(const __half*, const __half*, __half*, int, int);
-template __global__ void gemv_rows<8, __half, true>(const __half*, const __half*, __half*, int, int);
+template __global__ void gemv_rows<1, __half>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<2, __half>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<3, __half>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<4, __half>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<5, __half>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<6, __half>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<7, __half>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<8, __half>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<1, float>(const __half*, const __half*, float*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<2, float>(const __half*, const __half*, float*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<3, float>(const __half*, const __half*, float*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<4, float>(const __half*, const __half*, float*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<5, float>(const __half*, const __half*, float*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<6, float>(const __half*, const __half*, float*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<7, float>(const __half*, const __half*, float*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<8, float>(const __half*, const __half*, float*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<1, __half, true>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<2, __half, true>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<3, __half, true>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<4, __half, true>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<5, __half, true>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<6, __half, true>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<7, __half, true>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<8, __half, true>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<1, __half, false, true>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<1, __half, true, true>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<2, __half, false, true>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<2, __half, true, true>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<3, __half, false, true>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<3, __half, true, true>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<4, __half, false, true>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<4, __half, true, true>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<5, __half, false, true>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<5, __half, true, true>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<6, __half, false, true>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<6, __half, true, true>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<7, __half, false, true>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<7, __half, true, true>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<8, __half, false, true>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<8, __half, true, true>(const __half*, const __half*, __half*, int, int, const float*, float*, const __half*, float);

@@ -96,6 +96,23 @@ def test_gate_up_silu_kernels_on_the_host():
     assert run.returncode == 0 and "all passed" in run.stdout, run.stdout[-4000:] + run.stderr[-4000:]
 
 
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None, reason="nvcc not installed (the host emulation builds with it)"
+)
+def test_norm_prologue_kernels_on_the_host():
+    """gemv_rows and quant_gemv_split with the residual add + RMSNorm in their prologue (rms_in.cuh), compiled as
+    host code, against harness.quant.norm_linear_ref in float64; the residual stream they write must be exact."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "quant_host_check.py"
+    args = ["--quick", "--variants", "norm", "--formats", "int4", "q4_1"]
+    run = subprocess.run([sys.executable, str(tool), *args], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0 and "all passed" in run.stdout, run.stdout[-4000:] + run.stderr[-4000:]
+    assert run.stdout.count("residual exact PASS") == 2 * 3 * 5 + 3 * 2
+
+
 def test_prefill_kernel_choice():
     """auto: wgmma on 9.x for fp16 caches of head dim 64 / 128; quantized caches and other devices: mma.sync."""
     from lserve_lite.backends import cuda_attention as att

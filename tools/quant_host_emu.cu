@@ -13,6 +13,9 @@
 // of layers.cu has inline PTX), W fp16:
 //   quant_host_emu grows - n M K W X Y                  y[n, M] (float) = x W^T through gemv_rows<n, float>
 //   quant_host_emu gsilu - n M K W X Y                  y[n, M] (fp16) through gemv_rows<n, __half, true>
+// Any split / ssilu / grows / gsilu run may start with `norm RES LNW RESOUT EPS` (RES "-": no residual): the NORM
+// instantiation (rms_in.cuh's residual add and RMSNorm of x in the prologue; grows then has fp16 outputs), with
+// the residual stream it writes in RESOUT.
 #include <cuda_fp16.h>
 #include <pthread.h>
 
@@ -89,6 +92,18 @@ static int emu_dp4a(int a, int b, int c) {
 #include "quant_gemv_split.cu"
 int4 smem[1 << 15];
 #include "gemv_rows.inc"
+uint4 normed[1 << 13];  // gemv_rows' dynamic shared memory with NORM
+
+// The `norm` arguments: files named on the command line, read once n and K are known.
+struct EmuNorm {
+  bool on = false;
+  const char *res_path, *w_path, *out_path;
+  float eps;
+  const float* res = nullptr;
+  float* res_out = nullptr;
+  const __half* w = nullptr;
+};
+EmuNorm emu_norm;
 
 template <typename T>
 static T* read_file(const char* path, size_t count, size_t pad) {
@@ -124,6 +139,19 @@ static void write_file(const char* path, const T* p, size_t count) {
   FILE* f = fopen(path, "wb");
   fwrite(p, sizeof(T), count, f);
   fclose(f);
+}
+
+// Reads the norm's inputs for n rows of K (res_out poisoned with NaN: block 0 must write every value).
+static void norm_load(int n, int K) {
+  if (!emu_norm.on) return;
+  if (strcmp(emu_norm.res_path, "-")) emu_norm.res = read_file<float>(emu_norm.res_path, (size_t)n * K, 0);
+  emu_norm.w = read_file<__half>(emu_norm.w_path, K, 0);
+  float* r = (float*)aligned_alloc(256, ((size_t)n * K * 4 + 255) / 256 * 256);
+  for (size_t i = 0; i < (size_t)n * K; ++i) r[i] = NAN;
+  emu_norm.res_out = r;
+}
+static void norm_save(int n, int K) {
+  if (emu_norm.on) write_file(emu_norm.out_path, emu_norm.res_out, (size_t)n * K);
 }
 
 template <typename F, int NMAX, int V>
@@ -180,10 +208,23 @@ static void gemv_split(int n, int M, int K, int ldy, char** a) {
   const __half* d = read_file<__half>(a[1], (size_t)M * groups, 16);
   const __half* mn = S::MIN ? read_file<__half>(a[2], (size_t)M * groups, 16) : d;
   const __half* x = read_file<__half>(a[3], (size_t)n * K, 0);
+  norm_load(n, K);
+  const EmuNorm nm = emu_norm;
+  if (nm.on) {  // NORM instantiations have fp16 outputs and one pass (rmsnorm_linear's)
+    std::vector<__half> y((size_t)n * ldy, __float2half(12344.f));
+    __half* yp = y.data();
+    launch_blocks((M + SWARPS * R - 1) / (SWARPS * R), SWARPS, [=] {
+      quant_gemv_split<S, R, NMAX, 1, __half, false, true>(q, d, mn, x, n, yp, ldy, M, K, nm.res, nm.res_out, nm.w,
+                                                           nm.eps);
+    });
+    write_file(a[4], yp, y.size());
+    return norm_save(n, K);
+  }
   std::vector<float> y((size_t)n * ldy, 12345.f);
   float* yp = y.data();
-  launch_blocks((M + SWARPS * R - 1) / (SWARPS * R), SWARPS,
-                [=] { quant_gemv_split<S, R, NMAX, P, float>(q, d, mn, x, n, yp, ldy, M, K); });
+  launch_blocks((M + SWARPS * R - 1) / (SWARPS * R), SWARPS, [=] {
+    quant_gemv_split<S, R, NMAX, P, float>(q, d, mn, x, n, yp, ldy, M, K, nullptr, nullptr, nullptr, 0.f);
+  });
   write_file(a[4], yp, y.size());
 }
 
@@ -209,11 +250,19 @@ static void gemv_split_silu(int n, int M, int K, int ldy, char** a) {
   const __half* d = read_file<__half>(a[1], (size_t)2 * M * groups, 16);
   const __half* mn = S::MIN ? read_file<__half>(a[2], (size_t)2 * M * groups, 16) : d;
   const __half* x = read_file<__half>(a[3], (size_t)n * K, 0);
+  norm_load(n, K);
+  const EmuNorm nm = emu_norm;
   std::vector<__half> y((size_t)n * ldy, __float2half(12344.f));
   __half* yp = y.data();
-  launch_blocks((M + SWARPS * R / 2 - 1) / (SWARPS * R / 2), SWARPS,
-                [=] { quant_gemv_split<S, R, NMAX, 1, __half, true>(q, d, mn, x, n, yp, ldy, M, K); });
+  launch_blocks((M + SWARPS * R / 2 - 1) / (SWARPS * R / 2), SWARPS, [=] {
+    if (nm.on)
+      quant_gemv_split<S, R, NMAX, 1, __half, true, true>(q, d, mn, x, n, yp, ldy, M, K, nm.res, nm.res_out, nm.w,
+                                                          nm.eps);
+    else
+      quant_gemv_split<S, R, NMAX, 1, __half, true>(q, d, mn, x, n, yp, ldy, M, K, nullptr, nullptr, nullptr, 0.f);
+  });
   write_file(a[4], yp, y.size());
+  norm_save(n, K);
 }
 
 template <typename S, int R>
@@ -249,29 +298,33 @@ static void run_split(const std::string& mode, char** v) {
   gemv_split_p<S, 4>(n, M, K, ldy, P, v + 6);
 }
 
-// gemv_rows<N, TOut, SILU> over blocks of 8 warps, as CudaOps launches it; y without a stride (NaN-filled).
-template <int N, bool SILU>
+// gemv_rows<N, TOut, SILU[, NORM]> over blocks of 8 warps, as CudaOps launches it; y without a stride (NaN-filled);
+// fp16 outputs with SILU or NORM.
+template <int N, bool SILU, bool NORM>
 static void rows_gemv(int M, int K, char** a) {
-  typedef typename std::conditional<SILU, __half, float>::type T;
+  typedef typename std::conditional<SILU || NORM, __half, float>::type T;
   const __half* w = read_file<__half>(a[0], (size_t)(SILU ? 2 : 1) * M * K, 0);
   const __half* x = read_file<__half>(a[1], (size_t)N * K, 0);
+  norm_load(N, K);
+  const EmuNorm nm = emu_norm;
   std::vector<T> y((size_t)N * M, (T)__float2half(NAN));
   T* yp = y.data();
-  launch_blocks((M + 7) / 8, 8, [=] { gemv_rows<N, T, SILU>(x, w, yp, M, K); });
+  launch_blocks((M + 7) / 8, 8, [=] { gemv_rows<N, T, SILU, NORM>(x, w, yp, M, K, nm.res, nm.res_out, nm.w, nm.eps); });
   write_file(a[2], yp, y.size());
+  norm_save(N, K);
 }
 
-template <bool SILU>
+template <bool SILU, bool NORM>
 static void rows_gemv_n(int n, int M, int K, char** a) {
   switch (n) {
-    case 1: return rows_gemv<1, SILU>(M, K, a);
-    case 2: return rows_gemv<2, SILU>(M, K, a);
-    case 3: return rows_gemv<3, SILU>(M, K, a);
-    case 4: return rows_gemv<4, SILU>(M, K, a);
-    case 5: return rows_gemv<5, SILU>(M, K, a);
-    case 6: return rows_gemv<6, SILU>(M, K, a);
-    case 7: return rows_gemv<7, SILU>(M, K, a);
-    default: return rows_gemv<8, SILU>(M, K, a);
+    case 1: return rows_gemv<1, SILU, NORM>(M, K, a);
+    case 2: return rows_gemv<2, SILU, NORM>(M, K, a);
+    case 3: return rows_gemv<3, SILU, NORM>(M, K, a);
+    case 4: return rows_gemv<4, SILU, NORM>(M, K, a);
+    case 5: return rows_gemv<5, SILU, NORM>(M, K, a);
+    case 6: return rows_gemv<6, SILU, NORM>(M, K, a);
+    case 7: return rows_gemv<7, SILU, NORM>(M, K, a);
+    default: return rows_gemv<8, SILU, NORM>(M, K, a);
   }
 }
 
@@ -284,13 +337,20 @@ static void run(const std::string& mode, char** v) {
 }
 
 int main(int argc, char** argv) {
+  if (argc > 6 && !strcmp(argv[1], "norm")) {
+    emu_norm.on = true;
+    emu_norm.res_path = argv[2], emu_norm.w_path = argv[3], emu_norm.out_path = argv[4];
+    emu_norm.eps = (float)atof(argv[5]);
+    argc -= 5, argv += 5;
+  }
   if (argc < 4) return 2;
   const std::string mode = argv[1], fmt = argv[2];
   char** v = argv + 3;
   if (mode == "grows" || mode == "gsilu") {
     const int n = atoi(v[0]), M = atoi(v[1]), K = atoi(v[2]);
-    if (mode == "gsilu") rows_gemv_n<true>(n, M, K, v + 3);
-    else rows_gemv_n<false>(n, M, K, v + 3);
+    const bool silu = mode == "gsilu";
+    if (emu_norm.on) silu ? rows_gemv_n<true, true>(n, M, K, v + 3) : rows_gemv_n<false, true>(n, M, K, v + 3);
+    else silu ? rows_gemv_n<true, false>(n, M, K, v + 3) : rows_gemv_n<false, false>(n, M, K, v + 3);
     return 0;
   }
   if (mode == "split" || mode == "dsplit" || mode == "ssilu") {

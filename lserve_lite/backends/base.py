@@ -176,6 +176,15 @@ class Ops(Protocol):
         returned it): silu_mul(linear(h, w)), which a backend may run as one kernel (CUDA: decode GEMVs)."""
         ...
 
+    def rmsnorm_linear(
+        self, x: Array, residual: Array | None, norm_w: Array, eps: float, w: Array, bias: Array | None = None,
+        silu: bool = False,
+    ) -> tuple[Array, Array]:  # fmt: skip
+        """A layer's input norm and the projection that consumes it: (linear(h, w, bias), or gate_up_silu(h, w)
+        with `silu`; the residual stream), h = add_rmsnorm(x, residual): one method so that a backend can run the
+        norm inside the product's kernel (CUDA: decode GEMVs); `norm_then_linear` is the unfused form."""
+        ...
+
     def rope_write_kv(
         self,
         qkv: Array,
@@ -200,6 +209,15 @@ class Ops(Protocol):
         ...
 
     def kv_budget_bytes(self, fraction: float, reserved: int = 0) -> int: ...
+
+
+def norm_then_linear(
+    ops: Ops, x: Array, residual: Array | None, norm_w: Array, eps: float, w: Array, bias: Array | None = None,
+    silu: bool = False,
+) -> tuple[Array, Array]:  # fmt: skip
+    """Ops.rmsnorm_linear as two calls: add_rmsnorm, then linear or gate_up_silu."""
+    h, residual = ops.add_rmsnorm(x, residual, norm_w, eps)
+    return (ops.gate_up_silu(h, w) if silu else ops.linear(h, w, bias)), residual
 
 
 def alloc_kv_cache(

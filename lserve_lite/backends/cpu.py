@@ -9,7 +9,7 @@ from ..config import GROUP_REDUCE, ORACLE_REDUCE, EngineConfig
 from ..sparse.plan import AttentionPlan
 from ..weights.qtensor import QuantTensor, RowStack
 from . import cpu_kernels as K
-from .base import EagerExecutor, Forward, HostTokens, KVCache, alloc_kv_cache
+from .base import EagerExecutor, Forward, HostTokens, KVCache, alloc_kv_cache, norm_then_linear
 from .cpu_quant import embed_q, linear_q, logits_q
 from .cpu_threads import SplitRunner, even_bounds, openblas_set_threads
 from .reference.attention import attend_qblocks, paged_attention_sparse_ref
@@ -133,6 +133,10 @@ class CpuOps:
     def gate_up_silu(self, h, w):
         """silu_mul(linear(h, w)): the same kernels and numerics as the two calls (nothing fused on the CPU)."""
         return self.silu_mul(self.linear(h, w))
+
+    def rmsnorm_linear(self, x, residual, norm_w, eps, w, bias=None, silu=False):
+        """The two calls (nothing fused on the CPU)."""
+        return norm_then_linear(self, x, residual, norm_w, eps, w, bias, silu)
 
     def rope_write_kv(self, qkv, positions, slots, cache, layer, rope):
         """`slots` [N] (dense mode) or [2, N]: dense-pool slots, streaming-pool slots. A quantized cache is

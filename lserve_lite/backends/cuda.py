@@ -22,11 +22,12 @@ from ..errors import InvalidRequestError, ModelLoadError
 from ..kv.layout import KVLayout
 from ..sparse.plan import AttentionPlan
 from ..weights.qtensor import QuantTensor, RowStack
-from .base import EagerExecutor, Forward, KVCache, alloc_kv_cache
+from .base import EagerExecutor, Forward, KVCache, alloc_kv_cache, norm_then_linear
 from .cuda_attention import HEAD_DIMS, KV_TRAITS
 from .cuda_compile import load_module
 from .cuda_graphs import GraphExecutor
 from .cuda_quant import DeviceQuant, DeviceRowStack, QuantKernels
+from .rms_in import NO_NORM, RmsIn, scratch_bytes
 
 FP16_MAX = 65504.0
 LAYER_KERNELS = (
@@ -39,8 +40,11 @@ LAYER_KERNELS = (
     "silu_mul<8>",
     *(f"gemv_rows<{n}, {t}>" for t in ("__half", "float") for n in range(1, 9)),
     *(f"gemv_rows<{n}, __half, true>" for n in range(1, 9)),  # gate_up GEMV + SiLU-and-multiply (decode)
+    # the input's residual add and RMSNorm in the GEMV's prologue (rmsnorm_linear), plain and gate_up + SiLU
+    *(f"gemv_rows<{n}, __half, {s}, true>" for s in ("false", "true") for n in range(1, 9)),
 )
 GEMV_MAX_ROWS = 8
+NORM_SMEM = 48 << 10  # gemv_rows with NORM: normed rows (N * K halves) + scratch in shared memory, no opt-in
 
 
 def to_fp16(a: np.ndarray, name: str | None = None) -> np.ndarray:
@@ -201,6 +205,9 @@ class CudaOps:
         self.small_gemv = os.environ.get("LSERVE_CUDA_GEMV", "1") != "0"
         # SiLU-and-multiply in the decode gate_up GEMV's epilogue (gate_up_silu); LSERVE_CUDA_FUSE_SILU=0: separate.
         self.fuse_silu = os.environ.get("LSERVE_CUDA_FUSE_SILU", "1") != "0"
+        # residual add + RMSNorm in the prologue of the decode GEMV after it (rmsnorm_linear); LSERVE_CUDA_FUSE_NORM=0:
+        # add_rmsnorm's own kernel.
+        self.fuse_norm = os.environ.get("LSERVE_CUDA_FUSE_NORM", "1") != "0"
 
     # -- data movement ------------------------------------------------------------------------
     def upload(self, a, name: str | None = None):
@@ -359,7 +366,8 @@ class CudaOps:
             return out
         if self.gemm_path(n, k) == "gemv":
             t = "__half" if out.dtype == np.float16 else "float"
-            self.k[f"gemv_rows<{n}, {t}>"]((-(-m // 8),), (256,), (x, w, out, np.int32(m), np.int32(k)))
+            args = (x, w, out, np.int32(m), np.int32(k), *NO_NORM)
+            self.k[f"gemv_rows<{n}, {t}>"]((-(-m // 8),), (256,), args)
             return out
         self.blas.gemm_nt(x, w, out)
         return out
@@ -378,10 +386,42 @@ class CudaOps:
         if self.fuse_silu and isinstance(w, DeviceQuant):
             fused = self.quant.gate_up_silu(h, w, out)  # split weights only
         elif self.fuse_silu and not isinstance(w, DeviceRowStack) and self.gemm_path(n, k) == "gemv":
-            args = (h, w, out, np.int32(inter), np.int32(k))
+            args = (h, w, out, np.int32(inter), np.int32(k), *NO_NORM)
             self.k[f"gemv_rows<{n}, __half, true>"]((-(-inter // 8),), (256,), args)
             fused = True
         return out if fused else self.silu_mul(self.linear(h, w), out=out)
+
+    def rmsnorm_linear(self, x, residual, norm_w, eps, w, bias=None, silu=False):
+        """Decode rows: the residual add and RMSNorm in the prologue of the GEMV (gemv_rows / quant_gemv_split with
+        NORM: no add_rmsnorm launch), the residual stream returned in a new float32 array; other shapes and
+        weights (cuBLAS rows, q4_k / q6_k block kernels, row stacks, N * K halves past NORM_SMEM), or
+        LSERVE_CUDA_FUSE_NORM=0: add_rmsnorm, then `linear` / `gate_up_silu`. Reference: the same composition
+        of reference/layers.rmsnorm_ref and the product."""
+        cp = self.cp
+        x = cp.ascontiguousarray(x)
+        n, k = int(x.shape[0]), int(x.shape[1])
+        rows = int(w.shape[0]) // 2 if silu else int(w.shape[0])
+        if self.fuse_norm and (not silu or self.fuse_silu) and 0 < n <= GEMV_MAX_ROWS:
+            res_in = None if residual is None else cp.ascontiguousarray(residual, dtype=cp.float32)
+            norm = RmsIn(res_in, cp.empty((n, k), cp.float32), norm_w, eps)
+            out = cp.empty((n, rows), cp.float16)
+            fused = self.quant.norm_gemv(x, w, out, norm, silu)
+            smem = 2 * n * k + scratch_bytes(n)
+            if (
+                not fused
+                and isinstance(w, cp.ndarray)
+                and self.gemm_path(n, k) == "gemv"
+                and smem <= NORM_SMEM
+            ):
+                args = (x, w, out, np.int32(rows), np.int32(k), *norm.args())
+                kern = self.k[f"gemv_rows<{n}, __half, {'true' if silu else 'false'}, true>"]
+                kern((-(-rows // 8),), (256,), args, shared_mem=smem)
+                fused = True
+            if fused:
+                if bias is not None:
+                    out += bias
+                return out, norm.res_out
+        return norm_then_linear(self, x, residual, norm_w, eps, w, bias, silu)
 
     def silu_mul(self, gate_up, out=None):
         """Reference: reference/layers.silu_mul_ref."""

@@ -1,6 +1,6 @@
-"""Harness rows of kernels/layers.cu (embedding gather, residual add + RMSNorm, RoPE + K/V page write in both
-KV layouts with the page statistics, SiLU-and-multiply, alone and in the gate_up GEMV) and of the GEMMs (our
-GEMV and cuBLAS), against backends/reference/layers.py."""
+"""Harness rows of kernels/layers.cu (embedding gather, residual add + RMSNorm, alone and in the prologue of the
+GEMV after it, RoPE + K/V page write in both KV layouts with the page statistics, SiLU-and-multiply, alone and in
+the gate_up GEMV) and of the GEMMs (our GEMV and cuBLAS), against backends/reference/layers.py."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from ..backends.base import KVCache, rope_tables
+from ..backends.cuda_quant import pick_variant
 from ..backends.reference.layers import (
     embed_ref,
     rmsnorm_ref,
@@ -18,7 +19,7 @@ from ..backends.reference.layers import (
 )
 from ..config import ModelConfig
 from .common import Ctx, Result, compare, silu_mul_atol
-from .quant import U32, silu_inputs
+from .quant import U32, norm_linear_ref, random_quant, reference_matrix, silu_inputs
 from .sparse_batch import head_classes
 
 
@@ -142,6 +143,36 @@ def case_gate_up_silu(c: Ctx) -> list[Result]:
         atol = silu_mul_atol(gu, (k / 32 + 20) * U32 * bound if gemv else 1e-4 * bound, rounded=not fused)
         name = f"gate_up_silu [{'gemv fused' if fused else c.ops.gemm_path(n, k) + ' + silu_mul'}]"
         out.append(compare(name, f"N{n} K{k} I{inter}", c.cp.asnumpy(got), silu_mul_ref(gu), atol, 2.0**-10))
+    return out
+
+
+def case_rmsnorm_linear(c: Ctx) -> list[Result]:
+    """CudaOps.rmsnorm_linear: the residual add and RMSNorm in the prologue of the decode GEMV that consumes them
+    (gemv_rows / quant_gemv_split with NORM), plain and gate_up + SiLU-and-multiply, fp16 and split weights, the
+    first layer (no residual); and the fallbacks (q4_k's block kernels, N * K past gemv_rows' shared memory,
+    cuBLAS rows). Against harness.quant.norm_linear_ref; the residual stream must be x + res exactly."""
+    out = []
+    cases = [(None, 1, 576, 960, False), (None, 3, 4096, 1001, True), (None, 6, 4096, 77, False),
+             (None, 12, 576, 301, True), ("q4_1", 1, 576, 1536, True), ("q4_1", 8, 1024, 515, False),
+             ("int8", 2, 4096, 4097, False), ("int4", 5, 4096, 2731, True), ("q8_0", 4, 512, 129, True),
+             ("q4_0", 1, 256, 37, False), ("q4_k", 3, 512, 129, True)]  # fmt: skip
+    for i, (fmt, n, k, m, silu) in enumerate(cases):
+        rows = 2 * m if silu else m
+        w = c.f16(rows, k, scale=1 / math.sqrt(k)) if fmt is None else random_quant(fmt, rows, k, c.rng)
+        ref_w = reference_matrix(w)
+        x, lnw = c.f16(n, k), (c.f16(k, scale=0.3) + 1.0).astype(np.float16)
+        res = None if i == 0 else c.rng.standard_normal((n, k)).astype(np.float32) * 2
+        split = fmt is not None and pick_variant(c.ops.quant.gemv_variant, fmt, n) == "split" and n <= 8
+        ref, atol, r = norm_linear_ref(x, res, lnw, 1e-5, ref_w, silu, split)
+        dw = c.dev16(w) if fmt is None else c.ops.upload(w)
+        got, got_res = c.ops.rmsnorm_linear(
+            c.dev16(x), None if res is None else c.cp.asarray(res), c.dev16(lnw), 1e-5, dw, silu=silu
+        )
+        if n > 8:  # cuBLAS: float32 sums 1e-4 of the bound
+            atol = atol + 1e-4 * (np.abs(x) @ np.abs(ref_w).T)[:, : ref.shape[1]]
+        tag = f"{fmt or 'f16'} N{n} K{k} M{m}" + (" silu" if silu else "") + (" first" if res is None else "")
+        out.append(compare("rmsnorm_linear", tag, c.cp.asnumpy(got), ref, atol, 2.0**-10))
+        out.append(compare("rmsnorm_linear.residual", tag, c.cp.asnumpy(got_res), r, 0, 0))
     return out
 
 

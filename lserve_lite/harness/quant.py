@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backends.cuda_quant import GEMV_VARIANTS, pick_variant
-from ..backends.reference.layers import silu_mul_ref
+from ..backends.reference.layers import rmsnorm_ref, silu_mul_ref
 from ..weights.qtensor import FORMATS, LAYOUTS, QuantTensor, RowStack
 from ..weights.quantize import quantize_int4, quantize_int8
 from .common import Ctx, Result, compare, silu_mul_atol
@@ -78,6 +78,26 @@ def activation_bound(x: np.ndarray, ref_w: np.ndarray, passes: int = 1) -> np.nd
     dx = np.abs(x.astype(np.float64)).reshape(n, k // 32, 32).max(axis=2) / 127.0
     step = np.repeat(dx / 2 if passes == 1 else dx / 508, 32, axis=1)  # [n, k]
     return 1.02 * step @ np.abs(ref_w).T
+
+
+def norm_linear_ref(
+    x: np.ndarray, res: np.ndarray | None, lnw: np.ndarray, eps: float, ref_w: np.ndarray, silu: bool, split: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """(output, its atol, residual stream) of a GEMV with the residual add and RMSNorm in its prologue
+    (rms_in.cuh; CudaOps.rmsnorm_linear): r = x + res in float32 (exact), h = rmsnorm_ref(r) rounded to fp16
+    (add_rmsnorm's output), times W (gate_up + SiLU-and-multiply with `silu`) in float64. Tolerance: the GEMV's on
+    h (the split GEMV's int8 activations with `split`) plus one fp16 rounding of each h (the kernel's float32
+    rstd is summed in another order, so a value may round the other way); add rtol 2^-10 for the fp16 output."""
+    r = x.astype(np.float32) + (0 if res is None else res)
+    h = rmsnorm_ref(r, lnw.astype(np.float32), eps).astype(np.float16).astype(np.float64)
+    k = h.shape[1]
+    prod, bound = h @ ref_w.T, np.abs(h) @ np.abs(ref_w).T
+    atol = ((k / 32 + 20) * U32 + 2.0**-10) * bound
+    if split:
+        atol = atol + activation_bound(h, ref_w, 1)
+    if silu:
+        return silu_mul_ref(prod), silu_mul_atol(prod, atol), r
+    return prod, atol, r
 
 
 def check_linear(

@@ -90,15 +90,18 @@ class LlamaModel:
         x = self._sum(ops.embed(self.embed, ids, vocab_start=self.vocab_start))
         residual = None
         for i, layer in enumerate(self.layers):
-            h, residual = ops.add_rmsnorm(x, residual, layer.ln1, cfg.rms_norm_eps)
-            qkv = ops.linear(h, layer.qkv, layer.qkv_bias)
+            qkv, residual = ops.rmsnorm_linear(
+                x, residual, layer.ln1, cfg.rms_norm_eps, layer.qkv, layer.qkv_bias
+            )
             q = ops.rope_write_kv(qkv, positions, slots, cache, i, self.rope)
             if plan.selects:
                 ops.select_pages(q, cache, i, plan)
             a = ops.attention(q, cache, i, plan, head_classes[i])
             x = self._sum(ops.linear(a, layer.o))
-            h, residual = ops.add_rmsnorm(x, residual, layer.ln2, cfg.rms_norm_eps)
-            x = self._sum(ops.linear(ops.gate_up_silu(h, layer.gate_up), layer.down))
+            act, residual = ops.rmsnorm_linear(
+                x, residual, layer.ln2, cfg.rms_norm_eps, layer.gate_up, silu=True
+            )
+            x = self._sum(ops.linear(act, layer.down))
         h, _ = ops.add_rmsnorm(x[logit_rows], residual[logit_rows], self.norm, cfg.rms_norm_eps)
         logits = ops.logits(h, self.lm_head)
         return logits if self.comm is None else self.comm.all_gather(logits)
