@@ -34,14 +34,9 @@ __device__ __forceinline__ void rms_residual8(const __half* x, const RmsIn& in, 
   }
 }
 
-// Shared memory rms_rows needs (in the caller's dynamic shared memory; backends/rms_in.py's scratch_bytes).
-template <int NMAX>
-constexpr int rms_scratch_floats() {
-  return 33 * NMAX;
-}
-
-// rstd[r] = 1 / sqrt(mean((x + res_in)^2) + eps) for rows r < n <= NMAX, by the whole block, into scratch[0..n)
-// (rms_scratch_floats of shared memory); block 0 writes res_out. Ends with a barrier: rstd is then readable.
+// rstd[r] = 1 / sqrt(mean((x + res_in)^2) + eps) for rows r < n <= NMAX, by the whole block, into scratch[0..n):
+// 33 * NMAX floats of the caller's shared memory (backends/rms_in.py's scratch_bytes); block 0 writes res_out.
+// Ends with a barrier: rstd is then readable.
 template <int NMAX>
 __device__ __forceinline__ void rms_rows(const __half* x, const RmsIn& in, int n, int K, float* scratch) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

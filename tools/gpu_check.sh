@@ -87,6 +87,12 @@ for s in $steps; do case $s in
              step llama_${q}_fuse$f 200 env LSERVE_CUDA_FUSE_SILU=$f python3 tools/bench_e2e.py --skip smollm2 --skip smollm2-lserve \
                  --skip splits $( [ $q = fp16 ] || echo --quantize $q ) --llama-contexts 4096 --out "$OUT/llama_${q}_fuse$f.json"
            done; done ;;
+  norm)    # the residual add + RMSNorm in the prologue of the decode GEMVs (rmsnorm_linear): harness rows, GPU tests, then
+           # the A/B of LSERVE_CUDA_FUSE_NORM (step ab)
+           step norm_kernels 200 python3 -m lserve_lite.cli kernels test rmsnorm_linear add_rmsnorm gate_up_silu \
+               quant_gate_up_silu linear quant_gemv --json "$OUT/norm_kernels.json"
+           step norm_tests 300 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_gpu_pdl.py tests/test_gpu_overlap.py \
+               tests/test_gpu_graphs_sparse.py tests/test_gpu_ops.py tests/test_gpu_quant.py -k "not smollm2" ;;
   ab)      # Llama-3-8B-shaped batch-1 decode at 4k per weight format with a switch off and on: AB=LSERVE_CUDA_FUSE_SILU
            # (default), LSERVE_PDL, ...
            v=${AB:-LSERVE_CUDA_FUSE_SILU}

@@ -40,5 +40,5 @@ def norm_args(norm: RmsIn | None) -> tuple:
 
 
 def scratch_bytes(nmax: int) -> int:
-    """The shared memory rms_rows takes after a kernel's own (rms_scratch_floats in rms_in.cuh)."""
+    """The shared memory rms_rows takes after a kernel's own (its `scratch`, rms_in.cuh)."""
     return 4 * 33 * nmax
