@@ -1,13 +1,28 @@
-"""tools/bench_e2e.batch_tables: the page tables and copies of the batched Llama decode benchmark."""
+"""tools/bench_e2e on the CPU: the page tables and copies of the batched Llama decode benchmark, the KV capacity per
+dtype (the engine's budget and pool sizing on a fake device), the command line and the tables."""
 
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
-from bench_e2e import batch_tables  # noqa: E402
+from bench_e2e import (  # noqa: E402
+    batch_tables,
+    format_capacity,
+    format_sparse_summary,
+    kv_capacity,
+    llama3_8b_config,
+    llama3_head_classes,
+    parse_args,
+    sparse_summary,
+    tagged,
+)
 
 
 def test_private_rows_own_their_pages_and_get_row_0s_kv():
@@ -22,3 +37,104 @@ def test_shared_rows_read_row_0s_pages_and_write_their_own():
     assert copies == [(2, 5), (2, 6)]
     slots = {t[130 // 64] * 64 + 130 % 64 for t in tables}
     assert len(slots) == 3  # no two rows write one slot
+
+
+def _fake_cuda_budget(free: int, fraction: float, weights: int) -> int:
+    """CudaOps.kv_budget_bytes (the engine's rule) on a device that reports `free` bytes free."""
+    from types import SimpleNamespace
+
+    from lserve_lite.backends.cuda import CudaOps
+
+    ops = CudaOps.__new__(CudaOps)  # no device: only the budget rule runs
+    ops._runtime = SimpleNamespace(memGetInfo=lambda: (free, 150 << 30))
+    ops.cp = SimpleNamespace(get_default_memory_pool=lambda: SimpleNamespace(free_bytes=lambda: 0))
+    return ops.kv_budget_bytes(fraction, weights)
+
+
+def _capacity(budget: int, supported=("fp16", "int8", "int4", "fp8")) -> list[dict]:
+    from lserve_lite.backends.base import alloc_kv_cache
+    from lserve_lite.config import EngineConfig
+
+    cfg = llama3_8b_config(8192)
+    classes, _ = llama3_head_classes(cfg.num_layers, cfg.num_kv_heads, 0.5)
+    alloc = partial(alloc_kv_cache, np.zeros, np.asarray, np.float16)  # CudaOps.alloc_kv's pools, on the host
+    return kv_capacity(cfg, EngineConfig(max_num_seqs=1), classes, budget, supported, 2, alloc)
+
+
+def test_capacity_per_kv_dtype_on_an_h200_sized_budget():
+    budget = _fake_cuda_budget(140 << 30, 0.8, 16_060_000_000)
+    assert budget == int(((140 << 30) - 16_060_000_000) * 0.8) - (1 << 30)
+    rows = {(r["kv_dtype"], r["mode"]): r for r in _capacity(budget)}
+    assert len(rows) == 8 and not any("error" in r for r in rows.values())
+    # Llama-3-8B: 32 layers x 8 KV heads; fp16 K+V 2 x 128 x 2 B, int8 / fp8 + one fp16 scale each, int4 packed
+    # with (scale, min) pairs per 16 key / 32 value channels
+    per_head = {"fp16": 512, "int8": 260, "fp8": 260, "int4": 64 + 32 + 64 + 16}
+    for kv, b in per_head.items():
+        d, s = rows[kv, "dense"], rows[kv, "lserve"]
+        assert d["bytes_per_token"] == d["allocated_bytes_per_token"] == 32 * 8 * b
+        assert (
+            d["tokens"] == d["pages"] * 64
+            and d["pages"] * d["page_bytes"] <= budget < (d["pages"] + 1) * d["page_bytes"]
+        )
+        assert d["stream_pages"] == 0 and s["stream_pages"] > 0
+        # LServe: half the KV heads in the dense pool (plus its page statistics), the rest a constant ring
+        assert s["bytes_per_token"] < 0.7 * d["bytes_per_token"] and s["tokens"] > 1.4 * d["tokens"]
+        assert s["pages"] * s["page_bytes"] + s["stream_bytes"] <= budget
+        # the sizing counts float32 page statistics; the GPU allocates them in fp16
+        assert s["allocated_bytes_per_token"] <= s["bytes_per_token"]
+        assert d["startup_line"].startswith(
+            f"KV cache {kv}: {d['pages']} pages x 64 tokens = {d['tokens']} tokens"
+        )
+    assert rows["int8", "dense"]["tokens"] > 1.9 * rows["fp16", "dense"]["tokens"]
+    assert rows["fp16", "dense"]["tokens"] > 700_000  # ~98 GiB of KV at 128 KiB a token
+    table = format_capacity(list(rows.values()))
+    assert "| int8 | dense | 66560 (66560) |" in table and "| fp16 | dense |" in table
+
+
+def test_capacity_reports_a_dtype_the_gpu_lacks_and_a_budget_too_small():
+    rows = _capacity(_fake_cuda_budget(140 << 30, 0.8, 16 << 30), supported=("fp16", "int8", "int4"))
+    fp8 = [r for r in rows if r["kv_dtype"] == "fp8"]
+    assert len(fp8) == 2 and all("sm_89" in r["error"] for r in fp8)
+    small = _capacity(1 << 20)
+    assert all("holds no KV page" in r["error"] for r in small)
+    assert "holds no KV page" in format_capacity(small)
+
+
+def test_kv_dtype_option_and_output_names(tmp_path):
+    args = parse_args(
+        ["--sparse", "--sparse-contexts", "262144", "--kv-dtype", "int8", "--out", str(tmp_path)]
+    )
+    assert args.kv_dtype == "int8" and args.sparse_contexts == [262144]
+    assert args.out == str(tmp_path / "bench_e2e_sparse.json")
+    args = parse_args(["--capacity", "--quantize", "int4", "--out", str(tmp_path)])
+    assert args.capacity and args.out == str(tmp_path / "bench_e2e_capacity.json")
+    args = parse_args([])
+    assert args.kv_dtype == "auto" and args.llama_prefill_reps == 3 and not args.capacity
+    with pytest.raises(SystemExit):
+        parse_args(["--kv-dtype", "fp32"])  # no float32 cache on the GPU
+
+
+def test_sparse_summary_records_the_kv_dtype():
+    rows = [
+        dict(context=262144, kind=k, mode=m, ms=ms)
+        for k, m, ms in (
+            ("decode_step", "sparse", 20.0),
+            ("decode_step", "dense", 40.0),
+            ("prefill", "dense", 9e4),
+        )
+    ]
+    summary = sparse_summary(rows, 0.005, "int8")
+    assert summary[0]["kv_dtype"] == "int8" and summary[0]["decode_step_speedup"] == 2.0
+    assert "| 256k | int8 | 20.00 (50.0) | 40.00 (25.0) | 2.00x |" in format_sparse_summary(summary)
+
+
+def test_tagged_emit_adds_the_kv_dtype_and_keeps_the_result():
+    got = []
+
+    def base(r):
+        got.append(r)
+
+    base.result, base.save = {"rows": got}, lambda: None
+    out = tagged(base, kv_dtype="fp8")
+    out(dict(model="m", what="w"))
+    assert got == [dict(model="m", what="w", kv_dtype="fp8")] and out.result is base.result

@@ -7,6 +7,7 @@ Timing: CUDA events after warm-up, median. Rooflines: 750 TFLOP/s (fp16 tensor c
 4.27 TB/s (device copy). Causal FLOPs = 2 * 2 * Hq * D * S^2 / 2. Decode bytes = K + V read once.
 
     python3 tools/bench_attention.py --out DIR [--quick] [--kv-dtypes fp16,int8,int4,fp8]
+    python3 tools/bench_attention.py --sections chunked --kv-dtypes fp16,int8,int4,fp8 --prefill-kernels mma --no-peers --out DIR
 
 `--prefill-kernels mma,wgmma`: our prefill rows also under each named prefill kernel (cuda_attention.PREFILL_KERNEL:
 the mma.sync kernel, and the sm_90a wgmma kernel on compute capability 9.x), rows `ours_<kernel>`; the plain
@@ -16,6 +17,13 @@ the mma.sync kernel, and the sm_90a wgmma kernel on compute capability 9.x), row
 decode bandwidth counts the bytes actually read (values + fp16 scales). Decode also times the register-level
 quantized decode (`cuda_attention.KVQ_DECODE = "v2"`), rows `ours_<dtype>_v2`, with its largest difference
 from v1's output on the same inputs (`max_diff_vs_v1`).
+
+`--sections chunked` (not in the default set): chunked prefill over cached context, the engine's prefill chunk
+after the first: a 2048-token chunk over 32k and 128k cached tokens of one sequence (shuffled page table, the
+chunk's own K/V in the cache), fp16 and each quantized dtype of `--kv-dtypes` (and fp16 under each of
+`--prefill-kernels`), with the time over fp16's (issue target: int8 within 1.1x). At 32k every variant's
+output is first spot-checked against the CPU reference (reference/attention.paged_attention_ref, the GPU
+tests' reference) on its first and last 64 rows, max error printed.
 
 Prints a table, writes DIR/bench_attention.json and DIR/bench_attention.png (when matplotlib is there).
 torch is imported only inside the peer functions.
@@ -27,6 +35,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +43,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 HQ, HKV, D, PAGE = 32, 8, 128, 64
+CHUNK, CHUNK_CACHED = 2048, (32768, 131072)  # the chunked section: a prefill chunk over cached context
+# its spot-check: rows at each end; |err| <= CHECK_ATOL max|ref| + CHECK_RTOL |ref| (outputs over tens of
+# thousands of random keys are ~0.01, so an absolute tolerance would let a wrong kernel through)
+CHECK_ROWS, CHECK_ATOL, CHECK_RTOL = 64, 1e-2, 2e-2
 PEAK_TFLOPS, PEAK_TBS = 750.0, 4.27
 
 
@@ -78,8 +91,7 @@ def _rand(cp, shape, rng_seed):
 
 
 def _kv_pools(cp, npages: int, kv: str) -> tuple:
-    """(k, v, attention kwargs) of a random cache in format `kv`: fp16 values, or random quantized bytes
-    (fp8: finite codes only) with fp16 scales around 0.01."""
+    """(k, v, attention kwargs) of a random cache in format `kv` (random_kv_values / random_kv_scales)."""
     from lserve_lite.kv.quant import FORMATS
 
     if kv == "fp16":
@@ -87,15 +99,27 @@ def _kv_pools(cp, npages: int, kv: str) -> tuple:
     fmt = FORMATS[kv]
     g = cp.random.default_rng(4)
     shape = (npages, HKV, PAGE, fmt.packed_dim(D))
-    vals = [g.integers(0, 256, shape, dtype=np.int32).astype(np.uint8) for _ in "kv"]
+    k, v = (random_kv_values(g, shape, kv) for _ in "kv")
+    scales = tuple(random_kv_scales(g, (npages, HKV, PAGE, f.scale_cols(D))) for f in (fmt.keys(), fmt))
+    return k, v, {"scales": scales, "kv": kv}
+
+
+def random_kv_values(g, shape: tuple, kv: str):
+    """Stored K or V values of format `kv` from CuPy generator `g`: fp16 normals, or random quantized bytes
+    (fp8: finite codes only)."""
+    from lserve_lite.kv.quant import FORMATS
+
+    if kv == "fp16":
+        return g.standard_normal(shape, dtype=np.float32).astype(np.float16)
+    vals = g.integers(0, 256, shape, dtype=np.int32).astype(np.uint8)
     if kv == "fp8":
-        vals = [v & 0xFE for v in vals]  # codes 0x7f / 0xff (NaN) never occur
-    vals = [v.view(fmt.value_dtype) for v in vals]
-    scales = tuple(
-        (0.005 + 0.01 * g.random((npages, HKV, PAGE, f.scale_cols(D)), dtype=np.float32)).astype(np.float16)
-        for f in (fmt.keys(), fmt)
-    )  # int4: the mins (odd entries) drawn the same way
-    return vals[0], vals[1], {"scales": scales, "kv": kv}
+        vals &= 0xFE  # codes 0x7f / 0xff (NaN) never occur
+    return vals.view(FORMATS[kv].value_dtype)
+
+
+def random_kv_scales(g, shape: tuple):
+    """fp16 scales around 0.01 (int4: its mins drawn the same way): dequantized values of magnitude ~1."""
+    return (0.005 + 0.01 * g.random(shape, dtype=np.float32)).astype(np.float16)
 
 
 def _kv_bytes(tokens: int, kv: str) -> float:
@@ -117,18 +141,14 @@ def ours_prefill(
     kernel: str | None = None,
 ) -> dict:
     """`kernel`: cuda_attention.PREFILL_KERNEL for this row ("mma" / "wgmma"; None: leave it as it is)."""
+    with prefill_kernel(kernel):
+        return _ours_prefill(seq, q_block, streaming_local, sink, kv)
+
+
+def _ours_prefill(seq: int, q_block: int, streaming_local: int, sink: int, kv: str) -> dict:
     import cupy as cp
 
-    from lserve_lite.backends import cuda_attention
     from lserve_lite.backends.cuda_attention import CudaPlan, paged_attention
-
-    if kernel is not None:
-        saved = cuda_attention.PREFILL_KERNEL
-        cuda_attention.PREFILL_KERNEL = kernel
-        try:
-            return ours_prefill(seq, q_block, streaming_local, sink, kv)
-        finally:
-            cuda_attention.PREFILL_KERNEL = saved
     from lserve_lite.sparse.plan import build_plan
 
     layout, npages = _dense_layout([seq], [seq])
@@ -151,6 +171,78 @@ def ours_prefill(
         "pages_listed": int(plan.kv_page.size),
     }
     return res
+
+
+@contextmanager
+def prefill_kernel(kernel: str | None):
+    """cuda_attention.PREFILL_KERNEL set to `kernel` ("mma" / "wgmma") inside the block; None leaves it."""
+    from lserve_lite.backends import cuda_attention
+
+    saved = cuda_attention.PREFILL_KERNEL
+    if kernel is not None:
+        cuda_attention.PREFILL_KERNEL = kernel
+    try:
+        yield
+    finally:
+        cuda_attention.PREFILL_KERNEL = saved
+
+
+def ours_chunked(cached: int, kv: str = "fp16", kernel: str | None = None, check: bool = False) -> dict:
+    """One CHUNK-token prefill chunk of a sequence over its `cached` earlier tokens, as the engine runs chunked
+    prefill: one plan over the sequence's shuffled pages (the chunk's own K/V among them) through
+    paged_attention, CudaOps.attention's call on a dense-mode cache. `kernel` as in ours_prefill (it takes
+    the quantized formats to the mma kernel anyway); `check`: the output against the CPU reference first."""
+    with prefill_kernel(kernel):
+        return _ours_chunked(cached, kv, check)
+
+
+def _ours_chunked(cached: int, kv: str, check: bool) -> dict:
+    import cupy as cp
+
+    from lserve_lite.backends.cuda_attention import CudaPlan, paged_attention, prefill_kernel_for
+    from lserve_lite.sparse.plan import build_plan
+
+    layout, npages = _dense_layout([cached + CHUNK], [CHUNK])
+    plan = CudaPlan.from_plan(build_plan(layout, PAGE))
+    q = _rand(cp, (CHUNK, HQ, D), 1)
+    k, v, quant = _kv_pools(cp, npages, kv)
+    hc = cp.asarray(np.zeros(HKV, np.int32))
+    out = cp.empty((CHUNK, HQ * D), np.float16)
+    fn = lambda: paged_attention(q, k, v, plan, hc, out=out, **quant)  # noqa: E731
+    res = {"kv": kv, "kernel": prefill_kernel_for(D, kv, cp.cuda.Device().compute_capability)}
+    if check:
+        fn()
+        host = cp.asnumpy
+        scales = tuple(host(a) for a in quant.get("scales", ()))
+        res["check"] = check_chunked(host(q), host(k), host(v), scales, kv, layout, host(out))
+    t1 = events_median(fn, 1, 1)
+    ms = events_median(fn, 1, _reps(t1))
+    pairs = CHUNK * cached + CHUNK * (CHUNK + 1) / 2  # (query, key) pairs under the causal mask
+    res.update(ms=ms, tflops=4.0 * HQ * D * pairs / ms / 1e9)
+    return res
+
+
+def check_chunked(q, k, v, scales: tuple, kv: str, layout, out) -> dict:
+    """The first and last CHECK_ROWS rows of a chunk's output `out` against paged_attention_ref over the same
+    values (host arrays; `scales`: a quantized cache's K and V scales); the rows' own plan is two query blocks
+    over the sequence's page table, ending where those rows end."""
+    from lserve_lite.backends.reference.attention import paged_attention_ref
+    from lserve_lite.harness.common import compare
+    from lserve_lite.kv.quant import FORMATS
+    from lserve_lite.sparse.plan import BatchLayout, build_plan
+
+    n, ctx, table = layout.q_lens[0], layout.ctx_lens[0], layout.page_tables[0]
+    rows = np.r_[0:CHECK_ROWS, n - CHECK_ROWS : n]
+    sub = BatchLayout([CHECK_ROWS] * 2, [ctx - n + CHECK_ROWS, ctx], [table, table])
+    fmt = FORMATS[kv] if scales else None
+    hc = np.zeros(k.shape[1], np.int32)
+    ref = paged_attention_ref(
+        q[rows].astype(np.float32), k, v, build_plan(sub, k.shape[2]), hc, *scales, fmt=fmt
+    )
+    r = compare(
+        "chunked", f"{len(rows)} rows", out[rows], ref, CHECK_ATOL * float(np.abs(ref).max()), CHECK_RTOL
+    )
+    return {"rows": len(rows), "max_abs_err": r.max_abs, "rel_err": r.rel, "ok": r.ok}
 
 
 def ours_decode(ctx: int, batch: int = 1, kv: str = "fp16", impl: str = "v1") -> dict:
@@ -330,7 +422,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="8k/32k prefill and 32k/128k decode only")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--variants", action="store_true", help="also time the compiled kernel variants")
-    ap.add_argument("--sections", default="prefill,streaming,decode", help="comma-separated subset to run")
+    ap.add_argument("--sections", default="prefill,streaming,decode",
+                    help="comma-separated subset of prefill,streaming,decode,chunked to run")  # fmt: skip
     ap.add_argument("--kv-dtypes", default="fp16", help="KV formats of our kernels, e.g. fp16,int8,int4,fp8")
     ap.add_argument("--prefill-kernels", default="", help="also time these prefill kernels, e.g. mma,wgmma")
     args = ap.parse_args(argv)
@@ -352,6 +445,7 @@ def main(argv=None) -> int:
         "prefill": [],
         "streaming_prefill": [],
         "decode": [],
+        "chunked": [],
     }
     if not args.no_peers:
         res["check_vs_torch"] = _peer(check_vs_torch)
@@ -379,6 +473,13 @@ def main(argv=None) -> int:
             }
             res["streaming_prefill"].append(row)
             print("streaming prefill", row, flush=True)
+    for c in CHUNK_CACHED if "chunked" in sections else ():
+        check = c == CHUNK_CACHED[0]
+        row = {"cached": c, "chunk": CHUNK, "ours": _peer(ours_chunked, c, check=check)}
+        row.update({f"ours_{kv}": _peer(ours_chunked, c, kv, check=check) for kv in quant_kvs})
+        row.update({f"ours_{pk}": _peer(ours_chunked, c, kernel=pk, check=check) for pk in prefill_kernels})
+        res["chunked"].append(with_fp16_ratios(row))
+        print("chunked prefill", row, flush=True)
     for batch in (1, 8) if "decode" in sections else ():
         for c in decode_ctx:
             if batch == 8 and c > 131072:
@@ -434,6 +535,39 @@ def run_variants() -> dict:
     return out
 
 
+def with_fp16_ratios(row: dict) -> dict:
+    """`row` with each variant's time over fp16's, the engine's default kernel (`x_fp16`) and, when it ran, the
+    mma kernel that the quantized formats use (`x_fp16_mma`)."""
+    base = {k: row[k].get("ms") for k in ("ours", "ours_mma") if isinstance(row.get(k), dict)}
+    for key, o in row.items():
+        for ref, name in (("ours", "x_fp16"), ("ours_mma", "x_fp16_mma")):
+            if key.startswith("ours_") and key != ref and "ms" in o and base.get(ref):
+                o[name] = o["ms"] / base[ref]
+    return row
+
+
+def format_chunked(rows: list[dict]) -> list[str]:
+    """Table lines of the chunked section: per cached context, each KV dtype's time and ratios to fp16."""
+    lines = [
+        "",
+        "| chunked prefill | KV | kernel | ms | TFLOP/s | x fp16 | x fp16 mma | spot-check max err (rel) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        for key in [k for k in r if k.startswith("ours")]:
+            o = r[key]
+            x = [f"{o[name]:.3f}" if name in o else "-" for name in ("x_fp16", "x_fp16_mma")]
+            lines.append(
+                f"| {r['chunk']} new over {r['cached'] // 1024}k | {o.get('kv', key)} | {o.get('kernel', 'n/a')} | "
+                f"{_fmt(o, 'ms')} | {_fmt(o, 'tflops')} | {x[0]} | {x[1]} | {_check_cell(o.get('check'))} |"
+            )
+    return lines
+
+
+def _check_cell(ck: dict | None) -> str:
+    return "" if not ck else f"{ck['max_abs_err']:.3g} ({ck['rel_err']:.2g}){'' if ck['ok'] else ' FAIL'}"
+
+
 def _fmt(d: dict, key: str, unit: str = "") -> str:
     if not d:
         return "-"
@@ -485,6 +619,8 @@ def format_table(res: dict) -> str:
             f"{_fmt(o, 'eager_us')} | {_fmt(r.get('sdpa_flash'), 'us')} | "
             f"{_fmt(r.get('sdpa_cudnn'), 'us')} | {r['roofline_us']:.4g} |"
         )
+    if res.get("chunked"):
+        lines += format_chunked(res["chunked"])
     quant = sorted({k for r in res["decode"] for k in r if k.startswith("ours_")}, key=_kv_order)
     if quant:
         lines += [

@@ -14,6 +14,8 @@ Two models:
   `--llama-batches 8 32`: also decode graph replays of that many rows at each context, every row with the
   sequence's K/V (its own pages within `--batch-kv-gib`, else a shared document's pages as a prefix cache serves them).
   `--quantize int8|int4`: its matrices and lm_head as packed blocks (floor = the packed bytes).
+  `--kv-dtype int8|int4|fp8|fp16` (default auto: the backend's float type, fp16): its KV cache format, here and
+  in `--sparse`; rows and summaries record it (`kv_dtype`). `--llama-prefill-reps`: timed prefills per context.
 
 `--sparse` (only this section): LServe end to end on the Llama-3-8B-shaped random model with the
 Llama-3-8B-Instruct-Gradient-1048k head pattern (static sparsity 0.5, LServe defaults) against our dense
@@ -25,11 +27,19 @@ included); at each context the prompt is cut there and decode is measured (engin
 steps weighted 1 : select_interval - 1). Writes bench_e2e_sparse.json (and .png when matplotlib is there;
 else `--plot-from JSON` draws it afterwards).
 
+`--capacity` (only this section): the longest context that fits on this GPU per KV dtype (fp16, int8, int4,
+fp8) for the Llama-3-8B-shaped model (fp16 weights, or --quantize), dense and LServe (the pattern above), for
+one sequence: the KV budget the engine reads (CudaOps.kv_budget_bytes at the default kv_memory_fraction, the
+weights' bytes reserved) through the engine's pool sizing (kv/layout.pool_pages); bytes per context token as
+sized and as allocated, pages, tokens, and the engine's startup line. Writes bench_e2e_capacity.json.
+
 Prints a table, writes JSON to --out (a file, or a folder). Model source for SmolLM2: --gguf /
 $LSERVE_SMOLLM2_GGUF (converted into /tmp/lserve_smollm2_hf), else --model-dir, else the default model.
 
     python tools/bench_e2e.py --out tools/results/bench_e2e.json
     python tools/bench_e2e.py --sparse --out results --deadline $(($(date +%s) + 400))
+    python tools/bench_e2e.py --sparse --sparse-contexts 262144 --kv-dtype int8 --out results
+    python tools/bench_e2e.py --capacity --out results
 """
 
 from __future__ import annotations
@@ -248,6 +258,16 @@ def _model_arrays(model):
     return out
 
 
+def tagged(emit, **tags):
+    """`emit` adding `tags` to every row (a section's KV dtype), with its `result` and `save`."""
+
+    def out(r: dict) -> None:
+        emit({**r, **tags})
+
+    out.result, out.save = emit.result, emit.save
+    return out
+
+
 # -- Llama-3-8B-shaped random weights ----------------------------------------------------------------
 def llama3_8b_config(max_len: int):
     from lserve_lite.config import ModelConfig
@@ -352,22 +372,26 @@ def bench_llama8b(args, bw: float, emit) -> None:
 
     from lserve_lite.backends.cuda import CudaOps
     from lserve_lite.backends.cuda_graphs import GraphExecutor
+    from lserve_lite.kv.layout import page_bytes
+    from lserve_lite.kv.quant import resolve_kv_format
     from lserve_lite.sparse.plan import BatchLayout, build_plan
 
     ctxs = sorted(args.llama_contexts)
     max_len, ps = max(ctxs) + 256, 64
     cfg = llama3_8b_config(max_len)
     ops = CudaOps()
+    fmt = resolve_kv_format(args.kv_dtype, ops.kv_dtypes, cfg.head_dim)
+    emit = tagged(emit, kv_dtype=fmt.name)
     model = random_llama(cfg, ops, max_len, quantize=args.quantize)
     name = "Llama-3-8B-shape" + (f" {args.quantize}" if args.quantize else "")
     wbytes = sum(int(a.nbytes) for a in _model_arrays(model)) - int(model.embed.nbytes)
     seq_pages = math.ceil(max_len / ps) + 2
-    page_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * ps * cfg.head_dim * 2
+    page_b, _ = page_bytes(cfg, ps, fmt.kv_bytes(cfg.head_dim, np.dtype(ops.dtype).itemsize), None)
     batches = sorted(set(args.llama_batches) - {1})
-    private = {b: b * seq_pages * page_bytes <= args.batch_kv_gib * 2**30 for b in batches}
+    private = {b: b * seq_pages * page_b <= args.batch_kv_gib * 2**30 for b in batches}
     rows_private = max([b for b in batches if private[b]], default=1)
     spare0 = seq_pages * rows_private
-    cache = ops.alloc_kv(cfg, ps, spare0 + max(batches, default=1))
+    cache = ops.alloc_kv(cfg, ps, spare0 + max(batches, default=1), fmt=fmt)
     table = list(range(seq_pages))
     hc_host = [np.zeros(cfg.num_kv_heads, np.int32) for _ in range(cfg.num_layers)]
     hc = [cp.asarray(c) for c in hc_host]
@@ -383,7 +407,7 @@ def bench_llama8b(args, bw: float, emit) -> None:
             for s in range(0, ctx, chunk):
                 prefill(s, min(chunk, ctx - s))
 
-        t = gpu_time(run_prefill, 3, warm=1)
+        t = gpu_time(run_prefill, args.llama_prefill_reps, warm=1)
         emit(dict(model=name, what=f"prefill (chunks of {chunk})", batch=1, context=ctx,
                          tokens_per_s=ctx / t, ms=t * 1e3))  # fmt: skip
     graphs = GraphExecutor(ops, model.forward, cache, max_num_seqs=1, max_len=max_len, sizes=(1,))
@@ -421,8 +445,9 @@ def bench_llama8b(args, bw: float, emit) -> None:
             tables, copies = batch_tables(b, ctx, ps, seq_pages, private[b], spare0)
             src, dst = (cp.asarray(np.array(c, np.int64)) for c in zip(*copies, strict=True))
             for layer in range(cfg.num_layers):
-                for pool in (cache.k[layer], cache.v[layer]):
-                    pool[dst] = pool[src]
+                for pool in (cache.k[layer], cache.v[layer], *cache.scales(layer)[:2]):
+                    if pool is not None:  # a float cache has no scales
+                        pool[dst] = pool[src]
             pos = np.full(b, ctx)
             slot = np.array([t[ctx // ps] * ps + ctx % ps for t in tables])
             plan = build_plan(BatchLayout([1] * b, [ctx + 1] * b, tables), ps)
@@ -459,16 +484,24 @@ def llama3_head_classes(num_layers: int, num_kv_heads: int, sparsity: float):
 
 
 def _fill_random(cache, lo_page: int, hi_page: int, seed: int = 1) -> None:
-    """Random normal fp16 K/V (and page statistics) in pages [lo_page, hi_page) of every layer."""
+    """Random K/V in the cache's format (bench_attention's random values and scales) and random fp16 page
+    statistics in pages [lo_page, hi_page) of every layer's dense pool."""
     import cupy as cp
+    from bench_attention import random_kv_scales, random_kv_values
 
-    rs = cp.random.RandomState(seed)
-    pools = [cache.k, cache.v] + ([cache.kmax, cache.kmin] if cache.kmax is not None else [])
-    for pool in pools:
+    g = cp.random.default_rng(seed)
+    kv = cache.fmt.name if cache.quantized else "fp16"
+    stats = [cache.kmax, cache.kmin] if cache.kmax is not None else []
+    for pool, kind in [(cache.k, kv), (cache.v, kv), *((p, "fp16") for p in stats)]:
         for a in pool:
             part = a[lo_page:hi_page]
             if part.size:
-                part[...] = rs.standard_normal(part.shape, dtype=cp.float32).astype(cp.float16)
+                part[...] = random_kv_values(g, part.shape, kind)
+    for pool in (cache.k_scale, cache.v_scale) if cache.quantized else ():
+        for a in pool:
+            part = a[lo_page:hi_page]
+            if part.size:
+                part[...] = random_kv_scales(g, part.shape)
     if cache.kmax is not None:  # keep max >= min
         for mx, mn in zip(cache.kmax, cache.kmin):
             hi, lo = (
@@ -486,6 +519,7 @@ def bench_e2e_sparse(args, bw: float, emit) -> None:
     from lserve_lite.engine.model_runner import ModelRunner
     from lserve_lite.kv.block_manager import BlockManager
     from lserve_lite.kv.layout import KVLayout
+    from lserve_lite.kv.quant import resolve_kv_format
     from lserve_lite.sampling_params import SamplingParams
     from lserve_lite.sequence import Sequence
 
@@ -494,6 +528,8 @@ def bench_e2e_sparse(args, bw: float, emit) -> None:
     max_len = max(ctxs) + steps + 64
     cfg = llama3_8b_config(max_len)
     ops = CudaOps()
+    fmt = resolve_kv_format(args.kv_dtype, ops.kv_dtypes, cfg.head_dim)
+    emit = tagged(emit, kv_dtype=fmt.name)
     model = random_llama(cfg, ops, max_len)
     wbytes = sum(int(a.nbytes) for a in _model_arrays(model)) - int(model.embed.nbytes)
     floor = wbytes / bw
@@ -503,7 +539,7 @@ def bench_e2e_sparse(args, bw: float, emit) -> None:
     info.update(
         pattern=pattern_path, static_sparsity=0.5, dense_kv_heads=int(sum(int((c == 0).sum()) for c in classes)),
         kv_heads=cfg.num_layers * cfg.num_kv_heads, chunk=chunk, sparse_config=dict(sp_default.__dict__),
-        weight_bytes=wbytes, floor_ms=floor * 1e3, contexts=ctxs, notes=[],
+        weight_bytes=wbytes, floor_ms=floor * 1e3, contexts=ctxs, kv_dtype=fmt.name, notes=[],
     )  # fmt: skip
     rng = np.random.default_rng(0)
     full = [int(t) for t in rng.integers(100, cfg.vocab_size, max(ctxs))]
@@ -513,12 +549,14 @@ def bench_e2e_sparse(args, bw: float, emit) -> None:
         sparse = mode == "sparse"
         ecfg = EngineConfig(
             max_num_seqs=1, max_num_batched_tokens=chunk, max_model_len=max_len, page_size=ps,
-            sparse=sp_default if sparse else SparseConfig(), cuda_graphs=True,
+            sparse=sp_default if sparse else SparseConfig(), cuda_graphs=True, kv_dtype=args.kv_dtype,
         )  # fmt: skip
         num_pages = -(-max_len // ps) + 1
         layout = KVLayout.sparse(cfg, ecfg.sparse, classes, chunk) if sparse else None
         per_seq = layout.stream_pages_per_seq if sparse else 0
-        runner = ModelRunner(cfg, {}, ops, ecfg, max_len, num_pages, layout, per_seq, model=model)
+        runner = ModelRunner(
+            cfg, {}, ops, ecfg, max_len, num_pages, layout, per_seq, model=model, kv_format=fmt
+        )
         blocks = BlockManager(num_pages, ps, per_seq, per_seq, 1)
         seq = Sequence(list(full), SamplingParams(temperature=0.0, max_new_tokens=steps))
         blocks.grow(seq, max_len)
@@ -609,13 +647,13 @@ def bench_e2e_sparse(args, bw: float, emit) -> None:
 
         gc.collect()
         cp.get_default_memory_pool().free_all_blocks()
-    emit.result["sparse_summary"] = sparse_summary(emit.result["rows"], floor)
+    emit.result["sparse_summary"] = sparse_summary(emit.result["rows"], floor, fmt.name)
     print(format_sparse_summary(emit.result["sparse_summary"]), flush=True)
     emit.save()
 
 
-def sparse_summary(rows: list[dict], floor: float) -> list[dict]:
-    """Per context: sparse and dense figures and sparse-over-dense speedups."""
+def sparse_summary(rows: list[dict], floor: float, kv: str) -> list[dict]:
+    """Per context: sparse and dense figures and sparse-over-dense speedups (`kv`: the KV dtype of the run)."""
     by = {}
     for r in rows:
         if "kind" in r:
@@ -623,7 +661,7 @@ def sparse_summary(rows: list[dict], floor: float) -> list[dict]:
     out = []
     for ctx in sorted(by):
         d = by[ctx]
-        row = dict(context=ctx, floor_ms=floor * 1e3)
+        row = dict(context=ctx, kv_dtype=kv, floor_ms=floor * 1e3)
         for kind in ("prefill", "decode_step", "decode_replay"):
             s, n = d.get((kind, "sparse")), d.get((kind, "dense"))
             row[f"{kind}_sparse_ms"], row[f"{kind}_dense_ms"] = s, n
@@ -635,16 +673,16 @@ def sparse_summary(rows: list[dict], floor: float) -> list[dict]:
 def format_sparse_summary(summary: list[dict]) -> str:
     f = lambda v, spec=".2f": "-" if v is None else format(v, spec)  # noqa: E731
     lines = [
-        "| context | decode step sparse ms (tok/s) | dense ms (tok/s) | speedup | replay sparse / dense ms | "
+        "| context | KV | decode step sparse ms (tok/s) | dense ms (tok/s) | speedup | replay sparse / dense ms | "
         "replay speedup | sparse replay x floor | prefill sparse s | dense s | speedup |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary:
         ds, dd = r["decode_step_sparse_ms"], r["decode_step_dense_ms"]
         rs, rd = r["decode_replay_sparse_ms"], r["decode_replay_dense_ms"]
         ps_, pd = r["prefill_sparse_ms"], r["prefill_dense_ms"]
         lines.append(
-            f"| {r['context'] // 1024}k | {f(ds)} ({f(ds and 1e3 / ds, '.1f')}) | {f(dd)} ({f(dd and 1e3 / dd, '.1f')}) "
+            f"| {r['context'] // 1024}k | {r['kv_dtype']} | {f(ds)} ({f(ds and 1e3 / ds, '.1f')}) | {f(dd)} ({f(dd and 1e3 / dd, '.1f')}) "
             f"| {f(r['decode_step_speedup'])}x | {f(rs)} / {f(rd)} | {f(r['decode_replay_speedup'])}x | "
             f"{f(rs and rs / r['floor_ms'])} | {f(ps_ and ps_ / 1e3)} | {f(pd and pd / 1e3)} | "
             f"{f(r['prefill_speedup'])}x |"
@@ -698,10 +736,115 @@ def plot_sparse(result: dict, path: Path) -> None:
     for ax in (ax1, ax2):
         ax.set_xticks(ticks, [f"{t}k" for t in ticks])
         ax.minorticks_off()
-    fig.suptitle(f"{result.get('device', '')} {result.get('date', '')}", fontsize=9)
+    kv = result.get("sparse_setup", {}).get("kv_dtype")  # absent from runs before --kv-dtype
+    fig.suptitle(
+        f"{result.get('device', '')} {result.get('date', '')}{f', KV {kv}' if kv else ''}", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# -- the longest context per KV dtype ----------------------------------------------------------------
+CAPACITY_KV = ("fp16", "int8", "int4", "fp8")
+
+
+def kv_capacity(
+    cfg, ecfg, classes: list, budget: int, supported: tuple[str, ...], itemsize: int, alloc
+) -> list[dict]:
+    """Per KV dtype of CAPACITY_KV, dense and LServe mode (head classes `classes`, LServe's default knobs): the
+    engine's pool sizing for `budget` bytes of KV memory (kv/layout.pool_pages, as LLMEngine._num_pages): the
+    bytes per context token of the pool that grows with the context (dense pool: values, scales and LServe's
+    page statistics), as sized and as allocated (`alloc`, Ops.alloc_kv's signature, makes a one-page cache),
+    the pages, the tokens one sequence's context can have (LServe's streaming pool is constant in the
+    context), and the engine's startup line. `supported`, `itemsize`: the backend's KV dtypes and float size."""
+    from lserve_lite.config import SparseConfig
+    from lserve_lite.errors import InvalidRequestError
+    from lserve_lite.kv.layout import KVLayout, kv_summary, page_bytes, pool_pages
+    from lserve_lite.kv.quant import resolve_kv_format
+
+    ps, out = ecfg.page_size, []
+    sp = SparseConfig(enabled=True, page_size=ps)
+    layouts = {"dense": None, "lserve": KVLayout.sparse(cfg, sp, classes, ecfg.max_num_batched_tokens)}
+    for kv in CAPACITY_KV:
+        for mode, layout in layouts.items():
+            row = dict(kv_dtype=kv, mode=mode, budget_bytes=budget)
+            try:
+                fmt = resolve_kv_format(kv, supported, cfg.head_dim)
+                kv_bytes = fmt.kv_bytes(cfg.head_dim, itemsize)
+                dense_b, stream_b = page_bytes(cfg, ps, kv_bytes, layout)
+                pages, stream = pool_pages(
+                    cfg, ps, kv_bytes, budget, layout, ecfg.max_num_seqs, ecfg.num_kv_pages
+                )
+            except InvalidRequestError as e:  # fp8 before sm_89, or a budget that holds no page
+                out.append(dict(row, error=str(e)))
+                continue
+            one = alloc(cfg, ps, 1, layout, 1 if stream else 0, 1, fmt)
+            row.update(
+                bytes_per_token=dense_b / ps, allocated_bytes_per_token=allocated_page_bytes(one) / ps,
+                page_bytes=dense_b, pages=pages, tokens=pages * ps, stream_pages=stream,
+                stream_bytes=stream * stream_b,
+                startup_line=kv_summary(fmt.name, pages, ps, cfg.num_layers * cfg.num_kv_heads * kv_bytes),
+            )  # fmt: skip
+            out.append(row)
+    return out
+
+
+def allocated_page_bytes(cache) -> int:
+    """Bytes of a one-page cache's dense-pool page as allocated: values, scales and page statistics."""
+    pools = (cache.k, cache.v, cache.k_scale, cache.v_scale, cache.kmax, cache.kmin)
+    return sum(int(a.nbytes) for pool in pools for a in pool or ())
+
+
+def format_capacity(rows: list[dict]) -> str:
+    """The capacity rows as a table, tokens also over fp16's in the same mode."""
+    fp16 = {r["mode"]: r["tokens"] for r in rows if r["kv_dtype"] == "fp16" and "tokens" in r}
+    lines = [
+        "| KV | mode | B/token sized (allocated) | pages | longest context | x fp16 | streaming pool MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['kv_dtype']} | {r['mode']} | {r['error']} | | | | |")
+            continue
+        x = f"{r['tokens'] / fp16[r['mode']]:.2f}" if r["mode"] in fp16 else "-"
+        lines.append(
+            f"| {r['kv_dtype']} | {r['mode']} | {r['bytes_per_token']:.0f} ({r['allocated_bytes_per_token']:.0f}) | "
+            f"{r['pages']} | {r['tokens']} ({r['tokens'] / 1024:.0f}k) | {x} | {r['stream_bytes'] / 2**20:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def bench_capacity(args, bw: float, emit) -> None:
+    """The longest context per KV dtype on this GPU for the Llama-3-8B-shaped model (random weights, --quantize):
+    the KV budget as the engine reads it before its weights go up (CudaOps.kv_budget_bytes at the default
+    kv_memory_fraction, the weights' bytes reserved), then kv_capacity for one sequence (max_num_seqs 1)."""
+    import cupy as cp
+
+    from lserve_lite.backends.cuda import CudaOps
+    from lserve_lite.config import EngineConfig
+
+    ops = CudaOps()
+    cfg = llama3_8b_config(8192)
+    model = random_llama(cfg, ops, 8192, quantize=args.quantize)
+    weight_bytes = sum(int(a.nbytes) for a in _model_arrays(model))  # the embedding too, as the engine counts
+    del model
+    cp.get_default_memory_pool().free_all_blocks()
+    ecfg = EngineConfig(max_num_seqs=1)
+    free, total = cp.cuda.runtime.memGetInfo()
+    budget = ops.kv_budget_bytes(ecfg.kv_memory_fraction, weight_bytes)
+    classes, pattern = llama3_head_classes(cfg.num_layers, cfg.num_kv_heads, 0.5)
+    rows = kv_capacity(cfg, ecfg, classes, budget, ops.kv_dtypes, np.dtype(ops.dtype).itemsize, ops.alloc_kv)
+    emit.result["capacity"] = dict(
+        model="Llama-3-8B-shape" + (f" {args.quantize}" if args.quantize else ""), weight_bytes=weight_bytes,
+        free_bytes=free, total_bytes=total, kv_memory_fraction=ecfg.kv_memory_fraction, budget_bytes=budget,
+        max_num_seqs=ecfg.max_num_seqs, max_num_batched_tokens=ecfg.max_num_batched_tokens, pattern=pattern,
+        static_sparsity=0.5, rows=rows,
+    )  # fmt: skip
+    print(f"KV budget {budget / 2**30:.2f} GiB (weights {weight_bytes / 2**30:.2f} GiB, free {free / 2**30:.2f} "
+          f"of {total / 2**30:.2f} GiB, kv_memory_fraction {ecfg.kv_memory_fraction})")  # fmt: skip
+    print(format_capacity(rows), flush=True)
+    emit.save()
 
 
 def splits_sweep(args, bw: float, emit) -> None:
@@ -752,7 +895,10 @@ def splits_sweep(args, bw: float, emit) -> None:
         cp.get_default_memory_pool().free_all_blocks()
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with --out resolved to a file (a folder gets the section's default name)."""
+    from lserve_lite.config import KV_DTYPES
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="tools/results/bench_e2e.json")
     ap.add_argument("--gguf", default=None)
@@ -776,6 +922,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--quantize", choices=["int8", "int4"], default=None,
                     help="the Llama-3-8B-shaped model's matrices and lm_head as packed int8 / int4 blocks")  # fmt: skip
+    ap.add_argument("--kv-dtype", choices=[k for k in KV_DTYPES if k != "fp32"], default="auto",  # GPU formats
+                    help="KV cache format of the Llama-3-8B-shaped model (llama and --sparse sections)")  # fmt: skip
+    ap.add_argument("--llama-prefill-reps", type=int, default=3,
+                    help="timed prefills per context of the llama section (after one warm-up)")  # fmt: skip
+    ap.add_argument("--capacity", action="store_true",
+                    help="only the longest context per KV dtype (Llama-3-8B shape, dense and LServe)")  # fmt: skip
     ap.add_argument("--splits-sweep", action="store_true", help="also sweep the decode attention split count")
     ap.add_argument(
         "--sparse", action="store_true", help="only the LServe sparse-vs-dense end-to-end section"
@@ -789,20 +941,25 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--plot-from", default=None, help="draw the --sparse PNG from this JSON and exit")
     args = ap.parse_args(argv)
+    if Path(args.out).is_dir() or not args.out.endswith(".json"):
+        only = "_sparse" if args.sparse else "_capacity" if args.capacity else ""
+        args.out = str(Path(args.out) / f"bench_e2e{only}.json")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.plot_from:
         src = Path(args.plot_from)
         plot_sparse(json.loads(src.read_text()), src.with_suffix(".png"))
         return 0
-    if Path(args.out).is_dir() or not args.out.endswith(".json"):
-        args.out = str(Path(args.out) / ("bench_e2e_sparse.json" if args.sparse else "bench_e2e.json"))
     import cupy as cp
 
     bw = copy_bandwidth()
     dev = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode()
     print(f"{dev}: device copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
-    print(
-        f"{'model':18s} {'what':30s} {'batch':>5s} {'context':>7s} {'tok/s':>10s} {'ms':>9s} {'floor ms':>9s}"
-    )
+    print(f"{'model':18s} {'what':30s} {'kv':5s} {'batch':>5s} {'context':>7s} {'tok/s':>10s} {'ms':>9s} "
+          f"{'floor ms':>9s}")  # fmt: skip
     rows: list[dict] = []
     result = dict(date=time.strftime("%Y-%m-%d"), device=dev, copy_bandwidth_TBps=bw / 1e12, rows=rows,
                   command=" ".join(["python tools/bench_e2e.py", *(argv or sys.argv[1:])]))  # fmt: skip
@@ -814,7 +971,7 @@ def main(argv=None) -> int:
     def emit(r: dict) -> None:
         rows.append(r)
         fl = f"{r['floor_ms']:9.3f}" if "floor_ms" in r else " " * 9
-        print(f"{r['model']:18s} {r['what'][:30]:30s} {r['batch']:5d} {r['context']:7d} {r['tokens_per_s']:10.1f} "
+        print(f"{r['model']:18s} {r['what'][:30]:30s} {r.get('kv_dtype', ''):5s} {r['batch']:5d} {r['context']:7d} {r['tokens_per_s']:10.1f} "
               f"{r['ms']:9.3f} {fl}", flush=True)  # fmt: skip
         save()
 
@@ -825,6 +982,8 @@ def main(argv=None) -> int:
                 ("splits", splits_sweep))  # fmt: skip
     if args.sparse:
         sections = (("sparse", bench_e2e_sparse),)
+    if args.capacity:
+        sections = (("capacity", bench_capacity),)
     for name, fn in sections:
         if name in args.skip or (name == "splits" and not args.splits_sweep):
             continue

@@ -28,6 +28,16 @@ for s in $steps; do case $s in
            step kvq_v2_tests 120 env LSERVE_KVQ_DECODE=v2 python3 -m pytest -p no:cacheprovider -m gpu -q \
                tests/test_gpu_kv_quant.py tests/test_kvq_decode_v2_layout.py
            step kvq_bench 170 python3 tools/bench_attention.py --sections decode --kv-dtypes fp16,int8,int4,fp8 --out "$OUT" ;;
+  kvq_e2e) # quantized-KV benchmarks (issue 11): chunked prefill attention per KV dtype beside fp16 (spot-checked
+           # against the CPU reference), the longest context per KV dtype, then Llama-3-8B-shaped prefill and batch-1
+           # decode at 4k / 128k with fp16 and int8 KV (one timed prefill per context after one warm-up)
+           step kvq_chunked 90 python3 tools/bench_attention.py --sections chunked --kv-dtypes fp16,int8,int4,fp8 \
+               --prefill-kernels mma --no-peers --out "$OUT/kvq_chunked"
+           step kvq_capacity 90 python3 tools/bench_e2e.py --capacity --out "$OUT/kvq_capacity.json"
+           for kv in fp16 int8; do
+             step llama_kv_$kv 160 python3 tools/bench_e2e.py --skip smollm2 --skip smollm2-lserve --skip splits \
+                 --kv-dtype $kv --llama-contexts 4096 131072 --llama-prefill-reps 1 --out "$OUT/llama_kv_$kv.json"
+           done ;;
   smol_tests) # the default model's GGUF on the GPU: end-to-end vs the CPU, packed Q4_1 weights, grammar-mask cost
            g=${LSERVE_SMOLLM2_GGUF:-/tmp/smollm2.gguf}
            step structured 100 python3 tools/bench_structured.py --model $g --gpu --out "$OUT/bench_structured_gpu.json"

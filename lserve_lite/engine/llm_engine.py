@@ -14,7 +14,7 @@ from ..backends.group import host_ops
 from ..config import MASS_MAX_GROUP, ORACLE_REDUCE, EngineConfig, SparseConfig
 from ..errors import InvalidRequestError
 from ..kv.block_manager import BlockManager
-from ..kv.layout import KVLayout, pool_pages
+from ..kv.layout import KVLayout, kv_summary, pool_pages
 from ..kv.prefix_cache import PrefixCache, kv_salt
 from ..kv.quant import resolve_kv_format
 from ..sampling_params import SamplingParams
@@ -182,10 +182,8 @@ class LLMEngine:
 
     def kv_summary(self) -> str:
         """The KV cache in one line (startup logs): format, capacity in tokens, bytes per token."""
-        pages = self.blocks.num_pages
         per_tok = self.cfg.num_layers * self.cfg.num_kv_heads * self.kv_bytes
-        return (f"KV cache {self.kv_format.name}: {pages} pages x {self.ecfg.page_size} tokens = "
-                f"{pages * self.ecfg.page_size} tokens, {per_tok / 1024:.1f} KiB per token")  # fmt: skip
+        return kv_summary(self.kv_format.name, self.blocks.num_pages, self.ecfg.page_size, per_tok)
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(

@@ -91,6 +91,14 @@ class KVLayout:
         return dense + stats, stream
 
 
+def page_bytes(cfg: ModelConfig, page_size: int, kv_bytes: int, layout: KVLayout | None) -> tuple[int, int]:
+    """(dense-pool page, streaming-pool page) bytes over all layers, what sizes the pools; without a layout
+    (dense mode) one pool holds every KV head. `kv_bytes` as in `KVLayout.bytes_per_page`."""
+    if layout is None:
+        return cfg.num_layers * cfg.num_kv_heads * page_size * kv_bytes, 0
+    return layout.bytes_per_page(cfg, kv_bytes)
+
+
 MAX_POOL_PAGES = 1 << 20  # a pool never has more pages than this (page ids are int32 in plans)
 
 
@@ -102,10 +110,9 @@ def pool_pages(
     `kv_bytes` as in `KVLayout.bytes_per_page` (a quantized cache fits more pages in the same budget).
 
     The streaming pool holds every running sequence's sink + ring pages, within 30% of the budget."""
+    dense_b, stream_b = page_bytes(cfg, page_size, kv_bytes, layout)
     if layout is None:
-        per_page = cfg.num_layers * cfg.num_kv_heads * page_size * kv_bytes
-        return num_pages or _fit(budget, per_page), 0
-    dense_b, stream_b = layout.bytes_per_page(cfg, kv_bytes)
+        return num_pages or _fit(budget, dense_b), 0
     per_seq = layout.stream_pages_per_seq
     stream = max(per_seq, min(max_seqs * per_seq, int(0.3 * budget // stream_b))) if per_seq else 0
     if num_pages:
@@ -122,3 +129,9 @@ def _fit(budget: int, per_page: int) -> int:
             f"MiB); raise kv_memory_fraction, free device memory, or set num_kv_pages"
         )
     return min(pages, MAX_POOL_PAGES)
+
+
+def kv_summary(fmt_name: str, pages: int, page_size: int, token_bytes: int) -> str:
+    """The KV cache in one line (the engine's startup logs): format, capacity in tokens, bytes per token."""
+    return (f"KV cache {fmt_name}: {pages} pages x {page_size} tokens = {pages * page_size} tokens, "
+            f"{token_bytes / 1024:.1f} KiB per token")  # fmt: skip
