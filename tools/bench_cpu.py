@@ -36,17 +36,25 @@ from lserve_lite.backends.cpu_threads import SplitRunner, even_bounds
 from lserve_lite.weights.default_model import default_gguf_path, default_model_dir
 
 
-def llama_cpp(binary: str, gguf: str, threads: int) -> dict[str, float]:
-    """llama-bench's tokens/s on the same rows as ours: prefill 512, decode (64 tokens) at depth 512 and 2048."""
-    cmd = [binary, "-m", gguf, "-t", str(threads), "-r", "3", "-o", "json"]
-    rows = json.loads(
-        subprocess.run(cmd + ["-p", "512", "-n", "0"], check=True, capture_output=True, text=True).stdout
+def llama_cpp(
+    binary: str, gguf: str, threads: int, extra: tuple[str, ...] = (), depths: tuple[int, ...] = (512, 2048),
+    new: int = 64,
+) -> dict[str, float]:  # fmt: skip
+    """llama-bench's tokens/s on the same rows as ours: prefill 512, decode (`new` tokens) at each depth. `extra`:
+    more llama-bench flags (the GPU build: -ngl 99 -fa 1); its own folder goes on LD_LIBRARY_PATH (a build's
+    shared libraries sit beside it)."""
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        filter(None, [str(Path(binary).parent), env.get("LD_LIBRARY_PATH")])
     )
-    rows += json.loads(
-        subprocess.run(
-            cmd + ["-p", "0", "-n", "64", "-d", "512,2048"], check=True, capture_output=True, text=True
-        ).stdout
-    )
+    cmd = [binary, "-m", gguf, "-t", str(threads), "-r", "3", "-o", "json", *extra]
+
+    def run(*args: str) -> list[dict]:
+        return json.loads(
+            subprocess.run([*cmd, *args], check=True, capture_output=True, text=True, env=env).stdout
+        )
+
+    rows = run("-p", "512", "-n", "0") + run("-p", "0", "-n", str(new), "-d", ",".join(map(str, depths)))
     out = {}
     for r in rows:
         key = "prefill_512" if r["n_prompt"] else f"decode_ctx{r.get('n_depth', 0)}"

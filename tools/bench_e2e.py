@@ -34,7 +34,9 @@ weights' bytes reserved) through the engine's pool sizing (kv/layout.pool_pages)
 sized and as allocated, pages, tokens, and the engine's startup line. Writes bench_e2e_capacity.json.
 
 Prints a table, writes JSON to --out (a file, or a folder). Model source for SmolLM2: --gguf /
-$LSERVE_SMOLLM2_GGUF (converted into /tmp/lserve_smollm2_hf), else --model-dir, else the default model.
+$LSERVE_SMOLLM2_GGUF (its packed weights, as `lserve-lite chat` loads it), else --model-dir, else the default
+model. `--llama-bench PATH` runs llama.cpp's llama-bench (a CUDA build) on the same GGUF in the same run:
+prefill 512 and decode at the --smol-prompts depths, rows "llama.cpp" beside ours.
 
     python tools/bench_e2e.py --out tools/results/bench_e2e.json
     python tools/bench_e2e.py --sparse --out results --deadline $(($(date +%s) + 400))
@@ -84,21 +86,17 @@ def gpu_time(fn, reps: int, warm: int = 3) -> float:
 
 
 # -- SmolLM2 through the engine ----------------------------------------------------------------------
-def smollm2_dir(args) -> Path:
+def smollm2_model(args) -> str:
+    """SmolLM2's source: the GGUF (--gguf / $LSERVE_SMOLLM2_GGUF), loaded as `lserve-lite chat` loads it (packed
+    weights, no float copy), else --model-dir, else the default model."""
     gguf = args.gguf or os.environ.get("LSERVE_SMOLLM2_GGUF")
     if gguf:
-        from lserve_lite.weights.gguf_import import convert_gguf
-
-        out = Path(os.environ.get("LSERVE_SMOLLM2_DIR", "/tmp/lserve_smollm2_hf"))
-        if not (out / ".complete").is_file():
-            convert_gguf(gguf, out, progress=False, overwrite=True)
-            (out / ".complete").write_text(gguf + "\n")
-        return out
+        return gguf
     if args.model_dir:
-        return Path(args.model_dir)
+        return args.model_dir
     from lserve_lite.weights.default_model import default_model_dir
 
-    return default_model_dir()
+    return str(default_model_dir())
 
 
 def replay_timer(executor) -> list:
@@ -156,7 +154,7 @@ def bench_smollm2(args, bw: float, emit) -> None:
     from lserve_lite.config import EngineConfig
 
     llm = LLM(
-        str(smollm2_dir(args)),
+        smollm2_model(args),
         backend="cuda",
         config=EngineConfig(num_kv_pages=8192, max_num_seqs=64, max_num_batched_tokens=8192),
     )
@@ -234,6 +232,22 @@ def bench_smollm2(args, bw: float, emit) -> None:
                   tokens_per_s=size / t, ms=t * 1e3, floor_ms=wbytes / bw * 1e3))  # fmt: skip
 
 
+def bench_llamacpp(args, bw: float, emit) -> None:
+    """llama.cpp's CUDA build on SmolLM2's GGUF (the peer of bench_smollm2, same file, same run)."""
+    from bench_cpu import llama_cpp
+
+    gguf = args.gguf or os.environ.get("LSERVE_SMOLLM2_GGUF")
+    if not gguf:
+        raise SystemExit("--llama-bench needs the GGUF (--gguf or $LSERVE_SMOLLM2_GGUF)")
+    depths = tuple(args.smol_prompts)
+    got = llama_cpp(args.llama_bench, gguf, os.cpu_count() or 1, ("-ngl", "99", "-fa", "1"), depths, 128)
+    for key, tps in got.items():
+        prefill = key == "prefill_512"
+        emit(dict(model="llama.cpp CUDA", what="prefill" if prefill else "decode (llama-bench)", batch=1,
+                  context=512 if prefill else int(key.removeprefix("decode_ctx")), tokens_per_s=tps,
+                  ms=(512 if prefill else 1) / tps * 1e3))  # fmt: skip
+
+
 def bench_smollm2_lserve(args, bw: float, emit) -> None:
     """SmolLM2 in LServe mode (no head pattern: dynamic sparsity only, a `--smol-budget`-token page budget):
     batch-1 decode with and without the overlapped step, beside the replays' GPU time."""
@@ -242,7 +256,7 @@ def bench_smollm2_lserve(args, bw: float, emit) -> None:
 
     sp = SparseConfig(enabled=True, static_sparsity=0.0, token_budget=args.smol_budget)
     cfg = EngineConfig(num_kv_pages=8192, max_num_seqs=64, max_num_batched_tokens=8192, sparse=sp)
-    eng = LLM(str(smollm2_dir(args)), backend="cuda", config=cfg).engine
+    eng = LLM(smollm2_model(args), backend="cuda", config=cfg).engine
     one = smol_decode(eng, np.random.default_rng(0), eng.cfg.vocab_size, replay_timer(eng.runner.executor))
     one(64, 16)  # warm-up: compile, capture the batch-1 graph
     for plen in args.smol_prompts:
@@ -903,6 +917,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default="tools/results/bench_e2e.json")
     ap.add_argument("--gguf", default=None)
     ap.add_argument("--model-dir", default=None)
+    ap.add_argument(
+        "--llama-bench", default=None, help="a llama-bench binary (CUDA build): llama.cpp on the GGUF"
+    )
     ap.add_argument("--smol-prompts", type=int, nargs="+", default=[512, 4096])
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--llama-contexts", type=int, nargs="+", default=[4096, 32768])
@@ -978,14 +995,18 @@ def main(argv=None) -> int:
     emit.result, emit.save = result, save
 
     failed = 0
-    sections = (("smollm2", bench_smollm2), ("smollm2-lserve", bench_smollm2_lserve), ("llama", bench_llama8b),
-                ("splits", splits_sweep))  # fmt: skip
+    sections = (("llamacpp", bench_llamacpp), ("smollm2", bench_smollm2), ("smollm2-lserve", bench_smollm2_lserve),
+                ("llama", bench_llama8b), ("splits", splits_sweep))  # fmt: skip
     if args.sparse:
         sections = (("sparse", bench_e2e_sparse),)
     if args.capacity:
         sections = (("capacity", bench_capacity),)
     for name, fn in sections:
-        if name in args.skip or (name == "splits" and not args.splits_sweep):
+        if (
+            name in args.skip
+            or (name == "splits" and not args.splits_sweep)
+            or (name == "llamacpp" and not args.llama_bench)
+        ):
             continue
         try:
             fn(args, bw, emit)

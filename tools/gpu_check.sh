@@ -103,6 +103,13 @@ for s in $steps; do case $s in
                quant_gate_up_silu linear quant_gemv --json "$OUT/norm_kernels.json"
            step norm_tests 300 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_gpu_pdl.py tests/test_gpu_overlap.py \
                tests/test_gpu_graphs_sparse.py tests/test_gpu_ops.py tests/test_gpu_quant.py -k "not smollm2" ;;
+  smol_peer) # SmolLM2 from its GGUF (packed Q4_1) beside llama.cpp's CUDA build on the same file, then the norm A/B
+           # (LSERVE_CUDA_FUSE_NORM=0); llama-bench from .device/llama.cpp/build-cuda.sh, or $LLAMA_BENCH
+           g=${LSERVE_SMOLLM2_GGUF:-/tmp/smollm2.gguf}; lb=${LLAMA_BENCH:-/tmp/lb/bin/llama-bench}
+           step smol_peer 300 env LSERVE_SMOLLM2_GGUF=$g python3 tools/bench_e2e.py --skip llama --skip splits \
+               $( [ -x $lb ] && echo --llama-bench $lb ) --out "$OUT/smol_peer.json"
+           step smol_nonorm 200 env LSERVE_CUDA_FUSE_NORM=0 LSERVE_SMOLLM2_GGUF=$g python3 tools/bench_e2e.py --skip llama \
+               --skip splits --skip smollm2-lserve --out "$OUT/smol_nonorm.json" ;;
   ab)      # Llama-3-8B-shaped batch-1 decode at 4k per weight format with a switch off and on: AB=LSERVE_CUDA_FUSE_SILU
            # (default), LSERVE_PDL, ...
            v=${AB:-LSERVE_CUDA_FUSE_SILU}
