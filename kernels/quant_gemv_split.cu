@@ -19,7 +19,6 @@
 #include <cuda_fp16.h>
 
 #include "pdl.cuh"
-#include "rms_in.cuh"
 
 typedef unsigned char u8;
 
@@ -45,12 +44,15 @@ __device__ __forceinline__ int groups_per_row(int K) {
   return F::CPG ? K / (32 * F::CPG) : 1;
 }
 
-// The 32 values of chunk c (row c / (K / 32)) of the input rows: x as given, or (Normed) after the residual add and
-// RMSNorm of rms_in.cuh, whose rstd the block has computed.
-struct PlainX {
-  const __half* x;
-  __device__ __forceinline__ void chunk(int c, int K, float (&f)[32]) const {
+// x rows [n, K] fp16 -> xq [P][n][K / 4] words of int8 and xs [P][n][K / 32] {dx, sum of the chunk's xq}.
+// P = 2 (the logits): pass 1 rounds the residual x - dx * xq of pass 0 the same way, so the two passes
+// together leave each value off by dx' / 2 ~ dx / 508 (cpu_quant.logits_q's scheme).
+template <int P>
+__device__ __forceinline__ void quantize_x(const __half* __restrict__ x, int n, int K, int* xq, float2* xs) {
+  const int nc = K / 32;
+  for (int c = threadIdx.x; c < n * nc; c += blockDim.x) {
     const uint4* src = reinterpret_cast<const uint4*>(x + (long long)c * 32);  // rows are contiguous
+    float f[32];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const uint4 v = __ldg(src + i);
@@ -61,33 +63,6 @@ struct PlainX {
         f[8 * i + 2 * j] = p.x, f[8 * i + 2 * j + 1] = p.y;
       }
     }
-  }
-};
-struct NormedX {
-  const __half* x;
-  lserve::RmsIn in;
-  const float* rstd;
-  __device__ __forceinline__ void chunk(int c, int K, float (&f)[32]) const {
-    const int nc = K / 32;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float h[8];
-      lserve::rms_normed8(x, in, rstd, c / nc, K, (c % nc) * 4 + i, h);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) f[8 * i + j] = h[j];
-    }
-  }
-};
-
-// x rows [n, K] (src: PlainX / NormedX) -> xq [P][n][K / 4] words of int8 and xs [P][n][K / 32] {dx, sum of the
-// chunk's xq}. P = 2 (the logits): pass 1 rounds the residual x - dx * xq of pass 0 the same way, so the two
-// passes together leave each value off by dx' / 2 ~ dx / 508 (cpu_quant.logits_q's scheme).
-template <int P, typename Src>
-__device__ __forceinline__ void quantize_x(const Src& src, int n, int K, int* xq, float2* xs) {
-  const int nc = K / 32;
-  for (int c = threadIdx.x; c < n * nc; c += blockDim.x) {
-    float f[32];
-    src.chunk(c, K, f);
 #pragma unroll
     for (int p = 0; p < P; ++p) {
       float amax = 0.f;
@@ -170,18 +145,14 @@ __device__ __forceinline__ void load_chunks(const u8* __restrict__ q, const __ha
 }
 
 // y[r * ldy + m] = sum_k x[r, k] W[m, k] for r < n <= NMAX, R rows of W per warp, x in P int8 passes.
-// Dynamic shared memory: P * n * K bytes of xq + P * n * K / 32 float2 of xs (+ rms_rows' scratch with NORM).
-// K % 32 == 0.
+// Dynamic shared memory: P * n * K bytes of xq + P * n * K / 32 float2 of xs. K % 32 == 0.
 // SILU (R even, TOut = __half, P = 1): W is the row-fused gate/up matrix [2M, K], a warp's R rows are R/2 gate
 // rows and their up rows (acc_row), and y[r * ldy + m] = silu(g) * u on the float32 sums, each with int8's
 // per-channel scale applied first (CudaOps.gate_up_silu; reference: silu_mul_ref(x @ W^T)).
-// NORM: x is the layer's stream before its residual add and RMSNorm (rms_in.cuh; res_in, res_out, norm_w, eps),
-// normed while it is quantized (CudaOps.rmsnorm_linear); the other instantiations ignore those four arguments.
-template <typename F, int R, int NMAX, int P, typename TOut, bool SILU = false, bool NORM = false>
+template <typename F, int R, int NMAX, int P, typename TOut, bool SILU = false>
 __global__ void __launch_bounds__(SWARPS * 32)
     quant_gemv_split(const u8* __restrict__ q, const __half* __restrict__ d, const __half* __restrict__ mn,
-                     const __half* __restrict__ x, int n, TOut* __restrict__ y, int ldy, int M, int K,
-                     const float* res_in, float* res_out, const __half* __restrict__ norm_w, float eps) {
+                     const __half* __restrict__ x, int n, TOut* __restrict__ y, int ldy, int M, int K) {
   static_assert(!SILU || R % 2 == 0, "SILU pairs gate and up rows in a warp");
   constexpr int U = (8 / R) / (F::BITS / 4) > 0 ? (8 / R) / (F::BITS / 4) : 1;  // ~8 16-byte loads a lane
   extern __shared__ int4 smem[];
@@ -195,14 +166,7 @@ __global__ void __launch_bounds__(SWARPS * 32)
   float dd[U][R], mm[U][R];
   load_chunks<F, R, U, SILU>(q, d, mn, lane, nc, ng, qrow, m0, M, w, dd, mm);  // in flight while x is quantized
   lserve::pdl_enter();  // and while the kernel that writes x ends
-  if constexpr (NORM) {
-    float* rstd = reinterpret_cast<float*>(xs + P * n * nc);  // rms_rows' scratch after xs
-    const lserve::RmsIn in{res_in, res_out, norm_w, eps};
-    lserve::rms_rows<NMAX>(x, in, n, K, rstd);
-    quantize_x<P>(NormedX{x, in, rstd}, n, K, xq, xs);
-  } else {
-    quantize_x<P>(PlainX{x}, n, K, xq, xs);
-  }
+  quantize_x<P>(x, n, K, xq, xs);
   __syncthreads();
   if (m0 >= M) return;
   float acc[R][NMAX];

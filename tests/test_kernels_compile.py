@@ -100,23 +100,20 @@ def test_gate_up_silu_kernels_on_the_host():
     shutil.which("nvcc") is None, reason="nvcc not installed (the host emulation builds with it)"
 )
 def test_norm_prologue_kernels_on_the_host():
-    """gemv_rows and quant_gemv_split with the residual add + RMSNorm in their prologue (rms_in.cuh), compiled as
-    host code, against harness.quant.norm_linear_ref in float64; the residual stream they write must be exact."""
+    """gemv_rows with the residual add + RMSNorm in its prologue (rms_in.cuh), compiled as host code, against
+    harness.quant.norm_linear_ref in float64; the residual stream it writes must be exact."""
     import subprocess
     import sys
     from pathlib import Path
 
     tool = Path(__file__).resolve().parents[1] / "tools" / "quant_host_check.py"
-    args = ["--quick", "--variants", "norm", "--formats", "int4", "q4_1"]
+    args = ["--quick", "--variants", "norm", "--formats", "q8_0"]
     run = subprocess.run([sys.executable, str(tool), *args], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0 and "all passed" in run.stdout, run.stdout[-4000:] + run.stderr[-4000:]
-    from lserve_lite.weights.qtensor import LAYOUTS
-
     sys.path.insert(0, str(tool.parent))
     from quant_host_check import NORM_SHAPES
 
-    cases = sum(5 for f in ("int4", "q4_1") for _, k, _ in NORM_SHAPES if k % LAYOUTS[f].block == 0)
-    assert run.stdout.count("residual exact PASS") == cases + 2 * len(NORM_SHAPES)
+    assert run.stdout.count("residual exact PASS") == 2 * len(NORM_SHAPES)
 
 
 def test_prefill_kernel_choice():

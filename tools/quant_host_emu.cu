@@ -13,9 +13,9 @@
 // of layers.cu has inline PTX), W fp16:
 //   quant_host_emu grows - n M K W X Y                  y[n, M] (float) = x W^T through gemv_rows<n, float>
 //   quant_host_emu gsilu - n M K W X Y                  y[n, M] (fp16) through gemv_rows<n, __half, true>
-// Any split / ssilu / grows / gsilu run may start with `norm RES LNW RESOUT EPS` (RES "-": no residual): the NORM
-// instantiation (rms_in.cuh's residual add and RMSNorm of x in the prologue; grows then has fp16 outputs), with
-// the residual stream it writes in RESOUT.
+// A grows / gsilu run may start with `norm RES LNW RESOUT EPS` (RES "-": no residual): gemv_rows' NORM
+// instantiation (rms_in.cuh's residual add and RMSNorm of x in the prologue; fp16 outputs), with the residual
+// stream it writes in RESOUT.
 #include <cuda_fp16.h>
 #include <pthread.h>
 
@@ -208,23 +208,10 @@ static void gemv_split(int n, int M, int K, int ldy, char** a) {
   const __half* d = read_file<__half>(a[1], (size_t)M * groups, 16);
   const __half* mn = S::MIN ? read_file<__half>(a[2], (size_t)M * groups, 16) : d;
   const __half* x = read_file<__half>(a[3], (size_t)n * K, 0);
-  norm_load(n, K);
-  const EmuNorm nm = emu_norm;
-  if (nm.on) {  // NORM instantiations have fp16 outputs and one pass (rmsnorm_linear's)
-    std::vector<__half> y((size_t)n * ldy, __float2half(12344.f));
-    __half* yp = y.data();
-    launch_blocks((M + SWARPS * R - 1) / (SWARPS * R), SWARPS, [=] {
-      quant_gemv_split<S, R, NMAX, 1, __half, false, true>(q, d, mn, x, n, yp, ldy, M, K, nm.res, nm.res_out, nm.w,
-                                                           nm.eps);
-    });
-    write_file(a[4], yp, y.size());
-    return norm_save(n, K);
-  }
   std::vector<float> y((size_t)n * ldy, 12345.f);
   float* yp = y.data();
-  launch_blocks((M + SWARPS * R - 1) / (SWARPS * R), SWARPS, [=] {
-    quant_gemv_split<S, R, NMAX, P, float>(q, d, mn, x, n, yp, ldy, M, K, nullptr, nullptr, nullptr, 0.f);
-  });
+  launch_blocks((M + SWARPS * R - 1) / (SWARPS * R), SWARPS,
+                [=] { quant_gemv_split<S, R, NMAX, P, float>(q, d, mn, x, n, yp, ldy, M, K); });
   write_file(a[4], yp, y.size());
 }
 
@@ -250,19 +237,11 @@ static void gemv_split_silu(int n, int M, int K, int ldy, char** a) {
   const __half* d = read_file<__half>(a[1], (size_t)2 * M * groups, 16);
   const __half* mn = S::MIN ? read_file<__half>(a[2], (size_t)2 * M * groups, 16) : d;
   const __half* x = read_file<__half>(a[3], (size_t)n * K, 0);
-  norm_load(n, K);
-  const EmuNorm nm = emu_norm;
   std::vector<__half> y((size_t)n * ldy, __float2half(12344.f));
   __half* yp = y.data();
-  launch_blocks((M + SWARPS * R / 2 - 1) / (SWARPS * R / 2), SWARPS, [=] {
-    if (nm.on)
-      quant_gemv_split<S, R, NMAX, 1, __half, true, true>(q, d, mn, x, n, yp, ldy, M, K, nm.res, nm.res_out, nm.w,
-                                                          nm.eps);
-    else
-      quant_gemv_split<S, R, NMAX, 1, __half, true>(q, d, mn, x, n, yp, ldy, M, K, nullptr, nullptr, nullptr, 0.f);
-  });
+  launch_blocks((M + SWARPS * R / 2 - 1) / (SWARPS * R / 2), SWARPS,
+                [=] { quant_gemv_split<S, R, NMAX, 1, __half, true>(q, d, mn, x, n, yp, ldy, M, K); });
   write_file(a[4], yp, y.size());
-  norm_save(n, K);
 }
 
 template <typename S, int R>

@@ -392,36 +392,29 @@ class CudaOps:
         return out if fused else self.silu_mul(self.linear(h, w), out=out)
 
     def rmsnorm_linear(self, x, residual, norm_w, eps, w, bias=None, silu=False):
-        """Decode rows: the residual add and RMSNorm in the prologue of the GEMV (gemv_rows / quant_gemv_split with
-        NORM: no add_rmsnorm launch), the residual stream returned in a new float32 array; other shapes and
-        weights (cuBLAS rows, q4_k / q6_k block kernels, row stacks, N * K halves past NORM_SMEM), or
-        LSERVE_CUDA_FUSE_NORM=0: add_rmsnorm, then `linear` / `gate_up_silu`. Reference: the same composition
-        of reference/layers.rmsnorm_ref and the product."""
+        """Decode rows of an fp16 weight: the residual add and RMSNorm in the prologue of gemv_rows (NORM: no
+        add_rmsnorm launch), the residual stream returned in a new float32 array. Everything else (packed
+        weights, whose split GEMV measured slower with the norm in its prologue: docs/ARCHITECTURE.md; cuBLAS
+        rows; N * K halves past NORM_SMEM) and LSERVE_CUDA_FUSE_NORM=0: add_rmsnorm, then `linear` /
+        `gate_up_silu`. Reference: that composition of reference/layers.rmsnorm_ref and the product."""
         cp = self.cp
-        x = cp.ascontiguousarray(x)
         n, k = int(x.shape[0]), int(x.shape[1])
+        smem = 2 * n * k + scratch_bytes(n)
+        fits = isinstance(w, cp.ndarray) and self.gemm_path(n, k) == "gemv" and smem <= NORM_SMEM
+        if not (self.fuse_norm and fits and (self.fuse_silu or not silu)):
+            return norm_then_linear(self, x, residual, norm_w, eps, w, bias, silu)
+        x = cp.ascontiguousarray(x)
+        res_in = None if residual is None else cp.ascontiguousarray(residual, dtype=cp.float32)
+        norm = RmsIn(res_in, cp.empty((n, k), cp.float32), norm_w, eps)
         rows = int(w.shape[0]) // 2 if silu else int(w.shape[0])
-        if self.fuse_norm and (not silu or self.fuse_silu) and 0 < n <= GEMV_MAX_ROWS:
-            res_in = None if residual is None else cp.ascontiguousarray(residual, dtype=cp.float32)
-            norm = RmsIn(res_in, cp.empty((n, k), cp.float32), norm_w, eps)
-            out = cp.empty((n, rows), cp.float16)
-            fused = self.quant.norm_gemv(x, w, out, norm, silu)
-            smem = 2 * n * k + scratch_bytes(n)
-            if (
-                not fused
-                and isinstance(w, cp.ndarray)
-                and self.gemm_path(n, k) == "gemv"
-                and smem <= NORM_SMEM
-            ):
-                args = (x, w, out, np.int32(rows), np.int32(k), *norm.args())
-                kern = self.k[f"gemv_rows<{n}, __half, {'true' if silu else 'false'}, true>"]
-                kern((-(-rows // 8),), (256,), args, shared_mem=smem)
-                fused = True
-            if fused:
-                if bias is not None:
-                    out += bias
-                return out, norm.res_out
-        return norm_then_linear(self, x, residual, norm_w, eps, w, bias, silu)
+        out = cp.empty((n, rows), cp.float16)
+        kern = self.k[f"gemv_rows<{n}, __half, {'true' if silu else 'false'}, true>"]
+        kern(
+            (-(-rows // 8),), (256,), (x, w, out, np.int32(rows), np.int32(k), *norm.args()), shared_mem=smem
+        )
+        if bias is not None:
+            out += bias
+        return out, norm.res_out
 
     def silu_mul(self, gate_up, out=None):
         """Reference: reference/layers.silu_mul_ref."""

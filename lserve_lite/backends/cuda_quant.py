@@ -30,7 +30,6 @@ import numpy as np
 from ..weights.qtensor import FORMATS, LAYOUTS, QuantTensor, RowStack
 from .cuda_compile import load_module
 from .quant_split import SPLIT_FORMATS, SplitFormat, split
-from .rms_in import RmsIn, norm_args, scratch_bytes
 
 QUANT_SOURCE = "quant_gemv.cu"
 SPLIT_SOURCE = "quant_gemv_split.cu"
@@ -96,11 +95,9 @@ def split_silu_rows(m: int, n: int = 1) -> int:
     return max(2, split_rows(m, n))
 
 
-def split_smem(n: int, k: int, passes: int = 1, norm: bool = False) -> int:
-    """Dynamic shared memory of a split GEMV launch: n rows of x as int8 plus a {dx, sum} pair per 32, per pass
-    (and the norm's scratch for a NORM instantiation of NMAX >= n rows)."""
-    nmax = next((g for g in SPLIT_ROWS if g >= n), n)
-    return passes * (n * k + n * (k // 32) * 8) + (scratch_bytes(nmax) if norm else 0)
+def split_smem(n: int, k: int, passes: int = 1) -> int:
+    """Dynamic shared memory of a split GEMV launch: n rows of x as int8 plus a {dx, sum} pair per 32, per pass."""
+    return passes * (n * k + n * (k // 32) * 8)
 
 
 def kernel_names(fmt: str, variants: tuple[str, ...] = (*GEMV_VARIANTS, "split")) -> tuple[str, ...]:
@@ -115,12 +112,6 @@ def kernel_names(fmt: str, variants: tuple[str, ...] = (*GEMV_VARIANTS, "split")
                           for p, o in SPLIT_PASSES]  # fmt: skip
                 names += [f"quant_gemv_split<{s}, {r}, {n}, 1, __half, true>" for r in SPLIT_SILU_R
                           for n in SPLIT_ROWS]  # fmt: skip
-                names += [
-                    f"quant_gemv_split<{s}, {r}, {n}, 1, __half, {silu}, true>"
-                    for silu, rs in (("false", SPLIT_R), ("true", SPLIT_SILU_R))
-                    for r in rs
-                    for n in SPLIT_ROWS
-                ]  # fmt: skip (NORM: rmsnorm_linear)
                 names.append(f"quant_dequant_split<{s}>")
             continue
         names += [f"{GEMV_VARIANTS[v][0]}<{t}, {n}, {o}>" for n in GEMV_ROWS for o in ("__half", "float")]
@@ -216,9 +207,8 @@ class QuantKernels:
             return
         for name, fn in self._kernels(w.fmt, "split").items():
             if name.startswith("quant_gemv_split"):
-                targs = name[name.index("<") + 1 : -1].split(", ")  # F, R, NMAX, P, TOut[, SILU[, NORM]]
-                norm = len(targs) == 7 and targs[6] == "true"
-                self._opt_in(name, fn, split_smem(int(targs[2]), k, int(targs[3]), norm))
+                nmax, passes = (int(a) for a in name.split(",")[2:4])
+                self._opt_in(name, fn, split_smem(nmax, k, passes))
 
     def _device(self, a: np.ndarray):
         """A host array's bytes on the device, flat, with PAD zero bytes after them."""
@@ -266,18 +256,6 @@ class QuantKernels:
             mod = load_module(SPLIT_SOURCE if variant == "split" else QUANT_SOURCE, names)
             fns = self._fns[key] = {n: mod.get_function(n) for n in names}
         return fns
-
-    def norm_gemv(self, x, w: DeviceQuant | DeviceRowStack, out, norm: RmsIn, silu: bool) -> bool:
-        """out = (silu-and-multiply of) norm(x) @ W^T in one launch per shared-memory step, the residual add and
-        RMSNorm in the split GEMV's prologue (rmsnorm_linear), when w is a split weight and x has at most
-        GEMV_MAX_ROWS rows (out float16); False (nothing launched) otherwise."""
-        n = int(x.shape[0])
-        if not (
-            isinstance(w, DeviceQuant) and w.split and 0 < n <= GEMV_MAX_ROWS and out.dtype == np.float16
-        ):
-            return False
-        self._gemv_split(self._kernels(w.fmt, "split"), x, w, out, silu=silu, norm=norm)
-        return True
 
     def gemm(self, x, w: DeviceQuant | DeviceRowStack, out) -> None:
         """out[N, M] = x[N, K] @ W^T (x contiguous float16; out float16 or float32, rows of stride >= M). Into
@@ -328,34 +306,32 @@ class QuantKernels:
         self._gemv_split(self._kernels(w.fmt, "split"), x, w, out, silu=True)
         return True
 
-    def _gemv_split(self, fns, x, w: DeviceQuant, out, silu: bool = False, norm: RmsIn | None = None) -> None:
+    def _gemv_split(self, fns, x, w: DeviceQuant, out, silu: bool = False) -> None:
         """quant_gemv_split over x's rows, as many per launch as the shared memory holds (all of them unless K is
         large: 8 rows of K = 14336 need 140 KB, 280 KB with a float32 output's two passes). `silu`: w is
-        [gate; up] and out gets silu(gate) * up, [N, M / 2] in fp16. `norm`: x is normed first (rms_in.cuh)."""
+        [gate; up] and out gets silu(gate) * up, [N, M / 2] in fp16."""
         n, k, m = int(x.shape[0]), int(x.shape[1]), w.shape[0]
         passes = 2 if out.dtype == np.float32 else 1
         step = n
-        while step > 1 and split_smem(step, k, passes, norm is not None) > self.smem_limit:
+        while step > 1 and split_smem(step, k, passes) > self.smem_limit:
             step = (step + 1) // 2
         r = self.split_r or split_rows(m, n)
         t = "__half" if out.dtype == np.float16 else "float"
-        tail, outs = "", m  # template flags, outputs of the launch (M, the kernel's)
+        tail, outs = "", m  # template flag, outputs of the launch (M, the kernel's)
         if silu:  # R in SPLIT_SILU_R, R/2 outputs a warp
             r, tail, outs = max(2, self.split_r or split_silu_rows(m, n)), ", true", m // 2
-        if norm is not None:
-            tail = f", {'true' if silu else 'false'}, true"
         ldy = np.int32(out.strides[0] // out.itemsize)
         for i in range(0, n, step):
             rows = min(step, n - i)
             nmax = next(g for g in SPLIT_ROWS if g >= rows)
             fn = fns[f"quant_gemv_split<{w.split.trait}, {r}, {nmax}, {passes}, {t}{tail}>"]
             args = (w.data, w.d, self._mins(w), x[i : i + rows], np.int32(rows), out[i : i + rows], ldy,
-                    np.int32(outs), np.int32(k), *norm_args(norm and norm.rows(i, i + rows)))  # fmt: skip
+                    np.int32(outs), np.int32(k))  # fmt: skip
             fn(
                 (-(-outs // (SPLIT_WARPS * (r // 2 if silu else r))),),
                 (32 * SPLIT_WARPS,),
                 args,
-                shared_mem=split_smem(rows, k, passes, norm is not None),
+                shared_mem=split_smem(rows, k, passes),
             )
 
     def _variant(self, w: DeviceQuant, n: int) -> str:

@@ -1,5 +1,5 @@
 """The residual add and RMSNorm that a decode GEMV applies to its input in its prologue (kernels/rms_in.cuh), as
-the four trailing arguments of gemv_rows and quant_gemv_split; the GEMVs without it take `NO_NORM`."""
+the four trailing arguments of gemv_rows; its instantiations without it take `NO_NORM`."""
 
 from __future__ import annotations
 
@@ -28,15 +28,6 @@ class RmsIn:
             self.w,
             np.float32(self.eps),
         )
-
-    def rows(self, i: int, j: int) -> RmsIn:
-        """The same norm for input rows i .. j - 1 (a launch over part of the rows)."""
-        res_in = None if self.res_in is None else self.res_in[i:j]
-        return RmsIn(res_in, self.res_out[i:j], self.w, self.eps)
-
-
-def norm_args(norm: RmsIn | None) -> tuple:
-    return NO_NORM if norm is None else norm.args()
 
 
 def scratch_bytes(nmax: int) -> int:
