@@ -294,10 +294,7 @@ def main(argv=None) -> int:
         if "norm" in args.variants:
             for i, (n, k, m) in enumerate(NORM_SHAPES):
                 ok &= all(
-                    [
-                        check_norm(exe, tmp, None, n, k, m, rng, mode, first=i == 0)
-                        for mode in ("grows", "gsilu")
-                    ]
+                    [check_norm(exe, tmp, n, k, m, rng, mode, first=i == 0) for mode in ("grows", "gsilu")]
                 )
     print("all passed" if ok else "FAILURES")
     return 0 if ok else 1

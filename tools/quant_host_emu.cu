@@ -91,6 +91,7 @@ static int emu_dp4a(int a, int b, int c) {
 #define __shared__
 #include "quant_gemv_split.cu"
 int4 smem[1 << 15];
+#include "rms_in.cuh"
 #include "gemv_rows.inc"
 uint4 normed[1 << 13];  // gemv_rows' dynamic shared memory with NORM
 
