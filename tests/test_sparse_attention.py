@@ -269,3 +269,30 @@ def test_plan_subset_keeps_rows_and_pages():
     assert part.num_qblocks == 1 and part.selects
     rows = paged_attention_sparse_ref(q, kd, vd, ks, vs, part, head_class, seqs[0][8], sel_idx, sel_cnt)
     np.testing.assert_allclose(rows[:1], full[:1], atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("kv", ["float", "int8", "int4"])
+def test_page_sizing_counts_what_is_allocated(dtype, kv):
+    """The bytes that size the pools (KVLayout.bytes_per_page with the backend's float size) are the bytes a page
+    allocates: values, scales and the selector's key statistics in the backend's float type (the statistics were
+    once counted as float32 on the GPU, sizing LServe pages 6-15% larger than they are)."""
+    from lserve_lite.backends.base import alloc_kv_cache
+    from lserve_lite.kv.quant import FORMATS
+
+    cfg = ModelConfig.from_dict(
+        dict(architectures=["LlamaForCausalLM"], hidden_size=512, intermediate_size=1024, num_hidden_layers=3,
+             num_attention_heads=8, num_key_value_heads=4, vocab_size=1000, max_position_embeddings=4096)
+    )  # fmt: skip
+    classes = [np.array([0, 1, 1, 0], np.int32), np.array([1, 1, 1, 1], np.int32), np.array([0, 0, 1, 0], np.int32)]
+    lay = KVLayout.sparse(cfg, SparseConfig(enabled=True), classes, max_chunk=256)
+    item = np.dtype(dtype).itemsize
+    fmt = FORMATS[{"float": f"fp{8 * item}"}.get(kv, kv)]  # a float cache is the backend's float type
+    cache = alloc_kv_cache(np.zeros, np.asarray, dtype, cfg, 64, 1, lay, 1, 1, fmt if fmt.quantized else None)
+    dense_b, stream_b = lay.bytes_per_page(cfg, fmt.kv_bytes(cfg.head_dim, item), item)
+
+    def nbytes(*pools):
+        return sum(int(a.nbytes) for pool in pools for a in pool or ())
+
+    assert dense_b == nbytes(cache.k, cache.v, cache.k_scale, cache.v_scale, cache.kmax, cache.kmin)
+    assert stream_b == nbytes(cache.ks, cache.vs, cache.ks_scale, cache.vs_scale)

@@ -786,9 +786,9 @@ def kv_capacity(
             try:
                 fmt = resolve_kv_format(kv, supported, cfg.head_dim)
                 kv_bytes = fmt.kv_bytes(cfg.head_dim, itemsize)
-                dense_b, stream_b = page_bytes(cfg, ps, kv_bytes, layout)
+                dense_b, stream_b = page_bytes(cfg, ps, kv_bytes, layout, itemsize)
                 pages, stream = pool_pages(
-                    cfg, ps, kv_bytes, budget, layout, ecfg.max_num_seqs, ecfg.num_kv_pages
+                    cfg, ps, kv_bytes, budget, layout, ecfg.max_num_seqs, ecfg.num_kv_pages, itemsize
                 )
             except InvalidRequestError as e:  # fp8 before sm_89, or a budget that holds no page
                 out.append(dict(row, error=str(e)))

@@ -77,26 +77,28 @@ class KVLayout:
         window = geometry.window_visit_pages(sp.decode_sink, sp.decode_local, self.page_size)
         return max(geometry.visit_capacity(self.select_pages), window if self.has_streaming else 0, 1)
 
-    def bytes_per_page(self, cfg: ModelConfig, kv_bytes: int) -> tuple[int, int]:
-        """K+V bytes of one dense-pool page and one streaming-pool page over all layers; `kv_bytes`: one
-        token's K and V of one head, scales included (kv/quant.KVFormat.kv_bytes)."""
+    def bytes_per_page(self, cfg: ModelConfig, kv_bytes: int, stat_itemsize: int = 4) -> tuple[int, int]:
+        """K+V bytes of one dense-pool page (with its logical pages' key max / min, stored in the backend's float
+        type of `stat_itemsize` bytes, as alloc_kv_cache does) and of one streaming-pool page over all layers;
+        `kv_bytes`: one token's K and V of one head, scales included (kv/quant.KVFormat.kv_bytes)."""
         per_head = self.page_size * kv_bytes
         dense = sum(self.num_dense(i) for i in range(cfg.num_layers)) * per_head
         stats = 0
         if self.sub_pages:
-            stats = (
-                2 * sum(self.num_dense(i) for i in range(cfg.num_layers)) * self.sub_pages * cfg.head_dim * 4
-            )
+            heads = sum(self.num_dense(i) for i in range(cfg.num_layers))
+            stats = 2 * heads * self.sub_pages * cfg.head_dim * stat_itemsize
         stream = sum(self.num_streaming(i) for i in range(cfg.num_layers)) * per_head
         return dense + stats, stream
 
 
-def page_bytes(cfg: ModelConfig, page_size: int, kv_bytes: int, layout: KVLayout | None) -> tuple[int, int]:
+def page_bytes(
+    cfg: ModelConfig, page_size: int, kv_bytes: int, layout: KVLayout | None, stat_itemsize: int = 4
+) -> tuple[int, int]:  # fmt: skip
     """(dense-pool page, streaming-pool page) bytes over all layers, what sizes the pools; without a layout
-    (dense mode) one pool holds every KV head. `kv_bytes` as in `KVLayout.bytes_per_page`."""
+    (dense mode) one pool holds every KV head. `kv_bytes`, `stat_itemsize` as in `KVLayout.bytes_per_page`."""
     if layout is None:
         return cfg.num_layers * cfg.num_kv_heads * page_size * kv_bytes, 0
-    return layout.bytes_per_page(cfg, kv_bytes)
+    return layout.bytes_per_page(cfg, kv_bytes, stat_itemsize)
 
 
 MAX_POOL_PAGES = 1 << 20  # a pool never has more pages than this (page ids are int32 in plans)
@@ -104,13 +106,14 @@ MAX_POOL_PAGES = 1 << 20  # a pool never has more pages than this (page ids are 
 
 def pool_pages(
     cfg: ModelConfig, page_size: int, kv_bytes: int, budget: int, layout: KVLayout | None, max_seqs: int,
-    num_pages: int | None = None,
+    num_pages: int | None = None, stat_itemsize: int = 4,
 ) -> tuple[int, int]:  # fmt: skip
     """(dense-pool pages, streaming-pool pages) for `budget` bytes of KV memory, or `num_pages` dense pages;
-    `kv_bytes` as in `KVLayout.bytes_per_page` (a quantized cache fits more pages in the same budget).
+    `kv_bytes`, `stat_itemsize` as in `KVLayout.bytes_per_page` (a quantized cache fits more pages in the same
+    budget).
 
     The streaming pool holds every running sequence's sink + ring pages, within 30% of the budget."""
-    dense_b, stream_b = page_bytes(cfg, page_size, kv_bytes, layout)
+    dense_b, stream_b = page_bytes(cfg, page_size, kv_bytes, layout, stat_itemsize)
     if layout is None:
         return num_pages or _fit(budget, dense_b), 0
     per_seq = layout.stream_pages_per_seq
