@@ -284,7 +284,11 @@ def test_page_sizing_counts_what_is_allocated(dtype, kv):
         dict(architectures=["LlamaForCausalLM"], hidden_size=512, intermediate_size=1024, num_hidden_layers=3,
              num_attention_heads=8, num_key_value_heads=4, vocab_size=1000, max_position_embeddings=4096)
     )  # fmt: skip
-    classes = [np.array([0, 1, 1, 0], np.int32), np.array([1, 1, 1, 1], np.int32), np.array([0, 0, 1, 0], np.int32)]
+    classes = [
+        np.array([0, 1, 1, 0], np.int32),
+        np.array([1, 1, 1, 1], np.int32),
+        np.array([0, 0, 1, 0], np.int32),
+    ]
     lay = KVLayout.sparse(cfg, SparseConfig(enabled=True), classes, max_chunk=256)
     item = np.dtype(dtype).itemsize
     fmt = FORMATS[{"float": f"fp{8 * item}"}.get(kv, kv)]  # a float cache is the backend's float type

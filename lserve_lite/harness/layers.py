@@ -161,7 +161,7 @@ def case_rmsnorm_linear(c: Ctx) -> list[Result]:
         w = c.f16(rows, k, scale=1 / math.sqrt(k)) if fmt is None else random_quant(fmt, rows, k, c.rng)
         ref_w = reference_matrix(w)
         x, lnw = c.f16(n, k), c.f16(k, scale=0.3) + 1.0
-        if silu:  # h @ W of standard deviation ~3 (silu_inputs' reason: random q4_k blocks overflow fp16 unscaled)
+        if silu:  # h @ W of std ~3 (silu_inputs' reason: random q4_k blocks overflow fp16 unscaled)
             lnw = lnw * 3.0 / np.sqrt(k * np.mean(ref_w**2))
         lnw = lnw.astype(np.float16)
         res = None if i == 0 else c.rng.standard_normal((n, k)).astype(np.float32) * 2
