@@ -1,20 +1,26 @@
-// Decode GEMV with int8 activations over the "split" device layout of the formats whose blocks are 32 values
-// with plain scales (GGUF Q8_0 / Q4_0 / Q4_1, our int8 / int4). Launchers: lserve_lite/backends/cuda_quant.py;
+// Decode GEMV with int8 activations over the "split" device layout of the quantized formats (GGUF Q8_0 / Q4_0 /
+// Q4_1 / Q4_K / Q6_K, our int8 / int4). Launchers: lserve_lite/backends/cuda_quant.py;
 // the host repacking that makes the layout: lserve_lite/backends/quant_split.py; references: QuantTensor /
 // gguf.quants.dequantize times x in float64 (harness/quant.py), with the activation rounding bounded there.
 //
-// Why another layout: GGUF blocks are 18-34 bytes (scales inline), so a lane cannot read them with aligned
+// Why another layout: GGUF blocks are 18-210 bytes (scales inline), so a lane cannot read them with aligned
 // 16-byte loads, and multiplying fp16 x by each dequantized weight in float32 costs ~4 instructions per weight:
-// the H200 measured that at 0.2-0.5x of the copy bandwidth. Split at upload (lossless, no float copy):
+// the H200 measured that at 0.16-0.5x of the copy bandwidth. Split at upload (exact, no float copy):
 //   q [M, K * BITS / 8]   the integers: 32 values a 32-BITS/8-byte chunk; 4-bit chunk byte i = v[i] | v[i + 16] << 4
-//                         (Q4_0 / Q4_1's own nibble order; int4's 128-blocks are re-nibbled to it)
+//                         (Q4_0 / Q4_1's own nibble order; int4's 128-blocks and Q4_K's sub-block pairs are
+//                         re-nibbled to it); 8-bit: signed bytes (Q6_K: q6 - 32)
 //   d [M, NG] fp16        scale per group of CPG chunks (CPG = 0: one per row, int8's per-channel scale)
-//   m [M, NG] fp16        additive term (Q4_1 only)
-// and w = d * (q - Z) + m. Each block first quantizes the n rows of x to int8 per 32 values into shared memory
-// (dx = max|x| / 127, xq = round(x / dx), s = sum xq: llama.cpp's q8_1 scheme; the logits add a second pass
-// on the rounding residual, P = 2), then each warp takes R output
-// rows; lane l reads chunks l, l + 32, ... of each row with 16-byte loads (U chunks x R rows in flight before
-// any is used; the first of them issued before x is quantized) and sums q * xq with dp4a (exact int32); per chunk y += dx * (d * (sum - Z s) + m s).
+//   m [M, NG] fp16        additive term (Q4_1; Q4_K's -dmin)
+//   sub [M, K / 32] x 2 int8   the k-quants' integer sub-scales, two bytes a chunk (SUB: values per sub-scale):
+//                         Q4_K's 6-bit scale and min multiplier of the chunk (SUB = 32), Q6_K's scales of
+//                         values 0-15 and 16-31 (SUB = 16)
+// and w = d * sub * (q - Z) + m * sub_m (sub = 1 without SUB). Each block first quantizes the n rows of x to
+// int8 per 32 values into shared memory (dx = max|x| / 127, xq = round(x / dx), s = sum xq: llama.cpp's q8_1
+// scheme; the logits add a second pass on the rounding residual, P = 2), then each warp takes R output rows;
+// lane l reads chunks l, l + 32, ... of each row with 16-byte loads (U chunks x R rows in flight before any is
+// used; the first of them issued before x is quantized) and sums q * xq with dp4a (exact int32, the sub-scales
+// multiplied in as integers); per chunk y += dx * (d * (sum - Z s) + m s) (s times Q4_K's min multiplier; s is
+// not used where Z = 0 and there is no m: q8_0, q6_k, int8).
 
 #include <cuda_fp16.h>
 
@@ -23,18 +29,23 @@
 typedef unsigned char u8;
 
 // A split format: BITS per value, CPG chunks of 32 values per scale group (0: one per row), an additive
-// term (MIN), the zero point Z subtracted from q.
-template <int BITS_, int CPG_, bool MIN_, int Z_>
+// term (MIN), the zero point Z subtracted from q, and SUB values per integer sub-scale (0: none; 32: one a chunk,
+// with MIN the additive term's multiplier beside it; 16: two a chunk).
+template <int BITS_, int CPG_, bool MIN_, int Z_, int SUB_ = 0>
 struct Split {
-  static constexpr int BITS = BITS_, CPG = CPG_, Z = Z_;
+  static constexpr int BITS = BITS_, CPG = CPG_, Z = Z_, SUB = SUB_;
   static constexpr bool MIN = MIN_;
   static constexpr int WORDS = BITS;  // 32-bit words per 32-value chunk (4 for 4-bit, 8 for 8-bit)
+  static_assert(SUB == 0 || SUB == 16 || SUB == 32, "sub-scales per chunk or half chunk");
+  static_assert(SUB != 16 || (Z == 0 && !MIN), "per-half sub-scales leave no term for Z or m");
 };
 typedef Split<8, 1, false, 0> SQ8_0;
 typedef Split<4, 1, false, 8> SQ4_0;
 typedef Split<4, 1, true, 0> SQ4_1;
 typedef Split<8, 0, false, 0> SINT8;
 typedef Split<4, 4, false, 8> SINT4;
+typedef Split<4, 8, true, 0, 32> SQ4_K;
+typedef Split<8, 8, false, 0, 16> SQ6_K;
 
 constexpr int SWARPS = 8;  // warps per block; cuda_quant.SPLIT_WARPS
 
@@ -87,22 +98,34 @@ __device__ __forceinline__ void quantize_x(const __half* __restrict__ x, int n, 
   }
 }
 
-// One chunk's dot product q . xq (exact int32): 4-bit chunks hold v[i] in the low and v[i + 16] in the high
-// nibble of byte i, so word j's low nibbles meet xq words j and its high nibbles xq words 4 + j.
-template <typename F>
-__device__ __forceinline__ int chunk_dot(const unsigned (&w)[F::WORDS], const int* xw) {
-  int acc = 0;
-  if (F::BITS == 8) {
+// acc + the dot product q . xq of half H of a chunk (values 16H .. 16H + 15, xq words 4H .. 4H + 3): 8-bit words
+// 4H .. 4H + 3; 4-bit chunks hold v[i] in the low and v[i + 16] in the high nibble of byte i, so nibble H of
+// words 0-3.
+template <typename F, int H>
+__device__ __forceinline__ int half_dot(const unsigned (&w)[F::WORDS], const int* xw, int acc) {
 #pragma unroll
-    for (int j = 0; j < F::WORDS; ++j) acc = __dp4a((int)w[j], xw[j], acc);
-  } else {
-#pragma unroll
-    for (int j = 0; j < F::WORDS; ++j) {
-      acc = __dp4a((int)(w[j] & 0x0F0F0F0Fu), xw[j], acc);
-      acc = __dp4a((int)((w[j] >> 4) & 0x0F0F0F0Fu), xw[4 + j], acc);
-    }
+  for (int j = 0; j < 4; ++j) {
+    const unsigned v = F::BITS == 8 ? w[4 * H + j] : (w[j] >> (4 * H)) & 0x0F0F0F0Fu;
+    acc = __dp4a((int)v, xw[4 * H + j], acc);
   }
   return acc;
+}
+
+// The chunk's q . xq times its integer sub-scales (byte b of `sub`: sub-scale b), exact in int32 and in its
+// float: at most 2 * 16 * 32 * 127 * 128 < 2^24 (Q6_K), 32 * 15 * 127 * 63 (Q4_K).
+template <typename F>
+__device__ __forceinline__ int chunk_dot(const unsigned (&w)[F::WORDS], const int* xw, int sub) {
+  if constexpr (F::SUB == 16)
+    return (signed char)sub * half_dot<F, 0>(w, xw, 0) + (signed char)(sub >> 8) * half_dot<F, 1>(w, xw, 0);
+  const int dot = half_dot<F, 1>(w, xw, half_dot<F, 0>(w, xw, 0));
+  return F::SUB == 32 ? (int)(signed char)sub * dot : dot;
+}
+
+// v (the chunk's sum of xq, an exact float, or its additive term) times the chunk's min multiplier (Q4_K's m_j;
+// 1 for the other formats): exact, products of small integers / of an fp16 and a 6-bit integer.
+template <typename F>
+__device__ __forceinline__ float times_min_sub(float v, int sub) {
+  return F::SUB == 32 ? (float)(signed char)(sub >> 8) * v : v;
 }
 
 // The output a warp's accumulator row i belongs to (m0 + i), and the row of W it reads: the same, or with SILU
@@ -117,12 +140,13 @@ __device__ __forceinline__ int acc_row(int m0, int i, int M) {
 }
 
 // Chunks c0, c0 + 32, ... (U of them) of the warp's R rows (acc_row) into registers: integers, scales, additive
-// terms.
+// terms, sub-scales.
 template <typename F, int R, int U, bool SILU = false>
 __device__ __forceinline__ void load_chunks(const u8* __restrict__ q, const __half* __restrict__ d,
-                                            const __half* __restrict__ mn, int c0, int nc, int ng, long long qrow,
-                                            int m0, int M, unsigned (&w)[U][R][F::WORDS], float (&dd)[U][R],
-                                            float (&mm)[U][R]) {
+                                            const __half* __restrict__ mn, const unsigned short* __restrict__ sub,
+                                            int c0, int nc, int ng, long long qrow, int m0, int M,
+                                            unsigned (&w)[U][R][F::WORDS], float (&dd)[U][R], float (&mm)[U][R],
+                                            int (&ss)[U][R]) {
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int c = c0 + 32 * u;
@@ -139,6 +163,7 @@ __device__ __forceinline__ void load_chunks(const u8* __restrict__ q, const __ha
         const long long g = (long long)m * ng + (F::CPG ? c / F::CPG : 0);
         dd[u][i] = F::CPG ? __half2float(__ldg(d + g)) : 1.f;
         mm[u][i] = F::MIN ? __half2float(__ldg(mn + g)) : 0.f;
+        ss[u][i] = F::SUB ? (int)__ldg(sub + (long long)m * nc + c) : 0;
       }
     }
   }
@@ -152,7 +177,8 @@ __device__ __forceinline__ void load_chunks(const u8* __restrict__ q, const __ha
 template <typename F, int R, int NMAX, int P, typename TOut, bool SILU = false>
 __global__ void __launch_bounds__(SWARPS * 32)
     quant_gemv_split(const u8* __restrict__ q, const __half* __restrict__ d, const __half* __restrict__ mn,
-                     const __half* __restrict__ x, int n, TOut* __restrict__ y, int ldy, int M, int K) {
+                     const unsigned short* __restrict__ sub, const __half* __restrict__ x, int n,
+                     TOut* __restrict__ y, int ldy, int M, int K) {
   static_assert(!SILU || R % 2 == 0, "SILU pairs gate and up rows in a warp");
   constexpr int U = (8 / R) / (F::BITS / 4) > 0 ? (8 / R) / (F::BITS / 4) : 1;  // ~8 16-byte loads a lane
   extern __shared__ int4 smem[];
@@ -164,7 +190,9 @@ __global__ void __launch_bounds__(SWARPS * 32)
   const int m0 = (blockIdx.x * SWARPS + (threadIdx.x >> 5)) * (SILU ? R / 2 : R);  // the warp's first output
   unsigned w[U][R][F::WORDS];
   float dd[U][R], mm[U][R];
-  load_chunks<F, R, U, SILU>(q, d, mn, lane, nc, ng, qrow, m0, M, w, dd, mm);  // in flight while x is quantized
+  int ss[U][R];
+  // in flight while x is quantized
+  load_chunks<F, R, U, SILU>(q, d, mn, sub, lane, nc, ng, qrow, m0, M, w, dd, mm, ss);
   lserve::pdl_enter();  // and while the kernel that writes x ends
   quantize_x<P>(x, n, K, xq, xs);
   __syncthreads();
@@ -175,7 +203,7 @@ __global__ void __launch_bounds__(SWARPS * 32)
 #pragma unroll
     for (int r = 0; r < NMAX; ++r) acc[i][r] = 0.f;
   for (int c0 = lane; c0 < nc; c0 += 32 * U) {
-    if (c0 != lane) load_chunks<F, R, U, SILU>(q, d, mn, c0, nc, ng, qrow, m0, M, w, dd, mm);
+    if (c0 != lane) load_chunks<F, R, U, SILU>(q, d, mn, sub, c0, nc, ng, qrow, m0, M, w, dd, mm, ss);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + 32 * u;
@@ -189,9 +217,9 @@ __global__ void __launch_bounds__(SWARPS * 32)
               const float2 sx = xs[(p * n + r) * nc + c];
 #pragma unroll
               for (int i = 0; i < R; ++i) {
-                const int dot = chunk_dot<F>(w[u][i], xw) - F::Z * (int)sx.y;
+                const int dot = chunk_dot<F>(w[u][i], xw, ss[u][i]) - F::Z * (int)sx.y;
                 float t = dd[u][i] * (float)dot;
-                if (F::MIN) t = fmaf(mm[u][i], sx.y, t);
+                if (F::MIN) t = fmaf(mm[u][i], times_min_sub<F>(sx.y, ss[u][i]), t);
                 acc[i][r] = fmaf(sx.x, t, acc[i][r]);
               }
             }
@@ -235,7 +263,8 @@ __global__ void __launch_bounds__(SWARPS * 32)
 // store). Prefill tiles for cuBLAS (rows null) and the embedding gather of a quantized table (rows = token ids).
 template <typename F>
 __global__ void quant_dequant_split(const u8* __restrict__ q, const __half* __restrict__ d,
-                                    const __half* __restrict__ mn, const long long* __restrict__ rows,
+                                    const __half* __restrict__ mn, const unsigned short* __restrict__ sub,
+                                    const long long* __restrict__ rows,
                                     long long r0, int nrows, int K, __half* __restrict__ out) {
   lserve::pdl_enter();
   const long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x;
@@ -257,7 +286,10 @@ __global__ void quant_dequant_split(const u8* __restrict__ q, const __half* __re
   }
   const int off = F::BITS == 8 ? 128 : F::Z;
   const long long g = m * groups_per_row<F>(K) + (F::CPG ? (k0 / 32) / F::CPG : 0);
-  const float dv = __half2float(d[g]), mv = F::MIN ? __half2float(mn[g]) : 0.f;
+  const int sc = F::SUB ? (int)sub[m * (K / 32) + k0 / 32] : 0;
+  const int sh = F::SUB == 16 ? 8 * (i0 / 16) : 0;  // the 8 values lie in one half of the chunk: its sub-scale
+  const float dv = __half2float(d[g]) * (F::SUB ? (float)(signed char)(sc >> sh) : 1.f);
+  const float mv = F::MIN ? times_min_sub<F>(__half2float(mn[g]), sc) : 0.f;
   __align__(16) __half h[8];
 #pragma unroll
   for (int t = 0; t < 8; ++t) {

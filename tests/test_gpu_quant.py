@@ -3,7 +3,7 @@
 gpu-marked (skipped without a GPU): the harness rows (`lserve-lite kernels test quant_gemv quant_prefill
 quant_rowstack quant_split_rowstack quant_embed quant_gate_up_silu`; float64 references from
 gguf.quants.dequantize), the fused gate_up GEMV + SiLU-and-multiply against the unfused launches (fp16, int8,
-int4, q4_1 weights), a random Llama quantized with
+int4, q4_1, q4_k, q6_k weights), a random Llama quantized with
 int8 / int4 through the CUDA engine (eager and CUDA Graphs) against the CPU engine on the same weights
 dequantized to float32, GGUF files of every type, and SmolLM2's Q4_1 GGUF ($LSERVE_SMOLLM2_GGUF) against the
 CPU backend on the same file. Unmarked: the host-side bookkeeping (kernel names, packed byte counts).
@@ -48,7 +48,7 @@ def test_quant_kernel_against_float64(hctx, case):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [1, 3, 8])
-@pytest.mark.parametrize("fmt", ["f16", "int8", "int4", "q4_1"])
+@pytest.mark.parametrize("fmt", ["f16", "int8", "int4", "q4_1", "q4_k", "q6_k"])
 def test_gate_up_silu_fused_matches_unfused(hctx, fmt, n):
     """CudaOps.gate_up_silu in one kernel (gemv_rows / quant_gemv_split with SiLU-and-multiply in the epilogue)
     against silu_mul(linear(h, w)) on the same device weight, odd I, NaN-poisoned output. Both take the same
@@ -65,7 +65,7 @@ def test_gate_up_silu_fused_matches_unfused(hctx, fmt, n):
     w = hctx.f16(2 * inter, k, scale=1 / np.sqrt(k))
     if fmt in ("int8", "int4"):
         w = (quantize_int8 if fmt == "int8" else quantize_int4)(w)
-    elif fmt == "q4_1":
+    elif fmt in ("q4_1", "q4_k", "q6_k"):
         w = random_quant(fmt, 2 * inter, k, rng)
     ref_w = reference_matrix(w)
     x = silu_inputs(rng, n, ref_w).astype(np.float16)  # g, u ~ 3
@@ -191,7 +191,9 @@ def test_kernel_names_cover_every_format_and_row_count():
     assert len(SPLIT_KERNELS) == len(SPLIT_FORMATS) * per_fmt
     names = kernel_names("q4_k")
     assert "quant_gemv<Q4_K, 8, float>" in names and "quant_gemv2<Q4_K, 8, float>" in names
-    assert not any("split" in n for n in names)
+    assert "quant_gemv_split<SQ4_K, 2, 4, 2, float>" in names and "quant_dequant_split<SQ4_K>" in names
+    assert "quant_gemv_split<SQ6_K, 4, 8, 1, __half, true>" in kernel_names("q6_k", ("split",))
+    assert not any("split" in n for n in kernel_names("q4_k", ("v1", "v2")))
     assert "quant_dequant<INT4>" in kernel_names("int4")
     assert "quant_gemv_split<SQ4_1, 4, 8, 1, __half>" in kernel_names("q4_1", ("split",))
     assert "quant_gemv_split<SQ4_1, 4, 8, 2, float>" in kernel_names("q4_1", ("split",))
@@ -200,7 +202,13 @@ def test_kernel_names_cover_every_format_and_row_count():
 
 
 def test_gemv_variant_from_the_environment(monkeypatch):
-    from lserve_lite.backends.cuda_quant import gemv_variant, pick_variant, split_rows, split_silu_rows
+    from lserve_lite.backends.cuda_quant import (
+        block_variant,
+        gemv_variant,
+        pick_variant,
+        split_rows,
+        split_silu_rows,
+    )
 
     monkeypatch.delenv("LSERVE_QGEMV", raising=False)
     assert gemv_variant() == "auto"
@@ -212,8 +220,10 @@ def test_gemv_variant_from_the_environment(monkeypatch):
     monkeypatch.setenv("LSERVE_QGEMV", "v1")
     assert gemv_variant() == "v1"
     assert pick_variant("auto", "q4_0", 1) == "split" and pick_variant("auto", "int8", 8) == "split"
-    assert pick_variant("auto", "q6_k", 1) == "v2" and pick_variant("auto", "q6_k", 2) == "v1"
-    assert pick_variant("auto", "q4_k", 1) == "v1" and pick_variant("v2", "q4_k", 8) == "v2"
+    assert pick_variant("auto", "q6_k", 1) == "split" and pick_variant("auto", "q4_k", 8) == "split"
+    assert pick_variant("v2", "q4_k", 8) == "v2" and pick_variant("v1", "q6_k", 1) == "v1"
+    assert block_variant("auto", "q6_k", 1) == "v2" and block_variant("auto", "q6_k", 2) == "v1"
+    assert block_variant("auto", "q4_k", 1) == "v1" and block_variant("v2", "q4_k", 8) == "v2"
     assert pick_variant("v1", "q4_1", 1) == "v1"
     assert split_rows(576) == 1 and split_rows(4096) == 2 and split_rows(128256) == 4
     assert split_rows(576, 8) == 1 and split_rows(1536, 8) == 4
@@ -240,6 +250,18 @@ def test_device_weights_count_packed_bytes():
     s = split(q)  # the split layout reads the same bytes: integers, then one fp16 scale per row
     sq = DeviceQuant("int8", q.shape, s.q, SPLIT_FORMATS["int8"], s.d)
     assert sq.row_bytes == 64 and sq.nbytes == q.nbytes
+    from lserve_lite.harness.quant import random_quant
+
+    k4 = random_quant("q4_k", 3, 512, np.random.default_rng(0))
+    s = split(k4)  # per 256 values: 128 bytes of integers, 4 of d / -dmin, 16 of sub-scales (blocks: 144)
+    sq = DeviceQuant("q4_k", k4.shape, s.q, SPLIT_FORMATS["q4_k"], s.d, s.m, s.s)
+    assert sq.nbytes == 3 * 2 * 148 == k4.nbytes + 3 * 2 * 4
+    from lserve_lite.backends.cuda_quant import device_bytes
+
+    k6 = random_quant("q6_k", 5, 256, np.random.default_rng(0))  # what the KV budget reserves for an upload
+    assert device_bytes(k4, "auto") == sq.nbytes and device_bytes(k4, "v2") == k4.nbytes
+    assert device_bytes(k6, "v1") == k6.nbytes == 5 * 210
+    assert device_bytes(RowStack((k6, np.ones((3, 256), np.float32))), "auto") == 5 * 274 + 3 * 256 * 2
     assert DeviceRowStack((dq, f)).shape == (9, 64)
 
 

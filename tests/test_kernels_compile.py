@@ -6,7 +6,8 @@
   and refuse any other.
 - The host side of GPU sampling draws the same uniforms as the CPU sampler.
 - With nvcc (slow): the gate_up GEMVs with SiLU-and-multiply (quant_gemv_split with SILU for int8 / int4 /
-  q4_1, gemv_rows on fp16 weights) compiled as host code and run against float64 (tools/quant_host_check.py).
+  q4_1, gemv_rows on fp16 weights), and the k-quants' split GEMV, logits, dequantize and gate_up kernels
+  (their integer sub-scales), compiled as host code and run against float64 (tools/quant_host_check.py).
 """
 
 from __future__ import annotations
@@ -85,13 +86,19 @@ def test_arch_specific_source_refuses_other_targets(source, arch):
 @pytest.mark.skipif(
     shutil.which("nvcc") is None, reason="nvcc not installed (the host emulation builds with it)"
 )
-def test_gate_up_silu_kernels_on_the_host():
+@pytest.mark.parametrize(
+    "args",
+    [("--variants", "silu", "rows", "--formats", "int8", "int4", "q4_1"),
+     ("--variants", "split", "silu", "--formats", "q4_k", "q6_k")],
+    ids=["gate_up_silu", "k_quant_split"],
+)  # fmt: skip
+def test_split_kernels_on_the_host(args):
     import subprocess
     import sys
     from pathlib import Path
 
     tool = Path(__file__).resolve().parents[1] / "tools" / "quant_host_check.py"
-    args = ["--quick", "--variants", "silu", "rows", "--formats", "int8", "int4", "q4_1"]
+    args = ["--quick", *args]
     run = subprocess.run([sys.executable, str(tool), *args], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0 and "all passed" in run.stdout, run.stdout[-4000:] + run.stderr[-4000:]
 

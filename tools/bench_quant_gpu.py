@@ -2,8 +2,8 @@
 
 Per format (q8_0, q4_0, q4_1, q4_k, q6_k, int8, int4) and shape (4096x4096 attention output, 28672x4096 fused
 gate/up, 4096x14336 down, 128256x4096 lm_head), batch 1 and 8, for each decode GEMV kernel (path "gemv v1":
-quant_gemv; "gemv v2": quant_gemv2; "gemv split": quant_gemv_split on the split layout, the default of its
-formats, with the engine's rows per warp or `--split-r`'s): the decode GEMV's time, its effective
+quant_gemv; "gemv v2": quant_gemv2; "gemv split": quant_gemv_split on the split layout, the default for every
+format, with the engine's rows per warp or `--split-r`'s): the decode GEMV's time, its effective
 bandwidth on the packed bytes (bytes / time), and the bandwidth of a device-to-device copy of the same
 bytes in the same run (read + written bytes / time, as tools/bench_e2e.copy_bandwidth), so `x copy` = the
 GEMV's bytes/s over the copy's (1.0 = the GEMV streams its weights as fast as a copy moves data). Beside it,
@@ -40,7 +40,8 @@ F16_FIELDS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q4_k": (0, 2), "q6_k"
 
 def random_device_quant(ops, fmt: str, m: int, k: int, seed: int = 0, split: bool | None = None):
     """A DeviceQuant of random packed bytes (never all zeros) whose fp16 fields hold finite scales of about
-    1 / (sqrt(k) * qmax), so that activations through many layers stay in range; made on the GPU in the layout
+    1 / (sqrt(k) * qmax) (the k-quants' integer sub-scales in the split layout: 1), so that activations through
+    many layers stay in range; made on the GPU in the layout
     an upload would choose under `ops`'s GEMV setting (or the split layout if `split` says so), and prepared as
     an upload would (kernels, shared memory, prefill scratch)."""
     import cupy as cp
@@ -63,7 +64,8 @@ def random_device_quant(ops, fmt: str, m: int, k: int, seed: int = 0, split: boo
         f = SPLIT_FORMATS[fmt]
         q = rs.randint(0, 256, size=m * k * f.bits // 8 + PAD, dtype=cp.uint8)
         d = scales(f.groups(k))
-        dq = DeviceQuant(fmt, (m, k), q, f, d, scales(f.groups(k)) if f.has_min else None)
+        sub = cp.ones(m * k // 16, cp.int8) if f.sub else None
+        dq = DeviceQuant(fmt, (m, k), q, f, d, scales(f.groups(k)) if f.has_min else None, sub)
         ops.quant.prepare(dq)
         return dq
     rb = lay.row_bytes(k)

@@ -74,8 +74,8 @@ for s in $steps; do case $s in
            step overlap_tests 200 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_gpu_overlap.py tests/test_gpu_graphs_sparse.py
            step overlap_bench 200 env LSERVE_SMOLLM2_GGUF=$g python3 tools/bench_e2e.py --skip llama --skip splits --out "$OUT/smol_overlap.json" ;;
   split)   # the split-layout GEMV: harness rows and GPU tests, then its speed beside the block kernel v2
-           step split_tests 240 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_gpu_quant.py -k "not smollm2"
-           step split_bench 200 python3 tools/bench_quant_gpu.py --formats int8 int4 q4_1 q8_0 --variants split v2 --batches 1 8 --prefill-rows 4096 --out "$OUT/bench_quant_gpu.json" ;;
+           step split_tests 300 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_gpu_quant.py -k "not smollm2"
+           step split_bench 360 python3 tools/bench_quant_gpu.py --formats int8 int4 q4_1 q8_0 q4_k q6_k --variants split v2 --batches 1 8 --prefill-rows 4096 --out "$OUT/bench_quant_gpu.json" ;;
   wgmma)   # the Hopper prefill: both kernels against the reference and timed, then beside SDPA / cuDNN
            step wgmma_check 120 python3 tools/check_prefill_sm90.py --out "$OUT/check_prefill_sm90.json"
            step wgmma_bench 200 python3 tools/bench_attention.py --sections prefill --prefill-kernels mma,wgmma --out "$OUT" ;;

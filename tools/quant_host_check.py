@@ -5,8 +5,9 @@ float64 references (gguf.quants.dequantize) and tolerances (lserve_lite/harness/
 What it checks: the format traits' byte layouts and decoders (v1's decode8 and v2's units), both GEMV kernels
 (quant_gemv and quant_gemv2), v1's segment staging (rows that are not
 16-byte aligned, partial segments), row counts 1..8, output strides, the dequantize kernel's row gather; the
-split layout (backends/quant_split.py's repacking) through quant_gemv_split at 1, 2 and 4 rows per warp (its
-int8 activations within harness.quant.activation_bound) and quant_dequant_split; the gate_up GEMVs with
+split layout (backends/quant_split.py's repacking, the k-quants' integer sub-scales included) through
+quant_gemv_split at 1, 2 and 4 rows per warp (its int8 activations within harness.quant.activation_bound) and
+quant_dequant_split; the gate_up GEMVs with
 SiLU-and-multiply in their epilogue (quant_gemv_split with SILU at 2 and 4 rows per warp, gemv_rows<n, __half,
 true> on fp16 weights) against silu_mul_ref of the float64 product (harness.common.silu_mul_atol), and the
 plain gemv_rows<n, float>.
@@ -85,12 +86,14 @@ def build(tmp: Path) -> Path:
 
 
 def write_split(tmp: Path, qt) -> list[str]:
-    """The split arrays of qt as files q.bin, d.bin, m.bin (m: the scales again where the format has none)."""
+    """The split arrays of qt as files q.bin, d.bin, m.bin, s.bin (m / s: the scales again where the format has
+    none)."""
     s = split(qt)
     s.q.tofile(tmp / "q.bin")
     s.d.tofile(tmp / "d.bin")
     (s.d if s.m is None else s.m).tofile(tmp / "m.bin")
-    return [str(tmp / f) for f in ("q.bin", "d.bin", "m.bin")]
+    (s.d if s.s is None else s.s).tofile(tmp / "s.bin")
+    return [str(tmp / f) for f in ("q.bin", "d.bin", "m.bin", "s.bin")]
 
 
 def check_gemv(

@@ -4,11 +4,11 @@
 //   quant_host_emu gemv FMT n M K ldy W X Y     y[n, ldy] (float) = x[n, K] (fp16) @ W^T through quant_gemv
 //   quant_host_emu gemv2 FMT n M K ldy W X Y    the same through quant_gemv2 (LSERVE_QGEMV=v2)
 //   quant_host_emu dequant FMT M K n W IDS OUT  out[n, K] (fp16) = rows IDS (int64) of W through quant_dequant
-// and of kernels/quant_gemv_split.cu (the split layout's arrays Q D MN as written by quant_split.split):
-//   quant_host_emu split FMT n M K ldy R P Q D MN X Y   y through quant_gemv_split: R rows per warp, P passes
-//   quant_host_emu ssilu FMT n M K ldy R Q D MN X Y     y[n, ldy] (fp16) = silu(x Wg^T) * (x Wu^T) through
-//                                                      quant_gemv_split with SILU (W = [Wg; Wu]: 2M rows)
-//   quant_host_emu dsplit FMT M K n Q D MN IDS OUT      rows IDS through quant_dequant_split
+// and of kernels/quant_gemv_split.cu (the split layout's arrays Q D MN SUB as written by quant_split.split):
+//   quant_host_emu split FMT n M K ldy R P Q D MN SUB X Y   y through quant_gemv_split: R rows per warp, P passes
+//   quant_host_emu ssilu FMT n M K ldy R Q D MN SUB X Y     y[n, ldy] (fp16) = silu(x Wg^T) * (x Wu^T) through
+//                                                          quant_gemv_split with SILU (W = [Wg; Wu]: 2M rows)
+//   quant_host_emu dsplit FMT M K n Q D MN SUB IDS OUT      rows IDS through quant_dequant_split
 // and of gemv_rows in kernels/layers.cu (its text, cut out by quant_host_check.py into gemv_rows.inc: the rest
 // of layers.cu has inline PTX), W fp16:
 //   quant_host_emu grows - n M K W X Y                  y[n, M] (float) = x W^T through gemv_rows<n, float>
@@ -202,18 +202,31 @@ static void dequant(int M, int K, int n, char** a) {
   write_file(a[2], out, (size_t)n * K);
 }
 
+// The split arrays of a rows x K matrix from files a[0..3] (Q D MN SUB; MN / SUB: the scales again where the
+// format has none, never read).
+template <typename S>
+struct SplitArrays {
+  const u8* q;
+  const __half *d, *mn;
+  const unsigned short* sub;
+  SplitArrays(char** a, int rows, int K) {
+    const int groups = S::CPG ? K / (32 * S::CPG) : 1;
+    q = read_file<u8>(a[0], (size_t)rows * K * S::BITS / 8, 16);
+    d = read_file<__half>(a[1], (size_t)rows * groups, 16);
+    mn = S::MIN ? read_file<__half>(a[2], (size_t)rows * groups, 16) : d;
+    sub = S::SUB ? read_file<unsigned short>(a[3], (size_t)rows * (K / 32), 16) : (const unsigned short*)d;
+  }
+};
+
 template <typename S, int R, int NMAX, int P>
 static void gemv_split(int n, int M, int K, int ldy, char** a) {
-  const int groups = S::CPG ? K / (32 * S::CPG) : 1;
-  const u8* q = read_file<u8>(a[0], (size_t)M * K * S::BITS / 8, 16);
-  const __half* d = read_file<__half>(a[1], (size_t)M * groups, 16);
-  const __half* mn = S::MIN ? read_file<__half>(a[2], (size_t)M * groups, 16) : d;
-  const __half* x = read_file<__half>(a[3], (size_t)n * K, 0);
+  const SplitArrays<S> w(a, M, K);
+  const __half* x = read_file<__half>(a[4], (size_t)n * K, 0);
   std::vector<float> y((size_t)n * ldy, 12345.f);
   float* yp = y.data();
   launch_blocks((M + SWARPS * R - 1) / (SWARPS * R), SWARPS,
-                [=] { quant_gemv_split<S, R, NMAX, P, float>(q, d, mn, x, n, yp, ldy, M, K); });
-  write_file(a[4], yp, y.size());
+                [=] { quant_gemv_split<S, R, NMAX, P, float>(w.q, w.d, w.mn, w.sub, x, n, yp, ldy, M, K); });
+  write_file(a[5], yp, y.size());
 }
 
 template <typename S, int R, int P>
@@ -233,16 +246,14 @@ static void gemv_split_p(int n, int M, int K, int ldy, int P, char** a) {
 // quant_gemv_split with SILU: M outputs from 2M rows of W; y fp16 with a sentinel (12344) everywhere.
 template <typename S, int R, int NMAX>
 static void gemv_split_silu(int n, int M, int K, int ldy, char** a) {
-  const int groups = S::CPG ? K / (32 * S::CPG) : 1;
-  const u8* q = read_file<u8>(a[0], (size_t)2 * M * K * S::BITS / 8, 16);
-  const __half* d = read_file<__half>(a[1], (size_t)2 * M * groups, 16);
-  const __half* mn = S::MIN ? read_file<__half>(a[2], (size_t)2 * M * groups, 16) : d;
-  const __half* x = read_file<__half>(a[3], (size_t)n * K, 0);
+  const SplitArrays<S> w(a, 2 * M, K);
+  const __half* x = read_file<__half>(a[4], (size_t)n * K, 0);
   std::vector<__half> y((size_t)n * ldy, __float2half(12344.f));
   __half* yp = y.data();
-  launch_blocks((M + SWARPS * R / 2 - 1) / (SWARPS * R / 2), SWARPS,
-                [=] { quant_gemv_split<S, R, NMAX, 1, __half, true>(q, d, mn, x, n, yp, ldy, M, K); });
-  write_file(a[4], yp, y.size());
+  launch_blocks((M + SWARPS * R / 2 - 1) / (SWARPS * R / 2), SWARPS, [=] {
+    quant_gemv_split<S, R, NMAX, 1, __half, true>(w.q, w.d, w.mn, w.sub, x, n, yp, ldy, M, K);
+  });
+  write_file(a[5], yp, y.size());
 }
 
 template <typename S, int R>
@@ -254,14 +265,11 @@ static void gemv_split_silu_n(int n, int M, int K, int ldy, char** a) {
 
 template <typename S>
 static void dequant_split(int M, int K, int n, char** a) {
-  const int groups = S::CPG ? K / (32 * S::CPG) : 1;
-  const u8* q = read_file<u8>(a[0], (size_t)M * K * S::BITS / 8, 16);
-  const __half* d = read_file<__half>(a[1], (size_t)M * groups, 16);
-  const __half* mn = S::MIN ? read_file<__half>(a[2], (size_t)M * groups, 16) : d;
-  const long long* rows = read_file<long long>(a[3], n, 0);
+  const SplitArrays<S> w(a, M, K);
+  const long long* rows = read_file<long long>(a[4], n, 0);
   __half* out = (__half*)aligned_alloc(256, ((size_t)n * K * 2 + 255) / 256 * 256);
-  launch_threads((long long)n * (K / 8), [&] { quant_dequant_split<S>(q, d, mn, rows, 0, n, K, out); });
-  write_file(a[4], out, (size_t)n * K);
+  launch_threads((long long)n * (K / 8), [&] { quant_dequant_split<S>(w.q, w.d, w.mn, w.sub, rows, 0, n, K, out); });
+  write_file(a[5], out, (size_t)n * K);
 }
 
 template <typename S>
@@ -339,6 +347,8 @@ int main(int argc, char** argv) {
     else if (fmt == "q4_1") run_split<SQ4_1>(mode, v);
     else if (fmt == "int8") run_split<SINT8>(mode, v);
     else if (fmt == "int4") run_split<SINT4>(mode, v);
+    else if (fmt == "q4_k") run_split<SQ4_K>(mode, v);
+    else if (fmt == "q6_k") run_split<SQ6_K>(mode, v);
     else return 2;
     return 0;
   }

@@ -14,6 +14,7 @@ from ..geometry import visit_capacity
 from ..kv.layout import KVLayout
 from ..kv.quant import KVFormat
 from ..sparse.plan import AttentionPlan
+from ..weights.qtensor import Weight
 
 Array = Any  # numpy.ndarray on the CPU, cupy.ndarray on the GPU
 
@@ -209,6 +210,9 @@ class Ops(Protocol):
         ...
 
     def kv_budget_bytes(self, fraction: float, reserved: int = 0) -> int: ...
+    def weight_bytes(self, w: Weight) -> int:
+        """Bytes `upload(w)` will hold (reserved from the KV budget before the upload)."""
+        ...
 
 
 def norm_then_linear(

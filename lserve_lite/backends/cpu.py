@@ -7,7 +7,7 @@ import numpy as np
 
 from ..config import GROUP_REDUCE, ORACLE_REDUCE, EngineConfig
 from ..sparse.plan import AttentionPlan
-from ..weights.qtensor import QuantTensor, RowStack
+from ..weights.qtensor import QuantTensor, RowStack, Weight, stored_bytes
 from . import cpu_kernels as K
 from .base import EagerExecutor, Forward, HostTokens, KVCache, alloc_kv_cache, norm_then_linear
 from .cpu_quant import embed_q, linear_q, logits_q
@@ -48,6 +48,10 @@ class CpuOps:
     def kv_budget_bytes(self, fraction: float, reserved: int = 0) -> int:
         """KV memory on the CPU: a fixed 2 GiB scaled by the fraction (the host is shared with all else)."""
         return int(2 * 2**30 * fraction / 0.8)
+
+    def weight_bytes(self, w: Weight) -> int:
+        """Packed bytes of quantized matrices (kept as they are), float32 for the rest."""
+        return stored_bytes(w, 4)
 
     def alloc_kv(
         self, cfg, page_size, num_pages, layout=None, num_stream_pages=0, max_seqs=0, fmt=None

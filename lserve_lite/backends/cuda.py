@@ -26,7 +26,7 @@ from .base import EagerExecutor, Forward, KVCache, alloc_kv_cache, norm_then_lin
 from .cuda_attention import HEAD_DIMS, KV_TRAITS
 from .cuda_compile import load_module
 from .cuda_graphs import GraphExecutor
-from .cuda_quant import DeviceQuant, DeviceRowStack, QuantKernels
+from .cuda_quant import DeviceQuant, DeviceRowStack, QuantKernels, device_bytes
 from .rms_in import NO_NORM, RmsIn, scratch_bytes
 
 FP16_MAX = 65504.0
@@ -228,6 +228,10 @@ class CudaOps:
             return a
         out = self.cp.asnumpy(a)
         return out.astype(np.float32) if out.dtype == np.float16 else out
+
+    def weight_bytes(self, w) -> int:
+        """Quantized matrices in the layout `upload` gives them (cuda_quant), fp16 for the rest."""
+        return device_bytes(w, self.quant.gemv_variant)
 
     def kv_budget_bytes(self, fraction: float, reserved: int = 0) -> int:
         """`fraction` of the device memory free now (CuPy's cached free blocks count as free), less

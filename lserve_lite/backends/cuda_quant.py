@@ -1,16 +1,16 @@
 """Quantized weights on the GPU: their packed blocks uploaded without a float copy (`DeviceQuant`), the decode
 GEMV that reads them and the prefill path, through kernels/quant_gemv_split.cu and kernels/quant_gemv.cu.
 
-- The 32-value block formats (q8_0, q4_0, q4_1, int8, int4: backends/quant_split.py) are repacked at upload
-  into the "split" layout (integers, scales and additive terms in separate aligned arrays; lossless) and
-  decode through `quant_gemv_split`: int8 activations per 32 values (llama.cpp's scheme, as the CPU backend's
-  decode) and dp4a integer dot products, R output rows per warp; a [gate; up] weight's decode may apply
-  SiLU-and-multiply in the same kernel (`gate_up_silu`). `LSERVE_QGEMV=v1|v2` keeps their blocks as stored and
-  runs the float kernels below instead.
-- q4_k / q6_k (and every format under v1 / v2): `quant_gemv` (v1), one warp per output row streaming the
-  packed row through shared memory, or `quant_gemv2` (v2; `auto`: v2 at batch 1 where the H200 measured it
-  faster, `AUTO_V2_BATCH1`), each lane reading its own units of the row; both multiply fp16 activations by
-  exactly dequantized weights in float32.
+- Every format (q8_0, q4_0, q4_1, q4_k, q6_k, int8, int4: backends/quant_split.py) is repacked at upload
+  into the "split" layout (integers, scales, additive terms and the k-quants' integer sub-scales in separate
+  aligned arrays; exact) and decodes through `quant_gemv_split`: int8 activations per 32 values (llama.cpp's
+  scheme, as the CPU backend's decode) and dp4a integer dot products, R output rows per warp; a [gate; up]
+  weight's decode may apply SiLU-and-multiply in the same kernel (`gate_up_silu`). q6_k's split layout holds
+  a byte per value (8.56 bits a weight against its blocks' 6.56): 30% more to read, for a kernel that reads
+  at several times the block kernels' fraction of the copy bandwidth (quant_split.py).
+- `LSERVE_QGEMV=v1|v2` keeps the blocks as stored and runs the float kernels instead: `quant_gemv` (v1), one
+  warp per output row streaming the packed row through shared memory, or `quant_gemv2` (v2), each lane
+  reading its own units of the row; both multiply fp16 activations by exactly dequantized weights in float32.
 - Prefill, more than GEMV_MAX_ROWS rows: a dequantize kernel writes a tile of rows as fp16 into one scratch
   buffer of at most TILE_BYTES, then cuBLAS multiplies it into the output's columns (Cublas.gemm_nt).
 - A quantized embedding table: the dequantize kernel with the token ids as rows.
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..weights.qtensor import FORMATS, LAYOUTS, QuantTensor, RowStack
+from ..weights.qtensor import FORMATS, LAYOUTS, QuantTensor, RowStack, Weight, stored_bytes
 from .cuda_compile import load_module
 from .quant_split import SPLIT_FORMATS, SplitFormat, split
 
@@ -39,9 +39,11 @@ GEMV_WARPS = 4  # output rows per block: QWARPS in quant_gemv.cu
 GEMV2_WARPS = 8  # output rows per block of quant_gemv2: QWARPS2
 GEMV_VARIANTS = {"v1": ("quant_gemv", GEMV_WARPS), "v2": ("quant_gemv2", GEMV2_WARPS)}
 SETTINGS = (*GEMV_VARIANTS, "auto")
-# LSERVE_QGEMV=auto (the default) for q4_k / q6_k: v2 where the H200 measured it faster than v1 (2026-12-02,
-# tools/bench_quant_gpu.py at 4096x4096, 4096x14336, 128256x4096: +0-29% at batch 1), v1 elsewhere (q4_k at
-# batch 1, every format at batch 8, where v2 was slower; batch 2-4 was not measured)
+# The block kernels' choice under LSERVE_QGEMV=auto for a weight stored as blocks (a format without a split
+# layout; none since q4_k / q6_k have one, which leaves it to weights made as blocks on the device, as
+# tools/bench_quant_gpu.py's): v2 where the H200 measured it faster than v1 (2026-12-02, tools/bench_quant_gpu.py
+# at 4096x4096, 4096x14336, 128256x4096: +0-29% at batch 1), v1 elsewhere (q4_k at batch 1, every format at
+# batch 8, where v2 was slower; batch 2-4 was not measured)
 AUTO_V2_BATCH1 = frozenset({"q8_0", "q4_0", "q4_1", "q6_k", "int4"})
 SPLIT_WARPS = 8  # warps per block of quant_gemv_split: SWARPS
 SPLIT_R = (1, 2, 4)  # output rows per warp instantiated (split_rows picks one)
@@ -61,8 +63,8 @@ PAD = 16  # bytes after the last row: the GEMV's aligned 16-byte loads may reach
 
 
 def gemv_variant() -> str:
-    """The decode GEMV setting: $LSERVE_QGEMV ("auto", the default: split kernels for the 32-value block
-    formats, v1 / v2 for the others; "v1" / "v2": those float kernels for every format)."""
+    """The decode GEMV setting: $LSERVE_QGEMV ("auto", the default: the split kernels, for every format;
+    "v1" / "v2": the float kernels on the blocks as stored)."""
     v = os.environ.get("LSERVE_QGEMV", "auto").strip().lower() or "auto"
     if v not in SETTINGS:
         raise ValueError(f"LSERVE_QGEMV={v!r}: expected one of {list(SETTINGS)}")
@@ -71,11 +73,26 @@ def gemv_variant() -> str:
 
 def pick_variant(setting: str, fmt: str, n: int) -> str:
     """The kernel that runs n rows of a `fmt` weight under the setting: "split", "v1" or "v2"."""
+    if setting == "auto" and fmt in SPLIT_FORMATS:
+        return "split"
+    return block_variant(setting, fmt, n)
+
+
+def block_variant(setting: str, fmt: str, n: int) -> str:
+    """The block kernel, "v1" or "v2", that runs n rows of a `fmt` weight stored as blocks under the setting."""
     if setting == "auto":
-        if fmt in SPLIT_FORMATS:
-            return "split"
         return "v2" if n == 1 and fmt in AUTO_V2_BATCH1 else "v1"
     return setting
+
+
+def device_bytes(w: Weight, setting: str) -> int:
+    """Bytes QuantKernels.upload will hold for w under the GEMV setting, without the padding: the split layout's
+    where it repacks (q6_k: 30% more than its blocks, q4_k 3%), the packed blocks' otherwise, fp16 for floats."""
+    if isinstance(w, RowStack):
+        return sum(device_bytes(p, setting) for p in w.parts)
+    if isinstance(w, QuantTensor) and pick_variant(setting, w.fmt, 1) == "split":
+        return SPLIT_FORMATS[w.fmt].nbytes(*w.shape)
+    return stored_bytes(w, 2)
 
 
 def split_rows(m: int, n: int = 1) -> int:
@@ -127,7 +144,8 @@ SPLIT_KERNELS = tuple(name for fmt in SPLIT_FORMATS for name in kernel_names(fmt
 @dataclass(frozen=True, eq=False)
 class DeviceQuant:
     """A QuantTensor on the GPU. Blocks as stored: `data` flat uint8, row r at r * row_bytes, then PAD bytes.
-    Split (`split` set): `data` the integers [M, K * bits / 8], `d` / `m` the fp16 scales / additive terms."""
+    Split (`split` set): `data` the integers [M, K * bits / 8], `d` / `m` the fp16 scales / additive terms, `s`
+    the int8 sub-scales of the k-quants."""
 
     fmt: str
     shape: tuple[int, int]
@@ -135,6 +153,7 @@ class DeviceQuant:
     split: SplitFormat | None = None
     d: Any = None
     m: Any = None
+    s: Any = None
 
     @property
     def row_bytes(self) -> int:
@@ -145,7 +164,7 @@ class DeviceQuant:
     @property
     def nbytes(self) -> int:
         """The bytes a decode step reads (integers and scales), without the padding."""
-        extra = sum(int(a.nbytes) for a in (self.d, self.m) if a is not None)
+        extra = sum(int(a.nbytes) for a in (self.d, self.m, self.s) if a is not None)
         return self.shape[0] * self.row_bytes + extra
 
 
@@ -189,7 +208,7 @@ class QuantKernels:
         if pick_variant(self.gemv_variant, w.fmt, 1) == "split":
             host = split(w)
             dq = DeviceQuant(w.fmt, (m, k), self._device(host.q), SPLIT_FORMATS[w.fmt], self._device(host.d),
-                             None if host.m is None else self._device(host.m))  # fmt: skip
+                             *(None if a is None else self._device(a) for a in (host.m, host.s)))  # fmt: skip
         else:
             dq = DeviceQuant(w.fmt, (m, k), self._device(w.data))
         self.prepare(dq)
@@ -325,7 +344,7 @@ class QuantKernels:
             rows = min(step, n - i)
             nmax = next(g for g in SPLIT_ROWS if g >= rows)
             fn = fns[f"quant_gemv_split<{w.split.trait}, {r}, {nmax}, {passes}, {t}{tail}>"]
-            args = (w.data, w.d, self._mins(w), x[i : i + rows], np.int32(rows), out[i : i + rows], ldy,
+            args = (w.data, *self._fields(w), x[i : i + rows], np.int32(rows), out[i : i + rows], ldy,
                     np.int32(outs), np.int32(k))  # fmt: skip
             fn(
                 (-(-outs // (SPLIT_WARPS * (r // 2 if silu else r))),),
@@ -335,17 +354,15 @@ class QuantKernels:
             )
 
     def _variant(self, w: DeviceQuant, n: int) -> str:
-        """The kernels of w's layout: split for a split weight, else v1 / v2 (v1 where the setting would pick
-        split for the format, for weights stored as blocks under another setting)."""
-        if w.split:
-            return "split"
-        v = pick_variant(self.gemv_variant, w.fmt, n)
-        return "v1" if v == "split" else v
+        """The kernels of w's layout: split for a split weight, else the setting's block kernel (v1 / v2, for
+        weights stored as blocks)."""
+        return "split" if w.split else block_variant(self.gemv_variant, w.fmt, n)
 
     @staticmethod
-    def _mins(w: DeviceQuant):
-        """The additive terms' array, or the scales' as a placeholder the kernel never reads."""
-        return w.d if w.m is None else w.m
+    def _fields(w: DeviceQuant) -> tuple:
+        """A split weight's scales, additive terms and sub-scales as the kernels take them (an absent array: the
+        scales' as a placeholder the kernel never reads)."""
+        return w.d, w.d if w.m is None else w.m, w.d if w.s is None else w.s
 
     def embed(self, table: DeviceQuant, ids, out) -> None:
         """out[j] = row ids[j] of the table as float16 (ids: int64 on the device)."""
@@ -361,7 +378,7 @@ class QuantKernels:
         rows_arg = np.uint64(0) if rows is None else rows
         tail = (rows_arg, np.int64(r0), np.int32(nrows), np.int32(k), out)
         if w.split:
-            args = (w.data, w.d, self._mins(w), *tail)
+            args = (w.data, *self._fields(w), *tail)
             fn = fns[f"quant_dequant_split<{w.split.trait}>"]
         else:
             args = (w.data, np.int64(w.row_bytes), *tail)

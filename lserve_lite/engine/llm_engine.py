@@ -22,7 +22,6 @@ from ..sequence import Sequence, Status, TokenLogprob
 from ..sparse.patterns import head_classes, resolve_pattern
 from ..tokenizer import IncrementalDecoder
 from ..weights.loader import load_config, load_model, load_tokenizer, model_name, resolve_model_dir
-from ..weights.qtensor import stored_bytes
 from .logprobs import record_prompt_logprobs, record_token_logprobs
 from .model_runner import ModelRunner
 from .scheduler import ScheduledBatch, Scheduler
@@ -89,10 +88,9 @@ class LLMEngine:
         self.cfg, self.tokenizer, weights = loaded.cfg, loaded.tokenizer, loaded.weights
         self.ops = make_ops(backend)
         self.max_len = self.ecfg.resolve_max_len(self.cfg)
-        # What the backend will hold (packed bytes of quantized matrices, floats at its type), reserved from
-        # the KV budget before the upload (the budget only matters on the GPU).
-        itemsize = np.dtype(self.ops.dtype).itemsize
-        self.weight_bytes = sum(stored_bytes(w, itemsize) for w in weights.values())
+        # What the backend will hold (quantized matrices in its layout, floats at its type), reserved from the KV
+        # budget before the upload (the budget only matters on the GPU).
+        self.weight_bytes = sum(self.ops.weight_bytes(w) for w in weights.values())
         self.layout = self._kv_layout()
         self.kv_format = resolve_kv_format(self.ecfg.kv_dtype, self.ops.kv_dtypes, self.cfg.head_dim)
         self._check_oracle(ORACLE_REDUCE in self.ops.selector_reductions and not self.kv_format.quantized)

@@ -14,7 +14,6 @@ from ..backends.group import GroupSpec, join_group
 from ..config import EngineConfig
 from ..errors import LServeError
 from ..weights.loader import load_model
-from ..weights.qtensor import stored_bytes
 from ..weights.shard import shard_of
 from .tp_rank import RankRunner
 
@@ -40,7 +39,7 @@ def _serve(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig, conn
     shard_of(cfg, rank, spec.world)  # refuses a model that does not split, before anything is built
     itemsize = np.dtype(ops.dtype).itemsize
     # about this rank's share of what the device will hold (norms are replicated: negligible)
-    weight_bytes = sum(stored_bytes(w, itemsize) for w in loaded.weights.values()) // spec.world
+    weight_bytes = sum(ops.weight_bytes(w) for w in loaded.weights.values()) // spec.world
     conn.send(("ready", ops.kv_budget_bytes(ecfg.kv_memory_fraction, weight_bytes), itemsize))
     _, max_len, num_pages, layout, num_stream, logits_name = conn.recv()
     out = shared_memory.SharedMemory(name=logits_name) if rank == 0 else None

@@ -11,7 +11,8 @@ in tests/test_quant_kernels.py), times the fp16-rounded activations. Tolerances 
   v2 (quant_gemv2) sums q * x (exact products of small integers and fp16) over 8 values, then adds
   d * partial (+ m * sum(x) for q4_1 / q4_k): 8 + 2 roundings per group, K/256 groups a lane, the warp tree;
   within the same bound (where d q and m nearly cancel, |d q| + |m| exceeds |w|: the bound's slack covers it).
-- split (quant_gemv_split: q8_0 / q4_0 / q4_1 / int8 / int4 by default): x is rounded to int8 per 32 values
+- split (quant_gemv_split, every format by default; exact integer dot products, the k-quants' sub-scales
+  multiplied in as integers): x is rounded to int8 per 32 values
   (dx = max|x| / 127 over the block), so each x_k is off by up to dx / 2 and the sum by up to
   sum_k |W_mk| dx_b(k) / 2 (`activation_bound`, 2% slack for x * (127 / max) vs x / dx; float32 outputs take
   a second pass on the residual: dx / 508), plus the bound above for the float32 arithmetic on the exact
@@ -162,9 +163,10 @@ def case_quant_gemv(c: Ctx) -> list[Result]:
         out.extend(check_linear(c, qt, 3, np.float32, variant=v) for v in variants)
         out.append(check_linear(c, qt, 3, variant="auto", tag=" logits", logits=True))
         if "auto" in variants:  # R = 2 and 4 rows per warp (split_rows picks them for large M only)
-            qt = random_quant(fmt, 4 * 8 * 264 + 5, 128, c.rng)
+            block = LAYOUTS[fmt].block
+            qt = random_quant(fmt, 4 * 8 * 264 + 5, max(128, block), c.rng)
             out.append(check_linear(c, qt, 2, variant="auto", tag=" R4"))
-            qt = random_quant(fmt, 2 * 8 * 264 + 3, 96 if fmt != "int4" else 128, c.rng)
+            qt = random_quant(fmt, 2 * 8 * 264 + 3, 96 if block == 32 else block, c.rng)
             out.append(check_linear(c, qt, 1, variant="auto", tag=" R2"))
     return out
 
@@ -250,11 +252,10 @@ def case_quant_rowstack(c: Ctx) -> list[Result]:
 
 
 def case_quant_split_rowstack(c: Ctx) -> list[Result]:
-    """A fused matrix of split and block formats (q4_1 beside q6_k and a float part) under the default."""
+    """A Q4_K_M-style fused q/k/v under the default (split) kernels: Q4_K, Q6_K, a Q4_1 and a float part."""
     k = 512
-    w = RowStack(
-        (random_quant("q4_1", 129, k, c.rng), random_quant("q6_k", 33, k, c.rng), c.f16(31, k, scale=0.05))
-    )
+    w = RowStack((random_quant("q4_k", 129, k, c.rng), random_quant("q6_k", 33, k, c.rng),
+                  random_quant("q4_1", 65, k, c.rng), c.f16(31, k, scale=0.05)))  # fmt: skip
     return [check_linear(c, w, n, variant="auto") for n in (1, 5, 8)] + [check_linear(c, w, 12)]
 
 

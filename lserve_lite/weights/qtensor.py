@@ -188,13 +188,34 @@ def _q4_1(b, f):
     return _f16(b[..., 0:2], f)[..., None] * _nibbles(b[..., 4:]).astype(f) + _f16(b[..., 2:4], f)[..., None]
 
 
-def _q4_k(b, f):
-    d, dmin, sc = _f16(b[..., 0:2], f), _f16(b[..., 2:4], f), b[..., 4:16].astype(np.int32)
+def q4_k_scales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K blocks [..., 144] -> the 6-bit scales and mins of their 8 sub-blocks, int32 [..., 8] each."""
+    sc = b[..., 4:16].astype(np.int32)
     lo4, hi4 = sc[..., 8:12], sc[..., 0:8] >> 6
     scale = np.concatenate([sc[..., 0:4] & 63, (lo4 & 15) | (hi4[..., 0:4] << 4)], axis=-1)
     mins = np.concatenate([sc[..., 4:8] & 63, (lo4 >> 4) | (hi4[..., 4:8] << 4)], axis=-1)
+    return scale, mins
+
+
+def q4_k_ints(b: np.ndarray) -> np.ndarray:
+    """Q4_K blocks [..., 144] -> the 4-bit integers of their 8 sub-blocks, uint8 [..., 8, 32]."""
     q = _nibbles(b[..., 16:].reshape(*b.shape[:-1], 4, 32))  # [..., pair, 64]: sub-blocks 2j, 2j + 1
-    q = q.reshape(*b.shape[:-1], 8, 32).astype(f)
+    return q.reshape(*b.shape[:-1], 8, 32)
+
+
+def q6_k_ints(b: np.ndarray) -> np.ndarray:
+    """Q6_K blocks [..., 210] -> q6 - 32 of their 256 values, int32 [..., 256] (in -32..31)."""
+    ql = b[..., 0:128].reshape(*b.shape[:-1], 2, 2, 32).astype(np.int32)  # [half, l >= 32, l % 32]
+    qh = b[..., 128:192].reshape(*b.shape[:-1], 2, 1, 32).astype(np.int32)
+    low = np.concatenate([ql[..., 0, :] & 15, ql[..., 1, :] & 15, ql[..., 0, :] >> 4, ql[..., 1, :] >> 4], -1)
+    high = np.concatenate([(qh[..., 0, :] >> s) & 3 for s in (0, 2, 4, 6)], axis=-1)
+    return ((low | (high << 4)) - 32).reshape(*b.shape[:-1], 256)  # [..., half, 128] -> [..., 256]
+
+
+def _q4_k(b, f):
+    d, dmin = _f16(b[..., 0:2], f), _f16(b[..., 2:4], f)
+    scale, mins = q4_k_scales(b)
+    q = q4_k_ints(b).astype(f)
     w = d[..., None, None] * scale[..., None].astype(f) * q - dmin[..., None, None] * mins[..., None].astype(
         f
     )
@@ -202,14 +223,9 @@ def _q4_k(b, f):
 
 
 def _q6_k(b, f):
-    ql = b[..., 0:128].reshape(*b.shape[:-1], 2, 2, 32).astype(np.int32)  # [half, l >= 32, l % 32]
-    qh = b[..., 128:192].reshape(*b.shape[:-1], 2, 1, 32).astype(np.int32)
-    low = np.concatenate([ql[..., 0, :] & 15, ql[..., 1, :] & 15, ql[..., 0, :] >> 4, ql[..., 1, :] >> 4], -1)
-    high = np.concatenate([(qh[..., 0, :] >> s) & 3 for s in (0, 2, 4, 6)], axis=-1)
-    q = (low | (high << 4)) - 32  # [..., half, 128]
     scale = b[..., 192:208].view(np.int8).astype(f)
     d = _f16(b[..., 208:210], f)
-    w = q.reshape(*b.shape[:-1], 16, 16).astype(f) * scale[..., None] * d[..., None, None]
+    w = q6_k_ints(b).reshape(*b.shape[:-1], 16, 16).astype(f) * scale[..., None] * d[..., None, None]
     return w.reshape(*b.shape[:-1], 256)
 
 
