@@ -130,7 +130,7 @@ def test_gguf_every_type_on_the_gpu(tmp_path: Path, name: str):
     """A GGUF of each quantized type (and a Q4_K_M-style mix: a RowStack with an F16 part, a Q6_K embedding)
     runs packed on the GPU: logits of prefill (40 rows) and of decode-sized batches (6 rows) against the CPU
     backend's prefill on the same file (float32 activations on exactly the quantized weights; twice the
-    tolerance for the decode-sized batches, whose activations the split formats round to int8)."""
+    tolerance for the decode-sized batches, whose activations the split kernels round to int8)."""
     from lserve_lite import LLM, SamplingParams
     from lserve_lite.backends.cuda_quant import DeviceQuant, DeviceRowStack
 
@@ -145,7 +145,7 @@ def test_gguf_every_type_on_the_gpu(tmp_path: Path, name: str):
     ref = cpu.logits(ids)
     tol = 2e-2 * np.abs(ref).max()
     assert np.abs(gpu.logits(ids) - ref).max() <= tol
-    # decode-sized batches of the 32-value block formats round activations to int8 per 32 values in every layer
+    # decode-sized batches (the split kernels, every format) round activations to int8 per 32 values in every layer
     # (as the CPU backend's decode and llama.cpp do): measured 2.1% of the largest logit on Q4_1 (2026-12-02)
     assert np.abs(gpu.logits(ids[:6]) - ref[:6]).max() <= 2 * tol
     out = gpu.generate([ids], SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True))[0]

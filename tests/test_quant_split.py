@@ -1,4 +1,5 @@
-"""The GPU's split layout of every format (backends/quant_split.py), on the CPU: repacking is exact. Reference: the `gguf` package's own dequantization for the GGUF formats (independent), our
+"""The GPU's split layout of every format (backends/quant_split.py), on the CPU: repacking is exact.
+Reference: the `gguf` package's own dequantization for the GGUF formats (independent), our
 QuantTensor.dequantize for int8 / int4 (itself checked against the documented layout in test_quant_kernels)."""
 
 from __future__ import annotations
