@@ -149,7 +149,7 @@ def case_gate_up_silu(c: Ctx) -> list[Result]:
 def case_rmsnorm_linear(c: Ctx) -> list[Result]:
     """CudaOps.rmsnorm_linear: the residual add and RMSNorm in the prologue of the decode GEMV of an fp16 weight
     (gemv_rows with NORM), plain and gate_up + SiLU-and-multiply, the first layer (no residual); and the unfused
-    composition elsewhere (packed weights: split GEMVs, q4_k's block kernels; N * K past gemv_rows' shared
+    composition elsewhere (packed weights: split GEMVs, block kernels under v1 / v2; N * K past gemv_rows' shared
     memory; cuBLAS rows). Against harness.quant.norm_linear_ref; the residual stream must be x + res exactly."""
     out = []
     cases = [(None, 1, 576, 960, False), (None, 3, 4096, 1001, True), (None, 6, 4096, 77, False),
