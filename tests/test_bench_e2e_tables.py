@@ -138,3 +138,27 @@ def test_tagged_emit_adds_the_kv_dtype_and_keeps_the_result():
     out = tagged(base, kv_dtype="fp8")
     out(dict(model="m", what="w"))
     assert got == [dict(model="m", what="w", kv_dtype="fp8")] and out.result is base.result
+
+
+def test_llama_cpp_peer_runs_llama_bench_and_reads_its_json(tmp_path):
+    """bench_e2e --llama-bench / bench_cpu: llama-bench is called with the GPU flags and depths given, its folder on
+    LD_LIBRARY_PATH (a source build's shared libraries sit beside it), and its JSON rows become our keys."""
+    from bench_cpu import llama_cpp
+
+    fake = tmp_path / "bin" / "llama-bench"
+    fake.parent.mkdir()
+    fake.write_text(
+        "#!/usr/bin/env python3\n"
+        "import json, os, sys\n"
+        "a = sys.argv[1:]\n"
+        f"open({str(tmp_path / 'calls')!r}, 'a').write(' '.join(a) + ' LD=' + os.environ['LD_LIBRARY_PATH'] + '\\n')\n"
+        "p, n = int(a[a.index('-p') + 1]), int(a[a.index('-n') + 1])\n"
+        "ds = [int(d) for d in a[a.index('-d') + 1].split(',')] if '-d' in a else [0]\n"
+        "print(json.dumps([dict(n_prompt=p, n_gen=n, n_depth=d, avg_ts=1000.0 + d + p) for d in ds]))\n"
+    )
+    fake.chmod(0o755)
+    got = llama_cpp(str(fake), "m.gguf", 4, ("-ngl", "99", "-fa", "1"), (512, 4096), 128)
+    assert got == {"prefill_512": 1512.0, "decode_ctx512": 1512.0, "decode_ctx4096": 5096.0}
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 2 and all("-ngl 99 -fa 1" in c and f"LD={fake.parent}" in c for c in calls)
+    assert "-n 128 -d 512,4096" in calls[1]
