@@ -35,7 +35,6 @@ import argparse
 import json
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -173,18 +172,12 @@ def _ours_prefill(seq: int, q_block: int, streaming_local: int, sink: int, kv: s
     return res
 
 
-@contextmanager
 def prefill_kernel(kernel: str | None):
     """cuda_attention.PREFILL_KERNEL set to `kernel` ("mma" / "wgmma") inside the block; None leaves it."""
     from lserve_lite.backends import cuda_attention
+    from lserve_lite.harness.common import setting
 
-    saved = cuda_attention.PREFILL_KERNEL
-    if kernel is not None:
-        cuda_attention.PREFILL_KERNEL = kernel
-    try:
-        yield
-    finally:
-        cuda_attention.PREFILL_KERNEL = saved
+    return setting(cuda_attention, "PREFILL_KERNEL", kernel)
 
 
 def ours_chunked(cached: int, kv: str = "fp16", kernel: str | None = None, check: bool = False) -> dict:

@@ -4,7 +4,10 @@ the comparison rule."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +24,19 @@ class Result:
     def __post_init__(self) -> None:
         """Plain Python numbers (cases compute them with NumPy/CuPy), so rows serialise to JSON."""
         self.max_abs, self.rel, self.ok = float(self.max_abs), float(self.rel), bool(self.ok)
+
+
+@contextmanager
+def setting(module: Any, name: str, value: Any) -> Iterator[None]:
+    """module.name = value inside the block, restored after (None leaves it as it is): a kernel switch such as
+    cuda_attention.PREFILL_KERNEL for a harness row or a benchmark."""
+    saved = getattr(module, name)
+    if value is not None:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
 
 
 class Ctx:

@@ -7,8 +7,6 @@ statistics of the unquantized keys). Decode rows run once per quantized-decode i
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 
 from ..backends.base import KVCache
@@ -19,25 +17,18 @@ from ..backends.reference.page_stats import update_page_stats
 from ..kv.quant import FORMATS, KVFormat, dequantize, quantize, steps
 from ..sparse.plan import BatchLayout, build_plan
 from .attention import SPARSE_PREFILL, decode_setup
-from .common import Ctx, Result, compare
+from .common import Ctx, Result, compare, setting
 from .sparse_batch import head_classes, sparse_batch, sparse_cache
 
 QUANT_KV = ("int8", "int4", "fp8")
 DECODE_IMPLS = ("v1", "v2")  # cuda_attention.KVQ_DECODE_IMPLS
 
 
-@contextmanager
 def kvq_decode(impl: str | None):
     """Run the quantized decode attention through implementation `impl` (None: leave the setting)."""
     from ..backends import cuda_attention as CA
 
-    old = CA.KVQ_DECODE
-    if impl is not None:
-        CA.KVQ_DECODE = impl
-    try:
-        yield
-    finally:
-        CA.KVQ_DECODE = old
+    return setting(CA, "KVQ_DECODE", impl)
 
 
 def is_decode(name: str) -> bool:
