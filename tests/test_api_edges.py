@@ -66,9 +66,9 @@ def test_kv_budget_that_holds_no_page_is_an_error():
     from lserve_lite.kv.layout import pool_pages
 
     cfg = ModelConfig("LlamaForCausalLM", 64, 128, 2, 4, 2, 16, 100)
-    assert pool_pages(cfg, 64, 2 * 16 * 4, 10 * 2**20, None, 4) == (
+    assert pool_pages(cfg, 64, 2 * 16 * 4, 10 * 2**20, None, 4, stat_itemsize=4) == (
         10 * 2**20 // (2 * 2 * 2 * 16 * 64 * 4),
         0,
     )
     with pytest.raises(InvalidRequestError, match="holds no KV page"):
-        pool_pages(cfg, 64, 2 * 16 * 4, 100, None, 4)
+        pool_pages(cfg, 64, 2 * 16 * 4, 100, None, 4, stat_itemsize=4)

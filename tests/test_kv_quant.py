@@ -301,7 +301,10 @@ def test_kv_sizing_counts_real_bytes():
         dict(architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
              num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=262144)
     )  # fmt: skip
-    pages = {n: pool_pages(cfg, 64, Q.FORMATS[n].kv_bytes(128, 2), 40 << 30, None, 1)[0] for n in Q.FORMATS}
+    pages = {
+        n: pool_pages(cfg, 64, Q.FORMATS[n].kv_bytes(128, 2), 40 << 30, None, 1, stat_itemsize=2)[0]
+        for n in Q.FORMATS
+    }
     assert 1.95 < pages["int8"] / pages["fp16"] < 2.0 and 2.9 < pages["int4"] / pages["fp16"] < 2.92
     assert pages["fp8"] == pages["int8"] and pages["fp32"] * 2 == pages["fp16"]
 

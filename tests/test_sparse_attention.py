@@ -225,7 +225,7 @@ def test_streaming_memory_is_constant_in_context_length():
     bm = BlockManager(
         num_pages=5000, page_size=64, num_stream_pages=100, stream_per_seq=lay.stream_pages_per_seq
     )
-    dense_b, stream_b = lay.bytes_per_page(cfg, 2 * 128 * 2)
+    dense_b, stream_b = lay.bytes_per_page(cfg, 2 * 128 * 2, 2)
     use = {}
     for n in (1024, 65536):
         s = Sequence([1], SamplingParams())

@@ -400,7 +400,8 @@ def bench_llama8b(args, bw: float, emit) -> None:
     name = "Llama-3-8B-shape" + (f" {args.quantize}" if args.quantize else "")
     wbytes = sum(int(a.nbytes) for a in _model_arrays(model)) - int(model.embed.nbytes)
     seq_pages = math.ceil(max_len / ps) + 2
-    page_b, _ = page_bytes(cfg, ps, fmt.kv_bytes(cfg.head_dim, np.dtype(ops.dtype).itemsize), None)
+    itemsize = np.dtype(ops.dtype).itemsize
+    page_b, _ = page_bytes(cfg, ps, fmt.kv_bytes(cfg.head_dim, itemsize), None, itemsize)
     batches = sorted(set(args.llama_batches) - {1})
     private = {b: b * seq_pages * page_b <= args.batch_kv_gib * 2**30 for b in batches}
     rows_private = max([b for b in batches if private[b]], default=1)
@@ -788,7 +789,14 @@ def kv_capacity(
                 kv_bytes = fmt.kv_bytes(cfg.head_dim, itemsize)
                 dense_b, stream_b = page_bytes(cfg, ps, kv_bytes, layout, itemsize)
                 pages, stream = pool_pages(
-                    cfg, ps, kv_bytes, budget, layout, ecfg.max_num_seqs, ecfg.num_kv_pages, itemsize
+                    cfg,
+                    ps,
+                    kv_bytes,
+                    budget,
+                    layout,
+                    ecfg.max_num_seqs,
+                    ecfg.num_kv_pages,
+                    stat_itemsize=itemsize,
                 )
             except InvalidRequestError as e:  # fp8 before sm_89, or a budget that holds no page
                 out.append(dict(row, error=str(e)))

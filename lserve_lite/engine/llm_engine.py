@@ -171,7 +171,7 @@ class LLMEngine:
         e = self.ecfg
         budget = self.ops.kv_budget_bytes(e.kv_memory_fraction, self.weight_bytes)
         return pool_pages(self.cfg, e.page_size, self.kv_bytes, budget, self.layout, e.max_num_seqs,
-                          e.num_kv_pages, np.dtype(self.ops.dtype).itemsize)  # fmt: skip
+                          e.num_kv_pages, stat_itemsize=np.dtype(self.ops.dtype).itemsize)  # fmt: skip
 
     @property
     def kv_bytes(self) -> int:

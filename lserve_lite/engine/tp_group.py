@@ -177,7 +177,7 @@ def tensor_parallel_runner(
         s = shard_of(cfg, rank, world)
         lay = layout.heads(*s.kv_heads) if layout is not None else None
         d, st = pool_pages(shard_config(cfg, s), ecfg.page_size, 2 * group.itemsize, budget, lay, ecfg.max_num_seqs,
-                           ecfg.num_kv_pages, group.itemsize)  # fmt: skip
+                           ecfg.num_kv_pages, stat_itemsize=group.itemsize)  # fmt: skip
         dense.append(d)
         stream += [st] if lay is not None and lay.has_streaming else []
     num_pages, num_stream = min(dense), min(stream, default=0)

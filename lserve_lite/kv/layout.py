@@ -77,7 +77,7 @@ class KVLayout:
         window = geometry.window_visit_pages(sp.decode_sink, sp.decode_local, self.page_size)
         return max(geometry.visit_capacity(self.select_pages), window if self.has_streaming else 0, 1)
 
-    def bytes_per_page(self, cfg: ModelConfig, kv_bytes: int, stat_itemsize: int = 4) -> tuple[int, int]:
+    def bytes_per_page(self, cfg: ModelConfig, kv_bytes: int, stat_itemsize: int) -> tuple[int, int]:
         """K+V bytes of one dense-pool page (with its logical pages' key max / min, stored in the backend's float
         type of `stat_itemsize` bytes, as alloc_kv_cache does) and of one streaming-pool page over all layers;
         `kv_bytes`: one token's K and V of one head, scales included (kv/quant.KVFormat.kv_bytes)."""
@@ -92,7 +92,7 @@ class KVLayout:
 
 
 def page_bytes(
-    cfg: ModelConfig, page_size: int, kv_bytes: int, layout: KVLayout | None, stat_itemsize: int = 4
+    cfg: ModelConfig, page_size: int, kv_bytes: int, layout: KVLayout | None, stat_itemsize: int
 ) -> tuple[int, int]:  # fmt: skip
     """(dense-pool page, streaming-pool page) bytes over all layers, what sizes the pools; without a layout
     (dense mode) one pool holds every KV head. `kv_bytes`, `stat_itemsize` as in `KVLayout.bytes_per_page`."""
@@ -106,7 +106,7 @@ MAX_POOL_PAGES = 1 << 20  # a pool never has more pages than this (page ids are 
 
 def pool_pages(
     cfg: ModelConfig, page_size: int, kv_bytes: int, budget: int, layout: KVLayout | None, max_seqs: int,
-    num_pages: int | None = None, stat_itemsize: int = 4,
+    num_pages: int | None = None, *, stat_itemsize: int,
 ) -> tuple[int, int]:  # fmt: skip
     """(dense-pool pages, streaming-pool pages) for `budget` bytes of KV memory, or `num_pages` dense pages;
     `kv_bytes`, `stat_itemsize` as in `KVLayout.bytes_per_page` (a quantized cache fits more pages in the same
