@@ -86,10 +86,15 @@ def gpu_time(fn, reps: int, warm: int = 3) -> float:
 
 
 # -- SmolLM2 through the engine ----------------------------------------------------------------------
+def smollm2_gguf(args) -> str | None:
+    """SmolLM2's GGUF: --gguf, else $LSERVE_SMOLLM2_GGUF (None: neither)."""
+    return args.gguf or os.environ.get("LSERVE_SMOLLM2_GGUF")
+
+
 def smollm2_model(args) -> str:
-    """SmolLM2's source: the GGUF (--gguf / $LSERVE_SMOLLM2_GGUF), loaded as `lserve-lite chat` loads it (packed
-    weights, no float copy), else --model-dir, else the default model."""
-    gguf = args.gguf or os.environ.get("LSERVE_SMOLLM2_GGUF")
+    """SmolLM2's source: the GGUF (smollm2_gguf), loaded as `lserve-lite chat` loads it (packed weights, no float
+    copy), else --model-dir, else the default model."""
+    gguf = smollm2_gguf(args)
     if gguf:
         return gguf
     if args.model_dir:
@@ -236,7 +241,7 @@ def bench_llamacpp(args, bw: float, emit) -> None:
     """llama.cpp's CUDA build on SmolLM2's GGUF (the peer of bench_smollm2, same file, same run)."""
     from bench_cpu import llama_cpp
 
-    gguf = args.gguf or os.environ.get("LSERVE_SMOLLM2_GGUF")
+    gguf = smollm2_gguf(args)
     if not gguf:
         raise SystemExit("--llama-bench needs the GGUF (--gguf or $LSERVE_SMOLLM2_GGUF)")
     depths = tuple(args.smol_prompts)
