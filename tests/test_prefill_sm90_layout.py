@@ -94,9 +94,15 @@ def emulate(kind: str, fmt, d: int, raw: np.ndarray, nt: int):
     return tile, writes, phases
 
 
-@pytest.mark.parametrize("nt", [128, 256])  # one or two warpgroups
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("kind", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize(
+    (
+        "kind",
+        "d",
+        "nt",
+    ),  # nt: two warpgroups per CTA, and one (the same mapping, fewer threads) for two cases
+    [(k, d, 256) for k in ("int8", "int4", "fp8") for d in (64, 128)]
+    + [("int8", 128, 128), ("int4", 64, 128)],
+)
 def test_dequant_tile_sw128(kind, d, nt):
     rng = np.random.default_rng(d + nt)
     for fmt in {FORMATS[kind].keys(), FORMATS[kind]}:  # K (int4: finer groups) and V
