@@ -24,6 +24,7 @@
 
 #include <cuda_fp16.h>
 
+#include "block_reduce.cuh"
 #include "pdl.cuh"
 
 typedef unsigned char u8;
@@ -55,9 +56,36 @@ __device__ __forceinline__ int groups_per_row(int K) {
   return F::CPG ? K / (32 * F::CPG) : 1;
 }
 
-// x rows [n, K] fp16 -> xq [P][n][K / 4] words of int8 and xs [P][n][K / 32] {dx, sum of the chunk's xq}.
-// P = 2 (the logits): pass 1 rounds the residual x - dx * xq of pass 0 the same way, so the two passes
-// together leave each value off by dx' / 2 ~ dx / 508 (cpu_quant.logits_q's scheme).
+// One chunk of 32 activations f (destroyed) -> P int8 passes: words xq[(p * nchunks + c) * 8 ..] and
+// xs[p * nchunks + c] = {dx, sum of the chunk's xq}. P = 2 (the logits): pass 1 rounds the residual
+// x - dx * xq of pass 0 the same way, so the two passes together leave each value off by dx' / 2 ~ dx / 508
+// (cpu_quant.logits_q's scheme).
+template <int P>
+__device__ __forceinline__ void quantize_chunk(float (&f)[32], int c, int nchunks, int* xq, float2* xs) {
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    float amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) amax = fmaxf(amax, fabsf(f[i]));
+    const float dx = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+    int s = 0;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) {
+      unsigned word = 0;
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const int v = __float2int_rn(f[4 * w + b] * id);
+        f[4 * w + b] -= dx * (float)v;  // the residual, for the next pass
+        s += v;
+        word |= (unsigned)(v & 255) << (8 * b);
+      }
+      xq[(p * nchunks + c) * 8 + w] = (int)word;
+    }
+    xs[p * nchunks + c] = make_float2(dx, (float)s);
+  }
+}
+
+// x rows [n, K] fp16 -> xq [P][n][K / 4] words of int8 and xs [P][n][K / 32] (quantize_chunk), by the block.
 template <int P>
 __device__ __forceinline__ void quantize_x(const __half* __restrict__ x, int n, int K, int* xq, float2* xs) {
   const int nc = K / 32;
@@ -74,27 +102,38 @@ __device__ __forceinline__ void quantize_x(const __half* __restrict__ x, int n, 
         f[8 * i + 2 * j] = p.x, f[8 * i + 2 * j + 1] = p.y;
       }
     }
+    quantize_chunk<P>(f, c, n * nc, xq, xs);
+  }
+}
+
+// The split GEMV's input made by the kernel before it (XQ): one block per row of x [n, hidden] fp16,
+//   r = x + res_in -> res_out (float32; res_in may be res_out), h = fp16(r / sqrt(mean(r^2) + eps) * w),
+// h quantized as quantize_x would (xq [n][hidden / 4] words, then xs [n][hidden / 32] {dx, sum}, one pass).
+// The values are layers.cu's add_rmsnorm's, so the GEMV's result is bit-identical to add_rmsnorm + quantize_x.
+template <bool HAS_RES>
+__global__ void rmsnorm_xq(const __half* __restrict__ x, const float* res_in, float* res_out,
+                           const __half* __restrict__ w, int* __restrict__ xq, int n, int hidden, float eps) {
+  extern __shared__ int4 smem[];  // 128 bytes (the launch's): block_reduce's scratch
+  float* scratch = reinterpret_cast<float*>(smem);
+  lserve::pdl_enter();
+  const long long off = (long long)blockIdx.x * hidden;
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+    float r = __half2float(x[off + i]);
+    if (HAS_RES) r += res_in[off + i];
+    res_out[off + i] = r;
+    ss += r * r;
+  }
+  ss = lserve::block_reduce(ss, scratch, lserve::SumOp(), 0.f);  // its barriers publish res_out to the block
+  const float inv = 1.0f / sqrtf(ss / (float)hidden + eps);
+  const int nc = hidden / 32;
+  float2* xs = reinterpret_cast<float2*>(xq + n * (hidden / 4));
+  for (int j = threadIdx.x; j < nc; j += blockDim.x) {
+    float f[32];
 #pragma unroll
-    for (int p = 0; p < P; ++p) {
-      float amax = 0.f;
-#pragma unroll
-      for (int i = 0; i < 32; ++i) amax = fmaxf(amax, fabsf(f[i]));
-      const float dx = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
-      int s = 0;
-#pragma unroll
-      for (int w = 0; w < 8; ++w) {
-        unsigned word = 0;
-#pragma unroll
-        for (int b = 0; b < 4; ++b) {
-          const int v = __float2int_rn(f[4 * w + b] * id);
-          f[4 * w + b] -= dx * (float)v;  // the residual, for the next pass
-          s += v;
-          word |= (unsigned)(v & 255) << (8 * b);
-        }
-        xq[(p * n * nc + c) * 8 + w] = (int)word;
-      }
-      xs[p * n * nc + c] = make_float2(dx, (float)s);
-    }
+    for (int i = 0; i < 32; ++i)
+      f[i] = __half2float(__float2half(res_out[off + 32 * j + i] * inv * __half2float(w[32 * j + i])));
+    quantize_chunk<1>(f, (int)blockIdx.x * nc + j, n * nc, xq, xs);
   }
 }
 
@@ -102,7 +141,7 @@ __device__ __forceinline__ void quantize_x(const __half* __restrict__ x, int n, 
 // 4H .. 4H + 3; 4-bit chunks hold v[i] in the low and v[i + 16] in the high nibble of byte i, so nibble H of
 // words 0-3.
 template <typename F, int H>
-__device__ __forceinline__ int half_dot(const unsigned (&w)[F::WORDS], const int* xw, int acc) {
+__device__ __forceinline__ int half_dot(const unsigned (&w)[F::WORDS], const int (&xw)[8], int acc) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const unsigned v = F::BITS == 8 ? w[4 * H + j] : (w[j] >> (4 * H)) & 0x0F0F0F0Fu;
@@ -114,7 +153,7 @@ __device__ __forceinline__ int half_dot(const unsigned (&w)[F::WORDS], const int
 // The chunk's q . xq times its integer sub-scales (byte b of `sub`: sub-scale b), exact in int32 and in its
 // float: at most 2 * 16 * 32 * 127 * 128 < 2^24 (Q6_K), 32 * 15 * 127 * 63 (Q4_K).
 template <typename F>
-__device__ __forceinline__ int chunk_dot(const unsigned (&w)[F::WORDS], const int* xw, int sub) {
+__device__ __forceinline__ int chunk_dot(const unsigned (&w)[F::WORDS], const int (&xw)[8], int sub) {
   if constexpr (F::SUB == 16)
     return (signed char)sub * half_dot<F, 0>(w, xw, 0) + (signed char)(sub >> 8) * half_dot<F, 1>(w, xw, 0);
   const int dot = half_dot<F, 1>(w, xw, half_dot<F, 0>(w, xw, 0));
@@ -169,20 +208,37 @@ __device__ __forceinline__ void load_chunks(const u8* __restrict__ q, const __ha
   }
 }
 
+// A chunk's 8 xq words and its {dx, sum}: from shared memory, or with XQ from global memory (the same words for
+// every warp: L1 hits after the first).
+template <bool XQ>
+__device__ __forceinline__ void load_x(const int* xq, const float2* xs, int i, int (&xw)[8], float2& sx) {
+  const int4* v = reinterpret_cast<const int4*>(xq + 8 * i);
+  int4 a, b;
+  if constexpr (XQ) {
+    a = __ldg(v), b = __ldg(v + 1), sx = __ldg(xs + i);
+  } else {
+    a = v[0], b = v[1], sx = xs[i];
+  }
+  xw[0] = a.x, xw[1] = a.y, xw[2] = a.z, xw[3] = a.w, xw[4] = b.x, xw[5] = b.y, xw[6] = b.z, xw[7] = b.w;
+}
+
 // y[r * ldy + m] = sum_k x[r, k] W[m, k] for r < n <= NMAX, R rows of W per warp, x in P int8 passes.
-// Dynamic shared memory: P * n * K bytes of xq + P * n * K / 32 float2 of xs. K % 32 == 0.
+// Dynamic shared memory: P * n * K bytes of xq + P * n * K / 32 float2 of xs, which each block makes from x;
+// with XQ (P = 1) x is that buffer already, in global memory (rmsnorm_xq wrote it): no shared memory, no
+// barrier, and no block repeats the quantization. K % 32 == 0.
 // SILU (R even, TOut = __half, P = 1): W is the row-fused gate/up matrix [2M, K], a warp's R rows are R/2 gate
 // rows and their up rows (acc_row), and y[r * ldy + m] = silu(g) * u on the float32 sums, each with int8's
 // per-channel scale applied first (CudaOps.gate_up_silu; reference: silu_mul_ref(x @ W^T)).
-template <typename F, int R, int NMAX, int P, typename TOut, bool SILU = false>
+template <typename F, int R, int NMAX, int P, typename TOut, bool SILU = false, bool XQ = false>
 __global__ void __launch_bounds__(SWARPS * 32)
     quant_gemv_split(const u8* __restrict__ q, const __half* __restrict__ d, const __half* __restrict__ mn,
                      const unsigned short* __restrict__ sub, const __half* __restrict__ x, int n,
                      TOut* __restrict__ y, int ldy, int M, int K) {
   static_assert(!SILU || R % 2 == 0, "SILU pairs gate and up rows in a warp");
+  static_assert(!XQ || P == 1, "rmsnorm_xq makes one pass");
   constexpr int U = (8 / R) / (F::BITS / 4) > 0 ? (8 / R) / (F::BITS / 4) : 1;  // ~8 16-byte loads a lane
   extern __shared__ int4 smem[];
-  int* xq = reinterpret_cast<int*>(smem);
+  int* xq = XQ ? reinterpret_cast<int*>(const_cast<__half*>(x)) : reinterpret_cast<int*>(smem);
   float2* xs = reinterpret_cast<float2*>(xq + P * n * (K / 4));
   const int nc = K / 32, ng = groups_per_row<F>(K);
   const long long qrow = (long long)K * F::BITS / 8;
@@ -194,8 +250,10 @@ __global__ void __launch_bounds__(SWARPS * 32)
   // in flight while x is quantized
   load_chunks<F, R, U, SILU>(q, d, mn, sub, lane, nc, ng, qrow, m0, M, w, dd, mm, ss);
   lserve::pdl_enter();  // and while the kernel that writes x ends
-  quantize_x<P>(x, n, K, xq, xs);
-  __syncthreads();
+  if constexpr (!XQ) {
+    quantize_x<P>(x, n, K, xq, xs);
+    __syncthreads();
+  }
   if (m0 >= M) return;
   float acc[R][NMAX];
 #pragma unroll
@@ -213,8 +271,9 @@ __global__ void __launch_bounds__(SWARPS * 32)
           if (r < n) {
 #pragma unroll
             for (int p = 0; p < P; ++p) {
-              const int* xw = xq + ((p * n + r) * nc + c) * 8;
-              const float2 sx = xs[(p * n + r) * nc + c];
+              int xw[8];
+              float2 sx;
+              load_x<XQ>(xq, xs, (p * n + r) * nc + c, xw, sx);
 #pragma unroll
               for (int i = 0; i < R; ++i) {
                 const int dot = chunk_dot<F>(w[u][i], xw, ss[u][i]) - F::Z * (int)sx.y;

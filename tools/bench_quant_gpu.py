@@ -33,6 +33,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = {"o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336), "lm_head": (128256, 4096)}
+# --norm: shapes of a GEMV after an RMSNorm (QKV-like, and gate_up with SiLU)
+NORM_SHAPES = ("o_proj", "gate_up")
 ROTATE_BYTES = 256 << 20
 # byte offsets of the fp16 fields in a block (int8: its row scale, before the blocks)
 F16_FIELDS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q4_k": (0, 2), "q6_k": (208,), "int4": (0,)}
@@ -126,7 +128,7 @@ def copy_bandwidth(bufs: list, nbytes: int) -> float:
 
 def bench_shape(
     ops, fmt: str, name: str, m: int, k: int, batches, prefill_rows: int, emit, variants=("v1", "v2", "split"),
-    split_r=(None,),
+    split_r=(None,), norm: bool = False,
 ) -> None:  # fmt: skip
     import cupy as cp
 
@@ -152,6 +154,8 @@ def bench_shape(
                     path = f"gemv {v}" + (f" R{r}" if r else "")
                     emit(dict(format=fmt, shape=name, M=m, K=k, batch=n, path=path, us=t * 1e6, packed_bytes=nbytes,
                               GBps=nbytes / t / 1e9, copy_GBps=copy_bw / 1e9, x_copy=nbytes / t / copy_bw))  # fmt: skip
+            if norm and layout and name in NORM_SHAPES:
+                bench_norm(ops, fmt, name, m, k, n, ws, copy_bw, emit)
         ops.quant.gemv_variant, ops.quant.split_r = saved
         if prefill_rows:
             x = cp.random.standard_normal((prefill_rows, k), dtype=cp.float32).astype(cp.float16)
@@ -162,6 +166,26 @@ def bench_shape(
                       us=t * 1e6, packed_bytes=nbytes, TFLOPs=2 * prefill_rows * m * k / t / 1e12))  # fmt: skip
         del ws, probe
         cp.get_default_memory_pool().free_all_blocks()
+
+
+def bench_norm(ops, fmt: str, name: str, m: int, k: int, n: int, ws: list, copy_bw: float, emit) -> None:
+    """The residual add + RMSNorm and the decode GEMV after it, as a layer runs them (CudaOps.rmsnorm_linear; gate_up
+    with SiLU-and-multiply): add_rmsnorm then the split GEMV quantizing x in every block (LSERVE_CUDA_FUSE_NORM=0),
+    against rmsnorm_xq then the split GEMV reading the quantized x (XQ). Two kernels per call; `us` is both."""
+    import cupy as cp
+
+    x = cp.random.standard_normal((n, k), dtype=cp.float32).astype(cp.float16)
+    res = cp.random.standard_normal((n, k), dtype=cp.float32)
+    lnw = cp.ones(k, cp.float16)
+    silu = name == "gate_up"
+    saved = ops.fuse_norm
+    for fuse, path in ((False, "norm+split"), (True, "norm+split xq")):
+        ops.fuse_norm = fuse
+        t = graph_time([lambda w=w: ops.rmsnorm_linear(x, res, lnw, 1e-5, w, silu=silu) for w in ws])
+        nbytes = ws[0].nbytes
+        emit(dict(format=fmt, shape=name, M=m, K=k, batch=n, path=path, us=t * 1e6, packed_bytes=nbytes,
+                  GBps=nbytes / t / 1e9, copy_GBps=copy_bw / 1e9, x_copy=nbytes / t / copy_bw))  # fmt: skip
+    ops.fuse_norm = saved
 
 
 def bench_fp16(ops, name: str, m: int, k: int, batches, prefill_rows: int, emit) -> None:
@@ -212,6 +236,10 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--prefill-rows", type=int, default=0, help="also time the prefill path at this many rows"
     )
+    ap.add_argument(
+        "--norm", action="store_true", help="also time add_rmsnorm + split GEMV against rmsnorm_xq + its XQ "
+        "instantiation (shapes o_proj, gate_up)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     import cupy as cp
 
@@ -242,7 +270,7 @@ def main(argv=None) -> int:
         bench_fp16(ops, name, m, k, args.batches, args.prefill_rows, emit)
         for fmt in args.formats:
             bench_shape(ops, fmt, name, m, k, args.batches, args.prefill_rows, emit, args.variants,
-                        tuple(args.split_r or (None,)))  # fmt: skip
+                        tuple(args.split_r or (None,)), args.norm)  # fmt: skip
             cp.get_default_memory_pool().free_all_blocks()
     return 0
 

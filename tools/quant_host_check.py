@@ -195,20 +195,33 @@ def check_gemv_rows(exe: Path, tmp: Path, n: int, k: int, m: int, rng: np.random
 
 
 def check_norm(exe: Path, tmp: Path, n: int, k: int, m: int, rng: np.random.Generator, mode: str,
-               first: bool = False) -> bool:  # fmt: skip
-    """gemv_rows' NORM instantiation (rms_in.cuh: x + res, RMSNorm, then the GEMV; CudaOps.rmsnorm_linear), `mode`
-    grows (plain) or gsilu (gate_up + SiLU-and-multiply), fp16 W: against rmsnorm_ref of the float32 sum rounded
-    to fp16 (add_rmsnorm's output) times W in float64, with harness.quant.norm_linear_ref's tolerance. The residual
-    stream written must equal x + res in float32 exactly (`first`: no res, it equals x)."""
-    silu = mode == "gsilu"
-    w = (rng.standard_normal((2 * m if silu else m, k)) / np.sqrt(k)).astype(np.float16)
+               first: bool = False, fmt: str | None = None) -> bool:  # fmt: skip
+    """The residual add + RMSNorm before a decode GEMV (CudaOps.rmsnorm_linear), `mode` grows / split (plain) or
+    gsilu / ssilu (gate_up + SiLU-and-multiply): fmt None, gemv_rows' NORM instantiation on fp16 W (rms_in.cuh,
+    in its prologue); a split fmt, rmsnorm_xq then quant_gemv_split's XQ instantiation (2 rows per warp). Against
+    rmsnorm_ref of the float32 sum rounded to fp16 (add_rmsnorm's output) times W in float64, with
+    harness.quant.norm_linear_ref's tolerance. The residual stream written must equal x + res in float32 exactly
+    (`first`: no res, it equals x)."""
+    silu = mode.endswith("silu")
+    rows = 2 * m if silu else m
+    if fmt:
+        qt = random_quant(fmt, rows, k, rng)
+        ref_w, wfiles = reference_matrix(qt), write_split(tmp, qt)
+        sizes = [str(n), str(m), str(k), str(m), "2"] + ([] if silu else ["1"])
+    else:
+        w = (rng.standard_normal((rows, k)) / np.sqrt(k)).astype(np.float16)
+        w.tofile(tmp / "w.bin")
+        ref_w, wfiles, sizes = w.astype(np.float64), [str(tmp / "w.bin")], [str(n), str(m), str(k)]
     x = rng.standard_normal((n, k)).astype(np.float16)
     res = (3.0 * rng.standard_normal((n, k))).astype(np.float32)
-    lnw = (1.0 + 0.5 * rng.standard_normal(k)).astype(np.float16)
+    lnw = 1.0 + 0.5 * rng.standard_normal(k)
+    if fmt:  # random k-quant rows are large: keep the products, and silu(g) * u, in fp16's range
+        lnw *= min(1.0, 4.0 / float(np.abs(rng.standard_normal((1, k)) @ ref_w.T).max()))
+    lnw = lnw.astype(np.float16)
     eps = 1e-5
-    for a, f in ((w, "w.bin"), (x, "x.bin"), (res, "res.bin"), (lnw, "lnw.bin")):
+    for a, f in ((x, "x.bin"), (res, "res.bin"), (lnw, "lnw.bin")):
         a.tofile(tmp / f)
-    ref, tol, r = norm_linear_ref(x, None if first else res, lnw, eps, w.astype(np.float64), silu, False)
+    ref, tol, r = norm_linear_ref(x, None if first else res, lnw, eps, ref_w, silu, fmt is not None)
     head = [
         "norm",
         "-" if first else str(tmp / "res.bin"),
@@ -216,14 +229,14 @@ def check_norm(exe: Path, tmp: Path, n: int, k: int, m: int, rng: np.random.Gene
         str(tmp / "ro.bin"),
         str(eps),
     ]
-    files = [str(tmp / f) for f in ("w.bin", "x.bin", "y.bin")]
-    subprocess.run([str(exe), *head, mode, "-", str(n), str(m), str(k), *files], check=True)
+    files = [str(tmp / f) for f in ("x.bin", "y.bin")]
+    subprocess.run([str(exe), *head, mode, fmt or "-", *sizes, *wfiles, *files], check=True)
     y = np.fromfile(tmp / "y.bin", np.float16).reshape(n, m).astype(np.float64)
     tol = tol + 2.0**-10 * np.abs(ref)
     err = np.abs(y - ref)
     res_ok = bool(np.array_equal(np.fromfile(tmp / "ro.bin", np.float32).reshape(n, k), r))
     ok = bool(np.all(err <= tol)) and res_ok
-    print(f"n{mode:6s} f16   N{n} K{k} M{m}{' first' if first else ''}: max err / bound "
+    print(f"n{mode:6s} {fmt or 'f16':5s} N{n} K{k} M{m}{' first' if first else ''}: max err / bound "
           f"{float((err / tol).max()):.2e}, residual {'exact' if res_ok else 'WRONG'} {'PASS' if ok else 'FAIL'}")  # fmt: skip
     return ok
 
@@ -262,8 +275,8 @@ def main(argv=None) -> int:
         default=["gemv", "gemv2", "split", "silu", "rows", "norm"],
         help="quant_gemv (v1), quant_gemv2 (v2), quant_gemv_split (the split formats' default), the split "
         "formats' gate_up GEMV with SiLU-and-multiply (silu), gemv_rows of layers.cu, fp16 weights (rows: "
-        "plain, and with SiLU-and-multiply), and gemv_rows' NORM instantiations (norm: residual add + RMSNorm "
-        "in the prologue)",
+        "plain, and with SiLU-and-multiply), and the residual add + RMSNorm before a GEMV (norm: gemv_rows' "
+        "NORM instantiations, and rmsnorm_xq + the split GEMV's XQ ones for the split formats)",
     )
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
@@ -299,6 +312,10 @@ def main(argv=None) -> int:
                 ok &= all(
                     [check_norm(exe, tmp, n, k, m, rng, mode, first=i == 0) for mode in ("grows", "gsilu")]
                 )
+                for fmt in (f for f in args.formats if f in SPLIT_FORMATS and k % LAYOUTS[f].block == 0):
+                    ok &= all(
+                        [check_norm(exe, tmp, n, k, m, rng, mode, i == 0, fmt) for mode in ("split", "ssilu")]
+                    )
     print("all passed" if ok else "FAILURES")
     return 0 if ok else 1
 

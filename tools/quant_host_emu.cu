@@ -15,12 +15,14 @@
 //   quant_host_emu gsilu - n M K W X Y                  y[n, M] (fp16) through gemv_rows<n, __half, true>
 // A grows / gsilu run may start with `norm RES LNW RESOUT EPS` (RES "-": no residual): gemv_rows' NORM
 // instantiation (rms_in.cuh's residual add and RMSNorm of x in the prologue; fp16 outputs), with the residual
-// stream it writes in RESOUT.
+// stream it writes in RESOUT. A split (R, P = 1) / ssilu run may start with it too: rmsnorm_xq writes the residual
+// stream and the int8 input, then quant_gemv_split's XQ instantiation reads it (fp16 outputs).
 #include <cuda_fp16.h>
 #include <pthread.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <cmath>
 #include <string>
@@ -218,10 +220,38 @@ struct SplitArrays {
   }
 };
 
+// rmsnorm_xq over x and the `norm` inputs, with add_rmsnorm's block size (CudaOps): the split GEMV's int8
+// input (cuda_quant.xq_words), the residual stream into emu_norm.res_out.
+static const __half* norm_xq(const __half* x, int n, int K) {
+  norm_load(n, K);
+  const size_t words = (size_t)n * K / 4 + 2 * (size_t)n * (K / 32);
+  int* xq = (int*)aligned_alloc(256, (words * 4 + 255) / 256 * 256);
+  const int threads = std::min(512, std::max(32, (K + 31) / 32 * 32));
+  const EmuNorm nm = emu_norm;
+  launch_blocks(n, threads / 32, [=] {
+    if (nm.res) rmsnorm_xq<true>(x, nm.res, nm.res_out, nm.w, xq, n, K, nm.eps);
+    else rmsnorm_xq<false>(x, nm.res_out, nm.res_out, nm.w, xq, n, K, nm.eps);
+  });
+  norm_save(n, K);
+  return reinterpret_cast<const __half*>(xq);
+}
+
+// y through quant_gemv_split (float32 out), or with `norm` through rmsnorm_xq and the XQ instantiation (fp16 out).
 template <typename S, int R, int NMAX, int P>
 static void gemv_split(int n, int M, int K, int ldy, char** a) {
   const SplitArrays<S> w(a, M, K);
   const __half* x = read_file<__half>(a[4], (size_t)n * K, 0);
+  if constexpr (P == 1) {
+    if (emu_norm.on) {
+      const __half* xq = norm_xq(x, n, K);
+      std::vector<__half> y((size_t)n * ldy, __float2half(12344.f));
+      __half* yp = y.data();
+      launch_blocks((M + SWARPS * R - 1) / (SWARPS * R), SWARPS, [=] {
+        quant_gemv_split<S, R, NMAX, 1, __half, false, true>(w.q, w.d, w.mn, w.sub, xq, n, yp, ldy, M, K);
+      });
+      return write_file(a[5], yp, y.size());
+    }
+  }
   std::vector<float> y((size_t)n * ldy, 12345.f);
   float* yp = y.data();
   launch_blocks((M + SWARPS * R - 1) / (SWARPS * R), SWARPS,
@@ -248,10 +278,13 @@ template <typename S, int R, int NMAX>
 static void gemv_split_silu(int n, int M, int K, int ldy, char** a) {
   const SplitArrays<S> w(a, 2 * M, K);
   const __half* x = read_file<__half>(a[4], (size_t)n * K, 0);
+  const bool xq = emu_norm.on;
+  if (xq) x = norm_xq(x, n, K);
   std::vector<__half> y((size_t)n * ldy, __float2half(12344.f));
   __half* yp = y.data();
   launch_blocks((M + SWARPS * R / 2 - 1) / (SWARPS * R / 2), SWARPS, [=] {
-    quant_gemv_split<S, R, NMAX, 1, __half, true>(w.q, w.d, w.mn, w.sub, x, n, yp, ldy, M, K);
+    if (xq) quant_gemv_split<S, R, NMAX, 1, __half, true, true>(w.q, w.d, w.mn, w.sub, x, n, yp, ldy, M, K);
+    else quant_gemv_split<S, R, NMAX, 1, __half, true>(w.q, w.d, w.mn, w.sub, x, n, yp, ldy, M, K);
   });
   write_file(a[5], yp, y.size());
 }

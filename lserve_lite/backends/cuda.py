@@ -397,12 +397,19 @@ class CudaOps:
 
     def rmsnorm_linear(self, x, residual, norm_w, eps, w, bias=None, silu=False):
         """Decode rows of an fp16 weight: the residual add and RMSNorm in the prologue of gemv_rows (NORM: no
-        add_rmsnorm launch), the residual stream returned in a new float32 array. Everything else (packed
-        weights, whose split GEMV measured slower with the norm in its prologue: docs/ARCHITECTURE.md; cuBLAS
-        rows; N * K halves past NORM_SMEM) and LSERVE_CUDA_FUSE_NORM=0: add_rmsnorm, then `linear` /
-        `gate_up_silu`. Reference: that composition of reference/layers.rmsnorm_ref and the product."""
+        add_rmsnorm launch), the residual stream returned in a new float32 array. Decode rows of a split weight
+        (no bias): rmsnorm_xq writes the norm's output as the GEMV's int8 input, which the split GEMV reads
+        without quantizing it again in every block (QuantKernels.rmsnorm_gemv). Everything else (cuBLAS rows;
+        N * K halves past NORM_SMEM) and LSERVE_CUDA_FUSE_NORM=0: add_rmsnorm, then `linear` / `gate_up_silu`.
+        Reference: that composition of reference/layers.rmsnorm_ref and the product."""
         cp = self.cp
         n, k = int(x.shape[0]), int(x.shape[1])
+        if self.fuse_norm and bias is None and isinstance(w, DeviceQuant) and (self.fuse_silu or not silu):
+            rows = w.shape[0] // 2 if silu else w.shape[0]
+            out = cp.empty((n, rows), cp.float16)
+            res = self.quant.rmsnorm_gemv(x, residual, norm_w, eps, w, out, _threads(k, 512), silu)
+            if res is not None:
+                return out, res
         smem = 2 * n * k + scratch_bytes(n)
         fits = isinstance(w, cp.ndarray) and self.gemm_path(n, k) == "gemv" and smem <= NORM_SMEM
         if not (self.fuse_norm and fits and (self.fuse_silu or not silu)):

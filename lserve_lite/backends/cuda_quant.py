@@ -129,12 +129,25 @@ def kernel_names(fmt: str, variants: tuple[str, ...] = (*GEMV_VARIANTS, "split")
                           for p, o in SPLIT_PASSES]  # fmt: skip
                 names += [f"quant_gemv_split<{s}, {r}, {n}, 1, __half, true>" for r in SPLIT_SILU_R
                           for n in SPLIT_ROWS]  # fmt: skip
-                names.append(f"quant_dequant_split<{s}>")
+                names += [_split_name(s, r, n, 1, "__half", silu, True) for silu, rs in ((False, SPLIT_R),
+                          (True, SPLIT_SILU_R)) for r in rs for n in SPLIT_ROWS]  # fmt: skip
+                names += ["rmsnorm_xq<false>", "rmsnorm_xq<true>", f"quant_dequant_split<{s}>"]
             continue
         names += [f"{GEMV_VARIANTS[v][0]}<{t}, {n}, {o}>" for n in GEMV_ROWS for o in ("__half", "float")]
     if any(v != "split" for v in variants):
         names.append(f"quant_dequant<{t}>")
     return tuple(names)
+
+
+def _split_name(trait: str, r: int, nmax: int, passes: int, out: str, silu: bool, xq: bool) -> str:
+    flags = (", true" if silu else ", false") + ", true" if xq else (", true" if silu else "")
+    return f"quant_gemv_split<{trait}, {r}, {nmax}, {passes}, {out}{flags}>"
+
+
+def xq_words(n: int, k: int) -> int:
+    """int32 words of the split GEMV's pre-quantized input (rmsnorm_xq): n * k int8 values, then a {dx, sum}
+    float pair per 32."""
+    return n * k // 4 + 2 * n * (k // 32)
 
 
 QUANT_KERNELS = tuple(name for fmt in FORMATS for name in kernel_names(fmt, tuple(GEMV_VARIANTS)))
@@ -325,32 +338,61 @@ class QuantKernels:
         self._gemv_split(self._kernels(w.fmt, "split"), x, w, out, silu=True)
         return True
 
-    def _gemv_split(self, fns, x, w: DeviceQuant, out, silu: bool = False) -> None:
+    def rmsnorm_gemv(self, x, residual, norm_w, eps: float, w, out, threads: int, silu: bool = False):
+        """The residual add, RMSNorm and decode GEMV of a split weight with the activations quantized once:
+        rmsnorm_xq writes the residual stream (in place when given, else new) and the int8 input, then
+        quant_gemv_split reads it without quantizing x in every block (XQ). Returns the residual stream, or None
+        (nothing launched) where it does not apply: not a split weight, not decode rows, an fp32 out. `threads`:
+        add_rmsnorm's block size, so that the sum of squares adds in its order (bit-identical results)."""
+        cp = self.cp
+        n, k = int(x.shape[0]), int(x.shape[1])
+        if not (
+            isinstance(w, DeviceQuant) and w.split and 0 < n <= GEMV_MAX_ROWS and out.dtype == np.float16
+        ):
+            return None
+        fns = self._kernels(w.fmt, "split")
+        x = cp.ascontiguousarray(x)
+        if residual is None:
+            res_in = res_out = cp.empty((n, k), cp.float32)
+        else:
+            res_in = res_out = cp.ascontiguousarray(residual, dtype=cp.float32)
+        xq = cp.empty(xq_words(n, k), cp.int32)
+        fns[f"rmsnorm_xq<{'false' if residual is None else 'true'}>"](
+            (n,),
+            (threads,),
+            (x, res_in, res_out, norm_w, xq, np.int32(n), np.int32(k), np.float32(eps)),
+            shared_mem=128,
+        )
+        self._gemv_split(fns, x, w, out, silu=silu, xq=xq)
+        return res_out
+
+    def _gemv_split(self, fns, x, w: DeviceQuant, out, silu: bool = False, xq=None) -> None:
         """quant_gemv_split over x's rows, as many per launch as the shared memory holds (all of them unless K is
         large: 8 rows of K = 14336 need 140 KB, 280 KB with a float32 output's two passes). `silu`: w is
-        [gate; up] and out gets silu(gate) * up, [N, M / 2] in fp16."""
+        [gate; up] and out gets silu(gate) * up, [N, M / 2] in fp16. `xq`: x already quantized there
+        (xq_words(N, K), rmsnorm_xq's layout; one launch, no shared memory)."""
         n, k, m = int(x.shape[0]), int(x.shape[1]), w.shape[0]
         passes = 2 if out.dtype == np.float32 else 1
         step = n
-        while step > 1 and split_smem(step, k, passes) > self.smem_limit:
+        while xq is None and step > 1 and split_smem(step, k, passes) > self.smem_limit:
             step = (step + 1) // 2
         r = self.split_r or split_rows(m, n)
         t = "__half" if out.dtype == np.float16 else "float"
-        tail, outs = "", m  # template flag, outputs of the launch (M, the kernel's)
+        outs = m  # outputs of the launch (M, the kernel's)
         if silu:  # R in SPLIT_SILU_R, R/2 outputs a warp
-            r, tail, outs = max(2, self.split_r or split_silu_rows(m, n)), ", true", m // 2
+            r, outs = max(2, self.split_r or split_silu_rows(m, n)), m // 2
         ldy = np.int32(out.strides[0] // out.itemsize)
         for i in range(0, n, step):
             rows = min(step, n - i)
             nmax = next(g for g in SPLIT_ROWS if g >= rows)
-            fn = fns[f"quant_gemv_split<{w.split.trait}, {r}, {nmax}, {passes}, {t}{tail}>"]
-            args = (w.data, *self._fields(w), x[i : i + rows], np.int32(rows), out[i : i + rows], ldy,
-                    np.int32(outs), np.int32(k))  # fmt: skip
+            fn = fns[_split_name(w.split.trait, r, nmax, passes, t, silu, xq is not None)]
+            args = (w.data, *self._fields(w), x[i : i + rows] if xq is None else xq, np.int32(rows),
+                    out[i : i + rows], ldy, np.int32(outs), np.int32(k))  # fmt: skip
             fn(
                 (-(-outs // (SPLIT_WARPS * (r // 2 if silu else r))),),
                 (32 * SPLIT_WARPS,),
                 args,
-                shared_mem=split_smem(rows, k, passes),
+                shared_mem=0 if xq is not None else split_smem(rows, k, passes),
             )
 
     def _variant(self, w: DeviceQuant, n: int) -> str:
