@@ -241,7 +241,7 @@ template <typename S, int R, int NMAX, int P>
 static void gemv_split(int n, int M, int K, int ldy, char** a) {
   const SplitArrays<S> w(a, M, K);
   const __half* x = read_file<__half>(a[4], (size_t)n * K, 0);
-  if constexpr (P == 1) {
+  if constexpr (P == 1 && R == 2) {  // check_norm's rows per warp (fewer instantiations: compile time)
     if (emu_norm.on) {
       const __half* xq = norm_xq(x, n, K);
       std::vector<__half> y((size_t)n * ldy, __float2half(12344.f));
@@ -278,12 +278,13 @@ template <typename S, int R, int NMAX>
 static void gemv_split_silu(int n, int M, int K, int ldy, char** a) {
   const SplitArrays<S> w(a, 2 * M, K);
   const __half* x = read_file<__half>(a[4], (size_t)n * K, 0);
-  const bool xq = emu_norm.on;
+  constexpr bool XQ_R = R == 2;  // check_norm's rows per warp (fewer instantiations: compile time)
+  const bool xq = XQ_R && emu_norm.on;
   if (xq) x = norm_xq(x, n, K);
   std::vector<__half> y((size_t)n * ldy, __float2half(12344.f));
   __half* yp = y.data();
   launch_blocks((M + SWARPS * R / 2 - 1) / (SWARPS * R / 2), SWARPS, [=] {
-    if (xq) quant_gemv_split<S, R, NMAX, 1, __half, true, true>(w.q, w.d, w.mn, w.sub, x, n, yp, ldy, M, K);
+    if (xq) quant_gemv_split<S, R, NMAX, 1, __half, true, XQ_R>(w.q, w.d, w.mn, w.sub, x, n, yp, ldy, M, K);
     else quant_gemv_split<S, R, NMAX, 1, __half, true>(w.q, w.d, w.mn, w.sub, x, n, yp, ldy, M, K);
   });
   write_file(a[5], yp, y.size());
