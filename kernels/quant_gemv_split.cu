@@ -208,24 +208,18 @@ __device__ __forceinline__ void load_chunks(const u8* __restrict__ q, const __ha
   }
 }
 
-// A chunk's 8 xq words and its {dx, sum}: from shared memory, or with XQ from global memory (the same words for
-// every warp: L1 hits after the first).
-template <bool XQ>
+// A chunk's 8 xq words and its {dx, sum}, from shared memory.
 __device__ __forceinline__ void load_x(const int* xq, const float2* xs, int i, int (&xw)[8], float2& sx) {
   const int4* v = reinterpret_cast<const int4*>(xq + 8 * i);
-  int4 a, b;
-  if constexpr (XQ) {
-    a = __ldg(v), b = __ldg(v + 1), sx = __ldg(xs + i);
-  } else {
-    a = v[0], b = v[1], sx = xs[i];
-  }
+  const int4 a = v[0], b = v[1];
+  sx = xs[i];
   xw[0] = a.x, xw[1] = a.y, xw[2] = a.z, xw[3] = a.w, xw[4] = b.x, xw[5] = b.y, xw[6] = b.z, xw[7] = b.w;
 }
 
 // y[r * ldy + m] = sum_k x[r, k] W[m, k] for r < n <= NMAX, R rows of W per warp, x in P int8 passes.
 // Dynamic shared memory: P * n * K bytes of xq + P * n * K / 32 float2 of xs, which each block makes from x;
-// with XQ (P = 1) x is that buffer already, in global memory (rmsnorm_xq wrote it): no shared memory, no
-// barrier, and no block repeats the quantization. K % 32 == 0.
+// with XQ (P = 1) x is that buffer already (rmsnorm_xq wrote it) and the block only copies it, instead of every
+// block repeating the quantization. K % 32 == 0.
 // SILU (R even, TOut = __half, P = 1): W is the row-fused gate/up matrix [2M, K], a warp's R rows are R/2 gate
 // rows and their up rows (acc_row), and y[r * ldy + m] = silu(g) * u on the float32 sums, each with int8's
 // per-channel scale applied first (CudaOps.gate_up_silu; reference: silu_mul_ref(x @ W^T)).
@@ -238,7 +232,7 @@ __global__ void __launch_bounds__(SWARPS * 32)
   static_assert(!XQ || P == 1, "rmsnorm_xq makes one pass");
   constexpr int U = (8 / R) / (F::BITS / 4) > 0 ? (8 / R) / (F::BITS / 4) : 1;  // ~8 16-byte loads a lane
   extern __shared__ int4 smem[];
-  int* xq = XQ ? reinterpret_cast<int*>(const_cast<__half*>(x)) : reinterpret_cast<int*>(smem);
+  int* xq = reinterpret_cast<int*>(smem);
   float2* xs = reinterpret_cast<float2*>(xq + P * n * (K / 4));
   const int nc = K / 32, ng = groups_per_row<F>(K);
   const long long qrow = (long long)K * F::BITS / 8;
@@ -250,10 +244,14 @@ __global__ void __launch_bounds__(SWARPS * 32)
   // in flight while x is quantized
   load_chunks<F, R, U, SILU>(q, d, mn, sub, lane, nc, ng, qrow, m0, M, w, dd, mm, ss);
   lserve::pdl_enter();  // and while the kernel that writes x ends
-  if constexpr (!XQ) {
+  if constexpr (XQ) {  // n * K / 32 chunks of 40 bytes (32 int8 + {dx, sum}), in 8-byte words
+    const int2* src = reinterpret_cast<const int2*>(x);
+    int2* dst = reinterpret_cast<int2*>(smem);
+    for (int i = threadIdx.x; i < n * (K / 32) * 5; i += blockDim.x) dst[i] = __ldg(src + i);
+  } else {
     quantize_x<P>(x, n, K, xq, xs);
-    __syncthreads();
   }
+  __syncthreads();
   if (m0 >= M) return;
   float acc[R][NMAX];
 #pragma unroll
@@ -273,7 +271,7 @@ __global__ void __launch_bounds__(SWARPS * 32)
             for (int p = 0; p < P; ++p) {
               int xw[8];
               float2 sx;
-              load_x<XQ>(xq, xs, (p * n + r) * nc + c, xw, sx);
+              load_x(xq, xs, (p * n + r) * nc + c, xw, sx);
 #pragma unroll
               for (int i = 0; i < R; ++i) {
                 const int dot = chunk_dot<F>(w[u][i], xw, ss[u][i]) - F::Z * (int)sx.y;

@@ -346,8 +346,11 @@ class QuantKernels:
         add_rmsnorm's block size, so that the sum of squares adds in its order (bit-identical results)."""
         cp = self.cp
         n, k = int(x.shape[0]), int(x.shape[1])
-        if not (
-            isinstance(w, DeviceQuant) and w.split and 0 < n <= GEMV_MAX_ROWS and out.dtype == np.float16
+        if (
+            not (
+                isinstance(w, DeviceQuant) and w.split and 0 < n <= GEMV_MAX_ROWS and out.dtype == np.float16
+            )
+            or split_smem(n, k) > self.smem_limit
         ):
             return None
         fns = self._kernels(w.fmt, "split")
@@ -370,11 +373,11 @@ class QuantKernels:
         """quant_gemv_split over x's rows, as many per launch as the shared memory holds (all of them unless K is
         large: 8 rows of K = 14336 need 140 KB, 280 KB with a float32 output's two passes). `silu`: w is
         [gate; up] and out gets silu(gate) * up, [N, M / 2] in fp16. `xq`: x already quantized there
-        (xq_words(N, K), rmsnorm_xq's layout; one launch, no shared memory)."""
+        (xq_words(N, K), rmsnorm_xq's layout, which each block copies to shared memory; one launch)."""
         n, k, m = int(x.shape[0]), int(x.shape[1]), w.shape[0]
         passes = 2 if out.dtype == np.float32 else 1
         step = n
-        while xq is None and step > 1 and split_smem(step, k, passes) > self.smem_limit:
+        while xq is None and step > 1 and split_smem(step, k, passes) > self.smem_limit:  # (xq: fits)
             step = (step + 1) // 2
         r = self.split_r or split_rows(m, n)
         t = "__half" if out.dtype == np.float16 else "float"
@@ -392,7 +395,7 @@ class QuantKernels:
                 (-(-outs // (SPLIT_WARPS * (r // 2 if silu else r))),),
                 (32 * SPLIT_WARPS,),
                 args,
-                shared_mem=0 if xq is not None else split_smem(rows, k, passes),
+                shared_mem=split_smem(rows, k, passes),
             )
 
     def _variant(self, w: DeviceQuant, n: int) -> str:
