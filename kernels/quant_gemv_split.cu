@@ -60,6 +60,11 @@ __device__ __forceinline__ int groups_per_row(int K) {
 // xs[p * nchunks + c] = {dx, sum of the chunk's xq}. P = 2 (the logits): pass 1 rounds the residual
 // x - dx * xq of pass 0 the same way, so the two passes together leave each value off by dx' / 2 ~ dx / 508
 // (cpu_quant.logits_q's scheme).
+// The int8 step of a chunk whose largest |value| is amax, and its inverse (0 for a chunk of zeros).
+__device__ __forceinline__ float2 act_step(float amax) {
+  return make_float2(amax / 127.f, amax > 0.f ? 127.f / amax : 0.f);
+}
+
 template <int P>
 __device__ __forceinline__ void quantize_chunk(float (&f)[32], int c, int nchunks, int* xq, float2* xs) {
 #pragma unroll
@@ -67,7 +72,8 @@ __device__ __forceinline__ void quantize_chunk(float (&f)[32], int c, int nchunk
     float amax = 0.f;
 #pragma unroll
     for (int i = 0; i < 32; ++i) amax = fmaxf(amax, fabsf(f[i]));
-    const float dx = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+    const float2 st = act_step(amax);
+    const float dx = st.x, id = st.y;
     int s = 0;
 #pragma unroll
     for (int w = 0; w < 8; ++w) {
@@ -108,8 +114,10 @@ __device__ __forceinline__ void quantize_x(const __half* __restrict__ x, int n, 
 
 // The split GEMV's input made by the kernel before it (XQ): one block per row of x [n, hidden] fp16,
 //   r = x + res_in -> res_out (float32; res_in may be res_out), h = fp16(r / sqrt(mean(r^2) + eps) * w),
-// h quantized as quantize_x would (xq [n][hidden / 4] words, then xs [n][hidden / 32] {dx, sum}, one pass).
+// h quantized as quantize_x would (xq [n][hidden / 4] words, then xs [n][hidden / 32] {dx, sum}, one pass): a warp
+// holds a chunk's 32 values, one a lane, so the chunk's max and sum are warp reductions and the loads coalesce.
 // The values are layers.cu's add_rmsnorm's, so the GEMV's result is bit-identical to add_rmsnorm + quantize_x.
+// blockDim.x and hidden are multiples of 32.
 template <bool HAS_RES>
 __global__ void rmsnorm_xq(const __half* __restrict__ x, const float* res_in, float* res_out,
                            const __half* __restrict__ w, int* __restrict__ xq, int n, int hidden, float eps) {
@@ -124,16 +132,22 @@ __global__ void rmsnorm_xq(const __half* __restrict__ x, const float* res_in, fl
     res_out[off + i] = r;
     ss += r * r;
   }
-  ss = lserve::block_reduce(ss, scratch, lserve::SumOp(), 0.f);  // its barriers publish res_out to the block
+  ss = lserve::block_reduce(ss, scratch, lserve::SumOp(), 0.f);
   const float inv = 1.0f / sqrtf(ss / (float)hidden + eps);
-  const int nc = hidden / 32;
   float2* xs = reinterpret_cast<float2*>(xq + n * (hidden / 4));
-  for (int j = threadIdx.x; j < nc; j += blockDim.x) {
-    float f[32];
+  signed char* xb = reinterpret_cast<signed char*>(xq) + off;
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x) {  // a warp: one chunk, i % 32 = lane
+    const float h = __half2float(__float2half(res_out[off + i] * inv * __half2float(w[i])));  // as add_rmsnorm
+    float amax = fabsf(h);
 #pragma unroll
-    for (int i = 0; i < 32; ++i)
-      f[i] = __half2float(__float2half(res_out[off + 32 * j + i] * inv * __half2float(w[32 * j + i])));
-    quantize_chunk<1>(f, (int)blockIdx.x * nc + j, n * nc, xq, xs);
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const float2 st = act_step(amax);
+    const int v = __float2int_rn(h * st.y);
+    xb[i] = (signed char)v;
+    int s = v;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if ((threadIdx.x & 31) == 0) xs[off / 32 + i / 32] = make_float2(st.x, (float)s);
   }
 }
 
