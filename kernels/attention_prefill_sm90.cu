@@ -3,7 +3,7 @@
 // with the two products on warpgroup MMA (wgmma.mma_async, fp16 in, fp32 accumulate) instead of mma.sync.
 // References: lserve_lite/backends/reference/attention.py::paged_attention_ref / paged_attention_sparse_ref;
 // launcher: lserve_lite/backends/cuda_attention.py (PREFILL_KERNEL picks this file on compute capability 9.x).
-// fp16 caches only (as attention_prefill.cu: q, K, V and out are fp16); quantized caches keep the mma.sync kernel.
+// q and out are fp16; the cache is fp16 or quantized (KV = lskv::Int8 / Int4 / Fp8, kv_quant.cuh), see below.
 //
 // Design (simple first, measured later):
 // - A CTA is NWG warpgroups (128 threads each); warpgroup w owns query rows 64w .. 64w + 63 of the CTA's
@@ -20,9 +20,17 @@
 //   warpgroup; the other warpgroup / CTA on the SM fills the tensor cores meanwhile).
 // - Online softmax in fp32, base 2, as the mma.sync kernel (the accumulator fragment of wgmma has the same
 //   per-warp layout as mma.sync's m16n8 C fragment, see below).
+// - Quantized caches, as attention_prefill.cu does it: the ring holds tiles as stored (BN / 16 units of 16 rows,
+//   values then fp16 scales, K in KV::KEY's format: int4 keys have finer groups), fewer bytes than fp16. After the
+//   tile barrier the whole CTA dequantizes tile j (dequant_tile<..., true>: packed-half conversions, fp8 by the
+//   sm_89+ hardware cvt) into one fp16 K and one fp16 V tile in the same 128B-swizzled layout the fp16 path
+//   loads, fences them to the async proxy and passes a second barrier; the wgmmas then read them as fp16 tiles.
+//   One fp16 pair suffices: the first barrier of tile j is reached by each warpgroup only after its wgmmas on
+//   tile j - 1 have completed (each is waited for at once), so no wgmma still reads the pair when it is rewritten.
 //
-// Shared-memory layout (every tile 1024-byte aligned): Q [BM][D], and per stage K [BN][D] and V [BN][D], all
-// fp16 rows split into column blocks of 64 halves (128 bytes): block b of a tile with R rows is at b * R * 128,
+// Shared-memory layout (every fp16 tile 1024-byte aligned): Q [BM][D], and per stage K [BN][D] and V [BN][D]
+// (quantized: per stage K and V tiles as stored, then one fp16 K [BN][D] and V [BN][D] tile pair), all fp16 tiles of
+// rows split into column blocks of 64 halves (128 bytes): block b of a tile with R rows is at b * R * 128,
 // row r of a block at r * 128, and its 16-byte chunk c stored at chunk position c ^ (r % 8). That is the PTX
 // "128-byte swizzle" (swizzle mode 1): the hardware XORs address bits [4:6] with bits [7:9], i.e. within each
 // 1024-byte atom of 8 rows x 128 bytes the chunk index with the row index, so the pattern is a function of the
@@ -122,26 +130,23 @@ __device__ __forceinline__ void fence_regs(float (&r)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
-// Byte offset of 16-byte chunk c (of D / 8) of row r in a 128B-swizzled tile of R rows (see the header).
-template <int R>
-__device__ __forceinline__ u32 sw128(int r, int c) {
-  return (u32)((c >> 3) * R * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
-}
-
 // wgmma shared-memory matrix descriptor, 128-byte swizzle (mode 1), base offset 0.
 __device__ __forceinline__ u64 smem_desc(u32 addr, u32 lbo, u32 sbo) {
   return (u64)((addr & 0x3FFFFu) >> 4) | ((u64)((lbo >> 4) & 0x3FFFu) << 16) | ((u64)((sbo >> 4) & 0x3FFFu) << 32) |
          (1ull << 62);
 }
 
-template <int D, int NWG, int STAGES>
+template <int D, int NWG, int STAGES, class KV>
 struct Smem {
   static constexpr int BM = 64 * NWG, BN = 64, THREADS = 128 * NWG, CH = D / 8;
   static constexpr int Q_BYTES = BM * D * 2;   // multiples of 1024: every tile stays 1024-byte aligned
-  static constexpr int KV_BYTES = BN * D * 2;  // one K (or V) stage
+  static constexpr int KV_BYTES = BN * D * 2;  // one fp16 K (or V) tile
+  // One K (or V) stage of the ring: the fp16 tile, or a quantized tile as stored (K's units, the larger).
+  static constexpr int RAW_BYTES = KV::QUANT ? BN / 16 * Staged<typename KV::KEY, D>::UNIT : KV_BYTES;
   static constexpr int OFF_K = Q_BYTES;
-  static constexpr int OFF_V = OFF_K + STAGES * KV_BYTES;
-  static constexpr int OFF_KPOS = OFF_V + STAGES * KV_BYTES;  // STAGES x BN key positions
+  static constexpr int OFF_V = OFF_K + STAGES * RAW_BYTES;
+  static constexpr int OFF_KT = (OFF_V + STAGES * RAW_BYTES + 1023) / 1024 * 1024;  // quantized: fp16 K, V tiles
+  static constexpr int OFF_KPOS = KV::QUANT ? OFF_KT + 2 * KV_BYTES : OFF_V + STAGES * KV_BYTES;  // STAGES x BN
   static constexpr int OFF_QPOS = OFF_KPOS + STAGES * BN * 4;  // BM query positions
   static constexpr int BYTES = OFF_QPOS + BM * 4;
 };
@@ -153,11 +158,11 @@ __device__ __forceinline__ unsigned char* align_smem1024(unsigned char* raw, u32
   return raw + pad;
 }
 
-template <int D, int NWG, int STAGES>
+template <int D, int NWG, int STAGES, class KV>
 __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const KVPools pools, f16_t* __restrict__ out,
                                              const PlanView pv, int Hq, int Hkv, int ps_shift, int rows_per_head,
                                              int heads_per_cta, int n_sub, int hgroups, float scale_log2) {
-  using L = Smem<D, NWG, STAGES>;
+  using L = Smem<D, NWG, STAGES, KV>;
   constexpr int CH = L::CH, BM = L::BM, BN = L::BN, THREADS = L::THREADS;
   static_assert(STAGES >= 2, "a ring of at least two stages");
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -182,6 +187,8 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
   const int cls = pools.head_class[kvh];
   const f16_t* __restrict__ kc = reinterpret_cast<const f16_t*>(cls ? pools.k1 : pools.k0);
   const f16_t* __restrict__ vc = reinterpret_cast<const f16_t*>(cls ? pools.v1 : pools.v0);
+  const f16_t* __restrict__ kcs = cls ? pools.sk1 : pools.sk0;  // quantized: the fp16 scales
+  const f16_t* __restrict__ vcs = cls ? pools.sv1 : pools.sv0;
   const int pool_heads = cls ? pools.n1 : pools.n0, slot = pools.head_slot[kvh];
   const int lo = pv.kv_indptr[qb * 2 + cls], npages = pv.kv_indptr[qb * 2 + cls + 1] - lo;
   const int ps = 1 << ps_shift;
@@ -211,17 +218,32 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
 
   // ---- K/V tile j of the page list -> stage st (rows past the list zero-filled, key position NONE)
   auto load_kv = [&](int j, int st) {
-#pragma unroll
-    for (int it = 0; it < BN / ROWS_PER_PASS; ++it) {
-      const int r = r_ld + it * ROWS_PER_PASS;
-      const int g = j * BN + r, e = g >> ps_shift, off = g & (ps - 1);
+    if constexpr (KV::QUANT) {  // as stored: BN / 16 units of 16 rows (one page each), THREADS / 4 threads per unit
+      constexpr int NT = THREADS / (BN / 16);
+      const int u = tid / NT, t = tid % NT;
+      const int g = j * BN + u * 16, e = g >> ps_shift, off = g & (ps - 1);
       const bool ok = g < nkeys;
       const int2 pl = ok ? pv.kv_pl[lo + e] : make_int2(0, 0);
-      const size_t base = (((size_t)pl.x * pool_heads + slot) * ps + off) * D + c_ld * 8;
-      const u32 dst = st * L::KV_BYTES + sw128<BN>(r, c_ld);
-      cp_async16(sK + dst, kc + base, ok ? 16 : 0);
-      cp_async16(sV + dst, vc + base, ok ? 16 : 0);
-      if (c_ld == 0) kpos_s[st * BN + r] = ok ? (pl.y << ps_shift) + off : LSERVE_KPOS_NONE;
+      const size_t row = ((size_t)pl.x * pool_heads + slot) * ps + off;
+      using KK = typename KV::KEY;  // K's format (int4: finer groups, a larger unit)
+      const auto* kv8 = reinterpret_cast<const unsigned char*>(kc);
+      const auto* vv8 = reinterpret_cast<const unsigned char*>(vc);
+      stage_unit<KK, D>(sK + st * L::RAW_BYTES + u * Staged<KK, D>::UNIT, kv8, kcs, row, ok, t, NT);
+      stage_unit<KV, D>(sV + st * L::RAW_BYTES + u * Staged<KV, D>::UNIT, vv8, vcs, row, ok, t, NT);
+      if (t < 16) kpos_s[st * BN + u * 16 + t] = ok ? (pl.y << ps_shift) + off + t : LSERVE_KPOS_NONE;
+    } else {
+#pragma unroll
+      for (int it = 0; it < BN / ROWS_PER_PASS; ++it) {
+        const int r = r_ld + it * ROWS_PER_PASS;
+        const int g = j * BN + r, e = g >> ps_shift, off = g & (ps - 1);
+        const bool ok = g < nkeys;
+        const int2 pl = ok ? pv.kv_pl[lo + e] : make_int2(0, 0);
+        const size_t base = (((size_t)pl.x * pool_heads + slot) * ps + off) * D + c_ld * 8;
+        const u32 dst = st * L::KV_BYTES + sw128<BN>(r, c_ld);
+        cp_async16(sK + dst, kc + base, ok ? 16 : 0);
+        cp_async16(sV + dst, vc + base, ok ? 16 : 0);
+        if (c_ld == 0) kpos_s[st * BN + r] = ok ? (pl.y << ps_shift) + off : LSERVE_KPOS_NONE;
+      }
     }
   };
 
@@ -249,14 +271,26 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
   for (int j = 0; j < ntiles; ++j) {
     const int st = j % STAGES;
     cp_async_wait<STAGES - 2>();
-    fence_proxy_async();  // this thread's landed copies -> visible to the async proxy (wgmma)
-    __syncthreads();      // ... and everyone's; every warpgroup is done with tile j - 1 (its wgmma waited)
+    if constexpr (!KV::QUANT) fence_proxy_async();  // this thread's landed copies -> visible to the async proxy
+    __syncthreads();  // ... and everyone's; every warpgroup is done with tile j - 1 (its wgmmas were waited for)
     {
       const int jn = j + STAGES - 1;  // refill the stage tile j - 1 used
       if (jn < ntiles) load_kv(jn, jn % STAGES);
       cp_async_commit();
     }
-    const u32 kt = sK + st * L::KV_BYTES, vt = sV + st * L::KV_BYTES;
+    u32 kt = sK + st * L::KV_BYTES, vt = sV + st * L::KV_BYTES;
+    if constexpr (KV::QUANT) {
+      // The staged tile -> the fp16 K and V tiles, by the whole CTA. The barrier above is what frees them: every
+      // warpgroup's wgmmas on tile j - 1 completed (wgmma.wait_group 0) before it arrived. Then the generic-proxy
+      // writes (and Q's landed copies) are fenced to the async proxy and a second barrier precedes the wgmmas.
+      kt = s_base + L::OFF_KT;
+      vt = kt + L::KV_BYTES;
+      const int t = opaque(tid);  // addresses recomputed per tile, not held across the loop (128-register cap)
+      dequant_tile<typename KV::KEY, D, BN, true>(smem + L::OFF_K + st * L::RAW_BYTES, smem + L::OFF_KT, t, THREADS);
+      dequant_tile<KV, D, BN, true>(smem + L::OFF_V + st * L::RAW_BYTES, smem + L::OFF_KT + L::KV_BYTES, t, THREADS);
+      fence_proxy_async();
+      __syncthreads();
+    }
 
     const int* kp = kpos_s + st * BN;
     const int nvalid = min(BN, nkeys - j * BN);
@@ -270,10 +304,11 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
     for (int i = 0; i < BN / 2; ++i) s[i] = 0.f;
     fence_regs(s);
     wgmma_fence();
+    const u32 qt = KV::QUANT ? opaque(q_wg) : q_wg;  // quantized: Q's descriptors recomputed (fewer spills)
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const u32 col = (kk >> 2) * 128, kin = (kk & 3) * 32;  // column block (x rows x 128 B), 32 B per k-step
-      const u64 da = smem_desc(q_wg + col * BM + kin, 16, 1024);
+      const u64 da = smem_desc(qt + col * BM + kin, 16, 1024);
       const u64 db = smem_desc(kt + col * BN + kin, 16, 1024);
       wgmma_ss_m64n64k16(s, da, db, kk > 0 ? 1 : 0);
     }
@@ -378,10 +413,11 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
 }  // namespace sm90
 }  // namespace lsattn
 
-// One extern "C" entry point per (head dim, warpgroups, stages); the argument list is the mma.sync kernel's.
-#define LSERVE_PREFILL_SM90_KERNEL(D, NWG, STAGES, MINB)                                                      \
+// One extern "C" entry point per (head dim, warpgroups, stages, KV format); the argument list is the mma.sync
+// kernel's (k0/v0/k1/v1: the pools' values; sk0/sv0/sk1/sv1: their fp16 scales, null for fp16).
+#define LSERVE_PREFILL_SM90_KERNEL(D, NWG, STAGES, MINB, KV, SUFFIX)                                          \
   extern "C" __global__ void __launch_bounds__(128 * NWG, MINB)                                            \
-      paged_attn_prefill_sm90_d##D##_w##NWG##_s##STAGES(                                                   \
+      paged_attn_prefill_sm90_d##D##_w##NWG##_s##STAGES##SUFFIX(                                           \
           const f16_t* q, const unsigned char* k0, const unsigned char* v0, const unsigned char* k1,      \
           const unsigned char* v1, const f16_t* sk0, const f16_t* sv0, const f16_t* sk1, const f16_t* sv1, \
           f16_t* out, const int* plan, int cap_qb, int cap_seq, const int* head_class, const int* head_slot, \
@@ -389,15 +425,29 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
           int hgroups, float scale_log2) {                                                                 \
     lserve::pdl_enter();                                                                                   \
     const lsattn::KVPools pools{k0, v0, k1, v1, sk0, sv0, sk1, sv1, head_class, head_slot, n0, n1};        \
-    lsattn::sm90::prefill_body<D, NWG, STAGES>(q, pools, out, lsattn::plan_view(plan, cap_qb, cap_seq), Hq, \
-                                               Hkv, ps_shift, rows_per_head, heads_per_cta, n_sub, hgroups, \
-                                               scale_log2);                                                \
+    lsattn::sm90::prefill_body<D, NWG, STAGES, KV>(q, pools, out, lsattn::plan_view(plan, cap_qb, cap_seq), \
+                                                   Hq, Hkv, ps_shift, rows_per_head, heads_per_cta, n_sub,  \
+                                                   hgroups, scale_log2);                                     \
   }
 
 // BN = 64 keys per tile throughout. Two CTAs per SM where shared memory allows (d128 w2 s2: 97 KiB each).
-LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 2)
-LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2)
-LSERVE_PREFILL_SM90_KERNEL(64, 2, 3, 2)
-LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2)
-LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2)
-LSERVE_PREFILL_SM90_KERNEL(128, 2, 3, 1)
+LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 2, lskv::Half, )
+LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Half, )
+LSERVE_PREFILL_SM90_KERNEL(64, 2, 3, 2, lskv::Half, )
+LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Half, )
+LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Half, )
+LSERVE_PREFILL_SM90_KERNEL(128, 2, 3, 1, lskv::Half, )
+// Quantized caches: a ring of tiles as stored plus one fp16 K / V tile pair (d128 w2 s2 int8 / fp8: 99 KiB, two CTAs
+// per SM; cuda_attention.PREFILL_SM90_STAGES).
+LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 2, lskv::Int8, _int8)
+LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Int8, _int8)
+LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Int8, _int8)
+LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Int8, _int8)
+LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 2, lskv::Int4, _int4)
+LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Int4, _int4)
+LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Int4, _int4)
+LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Int4, _int4)
+LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 2, lskv::Fp8, _fp8)
+LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Fp8, _fp8)
+LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Fp8, _fp8)
+LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Fp8, _fp8)

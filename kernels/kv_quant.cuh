@@ -105,13 +105,96 @@ struct Row {
   static_assert(!KV::QUANT || GROUPS == 1 || CHUNK_CH % KV::GROUP == 0, "a value chunk holds whole groups");
 };
 
+// ---- Register-level conversions (decode v2's fragments in attention_decode.cu; dequant16<KV, true>) ----
+// Magic-number conversions: the half whose bits are 0x6400 | b is 1024 + b for b < 1024, so a byte or nibble
+// placed in the low mantissa bits and 1024 (+ the storage offset) subtracted gives the value exactly.
+__device__ __forceinline__ unsigned int prmt(unsigned int a, unsigned int b, unsigned int sel) {
+  unsigned int d;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+__device__ __forceinline__ unsigned int hsub2(unsigned int a, unsigned int b) {
+  unsigned int d;
+  asm("sub.rn.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+__device__ __forceinline__ unsigned int hfma2(unsigned int a, unsigned int b, unsigned int c) {
+  unsigned int d;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+// The two e4m3 bytes in the low 16 bits of x -> half2 (byte 0 in the low half). sm_89+: the hardware
+// conversion (exact). Elsewhere: the bits moved into a half, which is then the value / 256 exactly (normal and
+// subnormal alike); FP8_UNIT is that factor, folded by the caller into the scales.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+constexpr float FP8_UNIT = 1.f;
+__device__ __forceinline__ unsigned int e4m3x2_to_h2(unsigned int x) {
+  unsigned int d;
+  asm("{\n .reg .b16 lo, hi;\n mov.b32 {lo, hi}, %1;\n cvt.rn.f16x2.e4m3x2 %0, lo;\n}\n" : "=r"(d) : "r"(x));
+  return d;
+}
+#else
+constexpr float FP8_UNIT = 256.f;
+__device__ __forceinline__ unsigned int e4m3x2_to_h2(unsigned int x) {
+  const unsigned int y = prmt(x, 0u, 0x1404u);  // [0, byte 0, 0, byte 1]: sign at bits 15 / 31
+  return ((y >> 1) & 0x3F803F80u) | (y & 0x80008000u);
+}
+#endif
+
+__device__ __forceinline__ unsigned int hmul2(unsigned int a, unsigned int b) {
+  unsigned int d;
+  asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+// The two bytes of x that prmt selector sel picks (0x4140: bytes 0, 1; 0x4342: bytes 2, 3), each in the low
+// mantissa of a half 1024 + byte, minus bias2 (0x64006400: 1024, unsigned; 0x64806480: 1152, int8 stored ^ 0x80).
+__device__ __forceinline__ unsigned int bytes_h2(unsigned int x, unsigned int sel, unsigned int bias2) {
+  return hsub2(prmt(x, 0x64646464u, sel), bias2);
+}
+
+template <class A, class B>
+constexpr bool same_fmt = false;
+template <class A>
+constexpr bool same_fmt<A, A> = true;
+
 // A 16-byte value chunk -> fp16 channels, as OUT_CHUNKS 16-byte words; sc: the fp16 scale entries of the
 // chunk's first group (int4: (scale, min) pairs, 32 / GROUP groups per chunk).
-template <class KV>
+// H2 = false: each value and scale in fp32 (the mma.sync prefill kernel). H2 = true: in packed halves (the wgmma
+// prefill kernel): the values exact in fp16 (magic numbers, fp8 by the hardware conversion), then one f16x2
+// multiply (fma with the min for int4), so int8 / fp8 give the fp32 path's bits (value * scale is exact in fp32
+// and rounded once either way) and int4 rounds q * scale + min once instead of twice; fewer instructions, and no
+// integer-to-float conversions (a low-throughput unit).
+template <class KV, bool H2 = false>
 __device__ __forceinline__ void dequant16(const uint4 w, const unsigned short* sc, uint4* out) {
   const unsigned int word[4] = {w.x, w.y, w.z, w.w};
   unsigned int h[KV::BITS == 4 ? 16 : 8];
-  if constexpr (KV::BITS == 4) {
+  if constexpr (H2 && KV::BITS == 4) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // word i: channels 8i .. 8i + 7, byte j the nibbles of 8i + 2j, 8i + 2j + 1
+      const int g = 8 * i / KV::GROUP;
+      const unsigned int s2 = sc[2 * g] * 0x10001u, m2 = sc[2 * g + 1] * 0x10001u;
+      const unsigned int lo = word[i] & 0x0F0F0F0Fu, hi = (word[i] >> 4) & 0x0F0F0F0Fu;
+      const unsigned int a = prmt(lo, hi, 0x5140u), b = prmt(lo, hi, 0x7362u);  // [l0 h0 l1 h1], [l2 h2 l3 h3]
+      h[4 * i] = hfma2(bytes_h2(a, 0x4140u, 0x64006400u), s2, m2);
+      h[4 * i + 1] = hfma2(bytes_h2(a, 0x4342u, 0x64006400u), s2, m2);
+      h[4 * i + 2] = hfma2(bytes_h2(b, 0x4140u, 0x64006400u), s2, m2);
+      h[4 * i + 3] = hfma2(bytes_h2(b, 0x4342u, 0x64006400u), s2, m2);
+    }
+  } else if constexpr (H2) {
+    static_assert(!same_fmt<KV, Fp8> || FP8_UNIT == 1.f, "packed-half fp8: the hardware conversion (sm_89+)");
+    const unsigned int s2 = sc[0] * 0x10001u;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // word i: channels 4i .. 4i + 3
+      if constexpr (same_fmt<KV, Fp8>) {
+        h[2 * i] = hmul2(e4m3x2_to_h2(word[i]), s2);
+        h[2 * i + 1] = hmul2(e4m3x2_to_h2(word[i] >> 16), s2);
+      } else {
+        const unsigned int x = word[i] ^ 0x80808080u;
+        h[2 * i] = hmul2(bytes_h2(x, 0x4140u, 0x64806480u), s2);
+        h[2 * i + 1] = hmul2(bytes_h2(x, 0x4342u, 0x64806480u), s2);
+      }
+    }
+  } else if constexpr (KV::BITS == 4) {
 #pragma unroll
     for (int i = 0; i < 16; ++i) {  // byte i: channels 2i, 2i + 1 of group 2i / GROUP
       const unsigned int b = (word[i >> 2] >> (8 * (i & 3))) & 255u;
@@ -165,41 +248,5 @@ __device__ __forceinline__ void quantize_row(const float (&x)[8], int ni, unsign
     }
   }
 }
-
-// ---- Register-level conversions for the fragment dequantization of decode v2 (attention_decode.cu) ----
-// Magic-number conversions: the half whose bits are 0x6400 | b is 1024 + b for b < 1024, so a byte or nibble
-// placed in the low mantissa bits and 1024 (+ the storage offset) subtracted gives the value exactly.
-__device__ __forceinline__ unsigned int prmt(unsigned int a, unsigned int b, unsigned int sel) {
-  unsigned int d;
-  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-  return d;
-}
-__device__ __forceinline__ unsigned int hsub2(unsigned int a, unsigned int b) {
-  unsigned int d;
-  asm("sub.rn.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
-__device__ __forceinline__ unsigned int hfma2(unsigned int a, unsigned int b, unsigned int c) {
-  unsigned int d;
-  asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
-}
-// The two e4m3 bytes in the low 16 bits of x -> half2 (byte 0 in the low half). sm_89+: the hardware
-// conversion (exact). Elsewhere: the bits moved into a half, which is then the value / 256 exactly (normal and
-// subnormal alike); FP8_UNIT is that factor, folded by the caller into the scales.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-constexpr float FP8_UNIT = 1.f;
-__device__ __forceinline__ unsigned int e4m3x2_to_h2(unsigned int x) {
-  unsigned int d;
-  asm("{\n .reg .b16 lo, hi;\n mov.b32 {lo, hi}, %1;\n cvt.rn.f16x2.e4m3x2 %0, lo;\n}\n" : "=r"(d) : "r"(x));
-  return d;
-}
-#else
-constexpr float FP8_UNIT = 256.f;
-__device__ __forceinline__ unsigned int e4m3x2_to_h2(unsigned int x) {
-  const unsigned int y = prmt(x, 0u, 0x1404u);  // [0, byte 0, 0, byte 1]: sign at bits 15 / 31
-  return ((y >> 1) & 0x3F803F80u) | (y & 0x80008000u);
-}
-#endif
 
 }  // namespace lskv

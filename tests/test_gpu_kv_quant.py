@@ -1,8 +1,12 @@
 """Quantized KV cache on the GPU (gpu-marked; skipped without a GPU): the kernel harness's kv_quant rows per
 KV dtype (`lserve-lite kernels test kv_quant`), and the engine with int8 / int4 / fp8 KV on the CUDA backend
-against its fp16 KV (dense and LServe modes, eager and CUDA Graph decode)."""
+against its fp16 KV (dense and LServe modes, eager and CUDA Graph decode). Prefill rows run under the default
+prefill kernel ("auto": the wgmma kernel of attention_prefill_sm90.cu on compute capability 9.x, checked to be the
+one launched) and, on 9.x, again under the mma.sync kernel (`PREFILL_KERNEL = "mma"`)."""
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -18,6 +22,34 @@ def hctx():
     return Ctx(seed=0)
 
 
+def _prefill_setting(pk: str) -> str | None:
+    """The harness's `prefill` argument for the test parameter pk ("auto" / "mma"); skips "mma" where "auto"
+    already runs the mma.sync kernel (devices other than compute capability 9.x)."""
+    if pk == "auto":
+        return None
+    from lserve_lite.backends import cuda_attention as CA
+
+    if CA.prefill_kernel_for(128, "int8", CA._kernels().cc) == "mma":
+        pytest.skip("the default prefill kernel is the mma.sync one on this device")
+    return pk
+
+
+@contextmanager
+def _prefill_family(kv: str, pk: str):
+    """Checks which prefill kernel family the block launched for format kv (the entry points it fetched): the wgmma
+    one (paged_attn_prefill_sm90_*) under "auto" on compute capability 9.x, the mma.sync one otherwise."""
+    from lserve_lite.backends import cuda_attention as CA
+
+    k = CA._kernels()
+    for n in [n for n in k._fns if n.startswith("paged_attn_prefill_")]:
+        del k._fns[n]  # fetched again (cheap) by the launches below
+    yield
+    sm90 = pk == "auto" and CA.prefill_kernel_for(128, kv, k.cc) == "wgmma"
+    want = "paged_attn_prefill_sm90_" if sm90 else "paged_attn_prefill_d"
+    ran = [n for n in k._fns if n.startswith("paged_attn_prefill_")]
+    assert ran and all(n.startswith(want) and n.endswith(f"_{kv}") for n in ran), ran
+
+
 def _run(hctx, kv, fn, *args, **kw):
     """One harness case on a fresh seed for one KV dtype; every row must pass."""
     if kv not in hctx.ops.kv_dtypes:
@@ -31,22 +63,36 @@ def _run(hctx, kv, fn, *args, **kw):
     assert results and not bad, f"{fn.__name__}(Ctx({seed}), {args}, {kv!r}, {kw}):\n" + format_table(bad)
 
 
+@pytest.mark.parametrize("pk", ["auto", "mma"])
 @pytest.mark.parametrize("impl", HK.DECODE_IMPLS)
 @pytest.mark.parametrize("kv", HK.QUANT_KV)
 @pytest.mark.parametrize("name", list(HK.KV_ATTENTION))
-def test_attention_over_quantized_cache(hctx, kv, name, impl):
+def test_attention_over_quantized_cache(hctx, kv, name, impl, pk):
+    if HK.is_decode(name) and pk != "auto":
+        pytest.skip("decode rows do not use the prefill kernel")
     if impl != "v1" and not HK.is_decode(name):
         pytest.skip("prefill rows do not use the decode implementation")
-    _run(hctx, kv, HK.kv_attention_one, name, impl=impl)
+    if HK.is_decode(name):
+        _run(hctx, kv, HK.kv_attention_one, name, impl=impl)
+    else:
+        with _prefill_family(kv, pk):
+            _run(hctx, kv, HK.kv_attention_one, name, prefill=_prefill_setting(pk))
 
 
+@pytest.mark.parametrize("pk", ["auto", "mma"])
 @pytest.mark.parametrize("impl", HK.DECODE_IMPLS)
 @pytest.mark.parametrize("kv", HK.QUANT_KV)
 @pytest.mark.parametrize("stage", ["prefill", "decode"])
-def test_two_quantized_pools(hctx, kv, stage, impl):
+def test_two_quantized_pools(hctx, kv, stage, impl, pk):
+    if stage == "decode" and pk != "auto":
+        pytest.skip("decode does not use the prefill kernel")
     if impl != "v1" and stage != "decode":
         pytest.skip("prefill does not use the decode implementation")
-    _run(hctx, kv, HK.kv_sparse_one, stage, impl=impl)
+    if stage == "decode":
+        _run(hctx, kv, HK.kv_sparse_one, stage, impl=impl)
+    else:
+        with _prefill_family(kv, pk):
+            _run(hctx, kv, HK.kv_sparse_one, stage, prefill=_prefill_setting(pk))
 
 
 @pytest.mark.parametrize("kv", HK.QUANT_KV)

@@ -3,7 +3,9 @@
 - Every kernels/*.cu compiles through NVRTC for sm_80 and sm_90 with the flags used at run time
   (cuda_compile.compile_options + the launcher's own options) and exports the kernels its launcher asks for;
   arch-specific sources (cuda_compile.ARCH_SPECIFIC: the wgmma prefill, sm_90a) compile for their target only
-  and refuse any other.
+  and refuse any other (the wgmma prefill's 12 quantized-cache kernels add about 7 s to its 3 s on a 2-core
+  machine: all compiled).
+- The launchers' shared-memory sizes equal the kernels' layout structs (static_asserts through NVRTC).
 - The host side of GPU sampling draws the same uniforms as the CPU sampler.
 - With nvcc (slow): the gate_up GEMVs with SiLU-and-multiply (quant_gemv_split with SILU for int8 / int4 /
   q4_1, gemv_rows on fp16 weights), and the k-quants' split GEMV, logits, dequantize and gate_up kernels
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -114,46 +117,75 @@ def test_split_kernels_on_the_host(args):
 
 
 def test_prefill_kernel_choice():
-    """auto: wgmma on 9.x for fp16 caches of head dim 64 / 128; quantized caches and other devices: mma.sync."""
+    """auto: wgmma on 9.x for every cache format at head dim 64 / 128; other devices: mma.sync. "mma" forces the
+    mma.sync kernel (quantized caches too: the benchmarks' comparison), "wgmma" the wgmma one (9.x only)."""
     from lserve_lite.backends import cuda_attention as att
+    from lserve_lite.harness.common import setting
 
-    saved = att.PREFILL_KERNEL
-    try:
-        att.PREFILL_KERNEL = "auto"
-        assert att.prefill_kernel_for(128, "fp16", "90") == "wgmma"
-        assert att.prefill_kernel_for(64, "fp16", "90") == "wgmma"
-        assert att.prefill_kernel_for(128, "int8", "90") == "mma"
-        assert att.prefill_kernel_for(128, "fp16", "80") == "mma"
-        assert att.prefill_kernel_for(128, "fp16", "100") == "mma"
-        att.PREFILL_KERNEL = "mma"
-        assert att.prefill_kernel_for(128, "fp16", "90") == "mma"
-        att.PREFILL_KERNEL = "wgmma"
-        assert att.prefill_kernel_for(64, "fp16", "90") == "wgmma"
-        assert att.prefill_kernel_for(64, "int4", "90") == "mma"
+    kvs = ("fp16", "int8", "int4", "fp8")
+    with setting(att, "PREFILL_KERNEL", "auto"):
+        for kv in kvs:
+            assert att.prefill_kernel_for(128, kv, "90") == "wgmma", kv
+            assert att.prefill_kernel_for(64, kv, "90") == "wgmma", kv
+            for cc in ("80", "89", "100"):
+                assert att.prefill_kernel_for(128, kv, cc) == "mma", (kv, cc)
+        assert att.prefill_kernel_for(96, "int8", "90") == "mma"  # a head dim the wgmma kernel lacks
+    with setting(att, "PREFILL_KERNEL", "mma"):
+        for kv in kvs:
+            assert att.prefill_kernel_for(128, kv, "90") == "mma", kv
+    with setting(att, "PREFILL_KERNEL", "wgmma"):
+        for kv in kvs:
+            assert att.prefill_kernel_for(64, kv, "90") == "wgmma", kv
         with pytest.raises(ValueError, match="9.x"):
-            att.prefill_kernel_for(64, "fp16", "89")
-        att.PREFILL_KERNEL = "tma"
-        with pytest.raises(ValueError, match="PREFILL_KERNEL"):
-            att.prefill_kernel_for(64, "fp16", "90")
-    finally:
-        att.PREFILL_KERNEL = saved
+            att.prefill_kernel_for(64, "int8", "89")
+    with setting(att, "PREFILL_KERNEL", "tma"), pytest.raises(ValueError, match="PREFILL_KERNEL"):
+        att.prefill_kernel_for(64, "fp16", "90")
 
 
-def test_prefill_sm90_smem_matches_the_kernel():
-    """The launcher's shared-memory size against lsattn::sm90::Smem (parsed from the source)."""
-    import re
-
+def test_prefill_sm90_shared_memory_fits():
+    """Every wgmma prefill configuration fits shared memory, the quantized ones two CTAs per SM (228 KiB per SM
+    on Hopper, 1 KiB of it reserved per CTA), as their __launch_bounds__ assume."""
     from lserve_lite.backends import cuda_attention as att
-    from lserve_lite.backends.cuda_compile import read_source
 
-    src = read_source(att.PREFILL_SM90_SOURCE)
-    assert re.search(r"BM = 64 \* NWG, BN = 64, THREADS = 128 \* NWG", src)
-    for (d, w), st in att.PREFILL_SM90_STAGES.items():
-        assert re.search(rf"LSERVE_PREFILL_SM90_KERNEL\({d}, {w}, {st}, \d\)", src), (d, w, st)
-        bm, bn = 64 * w, 64
-        body = bm * d * 2 + 2 * st * bn * d * 2 + st * bn * 4 + bm * 4
-        assert att._prefill_sm90_smem(d, w, st) == body + 1024
-        assert att._prefill_sm90_smem(d, w, st) <= 227 * 1024
+    for (d, w, kv), st in att.PREFILL_SM90_STAGES.items():
+        smem = att._prefill_sm90_smem(d, w, st, kv)
+        assert smem <= 227 * 1024, (d, w, kv)
+        if kv != "fp16":
+            assert 2 * (smem + 1024) <= 228 * 1024, (d, w, kv, smem)
+
+
+@pytest.mark.skipif(not _nvrtc_available(), reason="NVRTC not installed")
+def test_prefill_smem_matches_the_kernels():
+    """The launchers' shared-memory sizes against the kernels' layout structs (lsattn::sm90::Smem<D, NWG, STAGES,
+    KV> + 1024 and lsattn::PrefillSmem<D, MT, BN, KV> + 256 of alignment slack), every configuration the launcher
+    uses: static_asserts appended to each source with its instantiation lines removed, so NVRTC evaluates the
+    templates without compiling a kernel."""
+    from lserve_lite.backends import cuda_attention as att
+    from lserve_lite.backends.cuda_compile import nvrtc_check, read_source
+
+    checks = {
+        att.PREFILL_SM90_SOURCE: (
+            "sm_90a",
+            [
+                (f"lsattn::sm90::Smem<{d}, {w}, {st}, {att.KV_TRAITS[kv]}>::BYTES + 1024",
+                 att._prefill_sm90_smem(d, w, st, kv))
+                for (d, w, kv), st in att.PREFILL_SM90_STAGES.items()
+            ],
+        ),
+        att.PREFILL_SOURCE: (
+            "sm_90",
+            [
+                (f"lsattn::PrefillSmem<{d}, {mt}, {bn}, {att.KV_TRAITS[kv]}>::BYTES + 256",
+                 att._prefill_smem(d, mt, bn, kv))
+                for (d, mt), bn in att.PREFILL_BN.items()
+                for kv in att.KV_TRAITS
+            ],
+        ),
+    }  # fmt: skip
+    for src, (arch, sizes) in checks.items():
+        text = re.sub(r"^LSERVE_\w+\(.*\)$", "", read_source(src), flags=re.M)
+        text += "".join(f'static_assert({expr} == {n}, "{expr} != {n}");\n' for expr, n in sizes)
+        nvrtc_check(src, arch, source=text)  # raises with the failed assertion in the log
 
 
 def test_every_launcher_source_exists():

@@ -20,8 +20,10 @@ from v1's output on the same inputs (`max_diff_vs_v1`).
 
 `--sections chunked` (not in the default set): chunked prefill over cached context, the engine's prefill chunk
 after the first: a 2048-token chunk over 32k and 128k cached tokens of one sequence (shuffled page table, the
-chunk's own K/V in the cache), fp16 and each quantized dtype of `--kv-dtypes` (and fp16 under each of
-`--prefill-kernels`), with the time over fp16's (issue target: int8 within 1.1x). At 32k every variant's
+chunk's own K/V in the cache), fp16 and each quantized dtype of `--kv-dtypes` under the default prefill kernel
+(on compute capability 9.x the wgmma kernel, quantized caches included), and each of them again under each of
+`--prefill-kernels` (rows `ours_<kernel>` for fp16, `ours_<dtype>_<kernel>`, e.g. `ours_int8_mma`), with the time
+over fp16's (issue target: int8 within 1.1x). At 32k every variant's
 output is first spot-checked against the CPU reference (reference/attention.paged_attention_ref, the GPU
 tests' reference) on its first and last 64 rows, max error printed.
 
@@ -183,8 +185,8 @@ def prefill_kernel(kernel: str | None):
 def ours_chunked(cached: int, kv: str = "fp16", kernel: str | None = None, check: bool = False) -> dict:
     """One CHUNK-token prefill chunk of a sequence over its `cached` earlier tokens, as the engine runs chunked
     prefill: one plan over the sequence's shuffled pages (the chunk's own K/V among them) through
-    paged_attention, CudaOps.attention's call on a dense-mode cache. `kernel` as in ours_prefill (it takes
-    the quantized formats to the mma kernel anyway); `check`: the output against the CPU reference first."""
+    paged_attention, CudaOps.attention's call on a dense-mode cache. `kernel` as in ours_prefill; `check`: the
+    output against the CPU reference first."""
     with prefill_kernel(kernel):
         return _ours_chunked(cached, kv, check)
 
@@ -471,6 +473,8 @@ def main(argv=None) -> int:
         row = {"cached": c, "chunk": CHUNK, "ours": _peer(ours_chunked, c, check=check)}
         row.update({f"ours_{kv}": _peer(ours_chunked, c, kv, check=check) for kv in quant_kvs})
         row.update({f"ours_{pk}": _peer(ours_chunked, c, kernel=pk, check=check) for pk in prefill_kernels})
+        for kv in quant_kvs:
+            row.update({f"ours_{kv}_{pk}": _peer(ours_chunked, c, kv, pk, check) for pk in prefill_kernels})
         res["chunked"].append(with_fp16_ratios(row))
         print("chunked prefill", row, flush=True)
     for batch in (1, 8) if "decode" in sections else ():
@@ -515,11 +519,11 @@ def run_variants() -> dict:
         out[f"prefill_32k_bn{bn}"] = _peer(ours_prefill, 32768, kernel="mma")
     ca.PREFILL_BN[(128, 2)] = default_bn
     if cp.cuda.Device().compute_capability.startswith("9"):
-        default_sm90 = ca.PREFILL_SM90_STAGES[(128, 2)]
+        default_sm90 = ca.PREFILL_SM90_STAGES[(128, 2, "fp16")]
         for st in (2, 3):  # both instantiated in attention_prefill_sm90.cu
-            ca.PREFILL_SM90_STAGES[(128, 2)] = st
+            ca.PREFILL_SM90_STAGES[(128, 2, "fp16")] = st
             out[f"prefill_32k_wgmma_stages{st}"] = _peer(ours_prefill, 32768, kernel="wgmma")
-        ca.PREFILL_SM90_STAGES[(128, 2)] = default_sm90
+        ca.PREFILL_SM90_STAGES[(128, 2, "fp16")] = default_sm90
     for st in (2, 3, 4):
         ca.DECODE_STAGES[128] = st
         out[f"decode_128k_stages{st}"] = _peer(ours_decode, 131072)
@@ -529,8 +533,8 @@ def run_variants() -> dict:
 
 
 def with_fp16_ratios(row: dict) -> dict:
-    """`row` with each variant's time over fp16's, the engine's default kernel (`x_fp16`) and, when it ran, the
-    mma kernel that the quantized formats use (`x_fp16_mma`)."""
+    """`row` with each variant's time over fp16's, the engine's default kernel (`x_fp16`) and, when it ran, fp16's
+    on the mma.sync kernel (`x_fp16_mma`)."""
     base = {k: row[k].get("ms") for k in ("ours", "ours_mma") if isinstance(row.get(k), dict)}
     for key, o in row.items():
         for ref, name in (("ours", "x_fp16"), ("ours_mma", "x_fp16_mma")):

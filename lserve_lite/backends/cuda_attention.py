@@ -11,8 +11,9 @@ kernels/attention_decode.cu. The references they are tested against: backends/re
   instantiated for their format (kernels/kv_quant.cuh), dequantizing in shared memory; decode by default
   dequantizes in registers straight into the mma fragments, with its own split count (`KVQ_DECODE = "v2"`;
   "v1", env `LSERVE_KVQ_DECODE=v1`, is the shared-memory path).
-- Prefill on Hopper: kernels/attention_prefill_sm90.cu (wgmma, sm_90a) runs fp16 caches of head dim 64 / 128 on
-  compute capability 9.x; everything else runs kernels/attention_prefill.cu (mma.sync). `PREFILL_KERNEL`
+- Prefill on Hopper: kernels/attention_prefill_sm90.cu (wgmma, sm_90a) runs every cache format (fp16, and int8 /
+  int4 / fp8: tiles staged as stored, dequantized by the CTA into the swizzled fp16 tiles the wgmmas read) of head
+  dim 64 / 128 on compute capability 9.x; other devices run kernels/attention_prefill.cu (mma.sync). `PREFILL_KERNEL`
   ("auto" | "mma" | "wgmma", env `LSERVE_PREFILL_KERNEL`) overrides the choice for tests and benchmarks.
 """
 
@@ -60,15 +61,17 @@ _LOG2E = 1.4426950408889634
 # (measured choices: docs/PERF_attention.md).
 PREFILL_BN = {(64, 1): 64, (64, 2): 64, (128, 1): 64, (128, 2): 64}
 DECODE_STAGES = {64: 4, 128: 4}
-# Prefill kernel: "auto" (wgmma on compute capability 9.x for fp16 caches of a head dim in SM90_HEAD_DIMS,
+# Prefill kernel: "auto" (wgmma on compute capability 9.x for any cache format of a head dim in SM90_HEAD_DIMS,
 # mma.sync otherwise), "mma" (always attention_prefill.cu) or "wgmma" (attention_prefill_sm90.cu wherever it
-# applies; quantized caches still run the mma.sync kernel; an error on a device that is not 9.x). Read per call;
-# the environment variable LSERVE_PREFILL_KERNEL sets the initial value.
+# applies; an error on a device that is not 9.x). Read per call; the environment variable LSERVE_PREFILL_KERNEL sets
+# the initial value.
 PREFILL_KERNEL = os.environ.get("LSERVE_PREFILL_KERNEL", "auto")
 PREFILL_KERNELS = ("auto", "mma", "wgmma")
 SM90_HEAD_DIMS = (64, 128)
-# wgmma prefill: cp.async ring depth per (head dim, warpgroups per CTA); each must be instantiated in the .cu.
-PREFILL_SM90_STAGES = {(64, 1): 2, (64, 2): 2, (128, 1): 2, (128, 2): 2}
+# wgmma prefill: cp.async ring depth per (head dim, warpgroups per CTA, KV format); each must be instantiated in the
+# .cu. Quantized formats: 2 as well, the ring of tiles as stored plus one fp16 K / V tile pair: two CTAs per SM at
+# head dim 128 with two warpgroups (int8 / fp8 99 KiB each; 3 stages would take 115 KiB, one CTA per SM).
+PREFILL_SM90_STAGES = {(d, w, kv): 2 for d in SM90_HEAD_DIMS for w in (1, 2) for kv in KV_TRAITS}
 # Quantized decode: "v2" (register-level dequantization into the mma fragments; paged_attn_decode_v2_*), the
 # default since the H200 measured it 2.6-3.6x faster than "v1" (dequantize each unit into an fp16 tile in shared
 # memory, then ldmatrix; kept as the reference path the benchmarks compare with). Read per call, so tests and
@@ -91,14 +94,19 @@ def _prefill_smem(d: int, mt: int, bn: int, kv: str = "fp16") -> int:
     return -(-(bm * d * 2 + 4 * raw) // 256) * 256 + 2 * tile + 2 * bn * 4 + bm * 4 + 256
 
 
-def _prefill_sm90_smem(d: int, nwg: int, stages: int) -> int:
-    """lsattn::sm90::Smem (BN = 64) + 1024 for the in-kernel alignment to the 128-byte swizzle atom."""
-    bm, bn = 64 * nwg, 64
-    return bm * d * 2 + 2 * stages * bn * d * 2 + stages * bn * 4 + bm * 4 + 1024
+def _prefill_sm90_smem(d: int, nwg: int, stages: int, kv: str = "fp16") -> int:
+    """lsattn::sm90::Smem<D, NWG, STAGES, KV> (BN = 64) + 1024 for the in-kernel alignment to the 128-byte swizzle
+    atom. Quantized: the ring holds tiles as stored (K's, the larger), then one 1024-aligned fp16 K / V tile pair."""
+    bm, bn, tile = 64 * nwg, 64, 64 * d * 2
+    tail = stages * bn * 4 + bm * 4 + 1024  # key positions, query positions, alignment
+    if kv == "fp16":
+        return bm * d * 2 + 2 * stages * tile + tail
+    raw = bn * FORMATS[kv].keys().row_bytes(d, 2)  # a K tile as stored: values + fp16 scales
+    return -(-(bm * d * 2 + 2 * stages * raw) // 1024) * 1024 + 2 * tile + tail
 
 
-def _prefill_sm90_name(d: int, nwg: int, stages: int) -> str:
-    return f"paged_attn_prefill_sm90_d{d}_w{nwg}_s{stages}"
+def _prefill_sm90_name(d: int, nwg: int, stages: int, kv: str = "fp16") -> str:
+    return f"paged_attn_prefill_sm90_d{d}_w{nwg}_s{stages}{_suffix(kv)}"
 
 
 def prefill_kernel_for(d: int, kv: str, cc: str) -> str:
@@ -112,7 +120,7 @@ def prefill_kernel_for(d: int, kv: str, cc: str) -> str:
     hopper = str(cc).startswith("9")
     if choice == "wgmma" and not hopper:
         raise ValueError(f"PREFILL_KERNEL='wgmma' needs compute capability 9.x (sm_90a), this device is {cc}")
-    fits = kv == "fp16" and d in SM90_HEAD_DIMS
+    fits = d in SM90_HEAD_DIMS and kv in KV_TRAITS
     return "wgmma" if choice != "mma" and hopper and fits else "mma"
 
 
@@ -140,7 +148,7 @@ def launcher_kernels(source: str) -> tuple[str, ...]:
     requires each to exist)."""
     kvs = [_suffix(kv) for kv in KV_TRAITS]
     if source == PREFILL_SM90_SOURCE:
-        return tuple(_prefill_sm90_name(d, w, st) for (d, w), st in PREFILL_SM90_STAGES.items())
+        return tuple(_prefill_sm90_name(d, w, st, kv) for (d, w, kv), st in PREFILL_SM90_STAGES.items())
     if source == PREFILL_SOURCE:
         return tuple(
             f"paged_attn_prefill_d{d}_m{mt}_n{bn}{s}" for (d, mt), bn in PREFILL_BN.items() for s in kvs
@@ -507,9 +515,9 @@ def paged_attention(
     n_sub = -(-qlen // rows_per_head)
     hgroups = -(-group // heads_per_cta)
     if prefill_kernel_for(d, kv, k.cc) == "wgmma":  # mt warpgroups of 64 rows: the same row packing
-        stages = PREFILL_SM90_STAGES[(d, mt)]
-        smem = _prefill_sm90_smem(d, mt, stages)
-        fn = k.get(k.prefill_sm90, _prefill_sm90_name(d, mt, stages), smem)
+        stages = PREFILL_SM90_STAGES[(d, mt, kv)]
+        smem = _prefill_sm90_smem(d, mt, stages, kv)
+        fn = k.get(k.prefill_sm90, _prefill_sm90_name(d, mt, stages, kv), smem)
         threads = 128 * mt
     else:
         bn = PREFILL_BN[(d, mt)]

@@ -133,11 +133,16 @@ def _cuda_include_dirs() -> tuple[str, ...]:
 
 
 def nvrtc_check(
-    filename: str, arch: str, name_expressions: tuple[str, ...] = (), options: tuple[str, ...] = ()
+    filename: str,
+    arch: str,
+    name_expressions: tuple[str, ...] = (),
+    options: tuple[str, ...] = (),
+    source: str | None = None,
 ) -> str:
     """Compile kernels/<filename> for `arch` ("sm_80", "sm_90", "80", "sm_90a") through NVRTC with no GPU.
 
     Uses the run-time flags; returns the compiler log (warnings); raises RuntimeError with the log on errors.
+    `source`: this text compiled in the file's place (tests: a source plus static_asserts on its layouts).
     """
     from cupy_backends.cuda.libs import nvrtc
 
@@ -148,7 +153,7 @@ def nvrtc_check(
         *RUNTIME_EXTRA,
         *(f"-I{d}" for d in _cuda_include_dirs()),
     ]
-    prog = nvrtc.createProgram(read_source(filename), filename, [], [])
+    prog = nvrtc.createProgram(read_source(filename) if source is None else source, filename, [], [])
     try:
         for ne in name_expressions:
             nvrtc.addNameExpression(prog, ne)

@@ -3,7 +3,9 @@ layers.cu and attention_*.cu), one per KV dtype the GPU offers, against the refe
 backends/reference/: attention over the same quantized values (both pools, chunked prefill over cached pages,
 selected pages), and the K/V write (values within half a quantization step of the float K/V, the selector
 statistics of the unquantized keys). Decode rows run once per quantized-decode implementation
-(`cuda_attention.KVQ_DECODE`: v1 shared-memory dequantization, v2 register-level), tagged with it."""
+(`cuda_attention.KVQ_DECODE`: v1 shared-memory dequantization, v2 register-level), tagged with it; prefill rows
+under the default prefill kernel choice and, where that is the wgmma kernel (compute capability 9.x), again under
+the mma.sync kernel (`cuda_attention.PREFILL_KERNEL = "mma"`), tagged with the kernel that ran."""
 
 from __future__ import annotations
 
@@ -31,6 +33,29 @@ def kvq_decode(impl: str | None):
     return setting(CA, "KVQ_DECODE", impl)
 
 
+def prefill_kernel(kernel: str | None):
+    """Run prefill attention through `kernel` ("mma" / "wgmma"; None: leave cuda_attention.PREFILL_KERNEL)."""
+    from ..backends import cuda_attention as CA
+
+    return setting(CA, "PREFILL_KERNEL", kernel)
+
+
+def prefill_kernels(c: Ctx) -> list[str | None]:
+    """The prefill kernel settings to run the prefill rows under: the default (None), and "mma" too where the
+    default picks the wgmma kernel for quantized caches (compute capability 9.x)."""
+    from ..backends import cuda_attention as CA
+
+    cc = c.cp.cuda.Device().compute_capability
+    return [None] if CA.prefill_kernel_for(128, "int8", cc) == "mma" else [None, "mma"]
+
+
+def _kernel_tag(c: Ctx, d: int, kv: str) -> str:
+    """The prefill kernel the current setting runs for head dim d and format kv."""
+    from ..backends import cuda_attention as CA
+
+    return CA.prefill_kernel_for(d, kv, c.cp.cuda.Device().compute_capability)
+
+
 def is_decode(name: str) -> bool:
     """Whether KV_ATTENTION[name] is a decode row (every query block one token)."""
     return all(n == 1 for n in KV_ATTENTION[name][4])
@@ -42,6 +67,9 @@ KV_ATTENTION = {
     "decode_d128_p16": (32, 8, 128, 16, [1, 1], [4096, 33], 0, 0, 0),
     "chunked_prefill_d128": (32, 8, 128, 64, [129, 1], [2000, 77], 0, 0, 0),
     "prefill_stream_d64": (9, 3, 64, 32, [70, 5], [1000, 5], 2, 64, 256),
+    # one 64-row warpgroup per CTA (q_len * group < 128), 16-token pages / streaming heads
+    "chunked_prefill_d128_p16_1wg": (8, 8, 128, 16, [40, 3], [900, 3], 0, 0, 0),
+    "prefill_stream_d64_1wg": (4, 4, 64, 64, [61, 2], [1500, 2], 2, 64, 256),
 }
 
 
@@ -63,9 +91,11 @@ def _quantized(c: Ctx, x: np.ndarray, fmt: KVFormat) -> tuple[np.ndarray, np.nda
     return vals, sc, c.cp.asarray(vals), c.cp.asarray(sc)
 
 
-def kv_attention_one(c: Ctx, name: str, kv: str, impl: str | None = None) -> Result:
+def kv_attention_one(
+    c: Ctx, name: str, kv: str, impl: str | None = None, prefill: str | None = None
+) -> Result:
     """CudaOps.attention over a quantized dense-mode cache vs paged_attention_ref on the same values
-    (`impl`: the quantized decode implementation, decode rows)."""
+    (`impl`: the quantized decode implementation, decode rows; `prefill`: the prefill kernel, prefill rows)."""
     hq, hkv, d, page, q_lens, ctx_lens, n_stream, sink, local = KV_ATTENTION[name]
     fmt = FORMATS[kv]
     need = [-(-t // page) for t in ctx_lens]
@@ -81,17 +111,18 @@ def kv_attention_one(c: Ctx, name: str, kv: str, impl: str | None = None) -> Res
     ref = paged_attention_ref(q, kq, vq, plan, hc, ks, vs, fmt)
     cache = KVCache([kq_d], [vq_d], page, num_pages, fmt=fmt, k_scale=[ks_d], v_scale=[vs_d])
     got = c.poison((sum(q_lens), hq * d), np.float16)
-    with kvq_decode(impl):
-        o = c.ops.attention(c.dev16(q), cache, 0, c.ops.prepare_plan(plan), c.cp.asarray(hc), out=got)
     kind = "decode" if all(n == 1 for n in q_lens) else "prefill"
-    tag = f"{kv} {name}" + (f" {impl}" if impl else "")
+    with kvq_decode(impl), prefill_kernel(prefill):
+        o = c.ops.attention(c.dev16(q), cache, 0, c.ops.prepare_plan(plan), c.cp.asarray(hc), out=got)
+        ran = _kernel_tag(c, d, kv) if kind == "prefill" else impl  # the tag: decode impl or prefill kernel
+    tag = f"{kv} {name}" + (f" {ran}" if ran else "")
     return compare(f"kv_quant.attention.{kind}", tag, o.get(), ref, 4e-3, 2e-2)
 
 
-def kv_sparse_one(c: Ctx, stage: str, kv: str, impl: str | None = None) -> Result:
+def kv_sparse_one(c: Ctx, stage: str, kv: str, impl: str | None = None, prefill: str | None = None) -> Result:
     """LServe's two quantized pools: prefill (SPARSE_PREFILL mixed_two_seqs) or decode with fresh page
     selections from the unquantized keys' statistics (SPARSE_DECODE mixed_select) vs
-    paged_attention_sparse_ref on the same values."""
+    paged_attention_sparse_ref on the same values (`prefill`: the prefill kernel of the prefill stage)."""
     fmt, sel = FORMATS[kv], {}
     if stage == "prefill":
         q_lens, prefix, hq, pattern, d, ps, windows = SPARSE_PREFILL["mixed_two_seqs"]
@@ -116,9 +147,10 @@ def kv_sparse_one(c: Ctx, stage: str, kv: str, impl: str | None = None) -> Resul
     cache.fmt = fmt
     n, hq, d = b.q.shape
     got = c.poison((n, hq * d), np.float16)
-    with kvq_decode(impl):
+    with kvq_decode(impl), prefill_kernel(prefill):
         o = c.ops.attention(c.dev16(b.q), cache, 0, c.ops.prepare_plan(b.plan), cache.head_class[0], out=got)
-    tag = f"{kv} two pools" + (f" {impl}" if impl else "")
+        ran = _kernel_tag(c, d, kv) if stage == "prefill" else impl
+    tag = f"{kv} two pools" + (f" {ran}" if ran else "")
     return compare(f"kv_quant.sparse_{stage}", tag, o.get(), ref, 4e-3, 2e-2)
 
 
@@ -240,9 +272,11 @@ def case_kv_quant(c: Ctx) -> list[Result]:
     out: list[Result] = []
     for kv in kv_formats(c):
         for name in KV_ATTENTION:
-            impls = DECODE_IMPLS if is_decode(name) else (None,)
-            out += [kv_attention_one(c, name, kv, impl) for impl in impls]
-        out.append(kv_sparse_one(c, "prefill", kv))
+            if is_decode(name):
+                out += [kv_attention_one(c, name, kv, impl) for impl in DECODE_IMPLS]
+            else:
+                out += [kv_attention_one(c, name, kv, prefill=pk) for pk in prefill_kernels(c)]
+        out += [kv_sparse_one(c, "prefill", kv, prefill=pk) for pk in prefill_kernels(c)]
         out += [kv_sparse_one(c, "decode", kv, impl) for impl in DECODE_IMPLS]
         out += kv_write_one(c, kv) + kv_write_sparse_one(c, kv)
     return out

@@ -1,0 +1,126 @@
+"""CPU check of the wgmma prefill's quantized-tile dequantization (kernels/attention_common.cuh dequant_tile<KV, D,
+ROWS, true> with kv_quant.cuh dequant16<KV, true>, as attention_prefill_sm90.cu calls it): a NumPy emulation of what
+each thread of the CTA reads from a staged tile (stage_unit's layout: per 16-row unit the values, then the fp16
+scales), converts (the same bit operations: prmt, magic-number halves, f16x2 sub / mul / fma, the e4m3 hardware
+conversion) and writes into the 128B-swizzled fp16 tile. Checked: every 16-byte chunk of the tile written once,
+the tile read back through the swizzle (the layout the fp16 path's cp.async writes and the wgmma descriptors read)
+equal to the reference dequantization (kv/quant.py) rounded to fp16, bit for bit, and each 8-thread phase of the
+16-byte shared-memory reads and writes on 8 distinct bank groups. No GPU needed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_kvq_decode_v2_layout import e4m3_hw, hfma2, hsub2, join, prmt, split
+
+from lserve_lite.kv.quant import FORMATS, dequantize, quantize
+
+ROWS = 64  # BN: keys per tile
+
+
+def hmul2(a, b):  # mul.rn.f16x2: the exact product, rounded once to fp16
+    (a0, a1), (b0, b1) = split(a), split(b)
+    return join(np.float16(a0 * b0), np.float16(a1 * b1))
+
+
+def bytes_h2(x, sel, bias2):  # kv_quant.cuh bytes_h2
+    return hsub2(prmt(x, 0x64646464, sel), bias2)
+
+
+def dequant16_h2(kind: str, group: int, words: list[int], sc: list[int]) -> list[int]:
+    """dequant16<KV, true>: a 16-byte chunk (4 words) -> fp16 words (channel 2i in the low half of h[i]);
+    sc: the fp16 scale entries from the chunk's first group on (bits)."""
+    h = []
+    if kind == "int4":
+        for i, w in enumerate(words):  # word i: channels 8i .. 8i + 7
+            g = 8 * i // group
+            s2, m2 = sc[2 * g] * 0x10001, sc[2 * g + 1] * 0x10001
+            lo, hi = w & 0x0F0F0F0F, (w >> 4) & 0x0F0F0F0F
+            a, b = prmt(lo, hi, 0x5140), prmt(lo, hi, 0x7362)
+            h += [hfma2(bytes_h2(x, sel, 0x64006400), s2, m2) for x in (a, b) for sel in (0x4140, 0x4342)]
+    else:
+        s2 = sc[0] * 0x10001
+        for w in words:
+            if kind == "fp8":
+                h += [hmul2(e4m3_hw(w & 0xFFFF), s2), hmul2(e4m3_hw(w >> 16), s2)]
+            else:
+                x = w ^ 0x80808080
+                h += [hmul2(bytes_h2(x, sel, 0x64806480), s2) for sel in (0x4140, 0x4342)]
+    return h
+
+
+def sw128(r: int, c: int) -> int:  # attention_common.cuh sw128<ROWS>
+    return (c >> 3) * ROWS * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4)
+
+
+def staged(vals: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """A tile as stage_unit copies it: per unit of 16 rows, [16][row bytes] values then [16][scales] fp16."""
+    v = np.frombuffer(np.ascontiguousarray(vals).tobytes(), np.uint8).reshape(ROWS, -1)
+    s = np.frombuffer(scales.astype(np.float16).tobytes(), np.uint8).reshape(ROWS, -1)
+    return np.concatenate(
+        [np.concatenate([v[u : u + 16].ravel(), s[u : u + 16].ravel()]) for u in range(0, ROWS, 16)]
+    )
+
+
+def emulate(kind: str, fmt, d: int, raw: np.ndarray, nt: int):
+    """dequant_tile<KV, d, ROWS, true> with nt threads: the fp16 tile, the write count per 16-byte chunk, and the
+    (read, write) byte addresses of each 8-thread phase of each loop step."""
+    rb = d * (4 if kind == "int4" else 8) // 8  # Row::BYTES
+    chunks, out_chunks = rb // 16, 128 // (4 if kind == "int4" else 8) // 8
+    group = fmt.group(d) if fmt.asymmetric else d
+    n_sc = fmt.scale_cols(d)
+    unit = 16 * (rb + 2 * n_sc)
+    tile = np.zeros(ROWS * d * 2, np.uint8)
+    writes = np.zeros(ROWS * d * 2 // 16, np.int32)
+    phases: dict = {}
+    for t in range(nt):
+        for it, i in enumerate(range(t, ROWS * chunks, nt)):
+            c = i % chunks
+            r = (i // chunks) ^ ((c * out_chunks >> 3) * (8 // chunks))
+            base = (r >> 4) * unit
+            src = base + (r & 15) * rb + c * 16
+            words = [int(x) for x in raw[src : src + 16].view(np.uint32)]
+            group0 = 0 if group == d else c * (128 // 4 // group)  # int4: the chunk's first group
+            sc_at = base + 16 * rb + 2 * ((r & 15) * n_sc + group0 * (2 if fmt.asymmetric else 1))
+            sc = [int(x) for x in raw[sc_at : sc_at + 8].view(np.uint16)]
+            h = dequant16_h2(kind, group, words, sc)
+            dst = []
+            for k in range(out_chunks):
+                o = sw128(r, c * out_chunks + k)
+                tile[o : o + 16] = np.array(h[4 * k : 4 * k + 4], np.uint32).view(np.uint8)
+                writes[o // 16] += 1
+                dst.append(o)
+            phases.setdefault((it, t // 8), []).append((src, dst))
+    return tile, writes, phases
+
+
+@pytest.mark.parametrize(
+    (
+        "kind",
+        "d",
+        "nt",
+    ),  # nt: two warpgroups per CTA, and one (the same mapping, fewer threads) for two cases
+    [(k, d, 256) for k in ("int8", "int4", "fp8") for d in (64, 128)]
+    + [("int8", 128, 128), ("int4", 64, 128)],
+)
+def test_dequant_tile_sw128(kind, d, nt):
+    rng = np.random.default_rng(d + nt)
+    for fmt in {FORMATS[kind].keys(), FORMATS[kind]}:  # K (int4: finer groups) and V
+        x = (rng.standard_normal((ROWS, d)) * 2 + rng.uniform(-3, 3, d)).astype(np.float16).astype(np.float32)
+        vals, scales = quantize(x[None, None], fmt, np.float16)
+        vals, scales = vals[0, 0], scales[0, 0]
+        tile, writes, phases = emulate(kind, fmt, d, staged(vals, scales), nt)
+        assert (writes == 1).all(), "every chunk of the fp16 tile written exactly once"
+        got = np.array(
+            [
+                [tile[sw128(r, k // 8) + 2 * (k % 8) :][:2].view(np.float16)[0] for k in range(d)]
+                for r in range(ROWS)
+            ]
+        )
+        want = dequantize(vals, scales, fmt).astype(np.float16)
+        np.testing.assert_array_equal(got, want)
+        for key, acc in phases.items():
+            assert len(acc) == 8, key
+            assert len({(src // 16) % 8 for src, _ in acc}) == 8, ("read bank conflict", fmt.group_size, key)
+            for k in range(len(acc[0][1])):
+                assert len({(dst[k] // 16) % 8 for _, dst in acc}) == 8, ("write bank conflict", key, k)
