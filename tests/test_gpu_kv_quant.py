@@ -2,17 +2,15 @@
 KV dtype (`lserve-lite kernels test kv_quant`), and the engine with int8 / int4 / fp8 KV on the CUDA backend
 against its fp16 KV (dense and LServe modes, eager and CUDA Graph decode). Prefill rows run under the default
 prefill kernel ("auto": the wgmma kernel of attention_prefill_sm90.cu on compute capability 9.x, checked to be the
-one launched) and, on 9.x, again under the mma.sync kernel (`PREFILL_KERNEL = "mma"`)."""
+launcher's choice) and, on 9.x, again under the mma.sync kernel (`PREFILL_KERNEL = "mma"`)."""
 
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 
 from lserve_lite.harness import kv_quant as HK
-from lserve_lite.harness.common import Ctx, format_table
+from lserve_lite.harness.common import Ctx, format_table, setting
 
 pytestmark = pytest.mark.gpu
 
@@ -22,6 +20,12 @@ def hctx():
     return Ctx(seed=0)
 
 
+def _device_cc() -> str:
+    import cupy as cp
+
+    return cp.cuda.Device().compute_capability
+
+
 def _prefill_setting(pk: str) -> str | None:
     """The harness's `prefill` argument for the test parameter pk ("auto" / "mma"); skips "mma" where "auto"
     already runs the mma.sync kernel (devices other than compute capability 9.x)."""
@@ -29,25 +33,19 @@ def _prefill_setting(pk: str) -> str | None:
         return None
     from lserve_lite.backends import cuda_attention as CA
 
-    if CA.prefill_kernel_for(128, "int8", CA._kernels().cc) == "mma":
+    if CA.prefill_kernel_for(128, "int8", _device_cc()) == "mma":
         pytest.skip("the default prefill kernel is the mma.sync one on this device")
     return pk
 
 
-@contextmanager
-def _prefill_family(kv: str, pk: str):
-    """Checks which prefill kernel family the block launched for format kv (the entry points it fetched): the wgmma
-    one (paged_attn_prefill_sm90_*) under "auto" on compute capability 9.x, the mma.sync one otherwise."""
+def _check_family(kv: str, pk: str) -> None:
+    """The launcher's choice (cuda_attention.prefill_kernel_for, which paged_attention follows) for format kv: the
+    wgmma kernel under "auto" on compute capability 9.x for every KV format, the mma.sync one under "mma"."""
     from lserve_lite.backends import cuda_attention as CA
 
-    k = CA._kernels()
-    for n in [n for n in k._fns if n.startswith("paged_attn_prefill_")]:
-        del k._fns[n]  # fetched again (cheap) by the launches below
-    yield
-    sm90 = pk == "auto" and CA.prefill_kernel_for(128, kv, k.cc) == "wgmma"
-    want = "paged_attn_prefill_sm90_" if sm90 else "paged_attn_prefill_d"
-    ran = [n for n in k._fns if n.startswith("paged_attn_prefill_")]
-    assert ran and all(n.startswith(want) and n.endswith(f"_{kv}") for n in ran), ran
+    with setting(CA, "PREFILL_KERNEL", pk):
+        got = CA.prefill_kernel_for(128, kv, _device_cc())
+    assert got == ("wgmma" if pk == "auto" and str(_device_cc()).startswith("9") else "mma"), got
 
 
 def _run(hctx, kv, fn, *args, **kw):
@@ -75,8 +73,8 @@ def test_attention_over_quantized_cache(hctx, kv, name, impl, pk):
     if HK.is_decode(name):
         _run(hctx, kv, HK.kv_attention_one, name, impl=impl)
     else:
-        with _prefill_family(kv, pk):
-            _run(hctx, kv, HK.kv_attention_one, name, prefill=_prefill_setting(pk))
+        _check_family(kv, pk)
+        _run(hctx, kv, HK.kv_attention_one, name, prefill=_prefill_setting(pk))
 
 
 @pytest.mark.parametrize("pk", ["auto", "mma"])
@@ -91,8 +89,8 @@ def test_two_quantized_pools(hctx, kv, stage, impl, pk):
     if stage == "decode":
         _run(hctx, kv, HK.kv_sparse_one, stage, impl=impl)
     else:
-        with _prefill_family(kv, pk):
-            _run(hctx, kv, HK.kv_sparse_one, stage, prefill=_prefill_setting(pk))
+        _check_family(kv, pk)
+        _run(hctx, kv, HK.kv_sparse_one, stage, prefill=_prefill_setting(pk))
 
 
 @pytest.mark.parametrize("kv", HK.QUANT_KV)
