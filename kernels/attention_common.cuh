@@ -224,33 +224,58 @@ __device__ __forceinline__ u32 sw128(int r, int c) {
   return (u32)((c >> 3) * R * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
 }
 
-// ROWS staged rows (ROWS / 16 units) -> the fp16 tile [ROWS][D]. Threads t = 0 .. nt-1 share the work; the
-// caller synchronizes before the tile is read.
-// SW128 = false: the swizzled rows (swz) the mma.sync kernel's ldmatrix loads expect, values converted in fp32.
-// SW128 = true: the wgmma kernel's 128-byte-swizzled tile (sw128), values converted in packed halves
-// (dequant16<KV, true>), and item i of the loop (value chunk c of row r) mapped so that each 8-thread phase of
-// the 16-byte shared-memory accesses hits 8 distinct bank groups, reads and writes alike (nt a multiple of 8):
-// 8 / CHUNKS rows of a phase read consecutive chunks; a D = 128 row writes its output chunks c and c + 8 into
-// the same bank group (two column blocks), so chunks writing the second block take the row of the next group of
-// 8 / CHUNKS rows (r ^ (8 / CHUNKS)) instead (tests/test_prefill_sm90_layout.py checks the mapping).
-template <class KV, int D, int ROWS, bool SW128 = false>
+// ROWS staged rows (ROWS / 16 units) -> the fp16 tile [ROWS][D] in the swizzled rows (swz) the mma.sync kernels'
+// ldmatrix loads expect, values converted in fp32. Threads t = 0 .. nt-1 share the work; the caller synchronizes
+// before the tile is read.
+template <class KV, int D, int ROWS>
 __device__ __forceinline__ void dequant_tile(const unsigned char* raw, unsigned char* tile, int t, int nt) {
   using R = lskv::Row<KV, D>;
-  static_assert(!SW128 || ROWS % (16 / R::CHUNKS) == 0, "whole pairs of row groups");
   for (int i = t; i < ROWS * R::CHUNKS; i += nt) {
-    const int c = i % R::CHUNKS;
-    const int r = SW128 ? (i / R::CHUNKS) ^ ((c * R::OUT_CHUNKS >> 3) * (8 / R::CHUNKS)) : i / R::CHUNKS;
+    const int c = i % R::CHUNKS, r = i / R::CHUNKS;
     const unsigned char* unit = raw + (r >> 4) * Staged<KV, D>::UNIT;
     const uint4 w = *reinterpret_cast<const uint4*>(unit + (r & 15) * R::BYTES + c * 16);
     const f16_t* scales = reinterpret_cast<const f16_t*>(unit + 16 * R::BYTES);
     const int group0 = R::GROUPS == 1 ? 0 : c * (R::CHUNK_CH / KV::GROUP);  // the chunk's first group
     uint4 out[R::OUT_CHUNKS];
-    lskv::dequant16<KV, SW128>(w, scales + (r & 15) * R::SCALES + group0 * (KV::ASYM ? 2 : 1), out);
+    lskv::dequant16<KV>(w, scales + (r & 15) * R::SCALES + group0 * (KV::ASYM ? 2 : 1), out);
 #pragma unroll
-    for (int k = 0; k < R::OUT_CHUNKS; ++k) {
-      const int oc = c * R::OUT_CHUNKS + k;
-      *reinterpret_cast<uint4*>(tile + (SW128 ? sw128<ROWS>(r, oc) : swz<D / 8>(r, oc))) = out[k];
-    }
+    for (int k = 0; k < R::OUT_CHUNKS; ++k) *reinterpret_cast<uint4*>(tile + swz<D / 8>(r, c * R::OUT_CHUNKS + k)) = out[k];
+  }
+}
+
+// The same for the wgmma kernel (attention_prefill_sm90.cu): the 128-byte-swizzled tile (sw128), values converted
+// in packed halves (dequant16<KV, true>), by the NT threads t = 0 .. NT-1 of the CTA (NT a compile-time constant,
+// a multiple of 8 and of the chunks per row). Item i = t + NT * step (value chunk c = i % CHUNKS of row
+// i / CHUNKS) is mapped so that each 8-thread phase of the 16-byte shared-memory accesses hits 8 distinct bank
+// groups, reads and writes alike: 8 / CHUNKS rows of a phase read consecutive chunks; a D = 128 row writes its
+// output chunks c and c + 8 into the same bank group (two column blocks), so chunks writing the second block take
+// the row of the next group of 8 / CHUNKS rows (r ^ (8 / CHUNKS)) instead (tests/test_prefill_sm90_layout.py
+// checks the mapping). A thread's chunk, its row within a unit (r % 16) and its swizzle phase (r % 8) are the same
+// in every step (a step is NT / CHUNKS rows, whole units), so its addresses are formed once and advance by
+// constants: no per-chunk index arithmetic.
+template <class KV, int D, int ROWS, int NT>
+__device__ __forceinline__ void dequant_tile_sw128(const unsigned char* raw, unsigned char* tile, u32 t) {
+  using R = lskv::Row<KV, D>;
+  constexpr int ITEMS = ROWS * R::CHUNKS, RSTEP = NT / R::CHUNKS, UNIT = Staged<KV, D>::UNIT;
+  static_assert(NT % 8 == 0 && NT % R::CHUNKS == 0 && RSTEP % 16 == 0, "whole units per step");
+  static_assert(ITEMS % NT == 0 || ITEMS < NT, "whole steps");
+  static_assert(ROWS % (16 / R::CHUNKS) == 0, "whole pairs of row groups");
+  if (ITEMS < NT && t >= (u32)ITEMS) return;
+  const u32 c = t % R::CHUNKS;
+  const u32 r = (t / R::CHUNKS) ^ ((c * R::OUT_CHUNKS >> 3) * (8 / R::CHUNKS));  // the row of step 0
+  const unsigned char* unit = raw + (r >> 4) * UNIT;
+  const unsigned char* vals = unit + (r & 15) * R::BYTES + c * 16;
+  const u32 group0 = R::GROUPS == 1 ? 0 : c * (R::CHUNK_CH / KV::GROUP);  // the chunk's first group
+  const unsigned char* sc = unit + 16 * R::BYTES + 2 * ((r & 15) * R::SCALES + group0 * (KV::ASYM ? 2 : 1));
+#pragma unroll
+  for (int step = 0; step < (ITEMS + NT - 1) / NT; ++step) {
+    const int src = step * (RSTEP / 16) * UNIT, dst = step * RSTEP * 128;
+    const uint4 w = *reinterpret_cast<const uint4*>(vals + src);
+    uint4 out[R::OUT_CHUNKS];
+    lskv::dequant16<KV, true>(w, reinterpret_cast<const f16_t*>(sc + src), out);
+#pragma unroll
+    for (int k = 0; k < R::OUT_CHUNKS; ++k)
+      *reinterpret_cast<uint4*>(tile + sw128<ROWS>(r, c * R::OUT_CHUNKS + k) + dst) = out[k];
   }
 }
 

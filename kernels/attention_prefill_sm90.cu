@@ -12,21 +12,34 @@
 // - No producer warps and no TMA: every thread issues 16-byte cp.async copies of the K/V tiles (BN = 64 keys,
 //   gathered from the page list; pages are 16 .. 1024 tokens, so a tile is several pages or part of one, and a
 //   TMA descriptor per pool would still need a gather per page) into a ring of STAGES stages; tile j + STAGES - 1
-//   is in flight while tile j is computed, one CTA barrier per tile.
+//   is in flight while tile j is computed, one CTA barrier per tile (quantized caches: two, see below).
 // - S = Q K^T: wgmma m64n64k16 with Q (A) and K (B) both read from shared memory through descriptors, K-major.
 //   O += P V: wgmma m64nDk16 with P (A) from registers (the S accumulator re-packed to fp16, no shared-memory
 //   round trip) and V (B) from shared memory, N-major ("transposed", imm-trans-b = 1, allowed for 16-bit types).
-//   Each product is committed and waited for at once (no overlap of softmax with the next QK^T inside a
-//   warpgroup; the other warpgroup / CTA on the SM fills the tensor cores meanwhile).
+//   Each product is committed and waited for before the next step (no overlap of softmax with the next QK^T inside
+//   a warpgroup; the other warpgroup / CTA on the SM fills the tensor cores meanwhile); quantized caches convert
+//   the next operand tile between a product's commit and its wait.
 // - Online softmax in fp32, base 2, as the mma.sync kernel (the accumulator fragment of wgmma has the same
 //   per-warp layout as mma.sync's m16n8 C fragment, see below).
 // - Quantized caches, as attention_prefill.cu does it: the ring holds tiles as stored (BN / 16 units of 16 rows,
-//   values then fp16 scales, K in KV::KEY's format: int4 keys have finer groups), fewer bytes than fp16. After the
-//   tile barrier the whole CTA dequantizes tile j (dequant_tile<..., true>: packed-half conversions, fp8 by the
-//   sm_89+ hardware cvt) into one fp16 K and one fp16 V tile in the same 128B-swizzled layout the fp16 path
-//   loads, fences them to the async proxy and passes a second barrier; the wgmmas then read them as fp16 tiles.
-//   One fp16 pair suffices: the first barrier of tile j is reached by each warpgroup only after its wgmmas on
-//   tile j - 1 have completed (each is waited for at once), so no wgmma still reads the pair when it is rewritten.
+//   values then fp16 scales, K in KV::KEY's format: int4 keys have finer groups), fewer bytes than fp16. The whole
+//   CTA dequantizes them (dequant_tile_sw128: packed-half conversions, fp8 by the sm_89+ hardware cvt; a thread's
+//   addresses formed once per tile and advanced by constants) into ONE fp16 K and ONE fp16 V tile in the same
+//   128B-swizzled layout the fp16 path loads, and each half of that work runs while a wgmma that does not read the
+//   tile being written is in flight (issued, not yet waited for), so the conversions overlap the tensor cores
+//   inside the warpgroup:
+//     [K of tile j in the fp16 K tile]  QK^T(j) issued | V(j) -> fp16 V tile | wait | mask, softmax
+//     cp.async.wait (tile j + 1 landed), fence.proxy.async, BARRIER (middle), refill the stage of tile j
+//     PV(j) issued | K(j + 1) -> fp16 K tile | wait | fence.proxy.async, BARRIER (end)
+//   Two barriers per tile, as before the overlap, and no more shared memory. Why the two buffers are free when
+//   written: the V tile's last reader, PV(j - 1), was waited for by every warpgroup before the end barrier of tile
+//   j - 1; the K tile's, QK^T(j), before the middle barrier of tile j. Each writer fences its generic-proxy stores
+//   to the async proxy before the barrier that precedes the wgmma reading them (middle: V, end: K; the prologue
+//   dequantizes tile 0's K and fences Q's landed copies). The raw stage of tile j is read by K(j) (between the middle and
+//   end barriers of tile j - 1) and V(j) (before the middle barrier of tile j), so it is refilled with tile
+//   j + STAGES right after that barrier; the prologue therefore fills all STAGES
+//   stages and tile j + 1 must have landed by the middle barrier of tile j (the same one-tile prefetch distance
+//   as the fp16 path's two stages). Key positions of a tile are read before its middle barrier.
 //
 // Shared-memory layout (every fp16 tile 1024-byte aligned): Q [BM][D], and per stage K [BN][D] and V [BN][D]
 // (quantized: per stage K and V tiles as stored, then one fp16 K [BN][D] and V [BN][D] tile pair), all fp16 tiles of
@@ -249,8 +262,11 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
 
   // Prologue: Q and tiles 0 .. STAGES - 2, one commit group each (Q rides with tile 0); empty groups keep the
   // count uniform, so cp.async.wait_group STAGES - 2 at iteration j means "tile j has landed".
+  // Quantized: tiles 0 .. STAGES - 1 (a stage is refilled only once its V has been dequantized, in the middle of
+  // the tile), so the same wait in the middle of iteration j means "tile j + 1 has landed".
+  constexpr int PRE = KV::QUANT ? STAGES : STAGES - 1;
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
+  for (int s = 0; s < PRE; ++s) {
     if (s < ntiles) load_kv(s, s);
     cp_async_commit();
   }
@@ -258,6 +274,21 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
     int head, i;
     row_info(tid, head, i);
     qpos_s[tid] = pos0 + i;
+  }
+  // Quantized: dequantization of K / V into the one fp16 tile pair, overlapped with the wgmmas that do not read the
+  // tile being written: V of tile j while the QK^T of tile j runs, K of tile j + 1 while the PV of tile j runs.
+  // Tile 0's K first.
+  auto dequant_k = [&](int st) {
+    if constexpr (KV::QUANT)
+      dequant_tile_sw128<typename KV::KEY, D, BN, THREADS>(smem + L::OFF_K + st * L::RAW_BYTES, smem + L::OFF_KT,
+                                                          opaque(tid));
+  };
+  if constexpr (KV::QUANT) {
+    cp_async_wait<STAGES - 1>();  // tile 0 (and Q) landed
+    __syncthreads();
+    if (ntiles > 0) dequant_k(0);
+    fence_proxy_async();  // K of tile 0 and this thread's landed Q copies -> the async proxy
+    __syncthreads();
   }
 
   const int g = lane >> 2, t4 = lane & 3;
@@ -270,26 +301,20 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
 
   for (int j = 0; j < ntiles; ++j) {
     const int st = j % STAGES;
-    cp_async_wait<STAGES - 2>();
-    if constexpr (!KV::QUANT) fence_proxy_async();  // this thread's landed copies -> visible to the async proxy
-    __syncthreads();  // ... and everyone's; every warpgroup is done with tile j - 1 (its wgmmas were waited for)
-    {
+    if constexpr (!KV::QUANT) {
+      cp_async_wait<STAGES - 2>();
+      fence_proxy_async();  // this thread's landed copies -> visible to the async proxy
+      __syncthreads();      // ... and everyone's; every warpgroup is done with tile j - 1 (its wgmmas were waited for)
       const int jn = j + STAGES - 1;  // refill the stage tile j - 1 used
       if (jn < ntiles) load_kv(jn, jn % STAGES);
       cp_async_commit();
     }
     u32 kt = sK + st * L::KV_BYTES, vt = sV + st * L::KV_BYTES;
     if constexpr (KV::QUANT) {
-      // The staged tile -> the fp16 K and V tiles, by the whole CTA. The barrier above is what frees them: every
-      // warpgroup's wgmmas on tile j - 1 completed (wgmma.wait_group 0) before it arrived. Then the generic-proxy
-      // writes (and Q's landed copies) are fenced to the async proxy and a second barrier precedes the wgmmas.
+      // K of tile j is in the fp16 K tile, fenced to the async proxy before the barrier that ended tile j - 1 (or
+      // the prologue's); no barrier here: tile j landed before the middle barrier of tile j - 1.
       kt = s_base + L::OFF_KT;
       vt = kt + L::KV_BYTES;
-      const int t = opaque(tid);  // addresses recomputed per tile, not held across the loop (128-register cap)
-      dequant_tile<typename KV::KEY, D, BN, true>(smem + L::OFF_K + st * L::RAW_BYTES, smem + L::OFF_KT, t, THREADS);
-      dequant_tile<KV, D, BN, true>(smem + L::OFF_V + st * L::RAW_BYTES, smem + L::OFF_KT + L::KV_BYTES, t, THREADS);
-      fence_proxy_async();
-      __syncthreads();
     }
 
     const int* kp = kpos_s + st * BN;
@@ -313,6 +338,12 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
       wgmma_ss_m64n64k16(s, da, db, kk > 0 ? 1 : 0);
     }
     wgmma_commit();
+    if constexpr (KV::QUANT) {
+      // While the QK^T runs: V of tile j -> the fp16 V tile. Free: every warpgroup waited for its PV of tile j - 1
+      // before the barrier that ended that tile.
+      dequant_tile_sw128<KV, D, BN, THREADS>(smem + L::OFF_V + st * L::RAW_BYTES, smem + L::OFF_KT + L::KV_BYTES,
+                                             opaque(tid));
+    }
     wgmma_wait0();
     fence_regs(s);
 
@@ -365,6 +396,19 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
       }
     }
 
+    if constexpr (KV::QUANT) {
+      // Middle barrier: V of tile j complete (fenced by each writer to the async proxy) before the PV reads it;
+      // every warpgroup has waited for its QK^T of tile j, so the fp16 K tile is free; the stage of tile j has been
+      // read (K in tile j - 1, V above) and is refilled with tile j + STAGES; tile j + 1 has landed (this thread's
+      // copies, waited for here, and everyone's, by the barrier).
+      cp_async_wait<STAGES - 2>();
+      fence_proxy_async();
+      __syncthreads();
+      const int jn = j + STAGES;
+      if (jn < ntiles) load_kv(jn, st);
+      cp_async_commit();
+    }
+
     // ---- O += P V: BN / 16 k-steps of 16 keys; V N-major (rows = keys, the head dim contiguous)
     fence_regs(o);
     wgmma_fence();
@@ -378,8 +422,17 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
       }
     }
     wgmma_commit();
+    if constexpr (KV::QUANT) {
+      if (j + 1 < ntiles) dequant_k((j + 1) % STAGES);  // while the PV runs: K of tile j + 1 -> the fp16 K tile
+    }
     wgmma_wait0();
     fence_regs(o);
+    if constexpr (KV::QUANT) {
+      // End barrier: K of tile j + 1 complete (fenced) before the next QK^T; every warpgroup's PV of tile j has
+      // completed, so the fp16 V tile is free for the next tile's V.
+      fence_proxy_async();
+      __syncthreads();
+    }
   }
   cp_async_wait<0>();
   __syncthreads();  // Q has landed (ntiles == 0) and no warpgroup still reads Q before the reuse below
@@ -438,16 +491,18 @@ LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Half, )
 LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Half, )
 LSERVE_PREFILL_SM90_KERNEL(128, 2, 3, 1, lskv::Half, )
 // Quantized caches: a ring of tiles as stored plus one fp16 K / V tile pair (d128 w2 s2 int8 / fp8: 99 KiB, two CTAs
-// per SM; cuda_attention.PREFILL_SM90_STAGES).
-LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 2, lskv::Int8, _int8)
+// per SM; cuda_attention.PREFILL_SM90_STAGES). MINB caps registers where shared memory admits more CTAs than the
+// registers the overlapped dequantization would otherwise take (ptxas: no spills at these caps): d64 w1 four CTAs
+// per SM (<= 128 registers), d128 w1 int4 three (<= 168).
+LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 4, lskv::Int8, _int8)
 LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Int8, _int8)
 LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Int8, _int8)
 LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Int8, _int8)
-LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 2, lskv::Int4, _int4)
+LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 4, lskv::Int4, _int4)
 LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Int4, _int4)
-LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Int4, _int4)
+LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 3, lskv::Int4, _int4)
 LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Int4, _int4)
-LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 2, lskv::Fp8, _fp8)
+LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 4, lskv::Fp8, _fp8)
 LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Fp8, _fp8)
 LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Fp8, _fp8)
 LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Fp8, _fp8)

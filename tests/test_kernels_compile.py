@@ -141,14 +141,25 @@ def test_prefill_kernel_choice():
 
 def test_prefill_sm90_shared_memory_fits():
     """Every wgmma prefill configuration fits shared memory, the quantized ones two CTAs per SM (228 KiB per SM
-    on Hopper, 1 KiB of it reserved per CTA), as their __launch_bounds__ assume."""
+    on Hopper, 1 KiB of it reserved per CTA), and each entry point the CTAs per SM its __launch_bounds__ ask for
+    (the register cap they set would be wasted otherwise)."""
     from lserve_lite.backends import cuda_attention as att
+    from lserve_lite.backends.cuda_compile import read_source
 
     for (d, w, kv), st in att.PREFILL_SM90_STAGES.items():
         smem = att._prefill_sm90_smem(d, w, st, kv)
         assert smem <= 227 * 1024, (d, w, kv)
         if kv != "fp16":
             assert 2 * (smem + 1024) <= 228 * 1024, (d, w, kv, smem)
+    inst = re.findall(
+        r"^LSERVE_PREFILL_SM90_KERNEL\((\d+), (\d+), (\d+), (\d+), lskv::(\w+), _?(\w*)\)$",
+        read_source(att.PREFILL_SM90_SOURCE),
+        flags=re.M,
+    )
+    assert len(inst) >= len(att.PREFILL_SM90_STAGES)
+    for d, w, st, minb, _, kv in inst:
+        smem = att._prefill_sm90_smem(int(d), int(w), int(st), kv or "fp16")
+        assert int(minb) * (smem + 1024) <= 228 * 1024, (d, w, st, kv, minb, smem)
 
 
 @pytest.mark.skipif(not _nvrtc_available(), reason="NVRTC not installed")

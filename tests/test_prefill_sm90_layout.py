@@ -1,11 +1,13 @@
-"""CPU check of the wgmma prefill's quantized-tile dequantization (kernels/attention_common.cuh dequant_tile<KV, D,
-ROWS, true> with kv_quant.cuh dequant16<KV, true>, as attention_prefill_sm90.cu calls it): a NumPy emulation of what
+"""CPU check of the wgmma prefill's quantized-tile dequantization (kernels/attention_common.cuh dequant_tile_sw128<KV,
+D, ROWS, NT> with kv_quant.cuh dequant16<KV, true>, as attention_prefill_sm90.cu calls it): a NumPy emulation of what
 each thread of the CTA reads from a staged tile (stage_unit's layout: per 16-row unit the values, then the fp16
 scales), converts (the same bit operations: prmt, magic-number halves, f16x2 sub / mul / fma, the e4m3 hardware
-conversion) and writes into the 128B-swizzled fp16 tile. Checked: every 16-byte chunk of the tile written once,
-the tile read back through the swizzle (the layout the fp16 path's cp.async writes and the wgmma descriptors read)
-equal to the reference dequantization (kv/quant.py) rounded to fp16, bit for bit, and each 8-thread phase of the
-16-byte shared-memory reads and writes on 8 distinct bank groups. No GPU needed."""
+conversion) and writes into the 128B-swizzled fp16 tile, with the kernel's address arithmetic (a thread's addresses
+formed once from its index, then advanced by constants per step). Checked: every 16-byte chunk of the tile written
+once, the addresses equal to the item -> (row, chunk) mapping's, the tile read back through the swizzle (the layout
+the fp16 path's cp.async writes and the wgmma descriptors read) equal to the reference dequantization (kv/quant.py)
+rounded to fp16, bit for bit, and each 8-thread phase of the 16-byte shared-memory reads and writes on 8 distinct
+bank groups. No GPU needed."""
 
 from __future__ import annotations
 
@@ -63,34 +65,43 @@ def staged(vals: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 
 def emulate(kind: str, fmt, d: int, raw: np.ndarray, nt: int):
-    """dequant_tile<KV, d, ROWS, true> with nt threads: the fp16 tile, the write count per 16-byte chunk, and the
-    (read, write) byte addresses of each 8-thread phase of each loop step."""
+    """dequant_tile_sw128<KV, d, ROWS, nt>: the fp16 tile, the write count per 16-byte chunk, and the (read, write)
+    byte addresses of each 8-thread phase of each loop step."""
     rb = d * (4 if kind == "int4" else 8) // 8  # Row::BYTES
     chunks, out_chunks = rb // 16, 128 // (4 if kind == "int4" else 8) // 8
     group = fmt.group(d) if fmt.asymmetric else d
     n_sc = fmt.scale_cols(d)
     unit = 16 * (rb + 2 * n_sc)
+    items, rstep = ROWS * chunks, nt // chunks
+    assert nt % 8 == 0 and nt % chunks == 0 and rstep % 16 == 0 and (items % nt == 0 or items < nt)
     tile = np.zeros(ROWS * d * 2, np.uint8)
     writes = np.zeros(ROWS * d * 2 // 16, np.int32)
     phases: dict = {}
-    for t in range(nt):
-        for it, i in enumerate(range(t, ROWS * chunks, nt)):
-            c = i % chunks
+    for t in range(min(nt, items)):  # threads t >= items (int4 at d 64 with two warpgroups) return at once
+        c = t % chunks
+        r0 = (t // chunks) ^ ((c * out_chunks >> 3) * (8 // chunks))  # the row of step 0
+        vals = (r0 >> 4) * unit + (r0 & 15) * rb + c * 16
+        group0 = 0 if group == d else c * (128 // 4 // group)  # int4: the chunk's first group
+        sc_at = (r0 >> 4) * unit + 16 * rb + 2 * ((r0 & 15) * n_sc + group0 * (2 if fmt.asymmetric else 1))
+        for step in range(-(-items // nt)):
+            src_off, dst_off = step * (rstep // 16) * unit, step * rstep * 128
+            # the item -> (row, chunk) mapping the constant steps must reproduce
+            i = t + step * nt
             r = (i // chunks) ^ ((c * out_chunks >> 3) * (8 // chunks))
-            base = (r >> 4) * unit
-            src = base + (r & 15) * rb + c * 16
+            assert i % chunks == c and r == r0 + step * rstep and r < ROWS
+            src = vals + src_off
+            assert src == (r >> 4) * unit + (r & 15) * rb + c * 16
             words = [int(x) for x in raw[src : src + 16].view(np.uint32)]
-            group0 = 0 if group == d else c * (128 // 4 // group)  # int4: the chunk's first group
-            sc_at = base + 16 * rb + 2 * ((r & 15) * n_sc + group0 * (2 if fmt.asymmetric else 1))
-            sc = [int(x) for x in raw[sc_at : sc_at + 8].view(np.uint16)]
+            sc = [int(x) for x in raw[sc_at + src_off : sc_at + src_off + 8].view(np.uint16)]
             h = dequant16_h2(kind, group, words, sc)
             dst = []
             for k in range(out_chunks):
-                o = sw128(r, c * out_chunks + k)
+                o = sw128(r0, c * out_chunks + k) + dst_off
+                assert o == sw128(r, c * out_chunks + k)
                 tile[o : o + 16] = np.array(h[4 * k : 4 * k + 4], np.uint32).view(np.uint8)
                 writes[o // 16] += 1
                 dst.append(o)
-            phases.setdefault((it, t // 8), []).append((src, dst))
+            phases.setdefault((step, t // 8), []).append((src, dst))
     return tile, writes, phases
 
 
