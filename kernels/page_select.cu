@@ -24,8 +24,9 @@
 //          there; past that every step rereads the scores from L2 (correct, slower). The min and max score.
 //       2. A coarse pass: 256 bins of equal width over [min, max] (a monotone map: equal scores share a bin;
 //          real score distributions spread over the bins, so few shared-memory atomics collide, and the k-th
-//          largest usually lands in a sparse tail bin). Warp 0 scans the histogram from the top for the bin
-//          holding the k-th largest; if that bin is taken whole, the cut is known.
+//          largest usually lands in a sparse tail bin; a thread adds a run of equal bins with one atomic, for
+//          clustered lists). Warp 0 scans the histogram from the top for the bin holding the k-th largest; if
+//          that bin is taken whole, the cut is known.
 //       3. Otherwise refine inside that bin: radix select of 8 bits a pass on (order key - the bin's smallest
 //          key), over the bits where the bin's keys differ only, stopping once a digit's bucket is taken whole
 //          (at most 4 passes; usually 1). One histogram per pass, zeroed up front: a pass is its atomics and
@@ -503,6 +504,26 @@ struct Threshold {
   }
 };
 
+// Adds every entry's bin digit(x) (< 0: not counted) to hist. A thread adds a run of equal consecutive digits
+// with one atomic: clustered scores (one outlier stretching the range, or many ties) would otherwise send most
+// of the list's atomics to one shared-memory address, where a warp's lanes serialize.
+template <class Src, bool RESIDENT, class Digit>
+__device__ __forceinline__ void histogram(Tiles<Src, RESIDENT>& tiles, int* hist, Digit digit) {
+  int cur = -1, cnt = 0;
+  tiles.sweep([&](float x) {
+    const int d = digit(x);
+    if (d < 0) return;
+    if (d == cur) {
+      ++cnt;
+      return;
+    }
+    if (cnt > 0) atomicAdd(&hist[cur], cnt);
+    cur = d;
+    cnt = 1;
+  });
+  if (cnt > 0) atomicAdd(&hist[cur], cnt);
+}
+
 // Step 3: radix select inside the cut's coarse bin, 8 bits per pass over the bits where its keys differ.
 template <class Src, bool RESIDENT>
 __device__ void refine(Tiles<Src, RESIDENT>& tiles, Threshold& t, TopkSmem& sm) {
@@ -522,10 +543,10 @@ __device__ void refine(Tiles<Src, RESIDENT>& tiles, Threshold& t, TopkSmem& sm) 
     const int shift = max(top - 8, 0);
     const u32 fixed = top >= 32 ? 0u : ~0u << top;  // bits already decided (thr holds them)
     int* hist = sm.hist[pass];
-    tiles.sweep([&](float x) {
-      if (t.cb.bin(x) != t.bin) return;
+    histogram(tiles, hist, [&](float x) {
+      if (t.cb.bin(x) != t.bin) return -1;
       const u32 nk = order_key(x) - t.kmin;
-      if (((nk ^ t.thr) & fixed) == 0u) atomicAdd(&hist[(nk >> shift) & (TK_BINS - 1)], 1);
+      return ((nk ^ t.thr) & fixed) == 0u ? (int)((nk >> shift) & (TK_BINS - 1)) : -1;
     });
     const Cut c = find_cut(hist, t.need, sm);
     t.need -= c.above;
@@ -580,7 +601,7 @@ __device__ void select_top(const Src& src, int n, int k, int* __restrict__ out, 
   cta_min_max(lo, hi, sm);  // also publishes the zeroed histograms
   Threshold t;
   t.cb = make_coarse(key_float(lo), key_float(hi));
-  tiles.sweep([&](float x) { atomicAdd(&sm.hist[0][t.cb.bin(x)], 1); });
+  histogram(tiles, sm.hist[0], [&](float x) { return t.cb.bin(x); });
   const Cut c = find_cut(sm.hist[0], k, sm);
   t.bin = c.bin;
   t.need = k - c.above;
