@@ -13,7 +13,9 @@
 //       per warp on the capacity's longest list). The plan fields come in one round of loads, then the
 //       context length, the query and the page-table entries of a warp's next 32 pages in a second; each
 //       page is then one DRAM round trip: a lane issues all of its 16-byte loads of kmax / kmin for the page
-//       (up to PS_BATCH warp iterations) before any math.
+//       (up to PS_BATCH warp iterations) before any math. The query sits in shared memory as fp32
+//       max(q, 0) / min(q, 0) (two FMAs a channel), laid out without bank conflicts and read once per head
+//       for the whole batch: shared-memory and shuffle traffic, not DRAM, bounded the previous version.
 //   page_topk: one CTA of 512 threads per (query block, dense KV head), over the n = npages - 1 candidates
 //       (all entries but the newest), keeping k = keep - 1 of them.
 //       0. mass: each query head's logsumexp over the list (two barriers); an entry's score is then the
@@ -82,13 +84,19 @@ constexpr int PS_THREADS = 256;
 constexpr int PS_WARPS = PS_THREADS / 32;
 constexpr int PS_BATCH = 2;  // warp iterations of a page whose loads a lane issues before any math
 
+// The query in shared memory, fp32, as float4s [group][qp = max(q, 0) | qn = min(q, 0)][half][D / 8]: lane
+// chunk c8 (channels 8 c8 .. 8 c8 + 7) reads index c8 of each of its head's four rows, so the 8 lanes of a
+// 128-bit load phase read 128 consecutive bytes (no bank conflict).
+template <int D>
+__device__ __forceinline__ int q_at(int h, int part, int c) {  // the float index of channel c
+  return ((((2 * h + part) * 2 + (c >> 2) % 2) * (D / 8) + (c >> 3)) << 2) + (c & 3);
+}
+
 // One lane's part of a logical page's bound for one query head: its 8 channels of
 // sum_c max(q_c kmax_c, q_c kmin_c) = sum_c max(q_c, 0) kmax_c + min(q_c, 0) kmin_c (kmax >= kmin).
-// qp, qn: that head's max(q, 0) and min(q, 0) at the lane's 8 channels (2 float4 each).
-__device__ __forceinline__ float bound_part(const float4* qp, const float4* qn, const float* kx, const float* kn) {
-  const float4 p0 = qp[0], p1 = qp[1], n0 = qn[0], n1 = qn[1];
-  const float p[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
-  const float m[8] = {n0.x, n0.y, n0.z, n0.w, n1.x, n1.y, n1.z, n1.w};
+__device__ __forceinline__ float bound_part(const float4 (&q)[4], const float* kx, const float* kn) {
+  const float p[8] = {q[0].x, q[0].y, q[0].z, q[0].w, q[1].x, q[1].y, q[1].z, q[1].w};
+  const float m[8] = {q[2].x, q[2].y, q[2].z, q[2].w, q[3].x, q[3].y, q[3].z, q[3].w};
   float acc = 0.f;
 #pragma unroll
   for (int j = 0; j < 8; ++j) acc = fmaf(m[j], kn[j], fmaf(p[j], kx[j], acc));
@@ -105,13 +113,15 @@ __device__ __forceinline__ void unpack8(const uint4 h, float* f) {
 }
 
 // One physical page of a list for the whole group, by one warp: LP lanes per logical page (16 bytes of
-// channels each), PER_IT logical pages per warp iteration. Returns (through `best`) the group max over valid
-// logical pages; with `mass`, lane h returns head h's own bound in `mine`.
+// channels each), PER_IT logical pages per warp iteration, PS_BATCH iterations at a time: their loads all go
+// out before any math, and each head's query (shared memory: the score kernel's busiest resource) is read
+// once for all of them. Returns (through `best`) the group max over valid logical pages; with `mass`, lane h
+// returns head h's own bound in `mine`.
 template <int D>
 __device__ __forceinline__ void score_page(const f16_t* __restrict__ kmax, const f16_t* __restrict__ kmin,
                                            size_t base, const float4* qs, int group, int sub, int first_tok,
                                            int lp_shift, int ctx, bool mass, float& best, float& mine) {
-  constexpr int LP = D / 8, PER_IT = 32 / LP, Q4 = D / 4;
+  constexpr int LP = D / 8, PER_IT = 32 / LP, ROW = D / 8;  // ROW: float4s of one q row half
   const int lane = threadIdx.x & 31, c8 = lane % LP;
   best = mine = LSERVE_NEG_INF;
   for (int s0 = 0; s0 < sub; s0 += PER_IT * PS_BATCH) {
@@ -125,29 +135,38 @@ __device__ __forceinline__ void score_page(const f16_t* __restrict__ kmax, const
         hn[b] = *reinterpret_cast<const uint4*>(kmin + base + ls * D + c8 * 8);
       }
     }
+    const int nb = min(PS_BATCH, (sub - s0 + PER_IT - 1) / PER_IT);  // iterations with a logical page left
+    float kx[PS_BATCH][8], kn[PS_BATCH][8], lbest[PS_BATCH];
+    bool valid[PS_BATCH];
 #pragma unroll
     for (int b = 0; b < PS_BATCH; ++b) {
-      if (s0 + b * PER_IT >= sub) break;  // uniform: no lane has a logical page left
       const int ls = s0 + b * PER_IT + lane / LP;
-      const bool valid = ls < sub && first_tok + (ls << lp_shift) < ctx;
-      float kx[8], kn[8];
-      unpack8(hx[b], kx);
-      unpack8(hn[b], kn);
-      float lbest = LSERVE_NEG_INF;
-      for (int h = 0; h < group; ++h) {
-        float acc = bound_part(qs + 2 * h * Q4 + c8 * 2, qs + (2 * h + 1) * Q4 + c8 * 2, kx, kn);
+      valid[b] = ls < sub && first_tok + (ls << lp_shift) < ctx;
+      unpack8(hx[b], kx[b]);
+      unpack8(hn[b], kn[b]);
+      lbest[b] = LSERVE_NEG_INF;
+    }
+    for (int h = 0; h < group; ++h) {
+      const float4* qh = qs + 4 * h * ROW + c8;
+      const float4 q[4] = {qh[0], qh[ROW], qh[2 * ROW], qh[3 * ROW]};  // qp: halves 0, 1; qn: halves 0, 1
+#pragma unroll
+      for (int b = 0; b < PS_BATCH; ++b) {
+        if (b >= nb) break;  // uniform
+        float acc = bound_part(q, kx[b], kn[b]);
 #pragma unroll
         for (int o = LP / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-        lbest = fmaxf(lbest, acc);
+        lbest[b] = fmaxf(lbest[b], acc);
         if (mass) {  // head h's bound over this iteration's valid logical pages, kept by lane h
-          float v = valid ? acc : LSERVE_NEG_INF;
+          float v = valid[b] ? acc : LSERVE_NEG_INF;
 #pragma unroll
           for (int o = 16; o >= LP; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
           if (lane == h) mine = fmaxf(mine, v);
         }
       }
-      if (valid) best = fmaxf(best, lbest);
     }
+#pragma unroll
+    for (int b = 0; b < PS_BATCH; ++b)
+      if (valid[b]) best = fmaxf(best, lbest[b]);
   }
 #pragma unroll
   for (int o = 16; o >= LP; o >>= 1) best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, o));
@@ -165,7 +184,7 @@ __device__ __forceinline__ void page_score_body(const f16_t* __restrict__ q, con
                                                 float* __restrict__ scores, int cap_nnz, int Hq, int Hkv,
                                                 int ps_shift) {
   static_assert(D / 8 <= 32, "a logical page's channels fit one warp");
-  extern __shared__ float4 qs[];  // [group][2][D / 4]: max(q, 0) and min(q, 0) of each query head, fp32
+  extern __shared__ float4 qs[];  // the group's query, fp32 (q_at)
   const int qb = blockIdx.y, g = blockIdx.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // Round trip 1: the job and the head's pool row. Round trip 2: the context length (qb_seq of a stale block
@@ -196,8 +215,8 @@ __device__ __forceinline__ void page_score_body(const f16_t* __restrict__ q, con
     const int h = i / D, c = i % D;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      qf[2 * h * D + c + j] = fmaxf(v[j], 0.f);
-      qf[(2 * h + 1) * D + c + j] = fminf(v[j], 0.f);
+      qf[q_at<D>(h, 0, c + j)] = fmaxf(v[j], 0.f);
+      qf[q_at<D>(h, 1, c + j)] = fminf(v[j], 0.f);
     }
   }
   __syncthreads();
