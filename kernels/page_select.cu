@@ -15,7 +15,8 @@
 //       page is then one DRAM round trip: a lane issues all of its 16-byte loads of kmax / kmin for the page
 //       (up to PS_BATCH warp iterations) before any math. The query sits in shared memory as fp32
 //       max(q, 0) / min(q, 0) (two FMAs a channel), laid out without bank conflicts and read once per head
-//       for the whole batch: shared-memory and shuffle traffic, not DRAM, bounded the previous version.
+//       for the whole batch, whose two half-page sums are reduced together (sum_pair): shared-memory and
+//       shuffle traffic, not DRAM, bounded the previous version.
 //   page_topk: one CTA of 512 threads per (query block, dense KV head), over the n = npages - 1 candidates
 //       (all entries but the newest), keeping k = keep - 1 of them.
 //       0. mass: each query head's logsumexp over the list (two barriers); an entry's score is then the
@@ -112,17 +113,31 @@ __device__ __forceinline__ void unpack8(const uint4 h, float* f) {
   }
 }
 
+// Sums a0 (a lane's part for batch iteration 0) and a1 (iteration 1) over the LP lanes of each logical page
+// in log2(LP) shuffles, not 2 log2(LP): the first step trades halves, so lanes with bit LP / 2 set end with
+// iteration 1's sum and the others with iteration 0's (shuffles share the shared-memory pipe, the score
+// kernel's busiest resource).
+template <int LP>
+__device__ __forceinline__ float sum_pair(float a0, float a1) {
+  const bool upper = threadIdx.x & (LP / 2);
+  float v = (upper ? a1 : a0) + __shfl_xor_sync(0xffffffffu, upper ? a0 : a1, LP / 2);
+#pragma unroll
+  for (int o = LP / 4; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
 // One physical page of a list for the whole group, by one warp: LP lanes per logical page (16 bytes of
-// channels each), PER_IT logical pages per warp iteration, PS_BATCH iterations at a time: their loads all go
-// out before any math, and each head's query (shared memory: the score kernel's busiest resource) is read
-// once for all of them. Returns (through `best`) the group max over valid logical pages; with `mass`, lane h
-// returns head h's own bound in `mine`.
+// channels each), PER_IT logical pages per warp iteration, two iterations at a time: their loads all go out
+// before any math, and each head's query (shared memory) is read once for both. Returns (through `best`)
+// the group max over valid logical pages; with `mass`, lane h returns head h's own bound in `mine`.
 template <int D>
 __device__ __forceinline__ void score_page(const f16_t* __restrict__ kmax, const f16_t* __restrict__ kmin,
                                            size_t base, const float4* qs, int group, int sub, int first_tok,
                                            int lp_shift, int ctx, bool mass, float& best, float& mine) {
+  static_assert(PS_BATCH == 2, "sum_pair reduces two iterations");
   constexpr int LP = D / 8, PER_IT = 32 / LP, ROW = D / 8;  // ROW: float4s of one q row half
   const int lane = threadIdx.x & 31, c8 = lane % LP;
+  const int mb = (lane & (LP / 2)) ? 1 : 0;  // the iteration whose sums this lane holds after sum_pair
   best = mine = LSERVE_NEG_INF;
   for (int s0 = 0; s0 < sub; s0 += PER_IT * PS_BATCH) {
     uint4 hx[PS_BATCH], hn[PS_BATCH];
@@ -135,41 +150,32 @@ __device__ __forceinline__ void score_page(const f16_t* __restrict__ kmax, const
         hn[b] = *reinterpret_cast<const uint4*>(kmin + base + ls * D + c8 * 8);
       }
     }
-    const int nb = min(PS_BATCH, (sub - s0 + PER_IT - 1) / PER_IT);  // iterations with a logical page left
-    float kx[PS_BATCH][8], kn[PS_BATCH][8], lbest[PS_BATCH];
-    bool valid[PS_BATCH];
+    const bool two = s0 + PER_IT < sub;  // uniform: iteration 1 has a logical page
+    float kx[PS_BATCH][8], kn[PS_BATCH][8];
 #pragma unroll
     for (int b = 0; b < PS_BATCH; ++b) {
-      const int ls = s0 + b * PER_IT + lane / LP;
-      valid[b] = ls < sub && first_tok + (ls << lp_shift) < ctx;
       unpack8(hx[b], kx[b]);
       unpack8(hn[b], kn[b]);
-      lbest[b] = LSERVE_NEG_INF;
     }
+    const int ls = s0 + mb * PER_IT + lane / LP;  // the logical page of the sums this lane holds
+    const bool valid = ls < sub && first_tok + (ls << lp_shift) < ctx;
+    float lbest = LSERVE_NEG_INF;
     for (int h = 0; h < group; ++h) {
       const float4* qh = qs + 4 * h * ROW + c8;
       const float4 q[4] = {qh[0], qh[ROW], qh[2 * ROW], qh[3 * ROW]};  // qp: halves 0, 1; qn: halves 0, 1
+      const float acc = sum_pair<LP>(bound_part(q, kx[0], kn[0]), two ? bound_part(q, kx[1], kn[1]) : 0.f);
+      lbest = fmaxf(lbest, acc);
+      if (mass) {  // head h's bound over the valid logical pages of both iterations, kept by lane h
+        float v = valid ? acc : LSERVE_NEG_INF;
 #pragma unroll
-      for (int b = 0; b < PS_BATCH; ++b) {
-        if (b >= nb) break;  // uniform
-        float acc = bound_part(q, kx[b], kn[b]);
-#pragma unroll
-        for (int o = LP / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-        lbest[b] = fmaxf(lbest[b], acc);
-        if (mass) {  // head h's bound over this iteration's valid logical pages, kept by lane h
-          float v = valid[b] ? acc : LSERVE_NEG_INF;
-#pragma unroll
-          for (int o = 16; o >= LP; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-          if (lane == h) mine = fmaxf(mine, v);
-        }
+        for (int o = 16; o >= LP / 2; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+        if (lane == h) mine = fmaxf(mine, v);
       }
     }
-#pragma unroll
-    for (int b = 0; b < PS_BATCH; ++b)
-      if (valid[b]) best = fmaxf(best, lbest[b]);
+    if (valid) best = fmaxf(best, lbest);
   }
 #pragma unroll
-  for (int o = 16; o >= LP; o >>= 1) best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, o));
+  for (int o = 16; o >= LP / 2; o >>= 1) best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, o));
 }
 
 // Pins a loaded value at this point of the program: the compiler would otherwise sink loads whose values are
