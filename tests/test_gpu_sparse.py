@@ -67,9 +67,10 @@ def test_mixed_prefill_and_selecting_decode_step(hctx, prefill_kernel):
 
 @pytest.mark.parametrize("selector", SELECTORS)
 @pytest.mark.parametrize("group_reduce", GROUP_REDUCE)
-@pytest.mark.parametrize("name", [*SPARSE_DECODE, *HP.SELECT_LONG])
+@pytest.mark.parametrize("name", [*SPARSE_DECODE, *HP.SELECT_LONG, *HP.SELECT_TIES])
 def test_page_selector_matches_reference(hctx, name, group_reduce, selector):
-    """Both launchers (page_select.cu, the Numba kernel), up to 256k-token page counts."""
+    """Both launchers (page_select.cu, the Numba kernel), up to 17024-page lists (each page_topk path:
+    registers, shared memory, L2), and exact ties at the cut."""
     _run(hctx, "page_select_one", name, group_reduce, selector)
 
 

@@ -7,7 +7,8 @@
   machine: all compiled).
 - The launchers' shared-memory sizes equal the kernels' layout structs (static_asserts through NVRTC).
 - The host side of GPU sampling draws the same uniforms as the CPU sampler.
-- With nvcc (slow): the gate_up GEMVs with SiLU-and-multiply (quant_gemv_split with SILU for int8 / int4 /
+- With nvcc (slow): page_select.cu's two kernels against select_pages_ref (tools/page_select_host_check.py);
+  the gate_up GEMVs with SiLU-and-multiply (quant_gemv_split with SILU for int8 / int4 /
   q4_1, gemv_rows on fp16 weights), and the k-quants' split GEMV, logits, dequantize and gate_up kernels
   (their integer sub-scales), compiled as host code and run against float64 (tools/quant_host_check.py).
 """
@@ -49,7 +50,7 @@ def _builds() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
     try:
         from lserve_lite.backends import cuda_attention as att
 
-        for src in (att.PREFILL_SOURCE, att.PREFILL_SM90_SOURCE, att.DECODE_SOURCE):
+        for src in (att.PREFILL_SOURCE, att.PREFILL_SM90_SOURCE, att.DECODE_SOURCE, att.SELECT_SOURCE):
             builds[src] = (att.launcher_kernels(src), tuple(att.KERNEL_OPTIONS))
     except ImportError:
         pass
@@ -111,6 +112,24 @@ def test_split_kernels_on_the_host(args):
         from quant_host_check import NORM_SHAPES
 
         assert run.stdout.count("residual exact PASS") == 2 * len(NORM_SHAPES)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None, reason="nvcc not installed (the host emulation builds with it)"
+)
+def test_page_select_on_the_host():
+    """page_score + page_topk compiled as host code (tools/page_select_host_check.py --quick) against
+    select_pages_ref: two SPARSE_DECODE setups through both kernels, exact integer ties through page_topk,
+    both group reductions."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "page_select_host_check.py"
+    run = subprocess.run([sys.executable, str(tool), "--quick"], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0 and "all passed" in run.stdout, run.stdout[-4000:] + run.stderr[-4000:]
+    assert run.stdout.count(" PASS") == 6
 
 
 def test_prefill_kernel_choice():

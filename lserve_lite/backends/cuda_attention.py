@@ -147,6 +147,8 @@ def launcher_kernels(source: str) -> tuple[str, ...]:
     """The entry points of `source` this launcher may ask for, every KV format (the CI compile check
     requires each to exist)."""
     kvs = [_suffix(kv) for kv in KV_TRAITS]
+    if source == SELECT_SOURCE:
+        return (*(f"page_score_d{d}" for d in HEAD_DIMS), "page_topk")
     if source == PREFILL_SM90_SOURCE:
         return tuple(_prefill_sm90_name(d, w, st, kv) for (d, w, kv), st in PREFILL_SM90_STAGES.items())
     if source == PREFILL_SOURCE:
@@ -546,8 +548,32 @@ def _v2_kernel(k: _Kernels, name: str, smem: int):
     return fn
 
 
-_SELECT_THREADS = 128
-_TOPK_THREADS = 512
+_SELECT_THREADS = 256  # page_score: 8 warps, a warp scores one physical page at a time (PS_THREADS)
+_SELECT_PAGES_PER_WARP = 6  # grid sizing for the capacity's longest list
+_TOPK_THREADS = 512  # page_topk (TK_THREADS)
+_TOPK_RESIDENT = _TOPK_THREADS * 8  # candidates page_topk keeps in registers (TK_RUN = 8 per thread)
+_TOPK_STAGE_MAX = 16384  # candidates it stages in shared memory past that; longer lists reread L2 each pass
+
+
+def score_grid_x(max_pages: int, max_qblocks: int) -> int:
+    """page_score's CTAs per list. A warp's loads of one page are one round trip; ~6 pages per warp for the
+    longest list the capacity allows keeps the CTAs of a 256k-token list in one wave (3 CTAs per SM) with
+    ~48 KB in flight per SM."""
+    per_list = -(-max_pages // max_qblocks)
+    warps = _SELECT_THREADS // 32
+    return int(max(1, min(1024, -(-per_list // (warps * _SELECT_PAGES_PER_WARP)))))
+
+
+def topk_stage_entries(max_pages: int) -> int:
+    """Candidates page_topk stages in shared memory for a plan of this capacity (a list has at most
+    max_pages - 1 candidates): 0 when every list fits the registers, else up to _TOPK_STAGE_MAX."""
+    longest = max_pages - 1
+    return 0 if longest <= _TOPK_RESIDENT else min(longest, _TOPK_STAGE_MAX)
+
+
+def topk_stage_bytes(entries: int) -> int:
+    """Dynamic shared memory of page_topk for `entries` staged scores (a pad word every 32: staged_at)."""
+    return 4 * (entries + entries // 32 + 1) if entries else 0
 
 
 def select_pages(q, kmax, kmin, plan: CudaPlan, head_class, head_slot, sel_idx, sel_cnt) -> None:
@@ -563,6 +589,8 @@ def select_pages(q, kmax, kmin, plan: CudaPlan, head_class, head_slot, sel_idx, 
         return
     if kmax.dtype != np.float16 or kmin.dtype != np.float16 or q.dtype != np.float16:
         raise ValueError("select_pages needs float16 q and key statistics")
+    if q.data.ptr % 16 or not q.flags.c_contiguous:
+        raise ValueError("select_pages reads q [n, Hq, D] in 16-byte vectors: contiguous and 16-byte aligned")
     ps = plan.page_size
     if ps % sub or (sub & (sub - 1)):
         raise ValueError(f"sub_pages {sub} must be a power of two dividing page_size {ps}")
@@ -574,11 +602,8 @@ def select_pages(q, kmax, kmin, plan: CudaPlan, head_class, head_slot, sel_idx, 
     k = _kernels()
     head_class, head_slot = _int32_dev(head_class), _int32_dev(head_slot)
     scores = plan.workspace("sel_scores", hq * plan.max_pages, np.float32)  # mass: a row per query head
-    smem = group * d * 4
-    # About 8 pages per warp (4 warps per CTA) for the longest list the capacity allows: the loads of a warp
-    # are dependent round trips, so the GPU needs many warps in flight (measured: 1 TB/s with 4 CTAs per SM).
-    per_list = -(-plan.max_pages // plan.max_qblocks)
-    gx = int(max(1, min(1024, -(-per_list // 32))))
+    smem = group * d * 2 * 4  # max(q, 0) and min(q, 0) per query head, fp32
+    gx = score_grid_x(plan.max_pages, plan.max_qblocks)
     plan_args = _plan_args(plan)
     fn = k.get(k.select, f"page_score_d{d}", smem)
     fn(
@@ -588,10 +613,12 @@ def select_pages(q, kmax, kmin, plan: CudaPlan, head_class, head_slot, sel_idx, 
          np.int32(plan.max_pages), np.int32(hq), np.int32(hkv), np.int32(ps.bit_length() - 1)),
         shared_mem=smem,
     )  # fmt: skip
-    topk = k.get(k.select, "page_topk", 0)
+    stage = topk_stage_entries(plan.max_pages)
+    topk = k.get(k.select, "page_topk", topk_stage_bytes(_TOPK_STAGE_MAX))  # opt in to the largest stage once
     topk(
         (plan.max_qblocks, hkv),
         (_TOPK_THREADS,),
         (*plan_args, head_class, scores, np.int32(plan.max_pages), np.int32(hkv), np.int32(group), sel_idx,
-         sel_cnt, np.int32(sel_idx.shape[-1])),
+         sel_cnt, np.int32(sel_idx.shape[-1]), np.int32(stage)),
+        shared_mem=topk_stage_bytes(stage),
     )  # fmt: skip

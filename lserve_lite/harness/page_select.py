@@ -13,9 +13,32 @@ from .attention import SPARSE_DECODE, decode_setup
 from .common import Ctx, Result
 from .sparse_batch import SparseBatch, sparse_cache
 
-# The page count of a 256k-token context (Llama-3-8B heads, half of them streaming): selector rows only, the
-# attention rows' NumPy references would take minutes there.
-SELECT_LONG = {"llama3_256k": ([262144], 32, "01010101", 128, 64, 4, [64], [(128, 256)], None)}
+# Long lists, selector rows only (the attention rows' NumPy references would take minutes there): the page
+# count of a 256k-token context with Llama-3-8B heads, half of them streaming (page_topk keeps its 4095
+# candidates in registers), 8192 pages (staged in shared memory) and 17024 pages (past the stage: every pass
+# rereads L2); one long list among 15 short ones (the score grid, sized for the average list, gives a warp
+# ~50 pages: more than one page-table fetch of 32). Same format as SPARSE_DECODE.
+SELECT_LONG = {
+    "one_long_15_short": ([64 * 1200] + [300] * 15, 8, "01", 128, 64, 4, [16] * 16, [(128, 256)] * 16, None),
+    "llama3_256k": ([262144], 32, "01010101", 128, 64, 4, [64], [(128, 256)], None),
+    "llama3_128k_p16": ([131072], 32, "01010101", 128, 16, 4, [256], [(128, 256)], None),
+    "llama3_272k_p16": ([272384], 32, "01010101", 128, 16, 4, [256], [(128, 256)], None),
+}
+# Exact ties: small-integer queries and key statistics make every page bound an exact integer in fp32 on both
+# sides, so many pages tie the cut and the GPU must take the lowest-index ties exactly (group_reduce max: no
+# near-tie allowance). One list per page_topk path (registers, shared memory, L2), D 128 and 64.
+SELECT_TIES = {
+    "ties_20k_p16": ([20000], 32, "01010101", 128, 16, 4, [64], [(128, 256)], None),
+    "ties_96k_d64_p16": ([96000], 32, "01010101", 64, 16, 4, [128], [(128, 256)], None),
+    "ties_272k_d64_p16": ([272384], 32, "01010101", 64, 16, 4, [256], [(128, 256)], None),
+}
+
+
+def integer_stats(c: Ctx, b: SparseBatch, kmax: np.ndarray, kmin: np.ndarray) -> None:
+    """In place: q in {-2..2}, kmax in {-3..3}, kmin = kmax - {0, 1, 2} (every bound an exact fp32 integer)."""
+    b.q[...] = c.rng.integers(-2, 3, b.q.shape)
+    kmax[...] = c.rng.integers(-3, 4, kmax.shape)
+    kmin[...] = kmax - c.rng.integers(0, 3, kmax.shape)
 
 
 def page_select_one(c: Ctx, name: str, group_reduce: str = "max", selector: str = "rawkernel") -> Result:
@@ -23,8 +46,12 @@ def page_select_one(c: Ctx, name: str, group_reduce: str = "max", selector: str 
     selection: the selected page sets per (selection slot, dense head), the counts, and rows the selector
     must leave alone (streaming heads, no budget, reused selections). abs = mismatching rows; a set that
     differs only by pages whose reference scores tie the k-th best within fp32 summation error is noted,
-    not counted. `name`: a setup of SPARSE_DECODE or SELECT_LONG."""
-    b, kmax, kmin, cap = decode_setup(c, name, SELECT_LONG.get(name))
+    not counted (except for SELECT_TIES with group_reduce max: exact). `name`: a setup of SPARSE_DECODE,
+    SELECT_LONG or SELECT_TIES."""
+    b, kmax, kmin, cap = decode_setup(c, name, SELECT_LONG.get(name, SELECT_TIES.get(name)))
+    exact = name in SELECT_TIES and group_reduce == "max"
+    if name in SELECT_TIES:
+        integer_stats(c, b, kmax, kmin)
     b.plan.group_reduce = group_reduce
     hkv = b.hc.size
     sel = np.full((b.num_slots, hkv, cap), -1, np.int32)
@@ -37,6 +64,8 @@ def page_select_one(c: Ctx, name: str, group_reduce: str = "max", selector: str 
     )  # fmt: skip
     got_sel, got_cnt = cache.sel_idx[0].get(), cache.sel_cnt[0].get()
     hard, near = _selection_mismatches(b, kmax, kmin, got_sel, got_cnt, sel, cnt)
+    if exact:  # exact integer scores: a near-tie swap is a wrong tie rule
+        hard, near = hard + near, 0
     pattern = "".join(str(int(x)) for x in b.hc)
     tag = f"{name} {selector} {group_reduce} {pattern} Hq{b.q.shape[1]} D{b.q.shape[2]} p{b.plan.page_size}"
     note = "abs = mismatching rows" + (f"; {near} near-tie swaps" if near else "")
@@ -81,7 +110,7 @@ def _selection_mismatches(b: SparseBatch, kmax, kmin, sel_g, cnt_g, sel_r, cnt_r
 def case_page_select(c: Ctx) -> list[Result]:
     return [
         page_select_one(c, n, r, k)
-        for n in [*SPARSE_DECODE, *SELECT_LONG]
+        for n in [*SPARSE_DECODE, *SELECT_LONG, *SELECT_TIES]
         for r in GROUP_REDUCE
         for k in SELECTORS
     ]

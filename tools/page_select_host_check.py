@@ -1,0 +1,174 @@
+"""Check kernels/page_select.cu without a GPU: page_score and page_topk compiled as host code
+(tools/page_select_host_emu.cu, nvcc; a thread per CUDA thread, a barrier per warp and per block) on the kernel
+harness's setups, against backends/reference/page_select.py::select_pages_ref with the harness's rule
+(harness/page_select.py: selected sets equal up to near-ties in fp32 summation order; exact for the integer
+SELECT_TIES setups with group_reduce max).
+
+Modes: `select` runs both kernels on the key statistics (short lists: the score kernel's grid is emulated block
+by block); `topk` writes the reference's page bounds where page_score would (max: the group max in row 0;
+mass: each query head's bound / sqrt(D) in its row) and runs page_topk alone, for long lists (its register,
+shared-memory and L2 paths).
+What it cannot: anything about the GPU itself (memory model, speed). The GPU rows (`pytest -m gpu
+tests/test_gpu_sparse.py -k page_selector`) remain the test; this is for editing the kernels without one.
+
+    python3 tools/page_select_host_check.py [--quick] [--long]
+
+Prints one line per case; exit status 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lserve_lite.backends.cuda_attention import (  # noqa: E402
+    pack_plan,
+    plan_offsets,
+    score_grid_x,
+    topk_stage_entries,
+)
+from lserve_lite.backends.reference.page_select import select_pages_ref  # noqa: E402
+from lserve_lite.harness.attention import SPARSE_DECODE, decode_setup  # noqa: E402
+from lserve_lite.harness.page_select import (  # noqa: E402
+    SELECT_LONG,
+    SELECT_TIES,
+    _selection_mismatches,
+    integer_stats,
+)
+from lserve_lite.sparse.selector import page_scores  # noqa: E402
+
+QUICK = [("select", "mixed_select"), ("select", "reused_and_unselected"), ("topk", "ties_20k_p16")]
+FULL = [*(("select", n) for n in [*SPARSE_DECODE, "one_long_15_short"]), *(("topk", n) for n in SELECT_TIES)]
+LONG = [("topk", n) for n in SELECT_LONG if n != "one_long_15_short"]
+
+
+class HostCtx:
+    """The host half of a harness context (harness.common.Ctx without CuPy): its generator and f16."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+
+    def f16(self, *shape, scale=1.0) -> np.ndarray:
+        return (self.rng.standard_normal(shape) * scale).astype(np.float16).astype(np.float32)
+
+
+def build(tmp: Path) -> Path:
+    """page_select.cu with its `extern __shared__` arrays pointed at the emulator's buffer, then nvcc."""
+    src = (ROOT / "kernels" / "page_select.cu").read_text()
+    inc, n = re.subn(
+        r"extern __shared__ (\w+) (\w+)\[\];", r"\1* \2 = reinterpret_cast<\1*>(emu_dyn_smem);", src
+    )
+    if n != 2:
+        raise RuntimeError(f"expected 2 extern __shared__ arrays in page_select.cu, found {n}")
+    (tmp / "page_select.inc").write_text(inc)
+    exe = tmp / "page_select_host_emu"
+    cmd = ["nvcc", "-std=c++17", "-O2", "-w", f"-I{ROOT / 'kernels'}", f"-I{tmp}", "-o", str(exe)]
+    subprocess.run([*cmd, str(ROOT / "tools" / "page_select_host_emu.cu")], check=True)
+    return exe
+
+
+def bucket(x: int) -> int:
+    """CudaOps.prepare_plan's capacity: the next power of two."""
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def reference_bounds(b, kmax, kmin, scores: np.ndarray, cap_nnz: int) -> None:
+    """What page_score writes for every selecting (block, dense head): max: the group max in row 0; mass:
+    head h's bound / sqrt(D) in row h (scores [Hq * cap_nnz], head g's group at g * group * cap_nnz)."""
+    plan = b.plan
+    hkv = b.hc.size
+    group, d = b.q.shape[1] // hkv, b.q.shape[2]
+    for qb in range(plan.num_qblocks):
+        keep, lo = int(plan.qb_keep[qb]), int(plan.kv_indptr[2 * qb])
+        if keep == 0 or not plan.qb_refresh[qb]:
+            continue
+        table, _ = plan.pages(qb, 0)
+        ctx = int(plan.qb_pos[qb]) + 1
+        for g in np.nonzero(b.hc == 0)[0]:
+            st = (kmax[:, b.slot[g] : b.slot[g] + 1], kmin[:, b.slot[g] : b.slot[g] + 1])
+            qg = b.q[plan.qb_start[qb]].reshape(hkv, group, d)[g]
+            row = g * group * cap_nnz + lo
+            if plan.group_reduce == "max":
+                s = page_scores(qg, *st, table, ctx, group, plan.page_size, "max")[0]
+                scores[row : row + s.size] = s
+                continue
+            for h in range(group):
+                s = page_scores(qg[h : h + 1], *st, table, ctx, 1, plan.page_size, "max")[0]
+                scores[row + h * cap_nnz : row + h * cap_nnz + s.size] = s * np.float32(1 / np.sqrt(d))
+
+
+def check(exe: Path, tmp: Path, mode: str, name: str, group_reduce: str, seed: int) -> bool:
+    c = HostCtx(seed)
+    spec = SELECT_LONG.get(name, SELECT_TIES.get(name))
+    b, kmax, kmin, cap = decode_setup(c, name, spec)
+    if name in SELECT_TIES:
+        integer_stats(c, b, kmax, kmin)
+    plan = b.plan
+    plan.group_reduce = group_reduce
+    hkv, hq, d = b.hc.size, b.q.shape[1], b.q.shape[2]
+    want_sel = np.full((b.num_slots, hkv, cap), -1, np.int32)
+    want_cnt = np.full((b.num_slots, hkv), -1, np.int32)
+    select_pages_ref(b.q, kmax, kmin, plan, b.hc, b.slot, want_sel, want_cnt)
+
+    cap_qb, cap_nnz, cap_seq = (bucket(x) for x in (plan.num_qblocks, plan.kv_page.size, len(plan.seq_ctx)))
+    offs = plan_offsets(cap_qb, cap_seq, cap_nnz)
+    buf = np.zeros(offs["kv_pl"][1], np.int32)
+    pack_plan(buf, offs, plan)
+    scores = np.full(hq * cap_nnz, np.nan, np.float32)
+    if mode == "topk":
+        reference_bounds(b, kmax, kmin, scores, cap_nnz)
+    files = {
+        "plan": buf, "hc": b.hc.astype(np.int32), "hs": b.slot.astype(np.int32), "scores": scores,
+        "sel": np.full_like(want_sel, -1), "cnt": np.full_like(want_cnt, -1),
+        "q": b.q.astype(np.float16), "kmax": kmax.astype(np.float16), "kmin": kmin.astype(np.float16),
+    }  # fmt: skip
+    for k, v in files.items():
+        np.ascontiguousarray(v).tofile(tmp / f"{k}.bin")
+    sizes = (d, cap_qb, cap_seq, hkv, hq, kmax.shape[1], kmax.shape[2], cap_nnz, plan.page_size.bit_length() - 1,
+             score_grid_x(cap_nnz, cap_qb), cap, topk_stage_entries(cap_nnz))  # fmt: skip
+    subprocess.run([str(exe), mode, str(tmp), *(str(x) for x in sizes)], check=True)
+    sel = np.fromfile(tmp / "sel.bin", np.int32).reshape(want_sel.shape)
+    cnt = np.fromfile(tmp / "cnt.bin", np.int32).reshape(want_cnt.shape)
+    hard, near = _selection_mismatches(b, kmax, kmin, sel, cnt, want_sel, want_cnt)
+    exact = name in SELECT_TIES and group_reduce == "max"
+    if exact:
+        hard, near = hard + near, 0
+    pages = int((plan.kv_indptr[1::2] - plan.kv_indptr[0:-1:2]).max())  # class-0 lists
+    ok = hard == 0
+    print(
+        f"{mode:6s} {name:22s} {group_reduce:4s} longest list {pages:6d}: {hard} wrong rows, {near} near-tie"
+        f" swaps{' (exact)' if exact else ''} {'PASS' if ok else 'FAIL'}",
+        flush=True,
+    )
+    return ok
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="three setups (CI)")
+    ap.add_argument("--long", action="store_true", help="also SELECT_LONG (4096 to 17024 pages; minutes)")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    cases = QUICK if a.quick else FULL + (LONG if a.long else [])
+    ok = True
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        exe = build(tmp)
+        for i, (mode, name) in enumerate(cases):
+            for reduce in ("max", "mass"):
+                ok &= check(exe, tmp, mode, name, reduce, a.seed + i)
+    print("all passed" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
