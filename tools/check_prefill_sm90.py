@@ -49,13 +49,10 @@ def _kernels() -> list[str]:
 
 def _run(kernel: str, q, k, v, cplan, hc, out):
     from lserve_lite.backends import cuda_attention as att
+    from lserve_lite.harness.common import setting
 
-    saved = att.PREFILL_KERNEL
-    att.PREFILL_KERNEL = kernel
-    try:
+    with setting(att, "PREFILL_KERNEL", kernel):
         return att.paged_attention(q, k, v, cplan, hc, out=out, decode=False)
-    finally:
-        att.PREFILL_KERNEL = saved
 
 
 def accuracy(kernels: list[str]) -> list[dict]:

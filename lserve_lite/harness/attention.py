@@ -14,7 +14,7 @@ from ..backends.reference.attention import paged_attention_ref, paged_attention_
 from ..backends.reference.page_select import select_pages_ref
 from ..backends.reference.page_stats import update_page_stats
 from ..sparse.plan import BatchLayout, build_plan
-from .common import Ctx, Result, compare
+from .common import Ctx, Result, compare, setting
 from .sparse_batch import SparseBatch, sparse_batch, sparse_cache
 
 
@@ -84,17 +84,14 @@ def prefill_kernels_available() -> list[str]:
 
 def case_prefill_kernels(c: Ctx) -> list[Result]:
     """Every prefill row (dense mode, and the LServe two-pool setups) under each available prefill kernel."""
-    saved, out = cuda_attention.PREFILL_KERNEL, []
-    try:
-        for impl in prefill_kernels_available():
-            cuda_attention.PREFILL_KERNEL = impl
+    out = []
+    for impl in prefill_kernels_available():
+        with setting(cuda_attention, "PREFILL_KERNEL", impl):
             rows = [_attention_case(c, **kw) for kw in PREFILL_KERNEL_CASES]
             rows += [sparse_prefill_one(c, name) for name in SPARSE_PREFILL]
-            for r in rows:
-                r.kernel = f"{r.kernel}[{impl}]"
-            out += rows
-    finally:
-        cuda_attention.PREFILL_KERNEL = saved
+        for r in rows:
+            r.kernel = f"{r.kernel}[{impl}]"
+        out += rows
     return out
 
 

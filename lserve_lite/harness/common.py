@@ -27,16 +27,16 @@ class Result:
 
 
 @contextmanager
-def setting(module: Any, name: str, value: Any) -> Iterator[None]:
-    """module.name = value inside the block, restored after (None leaves it as it is): a kernel switch such as
-    cuda_attention.PREFILL_KERNEL for a harness row or a benchmark."""
-    saved = getattr(module, name)
+def setting(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """owner.name = value inside the block, restored after (None leaves it as it is): a kernel switch such as
+    cuda_attention.PREFILL_KERNEL or a backend's QuantKernels.gemv_variant, for a harness row or a benchmark."""
+    saved = getattr(owner, name)
     if value is not None:
-        setattr(module, name, value)
+        setattr(owner, name, value)
     try:
         yield
     finally:
-        setattr(module, name, saved)
+        setattr(owner, name, saved)
 
 
 class Ctx:

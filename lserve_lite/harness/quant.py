@@ -31,7 +31,7 @@ from ..backends.cuda_quant import GEMV_VARIANTS, pick_variant
 from ..backends.reference.layers import rmsnorm_ref, silu_mul_ref
 from ..weights.qtensor import FORMATS, LAYOUTS, QuantTensor, RowStack
 from ..weights.quantize import quantize_int4, quantize_int8
-from .common import Ctx, Result, compare, silu_mul_atol
+from .common import Ctx, Result, compare, setting, silu_mul_atol
 
 U32 = 2.0**-24
 # (n, k, m): n <= 8 runs the GEMV, more rows the prefill path; k not a multiple of a format's block is skipped
@@ -113,17 +113,12 @@ def check_linear(
     ref_w = reference_matrix(w)
     bound = np.abs(x).astype(np.float64) @ np.abs(ref_w).T
     got = c.poison((n, m), out_dtype)
-    q = c.ops.quant
-    saved = q.gemv_variant
-    q.gemv_variant = variant or saved
-    try:
+    with setting(c.ops.quant, "gemv_variant", variant):
         if logits:
             got = c.poison((n, m), np.float32)
             c.ops.logits(c.dev16(x), c.ops.upload(w), out=got)
         else:
             c.ops.gemm(c.dev16(x), c.ops.upload(w), out_dtype, out=got)
-    finally:
-        q.gemv_variant = saved
     parts = (w,) if isinstance(w, QuantTensor) else w.parts
     fmt = "+".join(getattr(p, "fmt", "f16") for p in parts)
     half = np.dtype(out_dtype) == np.float16 and not logits
@@ -138,7 +133,7 @@ def check_linear(
                 atol[:, cols] = 1e-4 * bound[:, cols]
                 continue
             atol[:, cols] = (k / 32 + 20) * U32 * bound[:, cols]
-            if pick_variant(variant or saved, p.fmt, n) == "split":
+            if pick_variant(variant or c.ops.quant.gemv_variant, p.fmt, n) == "split":
                 atol[:, cols] += activation_bound(x, ref_w[cols], 1 if half else 2)  # float32 out: two passes
     else:
         name, ref = f"quant_prefill {fmt}", x @ ref_w.astype(np.float16).astype(np.float64).T
@@ -193,16 +188,12 @@ def check_gate_up_silu(c: Ctx, w: QuantTensor, n: int, variant: str | None = Non
     gu = x64 @ ref_w.T
     agu = (k / 32 + 20) * U32 * (np.abs(x64) @ np.abs(ref_w).T)
     q = c.ops.quant
-    saved = q.gemv_variant
-    q.gemv_variant = variant or saved
-    try:
+    with setting(q, "gemv_variant", variant):
         split = pick_variant(q.gemv_variant, w.fmt, n) == "split"
         if split:
             agu = agu + activation_bound(x, ref_w, 1)
         got = c.poison((n, inter), np.float16)
         c.ops.gate_up_silu(c.dev16(x), c.ops.upload(w), out=got)
-    finally:
-        q.gemv_variant = saved
     fused = split and c.ops.fuse_silu
     atol = silu_mul_atol(gu, agu, rounded=not fused)
     name = f"quant_gate_up_silu{' ' + variant if variant else ''} {w.fmt}{' fused' if fused else ''}"
@@ -231,12 +222,9 @@ def case_quant_prefill(c: Ctx) -> list[Result]:
             if k % LAYOUTS[fmt].block == 0:
                 out.append(check_linear(c, random_quant(fmt, m, k, c.rng), n))
         out.append(check_linear(c, random_quant(fmt, 129, 512, c.rng), 20, np.float32))  # logits
-    q = c.ops.quant  # several tiles, the last one partial: a small scratch tile for one product
-    saved, q.tile_bytes = q.tile_bytes, 2 * 512 * 48
-    try:
+    # several tiles, the last one partial: a small scratch tile for one product
+    with setting(c.ops.quant, "tile_bytes", 2 * 512 * 48):
         out.append(check_linear(c, random_quant("q4_k", 301, 512, c.rng), 17, tag=" tiles of 48"))
-    finally:
-        q.tile_bytes = saved
     return out
 
 
