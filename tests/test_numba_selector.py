@@ -86,7 +86,7 @@ def _run_case(name: str, spec: tuple, group_reduce: str, seed: int) -> None:
     from lserve_lite.backends.reference.page_select import select_pages_ref
     from lserve_lite.harness.attention import decode_setup
     from lserve_lite.harness.common import Ctx
-    from lserve_lite.harness.page_select import _selection_mismatches
+    from lserve_lite.harness.page_select import selection_mismatches
 
     assert cuda.simulator.__name__ in type(cuda.to_device(np.zeros(1))).__module__
     c = Ctx.__new__(Ctx)  # the host half of a harness context: its generator (no CuPy here)
@@ -124,7 +124,7 @@ def _run_case(name: str, spec: tuple, group_reduce: str, seed: int) -> None:
         )  # fmt: skip
         assert not counter.copy_to_host().any()
     sel, cnt = d_sel.copy_to_host(), d_cnt.copy_to_host()
-    hard, near = _selection_mismatches(b, kmax, kmin, sel, cnt, want_sel, want_cnt)
+    hard, near = selection_mismatches(b, kmax, kmin, sel, cnt, want_sel, want_cnt)
     diff = [
         (s, g, sel[s, g].tolist(), want_sel[s, g].tolist(), int(cnt[s, g]), int(want_cnt[s, g]))
         for s in range(sel.shape[0])

@@ -38,11 +38,12 @@ from lserve_lite.backends.cuda_attention import (  # noqa: E402
 )
 from lserve_lite.backends.reference.page_select import select_pages_ref  # noqa: E402
 from lserve_lite.harness.attention import SPARSE_DECODE, decode_setup  # noqa: E402
+from lserve_lite.harness.common import Ctx  # noqa: E402
 from lserve_lite.harness.page_select import (  # noqa: E402
     SELECT_LONG,
     SELECT_TIES,
-    _selection_mismatches,
     integer_stats,
+    selection_mismatches,
 )
 from lserve_lite.sparse.selector import page_scores  # noqa: E402
 
@@ -51,14 +52,11 @@ FULL = [*(("select", n) for n in [*SPARSE_DECODE, "one_long_15_short"]), *(("top
 LONG = [("topk", n) for n in SELECT_LONG if n != "one_long_15_short"]
 
 
-class HostCtx:
-    """The host half of a harness context (harness.common.Ctx without CuPy): its generator and f16."""
+class HostCtx(Ctx):
+    """The host half of a harness context (harness.common.Ctx without CuPy or ops): its generator and f16."""
 
     def __init__(self, seed: int):
         self.rng = np.random.default_rng(seed)
-
-    def f16(self, *shape, scale=1.0) -> np.ndarray:
-        return (self.rng.standard_normal(shape) * scale).astype(np.float16).astype(np.float32)
 
 
 def build(tmp: Path) -> Path:
@@ -138,7 +136,7 @@ def check(exe: Path, tmp: Path, mode: str, name: str, group_reduce: str, seed: i
     subprocess.run([str(exe), mode, str(tmp), *(str(x) for x in sizes)], check=True)
     sel = np.fromfile(tmp / "sel.bin", np.int32).reshape(want_sel.shape)
     cnt = np.fromfile(tmp / "cnt.bin", np.int32).reshape(want_cnt.shape)
-    hard, near = _selection_mismatches(b, kmax, kmin, sel, cnt, want_sel, want_cnt)
+    hard, near = selection_mismatches(b, kmax, kmin, sel, cnt, want_sel, want_cnt)
     exact = name in SELECT_TIES and group_reduce == "max"
     if exact:
         hard, near = hard + near, 0

@@ -63,7 +63,7 @@ def page_select_one(c: Ctx, name: str, group_reduce: str = "max", selector: str 
         cache.head_slot[0], cache.sel_idx[0], cache.sel_cnt[0],
     )  # fmt: skip
     got_sel, got_cnt = cache.sel_idx[0].get(), cache.sel_cnt[0].get()
-    hard, near = _selection_mismatches(b, kmax, kmin, got_sel, got_cnt, sel, cnt)
+    hard, near = selection_mismatches(b, kmax, kmin, got_sel, got_cnt, sel, cnt)
     if exact:  # exact integer scores: a near-tie swap is a wrong tie rule
         hard, near = hard + near, 0
     pattern = "".join(str(int(x)) for x in b.hc)
@@ -72,7 +72,7 @@ def page_select_one(c: Ctx, name: str, group_reduce: str = "max", selector: str 
     return Result("page_select", tag, hard, 0.0, hard == 0, note)
 
 
-def _selection_mismatches(b: SparseBatch, kmax, kmin, sel_g, cnt_g, sel_r, cnt_r) -> tuple[int, int]:
+def selection_mismatches(b: SparseBatch, kmax, kmin, sel_g, cnt_g, sel_r, cnt_r) -> tuple[int, int]:
     """(rows that differ, rows that differ only by near-ties) between a GPU and a reference selection."""
     plan = b.plan
     qb_of_slot = {int(plan.qb_slot[qb]): qb for qb in range(plan.num_qblocks)}
