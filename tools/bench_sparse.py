@@ -11,7 +11,7 @@ DuoAttention pattern at static sparsity 0.5 (per-layer head classes; layers LAYE
 Writes JSON (--out DIR/bench_sparse.json) and a PNG of speedup against context length; prints a table.
 - the page selector per layer at 128k and 256k, batch 1: page_select.cu (two launches) and the Numba kernel
   (one launch), group_reduce max and mass, through CUDA Graphs, and whether they pick the same pages.
-Usage: python3 tools/bench_sparse.py --out DIR [--no-flex] [--quick] [--selector-only]
+Usage: python3 tools/bench_sparse.py --out DIR [--no-flex] [--quick] [--selector-only] [--no-prefill]
 """
 
 from __future__ import annotations
@@ -246,6 +246,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--selector-only", action="store_true", help="only the page selector rows (batch 1)")
+    ap.add_argument(
+        "--no-prefill", action="store_true", help="skip the prefill rows (selector and decode only)"
+    )
     ap.add_argument("--sub-pages", type=int, default=SUB, help=f"logical pages per page ({SUB})")
     a = ap.parse_args(argv)
     set_sub_pages(a.sub_pages)
@@ -268,7 +271,7 @@ def main(argv=None) -> int:
         (out / f"bench_sparse_selector{tail}.json").write_text(json.dumps(res, indent=1))
         print(format_table(res))
         return 0
-    for seq in (32768, 131072):
+    for seq in () if a.no_prefill else (32768, 131072):
         row = {"seq": seq, "ours_dense_ms": ours_prefill(seq, None)}
         for local in (8192, 4096):
             row[f"ours_sparse_l{local}_ms"] = float(
