@@ -4,19 +4,24 @@
 // windows, dense heads visiting the pages the selector picked: sel_idx/sel_cnt, see make_visit);
 // launcher: lserve_lite/backends/cuda_attention.py.
 //
-// Split-KV: the page list of each (query block, KV head) is cut into SW = gridDim.x * 4 equal ranges of
+// Split-KV: the page list of each (query block, KV head) is cut into gridDim.x * 4 equal ranges of
 // 16-token units, one per warp. A warp computes the partial attention of up to 16 query heads of the GQA
 // group (rows of an m16 tile; more heads -> more head tiles in gridDim.z) over its range with
 // mma.sync m16n8k16, streaming its units through its own STAGES-deep cp.async ring in shared memory
-// (no CTA barriers in the loop), and writes the normalized partial output and its base-2 log-sum-exp.
-// `paged_attn_decode_combine` merges the SW partials of each (query block, head) into the fp16 output.
+// (no CTA barriers in the loop). After the loop each warp parks its un-normalized O rows and (max, sum) in
+// its own ring region, one __syncthreads, and the CTA merges its 4 warps (cta_merge): SW = gridDim.x
+// partials per (query block, head), each a normalized O and its base-2 log-sum-exp, which
+// `paged_attn_decode_combine` merges into the fp16 output. With a single split (gridDim.x = 1) the launcher
+// passes `out` and the CTA writes the fp16 output rows itself (no partials, no combine launch).
 //
 // Quantized caches (KV = lskv::Int8 / Int4 / Fp8): a unit travels as stored (values + fp16 scales, through
 // the same ring) and the warp dequantizes it into an fp16 K and V tile just before its mma steps.
 //
 // CUDA Graphs: the grid is sized from the plan's capacity; counts (query blocks, pages per list) are read
 // from the device plan, so one captured graph replays for any plan of up to that many query blocks.
-// CTAs past the live query blocks exit; warps with an empty range write O = 0 and lse = -inf.
+// CTAs past the live query blocks exit as a whole (qb is the CTA's, so every thread of a live CTA reaches the
+// merge barrier); a warp with an empty range skips its loop and enters the merge with weight 0 (m = -inf);
+// a CTA whose 4 ranges are all empty writes O = 0 and lse = -inf.
 #include "attention_common.cuh"
 
 namespace lsattn {
@@ -24,6 +29,64 @@ namespace lsattn {
 constexpr int DC_THREADS = 128;
 constexpr int DC_WARPS = DC_THREADS / 32;
 constexpr int DC_UNIT = 16;  // keys per unit (the smallest page size)
+
+// ---- CTA merge of the 4 warps' partials (the epilogue of both decode bodies)
+// After its loop a warp stores its un-normalized O rows (fp32, un-permuted dims) and, per row, its running max
+// m (base 2, scaled: m_run * scale_log2; -inf when the warp saw no visible key) and sum l into its OWN ring
+// region, which only it used (no barrier before the stores); one __syncthreads; then the CTA's threads merge
+// float4 chunks of the live rows: M = max_w m_w, a_w = exp2(m_w - M), L = sum_w a_w l_w,
+// O = sum_w a_w O_w / (L * ogain), lse = M + log2(L) (ogain: v2's PGAIN folded into O). Empty CTA: O = 0,
+// lse = -inf (the combine gives it weight 0). Rows are RS floats apart, RS = D + 8 (v1's float2 stores, a half
+// warp = rows g..g+3: 8 banks apart) or, for v2's float4 stores of dims (2 t4 + j) * D/8 + 4 i (a quarter warp =
+// rows g, g + 1 x t4 0..3), RS = D + 8 (D 64) / D + 16 (D 128) with chunk q stored at q ^ ((q >> 3) & 3): no bank
+// conflicts on the stores, and a quarter warp of the merge reads 8 consecutive chunks of one row.
+template <int D, bool V2>
+struct MergeSmem {
+  static constexpr int RS = D + (V2 && D == 128 ? 16 : 8);  // floats per row
+  static constexpr int M_OFF = 16 * RS, L_OFF = M_OFF + 16;  // m[16], l[16] after the 16 rows
+  static constexpr int BYTES = (L_OFF + 16) * 4;              // per warp, inside its ring region
+  __device__ static __forceinline__ int chunk(int q) { return V2 ? q ^ ((q >> 3) & 3) : q; }
+  __device__ static __forceinline__ int at(int r, int d) { return r * RS + 4 * chunk(d >> 2) + (d & 3); }
+};
+
+// The merge (see above): warp w's region at base + w * region floats; writes the CTA's one partial of rows
+// r < nh (part_o / part_lse slot pslot0 + r * SW) or, with `out` (a single split: nothing to combine), the
+// fp16 output rows out + (orow0 + r) * D directly.
+template <int D, bool V2>
+__device__ __forceinline__ void cta_merge(const float* base, int region, int nh, float ogain, float* part_o,
+                                          float* part_lse, size_t pslot0, int SW, f16_t* out, size_t orow0) {
+  using M = MergeSmem<D, V2>;
+  constexpr int QN = D / 4;
+  for (int i = threadIdx.x; i < nh * QN; i += DC_THREADS) {
+    const int r = i / QN, q = i % QN;
+    float m[DC_WARPS], mx = LSERVE_NEG_INF;
+#pragma unroll
+    for (int w = 0; w < DC_WARPS; ++w) mx = fmaxf(mx, m[w] = base[w * region + M::M_OFF + r]);
+    const float m_use = mx == LSERVE_NEG_INF ? 0.f : mx;
+    float lsum = 0.f;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int w = 0; w < DC_WARPS; ++w) {
+      const float a = fast_exp2(m[w] - m_use);  // 0 for an empty warp (exp2(-inf))
+      lsum = fmaf(a, base[w * region + M::L_OFF + r], lsum);
+      const float4 v = *reinterpret_cast<const float4*>(base + w * region + r * M::RS + 4 * M::chunk(q));
+      acc.x = fmaf(a, v.x, acc.x);
+      acc.y = fmaf(a, v.y, acc.y);
+      acc.z = fmaf(a, v.z, acc.z);
+      acc.w = fmaf(a, v.w, acc.w);
+    }
+    const float inv = lsum > 0.f ? 1.f / (lsum * ogain) : 0.f;
+    if (out) {
+      *reinterpret_cast<uint2*>(out + (orow0 + r) * D + 4 * q) =
+          make_uint2(pack_half2(acc.x * inv, acc.y * inv), pack_half2(acc.z * inv, acc.w * inv));
+    } else {
+      const size_t slot = pslot0 + (size_t)r * SW;
+      *reinterpret_cast<float4*>(part_o + slot * D + 4 * q) =
+          make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
+      if (q == 0) part_lse[slot] = lsum > 0.f ? mx + fast_log2(lsum) : LSERVE_NEG_INF;
+    }
+  }
+}
 
 template <int D, int STAGES, class KV>
 struct DecodeSmem {
@@ -34,14 +97,15 @@ struct DecodeSmem {
   static constexpr int RAW_BYTES = KV::QUANT ? Staged<typename KV::KEY, D>::UNIT : UNIT_BYTES;
   static constexpr int WARP_BYTES = STAGES * 2 * RAW_BYTES + (KV::QUANT ? 2 * UNIT_BYTES : 0);
   static constexpr int BYTES = Q_BYTES + DC_WARPS * WARP_BYTES;
+  static_assert(WARP_BYTES >= MergeSmem<D, false>::BYTES && WARP_BYTES % 16 == 0, "merge: a warp's region");
 };
 
 template <int D, int STAGES, class KV>
 __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const KVPools pools,
                                             float* __restrict__ part_o, float* __restrict__ part_lse,
-                                            const PlanView pv, const int* __restrict__ sel_idx,
-                                            const int* __restrict__ sel_cnt, int sel_cap, int Hq, int Hkv,
-                                            int ps_shift, int n_htiles, float scale_log2) {
+                                            f16_t* __restrict__ out, const PlanView pv, const int* __restrict__ sel_idx,
+                                            const int* __restrict__ sel_cnt, int sel_cap, int Hq, int Hkv, int ps_shift,
+                                            int n_htiles, float scale_log2) {
   using L = DecodeSmem<D, STAGES, KV>;
   constexpr int CH = L::CH;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -69,8 +133,8 @@ __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const K
   const int ps = 1 << ps_shift;
   const int units_per_page_shift = ps_shift - 4;
   const int nunits = npages << units_per_page_shift;
-  const int SW = gridDim.x * DC_WARPS, ws = blockIdx.x * DC_WARPS + warp;
-  const int u0 = (int)(((long long)ws * nunits) / SW), u1 = (int)(((long long)(ws + 1) * nunits) / SW);
+  const int NWR = gridDim.x * DC_WARPS, ws = blockIdx.x * DC_WARPS + warp;  // warp ranges, this warp's
+  const int u0 = (int)(((long long)ws * nunits) / NWR), u1 = (int)(((long long)(ws + 1) * nunits) / NWR);
 
   const u32 sQ = smem_addr(smem);
   const u32 sK = sQ + L::Q_BYTES + warp * L::WARP_BYTES, sV = sK + STAGES * L::RAW_BYTES;
@@ -202,8 +266,11 @@ __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const K
     __syncwarp();  // this stage is refilled STAGES - 1 iterations later
   }
   cp_async_wait<0>();
+  __syncwarp();  // every lane's copies into this warp's ring have landed: the region is free
 
-  // ---- partial output (normalized) and base-2 log-sum-exp of this warp's range
+  // ---- this warp's un-normalized O rows, (m, l) -> its ring region; the CTA merges them (cta_merge)
+  using M = MergeSmem<D, false>;
+  float* const mo = reinterpret_cast<float*>(smem + L::Q_BYTES + warp * L::WARP_BYTES);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     float l = l_run[h];
@@ -211,15 +278,19 @@ __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const K
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     const int r = g + 8 * h;
     if (r < nh) {
-      const size_t slot = ((size_t)qb * Hq + head0 + r) * SW + ws;
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      float* dst = part_o + slot * D + 2 * t4;
 #pragma unroll
       for (int n = 0; n < D / 8; ++n)
-        *reinterpret_cast<float2*>(dst + n * 8) = make_float2(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
-      if (t4 == 0) part_lse[slot] = l > 0.f ? m_run[h] * scale_log2 + fast_log2(l) : LSERVE_NEG_INF;
+        *reinterpret_cast<float2*>(mo + M::at(r, n * 8 + 2 * t4)) = make_float2(o[n][2 * h], o[n][2 * h + 1]);
+      if (t4 == 0) {
+        mo[M::M_OFF + r] = l > 0.f ? m_run[h] * scale_log2 : LSERVE_NEG_INF;
+        mo[M::L_OFF + r] = l;
+      }
     }
   }
+  __syncthreads();
+  cta_merge<D, false>(reinterpret_cast<const float*>(smem + L::Q_BYTES), L::WARP_BYTES / 4, nh, 1.f, part_o,
+                      part_lse, ((size_t)qb * Hq + head0) * gridDim.x + blockIdx.x, gridDim.x, out,
+                      (size_t)pv.qb_start[qb] * Hq + head0);
 }
 
 // ---- v2 of the quantized decode (LSERVE_KVQ_DECODE=v2, cuda_attention.KVQ_DECODE) --------------------
@@ -233,8 +304,8 @@ __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const K
 //   channels are KG = 1 (D = 64) or 2 (D = 128) key groups of 16, k-steps 0-3 and 4-7).
 // - V: output dim g * D/8 + nt is column g of n-tile nt, so a lane reads D/8 contiguous channels of the four
 //   key rows its B fragments hold; KV8's per-token scale is folded into the probabilities (p * scale_v),
-//   int4's group scale and min (one group per lane) are applied in by one FMA. The partial output is written
-//   un-permuted.
+//   int4's group scale and min (one group per lane) are applied in by one FMA. A warp stores its O rows for
+//   the CTA merge un-permuted (MergeSmem<D, true>), so the merged partial / output is in plain dim order.
 // - Values in shared memory: 16-byte chunks XOR-swizzled by (chunk index / 8) % 8, so the K and V fragment
 //   loads of a quarter warp hit distinct banks (D = 128); scales stay linear after them.
 // No fp16 tiles: 2 * STAGES units of shared memory per warp, so more CTAs fit per SM (the launcher sizes the
@@ -348,14 +419,16 @@ template <int D, int STAGES, class KV>
 struct DecodeSmemV2 {
   static constexpr int WARP_BYTES = STAGES * (FragV2<KV, D>::KUNIT + FragV2<KV, D>::UNIT);
   static constexpr int BYTES = DC_WARPS * WARP_BYTES;
+  static_assert(WARP_BYTES >= MergeSmem<D, true>::BYTES && WARP_BYTES % 16 == 0, "merge: a warp's region");
 };
 
 template <int D, int STAGES, class KV>
 __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, const KVPools pools,
                                                float* __restrict__ part_o, float* __restrict__ part_lse,
-                                               const PlanView pv, const int* __restrict__ sel_idx,
-                                               const int* __restrict__ sel_cnt, int sel_cap, int Hq, int Hkv,
-                                               int ps_shift, int n_htiles, float scale_log2) {
+                                               f16_t* __restrict__ out, const PlanView pv,
+                                               const int* __restrict__ sel_idx, const int* __restrict__ sel_cnt,
+                                               int sel_cap, int Hq, int Hkv, int ps_shift, int n_htiles,
+                                               float scale_log2) {
   static_assert(KV::QUANT, "v2 is the quantized decode");
   using F = FragV2<KV, D>;
   using R = typename F::R;
@@ -384,8 +457,8 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
   const int ps = 1 << ps_shift;
   const int units_per_page_shift = ps_shift - 4;
   const int nunits = npages << units_per_page_shift;
-  const int SW = gridDim.x * DC_WARPS, ws = blockIdx.x * DC_WARPS + warp;
-  const int u0 = (int)(((long long)ws * nunits) / SW), u1 = (int)(((long long)(ws + 1) * nunits) / SW);
+  const int NWR = gridDim.x * DC_WARPS, ws = blockIdx.x * DC_WARPS + warp;  // warp ranges, this warp's
+  const int u0 = (int)(((long long)ws * nunits) / NWR), u1 = (int)(((long long)(ws + 1) * nunits) / NWR);
 
   unsigned char* const wbase = smem + warp * DecodeSmemV2<D, STAGES, KV>::WARP_BYTES;
   const u32 sK = smem_addr(wbase), sV = sK + STAGES * KUNIT;
@@ -571,8 +644,12 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
     __syncwarp();  // this stage is refilled STAGES - 1 iterations later
   }
   cp_async_wait<0>();
+  __syncwarp();  // every lane's copies into this warp's ring have landed: the region is free
 
-  // ---- partial output (normalized; column c of n-tile nt is dim c * D/8 + nt) and base-2 log-sum-exp
+  // ---- this warp's un-normalized O rows (column c of n-tile nt is dim c * D/8 + nt: stored un-permuted), (m, l)
+  // -> its ring region; the CTA merges them (cta_merge; O carries PGAIN, divided out there)
+  using M = MergeSmem<D, true>;
+  float* const mo = reinterpret_cast<float*>(wbase);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     float l = l_run[h];
@@ -580,20 +657,23 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     const int r = g + 8 * h;
     if (r < nh) {
-      const size_t pslot = ((size_t)qb * Hq + head0 + r) * SW + ws;
-      const float inv = l > 0.f ? 1.f / (l * F::PGAIN) : 0.f;
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        float* dst = part_o + pslot * D + (2 * t4 + j) * NT;
+      for (int j = 0; j < 2; ++j)
 #pragma unroll
         for (int i = 0; i < NT / 4; ++i)
-          *reinterpret_cast<float4*>(dst + 4 * i) =
-              make_float4(o[4 * i][2 * h + j] * inv, o[4 * i + 1][2 * h + j] * inv, o[4 * i + 2][2 * h + j] * inv,
-                          o[4 * i + 3][2 * h + j] * inv);
+          *reinterpret_cast<float4*>(mo + M::at(r, (2 * t4 + j) * NT + 4 * i)) =
+              make_float4(o[4 * i][2 * h + j], o[4 * i + 1][2 * h + j], o[4 * i + 2][2 * h + j],
+                          o[4 * i + 3][2 * h + j]);
+      if (t4 == 0) {
+        mo[M::M_OFF + r] = l > 0.f ? m_run[h] * scale_log2 : LSERVE_NEG_INF;
+        mo[M::L_OFF + r] = l;
       }
-      if (t4 == 0) part_lse[pslot] = l > 0.f ? m_run[h] * scale_log2 + fast_log2(l) : LSERVE_NEG_INF;
     }
   }
+  __syncthreads();
+  cta_merge<D, true>(reinterpret_cast<const float*>(smem), DecodeSmemV2<D, STAGES, KV>::WARP_BYTES / 4, nh,
+                     F::PGAIN, part_o, part_lse, ((size_t)qb * Hq + head0) * gridDim.x + blockIdx.x, gridDim.x,
+                     out, (size_t)pv.qb_start[qb] * Hq + head0);
 }
 
 // Merge the SW partials of (query block blockIdx.x, query head blockIdx.y) into the fp16 output.
@@ -663,12 +743,13 @@ __device__ __forceinline__ void combine_body(const float* __restrict__ part_o, c
   extern "C" __global__ void __launch_bounds__(lsattn::DC_THREADS) paged_attn_decode_d##D##_s##STAGES##SUFFIX( \
       const f16_t* q, const unsigned char* k0, const unsigned char* v0, const unsigned char* k1,          \
       const unsigned char* v1, const f16_t* sk0, const f16_t* sv0, const f16_t* sk1, const f16_t* sv1,     \
-      float* part_o, float* part_lse, const int* plan, int cap_qb, int cap_seq, const int* head_class,     \
-      const int* head_slot, int n0, int n1, const int* sel_idx, const int* sel_cnt, int sel_cap, int Hq,   \
-      int Hkv, int ps_shift, int n_htiles, float scale_log2) {                                             \
+      float* part_o, float* part_lse, f16_t* out, const int* plan, int cap_qb, int cap_seq,               \
+      const int* head_class, const int* head_slot, int n0, int n1, const int* sel_idx, const int* sel_cnt, \
+      int sel_cap, int Hq, int Hkv, int ps_shift, int n_htiles, float scale_log2) {                        \
     lserve::pdl_enter();                                                                                   \
     const lsattn::KVPools pools{k0, v0, k1, v1, sk0, sv0, sk1, sv1, head_class, head_slot, n0, n1};        \
-    lsattn::decode_body<D, STAGES, KV>(q, pools, part_o, part_lse, lsattn::plan_view(plan, cap_qb, cap_seq), \
+    lsattn::decode_body<D, STAGES, KV>(q, pools, part_o, part_lse, out,                                    \
+                                       lsattn::plan_view(plan, cap_qb, cap_seq),                           \
                                        sel_idx, sel_cnt, sel_cap, Hq, Hkv, ps_shift, n_htiles, scale_log2); \
   }
 
@@ -694,12 +775,13 @@ constexpr int DC_V2_MIN_CTAS = 3;
       paged_attn_decode_v2_d##D##_s##STAGES##SUFFIX(                                                       \
           const f16_t* q, const unsigned char* k0, const unsigned char* v0, const unsigned char* k1,      \
           const unsigned char* v1, const f16_t* sk0, const f16_t* sv0, const f16_t* sk1, const f16_t* sv1, \
-          float* part_o, float* part_lse, const int* plan, int cap_qb, int cap_seq, const int* head_class, \
-          const int* head_slot, int n0, int n1, const int* sel_idx, const int* sel_cnt, int sel_cap, int Hq, \
-          int Hkv, int ps_shift, int n_htiles, float scale_log2) {                                         \
+          float* part_o, float* part_lse, f16_t* out, const int* plan, int cap_qb, int cap_seq,           \
+          const int* head_class, const int* head_slot, int n0, int n1, const int* sel_idx,                 \
+          const int* sel_cnt, int sel_cap, int Hq, int Hkv, int ps_shift, int n_htiles, float scale_log2) { \
     lserve::pdl_enter();                                                                                   \
     const lsattn::KVPools pools{k0, v0, k1, v1, sk0, sv0, sk1, sv1, head_class, head_slot, n0, n1};        \
-    lsattn::decode_body_v2<D, STAGES, KV>(q, pools, part_o, part_lse, lsattn::plan_view(plan, cap_qb, cap_seq), \
+    lsattn::decode_body_v2<D, STAGES, KV>(q, pools, part_o, part_lse, out,                                 \
+                                          lsattn::plan_view(plan, cap_qb, cap_seq),                        \
                                           sel_idx, sel_cnt, sel_cap, Hq, Hkv, ps_shift, n_htiles, scale_log2); \
   }
 LSERVE_DECODE_V2_KERNEL(64, 4, lskv::Int8, _int8)

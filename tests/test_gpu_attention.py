@@ -51,7 +51,7 @@ def make_case(
     return q, k, v, plan, hc, ref
 
 
-def run_gpu(q, k, v, plan, hc, decode=None, cuda_plan=None):
+def run_gpu(q, k, v, plan, hc, decode=None, cuda_plan=None, num_splits=None):
     import cupy as cp
 
     from lserve_lite.backends.cuda_attention import CudaPlan, paged_attention
@@ -59,8 +59,9 @@ def run_gpu(q, k, v, plan, hc, decode=None, cuda_plan=None):
     cplan = cuda_plan.update(plan) if cuda_plan is not None else CudaPlan.from_plan(plan)
     out = cp.full((q.shape[0], q.shape[1] * q.shape[2]), np.nan, dtype=np.float16)
     res = paged_attention(
-        cp.asarray(q), cp.asarray(k), cp.asarray(v), cplan, cp.asarray(hc), out=out, decode=decode
-    )
+        cp.asarray(q), cp.asarray(k), cp.asarray(v), cplan, cp.asarray(hc), out=out, decode=decode,
+        num_splits=num_splits,
+    )  # fmt: skip
     assert res is out
     return cp.asnumpy(out).astype(np.float32)
 
@@ -159,6 +160,20 @@ def test_decode_matches_reference(name):
     check(run_gpu(q, k, v, plan, hcl), ref)
     # The prefill kernel executes the same one-row plan too.
     check(run_gpu(q, k, v, plan, hcl, decode=False), ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, 3, 40])
+@pytest.mark.parametrize("name", ["batch4_llama_shape", "streaming_mixed", "group20_two_head_tiles"])
+def test_decode_split_counts(name, splits):
+    """Forced split counts: 1 (the decode kernel writes the output itself, no combine), 3, and 40 (many CTAs whose
+    four warp ranges are all empty for the short lists): each CTA merges its 4 warps' partials before the combine."""
+    rng = np.random.default_rng(zlib.crc32(name.encode()) + splits)
+    ctx, hq, hkv, d, ps, sink, local, hc = DECODE_CASES[name]
+    q, k, v, plan, hcl, ref = make_case(
+        rng, [1] * len(ctx), [c - 1 for c in ctx], hq, hkv, d, ps, 64, sink or 0, local or 0, hc
+    )
+    check(run_gpu(q, k, v, plan, hcl, decode=True, num_splits=splits), ref)
 
 
 @pytest.mark.gpu

@@ -77,6 +77,19 @@ def test_attention_over_quantized_cache(hctx, kv, name, impl, pk):
         _run(hctx, kv, HK.kv_attention_one, name, prefill=_prefill_setting(pk))
 
 
+@pytest.mark.parametrize("splits", [1, 5])
+@pytest.mark.parametrize("impl", HK.DECODE_IMPLS)
+@pytest.mark.parametrize("kv", HK.QUANT_KV)
+@pytest.mark.parametrize("name", ["decode_d64", "decode_d128_p16"])
+def test_quantized_decode_split_counts(hctx, kv, name, impl, splits):
+    """Forced split counts (cuda_attention.decode_splits replaced): 1, where the decode kernel writes the output
+    itself and no combine runs, and 5; each CTA merges its 4 warps' partials (v1 and v2 epilogues)."""
+    from lserve_lite.backends import cuda_attention as CA
+
+    with setting(CA, "decode_splits", lambda *a, s=splits: s):
+        _run(hctx, kv, HK.kv_attention_one, name, impl=impl)
+
+
 @pytest.mark.parametrize("pk", ["auto", "mma"])
 @pytest.mark.parametrize("impl", HK.DECODE_IMPLS)
 @pytest.mark.parametrize("kv", HK.QUANT_KV)

@@ -215,6 +215,30 @@ def test_prefill_smem_matches_the_kernels():
         nvrtc_check(src, arch, source=text)  # raises with the failed assertion in the log
 
 
+@pytest.mark.skipif(not _nvrtc_available(), reason="NVRTC not installed")
+def test_decode_smem_matches_the_kernels():
+    """The decode launcher's shared-memory sizes (which `_ctas_per_sm` and `decode_splits` turn into CTAs per SM)
+    against lsattn::DecodeSmem<D, STAGES, KV> + 256 and DecodeSmemV2<D, STAGES, KV>, every configuration the
+    launcher uses (the CTA merge lives inside the warps' ring regions: no extra bytes; the kernels static_assert
+    that it fits)."""
+    from lserve_lite.backends import cuda_attention as att
+    from lserve_lite.backends.cuda_compile import nvrtc_check, read_source
+
+    sizes = [
+        (f"lsattn::DecodeSmem<{d}, {st}, {att.KV_TRAITS[kv]}>::BYTES + 256", att._decode_smem(d, st, kv))
+        for d, st in att.DECODE_STAGES.items()
+        for kv in att.KV_TRAITS
+    ]
+    sizes += [
+        (f"lsattn::DecodeSmemV2<{d}, {st}, {att.KV_TRAITS[kv]}>::BYTES", att._decode_v2_smem(d, st, kv))
+        for d in att.DECODE_STAGES
+        for kv, st in att.DECODE_V2_STAGES.items()
+    ]
+    text = re.sub(r"^LSERVE_\w+\(.*\)$", "", read_source(att.DECODE_SOURCE), flags=re.M)
+    text += "".join(f'static_assert({expr} == {n}, "{expr} != {n}");\n' for expr, n in sizes)
+    nvrtc_check(att.DECODE_SOURCE, "sm_90", source=text)  # raises with the failed assertion in the log
+
+
 def test_every_launcher_source_exists():
     assert set(_builds()) <= set(kernel_sources())
 

@@ -6,7 +6,8 @@ kernels/attention_decode.cu. The references they are tested against: backends/re
   CUDA Graph replays for any plan of the same capacity (the kernels read every count from the buffers).
 - `paged_attention(q, k_cache, v_cache, plan, head_class)`: fp16 q [N, Hq, D], fp16 caches
   [pages, Hkv, page_size, D] -> fp16 [N, Hq * D]; fp32 softmax and accumulation. Prefill (flash attention
-  on tensor cores over the listed pages only) or decode (flash-decoding: split-KV partials + combine).
+  on tensor cores over the listed pages only) or decode (flash-decoding: split-KV partials, one per CTA, then a
+  combine; with a single split the decode kernel writes the output and no combine runs).
   Quantized caches (int8 / int4 / fp8 values with fp16 scales, kv/quant.py) run the same kernels
   instantiated for their format (kernels/kv_quant.cuh), dequantizing in shared memory; decode by default
   dequantizes in registers straight into the mma fragments, with its own split count (`KVQ_DECODE = "v2"`;
@@ -377,6 +378,20 @@ def _ctas_per_sm(fn, smem: int) -> int:
     return max(1, min(16, by_smem, by_regs))
 
 
+def combine_smem(sw: int, d: int) -> int:
+    """Dynamic shared memory of paged_attn_decode_combine over `sw` partials per head (combine_body: the
+    weights, a max, a weight sum and D sums per warp)."""
+    return (sw + 2 * (_COMBINE_THREADS // 32) * (1 + d // 2)) * 4
+
+
+def decode_writes_output(splits: int, out) -> bool:
+    """Whether the decode kernel writes the fp16 output itself (its `out` argument; no combine launch): one split
+    per (query block, KV head, head tile), so each CTA's merged partial is the final row, and `out` is a
+    row-major [N, Hq * D] array the kernel can store 4 halves at a time into. Fixed for a captured graph (the
+    split count and the output buffer are)."""
+    return splits == 1 and out.flags.c_contiguous and out.data.ptr % 8 == 0
+
+
 def decode_splits(plan: CudaPlan, hkv: int, head_tiles: int, d: int, per_sm: int | None = None) -> int:
     """CTAs per (query block, KV head, head tile): fill the GPU once (all CTAs resident together).
     `per_sm`: resident CTAs per SM of the kernel launched (default: the fp16 / v1 kernel's shared memory)."""
@@ -486,9 +501,15 @@ def paged_attention(
             smem = _decode_smem(d, DECODE_STAGES[d], kv)
             fn = k.get(k.decode, f"paged_attn_decode_d{d}_s{DECODE_STAGES[d]}{_suffix(kv)}", smem)
         splits = int(num_splits) if num_splits else decode_splits(plan, hkv, head_tiles, d, per_sm)
-        sw = splits * (_THREADS // 32)
-        part_o = plan.workspace("part_o", plan.max_qblocks * hq * sw * d, np.float32)
-        part_lse = plan.workspace("part_lse", plan.max_qblocks * hq * sw, np.float32)
+        # Each CTA merges its warps' partials and writes one per query head (sw = splits); a single split has
+        # nothing left to combine: the kernel writes the fp16 output itself and the combine is not launched.
+        direct = decode_writes_output(splits, out)
+        if direct:
+            part_o = part_lse = np.uint64(0)  # null: never touched
+        else:
+            sw = splits
+            part_o = plan.workspace("part_o", plan.max_qblocks * hq * sw * d, np.float32)
+            part_lse = plan.workspace("part_lse", plan.max_qblocks * hq * sw, np.float32)
         if sel_idx is None:
             sel = (np.uint64(0), np.uint64(0), np.int32(0))  # null pointers: no selection
         else:
@@ -496,17 +517,18 @@ def paged_attention(
         fn(
             (splits, plan.max_qblocks, hkv * head_tiles),
             (_THREADS,),
-            (q, *pools, part_o, part_lse, *_plan_args(plan), *pool_args, *sel, np.int32(hq), np.int32(hkv),
-             ps_shift, np.int32(head_tiles), scale_log2),
+            (q, *pools, part_o, part_lse, out if direct else np.uint64(0), *_plan_args(plan), *pool_args, *sel,
+             np.int32(hq), np.int32(hkv), ps_shift, np.int32(head_tiles), scale_log2),
             shared_mem=smem,
         )  # fmt: skip
-        comb = k.get(k.decode, "paged_attn_decode_combine", 0)
-        comb(
-            (plan.max_qblocks, hq),
-            (_COMBINE_THREADS,),
-            (part_o, part_lse, out, plan.meta, plan.qb_start, np.int32(hq), np.int32(sw), np.int32(d)),
-            shared_mem=(sw + 2 * (_COMBINE_THREADS // 32) * (1 + d // 2)) * 4,
-        )
+        if not direct:
+            comb = k.get(k.decode, "paged_attn_decode_combine", 0)
+            comb(
+                (plan.max_qblocks, hq),
+                (_COMBINE_THREADS,),
+                (part_o, part_lse, out, plan.meta, plan.qb_start, np.int32(hq), np.int32(sw), np.int32(d)),
+                shared_mem=combine_smem(sw, d),
+            )
         return out
     # Prefill: BM = 64 * mt rows per CTA, packing `heads_per_cta` heads of `rows_per_head` rows each.
     qlen = plan.max_qb_len
