@@ -364,23 +364,43 @@ __device__ __forceinline__ void lds_v2(const unsigned char* base, int r, int b, 
   }
 }
 
-// int4 nibbles at bits 0 and 16 of x -> half2 (q0 * s + m0, q1 * s + m1): q exact (1024 + q minus 1024), one FMA.
-__device__ __forceinline__ u32 nib2_v2(u32 x, u32 s2, u32 m2) {
-  return lskv::hfma2(lskv::hsub2((x & 0x000F000Fu) | 0x64006400u, 0x64006400u), s2, m2);
+// int4: the nibbles at bits 6..9 and 22..25 of x under the magic 0x4C00 (= 16, mantissa step 1/64: one lop3)
+// are the halves 16 + q, exact; one FMA with (scale, min - 16 scale) gives q * scale + min (nib4_v2). The bias is
+// rounded to fp16 once per group (|error| <= 2^-11 |min - 16 scale|, about 3 fp16 roundings of a value of the
+// group, see docs/KV_QUANT.md): the top of the mantissa keeps the bias smallest (nibbles at bits 0..3 would need
+// min - 1024 scale, up to half a quantization step of error; bits 4..7, min - 64 scale). A word's nibble pairs
+// (m, m + 4) reach bits 6..9 by one shift each: x << 6, x << 2, x >> 2, x >> 6 (m = 0, 1, 2, 3).
+constexpr u32 NIB4_MASK = 0x03C003C0u, MAGIC2 = 0x4C004C00u, H2_MINUS16 = 0xCC00CC00u;  // (-16, -16)
+// (x & NIB4_MASK) | MAGIC2 as one lop3 (LUT 0xEA = (a & b) | c): written as C, ptxas emits two LOP3s (a SASS
+// LOP3 takes one immediate); given both constants, it keeps one in a register.
+__device__ __forceinline__ u32 nib4_v2(u32 x, u32 s2, u32 c2) {
+  u32 y;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(y) : "r"(x), "n"(NIB4_MASK), "n"(MAGIC2));
+  return lskv::hfma2(y, s2, c2);
 }
+// (scale, min) half2s -> nib4_v2's bias min - 16 scale (the scale is used as it is).
+__device__ __forceinline__ u32 nib4_bias(u32 sc2, u32 mn2) { return lskv::hfma2(sc2, H2_MINUS16, mn2); }
+// Word x's nibbles m and m + 4 (m = 0..3) moved to bits 6..9 and 22..25.
+template <int M>
+__device__ __forceinline__ u32 nib_at6(u32 x) {
+  return M < 2 ? x << (6 - 4 * M) : x >> (4 * M - 6);
+}
+// int8 stored bytes -> 1152 + value halves (bytes of prmt selector sel: 0x4140 bytes 0, 1; 0x4342 bytes 2, 3):
+// the value offset by 1152, exact; K leaves the offset in (the score's accumulator starts at -1152 * sum(q)).
+__device__ __forceinline__ u32 i8off_h2(u32 x80, u32 sel) { return lskv::prmt(x80, 0x64646464u, sel); }
 
-// B fragments (b0, b1) of QK^T k-step kk from a lane's K words of one key row; s2, m2: int4's scale and min
-// of the row's group (half2, both halves equal).
+// B fragments (b0, b1) of QK^T k-step kk from a lane's K words of one key row; s2, c2: int4's nib4_v2
+// coefficients of the row's group (half2, both halves equal).
 template <class KV>
-__device__ __forceinline__ void kfrag_v2(const u32* w, int kk, u32 s2, u32 m2, u32& b0, u32& b1) {
-  if constexpr (KV::BITS == 4) {  // nibble m of word kk / 2 and nibble m + 4, m = 2 (kk & 1) (+1 for b1)
-    const u32 x = w[kk >> 1] >> (8 * (kk & 1));
-    b0 = nib2_v2(x, s2, m2);
-    b1 = nib2_v2(x >> 4, s2, m2);
-  } else if constexpr (same_t<KV, lskv::Int8>::value) {  // bytes 0, 1 and 2, 3 of word kk
+__device__ __forceinline__ void kfrag_v2(const u32* w, int kk, u32 s2, u32 c2, u32& b0, u32& b1) {
+  if constexpr (KV::BITS == 4) {  // word kk / 2, nibbles m, m + 4 (b0) and m + 1, m + 5 (b1), m = 2 (kk & 1)
+    const u32 x = w[kk >> 1];
+    b0 = nib4_v2((kk & 1) ? nib_at6<2>(x) : nib_at6<0>(x), s2, c2);
+    b1 = nib4_v2((kk & 1) ? nib_at6<3>(x) : nib_at6<1>(x), s2, c2);
+  } else if constexpr (same_t<KV, lskv::Int8>::value) {  // bytes 0, 1 and 2, 3 of word kk, + 1152
     const u32 x = w[kk] ^ 0x80808080u;
-    b0 = lskv::hsub2(lskv::prmt(x, 0x64646464u, 0x4140u), 0x64806480u);
-    b1 = lskv::hsub2(lskv::prmt(x, 0x64646464u, 0x4342u), 0x64806480u);
+    b0 = i8off_h2(x, 0x4140u);
+    b1 = i8off_h2(x, 0x4342u);
   } else {
     b0 = lskv::e4m3x2_to_h2(w[kk]);
     b1 = lskv::e4m3x2_to_h2(w[kk] >> 16);
@@ -388,24 +408,26 @@ __device__ __forceinline__ void kfrag_v2(const u32* w, int kk, u32 s2, u32 m2, u
 }
 
 // The PV B fragments of n-tiles 4 i .. 4 i + 3 (KV8) or 8 i .. 8 i + 7 (int4) from word i of two key rows
-// (a: key 2 t4 (+8), b: key 2 t4 + 1 (+9)); s2, m2: int4's scales and mins of the two keys (half2).
+// (a: key 2 t4 (+8), b: key 2 t4 + 1 (+9)); s2, c2: int4's nib4_v2 coefficients of the two keys (half2).
 template <class KV>
-__device__ __forceinline__ void vfrag_v2(u32 a, u32 b, u32 s2, u32 m2, u32* out) {
+__device__ __forceinline__ void vfrag_v2(u32 a, u32 b, u32 s2, u32 c2, u32* out) {
   if constexpr (KV::BITS == 4) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {  // byte i of both rows -> [a_i, -, b_i, -]: low nibbles, then high ones
-      const u32 y = lskv::prmt(a, b, (u32)(i | (i << 4) | ((4 + i) << 8) | ((4 + i) << 12)));
-      out[2 * i] = nib2_v2(y, s2, m2);
-      out[2 * i + 1] = nib2_v2(y >> 4, s2, m2);
+    for (int i = 0; i < 2; ++i) {  // bytes 2 i, 2 i + 1 of both rows -> [a_2i, a_2i+1, b_2i, b_2i+1]
+      const u32 y = lskv::prmt(a, b, i ? 0x7632u : 0x5410u);
+      out[4 * i] = nib4_v2(nib_at6<0>(y), s2, c2);      // channel 4 i: the low nibbles of bytes 0, 2
+      out[4 * i + 1] = nib4_v2(nib_at6<1>(y), s2, c2);  // 4 i + 1: the high nibbles of bytes 0, 2
+      out[4 * i + 2] = nib4_v2(nib_at6<2>(y), s2, c2);  // 4 i + 2: the low nibbles of bytes 1, 3
+      out[4 * i + 3] = nib4_v2(nib_at6<3>(y), s2, c2);  // 4 i + 3: the high nibbles of bytes 1, 3
     }
   } else {
     const u32 x0 = lskv::prmt(a, b, 0x5140u), x1 = lskv::prmt(a, b, 0x7362u);  // [a0 b0 a1 b1], [a2 b2 a3 b3]
     if constexpr (same_t<KV, lskv::Int8>::value) {
       const u32 y0 = x0 ^ 0x80808080u, y1 = x1 ^ 0x80808080u;
-      out[0] = lskv::hsub2(lskv::prmt(y0, 0x64646464u, 0x4140u), 0x64806480u);
-      out[1] = lskv::hsub2(lskv::prmt(y0, 0x64646464u, 0x4342u), 0x64806480u);
-      out[2] = lskv::hsub2(lskv::prmt(y1, 0x64646464u, 0x4140u), 0x64806480u);
-      out[3] = lskv::hsub2(lskv::prmt(y1, 0x64646464u, 0x4342u), 0x64806480u);
+      out[0] = lskv::hsub2(i8off_h2(y0, 0x4140u), 0x64806480u);
+      out[1] = lskv::hsub2(i8off_h2(y0, 0x4342u), 0x64806480u);
+      out[2] = lskv::hsub2(i8off_h2(y1, 0x4140u), 0x64806480u);
+      out[3] = lskv::hsub2(i8off_h2(y1, 0x4342u), 0x64806480u);
     } else {
       out[0] = lskv::e4m3x2_to_h2(x0);
       out[1] = lskv::e4m3x2_to_h2(x0 >> 16);
@@ -504,28 +526,50 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
         qa[kk][r] = a | (b << 16);
       }
   }
+  // int8 keys enter QK^T as 1152 + k (no subtraction per value): the score accumulators of rows g, g + 8 start
+  // at -1152 * sum(q) instead of 0 (q . (k + 1152) - 1152 sum(q): products exact, sums in fp32).
+  float s_init[2] = {0.f, 0.f};
+  if constexpr (same_t<KV, lskv::Int8>::value) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float sum = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const u32 x = qa[kk][r + 2 * i];
+          sum += lskv::h2f((unsigned short)(x & 0xffffu)) + lskv::h2f((unsigned short)(x >> 16));
+        }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      s_init[r] = -1152.f * sum;
+    }
+  }
 
   float o[NT][4];
 #pragma unroll
   for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m_run[2] = {LSERVE_NEG_INF, LSERVE_NEG_INF}, l_run[2] = {0.f, 0.f};
 
-  for (int u = u0, it = 0; u < u1; ++u, ++it) {
+  // Ring stages: st (computed now) and st_ld = st - 1 mod STAGES (refilled now), advanced without a modulo.
+  for (int u = u0, st = 0, st_ld = STAGES - 1; u < u1; ++u) {
     cp_async_wait<STAGES - 2>();
     __syncwarp();
-    if (u + STAGES - 1 < u1) load_unit(u + STAGES - 1, (it + STAGES - 1) % STAGES);
+    if (u + STAGES - 1 < u1) load_unit(u + STAGES - 1, st_ld);
     cp_async_commit();
-    const int st = it % STAGES;
-    const unsigned char* rk = wbase + st * KUNIT;
-    const unsigned char* rv = wbase + STAGES * KUNIT + st * UNIT;
+    const int cur = st;
+    st_ld = st;
+    st = st + 1 == STAGES ? 0 : st + 1;
+    const unsigned char* rk = wbase + cur * KUNIT;
+    const unsigned char* rv = wbase + STAGES * KUNIT + cur * UNIT;
     const f16_t* skh = reinterpret_cast<const f16_t*>(rk + F::VBYTES);
     const f16_t* svh = reinterpret_cast<const f16_t*>(rv + F::VBYTES);
 
     // S = Q K^T: 16 heads x 16 keys (n-tile n: keys 8 n .. 8 n + 7; this lane's B column is key g + 8 n)
-    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    float s[2][4] = {{s_init[0], s_init[0], s_init[1], s_init[1]}, {s_init[0], s_init[0], s_init[1], s_init[1]}};
     {
       u32 kw[2][KW];
-      u32 ks2[2][F::KG] = {}, km2[2][F::KG] = {};
+      u32 ks2[2][F::KG] = {}, kc2[2][F::KG] = {};
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
         lds_v2<F::RB, F::KB>(rk, g + 8 * n, t4 * F::KB, kw[n]);
@@ -533,7 +577,8 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
 #pragma unroll
           for (int j = 0; j < F::KG; ++j) {
             const u32 sm = *reinterpret_cast<const u32*>(skh + (g + 8 * n) * F::RK::SCALES + 2 * (t4 * F::KG + j));
-            ks2[n][j] = lskv::prmt(sm, 0u, 0x1010u), km2[n][j] = lskv::prmt(sm, 0u, 0x3232u);
+            ks2[n][j] = lskv::prmt(sm, 0u, 0x1010u);
+            kc2[n][j] = nib4_bias(ks2[n][j], lskv::prmt(sm, 0u, 0x3232u));
           }
         }
       }
@@ -543,7 +588,7 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
         for (int n = 0; n < 2; ++n) {
           u32 b0, b1;
           const int j = 8 * (kk >> 1) * F::KG / (D / 4);  // the group of kk's lane channels 8 (kk / 2) .. + 7
-          kfrag_v2<KV>(kw[n], kk, ks2[n][j], km2[n][j], b0, b1);
+          kfrag_v2<KV>(kw[n], kk, ks2[n][j], kc2[n][j], b0, b1);
           mma16816(s[n], qa[kk], b0, b1);
         }
     }
@@ -618,7 +663,7 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
     // O += P V: B fragment of n-tile nt = channel g * D/8 + nt of keys 2 t4, 2 t4 + 1 (b0) and + 8 (b1)
     {
       u32 vw[4][VW];
-      u32 vs2[2] = {0u, 0u}, vm2[2] = {0u, 0u};
+      u32 vs2[2] = {0u, 0u}, vc2[2] = {0u, 0u};
 #pragma unroll
       for (int r = 0; r < 4; ++r) lds_v2<F::RB, F::VB>(rv, 2 * t4 + (r & 1) + 8 * (r >> 1), g * F::VB, vw[r]);
       if constexpr (F::Q4) {  // (scale, min) of keys k0 and k0 + 1 in group g * (D/8) / GROUP -> scales, mins
@@ -628,15 +673,16 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
           const int k0 = 2 * t4 + 8 * hh;
           const u32 a = *reinterpret_cast<const u32*>(svh + k0 * R::SCALES + gv);
           const u32 b = *reinterpret_cast<const u32*>(svh + (k0 + 1) * R::SCALES + gv);
-          vs2[hh] = lskv::prmt(a, b, 0x5410u), vm2[hh] = lskv::prmt(a, b, 0x7632u);
+          vs2[hh] = lskv::prmt(a, b, 0x5410u);
+          vc2[hh] = nib4_bias(vs2[hh], lskv::prmt(a, b, 0x7632u));
         }
       }
       constexpr int PER = F::Q4 ? 8 : 4;  // n-tiles per word
 #pragma unroll
       for (int w = 0; w < VW; ++w) {
         u32 b0[PER], b1[PER];
-        vfrag_v2<KV>(vw[0][w], vw[1][w], vs2[0], vm2[0], b0);
-        vfrag_v2<KV>(vw[2][w], vw[3][w], vs2[1], vm2[1], b1);
+        vfrag_v2<KV>(vw[0][w], vw[1][w], vs2[0], vc2[0], b0);
+        vfrag_v2<KV>(vw[2][w], vw[3][w], vs2[1], vc2[1], b1);
 #pragma unroll
         for (int i = 0; i < PER; ++i) mma16816(o[w * PER + i], pa, b0[i], b1[i]);
       }
