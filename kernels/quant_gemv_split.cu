@@ -147,6 +147,12 @@ __device__ __forceinline__ int acc_row(int m0, int i, int M) {
 template <typename F, int R>
 constexpr int SPLIT_U = (4 / R) / (F::BITS / 4) > 0 ? (4 / R) / (F::BITS / 4) : 1;
 
+// Blocks per SM ptxas is told to fit (__launch_bounds__): at batch 1 with ~4 loads a set, 3 (<= 80 registers; left
+// to itself ptxas aimed several at 64 and spilled; Q4_K with SILU spills at 80); elsewhere 1 (no cap below 255).
+template <typename F, int R, int NMAX, int P, bool SILU>
+constexpr int SPLIT_MIN_BLOCKS =
+    NMAX == 1 && P == 1 && SPLIT_U<F, R> * R * F::WORDS <= 16 && !(SILU && F::SUB == 32) ? 3 : 1;
+
 // One register set: chunks c0, c0 + 32, ... (U of them) of a warp's R rows; integers, scales, additive terms,
 // sub-scales, and (CPG = 0) each row's scale, loaded here so that the epilogue waits on no load.
 template <typename F, int R, int U>
@@ -279,7 +285,7 @@ struct SplitItem {
 // rows and their up rows (acc_row), and y[r * ldy + m] = silu(g) * u on the float32 sums, each with int8's
 // per-channel scale applied first (CudaOps.gate_up_silu; reference: silu_mul_ref(x @ W^T)).
 template <typename F, int R, int NMAX, int P, typename TOut, bool SILU = false>
-__global__ void __launch_bounds__(SWARPS * 32)
+__global__ void __launch_bounds__(SWARPS * 32, (SPLIT_MIN_BLOCKS<F, R, NMAX, P, SILU>))
     quant_gemv_split(const u8* __restrict__ q, const __half* __restrict__ d, const __half* __restrict__ mn,
                      const unsigned short* __restrict__ sub, const __half* __restrict__ x, int n,
                      TOut* __restrict__ y, int ldy, int M, int K) {

@@ -67,7 +67,7 @@ static float emu_uint_as_float(unsigned u) {
 #undef __shared__
 #define __shared__ static
 #undef __launch_bounds__
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define threadIdx emu_thread
 #define blockIdx emu_block
 #define blockDim emu_block_dim
