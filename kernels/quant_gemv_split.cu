@@ -16,11 +16,13 @@
 //                         values 0-15 and 16-31 (SUB = 16)
 // and w = d * sub * (q - Z) + m * sub_m (sub = 1 without SUB). Each block first quantizes the n rows of x to
 // int8 per 32 values into shared memory (dx = max|x| / 127, xq = round(x / dx), s = sum xq: llama.cpp's q8_1
-// scheme; the logits add a second pass on the rounding residual, P = 2), then each warp takes R output rows;
-// lane l reads chunks l, l + 32, ... of each row with 16-byte loads (U chunks x R rows in flight before any is
-// used; the first of them issued before x is quantized) and sums q * xq with dp4a (exact int32, the sub-scales
-// multiplied in as integers); per chunk y += dx * (d * (sum - Z s) + m s) (s times Q4_K's min multiplier; s is
-// not used where Z = 0 and there is no m: q8_0, q6_k, int8).
+// scheme; the logits add a second pass on the rounding residual, P = 2), then each warp takes groups of R output
+// rows, strided over the grid's warps (a grid of what is resident at once: every warp loops over several);
+// lane l reads chunks l, l + 32, ... of each row with 16-byte loads, U chunks x R rows an item, each item's loads
+// issued into one of two register sets before the previous item's math (the first before x is quantized), and
+// sums q * xq with dp4a (exact int32, the sub-scales multiplied in as integers); per chunk
+// y += dx * (d * (sum - Z s) + m s) (s times Q4_K's min multiplier; s is not used where Z = 0 and there is no m:
+// q8_0, q6_k, int8).
 
 #include <cuda_fp16.h>
 
@@ -111,14 +113,15 @@ __device__ __forceinline__ int half_dot(const unsigned (&w)[F::WORDS], const int
   return acc;
 }
 
-// The chunk's q . xq times its integer sub-scales (byte b of `sub`: sub-scale b), exact in int32 and in its
-// float: at most 2 * 16 * 32 * 127 * 128 < 2^24 (Q6_K), 32 * 15 * 127 * 63 (Q4_K).
+// The chunk's (q - Z) . xq times its integer sub-scales (byte b of `sub`: sub-scale b), exact in int32 and in its
+// float: at most 2 * 16 * 32 * 127 * 128 < 2^24 (Q6_K), 32 * 15 * 127 * 63 (Q4_K). zs = Z * (sum of the chunk's
+// xq); without sub-scales it starts the dp4a chain (the same integer, one subtraction fewer).
 template <typename F>
-__device__ __forceinline__ int chunk_dot(const unsigned (&w)[F::WORDS], const int* xw, int sub) {
+__device__ __forceinline__ int chunk_dot(const unsigned (&w)[F::WORDS], const int* xw, int sub, int zs) {
   if constexpr (F::SUB == 16)
     return (signed char)sub * half_dot<F, 0>(w, xw, 0) + (signed char)(sub >> 8) * half_dot<F, 1>(w, xw, 0);
-  const int dot = half_dot<F, 1>(w, xw, half_dot<F, 0>(w, xw, 0));
-  return F::SUB == 32 ? (int)(signed char)sub * dot : dot;
+  if constexpr (F::SUB == 32) return (int)(signed char)sub * half_dot<F, 1>(w, xw, half_dot<F, 0>(w, xw, 0)) - zs;
+  return half_dot<F, 1>(w, xw, half_dot<F, 0>(w, xw, -zs));
 }
 
 // v (the chunk's sum of xq, an exact float, or its additive term) times the chunk's min multiplier (Q4_K's m_j;
@@ -139,14 +142,38 @@ __device__ __forceinline__ int acc_row(int m0, int i, int M) {
   return SILU && i >= R / 2 ? M + m0 + i - R / 2 : m0 + i;
 }
 
-// Chunks c0, c0 + 32, ... (U of them) of the warp's R rows (acc_row) into registers: integers, scales, additive
-// terms, sub-scales.
-template <typename F, int R, int U, bool SILU = false>
+// Chunks a lane holds in one register set: ~4 16-byte loads for the R rows (8-bit at R = 4: 8). The kernel keeps
+// two sets, one in flight while the other is used, so a set is half of what one load round used to hold.
+template <typename F, int R>
+constexpr int SPLIT_U = (4 / R) / (F::BITS / 4) > 0 ? (4 / R) / (F::BITS / 4) : 1;
+
+// Blocks per SM ptxas is told to fit (__launch_bounds__): at batch 1 with ~4 loads a set, 3 (<= 80 registers; left
+// to itself ptxas aimed several at 64 and spilled; Q4_K with SILU spills at 80); elsewhere 1 (no cap below 255).
+template <typename F, int R, int NMAX, int P, bool SILU>
+constexpr int SPLIT_MIN_BLOCKS =
+    NMAX == 1 && P == 1 && SPLIT_U<F, R> * R * F::WORDS <= 16 && !(SILU && F::SUB == 32) ? 3 : 1;
+
+// One register set: chunks c0, c0 + 32, ... (U of them) of a warp's R rows; integers, scales, additive terms,
+// sub-scales, and (CPG = 0) each row's scale, loaded here so that the epilogue waits on no load.
+template <typename F, int R, int U>
+struct Chunks {
+  unsigned w[U][R][F::WORDS];
+  float dd[U][R], mm[U][R];
+  int ss[U][R];
+  float rs[R];
+};
+
+// Loads the set of the warp's rows m0.. (acc_row) at chunk c0: rows past M and chunks past nc are left as they are.
+template <typename F, int R, int U, bool SILU>
 __device__ __forceinline__ void load_chunks(const u8* __restrict__ q, const __half* __restrict__ d,
                                             const __half* __restrict__ mn, const unsigned short* __restrict__ sub,
                                             int c0, int nc, int ng, long long qrow, int m0, int M,
-                                            unsigned (&w)[U][R][F::WORDS], float (&dd)[U][R], float (&mm)[U][R],
-                                            int (&ss)[U][R]) {
+                                            Chunks<F, R, U>& b) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const int m = acc_row<R, SILU>(m0, i, M);
+    if (F::CPG == 0) b.rs[i] = acc_output<R, SILU>(m0, i) < M ? __half2float(__ldg(d + m)) : 0.f;
+  }
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int c = c0 + 32 * u;
@@ -158,76 +185,52 @@ __device__ __forceinline__ void load_chunks(const u8* __restrict__ q, const __ha
 #pragma unroll
         for (int h = 0; h < F::WORDS / 4; ++h) {
           const uint4 v = __ldg(src + h);
-          w[u][i][4 * h] = v.x, w[u][i][4 * h + 1] = v.y, w[u][i][4 * h + 2] = v.z, w[u][i][4 * h + 3] = v.w;
+          b.w[u][i][4 * h] = v.x, b.w[u][i][4 * h + 1] = v.y, b.w[u][i][4 * h + 2] = v.z, b.w[u][i][4 * h + 3] = v.w;
         }
         const long long g = (long long)m * ng + (F::CPG ? c / F::CPG : 0);
-        dd[u][i] = F::CPG ? __half2float(__ldg(d + g)) : 1.f;
-        mm[u][i] = F::MIN ? __half2float(__ldg(mn + g)) : 0.f;
-        ss[u][i] = F::SUB ? (int)__ldg(sub + (long long)m * nc + c) : 0;
+        b.dd[u][i] = F::CPG ? __half2float(__ldg(d + g)) : 1.f;
+        b.mm[u][i] = F::MIN ? __half2float(__ldg(mn + g)) : 0.f;
+        b.ss[u][i] = F::SUB ? (int)__ldg(sub + (long long)m * nc + c) : 0;
       }
     }
   }
 }
 
-// y[r * ldy + m] = sum_k x[r, k] W[m, k] for r < n <= NMAX, R rows of W per warp, x in P int8 passes.
-// Dynamic shared memory: P * n * K bytes of xq + P * n * K / 32 float2 of xs. K % 32 == 0.
-// SILU (R even, TOut = __half, P = 1): W is the row-fused gate/up matrix [2M, K], a warp's R rows are R/2 gate
-// rows and their up rows (acc_row), and y[r * ldy + m] = silu(g) * u on the float32 sums, each with int8's
-// per-channel scale applied first (CudaOps.gate_up_silu; reference: silu_mul_ref(x @ W^T)).
-template <typename F, int R, int NMAX, int P, typename TOut, bool SILU = false>
-__global__ void __launch_bounds__(SWARPS * 32)
-    quant_gemv_split(const u8* __restrict__ q, const __half* __restrict__ d, const __half* __restrict__ mn,
-                     const unsigned short* __restrict__ sub, const __half* __restrict__ x, int n,
-                     TOut* __restrict__ y, int ldy, int M, int K) {
-  static_assert(!SILU || R % 2 == 0, "SILU pairs gate and up rows in a warp");
-  constexpr int U = (8 / R) / (F::BITS / 4) > 0 ? (8 / R) / (F::BITS / 4) : 1;  // ~8 16-byte loads a lane
-  extern __shared__ int4 smem[];
-  int* xq = reinterpret_cast<int*>(smem);
-  float2* xs = reinterpret_cast<float2*>(xq + P * n * (K / 4));
-  const int nc = K / 32, ng = groups_per_row<F>(K);
-  const long long qrow = (long long)K * F::BITS / 8;
-  const int lane = threadIdx.x & 31;
-  const int m0 = (blockIdx.x * SWARPS + (threadIdx.x >> 5)) * (SILU ? R / 2 : R);  // the warp's first output
-  unsigned w[U][R][F::WORDS];
-  float dd[U][R], mm[U][R];
-  int ss[U][R];
-  // in flight while x is quantized
-  load_chunks<F, R, U, SILU>(q, d, mn, sub, lane, nc, ng, qrow, m0, M, w, dd, mm, ss);
-  lserve::pdl_enter();  // and while the kernel that writes x ends
-  quantize_x<P>(x, n, K, xq, xs);
-  __syncthreads();
-  if (m0 >= M) return;
-  float acc[R][NMAX];
+// acc += the set's chunks (c0 + 32 u < nc) times the n rows of x, P passes: each lane adds its chunks in the order
+// c = lane, lane + 32, ... whatever U and the grid are, so the sums do not depend on them.
+template <typename F, int R, int U, int NMAX, int P>
+__device__ __forceinline__ void dot_chunks(const Chunks<F, R, U>& b, const int* xq, const float2* xs, int n, int nc,
+                                           int c0, float (&acc)[R][NMAX]) {
 #pragma unroll
-  for (int i = 0; i < R; ++i)
+  for (int u = 0; u < U; ++u) {
+    const int c = c0 + 32 * u;
+    if (c < nc) {
 #pragma unroll
-    for (int r = 0; r < NMAX; ++r) acc[i][r] = 0.f;
-  for (int c0 = lane; c0 < nc; c0 += 32 * U) {
-    if (c0 != lane) load_chunks<F, R, U, SILU>(q, d, mn, sub, c0, nc, ng, qrow, m0, M, w, dd, mm, ss);
+      for (int r = 0; r < NMAX; ++r) {
+        if (r < n) {
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int c = c0 + 32 * u;
-      if (c < nc) {
+          for (int p = 0; p < P; ++p) {
+            const int* xw = xq + ((p * n + r) * nc + c) * 8;
+            const float2 sx = xs[(p * n + r) * nc + c];
+            const int zs = F::Z * (int)sx.y;
 #pragma unroll
-        for (int r = 0; r < NMAX; ++r) {
-          if (r < n) {
-#pragma unroll
-            for (int p = 0; p < P; ++p) {
-              const int* xw = xq + ((p * n + r) * nc + c) * 8;
-              const float2 sx = xs[(p * n + r) * nc + c];
-#pragma unroll
-              for (int i = 0; i < R; ++i) {
-                const int dot = chunk_dot<F>(w[u][i], xw, ss[u][i]) - F::Z * (int)sx.y;
-                float t = dd[u][i] * (float)dot;
-                if (F::MIN) t = fmaf(mm[u][i], times_min_sub<F>(sx.y, ss[u][i]), t);
-                acc[i][r] = fmaf(sx.x, t, acc[i][r]);
-              }
+            for (int i = 0; i < R; ++i) {
+              float t = b.dd[u][i] * (float)chunk_dot<F>(b.w[u][i], xw, b.ss[u][i], zs);
+              if (F::MIN) t = fmaf(b.mm[u][i], times_min_sub<F>(sx.y, b.ss[u][i]), t);
+              acc[i][r] = fmaf(sx.x, t, acc[i][r]);
             }
           }
         }
       }
     }
   }
+}
+
+// The warp's sums over its lanes into y (outputs m0 .. m0 + R - 1, or R/2 with SILU: silu(gate) * up, each with
+// int8's per-channel scale rs applied first), then acc cleared for the warp's next row group.
+template <typename F, int R, int NMAX, typename TOut, bool SILU>
+__device__ __forceinline__ void store_rows(float (&acc)[R][NMAX], const float (&rs)[R], int n, TOut* __restrict__ y,
+                                           int ldy, int m0, int M, int lane) {
 #pragma unroll
   for (int i = 0; i < R; ++i)
 #pragma unroll
@@ -239,23 +242,95 @@ __global__ void __launch_bounds__(SWARPS * 32)
     for (int i = 0; i < (SILU ? R / 2 : R); ++i) {
       const int m = m0 + i;
       if (m < M) {
-        const float rs = F::CPG ? 1.f : __half2float(d[m]);  // int8's per-channel scale, applied once
+        const float rg = F::CPG ? 1.f : rs[i];  // int8's per-channel scale, applied once
         if constexpr (SILU) {
-          const float ru = F::CPG ? 1.f : __half2float(d[M + m]);  // the up row's
+          const float ru = F::CPG ? 1.f : rs[i + R / 2];  // the up row's
 #pragma unroll
           for (int r = 0; r < NMAX; ++r) {
             if (r < n) {
-              const float g = rs * acc[i][r];
+              const float g = rg * acc[i][r];
               y[(long long)r * ldy + m] = __float2half(g / (1.0f + expf(-g)) * (ru * acc[i + R / 2][r]));
             }
           }
         } else {
 #pragma unroll
           for (int r = 0; r < NMAX; ++r)
-            if (r < n) y[(long long)r * ldy + m] = (TOut)(rs * acc[i][r]);
+            if (r < n) y[(long long)r * ldy + m] = (TOut)(rg * acc[i][r]);
         }
       }
     }
+  }
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int r = 0; r < NMAX; ++r) acc[i][r] = 0.f;
+}
+
+// A warp's position in its sequence of work items: row group g (outputs g * RO ..), K step s (chunks from
+// 32 U s). Groups are strided over all warps of the grid; each group takes `steps` items.
+struct SplitItem {
+  int g, s;
+  __device__ __forceinline__ void next(int steps, int gstride) {
+    if (++s == steps) s = 0, g += gstride;
+  }
+};
+
+// y[r * ldy + m] = sum_k x[r, k] W[m, k] for r < n <= NMAX, R rows of W per warp, x in P int8 passes.
+// Dynamic shared memory: P * n * K bytes of xq + P * n * K / 32 float2 of xs. K % 32 == 0.
+// Any grid: warp w of the grid takes row groups w, w + warps, ... (cuda_quant sizes it to what is resident at
+// once, LSERVE_QGEMV_SPLIT=persist, or one group a warp, =grid); x is quantized once per block. Software
+// pipeline: each (row group, K step) item's loads go to one of two register sets before the previous item's
+// math and epilogue, so a warp always has loads in flight; the first item's before x is quantized.
+// SILU (R even, TOut = __half, P = 1): W is the row-fused gate/up matrix [2M, K], a warp's R rows are R/2 gate
+// rows and their up rows (acc_row), and y[r * ldy + m] = silu(g) * u on the float32 sums, each with int8's
+// per-channel scale applied first (CudaOps.gate_up_silu; reference: silu_mul_ref(x @ W^T)).
+template <typename F, int R, int NMAX, int P, typename TOut, bool SILU = false>
+__global__ void __launch_bounds__(SWARPS * 32, (SPLIT_MIN_BLOCKS<F, R, NMAX, P, SILU>))
+    quant_gemv_split(const u8* __restrict__ q, const __half* __restrict__ d, const __half* __restrict__ mn,
+                     const unsigned short* __restrict__ sub, const __half* __restrict__ x, int n,
+                     TOut* __restrict__ y, int ldy, int M, int K) {
+  static_assert(!SILU || R % 2 == 0, "SILU pairs gate and up rows in a warp");
+  constexpr int U = SPLIT_U<F, R>, RO = SILU ? R / 2 : R;  // chunks per lane and set, outputs per warp
+  extern __shared__ int4 smem[];
+  int* xq = reinterpret_cast<int*>(smem);
+  float2* xs = reinterpret_cast<float2*>(xq + P * n * (K / 4));
+  const int nc = K / 32, ng = groups_per_row<F>(K), steps = (nc + 32 * U - 1) / (32 * U);
+  const long long qrow = (long long)K * F::BITS / 8;
+  const int lane = threadIdx.x & 31, groups = (M + RO - 1) / RO, gstride = gridDim.x * SWARPS;
+  const int gw = blockIdx.x * SWARPS + (threadIdx.x >> 5);  // the warp's first row group
+  Chunks<F, R, U> a, b;
+  SplitItem ld{gw, 0}, cur{gw, 0};  // the next item to load, to use
+  if (gw < groups) {  // in flight while x is quantized
+    load_chunks<F, R, U, SILU>(q, d, mn, sub, lane, nc, ng, qrow, ld.g * RO, M, a);
+    ld.next(steps, gstride);
+  }
+  lserve::pdl_enter();  // and while the kernel that writes x ends
+  quantize_x<P>(x, n, K, xq, xs);
+  __syncthreads();
+  if (gw >= groups) return;
+  float acc[R][NMAX];
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int r = 0; r < NMAX; ++r) acc[i][r] = 0.f;
+  // two items a trip, one per register set: set b's loads before set a's math, then set a's before set b's
+  for (;;) {
+    if (ld.g < groups) {
+      load_chunks<F, R, U, SILU>(q, d, mn, sub, lane + 32 * U * ld.s, nc, ng, qrow, ld.g * RO, M, b);
+      ld.next(steps, gstride);
+    }
+    dot_chunks<F, R, U, NMAX, P>(a, xq, xs, n, nc, lane + 32 * U * cur.s, acc);
+    if (cur.s == steps - 1) store_rows<F, R, NMAX, TOut, SILU>(acc, a.rs, n, y, ldy, cur.g * RO, M, lane);
+    cur.next(steps, gstride);
+    if (cur.g >= groups) break;
+    if (ld.g < groups) {
+      load_chunks<F, R, U, SILU>(q, d, mn, sub, lane + 32 * U * ld.s, nc, ng, qrow, ld.g * RO, M, a);
+      ld.next(steps, gstride);
+    }
+    dot_chunks<F, R, U, NMAX, P>(b, xq, xs, n, nc, lane + 32 * U * cur.s, acc);
+    if (cur.s == steps - 1) store_rows<F, R, NMAX, TOut, SILU>(acc, b.rs, n, y, ldy, cur.g * RO, M, lane);
+    cur.next(steps, gstride);
+    if (cur.g >= groups) break;
   }
 }
 

@@ -234,6 +234,24 @@ def test_gemv_variant_from_the_environment(monkeypatch):
     )
 
 
+def test_split_grid_from_the_environment(monkeypatch):
+    """LSERVE_QGEMV_SPLIT picks the split GEMV's grid: persistent (at most the resident blocks) or one row group
+    per warp; the persistent grid is never larger than the full one."""
+    from lserve_lite.backends.cuda_quant import SPLIT_WARPS, split_blocks, split_grid_setting
+
+    monkeypatch.delenv("LSERVE_QGEMV_SPLIT", raising=False)
+    assert split_grid_setting() == "persist"
+    monkeypatch.setenv("LSERVE_QGEMV_SPLIT", "grid")
+    assert split_grid_setting() == "grid"
+    monkeypatch.setenv("LSERVE_QGEMV_SPLIT", "bogus")
+    with pytest.raises(ValueError, match="LSERVE_QGEMV_SPLIT"):
+        split_grid_setting()
+    assert SPLIT_WARPS == 8
+    assert split_blocks(28672, 4) == 896 and split_blocks(28672, 4, 132 * 3) == 396
+    assert split_blocks(4096, 2, 132 * 3) == 256 and split_blocks(4097, 2) == 257  # the full grid is smaller
+    assert split_blocks(1, 4, 396) == 1 and split_blocks(14336, 2, 3) == 3
+
+
 def test_device_weights_count_packed_bytes():
     """What the KV budget reserves: packed bytes for quantized matrices, the backend's float size otherwise."""
     from lserve_lite.backends.cuda_quant import DeviceQuant, DeviceRowStack

@@ -6,9 +6,11 @@ What it checks: the format traits' byte layouts and decoders (v1's decode8 and v
 (quant_gemv and quant_gemv2), v1's segment staging (rows that are not
 16-byte aligned, partial segments), row counts 1..8, output strides, the dequantize kernel's row gather; the
 split layout (backends/quant_split.py's repacking, the k-quants' integer sub-scales included) through
-quant_gemv_split at 1, 2 and 4 rows per warp (its int8 activations within harness.quant.activation_bound) and
-quant_dequant_split; the gate_up GEMVs with
-SiLU-and-multiply in their epilogue (quant_gemv_split with SILU at 2 and 4 rows per warp, gemv_rows<n, __half,
+quant_gemv_split at 1, 2 and 4 rows per warp (its int8 activations within harness.quant.activation_bound), each
+case run twice, with a row group per warp and with a 3-block grid whose warps loop over several (the persistent
+grid's pipeline: K steps, ragged last groups), the two outputs equal bit for bit, and quant_dequant_split; the
+gate_up GEMVs with SiLU-and-multiply in their epilogue (quant_gemv_split with SILU at 2 and 4 rows per warp, the
+same two grids; gemv_rows<n, __half,
 true> on fp16 weights) against silu_mul_ref of the float64 product (harness.common.silu_mul_atol), and the
 plain gemv_rows<n, float>.
 What it cannot: anything about the GPU itself (memory model, alignment faults, speed). The GPU rows
@@ -50,11 +52,15 @@ from lserve_lite.harness.quant import (  # noqa: E402
 )
 from lserve_lite.weights.qtensor import FORMATS, LAYOUTS  # noqa: E402
 
-QUICK_SHAPES = [(1, 96, 37), (3, 256, 9), (8, 2304, 5)]
+QUICK_SHAPES = [(1, 96, 37), (3, 256, 9), (8, 2304, 5), (2, 2304, 301)]
+# blocks of quant_gemv_split's second run of each case: 24 warps, so each loops over several row groups (K steps,
+# M not a multiple of the warps or of R), as the persistent grid does on a GPU (LSERVE_QGEMV_SPLIT=persist); its
+# output must equal the first run's (a row group per warp) bit for bit
+PERSIST_BLOCKS = 3
 # (n, k, I) of the gate_up GEMVs with SiLU-and-multiply (outputs I, weights [2I, K]): odd I, n over the NMAX
 # instantiations; rows per warp 2 and 4 run on each
-SILU_SHAPES = [(1, 96, 37), (3, 256, 21), (8, 2304, 5), (4, 768, 1), (2, 512, 19)]
-QUICK_SILU_SHAPES = [(1, 256, 21), (5, 512, 9)]
+SILU_SHAPES = [(1, 96, 37), (3, 256, 21), (8, 2304, 5), (4, 768, 1), (2, 512, 19), (2, 2304, 61)]
+QUICK_SILU_SHAPES = [(1, 256, 21), (5, 512, 9), (2, 2304, 61)]
 # (n, k, m) of gemv_rows' NORM instantiations (outputs m; with SiLU m of them from 2m rows); the first runs without
 # a residual (a model's first layer)
 NORM_SHAPES = [(1, 256, 37), (3, 576, 21), (8, 1024, 9)]
@@ -116,14 +122,19 @@ def check_gemv(
     x.tofile(tmp / "x.bin")
     outs = [str(tmp / f) for f in ("x.bin", "y.bin")]
     passes = 2 if mode.endswith("p2") else 1
+    same = True  # the persistent grid's output equals the full grid's
     if mode.startswith("split"):  # split1 / split2 / split4: R rows per warp; "p2": the logits' two passes
         sizes = [str(v) for v in (n, m, k, ldy, mode[5], passes)]
-        args = [str(exe), "split", fmt, *sizes, *write_split(tmp, qt), *outs]
+        arrays = write_split(tmp, qt)
+        subprocess.run([str(exe), "split", fmt, *sizes, "0", *arrays, *outs], check=True)
+        y = np.fromfile(tmp / "y.bin", np.float32).reshape(n, ldy)
+        subprocess.run([str(exe), "split", fmt, *sizes, str(PERSIST_BLOCKS), *arrays, *outs], check=True)
+        same = bool(np.array_equal(np.fromfile(tmp / "y.bin", np.float32).reshape(n, ldy), y))
     else:
         qt.data.tofile(tmp / "w.bin")
         args = [str(exe), mode, fmt, str(n), str(m), str(k), str(ldy), str(tmp / "w.bin"), *outs]
-    subprocess.run(args, check=True)
-    y = np.fromfile(tmp / "y.bin", np.float32).reshape(n, ldy)
+        subprocess.run(args, check=True)
+        y = np.fromfile(tmp / "y.bin", np.float32).reshape(n, ldy)
     ref_w = reference_matrix(qt)
     x64 = x.astype(np.float64)
     bound = np.abs(x64) @ np.abs(ref_w).T
@@ -132,10 +143,9 @@ def check_gemv(
     if mode.startswith("split"):
         atol = atol + activation_bound(x, ref_w, passes)
         bound = atol  # the ratio printed: error / tolerance
-    ok = bool(np.all(err <= atol) and np.all(y[:, m:] == 12345.0))
-    print(
-        f"{mode:7s} {fmt:5s} N{n} K{k} M{m}: max err / bound {float((err / bound).max()):.2e} {'PASS' if ok else 'FAIL'}"
-    )
+    ok = bool(np.all(err <= atol) and np.all(y[:, m:] == 12345.0)) and same
+    print(f"{mode:7s} {fmt:5s} N{n} K{k} M{m}: max err / bound {float((err / bound).max()):.2e}"
+          f"{'' if same else ', persistent grid differs'} {'PASS' if ok else 'FAIL'}")  # fmt: skip
     return ok
 
 
@@ -150,7 +160,7 @@ def check_silu(
     if fmt:
         qt = random_quant(fmt, 2 * inter, k, rng)
         ref_w = reference_matrix(qt)
-        args = [str(exe), "ssilu", fmt, *(str(v) for v in (n, inter, k, ldy, r)), *write_split(tmp, qt)]
+        args = [str(exe), "ssilu", fmt, *(str(v) for v in (n, inter, k, ldy, r)), "0", *write_split(tmp, qt)]
     else:
         w = (rng.standard_normal((2 * inter, k)) / np.sqrt(k)).astype(np.float16)
         w.tofile(tmp / "w.bin")
@@ -162,6 +172,12 @@ def check_silu(
     args += [str(tmp / "x.bin"), str(tmp / "y.bin")]
     subprocess.run(args, check=True)
     y = np.fromfile(tmp / "y.bin", np.float16).reshape(n, ldy).astype(np.float64)
+    same = True  # quant_gemv_split's persistent grid gives the same bits
+    if fmt:
+        args[8] = str(PERSIST_BLOCKS)
+        subprocess.run(args, check=True)
+        y_persist = np.fromfile(tmp / "y.bin", np.float16).reshape(n, ldy).astype(np.float64)
+        same = bool(np.array_equal(y_persist, y))
     x64 = x.astype(np.float64)
     gu = x64 @ ref_w.T
     agu = (k / 32 + 20) * U32 * (np.abs(x64) @ np.abs(ref_w).T)
@@ -170,10 +186,10 @@ def check_silu(
     ref = silu_mul_ref(gu)
     tol = silu_mul_atol(gu, agu) + 2.0**-10 * np.abs(ref)
     err = np.abs(y[:, :inter] - ref)
-    ok = bool(np.all(err <= tol) and np.all(y[:, inter:] == 12344.0))
+    ok = bool(np.all(err <= tol) and np.all(y[:, inter:] == 12344.0)) and same
     mode = f"ssilu{r}" if fmt else "gsilu"
-    print(f"{mode:7s} {fmt or 'f16':5s} N{n} K{k} I{inter}: max err / bound {float((err / tol).max()):.2e} "
-          f"{'PASS' if ok else 'FAIL'}")  # fmt: skip
+    print(f"{mode:7s} {fmt or 'f16':5s} N{n} K{k} I{inter}: max err / bound {float((err / tol).max()):.2e}"
+          f"{'' if same else ', persistent grid differs'} {'PASS' if ok else 'FAIL'}")  # fmt: skip
     return ok
 
 

@@ -5,9 +5,11 @@
 //   quant_host_emu gemv2 FMT n M K ldy W X Y    the same through quant_gemv2 (LSERVE_QGEMV=v2)
 //   quant_host_emu dequant FMT M K n W IDS OUT  out[n, K] (fp16) = rows IDS (int64) of W through quant_dequant
 // and of kernels/quant_gemv_split.cu (the split layout's arrays Q D MN SUB as written by quant_split.split):
-//   quant_host_emu split FMT n M K ldy R P Q D MN SUB X Y   y through quant_gemv_split: R rows per warp, P passes
-//   quant_host_emu ssilu FMT n M K ldy R Q D MN SUB X Y     y[n, ldy] (fp16) = silu(x Wg^T) * (x Wu^T) through
-//                                                          quant_gemv_split with SILU (W = [Wg; Wu]: 2M rows)
+//   quant_host_emu split FMT n M K ldy R P G Q D MN SUB X Y   y through quant_gemv_split: R rows per warp, P passes,
+//                                                            G blocks (0: a row group per warp; fewer: each warp
+//                                                            loops over several, as LSERVE_QGEMV_SPLIT=persist)
+//   quant_host_emu ssilu FMT n M K ldy R G Q D MN SUB X Y     y[n, ldy] (fp16) = silu(x Wg^T) * (x Wu^T) through
+//                                                            quant_gemv_split with SILU (W = [Wg; Wu]: 2M rows)
 //   quant_host_emu dsplit FMT M K n Q D MN SUB IDS OUT      rows IDS through quant_dequant_split
 // and of gemv_rows in kernels/layers.cu (its text, cut out by quant_host_check.py into gemv_rows.inc: the rest
 // of layers.cu has inline PTX), W fp16:
@@ -32,7 +34,7 @@ struct Dim3 {
   unsigned x, y, z;
 };
 thread_local Dim3 emu_thread, emu_block;
-Dim3 emu_block_dim;
+Dim3 emu_block_dim, emu_grid_dim;
 pthread_barrier_t emu_warp_bar[32];
 float emu_shfl[1024];
 static void emu_syncwarp() { pthread_barrier_wait(&emu_warp_bar[emu_thread.x >> 5]); }
@@ -65,10 +67,11 @@ static float emu_uint_as_float(unsigned u) {
 #undef __shared__
 #define __shared__ static
 #undef __launch_bounds__
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define threadIdx emu_thread
 #define blockIdx emu_block
 #define blockDim emu_block_dim
+#define gridDim emu_grid_dim
 #define __syncwarp() emu_syncwarp()
 #define __shfl_xor_sync(mask, v, o) emu_shfl_xor(v, o)
 #define __ldg(p) (*(p))
@@ -123,6 +126,7 @@ static void launch_blocks(int blocks, int warps, Fn kernel) {
   for (int i = 0; i < warps; ++i) pthread_barrier_init(&emu_warp_bar[i], nullptr, 32);
   pthread_barrier_init(&emu_block_bar, nullptr, warps * 32);
   emu_block_dim = {(unsigned)warps * 32, 1, 1};
+  emu_grid_dim = {(unsigned)blocks, 1, 1};
   for (int b = 0; b < blocks; ++b) {
     std::vector<std::thread> threads;
     for (int t = 0; t < warps * 32; ++t)
@@ -184,6 +188,7 @@ static void gemv_n(int n, int M, int K, int ldy, char** a) {
 template <typename Fn>
 static void launch_threads(long long total, Fn kernel) {
   emu_block_dim = {256, 1, 1};
+  emu_grid_dim = {(unsigned)((total + 255) / 256), 1, 1};
   for (long long g = 0; g < (total + 255) / 256; ++g)
     for (unsigned t = 0; t < 256; ++t) {
       emu_block = {(unsigned)g, 0, 0};
@@ -218,49 +223,55 @@ struct SplitArrays {
   }
 };
 
+// The grid of a split launch: G blocks, at most the one that gives each warp one row group of `outs` outputs.
+static int split_grid(int outs, int per_warp, int G) {
+  const int full = (outs + SWARPS * per_warp - 1) / (SWARPS * per_warp);
+  return G > 0 && G < full ? G : full;
+}
+
 template <typename S, int R, int NMAX, int P>
-static void gemv_split(int n, int M, int K, int ldy, char** a) {
+static void gemv_split(int n, int M, int K, int ldy, int G, char** a) {
   const SplitArrays<S> w(a, M, K);
   const __half* x = read_file<__half>(a[4], (size_t)n * K, 0);
   std::vector<float> y((size_t)n * ldy, 12345.f);
   float* yp = y.data();
-  launch_blocks((M + SWARPS * R - 1) / (SWARPS * R), SWARPS,
+  launch_blocks(split_grid(M, R, G), SWARPS,
                 [=] { quant_gemv_split<S, R, NMAX, P, float>(w.q, w.d, w.mn, w.sub, x, n, yp, ldy, M, K); });
   write_file(a[5], yp, y.size());
 }
 
 template <typename S, int R, int P>
-static void gemv_split_n(int n, int M, int K, int ldy, char** a) {
-  if (n <= 1) return gemv_split<S, R, 1, P>(n, M, K, ldy, a);
-  if (n <= 2) return gemv_split<S, R, 2, P>(n, M, K, ldy, a);
-  if (n <= 4) return gemv_split<S, R, 4, P>(n, M, K, ldy, a);
-  gemv_split<S, R, 8, P>(n, M, K, ldy, a);
+static void gemv_split_n(int n, int M, int K, int ldy, int G, char** a) {
+  if (n <= 1) return gemv_split<S, R, 1, P>(n, M, K, ldy, G, a);
+  if (n <= 2) return gemv_split<S, R, 2, P>(n, M, K, ldy, G, a);
+  if (n <= 4) return gemv_split<S, R, 4, P>(n, M, K, ldy, G, a);
+  gemv_split<S, R, 8, P>(n, M, K, ldy, G, a);
 }
 
 template <typename S, int R>
-static void gemv_split_p(int n, int M, int K, int ldy, int P, char** a) {
-  if (P == 2) return gemv_split_n<S, R, 2>(n, M, K, ldy, a);
-  gemv_split_n<S, R, 1>(n, M, K, ldy, a);
+static void gemv_split_p(int n, int M, int K, int ldy, int P, int G, char** a) {
+  if (P == 2) return gemv_split_n<S, R, 2>(n, M, K, ldy, G, a);
+  gemv_split_n<S, R, 1>(n, M, K, ldy, G, a);
 }
 
 // quant_gemv_split with SILU: M outputs from 2M rows of W; y fp16 with a sentinel (12344) everywhere.
 template <typename S, int R, int NMAX>
-static void gemv_split_silu(int n, int M, int K, int ldy, char** a) {
+static void gemv_split_silu(int n, int M, int K, int ldy, int G, char** a) {
   const SplitArrays<S> w(a, 2 * M, K);
   const __half* x = read_file<__half>(a[4], (size_t)n * K, 0);
   std::vector<__half> y((size_t)n * ldy, __float2half(12344.f));
   __half* yp = y.data();
-  launch_blocks((M + SWARPS * R / 2 - 1) / (SWARPS * R / 2), SWARPS, [=] {
+  launch_blocks(split_grid(M, R / 2, G), SWARPS, [=] {
     quant_gemv_split<S, R, NMAX, 1, __half, true>(w.q, w.d, w.mn, w.sub, x, n, yp, ldy, M, K);
   });
   write_file(a[5], yp, y.size());
 }
 
 template <typename S, int R>
-static void gemv_split_silu_n(int n, int M, int K, int ldy, char** a) {
-  if (n <= 1) return gemv_split_silu<S, R, 1>(n, M, K, ldy, a);
-  if (n <= 4) return gemv_split_silu<S, R, 4>(n, M, K, ldy, a);
-  gemv_split_silu<S, R, 8>(n, M, K, ldy, a);
+static void gemv_split_silu_n(int n, int M, int K, int ldy, int G, char** a) {
+  if (n <= 1) return gemv_split_silu<S, R, 1>(n, M, K, ldy, G, a);
+  if (n <= 4) return gemv_split_silu<S, R, 4>(n, M, K, ldy, G, a);
+  gemv_split_silu<S, R, 8>(n, M, K, ldy, G, a);
 }
 
 template <typename S>
@@ -276,14 +287,15 @@ template <typename S>
 static void run_split(const std::string& mode, char** v) {
   if (mode == "dsplit") return dequant_split<S>(atoi(v[0]), atoi(v[1]), atoi(v[2]), v + 3);
   if (mode == "ssilu") {
-    const int n = atoi(v[0]), M = atoi(v[1]), K = atoi(v[2]), ldy = atoi(v[3]), R = atoi(v[4]);
-    if (R == 2) return gemv_split_silu_n<S, 2>(n, M, K, ldy, v + 5);
-    return gemv_split_silu_n<S, 4>(n, M, K, ldy, v + 5);
+    const int n = atoi(v[0]), M = atoi(v[1]), K = atoi(v[2]), ldy = atoi(v[3]), R = atoi(v[4]), G = atoi(v[5]);
+    if (R == 2) return gemv_split_silu_n<S, 2>(n, M, K, ldy, G, v + 6);
+    return gemv_split_silu_n<S, 4>(n, M, K, ldy, G, v + 6);
   }
   const int n = atoi(v[0]), M = atoi(v[1]), K = atoi(v[2]), ldy = atoi(v[3]), R = atoi(v[4]), P = atoi(v[5]);
-  if (R == 1) return gemv_split_p<S, 1>(n, M, K, ldy, P, v + 6);
-  if (R == 2) return gemv_split_p<S, 2>(n, M, K, ldy, P, v + 6);
-  gemv_split_p<S, 4>(n, M, K, ldy, P, v + 6);
+  const int G = atoi(v[6]);
+  if (R == 1) return gemv_split_p<S, 1>(n, M, K, ldy, P, G, v + 7);
+  if (R == 2) return gemv_split_p<S, 2>(n, M, K, ldy, P, G, v + 7);
+  gemv_split_p<S, 4>(n, M, K, ldy, P, G, v + 7);
 }
 
 // gemv_rows<N, TOut, SILU[, NORM]> over blocks of 8 warps, as CudaOps launches it; y without a stride (NaN-filled);

@@ -142,6 +142,13 @@ class Kernel:
     def num_regs(self) -> int:
         return self.raw.num_regs
 
+    def blocks_per_sm(self, threads: int, shared_mem: int) -> int:
+        """Blocks of `threads` threads with `shared_mem` bytes of dynamic shared memory resident at once on one SM
+        (the driver's occupancy calculator: registers, shared memory, threads; a query, no stream work)."""
+        from cupy_backends.cuda.api import driver
+
+        return int(driver.occupancyMaxActiveBlocksPerMultiprocessor(self.raw.kernel.ptr, threads, shared_mem))
+
     def __call__(self, grid, block, args: tuple, shared_mem: int = 0) -> None:
         if self.pdl:
             import cupy as cp

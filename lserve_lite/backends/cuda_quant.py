@@ -8,6 +8,9 @@ GEMV that reads them and the prefill path, through kernels/quant_gemv_split.cu a
   weight's decode may apply SiLU-and-multiply in the same kernel (`gate_up_silu`). q6_k's split layout holds
   a byte per value (8.56 bits a weight against its blocks' 6.56): 30% more to read, for a kernel that reads
   at several times the block kernels' fraction of the copy bandwidth (quant_split.py).
+- The split GEMV's grid (`LSERVE_QGEMV_SPLIT`): "persist" (the default) launches only the blocks that are resident
+  at once (SMs x the kernel's occupancy, `split_blocks`), each warp looping over row groups strided over the grid
+  with the next item's loads in flight; "grid" launches one row group per warp (the grid before 2026-12).
 - `LSERVE_QGEMV=v1|v2` keeps the blocks as stored and runs the float kernels instead: `quant_gemv` (v1), one
   warp per output row streaming the packed row through shared memory, or `quant_gemv2` (v2), each lane
   reading its own units of the row; both multiply fp16 activations by exactly dequantized weights in float32.
@@ -55,6 +58,7 @@ SPLIT_SILU_R = (2, 4)
 SPLIT_PASSES = ((1, "__half"), (2, "float"))
 # NMAX of the split kernels (fewer than GEMV_ROWS: each instantiation costs compile time)
 SPLIT_ROWS = (1, 4, 8)
+SPLIT_GRIDS = ("persist", "grid")  # LSERVE_QGEMV_SPLIT: the split GEMV's grid (split_blocks)
 SMEM_DEFAULT = 48 << 10  # dynamic shared memory a launch gets without opting in
 
 
@@ -69,6 +73,23 @@ def gemv_variant() -> str:
     if v not in SETTINGS:
         raise ValueError(f"LSERVE_QGEMV={v!r}: expected one of {list(SETTINGS)}")
     return v
+
+
+def split_grid_setting() -> str:
+    """$LSERVE_QGEMV_SPLIT: "persist" (the default), the split GEMV's grid no larger than what is resident at once,
+    or "grid", one row group per warp (the A/B of the persistent loop; the same kernel and the same sums)."""
+    v = os.environ.get("LSERVE_QGEMV_SPLIT", "persist").strip().lower() or "persist"
+    if v not in SPLIT_GRIDS:
+        raise ValueError(f"LSERVE_QGEMV_SPLIT={v!r}: expected one of {list(SPLIT_GRIDS)}")
+    return v
+
+
+def split_blocks(outs: int, per_warp: int, resident: int | None = None) -> int:
+    """Blocks of a split GEMV launch over `outs` outputs, `per_warp` a warp's row group: one group per warp, or
+    at most `resident` blocks (what fits on the GPU at once: every warp then loops over several groups, so its
+    next loads are issued before its current math instead of waiting for a new block and its x quantization)."""
+    full = -(-outs // (SPLIT_WARPS * per_warp))
+    return max(1, min(full, resident)) if resident else full
 
 
 def pick_variant(setting: str, fmt: str, n: int) -> str:
@@ -191,6 +212,10 @@ class QuantKernels:
         self.cp, self.blas, self.tile_bytes = cp, blas, tile_bytes
         self.gemv_variant = gemv_variant()  # "auto" | "v1" | "v2": which decode GEMV kernels `gemm` launches
         self.split_r: int | None = None  # split GEMV rows per warp (None: split_rows; benchmarks set it)
+        self.split_grid = split_grid_setting()  # "persist" | "grid": the split GEMV's grid (split_blocks)
+        self.split_resident: int | None = None  # persistent launches' blocks (None: the occupancy's; tests)
+        self._resident: dict[tuple[str, int], int] = {}  # (kernel, shared memory) -> blocks resident at once
+        self._num_sms: int | None = None
         self._fns: dict[tuple[str, str], dict[str, Any]] = {}
         self._smem: dict[str, int] = {}  # kernel name -> dynamic shared memory it was opted in to
         self._smem_limit: int | None = None
@@ -217,7 +242,7 @@ class QuantKernels:
     def prepare(self, w: DeviceQuant) -> None:
         """Everything a weight's launches need made now, never inside a CUDA Graph capture: its kernels compiled,
         the split GEMV's shared memory opted in for its K (the SILU instantiations too: any split weight may be a
-        gate_up), the prefill scratch grown for it."""
+        gate_up) and its resident blocks counted for NMAX rows of x, the prefill scratch grown for it."""
         m, k = w.shape
         self.reserve(m, k)
         if not w.split:
@@ -228,6 +253,8 @@ class QuantKernels:
             if name.startswith("quant_gemv_split"):
                 nmax, passes = (int(a) for a in name.split(",")[2:4])
                 self._opt_in(name, fn, split_smem(nmax, k, passes))
+                if self.split_grid == "persist" and split_smem(nmax, k, passes) <= self.smem_limit:
+                    self.resident_blocks(name, fn, split_smem(nmax, k, passes))
 
     def _device(self, a: np.ndarray):
         """A host array's bytes on the device, flat, with PAD zero bytes after them."""
@@ -252,6 +279,17 @@ class QuantKernels:
             attrs = self.cp.cuda.Device().attributes
             self._smem_limit = int(attrs.get("MaxSharedMemoryPerBlockOptin", SMEM_DEFAULT))
         return self._smem_limit
+
+    def resident_blocks(self, name: str, fn, smem: int) -> int:
+        """Blocks of the split GEMV `fn` resident on the whole GPU at once with `smem` bytes of dynamic shared
+        memory (cached; a host-side query, so a launch inside a graph capture may make it)."""
+        got = self._resident.get((name, smem))
+        if got is None:
+            if self._num_sms is None:
+                self._num_sms = int(self.cp.cuda.Device().attributes["MultiProcessorCount"])
+            per_sm = max(1, fn.blocks_per_sm(32 * SPLIT_WARPS, smem))
+            got = self._resident[name, smem] = self._num_sms * per_sm
+        return got
 
     def reserve(self, m: int, k: int) -> None:
         """Grow the prefill scratch for an [m, k] weight (at upload, or for packed weights made on the device)."""
@@ -343,15 +381,15 @@ class QuantKernels:
         for i in range(0, n, step):
             rows = min(step, n - i)
             nmax = next(g for g in SPLIT_ROWS if g >= rows)
-            fn = fns[f"quant_gemv_split<{w.split.trait}, {r}, {nmax}, {passes}, {t}{tail}>"]
+            name = f"quant_gemv_split<{w.split.trait}, {r}, {nmax}, {passes}, {t}{tail}>"
+            fn, smem = fns[name], split_smem(rows, k, passes)
             args = (w.data, *self._fields(w), x[i : i + rows], np.int32(rows), out[i : i + rows], ldy,
                     np.int32(outs), np.int32(k))  # fmt: skip
-            fn(
-                (-(-outs // (SPLIT_WARPS * (r // 2 if silu else r))),),
-                (32 * SPLIT_WARPS,),
-                args,
-                shared_mem=split_smem(rows, k, passes),
-            )
+            resident = self.split_resident
+            if resident is None and self.split_grid == "persist":
+                resident = self.resident_blocks(name, fn, smem)
+            grid = split_blocks(outs, r // 2 if silu else r, resident)
+            fn((grid,), (32 * SPLIT_WARPS,), args, shared_mem=smem)
 
     def _variant(self, w: DeviceQuant, n: int) -> str:
         """The kernels of w's layout: split for a split weight, else the setting's block kernel (v1 / v2, for

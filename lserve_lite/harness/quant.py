@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backends.cuda_quant import GEMV_VARIANTS, pick_variant
+from ..backends.quant_split import SPLIT_FORMATS
 from ..backends.reference.layers import rmsnorm_ref, silu_mul_ref
 from ..weights.qtensor import FORMATS, LAYOUTS, QuantTensor, RowStack
 from ..weights.quantize import quantize_int4, quantize_int8
@@ -163,6 +164,12 @@ def case_quant_gemv(c: Ctx) -> list[Result]:
             out.append(check_linear(c, qt, 2, variant="auto", tag=" R4"))
             qt = random_quant(fmt, 2 * 8 * 264 + 3, 96 if block == 32 else block, c.rng)
             out.append(check_linear(c, qt, 1, variant="auto", tag=" R2"))
+            # a persistent grid of 3 blocks: each warp loops over row groups and K steps (LSERVE_QGEMV_SPLIT)
+            with setting(c.ops.quant, "split_resident", 3):
+                qt = random_quant(fmt, 1001, 2304, c.rng)
+                out.append(check_linear(c, qt, 3, variant="auto", tag=" G3"))
+                qt = random_quant(fmt, 257, 1024, c.rng)
+                out.append(check_linear(c, qt, 1, variant="auto", tag=" logits G3", logits=True))
     return out
 
 
@@ -212,6 +219,10 @@ def case_quant_gate_up_silu(c: Ctx) -> list[Result]:
             if k % LAYOUTS[fmt].block == 0:
                 out.append(check_gate_up_silu(c, random_quant(fmt, 2 * inter, k, c.rng), n))
     out.append(check_gate_up_silu(c, random_quant("int4", 2 * 301, 512, c.rng), 3, variant="v1"))
+    # a persistent grid of 3 blocks: each warp loops over row groups
+    with setting(c.ops.quant, "split_resident", 3):
+        for fmt in SPLIT_FORMATS:
+            out.append(check_gate_up_silu(c, random_quant(fmt, 2 * 515, 2304, c.rng), 2, tag=" G3"))
     return out
 
 
