@@ -730,9 +730,9 @@ __device__ __forceinline__ void combine_body(const float* __restrict__ part_o, c
                                              f16_t* __restrict__ out, const int* meta, const int* qb_start,
                                              int Hq, int SW, int D) {
   constexpr int NW = CB_THREADS / 32;
-  extern __shared__ float cb_s[];  // [SW] weights | [NW] partial max | [NW] weight sums | [NW][D] sums
+  extern __shared__ float cb_s[];  // [SW, padded to 4] weights | [NW] partial max | [NW] weight sums | [NW][D] sums
   float* w_s = cb_s;
-  float* red = cb_s + SW;
+  float* red = cb_s + ((SW + 3) & ~3);  // the float4 sums below need 16-byte alignment: SW rounded up to 4
   float* wsum_s = red + NW;
   float* acc_s = wsum_s + NW;
   const int qb = blockIdx.x, h = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;

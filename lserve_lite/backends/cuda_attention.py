@@ -381,7 +381,7 @@ def _ctas_per_sm(fn, smem: int) -> int:
 def combine_smem(sw: int, d: int) -> int:
     """Dynamic shared memory of paged_attn_decode_combine over `sw` partials per head (combine_body: the
     weights, a max, a weight sum and D sums per warp)."""
-    return (sw + 2 * (_COMBINE_THREADS // 32) * (1 + d // 2)) * 4
+    return (-(-sw // 4) * 4 + 2 * (_COMBINE_THREADS // 32) * (1 + d // 2)) * 4  # weights padded to 16 bytes
 
 
 def decode_writes_output(splits: int, out) -> bool:
