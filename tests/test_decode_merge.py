@@ -292,7 +292,7 @@ class _Out:
 def test_launcher_partials_and_direct_output():
     from lserve_lite.backends import cuda_attention as att
 
-    assert att.combine_smem(49, 128) == (52 + 2 * 8 * 65) * 4  # sw = splits partials (padded to 4), not splits * 4
+    assert att.combine_smem(49, 128) == (52 + 2 * 8 * 65) * 4  # sw = splits (padded to 4), not splits * 4
     assert att.decode_writes_output(1, _Out())
     assert not att.decode_writes_output(2, _Out())
     assert not att.decode_writes_output(1, _Out(contiguous=False))
