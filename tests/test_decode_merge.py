@@ -297,3 +297,18 @@ def test_launcher_partials_and_direct_output():
     assert not att.decode_writes_output(2, _Out())
     assert not att.decode_writes_output(1, _Out(contiguous=False))
     assert not att.decode_writes_output(1, _Out(ptr=(1 << 20) + 2))
+
+
+def test_combine_sums_are_16_byte_aligned():
+    """combine_body's float4 sums follow SW weights and 2 NW floats: with SW = splits (any count, no longer a
+    multiple of 4) the weights must be padded to 4 floats, in the kernel and in the launcher's size (the H200
+    raised CUDA_ERROR_MISALIGNED_ADDRESS before the padding)."""
+    from lserve_lite.backends import cuda_attention as att
+    from lserve_lite.backends.cuda_compile import read_source
+
+    src = read_source("attention_decode.cu")
+    assert "float* red = cb_s + ((SW + 3) & ~3);" in src
+    for sw in range(1, 70):
+        pad = -(-sw // 4) * 4
+        assert (pad + 2 * 8) * 4 % 16 == 0
+        assert att.combine_smem(sw, 128) == (pad + 2 * 8 * 65) * 4
