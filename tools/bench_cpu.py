@@ -14,7 +14,7 @@ llama-bench binary (built from source: see docs/QUANT.md): prefill 512 (`-p 512`
 context (`-n 64 -d 512,2048`), median of `-r 3`. Without it the llama.cpp column says "not run".
 
 Usage: python tools/bench_cpu.py [--model GGUF] [--float-model DIR] [--llama-bench PATH] [--out tools/results]
-       [--steps 48]
+       [--steps 48] [--kv-dtypes fp32,int8,int4,fp8   (only the GGUF, once per KV cache format)]
 """
 
 from __future__ import annotations
@@ -161,10 +161,10 @@ def weight_bytes(llm: LLM) -> int:
     return sum(a.nbytes for a in arrays.values())
 
 
-def bench_model(model: str | None, steps: int) -> dict:
-    """One engine's rows: prefill 512, decode at 512 and 2048 context."""
+def bench_model(model: str | None, steps: int, kv_dtype: str = "auto") -> dict:
+    """One engine's rows: prefill 512, decode at 512 and 2048 context (KV cache in `kv_dtype`)."""
     llm = LLM(
-        model, backend="cpu", config=EngineConfig(prefix_caching=False)
+        model, backend="cpu", config=EngineConfig(prefix_caching=False, kv_dtype=kv_dtype)
     )  # each prefill computes its prompt
     rows = {
         "prefill_512": bench_prefill(llm, 512, 3),
@@ -181,8 +181,13 @@ def main() -> None:
     ap.add_argument("--out", default="tools/results")
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--llama-bench", default=None, help="a llama-bench binary: run llama.cpp beside us")
+    ap.add_argument(
+        "--kv-dtypes", default=None, help="e.g. fp32,int8,int4,fp8: only the GGUF, once per KV format"
+    )
     args = ap.parse_args()
     load0 = os.getloadavg()[0]
+    if args.kv_dtypes:
+        return bench_kv(args, load0)
     runs = {"native_gguf": bench_model(args.model, args.steps)}
     runs["float32"] = bench_model(args.float_model or str(default_model_dir()), args.steps)
     gguf = args.model or str(default_gguf_path())
@@ -217,6 +222,29 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_cpu.json").write_text(json.dumps(result, indent=2))
+
+
+def bench_kv(args, load0: float) -> None:
+    """The native GGUF with each KV cache format: what decode gains (fewer KV bytes) or loses (dequantizing each
+    row in the Numba kernel) on the CPU. Writes bench_cpu_kv.json."""
+    runs = {kv: bench_model(args.model, args.steps, kv) for kv in args.kv_dtypes.split(",")}
+    print(f"{'tokens/s':<16}{'kv':<7}{'wall':>8}{'per CPU-s':>11}{'others busy':>13}")
+    for kv, run in runs.items():
+        for k, r in run["results"].items():
+            print(
+                f"{k:<16}{kv:<7}{r['tok_s']:>8.1f}{r['cpu_tok_s']:>11.1f}{r['others_busy_cpus']:>8.1f} CPUs"
+            )
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "loadavg_1min_at_start": load0,
+        "loadavg_1min_at_end": os.getloadavg()[0],
+        "runs": runs,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_cpu_kv.json").write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
