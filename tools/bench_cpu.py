@@ -196,11 +196,7 @@ def main() -> None:
     wf32 = runs["float32"]["weight_bytes"]
     floors = {k: v / wf32 for k, v in bw.items() if k.startswith("gemv")}
     result = {
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "loadavg_1min_at_start": load0,
-        "loadavg_1min_at_end": os.getloadavg()[0],
+        **host_record(load0),
         "bandwidth_GBs": {k: v / 1e9 for k, v in bw.items()},
         "float32_decode_floor_tok_s": floors,
         "runs": runs,
@@ -219,9 +215,24 @@ def main() -> None:
     print("float32 GEMV streaming " + ", ".join(
         f"{k.split('_', 1)[1]} {bw[k] / 1e9:.1f} GB/s -> floor {floors[k]:.1f} tok/s" for k in floors
     ) + f"; copy {bw['copy'] / 1e9:.1f} GB/s; load average {load0:.1f} -> {result['loadavg_1min_at_end']:.1f}")  # fmt: skip
-    out = Path(args.out)
+    write_json(args.out, "bench_cpu.json", result)
+
+
+def host_record(load0: float) -> dict:
+    """When and where a run was made, and the host's load around it (a shared host skews wall time)."""
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "loadavg_1min_at_start": load0,
+        "loadavg_1min_at_end": os.getloadavg()[0],
+    }
+
+
+def write_json(out_dir: str, name: str, result: dict) -> None:
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_cpu.json").write_text(json.dumps(result, indent=2))
+    (out / name).write_text(json.dumps(result, indent=2))
 
 
 def bench_kv(args, load0: float) -> None:
@@ -235,16 +246,10 @@ def bench_kv(args, load0: float) -> None:
                 f"{k:<16}{kv:<7}{r['tok_s']:>8.1f}{r['cpu_tok_s']:>11.1f}{r['others_busy_cpus']:>8.1f} CPUs"
             )
     result = {
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "loadavg_1min_at_start": load0,
-        "loadavg_1min_at_end": os.getloadavg()[0],
+        **host_record(load0),
         "runs": runs,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_cpu_kv.json").write_text(json.dumps(result, indent=2))
+    write_json(args.out, "bench_cpu_kv.json", result)
 
 
 if __name__ == "__main__":
