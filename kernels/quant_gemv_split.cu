@@ -313,24 +313,19 @@ __global__ void __launch_bounds__(SWARPS * 32, (SPLIT_MIN_BLOCKS<F, R, NMAX, P, 
   for (int i = 0; i < R; ++i)
 #pragma unroll
     for (int r = 0; r < NMAX; ++r) acc[i][r] = 0.f;
-  // two items a trip, one per register set: set b's loads before set a's math, then set a's before set b's
-  for (;;) {
+  // One item: the next item's loads into `fill`, then `use`'s math (and its row group's epilogue). Two items a
+  // trip, one per register set, so each set's loads are in flight during the other's math.
+  auto step = [&](Chunks<F, R, U>& use, Chunks<F, R, U>& fill) {
     if (ld.g < groups) {
-      load_chunks<F, R, U, SILU>(q, d, mn, sub, lane + 32 * U * ld.s, nc, ng, qrow, ld.g * RO, M, b);
+      load_chunks<F, R, U, SILU>(q, d, mn, sub, lane + 32 * U * ld.s, nc, ng, qrow, ld.g * RO, M, fill);
       ld.next(steps, gstride);
     }
-    dot_chunks<F, R, U, NMAX, P>(a, xq, xs, n, nc, lane + 32 * U * cur.s, acc);
-    if (cur.s == steps - 1) store_rows<F, R, NMAX, TOut, SILU>(acc, a.rs, n, y, ldy, cur.g * RO, M, lane);
+    dot_chunks<F, R, U, NMAX, P>(use, xq, xs, n, nc, lane + 32 * U * cur.s, acc);
+    if (cur.s == steps - 1) store_rows<F, R, NMAX, TOut, SILU>(acc, use.rs, n, y, ldy, cur.g * RO, M, lane);
     cur.next(steps, gstride);
-    if (cur.g >= groups) break;
-    if (ld.g < groups) {
-      load_chunks<F, R, U, SILU>(q, d, mn, sub, lane + 32 * U * ld.s, nc, ng, qrow, ld.g * RO, M, a);
-      ld.next(steps, gstride);
-    }
-    dot_chunks<F, R, U, NMAX, P>(b, xq, xs, n, nc, lane + 32 * U * cur.s, acc);
-    if (cur.s == steps - 1) store_rows<F, R, NMAX, TOut, SILU>(acc, b.rs, n, y, ldy, cur.g * RO, M, lane);
-    cur.next(steps, gstride);
-    if (cur.g >= groups) break;
+    return cur.g < groups;
+  };
+  while (step(a, b) && step(b, a)) {
   }
 }
 
