@@ -549,8 +549,8 @@ def bench_e2e_sparse(args, bw: float, emit) -> None:
     cfg = llama3_8b_config(max_len)
     ops = CudaOps()
     fmt = resolve_kv_format(args.kv_dtype, ops.kv_dtypes, cfg.head_dim)
-    emit = tagged(emit, kv_dtype=fmt.name)
-    model = random_llama(cfg, ops, max_len)
+    emit = tagged(emit, kv_dtype=fmt.name, weights=args.quantize or "fp16")
+    model = random_llama(cfg, ops, max_len, quantize=args.quantize)
     wbytes = sum(int(a.nbytes) for a in _model_arrays(model)) - int(model.embed.nbytes)
     floor = wbytes / bw
     classes, pattern_path = llama3_head_classes(cfg.num_layers, cfg.num_kv_heads, 0.5)
@@ -559,7 +559,8 @@ def bench_e2e_sparse(args, bw: float, emit) -> None:
     info.update(
         pattern=pattern_path, static_sparsity=0.5, dense_kv_heads=int(sum(int((c == 0).sum()) for c in classes)),
         kv_heads=cfg.num_layers * cfg.num_kv_heads, chunk=chunk, sparse_config=dict(sp_default.__dict__),
-        weight_bytes=wbytes, floor_ms=floor * 1e3, contexts=ctxs, kv_dtype=fmt.name, notes=[],
+        weight_bytes=wbytes, floor_ms=floor * 1e3, contexts=ctxs, kv_dtype=fmt.name, weights=args.quantize or "fp16",
+        notes=[],
     )  # fmt: skip
     rng = np.random.default_rng(0)
     full = [int(t) for t in rng.integers(100, cfg.vocab_size, max(ctxs))]
@@ -951,7 +952,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--skip", choices=["smollm2", "smollm2-lserve", "llama", "splits"], action="append", default=[]
     )
     ap.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                    help="the Llama-3-8B-shaped model's matrices and lm_head as packed int8 / int4 blocks")  # fmt: skip
+                    help="the Llama-3-8B-shaped model's matrices and lm_head as packed int8 / int4 blocks (llama and --sparse sections)")  # fmt: skip
     ap.add_argument("--kv-dtype", choices=[k for k in KV_DTYPES if k != "fp32"], default="auto",  # GPU formats
                     help="KV cache format of the Llama-3-8B-shaped model (llama and --sparse sections)")  # fmt: skip
     ap.add_argument("--llama-prefill-reps", type=int, default=3,
