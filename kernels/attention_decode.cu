@@ -344,6 +344,14 @@ struct FragV2 {
   }
 };
 
+// Every key of the 16-key unit at kbase visible (key_visible of each, the unit decided at once): causal and in
+// the context up to its last key; streaming heads: all in the sink or all in the local window. False is not
+// "none visible": the caller then masks key by key, so units on a boundary keep the exact mask.
+__device__ __forceinline__ bool unit_visible(int kbase, int qp, int ctx, int cls, int sink, int local) {
+  const int last = kbase + DC_UNIT - 1;
+  return last <= qp && last < ctx && (!cls || last < sink || qp - kbase < local);
+}
+
 __device__ __forceinline__ u32 swz_v2(int i) { return (u32)((i ^ ((i >> 3) & 7)) << 4); }
 
 // NB bytes at byte b of stored row r of a unit's values (RB bytes per row), as words.
@@ -485,26 +493,34 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
   unsigned char* const wbase = smem + warp * DecodeSmemV2<D, STAGES, KV>::WARP_BYTES;
   const u32 sK = smem_addr(wbase), sV = sK + STAGES * KUNIT;
 
-  auto load_unit = [&](int u, int st) {  // unit u: values (swizzled chunks) then scales, K and V
-    const int e = vis.entry(u >> units_per_page_shift);
+  // Unit u: values (swizzled chunks) then scales, K and V; returns its first key's position. Lane l copies value
+  // chunks l + 32 it, at swz_v2(l + 32 it) = 512 it + (swz_v2(l) ^ 64 (it & 1)) (32 chunks on flip bit 2 of the
+  // XOR key), so one source pointer and two destination offsets per lane serve every chunk (immediate offsets).
+  constexpr int VCH = F::VBYTES / 16, KSCH = KUNIT / 16 - VCH, VSCH = UNIT / 16 - VCH;
+  static_assert(VCH % 32 == 0 && KSCH <= 32 && VSCH <= 32, "loader: whole rounds of value chunks, one of scales");
+  const u32 dsw = swz_v2(lane);
+  auto load_unit = [&](int u, int st) {
     const int off = (u << 4) & (ps - 1);
-    const size_t row = ((size_t)pv.kv_pl[lo + e].x * pool_heads + slot) * ps + off;
-    constexpr int VCH = F::VBYTES / 16, KCH = KUNIT / 16, CH = UNIT / 16;
+    const int2 pl = pv.kv_pl[lo + vis.entry(u >> units_per_page_shift)];
+    const size_t row = ((size_t)pl.x * pool_heads + slot) * ps + off;
+    const size_t vo = row * R::BYTES + lane * 16;
+    const u32 dk = sK + st * KUNIT, dv = sV + st * UNIT;
 #pragma unroll
-    for (int it = 0; it < (KCH + 31) / 32; ++it) {
-      const int i = lane + it * 32;
-      if (i < VCH) {
-        cp_async16(sK + st * KUNIT + swz_v2(i), kc + row * R::BYTES + i * 16, 16);
-        cp_async16(sV + st * UNIT + swz_v2(i), vc + row * R::BYTES + i * 16, 16);
-      } else {
-        if (i < KCH) cp_async16(sK + st * KUNIT + i * 16, kcs + row * F::RK::SCALE_BYTES + (i - VCH) * 16, 16);
-        if (i < CH) cp_async16(sV + st * UNIT + i * 16, vcs + row * R::SCALE_BYTES + (i - VCH) * 16, 16);
-      }
+    for (int it = 0; it < VCH / 32; ++it) {
+      const u32 d = (dsw ^ ((it & 1) << 6)) + it * 512;
+      cp_async16(dk + d, kc + vo + it * 512, 16);
+      cp_async16(dv + d, vc + vo + it * 512, 16);
     }
+    if (lane < KSCH) cp_async16(dk + VCH * 16 + lane * 16, kcs + row * F::RK::SCALE_BYTES + lane * 16, 16);
+    if (lane < VSCH) cp_async16(dv + VCH * 16 + lane * 16, vcs + row * R::SCALE_BYTES + lane * 16, 16);
+    return (pl.y << ps_shift) + off;
   };
+  // First key positions of the units in the ring (kb[0]: the one computed next), carried in registers so the
+  // loop neither looks the page entry up again nor reloads it.
+  int kb[STAGES - 1];
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) {
-    if (u0 + st < u1) load_unit(u0 + st, st);
+    kb[st] = u0 + st < u1 ? load_unit(u0 + st, st) : 0;
     cp_async_commit();
   }
 
@@ -555,7 +571,10 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
   for (int u = u0, st = 0, st_ld = STAGES - 1; u < u1; ++u) {
     cp_async_wait<STAGES - 2>();
     __syncwarp();
-    if (u + STAGES - 1 < u1) load_unit(u + STAGES - 1, st_ld);
+    const int kbase = kb[0];
+#pragma unroll
+    for (int i = 0; i + 1 < STAGES - 1; ++i) kb[i] = kb[i + 1];
+    kb[STAGES - 2] = u + STAGES - 1 < u1 ? load_unit(u + STAGES - 1, st_ld) : 0;
     cp_async_commit();
     const int cur = st;
     st_ld = st;
@@ -601,14 +620,15 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
         s[n][0] *= k0, s[n][2] *= k0, s[n][1] *= k1, s[n][3] *= k1;
       }
     }
-    const int kbase = (pv.kv_pl[lo + vis.entry(u >> units_per_page_shift)].y << ps_shift) + ((u << 4) & (ps - 1));
+    if (!unit_visible(kbase, qpos, ctx, cls, sink, local)) {  // warp-uniform: only units on a boundary
 #pragma unroll
-    for (int n = 0; n < 2; ++n)
+      for (int n = 0; n < 2; ++n)
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const bool ok = key_visible(kbase + n * 8 + 2 * t4 + j, qpos, ctx, cls, sink, local);
-        if (!ok) s[n][j] = s[n][2 + j] = LSERVE_NEG_INF;
-      }
+        for (int j = 0; j < 2; ++j) {
+          const bool ok = key_visible(kbase + n * 8 + 2 * t4 + j, qpos, ctx, cls, sink, local);
+          if (!ok) s[n][j] = s[n][2 + j] = LSERVE_NEG_INF;
+        }
+    }
     float alphas[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
