@@ -310,6 +310,10 @@ __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const K
 //   loads of a quarter warp hit distinct banks (D = 128); scales stay linear after them.
 // No fp16 tiles: 2 * STAGES units of shared memory per warp, so more CTAs fit per SM (the launcher sizes the
 // split count for this kernel's own shared memory and registers).
+// - Steps of NU units (NU * 16 keys; NU = 2 by default): the warp's ring holds STAGES / NU groups of NU units, one
+//   cp.async group each; the softmax max (two shuffles), alpha, the O-rescale vote and the loop bookkeeping are
+//   paid per step, the page entry is looked up once per step (pages of NU * 16 tokens or more), and the
+//   per-key mask runs only for a step with a unit on a visibility boundary (unit_visible).
 template <class A, class B>
 struct same_t {
   static constexpr bool value = false;
@@ -452,7 +456,7 @@ struct DecodeSmemV2 {
   static_assert(WARP_BYTES >= MergeSmem<D, true>::BYTES && WARP_BYTES % 16 == 0, "merge: a warp's region");
 };
 
-template <int D, int STAGES, class KV>
+template <int D, int STAGES, class KV, int NU>
 __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, const KVPools pools,
                                                float* __restrict__ part_o, float* __restrict__ part_lse,
                                                f16_t* __restrict__ out, const PlanView pv,
@@ -463,6 +467,8 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
   using F = FragV2<KV, D>;
   using R = typename F::R;
   constexpr int KUNIT = F::KUNIT, UNIT = F::UNIT, KW = F::KB / 4, VW = F::VB / 4, NT = D / 8;
+  static_assert(STAGES % NU == 0 && STAGES / NU >= 2, "the ring: whole groups of NU units, two groups at least");
+  constexpr int GS = STAGES / NU;  // groups of the ring: one computed, GS - 1 in flight
   extern __shared__ __align__(128) unsigned char smem[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int qb = blockIdx.y;
@@ -487,22 +493,21 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
   const int ps = 1 << ps_shift;
   const int units_per_page_shift = ps_shift - 4;
   const int nunits = npages << units_per_page_shift;
+  // Warp ranges in steps of NU units (the last step of an odd list of 16-token pages is half empty).
+  const int nsteps = (nunits + NU - 1) / NU;
   const int NWR = gridDim.x * DC_WARPS, ws = blockIdx.x * DC_WARPS + warp;  // warp ranges, this warp's
-  const int u0 = (int)(((long long)ws * nunits) / NWR), u1 = (int)(((long long)(ws + 1) * nunits) / NWR);
+  const int i0 = (int)(((long long)ws * nsteps) / NWR), i1 = (int)(((long long)(ws + 1) * nsteps) / NWR);
 
   unsigned char* const wbase = smem + warp * DecodeSmemV2<D, STAGES, KV>::WARP_BYTES;
   const u32 sK = smem_addr(wbase), sV = sK + STAGES * KUNIT;
 
-  // Unit u: values (swizzled chunks) then scales, K and V; returns its first key's position. Lane l copies value
+  // Cache row `row` (16 tokens) -> ring slot st: values (swizzled chunks) then scales, K and V. Lane l copies value
   // chunks l + 32 it, at swz_v2(l + 32 it) = 512 it + (swz_v2(l) ^ 64 (it & 1)) (32 chunks on flip bit 2 of the
-  // XOR key), so one source pointer and two destination offsets per lane serve every chunk (immediate offsets).
+  // XOR key), so one source offset and two destination offsets per lane serve every chunk (immediate offsets).
   constexpr int VCH = F::VBYTES / 16, KSCH = KUNIT / 16 - VCH, VSCH = UNIT / 16 - VCH;
   static_assert(VCH % 32 == 0 && KSCH <= 32 && VSCH <= 32, "loader: whole rounds of value chunks, one of scales");
   const u32 dsw = swz_v2(lane);
-  auto load_unit = [&](int u, int st) {
-    const int off = (u << 4) & (ps - 1);
-    const int2 pl = pv.kv_pl[lo + vis.entry(u >> units_per_page_shift)];
-    const size_t row = ((size_t)pl.x * pool_heads + slot) * ps + off;
+  auto copy_unit = [&](size_t row, int st) {
     const size_t vo = row * R::BYTES + lane * 16;
     const u32 dk = sK + st * KUNIT, dv = sV + st * UNIT;
 #pragma unroll
@@ -513,14 +518,37 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
     }
     if (lane < KSCH) cp_async16(dk + VCH * 16 + lane * 16, kcs + row * F::RK::SCALE_BYTES + lane * 16, 16);
     if (lane < VSCH) cp_async16(dv + VCH * 16 + lane * 16, vcs + row * R::SCALE_BYTES + lane * 16, 16);
-    return (pl.y << ps_shift) + off;
   };
-  // First key positions of the units in the ring (kb[0]: the one computed next), carried in registers so the
-  // loop neither looks the page entry up again nor reloads it.
-  int kb[STAGES - 1];
+  // Step i (units NU i ..) -> ring slots NU gs ..; kb: each unit's first key position. Pages of NU units or more
+  // hold a whole step (one page entry, consecutive rows); 16-token pages look each unit's entry up, and a unit
+  // past the list copies the step's first (finite values) with kb = ctx, so that every key of it is masked.
+  auto load_step = [&](int i, int gs, int (&kb)[NU]) {
+    const int u = i * NU, off = (u << 4) & (ps - 1);
+    const int2 pl = pv.kv_pl[lo + vis.entry(u >> units_per_page_shift)];
+    const size_t row = ((size_t)pl.x * pool_heads + slot) * ps + off;
+    kb[0] = (pl.y << ps_shift) + off;
+    copy_unit(row, gs * NU);
 #pragma unroll
-  for (int st = 0; st < STAGES - 1; ++st) {
-    kb[st] = u0 + st < u1 ? load_unit(u0 + st, st) : 0;
+    for (int k = 1; k < NU; ++k) {
+      if (ps >= NU * DC_UNIT) {
+        kb[k] = kb[0] + k * DC_UNIT;
+        copy_unit(row + k * DC_UNIT, gs * NU + k);
+      } else if (u + k < nunits) {
+        const int2 pk = pv.kv_pl[lo + vis.entry(u + k)];
+        kb[k] = pk.y << ps_shift;
+        copy_unit(((size_t)pk.x * pool_heads + slot) * ps, gs * NU + k);
+      } else {
+        kb[k] = ctx;
+        copy_unit(row, gs * NU + k);
+      }
+    }
+  };
+  // Key positions of the steps in the ring (kb[0]: the one computed next), carried in registers so the loop
+  // neither looks the page entries up again nor reloads them.
+  int kb[GS - 1][NU];
+#pragma unroll
+  for (int gs = 0; gs < GS - 1; ++gs) {
+    if (i0 + gs < i1) load_step(i0 + gs, gs, kb[gs]);
     cp_async_commit();
   }
 
@@ -567,26 +595,33 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
   for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m_run[2] = {LSERVE_NEG_INF, LSERVE_NEG_INF}, l_run[2] = {0.f, 0.f};
 
-  // Ring stages: st (computed now) and st_ld = st - 1 mod STAGES (refilled now), advanced without a modulo.
-  for (int u = u0, st = 0, st_ld = STAGES - 1; u < u1; ++u) {
-    cp_async_wait<STAGES - 2>();
+  // Ring groups (NU slots each): gs (computed now) and gs_ld = gs - 1 mod GS (refilled now), advanced without a
+  // modulo.
+  for (int i = i0, gs = 0, gs_ld = GS - 1; i < i1; ++i) {
+    cp_async_wait<GS - 2>();
     __syncwarp();
-    const int kbase = kb[0];
+    int kbase[NU];
 #pragma unroll
-    for (int i = 0; i + 1 < STAGES - 1; ++i) kb[i] = kb[i + 1];
-    kb[STAGES - 2] = u + STAGES - 1 < u1 ? load_unit(u + STAGES - 1, st_ld) : 0;
+    for (int k = 0; k < NU; ++k) {
+      kbase[k] = kb[0][k];
+#pragma unroll
+      for (int j = 0; j + 1 < GS - 1; ++j) kb[j][k] = kb[j + 1][k];
+    }
+    if (i + GS - 1 < i1) load_step(i + GS - 1, gs_ld, kb[GS - 2]);
     cp_async_commit();
-    const int cur = st;
-    st_ld = st;
-    st = st + 1 == STAGES ? 0 : st + 1;
-    const unsigned char* rk = wbase + cur * KUNIT;
-    const unsigned char* rv = wbase + STAGES * KUNIT + cur * UNIT;
-    const f16_t* skh = reinterpret_cast<const f16_t*>(rk + F::VBYTES);
-    const f16_t* svh = reinterpret_cast<const f16_t*>(rv + F::VBYTES);
+    const int cur = gs;
+    gs_ld = gs;
+    gs = gs + 1 == GS ? 0 : gs + 1;
 
-    // S = Q K^T: 16 heads x 16 keys (n-tile n: keys 8 n .. 8 n + 7; this lane's B column is key g + 8 n)
-    float s[2][4] = {{s_init[0], s_init[0], s_init[1], s_init[1]}, {s_init[0], s_init[0], s_init[1], s_init[1]}};
-    {
+    // S = Q K^T: 16 heads x 16 keys per unit k (n-tile n: keys 8 n .. 8 n + 7 of the unit; this lane's B column is
+    // key g + 8 n)
+    float s[NU][2][4];
+#pragma unroll
+    for (int k = 0; k < NU; ++k) {
+      const unsigned char* rk = wbase + (cur * NU + k) * KUNIT;
+      const f16_t* skh = reinterpret_cast<const f16_t*>(rk + F::VBYTES);
+#pragma unroll
+      for (int n = 0; n < 2; ++n) s[k][n][0] = s[k][n][1] = s_init[0], s[k][n][2] = s[k][n][3] = s_init[1];
       u32 kw[2][KW];
       u32 ks2[2][F::KG] = {}, kc2[2][F::KG] = {};
 #pragma unroll
@@ -608,31 +643,40 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
           u32 b0, b1;
           const int j = 8 * (kk >> 1) * F::KG / (D / 4);  // the group of kk's lane channels 8 (kk / 2) .. + 7
           kfrag_v2<KV>(kw[n], kk, ks2[n][j], kc2[n][j], b0, b1);
-          mma16816(s[n], qa[kk], b0, b1);
+          mma16816(s[k][n], qa[kk], b0, b1);
         }
-    }
-    if constexpr (!F::Q4) {  // the per-token K scale of key n * 8 + 2 t4 + j (rows g and g + 8 alike)
+      if constexpr (!F::Q4) {  // the per-token K scale of key n * 8 + 2 t4 + j (rows g and g + 8 alike)
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        const u32 h = *reinterpret_cast<const u32*>(skh + 8 * n + 2 * t4);
-        const float k0 = lskv::h2f((unsigned short)(h & 0xffffu)) * F::UNITS;
-        const float k1 = lskv::h2f((unsigned short)(h >> 16)) * F::UNITS;
-        s[n][0] *= k0, s[n][2] *= k0, s[n][1] *= k1, s[n][3] *= k1;
+        for (int n = 0; n < 2; ++n) {
+          const u32 h = *reinterpret_cast<const u32*>(skh + 8 * n + 2 * t4);
+          const float k0 = lskv::h2f((unsigned short)(h & 0xffffu)) * F::UNITS;
+          const float k1 = lskv::h2f((unsigned short)(h >> 16)) * F::UNITS;
+          s[k][n][0] *= k0, s[k][n][2] *= k0, s[k][n][1] *= k1, s[k][n][3] *= k1;
+        }
       }
     }
-    if (!unit_visible(kbase, qpos, ctx, cls, sink, local)) {  // warp-uniform: only units on a boundary
+    bool dense = true;  // warp-uniform: key by key only for a step with a unit on a visibility boundary
 #pragma unroll
-      for (int n = 0; n < 2; ++n)
+    for (int k = 0; k < NU; ++k) dense = dense && unit_visible(kbase[k], qpos, ctx, cls, sink, local);
+    if (!dense) {
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const bool ok = key_visible(kbase + n * 8 + 2 * t4 + j, qpos, ctx, cls, sink, local);
-          if (!ok) s[n][j] = s[n][2 + j] = LSERVE_NEG_INF;
-        }
+      for (int k = 0; k < NU; ++k)
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const bool ok = key_visible(kbase[k] + n * 8 + 2 * t4 + j, qpos, ctx, cls, sink, local);
+            if (!ok) s[k][n][j] = s[k][n][2 + j] = LSERVE_NEG_INF;
+          }
     }
+    // Online softmax over the step's NU * 16 keys: one max (two shuffles), one alpha and one O rescale per step.
     float alphas[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      float mx = fmaxf(m_run[h], fmaxf(fmaxf(s[0][2 * h], s[0][2 * h + 1]), fmaxf(s[1][2 * h], s[1][2 * h + 1])));
+      float mx = m_run[h];
+#pragma unroll
+      for (int k = 0; k < NU; ++k)
+        mx = fmaxf(mx, fmaxf(fmaxf(s[k][0][2 * h], s[k][0][2 * h + 1]), fmaxf(s[k][1][2 * h], s[k][1][2 * h + 1])));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_use = mx == LSERVE_NEG_INF ? 0.f : mx;
@@ -640,19 +684,21 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
       const float mb = m_use * scale_log2;
       float sum = 0.f;
 #pragma unroll
-      for (int n = 0; n < 2; ++n)
+      for (int k = 0; k < NU; ++k)
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const float p = fast_exp2(fmaf(s[n][2 * h + j], scale_log2, -mb));
-          s[n][2 * h + j] = p;
-          sum += p;
-        }
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const float p = fast_exp2(fmaf(s[k][n][2 * h + j], scale_log2, -mb));
+            s[k][n][2 * h + j] = p;
+            sum += p;
+          }
       l_run[h] = l_run[h] * alpha + sum;
       m_run[h] = mx;
       alphas[h] = alpha;
     }
     // Rescale O only when a running max of the warp moved (alpha = exp2(0) = 1 exactly otherwise): after the
-    // first units of a range it rarely does, which saves 2 * D / 2 multiplies per unit.
+    // first steps of a range it rarely does, which saves 2 * D / 2 multiplies per step.
     if (__any_sync(0xffffffffu, alphas[0] != 1.f || alphas[1] != 1.f)) {
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
@@ -662,26 +708,29 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
         o[n][3] *= alphas[1];
       }
     }
-    if constexpr (!F::Q4) {  // fold the per-token V scale into p (masked keys: exactly 0, whatever the scale)
+    // O += P V per unit: B fragment of n-tile nt = channel g * D/8 + nt of keys 2 t4, 2 t4 + 1 (b0) and + 8 (b1)
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        const u32 h = *reinterpret_cast<const u32*>(svh + 8 * n + 2 * t4);
-        const float v0 = lskv::h2f((unsigned short)(h & 0xffffu)) * (F::UNITS * F::PGAIN);
-        const float v1 = lskv::h2f((unsigned short)(h >> 16)) * (F::UNITS * F::PGAIN);
+    for (int k = 0; k < NU; ++k) {
+      const unsigned char* rv = wbase + STAGES * KUNIT + (cur * NU + k) * UNIT;
+      const f16_t* svh = reinterpret_cast<const f16_t*>(rv + F::VBYTES);
+      if constexpr (!F::Q4) {  // fold the per-token V scale into p (masked keys: exactly 0, whatever the scale)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          s[n][2 * r] = s[n][2 * r] > 0.f ? s[n][2 * r] * v0 : 0.f;
-          s[n][2 * r + 1] = s[n][2 * r + 1] > 0.f ? s[n][2 * r + 1] * v1 : 0.f;
+        for (int n = 0; n < 2; ++n) {
+          const u32 h = *reinterpret_cast<const u32*>(svh + 8 * n + 2 * t4);
+          const float v0 = lskv::h2f((unsigned short)(h & 0xffffu)) * (F::UNITS * F::PGAIN);
+          const float v1 = lskv::h2f((unsigned short)(h >> 16)) * (F::UNITS * F::PGAIN);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            s[k][n][2 * r] = s[k][n][2 * r] > 0.f ? s[k][n][2 * r] * v0 : 0.f;
+            s[k][n][2 * r + 1] = s[k][n][2 * r + 1] > 0.f ? s[k][n][2 * r + 1] * v1 : 0.f;
+          }
         }
       }
-    }
-    u32 pa[4];
-    pa[0] = pack_half2(s[0][0], s[0][1]);
-    pa[1] = pack_half2(s[0][2], s[0][3]);
-    pa[2] = pack_half2(s[1][0], s[1][1]);
-    pa[3] = pack_half2(s[1][2], s[1][3]);
-    // O += P V: B fragment of n-tile nt = channel g * D/8 + nt of keys 2 t4, 2 t4 + 1 (b0) and + 8 (b1)
-    {
+      u32 pa[4];
+      pa[0] = pack_half2(s[k][0][0], s[k][0][1]);
+      pa[1] = pack_half2(s[k][0][2], s[k][0][3]);
+      pa[2] = pack_half2(s[k][1][0], s[k][1][1]);
+      pa[3] = pack_half2(s[k][1][2], s[k][1][3]);
       u32 vw[4][VW];
       u32 vs2[2] = {0u, 0u}, vc2[2] = {0u, 0u};
 #pragma unroll
@@ -704,10 +753,10 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
         vfrag_v2<KV>(vw[0][w], vw[1][w], vs2[0], vc2[0], b0);
         vfrag_v2<KV>(vw[2][w], vw[3][w], vs2[1], vc2[1], b1);
 #pragma unroll
-        for (int i = 0; i < PER; ++i) mma16816(o[w * PER + i], pa, b0[i], b1[i]);
+        for (int ii = 0; ii < PER; ++ii) mma16816(o[w * PER + ii], pa, b0[ii], b1[ii]);
       }
     }
-    __syncwarp();  // this stage is refilled STAGES - 1 iterations later
+    __syncwarp();  // this group is refilled GS - 1 steps later
   }
   cp_async_wait<0>();
   __syncwarp();  // every lane's copies into this warp's ring have landed: the region is free
@@ -833,12 +882,13 @@ LSERVE_DECODE_KERNEL(128, 4, lskv::Int4, _int4)
 LSERVE_DECODE_KERNEL(64, 4, lskv::Fp8, _fp8)
 LSERVE_DECODE_KERNEL(128, 4, lskv::Fp8, _fp8)
 
-// v2 (register-level dequantization, LSERVE_KVQ_DECODE=v2): paged_attn_decode_v2_d<D>_s<STAGES>_<kv>, the same
-// arguments. __launch_bounds__ asks for DC_V2_MIN_CTAS CTAs per SM (the launcher reads the real occupancy).
+// v2 (register-level dequantization, LSERVE_KVQ_DECODE=v2): paged_attn_decode_v2_d<D>_s<STAGES>_k<KEYS>_<kv>, the
+// same arguments; KEYS per loop step (16 or 32: the launcher's DECODE_V2_KEYS). __launch_bounds__ asks for
+// DC_V2_MIN_CTAS CTAs per SM (the launcher reads the real occupancy).
 constexpr int DC_V2_MIN_CTAS = 3;
-#define LSERVE_DECODE_V2_KERNEL(D, STAGES, KV, SUFFIX)                                                     \
+#define LSERVE_DECODE_V2_KERNEL(D, STAGES, KEYS, KV, SUFFIX)                                               \
   extern "C" __global__ void __launch_bounds__(lsattn::DC_THREADS, DC_V2_MIN_CTAS)                         \
-      paged_attn_decode_v2_d##D##_s##STAGES##SUFFIX(                                                       \
+      paged_attn_decode_v2_d##D##_s##STAGES##_k##KEYS##SUFFIX(                                             \
           const f16_t* q, const unsigned char* k0, const unsigned char* v0, const unsigned char* k1,      \
           const unsigned char* v1, const f16_t* sk0, const f16_t* sv0, const f16_t* sk1, const f16_t* sv1, \
           float* part_o, float* part_lse, f16_t* out, const int* plan, int cap_qb, int cap_seq,           \
@@ -846,16 +896,20 @@ constexpr int DC_V2_MIN_CTAS = 3;
           const int* sel_cnt, int sel_cap, int Hq, int Hkv, int ps_shift, int n_htiles, float scale_log2) { \
     lserve::pdl_enter();                                                                                   \
     const lsattn::KVPools pools{k0, v0, k1, v1, sk0, sv0, sk1, sv1, head_class, head_slot, n0, n1};        \
-    lsattn::decode_body_v2<D, STAGES, KV>(q, pools, part_o, part_lse, out,                                 \
-                                          lsattn::plan_view(plan, cap_qb, cap_seq),                        \
-                                          sel_idx, sel_cnt, sel_cap, Hq, Hkv, ps_shift, n_htiles, scale_log2); \
+    lsattn::decode_body_v2<D, STAGES, KV, KEYS / lsattn::DC_UNIT>(                                         \
+        q, pools, part_o, part_lse, out, lsattn::plan_view(plan, cap_qb, cap_seq), sel_idx, sel_cnt, sel_cap, \
+        Hq, Hkv, ps_shift, n_htiles, scale_log2);                                                          \
   }
-LSERVE_DECODE_V2_KERNEL(64, 4, lskv::Int8, _int8)
-LSERVE_DECODE_V2_KERNEL(128, 4, lskv::Int8, _int8)
-LSERVE_DECODE_V2_KERNEL(64, 6, lskv::Int4, _int4)  // int4 units are small: a deeper ring, 3 CTAs per SM at D 128
-LSERVE_DECODE_V2_KERNEL(128, 6, lskv::Int4, _int4)
-LSERVE_DECODE_V2_KERNEL(64, 4, lskv::Fp8, _fp8)
-LSERVE_DECODE_V2_KERNEL(128, 4, lskv::Fp8, _fp8)
+// int4 units are small: a deeper ring, 3 CTAs per SM at D 128.
+#define LSERVE_DECODE_V2_KERNELS(KEYS)                    \
+  LSERVE_DECODE_V2_KERNEL(64, 4, KEYS, lskv::Int8, _int8)  \
+  LSERVE_DECODE_V2_KERNEL(128, 4, KEYS, lskv::Int8, _int8) \
+  LSERVE_DECODE_V2_KERNEL(64, 6, KEYS, lskv::Int4, _int4)  \
+  LSERVE_DECODE_V2_KERNEL(128, 6, KEYS, lskv::Int4, _int4) \
+  LSERVE_DECODE_V2_KERNEL(64, 4, KEYS, lskv::Fp8, _fp8)    \
+  LSERVE_DECODE_V2_KERNEL(128, 4, KEYS, lskv::Fp8, _fp8)
+LSERVE_DECODE_V2_KERNELS(16)
+LSERVE_DECODE_V2_KERNELS(32)
 
 extern "C" __global__ void __launch_bounds__(lsattn::CB_THREADS) paged_attn_decode_combine(const float* part_o, const float* part_lse, f16_t* out,
                                                      const int* meta, const int* qb_start, int Hq, int SW, int D) {

@@ -288,3 +288,83 @@ def test_int4_lop3_extraction_covers_every_nibble():
             y = lop3(nib_at6(word, m), NIB4_MASK, MAGIC2, 0xEA)
             assert y & ~NIB4_MASK & 0xFFFFFFFF == MAGIC2  # only the two nibbles in the magic's mantissa
             assert ((y >> 6) & 15, (y >> 22) & 15) == (nib[m], nib[m + 4])
+
+
+# ---- the unit loop around the fragments: loader offsets, steps of NU units, the per-step mask
+
+
+@pytest.mark.parametrize("vch", [32, 64, 128])
+def test_loader_lane_offsets_are_the_swizzle(vch):
+    """vch: value chunks of a unit (Row::BYTES: int4 / int8 at D 64, 128). copy_unit: lane l's chunk l + 32 it lands at (swz(l) ^ 64 (it & 1)) + 512 it, i.e. swz(l + 32 it)."""
+    got = [(swz(lane) ^ ((it & 1) << 6)) + it * 512 for it in range(vch // 32) for lane in range(32)]
+    assert got == [swz(lane + 32 * it) for it in range(vch // 32) for lane in range(32)]
+    assert sorted(got) == [16 * i for i in range(vch)]  # every chunk slot once
+
+
+def key_visible(kp, qp, ctx, cls, sink, local):  # attention_common.cuh
+    ok = kp <= qp and kp < ctx
+    return ok and (kp < sink or qp - kp < local) if cls else ok
+
+
+def unit_visible(kbase, qp, ctx, cls, sink, local):  # attention_decode.cu, 16-key units
+    last = kbase + 15
+    return last <= qp and last < ctx and (not cls or last < sink or qp - kbase < local)
+
+
+def test_unit_visible_implies_every_key_visible():
+    rng = np.random.default_rng(3)
+    for _ in range(20000):
+        qp = int(rng.integers(0, 300))
+        ctx = qp + 1 if rng.random() < 0.7 else int(rng.integers(0, 320))
+        cls, sink, local = int(rng.integers(0, 2)), int(rng.integers(0, 64)), int(rng.integers(1, 128))
+        kb = int(rng.integers(0, 320))
+        if unit_visible(kb, qp, ctx, cls, sink, local):
+            assert all(key_visible(kb + j, qp, ctx, cls, sink, local) for j in range(16))
+
+
+@pytest.mark.parametrize("ps", [16, 32, 64])
+@pytest.mark.parametrize("nu", [1, 2])
+def test_steps_visit_every_key_once_with_the_reference_mask(ps, nu):
+    """decode_body_v2's split of a page list into warp ranges of NU-unit steps (load_step's rows and key bases,
+    a unit past an odd list of 16-token pages copied from the step's first with kb = ctx), masked per step
+    (unit_visible, else key by key): each listed key once, with the reference's visibility; no other key counts."""
+    rng = np.random.default_rng(ps * 10 + nu)
+    for _ in range(40):
+        npages = int(rng.integers(1, 12))
+        logical = rng.permutation(64)[:npages]  # the list's logical pages (selected pages: any order)
+        ctx = int(logical.max() + 1) * ps - int(rng.integers(0, ps))
+        qp = ctx - 1
+        cls, sink, local = int(rng.integers(0, 2)), int(rng.integers(0, 3 * ps)), int(rng.integers(1, 6 * ps))
+        nunits = npages * ps // 16
+        nsteps = -(-nunits // nu)
+        nwr = int(rng.integers(1, 9))
+        seen: dict[tuple[int, int], int] = {}  # (row, key) -> count of visible visits
+        for ws in range(nwr):
+            for i in range(ws * nsteps // nwr, (ws + 1) * nsteps // nwr):
+                u = i * nu
+                off = (u * 16) % ps
+                rows, kbs = [(u * 16 // ps, off)], [int(logical[u * 16 // ps]) * ps + off]
+                for k in range(1, nu):
+                    if ps >= nu * 16:
+                        rows.append((rows[0][0], off + 16 * k))
+                        kbs.append(kbs[0] + 16 * k)
+                    elif u + k < nunits:
+                        rows.append((u + k, 0))
+                        kbs.append(int(logical[u + k]) * ps)
+                    else:
+                        rows.append(rows[0])
+                        kbs.append(ctx)
+                dense = all(unit_visible(kb, qp, ctx, cls, sink, local) for kb in kbs)
+                for (page, r0), kb in zip(rows, kbs):
+                    for j in range(16):
+                        if dense or key_visible(kb + j, qp, ctx, cls, sink, local):
+                            key = (page, r0 + j)
+                            assert int(logical[page]) * ps + r0 + j == kb + j
+                            seen[key] = seen.get(key, 0) + 1
+        want = {
+            (p, r)
+            for p in range(npages)
+            for r in range(ps)
+            if key_visible(int(logical[p]) * ps + r, qp, ctx, cls, sink, local)
+        }
+        assert set(seen) == want and all(c == 1 for c in seen.values())
