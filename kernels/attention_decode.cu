@@ -383,6 +383,7 @@ __device__ __forceinline__ void lds_v2(const unsigned char* base, int r, int b, 
 // min - 1024 scale, up to half a quantization step of error; bits 4..7, min - 64 scale). A word's nibble pairs
 // (m, m + 4) reach bits 6..9 by one shift each: x << 6, x << 2, x >> 2, x >> 6 (m = 0, 1, 2, 3).
 constexpr u32 NIB4_MASK = 0x03C003C0u, MAGIC2 = 0x4C004C00u, H2_MINUS16 = 0xCC00CC00u;  // (-16, -16)
+constexpr u32 H2_ONES = 0x3C003C00u;  // (1, 1)
 // (x & NIB4_MASK) | MAGIC2 as one lop3 (LUT 0xEA = (a & b) | c): written as C, ptxas emits two LOP3s (a SASS
 // LOP3 takes one immediate); given both constants, it keeps one in a register.
 __device__ __forceinline__ u32 nib4_v2(u32 x, u32 s2, u32 c2) {
@@ -420,7 +421,8 @@ __device__ __forceinline__ void kfrag_v2(const u32* w, int kk, u32 s2, u32 c2, u
 }
 
 // The PV B fragments of n-tiles 4 i .. 4 i + 3 (KV8) or 8 i .. 8 i + 7 (int4) from word i of two key rows
-// (a: key 2 t4 (+8), b: key 2 t4 + 1 (+9)); s2, c2: int4's nib4_v2 coefficients of the two keys (half2).
+// (a: key 2 t4 (+8), b: key 2 t4 + 1 (+9)); s2, c2: int4's nib4_v2 coefficients of the two keys (half2). int8:
+// 1152 + v, exact (no subtraction per value pair): decode_body_v2 subtracts 1152 sum(P) from O once, after the loop.
 template <class KV>
 __device__ __forceinline__ void vfrag_v2(u32 a, u32 b, u32 s2, u32 c2, u32* out) {
   if constexpr (KV::BITS == 4) {
@@ -434,12 +436,12 @@ __device__ __forceinline__ void vfrag_v2(u32 a, u32 b, u32 s2, u32 c2, u32* out)
     }
   } else {
     const u32 x0 = lskv::prmt(a, b, 0x5140u), x1 = lskv::prmt(a, b, 0x7362u);  // [a0 b0 a1 b1], [a2 b2 a3 b3]
-    if constexpr (same_t<KV, lskv::Int8>::value) {
+    if constexpr (same_t<KV, lskv::Int8>::value) {  // 1152 + v: the offset leaves O after the loop (v_off)
       const u32 y0 = x0 ^ 0x80808080u, y1 = x1 ^ 0x80808080u;
-      out[0] = lskv::hsub2(i8off_h2(y0, 0x4140u), 0x64806480u);
-      out[1] = lskv::hsub2(i8off_h2(y0, 0x4342u), 0x64806480u);
-      out[2] = lskv::hsub2(i8off_h2(y1, 0x4140u), 0x64806480u);
-      out[3] = lskv::hsub2(i8off_h2(y1, 0x4342u), 0x64806480u);
+      out[0] = i8off_h2(y0, 0x4140u);
+      out[1] = i8off_h2(y0, 0x4342u);
+      out[2] = i8off_h2(y1, 0x4140u);
+      out[3] = i8off_h2(y1, 0x4342u);
     } else {
       out[0] = lskv::e4m3x2_to_h2(x0);
       out[1] = lskv::e4m3x2_to_h2(x0 >> 16);
@@ -594,6 +596,11 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
 #pragma unroll
   for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m_run[2] = {LSERVE_NEG_INF, LSERVE_NEG_INF}, l_run[2] = {0.f, 0.f};
+  // int8 values enter P V as 1152 + v (vfrag_v2): po accumulates P times a B of ones (one mma per unit), i.e. the
+  // row sums of the fp16 P the mmas used, rescaled with O, and O - 1152 po after the loop is P V (fp32: the
+  // offset adds an error of about 2^-24 * 1152 sum(P), far below P's own fp16 rounding).
+  constexpr bool V_OFF = same_t<KV, lskv::Int8>::value;
+  float po[4] = {0.f, 0.f, 0.f, 0.f};
 
   // Ring groups (NU slots each): gs (computed now) and gs_ld = gs - 1 mod GS (refilled now), advanced without a
   // modulo.
@@ -707,6 +714,7 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
         o[n][2] *= alphas[1];
         o[n][3] *= alphas[1];
       }
+      if constexpr (V_OFF) po[0] *= alphas[0], po[1] *= alphas[0], po[2] *= alphas[1], po[3] *= alphas[1];
     }
     // O += P V per unit: B fragment of n-tile nt = channel g * D/8 + nt of keys 2 t4, 2 t4 + 1 (b0) and + 8 (b1)
 #pragma unroll
@@ -755,6 +763,7 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
 #pragma unroll
         for (int ii = 0; ii < PER; ++ii) mma16816(o[w * PER + ii], pa, b0[ii], b1[ii]);
       }
+      if constexpr (V_OFF) mma16816(po, pa, H2_ONES, H2_ONES);
     }
     __syncwarp();  // this group is refilled GS - 1 steps later
   }
@@ -765,6 +774,12 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
   // -> its ring region; the CTA merges them (cta_merge; O carries PGAIN, divided out there)
   using M = MergeSmem<D, true>;
   float* const mo = reinterpret_cast<float*>(wbase);
+  if constexpr (V_OFF) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) o[n][c] = fmaf(-1152.f, po[c], o[n][c]);
+  }
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     float l = l_run[h];

@@ -2,7 +2,8 @@
 emulation of what each of the 32 lanes loads from the swizzled shared-memory unit and converts (the same bit
 operations: prmt, lop3 under the magic 0x6400, shifts, f16x2 sub / mul / fma in fp16 arithmetic, e4m3 hardware
 and software conversions; int4's nib4_v2: 16 + q under the magic 0x4C00 (nibbles shifted to bits 6..9), then one fma with (scale, min - 16 scale), int8 keys as
-1152 + k with the score accumulator starting at -1152 sum(q), accumulated in float32), assembled into the
+1152 + k with the score accumulator starting at -1152 sum(q), accumulated in float32, int8 values as 1152 + v
+with 1152 sum(P) subtracted from O in float32), assembled into the
 mma.sync m16n8k16 fragments by the PTX layouts, against Q K^T and P V over the reference dequantization
 (kv/quant.py). No GPU needed; the GPU rows are in tests/test_gpu_kv_quant.py."""
 
@@ -36,11 +37,6 @@ def split(x):
 
 def join(lo, hi):
     return hb(lo) | (hb(hi) << 16)
-
-
-def hsub2(a, b):
-    (a0, a1), (b0, b1) = split(a), split(b)
-    return join(np.float16(a0 - b0), np.float16(a1 - b1))
 
 
 def hfma2(a, b, c):  # fma.rn.f16x2: the exact a * b + c, rounded once to fp16
@@ -222,13 +218,9 @@ def run(kvname, D, sw_fp8, rng):  # noqa: N803
                         out += [nib4(nib_at6(y, m), vs2[half], vc2[half]) for m in range(4)]
                 else:
                     x0, x1 = prmt(a, b, 0x5140), prmt(a, b, 0x7362)
-                    if kvname == "int8":
+                    if kvname == "int8":  # 1152 + v: O - 1152 sum(P) after the loop
                         y0, y1 = x0 ^ 0x80808080, x1 ^ 0x80808080
-                        out = [
-                            hsub2(prmt(y, 0x64646464, sel), 0x64806480)
-                            for y in (y0, y1)
-                            for sel in (0x4140, 0x4342)
-                        ]
+                        out = [prmt(y, 0x64646464, sel) for y in (y0, y1) for sel in (0x4140, 0x4342)]
                     else:
                         out = [conv(x0 & 0xFFFF), conv(x0 >> 16), conv(x1 & 0xFFFF), conv(x1 >> 16)]
                 for i in range(PER):
@@ -239,6 +231,9 @@ def run(kvname, D, sw_fp8, rng):  # noqa: N803
             C = Pd @ Bs[i]  # 16 x 8: column c <-> dim c * NT + nt
             for c in range(8):
                 out_o[:, c * NT + nt] += C[:, c]
+    if kvname == "int8":  # one mma per n-tile (float32), po: P times a B of ones; o = fmaf(-1152, po, o)
+        po = Pd.sum(1).astype(np.float32).astype(np.float64)
+        out_o = (out_o.astype(np.float32).astype(np.float64) - 1152.0 * po[:, None]).astype(np.float32)
     out_o /= PGAIN
     O_ref = P @ vd
     errO = np.abs(out_o - O_ref).max() / np.abs(O_ref).max()
