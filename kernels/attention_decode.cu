@@ -664,7 +664,7 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
     }
     bool dense = true;  // warp-uniform: key by key only for a step with a unit on a visibility boundary
 #pragma unroll
-    for (int k = 0; k < NU; ++k) dense = dense && unit_visible(kbase[k], qpos, ctx, cls, sink, local);
+    for (int k = 0; k < NU; ++k) dense &= unit_visible(kbase[k], qpos, ctx, cls, sink, local);
     if (!dense) {
 #pragma unroll
       for (int k = 0; k < NU; ++k)
@@ -721,17 +721,17 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
     for (int k = 0; k < NU; ++k) {
       const unsigned char* rv = wbase + STAGES * KUNIT + (cur * NU + k) * UNIT;
       const f16_t* svh = reinterpret_cast<const f16_t*>(rv + F::VBYTES);
-      if constexpr (!F::Q4) {  // fold the per-token V scale into p (masked keys: exactly 0, whatever the scale)
+      if constexpr (!F::Q4) {  // fold the per-token V scale into p. A masked key (p = 0) must give exactly 0
+        // whatever its row holds: the scale is clamped to [0, 65504] first (fminf returns 65504 for NaN), once per
+        // key rather than a select per probability; written rows' scales are finite and >= 0, unchanged by it.
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
           const u32 h = *reinterpret_cast<const u32*>(svh + 8 * n + 2 * t4);
-          const float v0 = lskv::h2f((unsigned short)(h & 0xffffu)) * (F::UNITS * F::PGAIN);
-          const float v1 = lskv::h2f((unsigned short)(h >> 16)) * (F::UNITS * F::PGAIN);
+          constexpr float G = F::UNITS * F::PGAIN;
+          const float v0 = fmaxf(fminf(lskv::h2f((unsigned short)(h & 0xffffu)), 65504.f), 0.f) * G;
+          const float v1 = fmaxf(fminf(lskv::h2f((unsigned short)(h >> 16)), 65504.f), 0.f) * G;
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            s[k][n][2 * r] = s[k][n][2 * r] > 0.f ? s[k][n][2 * r] * v0 : 0.f;
-            s[k][n][2 * r + 1] = s[k][n][2 * r + 1] > 0.f ? s[k][n][2 * r + 1] * v1 : 0.f;
-          }
+          for (int r = 0; r < 2; ++r) s[k][n][2 * r] *= v0, s[k][n][2 * r + 1] *= v1;
         }
       }
       u32 pa[4];
