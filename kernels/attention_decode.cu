@@ -509,8 +509,9 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
   constexpr int VCH = F::VBYTES / 16, KSCH = KUNIT / 16 - VCH, VSCH = UNIT / 16 - VCH;
   static_assert(VCH % 32 == 0 && KSCH <= 32 && VSCH <= 32, "loader: whole rounds of value chunks, one of scales");
   const u32 dsw = swz_v2(lane);
-  auto copy_unit = [&](size_t row, int st) {
-    const size_t vo = row * R::BYTES + lane * 16;
+  // Cache rows count in 32 bits (a pool of 2^32 rows would take over 300 GB); byte offsets in 64.
+  auto copy_unit = [&](u32 row, int st) {
+    const size_t vo = (size_t)row * R::BYTES + lane * 16;
     const u32 dk = sK + st * KUNIT, dv = sV + st * UNIT;
 #pragma unroll
     for (int it = 0; it < VCH / 32; ++it) {
@@ -518,8 +519,9 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
       cp_async16(dk + d, kc + vo + it * 512, 16);
       cp_async16(dv + d, vc + vo + it * 512, 16);
     }
-    if (lane < KSCH) cp_async16(dk + VCH * 16 + lane * 16, kcs + row * F::RK::SCALE_BYTES + lane * 16, 16);
-    if (lane < VSCH) cp_async16(dv + VCH * 16 + lane * 16, vcs + row * R::SCALE_BYTES + lane * 16, 16);
+    if (lane < KSCH)
+      cp_async16(dk + VCH * 16 + lane * 16, kcs + (size_t)row * F::RK::SCALE_BYTES + lane * 16, 16);
+    if (lane < VSCH) cp_async16(dv + VCH * 16 + lane * 16, vcs + (size_t)row * R::SCALE_BYTES + lane * 16, 16);
   };
   // Step i (units NU i ..) -> ring slots NU gs ..; kb: each unit's first key position. Pages of NU units or more
   // hold a whole step (one page entry, consecutive rows); 16-token pages look each unit's entry up, and a unit
@@ -527,7 +529,7 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
   auto load_step = [&](int i, int gs, int (&kb)[NU]) {
     const int u = i * NU, off = (u << 4) & (ps - 1);
     const int2 pl = pv.kv_pl[lo + vis.entry(u >> units_per_page_shift)];
-    const size_t row = ((size_t)pl.x * pool_heads + slot) * ps + off;
+    const u32 row = ((u32)pl.x * pool_heads + slot) * ps + off;
     kb[0] = (pl.y << ps_shift) + off;
     copy_unit(row, gs * NU);
 #pragma unroll
@@ -538,7 +540,7 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
       } else if (u + k < nunits) {
         const int2 pk = pv.kv_pl[lo + vis.entry(u + k)];
         kb[k] = pk.y << ps_shift;
-        copy_unit(((size_t)pk.x * pool_heads + slot) * ps, gs * NU + k);
+        copy_unit(((u32)pk.x * pool_heads + slot) * ps, gs * NU + k);
       } else {
         kb[k] = ctx;
         copy_unit(row, gs * NU + k);
