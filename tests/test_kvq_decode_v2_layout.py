@@ -39,6 +39,11 @@ def join(lo, hi):
     return hb(lo) | (hb(hi) << 16)
 
 
+def hsub2(a, b):  # sub.f16x2 (tests/test_prefill_sm90_layout.py's dequantization)
+    (a0, a1), (b0, b1) = split(a), split(b)
+    return join(np.float16(a0 - b0), np.float16(a1 - b1))
+
+
 def hfma2(a, b, c):  # fma.rn.f16x2: the exact a * b + c, rounded once to fp16
     (a0, a1), (b0, b1), (c0, c1) = split(a), split(b), split(c)
     return join(np.float16(a0 * b0 + c0), np.float16(a1 * b1 + c1))
