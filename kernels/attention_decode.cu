@@ -436,7 +436,7 @@ __device__ __forceinline__ void vfrag_v2(u32 a, u32 b, u32 s2, u32 c2, u32* out)
     }
   } else {
     const u32 x0 = lskv::prmt(a, b, 0x5140u), x1 = lskv::prmt(a, b, 0x7362u);  // [a0 b0 a1 b1], [a2 b2 a3 b3]
-    if constexpr (same_t<KV, lskv::Int8>::value) {  // 1152 + v: the offset leaves O after the loop (v_off)
+    if constexpr (same_t<KV, lskv::Int8>::value) {  // 1152 + v: the offset leaves O after the loop (V_OFF)
       const u32 y0 = x0 ^ 0x80808080u, y1 = x1 ^ 0x80808080u;
       out[0] = i8off_h2(y0, 0x4140u);
       out[1] = i8off_h2(y0, 0x4342u);
@@ -504,8 +504,8 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
   const u32 sK = smem_addr(wbase), sV = sK + STAGES * KUNIT;
 
   // Cache row `row` (16 tokens) -> ring slot st: values (swizzled chunks) then scales, K and V. Lane l copies value
-  // chunks l + 32 it, at swz_v2(l + 32 it) = 512 it + (swz_v2(l) ^ 64 (it & 1)) (32 chunks on flip bit 2 of the
-  // XOR key), so one source offset and two destination offsets per lane serve every chunk (immediate offsets).
+  // chunks l + 32 it, at swz_v2(l + 32 it) = 512 it + (swz_v2(l) ^ 64 (it & 1)) (32 chunks on, the XOR key's bit 2
+  // flips), so one source offset and two destination offsets per lane serve every chunk (immediate offsets).
   constexpr int VCH = F::VBYTES / 16, KSCH = KUNIT / 16 - VCH, VSCH = UNIT / 16 - VCH;
   static_assert(VCH % 32 == 0 && KSCH <= 32 && VSCH <= 32, "loader: whole rounds of value chunks, one of scales");
   const u32 dsw = swz_v2(lane);
