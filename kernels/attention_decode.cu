@@ -310,6 +310,10 @@ __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const K
 //   loads of a quarter warp hit distinct banks (D = 128); scales stay linear after them.
 // No fp16 tiles: 2 * STAGES units of shared memory per warp, so more CTAs fit per SM (the launcher sizes the
 // split count for this kernel's own shared memory and registers).
+// - Steps of NU units (NU * 16 keys; NU = 2 by default): the warp's ring holds STAGES / NU groups of NU units, one
+//   cp.async group each; the softmax max (two shuffles), alpha, the O-rescale vote and the loop bookkeeping are
+//   paid per step, the page entry is looked up once per step (pages of NU * 16 tokens or more), and the
+//   per-key mask runs only for a step with a unit on a visibility boundary (unit_visible).
 template <class A, class B>
 struct same_t {
   static constexpr bool value = false;
@@ -344,6 +348,14 @@ struct FragV2 {
   }
 };
 
+// Every key of the 16-key unit at kbase visible (key_visible of each, the unit decided at once): causal and in
+// the context up to its last key; streaming heads: all in the sink or all in the local window. False is not
+// "none visible": the caller then masks key by key, so units on a boundary keep the exact mask.
+__device__ __forceinline__ bool unit_visible(int kbase, int qp, int ctx, int cls, int sink, int local) {
+  const int last = kbase + DC_UNIT - 1;
+  return last <= qp && last < ctx && (!cls || last < sink || qp - kbase < local);
+}
+
 __device__ __forceinline__ u32 swz_v2(int i) { return (u32)((i ^ ((i >> 3) & 7)) << 4); }
 
 // NB bytes at byte b of stored row r of a unit's values (RB bytes per row), as words.
@@ -371,6 +383,7 @@ __device__ __forceinline__ void lds_v2(const unsigned char* base, int r, int b, 
 // min - 1024 scale, up to half a quantization step of error; bits 4..7, min - 64 scale). A word's nibble pairs
 // (m, m + 4) reach bits 6..9 by one shift each: x << 6, x << 2, x >> 2, x >> 6 (m = 0, 1, 2, 3).
 constexpr u32 NIB4_MASK = 0x03C003C0u, MAGIC2 = 0x4C004C00u, H2_MINUS16 = 0xCC00CC00u;  // (-16, -16)
+constexpr u32 H2_ONES = 0x3C003C00u;  // (1, 1)
 // (x & NIB4_MASK) | MAGIC2 as one lop3 (LUT 0xEA = (a & b) | c): written as C, ptxas emits two LOP3s (a SASS
 // LOP3 takes one immediate); given both constants, it keeps one in a register.
 __device__ __forceinline__ u32 nib4_v2(u32 x, u32 s2, u32 c2) {
@@ -408,7 +421,8 @@ __device__ __forceinline__ void kfrag_v2(const u32* w, int kk, u32 s2, u32 c2, u
 }
 
 // The PV B fragments of n-tiles 4 i .. 4 i + 3 (KV8) or 8 i .. 8 i + 7 (int4) from word i of two key rows
-// (a: key 2 t4 (+8), b: key 2 t4 + 1 (+9)); s2, c2: int4's nib4_v2 coefficients of the two keys (half2).
+// (a: key 2 t4 (+8), b: key 2 t4 + 1 (+9)); s2, c2: int4's nib4_v2 coefficients of the two keys (half2). int8:
+// 1152 + v, exact (no subtraction per value pair): decode_body_v2 subtracts 1152 sum(P) from O once, after the loop.
 template <class KV>
 __device__ __forceinline__ void vfrag_v2(u32 a, u32 b, u32 s2, u32 c2, u32* out) {
   if constexpr (KV::BITS == 4) {
@@ -422,12 +436,12 @@ __device__ __forceinline__ void vfrag_v2(u32 a, u32 b, u32 s2, u32 c2, u32* out)
     }
   } else {
     const u32 x0 = lskv::prmt(a, b, 0x5140u), x1 = lskv::prmt(a, b, 0x7362u);  // [a0 b0 a1 b1], [a2 b2 a3 b3]
-    if constexpr (same_t<KV, lskv::Int8>::value) {
+    if constexpr (same_t<KV, lskv::Int8>::value) {  // 1152 + v: the offset leaves O after the loop (V_OFF)
       const u32 y0 = x0 ^ 0x80808080u, y1 = x1 ^ 0x80808080u;
-      out[0] = lskv::hsub2(i8off_h2(y0, 0x4140u), 0x64806480u);
-      out[1] = lskv::hsub2(i8off_h2(y0, 0x4342u), 0x64806480u);
-      out[2] = lskv::hsub2(i8off_h2(y1, 0x4140u), 0x64806480u);
-      out[3] = lskv::hsub2(i8off_h2(y1, 0x4342u), 0x64806480u);
+      out[0] = i8off_h2(y0, 0x4140u);
+      out[1] = i8off_h2(y0, 0x4342u);
+      out[2] = i8off_h2(y1, 0x4140u);
+      out[3] = i8off_h2(y1, 0x4342u);
     } else {
       out[0] = lskv::e4m3x2_to_h2(x0);
       out[1] = lskv::e4m3x2_to_h2(x0 >> 16);
@@ -444,7 +458,7 @@ struct DecodeSmemV2 {
   static_assert(WARP_BYTES >= MergeSmem<D, true>::BYTES && WARP_BYTES % 16 == 0, "merge: a warp's region");
 };
 
-template <int D, int STAGES, class KV>
+template <int D, int STAGES, class KV, int NU>
 __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, const KVPools pools,
                                                float* __restrict__ part_o, float* __restrict__ part_lse,
                                                f16_t* __restrict__ out, const PlanView pv,
@@ -455,6 +469,8 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
   using F = FragV2<KV, D>;
   using R = typename F::R;
   constexpr int KUNIT = F::KUNIT, UNIT = F::UNIT, KW = F::KB / 4, VW = F::VB / 4, NT = D / 8;
+  static_assert(STAGES % NU == 0 && STAGES / NU >= 2, "the ring: whole groups of NU units, two groups at least");
+  constexpr int GS = STAGES / NU;  // groups of the ring: one computed, GS - 1 in flight
   extern __shared__ __align__(128) unsigned char smem[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int qb = blockIdx.y;
@@ -479,32 +495,64 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
   const int ps = 1 << ps_shift;
   const int units_per_page_shift = ps_shift - 4;
   const int nunits = npages << units_per_page_shift;
+  // Warp ranges in steps of NU units (the last step of an odd list of 16-token pages is half empty).
+  const int nsteps = (nunits + NU - 1) / NU;
   const int NWR = gridDim.x * DC_WARPS, ws = blockIdx.x * DC_WARPS + warp;  // warp ranges, this warp's
-  const int u0 = (int)(((long long)ws * nunits) / NWR), u1 = (int)(((long long)(ws + 1) * nunits) / NWR);
+  const int i0 = (int)(((long long)ws * nsteps) / NWR), i1 = (int)(((long long)(ws + 1) * nsteps) / NWR);
 
   unsigned char* const wbase = smem + warp * DecodeSmemV2<D, STAGES, KV>::WARP_BYTES;
   const u32 sK = smem_addr(wbase), sV = sK + STAGES * KUNIT;
 
-  auto load_unit = [&](int u, int st) {  // unit u: values (swizzled chunks) then scales, K and V
-    const int e = vis.entry(u >> units_per_page_shift);
-    const int off = (u << 4) & (ps - 1);
-    const size_t row = ((size_t)pv.kv_pl[lo + e].x * pool_heads + slot) * ps + off;
-    constexpr int VCH = F::VBYTES / 16, KCH = KUNIT / 16, CH = UNIT / 16;
+  // Cache row `row` (16 tokens) -> ring slot st: values (swizzled chunks) then scales, K and V. Lane l copies value
+  // chunks l + 32 it, at swz_v2(l + 32 it) = 512 it + (swz_v2(l) ^ 64 (it & 1)) (32 chunks on, the XOR key's bit 2
+  // flips), so one source offset and two destination offsets per lane serve every chunk (immediate offsets).
+  constexpr int VCH = F::VBYTES / 16, KSCH = KUNIT / 16 - VCH, VSCH = UNIT / 16 - VCH;
+  static_assert(VCH % 32 == 0 && KSCH <= 32 && VSCH <= 32, "loader: whole rounds of value chunks, one of scales");
+  const u32 dsw = swz_v2(lane);
+  // Cache rows count in 32 bits (a pool of 2^32 rows would take over 300 GB); byte offsets in 64.
+  auto copy_unit = [&](u32 row, int st) {
+    const size_t vo = (size_t)row * R::BYTES + lane * 16;
+    const u32 dk = sK + st * KUNIT, dv = sV + st * UNIT;
 #pragma unroll
-    for (int it = 0; it < (KCH + 31) / 32; ++it) {
-      const int i = lane + it * 32;
-      if (i < VCH) {
-        cp_async16(sK + st * KUNIT + swz_v2(i), kc + row * R::BYTES + i * 16, 16);
-        cp_async16(sV + st * UNIT + swz_v2(i), vc + row * R::BYTES + i * 16, 16);
+    for (int it = 0; it < VCH / 32; ++it) {
+      const u32 d = (dsw ^ ((it & 1) << 6)) + it * 512;
+      cp_async16(dk + d, kc + vo + it * 512, 16);
+      cp_async16(dv + d, vc + vo + it * 512, 16);
+    }
+    if (lane < KSCH)
+      cp_async16(dk + VCH * 16 + lane * 16, kcs + (size_t)row * F::RK::SCALE_BYTES + lane * 16, 16);
+    if (lane < VSCH) cp_async16(dv + VCH * 16 + lane * 16, vcs + (size_t)row * R::SCALE_BYTES + lane * 16, 16);
+  };
+  // Step i (units NU i ..) -> ring slots NU gs ..; kb: each unit's first key position. Pages of NU units or more
+  // hold a whole step (one page entry, consecutive rows); 16-token pages look each unit's entry up, and a unit
+  // past the list copies the step's first (finite values) with kb = ctx, so that every key of it is masked.
+  auto load_step = [&](int i, int gs, int (&kb)[NU]) {
+    const int u = i * NU, off = (u << 4) & (ps - 1);
+    const int2 pl = pv.kv_pl[lo + vis.entry(u >> units_per_page_shift)];
+    const u32 row = ((u32)pl.x * pool_heads + slot) * ps + off;
+    kb[0] = (pl.y << ps_shift) + off;
+    copy_unit(row, gs * NU);
+#pragma unroll
+    for (int k = 1; k < NU; ++k) {
+      if (ps >= NU * DC_UNIT) {
+        kb[k] = kb[0] + k * DC_UNIT;
+        copy_unit(row + k * DC_UNIT, gs * NU + k);
+      } else if (u + k < nunits) {
+        const int2 pk = pv.kv_pl[lo + vis.entry(u + k)];
+        kb[k] = pk.y << ps_shift;
+        copy_unit(((u32)pk.x * pool_heads + slot) * ps, gs * NU + k);
       } else {
-        if (i < KCH) cp_async16(sK + st * KUNIT + i * 16, kcs + row * F::RK::SCALE_BYTES + (i - VCH) * 16, 16);
-        if (i < CH) cp_async16(sV + st * UNIT + i * 16, vcs + row * R::SCALE_BYTES + (i - VCH) * 16, 16);
+        kb[k] = ctx;
+        copy_unit(row, gs * NU + k);
       }
     }
   };
+  // Key positions of the steps in the ring (kb[0]: the one computed next), carried in registers so the loop
+  // neither looks the page entries up again nor reloads them.
+  int kb[GS - 1][NU];
 #pragma unroll
-  for (int st = 0; st < STAGES - 1; ++st) {
-    if (u0 + st < u1) load_unit(u0 + st, st);
+  for (int gs = 0; gs < GS - 1; ++gs) {
+    if (i0 + gs < i1) load_step(i0 + gs, gs, kb[gs]);
     cp_async_commit();
   }
 
@@ -550,24 +598,39 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
 #pragma unroll
   for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m_run[2] = {LSERVE_NEG_INF, LSERVE_NEG_INF}, l_run[2] = {0.f, 0.f};
+  // int8 values enter P V as 1152 + v (vfrag_v2): po accumulates P times a B of ones (one mma per unit), i.e. the
+  // row sums of the fp16 P the mmas used, rescaled with O, and O - 1152 po after the loop is P V (fp32: the
+  // offset adds an error of about 2^-24 * 1152 sum(P), far below P's own fp16 rounding).
+  constexpr bool V_OFF = same_t<KV, lskv::Int8>::value;
+  float po[4] = {0.f, 0.f, 0.f, 0.f};
 
-  // Ring stages: st (computed now) and st_ld = st - 1 mod STAGES (refilled now), advanced without a modulo.
-  for (int u = u0, st = 0, st_ld = STAGES - 1; u < u1; ++u) {
-    cp_async_wait<STAGES - 2>();
+  // Ring groups (NU slots each): gs (computed now) and gs_ld = gs - 1 mod GS (refilled now), advanced without a
+  // modulo.
+  for (int i = i0, gs = 0, gs_ld = GS - 1; i < i1; ++i) {
+    cp_async_wait<GS - 2>();
     __syncwarp();
-    if (u + STAGES - 1 < u1) load_unit(u + STAGES - 1, st_ld);
+    int kbase[NU];
+#pragma unroll
+    for (int k = 0; k < NU; ++k) {
+      kbase[k] = kb[0][k];
+#pragma unroll
+      for (int j = 0; j + 1 < GS - 1; ++j) kb[j][k] = kb[j + 1][k];
+    }
+    if (i + GS - 1 < i1) load_step(i + GS - 1, gs_ld, kb[GS - 2]);
     cp_async_commit();
-    const int cur = st;
-    st_ld = st;
-    st = st + 1 == STAGES ? 0 : st + 1;
-    const unsigned char* rk = wbase + cur * KUNIT;
-    const unsigned char* rv = wbase + STAGES * KUNIT + cur * UNIT;
-    const f16_t* skh = reinterpret_cast<const f16_t*>(rk + F::VBYTES);
-    const f16_t* svh = reinterpret_cast<const f16_t*>(rv + F::VBYTES);
+    const int cur = gs;
+    gs_ld = gs;
+    gs = gs + 1 == GS ? 0 : gs + 1;
 
-    // S = Q K^T: 16 heads x 16 keys (n-tile n: keys 8 n .. 8 n + 7; this lane's B column is key g + 8 n)
-    float s[2][4] = {{s_init[0], s_init[0], s_init[1], s_init[1]}, {s_init[0], s_init[0], s_init[1], s_init[1]}};
-    {
+    // S = Q K^T: 16 heads x 16 keys per unit k (n-tile n: keys 8 n .. 8 n + 7 of the unit; this lane's B column is
+    // key g + 8 n)
+    float s[NU][2][4];
+#pragma unroll
+    for (int k = 0; k < NU; ++k) {
+      const unsigned char* rk = wbase + (cur * NU + k) * KUNIT;
+      const f16_t* skh = reinterpret_cast<const f16_t*>(rk + F::VBYTES);
+#pragma unroll
+      for (int n = 0; n < 2; ++n) s[k][n][0] = s[k][n][1] = s_init[0], s[k][n][2] = s[k][n][3] = s_init[1];
       u32 kw[2][KW];
       u32 ks2[2][F::KG] = {}, kc2[2][F::KG] = {};
 #pragma unroll
@@ -589,30 +652,40 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
           u32 b0, b1;
           const int j = 8 * (kk >> 1) * F::KG / (D / 4);  // the group of kk's lane channels 8 (kk / 2) .. + 7
           kfrag_v2<KV>(kw[n], kk, ks2[n][j], kc2[n][j], b0, b1);
-          mma16816(s[n], qa[kk], b0, b1);
+          mma16816(s[k][n], qa[kk], b0, b1);
         }
-    }
-    if constexpr (!F::Q4) {  // the per-token K scale of key n * 8 + 2 t4 + j (rows g and g + 8 alike)
+      if constexpr (!F::Q4) {  // the per-token K scale of key n * 8 + 2 t4 + j (rows g and g + 8 alike)
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        const u32 h = *reinterpret_cast<const u32*>(skh + 8 * n + 2 * t4);
-        const float k0 = lskv::h2f((unsigned short)(h & 0xffffu)) * F::UNITS;
-        const float k1 = lskv::h2f((unsigned short)(h >> 16)) * F::UNITS;
-        s[n][0] *= k0, s[n][2] *= k0, s[n][1] *= k1, s[n][3] *= k1;
+        for (int n = 0; n < 2; ++n) {
+          const u32 h = *reinterpret_cast<const u32*>(skh + 8 * n + 2 * t4);
+          const float k0 = lskv::h2f((unsigned short)(h & 0xffffu)) * F::UNITS;
+          const float k1 = lskv::h2f((unsigned short)(h >> 16)) * F::UNITS;
+          s[k][n][0] *= k0, s[k][n][2] *= k0, s[k][n][1] *= k1, s[k][n][3] *= k1;
+        }
       }
     }
-    const int kbase = (pv.kv_pl[lo + vis.entry(u >> units_per_page_shift)].y << ps_shift) + ((u << 4) & (ps - 1));
+    bool dense = true;  // warp-uniform: key by key only for a step with a unit on a visibility boundary
 #pragma unroll
-    for (int n = 0; n < 2; ++n)
+    for (int k = 0; k < NU; ++k) dense &= unit_visible(kbase[k], qpos, ctx, cls, sink, local);
+    if (!dense) {
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const bool ok = key_visible(kbase + n * 8 + 2 * t4 + j, qpos, ctx, cls, sink, local);
-        if (!ok) s[n][j] = s[n][2 + j] = LSERVE_NEG_INF;
-      }
+      for (int k = 0; k < NU; ++k)
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const bool ok = key_visible(kbase[k] + n * 8 + 2 * t4 + j, qpos, ctx, cls, sink, local);
+            if (!ok) s[k][n][j] = s[k][n][2 + j] = LSERVE_NEG_INF;
+          }
+    }
+    // Online softmax over the step's NU * 16 keys: one max (two shuffles), one alpha and one O rescale per step.
     float alphas[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      float mx = fmaxf(m_run[h], fmaxf(fmaxf(s[0][2 * h], s[0][2 * h + 1]), fmaxf(s[1][2 * h], s[1][2 * h + 1])));
+      float mx = m_run[h];
+#pragma unroll
+      for (int k = 0; k < NU; ++k)
+        mx = fmaxf(mx, fmaxf(fmaxf(s[k][0][2 * h], s[k][0][2 * h + 1]), fmaxf(s[k][1][2 * h], s[k][1][2 * h + 1])));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_use = mx == LSERVE_NEG_INF ? 0.f : mx;
@@ -620,19 +693,21 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
       const float mb = m_use * scale_log2;
       float sum = 0.f;
 #pragma unroll
-      for (int n = 0; n < 2; ++n)
+      for (int k = 0; k < NU; ++k)
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const float p = fast_exp2(fmaf(s[n][2 * h + j], scale_log2, -mb));
-          s[n][2 * h + j] = p;
-          sum += p;
-        }
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const float p = fast_exp2(fmaf(s[k][n][2 * h + j], scale_log2, -mb));
+            s[k][n][2 * h + j] = p;
+            sum += p;
+          }
       l_run[h] = l_run[h] * alpha + sum;
       m_run[h] = mx;
       alphas[h] = alpha;
     }
     // Rescale O only when a running max of the warp moved (alpha = exp2(0) = 1 exactly otherwise): after the
-    // first units of a range it rarely does, which saves 2 * D / 2 multiplies per unit.
+    // first steps of a range it rarely does, which saves 2 * D / 2 multiplies per step.
     if (__any_sync(0xffffffffu, alphas[0] != 1.f || alphas[1] != 1.f)) {
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
@@ -641,27 +716,31 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
         o[n][2] *= alphas[1];
         o[n][3] *= alphas[1];
       }
+      if constexpr (V_OFF) po[0] *= alphas[0], po[1] *= alphas[0], po[2] *= alphas[1], po[3] *= alphas[1];
     }
-    if constexpr (!F::Q4) {  // fold the per-token V scale into p (masked keys: exactly 0, whatever the scale)
+    // O += P V per unit: B fragment of n-tile nt = channel g * D/8 + nt of keys 2 t4, 2 t4 + 1 (b0) and + 8 (b1)
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        const u32 h = *reinterpret_cast<const u32*>(svh + 8 * n + 2 * t4);
-        const float v0 = lskv::h2f((unsigned short)(h & 0xffffu)) * (F::UNITS * F::PGAIN);
-        const float v1 = lskv::h2f((unsigned short)(h >> 16)) * (F::UNITS * F::PGAIN);
+    for (int k = 0; k < NU; ++k) {
+      const unsigned char* rv = wbase + STAGES * KUNIT + (cur * NU + k) * UNIT;
+      const f16_t* svh = reinterpret_cast<const f16_t*>(rv + F::VBYTES);
+      if constexpr (!F::Q4) {  // fold the per-token V scale into p. A masked key (p = 0) must give exactly 0
+        // whatever its row holds: the scale is clamped to [0, 65504] first (fminf returns 65504 for NaN), once per
+        // key rather than a select per probability; written rows' scales are finite and >= 0, unchanged by it.
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          s[n][2 * r] = s[n][2 * r] > 0.f ? s[n][2 * r] * v0 : 0.f;
-          s[n][2 * r + 1] = s[n][2 * r + 1] > 0.f ? s[n][2 * r + 1] * v1 : 0.f;
+        for (int n = 0; n < 2; ++n) {
+          const u32 h = *reinterpret_cast<const u32*>(svh + 8 * n + 2 * t4);
+          constexpr float G = F::UNITS * F::PGAIN;
+          const float v0 = fmaxf(fminf(lskv::h2f((unsigned short)(h & 0xffffu)), 65504.f), 0.f) * G;
+          const float v1 = fmaxf(fminf(lskv::h2f((unsigned short)(h >> 16)), 65504.f), 0.f) * G;
+#pragma unroll
+          for (int r = 0; r < 2; ++r) s[k][n][2 * r] *= v0, s[k][n][2 * r + 1] *= v1;
         }
       }
-    }
-    u32 pa[4];
-    pa[0] = pack_half2(s[0][0], s[0][1]);
-    pa[1] = pack_half2(s[0][2], s[0][3]);
-    pa[2] = pack_half2(s[1][0], s[1][1]);
-    pa[3] = pack_half2(s[1][2], s[1][3]);
-    // O += P V: B fragment of n-tile nt = channel g * D/8 + nt of keys 2 t4, 2 t4 + 1 (b0) and + 8 (b1)
-    {
+      u32 pa[4];
+      pa[0] = pack_half2(s[k][0][0], s[k][0][1]);
+      pa[1] = pack_half2(s[k][0][2], s[k][0][3]);
+      pa[2] = pack_half2(s[k][1][0], s[k][1][1]);
+      pa[3] = pack_half2(s[k][1][2], s[k][1][3]);
       u32 vw[4][VW];
       u32 vs2[2] = {0u, 0u}, vc2[2] = {0u, 0u};
 #pragma unroll
@@ -684,10 +763,11 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
         vfrag_v2<KV>(vw[0][w], vw[1][w], vs2[0], vc2[0], b0);
         vfrag_v2<KV>(vw[2][w], vw[3][w], vs2[1], vc2[1], b1);
 #pragma unroll
-        for (int i = 0; i < PER; ++i) mma16816(o[w * PER + i], pa, b0[i], b1[i]);
+        for (int ii = 0; ii < PER; ++ii) mma16816(o[w * PER + ii], pa, b0[ii], b1[ii]);
       }
+      if constexpr (V_OFF) mma16816(po, pa, H2_ONES, H2_ONES);
     }
-    __syncwarp();  // this stage is refilled STAGES - 1 iterations later
+    __syncwarp();  // this group is refilled GS - 1 steps later
   }
   cp_async_wait<0>();
   __syncwarp();  // every lane's copies into this warp's ring have landed: the region is free
@@ -696,6 +776,12 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
   // -> its ring region; the CTA merges them (cta_merge; O carries PGAIN, divided out there)
   using M = MergeSmem<D, true>;
   float* const mo = reinterpret_cast<float*>(wbase);
+  if constexpr (V_OFF) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) o[n][c] = fmaf(-1152.f, po[c], o[n][c]);
+  }
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     float l = l_run[h];
@@ -813,12 +899,13 @@ LSERVE_DECODE_KERNEL(128, 4, lskv::Int4, _int4)
 LSERVE_DECODE_KERNEL(64, 4, lskv::Fp8, _fp8)
 LSERVE_DECODE_KERNEL(128, 4, lskv::Fp8, _fp8)
 
-// v2 (register-level dequantization, LSERVE_KVQ_DECODE=v2): paged_attn_decode_v2_d<D>_s<STAGES>_<kv>, the same
-// arguments. __launch_bounds__ asks for DC_V2_MIN_CTAS CTAs per SM (the launcher reads the real occupancy).
+// v2 (register-level dequantization, LSERVE_KVQ_DECODE=v2): paged_attn_decode_v2_d<D>_s<STAGES>_k<KEYS>_<kv>, the
+// same arguments; KEYS per loop step (16 or 32: the launcher's DECODE_V2_KEYS). __launch_bounds__ asks for
+// DC_V2_MIN_CTAS CTAs per SM (the launcher reads the real occupancy).
 constexpr int DC_V2_MIN_CTAS = 3;
-#define LSERVE_DECODE_V2_KERNEL(D, STAGES, KV, SUFFIX)                                                     \
+#define LSERVE_DECODE_V2_KERNEL(D, STAGES, KEYS, KV, SUFFIX)                                               \
   extern "C" __global__ void __launch_bounds__(lsattn::DC_THREADS, DC_V2_MIN_CTAS)                         \
-      paged_attn_decode_v2_d##D##_s##STAGES##SUFFIX(                                                       \
+      paged_attn_decode_v2_d##D##_s##STAGES##_k##KEYS##SUFFIX(                                             \
           const f16_t* q, const unsigned char* k0, const unsigned char* v0, const unsigned char* k1,      \
           const unsigned char* v1, const f16_t* sk0, const f16_t* sv0, const f16_t* sk1, const f16_t* sv1, \
           float* part_o, float* part_lse, f16_t* out, const int* plan, int cap_qb, int cap_seq,           \
@@ -826,16 +913,20 @@ constexpr int DC_V2_MIN_CTAS = 3;
           const int* sel_cnt, int sel_cap, int Hq, int Hkv, int ps_shift, int n_htiles, float scale_log2) { \
     lserve::pdl_enter();                                                                                   \
     const lsattn::KVPools pools{k0, v0, k1, v1, sk0, sv0, sk1, sv1, head_class, head_slot, n0, n1};        \
-    lsattn::decode_body_v2<D, STAGES, KV>(q, pools, part_o, part_lse, out,                                 \
-                                          lsattn::plan_view(plan, cap_qb, cap_seq),                        \
-                                          sel_idx, sel_cnt, sel_cap, Hq, Hkv, ps_shift, n_htiles, scale_log2); \
+    lsattn::decode_body_v2<D, STAGES, KV, KEYS / lsattn::DC_UNIT>(                                         \
+        q, pools, part_o, part_lse, out, lsattn::plan_view(plan, cap_qb, cap_seq), sel_idx, sel_cnt, sel_cap, \
+        Hq, Hkv, ps_shift, n_htiles, scale_log2);                                                          \
   }
-LSERVE_DECODE_V2_KERNEL(64, 4, lskv::Int8, _int8)
-LSERVE_DECODE_V2_KERNEL(128, 4, lskv::Int8, _int8)
-LSERVE_DECODE_V2_KERNEL(64, 6, lskv::Int4, _int4)  // int4 units are small: a deeper ring, 3 CTAs per SM at D 128
-LSERVE_DECODE_V2_KERNEL(128, 6, lskv::Int4, _int4)
-LSERVE_DECODE_V2_KERNEL(64, 4, lskv::Fp8, _fp8)
-LSERVE_DECODE_V2_KERNEL(128, 4, lskv::Fp8, _fp8)
+// int4 units are small: a deeper ring, 3 CTAs per SM at D 128.
+#define LSERVE_DECODE_V2_KERNELS(KEYS)                    \
+  LSERVE_DECODE_V2_KERNEL(64, 4, KEYS, lskv::Int8, _int8)  \
+  LSERVE_DECODE_V2_KERNEL(128, 4, KEYS, lskv::Int8, _int8) \
+  LSERVE_DECODE_V2_KERNEL(64, 6, KEYS, lskv::Int4, _int4)  \
+  LSERVE_DECODE_V2_KERNEL(128, 6, KEYS, lskv::Int4, _int4) \
+  LSERVE_DECODE_V2_KERNEL(64, 4, KEYS, lskv::Fp8, _fp8)    \
+  LSERVE_DECODE_V2_KERNEL(128, 4, KEYS, lskv::Fp8, _fp8)
+LSERVE_DECODE_V2_KERNELS(16)
+LSERVE_DECODE_V2_KERNELS(32)
 
 extern "C" __global__ void __launch_bounds__(lsattn::CB_THREADS) paged_attn_decode_combine(const float* part_o, const float* part_lse, f16_t* out,
                                                      const int* meta, const int* qb_start, int Hq, int SW, int D) {

@@ -2,7 +2,8 @@
 emulation of what each of the 32 lanes loads from the swizzled shared-memory unit and converts (the same bit
 operations: prmt, lop3 under the magic 0x6400, shifts, f16x2 sub / mul / fma in fp16 arithmetic, e4m3 hardware
 and software conversions; int4's nib4_v2: 16 + q under the magic 0x4C00 (nibbles shifted to bits 6..9), then one fma with (scale, min - 16 scale), int8 keys as
-1152 + k with the score accumulator starting at -1152 sum(q), accumulated in float32), assembled into the
+1152 + k with the score accumulator starting at -1152 sum(q), accumulated in float32, int8 values as 1152 + v
+with 1152 sum(P) subtracted from O in float32), assembled into the
 mma.sync m16n8k16 fragments by the PTX layouts, against Q K^T and P V over the reference dequantization
 (kv/quant.py). No GPU needed; the GPU rows are in tests/test_gpu_kv_quant.py."""
 
@@ -38,7 +39,7 @@ def join(lo, hi):
     return hb(lo) | (hb(hi) << 16)
 
 
-def hsub2(a, b):
+def hsub2(a, b):  # sub.f16x2 (tests/test_prefill_sm90_layout.py's dequantization)
     (a0, a1), (b0, b1) = split(a), split(b)
     return join(np.float16(a0 - b0), np.float16(a1 - b1))
 
@@ -222,13 +223,9 @@ def run(kvname, D, sw_fp8, rng):  # noqa: N803
                         out += [nib4(nib_at6(y, m), vs2[half], vc2[half]) for m in range(4)]
                 else:
                     x0, x1 = prmt(a, b, 0x5140), prmt(a, b, 0x7362)
-                    if kvname == "int8":
+                    if kvname == "int8":  # 1152 + v: O - 1152 sum(P) after the loop
                         y0, y1 = x0 ^ 0x80808080, x1 ^ 0x80808080
-                        out = [
-                            hsub2(prmt(y, 0x64646464, sel), 0x64806480)
-                            for y in (y0, y1)
-                            for sel in (0x4140, 0x4342)
-                        ]
+                        out = [prmt(y, 0x64646464, sel) for y in (y0, y1) for sel in (0x4140, 0x4342)]
                     else:
                         out = [conv(x0 & 0xFFFF), conv(x0 >> 16), conv(x1 & 0xFFFF), conv(x1 >> 16)]
                 for i in range(PER):
@@ -239,6 +236,9 @@ def run(kvname, D, sw_fp8, rng):  # noqa: N803
             C = Pd @ Bs[i]  # 16 x 8: column c <-> dim c * NT + nt
             for c in range(8):
                 out_o[:, c * NT + nt] += C[:, c]
+    if kvname == "int8":  # one mma per n-tile (float32), po: P times a B of ones; o = fmaf(-1152, po, o)
+        po = Pd.sum(1).astype(np.float32).astype(np.float64)
+        out_o = (out_o.astype(np.float32).astype(np.float64) - 1152.0 * po[:, None]).astype(np.float32)
     out_o /= PGAIN
     O_ref = P @ vd
     errO = np.abs(out_o - O_ref).max() / np.abs(O_ref).max()
@@ -288,3 +288,83 @@ def test_int4_lop3_extraction_covers_every_nibble():
             y = lop3(nib_at6(word, m), NIB4_MASK, MAGIC2, 0xEA)
             assert y & ~NIB4_MASK & 0xFFFFFFFF == MAGIC2  # only the two nibbles in the magic's mantissa
             assert ((y >> 6) & 15, (y >> 22) & 15) == (nib[m], nib[m + 4])
+
+
+# ---- the unit loop around the fragments: loader offsets, steps of NU units, the per-step mask
+
+
+@pytest.mark.parametrize("vch", [32, 64, 128])
+def test_loader_lane_offsets_are_the_swizzle(vch):
+    """vch: value chunks of a unit (Row::BYTES: int4 / int8 at D 64, 128). copy_unit: lane l's chunk l + 32 it lands at (swz(l) ^ 64 (it & 1)) + 512 it, i.e. swz(l + 32 it)."""
+    got = [(swz(lane) ^ ((it & 1) << 6)) + it * 512 for it in range(vch // 32) for lane in range(32)]
+    assert got == [swz(lane + 32 * it) for it in range(vch // 32) for lane in range(32)]
+    assert sorted(got) == [16 * i for i in range(vch)]  # every chunk slot once
+
+
+def key_visible(kp, qp, ctx, cls, sink, local):  # attention_common.cuh
+    ok = kp <= qp and kp < ctx
+    return ok and (kp < sink or qp - kp < local) if cls else ok
+
+
+def unit_visible(kbase, qp, ctx, cls, sink, local):  # attention_decode.cu, 16-key units
+    last = kbase + 15
+    return last <= qp and last < ctx and (not cls or last < sink or qp - kbase < local)
+
+
+def test_unit_visible_implies_every_key_visible():
+    rng = np.random.default_rng(3)
+    for _ in range(20000):
+        qp = int(rng.integers(0, 300))
+        ctx = qp + 1 if rng.random() < 0.7 else int(rng.integers(0, 320))
+        cls, sink, local = int(rng.integers(0, 2)), int(rng.integers(0, 64)), int(rng.integers(1, 128))
+        kb = int(rng.integers(0, 320))
+        if unit_visible(kb, qp, ctx, cls, sink, local):
+            assert all(key_visible(kb + j, qp, ctx, cls, sink, local) for j in range(16))
+
+
+@pytest.mark.parametrize("ps", [16, 32, 64])
+@pytest.mark.parametrize("nu", [1, 2])
+def test_steps_visit_every_key_once_with_the_reference_mask(ps, nu):
+    """decode_body_v2's split of a page list into warp ranges of NU-unit steps (load_step's rows and key bases,
+    a unit past an odd list of 16-token pages copied from the step's first with kb = ctx), masked per step
+    (unit_visible, else key by key): each listed key once, with the reference's visibility; no other key counts."""
+    rng = np.random.default_rng(ps * 10 + nu)
+    for _ in range(40):
+        npages = int(rng.integers(1, 12))
+        logical = rng.permutation(64)[:npages]  # the list's logical pages (selected pages: any order)
+        ctx = int(logical.max() + 1) * ps - int(rng.integers(0, ps))
+        qp = ctx - 1
+        cls, sink, local = int(rng.integers(0, 2)), int(rng.integers(0, 3 * ps)), int(rng.integers(1, 6 * ps))
+        nunits = npages * ps // 16
+        nsteps = -(-nunits // nu)
+        nwr = int(rng.integers(1, 9))
+        seen: dict[tuple[int, int], int] = {}  # (row, key) -> count of visible visits
+        for ws in range(nwr):
+            for i in range(ws * nsteps // nwr, (ws + 1) * nsteps // nwr):
+                u = i * nu
+                off = (u * 16) % ps
+                rows, kbs = [(u * 16 // ps, off)], [int(logical[u * 16 // ps]) * ps + off]
+                for k in range(1, nu):
+                    if ps >= nu * 16:
+                        rows.append((rows[0][0], off + 16 * k))
+                        kbs.append(kbs[0] + 16 * k)
+                    elif u + k < nunits:
+                        rows.append((u + k, 0))
+                        kbs.append(int(logical[u + k]) * ps)
+                    else:
+                        rows.append(rows[0])
+                        kbs.append(ctx)
+                dense = all(unit_visible(kb, qp, ctx, cls, sink, local) for kb in kbs)
+                for (page, r0), kb in zip(rows, kbs):
+                    for j in range(16):
+                        if dense or key_visible(kb + j, qp, ctx, cls, sink, local):
+                            key = (page, r0 + j)
+                            assert int(logical[page]) * ps + r0 + j == kb + j
+                            seen[key] = seen.get(key, 0) + 1
+        want = {
+            (p, r)
+            for p in range(npages)
+            for r in range(ps)
+            if key_visible(int(logical[p]) * ps + r, qp, ctx, cls, sink, local)
+        }
+        assert set(seen) == want and all(c == 1 for c in seen.values())
