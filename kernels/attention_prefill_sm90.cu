@@ -97,19 +97,20 @@ __device__ __forceinline__ void wgmma_ss_m64n64k16(float (&d)[32], u64 desc_a, u
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
-// D[64 x 64] += A[64 x 16] * B[16 x 64]; A in registers (four f16x2 per thread), B N-major ("transposed")
-// in shared memory (imm-trans-b = 1).
-__device__ __forceinline__ void wgmma_rs_m64n64k16_tb(float (&d)[32], const u32 (&a)[4], u64 desc_b) {
+// D[64 x 64] += A[64 x 16] * B[16 x 64]; A in registers (four f16x2 per thread), B in shared memory, K-major
+// (TRANS_B = 0: K as the B of Q K^T with Q in registers) or N-major ("transposed", TRANS_B = 1: V as the B of P V).
+template <int TRANS_B>
+__device__ __forceinline__ void wgmma_rs_m64n64k16(float (&d)[32], const u32 (&a)[4], u64 desc_b) {
   asm volatile(
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "{%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
+      "{%32, %33, %34, %35}, %36, 1, 1, 1, %37;\n"
       :
         "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
         "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(TRANS_B));
 }
 
 // D[64 x 128] += A[64 x 16] * B[16 x 128]; A in registers (four f16x2 per thread), B N-major ("transposed")
@@ -171,13 +172,15 @@ __device__ __forceinline__ unsigned char* align_smem1024(unsigned char* raw, u32
   return raw + pad;
 }
 
-template <int D, int NWG, int STAGES, class KV>
+// QREG: the Q K^T operand A (Q) from registers instead of shared memory (see the header: "Q in registers").
+template <int D, int NWG, int STAGES, class KV, bool QREG>
 __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const KVPools pools, f16_t* __restrict__ out,
                                              const PlanView pv, int Hq, int Hkv, int ps_shift, int rows_per_head,
                                              int heads_per_cta, int n_sub, int hgroups, float scale_log2) {
   using L = Smem<D, NWG, STAGES, KV>;
   constexpr int CH = L::CH, BM = L::BM, BN = L::BN, THREADS = L::THREADS;
   static_assert(STAGES >= 2, "a ring of at least two stages");
+  static_assert(!(QREG && KV::QUANT), "Q in registers: fp16 caches only (the quantized path is at its register cap)");
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   u32 s_base;
   unsigned char* smem = align_smem1024(smem_raw, s_base);
@@ -298,6 +301,20 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
   for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
   float m_run[2] = {LSERVE_NEG_INF, LSERVE_NEG_INF}, l_run[2] = {0.f, 0.f};
   const u32 q_wg = sQ + wg * 64 * 128;  // this warpgroup's 64 rows in each column block of Q
+  // QREG: this thread's part of the warp's 16 Q rows as the A fragments of the D / 16 Q K^T k-steps, read once from
+  // the swizzled Q tile (the addressing its cp.async copies used): qa[kk][2 hi + h] = Q[wrow + g + 8h][16 kk + 8 hi
+  // + 2 t4 .. + 1], the mma.sync m16n8k16 A layout per warp that P's fragments already use (header, "Register
+  // fragments"). Q rides with tile 0's copy group; plain loads after the barrier, no proxy fence (generic proxy).
+  u32 qa[QREG ? D / 16 : 1][4];
+  if constexpr (QREG) {
+    cp_async_wait<PRE - 1>();
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        qa[kk][i] = *reinterpret_cast<const u32*>(smem + sw128<BM>(wrow + g + 8 * (i & 1), 2 * kk + (i >> 1)) + 4 * t4);
+  }
 
   for (int j = 0; j < ntiles; ++j) {
     const int st = j % STAGES;
@@ -333,9 +350,12 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const u32 col = (kk >> 2) * 128, kin = (kk & 3) * 32;  // column block (x rows x 128 B), 32 B per k-step
-      const u64 da = smem_desc(qt + col * BM + kin, 16, 1024);
       const u64 db = smem_desc(kt + col * BN + kin, 16, 1024);
-      wgmma_ss_m64n64k16(s, da, db, kk > 0 ? 1 : 0);
+      if constexpr (QREG) {
+        wgmma_rs_m64n64k16<0>(s, qa[kk], db);  // accumulates onto the zeroed s
+      } else {
+        wgmma_ss_m64n64k16(s, smem_desc(qt + col * BM + kin, 16, 1024), db, kk > 0 ? 1 : 0);
+      }
     }
     wgmma_commit();
     if constexpr (KV::QUANT) {
@@ -416,7 +436,7 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
     for (int kk = 0; kk < BN / 16; ++kk) {
       const u64 db = smem_desc(vt + kk * 16 * 128, BN * 128, 1024);
       if constexpr (D == 64) {
-        wgmma_rs_m64n64k16_tb(o, pa[kk], db);
+        wgmma_rs_m64n64k16<1>(o, pa[kk], db);
       } else {
         wgmma_rs_m64n128k16_tb(o, pa[kk], db);
       }
@@ -466,43 +486,51 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
 }  // namespace sm90
 }  // namespace lsattn
 
-// One extern "C" entry point per (head dim, warpgroups, stages, KV format); the argument list is the mma.sync
-// kernel's (k0/v0/k1/v1: the pools' values; sk0/sv0/sk1/sv1: their fp16 scales, null for fp16).
-#define LSERVE_PREFILL_SM90_KERNEL(D, NWG, STAGES, MINB, KV, SUFFIX)                                          \
-  extern "C" __global__ void __launch_bounds__(128 * NWG, MINB)                                            \
-      paged_attn_prefill_sm90_d##D##_w##NWG##_s##STAGES##SUFFIX(                                           \
-          const f16_t* q, const unsigned char* k0, const unsigned char* v0, const unsigned char* k1,      \
-          const unsigned char* v1, const f16_t* sk0, const f16_t* sv0, const f16_t* sk1, const f16_t* sv1, \
-          f16_t* out, const int* plan, int cap_qb, int cap_seq, const int* head_class, const int* head_slot, \
-          int n0, int n1, int Hq, int Hkv, int ps_shift, int rows_per_head, int heads_per_cta, int n_sub,  \
-          int hgroups, float scale_log2) {                                                                 \
-    lserve::pdl_enter();                                                                                   \
-    const lsattn::KVPools pools{k0, v0, k1, v1, sk0, sv0, sk1, sv1, head_class, head_slot, n0, n1};        \
-    lsattn::sm90::prefill_body<D, NWG, STAGES, KV>(q, pools, out, lsattn::plan_view(plan, cap_qb, cap_seq), \
-                                                   Hq, Hkv, ps_shift, rows_per_head, heads_per_cta, n_sub,  \
-                                                   hgroups, scale_log2);                                     \
+// One extern "C" entry point per (head dim, warpgroups, stages, KV format, Q operand); the argument list is the
+// mma.sync kernel's (k0/v0/k1/v1: the pools' values; sk0/sv0/sk1/sv1: their fp16 scales, null for fp16). SUFFIX:
+// the KV format's (_int8 ...) or, with Q in registers, _qreg (cuda_attention._prefill_sm90_name).
+#define LSERVE_PREFILL_SM90_KERNEL(D, NWG, STAGES, MINB, KV, QREG, SUFFIX)                                            \
+  extern "C" __global__ void __launch_bounds__(128 * NWG, MINB)                                                       \
+      paged_attn_prefill_sm90_d##D##_w##NWG##_s##STAGES##SUFFIX(                                                      \
+          const f16_t* q, const unsigned char* k0, const unsigned char* v0, const unsigned char* k1,                  \
+          const unsigned char* v1, const f16_t* sk0, const f16_t* sv0, const f16_t* sk1, const f16_t* sv1,            \
+          f16_t* out, const int* plan, int cap_qb, int cap_seq, const int* head_class, const int* head_slot,          \
+          int n0, int n1, int Hq, int Hkv, int ps_shift, int rows_per_head, int heads_per_cta, int n_sub,             \
+          int hgroups, float scale_log2) {                                                                            \
+    lserve::pdl_enter();                                                                                              \
+    const lsattn::KVPools pools{k0, v0, k1, v1, sk0, sv0, sk1, sv1, head_class, head_slot, n0, n1};                   \
+    lsattn::sm90::prefill_body<D, NWG, STAGES, KV, QREG>(q, pools, out, lsattn::plan_view(plan, cap_qb, cap_seq),     \
+                                                   Hq, Hkv, ps_shift, rows_per_head, heads_per_cta, n_sub,            \
+                                                   hgroups, scale_log2);                                              \
   }
 
 // BN = 64 keys per tile throughout. Two CTAs per SM where shared memory allows (d128 w2 s2: 97 KiB each).
-LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 2, lskv::Half, )
-LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Half, )
-LSERVE_PREFILL_SM90_KERNEL(64, 2, 3, 2, lskv::Half, )
-LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Half, )
-LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Half, )
-LSERVE_PREFILL_SM90_KERNEL(128, 2, 3, 1, lskv::Half, )
+LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 2, lskv::Half, false, )
+LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Half, false, )
+LSERVE_PREFILL_SM90_KERNEL(64, 2, 3, 2, lskv::Half, false, )
+LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Half, false, )
+LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Half, false, )
+LSERVE_PREFILL_SM90_KERNEL(128, 2, 3, 1, lskv::Half, false, )
+// Q in registers (fp16 caches; cuda_attention.PREFILL_SM90_VARIANT = "qreg", PREFILL_SM90_QREG_STAGES). d128 w2
+// needs ~200 registers (o 64 + s 32 + Q 32 per thread): one CTA per SM, three stages; at the two-CTA cap of 128 it
+// spills and ptxas serializes the wgmmas. The others keep the ss entry points' CTAs per SM without spills.
+LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 2, lskv::Half, true, _qreg)
+LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Half, true, _qreg)
+LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Half, true, _qreg)
+LSERVE_PREFILL_SM90_KERNEL(128, 2, 3, 1, lskv::Half, true, _qreg)
 // Quantized caches: a ring of tiles as stored plus one fp16 K / V tile pair (d128 w2 s2 int8 / fp8: 99 KiB, two CTAs
 // per SM; cuda_attention.PREFILL_SM90_STAGES). MINB caps registers where shared memory admits more CTAs than the
 // registers the overlapped dequantization would otherwise take (ptxas: no spills at these caps): d64 w1 four CTAs
 // per SM (<= 128 registers), d128 w1 int4 three (<= 168).
-LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 4, lskv::Int8, _int8)
-LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Int8, _int8)
-LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Int8, _int8)
-LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Int8, _int8)
-LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 4, lskv::Int4, _int4)
-LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Int4, _int4)
-LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 3, lskv::Int4, _int4)
-LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Int4, _int4)
-LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 4, lskv::Fp8, _fp8)
-LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Fp8, _fp8)
-LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Fp8, _fp8)
-LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Fp8, _fp8)
+LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 4, lskv::Int8, false, _int8)
+LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Int8, false, _int8)
+LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Int8, false, _int8)
+LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Int8, false, _int8)
+LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 4, lskv::Int4, false, _int4)
+LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Int4, false, _int4)
+LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 3, lskv::Int4, false, _int4)
+LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Int4, false, _int4)
+LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 4, lskv::Fp8, false, _fp8)
+LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Fp8, false, _fp8)
+LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Fp8, false, _fp8)
+LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Fp8, false, _fp8)

@@ -7,7 +7,8 @@ formed once from its index, then advanced by constants per step). Checked: every
 once, the addresses equal to the item -> (row, chunk) mapping's, the tile read back through the swizzle (the layout
 the fp16 path's cp.async writes and the wgmma descriptors read) equal to the reference dequantization (kv/quant.py)
 rounded to fp16, bit for bit, and each 8-thread phase of the 16-byte shared-memory reads and writes on 8 distinct
-bank groups. No GPU needed."""
+bank groups. Also the "qreg" variant's Q operand: the Q tile written by the kernel's cp.async mapping, read back
+into each thread's A fragments, against the PTX ISA's wgmma m64nNk16 A register-fragment layout. No GPU needed."""
 
 from __future__ import annotations
 
@@ -51,8 +52,8 @@ def dequant16_h2(kind: str, group: int, words: list[int], sc: list[int]) -> list
     return h
 
 
-def sw128(r: int, c: int) -> int:  # attention_common.cuh sw128<ROWS>
-    return (c >> 3) * ROWS * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4)
+def sw128(r: int, c: int, rows: int = ROWS) -> int:  # attention_common.cuh sw128<rows>
+    return (c >> 3) * rows * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4)
 
 
 def staged(vals: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -135,3 +136,40 @@ def test_dequant_tile_sw128(kind, d, nt):
             assert len({(src // 16) % 8 for src, _ in acc}) == 8, ("read bank conflict", fmt.group_size, key)
             for k in range(len(acc[0][1])):
                 assert len({(dst[k] // 16) % 8 for _, dst in acc}) == 8, ("write bank conflict", key, k)
+
+
+def wgmma_a_fragment(t: int, i: int) -> tuple[int, int]:
+    """PTX ISA 9.7.15.5.1 (wgmma register fragments), matrix A of .m64nNk16 with .f16: element i (0..7; register
+    i // 2, the even element in its low half) of thread t of the warpgroup is at (row, column) of the 64 x 16 A."""
+    warp, lane = t // 32, t % 32
+    group, tig = lane // 4, lane % 4
+    return 16 * warp + group + 8 * (i // 2 % 2), 2 * tig + i % 2 + 8 * (i // 4)
+
+
+@pytest.mark.parametrize(("d", "nwg"), [(64, 1), (64, 2), (128, 1), (128, 2)])
+def test_q_register_fragments(d, nwg):
+    """attention_prefill_sm90.cu, QREG: the Q tile as the kernel's cp.async loop writes it (thread tid copies 16-byte
+    chunk tid % CH of rows tid / CH + k * THREADS / CH to sw128<BM>(r, c)), then qa[kk][i] = the 32-bit word at
+    sw128<BM>(wrow + g + 8 (i & 1), 2 kk + (i >> 1)) + 4 t4, against Q[64 wg + A row][16 kk + A column] of the
+    PTX layout for every thread, k-step and register: warpgroup wg's 64 rows are its M of the Q K^T wgmma."""
+    bm, ch, threads = 64 * nwg, d // 8, 128 * nwg
+    q = np.random.default_rng(d + nwg).standard_normal((bm, d)).astype(np.float16)
+    tile = np.zeros(bm * d * 2, np.uint8)
+    written = np.zeros(bm * d * 2 // 16, np.int32)
+    for tid in range(threads):
+        for it in range(bm // (threads // ch)):
+            r, c = tid // ch + it * (threads // ch), tid % ch
+            o = sw128(r, c, bm)
+            tile[o : o + 16] = q[r, 8 * c : 8 * c + 8].view(np.uint8)
+            written[o // 16] += 1
+    assert (written == 1).all(), "every chunk of the Q tile written exactly once"
+    for tid in range(threads):
+        warp, lane = tid // 32, tid % 32
+        g, t4, wrow, wg = lane >> 2, lane & 3, warp * 16, tid // 128
+        for kk in range(d // 16):
+            for i in range(4):
+                o = sw128(wrow + g + 8 * (i & 1), 2 * kk + (i >> 1), bm) + 4 * t4
+                got = tile[o : o + 4].view(np.float16)
+                for e in range(2):
+                    row, col = wgmma_a_fragment(tid % 128, 2 * i + e)
+                    assert got[e] == q[64 * wg + row, 16 * kk + col], (tid, kk, i, e)
