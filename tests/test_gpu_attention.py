@@ -2,7 +2,8 @@
 
 The NVRTC compile check runs everywhere (CI has no GPU); the rest is marked `gpu` and skipped without one.
 Inputs are fresh random fp16 values (never zeros), outputs are NaN-poisoned before each launch. Prefill tests run
-under each prefill kernel (the `prefill_kernel` fixture of conftest.py: mma.sync, and wgmma on 9.x devices).
+under each prefill kernel (the `prefill_kernel` fixture of conftest.py: mma.sync, and on 9.x devices wgmma with Q
+in shared memory and with Q in registers).
 """
 
 from __future__ import annotations
@@ -111,8 +112,12 @@ def _assert_kernel_ran(prefill_kernel: str) -> None:
     from lserve_lite.backends import cuda_attention as att
 
     names = att._kernels()._fns
-    if prefill_kernel == "wgmma":
+    if prefill_kernel.startswith("wgmma"):
         assert any(n.startswith("paged_attn_prefill_sm90_") for n in names), sorted(names)
+    if prefill_kernel == "wgmma_qreg":
+        assert any(n.startswith("paged_attn_prefill_sm90_") and n.endswith("_qreg") for n in names), sorted(
+            names
+        )
 
 
 @pytest.mark.gpu
