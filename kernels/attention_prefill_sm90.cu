@@ -19,6 +19,15 @@
 //   Each product is committed and waited for before the next step (no overlap of softmax with the next QK^T inside
 //   a warpgroup; the other warpgroup / CTA on the SM fills the tensor cores meanwhile); quantized caches convert
 //   the next operand tile between a product's commit and its wait.
+// - Q in registers (QREG, fp16 caches; cuda_attention.PREFILL_SM90_VARIANT = "qreg"): Q K^T as wgmma RS instead of
+//   SS. Why: a tensor core does ~4096 fp16 flop / clk per SM, so an m64n64k16 wgmma (131k flop) takes ~32 clk and
+//   with both operands in shared memory reads 2 KB of Q plus 2 KB of K: 128 B / clk, all of the SM's shared-memory
+//   bandwidth, before the cp.async writes of the tiles and P V's reads of V. Each thread loads its warp's A
+//   fragments of the warpgroup's 64 x D Q once per CTA (D / 4 registers: 32 at D = 128) from the Q tile, after Q
+//   has landed; every Q K^T wgmma then reads only K (64 B / clk; per tile and warpgroup 25% fewer shared-memory
+//   bytes with two warpgroups per CTA). The price is registers: o (D / 2) + s (32) + Q (D / 4) per thread, ~200 at
+//   D = 128, one CTA of two warpgroups per SM instead of two (entry points at the end of the file). Q's tile stays
+//   in the layout (staging, and the output staging reuses it).
 // - Online softmax in fp32, base 2, as the mma.sync kernel (the accumulator fragment of wgmma has the same
 //   per-warp layout as mma.sync's m16n8 C fragment, see below).
 // - Quantized caches, as attention_prefill.cu does it: the ring holds tiles as stored (BN / 16 units of 16 rows,
@@ -313,7 +322,8 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
     for (int kk = 0; kk < D / 16; ++kk)
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        qa[kk][i] = *reinterpret_cast<const u32*>(smem + sw128<BM>(wrow + g + 8 * (i & 1), 2 * kk + (i >> 1)) + 4 * t4);
+        qa[kk][i] =
+            *reinterpret_cast<const u32*>(smem + sw128<BM>(wrow + g + 8 * (i & 1), 2 * kk + (i >> 1)) + 4 * t4);
   }
 
   for (int j = 0; j < ntiles; ++j) {
@@ -500,8 +510,8 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
     lserve::pdl_enter();                                                                                              \
     const lsattn::KVPools pools{k0, v0, k1, v1, sk0, sv0, sk1, sv1, head_class, head_slot, n0, n1};                   \
     lsattn::sm90::prefill_body<D, NWG, STAGES, KV, QREG>(q, pools, out, lsattn::plan_view(plan, cap_qb, cap_seq),     \
-                                                   Hq, Hkv, ps_shift, rows_per_head, heads_per_cta, n_sub,            \
-                                                   hgroups, scale_log2);                                              \
+                                                         Hq, Hkv, ps_shift, rows_per_head, heads_per_cta, n_sub,      \
+                                                         hgroups, scale_log2);                                        \
   }
 
 // BN = 64 keys per tile throughout. Two CTAs per SM where shared memory allows (d128 w2 s2: 97 KiB each).
