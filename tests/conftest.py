@@ -21,11 +21,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(params=["mma", "wgmma", "wgmma_qreg"])
+@pytest.fixture(params=["mma", "wgmma", "wgmma_qreg", "wgmma_qreg_overlap"])
 def prefill_kernel(request, monkeypatch) -> str:
     """Runs a GPU prefill test under each prefill kernel (cuda_attention.PREFILL_KERNEL): the mma.sync one
-    everywhere, the wgmma one (kernels/attention_prefill_sm90.cu) on compute capability 9.x only, there also with
-    Q in registers ("wgmma_qreg": PREFILL_SM90_VARIANT = "qreg"; "wgmma" runs the variant as set, "ss" by default)."""
+    everywhere, the wgmma one (kernels/attention_prefill_sm90.cu) on compute capability 9.x only, there under each
+    variant too ("wgmma_<variant>": PREFILL_SM90_VARIANT = variant; "wgmma" runs the variant as set, "ss" by
+    default)."""
     from lserve_lite.backends import cuda_attention
 
     kernel, _, variant = request.param.partition("_")

@@ -173,3 +173,89 @@ def test_q_register_fragments(d, nwg):
                 for e in range(2):
                     row, col = wgmma_a_fragment(tid % 128, 2 * i + e)
                     assert got[e] == q[64 * wg + row, 16 * kk + col], (tid, kk, i, e)
+
+
+class _Ring:
+    """One CTA's view of the K/V ring in program order: cp.async commit groups, wait_group, the barrier that
+    publishes landed tiles (each thread fences its copies to the async proxy before it), stage refills and the
+    wgmma reads in flight between an issue and wgmma.wait_group 0."""
+
+    def __init__(self, stages: int):
+        self.stages, self.groups, self.landed = stages, [], 0
+        self.published: set[int] = set()
+        self.stage_tile: dict[int, int] = {}
+        self.in_flight: list[tuple[str, int]] = []
+
+    def load(self, t: int) -> None:
+        st = t % self.stages
+        assert all(x % self.stages != st for _, x in self.in_flight), (
+            "refill under a wgmma",
+            t,
+            self.in_flight,
+        )
+        self.stage_tile[st] = t
+
+    def commit(self, tiles: list[int]) -> None:
+        self.groups.append(set(tiles))
+
+    def wait_group(self, n: int) -> None:  # all but the newest n groups complete
+        self.landed = max(self.landed, len(self.groups) - n)
+
+    def barrier(self) -> None:
+        self.published.update(t for g in self.groups[: self.landed] for t in g)
+
+    def read(self, what: str, t: int) -> None:
+        assert self.stage_tile.get(t % self.stages) == t and t in self.published, (what, t)
+
+    def issue(self, what: str, t: int) -> None:
+        self.read(what, t)
+        self.in_flight.append((what, t))
+
+    def wgmma_wait0(self) -> None:
+        self.in_flight.clear()
+
+
+def _replay_tile_loop(overlap: bool, stages: int, ntiles: int) -> None:
+    """attention_prefill_sm90.cu's fp16 tile loop, step by step (ss / qreg; OVERLAP: Q K^T(j + 1) before softmax(j))."""
+    ring = _Ring(stages)
+    pre = stages - 1  # prologue: Q with tile 0, tiles 0 .. stages - 2, one group each (empty past the list)
+    for s in range(pre):
+        if s < ntiles:
+            ring.load(s)
+        ring.commit([s] if s < ntiles else [])
+    if overlap:  # the Q fragments' wait and barrier, then tile 0's Q K^T
+        ring.wait_group(pre - 1)
+        ring.barrier()
+        if ntiles > 0:
+            ring.issue("K", 0)
+        ring.wgmma_wait0()
+    for j in range(ntiles):
+        ring.wait_group(stages - 3 if overlap else stages - 2)
+        ring.barrier()
+        jn = j + stages - 1
+        if jn < ntiles:
+            ring.load(jn)
+        ring.commit([jn] if jn < ntiles else [])
+        ring.read("key positions", j)  # need_mask
+        if overlap:
+            if j + 1 < ntiles:
+                ring.issue("K", j + 1)
+        else:
+            ring.issue("K", j)
+            ring.wgmma_wait0()
+        ring.read("key positions", j)  # the mask
+        ring.issue("V", j)
+        ring.wgmma_wait0()
+
+
+@pytest.mark.parametrize(("overlap", "stages"), [(False, 2), (False, 3), (True, 3), (True, 4)])
+def test_ring_schedule(overlap, stages):
+    """The fp16 tile loop replayed for 0 .. 8 tiles: each read (K by Q K^T, V by P V, key positions by the softmax)
+    finds its tile in its stage, landed and published by a barrier before the read; no stage is refilled while a
+    wgmma that reads it is in flight. The overlapped order with two stages fails (the model catches it)."""
+    for ntiles in range(9):
+        _replay_tile_loop(overlap, stages, ntiles)
+    if overlap:
+        with pytest.raises(AssertionError):
+            for ntiles in range(9):
+                _replay_tile_loop(overlap, 2, ntiles)

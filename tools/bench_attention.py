@@ -12,8 +12,8 @@ Timing: CUDA events after warm-up, median. Rooflines: 750 TFLOP/s (fp16 tensor c
 `--prefill-kernels mma,wgmma`: our prefill rows also under each named prefill kernel (cuda_attention.PREFILL_KERNEL:
 the mma.sync kernel, and the sm_90a wgmma kernel on compute capability 9.x), rows `ours_<kernel>`; the plain
 `ours` row is the default choice ("auto"). `wgmma_<variant>` also sets cuda_attention.PREFILL_SM90_VARIANT, e.g.
-`--prefill-kernels mma,wgmma,wgmma_qreg` times the wgmma kernel with Q in shared memory ("ss", the default) and in
-registers.
+`--prefill-kernels mma,wgmma,wgmma_qreg,wgmma_qreg_overlap` times each variant of the wgmma kernel ("ss", the
+default, then the others).
 
 `--kv-dtypes`: our kernels also over quantized KV caches (docs/KV_QUANT.md), rows `ours_<dtype>`; their
 decode bandwidth counts the bytes actually read (values + fp16 scales). Decode also times the register-level
@@ -143,8 +143,8 @@ def ours_prefill(
     kv: str = "fp16",
     kernel: str | None = None,
 ) -> dict:
-    """`kernel`: the prefill kernel for this row (harness.common.prefill_kernel: "mma" / "wgmma" / "wgmma_qreg";
-    None: leave it as it is)."""
+    """`kernel`: the prefill kernel for this row (harness.common.prefill_kernel: "mma" / "wgmma" /
+    "wgmma_<variant>"; None: leave it as it is)."""
     from lserve_lite.harness.common import prefill_kernel
 
     with prefill_kernel(kernel):
@@ -194,6 +194,7 @@ def _ours_chunked(cached: int, kv: str, check: bool) -> dict:
     import cupy as cp
 
     from lserve_lite.backends.cuda_attention import (
+        PREFILL_SM90_VARIANT_STAGES,
         CudaPlan,
         paged_attention,
         prefill_kernel_for,
@@ -209,10 +210,9 @@ def _ours_chunked(cached: int, kv: str, check: bool) -> dict:
     out = cp.empty((CHUNK, HQ * D), np.float16)
     fn = lambda: paged_attention(q, k, v, plan, hc, out=out, **quant)  # noqa: E731
     kernel = prefill_kernel_for(D, kv, cp.cuda.Device().compute_capability)
-    if kernel == "wgmma" and prefill_sm90_config(D, 2, kv)[0].endswith(
-        "_qreg"
-    ):  # the chunk's CTAs: 2 warpgroups
-        kernel = "wgmma_qreg"
+    if kernel == "wgmma":  # the variant that runs (the chunk's CTAs: two warpgroups)
+        name = prefill_sm90_config(D, 2, kv)[0]
+        kernel += next((f"_{v}" for v in PREFILL_SM90_VARIANT_STAGES if name.endswith(f"_{v}")), "")
     res = {"kv": kv, "kernel": kernel}
     if check:
         fn()

@@ -1,8 +1,8 @@
 """Check and time the Hopper (wgmma, sm_90a) prefill kernel against the mma.sync one, on one GPU.
 
 Kernels (--kernels, as tools/bench_attention.py --prefill-kernels): "mma", "wgmma" (cuda_attention.PREFILL_SM90_VARIANT
-as set, "ss" by default) and "wgmma_qreg" (Q K^T with Q in registers); on a device that is not compute capability
-9.x only "mma" runs.
+as set, "ss" by default), "wgmma_qreg" (Q K^T with Q in registers) and "wgmma_qreg_overlap" (that, and the next
+Q K^T overlapping the softmax); on a device that is not compute capability 9.x only "mma" runs.
 
 (a) Accuracy: each prefill kernel against the float32 reference (reference/attention.paged_attention_ref) on a
     few small paged shapes (ragged blocks, chunked prefill over cached pages, GQA, streaming heads, 16-token
@@ -142,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--seqs", default="4096,32768,131072", help="prefill lengths to time")
-    ap.add_argument("--kernels", default="mma,wgmma,wgmma_qreg", help="prefill kernels to check and time")
+    ap.add_argument(
+        "--kernels",
+        default="mma,wgmma,wgmma_qreg,wgmma_qreg_overlap",
+        help="prefill kernels to check and time",
+    )
     args = ap.parse_args(argv)
 
     import cupy as cp

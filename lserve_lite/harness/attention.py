@@ -76,10 +76,14 @@ PREFILL_KERNEL_CASES = [kw for kw in ATTENTION_CASES if any(n > 1 for n in kw["q
 
 def prefill_kernels_available() -> list[str]:
     """The prefill kernels this device runs (harness.common.prefill_kernel): "mma" everywhere; on compute
-    capability 9.x also "wgmma" (PREFILL_SM90_VARIANT as set) and "wgmma_qreg" (Q in registers)."""
+    capability 9.x also "wgmma" (PREFILL_SM90_VARIANT as set) and "wgmma_<variant>" for each other variant."""
     import cupy as cp
 
-    return ["mma", "wgmma", "wgmma_qreg"] if cp.cuda.Device().compute_capability.startswith("9") else ["mma"]
+    from ..backends import cuda_attention
+
+    if not cp.cuda.Device().compute_capability.startswith("9"):
+        return ["mma"]
+    return ["mma", "wgmma", *(f"wgmma_{v}" for v in cuda_attention.PREFILL_SM90_VARIANTS if v != "ss")]
 
 
 def case_prefill_kernels(c: Ctx) -> list[Result]:
