@@ -542,7 +542,7 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
 // One extern "C" entry point per (head dim, warpgroups, stages, KV format, variant); the argument list is the
 // mma.sync kernel's (k0/v0/k1/v1: the pools' values; sk0/sv0/sk1/sv1: their fp16 scales, null for fp16). SUFFIX:
 // the KV format's (_int8 ...) or the variant's (_qreg, _qreg_overlap: cuda_attention._prefill_sm90_name).
-#define LSERVE_PREFILL_SM90_KERNEL(D, NWG, STAGES, MINB, KV, QREG, OVL, SUFFIX)                                          \
+#define LSERVE_PREFILL_SM90_KERNEL(D, NWG, STAGES, MINB, KV, QREG, OVL, SUFFIX)                                       \
   extern "C" __global__ void __launch_bounds__(128 * NWG, MINB)                                                       \
       paged_attn_prefill_sm90_d##D##_w##NWG##_s##STAGES##SUFFIX(                                                      \
           const f16_t* q, const unsigned char* k0, const unsigned char* v0, const unsigned char* k1,                  \
