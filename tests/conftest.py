@@ -21,19 +21,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(params=["mma", "wgmma"])
+@pytest.fixture(params=["mma", "wgmma", "wgmma_qreg", "wgmma_qreg_overlap"])
 def prefill_kernel(request, monkeypatch) -> str:
     """Runs a GPU prefill test under each prefill kernel (cuda_attention.PREFILL_KERNEL): the mma.sync one
-    everywhere, the wgmma one (kernels/attention_prefill_sm90.cu) on compute capability 9.x only."""
+    everywhere, the wgmma one (kernels/attention_prefill_sm90.cu) on compute capability 9.x only, there under each
+    variant too ("wgmma_<variant>": PREFILL_SM90_VARIANT = variant; "wgmma" runs the variant as set, "ss" by
+    default)."""
     from lserve_lite.backends import cuda_attention
 
-    if request.param == "wgmma":
+    kernel, _, variant = request.param.partition("_")
+    if kernel == "wgmma":
         import cupy as cp
 
         cc = cp.cuda.Device().compute_capability
         if not cc.startswith("9"):
             pytest.skip(f"the wgmma prefill kernel needs compute capability 9.x (sm_90a), this GPU is {cc}")
-    monkeypatch.setattr(cuda_attention, "PREFILL_KERNEL", request.param)
+    monkeypatch.setattr(cuda_attention, "PREFILL_KERNEL", kernel)
+    if variant:
+        monkeypatch.setattr(cuda_attention, "PREFILL_SM90_VARIANT", variant)
     return request.param
 
 
