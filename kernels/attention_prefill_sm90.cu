@@ -19,27 +19,6 @@
 //   Each product is committed and waited for before the next step (no overlap of softmax with the next QK^T inside
 //   a warpgroup; the other warpgroup / CTA on the SM fills the tensor cores meanwhile); quantized caches convert
 //   the next operand tile between a product's commit and its wait.
-// - Q in registers (QREG, fp16 caches; cuda_attention.PREFILL_SM90_VARIANT = "qreg"): Q K^T as wgmma RS instead of
-//   SS. Why: a tensor core does ~4096 fp16 flop / clk per SM, so an m64n64k16 wgmma (131k flop) takes ~32 clk and
-//   with both operands in shared memory reads 2 KB of Q plus 2 KB of K: 128 B / clk, all of the SM's shared-memory
-//   bandwidth, before the cp.async writes of the tiles and P V's reads of V. Each thread loads its warp's A
-//   fragments of the warpgroup's 64 x D Q once per CTA (D / 4 registers: 32 at D = 128) from the Q tile, after Q
-//   has landed; every Q K^T wgmma then reads only K (64 B / clk; per tile and warpgroup 25% fewer shared-memory
-//   bytes with two warpgroups per CTA). The price is registers: o (D / 2) + s (32) + Q (D / 4) per thread, ~200 at
-//   D = 128, one CTA of two warpgroups per SM instead of two (entry points at the end of the file). Q's tile stays
-//   in the layout (staging, and the output staging reuses it).
-// - Overlap (OVERLAP, with QREG for fp16 caches; PREFILL_SM90_VARIANT = "qreg_overlap"): FlashAttention-3's
-//   intra-warpgroup pipelining, in its simplest form. With one CTA per SM only the other warpgroup keeps the tensor
-//   cores busy while a warpgroup does its softmax; here each warpgroup also issues the Q K^T of tile j + 1 before
-//   the softmax of tile j, into a second S accumulator (32 more registers: ~230 at D = 128):
-//     cp.async.wait (tile j + 1 landed), fence.proxy.async, BARRIER, refill the stage of tile j - 1
-//     QK^T(j + 1) issued | mask, softmax of tile j (S complete), O rescaled | PV(j) issued | wait both
-//   The barrier's guarantees: every warpgroup waited for its PV(j - 1) and QK^T(j) in iteration j - 1, so the stage
-//   of tile j - 1 is free; tile j + 1 has landed and is fenced for the async proxy. Tiles j - 1 .. j + 1 occupy the
-//   ring, hence STAGES >= 3; tile j + STAGES - 1, loaded in iteration j, is needed at the barrier of iteration
-//   j + STAGES - 2 (one iteration to land at STAGES = 3, as the ss loop's two stages give). The
-//   P V of tile j does not overlap anything inside the warpgroup (O is rescaled by the next softmax); the other
-//   warpgroup's Q K^T and softmax do. Tile 0's Q K^T runs before the loop, after the Q fragments' barrier.
 // - Online softmax in fp32, base 2, as the mma.sync kernel (the accumulator fragment of wgmma has the same
 //   per-warp layout as mma.sync's m16n8 C fragment, see below).
 // - Quantized caches, as attention_prefill.cu does it: the ring holds tiles as stored (BN / 16 units of 16 rows,
@@ -118,20 +97,19 @@ __device__ __forceinline__ void wgmma_ss_m64n64k16(float (&d)[32], u64 desc_a, u
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
-// D[64 x 64] += A[64 x 16] * B[16 x 64]; A in registers (four f16x2 per thread), B in shared memory, K-major
-// (TRANS_B = 0: K as the B of Q K^T with Q in registers) or N-major ("transposed", TRANS_B = 1: V as the B of P V).
-template <int TRANS_B>
-__device__ __forceinline__ void wgmma_rs_m64n64k16(float (&d)[32], const u32 (&a)[4], u64 desc_b) {
+// D[64 x 64] += A[64 x 16] * B[16 x 64]; A in registers (four f16x2 per thread), B N-major ("transposed")
+// in shared memory (imm-trans-b = 1).
+__device__ __forceinline__ void wgmma_rs_m64n64k16_tb(float (&d)[32], const u32 (&a)[4], u64 desc_b) {
   asm volatile(
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "{%32, %33, %34, %35}, %36, 1, 1, 1, %37;\n"
+      "{%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
       :
         "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
         "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(TRANS_B));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
 }
 
 // D[64 x 128] += A[64 x 16] * B[16 x 128]; A in registers (four f16x2 per thread), B N-major ("transposed")
@@ -193,17 +171,13 @@ __device__ __forceinline__ unsigned char* align_smem1024(unsigned char* raw, u32
   return raw + pad;
 }
 
-// QREG: the Q K^T operand A (Q) from registers instead of shared memory (see the header: "Q in registers").
-// OVERLAP: the Q K^T of the next tile in flight during this tile's softmax (the header: "Overlap").
-template <int D, int NWG, int STAGES, class KV, bool QREG, bool OVERLAP>
+template <int D, int NWG, int STAGES, class KV>
 __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const KVPools pools, f16_t* __restrict__ out,
                                              const PlanView pv, int Hq, int Hkv, int ps_shift, int rows_per_head,
                                              int heads_per_cta, int n_sub, int hgroups, float scale_log2) {
   using L = Smem<D, NWG, STAGES, KV>;
   constexpr int CH = L::CH, BM = L::BM, BN = L::BN, THREADS = L::THREADS;
   static_assert(STAGES >= 2, "a ring of at least two stages");
-  static_assert(!(QREG && KV::QUANT), "Q in registers: fp16 caches only (the quantized path is at its register cap)");
-  static_assert(!OVERLAP || (!KV::QUANT && STAGES >= 3), "overlap: fp16 caches, tiles j - 1 .. j + 1 in the ring");
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   u32 s_base;
   unsigned char* smem = align_smem1024(smem_raw, s_base);
@@ -324,64 +298,14 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
   for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
   float m_run[2] = {LSERVE_NEG_INF, LSERVE_NEG_INF}, l_run[2] = {0.f, 0.f};
   const u32 q_wg = sQ + wg * 64 * 128;  // this warpgroup's 64 rows in each column block of Q
-  // QREG: this thread's part of the warp's 16 Q rows as the A fragments of the D / 16 Q K^T k-steps, read once from
-  // the swizzled Q tile (the addressing its cp.async copies used): qa[kk][2 hi + h] = Q[wrow + g + 8h][16 kk + 8 hi
-  // + 2 t4 .. + 1], the mma.sync m16n8k16 A layout per warp that P's fragments already use (header, "Register
-  // fragments"). Q rides with tile 0's copy group; plain loads after the barrier (generic proxy). The overlapped
-  // loop issues tile 0's Q K^T before its first barrier: tile 0 fenced for the async proxy here.
-  u32 qa[QREG ? D / 16 : 1][4];
-  if constexpr (QREG || OVERLAP) {
-    cp_async_wait<PRE - 1>();
-    fence_proxy_async();
-    __syncthreads();
-  }
-  if constexpr (QREG) {
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        qa[kk][i] =
-            *reinterpret_cast<const u32*>(smem + sw128<BM>(wrow + g + 8 * (i & 1), 2 * kk + (i >> 1)) + 4 * t4);
-  }
 
-  // ---- S = Q K^T of the tile whose fp16 K tile starts at kt: [64 rows x 64 keys] per warpgroup, D / 16 k-steps of
-  // 16 head-dim columns; issued and committed, not waited for (OVERLAP issues it in two places).
-  auto issue_qk = [&](float(&s)[BN / 2], u32 kt) {
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) s[i] = 0.f;
-    fence_regs(s);
-    wgmma_fence();
-    const u32 qt = KV::QUANT ? opaque(q_wg) : q_wg;  // quantized: Q's descriptors recomputed (fewer spills)
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const u32 col = (kk >> 2) * 128, kin = (kk & 3) * 32;  // column block (x rows x 128 B), 32 B per k-step
-      const u64 db = smem_desc(kt + col * BN + kin, 16, 1024);
-      if constexpr (QREG) {
-        wgmma_rs_m64n64k16<0>(s, qa[kk], db);  // accumulates onto the zeroed s
-      } else {
-        wgmma_ss_m64n64k16(s, smem_desc(qt + col * BM + kin, 16, 1024), db, kk > 0 ? 1 : 0);
-      }
-    }
-    wgmma_commit();
-  };
-  // Tile j's S in s: issued at the top of iteration j and waited for there, or (OVERLAP) issued in iteration j - 1
-  // (before the loop for tile 0) and waited for at its end together with P V(j - 1).
-  float s[BN / 2];
-  if constexpr (OVERLAP) {
-    if (ntiles > 0) issue_qk(s, sK);  // tile 0 landed and fenced before the Q fragments' barrier
-    wgmma_wait0();
-    fence_regs(s);
-  }
   for (int j = 0; j < ntiles; ++j) {
     const int st = j % STAGES;
     if constexpr (!KV::QUANT) {
-      // ss / qreg: tile j landed; overlap: tile j + 1 (its Q K^T is issued below). This thread's copies waited for,
-      // fenced to the async proxy, then everyone's by the barrier; every warpgroup has waited for its wgmmas that
-      // read the stage of tile j - 1 (its P V in iteration j - 1, its Q K^T before), so that stage is refilled.
-      cp_async_wait<OVERLAP ? STAGES - 3 : STAGES - 2>();
-      fence_proxy_async();
-      __syncthreads();
-      const int jn = j + STAGES - 1;
+      cp_async_wait<STAGES - 2>();
+      fence_proxy_async();  // this thread's landed copies -> visible to the async proxy
+      __syncthreads();      // ... and everyone's; every warpgroup is done with tile j - 1 (its wgmmas were waited for)
+      const int jn = j + STAGES - 1;  // refill the stage tile j - 1 used
       if (jn < ntiles) load_kv(jn, jn % STAGES);
       cp_async_commit();
     }
@@ -399,21 +323,29 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
     bool need_mask = nvalid < BN || kmax > q_min || kmax >= ctx;
     if (cls) need_mask = need_mask || !(kmax < sink || q_max - kmin < local);
 
-    float sn[OVERLAP ? BN / 2 : 1];  // OVERLAP: S of tile j + 1, in flight during this tile's softmax
-    if constexpr (OVERLAP) {
-      if (j + 1 < ntiles) issue_qk(sn, sK + (j + 1) % STAGES * L::KV_BYTES);  // uniform across the CTA
-      fence_regs(sn);
-    } else {
-      issue_qk(s, kt);
-      if constexpr (KV::QUANT) {
-        // While the QK^T runs: V of tile j -> the fp16 V tile. Free: every warpgroup waited for its PV of tile j - 1
-        // before the barrier that ended that tile.
-        dequant_tile_sw128<KV, D, BN, THREADS>(smem + L::OFF_V + st * L::RAW_BYTES, smem + L::OFF_KT + L::KV_BYTES,
-                                               opaque(tid));
-      }
-      wgmma_wait0();
-      fence_regs(s);
+    // ---- S = Q K^T: [64 rows x 64 keys] per warpgroup, D / 16 k-steps of 16 head-dim columns
+    float s[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) s[i] = 0.f;
+    fence_regs(s);
+    wgmma_fence();
+    const u32 qt = KV::QUANT ? opaque(q_wg) : q_wg;  // quantized: Q's descriptors recomputed (fewer spills)
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const u32 col = (kk >> 2) * 128, kin = (kk & 3) * 32;  // column block (x rows x 128 B), 32 B per k-step
+      const u64 da = smem_desc(qt + col * BM + kin, 16, 1024);
+      const u64 db = smem_desc(kt + col * BN + kin, 16, 1024);
+      wgmma_ss_m64n64k16(s, da, db, kk > 0 ? 1 : 0);
     }
+    wgmma_commit();
+    if constexpr (KV::QUANT) {
+      // While the QK^T runs: V of tile j -> the fp16 V tile. Free: every warpgroup waited for its PV of tile j - 1
+      // before the barrier that ended that tile.
+      dequant_tile_sw128<KV, D, BN, THREADS>(smem + L::OFF_V + st * L::RAW_BYTES, smem + L::OFF_KT + L::KV_BYTES,
+                                             opaque(tid));
+    }
+    wgmma_wait0();
+    fence_regs(s);
 
     if (need_mask) {
 #pragma unroll
@@ -484,7 +416,7 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
     for (int kk = 0; kk < BN / 16; ++kk) {
       const u64 db = smem_desc(vt + kk * 16 * 128, BN * 128, 1024);
       if constexpr (D == 64) {
-        wgmma_rs_m64n64k16<1>(o, pa[kk], db);
+        wgmma_rs_m64n64k16_tb(o, pa[kk], db);
       } else {
         wgmma_rs_m64n128k16_tb(o, pa[kk], db);
       }
@@ -493,13 +425,8 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
     if constexpr (KV::QUANT) {
       if (j + 1 < ntiles) dequant_k((j + 1) % STAGES);  // while the PV runs: K of tile j + 1 -> the fp16 K tile
     }
-    wgmma_wait0();  // OVERLAP: also the Q K^T of tile j + 1 (committed first)
+    wgmma_wait0();
     fence_regs(o);
-    if constexpr (OVERLAP) {
-      fence_regs(sn);
-#pragma unroll
-      for (int i = 0; i < BN / 2; ++i) s[i] = sn[i];
-    }
     if constexpr (KV::QUANT) {
       // End barrier: K of tile j + 1 complete (fenced) before the next QK^T; every warpgroup's PV of tile j has
       // completed, so the fp16 V tile is free for the next tile's V.
@@ -539,57 +466,43 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
 }  // namespace sm90
 }  // namespace lsattn
 
-// One extern "C" entry point per (head dim, warpgroups, stages, KV format, variant); the argument list is the
-// mma.sync kernel's (k0/v0/k1/v1: the pools' values; sk0/sv0/sk1/sv1: their fp16 scales, null for fp16). SUFFIX:
-// the KV format's (_int8 ...) or the variant's (_qreg, _qreg_overlap: cuda_attention._prefill_sm90_name).
-#define LSERVE_PREFILL_SM90_KERNEL(D, NWG, STAGES, MINB, KV, QREG, OVL, SUFFIX)                                       \
-  extern "C" __global__ void __launch_bounds__(128 * NWG, MINB)                                                       \
-      paged_attn_prefill_sm90_d##D##_w##NWG##_s##STAGES##SUFFIX(                                                      \
-          const f16_t* q, const unsigned char* k0, const unsigned char* v0, const unsigned char* k1,                  \
-          const unsigned char* v1, const f16_t* sk0, const f16_t* sv0, const f16_t* sk1, const f16_t* sv1,            \
-          f16_t* out, const int* plan, int cap_qb, int cap_seq, const int* head_class, const int* head_slot,          \
-          int n0, int n1, int Hq, int Hkv, int ps_shift, int rows_per_head, int heads_per_cta, int n_sub,             \
-          int hgroups, float scale_log2) {                                                                            \
-    lserve::pdl_enter();                                                                                              \
-    const lsattn::KVPools pools{k0, v0, k1, v1, sk0, sv0, sk1, sv1, head_class, head_slot, n0, n1};                   \
-    lsattn::sm90::prefill_body<D, NWG, STAGES, KV, QREG, OVL>(                                                        \
-        q, pools, out, lsattn::plan_view(plan, cap_qb, cap_seq), Hq, Hkv, ps_shift, rows_per_head, heads_per_cta,     \
-        n_sub, hgroups, scale_log2);                                                                                  \
+// One extern "C" entry point per (head dim, warpgroups, stages, KV format); the argument list is the mma.sync
+// kernel's (k0/v0/k1/v1: the pools' values; sk0/sv0/sk1/sv1: their fp16 scales, null for fp16).
+#define LSERVE_PREFILL_SM90_KERNEL(D, NWG, STAGES, MINB, KV, SUFFIX)                                          \
+  extern "C" __global__ void __launch_bounds__(128 * NWG, MINB)                                            \
+      paged_attn_prefill_sm90_d##D##_w##NWG##_s##STAGES##SUFFIX(                                           \
+          const f16_t* q, const unsigned char* k0, const unsigned char* v0, const unsigned char* k1,      \
+          const unsigned char* v1, const f16_t* sk0, const f16_t* sv0, const f16_t* sk1, const f16_t* sv1, \
+          f16_t* out, const int* plan, int cap_qb, int cap_seq, const int* head_class, const int* head_slot, \
+          int n0, int n1, int Hq, int Hkv, int ps_shift, int rows_per_head, int heads_per_cta, int n_sub,  \
+          int hgroups, float scale_log2) {                                                                 \
+    lserve::pdl_enter();                                                                                   \
+    const lsattn::KVPools pools{k0, v0, k1, v1, sk0, sv0, sk1, sv1, head_class, head_slot, n0, n1};        \
+    lsattn::sm90::prefill_body<D, NWG, STAGES, KV>(q, pools, out, lsattn::plan_view(plan, cap_qb, cap_seq), \
+                                                   Hq, Hkv, ps_shift, rows_per_head, heads_per_cta, n_sub,  \
+                                                   hgroups, scale_log2);                                     \
   }
 
 // BN = 64 keys per tile throughout. Two CTAs per SM where shared memory allows (d128 w2 s2: 97 KiB each).
-LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 2, lskv::Half, false, false, )
-LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Half, false, false, )
-LSERVE_PREFILL_SM90_KERNEL(64, 2, 3, 2, lskv::Half, false, false, )
-LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Half, false, false, )
-LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Half, false, false, )
-LSERVE_PREFILL_SM90_KERNEL(128, 2, 3, 1, lskv::Half, false, false, )
-// Q in registers (fp16 caches; cuda_attention.PREFILL_SM90_VARIANT = "qreg", PREFILL_SM90_QREG_STAGES). d128 w2
-// needs ~200 registers (o 64 + s 32 + Q 32 per thread): one CTA per SM, three stages; at the two-CTA cap of 128 it
-// spills and ptxas serializes the wgmmas. The others keep the ss entry points' CTAs per SM without spills.
-LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 2, lskv::Half, true, false, _qreg)
-LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Half, true, false, _qreg)
-LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Half, true, false, _qreg)
-LSERVE_PREFILL_SM90_KERNEL(128, 2, 3, 1, lskv::Half, true, false, _qreg)
-// Q in registers and the next Q K^T overlapping the softmax (PREFILL_SM90_VARIANT = "qreg_overlap"): two S
-// accumulators live, 229 registers at d128 w2 (192 at d64 w2, which spills at the two-CTA cap): one CTA per SM, three
-// stages (tiles j - 1 .. j + 1). One-warpgroup CTAs run "ss" (d128 w1 s3 would need 244 registers and 115 KiB: one
-// CTA of four warps per SM).
-LSERVE_PREFILL_SM90_KERNEL(64, 2, 3, 1, lskv::Half, true, true, _qreg_overlap)
-LSERVE_PREFILL_SM90_KERNEL(128, 2, 3, 1, lskv::Half, true, true, _qreg_overlap)
+LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 2, lskv::Half, )
+LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Half, )
+LSERVE_PREFILL_SM90_KERNEL(64, 2, 3, 2, lskv::Half, )
+LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Half, )
+LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Half, )
+LSERVE_PREFILL_SM90_KERNEL(128, 2, 3, 1, lskv::Half, )
 // Quantized caches: a ring of tiles as stored plus one fp16 K / V tile pair (d128 w2 s2 int8 / fp8: 99 KiB, two CTAs
 // per SM; cuda_attention.PREFILL_SM90_STAGES). MINB caps registers where shared memory admits more CTAs than the
 // registers the overlapped dequantization would otherwise take (ptxas: no spills at these caps): d64 w1 four CTAs
 // per SM (<= 128 registers), d128 w1 int4 three (<= 168).
-LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 4, lskv::Int8, false, false, _int8)
-LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Int8, false, false, _int8)
-LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Int8, false, false, _int8)
-LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Int8, false, false, _int8)
-LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 4, lskv::Int4, false, false, _int4)
-LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Int4, false, false, _int4)
-LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 3, lskv::Int4, false, false, _int4)
-LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Int4, false, false, _int4)
-LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 4, lskv::Fp8, false, false, _fp8)
-LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Fp8, false, false, _fp8)
-LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Fp8, false, false, _fp8)
-LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Fp8, false, false, _fp8)
+LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 4, lskv::Int8, _int8)
+LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Int8, _int8)
+LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Int8, _int8)
+LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Int8, _int8)
+LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 4, lskv::Int4, _int4)
+LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Int4, _int4)
+LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 3, lskv::Int4, _int4)
+LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Int4, _int4)
+LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 4, lskv::Fp8, _fp8)
+LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Fp8, _fp8)
+LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Fp8, _fp8)
+LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Fp8, _fp8)

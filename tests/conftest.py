@@ -21,24 +21,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(params=["mma", "wgmma", "wgmma_qreg", "wgmma_qreg_overlap"])
+@pytest.fixture(params=["mma", "wgmma"])
 def prefill_kernel(request, monkeypatch) -> str:
     """Runs a GPU prefill test under each prefill kernel (cuda_attention.PREFILL_KERNEL): the mma.sync one
-    everywhere, the wgmma one (kernels/attention_prefill_sm90.cu) on compute capability 9.x only, there under each
-    variant too ("wgmma_<variant>": PREFILL_SM90_VARIANT = variant; "wgmma" runs the variant as set, "ss" by
-    default)."""
+    everywhere, the wgmma one (kernels/attention_prefill_sm90.cu) on compute capability 9.x only."""
     from lserve_lite.backends import cuda_attention
 
-    kernel, _, variant = request.param.partition("_")
-    if kernel == "wgmma":
+    if request.param == "wgmma":
         import cupy as cp
 
         cc = cp.cuda.Device().compute_capability
         if not cc.startswith("9"):
             pytest.skip(f"the wgmma prefill kernel needs compute capability 9.x (sm_90a), this GPU is {cc}")
-    monkeypatch.setattr(cuda_attention, "PREFILL_KERNEL", kernel)
-    if variant:
-        monkeypatch.setattr(cuda_attention, "PREFILL_SM90_VARIANT", variant)
+    monkeypatch.setattr(cuda_attention, "PREFILL_KERNEL", request.param)
     return request.param
 
 

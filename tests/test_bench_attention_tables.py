@@ -67,21 +67,3 @@ def test_ratios_to_fp16_and_the_chunked_table():
     assert "| 2048 new over 32k | int8 | mma | 2.6 | 230 | 1.300 | 1.040 | 0.0002 (0.005) FAIL |" in lines
     assert "| 2048 new over 32k | fp16 | wgmma | 2 | 300 | - | - | 0.0001 (0.003) |" in lines
     assert "| 2048 new over 32k | ours_fp8 | n/a | n/a | n/a | - | - |  |" in lines
-
-
-def test_prefill_table_lists_each_prefill_kernel():
-    """`--prefill-kernels mma,wgmma,wgmma_qreg`: one prefill table line per kernel that ran, after the default's."""
-    from bench_attention import format_table
-
-    row = {
-        "seq": 32768, "roofline_ms": 12.0,
-        "ours": {"ms": 19.5, "tflops": 452.0},
-        "ours_mma": {"ms": 27.4, "tflops": 320.0},
-        "ours_wgmma_qreg": {"error": "RuntimeError: not 9.x"},
-    }  # fmt: skip
-    res = {"device": "H200", "date": "today", "prefill": [row], "streaming_prefill": [], "decode": []}
-    res["prefill_kernels"] = ["mma", "wgmma", "wgmma_qreg"]
-    lines = format_table(res).splitlines()
-    assert "| 32k, mma | 27.4 | 320 | | | |" in lines
-    assert "| 32k, wgmma_qreg | n/a | n/a | | | |" in lines
-    assert not any(line.startswith("| 32k, wgmma |") for line in lines)  # not in the row: not printed

@@ -2,8 +2,7 @@
 
 The NVRTC compile check runs everywhere (CI has no GPU); the rest is marked `gpu` and skipped without one.
 Inputs are fresh random fp16 values (never zeros), outputs are NaN-poisoned before each launch. Prefill tests run
-under each prefill kernel (the `prefill_kernel` fixture of conftest.py: mma.sync, and on 9.x devices each variant
-of the wgmma kernel).
+under each prefill kernel (the `prefill_kernel` fixture of conftest.py: mma.sync, and wgmma on 9.x devices).
 """
 
 from __future__ import annotations
@@ -107,15 +106,13 @@ PREFILL_CASES = {
 }
 
 
-def _assert_kernel_ran(prefill_kernel: str, d: int) -> None:
-    """The kernel the fixture asked for is the one launched (an entry point of its variant for head dim d, one or two
-    warpgroups, was fetched)."""
+def _assert_kernel_ran(prefill_kernel: str) -> None:
+    """The kernel the fixture asked for is the one launched (its entry point was fetched)."""
     from lserve_lite.backends import cuda_attention as att
 
     names = att._kernels()._fns
-    if prefill_kernel.startswith("wgmma"):
-        wanted = {att.prefill_sm90_config(d, w, "fp16")[0] for w in (1, 2)}
-        assert wanted & set(names), (wanted, sorted(names))
+    if prefill_kernel == "wgmma":
+        assert any(n.startswith("paged_attn_prefill_sm90_") for n in names), sorted(names)
 
 
 @pytest.mark.gpu
@@ -126,7 +123,7 @@ def test_prefill_matches_reference(name, prefill_kernel):
     q, k, v, plan, hcl, ref = make_case(rng, q_lens, prefix, hq, hkv, d, ps, qb, sink, local, hc)
     out = run_gpu(q, k, v, plan, hcl)
     check(out, ref)
-    _assert_kernel_ran(prefill_kernel, d)
+    _assert_kernel_ran(prefill_kernel)
 
 
 @pytest.mark.gpu

@@ -158,38 +158,6 @@ def test_prefill_kernel_choice():
         att.prefill_kernel_for(64, "fp16", "90")
 
 
-def test_prefill_sm90_variant_choice():
-    """PREFILL_SM90_VARIANT: "ss" (default) picks the PREFILL_SM90_STAGES entry points for every format; "qreg" /
-    "qreg_overlap" their own (_qreg / _qreg_overlap) for fp16 caches where PREFILL_SM90_VARIANT_STAGES lists the
-    configuration and fall back to "ss" elsewhere (quantized caches; one-warpgroup CTAs under "qreg_overlap");
-    anything else is an error. Every name it can return is one launcher_kernels lists (compiled and checked by the
-    CI build test)."""
-    from lserve_lite.backends import cuda_attention as att
-    from lserve_lite.harness.common import setting
-
-    names = set(att.launcher_kernels(att.PREFILL_SM90_SOURCE))
-    for variant in att.PREFILL_SM90_VARIANTS:
-        with setting(att, "PREFILL_SM90_VARIANT", variant):
-            for (d, w, kv), st in att.PREFILL_SM90_STAGES.items():
-                name, stages = att.prefill_sm90_config(d, w, kv)
-                assert name in names, name
-                own = att.PREFILL_SM90_VARIANT_STAGES.get(variant, {})
-                if kv == "fp16" and (d, w) in own:
-                    assert name.endswith(f"_{variant}") and stages == own[(d, w)], name
-                else:
-                    assert (name, stages) == (att._prefill_sm90_name(d, w, st, kv), st)
-    assert att.prefill_sm90_config(128, 2, "fp16") == ("paged_attn_prefill_sm90_d128_w2_s2", 2)  # the default
-    with setting(att, "PREFILL_SM90_VARIANT", "qreg_overlap"):
-        assert att.prefill_sm90_config(128, 2, "fp16") == (
-            "paged_attn_prefill_sm90_d128_w2_s3_qreg_overlap",
-            3,
-        )
-        assert att.prefill_sm90_config(128, 1, "fp16") == ("paged_attn_prefill_sm90_d128_w1_s2", 2)
-        assert att.prefill_sm90_config(128, 2, "int8") == ("paged_attn_prefill_sm90_d128_w2_s2_int8", 2)
-    with setting(att, "PREFILL_SM90_VARIANT", "rs"), pytest.raises(ValueError, match="PREFILL_SM90_VARIANT"):
-        att.prefill_sm90_config(128, 2, "fp16")
-
-
 def test_prefill_sm90_shared_memory_fits():
     """Every wgmma prefill configuration fits shared memory, the quantized ones two CTAs per SM (228 KiB per SM
     on Hopper, 1 KiB of it reserved per CTA), and each entry point the CTAs per SM its __launch_bounds__ ask for
@@ -197,28 +165,19 @@ def test_prefill_sm90_shared_memory_fits():
     from lserve_lite.backends import cuda_attention as att
     from lserve_lite.backends.cuda_compile import read_source
 
-    configs = [
-        *att.PREFILL_SM90_STAGES.items(),
-        *(((d, w, "fp16"), st) for v in att.PREFILL_SM90_VARIANT_STAGES.values() for (d, w), st in v.items()),
-    ]
-    for (d, w, kv), st in configs:
+    for (d, w, kv), st in att.PREFILL_SM90_STAGES.items():
         smem = att._prefill_sm90_smem(d, w, st, kv)
         assert smem <= 227 * 1024, (d, w, kv)
         if kv != "fp16":
             assert 2 * (smem + 1024) <= 228 * 1024, (d, w, kv, smem)
     inst = re.findall(
-        r"^LSERVE_PREFILL_SM90_KERNEL\((\d+), (\d+), (\d+), (\d+), (lskv::\w+), (true|false), (true|false), _?(\w*)\)$",
+        r"^LSERVE_PREFILL_SM90_KERNEL\((\d+), (\d+), (\d+), (\d+), lskv::(\w+), _?(\w*)\)$",
         read_source(att.PREFILL_SM90_SOURCE),
         flags=re.M,
     )
-    assert len(inst) >= len(configs)
-    kv_of = {trait: kv for kv, trait in att.KV_TRAITS.items()}
-    variants = {("false", "false"): "", ("true", "false"): "qreg", ("true", "true"): "qreg_overlap"}
-    for d, w, st, minb, trait, qreg, overlap, suffix in inst:
-        kv = kv_of[trait]
-        want = variants[(qreg, overlap)] if kv == "fp16" else kv
-        assert suffix == want and (kv == "fp16" or qreg == "false"), (d, w, st, trait, qreg, overlap, suffix)
-        smem = att._prefill_sm90_smem(int(d), int(w), int(st), kv)
+    assert len(inst) >= len(att.PREFILL_SM90_STAGES)
+    for d, w, st, minb, _, kv in inst:
+        smem = att._prefill_sm90_smem(int(d), int(w), int(st), kv or "fp16")
         assert int(minb) * (smem + 1024) <= 228 * 1024, (d, w, st, kv, minb, smem)
 
 
@@ -237,10 +196,7 @@ def test_prefill_smem_matches_the_kernels():
             [
                 (f"lsattn::sm90::Smem<{d}, {w}, {st}, {att.KV_TRAITS[kv]}>::BYTES + 1024",
                  att._prefill_sm90_smem(d, w, st, kv))
-                for (d, w, kv), st in [
-                    *att.PREFILL_SM90_STAGES.items(),
-                    *(((d, w, "fp16"), st) for v in att.PREFILL_SM90_VARIANT_STAGES.values() for (d, w), st in v.items()),
-                ]
+                for (d, w, kv), st in att.PREFILL_SM90_STAGES.items()
             ],
         ),
         att.PREFILL_SOURCE: (

@@ -7,8 +7,7 @@ formed once from its index, then advanced by constants per step). Checked: every
 once, the addresses equal to the item -> (row, chunk) mapping's, the tile read back through the swizzle (the layout
 the fp16 path's cp.async writes and the wgmma descriptors read) equal to the reference dequantization (kv/quant.py)
 rounded to fp16, bit for bit, and each 8-thread phase of the 16-byte shared-memory reads and writes on 8 distinct
-bank groups. Also the "qreg" variant's Q operand: the Q tile written by the kernel's cp.async mapping, read back
-into each thread's A fragments, against the PTX ISA's wgmma m64nNk16 A register-fragment layout. No GPU needed."""
+bank groups. No GPU needed."""
 
 from __future__ import annotations
 
@@ -52,8 +51,8 @@ def dequant16_h2(kind: str, group: int, words: list[int], sc: list[int]) -> list
     return h
 
 
-def sw128(r: int, c: int, rows: int = ROWS) -> int:  # attention_common.cuh sw128<rows>
-    return (c >> 3) * rows * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4)
+def sw128(r: int, c: int) -> int:  # attention_common.cuh sw128<ROWS>
+    return (c >> 3) * ROWS * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4)
 
 
 def staged(vals: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -136,126 +135,3 @@ def test_dequant_tile_sw128(kind, d, nt):
             assert len({(src // 16) % 8 for src, _ in acc}) == 8, ("read bank conflict", fmt.group_size, key)
             for k in range(len(acc[0][1])):
                 assert len({(dst[k] // 16) % 8 for _, dst in acc}) == 8, ("write bank conflict", key, k)
-
-
-def wgmma_a_fragment(t: int, i: int) -> tuple[int, int]:
-    """PTX ISA 9.7.15.5.1 (wgmma register fragments), matrix A of .m64nNk16 with .f16: element i (0..7; register
-    i // 2, the even element in its low half) of thread t of the warpgroup is at (row, column) of the 64 x 16 A."""
-    warp, lane = t // 32, t % 32
-    group, tig = lane // 4, lane % 4
-    return 16 * warp + group + 8 * (i // 2 % 2), 2 * tig + i % 2 + 8 * (i // 4)
-
-
-@pytest.mark.parametrize(("d", "nwg"), [(64, 1), (64, 2), (128, 1), (128, 2)])
-def test_q_register_fragments(d, nwg):
-    """attention_prefill_sm90.cu, QREG: the Q tile as the kernel's cp.async loop writes it (thread tid copies 16-byte
-    chunk tid % CH of rows tid / CH + k * THREADS / CH to sw128<BM>(r, c)), then qa[kk][i] = the 32-bit word at
-    sw128<BM>(wrow + g + 8 (i & 1), 2 kk + (i >> 1)) + 4 t4, against Q[64 wg + A row][16 kk + A column] of the
-    PTX layout for every thread, k-step and register: warpgroup wg's 64 rows are its M of the Q K^T wgmma."""
-    bm, ch, threads = 64 * nwg, d // 8, 128 * nwg
-    q = np.random.default_rng(d + nwg).standard_normal((bm, d)).astype(np.float16)
-    tile = np.zeros(bm * d * 2, np.uint8)
-    written = np.zeros(bm * d * 2 // 16, np.int32)
-    for tid in range(threads):
-        for it in range(bm // (threads // ch)):
-            r, c = tid // ch + it * (threads // ch), tid % ch
-            o = sw128(r, c, bm)
-            tile[o : o + 16] = q[r, 8 * c : 8 * c + 8].view(np.uint8)
-            written[o // 16] += 1
-    assert (written == 1).all(), "every chunk of the Q tile written exactly once"
-    for tid in range(threads):
-        warp, lane = tid // 32, tid % 32
-        g, t4, wrow, wg = lane >> 2, lane & 3, warp * 16, tid // 128
-        for kk in range(d // 16):
-            for i in range(4):
-                o = sw128(wrow + g + 8 * (i & 1), 2 * kk + (i >> 1), bm) + 4 * t4
-                got = tile[o : o + 4].view(np.float16)
-                for e in range(2):
-                    row, col = wgmma_a_fragment(tid % 128, 2 * i + e)
-                    assert got[e] == q[64 * wg + row, 16 * kk + col], (tid, kk, i, e)
-
-
-class _Ring:
-    """One CTA's view of the K/V ring in program order: cp.async commit groups, wait_group, the barrier that
-    publishes landed tiles (each thread fences its copies to the async proxy before it), stage refills and the
-    wgmma reads in flight between an issue and wgmma.wait_group 0."""
-
-    def __init__(self, stages: int):
-        self.stages, self.groups, self.landed = stages, [], 0
-        self.published: set[int] = set()
-        self.stage_tile: dict[int, int] = {}
-        self.in_flight: list[tuple[str, int]] = []
-
-    def load(self, t: int) -> None:
-        st = t % self.stages
-        assert all(x % self.stages != st for _, x in self.in_flight), (
-            "refill under a wgmma",
-            t,
-            self.in_flight,
-        )
-        self.stage_tile[st] = t
-
-    def commit(self, tiles: list[int]) -> None:
-        self.groups.append(set(tiles))
-
-    def wait_group(self, n: int) -> None:  # all but the newest n groups complete
-        self.landed = max(self.landed, len(self.groups) - n)
-
-    def barrier(self) -> None:
-        self.published.update(t for g in self.groups[: self.landed] for t in g)
-
-    def read(self, what: str, t: int) -> None:
-        assert self.stage_tile.get(t % self.stages) == t and t in self.published, (what, t)
-
-    def issue(self, what: str, t: int) -> None:
-        self.read(what, t)
-        self.in_flight.append((what, t))
-
-    def wgmma_wait0(self) -> None:
-        self.in_flight.clear()
-
-
-def _replay_tile_loop(overlap: bool, stages: int, ntiles: int) -> None:
-    """attention_prefill_sm90.cu's fp16 tile loop, step by step (ss / qreg; OVERLAP: Q K^T(j + 1) before softmax(j))."""
-    ring = _Ring(stages)
-    pre = stages - 1  # prologue: Q with tile 0, tiles 0 .. stages - 2, one group each (empty past the list)
-    for s in range(pre):
-        if s < ntiles:
-            ring.load(s)
-        ring.commit([s] if s < ntiles else [])
-    if overlap:  # the Q fragments' wait and barrier, then tile 0's Q K^T
-        ring.wait_group(pre - 1)
-        ring.barrier()
-        if ntiles > 0:
-            ring.issue("K", 0)
-        ring.wgmma_wait0()
-    for j in range(ntiles):
-        ring.wait_group(stages - 3 if overlap else stages - 2)
-        ring.barrier()
-        jn = j + stages - 1
-        if jn < ntiles:
-            ring.load(jn)
-        ring.commit([jn] if jn < ntiles else [])
-        ring.read("key positions", j)  # need_mask
-        if overlap:
-            if j + 1 < ntiles:
-                ring.issue("K", j + 1)
-        else:
-            ring.issue("K", j)
-            ring.wgmma_wait0()
-        ring.read("key positions", j)  # the mask
-        ring.issue("V", j)
-        ring.wgmma_wait0()
-
-
-@pytest.mark.parametrize(("overlap", "stages"), [(False, 2), (False, 3), (True, 3), (True, 4)])
-def test_ring_schedule(overlap, stages):
-    """The fp16 tile loop replayed for 0 .. 8 tiles: each read (K by Q K^T, V by P V, key positions by the softmax)
-    finds its tile in its stage, landed and published by a barrier before the read; no stage is refilled while a
-    wgmma that reads it is in flight. The overlapped order with two stages fails (the model catches it)."""
-    for ntiles in range(9):
-        _replay_tile_loop(overlap, stages, ntiles)
-    if overlap:
-        with pytest.raises(AssertionError):
-            for ntiles in range(9):
-                _replay_tile_loop(overlap, 2, ntiles)

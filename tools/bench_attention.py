@@ -11,9 +11,7 @@ Timing: CUDA events after warm-up, median. Rooflines: 750 TFLOP/s (fp16 tensor c
 
 `--prefill-kernels mma,wgmma`: our prefill rows also under each named prefill kernel (cuda_attention.PREFILL_KERNEL:
 the mma.sync kernel, and the sm_90a wgmma kernel on compute capability 9.x), rows `ours_<kernel>`; the plain
-`ours` row is the default choice ("auto"). `wgmma_<variant>` also sets cuda_attention.PREFILL_SM90_VARIANT, e.g.
-`--prefill-kernels mma,wgmma,wgmma_qreg,wgmma_qreg_overlap` times each variant of the wgmma kernel ("ss", the
-default, then the others).
+`ours` row is the default choice ("auto").
 
 `--kv-dtypes`: our kernels also over quantized KV caches (docs/KV_QUANT.md), rows `ours_<dtype>`; their
 decode bandwidth counts the bytes actually read (values + fp16 scales). Decode also times the register-level
@@ -143,10 +141,7 @@ def ours_prefill(
     kv: str = "fp16",
     kernel: str | None = None,
 ) -> dict:
-    """`kernel`: the prefill kernel for this row (harness.common.prefill_kernel: "mma" / "wgmma" /
-    "wgmma_<variant>"; None: leave it as it is)."""
-    from lserve_lite.harness.common import prefill_kernel
-
+    """`kernel`: cuda_attention.PREFILL_KERNEL for this row ("mma" / "wgmma"; None: leave it as it is)."""
     with prefill_kernel(kernel):
         return _ours_prefill(seq, q_block, streaming_local, sink, kv)
 
@@ -179,13 +174,19 @@ def _ours_prefill(seq: int, q_block: int, streaming_local: int, sink: int, kv: s
     return res
 
 
+def prefill_kernel(kernel: str | None):
+    """cuda_attention.PREFILL_KERNEL set to `kernel` ("mma" / "wgmma") inside the block; None leaves it."""
+    from lserve_lite.backends import cuda_attention
+    from lserve_lite.harness.common import setting
+
+    return setting(cuda_attention, "PREFILL_KERNEL", kernel)
+
+
 def ours_chunked(cached: int, kv: str = "fp16", kernel: str | None = None, check: bool = False) -> dict:
     """One CHUNK-token prefill chunk of a sequence over its `cached` earlier tokens, as the engine runs chunked
     prefill: one plan over the sequence's shuffled pages (the chunk's own K/V among them) through
     paged_attention, CudaOps.attention's call on a dense-mode cache. `kernel` as in ours_prefill; `check`: the
     output against the CPU reference first."""
-    from lserve_lite.harness.common import prefill_kernel
-
     with prefill_kernel(kernel):
         return _ours_chunked(cached, kv, check)
 
@@ -193,13 +194,7 @@ def ours_chunked(cached: int, kv: str = "fp16", kernel: str | None = None, check
 def _ours_chunked(cached: int, kv: str, check: bool) -> dict:
     import cupy as cp
 
-    from lserve_lite.backends.cuda_attention import (
-        PREFILL_SM90_VARIANT_STAGES,
-        CudaPlan,
-        paged_attention,
-        prefill_kernel_for,
-        prefill_sm90_config,
-    )
+    from lserve_lite.backends.cuda_attention import CudaPlan, paged_attention, prefill_kernel_for
     from lserve_lite.sparse.plan import build_plan
 
     layout, npages = _dense_layout([cached + CHUNK], [CHUNK])
@@ -209,11 +204,7 @@ def _ours_chunked(cached: int, kv: str, check: bool) -> dict:
     hc = cp.asarray(np.zeros(HKV, np.int32))
     out = cp.empty((CHUNK, HQ * D), np.float16)
     fn = lambda: paged_attention(q, k, v, plan, hc, out=out, **quant)  # noqa: E731
-    kernel = prefill_kernel_for(D, kv, cp.cuda.Device().compute_capability)
-    if kernel == "wgmma":  # the variant that runs (the chunk's CTAs: two warpgroups)
-        name = prefill_sm90_config(D, 2, kv)[0]
-        kernel += next((f"_{v}" for v in PREFILL_SM90_VARIANT_STAGES if name.endswith(f"_{v}")), "")
-    res = {"kv": kv, "kernel": kernel}
+    res = {"kv": kv, "kernel": prefill_kernel_for(D, kv, cp.cuda.Device().compute_capability)}
     if check:
         fn()
         host = cp.asnumpy
@@ -450,7 +441,6 @@ def main(argv=None) -> int:
         "streaming_prefill": [],
         "decode": [],
         "chunked": [],
-        "prefill_kernels": prefill_kernels,
     }
     if not args.no_peers:
         res["check_vs_torch"] = _peer(check_vs_torch)
@@ -597,12 +587,11 @@ def format_table(res: dict) -> str:
             f"{_fmt(r.get('sdpa_cudnn'), 'ms')} ({_fmt(r.get('sdpa_cudnn'), 'tflops')} TF/s) | "
             f"{r['roofline_ms']:.3g} |"
         )
-        for key in ["ours_qblock128", *(f"ours_{pk}" for pk in res.get("prefill_kernels", []))]:
-            if key in r:
-                lines.append(
-                    f"| {r['seq'] // 1024}k, {key[5:].replace('qblock', 'q_block ')} | {_fmt(r[key], 'ms')} | "
-                    f"{_fmt(r[key], 'tflops')} | | | |"
-                )
+        if "ours_qblock128" in r:
+            lines.append(
+                f"| {r['seq'] // 1024}k, q_block 128 | {_fmt(r['ours_qblock128'], 'ms')} | "
+                f"{_fmt(r['ours_qblock128'], 'tflops')} | | | |"
+            )
     if res["streaming_prefill"]:
         lines += [
             "",

@@ -1,21 +1,15 @@
 """Check and time the Hopper (wgmma, sm_90a) prefill kernel against the mma.sync one, on one GPU.
 
-Kernels (--kernels, as tools/bench_attention.py --prefill-kernels): "mma", "wgmma" (cuda_attention.PREFILL_SM90_VARIANT
-as set, "ss" by default), "wgmma_qreg" (Q K^T with Q in registers) and "wgmma_qreg_overlap" (that, and the next
-Q K^T overlapping the softmax); on a device that is not compute capability 9.x only "mma" runs.
-
-(a) Accuracy: each prefill kernel against the float32 reference (reference/attention.paged_attention_ref) on a
+(a) Accuracy: both prefill kernels against the float32 reference (reference/attention.paged_attention_ref) on a
     few small paged shapes (ragged blocks, chunked prefill over cached pages, GQA, streaming heads, 16-token
     pages, one- and two-warpgroup CTAs), NaN-poisoned outputs; prints max |error| and max |error| / max |ref|.
 (b) Speed: dense causal prefill for Llama-3-8B heads (32 query heads, 8 KV heads, D = 128), batch 1, page 64,
     at 4k, 32k and 128k tokens (--seqs), with each kernel: CUDA events after warm-up, median; TFLOP/s with
-    causal FLOPs = 4 * Hq * D * S^2 / 2. Also the largest difference between each wgmma kernel's output and the
-    mma.sync one's there.
+    causal FLOPs = 4 * Hq * D * S^2 / 2. Also the largest difference between the two kernels' outputs there.
 
-    python3 tools/check_prefill_sm90.py --out results.json [--seqs 4096,32768,131072] [--kernels mma,wgmma]
+    python3 tools/check_prefill_sm90.py --out results.json [--seqs 4096,32768,131072]
 
-Writes the JSON to --out; per timing row also `max_diff_<k>_vs_mma` and `speedup_<k>` (mma.sync time over k's) for
-each wgmma kernel k.
+Writes the JSON to --out. On a device that is not compute capability 9.x only the mma.sync rows run.
 About a minute on an H200 when the kernels are in CuPy's cache (the first compile adds some seconds).
 """
 
@@ -47,17 +41,17 @@ ACCURACY_CASES = {
 }
 
 
-def _kernels(asked: list[str]) -> list[str]:
+def _kernels() -> list[str]:
     import cupy as cp
 
-    return asked if cp.cuda.Device().compute_capability.startswith("9") else ["mma"]
+    return ["mma", "wgmma"] if cp.cuda.Device().compute_capability.startswith("9") else ["mma"]
 
 
 def _run(kernel: str, q, k, v, cplan, hc, out):
     from lserve_lite.backends import cuda_attention as att
-    from lserve_lite.harness.common import prefill_kernel
+    from lserve_lite.harness.common import setting
 
-    with prefill_kernel(kernel):
+    with setting(att, "PREFILL_KERNEL", kernel):
         return att.paged_attention(q, k, v, cplan, hc, out=out, decode=False)
 
 
@@ -130,10 +124,10 @@ def timing(seq: int, kernels: list[str]) -> dict:
         ms = events_median(fn, 1, reps)
         row[kern] = {"ms": ms, "tflops": flops / ms / 1e9, "reps": reps}
         outs[kern] = out
-    for kern in [k for k in outs if k != "mma" and "mma" in outs]:
-        diff = cp.abs(outs[kern].astype(np.float32) - outs["mma"].astype(np.float32))
-        row[f"max_diff_{kern}_vs_mma"] = float(cp.nan_to_num(diff, nan=np.inf).max())
-        row[f"speedup_{kern}"] = row["mma"]["ms"] / row[kern]["ms"]
+    if len(outs) == 2:
+        diff = cp.abs(outs["wgmma"].astype(np.float32) - outs["mma"].astype(np.float32))
+        row["max_diff_wgmma_vs_mma"] = float(cp.nan_to_num(diff, nan=np.inf).max())
+        row["speedup_wgmma"] = row["mma"]["ms"] / row["wgmma"]["ms"]
     print("timing", json.dumps(row), flush=True)
     return row
 
@@ -142,18 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--seqs", default="4096,32768,131072", help="prefill lengths to time")
-    ap.add_argument(
-        "--kernels",
-        default="mma,wgmma,wgmma_qreg,wgmma_qreg_overlap",
-        help="prefill kernels to check and time",
-    )
     args = ap.parse_args(argv)
 
     import cupy as cp
 
     props = cp.cuda.runtime.getDeviceProperties(0)
     name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    kernels = _kernels([k for k in args.kernels.split(",") if k])
+    kernels = _kernels()
     res: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "device": name,

@@ -15,9 +15,7 @@ kernels/attention_decode.cu. The references they are tested against: backends/re
 - Prefill on Hopper: kernels/attention_prefill_sm90.cu (wgmma, sm_90a) runs every cache format (fp16, and int8 /
   int4 / fp8: tiles staged as stored, dequantized by the CTA into the swizzled fp16 tiles the wgmmas read) of head
   dim 64 / 128 on compute capability 9.x; other devices run kernels/attention_prefill.cu (mma.sync). `PREFILL_KERNEL`
-  ("auto" | "mma" | "wgmma", env `LSERVE_PREFILL_KERNEL`) overrides the choice for tests and benchmarks;
-  `PREFILL_SM90_VARIANT` ("ss" | "qreg" | "qreg_overlap", env `LSERVE_PREFILL_SM90_VARIANT`) picks the wgmma
-  kernel's variant.
+  ("auto" | "mma" | "wgmma", env `LSERVE_PREFILL_KERNEL`) overrides the choice for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -75,22 +73,6 @@ SM90_HEAD_DIMS = (64, 128)
 # .cu. Quantized formats: 2 as well, the ring of tiles as stored plus one fp16 K / V tile pair: two CTAs per SM at
 # head dim 128 with two warpgroups (int8 / fp8 99 KiB each; 3 stages would take 115 KiB, one CTA per SM).
 PREFILL_SM90_STAGES = {(d, w, kv): 2 for d in SM90_HEAD_DIMS for w in (1, 2) for kv in KV_TRAITS}
-# wgmma prefill variant: "ss" (Q K^T with Q read from shared memory by each wgmma, one product at a time: the
-# default, measured), "qreg" (Q loaded into registers once per CTA, wgmma RS: each Q K^T wgmma reads only K from
-# shared memory, a quarter less shared-memory traffic per flop; ~200 registers per thread at head dim 128, one CTA
-# per SM there) or "qreg_overlap" ("qreg", and the next tile's Q K^T in flight during this tile's softmax; two S
-# accumulators, ~230 registers). Read per call; the environment variable LSERVE_PREFILL_SM90_VARIANT sets the
-# initial value (docs/PERF_attention.md "Hopper prefill").
-PREFILL_SM90_VARIANT = os.environ.get("LSERVE_PREFILL_SM90_VARIANT", "ss")
-# Ring depth per (head dim, warpgroups per CTA) of each variant but "ss", fp16 caches; each must be instantiated in
-# the .cu, and a configuration not listed (quantized caches; one-warpgroup CTAs under "qreg_overlap") runs "ss".
-# "qreg" d128 w2: 3, the prefetch distance of two tiles, as its one CTA per SM has the shared memory (129 KiB);
-# "qreg_overlap": 3, tiles j - 1 .. j + 1 in the ring.
-PREFILL_SM90_VARIANT_STAGES = {
-    "qreg": {(64, 1): 2, (64, 2): 2, (128, 1): 2, (128, 2): 3},
-    "qreg_overlap": {(64, 2): 3, (128, 2): 3},
-}
-PREFILL_SM90_VARIANTS = ("ss", *PREFILL_SM90_VARIANT_STAGES)
 # Quantized decode: "v2" (register-level dequantization into the mma fragments; paged_attn_decode_v2_*), the
 # default since the H200 measured it 2.6-3.6x faster than "v1" (dequantize each unit into an fp16 tile in shared
 # memory, then ldmatrix; kept as the reference path the benchmarks compare with). Read per call, so tests and
@@ -129,24 +111,8 @@ def _prefill_sm90_smem(d: int, nwg: int, stages: int, kv: str = "fp16") -> int:
     return -(-(bm * d * 2 + 2 * stages * raw) // 1024) * 1024 + 2 * tile + tail
 
 
-def _prefill_sm90_name(d: int, nwg: int, stages: int, kv: str = "fp16", variant: str = "ss") -> str:
-    return f"paged_attn_prefill_sm90_d{d}_w{nwg}_s{stages}{_suffix(kv)}{'' if variant == 'ss' else '_' + variant}"
-
-
-def prefill_sm90_config(d: int, nwg: int, kv: str) -> tuple[str, int]:
-    """(entry point, ring depth) of the wgmma prefill for head dim d, nwg warpgroups per CTA and cache format kv under
-    `PREFILL_SM90_VARIANT` ("ss" where the variant has no entry point: PREFILL_SM90_VARIANT_STAGES)."""
-    variant = PREFILL_SM90_VARIANT
-    if variant not in PREFILL_SM90_VARIANTS:
-        raise ValueError(
-            f"LSERVE_PREFILL_SM90_VARIANT / PREFILL_SM90_VARIANT must be one of {PREFILL_SM90_VARIANTS}, "
-            f"got {variant!r}"
-        )
-    stages = PREFILL_SM90_VARIANT_STAGES.get(variant, {}).get((d, nwg))
-    if kv == "fp16" and stages is not None:
-        return _prefill_sm90_name(d, nwg, stages, kv, variant), stages
-    stages = PREFILL_SM90_STAGES[(d, nwg, kv)]
-    return _prefill_sm90_name(d, nwg, stages, kv), stages
+def _prefill_sm90_name(d: int, nwg: int, stages: int, kv: str = "fp16") -> str:
+    return f"paged_attn_prefill_sm90_d{d}_w{nwg}_s{stages}{_suffix(kv)}"
 
 
 def prefill_kernel_for(d: int, kv: str, cc: str) -> str:
@@ -196,14 +162,7 @@ def launcher_kernels(source: str) -> tuple[str, ...]:
     if source == SELECT_SOURCE:
         return (*(f"page_score_d{d}" for d in HEAD_DIMS), "page_topk")
     if source == PREFILL_SM90_SOURCE:
-        return (
-            *(_prefill_sm90_name(d, w, st, kv) for (d, w, kv), st in PREFILL_SM90_STAGES.items()),
-            *(
-                _prefill_sm90_name(d, w, st, variant=v)
-                for v, stages in PREFILL_SM90_VARIANT_STAGES.items()
-                for (d, w), st in stages.items()
-            ),
-        )
+        return tuple(_prefill_sm90_name(d, w, st, kv) for (d, w, kv), st in PREFILL_SM90_STAGES.items())
     if source == PREFILL_SOURCE:
         return tuple(
             f"paged_attn_prefill_d{d}_m{mt}_n{bn}{s}" for (d, mt), bn in PREFILL_BN.items() for s in kvs
@@ -597,10 +556,9 @@ def paged_attention(
     n_sub = -(-qlen // rows_per_head)
     hgroups = -(-group // heads_per_cta)
     if prefill_kernel_for(d, kv, k.cc) == "wgmma":  # mt warpgroups of 64 rows: the same row packing
-        name, stages = prefill_sm90_config(d, mt, kv)
-        # every variant keeps the layout ("qreg": Q is staged in shared memory before its fragments are loaded)
+        stages = PREFILL_SM90_STAGES[(d, mt, kv)]
         smem = _prefill_sm90_smem(d, mt, stages, kv)
-        fn = k.get(k.prefill_sm90, name, smem)
+        fn = k.get(k.prefill_sm90, _prefill_sm90_name(d, mt, stages, kv), smem)
         threads = 128 * mt
     else:
         bn = PREFILL_BN[(d, mt)]

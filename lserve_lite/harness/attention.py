@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..backends import cuda_attention
 from ..backends.base import KVCache
 from ..backends.reference.attention import paged_attention_ref, paged_attention_sparse_ref
 from ..backends.reference.page_select import select_pages_ref
 from ..backends.reference.page_stats import update_page_stats
 from ..sparse.plan import BatchLayout, build_plan
-from .common import Ctx, Result, compare, prefill_kernel
+from .common import Ctx, Result, compare, setting
 from .sparse_batch import SparseBatch, sparse_batch, sparse_cache
 
 
@@ -75,22 +76,17 @@ PREFILL_KERNEL_CASES = [kw for kw in ATTENTION_CASES if any(n > 1 for n in kw["q
 
 
 def prefill_kernels_available() -> list[str]:
-    """The prefill kernels this device runs (harness.common.prefill_kernel): "mma" everywhere; on compute
-    capability 9.x also "wgmma" (PREFILL_SM90_VARIANT as set) and "wgmma_<variant>" for each other variant."""
+    """The prefill kernels this device runs: "mma" everywhere, "wgmma" on compute capability 9.x."""
     import cupy as cp
 
-    from ..backends import cuda_attention
-
-    if not cp.cuda.Device().compute_capability.startswith("9"):
-        return ["mma"]
-    return ["mma", "wgmma", *(f"wgmma_{v}" for v in cuda_attention.PREFILL_SM90_VARIANTS if v != "ss")]
+    return ["mma", "wgmma"] if cp.cuda.Device().compute_capability.startswith("9") else ["mma"]
 
 
 def case_prefill_kernels(c: Ctx) -> list[Result]:
     """Every prefill row (dense mode, and the LServe two-pool setups) under each available prefill kernel."""
     out = []
     for impl in prefill_kernels_available():
-        with prefill_kernel(impl):
+        with setting(cuda_attention, "PREFILL_KERNEL", impl):
             rows = [_attention_case(c, **kw) for kw in PREFILL_KERNEL_CASES]
             rows += [sparse_prefill_one(c, name) for name in SPARSE_PREFILL]
         for r in rows:

@@ -39,20 +39,6 @@ def setting(owner: Any, name: str, value: Any) -> Iterator[None]:
         setattr(owner, name, saved)
 
 
-@contextmanager
-def prefill_kernel(kernel: str | None) -> Iterator[None]:
-    """Prefill attention through `kernel` inside the block: cuda_attention.PREFILL_KERNEL = "mma" / "wgmma", and for
-    "wgmma_<variant>" (e.g. "wgmma_qreg") PREFILL_SM90_VARIANT = variant as well; None leaves both."""
-    from ..backends import cuda_attention
-
-    name, _, variant = (kernel or "").partition("_")
-    with (
-        setting(cuda_attention, "PREFILL_KERNEL", name or None),
-        setting(cuda_attention, "PREFILL_SM90_VARIANT", variant or None),
-    ):
-        yield
-
-
 class Ctx:
     """What every case needs: CuPy, the ops, a fresh generator."""
 

@@ -23,7 +23,7 @@ from ..backends.reference.page_stats import update_page_stats
 from ..kv.quant import FORMATS, KVFormat, dequantize, quantize, steps
 from ..sparse.plan import BatchLayout, build_plan
 from .attention import SPARSE_PREFILL, decode_setup
-from .common import Ctx, Result, compare, prefill_kernel, setting
+from .common import Ctx, Result, compare, setting
 from .sparse_batch import head_classes, sparse_batch, sparse_cache
 
 QUANT_KV = ("int8", "int4", "fp8")
@@ -46,6 +46,13 @@ def kvq_decode(impl: str | None) -> Iterator[None]:
         for name, value in (decode_impl_settings(impl) if impl else {}).items():
             stack.enter_context(setting(CA, name, value))
         yield
+
+
+def prefill_kernel(kernel: str | None):
+    """Run prefill attention through `kernel` ("mma" / "wgmma"; None: leave cuda_attention.PREFILL_KERNEL)."""
+    from ..backends import cuda_attention as CA
+
+    return setting(CA, "PREFILL_KERNEL", kernel)
 
 
 def prefill_kernels(c: Ctx) -> list[str | None]:
