@@ -919,8 +919,8 @@ constexpr int DC_V2_MIN_CTAS = 3;
   }
 // int4 units are small: a deeper ring, 3 CTAs per SM at D 128.
 #define LSERVE_DECODE_V2_KERNELS(KEYS)                    \
-  LSERVE_DECODE_V2_KERNEL(64, 4, KEYS, lskv::Int8, _int8)  \
-  LSERVE_DECODE_V2_KERNEL(128, 4, KEYS, lskv::Int8, _int8) \
+  LSERVE_DECODE_V2_KERNEL(64, 6, KEYS, lskv::Int8, _int8)  \
+  LSERVE_DECODE_V2_KERNEL(128, 6, KEYS, lskv::Int8, _int8) \
   LSERVE_DECODE_V2_KERNEL(64, 6, KEYS, lskv::Int4, _int4)  \
   LSERVE_DECODE_V2_KERNEL(128, 6, KEYS, lskv::Int4, _int4) \
   LSERVE_DECODE_V2_KERNEL(64, 4, KEYS, lskv::Fp8, _fp8)    \

@@ -3,6 +3,7 @@ pages (both pools, decode and prefill), the selector's statistics, engine runs a
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,15 @@ from lserve_lite.kv.layout import pool_pages
 from lserve_lite.sparse.plan import BatchLayout, build_plan
 
 RNG = np.random.default_rng(11)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_rng(request):
+    """Each test draws from its own seed (its name): its data do not depend on which tests ran before it."""
+    global RNG
+    RNG = np.random.default_rng(zlib.crc32(request.node.name.encode()))
+
+
 CPU_FORMATS = ["int8", "int4", "fp8"]
 
 

@@ -81,7 +81,7 @@ KVQ_DECODE = os.environ.get("LSERVE_KVQ_DECODE", "v2")
 KVQ_DECODE_IMPLS = ("v1", "v2")
 # Ring depth of v2 per format (both head dims). int4: 6, so that 3 CTAs fit an H200 SM at D 128 (66 KB; 8 stages
 # took 88 KB once its keys' (scale, min) pairs per 16 channels grew a K unit to 1536 bytes).
-DECODE_V2_STAGES = {"int8": 4, "fp8": 4, "int4": 6}
+DECODE_V2_STAGES = {"int8": 6, "fp8": 4, "int4": 6}
 # Keys per step of v2's loop: 32 (two 16-key units: one softmax max, alpha and O rescale, one page-entry lookup
 # for pages of 32 tokens or more) or 16 (a unit per step, the measured alternative). Read per call; the
 # environment variable LSERVE_KVQ_DECODE_KEYS sets the initial value.
