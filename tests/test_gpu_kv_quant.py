@@ -159,8 +159,7 @@ def test_engine_with_quantized_kv(tiny64, kv, tol, sparse, impl, monkeypatch):
     to eager ones with the same KV dtype (`impl`: the quantized decode implementation, both LLMs)."""
     from lserve_lite.backends import cuda_attention as CA
 
-    for name, value in HK.decode_impl_settings(impl).items():
-        monkeypatch.setattr(CA, name, value)
+    monkeypatch.setattr(CA, "KVQ_DECODE", impl)
     ref = _llm(tiny64, "fp16", sparse, graphs=False)
     if kv not in ref.engine.ops.kv_dtypes:
         pytest.skip(f"kv_dtype {kv} needs sm_89 or newer")

@@ -79,14 +79,9 @@ PREFILL_SM90_STAGES = {(d, w, kv): 2 for d in SM90_HEAD_DIMS for w in (1, 2) for
 # benchmarks can switch it; the environment variable LSERVE_KVQ_DECODE sets the initial value.
 KVQ_DECODE = os.environ.get("LSERVE_KVQ_DECODE", "v2")
 KVQ_DECODE_IMPLS = ("v1", "v2")
-# Ring depth of v2 per format (both head dims). int4: 6, so that 3 CTAs fit an H200 SM at D 128 (66 KB; 8 stages
-# took 88 KB once its keys' (scale, min) pairs per 16 channels grew a K unit to 1536 bytes).
+# Ring depth of v2 per format (both head dims; units of 16 keys, two per loop step). int4: 6, so that 3 CTAs fit an
+# H200 SM at D 128 (66 KB; 8 stages took 88 KB and measured slower); int8: 6 (2 CTAs per SM: 2% faster than 4).
 DECODE_V2_STAGES = {"int8": 6, "fp8": 4, "int4": 6}
-# Keys per step of v2's loop: 32 (two 16-key units: one softmax max, alpha and O rescale, one page-entry lookup
-# for pages of 32 tokens or more) or 16 (a unit per step, the measured alternative). Read per call; the
-# environment variable LSERVE_KVQ_DECODE_KEYS sets the initial value.
-DECODE_V2_KEYS = int(os.environ.get("LSERVE_KVQ_DECODE_KEYS", "32"))
-DECODE_V2_KEY_CHOICES = (16, 32)
 
 
 # Shared-memory bytes (must match PrefillSmem / DecodeSmem in the .cu files; +256 for the in-kernel alignment)
@@ -141,14 +136,9 @@ def _decode_v2_smem(d: int, stages: int, kv: str) -> int:
     return (_THREADS // 32) * stages * 16 * FORMATS[kv].kv_bytes(d, 2)
 
 
-def _decode_v2_name(d: int, kv: str, keys: int | None = None) -> str:
-    """v2's entry point for head dim d and format kv; keys per loop step: `DECODE_V2_KEYS` unless given."""
-    keys = DECODE_V2_KEYS if keys is None else keys
-    if keys not in DECODE_V2_KEY_CHOICES:
-        raise ValueError(
-            f"LSERVE_KVQ_DECODE_KEYS / DECODE_V2_KEYS must be one of {DECODE_V2_KEY_CHOICES}, got {keys}"
-        )
-    return f"paged_attn_decode_v2_d{d}_s{DECODE_V2_STAGES[kv]}_k{keys}_{kv}"
+def _decode_v2_name(d: int, kv: str) -> str:
+    """v2's entry point for head dim d and format kv."""
+    return f"paged_attn_decode_v2_d{d}_s{DECODE_V2_STAGES[kv]}_{kv}"
 
 
 def _suffix(kv: str) -> str:
@@ -168,13 +158,7 @@ def launcher_kernels(source: str) -> tuple[str, ...]:
             f"paged_attn_prefill_d{d}_m{mt}_n{bn}{s}" for (d, mt), bn in PREFILL_BN.items() for s in kvs
         )
     names = tuple(f"paged_attn_decode_d{d}_s{st}{s}" for d, st in DECODE_STAGES.items() for s in kvs)
-    v2 = tuple(
-        _decode_v2_name(d, kv, keys)
-        for d in DECODE_STAGES
-        for kv in KV_TRAITS
-        if kv != "fp16"
-        for keys in DECODE_V2_KEY_CHOICES
-    )
+    v2 = tuple(_decode_v2_name(d, kv) for d in DECODE_STAGES for kv in KV_TRAITS if kv != "fp16")
     return (*names, *v2, "paged_attn_decode_combine")
 
 

@@ -3,15 +3,11 @@ layers.cu and attention_*.cu), one per KV dtype the GPU offers, against the refe
 backends/reference/: attention over the same quantized values (both pools, chunked prefill over cached pages,
 selected pages), and the K/V write (values within half a quantization step of the float K/V, the selector
 statistics of the unquantized keys). Decode rows run once per quantized-decode implementation
-(`cuda_attention.KVQ_DECODE`: v1 shared-memory dequantization, v2 register-level, v2k16 the same in loop steps
-of 16 keys), tagged with it; prefill rows
+(`cuda_attention.KVQ_DECODE`: v1 shared-memory dequantization, v2 register-level), tagged with it; prefill rows
 under the default prefill kernel choice and, where that is the wgmma kernel (compute capability 9.x), again under
 the mma.sync kernel (`cuda_attention.PREFILL_KERNEL = "mma"`), tagged with the kernel that ran."""
 
 from __future__ import annotations
-
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 
 import numpy as np
 
@@ -27,25 +23,14 @@ from .common import Ctx, Result, compare, setting
 from .sparse_batch import head_classes, sparse_batch, sparse_cache
 
 QUANT_KV = ("int8", "int4", "fp8")
-# cuda_attention.KVQ_DECODE_IMPLS; "v2k16": v2 in loop steps of 16 keys (cuda_attention.DECODE_V2_KEYS)
-DECODE_IMPLS = ("v1", "v2", "v2k16")
+DECODE_IMPLS = ("v1", "v2")  # cuda_attention.KVQ_DECODE_IMPLS
 
 
-def decode_impl_settings(impl: str) -> dict[str, object]:
-    """The cuda_attention settings of a DECODE_IMPLS entry ("v2": its configured step, "v2k16": steps of 16)."""
-    name, _, keys = impl.partition("k")
-    return {"KVQ_DECODE": name, **({"DECODE_V2_KEYS": int(keys)} if keys else {})}
-
-
-@contextmanager
-def kvq_decode(impl: str | None) -> Iterator[None]:
-    """Run the quantized decode attention through implementation `impl` (None: leave the settings)."""
+def kvq_decode(impl: str | None):
+    """Run the quantized decode attention through implementation `impl` (None: leave cuda_attention.KVQ_DECODE)."""
     from ..backends import cuda_attention as CA
 
-    with ExitStack() as stack:
-        for name, value in (decode_impl_settings(impl) if impl else {}).items():
-            stack.enter_context(setting(CA, name, value))
-        yield
+    return setting(CA, "KVQ_DECODE", impl)
 
 
 def prefill_kernel(kernel: str | None):
