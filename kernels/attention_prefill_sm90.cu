@@ -229,8 +229,27 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
     cp_async16(sQ + sw128<BM>(r, c_ld), src, ok ? 16 : 0);
   }
 
-  // ---- K/V tile j of the page list -> stage st (rows past the list zero-filled, key position NONE)
-  auto load_kv = [&](int j, int st) {
+  // ---- fp16: where the 16-row groups of tile j come from. Pages are >= 16 tokens (cuda_attention checks), so each
+  // 16-row group of a tile lies in one page: lane u < BN / 16 of every warp loads the page-list entry of rows
+  // 16u .. 16u + 15 (one 8-byte load per warp and tile instead of one per thread and copy row, all of a warp's
+  // lanes on one address) and returns (pool row of the group's first key, key position of its first key); padding
+  // groups: page 0 (an in-bounds source for the zero-filling copies). load_kv takes a row's pair from lane r / 16 by
+  // shuffles. The load is issued one tile ahead (right after the previous refill), so its latency is hidden behind a
+  // tile's compute instead of stalling every warp between the barrier and its first copy (and so its QK^T wgmma).
+  const u32 page_rows = (u32)pool_heads << ps_shift;                              // pool rows per page
+  const f16_t* __restrict__ kc_h = kc + ((size_t)slot << ps_shift) * D;  // fp16: this KV head's rows of page 0
+  const f16_t* __restrict__ vc_h = vc + ((size_t)slot << ps_shift) * D;
+  const int2* __restrict__ pl_list = pv.kv_pl + lo;                      // this head class's page list
+  auto fetch_groups = [&](int j) -> int2 {
+    const int gq = j * BN + 16 * lane, off = gq & (ps - 1);
+    const int2 pl = lane < BN / 16 && gq < nkeys ? pl_list[gq >> ps_shift] : make_int2(0, 0);
+    // Rows of the pool from kc_h / vc_h (the KV head's rows of page 0): < 2^32 (a row is D * 2 >= 128 bytes)
+    return make_int2((int)((u32)pl.x * page_rows + off), (pl.y << ps_shift) + off);
+  };
+
+  // ---- K/V tile j of the page list -> stage st (rows past the list zero-filled, key position NONE); fp16: grp is
+  // fetch_groups(j)
+  auto load_kv = [&](int j, int st, int2 grp) {
     if constexpr (KV::QUANT) {  // as stored: BN / 16 units of 16 rows (one page each), THREADS / 4 threads per unit
       constexpr int NT = THREADS / (BN / 16);
       const int u = tid / NT, t = tid % NT;
@@ -248,15 +267,16 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
 #pragma unroll
       for (int it = 0; it < BN / ROWS_PER_PASS; ++it) {
         const int r = r_ld + it * ROWS_PER_PASS;
-        const int g = j * BN + r, e = g >> ps_shift, off = g & (ps - 1);
-        const bool ok = g < nkeys;
-        const int2 pl = ok ? pv.kv_pl[lo + e] : make_int2(0, 0);
-        const size_t base = (((size_t)pl.x * pool_heads + slot) * ps + off) * D + c_ld * 8;
+        const bool ok = j * BN + r < nkeys;
+        const u32 prow = (u32)__shfl_sync(0xffffffffu, grp.x, r >> 4) + (r & 15);  // the key's row in the pool
+        const size_t base = (size_t)prow * D + c_ld * 8;
         const u32 dst = st * L::KV_BYTES + sw128<BN>(r, c_ld);
-        cp_async16(sK + dst, kc + base, ok ? 16 : 0);
-        cp_async16(sV + dst, vc + base, ok ? 16 : 0);
-        if (c_ld == 0) kpos_s[st * BN + r] = ok ? (pl.y << ps_shift) + off : LSERVE_KPOS_NONE;
+        cp_async16(sK + dst, kc_h + base, ok ? 16 : 0);
+        cp_async16(sV + dst, vc_h + base, ok ? 16 : 0);
       }
+      // Key positions: threads 0 .. BN - 1, row tid (two full-warp stores, not 2 lanes of every warp per copy row)
+      const int kp0 = __shfl_sync(0xffffffffu, grp.y, (tid >> 4) & (BN / 16 - 1));
+      if (tid < BN) kpos_s[st * BN + tid] = j * BN + tid < nkeys ? kp0 + (tid & 15) : LSERVE_KPOS_NONE;
     }
   };
 
@@ -267,9 +287,11 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
   constexpr int PRE = KV::QUANT ? STAGES : STAGES - 1;
 #pragma unroll
   for (int s = 0; s < PRE; ++s) {
-    if (s < ntiles) load_kv(s, s);
+    if (s < ntiles) load_kv(s, s, KV::QUANT ? make_int2(0, 0) : fetch_groups(s));
     cp_async_commit();
   }
+  int2 grp_next = make_int2(0, 0);  // fp16: fetch_groups(j + STAGES - 1) at the top of iteration j
+  if constexpr (!KV::QUANT) grp_next = fetch_groups(PRE);
   if (tid < BM) {
     int head, i;
     row_info(tid, head, i);
@@ -302,11 +324,14 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
   for (int j = 0; j < ntiles; ++j) {
     const int st = j % STAGES;
     if constexpr (!KV::QUANT) {
+      const int jn = j + STAGES - 1;  // refill the stage tile j - 1 used
       cp_async_wait<STAGES - 2>();
       fence_proxy_async();  // this thread's landed copies -> visible to the async proxy
       __syncthreads();      // ... and everyone's; every warpgroup is done with tile j - 1 (its wgmmas were waited for)
-      const int jn = j + STAGES - 1;  // refill the stage tile j - 1 used
-      if (jn < ntiles) load_kv(jn, jn % STAGES);
+      if (jn < ntiles) {
+        load_kv(jn, jn % STAGES, grp_next);
+        grp_next = fetch_groups(jn + 1);  // lands while this tile is computed
+      }
       cp_async_commit();
     }
     u32 kt = sK + st * L::KV_BYTES, vt = sV + st * L::KV_BYTES;
@@ -329,7 +354,7 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
     for (int i = 0; i < BN / 2; ++i) s[i] = 0.f;
     fence_regs(s);
     wgmma_fence();
-    const u32 qt = KV::QUANT ? opaque(q_wg) : q_wg;  // quantized: Q's descriptors recomputed (fewer spills)
+    const u32 qt = opaque(q_wg);  // Q's descriptors recomputed per tile (fewer registers: no spills)
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const u32 col = (kk >> 2) * 128, kin = (kk & 3) * 32;  // column block (x rows x 128 B), 32 B per k-step
@@ -405,7 +430,7 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
       fence_proxy_async();
       __syncthreads();
       const int jn = j + STAGES;
-      if (jn < ntiles) load_kv(jn, st);
+      if (jn < ntiles) load_kv(jn, st, make_int2(0, 0));
       cp_async_commit();
     }
 

@@ -135,3 +135,166 @@ def test_dequant_tile_sw128(kind, d, nt):
             assert len({(src // 16) % 8 for src, _ in acc}) == 8, ("read bank conflict", fmt.group_size, key)
             for k in range(len(acc[0][1])):
                 assert len({(dst[k] // 16) % 8 for _, dst in acc}) == 8, ("write bank conflict", key, k)
+
+
+# ---- fp16 path of attention_prefill_sm90.cu: the K/V tile copies (load_kv), the key positions, the Q tile copy and
+# the output staging, emulated per thread as the kernel forms them. The copies' page-list entries were read by every
+# thread for every copy row (kv_pl[lo + e], 4-byte-per-thread use of a broadcast sector, right after the barrier);
+# they are now fetched once per warp and tile by lanes 0 .. 3 (one 16-row group each: pages are >= 16 tokens),
+# one tile ahead, and handed to the copying threads by shuffles; the key positions are written by threads 0 .. 63
+# (one row each) instead of 2 lanes of every warp per copy row. The shared-memory destinations are unchanged.
+KPOS_NONE = 0x7FFFFFFF
+
+
+def sw128_rows(r: int, c: int, rows: int) -> int:  # attention_common.cuh sw128<rows>
+    return (c >> 3) * rows * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4)
+
+
+def swz(r: int, c: int, chunks: int) -> int:  # attention_common.cuh swz<chunks>
+    return (r * chunks + (c ^ (r & 7))) * 16
+
+
+def wavefronts(addrs: list[int], width: int) -> int:
+    """Shared-memory wavefronts of one warp-wide access of `width` bytes per lane (active lanes' byte addresses):
+    4-byte accesses, one wavefront per distinct word sharing the busiest bank (same-word lanes are merged);
+    16-byte accesses, per 8-lane phase the same count over the 8 bank groups of 16 bytes."""
+    if not addrs:
+        return 0
+    if width == 4:
+        per_bank: dict = {}
+        for a in addrs:
+            per_bank.setdefault((a >> 2) % 32, set()).add(a >> 2)
+        return max(len(v) for v in per_bank.values())
+    assert width == 16 and len(addrs) == 32
+    total = 0
+    for p in range(4):
+        per_group: dict = {}
+        for a in addrs[8 * p : 8 * p + 8]:
+            per_group.setdefault((a >> 4) % 8, set()).add(a >> 4)
+        total += max(len(v) for v in per_group.values())
+    return total
+
+
+def emulate_load_kv(
+    new: bool, d: int, nwg: int, ps: int, nkeys: int, j: int, pl: list, pool_heads: int, slot: int
+):
+    """One call of load_kv(j, st = 0) of the fp16 path. Returns {dst byte: (src element or None, ok, src)}, the key
+    positions written {row: value}, the copies' warp instructions (lists of 32 dst byte addresses) and the key-position
+    stores (lists of active lanes' byte offsets), and the page-list loads (lists of the active lanes' entry indices)."""
+    threads, ch, bn = 128 * nwg, d // 8, 64
+    rpp = threads // ch
+    shift = ps.bit_length() - 1
+    copies, kpos, copy_insts, kpos_insts, pl_loads = {}, {}, [], [], []
+    grp = {}  # (warp, lane) -> fetch_groups(j)
+    if new:
+        page_rows = pool_heads << shift
+        for w in range(threads // 32):
+            idx = []
+            for lane in range(32):
+                gq = j * bn + 16 * lane
+                off = gq & (ps - 1)
+                x, y = (0, 0)
+                if lane < bn // 16 and gq < nkeys:
+                    x, y = pl[gq >> shift]
+                    idx.append(gq >> shift)
+                grp[w, lane] = ((x * page_rows + off) % 2**32, (y << shift) + off)
+            pl_loads.append(idx)
+    for it in range(bn // rpp):
+        for w in range(threads // 32):
+            inst, kinst, ld = [], [], []
+            for lane in range(32):
+                tid = 32 * w + lane
+                c_ld, r_ld = tid % ch, tid // ch
+                r = r_ld + it * rpp
+                g = j * bn + r
+                ok = g < nkeys
+                if new:
+                    prow = grp[w, r >> 4][0] + (r & 15)
+                    base = (slot * ps + prow) * d + c_ld * 8  # kc_h = kc + slot * ps * D
+                else:
+                    e, off = g >> shift, g & (ps - 1)
+                    x, y = pl[e] if ok else (0, 0)
+                    if ok:
+                        ld.append(e)
+                    base = ((x * pool_heads + slot) * ps + off) * d + c_ld * 8
+                    if c_ld == 0:
+                        kpos[r] = (y << shift) + off if ok else KPOS_NONE
+                        kinst.append(4 * r)
+                dst = sw128_rows(r, c_ld, bn)
+                assert dst not in copies
+                copies[dst] = (base if ok else None, ok, base)
+                inst.append(dst)
+            copy_insts.append(inst)
+            if not new:
+                kpos_insts.append(kinst)
+                pl_loads.append(ld)
+    if new:
+        for w in range(threads // 32):
+            kinst = []
+            for lane in range(32):
+                tid = 32 * w + lane
+                kp0 = grp[w, (tid >> 4) & (bn // 16 - 1)][1]
+                if tid < bn:
+                    kpos[tid] = kp0 + (tid & 15) if j * bn + tid < nkeys else KPOS_NONE
+                    kinst.append(4 * tid)
+            if kinst:
+                kpos_insts.append(kinst)
+    return copies, kpos, copy_insts, kpos_insts, pl_loads
+
+
+@pytest.mark.parametrize(("d", "nwg"), [(64, 1), (64, 2), (128, 1), (128, 2)])
+@pytest.mark.parametrize("ps", [16, 32, 64, 128, 1024])
+def test_fp16_load_kv_same_tile_fewer_requests(d, nwg, ps):
+    rng = np.random.default_rng(d * nwg + ps)
+    pool_heads, slot, bn = 3, 2, 64
+    for npages in (1, 3, 7):
+        nkeys = npages * ps
+        pool_pages = npages + 5
+        pl = np.stack(
+            [rng.permutation(pool_pages)[:npages], np.sort(rng.choice(50, npages, replace=False))], 1
+        )
+        pl = [(int(a), int(b)) for a, b in pl]
+        for j in range((nkeys + bn - 1) // bn):
+            old = emulate_load_kv(False, d, nwg, ps, nkeys, j, pl, pool_heads, slot)
+            new = emulate_load_kv(True, d, nwg, ps, nkeys, j, pl, pool_heads, slot)
+            # (a) every 16-byte chunk of the K (and V: the same offsets) tile written once, from the same source
+            assert sorted(old[0]) == sorted(new[0]) == [16 * i for i in range(bn * d * 2 // 16)]
+            for dst, (src, ok, _base) in old[0].items():
+                nsrc, nok, nbase = new[0][dst]
+                assert (src, ok) == (nsrc, nok), (j, dst)
+                assert 0 <= nbase < pool_pages * pool_heads * ps * d, "zero-fill copies read in bounds"
+            assert old[1] == new[1] and sorted(new[1]) == list(range(bn)), "key positions"
+            # (b) the copies: conflict-free 16-byte phases (4 wavefronts a warp instruction), before and after
+            for insts in (old[2], new[2]):
+                assert all(wavefronts(a, 16) == 4 for a in insts)
+            # key-position stores: one wavefront each; 8 warps x copy rows before, 2 full warps after (d128 w2: 32 -> 2)
+            assert all(wavefronts(a, 4) == 1 for a in old[3] + new[3])
+            assert len(old[3]) == 4 * nwg * (bn // (128 * nwg // (d // 8)))
+            assert len(new[3]) == 2 and all(len(a) == 32 for a in new[3])
+            # page-list loads: before, one warp instruction per warp and copy row (all lanes on one entry); after, one
+            # per warp and tile, its lanes on the tile's <= 4 consecutive entries (<= 32 bytes)
+            assert all(len(set(a)) == 1 for a in old[4] if a)
+            assert len(new[4]) == 4 * nwg and all(
+                len(set(a)) <= 4 and max(a) - min(a) <= 3 for a in new[4] if a
+            )
+
+
+@pytest.mark.parametrize(("d", "nwg"), [(64, 1), (64, 2), (128, 1), (128, 2)])
+def test_fp16_q_copy_and_output_staging_conflict_free(d, nwg):
+    """The other shared stores of the fp16 path: the Q tile's cp.async copies (sw128<BM>) and the output staging
+    (pack_half2 words into swz<D / 8> rows, then LDS.128 read-back): one wavefront per 4-byte warp store, four per
+    16-byte one, i.e. no bank conflicts."""
+    threads, ch = 128 * nwg, d // 8
+    bm, rpp = 64 * nwg, threads // ch
+    for it in range(bm // rpp):
+        for w in range(threads // 32):
+            dst = [sw128_rows((32 * w + ln) // ch + it * rpp, (32 * w + ln) % ch, bm) for ln in range(32)]
+            assert wavefronts(dst, 16) == 4
+    for w in range(threads // 32):
+        for h in range(2):
+            for n in range(d // 8):
+                a = [swz(16 * w + ln // 4 + 8 * h, n, ch) + (ln % 4) * 4 for ln in range(32)]
+                assert wavefronts(a, 4) == 1
+        for it in range(16 * ch // 32):
+            a = [swz(16 * w + (ln + 32 * it) // ch, (ln + 32 * it) % ch, ch) for ln in range(32)]
+            assert wavefronts(a, 16) == 4
