@@ -336,9 +336,9 @@ def test_kv_dtype_errors_are_one_line():
 
 
 def test_numba_e4m3_matches_the_reference_codec():
-    """cpu_kv's scalar e4m3 encode / decode (the CPU cache's fp8) = kv/quant's vectorized reference, on every
-    code's value, the midpoints between neighbours (ties to the even code), saturation, signs and zero."""
-    from lserve_lite.backends.cpu_kv import e4m3_code, e4m3_value
+    """cpu_kv's scalar e4m3 encode and its decode table (the CPU cache's fp8) = kv/quant's vectorized reference, on
+    every code's value, the midpoints between neighbours (ties to the even code), saturation, signs and zero."""
+    from lserve_lite.backends.cpu_kv import E4M3_F32, e4m3_code
 
     mids = (Q.E4M3[1:] + Q.E4M3[:-1]) / 2
     y = np.concatenate([Q.E4M3, mids, -mids, [0.0, -0.0, 448.0, 449.0, 1e9, -1e9, 1e-12]])
@@ -347,4 +347,5 @@ def test_numba_e4m3_matches_the_reference_codec():
     got = np.array([e4m3_code(float(v)) for v in y], np.uint8)
     np.testing.assert_array_equal(got, want)
     codes = np.array([c for c in range(256) if c & 127 != 127], np.uint8)
-    np.testing.assert_array_equal([e4m3_value(int(c)) for c in codes], Q.e4m3_decode(codes))
+    np.testing.assert_array_equal(E4M3_F32[codes], Q.e4m3_decode(codes).astype(np.float32))
+    assert np.isnan(E4M3_F32[[127, 255]]).all()

@@ -15,6 +15,8 @@ from numba.extending import overload
 from ..kv.quant import E4M3, FORMATS
 
 E4M3_MAX = FORMATS["fp8"].qmax
+# Every fp8 code's value as float32 (sign included; 127 and 255, NaN in e4m3fn, are never written): kv_load's table.
+E4M3_F32 = np.concatenate([E4M3, [np.nan], -E4M3, [np.nan]]).astype(np.float32)
 
 
 @njit
@@ -33,13 +35,6 @@ def e4m3_code(y: float) -> int:
     dlo, dhi = a - E4M3[lo], E4M3[hi] - a
     code = lo if dlo < dhi or (dlo == dhi and lo % 2 == 0) else hi
     return code | (128 if np.signbit(y) else 0)
-
-
-@njit
-def e4m3_value(bits: int) -> float:
-    """kv/quant.e4m3_decode of one code (127 and 255, NaN in e4m3fn, are never written)."""
-    mag = E4M3[bits & 127] if (bits & 127) < 127 else np.nan
-    return -mag if bits & 128 else mag
 
 
 def kv_store(x, vals, scales, pg, h, off):
@@ -109,26 +104,30 @@ def _kv_load(vals, scales, pg, h, off, buf):
     if vals.dtype == types.int8:
 
         def load_int8(vals, scales, pg, h, off, buf):
-            s = np.float32(scales[pg, h, off, 0])
+            row, s = vals[pg, h, off], np.float32(scales[pg, h, off, 0])
             for i in range(buf.shape[0]):
-                buf[i] = np.float32(vals[pg, h, off, i]) * s
+                buf[i] = np.float32(row[i]) * s
             return buf
 
         return load_int8
 
+    # One row with its scale (pair) hoisted per group and a table lookup per fp8 code: a per-value branch (fp8) and
+    # a per-byte division (int4) made these loads 2-4x slower (docs/KV_QUANT.md).
     def load_uint8(vals, scales, pg, h, off, buf):
+        row = vals[pg, h, off]
         if scales.shape[3] == 1:  # fp8
             s = np.float32(scales[pg, h, off, 0])
             for i in range(buf.shape[0]):
-                buf[i] = np.float32(e4m3_value(vals[pg, h, off, i])) * s
+                buf[i] = E4M3_F32[row[i]] * s
             return buf
-        g = 2 * buf.shape[0] // scales.shape[3]
-        for i in range(vals.shape[3]):
-            b = np.int32(vals[pg, h, off, i])
-            k = 2 * ((2 * i) // g)
-            s, m = np.float32(scales[pg, h, off, k]), np.float32(scales[pg, h, off, k + 1])
-            buf[2 * i] = np.float32(b & 15) * s + m
-            buf[2 * i + 1] = np.float32(b >> 4) * s + m
+        groups = scales.shape[3] // 2
+        per = row.shape[0] // groups  # bytes per group
+        for k in range(groups):
+            s, m = np.float32(scales[pg, h, off, 2 * k]), np.float32(scales[pg, h, off, 2 * k + 1])
+            for i in range(k * per, (k + 1) * per):
+                b = np.int32(row[i])
+                buf[2 * i] = np.float32(b & 15) * s + m
+                buf[2 * i + 1] = np.float32(b >> 4) * s + m
         return buf
 
     return load_uint8
