@@ -310,7 +310,7 @@ __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const K
 //   loads of a quarter warp hit distinct banks (D = 128); scales stay linear after them.
 // No fp16 tiles: 2 * STAGES units of shared memory per warp, so more CTAs fit per SM (the launcher sizes the
 // split count for this kernel's own shared memory and registers).
-// - Steps of NU units (NU * 16 keys; NU = 2 by default): the warp's ring holds STAGES / NU groups of NU units, one
+// - Steps of NU units (NU * 16 keys; the kernels instantiate NU = DC_V2_NU = 2): the warp's ring holds STAGES / NU groups of NU units, one
 //   cp.async group each; the softmax max (two shuffles), alpha, the O-rescale vote and the loop bookkeeping are
 //   paid per step, the page entry is looked up once per step (pages of NU * 16 tokens or more), and the
 //   per-key mask runs only for a step with a unit on a visibility boundary (unit_visible).
@@ -901,7 +901,7 @@ LSERVE_DECODE_KERNEL(128, 4, lskv::Fp8, _fp8)
 
 // v2 (register-level dequantization, LSERVE_KVQ_DECODE=v2): paged_attn_decode_v2_d<D>_s<STAGES>_<kv>, the same
 // arguments; loop steps of DC_V2_NU units (32 keys: on the H200 as fast as 16-key steps for int8 and 10% faster for
-// int4, docs/KV_QUANT.md). __launch_bounds__ asks for DC_V2_MIN_CTAS CTAs per SM (the launcher reads the real
+// int4 at 256k, docs/KV_QUANT.md). __launch_bounds__ asks for DC_V2_MIN_CTAS CTAs per SM (the launcher reads the real
 // occupancy).
 constexpr int DC_V2_MIN_CTAS = 3;
 constexpr int DC_V2_NU = 2;

@@ -20,7 +20,7 @@ from lserve_lite.kv import quant as Q
 from lserve_lite.kv.layout import pool_pages
 from lserve_lite.sparse.plan import BatchLayout, build_plan
 
-RNG = np.random.default_rng(11)
+RNG: np.random.Generator  # each test's own (_fresh_rng)
 
 
 @pytest.fixture(autouse=True)

@@ -549,7 +549,8 @@ def bench_e2e_sparse(args, bw: float, emit) -> None:
     cfg = llama3_8b_config(max_len)
     ops = CudaOps()
     fmt = resolve_kv_format(args.kv_dtype, ops.kv_dtypes, cfg.head_dim)
-    emit = tagged(emit, kv_dtype=fmt.name, weights=args.quantize or "fp16")
+    weights = args.quantize or "fp16"
+    emit = tagged(emit, kv_dtype=fmt.name, weights=weights)
     model = random_llama(cfg, ops, max_len, quantize=args.quantize)
     wbytes = sum(int(a.nbytes) for a in _model_arrays(model)) - int(model.embed.nbytes)
     floor = wbytes / bw
@@ -559,7 +560,7 @@ def bench_e2e_sparse(args, bw: float, emit) -> None:
     info.update(
         pattern=pattern_path, static_sparsity=0.5, dense_kv_heads=int(sum(int((c == 0).sum()) for c in classes)),
         kv_heads=cfg.num_layers * cfg.num_kv_heads, chunk=chunk, sparse_config=dict(sp_default.__dict__),
-        weight_bytes=wbytes, floor_ms=floor * 1e3, contexts=ctxs, kv_dtype=fmt.name, weights=args.quantize or "fp16",
+        weight_bytes=wbytes, floor_ms=floor * 1e3, contexts=ctxs, kv_dtype=fmt.name, weights=weights,
         notes=[],
     )  # fmt: skip
     rng = np.random.default_rng(0)

@@ -112,7 +112,7 @@ def _kv_load(vals, scales, pg, h, off, buf):
         return load_int8
 
     # One row with its scale (pair) hoisted per group and a table lookup per fp8 code: a per-value branch (fp8) and
-    # a per-byte division (int4) made these loads 2-4x slower (docs/KV_QUANT.md).
+    # a per-byte division (int4) made these loads 4.5x / 1.8x slower (docs/KV_QUANT.md).
     def load_uint8(vals, scales, pg, h, off, buf):
         row = vals[pg, h, off]
         if scales.shape[3] == 1:  # fp8
