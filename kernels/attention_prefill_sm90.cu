@@ -135,25 +135,12 @@ __device__ __forceinline__ void wgmma_rs_m64n128k16_tb(float (&d)[64], const u32
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait1() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
-// Named barriers of the two-warpgroup turn taking (ids 1, 2; 0 is __syncthreads): a warpgroup waits for its turn
-// (bar.sync, 128 threads) until the other warpgroup's 128 threads have arrived (bar.arrive) on the same id.
-__device__ __forceinline__ void named_bar_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
-__device__ __forceinline__ void named_bar_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 // Keeps the compiler from moving reads / writes of accumulator registers across a wgmma issue or wait.
 template <int N>
 __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-// The same for the A fragments of an issued PV wgmma (they are read until its wait).
-template <int M, int N>
-__device__ __forceinline__ void fence_regs(u32 (&r)[M][N]) {
-#pragma unroll
-  for (int i = 0; i < M; ++i)
-#pragma unroll
-    for (int k = 0; k < N; ++k) asm volatile("" : "+r"(r[i][k])::"memory");
 }
 
 // wgmma shared-memory matrix descriptor, 128-byte swizzle (mode 1), base offset 0.
@@ -184,19 +171,13 @@ __device__ __forceinline__ unsigned char* align_smem1024(unsigned char* raw, u32
   return raw + pad;
 }
 
-// OVL (fp16 caches, two stages): 0 = each product waited for at once; 1 = the PV of tile j - 1 issued with the QK^T of
-// tile j and waited for after tile j's softmax (FlashAttention-3's intra-warpgroup overlap, see the loop); 2 = 1 and
-// the warpgroups take turns to issue their products (ping-pong, round robin), so one's softmax runs beside the
-// others' wgmmas.
-template <int D, int NWG, int STAGES, class KV, int OVL>
+template <int D, int NWG, int STAGES, class KV>
 __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const KVPools pools, f16_t* __restrict__ out,
                                              const PlanView pv, int Hq, int Hkv, int ps_shift, int rows_per_head,
                                              int heads_per_cta, int n_sub, int hgroups, float scale_log2) {
   using L = Smem<D, NWG, STAGES, KV>;
   constexpr int CH = L::CH, BM = L::BM, BN = L::BN, THREADS = L::THREADS;
   static_assert(STAGES >= 2, "a ring of at least two stages");
-  constexpr bool OV = OVL > 0;
-  static_assert(!OV || (!KV::QUANT && STAGES == 2), "overlap: fp16 caches, two stages");
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   u32 s_base;
   unsigned char* smem = align_smem1024(smem_raw, s_base);
@@ -266,26 +247,6 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
     return make_int2((int)((u32)pl.x * page_rows + off), (pl.y << ps_shift) + off);
   };
 
-  // ---- fp16: the K rows (with_k) and / or the V rows (with_v) of tile j -> stage st of their rings (one loop for
-  // both: ptxas then shares the address arithmetic, and the kernel without the overlap stays at 128 registers)
-  auto load_rows = [&](int j, int st, int2 grp, bool with_k, bool with_v) {
-#pragma unroll
-    for (int it = 0; it < BN / ROWS_PER_PASS; ++it) {
-      const int r = r_ld + it * ROWS_PER_PASS;
-      const bool ok = j * BN + r < nkeys;
-      const u32 prow = (u32)__shfl_sync(0xffffffffu, grp.x, r >> 4) + (r & 15);  // the key's row in the pool
-      const size_t base = (size_t)prow * D + c_ld * 8;
-      const u32 dst = st * L::KV_BYTES + sw128<BN>(r, c_ld);
-      if (with_k) cp_async16(sK + dst, kc_h + base, ok ? 16 : 0);
-      if (with_v) cp_async16(sV + dst, vc_h + base, ok ? 16 : 0);
-    }
-  };
-  // Key positions of tile j: threads 0 .. BN - 1, row tid (two full-warp stores, not 2 lanes of every warp per row)
-  auto store_kpos = [&](int j, int st, int2 grp) {
-    const int kp0 = __shfl_sync(0xffffffffu, grp.y, (tid >> 4) & (BN / 16 - 1));
-    if (tid < BN) kpos_s[st * BN + tid] = j * BN + tid < nkeys ? kp0 + (tid & 15) : LSERVE_KPOS_NONE;
-  };
-
   // ---- K/V tile j of the page list -> stage st (rows past the list zero-filled, key position NONE); fp16: grp is
   // fetch_groups(j)
   auto load_kv = [&](int j, int st, int2 grp) {
@@ -303,8 +264,19 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
       stage_unit<KV, D>(sV + st * L::RAW_BYTES + u * Staged<KV, D>::UNIT, vv8, vcs, row, ok, t, NT);
       if (t < 16) kpos_s[st * BN + u * 16 + t] = ok ? (pl.y << ps_shift) + off + t : LSERVE_KPOS_NONE;
     } else {
-      load_rows(j, st, grp, true, true);
-      store_kpos(j, st, grp);
+#pragma unroll
+      for (int it = 0; it < BN / ROWS_PER_PASS; ++it) {
+        const int r = r_ld + it * ROWS_PER_PASS;
+        const bool ok = j * BN + r < nkeys;
+        const u32 prow = (u32)__shfl_sync(0xffffffffu, grp.x, r >> 4) + (r & 15);  // the key's row in the pool
+        const size_t base = (size_t)prow * D + c_ld * 8;
+        const u32 dst = st * L::KV_BYTES + sw128<BN>(r, c_ld);
+        cp_async16(sK + dst, kc_h + base, ok ? 16 : 0);
+        cp_async16(sV + dst, vc_h + base, ok ? 16 : 0);
+      }
+      // Key positions: threads 0 .. BN - 1, row tid (two full-warp stores, not 2 lanes of every warp per copy row)
+      const int kp0 = __shfl_sync(0xffffffffu, grp.y, (tid >> 4) & (BN / 16 - 1));
+      if (tid < BN) kpos_s[st * BN + tid] = j * BN + tid < nkeys ? kp0 + (tid & 15) : LSERVE_KPOS_NONE;
     }
   };
 
@@ -312,23 +284,11 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
   // count uniform, so cp.async.wait_group STAGES - 2 at iteration j means "tile j has landed".
   // Quantized: tiles 0 .. STAGES - 1 (a stage is refilled only once its V has been dequantized, in the middle of
   // the tile), so the same wait in the middle of iteration j means "tile j + 1 has landed".
-  // Overlap (OV): Q and K of tile 0 only; iteration j loads K of tile j + 1 and V of tile j (see the loop).
   constexpr int PRE = KV::QUANT ? STAGES : STAGES - 1;
-  int2 grp_cur = make_int2(0, 0);  // OV: fetch_groups(j) at the top of iteration j (tile j's V is loaded there)
-  if constexpr (OV) {
-    grp_cur = fetch_groups(0);
-    if (ntiles > 0) {
-      load_rows(0, 0, grp_cur, true, false);
-      store_kpos(0, 0, grp_cur);
-      load_rows(ntiles, 1, grp_cur, false, true);  // rows past the list: V stage 1 zero-filled, for iteration 0's PV
-    }
-    cp_async_commit();
-  } else {
 #pragma unroll
-    for (int s = 0; s < PRE; ++s) {
-      if (s < ntiles) load_kv(s, s, KV::QUANT ? make_int2(0, 0) : fetch_groups(s));
-      cp_async_commit();
-    }
+  for (int s = 0; s < PRE; ++s) {
+    if (s < ntiles) load_kv(s, s, KV::QUANT ? make_int2(0, 0) : fetch_groups(s));
+    cp_async_commit();
   }
   int2 grp_next = make_int2(0, 0);  // fp16: fetch_groups(j + STAGES - 1) at the top of iteration j
   if constexpr (!KV::QUANT) grp_next = fetch_groups(PRE);
@@ -360,85 +320,21 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
   for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
   float m_run[2] = {LSERVE_NEG_INF, LSERVE_NEG_INF}, l_run[2] = {0.f, 0.f};
   const u32 q_wg = sQ + wg * 64 * 128;  // this warpgroup's 64 rows in each column block of Q
-  u32 pa[BN / 16][4];                   // P of the tile as the PV wgmma's A fragments (OV: of the previous tile)
-  if constexpr (OV) {
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) pa[kk][0] = pa[kk][1] = pa[kk][2] = pa[kk][3] = 0u;
-  }
-  float alpha[2] = {1.f, 1.f};          // O's rescale factors of the last softmax (OV: applied before its PV)
-  bool rescale = false;                 // warp-uniform: some row of the warp has a new maximum
-
-  auto rescale_o = [&]() {
-    if (rescale) {
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        o[4 * n] *= alpha[0];
-        o[4 * n + 1] *= alpha[0];
-        o[4 * n + 2] *= alpha[1];
-        o[4 * n + 3] *= alpha[1];
-      }
-    }
-  };
-  // O += P V: BN / 16 k-steps of 16 keys; V N-major (rows = keys, the head dim contiguous); committed, not waited for.
-  // `fence`: O and P were written since the last wgmma.fence (OV issues it behind the QK^T, under the QK^T's fence:
-  // no instruction may write a wgmma's registers between the fence and the wgmma, or ptxas serializes them).
-  auto issue_pv = [&](u32 vt, bool fence) {
-    if (fence) {
-      fence_regs(o);
-      wgmma_fence();
-    }
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      const u64 db = smem_desc(vt + kk * 16 * 128, BN * 128, 1024);
-      if constexpr (D == 64) {
-        wgmma_rs_m64n64k16_tb(o, pa[kk], db);
-      } else {
-        wgmma_rs_m64n128k16_tb(o, pa[kk], db);
-      }
-    }
-    wgmma_commit();
-  };
-  // OV: one intra-warpgroup pipeline per tile j, FlashAttention-3's order with this kernel's CTA barrier:
-  //   BARRIER (K(j) and V(j - 1) landed; every warpgroup has waited for its QK^T(j - 1) and PV(j - 2)), refill
-  //   K(j - 1)'s stage with K(j + 1) and V(j - 2)'s with V(j) | [OVL 2: wait for this warpgroup's turn]
-  //   O *= alpha(j - 1) | QK^T(j) issued, PV(j - 1) issued (one wgmma.fence) | [OVL 2: the next warpgroup's turn]
-  //   wait for QK^T(j) | mask, softmax(j) into S (fp32) | wait for PV(j - 1) | P(j) = S packed to fp16
-  // so the softmax of tile j runs while the tensor cores do PV(j - 1) (and, OVL 2, the other warpgroup's products).
-  // Registers as without the overlap: S, P and O are all live in the softmax either way. Prefetch distance: one
-  // tile for K and V (K(j + 1) and V(j) are first read in iteration j + 1). After the loop: PV(ntiles - 1). Iteration
-// 0 issues a PV too (P = 0, V stage 1 zero-filled by the prologue): a branch around it made ptxas serialize every
-// wgmma of the kernel (it cannot tell the two paths' groups apart), a harmless product does not.
-  // OVL 2: warpgroup w waits on named barrier 1 + w for its turn and then hands it to w + 1 (round robin).
-  if constexpr (OVL == 2) {
-    if (wg == NWG - 1 && ntiles > 0) named_bar_arrive(1);  // warpgroup 0 goes first
-  }
 
   for (int j = 0; j < ntiles; ++j) {
     const int st = j % STAGES;
     if constexpr (!KV::QUANT) {
+      const int jn = j + STAGES - 1;  // refill the stage tile j - 1 used
       cp_async_wait<STAGES - 2>();
       fence_proxy_async();  // this thread's landed copies -> visible to the async proxy
       __syncthreads();      // ... and everyone's; every warpgroup is done with tile j - 1 (its wgmmas were waited for)
-      if constexpr (OV) {
-        if (j + 1 < ntiles) {
-          load_rows(j + 1, (j + 1) & 1, grp_next, true, false);
-          store_kpos(j + 1, (j + 1) & 1, grp_next);
-        }
-        load_rows(j, j & 1, grp_cur, false, true);
-        cp_async_commit();
-        grp_cur = grp_next;
-        grp_next = fetch_groups(j + 2);  // lands while this tile is computed
-      } else {
-        const int jn = j + STAGES - 1;  // refill the stage tile j - 1 used
-        if (jn < ntiles) {
-          load_kv(jn, jn % STAGES, grp_next);
-          grp_next = fetch_groups(jn + 1);  // lands while this tile is computed
-        }
-        cp_async_commit();
+      if (jn < ntiles) {
+        load_kv(jn, jn % STAGES, grp_next);
+        grp_next = fetch_groups(jn + 1);  // lands while this tile is computed
       }
+      cp_async_commit();
     }
     u32 kt = sK + st * L::KV_BYTES, vt = sV + st * L::KV_BYTES;
-    if constexpr (OV) vt = sV + ((j + 1) & 1) * L::KV_BYTES;  // V of tile j - 1 (its PV is issued here)
     if constexpr (KV::QUANT) {
       // K of tile j is in the fp16 K tile, fenced to the async proxy before the barrier that ended tile j - 1 (or
       // the prologue's); no barrier here: tile j landed before the middle barrier of tile j - 1.
@@ -457,11 +353,6 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) s[i] = 0.f;
     fence_regs(s);
-    if constexpr (OV) {
-      rescale_o();  // by alpha(j - 1), for the PV(j - 1) issued behind the QK^T (O is not in flight here)
-      fence_regs(o);
-    }
-    if constexpr (OVL == 2) named_bar_sync(1 + wg);
     wgmma_fence();
     const u32 qt = opaque(q_wg);  // Q's descriptors recomputed per tile (fewer registers: no spills)
 #pragma unroll
@@ -472,22 +363,13 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
       wgmma_ss_m64n64k16(s, da, db, kk > 0 ? 1 : 0);
     }
     wgmma_commit();
-    if constexpr (OV) {
-      issue_pv(vt, false);  // j = 0: P = 0 times the zero-filled V stage 1 (the same code in every iteration, so
-                            // ptxas sees no register of an in-flight wgmma touched and does not serialize them)
-      if constexpr (OVL == 2) {
-        if (wg < NWG - 1 || j + 1 < ntiles) named_bar_arrive(1 + (wg + 1) % NWG);  // the next warpgroup's turn
-      }
-      wgmma_wait1();  // QK^T(j); PV(j - 1) may still run
-    } else {
-      if constexpr (KV::QUANT) {
-        // While the QK^T runs: V of tile j -> the fp16 V tile. Free: every warpgroup waited for its PV of tile j - 1
-        // before the barrier that ended that tile.
-        dequant_tile_sw128<KV, D, BN, THREADS>(smem + L::OFF_V + st * L::RAW_BYTES, smem + L::OFF_KT + L::KV_BYTES,
-                                               opaque(tid));
-      }
-      wgmma_wait0();
+    if constexpr (KV::QUANT) {
+      // While the QK^T runs: V of tile j -> the fp16 V tile. Free: every warpgroup waited for its PV of tile j - 1
+      // before the barrier that ended that tile.
+      dequant_tile_sw128<KV, D, BN, THREADS>(smem + L::OFF_V + st * L::RAW_BYTES, smem + L::OFF_KT + L::KV_BYTES,
+                                             opaque(tid));
     }
+    wgmma_wait0();
     fence_regs(s);
 
     if (need_mask) {
@@ -503,9 +385,10 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
       }
     }
 
-    // ---- online softmax (fp32, base 2); P packed to the A fragments of the PV wgmma as it is computed (OV: kept
-    // in S until the PV of the previous tile, which reads pa, has completed)
-    bool new_max = false;
+    // ---- online softmax (fp32, base 2); P packed to the A fragments of the PV wgmma as it is computed
+    u32 pa[BN / 16][4];
+    float alpha[2];
+    bool rescale = false;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float mx = m_run[h];
@@ -515,7 +398,7 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_use = mx == LSERVE_NEG_INF ? 0.f : mx;
       alpha[h] = fast_exp2((m_run[h] - m_use) * scale_log2);
-      new_max |= mx != m_run[h];
+      rescale |= mx != m_run[h];
       const float mb = m_use * scale_log2;
       float sum = 0.f;
 #pragma unroll
@@ -523,27 +406,20 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
         const float p0 = fast_exp2(fmaf(s[4 * n + 2 * h], scale_log2, -mb));
         const float p1 = fast_exp2(fmaf(s[4 * n + 2 * h + 1], scale_log2, -mb));
         sum += p0 + p1;
-        if constexpr (OV) {
-          s[4 * n + 2 * h] = p0;
-          s[4 * n + 2 * h + 1] = p1;
-        } else {
-          pa[n >> 1][(n & 1) * 2 + h] = pack_half2(p0, p1);  // keys 16k + 8(n&1) + 2t4, row g + 8h
-        }
+        pa[n >> 1][(n & 1) * 2 + h] = pack_half2(p0, p1);  // keys 16k + 8(n&1) + 2t4, row g + 8h
       }
       l_run[h] = l_run[h] * alpha[h] + sum;
       m_run[h] = mx;
     }
-    rescale = __any_sync(0xffffffffu, new_max);
-    if constexpr (OV) {
-      wgmma_wait0();  // PV(j - 1): O final for this step, pa free
-      fence_regs(o);
+    if (__any_sync(0xffffffffu, rescale)) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int n = 0; n < BN / 8; ++n) pa[n >> 1][(n & 1) * 2 + h] = pack_half2(s[4 * n + 2 * h], s[4 * n + 2 * h + 1]);
-      continue;
+      for (int n = 0; n < D / 8; ++n) {
+        o[4 * n] *= alpha[0];
+        o[4 * n + 1] *= alpha[0];
+        o[4 * n + 2] *= alpha[1];
+        o[4 * n + 3] *= alpha[1];
+      }
     }
-    rescale_o();
 
     if constexpr (KV::QUANT) {
       // Middle barrier: V of tile j complete (fenced by each writer to the async proxy) before the PV reads it;
@@ -558,7 +434,19 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
       cp_async_commit();
     }
 
-    issue_pv(vt, true);
+    // ---- O += P V: BN / 16 k-steps of 16 keys; V N-major (rows = keys, the head dim contiguous)
+    fence_regs(o);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      const u64 db = smem_desc(vt + kk * 16 * 128, BN * 128, 1024);
+      if constexpr (D == 64) {
+        wgmma_rs_m64n64k16_tb(o, pa[kk], db);
+      } else {
+        wgmma_rs_m64n128k16_tb(o, pa[kk], db);
+      }
+    }
+    wgmma_commit();
     if constexpr (KV::QUANT) {
       if (j + 1 < ntiles) dequant_k((j + 1) % STAGES);  // while the PV runs: K of tile j + 1 -> the fp16 K tile
     }
@@ -569,17 +457,6 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
       // completed, so the fp16 V tile is free for the next tile's V.
       fence_proxy_async();
       __syncthreads();
-    }
-  }
-  if constexpr (OV) {
-    if (ntiles > 0) {  // the last tile's PV: its V was loaded in the last iteration
-      cp_async_wait<0>();
-      fence_proxy_async();
-      __syncthreads();
-      rescale_o();
-      issue_pv(sV + ((ntiles - 1) & 1) * L::KV_BYTES, true);
-      wgmma_wait0();
-      fence_regs(o);
     }
   }
   cp_async_wait<0>();
@@ -616,7 +493,7 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
 
 // One extern "C" entry point per (head dim, warpgroups, stages, KV format); the argument list is the mma.sync
 // kernel's (k0/v0/k1/v1: the pools' values; sk0/sv0/sk1/sv1: their fp16 scales, null for fp16).
-#define LSERVE_PREFILL_SM90_KERNEL(D, NWG, STAGES, MINB, KV, OVL, SUFFIX)                                     \
+#define LSERVE_PREFILL_SM90_KERNEL(D, NWG, STAGES, MINB, KV, SUFFIX)                                          \
   extern "C" __global__ void __launch_bounds__(128 * NWG, MINB)                                            \
       paged_attn_prefill_sm90_d##D##_w##NWG##_s##STAGES##SUFFIX(                                           \
           const f16_t* q, const unsigned char* k0, const unsigned char* v0, const unsigned char* k1,      \
@@ -626,43 +503,31 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
           int hgroups, float scale_log2) {                                                                 \
     lserve::pdl_enter();                                                                                   \
     const lsattn::KVPools pools{k0, v0, k1, v1, sk0, sv0, sk1, sv1, head_class, head_slot, n0, n1};        \
-    lsattn::sm90::prefill_body<D, NWG, STAGES, KV, OVL>(q, pools, out, lsattn::plan_view(plan, cap_qb, cap_seq), \
+    lsattn::sm90::prefill_body<D, NWG, STAGES, KV>(q, pools, out, lsattn::plan_view(plan, cap_qb, cap_seq), \
                                                    Hq, Hkv, ps_shift, rows_per_head, heads_per_cta, n_sub,  \
                                                    hgroups, scale_log2);                                     \
   }
 
 // BN = 64 keys per tile throughout. Two CTAs per SM where shared memory allows (d128 w2 s2: 97 KiB each).
-LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 2, lskv::Half, 0, )
-LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Half, 0, )
-LSERVE_PREFILL_SM90_KERNEL(64, 2, 3, 2, lskv::Half, 0, )
-LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Half, 0, )
-LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Half, 0, )
-LSERVE_PREFILL_SM90_KERNEL(128, 2, 3, 1, lskv::Half, 0, )
-// fp16, the PV of the previous tile overlapped with this tile's softmax (_ov1), and with turn taking (_ov2)
-LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 2, lskv::Half, 1, _ov1)
-LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Half, 1, _ov1)
-LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Half, 2, _ov2)
-LSERVE_PREFILL_SM90_KERNEL(64, 3, 2, 1, lskv::Half, 0, )
-LSERVE_PREFILL_SM90_KERNEL(64, 3, 2, 1, lskv::Half, 1, _ov1)
-LSERVE_PREFILL_SM90_KERNEL(64, 3, 2, 1, lskv::Half, 2, _ov2)
-LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Half, 1, _ov1)
-// fp16, three warpgroups (192 rows, one CTA per SM: 168 registers a thread)
-LSERVE_PREFILL_SM90_KERNEL(128, 3, 2, 1, lskv::Half, 0, )
-LSERVE_PREFILL_SM90_KERNEL(128, 3, 2, 1, lskv::Half, 1, _ov1)
-LSERVE_PREFILL_SM90_KERNEL(128, 3, 2, 1, lskv::Half, 2, _ov2)
+LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 2, lskv::Half, )
+LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Half, )
+LSERVE_PREFILL_SM90_KERNEL(64, 2, 3, 2, lskv::Half, )
+LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Half, )
+LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Half, )
+LSERVE_PREFILL_SM90_KERNEL(128, 2, 3, 1, lskv::Half, )
 // Quantized caches: a ring of tiles as stored plus one fp16 K / V tile pair (d128 w2 s2 int8 / fp8: 99 KiB, two CTAs
 // per SM; cuda_attention.PREFILL_SM90_STAGES). MINB caps registers where shared memory admits more CTAs than the
 // registers the overlapped dequantization would otherwise take (ptxas: no spills at these caps): d64 w1 four CTAs
 // per SM (<= 128 registers), d128 w1 int4 three (<= 168).
-LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 4, lskv::Int8, 0, _int8)
-LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Int8, 0, _int8)
-LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Int8, 0, _int8)
-LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Int8, 0, _int8)
-LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 4, lskv::Int4, 0, _int4)
-LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Int4, 0, _int4)
-LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 3, lskv::Int4, 0, _int4)
-LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Int4, 0, _int4)
-LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 4, lskv::Fp8, 0, _fp8)
-LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Fp8, 0, _fp8)
-LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Fp8, 0, _fp8)
-LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Fp8, 0, _fp8)
+LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 4, lskv::Int8, _int8)
+LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Int8, _int8)
+LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Int8, _int8)
+LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Int8, _int8)
+LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 4, lskv::Int4, _int4)
+LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Int4, _int4)
+LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 3, lskv::Int4, _int4)
+LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Int4, _int4)
+LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 4, lskv::Fp8, _fp8)
+LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Fp8, _fp8)
+LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Fp8, _fp8)
+LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Fp8, _fp8)

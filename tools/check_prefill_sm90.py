@@ -7,12 +7,9 @@
     at 4k, 32k and 128k tokens (--seqs), with each kernel: CUDA events after warm-up, median; TFLOP/s with
     causal FLOPs = 4 * Hq * D * S^2 / 2. Also the largest difference between the two kernels' outputs there.
 
-    python3 tools/check_prefill_sm90.py --out results.json [--seqs 4096,32768,131072] [--variants w3_ov1,w3_ov2]
+    python3 tools/check_prefill_sm90.py --out results.json [--seqs 4096,32768,131072]
 
---variants adds wgmma schedules beside the default one, each "w<warpgroups per CTA>[_ov<overlap>]"
-(cuda_attention.PREFILL_SM90_NWG / PREFILL_SM90_OVERLAP), checked and timed as the kernel "wgmma:<variant>".
-Writes the JSON to --out; per timing row `max_diff_<k>_vs_mma` and `speedup_<k>` for each wgmma kernel k. On a
-device that is not compute capability 9.x only the mma.sync rows run.
+Writes the JSON to --out. On a device that is not compute capability 9.x only the mma.sync rows run.
 About a minute on an H200 when the kernels are in CuPy's cache (the first compile adds some seconds).
 """
 
@@ -44,31 +41,18 @@ ACCURACY_CASES = {
 }
 
 
-def _kernels(variants: list[str]) -> list[str]:
+def _kernels() -> list[str]:
     import cupy as cp
 
-    if not cp.cuda.Device().compute_capability.startswith("9"):
-        return ["mma"]
-    return ["mma", "wgmma", *(f"wgmma:{v}" for v in variants)]
-
-
-def _schedule(kernel: str) -> tuple[str, int | None, int | None]:
-    """Kernel "wgmma:w3_ov1" -> ("wgmma", 3, 1); "mma" / "wgmma" -> (kernel, None, None): the launcher's defaults."""
-    base, _, variant = kernel.partition(":")
-    if not variant:
-        return base, None, None
-    w, _, ov = variant.partition("_ov")
-    return base, int(w.removeprefix("w")), int(ov or 0)
+    return ["mma", "wgmma"] if cp.cuda.Device().compute_capability.startswith("9") else ["mma"]
 
 
 def _run(kernel: str, q, k, v, cplan, hc, out):
     from lserve_lite.backends import cuda_attention as att
     from lserve_lite.harness.common import setting
 
-    base, nwg, ov = _schedule(kernel)
-    with setting(att, "PREFILL_KERNEL", base), setting(att, "PREFILL_SM90_NWG", nwg):
-        with setting(att, "PREFILL_SM90_OVERLAP", ov):
-            return att.paged_attention(q, k, v, cplan, hc, out=out, decode=False)
+    with setting(att, "PREFILL_KERNEL", kernel):
+        return att.paged_attention(q, k, v, cplan, hc, out=out, decode=False)
 
 
 def accuracy(kernels: list[str]) -> list[dict]:
@@ -140,10 +124,10 @@ def timing(seq: int, kernels: list[str]) -> dict:
         ms = events_median(fn, 1, reps)
         row[kern] = {"ms": ms, "tflops": flops / ms / 1e9, "reps": reps}
         outs[kern] = out
-    for kern in [x for x in kernels if x != "mma"]:
-        diff = cp.abs(outs[kern].astype(np.float32) - outs["mma"].astype(np.float32))
-        row[f"max_diff_{kern}_vs_mma"] = float(cp.nan_to_num(diff, nan=np.inf).max())
-        row[f"speedup_{kern}"] = row["mma"]["ms"] / row[kern]["ms"]
+    if len(outs) == 2:
+        diff = cp.abs(outs["wgmma"].astype(np.float32) - outs["mma"].astype(np.float32))
+        row["max_diff_wgmma_vs_mma"] = float(cp.nan_to_num(diff, nan=np.inf).max())
+        row["speedup_wgmma"] = row["mma"]["ms"] / row["wgmma"]["ms"]
     print("timing", json.dumps(row), flush=True)
     return row
 
@@ -152,16 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--seqs", default="4096,32768,131072", help="prefill lengths to time")
-    ap.add_argument(
-        "--variants", default="", help="wgmma schedules beside the default, e.g. w3,w3_ov1,w1_ov1"
-    )
     args = ap.parse_args(argv)
 
     import cupy as cp
 
     props = cp.cuda.runtime.getDeviceProperties(0)
     name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    kernels = _kernels([x for x in args.variants.split(",") if x])
+    kernels = _kernels()
     res: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "device": name,

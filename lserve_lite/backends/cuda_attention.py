@@ -73,19 +73,6 @@ SM90_HEAD_DIMS = (64, 128)
 # .cu. Quantized formats: 2 as well, the ring of tiles as stored plus one fp16 K / V tile pair: two CTAs per SM at
 # head dim 128 with two warpgroups (int8 / fp8 99 KiB each; 3 stages would take 115 KiB, one CTA per SM).
 PREFILL_SM90_STAGES = {(d, w, kv): 2 for d in SM90_HEAD_DIMS for w in (1, 2) for kv in KV_TRAITS}
-PREFILL_SM90_STAGES.update({(d, 3, "fp16"): 2 for d in SM90_HEAD_DIMS})  # 192-row CTAs, one per SM
-# wgmma prefill schedule: warpgroups per CTA (0 = by rows: 2 when a query block fills 128 rows, else 1; a count not
-# instantiated for the head dim and cache format, PREFILL_SM90_STAGES, is ignored)
-# and overlap (0 = each product waited for at once; 1 = the previous tile's PV overlapping this tile's softmax; 2 = 1
-# with the warpgroups taking turns to issue their products). PREFILL_SM90_OVERLAP_VARIANTS lists the instantiated
-# (head dim, warpgroups) pairs of each overlap; others run overlap 0. Read per call; environment variables
-# LSERVE_PREFILL_SM90_NWG / LSERVE_PREFILL_SM90_OVERLAP set the initial values (docs/PERF_attention.md).
-PREFILL_SM90_NWG = int(os.environ.get("LSERVE_PREFILL_SM90_NWG", "0"))
-PREFILL_SM90_OVERLAP = int(os.environ.get("LSERVE_PREFILL_SM90_OVERLAP", "0"))
-PREFILL_SM90_OVERLAP_VARIANTS = {
-    1: ((64, 1), (64, 2), (64, 3), (128, 1), (128, 3)),
-    2: ((64, 2), (64, 3), (128, 3)),
-}
 # Quantized decode: "v2" (register-level dequantization into the mma fragments; paged_attn_decode_v2_*), the
 # default since the H200 measured it 2.6-3.6x faster than "v1" (dequantize each unit into an fp16 tile in shared
 # memory, then ldmatrix; kept as the reference path the benchmarks compare with). Read per call, so tests and
@@ -119,16 +106,8 @@ def _prefill_sm90_smem(d: int, nwg: int, stages: int, kv: str = "fp16") -> int:
     return -(-(bm * d * 2 + 2 * stages * raw) // 1024) * 1024 + 2 * tile + tail
 
 
-def _prefill_sm90_name(d: int, nwg: int, stages: int, kv: str = "fp16", overlap: int = 0) -> str:
-    return f"paged_attn_prefill_sm90_d{d}_w{nwg}_s{stages}{_suffix(kv)}{f'_ov{overlap}' if overlap else ''}"
-
-
-def prefill_sm90_overlap(d: int, nwg: int, kv: str) -> int:
-    """The overlap variant (PREFILL_SM90_OVERLAP) the wgmma prefill runs for this shape: 0 where not instantiated."""
-    ov = PREFILL_SM90_OVERLAP
-    if ov not in (0, *PREFILL_SM90_OVERLAP_VARIANTS):
-        raise ValueError(f"LSERVE_PREFILL_SM90_OVERLAP / PREFILL_SM90_OVERLAP must be 0, 1 or 2, got {ov!r}")
-    return ov if kv == "fp16" and (d, nwg) in PREFILL_SM90_OVERLAP_VARIANTS.get(ov, ()) else 0
+def _prefill_sm90_name(d: int, nwg: int, stages: int, kv: str = "fp16") -> str:
+    return f"paged_attn_prefill_sm90_d{d}_w{nwg}_s{stages}{_suffix(kv)}"
 
 
 def prefill_kernel_for(d: int, kv: str, cc: str) -> str:
@@ -173,14 +152,7 @@ def launcher_kernels(source: str) -> tuple[str, ...]:
     if source == SELECT_SOURCE:
         return (*(f"page_score_d{d}" for d in HEAD_DIMS), "page_topk")
     if source == PREFILL_SM90_SOURCE:
-        return (
-            *(_prefill_sm90_name(d, w, st, kv) for (d, w, kv), st in PREFILL_SM90_STAGES.items()),
-            *(
-                _prefill_sm90_name(d, w, 2, "fp16", ov)
-                for ov, dw in PREFILL_SM90_OVERLAP_VARIANTS.items()
-                for d, w in dw
-            ),
-        )
+        return tuple(_prefill_sm90_name(d, w, st, kv) for (d, w, kv), st in PREFILL_SM90_STAGES.items())
     if source == PREFILL_SOURCE:
         return tuple(
             f"paged_attn_prefill_d{d}_m{mt}_n{bn}{s}" for (d, mt), bn in PREFILL_BN.items() for s in kvs
@@ -562,19 +534,15 @@ def paged_attention(
     # Prefill: BM = 64 * mt rows per CTA, packing `heads_per_cta` heads of `rows_per_head` rows each.
     qlen = plan.max_qb_len
     mt = 2 if qlen * group >= 128 else 1
-    wgmma = prefill_kernel_for(d, kv, k.cc) == "wgmma"
-    if wgmma and (d, PREFILL_SM90_NWG, kv) in PREFILL_SM90_STAGES:  # an instantiated override
-        mt = PREFILL_SM90_NWG
     bm = 64 * mt
     rows_per_head = min(qlen, bm)
     heads_per_cta = bm // rows_per_head
     n_sub = -(-qlen // rows_per_head)
     hgroups = -(-group // heads_per_cta)
-    if wgmma:  # mt warpgroups of 64 rows: the same row packing
+    if prefill_kernel_for(d, kv, k.cc) == "wgmma":  # mt warpgroups of 64 rows: the same row packing
         stages = PREFILL_SM90_STAGES[(d, mt, kv)]
         smem = _prefill_sm90_smem(d, mt, stages, kv)
-        name = _prefill_sm90_name(d, mt, stages, kv, prefill_sm90_overlap(d, mt, kv))
-        fn = k.get(k.prefill_sm90, name, smem)
+        fn = k.get(k.prefill_sm90, _prefill_sm90_name(d, mt, stages, kv), smem)
         threads = 128 * mt
     else:
         bn = PREFILL_BN[(d, mt)]
