@@ -652,6 +652,13 @@ def bench_e2e_sparse(args, bw: float, emit) -> None:
             emit(dict(model="Llama-3-8B-shape", what=f"decode replay {mode} (GPU)", batch=1, context=ctx,
                       tokens_per_s=1 / t, ms=t * 1e3, floor_ms=floor * 1e3, x_floor=t / floor, mode=mode,
                       kind="decode_replay", **extra))  # fmt: skip
+            if args.sparse_profile_steps:
+                sync()
+                cp.cuda.profiler.start()
+                for _ in range(args.sparse_profile_steps):
+                    step()
+                sync()
+                cp.cuda.profiler.stop()
             # back to prefill: the rest of the prompt overwrites the decode steps' K/V
             seq.prompt_ids, seq.output_ids = full, []
             seq.num_cached, seq.decode_steps = ctx, 0
@@ -968,6 +975,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sparse-modes", nargs="+", choices=["sparse", "dense"], default=["sparse", "dense"])
     ap.add_argument("--sparse-chunk", type=int, default=16384, help="prefill chunk (max_num_batched_tokens)")
     ap.add_argument("--sparse-decode-steps", type=int, default=24)
+    ap.add_argument("--sparse-profile-steps", type=int, default=0,
+                    help="after the timings at each context, run this many engine decode steps (one selector "
+                         "refresh among them) between cudaProfilerStart / Stop, for ncu --profile-from-start off; "
+                         "summarize with tools/profile_decode.py --summarize")  # fmt: skip
     ap.add_argument(
         "--deadline", type=float, default=None, help="epoch seconds: skip prefill segments past it"
     )
