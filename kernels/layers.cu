@@ -60,14 +60,15 @@ __device__ __forceinline__ __half rope_channel(const __half* x, int c, int half_
                     : __float2half(__fadd_rn(__fmul_rn(b, cs), __fmul_rn(a, sn)));
 }
 
-// A quantized cache (KV = lskv::Int8 / Int4 / Fp8, kernels/kv_quant.cuh): warp w quantizes K (after RoPE,
-// rounded to fp16 as a float cache would hold it) or V of KV head g, for items w, w + warps, ... of 2 * hkv;
-// `where(is_k, g, vals, scales)` points at the row's values and scales, or returns false (nothing to write).
+// A quantized cache (KV = lskv::Int8 / Int4 / Fp8, kernels/kv_quant.cuh): warp w of the row's blockIdx.y-th block
+// quantizes K (after RoPE, rounded to fp16 as a float cache would hold it) or V of KV head g, for items
+// blockIdx.y * warps + w, then every gridDim.y * warps, of 2 * hkv; `where(is_k, g, vals, scales)` points at the
+// row's values and scales, or returns false (nothing to write).
 template <class KV, class Where>
 __device__ __forceinline__ void write_kv_quant(const __half* x, int hq, int hkv, int head_dim, const __half* cos_row,
                                                const __half* sin_row, Where where) {
-  const int lane = threadIdx.x & 31, ni = head_dim / 32, half_d = head_dim / 2;
-  for (int item = threadIdx.x >> 5; item < 2 * hkv; item += blockDim.x >> 5) {
+  const int lane = threadIdx.x & 31, ni = head_dim / 32, half_d = head_dim / 2, warps = blockDim.x >> 5;
+  for (int item = blockIdx.y * warps + (threadIdx.x >> 5); item < 2 * hkv; item += gridDim.y * warps) {
     const bool is_k = item < hkv;
     unsigned char* vals;
     unsigned short* scales;
@@ -98,6 +99,8 @@ __device__ __forceinline__ void kv_row(void* pool, __half* scales, long long r, 
 // (slot = page * page_size + offset; a negative slot writes nothing: padding rows of a captured batch).
 // q_out [N, Hq, D]. cos/sin [max_len, D/2] carry any rope scaling (llama3) already. KV: the cache format
 // (lskv::Half: fp16 k_cache / v_cache, scales unused; quantized: values + fp16 scales, D % 32 == 0).
+// Grid (N, Y): the row's items (channel pairs) spread over Y blocks, about one per thread (one block per row
+// walked a decode row's 3072 pairs in a dependent-load chain of ~5 us; cuda.py picks Y).
 template <class KV>
 __global__ void rope_write_kv(const __half* __restrict__ qkv, const long long* __restrict__ positions,
                               const long long* __restrict__ slots, const __half* __restrict__ cos_t,
@@ -112,7 +115,8 @@ __global__ void rope_write_kv(const __half* __restrict__ qkv, const long long* _
   const __half* x = qkv + row * nheads * head_dim;
   __half* kc = static_cast<__half*>(k_cache);
   __half* vc = static_cast<__half*>(v_cache);
-  for (int i = threadIdx.x; i < (KV::QUANT ? hq : nheads) * half_d; i += blockDim.x) {
+  const int items = (KV::QUANT ? hq : nheads) * half_d;
+  for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < items; i += gridDim.y * blockDim.x) {
     const int h = i / half_d, j = i - h * half_d;
     const float a = __half2float(x[h * head_dim + j]), b = __half2float(x[h * head_dim + j + half_d]);
     if (h < hq + hkv) {
@@ -150,7 +154,8 @@ __global__ void rope_write_kv(const __half* __restrict__ qkv, const long long* _
 // (kmax/kmin [P, nd, sub, D] fp16, may be null) for every logical page this batch wrote into, recomputed over
 // the written prefix (offsets 0 .. last written) by the block of the batch's last row in that logical page.
 // Keys of earlier rows of the batch in the same logical page (consecutive rows with consecutive slots) are
-// recomputed from qkv, not read back (other blocks write them); older keys come from the cache. A quantized
+// recomputed from qkv, not read back (other blocks write them); older keys come from the cache. Grid (N, Y) as
+// rope_write_kv: the row's channels and its statistics' (head, channel) items spread over Y blocks. A quantized
 // cache (KV, with fp16 scales kd_s/vd_s/ks_s/vs_s beside the pools) holds no unquantized keys: there the
 // older keys are the logical page's stats themselves, merged with the new keys (reference/page_stats.py
 // merge_page_stats), so the stats stay those of the unquantized keys.
@@ -175,7 +180,8 @@ __global__ void rope_write_kv_sparse(const __half* __restrict__ qkv, const long 
   const __half* sin_row = sin_t + pos * half_d;
   __half *kd = static_cast<__half*>(kd_p), *vd = static_cast<__half*>(vd_p);
   __half *ks = static_cast<__half*>(ks_p), *vs = static_cast<__half*>(vs_p);
-  for (int i = threadIdx.x; i < (KV::QUANT ? hq : nheads) * head_dim; i += blockDim.x) {
+  const int first = blockIdx.y * blockDim.x + threadIdx.x, stride = gridDim.y * blockDim.x;
+  for (int i = first; i < (KV::QUANT ? hq : nheads) * head_dim; i += stride) {
     const int h = i / head_dim, c = i - h * head_dim;
     if (h < hq) {
       q_out[((long long)row * hq + h) * head_dim + c] = rope_channel(x + h * head_dim, c, half_d, cos_row, sin_row);
@@ -216,7 +222,7 @@ __global__ void rope_write_kv_sparse(const __half* __restrict__ qkv, const long 
   const int last_off = (int)(dslot % lp), first_off = last_off - (row - r0);
   const long long page = dslot / page_size;
   const int lsub = (int)((dslot % page_size) / lp);
-  for (int i = threadIdx.x; i < hkv * head_dim; i += blockDim.x) {
+  for (int i = first; i < hkv * head_dim; i += stride) {
     const int g = i / head_dim, c = i - g * head_dim;
     if (head_class[g] != 0) continue;
     const long long hrow = page * nd + head_slot[g];
@@ -226,18 +232,24 @@ __global__ void rope_write_kv_sparse(const __half* __restrict__ qkv, const long 
       mx = __half2float(kmax[st]);
       mn = __half2float(kmin[st]);
     }
-    for (int o = KV::QUANT ? first_off : 0; o <= last_off; ++o) {
-      float kv;
-      if (o < first_off) {
-        kv = __half2float(kd[(hrow * page_size + lsub * lp + o) * head_dim + c]);
-      } else {
-        const int r = r0 + (o - first_off);
-        const long long p = positions[r];
-        const __half* xr = qkv + (long long)r * nheads * head_dim + (hq + g) * head_dim;
-        kv = __half2float(rope_channel(xr, c, half_d, cos_t + p * half_d, sin_t + p * half_d));
+    // Key o of the logical page: older ones from the cache, this batch's recomputed from qkv.
+    auto key_at = [&](int o) -> float {
+      if (o < first_off) return __half2float(kd[(hrow * page_size + lsub * lp + o) * head_dim + c]);
+      const int r = r0 + (o - first_off);
+      const long long p = positions[r];
+      const __half* xr = qkv + (long long)r * nheads * head_dim + (hq + g) * head_dim;
+      return __half2float(rope_channel(xr, c, half_d, cos_t + p * half_d, sin_t + p * half_d));
+    };
+    // Eight keys' loads in flight at a time (one at a time: a chain of up to lp - 1 L2 round trips per decode row).
+    for (int o0 = KV::QUANT ? first_off : 0; o0 <= last_off; o0 += 8) {
+      float kv[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) kv[u] = o0 + u <= last_off ? key_at(o0 + u) : kv[0];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        mx = fmaxf(mx, kv[u]);
+        mn = fminf(mn, kv[u]);
       }
-      mx = fmaxf(mx, kv);
-      mn = fminf(mn, kv);
     }
     kmax[st] = __float2half(mx);
     kmin[st] = __float2half(mn);

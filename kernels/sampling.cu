@@ -97,14 +97,34 @@ __device__ double mass_below(const float* x, int vocab, float temp, float xmax, 
   return block_reduce(s, scratch, lserve::SumOp(), 0.0);
 }
 
+// This thread's smallest sort key over x[0 .. vocab) (the block's smallest: the first index of the maximum). A
+// 16-byte aligned row is read as float4, four loads in flight per thread (a scalar loop of one load at a time took
+// 51 us for a 128k vocabulary on an H200: a chain of L2 round trips; this reads it at L2 speed).
+__device__ __forceinline__ u64 thread_best(const float* __restrict__ x, int vocab) {
+  u64 best = ~0ull;
+  int tail = 0;
+  if ((reinterpret_cast<unsigned long long>(x) & 15) == 0) {
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    const int n4 = vocab / 4;
+#pragma unroll 4
+    for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+      const float4 v = x4[i];
+      const u64 a = min(sort_key(v.x, 4 * i), sort_key(v.y, 4 * i + 1));
+      const u64 b = min(sort_key(v.z, 4 * i + 2), sort_key(v.w, 4 * i + 3));
+      best = min(best, min(a, b));
+    }
+    tail = n4 * 4;
+  }
+  for (int i = tail + threadIdx.x; i < vocab; i += blockDim.x) best = min(best, sort_key(x[i], i));
+  return best;
+}
+
 // First index of the row maximum (np.argmax). One block per row.
 __global__ void argmax_rows(const float* __restrict__ logits, long long stride, int vocab, int* __restrict__ out) {
   lserve::pdl_enter();
   __shared__ u64 scratch[32];
   const float* x = logits + blockIdx.x * stride;
-  u64 best = ~0ull;
-  for (int i = threadIdx.x; i < vocab; i += blockDim.x) best = min(best, sort_key(x[i], i));
-  best = block_reduce(best, scratch, lserve::MinOp(), ~0ull);
+  u64 best = block_reduce(thread_best(x, vocab), scratch, lserve::MinOp(), ~0ull);
   if (threadIdx.x == 0) out[blockIdx.x] = (int)(best & 0xffffffffu);
 }
 
@@ -121,9 +141,7 @@ __global__ void sample_rows(const float* __restrict__ logits, long long stride, 
   const int rows = gridDim.x;
   const float temp = (float)params[row];  // np.float32(temperature), as the CPU sampler
   if (temp == 0.f) {
-    u64 best = ~0ull;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) best = min(best, sort_key(x[i], i));
-    best = block_reduce(best, kscratch, lserve::MinOp(), ~0ull);
+    const u64 best = block_reduce(thread_best(x, vocab), kscratch, lserve::MinOp(), ~0ull);
     if (threadIdx.x == 0) out[row] = (int)(best & 0xffffffffu);
     return;
   }

@@ -643,8 +643,9 @@ def bench_e2e_sparse(args, bw: float, emit) -> None:
                     step()
                 step()  # uploaded with refresh = 1
                 t_ref = gpu_time(launch, 20)
-                step()  # refresh = 0
-                t_reuse = gpu_time(launch, 20)
+                step()  # refresh = 0: the size's reuse graph (no page selector launches)
+                reuse = runner.executor.reuse.get(1, g)
+                t_reuse = gpu_time(lambda r=reuse: r.graph.launch(cp.cuda.get_current_stream()), 20)
                 t = (t_ref + (interval - 1) * t_reuse) / interval
                 extra = dict(refresh_ms=t_ref * 1e3, reuse_ms=t_reuse * 1e3)
             else:

@@ -76,6 +76,13 @@ def _threads(n: int, cap: int = 1024) -> int:
     return int(min(cap, max(32, -(-n // 32) * 32)))
 
 
+def _row_grid(rows: int, items: int, threads: int = 256) -> tuple[tuple[int, int], tuple[int]]:
+    """(grid, block) of a per-row kernel whose row's `items` spread over grid.y blocks, about one per thread: a decode
+    step's single row then runs on many SMs instead of one block's dependent-load chain (rope_write_kv)."""
+    block = _threads(items, threads)
+    return (rows, -(-items // block)), (block,)
+
+
 class Cublas:
     """cublasGemmEx through ctypes on a handle of our own, with a workspace of our own.
 
@@ -451,7 +458,7 @@ class CudaOps:
         if n:
             args = (cp.ascontiguousarray(qkv), positions, slots, rope[0], rope[1], q, kc, vc, ksc, vsc,
                     np.int32(hq), np.int32(hkv), np.int32(d), np.int32(page))  # fmt: skip
-            self.k[f"rope_write_kv<{kv_trait(cache)}>"]((n,), (_threads((hq + 2 * hkv) * d // 2, 512),), args)
+            self.k[f"rope_write_kv<{kv_trait(cache)}>"](*_row_grid(n, (hq + 2 * hkv) * d // 2), args)
         return q
 
     def _rope_write_kv_sparse(self, qkv, positions, slots, cache: KVCache, layer: int, rope, out=None):
@@ -473,7 +480,7 @@ class CudaOps:
                     kd, vd, ks, vs, *_scale_args(cache, layer), hc, hs, kmax, kmin, np.int32(hq), np.int32(hkv),
                     np.int32(nd), np.int32(ns), np.int32(d), np.int32(page), np.int32(sub), np.int32(n))  # fmt: skip
             kernel = self.k[f"rope_write_kv_sparse<{kv_trait(cache)}>"]
-            kernel((n,), (_threads((hq + 2 * hkv) * d, 512),), args)
+            kernel(*_row_grid(n, (hq + 2 * hkv) * d), args)
         return q
 
     def attention(self, q, cache: KVCache, layer: int, plan, head_class, out=None):

@@ -208,9 +208,10 @@ class CudaPlan:
     meta[8] | qb_seq | qb_start | qb_len | qb_pos | qb_sink | qb_local | qb_slot | qb_keep | qb_refresh
     (max_qblocks each) | seq_ctx (max_seqs) | kv_indptr (2 * max_qblocks + 1) | kv_pl (max_pages pairs of
     physical page, logical page). `update()` copies the used prefix only (one async copy from pinned memory
-    on the current stream). Host-side fields (`nqb`, `max_qb_len`, `selects`, ...) describe the last plan
-    uploaded; `always_select` (CUDA Graphs) keeps `selects` True so a captured step always runs the selector
-    (blocks without a budget or refresh flag skip it on the device).
+    on the current stream). Host-side fields (`nqb`, `max_qb_len`, `selects`, `refreshes`, ...) describe the
+    last plan uploaded; `always_select` (CUDA Graphs) keeps `selects` and `refreshes` True so a captured step
+    reads the selection and runs the selector (blocks without a budget or refresh flag skip it on the device);
+    the graph executor's reuse graphs are captured with `refreshes` set False (no selector launches).
     """
 
     def __init__(
@@ -239,7 +240,7 @@ class CudaPlan:
         self.nqb = self.num_tokens = self.max_qb_len = self.q_block = self.page_size = 0
         self.sink = self.local = 0
         self.group_reduce = "max"
-        self.selects = False
+        self.selects = self.refreshes = False
         self.always_select = always_select
         self.visit_pages: int | None = None  # longest page list a decode head visits (None: unknown)
         self.fixed_visit_pages = fixed_visit_pages
@@ -265,6 +266,7 @@ class CudaPlan:
         if ps < 16 or ps > 1024 or ps & (ps - 1):
             raise ValueError(f"page_size must be a power of two >= 16, got {ps}")
         self.selects = self.always_select or plan.selects
+        self.refreshes = self.always_select or plan.refreshes
         if self._copy_done is not None:
             self._copy_done.synchronize()
         n = pack_plan(self._host, self._offs, plan)

@@ -13,9 +13,12 @@ their logits rows are dropped. Intermediates live in a private CuPy memory pool 
 from, so eager steps between replays cannot reuse the graphs' memory.
 
 LServe mode (a two-pool sparse cache): the static inputs hold both KV slots of each row, and the plan
-carries the per-block windows and page-selection fields as data. The captured step always runs the page
-selector (`CudaPlan(always_select=True)`): blocks whose refresh flag is 0 exit at once on the device, so one
-graph serves refresh and reuse steps. The decode split count is fixed at capture from `visit_pages`
+carries the per-block windows and page-selection fields as data. Each size has two graphs over the same static
+buffers: the step that runs the page selector (`CudaPlan(always_select=True)`; blocks whose refresh flag is 0 exit
+at once on the device) and, for steps where no sequence refreshes its selection (select_interval - 1 of every
+select_interval steps), one captured without the selector's launches (`reuse`; those early-exit launches cost
+~5 us per layer on an H200). The two never run at once (one stream), so the reuse graph's intermediates reuse the
+first graph's memory from the private pool. The decode split count is fixed at capture from `visit_pages`
 (KVLayout.decode_visit_pages); a batch whose lists are longer (a wider per-request window) runs eagerly.
 """
 
@@ -75,6 +78,7 @@ class GraphExecutor:
         self.pool = cp.cuda.MemoryPool()
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.graphs: dict[int, _Captured] = {}
+        self.reuse: dict[int, _Captured] = {}  # LServe: the same steps without the page selector's launches
         self._rows = 4 if self.sparse else 3
         self._staging = {s: cupyx.empty_pinned((self._rows, s), np.int64) for s in self.sizes}
         self._staged: dict[int, object] = {}  # event after each size's last upload from its pinned staging
@@ -95,11 +99,19 @@ class GraphExecutor:
         plan, n = step.plan, len(step.ids)
         if self._window != (plan.sink, plan.local):
             self.graphs.clear()  # the window may be baked into launches: capture again
+            self.reuse.clear()
             self._window = (plan.sink, plan.local)
         self._sync_head_classes(step.head_classes)
         g = self.graphs.get(size)
         if g is None:
             g = self.graphs[size] = self._capture(size, plan.sink, plan.local)
+        replay = g
+        if (
+            self.sparse and not plan.refreshes
+        ):  # its reuse graph (captured before the inputs are staged below)
+            replay = self.reuse.get(size)
+            if replay is None:
+                replay = self.reuse[size] = self._capture(size, plan.sink, plan.local, share=g)
         st = self._staging[size]
         done = self._staged.get(size)
         if done is not None:
@@ -113,7 +125,7 @@ class GraphExecutor:
         if not on_host:
             g.io[0, :n] = step.ids  # the previous step's samples, copied on the device behind its sampling
         g.plan.update(plan)
-        return _Replay(g, n)
+        return _Replay(replay, n)
 
     def run(self, prepared) -> Array:
         """Replay (logits: a view of the graph's static output) or run the eager step."""
@@ -157,20 +169,26 @@ class GraphExecutor:
                 dst[...] = cp.asarray(src, dtype=cp.int32)
         self._hc_src = head_classes
 
-    def _capture(self, size: int, sink: int, local: int) -> _Captured:
+    def _capture(self, size: int, sink: int, local: int, share: _Captured | None = None) -> _Captured:
+        """A graph of the decode step of `size` rows; `share`: an LServe size's selector graph whose static
+        buffers this one reads, captured without the page selector (its reuse graph)."""
         cp = self.cp
-        io = cp.empty((self._rows, size), cp.int64)
+        if share is None:
+            io = cp.empty((self._rows, size), cp.int64)
+            rows = cp.arange(size, dtype=cp.int64)
+            plan = CudaPlan(
+                max_qblocks=size, max_pages=2 * size * self.max_pages, max_seqs=size, always_select=self.sparse,
+                fixed_visit_pages=self.visit_pages,
+            )  # fmt: skip
+        else:
+            io, rows, plan = share.io, share.rows, share.plan
         io[0], io[1], io[2:] = 1, 0, -1  # token 1 at position 0, no K/V written
         slots = io[2:] if self.sparse else io[2]  # [2, size] (dense-pool, streaming-pool slots) or [size]
-        rows = cp.arange(size, dtype=cp.int64)
-        plan = CudaPlan(
-            max_qblocks=size, max_pages=2 * size * self.max_pages, max_seqs=size, always_select=self.sparse,
-            fixed_visit_pages=self.visit_pages,
-        )  # fmt: skip
         dummy = build_plan(
             BatchLayout([1] * size, [1] * size, [[0]] * size), self.page_size, sink=sink, local=local
         )
         plan.update(dummy)
+        plan.refreshes = share is None  # read by the forward at capture: launch the selector or not
         cp.cuda.get_current_stream().synchronize()
 
         def fwd():

@@ -94,7 +94,7 @@ class LlamaModel:
                 x, residual, layer.ln1, cfg.rms_norm_eps, layer.qkv, layer.qkv_bias
             )
             q = ops.rope_write_kv(qkv, positions, slots, cache, i, self.rope)
-            if plan.selects:
+            if plan.refreshes:
                 ops.select_pages(q, cache, i, plan)
             a = ops.attention(q, cache, i, plan, head_classes[i])
             x = self._sum(ops.linear(a, layer.o))

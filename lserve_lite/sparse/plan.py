@@ -60,6 +60,14 @@ class AttentionPlan:
         return self.qb_keep is not None and bool((self.qb_keep > 0).any())
 
     @property
+    def refreshes(self) -> bool:
+        """Whether a selecting block picks its pages anew this step (the page selector runs; other selecting
+        steps reuse the stored selection). A plan without refresh flags refreshes."""
+        if not self.selects:
+            return False
+        return self.qb_refresh is None or bool((self.qb_refresh[self.qb_keep > 0] > 0).any())
+
+    @property
     def num_qblocks(self) -> int:
         return int(self.qb_seq.shape[0])
 
