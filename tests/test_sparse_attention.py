@@ -300,3 +300,28 @@ def test_page_sizing_counts_what_is_allocated(dtype, kv):
 
     assert dense_b == nbytes(cache.k, cache.v, cache.k_scale, cache.v_scale, cache.kmax, cache.kmin)
     assert stream_b == nbytes(cache.ks, cache.vs, cache.ks_scale, cache.vs_scale)
+
+
+def test_plan_refreshes_only_when_a_selecting_block_refreshes():
+    """`AttentionPlan.refreshes` decides whether the model launches the page selector (and which CUDA Graph of a size
+    replays): true when some block with a page budget refreshes, false when every selecting block reuses, and for a
+    plan without selection."""
+    table = list(range(8))
+
+    def plan(keep: list[int], refresh: list[int] | None):
+        sel = (
+            dict(sel_slots=list(range(len(keep))), sel_keep=keep, sel_refresh=refresh)
+            if refresh is not None
+            else {}
+        )
+        lay = BatchLayout([1] * len(keep), [300] * len(keep), [table] * len(keep), **sel)
+        return build_plan(lay, 64)
+
+    assert plan([4, 4], [0, 1]).refreshes
+    assert not plan([4, 4], [0, 0]).refreshes
+    assert not plan([4, 0], [0, 1]).refreshes  # the refreshing block has no budget: nothing to select
+    assert plan([4, 0], [0, 1]).selects
+    assert not plan([0, 0], None).refreshes
+    p = plan([4], [0])
+    p.qb_refresh = None  # a hand-made plan without refresh flags refreshes
+    assert p.refreshes
