@@ -330,33 +330,23 @@ __global__ void gemv_rows(const __half* __restrict__ x, const __half* __restrict
   for (int i = 0; i < W; ++i)
 #pragma unroll
     for (int n = 0; n < N; ++n) acc[i][n] = 0.f;
-  // U chunks of 16 bytes per weight row and lane are loaded before any is used: at one row of x, 8 (a 4096-wide row
-  // in two rounds of memory latency per warp instead of ptxas's interleaved loads and uses; the o / qkv projections
-  // have fewer rows than the GPU has warps, so that latency is their time); 4 beyond (registers).
-  constexpr int U = N == 1 ? 8 : 4;
-  for (int c0 = lane; c0 < kc; c0 += 32 * U) {
-    uint4 wv[U][W];
+#pragma unroll 4
+  for (int c = lane; c < kc; c += 32) {
+    uint4 wv[W];
 #pragma unroll
-    for (int u = 0; u < U; ++u)
+    for (int i = 0; i < W; ++i) wv[i] = __ldg(wr[i] + c);
 #pragma unroll
-      for (int i = 0; i < W; ++i) wv[u][i] = c0 + 32 * u < kc ? __ldg(wr[i] + c0 + 32 * u) : make_uint4(0, 0, 0, 0);
+    for (int n = 0; n < N; ++n) {
+      const uint4* xp = reinterpret_cast<const uint4*>(xr + (long long)n * K) + c;
+      const uint4 xv = NORM ? *xp : __ldg(xp);
+      const __half2* xh = reinterpret_cast<const __half2*>(&xv);
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int c = c0 + 32 * u;
-      if (c >= kc) break;
+      for (int i = 0; i < W; ++i) {
+        const __half2* wh = reinterpret_cast<const __half2*>(&wv[i]);
 #pragma unroll
-      for (int n = 0; n < N; ++n) {
-        const uint4* xp = reinterpret_cast<const uint4*>(xr + (long long)n * K) + c;
-        const uint4 xv = NORM ? *xp : __ldg(xp);
-        const __half2* xh = reinterpret_cast<const __half2*>(&xv);
-#pragma unroll
-        for (int i = 0; i < W; ++i) {
-          const __half2* wh = reinterpret_cast<const __half2*>(&wv[u][i]);
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const float2 wf = __half22float2(wh[j]), xf = __half22float2(xh[j]);
-            acc[i][n] = fmaf(wf.x, xf.x, fmaf(wf.y, xf.y, acc[i][n]));
-          }
+        for (int j = 0; j < 4; ++j) {
+          const float2 wf = __half22float2(wh[j]), xf = __half22float2(xh[j]);
+          acc[i][n] = fmaf(wf.x, xf.x, fmaf(wf.y, xf.y, acc[i][n]));
         }
       }
     }
