@@ -106,9 +106,8 @@ class GraphExecutor:
         if g is None:
             g = self.graphs[size] = self._capture(size, plan.sink, plan.local)
         replay = g
-        if (
-            self.sparse and not plan.refreshes
-        ):  # its reuse graph (captured before the inputs are staged below)
+        # LServe step without a refresh: the size's reuse graph (captured before the inputs are staged below)
+        if self.sparse and not plan.refreshes:
             replay = self.reuse.get(size)
             if replay is None:
                 replay = self.reuse[size] = self._capture(size, plan.sink, plan.local, share=g)
@@ -188,7 +187,7 @@ class GraphExecutor:
             BatchLayout([1] * size, [1] * size, [[0]] * size), self.page_size, sink=sink, local=local
         )
         plan.update(dummy)
-        plan.refreshes = share is None  # read by the forward at capture: launch the selector or not
+        plan.refreshes = self.sparse and share is None  # read by the forward at capture: launch the selector?
         cp.cuda.get_current_stream().synchronize()
 
         def fwd():
