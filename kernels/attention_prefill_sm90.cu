@@ -240,29 +240,22 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
   const f16_t* __restrict__ kc_h = kc + ((size_t)slot << ps_shift) * D;  // fp16: this KV head's rows of page 0
   const f16_t* __restrict__ vc_h = vc + ((size_t)slot << ps_shift) * D;
   const int2* __restrict__ pl_list = pv.kv_pl + lo;                      // this head class's page list
-  // Quantized: a tile is staged as BN / 16 units of 16 rows (one page each), NT threads per unit; each thread loads
-  // the page-list entry of its unit's page instead, also one tile ahead.
-  constexpr int NT = THREADS / (BN / 16);
   auto fetch_groups = [&](int j) -> int2 {
-    if constexpr (KV::QUANT) {
-      const int g = j * BN + tid / NT * 16;
-      return g < nkeys ? pl_list[g >> ps_shift] : make_int2(0, 0);
-    } else {
-      const int gq = j * BN + 16 * lane, off = gq & (ps - 1);
-      const int2 pl = lane < BN / 16 && gq < nkeys ? pl_list[gq >> ps_shift] : make_int2(0, 0);
-      // Rows of the pool from kc_h / vc_h (the KV head's rows of page 0): < 2^32 (a row is D * 2 >= 128 bytes)
-      return make_int2((int)((u32)pl.x * page_rows + off), (pl.y << ps_shift) + off);
-    }
+    const int gq = j * BN + 16 * lane, off = gq & (ps - 1);
+    const int2 pl = lane < BN / 16 && gq < nkeys ? pl_list[gq >> ps_shift] : make_int2(0, 0);
+    // Rows of the pool from kc_h / vc_h (the KV head's rows of page 0): < 2^32 (a row is D * 2 >= 128 bytes)
+    return make_int2((int)((u32)pl.x * page_rows + off), (pl.y << ps_shift) + off);
   };
 
-  // ---- K/V tile j of the page list -> stage st (rows past the list zero-filled, key position NONE); grp is
+  // ---- K/V tile j of the page list -> stage st (rows past the list zero-filled, key position NONE); fp16: grp is
   // fetch_groups(j)
   auto load_kv = [&](int j, int st, int2 grp) {
-    if constexpr (KV::QUANT) {  // as stored: unit u of the tile by threads u * NT .. u * NT + NT - 1
+    if constexpr (KV::QUANT) {  // as stored: BN / 16 units of 16 rows (one page each), THREADS / 4 threads per unit
+      constexpr int NT = THREADS / (BN / 16);
       const int u = tid / NT, t = tid % NT;
-      const int g = j * BN + u * 16, off = g & (ps - 1);
+      const int g = j * BN + u * 16, e = g >> ps_shift, off = g & (ps - 1);
       const bool ok = g < nkeys;
-      const int2 pl = grp;
+      const int2 pl = ok ? pv.kv_pl[lo + e] : make_int2(0, 0);
       const size_t row = ((size_t)pl.x * pool_heads + slot) * ps + off;
       using KK = typename KV::KEY;  // K's format (int4: finer groups, a larger unit)
       const auto* kv8 = reinterpret_cast<const unsigned char*>(kc);
@@ -294,10 +287,11 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
   constexpr int PRE = KV::QUANT ? STAGES : STAGES - 1;
 #pragma unroll
   for (int s = 0; s < PRE; ++s) {
-    if (s < ntiles) load_kv(s, s, fetch_groups(s));
+    if (s < ntiles) load_kv(s, s, KV::QUANT ? make_int2(0, 0) : fetch_groups(s));
     cp_async_commit();
   }
-  int2 grp_next = fetch_groups(PRE);  // the next refill's: tile j + STAGES - 1 (fp16) / j + STAGES (quantized)
+  int2 grp_next = make_int2(0, 0);  // fp16: fetch_groups(j + STAGES - 1) at the top of iteration j
+  if constexpr (!KV::QUANT) grp_next = fetch_groups(PRE);
   if (tid < BM) {
     int head, i;
     row_info(tid, head, i);
@@ -436,10 +430,7 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
       fence_proxy_async();
       __syncthreads();
       const int jn = j + STAGES;
-      if (jn < ntiles) {
-        load_kv(jn, st, grp_next);
-        grp_next = fetch_groups(jn + 1);  // lands while this tile is computed
-      }
+      if (jn < ntiles) load_kv(jn, st, make_int2(0, 0));
       cp_async_commit();
     }
 
