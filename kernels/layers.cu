@@ -286,40 +286,26 @@ __global__ void silu_mul(const __half* __restrict__ gu, __half* __restrict__ out
 // Small-batch linear for decode: y[n, m] = sum_k x[n, k] w[m, k] for N <= 8 rows, fp32 accumulation.
 // One warp per output feature m (blockDim.x / 32 of them per block), 16-byte loads of w (read once) and of x
 // (N * K halves, L1/L2-resident); needs K % 8 == 0. cuBLAS handles every other shape (CudaOps.gemm).
-// Loads of w come in batches of B chunks per lane and row, double-buffered: the next batch is issued before the
-// current one is used, so a warp always has weight loads in flight, and the first batch is issued before the PDL
-// wait (weights are constant), overlapping the previous kernel's tail. LSERVE_GEMV_LOADS (a compile definition,
-// CudaOps: env LSERVE_GEMV_LOADS) is B * rows of w per warp at N <= 2; past that, half (registers).
 // SILU (TOut = __half): w is the row-fused gate/up matrix [2M, K] and y[n, m] = silu(g) * u with g, u the float32
 // dot products of rows m and M + m (silu_mul's epilogue on them, without the fp16 round trip of [N, 2M]);
 // reference: silu_mul_ref(x @ w^T) (CudaOps.gate_up_silu).
 // NORM: x is the layer's stream before its residual add and RMSNorm (rms_in.cuh; res_in, res_out, norm_w, eps), the
 // block puts the normed rows in dynamic shared memory (N * K halves, then rms_rows' scratch) and the warps read
 // them from there (CudaOps.rmsnorm_linear); the other instantiations ignore those four arguments.
-#ifndef LSERVE_GEMV_LOADS
-#define LSERVE_GEMV_LOADS 8
-#endif
 template <int N, typename TOut, bool SILU = false, bool NORM = false>
 __global__ void gemv_rows(const __half* __restrict__ x, const __half* __restrict__ w, TOut* __restrict__ y, int M,
                           int K, const float* res_in, float* res_out, const __half* __restrict__ norm_w, float eps) {
   const int lane = threadIdx.x & 31;
   const int m = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   constexpr int W = SILU ? 2 : 1;  // rows of w per warp: m (and its up row M + m)
-  constexpr int LOADS = N <= 2 ? LSERVE_GEMV_LOADS : LSERVE_GEMV_LOADS / 2;
-  constexpr int B = LOADS / W > 0 ? LOADS / W : 1;  // chunks per lane and row in one batch
   const uint4* wr[W];
   const int kc = K / 8;
 #pragma unroll
-  for (int i = 0; i < W; ++i) wr[i] = reinterpret_cast<const uint4*>(w + ((long long)i * M + min(m, M - 1)) * K);
-  // batch starting at chunk c0: chunks c0, c0 + 32, ..., c0 + 32 (B - 1) of each row (zeros past the row)
-  auto load = [&](uint4 (&dst)[B][W], int c0) {
-#pragma unroll
-    for (int b = 0; b < B; ++b)
-#pragma unroll
-      for (int i = 0; i < W; ++i) dst[b][i] = c0 + 32 * b < kc ? __ldg(wr[i] + c0 + 32 * b) : make_uint4(0, 0, 0, 0);
-  };
-  uint4 wv[B][W];
-  load(wv, lane);
+  for (int i = 0; i < W; ++i) {
+    wr[i] = reinterpret_cast<const uint4*>(w + ((long long)i * M + min(m, M - 1)) * K);
+    for (int c = lane; c < min(kc, 4 * 32); c += 32)  // the row's first 2 KiB into L2 while the previous kernel ends
+      lserve::prefetch_l2(wr[i] + c);
+  }
   lserve::pdl_enter();
   const __half* xr = x;  // the rows the warps multiply: x, or the normed rows in shared memory
   if constexpr (NORM) {
@@ -344,33 +330,26 @@ __global__ void gemv_rows(const __half* __restrict__ x, const __half* __restrict
   for (int i = 0; i < W; ++i)
 #pragma unroll
     for (int n = 0; n < N; ++n) acc[i][n] = 0.f;
-  for (int c0 = lane; c0 < kc; c0 += 32 * B) {
-    uint4 nx[B][W];
-    load(nx, c0 + 32 * B);
+#pragma unroll 4
+  for (int c = lane; c < kc; c += 32) {
+    uint4 wv[W];
 #pragma unroll
-    for (int b = 0; b < B; ++b) {
-      const int c = c0 + 32 * b;
-      if (c >= kc) break;
+    for (int i = 0; i < W; ++i) wv[i] = __ldg(wr[i] + c);
 #pragma unroll
-      for (int n = 0; n < N; ++n) {
-        const uint4* xp = reinterpret_cast<const uint4*>(xr + (long long)n * K) + c;
-        const uint4 xv = NORM ? *xp : __ldg(xp);
-        const __half2* xh = reinterpret_cast<const __half2*>(&xv);
+    for (int n = 0; n < N; ++n) {
+      const uint4* xp = reinterpret_cast<const uint4*>(xr + (long long)n * K) + c;
+      const uint4 xv = NORM ? *xp : __ldg(xp);
+      const __half2* xh = reinterpret_cast<const __half2*>(&xv);
 #pragma unroll
-        for (int i = 0; i < W; ++i) {
-          const __half2* wh = reinterpret_cast<const __half2*>(&wv[b][i]);
+      for (int i = 0; i < W; ++i) {
+        const __half2* wh = reinterpret_cast<const __half2*>(&wv[i]);
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const float2 wf = __half22float2(wh[j]), xf = __half22float2(xh[j]);
-            acc[i][n] = fmaf(wf.x, xf.x, fmaf(wf.y, xf.y, acc[i][n]));
-          }
+        for (int j = 0; j < 4; ++j) {
+          const float2 wf = __half22float2(wh[j]), xf = __half22float2(xh[j]);
+          acc[i][n] = fmaf(wf.x, xf.x, fmaf(wf.y, xf.y, acc[i][n]));
         }
       }
     }
-#pragma unroll
-    for (int b = 0; b < B; ++b)
-#pragma unroll
-      for (int i = 0; i < W; ++i) wv[b][i] = nx[b][i];
   }
 #pragma unroll
   for (int i = 0; i < W; ++i)

@@ -47,16 +47,6 @@ GEMV_MAX_ROWS = 8
 NORM_SMEM = 48 << 10  # gemv_rows with NORM: normed rows (N * K halves) + scratch in shared memory, no opt-in
 
 
-def gemv_loads_option(value: str | None) -> tuple[str, ...]:
-    """NVRTC option setting gemv_rows' weight loads per lane and batch (layers.cu, LSERVE_GEMV_LOADS; a tuning
-    knob for measurements, the kernel's default when unset)."""
-    if value is None or value == "":
-        return ()
-    if value not in ("1", "2", "4", "8", "16"):
-        raise ValueError(f"LSERVE_GEMV_LOADS must be 1, 2, 4, 8 or 16, got {value!r}")
-    return (f"-DLSERVE_GEMV_LOADS={value}",)
-
-
 def to_fp16(a: np.ndarray, name: str | None = None) -> np.ndarray:
     """Checked float16 conversion: refuses values beyond the float16 range (or NaN) instead of making inf."""
     if a.dtype == np.float16 or a.size == 0:
@@ -210,7 +200,7 @@ class CudaOps:
         self.device = cp.cuda.Device()
         if int(self.device.compute_capability) >= 89:
             self.kv_dtypes = (*CudaOps.kv_dtypes, "fp8")
-        mod = load_module("layers.cu", LAYER_KERNELS, gemv_loads_option(os.environ.get("LSERVE_GEMV_LOADS")))
+        mod = load_module("layers.cu", LAYER_KERNELS)
         self.k = {n: mod.get_function(n) for n in LAYER_KERNELS}
         self.sampler = GpuSampler()
         self._selector = None  # page_selector(LSERVE_SELECTOR), on first use
