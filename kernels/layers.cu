@@ -301,11 +301,7 @@ __global__ void gemv_rows(const __half* __restrict__ x, const __half* __restrict
   const uint4* wr[W];
   const int kc = K / 8;
 #pragma unroll
-  for (int i = 0; i < W; ++i) {
-    wr[i] = reinterpret_cast<const uint4*>(w + ((long long)i * M + min(m, M - 1)) * K);
-    for (int c = lane; c < min(kc, 4 * 32); c += 32)  // the row's first 2 KiB into L2 while the previous kernel ends
-      lserve::prefetch_l2(wr[i] + c);
-  }
+  for (int i = 0; i < W; ++i) wr[i] = reinterpret_cast<const uint4*>(w + ((long long)i * M + min(m, M - 1)) * K);
   lserve::pdl_enter();
   const __half* xr = x;  // the rows the warps multiply: x, or the normed rows in shared memory
   if constexpr (NORM) {
@@ -330,7 +326,7 @@ __global__ void gemv_rows(const __half* __restrict__ x, const __half* __restrict
   for (int i = 0; i < W; ++i)
 #pragma unroll
     for (int n = 0; n < N; ++n) acc[i][n] = 0.f;
-#pragma unroll 4
+#pragma unroll 8
   for (int c = lane; c < kc; c += 32) {
     uint4 wv[W];
 #pragma unroll
