@@ -292,6 +292,16 @@ __global__ void silu_mul(const __half* __restrict__ gu, __half* __restrict__ out
 // NORM: x is the layer's stream before its residual add and RMSNorm (rms_in.cuh; res_in, res_out, norm_w, eps), the
 // block puts the normed rows in dynamic shared memory (N * K halves, then rms_rows' scratch) and the warps read
 // them from there (CudaOps.rmsnorm_linear); the other instantiations ignore those four arguments.
+// Tuning (compile definitions; CudaOps passes env LSERVE_GEMV_PREFETCH / LSERVE_GEMV_UNROLL): chunks of each row
+// prefetched to L2 before the PDL wait, and the K loop's unroll. Measured on an H200 (docs/PERF_e2e.md): any
+// prefetch (2-8 KiB a row) was slower, unrolling by 8 faster than by 4 or 16; this build, with the loop at span 0,
+// measured 2.7% faster end to end than the same kernel with the loop removed (cause not found).
+#ifndef LSERVE_GEMV_PREFETCH
+#define LSERVE_GEMV_PREFETCH 0
+#endif
+#ifndef LSERVE_GEMV_UNROLL
+#define LSERVE_GEMV_UNROLL 8
+#endif
 template <int N, typename TOut, bool SILU = false, bool NORM = false>
 __global__ void gemv_rows(const __half* __restrict__ x, const __half* __restrict__ w, TOut* __restrict__ y, int M,
                           int K, const float* res_in, float* res_out, const __half* __restrict__ norm_w, float eps) {
@@ -301,7 +311,11 @@ __global__ void gemv_rows(const __half* __restrict__ x, const __half* __restrict
   const uint4* wr[W];
   const int kc = K / 8;
 #pragma unroll
-  for (int i = 0; i < W; ++i) wr[i] = reinterpret_cast<const uint4*>(w + ((long long)i * M + min(m, M - 1)) * K);
+  for (int i = 0; i < W; ++i) {
+    wr[i] = reinterpret_cast<const uint4*>(w + ((long long)i * M + min(m, M - 1)) * K);
+    for (int c = lane; c < min(kc, LSERVE_GEMV_PREFETCH); c += 32)  // while the previous kernel ends
+      lserve::prefetch_l2(wr[i] + c);
+  }
   lserve::pdl_enter();
   const __half* xr = x;  // the rows the warps multiply: x, or the normed rows in shared memory
   if constexpr (NORM) {
@@ -326,7 +340,8 @@ __global__ void gemv_rows(const __half* __restrict__ x, const __half* __restrict
   for (int i = 0; i < W; ++i)
 #pragma unroll
     for (int n = 0; n < N; ++n) acc[i][n] = 0.f;
-#pragma unroll 8
+  constexpr int UNROLL = LSERVE_GEMV_UNROLL;
+#pragma unroll UNROLL
   for (int c = lane; c < kc; c += 32) {
     uint4 wv[W];
 #pragma unroll

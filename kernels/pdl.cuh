@@ -18,4 +18,11 @@ __device__ __forceinline__ void pdl_enter() {
 #endif
 }
 
+// Hint: bring the line at `p` into L2 (constant data to be read after pdl_enter()).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#endif
+}
+
 }  // namespace lserve

@@ -116,3 +116,17 @@ def test_kernel_forwards_the_attributes_the_launchers_use():
     )
     with pytest.raises(AttributeError):
         k.not_an_attribute = 1
+
+
+def test_gemv_tuning_options():
+    """gemv_rows' tuning knobs become NVRTC definitions; bad values are refused before any compile."""
+    from lserve_lite.backends.cuda import gemv_tuning
+
+    assert gemv_tuning({}) == ()
+    assert gemv_tuning({"LSERVE_GEMV_PREFETCH": "128", "LSERVE_GEMV_UNROLL": "4"}) == (
+        "-DLSERVE_GEMV_PREFETCH=128",
+        "-DLSERVE_GEMV_UNROLL=4",
+    )
+    for env in ({"LSERVE_GEMV_UNROLL": "0"}, {"LSERVE_GEMV_PREFETCH": "-1"}, {"LSERVE_GEMV_UNROLL": "8; rm"}):
+        with pytest.raises(ValueError, match="LSERVE_GEMV_"):
+            gemv_tuning(env)

@@ -47,6 +47,20 @@ GEMV_MAX_ROWS = 8
 NORM_SMEM = 48 << 10  # gemv_rows with NORM: normed rows (N * K halves) + scratch in shared memory, no opt-in
 
 
+def gemv_tuning(env) -> tuple[str, ...]:
+    """NVRTC definitions for gemv_rows' tuning knobs (layers.cu) from LSERVE_GEMV_PREFETCH (chunks of a row
+    prefetched to L2, 0-4096) and LSERVE_GEMV_UNROLL (1-16); unset: the kernel's measured defaults."""
+    opts = []
+    for name, lo, hi in (("LSERVE_GEMV_PREFETCH", 0, 4096), ("LSERVE_GEMV_UNROLL", 1, 16)):
+        value = env.get(name, "")
+        if value == "":
+            continue
+        if not value.isdigit() or not lo <= int(value) <= hi:
+            raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+        opts.append(f"-D{name}={int(value)}")
+    return tuple(opts)
+
+
 def to_fp16(a: np.ndarray, name: str | None = None) -> np.ndarray:
     """Checked float16 conversion: refuses values beyond the float16 range (or NaN) instead of making inf."""
     if a.dtype == np.float16 or a.size == 0:
@@ -200,7 +214,7 @@ class CudaOps:
         self.device = cp.cuda.Device()
         if int(self.device.compute_capability) >= 89:
             self.kv_dtypes = (*CudaOps.kv_dtypes, "fp8")
-        mod = load_module("layers.cu", LAYER_KERNELS)
+        mod = load_module("layers.cu", LAYER_KERNELS, gemv_tuning(os.environ))
         self.k = {n: mod.get_function(n) for n in LAYER_KERNELS}
         self.sampler = GpuSampler()
         self._selector = None  # page_selector(LSERVE_SELECTOR), on first use
