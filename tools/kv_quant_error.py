@@ -70,6 +70,11 @@ def per_channel(tokens: int) -> Quantizer:
     return q
 
 
+def grouped(inner: Quantizer, group: int) -> Quantizer:
+    """`inner` (a format with one scale per row) applied to each `group` channels of a token on their own."""
+    return lambda x: inner(x.reshape(-1, group)).reshape(x.shape)
+
+
 def centered(inner: Quantizer, prefix: int) -> Quantizer:
     """Keys minus one offset per channel before `inner` (added back after): the mean of the first `prefix` tokens'
     keys. A constant offset shifts every score of a query equally, so the engine could store keys minus a static
@@ -99,6 +104,10 @@ def schemes() -> dict[str, tuple[Quantizer, Quantizer]]:
         "int4 K per channel / 64 tokens, V asym 32 ch": (per_channel(64), per_token(32)),
         "int4 K per channel / 16 tokens, V asym 32 ch": (per_channel(16), per_token(32)),
         "fp8 (engine)": (engine_format("fp8", True), engine_format("fp8", False)),
+        "fp8, a scale per 32 channels": (
+            grouped(engine_format("fp8", True), 32),
+            grouped(engine_format("fp8", False), 32),
+        ),
         "fp8, K minus the channel means of its first 256 tokens": (
             centered(engine_format("fp8", True), 256),
             engine_format("fp8", False),
