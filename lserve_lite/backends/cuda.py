@@ -14,6 +14,7 @@ next step while the device runs this one.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -47,7 +48,7 @@ GEMV_MAX_ROWS = 8
 NORM_SMEM = 48 << 10  # gemv_rows with NORM: normed rows (N * K halves) + scratch in shared memory, no opt-in
 
 
-def gemv_tuning(env) -> tuple[str, ...]:
+def gemv_tuning(env: Mapping[str, str]) -> tuple[str, ...]:
     """NVRTC definitions for gemv_rows' tuning knobs (layers.cu) from LSERVE_GEMV_PREFETCH (chunks of a row
     prefetched to L2, 0-4096) and LSERVE_GEMV_UNROLL (1-16); unset: the kernel's measured defaults."""
     opts = []
