@@ -130,29 +130,3 @@ def test_gemv_tuning_options():
     for env in ({"LSERVE_GEMV_UNROLL": "0"}, {"LSERVE_GEMV_PREFETCH": "-1"}, {"LSERVE_GEMV_UNROLL": "8; rm"}):
         with pytest.raises(ValueError, match="LSERVE_GEMV_"):
             gemv_tuning(env)
-
-
-def test_launch_attributes():
-    """PDL and cluster attributes as cuLaunchKernelEx reads them: ids 6 and 4, clusterDim {x, 1, 1}."""
-    attrs = cuda_launch.launch_attributes(True, 16)
-    assert [(a.id, tuple(a.value)) for a in attrs] == [(6, (1, 0, 0)), (4, (16, 1, 1))]
-    assert [a.id for a in cuda_launch.launch_attributes(False, 4)] == [4]
-    assert [a.id for a in cuda_launch.launch_attributes(True, 1)] == [6]
-
-
-def test_decode_cluster_policy():
-    """Decode splits become one cluster only on sm_90+, for the fp16 / v1 bodies, for 2..upto splits (cut to the
-    cluster size); bad sizes are refused."""
-    from lserve_lite.backends.cuda_attention import decode_cluster
-
-    assert decode_cluster(16, "90", "v1", 16, 17) == 16
-    assert decode_cluster(17, "90", "v1", 16, 17) == 16
-    assert decode_cluster(16, "90", "v1", 8, 17) == 8
-    assert decode_cluster(5, "90", "v1", 8, 17) == 5
-    assert decode_cluster(18, "90", "v1", 16, 17) == 1  # past upto: partials and the combine
-    assert decode_cluster(1, "90", "v1", 16, 17) == 1
-    assert decode_cluster(16, "89", "v1", 16, 17) == 1
-    assert decode_cluster(16, "90", "v2", 16, 17) == 1
-    assert decode_cluster(16, "90", "v1", 0, 17) == 1
-    with pytest.raises(ValueError, match="DECODE_CLUSTER must be 0..16"):
-        decode_cluster(4, "90", "v1", 17, 17)

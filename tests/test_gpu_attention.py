@@ -51,7 +51,7 @@ def make_case(
     return q, k, v, plan, hc, ref
 
 
-def run_gpu(q, k, v, plan, hc, decode=None, cuda_plan=None, num_splits=None, cluster=None):
+def run_gpu(q, k, v, plan, hc, decode=None, cuda_plan=None, num_splits=None):
     import cupy as cp
 
     from lserve_lite.backends.cuda_attention import CudaPlan, paged_attention
@@ -60,7 +60,7 @@ def run_gpu(q, k, v, plan, hc, decode=None, cuda_plan=None, num_splits=None, clu
     out = cp.full((q.shape[0], q.shape[1] * q.shape[2]), np.nan, dtype=np.float16)
     res = paged_attention(
         cp.asarray(q), cp.asarray(k), cp.asarray(v), cplan, cp.asarray(hc), out=out, decode=decode,
-        num_splits=num_splits, cluster=cluster,
+        num_splits=num_splits,
     )  # fmt: skip
     assert res is out
     return cp.asnumpy(out).astype(np.float32)
@@ -174,20 +174,6 @@ def test_decode_split_counts(name, splits):
         rng, [1] * len(ctx), [c - 1 for c in ctx], hq, hkv, d, ps, 64, sink or 0, local or 0, hc
     )
     check(run_gpu(q, k, v, plan, hcl, decode=True, num_splits=splits), ref)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("cluster", [1, 2, 8, 16])
-@pytest.mark.parametrize("name", ["batch4_llama_shape", "streaming_mixed", "group20_two_head_tiles"])
-def test_decode_cluster_merge(name, cluster):
-    """16 splits merged inside thread-block clusters of `cluster` CTAs (sm_90: through distributed shared memory,
-    the kernel writes the output, no combine launch; elsewhere, and with 1, the combine kernel merges them)."""
-    rng = np.random.default_rng(zlib.crc32(name.encode()) + cluster)
-    ctx, hq, hkv, d, ps, sink, local, hc = DECODE_CASES[name]
-    q, k, v, plan, hcl, ref = make_case(
-        rng, [1] * len(ctx), [c - 1 for c in ctx], hq, hkv, d, ps, 64, sink or 0, local or 0, hc
-    )
-    check(run_gpu(q, k, v, plan, hcl, decode=True, num_splits=16, cluster=cluster), ref)
 
 
 @pytest.mark.gpu

@@ -82,13 +82,6 @@ KVQ_DECODE_IMPLS = ("v1", "v2")
 # Ring depth of v2 per format (both head dims; units of 16 keys, two per loop step). int4: 6, so that 3 CTAs fit an
 # H200 SM at D 128 (66 KB; 8 stages took 88 KB and measured slower); int8: 6 (2 CTAs per SM: 2% faster than 4).
 DECODE_V2_STAGES = {"int8": 6, "fp8": 4, "int4": 6}
-# Decode split partials merged inside a thread-block cluster (sm_90+, fp16 / v1 bodies; attention_decode.cu's
-# cluster_combine): the splits of a (query block, KV head, head tile) become one cluster of at most DECODE_CLUSTER
-# CTAs (0 / 1: off, the combine launch as before), used when the launcher's split count is at most
-# DECODE_CLUSTER_UPTO (a larger count is cut to DECODE_CLUSTER). Read per call; LSERVE_DECODE_CLUSTER and
-# LSERVE_DECODE_CLUSTER_UPTO set the initial values (measured choice: docs/PERF_attention.md).
-DECODE_CLUSTER = int(os.environ.get("LSERVE_DECODE_CLUSTER", "16"))
-DECODE_CLUSTER_UPTO = int(os.environ.get("LSERVE_DECODE_CLUSTER_UPTO", "17"))
 
 
 # Shared-memory bytes (must match PrefillSmem / DecodeSmem in the .cu files; +256 for the in-kernel alignment)
@@ -394,47 +387,12 @@ def combine_smem(sw: int, d: int) -> int:
     return (-(-sw // 4) * 4 + 2 * (_COMBINE_THREADS // 32) * (1 + d // 2)) * 4  # weights padded to 16 bytes
 
 
-def decode_writes_output(splits: int, out, cluster: int = 1) -> bool:
+def decode_writes_output(splits: int, out) -> bool:
     """Whether the decode kernel writes the fp16 output itself (its `out` argument; no combine launch): one split
-    per (query block, KV head, head tile), so each CTA's merged partial is the final row, or the splits form one
-    cluster that merges them (`cluster` > 1), and `out` is a row-major [N, Hq * D] array the kernel can store 4
-    halves at a time into. Fixed for a captured graph (the split count and the output buffer are)."""
-    return (splits == 1 or cluster > 1) and out.flags.c_contiguous and out.data.ptr % 8 == 0
-
-
-def decode_cluster(
-    splits: int, cc: str, impl: str, cluster: int | None = None, upto: int | None = None
-) -> int:
-    """CTAs per cluster of the decode launch (1: no cluster, the partials go through the combine kernel). The
-    splits become one cluster on sm_90+ for the fp16 / v1 bodies when there are 2..`upto` of them, cut to at most
-    `cluster` (defaults: DECODE_CLUSTER, DECODE_CLUSTER_UPTO); the launch then has that many splits."""
-    cluster = DECODE_CLUSTER if cluster is None else int(cluster)
-    upto = DECODE_CLUSTER_UPTO if upto is None else int(upto)
-    if not 0 <= cluster <= 16:
-        raise ValueError(f"LSERVE_DECODE_CLUSTER / DECODE_CLUSTER must be 0..16, got {cluster}")
-    if cluster <= 1 or int(cc) < 90 or impl != "v1" or not 2 <= splits <= upto:
-        return 1
-    return min(splits, cluster)
-
-
-_RESIDENT: dict = {}
-
-
-def _resident_cluster(fn, pairs_yz: tuple[int, int], smem: int, ncl: int, splits: int) -> int:
-    """The cluster size to launch: `ncl`, or half of it (down to half the launcher's `splits`) when the GPU cannot
-    hold one cluster per (query block, head) pair at once (a cluster's CTAs share one GPC); 1 when no size fits
-    (partials and the combine, as without clusters). Cached per kernel, shape and size."""
-    key = (fn.name, pairs_yz, smem, ncl, splits)
-    got = _RESIDENT.get(key)
-    if got is None:
-        got, c = 1, ncl
-        while c >= 2 and 2 * c >= splits:
-            if fn.max_active_clusters((c, *pairs_yz), (_THREADS,), smem, c) >= pairs_yz[0] * pairs_yz[1]:
-                got = c
-                break
-            c //= 2
-        _RESIDENT[key] = got
-    return got
+    per (query block, KV head, head tile), so each CTA's merged partial is the final row, and `out` is a
+    row-major [N, Hq * D] array the kernel can store 4 halves at a time into. Fixed for a captured graph (the
+    split count and the output buffer are)."""
+    return splits == 1 and out.flags.c_contiguous and out.data.ptr % 8 == 0
 
 
 def decode_splits(plan: CudaPlan, hkv: int, head_tiles: int, d: int, per_sm: int | None = None) -> int:
@@ -470,7 +428,6 @@ def paged_attention(
     sel_cnt=None,
     scales: tuple | None = None,
     kv: str = "fp16",
-    cluster: int | None = None,
 ):
     """Block-sparse paged attention executing `plan`; returns out [N, Hq*D] (fp16).
 
@@ -486,7 +443,6 @@ def paged_attention(
     (the default depends only on the plan's capacity and `fixed_visit_pages`). A quantized cache (`kv` int8 /
     int4 / fp8): the pools hold its values and `scales` (k, v, ks, vs) its fp16 scales [pages, heads, page,
     scale_cols] (K's: `FORMATS[kv].keys()`; reference: the same functions with their `scales` / `fmt` arguments).
-    `cluster` (decode): the most CTAs per thread-block cluster (`decode_cluster`; default DECODE_CLUSTER, 1: off).
     """
     import cupy as cp
 
@@ -549,15 +505,8 @@ def paged_attention(
             fn = k.get(k.decode, f"paged_attn_decode_d{d}_s{DECODE_STAGES[d]}{_suffix(kv)}", smem)
         splits = int(num_splits) if num_splits else decode_splits(plan, hkv, head_tiles, d, per_sm)
         # Each CTA merges its warps' partials and writes one per query head (sw = splits); a single split has
-        # nothing left to combine, and a cluster merges its CTAs' partials itself: the kernel writes the fp16
-        # output and the combine is not launched.
-        ncl = decode_cluster(splits, k.cc, impl, cluster)
-        if ncl > 1 and decode_writes_output(ncl, out, ncl):
-            ncl = _resident_cluster(fn, (plan.max_qblocks, hkv * head_tiles), smem, ncl, splits)
-        else:
-            ncl = 1  # an output the kernel cannot store into: partials and the combine
-        splits = ncl if ncl > 1 else splits
-        direct = decode_writes_output(splits, out, ncl)
+        # nothing left to combine: the kernel writes the fp16 output itself and the combine is not launched.
+        direct = decode_writes_output(splits, out)
         if direct:
             part_o = part_lse = np.uint64(0)  # null: never touched
         else:
@@ -574,7 +523,6 @@ def paged_attention(
             (q, *pools, part_o, part_lse, out if direct else np.uint64(0), *_plan_args(plan), *pool_args, *sel,
              np.int32(hq), np.int32(hkv), ps_shift, np.int32(head_tiles), scale_log2),
             shared_mem=smem,
-            cluster=ncl,
         )  # fmt: skip
         if not direct:
             comb = k.get(k.decode, "paged_attn_decode_combine", 0)
