@@ -348,8 +348,6 @@ class EngineConfig:
             raise InvalidRequestError(
                 f"kv_dtype must be one of {', '.join(KV_DTYPES)}; got {self.kv_dtype!r}"
             )
-        if self.tensor_parallel is not None and self.kv_dtype != "auto":
-            raise InvalidRequestError("kv_dtype other than 'auto' is not supported with tensor_parallel yet")
         self.sparse.validate()
         if self.sparse.enabled and self.sparse.page_size != self.page_size:
             raise InvalidRequestError(

@@ -1,5 +1,6 @@
 """Tensor parallelism on the CPU: ranks in threads over the in-process stand-in communicator (NumPy sum over
-shards) give the unsharded model's logits, in prefill and decode, dense and LServe, float and int8."""
+shards) give the unsharded model's logits, in prefill and decode, dense and LServe, float and int8 weights,
+float and quantized KV caches."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from lserve_lite.engine.tp_rank import RankRunner
 from lserve_lite.errors import InvalidRequestError
 from lserve_lite.kv.block_manager import BlockManager
 from lserve_lite.kv.layout import KVLayout
+from lserve_lite.kv.quant import FORMATS, KVFormat
 from lserve_lite.sampling_params import SamplingParams
 from lserve_lite.sequence import Sequence
 from lserve_lite.weights.qtensor import QuantTensor
@@ -65,15 +67,16 @@ def layout_for(cfg: ModelConfig, sparse: SparseConfig) -> KVLayout | None:
 
 
 def run_steps(
-    cfg, weights, sparse: SparseConfig | None, world: int, steps: int = 6
+    cfg, weights, sparse: SparseConfig | None, world: int, steps: int = 6, kv: KVFormat | None = None
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(unsharded logits, sharded logits) for a 2-sequence prefill (in chunks) then greedy decode steps."""
+    """(unsharded logits, sharded logits) for a 2-sequence prefill (in chunks) then greedy decode steps, both
+    over KV caches of format `kv` (None: float32)."""
     ecfg = EngineConfig(page_size=PAGE, max_num_seqs=4, sparse=sparse or SparseConfig())
     layout = layout_for(cfg, ecfg.sparse)
     per_seq = layout.stream_pages_per_seq if layout else 0
     n_stream = 4 * per_seq
-    ref = ModelRunner(cfg, weights, CpuOps(), ecfg, MAX_LEN, PAGES, layout, n_stream)
-    ranks = [RankRunner(cfg, weights, CpuOps(), ecfg, MAX_LEN, PAGES, layout, n_stream, c)
+    ref = ModelRunner(cfg, weights, CpuOps(), ecfg, MAX_LEN, PAGES, layout, n_stream, kv_format=kv)
+    ranks = [RankRunner(cfg, weights, CpuOps(), ecfg, MAX_LEN, PAGES, layout, n_stream, c, kv)
              for c in ThreadGroup(world).communicators()]  # fmt: skip
     blocks = BlockManager(PAGES, PAGE, n_stream, per_seq, 4)
     rng = np.random.default_rng(1)
@@ -148,6 +151,18 @@ def test_sharded_int8_equals_unsharded_int8(world):
     for want, got in run_steps(cfg, q, sp, world, steps=3):
         np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
         assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("kv", ["int8", "int4", "fp8"])
+def test_sharded_quantized_kv_equals_unsharded(kv):
+    """A quantized KV cache is quantized per (token, KV head) (int4: per channel group of a head), so splitting
+    the heads over ranks leaves every stored value and scale as one process stores them: the same logits."""
+    cfg, w = tiny(2)
+    fmt = FORMATS[kv]
+    for sp in (None, SPARSE):
+        for want, got in run_steps(cfg, w, sp, 2, steps=3, kv=fmt):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+            assert (got.argmax(-1) == want.argmax(-1)).all()
 
 
 def test_shard_shapes_and_replicated_kv_heads():

@@ -38,6 +38,32 @@ def test_workers_greedy_equal_in_process(tiny_dir):
         llm.engine.runner.executor.close()
 
 
+def test_workers_quantized_kv(tiny_dir):
+    """--kv-dtype with --tensor-parallel: the workers hold int8 pages (greedy output equal to the in-process int8
+    engine), the driver reports their format and sizes the pools by the real bytes of a page (within every
+    rank's budget), and a dtype the workers' backend lacks is refused in one line."""
+    from lserve_lite.kv.layout import page_bytes
+    from lserve_lite.kv.quant import FORMATS
+    from lserve_lite.weights.shard import shard_config, shard_of
+
+    want = [o.token_ids for o in LLM(str(tiny_dir), backend="cpu", config=EngineConfig(kv_dtype="int8"))
+            .generate(PROMPTS, GREEDY)]  # fmt: skip
+    llm = tp_llm(tiny_dir, kv_dtype="int8")
+    try:
+        eng, group = llm.engine, llm.engine.runner.executor
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
+        assert eng.kv_format.name == "int8" and eng.kv_bytes == FORMATS["int8"].kv_bytes(eng.cfg.head_dim, 4)
+        for rank, budget in enumerate(group.budgets):
+            shard = shard_config(eng.cfg, shard_of(eng.cfg, rank, 2))
+            dense, _ = page_bytes(shard, eng.ecfg.page_size, eng.kv_bytes, None, 4)
+            assert eng.blocks.num_pages * dense <= budget
+        assert "int8" in eng.kv_summary()
+    finally:
+        llm.engine.runner.executor.close()
+    with pytest.raises(TensorParallelError, match=r"worker \d failed: kv_dtype fp16 is not available here"):
+        tp_llm(tiny_dir, kv_dtype="fp16")
+
+
 def test_killed_worker_ends_the_engine(tiny_dir):
     llm = tp_llm(tiny_dir)
     group = llm.engine.runner.executor

@@ -16,7 +16,7 @@ from ..errors import InvalidRequestError
 from ..kv.block_manager import BlockManager
 from ..kv.layout import KVLayout, kv_summary, pool_pages
 from ..kv.prefix_cache import PrefixCache, kv_salt
-from ..kv.quant import resolve_kv_format
+from ..kv.quant import FORMATS, resolve_kv_format
 from ..sampling_params import SamplingParams
 from ..sequence import Sequence, Status, TokenLogprob
 from ..sparse.patterns import head_classes, resolve_pattern
@@ -93,6 +93,7 @@ class LLMEngine:
         self.weight_bytes = sum(self.ops.weight_bytes(w) for w in weights.values())
         self.layout = self._kv_layout()
         self.kv_format = resolve_kv_format(self.ecfg.kv_dtype, self.ops.kv_dtypes, self.cfg.head_dim)
+        self.kv_bytes = self.kv_format.kv_bytes(self.cfg.head_dim, np.dtype(self.ops.dtype).itemsize)
         self._check_oracle(ORACLE_REDUCE in self.ops.selector_reductions and not self.kv_format.quantized)
         num_pages, num_stream = self._num_pages()
         self.max_len = min(self.max_len, num_pages * self.ecfg.page_size)
@@ -109,11 +110,12 @@ class LLMEngine:
         self.cfg, self.tokenizer = load_config(self.model_dir), load_tokenizer(self.model_dir)
         self.ops, self.layout = host_ops(), self._kv_layout()
         self._check_oracle(False)
-        self.kv_format = resolve_kv_format("auto", ("fp16",), self.cfg.head_dim)  # workers: the float cache
         max_len = self.ecfg.resolve_max_len(self.cfg)
         self.runner, num_pages, num_stream = tensor_parallel_runner(
             self.model_dir, backend, self.cfg, self.ecfg, self.layout, max_len
         )
+        group = self.runner.executor  # the workers resolved the KV format on their backend and device
+        self.kv_format, self.kv_bytes = FORMATS[group.kv_format], group.kv_bytes
         self.max_len = self.runner.max_len
         return num_pages, num_stream
 
@@ -172,11 +174,6 @@ class LLMEngine:
         budget = self.ops.kv_budget_bytes(e.kv_memory_fraction, self.weight_bytes)
         return pool_pages(self.cfg, e.page_size, self.kv_bytes, budget, self.layout, e.max_num_seqs,
                           e.num_kv_pages, stat_itemsize=np.dtype(self.ops.dtype).itemsize)  # fmt: skip
-
-    @property
-    def kv_bytes(self) -> int:
-        """Bytes of one token's K and V of one KV head in the KV format, scales included."""
-        return self.kv_format.kv_bytes(self.cfg.head_dim, np.dtype(self.ops.dtype).itemsize)
 
     def kv_summary(self) -> str:
         """The KV cache in one line (startup logs): format, capacity in tokens, bytes per token."""

@@ -54,7 +54,9 @@ class WorkerGroup:
             self.procs.append(p)
         ready = [self._recv(r, STARTUP_TIMEOUT) for r in range(world)]
         self.budgets = [m[1] for m in ready]  # KV bytes each rank can hold
-        self.itemsize = ready[0][2]
+        self.itemsize = ready[0][2]  # the ranks' float type (page statistics)
+        self.kv_format = ready[0][3]  # the KV format's name and one token's K + V bytes of one KV head
+        self.kv_bytes = ready[0][4]
 
     def build(self, max_len: int, num_pages: int, layout: KVLayout | None, num_stream: int) -> None:
         """Every rank builds its model, KV pools (these page counts, all ranks alike) and executor."""
@@ -176,7 +178,7 @@ def tensor_parallel_runner(
     for rank, budget in enumerate(group.budgets):
         s = shard_of(cfg, rank, world)
         lay = layout.heads(*s.kv_heads) if layout is not None else None
-        d, st = pool_pages(shard_config(cfg, s), ecfg.page_size, 2 * group.itemsize, budget, lay, ecfg.max_num_seqs,
+        d, st = pool_pages(shard_config(cfg, s), ecfg.page_size, group.kv_bytes, budget, lay, ecfg.max_num_seqs,
                            ecfg.num_kv_pages, stat_itemsize=group.itemsize)  # fmt: skip
         dense.append(d)
         stream += [st] if lay is not None and lay.has_streaming else []

@@ -11,6 +11,7 @@ from ..backends.base import Array, Ops, StepInputs
 from ..backends.comm import Communicator
 from ..config import EngineConfig, ModelConfig
 from ..kv.layout import KVLayout
+from ..kv.quant import KVFormat
 from ..models.llama import LlamaModel
 from ..weights.qtensor import Weight
 from ..weights.shard import shard_config, shard_of, shard_weights
@@ -23,15 +24,17 @@ class RankRunner:
     def __init__(
         self, cfg: ModelConfig, weights: dict[str, Weight], ops: Ops, ecfg: EngineConfig, max_len: int,
         num_pages: int, layout: KVLayout | None, num_stream_pages: int, comm: Communicator,
+        kv_format: KVFormat | None = None,
     ):  # fmt: skip
-        """`cfg`, `weights` and `layout`: the whole model's (this rank takes its shard of them)."""
+        """`cfg`, `weights` and `layout`: the whole model's (this rank takes its shard of them); `kv_format`: the
+        KV cache's format (None: the backend's float type)."""
         self.shard = shard_of(cfg, comm.rank, comm.world)
         self.cfg = shard_config(cfg, self.shard)
         self.ops = ops
         self.model = LlamaModel(self.cfg, shard_weights(weights, cfg, self.shard), ops, max_len, comm)
         self.layout = layout.heads(*self.shard.kv_heads) if layout is not None else None
         self.cache = ops.alloc_kv(
-            self.cfg, ecfg.page_size, num_pages, self.layout, num_stream_pages, ecfg.max_num_seqs
+            self.cfg, ecfg.page_size, num_pages, self.layout, num_stream_pages, ecfg.max_num_seqs, kv_format
         )
         self.executor = ops.executor(self.model.forward, self.cache, ecfg, self.layout, max_len)
         self._src: list[np.ndarray] | None = None  # the driver's head classes, and this rank's slice of them
