@@ -93,6 +93,7 @@ class LLMEngine:
         self.weight_bytes = sum(self.ops.weight_bytes(w) for w in weights.values())
         self.layout = self._kv_layout()
         self.kv_format = resolve_kv_format(self.ecfg.kv_dtype, self.ops.kv_dtypes, self.cfg.head_dim)
+        # one token's K and V of one KV head in that format, scales included: what sizes a page
         self.kv_bytes = self.kv_format.kv_bytes(self.cfg.head_dim, np.dtype(self.ops.dtype).itemsize)
         self._check_oracle(ORACLE_REDUCE in self.ops.selector_reductions and not self.kv_format.quantized)
         num_pages, num_stream = self._num_pages()
