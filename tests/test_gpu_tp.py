@@ -40,15 +40,17 @@ def greedy(llm: LLM) -> list[list[int]]:
     return [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
 
 
+@pytest.mark.parametrize("kv", ["auto", "int8"])
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "lserve"])
-def test_tp1_nccl_path_equals_plain_engine(tiny, sparse):
+def test_tp1_nccl_path_equals_plain_engine(tiny, sparse, kv):
     """World 1 through the worker process, the NCCL communicator and CUDA Graphs (all-reduces captured):
-    the same greedy tokens as the plain engine."""
+    the same greedy tokens as the plain engine, over an fp16 and an int8 KV cache."""
     path, pattern = tiny
-    want = greedy(LLM(path, backend="cuda", config=config(pattern, sparse)))
-    llm = LLM(path, backend="cuda", config=config(pattern, sparse, tensor_parallel=1))
+    want = greedy(LLM(path, backend="cuda", config=config(pattern, sparse, kv_dtype=kv)))
+    llm = LLM(path, backend="cuda", config=config(pattern, sparse, tensor_parallel=1, kv_dtype=kv))
     try:
         assert greedy(llm) == want
+        assert llm.engine.kv_format.name == ("fp16" if kv == "auto" else kv)
     finally:
         llm.engine.runner.executor.close()
 
