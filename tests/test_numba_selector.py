@@ -36,10 +36,18 @@ THREADS = 32
 
 
 def test_numba_selector_matches_reference_in_simulator():
+    """The cases split over one simulator process per core (each runs every thread in Python)."""
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
-    r = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("ok") == 2 * len(CASES) + 1, r.stdout
+    parts = max(1, min(os.cpu_count() or 1, len(CASES)))
+    procs = [
+        subprocess.Popen([sys.executable, __file__, "sim", str(i), str(parts)], env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for i in range(parts)
+    ]  # fmt: skip
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out + err
+    assert sum(out.count("ok") for out, _ in outs) == 2 * len(CASES) + 1, outs
 
 
 def test_numba_selector_compiles_for_the_gpu():
@@ -153,23 +161,26 @@ def _one_page_dominates(b, kmax, kmin, e: int) -> None:
         kmin[phys, b.slot[g], :, 0] = np.minimum(kmin[phys, b.slot[g], :, 0], 64.0)
 
 
-def _main() -> int:
+def _main(part: int, parts: int) -> int:
+    """Cases part, part + parts, ... (the last part also the short key copy's case)."""
     import lserve_lite.backends.numba_page_select as nps
     from lserve_lite.config import GROUP_REDUCE
 
     for i, (name, spec) in enumerate(CASES.items()):
-        for group_reduce in GROUP_REDUCE:
-            _run_case(name, spec, group_reduce, seed=100 + i)
-    # lists longer than the shared key copy: the top-k reads the scores rows (the simulator reads module
-    # constants when it runs)
-    nps.MAX_KEYS = 4
-    _run_case("mixed", CASES["mixed"], "max", seed=7)
+        if i % parts == part:
+            for group_reduce in GROUP_REDUCE:
+                _run_case(name, spec, group_reduce, seed=100 + i)
+    if part == parts - 1:
+        # lists longer than the shared key copy: the top-k reads the scores rows (the simulator reads module
+        # constants when it runs)
+        nps.MAX_KEYS = 4
+        _run_case("mixed", CASES["mixed"], "max", seed=7)
     return 0
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["ptx"]:
         sys.exit(_ptx())
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
-        sys.exit("run with NUMBA_ENABLE_CUDASIM=1 (pytest does: tests/test_numba_selector.py)")
-    sys.exit(_main())
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1" or len(sys.argv) != 4 or sys.argv[1] != "sim":
+        sys.exit("usage: NUMBA_ENABLE_CUDASIM=1 python3 tests/test_numba_selector.py sim PART PARTS")
+    sys.exit(_main(int(sys.argv[2]), int(sys.argv[3])))
