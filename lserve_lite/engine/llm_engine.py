@@ -16,7 +16,7 @@ from ..errors import InvalidRequestError
 from ..kv.block_manager import BlockManager
 from ..kv.layout import KVLayout, kv_summary, pool_pages
 from ..kv.prefix_cache import PrefixCache, kv_salt
-from ..kv.quant import FORMATS, resolve_kv_format
+from ..kv.quant import resolve_kv_format
 from ..sampling_params import SamplingParams
 from ..sequence import Sequence, Status, TokenLogprob
 from ..sparse.patterns import head_classes, resolve_pattern
@@ -116,7 +116,8 @@ class LLMEngine:
             self.model_dir, backend, self.cfg, self.ecfg, self.layout, max_len
         )
         group = self.runner.executor  # the workers resolved the KV format on their backend and device
-        self.kv_format, self.kv_bytes = FORMATS[group.kv_format], group.kv_bytes
+        self.kv_format = group.kv_format
+        self.kv_bytes = self.kv_format.kv_bytes(self.cfg.head_dim, group.itemsize)
         self.max_len = self.runner.max_len
         return num_pages, num_stream
 

@@ -21,6 +21,7 @@ from ..backends.group import host_ops, new_group
 from ..config import EngineConfig, ModelConfig
 from ..errors import TensorParallelError
 from ..kv.layout import KVLayout, pool_pages
+from ..kv.quant import FORMATS
 from ..weights.shard import check_tensor_parallel, shard_config, shard_of
 from .model_runner import ModelRunner
 from .tp_worker import worker_main
@@ -54,9 +55,8 @@ class WorkerGroup:
             self.procs.append(p)
         ready = [self._recv(r, STARTUP_TIMEOUT) for r in range(world)]
         self.budgets = [m[1] for m in ready]  # KV bytes each rank can hold
-        self.itemsize = ready[0][2]  # the ranks' float type (page statistics)
-        self.kv_format = ready[0][3]  # the KV format's name and one token's K + V bytes of one KV head
-        self.kv_bytes = ready[0][4]
+        self.itemsize = ready[0][2]  # the ranks' float type (page statistics, KV scales)
+        self.kv_format = FORMATS[ready[0][3]]  # resolved by the workers on their backend and device
 
     def build(self, max_len: int, num_pages: int, layout: KVLayout | None, num_stream: int) -> None:
         """Every rank builds its model, KV pools (these page counts, all ranks alike) and executor."""
@@ -175,10 +175,11 @@ def tensor_parallel_runner(
     check_tensor_parallel(cfg, world)
     group = WorkerGroup(model_dir, backend, ecfg, world, cfg.vocab_size)
     dense, stream = [], []
+    kv_bytes = group.kv_format.kv_bytes(cfg.head_dim, group.itemsize)
     for rank, budget in enumerate(group.budgets):
         s = shard_of(cfg, rank, world)
         lay = layout.heads(*s.kv_heads) if layout is not None else None
-        d, st = pool_pages(shard_config(cfg, s), ecfg.page_size, group.kv_bytes, budget, lay, ecfg.max_num_seqs,
+        d, st = pool_pages(shard_config(cfg, s), ecfg.page_size, kv_bytes, budget, lay, ecfg.max_num_seqs,
                            ecfg.num_kv_pages, stat_itemsize=group.itemsize)  # fmt: skip
         dense.append(d)
         stream += [st] if lay is not None and lay.has_streaming else []
