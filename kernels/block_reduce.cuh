@@ -1,16 +1,8 @@
-// Block reductions and barriers shared by the kernels in layers.cu, sampling.cu and gemv_stream.cu.
+// Block reductions shared by layers.cu and sampling.cu (owned with them).
 #pragma once
 #include <cuda_fp16.h>
 
 namespace lserve {
-
-// Barrier over the block's first `threads` threads only (named barrier 1, `threads` a multiple of 32): the
-// consumer warps of a block whose producer warp never joins them (gemv_stream.cu).
-__device__ __forceinline__ void bar_sync_first(int threads) {
-#if defined(__CUDA_ARCH__)  // (the host emulation, tools/quant_host_emu.cu, runs no kernel that calls it)
-  asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
-#endif
-}
 
 // Block-wide sum/max (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 // `scratch` holds 32 values; the caller must not reuse it before the next __syncthreads().

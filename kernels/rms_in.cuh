@@ -8,8 +8,6 @@
 #pragma once
 #include <cuda_fp16.h>
 
-#include "block_reduce.cuh"
-
 namespace lserve {
 
 struct RmsIn {
@@ -36,28 +34,19 @@ __device__ __forceinline__ void rms_residual8(const __half* x, const RmsIn& in, 
   }
 }
 
-// rstd[r] = 1 / sqrt(mean((x + res_in)^2) + eps) for rows r < n <= NMAX, by the whole block (or by its first
-// `threads` threads, a multiple of 32, which then synchronize on named barrier 1), into scratch[0..n): 33 * NMAX
-// floats of the caller's shared memory (backends/rms_in.py's scratch_bytes); block 0 writes res_out.
+// rstd[r] = 1 / sqrt(mean((x + res_in)^2) + eps) for rows r < n <= NMAX, by the whole block, into scratch[0..n):
+// 33 * NMAX floats of the caller's shared memory (backends/rms_in.py's scratch_bytes); block 0 writes res_out.
 // Ends with a barrier: rstd is then readable.
 template <int NMAX>
-__device__ __forceinline__ void rms_rows(const __half* x, const RmsIn& in, int n, int K, float* scratch,
-                                         int threads = 0) {
+__device__ __forceinline__ void rms_rows(const __half* x, const RmsIn& in, int n, int K, float* scratch) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nthreads = threads ? threads : (int)blockDim.x;
-  auto sync = [threads] {
-    if (threads)
-      bar_sync_first(threads);
-    else
-      __syncthreads();
-  };
   float *rstd = scratch, *part = scratch + NMAX;
   float ss[NMAX];
 #pragma unroll
   for (int r = 0; r < NMAX; ++r) {
     ss[r] = 0.f;
     if (r >= n) continue;
-    for (int c = threadIdx.x; c < K / 8; c += nthreads) {
+    for (int c = threadIdx.x; c < K / 8; c += blockDim.x) {
       float v[8];
       rms_residual8(x, in, r, K, c, v);
       if (blockIdx.x == 0) {
@@ -71,13 +60,13 @@ __device__ __forceinline__ void rms_rows(const __half* x, const RmsIn& in, int n
     for (int o = 16; o > 0; o >>= 1) ss[r] += __shfl_xor_sync(0xffffffffu, ss[r], o);
     if (lane == 0) part[warp * NMAX + r] = ss[r];
   }
-  sync();
+  __syncthreads();
   if (threadIdx.x < n) {
     float s = 0.f;
-    for (int w = 0; w < nthreads >> 5; ++w) s += part[w * NMAX + threadIdx.x];
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) s += part[w * NMAX + threadIdx.x];
     rstd[threadIdx.x] = 1.0f / sqrtf(s / (float)K + in.eps);
   }
-  sync();
+  __syncthreads();
 }
 
 // h[0..8) of row `row`, values 8c .. 8c + 7, each rounded to fp16 as add_rmsnorm's output is.

@@ -7,7 +7,7 @@ format, with the engine's rows per warp or `--split-r`'s): the decode GEMV's tim
 bandwidth on the packed bytes (bytes / time), and the bandwidth of a device-to-device copy of the same
 bytes in the same run (read + written bytes / time, as tools/bench_e2e.copy_bandwidth), so `x copy` = the
 GEMV's bytes/s over the copy's (1.0 = the GEMV streams its weights as fast as a copy moves data). Beside it,
-the same shape in fp16: cuBLAS and our fp16 GEMVs (gemv_rows; gemv_stream on sm_90). With --prefill-rows N, also the prefill path
+the same shape in fp16: cuBLAS and our fp16 GEMV (gemv_rows). With --prefill-rows N, also the prefill path
 (dequantized fp16 tiles + cuBLAS) against fp16 cuBLAS at N rows.
 
 Timing: each measurement is a CUDA Graph of `calls` launches that cycle through enough copies of the weight
@@ -165,7 +165,7 @@ def bench_shape(
 
 
 def bench_fp16(ops, name: str, m: int, k: int, batches, prefill_rows: int, emit) -> None:
-    """The same shape with fp16 weights: cuBLAS and our fp16 GEMVs (CudaOps.small_gemv, .gemv_streaming)."""
+    """The same shape with fp16 weights: cuBLAS and our fp16 GEMV (CudaOps.small_gemv)."""
     import cupy as cp
 
     nbytes = 2 * m * k
@@ -173,19 +173,15 @@ def bench_fp16(ops, name: str, m: int, k: int, batches, prefill_rows: int, emit)
         cp.random.standard_normal((m, k), dtype=cp.float32).astype(cp.float16)
         for _ in range(copies_for(nbytes))
     ]
-    streaming_default = ops.gemv_streaming
     for n in batches:
         x = cp.random.standard_normal((n, k), dtype=cp.float32).astype(cp.float16)
         y = cp.empty((n, m), cp.float16)
-        paths = [(True, False, "fp16 gemv_rows"), (False, False, "fp16 cublas")]
-        if ops.stream_gemv is not None:
-            paths.insert(0, (True, True, "fp16 gemv_stream"))
-        for small, streaming, path in paths:
-            ops.small_gemv, ops.gemv_streaming = small, streaming
+        for small, path in ((True, "fp16 gemv_rows"), (False, "fp16 cublas")):
+            ops.small_gemv = small
             t = graph_time([lambda w=w, x=x, y=y: ops.gemm(x, w, cp.float16, out=y) for w in ws])
             emit(dict(format="f16", shape=name, M=m, K=k, batch=n, path=path, us=t * 1e6, packed_bytes=nbytes,
                       GBps=nbytes / t / 1e9))  # fmt: skip
-    ops.small_gemv, ops.gemv_streaming = True, streaming_default
+    ops.small_gemv = True
     if prefill_rows:
         x = cp.random.standard_normal((prefill_rows, k), dtype=cp.float32).astype(cp.float16)
         y = cp.empty((prefill_rows, m), cp.float16)

@@ -25,12 +25,9 @@ from ..sparse.plan import AttentionPlan
 from ..weights.qtensor import QuantTensor, RowStack
 from .base import EagerExecutor, Forward, KVCache, alloc_kv_cache, norm_then_linear
 from .cuda_attention import HEAD_DIMS, KV_TRAITS
-from .cuda_compile import load_module, tuning_knob
+from .cuda_compile import load_module
 from .cuda_graphs import GraphExecutor
 from .cuda_quant import DeviceQuant, DeviceRowStack, QuantKernels, device_bytes
-from .gemv_stream import DEFAULT as STREAM_DEFAULT
-from .gemv_stream import MIN_K as STREAM_MIN_K
-from .gemv_stream import StreamGemv
 from .rms_in import NO_NORM, RmsIn, scratch_bytes
 
 FP16_MAX = 65504.0
@@ -54,9 +51,15 @@ NORM_SMEM = 48 << 10  # gemv_rows with NORM: normed rows (N * K halves) + scratc
 def gemv_tuning(env: Mapping[str, str]) -> tuple[str, ...]:
     """NVRTC definitions for gemv_rows' tuning knobs (layers.cu) from LSERVE_GEMV_PREFETCH (chunks of a row
     prefetched to L2, 0-4096) and LSERVE_GEMV_UNROLL (1-16); unset: the kernel's measured defaults."""
-    knobs = (("LSERVE_GEMV_PREFETCH", 0, 4096), ("LSERVE_GEMV_UNROLL", 1, 16))
-    values = [(name, tuning_knob(env, name, lo, hi)) for name, lo, hi in knobs]
-    return tuple(f"-D{name}={v}" for name, v in values if v is not None)
+    opts = []
+    for name, lo, hi in (("LSERVE_GEMV_PREFETCH", 0, 4096), ("LSERVE_GEMV_UNROLL", 1, 16)):
+        value = env.get(name, "")
+        if value == "":
+            continue
+        if not value.isdigit() or not lo <= int(value) <= hi:
+            raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+        opts.append(f"-D{name}={int(value)}")
+    return tuple(opts)
 
 
 def to_fp16(a: np.ndarray, name: str | None = None) -> np.ndarray:
@@ -227,18 +230,6 @@ class CudaOps:
         # residual add + RMSNorm in the prologue of the decode GEMV after it (rmsnorm_linear); LSERVE_CUDA_FUSE_NORM=0:
         # add_rmsnorm's own kernel.
         self.fuse_norm = os.environ.get("LSERVE_CUDA_FUSE_NORM", "1") != "0"
-        # Decode GEMVs of fp16 weights with K >= gemv_stream.MIN_K through the bulk-copy stream kernel (sm_90 only;
-        # docs/PERF_e2e.md): LSERVE_GEMV_STREAM=1 on, 0 off (not even compiled), unset: gemv_stream.DEFAULT.
-        # gemv_streaming switches between it and gemv_rows (harness rows and benchmarks run both).
-        setting = os.environ.get("LSERVE_GEMV_STREAM", "")
-        if setting not in ("", "0", "1"):
-            raise ValueError(f"LSERVE_GEMV_STREAM must be 0 or 1, got {setting!r}")
-        self.stream_gemv = (
-            StreamGemv(cp) if self.device.compute_capability == "90" and setting != "0" else None
-        )
-        self.gemv_streaming = self.stream_gemv is not None and (
-            setting == "1" or not setting and STREAM_DEFAULT
-        )
 
     # -- data movement ------------------------------------------------------------------------
     def upload(self, a, name: str | None = None):
@@ -385,12 +376,6 @@ class CudaOps:
     def gemm_path(self, n: int, k: int) -> str:
         return "gemv" if self.small_gemv and 0 < n <= GEMV_MAX_ROWS and k % 8 == 0 else "cublas"
 
-    def gemv_kernel(self, k: int) -> str:
-        """Which fp16 GEMV kernel a decode product of row length k runs: "stream" or "rows"."""
-        return (
-            "stream" if self.gemv_streaming and self.stream_gemv is not None and k >= STREAM_MIN_K else "rows"
-        )
-
     def gemm(self, x, w, out_dtype, out=None):
         """out[N, M] = x[N, K] @ w[M, K]^T, float32 accumulation: gemv_rows (layers.cu) for N <= 8, else
         cublasGemmEx with CUBLAS_COMPUTE_32F (class Cublas); a quantized w through cuda_quant.QuantKernels."""
@@ -406,9 +391,6 @@ class CudaOps:
             self.quant.gemm(x, w, out)
             return out
         if self.gemm_path(n, k) == "gemv":
-            if self.gemv_kernel(k) == "stream":
-                self.stream_gemv(x, w, out, m, k)
-                return out
             t = "__half" if out.dtype == np.float16 else "float"
             args = (x, w, out, np.int32(m), np.int32(k), *NO_NORM)
             self.k[f"gemv_rows<{n}, {t}>"]((-(-m // 8),), (256,), args)
@@ -430,11 +412,8 @@ class CudaOps:
         if self.fuse_silu and isinstance(w, DeviceQuant):
             fused = self.quant.gate_up_silu(h, w, out)  # split weights only
         elif self.fuse_silu and not isinstance(w, DeviceRowStack) and self.gemm_path(n, k) == "gemv":
-            if self.gemv_kernel(k) == "stream":
-                self.stream_gemv(h, w, out, inter, k, silu=True)
-            else:
-                args = (h, w, out, np.int32(inter), np.int32(k), *NO_NORM)
-                self.k[f"gemv_rows<{n}, __half, true>"]((-(-inter // 8),), (256,), args)
+            args = (h, w, out, np.int32(inter), np.int32(k), *NO_NORM)
+            self.k[f"gemv_rows<{n}, __half, true>"]((-(-inter // 8),), (256,), args)
             fused = True
         return out if fused else self.silu_mul(self.linear(h, w), out=out)
 
@@ -455,12 +434,10 @@ class CudaOps:
         norm = RmsIn(res_in, cp.empty((n, k), cp.float32), norm_w, eps)
         rows = int(w.shape[0]) // 2 if silu else int(w.shape[0])
         out = cp.empty((n, rows), cp.float16)
-        if self.gemv_kernel(k) == "stream":
-            self.stream_gemv(x, w, out, rows, k, silu=silu, norm=norm)
-        else:
-            kern = self.k[f"gemv_rows<{n}, __half, {'true' if silu else 'false'}, true>"]
-            args = (x, w, out, np.int32(rows), np.int32(k), *norm.args())
-            kern((-(-rows // 8),), (256,), args, shared_mem=smem)
+        kern = self.k[f"gemv_rows<{n}, __half, {'true' if silu else 'false'}, true>"]
+        kern(
+            (-(-rows // 8),), (256,), (x, w, out, np.int32(rows), np.int32(k), *norm.args()), shared_mem=smem
+        )
         if bias is not None:
             out += bias
         return out, norm.res_out

@@ -15,16 +15,15 @@ import functools
 import hashlib
 import importlib.resources
 import re
-from collections.abc import Mapping
 from pathlib import Path
 
 from .cuda_launch import Module, pdl_setting
 
 STD_FLAGS: tuple[str, ...] = ("-std=c++17",)
 RUNTIME_EXTRA: tuple[str, ...] = ("-ftz=true",)  # CuPy appends this at run time; CI mirrors it
-# Sources with arch-specific instructions (wgmma needs the "a" target sm_90a; bulk copies sm_90): compiled for
-# that target only, never for other devices (the source #errors elsewhere). Every other source compiles for the device's arch.
-ARCH_SPECIFIC: dict[str, str] = {"attention_prefill_sm90.cu": "sm_90a", "gemv_stream.cu": "sm_90"}
+# Sources with arch-specific instructions (wgmma needs the "a" target sm_90a): compiled for that target only,
+# never for other devices (the source #errors elsewhere). Every other source compiles for the device's arch.
+ARCH_SPECIFIC: dict[str, str] = {"attention_prefill_sm90.cu": "sm_90a"}
 _INCLUDE_RE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.M)
 _modules: dict[tuple, object] = {}
 
@@ -39,16 +38,6 @@ def kernels_dir() -> Path:
     except (ModuleNotFoundError, TypeError, ValueError):
         pass
     return Path(__file__).resolve().parents[2] / "kernels"
-
-
-def tuning_knob(env: Mapping[str, str], name: str, lo: int, hi: int) -> int | None:
-    """An integer kernel tuning knob from the environment, checked against [lo, hi]; None when unset."""
-    value = env.get(name, "")
-    if value == "":
-        return None
-    if not value.isdigit() or not lo <= int(value) <= hi:
-        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-    return int(value)
 
 
 def kernel_sources() -> list[str]:

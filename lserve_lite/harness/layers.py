@@ -10,7 +10,6 @@ import numpy as np
 
 from ..backends.base import KVCache, rope_tables
 from ..backends.cuda_quant import pick_variant
-from ..backends.gemv_stream import MIN_K as STREAM_MIN_K
 from ..backends.reference.layers import (
     embed_ref,
     rmsnorm_ref,
@@ -19,7 +18,7 @@ from ..backends.reference.layers import (
     silu_mul_ref,
 )
 from ..config import ModelConfig
-from .common import Ctx, Result, compare, setting, silu_mul_atol
+from .common import Ctx, Result, compare, silu_mul_atol
 from .quant import U32, norm_linear_ref, random_quant, reference_matrix, silu_inputs
 from .sparse_batch import head_classes
 
@@ -119,20 +118,9 @@ def case_silu_mul(c: Ctx) -> list[Result]:
     return out
 
 
-def gemv_variants(c: Ctx, n: int, k: int) -> list[tuple[str, bool | None]]:
-    """(label, CudaOps.gemv_streaming) of each fp16 product kernel a shape can take on this GPU: both decode GEMVs
-    (gemv_stream.cu, layers.cu's gemv_rows) where the stream kernel applies, else the one path (None: as is)."""
-    path = c.ops.gemm_path(n, k)
-    if path != "gemv":
-        return [(path, None)]
-    if c.ops.stream_gemv is None or k < STREAM_MIN_K:
-        return [("gemv rows", None)]
-    return [("gemv stream", True), ("gemv rows", False)]
-
-
 def case_gate_up_silu(c: Ctx) -> list[Result]:
-    """CudaOps.gate_up_silu on an fp16 [gate; up] weight [2I, K]: decode rows in one kernel (gemv_stream / gemv_rows
-    with SiLU-and-multiply in its epilogue), more rows through cuBLAS + silu_mul; against silu_mul_ref(x @ W^T) in float64.
+    """CudaOps.gate_up_silu on an fp16 [gate; up] weight [2I, K]: decode rows in one kernel (gemv_rows with SiLU-
+    and-multiply in its epilogue), more rows through cuBLAS + silu_mul; against silu_mul_ref(x @ W^T) in float64.
     Tolerance: the GEMV's float32 sums ((K/32 + 20) u32 (|x| @ |W|^T); cuBLAS: 1e-4) through silu_mul_atol, plus
     the output's fp16 rounding."""
     out = []
@@ -143,8 +131,6 @@ def case_gate_up_silu(c: Ctx) -> list[Result]:
         (5, 4096, 2731),
         (2, 96, 7),
         (12, 512, 301),
-        (1, 2056, 13),  # stream: fewer units than blocks, a 8-column second chunk
-        (8, 4096, 1500),
     ]:
         w = c.f16(2 * inter, k, scale=1 / math.sqrt(k))
         x = silu_inputs(c.rng, n, w)
@@ -152,29 +138,24 @@ def case_gate_up_silu(c: Ctx) -> list[Result]:
         gu, bound = x64 @ w64.T, np.abs(x64) @ np.abs(w64).T
         gemv = c.ops.gemm_path(n, k) == "gemv"
         fused = gemv and c.ops.fuse_silu
+        got = c.poison((n, inter), np.float16)
+        c.ops.gate_up_silu(c.dev16(x), c.dev16(w), out=got)
         atol = silu_mul_atol(gu, (k / 32 + 20) * U32 * bound if gemv else 1e-4 * bound, rounded=not fused)
-        for label, streaming in gemv_variants(c, n, k):
-            got = c.poison((n, inter), np.float16)
-            with setting(c.ops, "gemv_streaming", streaming):
-                c.ops.gate_up_silu(c.dev16(x), c.dev16(w), out=got)
-            name = f"gate_up_silu [{label + ' fused' if fused else label + ' + silu_mul'}]"
-            out.append(
-                compare(name, f"N{n} K{k} I{inter}", c.cp.asnumpy(got), silu_mul_ref(gu), atol, 2.0**-10)
-            )
+        name = f"gate_up_silu [{'gemv fused' if fused else c.ops.gemm_path(n, k) + ' + silu_mul'}]"
+        out.append(compare(name, f"N{n} K{k} I{inter}", c.cp.asnumpy(got), silu_mul_ref(gu), atol, 2.0**-10))
     return out
 
 
 def case_rmsnorm_linear(c: Ctx) -> list[Result]:
     """CudaOps.rmsnorm_linear: the residual add and RMSNorm in the prologue of the decode GEMV of an fp16 weight
-    (gemv_stream / gemv_rows with NORM), plain and gate_up + SiLU-and-multiply, the first layer (no residual); and the unfused
+    (gemv_rows with NORM), plain and gate_up + SiLU-and-multiply, the first layer (no residual); and the unfused
     composition elsewhere (packed weights: split GEMVs, block kernels under v1 / v2; N * K past gemv_rows' shared
     memory; cuBLAS rows). Against harness.quant.norm_linear_ref; the residual stream must be x + res exactly."""
     out = []
     cases = [(None, 1, 576, 960, False), (None, 3, 4096, 1001, True), (None, 6, 4096, 77, False),
              (None, 12, 576, 301, True), ("q4_1", 1, 576, 1536, True), ("q4_1", 8, 1024, 515, False),
              ("int8", 2, 4096, 4097, False), ("int4", 5, 4096, 2731, True), ("q8_0", 4, 512, 129, True),
-             ("q4_0", 1, 256, 37, False), ("q4_k", 3, 512, 129, True), (None, 1, 4096, 4097, False),
-             (None, 8, 2056, 33, True), (None, 2, 6144, 700, True)]  # fmt: skip
+             ("q4_0", 1, 256, 37, False), ("q4_k", 3, 512, 129, True)]  # fmt: skip
     for i, (fmt, n, k, m, silu) in enumerate(cases):
         rows = 2 * m if silu else m
         w = c.f16(rows, k, scale=1 / math.sqrt(k)) if fmt is None else random_quant(fmt, rows, k, c.rng)
@@ -187,17 +168,14 @@ def case_rmsnorm_linear(c: Ctx) -> list[Result]:
         split = fmt is not None and pick_variant(c.ops.quant.gemv_variant, fmt, n) == "split" and n <= 8
         ref, atol, r = norm_linear_ref(x, res, lnw, 1e-5, ref_w, silu, split)
         dw = c.dev16(w) if fmt is None else c.ops.upload(w)
+        got, got_res = c.ops.rmsnorm_linear(
+            c.dev16(x), None if res is None else c.cp.asarray(res), c.dev16(lnw), 1e-5, dw, silu=silu
+        )
         if n > 8:  # cuBLAS: float32 sums 1e-4 of the bound
             atol = atol + 1e-4 * (np.abs(x) @ np.abs(ref_w).T)[:, : ref.shape[1]]
         tag = f"{fmt or 'f16'} N{n} K{k} M{m}" + (" silu" if silu else "") + (" first" if res is None else "")
-        for label, streaming in gemv_variants(c, n, k) if fmt is None else [(fmt, None)]:
-            with setting(c.ops, "gemv_streaming", streaming):
-                got, got_res = c.ops.rmsnorm_linear(
-                    c.dev16(x), None if res is None else c.cp.asarray(res), c.dev16(lnw), 1e-5, dw, silu=silu
-                )
-            name = "rmsnorm_linear" + (f" [{label}]" if fmt is None else "")
-            out.append(compare(name, tag, c.cp.asnumpy(got), ref, atol, 2.0**-10))
-            out.append(compare(name + ".residual", tag, c.cp.asnumpy(got_res), r, 0, 0))
+        out.append(compare("rmsnorm_linear", tag, c.cp.asnumpy(got), ref, atol, 2.0**-10))
+        out.append(compare("rmsnorm_linear.residual", tag, c.cp.asnumpy(got_res), r, 0, 0))
     return out
 
 
@@ -210,28 +188,23 @@ def case_linear(c: Ctx) -> list[Result]:
         (8, 1536, 576),
         (64, 4096, 1024),
         (300, 576, 1536),
-        (1, 4104, 515),  # stream: a 8-column last chunk, odd M
-        (2, 2048, 300),
-        (8, 6152, 1000),
     ]:
         x, w = c.f16(n, k), c.f16(m, k, scale=1 / math.sqrt(k))
-        for label, streaming in gemv_variants(c, n, k):
-            got = c.poison((n, m), np.float16)
-            with setting(c.ops, "gemv_streaming", streaming):
-                c.ops.linear(c.dev16(x), c.dev16(w), out=got)
-            out.append(compare(f"linear [{label}]", f"N{n} K{k} M{m}", got.get(), x @ w.T, 4e-3, 4e-3))
+        got = c.poison((n, m), np.float16)
+        c.ops.linear(c.dev16(x), c.dev16(w), out=got)
+        name = f"linear [{c.ops.gemm_path(n, k)}]"
+        out.append(compare(name, f"N{n} K{k} M{m}", got.get(), x @ w.T, 4e-3, 4e-3))
     return out
 
 
 def case_logits(c: Ctx) -> list[Result]:
     out = []
-    for n, h, v in [(1, 576, 49152), (3, 4096, 32000), (20, 576, 49152), (1, 4096, 50001)]:
+    for n, h, v in [(1, 576, 49152), (3, 4096, 32000), (20, 576, 49152)]:
         x, w = c.f16(n, h), c.f16(v, h, scale=1 / math.sqrt(h))
-        for label, streaming in gemv_variants(c, n, h):
-            got = c.poison((n, v), np.float32)
-            with setting(c.ops, "gemv_streaming", streaming):
-                c.ops.logits(c.dev16(x), c.dev16(w), out=got)
-            out.append(compare(f"logits fp32 [{label}]", f"N{n} H{h} V{v}", got.get(), x @ w.T, 1e-4, 1e-4))
+        got = c.poison((n, v), np.float32)
+        c.ops.logits(c.dev16(x), c.dev16(w), out=got)
+        name = f"logits fp32 [{c.ops.gemm_path(n, h)}]"
+        out.append(compare(name, f"N{n} H{h} V{v}", got.get(), x @ w.T, 1e-4, 1e-4))
     return out
 
 
