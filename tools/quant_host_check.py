@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -64,6 +65,9 @@ QUICK_SILU_SHAPES = [(1, 256, 21), (5, 512, 9), (2, 2304, 61)]
 # (n, k, m) of gemv_rows' NORM instantiations (outputs m; with SiLU m of them from 2m rows); the first runs without
 # a residual (a model's first layer)
 NORM_SHAPES = [(1, 256, 37), (3, 576, 21), (8, 1024, 9)]
+
+
+ROW_SLICES = (1, 2)  # gemv_rows' warps per row that are checked
 
 
 def gemv_rows_source() -> str:
@@ -314,17 +318,23 @@ def main(argv=None) -> int:
                 for n, k, inter in QUICK_SILU_SHAPES if args.quick else SILU_SHAPES:
                     if k % LAYOUTS[fmt].block == 0:
                         ok &= all([check_silu(exe, tmp, fmt, n, k, inter, rng, r) for r in (2, 4)])
-        if "rows" in args.variants:
-            for n, k, m in shapes:
-                if k % 8 == 0:
-                    ok &= check_gemv_rows(exe, tmp, n, k, m, rng)
-            for n, k, inter in QUICK_SILU_SHAPES if args.quick else SILU_SHAPES:
-                ok &= check_silu(exe, tmp, None, n, k, inter, rng)
-        if "norm" in args.variants:
-            for i, (n, k, m) in enumerate(NORM_SHAPES):
-                ok &= all(
-                    [check_norm(exe, tmp, n, k, m, rng, mode, first=i == 0) for mode in ("grows", "gsilu")]
-                )
+        for slices in ROW_SLICES:  # gemv_rows with one and with two warps per row (CudaOps.gemv_slices)
+            os.environ["EMU_GEMV_SLICES"] = str(slices)
+            print(f"gemv_rows, {slices} warp(s) per row:")
+            if "rows" in args.variants:
+                for n, k, m in shapes:
+                    if k % 8 == 0:
+                        ok &= check_gemv_rows(exe, tmp, n, k, m, rng)
+                for n, k, inter in QUICK_SILU_SHAPES if args.quick else SILU_SHAPES:
+                    ok &= check_silu(exe, tmp, None, n, k, inter, rng)
+            if "norm" in args.variants:
+                for i, (n, k, m) in enumerate(NORM_SHAPES):
+                    ok &= all(
+                        [
+                            check_norm(exe, tmp, n, k, m, rng, mode, first=i == 0)
+                            for mode in ("grows", "gsilu")
+                        ]
+                    )
     print("all passed" if ok else "FAILURES")
     return 0 if ok else 1
 

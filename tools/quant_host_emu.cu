@@ -298,8 +298,8 @@ static void run_split(const std::string& mode, char** v) {
   gemv_split_p<S, 4>(n, M, K, ldy, P, G, v + 7);
 }
 
-// gemv_rows<N, TOut, SILU[, NORM]> over blocks of 8 warps, as CudaOps launches it; y without a stride (NaN-filled);
-// fp16 outputs with SILU or NORM.
+// gemv_rows<N, TOut, SILU[, NORM]> over blocks of 8 warps, as CudaOps launches it, with EMU_GEMV_SLICES warps per
+// row (default 1); y without a stride (NaN-filled); fp16 outputs with SILU or NORM.
 template <int N, bool SILU, bool NORM>
 static void rows_gemv(int M, int K, char** a) {
   typedef typename std::conditional<SILU || NORM, __half, float>::type T;
@@ -309,7 +309,10 @@ static void rows_gemv(int M, int K, char** a) {
   const EmuNorm nm = emu_norm;
   std::vector<T> y((size_t)N * M, (T)__float2half(NAN));
   T* yp = y.data();
-  launch_blocks((M + 7) / 8, 8, [=] { gemv_rows<N, T, SILU, NORM>(x, w, yp, M, K, nm.res, nm.res_out, nm.w, nm.eps); });
+  const char* env = getenv("EMU_GEMV_SLICES");  // warps per row (CudaOps.gemv_slices), 1 unless set
+  const int S = env ? atoi(env) : 1;
+  launch_blocks((M * S + 7) / 8, 8,
+                [=] { gemv_rows<N, T, SILU, NORM>(x, w, yp, M, K, S, nm.res, nm.res_out, nm.w, nm.eps); });
   write_file(a[2], yp, y.size());
   norm_save(N, K);
 }

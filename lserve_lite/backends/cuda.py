@@ -48,6 +48,17 @@ GEMV_MAX_ROWS = 8
 NORM_SMEM = 48 << 10  # gemv_rows with NORM: normed rows (N * K halves) + scratch in shared memory, no opt-in
 
 
+_CTYPE = {"e": "__half", "f": "float"}  # gemv_rows' output types by NumPy dtype char
+
+
+def gemv_rows_smem(n: int, k: int, slices: int, silu: bool, norm: bool) -> int:
+    """gemv_rows' dynamic shared memory (layers.cu): with NORM the normed rows (n * k halves) and the rms scratch;
+    with slices > 1 then 8 warps x (2 with silu) x n float partial sums."""
+    return (2 * n * k + scratch_bytes(n) if norm else 0) + (
+        8 * (2 if silu else 1) * n * 4 if slices > 1 else 0
+    )
+
+
 def gemv_tuning(env: Mapping[str, str]) -> tuple[str, ...]:
     """NVRTC definitions for gemv_rows' tuning knobs (layers.cu) from LSERVE_GEMV_PREFETCH (chunks of a row
     prefetched to L2, 0-4096) and LSERVE_GEMV_UNROLL (1-16); unset: the kernel's measured defaults."""
@@ -230,6 +241,10 @@ class CudaOps:
         # residual add + RMSNorm in the prologue of the decode GEMV after it (rmsnorm_linear); LSERVE_CUDA_FUSE_NORM=0:
         # add_rmsnorm's own kernel.
         self.fuse_norm = os.environ.get("LSERVE_CUDA_FUSE_NORM", "1") != "0"
+        # gemv_rows with S = 2 warps per row where the rows alone leave warps idle (gemv_slices);
+        # LSERVE_GEMV_KSPLIT=0: one warp per row everywhere.
+        self.gemv_ksplit = os.environ.get("LSERVE_GEMV_KSPLIT", "1") != "0"
+        self.resident_warps = 64 * int(self.device.attributes["MultiProcessorCount"])  # at <= 32 registers
 
     # -- data movement ------------------------------------------------------------------------
     def upload(self, a, name: str | None = None):
@@ -376,6 +391,23 @@ class CudaOps:
     def gemm_path(self, n: int, k: int) -> str:
         return "gemv" if self.small_gemv and 0 < n <= GEMV_MAX_ROWS and k % 8 == 0 else "cublas"
 
+    def gemv_slices(self, m: int, k: int) -> int:
+        """Warps per output row of gemv_rows: 2 where twice the m rows still fit the GPU's resident warps at once
+        and a row is long enough to cut (K >= 2048: o_proj and down of 8B-class models), else 1."""
+        return 2 if self.gemv_ksplit and k >= 2048 and 2 * m <= self.resident_warps else 1
+
+    def _gemv_rows(self, x, w, out, m: int, k: int, silu: bool = False, norm: RmsIn | None = None) -> None:
+        """Launch the gemv_rows instantiation for m output rows (units; gate/up row pairs with silu): grid, slices,
+        dynamic shared memory (gemv_rows_smem)."""
+        n, s = int(x.shape[0]), self.gemv_slices(m, k)
+        if norm is not None:
+            name = f"gemv_rows<{n}, __half, {'true' if silu else 'false'}, true>"
+        else:
+            name = f"gemv_rows<{n}, __half, true>" if silu else f"gemv_rows<{n}, {_CTYPE[out.dtype.char]}>"
+        args = (x, w, out, np.int32(m), np.int32(k), np.int32(s), *(norm.args() if norm else NO_NORM))
+        smem = gemv_rows_smem(n, k, s, silu, norm is not None)
+        self.k[name]((-(-m * s // 8),), (256,), args, shared_mem=smem)
+
     def gemm(self, x, w, out_dtype, out=None):
         """out[N, M] = x[N, K] @ w[M, K]^T, float32 accumulation: gemv_rows (layers.cu) for N <= 8, else
         cublasGemmEx with CUBLAS_COMPUTE_32F (class Cublas); a quantized w through cuda_quant.QuantKernels."""
@@ -391,9 +423,7 @@ class CudaOps:
             self.quant.gemm(x, w, out)
             return out
         if self.gemm_path(n, k) == "gemv":
-            t = "__half" if out.dtype == np.float16 else "float"
-            args = (x, w, out, np.int32(m), np.int32(k), *NO_NORM)
-            self.k[f"gemv_rows<{n}, {t}>"]((-(-m // 8),), (256,), args)
+            self._gemv_rows(x, w, out, m, k)
             return out
         self.blas.gemm_nt(x, w, out)
         return out
@@ -412,8 +442,7 @@ class CudaOps:
         if self.fuse_silu and isinstance(w, DeviceQuant):
             fused = self.quant.gate_up_silu(h, w, out)  # split weights only
         elif self.fuse_silu and not isinstance(w, DeviceRowStack) and self.gemm_path(n, k) == "gemv":
-            args = (h, w, out, np.int32(inter), np.int32(k), *NO_NORM)
-            self.k[f"gemv_rows<{n}, __half, true>"]((-(-inter // 8),), (256,), args)
+            self._gemv_rows(h, w, out, inter, k, silu=True)
             fused = True
         return out if fused else self.silu_mul(self.linear(h, w), out=out)
 
@@ -425,19 +454,16 @@ class CudaOps:
         `gate_up_silu`. Reference: that composition of reference/layers.rmsnorm_ref and the product."""
         cp = self.cp
         n, k = int(x.shape[0]), int(x.shape[1])
-        smem = 2 * n * k + scratch_bytes(n)
+        rows = int(w.shape[0]) // 2 if silu else int(w.shape[0])
+        smem = gemv_rows_smem(n, k, self.gemv_slices(rows, k), silu, True)
         fits = isinstance(w, cp.ndarray) and self.gemm_path(n, k) == "gemv" and smem <= NORM_SMEM
         if not (self.fuse_norm and fits and (self.fuse_silu or not silu)):
             return norm_then_linear(self, x, residual, norm_w, eps, w, bias, silu)
         x = cp.ascontiguousarray(x)
         res_in = None if residual is None else cp.ascontiguousarray(residual, dtype=cp.float32)
         norm = RmsIn(res_in, cp.empty((n, k), cp.float32), norm_w, eps)
-        rows = int(w.shape[0]) // 2 if silu else int(w.shape[0])
         out = cp.empty((n, rows), cp.float16)
-        kern = self.k[f"gemv_rows<{n}, __half, {'true' if silu else 'false'}, true>"]
-        kern(
-            (-(-rows // 8),), (256,), (x, w, out, np.int32(rows), np.int32(k), *norm.args()), shared_mem=smem
-        )
+        self._gemv_rows(x, w, out, rows, k, silu=silu, norm=norm)
         if bias is not None:
             out += bias
         return out, norm.res_out

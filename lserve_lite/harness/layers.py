@@ -118,6 +118,11 @@ def case_silu_mul(c: Ctx) -> list[Result]:
     return out
 
 
+def gemv_label(c: Ctx, n: int, m: int, k: int) -> str:
+    """ " x2" on a row served by gemv_rows with two warps per output row (CudaOps.gemv_slices)."""
+    return " x2" if c.ops.gemm_path(n, k) == "gemv" and c.ops.gemv_slices(m, k) > 1 else ""
+
+
 def case_gate_up_silu(c: Ctx) -> list[Result]:
     """CudaOps.gate_up_silu on an fp16 [gate; up] weight [2I, K]: decode rows in one kernel (gemv_rows with SiLU-
     and-multiply in its epilogue), more rows through cuBLAS + silu_mul; against silu_mul_ref(x @ W^T) in float64.
@@ -141,7 +146,8 @@ def case_gate_up_silu(c: Ctx) -> list[Result]:
         got = c.poison((n, inter), np.float16)
         c.ops.gate_up_silu(c.dev16(x), c.dev16(w), out=got)
         atol = silu_mul_atol(gu, (k / 32 + 20) * U32 * bound if gemv else 1e-4 * bound, rounded=not fused)
-        name = f"gate_up_silu [{'gemv fused' if fused else c.ops.gemm_path(n, k) + ' + silu_mul'}]"
+        name = f"gate_up_silu [{'gemv fused' if fused else c.ops.gemm_path(n, k) + ' + silu_mul'}"
+        name += f"{gemv_label(c, n, inter, k)}]"
         out.append(compare(name, f"N{n} K{k} I{inter}", c.cp.asnumpy(got), silu_mul_ref(gu), atol, 2.0**-10))
     return out
 
@@ -174,6 +180,7 @@ def case_rmsnorm_linear(c: Ctx) -> list[Result]:
         if n > 8:  # cuBLAS: float32 sums 1e-4 of the bound
             atol = atol + 1e-4 * (np.abs(x) @ np.abs(ref_w).T)[:, : ref.shape[1]]
         tag = f"{fmt or 'f16'} N{n} K{k} M{m}" + (" silu" if silu else "") + (" first" if res is None else "")
+        tag += gemv_label(c, n, m, k) if fmt is None else ""
         out.append(compare("rmsnorm_linear", tag, c.cp.asnumpy(got), ref, atol, 2.0**-10))
         out.append(compare("rmsnorm_linear.residual", tag, c.cp.asnumpy(got_res), r, 0, 0))
     return out
@@ -188,22 +195,24 @@ def case_linear(c: Ctx) -> list[Result]:
         (8, 1536, 576),
         (64, 4096, 1024),
         (300, 576, 1536),
+        (1, 4104, 515),  # two warps per row (CudaOps.gemv_slices), odd M, a row of 513 16-byte chunks
+        (8, 2048, 300),
     ]:
         x, w = c.f16(n, k), c.f16(m, k, scale=1 / math.sqrt(k))
         got = c.poison((n, m), np.float16)
         c.ops.linear(c.dev16(x), c.dev16(w), out=got)
-        name = f"linear [{c.ops.gemm_path(n, k)}]"
+        name = f"linear [{c.ops.gemm_path(n, k)}{gemv_label(c, n, m, k)}]"
         out.append(compare(name, f"N{n} K{k} M{m}", got.get(), x @ w.T, 4e-3, 4e-3))
     return out
 
 
 def case_logits(c: Ctx) -> list[Result]:
     out = []
-    for n, h, v in [(1, 576, 49152), (3, 4096, 32000), (20, 576, 49152)]:
+    for n, h, v in [(1, 576, 49152), (3, 4096, 32000), (20, 576, 49152), (2, 4096, 4001)]:
         x, w = c.f16(n, h), c.f16(v, h, scale=1 / math.sqrt(h))
         got = c.poison((n, v), np.float32)
         c.ops.logits(c.dev16(x), c.dev16(w), out=got)
-        name = f"logits fp32 [{c.ops.gemm_path(n, h)}]"
+        name = f"logits fp32 [{c.ops.gemm_path(n, h)}{gemv_label(c, n, v, h)}]"
         out.append(compare(name, f"N{n} H{h} V{v}", got.get(), x @ w.T, 1e-4, 1e-4))
     return out
 
