@@ -376,7 +376,7 @@ __global__ void gemv_rows(const __half* __restrict__ x, const __half* __restrict
       for (int o = 16; o > 0; o >>= 1) acc[i][n] += __shfl_xor_sync(0xffffffffu, acc[i][n], o);
     }
   if (S > 1) {  // slices 1..S-1 hand their sums to slice 0 of the same row, added in slice order
-    float* part = reinterpret_cast<float*>(normed) + (NORM ? N * kc * 4 + 33 * N : 0);
+    float* part = reinterpret_cast<float*>(normed) + (NORM ? N * kc * 4 + lserve::rms_scratch_floats<N> : 0);
     if (lane == 0 && slice > 0)
 #pragma unroll
       for (int i = 0; i < W; ++i)

@@ -34,8 +34,13 @@ __device__ __forceinline__ void rms_residual8(const __half* x, const RmsIn& in, 
   }
 }
 
+// Floats of scratch rms_rows<NMAX> takes: rstd, then one partial sum per (warp, row) of up to 32 warps
+// (backends/rms_in.py's scratch_bytes is 4 times this).
+template <int NMAX>
+constexpr int rms_scratch_floats = 33 * NMAX;
+
 // rstd[r] = 1 / sqrt(mean((x + res_in)^2) + eps) for rows r < n <= NMAX, by the whole block, into scratch[0..n):
-// 33 * NMAX floats of the caller's shared memory (backends/rms_in.py's scratch_bytes); block 0 writes res_out.
+// rms_scratch_floats<NMAX> floats of the caller's shared memory; block 0 writes res_out.
 // Ends with a barrier: rstd is then readable.
 template <int NMAX>
 __device__ __forceinline__ void rms_rows(const __half* x, const RmsIn& in, int n, int K, float* scratch) {

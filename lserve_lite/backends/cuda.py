@@ -48,9 +48,6 @@ GEMV_MAX_ROWS = 8
 NORM_SMEM = 48 << 10  # gemv_rows with NORM: normed rows (N * K halves) + scratch in shared memory, no opt-in
 
 
-_CTYPE = {"e": "__half", "f": "float"}  # gemv_rows' output types by NumPy dtype char
-
-
 def gemv_rows_smem(n: int, k: int, slices: int, silu: bool, norm: bool) -> int:
     """gemv_rows' dynamic shared memory (layers.cu): with NORM the normed rows (n * k halves) and the rms scratch;
     with slices > 1 then 8 warps x (2 with silu) x n float partial sums."""
@@ -402,8 +399,10 @@ class CudaOps:
         n, s = int(x.shape[0]), self.gemv_slices(m, k)
         if norm is not None:
             name = f"gemv_rows<{n}, __half, {'true' if silu else 'false'}, true>"
+        elif silu:
+            name = f"gemv_rows<{n}, __half, true>"
         else:
-            name = f"gemv_rows<{n}, __half, true>" if silu else f"gemv_rows<{n}, {_CTYPE[out.dtype.char]}>"
+            name = f"gemv_rows<{n}, {'__half' if out.dtype == np.float16 else 'float'}>"
         args = (x, w, out, np.int32(m), np.int32(k), np.int32(s), *(norm.args() if norm else NO_NORM))
         smem = gemv_rows_smem(n, k, s, silu, norm is not None)
         self.k[name]((-(-m * s // 8),), (256,), args, shared_mem=smem)

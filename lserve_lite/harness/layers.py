@@ -119,7 +119,7 @@ def case_silu_mul(c: Ctx) -> list[Result]:
 
 
 def gemv_label(c: Ctx, n: int, m: int, k: int) -> str:
-    """ " x2" on a row served by gemv_rows with two warps per output row (CudaOps.gemv_slices)."""
+    """The label suffix " x2" where gemv_rows serves the product with two warps per output row (gemv_slices)."""
     return " x2" if c.ops.gemm_path(n, k) == "gemv" and c.ops.gemv_slices(m, k) > 1 else ""
 
 
