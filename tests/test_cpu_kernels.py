@@ -1,5 +1,7 @@
 """The CPU backend's Numba kernels and thread split against the NumPy references (float32)."""
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -147,3 +149,55 @@ def test_split_runner_passes_helper_errors_to_the_caller():
 
     with pytest.raises(ValueError, match="helper part"):
         runner.run("k", part, [0, 1, 2])
+
+
+def _decode_case(rng, ctx, page, fmt_name, streaming, selected):
+    """One batch-1 decode step (9 query heads on 3 KV heads, head dim 64) over a fresh random cache in format
+    `fmt_name`: (q, stored K/V and scales, the float64 dequantized K/V, plan, head classes)."""
+    from lserve_lite.kv import quant as Q
+
+    n_pages = -(-ctx // page)
+    pool = (n_pages + 3, 3, page, 64)
+    k, v = rng.standard_normal((2, *pool))
+    k += rng.uniform(-2, 2, 64)  # channel offsets, as post-RoPE keys
+    if fmt_name == "fp32":
+        kq, vq = k.astype(np.float32), v.astype(np.float32)
+        ks = vs = None
+        kd, vd = kq.astype(np.float64), vq.astype(np.float64)
+    else:
+        fmt = Q.FORMATS[fmt_name]
+        (kq, ks), (vq, vs) = Q.quantize(k, fmt.keys(), np.float32), Q.quantize(v, fmt, np.float32)
+        kd, vd = Q.dequantize(kq, ks, fmt.keys()), Q.dequantize(vq, vs, fmt)
+    table = [int(p) for p in rng.permutation(pool[0])[:n_pages]]
+    sink, local = (page, 2 * page + 5) if streaming else (0, 0)
+    plan = build_plan(BatchLayout([1], [ctx], [table]), page, sink=sink, local=local)
+    if selected and n_pages > 2:  # dense heads visit a random subset of their pages (the last one kept)
+        keep = np.append(rng.random(n_pages - 1) < 0.5, True)
+        lists = [(p[keep], lp[keep]) for p, lp in [plan.pages(0, 0)]] + [plan.pages(0, 1)]
+        plan.kv_page = np.concatenate([p for p, _ in lists]).astype(np.int32)
+        plan.kv_lpage = np.concatenate([lp for _, lp in lists]).astype(np.int32)
+        plan.kv_indptr = np.cumsum([0, *(len(p) for p, _ in lists)]).astype(np.int32)
+    hc = np.array([1, 0, 1] if streaming else [0, 0, 0], np.int32)
+    q = rng.standard_normal((1, 9, 64)).astype(np.float32)
+    return q, (kq, vq, ks, vs), (kd, vd), plan, hc
+
+
+@pytest.mark.parametrize("fmt_name", ["fp32", "int8", "int4", "fp8"])
+@pytest.mark.parametrize("page", [16, 64])
+@pytest.mark.parametrize("ctx", [1, 63, 64, 65, 517, 2049])
+@pytest.mark.parametrize("streaming,selected", [(False, False), (True, False), (False, True), (True, True)])
+def test_batch1_decode_attention_matches_float64(fmt_name, page, ctx, streaming, selected):
+    """The decode kernels (pages cut into runs whose softmax sums are merged) = float64 attention over the
+    dequantized cache, GQA, streaming heads' sink + local window, selected page lists; the same bits on one
+    thread and spread over threads in any number of parts."""
+    rng = np.random.default_rng(zlib.crc32(f"{fmt_name} {page} {ctx} {streaming} {selected}".encode()))
+    q, (kq, vq, ks, vs), (kd, vd), plan, hc = _decode_case(rng, ctx, page, fmt_name, streaming, selected)
+    want = naive_attention(q, kd, vd, plan, hc)
+    got = C.paged_attention_numba(q, kq, vq, plan, hc, None, ks, vs)
+    assert rel(got, want) < 1e-5
+    for parts in (2, 3):
+        runner = C.SplitRunner(parts=parts, first=1 << 30)
+        C.paged_attention_numba(q, kq, vq, plan, hc, runner, ks, vs)
+        for st in runner._keys.values():
+            st.spread = True
+        assert np.array_equal(C.paged_attention_numba(q, kq, vq, plan, hc, runner, ks, vs), got)

@@ -19,6 +19,8 @@ from .reference.sampling import logprobs_ref, sample
 
 # Up to this many rows (decode), the Numba GEMV and attention kernels; beyond (prefill), OpenBLAS GEMMs.
 SMALL_ROWS = 8
+# Decode attention's unit of work: a KV head's run of listed pages holding about this many keys.
+CHUNK_KEYS = 256
 
 
 class CpuOps:
@@ -209,21 +211,30 @@ def _scales_arg(scales):
 def paged_attention_numba(
     q, k_cache, v_cache, plan: AttentionPlan, head_class, split=None, k_scale=None, v_scale=None
 ) -> np.ndarray:
-    """`paged_attention_ref` as a Numba kernel (same plan, masks and float32 softmax), for decode rows; the
+    """`paged_attention_ref` as Numba kernels (same plan and masks, float32 softmax), for decode rows; the
     scales of a quantized cache (its format follows from the values' dtype: cpu_kv.py).
 
-    With a `SplitRunner`, the query blocks are cut into parts that may run at once.
+    Each KV head's pages are cut into runs of about `CHUNK_KEYS` keys, so that even one decode row's work can
+    be spread over a `SplitRunner`'s threads; the runs' softmax sums are merged exactly (flash-decoding), and
+    the runs depend only on the plan, so results do not depend on the threads.
     """
-    out = np.empty(q.shape, np.float32)
+    hkv, page = k_cache.shape[1], k_cache.shape[2]
+    chunk = max(1, CHUNK_KEYS // page)
+    rows = int(plan.qb_len.max(initial=0)) * (q.shape[1] // hkv)
+    units = hkv * (plan.kv_page.shape[0] // chunk + plan.kv_indptr.shape[0] - 1)  # bounds the kernel's count
+    part, acc = np.empty((units, 2, rows), np.float32), np.empty((units, rows, q.shape[2]), np.float32)
+    hc = np.asarray(head_class, np.int32)
     args = (
-        q, k_cache, v_cache, _scales_arg(k_scale), _scales_arg(v_scale), plan.qb_start, plan.qb_len, plan.qb_pos, plan.seq_ctx[plan.qb_seq],
-        plan.kv_indptr, plan.kv_page, plan.kv_lpage, np.asarray(head_class, np.int32), plan.sink,
-        plan.local, out,
+        q, k_cache, v_cache, _scales_arg(k_scale), _scales_arg(v_scale), plan.qb_start, plan.qb_len, plan.qb_pos,
+        plan.qb_seq, plan.seq_ctx, plan.kv_indptr, plan.kv_page, plan.kv_lpage, hc, plan.sink, plan.local, chunk,
+        part, acc,
     )  # fmt: skip
-    nqb = plan.num_qblocks
-    if split is None or nqb < 2:
-        K.paged_attention(*args, 0, 2 * nqb)
+    n = 1 if split is None else split.parts
+    if n < 2:
+        K.paged_attention(*args, 0, 1, 1)
     else:
-        part = lambda a, b: K.paged_attention(*args, 2 * a, 2 * b)  # noqa: E731 (items: query block x class)
-        split.run(("attn", nqb), part, even_bounds(0, nqb, min(split.parts, nqb)))
+        key = ("attn", plan.num_qblocks, plan.kv_page.shape[0].bit_length())
+        split.run(key, lambda a, b: K.paged_attention(*args, a, b, n), list(range(n + 1)), joint=True)
+    out = np.empty(q.shape, np.float32)
+    K.merge_units(plan.qb_start, plan.qb_len, plan.kv_indptr, hc, chunk, part, acc, out)
     return out.reshape(q.shape[0], -1)

@@ -16,7 +16,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from . import cpu_kv
-from .cpu_kv import kv_load, kv_store
+from .cpu_kv import kv_load_page, kv_store
 from .numba_cache import flush_if_deps_changed
 
 # Reassociation (vectorized float32 sums) without "no NaN / no Inf", which masks and softmax rely on.
@@ -175,76 +175,145 @@ def masked_softmax(s, ok, scale):
 
 
 @nb.njit(fastmath=FAST, **JIT)
-def paged_attention(q, k_cache, v_cache, k_scale, v_scale, qb_start, qb_len, qb_pos, ctx, indptr, kv_page, kv_lpage,
-                    head_class, sink, local, out, i0, i1):  # fmt: skip
-    """Execute an attention plan for work items i0..i1-1 (item = query block * 2 + head class).
+def paged_attention(q, k_cache, v_cache, k_scale, v_scale, qb_start, qb_len, qb_pos, qb_seq, seq_ctx, indptr, kv_page,
+                    kv_lpage, head_class, sink, local, chunk, part, acc, p0, p1, n):  # fmt: skip
+    """Execute an attention plan's units that fall in parts p0..p1-1 of n (cut by visited pages); `merge_units`
+    then writes the output. Unit u = (item, KV head of the item's class, run of `chunk` of its listed pages),
+    item = query block * 2 + head class, enumerated in that order.
 
-    Each item visits the pages listed for its class with all KV heads of that class. Mask: key <= query
-    position, key < context end, and for class 1 (streaming) key < sink or query - key < local.
-    Exact two-pass float32 softmax. A quantized cache is dequantized row by row as it is read (`kv_load`).
+    A unit scores its rows (query row, query head of the KV head's group) over its pages. Mask: key <= query
+    position, key < context end, and for class 1 (streaming) key < sink or query - key < local. Exact two-pass
+    float32 softmax over the unit's keys: part[u] = (row max, row sum of exp), acc[u] = the un-normalized
+    weighted sum of V. A quantized cache is dequantized page by page as it is read (`kv_load_page`).
     """
-    for item in range(i0, i1):
+    hkv, page, d = k_cache.shape[1], k_cache.shape[2], q.shape[2]
+    group = q.shape[1] // hkv
+    streaming, total = (head_class == 1).sum(), 0
+    for item in range(indptr.shape[0] - 1):
+        total += (streaming if item % 2 else hkv - streaming) * (indptr[item + 1] - indptr[item])
+    s = np.empty((part.shape[2], chunk * page), np.float32)
+    qv = np.empty((part.shape[2], d), np.float32)
+    buf = np.empty((page, d), np.float32)
+    scale = np.float32(1.0 / math.sqrt(d))
+    u, done = 0, 0
+    for item in range(indptr.shape[0] - 1):
         qb, cls = item // 2, item % 2
-        heads = np.nonzero(head_class == cls)[0]
-        lo, hi = indptr[item], indptr[item + 1]
-        if heads.size == 0 or hi == lo:
-            continue
+        r0, nr, pos0, end = qb_start[qb], qb_len[qb], qb_pos[qb], seq_ctx[qb_seq[qb]]
         win = (sink, local) if cls == 1 else (-1, -1)
-        rows = (qb_start[qb], qb_len[qb], qb_pos[qb], ctx[qb])
-        kv = (k_cache, v_cache, k_scale, v_scale)
-        _attend_block(q, kv, heads, rows, kv_page[lo:hi], kv_lpage[lo:hi], win, out)
+        for h in range(hkv):
+            if head_class[h] != cls:
+                continue
+            for c0 in range(indptr[item], indptr[item + 1], chunk):
+                c1 = min(c0 + chunk, indptr[item + 1])
+                if p0 <= n * (2 * done + c1 - c0) // (2 * total) < p1:  # the part holding the unit's midpoint
+                    for r in range(nr):
+                        for g in range(group):
+                            qv[r * group + g] = q[r0 + r, h * group + g]
+                    rows, kv = (nr * group, nr, pos0, end), (k_cache, v_cache, k_scale, v_scale)
+                    _attend_unit(
+                        qv, kv, h, kv_page[c0:c1], kv_lpage[c0:c1], rows, win, scale, s, buf, part[u], acc[u]
+                    )
+                done += c1 - c0
+                u += 1
 
 
 @nb.njit(fastmath=FAST, **JIT)
-def _attend_block(q, kv, heads, rows, pages, lpages, win, out):
-    """One query block x the KV heads `heads`: masked scores over the pages, softmax, weighted sum of V.
-
-    Pages are walked in memory order (page, head, key) so each page's heads stream as one block.
-    """
-    r0, nr, pos0, ctx = rows
+def _attend_unit(qv, kv, h, pages, lpages, rows, win, scale, s, buf, ml, acc):
+    """KV head h's score rows qv [R, D] over `pages`: (max, sum of exp) per row into ml, the weighted V into acc."""
+    nq, nr, pos0, end = rows
     k_cache, v_cache, k_scale, v_scale = kv
-    page, d = k_cache.shape[2], q.shape[2]
-    buf = np.empty(d, np.float32)
-    group = q.shape[1] // k_cache.shape[1]
-    per_head = nr * group  # score rows of one KV head: (query row, query head of its group)
-    nq, nk = heads.size * per_head, pages.shape[0] * page
-    qv = np.empty((nq, d), np.float32)
-    for hi in range(heads.size):
-        for r in range(nr):
-            for g in range(group):
-                qv[hi * per_head + r * group + g] = q[r0 + r, heads[hi] * group + g]
-    scale = np.float32(1.0 / math.sqrt(d))
-    s = np.empty((nq, nk), np.float32)
+    page, group = k_cache.shape[2], nq // nr
     for pi in range(pages.shape[0]):
-        for hi in range(heads.size):
-            for o in range(page):
-                kpos, key = lpages[pi] * page + o, kv_load(k_cache, k_scale, pages[pi], heads[hi], o, buf)
-                for r in range(nr):
-                    qpos = pos0 + r
-                    ok = kpos <= qpos and kpos < ctx and (win[1] < 0 or kpos < win[0] or qpos - kpos < win[1])
-                    for j in range(hi * per_head + r * group, hi * per_head + (r + 1) * group):
-                        acc = np.float32(0.0)
-                        for i in range(d):
-                            acc += qv[j, i] * key[i]
-                        s[j, pi * page + o] = acc * scale if ok else NEG_INF
-    tot = np.empty(nq, np.float32)
+        keys, kpos0 = kv_load_page(k_cache, k_scale, pages[pi], h, buf), lpages[pi] * page
+        for j in range(nq):
+            _page_scores(qv[j], keys, s[j, pi * page : (pi + 1) * page], scale)
+        if win[1] >= 0 or kpos0 + page > min(pos0 + 1, end):  # the page straddles a mask boundary
+            for r in range(nr):
+                qpos = pos0 + r
+                for o in range(page):
+                    kpos = kpos0 + o
+                    if not (
+                        kpos <= qpos and kpos < end and (win[1] < 0 or kpos < win[0] or qpos - kpos < win[1])
+                    ):
+                        s[r * group : (r + 1) * group, pi * page + o] = NEG_INF
+    nk = pages.shape[0] * page
     for j in range(nq):
-        _exp_shift(s[j], _row_max(s[j]))
-        tot[j] = _row_sum(s[j])
-    acc = np.zeros((nq, d), np.float32)
+        ml[0, j] = _row_max(s[j, :nk])
+        _exp_shift(s[j, :nk], ml[0, j])
+        ml[1, j] = _row_sum(s[j, :nk])
+    acc[:nq] = 0
     for pi in range(pages.shape[0]):
-        for hi in range(heads.size):
-            for o in range(page):
-                val = kv_load(v_cache, v_scale, pages[pi], heads[hi], o, buf)
-                for j in range(hi * per_head, (hi + 1) * per_head):
-                    p = s[j, pi * page + o]
-                    for i in range(d):
-                        acc[j, i] += p * val[i]
-    for hi in range(heads.size):
-        for r in range(nr):
-            for g in range(group):
-                j = hi * per_head + r * group + g
-                out[r0 + r, heads[hi] * group + g] = acc[j] / tot[j]
+        vals = kv_load_page(v_cache, v_scale, pages[pi], h, buf)
+        for j in range(nq):
+            _page_weighted_sum(s[j, pi * page : (pi + 1) * page], vals, acc[j])
+
+
+@nb.njit(fastmath=FAST, **JIT)
+def _page_scores(qrow, keys, srow, scale):
+    """srow[o] = dot(qrow, keys[o]) * scale, four keys per pass over qrow (page sizes are multiples of 4); a
+    head dim of 64 (SmolLM2's) gets loops of constant length, unrolled."""
+    if qrow.shape[0] == 64:
+        _scores4(qrow, keys, srow, scale, 64)
+    else:
+        _scores4(qrow, keys, srow, scale, qrow.shape[0])
+
+
+@nb.njit(fastmath=FAST, inline="always")
+def _scores4(qrow, keys, srow, scale, d):
+    for o in range(0, keys.shape[0], 4):
+        a, b, c, e = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
+        for i in range(d):
+            a += qrow[i] * keys[o, i]
+            b += qrow[i] * keys[o + 1, i]
+            c += qrow[i] * keys[o + 2, i]
+            e += qrow[i] * keys[o + 3, i]
+        srow[o], srow[o + 1], srow[o + 2], srow[o + 3] = a * scale, b * scale, c * scale, e * scale
+
+
+@nb.njit(fastmath=FAST, **JIT)
+def _page_weighted_sum(p, vals, acc):
+    """acc += sum over o of p[o] * vals[o], four rows per pass over acc (head dim 64 unrolled, as above)."""
+    if acc.shape[0] == 64:
+        _weighted4(p, vals, acc, 64)
+    else:
+        _weighted4(p, vals, acc, acc.shape[0])
+
+
+@nb.njit(fastmath=FAST, inline="always")
+def _weighted4(p, vals, acc, d):
+    for o in range(0, vals.shape[0], 4):
+        a, b, c, e = p[o], p[o + 1], p[o + 2], p[o + 3]
+        for i in range(d):
+            acc[i] += (a * vals[o, i] + b * vals[o + 1, i]) + (c * vals[o + 2, i] + e * vals[o + 3, i])
+
+
+@nb.njit(**JIT)
+def merge_units(qb_start, qb_len, indptr, head_class, chunk, part, acc, out):
+    """out [N, Hq, D] from `paged_attention`'s units: per row, the units' sums rescaled to their common max
+    (flash-decoding's merge; exact for a single unit: its weight is exp(0) = 1), over their total."""
+    hkv = head_class.shape[0]
+    group = out.shape[1] // hkv
+    u = 0
+    for item in range(indptr.shape[0] - 1):
+        qb, cls = item // 2, item % 2
+        units = (indptr[item + 1] - indptr[item] + chunk - 1) // chunk
+        for h in range(hkv):
+            if head_class[h] != cls:
+                continue
+            for j in range(qb_len[qb] * group):
+                o = out[qb_start[qb] + j // group, h * group + j % group]
+                m = _row_max(part[u : u + units, 0, j])
+                o[:] = 0
+                tot = np.float32(0.0)
+                for v in range(u, u + units):
+                    x = part[v, 0, j] - m
+                    w = exp32(x) if x >= EXP_MIN else np.float32(0.0)
+                    tot += part[v, 1, j] * w
+                    for i in range(o.shape[0]):
+                        o[i] += w * acc[v, j, i]
+                for i in range(o.shape[0]):
+                    o[i] /= tot
+            u += units
 
 
 # The int4/int8 store and load above are compiled in from cpu_kv.py, which Numba's cache does not track.

@@ -47,6 +47,11 @@ def kv_load(vals, scales, pg, h, off, buf):
     raise NotImplementedError  # Numba-only (the overload below)
 
 
+def kv_load_page(vals, scales, pg, h, buf):
+    """Rows vals[pg, h] as float32 [page, D]: the cache's own rows, or dequantized into buf [page, D]."""
+    raise NotImplementedError  # Numba-only (the overload below)
+
+
 @overload(kv_store)
 def _kv_store(x, vals, scales, pg, h, off):
     if isinstance(vals.dtype, types.Float):
@@ -131,3 +136,16 @@ def _kv_load(vals, scales, pg, h, off, buf):
         return buf
 
     return load_uint8
+
+
+@overload(kv_load_page)
+def _kv_load_page(vals, scales, pg, h, buf):
+    if isinstance(vals.dtype, types.Float):
+        return lambda vals, scales, pg, h, buf: vals[pg, h]
+
+    def load_rows(vals, scales, pg, h, buf):
+        for o in range(buf.shape[0]):
+            kv_load(vals, scales, pg, h, o, buf[o])
+        return buf
+
+    return load_rows

@@ -107,8 +107,9 @@ class SplitRunner:
         self.first, self.longest = first, longest
         self._keys: dict = {}
 
-    def run(self, key, part, bounds: list[int]) -> None:
-        """part(bounds[i], bounds[i + 1]) for every i, spread over threads when that was faster lately."""
+    def run(self, key, part, bounds: list[int], joint: bool = False) -> None:
+        """part(bounds[i], bounds[i + 1]) for every i, spread over threads when that was faster lately.
+        `joint`: part(bounds[0], bounds[-1]) does the same as the parts, so on one thread it is one call."""
         if len(bounds) < 3:
             part(bounds[0], bounds[-1])
             return
@@ -116,7 +117,7 @@ class SplitRunner:
         probe = st.countdown <= 0
         t = time.perf_counter()
         if not (st.spread != probe and _HELPERS.spread(part, bounds)):
-            for a, b in zip(bounds[:-1], bounds[1:]):
+            for a, b in [(bounds[0], bounds[-1])] if joint else zip(bounds[:-1], bounds[1:]):
                 part(a, b)
         st.record(time.perf_counter() - t, probe, self.first, self.longest)
 
