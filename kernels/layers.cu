@@ -60,6 +60,30 @@ __device__ __forceinline__ __half rope_channel(const __half* x, int c, int half_
                     : __float2half(__fadd_rn(__fmul_rn(b, cs), __fmul_rn(a, sn)));
 }
 
+// Channels j0 .. j0+7 and j0+half_d .. j0+half_d+7 of head vector x written at the same places of dst, rotated
+// (half-split RoPE, each value rounded as rope_channel rounds it) or copied (rotate false): 16-byte accesses, so a
+// prefill row of 6,144 channels takes 384 threads (one channel a thread spent most of its time in index math).
+// Needs half_d % 8 == 0 and 16-byte aligned rows (CudaOps checks the head dim).
+__device__ __forceinline__ void rope_pairs8(const __half* x, int j0, int half_d, const __half* cos_row,
+                                            const __half* sin_row, bool rotate, __half* dst) {
+  uint4 lo = *reinterpret_cast<const uint4*>(x + j0), hi = *reinterpret_cast<const uint4*>(x + j0 + half_d);
+  if (rotate) {
+    const uint4 cv = *reinterpret_cast<const uint4*>(cos_row + j0), sv = *reinterpret_cast<const uint4*>(sin_row + j0);
+    __half* a = reinterpret_cast<__half*>(&lo);
+    __half* b = reinterpret_cast<__half*>(&hi);
+    const __half* cs = reinterpret_cast<const __half*>(&cv);
+    const __half* sn = reinterpret_cast<const __half*>(&sv);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const float af = __half2float(a[k]), bf = __half2float(b[k]), c = __half2float(cs[k]), s = __half2float(sn[k]);
+      a[k] = __float2half(__fsub_rn(__fmul_rn(af, c), __fmul_rn(bf, s)));
+      b[k] = __float2half(__fadd_rn(__fmul_rn(bf, c), __fmul_rn(af, s)));
+    }
+  }
+  *reinterpret_cast<uint4*>(dst + j0) = lo;
+  *reinterpret_cast<uint4*>(dst + j0 + half_d) = hi;
+}
+
 // A quantized cache (KV = lskv::Int8 / Int4 / Fp8, kernels/kv_quant.cuh): warp w of the row's blockIdx.y-th block
 // quantizes K (after RoPE, rounded to fp16 as a float cache would hold it) or V of KV head g, for items
 // blockIdx.y * warps + w, then every gridDim.y * warps, of 2 * hkv; `where(is_k, g, vals, scales)` points at the
@@ -99,8 +123,8 @@ __device__ __forceinline__ void kv_row(void* pool, __half* scales, long long r, 
 // (slot = page * page_size + offset; a negative slot writes nothing: padding rows of a captured batch).
 // q_out [N, Hq, D]. cos/sin [max_len, D/2] carry any rope scaling (llama3) already. KV: the cache format
 // (lskv::Half: fp16 k_cache / v_cache, scales unused; quantized: values + fp16 scales, D % 32 == 0).
-// Grid (N, Y): the row's items (channel pairs) spread over Y blocks, about one per thread (one block per row
-// walked a decode row's 3072 pairs in a dependent-load chain of ~5 us; cuda.py picks Y).
+// Grid (N, Y): the row's items (eight channel pairs of a head, rope_pairs8) spread over Y blocks, about one per
+// thread (one block per row walked a decode row's channels in a dependent-load chain of ~5 us; cuda.py picks Y).
 template <class KV>
 __global__ void rope_write_kv(const __half* __restrict__ qkv, const long long* __restrict__ positions,
                               const long long* __restrict__ slots, const __half* __restrict__ cos_t,
@@ -113,33 +137,27 @@ __global__ void rope_write_kv(const __half* __restrict__ qkv, const long long* _
   const long long pos = positions[row], slot = slots[row];
   const long long page = slot / page_size, offset = slot % page_size;
   const __half* x = qkv + row * nheads * head_dim;
+  const __half* cos_row = cos_t + pos * half_d;
+  const __half* sin_row = sin_t + pos * half_d;
   __half* kc = static_cast<__half*>(k_cache);
   __half* vc = static_cast<__half*>(v_cache);
-  const int items = (KV::QUANT ? hq : nheads) * half_d;
+  const int per_head = half_d / 8, items = (KV::QUANT ? hq : nheads) * per_head;
   for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < items; i += gridDim.y * blockDim.x) {
-    const int h = i / half_d, j = i - h * half_d;
-    const float a = __half2float(x[h * head_dim + j]), b = __half2float(x[h * head_dim + j + half_d]);
-    if (h < hq + hkv) {
-      const float c = __half2float(cos_t[pos * half_d + j]), s = __half2float(sin_t[pos * half_d + j]);
-      const __half ra = __float2half(a * c - b * s), rb = __float2half(b * c + a * s);
-      if (h < hq) {
-        __half* dst = q_out + (row * hq + h) * head_dim;
-        dst[j] = ra;
-        dst[j + half_d] = rb;
-      } else if (slot >= 0) {
-        __half* dst = kc + ((page * hkv + (h - hq)) * page_size + offset) * head_dim;
-        dst[j] = ra;
-        dst[j + half_d] = rb;
-      }
-    } else if (slot >= 0) {
-      __half* dst = vc + ((page * hkv + (h - hq - hkv)) * page_size + offset) * head_dim;
-      dst[j] = x[h * head_dim + j];
-      dst[j + half_d] = x[h * head_dim + j + half_d];
-    }
+    const int h = i / per_head, j0 = (i - h * per_head) * 8;
+    __half* dst;
+    if (h < hq)
+      dst = q_out + (row * hq + h) * head_dim;
+    else if (slot < 0)
+      continue;
+    else if (h < hq + hkv)
+      dst = kc + ((page * hkv + (h - hq)) * page_size + offset) * head_dim;
+    else
+      dst = vc + ((page * hkv + (h - hq - hkv)) * page_size + offset) * head_dim;
+    rope_pairs8(x + h * head_dim, j0, half_d, cos_row, sin_row, h < hq + hkv, dst);
   }
   if constexpr (KV::QUANT) {
     if (slot < 0) return;
-    write_kv_quant<KV>(x, hq, hkv, head_dim, cos_t + pos * half_d, sin_t + pos * half_d,
+    write_kv_quant<KV>(x, hq, hkv, head_dim, cos_row, sin_row,
                        [&](bool is_k, int g, unsigned char*& vals, unsigned short*& sc) {
                          const long long r = (page * hkv + g) * page_size + offset;
                          kv_row<KV>(is_k ? k_cache : v_cache, is_k ? k_scale : v_scale, r, head_dim, is_k, vals, sc);
@@ -181,23 +199,22 @@ __global__ void rope_write_kv_sparse(const __half* __restrict__ qkv, const long 
   __half *kd = static_cast<__half*>(kd_p), *vd = static_cast<__half*>(vd_p);
   __half *ks = static_cast<__half*>(ks_p), *vs = static_cast<__half*>(vs_p);
   const int first = blockIdx.y * blockDim.x + threadIdx.x, stride = gridDim.y * blockDim.x;
-  for (int i = first; i < (KV::QUANT ? hq : nheads) * head_dim; i += stride) {
-    const int h = i / head_dim, c = i - h * head_dim;
+  const int per_head = half_d / 8;
+  for (int i = first; i < (KV::QUANT ? hq : nheads) * per_head; i += stride) {
+    const int h = i / per_head, j0 = (i - h * per_head) * 8;
+    __half* dst;
     if (h < hq) {
-      q_out[((long long)row * hq + h) * head_dim + c] = rope_channel(x + h * head_dim, c, half_d, cos_row, sin_row);
-      continue;
+      dst = q_out + ((long long)row * hq + h) * head_dim;
+    } else {
+      const bool is_k = h < hq + hkv;
+      const int g = is_k ? h - hq : h - hq - hkv;
+      const int cls = head_class[g];
+      const long long slot = cls ? sslot : dslot;
+      if (slot < 0) continue;
+      const long long page = slot / page_size, off = slot % page_size;
+      dst = (is_k ? (cls ? ks : kd) : (cls ? vs : vd)) + ((page * (cls ? ns : nd) + head_slot[g]) * page_size + off) * head_dim;
     }
-    const bool is_k = h < hq + hkv;
-    const int g = is_k ? h - hq : h - hq - hkv;
-    const int cls = head_class[g];
-    const long long slot = cls ? sslot : dslot;
-    if (slot < 0) continue;
-    const long long page = slot / page_size, off = slot % page_size;
-    const long long dst = ((page * (cls ? ns : nd) + head_slot[g]) * page_size + off) * head_dim + c;
-    if (is_k)
-      (cls ? ks : kd)[dst] = rope_channel(x + h * head_dim, c, half_d, cos_row, sin_row);
-    else
-      (cls ? vs : vd)[dst] = x[h * head_dim + c];
+    rope_pairs8(x + h * head_dim, j0, half_d, cos_row, sin_row, h < hq + hkv, dst);
   }
   if constexpr (KV::QUANT) {
     write_kv_quant<KV>(x, hq, hkv, head_dim, cos_row, sin_row,

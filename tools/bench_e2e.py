@@ -606,7 +606,14 @@ def bench_e2e_sparse(args, bw: float, emit) -> None:
             else:
                 t0 = time.perf_counter()
                 while seq.num_cached < ctx:
+                    profiled = seq.num_cached // chunk in args.sparse_profile_chunks
+                    if profiled:
+                        sync()
+                        cp.cuda.profiler.start()
                     runner.run([seq], [min(chunk, ctx - seq.num_cached)])
+                    if profiled:
+                        sync()
+                        cp.cuda.profiler.stop()
                 sync()
                 t = time.perf_counter() - t0
                 last_seg, done = (seg, t), ctx
@@ -980,6 +987,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="after the timings at each context, run this many engine decode steps (one selector "
                          "refresh among them) between cudaProfilerStart / Stop, for ncu --profile-from-start off; "
                          "summarize with tools/profile_decode.py --summarize")  # fmt: skip
+    ap.add_argument("--sparse-profile-chunks", type=int, nargs="*", default=[],
+                    help="prefill chunks (0-based indices) run between cudaProfilerStart / Stop, for ncu "
+                         "--profile-from-start off (their prefill time then includes the profiler's)")  # fmt: skip
     ap.add_argument(
         "--deadline", type=float, default=None, help="epoch seconds: skip prefill segments past it"
     )

@@ -106,6 +106,13 @@ def _row_grid(rows: int, items: int, threads: int = 256) -> tuple[tuple[int, int
     return (rows, -(-items // block)), (block,)
 
 
+def _rope_items(heads: int, d: int) -> int:
+    """Threads' items of a rope_write_kv row: eight channel pairs of a head each (layers.cu rope_pairs8)."""
+    if d % 16:
+        raise ValueError(f"rope_write_kv needs a head dim divisible by 16, got {d}")
+    return heads * d // 16
+
+
 class Cublas:
     """cublasGemmEx through ctypes on a handle of our own, with a workspace of our own.
 
@@ -498,7 +505,7 @@ class CudaOps:
         if n:
             args = (cp.ascontiguousarray(qkv), positions, slots, rope[0], rope[1], q, kc, vc, ksc, vsc,
                     np.int32(hq), np.int32(hkv), np.int32(d), np.int32(page))  # fmt: skip
-            self.k[f"rope_write_kv<{kv_trait(cache)}>"](*_row_grid(n, (hq + 2 * hkv) * d // 2), args)
+            self.k[f"rope_write_kv<{kv_trait(cache)}>"](*_row_grid(n, _rope_items(hq + 2 * hkv, d)), args)
         return q
 
     def _rope_write_kv_sparse(self, qkv, positions, slots, cache: KVCache, layer: int, rope, out=None):
@@ -519,8 +526,8 @@ class CudaOps:
             args = (cp.ascontiguousarray(qkv), positions, cp.ascontiguousarray(slots), rope[0], rope[1], q,
                     kd, vd, ks, vs, *_scale_args(cache, layer), hc, hs, kmax, kmin, np.int32(hq), np.int32(hkv),
                     np.int32(nd), np.int32(ns), np.int32(d), np.int32(page), np.int32(sub), np.int32(n))  # fmt: skip
-            kernel = self.k[f"rope_write_kv_sparse<{kv_trait(cache)}>"]
-            kernel(*_row_grid(n, (hq + 2 * hkv) * d), args)
+            kernel = self.k[f"rope_write_kv_sparse<{kv_trait(cache)}>"]  # statistics: one (head, channel) a thread
+            kernel(*_row_grid(n, max(_rope_items(hq + 2 * hkv, d), hkv * d if stats else 0)), args)
         return q
 
     def attention(self, q, cache: KVCache, layer: int, plan, head_class, out=None):
