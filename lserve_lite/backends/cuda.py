@@ -526,7 +526,8 @@ class CudaOps:
             args = (cp.ascontiguousarray(qkv), positions, cp.ascontiguousarray(slots), rope[0], rope[1], q,
                     kd, vd, ks, vs, *_scale_args(cache, layer), hc, hs, kmax, kmin, np.int32(hq), np.int32(hkv),
                     np.int32(nd), np.int32(ns), np.int32(d), np.int32(page), np.int32(sub), np.int32(n))  # fmt: skip
-            kernel = self.k[f"rope_write_kv_sparse<{kv_trait(cache)}>"]  # statistics: one (head, channel) a thread
+            kernel = self.k[f"rope_write_kv_sparse<{kv_trait(cache)}>"]
+            # the row's threads: its rope_pairs8 items, or its statistics' (head, channel) items if more
             kernel(*_row_grid(n, max(_rope_items(hq + 2 * hkv, d), hkv * d if stats else 0)), args)
         return q
 
