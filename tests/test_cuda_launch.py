@@ -130,3 +130,17 @@ def test_gemv_tuning_options():
     for env in ({"LSERVE_GEMV_UNROLL": "0"}, {"LSERVE_GEMV_PREFETCH": "-1"}, {"LSERVE_GEMV_UNROLL": "8; rm"}):
         with pytest.raises(ValueError, match="LSERVE_GEMV_"):
             gemv_tuning(env)
+
+
+def test_numeric_knob_refuses_bad_values(monkeypatch):
+    """LSERVE_GEMV_KSPLIT (waves of resident warps two warps per row may fill): numbers in range, else one line."""
+    from lserve_lite.backends.cuda import _env_float
+
+    monkeypatch.delenv("LSERVE_GEMV_KSPLIT", raising=False)
+    assert _env_float("LSERVE_GEMV_KSPLIT", 1.0, 0.0, 8.0) == 1.0
+    monkeypatch.setenv("LSERVE_GEMV_KSPLIT", "1.5")
+    assert _env_float("LSERVE_GEMV_KSPLIT", 1.0, 0.0, 8.0) == 1.5
+    for bad in ("-1", "9", "nan", "two"):
+        monkeypatch.setenv("LSERVE_GEMV_KSPLIT", bad)
+        with pytest.raises(ValueError, match=r"LSERVE_GEMV_KSPLIT must be a number in \[0, 8\]"):
+            _env_float("LSERVE_GEMV_KSPLIT", 1.0, 0.0, 8.0)

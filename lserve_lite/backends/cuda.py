@@ -70,6 +70,18 @@ def gemv_tuning(env: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(opts)
 
 
+def _env_float(name: str, default: float, lo: float, hi: float) -> float:
+    """A numeric tuning knob from the environment, refused with one line outside [lo, hi]."""
+    value = os.environ.get(name, "")
+    try:
+        x = float(value) if value else default
+    except ValueError:
+        x = float("nan")
+    if not lo <= x <= hi:
+        raise ValueError(f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
+    return x
+
+
 def to_fp16(a: np.ndarray, name: str | None = None) -> np.ndarray:
     """Checked float16 conversion: refuses values beyond the float16 range (or NaN) instead of making inf."""
     if a.dtype == np.float16 or a.size == 0:
@@ -245,9 +257,9 @@ class CudaOps:
         # residual add + RMSNorm in the prologue of the decode GEMV after it (rmsnorm_linear); LSERVE_CUDA_FUSE_NORM=0:
         # add_rmsnorm's own kernel.
         self.fuse_norm = os.environ.get("LSERVE_CUDA_FUSE_NORM", "1") != "0"
-        # gemv_rows with S = 2 warps per row where the rows alone leave warps idle (gemv_slices);
-        # LSERVE_GEMV_KSPLIT=0: one warp per row everywhere.
-        self.gemv_ksplit = os.environ.get("LSERVE_GEMV_KSPLIT", "1") != "0"
+        # gemv_rows with S = 2 warps per row where twice the rows fit this many waves of resident warps (gemv_slices);
+        # LSERVE_GEMV_KSPLIT=0: one warp per row everywhere (1.5, splitting the QKV projection too, measured slower).
+        self.gemv_ksplit = _env_float("LSERVE_GEMV_KSPLIT", 1.0, 0.0, 8.0)
         self.resident_warps = 64 * int(self.device.attributes["MultiProcessorCount"])  # at <= 32 registers
 
     # -- data movement ------------------------------------------------------------------------
@@ -398,7 +410,7 @@ class CudaOps:
     def gemv_slices(self, m: int, k: int) -> int:
         """Warps per output row of gemv_rows: 2 where twice the m rows still fit the GPU's resident warps at once
         and a row is long enough to cut (K >= 2048: o_proj and down of 8B-class models), else 1."""
-        return 2 if self.gemv_ksplit and k >= 2048 and 2 * m <= self.resident_warps else 1
+        return 2 if k >= 2048 and 2 * m <= self.gemv_ksplit * self.resident_warps else 1
 
     def _gemv_rows(self, x, w, out, m: int, k: int, silu: bool = False, norm: RmsIn | None = None) -> None:
         """Launch the gemv_rows instantiation for m output rows (units; gate/up row pairs with silu): grid, slices,
