@@ -169,14 +169,14 @@ __global__ void rope_write_kv(const __half* __restrict__ qkv, const long long* _
 // LServe mode: RoPE on q/k; KV head g's k/v go into the pool of its class (0: dense pool kd/vd [P, nd, page, D]
 // at dense slot slots[0][n]; 1: streaming pool ks/vs [Ps, ns, page, D] at slots[1][n]) at row head_slot[g];
 // a negative slot writes nothing. Then, fused: the key statistics of the dense pool's logical pages
-// (kmax/kmin [P, nd, sub, D] fp16, may be null) for every logical page this batch wrote into, recomputed over
-// the written prefix (offsets 0 .. last written) by the block of the batch's last row in that logical page.
-// Keys of earlier rows of the batch in the same logical page (consecutive rows with consecutive slots) are
-// recomputed from qkv, not read back (other blocks write them); older keys come from the cache. Grid (N, Y) as
-// rope_write_kv: the row's channels and its statistics' (head, channel) items spread over Y blocks. A quantized
-// cache (KV, with fp16 scales kd_s/vd_s/ks_s/vs_s beside the pools) holds no unquantized keys: there the
-// older keys are the logical page's stats themselves, merged with the new keys (reference/page_stats.py
-// merge_page_stats), so the stats stay those of the unquantized keys.
+// (kmax/kmin [P, nd, sub, D] fp16, may be null) for every logical page this batch wrote into, by the block of the
+// batch's last row in that logical page: the keys of the batch's rows in it (consecutive rows with consecutive
+// slots; recomputed from qkv, not read back: other blocks write them) merged with the stats the page already has
+// when the run starts past its offset 0 (reference/page_stats.py merge_page_stats: with tokens appended in order,
+// the recomputation over the written prefix that update_page_stats defines; a quantized cache holds no
+// unquantized keys to recompute from, and a float one is spared reading up to 15 older keys a decode row).
+// Grid (N, Y) as rope_write_kv: the row's channels and its statistics' (head, channel) items spread over Y blocks.
+// KV: the cache format (quantized: fp16 scales kd_s/vd_s/ks_s/vs_s beside the pools).
 // Reference: lserve_lite/backends/reference/layers.py::rope_write_kv_sparse_ref (+ reference/page_stats.py).
 template <class KV>
 __global__ void rope_write_kv_sparse(const __half* __restrict__ qkv, const long long* __restrict__ positions,
@@ -245,20 +245,18 @@ __global__ void rope_write_kv_sparse(const __half* __restrict__ qkv, const long 
     const long long hrow = page * nd + head_slot[g];
     const long long st = (hrow * sub + lsub) * head_dim + c;
     float mx = -__int_as_float(0x7f800000), mn = __int_as_float(0x7f800000);
-    if (KV::QUANT && first_off > 0) {
+    if (first_off > 0) {  // the stats of offsets 0 .. first_off - 1, written with them
       mx = __half2float(kmax[st]);
       mn = __half2float(kmin[st]);
     }
-    // Key o of the logical page: older ones from the cache, this batch's recomputed from qkv.
+    // This batch's key o of the logical page, recomputed from qkv (other blocks write it into the cache).
     auto key_at = [&](int o) -> float {
-      if (o < first_off) return __half2float(kd[(hrow * page_size + lsub * lp + o) * head_dim + c]);
       const int r = r0 + (o - first_off);
       const long long p = positions[r];
       const __half* xr = qkv + (long long)r * nheads * head_dim + (hq + g) * head_dim;
       return __half2float(rope_channel(xr, c, half_d, cos_t + p * half_d, sin_t + p * half_d));
     };
-    // Eight keys' loads in flight at a time (one at a time: a chain of up to lp - 1 L2 round trips per decode row).
-    for (int o0 = KV::QUANT ? first_off : 0; o0 <= last_off; o0 += 8) {
+    for (int o0 = first_off; o0 <= last_off; o0 += 8) {
       float kv[8];
 #pragma unroll
       for (int u = 0; u < 8; ++u) kv[u] = o0 + u <= last_off ? key_at(o0 + u) : kv[0];

@@ -17,6 +17,7 @@ from ..backends.reference.layers import (
     rope_write_kv_sparse_ref,
     silu_mul_ref,
 )
+from ..backends.reference.page_stats import update_page_stats
 from ..config import ModelConfig
 from .common import Ctx, Result, compare, silu_mul_atol
 from .quant import U32, norm_linear_ref, random_quant, reference_matrix, silu_inputs
@@ -231,8 +232,9 @@ def rope_write_kv_sparse_one(c: Ctx, name: str) -> list[Result]:
     """CudaOps.rope_write_kv on an LServe cache (kernel rope_write_kv_sparse: RoPE, K/V into the pool of each
     KV head's class, fused page statistics) vs rope_write_kv_sparse_ref. Three sequences (a chunk appended at
     an unaligned position, a fresh prompt, a decode row at an unaligned position) and two padding rows (slots
-    -1); the pools NaN-poisoned except the sequences' earlier tokens (the statistics read them back), the
-    statistics and q NaN-poisoned."""
+    -1); the pools NaN-poisoned except the sequences' earlier tokens, the statistics NaN-poisoned except those
+    of the earlier tokens' logical pages (the reference recomputes them from the cache, the kernel merges), q
+    NaN-poisoned."""
     pattern, gsize, d, ps, sub = ROPE_SPARSE[name]
     hc, slot = head_classes(pattern)
     hkv = hc.size
@@ -262,6 +264,8 @@ def rope_write_kv_sparse_one(c: Ctx, name: str) -> list[Result]:
     for pool in pools[:2]:  # the sequences' earlier tokens (dense pool): random
         pool[hist // ps, :, hist % ps] = c.f16(hist.size, nd, d)
     stats = [np.full((n_pages, nd, sub, d), np.nan, np.float32) for _ in "xn"]
+    # the earlier tokens' statistics, as their own writes left them (the kernel merges new keys into them)
+    update_page_stats(*stats, pools[0], hist)
     dev = [c.dev16(a) for a in pools + stats]
     want = [a.copy() for a in pools + stats]
     rope_write_kv_sparse_ref(
