@@ -200,7 +200,10 @@ def test_chat_logprobs_streaming_and_not(client):
     assert all(c.top_logprobs[0].logprob == c.logprob for c in content)  # greedy
     streamed = [c for ch in client.chat.completions.create(**kw, stream=True) if ch.choices and ch.choices[0].logprobs
                 for c in ch.choices[0].logprobs.content]  # fmt: skip
-    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in content]
+    # The second request reuses the first one's cached prompt page and prefills only the rest (other GEMM shapes):
+    # its K/V can differ in the last bits, so its logprobs agree to float32 rounding, not bit for bit.
+    assert [c.token for c in streamed] == [c.token for c in content]
+    assert np.allclose([c.logprob for c in streamed], [c.logprob for c in content], rtol=0, atol=1e-5)
 
 
 def test_streamed_completion_n_echo(server):
