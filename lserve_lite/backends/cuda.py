@@ -408,8 +408,9 @@ class CudaOps:
         return "gemv" if self.small_gemv and 0 < n <= GEMV_MAX_ROWS and k % 8 == 0 else "cublas"
 
     def gemv_slices(self, m: int, k: int) -> int:
-        """Warps per output row of gemv_rows: 2 where twice the m rows still fit the GPU's resident warps at once
-        and a row is long enough to cut (K >= 2048: o_proj and down of 8B-class models), else 1."""
+        """Warps per output row of gemv_rows: 2 where twice the m rows fit LSERVE_GEMV_KSPLIT waves of the GPU's
+        resident warps (1: all at once) and a row is long enough to cut (K >= 2048: o_proj and down of 8B-class
+        models), else 1."""
         return 2 if k >= 2048 and 2 * m <= self.gemv_ksplit * self.resident_warps else 1
 
     def _gemv_rows(self, x, w, out, m: int, k: int, silu: bool = False, norm: RmsIn | None = None) -> None:
