@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,11 +34,14 @@ CASES = {
     "mass_one_page": ([16 * 40 + 3], 4, "00", 32, 16, 2, [6], [(0, 0)], None),
 }
 THREADS = 32
+# the subprocesses import lserve_lite from this checkout, installed or not (pytest's own sys.path is not inherited)
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                                  os.environ.get("PYTHONPATH")]))}  # fmt: skip
 
 
 def test_numba_selector_matches_reference_in_simulator():
     """The cases split over one simulator process per core (each runs every thread in Python)."""
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    env = {**ENV, "NUMBA_ENABLE_CUDASIM": "1"}
     parts = max(1, min(os.cpu_count() or 1, len(CASES)))
     procs = [
         subprocess.Popen([sys.executable, __file__, "sim", str(i), str(parts)], env=env, text=True,
@@ -53,7 +57,9 @@ def test_numba_selector_matches_reference_in_simulator():
 def test_numba_selector_compiles_for_the_gpu():
     """PTX for sm_80 and sm_90 with the GPU's argument types (float16 statistics), as NVRTC checks the
     RawKernels (tests/test_kernels_compile.py); skipped where Numba finds no NVVM."""
-    r = subprocess.run([sys.executable, __file__, "ptx"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, __file__, "ptx"], env=ENV, capture_output=True, text=True, timeout=600
+    )
     if r.returncode == 0 and r.stdout.startswith("skip"):
         pytest.skip(r.stdout.strip())
     assert r.returncode == 0 and r.stdout.count("ptx ok") == 2, r.stdout + r.stderr[-3000:]
