@@ -45,14 +45,15 @@ LAYER_KERNELS = (
     *(f"gemv_rows<{n}, __half, {s}, true>" for s in ("false", "true") for n in range(1, 9)),
 )
 GEMV_MAX_ROWS = 8
+GEMV_WARPS = 8  # gemv_rows' warps per block (its launch and its shared partial sums, one per warp)
 NORM_SMEM = 48 << 10  # gemv_rows with NORM: normed rows (N * K halves) + scratch in shared memory, no opt-in
 
 
 def gemv_rows_smem(n: int, k: int, slices: int, silu: bool, norm: bool) -> int:
     """gemv_rows' dynamic shared memory (layers.cu): with NORM the normed rows (n * k halves) and the rms scratch;
-    with slices > 1 then 8 warps x (2 with silu) x n float partial sums."""
+    with slices > 1 then GEMV_WARPS x (2 with silu) x n float partial sums."""
     return (2 * n * k + scratch_bytes(n) if norm else 0) + (
-        8 * (2 if silu else 1) * n * 4 if slices > 1 else 0
+        GEMV_WARPS * (2 if silu else 1) * n * 4 if slices > 1 else 0
     )
 
 
@@ -425,7 +426,7 @@ class CudaOps:
             name = f"gemv_rows<{n}, {'__half' if out.dtype == np.float16 else 'float'}>"
         args = (x, w, out, np.int32(m), np.int32(k), np.int32(s), *(norm.args() if norm else NO_NORM))
         smem = gemv_rows_smem(n, k, s, silu, norm is not None)
-        self.k[name]((-(-m * s // 8),), (256,), args, shared_mem=smem)
+        self.k[name]((-(-m * s // GEMV_WARPS),), (32 * GEMV_WARPS,), args, shared_mem=smem)
 
     def gemm(self, x, w, out_dtype, out=None):
         """out[N, M] = x[N, K] @ w[M, K]^T, float32 accumulation: gemv_rows (layers.cu) for N <= 8, else
