@@ -17,7 +17,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from lserve_lite.backends import cpu_quant_simd
-from lserve_lite.backends.cpu_quant import GEMV_ROWS, dequant_rows, embed_q, linear_q
+from lserve_lite.backends.cpu_quant import GEMV_ROWS, dequant_rows, embed_q, linear_q, logits_q
 from lserve_lite.backends.cpu_threads import SplitRunner
 from lserve_lite.errors import ModelLoadError
 from lserve_lite.weights.qtensor import FORMATS, LAYOUTS, QuantTensor, concat_rows
@@ -145,6 +145,46 @@ def test_gemv_and_gemm_match_float64(fmt):
             x_hat = _int8_activations(x)
             err = np.abs(y - x_hat @ ref.T)
             assert (err <= _rounding(x_hat, ref)).all(), f"{fmt} N={n}: {err.max():.3g} from x's int8 values"
+
+
+def _int16_activations(x: np.ndarray) -> np.ndarray:
+    """x as logits_q's one pass sees it (8-bit heads): per 32 values dx = max|x| / 32767, dx * round(x / dx)."""
+    xb = x.reshape(x.shape[0], -1, 32)
+    dx = np.abs(xb).max(axis=2, keepdims=True) / np.float32(32767)
+    inv = np.divide(np.float32(1), dx, out=np.zeros_like(dx), where=dx > 0)
+    return (np.rint(xb * inv).astype(np.float64) * dx).reshape(x.shape)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_logits_match_float64(fmt):
+    """logits_q against x @ W.T in float64: decode rows of 8-bit heads through int16 activations (each off by
+    at most max|x| / 65534 per 32 values; against those values only float32 rounding is left), other formats
+    by the int8 GEMV and its residual pass (dx / 254); rows past GEMV_ROWS as linear_q; decode rows' split
+    parts bitwise equal to one part."""
+    rng = np.random.default_rng(12)
+    k = {32: 9 * 32, 128: 5 * 128, 256: 3 * 256}[LAYOUTS[fmt].block]
+    qt, ref = _make(fmt, 45, k, rng)
+    for n in (1, 3, 16, 20):
+        x = (rng.standard_normal((n, k)) * rng.uniform(0.01, 30, k)).astype(np.float32)
+        y = logits_q(x, qt)
+        assert y.shape == (n, 45) and y.dtype == np.float32
+        err, tol = np.abs(y - x.astype(np.float64) @ ref.T), _rounding(x, ref)
+        if n <= GEMV_ROWS:
+            step = 32767 if fmt in ("q8_0", "int8") else 127 * 254
+            dx = np.abs(x.reshape(n, -1, 32)).max(axis=2).astype(np.float64) / step
+            tol = 2 * tol + (np.repeat(dx, 32, axis=1) / 2) @ np.abs(ref).T * (1 + 1e-5)
+        assert (err <= tol).all(), f"{fmt} N={n}: max error {err.max():.3g}"
+        if n <= GEMV_ROWS and fmt in ("q8_0", "int8"):
+            x_hat = _int16_activations(x)
+            err = np.abs(y - x_hat @ ref.T)
+            assert (err <= _rounding(x_hat, ref)).all(), f"{fmt} N={n}: {err.max():.3g} from x's int16 values"
+        split = SplitRunner(parts=3, first=0)
+        for _ in range(3 if n <= GEMV_ROWS else 0):  # both ways (spread over threads or not); GEMM: BLAS's
+            np.testing.assert_array_equal(logits_q(x, qt, split), y)
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    x[0, 5] = np.nan
+    y = logits_q(x, qt)
+    assert not np.isfinite(y[0]).any() and np.isfinite(y[1]).all()
 
 
 @pytest.mark.parametrize("n", [1, 4, 20])
@@ -322,7 +362,7 @@ import sys, numpy as np
 sys.path.insert(0, sys.argv[2])
 from test_quant_kernels import _make
 from lserve_lite.backends import cpu_quant_simd
-from lserve_lite.backends.cpu_quant import linear_q
+from lserve_lite.backends.cpu_quant import linear_q, logits_q
 from lserve_lite.weights.qtensor import FORMATS
 assert not cpu_quant_simd._AVX2 and not cpu_quant_simd._NATIVE_HALF
 rng = np.random.default_rng(7)
@@ -331,6 +371,7 @@ for fmt in FORMATS:
     qt, _ = _make(fmt, 9, 768, rng)
     out[fmt] = linear_q(rng.standard_normal((3, 768)).astype(np.float32), qt)
     out[fmt + "_gemm"] = linear_q(rng.standard_normal((20, 768)).astype(np.float32), qt)
+    out[fmt + "_logits"] = logits_q(rng.standard_normal((3, 768)).astype(np.float32), qt)
 np.savez(sys.argv[1], **out)
 """
 
@@ -349,11 +390,14 @@ def test_portable_path_matches_avx2(tmp_path):
         qt, ref = _make(fmt, 9, 768, rng)
         x = rng.standard_normal((3, 768)).astype(np.float32)
         gemm = linear_q(rng.standard_normal((20, 768)).astype(np.float32), qt)
+        xl = rng.standard_normal((3, 768)).astype(np.float32)
         # integer sums are exact on both paths; only where FMA contraction applies (not on a generic CPU)
         # the float32 scaling rounds differently
         err = np.abs(got[fmt] - linear_q(x, qt))
         assert (err <= 2 * _rounding(_int8_activations(x), ref)).all(), f"{fmt}: {err.max():.3g}"
         np.testing.assert_array_equal(got[fmt + "_gemm"], gemm)
+        err = np.abs(got[fmt + "_logits"] - logits_q(xl, qt))
+        assert (err <= 4 * _rounding(xl, ref)).all(), f"{fmt} logits: {err.max():.3g}"
 
 
 def test_smollm2_gguf_weights_stay_quantized(smollm2_path):

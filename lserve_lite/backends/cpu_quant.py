@@ -25,7 +25,7 @@ from ..weights import qtensor
 from ..weights.qtensor import FORMATS, LAYOUTS, QuantTensor
 from . import cpu_kernels, cpu_quant_simd
 from .cpu_kernels import FAST, JIT
-from .cpu_quant_simd import ROW_DOT, f16_at
+from .cpu_quant_simd import ROW_DOT, ROW_DOT16, f16_at
 from .cpu_threads import SplitRunner, even_bounds
 from .numba_cache import flush_if_deps_changed
 
@@ -34,6 +34,7 @@ assert FORMATS == ("q8_0", "q4_0", "q4_1", "q4_k", "q6_k", "int8", "int4")
 BLOCK = tuple(lay.block for lay in LAYOUTS.values())
 BLOCK_BYTES = tuple(lay.block_bytes for lay in LAYOUTS.values())
 _ROW_Q8_0, _ROW_Q4_0, _ROW_Q4_1, _ROW_Q4_K, _ROW_Q6_K, _ROW_INT8, _ROW_INT4 = ROW_DOT
+_ROW16_Q8_0, _ROW16_INT8 = ROW_DOT16
 # Up to this many rows of x, the GEMV (its cost grows with N; the GEMM's tile dequantization does not):
 # measured crossover ~16-32 rows at 1536x576 and 4096x4096 (1 thread)
 GEMV_ROWS = 16
@@ -73,6 +74,36 @@ def quantize_activations(x, xq, dx, xs):
                     xq[r, i] = q
                     s += q
                 xs[r, c] = d * np.float32(s)
+
+
+@nb.njit(**JIT)
+def quantize_activations16(x, xq, dx):
+    """Per 32 values of each row: dx = max|x| / 32767, xq = round(x / dx) as int16 (`logits_q`). A NaN or
+    Inf among the 32 makes dx NaN, as in `quantize_activations`."""
+    n, k = x.shape
+    for r in range(n):
+        for b in range(k // 32):
+            amax, finite = np.float32(0.0), True
+            for i in range(32 * b, 32 * b + 32):
+                amax = max(amax, abs(x[r, i]))
+                finite &= np.isfinite(x[r, i])
+            d = amax / np.float32(32767.0) if finite else np.float32(np.nan)
+            inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+            dx[r, b] = d
+            for i in range(32 * b, 32 * b + 32):
+                xq[r, i] = np.int16(np.rint(x[r, i] * inv))
+
+
+@nb.njit(fastmath=FAST, **JIT)
+def gemv_rows_q16(fmt, xq, dx, data, out, j0, j1):
+    """`gemv_rows_q` for an 8-bit format (Q8_0 or INT8) and int16 activations from `quantize_activations16`."""
+    nblocks = xq.shape[1] // 32
+    for j in range(j0, j1):
+        for r in range(xq.shape[0]):
+            if fmt == Q8_0:
+                out[r, j] = _ROW16_Q8_0(data[j], nblocks, xq[r], dx[r])
+            else:
+                out[r, j] = _ROW16_INT8(data[j], nblocks, xq[r], dx[r])
 
 
 @nb.njit(inline="always")
@@ -217,11 +248,25 @@ def linear_q(
 
 def logits_q(x: np.ndarray, w: QuantTensor, split: SplitRunner | None = None) -> np.ndarray:
     """x @ W.T at float32-grade accuracy for the final logits, whose top two often differ by < 0.5% (the
-    int8 activations alone flipped SmolLM2's greedy answer): decode rows run the int8 GEMV a second time on
-    the activations' rounding residual, so each activation is off by dx/254 instead of dx/2."""
-    y = linear_q(x, w, split)
-    if x.shape[0] <= GEMV_ROWS:
-        y += linear_q(x - _int8_rounded(np.ascontiguousarray(x, dtype=np.float32)), w, split)
+    int8 activations alone flipped SmolLM2's greedy answer). Decode rows of an 8-bit head (Q8_0, int8) take
+    int16 activations per 32 values (each off by at most max|x| / 65534) in one pass over the weights; other
+    formats run the int8 GEMV a second time on the activations' rounding residual (off by dx/254, not dx/2)."""
+    fmt = FORMATS.index(w.fmt)
+    n, k = x.shape
+    if n > GEMV_ROWS or fmt not in (Q8_0, INT8) or x.ndim != 2 or k != w.shape[1]:
+        y = linear_q(x, w, split)
+        if n <= GEMV_ROWS:
+            y += linear_q(x - _int8_rounded(np.ascontiguousarray(x, dtype=np.float32)), w, split)
+        return y
+    xq, dx = np.empty((n, k), np.int16), np.empty((n, k // 32), np.float32)
+    quantize_activations16(np.ascontiguousarray(x, dtype=np.float32), xq, dx)
+    m = w.shape[0]
+    y = np.empty((n, m), np.float32)
+    part = lambda a, b: gemv_rows_q16(fmt, xq, dx, w.data, y, a, b)  # noqa: E731
+    if split:
+        split.run(("qgemv16", n, w.fmt, w.shape), part, even_bounds(0, m, split.parts))
+    else:
+        part(0, m)
     return y
 
 

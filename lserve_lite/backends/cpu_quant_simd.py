@@ -109,14 +109,17 @@ def _half(builder, h16):
 
 
 class _Row:
-    """IR accessors for one row dot: the packed row, the int8 activations, their scales and sums."""
+    """IR accessors for one row dot: the packed row, the int8 (or int16) activations, their scales and sums
+    (none for int16 activations: the formats that take them have no offsets term)."""
 
     def __init__(self, context, builder, sig, args):
         self.b = builder
-        row, xq, dx, xs = (
-            context.make_array(sig.args[i])(context, builder, value=args[i]) for i in (0, 2, 3, 4)
-        )
-        self.row, self.xq, self.dx, self.xs = row.data, xq.data, dx.data, xs.data
+        data = [
+            context.make_array(sig.args[i])(context, builder, value=args[i]).data
+            for i in (0, 2, 3, 4)[: len(args) - 1]
+        ]
+        self.row, self.xq, self.dx = data[:3]
+        self.xs = data[3] if len(data) > 3 else None
 
     def _at(self, base, index, ty: ir.Type):
         index = index if isinstance(index, ir.Value) else _I64(index)
@@ -157,32 +160,41 @@ class _Row:
 Decoder = Callable[[_Row, ir.Value], tuple[list, ir.Value]]
 
 
-def _row_dot(decode: Decoder):
-    """The intrinsic row_dot(row, nblocks, xq, dx, xs) -> float32 of a format, `decode` inlined per block."""
+def _row_dot(decode: Decoder, offsets: bool = True):
+    """The intrinsic row_dot(row, nblocks, xq, dx, xs) -> float32 of a format, `decode` inlined per block;
+    without `offsets` (a format with none, e.g. int16 activations): row_dot(row, nblocks, xq, dx)."""
 
-    @intrinsic
-    def row_dot(typingctx, row, nblocks, xq, dx, xs):
-        def codegen(context, builder, sig, args):
-            r = _Row(context, builder, sig, args)
-            acc = cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, 8), [0.0] * 8))
-            off = cgutils.alloca_once_value(builder, _F32(0.0))
-            with cgutils.for_range(builder, args[1]) as loop:
-                terms, offset = decode(r, loop.index)
-                a = builder.load(acc)
-                for part, scale in terms:
-                    a = builder.fadd(
-                        a, builder.fmul(builder.sitofp(part, _vec(_F32, 8)), _splat(builder, scale, 8))
-                    )
-                builder.store(a, acc)
-                builder.store(builder.fadd(builder.load(off), offset), off)
-            v, n = builder.load(acc), 8
-            while n > 1:
-                n //= 2
-                lo = builder.shuffle_vector(v, v, _lanes(list(range(n))))
-                v = builder.fadd(lo, builder.shuffle_vector(v, v, _lanes(list(range(n, 2 * n)))))
-            return builder.fadd(builder.extract_element(v, _I32(0)), builder.load(off))
+    def codegen(context, builder, sig, args):
+        r = _Row(context, builder, sig, args)
+        acc = cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, 8), [0.0] * 8))
+        off = cgutils.alloca_once_value(builder, _F32(0.0))
+        with cgutils.for_range(builder, args[1]) as loop:
+            terms, offset = decode(r, loop.index)
+            a = builder.load(acc)
+            for part, scale in terms:
+                a = builder.fadd(
+                    a, builder.fmul(builder.sitofp(part, _vec(_F32, 8)), _splat(builder, scale, 8))
+                )
+            builder.store(a, acc)
+            builder.store(builder.fadd(builder.load(off), offset), off)
+        v, n = builder.load(acc), 8
+        while n > 1:
+            n //= 2
+            lo = builder.shuffle_vector(v, v, _lanes(list(range(n))))
+            v = builder.fadd(lo, builder.shuffle_vector(v, v, _lanes(list(range(n, 2 * n)))))
+        return builder.fadd(builder.extract_element(v, _I32(0)), builder.load(off))
 
-        return types.float32(row, nblocks, xq, dx, xs), codegen
+    if offsets:
+
+        @intrinsic
+        def row_dot(typingctx, row, nblocks, xq, dx, xs):
+            return types.float32(row, nblocks, xq, dx, xs), codegen
+
+    else:
+
+        @intrinsic
+        def row_dot(typingctx, row, nblocks, xq, dx):
+            return types.float32(row, nblocks, xq, dx), codegen
 
     return row_dot
 
@@ -280,6 +292,29 @@ def _q6_k(r: _Row, blk):
             offset = b.fadd(offset, b.fmul(b.sitofp(sc[t], _F32), xs))
     return terms, b.fmul(b.fmul(d, _F32(-32.0)), offset)
 
+
+def _x16(r: _Row, blk, o, scale):
+    """32 int8 weights at row[o:] times block blk of int16 activations (two pmaddwd; no pair sum exceeds
+    2 * 128 * 32767, and a block's int32 sums stay under 2^24, exact in float32)."""
+    b = r.b
+    w = b.sext(r.bytes(o, 32), _vec(_I16, 32))
+    x = r._at(r.xq, b.mul(blk, _I64(32)), _vec(_I16, 32))
+    half = [_lanes(list(range(16 * h, 16 * h + 16))) for h in (0, 1)]
+    parts = [_maddwd(b, b.shuffle_vector(w, w, m), b.shuffle_vector(x, x, m)) for m in half]
+    return [(b.add(*parts), b.fmul(scale, r.dx_at(blk)))], _F32(0.0)
+
+
+def _q8_0_x16(r: _Row, blk):
+    o = r.b.mul(blk, _I64(34))
+    return _x16(r, blk, r.i(o, 2), r.half(o))
+
+
+def _int8_x16(r: _Row, blk):
+    return _x16(r, blk, r.i(r.b.mul(blk, _I64(32)), 2), r.half(_I64(0)))
+
+
+# The 8-bit formats with int16 activations (cpu_quant.logits_q's one pass): q8_0, int8
+ROW_DOT16 = (_row_dot(_q8_0_x16, offsets=False), _row_dot(_int8_x16, offsets=False))
 
 # in qtensor.FORMATS order: q8_0, q4_0, q4_1, q4_k, q6_k, int8, int4
 ROW_DOT = (
