@@ -97,10 +97,11 @@ def _tolerance(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return tol
 
 
-def _int8_activations(x: np.ndarray) -> np.ndarray:
-    """x as the decode GEMV sees it (cpu_quant.py): per 32 values dx = max|x| / 127, dx * round(x / dx)."""
+def _int8_activations(x: np.ndarray, qmax: int = 127) -> np.ndarray:
+    """x as the decode GEMV sees it (cpu_quant.py): per 32 values dx = max|x| / 127, dx * round(x / dx);
+    qmax 32767: as logits_q's one pass of an 8-bit head sees it (int16)."""
     xb = x.reshape(x.shape[0], -1, 32)
-    dx = np.abs(xb).max(axis=2, keepdims=True) / np.float32(127)
+    dx = np.abs(xb).max(axis=2, keepdims=True) / np.float32(qmax)
     inv = np.divide(np.float32(1), dx, out=np.zeros_like(dx), where=dx > 0)
     return (np.rint(xb * inv).astype(np.float64) * dx).reshape(x.shape)
 
@@ -147,14 +148,6 @@ def test_gemv_and_gemm_match_float64(fmt):
             assert (err <= _rounding(x_hat, ref)).all(), f"{fmt} N={n}: {err.max():.3g} from x's int8 values"
 
 
-def _int16_activations(x: np.ndarray) -> np.ndarray:
-    """x as logits_q's one pass sees it (8-bit heads): per 32 values dx = max|x| / 32767, dx * round(x / dx)."""
-    xb = x.reshape(x.shape[0], -1, 32)
-    dx = np.abs(xb).max(axis=2, keepdims=True) / np.float32(32767)
-    inv = np.divide(np.float32(1), dx, out=np.zeros_like(dx), where=dx > 0)
-    return (np.rint(xb * inv).astype(np.float64) * dx).reshape(x.shape)
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_logits_match_float64(fmt):
     """logits_q against x @ W.T in float64: decode rows of 8-bit heads through int16 activations (each off by
@@ -175,7 +168,7 @@ def test_logits_match_float64(fmt):
             tol = 2 * tol + (np.repeat(dx, 32, axis=1) / 2) @ np.abs(ref).T * (1 + 1e-5)
         assert (err <= tol).all(), f"{fmt} N={n}: max error {err.max():.3g}"
         if n <= GEMV_ROWS and fmt in ("q8_0", "int8"):
-            x_hat = _int16_activations(x)
+            x_hat = _int8_activations(x, 32767)
             err = np.abs(y - x_hat @ ref.T)
             assert (err <= _rounding(x_hat, ref)).all(), f"{fmt} N={n}: {err.max():.3g} from x's int16 values"
         split = SplitRunner(parts=3, first=0)

@@ -53,19 +53,25 @@ def _k4_scale(row, o, s):
     )
 
 
+@nb.njit(inline="always")
+def _block_scale(x, r, b, qmax):
+    """(dx, 1 / dx) of values 32 b .. 32 b + 31 of row r: dx = max|x| / qmax, NaN if one of them is NaN or Inf
+    (so that it reaches y as it would in float32), 1 / dx = 0 for an all-zero block."""
+    amax, finite = np.float32(0.0), True
+    for i in range(32 * b, 32 * b + 32):
+        amax = max(amax, abs(x[r, i]))
+        finite &= np.isfinite(x[r, i])
+    d = amax / np.float32(qmax) if finite else np.float32(np.nan)
+    return d, np.float32(1.0) / d if d > 0 else np.float32(0.0)
+
+
 @nb.njit(**JIT)
 def quantize_activations(x, xq, dx, xs):
-    """Per 32 values of each row: dx = max|x| / 127, xq = round(x / dx); xs = dx * (sum of xq per 16).
-    A NaN or Inf among the 32 makes dx NaN, so that it reaches y as it would in float32."""
+    """Per 32 values of each row: dx = max|x| / 127, xq = round(x / dx); xs = dx * (sum of xq per 16)."""
     n, k = x.shape
     for r in range(n):
         for b in range(k // 32):
-            amax, finite = np.float32(0.0), True
-            for i in range(32 * b, 32 * b + 32):
-                amax = max(amax, abs(x[r, i]))
-                finite &= np.isfinite(x[r, i])
-            d = amax / np.float32(127.0) if finite else np.float32(np.nan)
-            inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+            d, inv = _block_scale(x, r, b, 127.0)
             dx[r, b] = d
             for c in range(2 * b, 2 * b + 2):
                 s = 0
@@ -78,17 +84,11 @@ def quantize_activations(x, xq, dx, xs):
 
 @nb.njit(**JIT)
 def quantize_activations16(x, xq, dx):
-    """Per 32 values of each row: dx = max|x| / 32767, xq = round(x / dx) as int16 (`logits_q`). A NaN or
-    Inf among the 32 makes dx NaN, as in `quantize_activations`."""
+    """Per 32 values of each row: dx = max|x| / 32767, xq = round(x / dx) as int16 (`logits_q`)."""
     n, k = x.shape
     for r in range(n):
         for b in range(k // 32):
-            amax, finite = np.float32(0.0), True
-            for i in range(32 * b, 32 * b + 32):
-                amax = max(amax, abs(x[r, i]))
-                finite &= np.isfinite(x[r, i])
-            d = amax / np.float32(32767.0) if finite else np.float32(np.nan)
-            inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+            d, inv = _block_scale(x, r, b, 32767.0)
             dx[r, b] = d
             for i in range(32 * b, 32 * b + 32):
                 xq[r, i] = np.int16(np.rint(x[r, i] * inv))
@@ -252,12 +252,12 @@ def logits_q(x: np.ndarray, w: QuantTensor, split: SplitRunner | None = None) ->
     int16 activations per 32 values (each off by at most max|x| / 65534) in one pass over the weights; other
     formats run the int8 GEMV a second time on the activations' rounding residual (off by dx/254, not dx/2)."""
     fmt = FORMATS.index(w.fmt)
-    n, k = x.shape
-    if n > GEMV_ROWS or fmt not in (Q8_0, INT8) or x.ndim != 2 or k != w.shape[1]:
-        y = linear_q(x, w, split)
-        if n <= GEMV_ROWS:
+    if x.ndim != 2 or x.shape[1] != w.shape[1] or x.shape[0] > GEMV_ROWS or fmt not in (Q8_0, INT8):
+        y = linear_q(x, w, split)  # (which refuses a bad x)
+        if x.shape[0] <= GEMV_ROWS:
             y += linear_q(x - _int8_rounded(np.ascontiguousarray(x, dtype=np.float32)), w, split)
         return y
+    n, k = x.shape
     xq, dx = np.empty((n, k), np.int16), np.empty((n, k // 32), np.float32)
     quantize_activations16(np.ascontiguousarray(x, dtype=np.float32), xq, dx)
     m = w.shape[0]

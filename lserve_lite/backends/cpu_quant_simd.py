@@ -114,6 +114,7 @@ class _Row:
 
     def __init__(self, context, builder, sig, args):
         self.b = builder
+        # args: row, nblocks, xq, dx[, xs]
         data = [
             context.make_array(sig.args[i])(context, builder, value=args[i]).data
             for i in (0, 2, 3, 4)[: len(args) - 1]
@@ -144,6 +145,10 @@ class _Row:
 
     def xq32(self, k):
         return self._at(self.xq, k, _vec(_I8, 32))
+
+    def xq16x32(self, k):
+        """32 int16 activations from k."""
+        return self._at(self.xq, k, _vec(_I16, 32))
 
     def dx_at(self, i):
         return self._at(self.dx, i, _F32)
@@ -298,7 +303,7 @@ def _x16(r: _Row, blk, o, scale):
     2 * 128 * 32767, and a block's int32 sums stay under 2^24, exact in float32)."""
     b = r.b
     w = b.sext(r.bytes(o, 32), _vec(_I16, 32))
-    x = r._at(r.xq, b.mul(blk, _I64(32)), _vec(_I16, 32))
+    x = r.xq16x32(b.mul(blk, _I64(32)))
     half = [_lanes(list(range(16 * h, 16 * h + 16))) for h in (0, 1)]
     parts = [_maddwd(b, b.shuffle_vector(w, w, m), b.shuffle_vector(x, x, m)) for m in half]
     return [(b.add(*parts), b.fmul(scale, r.dx_at(blk)))], _F32(0.0)
