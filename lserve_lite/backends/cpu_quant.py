@@ -33,7 +33,6 @@ Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, INT8, INT4 = range(7)
 assert FORMATS == ("q8_0", "q4_0", "q4_1", "q4_k", "q6_k", "int8", "int4")
 BLOCK = tuple(lay.block for lay in LAYOUTS.values())
 BLOCK_BYTES = tuple(lay.block_bytes for lay in LAYOUTS.values())
-_ROW_Q8_0, _ROW_Q4_0, _ROW_Q4_1, _ROW_Q4_K, _ROW_Q6_K, _ROW_INT8, _ROW_INT4 = ROW_DOT
 _ROW16_Q8_0, _ROW16_INT8 = ROW_DOT16
 # Up to this many rows of x, the GEMV (its cost grows with N; the GEMM's tile dequantization does not):
 # measured crossover ~16-32 rows at 1536x576 and 4096x4096 (1 thread)
@@ -106,21 +105,20 @@ def gemv_rows_q16(fmt, xq, dx, data, out, j0, j1):
                 out[r, j] = _ROW16_INT8(data[j], nblocks, xq[r], dx[r])
 
 
-@nb.njit(inline="always")
-def _row_dot(fmt, row, nblocks, xq, dx, xs):
-    if fmt == Q4_1:
-        return _ROW_Q4_1(row, nblocks, xq, dx, xs)
-    if fmt == Q4_0:
-        return _ROW_Q4_0(row, nblocks, xq, dx, xs)
-    if fmt == Q8_0:
-        return _ROW_Q8_0(row, nblocks, xq, dx, xs)
-    if fmt == Q4_K:
-        return _ROW_Q4_K(row, nblocks, xq, dx, xs)
-    if fmt == Q6_K:
-        return _ROW_Q6_K(row, nblocks, xq, dx, xs)
-    if fmt == INT8:
-        return _ROW_INT8(row, nblocks, xq, dx, xs)
-    return _ROW_INT4(row, nblocks, xq, dx, xs)
+def _rows_of(row_dot):
+    """The GEMV loop of one format (its row dot fixed at compile time: a loop per format, no format test
+    inside it)."""
+
+    @nb.njit(inline="always")
+    def rows(xq, dx, xs, data, out, j0, j1, nblocks):
+        for j in range(j0, j1):
+            for r in range(xq.shape[0]):
+                out[r, j] = row_dot(data[j], nblocks, xq[r], dx[r], xs[r])
+
+    return rows
+
+
+_ROWS_Q8_0, _ROWS_Q4_0, _ROWS_Q4_1, _ROWS_Q4_K, _ROWS_Q6_K, _ROWS_INT8, _ROWS_INT4 = map(_rows_of, ROW_DOT)
 
 
 @nb.njit(fastmath=FAST, **JIT)  # contract: the per-block scale-and-accumulate becomes one FMA (1.6x)
@@ -128,9 +126,20 @@ def gemv_rows_q(fmt, xq, dx, xs, data, out, j0, j1):
     """out[r, j] = W[j] . x[r] for j0 <= j < j1; W's row j packed in data[j] (format code fmt), x quantized
     by `quantize_activations` into (xq, dx, xs)."""
     nblocks = xq.shape[1] // BLOCK[fmt]
-    for j in range(j0, j1):
-        for r in range(xq.shape[0]):
-            out[r, j] = _row_dot(fmt, data[j], nblocks, xq[r], dx[r], xs[r])
+    if fmt == Q4_1:
+        _ROWS_Q4_1(xq, dx, xs, data, out, j0, j1, nblocks)
+    elif fmt == Q4_0:
+        _ROWS_Q4_0(xq, dx, xs, data, out, j0, j1, nblocks)
+    elif fmt == Q8_0:
+        _ROWS_Q8_0(xq, dx, xs, data, out, j0, j1, nblocks)
+    elif fmt == Q4_K:
+        _ROWS_Q4_K(xq, dx, xs, data, out, j0, j1, nblocks)
+    elif fmt == Q6_K:
+        _ROWS_Q6_K(xq, dx, xs, data, out, j0, j1, nblocks)
+    elif fmt == INT8:
+        _ROWS_INT8(xq, dx, xs, data, out, j0, j1, nblocks)
+    else:
+        _ROWS_INT4(xq, dx, xs, data, out, j0, j1, nblocks)
 
 
 @nb.njit(inline="always")

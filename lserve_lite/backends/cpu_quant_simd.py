@@ -150,6 +150,18 @@ class _Row:
         """32 int16 activations from k."""
         return self._at(self.xq, k, _vec(_I16, 32))
 
+    def halves(self, o):
+        """The two fp16 values at row[o:o + 4] as <2 x float> (one conversion where fp16 is native)."""
+        if not _NATIVE_HALF:
+            lo, hi = self.half(o), self.half(self.i(o, 2))
+            v = self.b.insert_element(ir.Constant(_vec(_F32, 2), [0.0] * 2), lo, _I32(0))
+            return self.b.insert_element(v, hi, _I32(1))
+        return self.b.fpext(self._at(self.row, o, _vec(ir.HalfType(), 2)), _vec(_F32, 2))
+
+    def xs_pair(self, i):
+        """xs[i], xs[i + 1] (the sums of x over the two 16-value halves of a 32-block) as <2 x float>."""
+        return self._at(self.xs, i, _vec(_F32, 2))
+
     def dx_at(self, i):
         return self._at(self.dx, i, _F32)
 
@@ -161,18 +173,21 @@ class _Row:
         return acc
 
 
-# A block decoder: (_Row, block index) -> ([(int32 x 8 partial dot, float32 scale)], float32 offset term)
+# A block decoder: (_Row, block index) -> ([(int32 x 8 partial dot, float32 scale)], offset term: a float32, or
+# a vector of `_row_dot`'s offset_lanes floats, summed once per row)
 Decoder = Callable[[_Row, ir.Value], tuple[list, ir.Value]]
 
 
-def _row_dot(decode: Decoder, offsets: bool = True):
+def _row_dot(decode: Decoder, offsets: bool = True, offset_lanes: int = 1):
     """The intrinsic row_dot(row, nblocks, xq, dx, xs) -> float32 of a format, `decode` inlined per block;
-    without `offsets` (a format with none, e.g. int16 activations): row_dot(row, nblocks, xq, dx)."""
+    without `offsets` (a format with none, e.g. int16 activations): row_dot(row, nblocks, xq, dx).
+    `offset_lanes` > 1: `decode`'s offset is a vector of that many lanes, summed once per row."""
 
     def codegen(context, builder, sig, args):
         r = _Row(context, builder, sig, args)
         acc = cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, 8), [0.0] * 8))
-        off = cgutils.alloca_once_value(builder, _F32(0.0))
+        zero = ir.Constant(_vec(_F32, offset_lanes), [0.0] * offset_lanes) if offset_lanes > 1 else _F32(0.0)
+        off = cgutils.alloca_once_value(builder, zero)
         with cgutils.for_range(builder, args[1]) as loop:
             terms, offset = decode(r, loop.index)
             a = builder.load(acc)
@@ -187,7 +202,13 @@ def _row_dot(decode: Decoder, offsets: bool = True):
             n //= 2
             lo = builder.shuffle_vector(v, v, _lanes(list(range(n))))
             v = builder.fadd(lo, builder.shuffle_vector(v, v, _lanes(list(range(n, 2 * n)))))
-        return builder.fadd(builder.extract_element(v, _I32(0)), builder.load(off))
+        o = builder.load(off)
+        if offset_lanes > 1:
+            lanes = [builder.extract_element(o, _I32(lane)) for lane in range(offset_lanes)]
+            o = lanes[0]
+            for e in lanes[1:]:
+                o = builder.fadd(o, e)
+        return builder.fadd(builder.extract_element(v, _I32(0)), o)
 
     if offsets:
 
@@ -212,12 +233,16 @@ def _q4_small(r: _Row, blk, block_bytes: int, with_min: bool):
     """q4_0 / q4_1: d[, m], 16 bytes of nibbles (low: values 0-15, high: 16-31)."""
     b = r.b
     o = b.mul(blk, _I64(block_bytes))
-    d = r.half(o)
+    if with_min:  # (d, m) in one conversion; the offset m * (xs0 + xs1) as a 2-lane product (6-9% faster)
+        dm = r.halves(o)
+        d = b.extract_element(dm, _I32(0))
+        offset = b.fmul(b.shuffle_vector(dm, dm, _lanes([1, 1])), r.xs_pair(b.mul(blk, _I64(2))))
+    else:  # (the 2-lane form measured 5-7% slower for q4_0)
+        d = r.half(o)
+        offset = b.fmul(b.fmul(d, _F32(-8.0)), r.xs_sum(b.mul(blk, _I64(2)), 2))
     qs = r.bytes(r.i(o, 4 if with_min else 2), 16)
     q = b.shuffle_vector(_nibbles(b, qs, 0, 16), _nibbles(b, qs, 4, 16), _lanes(list(range(32))))
     part = _dot32(b, q, r.xq32(b.mul(blk, _I64(32))))
-    sums = r.xs_sum(b.mul(blk, _I64(2)), 2)
-    offset = b.fmul(r.half(r.i(o, 2)), sums) if with_min else b.fmul(b.fmul(d, _F32(-8.0)), sums)
     return [(part, b.fmul(d, r.dx_at(blk)))], offset
 
 
@@ -325,7 +350,7 @@ ROW_DOT16 = (_row_dot(_q8_0_x16, offsets=False), _row_dot(_int8_x16, offsets=Fal
 ROW_DOT = (
     _row_dot(_q8_0),
     _row_dot(lambda r, blk: _q4_small(r, blk, 18, False)),
-    _row_dot(lambda r, blk: _q4_small(r, blk, 20, True)),
+    _row_dot(lambda r, blk: _q4_small(r, blk, 20, True), offset_lanes=2),
     _row_dot(_q4_k),
     _row_dot(_q6_k),
     _row_dot(_int8),
