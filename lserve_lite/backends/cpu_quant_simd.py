@@ -306,7 +306,7 @@ def _q6_k(r: _Row, blk):
     b = r.b
     o = b.mul(blk, _I64(210))
     d = r.half(r.i(o, 208))
-    terms, offset = [], _F32(0.0)
+    terms = []
     for G in range(8):
         h, g = G // 4, G % 4
         low = _nibbles(b, r.bytes(r.i(o, 64 * h + 32 * (g % 2)), 32), 4 * (g // 2), 32)
@@ -317,10 +317,10 @@ def _q6_k(r: _Row, blk):
         scales = b.shuffle_vector(pair, pair, _lanes([0] * 8 + [1] * 8))
         a = r.i(b.mul(blk, _I64(8)), G)
         terms.append((_dot32(b, q, r.xq32(b.mul(a, _I64(32))), scales), b.fmul(d, r.dx_at(a))))
-        for t in (0, 1):
-            xs = r.xs_sum(r.i(b.mul(a, _I64(2)), t), 1)
-            offset = b.fadd(offset, b.fmul(b.sitofp(sc[t], _F32), xs))
-    return terms, b.fmul(b.fmul(d, _F32(-32.0)), offset)
+    # offset -32 d sum_i sc_i xs_i over the block's 16 scales and 16-value sums, as one 16-lane product
+    scv = b.sitofp(b.sext(r.bytes(r.i(o, 192), 16), _vec(_I32, 16)), _vec(_F32, 16))
+    xsv = r._at(r.xs, b.mul(blk, _I64(16)), _vec(_F32, 16))
+    return terms, b.fmul(_splat(b, b.fmul(d, _F32(-32.0)), 16), b.fmul(scv, xsv))
 
 
 def _x16(r: _Row, blk, o, scale):
@@ -352,7 +352,7 @@ ROW_DOT = (
     _row_dot(lambda r, blk: _q4_small(r, blk, 18, False)),
     _row_dot(lambda r, blk: _q4_small(r, blk, 20, True), offset_lanes=2),
     _row_dot(_q4_k),
-    _row_dot(_q6_k),
+    _row_dot(_q6_k, offset_lanes=16),
     _row_dot(_int8),
     _row_dot(_int4),
 )
