@@ -277,7 +277,8 @@ def _int4(r: _Row, blk):
         q = _nibbles(b, r.bytes(r.i(o, 2 + 32 * (g % 2)), 32), 4 * (g // 2), 32)
         a = r.i(b.mul(blk, _I64(4)), g)
         terms.append((_dot32(b, q, r.xq32(b.mul(a, _I64(32)))), b.fmul(d, r.dx_at(a))))
-    return terms, b.fmul(b.fmul(d, _F32(-8.0)), r.xs_sum(b.mul(blk, _I64(8)), 8))
+    xs = r._at(r.xs, b.mul(blk, _I64(8)), _vec(_F32, 8))  # the offset -8 d sum xs, 8 lanes summed per row
+    return terms, b.fmul(_splat(b, b.fmul(d, _F32(-8.0)), 8), xs)
 
 
 def _q4_k(r: _Row, blk):
@@ -360,7 +361,7 @@ ROW_DOT = (
     _row_dot(_q4_k, offset_lanes=8),
     _row_dot(_q6_k, offset_lanes=16),
     _row_dot(_int8),
-    _row_dot(_int4),
+    _row_dot(_int4, offset_lanes=8),
 )
 
 
