@@ -158,19 +158,12 @@ class _Row:
             return self.b.insert_element(v, hi, _I32(1))
         return self.b.fpext(self._at(self.row, o, _vec(ir.HalfType(), 2)), _vec(_F32, 2))
 
-    def xs_pair(self, i):
-        """xs[i], xs[i + 1] (the sums of x over the two 16-value halves of a 32-block) as <2 x float>."""
-        return self._at(self.xs, i, _vec(_F32, 2))
-
     def dx_at(self, i):
         return self._at(self.dx, i, _F32)
 
-    def xs_sum(self, i, n: int):
-        """Sum of n consecutive xs entries (sums of x per 16 values) from i."""
-        acc = self._at(self.xs, i, _F32)
-        for c in range(1, n):
-            acc = self.b.fadd(acc, self._at(self.xs, self.i(i, c), _F32))
-        return acc
+    def xs_vec(self, i, n: int):
+        """xs[i:i + n] (sums of x per 16 values) as <n x float>."""
+        return self._at(self.xs, i, _vec(_F32, n))
 
 
 # A block decoder: (_Row, block index) -> ([(int32 x 8 partial dot, float32 scale)], offset term: a float32, or
@@ -238,10 +231,10 @@ def _q4_small(r: _Row, blk, block_bytes: int, with_min: bool):
     if with_min:
         dm = r.halves(o)
         d = b.extract_element(dm, _I32(0))
-        offset = b.fmul(b.shuffle_vector(dm, dm, _lanes([1, 1])), r.xs_pair(b.mul(blk, _I64(2))))
+        offset = b.fmul(b.shuffle_vector(dm, dm, _lanes([1, 1])), r.xs_vec(b.mul(blk, _I64(2)), 2))
     else:
         d = r.half(o)
-        offset = b.fmul(_splat(b, b.fmul(d, _F32(-8.0)), 2), r.xs_pair(b.mul(blk, _I64(2))))
+        offset = b.fmul(_splat(b, b.fmul(d, _F32(-8.0)), 2), r.xs_vec(b.mul(blk, _I64(2)), 2))
     qs = r.bytes(r.i(o, 4 if with_min else 2), 16)
     q = b.shuffle_vector(_nibbles(b, qs, 0, 16), _nibbles(b, qs, 4, 16), _lanes(list(range(32))))
     part = _dot32(b, q, r.xq32(b.mul(blk, _I64(32))))
@@ -277,7 +270,7 @@ def _int4(r: _Row, blk):
         q = _nibbles(b, r.bytes(r.i(o, 2 + 32 * (g % 2)), 32), 4 * (g // 2), 32)
         a = r.i(b.mul(blk, _I64(4)), g)
         terms.append((_dot32(b, q, r.xq32(b.mul(a, _I64(32)))), b.fmul(d, r.dx_at(a))))
-    xs = r._at(r.xs, b.mul(blk, _I64(8)), _vec(_F32, 8))  # the offset -8 d sum xs, 8 lanes summed per row
+    xs = r.xs_vec(b.mul(blk, _I64(8)), 8)  # the offset -8 d sum xs, 8 lanes summed per row
     return terms, b.fmul(_splat(b, b.fmul(d, _F32(-8.0)), 8), xs)
 
 
@@ -301,7 +294,7 @@ def _q4_k(r: _Row, blk):
         terms.append((_dot32(b, q, r.xq32(b.mul(a, _I64(32)))), scale))
         mv = b.insert_element(mv, m, _I32(s))
     # offset -dmin sum_s m_s (xs_2s + xs_2s+1), as one 8-lane product
-    xs = r._at(r.xs, b.mul(blk, _I64(16)), _vec(_F32, 16))
+    xs = r.xs_vec(b.mul(blk, _I64(16)), 16)
     pairs = b.fadd(*(b.shuffle_vector(xs, xs, _lanes(list(range(t, 16, 2)))) for t in (0, 1)))
     mins = b.fmul(b.uitofp(mv, _vec(_F32, 8)), pairs)
     return terms, b.fmul(_splat(b, b.fmul(dmin, _F32(-1.0)), 8), mins)
@@ -326,7 +319,7 @@ def _q6_k(r: _Row, blk):
         terms.append((_dot32(b, q, r.xq32(b.mul(a, _I64(32))), scales), b.fmul(d, r.dx_at(a))))
     # offset -32 d sum_i sc_i xs_i over the block's 16 scales and 16-value sums, as one 16-lane product
     scv = b.sitofp(b.sext(r.bytes(r.i(o, 192), 16), _vec(_I32, 16)), _vec(_F32, 16))
-    xsv = r._at(r.xs, b.mul(blk, _I64(16)), _vec(_F32, 16))
+    xsv = r.xs_vec(b.mul(blk, _I64(16)), 16)
     return terms, b.fmul(_splat(b, b.fmul(d, _F32(-32.0)), 16), b.fmul(scv, xsv))
 
 
