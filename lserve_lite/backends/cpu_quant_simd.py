@@ -247,7 +247,10 @@ def _signed32(r: _Row, blk, o, scale):
     w, x = r.bytes(o, 32), r.xq32(b.mul(blk, _I64(32)))
     zero = _const(0, 32)
     neg = b.icmp_signed("<", w, zero)
-    x = b.select(neg, b.sub(zero, x), b.select(b.icmp_signed("==", w, zero), zero, x))
+    if _AVX2:  # psignb: x negated where w < 0, zeroed where w == 0
+        x = _x86(b, "llvm.x86.avx2.psign.b", _vec(_I8, 32), [x, w])
+    else:
+        x = b.select(neg, b.sub(zero, x), b.select(b.icmp_signed("==", w, zero), zero, x))
     return [(_dot32(b, b.select(neg, b.sub(zero, w), w), x), b.fmul(scale, r.dx_at(blk)))], _F32(0.0)
 
 
