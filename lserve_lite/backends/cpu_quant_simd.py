@@ -230,11 +230,11 @@ def _q4_small(r: _Row, blk, block_bytes: int, with_min: bool):
     # fp16 conversion
     if with_min:
         dm = r.halves(o)
-        d = b.extract_element(dm, _I32(0))
-        offset = b.fmul(b.shuffle_vector(dm, dm, _lanes([1, 1])), r.xs_vec(b.mul(blk, _I64(2)), 2))
+        d, m = b.extract_element(dm, _I32(0)), b.shuffle_vector(dm, dm, _lanes([1, 1]))
     else:
         d = r.half(o)
-        offset = b.fmul(_splat(b, b.fmul(d, _F32(-8.0)), 2), r.xs_vec(b.mul(blk, _I64(2)), 2))
+        m = _splat(b, b.fmul(d, _F32(-8.0)), 2)
+    offset = b.fmul(m, r.xs_vec(b.mul(blk, _I64(2)), 2))
     qs = r.bytes(r.i(o, 4 if with_min else 2), 16)
     q = b.shuffle_vector(_nibbles(b, qs, 0, 16), _nibbles(b, qs, 4, 16), _lanes(list(range(32))))
     part = _dot32(b, q, r.xq32(b.mul(blk, _I64(32))))
