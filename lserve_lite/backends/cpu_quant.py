@@ -18,13 +18,16 @@ constant for the whole call: the IR row loops of `ROW_DOT` for the GEMV, `_block
 
 from __future__ import annotations
 
+import functools
+
 import numba as nb
 import numpy as np
 
 from ..weights import qtensor
 from ..weights.qtensor import FORMATS, LAYOUTS, QuantTensor
-from . import cpu_kernels, cpu_quant_simd
+from . import cpu_kernels, cpu_native, cpu_quant_simd
 from .cpu_kernels import FAST, JIT
+from .cpu_native import JOB_SIG, view
 from .cpu_quant_simd import ROW_DOT, ROW_DOT16, f16_at
 from .cpu_threads import SplitRunner, even_bounds
 from .numba_cache import flush_if_deps_changed
@@ -142,6 +145,60 @@ def gemv_rows_q(fmt, xq, dx, xs, data, out, j0, j1):
         _ROWS_INT4(xq, dx, xs, data, out, j0, j1, nblocks)
 
 
+@nb.njit(**JIT)
+def _gemv_args(fmt, xq, dx, xs, data, out):
+    """The native job of `gemv_rows_q(fmt, xq, dx, xs, data, out, j0, j1)`: its int64 args (`_gemv_job`)."""
+    a = np.empty(10, np.int64)
+    a[0], a[1], a[2], a[3], a[4] = fmt, xq.shape[0], xq.shape[1], data.shape[0], data.shape[1]
+    a[5], a[6], a[7], a[8], a[9] = (
+        xq.ctypes.data,
+        dx.ctypes.data,
+        xs.ctypes.data,
+        data.ctypes.data,
+        out.ctypes.data,
+    )
+    return a
+
+
+def _gemv_job(args, j0, j1):
+    a = view(args, (10,), nb.int64)
+    n, k, m = a[1], a[2], a[3]
+    xq, dx, xs = (
+        view(a[5], (n, k), nb.int8),
+        view(a[6], (n, k // 32), nb.float32),
+        view(a[7], (n, k // 16), nb.float32),
+    )
+    gemv_rows_q(a[0], xq, dx, xs, view(a[8], (m, a[4]), nb.uint8), view(a[9], (n, m), nb.float32), j0, j1)
+
+
+@nb.njit(**JIT)
+def _gemv16_args(fmt, xq, dx, data, out):
+    """The native job of `gemv_rows_q16` (int16 activations): its int64 args (`_gemv16_job`)."""
+    a = np.empty(9, np.int64)
+    a[0], a[1], a[2], a[3], a[4] = fmt, xq.shape[0], xq.shape[1], data.shape[0], data.shape[1]
+    a[5], a[6], a[7], a[8] = xq.ctypes.data, dx.ctypes.data, data.ctypes.data, out.ctypes.data
+    return a
+
+
+def _gemv16_job(args, j0, j1):
+    a = view(args, (9,), nb.int64)
+    n, k, m = a[1], a[2], a[3]
+    xq, dx = view(a[5], (n, k), nb.int16), view(a[6], (n, k // 32), nb.float32)
+    gemv_rows_q16(a[0], xq, dx, view(a[7], (m, a[4]), nb.uint8), view(a[8], (n, m), nb.float32), j0, j1)
+
+
+@functools.cache
+def _job_address(body) -> int:
+    """A job body compiled as a C callback (on first use, after the import's `flush_if_deps_changed`, so that
+    its disk cache is never older than the kernels it calls)."""
+    return nb.cfunc(JOB_SIG, error_model="numpy", cache=True)(body).address
+
+
+def _native_job(body, pack, *arrays) -> tuple[int, np.ndarray]:
+    """(job address, args) for `SplitRunner.run`'s `native`: `body` over the arrays packed by `pack`."""
+    return _job_address(body), pack(*arrays)
+
+
 @nb.njit(inline="always")
 def _nibbles(row, o, h, dst, k, d, z, m):
     """dst[k + i] = d * (nib(i) - z) + m for the 2h nibbles of row[o:o + h] (low nibbles first)."""
@@ -241,13 +298,14 @@ def linear_q(
         quantize_activations(x, xq, dx, xs)
         y_c = y if y.flags.c_contiguous else np.empty((n, m), np.float32)  # one compiled layout of `out`
         part = lambda a, b: gemv_rows_q(fmt, xq, dx, xs, w.data, y_c, a, b)  # noqa: E731
+        native = functools.partial(_native_job, _gemv_job, _gemv_args, fmt, xq, dx, xs, w.data, y_c)
         key = ("qgemv", n, w.fmt, w.shape)
     else:
         part = lambda a, b: gemm_rows_q(fmt, x, w.data, y, a, b)  # noqa: E731
-        key = ("qgemm", n.bit_length(), w.fmt, w.shape)
+        native, key = None, ("qgemm", n.bit_length(), w.fmt, w.shape)
     bounds = even_bounds(0, m, parts)
     if split:
-        split.run(key, part, bounds)
+        split.run(key, part, bounds, native=native if w.data.flags.c_contiguous else None)
     else:
         part(0, m)
     if n <= GEMV_ROWS and y_c is not y:
@@ -272,8 +330,12 @@ def logits_q(x: np.ndarray, w: QuantTensor, split: SplitRunner | None = None) ->
     m = w.shape[0]
     y = np.empty((n, m), np.float32)
     part = lambda a, b: gemv_rows_q16(fmt, xq, dx, w.data, y, a, b)  # noqa: E731
+    native = functools.partial(_native_job, _gemv16_job, _gemv16_args, fmt, xq, dx, w.data, y)
     if split:
-        split.run(("qgemv16", n, w.fmt, w.shape), part, even_bounds(0, m, split.parts))
+        split.run(
+            ("qgemv16", n, w.fmt, w.shape), part, even_bounds(0, m, split.parts),
+            native=native if w.data.flags.c_contiguous else None,
+        )  # fmt: skip
     else:
         part(0, m)
     return y
@@ -292,4 +354,4 @@ def _int8_rounded(x: np.ndarray) -> np.ndarray:
 
 
 # Row kernels, block layouts and bit casts compiled in from these modules, which Numba's cache does not track.
-flush_if_deps_changed(globals(), [cpu_quant_simd, cpu_kernels, qtensor])
+flush_if_deps_changed(globals(), [cpu_quant_simd, cpu_kernels, cpu_native, qtensor])

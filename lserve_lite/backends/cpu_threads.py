@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import ctypes
 import os
-import queue
 import threading
 import time
 from collections import deque
 
 import numpy as np
+
+from . import cpu_native
 
 
 def usable_cpus() -> int:
@@ -18,54 +19,93 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+MAX_HELPERS = 8  # SplitRunner uses at most 8 parts
+
+
 class _Helpers:
-    """Daemon threads (one per extra CPU, started on first use) that run the parts of a split call."""
+    """Daemon threads (one per extra CPU, started on first use) that run the parts of a split call.
 
-    def __init__(self):
+    Each helper spins in compiled code (`cpu_native.serve`) for `spin_s` after its last job, so the next part
+    starts without an OS wake-up; a native part runs there without the GIL, a Python part back in Python. Idle
+    longer, it sleeps on a condition variable."""
+
+    def __init__(self, spin_s: float | None = None):
         self.lock = threading.Lock()  # held by the caller whose parts are on the helpers
-        self._req: list[queue.SimpleQueue] = []
-        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._cv = threading.Condition()
+        self._ctl = np.zeros(MAX_HELPERS * cpu_native.CTL_COLS, np.int64)
+        self._py: list = []  # per helper: (part, a, b) of a Python job
+        self._errors: list = []
+        self._sleeping: list[bool] = []
         self._seq = 0
+        env = os.environ.get("LSERVE_CPU_SPIN_US")
+        self.spin_s = spin_s if spin_s is not None else (float(env) * 1e-6 if env else 2e-3)
+        self._spins = -1
 
-    def spread(self, part, bounds: list[int]) -> bool:
-        """part(bounds[i], bounds[i + 1]) for i >= 1 on helpers while part 0 runs here; False if busy."""
+    def spread(self, part, bounds: list[int], native: tuple | None = None) -> bool:
+        """part(bounds[i], bounds[i + 1]) for i >= 1 on helpers while part 0 runs here; False if busy.
+        `native`: a callable giving (job function address, args array) that run the same parts without Python
+        (cpu_native), made only when the parts are spread."""
         if not self.lock.acquire(blocking=False):
             return False
         try:
-            while len(self._req) < len(bounds) - 2:
-                self._req.append(queue.SimpleQueue())
-                threading.Thread(
-                    target=self._loop, args=(self._req[-1],), name="lserve-cpu", daemon=True
-                ).start()
+            n = len(bounds) - 2
+            if n > MAX_HELPERS:
+                raise ValueError(f"at most {MAX_HELPERS + 1} parts, got {n + 1}")
+            self._grow(n)
             self._seq += 1
-            for i in range(1, len(bounds) - 1):
-                self._req[i - 1].put((self._seq, part, bounds[i], bounds[i + 1]))
+            fn, args = native() if native is not None else (0, None)
+            addr = args.ctypes.data if args is not None else 0
+            for i in range(n):
+                if not fn:
+                    self._py[i] = (part, bounds[i + 1], bounds[i + 2])
+                cpu_native.post(self._ctl, i, self._seq, fn, addr, bounds[i + 1], bounds[i + 2])
+                if self._sleeping[i]:
+                    with self._cv:
+                        self._cv.notify_all()
             try:
                 part(bounds[0], bounds[1])
             finally:
-                self._wait(self._seq, len(bounds) - 2)
+                cpu_native.wait_done(self._ctl, n, self._seq)
+                errors = [e for e in self._errors[:n] if e is not None]
+                self._errors[:n] = [None] * n
+            if errors:
+                raise errors[0]
         finally:
             self.lock.release()
         return True
 
-    def _wait(self, seq: int, n: int) -> None:
-        errors = []
-        while n:  # completions for a caller interrupted while waiting are stale: skip them
-            done, err = self._done.get()
-            if done == seq:
-                n -= 1
-                errors.append(err)
-        for err in filter(None, errors):
-            raise err
+    def _grow(self, n: int) -> None:
+        if self._spins < 0:  # pauses per spin_s, timed once
+            cpu_native.spin_for(1)  # (compiled or loaded first)
+            t = time.perf_counter()
+            cpu_native.spin_for(20000)
+            self._spins = int(self.spin_s / max((time.perf_counter() - t) / 20000, 1e-10))
+        while len(self._py) < n:
+            self._py.append(None)
+            self._errors.append(None)
+            self._sleeping.append(False)
+            threading.Thread(
+                target=self._loop, args=(len(self._py) - 1,), name="lserve-cpu", daemon=True
+            ).start()
 
-    def _loop(self, req: queue.SimpleQueue) -> None:
+    def _loop(self, row: int) -> None:
+        ctl, last = self._ctl, 0
         while True:
-            seq, part, a, b = req.get()
-            try:
-                part(a, b)
-                self._done.put((seq, None))
-            except BaseException as e:  # handed to the waiting caller
-                self._done.put((seq, e))
+            last = cpu_native.serve(ctl, row, last, self._spins)
+            if last < 0:  # a Python part
+                last = -last
+                part, a, b = self._py[row]
+                try:
+                    part(a, b)
+                except BaseException as e:  # handed to the waiting caller
+                    self._errors[row] = e
+                cpu_native.finish(ctl, row, last)
+                continue
+            with self._cv:
+                self._sleeping[row] = True
+                while ctl[row * cpu_native.CTL_COLS + cpu_native.POSTED] == last:
+                    self._cv.wait()
+                self._sleeping[row] = False
 
 
 _HELPERS = _Helpers()
@@ -107,16 +147,17 @@ class SplitRunner:
         self.first, self.longest = first, longest
         self._keys: dict = {}
 
-    def run(self, key, part, bounds: list[int], joint: bool = False) -> None:
+    def run(self, key, part, bounds: list[int], joint: bool = False, native: tuple | None = None) -> None:
         """part(bounds[i], bounds[i + 1]) for every i, spread over threads when that was faster lately.
-        `joint`: part(bounds[0], bounds[-1]) does the same as the parts, so on one thread it is one call."""
+        `joint`: part(bounds[0], bounds[-1]) does the same as the parts, so on one thread it is one call.
+        `native`: the same parts as a native job for the helpers (`_Helpers.spread`)."""
         if len(bounds) < 3:
             part(bounds[0], bounds[-1])
             return
         st = self._keys.get(key) or self._keys.setdefault(key, _WayStats(self.first))
         probe = st.countdown <= 0
         t = time.perf_counter()
-        if not (st.spread != probe and _HELPERS.spread(part, bounds)):
+        if not (st.spread != probe and _HELPERS.spread(part, bounds, native)):
             for a, b in [(bounds[0], bounds[-1])] if joint else zip(bounds[:-1], bounds[1:]):
                 part(a, b)
         st.record(time.perf_counter() - t, probe, self.first, self.longest)

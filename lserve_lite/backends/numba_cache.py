@@ -49,6 +49,8 @@ def flush_if_deps_changed(namespace: dict, deps: list[ModuleType]) -> bool:
     try:
         for f in kernels:
             f._cache.flush()
+        for index in path.parent.glob(f"{mod.rsplit('.', 1)[-1]}.*.nbi"):  # also `cfunc`s made on first use
+            index.unlink()
         path.write_text(stamp)
     except OSError:
         return False

@@ -1,0 +1,146 @@
+"""The CPU backend's helper threads: native jobs (no GIL between jobs) and Python parts, spinning or asleep."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from test_quant_kernels import _make
+
+from lserve_lite.backends import cpu_quant, cpu_threads
+from lserve_lite.backends.cpu_quant import GEMV_ROWS, linear_q, logits_q
+from lserve_lite.backends.cpu_threads import MAX_HELPERS, SplitRunner, _Helpers
+from lserve_lite.weights.qtensor import FORMATS, QuantTensor
+
+
+def _spreading(parts: int) -> SplitRunner:
+    """A runner that always spreads (its first timing window never ends; every key's way set to spread)."""
+
+    class Always(SplitRunner):
+        def run(self, key, part, bounds, joint=False, native=None):
+            super().run(key, part, bounds, joint, native)
+            self._keys[key].spread = True
+
+    return Always(parts=parts, first=1 << 30)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("n", [1, 3])
+def test_native_gemv_parts_equal_one_thread(fmt, n):
+    """Decode GEMVs whose parts ran as native jobs on the helpers (and the 8-bit heads' int16 pass) give the
+    bits of the whole product on one thread, for 2-4 parts and odd row counts."""
+    rng = np.random.default_rng(FORMATS.index(fmt) * 10 + n)
+    qt, _ = _make(fmt, 203, 512, rng)
+    x = rng.standard_normal((n, 512)).astype(np.float32)
+    whole, head = linear_q(x, qt), logits_q(x, qt)
+    for parts in (2, 3, 4):
+        split = _spreading(parts)
+        for _ in range(3):  # the first call times one thread; then spread
+            np.testing.assert_array_equal(linear_q(x, qt, split), whole)
+            np.testing.assert_array_equal(logits_q(x, qt, split), head)
+        assert all(st.spread for st in split._keys.values())
+    assert cpu_quant._job_address.cache_info().currsize >= 1 and n <= GEMV_ROWS
+
+
+def test_native_job_runs_without_the_python_part():
+    """With a native job the helpers run it, not the Python part (which here records its ranges)."""
+    rng = np.random.default_rng(7)
+    qt, _ = _make("q4_1", 64, 256, rng)
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    xq, dx, xs = np.empty((1, 256), np.int8), np.empty((1, 8), np.float32), np.empty((1, 16), np.float32)
+    cpu_quant.quantize_activations(x, xq, dx, xs)
+    y = np.full((1, 64), np.nan, np.float32)
+    ran = []
+
+    def part(a, b):
+        ran.append((a, b))
+        cpu_quant.gemv_rows_q(FORMATS.index("q4_1"), xq, dx, xs, qt.data, y, a, b)
+
+    def native():
+        return cpu_quant._native_job(
+            cpu_quant._gemv_job, cpu_quant._gemv_args, FORMATS.index("q4_1"), xq, dx, xs, qt.data, y
+        )
+
+    helpers = _Helpers()
+    assert helpers.spread(part, [0, 20, 41, 64], native)
+    assert ran == [(0, 20)]
+    np.testing.assert_array_equal(y, linear_q(x, qt))
+
+
+def _spread_both_kinds(helpers: _Helpers, qt: QuantTensor, x: np.ndarray, want: np.ndarray) -> None:
+    """A Python part and a native GEMV job through `helpers`; both results checked."""
+    out = np.zeros(100, np.int64)
+
+    def part(a, b):
+        out[a:b] = np.arange(a, b) * 2
+
+    assert helpers.spread(part, [0, 30, 70, 100])
+    np.testing.assert_array_equal(out, np.arange(100) * 2)
+    xq, dx, xs = np.empty((1, 256), np.int8), np.empty((1, 8), np.float32), np.empty((1, 16), np.float32)
+    cpu_quant.quantize_activations(x, xq, dx, xs)
+    y = np.full((1, qt.shape[0]), np.nan, np.float32)
+    fmt = FORMATS.index(qt.fmt)
+    args = (cpu_quant._gemv_job, cpu_quant._gemv_args, fmt, xq, dx, xs, qt.data, y)
+    gemv = lambda a, b: cpu_quant.gemv_rows_q(fmt, xq, dx, xs, qt.data, y, a, b)  # noqa: E731
+    assert helpers.spread(gemv, [0, 50, qt.shape[0]], lambda: cpu_quant._native_job(*args))
+    np.testing.assert_array_equal(y, want)
+
+
+@pytest.mark.parametrize("spin_s", [0.0, 0.05])
+def test_helpers_asleep_or_spinning_run_every_part(spin_s):
+    """Helpers that sleep after each job (no spinning) or spin run Python and native parts alike, including
+    after an idle pause long enough for spinning ones to fall asleep; errors reach the caller."""
+    rng = np.random.default_rng(11)
+    qt, _ = _make("int8", 97, 256, rng)
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    want = linear_q(x, qt)
+    helpers = _Helpers(spin_s=spin_s)
+    for i in range(6):
+        _spread_both_kinds(helpers, qt, x, want)
+        if i == 2:
+            time.sleep(0.2)
+
+    def bad(a, b):
+        if a:
+            raise ValueError("helper part")
+
+    with pytest.raises(ValueError, match="helper part"):
+        helpers.spread(bad, [0, 1, 2])
+    assert helpers.spread(lambda a, b: None, [0, 1, 2])  # the error was handed over once, not kept
+
+
+def test_helpers_refuse_too_many_parts_and_a_second_caller():
+    helpers = _Helpers(spin_s=0.0)
+    with pytest.raises(ValueError, match="at most"):
+        helpers.spread(lambda a, b: None, list(range(MAX_HELPERS + 3)))
+    started, release = threading.Event(), threading.Event()
+
+    def slow(a, b):
+        if a == 0:
+            started.set()
+            release.wait(5)
+
+    t = threading.Thread(target=helpers.spread, args=(slow, [0, 1, 2]))
+    t.start()
+    assert started.wait(5)
+    assert not helpers.spread(lambda a, b: None, [0, 1, 2])  # busy: the caller runs its parts itself
+    release.set()
+    t.join(5)
+    assert not t.is_alive()
+
+
+def test_quant_tensor_rows_not_contiguous_run_python_parts():
+    """A weight whose packed rows are a strided view cannot be a native job: its parts run in Python."""
+    rng = np.random.default_rng(5)
+    qt, _ = _make("q8_0", 64, 256, rng)
+    wide = np.zeros((64, qt.data.shape[1] * 2), np.uint8)
+    wide[:, : qt.data.shape[1]] = qt.data
+    view = QuantTensor(qt.fmt, qt.shape, wide[:, : qt.data.shape[1]])
+    assert not view.data.flags.c_contiguous
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    split = _spreading(2)
+    for _ in range(3):
+        np.testing.assert_array_equal(linear_q(x, view, split), linear_q(x, qt))
+    assert cpu_threads.usable_cpus() >= 1
