@@ -10,6 +10,7 @@ import pytest
 from test_quant_kernels import _make
 
 from lserve_lite.backends import cpu_quant, cpu_threads
+from lserve_lite.backends.cpu_native import job_address, native_job
 from lserve_lite.backends.cpu_quant import GEMV_ROWS, linear_q, logits_q
 from lserve_lite.backends.cpu_threads import MAX_HELPERS, SplitRunner, _Helpers
 from lserve_lite.weights.qtensor import FORMATS, QuantTensor
@@ -41,7 +42,7 @@ def test_native_gemv_parts_equal_one_thread(fmt, n):
             np.testing.assert_array_equal(linear_q(x, qt, split), whole)
             np.testing.assert_array_equal(logits_q(x, qt, split), head)
         assert all(st.spread for st in split._keys.values())
-    assert cpu_quant._job_address.cache_info().currsize >= 1 and n <= GEMV_ROWS
+    assert job_address.cache_info().currsize >= 1 and n <= GEMV_ROWS
 
 
 def test_native_job_runs_without_the_python_part():
@@ -59,7 +60,7 @@ def test_native_job_runs_without_the_python_part():
         cpu_quant.gemv_rows_q(FORMATS.index("q4_1"), xq, dx, xs, qt.data, y, a, b)
 
     def native():
-        return cpu_quant._native_job(
+        return native_job(
             cpu_quant._gemv_job, cpu_quant._gemv_args, FORMATS.index("q4_1"), xq, dx, xs, qt.data, y
         )
 
@@ -84,7 +85,7 @@ def _spread_both_kinds(helpers: _Helpers, qt: QuantTensor, x: np.ndarray, want: 
     fmt = FORMATS.index(qt.fmt)
     args = (cpu_quant._gemv_job, cpu_quant._gemv_args, fmt, xq, dx, xs, qt.data, y)
     gemv = lambda a, b: cpu_quant.gemv_rows_q(fmt, xq, dx, xs, qt.data, y, a, b)  # noqa: E731
-    assert helpers.spread(gemv, [0, 50, qt.shape[0]], lambda: cpu_quant._native_job(*args))
+    assert helpers.spread(gemv, [0, 50, qt.shape[0]], lambda: native_job(*args))
     np.testing.assert_array_equal(y, want)
 
 

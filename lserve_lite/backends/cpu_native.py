@@ -9,6 +9,7 @@ code (`serve`), calls it through its address and signals completion, so no Pytho
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import llvmlite.binding as llvm
@@ -161,3 +162,16 @@ def spin_for(spins):
     """`spins` steps of an idle helper's spin (calibrates how long one takes)."""
     for i in range(spins):
         _spin(i)
+
+
+@functools.cache
+def job_address(body) -> int:
+    """A job body compiled as a C callback, on first use: after its module's `flush_if_deps_changed` at import,
+    so that its disk cache is never older than the kernels it calls (the body's module lists this one)."""
+    return nb.cfunc(JOB_SIG, error_model="numpy", cache=True)(body).address
+
+
+def native_job(body, pack, *values) -> tuple[int, object]:
+    """(job address, int64 args) for `SplitRunner.run`'s `native`: `body` over the operands packed by the
+    compiled `pack` (`ndarray.ctypes` would cost ~3 us an array)."""
+    return job_address(body), pack(*values)

@@ -27,7 +27,7 @@ from ..weights import qtensor
 from ..weights.qtensor import FORMATS, LAYOUTS, QuantTensor
 from . import cpu_kernels, cpu_native, cpu_quant_simd
 from .cpu_kernels import FAST, JIT
-from .cpu_native import JOB_SIG, view
+from .cpu_native import native_job, view
 from .cpu_quant_simd import ROW_DOT, ROW_DOT16, f16_at
 from .cpu_threads import SplitRunner, even_bounds
 from .numba_cache import flush_if_deps_changed
@@ -187,18 +187,6 @@ def _gemv16_job(args, j0, j1):
     gemv_rows_q16(a[0], xq, dx, view(a[7], (m, a[4]), nb.uint8), view(a[8], (n, m), nb.float32), j0, j1)
 
 
-@functools.cache
-def _job_address(body) -> int:
-    """A job body compiled as a C callback (on first use, after the import's `flush_if_deps_changed`, so that
-    its disk cache is never older than the kernels it calls)."""
-    return nb.cfunc(JOB_SIG, error_model="numpy", cache=True)(body).address
-
-
-def _native_job(body, pack, *arrays) -> tuple[int, np.ndarray]:
-    """(job address, args) for `SplitRunner.run`'s `native`: `body` over the arrays packed by `pack`."""
-    return _job_address(body), pack(*arrays)
-
-
 @nb.njit(inline="always")
 def _nibbles(row, o, h, dst, k, d, z, m):
     """dst[k + i] = d * (nib(i) - z) + m for the 2h nibbles of row[o:o + h] (low nibbles first)."""
@@ -298,7 +286,7 @@ def linear_q(
         quantize_activations(x, xq, dx, xs)
         y_c = y if y.flags.c_contiguous else np.empty((n, m), np.float32)  # one compiled layout of `out`
         part = lambda a, b: gemv_rows_q(fmt, xq, dx, xs, w.data, y_c, a, b)  # noqa: E731
-        native = functools.partial(_native_job, _gemv_job, _gemv_args, fmt, xq, dx, xs, w.data, y_c)
+        native = functools.partial(native_job, _gemv_job, _gemv_args, fmt, xq, dx, xs, w.data, y_c)
         key = ("qgemv", n, w.fmt, w.shape)
     else:
         part = lambda a, b: gemm_rows_q(fmt, x, w.data, y, a, b)  # noqa: E731
@@ -330,7 +318,7 @@ def logits_q(x: np.ndarray, w: QuantTensor, split: SplitRunner | None = None) ->
     m = w.shape[0]
     y = np.empty((n, m), np.float32)
     part = lambda a, b: gemv_rows_q16(fmt, xq, dx, w.data, y, a, b)  # noqa: E731
-    native = functools.partial(_native_job, _gemv16_job, _gemv16_args, fmt, xq, dx, w.data, y)
+    native = functools.partial(native_job, _gemv16_job, _gemv16_args, fmt, xq, dx, w.data, y)
     if split:
         split.run(
             ("qgemv16", n, w.fmt, w.shape), part, even_bounds(0, m, split.parts),
