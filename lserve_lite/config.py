@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -25,6 +26,18 @@ SIZE_BOUNDS = {
 }
 MAX_MODEL_LEN = SIZE_BOUNDS["max_position_embeddings"]  # the longest context an EngineConfig accepts
 MAX_JSON_BYTES = 64 << 20  # config / tokenizer_config / index files larger than this are not configs
+
+
+def env_float(name: str, default: float, lo: float, hi: float) -> float:
+    """A numeric tuning knob from the environment, refused with one line outside [lo, hi]."""
+    value = os.environ.get(name, "")
+    try:
+        x = float(value) if value else default
+    except ValueError:
+        x = float("nan")
+    if not lo <= x <= hi:
+        raise ValueError(f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
+    return x
 
 
 def read_json_object(path: str | Path) -> dict:

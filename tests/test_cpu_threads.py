@@ -145,3 +145,15 @@ def test_quant_tensor_rows_not_contiguous_run_python_parts():
     for _ in range(3):
         np.testing.assert_array_equal(linear_q(x, view, split), linear_q(x, qt))
     assert cpu_threads.usable_cpus() >= 1
+
+
+def test_spin_setting_refused_at_backend_start(monkeypatch):
+    """LSERVE_CPU_SPIN_US: microseconds in [0, 1e6]; anything else is one line when the CPU backend starts."""
+    from lserve_lite.backends.cpu import CpuOps
+
+    monkeypatch.setenv("LSERVE_CPU_SPIN_US", "0")
+    assert cpu_threads.spin_seconds() == 0.0
+    for bad in ("-5", "2e6", "fast"):
+        monkeypatch.setenv("LSERVE_CPU_SPIN_US", bad)
+        with pytest.raises(ValueError, match=r"LSERVE_CPU_SPIN_US must be a number in \[0, 1e\+06\]"):
+            CpuOps()

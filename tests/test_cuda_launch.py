@@ -134,7 +134,7 @@ def test_gemv_tuning_options():
 
 def test_numeric_knob_refuses_bad_values(monkeypatch):
     """LSERVE_GEMV_KSPLIT (waves of resident warps two warps per row may fill): numbers in range, else one line."""
-    from lserve_lite.backends.cuda import _env_float
+    from lserve_lite.config import env_float as _env_float
 
     monkeypatch.delenv("LSERVE_GEMV_KSPLIT", raising=False)
     assert _env_float("LSERVE_GEMV_KSPLIT", 1.0, 0.0, 8.0) == 1.0

@@ -11,7 +11,7 @@ from ..weights.qtensor import QuantTensor, RowStack, Weight, stored_bytes
 from . import cpu_kernels as K
 from .base import EagerExecutor, Forward, HostTokens, KVCache, alloc_kv_cache, norm_then_linear
 from .cpu_quant import embed_q, linear_q, logits_q
-from .cpu_threads import SplitRunner, even_bounds, openblas_set_threads
+from .cpu_threads import SplitRunner, even_bounds, openblas_set_threads, spin_seconds
 from .reference.attention import attend_qblocks, paged_attention_sparse_ref
 from .reference.layers import embed_ref, rope_write_kv_sparse_ref
 from .reference.page_select import select_pages_ref
@@ -36,6 +36,7 @@ class CpuOps:
         # The backend spreads work over its own threads (`SplitRunner`); OpenBLAS's would oversubscribe the
         # cores and make GEMM sums depend on the thread count. Process-wide: NumPy's BLAS gets one thread.
         openblas_set_threads(1)
+        spin_seconds()  # a bad LSERVE_CPU_SPIN_US is refused here, not at the first split call
         self.split = SplitRunner()
 
     def upload(self, a, name: str | None = None):

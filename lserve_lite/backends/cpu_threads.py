@@ -11,6 +11,7 @@ from collections import deque
 
 import numpy as np
 
+from ..config import env_float
 from . import cpu_native
 
 
@@ -22,6 +23,11 @@ def usable_cpus() -> int:
 MAX_HELPERS = 8  # SplitRunner uses at most 8 parts
 
 
+def spin_seconds() -> float:
+    """How long an idle helper spins before it sleeps: LSERVE_CPU_SPIN_US (default 2000 us, at most 1 s)."""
+    return env_float("LSERVE_CPU_SPIN_US", 2000.0, 0.0, 1e6) * 1e-6
+
+
 class _Helpers:
     """Daemon threads (one per extra CPU, started on first use) that run the parts of a split call.
 
@@ -30,6 +36,7 @@ class _Helpers:
     longer, it sleeps on a condition variable."""
 
     def __init__(self, spin_s: float | None = None):
+        """`spin_s`: how long a helper spins for its next part (default: `spin_seconds()`)."""
         self.lock = threading.Lock()  # held by the caller whose parts are on the helpers
         self._cv = threading.Condition()
         self._ctl = np.zeros(MAX_HELPERS * cpu_native.CTL_COLS, np.int64)
@@ -37,8 +44,7 @@ class _Helpers:
         self._errors: list = []
         self._sleeping: list[bool] = []
         self._seq = 0
-        env = os.environ.get("LSERVE_CPU_SPIN_US")
-        self.spin_s = spin_s if spin_s is not None else (float(env) * 1e-6 if env else 2e-3)
+        self.spin_s = spin_s
         self._spins = -1
 
     def spread(self, part, bounds: list[int], native: tuple | None = None) -> bool:
@@ -76,10 +82,11 @@ class _Helpers:
 
     def _grow(self, n: int) -> None:
         if self._spins < 0:  # pauses per spin_s, timed once
+            spin_s = spin_seconds() if self.spin_s is None else self.spin_s
             cpu_native.spin_for(1)  # (compiled or loaded first)
             t = time.perf_counter()
             cpu_native.spin_for(20000)
-            self._spins = int(self.spin_s / max((time.perf_counter() - t) / 20000, 1e-10))
+            self._spins = int(spin_s / max((time.perf_counter() - t) / 20000, 1e-10))
         while len(self._py) < n:
             self._py.append(None)
             self._errors.append(None)

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ..config import GROUP_REDUCE, EngineConfig
+from ..config import GROUP_REDUCE, EngineConfig, env_float
 from ..errors import InvalidRequestError, ModelLoadError
 from ..kv.layout import KVLayout
 from ..sparse.plan import AttentionPlan
@@ -69,18 +69,6 @@ def gemv_tuning(env: Mapping[str, str]) -> tuple[str, ...]:
             raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
         opts.append(f"-D{name}={int(value)}")
     return tuple(opts)
-
-
-def _env_float(name: str, default: float, lo: float, hi: float) -> float:
-    """A numeric tuning knob from the environment, refused with one line outside [lo, hi]."""
-    value = os.environ.get(name, "")
-    try:
-        x = float(value) if value else default
-    except ValueError:
-        x = float("nan")
-    if not lo <= x <= hi:
-        raise ValueError(f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
-    return x
 
 
 def to_fp16(a: np.ndarray, name: str | None = None) -> np.ndarray:
@@ -260,7 +248,7 @@ class CudaOps:
         self.fuse_norm = os.environ.get("LSERVE_CUDA_FUSE_NORM", "1") != "0"
         # gemv_rows with S = 2 warps per row where twice the rows fit this many waves of resident warps (gemv_slices);
         # LSERVE_GEMV_KSPLIT=0: one warp per row everywhere (1.5, splitting the QKV projection too, measured slower).
-        self.gemv_ksplit = _env_float("LSERVE_GEMV_KSPLIT", 1.0, 0.0, 8.0)
+        self.gemv_ksplit = env_float("LSERVE_GEMV_KSPLIT", 1.0, 0.0, 8.0)
         self.resident_warps = 64 * int(self.device.attributes["MultiProcessorCount"])  # at <= 32 registers
 
     # -- data movement ------------------------------------------------------------------------
