@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 
@@ -21,6 +22,8 @@ def usable_cpus() -> int:
 
 
 MAX_HELPERS = 8  # SplitRunner uses at most 8 parts
+NativeJob = Callable[[], tuple[int, np.ndarray]]  # makes (job address, int64 args): cpu_native.native_job
+_NO_ARGS = np.zeros(0, np.int64)  # the args posted with a Python part
 
 
 def spin_seconds() -> float:
@@ -47,7 +50,7 @@ class _Helpers:
         self.spin_s = spin_s
         self._spins = -1
 
-    def spread(self, part, bounds: list[int], native: tuple | None = None) -> bool:
+    def spread(self, part, bounds: list[int], native: NativeJob | None = None) -> bool:
         """part(bounds[i], bounds[i + 1]) for i >= 1 on helpers while part 0 runs here; False if busy.
         `native`: a callable giving (job function address, args array) that run the same parts without Python
         (cpu_native), made only when the parts are spread."""
@@ -59,12 +62,11 @@ class _Helpers:
                 raise ValueError(f"at most {MAX_HELPERS + 1} parts, got {n + 1}")
             self._grow(n)
             self._seq += 1
-            fn, args = native() if native is not None else (0, None)
-            addr = args.ctypes.data if args is not None else 0
+            fn, args = native() if native is not None else (0, _NO_ARGS)
             for i in range(n):
                 if not fn:
                     self._py[i] = (part, bounds[i + 1], bounds[i + 2])
-                cpu_native.post(self._ctl, i, self._seq, fn, addr, bounds[i + 1], bounds[i + 2])
+                cpu_native.post(self._ctl, i, self._seq, fn, args, bounds[i + 1], bounds[i + 2])
                 if self._sleeping[i]:
                     with self._cv:
                         self._cv.notify_all()
@@ -154,7 +156,7 @@ class SplitRunner:
         self.first, self.longest = first, longest
         self._keys: dict = {}
 
-    def run(self, key, part, bounds: list[int], joint: bool = False, native: tuple | None = None) -> None:
+    def run(self, key, part, bounds: list[int], joint: bool = False, native: NativeJob | None = None) -> None:
         """part(bounds[i], bounds[i + 1]) for every i, spread over threads when that was faster lately.
         `joint`: part(bounds[0], bounds[-1]) does the same as the parts, so on one thread it is one call.
         `native`: the same parts as a native job for the helpers (`_Helpers.spread`)."""
