@@ -2,16 +2,24 @@
 
 import zlib
 
+import numba as nb
 import numpy as np
 import pytest
 
 from lserve_lite.backends import cpu as C
 from lserve_lite.backends import cpu_kernels as K
+from lserve_lite.backends.cpu_half import half_to_f32
 from lserve_lite.backends.reference import attention as A
 from lserve_lite.backends.reference import layers as L
 from lserve_lite.sparse.plan import BatchLayout, build_plan
 
 RNG = np.random.default_rng(0)
+
+
+@nb.njit
+def _halves_to_f32(bits, out):
+    for i in range(bits.shape[0]):
+        out[i] = half_to_f32(bits[i])
 
 
 def rel(a, b):
@@ -55,6 +63,32 @@ def test_rope_write_kv_matches_ref():
     q2 = np.empty_like(q1)
     K.rope_write_kv(qkv, pos, slots, k2, v2, C.NO_SCALES, C.NO_SCALES, cos, sin, q2)
     assert rel(q2, q1) < 1e-6 and np.array_equal(k1, k2) and np.array_equal(v1, v2)
+
+
+def test_fp16_kv_write_rounds_as_numpy():
+    """An fp16 cache written by the Numba kernel (float32 -> fp16 bits in compiled code) holds NumPy's float16 of
+    the reference's rotated K/V, bit for bit, Inf on overflow included; its load converts back exactly."""
+    cos, sin = RNG.standard_normal((2, 100, 32), dtype=np.float32)
+    qkv = RNG.standard_normal((4, 960), dtype=np.float32) * np.float32(3000.0)
+    qkv[0, 9 * 64 : 10 * 64] = 1e6  # a key beyond fp16's range
+    pos, slots = np.array([5, 17, 99, 0]), np.array([3, 70, 200, 64])
+    k1, v1 = np.zeros((2, 5, 3, 64, 64), np.float32)
+    L.rope_write_kv_ref(qkv, pos, slots, k1, v1, cos, sin)
+    k2, v2 = np.zeros((2, 5, 3, 64, 64), np.float16)
+    with np.errstate(over="ignore"):
+        k16, v16 = k1.astype(np.float16), v1.astype(np.float16)
+    q = np.empty((4, 9, 64), np.float32)
+    K.rope_write_kv(
+        qkv, pos, slots, k2.view(np.uint16), v2.view(np.uint16), C.NO_SCALES, C.NO_SCALES, cos, sin, q
+    )
+    assert np.array_equal(k2.view(np.uint16), k16.view(np.uint16)) and np.isinf(k2).any()
+    assert np.array_equal(v2.view(np.uint16), v16.view(np.uint16))
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    finite = np.isfinite(bits.view(np.float16))
+    out = np.empty(bits.size, np.float32)
+    _halves_to_f32(bits, out)
+    assert np.array_equal(out[finite], bits.view(np.float16)[finite].astype(np.float32))
+    assert np.array_equal(np.isinf(out), np.isinf(bits.view(np.float16)))
 
 
 def naive_attention(q, k_cache, v_cache, plan, head_class):
@@ -160,8 +194,8 @@ def _decode_case(rng, ctx, page, fmt_name, streaming, selected):
     pool = (n_pages + 3, 3, page, 64)
     k, v = rng.standard_normal((2, *pool))
     k += rng.uniform(-2, 2, 64)  # channel offsets, as post-RoPE keys
-    if fmt_name == "fp32":
-        kq, vq = k.astype(np.float32), v.astype(np.float32)
+    if fmt_name in ("fp32", "fp16"):
+        kq, vq = k.astype(fmt_name.replace("fp", "float")), v.astype(fmt_name.replace("fp", "float"))
         ks = vs = None
         kd, vd = kq.astype(np.float64), vq.astype(np.float64)
     else:
@@ -182,7 +216,7 @@ def _decode_case(rng, ctx, page, fmt_name, streaming, selected):
     return q, (kq, vq, ks, vs), (kd, vd), plan, hc
 
 
-@pytest.mark.parametrize("fmt_name", ["fp32", "int8", "int4", "fp8"])
+@pytest.mark.parametrize("fmt_name", ["fp32", "fp16", "int8", "int4", "fp8"])
 @pytest.mark.parametrize("page", [16, 64])
 @pytest.mark.parametrize("ctx", [1, 63, 64, 65, 517, 2049])
 @pytest.mark.parametrize("streaming,selected", [(False, False), (True, False), (False, True), (True, True)])

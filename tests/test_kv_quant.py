@@ -12,6 +12,7 @@ from test_cpu_kernels import naive_attention
 
 from lserve_lite.backends import cpu as C
 from lserve_lite.backends import cpu_kernels as K
+from lserve_lite.backends.cpu_half import NATIVE_HALF
 from lserve_lite.backends.reference import attention as A
 from lserve_lite.backends.reference import layers as L
 from lserve_lite.config import EngineConfig, ModelConfig, SparseConfig
@@ -252,7 +253,7 @@ def _llm(path, kv: str, sparse: bool = False, chunk: int = 2048):
 
 @pytest.mark.parametrize("sparse", [False, True])
 def test_engine_greedy_with_quantized_kv(tiny, sparse):
-    """int8 / int4 / fp8 KV: greedy tokens as fp32 KV's on the tiny model (int8), logits close; chunked prefill over
+    """fp16 / int8 / int4 / fp8 KV: greedy tokens as fp32 KV's on the tiny model (fp16, int8), logits close; chunked prefill over
     cached quantized pages = one-chunk prefill."""
     from lserve_lite import SamplingParams
 
@@ -262,12 +263,12 @@ def test_engine_greedy_with_quantized_kv(tiny, sparse):
     greedy = SamplingParams(temperature=0, max_new_tokens=10)
     ref = _llm(tiny, "fp32", sparse)
     ref_tokens, ref_logits = ref.generate([ids], greedy)[0].token_ids, ref.logits(ids)
-    for kv, tol in (("int8", 0.02), ("int4", 0.2), ("fp8", 0.05)):
+    for kv, tol in (("fp16", 2e-3), ("int8", 0.02), ("int4", 0.2), ("fp8", 0.05)):
         llm = _llm(tiny, kv, sparse)
         assert llm.engine.kv_format.name == kv and f"KV cache {kv}" in llm.engine.kv_summary()
         lg = llm.logits(ids)
         assert rel(lg, ref_logits) < tol
-        if kv == "int8":
+        if kv in ("fp16", "int8"):
             assert llm.generate([ids], greedy)[0].token_ids == ref_tokens
         np.testing.assert_allclose(_llm(tiny, kv, sparse, chunk=48).logits(ids), lg, rtol=1e-4, atol=1e-4)
 
@@ -322,16 +323,18 @@ def test_kv_sizing_counts_real_bytes():
 def test_kv_dtype_errors_are_one_line():
     with pytest.raises(InvalidRequestError, match="kv_dtype must be one of"):
         EngineConfig(kv_dtype="int3")
+    no_half = ("fp32", "int8", "int4", "fp8")  # the CPU backend's formats on a host without fp16 conversions
     with pytest.raises(
         InvalidRequestError, match="kv_dtype fp16 is not available here.*has fp32, int8, int4, fp8$"
     ):
-        Q.resolve_kv_format("fp16", C.CpuOps.kv_dtypes, 64)
+        Q.resolve_kv_format("fp16", no_half, 64)
+    assert Q.resolve_kv_format("auto", no_half, 64).name == "fp32"
     pre_ada = ("fp16", "int8", "int4")  # the CUDA backend's formats below sm_89
     with pytest.raises(
         InvalidRequestError, match="kv_dtype fp8 needs an sm_89 or newer GPU .or the CPU backend.; "
     ):
         Q.resolve_kv_format("fp8", pre_ada, 64)
-    assert Q.resolve_kv_format("auto", C.CpuOps.kv_dtypes, 64).name == "fp32"
+    assert Q.resolve_kv_format("auto", C.CpuOps.kv_dtypes, 64).name == ("fp16" if NATIVE_HALF else "fp32")
     assert Q.resolve_kv_format("fp8", C.CpuOps.kv_dtypes, 64).name == "fp8"
 
 

@@ -354,10 +354,10 @@ PORTABLE_SCRIPT = """
 import sys, numpy as np
 sys.path.insert(0, sys.argv[2])
 from test_quant_kernels import _make
-from lserve_lite.backends import cpu_quant_simd
+from lserve_lite.backends import cpu_half, cpu_quant_simd
 from lserve_lite.backends.cpu_quant import linear_q, logits_q
 from lserve_lite.weights.qtensor import FORMATS
-assert not cpu_quant_simd._AVX2 and not cpu_quant_simd._NATIVE_HALF
+assert not cpu_quant_simd._AVX2 and not cpu_half.NATIVE_HALF
 rng = np.random.default_rng(7)
 out = {}
 for fmt in FORMATS:

@@ -231,10 +231,11 @@ def alloc_kv_cache(
     """Paged KV memory with the backend's `zeros(shape, dtype)` and `asarray` (zeroed: pages never written may be read,
     masked, and must not hold NaN). Dense mode (layout None): one pool of every head. LServe mode: per
     layer a dense-head pool, a streaming pool, the selector's key statistics and selection buffers. A
-    quantized `fmt` stores values in its own type and scales in `dtype` beside them (kv/quant.py)."""
+    `fmt` stores values in its own type (fp16 on the CPU too), a quantized one with scales in `dtype` beside them
+    (kv/quant.py)."""
     L, d, ps = cfg.num_layers, cfg.head_dim, page_size
     q = fmt is not None and fmt.quantized
-    vshape, vtype = (fmt.packed_dim(d), fmt.value_dtype) if q else (d, dtype)
+    vshape, vtype = (d, dtype) if fmt is None else (fmt.packed_dim(d), fmt.value_dtype)
 
     def pools(pages: int, heads: list[int]) -> tuple[list, list, list | None, list | None]:
         """K and V values of every layer, and their scales (None for a float cache)."""

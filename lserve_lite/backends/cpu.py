@@ -10,6 +10,8 @@ from ..sparse.plan import AttentionPlan
 from ..weights.qtensor import QuantTensor, RowStack, Weight, stored_bytes
 from . import cpu_kernels as K
 from .base import EagerExecutor, Forward, HostTokens, KVCache, alloc_kv_cache, norm_then_linear
+from .cpu_half import NATIVE_HALF
+from .cpu_kv import kernel_view
 from .cpu_quant import embed_q, linear_q, logits_q
 from .cpu_threads import SplitRunner, even_bounds, openblas_set_threads, spin_seconds
 from .reference.attention import attend_qblocks, paged_attention_sparse_ref
@@ -28,7 +30,9 @@ class CpuOps:
 
     name = "cpu"
     dtype = np.float32
-    kv_dtypes = ("fp32", "int8", "int4", "fp8")  # no fp16 kernels on the CPU
+    # "auto" is fp16 (as llama.cpp's and our GPU's caches) where the host converts it in one instruction
+    # (cpu_half.py): half the bytes decode attention reads, and twice the tokens in the same KV memory
+    kv_dtypes = (*(("fp16",) if NATIVE_HALF else ()), "fp32", "int8", "int4", "fp8")
     selector_reductions = (*GROUP_REDUCE, ORACLE_REDUCE)  # the oracle reads float keys (float KV only)
     async_steps = False  # a step computes before its launch returns: nothing to overlap
 
@@ -152,8 +156,8 @@ class CpuOps:
         if not cache.sparse:
             kc, d = cache.k[layer], cache.head_dim
             q = np.empty((qkv.shape[0], qkv.shape[1] // d - 2 * kc.shape[1], d), np.float32)
-            K.rope_write_kv(qkv, positions, slots, kc, cache.v[layer], _scales_arg(ksc), _scales_arg(vsc), rope[0],
-                            rope[1], q)  # fmt: skip
+            K.rope_write_kv(qkv, positions, slots, kernel_view(kc), kernel_view(cache.v[layer]), _scales_arg(ksc),
+                            _scales_arg(vsc), rope[0], rope[1], q)  # fmt: skip
             return q
         return rope_write_kv_sparse_ref(
             qkv, positions, slots[0], slots[1], cache.k[layer], cache.v[layer], cache.ks[layer],
@@ -213,13 +217,14 @@ def paged_attention_numba(
     q, k_cache, v_cache, plan: AttentionPlan, head_class, split=None, k_scale=None, v_scale=None
 ) -> np.ndarray:
     """`paged_attention_ref` as Numba kernels (same plan and masks, float32 softmax), for decode rows; the
-    scales of a quantized cache (its format follows from the values' dtype: cpu_kv.py).
+    scales of a quantized cache (its format follows from the values' dtype: cpu_kv.py; fp16 pools as stored).
 
     Each KV head's pages are cut into runs of about `CHUNK_KEYS` keys, so that even one decode row's work can
     be spread over a `SplitRunner`'s threads; the runs' softmax sums are merged exactly (flash-decoding), and
     the runs depend only on the plan, so results do not depend on the threads.
     """
     hkv, page = k_cache.shape[1], k_cache.shape[2]
+    k_cache, v_cache = kernel_view(k_cache), kernel_view(v_cache)
     chunk = max(1, CHUNK_KEYS // page)
     rows = int(plan.qb_len.max(initial=0)) * (q.shape[1] // hkv)
     units = hkv * (plan.kv_page.shape[0] // chunk + plan.kv_indptr.shape[0] - 1)  # bounds the kernel's count

@@ -16,7 +16,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from . import cpu_kv
-from .cpu_kv import kv_load_page, kv_store
+from .cpu_kv import kv_load_page, kv_store, to_f32
 from .numba_cache import flush_if_deps_changed
 
 # Reassociation (vectorized float32 sums) without "no NaN / no Inf", which masks and softmax rely on.
@@ -263,10 +263,10 @@ def _scores4(qrow, keys, srow, scale, d):
     for o in range(0, keys.shape[0], 4):
         a, b, c, e = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
         for i in range(d):
-            a += qrow[i] * keys[o, i]
-            b += qrow[i] * keys[o + 1, i]
-            c += qrow[i] * keys[o + 2, i]
-            e += qrow[i] * keys[o + 3, i]
+            a += qrow[i] * to_f32(keys[o, i])
+            b += qrow[i] * to_f32(keys[o + 1, i])
+            c += qrow[i] * to_f32(keys[o + 2, i])
+            e += qrow[i] * to_f32(keys[o + 3, i])
         srow[o], srow[o + 1], srow[o + 2], srow[o + 3] = a * scale, b * scale, c * scale, e * scale
 
 
@@ -284,7 +284,9 @@ def _weighted4(p, vals, acc, d):
     for o in range(0, vals.shape[0], 4):
         a, b, c, e = p[o], p[o + 1], p[o + 2], p[o + 3]
         for i in range(d):
-            acc[i] += (a * vals[o, i] + b * vals[o + 1, i]) + (c * vals[o + 2, i] + e * vals[o + 3, i])
+            acc[i] += (a * to_f32(vals[o, i]) + b * to_f32(vals[o + 1, i])) + (
+                c * to_f32(vals[o + 2, i]) + e * to_f32(vals[o + 3, i])
+            )
 
 
 @nb.njit(**JIT)

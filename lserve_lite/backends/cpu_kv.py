@@ -1,6 +1,7 @@
 """One KV row (a token's K or V of one head) stored into and loaded from a CPU KV pool in any CPU format.
 
-Numba picks the format from the values' dtype (float32: fp32, int8: int8, uint8: int4 with (scale, min) per
+Numba picks the format from the values' dtype (float32: fp32, uint16: fp16 bits (an fp16 cache viewed by
+`kernel_view`), int8: int8, uint8: int4 with (scale, min) per
 group, the group read from the scales' width, or fp8 e4m3 bits when a row has one scale; kv/quant.py has
 the rule): the kernels that write and read K/V call `kv_store` / `kv_load` and stay format-free, quantizing
 on write and dequantizing on load with no float copy of the cache.
@@ -13,6 +14,7 @@ from numba import njit, types
 from numba.extending import overload
 
 from ..kv.quant import E4M3, FORMATS
+from .cpu_half import f32_to_half, half_to_f32
 
 E4M3_MAX = FORMATS["fp8"].qmax
 # Every fp8 code's value as float32 (sign included; 127 and 255, NaN in e4m3fn, are never written): kv_load's table.
@@ -48,8 +50,21 @@ def kv_load(vals, scales, pg, h, off, buf):
 
 
 def kv_load_page(vals, scales, pg, h, buf):
-    """Rows vals[pg, h] as float32 [page, D]: the cache's own rows, or dequantized into buf [page, D]."""
+    """Rows vals[pg, h] [page, D] as the attention loops read them (each value through `to_f32`): the cache's
+    own rows (float32, or fp16 bits converted as they are read), or dequantized into buf [page, D]."""
     raise NotImplementedError  # Numba-only (the overload below)
+
+
+def to_f32(x):
+    """A value of `kv_load_page`'s rows as float32."""
+    raise NotImplementedError  # Numba-only (the overload below)
+
+
+@overload(to_f32, inline="always")
+def _to_f32(x):
+    if x == types.uint16:
+        return lambda x: half_to_f32(x)
+    return lambda x: x
 
 
 @overload(kv_store)
@@ -61,6 +76,14 @@ def _kv_store(x, vals, scales, pg, h, off):
                 vals[pg, h, off, i] = x[i]
 
         return store_float
+
+    if vals.dtype == types.uint16:
+
+        def store_half(x, vals, scales, pg, h, off):
+            for i in range(x.shape[0]):
+                vals[pg, h, off, i] = f32_to_half(np.float32(x[i]))
+
+        return store_half
 
     if vals.dtype == types.int8:
 
@@ -106,6 +129,15 @@ def _kv_store(x, vals, scales, pg, h, off):
 def _kv_load(vals, scales, pg, h, off, buf):
     if isinstance(vals.dtype, types.Float):
         return lambda vals, scales, pg, h, off, buf: vals[pg, h, off]
+    if vals.dtype == types.uint16:
+
+        def load_half(vals, scales, pg, h, off, buf):
+            row = vals[pg, h, off]
+            for i in range(buf.shape[0]):
+                buf[i] = half_to_f32(row[i])
+            return buf
+
+        return load_half
     if vals.dtype == types.int8:
 
         def load_int8(vals, scales, pg, h, off, buf):
@@ -140,7 +172,7 @@ def _kv_load(vals, scales, pg, h, off, buf):
 
 @overload(kv_load_page)
 def _kv_load_page(vals, scales, pg, h, buf):
-    if isinstance(vals.dtype, types.Float):
+    if isinstance(vals.dtype, types.Float) or vals.dtype == types.uint16:
         return lambda vals, scales, pg, h, buf: vals[pg, h]
 
     def load_rows(vals, scales, pg, h, buf):
@@ -149,3 +181,8 @@ def _kv_load_page(vals, scales, pg, h, buf):
         return buf
 
     return load_rows
+
+
+def kernel_view(a: np.ndarray) -> np.ndarray:
+    """A KV pool as the kernels take it: an fp16 pool as its uint16 bits (Numba has no float16), others as they are."""
+    return a.view(np.uint16) if a.dtype == np.float16 else a

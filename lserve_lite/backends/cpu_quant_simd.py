@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import llvmlite.binding as llvm
 import numba as nb
 import numpy as np
 from llvmlite import ir
@@ -25,19 +24,13 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .cpu_half import NATIVE_HALF, half_ir, host_has
 from .cpu_kernels import _bits_to_f32
 
 _F32, _I8, _I16, _I32, _I64 = ir.FloatType(), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 
 
-def _host_has(feature: str) -> bool:
-    """Whether Numba compiles for this host (no NUMBA_CPU_NAME) and the host has the CPU feature."""
-    return nb.config.CPU_NAME is None and f"+{feature}" in llvm.get_host_cpu_features().flatten()
-
-
-_AVX2 = _host_has("avx2")
-# fpext half -> float is one instruction with F16C (x86) and on ARM; elsewhere a libcall Numba lacks
-_NATIVE_HALF = not llvm.get_process_triple().startswith(("x86_64", "i686")) or _host_has("f16c")
+_AVX2 = host_has("avx2")
 
 
 def _vec(elem: ir.Type, n: int) -> ir.VectorType:
@@ -92,22 +85,6 @@ def _dot32(builder, u, s, scales=None):
     return _maddwd(builder, _maddubs(builder, u, s), _const(1, 16, _I16) if scales is None else scales)
 
 
-def _half(builder, h16):
-    """An fp16 bit pattern (i16) as float32."""
-    if _NATIVE_HALF:
-        return builder.fpext(builder.bitcast(h16, ir.HalfType()), _F32)
-    h = builder.zext(h16, _I32)
-    bits = builder.shl(builder.and_(h, _I32(0x7FFF)), _I32(13))
-    # times 2^112 is exact for normal and subnormal halves
-    normal = builder.fmul(builder.bitcast(bits, _F32), _F32(2.0**112))
-    special = builder.bitcast(builder.or_(bits, _I32(0x7F800000)), _F32)  # Inf / NaN
-    mag = builder.select(
-        builder.icmp_unsigned("==", builder.and_(h, _I32(0x7C00)), _I32(0x7C00)), special, normal
-    )
-    sign = builder.shl(builder.and_(h, _I32(0x8000)), _I32(16))
-    return builder.bitcast(builder.or_(builder.bitcast(mag, _I32), sign), _F32)
-
-
 class _Row:
     """IR accessors for one row dot: the packed row, the int8 (or int16) activations, their scales and sums
     (none for int16 activations: the formats that take them have no offsets term)."""
@@ -134,7 +111,7 @@ class _Row:
         return out
 
     def half(self, o):
-        return _half(self.b, self._at(self.row, o, _I16))
+        return half_ir(self.b, self._at(self.row, o, _I16))
 
     def bytes(self, o, n: int):
         return self._at(self.row, o, _vec(_I8, n))
@@ -152,7 +129,7 @@ class _Row:
 
     def halves(self, o):
         """The two fp16 values at row[o:o + 4] as <2 x float> (one conversion where fp16 is native)."""
-        if not _NATIVE_HALF:
+        if not NATIVE_HALF:
             lo, hi = self.half(o), self.half(self.i(o, 2))
             v = self.b.insert_element(ir.Constant(_vec(_F32, 2), [0.0] * 2), lo, _I32(0))
             return self.b.insert_element(v, hi, _I32(1))
@@ -380,4 +357,4 @@ def _f16_bits(row, o):
     return -mag if h & 0x8000 else mag
 
 
-f16_at = _f16_fpext if _NATIVE_HALF else _f16_bits  # the little-endian fp16 at row[o:o + 2], for Numba code
+f16_at = _f16_fpext if NATIVE_HALF else _f16_bits  # the little-endian fp16 at row[o:o + 2], for Numba code

@@ -20,7 +20,10 @@ from .. import cpu_kernels as K
 def gather_rows(cache, scales, fmt: KVFormat | None, pages, h) -> np.ndarray:
     """Head h's K (or V) rows on `pages` as float32 [len(pages) * page, D], dequantized if `scales` is given."""
     x = cache[pages, h]
-    x = x if scales is None else dequantize(x, scales[pages, h], fmt, np.float32)
+    if scales is not None:
+        x = dequantize(x, scales[pages, h], fmt, np.float32)
+    elif x.dtype == np.float16:  # an fp16 CPU cache: BLAS multiplies float32
+        x = x.astype(np.float32)
     return x.reshape(-1, x.shape[-1])
 
 
