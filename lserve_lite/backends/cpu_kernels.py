@@ -16,7 +16,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from . import cpu_kv
-from .cpu_kv import kv_load_page, kv_store, to_f32
+from .cpu_kv import kv_load_page, kv_store, row_scaled, to_f32
 from .numba_cache import flush_if_deps_changed
 
 # Reassociation (vectorized float32 sums) without "no NaN / no Inf", which masks and softmax rely on.
@@ -227,6 +227,8 @@ def _attend_unit(qv, kv, h, pages, lpages, rows, win, scale, s, buf, ml, acc):
         keys, kpos0 = kv_load_page(k_cache, k_scale, pages[pi], h, buf), lpages[pi] * page
         for j in range(nq):
             _page_scores(qv[j], keys, s[j, pi * page : (pi + 1) * page], scale)
+        if row_scaled(k_cache):  # (q . k) * s_k: the key scale applied once per score
+            _scale_columns(s[:, pi * page : (pi + 1) * page], k_scale[pages[pi], h, :, 0])
         if win[1] >= 0 or kpos0 + page > min(pos0 + 1, end):  # the page straddles a mask boundary
             for r in range(nr):
                 qpos = pos0 + r
@@ -244,8 +246,18 @@ def _attend_unit(qv, kv, h, pages, lpages, rows, win, scale, s, buf, ml, acc):
     acc[:nq] = 0
     for pi in range(pages.shape[0]):
         vals = kv_load_page(v_cache, v_scale, pages[pi], h, buf)
+        if row_scaled(v_cache):  # p * s_v times the stored values (the row sums are taken already)
+            _scale_columns(s[:, pi * page : (pi + 1) * page], v_scale[pages[pi], h, :, 0])
         for j in range(nq):
             _page_weighted_sum(s[j, pi * page : (pi + 1) * page], vals, acc[j])
+
+
+@nb.njit(fastmath=FAST, **JIT)
+def _scale_columns(s, col_scale):
+    """s[j, o] *= col_scale[o] for every row j (a page's scores or probabilities, by each key's row scale)."""
+    for j in range(s.shape[0]):
+        for o in range(s.shape[1]):
+            s[j, o] *= np.float32(col_scale[o])
 
 
 @nb.njit(fastmath=FAST, **JIT)

@@ -51,7 +51,8 @@ def kv_load(vals, scales, pg, h, off, buf):
 
 def kv_load_page(vals, scales, pg, h, buf):
     """Rows vals[pg, h] [page, D] as the attention loops read them (each value through `to_f32`): the cache's
-    own rows (float32, or fp16 bits converted as they are read), or dequantized into buf [page, D]."""
+    own rows (float32, fp16 bits converted as they are read, int8 values with their row scales applied by the
+    caller: `row_scaled`), or dequantized into buf [page, D] (int4, fp8)."""
     raise NotImplementedError  # Numba-only (the overload below)
 
 
@@ -60,11 +61,25 @@ def to_f32(x):
     raise NotImplementedError  # Numba-only (the overload below)
 
 
+def row_scaled(vals):
+    """Whether `kv_load_page` gives a pool's stored values unscaled, each row to be scaled by scales[pg, h, o, 0]
+    (int8: the attention folds the key scale into the scores and the value scale into the probabilities)."""
+    raise NotImplementedError  # Numba-only (the overload below)
+
+
 @overload(to_f32, inline="always")
 def _to_f32(x):
     if x == types.uint16:
         return lambda x: half_to_f32(x)
+    if isinstance(x, types.Integer):
+        return lambda x: np.float32(x)
     return lambda x: x
+
+
+@overload(row_scaled, inline="always")
+def _row_scaled(vals):
+    scaled = vals.dtype == types.int8
+    return lambda vals: scaled
 
 
 @overload(kv_store)
@@ -172,7 +187,7 @@ def _kv_load(vals, scales, pg, h, off, buf):
 
 @overload(kv_load_page)
 def _kv_load_page(vals, scales, pg, h, buf):
-    if isinstance(vals.dtype, types.Float) or vals.dtype == types.uint16:
+    if isinstance(vals.dtype, types.Float) or vals.dtype in (types.uint16, types.int8):
         return lambda vals, scales, pg, h, buf: vals[pg, h]
 
     def load_rows(vals, scales, pg, h, buf):
