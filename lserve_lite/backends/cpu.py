@@ -63,7 +63,7 @@ class CpuOps:
     def alloc_kv(
         self, cfg, page_size, num_pages, layout=None, num_stream_pages=0, max_seqs=0, fmt=None
     ) -> KVCache:
-        """float32 pools, or quantized values with float32 scales (kv/quant.py)."""
+        """fp16 or float32 pools, or quantized values with float32 scales (kv/quant.py)."""
         return alloc_kv_cache(np.zeros, np.asarray, np.float32, cfg, page_size, num_pages, layout,
                               num_stream_pages, max_seqs, fmt)  # fmt: skip
 
