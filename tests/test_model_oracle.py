@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 from tiny_models import hf_logits, make_tiny
@@ -30,10 +32,12 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_match_transformers(case, tmp_path):
-    path = make_tiny(tmp_path / case, seed=hash(case) % 1000, **CASES[case])
+    path = make_tiny(tmp_path / case, seed=zlib.crc32(case.encode()) % 1000, **CASES[case])
     ids = [int(t) for t in np.random.default_rng(1).integers(0, 320, 300)]
     ref = hf_logits(path, ids)
-    llm = LLM(str(path), backend="cpu", config=EngineConfig(max_num_batched_tokens=96))
+    # float32 KV: the architectures' float numerics against transformers' (the default fp16 KV rounds K/V to 11
+    # bits, which flips near-tied argmaxes of these random models; it is checked in test_kv_quant.py)
+    llm = LLM(str(path), backend="cpu", config=EngineConfig(max_num_batched_tokens=96, kv_dtype="fp32"))
     got = llm.logits(ids)
     assert got.shape == ref.shape
     assert np.abs(got - ref).max() < 1e-3
