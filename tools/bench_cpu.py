@@ -15,6 +15,8 @@ context (`-n 64 -d 512,2048`), median of `-r 3`. Without it the llama.cpp column
 
 Usage: python tools/bench_cpu.py [--model GGUF] [--float-model DIR] [--llama-bench PATH] [--out tools/results]
        [--steps 48] [--kv-dtypes fp32,int8,int4,fp8   (only the GGUF, once per KV cache format)]
+       [--alternate N   (with --llama-bench: only decode, ours and llama.cpp's in turn for N rounds; on a shared
+                         host the per-round ratios are steadier than two tables made minutes apart)]
 """
 
 from __future__ import annotations
@@ -38,23 +40,25 @@ from lserve_lite.weights.default_model import default_gguf_path, default_model_d
 
 def llama_cpp(
     binary: str, gguf: str, threads: int, extra: tuple[str, ...] = (), depths: tuple[int, ...] = (512, 2048),
-    new: int = 64,
+    new: int = 64, reps: int = 3, prefill: bool = True,
 ) -> dict[str, float]:  # fmt: skip
-    """llama-bench's tokens/s on the same rows as ours: prefill 512, decode (`new` tokens) at each depth. `extra`:
-    more llama-bench flags (the GPU build: -ngl 99 -fa 1); its own folder goes on LD_LIBRARY_PATH (a build's
-    shared libraries sit beside it)."""
+    """llama-bench's tokens/s on the same rows as ours: prefill 512 (unless not `prefill`), decode (`new` tokens) at
+    each depth, mean of `reps` runs. `extra`: more llama-bench flags (the GPU build: -ngl 99 -fa 1); its own folder
+    goes on LD_LIBRARY_PATH (a build's shared libraries sit beside it)."""
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
         filter(None, [str(Path(binary).parent), env.get("LD_LIBRARY_PATH")])
     )
-    cmd = [binary, "-m", gguf, "-t", str(threads), "-r", "3", "-o", "json", *extra]
+    cmd = [binary, "-m", gguf, "-t", str(threads), "-r", str(reps), "-o", "json", *extra]
 
     def run(*args: str) -> list[dict]:
         return json.loads(
             subprocess.run([*cmd, *args], check=True, capture_output=True, text=True, env=env).stdout
         )
 
-    rows = run("-p", "512", "-n", "0") + run("-p", "0", "-n", str(new), "-d", ",".join(map(str, depths)))
+    rows = (run("-p", "512", "-n", "0") if prefill else []) + run(
+        "-p", "0", "-n", str(new), "-d", ",".join(map(str, depths))
+    )
     out = {}
     for r in rows:
         key = "prefill_512" if r["n_prompt"] else f"decode_ctx{r.get('n_depth', 0)}"
@@ -147,6 +151,8 @@ def bench_decode(llm: LLM, ctx: int, steps: int) -> dict:
             cpus.append(time.process_time())
     return {
         "tok_s": 1.0 / float(np.median(np.diff(stamps))),
+        "mean_tok_s": (len(stamps) - 1)
+        / (stamps[-1] - stamps[0]),  # llama-bench's definition (tokens / time)
         "cpu_tok_s": (len(cpus) - 1) / (cpus[-1] - cpus[0]),
         "others_busy_cpus": m.others,
     }
@@ -184,10 +190,18 @@ def main() -> None:
     ap.add_argument(
         "--kv-dtypes", default=None, help="e.g. fp32,int8,int4,fp8: only the GGUF, once per KV format"
     )
+    ap.add_argument(
+        "--alternate", type=int, default=0, metavar="N",
+        help="with --llama-bench: only decode, ours and llama.cpp's alternated N rounds (per-round ratios)",
+    )  # fmt: skip
     args = ap.parse_args()
     load0 = os.getloadavg()[0]
     if args.kv_dtypes:
         return bench_kv(args, load0)
+    if args.alternate:
+        if not args.llama_bench:
+            ap.error("--alternate needs --llama-bench")
+        return bench_alternating(args, load0)
     runs = {"native_gguf": bench_model(args.model, args.steps)}
     runs["float32"] = bench_model(args.float_model or str(default_model_dir()), args.steps)
     gguf = args.model or str(default_gguf_path())
@@ -233,6 +247,46 @@ def write_json(out_dir: str, name: str, result: dict) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / name).write_text(json.dumps(result, indent=2))
+
+
+def bench_alternating(args, load0: float) -> None:
+    """Batch-1 decode of the GGUF at 512 and 2048 context, ours and llama.cpp's in turn for `args.alternate` rounds
+    (the one going first swapped every round), so that a shared host's drift lands on both alike: each round's
+    ratio, and their median. Both sides as llama-bench counts (tokens generated / their time, not a median gap).
+    Writes bench_cpu_alternating.json."""
+    llm = LLM(args.model, backend="cpu", config=EngineConfig(prefix_caching=False))
+    gguf, threads = args.model or str(default_gguf_path()), os.cpu_count() or 1
+    rounds = []
+    print(f"{'round':<7}{'context':>8}{'ours tok/s':>12}{'llama.cpp':>11}{'ratio':>8}")
+    for i in range(args.alternate):
+        row = {}
+        for ctx in (512, 2048):
+            key = f"decode_ctx{ctx}"
+            measure = {
+                "ours": lambda ctx=ctx: bench_decode(llm, ctx, args.steps)["mean_tok_s"],
+                "llama_cpp": lambda ctx=ctx, key=key: llama_cpp(
+                    args.llama_bench, gguf, threads, depths=(ctx,), reps=1, prefill=False
+                )[key],
+            }  # fmt: skip
+            order = list(measure) if i % 2 == 0 else list(measure)[::-1]
+            got = {name: measure[name]() for name in order}
+            row[key] = {**got, "ratio": got["ours"] / got["llama_cpp"], "first": order[0]}
+            print(f"{i:<7}{ctx:>8}{got['ours']:>12.1f}{got['llama_cpp']:>11.1f}{row[key]['ratio']:>8.2f}")
+        rounds.append(row)
+    summary = {
+        key: {"median_ratio": statistics.median(r[key]["ratio"] for r in rounds),
+              "ratios": [r[key]["ratio"] for r in rounds]}
+        for key in rounds[0]
+    }  # fmt: skip
+    for key, v in summary.items():
+        print(
+            f"{key}: median ratio {v['median_ratio']:.2f} ("
+            + ", ".join(f"{x:.2f}" for x in v["ratios"])
+            + ")"
+        )
+    write_json(
+        args.out, "bench_cpu_alternating.json", {**host_record(load0), "rounds": rounds, "summary": summary}
+    )
 
 
 def bench_kv(args, load0: float) -> None:
