@@ -3,8 +3,9 @@
 Numba picks the format from the values' dtype (float32: fp32, uint16: fp16 bits (an fp16 cache viewed by
 `kernel_view`), int8: int8, uint8: int4 with (scale, min) per
 group, the group read from the scales' width, or fp8 e4m3 bits when a row has one scale; kv/quant.py has
-the rule): the kernels that write and read K/V call `kv_store` / `kv_load` and stay format-free, quantizing
-on write and dequantizing on load with no float copy of the cache.
+the rule): the kernels that write and read K/V call `kv_store` / `kv_load_page` and stay format-free, quantizing
+on write and, on load, reading values as stored (`to_f32`, `row_scaled`) or decoding a page's rows (`kv_load`),
+with no float copy of the cache.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def kv_store(x, vals, scales, pg, h, off):
 
 
 def kv_load(vals, scales, pg, h, off, buf):
-    """Row vals[pg, h, off] as float32 [D]: the cache's own row, or dequantized into buf."""
+    """Row vals[pg, h, off] of a uint8 pool (int4, fp8) dequantized into buf [D] (float32): the formats whose
+    values `kv_load_page` cannot hand over as stored."""
     raise NotImplementedError  # Numba-only (the overload below)
 
 
@@ -142,26 +144,8 @@ def _kv_store(x, vals, scales, pg, h, off):
 
 @overload(kv_load)
 def _kv_load(vals, scales, pg, h, off, buf):
-    if isinstance(vals.dtype, types.Float):
-        return lambda vals, scales, pg, h, off, buf: vals[pg, h, off]
-    if vals.dtype == types.uint16:
-
-        def load_half(vals, scales, pg, h, off, buf):
-            row = vals[pg, h, off]
-            for i in range(buf.shape[0]):
-                buf[i] = half_to_f32(row[i])
-            return buf
-
-        return load_half
-    if vals.dtype == types.int8:
-
-        def load_int8(vals, scales, pg, h, off, buf):
-            row, s = vals[pg, h, off], np.float32(scales[pg, h, off, 0])
-            for i in range(buf.shape[0]):
-                buf[i] = np.float32(row[i]) * s
-            return buf
-
-        return load_int8
+    if vals.dtype != types.uint8:
+        return None
 
     # One row with its scale (pair) hoisted per group and a table lookup per fp8 code: a per-value branch (fp8) and
     # a per-byte division (int4) made these loads 4.5x / 1.8x slower (docs/KV_QUANT.md).
@@ -187,7 +171,7 @@ def _kv_load(vals, scales, pg, h, off, buf):
 
 @overload(kv_load_page)
 def _kv_load_page(vals, scales, pg, h, buf):
-    if isinstance(vals.dtype, types.Float) or vals.dtype in (types.uint16, types.int8):
+    if vals.dtype != types.uint8:  # float32, fp16 bits, int8: read as stored
         return lambda vals, scales, pg, h, buf: vals[pg, h]
 
     def load_rows(vals, scales, pg, h, buf):
