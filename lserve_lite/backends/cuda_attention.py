@@ -150,7 +150,7 @@ def launcher_kernels(source: str) -> tuple[str, ...]:
     requires each to exist)."""
     kvs = [_suffix(kv) for kv in KV_TRAITS]
     if source == SELECT_SOURCE:
-        return (*(f"page_score_d{d}" for d in HEAD_DIMS), "page_topk")
+        return (*(f"page_{k}_d{d}" for k in ("score", "select") for d in HEAD_DIMS), "page_topk")
     if source == PREFILL_SM90_SOURCE:
         return tuple(_prefill_sm90_name(d, w, st, kv) for (d, w, kv), st in PREFILL_SM90_STAGES.items())
     if source == PREFILL_SOURCE:
@@ -580,12 +580,12 @@ _TOPK_RESIDENT = _TOPK_THREADS * 8  # candidates page_topk keeps in registers (T
 _TOPK_STAGE_MAX = 16384  # candidates it stages in shared memory past that; longer lists reread L2 each pass
 
 
-def score_grid_x(max_pages: int, max_qblocks: int) -> int:
-    """page_score's CTAs per list. A warp's loads of one page are one round trip; ~6 pages per warp for the
-    longest list the capacity allows keeps the CTAs of a 256k-token list in one wave (3 CTAs per SM) with
-    ~48 KB in flight per SM."""
+def score_grid_x(max_pages: int, max_qblocks: int, threads: int = _SELECT_THREADS) -> int:
+    """Scoring CTAs per list (of `threads` threads: page_score's, or page_select's). A warp's loads of one page
+    are one round trip; ~6 pages per warp for the longest list the capacity allows keeps the CTAs of a
+    256k-token list in one wave (page_score: 3 CTAs per SM) with ~48 KB in flight per SM."""
     per_list = -(-max_pages // max_qblocks)
-    warps = _SELECT_THREADS // 32
+    warps = threads // 32
     return int(max(1, min(1024, -(-per_list // (warps * _SELECT_PAGES_PER_WARP)))))
 
 
@@ -601,12 +601,15 @@ def topk_stage_bytes(entries: int) -> int:
     return 4 * (entries + entries // 32 + 1) if entries else 0
 
 
-def select_pages(q, kmax, kmin, plan: CudaPlan, head_class, head_slot, sel_idx, sel_cnt) -> None:
+def select_pages(
+    q, kmax, kmin, plan: CudaPlan, head_class, head_slot, sel_idx, sel_cnt, fused: bool = False
+) -> None:
     """The page selector on the GPU (reference `reference/page_select.select_pages_ref`): for decode blocks with
     qb_keep > 0 and qb_refresh = 1, each dense KV head's top pages -> sel_idx / sel_cnt (ascending indices
-    into the block's class-0 list, the newest last). kmax/kmin fp16 [P, nd, sub_pages, D]. Two launches
-    (page_score, page_topk) sized by the plan's capacity only: graph-capturable, no host round trip; the
-    group reduction is read from the device plan (meta[4]), so one graph serves either."""
+    into the block's class-0 list, the newest last). kmax/kmin fp16 [P, nd, sub_pages, D]. Launches sized by
+    the plan's capacity only (graph-capturable, no host round trip): page_score then page_topk, or with
+    `fused` page_select (the last scoring CTA of a list runs its top-k); the group reduction is read from the
+    device plan (meta[4]), so one graph serves either."""
     n, hq, d = q.shape
     hkv = int(head_class.shape[0])
     nd, sub = int(kmax.shape[1]), int(kmax.shape[2])
@@ -627,23 +630,31 @@ def select_pages(q, kmax, kmin, plan: CudaPlan, head_class, head_slot, sel_idx, 
     k = _kernels()
     head_class, head_slot = _int32_dev(head_class), _int32_dev(head_slot)
     scores = plan.workspace("sel_scores", hq * plan.max_pages, np.float32)  # mass: a row per query head
-    smem = group * d * 2 * 4  # max(q, 0) and min(q, 0) per query head, fp32
-    gx = score_grid_x(plan.max_pages, plan.max_qblocks)
-    plan_args = _plan_args(plan)
-    fn = k.get(k.select, f"page_score_d{d}", smem)
-    fn(
-        (gx, plan.max_qblocks, hkv),
-        (_SELECT_THREADS,),
-        (q, kmax, kmin, *plan_args, head_class, head_slot, np.int32(nd), np.int32(sub), scores,
-         np.int32(plan.max_pages), np.int32(hq), np.int32(hkv), np.int32(ps.bit_length() - 1)),
-        shared_mem=smem,
-    )  # fmt: skip
+    qsmem = group * d * 2 * 4  # max(q, 0) and min(q, 0) per query head, fp32
     stage = topk_stage_entries(plan.max_pages)
+    score_args = (q, kmax, kmin, *_plan_args(plan), head_class, head_slot, np.int32(nd), np.int32(sub), scores,
+                  np.int32(plan.max_pages), np.int32(hq), np.int32(hkv), np.int32(ps.bit_length() - 1))  # fmt: skip
+    sel_args = (sel_idx, sel_cnt, np.int32(sel_idx.shape[-1]), np.int32(stage))
+    if fused:
+        counter = plan.workspace("sel_counter", plan.max_qblocks * hkv, np.int32, zeroed=True)
+        smem = max(qsmem, topk_stage_bytes(stage))
+        minb = os.environ.get("LSERVE_SELECT_MINB", "2")
+        fn = k.get(
+            k.select,
+            f"page_select{'' if minb == '2' else minb}_d{d}",
+            max(qsmem, topk_stage_bytes(_TOPK_STAGE_MAX)),
+        )
+        gx = score_grid_x(plan.max_pages, plan.max_qblocks, _TOPK_THREADS)
+        fn((gx, plan.max_qblocks, hkv), (_TOPK_THREADS,), (*score_args, *sel_args, counter), shared_mem=smem)
+        return
+    fn = k.get(k.select, f"page_score_d{d}", qsmem)
+    gx = score_grid_x(plan.max_pages, plan.max_qblocks, _SELECT_THREADS)
+    fn((gx, plan.max_qblocks, hkv), (_SELECT_THREADS,), score_args, shared_mem=qsmem)
     topk = k.get(k.select, "page_topk", topk_stage_bytes(_TOPK_STAGE_MAX))  # opt in to the largest stage once
     topk(
         (plan.max_qblocks, hkv),
         (_TOPK_THREADS,),
-        (*plan_args, head_class, scores, np.int32(plan.max_pages), np.int32(hkv), np.int32(group), sel_idx,
-         sel_cnt, np.int32(sel_idx.shape[-1]), np.int32(stage)),
+        (*_plan_args(plan), head_class, scores, np.int32(plan.max_pages), np.int32(hkv), np.int32(group),
+         *sel_args),
         shared_mem=topk_stage_bytes(stage),
     )  # fmt: skip
