@@ -580,13 +580,20 @@ _TOPK_RESIDENT = _TOPK_THREADS * 8  # candidates page_topk keeps in registers (T
 _TOPK_STAGE_MAX = 16384  # candidates it stages in shared memory past that; longer lists reread L2 each pass
 
 
-def score_grid_x(max_pages: int, max_qblocks: int, threads: int = _SELECT_THREADS) -> int:
+def score_grid_x(
+    max_pages: int, max_qblocks: int, dense_heads: int, sms: int, threads: int = _SELECT_THREADS
+) -> int:
     """Scoring CTAs per list (of `threads` threads: page_score's, or page_select's). A warp's loads of one page
-    are one round trip; ~6 pages per warp for the longest list the capacity allows keeps the CTAs of a
-    256k-token list in one wave (page_score: 3 CTAs per SM) with ~48 KB in flight per SM."""
+    are one round trip, so a warp's pages are the scoring's serial chain: ~6 pages per warp for the capacity's
+    longest list (a 256k-token list of 4 dense heads fills one wave with ~48 KB in flight per SM), fewer where
+    the capacity's lists of every dense head (max_qblocks x dense_heads) would leave the wave's CTAs idle
+    (`sms` SMs: page_score runs 3 CTAs per SM, page_select 2), never fewer than one page per warp."""
     per_list = -(-max_pages // max_qblocks)
     warps = threads // 32
-    return int(max(1, min(1024, -(-per_list // (warps * _SELECT_PAGES_PER_WARP)))))
+    wave = sms * (2 if threads == _TOPK_THREADS else 3)
+    fill = wave // max(1, max_qblocks * dense_heads)
+    chain = -(-per_list // (warps * _SELECT_PAGES_PER_WARP))
+    return int(max(1, min(1024, -(-per_list // warps), max(chain, fill))))
 
 
 def topk_stage_entries(max_pages: int) -> int:
@@ -644,11 +651,11 @@ def select_pages(
             f"page_select{'' if minb == '2' else minb}_d{d}",
             max(qsmem, topk_stage_bytes(_TOPK_STAGE_MAX)),
         )
-        gx = score_grid_x(plan.max_pages, plan.max_qblocks, _TOPK_THREADS)
+        gx = score_grid_x(plan.max_pages, plan.max_qblocks, nd, k.num_sms, _TOPK_THREADS)
         fn((gx, plan.max_qblocks, hkv), (_TOPK_THREADS,), (*score_args, *sel_args, counter), shared_mem=smem)
         return
     fn = k.get(k.select, f"page_score_d{d}", qsmem)
-    gx = score_grid_x(plan.max_pages, plan.max_qblocks, _SELECT_THREADS)
+    gx = score_grid_x(plan.max_pages, plan.max_qblocks, nd, k.num_sms, _SELECT_THREADS)
     fn((gx, plan.max_qblocks, hkv), (_SELECT_THREADS,), score_args, shared_mem=qsmem)
     topk = k.get(k.select, "page_topk", topk_stage_bytes(_TOPK_STAGE_MAX))  # opt in to the largest stage once
     topk(
