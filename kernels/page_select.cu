@@ -9,8 +9,8 @@
 //       logical bound = sum_c max(q_c * kmax_c, q_c * kmin_c) per query head, page bound = max over its
 //       logical pages holding a valid token. group_reduce max (plan meta[4] = 0): the max over the GQA group
 //       -> scores[g][0][lo + e]; mass (1): each head's bound / sqrt(D) -> scores[g][h][lo + e] (fp32).
-//       CTAs of 8 warps, one warp per physical page (grid-stride; the launcher sizes the grid for ~6 pages
-//       per warp on the capacity's longest list). The plan fields come in one round of loads, then the
+//       CTAs of 8 warps, one warp per physical page (grid-stride; the launcher sizes the grid so that the
+//       lists of every dense head share one wave of CTAs: score_grid_x). The plan fields come in one round of loads, then the
 //       context length, the query and the page-table entries of a warp's next 32 pages in a second; each
 //       page is then one DRAM round trip: a lane issues all of its 16-byte loads of kmax / kmin for the page
 //       (up to PS_BATCH warp iterations) before any math. The query sits in shared memory as fp32
@@ -182,24 +182,36 @@ __device__ __forceinline__ void score_page(const f16_t* __restrict__ kmax, const
 // used only after the early exit below it, turning one round of loads into a chain of round trips.
 __device__ __forceinline__ void issue_now(int v) { asm volatile("" ::"r"(v)); }
 
-// The scoring of one list, by every warp of the CTA (a grid-stride over pages: CTAs blockIdx.x of gridDim.x
-// share the list). The caller has checked that the job selects (on, npages > keep).
 template <int D>
-__device__ __forceinline__ void score_list(const SelectJob& job, int slot, int ctx, int g,
-                                           const f16_t* __restrict__ q, const f16_t* __restrict__ kmax,
-                                           const f16_t* __restrict__ kmin, const PlanView& pv, int nd, int sub,
-                                           float* __restrict__ scores, int cap_nnz, int Hq, int Hkv,
-                                           int ps_shift, float4* qs) {
+__device__ __forceinline__ void page_score_body(const f16_t* __restrict__ q, const f16_t* __restrict__ kmax,
+                                                const f16_t* __restrict__ kmin, const PlanView pv,
+                                                const int* __restrict__ head_class,
+                                                const int* __restrict__ head_slot, int nd, int sub,
+                                                float* __restrict__ scores, int cap_nnz, int Hq, int Hkv,
+                                                int ps_shift) {
   static_assert(D / 8 <= 32, "a logical page's channels fit one warp");
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  extern __shared__ float4 qs[];  // the group's query, fp32 (q_at)
+  const int qb = blockIdx.y, g = blockIdx.z;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  // Round trip 1: the job and the head's pool row. Round trip 2: the context length (qb_seq of a stale block
+  // is still a sequence index below the capacity: the plan buffer only ever holds valid plans), the query and
+  // the warp's first 32 page-table entries. Then each page's statistics: one round trip per page.
+  const SelectJob job = select_job(pv, head_class, qb, g);
+  const int slot = head_slot[g];
+  issue_now(slot);
+  issue_now(job.seq);
+  issue_now(job.tok);
+  issue_now(job.mass);
+  const int ctx = pv.seq_ctx[job.seq];
+  if (!job.on || job.npages <= job.keep) return;
   const int group = Hq / Hkv, npages = job.npages;
-  const int stride = gridDim.x * warps;  // warps on one list
+  const int stride = gridDim.x * PS_WARPS;  // warps on one list
   // lane j holds the page-table entry of the warp's j-th page from e0 (32 pages per load)
   auto fetch_pl = [&](int e0) {
     const int e = e0 + lane * stride;
     return e < npages ? pv.kv_pl[job.lo + e] : make_int2(0, 0);
   };
-  int e0 = blockIdx.x * warps + warp;
+  int e0 = blockIdx.x * PS_WARPS + warp;
   int2 my_pl = fetch_pl(e0);
   float* qf = reinterpret_cast<float*>(qs);
   const f16_t* qg = q + ((size_t)job.tok * Hq + g * group) * D;  // the group's heads, contiguous
@@ -235,40 +247,6 @@ __device__ __forceinline__ void score_list(const SelectJob& job, int slot, int c
   }
 }
 
-// The job of (query block, KV head), its head's pool row and its context length: round trip 1 (the plan fields
-// and the row) and the start of round trip 2 (the context length; qb_seq of a stale block is still a sequence
-// index below the capacity: the plan buffer only ever holds valid plans).
-struct ScoreJob {
-  SelectJob job;
-  int slot, ctx;
-};
-
-__device__ __forceinline__ ScoreJob score_job(const PlanView& pv, const int* head_class, const int* head_slot,
-                                             int qb, int g) {
-  ScoreJob s;
-  s.job = select_job(pv, head_class, qb, g);
-  s.slot = head_slot[g];
-  issue_now(s.slot);
-  issue_now(s.job.seq);
-  issue_now(s.job.tok);
-  issue_now(s.job.mass);
-  s.ctx = pv.seq_ctx[s.job.seq];
-  return s;
-}
-
-template <int D>
-__device__ __forceinline__ void page_score_body(const f16_t* __restrict__ q, const f16_t* __restrict__ kmax,
-                                                const f16_t* __restrict__ kmin, const PlanView pv,
-                                                const int* __restrict__ head_class,
-                                                const int* __restrict__ head_slot, int nd, int sub,
-                                                float* __restrict__ scores, int cap_nnz, int Hq, int Hkv,
-                                                int ps_shift, float4* qs) {
-  const int qb = blockIdx.y, g = blockIdx.z;
-  const ScoreJob sj = score_job(pv, head_class, head_slot, qb, g);
-  if (!sj.job.on || sj.job.npages <= sj.job.keep) return;
-  score_list<D>(sj.job, sj.slot, sj.ctx, g, q, kmax, kmin, pv, nd, sub, scores, cap_nnz, Hq, Hkv, ps_shift, qs);
-}
-
 // ------------------------------------------------------------------------------------------------ page_topk
 
 constexpr int TK_THREADS = 512;
@@ -286,9 +264,6 @@ struct TopkSmem {
   float lse[MASS_MAX_GROUP];     // mass: each query head's logsumexp over the list
   float part[MASS_MAX_GROUP][TK_WARPS][2];  // mass: per-warp (m, z) of each head
 };
-
-// Scores are read through L2 (ld.global.cg): in page_select the other CTAs of the launch wrote them.
-__device__ __forceinline__ float ld_score(const float* p) { return __ldcg(p); }
 
 // Canonical score: NaN -> -inf (ranks lowest, as numpy's argsort of -scores puts it last), -0 -> +0.
 __device__ __forceinline__ float canonical(float x) {
@@ -332,7 +307,7 @@ __device__ void head_lse(const float* __restrict__ s, int n, int group, int cap_
     for (int i = tid; i < n; i += TK_THREADS) {
 #pragma unroll
       for (int u = 0; u < 4; ++u)
-        if (h0 + u < group) lse_merge(m[u], z[u], ld_score(s + (size_t)(h0 + u) * cap_nnz + i), 1.f);
+        if (h0 + u < group) lse_merge(m[u], z[u], s[(size_t)(h0 + u) * cap_nnz + i], 1.f);
     }
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
@@ -359,9 +334,9 @@ struct ListScores {
   const float* lse;
 
   __device__ __forceinline__ float operator()(int i) const {
-    if (lse == nullptr) return canonical(ld_score(s + i));
+    if (lse == nullptr) return canonical(s[i]);
     float m = LSERVE_NEG_INF, z = 0.f;
-    for (int h = 0; h < group; ++h) lse_merge(m, z, ld_score(s + (size_t)h * cap_nnz + i) - lse[h], 1.f);
+    for (int h = 0; h < group; ++h) lse_merge(m, z, s[(size_t)h * cap_nnz + i] - lse[h], 1.f);
     return canonical(m + logf(z));
   }
 
@@ -372,7 +347,7 @@ struct ListScores {
     if (lse == nullptr) {
 #pragma unroll
       for (int j = 0; j < R; ++j)
-        if (j < cnt) v[j] = canonical(ld_score(s + first + j));
+        if (j < cnt) v[j] = canonical(s[first + j]);
       return;
     }
     float z[R];
@@ -383,7 +358,7 @@ struct ListScores {
       const float l = lse[h];
 #pragma unroll
       for (int j = 0; j < R; ++j)
-        if (j < cnt) lse_merge(v[j], z[j], ld_score(row + j) - l, 1.f);
+        if (j < cnt) lse_merge(v[j], z[j], row[j] - l, 1.f);
     }
 #pragma unroll
     for (int j = 0; j < R; ++j) v[j] = canonical(v[j] + logf(z[j]));
@@ -660,15 +635,16 @@ __device__ void select_top(const Src& src, int n, int k, int* __restrict__ out, 
   compact(tiles, t, k, out, sm);
 }
 
-// Every page of a list that fits its budget, or the top keep - 1 candidates of its scores and the newest page,
-// by one CTA of TK_THREADS -> sel_idx / sel_cnt. stage: dynamic shared memory for the scores of lists longer
-// than one register tile, staged_at(stage_cap) floats (the launcher sizes it from the plan's capacity; 0 when
-// no list can be that long).
-__device__ __forceinline__ void topk_list(const SelectJob& job, int g, float* __restrict__ scores, int cap_nnz,
-                                          int Hkv, int group, int* __restrict__ sel_idx, int* __restrict__ sel_cnt,
-                                          int sel_cap, float* stage, int stage_cap) {
+// stage: dynamic shared memory for the scores of lists longer than one register tile, staged_at(stage_cap)
+// floats (the launcher sizes it from the plan's capacity; 0 when no list can be that long).
+__device__ __forceinline__ void page_topk_body(const PlanView pv, const int* __restrict__ head_class,
+                                               float* __restrict__ scores, int cap_nnz, int Hkv, int group,
+                                               int* __restrict__ sel_idx, int* __restrict__ sel_cnt, int sel_cap,
+                                               float* stage, int stage_cap) {
   __shared__ __align__(16) TopkSmem sm;
-  const int tid = threadIdx.x;
+  const int qb = blockIdx.x, g = blockIdx.y, tid = threadIdx.x;
+  const SelectJob job = select_job(pv, head_class, qb, g);
+  if (!job.on) return;
   const int keep = min(job.keep, sel_cap), npages = job.npages;
   const int row = job.slot * Hkv + g;
   int* out = sel_idx + (size_t)row * sel_cap;
@@ -707,91 +683,20 @@ __device__ __forceinline__ void topk_list(const SelectJob& job, int g, float* __
   }
 }
 
-__device__ __forceinline__ void page_topk_body(const PlanView pv, const int* __restrict__ head_class,
-                                               float* __restrict__ scores, int cap_nnz, int Hkv, int group,
-                                               int* __restrict__ sel_idx, int* __restrict__ sel_cnt, int sel_cap,
-                                               float* stage, int stage_cap) {
-  const int qb = blockIdx.x, g = blockIdx.y;
-  const SelectJob job = select_job(pv, head_class, qb, g);
-  if (job.on) topk_list(job, g, scores, cap_nnz, Hkv, group, sel_idx, sel_cnt, sel_cap, stage, stage_cap);
-}
-
-// ---------------------------------------------------------------------------------------- page_select (fused)
-
-// Whether this CTA is the last of the gridDim.x CTAs sharing a list to finish: every thread's score stores are
-// fenced before one thread takes a ticket from the list's counter; the last resets it for the next launch
-// (graph replay), and fences again before reading the other CTAs' scores (from L2: ld_score).
-__device__ __forceinline__ bool last_of_list(int* counter) {
-  __shared__ int last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(counter, 1) == (int)gridDim.x - 1;
-    if (last) *counter = 0;
-  }
-  __syncthreads();
-  if (last) __threadfence();
-  return last;
-}
-
-// page_score and page_topk in one launch of TK_THREADS-thread CTAs over (gx, query blocks, KV heads): the
-// CTAs of a list score its pages as page_score does, the last of them to finish runs the list's top-k; a list
-// that fits its budget is written by CTA x = 0 without scoring. dyn: the query (scoring), then the top-k's
-// stage, in one dynamic shared-memory buffer. counter: zeros [cap_qb * Hkv], kept at zero between launches.
-template <int D>
-__device__ __forceinline__ void page_select_body(const f16_t* __restrict__ q, const f16_t* __restrict__ kmax,
-                                                 const f16_t* __restrict__ kmin, const PlanView pv,
-                                                 const int* __restrict__ head_class,
-                                                 const int* __restrict__ head_slot, int nd, int sub,
-                                                 float* __restrict__ scores, int cap_nnz, int Hq, int Hkv,
-                                                 int ps_shift, int* __restrict__ sel_idx,
-                                                 int* __restrict__ sel_cnt, int sel_cap, int stage_cap,
-                                                 int* __restrict__ counter, float4* dyn) {
-  const int qb = blockIdx.y, g = blockIdx.z;
-  const ScoreJob sj = score_job(pv, head_class, head_slot, qb, g);
-  if (!sj.job.on) return;
-  if (sj.job.npages > sj.job.keep) {
-    score_list<D>(sj.job, sj.slot, sj.ctx, g, q, kmax, kmin, pv, nd, sub, scores, cap_nnz, Hq, Hkv, ps_shift,
-                  dyn);
-    if (!last_of_list(counter + qb * Hkv + g)) return;
-  } else if (blockIdx.x != 0) {
-    return;
-  }
-  topk_list(sj.job, g, scores, cap_nnz, Hkv, Hq / Hkv, sel_idx, sel_cnt, sel_cap, reinterpret_cast<float*>(dyn),
-            stage_cap);
-}
-
 }  // namespace lsattn
 
 #define LSERVE_PAGE_SCORE_KERNEL(D)                                                                         \
-  extern "C" __global__ void __launch_bounds__(lsattn::PS_THREADS, 3) page_score_d##D(                      \
+  extern "C" __global__ void __launch_bounds__(lsattn::PS_THREADS, 3) page_score_d##D(                          \
       const f16_t* q, const f16_t* kmax, const f16_t* kmin, const int* plan, int cap_qb, int cap_seq,       \
       const int* head_class, const int* head_slot, int nd, int sub, float* scores, int cap_nnz, int Hq,     \
       int Hkv, int ps_shift) {                                                                             \
-    extern __shared__ float4 qs[];                                                                         \
     lserve::pdl_enter();                                                                                   \
     lsattn::page_score_body<D>(q, kmax, kmin, lsattn::plan_view(plan, cap_qb, cap_seq), head_class,         \
-                               head_slot, nd, sub, scores, cap_nnz, Hq, Hkv, ps_shift, qs);                \
-  }
-
-#define LSERVE_PAGE_SELECT_KERNEL(D, NAME, MINB)                                                            \
-  extern "C" __global__ void __launch_bounds__(lsattn::TK_THREADS, MINB) NAME(                              \
-      const f16_t* q, const f16_t* kmax, const f16_t* kmin, const int* plan, int cap_qb, int cap_seq,       \
-      const int* head_class, const int* head_slot, int nd, int sub, float* scores, int cap_nnz, int Hq,     \
-      int Hkv, int ps_shift, int* sel_idx, int* sel_cnt, int sel_cap, int stage_cap, int* counter) {        \
-    extern __shared__ float4 dyn[];                                                                        \
-    lserve::pdl_enter();                                                                                   \
-    lsattn::page_select_body<D>(q, kmax, kmin, lsattn::plan_view(plan, cap_qb, cap_seq), head_class,        \
-                                head_slot, nd, sub, scores, cap_nnz, Hq, Hkv, ps_shift, sel_idx, sel_cnt,   \
-                                sel_cap, stage_cap, counter, dyn);                                         \
+                               head_slot, nd, sub, scores, cap_nnz, Hq, Hkv, ps_shift);                    \
   }
 
 LSERVE_PAGE_SCORE_KERNEL(64)
 LSERVE_PAGE_SCORE_KERNEL(128)
-LSERVE_PAGE_SELECT_KERNEL(64, page_select_d64, 2)
-LSERVE_PAGE_SELECT_KERNEL(128, page_select_d128, 2)
-LSERVE_PAGE_SELECT_KERNEL(64, page_select1_d64, 1)
-LSERVE_PAGE_SELECT_KERNEL(128, page_select1_d128, 1)
 
 extern "C" __global__ void __launch_bounds__(lsattn::TK_THREADS, 2)
     page_topk(const int* plan, int cap_qb, int cap_seq, const int* head_class, float* scores, int cap_nnz,

@@ -11,7 +11,7 @@ DuoAttention pattern at static sparsity 0.5 (per-layer head classes; layers LAYE
   SDPA flash / cuDNN dense decode.
 Writes JSON (--out DIR/bench_sparse.json) and a PNG of speedup against context length; prints a table.
 - the page selector per layer at 128k and 256k, batch 1: every launcher of backends.cuda.SELECTORS
-  (page_select.cu's two launches or its fused one, the Numba kernel), group_reduce max and mass, through CUDA
+  (page_select.cu's two launches, the Numba kernel), group_reduce max and mass, through CUDA
   Graphs, and whether they pick the same pages.
 Usage: python3 tools/bench_sparse.py --out DIR [--no-flex] [--quick] [--selector-only] [--no-prefill]
 """

@@ -47,14 +47,8 @@ from lserve_lite.harness.page_select import (  # noqa: E402
 )
 from lserve_lite.sparse.selector import page_scores  # noqa: E402
 
-QUICK = [
-    ("select", "mixed_select"),
-    ("fused", "mixed_select"),
-    ("fused", "reused_and_unselected"),
-    ("topk", "ties_20k_p16"),
-]
-FULL = [*((m, n) for n in [*SPARSE_DECODE, "one_long_15_short"] for m in ("select", "fused")),
-        *(("topk", n) for n in SELECT_TIES)]  # fmt: skip
+QUICK = [("select", "mixed_select"), ("select", "reused_and_unselected"), ("topk", "ties_20k_p16")]
+FULL = [*(("select", n) for n in [*SPARSE_DECODE, "one_long_15_short"]), *(("topk", n) for n in SELECT_TIES)]
 LONG = [("topk", n) for n in SELECT_LONG if n != "one_long_15_short"]
 
 
@@ -71,8 +65,8 @@ def build(tmp: Path) -> Path:
     inc, n = re.subn(
         r"extern __shared__ (\w+) (\w+)\[\];", r"\1* \2 = reinterpret_cast<\1*>(emu_dyn_smem);", src
     )
-    if n != 3:
-        raise RuntimeError(f"expected 3 extern __shared__ arrays in page_select.cu, found {n}")
+    if n != 2:
+        raise RuntimeError(f"expected 2 extern __shared__ arrays in page_select.cu, found {n}")
     (tmp / "page_select.inc").write_text(inc)
     exe = tmp / "page_select_host_emu"
     cmd = ["nvcc", "-std=c++17", "-O2", "-w", f"-I{ROOT / 'kernels'}", f"-I{tmp}", "-o", str(exe)]
@@ -137,9 +131,8 @@ def check(exe: Path, tmp: Path, mode: str, name: str, group_reduce: str, seed: i
     }  # fmt: skip
     for k, v in files.items():
         np.ascontiguousarray(v).tofile(tmp / f"{k}.bin")
-    threads = 512 if mode == "fused" else 256  # page_select's CTAs are page_topk's, page_score's half that
     sizes = (d, cap_qb, cap_seq, hkv, hq, kmax.shape[1], kmax.shape[2], cap_nnz, plan.page_size.bit_length() - 1,
-             score_grid_x(cap_nnz, cap_qb, kmax.shape[1], 132, threads), cap, topk_stage_entries(cap_nnz))  # fmt: skip
+             score_grid_x(cap_nnz, cap_qb, kmax.shape[1], 132), cap, topk_stage_entries(cap_nnz))  # fmt: skip
     subprocess.run([str(exe), mode, str(tmp), *(str(x) for x in sizes)], check=True)
     sel = np.fromfile(tmp / "sel.bin", np.int32).reshape(want_sel.shape)
     cnt = np.fromfile(tmp / "cnt.bin", np.int32).reshape(want_cnt.shape)

@@ -3,12 +3,11 @@
 // `extern __shared__` arrays (the driver rewrites them to this file's emu_dyn_smem): one std::thread per CUDA
 // thread of a block, blocks one after another, a pthread barrier per warp for the warp intrinsics and one per
 // block for __syncthreads. Not a performance model, and blind to the GPU's memory model.
-//   page_select_host_emu select|fused|topk DIR D cap_qb cap_seq hkv hq nd sub cap_nnz ps_shift gx sel_cap stage_cap
+//   page_select_host_emu select|topk DIR D cap_qb cap_seq hkv hq nd sub cap_nnz ps_shift gx sel_cap stage_cap
 // DIR holds plan.bin (int32, the packed device plan), hc.bin, hs.bin (int32 [hkv]), q.bin, kmax.bin, kmin.bin
 // (fp16; select only), scores.bin (float32 [hq * cap_nnz]: read for topk, written by select), sel.bin and
 // cnt.bin (int32, read and written back). select: page_score_d{D} over the grid (gx, cap_qb, hkv), then
-// page_topk over (cap_qb, hkv); fused: page_select_d{D} over (gx, cap_qb, hkv) (its last CTA of a list takes the
-// top-k: blocks run in order, so that is x = gx - 1); topk: page_topk alone on the given scores.
+// page_topk over (cap_qb, hkv); topk: page_topk alone on the given scores.
 #include <cuda_fp16.h>
 #include <pthread.h>
 
@@ -106,11 +105,6 @@ static float emu_h2f(unsigned short h) {
   return __half2float(x);
 }
 static int emu_atomic_add(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
-static void emu_threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-template <class T>
-static T emu_ldcg(const T* p) {
-  return *p;
-}
 
 #undef __device__
 #define __device__ __host__
@@ -141,8 +135,6 @@ static T emu_ldcg(const T* p) {
 #define __int_as_float emu_int_as_float
 #define rsqrtf(x) (1.f / sqrtf(x))
 #define atomicAdd emu_atomic_add
-#define __threadfence emu_threadfence
-#define __ldcg emu_ldcg
 #define LSERVE_HOST_H2F emu_h2f
 #include "page_select.inc"
 
@@ -206,37 +198,21 @@ int main(int argc, char** argv) {
   const int *hcp = (const int*)hc.data(), *hsp = (const int*)hs.data();
   float* sc = (float*)scores.data();
   int *selp = (int*)sel.data(), *cntp = (int*)cnt.data();
-  if (mode == "select" || mode == "fused") {
+  if (mode == "select") {
     auto q = read_bytes(dir + "/q.bin"), kx = read_bytes(dir + "/kmax.bin"), kn = read_bytes(dir + "/kmin.bin");
     const f16_t *qp = (const f16_t*)q.data(), *kxp = (const f16_t*)kx.data(), *knp = (const f16_t*)kn.data();
-    if (mode == "fused") {
-      std::vector<int> counter(cap_qb * hkv, 0);
-      int* ctr = counter.data();
-      launch({(unsigned)gx, (unsigned)cap_qb, (unsigned)hkv}, lsattn::TK_THREADS, [=] {
-        if (D == 64)
-          page_select_d64(qp, kxp, knp, pl, cap_qb, cap_seq, hcp, hsp, nd, sub, sc, cap_nnz, hq, hkv, ps_shift, selp,
-                          cntp, sel_cap, stage_cap, ctr);
-        else
-          page_select_d128(qp, kxp, knp, pl, cap_qb, cap_seq, hcp, hsp, nd, sub, sc, cap_nnz, hq, hkv, ps_shift, selp,
-                           cntp, sel_cap, stage_cap, ctr);
-      });
-      for (int c : counter)
-        if (c != 0) return 4;  // every list's counter is back at zero for the next launch
-    } else {
-      launch({(unsigned)gx, (unsigned)cap_qb, (unsigned)hkv}, lsattn::PS_THREADS, [=] {
-        if (D == 64)
-          page_score_d64(qp, kxp, knp, pl, cap_qb, cap_seq, hcp, hsp, nd, sub, sc, cap_nnz, hq, hkv, ps_shift);
-        else
-          page_score_d128(qp, kxp, knp, pl, cap_qb, cap_seq, hcp, hsp, nd, sub, sc, cap_nnz, hq, hkv, ps_shift);
-      });
-    }
+    launch({(unsigned)gx, (unsigned)cap_qb, (unsigned)hkv}, lsattn::PS_THREADS, [=] {
+      if (D == 64)
+        page_score_d64(qp, kxp, knp, pl, cap_qb, cap_seq, hcp, hsp, nd, sub, sc, cap_nnz, hq, hkv, ps_shift);
+      else
+        page_score_d128(qp, kxp, knp, pl, cap_qb, cap_seq, hcp, hsp, nd, sub, sc, cap_nnz, hq, hkv, ps_shift);
+    });
   } else if (mode != "topk") {
     return 2;
   }
-  if (mode != "fused")
-    launch({(unsigned)cap_qb, (unsigned)hkv, 1}, lsattn::TK_THREADS, [=] {
-      page_topk(pl, cap_qb, cap_seq, hcp, sc, cap_nnz, hkv, hq / hkv, selp, cntp, sel_cap, stage_cap);
-    });
+  launch({(unsigned)cap_qb, (unsigned)hkv, 1}, lsattn::TK_THREADS, [=] {
+    page_topk(pl, cap_qb, cap_seq, hcp, sc, cap_nnz, hkv, hq / hkv, selp, cntp, sel_cap, stage_cap);
+  });
   write_bytes(dir + "/scores.bin", sc, scores.size());
   write_bytes(dir + "/sel.bin", selp, sel.size());
   write_bytes(dir + "/cnt.bin", cntp, cnt.size());

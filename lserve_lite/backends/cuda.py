@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from functools import partial
 
 import numpy as np
 
@@ -194,7 +193,7 @@ class Cublas:
         )  # fmt: skip
 
 
-SELECTORS = ("rawkernel", "fused", "numba")
+SELECTORS = ("rawkernel", "numba")
 
 
 def page_selector(name: str):
@@ -204,10 +203,6 @@ def page_selector(name: str):
         from .cuda_attention import select_pages
 
         return select_pages
-    if name == "fused":
-        from .cuda_attention import select_pages
-
-        return partial(select_pages, fused=True)
     if name == "numba":
         from .numba_page_select import NumbaSelector
 

@@ -150,7 +150,7 @@ def launcher_kernels(source: str) -> tuple[str, ...]:
     requires each to exist)."""
     kvs = [_suffix(kv) for kv in KV_TRAITS]
     if source == SELECT_SOURCE:
-        return (*(f"page_{k}_d{d}" for k in ("score", "select") for d in HEAD_DIMS), "page_topk")
+        return (*(f"page_score_d{d}" for d in HEAD_DIMS), "page_topk")
     if source == PREFILL_SM90_SOURCE:
         return tuple(_prefill_sm90_name(d, w, st, kv) for (d, w, kv), st in PREFILL_SM90_STAGES.items())
     if source == PREFILL_SOURCE:
@@ -574,26 +574,20 @@ def _v2_kernel(k: _Kernels, name: str, smem: int):
 
 
 _SELECT_THREADS = 256  # page_score: 8 warps, a warp scores one physical page at a time (PS_THREADS)
-_SELECT_PAGES_PER_WARP = 6  # grid sizing for the capacity's longest list
 _TOPK_THREADS = 512  # page_topk (TK_THREADS)
 _TOPK_RESIDENT = _TOPK_THREADS * 8  # candidates page_topk keeps in registers (TK_RUN = 8 per thread)
 _TOPK_STAGE_MAX = 16384  # candidates it stages in shared memory past that; longer lists reread L2 each pass
 
 
-def score_grid_x(
-    max_pages: int, max_qblocks: int, dense_heads: int, sms: int, threads: int = _SELECT_THREADS
-) -> int:
-    """Scoring CTAs per list (of `threads` threads: page_score's, or page_select's). A warp's loads of one page
-    are one round trip, so a warp's pages are the scoring's serial chain: ~6 pages per warp for the capacity's
-    longest list (a 256k-token list of 4 dense heads fills one wave with ~48 KB in flight per SM), fewer where
-    the capacity's lists of every dense head (max_qblocks x dense_heads) would leave the wave's CTAs idle
-    (`sms` SMs: page_score runs 3 CTAs per SM, page_select 2), never fewer than one page per warp."""
+def score_grid_x(max_pages: int, max_qblocks: int, dense_heads: int, sms: int) -> int:
+    """page_score's CTAs per list: the capacity's lists of every dense head (max_qblocks x dense_heads) share one
+    wave of resident CTAs (3 per SM on `sms` SMs), at least one page per warp. A warp's loads of one page are
+    one round trip, so below a full wave a warp's pages are a serial chain that more CTAs shorten; once the wave
+    is full the score is bound by the statistics' traffic, and a second, partial wave would only add a tail."""
     per_list = -(-max_pages // max_qblocks)
-    warps = threads // 32
-    wave = sms * (2 if threads == _TOPK_THREADS else 3)
-    fill = wave // max(1, max_qblocks * dense_heads)
-    chain = -(-per_list // (warps * _SELECT_PAGES_PER_WARP))
-    return int(max(1, min(1024, -(-per_list // warps), max(chain, fill))))
+    warps = _SELECT_THREADS // 32
+    wave = 3 * sms
+    return int(max(1, min(1024, -(-per_list // warps), wave // max(1, max_qblocks * dense_heads))))
 
 
 def topk_stage_entries(max_pages: int) -> int:
@@ -608,15 +602,12 @@ def topk_stage_bytes(entries: int) -> int:
     return 4 * (entries + entries // 32 + 1) if entries else 0
 
 
-def select_pages(
-    q, kmax, kmin, plan: CudaPlan, head_class, head_slot, sel_idx, sel_cnt, fused: bool = False
-) -> None:
+def select_pages(q, kmax, kmin, plan: CudaPlan, head_class, head_slot, sel_idx, sel_cnt) -> None:
     """The page selector on the GPU (reference `reference/page_select.select_pages_ref`): for decode blocks with
     qb_keep > 0 and qb_refresh = 1, each dense KV head's top pages -> sel_idx / sel_cnt (ascending indices
-    into the block's class-0 list, the newest last). kmax/kmin fp16 [P, nd, sub_pages, D]. Launches sized by
-    the plan's capacity only (graph-capturable, no host round trip): page_score then page_topk, or with
-    `fused` page_select (the last scoring CTA of a list runs its top-k); the group reduction is read from the
-    device plan (meta[4]), so one graph serves either."""
+    into the block's class-0 list, the newest last). kmax/kmin fp16 [P, nd, sub_pages, D]. Two launches
+    (page_score, page_topk) sized by the plan's capacity only: graph-capturable, no host round trip; the
+    group reduction is read from the device plan (meta[4]), so one graph serves either."""
     n, hq, d = q.shape
     hkv = int(head_class.shape[0])
     nd, sub = int(kmax.shape[1]), int(kmax.shape[2])
@@ -637,31 +628,23 @@ def select_pages(
     k = _kernels()
     head_class, head_slot = _int32_dev(head_class), _int32_dev(head_slot)
     scores = plan.workspace("sel_scores", hq * plan.max_pages, np.float32)  # mass: a row per query head
-    qsmem = group * d * 2 * 4  # max(q, 0) and min(q, 0) per query head, fp32
+    smem = group * d * 2 * 4  # max(q, 0) and min(q, 0) per query head, fp32
+    gx = score_grid_x(plan.max_pages, plan.max_qblocks, nd, k.num_sms)
+    plan_args = _plan_args(plan)
+    fn = k.get(k.select, f"page_score_d{d}", smem)
+    fn(
+        (gx, plan.max_qblocks, hkv),
+        (_SELECT_THREADS,),
+        (q, kmax, kmin, *plan_args, head_class, head_slot, np.int32(nd), np.int32(sub), scores,
+         np.int32(plan.max_pages), np.int32(hq), np.int32(hkv), np.int32(ps.bit_length() - 1)),
+        shared_mem=smem,
+    )  # fmt: skip
     stage = topk_stage_entries(plan.max_pages)
-    score_args = (q, kmax, kmin, *_plan_args(plan), head_class, head_slot, np.int32(nd), np.int32(sub), scores,
-                  np.int32(plan.max_pages), np.int32(hq), np.int32(hkv), np.int32(ps.bit_length() - 1))  # fmt: skip
-    sel_args = (sel_idx, sel_cnt, np.int32(sel_idx.shape[-1]), np.int32(stage))
-    if fused:
-        counter = plan.workspace("sel_counter", plan.max_qblocks * hkv, np.int32, zeroed=True)
-        smem = max(qsmem, topk_stage_bytes(stage))
-        minb = os.environ.get("LSERVE_SELECT_MINB", "2")
-        fn = k.get(
-            k.select,
-            f"page_select{'' if minb == '2' else minb}_d{d}",
-            max(qsmem, topk_stage_bytes(_TOPK_STAGE_MAX)),
-        )
-        gx = score_grid_x(plan.max_pages, plan.max_qblocks, nd, k.num_sms, _TOPK_THREADS)
-        fn((gx, plan.max_qblocks, hkv), (_TOPK_THREADS,), (*score_args, *sel_args, counter), shared_mem=smem)
-        return
-    fn = k.get(k.select, f"page_score_d{d}", qsmem)
-    gx = score_grid_x(plan.max_pages, plan.max_qblocks, nd, k.num_sms, _SELECT_THREADS)
-    fn((gx, plan.max_qblocks, hkv), (_SELECT_THREADS,), score_args, shared_mem=qsmem)
     topk = k.get(k.select, "page_topk", topk_stage_bytes(_TOPK_STAGE_MAX))  # opt in to the largest stage once
     topk(
         (plan.max_qblocks, hkv),
         (_TOPK_THREADS,),
-        (*_plan_args(plan), head_class, scores, np.int32(plan.max_pages), np.int32(hkv), np.int32(group),
-         *sel_args),
+        (*plan_args, head_class, scores, np.int32(plan.max_pages), np.int32(hkv), np.int32(group), sel_idx,
+         sel_cnt, np.int32(sel_idx.shape[-1]), np.int32(stage)),
         shared_mem=topk_stage_bytes(stage),
     )  # fmt: skip
