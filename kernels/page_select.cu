@@ -9,8 +9,8 @@
 //       logical bound = sum_c max(q_c * kmax_c, q_c * kmin_c) per query head, page bound = max over its
 //       logical pages holding a valid token. group_reduce max (plan meta[4] = 0): the max over the GQA group
 //       -> scores[g][0][lo + e]; mass (1): each head's bound / sqrt(D) -> scores[g][h][lo + e] (fp32).
-//       CTAs of 8 warps, one warp per physical page (grid-stride; the launcher sizes the grid for ~6 pages
-//       per warp on the capacity's longest list). The plan fields come in one round of loads, then the
+//       CTAs of 8 warps, one warp per physical page (grid-stride; the launcher sizes the grid so that the
+//       lists of every dense head share one wave of CTAs: score_grid_x). The plan fields come in one round of loads, then the
 //       context length, the query and the page-table entries of a warp's next 32 pages in a second; each
 //       page is then one DRAM round trip: a lane issues all of its 16-byte loads of kmax / kmin for the page
 //       (up to PS_BATCH warp iterations) before any math. The query sits in shared memory as fp32

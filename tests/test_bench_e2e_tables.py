@@ -163,6 +163,8 @@ def test_llama_cpp_peer_runs_llama_bench_and_reads_its_json(tmp_path):
     assert len(calls) == 2 and all("-ngl 99 -fa 1" in c and f"LD={fake.parent}" in c for c in calls)
     assert "-n 128 -d 512,4096" in calls[1]
     # bench_cpu --alternate: one decode call per turn, one repetition, no prefill row
-    assert llama_cpp(str(fake), "m.gguf", 2, depths=(2048,), reps=1, prefill=False) == {"decode_ctx2048": 3048.0}
+    assert llama_cpp(str(fake), "m.gguf", 2, depths=(2048,), reps=1, prefill=False) == {
+        "decode_ctx2048": 3048.0
+    }
     last = (tmp_path / "calls").read_text().splitlines()[2:]
     assert len(last) == 1 and "-r 1 " in last[0] and "-p 0 -n 64 -d 2048" in last[0]

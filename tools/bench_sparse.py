@@ -7,10 +7,12 @@ DuoAttention pattern at static sparsity 0.5 (per-layer head classes; layers LAYE
   FlexAttention with the same block mask (if it runs);
 - decode attention per layer at 128k and 256k, batch 1 and 8: ours dense (CUDA Graph), ours sparse = attention
   over the selected pages (budget 4096 tokens) + streaming windows (sink 128 + local 256) + 1/4 of the page
-  selector (select_interval 4), both through CUDA Graphs; SDPA flash / cuDNN dense decode.
+  selector (select_interval 4; the launcher LSERVE_SELECTOR names, as in the engine), both through CUDA Graphs;
+  SDPA flash / cuDNN dense decode.
 Writes JSON (--out DIR/bench_sparse.json) and a PNG of speedup against context length; prints a table.
-- the page selector per layer at 128k and 256k, batch 1: page_select.cu (two launches) and the Numba kernel
-  (one launch), group_reduce max and mass, through CUDA Graphs, and whether they pick the same pages.
+- the page selector per layer at 128k and 256k, batch 1: every launcher of backends.cuda.SELECTORS
+  (page_select.cu's two launches, the Numba kernel), group_reduce max and mass, through CUDA
+  Graphs, and whether they pick the same pages.
 Usage: python3 tools/bench_sparse.py --out DIR [--no-flex] [--quick] [--selector-only] [--no-prefill]
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from functools import partial
@@ -180,8 +183,11 @@ def ours_decode(ctx: int, batch: int, hc: np.ndarray | None, budget: int = 4096,
     """Per-layer decode attention (us per step, CUDA Graph replays): dense path, or LServe sparse."""
     import cupy as cp
 
-    from lserve_lite.backends.cuda_attention import CudaPlan, paged_attention, select_pages
+    from lserve_lite.backends.cuda import page_selector
+    from lserve_lite.backends.cuda_attention import CudaPlan, paged_attention
     from lserve_lite.sparse.plan import BatchLayout, build_plan
+
+    select_pages = page_selector(os.environ.get("LSERVE_SELECTOR", "rawkernel"))  # the engine's choice
 
     q, out = _rand(cp, (batch, HQ, D), 1), cp.empty((batch, HQ * D), np.float16)
     if hc is None:

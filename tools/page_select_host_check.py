@@ -132,7 +132,7 @@ def check(exe: Path, tmp: Path, mode: str, name: str, group_reduce: str, seed: i
     for k, v in files.items():
         np.ascontiguousarray(v).tofile(tmp / f"{k}.bin")
     sizes = (d, cap_qb, cap_seq, hkv, hq, kmax.shape[1], kmax.shape[2], cap_nnz, plan.page_size.bit_length() - 1,
-             score_grid_x(cap_nnz, cap_qb), cap, topk_stage_entries(cap_nnz))  # fmt: skip
+             score_grid_x(cap_nnz, cap_qb, kmax.shape[1], 132), cap, topk_stage_entries(cap_nnz))  # fmt: skip
     subprocess.run([str(exe), mode, str(tmp), *(str(x) for x in sizes)], check=True)
     sel = np.fromfile(tmp / "sel.bin", np.int32).reshape(want_sel.shape)
     cnt = np.fromfile(tmp / "cnt.bin", np.int32).reshape(want_cnt.shape)

@@ -574,19 +574,20 @@ def _v2_kernel(k: _Kernels, name: str, smem: int):
 
 
 _SELECT_THREADS = 256  # page_score: 8 warps, a warp scores one physical page at a time (PS_THREADS)
-_SELECT_PAGES_PER_WARP = 6  # grid sizing for the capacity's longest list
 _TOPK_THREADS = 512  # page_topk (TK_THREADS)
 _TOPK_RESIDENT = _TOPK_THREADS * 8  # candidates page_topk keeps in registers (TK_RUN = 8 per thread)
 _TOPK_STAGE_MAX = 16384  # candidates it stages in shared memory past that; longer lists reread L2 each pass
 
 
-def score_grid_x(max_pages: int, max_qblocks: int) -> int:
-    """page_score's CTAs per list. A warp's loads of one page are one round trip; ~6 pages per warp for the
-    longest list the capacity allows keeps the CTAs of a 256k-token list in one wave (3 CTAs per SM) with
-    ~48 KB in flight per SM."""
+def score_grid_x(max_pages: int, max_qblocks: int, dense_heads: int, sms: int) -> int:
+    """page_score's CTAs per list: the capacity's lists of every dense head (max_qblocks x dense_heads) share one
+    wave of resident CTAs (3 per SM on `sms` SMs), at least one page per warp. A warp's loads of one page are
+    one round trip, so below a full wave a warp's pages are a serial chain that more CTAs shorten; once the wave
+    is full the score is bound by the statistics' traffic, and a second, partial wave would only add a tail."""
     per_list = -(-max_pages // max_qblocks)
     warps = _SELECT_THREADS // 32
-    return int(max(1, min(1024, -(-per_list // (warps * _SELECT_PAGES_PER_WARP)))))
+    wave = 3 * sms
+    return int(max(1, min(1024, -(-per_list // warps), wave // max(1, max_qblocks * dense_heads))))
 
 
 def topk_stage_entries(max_pages: int) -> int:
@@ -628,7 +629,7 @@ def select_pages(q, kmax, kmin, plan: CudaPlan, head_class, head_slot, sel_idx, 
     head_class, head_slot = _int32_dev(head_class), _int32_dev(head_slot)
     scores = plan.workspace("sel_scores", hq * plan.max_pages, np.float32)  # mass: a row per query head
     smem = group * d * 2 * 4  # max(q, 0) and min(q, 0) per query head, fp32
-    gx = score_grid_x(plan.max_pages, plan.max_qblocks)
+    gx = score_grid_x(plan.max_pages, plan.max_qblocks, nd, k.num_sms)
     plan_args = _plan_args(plan)
     fn = k.get(k.select, f"page_score_d{d}", smem)
     fn(
