@@ -134,12 +134,15 @@ def build_plan(
     """
     qb_seq, qb_start, qb_len, qb_pos, qb_sink, qb_local = [], [], [], [], [], []
     qb_slot, qb_keep, qb_refresh = [], [], []
-    indptr, pages, lpages = [0], [], []
-    row = 0
+    indptr, pages, lpages = [0], [], []  # pages / lpages: int32 array segments, concatenated at the end
+    count, row = 0, 0
     for s, (ql, ctx, table) in enumerate(zip(layout.q_lens, layout.ctx_lens, layout.page_tables)):
         pos0 = ctx - ql
         w_sink, w_local = layout.windows[s] if layout.windows else (sink, local)
         stable = layout.stream_tables[s] if ring else table
+        # the sequence's causal pages converted once (a 256k-token decode row has 4096: one conversion, not a
+        # Python int per page per block); a block's dense list is a prefix of them
+        causal = np.asarray(table[: (ctx - 1) // page_size + 1] if ql else [], dtype=np.int32)
         for off in range(0, ql, q_block):
             n = min(q_block, ql - off)
             first, last = pos0 + off, pos0 + off + n - 1
@@ -154,14 +157,18 @@ def build_plan(
                 qb_keep.append(layout.sel_keep[s] if n == 1 else 0)
                 qb_refresh.append(layout.sel_refresh[s])
             n_pages = last // page_size + 1
-            pages.extend(table[:n_pages])
-            lpages.extend(range(n_pages))
-            indptr.append(len(pages))
+            pages.append(causal[:n_pages])
+            lpages.append(np.arange(n_pages, dtype=np.int32))
+            count += n_pages
+            indptr.append(count)
             if w_local > 0:
                 keep = streaming_pages(first, last, page_size, w_sink, w_local)
-                pages.extend(stable[int(ring_slot(p, *ring)) if ring else p] for p in keep)
-                lpages.extend(keep)
-            indptr.append(len(pages))
+                pages.append(
+                    np.asarray([stable[int(ring_slot(p, *ring)) if ring else p] for p in keep], np.int32)
+                )
+                lpages.append(np.asarray(keep, np.int32))
+                count += len(keep)
+            indptr.append(count)
         row += ql
     i32 = lambda v: np.asarray(v, dtype=np.int32)  # noqa: E731
     sel = layout.sel_keep is not None
@@ -175,8 +182,8 @@ def build_plan(
         qb_pos=i32(qb_pos),
         seq_ctx=i32(layout.ctx_lens),
         kv_indptr=i32(indptr),
-        kv_page=i32(pages),
-        kv_lpage=i32(lpages),
+        kv_page=np.concatenate(pages) if pages else i32([]),
+        kv_lpage=np.concatenate(lpages) if lpages else i32([]),
         sink=sink,
         local=local,
         qb_sink=i32(qb_sink),
