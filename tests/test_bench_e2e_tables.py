@@ -120,12 +120,15 @@ def test_sparse_summary_records_the_kv_dtype():
         for k, m, ms in (
             ("decode_step", "sparse", 20.0),
             ("decode_step", "dense", 40.0),
+            ("decode_step_overlapped", "sparse", 16.0),
             ("prefill", "dense", 9e4),
         )
     ]
     summary = sparse_summary(rows, 0.005, "int8")
     assert summary[0]["kv_dtype"] == "int8" and summary[0]["decode_step_speedup"] == 2.0
-    assert "| 256k | int8 | 20.00 (50.0) | 40.00 (25.0) | 2.00x |" in format_sparse_summary(summary)
+    table = format_sparse_summary(summary)
+    assert "| 256k | int8 | 20.00 (50.0) | 40.00 (25.0) | 2.00x |" in table
+    assert table.rstrip().endswith("| 16.00 / - |")  # the overlapped step: sparse measured, dense not
 
 
 def test_tagged_emit_adds_the_kv_dtype_and_keeps_the_result():

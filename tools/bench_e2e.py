@@ -536,6 +536,7 @@ def bench_e2e_sparse(args, bw: float, emit) -> None:
 
     from lserve_lite.backends.cuda import CudaOps
     from lserve_lite.config import EngineConfig, SparseConfig
+    from lserve_lite.engine.llm_engine import PLACEHOLDER
     from lserve_lite.engine.model_runner import ModelRunner
     from lserve_lite.kv.block_manager import BlockManager
     from lserve_lite.kv.layout import KVLayout
@@ -642,6 +643,27 @@ def bench_e2e_sparse(args, bw: float, emit) -> None:
             emit(dict(model="Llama-3-8B-shape", what=f"decode step {mode} (engine)", batch=1, context=ctx,
                       tokens_per_s=1 / t, ms=t * 1e3, floor_ms=floor * 1e3, x_floor=t / floor, mode=mode,
                       kind="decode_step", graph_replays=replays, steps=steps))  # fmt: skip
+
+            def overlapped(n: int, runner=runner, seq=seq) -> float:
+                # LLMEngine._launch's order: launch step k on step k-1's ids still on the device, queue its
+                # sampling, then wait for step k-1's ids (the host's planning of k+1 overlaps the GPU's k)
+                prev = None
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    logits = runner.run([seq], [1], ids=None if prev is None else prev.ids)
+                    cur = ops.sample_async(logits, [seq])
+                    if prev is not None:
+                        seq.output_ids[-1] = prev.tolist()[0]
+                    seq.output_ids.append(PLACEHOLDER)
+                    prev = cur
+                seq.output_ids[-1] = prev.tolist()[0]
+                return (time.perf_counter() - t0) / n
+
+            overlapped(4)
+            t_ov = overlapped(steps)
+            emit(dict(model="Llama-3-8B-shape", what=f"decode step {mode} (overlapped)", batch=1, context=ctx,
+                      tokens_per_s=1 / t_ov, ms=t_ov * 1e3, floor_ms=floor * 1e3, x_floor=t_ov / floor,
+                      mode=mode, kind="decode_step_overlapped", steps=steps))  # fmt: skip
             g = runner.executor.graphs[1]
             launch = lambda g=g: g.graph.launch(cp.cuda.get_current_stream())  # noqa: E731
             if sparse:
@@ -699,7 +721,7 @@ def sparse_summary(rows: list[dict], floor: float, kv: str) -> list[dict]:
     for ctx in sorted(by):
         d = by[ctx]
         row = dict(context=ctx, kv_dtype=kv, floor_ms=floor * 1e3)
-        for kind in ("prefill", "decode_step", "decode_replay"):
+        for kind in ("prefill", "decode_step", "decode_step_overlapped", "decode_replay"):
             s, n = d.get((kind, "sparse")), d.get((kind, "dense"))
             row[f"{kind}_sparse_ms"], row[f"{kind}_dense_ms"] = s, n
             row[f"{kind}_speedup"] = n / s if s and n else None
@@ -711,8 +733,9 @@ def format_sparse_summary(summary: list[dict]) -> str:
     f = lambda v, spec=".2f": "-" if v is None else format(v, spec)  # noqa: E731
     lines = [
         "| context | KV | decode step sparse ms (tok/s) | dense ms (tok/s) | speedup | replay sparse / dense ms | "
-        "replay speedup | sparse replay x floor | prefill sparse s | dense s | speedup |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "replay speedup | sparse replay x floor | prefill sparse s | dense s | speedup | overlapped step sparse / "
+        "dense ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary:
         ds, dd = r["decode_step_sparse_ms"], r["decode_step_dense_ms"]
@@ -722,7 +745,8 @@ def format_sparse_summary(summary: list[dict]) -> str:
             f"| {r['context'] // 1024}k | {r['kv_dtype']} | {f(ds)} ({f(ds and 1e3 / ds, '.1f')}) | {f(dd)} ({f(dd and 1e3 / dd, '.1f')}) "
             f"| {f(r['decode_step_speedup'])}x | {f(rs)} / {f(rd)} | {f(r['decode_replay_speedup'])}x | "
             f"{f(rs and rs / r['floor_ms'])} | {f(ps_ and ps_ / 1e3)} | {f(pd and pd / 1e3)} | "
-            f"{f(r['prefill_speedup'])}x |"
+            f"{f(r['prefill_speedup'])}x | {f(r['decode_step_overlapped_sparse_ms'])} / "
+            f"{f(r['decode_step_overlapped_dense_ms'])} |"
         )
     return "\n".join(lines)
 
