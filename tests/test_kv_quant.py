@@ -143,6 +143,51 @@ def test_sparse_attention_reads_both_quantized_pools(name):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", [*CPU_FORMATS, "fp16", "fp32"])
+@pytest.mark.parametrize("reuse", [False, True])
+def test_sparse_decode_numba_equals_the_reference(name, reuse):
+    """LServe decode rows through the Numba kernel (cpu.sparse_attention_numba: both pools, per-sequence windows,
+    each dense head its own selection plus the newest page, permuted pool rows) = paged_attention_sparse_ref on
+    the same stored pools and selections (float32 both; the reference is independent NumPy code)."""
+    if name == "fp16" and not NATIVE_HALF:
+        pytest.skip("fp16 KV needs the host's half conversions")
+    ps, ctx, hc = 16, [300, 97, 40], np.array([0, 1, 0, 1], np.int32)
+    slot = np.array([1, 0, 0, 1], np.int32)  # dense heads 0, 2 in rows 1, 0; streaming 1, 3 in rows 0, 1
+    shape_d, shape_s = (40, 2, ps, 32), (36, 2, ps, 32)
+    if name in CPU_FORMATS:
+        fmt = Q.FORMATS[name]
+        (_, _), (kd, ksd, vd, vsd), _ = _quantized_pools(fmt, shape_d)
+        (_, _), (kst, kss, vst, vss), _ = _quantized_pools(fmt, shape_s)
+        scales = (ksd, vsd, kss, vss)
+    else:
+        dt = np.float16 if name == "fp16" else np.float32
+        kd, vd = RNG.standard_normal((2, *shape_d)).astype(dt)
+        kst, vst = RNG.standard_normal((2, *shape_s)).astype(dt)
+        fmt, scales = None, (None,) * 4
+    perm = [int(p) for p in RNG.permutation(40)]
+    tables, stables = [], []
+    for i, c in enumerate(ctx):
+        n = -(-c // ps)
+        tables.append(perm[:n])
+        perm = perm[n:]
+        stables.append([12 * i, 12 * i + 1] + [12 * i + 2 + (j % 10) for j in range(2, max(n, 2))])
+    keep = [6, 4, 0]  # pages per sequence (the third fits: no selection)
+    lay = BatchLayout([1, 1, 1], ctx, tables, stream_tables=stables, windows=[(32, 80), (16, 48), (0, 32)],
+                      sel_slots=[2, 0, 1], sel_keep=keep, sel_refresh=[0 if reuse else 1] * 3)  # fmt: skip
+    plan = build_plan(lay, ps, ring=(2, 10))
+    sel, cnt = np.full((3, 4, 8), -1, np.int32), np.zeros((3, 4), np.int32)
+    for qb, k in enumerate(keep):
+        n = -(-ctx[qb] // ps) - reuse  # a reused selection was made a page ago
+        for g in (0, 2):
+            pick = np.sort(RNG.choice(n, min(k, n), replace=False)) if k else np.arange(0)
+            sel[lay.sel_slots[qb], g, : pick.size], cnt[lay.sel_slots[qb], g] = pick, pick.size
+    q = RNG.standard_normal((3, 8, 32)).astype(np.float32)
+    pools = (kd, vd, kst, vst)
+    want = A.paged_attention_sparse_ref(q, *pools, plan, hc, slot, sel, cnt, scales=scales, fmt=fmt)
+    got = C.sparse_attention_numba(q, pools, plan, hc, slot, sel, cnt, None, scales)
+    assert rel(got, want) < 1e-5
+
+
 @pytest.mark.parametrize("name", CPU_FORMATS)
 def test_rope_write_quantizes_on_write(name):
     """The Numba write kernel and the NumPy reference store the rotated K/V within half a step, same scales."""

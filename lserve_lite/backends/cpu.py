@@ -1,7 +1,10 @@
-"""CPU backend: NumPy float32 and Numba kernels. Its LServe mode runs the references in backends/reference/,
+"""CPU backend: NumPy float32 and Numba kernels. Its LServe mode runs the Numba decode attention and, for the
+rest (prefill attention, the two-pool K/V write, the page selector), the references in backends/reference/,
 which every GPU kernel is tested against."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 
@@ -14,7 +17,7 @@ from .cpu_half import NATIVE_HALF
 from .cpu_kv import kernel_view
 from .cpu_quant import embed_q, linear_q, logits_q
 from .cpu_threads import SplitRunner, even_bounds, openblas_set_threads, spin_seconds
-from .reference.attention import attend_qblocks, paged_attention_sparse_ref
+from .reference.attention import attend_qblocks, paged_attention_sparse_ref, visited_pages
 from .reference.layers import embed_ref, rope_write_kv_sparse_ref
 from .reference.page_select import select_pages_ref
 from .reference.sampling import logprobs_ref, sample
@@ -177,11 +180,11 @@ class CpuOps:
             part = lambda a, b: attend_qblocks(q, kc, vc, plan, hc, out, a, b, ksc, vsc, cache.fmt)  # noqa: E731
             self.split.run(("prefill-attn",), part, _qblock_bounds(plan, self.split.parts))
             return out.reshape(q.shape[0], -1)
-        return paged_attention_sparse_ref(
-            q, cache.k[layer], cache.v[layer], cache.ks[layer], cache.vs[layer], plan,
-            cache.head_class[layer], cache.head_slot[layer], cache.sel_idx[layer], cache.sel_cnt[layer],
-            scales=(ksc, vsc, kss, vss), fmt=cache.fmt,
-        )  # fmt: skip
+        pools = (cache.k[layer], cache.v[layer], cache.ks[layer], cache.vs[layer])
+        sel = (cache.head_class[layer], cache.head_slot[layer], cache.sel_idx[layer], cache.sel_cnt[layer])
+        if int(plan.qb_len.max(initial=0)) <= SMALL_ROWS:
+            return sparse_attention_numba(q, pools, plan, *sel, self.split, (ksc, vsc, kss, vss))
+        return paged_attention_sparse_ref(q, *pools, plan, *sel, scales=(ksc, vsc, kss, vss), fmt=cache.fmt)
 
     def logits(self, h, lm_head):
         """float32 logits; a quantized head keeps float32-grade activations (`cpu_quant.logits_q`)."""
@@ -197,6 +200,55 @@ class CpuOps:
 
     def logprobs(self, logits: np.ndarray, chosen: np.ndarray, k: int):
         return logprobs_ref(logits, chosen, k)
+
+
+def sparse_attention_numba(
+    q, pools, plan: AttentionPlan, head_class, head_slot, sel_idx, sel_cnt, split, scales
+):
+    """`paged_attention_sparse_ref` for decode rows through `paged_attention_numba`: the streaming heads in one
+    call over their pool, the dense heads in one over theirs, or one call per dense head when blocks select
+    pages (each head visits its own selection). pools: (kd, vd, ks, vs); scales: theirs, or Nones."""
+    n, hq, d = q.shape
+    hc, slot = np.asarray(head_class), np.asarray(head_slot)
+    hkv = hc.shape[0]
+    group = hq // hkv
+    out = np.empty((n, hkv, group, d), np.float32)
+    qg = q.reshape(n, hkv, group, d)
+    for cls in (0, 1):
+        heads = np.nonzero(hc == cls)[0]
+        if heads.size == 0:
+            continue
+        kc, vc = pools[2 * cls], pools[2 * cls + 1]
+        ksc, vsc = scales[2 * cls], scales[2 * cls + 1]
+        order = heads[np.argsort(slot[heads])]  # pool row j holds KV head order[j]
+        if kc.shape[1] != order.size:
+            raise ValueError(f"pool of class {cls} has {kc.shape[1]} heads, head_class {order.size}")
+        qc = np.ascontiguousarray(qg[:, order].reshape(n, order.size * group, d))
+        if cls == 1 or sel_idx is None or not plan.selects:
+            o = paged_attention_numba(qc, kc, vc, plan, np.full(order.size, cls, np.int32), split, ksc, vsc)
+            out[:, order] = o.reshape(n, order.size, group, d)
+            continue
+        for j, g in enumerate(order):
+            only = np.full(order.size, 2, np.int32)  # class 2: skipped by the kernel
+            only[j] = 0
+            o = paged_attention_numba(
+                qc, kc, vc, _visited_plan(plan, g, sel_idx, sel_cnt), only, split, ksc, vsc
+            )
+            out[:, g] = o.reshape(n, order.size, group, d)[:, j]
+    return out.reshape(n, hq * d)
+
+
+def _visited_plan(plan: AttentionPlan, g: int, sel_idx, sel_cnt) -> AttentionPlan:
+    """`plan` with each block's class-0 list cut to the pages dense KV head g visits (`visited_pages`: its
+    selection where the block selects) and its class-1 lists empty."""
+    pages, lpages, indptr = [], [], [0]
+    for qb in range(plan.num_qblocks):
+        p, lp = visited_pages(plan, qb, 0, g, sel_idx, sel_cnt)
+        pages.append(p)
+        lpages.append(lp)
+        indptr += [indptr[-1] + p.size] * 2
+    as32 = lambda x: np.concatenate(x).astype(np.int32) if x else np.zeros(0, np.int32)  # noqa: E731
+    return replace(plan, kv_indptr=np.asarray(indptr, np.int32), kv_page=as32(pages), kv_lpage=as32(lpages))
 
 
 def _qblock_bounds(plan: AttentionPlan, parts: int) -> list[int]:
@@ -232,8 +284,8 @@ def paged_attention_numba(
     hc = np.asarray(head_class, np.int32)
     args = (
         q, k_cache, v_cache, _scales_arg(k_scale), _scales_arg(v_scale), plan.qb_start, plan.qb_len, plan.qb_pos,
-        plan.qb_seq, plan.seq_ctx, plan.kv_indptr, plan.kv_page, plan.kv_lpage, hc, plan.sink, plan.local, chunk,
-        part, acc,
+        plan.qb_seq, plan.seq_ctx, plan.kv_indptr, plan.kv_page, plan.kv_lpage, hc, plan.qb_sink, plan.qb_local,
+        chunk, part, acc,
     )  # fmt: skip
     n = 1 if split is None else split.parts
     if n < 2:

@@ -176,13 +176,14 @@ def masked_softmax(s, ok, scale):
 
 @nb.njit(fastmath=FAST, **JIT)
 def paged_attention(q, k_cache, v_cache, k_scale, v_scale, qb_start, qb_len, qb_pos, qb_seq, seq_ctx, indptr, kv_page,
-                    kv_lpage, head_class, sink, local, chunk, part, acc, p0, p1, n):  # fmt: skip
+                    kv_lpage, head_class, qb_sink, qb_local, chunk, part, acc, p0, p1, n):  # fmt: skip
     """Execute an attention plan's units that fall in parts p0..p1-1 of n (cut by visited pages); `merge_units`
     then writes the output. Unit u = (item, KV head of the item's class, run of `chunk` of its listed pages),
     item = query block * 2 + head class, enumerated in that order.
 
     A unit scores its rows (query row, query head of the KV head's group) over its pages. Mask: key <= query
-    position, key < context end, and for class 1 (streaming) key < sink or query - key < local. Exact two-pass
+    position, key < context end, and for class 1 (streaming) key < sink or query - key < local (the block's
+    window: qb_sink, qb_local). A head of any other class is skipped (a caller's way to run one head). Exact two-pass
     float32 softmax over the unit's keys: part[u] = (row max, row sum of exp), acc[u] = the un-normalized
     weighted sum of V. A quantized cache is dequantized page by page as it is read (`kv_load_page`).
     """
@@ -199,7 +200,7 @@ def paged_attention(q, k_cache, v_cache, k_scale, v_scale, qb_start, qb_len, qb_
     for item in range(indptr.shape[0] - 1):
         qb, cls = item // 2, item % 2
         r0, nr, pos0, end = qb_start[qb], qb_len[qb], qb_pos[qb], seq_ctx[qb_seq[qb]]
-        win = (sink, local) if cls == 1 else (-1, -1)
+        win = (qb_sink[qb], qb_local[qb]) if cls == 1 else (-1, -1)
         for h in range(hkv):
             if head_class[h] != cls:
                 continue
