@@ -149,6 +149,17 @@ def test_sparse_decode_numba_equals_the_reference(name, reuse):
     """LServe decode rows through the Numba kernel (cpu.sparse_attention_numba: both pools, per-sequence windows,
     each dense head its own selection plus the newest page, permuted pool rows) = paged_attention_sparse_ref on
     the same stored pools and selections (float32 both; the reference is independent NumPy code)."""
+    _sparse_steps_equal_the_reference(name, reuse, [1, 1, 1])
+
+
+@pytest.mark.parametrize("name", [*CPU_FORMATS, "fp16", "fp32"])
+def test_sparse_prefill_with_decode_rows_equals_the_reference(name):
+    """A step with a prefill chunk beside selecting decode rows (cpu.sparse_prefill_attention: each pool through
+    dense mode's prefill attention, the decode rows' selections through the Numba kernel) = the reference."""
+    _sparse_steps_equal_the_reference(name, False, [1, 20, 1])
+
+
+def _sparse_steps_equal_the_reference(name: str, reuse: bool, q_lens: list[int]) -> None:
     if name == "fp16" and not NATIVE_HALF:
         pytest.skip("fp16 KV needs the host's half conversions")
     ps, ctx, hc = 16, [300, 97, 40], np.array([0, 1, 0, 1], np.int32)
@@ -172,19 +183,23 @@ def test_sparse_decode_numba_equals_the_reference(name, reuse):
         perm = perm[n:]
         stables.append([12 * i, 12 * i + 1] + [12 * i + 2 + (j % 10) for j in range(2, max(n, 2))])
     keep = [6, 4, 0]  # pages per sequence (the third fits: no selection)
-    lay = BatchLayout([1, 1, 1], ctx, tables, stream_tables=stables, windows=[(32, 80), (16, 48), (0, 32)],
+    lay = BatchLayout(q_lens, ctx, tables, stream_tables=stables, windows=[(32, 80), (16, 48), (0, 32)],
                       sel_slots=[2, 0, 1], sel_keep=keep, sel_refresh=[0 if reuse else 1] * 3)  # fmt: skip
-    plan = build_plan(lay, ps, ring=(2, 10))
+    plan = build_plan(lay, ps, q_block=8, ring=(2, 10))
     sel, cnt = np.full((3, 4, 8), -1, np.int32), np.zeros((3, 4), np.int32)
     for qb, k in enumerate(keep):
         n = -(-ctx[qb] // ps) - reuse  # a reused selection was made a page ago
         for g in (0, 2):
             pick = np.sort(RNG.choice(n, min(k, n), replace=False)) if k else np.arange(0)
             sel[lay.sel_slots[qb], g, : pick.size], cnt[lay.sel_slots[qb], g] = pick, pick.size
-    q = RNG.standard_normal((3, 8, 32)).astype(np.float32)
+    q = RNG.standard_normal((sum(q_lens), 8, 32)).astype(np.float32)
     pools = (kd, vd, kst, vst)
     want = A.paged_attention_sparse_ref(q, *pools, plan, hc, slot, sel, cnt, scales=scales, fmt=fmt)
-    got = C.sparse_attention_numba(q, pools, plan, hc, slot, sel, cnt, None, scales)
+    if max(q_lens) == 1:
+        got = C.sparse_attention_numba(q, pools, plan, hc, slot, sel, cnt, None, scales)
+    else:
+        assert plan.selects  # the decode rows beside the chunk select pages
+        got = C.sparse_prefill_attention(q, pools, plan, hc, slot, sel, cnt, None, scales, fmt)
     assert rel(got, want) < 1e-5
 
 

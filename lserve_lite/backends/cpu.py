@@ -1,6 +1,6 @@
-"""CPU backend: NumPy float32 and Numba kernels. Its LServe mode runs the Numba decode attention and, for the
-rest (prefill attention, the two-pool K/V write, the page selector), the references in backends/reference/,
-which every GPU kernel is tested against."""
+"""CPU backend: NumPy float32 and Numba kernels. Its LServe mode runs dense mode's attention per KV pool and, for
+the two-pool K/V write and the page selector, the references in backends/reference/, which every GPU kernel is
+tested against."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from .cpu_half import NATIVE_HALF
 from .cpu_kv import kernel_view
 from .cpu_quant import embed_q, linear_q, logits_q
 from .cpu_threads import SplitRunner, even_bounds, openblas_set_threads, spin_seconds
-from .reference.attention import attend_qblocks, paged_attention_sparse_ref, visited_pages
+from .reference.attention import attend_qblocks, visited_pages
 from .reference.layers import embed_ref, rope_write_kv_sparse_ref
 from .reference.page_select import select_pages_ref
 from .reference.sampling import logprobs_ref, sample
@@ -184,7 +184,7 @@ class CpuOps:
         sel = (cache.head_class[layer], cache.head_slot[layer], cache.sel_idx[layer], cache.sel_cnt[layer])
         if int(plan.qb_len.max(initial=0)) <= SMALL_ROWS:
             return sparse_attention_numba(q, pools, plan, *sel, self.split, (ksc, vsc, kss, vss))
-        return paged_attention_sparse_ref(q, *pools, plan, *sel, scales=(ksc, vsc, kss, vss), fmt=cache.fmt)
+        return sparse_prefill_attention(q, pools, plan, *sel, self.split, (ksc, vsc, kss, vss), cache.fmt)
 
     def logits(self, h, lm_head):
         """float32 logits; a quantized head keeps float32-grade activations (`cpu_quant.logits_q`)."""
@@ -236,6 +236,42 @@ def sparse_attention_numba(
             )
             out[:, g] = o.reshape(n, order.size, group, d)[:, j]
     return out.reshape(n, hq * d)
+
+
+def sparse_prefill_attention(
+    q, pools, plan: AttentionPlan, head_class, head_slot, sel_idx, sel_cnt, split, scales, fmt
+) -> np.ndarray:
+    """`paged_attention_sparse_ref` for a step with prefill rows: each pool's heads through dense mode's prefill
+    attention (`attend_qblocks`: every listed page, the block's window for streaming heads), then the blocks that
+    select pages (decode rows beside the prefill) again through `sparse_attention_numba` on their sub-plan."""
+    n, hq, d = q.shape
+    hc, slot = np.asarray(head_class), np.asarray(head_slot)
+    hkv = hc.shape[0]
+    group = hq // hkv
+    out = np.empty((n, hkv, group, d), np.float32)
+    qg = q.reshape(n, hkv, group, d)
+    for cls in (0, 1):
+        heads = np.nonzero(hc == cls)[0]
+        if heads.size == 0:
+            continue
+        kc, vc, ksc, vsc = pools[2 * cls], pools[2 * cls + 1], scales[2 * cls], scales[2 * cls + 1]
+        order = heads[np.argsort(slot[heads])]  # pool row j holds KV head order[j]
+        qc = np.ascontiguousarray(qg[:, order].reshape(n, order.size * group, d))
+        oc, hcs = np.empty(qc.shape, np.float32), np.full(order.size, cls, np.int32)
+        # called within this iteration only (split.run returns once every part is done)
+        part = lambda a, b: attend_qblocks(qc, kc, vc, plan, hcs, oc, a, b, ksc, vsc, fmt)  # noqa: E731, B023
+        if split is None:
+            part(0, plan.num_qblocks)
+        else:
+            split.run(("prefill-attn",), part, _qblock_bounds(plan, split.parts))
+        out[:, order] = oc.reshape(n, order.size, group, d)
+    out = out.reshape(n, hq * d)
+    if sel_idx is not None and plan.selects:
+        qbs = np.nonzero(plan.qb_keep > 0)[0]
+        rows = np.concatenate([np.arange(plan.qb_start[b], plan.qb_start[b] + plan.qb_len[b]) for b in qbs])
+        sub = sparse_attention_numba(q, pools, plan.subset(qbs), hc, slot, sel_idx, sel_cnt, split, scales)
+        out[rows] = sub[rows]
+    return out
 
 
 def _visited_plan(plan: AttentionPlan, g: int, sel_idx, sel_cnt) -> AttentionPlan:

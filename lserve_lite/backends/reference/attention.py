@@ -61,8 +61,8 @@ def attend_qblocks(
             pages, lpages = plan.pages(qb, cls)
             kpos = (lpages[:, None] * page + np.arange(page)[None, :]).reshape(-1)
             ok = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] < ctx)
-            if cls == 1:
-                ok &= (kpos[None, :] < plan.sink) | (qpos[:, None] - kpos[None, :] < plan.local)
+            if cls == 1:  # the block's window (a dense-mode plan's are all its sink / local)
+                ok &= (kpos[None, :] < plan.qb_sink[qb]) | (qpos[:, None] - kpos[None, :] < plan.qb_local[qb])
             for h in heads:
                 rows = slice(h * group, (h + 1) * group)
                 qh = q[r0 : r0 + nr, rows].reshape(nr * group, d)
