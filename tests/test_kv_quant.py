@@ -203,6 +203,44 @@ def _sparse_steps_equal_the_reference(name: str, reuse: bool, q_lens: list[int])
     assert rel(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_sparse_write_numba_equals_the_reference(dtype):
+    """The CPU LServe write (cpu.rope_write_kv_sparse_numba: dense mode's Numba write per pool, then the merged
+    key statistics) = rope_write_kv_sparse_ref (NumPy; statistics recomputed from the cache) over two steps of two
+    sequences appended in order: a prefill chunk that ends inside a logical page, then decode rows."""
+    if dtype == np.float16 and not NATIVE_HALF:
+        pytest.skip("fp16 KV needs the host's half conversions")
+    ps, sub, d, hq = 16, 4, 32, 8
+    hc, slot = np.array([0, 1, 0, 1], np.int32), np.array([1, 0, 0, 1], np.int32)
+    cos, sin = RNG.standard_normal((2, 200, d // 2), dtype=np.float32)
+    stale = RNG.standard_normal((2, 12, 2, sub, d)).astype(np.float32)  # statistics until a page is written
+    states = []
+    for _ in range(2):
+        kd, vd = (np.zeros((12, 2, ps, d), dtype) for _ in range(2))
+        ks, vs = (np.zeros((8, 2, ps, d), dtype) for _ in range(2))
+        states.append((kd, vd, ks, vs, *stale.copy()))
+    tables, stables = [[3, 7, 1, 9], [0, 4, 11]], [[0, 1, 2, 3], [4, 5, 6, 7]]
+    steps = [
+        ([0, 0], [37, 21]),
+        ([37, 21], [1, 1]),
+        ([38, 22], [1, 1]),
+    ]  # (first position, tokens) per sequence
+    for first, count in steps:
+        pos = np.concatenate([np.arange(f, f + c) for f, c in zip(first, count, strict=True)])
+        seq = np.repeat([0, 1], count)
+        dense = np.array([tables[s][p // ps] * ps + p % ps for s, p in zip(seq, pos, strict=True)], np.int64)
+        stream = np.array(
+            [stables[s][p // ps] * ps + p % ps for s, p in zip(seq, pos, strict=True)], np.int64
+        )
+        qkv = RNG.standard_normal((pos.size, (hq + 8) * d)).astype(np.float32)
+        qs = []
+        for write, st in zip((L.rope_write_kv_sparse_ref, C.rope_write_kv_sparse_numba), states, strict=True):
+            qs.append(write(qkv, pos, dense, stream, *st[:4], hc, slot, cos, sin, *st[4:]))
+        np.testing.assert_allclose(qs[1], qs[0], rtol=1e-6, atol=1e-6)
+        for got, want in zip(states[1], states[0], strict=True):
+            np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", CPU_FORMATS)
 def test_rope_write_quantizes_on_write(name):
     """The Numba write kernel and the NumPy reference store the rotated K/V within half a step, same scales."""

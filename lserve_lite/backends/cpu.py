@@ -1,6 +1,6 @@
-"""CPU backend: NumPy float32 and Numba kernels. Its LServe mode runs dense mode's attention per KV pool and, for
-the two-pool K/V write and the page selector, the references in backends/reference/, which every GPU kernel is
-tested against."""
+"""CPU backend: NumPy float32 and Numba kernels. Its LServe mode runs dense mode's attention and (float caches)
+K/V write per KV pool, and for the page selector and a quantized cache's write the references in
+backends/reference/, which every GPU kernel is tested against."""
 
 from __future__ import annotations
 
@@ -162,12 +162,12 @@ class CpuOps:
             K.rope_write_kv(qkv, positions, slots, kernel_view(kc), kernel_view(cache.v[layer]), _scales_arg(ksc),
                             _scales_arg(vsc), rope[0], rope[1], q)  # fmt: skip
             return q
-        return rope_write_kv_sparse_ref(
-            qkv, positions, slots[0], slots[1], cache.k[layer], cache.v[layer], cache.ks[layer],
-            cache.vs[layer], cache.head_class[layer], cache.head_slot[layer], rope[0], rope[1],
-            cache.kmax[layer] if cache.kmax else None, cache.kmin[layer] if cache.kmin else None,
-            scales=(ksc, vsc, kss, vss), fmt=cache.fmt,
-        )  # fmt: skip
+        args = (qkv, positions, slots[0], slots[1], cache.k[layer], cache.v[layer], cache.ks[layer],
+                cache.vs[layer], cache.head_class[layer], cache.head_slot[layer], rope[0], rope[1],
+                cache.kmax[layer] if cache.kmax else None, cache.kmin[layer] if cache.kmin else None)  # fmt: skip
+        if ksc is None:  # a float cache: the Numba write, statistics from the stored keys
+            return rope_write_kv_sparse_numba(*args)
+        return rope_write_kv_sparse_ref(*args, scales=(ksc, vsc, kss, vss), fmt=cache.fmt)
 
     def attention(self, q, cache, layer, plan, head_class):
         """Dequantizes a quantized cache inside the kernels, as pages are read."""
@@ -200,6 +200,29 @@ class CpuOps:
 
     def logprobs(self, logits: np.ndarray, chosen: np.ndarray, k: int):
         return logprobs_ref(logits, chosen, k)
+
+
+def rope_write_kv_sparse_numba(
+    qkv, positions, dense_slots, stream_slots, kd, vd, ks, vs, head_class, head_slot, cos, sin, kmax, kmin
+) -> np.ndarray:
+    """`rope_write_kv_sparse_ref` for a float cache: dense mode's Numba write once per pool (its KV heads'
+    columns in pool-row order), then the dense pool's key statistics (`cpu_kernels.merge_key_stats`)."""
+    hc, slot = np.asarray(head_class), np.asarray(head_slot)
+    hkv, d = hc.shape[0], cos.shape[1] * 2
+    n, hq = qkv.shape[0], qkv.shape[1] // d - 2 * hkv
+    x = qkv.reshape(n, hq + 2 * hkv, d)
+    q = np.empty((n, hq, d), np.float32)
+    for cls, slots, kc, vc in ((0, dense_slots, kd, vd), (1, stream_slots, ks, vs)):
+        heads = np.nonzero(hc == cls)[0]
+        if heads.size == 0:
+            continue
+        order = heads[np.argsort(slot[heads])]  # pool row j holds KV head order[j]
+        cols = np.concatenate([x[:, :hq], x[:, hq + order], x[:, hq + hkv + order]], axis=1).reshape(n, -1)
+        K.rope_write_kv(cols, positions, np.ascontiguousarray(slots, np.int64), kernel_view(kc), kernel_view(vc),
+                        NO_SCALES, NO_SCALES, cos, sin, q)  # fmt: skip
+    if kmax is not None and kd.shape[1]:
+        K.merge_key_stats(kmax, kmin, kernel_view(kd), np.ascontiguousarray(dense_slots, np.int64))
+    return q
 
 
 def sparse_attention_numba(

@@ -131,6 +131,30 @@ def rope_write_kv(qkv, positions, slots, k_cache, v_cache, k_scale, v_scale, cos
             kv_store(qkv[t, (hq + hkv + h) * d : (hq + hkv + h + 1) * d], v_cache, v_scale, pg, h, off)
 
 
+@nb.njit(**JIT)
+def merge_key_stats(kmax, kmin, k_cache, slots):
+    """LServe's logical-page key max / min after keys were stored at `slots` (in order within a sequence; -1:
+    none): a slot at offset 0 of its logical page starts the page's statistics afresh, any other merges its key
+    in, from the stored values (what attention reads). With tokens appended in order this is
+    reference/page_stats.update_page_stats, which recomputes each touched logical page from the cache."""
+    page, sub = k_cache.shape[2], kmax.shape[2]
+    lp = page // sub
+    for i in range(slots.shape[0]):
+        if slots[i] < 0:
+            continue
+        pg, off = slots[i] // page, slots[i] % page
+        sp, fresh = off // lp, off % lp == 0
+        for h in range(k_cache.shape[1]):
+            for c in range(k_cache.shape[3]):
+                x = to_f32(k_cache[pg, h, off, c])
+                if fresh:
+                    kmax[pg, h, sp, c] = x
+                    kmin[pg, h, sp, c] = x
+                else:
+                    kmax[pg, h, sp, c] = max(kmax[pg, h, sp, c], x)
+                    kmin[pg, h, sp, c] = min(kmin[pg, h, sp, c], x)
+
+
 @nb.njit(fastmath={"nnan", "nsz"}, **JIT)
 def _row_max(row):
     m = NEG_INF
