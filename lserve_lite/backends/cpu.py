@@ -207,16 +207,14 @@ def rope_write_kv_sparse_numba(
 ) -> np.ndarray:
     """`rope_write_kv_sparse_ref` for a float cache: dense mode's Numba write once per pool (its KV heads'
     columns in pool-row order), then the dense pool's key statistics (`cpu_kernels.merge_key_stats`)."""
-    hc, slot = np.asarray(head_class), np.asarray(head_slot)
-    hkv, d = hc.shape[0], cos.shape[1] * 2
+    hkv, d = len(head_class), cos.shape[1] * 2
     n, hq = qkv.shape[0], qkv.shape[1] // d - 2 * hkv
     x = qkv.reshape(n, hq + 2 * hkv, d)
     q = np.empty((n, hq, d), np.float32)
     for cls, slots, kc, vc in ((0, dense_slots, kd, vd), (1, stream_slots, ks, vs)):
-        heads = np.nonzero(hc == cls)[0]
-        if heads.size == 0:
+        order = _pool_rows(head_class, head_slot, cls)
+        if order.size == 0:
             continue
-        order = heads[np.argsort(slot[heads])]  # pool row j holds KV head order[j]
         cols = np.concatenate([x[:, :hq], x[:, hq + order], x[:, hq + hkv + order]], axis=1).reshape(n, -1)
         K.rope_write_kv(cols, positions, np.ascontiguousarray(slots, np.int64), kernel_view(kc), kernel_view(vc),
                         NO_SCALES, NO_SCALES, cos, sin, q)  # fmt: skip
@@ -232,24 +230,11 @@ def sparse_attention_numba(
     call over their pool, the dense heads in one over theirs, or one call per dense head when blocks select
     pages (each head visits its own selection). pools: (kd, vd, ks, vs); scales: theirs, or Nones."""
     n, hq, d = q.shape
-    hc, slot = np.asarray(head_class), np.asarray(head_slot)
-    hkv = hc.shape[0]
-    group = hq // hkv
-    out = np.empty((n, hkv, group, d), np.float32)
-    qg = q.reshape(n, hkv, group, d)
-    for cls in (0, 1):
-        heads = np.nonzero(hc == cls)[0]
-        if heads.size == 0:
-            continue
-        kc, vc = pools[2 * cls], pools[2 * cls + 1]
-        ksc, vsc = scales[2 * cls], scales[2 * cls + 1]
-        order = heads[np.argsort(slot[heads])]  # pool row j holds KV head order[j]
-        if kc.shape[1] != order.size:
-            raise ValueError(f"pool of class {cls} has {kc.shape[1]} heads, head_class {order.size}")
-        qc = np.ascontiguousarray(qg[:, order].reshape(n, order.size * group, d))
+    out = np.empty((n, len(head_class), hq // len(head_class), d), np.float32)
+    for cls, order, qc, (kc, vc, ksc, vsc) in _by_pool(q, pools, scales, head_class, head_slot):
         if cls == 1 or sel_idx is None or not plan.selects:
             o = paged_attention_numba(qc, kc, vc, plan, np.full(order.size, cls, np.int32), split, ksc, vsc)
-            out[:, order] = o.reshape(n, order.size, group, d)
+            out[:, order] = o.reshape(n, order.size, -1, d)
             continue
         for j, g in enumerate(order):
             only = np.full(order.size, 2, np.int32)  # class 2: skipped by the kernel
@@ -257,7 +242,7 @@ def sparse_attention_numba(
             o = paged_attention_numba(
                 qc, kc, vc, _visited_plan(plan, g, sel_idx, sel_cnt), only, split, ksc, vsc
             )
-            out[:, g] = o.reshape(n, order.size, group, d)[:, j]
+            out[:, g] = o.reshape(n, order.size, -1, d)[:, j]
     return out.reshape(n, hq * d)
 
 
@@ -268,18 +253,8 @@ def sparse_prefill_attention(
     attention (`attend_qblocks`: every listed page, the block's window for streaming heads), then the blocks that
     select pages (decode rows beside the prefill) again through `sparse_attention_numba` on their sub-plan."""
     n, hq, d = q.shape
-    hc, slot = np.asarray(head_class), np.asarray(head_slot)
-    hkv = hc.shape[0]
-    group = hq // hkv
-    out = np.empty((n, hkv, group, d), np.float32)
-    qg = q.reshape(n, hkv, group, d)
-    for cls in (0, 1):
-        heads = np.nonzero(hc == cls)[0]
-        if heads.size == 0:
-            continue
-        kc, vc, ksc, vsc = pools[2 * cls], pools[2 * cls + 1], scales[2 * cls], scales[2 * cls + 1]
-        order = heads[np.argsort(slot[heads])]  # pool row j holds KV head order[j]
-        qc = np.ascontiguousarray(qg[:, order].reshape(n, order.size * group, d))
+    out = np.empty((n, len(head_class), hq // len(head_class), d), np.float32)
+    for cls, order, qc, (kc, vc, ksc, vsc) in _by_pool(q, pools, scales, head_class, head_slot):
         oc, hcs = np.empty(qc.shape, np.float32), np.full(order.size, cls, np.int32)
         # called within this iteration only (split.run returns once every part is done)
         part = lambda a, b: attend_qblocks(qc, kc, vc, plan, hcs, oc, a, b, ksc, vsc, fmt)  # noqa: E731, B023
@@ -287,14 +262,39 @@ def sparse_prefill_attention(
             part(0, plan.num_qblocks)
         else:
             split.run(("prefill-attn",), part, _qblock_bounds(plan, split.parts))
-        out[:, order] = oc.reshape(n, order.size, group, d)
+        out[:, order] = oc.reshape(n, order.size, -1, d)
     out = out.reshape(n, hq * d)
     if sel_idx is not None and plan.selects:
         qbs = np.nonzero(plan.qb_keep > 0)[0]
         rows = np.concatenate([np.arange(plan.qb_start[b], plan.qb_start[b] + plan.qb_len[b]) for b in qbs])
-        sub = sparse_attention_numba(q, pools, plan.subset(qbs), hc, slot, sel_idx, sel_cnt, split, scales)
+        sub = sparse_attention_numba(q, pools, plan.subset(qbs), head_class, head_slot, sel_idx, sel_cnt, split,
+                                     scales)  # fmt: skip
         out[rows] = sub[rows]
     return out
+
+
+def _pool_rows(head_class, head_slot, cls: int) -> np.ndarray:
+    """The KV heads of class `cls` in the order of their pool's rows (row j holds head [j])."""
+    heads = np.nonzero(np.asarray(head_class) == cls)[0]
+    return heads[np.argsort(np.asarray(head_slot)[heads])]
+
+
+def _by_pool(q, pools, scales, head_class, head_slot):
+    """For each LServe pool with heads: (class, its heads in row order, their query heads in that order
+    [N, heads * group, D], (k, v, k scales, v scales))."""
+    n, hq, d = q.shape
+    hkv = len(head_class)
+    qg = q.reshape(n, hkv, hq // hkv, d)
+    for cls in (0, 1):
+        order = _pool_rows(head_class, head_slot, cls)
+        if order.size == 0:
+            continue
+        if pools[2 * cls].shape[1] != order.size:
+            raise ValueError(
+                f"pool of class {cls} has {pools[2 * cls].shape[1]} heads, head_class {order.size}"
+            )
+        qc = np.ascontiguousarray(qg[:, order].reshape(n, -1, d))
+        yield cls, order, qc, (pools[2 * cls], pools[2 * cls + 1], scales[2 * cls], scales[2 * cls + 1])
 
 
 def _visited_plan(plan: AttentionPlan, g: int, sel_idx, sel_cnt) -> AttentionPlan:
