@@ -236,13 +236,11 @@ def sparse_attention_numba(
             o = paged_attention_numba(qc, kc, vc, plan, np.full(order.size, cls, np.int32), split, ksc, vsc)
             out[:, order] = o.reshape(n, order.size, -1, d)
             continue
-        for j, g in enumerate(order):
-            only = np.full(order.size, 2, np.int32)  # class 2: skipped by the kernel
-            only[j] = 0
-            o = paged_attention_numba(
-                qc, kc, vc, _visited_plan(plan, g, sel_idx, sel_cnt), only, split, ksc, vsc
-            )
-            out[:, g] = o.reshape(n, order.size, -1, d)[:, j]
+        vplan, item_head = _visited_plan(plan, order, sel_idx, sel_cnt)
+        o = paged_attention_numba(
+            qc, kc, vc, vplan, np.zeros(order.size, np.int32), split, ksc, vsc, item_head
+        )
+        out[:, order] = o.reshape(n, order.size, -1, d)
     return out.reshape(n, hq * d)
 
 
@@ -297,17 +295,29 @@ def _by_pool(q, pools, scales, head_class, head_slot):
         yield cls, order, qc, (pools[2 * cls], pools[2 * cls + 1], scales[2 * cls], scales[2 * cls + 1])
 
 
-def _visited_plan(plan: AttentionPlan, g: int, sel_idx, sel_cnt) -> AttentionPlan:
-    """`plan` with each block's class-0 list cut to the pages dense KV head g visits (`visited_pages`: its
-    selection where the block selects) and its class-1 lists empty."""
-    pages, lpages, indptr = [], [], [0]
+def _visited_plan(
+    plan: AttentionPlan, order: np.ndarray, sel_idx, sel_cnt
+) -> tuple[AttentionPlan, np.ndarray]:
+    """`plan`'s blocks repeated once per dense KV head (pool row j = head order[j]), each copy's class-0 list cut
+    to the pages that head visits (`visited_pages`: its selection where the block selects) and its class-1 list
+    empty; with the item heads that restrict each copy to its head (`cpu_kernels.paged_attention`)."""
+    pages, lpages, indptr, blocks, item_head = [], [], [0], [], []
     for qb in range(plan.num_qblocks):
-        p, lp = visited_pages(plan, qb, 0, g, sel_idx, sel_cnt)
-        pages.append(p)
-        lpages.append(lp)
-        indptr += [indptr[-1] + p.size] * 2
+        for j, g in enumerate(order):
+            p, lp = visited_pages(plan, qb, 0, g, sel_idx, sel_cnt)
+            pages.append(p)
+            lpages.append(lp)
+            indptr += [indptr[-1] + p.size] * 2
+            blocks.append(qb)
+            item_head += [j, -1]
+    b = np.asarray(blocks, np.int64)
     as32 = lambda x: np.concatenate(x).astype(np.int32) if x else np.zeros(0, np.int32)  # noqa: E731
-    return replace(plan, kv_indptr=np.asarray(indptr, np.int32), kv_page=as32(pages), kv_lpage=as32(lpages))
+    vplan = replace(
+        plan, qb_seq=plan.qb_seq[b], qb_start=plan.qb_start[b], qb_len=plan.qb_len[b], qb_pos=plan.qb_pos[b],
+        qb_sink=plan.qb_sink[b], qb_local=plan.qb_local[b], kv_indptr=np.asarray(indptr, np.int32),
+        kv_page=as32(pages), kv_lpage=as32(lpages), qb_slot=None, qb_keep=None, qb_refresh=None,
+    )  # fmt: skip
+    return vplan, np.asarray(item_head, np.int32)
 
 
 def _qblock_bounds(plan: AttentionPlan, parts: int) -> list[int]:
@@ -325,7 +335,15 @@ def _scales_arg(scales):
 
 
 def paged_attention_numba(
-    q, k_cache, v_cache, plan: AttentionPlan, head_class, split=None, k_scale=None, v_scale=None
+    q,
+    k_cache,
+    v_cache,
+    plan: AttentionPlan,
+    head_class,
+    split=None,
+    k_scale=None,
+    v_scale=None,
+    item_head=None,
 ) -> np.ndarray:
     """`paged_attention_ref` as Numba kernels (same plan and masks, float32 softmax), for decode rows; the
     scales of a quantized cache (its format follows from the values' dtype: cpu_kv.py; fp16 pools as stored).
@@ -341,9 +359,11 @@ def paged_attention_numba(
     units = hkv * (plan.kv_page.shape[0] // chunk + plan.kv_indptr.shape[0] - 1)  # bounds the kernel's count
     part, acc = np.empty((units, 2, rows), np.float32), np.empty((units, rows, q.shape[2]), np.float32)
     hc = np.asarray(head_class, np.int32)
+    items = plan.kv_indptr.shape[0] - 1
+    ih = np.full(items, -1, np.int32) if item_head is None else np.asarray(item_head, np.int32)
     args = (
         q, k_cache, v_cache, _scales_arg(k_scale), _scales_arg(v_scale), plan.qb_start, plan.qb_len, plan.qb_pos,
-        plan.qb_seq, plan.seq_ctx, plan.kv_indptr, plan.kv_page, plan.kv_lpage, hc, plan.qb_sink, plan.qb_local,
+        plan.qb_seq, plan.seq_ctx, plan.kv_indptr, plan.kv_page, plan.kv_lpage, hc, ih, plan.qb_sink, plan.qb_local,
         chunk, part, acc,
     )  # fmt: skip
     n = 1 if split is None else split.parts
@@ -353,5 +373,5 @@ def paged_attention_numba(
         key = ("attn", plan.num_qblocks, plan.kv_page.shape[0].bit_length())
         split.run(key, lambda a, b: K.paged_attention(*args, a, b, n), list(range(n + 1)), joint=True)
     out = np.empty(q.shape, np.float32)
-    K.merge_units(plan.qb_start, plan.qb_len, plan.kv_indptr, hc, chunk, part, acc, out)
+    K.merge_units(plan.qb_start, plan.qb_len, plan.kv_indptr, hc, ih, chunk, part, acc, out)
     return out.reshape(q.shape[0], -1)

@@ -198,24 +198,33 @@ def masked_softmax(s, ok, scale):
     return tot
 
 
+@nb.njit(inline="always")
+def _runs(head_class, item_head, item, h):
+    """Whether KV head h runs on plan item `item` (query block * 2 + class): its class, and the item's head if set."""
+    return head_class[h] == item % 2 and (item_head[item] < 0 or item_head[item] == h)
+
+
 @nb.njit(fastmath=FAST, **JIT)
 def paged_attention(q, k_cache, v_cache, k_scale, v_scale, qb_start, qb_len, qb_pos, qb_seq, seq_ctx, indptr, kv_page,
-                    kv_lpage, head_class, qb_sink, qb_local, chunk, part, acc, p0, p1, n):  # fmt: skip
+                    kv_lpage, head_class, item_head, qb_sink, qb_local, chunk, part, acc, p0, p1, n):  # fmt: skip
     """Execute an attention plan's units that fall in parts p0..p1-1 of n (cut by visited pages); `merge_units`
     then writes the output. Unit u = (item, KV head of the item's class, run of `chunk` of its listed pages),
     item = query block * 2 + head class, enumerated in that order.
 
     A unit scores its rows (query row, query head of the KV head's group) over its pages. Mask: key <= query
     position, key < context end, and for class 1 (streaming) key < sink or query - key < local (the block's
-    window: qb_sink, qb_local). A head of any other class is skipped (a caller's way to run one head). Exact two-pass
+    window: qb_sink, qb_local). item_head[item] >= 0 runs that KV head alone on the item (each head its own list:
+    LServe's selections), -1 every head of the item's class. Exact two-pass
     float32 softmax over the unit's keys: part[u] = (row max, row sum of exp), acc[u] = the un-normalized
     weighted sum of V. A quantized cache is dequantized page by page as it is read (`kv_load_page`).
     """
     hkv, page, d = k_cache.shape[1], k_cache.shape[2], q.shape[2]
     group = q.shape[1] // hkv
-    streaming, total = (head_class == 1).sum(), 0
+    total = 0
     for item in range(indptr.shape[0] - 1):
-        total += (streaming if item % 2 else hkv - streaming) * (indptr[item + 1] - indptr[item])
+        for h in range(hkv):
+            if _runs(head_class, item_head, item, h):
+                total += indptr[item + 1] - indptr[item]
     s = np.empty((part.shape[2], chunk * page), np.float32)
     qv = np.empty((part.shape[2], d), np.float32)
     buf = np.empty((page, d), np.float32)
@@ -226,7 +235,7 @@ def paged_attention(q, k_cache, v_cache, k_scale, v_scale, qb_start, qb_len, qb_
         r0, nr, pos0, end = qb_start[qb], qb_len[qb], qb_pos[qb], seq_ctx[qb_seq[qb]]
         win = (qb_sink[qb], qb_local[qb]) if cls == 1 else (-1, -1)
         for h in range(hkv):
-            if head_class[h] != cls:
+            if not _runs(head_class, item_head, item, h):
                 continue
             for c0 in range(indptr[item], indptr[item + 1], chunk):
                 c1 = min(c0 + chunk, indptr[item + 1])
@@ -327,17 +336,17 @@ def _weighted4(p, vals, acc, d):
 
 
 @nb.njit(**JIT)
-def merge_units(qb_start, qb_len, indptr, head_class, chunk, part, acc, out):
+def merge_units(qb_start, qb_len, indptr, head_class, item_head, chunk, part, acc, out):
     """out [N, Hq, D] from `paged_attention`'s units: per row, the units' sums rescaled to their common max
     (flash-decoding's merge; exact for a single unit: its weight is exp(0) = 1), over their total."""
     hkv = head_class.shape[0]
     group = out.shape[1] // hkv
     u = 0
     for item in range(indptr.shape[0] - 1):
-        qb, cls = item // 2, item % 2
+        qb = item // 2
         units = (indptr[item + 1] - indptr[item] + chunk - 1) // chunk
         for h in range(hkv):
-            if head_class[h] != cls:
+            if not _runs(head_class, item_head, item, h):
                 continue
             for j in range(qb_len[qb] * group):
                 o = out[qb_start[qb] + j // group, h * group + j % group]
