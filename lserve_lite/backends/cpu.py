@@ -4,8 +4,6 @@ backends/reference/, which every GPU kernel is tested against."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 
 from ..config import GROUP_REDUCE, ORACLE_REDUCE, EngineConfig
@@ -227,8 +225,8 @@ def sparse_attention_numba(
     q, pools, plan: AttentionPlan, head_class, head_slot, sel_idx, sel_cnt, split, scales
 ):
     """`paged_attention_sparse_ref` for decode rows through `paged_attention_numba`: the streaming heads in one
-    call over their pool, the dense heads in one over theirs, or one call per dense head when blocks select
-    pages (each head visits its own selection). pools: (kd, vd, ks, vs); scales: theirs, or Nones."""
+    call over their pool, the dense heads in one over theirs (when blocks select pages, each dense head on its own
+    pages: `_visited_plan`). pools: (kd, vd, ks, vs); scales: theirs, or Nones."""
     n, hq, d = q.shape
     out = np.empty((n, len(head_class), hq // len(head_class), d), np.float32)
     for cls, order, qc, (kc, vc, ksc, vsc) in _by_pool(q, pools, scales, head_class, head_slot):
@@ -301,23 +299,14 @@ def _visited_plan(
     """`plan`'s blocks repeated once per dense KV head (pool row j = head order[j]), each copy's class-0 list cut
     to the pages that head visits (`visited_pages`: its selection where the block selects) and its class-1 list
     empty; with the item heads that restrict each copy to its head (`cpu_kernels.paged_attention`)."""
-    pages, lpages, indptr, blocks, item_head = [], [], [0], [], []
-    for qb in range(plan.num_qblocks):
-        for j, g in enumerate(order):
-            p, lp = visited_pages(plan, qb, 0, g, sel_idx, sel_cnt)
-            pages.append(p)
-            lpages.append(lp)
-            indptr += [indptr[-1] + p.size] * 2
-            blocks.append(qb)
-            item_head += [j, -1]
-    b = np.asarray(blocks, np.int64)
-    as32 = lambda x: np.concatenate(x).astype(np.int32) if x else np.zeros(0, np.int32)  # noqa: E731
-    vplan = replace(
-        plan, qb_seq=plan.qb_seq[b], qb_start=plan.qb_start[b], qb_len=plan.qb_len[b], qb_pos=plan.qb_pos[b],
-        qb_sink=plan.qb_sink[b], qb_local=plan.qb_local[b], kv_indptr=np.asarray(indptr, np.int32),
-        kv_page=as32(pages), kv_lpage=as32(lpages), qb_slot=None, qb_keep=None, qb_refresh=None,
-    )  # fmt: skip
-    return vplan, np.asarray(item_head, np.int32)
+    none = (np.zeros(0, np.int32), np.zeros(0, np.int32))
+    blocks = np.repeat(np.arange(plan.num_qblocks), order.size)
+    lists = [x for qb in range(plan.num_qblocks) for g in order
+             for x in (visited_pages(plan, qb, 0, g, sel_idx, sel_cnt), none)]  # fmt: skip
+    item_head = np.tile(
+        np.stack([np.arange(order.size), np.full(order.size, -1)], 1).ravel(), plan.num_qblocks
+    )
+    return plan.regroup(blocks, lists), item_head.astype(np.int32)
 
 
 def _qblock_bounds(plan: AttentionPlan, parts: int) -> list[int]:

@@ -574,6 +574,7 @@ def _v2_kernel(k: _Kernels, name: str, smem: int):
 
 
 _SELECT_THREADS = 256  # page_score: 8 warps, a warp scores one physical page at a time (PS_THREADS)
+_SELECT_CTAS_PER_SM = 3  # page_score's __launch_bounds__(PS_THREADS, 3)
 _TOPK_THREADS = 512  # page_topk (TK_THREADS)
 _TOPK_RESIDENT = _TOPK_THREADS * 8  # candidates page_topk keeps in registers (TK_RUN = 8 per thread)
 _TOPK_STAGE_MAX = 16384  # candidates it stages in shared memory past that; longer lists reread L2 each pass
@@ -586,7 +587,7 @@ def score_grid_x(max_pages: int, max_qblocks: int, dense_heads: int, sms: int) -
     is full the score is bound by the statistics' traffic, and a second, partial wave would only add a tail."""
     per_list = -(-max_pages // max_qblocks)
     warps = _SELECT_THREADS // 32
-    wave = 3 * sms
+    wave = _SELECT_CTAS_PER_SM * sms
     return int(max(1, min(1024, -(-per_list // warps), wave // max(1, max_qblocks * dense_heads))))
 
 

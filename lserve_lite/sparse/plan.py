@@ -74,7 +74,12 @@ class AttentionPlan:
     def subset(self, qbs: np.ndarray) -> AttentionPlan:
         """The plan restricted to query blocks `qbs` (same rows, sequences and page ids)."""
         qbs = np.asarray(qbs, np.int64)
-        lists = [self.pages(int(qb), c) for qb in qbs for c in (0, 1)]
+        return self.regroup(qbs, [self.pages(int(qb), c) for qb in qbs for c in (0, 1)])
+
+    def regroup(self, qbs: np.ndarray, lists: list) -> AttentionPlan:
+        """Query blocks `qbs` of this plan (repeats allowed; same rows, sequences and windows) with new page
+        lists: `lists` holds (pages, logical pages) of each block's class 0, then its class 1."""
+        qbs = np.asarray(qbs, np.int64)
         indptr = np.concatenate([[0], np.cumsum([len(p) for p, _ in lists])]).astype(np.int32)
         cat = lambda i: np.concatenate([x[i] for x in lists] or [np.zeros(0, np.int32)]).astype(np.int32)  # noqa: E731
         opt = lambda a: None if a is None else a[qbs]  # noqa: E731
