@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lserve_lite import LLM, EngineConfig, SamplingParams, SparseConfig
-from lserve_lite.backends.reference import page_select as page_select_ref
+from lserve_lite.backends import cpu as cpu_backend
 from lserve_lite.backends.reference.attention import paged_attention_sparse_ref, visited_pages
 from lserve_lite.backends.reference.page_select import select_pages_ref
 from lserve_lite.backends.reference.page_stats import update_page_stats
@@ -18,7 +18,6 @@ from lserve_lite.kv.block_manager import BlockManager
 from lserve_lite.kv.layout import KVLayout
 from lserve_lite.sequence import Sequence
 from lserve_lite.sparse.plan import BatchLayout, build_plan
-from lserve_lite.sparse.selector import choose_pages
 
 
 def masked_dense(q, keys, vals, qpos, mask):
@@ -184,11 +183,12 @@ def test_engine_streaming_heads_and_selection_run_and_free(tiny_llama, tmp_path,
     assert llm.engine.layout.has_streaming
     used = []  # the group reductions the CPU selector was asked for
 
-    def spy(*args, **kw):
-        used.append(args[-1])
-        return choose_pages(*args, **kw)
+    def spy(*args):
+        used.append(args[3].group_reduce)  # the plan's
+        return select(*args)
 
-    monkeypatch.setattr(page_select_ref, "choose_pages", spy)
+    select = cpu_backend.select_pages_numba
+    monkeypatch.setattr(cpu_backend, "select_pages_numba", spy)
     outs = llm.generate(prompts, params)
     assert all(len(o.token_ids) == 12 for o in outs)
     assert used and set(used) == {group_reduce}

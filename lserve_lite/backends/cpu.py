@@ -1,5 +1,5 @@
 """CPU backend: NumPy float32 and Numba kernels. Its LServe mode runs dense mode's attention and (float caches)
-K/V write per KV pool, and for the page selector and a quantized cache's write the references in
+K/V write per KV pool and a Numba page selector (cpu_select.py), and for a quantized cache's write the reference in
 backends/reference/, which every GPU kernel is tested against."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from .base import EagerExecutor, Forward, HostTokens, KVCache, alloc_kv_cache, n
 from .cpu_half import NATIVE_HALF
 from .cpu_kv import kernel_view
 from .cpu_quant import embed_q, linear_q, logits_q
+from .cpu_select import select_pages_numba
 from .cpu_threads import SplitRunner, even_bounds, openblas_set_threads, spin_seconds
 from .reference.attention import attend_qblocks, visited_pages
 from .reference.layers import embed_ref, rope_write_kv_sparse_ref
-from .reference.page_select import select_pages_ref
 from .reference.sampling import logprobs_ref, sample
 
 # Up to this many rows (decode), the Numba GEMV and attention kernels; beyond (prefill), OpenBLAS GEMMs.
@@ -73,9 +73,10 @@ class CpuOps:
         return EagerExecutor(self, forward, cache)
 
     def select_pages(self, q, cache: KVCache, layer: int, plan: AttentionPlan) -> None:
-        select_pages_ref(
+        """`select_pages_ref`'s selections from the Numba kernels (every reduction, the oracle included)."""
+        select_pages_numba(
             q, cache.kmax[layer], cache.kmin[layer], plan, cache.head_class[layer], cache.head_slot[layer],
-            cache.sel_idx[layer], cache.sel_cnt[layer], k=cache.k[layer],
+            cache.sel_idx[layer], cache.sel_cnt[layer], cache.k[layer], self.split,
         )  # fmt: skip
 
     def copy_stream_pages(self, cache: KVCache, src: np.ndarray, dst: np.ndarray) -> None:

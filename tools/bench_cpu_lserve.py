@@ -1,0 +1,62 @@
+"""LServe vs dense decode on the CPU with the bundled SmolLM2 GGUF (docs/PERF.md, "LServe mode on the CPU"): one
+engine per run (default fp16 KV, LServe's default knobs), a prompt of `--context` random token ids (seed 0), greedy
+decode of `--steps` steps, each `engine.step()` timed. Prints one JSON line: prefill seconds (to the first token),
+the median decode step in ms, the tokens.
+
+    python3 tools/bench_cpu_lserve.py --mode dense|lserve [--selector numba|ref] [--context 4000] [--steps 29]
+
+`--selector ref` swaps the NumPy reference selector (select_pages_ref) back in, as the engine ran before
+2026-12-04's Numba selector: run both in alternation on a noisy host."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=["dense", "lserve"], required=True)
+    ap.add_argument("--selector", choices=["numba", "ref"], default="numba")
+    ap.add_argument("--context", type=int, default=4000)
+    ap.add_argument("--steps", type=int, default=29)
+    args = ap.parse_args()
+
+    from lserve_lite import LLM, EngineConfig, SamplingParams, SparseConfig
+    from lserve_lite.backends.cpu import CpuOps
+    from lserve_lite.backends.reference.page_select import select_pages_ref
+
+    def reference(self, q, c, i: int, plan) -> None:
+        """The NumPy reference selector, called as CpuOps.select_pages called it before the Numba kernels."""
+        args = (c.kmax[i], c.kmin[i], plan, c.head_class[i], c.head_slot[i], c.sel_idx[i], c.sel_cnt[i])
+        select_pages_ref(q, *args, k=c.k[i])
+
+    if args.selector == "ref":
+        CpuOps.select_pages = reference
+    sparse = SparseConfig(enabled=args.mode == "lserve")
+    llm = LLM(backend="cpu", config=EngineConfig(max_model_len=8192, sparse=sparse))
+    ids = [int(t) for t in np.random.default_rng(0).integers(100, llm.engine.cfg.vocab_size, args.context)]
+    eng = llm.engine
+    eng.add_request(ids, SamplingParams(temperature=0, max_new_tokens=args.steps + 1))
+    t0, times, tokens, prefill = time.perf_counter(), [], [], None
+    while eng.has_unfinished():
+        t = time.perf_counter()
+        outs = eng.step()
+        dt = time.perf_counter() - t
+        new = [x for o in outs for x in o.token_ids]
+        if new and prefill is None:
+            prefill = time.perf_counter() - t0
+        elif new:
+            times.append(dt)
+        tokens += new
+    row = dict(mode=args.mode, selector=args.selector if args.mode == "lserve" else "-", context=args.context,
+               prefill_s=round(prefill, 2), decode_ms=round(1e3 * float(np.median(times)), 2), steps=len(times),
+               tokens=tokens)  # fmt: skip
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
