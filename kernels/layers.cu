@@ -29,14 +29,63 @@ __global__ void embed_gather(const __half* __restrict__ table, const long long* 
 }
 
 // res_out = x + res_in (float32 residual stream; res_in may alias res_out, or be absent),
-// out = res_out * rsqrt(mean(res_out^2) + eps) * w in fp16.
-template <bool HAS_RES>
+// out = res_out * rsqrt(mean(res_out^2) + eps) * w in fp16. VEC: hidden % 8 == 0, 16-byte aligned rows and at most
+// NORM_CHUNKS chunks of 8 a thread (the launcher checks): every load of a thread issued before its first store and
+// the sums kept in registers, so the row costs one round trip to memory instead of one per element (a scalar loop
+// whose stores may alias its loads issues them one after another: 8 us a row of 4096 on an H200, docs/PERF_e2e.md).
+constexpr int NORM_CHUNKS = 4;
+
+template <bool HAS_RES, bool VEC>
 __global__ void add_rmsnorm(const __half* __restrict__ x, const float* res_in, float* res_out,
                             const __half* __restrict__ w, __half* __restrict__ out, int hidden, float eps) {
   __shared__ float scratch[32];
   lserve::pdl_enter();
   const long long off = (long long)blockIdx.x * hidden;
   float ss = 0.f;
+  if (VEC) {
+    const int chunks = hidden / 8;
+    float r[NORM_CHUNKS][8];
+#pragma unroll
+    for (int c = 0; c < NORM_CHUNKS; ++c) {
+      const int i = threadIdx.x + c * blockDim.x;
+      if (i >= chunks) break;
+      const uint4 xv = reinterpret_cast<const uint4*>(x + off)[i];
+      const __half* xh = reinterpret_cast<const __half*>(&xv);
+      float4 a = make_float4(0.f, 0.f, 0.f, 0.f), b = a;
+      if (HAS_RES) {
+        a = reinterpret_cast<const float4*>(res_in + off)[2 * i];
+        b = reinterpret_cast<const float4*>(res_in + off)[2 * i + 1];
+      }
+      const float add[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+      for (int e = 0; e < 8; ++e) r[c][e] = __half2float(xh[e]) + add[e];
+    }
+#pragma unroll
+    for (int c = 0; c < NORM_CHUNKS; ++c) {
+      const int i = threadIdx.x + c * blockDim.x;
+      if (i >= chunks) break;
+      float4* dst = reinterpret_cast<float4*>(res_out + off) + 2 * i;
+      dst[0] = make_float4(r[c][0], r[c][1], r[c][2], r[c][3]);
+      dst[1] = make_float4(r[c][4], r[c][5], r[c][6], r[c][7]);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) ss += r[c][e] * r[c][e];
+    }
+    ss = block_reduce(ss, scratch, lserve::SumOp(), 0.f);
+    const float inv = 1.0f / sqrtf(ss / (float)hidden + eps);
+#pragma unroll
+    for (int c = 0; c < NORM_CHUNKS; ++c) {
+      const int i = threadIdx.x + c * blockDim.x;
+      if (i >= chunks) break;
+      const uint4 wv = reinterpret_cast<const uint4*>(w)[i];
+      const __half* wh = reinterpret_cast<const __half*>(&wv);
+      uint4 ov;
+      __half* oh = reinterpret_cast<__half*>(&ov);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) oh[e] = __float2half(r[c][e] * inv * __half2float(wh[e]));
+      reinterpret_cast<uint4*>(out + off)[i] = ov;
+    }
+    return;
+  }
   for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
     float r = __half2float(x[off + i]);
     if (HAS_RES) r += res_in[off + i];
@@ -420,8 +469,10 @@ __global__ void gemv_rows(const __half* __restrict__ x, const __half* __restrict
 
 template __global__ void embed_gather<1>(const __half*, const long long*, __half*, int, long long, long long);
 template __global__ void embed_gather<8>(const __half*, const long long*, __half*, int, long long, long long);
-template __global__ void add_rmsnorm<false>(const __half*, const float*, float*, const __half*, __half*, int, float);
-template __global__ void add_rmsnorm<true>(const __half*, const float*, float*, const __half*, __half*, int, float);
+template __global__ void add_rmsnorm<false, false>(const __half*, const float*, float*, const __half*, __half*, int, float);
+template __global__ void add_rmsnorm<false, true>(const __half*, const float*, float*, const __half*, __half*, int, float);
+template __global__ void add_rmsnorm<true, false>(const __half*, const float*, float*, const __half*, __half*, int, float);
+template __global__ void add_rmsnorm<true, true>(const __half*, const float*, float*, const __half*, __half*, int, float);
 template __global__ void silu_mul<1>(const __half*, __half*, int, long long);
 template __global__ void silu_mul<8>(const __half*, __half*, int, long long);
 template __global__ void gemv_rows<1, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);

@@ -34,8 +34,7 @@ FP16_MAX = 65504.0
 LAYER_KERNELS = (
     "embed_gather<1>",
     "embed_gather<8>",
-    "add_rmsnorm<false>",
-    "add_rmsnorm<true>",
+    *(f"add_rmsnorm<{r}, {v}>" for r in ("false", "true") for v in ("false", "true")),
     *(f"rope_write_kv{s}<{t}>" for s in ("", "_sparse") for t in KV_TRAITS.values()),
     "silu_mul<1>",
     "silu_mul<8>",
@@ -45,6 +44,7 @@ LAYER_KERNELS = (
     *(f"gemv_rows<{n}, __half, {s}, true>" for s in ("false", "true") for n in range(1, 9)),
 )
 GEMV_MAX_ROWS = 8
+NORM_CHUNKS = 4  # add_rmsnorm's chunks of 8 values a thread at most on its vector path (layers.cu)
 GEMV_WARPS = 8  # gemv_rows' warps per block (its launch and its shared partial sums, one per warp)
 NORM_SMEM = 48 << 10  # gemv_rows with NORM: normed rows (N * K halves) + scratch in shared memory, no opt-in
 
@@ -98,6 +98,11 @@ def _scale_args(cache: KVCache, layer: int) -> tuple:
 def _threads(n: int, cap: int = 1024) -> int:
     """A block size for `n` elements per row: a multiple of 32, at most `cap`."""
     return int(min(cap, max(32, -(-n // 32) * 32)))
+
+
+def _aligned16(*arrays) -> bool:
+    """Every array's data starts on a 16-byte boundary (the vector paths' uint4 / float4 accesses)."""
+    return all(int(a.data.ptr) % 16 == 0 for a in arrays)
 
 
 def _row_grid(rows: int, items: int, threads: int = 256) -> tuple[tuple[int, int], tuple[int]]:
@@ -374,14 +379,17 @@ class CudaOps:
         out = cp.empty((n, hidden), cp.float16) if out is None else out
         if residual is None:
             res_out = cp.empty((n, hidden), cp.float32) if res_out is None else res_out
-            res_in, kern = res_out, self.k["add_rmsnorm<false>"]  # res_in unread
+            res_in, has_res = res_out, "false"  # res_in unread
         else:
             res_in = res_out = cp.ascontiguousarray(residual, dtype=cp.float32)
-            kern = self.k["add_rmsnorm<true>"]
+            has_res = "true"
+        chunks = hidden // 8
+        vec = hidden % 8 == 0 and chunks <= NORM_CHUNKS * 512 and _aligned16(x, res_in, res_out, w, out)
+        threads = _threads(chunks if vec else hidden, 512)  # vec: at most NORM_CHUNKS chunks a thread
         if n:
-            kern(
+            self.k[f"add_rmsnorm<{has_res}, {'true' if vec else 'false'}>"](
                 (n,),
-                (_threads(hidden, 512),),
+                (threads,),
                 (x, res_in, res_out, w, out, np.int32(hidden), np.float32(eps)),
             )
         return out, res_out

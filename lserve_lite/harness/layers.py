@@ -44,7 +44,18 @@ def case_embed(c: Ctx) -> list[Result]:
 
 def case_add_rmsnorm(c: Ctx) -> list[Result]:
     out = []
-    for n, hidden in [(1, 576), (7, 100), (130, 4096), (3, 1000)]:
+    # vector path: 1-4 chunks of 8 a thread (576 .. 16384); scalar: hidden % 8 != 0, over 2048 chunks, or x not
+    # 16-byte aligned (shift: x starts that many halves into its buffer)
+    for n, hidden, shift in [
+        (1, 576, 0),
+        (7, 100, 0),
+        (130, 4096, 0),
+        (3, 1000, 0),
+        (2, 8192, 0),
+        (1, 16384, 0),
+        (2, 16392, 0),
+        (3, 576, 4),
+    ]:
         for with_res in (False, True):
             x, w = c.f16(n, hidden), c.f16(hidden, scale=0.3) + 1.0
             w = w.astype(np.float16).astype(np.float32)
@@ -53,10 +64,11 @@ def case_add_rmsnorm(c: Ctx) -> list[Result]:
             ref = rmsnorm_ref(ref_res, w, 1e-5)
             got = c.poison((n, hidden), np.float16)
             got_res = c.cp.asarray(res) if with_res else c.poison((n, hidden), np.float32)
+            x_dev = c.dev16(np.concatenate([np.zeros(shift), x.ravel()]))[shift:].reshape(n, hidden)
             c.ops.add_rmsnorm(
-                c.dev16(x), got_res if with_res else None, c.dev16(w), 1e-5, out=got, res_out=got_res
+                x_dev, got_res if with_res else None, c.dev16(w), 1e-5, out=got, res_out=got_res
             )
-            tag = f"N{n} H{hidden}" + (" +res" if with_res else "")
+            tag = f"N{n} H{hidden}" + (f" shift{shift}" if shift else "") + (" +res" if with_res else "")
             out.append(compare("add_rmsnorm", tag, got.get(), ref, 2e-3, 4e-3))
             out.append(compare("add_rmsnorm.residual", tag, got_res.get(), ref_res, 1e-5, 1e-6))
     return out
