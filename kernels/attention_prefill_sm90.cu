@@ -9,6 +9,8 @@
 // - A CTA is NWG warpgroups (128 threads each); warpgroup w owns query rows 64w .. 64w + 63 of the CTA's
 //   BM = 64 * NWG rows (the same row -> (head, block row) packing as the mma.sync kernel). Warp k of the CTA
 //   owns rows 16k .. 16k + 15, so the per-thread row/column bookkeeping is the mma.sync kernel's with MT = 1.
+// - (prefill_body; prefill_ws_body at the end of the file is the warp-specialized variant for fp16 caches: a producer
+//   warpgroup and mbarriers instead of CTA barriers, see there.)
 // - No producer warps and no TMA: every thread issues 16-byte cp.async copies of the K/V tiles (BN = 64 keys,
 //   gathered from the page list; pages are 16 .. 1024 tokens, so a tile is several pages or part of one, and a
 //   TMA descriptor per pool would still need a gather per page) into a ring of STAGES stages; tile j + STAGES - 1
@@ -135,12 +137,40 @@ __device__ __forceinline__ void wgmma_rs_m64n128k16_tb(float (&d)[64], const u32
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait1() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Barrier `id` (1 .. 15; 0 is __syncthreads) over `n` threads: one warpgroup, or the consumers of a CTA.
+__device__ __forceinline__ void named_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void mbar_init(u32 bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {  // release: this thread's earlier writes are seen by waiters
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {  // until the phase of that parity has completed
+  asm volatile(
+      "{\n.reg .pred p;\nLAB_WAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@p bra DONE;\nbra LAB_WAIT;\n"
+      "DONE:\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// Register reallocation between the warpgroups of a CTA (all threads of the warpgroup execute it).
+template <int R>
+__device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R)); }
+template <int R>
+__device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R)); }
 // Keeps the compiler from moving reads / writes of accumulator registers across a wgmma issue or wait.
 template <int N>
 __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+// The A fragments of an in-flight wgmma: not to be overwritten before its wait.
+template <int N>
+__device__ __forceinline__ void fence_regs(u32 (&r)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+    asm volatile("" : "+r"(r[i][0]), "+r"(r[i][1]), "+r"(r[i][2]), "+r"(r[i][3])::"memory");
 }
 
 // wgmma shared-memory matrix descriptor, 128-byte swizzle (mode 1), base offset 0.
@@ -169,6 +199,214 @@ __device__ __forceinline__ unsigned char* align_smem1024(unsigned char* raw, u32
   const u32 a = smem_addr(raw), pad = (1024u - (a & 1023u)) & 1023u;
   addr = a + pad;
   return raw + pad;
+}
+
+// The CTA's share of the plan for the warp-specialized kernel below (as attention_prefill.cu: heaviest query blocks first):
+// query block qb, KV head kvh and its head class's page list, the BM rows it packs (heads_per_cta heads of
+// rows_per_head rows), and where the 16-row groups of a key tile come from. `valid` false: nothing to do (past the
+// live query blocks, or past the block's rows); uniform over the CTA. prefill_body keeps its own inline copy of this
+// bookkeeping: built on this struct it spilled 20 bytes instead of 4 at its 128-register cap and ran 4-5% slower at
+// 32k-128k (H200, 2026-12-04; docs/PERF_attention.md).
+template <int D, int BM, int BN>
+struct Cta {
+  int qb, kvh, hg, group, q_len, pos0, tok0, row0, ctx, sink, local, cls, lo, npages, nkeys, ntiles, q_min, q_max;
+  int rows_per_head, heads_per_cta, ps_shift, pool_heads, slot;
+  const unsigned char* kc;  // this head class's pool: values, then (quantized) the fp16 scales
+  const unsigned char* vc;
+  const f16_t* kcs;
+  const f16_t* vcs;
+  const int2* pl_list;  // this head class's page list
+  bool valid;
+
+  __device__ __forceinline__ Cta(const PlanView& pv, const KVPools& pools, int Hq, int Hkv, int ps_shift_, int rph,
+                                 int hpc, int n_sub, int hgroups)
+      : rows_per_head(rph), heads_per_cta(hpc), ps_shift(ps_shift_) {
+    const int xi = gridDim.x - 1 - blockIdx.x;
+    qb = xi / n_sub;
+    valid = qb < pv.meta[0];
+    if (!valid) return;
+    const int sub = xi % n_sub;
+    kvh = blockIdx.y / hgroups;
+    hg = blockIdx.y % hgroups;
+    group = Hq / Hkv;
+    q_len = pv.qb_len[qb];
+    pos0 = pv.qb_pos[qb];
+    tok0 = pv.qb_start[qb];
+    row0 = sub * rows_per_head;
+    valid = row0 < q_len;
+    if (!valid) return;
+    ctx = pv.seq_ctx[pv.qb_seq[qb]];
+    sink = pv.qb_sink[qb];
+    local = pv.qb_local[qb];
+    cls = pools.head_class[kvh];
+    kc = cls ? pools.k1 : pools.k0;
+    vc = cls ? pools.v1 : pools.v0;
+    kcs = cls ? pools.sk1 : pools.sk0;
+    vcs = cls ? pools.sv1 : pools.sv0;
+    pool_heads = cls ? pools.n1 : pools.n0;
+    slot = pools.head_slot[kvh];
+    lo = pv.kv_indptr[qb * 2 + cls];
+    npages = pv.kv_indptr[qb * 2 + cls + 1] - lo;
+    pl_list = pv.kv_pl + lo;
+    nkeys = npages << ps_shift;
+    ntiles = (nkeys + BN - 1) / BN;
+    q_min = pos0 + row0;
+    q_max = pos0 + min(q_len, row0 + rows_per_head) - 1;
+  }
+
+  // CTA row r -> (query head, row i of the block); false: a padding row (no head, or past the block).
+  __device__ __forceinline__ bool row_info(int r, int& head, int& i) const {
+    const int hl = r / rows_per_head;
+    i = row0 + r % rows_per_head;
+    const int hig = hg * heads_per_cta + hl;
+    head = kvh * group + hig;
+    return hl < heads_per_cta && hig < group && i < q_len;
+  }
+
+  // fp16: where the 16-row groups of tile j come from. Pages are >= 16 tokens (cuda_attention checks), so each
+  // 16-row group of a tile lies in one page: lane u < BN / 16 of every warp loads the page-list entry of rows
+  // 16u .. 16u + 15 (one 8-byte load per warp and tile instead of one per thread and copy row) and returns (pool row
+  // of the group's first key, counted from this KV head's rows of page 0; key position of its first key); padding
+  // groups: page 0 (an in-bounds source for the zero-filling copies). load_kv16 takes a row's pair from lane r / 16
+  // by shuffles. Callers issue it a tile ahead, so its latency hides behind a tile's work.
+  __device__ __forceinline__ int2 fetch_groups(int j, int lane) const {
+    const int gq = j * BN + 16 * lane, off = gq & ((1 << ps_shift) - 1);
+    const int2 pl = lane < BN / 16 && gq < nkeys ? pl_list[gq >> ps_shift] : make_int2(0, 0);
+    const u32 page_rows = (u32)pool_heads << ps_shift;  // pool rows per page; rows < 2^32 (a row is >= 128 bytes)
+    return make_int2((int)((u32)pl.x * page_rows + off), (pl.y << ps_shift) + off);
+  }
+
+  // fp16: K/V tile j (groups grp = fetch_groups(j)) -> the swizzled tiles at dk / dv and its key positions (padding
+  // rows zero-filled, position NONE), by threads t = 0 .. NT - 1 (whole warps: the shuffles).
+  template <int NT>
+  __device__ __forceinline__ void load_kv16(int j, u32 dk, u32 dv, int* kpos, int2 grp, int t) const {
+    constexpr int CH = D / 8, ROWS_PER_PASS = NT / CH;
+    const int c_ld = t % CH, r_ld = t / CH;
+    const f16_t* kc_h = reinterpret_cast<const f16_t*>(kc) + ((size_t)slot << ps_shift) * D;
+    const f16_t* vc_h = reinterpret_cast<const f16_t*>(vc) + ((size_t)slot << ps_shift) * D;
+#pragma unroll
+    for (int it = 0; it < BN / ROWS_PER_PASS; ++it) {
+      const int r = r_ld + it * ROWS_PER_PASS;
+      const bool ok = j * BN + r < nkeys;
+      const u32 prow = (u32)__shfl_sync(0xffffffffu, grp.x, r >> 4) + (r & 15);  // the key's row in the pool
+      const size_t base = (size_t)prow * D + c_ld * 8;
+      cp_async16(dk + sw128<BN>(r, c_ld), kc_h + base, ok ? 16 : 0);
+      cp_async16(dv + sw128<BN>(r, c_ld), vc_h + base, ok ? 16 : 0);
+    }
+    // Key positions: threads 0 .. BN - 1, row t (two full-warp stores, not 2 lanes of every warp per copy row)
+    const int kp0 = __shfl_sync(0xffffffffu, grp.y, (t >> 4) & (BN / 16 - 1));
+    if (t < BN) kpos[t] = j * BN + t < nkeys ? kp0 + (t & 15) : LSERVE_KPOS_NONE;
+  }
+
+  // Q rows r0 .. r0 + R - 1 of the CTA -> the swizzled Q tile at sq (padding rows zero-filled), threads t of NT.
+  template <int R, int NT>
+  __device__ __forceinline__ void load_q(const f16_t* q, int Hq, u32 sq, int r0, int t) const {
+    constexpr int CH = D / 8, ROWS_PER_PASS = NT / CH;
+#pragma unroll
+    for (int it = 0; it < R / ROWS_PER_PASS; ++it) {
+      const int r = r0 + t / CH + it * ROWS_PER_PASS;
+      int head, i;
+      const bool ok = row_info(r, head, i);
+      const f16_t* src = ok ? q + ((size_t)(tok0 + i) * Hq + head) * D + (t % CH) * 8 : q;
+      cp_async16(sq + sw128<BM>(r, t % CH), src, ok ? 16 : 0);
+    }
+  }
+
+  // Whether tile j (nvalid keys at kp, sorted) needs the per-key mask: partial, or crossing the causal diagonal, the
+  // context end, or (streaming heads) the edge of the sink or local window for some row.
+  __device__ __forceinline__ bool need_mask(const int* kp, int j) const {
+    const int nvalid = min(BN, nkeys - j * BN);
+    const int kmin = kp[0], kmax = kp[nvalid - 1];  // lists are sorted by logical page
+    bool m = nvalid < BN || kmax > q_min || kmax >= ctx;
+    if (cls) m = m || !(kmax < sink || q_max - kmin < local);
+    return m;
+  }
+
+  // The normalized O rows of one warp (rows wrow .. wrow + 15 of the CTA, accumulator layout) -> out: staged through
+  // shared memory at `stage` (plain swz layout, rows the warp's own), then 16-byte coalesced stores.
+  __device__ __forceinline__ void store_rows(float (&o)[D / 2], const float (&l_run)[2], unsigned char* stage, int wrow,
+                                             int lane, f16_t* out, int Hq) const {
+    constexpr int CH = D / 8;
+    const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float l = l_run[h];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const int r = wrow + g + 8 * h;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        const u32 v = pack_half2(o[4 * n + 2 * h] * inv, o[4 * n + 2 * h + 1] * inv);
+        *reinterpret_cast<u32*>(stage + swz<CH>(r, n) + t4 * 4) = v;
+      }
+    }
+    __syncwarp();
+#pragma unroll
+    for (int it = 0; it < 16 * CH / 32; ++it) {
+      const int idx = lane + it * 32, r = wrow + idx / CH, c = idx % CH;
+      int head, i;
+      if (row_info(r, head, i)) {
+        const uint4 v = *reinterpret_cast<const uint4*>(stage + swz<CH>(r, c));
+        *reinterpret_cast<uint4*>(out + ((size_t)(tok0 + i) * Hq + head) * D + c * 8) = v;
+      }
+    }
+  }
+};
+
+// Mask (when `mask`) and online softmax of one tile's S (a warpgroup accumulator: this thread's rows g and g + 8, at
+// query positions qp), fp32, base 2; P packed into the A fragments of the PV wgmma as it is computed. Returns whether
+// some row of the warp moved its max (O must then be scaled by alpha).
+template <int BN>
+__device__ __forceinline__ bool softmax_tile(float (&s)[BN / 2], const int* kp, bool mask, const int (&qp)[2], int ctx,
+                                             int cls, int sink, int local, float scale_log2, float (&m_run)[2],
+                                             float (&l_run)[2], u32 (&pa)[BN / 16][4], float (&alpha)[2], int t4) {
+  if (mask) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) {
+        const int2 k2 = *reinterpret_cast<const int2*>(kp + n * 8 + 2 * t4);
+        if (!key_visible(k2.x, qp[h], ctx, cls, sink, local)) s[4 * n + 2 * h] = LSERVE_NEG_INF;
+        if (!key_visible(k2.y, qp[h], ctx, cls, sink, local)) s[4 * n + 2 * h + 1] = LSERVE_NEG_INF;
+      }
+    }
+  }
+  bool rescale = false;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float mx = m_run[h];
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * h], s[4 * n + 2 * h + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_use = mx == LSERVE_NEG_INF ? 0.f : mx;
+    alpha[h] = fast_exp2((m_run[h] - m_use) * scale_log2);
+    rescale |= mx != m_run[h];
+    const float mb = m_use * scale_log2;
+    float sum = 0.f;
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) {
+      const float p0 = fast_exp2(fmaf(s[4 * n + 2 * h], scale_log2, -mb));
+      const float p1 = fast_exp2(fmaf(s[4 * n + 2 * h + 1], scale_log2, -mb));
+      sum += p0 + p1;
+      pa[n >> 1][(n & 1) * 2 + h] = pack_half2(p0, p1);  // keys 16k + 8(n&1) + 2t4, row g + 8h
+    }
+    l_run[h] = l_run[h] * alpha[h] + sum;
+    m_run[h] = mx;
+  }
+  return __any_sync(0xffffffffu, rescale);
+}
+
+template <int N>
+__device__ __forceinline__ void scale_rows(float (&o)[N], const float (&alpha)[2]) {
+#pragma unroll
+  for (int n = 0; n < N / 4; ++n) {
+    o[4 * n] *= alpha[0];
+    o[4 * n + 1] *= alpha[0];
+    o[4 * n + 2] *= alpha[1];
+    o[4 * n + 3] *= alpha[1];
+  }
 }
 
 template <int D, int NWG, int STAGES, class KV>
@@ -372,54 +610,12 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
     wgmma_wait0();
     fence_regs(s);
 
-    if (need_mask) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int qp = qpos_s[wrow + g + 8 * h];
-#pragma unroll
-        for (int n = 0; n < BN / 8; ++n) {
-          const int2 k2 = *reinterpret_cast<const int2*>(kp + n * 8 + 2 * t4);
-          if (!key_visible(k2.x, qp, ctx, cls, sink, local)) s[4 * n + 2 * h] = LSERVE_NEG_INF;
-          if (!key_visible(k2.y, qp, ctx, cls, sink, local)) s[4 * n + 2 * h + 1] = LSERVE_NEG_INF;
-        }
-      }
-    }
-
-    // ---- online softmax (fp32, base 2); P packed to the A fragments of the PV wgmma as it is computed
+    // ---- mask, online softmax; P packed to the A fragments of the PV wgmma as it is computed
     u32 pa[BN / 16][4];
     float alpha[2];
-    bool rescale = false;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float mx = m_run[h];
-#pragma unroll
-      for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * h], s[4 * n + 2 * h + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_use = mx == LSERVE_NEG_INF ? 0.f : mx;
-      alpha[h] = fast_exp2((m_run[h] - m_use) * scale_log2);
-      rescale |= mx != m_run[h];
-      const float mb = m_use * scale_log2;
-      float sum = 0.f;
-#pragma unroll
-      for (int n = 0; n < BN / 8; ++n) {
-        const float p0 = fast_exp2(fmaf(s[4 * n + 2 * h], scale_log2, -mb));
-        const float p1 = fast_exp2(fmaf(s[4 * n + 2 * h + 1], scale_log2, -mb));
-        sum += p0 + p1;
-        pa[n >> 1][(n & 1) * 2 + h] = pack_half2(p0, p1);  // keys 16k + 8(n&1) + 2t4, row g + 8h
-      }
-      l_run[h] = l_run[h] * alpha[h] + sum;
-      m_run[h] = mx;
-    }
-    if (__any_sync(0xffffffffu, rescale)) {
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        o[4 * n] *= alpha[0];
-        o[4 * n + 1] *= alpha[0];
-        o[4 * n + 2] *= alpha[1];
-        o[4 * n + 3] *= alpha[1];
-      }
-    }
+    const int qp[2] = {qpos_s[wrow + g], qpos_s[wrow + g + 8]};
+    if (softmax_tile<BN>(s, kp, need_mask, qp, ctx, cls, sink, local, scale_log2, m_run, l_run, pa, alpha, t4))
+      scale_rows(o, alpha);
 
     if constexpr (KV::QUANT) {
       // Middle barrier: V of tile j complete (fenced by each writer to the async proxy) before the PV reads it;
@@ -488,6 +684,168 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
   }
 }
 
+
+// ---- Warp-specialized variant (fp16 caches): one producer warpgroup, NC consumer warpgroups -------------------------
+// The producer (warpgroup 0, registers given up to the consumers by setmaxnreg) streams K/V tiles through a ring of
+// STAGES stages with cp.async, LAG = STAGES - 2 tiles ahead of the one it publishes: it waits for its copies of tile
+// j - LAG (cp.async.wait_group), fences them to the async proxy and arrives on full[j - LAG]; a stage is refilled once
+// every consumer warp has arrived on its empty barrier. No CTA barrier in the loop: the consumer warpgroups drift apart
+// and fill the tensor cores in turn. Each consumer warpgroup (64 rows of Q, loaded by itself) overlaps inside itself
+// the softmax of tile j + 1 with the PV product of tile j (FlashAttention-3's intra-warpgroup pipelining):
+//     issue QK^T(j + 1), issue PV(j) | wait QK^T | mask, softmax(j + 1) -> P' | wait PV | release stage j,
+//     O *= alpha(j + 1), P = P'
+// The last iteration issues a throwaway QK^T of its own stage so every iteration has the same wgmma groups (ptxas
+// serializes wgmmas it cannot match across branches). Registers: O, S, P and P' live at once (224 a consumer, no spills).
+constexpr int WS_PRODUCER_REGS = 56, WS_CONSUMER_REGS = 224;  // 128 x 56 + 256 x 224 = 64512 < 64K registers
+
+template <int D, int NC, int STAGES>
+struct WsSmem {
+  static constexpr int BM = 64 * NC, BN = 64, THREADS = 128 * (NC + 1);
+  static constexpr int Q_BYTES = BM * D * 2, KV_BYTES = BN * D * 2;  // multiples of 1024
+  static constexpr int OFF_K = Q_BYTES, OFF_V = OFF_K + STAGES * KV_BYTES, OFF_KPOS = OFF_V + STAGES * KV_BYTES;
+  static constexpr int OFF_BAR = OFF_KPOS + STAGES * BN * 4;  // full[STAGES], then empty[STAGES]: 8 bytes each
+  static constexpr int BYTES = OFF_BAR + 2 * STAGES * 8;
+};
+
+template <int D, int NC, int STAGES>
+__device__ __forceinline__ void prefill_ws_body(const f16_t* __restrict__ q, const KVPools pools,
+                                                f16_t* __restrict__ out, const PlanView pv, int Hq, int Hkv,
+                                                int ps_shift, int rows_per_head, int heads_per_cta, int n_sub,
+                                                int hgroups, float scale_log2) {
+  using L = WsSmem<D, NC, STAGES>;
+  constexpr int BM = L::BM, BN = L::BN, LAG = STAGES - 2;
+  static_assert(STAGES >= 3, "the producer publishes a tile LAG = STAGES - 2 >= 1 tiles behind the one it loads");
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  u32 s_base;
+  unsigned char* smem = align_smem1024(smem_raw, s_base);
+  const u32 sQ = s_base, sK = s_base + L::OFF_K, sV = s_base + L::OFF_V;
+  int* kpos_s = reinterpret_cast<int*>(smem + L::OFF_KPOS);
+  const u32 full0 = s_base + L::OFF_BAR, empty0 = full0 + STAGES * 8;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wg = warp >> 2;
+  const Cta<D, BM, BN> w(pv, pools, Hq, Hkv, ps_shift, rows_per_head, heads_per_cta, n_sub, hgroups);
+  if (!w.valid) return;
+  const int ntiles = w.ntiles;
+  if (tid == 0) {
+#pragma unroll
+    for (int st = 0; st < STAGES; ++st) {
+      mbar_init(full0 + 8 * st, 128);     // every producer thread, after its copies of the tile landed
+      mbar_init(empty0 + 8 * st, 4 * NC);  // one lane of every consumer warp, after its PV of the tile
+    }
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // ---- producer
+    setmaxnreg_dec<WS_PRODUCER_REGS>();
+    int2 grp = w.fetch_groups(0, lane);
+    for (int j = 0; j < ntiles; ++j) {
+      const int st = j % STAGES;
+      if (j >= STAGES) mbar_wait(empty0 + 8 * st, ((j / STAGES) + 1) & 1);  // released after tile j - STAGES
+      w.template load_kv16<128>(j, sK + st * L::KV_BYTES, sV + st * L::KV_BYTES, kpos_s + st * BN, grp, tid);
+      grp = w.fetch_groups(j + 1, lane);
+      cp_async_commit();
+      if (j >= LAG) {
+        cp_async_wait<LAG>();  // tile j - LAG landed (this thread's copies)
+        fence_proxy_async();
+        mbar_arrive(full0 + 8 * ((j - LAG) % STAGES));
+      }
+    }
+    cp_async_wait<0>();
+    fence_proxy_async();
+    for (int j = max(0, ntiles - LAG); j < ntiles; ++j) mbar_arrive(full0 + 8 * (j % STAGES));
+    return;
+  }
+
+  // ---- consumers: warpgroup c = wg - 1 owns CTA rows 64c .. 64c + 63
+  setmaxnreg_inc<WS_CONSUMER_REGS>();
+  const int c = wg - 1, ct = tid - 128 * wg;
+  w.template load_q<64, 128>(q, Hq, sQ, 64 * c, ct);
+  cp_async_commit();
+  cp_async_wait<0>();
+  fence_proxy_async();
+  named_sync(1 + c, 128);  // the warpgroup's Q rows landed, visible to its wgmmas
+
+  const int g = lane >> 2, t4 = lane & 3;
+  const int wrow = (warp - 4) * 16;  // this warp's first row in the CTA; the thread's rows are wrow + g + 8h
+  int qp[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    int head, i;
+    w.row_info(wrow + g + 8 * h, head, i);
+    qp[h] = w.pos0 + i;
+  }
+  float o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+  float m_run[2] = {LSERVE_NEG_INF, LSERVE_NEG_INF}, l_run[2] = {0.f, 0.f};
+  const u32 q_wg = sQ + c * 64 * 128;  // this warpgroup's 64 rows in each column block of Q
+  float s[BN / 2] = {};  // first k-step of each product: accumulate off
+  u32 pa[BN / 16][4], pn[BN / 16][4];  // P of the tile in the PV product, P of the next tile
+  float alpha[2];
+
+  auto issue_qk = [&](int st) {  // S = Q K^T of the tile in stage st (the caller fences and commits)
+    const u32 qt = opaque(q_wg), kt = sK + st * L::KV_BYTES;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const u32 col = (kk >> 2) * 128, kin = (kk & 3) * 32;
+      wgmma_ss_m64n64k16(s, smem_desc(qt + col * BM + kin, 16, 1024), smem_desc(kt + col * BN + kin, 16, 1024),
+                         kk > 0 ? 1 : 0);
+    }
+  };
+  auto softmax = [&](int j, u32 (&p)[BN / 16][4]) -> bool {
+    const int* kp = kpos_s + (j % STAGES) * BN;
+    return softmax_tile<BN>(s, kp, w.need_mask(kp, j), qp, w.ctx, w.cls, w.sink, w.local, scale_log2, m_run, l_run,
+                            p, alpha, t4);
+  };
+
+  if (ntiles > 0) {
+    mbar_wait(full0, 0);
+    fence_regs(s);
+    wgmma_fence();
+    issue_qk(0);
+    wgmma_commit();
+    wgmma_wait0();
+    fence_regs(s);
+    softmax(0, pa);  // O is zero: nothing to rescale
+  }
+  for (int j = 0; j < ntiles; ++j) {
+    const int st = j % STAGES, jn = j + 1, stn = jn % STAGES;
+    const bool more = jn < ntiles;
+    if (more) mbar_wait(full0 + 8 * stn, (jn / STAGES) & 1);
+    fence_regs(s);
+    fence_regs(o);
+    wgmma_fence();
+    issue_qk(more ? stn : st);
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      const u64 db = smem_desc(sV + st * L::KV_BYTES + kk * 16 * 128, BN * 128, 1024);
+      if constexpr (D == 64) {
+        wgmma_rs_m64n64k16_tb(o, pa[kk], db);
+      } else {
+        wgmma_rs_m64n128k16_tb(o, pa[kk], db);
+      }
+    }
+    wgmma_commit();
+    wgmma_wait1();  // QK^T(j + 1) done; PV(j) may still run
+    fence_regs(s);
+    const bool rescale = more && softmax(jn, pn);
+    wgmma_wait0();
+    fence_regs(o);
+    fence_regs(pa);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty0 + 8 * st);  // this warp is done with stage st
+    if (rescale) scale_rows(o, alpha);
+#pragma unroll
+    for (int k = 0; k < BN / 16; ++k)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) pa[k][e] = pn[k][e];
+  }
+
+  named_sync(1 + NC, 128 * NC);  // every consumer is done with Q before its rows are reused for the output
+  w.store_rows(o, l_run, smem, wrow, lane, out, Hq);
+}
+
 }  // namespace sm90
 }  // namespace lsattn
 
@@ -531,3 +889,23 @@ LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 4, lskv::Fp8, _fp8)
 LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::Fp8, _fp8)
 LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Fp8, _fp8)
 LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Fp8, _fp8)
+
+// Warp-specialized entry points (fp16 caches): NC consumer warpgroups of 64 rows plus the producer; one CTA per SM.
+#define LSERVE_PREFILL_WS_KERNEL(D, NC, STAGES)                                                                   \
+  extern "C" __global__ void __launch_bounds__(128 * (NC + 1), 1) paged_attn_prefill_ws_d##D##_c##NC##_s##STAGES( \
+      const f16_t* q, const unsigned char* k0, const unsigned char* v0, const unsigned char* k1,                  \
+      const unsigned char* v1, const f16_t* sk0, const f16_t* sv0, const f16_t* sk1, const f16_t* sv1, f16_t* out, \
+      const int* plan, int cap_qb, int cap_seq, const int* head_class, const int* head_slot, int n0, int n1, int Hq, \
+      int Hkv, int ps_shift, int rows_per_head, int heads_per_cta, int n_sub, int hgroups, float scale_log2) {     \
+    lserve::pdl_enter();                                                                                          \
+    const lsattn::KVPools pools{k0, v0, k1, v1, sk0, sv0, sk1, sv1, head_class, head_slot, n0, n1};               \
+    lsattn::sm90::prefill_ws_body<D, NC, STAGES>(q, pools, out, lsattn::plan_view(plan, cap_qb, cap_seq), Hq, Hkv, \
+                                                 ps_shift, rows_per_head, heads_per_cta, n_sub, hgroups,          \
+                                                 scale_log2);                                                     \
+  }
+
+// Stages: as many as fit 227 KiB with the Q tile (d128 c2: 32 KiB of Q + 5 x 32 KiB).
+LSERVE_PREFILL_WS_KERNEL(64, 1, 8)
+LSERVE_PREFILL_WS_KERNEL(64, 2, 8)
+LSERVE_PREFILL_WS_KERNEL(128, 1, 6)
+LSERVE_PREFILL_WS_KERNEL(128, 2, 5)

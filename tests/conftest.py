@@ -21,18 +21,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(params=["mma", "wgmma"])
+@pytest.fixture(params=["mma", "wgmma", "ws"])
 def prefill_kernel(request, monkeypatch) -> str:
     """Runs a GPU prefill test under each prefill kernel (cuda_attention.PREFILL_KERNEL): the mma.sync one
-    everywhere, the wgmma one (kernels/attention_prefill_sm90.cu) on compute capability 9.x only."""
+    everywhere, the wgmma one (kernels/attention_prefill_sm90.cu) and its warp-specialized variant on compute
+    capability 9.x only."""
     from lserve_lite.backends import cuda_attention
 
-    if request.param == "wgmma":
+    if request.param in ("wgmma", "ws"):
         import cupy as cp
 
         cc = cp.cuda.Device().compute_capability
         if not cc.startswith("9"):
-            pytest.skip(f"the wgmma prefill kernel needs compute capability 9.x (sm_90a), this GPU is {cc}")
+            pytest.skip(
+                f"the {request.param} prefill kernel needs compute capability 9.x (sm_90a), this GPU is {cc}"
+            )
     monkeypatch.setattr(cuda_attention, "PREFILL_KERNEL", request.param)
     return request.param
 

@@ -111,8 +111,9 @@ def _assert_kernel_ran(prefill_kernel: str) -> None:
     from lserve_lite.backends import cuda_attention as att
 
     names = att._kernels()._fns
-    if prefill_kernel == "wgmma":
-        assert any(n.startswith("paged_attn_prefill_sm90_") for n in names), sorted(names)
+    prefix = {"wgmma": "paged_attn_prefill_sm90_", "ws": "paged_attn_prefill_ws_"}.get(prefill_kernel)
+    if prefix:
+        assert any(n.startswith(prefix) for n in names), sorted(names)
 
 
 @pytest.mark.gpu

@@ -24,7 +24,7 @@ def test_captured_chain_with_pdl_equals_eager(weights: str):
     from lserve_lite.backends.cuda import CudaOps
 
     ops = CudaOps()
-    assert ops.k["add_rmsnorm<true>"].pdl, "LSERVE_PDL=auto should enable PDL on this sm_90+ device"
+    assert ops.k["add_rmsnorm<true, true>"].pdl, "LSERVE_PDL=auto should enable PDL on this sm_90+ device"
     rng = np.random.default_rng()
     pack = {"fp16": lambda a: a, "int8": quantize_int8, "int4": quantize_int4}[weights]
 

@@ -155,15 +155,17 @@ def test_page_select_on_the_host():
 
 def test_prefill_kernel_choice():
     """auto: wgmma on 9.x for every cache format at head dim 64 / 128; other devices: mma.sync. "mma" forces the
-    mma.sync kernel (quantized caches too: the benchmarks' comparison), "wgmma" the wgmma one (9.x only)."""
+    mma.sync kernel (quantized caches too: the benchmarks' comparison), "wgmma" the wgmma one (9.x only), "ws" its
+    warp-specialized variant for fp16 caches."""
     from lserve_lite.backends import cuda_attention as att
     from lserve_lite.harness.common import setting
 
     kvs = ("fp16", "int8", "int4", "fp8")
     with setting(att, "PREFILL_KERNEL", "auto"):
         for kv in kvs:
-            assert att.prefill_kernel_for(128, kv, "90") == "wgmma", kv
-            assert att.prefill_kernel_for(64, kv, "90") == "wgmma", kv
+            want = "ws" if kv == "fp16" and att.WS_AUTO else "wgmma"
+            assert att.prefill_kernel_for(128, kv, "90") == want, kv
+            assert att.prefill_kernel_for(64, kv, "90") == want, kv
             for cc in ("80", "89", "100"):
                 assert att.prefill_kernel_for(128, kv, cc) == "mma", (kv, cc)
         assert att.prefill_kernel_for(96, "int8", "90") == "mma"  # a head dim the wgmma kernel lacks
@@ -175,6 +177,14 @@ def test_prefill_kernel_choice():
             assert att.prefill_kernel_for(64, kv, "90") == "wgmma", kv
         with pytest.raises(ValueError, match="9.x"):
             att.prefill_kernel_for(64, "int8", "89")
+    with setting(
+        att, "PREFILL_KERNEL", "ws"
+    ):  # warp-specialized for fp16 caches, the wgmma kernel for the others
+        for kv in kvs:
+            assert att.prefill_kernel_for(128, kv, "90") == ("ws" if kv == "fp16" else "wgmma"), kv
+        assert att.prefill_kernel_for(96, "fp16", "90") == "mma"
+        with pytest.raises(ValueError, match="9.x"):
+            att.prefill_kernel_for(64, "fp16", "80")
     with setting(att, "PREFILL_KERNEL", "tma"), pytest.raises(ValueError, match="PREFILL_KERNEL"):
         att.prefill_kernel_for(64, "fp16", "90")
 
@@ -200,6 +210,12 @@ def test_prefill_sm90_shared_memory_fits():
     for d, w, st, minb, _, kv in inst:
         smem = att._prefill_sm90_smem(int(d), int(w), int(st), kv or "fp16")
         assert int(minb) * (smem + 1024) <= 228 * 1024, (d, w, st, kv, minb, smem)
+    ws = re.findall(
+        r"^LSERVE_PREFILL_WS_KERNEL\((\d+), (\d+), (\d+)\)$", read_source(att.PREFILL_SM90_SOURCE), flags=re.M
+    )
+    assert {(int(d), int(nc)): int(st) for d, nc, st in ws} == att.PREFILL_WS_STAGES
+    for (d, nc), st in att.PREFILL_WS_STAGES.items():  # one CTA per SM
+        assert att._prefill_ws_smem(d, nc, st) + 1024 <= 228 * 1024, (d, nc, st)
 
 
 @pytest.mark.skipif(not _nvrtc_available(), reason="NVRTC not installed")
@@ -218,6 +234,9 @@ def test_prefill_smem_matches_the_kernels():
                 (f"lsattn::sm90::Smem<{d}, {w}, {st}, {att.KV_TRAITS[kv]}>::BYTES + 1024",
                  att._prefill_sm90_smem(d, w, st, kv))
                 for (d, w, kv), st in att.PREFILL_SM90_STAGES.items()
+            ] + [
+                (f"lsattn::sm90::WsSmem<{d}, {nc}, {st}>::BYTES + 1024", att._prefill_ws_smem(d, nc, st))
+                for (d, nc), st in att.PREFILL_WS_STAGES.items()
             ],
         ),
         att.PREFILL_SOURCE: (

@@ -1,4 +1,4 @@
-"""Check and time the Hopper (wgmma, sm_90a) prefill kernel against the mma.sync one, on one GPU.
+"""Check and time the Hopper (wgmma, sm_90a) prefill kernels (plain and warp-specialized) against the mma.sync one.
 
 (a) Accuracy: both prefill kernels against the float32 reference (reference/attention.paged_attention_ref) on a
     few small paged shapes (ragged blocks, chunked prefill over cached pages, GQA, streaming heads, 16-token
@@ -44,7 +44,7 @@ ACCURACY_CASES = {
 def _kernels() -> list[str]:
     import cupy as cp
 
-    return ["mma", "wgmma"] if cp.cuda.Device().compute_capability.startswith("9") else ["mma"]
+    return ["mma", "wgmma", "ws"] if cp.cuda.Device().compute_capability.startswith("9") else ["mma"]
 
 
 def _run(kernel: str, q, k, v, cplan, hc, out):
@@ -124,10 +124,10 @@ def timing(seq: int, kernels: list[str]) -> dict:
         ms = events_median(fn, 1, reps)
         row[kern] = {"ms": ms, "tflops": flops / ms / 1e9, "reps": reps}
         outs[kern] = out
-    if len(outs) == 2:
-        diff = cp.abs(outs["wgmma"].astype(np.float32) - outs["mma"].astype(np.float32))
-        row["max_diff_wgmma_vs_mma"] = float(cp.nan_to_num(diff, nan=np.inf).max())
-        row["speedup_wgmma"] = row["mma"]["ms"] / row["wgmma"]["ms"]
+    for kern in kernels[1:]:
+        diff = cp.abs(outs[kern].astype(np.float32) - outs["mma"].astype(np.float32))
+        row[f"max_diff_{kern}_vs_mma"] = float(cp.nan_to_num(diff, nan=np.inf).max())
+        row[f"speedup_{kern}"] = row["mma"]["ms"] / row[kern]["ms"]
     print("timing", json.dumps(row), flush=True)
     return row
 

@@ -14,8 +14,10 @@ kernels/attention_decode.cu. The references they are tested against: backends/re
   "v1", env `LSERVE_KVQ_DECODE=v1`, is the shared-memory path).
 - Prefill on Hopper: kernels/attention_prefill_sm90.cu (wgmma, sm_90a) runs every cache format (fp16, and int8 /
   int4 / fp8: tiles staged as stored, dequantized by the CTA into the swizzled fp16 tiles the wgmmas read) of head
-  dim 64 / 128 on compute capability 9.x; other devices run kernels/attention_prefill.cu (mma.sync). `PREFILL_KERNEL`
-  ("auto" | "mma" | "wgmma", env `LSERVE_PREFILL_KERNEL`) overrides the choice for tests and benchmarks.
+  dim 64 / 128 on compute capability 9.x; other devices run kernels/attention_prefill.cu (mma.sync). Its
+  warp-specialized variant ("ws": a producer warpgroup streaming K/V tiles through an mbarrier ring, consumer
+  warpgroups overlapping each tile's softmax with the previous tile's PV product) runs fp16 caches. `PREFILL_KERNEL`
+  ("auto" | "mma" | "wgmma" | "ws", env `LSERVE_PREFILL_KERNEL`) overrides the choice for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -62,17 +64,22 @@ _LOG2E = 1.4426950408889634
 # (measured choices: docs/PERF_attention.md).
 PREFILL_BN = {(64, 1): 64, (64, 2): 64, (128, 1): 64, (128, 2): 64}
 DECODE_STAGES = {64: 4, 128: 4}
-# Prefill kernel: "auto" (wgmma on compute capability 9.x for any cache format of a head dim in SM90_HEAD_DIMS,
-# mma.sync otherwise), "mma" (always attention_prefill.cu) or "wgmma" (attention_prefill_sm90.cu wherever it
-# applies; an error on a device that is not 9.x). Read per call; the environment variable LSERVE_PREFILL_KERNEL sets
-# the initial value.
+# Prefill kernel: "auto" (on compute capability 9.x for a head dim in SM90_HEAD_DIMS: the wgmma kernel, warp-specialized
+# for fp16 caches when WS_AUTO; mma.sync otherwise), "mma" (always attention_prefill.cu), "wgmma" (attention_prefill_sm90.cu
+# without warp specialization wherever it applies) or "ws" (its warp-specialized variant for fp16 caches, the wgmma
+# kernel for quantized ones); "wgmma" and "ws" are errors on a device that is not 9.x. Read per call; the environment
+# variable LSERVE_PREFILL_KERNEL sets the initial value.
 PREFILL_KERNEL = os.environ.get("LSERVE_PREFILL_KERNEL", "auto")
-PREFILL_KERNELS = ("auto", "mma", "wgmma")
+PREFILL_KERNELS = ("auto", "mma", "wgmma", "ws")
+WS_AUTO = False
 SM90_HEAD_DIMS = (64, 128)
 # wgmma prefill: cp.async ring depth per (head dim, warpgroups per CTA, KV format); each must be instantiated in the
 # .cu. Quantized formats: 2 as well, the ring of tiles as stored plus one fp16 K / V tile pair: two CTAs per SM at
 # head dim 128 with two warpgroups (int8 / fp8 99 KiB each; 3 stages would take 115 KiB, one CTA per SM).
 PREFILL_SM90_STAGES = {(d, w, kv): 2 for d in SM90_HEAD_DIMS for w in (1, 2) for kv in KV_TRAITS}
+# Warp-specialized prefill (fp16 caches): ring depth per (head dim, consumer warpgroups), as many stages as fit
+# 227 KiB beside the Q tile (one CTA per SM); each must be instantiated in the .cu.
+PREFILL_WS_STAGES = {(64, 1): 8, (64, 2): 8, (128, 1): 6, (128, 2): 5}
 # Quantized decode: "v2" (register-level dequantization into the mma fragments; paged_attn_decode_v2_*), the
 # default since the H200 measured it 2.6-3.6x faster than "v1" (dequantize each unit into an fp16 tile in shared
 # memory, then ldmatrix; kept as the reference path the benchmarks compare with). Read per call, so tests and
@@ -110,8 +117,17 @@ def _prefill_sm90_name(d: int, nwg: int, stages: int, kv: str = "fp16") -> str:
     return f"paged_attn_prefill_sm90_d{d}_w{nwg}_s{stages}{_suffix(kv)}"
 
 
+def _prefill_ws_smem(d: int, nc: int, stages: int) -> int:
+    """lsattn::sm90::WsSmem<D, NC, STAGES> (BN = 64) + 1024 for the in-kernel alignment to the swizzle atom."""
+    return 64 * nc * d * 2 + stages * (2 * 64 * d * 2 + 64 * 4 + 16) + 1024
+
+
+def _prefill_ws_name(d: int, nc: int) -> str:
+    return f"paged_attn_prefill_ws_d{d}_c{nc}_s{PREFILL_WS_STAGES[(d, nc)]}"
+
+
 def prefill_kernel_for(d: int, kv: str, cc: str) -> str:
-    """The prefill kernel, "mma" or "wgmma", that `PREFILL_KERNEL` selects for head dim d, cache format kv, on a
+    """The prefill kernel, "mma", "wgmma" or "ws", that `PREFILL_KERNEL` selects for head dim d, cache format kv, on a
     device of compute capability cc ("90")."""
     choice = PREFILL_KERNEL
     if choice not in PREFILL_KERNELS:
@@ -119,10 +135,14 @@ def prefill_kernel_for(d: int, kv: str, cc: str) -> str:
             f"LSERVE_PREFILL_KERNEL / PREFILL_KERNEL must be one of {PREFILL_KERNELS}, got {choice!r}"
         )
     hopper = str(cc).startswith("9")
-    if choice == "wgmma" and not hopper:
-        raise ValueError(f"PREFILL_KERNEL='wgmma' needs compute capability 9.x (sm_90a), this device is {cc}")
-    fits = d in SM90_HEAD_DIMS and kv in KV_TRAITS
-    return "wgmma" if choice != "mma" and hopper and fits else "mma"
+    if choice in ("wgmma", "ws") and not hopper:
+        raise ValueError(
+            f"PREFILL_KERNEL={choice!r} needs compute capability 9.x (sm_90a), this device is {cc}"
+        )
+    if choice == "mma" or not hopper or d not in SM90_HEAD_DIMS or kv not in KV_TRAITS:
+        return "mma"
+    ws = choice == "ws" or (choice == "auto" and WS_AUTO)
+    return "ws" if ws and kv == "fp16" else "wgmma"
 
 
 def _decode_smem(d: int, stages: int, kv: str = "fp16") -> int:
@@ -152,7 +172,8 @@ def launcher_kernels(source: str) -> tuple[str, ...]:
     if source == SELECT_SOURCE:
         return (*(f"page_score_d{d}" for d in HEAD_DIMS), "page_topk")
     if source == PREFILL_SM90_SOURCE:
-        return tuple(_prefill_sm90_name(d, w, st, kv) for (d, w, kv), st in PREFILL_SM90_STAGES.items())
+        names = tuple(_prefill_sm90_name(d, w, st, kv) for (d, w, kv), st in PREFILL_SM90_STAGES.items())
+        return (*names, *(_prefill_ws_name(d, nc) for d, nc in PREFILL_WS_STAGES))
     if source == PREFILL_SOURCE:
         return tuple(
             f"paged_attn_prefill_d{d}_m{mt}_n{bn}{s}" for (d, mt), bn in PREFILL_BN.items() for s in kvs
@@ -541,7 +562,12 @@ def paged_attention(
     heads_per_cta = bm // rows_per_head
     n_sub = -(-qlen // rows_per_head)
     hgroups = -(-group // heads_per_cta)
-    if prefill_kernel_for(d, kv, k.cc) == "wgmma":  # mt warpgroups of 64 rows: the same row packing
+    choice = prefill_kernel_for(d, kv, k.cc)
+    if choice == "ws":  # mt consumer warpgroups of 64 rows (the same row packing) and the producer
+        smem = _prefill_ws_smem(d, mt, PREFILL_WS_STAGES[(d, mt)])
+        fn = k.get(k.prefill_sm90, _prefill_ws_name(d, mt), smem)
+        threads = 128 * (mt + 1)
+    elif choice == "wgmma":  # mt warpgroups of 64 rows: the same row packing
         stages = PREFILL_SM90_STAGES[(d, mt, kv)]
         smem = _prefill_sm90_smem(d, mt, stages, kv)
         fn = k.get(k.prefill_sm90, _prefill_sm90_name(d, mt, stages, kv), smem)
