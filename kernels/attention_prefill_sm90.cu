@@ -201,12 +201,98 @@ __device__ __forceinline__ unsigned char* align_smem1024(unsigned char* raw, u32
   return raw + pad;
 }
 
+// ---- fp16 tile loads shared by both kernels of this file. Pages are >= 16 tokens (cuda_attention checks), so each
+// 16-row group of a key tile lies in one page: lane u < BN / 16 of every warp loads the page-list entry of rows
+// 16u .. 16u + 15 (one 8-byte load per warp and tile instead of one per thread and copy row, all of a warp's lanes on
+// one address) and returns (pool row of the group's first key, counted from the KV head's rows of page 0; key position
+// of its first key); padding groups: page 0 (an in-bounds source for the zero-filling copies). Callers issue it a tile
+// ahead, so its latency hides behind a tile's compute instead of stalling the copies (and so the QK^T behind them).
+template <int BN>
+__device__ __forceinline__ int2 fetch_groups16(const int2* pl_list, int j, int lane, int nkeys, int ps_shift, int ps,
+                                               u32 page_rows) {
+  const int gq = j * BN + 16 * lane, off = gq & (ps - 1);
+  const int2 pl = lane < BN / 16 && gq < nkeys ? pl_list[gq >> ps_shift] : make_int2(0, 0);
+  // Rows of the pool from the KV head's rows of page 0: < 2^32 (a row is D * 2 >= 128 bytes)
+  return make_int2((int)((u32)pl.x * page_rows + off), (pl.y << ps_shift) + off);
+}
+
+// K/V tile j (groups grp = fetch_groups16(j)) -> the swizzled tiles at dk + off / dv + off and its key positions at
+// kpos[koff ..] (padding rows zero-filled, position NONE), by threads t = 0 .. NT - 1 (whole warps: a row's group comes
+// from lane r / 16 by shuffles).
+template <int D, int BN, int NT>
+__device__ __forceinline__ void load_tile16(int j, u32 dk, u32 dv, u32 off, int* kpos, int koff, int2 grp, int t,
+                                            const f16_t* kc_h, const f16_t* vc_h, int nkeys) {
+  constexpr int CH = D / 8, ROWS_PER_PASS = NT / CH;
+  const int c_ld = t % CH, r_ld = t / CH;
+#pragma unroll
+  for (int it = 0; it < BN / ROWS_PER_PASS; ++it) {
+    const int r = r_ld + it * ROWS_PER_PASS;
+    const bool ok = j * BN + r < nkeys;
+    const u32 prow = (u32)__shfl_sync(0xffffffffu, grp.x, r >> 4) + (r & 15);  // the key's row in the pool
+    const size_t base = (size_t)prow * D + c_ld * 8;
+    const u32 dst = off + sw128<BN>(r, c_ld);
+    cp_async16(dk + dst, kc_h + base, ok ? 16 : 0);
+    cp_async16(dv + dst, vc_h + base, ok ? 16 : 0);
+  }
+  // Key positions: threads 0 .. BN - 1, row t (two full-warp stores, not 2 lanes of every warp per copy row)
+  const int kp0 = __shfl_sync(0xffffffffu, grp.y, (t >> 4) & (BN / 16 - 1));
+  if (t < BN) kpos[koff + t] = j * BN + t < nkeys ? kp0 + (t & 15) : LSERVE_KPOS_NONE;
+}
+
+// Q rows r0 .. r0 + R - 1 of a CTA of BM rows -> the swizzled Q tile at sq (padding rows zero-filled), threads t of NT.
+template <int D, int BM, int R, int NT, class RowInfo>
+__device__ __forceinline__ void load_q_rows(const f16_t* q, int Hq, u32 sq, int r0, int t, int tok0, RowInfo row_info) {
+  constexpr int CH = D / 8, ROWS_PER_PASS = NT / CH;
+  const int c_ld = t % CH, r_ld = t / CH;
+#pragma unroll
+  for (int it = 0; it < R / ROWS_PER_PASS; ++it) {
+    const int r = r0 + r_ld + it * ROWS_PER_PASS;
+    int head, i;
+    const bool ok = row_info(r, head, i);
+    const f16_t* src = ok ? q + ((size_t)(tok0 + i) * Hq + head) * D + c_ld * 8 : q;
+    cp_async16(sq + sw128<BM>(r, c_ld), src, ok ? 16 : 0);
+  }
+}
+
+// The normalized O rows of one warp (rows wrow .. wrow + 15 of the CTA, accumulator layout) -> out, both kernels of this
+// file: staged through shared memory at `stage` (plain swz layout, rows the warp's own), then 16-byte coalesced stores
+// of the rows row_info(r, head, i) says are real.
+template <int D, class RowInfo>
+__device__ __forceinline__ void store_warp_rows(float (&o)[D / 2], const float (&l_run)[2], unsigned char* stage,
+                                                int wrow, int lane, f16_t* out, int Hq, int tok0, RowInfo row_info) {
+  constexpr int CH = D / 8;
+  const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float l = l_run[h];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int r = wrow + g + 8 * h;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      const u32 v = pack_half2(o[4 * n + 2 * h] * inv, o[4 * n + 2 * h + 1] * inv);
+      *reinterpret_cast<u32*>(stage + swz<CH>(r, n) + t4 * 4) = v;
+    }
+  }
+  __syncwarp();
+#pragma unroll
+  for (int it = 0; it < 16 * CH / 32; ++it) {
+    const int idx = lane + it * 32, r = wrow + idx / CH, c = idx % CH;
+    int head, i;
+    if (row_info(r, head, i)) {
+      const uint4 v = *reinterpret_cast<const uint4*>(stage + swz<CH>(r, c));
+      *reinterpret_cast<uint4*>(out + ((size_t)(tok0 + i) * Hq + head) * D + c * 8) = v;
+    }
+  }
+}
+
 // The CTA's share of the plan for the warp-specialized kernel below (as attention_prefill.cu: heaviest query blocks first):
 // query block qb, KV head kvh and its head class's page list, the BM rows it packs (heads_per_cta heads of
 // rows_per_head rows), and where the 16-row groups of a key tile come from. `valid` false: nothing to do (past the
-// live query blocks, or past the block's rows); uniform over the CTA. prefill_body keeps its own inline copy of this
-// bookkeeping: built on this struct it spilled 20 bytes instead of 4 at its 128-register cap and ran 4-5% slower at
-// 32k-128k (H200, 2026-12-04; docs/PERF_attention.md).
+// live query blocks, or past the block's rows); uniform over the CTA. prefill_body keeps these values in locals of its
+// own (it calls the same tile, Q and output helpers above): built on this struct it spilled 20 bytes instead of 4 at its
+// 128-register cap and ran 4-5% slower at 32k-128k (H200, 2026-12-04; docs/PERF_attention.md).
 template <int D, int BM, int BN>
 struct Cta {
   int qb, kvh, hg, group, q_len, pos0, tok0, row0, ctx, sink, local, cls, lo, npages, nkeys, ntiles, q_min, q_max;
@@ -263,53 +349,19 @@ struct Cta {
     return hl < heads_per_cta && hig < group && i < q_len;
   }
 
-  // fp16: where the 16-row groups of tile j come from. Pages are >= 16 tokens (cuda_attention checks), so each
-  // 16-row group of a tile lies in one page: lane u < BN / 16 of every warp loads the page-list entry of rows
-  // 16u .. 16u + 15 (one 8-byte load per warp and tile instead of one per thread and copy row) and returns (pool row
-  // of the group's first key, counted from this KV head's rows of page 0; key position of its first key); padding
-  // groups: page 0 (an in-bounds source for the zero-filling copies). load_kv16 takes a row's pair from lane r / 16
-  // by shuffles. Callers issue it a tile ahead, so its latency hides behind a tile's work.
+  // fp16: fetch_groups16 / load_tile16 / load_q_rows on this CTA's page list, KV head and rows.
   __device__ __forceinline__ int2 fetch_groups(int j, int lane) const {
-    const int gq = j * BN + 16 * lane, off = gq & ((1 << ps_shift) - 1);
-    const int2 pl = lane < BN / 16 && gq < nkeys ? pl_list[gq >> ps_shift] : make_int2(0, 0);
-    const u32 page_rows = (u32)pool_heads << ps_shift;  // pool rows per page; rows < 2^32 (a row is >= 128 bytes)
-    return make_int2((int)((u32)pl.x * page_rows + off), (pl.y << ps_shift) + off);
+    return fetch_groups16<BN>(pl_list, j, lane, nkeys, ps_shift, 1 << ps_shift, (u32)pool_heads << ps_shift);
   }
-
-  // fp16: K/V tile j (groups grp = fetch_groups(j)) -> the swizzled tiles at dk / dv and its key positions (padding
-  // rows zero-filled, position NONE), by threads t = 0 .. NT - 1 (whole warps: the shuffles).
   template <int NT>
   __device__ __forceinline__ void load_kv16(int j, u32 dk, u32 dv, int* kpos, int2 grp, int t) const {
-    constexpr int CH = D / 8, ROWS_PER_PASS = NT / CH;
-    const int c_ld = t % CH, r_ld = t / CH;
     const f16_t* kc_h = reinterpret_cast<const f16_t*>(kc) + ((size_t)slot << ps_shift) * D;
     const f16_t* vc_h = reinterpret_cast<const f16_t*>(vc) + ((size_t)slot << ps_shift) * D;
-#pragma unroll
-    for (int it = 0; it < BN / ROWS_PER_PASS; ++it) {
-      const int r = r_ld + it * ROWS_PER_PASS;
-      const bool ok = j * BN + r < nkeys;
-      const u32 prow = (u32)__shfl_sync(0xffffffffu, grp.x, r >> 4) + (r & 15);  // the key's row in the pool
-      const size_t base = (size_t)prow * D + c_ld * 8;
-      cp_async16(dk + sw128<BN>(r, c_ld), kc_h + base, ok ? 16 : 0);
-      cp_async16(dv + sw128<BN>(r, c_ld), vc_h + base, ok ? 16 : 0);
-    }
-    // Key positions: threads 0 .. BN - 1, row t (two full-warp stores, not 2 lanes of every warp per copy row)
-    const int kp0 = __shfl_sync(0xffffffffu, grp.y, (t >> 4) & (BN / 16 - 1));
-    if (t < BN) kpos[t] = j * BN + t < nkeys ? kp0 + (t & 15) : LSERVE_KPOS_NONE;
+    load_tile16<D, BN, NT>(j, dk, dv, 0, kpos, 0, grp, t, kc_h, vc_h, nkeys);
   }
-
-  // Q rows r0 .. r0 + R - 1 of the CTA -> the swizzled Q tile at sq (padding rows zero-filled), threads t of NT.
   template <int R, int NT>
   __device__ __forceinline__ void load_q(const f16_t* q, int Hq, u32 sq, int r0, int t) const {
-    constexpr int CH = D / 8, ROWS_PER_PASS = NT / CH;
-#pragma unroll
-    for (int it = 0; it < R / ROWS_PER_PASS; ++it) {
-      const int r = r0 + t / CH + it * ROWS_PER_PASS;
-      int head, i;
-      const bool ok = row_info(r, head, i);
-      const f16_t* src = ok ? q + ((size_t)(tok0 + i) * Hq + head) * D + (t % CH) * 8 : q;
-      cp_async16(sq + sw128<BM>(r, t % CH), src, ok ? 16 : 0);
-    }
+    load_q_rows<D, BM, R, NT>(q, Hq, sq, r0, t, tok0, [&](int r, int& head, int& i) { return row_info(r, head, i); });
   }
 
   // Whether tile j (nvalid keys at kp, sorted) needs the per-key mask: partial, or crossing the causal diagonal, the
@@ -320,37 +372,6 @@ struct Cta {
     bool m = nvalid < BN || kmax > q_min || kmax >= ctx;
     if (cls) m = m || !(kmax < sink || q_max - kmin < local);
     return m;
-  }
-
-  // The normalized O rows of one warp (rows wrow .. wrow + 15 of the CTA, accumulator layout) -> out: staged through
-  // shared memory at `stage` (plain swz layout, rows the warp's own), then 16-byte coalesced stores.
-  __device__ __forceinline__ void store_rows(float (&o)[D / 2], const float (&l_run)[2], unsigned char* stage, int wrow,
-                                             int lane, f16_t* out, int Hq) const {
-    constexpr int CH = D / 8;
-    const int g = lane >> 2, t4 = lane & 3;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float l = l_run[h];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      const int r = wrow + g + 8 * h;
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        const u32 v = pack_half2(o[4 * n + 2 * h] * inv, o[4 * n + 2 * h + 1] * inv);
-        *reinterpret_cast<u32*>(stage + swz<CH>(r, n) + t4 * 4) = v;
-      }
-    }
-    __syncwarp();
-#pragma unroll
-    for (int it = 0; it < 16 * CH / 32; ++it) {
-      const int idx = lane + it * 32, r = wrow + idx / CH, c = idx % CH;
-      int head, i;
-      if (row_info(r, head, i)) {
-        const uint4 v = *reinterpret_cast<const uint4*>(stage + swz<CH>(r, c));
-        *reinterpret_cast<uint4*>(out + ((size_t)(tok0 + i) * Hq + head) * D + c * 8) = v;
-      }
-    }
   }
 };
 
@@ -414,7 +435,7 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
                                              const PlanView pv, int Hq, int Hkv, int ps_shift, int rows_per_head,
                                              int heads_per_cta, int n_sub, int hgroups, float scale_log2) {
   using L = Smem<D, NWG, STAGES, KV>;
-  constexpr int CH = L::CH, BM = L::BM, BN = L::BN, THREADS = L::THREADS;
+  constexpr int BM = L::BM, BN = L::BN, THREADS = L::THREADS;
   static_assert(STAGES >= 2, "a ring of at least two stages");
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   u32 s_base;
@@ -456,33 +477,15 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
   };
 
   // ---- Q tile -> shared memory (invalid rows zero-filled)
-  constexpr int ROWS_PER_PASS = THREADS / CH;
-  const int c_ld = tid % CH, r_ld = tid / CH;
-#pragma unroll
-  for (int it = 0; it < BM / ROWS_PER_PASS; ++it) {
-    const int r = r_ld + it * ROWS_PER_PASS;
-    int head, i;
-    const bool ok = row_info(r, head, i);
-    const f16_t* src = ok ? q + ((size_t)(tok0 + i) * Hq + head) * D + c_ld * 8 : q;
-    cp_async16(sQ + sw128<BM>(r, c_ld), src, ok ? 16 : 0);
-  }
+  load_q_rows<D, BM, BM, THREADS>(q, Hq, sQ, 0, tid, tok0, row_info);
 
-  // ---- fp16: where the 16-row groups of tile j come from. Pages are >= 16 tokens (cuda_attention checks), so each
-  // 16-row group of a tile lies in one page: lane u < BN / 16 of every warp loads the page-list entry of rows
-  // 16u .. 16u + 15 (one 8-byte load per warp and tile instead of one per thread and copy row, all of a warp's
-  // lanes on one address) and returns (pool row of the group's first key, key position of its first key); padding
-  // groups: page 0 (an in-bounds source for the zero-filling copies). load_kv takes a row's pair from lane r / 16 by
-  // shuffles. The load is issued one tile ahead (right after the previous refill), so its latency is hidden behind a
-  // tile's compute instead of stalling every warp between the barrier and its first copy (and so its QK^T wgmma).
-  const u32 page_rows = (u32)pool_heads << ps_shift;                              // pool rows per page
+  // ---- fp16: where the 16-row groups of tile j come from (fetch_groups16), one tile ahead
+  const u32 page_rows = (u32)pool_heads << ps_shift;                     // pool rows per page
   const f16_t* __restrict__ kc_h = kc + ((size_t)slot << ps_shift) * D;  // fp16: this KV head's rows of page 0
   const f16_t* __restrict__ vc_h = vc + ((size_t)slot << ps_shift) * D;
   const int2* __restrict__ pl_list = pv.kv_pl + lo;                      // this head class's page list
   auto fetch_groups = [&](int j) -> int2 {
-    const int gq = j * BN + 16 * lane, off = gq & (ps - 1);
-    const int2 pl = lane < BN / 16 && gq < nkeys ? pl_list[gq >> ps_shift] : make_int2(0, 0);
-    // Rows of the pool from kc_h / vc_h (the KV head's rows of page 0): < 2^32 (a row is D * 2 >= 128 bytes)
-    return make_int2((int)((u32)pl.x * page_rows + off), (pl.y << ps_shift) + off);
+    return fetch_groups16<BN>(pl_list, j, lane, nkeys, ps_shift, ps, page_rows);
   };
 
   // ---- K/V tile j of the page list -> stage st (rows past the list zero-filled, key position NONE); fp16: grp is
@@ -502,19 +505,7 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
       stage_unit<KV, D>(sV + st * L::RAW_BYTES + u * Staged<KV, D>::UNIT, vv8, vcs, row, ok, t, NT);
       if (t < 16) kpos_s[st * BN + u * 16 + t] = ok ? (pl.y << ps_shift) + off + t : LSERVE_KPOS_NONE;
     } else {
-#pragma unroll
-      for (int it = 0; it < BN / ROWS_PER_PASS; ++it) {
-        const int r = r_ld + it * ROWS_PER_PASS;
-        const bool ok = j * BN + r < nkeys;
-        const u32 prow = (u32)__shfl_sync(0xffffffffu, grp.x, r >> 4) + (r & 15);  // the key's row in the pool
-        const size_t base = (size_t)prow * D + c_ld * 8;
-        const u32 dst = st * L::KV_BYTES + sw128<BN>(r, c_ld);
-        cp_async16(sK + dst, kc_h + base, ok ? 16 : 0);
-        cp_async16(sV + dst, vc_h + base, ok ? 16 : 0);
-      }
-      // Key positions: threads 0 .. BN - 1, row tid (two full-warp stores, not 2 lanes of every warp per copy row)
-      const int kp0 = __shfl_sync(0xffffffffu, grp.y, (tid >> 4) & (BN / 16 - 1));
-      if (tid < BN) kpos_s[st * BN + tid] = j * BN + tid < nkeys ? kp0 + (tid & 15) : LSERVE_KPOS_NONE;
+      load_tile16<D, BN, THREADS>(j, sK, sV, st * L::KV_BYTES, kpos_s, st * BN, grp, tid, kc_h, vc_h, nkeys);
     }
   };
 
@@ -658,30 +649,8 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
   cp_async_wait<0>();
   __syncthreads();  // Q has landed (ntiles == 0) and no warpgroup still reads Q before the reuse below
 
-  // ---- normalize, stage this warp's rows through shared memory (plain swz layout), 16-byte coalesced stores
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float l = l_run[h];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const int r = wrow + g + 8 * h;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      const u32 v = pack_half2(o[4 * n + 2 * h] * inv, o[4 * n + 2 * h + 1] * inv);
-      *reinterpret_cast<u32*>(smem + swz<CH>(r, n) + t4 * 4) = v;
-    }
-  }
-  __syncwarp();
-#pragma unroll
-  for (int it = 0; it < 16 * CH / 32; ++it) {
-    const int idx = lane + it * 32, r = wrow + idx / CH, c = idx % CH;
-    int head, i;
-    if (row_info(r, head, i)) {
-      const uint4 v = *reinterpret_cast<const uint4*>(smem + swz<CH>(r, c));
-      *reinterpret_cast<uint4*>(out + ((size_t)(tok0 + i) * Hq + head) * D + c * 8) = v;
-    }
-  }
+  // ---- normalize, stage this warp's rows through shared memory, 16-byte coalesced stores
+  store_warp_rows<D>(o, l_run, smem, wrow, lane, out, Hq, tok0, row_info);
 }
 
 
@@ -843,7 +812,8 @@ __device__ __forceinline__ void prefill_ws_body(const f16_t* __restrict__ q, con
   }
 
   named_sync(1 + NC, 128 * NC);  // every consumer is done with Q before its rows are reused for the output
-  w.store_rows(o, l_run, smem, wrow, lane, out, Hq);
+  store_warp_rows<D>(o, l_run, smem, wrow, lane, out, Hq, w.tok0,
+                     [&](int r, int& head, int& i) { return w.row_info(r, head, i); });
 }
 
 }  // namespace sm90
