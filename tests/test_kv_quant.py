@@ -437,9 +437,17 @@ def test_kv_dtype_errors_are_one_line():
 
 
 def test_numba_e4m3_matches_the_reference_codec():
-    """cpu_kv's scalar e4m3 encode and its decode table (the CPU cache's fp8) = kv/quant's vectorized reference, on
-    every code's value, the midpoints between neighbours (ties to the even code), saturation, signs and zero."""
-    from lserve_lite.backends.cpu_kv import E4M3_F32, e4m3_code
+    """cpu_kv's scalar e4m3 encode and its row decode (the CPU cache's fp8: the code's bits moved into an fp16, times
+    256 and the row scale) = kv/quant's vectorized reference, on every code's value, the midpoints between neighbours
+    (ties to the even code), saturation, signs and zero; the decode bit for bit against the reference's value times
+    the scale in float32."""
+    import numba as nb
+
+    from lserve_lite.backends.cpu_kv import e4m3_code, kv_load
+
+    @nb.njit
+    def decode_row(vals, scales):
+        return kv_load(vals, scales, 0, 0, 0, np.empty(vals.shape[3], np.float32))
 
     mids = (Q.E4M3[1:] + Q.E4M3[:-1]) / 2
     y = np.concatenate([Q.E4M3, mids, -mids, [0.0, -0.0, 448.0, 449.0, 1e9, -1e9, 1e-12]])
@@ -447,6 +455,9 @@ def test_numba_e4m3_matches_the_reference_codec():
     want = Q.e4m3_encode(y)
     got = np.array([e4m3_code(float(v)) for v in y], np.uint8)
     np.testing.assert_array_equal(got, want)
-    codes = np.array([c for c in range(256) if c & 127 != 127], np.uint8)
-    np.testing.assert_array_equal(E4M3_F32[codes], Q.e4m3_decode(codes).astype(np.float32))
-    assert np.isnan(E4M3_F32[[127, 255]]).all()
+    codes = np.array([c for c in range(256) if c & 127 != 127], np.uint8)  # 127 / 255 (NaN) are never written
+    for scale in (1.0, 0.3712, 2.0**-20, 1e4):
+        scales = np.full((1, 1, 1, 1), scale, np.float32)
+        got = decode_row(codes.reshape(1, 1, 1, -1), scales)
+        want = Q.e4m3_decode(codes).astype(np.float32) * np.float32(scale)
+        np.testing.assert_array_equal(got, want)

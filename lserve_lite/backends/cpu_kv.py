@@ -18,8 +18,6 @@ from ..kv.quant import E4M3, FORMATS
 from .cpu_half import f32_to_half, half_to_f32
 
 E4M3_MAX = FORMATS["fp8"].qmax
-# Every fp8 code's value as float32 (sign included; 127 and 255, NaN in e4m3fn, are never written): kv_load's table.
-E4M3_F32 = np.concatenate([E4M3, [np.nan], -E4M3, [np.nan]]).astype(np.float32)
 
 
 @njit
@@ -151,10 +149,13 @@ def _kv_load(vals, scales, pg, h, off, buf):
     # a per-byte division (int4) made these loads 4.5x / 1.8x slower (docs/KV_QUANT.md).
     def load_uint8(vals, scales, pg, h, off, buf):
         row = vals[pg, h, off]
-        if scales.shape[3] == 1:  # fp8
-            s = np.float32(scales[pg, h, off, 0])
+        if scales.shape[3] == 1:  # fp8: e4m3 bits moved into an fp16's place are the value / 256, exactly
+            s = np.float32(scales[pg, h, off, 0]) * np.float32(256.0)
             for i in range(buf.shape[0]):
-                buf[i] = E4M3_F32[row[i]] * s
+                b = np.uint16(row[i])
+                buf[i] = (
+                    half_to_f32(np.uint16(((b & np.uint16(0x80)) << 8) | ((b & np.uint16(0x7F)) << 7))) * s
+                )
             return buf
         groups = scales.shape[3] // 2
         per = row.shape[0] // groups  # bytes per group
