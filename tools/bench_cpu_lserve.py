@@ -1,7 +1,8 @@
 """LServe vs dense decode on the CPU with the bundled SmolLM2 GGUF (docs/PERF.md, "LServe mode on the CPU"): one
 engine per run (default fp16 KV, LServe's default knobs), a prompt of `--context` random token ids (seed 0), greedy
 decode of `--steps` steps, each `engine.step()` timed. Prints one JSON line: prefill seconds (to the first token),
-the median decode step in ms, the tokens.
+the median and the mean decode step in ms (the selector runs on one step in select_interval: the mean counts it),
+the page selector's ms a decode step, the 1-minute load average, the tokens.
 
     python3 tools/bench_cpu_lserve.py --mode dense|lserve [--selector numba|ref] [--context 4000] [--steps 29]
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -34,16 +36,23 @@ def main() -> None:
         args = (c.kmax[i], c.kmin[i], plan, c.head_class[i], c.head_slot[i], c.sel_idx[i], c.sel_cnt[i])
         select_pages_ref(q, *args, k=c.k[i])
 
-    if args.selector == "ref":
-        CpuOps.select_pages = reference
+    spent = [0.0]  # seconds in the page selector
+    select = reference if args.selector == "ref" else CpuOps.select_pages
+
+    def timed(self, *a) -> None:
+        t = time.perf_counter()
+        select(self, *a)
+        spent[0] += time.perf_counter() - t
+
+    CpuOps.select_pages = timed
     sparse = SparseConfig(enabled=args.mode == "lserve")
     llm = LLM(backend="cpu", config=EngineConfig(max_model_len=8192, sparse=sparse))
     ids = [int(t) for t in np.random.default_rng(0).integers(100, llm.engine.cfg.vocab_size, args.context)]
     eng = llm.engine
     eng.add_request(ids, SamplingParams(temperature=0, max_new_tokens=args.steps + 1))
-    t0, times, tokens, prefill = time.perf_counter(), [], [], None
+    t0, times, sel, tokens, prefill = time.perf_counter(), [], [], [], None
     while eng.has_unfinished():
-        t = time.perf_counter()
+        t, spent[0] = time.perf_counter(), 0.0
         outs = eng.step()
         dt = time.perf_counter() - t
         new = [x for o in outs for x in o.token_ids]
@@ -51,10 +60,13 @@ def main() -> None:
             prefill = time.perf_counter() - t0
         elif new:
             times.append(dt)
+            sel.append(spent[0])
         tokens += new
+    ms = lambda x: round(1e3 * float(x), 2)  # noqa: E731
+    # means leave out the first decode step: it loads the decode kernels (and the selector) from Numba's cache
     row = dict(mode=args.mode, selector=args.selector if args.mode == "lserve" else "-", context=args.context,
-               prefill_s=round(prefill, 2), decode_ms=round(1e3 * float(np.median(times)), 2), steps=len(times),
-               tokens=tokens)  # fmt: skip
+               prefill_s=round(prefill, 2), decode_ms=ms(np.median(times)), decode_mean_ms=ms(np.mean(times[1:])),
+               select_ms=ms(np.mean(sel[1:])), steps=len(times), load=round(os.getloadavg()[0], 2), tokens=tokens)  # fmt: skip
     print(json.dumps(row))
 
 
