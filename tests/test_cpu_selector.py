@@ -165,3 +165,29 @@ def test_engine_selects_and_generates_as_the_reference(tiny, monkeypatch, reduce
         np.testing.assert_array_equal(cnt, rcnt)
         np.testing.assert_array_equal(sel, rsel)
     assert tok == ref_tok
+
+
+def test_selector_switch_and_its_clock(tiny, monkeypatch):
+    """LSERVE_CPU_SELECTOR=ref runs the NumPy reference through CpuOps.select_pages (the benchmarks' comparison) and
+    gives the Numba selector's tokens; select_seconds counts the selector's time; a bad value is refused at once."""
+    from lserve_lite import LLM, EngineConfig, SamplingParams, SparseConfig
+
+    monkeypatch.setenv("LSERVE_CPU_SELECTOR", "fast")
+    with pytest.raises(ValueError, match="LSERVE_CPU_SELECTOR"):
+        C.CpuOps()
+    ids = [int(t) for t in np.random.default_rng(3).integers(3, 300, 230)]
+    knobs = dict(page_size=16, sub_pages=4, prefill_sink=16, prefill_local=64, decode_sink=16, decode_local=32,
+                 token_budget=64, select_interval=1)  # fmt: skip
+    cfg = EngineConfig(page_size=16, sparse=SparseConfig(enabled=True, static_sparsity=0.5, **knobs))
+    runs = {}
+    for sel in ("numba", "ref"):
+        monkeypatch.setenv("LSERVE_CPU_SELECTOR", sel)
+        calls = []
+        spy = lambda *a, calls=calls, **kw: (calls.append(1), select_pages_ref(*a, **kw))  # noqa: E731
+        monkeypatch.setattr(C, "select_pages_ref", spy)
+        llm = LLM(str(tiny), backend="cpu", config=cfg)
+        out = llm.generate([ids], SamplingParams(temperature=0, max_new_tokens=6))
+        assert (len(calls) > 0) == (sel == "ref")
+        assert llm.engine.ops.select_seconds > 0
+        runs[sel] = out[0].token_ids
+    assert runs["numba"] == runs["ref"]

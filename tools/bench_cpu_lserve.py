@@ -6,8 +6,9 @@ the page selector's ms a decode step, the 1-minute load average, the tokens.
 
     python3 tools/bench_cpu_lserve.py --mode dense|lserve [--selector numba|ref] [--context 4000] [--steps 29]
 
-`--selector ref` swaps the NumPy reference selector (select_pages_ref) back in, as the engine ran before
-2026-12-04's Numba selector: run both in alternation on a noisy host."""
+`--selector ref` runs the NumPy reference selector (select_pages_ref; LSERVE_CPU_SELECTOR=ref), as the engine did before
+2026-12-04's Numba selector: run both in alternation on a noisy host. The selector's time comes from
+CpuOps.select_seconds."""
 
 from __future__ import annotations
 
@@ -28,31 +29,17 @@ def main() -> None:
     args = ap.parse_args()
 
     from lserve_lite import LLM, EngineConfig, SamplingParams, SparseConfig
-    from lserve_lite.backends.cpu import CpuOps
-    from lserve_lite.backends.reference.page_select import select_pages_ref
 
-    def reference(self, q, c, i: int, plan) -> None:
-        """The NumPy reference selector, called as CpuOps.select_pages called it before the Numba kernels."""
-        args = (c.kmax[i], c.kmin[i], plan, c.head_class[i], c.head_slot[i], c.sel_idx[i], c.sel_cnt[i])
-        select_pages_ref(q, *args, k=c.k[i])
-
-    spent = [0.0]  # seconds in the page selector
-    select = reference if args.selector == "ref" else CpuOps.select_pages
-
-    def timed(self, *a) -> None:
-        t = time.perf_counter()
-        select(self, *a)
-        spent[0] += time.perf_counter() - t
-
-    CpuOps.select_pages = timed
+    os.environ["LSERVE_CPU_SELECTOR"] = args.selector  # read by CpuOps at construction
     sparse = SparseConfig(enabled=args.mode == "lserve")
     llm = LLM(backend="cpu", config=EngineConfig(max_model_len=8192, sparse=sparse))
     ids = [int(t) for t in np.random.default_rng(0).integers(100, llm.engine.cfg.vocab_size, args.context)]
     eng = llm.engine
     eng.add_request(ids, SamplingParams(temperature=0, max_new_tokens=args.steps + 1))
+    ops = eng.ops
     t0, times, sel, tokens, prefill = time.perf_counter(), [], [], [], None
     while eng.has_unfinished():
-        t, spent[0] = time.perf_counter(), 0.0
+        t, spent = time.perf_counter(), ops.select_seconds
         outs = eng.step()
         dt = time.perf_counter() - t
         new = [x for o in outs for x in o.token_ids]
@@ -60,7 +47,7 @@ def main() -> None:
             prefill = time.perf_counter() - t0
         elif new:
             times.append(dt)
-            sel.append(spent[0])
+            sel.append(ops.select_seconds - spent)
         tokens += new
     ms = lambda x: round(1e3 * float(x), 2)  # noqa: E731
     # means leave out the first decode step: it loads the decode kernels (and the selector) from Numba's cache

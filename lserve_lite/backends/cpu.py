@@ -4,6 +4,9 @@ backends/reference/, which every GPU kernel is tested against."""
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 
 from ..config import GROUP_REDUCE, ORACLE_REDUCE, EngineConfig
@@ -18,6 +21,7 @@ from .cpu_select import select_pages_numba
 from .cpu_threads import SplitRunner, even_bounds, openblas_set_threads, spin_seconds
 from .reference.attention import attend_qblocks, visited_pages
 from .reference.layers import embed_ref, rope_write_kv_sparse_ref
+from .reference.page_select import select_pages_ref
 from .reference.sampling import logprobs_ref, sample
 
 # Up to this many rows (decode), the Numba GEMV and attention kernels; beyond (prefill), OpenBLAS GEMMs.
@@ -43,6 +47,12 @@ class CpuOps:
         openblas_set_threads(1)
         spin_seconds()  # a bad LSERVE_CPU_SPIN_US is refused here, not at the first split call
         self.split = SplitRunner()
+        # Page selector: "numba" (cpu_select.py) or "ref" (the NumPy reference, as before 2026-12-04; benchmarks
+        # compare the two); select_seconds counts the time spent in it (tools/bench_cpu_lserve.py reads it).
+        self.selector = os.environ.get("LSERVE_CPU_SELECTOR", "numba")
+        if self.selector not in ("numba", "ref"):
+            raise ValueError(f"LSERVE_CPU_SELECTOR must be numba or ref, got {self.selector!r}")
+        self.select_seconds = 0.0
 
     def upload(self, a, name: str | None = None):
         """Floats as float32; quantized weights stay in their blocks (the kernels read them directly)."""
@@ -73,11 +83,16 @@ class CpuOps:
         return EagerExecutor(self, forward, cache)
 
     def select_pages(self, q, cache: KVCache, layer: int, plan: AttentionPlan) -> None:
-        """`select_pages_ref`'s selections from the Numba kernels (every reduction, the oracle included)."""
-        select_pages_numba(
-            q, cache.kmax[layer], cache.kmin[layer], plan, cache.head_class[layer], cache.head_slot[layer],
-            cache.sel_idx[layer], cache.sel_cnt[layer], cache.k[layer], self.split,
-        )  # fmt: skip
+        """`select_pages_ref`'s selections from the Numba kernels (every reduction, the oracle included), or from
+        the reference itself with LSERVE_CPU_SELECTOR=ref."""
+        t = time.perf_counter()
+        args = (q, cache.kmax[layer], cache.kmin[layer], plan, cache.head_class[layer], cache.head_slot[layer],
+                cache.sel_idx[layer], cache.sel_cnt[layer])  # fmt: skip
+        if self.selector == "ref":
+            select_pages_ref(*args, k=cache.k[layer])
+        else:
+            select_pages_numba(*args, cache.k[layer], self.split)
+        self.select_seconds += time.perf_counter() - t
 
     def copy_stream_pages(self, cache: KVCache, src: np.ndarray, dst: np.ndarray) -> None:
         """Streaming-pool pages src[i] -> dst[i] in every layer (prefix-cache snapshots); the gather completes
