@@ -1,11 +1,11 @@
 """Check and time the Hopper (wgmma, sm_90a) prefill kernels (plain and warp-specialized) against the mma.sync one.
 
-(a) Accuracy: both prefill kernels against the float32 reference (reference/attention.paged_attention_ref) on a
+(a) Accuracy: every prefill kernel against the float32 reference (reference/attention.paged_attention_ref) on a
     few small paged shapes (ragged blocks, chunked prefill over cached pages, GQA, streaming heads, 16-token
     pages, one- and two-warpgroup CTAs), NaN-poisoned outputs; prints max |error| and max |error| / max |ref|.
 (b) Speed: dense causal prefill for Llama-3-8B heads (32 query heads, 8 KV heads, D = 128), batch 1, page 64,
     at 4k, 32k and 128k tokens (--seqs), with each kernel: CUDA events after warm-up, median; TFLOP/s with
-    causal FLOPs = 4 * Hq * D * S^2 / 2. Also the largest difference between the two kernels' outputs there.
+    causal FLOPs = 4 * Hq * D * S^2 / 2. Also each Hopper kernel's largest difference from the mma.sync kernel's output there.
 
     python3 tools/check_prefill_sm90.py --out results.json [--seqs 4096,32768,131072]
 
