@@ -201,6 +201,31 @@ __device__ __forceinline__ unsigned char* align_smem1024(unsigned char* raw, u32
   return raw + pad;
 }
 
+// ---- per-CTA plan helpers shared by both kernels of this file
+// CTA row r -> (query head, row i of the query block): heads_per_cta heads of rows_per_head rows from row0, head group
+// hg of KV head kvh; false: a padding row (no head, or past the block's q_len rows).
+__device__ __forceinline__ bool cta_row(int r, int rows_per_head, int row0, int hg, int heads_per_cta, int kvh, int group,
+                                        int q_len, int& head, int& i) {
+  const int hl = r / rows_per_head;
+  i = row0 + r % rows_per_head;
+  const int hig = hg * heads_per_cta + hl;
+  head = kvh * group + hig;
+  return hl < heads_per_cta && hig < group && i < q_len;
+}
+
+// Whether key tile j of BN keys (positions kp, sorted; nkeys in the list) needs the per-key mask for query positions
+// q_min .. q_max: partial, or crossing the causal diagonal, the context end, or (streaming heads, cls 1) the edge of
+// the sink or local window for some row.
+template <int BN>
+__device__ __forceinline__ bool tile_needs_mask(const int* kp, int j, int nkeys, int q_min, int q_max, int ctx, int cls,
+                                                int sink, int local) {
+  const int nvalid = min(BN, nkeys - j * BN);
+  const int kmin = kp[0], kmax = kp[nvalid - 1];  // lists are sorted by logical page
+  bool m = nvalid < BN || kmax > q_min || kmax >= ctx;
+  if (cls) m = m || !(kmax < sink || q_max - kmin < local);
+  return m;
+}
+
 // ---- fp16 tile loads shared by both kernels of this file. Pages are >= 16 tokens (cuda_attention checks), so each
 // 16-row group of a key tile lies in one page: lane u < BN / 16 of every warp loads the page-list entry of rows
 // 16u .. 16u + 15 (one 8-byte load per warp and tile instead of one per thread and copy row, all of a warp's lanes on
@@ -295,13 +320,11 @@ __device__ __forceinline__ void store_warp_rows(float (&o)[D / 2], const float (
 // 128-register cap and ran 4-5% slower at 32k-128k (H200, 2026-12-04; docs/PERF_attention.md).
 template <int D, int BM, int BN>
 struct Cta {
-  int qb, kvh, hg, group, q_len, pos0, tok0, row0, ctx, sink, local, cls, lo, npages, nkeys, ntiles, q_min, q_max;
+  int qb, kvh, hg, group, q_len, pos0, tok0, row0, ctx, sink, local, cls, nkeys, ntiles, q_min, q_max;
   int rows_per_head, heads_per_cta, ps_shift, pool_heads, slot;
-  const unsigned char* kc;  // this head class's pool: values, then (quantized) the fp16 scales
+  const unsigned char* kc;  // this head class's pool (fp16 values)
   const unsigned char* vc;
-  const f16_t* kcs;
-  const f16_t* vcs;
-  const int2* pl_list;  // this head class's page list
+  const int2* pl_list;      // this head class's page list
   bool valid;
 
   __device__ __forceinline__ Cta(const PlanView& pv, const KVPools& pools, int Hq, int Hkv, int ps_shift_, int rph,
@@ -327,26 +350,18 @@ struct Cta {
     cls = pools.head_class[kvh];
     kc = cls ? pools.k1 : pools.k0;
     vc = cls ? pools.v1 : pools.v0;
-    kcs = cls ? pools.sk1 : pools.sk0;
-    vcs = cls ? pools.sv1 : pools.sv0;
     pool_heads = cls ? pools.n1 : pools.n0;
     slot = pools.head_slot[kvh];
-    lo = pv.kv_indptr[qb * 2 + cls];
-    npages = pv.kv_indptr[qb * 2 + cls + 1] - lo;
+    const int lo = pv.kv_indptr[qb * 2 + cls];
     pl_list = pv.kv_pl + lo;
-    nkeys = npages << ps_shift;
+    nkeys = (pv.kv_indptr[qb * 2 + cls + 1] - lo) << ps_shift;
     ntiles = (nkeys + BN - 1) / BN;
     q_min = pos0 + row0;
     q_max = pos0 + min(q_len, row0 + rows_per_head) - 1;
   }
 
-  // CTA row r -> (query head, row i of the block); false: a padding row (no head, or past the block).
   __device__ __forceinline__ bool row_info(int r, int& head, int& i) const {
-    const int hl = r / rows_per_head;
-    i = row0 + r % rows_per_head;
-    const int hig = hg * heads_per_cta + hl;
-    head = kvh * group + hig;
-    return hl < heads_per_cta && hig < group && i < q_len;
+    return cta_row(r, rows_per_head, row0, hg, heads_per_cta, kvh, group, q_len, head, i);
   }
 
   // fp16: fetch_groups16 / load_tile16 / load_q_rows on this CTA's page list, KV head and rows.
@@ -364,14 +379,8 @@ struct Cta {
     load_q_rows<D, BM, R, NT>(q, Hq, sq, r0, t, tok0, [&](int r, int& head, int& i) { return row_info(r, head, i); });
   }
 
-  // Whether tile j (nvalid keys at kp, sorted) needs the per-key mask: partial, or crossing the causal diagonal, the
-  // context end, or (streaming heads) the edge of the sink or local window for some row.
   __device__ __forceinline__ bool need_mask(const int* kp, int j) const {
-    const int nvalid = min(BN, nkeys - j * BN);
-    const int kmin = kp[0], kmax = kp[nvalid - 1];  // lists are sorted by logical page
-    bool m = nvalid < BN || kmax > q_min || kmax >= ctx;
-    if (cls) m = m || !(kmax < sink || q_max - kmin < local);
-    return m;
+    return tile_needs_mask<BN>(kp, j, nkeys, q_min, q_max, ctx, cls, sink, local);
   }
 };
 
@@ -469,11 +478,7 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
   const int q_min = pos0 + row0, q_max = pos0 + min(q_len, row0 + rows_per_head) - 1;
 
   auto row_info = [&](int r, int& head, int& i) -> bool {
-    const int hl = r / rows_per_head;
-    i = row0 + r % rows_per_head;
-    const int hig = hg * heads_per_cta + hl;
-    head = kvh * group + hig;
-    return hl < heads_per_cta && hig < group && i < q_len;
+    return cta_row(r, rows_per_head, row0, hg, heads_per_cta, kvh, group, q_len, head, i);
   };
 
   // ---- Q tile -> shared memory (invalid rows zero-filled)
@@ -572,10 +577,7 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
     }
 
     const int* kp = kpos_s + st * BN;
-    const int nvalid = min(BN, nkeys - j * BN);
-    const int kmin = kp[0], kmax = kp[nvalid - 1];  // lists are sorted by logical page
-    bool need_mask = nvalid < BN || kmax > q_min || kmax >= ctx;
-    if (cls) need_mask = need_mask || !(kmax < sink || q_max - kmin < local);
+    const bool need_mask = tile_needs_mask<BN>(kp, j, nkeys, q_min, q_max, ctx, cls, sink, local);
 
     // ---- S = Q K^T: [64 rows x 64 keys] per warpgroup, D / 16 k-steps of 16 head-dim columns
     float s[BN / 2];
