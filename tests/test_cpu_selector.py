@@ -135,16 +135,23 @@ def tiny(tmp_path_factory):
     return p
 
 
+def _lserve_cfg(**extra):
+    """LServe on the tiny model: page 16, budget 4 pages of a 15-page prompt, a new selection every step."""
+    from lserve_lite import EngineConfig, SparseConfig
+
+    knobs = dict(page_size=16, sub_pages=4, prefill_sink=16, prefill_local=64, decode_sink=16, decode_local=32,
+                 token_budget=64, select_interval=1, **extra)  # fmt: skip
+    return EngineConfig(page_size=16, sparse=SparseConfig(enabled=True, static_sparsity=0.5, **knobs))
+
+
 @pytest.mark.parametrize("reduce", REDUCTIONS)
 def test_engine_selects_and_generates_as_the_reference(tiny, monkeypatch, reduce):
     """LServe on the CPU engine (page 16, budget 4 pages of a 15-page prompt, a new selection every step): the
     Numba selector runs and makes the reference's selections at every call, so the greedy tokens are equal."""
-    from lserve_lite import LLM, EngineConfig, SamplingParams, SparseConfig
+    from lserve_lite import LLM, SamplingParams
 
     ids = [int(t) for t in np.random.default_rng(7).integers(3, 300, 230)]
-    knobs = dict(page_size=16, sub_pages=4, prefill_sink=16, prefill_local=64, decode_sink=16, decode_local=32,
-                 token_budget=64, select_interval=1, group_reduce=reduce)  # fmt: skip
-    cfg = EngineConfig(page_size=16, sparse=SparseConfig(enabled=True, static_sparsity=0.5, **knobs))
+    cfg = _lserve_cfg(group_reduce=reduce)
     runs = {}
     ref = lambda *a: select_pages_ref(*a[:9])  # noqa: E731 (the same arguments but the threads)
     for name, fn in (("numba", S.select_pages_numba), ("ref", ref)):
@@ -170,15 +177,13 @@ def test_engine_selects_and_generates_as_the_reference(tiny, monkeypatch, reduce
 def test_selector_switch_and_its_clock(tiny, monkeypatch):
     """LSERVE_CPU_SELECTOR=ref runs the NumPy reference through CpuOps.select_pages (the benchmarks' comparison) and
     gives the Numba selector's tokens; select_seconds counts the selector's time; a bad value is refused at once."""
-    from lserve_lite import LLM, EngineConfig, SamplingParams, SparseConfig
+    from lserve_lite import LLM, SamplingParams
 
     monkeypatch.setenv("LSERVE_CPU_SELECTOR", "fast")
     with pytest.raises(ValueError, match="LSERVE_CPU_SELECTOR"):
         C.CpuOps()
     ids = [int(t) for t in np.random.default_rng(3).integers(3, 300, 230)]
-    knobs = dict(page_size=16, sub_pages=4, prefill_sink=16, prefill_local=64, decode_sink=16, decode_local=32,
-                 token_budget=64, select_interval=1)  # fmt: skip
-    cfg = EngineConfig(page_size=16, sparse=SparseConfig(enabled=True, static_sparsity=0.5, **knobs))
+    cfg = _lserve_cfg()
     runs = {}
     for sel in ("numba", "ref"):
         monkeypatch.setenv("LSERVE_CPU_SELECTOR", sel)

@@ -163,9 +163,8 @@ def test_prefill_kernel_choice():
     kvs = ("fp16", "int8", "int4", "fp8")
     with setting(att, "PREFILL_KERNEL", "auto"):
         for kv in kvs:
-            want = "ws" if kv == "fp16" and att.WS_AUTO else "wgmma"
-            assert att.prefill_kernel_for(128, kv, "90") == want, kv
-            assert att.prefill_kernel_for(64, kv, "90") == want, kv
+            assert att.prefill_kernel_for(128, kv, "90") == "wgmma", kv
+            assert att.prefill_kernel_for(64, kv, "90") == "wgmma", kv
             for cc in ("80", "89", "100"):
                 assert att.prefill_kernel_for(128, kv, cc) == "mma", (kv, cc)
         assert att.prefill_kernel_for(96, "int8", "90") == "mma"  # a head dim the wgmma kernel lacks
@@ -300,6 +299,17 @@ def test_quant_traits_match_the_block_layouts():
     assert got == {f: (lay.block, lay.block_bytes, lay.row_head) for f, lay in LAYOUTS.items()}
     assert re.search(rf"constexpr int QWARPS = {GEMV_WARPS};", src)
     assert re.search(rf"constexpr int QWARPS2 = {GEMV2_WARPS};", src)
+
+
+def test_norm_chunks_match_the_kernel():
+    """add_rmsnorm's launcher sends rows to the vector path only up to NORM_CHUNKS chunks a thread: the kernel's own
+    register array must be that size (a larger launcher value would drop the rows past it)."""
+    import re
+
+    from lserve_lite.backends.cuda import NORM_CHUNKS
+    from lserve_lite.backends.cuda_compile import read_source
+
+    assert re.search(rf"^constexpr int NORM_CHUNKS = {NORM_CHUNKS};$", read_source("layers.cu"), flags=re.M)
 
 
 def test_gpu_sampling_draws_like_the_cpu_sampler():

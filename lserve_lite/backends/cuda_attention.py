@@ -64,14 +64,13 @@ _LOG2E = 1.4426950408889634
 # (measured choices: docs/PERF_attention.md).
 PREFILL_BN = {(64, 1): 64, (64, 2): 64, (128, 1): 64, (128, 2): 64}
 DECODE_STAGES = {64: 4, 128: 4}
-# Prefill kernel: "auto" (on compute capability 9.x for a head dim in SM90_HEAD_DIMS: the wgmma kernel, warp-specialized
-# for fp16 caches when WS_AUTO; mma.sync otherwise), "mma" (always attention_prefill.cu), "wgmma" (attention_prefill_sm90.cu
-# without warp specialization wherever it applies) or "ws" (its warp-specialized variant for fp16 caches, the wgmma
-# kernel for quantized ones); "wgmma" and "ws" are errors on a device that is not 9.x. Read per call; the environment
+# Prefill kernel: "auto" (the wgmma kernel on compute capability 9.x for a head dim in SM90_HEAD_DIMS, mma.sync
+# otherwise), "mma" (always attention_prefill.cu), "wgmma" (attention_prefill_sm90.cu wherever it applies) or "ws" (its
+# warp-specialized variant for fp16 caches, measured slower, the wgmma kernel for quantized ones); "wgmma" and "ws" are
+# errors on a device that is not 9.x. Read per call; the environment
 # variable LSERVE_PREFILL_KERNEL sets the initial value.
 PREFILL_KERNEL = os.environ.get("LSERVE_PREFILL_KERNEL", "auto")
 PREFILL_KERNELS = ("auto", "mma", "wgmma", "ws")
-WS_AUTO = False
 SM90_HEAD_DIMS = (64, 128)
 # wgmma prefill: cp.async ring depth per (head dim, warpgroups per CTA, KV format); each must be instantiated in the
 # .cu. Quantized formats: 2 as well, the ring of tiles as stored plus one fp16 K / V tile pair: two CTAs per SM at
@@ -141,8 +140,7 @@ def prefill_kernel_for(d: int, kv: str, cc: str) -> str:
         )
     if choice == "mma" or not hopper or d not in SM90_HEAD_DIMS or kv not in KV_TRAITS:
         return "mma"
-    ws = choice == "ws" or (choice == "auto" and WS_AUTO)
-    return "ws" if ws and kv == "fp16" else "wgmma"
+    return "ws" if choice == "ws" and kv == "fp16" else "wgmma"
 
 
 def _decode_smem(d: int, stages: int, kv: str = "fp16") -> int:
