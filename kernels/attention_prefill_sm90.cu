@@ -316,8 +316,8 @@ __device__ __forceinline__ void store_warp_rows(float (&o)[D / 2], const float (
 // query block qb, KV head kvh and its head class's page list, the BM rows it packs (heads_per_cta heads of
 // rows_per_head rows), and where the 16-row groups of a key tile come from. `valid` false: nothing to do (past the
 // live query blocks, or past the block's rows); uniform over the CTA. prefill_body keeps these values in locals of its
-// own (it calls the same tile, Q and output helpers above): built on this struct it spilled 20 bytes instead of 4 at its
-// 128-register cap and ran 4-5% slower at 32k-128k (H200, 2026-12-04; docs/PERF_attention.md).
+// own (it calls the same row, mask, tile, Q and output helpers above): built on this struct it spilled 20 bytes
+// instead of 4 at its 128-register cap and ran 4-5% slower at 32k-128k (H200, 2026-12-04; docs/PERF_attention.md).
 template <int D, int BM, int BN>
 struct Cta {
   int qb, kvh, hg, group, q_len, pos0, tok0, row0, ctx, sink, local, cls, nkeys, ntiles, q_min, q_max;
