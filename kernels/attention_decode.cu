@@ -809,61 +809,70 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
 }
 
 // Merge the SW partials of (query block blockIdx.x, query head blockIdx.y) into the fp16 output.
-// Warps take interleaved splits; a lane owns 4 consecutive dims (float4 loads, D / 4 lanes busy).
-// Every split slot was written by the decode kernel (empty ranges: O = 0, lse = -inf -> weight 0).
-constexpr int CB_THREADS = 256;
+// One round trip to L2: every load of a thread (the plan's two words, then CB_BATCH splits' lse and O rows) is
+// issued before any is used. Warp w takes splits w, w + NW, ... in batches of CB_BATCH, keeping a running max
+// (online softmax over the partials, as the decode warps do over keys); a lane owns 4 consecutive dims (float4,
+// D / 4 lanes busy). One barrier, then thread d merges the NW warps' (max, weight sum, sum of dim d).
+// Every split slot was written by the decode kernel (empty ranges: O = 0, lse = -inf -> weight 0); slots of query
+// blocks past meta[0] are inside the workspace, read and left unused.
+constexpr int CB_THREADS = 256, CB_BATCH = 8;
 __device__ __forceinline__ void combine_body(const float* __restrict__ part_o, const float* __restrict__ part_lse,
                                              f16_t* __restrict__ out, const int* meta, const int* qb_start,
                                              int Hq, int SW, int D) {
   constexpr int NW = CB_THREADS / 32;
-  extern __shared__ float cb_s[];  // [SW, padded to 4] weights | [NW] partial max | [NW] weight sums | [NW][D] sums
-  float* w_s = cb_s;
-  float* red = cb_s + ((SW + 3) & ~3);  // the float4 sums below need 16-byte alignment: SW rounded up to 4
-  float* wsum_s = red + NW;
-  float* acc_s = wsum_s + NW;
+  extern __shared__ float cb_s[];  // [NW][D] sums | [NW] maxima | [NW] weight sums (D % 4 == 0: float4 aligned)
+  float* acc_s = cb_s;
+  float* m_s = acc_s + NW * D;
+  float* wsum_s = m_s + NW;
   const int qb = blockIdx.x, h = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  if (qb >= meta[0]) return;
+  const int nqb = meta[0], row = qb_start[qb];
   const size_t slot0 = ((size_t)qb * Hq + h) * SW;
-  float mx = LSERVE_NEG_INF;
-  for (int s = tid; s < SW; s += CB_THREADS) {
-    const float l = part_lse[slot0 + s];
-    w_s[s] = l;
-    mx = fmaxf(mx, l);
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  if (lane == 0) red[warp] = mx;
-  __syncthreads();
-  mx = red[0];
-#pragma unroll
-  for (int i = 1; i < NW; ++i) mx = fmaxf(mx, red[i]);
-  const float m_use = mx == LSERVE_NEG_INF ? 0.f : mx;
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  float wsum = 0.f;
   const bool active = lane * 4 < D;
-#pragma unroll 4
-  for (int s = warp; s < SW; s += NW) {
-    const float w = fast_exp2(w_s[s] - m_use);
-    wsum += w;
-    if (active) {
-      const float4 v = *reinterpret_cast<const float4*>(part_o + (slot0 + s) * D + lane * 4);
-      acc.x = fmaf(w, v.x, acc.x);
-      acc.y = fmaf(w, v.y, acc.y);
-      acc.z = fmaf(w, v.z, acc.z);
-      acc.w = fmaf(w, v.w, acc.w);
+  float m_run = LSERVE_NEG_INF, wsum = 0.f;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int s0 = warp; s0 < SW; s0 += NW * CB_BATCH) {
+    float l[CB_BATCH];
+    float4 v[CB_BATCH];
+#pragma unroll
+    for (int i = 0; i < CB_BATCH; ++i) {
+      const int s = s0 + i * NW;
+      l[i] = s < SW ? part_lse[slot0 + s] : LSERVE_NEG_INF;
+      v[i] = s < SW && active ? *reinterpret_cast<const float4*>(part_o + (slot0 + s) * D + lane * 4)
+                              : make_float4(0.f, 0.f, 0.f, 0.f);
     }
+    float mb = m_run;
+#pragma unroll
+    for (int i = 0; i < CB_BATCH; ++i) mb = fmaxf(mb, l[i]);
+    const float m_use = mb == LSERVE_NEG_INF ? 0.f : mb;  // all -inf so far: every weight below is 0
+    const float a = fast_exp2(m_run - m_use);
+    wsum *= a;
+    acc = make_float4(acc.x * a, acc.y * a, acc.z * a, acc.w * a);
+#pragma unroll
+    for (int i = 0; i < CB_BATCH; ++i) {
+      const float w = fast_exp2(l[i] - m_use);
+      wsum += w;
+      acc = make_float4(fmaf(w, v[i].x, acc.x), fmaf(w, v[i].y, acc.y), fmaf(w, v[i].z, acc.z),
+                        fmaf(w, v[i].w, acc.w));
+    }
+    m_run = mb;
   }
+  if (qb >= nqb) return;  // CTA-uniform, before the barrier
   if (active) *reinterpret_cast<float4*>(acc_s + warp * D + lane * 4) = acc;
-  if (lane == 0) wsum_s[warp] = wsum;
+  if (lane == 0) m_s[warp] = m_run, wsum_s[warp] = wsum;
   __syncthreads();
   if (tid < D) {
+    float mx = m_s[0];
+#pragma unroll
+    for (int i = 1; i < NW; ++i) mx = fmaxf(mx, m_s[i]);
+    const float m_use = mx == LSERVE_NEG_INF ? 0.f : mx;
     float a = 0.f, ws = 0.f;
 #pragma unroll
     for (int i = 0; i < NW; ++i) {
-      a += acc_s[i * D + tid];
-      ws += wsum_s[i];
+      const float f = fast_exp2(m_s[i] - m_use);
+      a = fmaf(f, acc_s[i * D + tid], a);
+      ws = fmaf(f, wsum_s[i], ws);
     }
-    out[((size_t)qb_start[qb] * Hq + h) * D + tid] = float_to_half(ws > 0.f ? a / ws : 0.f);
+    out[((size_t)row * Hq + h) * D + tid] = float_to_half(ws > 0.f ? a / ws : 0.f);
   }
 }
 

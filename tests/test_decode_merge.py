@@ -10,7 +10,7 @@ decode_body and decode_body_v2) and of what the combine does with the merged par
   (2 t4 + j) * D/8 + nt, the permuted PV columns) through MergeSmem::at into shared memory and back through the
   merge's float4 chunk reads gives every (row, dim) once in plain order, inside the warp's region, with no bank
   conflicts on the stores (a half warp per 64-bit store, a quarter warp per 128-bit one) or the merge's loads;
-- the launcher: the combine's shared memory over `splits` partials, and when the decode kernel writes the output.
+- the launcher: the combine's shared memory, and when the decode kernel writes the output.
 """
 
 from __future__ import annotations
@@ -61,13 +61,31 @@ def cta_merge(mw, lw, ow, ogain):
     return acc * inv[:, None], lse
 
 
+CB_WARPS, CB_BATCH = 8, 8  # combine_body: CB_THREADS / 32, CB_BATCH
+
+
 def combine(po, plse):
-    """combine_body: po [SW, H, D], plse [SW, H] -> out [H, D]."""
-    mx = plse.max(axis=0)
-    m_use = np.where(mx == -np.inf, 0.0, mx)
-    w = np.exp2(plse - m_use[None])
-    ws = w.sum(axis=0)
-    a = (w[:, :, None] * po).sum(axis=0)
+    """combine_body: po [SW, H, D], plse [SW, H] -> out [H, D]. Warp w folds splits w, w + 8, ... in batches of 8
+    into a running max, weight sum and O sum; thread d then merges the 8 warps'."""
+    sw = plse.shape[0]
+    m_w, ws_w, acc_w = [], [], []
+    for w in range(CB_WARPS):
+        m_run = np.full(plse.shape[1], -np.inf)
+        wsum, acc = np.zeros(plse.shape[1]), np.zeros(po.shape[1:])
+        for s0 in range(w, sw, CB_WARPS * CB_BATCH):
+            idx = [s for s in range(s0, s0 + CB_WARPS * CB_BATCH, CB_WARPS) if s < sw]
+            mb = np.maximum(m_run, plse[idx].max(axis=0)) if idx else m_run
+            m_use = np.where(mb == -np.inf, 0.0, mb)
+            a = np.exp2(m_run - m_use)
+            wgt = np.exp2(plse[idx] - m_use[None])
+            wsum = wsum * a + wgt.sum(axis=0)
+            acc = acc * a[:, None] + (wgt[:, :, None] * po[idx]).sum(axis=0)
+            m_run = mb
+        m_w.append(m_run), ws_w.append(wsum), acc_w.append(acc)
+    m_w, ws_w, acc_w = np.array(m_w), np.array(ws_w), np.array(acc_w)
+    mx = m_w.max(axis=0)
+    f = np.exp2(m_w - np.where(mx == -np.inf, 0.0, mx)[None])
+    a, ws = (f[:, :, None] * acc_w).sum(axis=0), (f * ws_w).sum(axis=0)
     return np.where(ws[:, None] > 0, a / np.where(ws > 0, ws, 1.0)[:, None], 0.0)
 
 
@@ -131,6 +149,7 @@ def _lse_total(plse):
         (12, 2, "last"),  # only the newest key is visible
         (8, 2, "all"),  # nothing visible: O = 0, lse = -inf everywhere
         (0, 2, "none"),  # an empty list
+        (600, 70, "window"),  # more splits than the combine's 8 warps x 8 take in one batch
     ],
 )
 @pytest.mark.parametrize("gain", [1.0, 64.0])
@@ -292,23 +311,21 @@ class _Out:
 def test_launcher_partials_and_direct_output():
     from lserve_lite.backends import cuda_attention as att
 
-    assert att.combine_smem(49, 128) == (52 + 2 * 8 * 65) * 4  # sw = splits (padded to 4), not splits * 4
+    # per warp: D sums, a max, a weight sum; the same for any split count
+    assert att.combine_smem(128) == (8 * 128 + 2 * 8) * 4
     assert att.decode_writes_output(1, _Out())
     assert not att.decode_writes_output(2, _Out())
     assert not att.decode_writes_output(1, _Out(contiguous=False))
     assert not att.decode_writes_output(1, _Out(ptr=(1 << 20) + 2))
 
 
-def test_combine_sums_are_16_byte_aligned():
-    """combine_body's float4 sums follow SW weights and 2 NW floats: with SW = splits (any count, no longer a
-    multiple of 4) the weights must be padded to 4 floats, in the kernel and in the launcher's size (the H200
-    raised CUDA_ERROR_MISALIGNED_ADDRESS before the padding)."""
+def test_combine_layout_matches_the_kernel():
+    """combine_body's shared memory: the float4 sums first (16-byte aligned at any D % 4 == 0), then the warps'
+    maxima and weight sums; the kernel's batch and warp counts are the ones the emulation above uses."""
     from lserve_lite.backends import cuda_attention as att
     from lserve_lite.backends.cuda_compile import read_source
 
     src = read_source("attention_decode.cu")
-    assert "float* red = cb_s + ((SW + 3) & ~3);" in src
-    for sw in range(1, 70):
-        pad = -(-sw // 4) * 4
-        assert (pad + 2 * 8) * 4 % 16 == 0
-        assert att.combine_smem(sw, 128) == (pad + 2 * 8 * 65) * 4
+    assert "float* m_s = acc_s + NW * D;" in src
+    assert f"constexpr int CB_THREADS = {CB_WARPS * 32}, CB_BATCH = {CB_BATCH};" in src
+    assert att._COMBINE_THREADS == CB_WARPS * 32

@@ -164,11 +164,12 @@ def test_decode_matches_reference(name):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("splits", [1, 3, 40])
+@pytest.mark.parametrize("splits", [1, 3, 40, 70])
 @pytest.mark.parametrize("name", ["batch4_llama_shape", "streaming_mixed", "group20_two_head_tiles"])
 def test_decode_split_counts(name, splits):
-    """Forced split counts: 1 (the decode kernel writes the output itself, no combine), 3, and 40 (many CTAs whose
-    four warp ranges are all empty for the short lists): each CTA merges its 4 warps' partials before the combine."""
+    """Forced split counts: 1 (the decode kernel writes the output itself, no combine), 3, 40 (many CTAs whose
+    four warp ranges are all empty for the short lists) and 70 (more partials than the combine's warps fold in one
+    batch of loads): each CTA merges its 4 warps' partials before the combine."""
     rng = np.random.default_rng(zlib.crc32(name.encode()) + splits)
     ctx, hq, hkv, d, ps, sink, local, hc = DECODE_CASES[name]
     q, k, v, plan, hcl, ref = make_case(

@@ -400,10 +400,11 @@ def _ctas_per_sm(fn, smem: int) -> int:
     return max(1, min(16, by_smem, by_regs))
 
 
-def combine_smem(sw: int, d: int) -> int:
-    """Dynamic shared memory of paged_attn_decode_combine over `sw` partials per head (combine_body: the
-    weights, a max, a weight sum and D sums per warp)."""
-    return (-(-sw // 4) * 4 + 2 * (_COMBINE_THREADS // 32) * (1 + d // 2)) * 4  # weights padded to 16 bytes
+def combine_smem(d: int) -> int:
+    """Dynamic shared memory of paged_attn_decode_combine (combine_body: per warp, D sums, a max and a weight
+    sum); independent of the split count (each warp folds its splits into a running max in registers)."""
+    nw = _COMBINE_THREADS // 32
+    return (nw * d + 2 * nw) * 4
 
 
 def decode_writes_output(splits: int, out) -> bool:
@@ -549,7 +550,7 @@ def paged_attention(
                 (plan.max_qblocks, hq),
                 (_COMBINE_THREADS,),
                 (part_o, part_lse, out, plan.meta, plan.qb_start, np.int32(hq), np.int32(sw), np.int32(d)),
-                shared_mem=combine_smem(sw, d),
+                shared_mem=combine_smem(d),
             )
         return out
     # Prefill: BM = 64 * mt rows per CTA, packing `heads_per_cta` heads of `rows_per_head` rows each.
