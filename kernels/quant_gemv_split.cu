@@ -148,10 +148,12 @@ template <typename F, int R>
 constexpr int SPLIT_U = (4 / R) / (F::BITS / 4) > 0 ? (4 / R) / (F::BITS / 4) : 1;
 
 // Blocks per SM ptxas is told to fit (__launch_bounds__): at batch 1 with ~4 loads a set, 3 (<= 80 registers; left
-// to itself ptxas aimed several at 64 and spilled; Q4_K with SILU spills at 80); elsewhere 1 (no cap below 255).
-template <typename F, int R, int NMAX, int P, bool SILU>
+// to itself ptxas aimed several at 64 and spilled; Q4_K with SILU spills at 80); the deep sets (UX = 2) 2 (<= 128
+// registers; Q4_K spills there: 1); elsewhere 1 (no cap below 255).
+template <typename F, int R, int NMAX, int P, bool SILU, int UX>
 constexpr int SPLIT_MIN_BLOCKS =
-    NMAX == 1 && P == 1 && SPLIT_U<F, R> * R * F::WORDS <= 16 && !(SILU && F::SUB == 32) ? 3 : 1;
+    UX > 1 ? (F::SUB == 32 ? 1 : 2)
+           : (NMAX == 1 && P == 1 && SPLIT_U<F, R> * R * F::WORDS <= 16 && !(SILU && F::SUB == 32) ? 3 : 1);
 
 // One register set: chunks c0, c0 + 32, ... (U of them) of a warp's R rows; integers, scales, additive terms,
 // sub-scales, and (CPG = 0) each row's scale, loaded here so that the epilogue waits on no load.
@@ -284,13 +286,16 @@ struct SplitItem {
 // SILU (R even, TOut = __half, P = 1): W is the row-fused gate/up matrix [2M, K], a warp's R rows are R/2 gate
 // rows and their up rows (acc_row), and y[r * ldy + m] = silu(g) * u on the float32 sums, each with int8's
 // per-channel scale applied first (CudaOps.gate_up_silu; reference: silu_mul_ref(x @ W^T)).
-template <typename F, int R, int NMAX, int P, typename TOut, bool SILU = false>
-__global__ void __launch_bounds__(SWARPS * 32, (SPLIT_MIN_BLOCKS<F, R, NMAX, P, SILU>))
+// UX = 2 ("deep"): register sets of twice the chunks, for matrices with fewer row groups than the GPU holds warps
+// (o_proj and down of a Llama-3-8B shape: 2,048 groups of 2 rows): their warps are all resident at 2 blocks per SM
+// as well, and each keeps twice the bytes in flight (cuda_quant.split_deep decides).
+template <typename F, int R, int NMAX, int P, typename TOut, bool SILU = false, int UX = 1>
+__global__ void __launch_bounds__(SWARPS * 32, (SPLIT_MIN_BLOCKS<F, R, NMAX, P, SILU, UX>))
     quant_gemv_split(const u8* __restrict__ q, const __half* __restrict__ d, const __half* __restrict__ mn,
                      const unsigned short* __restrict__ sub, const __half* __restrict__ x, int n,
                      TOut* __restrict__ y, int ldy, int M, int K) {
   static_assert(!SILU || R % 2 == 0, "SILU pairs gate and up rows in a warp");
-  constexpr int U = SPLIT_U<F, R>, RO = SILU ? R / 2 : R;  // chunks per lane and set, outputs per warp
+  constexpr int U = SPLIT_U<F, R> * UX, RO = SILU ? R / 2 : R;  // chunks per lane and set, outputs per warp
   extern __shared__ int4 smem[];
   int* xq = reinterpret_cast<int*>(smem);
   float2* xs = reinterpret_cast<float2*>(xq + P * n * (K / 4));

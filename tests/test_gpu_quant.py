@@ -187,7 +187,7 @@ def test_kernel_names_cover_every_format_and_row_count():
     from lserve_lite.backends.quant_split import SPLIT_FORMATS
 
     assert len(QUANT_KERNELS) == len(LAYOUTS) * (2 * len(GEMV_VARIANTS) * len(GEMV_ROWS) + 1)
-    per_fmt = (len(SPLIT_PASSES) * len(SPLIT_R) + len(SPLIT_SILU_R)) * len(SPLIT_ROWS) + 1
+    per_fmt = (len(SPLIT_PASSES) * len(SPLIT_R) + len(SPLIT_SILU_R)) * len(SPLIT_ROWS) + 2  # + deep, dequant
     assert len(SPLIT_KERNELS) == len(SPLIT_FORMATS) * per_fmt
     names = kernel_names("q4_k")
     assert "quant_gemv<Q4_K, 8, float>" in names and "quant_gemv2<Q4_K, 8, float>" in names
@@ -199,6 +199,52 @@ def test_kernel_names_cover_every_format_and_row_count():
     assert "quant_gemv_split<SQ4_1, 4, 8, 2, float>" in kernel_names("q4_1", ("split",))
     assert "quant_gemv_split<SINT4, 2, 1, 1, __half, true>" in kernel_names("int4", ("split",))
     assert kernel_names("int8", ("split",))[-1] == "quant_dequant_split<SINT8>"
+    assert "quant_gemv_split<SINT8, 2, 1, 1, __half, false, 2>" in kernel_names("int8", ("split",))
+
+
+def test_deep_split_gemv_choice(monkeypatch):
+    """The deep split GEMV (UX = 2) runs R = 2 launches whose row groups all have a resident warp: the
+    Llama-3-8B shape's o_proj / down (4,096 rows) on an H200 (2,112 warps at 2 blocks per SM), not its qkv (6,144
+    rows), not R = 4; LSERVE_QGEMV_DEEP=0 turns it off."""
+    from lserve_lite.backends.cuda_quant import deep_setting, split_deep
+
+    h200 = 132 * 2  # resident blocks of the deep kernel (8 warps each)
+    assert split_deep(4096, 2, h200) and split_deep(264 * 16, 2, h200)
+    assert not split_deep(6144, 2, h200) and not split_deep(4096, 4, h200) and not split_deep(4096, 1, h200)
+    assert not split_deep(264 * 16 + 1, 2, h200) and not split_deep(4096, 2, 255)
+    monkeypatch.delenv("LSERVE_QGEMV_DEEP", raising=False)
+    assert deep_setting()
+    monkeypatch.setenv("LSERVE_QGEMV_DEEP", "0")
+    assert not deep_setting()
+    monkeypatch.setenv("LSERVE_QGEMV_DEEP", "yes")
+    with pytest.raises(ValueError, match="LSERVE_QGEMV_DEEP"):
+        deep_setting()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "int4", "q8_0", "q4_1", "q4_k", "q6_k"])
+def test_deep_split_gemv_equals_shallow(hctx, fmt):
+    """The deep split GEMV adds each lane's chunks in the same order as the shallow one (only the loads per
+    register set differ), so both give the same bits; the launcher takes it here (514 row groups of 2 rows)."""
+    from lserve_lite.backends.cuda_quant import deep_name, split_deep, split_smem
+    from lserve_lite.harness.common import setting
+    from lserve_lite.harness.quant import random_quant
+
+    q = hctx.ops.quant
+    m, k = 1027, 2304
+    w = hctx.ops.upload(random_quant(fmt, m, k, hctx.rng))
+    fns = q._kernels(fmt, "split")
+    deep = deep_name(w.split.trait)
+    assert split_deep(m, 2, q.resident_blocks(deep, fns[deep], split_smem(1, k)))
+    x = hctx.dev16(hctx.f16(1, k))
+    outs = []
+    for on in (True, False):
+        got = hctx.poison((1, m), np.float16)
+        with setting(q, "split_r", 2), setting(q, "split_deep", on):
+            hctx.ops.gemm(x, w, np.float16, out=got)
+        outs.append(hctx.cp.asnumpy(got))
+    assert np.isfinite(outs[0]).all()
+    np.testing.assert_array_equal(outs[0], outs[1])
 
 
 def test_gemv_variant_from_the_environment(monkeypatch):

@@ -114,7 +114,7 @@ def test_arch_specific_source_refuses_other_targets(source, arch):
 @pytest.mark.parametrize(
     "args",
     [("--variants", "silu", "rows", "norm", "--formats", "int8", "int4", "q4_1"),
-     ("--variants", "split", "silu", "--formats", "q4_k", "q6_k")],
+     ("--variants", "split", "silu", "--formats", "q4_k", "q6_k", "int8")],
     ids=["gate_up_silu_and_norm", "k_quant_split"],
 )  # fmt: skip
 def test_split_kernels_on_the_host(args):

@@ -127,8 +127,9 @@ def check_gemv(
     outs = [str(tmp / f) for f in ("x.bin", "y.bin")]
     passes = 2 if mode.endswith("p2") else 1
     same = True  # the persistent grid's output equals the full grid's
-    if mode.startswith("split"):  # split1 / split2 / split4: R rows per warp; "p2": the logits' two passes
-        sizes = [str(v) for v in (n, m, k, ldy, mode[5], passes)]
+    if mode.startswith("split"):  # split1 / split2 / split4: R rows per warp; "p2": the logits' two passes;
+        # split2d: R = 2 with the deep register sets (quant_gemv_split's UX = 2)
+        sizes = [str(v) for v in (n, m, k, ldy, "-2" if mode.startswith("split2d") else mode[5], passes)]
         arrays = write_split(tmp, qt)
         subprocess.run([str(exe), "split", fmt, *sizes, "0", *arrays, *outs], check=True)
         y = np.fromfile(tmp / "y.bin", np.float32).reshape(n, ldy)
@@ -309,7 +310,7 @@ def main(argv=None) -> int:
                         if mode in ("gemv", "gemv2"):
                             ok &= check_gemv(exe, tmp, fmt, n, k, m, rng, mode)
                         elif mode == "split" and fmt in SPLIT_FORMATS:
-                            for r in ("1", "2", "4", "1p2", "4p2"):
+                            for r in ("1", "2", "2d", "4", "1p2", "4p2"):
                                 ok &= check_gemv(exe, tmp, fmt, n, k, m, rng, f"split{r}")
             ok &= check_dequant(exe, tmp, fmt, rng)
             if "split" in args.variants and fmt in SPLIT_FORMATS:

@@ -5,7 +5,8 @@
 //   quant_host_emu gemv2 FMT n M K ldy W X Y    the same through quant_gemv2 (LSERVE_QGEMV=v2)
 //   quant_host_emu dequant FMT M K n W IDS OUT  out[n, K] (fp16) = rows IDS (int64) of W through quant_dequant
 // and of kernels/quant_gemv_split.cu (the split layout's arrays Q D MN SUB as written by quant_split.split):
-//   quant_host_emu split FMT n M K ldy R P G Q D MN SUB X Y   y through quant_gemv_split: R rows per warp, P passes,
+//   quant_host_emu split FMT n M K ldy R P G Q D MN SUB X Y   y through quant_gemv_split: R rows per warp (-2: 2,
+//                                                            with the deep register sets, UX = 2), P passes,
 //                                                            G blocks (0: a row group per warp; fewer: each warp
 //                                                            loops over several, as LSERVE_QGEMV_SPLIT=persist)
 //   quant_host_emu ssilu FMT n M K ldy R G Q D MN SUB X Y     y[n, ldy] (fp16) = silu(x Wg^T) * (x Wu^T) through
@@ -229,29 +230,29 @@ static int split_grid(int outs, int per_warp, int G) {
   return G > 0 && G < full ? G : full;
 }
 
-template <typename S, int R, int NMAX, int P>
+template <typename S, int R, int NMAX, int P, int UX>
 static void gemv_split(int n, int M, int K, int ldy, int G, char** a) {
   const SplitArrays<S> w(a, M, K);
   const __half* x = read_file<__half>(a[4], (size_t)n * K, 0);
   std::vector<float> y((size_t)n * ldy, 12345.f);
   float* yp = y.data();
   launch_blocks(split_grid(M, R, G), SWARPS,
-                [=] { quant_gemv_split<S, R, NMAX, P, float>(w.q, w.d, w.mn, w.sub, x, n, yp, ldy, M, K); });
+                [=] { quant_gemv_split<S, R, NMAX, P, float, false, UX>(w.q, w.d, w.mn, w.sub, x, n, yp, ldy, M, K); });
   write_file(a[5], yp, y.size());
 }
 
-template <typename S, int R, int P>
+template <typename S, int R, int P, int UX>
 static void gemv_split_n(int n, int M, int K, int ldy, int G, char** a) {
-  if (n <= 1) return gemv_split<S, R, 1, P>(n, M, K, ldy, G, a);
-  if (n <= 2) return gemv_split<S, R, 2, P>(n, M, K, ldy, G, a);
-  if (n <= 4) return gemv_split<S, R, 4, P>(n, M, K, ldy, G, a);
-  gemv_split<S, R, 8, P>(n, M, K, ldy, G, a);
+  if (n <= 1) return gemv_split<S, R, 1, P, UX>(n, M, K, ldy, G, a);
+  if (n <= 2) return gemv_split<S, R, 2, P, UX>(n, M, K, ldy, G, a);
+  if (n <= 4) return gemv_split<S, R, 4, P, UX>(n, M, K, ldy, G, a);
+  gemv_split<S, R, 8, P, UX>(n, M, K, ldy, G, a);
 }
 
-template <typename S, int R>
+template <typename S, int R, int UX = 1>
 static void gemv_split_p(int n, int M, int K, int ldy, int P, int G, char** a) {
-  if (P == 2) return gemv_split_n<S, R, 2>(n, M, K, ldy, G, a);
-  gemv_split_n<S, R, 1>(n, M, K, ldy, G, a);
+  if (P == 2) return gemv_split_n<S, R, 2, UX>(n, M, K, ldy, G, a);
+  gemv_split_n<S, R, 1, UX>(n, M, K, ldy, G, a);
 }
 
 // quant_gemv_split with SILU: M outputs from 2M rows of W; y fp16 with a sentinel (12344) everywhere.
@@ -295,6 +296,7 @@ static void run_split(const std::string& mode, char** v) {
   const int G = atoi(v[6]);
   if (R == 1) return gemv_split_p<S, 1>(n, M, K, ldy, P, G, v + 7);
   if (R == 2) return gemv_split_p<S, 2>(n, M, K, ldy, P, G, v + 7);
+  if (R == -2) return gemv_split_p<S, 2, 2>(n, M, K, ldy, P, G, v + 7);  // the deep sets (UX = 2)
   gemv_split_p<S, 4>(n, M, K, ldy, P, G, v + 7);
 }
 

@@ -59,6 +59,9 @@ SPLIT_PASSES = ((1, "__half"), (2, "float"))
 # NMAX of the split kernels (fewer than GEMV_ROWS: each instantiation costs compile time)
 SPLIT_ROWS = (1, 4, 8)
 SPLIT_GRIDS = ("persist", "grid")  # LSERVE_QGEMV_SPLIT: the split GEMV's grid (split_blocks)
+# Rows per warp with a "deep" instantiation (UX = 2: register sets of twice the chunks, batch 1, fp16 out, one
+# pass), for matrices whose row groups all fit the GPU's resident warps (split_deep)
+SPLIT_DEEP_R = 2
 SMEM_DEFAULT = 48 << 10  # dynamic shared memory a launch gets without opting in
 
 
@@ -90,6 +93,27 @@ def split_blocks(outs: int, per_warp: int, resident: int | None = None) -> int:
     next loads are issued before its current math instead of waiting for a new block and its x quantization)."""
     full = -(-outs // (SPLIT_WARPS * per_warp))
     return max(1, min(full, resident)) if resident else full
+
+
+def deep_name(trait: str) -> str:
+    """The deep split GEMV of a split format's trait struct (quant_gemv_split's UX = 2)."""
+    return f"quant_gemv_split<{trait}, {SPLIT_DEEP_R}, 1, 1, __half, false, 2>"
+
+
+def deep_setting() -> bool:
+    """$LSERVE_QGEMV_DEEP: "1" (the default) lets split_deep pick the deep GEMV, "0" never (the A / B switch)."""
+    v = os.environ.get("LSERVE_QGEMV_DEEP", "1").strip() or "1"
+    if v not in ("0", "1"):
+        raise ValueError(f"LSERVE_QGEMV_DEEP={v!r}: expected 0 or 1")
+    return v == "1"
+
+
+def split_deep(outs: int, r: int, deep_resident: int) -> bool:
+    """Whether a batch-1 launch of `outs` outputs at `r` rows per warp takes the deep GEMV: r is the deep R and
+    every row group has its own warp among the deep kernel's `deep_resident` resident blocks, so each warp holds
+    twice the bytes in flight and none loops. On an H200, o_proj and down of a Llama-3-8B shape (4,096 rows: 2,048
+    groups against 2,112 resident warps at 2 blocks per SM); qkv (3,072 groups) and gate_up keep the shallow sets."""
+    return r == SPLIT_DEEP_R and split_blocks(outs, r) <= deep_resident
 
 
 def pick_variant(setting: str, fmt: str, n: int) -> str:
@@ -150,6 +174,7 @@ def kernel_names(fmt: str, variants: tuple[str, ...] = (*GEMV_VARIANTS, "split")
                           for p, o in SPLIT_PASSES]  # fmt: skip
                 names += [f"quant_gemv_split<{s}, {r}, {n}, 1, __half, true>" for r in SPLIT_SILU_R
                           for n in SPLIT_ROWS]  # fmt: skip
+                names.append(deep_name(s))
                 names.append(f"quant_dequant_split<{s}>")
             continue
         names += [f"{GEMV_VARIANTS[v][0]}<{t}, {n}, {o}>" for n in GEMV_ROWS for o in ("__half", "float")]
@@ -214,6 +239,7 @@ class QuantKernels:
         self.split_r: int | None = None  # split GEMV rows per warp (None: split_rows; benchmarks set it)
         self.split_grid = split_grid_setting()  # "persist" | "grid": the split GEMV's grid (split_blocks)
         self.split_resident: int | None = None  # persistent launches' blocks (None: the occupancy's; tests)
+        self.split_deep = deep_setting()  # the deep GEMV where split_deep allows it
         self._resident: dict[tuple[str, int], int] = {}  # (kernel, shared memory) -> blocks resident at once
         self._num_sms: int | None = None
         self._fns: dict[tuple[str, str], dict[str, Any]] = {}
@@ -388,6 +414,10 @@ class QuantKernels:
             resident = self.split_resident
             if resident is None and self.split_grid == "persist":
                 resident = self.resident_blocks(name, fn, smem)
+            if self.split_deep and not silu and nmax == 1 and passes == 1:
+                deep = deep_name(w.split.trait)
+                if split_deep(outs, r, self.resident_blocks(deep, fns[deep], smem)):
+                    fn, resident = fns[deep], None  # a row group per warp
             grid = split_blocks(outs, r // 2 if silu else r, resident)
             fn((grid,), (32 * SPLIT_WARPS,), args, shared_mem=smem)
 

@@ -164,6 +164,11 @@ def case_quant_gemv(c: Ctx) -> list[Result]:
             out.append(check_linear(c, qt, 2, variant="auto", tag=" R4"))
             qt = random_quant(fmt, 2 * 8 * 264 + 3, 96 if block == 32 else block, c.rng)
             out.append(check_linear(c, qt, 1, variant="auto", tag=" R2"))
+            # R = 2 on 514 row groups: the deep register sets (cuda_quant.split_deep) on any GPU of 33+ SMs,
+            # two K steps of 64 chunks (8-bit) or 128 (4-bit), the last one partial
+            with setting(c.ops.quant, "split_r", 2):
+                qt = random_quant(fmt, 1027, 2304 if 2304 % block == 0 else 4 * block, c.rng)
+                out.append(check_linear(c, qt, 1, variant="auto", tag=" R2 deep"))
             # a persistent grid of 3 blocks: each warp loops over row groups and K steps (LSERVE_QGEMV_SPLIT)
             with setting(c.ops.quant, "split_resident", 3):
                 qt = random_quant(fmt, 1001, 2304, c.rng)
