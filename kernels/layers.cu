@@ -133,31 +133,40 @@ __device__ __forceinline__ void rope_pairs8(const __half* x, int j0, int half_d,
   *reinterpret_cast<uint4*>(dst + j0 + half_d) = hi;
 }
 
-// A quantized cache (KV = lskv::Int8 / Int4 / Fp8, kernels/kv_quant.cuh): warp w of the row's blockIdx.y-th block
-// quantizes K (after RoPE, rounded to fp16 as a float cache would hold it) or V of KV head g, for items
-// blockIdx.y * warps + w, then every gridDim.y * warps, of 2 * hkv; `where(is_k, g, vals, scales)` points at the
-// row's values and scales, or returns false (nothing to write).
+// A quantized cache (KV = lskv::Int8 / Int4 / Fp8, kernels/kv_quant.cuh): the calling warp quantizes K (after RoPE,
+// rounded to fp16 as a float cache would hold it) or V of KV head g for item = g (K) or hkv + g (V);
+// `where(is_k, g, vals, scales)` points at the row's values and scales, or returns false (nothing to write).
 template <class KV, class Where>
-__device__ __forceinline__ void write_kv_quant(const __half* x, int hq, int hkv, int head_dim, const __half* cos_row,
-                                               const __half* sin_row, Where where) {
-  const int lane = threadIdx.x & 31, ni = head_dim / 32, half_d = head_dim / 2, warps = blockDim.x >> 5;
-  for (int item = blockIdx.y * warps + (threadIdx.x >> 5); item < 2 * hkv; item += gridDim.y * warps) {
-    const bool is_k = item < hkv;
-    unsigned char* vals;
-    unsigned short* scales;
-    if (!where(is_k, is_k ? item : item - hkv, vals, scales)) continue;
-    const __half* src = x + (hq + item) * head_dim;
-    float v[8];
-    for (int i = 0; i < ni; ++i) {
-      const int c = i * 32 + lane;
-      v[i] = __half2float(is_k ? rope_channel(src, c, half_d, cos_row, sin_row) : src[c]);
-    }
-    if (is_k)
-      lskv::quantize_row<typename KV::KEY>(v, ni, vals, scales, lane);
-    else
-      lskv::quantize_row<KV>(v, ni, vals, scales, lane);
+__device__ __forceinline__ void write_kv_quant(const __half* x, int item, int hq, int hkv, int head_dim,
+                                               const __half* cos_row, const __half* sin_row, Where where) {
+  const int lane = threadIdx.x & 31, ni = head_dim / 32, half_d = head_dim / 2;
+  const bool is_k = item < hkv;
+  unsigned char* vals;
+  unsigned short* scales;
+  if (!where(is_k, is_k ? item : item - hkv, vals, scales)) return;
+  const __half* src = x + (hq + item) * head_dim;
+  float v[8];
+  for (int i = 0; i < ni; ++i) {
+    const int c = i * 32 + lane;
+    v[i] = __half2float(is_k ? rope_channel(src, c, half_d, cos_row, sin_row) : src[c]);
   }
+  if (is_k)
+    lskv::quantize_row<typename KV::KEY>(v, ni, vals, scales, lane);
+  else
+    lskv::quantize_row<KV>(v, ni, vals, scales, lane);
 }
+
+// A row's work as one index space over the threads of its gridDim.y blocks, each thread one item at a time, so
+// the kinds run side by side instead of one after another in the same threads (a decode row's few threads then wait
+// on one round trip to memory, not on one per kind): [0, pairs) rope_pairs8 items, padded to a warp; then
+// QUANT_ROWS quantized K / V rows of 32 lanes each (write_kv_quant; warp-aligned, so every lane of a warp is in the
+// same row); then `extra` items (the page statistics of rope_write_kv_sparse). cuda.py's _rope_threads counts them.
+struct RowItems {
+  int pairs, quant0, extra0, end;
+  __device__ __forceinline__ RowItems(int pairs_, int quant_rows, int extra)
+      : pairs(pairs_), quant0((pairs_ + 31) & ~31), extra0(quant0 + 32 * quant_rows),
+        end((quant0 + 32 * quant_rows + extra + 31) & ~31) {}
+};
 
 // Byte offset of a (token, head) row's values, and its first scale, in the K (is_k) or V pool of format KV.
 template <class KV>
@@ -190,8 +199,23 @@ __global__ void rope_write_kv(const __half* __restrict__ qkv, const long long* _
   const __half* sin_row = sin_t + pos * half_d;
   __half* kc = static_cast<__half*>(k_cache);
   __half* vc = static_cast<__half*>(v_cache);
-  const int per_head = half_d / 8, items = (KV::QUANT ? hq : nheads) * per_head;
-  for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < items; i += gridDim.y * blockDim.x) {
+  const int per_head = half_d / 8;
+  const RowItems it((KV::QUANT ? hq : nheads) * per_head, KV::QUANT ? 2 * hkv : 0, 0);
+  for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < it.end; i += gridDim.y * blockDim.x) {
+    if (i >= it.quant0) {  // a quantized K / V row: the warp's (i is warp-uniform past quant0)
+      if constexpr (KV::QUANT) {
+        if (slot >= 0)
+          write_kv_quant<KV>(x, (i - it.quant0) >> 5, hq, hkv, head_dim, cos_row, sin_row,
+                             [&](bool is_k, int g, unsigned char*& vals, unsigned short*& sc) {
+                               const long long r = (page * hkv + g) * page_size + offset;
+                               kv_row<KV>(is_k ? k_cache : v_cache, is_k ? k_scale : v_scale, r, head_dim, is_k,
+                                          vals, sc);
+                               return true;
+                             });
+      }
+      continue;
+    }
+    if (i >= it.pairs) continue;
     const int h = i / per_head, j0 = (i - h * per_head) * 8;
     __half* dst;
     if (h < hq)
@@ -204,15 +228,52 @@ __global__ void rope_write_kv(const __half* __restrict__ qkv, const long long* _
       dst = vc + ((page * hkv + (h - hq - hkv)) * page_size + offset) * head_dim;
     rope_pairs8(x + h * head_dim, j0, half_d, cos_row, sin_row, h < hq + hkv, dst);
   }
-  if constexpr (KV::QUANT) {
-    if (slot < 0) return;
-    write_kv_quant<KV>(x, hq, hkv, head_dim, cos_row, sin_row,
-                       [&](bool is_k, int g, unsigned char*& vals, unsigned short*& sc) {
-                         const long long r = (page * hkv + g) * page_size + offset;
-                         kv_row<KV>(is_k ? k_cache : v_cache, is_k ? k_scale : v_scale, r, head_dim, is_k, vals, sc);
-                         return true;
-                       });
+}
+
+// Page statistics item i = (KV head g, channel c) of rope_write_kv_sparse's row `row` (the batch's last row in the
+// logical page of dense slot dslot): kmax / kmin over the keys of the run of consecutive slots that ends at this
+// row (recomputed from qkv: other threads write them into the cache), merged with the stats the page already has
+// when the run starts past its offset 0. Streaming KV heads have none.
+__device__ __forceinline__ void page_stats_item(const __half* __restrict__ qkv, const long long* __restrict__ positions,
+                                                const long long* __restrict__ slots, const __half* __restrict__ cos_t,
+                                                const __half* __restrict__ sin_t, const int* __restrict__ head_class,
+                                                const int* __restrict__ head_slot, __half* __restrict__ kmax,
+                                                __half* __restrict__ kmin, int i, int row, long long dslot, int hq,
+                                                int hkv, int nd, int head_dim, int page_size, int sub) {
+  const int g = i / head_dim, c = i - g * head_dim;
+  if (head_class[g] != 0) return;
+  const int lp = page_size / sub, half_d = head_dim / 2, nheads = hq + 2 * hkv;
+  const long long lid = dslot / lp;
+  int r0 = row;  // first row of the run of consecutive slots in this logical page
+  while (r0 > 0 && slots[r0 - 1] == slots[r0] - 1 && slots[r0 - 1] / lp == lid) --r0;
+  const int last_off = (int)(dslot % lp), first_off = last_off - (row - r0);
+  const long long page = dslot / page_size;
+  const int lsub = (int)((dslot % page_size) / lp);
+  const long long st = ((page * nd + head_slot[g]) * sub + lsub) * head_dim + c;
+  float mx = -__int_as_float(0x7f800000), mn = __int_as_float(0x7f800000);
+  if (first_off > 0) {  // the stats of offsets 0 .. first_off - 1, written with them
+    mx = __half2float(kmax[st]);
+    mn = __half2float(kmin[st]);
   }
+  // This batch's key o of the logical page, recomputed from qkv.
+  auto key_at = [&](int o) -> float {
+    const int r = r0 + (o - first_off);
+    const long long p = positions[r];
+    const __half* xr = qkv + (long long)r * nheads * head_dim + (hq + g) * head_dim;
+    return __half2float(rope_channel(xr, c, half_d, cos_t + p * half_d, sin_t + p * half_d));
+  };
+  for (int o0 = first_off; o0 <= last_off; o0 += 8) {
+    float kv[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) kv[u] = o0 + u <= last_off ? key_at(o0 + u) : kv[0];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      mx = fmaxf(mx, kv[u]);
+      mn = fminf(mn, kv[u]);
+    }
+  }
+  kmax[st] = __float2half(mx);
+  kmin[st] = __float2half(mn);
 }
 
 // LServe mode: RoPE on q/k; KV head g's k/v go into the pool of its class (0: dense pool kd/vd [P, nd, page, D]
@@ -224,7 +285,7 @@ __global__ void rope_write_kv(const __half* __restrict__ qkv, const long long* _
 // when the run starts past its offset 0 (reference/page_stats.py merge_page_stats: with tokens appended in order,
 // the recomputation over the written prefix that update_page_stats defines; a quantized cache holds no
 // unquantized keys to recompute from, and a float one is spared reading up to 15 older keys a decode row).
-// Grid (N, Y) as rope_write_kv: the row's channels and its statistics' (head, channel) items spread over Y blocks.
+// Grid (N, Y) as rope_write_kv: the row's items (RowItems: channel pairs, quantized rows, statistics) over Y blocks.
 // KV: the cache format (quantized: fp16 scales kd_s/vd_s/ks_s/vs_s beside the pools).
 // Reference: lserve_lite/backends/reference/layers.py::rope_write_kv_sparse_ref (+ reference/page_stats.py).
 template <class KV>
@@ -247,76 +308,49 @@ __global__ void rope_write_kv_sparse(const __half* __restrict__ qkv, const long 
   const __half* sin_row = sin_t + pos * half_d;
   __half *kd = static_cast<__half*>(kd_p), *vd = static_cast<__half*>(vd_p);
   __half *ks = static_cast<__half*>(ks_p), *vs = static_cast<__half*>(vs_p);
-  const int first = blockIdx.y * blockDim.x + threadIdx.x, stride = gridDim.y * blockDim.x;
   const int per_head = half_d / 8;
-  for (int i = first; i < (KV::QUANT ? hq : nheads) * per_head; i += stride) {
-    const int h = i / per_head, j0 = (i - h * per_head) * 8;
-    __half* dst;
-    if (h < hq) {
-      dst = q_out + ((long long)row * hq + h) * head_dim;
-    } else {
-      const bool is_k = h < hq + hkv;
-      const int g = is_k ? h - hq : h - hq - hkv;
-      const int cls = head_class[g];
-      const long long slot = cls ? sslot : dslot;
-      if (slot < 0) continue;
-      const long long page = slot / page_size, off = slot % page_size;
-      dst = (is_k ? (cls ? ks : kd) : (cls ? vs : vd)) + ((page * (cls ? ns : nd) + head_slot[g]) * page_size + off) * head_dim;
-    }
-    rope_pairs8(x + h * head_dim, j0, half_d, cos_row, sin_row, h < hq + hkv, dst);
-  }
-  if constexpr (KV::QUANT) {
-    write_kv_quant<KV>(x, hq, hkv, head_dim, cos_row, sin_row,
-                       [&](bool is_k, int g, unsigned char*& vals, unsigned short*& sc) {
-                         const int cls = head_class[g];
-                         const long long slot = cls ? sslot : dslot;
-                         if (slot < 0) return false;
-                         const long long r = ((slot / page_size) * (cls ? ns : nd) + head_slot[g]) * page_size +
-                                             slot % page_size;
-                         kv_row<KV>(is_k ? (cls ? ks_p : kd_p) : (cls ? vs_p : vd_p),
-                                    is_k ? (cls ? ks_s : kd_s) : (cls ? vs_s : vd_s), r, head_dim, is_k, vals, sc);
-                         return true;
-                       });
-  }
-  if (kmax == nullptr || dslot < 0 || nd == 0) return;
-  // ---- page stats of the logical page holding dslot, if this row is the batch's last one written into it
+  // The page statistics of the logical page holding dslot, by the batch's last row written into it.
   const int lp = page_size / sub;
   const long long lid = dslot / lp;
-  if (row + 1 < n_rows && slots[row + 1] == dslot + 1 && (dslot + 1) / lp == lid) return;
-  int r0 = row;  // first row of the run of consecutive slots in this logical page
-  while (r0 > 0 && slots[r0 - 1] == slots[r0] - 1 && slots[r0 - 1] / lp == lid) --r0;
-  const int last_off = (int)(dslot % lp), first_off = last_off - (row - r0);
-  const long long page = dslot / page_size;
-  const int lsub = (int)((dslot % page_size) / lp);
-  for (int i = first; i < hkv * head_dim; i += stride) {
-    const int g = i / head_dim, c = i - g * head_dim;
-    if (head_class[g] != 0) continue;
-    const long long hrow = page * nd + head_slot[g];
-    const long long st = (hrow * sub + lsub) * head_dim + c;
-    float mx = -__int_as_float(0x7f800000), mn = __int_as_float(0x7f800000);
-    if (first_off > 0) {  // the stats of offsets 0 .. first_off - 1, written with them
-      mx = __half2float(kmax[st]);
-      mn = __half2float(kmin[st]);
-    }
-    // This batch's key o of the logical page, recomputed from qkv (other blocks write it into the cache).
-    auto key_at = [&](int o) -> float {
-      const int r = r0 + (o - first_off);
-      const long long p = positions[r];
-      const __half* xr = qkv + (long long)r * nheads * head_dim + (hq + g) * head_dim;
-      return __half2float(rope_channel(xr, c, half_d, cos_t + p * half_d, sin_t + p * half_d));
-    };
-    for (int o0 = first_off; o0 <= last_off; o0 += 8) {
-      float kv[8];
-#pragma unroll
-      for (int u = 0; u < 8; ++u) kv[u] = o0 + u <= last_off ? key_at(o0 + u) : kv[0];
-#pragma unroll
-      for (int u = 0; u < 8; ++u) {
-        mx = fmaxf(mx, kv[u]);
-        mn = fminf(mn, kv[u]);
+  const bool stats = kmax != nullptr && dslot >= 0 && nd > 0 &&
+                     !(row + 1 < n_rows && slots[row + 1] == dslot + 1 && (dslot + 1) / lp == lid);
+  const RowItems it((KV::QUANT ? hq : nheads) * per_head, KV::QUANT ? 2 * hkv : 0, stats ? hkv * head_dim : 0);
+  for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < it.end; i += gridDim.y * blockDim.x) {
+    if (i >= it.extra0) {
+      if (i - it.extra0 < hkv * head_dim) page_stats_item(qkv, positions, slots, cos_t, sin_t, head_class, head_slot,
+                                                          kmax, kmin, i - it.extra0, row, dslot, hq, hkv, nd,
+                                                          head_dim, page_size, sub);
+    } else if (i >= it.quant0) {  // a quantized K / V row: the warp's (i is warp-uniform past quant0)
+      if constexpr (KV::QUANT)
+        write_kv_quant<KV>(x, (i - it.quant0) >> 5, hq, hkv, head_dim, cos_row, sin_row,
+                           [&](bool is_k, int g, unsigned char*& vals, unsigned short*& sc) {
+                             const int cls = head_class[g];
+                             const long long slot = cls ? sslot : dslot;
+                             if (slot < 0) return false;
+                             const long long r = ((slot / page_size) * (cls ? ns : nd) + head_slot[g]) * page_size +
+                                                 slot % page_size;
+                             kv_row<KV>(is_k ? (cls ? ks_p : kd_p) : (cls ? vs_p : vd_p),
+                                        is_k ? (cls ? ks_s : kd_s) : (cls ? vs_s : vd_s), r, head_dim, is_k, vals,
+                                        sc);
+                             return true;
+                           });
+    } else if (i < it.pairs) {
+      const int h = i / per_head, j0 = (i - h * per_head) * 8;
+      __half* dst;
+      if (h < hq) {
+        dst = q_out + ((long long)row * hq + h) * head_dim;
+      } else {
+        const bool is_k = h < hq + hkv;
+        const int g = is_k ? h - hq : h - hq - hkv;
+        const int cls = head_class[g];
+        const long long slot = cls ? sslot : dslot;
+        if (slot < 0) continue;
+        const long long page = slot / page_size, off = slot % page_size;
+        dst = (is_k ? (cls ? ks : kd) : (cls ? vs : vd)) +
+              ((page * (cls ? ns : nd) + head_slot[g]) * page_size + off) * head_dim;
       }
+      rope_pairs8(x + h * head_dim, j0, half_d, cos_row, sin_row, h < hq + hkv, dst);
     }
-    kmax[st] = __float2half(mx);
-    kmin[st] = __float2half(mn);
   }
 }
 

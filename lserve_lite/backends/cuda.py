@@ -112,11 +112,14 @@ def _row_grid(rows: int, items: int, threads: int = 256) -> tuple[tuple[int, int
     return (rows, -(-items // block)), (block,)
 
 
-def _rope_items(heads: int, d: int) -> int:
-    """Threads' items of a rope_write_kv row: eight channel pairs of a head each (layers.cu rope_pairs8)."""
+def _rope_threads(hq: int, hkv: int, d: int, quant: bool, stats: bool = False) -> int:
+    """Threads of a rope_write_kv(_sparse) row, one item each (layers.cu RowItems): eight channel pairs of a head
+    (rope_pairs8; q only when the cache is quantized), padded to a warp, then 32 per quantized K / V row, then one
+    per (KV head, channel) of the page statistics."""
     if d % 16:
         raise ValueError(f"rope_write_kv needs a head dim divisible by 16, got {d}")
-    return heads * d // 16
+    pairs = (hq if quant else hq + 2 * hkv) * d // 16
+    return -(-pairs // 32) * 32 + (64 * hkv if quant else 0) + (hkv * d if stats else 0)
 
 
 class Cublas:
@@ -515,7 +518,8 @@ class CudaOps:
         if n:
             args = (cp.ascontiguousarray(qkv), positions, slots, rope[0], rope[1], q, kc, vc, ksc, vsc,
                     np.int32(hq), np.int32(hkv), np.int32(d), np.int32(page))  # fmt: skip
-            self.k[f"rope_write_kv<{kv_trait(cache)}>"](*_row_grid(n, _rope_items(hq + 2 * hkv, d)), args)
+            threads = _rope_threads(hq, hkv, d, cache.quantized)
+            self.k[f"rope_write_kv<{kv_trait(cache)}>"](*_row_grid(n, threads), args)
         return q
 
     def _rope_write_kv_sparse(self, qkv, positions, slots, cache: KVCache, layer: int, rope, out=None):
@@ -537,8 +541,7 @@ class CudaOps:
                     kd, vd, ks, vs, *_scale_args(cache, layer), hc, hs, kmax, kmin, np.int32(hq), np.int32(hkv),
                     np.int32(nd), np.int32(ns), np.int32(d), np.int32(page), np.int32(sub), np.int32(n))  # fmt: skip
             kernel = self.k[f"rope_write_kv_sparse<{kv_trait(cache)}>"]
-            # the row's threads: its rope_pairs8 items, or its statistics' (head, channel) items if more
-            kernel(*_row_grid(n, max(_rope_items(hq + 2 * hkv, d), hkv * d if stats else 0)), args)
+            kernel(*_row_grid(n, _rope_threads(hq, hkv, d, cache.quantized, stats)), args)
         return q
 
     def attention(self, q, cache: KVCache, layer: int, plan, head_class, out=None):
