@@ -69,6 +69,7 @@ class _Driver:
         assert batch.num_tokens <= self.sched.budget
         for s, n in zip(batch.seqs, batch.num_new):
             assert len(s.page_table) * self.blocks.page_size >= s.num_cached + n
+            assert s.page_array().tolist() == s.page_table  # the planner's array mirror, across preemptions
             s.num_cached += n
             if s.num_pending == 0:
                 s.output_ids.append(1)
@@ -97,6 +98,22 @@ def test_kv_manager_property(reqs, page_size, budget):
     seqs = d.run(reqs)
     assert all(s.is_finished and len(s.output_ids) == g for s, (_, g) in zip(seqs, reqs))
     assert d.blocks.num_used == 0 and d.blocks.num_free == pages
+
+
+def test_page_array_mirrors_the_table():
+    """Sequence.page_array follows appends (growing its buffer), a replaced list (prefix-cache admission, a
+    freed sequence's empty table) and a shorter one, and returns int32 views of exactly the table."""
+    seq = Sequence([1, 2, 3], SamplingParams())
+    assert seq.page_array().dtype == np.int32 and seq.page_array().size == 0
+    for k in range(40):
+        seq.page_table.append(1000 + k)
+        assert seq.page_array().tolist() == seq.page_table
+    seq.page_table = [7, 8]
+    assert seq.page_array().tolist() == [7, 8]
+    seq.page_table = []
+    assert seq.page_array().size == 0
+    seq.page_table.extend([5, 6, 7])
+    assert seq.page_array().tolist() == [5, 6, 7]
 
 
 def _steps_until(d: _Driver, cond, limit: int = 1000) -> int:

@@ -90,23 +90,28 @@ class ModelRunner:
         """Host inputs of one step: token ids, positions, KV slots ([N], or [2, N] dense-pool and
         streaming-pool slots in LServe mode), the host plan and the last row of each sequence (every row of a
         prompt chunk whose token logprobs were asked for)."""
-        ids, pos, slots, stream_slots, rows = [], [], [], [], []
+        ids, pos, slots, stream_slots, rows = [], [], [], [], []  # flat Python ints
         ps, lay = self.page_size, self.layout
         for seq, n in zip(seqs, num_new):
             start = seq.num_cached
-            p = np.arange(start, start + n)
-            ids.extend(_token_ids(seq, start, n))
-            pos.append(p)
-            first = start // ps  # only the pages this step writes (page tables grow with the context)
-            table = np.asarray(seq.page_table[first : (start + n - 1) // ps + 1], np.int64)
-            slots.append(table[p // ps - first] * ps + p % ps)
-            if lay is not None:
-                stream_slots.append(self._stream_slots(seq, p))
+            table = seq.page_array()
+            ids.extend(seq.token_range(start, start + n))
+            if n == 1:  # a decode row: plain ints (numpy on one element costs more than the arithmetic)
+                pos.append(start)
+                slots.append(int(table[start // ps]) * ps + start % ps)
+                if lay is not None:
+                    stream_slots.append(int(self._stream_slots(seq, np.asarray([start]))[0]))
+            else:
+                p = np.arange(start, start + n)
+                pos.extend(p.tolist())
+                slots.extend((table[p // ps].astype(np.int64) * ps + p % ps).tolist())
+                if lay is not None:
+                    stream_slots.extend(self._stream_slots(seq, p).tolist())
             rows.extend(range(len(ids) - n, len(ids)) if seq.wants_prompt_logprobs else [len(ids) - 1])
         layout = BatchLayout(
             q_lens=list(num_new),
             ctx_lens=[s.num_cached + n for s, n in zip(seqs, num_new)],
-            page_tables=[s.page_table for s in seqs],
+            page_tables=[s.page_array() for s in seqs],
         )
         ring = None
         if lay is not None:
@@ -114,12 +119,12 @@ class ModelRunner:
             ring = (lay.sink_pages, lay.ring_pages) if lay.has_streaming else None
         plan = build_plan(layout, ps, sink=self.sink, local=self.local, ring=ring,
                           group_reduce=self.ecfg.sparse.group_reduce)  # fmt: skip
-        slot_arr = np.concatenate(slots)
+        slot_arr = np.asarray(slots, np.int64)
         if lay is not None:
-            slot_arr = np.stack([slot_arr, np.concatenate(stream_slots)])
+            slot_arr = np.stack([slot_arr, np.asarray(stream_slots, np.int64)])
         return (
             np.asarray(ids, np.int64),
-            np.concatenate(pos).astype(np.int64),
+            np.asarray(pos, np.int64),
             np.ascontiguousarray(slot_arr, dtype=np.int64),
             plan,
             np.asarray(rows, np.int64),
@@ -152,13 +157,3 @@ class ModelRunner:
         layout.sel_slots = [s.sel_slot for s in seqs]
         layout.sel_keep = keep
         layout.sel_refresh = refresh
-
-
-def _token_ids(seq: Sequence, start: int, n: int) -> list[int]:
-    """seq.all_ids[start : start + n] without concatenating the whole prompt (long contexts)."""
-    np_ = len(seq.prompt_ids)
-    if start + n <= np_:
-        return seq.prompt_ids[start : start + n]
-    if start >= np_:
-        return seq.output_ids[start - np_ : start - np_ + n]
-    return seq.prompt_ids[start:] + seq.output_ids[: start + n - np_]

@@ -113,7 +113,7 @@ class BatchLayout:
 
     q_lens: list[int]  # new tokens per sequence
     ctx_lens: list[int]  # cached tokens after this step
-    page_tables: list[list[int]]  # physical pages of each sequence, in logical order
+    page_tables: list[list[int] | np.ndarray]  # physical pages of each sequence, in logical order
     # LServe mode (all None in the dense baseline):
     stream_tables: list[list[int]] | None = None  # streaming-pool pages (sink pages, then the ring)
     windows: list[tuple[int, int]] | None = None  # per sequence (sink, local) of its streaming heads
