@@ -1,7 +1,7 @@
 """Speed of the quantized-weight kernels (kernels/quant_gemv*.cu) at Llama-3-8B shapes, against the copy bandwidth.
 
-Per format (q8_0, q4_0, q4_1, q4_k, q6_k, int8, int4) and shape (4096x4096 attention output, 28672x4096 fused
-gate/up, 4096x14336 down, 128256x4096 lm_head), batch 1 and 8, for each decode GEMV kernel (path "gemv v1":
+Per format (q8_0, q4_0, q4_1, q4_k, q6_k, int8, int4) and shape (6144x4096 fused qkv, 4096x4096 attention output,
+28672x4096 fused gate/up, 4096x14336 down, 128256x4096 lm_head), batch 1 and 8, for each decode GEMV kernel (path "gemv v1":
 quant_gemv; "gemv v2": quant_gemv2; "gemv split": quant_gemv_split on the split layout, the default for every
 format, with the engine's rows per warp or `--split-r`'s): the decode GEMV's time, its effective
 bandwidth on the packed bytes (bytes / time), and the bandwidth of a device-to-device copy of the same
@@ -32,7 +32,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SHAPES = {"o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336), "lm_head": (128256, 4096)}
+SHAPES = {
+    "qkv": (6144, 4096),
+    "o_proj": (4096, 4096),
+    "gate_up": (28672, 4096),
+    "down": (4096, 14336),
+    "lm_head": (128256, 4096),
+}
 ROTATE_BYTES = 256 << 20
 # byte offsets of the fp16 fields in a block (int8: its row scale, before the blocks)
 F16_FIELDS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q4_k": (0, 2), "q6_k": (208,), "int4": (0,)}
