@@ -91,10 +91,10 @@ class ModelRunner:
         streaming-pool slots in LServe mode), the host plan and the last row of each sequence (every row of a
         prompt chunk whose token logprobs were asked for)."""
         ids, pos, slots, stream_slots, rows = [], [], [], [], []  # flat Python ints
+        tables = [seq.page_array() for seq in seqs]
         ps, lay = self.page_size, self.layout
-        for seq, n in zip(seqs, num_new):
+        for seq, n, table in zip(seqs, num_new, tables):
             start = seq.num_cached
-            table = seq.page_array()
             ids.extend(seq.token_range(start, start + n))
             if n == 1:  # a decode row: plain ints (numpy on one element costs more than the arithmetic)
                 pos.append(start)
@@ -111,7 +111,7 @@ class ModelRunner:
         layout = BatchLayout(
             q_lens=list(num_new),
             ctx_lens=[s.num_cached + n for s, n in zip(seqs, num_new)],
-            page_tables=[s.page_array() for s in seqs],
+            page_tables=tables,
         )
         ring = None
         if lay is not None:
