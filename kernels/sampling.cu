@@ -97,41 +97,341 @@ __device__ double mass_below(const float* x, int vocab, float temp, float xmax, 
   return block_reduce(s, scratch, lserve::SumOp(), 0.0);
 }
 
-// This thread's smallest sort key over x[0 .. vocab) (the block's smallest: the first index of the maximum). A
-// 16-byte aligned row is read as float4, four loads in flight per thread (a scalar loop of one load at a time took
-// 51 us for a 128k vocabulary on an H200: a chain of L2 round trips; this reads it at L2 speed).
-__device__ __forceinline__ u64 thread_best(const float* __restrict__ x, int vocab) {
+// This thread's smallest sort key over x[lo .. hi) (the block's smallest: the first index of the maximum there). A
+// 16-byte aligned stretch is read as float4, four loads in flight per thread (a scalar loop of one load at a time took
+// 51 us for a 128k vocabulary on an H200: a chain of L2 round trips).
+__device__ __forceinline__ u64 thread_best(const float* __restrict__ x, int lo, int hi) {
   u64 best = ~0ull;
+  int tail = lo;
+  if ((reinterpret_cast<unsigned long long>(x + lo) & 15) == 0) {
+    const float4* x4 = reinterpret_cast<const float4*>(x + lo);
+    const int n4 = (hi - lo) / 4;
+#pragma unroll 4
+    for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+      const float4 v = x4[i];
+      const int j = lo + 4 * i;
+      const u64 a = min(sort_key(v.x, j), sort_key(v.y, j + 1));
+      const u64 b = min(sort_key(v.z, j + 2), sort_key(v.w, j + 3));
+      best = min(best, min(a, b));
+    }
+    tail = lo + n4 * 4;
+  }
+  for (int i = tail + threadIdx.x; i < hi; i += blockDim.x) best = min(best, sort_key(x[i], i));
+  return best;
+}
+
+// First index of the row maximum (np.argmax), in two levels: grid (G, rows), block g takes elements
+// [g * chunk, (g + 1) * chunk) of its row and leaves its best key in part[row, g]; the row's last block to finish
+// (a ticket on tick[row], which it resets to 0) takes the G partials. One block a row read a 128k vocabulary at
+// one SM's share of L2 (18.8 us on an H200). tick: zeroed once by the launcher, before the first launch.
+__global__ void argmax_rows(const float* __restrict__ logits, long long stride, int vocab, int chunk,
+                            u64* __restrict__ part, unsigned int* __restrict__ tick, int* __restrict__ out) {
+  lserve::pdl_enter();
+  __shared__ u64 scratch[32];
+  __shared__ bool last;
+  const int row = blockIdx.y, g = blockIdx.x, G = gridDim.x;
+  const int lo = g * chunk, hi = min(vocab, lo + chunk);
+  const u64 best = block_reduce(thread_best(logits + row * stride, lo, hi), scratch, lserve::MinOp(), ~0ull);
+  if (threadIdx.x == 0) {
+    part[(long long)row * G + g] = best;
+    __threadfence();  // the partial is visible before the ticket says so
+    last = atomicAdd(tick + row, 1u) == (unsigned int)G - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  u64 v = ~0ull;
+  for (int i = threadIdx.x; i < G; i += blockDim.x) v = min(v, __ldcg(part + (long long)row * G + i));
+  v = block_reduce(v, scratch, lserve::MinOp(), ~0ull);
+  if (threadIdx.x == 0) {
+    out[row] = (int)(v & 0xffffffffu);
+    tick[row] = 0;  // ready for the next launch
+  }
+}
+
+// ---- The histogram sampler (the default path of sample_rows) ----
+// The radix path above takes one pass over the row per 8 key bits of each selection (about 30 passes for top-k,
+// top-p and the pick, scalar loads, float64 shared-memory atomics that all hit one bin in the first passes): 1.7-2.4
+// ms a row for a 128k vocabulary on an H200. Here a row costs two passes plus one per selection at most: the tempered
+// row's max and smallest finite value; a histogram of count and mass over SB bins of z = vmax - v (the bin is
+// monotone in the sort order, so bins are visited in it); then each selection scans the bins, gathers the one it
+// crosses in (one pass), sorts that bin's keys in shared memory and scans them in order. A crossing bin of more than
+// SCAP logits (thousands of equal values, top-k beyond a grammar's allowed tokens) sends the row to the radix path.
+constexpr int SB = 2048;    // bins of z in [0, R]; bin SB: z > R, -inf logits, NaN
+constexpr int SCAP = 4096;  // logits of one bin sorted in shared memory: 4 a thread at SAMPLE_THREADS
+constexpr int SAMPLE_THREADS = 1024;  // cuda_sampling.THREADS
+constexpr float ZR = 64.f;  // exp(-64): below float64's resolution of a total >= 1, so R = min(ZR, vmax - vmin)
+
+struct HistSmem {  // dynamic shared memory of sample_rows
+  double mass[SB + 1];
+  int count[SB + 1];
+  u64 key[SCAP];
+  double w[SCAP];
+  double dscr[32];
+  int iscr[32];
+  int n, bin;
+  double before;  // cumulative weight of the bins before the crossing one
+};
+
+constexpr int HIST_SMEM = 100 * 1024;  // cuda_sampling.HIST_SMEM: the launch's dynamic shared memory
+static_assert(sizeof(HistSmem) <= HIST_SMEM, "HistSmem outgrew the launch's shared memory");
+
+struct Bins {  // z = vmax - v -> bin, non-decreasing in the sort order
+  float vmax, r, scale;
+  __device__ __forceinline__ int operator()(float v) const {
+    const float z = vmax - v;
+    return z <= r ? min((int)(z * scale), SB - 1) : SB;
+  }
+};
+
+// f(i, v, ok) for i < vocab with v = x[i] / temp (ok = false past the end), the same number of calls in every lane of
+// a warp, so f may use warp collectives. float4 loads, four in flight per thread, when the row is 16-byte aligned.
+template <typename F>
+__device__ __forceinline__ void for_row(const float* __restrict__ x, int vocab, float temp, F f) {
+  const int lane = threadIdx.x & 31, wbase = threadIdx.x - lane;
   int tail = 0;
   if ((reinterpret_cast<unsigned long long>(x) & 15) == 0) {
     const float4* x4 = reinterpret_cast<const float4*>(x);
     const int n4 = vocab / 4;
-#pragma unroll 4
-    for (int i = threadIdx.x; i < n4; i += blockDim.x) {
-      const float4 v = x4[i];
-      const u64 a = min(sort_key(v.x, 4 * i), sort_key(v.y, 4 * i + 1));
-      const u64 b = min(sort_key(v.z, 4 * i + 2), sort_key(v.w, 4 * i + 3));
-      best = min(best, min(a, b));
+    for (int c = wbase; c < n4; c += 4 * blockDim.x) {
+      float4 q[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int i = c + u * blockDim.x + lane;
+        q[u] = i < n4 ? x4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int i = c + u * blockDim.x + lane;
+        const bool ok = i < n4;
+        f(4 * i, __fdiv_rn(q[u].x, temp), ok);
+        f(4 * i + 1, __fdiv_rn(q[u].y, temp), ok);
+        f(4 * i + 2, __fdiv_rn(q[u].z, temp), ok);
+        f(4 * i + 3, __fdiv_rn(q[u].w, temp), ok);
+      }
     }
-    tail = n4 * 4;
+    tail = 4 * n4;
   }
-  for (int i = tail + threadIdx.x; i < vocab; i += blockDim.x) best = min(best, sort_key(x[i], i));
-  return best;
+  for (int c = tail + wbase; c < vocab; c += blockDim.x) {
+    const int i = c + lane;
+    const bool ok = i < vocab;
+    f(i, ok ? __fdiv_rn(x[i], temp) : 0.f, ok);
+  }
 }
 
-// First index of the row maximum (np.argmax). One block per row.
-__global__ void argmax_rows(const float* __restrict__ logits, long long stride, int vocab, int* __restrict__ out) {
-  lserve::pdl_enter();
-  __shared__ u64 scratch[32];
-  const float* x = logits + blockIdx.x * stride;
-  u64 best = block_reduce(thread_best(x, vocab), scratch, lserve::MinOp(), ~0ull);
-  if (threadIdx.x == 0) out[blockIdx.x] = (int)(best & 0xffffffffu);
+// count[b] += 1 and mass[b] += w. (Aggregating a warp's lanes by bin first, __match_any_sync and one atomic pair
+// per distinct bin, measured 194 against 140 us a 128k row on an H200: a warp's 32 logits rarely share a bin.)
+__device__ __forceinline__ void hist_add(HistSmem& s, int b, double w, bool ok) {
+  if (ok) {
+    atomicAdd(&s.count[b], 1);
+    atomicAdd(&s.mass[b], w);
+  }
+}
+
+// Exclusive prefix sum of v over the block in thread order; every thread gets its own and the block's total.
+__device__ __forceinline__ double block_excl_scan(double v, HistSmem& s, double& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  double inc = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const double t = __shfl_up_sync(0xffffffffu, inc, o);
+    if (lane >= o) inc += t;
+  }
+  double ex = __shfl_up_sync(0xffffffffu, inc, 1);
+  if (lane == 0) ex = 0.0;
+  __syncthreads();
+  if (lane == 31) s.dscr[warp] = inc;
+  __syncthreads();
+  if (warp == 0) {
+    double t = lane < nw ? s.dscr[lane] : 0.0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const double u = __shfl_up_sync(0xffffffffu, t, o);
+      if (lane >= o) t += u;
+    }
+    s.dscr[lane] = t;
+  }
+  __syncthreads();
+  total = s.dscr[nw - 1];
+  const double base = warp ? s.dscr[warp - 1] : 0.0;
+  __syncthreads();
+  return base + ex;
+}
+
+// Weight of the gathered logits with key <= bound (1 each, or their mass).
+__device__ __forceinline__ double gathered_weight(HistSmem& s, u64 bound, bool mass) {
+  double t = 0.0;
+  for (int j = threadIdx.x; j < s.n; j += blockDim.x)
+    if (s.key[j] <= bound) t += mass ? s.w[j] : 1.0;
+  return block_reduce(t, s.dscr, lserve::SumOp(), 0.0);
+}
+
+// s.key / s.w <- the logits of bin c, sorted by key (bitonic, padded to a power of two with ~0 keys).
+__device__ void gather_bin(HistSmem& s, const float* x, int vocab, float temp, const Bins& bins, int c) {
+  const int lane = threadIdx.x & 31;
+  if (threadIdx.x == 0) s.n = 0;
+  __syncthreads();
+  for_row(x, vocab, temp, [&](int i, float v, bool ok) {
+    const bool in = ok && bins(v) == c;
+    const unsigned m = __ballot_sync(0xffffffffu, in);
+    if (m) {
+      const int lead = __ffs(m) - 1;
+      int base = 0;
+      if (lane == lead) base = atomicAdd(&s.n, __popc(m));
+      base = __shfl_sync(0xffffffffu, base, lead);
+      const int pos = base + __popc(m & ((1u << lane) - 1));
+      if (in && pos < SCAP) {
+        s.key[pos] = sort_key(v, i);
+        s.w[pos] = exp((double)(v - bins.vmax));
+      }
+    }
+  });
+  __syncthreads();
+  const int n = min(s.n, SCAP);
+  int n2 = 1;
+  while (n2 < n) n2 <<= 1;
+  for (int j = n + threadIdx.x; j < n2; j += blockDim.x) s.key[j] = ~0ull, s.w[j] = 0.0;
+  __syncthreads();
+  for (int k = 2; k <= n2; k <<= 1)
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int i = threadIdx.x; i < n2; i += blockDim.x) {
+        const int l = i ^ j;
+        if (l > i && ((s.key[i] > s.key[l]) == ((i & k) == 0))) {
+          const u64 tk = s.key[i];
+          s.key[i] = s.key[l], s.key[l] = tk;
+          const double tw = s.w[i];
+          s.w[i] = s.w[l], s.w[l] = tw;
+        }
+      }
+      __syncthreads();
+    }
+  if (threadIdx.x == 0) s.bin = c;
+  __syncthreads();
+}
+
+// The smallest key <= bound at which the cumulative weight (1 a logit, or its mass) in the sort order reaches
+// target (exceeds it when strict); ~0 when none does. bb: bound's bin, the gathered one (SB + 1: no bound).
+// fail: the crossing bin holds more than SCAP logits.
+__device__ u64 hist_select(HistSmem& s, const float* x, int vocab, float temp, const Bins& bins, double target,
+                           bool strict, bool mass, u64 bound, int bb, bool& fail) {
+  const double partial = bb <= SB ? gathered_weight(s, bound, mass) : 0.0;
+  constexpr int PER = (SB + SAMPLE_THREADS) / SAMPLE_THREADS;  // bins a thread scans (3)
+  double wt[PER], local = 0.0;
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    const int b = PER * threadIdx.x + j;
+    wt[j] = b > SB || b > bb ? 0.0 : b == bb ? partial : mass ? s.mass[b] : (double)s.count[b];
+    local += wt[j];
+  }
+  double total;
+  double a = block_excl_scan(local, s, total);
+  int mine = SB + 1;
+  double before = 0.0;
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    const int b = PER * threadIdx.x + j;
+    const double a2 = a + wt[j];
+    if (mine > SB && b <= SB && s.count[b] > 0 && (strict ? a2 > target : a2 >= target)) mine = b, before = a;
+    a = a2;
+  }
+  const int c = block_reduce(mine, s.iscr, lserve::MinOp(), SB + 1);
+  if (c > SB) return ~0ull;
+  if (mine == c) s.before = before;
+  if (c != s.bin) {
+    if (s.count[c] > SCAP) {
+      fail = true;
+      return ~0ull;
+    }
+    gather_bin(s, x, vocab, temp, bins, c);
+  }
+  __syncthreads();
+  // the gathered logits in order, 4 a thread: the first whose cumulative weight crosses
+  const int n = s.n, j0 = 4 * threadIdx.x;
+  double g[4], lsum = 0.0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int q = j0 + j;
+    g[j] = q < n && s.key[q] <= bound ? (mass ? s.w[q] : 1.0) : 0.0;
+    lsum += g[j];
+  }
+  double a3 = s.before + block_excl_scan(lsum, s, total);
+  int hit = SCAP, last = -1;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int q = j0 + j;
+    if (q < n && s.key[q] <= bound) {
+      last = q;
+      const double a4 = a3 + g[j];
+      if (hit == SCAP && (strict ? a4 > target : a4 >= target)) hit = q;
+      a3 = a4;
+    }
+  }
+  hit = block_reduce(hit, s.iscr, lserve::MinOp(), SCAP);
+  if (hit == SCAP) hit = block_reduce(last, s.iscr, lserve::MaxOp(), -1);  // crossed by the bins' rounding only
+  return s.key[hit];
+}
+
+// Cumulative mass of the logits with key <= bound (bb: its bin; SB + 1: all).
+__device__ double hist_mass(HistSmem& s, u64 bound, int bb) {
+  double t = 0.0;
+  for (int b = threadIdx.x; b <= SB && b < bb; b += blockDim.x) t += s.mass[b];
+  t = block_reduce(t, s.dscr, lserve::SumOp(), 0.0);
+  return bb <= SB ? t + gathered_weight(s, bound, true) : t;
+}
+
+// One row by the histogram path; false when a crossing bin is too large (the caller takes the radix path).
+__device__ bool sample_hist(HistSmem& s, const float* x, int vocab, float temp, int k, double p, double u,
+                            int* out) {
+  float m = -__int_as_float(0x7f800000), lo = __int_as_float(0x7f800000);
+  for_row(x, vocab, temp, [&](int, float v, bool ok) {
+    if (ok) {
+      m = fmaxf(m, v);
+      if (isfinite(v)) lo = fminf(lo, v);
+    }
+  });
+  __shared__ float fscr[32];
+  const float vmax = block_reduce(m, fscr, lserve::MaxOp(), -__int_as_float(0x7f800000));
+  const float vmin = block_reduce(lo, fscr, lserve::MinOp(), __int_as_float(0x7f800000));
+  const float r = isfinite(vmax) && vmin <= vmax ? fminf(ZR, vmax - vmin) : 0.f;
+  const Bins bins{vmax, r, r > 0.f ? (float)SB / r : 0.f};
+  for (int b = threadIdx.x; b <= SB; b += blockDim.x) s.count[b] = 0, s.mass[b] = 0.0;
+  if (threadIdx.x == 0) s.bin = -1, s.n = 0;
+  __syncthreads();
+  for_row(x, vocab, temp, [&](int, float v, bool ok) { hist_add(s, bins(v), exp((double)(v - vmax)), ok); });
+  __syncthreads();
+  bool fail = false;
+  u64 bound = ~0ull;
+  int bb = SB + 1;
+  if (k > 0 && k < vocab) {
+    bound = hist_select(s, x, vocab, temp, bins, (double)k, false, false, bound, bb, fail);
+    if (fail) return false;
+    bb = s.bin;
+  }
+  double total = hist_mass(s, bound, bb);
+  if (p < 1.0) {
+    const u64 b = hist_select(s, x, vocab, temp, bins, p * total, false, true, bound, bb, fail);
+    if (fail) return false;
+    if (b != ~0ull) {
+      bound = b, bb = s.bin;
+      total = hist_mass(s, bound, bb);
+    }
+  }
+  u64 pick = hist_select(s, x, vocab, temp, bins, u * total, true, true, bound, bb, fail);
+  if (fail || (pick == ~0ull && bound == ~0ull)) return false;  // (the last logit of an unbounded row: radix path)
+  if (pick == ~0ull) pick = bound;  // u * total beyond the rounded sum: the last kept logit, as the CPU's clamp
+  if (threadIdx.x == 0) *out = (int)(pick & 0xffffffffu);
+  return true;
 }
 
 // params [4, rows] float64: temperature (0 = greedy), top_k (0 = off), top_p (1 = off), uniform u in [0, 1).
-__global__ void sample_rows(const float* __restrict__ logits, long long stride, int vocab,
-                            const double* __restrict__ params, int* __restrict__ out) {
+// One block of SAMPLE_THREADS a row; dynamic shared memory: HistSmem. radix != 0 forces the radix path (the
+// harness checks both).
+__global__ void __launch_bounds__(SAMPLE_THREADS)
+    sample_rows(const float* __restrict__ logits, long long stride, int vocab, const double* __restrict__ params,
+                int radix, int* __restrict__ out) {
   lserve::pdl_enter();
+  extern __shared__ double hist_smem[];
+  HistSmem& hs = *reinterpret_cast<HistSmem*>(hist_smem);
   __shared__ SelectSmem sm;
   __shared__ float fscratch[32];
   __shared__ double dscratch[32];
@@ -141,19 +441,20 @@ __global__ void sample_rows(const float* __restrict__ logits, long long stride, 
   const int rows = gridDim.x;
   const float temp = (float)params[row];  // np.float32(temperature), as the CPU sampler
   if (temp == 0.f) {
-    const u64 best = block_reduce(thread_best(x, vocab), kscratch, lserve::MinOp(), ~0ull);
+    const u64 best = block_reduce(thread_best(x, 0, vocab), kscratch, lserve::MinOp(), ~0ull);
     if (threadIdx.x == 0) out[row] = (int)(best & 0xffffffffu);
     return;
   }
+  const int k = (int)params[rows + row];
+  const double p = params[2 * rows + row], u = params[3 * rows + row];
+  if (!radix && sample_hist(hs, x, vocab, temp, k, p, u, out + row)) return;
   float m = -__int_as_float(0x7f800000);
   for (int i = threadIdx.x; i < vocab; i += blockDim.x) m = fmaxf(m, __fdiv_rn(x[i], temp));
   const float xmax = block_reduce(m, fscratch, lserve::MaxOp(), -__int_as_float(0x7f800000));
 
   u64 bound = ~0ull;
-  const int k = (int)params[rows + row];
   if (k > 0 && k < vocab) bound = select_key(x, vocab, temp, xmax, bound, (double)k, false, false, sm);
   double total = mass_below(x, vocab, temp, xmax, bound, dscratch);
-  const double p = params[2 * rows + row];
   if (p < 1.0) {
     const u64 b = select_key(x, vocab, temp, xmax, bound, p * total, false, true, sm);
     if (b != ~0ull) {
@@ -161,7 +462,7 @@ __global__ void sample_rows(const float* __restrict__ logits, long long stride, 
       total = mass_below(x, vocab, temp, xmax, bound, dscratch);
     }
   }
-  u64 pick = select_key(x, vocab, temp, xmax, bound, params[3 * rows + row] * total, true, true, sm);
+  u64 pick = select_key(x, vocab, temp, xmax, bound, u * total, true, true, sm);
   if (pick == ~0ull) {  // u * total beyond the rounded sum: the last kept element, as the CPU's clamp
     u64 last = 0;
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) {

@@ -24,7 +24,10 @@ SAMPLING_KERNELS = (
     "mask_logits",
     "logprob_rows",
 )
-THREADS = 1024
+THREADS = 1024  # sampling.cu's SAMPLE_THREADS
+HIST_SMEM = 100 * 1024  # sampling.cu's HIST_SMEM: sample_rows' dynamic shared memory
+ARGMAX_THREADS = 256
+ARGMAX_CHUNK = 4096  # logits a block of argmax_rows takes (16 KB: four float4 loads a thread)
 
 
 def sampling_inputs(
@@ -106,6 +109,19 @@ class GpuSampler:
         self.cp = cp
         mod = load_module("sampling.cu", SAMPLING_KERNELS)
         self.k = {n: mod.get_function(n) for n in SAMPLING_KERNELS}
+        self.k["sample_rows"].max_dynamic_shared_size_bytes = HIST_SMEM
+        self._part = self._tick = None  # argmax_rows' partials and tickets, grown to the largest launch
+
+    def argmax(self, logits, out) -> None:
+        """out[r] = np.argmax(logits[r]) for contiguous float32 logits [B, V] (two-level argmax_rows)."""
+        cp = self.cp
+        b, vocab = int(logits.shape[0]), int(logits.shape[1])
+        g = -(-vocab // ARGMAX_CHUNK)
+        if self._tick is None or self._tick.size < b or self._part.size < b * g:
+            self._part = cp.empty(max(b * g, 0 if self._part is None else self._part.size), cp.uint64)
+            self._tick = cp.zeros(max(b, 0 if self._tick is None else self._tick.size), cp.uint32)
+        args = (logits, np.int64(vocab), np.int32(vocab), np.int32(ARGMAX_CHUNK), self._part, self._tick, out)
+        self.k["argmax_rows"]((g, b), (ARGMAX_THREADS,), args)
 
     def sample(self, logits, seqs: list) -> list[int]:
         return [int(t) for t in self._launch(logits, seqs).get()] if seqs else []
@@ -135,14 +151,17 @@ class GpuSampler:
         if masks is not None:
             self.mask_logits(logits, *masks)
         out = cp.empty(b, cp.int32)
-        stride = np.int64(vocab)
         if not params[0].any():  # all greedy
-            self.k["argmax_rows"]((b,), (THREADS,), (logits, stride, np.int32(vocab), out))
+            self.argmax(logits, out)
         else:
-            self.k["sample_rows"](
-                (b,), (THREADS,), (logits, stride, np.int32(vocab), cp.asarray(params), out)
-            )
+            self.sample_rows(logits, cp.asarray(params), out)
         return out
+
+    def sample_rows(self, logits, params, out, radix: bool = False) -> None:
+        """out[r] <- row r of contiguous float32 `logits` sampled by params [4, B] (sample_rows; `radix`: the
+        radix path the histogram path falls back to, for the harness)."""
+        args = (logits, np.int64(logits.shape[1]), np.int32(logits.shape[1]), params, np.int32(radix), out)
+        self.k["sample_rows"]((int(logits.shape[0]),), (THREADS,), args, shared_mem=HIST_SMEM)
 
     def apply_penalty(self, logits, rows: np.ndarray, ids: np.ndarray, pens: np.ndarray) -> None:
         """In place on contiguous float32 `logits`: the repetition penalty of each (row, id)."""

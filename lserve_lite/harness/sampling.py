@@ -14,35 +14,39 @@ from .common import Ctx, Result
 def case_sampling(c: Ctx) -> list[Result]:
     cp, sampler = c.cp, c.ops.sampler
     out = []
-    for b, vocab, ties in [(1, 49152, False), (7, 1000, True), (64, 128256, False)]:
+    for b, vocab, ties in [
+        (1, 49152, False),
+        (7, 1000, True),
+        (64, 128256, False),
+        (4, 128256, True),
+        (3, 4097, True),
+        (2, 4099, False),
+    ]:
         x = (c.rng.standard_normal((b, vocab)) * 3).astype(np.float32)
         if ties:
             x = np.round(x)
         got = c.poison((b,), np.int32)
-        sampler.k["argmax_rows"]((b,), (1024,), (cp.asarray(x), np.int64(vocab), np.int32(vocab), got))
+        sampler.argmax(cp.asarray(x), got)
         miss = int(np.sum(got.get() != np.argmax(x, axis=1)))
         out.append(Result("argmax_rows", f"B{b} V{vocab}" + (" ties" if ties else ""), miss, 0.0, miss == 0))
-    for b, vocab in [(48, 49152), (9, 777)]:
-        x = (c.rng.standard_normal((b, vocab)) * c.rng.uniform(1, 6, (b, 1))).astype(np.float32)
-        temps = c.rng.choice([0.0, 0.4, 1.0, 1.7], b)
-        topk = c.rng.choice([0, 1, 7, 50, vocab + 5], b)
-        topp = c.rng.choice([1.0, 0.95, 0.5, 0.1], b)
-        us = c.rng.random(b)
-        params = np.stack([temps, topk, topp, us]).astype(np.float64)
-        got = c.poison((b,), np.int32)
-        sampler.k["sample_rows"](
-            (b,), (1024,), (cp.asarray(x), np.int64(vocab), np.int32(vocab), cp.asarray(params), got)
-        )
+    for b, vocab, kind in [
+        (48, 49152, "mixed"),
+        (9, 777, "mixed"),
+        (16, 128256, "mixed"),
+        (12, 32000, "hard"),
+    ]:
+        x, params = _sampling_rows(c.rng, b, vocab, kind)
+        t, k, p, u = params
         want = [
-            int(np.argmax(x[i])) if temps[i] == 0 else sample_row(x[i], float(temps[i]), int(topk[i]), float(topp[i]), us[i])
+            int(np.argmax(x[i])) if t[i] == 0 else sample_row(x[i], t[i], int(k[i]), p[i], u[i])
             for i in range(b)
-        ]  # fmt: skip
-        miss = int(np.sum(got.get() != np.asarray(want)))
-        out.append(
-            Result(
-                "sample_rows", f"B{b} V{vocab} mixed T/top-k/top-p", miss, 0.0, miss == 0, "abs = mismatches"
-            )
-        )
+        ]
+        for radix in (False, True):
+            got = c.poison((b,), np.int32)
+            sampler.sample_rows(cp.asarray(x), cp.asarray(params), got, radix=radix)
+            miss = int(np.sum(got.get() != np.asarray(want)))
+            name = f"B{b} V{vocab} {kind} T/top-k/top-p" + (" radix path" if radix else "")
+            out.append(Result("sample_rows", name, miss, 0.0, miss == 0, "abs = mismatches"))
     # the whole path: penalties, per-sequence seeded uniforms, greedy and sampled rows in one batch
     b, vocab = 12, 5000
     x = (c.rng.standard_normal((b, vocab)) * 3).astype(np.float32)
@@ -63,6 +67,32 @@ def case_sampling(c: Ctx) -> list[Result]:
     out.append(_case_api_options(c))
     out += _case_logprobs(c)
     return out
+
+
+def _sampling_rows(rng: np.random.Generator, b: int, vocab: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Logits [b, vocab] and params [4, b] (temperature, top_k, top_p, u). "hard": rows whose crossing bins are
+    crowded or odd for the histogram path (equal logits, a few allowed tokens with -inf elsewhere and a top-k past
+    them, a huge temperature, a tiny spread), so both of sample_rows' paths run."""
+    x = (rng.standard_normal((b, vocab)) * rng.uniform(1, 6, (b, 1))).astype(np.float32)
+    temps = rng.choice([0.0, 0.4, 1.0, 1.7], b)
+    topk = rng.choice([0, 1, 7, 50, vocab + 5], b)
+    topp = rng.choice([1.0, 0.95, 0.5, 0.1], b)
+    if kind == "hard":
+        for i in range(b):
+            shape = i % 4
+            if shape == 0:  # many equal logits
+                x[i] = np.round(x[i] / 8)
+            elif shape == 1:  # a grammar's mask: a few allowed ids, top-k past them
+                allowed = rng.choice(vocab, 5, replace=False)
+                y = np.full(vocab, -np.inf, np.float32)
+                y[allowed] = x[i, allowed]
+                x[i], topk[i] = y, 40
+            elif shape == 2:  # a huge temperature: a near-uniform distribution
+                temps[i] = 1e4
+            else:  # a tiny spread
+                x[i] = 1.0 + x[i] * 1e-6
+            temps[i] = temps[i] or 1.0
+    return x, np.stack([temps, topk, topp, rng.random(b)]).astype(np.float64)
 
 
 def _case_api_options(c: Ctx) -> Result:
