@@ -1,4 +1,4 @@
-// Token sampling on the GPU: one block per row of float32 logits; only token ids go back to the host.
+// Token sampling on the GPU: one block per row of float32 logits (argmax_rows: several); only token ids go back.
 // Reference: lserve_lite/backends/reference/sampling.py (sample, sample_row, additive_terms, allowed_tokens,
 // logprobs_ref). Launchers: lserve_lite/backends/cuda_sampling.py.
 // Before sampling, on a copy of the logits: apply_penalty (repetition), add_logits (presence / frequency
@@ -7,9 +7,11 @@
 //
 // The CPU sampler sorts the tempered logits (descending, ties by index), keeps the top_k, then the
 // smallest prefix whose probability reaches top_p, and picks by inverse CDF with one uniform u per row.
-// Here no sort: every element gets a 64-bit sort key (descending value, then ascending index), and a
-// radix select over the keys (8 bits a pass, histograms of counts or of exp masses) finds the element
-// where a cumulative weight crosses a target -- the k-th element, the top-p boundary, the sampled one.
+// Here no full sort: every element gets a 64-bit sort key (descending value, then ascending index), and a
+// selection finds the element where a cumulative weight (count or exp mass) crosses a target -- the k-th
+// element, the top-p boundary, the sampled one: by a histogram over value bins and a sort of the one bin it
+// crosses in (sample_hist, the default), or by a radix select over the keys (select_key, 8 bits a pass; the
+// fallback for a crowded bin).
 #include "block_reduce.cuh"
 #include "pdl.cuh"
 
