@@ -154,11 +154,12 @@ __global__ void argmax_rows(const float* __restrict__ logits, long long stride, 
 // ---- The histogram sampler (the default path of sample_rows) ----
 // The radix path above takes one pass over the row per 8 key bits of each selection (about 30 passes for top-k,
 // top-p and the pick, scalar loads, float64 shared-memory atomics that all hit one bin in the first passes): 1.7-2.4
-// ms a row for a 128k vocabulary on an H200. Here a row costs two passes plus one per selection at most: the tempered
-// row's max and smallest finite value; a histogram of count and mass over SB bins of z = vmax - v (the bin is
-// monotone in the sort order, so bins are visited in it); then each selection scans the bins, gathers the one it
-// crosses in (one pass), sorts that bin's keys in shared memory and scans them in order. A crossing bin of more than
-// SCAP logits (thousands of equal values, top-k beyond a grammar's allowed tokens) sends the row to the radix path.
+// ms a row for a 128k vocabulary on an H200. Here a row costs two passes spread over the GPU (sample_bounds: the
+// tempered row's max and smallest finite value; sample_fill: a histogram of count and mass over SB bins of
+// z = vmax - v, the bin monotone in the sort order, so bins are visited in it), then in sample_rows' one block a
+// pass per selection at most: it scans the bins, gathers the one it crosses in, sorts that bin's keys in shared
+// memory and scans them in order. A crossing bin of more than SCAP logits (thousands of equal values, top-k beyond a
+// grammar's allowed tokens) sends the row to the radix path.
 constexpr int SB = 2048;    // bins of z in [0, R]; bin SB: z > R, -inf logits, NaN
 constexpr int SCAP = 4096;  // logits of one bin sorted in shared memory: 4 a thread at SAMPLE_THREADS
 constexpr int SAMPLE_THREADS = 1024;  // cuda_sampling.THREADS
@@ -186,15 +187,32 @@ struct Bins {  // z = vmax - v -> bin, non-decreasing in the sort order
   }
 };
 
-// f(i, v, ok) for i < vocab with v = x[i] / temp (ok = false past the end), the same number of calls in every lane of
-// a warp, so f may use warp collectives. float4 loads, four in flight per thread, when the row is 16-byte aligned.
+// The bins of a row whose tempered logits have maximum vmax and smallest finite value vmin (+inf: none).
+__device__ __forceinline__ Bins make_bins(float vmax, float vmin) {
+  const float r = isfinite(vmax) && vmin <= vmax ? fminf(ZR, vmax - vmin) : 0.f;
+  return Bins{vmax, r, r > 0.f ? (float)SB / r : 0.f};
+}
+
+// Floats as unsigned ints in the same order (0 below every float but an all-ones NaN): atomicMax keeps a maximum.
+__device__ __forceinline__ unsigned int ordered(float v) {
+  const unsigned int b = __float_as_uint(v);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+__device__ __forceinline__ float unordered(unsigned int o) {
+  return __uint_as_float((o & 0x80000000u) ? (o & 0x7fffffffu) : ~o);
+}
+
+
+// f(i, v, ok) for lo <= i < hi with v = x[i] / temp (ok = false past the end), the same number of calls in every
+// lane of a warp, so f may use warp collectives. float4 loads, four in flight per thread, where x + lo is 16-byte
+// aligned.
 template <typename F>
-__device__ __forceinline__ void for_row(const float* __restrict__ x, int vocab, float temp, F f) {
+__device__ __forceinline__ void for_row(const float* __restrict__ x, int lo, int hi, float temp, F f) {
   const int lane = threadIdx.x & 31, wbase = threadIdx.x - lane;
-  int tail = 0;
-  if ((reinterpret_cast<unsigned long long>(x) & 15) == 0) {
-    const float4* x4 = reinterpret_cast<const float4*>(x);
-    const int n4 = vocab / 4;
+  int tail = lo;
+  if ((reinterpret_cast<unsigned long long>(x + lo) & 15) == 0) {
+    const float4* x4 = reinterpret_cast<const float4*>(x + lo);
+    const int n4 = (hi - lo) / 4;
     for (int c = wbase; c < n4; c += 4 * blockDim.x) {
       float4 q[4];
 #pragma unroll
@@ -204,30 +222,35 @@ __device__ __forceinline__ void for_row(const float* __restrict__ x, int vocab, 
       }
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
-        const int i = c + u * blockDim.x + lane;
+        const int i = c + u * blockDim.x + lane, e = lo + 4 * i;
         const bool ok = i < n4;
-        f(4 * i, __fdiv_rn(q[u].x, temp), ok);
-        f(4 * i + 1, __fdiv_rn(q[u].y, temp), ok);
-        f(4 * i + 2, __fdiv_rn(q[u].z, temp), ok);
-        f(4 * i + 3, __fdiv_rn(q[u].w, temp), ok);
+        f(e, __fdiv_rn(q[u].x, temp), ok);
+        f(e + 1, __fdiv_rn(q[u].y, temp), ok);
+        f(e + 2, __fdiv_rn(q[u].z, temp), ok);
+        f(e + 3, __fdiv_rn(q[u].w, temp), ok);
       }
     }
-    tail = 4 * n4;
+    tail = lo + 4 * n4;
   }
-  for (int c = tail + wbase; c < vocab; c += blockDim.x) {
+  for (int c = tail + wbase; c < hi; c += blockDim.x) {
     const int i = c + lane;
-    const bool ok = i < vocab;
+    const bool ok = i < hi;
     f(i, ok ? __fdiv_rn(x[i], temp) : 0.f, ok);
   }
 }
 
-// count[b] += 1 and mass[b] += w. (Aggregating a warp's lanes by bin first, __match_any_sync and one atomic pair
-// per distinct bin, measured 194 against 140 us a 128k row on an H200: a warp's 32 logits rarely share a bin.)
-__device__ __forceinline__ void hist_add(HistSmem& s, int b, double w, bool ok) {
-  if (ok) {
-    atomicAdd(&s.count[b], 1);
-    atomicAdd(&s.mass[b], w);
-  }
+// The row's maximum tempered logit and smallest finite one over [lo, hi) of this block (block-wide).
+__device__ __forceinline__ void row_bounds(const float* x, int lo, int hi, float temp, float& vmax, float& vmin) {
+  float m = -__int_as_float(0x7f800000), l = __int_as_float(0x7f800000);
+  for_row(x, lo, hi, temp, [&](int, float v, bool ok) {
+    if (ok) {
+      m = fmaxf(m, v);
+      if (isfinite(v)) l = fminf(l, v);
+    }
+  });
+  __shared__ float fscr[32];
+  vmax = block_reduce(m, fscr, lserve::MaxOp(), -__int_as_float(0x7f800000));
+  vmin = block_reduce(l, fscr, lserve::MinOp(), __int_as_float(0x7f800000));
 }
 
 // Exclusive prefix sum of v over the block in thread order; every thread gets its own and the block's total.
@@ -273,7 +296,7 @@ __device__ void gather_bin(HistSmem& s, const float* x, int vocab, float temp, c
   const int lane = threadIdx.x & 31;
   if (threadIdx.x == 0) s.n = 0;
   __syncthreads();
-  for_row(x, vocab, temp, [&](int i, float v, bool ok) {
+  for_row(x, 0, vocab, temp, [&](int i, float v, bool ok) {
     const bool in = ok && bins(v) == c;
     const unsigned m = __ballot_sync(0xffffffffu, in);
     if (m) {
@@ -381,25 +404,14 @@ __device__ double hist_mass(HistSmem& s, u64 bound, int bb) {
   return bb <= SB ? t + gathered_weight(s, bound, true) : t;
 }
 
-// One row by the histogram path; false when a crossing bin is too large (the caller takes the radix path).
+// One row by the histogram path from its bounds (gstat) and histogram (gcount, gmass) that sample_bounds and
+// sample_fill made; false when a crossing bin is too large (the caller takes the radix path).
 __device__ bool sample_hist(HistSmem& s, const float* x, int vocab, float temp, int k, double p, double u,
-                            int* out) {
-  float m = -__int_as_float(0x7f800000), lo = __int_as_float(0x7f800000);
-  for_row(x, vocab, temp, [&](int, float v, bool ok) {
-    if (ok) {
-      m = fmaxf(m, v);
-      if (isfinite(v)) lo = fminf(lo, v);
-    }
-  });
-  __shared__ float fscr[32];
-  const float vmax = block_reduce(m, fscr, lserve::MaxOp(), -__int_as_float(0x7f800000));
-  const float vmin = block_reduce(lo, fscr, lserve::MinOp(), __int_as_float(0x7f800000));
-  const float r = isfinite(vmax) && vmin <= vmax ? fminf(ZR, vmax - vmin) : 0.f;
-  const Bins bins{vmax, r, r > 0.f ? (float)SB / r : 0.f};
-  for (int b = threadIdx.x; b <= SB; b += blockDim.x) s.count[b] = 0, s.mass[b] = 0.0;
+                            const unsigned int* gstat, const int* gcount, const double* gmass, int* out) {
+  const float vmax = unordered(gstat[0]), vmin = gstat[1] ? -unordered(gstat[1]) : __int_as_float(0x7f800000);
+  const Bins bins = make_bins(vmax, vmin);
+  for (int b = threadIdx.x; b <= SB; b += blockDim.x) s.count[b] = __ldcg(gcount + b), s.mass[b] = __ldcg(gmass + b);
   if (threadIdx.x == 0) s.bin = -1, s.n = 0;
-  __syncthreads();
-  for_row(x, vocab, temp, [&](int, float v, bool ok) { hist_add(s, bins(v), exp((double)(v - vmax)), ok); });
   __syncthreads();
   bool fail = false;
   u64 bound = ~0ull;
@@ -425,12 +437,62 @@ __device__ bool sample_hist(HistSmem& s, const float* x, int vocab, float temp, 
   return true;
 }
 
+// The histogram of sample_hist spread over the GPU: grid (G, rows), block g takes logits [g * chunk, (g + 1) *
+// chunk) of a sampled row (temperature != 0). sample_bounds: atomicMax of the ordered maximum and of the ordered
+// negated smallest finite value into gstat [rows, 2]; sample_fill: the block's count and mass per bin (bins from
+// gstat), added into gcount / gmass [rows, SB + 1]. All three zeroed by the launcher first. (sample_rows' own block
+// made them at first: 130 us a 128k row at temperature 1 on an H200, most of it these two passes.)
+__global__ void sample_bounds(const float* __restrict__ logits, long long stride, int vocab, int chunk,
+                              const double* __restrict__ params, unsigned int* __restrict__ gstat) {
+  lserve::pdl_enter();
+  const int row = blockIdx.y, lo = blockIdx.x * chunk, hi = min(vocab, lo + chunk);
+  const float temp = (float)params[row];
+  if (temp == 0.f) return;
+  float vmax, vmin;
+  row_bounds(logits + row * stride, lo, hi, temp, vmax, vmin);
+  if (threadIdx.x == 0) {
+    if (!isnan(vmax)) atomicMax(gstat + 2 * row, ordered(vmax));
+    if (isfinite(vmin)) atomicMax(gstat + 2 * row + 1, ordered(-vmin));
+  }
+}
+
+__global__ void sample_fill(const float* __restrict__ logits, long long stride, int vocab, int chunk,
+                            const double* __restrict__ params, const unsigned int* __restrict__ gstat,
+                            int* __restrict__ gcount, double* __restrict__ gmass) {
+  lserve::pdl_enter();
+  __shared__ int count[SB + 1];
+  __shared__ double mass[SB + 1];
+  const int row = blockIdx.y, lo = blockIdx.x * chunk, hi = min(vocab, lo + chunk);
+  const float temp = (float)params[row];
+  if (temp == 0.f) return;
+  const unsigned int smin = gstat[2 * row + 1];
+  const float vmax = unordered(gstat[2 * row]), vmin = smin ? -unordered(smin) : __int_as_float(0x7f800000);
+  const Bins bins = make_bins(vmax, vmin);
+  for (int b = threadIdx.x; b <= SB; b += blockDim.x) count[b] = 0, mass[b] = 0.0;
+  __syncthreads();
+  for_row(logits + row * stride, lo, hi, temp, [&](int, float v, bool ok) {
+    if (ok) {
+      const int b = bins(v);
+      atomicAdd(count + b, 1);
+      atomicAdd(mass + b, exp((double)(v - vmax)));
+    }
+  });
+  __syncthreads();
+  const long long base = (long long)row * (SB + 1);
+  for (int b = threadIdx.x; b <= SB; b += blockDim.x)
+    if (count[b]) {
+      atomicAdd(gcount + base + b, count[b]);
+      atomicAdd(gmass + base + b, mass[b]);
+    }
+}
+
 // params [4, rows] float64: temperature (0 = greedy), top_k (0 = off), top_p (1 = off), uniform u in [0, 1).
-// One block of SAMPLE_THREADS a row; dynamic shared memory: HistSmem. radix != 0 forces the radix path (the
-// harness checks both).
+// One block of SAMPLE_THREADS a row; dynamic shared memory: HistSmem. gstat / gcount / gmass: sample_fill's
+// histograms. radix != 0 takes the radix path (the pointers unused: the harness checks both paths).
 __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample_rows(const float* __restrict__ logits, long long stride, int vocab, const double* __restrict__ params,
-                int radix, int* __restrict__ out) {
+                const unsigned int* __restrict__ gstat, const int* __restrict__ gcount,
+                const double* __restrict__ gmass, int radix, int* __restrict__ out) {
   lserve::pdl_enter();
   extern __shared__ double hist_smem[];
   HistSmem& hs = *reinterpret_cast<HistSmem*>(hist_smem);
@@ -449,7 +511,9 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
   }
   const int k = (int)params[rows + row];
   const double p = params[2 * rows + row], u = params[3 * rows + row];
-  if (!radix && sample_hist(hs, x, vocab, temp, k, p, u, out + row)) return;
+  const long long hb = (long long)row * (SB + 1);
+  if (!radix && sample_hist(hs, x, vocab, temp, k, p, u, gstat + 2 * row, gcount + hb, gmass + hb, out + row))
+    return;
   float m = -__int_as_float(0x7f800000);
   for (int i = threadIdx.x; i < vocab; i += blockDim.x) m = fmaxf(m, __fdiv_rn(x[i], temp));
   const float xmax = block_reduce(m, fscratch, lserve::MaxOp(), -__int_as_float(0x7f800000));

@@ -18,6 +18,8 @@ from .reference.sampling import additive_terms
 
 SAMPLING_KERNELS = (
     "argmax_rows",
+    "sample_bounds",
+    "sample_fill",
     "sample_rows",
     "apply_penalty",
     "add_logits",
@@ -26,6 +28,8 @@ SAMPLING_KERNELS = (
 )
 THREADS = 1024  # sampling.cu's SAMPLE_THREADS
 HIST_SMEM = 100 * 1024  # sampling.cu's HIST_SMEM: sample_rows' dynamic shared memory
+HIST_BINS = 2048 + 1  # sampling.cu's SB + 1: value bins of a row's histogram, the last for the rest
+FILL_THREADS = 256
 ARGMAX_THREADS = 256
 ARGMAX_CHUNK = 4096  # logits a block of argmax_rows takes (16 KB: four float4 loads a thread)
 
@@ -111,6 +115,9 @@ class GpuSampler:
         self.k = {n: mod.get_function(n) for n in SAMPLING_KERNELS}
         self.k["sample_rows"].max_dynamic_shared_size_bytes = HIST_SMEM
         self._part = self._tick = None  # argmax_rows' partials and tickets, grown to the largest launch
+        self._hist = (
+            None  # sample_fill's rows: mass [B, HIST_BINS] f64, count [B, HIST_BINS] i32, bounds [B, 2] u32
+        )
 
     def argmax(self, logits, out) -> None:
         """out[r] = np.argmax(logits[r]) for contiguous float32 logits [B, V] (two-level argmax_rows)."""
@@ -158,10 +165,28 @@ class GpuSampler:
         return out
 
     def sample_rows(self, logits, params, out, radix: bool = False) -> None:
-        """out[r] <- row r of contiguous float32 `logits` sampled by params [4, B] (sample_rows; `radix`: the
-        radix path the histogram path falls back to, for the harness)."""
-        args = (logits, np.int64(logits.shape[1]), np.int32(logits.shape[1]), params, np.int32(radix), out)
-        self.k["sample_rows"]((int(logits.shape[0]),), (THREADS,), args, shared_mem=HIST_SMEM)
+        """out[r] <- row r of contiguous float32 `logits` sampled by params [4, B]: sample_bounds and sample_fill
+        make each sampled row's histogram over the whole GPU, then sample_rows selects (one block a row).
+        `radix`: the radix path the histogram path falls back to, for the harness."""
+        cp = self.cp
+        b, vocab = int(logits.shape[0]), int(logits.shape[1])
+        null = np.uint64(0)
+        stat = count = mass = null
+        if not radix:
+            row_bytes = HIST_BINS * 12 + 8
+            if self._hist is None or self._hist.size < b * row_bytes:
+                self._hist = cp.empty(b * row_bytes, cp.uint8)
+            buf = self._hist[: b * row_bytes]
+            buf.fill(0)
+            mass = buf[: b * HIST_BINS * 8].view(cp.float64)
+            count = buf[b * HIST_BINS * 8 : b * HIST_BINS * 12].view(cp.int32)
+            stat = buf[b * HIST_BINS * 12 :].view(cp.uint32)
+            g = -(-vocab // ARGMAX_CHUNK)
+            head = (logits, np.int64(vocab), np.int32(vocab), np.int32(ARGMAX_CHUNK), params)
+            self.k["sample_bounds"]((g, b), (FILL_THREADS,), (*head, stat))
+            self.k["sample_fill"]((g, b), (FILL_THREADS,), (*head, stat, count, mass))
+        args = (logits, np.int64(vocab), np.int32(vocab), params, stat, count, mass, np.int32(radix), out)
+        self.k["sample_rows"]((b,), (THREADS,), args, shared_mem=HIST_SMEM)
 
     def apply_penalty(self, logits, rows: np.ndarray, ids: np.ndarray, pens: np.ndarray) -> None:
         """In place on contiguous float32 `logits`: the repetition penalty of each (row, id)."""
