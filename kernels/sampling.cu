@@ -163,6 +163,7 @@ __global__ void argmax_rows(const float* __restrict__ logits, long long stride, 
 constexpr int SB = 2048;    // bins of z in [0, R]; bin SB: z > R, -inf logits, NaN
 constexpr int SCAP = 4096;  // logits of one bin sorted in shared memory: 4 a thread at SAMPLE_THREADS
 constexpr int SAMPLE_THREADS = 1024;  // cuda_sampling.THREADS
+constexpr int FILL_THREADS = 256;  // cuda_sampling.FILL_THREADS
 constexpr float ZR = 64.f;  // exp(-64): below float64's resolution of a total >= 1, so R = min(ZR, vmax - vmin)
 
 struct HistSmem {  // dynamic shared memory of sample_rows
@@ -291,26 +292,55 @@ __device__ __forceinline__ double gathered_weight(HistSmem& s, u64 bound, bool m
   return block_reduce(t, s.dscr, lserve::SumOp(), 0.0);
 }
 
-// s.key / s.w <- the logits of bin c, sorted by key (bitonic, padded to a power of two with ~0 keys).
-__device__ void gather_bin(HistSmem& s, const float* x, int vocab, float temp, const Bins& bins, int c) {
-  const int lane = threadIdx.x & 31;
+// Where sample_fill listed a row's logits by bin: block g's logits of bin b are idx[g * chunk + loc[g * (SB + 2) + b]
+// .. g * chunk + loc[g * (SB + 2) + b + 1]) (their indices in the row).
+struct RowLists {
+  const int* idx;
+  const int* loc;
+  int nblk, chunk;
+};
+
+// s.key / s.w <- the logits of bin c (from the row's lists), sorted by key (bitonic, padded to a power of two with
+// ~0 keys).
+// Without lists (rl.idx null), a pass over the row finds them.
+__device__ void gather_bin(HistSmem& s, const float* x, int vocab, float temp, const Bins& bins, const RowLists& rl,
+                           int c) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const float vmax = bins.vmax;
   if (threadIdx.x == 0) s.n = 0;
   __syncthreads();
-  for_row(x, 0, vocab, temp, [&](int i, float v, bool ok) {
-    const bool in = ok && bins(v) == c;
-    const unsigned m = __ballot_sync(0xffffffffu, in);
-    if (m) {
-      const int lead = __ffs(m) - 1;
-      int base = 0;
-      if (lane == lead) base = atomicAdd(&s.n, __popc(m));
-      base = __shfl_sync(0xffffffffu, base, lead);
-      const int pos = base + __popc(m & ((1u << lane) - 1));
-      if (in && pos < SCAP) {
+  if (!rl.idx) {
+    for_row(x, 0, vocab, temp, [&](int i, float v, bool ok) {
+      const bool in = ok && bins(v) == c;
+      const unsigned m = __ballot_sync(0xffffffffu, in);
+      if (m) {
+        const int lead = __ffs(m) - 1;
+        int base = 0;
+        if (lane == lead) base = atomicAdd(&s.n, __popc(m));
+        base = __shfl_sync(0xffffffffu, base, lead);
+        const int pos = base + __popc(m & ((1u << lane) - 1));
+        if (in && pos < SCAP) {
+          s.key[pos] = sort_key(v, i);
+          s.w[pos] = exp((double)(v - vmax));
+        }
+      }
+    });
+  }
+  for (int g = warp; rl.idx && g < rl.nblk; g += nw) {
+    const int* loc = rl.loc + (long long)g * (SB + 2);
+    const int a = __ldcg(loc + c), e = __ldcg(loc + c + 1);
+    int base = 0;
+    if (lane == 0 && e > a) base = atomicAdd(&s.n, e - a);
+    base = __shfl_sync(0xffffffffu, base, 0);
+    for (int j = a + lane; j < e; j += 32) {
+      const int i = __ldcg(rl.idx + (long long)g * rl.chunk + j), pos = base + j - a;
+      const float v = __fdiv_rn(x[i], temp);
+      if (pos < SCAP) {
         s.key[pos] = sort_key(v, i);
-        s.w[pos] = exp((double)(v - bins.vmax));
+        s.w[pos] = exp((double)(v - vmax));
       }
     }
-  });
+  }
   __syncthreads();
   const int n = min(s.n, SCAP);
   int n2 = 1;
@@ -337,8 +367,8 @@ __device__ void gather_bin(HistSmem& s, const float* x, int vocab, float temp, c
 // The smallest key <= bound at which the cumulative weight (1 a logit, or its mass) in the sort order reaches
 // target (exceeds it when strict); ~0 when none does. bb: bound's bin, the gathered one (SB + 1: no bound).
 // fail: the crossing bin holds more than SCAP logits.
-__device__ u64 hist_select(HistSmem& s, const float* x, int vocab, float temp, const Bins& bins, double target,
-                           bool strict, bool mass, u64 bound, int bb, bool& fail) {
+__device__ u64 hist_select(HistSmem& s, const float* x, int vocab, float temp, const Bins& bins, const RowLists& rl,
+                           double target, bool strict, bool mass, u64 bound, int bb, bool& fail) {
   const double partial = bb <= SB ? gathered_weight(s, bound, mass) : 0.0;
   constexpr int PER = (SB + SAMPLE_THREADS) / SAMPLE_THREADS;  // bins a thread scans (3)
   double wt[PER], local = 0.0;
@@ -367,7 +397,7 @@ __device__ u64 hist_select(HistSmem& s, const float* x, int vocab, float temp, c
       fail = true;
       return ~0ull;
     }
-    gather_bin(s, x, vocab, temp, bins, c);
+    gather_bin(s, x, vocab, temp, bins, rl, c);
   }
   __syncthreads();
   // the gathered logits in order, 4 a thread: the first whose cumulative weight crosses
@@ -407,7 +437,8 @@ __device__ double hist_mass(HistSmem& s, u64 bound, int bb) {
 // One row by the histogram path from its bounds (gstat) and histogram (gcount, gmass) that sample_bounds and
 // sample_fill made; false when a crossing bin is too large (the caller takes the radix path).
 __device__ bool sample_hist(HistSmem& s, const float* x, int vocab, float temp, int k, double p, double u,
-                            const unsigned int* gstat, const int* gcount, const double* gmass, int* out) {
+                            const unsigned int* gstat, const int* gcount, const double* gmass, const RowLists& rl,
+                            int* out) {
   const float vmax = unordered(gstat[0]), vmin = gstat[1] ? -unordered(gstat[1]) : __int_as_float(0x7f800000);
   const Bins bins = make_bins(vmax, vmin);
   for (int b = threadIdx.x; b <= SB; b += blockDim.x) s.count[b] = __ldcg(gcount + b), s.mass[b] = __ldcg(gmass + b);
@@ -417,20 +448,20 @@ __device__ bool sample_hist(HistSmem& s, const float* x, int vocab, float temp, 
   u64 bound = ~0ull;
   int bb = SB + 1;
   if (k > 0 && k < vocab) {
-    bound = hist_select(s, x, vocab, temp, bins, (double)k, false, false, bound, bb, fail);
+    bound = hist_select(s, x, vocab, temp, bins, rl, (double)k, false, false, bound, bb, fail);
     if (fail) return false;
     bb = s.bin;
   }
   double total = hist_mass(s, bound, bb);
   if (p < 1.0) {
-    const u64 b = hist_select(s, x, vocab, temp, bins, p * total, false, true, bound, bb, fail);
+    const u64 b = hist_select(s, x, vocab, temp, bins, rl, p * total, false, true, bound, bb, fail);
     if (fail) return false;
     if (b != ~0ull) {
       bound = b, bb = s.bin;
       total = hist_mass(s, bound, bb);
     }
   }
-  u64 pick = hist_select(s, x, vocab, temp, bins, u * total, true, true, bound, bb, fail);
+  u64 pick = hist_select(s, x, vocab, temp, bins, rl, u * total, true, true, bound, bb, fail);
   if (fail || (pick == ~0ull && bound == ~0ull)) return false;  // (the last logit of an unbounded row: radix path)
   if (pick == ~0ull) pick = bound;  // u * total beyond the rounded sum: the last kept logit, as the CPU's clamp
   if (threadIdx.x == 0) *out = (int)(pick & 0xffffffffu);
@@ -440,7 +471,10 @@ __device__ bool sample_hist(HistSmem& s, const float* x, int vocab, float temp, 
 // The histogram of sample_hist spread over the GPU: grid (G, rows), block g takes logits [g * chunk, (g + 1) *
 // chunk) of a sampled row (temperature != 0). sample_bounds: atomicMax of the ordered maximum and of the ordered
 // negated smallest finite value into gstat [rows, 2]; sample_fill: the block's count and mass per bin (bins from
-// gstat), added into gcount / gmass [rows, SB + 1]. All three zeroed by the launcher first. (sample_rows' own block
+// gstat), added into gcount / gmass [rows, SB + 1] (zeroed by the launcher first, as gstat), and the block's logits
+// listed by bin when gidx is not null (RowLists: gidx [rows, vocab], gloc [rows, G, SB + 2]) so that a selection
+// gathers its bin without reading the row again (cuda_sampling.LIST_ELEMENTS: for a few rows only; the lists'
+// scattered stores cost more than they save in large batches). (sample_rows' own block
 // made them at first: 130 us a 128k row at temperature 1 on an H200, most of it these two passes.)
 __global__ void sample_bounds(const float* __restrict__ logits, long long stride, int vocab, int chunk,
                               const double* __restrict__ params, unsigned int* __restrict__ gstat) {
@@ -458,19 +492,23 @@ __global__ void sample_bounds(const float* __restrict__ logits, long long stride
 
 __global__ void sample_fill(const float* __restrict__ logits, long long stride, int vocab, int chunk,
                             const double* __restrict__ params, const unsigned int* __restrict__ gstat,
-                            int* __restrict__ gcount, double* __restrict__ gmass) {
+                            int* __restrict__ gcount, double* __restrict__ gmass, int* __restrict__ gidx,
+                            int* __restrict__ gloc) {
   lserve::pdl_enter();
-  __shared__ int count[SB + 1];
+  __shared__ int count[SB + 1];  // the block's logits per bin, then its listing's cursors
   __shared__ double mass[SB + 1];
+  __shared__ int start[SB + 2];  // where each bin's logits start in the block's list
+  __shared__ int iscr[32];
   const int row = blockIdx.y, lo = blockIdx.x * chunk, hi = min(vocab, lo + chunk);
   const float temp = (float)params[row];
   if (temp == 0.f) return;
+  const float* x = logits + row * stride;
   const unsigned int smin = gstat[2 * row + 1];
   const float vmax = unordered(gstat[2 * row]), vmin = smin ? -unordered(smin) : __int_as_float(0x7f800000);
   const Bins bins = make_bins(vmax, vmin);
   for (int b = threadIdx.x; b <= SB; b += blockDim.x) count[b] = 0, mass[b] = 0.0;
   __syncthreads();
-  for_row(logits + row * stride, lo, hi, temp, [&](int, float v, bool ok) {
+  for_row(x, lo, hi, temp, [&](int, float v, bool ok) {
     if (ok) {
       const int b = bins(v);
       atomicAdd(count + b, 1);
@@ -479,20 +517,61 @@ __global__ void sample_fill(const float* __restrict__ logits, long long stride, 
   });
   __syncthreads();
   const long long base = (long long)row * (SB + 1);
-  for (int b = threadIdx.x; b <= SB; b += blockDim.x)
-    if (count[b]) {
-      atomicAdd(gcount + base + b, count[b]);
-      atomicAdd(gmass + base + b, mass[b]);
+  constexpr int PER = (SB + 1 + FILL_THREADS) / FILL_THREADS;  // bins a thread scans (start[SB + 1]: the total)
+  int own = 0;
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    const int b = PER * threadIdx.x + j;
+    if (b <= SB) {
+      own += count[b];
+      if (count[b]) {
+        atomicAdd(gcount + base + b, count[b]);
+        atomicAdd(gmass + base + b, mass[b]);
+      }
     }
+  }
+  if (!gidx) return;  // no lists
+  // start = the exclusive prefix of count over the bins (thread order = bin order)
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int inc = own;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int t = __shfl_up_sync(0xffffffffu, inc, o);
+    if (lane >= o) inc += t;
+  }
+  if (lane == 31) iscr[warp] = inc;
+  __syncthreads();
+  int before = inc - own;
+  for (int w = 0; w < warp; ++w) before += iscr[w];
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    const int b = PER * threadIdx.x + j;
+    if (b <= SB + 1) start[b] = before;
+    if (b <= SB) before += count[b];
+  }
+  __syncthreads();
+  int* loc = gloc + ((long long)row * gridDim.x + blockIdx.x) * (SB + 2);
+  for (int b = threadIdx.x; b <= SB + 1; b += blockDim.x) loc[b] = start[b];
+  for (int b = threadIdx.x; b <= SB; b += blockDim.x) count[b] = 0;
+  __syncthreads();
+  int* idx = gidx + (long long)row * vocab + lo;
+  for_row(x, lo, hi, temp, [&](int i, float v, bool ok) {
+    if (ok) {
+      const int b = bins(v);
+      idx[start[b] + atomicAdd(count + b, 1)] = i;
+    }
+  });
 }
 
 // params [4, rows] float64: temperature (0 = greedy), top_k (0 = off), top_p (1 = off), uniform u in [0, 1).
-// One block of SAMPLE_THREADS a row; dynamic shared memory: HistSmem. gstat / gcount / gmass: sample_fill's
-// histograms. radix != 0 takes the radix path (the pointers unused: the harness checks both paths).
+// One block of SAMPLE_THREADS a row; dynamic shared memory: HistSmem. gstat / gcount / gmass / gidx / gloc:
+// sample_fill's histograms and lists (nblk blocks of chunk logits a row). radix != 0 takes the radix path (the
+// pointers unused: the harness checks both paths).
 __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample_rows(const float* __restrict__ logits, long long stride, int vocab, const double* __restrict__ params,
                 const unsigned int* __restrict__ gstat, const int* __restrict__ gcount,
-                const double* __restrict__ gmass, int radix, int* __restrict__ out) {
+                const double* __restrict__ gmass, const int* __restrict__ gidx, const int* __restrict__ gloc,
+                int nblk, int chunk, int radix, int* __restrict__ out) {
   lserve::pdl_enter();
   extern __shared__ double hist_smem[];
   HistSmem& hs = *reinterpret_cast<HistSmem*>(hist_smem);
@@ -512,7 +591,9 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
   const int k = (int)params[rows + row];
   const double p = params[2 * rows + row], u = params[3 * rows + row];
   const long long hb = (long long)row * (SB + 1);
-  if (!radix && sample_hist(hs, x, vocab, temp, k, p, u, gstat + 2 * row, gcount + hb, gmass + hb, out + row))
+  const RowLists rl{gidx ? gidx + (long long)row * vocab : nullptr,
+                    gidx ? gloc + (long long)row * nblk * (SB + 2) : nullptr, nblk, chunk};
+  if (!radix && sample_hist(hs, x, vocab, temp, k, p, u, gstat + 2 * row, gcount + hb, gmass + hb, rl, out + row))
     return;
   float m = -__int_as_float(0x7f800000);
   for (int i = threadIdx.x; i < vocab; i += blockDim.x) m = fmaxf(m, __fdiv_rn(x[i], temp));

@@ -30,6 +30,9 @@ THREADS = 1024  # sampling.cu's SAMPLE_THREADS
 HIST_SMEM = 100 * 1024  # sampling.cu's HIST_SMEM: sample_rows' dynamic shared memory
 HIST_BINS = 2048 + 1  # sampling.cu's SB + 1: value bins of a row's histogram, the last for the rest
 FILL_THREADS = 256
+LIST_ELEMENTS = 1 << 21  # logits of a batch (rows x vocabulary) up to which sample_fill lists them by bin: an
+# H200 measured 45-62 us for batches of 1-8 rows of 128k with lists against 49-103 us without, and 229-238 us
+# against 108-153 us for 64 rows (the lists' scattered stores)
 ARGMAX_THREADS = 256
 ARGMAX_CHUNK = 4096  # logits a block of argmax_rows takes (16 KB: four float4 loads a thread)
 
@@ -115,9 +118,7 @@ class GpuSampler:
         self.k = {n: mod.get_function(n) for n in SAMPLING_KERNELS}
         self.k["sample_rows"].max_dynamic_shared_size_bytes = HIST_SMEM
         self._part = self._tick = None  # argmax_rows' partials and tickets, grown to the largest launch
-        self._hist = (
-            None  # sample_fill's rows: mass [B, HIST_BINS] f64, count [B, HIST_BINS] i32, bounds [B, 2] u32
-        )
+        self._hist = None  # sample_fill's rows: mass, count, bounds (zeroed each launch), then the bin lists
 
     def argmax(self, logits, out) -> None:
         """out[r] = np.argmax(logits[r]) for contiguous float32 logits [B, V] (two-level argmax_rows)."""
@@ -166,26 +167,34 @@ class GpuSampler:
 
     def sample_rows(self, logits, params, out, radix: bool = False) -> None:
         """out[r] <- row r of contiguous float32 `logits` sampled by params [4, B]: sample_bounds and sample_fill
-        make each sampled row's histogram over the whole GPU, then sample_rows selects (one block a row).
-        `radix`: the radix path the histogram path falls back to, for the harness."""
+        make each sampled row's histogram (and, for few rows, its bin lists) over the whole GPU, then sample_rows
+        selects (one block a row). `radix`: the radix path the histogram path falls back to, for the harness."""
         cp = self.cp
         b, vocab = int(logits.shape[0]), int(logits.shape[1])
+        g = -(-vocab // ARGMAX_CHUNK)
+        lists = b * vocab <= LIST_ELEMENTS
         null = np.uint64(0)
-        stat = count = mass = null
+        stat = count = mass = idx = loc = null
         if not radix:
-            row_bytes = HIST_BINS * 12 + 8
-            if self._hist is None or self._hist.size < b * row_bytes:
-                self._hist = cp.empty(b * row_bytes, cp.uint8)
-            buf = self._hist[: b * row_bytes]
-            buf.fill(0)
+            zeroed = HIST_BINS * 12 + 8  # bytes a row: mass, count, bounds
+            listed = (
+                vocab * 4 + g * (HIST_BINS + 1) * 4 if lists else 0
+            )  # indices by bin, each block's starts
+            if self._hist is None or self._hist.size < b * (zeroed + listed):
+                self._hist = cp.empty(b * (zeroed + listed), cp.uint8)
+            buf = self._hist
+            buf[: b * zeroed].fill(0)
             mass = buf[: b * HIST_BINS * 8].view(cp.float64)
             count = buf[b * HIST_BINS * 8 : b * HIST_BINS * 12].view(cp.int32)
-            stat = buf[b * HIST_BINS * 12 :].view(cp.uint32)
-            g = -(-vocab // ARGMAX_CHUNK)
+            stat = buf[b * HIST_BINS * 12 : b * zeroed].view(cp.uint32)
+            if lists:
+                idx = buf[b * zeroed : b * (zeroed + vocab * 4)].view(cp.int32)
+                loc = buf[b * (zeroed + vocab * 4) : b * (zeroed + listed)].view(cp.int32)
             head = (logits, np.int64(vocab), np.int32(vocab), np.int32(ARGMAX_CHUNK), params)
             self.k["sample_bounds"]((g, b), (FILL_THREADS,), (*head, stat))
-            self.k["sample_fill"]((g, b), (FILL_THREADS,), (*head, stat, count, mass))
-        args = (logits, np.int64(vocab), np.int32(vocab), params, stat, count, mass, np.int32(radix), out)
+            self.k["sample_fill"]((g, b), (FILL_THREADS,), (*head, stat, count, mass, idx, loc))
+        args = (logits, np.int64(vocab), np.int32(vocab), params, stat, count, mass, idx, loc, np.int32(g),
+                np.int32(ARGMAX_CHUNK), np.int32(radix), out)  # fmt: skip
         self.k["sample_rows"]((b,), (THREADS,), args, shared_mem=HIST_SMEM)
 
     def apply_penalty(self, logits, rows: np.ndarray, ids: np.ndarray, pens: np.ndarray) -> None:
