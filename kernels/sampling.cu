@@ -1,4 +1,5 @@
-// Token sampling on the GPU: one block per row of float32 logits (argmax_rows: several); only token ids go back.
+// Token sampling on the GPU over rows of float32 logits (a row's passes spread over several blocks, its selections in
+// one); only token ids go back.
 // Reference: lserve_lite/backends/reference/sampling.py (sample, sample_row, additive_terms, allowed_tokens,
 // logprobs_ref). Launchers: lserve_lite/backends/cuda_sampling.py.
 // Before sampling, on a copy of the logits: apply_penalty (repetition), add_logits (presence / frequency
@@ -652,36 +653,134 @@ __global__ void mask_logits(float* __restrict__ logits, long long stride, int vo
   if (!((w >> (i & 31)) & 1u)) logits[rows[r] * stride + i] = -__int_as_float(0x7f800000);
 }
 
-// Log-softmax of each raw row (float64 sum): lp[row] of chosen[row], and the k most likely ids (descending,
-// ties by index, as np.argsort(-x, kind="stable")) with their logprobs [rows, k]. One block per row.
-__global__ void logprob_rows(const float* __restrict__ logits, long long stride, int vocab,
-                             const long long* __restrict__ chosen, int k, float* __restrict__ lp,
-                             long long* __restrict__ top_ids, float* __restrict__ top_lp) {
-  lserve::pdl_enter();
-  __shared__ float fscratch[32];
-  __shared__ double dscratch[32];
-  __shared__ u64 kscratch[32];
-  const int row = blockIdx.x;
-  const float* x = logits + row * stride;
-  float m = -__int_as_float(0x7f800000);
-  for (int i = threadIdx.x; i < vocab; i += blockDim.x) m = fmaxf(m, x[i]);
-  const double xmax = (double)block_reduce(m, fscratch, lserve::MaxOp(), -__int_as_float(0x7f800000));
-  double s = 0.0;
-  for (int i = threadIdx.x; i < vocab; i += blockDim.x) s += exp((double)x[i] - xmax);
-  const double lse = xmax + log(block_reduce(s, dscratch, lserve::SumOp(), 0.0));
-  if (threadIdx.x == 0) lp[row] = (float)((double)x[chosen[row]] - lse);
-  u64 prev = 0;
-  for (int j = 0; j < k; ++j) {  // the j-th smallest sort key: the smallest above the (j-1)-th
-    u64 best = ~0ull;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-      const u64 key = sort_key(x[i], i);
-      if (j == 0 || key > prev) best = min(best, key);
+// Log-softmax of each raw row: lp[row] of chosen[row], and the k <= LP_K most likely ids (descending, ties by index,
+// as np.argsort(-x, kind="stable")) with their logprobs [rows, k]. Grid (rows, G): block g reads logits [g * chunk,
+// (g + 1) * chunk) once, keeping per thread a running max and float64 sum of exp (float exps: about 1e-7 relative
+// each) and its k smallest sort keys in registers; the block merges them (max, rescaled sums; k rounds of a block
+// minimum) into part_m / part_s / part_k [rows, G (, LP_K)], and the row's last block to finish (a ticket it resets)
+// merges the G partials. One block a row with a pass per top-k id took about 50 us a pass at a 128k vocabulary.
+constexpr int LP_K = 20;         // sampling_params.MAX_LOGPROBS
+constexpr int LP_THREADS = 256;  // cuda_sampling.LP_THREADS
+
+// The LP_K smallest keys seen, ascending (~0: none), in registers (a runtime k would index them dynamically, into
+// local memory: the first k of them are used).
+struct TopKeys {
+  u64 v[LP_K];
+  __device__ __forceinline__ void init() {
+#pragma unroll
+    for (int i = 0; i < LP_K; ++i) v[i] = ~0ull;
+  }
+  __device__ __forceinline__ void push(u64 key) {
+    if (key >= v[LP_K - 1]) return;
+#pragma unroll
+    for (int i = 0; i < LP_K; ++i) {  // insertion, the largest drops out
+      const u64 lo = min(v[i], key);
+      key = max(v[i], key);
+      v[i] = lo;
     }
-    prev = block_reduce(best, kscratch, lserve::MinOp(), ~0ull);
-    if (threadIdx.x == 0) {
-      const int id = (int)(prev & 0xffffffffu);
+  }
+  __device__ __forceinline__ void pop() {
+#pragma unroll
+    for (int i = 0; i < LP_K - 1; ++i) v[i] = v[i + 1];
+    v[LP_K - 1] = ~0ull;
+  }
+};
+
+// Logit v (index i) into a thread's running max m, sum s of exp(. - m) and k smallest keys.
+__device__ __forceinline__ void lp_visit(float v, int i, int k, float& m, double& s, TopKeys& top) {
+  if (v > m) {
+    s = (m == -__int_as_float(0x7f800000) ? 0.0 : s * (double)expf(m - v)) + 1.0;
+    m = v;
+  } else {
+    s += (double)expf(v - m);
+  }
+  if (k) top.push(sort_key(v, i));
+}
+
+// (m, s) <- the block's max of m and sum of s * exp(m - max) (every thread gets both).
+__device__ __forceinline__ void merge_lse(float& m, double& s, float* fscr, double* dscr) {
+  const float bm = block_reduce(m, fscr, lserve::MaxOp(), -__int_as_float(0x7f800000));
+  s = block_reduce(m == bm ? s : s * exp((double)m - (double)bm), dscr, lserve::SumOp(), 0.0);
+  m = bm;
+}
+
+__global__ void __launch_bounds__(LP_THREADS)
+    logprob_rows(const float* __restrict__ logits, long long stride, int vocab, int chunk,
+                 const long long* __restrict__ chosen, int k, float* __restrict__ part_m, double* __restrict__ part_s,
+                 u64* __restrict__ part_k, unsigned int* __restrict__ tick, float* __restrict__ lp,
+                 long long* __restrict__ top_ids, float* __restrict__ top_lp) {
+  lserve::pdl_enter();
+  __shared__ float fscr[32];
+  __shared__ double dscr[32];
+  __shared__ u64 kscr[32];
+  __shared__ bool last;
+  const int row = blockIdx.x, g = blockIdx.y, G = gridDim.y;
+  const float* x = logits + row * stride;
+  const int lo = g * chunk, hi = min(vocab, lo + chunk);
+  float m = -__int_as_float(0x7f800000);
+  double s = 0.0;
+  TopKeys top;
+  top.init();
+  int tail = lo;
+  if ((reinterpret_cast<unsigned long long>(x + lo) & 15) == 0) {  // (a loop, not for_row: its lambda kept
+    const float4* x4 = reinterpret_cast<const float4*>(x + lo);     //  `top` in local memory)
+    const int n4 = (hi - lo) / 4;
+#pragma unroll 4
+    for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+      const float4 q = x4[i];
+      const int e = lo + 4 * i;
+      lp_visit(q.x, e, k, m, s, top);
+      lp_visit(q.y, e + 1, k, m, s, top);
+      lp_visit(q.z, e + 2, k, m, s, top);
+      lp_visit(q.w, e + 3, k, m, s, top);
+    }
+    tail = lo + 4 * n4;
+  }
+  for (int i = tail + threadIdx.x; i < hi; i += blockDim.x) lp_visit(x[i], i, k, m, s, top);
+  merge_lse(m, s, fscr, dscr);
+  const long long pb = (long long)row * G + g;
+  for (int j = 0; j < k; ++j) {  // the block's k smallest keys: k rounds of a block minimum, the owner pops
+    const u64 head = top.v[0], best = block_reduce(head, kscr, lserve::MinOp(), ~0ull);
+    if (head == best && best != ~0ull) top.pop();
+    if (threadIdx.x == 0) part_k[pb * LP_K + j] = best;
+  }
+  if (threadIdx.x == 0) {
+    part_m[pb] = m, part_s[pb] = s;
+    __threadfence();  // the partials are visible before the ticket says so
+    last = atomicAdd(tick + row, 1u) == (unsigned int)G - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  m = -__int_as_float(0x7f800000), s = 0.0;
+  for (int q = threadIdx.x; q < G; q += blockDim.x) {
+    const float qm = __ldcg(part_m + (long long)row * G + q);
+    const double qs = __ldcg(part_s + (long long)row * G + q);
+    if (qm > m) {
+      s = (m == -__int_as_float(0x7f800000) ? 0.0 : s * exp((double)m - (double)qm)) + qs;
+      m = qm;
+    } else {
+      s += qs * exp((double)qm - (double)m);
+    }
+  }
+  merge_lse(m, s, fscr, dscr);
+  const double lse = (double)m + log(s);
+  if (threadIdx.x == 0) {
+    lp[row] = (float)((double)x[chosen[row]] - lse);
+    tick[row] = 0;  // ready for the next launch
+  }
+  // the row's k smallest of the G * k candidates: each thread holds its share, k rounds of a block minimum
+  TopKeys mine;
+  mine.init();
+  for (int c = threadIdx.x; c < G * k; c += blockDim.x)
+    mine.push(__ldcg(part_k + ((long long)row * G + c / k) * LP_K + c % k));
+  for (int j = 0; j < k; ++j) {
+    const u64 head = mine.v[0], best = block_reduce(head, kscr, lserve::MinOp(), ~0ull);
+    if (head == best && best != ~0ull) mine.pop();
+    if (threadIdx.x == 0) {  // (fewer than k logits: id -1, logprob -inf)
+      const int id = best == ~0ull ? -1 : (int)(best & 0xffffffffu);
       top_ids[(long long)row * k + j] = id;
-      top_lp[(long long)row * k + j] = (float)((double)x[id] - lse);
+      top_lp[(long long)row * k + j] = id < 0 ? -__int_as_float(0x7f800000) : (float)((double)x[id] - lse);
     }
   }
 }

@@ -4,7 +4,9 @@ Rows of random float32 logits (normal, sigma 3), batch 1 / 8 / 64, per setting (
 top-k + top-p; top-p): our `argmax_rows` (greedy) or `sample_rows` on its histogram path (the default) and on the
 radix path it falls back to (`--radix`), and torch's usual GPU sampler (what engines without a sampling kernel
 run: logits / T, sort descending, softmax, cumulative sum, top-k / top-p masks, `torch.multinomial`; argmax for
-greedy) when torch with CUDA is importable. Each launch timed alone with CUDA events (a warm-up first), median.
+greedy) when torch with CUDA is importable; and the top logprobs (`logprob_rows`, k 5 and 20) beside torch's
+log_softmax + topk. Each call timed alone with CUDA events (a warm-up first), median (ours: the kernels and, for
+logprobs, the copy of the k ids and values to the host).
 
     python3 tools/bench_sampling.py --out tools/results/bench_sampling.json [--radix] [--batches 1 8 64]
 
@@ -80,6 +82,15 @@ def time_setting(sampler, x, tx, params, setting: tuple[float, int, float], args
     return row
 
 
+def time_logprobs(sampler, x, tx, k: int, args) -> dict:
+    """Our logprob_rows (chosen ids 0) beside torch's log_softmax + topk (None: no torch)."""
+    chosen = np.zeros(x.shape[0], np.int64)
+    row = {"ours_us": median_us(lambda: sampler.logprobs(x, chosen, k), args.reps)}
+    if tx is not None:
+        row["torch_us"] = median_us(lambda: tx.log_softmax(-1).topk(k, -1), args.reps)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="tools/results/bench_sampling.json")
@@ -107,6 +118,10 @@ def main() -> None:
         for name, temp, k, p in SETTINGS:
             params = cp.asarray(np.array([[temp] * b, [k] * b, [p] * b, rng.random(b)], np.float64))
             row = {"batch": b, "setting": name, **time_setting(sampler, x, tx, params, (temp, k, p), args)}
+            rows.append(row)
+            print(row, flush=True)
+        for k in (5, 20):  # the OpenAI API's top_logprobs: log-softmax of the raw logits and the k best ids
+            row = {"batch": b, "setting": f"logprobs k{k}", **time_logprobs(sampler, x, tx, k, args)}
             rows.append(row)
             print(row, flush=True)
     print("\n| batch | setting | ours us | radix path us | torch sort + multinomial us (same run) |")

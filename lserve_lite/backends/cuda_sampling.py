@@ -1,4 +1,4 @@
-"""GPU sampling (kernels/sampling.cu): the same decisions as backends/reference/sampling.py, one block per row.
+"""GPU sampling (kernels/sampling.cu): the same decisions as backends/reference/sampling.py.
 
 A step uploads a [4, B] float64 parameter block (temperature, top_k, top_p, and one uniform per row drawn
 from the sequence's own seeded generator, exactly as the CPU sampler draws it), plus each penalized row's
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..sampling_params import MAX_LOGPROBS
 from .cuda_compile import load_module
 from .reference.sampling import additive_terms
 
@@ -30,6 +31,8 @@ THREADS = 1024  # sampling.cu's SAMPLE_THREADS
 HIST_SMEM = 100 * 1024  # sampling.cu's HIST_SMEM: sample_rows' dynamic shared memory
 HIST_BINS = 2048 + 1  # sampling.cu's SB + 1: value bins of a row's histogram, the last for the rest
 FILL_THREADS = 256
+LP_THREADS = 256  # sampling.cu's LP_THREADS
+LP_K = MAX_LOGPROBS  # sampling.cu's LP_K: top logprobs a row at most
 LIST_ELEMENTS = 1 << 21  # logits of a batch (rows x vocabulary) up to which sample_fill lists them by bin: an
 # H200 measured 45-62 us for batches of 1-8 rows of 128k with lists against 49-103 us without, and 229-238 us
 # against 108-153 us for 64 rows (the lists' scattered stores)
@@ -243,7 +246,12 @@ class GpuSampler:
             cp.full((r, k), cp.nan, cp.float32),
         )
         if r:
-            args = (logits, np.int64(vocab), np.int32(vocab), cp.asarray(np.asarray(chosen, np.int64)), np.int32(k),
-                    lp, ids, top)  # fmt: skip
-            self.k["logprob_rows"]((r,), (THREADS,), args)
+            if not 0 <= k <= LP_K:
+                raise ValueError(f"top logprobs k must be in [0, {LP_K}], got {k}")
+            g = -(-vocab // ARGMAX_CHUNK)
+            part_m, part_s = cp.empty(r * g, cp.float32), cp.empty(r * g, cp.float64)
+            part_k, tick = cp.empty(r * g * LP_K, cp.uint64), cp.zeros(r, cp.uint32)
+            args = (logits, np.int64(vocab), np.int32(vocab), np.int32(ARGMAX_CHUNK),
+                    cp.asarray(np.asarray(chosen, np.int64)), np.int32(k), part_m, part_s, part_k, tick, lp, ids, top)  # fmt: skip
+            self.k["logprob_rows"]((r, g), (LP_THREADS,), args)
         return lp.get(), ids.get(), top.get()

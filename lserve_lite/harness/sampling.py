@@ -135,6 +135,8 @@ def _case_logprobs(c: Ctx) -> list[Result]:
         (37, 1000, 5, True),
         (200, 32000, 20, False),
         (3, 128256, 1, False),
+        (4, 128256, 20, True),
+        (2, 4099, 7, False),
     ]:
         x = (c.rng.standard_normal((r, vocab)) * 4).astype(np.float32)
         if ties:
