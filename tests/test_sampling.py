@@ -66,3 +66,45 @@ def test_stop_string_truncates_and_finishes(tiny_llama):
         )
     )
     assert streamed == out[0].text
+
+
+def _sample_spec(x: np.ndarray, temperature: float, top_k: int, top_p: float, u: float) -> int:
+    """The sampler's definition, written the plain way (a full stable argsort): what sample_row must decide."""
+    x = x / np.float32(temperature)
+    order = np.argsort(-x, kind="stable")
+    if top_k > 0:
+        order = order[:top_k]
+    probs = np.exp((x[order] - x[order[0]]).astype(np.float64))
+    probs /= probs.sum()
+    if top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(probs), top_p) + 1)
+        probs, order = probs[:keep] / probs[:keep].sum(), order[:keep]
+    idx = int(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right"))
+    return int(order[min(idx, len(order) - 1)])
+
+
+def test_sample_row_decides_as_the_full_sort():
+    """sample_row sorts only a growing head of the order: the same token as the full-sort definition on rows of
+    every shape it treats differently (ties, -inf masks, flat rows whose decision lies deep, top-k past the head,
+    u near 1). Consistency with our own plain definition (the GPU kernels are checked against sample_row)."""
+    rng = np.random.default_rng(11)
+    for trial in range(400):
+        n = int(rng.choice([50, 1000, 5000, 20000, 49152]))
+        x = (rng.standard_normal(n) * rng.choice([0.05, 1.0, 3.0, 8.0])).astype(np.float32)
+        shape = trial % 4
+        if shape == 1:
+            x = np.round(x)  # ties across the head's boundary
+        elif shape == 2:
+            x[rng.random(n) < 0.9] = -np.inf  # a grammar-like mask
+        temp = float(rng.choice([0.3, 1.0, 2.5, 1e4]))
+        top_k = int(rng.choice([0, 1, 7, 1024, 1025, 3000, n + 5]))
+        top_p = float(rng.choice([1.0, 0.999, 0.95, 0.5, 0.1]))
+        u = float(rng.choice([rng.random(), 0.999999, 0.0]))
+        assert sample_row(x, temp, top_k, top_p, u) == _sample_spec(x, temp, top_k, top_p, u), (
+            trial,
+            n,
+            temp,
+            top_k,
+            top_p,
+            u,
+        )

@@ -9,6 +9,7 @@ import numpy as np
 from ...sequence import Sequence
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+HEAD = 1024  # logits sample_row sorts first (then 8x as many until its decision lies inside)
 
 
 def sample(logits: np.ndarray, seqs: list[Sequence]) -> list[int]:
@@ -58,11 +59,64 @@ def allowed_tokens(mask: np.ndarray, vocab: int) -> np.ndarray:
 
 
 def sample_row(x: np.ndarray, temperature: float, top_k: int, top_p: float, u: float) -> int:
-    """Inverse-CDF sampling with uniform `u` in [0, 1) over the filtered, tempered distribution."""
+    """Inverse-CDF sampling with uniform `u` in [0, 1) over the filtered, tempered distribution: the logits in the
+    order (value descending, index ascending), the first top_k, then the shortest prefix whose probability
+    reaches top_p, and the first element whose cumulative probability exceeds u times the kept mass.
+
+    Sorts only as far as the decision needs (`_head`: the first m of the order, m growing 8x from HEAD until the
+    crossing is inside it): a full stable argsort of a 49k vocabulary took 5-6 ms a row. With more than HEAD logits
+    kept, the float64 total of the kept ones is summed in the row's order, not the sorted one (the decision can
+    differ from a fully sorted sum only where u falls within that rounding of a CDF boundary)."""
     x = x / np.float32(min(temperature, FLOAT32_MAX))  # a huge temperature: uniform, no overflow
-    order = np.argsort(-x, kind="stable")
-    if top_k > 0:
-        order = order[:top_k]
+    n = x.shape[0]
+    kept = top_k if 0 < top_k < n else n
+    if kept <= HEAD or np.isnan(x).any():  # (NaN sorts last in argsort, first in partition)
+        return _sample_sorted(
+            x, _head(x, kept) if kept <= HEAD else np.argsort(-x, kind="stable")[:kept], top_p, u
+        )
+    xmax = x.max()
+    w = np.exp((x[_head_set(x, kept)] - xmax).astype(np.float64))
+    total = w.sum()
+    whole = (w / total).sum()  # the kept probabilities' sum, as the plain definition's probs.sum()
+    m = HEAD
+    while True:
+        order = _head(x, m)
+        probs = np.exp((x[order] - xmax).astype(np.float64)) / total
+        cum = np.cumsum(probs)
+        if top_p < 1.0:
+            keep = int(np.searchsorted(cum, top_p) + 1)
+            if keep <= m or m == kept:
+                probs, order = probs[:keep] / probs[:keep].sum(), order[:keep]
+                idx = int(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right"))
+                return int(order[min(idx, len(order) - 1)])
+        else:
+            idx = int(np.searchsorted(cum, u * whole, side="right"))
+            if idx < m or m == kept:
+                return int(order[min(idx, m - 1)])
+        m = min(kept, 8 * m)
+        m = kept if m > n // 4 else m  # (a head of over a quarter of the row: the kept set sorted whole)
+
+
+def _head_set(x: np.ndarray, m: int) -> np.ndarray:
+    """Indices of the first m logits in the order (value descending, index ascending), in index order."""
+    n = x.shape[0]
+    if m >= n:
+        return np.arange(n)
+    thr = np.partition(x, n - m)[n - m]  # the m-th largest value
+    above = np.flatnonzero(x > thr)
+    return np.concatenate([above, np.flatnonzero(x == thr)[: m - above.size]])
+
+
+def _head(x: np.ndarray, m: int) -> np.ndarray:
+    """Indices of the first m logits in the order (value descending, index ascending), in that order."""
+    if m >= x.shape[0]:
+        return np.argsort(-x, kind="stable")
+    cand = _head_set(x, m)
+    return cand[np.lexsort((cand, -x[cand]))]
+
+
+def _sample_sorted(x: np.ndarray, order: np.ndarray, top_p: float, u: float) -> int:
+    """The plain definition over `order`, the kept logits fully sorted (tempered logits x)."""
     z = x[order] - x[order[0]]
     probs = np.exp(z.astype(np.float64))
     probs /= probs.sum()
