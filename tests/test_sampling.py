@@ -108,3 +108,20 @@ def test_sample_row_decides_as_the_full_sort():
             top_p,
             u,
         )
+
+
+def test_logprobs_ref_top_ids_as_the_full_sort():
+    """logprobs_ref takes each row's top k by a partition: the ids of a full stable argsort (ties by index)."""
+    from lserve_lite.backends.reference.sampling import logprobs_ref
+
+    rng = np.random.default_rng(5)
+    for trial in range(60):
+        r, v = int(rng.integers(1, 6)), int(rng.choice([40, 3000, 49152]))
+        x = (rng.standard_normal((r, v)) * 3).astype(np.float32)
+        if trial % 3 == 0:
+            x = np.round(x)
+        if trial % 3 == 1:
+            x[rng.random((r, v)) < 0.5] = -np.inf
+        k = int(rng.integers(0, 21))
+        _, ids, _ = logprobs_ref(x, np.zeros(r, np.int64), k)
+        assert np.array_equal(ids, np.argsort(-x, axis=1, kind="stable")[:, :k]), (trial, r, v, k)
