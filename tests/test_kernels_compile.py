@@ -10,7 +10,8 @@
 - With nvcc (slow): page_select.cu's two kernels against select_pages_ref (tools/page_select_host_check.py);
   the gate_up GEMVs with SiLU-and-multiply (quant_gemv_split with SILU for int8 / int4 /
   q4_1, gemv_rows on fp16 weights), and the k-quants' split GEMV, logits, dequantize and gate_up kernels
-  (their integer sub-scales), compiled as host code and run against float64 (tools/quant_host_check.py).
+  (their integer sub-scales), compiled as host code and run against float64 (tools/quant_host_check.py); the
+  sampling kernels against the CPU sampler and logprobs (tools/sampling_host_check.py).
 """
 
 from __future__ import annotations
@@ -151,6 +152,24 @@ def test_page_select_on_the_host():
     run = subprocess.run([sys.executable, str(tool), "--quick"], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0 and "all passed" in run.stdout, run.stdout[-4000:] + run.stderr[-4000:]
     assert run.stdout.count(" PASS") == 6
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None, reason="nvcc not installed (the host emulation builds with it)"
+)
+def test_sampling_kernels_on_the_host():
+    """argmax_rows, sample_bounds + sample_fill + sample_rows (bin lists, a pass a selection, the radix path) and
+    logprob_rows compiled as host code (tools/sampling_host_check.py) against np.argmax, sample_row and
+    logprobs_ref on the harness's mixed and crowded rows."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "sampling_host_check.py"
+    run = subprocess.run([sys.executable, str(tool)], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0 and "all passed" in run.stdout, run.stdout[-4000:] + run.stderr[-4000:]
+    assert run.stdout.count(" PASS") == 11
 
 
 def test_prefill_kernel_choice():

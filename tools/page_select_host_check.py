@@ -19,7 +19,6 @@ Prints one line per case; exit status 1 on any failure.
 from __future__ import annotations
 
 import argparse
-import re
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from host_emu_build import build_emulator  # noqa: E402
 
 from lserve_lite.backends.cuda_attention import (  # noqa: E402
     pack_plan,
@@ -57,21 +58,6 @@ class HostCtx(Ctx):
 
     def __init__(self, seed: int):
         self.rng = np.random.default_rng(seed)
-
-
-def build(tmp: Path) -> Path:
-    """page_select.cu with its `extern __shared__` arrays pointed at the emulator's buffer, then nvcc."""
-    src = (ROOT / "kernels" / "page_select.cu").read_text()
-    inc, n = re.subn(
-        r"extern __shared__ (\w+) (\w+)\[\];", r"\1* \2 = reinterpret_cast<\1*>(emu_dyn_smem);", src
-    )
-    if n != 2:
-        raise RuntimeError(f"expected 2 extern __shared__ arrays in page_select.cu, found {n}")
-    (tmp / "page_select.inc").write_text(inc)
-    exe = tmp / "page_select_host_emu"
-    cmd = ["nvcc", "-std=c++17", "-O2", "-w", f"-I{ROOT / 'kernels'}", f"-I{tmp}", "-o", str(exe)]
-    subprocess.run([*cmd, str(ROOT / "tools" / "page_select_host_emu.cu")], check=True)
-    return exe
 
 
 def bucket(x: int) -> int:
@@ -160,7 +146,7 @@ def main() -> int:
     ok = True
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
-        exe = build(tmp)
+        exe = build_emulator("page_select", 2, "page_select_host_emu", tmp)
         for i, (mode, name) in enumerate(cases):
             for reduce in ("max", "mass"):
                 ok &= check(exe, tmp, mode, name, reduce, a.seed + i)

@@ -82,7 +82,8 @@ def gemv_rows_source() -> str:
 
 def build(tmp: Path) -> Path:
     """The emulator, built once per version of its sources (nvcc takes about a minute; CI runs the check twice)."""
-    srcs = [ROOT / "tools" / "quant_host_emu.cu", *sorted((ROOT / "kernels").glob("*.cu*"))]
+    srcs = [ROOT / "tools" / n for n in ("quant_host_emu.cu", "host_emu.cuh")]
+    srcs += sorted((ROOT / "kernels").glob("*.cu*"))
     key = hashlib.sha256(b"".join(p.read_bytes() for p in srcs)).hexdigest()[:16]
     cached = Path(tempfile.gettempdir()) / f"lserve_quant_host_emu_{key}"
     if cached.exists():

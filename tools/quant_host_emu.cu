@@ -1,6 +1,6 @@
 // Host emulation of kernels/quant_gemv.cu for checking it without a GPU (driven by tools/quant_host_check.py).
-// The kernel source is compiled unchanged as host code: one std::thread per CUDA thread of a block, a barrier per
-// warp for __syncwarp and the shuffles, host versions of the few intrinsics it uses. Not a performance model.
+// The kernel source is compiled unchanged as host code (tools/host_emu.cuh), with host versions of the few
+// intrinsics it adds. Not a performance model.
 //   quant_host_emu gemv FMT n M K ldy W X Y     y[n, ldy] (float) = x[n, K] (fp16) @ W^T through quant_gemv
 //   quant_host_emu gemv2 FMT n M K ldy W X Y    the same through quant_gemv2 (LSERVE_QGEMV=v2)
 //   quant_host_emu dequant FMT M K n W IDS OUT  out[n, K] (fp16) = rows IDS (int64) of W through quant_dequant
@@ -19,34 +19,10 @@
 // A grows / gsilu run may start with `norm RES LNW RESOUT EPS` (RES "-": no residual): gemv_rows' NORM
 // instantiation (rms_in.cuh's residual add and RMSNorm of x in the prologue; fp16 outputs), with the residual
 // stream it writes in RESOUT.
-#include <cuda_fp16.h>
-#include <pthread.h>
+#include "host_emu.cuh"
 
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <cmath>
-#include <string>
-#include <thread>
 #include <type_traits>
-#include <vector>
 
-struct Dim3 {
-  unsigned x, y, z;
-};
-thread_local Dim3 emu_thread, emu_block;
-Dim3 emu_block_dim, emu_grid_dim;
-pthread_barrier_t emu_warp_bar[32];
-float emu_shfl[1024];
-static void emu_syncwarp() { pthread_barrier_wait(&emu_warp_bar[emu_thread.x >> 5]); }
-static float emu_shfl_xor(float v, int o) {
-  const int t = emu_thread.x;
-  emu_shfl[t] = v;
-  emu_syncwarp();
-  const float r = emu_shfl[(t & ~31) | ((t & 31) ^ o)];
-  emu_syncwarp();
-  return r;
-}
 static unsigned emu_byte_perm(unsigned x, unsigned y, unsigned s) {
   const unsigned long long v = ((unsigned long long)y << 32) | x;
   unsigned r = 0;
@@ -56,35 +32,14 @@ static unsigned emu_byte_perm(unsigned x, unsigned y, unsigned s) {
 static unsigned emu_funnelshift_r(unsigned lo, unsigned hi, unsigned sh) {
   return (unsigned)((((unsigned long long)hi << 32) | lo) >> (sh & 31));
 }
-static float emu_uint_as_float(unsigned u) {
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-#undef __device__
-#define __device__ __host__ __attribute__((device))
-#undef __global__
-#define __global__
-#undef __shared__
-#define __shared__ static
-#undef __launch_bounds__
-#define __launch_bounds__(...)
-#define threadIdx emu_thread
-#define blockIdx emu_block
-#define blockDim emu_block_dim
-#define gridDim emu_grid_dim
 #define __syncwarp() emu_syncwarp()
-#define __shfl_xor_sync(mask, v, o) emu_shfl_xor(v, o)
 #define __ldg(p) (*(p))
 #define __byte_perm emu_byte_perm
 #define __funnelshift_r emu_funnelshift_r
-#define __uint_as_float emu_uint_as_float
 #include "quant_gemv.cu"
 
 // quant_gemv_split.cu: a block barrier for __syncthreads, its dynamic shared memory as one global array (the
 // emulator runs one block at a time), host dp4a and rounding.
-pthread_barrier_t emu_block_bar;
-#define __syncthreads() pthread_barrier_wait(&emu_block_bar)
 static int emu_dp4a(int a, int b, int c) {
   for (int i = 0; i < 4; ++i) c += (int)(signed char)(a >> (8 * i)) * (int)(signed char)(b >> (8 * i));
   return c;
@@ -120,24 +75,10 @@ static T* read_file(const char* path, size_t count, size_t pad) {
   return p;
 }
 
-// A kernel with barriers: `blocks` blocks of `warps` warps, each block's threads concurrent (std::thread, so
-// __syncwarp / __syncthreads meet), blocks one after another.
+// A kernel with barriers: `blocks` blocks of `warps` warps (host_emu.cuh's launch).
 template <typename Fn>
 static void launch_blocks(int blocks, int warps, Fn kernel) {
-  for (int i = 0; i < warps; ++i) pthread_barrier_init(&emu_warp_bar[i], nullptr, 32);
-  pthread_barrier_init(&emu_block_bar, nullptr, warps * 32);
-  emu_block_dim = {(unsigned)warps * 32, 1, 1};
-  emu_grid_dim = {(unsigned)blocks, 1, 1};
-  for (int b = 0; b < blocks; ++b) {
-    std::vector<std::thread> threads;
-    for (int t = 0; t < warps * 32; ++t)
-      threads.emplace_back([=] {
-        emu_thread = {(unsigned)t, 0, 0};
-        emu_block = {(unsigned)b, 0, 0};
-        kernel();
-      });
-    for (auto& t : threads) t.join();
-  }
+  launch({(unsigned)blocks, 1, 1}, warps * 32, kernel);
 }
 
 template <typename T>

@@ -35,7 +35,7 @@ def case_sampling(c: Ctx) -> list[Result]:
         (16, 128256, "mixed"),
         (12, 32000, "hard"),
     ]:
-        x, params = _sampling_rows(c.rng, b, vocab, kind)
+        x, params = sampling_rows(c.rng, b, vocab, kind)
         t, k, p, u = params
         want = [
             int(np.argmax(x[i])) if t[i] == 0 else sample_row(x[i], t[i], int(k[i]), p[i], u[i])
@@ -69,7 +69,7 @@ def case_sampling(c: Ctx) -> list[Result]:
     return out
 
 
-def _sampling_rows(rng: np.random.Generator, b: int, vocab: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
+def sampling_rows(rng: np.random.Generator, b: int, vocab: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """Logits [b, vocab] and params [4, b] (temperature, top_k, top_p, u). "hard": rows whose crossing bins are
     crowded or odd for the histogram path (equal logits, a few allowed tokens with -inf elsewhere and a top-k past
     them, a huge temperature, a tiny spread), so both of sample_rows' paths run."""

@@ -1,0 +1,107 @@
+"""Check kernels/sampling.cu without a GPU: argmax_rows, the sampling kernels (histogram path with and without bin
+lists, and the radix path) and logprob_rows compiled as host code (tools/sampling_host_emu.cu, nvcc; a thread per
+CUDA thread, a barrier per warp and per block), launched as backends/cuda_sampling.py launches them, against the
+CPU references (np.argmax; backends/reference/sampling.py: sample_row, logprobs_ref) on the harness's rows
+(harness/sampling.py: mixed temperature / top-k / top-p rows, and "hard" rows that crowd a bin or mask the row).
+What it cannot: anything about the GPU itself (memory model, speed). The GPU rows (`pytest -m gpu
+tests/test_gpu_ops.py -k sampling`) remain the test; this is for CI and for editing the kernels without one.
+
+    python3 tools/sampling_host_check.py
+
+Prints one line per case; exit status 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from host_emu_build import build_emulator  # noqa: E402
+
+from lserve_lite.backends.cuda_sampling import ARGMAX_CHUNK, LIST_ELEMENTS  # noqa: E402
+from lserve_lite.backends.reference.sampling import logprobs_ref, sample_row  # noqa: E402
+from lserve_lite.harness.sampling import sampling_rows  # noqa: E402
+
+
+def run(exe: Path, tmp: Path, *args) -> None:
+    subprocess.run([str(exe), args[0], str(tmp), *(str(a) for a in args[1:])], check=True)
+
+
+def report(what: str, miss: int, ok: bool) -> bool:
+    print(f"{what:48s} {miss} mismatches {'PASS' if ok else 'FAIL'}", flush=True)
+    return ok
+
+
+def check_argmax(exe: Path, tmp: Path, rng: np.random.Generator) -> bool:
+    ok = True
+    for b, vocab, ties in [(3, 9000, True), (2, 4099, False)]:
+        x = (rng.standard_normal((b, vocab)) * 3).astype(np.float32)
+        x = np.round(x) if ties else x
+        x.tofile(tmp / "logits.bin")
+        run(exe, tmp, "argmax", b, vocab)
+        miss = int(np.sum(np.fromfile(tmp / "out.bin", np.int32) != np.argmax(x, axis=1)))
+        ok &= report(f"argmax_rows B{b} V{vocab}{' ties' if ties else ''}", miss, miss == 0)
+    return ok
+
+
+def check_sample(exe: Path, tmp: Path, rng: np.random.Generator) -> bool:
+    ok = True
+    for b, vocab, kind in [(6, 9001, "mixed"), (8, 6000, "hard")]:
+        x, params = sampling_rows(rng, b, vocab, kind)
+        t, k, p, u = params
+        want = [
+            int(np.argmax(x[i])) if t[i] == 0 else sample_row(x[i], t[i], int(k[i]), p[i], u[i])
+            for i in range(b)
+        ]
+        x.tofile(tmp / "logits.bin")
+        params.tofile(tmp / "params.bin")
+        for lists, radix in [(1, 0), (0, 0), (0, 1)]:
+            run(exe, tmp, "sample", b, vocab, lists, radix)
+            miss = int(np.sum(np.fromfile(tmp / "out.bin", np.int32) != np.asarray(want)))
+            path = "radix path" if radix else ("bin lists" if lists else "a pass a selection")
+            ok &= report(f"sample_rows B{b} V{vocab} {kind}, {path}", miss, miss == 0)
+    return ok
+
+
+def check_logprobs(exe: Path, tmp: Path, rng: np.random.Generator) -> bool:
+    ok = True
+    for b, vocab, k, ties in [(3, 9000, 20, True), (2, 4099, 5, False), (1, 777, 0, False)]:
+        x = (rng.standard_normal((b, vocab)) * 4).astype(np.float32)
+        x = np.round(x) if ties else x
+        chosen = rng.integers(0, vocab, b)
+        x.tofile(tmp / "logits.bin")
+        chosen.astype(np.int64).tofile(tmp / "chosen.bin")
+        run(exe, tmp, "logprobs", b, vocab, k)
+        lp, ids = (
+            np.fromfile(tmp / "lp.bin", np.float32),
+            np.fromfile(tmp / "ids.bin", np.int64).reshape(b, k),
+        )
+        top = np.fromfile(tmp / "top.bin", np.float32).reshape(b, k)
+        want_lp, want_ids, want_top = logprobs_ref(x, chosen, k)
+        err = float(max(np.max(np.abs(lp - want_lp)), np.max(np.abs(top - want_top), initial=0.0)))
+        miss = int(np.sum(ids != want_ids))
+        good = miss == 0 and err <= 1e-5
+        ok &= report(f"logprob_rows R{b} V{vocab} k{k}{' ties' if ties else ''} (err {err:.1e})", miss, good)
+    return ok
+
+
+def main() -> int:
+    assert ARGMAX_CHUNK == 4096 and LIST_ELEMENTS >= 8 * 9001, "sampling_host_emu.cu's CHUNK and these rows"
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        exe = build_emulator("sampling", 1, "sampling_host_emu", tmp)
+        ok = check_argmax(exe, tmp, rng) & check_sample(exe, tmp, rng) & check_logprobs(exe, tmp, rng)
+    print("all passed" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

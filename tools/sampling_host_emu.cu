@@ -1,0 +1,78 @@
+// Host emulation of kernels/sampling.cu for checking it without a GPU (driven by tools/sampling_host_check.py).
+// The kernel source is compiled as host code (tools/host_emu.cuh), unchanged but for sample_rows' `extern
+// __shared__` array (the driver points it at emu_dyn_smem). Launches as backends/cuda_sampling.py makes them.
+//   sampling_host_emu argmax DIR rows vocab                 out.bin (int32 [rows]) <- argmax_rows
+//   sampling_host_emu sample DIR rows vocab lists radix     out.bin <- sample_bounds + sample_fill (with the bin
+//                                                           lists if lists) + sample_rows; radix: sample_rows alone
+//   sampling_host_emu logprobs DIR rows vocab k             lp.bin, ids.bin (int64), top.bin <- logprob_rows
+// DIR holds logits.bin (float32 [rows, vocab]), params.bin (float64 [4, rows]: sample), chosen.bin (int64: logprobs).
+#include "host_emu.cuh"
+
+#define __fdiv_rn(a, b) ((a) / (b))
+#define __ldcg(p) (*(p))
+#define __threadfence() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+#include "sampling.inc"
+
+constexpr int CHUNK = 4096;  // cuda_sampling.ARGMAX_CHUNK
+
+int main(int argc, char** argv) {
+  if (argc < 5) {
+    fprintf(stderr, "usage: see the header of tools/sampling_host_emu.cu\n");
+    return 2;
+  }
+  const std::string mode = argv[1], dir = argv[2];
+  const int rows = atoi(argv[3]), vocab = atoi(argv[4]), g = (vocab + CHUNK - 1) / CHUNK;
+  auto logits = read_bytes(dir + "/logits.bin");
+  const float* x = (const float*)logits.data();
+  if (mode == "argmax") {
+    std::vector<u64> part((size_t)rows * g);
+    std::vector<unsigned> tick(rows, 0u);
+    std::vector<int> out(rows, -7);
+    u64* pp = part.data();
+    unsigned* tp = tick.data();
+    int* op = out.data();
+    launch({(unsigned)g, (unsigned)rows, 1}, 256, [=] { argmax_rows(x, vocab, vocab, CHUNK, pp, tp, op); });
+    write_bytes(dir + "/out.bin", op, out.size() * 4);
+  } else if (mode == "sample" && argc == 7) {
+    const bool lists = atoi(argv[5]), radix = atoi(argv[6]);
+    auto params = read_bytes(dir + "/params.bin");
+    const double* pa = (const double*)params.data();
+    std::vector<double> mass((size_t)rows * (SB + 1), 0.0);
+    std::vector<int> count((size_t)rows * (SB + 1), 0), idx(lists ? (size_t)rows * vocab : 0, -7);
+    std::vector<int> loc(lists ? (size_t)rows * g * (SB + 2) : 0, -7), out(rows, -7);
+    std::vector<unsigned> stat((size_t)rows * 2, 0u);
+    double* mp = mass.data();
+    int *cp = count.data(), *ip = lists ? idx.data() : nullptr, *lp = lists ? loc.data() : nullptr, *op = out.data();
+    unsigned* sp = stat.data();
+    if (!radix) {
+      launch({(unsigned)g, (unsigned)rows, 1}, FILL_THREADS, [=] { sample_bounds(x, vocab, vocab, CHUNK, pa, sp); });
+      launch({(unsigned)g, (unsigned)rows, 1}, FILL_THREADS,
+             [=] { sample_fill(x, vocab, vocab, CHUNK, pa, sp, cp, mp, ip, lp); });
+    }
+    launch({(unsigned)rows, 1, 1}, SAMPLE_THREADS,
+           [=] { sample_rows(x, vocab, vocab, pa, sp, cp, mp, ip, lp, g, CHUNK, radix, op); });
+    write_bytes(dir + "/out.bin", op, out.size() * 4);
+  } else if (mode == "logprobs" && argc == 6) {
+    const int k = atoi(argv[5]);
+    auto chosen = read_bytes(dir + "/chosen.bin");
+    const long long* ch = (const long long*)chosen.data();
+    std::vector<float> pm((size_t)rows * g), lp(rows, -7.f), top((size_t)rows * k + 1, -7.f);
+    std::vector<double> ps((size_t)rows * g);
+    std::vector<u64> pk((size_t)rows * g * LP_K);
+    std::vector<unsigned> tick(rows, 0u);
+    std::vector<long long> ids((size_t)rows * k + 1, -7);
+    float *pmp = pm.data(), *lpp = lp.data(), *tp = top.data();
+    double* psp = ps.data();
+    u64* pkp = pk.data();
+    unsigned* tk = tick.data();
+    long long* idp = ids.data();
+    launch({(unsigned)rows, (unsigned)g, 1}, LP_THREADS,
+           [=] { logprob_rows(x, vocab, vocab, CHUNK, ch, k, pmp, psp, pkp, tk, lpp, idp, tp); });
+    write_bytes(dir + "/lp.bin", lpp, rows * 4);
+    write_bytes(dir + "/ids.bin", idp, (size_t)rows * k * 8);
+    write_bytes(dir + "/top.bin", tp, (size_t)rows * k * 4);
+  } else {
+    return 2;
+  }
+  return 0;
+}
