@@ -70,10 +70,10 @@ def sample_row(x: np.ndarray, temperature: float, top_k: int, top_p: float, u: f
     x = x / np.float32(min(temperature, FLOAT32_MAX))  # a huge temperature: uniform, no overflow
     n = x.shape[0]
     kept = top_k if 0 < top_k < n else n
-    if kept <= HEAD or np.isnan(x).any():  # (NaN sorts last in argsort, first in partition)
-        return _sample_sorted(
-            x, _head(x, kept) if kept <= HEAD else np.argsort(-x, kind="stable")[:kept], top_p, u
-        )
+    if 4 * HEAD > n or np.isnan(x).any():  # a short row; NaN (last in argsort, first in a partition)
+        return _sample_sorted(x, np.argsort(-x, kind="stable")[:kept], top_p, u)
+    if kept <= HEAD:
+        return _sample_sorted(x, _head(x, kept), top_p, u)
     xmax = x.max()
     w = np.exp((x[_head_set(x, kept)] - xmax).astype(np.float64))
     total = w.sum()
@@ -139,8 +139,8 @@ def logprobs_ref(logits: np.ndarray, chosen: np.ndarray, k: int) -> tuple[np.nda
     rows = np.arange(r)
     lp = (x[rows, np.asarray(chosen, np.int64)] - lse[:, 0]).astype(np.float32)
     if (
-        k and 4 * k <= x.shape[1] and not np.isnan(x).any()
-    ):  # each row's first k without sorting it (sample_row)
+        k and 4 * HEAD <= x.shape[1] and not np.isnan(x).any()
+    ):  # each row's first k by a partition (sample_row)
         top = np.stack([_head(row, k) for row in x]) if r else np.zeros((0, k), np.int64)
     else:
         top = np.argsort(-x, axis=1, kind="stable")[:, :k] if k else np.zeros((r, 0), np.int64)
