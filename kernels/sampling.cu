@@ -722,8 +722,8 @@ __global__ void __launch_bounds__(LP_THREADS)
   TopKeys top;
   top.init();
   int tail = lo;
-  if ((reinterpret_cast<unsigned long long>(x + lo) & 15) == 0) {  // (a loop, not for_row: its lambda kept
-    const float4* x4 = reinterpret_cast<const float4*>(x + lo);     //  `top` in local memory)
+  if ((reinterpret_cast<unsigned long long>(x + lo) & 15) == 0) {
+    const float4* x4 = reinterpret_cast<const float4*>(x + lo);
     const int n4 = (hi - lo) / 4;
 #pragma unroll 4
     for (int i = threadIdx.x; i < n4; i += blockDim.x) {

@@ -25,13 +25,14 @@ sys.path.insert(0, str(ROOT))
 
 from host_emu_build import build_emulator  # noqa: E402
 
-from lserve_lite.backends.cuda_sampling import ARGMAX_CHUNK, LIST_ELEMENTS  # noqa: E402
+from lserve_lite.backends.cuda_sampling import LIST_ELEMENTS, ROW_CHUNK  # noqa: E402
 from lserve_lite.backends.reference.sampling import logprobs_ref, sample_row  # noqa: E402
 from lserve_lite.harness.sampling import sampling_rows  # noqa: E402
 
 
-def run(exe: Path, tmp: Path, *args) -> None:
-    subprocess.run([str(exe), args[0], str(tmp), *(str(a) for a in args[1:])], check=True)
+def run(exe: Path, tmp: Path, mode: str, rows: int, vocab: int, *args) -> None:
+    """The emulator on DIR tmp: `mode rows vocab`, the launchers' chunk, then the mode's own arguments."""
+    subprocess.run([str(exe), mode, str(tmp), *(str(a) for a in (rows, vocab, ROW_CHUNK, *args))], check=True)
 
 
 def report(what: str, miss: int, ok: bool) -> bool:
@@ -93,7 +94,7 @@ def check_logprobs(exe: Path, tmp: Path, rng: np.random.Generator) -> bool:
 
 
 def main() -> int:
-    assert ARGMAX_CHUNK == 4096 and LIST_ELEMENTS >= 8 * 9001, "sampling_host_emu.cu's CHUNK and these rows"
+    assert LIST_ELEMENTS >= 8 * 9001, "these rows take the bin lists as the launcher would"
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)

@@ -1,10 +1,12 @@
 // Host emulation of kernels/sampling.cu for checking it without a GPU (driven by tools/sampling_host_check.py).
 // The kernel source is compiled as host code (tools/host_emu.cuh), unchanged but for sample_rows' `extern
 // __shared__` array (the driver points it at emu_dyn_smem). Launches as backends/cuda_sampling.py makes them.
-//   sampling_host_emu argmax DIR rows vocab                 out.bin (int32 [rows]) <- argmax_rows
-//   sampling_host_emu sample DIR rows vocab lists radix     out.bin <- sample_bounds + sample_fill (with the bin
-//                                                           lists if lists) + sample_rows; radix: sample_rows alone
-//   sampling_host_emu logprobs DIR rows vocab k             lp.bin, ids.bin (int64), top.bin <- logprob_rows
+//   sampling_host_emu argmax DIR rows vocab chunk                out.bin (int32 [rows]) <- argmax_rows
+//   sampling_host_emu sample DIR rows vocab chunk lists radix    out.bin <- sample_bounds + sample_fill (with the
+//                                                                bin lists if lists) + sample_rows; radix:
+//                                                                sample_rows alone
+//   sampling_host_emu logprobs DIR rows vocab chunk k            lp.bin, ids.bin (int64), top.bin <- logprob_rows
+// (chunk: logits a block of a row, cuda_sampling.ROW_CHUNK)
 // DIR holds logits.bin (float32 [rows, vocab]), params.bin (float64 [4, rows]: sample), chosen.bin (int64: logprobs).
 #include "host_emu.cuh"
 
@@ -13,15 +15,14 @@
 #define __threadfence() __atomic_thread_fence(__ATOMIC_SEQ_CST)
 #include "sampling.inc"
 
-constexpr int CHUNK = 4096;  // cuda_sampling.ARGMAX_CHUNK
-
 int main(int argc, char** argv) {
-  if (argc < 5) {
+  if (argc < 6) {
     fprintf(stderr, "usage: see the header of tools/sampling_host_emu.cu\n");
     return 2;
   }
   const std::string mode = argv[1], dir = argv[2];
-  const int rows = atoi(argv[3]), vocab = atoi(argv[4]), g = (vocab + CHUNK - 1) / CHUNK;
+  const int rows = atoi(argv[3]), vocab = atoi(argv[4]), chunk = atoi(argv[5]);
+  const int g = (vocab + chunk - 1) / chunk;
   auto logits = read_bytes(dir + "/logits.bin");
   const float* x = (const float*)logits.data();
   if (mode == "argmax") {
@@ -31,10 +32,10 @@ int main(int argc, char** argv) {
     u64* pp = part.data();
     unsigned* tp = tick.data();
     int* op = out.data();
-    launch({(unsigned)g, (unsigned)rows, 1}, 256, [=] { argmax_rows(x, vocab, vocab, CHUNK, pp, tp, op); });
+    launch({(unsigned)g, (unsigned)rows, 1}, 256, [=] { argmax_rows(x, vocab, vocab, chunk, pp, tp, op); });
     write_bytes(dir + "/out.bin", op, out.size() * 4);
-  } else if (mode == "sample" && argc == 7) {
-    const bool lists = atoi(argv[5]), radix = atoi(argv[6]);
+  } else if (mode == "sample" && argc == 8) {
+    const bool lists = atoi(argv[6]), radix = atoi(argv[7]);
     auto params = read_bytes(dir + "/params.bin");
     const double* pa = (const double*)params.data();
     std::vector<double> mass((size_t)rows * (SB + 1), 0.0);
@@ -45,15 +46,15 @@ int main(int argc, char** argv) {
     int *cp = count.data(), *ip = lists ? idx.data() : nullptr, *lp = lists ? loc.data() : nullptr, *op = out.data();
     unsigned* sp = stat.data();
     if (!radix) {
-      launch({(unsigned)g, (unsigned)rows, 1}, FILL_THREADS, [=] { sample_bounds(x, vocab, vocab, CHUNK, pa, sp); });
+      launch({(unsigned)g, (unsigned)rows, 1}, FILL_THREADS, [=] { sample_bounds(x, vocab, vocab, chunk, pa, sp); });
       launch({(unsigned)g, (unsigned)rows, 1}, FILL_THREADS,
-             [=] { sample_fill(x, vocab, vocab, CHUNK, pa, sp, cp, mp, ip, lp); });
+             [=] { sample_fill(x, vocab, vocab, chunk, pa, sp, cp, mp, ip, lp); });
     }
     launch({(unsigned)rows, 1, 1}, SAMPLE_THREADS,
-           [=] { sample_rows(x, vocab, vocab, pa, sp, cp, mp, ip, lp, g, CHUNK, radix, op); });
+           [=] { sample_rows(x, vocab, vocab, pa, sp, cp, mp, ip, lp, g, chunk, radix, op); });
     write_bytes(dir + "/out.bin", op, out.size() * 4);
-  } else if (mode == "logprobs" && argc == 6) {
-    const int k = atoi(argv[5]);
+  } else if (mode == "logprobs" && argc == 7) {
+    const int k = atoi(argv[6]);
     auto chosen = read_bytes(dir + "/chosen.bin");
     const long long* ch = (const long long*)chosen.data();
     std::vector<float> pm((size_t)rows * g), lp(rows, -7.f), top((size_t)rows * k + 1, -7.f);
@@ -67,7 +68,7 @@ int main(int argc, char** argv) {
     unsigned* tk = tick.data();
     long long* idp = ids.data();
     launch({(unsigned)rows, (unsigned)g, 1}, LP_THREADS,
-           [=] { logprob_rows(x, vocab, vocab, CHUNK, ch, k, pmp, psp, pkp, tk, lpp, idp, tp); });
+           [=] { logprob_rows(x, vocab, vocab, chunk, ch, k, pmp, psp, pkp, tk, lpp, idp, tp); });
     write_bytes(dir + "/lp.bin", lpp, rows * 4);
     write_bytes(dir + "/ids.bin", idp, (size_t)rows * k * 8);
     write_bytes(dir + "/top.bin", tp, (size_t)rows * k * 4);

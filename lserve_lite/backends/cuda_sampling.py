@@ -37,7 +37,13 @@ LIST_ELEMENTS = 1 << 21  # logits of a batch (rows x vocabulary) up to which sam
 # H200 measured 45-62 us for batches of 1-8 rows of 128k with lists against 49-103 us without, and 229-238 us
 # against 108-153 us for 64 rows (the lists' scattered stores)
 ARGMAX_THREADS = 256
-ARGMAX_CHUNK = 4096  # logits a block of argmax_rows takes (16 KB: four float4 loads a thread)
+ROW_CHUNK = 4096  # logits a block of the row-spread kernels takes (argmax_rows, sample_bounds / sample_fill,
+# logprob_rows: 16 KB, four float4 loads a thread)
+
+
+def row_blocks(vocab: int) -> int:
+    """Blocks a row of `vocab` logits is spread over (ROW_CHUNK each)."""
+    return -(-vocab // ROW_CHUNK)
 
 
 def sampling_inputs(
@@ -127,11 +133,11 @@ class GpuSampler:
         """out[r] = np.argmax(logits[r]) for contiguous float32 logits [B, V] (two-level argmax_rows)."""
         cp = self.cp
         b, vocab = int(logits.shape[0]), int(logits.shape[1])
-        g = -(-vocab // ARGMAX_CHUNK)
+        g = row_blocks(vocab)
         if self._tick is None or self._tick.size < b or self._part.size < b * g:
             self._part = cp.empty(max(b * g, 0 if self._part is None else self._part.size), cp.uint64)
             self._tick = cp.zeros(max(b, 0 if self._tick is None else self._tick.size), cp.uint32)
-        args = (logits, np.int64(vocab), np.int32(vocab), np.int32(ARGMAX_CHUNK), self._part, self._tick, out)
+        args = (logits, np.int64(vocab), np.int32(vocab), np.int32(ROW_CHUNK), self._part, self._tick, out)
         self.k["argmax_rows"]((g, b), (ARGMAX_THREADS,), args)
 
     def sample(self, logits, seqs: list) -> list[int]:
@@ -174,7 +180,7 @@ class GpuSampler:
         selects (one block a row). `radix`: the radix path the histogram path falls back to, for the harness."""
         cp = self.cp
         b, vocab = int(logits.shape[0]), int(logits.shape[1])
-        g = -(-vocab // ARGMAX_CHUNK)
+        g = row_blocks(vocab)
         lists = b * vocab <= LIST_ELEMENTS
         null = np.uint64(0)
         stat = count = mass = idx = loc = null
@@ -193,11 +199,11 @@ class GpuSampler:
             if lists:
                 idx = buf[b * zeroed : b * (zeroed + vocab * 4)].view(cp.int32)
                 loc = buf[b * (zeroed + vocab * 4) : b * (zeroed + listed)].view(cp.int32)
-            head = (logits, np.int64(vocab), np.int32(vocab), np.int32(ARGMAX_CHUNK), params)
+            head = (logits, np.int64(vocab), np.int32(vocab), np.int32(ROW_CHUNK), params)
             self.k["sample_bounds"]((g, b), (FILL_THREADS,), (*head, stat))
             self.k["sample_fill"]((g, b), (FILL_THREADS,), (*head, stat, count, mass, idx, loc))
         args = (logits, np.int64(vocab), np.int32(vocab), params, stat, count, mass, idx, loc, np.int32(g),
-                np.int32(ARGMAX_CHUNK), np.int32(radix), out)  # fmt: skip
+                np.int32(ROW_CHUNK), np.int32(radix), out)  # fmt: skip
         self.k["sample_rows"]((b,), (THREADS,), args, shared_mem=HIST_SMEM)
 
     def apply_penalty(self, logits, rows: np.ndarray, ids: np.ndarray, pens: np.ndarray) -> None:
@@ -248,10 +254,10 @@ class GpuSampler:
         if r:
             if not 0 <= k <= LP_K:
                 raise ValueError(f"top logprobs k must be in [0, {LP_K}], got {k}")
-            g = -(-vocab // ARGMAX_CHUNK)
+            g = row_blocks(vocab)
             part_m, part_s = cp.empty(r * g, cp.float32), cp.empty(r * g, cp.float64)
             part_k, tick = cp.empty(r * g * LP_K, cp.uint64), cp.zeros(r, cp.uint32)
-            args = (logits, np.int64(vocab), np.int32(vocab), np.int32(ARGMAX_CHUNK),
+            args = (logits, np.int64(vocab), np.int32(vocab), np.int32(ROW_CHUNK),
                     cp.asarray(np.asarray(chosen, np.int64)), np.int32(k), part_m, part_s, part_k, tick, lp, ids, top)  # fmt: skip
             self.k["logprob_rows"]((r, g), (LP_THREADS,), args)
         return lp.get(), ids.get(), top.get()

@@ -77,8 +77,7 @@ def sample_row(x: np.ndarray, temperature: float, top_k: int, top_p: float, u: f
     xmax = x.max()
     w = np.exp((x[_head_set(x, kept)] - xmax).astype(np.float64))
     total = w.sum()
-    whole = (w / total).sum()  # the kept probabilities' sum, as the plain definition's probs.sum()
-    m = HEAD
+    m, whole = HEAD, None
     while True:
         order = _head(x, m)
         probs = np.exp((x[order] - xmax).astype(np.float64)) / total
@@ -90,6 +89,8 @@ def sample_row(x: np.ndarray, temperature: float, top_k: int, top_p: float, u: f
                 idx = int(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right"))
                 return int(order[min(idx, len(order) - 1)])
         else:
+            if whole is None:  # the kept probabilities' sum, as the plain definition's probs.sum()
+                whole = (w / total).sum()
             idx = int(np.searchsorted(cum, u * whole, side="right"))
             if idx < m or m == kept:
                 return int(order[min(idx, m - 1)])
@@ -138,9 +139,7 @@ def logprobs_ref(logits: np.ndarray, chosen: np.ndarray, k: int) -> tuple[np.nda
     lse = m + np.log(np.exp(x.astype(np.float64) - m).sum(axis=1, keepdims=True))
     rows = np.arange(r)
     lp = (x[rows, np.asarray(chosen, np.int64)] - lse[:, 0]).astype(np.float32)
-    if (
-        k and 4 * HEAD <= x.shape[1] and not np.isnan(x).any()
-    ):  # each row's first k by a partition (sample_row)
+    if k and 4 * HEAD <= x.shape[1] and not np.isnan(x).any():  # each row's first k by a partition
         top = np.stack([_head(row, k) for row in x]) if r else np.zeros((0, k), np.int64)
     else:
         top = np.argsort(-x, axis=1, kind="stable")[:, :k] if k else np.zeros((r, 0), np.int64)
