@@ -4,15 +4,17 @@
 // windows, dense heads visiting the pages the selector picked: sel_idx/sel_cnt, see make_visit);
 // launcher: lserve_lite/backends/cuda_attention.py.
 //
-// Split-KV: the page list of each (query block, KV head) is cut into gridDim.x * 4 equal ranges of
-// 16-token units, one per warp. A warp computes the partial attention of up to 16 query heads of the GQA
-// group (rows of an m16 tile; more heads -> more head tiles in gridDim.z) over its range with
-// mma.sync m16n8k16, streaming its units through its own STAGES-deep cp.async ring in shared memory
-// (no CTA barriers in the loop). After the loop each warp parks its un-normalized O rows and (max, sum) in
-// its own ring region, one __syncthreads, and the CTA merges its 4 warps (cta_merge): SW = gridDim.x
-// partials per (query block, head), each a normalized O and its base-2 log-sum-exp, which
-// `paged_attn_decode_combine` merges into the fp16 output. With a single split (gridDim.x = 1) the launcher
-// passes `out` and the CTA writes the fp16 output rows itself (no partials, no combine launch).
+// Split-KV: the page list of each (query block, KV head) is cut into live * 4 equal ranges of 16-token units,
+// one per warp, where live (live_splits) is the grid's split count gridDim.x, or fewer for a short list: at least
+// min_units units a warp (the grid is sized for the longest list a captured graph may see; the other CTAs exit).
+// A warp computes the partial attention of up to 16 query heads of the GQA group (rows of an m16 tile; more
+// heads -> more head tiles in gridDim.z) over its range with mma.sync m16n8k16, streaming its units through its
+// own STAGES-deep cp.async ring in shared memory (no CTA barriers in the loop). After the loop each warp parks
+// its un-normalized O rows and (max, sum) in its own ring region, one __syncthreads, and the CTA merges its 4
+// warps (cta_merge) into one partial per (query block, head), a normalized O and its base-2 log-sum-exp, in
+// slots of stride SW = gridDim.x, which `paged_attn_decode_combine` merges into the fp16 output (part_live: how
+// many). A single live CTA writes the fp16 output rows itself when the launcher passes `out` (part_live 0: the
+// combine leaves the row; a grid of one split launches no combine).
 //
 // Quantized caches (KV = lskv::Int8 / Int4 / Fp8): a unit travels as stored (values + fp16 scales, through
 // the same ring) and the warp dequantizes it into an fp16 K and V tile just before its mma steps.
@@ -29,6 +31,20 @@ namespace lsattn {
 constexpr int DC_THREADS = 128;
 constexpr int DC_WARPS = DC_THREADS / 32;
 constexpr int DC_UNIT = 16;  // keys per unit (the smallest page size)
+
+// Splits that take part for a list of nunits units: at least min_units units a warp, at most the grid's. The
+// launcher sizes the grid for the longest list a captured graph may see; on a shorter one the other CTAs exit at
+// once instead of writing empty partials, and the combine merges only these (part_live).
+__device__ __forceinline__ int live_splits(int nunits, int min_units) {
+  const int per_cta = DC_WARPS * max(1, min_units);
+  return max(1, min((int)gridDim.x, (nunits + per_cta - 1) / per_cta));
+}
+
+// After the live-split CTAs' merge: the combine's count for (qb, KV head kvh), 0 when the single live CTA wrote
+// the output itself (null part_live: a grid of one split, no combine launched).
+__device__ __forceinline__ void note_live(int* part_live, int qb, int Hkv, int kvh, int live, const f16_t* out) {
+  if (part_live && blockIdx.x == 0 && threadIdx.x == 0) part_live[qb * Hkv + kvh] = live == 1 && out ? 0 : live;
+}
 
 // ---- CTA merge of the 4 warps' partials (the epilogue of both decode bodies)
 // After its loop a warp stores its un-normalized O rows (fp32, un-permuted dims) and, per row, its running max
@@ -103,9 +119,10 @@ struct DecodeSmem {
 template <int D, int STAGES, class KV>
 __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const KVPools pools,
                                             float* __restrict__ part_o, float* __restrict__ part_lse,
-                                            f16_t* __restrict__ out, const PlanView pv, const int* __restrict__ sel_idx,
-                                            const int* __restrict__ sel_cnt, int sel_cap, int Hq, int Hkv, int ps_shift,
-                                            int n_htiles, float scale_log2) {
+                                            int* __restrict__ part_live, f16_t* __restrict__ out, const PlanView pv,
+                                            const int* __restrict__ sel_idx, const int* __restrict__ sel_cnt,
+                                            int sel_cap, int Hq, int Hkv, int ps_shift, int n_htiles,
+                                            float scale_log2, int min_units) {
   using L = DecodeSmem<D, STAGES, KV>;
   constexpr int CH = L::CH;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -133,7 +150,9 @@ __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const K
   const int ps = 1 << ps_shift;
   const int units_per_page_shift = ps_shift - 4;
   const int nunits = npages << units_per_page_shift;
-  const int NWR = gridDim.x * DC_WARPS, ws = blockIdx.x * DC_WARPS + warp;  // warp ranges, this warp's
+  const int live = live_splits(nunits, min_units);
+  if (blockIdx.x >= live) return;  // CTA-uniform, before any barrier
+  const int NWR = live * DC_WARPS, ws = blockIdx.x * DC_WARPS + warp;  // warp ranges, this warp's
   const int u0 = (int)(((long long)ws * nunits) / NWR), u1 = (int)(((long long)(ws + 1) * nunits) / NWR);
 
   const u32 sQ = smem_addr(smem);
@@ -289,8 +308,9 @@ __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const K
   }
   __syncthreads();
   cta_merge<D, false>(reinterpret_cast<const float*>(smem + L::Q_BYTES), L::WARP_BYTES / 4, nh, 1.f, part_o,
-                      part_lse, ((size_t)qb * Hq + head0) * gridDim.x + blockIdx.x, gridDim.x, out,
-                      (size_t)pv.qb_start[qb] * Hq + head0);
+                      part_lse, ((size_t)qb * Hq + head0) * gridDim.x + blockIdx.x, gridDim.x,
+                      live == 1 ? out : nullptr, (size_t)pv.qb_start[qb] * Hq + head0);
+  note_live(part_live, qb, Hkv, kvh, live, out);
 }
 
 // ---- v2 of the quantized decode (LSERVE_KVQ_DECODE=v2, cuda_attention.KVQ_DECODE) --------------------
@@ -461,10 +481,10 @@ struct DecodeSmemV2 {
 template <int D, int STAGES, class KV, int NU>
 __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, const KVPools pools,
                                                float* __restrict__ part_o, float* __restrict__ part_lse,
-                                               f16_t* __restrict__ out, const PlanView pv,
-                                               const int* __restrict__ sel_idx, const int* __restrict__ sel_cnt,
-                                               int sel_cap, int Hq, int Hkv, int ps_shift, int n_htiles,
-                                               float scale_log2) {
+                                               int* __restrict__ part_live, f16_t* __restrict__ out,
+                                               const PlanView pv, const int* __restrict__ sel_idx,
+                                               const int* __restrict__ sel_cnt, int sel_cap, int Hq, int Hkv,
+                                               int ps_shift, int n_htiles, float scale_log2, int min_units) {
   static_assert(KV::QUANT, "v2 is the quantized decode");
   using F = FragV2<KV, D>;
   using R = typename F::R;
@@ -497,7 +517,9 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
   const int nunits = npages << units_per_page_shift;
   // Warp ranges in steps of NU units (the last step of an odd list of 16-token pages is half empty).
   const int nsteps = (nunits + NU - 1) / NU;
-  const int NWR = gridDim.x * DC_WARPS, ws = blockIdx.x * DC_WARPS + warp;  // warp ranges, this warp's
+  const int live = live_splits(nunits, min_units);
+  if (blockIdx.x >= live) return;  // CTA-uniform, before any barrier
+  const int NWR = live * DC_WARPS, ws = blockIdx.x * DC_WARPS + warp;  // warp ranges, this warp's
   const int i0 = (int)(((long long)ws * nsteps) / NWR), i1 = (int)(((long long)(ws + 1) * nsteps) / NWR);
 
   unsigned char* const wbase = smem + warp * DecodeSmemV2<D, STAGES, KV>::WARP_BYTES;
@@ -805,39 +827,42 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
   __syncthreads();
   cta_merge<D, true>(reinterpret_cast<const float*>(smem), DecodeSmemV2<D, STAGES, KV>::WARP_BYTES / 4, nh,
                      F::PGAIN, part_o, part_lse, ((size_t)qb * Hq + head0) * gridDim.x + blockIdx.x, gridDim.x,
-                     out, (size_t)pv.qb_start[qb] * Hq + head0);
+                     live == 1 ? out : nullptr, (size_t)pv.qb_start[qb] * Hq + head0);
+  note_live(part_live, qb, Hkv, kvh, live, out);
 }
 
-// Merge the SW partials of (query block blockIdx.x, query head blockIdx.y) into the fp16 output.
+// Merge the live partials of (query block blockIdx.x, query head blockIdx.y) into the fp16 output: part_live's
+// count of the first of SW slots (0: the decode kernel wrote this row itself).
 // One round trip to L2: every load of a thread (the plan's two words, then CB_BATCH splits' lse and O rows) is
 // issued before any is used. Warp w takes splits w, w + NW, ... in batches of CB_BATCH, keeping a running max
 // (online softmax over the partials, as the decode warps do over keys); a lane owns 4 consecutive dims (float4,
 // D / 4 lanes busy). One barrier, then thread d merges the NW warps' (max, weight sum, sum of dim d).
-// Every split slot was written by the decode kernel (empty ranges: O = 0, lse = -inf -> weight 0); slots of query
-// blocks past meta[0] are inside the workspace, read and left unused.
+// Every live slot was written by the decode kernel (empty warp ranges: O = 0, lse = -inf -> weight 0).
 constexpr int CB_THREADS = 256, CB_BATCH = 8;
 __device__ __forceinline__ void combine_body(const float* __restrict__ part_o, const float* __restrict__ part_lse,
-                                             f16_t* __restrict__ out, const int* meta, const int* qb_start,
-                                             int Hq, int SW, int D) {
+                                             const int* __restrict__ part_live, f16_t* __restrict__ out,
+                                             const int* meta, const int* qb_start, int Hq, int Hkv, int SW, int D) {
   constexpr int NW = CB_THREADS / 32;
   extern __shared__ float cb_s[];  // [NW][D] sums | [NW] maxima | [NW] weight sums (D % 4 == 0: float4 aligned)
   float* acc_s = cb_s;
   float* m_s = acc_s + NW * D;
   float* wsum_s = m_s + NW;
   const int qb = blockIdx.x, h = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int nqb = meta[0], row = qb_start[qb];
+  if (qb >= meta[0]) return;  // CTA-uniform, before the barrier
+  const int live = min(SW, part_live[qb * Hkv + h / (Hq / Hkv)]), row = qb_start[qb];
+  if (live == 0) return;
   const size_t slot0 = ((size_t)qb * Hq + h) * SW;
   const bool active = lane * 4 < D;
   float m_run = LSERVE_NEG_INF, wsum = 0.f;
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int s0 = warp; s0 < SW; s0 += NW * CB_BATCH) {
+  for (int s0 = warp; s0 < live; s0 += NW * CB_BATCH) {
     float l[CB_BATCH];
     float4 v[CB_BATCH];
 #pragma unroll
     for (int i = 0; i < CB_BATCH; ++i) {
       const int s = s0 + i * NW;
-      l[i] = s < SW ? part_lse[slot0 + s] : LSERVE_NEG_INF;
-      v[i] = s < SW && active ? *reinterpret_cast<const float4*>(part_o + (slot0 + s) * D + lane * 4)
+      l[i] = s < live ? part_lse[slot0 + s] : LSERVE_NEG_INF;
+      v[i] = s < live && active ? *reinterpret_cast<const float4*>(part_o + (slot0 + s) * D + lane * 4)
                               : make_float4(0.f, 0.f, 0.f, 0.f);
     }
     float mb = m_run;
@@ -856,7 +881,6 @@ __device__ __forceinline__ void combine_body(const float* __restrict__ part_o, c
     }
     m_run = mb;
   }
-  if (qb >= nqb) return;  // CTA-uniform, before the barrier
   if (active) *reinterpret_cast<float4*>(acc_s + warp * D + lane * 4) = acc;
   if (lane == 0) m_s[warp] = m_run, wsum_s[warp] = wsum;
   __syncthreads();
@@ -884,14 +908,14 @@ __device__ __forceinline__ void combine_body(const float* __restrict__ part_o, c
   extern "C" __global__ void __launch_bounds__(lsattn::DC_THREADS) paged_attn_decode_d##D##_s##STAGES##SUFFIX( \
       const f16_t* q, const unsigned char* k0, const unsigned char* v0, const unsigned char* k1,          \
       const unsigned char* v1, const f16_t* sk0, const f16_t* sv0, const f16_t* sk1, const f16_t* sv1,     \
-      float* part_o, float* part_lse, f16_t* out, const int* plan, int cap_qb, int cap_seq,               \
+      float* part_o, float* part_lse, int* part_live, f16_t* out, const int* plan, int cap_qb, int cap_seq, \
       const int* head_class, const int* head_slot, int n0, int n1, const int* sel_idx, const int* sel_cnt, \
-      int sel_cap, int Hq, int Hkv, int ps_shift, int n_htiles, float scale_log2) {                        \
+      int sel_cap, int Hq, int Hkv, int ps_shift, int n_htiles, float scale_log2, int min_units) {         \
     lserve::pdl_enter();                                                                                   \
     const lsattn::KVPools pools{k0, v0, k1, v1, sk0, sv0, sk1, sv1, head_class, head_slot, n0, n1};        \
-    lsattn::decode_body<D, STAGES, KV>(q, pools, part_o, part_lse, out,                                    \
-                                       lsattn::plan_view(plan, cap_qb, cap_seq),                           \
-                                       sel_idx, sel_cnt, sel_cap, Hq, Hkv, ps_shift, n_htiles, scale_log2); \
+    lsattn::decode_body<D, STAGES, KV>(q, pools, part_o, part_lse, part_live, out,                         \
+                                       lsattn::plan_view(plan, cap_qb, cap_seq), sel_idx, sel_cnt, sel_cap, \
+                                       Hq, Hkv, ps_shift, n_htiles, scale_log2, min_units);                \
   }
 
 // Ring depth (units per warp; STAGES - 1 in flight while one is computed): the launcher's DECODE_STAGES
@@ -919,14 +943,15 @@ constexpr int DC_V2_NU = 2;
       paged_attn_decode_v2_d##D##_s##STAGES##SUFFIX(                                                       \
           const f16_t* q, const unsigned char* k0, const unsigned char* v0, const unsigned char* k1,      \
           const unsigned char* v1, const f16_t* sk0, const f16_t* sv0, const f16_t* sk1, const f16_t* sv1, \
-          float* part_o, float* part_lse, f16_t* out, const int* plan, int cap_qb, int cap_seq,           \
-          const int* head_class, const int* head_slot, int n0, int n1, const int* sel_idx,                 \
-          const int* sel_cnt, int sel_cap, int Hq, int Hkv, int ps_shift, int n_htiles, float scale_log2) { \
+          float* part_o, float* part_lse, int* part_live, f16_t* out, const int* plan, int cap_qb,        \
+          int cap_seq, const int* head_class, const int* head_slot, int n0, int n1, const int* sel_idx,    \
+          const int* sel_cnt, int sel_cap, int Hq, int Hkv, int ps_shift, int n_htiles, float scale_log2,  \
+          int min_units) {                                                                                 \
     lserve::pdl_enter();                                                                                   \
     const lsattn::KVPools pools{k0, v0, k1, v1, sk0, sv0, sk1, sv1, head_class, head_slot, n0, n1};        \
     lsattn::decode_body_v2<D, STAGES, KV, DC_V2_NU>(                                                       \
-        q, pools, part_o, part_lse, out, lsattn::plan_view(plan, cap_qb, cap_seq), sel_idx, sel_cnt, sel_cap, \
-        Hq, Hkv, ps_shift, n_htiles, scale_log2);                                                          \
+        q, pools, part_o, part_lse, part_live, out, lsattn::plan_view(plan, cap_qb, cap_seq), sel_idx,     \
+        sel_cnt, sel_cap, Hq, Hkv, ps_shift, n_htiles, scale_log2, min_units);                             \
   }
 // Ring depths (cuda_attention.DECODE_V2_STAGES): int8 6 (2 CTAs per SM at D 128; 2% faster than 4 and 3 CTAs, 8 was
 // slower), int4 6 (its units are small: 3 CTAs per SM at D 128), fp8 4.
@@ -937,8 +962,9 @@ LSERVE_DECODE_V2_KERNEL(128, 6, lskv::Int4, _int4)
 LSERVE_DECODE_V2_KERNEL(64, 4, lskv::Fp8, _fp8)
 LSERVE_DECODE_V2_KERNEL(128, 4, lskv::Fp8, _fp8)
 
-extern "C" __global__ void __launch_bounds__(lsattn::CB_THREADS) paged_attn_decode_combine(const float* part_o, const float* part_lse, f16_t* out,
-                                                     const int* meta, const int* qb_start, int Hq, int SW, int D) {
+extern "C" __global__ void __launch_bounds__(lsattn::CB_THREADS)
+    paged_attn_decode_combine(const float* part_o, const float* part_lse, const int* part_live, f16_t* out,
+                              const int* meta, const int* qb_start, int Hq, int Hkv, int SW, int D) {
   lserve::pdl_enter();
-  lsattn::combine_body(part_o, part_lse, out, meta, qb_start, Hq, SW, D);
+  lsattn::combine_body(part_o, part_lse, part_live, out, meta, qb_start, Hq, Hkv, SW, D);
 }

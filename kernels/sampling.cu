@@ -128,7 +128,7 @@ __device__ __forceinline__ u64 thread_best(const float* __restrict__ x, int lo, 
 // (a ticket on tick[row], which it resets to 0) takes the G partials. One block a row read a 128k vocabulary at
 // one SM's share of L2 (18.8 us on an H200). tick: zeroed once by the launcher, before the first launch.
 __global__ void argmax_rows(const float* __restrict__ logits, long long stride, int vocab, int chunk,
-                            u64* __restrict__ part, unsigned int* __restrict__ tick, int* __restrict__ out) {
+                            u64* __restrict__ part, unsigned int* __restrict__ tick, long long* __restrict__ out) {
   lserve::pdl_enter();
   __shared__ u64 scratch[32];
   __shared__ bool last;
@@ -147,7 +147,7 @@ __global__ void argmax_rows(const float* __restrict__ logits, long long stride, 
   for (int i = threadIdx.x; i < G; i += blockDim.x) v = min(v, __ldcg(part + (long long)row * G + i));
   v = block_reduce(v, scratch, lserve::MinOp(), ~0ull);
   if (threadIdx.x == 0) {
-    out[row] = (int)(v & 0xffffffffu);
+    out[row] = (long long)(v & 0xffffffffu);
     tick[row] = 0;  // ready for the next launch
   }
 }
@@ -204,6 +204,11 @@ __device__ __forceinline__ float unordered(unsigned int o) {
   return __uint_as_float((o & 0x80000000u) ? (o & 0x7fffffffu) : ~o);
 }
 
+// The bins of a row from sample_bounds' two words: the ordered maximum and ordered negated smallest finite value.
+__device__ __forceinline__ Bins stat_bins(const unsigned int* st) {
+  return make_bins(unordered(st[0]), st[1] ? -unordered(st[1]) : __int_as_float(0x7f800000));
+}
+
 
 // f(i, v, ok) for lo <= i < hi with v = x[i] / temp (ok = false past the end), the same number of calls in every
 // lane of a warp, so f may use warp collectives. float4 loads, four in flight per thread, where x + lo is 16-byte
@@ -255,32 +260,32 @@ __device__ __forceinline__ void row_bounds(const float* x, int lo, int hi, float
   vmin = block_reduce(l, fscr, lserve::MinOp(), __int_as_float(0x7f800000));
 }
 
-// Exclusive prefix sum of v over the block in thread order; every thread gets its own and the block's total.
-__device__ __forceinline__ double block_excl_scan(double v, HistSmem& s, double& total) {
+// Exclusive prefix sum of v over the block in thread order (scr: 32 shared words of T).
+template <typename T>
+__device__ __forceinline__ T block_excl_scan(T v, T* scr) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  double inc = v;
+  T inc = v;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
-    const double t = __shfl_up_sync(0xffffffffu, inc, o);
+    const T t = __shfl_up_sync(0xffffffffu, inc, o);
     if (lane >= o) inc += t;
   }
-  double ex = __shfl_up_sync(0xffffffffu, inc, 1);
-  if (lane == 0) ex = 0.0;
+  T ex = __shfl_up_sync(0xffffffffu, inc, 1);
+  if (lane == 0) ex = T(0);
   __syncthreads();
-  if (lane == 31) s.dscr[warp] = inc;
+  if (lane == 31) scr[warp] = inc;
   __syncthreads();
   if (warp == 0) {
-    double t = lane < nw ? s.dscr[lane] : 0.0;
+    T t = lane < nw ? scr[lane] : T(0);
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
-      const double u = __shfl_up_sync(0xffffffffu, t, o);
+      const T u = __shfl_up_sync(0xffffffffu, t, o);
       if (lane >= o) t += u;
     }
-    s.dscr[lane] = t;
+    scr[lane] = t;
   }
   __syncthreads();
-  total = s.dscr[nw - 1];
-  const double base = warp ? s.dscr[warp - 1] : 0.0;
+  const T base = warp ? scr[warp - 1] : T(0);
   __syncthreads();
   return base + ex;
 }
@@ -301,16 +306,15 @@ struct RowLists {
   int nblk, chunk;
 };
 
-// s.key / s.w <- the logits of bin c (from the row's lists), sorted by key (bitonic, padded to a power of two with
-// ~0 keys).
-// Without lists (rl.idx null), a pass over the row finds them.
+// s.key / s.w <- the logits of bin c, sorted by key (bitonic, padded to a power of two with ~0 keys): from the
+// row's lists, or without them (rl.idx null) by a pass over the row.
 __device__ void gather_bin(HistSmem& s, const float* x, int vocab, float temp, const Bins& bins, const RowLists& rl,
                            int c) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const float vmax = bins.vmax;
   if (threadIdx.x == 0) s.n = 0;
   __syncthreads();
-  if (!rl.idx) {
+  if (!rl.idx) {  // a pass over the row
     for_row(x, 0, vocab, temp, [&](int i, float v, bool ok) {
       const bool in = ok && bins(v) == c;
       const unsigned m = __ballot_sync(0xffffffffu, in);
@@ -326,19 +330,20 @@ __device__ void gather_bin(HistSmem& s, const float* x, int vocab, float temp, c
         }
       }
     });
-  }
-  for (int g = warp; rl.idx && g < rl.nblk; g += nw) {
-    const int* loc = rl.loc + (long long)g * (SB + 2);
-    const int a = __ldcg(loc + c), e = __ldcg(loc + c + 1);
-    int base = 0;
-    if (lane == 0 && e > a) base = atomicAdd(&s.n, e - a);
-    base = __shfl_sync(0xffffffffu, base, 0);
-    for (int j = a + lane; j < e; j += 32) {
-      const int i = __ldcg(rl.idx + (long long)g * rl.chunk + j), pos = base + j - a;
-      const float v = __fdiv_rn(x[i], temp);
-      if (pos < SCAP) {
-        s.key[pos] = sort_key(v, i);
-        s.w[pos] = exp((double)(v - vmax));
+  } else {  // each block's list of bin c, a warp a block
+    for (int g = warp; g < rl.nblk; g += nw) {
+      const int* loc = rl.loc + (long long)g * (SB + 2);
+      const int a = __ldcg(loc + c), e = __ldcg(loc + c + 1);
+      int base = 0;
+      if (lane == 0 && e > a) base = atomicAdd(&s.n, e - a);
+      base = __shfl_sync(0xffffffffu, base, 0);
+      for (int j = a + lane; j < e; j += 32) {
+        const int i = __ldcg(rl.idx + (long long)g * rl.chunk + j), pos = base + j - a;
+        const float v = __fdiv_rn(x[i], temp);
+        if (pos < SCAP) {
+          s.key[pos] = sort_key(v, i);
+          s.w[pos] = exp((double)(v - vmax));
+        }
       }
     }
   }
@@ -379,8 +384,7 @@ __device__ u64 hist_select(HistSmem& s, const float* x, int vocab, float temp, c
     wt[j] = b > SB || b > bb ? 0.0 : b == bb ? partial : mass ? s.mass[b] : (double)s.count[b];
     local += wt[j];
   }
-  double total;
-  double a = block_excl_scan(local, s, total);
+  double a = block_excl_scan(local, s.dscr);
   int mine = SB + 1;
   double before = 0.0;
 #pragma unroll
@@ -410,7 +414,7 @@ __device__ u64 hist_select(HistSmem& s, const float* x, int vocab, float temp, c
     g[j] = q < n && s.key[q] <= bound ? (mass ? s.w[q] : 1.0) : 0.0;
     lsum += g[j];
   }
-  double a3 = s.before + block_excl_scan(lsum, s, total);
+  double a3 = s.before + block_excl_scan(lsum, s.dscr);
   int hit = SCAP, last = -1;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -439,9 +443,8 @@ __device__ double hist_mass(HistSmem& s, u64 bound, int bb) {
 // sample_fill made; false when a crossing bin is too large (the caller takes the radix path).
 __device__ bool sample_hist(HistSmem& s, const float* x, int vocab, float temp, int k, double p, double u,
                             const unsigned int* gstat, const int* gcount, const double* gmass, const RowLists& rl,
-                            int* out) {
-  const float vmax = unordered(gstat[0]), vmin = gstat[1] ? -unordered(gstat[1]) : __int_as_float(0x7f800000);
-  const Bins bins = make_bins(vmax, vmin);
+                            long long* out) {
+  const Bins bins = stat_bins(gstat);
   for (int b = threadIdx.x; b <= SB; b += blockDim.x) s.count[b] = __ldcg(gcount + b), s.mass[b] = __ldcg(gmass + b);
   if (threadIdx.x == 0) s.bin = -1, s.n = 0;
   __syncthreads();
@@ -465,7 +468,7 @@ __device__ bool sample_hist(HistSmem& s, const float* x, int vocab, float temp, 
   u64 pick = hist_select(s, x, vocab, temp, bins, rl, u * total, true, true, bound, bb, fail);
   if (fail || (pick == ~0ull && bound == ~0ull)) return false;  // (the last logit of an unbounded row: radix path)
   if (pick == ~0ull) pick = bound;  // u * total beyond the rounded sum: the last kept logit, as the CPU's clamp
-  if (threadIdx.x == 0) *out = (int)(pick & 0xffffffffu);
+  if (threadIdx.x == 0) *out = (long long)(pick & 0xffffffffu);
   return true;
 }
 
@@ -504,9 +507,8 @@ __global__ void sample_fill(const float* __restrict__ logits, long long stride, 
   const float temp = (float)params[row];
   if (temp == 0.f) return;
   const float* x = logits + row * stride;
-  const unsigned int smin = gstat[2 * row + 1];
-  const float vmax = unordered(gstat[2 * row]), vmin = smin ? -unordered(smin) : __int_as_float(0x7f800000);
-  const Bins bins = make_bins(vmax, vmin);
+  const Bins bins = stat_bins(gstat + 2 * row);
+  const float vmax = bins.vmax;
   for (int b = threadIdx.x; b <= SB; b += blockDim.x) count[b] = 0, mass[b] = 0.0;
   __syncthreads();
   for_row(x, lo, hi, temp, [&](int, float v, bool ok) {
@@ -532,18 +534,7 @@ __global__ void sample_fill(const float* __restrict__ logits, long long stride, 
     }
   }
   if (!gidx) return;  // no lists
-  // start = the exclusive prefix of count over the bins (thread order = bin order)
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int inc = own;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int t = __shfl_up_sync(0xffffffffu, inc, o);
-    if (lane >= o) inc += t;
-  }
-  if (lane == 31) iscr[warp] = inc;
-  __syncthreads();
-  int before = inc - own;
-  for (int w = 0; w < warp; ++w) before += iscr[w];
+  int before = block_excl_scan(own, iscr);  // start: the exclusive prefix of count (thread order = bin order)
 #pragma unroll
   for (int j = 0; j < PER; ++j) {
     const int b = PER * threadIdx.x + j;
@@ -572,7 +563,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample_rows(const float* __restrict__ logits, long long stride, int vocab, const double* __restrict__ params,
                 const unsigned int* __restrict__ gstat, const int* __restrict__ gcount,
                 const double* __restrict__ gmass, const int* __restrict__ gidx, const int* __restrict__ gloc,
-                int nblk, int chunk, int radix, int* __restrict__ out) {
+                int nblk, int chunk, int radix, long long* __restrict__ out) {
   lserve::pdl_enter();
   extern __shared__ double hist_smem[];
   HistSmem& hs = *reinterpret_cast<HistSmem*>(hist_smem);
@@ -586,7 +577,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
   const float temp = (float)params[row];  // np.float32(temperature), as the CPU sampler
   if (temp == 0.f) {
     const u64 best = block_reduce(thread_best(x, 0, vocab), kscratch, lserve::MinOp(), ~0ull);
-    if (threadIdx.x == 0) out[row] = (int)(best & 0xffffffffu);
+    if (threadIdx.x == 0) out[row] = (long long)(best & 0xffffffffu);
     return;
   }
   const int k = (int)params[rows + row];
@@ -619,7 +610,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
     }
     pick = block_reduce(last, kscratch, lserve::MaxOp(), 0ull);
   }
-  if (threadIdx.x == 0) out[row] = (int)(pick & 0xffffffffu);
+  if (threadIdx.x == 0) out[row] = (long long)(pick & 0xffffffffu);
 }
 
 // logits[rows[i], ids[i]] /= penalty (if > 0) or *= penalty: repetition penalty over each row's unique ids.
@@ -721,22 +712,9 @@ __global__ void __launch_bounds__(LP_THREADS)
   double s = 0.0;
   TopKeys top;
   top.init();
-  int tail = lo;
-  if ((reinterpret_cast<unsigned long long>(x + lo) & 15) == 0) {
-    const float4* x4 = reinterpret_cast<const float4*>(x + lo);
-    const int n4 = (hi - lo) / 4;
-#pragma unroll 4
-    for (int i = threadIdx.x; i < n4; i += blockDim.x) {
-      const float4 q = x4[i];
-      const int e = lo + 4 * i;
-      lp_visit(q.x, e, k, m, s, top);
-      lp_visit(q.y, e + 1, k, m, s, top);
-      lp_visit(q.z, e + 2, k, m, s, top);
-      lp_visit(q.w, e + 3, k, m, s, top);
-    }
-    tail = lo + 4 * n4;
-  }
-  for (int i = tail + threadIdx.x; i < hi; i += blockDim.x) lp_visit(x[i], i, k, m, s, top);
+  for_row(x, lo, hi, 1.f, [&](int i, float v, bool ok) {  // (v / 1 is v)
+    if (ok) lp_visit(v, i, k, m, s, top);
+  });
   merge_lse(m, s, fscr, dscr);
   const long long pb = (long long)row * G + g;
   for (int j = 0; j < k; ++j) {  // the block's k smallest keys: k rounds of a block minimum, the owner pops

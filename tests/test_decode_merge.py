@@ -2,15 +2,16 @@
 decode_body and decode_body_v2) and of what the combine does with the merged partials (combine_body), no GPU:
 
 - the math, in float64: per-warp partials (un-normalized O, running max, sum) over the kernel's warp ranges ->
-  the CTA merge's formula -> one normalized partial + base-2 log-sum-exp per CTA -> the combine's formula (or, with a
-  single split, the CTA's merged rows as the output), against softmax attention over the visible keys; empty warps,
-  CTAs whose four ranges are all empty, ranges whose keys are all masked, lists with no visible key at all, and v2's
-  PGAIN (O carried scaled, divided out in the merge);
+  the CTA merge's formula -> one normalized partial + base-2 log-sum-exp per live CTA -> the combine's formula (or,
+  with one live CTA, its merged rows as the output), against softmax attention over the visible keys; empty warps,
+  ranges whose keys are all masked, lists with no visible key at all, and v2's PGAIN (O carried scaled, divided out
+  in the merge);
 - the index math: each lane's accumulator fragment (v1: dim n * 8 + 2 t4 + j of row g + 8 h; v2: dim
   (2 t4 + j) * D/8 + nt, the permuted PV columns) through MergeSmem::at into shared memory and back through the
   merge's float4 chunk reads gives every (row, dim) once in plain order, inside the warp's region, with no bank
   conflicts on the stores (a half warp per 64-bit store, a quarter warp per 128-bit one) or the merge's loads;
-- the launcher: the combine's shared memory, and when the decode kernel writes the output.
+- the live splits (live_splits): the CTAs a short list uses on a grid sized for a long one, which cover it;
+- the launcher: the combine's shared memory, and when the decode kernel may write the output.
 """
 
 from __future__ import annotations
@@ -28,9 +29,15 @@ UNIT = 16  # DC_UNIT
 # ---- the formulas (mirrors of the kernel code, float64)
 
 
-def warp_ranges(nunits: int, splits: int) -> list[tuple[int, int]]:
-    """[u0, u1) of warp ws = blockIdx.x * 4 + warp: NWR = splits * 4 ranges (decode_body's u0 / u1)."""
-    nwr = splits * WARPS
+def live_splits(nunits: int, grid: int, min_units: int) -> int:
+    """live_splits: the CTAs of a grid of `grid` splits that take part, at least min_units units a warp."""
+    per_cta = WARPS * max(1, min_units)
+    return max(1, min(grid, -(-nunits // per_cta)))
+
+
+def warp_ranges(nunits: int, live: int) -> list[tuple[int, int]]:
+    """[u0, u1) of warp ws = blockIdx.x * 4 + warp: NWR = live * 4 ranges (decode_body's u0 / u1)."""
+    nwr = live * WARPS
     return [(ws * nunits // nwr, (ws + 1) * nunits // nwr) for ws in range(nwr)]
 
 
@@ -89,16 +96,18 @@ def combine(po, plse):
     return np.where(ws[:, None] > 0, a / np.where(ws > 0, ws, 1.0)[:, None], 0.0)
 
 
-def decode(q, k, v, vis, splits, gain=1.0):
-    """The kernel's pipeline for one (query block, KV head): warps -> CTA merges -> combine (or, one split, the
-    CTA's merged rows). Returns (out [H, D], the CTAs' lse [splits, H])."""
+def decode(q, k, v, vis, splits, gain=1.0, min_units=1):
+    """The kernel's pipeline for one (query block, KV head) on a grid of `splits`: the live CTAs' warps -> CTA
+    merges -> combine over the live partials (or, one live CTA, its merged rows). Returns (out [H, D], the live
+    CTAs' lse [live, H])."""
     d = q.shape[1]
     scale_log2 = math.log2(math.e) / math.sqrt(d)
     s = q @ k.T
     nunits = k.shape[0] // UNIT
-    ranges = warp_ranges(nunits, splits)
+    live = live_splits(nunits, splits, min_units)
+    ranges = warp_ranges(nunits, live)
     po, plse = [], []
-    for cta in range(splits):
+    for cta in range(live):
         mw, lw, ow = [], [], []
         for u0, u1 in ranges[cta * WARPS : (cta + 1) * WARPS]:
             sl = slice(u0 * UNIT, u1 * UNIT)
@@ -108,7 +117,7 @@ def decode(q, k, v, vis, splits, gain=1.0):
         o, lse = cta_merge(np.array(mw), np.array(lw), np.array(ow), gain)
         po.append(o), plse.append(lse)
     po, plse = np.array(po), np.array(plse)
-    return (po[0] if splits == 1 else combine(po, plse)), plse
+    return (po[0] if live == 1 else combine(po, plse)), plse
 
 
 def reference(q, k, v, vis):
@@ -153,7 +162,8 @@ def _lse_total(plse):
     ],
 )
 @pytest.mark.parametrize("gain", [1.0, 64.0])
-def test_merge_then_combine_is_softmax(d, nunits, splits, mask, gain):
+@pytest.mark.parametrize("min_units", [1, 4])
+def test_merge_then_combine_is_softmax(d, nunits, splits, mask, gain, min_units):
     rng = np.random.default_rng(nunits * 131 + splits * 7 + d)
     n = nunits * UNIT
     pos = np.arange(n)
@@ -164,7 +174,7 @@ def test_merge_then_combine_is_softmax(d, nunits, splits, mask, gain):
         "all": np.zeros(n, bool),
     }[mask]
     q, k, v, vis = _case(rng, n, 8, d, vis)
-    out, plse = decode(q, k, v, vis, splits, gain)
+    out, plse = decode(q, k, v, vis, splits, gain, min_units)
     ref, ref_lse = reference(q, k, v, vis)
     np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(_lse_total(plse), ref_lse, rtol=1e-12)
@@ -172,18 +182,33 @@ def test_merge_then_combine_is_softmax(d, nunits, splits, mask, gain):
         assert (out == 0).all() and (plse == -np.inf).all()
 
 
-def test_all_empty_cta_has_weight_zero():
-    """A CTA whose four ranges are empty (more warps than units) writes O = 0, lse = -inf, and the combine gives it
-    weight 0; so does a CTA whose ranges hold only masked keys."""
+def test_live_splits_cover_the_list_and_leave_no_cta_empty():
+    """Every unit of a list falls in exactly one live warp range; live <= the grid, every live warp but where the
+    list is shorter than the grid's warps has min_units units at least, and no live CTA is empty but the one of an
+    empty list (the CTAs past `live` exit without writing: the combine reads `live` partials only)."""
+    for nunits in [0, 1, 3, 5, 16, 17, 63, 64, 65, 300, 8192]:
+        for grid in [1, 2, 3, 16, 40, 132]:
+            for min_units in [1, 2, 4, 8]:
+                live = live_splits(nunits, grid, min_units)
+                assert 1 <= live <= grid
+                ranges = warp_ranges(nunits, live)
+                covered = [u for u0, u1 in ranges for u in range(u0, u1)]
+                assert covered == list(range(nunits))
+                if live > 1:
+                    assert nunits >= (live - 1) * WARPS * min_units
+                for c in range(live):
+                    cta = ranges[c * WARPS : (c + 1) * WARPS]
+                    assert nunits == 0 or any(u1 > u0 for u0, u1 in cta)
+
+
+def test_empty_warps_have_weight_zero():
+    """Warps with empty ranges (more warps than units) enter the merge with m = -inf and weight 0; a CTA of an empty
+    list writes O = 0, lse = -inf."""
     rng = np.random.default_rng(5)
     d, n = 64, 2 * UNIT
-    ranges = warp_ranges(2, 4)  # 16 warps over 2 units
-    empty_ctas = [c for c in range(4) if all(u0 == u1 for u0, u1 in ranges[c * WARPS : (c + 1) * WARPS])]
-    assert empty_ctas  # the case exists
     q, k, v, vis = _case(rng, n, 4, d, np.ones(n, bool))
     out, plse = decode(q, k, v, vis, 4)
-    for c in empty_ctas:
-        assert (plse[c] == -np.inf).all()
+    assert plse.shape[0] == 1  # two units: one live CTA, two of its warps empty
     np.testing.assert_allclose(out, reference(q, k, v, vis)[0], rtol=1e-10, atol=1e-12)
     mw = np.full((WARPS, 4), -np.inf)
     o, lse = cta_merge(mw, np.zeros((WARPS, 4)), np.zeros((WARPS, 4, d)), 1.0)
@@ -313,10 +338,20 @@ def test_launcher_partials_and_direct_output():
 
     # per warp: D sums, a max, a weight sum; the same for any split count
     assert att.combine_smem(128) == (8 * 128 + 2 * 8) * 4
-    assert att.decode_writes_output(1, _Out())
-    assert not att.decode_writes_output(2, _Out())
-    assert not att.decode_writes_output(1, _Out(contiguous=False))
-    assert not att.decode_writes_output(1, _Out(ptr=(1 << 20) + 2))
+    assert att.decode_can_write_output(_Out())
+    assert not att.decode_can_write_output(_Out(contiguous=False))
+    assert not att.decode_can_write_output(_Out(ptr=(1 << 20) + 2))
+
+
+def test_live_split_rule_matches_the_kernel():
+    """The emulation's live_splits is the kernel's rule (its source text), and the kernel writes the combine's count."""
+    from lserve_lite.backends.cuda_compile import read_source
+
+    src = read_source("attention_decode.cu")
+    assert "const int per_cta = DC_WARPS * max(1, min_units);" in src
+    assert "return max(1, min((int)gridDim.x, (nunits + per_cta - 1) / per_cta));" in src
+    assert src.count("if (blockIdx.x >= live) return;") == 2  # decode_body and decode_body_v2
+    assert src.count("const int NWR = live * DC_WARPS") == 2
 
 
 def test_combine_layout_matches_the_kernel():

@@ -51,16 +51,21 @@ def make_case(
     return q, k, v, plan, hc, ref
 
 
-def run_gpu(q, k, v, plan, hc, decode=None, cuda_plan=None, num_splits=None):
+def run_gpu(
+    q, k, v, plan, hc, decode=None, cuda_plan=None, num_splits=None, min_units=None, misaligned=False
+):
+    """`misaligned`: an output 2 bytes off an 8-byte boundary, which the decode kernel never writes itself (every
+    row through the combine)."""
     import cupy as cp
 
     from lserve_lite.backends.cuda_attention import CudaPlan, paged_attention
 
     cplan = cuda_plan.update(plan) if cuda_plan is not None else CudaPlan.from_plan(plan)
-    out = cp.full((q.shape[0], q.shape[1] * q.shape[2]), np.nan, dtype=np.float16)
+    size = q.shape[0] * q.shape[1] * q.shape[2]
+    out = cp.full(size + 4, np.nan, dtype=np.float16)[1 if misaligned else 0 :][:size].reshape(q.shape[0], -1)
     res = paged_attention(
         cp.asarray(q), cp.asarray(k), cp.asarray(v), cplan, cp.asarray(hc), out=out, decode=decode,
-        num_splits=num_splits,
+        num_splits=num_splits, min_units=min_units,
     )  # fmt: skip
     assert res is out
     return cp.asnumpy(out).astype(np.float32)
@@ -164,18 +169,25 @@ def test_decode_matches_reference(name):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("misaligned", [False, True])
+@pytest.mark.parametrize("min_units", [1, 4])
 @pytest.mark.parametrize("splits", [1, 3, 40, 70])
 @pytest.mark.parametrize("name", ["batch4_llama_shape", "streaming_mixed", "group20_two_head_tiles"])
-def test_decode_split_counts(name, splits):
-    """Forced split counts: 1 (the decode kernel writes the output itself, no combine), 3, 40 (many CTAs whose
-    four warp ranges are all empty for the short lists) and 70 (more partials than the combine's warps fold in one
-    batch of loads): each CTA merges its 4 warps' partials before the combine."""
+def test_decode_split_counts(name, splits, min_units, misaligned):
+    """Forced grids of 1 split (the decode kernel writes the output itself, no combine), 3, 40 and 70 (more
+    partials than the combine's warps fold in one batch of loads; 5000 keys at min_units 1 use all 70), of which
+    each list uses as many as it has min_units units a warp for: in one launch, rows whose single live CTA writes
+    the output (part_live 0, the combine leaves them) beside rows the combine merges; a misaligned output sends
+    every row through the combine (single live partials included)."""
     rng = np.random.default_rng(zlib.crc32(name.encode()) + splits)
     ctx, hq, hkv, d, ps, sink, local, hc = DECODE_CASES[name]
     q, k, v, plan, hcl, ref = make_case(
         rng, [1] * len(ctx), [c - 1 for c in ctx], hq, hkv, d, ps, 64, sink or 0, local or 0, hc
     )
-    check(run_gpu(q, k, v, plan, hcl, decode=True, num_splits=splits), ref)
+    got = run_gpu(
+        q, k, v, plan, hcl, decode=True, num_splits=splits, min_units=min_units, misaligned=misaligned
+    )
+    check(got, ref)
 
 
 @pytest.mark.gpu

@@ -208,20 +208,24 @@ def bench_smollm2(args, bw: float, emit) -> None:
         t = gpu_time(lambda: g.graph.launch(cp.cuda.get_current_stream()), 100)
         emit(dict(model="SmolLM2-135M", what="decode graph replay (GPU)", batch=1,
                          context=args.smol_prompts[-1], tokens_per_s=1 / t, ms=t * 1e3, floor_ms=wbytes / bw * 1e3))  # fmt: skip
-    # batch 64: prompts of 256 tokens, 64 new tokens each, with and without the overlapped step
+    # batch 64: prompts of 256 tokens, 64 new tokens each, with and without the overlapped step, after a round
+    # that captures the batch-64 graph (captured on first use: inside the first timed run before 2026-12-04g)
     b, new = 64, args.decode_steps
     saved = eng.ecfg.async_scheduling
-    for overlap in (True, False):
-        eng.ecfg.async_scheduling = overlap
+    for overlap in (None, True, False):
+        eng.ecfg.async_scheduling = saved if overlap is None else overlap
         for _ in range(b):
             ids = [int(t) for t in rng.integers(100, vocab, 256)]
-            eng.add_request(ids, SamplingParams(temperature=0.0, max_new_tokens=new, ignore_eos=True))
+            eng.add_request(ids, SamplingParams(temperature=0.0, max_new_tokens=4 if overlap is None else new,
+                                                ignore_eos=True))  # fmt: skip
         while eng.scheduler.waiting:
             eng.step()  # prefill (and first tokens)
         t0, n = time.perf_counter(), 0
         while eng.has_unfinished():
             n += len(eng.step())
         dt = time.perf_counter() - t0
+        if overlap is None:
+            continue
         emit(dict(model="SmolLM2-135M", what=f"decode (engine{'' if overlap else ', sync'})", batch=b, context=256,
                   tokens_per_s=n / dt, ms=dt / max(1, n // b) * 1e3, async_scheduling=overlap))  # fmt: skip
     eng.ecfg.async_scheduling = saved
@@ -917,7 +921,8 @@ def bench_capacity(args, bw: float, emit) -> None:
 
 def splits_sweep(args, bw: float, emit) -> None:
     """GPU time of one captured decode step vs the decode kernel's split count (cuda_attention.decode_splits
-    overridden), for SmolLM2- and Llama-3-8B-shaped random models at batch 1."""
+    overridden) and the units a warp takes at least (cuda_attention.DECODE_MIN_UNITS), for SmolLM2- and
+    Llama-3-8B-shaped random models at batch 1."""
     import cupy as cp
 
     from lserve_lite.backends import cuda_attention
@@ -926,7 +931,7 @@ def splits_sweep(args, bw: float, emit) -> None:
     from lserve_lite.config import ModelConfig
     from lserve_lite.sparse.plan import BatchLayout, build_plan
 
-    default = cuda_attention.decode_splits
+    default, min_default = cuda_attention.decode_splits, cuda_attention.DECODE_MIN_UNITS
     smol = ModelConfig(
         "LlamaForCausalLM", 576, 1536, 30, 9, 3, 64, 49152, rope_theta=1e5, max_position_embeddings=8192
     )
@@ -947,8 +952,10 @@ def splits_sweep(args, bw: float, emit) -> None:
             )
         hc = [np.zeros(cfg.num_kv_heads, np.int32) for _ in range(cfg.num_layers)]
         table = list(range(max_len // ps + 2))
-        for splits in (None, 128, 64, 32, 16, 8):
+        settings = [(None, m) for m in (1, 2, 4, 8, 16)] + [(s, 4) for s in (128, 32, 16, 8)]
+        for splits, min_units in settings:
             cuda_attention.decode_splits = default if splits is None else (lambda *a, s=splits: s)
+            cuda_attention.DECODE_MIN_UNITS = min_units
             graphs = GraphExecutor(ops, model.forward, cache, max_num_seqs=1, max_len=max_len, sizes=(1,))
             for ctx in ctxs:
                 plan = build_plan(BatchLayout([1], [ctx + 1], [table]), ps)
@@ -956,9 +963,9 @@ def splits_sweep(args, bw: float, emit) -> None:
                 replay_step(graphs, np.array([1]), np.array([ctx]), slot, plan, hc)
                 g = graphs.graphs[1]
                 t = gpu_time(lambda g=g: g.graph.launch(cp.cuda.get_current_stream()), 50)
-                emit(dict(model=name, what=f"graph replay, splits={splits or 'default'}", batch=1, context=ctx,
-                          tokens_per_s=1 / t, ms=t * 1e3, floor_ms=wbytes / bw * 1e3))  # fmt: skip
-        cuda_attention.decode_splits = default
+                emit(dict(model=name, what=f"graph replay, splits={splits or 'default'} min_units={min_units}",
+                          batch=1, context=ctx, tokens_per_s=1 / t, ms=t * 1e3, floor_ms=wbytes / bw * 1e3))  # fmt: skip
+        cuda_attention.decode_splits, cuda_attention.DECODE_MIN_UNITS = default, min_default
         del model, cache, graphs
         cp.get_default_memory_pool().free_all_blocks()
 

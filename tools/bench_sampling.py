@@ -70,7 +70,7 @@ def time_setting(sampler, x, tx, params, setting: tuple[float, int, float], args
     import cupy as cp
 
     temp, k, p = setting
-    out, row = cp.empty(x.shape[0], cp.int32), {}
+    out, row = cp.empty(x.shape[0], cp.int64), {}
     if temp == 0.0:
         row["ours_us"] = median_us(lambda: sampler.argmax(x, out), args.reps)
     else:

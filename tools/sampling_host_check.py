@@ -47,7 +47,7 @@ def check_argmax(exe: Path, tmp: Path, rng: np.random.Generator) -> bool:
         x = np.round(x) if ties else x
         x.tofile(tmp / "logits.bin")
         run(exe, tmp, "argmax", b, vocab)
-        miss = int(np.sum(np.fromfile(tmp / "out.bin", np.int32) != np.argmax(x, axis=1)))
+        miss = int(np.sum(np.fromfile(tmp / "out.bin", np.int64) != np.argmax(x, axis=1)))
         ok &= report(f"argmax_rows B{b} V{vocab}{' ties' if ties else ''}", miss, miss == 0)
     return ok
 
@@ -65,7 +65,7 @@ def check_sample(exe: Path, tmp: Path, rng: np.random.Generator) -> bool:
         params.tofile(tmp / "params.bin")
         for lists, radix in [(1, 0), (0, 0), (0, 1)]:
             run(exe, tmp, "sample", b, vocab, lists, radix)
-            miss = int(np.sum(np.fromfile(tmp / "out.bin", np.int32) != np.asarray(want)))
+            miss = int(np.sum(np.fromfile(tmp / "out.bin", np.int64) != np.asarray(want)))
             path = "radix path" if radix else ("bin lists" if lists else "a pass a selection")
             ok &= report(f"sample_rows B{b} V{vocab} {kind}, {path}", miss, miss == 0)
     return ok

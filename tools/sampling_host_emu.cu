@@ -1,7 +1,7 @@
 // Host emulation of kernels/sampling.cu for checking it without a GPU (driven by tools/sampling_host_check.py).
 // The kernel source is compiled as host code (tools/host_emu.cuh), unchanged but for sample_rows' `extern
 // __shared__` array (the driver points it at emu_dyn_smem). Launches as backends/cuda_sampling.py makes them.
-//   sampling_host_emu argmax DIR rows vocab chunk                out.bin (int32 [rows]) <- argmax_rows
+//   sampling_host_emu argmax DIR rows vocab chunk                out.bin (int64 [rows]) <- argmax_rows
 //   sampling_host_emu sample DIR rows vocab chunk lists radix    out.bin <- sample_bounds + sample_fill (with the
 //                                                                bin lists if lists) + sample_rows; radix:
 //                                                                sample_rows alone
@@ -28,22 +28,24 @@ int main(int argc, char** argv) {
   if (mode == "argmax") {
     std::vector<u64> part((size_t)rows * g);
     std::vector<unsigned> tick(rows, 0u);
-    std::vector<int> out(rows, -7);
+    std::vector<long long> out(rows, -7);
     u64* pp = part.data();
     unsigned* tp = tick.data();
-    int* op = out.data();
+    long long* op = out.data();
     launch({(unsigned)g, (unsigned)rows, 1}, 256, [=] { argmax_rows(x, vocab, vocab, chunk, pp, tp, op); });
-    write_bytes(dir + "/out.bin", op, out.size() * 4);
+    write_bytes(dir + "/out.bin", op, out.size() * 8);
   } else if (mode == "sample" && argc == 8) {
     const bool lists = atoi(argv[6]), radix = atoi(argv[7]);
     auto params = read_bytes(dir + "/params.bin");
     const double* pa = (const double*)params.data();
     std::vector<double> mass((size_t)rows * (SB + 1), 0.0);
     std::vector<int> count((size_t)rows * (SB + 1), 0), idx(lists ? (size_t)rows * vocab : 0, -7);
-    std::vector<int> loc(lists ? (size_t)rows * g * (SB + 2) : 0, -7), out(rows, -7);
+    std::vector<int> loc(lists ? (size_t)rows * g * (SB + 2) : 0, -7);
+    std::vector<long long> out(rows, -7);
     std::vector<unsigned> stat((size_t)rows * 2, 0u);
     double* mp = mass.data();
-    int *cp = count.data(), *ip = lists ? idx.data() : nullptr, *lp = lists ? loc.data() : nullptr, *op = out.data();
+    int *cp = count.data(), *ip = lists ? idx.data() : nullptr, *lp = lists ? loc.data() : nullptr;
+    long long* op = out.data();
     unsigned* sp = stat.data();
     if (!radix) {
       launch({(unsigned)g, (unsigned)rows, 1}, FILL_THREADS, [=] { sample_bounds(x, vocab, vocab, chunk, pa, sp); });
@@ -52,7 +54,7 @@ int main(int argc, char** argv) {
     }
     launch({(unsigned)rows, 1, 1}, SAMPLE_THREADS,
            [=] { sample_rows(x, vocab, vocab, pa, sp, cp, mp, ip, lp, g, chunk, radix, op); });
-    write_bytes(dir + "/out.bin", op, out.size() * 4);
+    write_bytes(dir + "/out.bin", op, out.size() * 8);
   } else if (mode == "logprobs" && argc == 7) {
     const int k = atoi(argv[6]);
     auto chosen = read_bytes(dir + "/chosen.bin");

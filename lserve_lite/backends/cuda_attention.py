@@ -64,6 +64,10 @@ _LOG2E = 1.4426950408889634
 # (measured choices: docs/PERF_attention.md).
 PREFILL_BN = {(64, 1): 64, (64, 2): 64, (128, 1): 64, (128, 2): 64}
 DECODE_STAGES = {64: 4, 128: 4}
+# Decode: units of 16 keys a warp takes at least before a list is spread over another CTA (the kernel's
+# min_units; the grid stays sized for the capacity, the CTAs a short list does not need exit at once). Read per
+# call; LSERVE_DECODE_MIN_UNITS sets the initial value.
+DECODE_MIN_UNITS = int(os.environ.get("LSERVE_DECODE_MIN_UNITS", "1"))
 # Prefill kernel: "auto" (the wgmma kernel on compute capability 9.x for a head dim in SM90_HEAD_DIMS, mma.sync
 # otherwise), "mma" (always attention_prefill.cu), "wgmma" (attention_prefill_sm90.cu wherever it applies) or "ws" (its
 # warp-specialized variant for fp16 caches, measured slower, the wgmma kernel for quantized ones); "wgmma" and "ws" are
@@ -407,12 +411,11 @@ def combine_smem(d: int) -> int:
     return (nw * d + 2 * nw) * 4
 
 
-def decode_writes_output(splits: int, out) -> bool:
-    """Whether the decode kernel writes the fp16 output itself (its `out` argument; no combine launch): one split
-    per (query block, KV head, head tile), so each CTA's merged partial is the final row, and `out` is a
-    row-major [N, Hq * D] array the kernel can store 4 halves at a time into. Fixed for a captured graph (the
-    split count and the output buffer are)."""
-    return splits == 1 and out.flags.c_contiguous and out.data.ptr % 8 == 0
+def decode_can_write_output(out) -> bool:
+    """Whether the decode kernel may write the fp16 output itself (its `out` argument) where one CTA takes a
+    whole (query block, KV head) list: `out` a row-major [N, Hq * D] array it can store 4 halves at a time into.
+    With a grid of one split (fixed for a captured graph, as the output buffer is) no combine is launched."""
+    return out.flags.c_contiguous and out.data.ptr % 8 == 0
 
 
 def decode_splits(plan: CudaPlan, hkv: int, head_tiles: int, d: int, per_sm: int | None = None) -> int:
@@ -441,6 +444,7 @@ def paged_attention(
     *,
     decode: bool | None = None,
     num_splits: int | None = None,
+    min_units: int | None = None,
     ks=None,
     vs=None,
     head_slot=None,
@@ -460,7 +464,8 @@ def paged_attention(
     `decode=None` picks the decode kernel when every query block has one row; pass `decode=True` when
     capturing a decode step in a CUDA Graph (only row 0 of each query block is computed then). `num_splits`
     (decode) overrides the CTAs per (query block, KV head); it must stay fixed between capture and replay
-    (the default depends only on the plan's capacity and `fixed_visit_pages`). A quantized cache (`kv` int8 /
+    (the default depends only on the plan's capacity and `fixed_visit_pages`); `min_units` (default
+    DECODE_MIN_UNITS) the units of 16 keys a warp takes at least before a list uses another of them. A quantized cache (`kv` int8 /
     int4 / fp8): the pools hold its values and `scales` (k, v, ks, vs) its fp16 scales [pages, heads, page,
     scale_cols] (K's: `FORMATS[kv].keys()`; reference: the same functions with their `scales` / `fmt` arguments).
     """
@@ -524,15 +529,17 @@ def paged_attention(
             smem = _decode_smem(d, DECODE_STAGES[d], kv)
             fn = k.get(k.decode, f"paged_attn_decode_d{d}_s{DECODE_STAGES[d]}{_suffix(kv)}", smem)
         splits = int(num_splits) if num_splits else decode_splits(plan, hkv, head_tiles, d, per_sm)
-        # Each CTA merges its warps' partials and writes one per query head (sw = splits); a single split has
-        # nothing left to combine: the kernel writes the fp16 output itself and the combine is not launched.
-        direct = decode_writes_output(splits, out)
-        if direct:
-            part_o = part_lse = np.uint64(0)  # null: never touched
+        # Each live CTA merges its warps' partials and writes one per query head (slots of stride `splits`); a
+        # list that one CTA takes whole needs no combine: the kernel writes the fp16 output itself (part_live 0),
+        # and a grid of one split launches none.
+        direct = decode_can_write_output(out)
+        if direct and splits == 1:
+            part_o = part_lse = part_live = np.uint64(0)  # null: never touched
         else:
-            sw = splits
-            part_o = plan.workspace("part_o", plan.max_qblocks * hq * sw * d, np.float32)
-            part_lse = plan.workspace("part_lse", plan.max_qblocks * hq * sw, np.float32)
+            part_o = plan.workspace("part_o", plan.max_qblocks * hq * splits * d, np.float32)
+            part_lse = plan.workspace("part_lse", plan.max_qblocks * hq * splits, np.float32)
+            part_live = plan.workspace("part_live", plan.max_qblocks * hkv, np.int32)
+        min_units = DECODE_MIN_UNITS if min_units is None else min_units
         if sel_idx is None:
             sel = (np.uint64(0), np.uint64(0), np.int32(0))  # null pointers: no selection
         else:
@@ -540,18 +547,20 @@ def paged_attention(
         fn(
             (splits, plan.max_qblocks, hkv * head_tiles),
             (_THREADS,),
-            (q, *pools, part_o, part_lse, out if direct else np.uint64(0), *_plan_args(plan), *pool_args, *sel,
-             np.int32(hq), np.int32(hkv), ps_shift, np.int32(head_tiles), scale_log2),
+            (q, *pools, part_o, part_lse, part_live, out if direct else np.uint64(0), *_plan_args(plan),
+             *pool_args, *sel, np.int32(hq), np.int32(hkv), ps_shift, np.int32(head_tiles), scale_log2,
+             np.int32(min_units)),
             shared_mem=smem,
         )  # fmt: skip
-        if not direct:
+        if not (direct and splits == 1):
             comb = k.get(k.decode, "paged_attn_decode_combine", 0)
             comb(
                 (plan.max_qblocks, hq),
                 (_COMBINE_THREADS,),
-                (part_o, part_lse, out, plan.meta, plan.qb_start, np.int32(hq), np.int32(sw), np.int32(d)),
+                (part_o, part_lse, part_live, out, plan.meta, plan.qb_start, np.int32(hq), np.int32(hkv),
+                 np.int32(splits), np.int32(d)),
                 shared_mem=combine_smem(d),
-            )
+            )  # fmt: skip
         return out
     # Prefill: BM = 64 * mt rows per CTA, packing `heads_per_cta` heads of `rows_per_head` rows each.
     qlen = plan.max_qb_len

@@ -128,9 +128,10 @@ class GpuSampler:
         self.k["sample_rows"].max_dynamic_shared_size_bytes = HIST_SMEM
         self._part = self._tick = None  # argmax_rows' partials and tickets, grown to the largest launch
         self._hist = None  # sample_fill's rows: mass, count, bounds (zeroed each launch), then the bin lists
+        self._lp_tick = self._lp_buf = None  # logprob_rows' tickets, and its partials and outputs
 
     def argmax(self, logits, out) -> None:
-        """out[r] = np.argmax(logits[r]) for contiguous float32 logits [B, V] (two-level argmax_rows)."""
+        """out[r] (int64) = np.argmax(logits[r]) for contiguous float32 logits [B, V] (two-level argmax_rows)."""
         cp = self.cp
         b, vocab = int(logits.shape[0]), int(logits.shape[1])
         g = row_blocks(vocab)
@@ -145,10 +146,10 @@ class GpuSampler:
 
     def sample_async(self, logits, seqs: list) -> DeviceTokens:
         """The ids as the next step's int64 inputs on the device, their copy to the host queued behind them."""
-        return DeviceTokens(self._launch(logits, seqs).astype(self.cp.int64))
+        return DeviceTokens(self._launch(logits, seqs))
 
     def _launch(self, logits, seqs: list):
-        """Queue the sampling kernels of a non-empty batch; the [B] int32 ids on the device."""
+        """Queue the sampling kernels of a non-empty batch; the [B] int64 ids on the device."""
         cp = self.cp
         b = len(seqs)
         logits = cp.asarray(logits)
@@ -167,7 +168,7 @@ class GpuSampler:
             self.add_logits(logits, *add)
         if masks is not None:
             self.mask_logits(logits, *masks)
-        out = cp.empty(b, cp.int32)
+        out = cp.empty(b, cp.int64)
         if not params[0].any():  # all greedy
             self.argmax(logits, out)
         else:
@@ -175,7 +176,7 @@ class GpuSampler:
         return out
 
     def sample_rows(self, logits, params, out, radix: bool = False) -> None:
-        """out[r] <- row r of contiguous float32 `logits` sampled by params [4, B]: sample_bounds and sample_fill
+        """out[r] (int64) <- row r of contiguous float32 `logits` sampled by params [4, B]: sample_bounds and sample_fill
         make each sampled row's histogram (and, for few rows, its bin lists) over the whole GPU, then sample_rows
         selects (one block a row). `radix`: the radix path the histogram path falls back to, for the harness."""
         cp = self.cp
@@ -242,22 +243,35 @@ class GpuSampler:
         self.k["mask_logits"]((-(-vocab // 256), int(rows.size)), (256,), args)
 
     def logprobs(self, logits, chosen: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Raw-logit logprobs of `chosen` [R] and the top-k [R, k]; reference: logprobs_ref."""
+        """Raw-logit logprobs of `chosen` [R] and the top-k [R, k]; reference: logprobs_ref. The outputs share one
+        reused device buffer (top ids, chosen logprobs, top logprobs), copied back in one transfer."""
         cp = self.cp
+        if not 0 <= k <= LP_K:
+            raise ValueError(f"top logprobs k must be in [0, {LP_K}], got {k}")
         logits = cp.ascontiguousarray(cp.asarray(logits), dtype=cp.float32)
         r, vocab = int(logits.shape[0]), int(logits.shape[1])
-        lp, ids, top = (
-            cp.full(r, cp.nan, cp.float32),
-            cp.full((r, k), -1, cp.int64),
-            cp.full((r, k), cp.nan, cp.float32),
-        )
-        if r:
-            if not 0 <= k <= LP_K:
-                raise ValueError(f"top logprobs k must be in [0, {LP_K}], got {k}")
-            g = row_blocks(vocab)
-            part_m, part_s = cp.empty(r * g, cp.float32), cp.empty(r * g, cp.float64)
-            part_k, tick = cp.empty(r * g * LP_K, cp.uint64), cp.zeros(r, cp.uint32)
-            args = (logits, np.int64(vocab), np.int32(vocab), np.int32(ROW_CHUNK),
-                    cp.asarray(np.asarray(chosen, np.int64)), np.int32(k), part_m, part_s, part_k, tick, lp, ids, top)  # fmt: skip
-            self.k["logprob_rows"]((r, g), (LP_THREADS,), args)
-        return lp.get(), ids.get(), top.get()
+        if not r:
+            return np.zeros(0, np.float32), np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+        g = row_blocks(vocab)
+        if self._lp_tick is None or self._lp_tick.size < r:
+            self._lp_tick = cp.zeros(r, cp.uint32)  # logprob_rows resets each ticket it takes
+        outs = r * k * 12 + r * 4  # top ids, chosen logprobs, top logprobs: copied back together
+        p0 = -(-outs // 8) * 8  # then the partials: part_s, part_k (8-byte aligned), part_m
+        size = p0 + r * g * (8 + 8 * LP_K + 4)
+        if self._lp_buf is None or self._lp_buf.size < size:
+            self._lp_buf = cp.empty(size, cp.uint8)
+        buf = self._lp_buf
+        out = buf[:outs]
+        ids, lp, top = (out[: r * k * 8].view(cp.int64), out[r * k * 8 : r * k * 8 + r * 4].view(cp.float32),
+                        out[r * k * 8 + r * 4 :].view(cp.float32))  # fmt: skip
+        part_s = buf[p0 : p0 + r * g * 8].view(cp.float64)
+        part_k = buf[p0 + r * g * 8 : p0 + r * g * 8 * (1 + LP_K)].view(cp.uint64)
+        part_m = buf[p0 + r * g * 8 * (1 + LP_K) : size].view(cp.float32)
+        args = (logits, np.int64(vocab), np.int32(vocab), np.int32(ROW_CHUNK),
+                cp.asarray(np.asarray(chosen, np.int64)), np.int32(k), part_m, part_s, part_k, self._lp_tick,
+                lp, ids, top)  # fmt: skip
+        self.k["logprob_rows"]((r, g), (LP_THREADS,), args)
+        host = out.get()
+        return (host[r * k * 8 : r * k * 8 + r * 4].view(np.float32).copy(),
+                host[: r * k * 8].view(np.int64).reshape(r, k).copy(),
+                host[r * k * 8 + r * 4 :].view(np.float32).reshape(r, k).copy())  # fmt: skip

@@ -25,7 +25,7 @@ def case_sampling(c: Ctx) -> list[Result]:
         x = (c.rng.standard_normal((b, vocab)) * 3).astype(np.float32)
         if ties:
             x = np.round(x)
-        got = c.poison((b,), np.int32)
+        got = c.poison((b,), np.int64)
         sampler.argmax(cp.asarray(x), got)
         miss = int(np.sum(got.get() != np.argmax(x, axis=1)))
         out.append(Result("argmax_rows", f"B{b} V{vocab}" + (" ties" if ties else ""), miss, 0.0, miss == 0))
@@ -42,7 +42,7 @@ def case_sampling(c: Ctx) -> list[Result]:
             for i in range(b)
         ]
         for radix in (False, True):
-            got = c.poison((b,), np.int32)
+            got = c.poison((b,), np.int64)
             sampler.sample_rows(cp.asarray(x), cp.asarray(params), got, radix=radix)
             miss = int(np.sum(got.get() != np.asarray(want)))
             name = f"B{b} V{vocab} {kind} T/top-k/top-p" + (" radix path" if radix else "")
