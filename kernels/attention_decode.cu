@@ -40,6 +40,21 @@ __device__ __forceinline__ int live_splits(int nunits, int min_units) {
   return max(1, min((int)gridDim.x, (nunits + per_cta - 1) / per_cta));
 }
 
+// Whether this CTA has nothing to do, decided from the plan alone, which only host copies ordered before the
+// launch write: so it may leave before pdl_enter, while the previous kernel still runs, instead of holding an SM
+// slot until then (SmolLM2's short lists leave most of a grid sized for its capacity idle). Past the live query
+// blocks, or a split past the live ones of a list visited whole; a selected list's length is the selector's output,
+// known only after the wait (the body decides those).
+__device__ __forceinline__ bool idle_before_wait(const PlanView& pv, const int* head_class, const int* sel_idx,
+                                                 int ps_shift, int n_htiles, int min_units) {
+  const int qb = blockIdx.y;
+  if (qb >= pv.meta[0]) return true;
+  const int cls = head_class[blockIdx.z / n_htiles];
+  if (sel_idx != nullptr && cls == 0 && pv.qb_keep[qb] > 0) return false;  // make_visit's selected lists
+  const int npages = pv.kv_indptr[qb * 2 + cls + 1] - pv.kv_indptr[qb * 2 + cls];
+  return blockIdx.x >= live_splits(npages << (ps_shift - 4), min_units);
+}
+
 // After the live-split CTAs' merge: the combine's count for (qb, KV head kvh), 0 when the single live CTA wrote
 // the output itself (null part_live: a grid of one split, no combine launched).
 __device__ __forceinline__ void note_live(int* part_live, int qb, int Hkv, int kvh, int live, const f16_t* out) {
@@ -833,8 +848,8 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
 
 // Merge the live partials of (query block blockIdx.x, query head blockIdx.y) into the fp16 output: part_live's
 // count of the first of SW slots (0: the decode kernel wrote this row itself).
-// One round trip to L2: every load of a thread (the plan's two words, then CB_BATCH splits' lse and O rows) is
-// issued before any is used. Warp w takes splits w, w + NW, ... in batches of CB_BATCH, keeping a running max
+// One round trip to L2: every load of a thread (the plan's two words, the live count, and the first CB_BATCH
+// splits' lse and O rows) is issued before any is used. Warp w takes splits w, w + NW, ... in batches of CB_BATCH, keeping a running max
 // (online softmax over the partials, as the decode warps do over keys); a lane owns 4 consecutive dims (float4,
 // D / 4 lanes busy). One barrier, then thread d merges the NW warps' (max, weight sum, sum of dim d).
 // Every live slot was written by the decode kernel (empty warp ranges: O = 0, lse = -inf -> weight 0).
@@ -848,22 +863,34 @@ __device__ __forceinline__ void combine_body(const float* __restrict__ part_o, c
   float* m_s = acc_s + NW * D;
   float* wsum_s = m_s + NW;
   const int qb = blockIdx.x, h = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  if (qb >= meta[0]) return;  // CTA-uniform, before the barrier
-  const int live = min(SW, part_live[qb * Hkv + h / (Hq / Hkv)]), row = qb_start[qb];
-  if (live == 0) return;
   const size_t slot0 = ((size_t)qb * Hq + h) * SW;
   const bool active = lane * 4 < D;
-  float m_run = LSERVE_NEG_INF, wsum = 0.f;
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int s0 = warp; s0 < live; s0 += NW * CB_BATCH) {
-    float l[CB_BATCH];
-    float4 v[CB_BATCH];
+  float l[CB_BATCH];
+  float4 v[CB_BATCH];
+  auto load = [&](int s0, int n) {  // a batch of slots s0, s0 + NW, ... below n
 #pragma unroll
     for (int i = 0; i < CB_BATCH; ++i) {
       const int s = s0 + i * NW;
-      l[i] = s < live ? part_lse[slot0 + s] : LSERVE_NEG_INF;
-      v[i] = s < live && active ? *reinterpret_cast<const float4*>(part_o + (slot0 + s) * D + lane * 4)
-                              : make_float4(0.f, 0.f, 0.f, 0.f);
+      l[i] = s < n ? part_lse[slot0 + s] : LSERVE_NEG_INF;
+      v[i] = s < n && active ? *reinterpret_cast<const float4*>(part_o + (slot0 + s) * D + lane * 4)
+                             : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  };
+  // The plan words, the live count and the first batch (slots < SW: inside the workspace, whatever the count) are
+  // loaded together; slots past the count are then masked out by selects (they may hold anything, NaN included).
+  const int nqb = meta[0], row = qb_start[qb], nlive = part_live[qb * Hkv + h / (Hq / Hkv)];
+  load(warp, SW);
+  if (qb >= nqb) return;  // CTA-uniform, before the barrier
+  const int live = min(SW, nlive);
+  if (live == 0) return;
+  float m_run = LSERVE_NEG_INF, wsum = 0.f;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int s0 = warp;;) {
+#pragma unroll
+    for (int i = 0; i < CB_BATCH; ++i) {
+      const bool in = s0 + i * NW < live;
+      l[i] = in ? l[i] : LSERVE_NEG_INF;
+      v[i] = in ? v[i] : make_float4(0.f, 0.f, 0.f, 0.f);
     }
     float mb = m_run;
 #pragma unroll
@@ -880,6 +907,9 @@ __device__ __forceinline__ void combine_body(const float* __restrict__ part_o, c
                         fmaf(w, v[i].w, acc.w));
     }
     m_run = mb;
+    s0 += NW * CB_BATCH;
+    if (s0 >= live) break;
+    load(s0, live);
   }
   if (active) *reinterpret_cast<float4*>(acc_s + warp * D + lane * 4) = acc;
   if (lane == 0) m_s[warp] = m_run, wsum_s[warp] = wsum;
@@ -911,11 +941,12 @@ __device__ __forceinline__ void combine_body(const float* __restrict__ part_o, c
       float* part_o, float* part_lse, int* part_live, f16_t* out, const int* plan, int cap_qb, int cap_seq, \
       const int* head_class, const int* head_slot, int n0, int n1, const int* sel_idx, const int* sel_cnt, \
       int sel_cap, int Hq, int Hkv, int ps_shift, int n_htiles, float scale_log2, int min_units) {         \
+    const lsattn::PlanView pv = lsattn::plan_view(plan, cap_qb, cap_seq);                                  \
+    if (lsattn::idle_before_wait(pv, head_class, sel_idx, ps_shift, n_htiles, min_units)) return;          \
     lserve::pdl_enter();                                                                                   \
     const lsattn::KVPools pools{k0, v0, k1, v1, sk0, sv0, sk1, sv1, head_class, head_slot, n0, n1};        \
-    lsattn::decode_body<D, STAGES, KV>(q, pools, part_o, part_lse, part_live, out,                         \
-                                       lsattn::plan_view(plan, cap_qb, cap_seq), sel_idx, sel_cnt, sel_cap, \
-                                       Hq, Hkv, ps_shift, n_htiles, scale_log2, min_units);                \
+    lsattn::decode_body<D, STAGES, KV>(q, pools, part_o, part_lse, part_live, out, pv, sel_idx, sel_cnt,   \
+                                       sel_cap, Hq, Hkv, ps_shift, n_htiles, scale_log2, min_units);       \
   }
 
 // Ring depth (units per warp; STAGES - 1 in flight while one is computed): the launcher's DECODE_STAGES
@@ -947,11 +978,13 @@ constexpr int DC_V2_NU = 2;
           int cap_seq, const int* head_class, const int* head_slot, int n0, int n1, const int* sel_idx,    \
           const int* sel_cnt, int sel_cap, int Hq, int Hkv, int ps_shift, int n_htiles, float scale_log2,  \
           int min_units) {                                                                                 \
+    const lsattn::PlanView pv = lsattn::plan_view(plan, cap_qb, cap_seq);                                  \
+    if (lsattn::idle_before_wait(pv, head_class, sel_idx, ps_shift, n_htiles, min_units)) return;          \
     lserve::pdl_enter();                                                                                   \
     const lsattn::KVPools pools{k0, v0, k1, v1, sk0, sv0, sk1, sv1, head_class, head_slot, n0, n1};        \
-    lsattn::decode_body_v2<D, STAGES, KV, DC_V2_NU>(                                                       \
-        q, pools, part_o, part_lse, part_live, out, lsattn::plan_view(plan, cap_qb, cap_seq), sel_idx,     \
-        sel_cnt, sel_cap, Hq, Hkv, ps_shift, n_htiles, scale_log2, min_units);                             \
+    lsattn::decode_body_v2<D, STAGES, KV, DC_V2_NU>(q, pools, part_o, part_lse, part_live, out, pv, sel_idx, \
+                                                    sel_cnt, sel_cap, Hq, Hkv, ps_shift, n_htiles,         \
+                                                    scale_log2, min_units);                                \
   }
 // Ring depths (cuda_attention.DECODE_V2_STAGES): int8 6 (2 CTAs per SM at D 128; 2% faster than 4 and 3 CTAs, 8 was
 // slower), int4 6 (its units are small: 3 CTAs per SM at D 128), fp8 4.

@@ -343,6 +343,23 @@ def test_launcher_partials_and_direct_output():
     assert not att.decode_can_write_output(_Out(ptr=(1 << 20) + 2))
 
 
+def test_decode_grid_is_capped(monkeypatch):
+    """decode_splits fills the GPU once, at most DECODE_MAX_SPLITS CTAs per (query block, KV head, head tile), and
+    caps short selected lists at about 4 units a warp."""
+    from types import SimpleNamespace
+
+    from lserve_lite.backends import cuda_attention as att
+
+    monkeypatch.setattr(att, "_kernels", lambda: SimpleNamespace(num_sms=132, smem_per_sm=228 * 1024))
+    plan = SimpleNamespace(max_qblocks=1, fixed_visit_pages=None, visit_pages=None, page_size=64)
+    assert att.decode_splits(plan, 3, 1, 64, per_sm=3) == att.DECODE_MAX_SPLITS == 64  # SmolLM2: 396 // 3 capped
+    assert att.decode_splits(plan, 8, 1, 128, per_sm=1) == 16  # Llama-3-8B: 132 // 8
+    plan.max_qblocks = 64
+    assert att.decode_splits(plan, 8, 1, 128, per_sm=1) == 1
+    plan.max_qblocks, plan.fixed_visit_pages = 1, 4  # 16 units: one CTA of 4 warps
+    assert att.decode_splits(plan, 3, 1, 64, per_sm=3) == 1
+
+
 def test_live_split_rule_matches_the_kernel():
     """The emulation's live_splits is the kernel's rule (its source text), and the kernel writes the combine's count."""
     from lserve_lite.backends.cuda_compile import read_source
@@ -352,6 +369,12 @@ def test_live_split_rule_matches_the_kernel():
     assert "return max(1, min((int)gridDim.x, (nunits + per_cta - 1) / per_cta));" in src
     assert src.count("if (blockIdx.x >= live) return;") == 2  # decode_body and decode_body_v2
     assert src.count("const int NWR = live * DC_WARPS") == 2
+    # idle CTAs of whole lists leave before pdl_enter, by the same rule (both entry macros)
+    assert src.count("return blockIdx.x >= live_splits(npages << (ps_shift - 4), min_units);") == 1
+    idle = "if (lsattn::idle_before_wait(pv, head_class, sel_idx, ps_shift, n_htiles, min_units)) return;"
+    assert src.count(idle) == 2
+    for part in src.split(idle)[1:]:
+        assert part.index("lserve::pdl_enter();") < part.index("decode_body")
 
 
 def test_combine_layout_matches_the_kernel():

@@ -952,7 +952,7 @@ def splits_sweep(args, bw: float, emit) -> None:
             )
         hc = [np.zeros(cfg.num_kv_heads, np.int32) for _ in range(cfg.num_layers)]
         table = list(range(max_len // ps + 2))
-        settings = [(None, m) for m in (1, 2, 4, 8, 16)] + [(s, 4) for s in (128, 32, 16, 8)]
+        settings = [(None, m) for m in (1, 2, 4, 8)] + [(s, 1) for s in (64, 32, 16, 8)]
         for splits, min_units in settings:
             cuda_attention.decode_splits = default if splits is None else (lambda *a, s=splits: s)
             cuda_attention.DECODE_MIN_UNITS = min_units

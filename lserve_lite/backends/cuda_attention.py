@@ -68,6 +68,10 @@ DECODE_STAGES = {64: 4, 128: 4}
 # min_units; the grid stays sized for the capacity, the CTAs a short list does not need exit at once). Read per
 # call; LSERVE_DECODE_MIN_UNITS sets the initial value.
 DECODE_MIN_UNITS = int(os.environ.get("LSERVE_DECODE_MIN_UNITS", "1"))
+# ... and at most this many CTAs per (query block, KV head, head tile): a few KV heads at batch 1 (SmolLM2: 3) would
+# otherwise get 132 CTAs each, most of them idle below long contexts (H200: 0.693 / 0.710 ms per SmolLM2 step at 512 /
+# 4096 context with 64 against 0.699 / 0.730 with 132; docs/PERF_attention.md).
+DECODE_MAX_SPLITS = 64
 # Prefill kernel: "auto" (the wgmma kernel on compute capability 9.x for a head dim in SM90_HEAD_DIMS, mma.sync
 # otherwise), "mma" (always attention_prefill.cu), "wgmma" (attention_prefill_sm90.cu wherever it applies) or "ws" (its
 # warp-specialized variant for fp16 caches, measured slower, the wgmma kernel for quantized ones); "wgmma" and "ws" are
@@ -426,7 +430,7 @@ def decode_splits(plan: CudaPlan, hkv: int, head_tiles: int, d: int, per_sm: int
         per_sm = max(1, min(16, k.smem_per_sm // (_decode_smem(d, DECODE_STAGES[d]) + 1024)))
     slots = k.num_sms * per_sm
     pairs = max(1, plan.max_qblocks * hkv * head_tiles)
-    splits = max(1, slots // pairs)
+    splits = max(1, min(DECODE_MAX_SPLITS, slots // pairs))
     visit = plan.fixed_visit_pages if plan.fixed_visit_pages is not None else plan.visit_pages
     if visit is not None:  # short (selected / windowed) lists: about 4 units of 16 keys per warp at least
         units = max(1, visit * plan.page_size // 16)
