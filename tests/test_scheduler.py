@@ -124,6 +124,33 @@ def _steps_until(d: _Driver, cond, limit: int = 1000) -> int:
     raise AssertionError(f"not reached in {limit} steps")
 
 
+@given(
+    st.integers(1, 5), st.integers(0, 300), st.integers(0, 4), st.integers(0, 3), st.booleans(), st.booleans()
+)
+@settings(max_examples=200, deadline=None)
+def test_has_room_means_grow_changes_nothing(shift, tokens, pages, stream_pages, streaming, slot):
+    """The scheduler skips grow() where has_room() holds: there grow() must be a no-op (no page, no slot)."""
+    ps = 1 << shift
+    bm = BlockManager(64, ps, num_stream_pages=16 if streaming else 0, stream_per_seq=2 if streaming else 0,
+                      max_seqs=4)  # fmt: skip
+    seq = Sequence([1, 2, 3], SamplingParams())
+    seq.page_table = [bm._page() for _ in range(pages)]
+    seq.stream_table = [bm._stream_page() for _ in range(min(stream_pages, 2))] if streaming else []
+    if slot:
+        seq.sel_slot = bm.slots.popleft()
+
+    def state():
+        return list(seq.page_table), list(seq.stream_table), seq.sel_slot, bm.num_free, len(bm.slots)
+
+    before = state()
+    if bm.has_room(seq, tokens):
+        bm.grow(seq, tokens)
+        assert state() == before
+    else:  # something to add: a page of either pool or the selection slot
+        dense, stream = bm._needed(seq, tokens)
+        assert dense or stream or (seq.sel_slot < 0 and bm.slots)
+
+
 def test_short_request_not_starved_by_long_prefill():
     """Budget 64, a 6000-token prompt prefilling: a 5-token request arriving runs in the next step."""
     d = _Driver(pages=(6000 + 64) // 16 + 8, page_size=16, budget=64)

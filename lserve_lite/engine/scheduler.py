@@ -112,14 +112,16 @@ class Scheduler:
 
     def _run(self, seq: Sequence, n: int, batch: ScheduledBatch) -> int:
         """Schedule n tokens of running `seq`, preempting the newest unscheduled sequences for pages."""
-        while not self.blocks.can_grow(seq, seq.num_cached + n):
-            victim = next(s for s in reversed(self.running) if s not in batch.seqs)  # seq is unscheduled
-            self.running.remove(victim)
-            self._preempt(victim)
-            batch.preempted.append(victim)
-            if victim is seq:
-                return 0
-        self.blocks.grow(seq, seq.num_cached + n)
+        tokens = seq.num_cached + n
+        if not self.blocks.has_room(seq, tokens):
+            while not self.blocks.can_grow(seq, tokens):
+                victim = next(s for s in reversed(self.running) if s not in batch.seqs)  # seq is unscheduled
+                self.running.remove(victim)
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is seq:
+                    return 0
+            self.blocks.grow(seq, tokens)
         batch.seqs.append(seq)
         batch.num_new.append(n)
         return n

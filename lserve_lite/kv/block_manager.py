@@ -66,6 +66,15 @@ class BlockManager:
         stream = max(0, min(pages, self.stream_per_seq) - len(seq.stream_table))
         return dense, stream
 
+    def has_room(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether `seq` already holds the pages (and selection slot) for `num_tokens`: growing it is a no-op.
+        A decode step asks this of every running sequence, and it is true for page_size - 1 steps of page_size."""
+        if num_tokens > len(seq.page_table) * self.page_size or (seq.sel_slot < 0 and self.slots):
+            return False
+        return not self.stream_per_seq or min(-(-num_tokens // self.page_size), self.stream_per_seq) <= len(
+            seq.stream_table
+        )
+
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
         dense, stream = self._needed(seq, num_tokens)
         return dense <= self.num_free and stream <= self.num_stream_free

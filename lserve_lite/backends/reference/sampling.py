@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...sampling_params import SamplingParams
 from ...sequence import Sequence
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -17,6 +18,9 @@ def sample(logits: np.ndarray, seqs: list[Sequence]) -> list[int]:
     out = []
     for row, seq in zip(logits, seqs):
         p = seq.params
+        if p.greedy and p.repetition_penalty == 1.0 and not has_additive(p) and seq.token_mask is None:
+            out.append(int(np.argmax(row)))  # the logits as they are: no copy of the row
+            continue
         x = row.astype(np.float32, copy=True)
         if p.repetition_penalty != 1.0:
             seen = np.unique(np.asarray(seq.all_ids, dtype=np.int64))
@@ -34,10 +38,21 @@ def sample(logits: np.ndarray, seqs: list[Sequence]) -> list[int]:
     return out
 
 
+def has_additive(p: SamplingParams) -> bool:
+    """Whether presence / frequency penalties or a logit bias add to any logit."""
+    return bool(p.presence_penalty or p.frequency_penalty or p.logit_bias)
+
+
+_NO_IDS, _NO_AMOUNTS = np.zeros(0, np.int64), np.zeros(0, np.float32)
+_NO_IDS.flags.writeable = _NO_AMOUNTS.flags.writeable = False
+
+
 def additive_terms(seq: Sequence, vocab: int) -> tuple[np.ndarray, np.ndarray]:
     """Unique ids and the float32 amount added to their logits: -(count x frequency_penalty +
     presence_penalty) over the generated ids (OpenAI's rule), plus logit_bias."""
     p = seq.params
+    if not has_additive(p):  # most requests: no per-id work a step
+        return _NO_IDS, _NO_AMOUNTS
     delta: dict[int, float] = {}
     if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
         ids, counts = np.unique(np.asarray(seq.output_ids, np.int64), return_counts=True)
