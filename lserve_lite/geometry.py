@@ -49,12 +49,18 @@ def ring_slot(lpage, num_sink_pages: int, num_ring_pages: int):
     return np.where(lpage < num_sink_pages, lpage, wrapped)
 
 
+def streaming_bounds(first, last, page_size: int, sink, local):
+    """(n, s, lo) of the Lambda mask for queries at positions first..last: a streaming head visits logical pages
+    [0, s) (its sink) and [lo, n) (its local window), lo >= s. Ints or arrays (a batch of decode rows)."""
+    n = last // page_size + 1
+    s = np.minimum(sink_pages(sink, page_size), n)
+    return n, s, np.maximum(np.maximum(0, first - local + 1) // page_size, s)
+
+
 def streaming_pages(first: int, last: int, page_size: int, sink: int, local: int) -> list[int]:
     """Logical pages a streaming head visits for queries at positions first..last (the Lambda mask)."""
-    n_pages = last // page_size + 1
-    sinks = range(min(sink_pages(sink, page_size), n_pages))
-    lo = max(0, first - local + 1) // page_size
-    return sorted(set(sinks) | set(range(lo, n_pages)))
+    n, s, lo = streaming_bounds(first, last, page_size, sink, local)
+    return [*range(s), *range(lo, n)]
 
 
 def window_visit_pages(sink: int, local: int, page_size: int) -> int:
