@@ -43,9 +43,11 @@ def ring_pages(local: int, max_chunk: int, page_size: int) -> int:
 
 
 def ring_slot(lpage, num_sink_pages: int, num_ring_pages: int):
-    """Index in a sequence's streaming-pool table of logical page `lpage` (an int or an int array): sink
-    pages, then the ring."""
+    """Index in a sequence's streaming-pool table of logical page `lpage` (an int, answered as an int: a decode
+    row's one page, or an int array): sink pages, then the ring."""
     wrapped = num_sink_pages + (lpage - num_sink_pages) % max(num_ring_pages, 1)
+    if isinstance(lpage, int):
+        return lpage if lpage < num_sink_pages else wrapped
     return np.where(lpage < num_sink_pages, lpage, wrapped)
 
 

@@ -98,3 +98,22 @@ def test_short_streaming_table_is_refused():
     )
     with pytest.raises(ValueError, match="streaming table"):
         P._decode_plan(lay, 64, 64, 0, 0, (1, 3), "max")
+
+
+def test_geometry_rules_agree_on_ints_and_arrays():
+    """ring_slot answers a Python int as an int, equal to its array form; streaming_pages is the union of the
+    sink pages and the local window, in order and without repeats (its set-based definition)."""
+    from lserve_lite.geometry import ring_slot, sink_pages, streaming_pages
+
+    for p in range(40):
+        for ns in (0, 1, 3):
+            for nr in (0, 1, 5):
+                got = ring_slot(p, ns, nr)
+                assert isinstance(got, int) and got == int(ring_slot(np.asarray([p]), ns, nr)[0])
+    for first in range(0, 300, 7):
+        for n in (1, 5, 64):
+            last = first + n - 1
+            for sink, local in ((0, 1), (16, 50), (100, 300), (64, 64)):
+                want = sorted(set(range(min(sink_pages(sink, 16), last // 16 + 1))) |
+                              set(range(max(0, first - local + 1) // 16, last // 16 + 1)))  # fmt: skip
+                assert streaming_pages(first, last, 16, sink, local) == want

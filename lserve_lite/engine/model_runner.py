@@ -100,7 +100,7 @@ class ModelRunner:
                 pos.append(start)
                 slots.append(int(table[start // ps]) * ps + start % ps)
                 if lay is not None:
-                    stream_slots.append(int(self._stream_slots(seq, np.asarray([start]))[0]))
+                    stream_slots.append(self._stream_slot(seq, start))
             else:
                 p = np.arange(start, start + n)
                 pos.extend(p.tolist())
@@ -129,6 +129,13 @@ class ModelRunner:
             plan,
             np.asarray(rows, np.int64),
         )
+
+    def _stream_slot(self, seq: Sequence, p: int) -> int:
+        """_stream_slots of one position, in Python ints (a decode row: no array of its whole streaming table)."""
+        lay, ps = self.layout, self.page_size
+        if not lay.has_streaming:
+            return -1
+        return seq.stream_table[ring_slot(p // ps, lay.sink_pages, lay.ring_pages)] * ps + p % ps
 
     def _stream_slots(self, seq: Sequence, p: np.ndarray) -> np.ndarray:
         lay, ps = self.layout, self.page_size
