@@ -423,7 +423,8 @@ def decode_can_write_output(out) -> bool:
 
 
 def decode_splits(plan: CudaPlan, hkv: int, head_tiles: int, d: int, per_sm: int | None = None) -> int:
-    """CTAs per (query block, KV head, head tile): fill the GPU once (all CTAs resident together).
+    """CTAs per (query block, KV head, head tile): fill the GPU once (all CTAs resident together), at most
+    DECODE_MAX_SPLITS; a short list uses fewer of them on the device (live_splits in attention_decode.cu).
     `per_sm`: resident CTAs per SM of the kernel launched (default: the fp16 / v1 kernel's shared memory)."""
     k = _kernels()
     if not per_sm:
