@@ -27,7 +27,7 @@ import os
 
 import numpy as np
 
-from ..config import MASS_MAX_GROUP
+from ..config import MASS_MAX_GROUP, env_float
 from ..kv.quant import FORMATS
 from ..sparse.plan import AttentionPlan
 from .cuda_compile import load_module
@@ -66,8 +66,8 @@ PREFILL_BN = {(64, 1): 64, (64, 2): 64, (128, 1): 64, (128, 2): 64}
 DECODE_STAGES = {64: 4, 128: 4}
 # Decode: units of 16 keys a warp takes at least before a list is spread over another CTA (the kernel's
 # min_units; the grid stays sized for the capacity, the CTAs a short list does not need exit at once). Read per
-# call; LSERVE_DECODE_MIN_UNITS sets the initial value.
-DECODE_MIN_UNITS = int(os.environ.get("LSERVE_DECODE_MIN_UNITS", "1"))
+# call; LSERVE_DECODE_MIN_UNITS sets the initial value (1-4096).
+DECODE_MIN_UNITS = int(env_float("LSERVE_DECODE_MIN_UNITS", 1, 1, 4096))
 # ... and at most this many CTAs per (query block, KV head, head tile): a few KV heads at batch 1 (SmolLM2: 3) would
 # otherwise get 132 CTAs each, most of them idle below long contexts (H200: 0.693 / 0.710 ms per SmolLM2 step at 512 /
 # 4096 context with 64 against 0.699 / 0.730 with 132; docs/PERF_attention.md).
@@ -470,9 +470,10 @@ def paged_attention(
     capturing a decode step in a CUDA Graph (only row 0 of each query block is computed then). `num_splits`
     (decode) overrides the CTAs per (query block, KV head); it must stay fixed between capture and replay
     (the default depends only on the plan's capacity and `fixed_visit_pages`); `min_units` (default
-    DECODE_MIN_UNITS) the units of 16 keys a warp takes at least before a list uses another of them. A quantized cache (`kv` int8 /
-    int4 / fp8): the pools hold its values and `scales` (k, v, ks, vs) its fp16 scales [pages, heads, page,
-    scale_cols] (K's: `FORMATS[kv].keys()`; reference: the same functions with their `scales` / `fmt` arguments).
+    DECODE_MIN_UNITS) the units of 16 keys a warp takes at least before a list uses another of them. A quantized
+    cache (`kv` int8 / int4 / fp8): the pools hold its values and `scales` (k, v, ks, vs) its fp16 scales [pages,
+    heads, page, scale_cols] (K's: `FORMATS[kv].keys()`; reference: the same functions with their `scales` /
+    `fmt` arguments).
     """
     import cupy as cp
 
