@@ -539,7 +539,8 @@ def paged_attention(
         # list that one CTA takes whole needs no combine: the kernel writes the fp16 output itself (part_live 0),
         # and a grid of one split launches none.
         direct = decode_can_write_output(out)
-        if direct and splits == 1:
+        combine = not (direct and splits == 1)
+        if not combine:
             part_o = part_lse = part_live = np.uint64(0)  # null: never touched
         else:
             part_o = plan.workspace("part_o", plan.max_qblocks * hq * splits * d, np.float32)
@@ -558,7 +559,7 @@ def paged_attention(
              np.int32(min_units)),
             shared_mem=smem,
         )  # fmt: skip
-        if not (direct and splits == 1):
+        if combine:
             comb = k.get(k.decode, "paged_attn_decode_combine", 0)
             comb(
                 (plan.max_qblocks, hq),
