@@ -1,9 +1,10 @@
 // Block-sparse paged flash attention for prefill on Hopper (sm_90a): the plan format, arguments and semantics of
 // attention_prefill.cu (read that first; its comments on the plan, the pools, GQA packing and the mask hold here),
-// with the two products on warpgroup MMA (wgmma.mma_async, fp16 in, fp32 accumulate) instead of mma.sync.
+// with the two products on warpgroup MMA (wgmma.mma_async, fp16 or bf16 in, fp32 accumulate) instead of mma.sync.
 // References: lserve_lite/backends/reference/attention.py::paged_attention_ref / paged_attention_sparse_ref;
 // launcher: lserve_lite/backends/cuda_attention.py (PREFILL_KERNEL picks this file on compute capability 9.x).
-// q and out are fp16; the cache is fp16 or quantized (KV = lskv::Int8 / Int4 / Fp8, kv_quant.cuh), see below.
+// q and out are fp16; the cache is fp16 or quantized (KV = lskv::Int8 / Int4 / Fp8, kv_quant.cuh), see below. With
+// KV = lskv::BHalf q, the cache and out are bf16 (the same tiles and fragments; bf16 wgmmas and conversions).
 //
 // Design (simple first, measured later):
 // - A CTA is NWG warpgroups (128 threads each); warpgroup w owns query rows 64w .. 64w + 63 of the CTA's
@@ -11,10 +12,12 @@
 //   owns rows 16k .. 16k + 15, so the per-thread row/column bookkeeping is the mma.sync kernel's with MT = 1.
 // - (prefill_body; prefill_ws_body at the end of the file is the warp-specialized variant for fp16 caches: a producer
 //   warpgroup and mbarriers instead of CTA barriers, see there.)
-// - No producer warps and no TMA: every thread issues 16-byte cp.async copies of the K/V tiles (BN = 64 keys,
-//   gathered from the page list; pages are 16 .. 1024 tokens, so a tile is several pages or part of one, and a
-//   TMA descriptor per pool would still need a gather per page) into a ring of STAGES stages; tile j + STAGES - 1
-//   is in flight while tile j is computed, one CTA barrier per tile (quantized caches: two, see below).
+// - No producer warps: every thread issues 16-byte cp.async copies of the K/V tiles (BN = 64 keys, gathered from the
+//   page list; pages are 16 .. 1024 tokens, so a tile is several pages or part of one) into a ring of STAGES
+//   stages; tile j + STAGES - 1 is in flight while tile j is computed, one CTA barrier per tile (quantized caches:
+//   two, see below). The TMA path (template TMA; fp16 caches) has warp 0 issue one TMA box per
+//   16-row group, column block and K / V instead (a 2D tensor map over each pool's rows writes the 128-byte swizzle
+//   itself), completing on an mbarrier per stage; it measured equal to cp.async, which stays the default.
 // - S = Q K^T: wgmma m64n64k16 with Q (A) and K (B) both read from shared memory through descriptors, K-major.
 //   O += P V: wgmma m64nDk16 with P (A) from registers (the S accumulator re-packed to fp16, no shared-memory
 //   round trip) and V (B) from shared memory, N-major ("transposed", imm-trans-b = 1, allowed for 16-bit types).
@@ -84,55 +87,69 @@
 namespace lsattn {
 namespace sm90 {
 
-// D[64 x 64] (+)= A[64 x 16] * B[16 x 64]; A and B K-major in shared memory (descriptors).
+// Operand lists of the wrappers below: the accumulator registers and their placeholders.
+#define LS_ACC32 \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define LS_ACC64 \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define LS_REGS32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+#define LS_REGS64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+// The instruction, fp32 accumulation of TY x TY products ("f16" or "bf16": the kernel's element type).
+#define LS_WGMMA(SHAPE, TY) "wgmma.mma_async.sync.aligned." SHAPE ".f32." TY "." TY " "
+
+// D[64 x 64] (+)= A[64 x 16] * B[16 x 64]; A and B K-major in shared memory (descriptors). BF16: bf16 operands.
+template <bool BF16>
 __device__ __forceinline__ void wgmma_ss_m64n64k16(float (&d)[32], u64 desc_a, u64 desc_b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "%32, %33, p, 1, 1, 0, 0;\n}\n"
-      :
-        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+#define LS_SS(TY)                                                                                              \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" LS_WGMMA("m64n64k16", TY) LS_REGS32 "%32, %33, p, 1, 1, 0, 0;\n}\n" \
+               : LS_ACC32                                                                                      \
+               : "l"(desc_a), "l"(desc_b), "r"(accumulate))
+  if constexpr (BF16) LS_SS("bf16"); else LS_SS("f16");
+#undef LS_SS
 }
 
-// D[64 x 64] += A[64 x 16] * B[16 x 64]; A in registers (four f16x2 per thread), B N-major ("transposed")
+// D[64 x 64] += A[64 x 16] * B[16 x 64]; A in registers (four 16-bit pairs per thread), B N-major ("transposed")
 // in shared memory (imm-trans-b = 1).
+template <bool BF16>
 __device__ __forceinline__ void wgmma_rs_m64n64k16_tb(float (&d)[32], const u32 (&a)[4], u64 desc_b) {
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "{%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
-      :
-        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+#define LS_RS(TY)                                                                                   \
+  asm volatile(LS_WGMMA("m64n64k16", TY) LS_REGS32 "{%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"       \
+               : LS_ACC32                                                                           \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
+  if constexpr (BF16) LS_RS("bf16"); else LS_RS("f16");
+#undef LS_RS
 }
 
-// D[64 x 128] += A[64 x 16] * B[16 x 128]; A in registers (four f16x2 per thread), B N-major ("transposed")
+// D[64 x 128] += A[64 x 16] * B[16 x 128]; A in registers (four 16-bit pairs per thread), B N-major ("transposed")
 // in shared memory (imm-trans-b = 1).
+template <bool BF16>
 __device__ __forceinline__ void wgmma_rs_m64n128k16_tb(float (&d)[64], const u32 (&a)[4], u64 desc_b) {
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "{%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
-      :
-        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+#define LS_RS(TY)                                                                                    \
+  asm volatile(LS_WGMMA("m64n128k16", TY) LS_REGS64 "{%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"       \
+               : LS_ACC64                                                                            \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
+  if constexpr (BF16) LS_RS("bf16"); else LS_RS("f16");
+#undef LS_RS
 }
 
+// Two floats -> a packed pair of the kernel's element type (lo in the low 16 bits), round to nearest.
+template <bool BF16>
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+  if constexpr (!BF16) return pack_half2(lo, hi);
+  u32 r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -154,6 +171,23 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {  // until the p
       "r"(parity)
       : "memory");
 }
+// After mbar_init, before the barrier that publishes it: the initialized barriers are seen by the async proxy (TMA).
+__device__ __forceinline__ void fence_mbar_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+// One arrival that also expects `bytes` of asynchronous (TMA) writes before the phase completes.
+__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+// TMA: the box at (column x, row y) of the 2D tensor map `tmap` (a CUtensorMap in global memory, written by the host
+// before the launch) -> shared memory at dst, completing its bytes on mbarrier `bar`. Rows outside the tensor are
+// written as zeros (and still counted).
+__device__ __forceinline__ void tma_load_2d(u32 dst, const void* tmap, int x, int y, u32 bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+      "l"(tmap), "r"(x), "r"(y), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void prefetch_tmap(const void* tmap) { asm volatile("prefetch.tensormap [%0];\n" ::"l"(tmap) : "memory"); }
 // Register reallocation between the warpgroups of a CTA (all threads of the warpgroup execute it).
 template <int R>
 __device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R)); }
@@ -191,7 +225,8 @@ struct Smem {
   static constexpr int OFF_KT = (OFF_V + STAGES * RAW_BYTES + 1023) / 1024 * 1024;  // quantized: fp16 K, V tiles
   static constexpr int OFF_KPOS = KV::QUANT ? OFF_KT + 2 * KV_BYTES : OFF_V + STAGES * KV_BYTES;  // STAGES x BN
   static constexpr int OFF_QPOS = OFF_KPOS + STAGES * BN * 4;  // BM query positions
-  static constexpr int BYTES = OFF_QPOS + BM * 4;
+  static constexpr int OFF_BAR = OFF_QPOS + BM * 4;            // TMA loads: an mbarrier per stage
+  static constexpr int BYTES = OFF_BAR + STAGES * 8;
 };
 
 // Dynamic shared memory rounded up to 1024 bytes (the launcher allocates 1024 extra): the swizzle atom.
@@ -282,7 +317,7 @@ __device__ __forceinline__ void load_q_rows(const f16_t* q, int Hq, u32 sq, int 
 // The normalized O rows of one warp (rows wrow .. wrow + 15 of the CTA, accumulator layout) -> out, both kernels of this
 // file: staged through shared memory at `stage` (plain swz layout, rows the warp's own), then 16-byte coalesced stores
 // of the rows row_info(r, head, i) says are real.
-template <int D, class RowInfo>
+template <int D, bool BF16, class RowInfo>
 __device__ __forceinline__ void store_warp_rows(float (&o)[D / 2], const float (&l_run)[2], unsigned char* stage,
                                                 int wrow, int lane, f16_t* out, int Hq, int tok0, RowInfo row_info) {
   constexpr int CH = D / 8;
@@ -296,7 +331,7 @@ __device__ __forceinline__ void store_warp_rows(float (&o)[D / 2], const float (
     const int r = wrow + g + 8 * h;
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
-      const u32 v = pack_half2(o[4 * n + 2 * h] * inv, o[4 * n + 2 * h + 1] * inv);
+      const u32 v = pack2<BF16>(o[4 * n + 2 * h] * inv, o[4 * n + 2 * h + 1] * inv);
       *reinterpret_cast<u32*>(stage + swz<CH>(r, n) + t4 * 4) = v;
     }
   }
@@ -387,7 +422,7 @@ struct Cta {
 // Mask (when `mask`) and online softmax of one tile's S (a warpgroup accumulator: this thread's rows g and g + 8, at
 // query positions qp), fp32, base 2; P packed into the A fragments of the PV wgmma as it is computed. Returns whether
 // some row of the warp moved its max (O must then be scaled by alpha).
-template <int BN>
+template <int BN, bool BF16>
 __device__ __forceinline__ bool softmax_tile(float (&s)[BN / 2], const int* kp, bool mask, const int (&qp)[2], int ctx,
                                              int cls, int sink, int local, float scale_log2, float (&m_run)[2],
                                              float (&l_run)[2], u32 (&pa)[BN / 16][4], float (&alpha)[2], int t4) {
@@ -420,7 +455,7 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[BN / 2], const int* kp, 
       const float p0 = fast_exp2(fmaf(s[4 * n + 2 * h], scale_log2, -mb));
       const float p1 = fast_exp2(fmaf(s[4 * n + 2 * h + 1], scale_log2, -mb));
       sum += p0 + p1;
-      pa[n >> 1][(n & 1) * 2 + h] = pack_half2(p0, p1);  // keys 16k + 8(n&1) + 2t4, row g + 8h
+      pa[n >> 1][(n & 1) * 2 + h] = pack2<BF16>(p0, p1);  // keys 16k + 8(n&1) + 2t4, row g + 8h
     }
     l_run[h] = l_run[h] * alpha[h] + sum;
     m_run[h] = mx;
@@ -439,13 +474,18 @@ __device__ __forceinline__ void scale_rows(float (&o)[N], const float (&alpha)[2
   }
 }
 
-template <int D, int NWG, int STAGES, class KV>
+// TMA (fp16 caches): warp 0 brings the K/V tiles in as TMA boxes completing on a `full` mbarrier per stage, instead of
+// every thread's cp.async copies; a stage is refilled after a CTA barrier that sits behind the next tile's QK^T issue.
+// H200: equal to the cp.async path within 1-7% either way (docs/PERF_attention.md), so cp.async stays the default.
+template <int D, int NWG, int STAGES, class KV, bool TMA>
 __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const KVPools pools, f16_t* __restrict__ out,
                                              const PlanView pv, int Hq, int Hkv, int ps_shift, int rows_per_head,
-                                             int heads_per_cta, int n_sub, int hgroups, float scale_log2) {
+                                             int heads_per_cta, int n_sub, int hgroups, float scale_log2,
+                                             const unsigned char* tmaps) {
   using L = Smem<D, NWG, STAGES, KV>;
   constexpr int BM = L::BM, BN = L::BN, THREADS = L::THREADS;
   static_assert(STAGES >= 2, "a ring of at least two stages");
+  static_assert(!TMA || !KV::QUANT, "TMA loads fp16 tiles (quantized ones are dequantized by the CTA)");
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   u32 s_base;
   unsigned char* smem = align_smem1024(smem_raw, s_base);
@@ -493,6 +533,35 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
     return fetch_groups16<BN>(pl_list, j, lane, nkeys, ps_shift, ps, page_rows);
   };
 
+  // ---- TMA (warp 0): tile j -> stage st. Key positions first (rows lane, lane + 32), then one arrival expecting the
+  // tile's bytes, then one box of 16 rows x 64 columns per (16-row group, column block, K or V): lane l copies group
+  // l % G of column block (l / G) % (D / 64) of V if l >= G * D / 64. Padding groups get a row outside the tensor
+  // (zeros). Tensor maps [k0, v0, k1, v1] (backends/cuda_tma.py): rows of the pool [pages * heads * page, D].
+  const u32 full0 = s_base + L::OFF_BAR;
+  // (Its per-lane values come from opaque(lane), recomputed per tile: hoisted out of the loop they spilled.)
+  auto issue_tma = [&](int j, int st, int2 grp) {
+    constexpr int G = BN / 16, COPIES = G * (D / 64) * 2;
+    static_assert(COPIES <= 32 && BN <= 64, "one copy per lane, two key positions per lane");
+    const int l = (int)opaque((u32)lane);
+#pragma unroll
+    for (int h = 0; h < BN / 32; ++h) {
+      const int r = l + 32 * h;
+      const int kp0 = __shfl_sync(0xffffffffu, grp.y, r >> 4);
+      kpos_s[st * BN + r] = j * BN + r < nkeys ? kp0 + (r & 15) : LSERVE_KPOS_NONE;
+    }
+    const u32 bar = full0 + 8 * st;
+    __syncwarp();
+    if (l == 0) mbar_expect_tx(bar, 2 * L::KV_BYTES);
+    __syncwarp();
+    const int u = l % G, b = (l / G) % (D / 64), isv = l / (G * (D / 64));
+    const int prow = __shfl_sync(0xffffffffu, grp.x, u);
+    if (l < COPIES) {
+      const int row = j * BN + 16 * u < nkeys ? prow + (slot << ps_shift) : -16;
+      const unsigned char* tm = tmaps + 256 * cls + 128 * isv;
+      tma_load_2d((isv ? sV : sK) + st * L::KV_BYTES + b * BN * 128 + u * 16 * 128, tm, 64 * b, row, bar);
+    }
+  };
+
   // ---- K/V tile j of the page list -> stage st (rows past the list zero-filled, key position NONE); fp16: grp is
   // fetch_groups(j)
   auto load_kv = [&](int j, int st, int2 grp) {
@@ -518,19 +587,44 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
   // count uniform, so cp.async.wait_group STAGES - 2 at iteration j means "tile j has landed".
   // Quantized: tiles 0 .. STAGES - 1 (a stage is refilled only once its V has been dequantized, in the middle of
   // the tile), so the same wait in the middle of iteration j means "tile j + 1 has landed".
-  constexpr int PRE = KV::QUANT ? STAGES : STAGES - 1;
+  // TMA: the barriers initialized and published first; tiles 0 .. STAGES - 1 by warp 0 (a stage is refilled while
+  // the next tile's QK^T runs); Q's copies waited for and fenced here (the CTA barrier below publishes them).
+  constexpr int PRE = KV::QUANT || TMA ? STAGES : STAGES - 1;
+  int2 grp_next = make_int2(0, 0);  // fp16: fetch_groups(j + PRE) at the top of iteration j (TMA: warp 0's)
+  if constexpr (TMA) {
+    if (tid == 0) {
+      prefetch_tmap(tmaps + 256 * cls);
+      prefetch_tmap(tmaps + 256 * cls + 128);
 #pragma unroll
-  for (int s = 0; s < PRE; ++s) {
-    if (s < ntiles) load_kv(s, s, KV::QUANT ? make_int2(0, 0) : fetch_groups(s));
+      for (int st = 0; st < STAGES; ++st) {
+        mbar_init(full0 + 8 * st, 1);
+      }
+      fence_mbar_init();
+    }
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+      for (int s = 0; s < PRE; ++s)
+        if (s < ntiles) issue_tma(s, s, fetch_groups(s));
+      grp_next = fetch_groups(PRE);
+    }
     cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async();
+  } else {
+#pragma unroll
+    for (int s = 0; s < PRE; ++s) {
+      if (s < ntiles) load_kv(s, s, KV::QUANT ? make_int2(0, 0) : fetch_groups(s));
+      cp_async_commit();
+    }
+    if constexpr (!KV::QUANT) grp_next = fetch_groups(PRE);
   }
-  int2 grp_next = make_int2(0, 0);  // fp16: fetch_groups(j + STAGES - 1) at the top of iteration j
-  if constexpr (!KV::QUANT) grp_next = fetch_groups(PRE);
   if (tid < BM) {
     int head, i;
     row_info(tid, head, i);
     qpos_s[tid] = pos0 + i;
   }
+  if constexpr (TMA) __syncthreads();  // Q and the query positions
   // Quantized: dequantization of K / V into the one fp16 tile pair, overlapped with the wgmmas that do not read the
   // tile being written: V of tile j while the QK^T of tile j runs, K of tile j + 1 while the PV of tile j runs.
   // Tile 0's K first.
@@ -557,7 +651,9 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
 
   for (int j = 0; j < ntiles; ++j) {
     const int st = j % STAGES;
-    if constexpr (!KV::QUANT) {
+    if constexpr (TMA) {
+      mbar_wait(full0 + 8 * st, (j / STAGES) & 1);  // tile j landed (and its key positions are published)
+    } else if constexpr (!KV::QUANT) {
       const int jn = j + STAGES - 1;  // refill the stage tile j - 1 used
       cp_async_wait<STAGES - 2>();
       fence_proxy_async();  // this thread's landed copies -> visible to the async proxy
@@ -591,9 +687,20 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
       const u32 col = (kk >> 2) * 128, kin = (kk & 3) * 32;  // column block (x rows x 128 B), 32 B per k-step
       const u64 da = smem_desc(qt + col * BM + kin, 16, 1024);
       const u64 db = smem_desc(kt + col * BN + kin, 16, 1024);
-      wgmma_ss_m64n64k16(s, da, db, kk > 0 ? 1 : 0);
+      wgmma_ss_m64n64k16<KV::BF16>(s, da, db, kk > 0 ? 1 : 0);
     }
     wgmma_commit();
+    if constexpr (TMA) {
+      // While the QK^T runs: the stage of tile j - 1 is refilled with tile j + STAGES - 1 once every warp is done
+      // with it (its PV waited for, before this barrier). (An `empty` mbarrier per stage that warp 0 waited on
+      // instead measured 1-4% slower at 32k-128k.)
+      const int jn = j + STAGES - 1, sp = (j + STAGES - 1) % STAGES;
+      __syncthreads();
+      if (warp == 0 && j > 0 && jn < ntiles) {
+        issue_tma(jn, sp, grp_next);
+        grp_next = fetch_groups(jn + 1);
+      }
+    }
     if constexpr (KV::QUANT) {
       // While the QK^T runs: V of tile j -> the fp16 V tile. Free: every warpgroup waited for its PV of tile j - 1
       // before the barrier that ended that tile.
@@ -607,7 +714,7 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
     u32 pa[BN / 16][4];
     float alpha[2];
     const int qp[2] = {qpos_s[wrow + g], qpos_s[wrow + g + 8]};
-    if (softmax_tile<BN>(s, kp, need_mask, qp, ctx, cls, sink, local, scale_log2, m_run, l_run, pa, alpha, t4))
+    if (softmax_tile<BN, KV::BF16>(s, kp, need_mask, qp, ctx, cls, sink, local, scale_log2, m_run, l_run, pa, alpha, t4))
       scale_rows(o, alpha);
 
     if constexpr (KV::QUANT) {
@@ -630,9 +737,9 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
     for (int kk = 0; kk < BN / 16; ++kk) {
       const u64 db = smem_desc(vt + kk * 16 * 128, BN * 128, 1024);
       if constexpr (D == 64) {
-        wgmma_rs_m64n64k16_tb(o, pa[kk], db);
+        wgmma_rs_m64n64k16_tb<KV::BF16>(o, pa[kk], db);
       } else {
-        wgmma_rs_m64n128k16_tb(o, pa[kk], db);
+        wgmma_rs_m64n128k16_tb<KV::BF16>(o, pa[kk], db);
       }
     }
     wgmma_commit();
@@ -652,7 +759,7 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
   __syncthreads();  // Q has landed (ntiles == 0) and no warpgroup still reads Q before the reuse below
 
   // ---- normalize, stage this warp's rows through shared memory, 16-byte coalesced stores
-  store_warp_rows<D>(o, l_run, smem, wrow, lane, out, Hq, tok0, row_info);
+  store_warp_rows<D, KV::BF16>(o, l_run, smem, wrow, lane, out, Hq, tok0, row_info);
 }
 
 
@@ -759,13 +866,13 @@ __device__ __forceinline__ void prefill_ws_body(const f16_t* __restrict__ q, con
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const u32 col = (kk >> 2) * 128, kin = (kk & 3) * 32;
-      wgmma_ss_m64n64k16(s, smem_desc(qt + col * BM + kin, 16, 1024), smem_desc(kt + col * BN + kin, 16, 1024),
+      wgmma_ss_m64n64k16<false>(s, smem_desc(qt + col * BM + kin, 16, 1024), smem_desc(kt + col * BN + kin, 16, 1024),
                          kk > 0 ? 1 : 0);
     }
   };
   auto softmax = [&](int j, u32 (&p)[BN / 16][4]) -> bool {
     const int* kp = kpos_s + (j % STAGES) * BN;
-    return softmax_tile<BN>(s, kp, w.need_mask(kp, j), qp, w.ctx, w.cls, w.sink, w.local, scale_log2, m_run, l_run,
+    return softmax_tile<BN, false>(s, kp, w.need_mask(kp, j), qp, w.ctx, w.cls, w.sink, w.local, scale_log2, m_run, l_run,
                             p, alpha, t4);
   };
 
@@ -792,9 +899,9 @@ __device__ __forceinline__ void prefill_ws_body(const f16_t* __restrict__ q, con
     for (int kk = 0; kk < BN / 16; ++kk) {
       const u64 db = smem_desc(sV + st * L::KV_BYTES + kk * 16 * 128, BN * 128, 1024);
       if constexpr (D == 64) {
-        wgmma_rs_m64n64k16_tb(o, pa[kk], db);
+        wgmma_rs_m64n64k16_tb<false>(o, pa[kk], db);
       } else {
-        wgmma_rs_m64n128k16_tb(o, pa[kk], db);
+        wgmma_rs_m64n128k16_tb<false>(o, pa[kk], db);
       }
     }
     wgmma_commit();
@@ -814,29 +921,32 @@ __device__ __forceinline__ void prefill_ws_body(const f16_t* __restrict__ q, con
   }
 
   named_sync(1 + NC, 128 * NC);  // every consumer is done with Q before its rows are reused for the output
-  store_warp_rows<D>(o, l_run, smem, wrow, lane, out, Hq, w.tok0,
+  store_warp_rows<D, false>(o, l_run, smem, wrow, lane, out, Hq, w.tok0,
                      [&](int r, int& head, int& i) { return w.row_info(r, head, i); });
 }
 
 }  // namespace sm90
 }  // namespace lsattn
 
-// One extern "C" entry point per (head dim, warpgroups, stages, KV format); the argument list is the mma.sync
-// kernel's (k0/v0/k1/v1: the pools' values; sk0/sv0/sk1/sv1: their fp16 scales, null for fp16).
-#define LSERVE_PREFILL_SM90_KERNEL(D, NWG, STAGES, MINB, KV, SUFFIX)                                          \
+// One extern "C" entry point per (head dim, warpgroups, stages, KV format, load path); the argument list is the
+// mma.sync kernel's (k0/v0/k1/v1: the pools' values; sk0/sv0/sk1/sv1: their fp16 scales, null for fp16) and `tmaps`,
+// the four pools' TMA tensor maps (null unless TMA).
+#define LSERVE_PREFILL_SM90_KERNEL_L(D, NWG, STAGES, MINB, KV, TMA, SUFFIX)                                   \
   extern "C" __global__ void __launch_bounds__(128 * NWG, MINB)                                            \
       paged_attn_prefill_sm90_d##D##_w##NWG##_s##STAGES##SUFFIX(                                           \
           const f16_t* q, const unsigned char* k0, const unsigned char* v0, const unsigned char* k1,      \
           const unsigned char* v1, const f16_t* sk0, const f16_t* sv0, const f16_t* sk1, const f16_t* sv1, \
           f16_t* out, const int* plan, int cap_qb, int cap_seq, const int* head_class, const int* head_slot, \
           int n0, int n1, int Hq, int Hkv, int ps_shift, int rows_per_head, int heads_per_cta, int n_sub,  \
-          int hgroups, float scale_log2) {                                                                 \
+          int hgroups, float scale_log2, const unsigned char* tmaps) {                                     \
     lserve::pdl_enter();                                                                                   \
     const lsattn::KVPools pools{k0, v0, k1, v1, sk0, sv0, sk1, sv1, head_class, head_slot, n0, n1};        \
-    lsattn::sm90::prefill_body<D, NWG, STAGES, KV>(q, pools, out, lsattn::plan_view(plan, cap_qb, cap_seq), \
-                                                   Hq, Hkv, ps_shift, rows_per_head, heads_per_cta, n_sub,  \
-                                                   hgroups, scale_log2);                                     \
+    lsattn::sm90::prefill_body<D, NWG, STAGES, KV, TMA>(q, pools, out, lsattn::plan_view(plan, cap_qb, cap_seq), \
+                                                         Hq, Hkv, ps_shift, rows_per_head, heads_per_cta, n_sub,  \
+                                                         hgroups, scale_log2, tmaps);                             \
   }
+#define LSERVE_PREFILL_SM90_KERNEL(D, NWG, STAGES, MINB, KV, SUFFIX) \
+  LSERVE_PREFILL_SM90_KERNEL_L(D, NWG, STAGES, MINB, KV, false, SUFFIX)
 
 // BN = 64 keys per tile throughout. Two CTAs per SM where shared memory allows (d128 w2 s2: 97 KiB each).
 LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 2, lskv::Half, )
@@ -845,6 +955,18 @@ LSERVE_PREFILL_SM90_KERNEL(64, 2, 3, 2, lskv::Half, )
 LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::Half, )
 LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::Half, )
 LSERVE_PREFILL_SM90_KERNEL(128, 2, 3, 1, lskv::Half, )
+// bf16 caches, queries and output (cuda_attention: kv "bf16"): the fp16 configurations with bf16 products.
+LSERVE_PREFILL_SM90_KERNEL(64, 1, 2, 2, lskv::BHalf, _bf16)
+LSERVE_PREFILL_SM90_KERNEL(64, 2, 2, 2, lskv::BHalf, _bf16)
+LSERVE_PREFILL_SM90_KERNEL(128, 1, 2, 2, lskv::BHalf, _bf16)
+LSERVE_PREFILL_SM90_KERNEL(128, 2, 2, 2, lskv::BHalf, _bf16)
+// fp16 tiles by TMA (cuda_attention.PREFILL_KERNEL "tma").
+#define LSERVE_PREFILL_TMA_KERNEL(D, NWG, STAGES, MINB) \
+  LSERVE_PREFILL_SM90_KERNEL_L(D, NWG, STAGES, MINB, lskv::Half, true, _tma)
+LSERVE_PREFILL_TMA_KERNEL(64, 1, 2, 2)
+LSERVE_PREFILL_TMA_KERNEL(64, 2, 2, 2)
+LSERVE_PREFILL_TMA_KERNEL(128, 1, 2, 2)
+LSERVE_PREFILL_TMA_KERNEL(128, 2, 2, 2)
 // Quantized caches: a ring of tiles as stored plus one fp16 K / V tile pair (d128 w2 s2 int8 / fp8: 99 KiB, two CTAs
 // per SM; cuda_attention.PREFILL_SM90_STAGES). MINB caps registers where shared memory admits more CTAs than the
 // registers the overlapped dequantization would otherwise take (ptxas: no spills at these caps): d64 w1 four CTAs

@@ -50,16 +50,21 @@ __device__ __forceinline__ unsigned int float_to_e4m3(float x) {
 }
 
 // The formats. QUANT: values + scales; BITS per stored value; GROUP channels per scale (0: the whole head);
-// ASYM: a (scale, min) pair per group (int4) instead of a scale; KEY: the K pool's format (the V pool's is
+// ASYM: a (scale, min) pair per group (int4) instead of a scale; BF16: 16-bit values are bf16, not fp16; KEY: the K pool's format (the V pool's is
 // the format itself; int4 keys have finer groups). Kernels are instantiated per format and use KV::KEY for K.
 struct Half {
-  static constexpr bool QUANT = false, ASYM = false;
+  static constexpr bool QUANT = false, ASYM = false, BF16 = false;
   static constexpr int BITS = 16, GROUP = 0;
   using KEY = Half;
 };
+// bf16 values, queries and output: Half's path with bf16 products and conversions (the Hopper prefill kernel only).
+struct BHalf : Half {
+  static constexpr bool BF16 = true;
+  using KEY = BHalf;
+};
 struct Int8 {
   using KEY = Int8;
-  static constexpr bool QUANT = true, ASYM = false;
+  static constexpr bool QUANT = true, ASYM = false, BF16 = false;
   static constexpr int BITS = 8, GROUP = 0;
   static constexpr float QMAX = 127.f;
   __device__ static float value(unsigned int byte) { return (float)(signed char)byte; }
@@ -67,7 +72,7 @@ struct Int8 {
 };
 struct Fp8 {
   using KEY = Fp8;
-  static constexpr bool QUANT = true, ASYM = false;
+  static constexpr bool QUANT = true, ASYM = false, BF16 = false;
   static constexpr int BITS = 8, GROUP = 0;
   static constexpr float QMAX = 448.f;
   __device__ static float value(unsigned int byte) { return e4m3_to_float(byte); }
@@ -75,13 +80,13 @@ struct Fp8 {
 };
 struct Int4Key {
   using KEY = Int4Key;
-  static constexpr bool QUANT = true, ASYM = true;
+  static constexpr bool QUANT = true, ASYM = true, BF16 = false;
   static constexpr int BITS = 4, GROUP = 16;
   static constexpr float QMAX = 15.f;
 };
 struct Int4 {
   using KEY = Int4Key;
-  static constexpr bool QUANT = true, ASYM = true;
+  static constexpr bool QUANT = true, ASYM = true, BF16 = false;
   static constexpr int BITS = 4, GROUP = 32;
   static constexpr float QMAX = 15.f;
 };

@@ -21,14 +21,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(params=["mma", "wgmma", "ws"])
+@pytest.fixture(params=["mma", "wgmma", "ws", "tma"])
 def prefill_kernel(request, monkeypatch) -> str:
     """Runs a GPU prefill test under each prefill kernel (cuda_attention.PREFILL_KERNEL): the mma.sync one
-    everywhere, the wgmma one (kernels/attention_prefill_sm90.cu) and its warp-specialized variant on compute
-    capability 9.x only."""
+    everywhere, the wgmma one (kernels/attention_prefill_sm90.cu), its warp-specialized variant and its TMA path on
+    compute capability 9.x only."""
     from lserve_lite.backends import cuda_attention
 
-    if request.param in ("wgmma", "ws"):
+    if request.param in cuda_attention.SM90_ONLY:
         import cupy as cp
 
         cc = cp.cuda.Device().compute_capability

@@ -195,15 +195,18 @@ def test_prefill_kernel_choice():
             assert att.prefill_kernel_for(64, kv, "90") == "wgmma", kv
         with pytest.raises(ValueError, match="9.x"):
             att.prefill_kernel_for(64, "int8", "89")
-    with setting(
-        att, "PREFILL_KERNEL", "ws"
-    ):  # warp-specialized for fp16 caches, the wgmma kernel for the others
-        for kv in kvs:
-            assert att.prefill_kernel_for(128, kv, "90") == ("ws" if kv == "fp16" else "wgmma"), kv
-        assert att.prefill_kernel_for(96, "fp16", "90") == "mma"
-        with pytest.raises(ValueError, match="9.x"):
-            att.prefill_kernel_for(64, "fp16", "80")
-    with setting(att, "PREFILL_KERNEL", "tma"), pytest.raises(ValueError, match="PREFILL_KERNEL"):
+    for variant in ("ws", "tma"):  # fp16 caches only; the wgmma kernel for the others
+        with setting(att, "PREFILL_KERNEL", variant):
+            for kv in kvs:
+                assert att.prefill_kernel_for(128, kv, "90") == (variant if kv == "fp16" else "wgmma"), kv
+            assert att.prefill_kernel_for(96, "fp16", "90") == "mma"
+            with pytest.raises(ValueError, match="9.x"):
+                att.prefill_kernel_for(64, "fp16", "80")
+    assert att.prefill_kernel_for(128, "bf16", "90") == "wgmma"  # bf16: the plain wgmma kernel only
+    for bad in (("bf16", "89", "auto", 128), ("bf16", "90", "tma", 128), ("bf16", "90", "auto", 96)):
+        with setting(att, "PREFILL_KERNEL", bad[2]), pytest.raises(ValueError, match="bf16"):
+            att.prefill_kernel_for(bad[3], bad[0], bad[1])
+    with setting(att, "PREFILL_KERNEL", "tmx"), pytest.raises(ValueError, match="PREFILL_KERNEL"):
         att.prefill_kernel_for(64, "fp16", "90")
 
 
@@ -228,6 +231,19 @@ def test_prefill_sm90_shared_memory_fits():
     for d, w, st, minb, _, kv in inst:
         smem = att._prefill_sm90_smem(int(d), int(w), int(st), kv or "fp16")
         assert int(minb) * (smem + 1024) <= 228 * 1024, (d, w, st, kv, minb, smem)
+    tma = re.findall(
+        r"^LSERVE_PREFILL_TMA_KERNEL\((\d+), (\d+), (\d+), (\d+)\)$",
+        read_source(att.PREFILL_SM90_SOURCE),
+        flags=re.M,
+    )
+    assert set(att.PREFILL_TMA_STAGES.items()) <= {((int(d), int(w)), int(st)) for d, w, st, _ in tma}
+    for d, w, st, minb in tma:
+        assert int(minb) * (att._prefill_sm90_smem(int(d), int(w), int(st)) + 1024) <= 228 * 1024, (
+            d,
+            w,
+            st,
+            minb,
+        )
     ws = re.findall(
         r"^LSERVE_PREFILL_WS_KERNEL\((\d+), (\d+), (\d+)\)$", read_source(att.PREFILL_SM90_SOURCE), flags=re.M
     )
@@ -249,7 +265,7 @@ def test_prefill_smem_matches_the_kernels():
         att.PREFILL_SM90_SOURCE: (
             "sm_90a",
             [
-                (f"lsattn::sm90::Smem<{d}, {w}, {st}, {att.KV_TRAITS[kv]}>::BYTES + 1024",
+                (f"lsattn::sm90::Smem<{d}, {w}, {st}, {att.SM90_TRAITS[kv]}>::BYTES + 1024",
                  att._prefill_sm90_smem(d, w, st, kv))
                 for (d, w, kv), st in att.PREFILL_SM90_STAGES.items()
             ] + [

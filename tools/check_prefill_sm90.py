@@ -1,4 +1,4 @@
-"""Check and time the Hopper (wgmma, sm_90a) prefill kernels (plain and warp-specialized) against the mma.sync one.
+"""Check and time the Hopper (wgmma, sm_90a) prefill kernels (plain, TMA, warp-specialized) against the mma.sync one.
 
 (a) Accuracy: every prefill kernel against the float32 reference (reference/attention.paged_attention_ref) on a
     few small paged shapes (ragged blocks, chunked prefill over cached pages, GQA, streaming heads, 16-token
@@ -7,7 +7,11 @@
     at 4k, 32k and 128k tokens (--seqs), with each kernel: CUDA events after warm-up, median; TFLOP/s with
     causal FLOPs = 4 * Hq * D * S^2 / 2. Also each Hopper kernel's largest difference from the mma.sync kernel's output there.
 
-    python3 tools/check_prefill_sm90.py --out results.json [--seqs 4096,32768,131072]
+    python3 tools/check_prefill_sm90.py --out results.json [--seqs 4096,32768,131072] [--kernels wgmma,tma]
+
+--kernels: cuda_attention.PREFILL_KERNEL values (default: every one this device runs; "mma" always runs first, the
+reference of the speed rows); "bf16" times the wgmma kernel on the same inputs rounded to bf16 (its accuracy rows:
+tests/test_gpu_bf16_prefill.py and the harness).
 
 Writes the JSON to --out. On a device that is not compute capability 9.x only the mma.sync rows run.
 About a minute on an H200 when the kernels are in CuPy's cache (the first compile adds some seconds).
@@ -44,15 +48,26 @@ ACCURACY_CASES = {
 def _kernels() -> list[str]:
     import cupy as cp
 
-    return ["mma", "wgmma", "ws"] if cp.cuda.Device().compute_capability.startswith("9") else ["mma"]
+    hopper = cp.cuda.Device().compute_capability.startswith("9")
+    return ["mma", "wgmma", "tma", "ws"] if hopper else ["mma"]
 
 
 def _run(kernel: str, q, k, v, cplan, hc, out):
     from lserve_lite.backends import cuda_attention as att
     from lserve_lite.harness.common import setting
 
+    if kernel == "bf16":
+        return att.paged_attention(q, k, v, cplan, hc, out=out, decode=False, kv="bf16")
     with setting(att, "PREFILL_KERNEL", kernel):
         return att.paged_attention(q, k, v, cplan, hc, out=out, decode=False)
+
+
+def _bf16_dev(x):
+    """fp16 device array -> its bf16 bits (uint16), round to nearest even (harness.common.bf16_bits on the device)."""
+    import cupy as cp
+
+    u = x.astype(cp.float32).view(cp.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(cp.uint16)
 
 
 def accuracy(kernels: list[str]) -> list[dict]:
@@ -116,15 +131,21 @@ def timing(seq: int, kernels: list[str]) -> dict:
     hc = cp.zeros(HKV, np.int32)
     flops = 4.0 * HQ * D * seq * seq / 2
     outs = {}
+    bq, bk, bv = (_bf16_dev(x) for x in (q, k, v)) if "bf16" in kernels else (None, None, None)
     for kern in kernels:
-        out = cp.empty((seq, HQ * D), np.float16)
-        fn = lambda kern=kern, out=out: _run(kern, q, k, v, cplan, hc, out)  # noqa: E731
+        bf = kern == "bf16"
+        out = cp.empty((seq, HQ * D), np.uint16 if bf else np.float16)
+        args = (bq, bk, bv) if bf else (q, k, v)
+        fn = lambda kern=kern, out=out, args=args: _run(kern, *args, cplan, hc, out)  # noqa: E731
         est = events_median(fn, 1, 1)
         reps = int(max(3, min(20, 300.0 / max(est, 0.01))))
         ms = events_median(fn, 1, reps)
         row[kern] = {"ms": ms, "tflops": flops / ms / 1e9, "reps": reps}
         outs[kern] = out
     for kern in kernels[1:]:
+        if kern == "bf16":  # other inputs: only its speed is compared
+            row["speedup_bf16"] = row["mma"]["ms"] / row[kern]["ms"]
+            continue
         diff = cp.abs(outs[kern].astype(np.float32) - outs["mma"].astype(np.float32))
         row[f"max_diff_{kern}_vs_mma"] = float(cp.nan_to_num(diff, nan=np.inf).max())
         row[f"speedup_{kern}"] = row["mma"]["ms"] / row[kern]["ms"]
@@ -136,13 +157,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--seqs", default="4096,32768,131072", help="prefill lengths to time")
+    ap.add_argument(
+        "--kernels", default="", help="comma-separated PREFILL_KERNEL values (default: all available)"
+    )
     args = ap.parse_args(argv)
 
     import cupy as cp
 
     props = cp.cuda.runtime.getDeviceProperties(0)
     name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    kernels = _kernels()
+    kernels = (
+        ["mma", *(k for k in args.kernels.split(",") if k and k != "mma")] if args.kernels else _kernels()
+    )
     res: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "device": name,
@@ -151,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         "shapes": {"hq": HQ, "hkv": HKV, "head_dim": D, "page_size": PAGE, "q_block": Q_BLOCK, "batch": 1},
     }
     t0 = time.perf_counter()
-    res["accuracy"] = accuracy(kernels)
+    fp16_kernels = [k for k in kernels if k != "bf16"]
+    res["accuracy"] = accuracy(fp16_kernels)
     res["timing"] = []
     for s in [int(x) for x in args.seqs.split(",") if x]:
         res["timing"].append(timing(s, kernels))
@@ -159,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     res["wall_s"] = time.perf_counter() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
-    bad = [r["case"] for r in res["accuracy"] for k in kernels if not r[k]["ok"]]
+    bad = [r["case"] for r in res["accuracy"] for k in fp16_kernels if not r[k]["ok"]]
     print(f"wrote {args.out} ({res['wall_s']:.1f} s); accuracy failures: {bad or 'none'}")
     return 1 if bad else 0
 

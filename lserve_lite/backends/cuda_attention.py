@@ -16,8 +16,10 @@ kernels/attention_decode.cu. The references they are tested against: backends/re
   int4 / fp8: tiles staged as stored, dequantized by the CTA into the swizzled fp16 tiles the wgmmas read) of head
   dim 64 / 128 on compute capability 9.x; other devices run kernels/attention_prefill.cu (mma.sync). Its
   warp-specialized variant ("ws": a producer warpgroup streaming K/V tiles through an mbarrier ring, consumer
-  warpgroups overlapping each tile's softmax with the previous tile's PV product) runs fp16 caches. `PREFILL_KERNEL`
-  ("auto" | "mma" | "wgmma" | "ws", env `LSERVE_PREFILL_KERNEL`) overrides the choice for tests and benchmarks.
+  warpgroups overlapping each tile's softmax with the previous tile's PV product) runs fp16 caches, and so do its TMA
+  path ("tma": K/V tiles brought in by the tensor memory accelerator, backends/cuda_tma.py). `PREFILL_KERNEL`
+  ("auto" | "mma" | "wgmma" | "ws" | "tma", env `LSERVE_PREFILL_KERNEL`) overrides the choice for tests and
+  benchmarks.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..config import MASS_MAX_GROUP, env_float
 from ..kv.quant import FORMATS
 from ..sparse.plan import AttentionPlan
 from .cuda_compile import load_module
+from .cuda_tma import pool_maps
 
 PREFILL_SOURCE = "attention_prefill.cu"
 PREFILL_SM90_SOURCE = "attention_prefill_sm90.cu"  # sm_90a only (cuda_compile.ARCH_SPECIFIC)
@@ -40,6 +43,9 @@ KERNEL_OPTIONS: tuple[str, ...] = ()  # extra NVRTC options, the same at run tim
 HEAD_DIMS = (64, 128)
 # KV format -> the kernels' template argument (kernels/kv_quant.cuh); fp16 kernel names carry no suffix.
 KV_TRAITS = {"fp16": "lskv::Half", "int8": "lskv::Int8", "int4": "lskv::Int4", "fp8": "lskv::Fp8"}
+# The Hopper prefill kernel also takes bf16 queries, caches and output (`kv="bf16"`; arrays of uint16 holding bf16 bits:
+# CuPy has no bfloat16 dtype); nothing else does.
+SM90_TRAITS = {**KV_TRAITS, "bf16": "lskv::BHalf"}
 _THREADS = 128
 _COMBINE_THREADS = 256
 _META = 8  # nqb, num_tokens, sink, local, group_reduce, then spare (PLAN_META in attention_common.cuh)
@@ -74,19 +80,22 @@ DECODE_MIN_UNITS = int(env_float("LSERVE_DECODE_MIN_UNITS", 1, 1, 4096))
 DECODE_MAX_SPLITS = 64
 # Prefill kernel: "auto" (the wgmma kernel on compute capability 9.x for a head dim in SM90_HEAD_DIMS, mma.sync
 # otherwise), "mma" (always attention_prefill.cu), "wgmma" (attention_prefill_sm90.cu wherever it applies) or "ws" (its
-# warp-specialized variant for fp16 caches, measured slower, the wgmma kernel for quantized ones); "wgmma" and "ws" are
-# errors on a device that is not 9.x. Read per call; the environment
-# variable LSERVE_PREFILL_KERNEL sets the initial value.
+# warp-specialized variant for fp16 caches, measured slower, the wgmma kernel for quantized ones), "tma" (the wgmma
+# kernel with fp16 K/V tiles brought in by TMA, measured equal; the plain wgmma kernel for quantized caches); every choice but "auto" and "mma" is an error on a device that is not 9.x. Read
+# per call; the environment variable LSERVE_PREFILL_KERNEL sets the initial value.
 PREFILL_KERNEL = os.environ.get("LSERVE_PREFILL_KERNEL", "auto")
-PREFILL_KERNELS = ("auto", "mma", "wgmma", "ws")
+PREFILL_KERNELS = ("auto", "mma", "wgmma", "ws", "tma")
+SM90_ONLY = ("wgmma", "ws", "tma")
 SM90_HEAD_DIMS = (64, 128)
 # wgmma prefill: cp.async ring depth per (head dim, warpgroups per CTA, KV format); each must be instantiated in the
 # .cu. Quantized formats: 2 as well, the ring of tiles as stored plus one fp16 K / V tile pair: two CTAs per SM at
 # head dim 128 with two warpgroups (int8 / fp8 99 KiB each; 3 stages would take 115 KiB, one CTA per SM).
-PREFILL_SM90_STAGES = {(d, w, kv): 2 for d in SM90_HEAD_DIMS for w in (1, 2) for kv in KV_TRAITS}
+PREFILL_SM90_STAGES = {(d, w, kv): 2 for d in SM90_HEAD_DIMS for w in (1, 2) for kv in SM90_TRAITS}
 # Warp-specialized prefill (fp16 caches): ring depth per (head dim, consumer warpgroups), as many stages as fit
 # 227 KiB beside the Q tile (one CTA per SM); each must be instantiated in the .cu.
 PREFILL_WS_STAGES = {(64, 1): 8, (64, 2): 8, (128, 1): 6, (128, 2): 5}
+# TMA paths of the wgmma kernel (fp16 caches): ring depth per (head dim, warpgroups); each instantiated in the .cu.
+PREFILL_TMA_STAGES = {(64, 1): 2, (64, 2): 2, (128, 1): 2, (128, 2): 2}
 # Quantized decode: "v2" (register-level dequantization into the mma fragments; paged_attn_decode_v2_*), the
 # default since the H200 measured it 2.6-3.6x faster than "v1" (dequantize each unit into an fp16 tile in shared
 # memory, then ldmatrix; kept as the reference path the benchmarks compare with). Read per call, so tests and
@@ -113,15 +122,16 @@ def _prefill_sm90_smem(d: int, nwg: int, stages: int, kv: str = "fp16") -> int:
     """lsattn::sm90::Smem<D, NWG, STAGES, KV> (BN = 64) + 1024 for the in-kernel alignment to the 128-byte swizzle
     atom. Quantized: the ring holds tiles as stored (K's, the larger), then one 1024-aligned fp16 K / V tile pair."""
     bm, bn, tile = 64 * nwg, 64, 64 * d * 2
-    tail = stages * bn * 4 + bm * 4 + 1024  # key positions, query positions, alignment
-    if kv == "fp16":
+    tail = stages * bn * 4 + bm * 4 + stages * 8 + 1024  # key and query positions, mbarriers, alignment
+    if kv in ("fp16", "bf16"):
         return bm * d * 2 + 2 * stages * tile + tail
     raw = bn * FORMATS[kv].keys().row_bytes(d, 2)  # a K tile as stored: values + fp16 scales
     return -(-(bm * d * 2 + 2 * stages * raw) // 1024) * 1024 + 2 * tile + tail
 
 
-def _prefill_sm90_name(d: int, nwg: int, stages: int, kv: str = "fp16") -> str:
-    return f"paged_attn_prefill_sm90_d{d}_w{nwg}_s{stages}{_suffix(kv)}"
+def _prefill_sm90_name(d: int, nwg: int, stages: int, kv: str = "fp16", load: str = "") -> str:
+    """The wgmma kernel's entry point; `load` "tma" names the TMA path (fp16 caches)."""
+    return f"paged_attn_prefill_sm90_d{d}_w{nwg}_s{stages}{_suffix(kv)}{'_' + load if load else ''}"
 
 
 def _prefill_ws_smem(d: int, nc: int, stages: int) -> int:
@@ -134,21 +144,28 @@ def _prefill_ws_name(d: int, nc: int) -> str:
 
 
 def prefill_kernel_for(d: int, kv: str, cc: str) -> str:
-    """The prefill kernel, "mma", "wgmma" or "ws", that `PREFILL_KERNEL` selects for head dim d, cache format kv, on a
-    device of compute capability cc ("90")."""
+    """The prefill kernel, "mma", "wgmma", "ws" or "tma", that `PREFILL_KERNEL` selects for head dim d, cache
+    format kv, on a device of compute capability cc ("90")."""
     choice = PREFILL_KERNEL
     if choice not in PREFILL_KERNELS:
         raise ValueError(
             f"LSERVE_PREFILL_KERNEL / PREFILL_KERNEL must be one of {PREFILL_KERNELS}, got {choice!r}"
         )
     hopper = str(cc).startswith("9")
-    if choice in ("wgmma", "ws") and not hopper:
+    if kv == "bf16":  # the plain wgmma kernel only
+        if not hopper or d not in SM90_HEAD_DIMS or choice not in ("auto", "wgmma"):
+            raise ValueError(
+                f"bf16 prefill runs the wgmma kernel only (compute capability 9.x, head dim in {SM90_HEAD_DIMS}); "
+                f"here cc {cc}, head dim {d}, PREFILL_KERNEL={choice!r}"
+            )
+        return "wgmma"
+    if choice in SM90_ONLY and not hopper:
         raise ValueError(
             f"PREFILL_KERNEL={choice!r} needs compute capability 9.x (sm_90a), this device is {cc}"
         )
     if choice == "mma" or not hopper or d not in SM90_HEAD_DIMS or kv not in KV_TRAITS:
         return "mma"
-    return "ws" if choice == "ws" and kv == "fp16" else "wgmma"
+    return choice if choice in ("ws", "tma") and kv == "fp16" else "wgmma"
 
 
 def _decode_smem(d: int, stages: int, kv: str = "fp16") -> int:
@@ -179,7 +196,12 @@ def launcher_kernels(source: str) -> tuple[str, ...]:
         return (*(f"page_score_d{d}" for d in HEAD_DIMS), "page_topk")
     if source == PREFILL_SM90_SOURCE:
         names = tuple(_prefill_sm90_name(d, w, st, kv) for (d, w, kv), st in PREFILL_SM90_STAGES.items())
-        return (*names, *(_prefill_ws_name(d, nc) for d, nc in PREFILL_WS_STAGES))
+        tma = tuple(
+            _prefill_sm90_name(d, w, st, "fp16", ld)
+            for (d, w), st in PREFILL_TMA_STAGES.items()
+            for ld in ("tma",)
+        )
+        return (*names, *tma, *(_prefill_ws_name(d, nc) for d, nc in PREFILL_WS_STAGES))
     if source == PREFILL_SOURCE:
         return tuple(
             f"paged_attn_prefill_d{d}_m{mt}_n{bn}{s}" for (d, mt), bn in PREFILL_BN.items() for s in kvs
@@ -473,12 +495,14 @@ def paged_attention(
     DECODE_MIN_UNITS) the units of 16 keys a warp takes at least before a list uses another of them. A quantized
     cache (`kv` int8 / int4 / fp8): the pools hold its values and `scales` (k, v, ks, vs) its fp16 scales [pages,
     heads, page, scale_cols] (K's: `FORMATS[kv].keys()`; reference: the same functions with their `scales` /
-    `fmt` arguments).
+    `fmt` arguments). `kv="bf16"` (prefill on compute capability 9.x only): q, the pools and out are uint16 arrays of
+    bf16 bits.
     """
     import cupy as cp
 
     n, hq, d = q.shape
-    ps, d2 = k_cache.shape[2], k_cache.shape[3] * 2 // FORMATS[kv].packed_dim(2)
+    bf16 = kv == "bf16"
+    ps, d2 = k_cache.shape[2], k_cache.shape[3] * (1 if bf16 else 2 // FORMATS[kv].packed_dim(2))
     hkv = int(head_class.shape[0])
     sparse = ks is not None
     if not sparse:
@@ -493,11 +517,12 @@ def paged_attention(
         raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
     if ps != plan.page_size:
         raise ValueError(f"cache page size {ps} != plan page size {plan.page_size}")
-    vtype = FORMATS[kv].value_dtype
+    qtype = np.uint16 if bf16 else np.float16  # bf16: the bits
+    vtype = qtype if bf16 else FORMATS[kv].value_dtype
     for name, a in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("ks", ks), ("vs", vs)):
-        if a.dtype != (np.float16 if name == "q" else vtype) or not a.flags.c_contiguous:
+        if a.dtype != (qtype if name == "q" else vtype) or not a.flags.c_contiguous:
             raise ValueError(f"{name} must be a C-contiguous {np.dtype(vtype).name} array ({kv} cache)")
-    if (scales is None) != (kv == "fp16"):
+    if (scales is None) != (kv in ("fp16", "bf16")):
         raise ValueError(f"a {kv} cache {'needs' if scales is None else 'has no'} scales")
     if scales is None:
         scale_args = (np.uint64(0),) * 4
@@ -510,12 +535,18 @@ def paged_attention(
     pools = (k_cache, v_cache, ks, vs, *scale_args)
     pool_args = (head_class, head_slot, np.int32(n0), np.int32(n1))
     if out is None:
-        out = cp.empty((n, hq * d), dtype=np.float16)
+        out = cp.empty((n, hq * d), dtype=qtype)
     group = hq // hkv
     scale_log2 = np.float32(_LOG2E / math.sqrt(d))
     ps_shift = np.int32(ps.bit_length() - 1)
     if decode is None:
         decode = plan.max_qb_len <= 1
+    if bf16 and decode:
+        raise ValueError(
+            "bf16 runs prefill only (the Hopper wgmma kernel); decode takes fp16 or a quantized cache"
+        )
+    if out.dtype != qtype:
+        raise ValueError(f"out must be {np.dtype(qtype).name} ({kv} attention), got {out.dtype}")
     if plan.nqb == 0 and not decode:
         return out
     k = _kernels()
@@ -578,15 +609,19 @@ def paged_attention(
     n_sub = -(-qlen // rows_per_head)
     hgroups = -(-group // heads_per_cta)
     choice = prefill_kernel_for(d, kv, k.cc)
+    tmaps = np.uint64(0)  # the wgmma kernel's TMA tensor maps (its TMA paths only)
     if choice == "ws":  # mt consumer warpgroups of 64 rows (the same row packing) and the producer
         smem = _prefill_ws_smem(d, mt, PREFILL_WS_STAGES[(d, mt)])
         fn = k.get(k.prefill_sm90, _prefill_ws_name(d, mt), smem)
         threads = 128 * (mt + 1)
-    elif choice == "wgmma":  # mt warpgroups of 64 rows: the same row packing
-        stages = PREFILL_SM90_STAGES[(d, mt, kv)]
+    elif choice in ("wgmma", "tma"):  # mt warpgroups of 64 rows: the same row packing
+        tma = choice != "wgmma"
+        stages = PREFILL_TMA_STAGES[(d, mt)] if tma else PREFILL_SM90_STAGES[(d, mt, kv)]
         smem = _prefill_sm90_smem(d, mt, stages, kv)
-        fn = k.get(k.prefill_sm90, _prefill_sm90_name(d, mt, stages, kv), smem)
+        fn = k.get(k.prefill_sm90, _prefill_sm90_name(d, mt, stages, kv, choice if tma else ""), smem)
         threads = 128 * mt
+        if tma:
+            tmaps = pool_maps((k_cache, v_cache, ks, vs), d)
     else:
         bn = PREFILL_BN[(d, mt)]
         smem = _prefill_smem(d, mt, bn, kv)
@@ -596,7 +631,8 @@ def paged_attention(
         (plan.nqb * n_sub, hkv * hgroups),
         (threads,),
         (q, *pools, out, *_plan_args(plan), *pool_args, np.int32(hq), np.int32(hkv), ps_shift,
-         np.int32(rows_per_head), np.int32(heads_per_cta), np.int32(n_sub), np.int32(hgroups), scale_log2),
+         np.int32(rows_per_head), np.int32(heads_per_cta), np.int32(n_sub), np.int32(hgroups), scale_log2,
+         *((tmaps,) if choice in ("wgmma", "tma") else ())),
         shared_mem=smem,
     )  # fmt: skip
     return out

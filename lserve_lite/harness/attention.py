@@ -1,8 +1,8 @@
 """Harness rows of kernels/attention_prefill.cu and kernels/attention_decode.cu (dense mode, and LServe's two
 pools with windows and page selections: prefill, decode, mixed steps) against backends/reference/attention.py.
 `case_prefill_kernels`: the prefill rows again under each prefill kernel the device has (mma.sync, and the
-wgmma one of kernels/attention_prefill_sm90.cu on compute capability 9.x), forced through
-cuda_attention.PREFILL_KERNEL."""
+wgmma one of kernels/attention_prefill_sm90.cu and its TMA path on compute capability 9.x), forced through
+cuda_attention.PREFILL_KERNEL, and in bf16 on 9.x."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from ..backends.reference.attention import paged_attention_ref, paged_attention_
 from ..backends.reference.page_select import select_pages_ref
 from ..backends.reference.page_stats import update_page_stats
 from ..sparse.plan import BatchLayout, build_plan
-from .common import Ctx, Result, compare, setting
+from .common import BF16_NAN, Ctx, Result, bf16_bits, bf16_values, compare, setting
 from .sparse_batch import SparseBatch, sparse_batch, sparse_cache
 
 
@@ -76,14 +76,15 @@ PREFILL_KERNEL_CASES = [kw for kw in ATTENTION_CASES if any(n > 1 for n in kw["q
 
 
 def prefill_kernels_available() -> list[str]:
-    """The prefill kernels this device runs: "mma" everywhere, "wgmma" on compute capability 9.x."""
+    """The prefill kernels this device runs: "mma" everywhere, "wgmma" and its TMA path on compute capability 9.x."""
     import cupy as cp
 
-    return ["mma", "wgmma"] if cp.cuda.Device().compute_capability.startswith("9") else ["mma"]
+    return ["mma", "wgmma", "tma"] if cp.cuda.Device().compute_capability.startswith("9") else ["mma"]
 
 
 def case_prefill_kernels(c: Ctx) -> list[Result]:
-    """Every prefill row (dense mode, and the LServe two-pool setups) under each available prefill kernel."""
+    """Every prefill row (dense mode, and the LServe two-pool setups) under each available prefill kernel; on 9.x
+    the dense rows again with bf16 queries, caches and output (the wgmma kernel's bf16 instantiation)."""
     out = []
     for impl in prefill_kernels_available():
         with setting(cuda_attention, "PREFILL_KERNEL", impl):
@@ -92,7 +93,35 @@ def case_prefill_kernels(c: Ctx) -> list[Result]:
         for r in rows:
             r.kernel = f"{r.kernel}[{impl}]"
         out += rows
+    if "wgmma" in prefill_kernels_available():
+        out += [bf16_prefill_case(c, **kw) for kw in PREFILL_KERNEL_CASES]
     return out
+
+
+def bf16_prefill_case(c: Ctx, hq, hkv, d, page, q_lens, ctx_lens, sink=0, local=0, n_stream=0) -> Result:
+    """One dense-mode prefill row in bf16 (cuda_attention.paged_attention with kv="bf16") against the float32
+    reference over the same bf16-rounded inputs; P and the output are rounded to bf16 (8 significant bits)."""
+    cp = c.cp
+    need = [-(-t // page) for t in ctx_lens]
+    num_pages = sum(need) + 3
+    perm = list(c.rng.permutation(num_pages))
+    tables = [[int(perm.pop()) for _ in range(k)] for k in need]
+    k_bits = bf16_bits(c.rng.standard_normal((num_pages, hkv, page, d)))
+    v_bits = bf16_bits(c.rng.standard_normal((num_pages, hkv, page, d)))
+    q_bits = bf16_bits(c.rng.standard_normal((sum(q_lens), hq, d)))
+    head_class = np.zeros(hkv, np.int32)
+    head_class[c.rng.permutation(hkv)[:n_stream]] = 1
+    plan = build_plan(BatchLayout(list(q_lens), list(ctx_lens), tables), page, sink=sink, local=local)
+    ref = paged_attention_ref(bf16_values(q_bits), bf16_values(k_bits), bf16_values(v_bits), plan, head_class)
+    got = cp.full((sum(q_lens), hq * d), BF16_NAN, np.uint16)
+    cuda_attention.paged_attention(
+        cp.asarray(q_bits), cp.asarray(k_bits), cp.asarray(v_bits), cuda_attention.CudaPlan.from_plan(plan),
+        cp.asarray(head_class), out=got, decode=False, kv="bf16",
+    )  # fmt: skip
+    tag = f"Hq{hq}/{hkv} D{d} p{page} q{list(q_lens)[:4]} ctx{list(ctx_lens)[:4]}" + (
+        f" stream{n_stream} {sink}/{local}" if n_stream else ""
+    )
+    return compare("attention.prefill[wgmma bf16]", tag, bf16_values(got.get()), ref, 1e-2, 1.6e-2)
 
 
 # -- LServe sparse kernels: two KV pools, per-query-block windows, page selection, page statistics -------

@@ -62,6 +62,21 @@ class Ctx:
         return self.cp.full(shape, np.nan if np.dtype(dtype).kind == "f" else -1, dtype=dtype)
 
 
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits (uint16), round to nearest even: the host side of the bf16 kernels (CuPy and NumPy have no
+    bfloat16 dtype). Finite inputs only."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def bf16_values(bits: np.ndarray) -> np.ndarray:
+    """bf16 bits (uint16) -> their float32 values (exact)."""
+    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+BF16_NAN = 0x7FC0  # the bits a bf16 output is poisoned with
+
+
 def compare(kernel: str, shape: str, got, ref, atol: float, rtol: float, nan_ok: bool = False) -> Result:
     """Elementwise |got - ref| <= atol + rtol |ref|; a non-finite value where ref is finite fails."""
     got = np.asarray(got, dtype=np.float64)
