@@ -142,8 +142,7 @@ __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const K
   constexpr int CH = L::CH;
   extern __shared__ __align__(128) unsigned char smem[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int qb = blockIdx.y;
-  if (qb >= pv.meta[0]) return;
+  const int qb = blockIdx.y;  // a live query block: idle_before_wait sent the others away
   const int kvh = blockIdx.z / n_htiles, ht = blockIdx.z % n_htiles;
   const int group = Hq / Hkv;
   const int nh = min(16, group - ht * 16);  // query heads in this tile
@@ -508,8 +507,7 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
   constexpr int GS = STAGES / NU;  // groups of the ring: one computed, GS - 1 in flight
   extern __shared__ __align__(128) unsigned char smem[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int qb = blockIdx.y;
-  if (qb >= pv.meta[0]) return;
+  const int qb = blockIdx.y;  // a live query block: idle_before_wait sent the others away
   const int kvh = blockIdx.z / n_htiles, ht = blockIdx.z % n_htiles;
   const int group = Hq / Hkv;
   const int nh = min(16, group - ht * 16);
