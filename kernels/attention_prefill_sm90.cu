@@ -476,7 +476,8 @@ __device__ __forceinline__ void scale_rows(float (&o)[N], const float (&alpha)[2
 
 // TMA (fp16 caches): warp 0 brings the K/V tiles in as TMA boxes completing on a `full` mbarrier per stage, instead of
 // every thread's cp.async copies; a stage is refilled after a CTA barrier that sits behind the next tile's QK^T issue.
-// H200: equal to the cp.async path within 1-7% either way (docs/PERF_attention.md), so cp.async stays the default.
+// H200: 0.4-1.4% faster than the cp.async path at 128k, 4-7% slower at 32k (docs/PERF_attention.md), so cp.async stays
+// the default.
 template <int D, int NWG, int STAGES, class KV, bool TMA>
 __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const KVPools pools, f16_t* __restrict__ out,
                                              const PlanView pv, int Hq, int Hkv, int ps_shift, int rows_per_head,
@@ -596,9 +597,7 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
       prefetch_tmap(tmaps + 256 * cls);
       prefetch_tmap(tmaps + 256 * cls + 128);
 #pragma unroll
-      for (int st = 0; st < STAGES; ++st) {
-        mbar_init(full0 + 8 * st, 1);
-      }
+      for (int st = 0; st < STAGES; ++st) mbar_init(full0 + 8 * st, 1);
       fence_mbar_init();
     }
     __syncthreads();
@@ -693,7 +692,7 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
     if constexpr (TMA) {
       // While the QK^T runs: the stage of tile j - 1 is refilled with tile j + STAGES - 1 once every warp is done
       // with it (its PV waited for, before this barrier). (An `empty` mbarrier per stage that warp 0 waited on
-      // instead measured 1-4% slower at 32k-128k.)
+      // instead measured 3-17% slower than the cp.async path.)
       const int jn = j + STAGES - 1, sp = (j + STAGES - 1) % STAGES;
       __syncthreads();
       if (warp == 0 && j > 0 && jn < ntiles) {

@@ -16,8 +16,8 @@ kernels/attention_decode.cu. The references they are tested against: backends/re
   int4 / fp8: tiles staged as stored, dequantized by the CTA into the swizzled fp16 tiles the wgmmas read) of head
   dim 64 / 128 on compute capability 9.x; other devices run kernels/attention_prefill.cu (mma.sync). Its
   warp-specialized variant ("ws": a producer warpgroup streaming K/V tiles through an mbarrier ring, consumer
-  warpgroups overlapping each tile's softmax with the previous tile's PV product) runs fp16 caches, and so do its TMA
-  path ("tma": K/V tiles brought in by the tensor memory accelerator, backends/cuda_tma.py). `PREFILL_KERNEL`
+  warpgroups overlapping each tile's softmax with the previous tile's PV product) runs fp16 caches, and so does its
+  TMA path ("tma": K/V tiles brought in by the tensor memory accelerator, backends/cuda_tma.py). `PREFILL_KERNEL`
   ("auto" | "mma" | "wgmma" | "ws" | "tma", env `LSERVE_PREFILL_KERNEL`) overrides the choice for tests and
   benchmarks.
 """
@@ -81,8 +81,9 @@ DECODE_MAX_SPLITS = 64
 # Prefill kernel: "auto" (the wgmma kernel on compute capability 9.x for a head dim in SM90_HEAD_DIMS, mma.sync
 # otherwise), "mma" (always attention_prefill.cu), "wgmma" (attention_prefill_sm90.cu wherever it applies) or "ws" (its
 # warp-specialized variant for fp16 caches, measured slower, the wgmma kernel for quantized ones), "tma" (the wgmma
-# kernel with fp16 K/V tiles brought in by TMA, measured equal; the plain wgmma kernel for quantized caches); every choice but "auto" and "mma" is an error on a device that is not 9.x. Read
-# per call; the environment variable LSERVE_PREFILL_KERNEL sets the initial value.
+# kernel with fp16 K/V tiles brought in by TMA, measured equal; the plain wgmma kernel for quantized caches); every
+# choice but "auto" and "mma" is an error on a device that is not 9.x. Read per call; the environment variable
+# LSERVE_PREFILL_KERNEL sets the initial value.
 PREFILL_KERNEL = os.environ.get("LSERVE_PREFILL_KERNEL", "auto")
 PREFILL_KERNELS = ("auto", "mma", "wgmma", "ws", "tma")
 SM90_ONLY = ("wgmma", "ws", "tma")
@@ -94,7 +95,7 @@ PREFILL_SM90_STAGES = {(d, w, kv): 2 for d in SM90_HEAD_DIMS for w in (1, 2) for
 # Warp-specialized prefill (fp16 caches): ring depth per (head dim, consumer warpgroups), as many stages as fit
 # 227 KiB beside the Q tile (one CTA per SM); each must be instantiated in the .cu.
 PREFILL_WS_STAGES = {(64, 1): 8, (64, 2): 8, (128, 1): 6, (128, 2): 5}
-# TMA paths of the wgmma kernel (fp16 caches): ring depth per (head dim, warpgroups); each instantiated in the .cu.
+# The TMA path of the wgmma kernel (fp16 caches): ring depth per (head dim, warpgroups); each instantiated in the .cu.
 PREFILL_TMA_STAGES = {(64, 1): 2, (64, 2): 2, (128, 1): 2, (128, 2): 2}
 # Quantized decode: "v2" (register-level dequantization into the mma fragments; paged_attn_decode_v2_*), the
 # default since the H200 measured it 2.6-3.6x faster than "v1" (dequantize each unit into an fp16 tile in shared
@@ -196,11 +197,7 @@ def launcher_kernels(source: str) -> tuple[str, ...]:
         return (*(f"page_score_d{d}" for d in HEAD_DIMS), "page_topk")
     if source == PREFILL_SM90_SOURCE:
         names = tuple(_prefill_sm90_name(d, w, st, kv) for (d, w, kv), st in PREFILL_SM90_STAGES.items())
-        tma = tuple(
-            _prefill_sm90_name(d, w, st, "fp16", ld)
-            for (d, w), st in PREFILL_TMA_STAGES.items()
-            for ld in ("tma",)
-        )
+        tma = tuple(_prefill_sm90_name(d, w, st, "fp16", "tma") for (d, w), st in PREFILL_TMA_STAGES.items())
         return (*names, *tma, *(_prefill_ws_name(d, nc) for d, nc in PREFILL_WS_STAGES))
     if source == PREFILL_SOURCE:
         return tuple(
@@ -609,7 +606,7 @@ def paged_attention(
     n_sub = -(-qlen // rows_per_head)
     hgroups = -(-group // heads_per_cta)
     choice = prefill_kernel_for(d, kv, k.cc)
-    tmaps = np.uint64(0)  # the wgmma kernel's TMA tensor maps (its TMA paths only)
+    tmaps = np.uint64(0)  # the wgmma kernel's TMA tensor maps (its TMA path only)
     if choice == "ws":  # mt consumer warpgroups of 64 rows (the same row packing) and the producer
         smem = _prefill_ws_smem(d, mt, PREFILL_WS_STAGES[(d, mt)])
         fn = k.get(k.prefill_sm90, _prefill_ws_name(d, mt), smem)
