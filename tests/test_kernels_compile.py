@@ -238,12 +238,8 @@ def test_prefill_sm90_shared_memory_fits():
     )
     assert set(att.PREFILL_TMA_STAGES.items()) <= {((int(d), int(w)), int(st)) for d, w, st, _ in tma}
     for d, w, st, minb in tma:
-        assert int(minb) * (att._prefill_sm90_smem(int(d), int(w), int(st)) + 1024) <= 228 * 1024, (
-            d,
-            w,
-            st,
-            minb,
-        )
+        smem = att._prefill_sm90_smem(int(d), int(w), int(st))
+        assert int(minb) * (smem + 1024) <= 228 * 1024, f"d{d} w{w} s{st}: {minb} CTAs of {smem} bytes"
     ws = re.findall(
         r"^LSERVE_PREFILL_WS_KERNEL\((\d+), (\d+), (\d+)\)$", read_source(att.PREFILL_SM90_SOURCE), flags=re.M
     )

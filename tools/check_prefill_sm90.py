@@ -62,14 +62,6 @@ def _run(kernel: str, q, k, v, cplan, hc, out):
         return att.paged_attention(q, k, v, cplan, hc, out=out, decode=False)
 
 
-def _bf16_dev(x):
-    """fp16 device array -> its bf16 bits (uint16), round to nearest even (harness.common.bf16_bits on the device)."""
-    import cupy as cp
-
-    u = x.astype(cp.float32).view(cp.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(cp.uint16)
-
-
 def accuracy(kernels: list[str]) -> list[dict]:
     import cupy as cp
 
@@ -131,7 +123,9 @@ def timing(seq: int, kernels: list[str]) -> dict:
     hc = cp.zeros(HKV, np.int32)
     flops = 4.0 * HQ * D * seq * seq / 2
     outs = {}
-    bq, bk, bv = (_bf16_dev(x) for x in (q, k, v)) if "bf16" in kernels else (None, None, None)
+    from lserve_lite.harness.common import bf16_bits
+
+    bq, bk, bv = (bf16_bits(x) for x in (q, k, v)) if "bf16" in kernels else (None, None, None)
     for kern in kernels:
         bf = kern == "bf16"
         out = cp.empty((seq, HQ * D), np.uint16 if bf else np.float16)

@@ -62,10 +62,10 @@ class Ctx:
         return self.cp.full(shape, np.nan if np.dtype(dtype).kind == "f" else -1, dtype=dtype)
 
 
-def bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bf16 bits (uint16), round to nearest even: the host side of the bf16 kernels (CuPy and NumPy have no
-    bfloat16 dtype). Finite inputs only."""
-    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+def bf16_bits(x):
+    """Values -> their bf16 bits (uint16), round to nearest even: the inputs of the bf16 kernels (CuPy and NumPy have
+    no bfloat16 dtype). A NumPy or CuPy array in, the same kind out; finite values only."""
+    u = x.astype(np.float32).view(np.uint32)
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 

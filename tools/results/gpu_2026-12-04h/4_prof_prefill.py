@@ -9,6 +9,7 @@ sys.path.insert(0, "tools")
 import check_prefill_sm90 as c
 
 from lserve_lite.backends.cuda_attention import CudaPlan
+from lserve_lite.harness.common import bf16_bits
 from lserve_lite.sparse.plan import BatchLayout, build_plan
 
 seq = 32768
@@ -26,7 +27,7 @@ v = g.standard_normal((npages, c.HKV, c.PAGE, c.D), dtype=np.float32).astype(np.
 hc = cp.zeros(c.HKV, np.int32)
 for kern in sys.argv[1:]:
     bf = kern == "bf16"
-    args = tuple(c._bf16_dev(x) for x in (q, k, v)) if bf else (q, k, v)
+    args = tuple(bf16_bits(x) for x in (q, k, v)) if bf else (q, k, v)
     out = cp.empty((seq, c.HQ * c.D), np.uint16 if bf else np.float16)
     c._run(kern, *args, cplan, hc, out)
     cp.cuda.Device().synchronize()
