@@ -476,7 +476,7 @@ __device__ __forceinline__ void scale_rows(float (&o)[N], const float (&alpha)[2
 
 // TMA (fp16 caches): warp 0 brings the K/V tiles in as TMA boxes completing on a `full` mbarrier per stage, instead of
 // every thread's cp.async copies; a stage is refilled after a CTA barrier that sits behind the next tile's QK^T issue.
-// H200: 0.4-1.4% faster than the cp.async path at 128k, 4-7% slower at 32k (docs/PERF_attention.md), so cp.async stays
+// H200: 0-1.4% faster than the cp.async path at 128k, 4-7% slower at 32k (docs/PERF_attention.md), so cp.async stays
 // the default.
 template <int D, int NWG, int STAGES, class KV, bool TMA>
 __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const KVPools pools, f16_t* __restrict__ out,
