@@ -54,9 +54,22 @@ def int4_groups(x: np.ndarray) -> np.ndarray:
     return np.rint((x - lo) / step) * step + lo
 
 
-def per_token(group: int) -> Quantizer:
-    """Asymmetric int4, `group` channels of one token per scale and zero point."""
-    return lambda x: int4_groups(x.reshape(len(x), -1, group)).reshape(x.shape)
+def int4_groups_clipped(x: np.ndarray, ratios=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75)) -> np.ndarray:
+    """int4_groups over [min * r, max * r] (values past it clipped), per group the ratio r with the least squared
+    error: the range search weight quantizers use (the engine keeps min / max)."""
+    best, err = None, None
+    for r in ratios:
+        lo, hi = x.min(-1, keepdims=True) * r, x.max(-1, keepdims=True) * r
+        step = np.where(hi > lo, (hi - lo) / 15, 1.0)
+        y = np.clip(np.rint((x - lo) / step), 0, 15) * step + lo
+        e = ((y - x) ** 2).sum(-1, keepdims=True)
+        best, err = (y, e) if best is None else (np.where(e < err, y, best), np.minimum(e, err))
+    return best
+
+
+def per_token(group: int, inner: Callable[[np.ndarray], np.ndarray] = int4_groups) -> Quantizer:
+    """Asymmetric int4 (`inner`), `group` channels of one token per scale and zero point."""
+    return lambda x: inner(x.reshape(len(x), -1, group)).reshape(x.shape)
 
 
 def per_channel(tokens: int) -> Quantizer:
@@ -101,6 +114,11 @@ def schemes() -> dict[str, tuple[Quantizer, Quantizer]]:
         "int4 symmetric, 32 channels (the old engine format)": (int4_symmetric, int4_symmetric),
         "int4 asymmetric, 32 channels": (per_token(32), per_token(32)),
         "int4 asymmetric, 16 channels": (per_token(16), per_token(16)),
+        "int4 asymmetric, K 8 / V 32 channels (K as many bytes as int8)": (per_token(8), per_token(32)),
+        "int4 asymmetric K 16 / V 32, clipped range (least squares)": (
+            per_token(16, int4_groups_clipped),
+            per_token(32, int4_groups_clipped),
+        ),
         "int4 K per channel / 64 tokens, V asym 32 ch": (per_channel(64), per_token(32)),
         "int4 K per channel / 16 tokens, V asym 32 ch": (per_channel(16), per_token(32)),
         "fp8 (engine)": (engine_format("fp8", True), engine_format("fp8", False)),
