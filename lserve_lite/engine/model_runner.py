@@ -100,7 +100,7 @@ class ModelRunner:
                 pos.append(start)
                 slots.append(int(table[start // ps]) * ps + start % ps)
                 if lay is not None:
-                    stream_slots.append(self._stream_slot(seq, start))
+                    stream_slots.append(self._stream_slots(seq, start))
             else:
                 p = np.arange(start, start + n)
                 pos.extend(p.tolist())
@@ -130,19 +130,15 @@ class ModelRunner:
             np.asarray(rows, np.int64),
         )
 
-    def _stream_slot(self, seq: Sequence, p: int) -> int:
-        """_stream_slots of one position, in Python ints (a decode row: no array of its whole streaming table)."""
+    def _stream_slots(self, seq: Sequence, p: int | np.ndarray) -> int | np.ndarray:
+        """Streaming-pool slots of positions p: an int answered in Python ints (a decode row: no array of its whole
+        streaming table), or an array; -1 without streaming heads."""
         lay, ps = self.layout, self.page_size
+        one = isinstance(p, int)
         if not lay.has_streaming:
-            return -1
-        return seq.stream_table[ring_slot(p // ps, lay.sink_pages, lay.ring_pages)] * ps + p % ps
-
-    def _stream_slots(self, seq: Sequence, p: np.ndarray) -> np.ndarray:
-        lay, ps = self.layout, self.page_size
-        if not lay.has_streaming:
-            return np.full(p.shape, -1, np.int64)
+            return -1 if one else np.full(p.shape, -1, np.int64)
         idx = ring_slot(p // ps, lay.sink_pages, lay.ring_pages)
-        return np.asarray(seq.stream_table, np.int64)[idx] * ps + p % ps
+        return (seq.stream_table if one else np.asarray(seq.stream_table, np.int64))[idx] * ps + p % ps
 
     def _sparse_layout(self, layout: BatchLayout, seqs: list[Sequence], num_new: list[int]) -> None:
         """Per-sequence windows and page-selection settings (decode vs prefill, per-request knobs)."""
