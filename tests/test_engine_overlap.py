@@ -21,9 +21,9 @@ def engine(path, overlap: bool, **kw) -> LLMEngine:
         eng.ops.async_steps = True
         sample_async = eng.ops.sample_async
 
-        def counted(logits, seqs):
+        def counted(logits, seqs, out=None):
             eng.launches += len(seqs)  # rows
-            return sample_async(logits, seqs)
+            return sample_async(logits, seqs, out=out)
 
         eng.ops.sample_async = counted
     return eng
@@ -163,7 +163,7 @@ def test_lserve_mode_equals_sync(tiny_llama, tmp_path):
 def test_off_switch_and_synchronous_backends_never_overlap(tiny_llama):
     reqs = list(zip(PROMPTS[:4], plain(temperature=0)[:4]))
 
-    def never(logits, seqs):
+    def never(logits, seqs, out=None):
         raise AssertionError("an overlapped step where the engine should run in sync")
 
     for eng in (engine(tiny_llama, False), LLMEngine(str(tiny_llama), "cpu", EngineConfig(page_size=16))):

@@ -118,6 +118,10 @@ class Executor(Protocol):
 
     def plan(self, step: StepInputs) -> Any: ...
     def run(self, prepared: Any) -> Array: ...
+    def ids_row(self, n: int) -> Array | None:
+        """Device memory the next n-row decode step reads its token ids from, for the sampler to write them
+        there (None: none such, the ids travel as an array of their own)."""
+        ...
 
 
 class EagerExecutor:
@@ -141,6 +145,9 @@ class EagerExecutor:
 
     def run(self, prepared: tuple) -> Array:
         return self.forward(*prepared)
+
+    def ids_row(self, n: int) -> None:
+        return None
 
 
 class Ops(Protocol):
@@ -198,8 +205,9 @@ class Ops(Protocol):
     def attention(self, q: Array, cache: KVCache, layer: int, plan: Any, head_class: Array) -> Array: ...
     def logits(self, h: Array, lm_head: Array) -> Array: ...
     def sample(self, logits: Array, seqs: list) -> list[int]: ...
-    def sample_async(self, logits: Array, seqs: list) -> SampledTokens:
-        """`sample` without waiting for the device: the ids stay on it, their copy to the host is queued."""
+    def sample_async(self, logits: Array, seqs: list, out: Array | None = None) -> SampledTokens:
+        """`sample` without waiting for the device: the ids stay on it (in `out`, [B] int64, when given: the
+        executor's `ids_row`), their copy to the host is queued."""
         ...
 
     def logprobs(

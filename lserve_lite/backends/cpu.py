@@ -209,7 +209,7 @@ class CpuOps:
     def sample(self, logits: np.ndarray, seqs: list) -> list[int]:
         return sample(logits, seqs)
 
-    def sample_async(self, logits: np.ndarray, seqs: list) -> HostTokens:
+    def sample_async(self, logits: np.ndarray, seqs: list, out: None = None) -> HostTokens:
         return HostTokens(np.asarray(sample(logits, seqs), np.int64))
 
     def logprobs(self, logits: np.ndarray, chosen: np.ndarray, k: int):

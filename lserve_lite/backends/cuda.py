@@ -574,9 +574,10 @@ class CudaOps:
         """Reference: backends/reference/sampling.py. Only the token ids come back to the host."""
         return self.sampler.sample(logits, seqs)
 
-    def sample_async(self, logits, seqs: list):
-        """`sample` whose ids stay on the device (cuda_sampling.DeviceTokens); no host synchronization."""
-        return self.sampler.sample_async(logits, seqs)
+    def sample_async(self, logits, seqs: list, out=None):
+        """`sample` whose ids stay on the device (cuda_sampling.DeviceTokens; in `out` when given); no host
+        synchronization."""
+        return self.sampler.sample_async(logits, seqs, out)
 
     def logprobs(self, logits, chosen: np.ndarray, k: int):
         """Reference: backends/reference/sampling.logprobs_ref. Only the requested numbers come back."""

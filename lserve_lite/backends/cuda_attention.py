@@ -254,15 +254,17 @@ class CudaPlan:
     meta[8] | qb_seq | qb_start | qb_len | qb_pos | qb_sink | qb_local | qb_slot | qb_keep | qb_refresh
     (max_qblocks each) | seq_ctx (max_seqs) | kv_indptr (2 * max_qblocks + 1) | kv_pl (max_pages pairs of
     physical page, logical page). `update()` copies the used prefix only (one async copy from pinned memory
-    on the current stream). Host-side fields (`nqb`, `max_qb_len`, `selects`, `refreshes`, ...) describe the
-    last plan uploaded; `always_select` (CUDA Graphs) keeps `selects` and `refreshes` True so a captured step
+    on the current stream). `prefix_bytes` reserves device memory in front of the buffer (`prefix(dtype, shape)`)
+    that `update(..., prefix=rows)` fills in the same copy: a captured decode step's token, position and slot
+    rows ride with its plan (one host-to-device copy a step). Host-side fields (`nqb`, `max_qb_len`, `selects`,
+    `refreshes`, ...) describe the last plan uploaded; `always_select` (CUDA Graphs) keeps `selects` and `refreshes` True so a captured step
     reads the selection and runs the selector (blocks without a budget or refresh flag skip it on the device);
     the graph executor's reuse graphs are captured with `refreshes` set False (no selector launches).
     """
 
     def __init__(
         self, max_qblocks: int, max_pages: int, max_seqs: int | None = None, *, always_select: bool = False,
-        fixed_visit_pages: int | None = None,
+        fixed_visit_pages: int | None = None, prefix_bytes: int = 0,
     ):  # fmt: skip
         """`always_select` and `fixed_visit_pages` are for CUDA Graphs: the captured step always runs the
         selector (blocks without a budget or refresh flag skip it on the device), and the decode split
@@ -274,11 +276,14 @@ class CudaPlan:
         self.max_seqs = int(max_seqs if max_seqs is not None else max_qblocks)
         self._offs = offs = plan_offsets(self.max_qblocks, self.max_seqs, self.max_pages)
         self._size = offs["kv_pl"][1]
-        self.buffer = cp.zeros(self._size, dtype=np.int32)
+        self._pre = -(-prefix_bytes // 256) * 64  # int32 words before the plan (256-byte aligned)
+        self._storage = cp.zeros(self._pre + self._size, dtype=np.int32)
+        self.buffer = self._storage[self._pre :]
         cp.cuda.Stream.null.synchronize()  # the zero fill must not race with an update on another stream
-        self._pinned_mem = cp.cuda.alloc_pinned_memory(self._size * 4)
-        self._host = np.frombuffer(self._pinned_mem, np.int32, self._size)
-        self._host[:] = 0
+        self._pinned_mem = cp.cuda.alloc_pinned_memory((self._pre + self._size) * 4)
+        self._host_all = np.frombuffer(self._pinned_mem, np.int32, self._pre + self._size)
+        self._host_all[:] = 0
+        self._host = self._host_all[self._pre :]
         self._copy_done = None  # event after the last upload: the pinned buffer is reused only after it
         for name, (a, b) in offs.items():
             setattr(self, name, self.buffer[a:b])
@@ -298,8 +303,22 @@ class CudaPlan:
         cp_ = cls(max(1, plan.num_qblocks), max(1, int(plan.kv_page.shape[0])), max(1, len(plan.seq_ctx)))
         return cp_.update(plan)
 
-    def update(self, plan: AttentionPlan, stream=None, decode_part: CudaPlan | None = None) -> CudaPlan:
-        """Upload `plan` into the fixed buffers (raises ValueError when it exceeds the capacity)."""
+    def prefix(self, dtype, shape: tuple[int, ...]):
+        """The device memory reserved in front of the plan, as an array of `dtype` and `shape`."""
+        words = -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 4)
+        if words > self._pre:
+            raise ValueError(
+                f"prefix of {shape} {np.dtype(dtype).name} exceeds the {self._pre * 4} bytes reserved"
+            )
+        return self._storage[:words].view(dtype).reshape(shape)
+
+    def update(
+        self, plan: AttentionPlan, stream=None, decode_part: CudaPlan | None = None,
+        prefix: np.ndarray | None = None, keep: int = 0,
+    ) -> CudaPlan:  # fmt: skip
+        """Upload `plan` into the fixed buffers (raises ValueError when it exceeds the capacity). `prefix`: the
+        bytes of the reserved memory in front, uploaded in the same copy from byte `keep` on (the first `keep`
+        bytes stay as the device holds them: token ids a sampling kernel wrote there)."""
         import cupy as cp
 
         nqb, nnz, nseq = plan.num_qblocks, int(plan.kv_page.shape[0]), int(plan.seq_ctx.shape[0])
@@ -317,7 +336,16 @@ class CudaPlan:
             self._copy_done.synchronize()
         n = pack_plan(self._host, self._offs, plan)
         stream = stream if stream is not None else cp.cuda.get_current_stream()
-        self.buffer[:n].set(self._host[:n], stream=stream)
+        lo = self._pre
+        if prefix is not None:
+            words = np.ascontiguousarray(prefix).view(np.int32).ravel()
+            if words.size > self._pre or keep % 4 or not 0 <= keep <= words.size * 4:
+                raise ValueError(
+                    f"prefix of {words.size * 4} bytes (keep {keep}) in {self._pre * 4} reserved"
+                )
+            self._host_all[: words.size] = words
+            lo = keep // 4
+        self._storage[lo : self._pre + n].set(self._host_all[lo : self._pre + n], stream=stream)
         self._copy_done = stream.record()
         self.nqb, self.num_tokens = nqb, int(plan.num_tokens)
         self.max_qb_len = int(plan.qb_len.max()) if nqb else 0

@@ -3,9 +3,10 @@
 A graph is captured lazily per batch size (1, 2, 4, ... up to max_num_seqs). Each captured size owns static
 device inputs (token ids, positions, slots), a device plan of fixed capacity (CudaPlan: up to `size` query
 blocks, ceil(max_len / page_size) pages per sequence and class) and static per-layer head-class buffers.
-`plan()` copies a step's host arrays into them (one pinned copy for ids/positions/slots plus the plan's own
-upload; ids still on the device, the previous step's samples under the engine's overlapped step, by a device
-copy); `run()` launches the graph: one launch instead of ~10 per layer.
+`plan()` copies a step's host arrays into them (ids, positions and slots lie in front of the plan: one pinned
+copy a step; ids still on the device, the previous step's samples under the engine's overlapped step, were sampled
+straight into the graph's id row, `ids_row`, or are copied there on the device); `run()` launches the graph: one
+launch instead of ~10 per layer.
 
 A batch of n decode rows runs in the smallest captured size >= n: padding rows get token 0 at position 0
 and slot -1 (their K/V is not written) and lie past the plan's live query blocks (attention skips them);
@@ -63,7 +64,6 @@ class GraphExecutor:
         visit_pages: int | None = None, sizes: tuple[int, ...] = DEFAULT_SIZES,
     ):  # fmt: skip
         import cupy as cp
-        import cupyx
 
         self.cp, self.forward, self.cache = cp, forward, cache
         self.eager = EagerExecutor(ops, forward, cache)
@@ -80,8 +80,7 @@ class GraphExecutor:
         self.graphs: dict[int, _Captured] = {}
         self.reuse: dict[int, _Captured] = {}  # LServe: the same steps without the page selector's launches
         self._rows = 4 if self.sparse else 3
-        self._staging = {s: cupyx.empty_pinned((self._rows, s), np.int64) for s in self.sizes}
-        self._staged: dict[int, object] = {}  # event after each size's last upload from its pinned staging
+        self._staging = {s: np.empty((self._rows, s), np.int64) for s in self.sizes}  # uploaded with the plan
         self.replays = 0
         self.replay_events: list | None = None  # a list (benchmarks): (start, end) CUDA events of each replay
         self._hc_src: list | None = None  # the head-class list last copied into the static buffers
@@ -112,19 +111,21 @@ class GraphExecutor:
             if replay is None:
                 replay = self.reuse[size] = self._capture(size, plan.sink, plan.local, share=g)
         st = self._staging[size]
-        done = self._staged.get(size)
-        if done is not None:
-            done.synchronize()  # the previous upload from this pinned buffer has been read
         on_host = isinstance(step.ids, np.ndarray)
         st[0, :n], st[1, :n], st[2:, :n] = step.ids if on_host else 0, step.positions, step.slots
         st[0, n:], st[1, n:], st[2:, n:] = 0, 0, -1
-        cur = self.cp.cuda.get_current_stream()
-        g.io.set(st, stream=cur)
-        self._staged[size] = cur.record()
-        if not on_host:
-            g.io[0, :n] = step.ids  # the previous step's samples, copied on the device behind its sampling
-        g.plan.update(plan)
+        # the rows (g.io) and the plan in one copy; ids on the device keep row 0 out of it (padding rows keep
+        # the valid ids they hold)
+        g.plan.update(plan, prefix=st, keep=0 if on_host else size * 8)
+        if not on_host and step.ids.data.ptr != g.io.data.ptr:
+            g.io[0, :n] = step.ids  # not sampled into `ids_row`: copied on the device behind its sampling
         return _Replay(replay, n)
+
+    def ids_row(self, n: int) -> Array | None:
+        """Where the replay of an n-row decode batch reads its token ids: the sampler writes the next step's
+        there, and that step's upload leaves them (None before that size's graph is captured)."""
+        g = self.graphs.get(self.size_for(n))
+        return None if g is None else g.io[0, :n]
 
     def run(self, prepared) -> Array:
         """Replay (logits: a view of the graph's static output) or run the eager step."""
@@ -173,12 +174,12 @@ class GraphExecutor:
         buffers this one reads, captured without the page selector (its reuse graph)."""
         cp = self.cp
         if share is None:
-            io = cp.empty((self._rows, size), cp.int64)
             rows = cp.arange(size, dtype=cp.int64)
             plan = CudaPlan(
                 max_qblocks=size, max_pages=2 * size * self.max_pages, max_seqs=size, always_select=self.sparse,
-                fixed_visit_pages=self.visit_pages,
+                fixed_visit_pages=self.visit_pages, prefix_bytes=self._rows * size * 8,
             )  # fmt: skip
+            io = plan.prefix(np.int64, (self._rows, size))  # ids, positions, slots: uploaded with the plan
         else:
             io, rows, plan = share.io, share.rows, share.plan
         io[0], io[1], io[2:] = 1, 0, -1  # token 1 at position 0, no K/V written

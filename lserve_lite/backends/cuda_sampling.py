@@ -144,11 +144,12 @@ class GpuSampler:
     def sample(self, logits, seqs: list) -> list[int]:
         return [int(t) for t in self._launch(logits, seqs).get()] if seqs else []
 
-    def sample_async(self, logits, seqs: list) -> DeviceTokens:
-        """The ids as the next step's int64 inputs on the device, their copy to the host queued behind them."""
-        return DeviceTokens(self._launch(logits, seqs))
+    def sample_async(self, logits, seqs: list, out=None) -> DeviceTokens:
+        """The ids as the next step's int64 inputs on the device (in `out`, a contiguous [B] int64 device
+        array, when given), their copy to the host queued behind them."""
+        return DeviceTokens(self._launch(logits, seqs, out))
 
-    def _launch(self, logits, seqs: list):
+    def _launch(self, logits, seqs: list, out=None):
         """Queue the sampling kernels of a non-empty batch; the [B] int64 ids on the device."""
         cp = self.cp
         b = len(seqs)
@@ -168,7 +169,12 @@ class GpuSampler:
             self.add_logits(logits, *add)
         if masks is not None:
             self.mask_logits(logits, *masks)
-        out = cp.empty(b, cp.int64)
+        if out is None:
+            out = cp.empty(b, cp.int64)
+        elif out.shape != (b,) or out.dtype != cp.int64 or not out.flags.c_contiguous:
+            raise ValueError(
+                f"ids output of shape {out.shape} {out.dtype} for {b} rows: a contiguous [B] int64"
+            )
         if not params[0].any():  # all greedy
             self.argmax(logits, out)
         else:

@@ -327,7 +327,8 @@ class LLMEngine:
                 row = {id(s): i for i, s in enumerate(prev.seqs)}
                 ids = ids[self.ops.upload(np.asarray([row[id(s)] for s in batch.seqs], np.int64))]
         logits = self.runner.run(batch.seqs, batch.num_new, ids=ids)
-        self._inflight = _InFlight(list(batch.seqs), self.ops.sample_async(logits, batch.seqs))
+        out = self.runner.ids_row(len(batch.seqs))  # the next step's id row, when it has one
+        self._inflight = _InFlight(list(batch.seqs), self.ops.sample_async(logits, batch.seqs, out=out))
         outs = self._read(prev) if prev is not None else []
         for seq in batch.seqs:
             if not seq.is_finished:

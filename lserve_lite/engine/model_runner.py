@@ -80,6 +80,11 @@ class ModelRunner:
             seq.num_cached += n
         return logits
 
+    def ids_row(self, n: int):
+        """Where the next n-row decode step reads its token ids on the device, if the executor has such a
+        place (the overlapped step samples into it: no copy)."""
+        return self.executor.ids_row(n)
+
     def prepare(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False) -> StepInputs:
         """Host inputs of one step; advances the sequences' page-selection schedules."""
         ids, pos, slots, plan, rows = self._inputs(seqs, num_new)

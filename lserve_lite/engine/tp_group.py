@@ -77,6 +77,9 @@ class WorkerGroup:
     def copy_stream_pages(self, src: np.ndarray, dst: np.ndarray) -> None:
         self._send(("copy", src, dst))
 
+    def ids_row(self, n: int) -> None:
+        return None
+
     def close(self) -> None:
         """Stop the workers (also done when the group is collected or the interpreter exits)."""
         self._close()
