@@ -13,9 +13,20 @@ from lserve_lite.config import EngineConfig, SparseConfig
 
 assert lserve_lite.__file__.startswith(sys.argv[1]), lserve_lite.__file__
 label, mode, wq = sys.argv[3], sys.argv[4], sys.argv[5]
-sp = SparseConfig(enabled=True, static_sparsity=0.0, token_budget=1024) if mode == "lserve" else SparseConfig()
-llm = LLM(sys.argv[2], backend="cuda", config=EngineConfig(num_kv_pages=1024, max_num_seqs=8,
-          max_num_batched_tokens=8192, sparse=sp, quantize=None if wq == "fp16" else wq))
+sp = (
+    SparseConfig(enabled=True, static_sparsity=0.0, token_budget=1024) if mode == "lserve" else SparseConfig()
+)
+llm = LLM(
+    sys.argv[2],
+    backend="cuda",
+    config=EngineConfig(
+        num_kv_pages=1024,
+        max_num_seqs=8,
+        max_num_batched_tokens=8192,
+        sparse=sp,
+        quantize=None if wq == "fp16" else wq,
+    ),
+)
 eng = llm.engine
 ex = eng.runner.executor
 rng = np.random.default_rng(0)
@@ -31,7 +42,9 @@ def one(plen, new):
         n += len(eng.step())
     t2 = time.perf_counter()
     cp.cuda.get_current_stream().synchronize()
-    ev = [cp.cuda.get_elapsed_time(a, b) for a, b in ex.replay_events]; rep = float(np.mean(ev)); med = float(np.median(ev))
+    ev = [cp.cuda.get_elapsed_time(a, b) for a, b in ex.replay_events]
+    rep = float(np.mean(ev))
+    med = float(np.median(ev))
     ex.replay_events = None
     return (t2 - t1) / n * 1e3, rep, med
 
@@ -41,5 +54,8 @@ for plen in (512, 4096):
     one(plen, 4)
     res = [one(plen, 300) for _ in range(3)]
     for step, rep, med in res:
-        print(f"{label} {mode} {wq} ctx {plen}: step {step * 1e3:.1f} us, replay {rep * 1e3:.1f} us, x {step / rep:.4f}, "
-              f"gap {(step - rep) * 1e3:.1f} us, tok/s {1e3 / step:.0f}, replay median {med * 1e3:.1f} us", flush=True)
+        print(
+            f"{label} {mode} {wq} ctx {plen}: step {step * 1e3:.1f} us, replay {rep * 1e3:.1f} us, x {step / rep:.4f}, "
+            f"gap {(step - rep) * 1e3:.1f} us, tok/s {1e3 / step:.0f}, replay median {med * 1e3:.1f} us",
+            flush=True,
+        )
