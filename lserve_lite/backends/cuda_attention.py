@@ -257,9 +257,10 @@ class CudaPlan:
     on the current stream). `prefix_bytes` reserves device memory in front of the buffer (`prefix(dtype, shape)`)
     that `update(..., prefix=rows)` fills in the same copy: a captured decode step's token, position and slot
     rows ride with its plan (one host-to-device copy a step). Host-side fields (`nqb`, `max_qb_len`, `selects`,
-    `refreshes`, ...) describe the last plan uploaded; `always_select` (CUDA Graphs) keeps `selects` and `refreshes` True so a captured step
-    reads the selection and runs the selector (blocks without a budget or refresh flag skip it on the device);
-    the graph executor's reuse graphs are captured with `refreshes` set False (no selector launches).
+    `refreshes`, ...) describe the last plan uploaded; `always_select` (CUDA Graphs) keeps `selects` and
+    `refreshes` True so a captured step reads the selection and runs the selector (blocks without a budget or
+    refresh flag skip it on the device); the graph executor's reuse graphs are captured with `refreshes` set
+    False (no selector launches).
     """
 
     def __init__(
