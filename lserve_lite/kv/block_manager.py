@@ -69,11 +69,7 @@ class BlockManager:
     def has_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether `seq` already holds the pages (and selection slot) for `num_tokens`: growing it is a no-op.
         A decode step asks this of every running sequence, and it is true for page_size - 1 steps of page_size."""
-        if num_tokens > len(seq.page_table) * self.page_size or (seq.sel_slot < 0 and self.slots):
-            return False
-        return not self.stream_per_seq or min(-(-num_tokens // self.page_size), self.stream_per_seq) <= len(
-            seq.stream_table
-        )
+        return (seq.sel_slot >= 0 or not self.slots) and self._needed(seq, num_tokens) == (0, 0)
 
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
         dense, stream = self._needed(seq, num_tokens)
