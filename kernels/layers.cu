@@ -5,6 +5,7 @@
 #include "kv_quant.cuh"
 #include "pdl.cuh"
 #include "rms_in.cuh"
+#include "rope_out.cuh"
 
 using lserve::block_reduce;
 
@@ -395,6 +396,10 @@ __global__ void silu_mul(const __half* __restrict__ gu, __half* __restrict__ out
 // NORM: x is the layer's stream before its residual add and RMSNorm (rms_in.cuh; res_in, res_out, norm_w, eps), the
 // block puts the normed rows in dynamic shared memory (N * K halves, then rms_rows' scratch) and the warps read
 // them from there (CudaOps.rmsnorm_linear); the other instantiations ignore those four arguments.
+// ROPE (TOut = __half): w is the fused q/k/v matrix, M counts RoPE pairs, a warp's two rows are outputs 2m and
+// 2m + 1 in rope_out.cuh's paired order, and its epilogue rotates them and writes q and the K/V page slots (`ro`;
+// CudaOps.qkv_rope; reference: rope_write_kv_ref of x @ w^T), y unused. Each row's sum is the one the plain
+// instantiation computes at the same S.
 // Tuning (compile definitions; CudaOps passes env LSERVE_GEMV_PREFETCH / LSERVE_GEMV_UNROLL): chunks of each row
 // prefetched to L2 before the PDL wait, and the K loop's unroll. Measured on an H200 (docs/PERF_e2e.md): any
 // prefetch (2-8 KiB a row) was slower, unrolling by 8 faster than by 4 or 16; this build, with the loop at span 0,
@@ -405,18 +410,21 @@ __global__ void silu_mul(const __half* __restrict__ gu, __half* __restrict__ out
 #ifndef LSERVE_GEMV_UNROLL
 #define LSERVE_GEMV_UNROLL 8
 #endif
-template <int N, typename TOut, bool SILU = false, bool NORM = false>
+template <int N, typename TOut, bool SILU = false, bool NORM = false, bool ROPE = false>
 __global__ void gemv_rows(const __half* __restrict__ x, const __half* __restrict__ w, TOut* __restrict__ y, int M,
                           int K, int S, const float* res_in, float* res_out, const __half* __restrict__ norm_w,
-                          float eps) {
+                          float eps, const lserve::RopeOut ro) {
+  static_assert(!(SILU && ROPE), "one epilogue");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int m = blockIdx.x * ((blockDim.x >> 5) / S) + warp / S, slice = warp % S;
-  constexpr int W = SILU ? 2 : 1;  // rows of w per warp: m (and its up row M + m)
+  constexpr int W = SILU || ROPE ? 2 : 1;  // rows of w per warp: m (and its up row M + m, or its RoPE pair)
   const uint4* wr[W];
   const int kc = K / 8;
 #pragma unroll
   for (int i = 0; i < W; ++i) {
-    wr[i] = reinterpret_cast<const uint4*>(w + ((long long)i * M + min(m, M - 1)) * K);
+    const int mm = min(m, M - 1);
+    const long long row = ROPE ? lserve::rope_row(2 * mm + i, ro.head_dim) : (long long)i * M + mm;
+    wr[i] = reinterpret_cast<const uint4*>(w + row * K);
     for (int c = lane; c < min(kc, LSERVE_GEMV_PREFETCH); c += 32)  // while the previous kernel ends
       lserve::prefetch_l2(wr[i] + c);
   }
@@ -494,6 +502,8 @@ __global__ void gemv_rows(const __half* __restrict__ x, const __half* __restrict
       if constexpr (SILU) {
         const float g = acc[0][n];
         y[(long long)n * M + m] = __float2half(g / (1.0f + expf(-g)) * acc[W - 1][n]);
+      } else if constexpr (ROPE) {
+        lserve::rope_store_pair(ro, n, 2 * m, acc[0][n], acc[1][n]);
       } else {
         y[(long long)n * M + m] = (TOut)acc[0][n];
       }
@@ -509,43 +519,43 @@ template __global__ void add_rmsnorm<true, false>(const __half*, const float*, f
 template __global__ void add_rmsnorm<true, true>(const __half*, const float*, float*, const __half*, __half*, int, float);
 template __global__ void silu_mul<1>(const __half*, __half*, int, long long);
 template __global__ void silu_mul<8>(const __half*, __half*, int, long long);
-template __global__ void gemv_rows<1, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<2, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<3, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<4, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<5, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<6, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<7, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<8, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<1, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<2, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<3, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<4, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<5, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<6, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<7, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<8, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<1, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<2, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<3, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<4, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<5, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<6, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<7, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<8, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<1, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<1, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<2, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<2, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<3, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<3, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<4, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<4, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<5, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<5, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<6, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<6, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<7, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<7, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<8, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
-template __global__ void gemv_rows<8, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<1, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<2, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<3, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<4, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<5, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<6, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<7, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<8, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<1, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<2, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<3, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<4, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<5, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<6, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<7, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<8, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<1, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<2, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<3, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<4, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<5, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<6, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<7, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<8, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<1, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<1, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<2, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<2, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<3, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<3, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<4, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<4, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<5, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<5, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<6, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<6, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<7, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<7, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<8, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<8, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);

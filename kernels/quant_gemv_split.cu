@@ -27,6 +27,7 @@
 #include <cuda_fp16.h>
 
 #include "pdl.cuh"
+#include "rope_out.cuh"
 
 typedef unsigned char u8;
 
@@ -131,14 +132,16 @@ __device__ __forceinline__ float times_min_sub(float v, int sub) {
   return F::SUB == 32 ? (float)(signed char)(sub >> 8) * v : v;
 }
 
-// The output a warp's accumulator row i belongs to (m0 + i), and the row of W it reads: the same, or with SILU
-// (W = [gate; up], M outputs) the gate rows m0 .. m0 + R/2 - 1 of outputs m0 + i, then their up rows M + m0 ..
+// The output a warp's accumulator row i belongs to (m0 + i), and the row of W it reads: the same, with SILU
+// (W = [gate; up], M outputs) the gate rows m0 .. m0 + R/2 - 1 of outputs m0 + i, then their up rows M + m0 ..,
+// with ROPE output m0 + i in rope_out.cuh's paired order (D: the head dim).
 template <int R, bool SILU>
 __device__ __forceinline__ int acc_output(int m0, int i) {
   return SILU ? m0 + i % (R / 2) : m0 + i;
 }
-template <int R, bool SILU>
-__device__ __forceinline__ int acc_row(int m0, int i, int M) {
+template <int R, bool SILU, bool ROPE>
+__device__ __forceinline__ int acc_row(int m0, int i, int M, int D) {
+  if (ROPE) return lserve::rope_row(m0 + i, D);
   return SILU && i >= R / 2 ? M + m0 + i - R / 2 : m0 + i;
 }
 
@@ -166,14 +169,14 @@ struct Chunks {
 };
 
 // Loads the set of the warp's rows m0.. (acc_row) at chunk c0: rows past M and chunks past nc are left as they are.
-template <typename F, int R, int U, bool SILU>
+template <typename F, int R, int U, bool SILU, bool ROPE>
 __device__ __forceinline__ void load_chunks(const u8* __restrict__ q, const __half* __restrict__ d,
                                             const __half* __restrict__ mn, const unsigned short* __restrict__ sub,
-                                            int c0, int nc, int ng, long long qrow, int m0, int M,
+                                            int c0, int nc, int ng, long long qrow, int m0, int M, int D,
                                             Chunks<F, R, U>& b) {
 #pragma unroll
   for (int i = 0; i < R; ++i) {
-    const int m = acc_row<R, SILU>(m0, i, M);
+    const int m = acc_row<R, SILU, ROPE>(m0, i, M, D);
     if (F::CPG == 0) b.rs[i] = acc_output<R, SILU>(m0, i) < M ? __half2float(__ldg(d + m)) : 0.f;
   }
 #pragma unroll
@@ -181,7 +184,7 @@ __device__ __forceinline__ void load_chunks(const u8* __restrict__ q, const __ha
     const int c = c0 + 32 * u;
 #pragma unroll
     for (int i = 0; i < R; ++i) {
-      const int m = acc_row<R, SILU>(m0, i, M);
+      const int m = acc_row<R, SILU, ROPE>(m0, i, M, D);
       if (c < nc && acc_output<R, SILU>(m0, i) < M) {
         const uint4* src = reinterpret_cast<const uint4*>(q + m * qrow + (long long)c * F::WORDS * 4);
 #pragma unroll
@@ -230,16 +233,25 @@ __device__ __forceinline__ void dot_chunks(const Chunks<F, R, U>& b, const int* 
 
 // The warp's sums over its lanes into y (outputs m0 .. m0 + R - 1, or R/2 with SILU: silu(gate) * up, each with
 // int8's per-channel scale rs applied first), then acc cleared for the warp's next row group.
-template <typename F, int R, int NMAX, typename TOut, bool SILU>
+template <typename F, int R, int NMAX, typename TOut, bool SILU, bool ROPE>
 __device__ __forceinline__ void store_rows(float (&acc)[R][NMAX], const float (&rs)[R], int n, TOut* __restrict__ y,
-                                           int ldy, int m0, int M, int lane) {
+                                           int ldy, int m0, int M, int lane, const lserve::RopeOut& ro) {
 #pragma unroll
   for (int i = 0; i < R; ++i)
 #pragma unroll
     for (int r = 0; r < NMAX; ++r)
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) acc[i][r] += __shfl_xor_sync(0xffffffffu, acc[i][r], o);
-  if (lane == 0) {
+  if (ROPE && lane == 0) {  // RoPE pairs (m0 and R even); int8's per-channel scales first
+#pragma unroll
+    for (int i = 0; i < R; i += 2)
+#pragma unroll
+      for (int r = 0; r < NMAX; ++r)
+        if (r < n && m0 + i < M) {
+          const float ra = F::CPG ? 1.f : rs[i], rb = F::CPG ? 1.f : rs[i + 1];
+          lserve::rope_store_pair(ro, r, m0 + i, ra * acc[i][r], rb * acc[i + 1][r]);
+        }
+  } else if (lane == 0) {
 #pragma unroll
     for (int i = 0; i < (SILU ? R / 2 : R); ++i) {
       const int m = m0 + i;
@@ -289,12 +301,16 @@ struct SplitItem {
 // UX = 2 ("deep"): register sets of twice the chunks, for matrices with fewer row groups than the GPU holds warps
 // (o_proj and down of a Llama-3-8B shape: 2,048 groups of 2 rows): their warps are all resident at 2 blocks per SM
 // as well, and each keeps twice the bytes in flight (cuda_quant.split_deep decides).
-template <typename F, int R, int NMAX, int P, typename TOut, bool SILU = false, int UX = 1>
+// ROPE (R even, P = 1): W is the fused q/k/v matrix, outputs in rope_out.cuh's paired order, and the epilogue
+// rotates each pair and writes q and the K/V page slots (`ro`; CudaOps.qkv_rope), y unused; every output's sum is
+// the plain instantiation's.
+template <typename F, int R, int NMAX, int P, typename TOut, bool SILU = false, int UX = 1, bool ROPE = false>
 __global__ void __launch_bounds__(SWARPS * 32, (SPLIT_MIN_BLOCKS<F, R, NMAX, P, SILU, UX>))
     quant_gemv_split(const u8* __restrict__ q, const __half* __restrict__ d, const __half* __restrict__ mn,
                      const unsigned short* __restrict__ sub, const __half* __restrict__ x, int n,
-                     TOut* __restrict__ y, int ldy, int M, int K) {
+                     TOut* __restrict__ y, int ldy, int M, int K, const lserve::RopeOut ro) {
   static_assert(!SILU || R % 2 == 0, "SILU pairs gate and up rows in a warp");
+  static_assert(!ROPE || (R % 2 == 0 && !SILU), "ROPE pairs a head's channels j and j + D / 2 in a warp");
   constexpr int U = SPLIT_U<F, R> * UX, RO = SILU ? R / 2 : R;  // chunks per lane and set, outputs per warp
   extern __shared__ int4 smem[];
   int* xq = reinterpret_cast<int*>(smem);
@@ -306,7 +322,7 @@ __global__ void __launch_bounds__(SWARPS * 32, (SPLIT_MIN_BLOCKS<F, R, NMAX, P, 
   Chunks<F, R, U> a, b;
   SplitItem ld{gw, 0}, cur{gw, 0};  // the next item to load, to use
   if (gw < groups) {  // in flight while x is quantized
-    load_chunks<F, R, U, SILU>(q, d, mn, sub, lane, nc, ng, qrow, ld.g * RO, M, a);
+    load_chunks<F, R, U, SILU, ROPE>(q, d, mn, sub, lane, nc, ng, qrow, ld.g * RO, M, ro.head_dim, a);
     ld.next(steps, gstride);
   }
   lserve::pdl_enter();  // and while the kernel that writes x ends
@@ -322,11 +338,13 @@ __global__ void __launch_bounds__(SWARPS * 32, (SPLIT_MIN_BLOCKS<F, R, NMAX, P, 
   // trip, one per register set, so each set's loads are in flight during the other's math.
   auto step = [&](Chunks<F, R, U>& use, Chunks<F, R, U>& fill) {
     if (ld.g < groups) {
-      load_chunks<F, R, U, SILU>(q, d, mn, sub, lane + 32 * U * ld.s, nc, ng, qrow, ld.g * RO, M, fill);
+      load_chunks<F, R, U, SILU, ROPE>(q, d, mn, sub, lane + 32 * U * ld.s, nc, ng, qrow, ld.g * RO, M, ro.head_dim,
+                                       fill);
       ld.next(steps, gstride);
     }
     dot_chunks<F, R, U, NMAX, P>(use, xq, xs, n, nc, lane + 32 * U * cur.s, acc);
-    if (cur.s == steps - 1) store_rows<F, R, NMAX, TOut, SILU>(acc, use.rs, n, y, ldy, cur.g * RO, M, lane);
+    if (cur.s == steps - 1)
+      store_rows<F, R, NMAX, TOut, SILU, ROPE>(acc, use.rs, n, y, ldy, cur.g * RO, M, lane, ro);
     cur.next(steps, gstride);
     return cur.g < groups;
   };

@@ -114,9 +114,9 @@ def test_arch_specific_source_refuses_other_targets(source, arch):
 )
 @pytest.mark.parametrize(
     "args",
-    [("--variants", "silu", "rows", "norm", "--formats", "int8", "int4", "q4_1"),
+    [("--variants", "silu", "rows", "norm", "rope", "--formats", "int8", "int4", "q4_1"),
      ("--variants", "split", "silu", "--formats", "q4_k", "q6_k", "int8")],
-    ids=["gate_up_silu_and_norm", "k_quant_split"],
+    ids=["gate_up_silu_norm_and_rope", "k_quant_split"],
 )  # fmt: skip
 def test_split_kernels_on_the_host(args):
     """The kernels compiled as host code against float64 references (tools/quant_host_check.py); `norm`: gemv_rows

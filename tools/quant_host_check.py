@@ -68,6 +68,9 @@ NORM_SHAPES = [(1, 256, 37), (3, 576, 21), (8, 1024, 9)]
 
 
 ROW_SLICES = (1, 2)  # gemv_rows' warps per row that are checked
+# (n, K, Hq, Hkv, D) of the q/k/v GEMVs with the RoPE epilogue (rope_out.cuh); gemv_rows' run takes n 1, 3 or 8
+ROPE_SHAPES = [(1, 256, 4, 2, 64), (3, 512, 2, 1, 128), (8, 256, 3, 1, 32)]
+ROPE_PAGE, ROPE_PAGES, ROPE_LEN = 16, 4, 64  # page size, pages and RoPE table rows of its cache
 
 
 def gemv_rows_source() -> str:
@@ -260,6 +263,69 @@ def check_norm(exe: Path, tmp: Path, n: int, k: int, m: int, rng: np.random.Gene
     return ok
 
 
+def rope_expected(y: np.ndarray, pos, slots, cos, sin, hq: int, hkv: int, d: int, q, kc, vc) -> None:
+    """What the epilogue must write, from the plain kernel's float32 sums y [n, (Hq + 2 Hkv) D]: each rounded to
+    fp16, q / k rotated in float32 with each operation rounded (rope_pairs8's order), then rounded to fp16."""
+    h = y.astype(np.float16).reshape(len(y), hq + 2 * hkv, d).astype(np.float32)
+    a, b = h[:, : hq + hkv, : d // 2], h[:, : hq + hkv, d // 2 :]
+    c = cos[pos][:, None, :].astype(np.float32)
+    s = sin[pos][:, None, :].astype(np.float32)
+    h[:, : hq + hkv] = np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
+    h16 = h.astype(np.float16)
+    q[:] = h16[:, :hq]
+    for r, slot in enumerate(slots):
+        if slot >= 0:
+            kc[slot // ROPE_PAGE, :, slot % ROPE_PAGE] = h16[r, hq : hq + hkv]
+            vc[slot // ROPE_PAGE, :, slot % ROPE_PAGE] = h16[r, hq + hkv :]
+
+
+def check_rope(exe: Path, tmp: Path, fmt: str | None, n: int, k: int, hq: int, hkv: int, d: int,
+               rng: np.random.Generator) -> bool:  # fmt: skip
+    """The q/k/v GEMV with the RoPE + K/V write epilogue (quant_gemv_split with ROPE for a split format, R = 2;
+    gemv_rows<n, __half, false, false, true> for fp16 W, fmt None) against the plain kernel's sums of the same W
+    and x (a consistency check: those are checked against float64 above) rotated in NumPy as rope_write_kv
+    rounds: q and the written K/V slots equal bit for bit, every other cache value its sentinel (a negative slot
+    writes nothing)."""
+    m = (hq + 2 * hkv) * d
+    x = rng.standard_normal((n, k)).astype(np.float16)
+    pos = rng.integers(0, ROPE_LEN, n).astype(np.int64)
+    slots = rng.choice(ROPE_PAGES * ROPE_PAGE, n, replace=False).astype(np.int64)
+    if n > 1:
+        slots[1] = -1  # a padding row of a captured batch
+    ang = rng.uniform(0, 2 * np.pi, (ROPE_LEN, d // 2))
+    cos, sin = np.cos(ang).astype(np.float16), np.sin(ang).astype(np.float16)
+    q = np.full((n, hq, d), 7.0, np.float16)
+    kc = np.full((ROPE_PAGES, hkv, ROPE_PAGE, d), 5.0, np.float16)
+    vc = np.full_like(kc, 6.0)
+    files = {"x.bin": x, "pos.bin": pos, "slots.bin": slots, "cos.bin": cos, "sin.bin": sin, "q.out": q,
+             "k.out": kc, "v.out": vc}  # fmt: skip
+    for f, a in files.items():
+        a.tofile(tmp / f)
+    tail = [str(tmp / f) for f in files]
+    sizes = [str(v) for v in (n, hq, hkv, d, k, ROPE_PAGE, ROPE_LEN, ROPE_PAGES)]
+    if fmt:
+        qt = random_quant(fmt, m, k, rng)
+        arrays = write_split(tmp, qt)
+        subprocess.run([str(exe), "srope", fmt, *sizes, str(PERSIST_BLOCKS), *arrays, *tail], check=True)
+        plain = [str(exe), "split", fmt, str(n), str(m), str(k), str(m), "2", "1", "0", *arrays]
+    else:
+        w = (rng.standard_normal((m, k)) / np.sqrt(k)).astype(np.float16)
+        w.tofile(tmp / "w.bin")
+        subprocess.run([str(exe), "grope", "-", *sizes, str(tmp / "w.bin"), *tail], check=True)
+        plain = [str(exe), "grows", "-", str(n), str(m), str(k), str(tmp / "w.bin")]
+    got = [
+        np.fromfile(tmp / f, np.float16).reshape(a.shape)
+        for f, a in (("q.out", q), ("k.out", kc), ("v.out", vc))
+    ]
+    subprocess.run([*plain, str(tmp / "x.bin"), str(tmp / "y.bin")], check=True)
+    y = np.fromfile(tmp / "y.bin", np.float32).reshape(n, m)
+    rope_expected(y, pos, slots, cos, sin, hq, hkv, d, q, kc, vc)
+    ok = all(np.array_equal(g, e) for g, e in zip(got, (q, kc, vc), strict=True))
+    print(f"{'srope2' if fmt else 'grope':7s} {fmt or 'f16':5s} N{n} K{k} Hq{hq} Hkv{hkv} D{d}: "
+          f"{'PASS' if ok else 'FAIL (q / k / v equal: ' + str([bool(np.array_equal(g, e)) for g, e in zip(got, (q, kc, vc))]) + ')'}")  # fmt: skip
+    return ok
+
+
 def check_dequant(exe: Path, tmp: Path, fmt: str, rng: np.random.Generator, mode: str = "dequant") -> bool:
     m, k, n = 301, 768, 13
     qt = random_quant(fmt, m, k, rng)
@@ -290,12 +356,12 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--variants",
         nargs="+",
-        choices=("gemv", "gemv2", "split", "silu", "rows", "norm"),
-        default=["gemv", "gemv2", "split", "silu", "rows", "norm"],
+        choices=("gemv", "gemv2", "split", "silu", "rows", "norm", "rope"),
+        default=["gemv", "gemv2", "split", "silu", "rows", "norm", "rope"],
         help="quant_gemv (v1), quant_gemv2 (v2), quant_gemv_split (the split formats' default), the split "
         "formats' gate_up GEMV with SiLU-and-multiply (silu), gemv_rows of layers.cu, fp16 weights (rows: "
         "plain, and with SiLU-and-multiply), and gemv_rows' NORM instantiations (norm: residual add + RMSNorm "
-        "in the prologue)",
+        "in the prologue), and the q/k/v GEMVs with the RoPE + K/V write epilogue (rope: split formats and fp16)",
     )
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
@@ -316,6 +382,10 @@ def main(argv=None) -> int:
             ok &= check_dequant(exe, tmp, fmt, rng)
             if "split" in args.variants and fmt in SPLIT_FORMATS:
                 ok &= check_dequant(exe, tmp, fmt, rng, "dsplit")
+            if "rope" in args.variants and fmt in SPLIT_FORMATS:
+                for n, k, hq, hkv, d in ROPE_SHAPES:
+                    if k % LAYOUTS[fmt].block == 0:
+                        ok &= check_rope(exe, tmp, fmt, n, k, hq, hkv, d, rng)
             if "silu" in args.variants and fmt in SPLIT_FORMATS:
                 for n, k, inter in QUICK_SILU_SHAPES if args.quick else SILU_SHAPES:
                     if k % LAYOUTS[fmt].block == 0:
@@ -329,6 +399,9 @@ def main(argv=None) -> int:
                         ok &= check_gemv_rows(exe, tmp, n, k, m, rng)
                 for n, k, inter in QUICK_SILU_SHAPES if args.quick else SILU_SHAPES:
                     ok &= check_silu(exe, tmp, None, n, k, inter, rng)
+            if "rope" in args.variants:
+                for n, k, hq, hkv, d in ROPE_SHAPES:
+                    ok &= check_rope(exe, tmp, None, n, k, hq, hkv, d, rng)
             if "norm" in args.variants:
                 for i, (n, k, m) in enumerate(NORM_SHAPES):
                     ok &= all(

@@ -19,6 +19,12 @@
 // A grows / gsilu run may start with `norm RES LNW RESOUT EPS` (RES "-": no residual): gemv_rows' NORM
 // instantiation (rms_in.cuh's residual add and RMSNorm of x in the prologue; fp16 outputs), with the residual
 // stream it writes in RESOUT.
+// The q/k/v GEMVs with rope_out.cuh's epilogue (W: (Hq + 2 Hkv) D rows; int64 POS / SLOTS [n], fp16 COS / SIN
+// [L, D / 2]; QOUT [n, Hq, D], KC / VC [P, Hkv, page, D] fp16, read first (their sentinels) and written back):
+//   quant_host_emu srope FMT n Hq Hkv D K page L P G Q D MN SUB X POS SLOTS COS SIN QOUT KC VC   quant_gemv_split,
+//                                                            ROPE, R = 2, G blocks as above
+//   quant_host_emu grope - n Hq Hkv D K page L P W X POS SLOTS COS SIN QOUT KC VC   gemv_rows<n, __half, false,
+//                                                            false, true> (EMU_GEMV_SLICES warps per pair)
 #include "host_emu.cuh"
 
 #include <type_traits>
@@ -46,11 +52,15 @@ static int emu_dp4a(int a, int b, int c) {
 }
 #define __dp4a emu_dp4a
 #define __float2int_rn(f) ((int)nearbyintf(f))
+#define __fmul_rn(a, b) ((a) * (b))  // host float arithmetic rounds each operation to nearest (no contraction)
+#define __fadd_rn(a, b) ((a) + (b))
+#define __fsub_rn(a, b) ((a) - (b))
 #undef __shared__
 #define __shared__
 #include "quant_gemv_split.cu"
 int4 smem[1 << 15];
 #include "rms_in.cuh"
+#include "rope_out.cuh"
 #include "gemv_rows.inc"
 uint4 normed[1 << 13];  // gemv_rows' dynamic shared memory with NORM
 
@@ -178,7 +188,7 @@ static void gemv_split(int n, int M, int K, int ldy, int G, char** a) {
   std::vector<float> y((size_t)n * ldy, 12345.f);
   float* yp = y.data();
   launch_blocks(split_grid(M, R, G), SWARPS,
-                [=] { quant_gemv_split<S, R, NMAX, P, float, false, UX>(w.q, w.d, w.mn, w.sub, x, n, yp, ldy, M, K); });
+                [=] { quant_gemv_split<S, R, NMAX, P, float, false, UX>(w.q, w.d, w.mn, w.sub, x, n, yp, ldy, M, K, {}); });
   write_file(a[5], yp, y.size());
 }
 
@@ -204,7 +214,7 @@ static void gemv_split_silu(int n, int M, int K, int ldy, int G, char** a) {
   std::vector<__half> y((size_t)n * ldy, __float2half(12344.f));
   __half* yp = y.data();
   launch_blocks(split_grid(M, R / 2, G), SWARPS, [=] {
-    quant_gemv_split<S, R, NMAX, 1, __half, true>(w.q, w.d, w.mn, w.sub, x, n, yp, ldy, M, K);
+    quant_gemv_split<S, R, NMAX, 1, __half, true>(w.q, w.d, w.mn, w.sub, x, n, yp, ldy, M, K, {});
   });
   write_file(a[5], yp, y.size());
 }
@@ -225,8 +235,67 @@ static void dequant_split(int M, int K, int n, char** a) {
   write_file(a[5], out, (size_t)n * K);
 }
 
+// The epilogue's arrays (srope / grope): sizes from n Hq Hkv D K page L P, files from `a` (POS SLOTS COS SIN QOUT
+// KC VC); save() writes QOUT, KC and VC back.
+struct EmuRope {
+  lserve::RopeOut ro{};
+  size_t nq, nkv;
+  char** a;
+  EmuRope(int n, int hq, int hkv, int d, int page, int L, int P, char** files) : a(files) {
+    nq = (size_t)n * hq * d, nkv = (size_t)P * hkv * page * d;
+    ro.positions = read_file<long long>(a[0], n, 0);
+    ro.slots = read_file<long long>(a[1], n, 0);
+    ro.cos_t = read_file<__half>(a[2], (size_t)L * d / 2, 0);
+    ro.sin_t = read_file<__half>(a[3], (size_t)L * d / 2, 0);
+    ro.q_out = read_file<__half>(a[4], nq, 0);
+    ro.k_cache = read_file<__half>(a[5], nkv, 0);
+    ro.v_cache = read_file<__half>(a[6], nkv, 0);
+    ro.hq = hq, ro.hkv = hkv, ro.head_dim = d, ro.page_size = page;
+  }
+  void save() const {
+    write_file(a[4], ro.q_out, nq);
+    write_file(a[5], ro.k_cache, nkv);
+    write_file(a[6], ro.v_cache, nkv);
+  }
+};
+
+template <typename S, int NMAX>
+static void gemv_split_rope(int n, int hq, int hkv, int d, int K, int page, int L, int P, int G, char** a) {
+  const int M = (hq + 2 * hkv) * d;
+  const SplitArrays<S> w(a, M, K);
+  const __half* x = read_file<__half>(a[4], (size_t)n * K, 0);
+  const EmuRope e(n, hq, hkv, d, page, L, P, a + 5);
+  const lserve::RopeOut ro = e.ro;
+  launch_blocks(split_grid(M, 2, G), SWARPS, [=] {
+    quant_gemv_split<S, 2, NMAX, 1, __half, false, 1, true>(w.q, w.d, w.mn, w.sub, x, n, nullptr, 0, M, K, ro);
+  });
+  e.save();
+}
+
+template <int N>
+static void rows_rope(int hq, int hkv, int d, int K, int page, int L, int P, char** a) {
+  const int M = (hq + 2 * hkv) * d / 2;  // RoPE pairs
+  const __half* w = read_file<__half>(a[0], (size_t)2 * M * K, 0);
+  const __half* x = read_file<__half>(a[1], (size_t)N * K, 0);
+  const EmuRope e(N, hq, hkv, d, page, L, P, a + 2);
+  const lserve::RopeOut ro = e.ro;
+  const char* env = getenv("EMU_GEMV_SLICES");
+  const int S = env ? atoi(env) : 1;
+  launch_blocks((M * S + 7) / 8, 8, [=] {
+    gemv_rows<N, __half, false, false, true>(x, w, nullptr, M, K, S, nullptr, nullptr, nullptr, 0.f, ro);
+  });
+  e.save();
+}
+
 template <typename S>
 static void run_split(const std::string& mode, char** v) {
+  if (mode == "srope") {
+    int s[9];
+    for (int i = 0; i < 9; ++i) s[i] = atoi(v[i]);  // n Hq Hkv D K page L P G
+    if (s[0] <= 1) return gemv_split_rope<S, 1>(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], v + 9);
+    if (s[0] <= 4) return gemv_split_rope<S, 4>(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], v + 9);
+    return gemv_split_rope<S, 8>(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], v + 9);
+  }
   if (mode == "dsplit") return dequant_split<S>(atoi(v[0]), atoi(v[1]), atoi(v[2]), v + 3);
   if (mode == "ssilu") {
     const int n = atoi(v[0]), M = atoi(v[1]), K = atoi(v[2]), ldy = atoi(v[3]), R = atoi(v[4]), G = atoi(v[5]);
@@ -255,7 +324,7 @@ static void rows_gemv(int M, int K, char** a) {
   const char* env = getenv("EMU_GEMV_SLICES");  // warps per row (CudaOps.gemv_slices), 1 unless set
   const int S = env ? atoi(env) : 1;
   launch_blocks((M * S + 7) / 8, 8,
-                [=] { gemv_rows<N, T, SILU, NORM>(x, w, yp, M, K, S, nm.res, nm.res_out, nm.w, nm.eps); });
+                [=] { gemv_rows<N, T, SILU, NORM>(x, w, yp, M, K, S, nm.res, nm.res_out, nm.w, nm.eps, {}); });
   write_file(a[2], yp, y.size());
   norm_save(N, K);
 }
@@ -299,7 +368,15 @@ int main(int argc, char** argv) {
     else silu ? rows_gemv_n<true, false>(n, M, K, v + 3) : rows_gemv_n<false, false>(n, M, K, v + 3);
     return 0;
   }
-  if (mode == "split" || mode == "dsplit" || mode == "ssilu") {
+  if (mode == "grope") {
+    int s[8];
+    for (int i = 0; i < 8; ++i) s[i] = atoi(v[i]);  // n Hq Hkv D K page L P
+    if (s[0] == 1) rows_rope<1>(s[1], s[2], s[3], s[4], s[5], s[6], s[7], v + 8);
+    else if (s[0] == 3) rows_rope<3>(s[1], s[2], s[3], s[4], s[5], s[6], s[7], v + 8);
+    else rows_rope<8>(s[1], s[2], s[3], s[4], s[5], s[6], s[7], v + 8);
+    return 0;
+  }
+  if (mode == "split" || mode == "dsplit" || mode == "ssilu" || mode == "srope") {
     if (fmt == "q8_0") run_split<SQ8_0>(mode, v);
     else if (fmt == "q4_0") run_split<SQ4_0>(mode, v);
     else if (fmt == "q4_1") run_split<SQ4_1>(mode, v);

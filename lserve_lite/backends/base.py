@@ -202,6 +202,15 @@ class Ops(Protocol):
         layer: int,
         rope: tuple[Array, Array],
     ) -> Array: ...
+    def qkv_rope(
+        self, x: Array, residual: Array | None, norm_w: Array, eps: float, w: Array, bias: Array | None,
+        positions: Array, slots: Array, cache: KVCache, layer: int, rope: tuple[Array, Array],
+    ) -> tuple[Array, Array]:  # fmt: skip
+        """A layer's attention input: (q [N, Hq, D], the residual stream), its K/V written into the cache. One
+        method so that a backend can rotate and write K/V in the q/k/v product's epilogue (CUDA: decode GEMVs);
+        `norm_qkv_rope` is the unfused form (rmsnorm_linear, then rope_write_kv)."""
+        ...
+
     def attention(self, q: Array, cache: KVCache, layer: int, plan: Any, head_class: Array) -> Array: ...
     def logits(self, h: Array, lm_head: Array) -> Array: ...
     def sample(self, logits: Array, seqs: list) -> list[int]: ...
@@ -230,6 +239,15 @@ def norm_then_linear(
     """Ops.rmsnorm_linear as two calls: add_rmsnorm, then linear or gate_up_silu."""
     h, residual = ops.add_rmsnorm(x, residual, norm_w, eps)
     return (ops.gate_up_silu(h, w) if silu else ops.linear(h, w, bias)), residual
+
+
+def norm_qkv_rope(
+    ops: Ops, x: Array, residual: Array | None, norm_w: Array, eps: float, w: Array, bias: Array | None,
+    positions: Array, slots: Array, cache: KVCache, layer: int, rope: tuple[Array, Array],
+) -> tuple[Array, Array]:  # fmt: skip
+    """Ops.qkv_rope as two calls: rmsnorm_linear, then rope_write_kv."""
+    qkv, residual = ops.rmsnorm_linear(x, residual, norm_w, eps, w, bias)
+    return ops.rope_write_kv(qkv, positions, slots, cache, layer, rope), residual
 
 
 def alloc_kv_cache(

@@ -13,7 +13,7 @@ from ..config import GROUP_REDUCE, ORACLE_REDUCE, EngineConfig
 from ..sparse.plan import AttentionPlan
 from ..weights.qtensor import QuantTensor, RowStack, Weight, stored_bytes
 from . import cpu_kernels as K
-from .base import EagerExecutor, Forward, HostTokens, KVCache, alloc_kv_cache, norm_then_linear
+from .base import EagerExecutor, Forward, HostTokens, KVCache, alloc_kv_cache, norm_qkv_rope, norm_then_linear
 from .cpu_half import NATIVE_HALF
 from .cpu_kv import kernel_view
 from .cpu_quant import embed_q, linear_q, logits_q
@@ -165,6 +165,10 @@ class CpuOps:
     def rmsnorm_linear(self, x, residual, norm_w, eps, w, bias=None, silu=False):
         """The two calls (nothing fused on the CPU)."""
         return norm_then_linear(self, x, residual, norm_w, eps, w, bias, silu)
+
+    def qkv_rope(self, x, residual, norm_w, eps, w, bias, positions, slots, cache, layer, rope):
+        """The two calls (nothing fused on the CPU)."""
+        return norm_qkv_rope(self, x, residual, norm_w, eps, w, bias, positions, slots, cache, layer, rope)
 
     def rope_write_kv(self, qkv, positions, slots, cache, layer, rope):
         """`slots` [N] (dense mode) or [2, N]: dense-pool slots, streaming-pool slots. A quantized cache is

@@ -23,12 +23,13 @@ from ..errors import InvalidRequestError, ModelLoadError
 from ..kv.layout import KVLayout
 from ..sparse.plan import AttentionPlan
 from ..weights.qtensor import QuantTensor, RowStack
-from .base import EagerExecutor, Forward, KVCache, alloc_kv_cache, norm_then_linear
+from .base import EagerExecutor, Forward, KVCache, alloc_kv_cache, norm_qkv_rope, norm_then_linear
 from .cuda_attention import HEAD_DIMS, KV_TRAITS
 from .cuda_compile import load_module
 from .cuda_graphs import GraphExecutor
 from .cuda_quant import DeviceQuant, DeviceRowStack, QuantKernels, device_bytes
 from .rms_in import NO_NORM, RmsIn, scratch_bytes
+from .rope_out import NO_ROPE, rope_out
 
 FP16_MAX = 65504.0
 LAYER_KERNELS = (
@@ -42,6 +43,8 @@ LAYER_KERNELS = (
     *(f"gemv_rows<{n}, __half, true>" for n in range(1, 9)),  # gate_up GEMV + SiLU-and-multiply (decode)
     # the input's residual add and RMSNorm in the GEMV's prologue (rmsnorm_linear), plain and gate_up + SiLU
     *(f"gemv_rows<{n}, __half, {s}, true>" for s in ("false", "true") for n in range(1, 9)),
+    # the q/k/v GEMV with RoPE and the K/V page write in its epilogue (qkv_rope), with and without the norm
+    *(f"gemv_rows<{n}, __half, false, {s}, true>" for s in ("false", "true") for n in range(1, 9)),
 )
 GEMV_MAX_ROWS = 8
 NORM_CHUNKS = 4  # add_rmsnorm's chunks of 8 values a thread at most on its vector path (layers.cu)
@@ -254,6 +257,8 @@ class CudaOps:
         # residual add + RMSNorm in the prologue of the decode GEMV after it (rmsnorm_linear); LSERVE_CUDA_FUSE_NORM=0:
         # add_rmsnorm's own kernel.
         self.fuse_norm = os.environ.get("LSERVE_CUDA_FUSE_NORM", "1") != "0"
+        # RoPE + K/V write in the decode q/k/v GEMV's epilogue (qkv_rope); LSERVE_CUDA_FUSE_ROPE=0: rope_write_kv.
+        self.fuse_rope = os.environ.get("LSERVE_CUDA_FUSE_ROPE", "1") != "0"
         # gemv_rows with S = 2 warps per row where twice the rows fit this many waves of resident warps (gemv_slices);
         # LSERVE_GEMV_KSPLIT=0: one warp per row everywhere (1.5, splitting the QKV projection too, measured slower).
         self.gemv_ksplit = env_float("LSERVE_GEMV_KSPLIT", 1.0, 0.0, 8.0)
@@ -413,18 +418,32 @@ class CudaOps:
         models), else 1."""
         return 2 if k >= 2048 and 2 * m <= self.gemv_ksplit * self.resident_warps else 1
 
-    def _gemv_rows(self, x, w, out, m: int, k: int, silu: bool = False, norm: RmsIn | None = None) -> None:
-        """Launch the gemv_rows instantiation for m output rows (units; gate/up row pairs with silu): grid, slices,
-        dynamic shared memory (gemv_rows_smem)."""
-        n, s = int(x.shape[0]), self.gemv_slices(m, k)
-        if norm is not None:
-            name = f"gemv_rows<{n}, __half, {'true' if silu else 'false'}, true>"
+    def _gemv_rows(
+        self,
+        x,
+        w,
+        out,
+        m: int,
+        k: int,
+        silu: bool = False,
+        norm: RmsIn | None = None,
+        rope: np.void | None = None,
+    ) -> None:
+        """Launch the gemv_rows instantiation for m output rows (units; gate/up row pairs with silu, RoPE pairs with
+        `rope`, whose slices are those of the 2m rows unfused): grid, slices, dynamic shared memory (gemv_rows_smem)."""
+        n, s = int(x.shape[0]), self.gemv_slices(2 * m if rope is not None else m, k)
+        b = lambda f: "true" if f else "false"  # noqa: E731
+        if rope is not None:
+            name = f"gemv_rows<{n}, __half, false, {b(norm)}, true>"
+        elif norm is not None:
+            name = f"gemv_rows<{n}, __half, {b(silu)}, true>"
         elif silu:
             name = f"gemv_rows<{n}, __half, true>"
         else:
             name = f"gemv_rows<{n}, {'__half' if out.dtype == np.float16 else 'float'}>"
-        args = (x, w, out, np.int32(m), np.int32(k), np.int32(s), *(norm.args() if norm else NO_NORM))
-        smem = gemv_rows_smem(n, k, s, silu, norm is not None)
+        args = (x, w, out, np.int32(m), np.int32(k), np.int32(s), *(norm.args() if norm else NO_NORM),
+                NO_ROPE if rope is None else rope)  # fmt: skip
+        smem = gemv_rows_smem(n, k, s, silu or rope is not None, norm is not None)
         self.k[name]((-(-m * s // GEMV_WARPS),), (32 * GEMV_WARPS,), args, shared_mem=smem)
 
     def gemm(self, x, w, out_dtype, out=None):
@@ -486,6 +505,42 @@ class CudaOps:
         if bias is not None:
             out += bias
         return out, norm.res_out
+
+    def qkv_rope(self, x, residual, norm_w, eps, w, bias, positions, slots, cache: KVCache, layer: int, rope):
+        """Decode rows into a dense fp16 cache: RoPE and the K/V page write in the epilogue of the q/k/v GEMV
+        (gemv_rows with ROPE, the norm in its prologue where rmsnorm_linear fuses it; quant_gemv_split with ROPE
+        after add_rmsnorm for a split weight): no rope_write_kv launch, no qkv array. Everything else (LServe or
+        quantized caches, cuBLAS rows, RowStacks, block formats) and LSERVE_CUDA_FUSE_ROPE=0: `norm_qkv_rope`.
+        Reference: reference/layers.rope_write_kv_ref of rmsnorm_linear's product."""
+        cp = self.cp
+        n, k = int(x.shape[0]), int(x.shape[1])
+        d, kc = cache.head_dim, cache.k[layer]
+        hkv, page = int(kc.shape[1]), int(kc.shape[2])
+        hq = int(w.shape[0]) // d - 2 * hkv
+        split = isinstance(w, DeviceQuant) and w.split is not None
+        dense = isinstance(w, cp.ndarray) and self.gemm_path(n, k) == "gemv"
+        if not (self.fuse_rope and 0 < n <= GEMV_MAX_ROWS and not cache.sparse and not cache.quantized
+                and (split or dense) and positions.dtype == cp.int64 and slots.dtype == cp.int64):  # fmt: skip
+            return norm_qkv_rope(
+                self, x, residual, norm_w, eps, w, bias, positions, slots, cache, layer, rope
+            )
+        q = cp.empty((n, hq, d), cp.float16)
+        ro = rope_out(cp.ascontiguousarray(positions), cp.ascontiguousarray(slots), rope, q, kc, cache.v[layer],
+                      bias, hq, hkv, d, page)  # fmt: skip
+        x = cp.ascontiguousarray(x)
+        m = int(w.shape[0])
+        smem = gemv_rows_smem(n, k, self.gemv_slices(m, k), True, True)
+        if dense and self.fuse_norm and smem <= NORM_SMEM:
+            res_in = None if residual is None else cp.ascontiguousarray(residual, dtype=cp.float32)
+            norm = RmsIn(res_in, cp.empty((n, k), cp.float32), norm_w, eps)
+            self._gemv_rows(x, w, q, m // 2, k, norm=norm, rope=ro)
+            return q, norm.res_out
+        h, residual = self.add_rmsnorm(x, residual, norm_w, eps)
+        if split:
+            self.quant.qkv_rope(h, w, ro)
+        else:
+            self._gemv_rows(h, w, q, m // 2, k, rope=ro)
+        return q, residual
 
     def silu_mul(self, gate_up, out=None):
         """Reference: reference/layers.silu_mul_ref."""

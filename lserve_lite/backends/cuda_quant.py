@@ -33,6 +33,7 @@ import numpy as np
 from ..weights.qtensor import FORMATS, LAYOUTS, QuantTensor, RowStack, Weight, stored_bytes
 from .cuda_compile import load_module
 from .quant_split import SPLIT_FORMATS, SplitFormat, split
+from .rope_out import NO_ROPE, rope_rows
 
 QUANT_SOURCE = "quant_gemv.cu"
 SPLIT_SOURCE = "quant_gemv_split.cu"
@@ -62,6 +63,8 @@ SPLIT_GRIDS = ("persist", "grid")  # LSERVE_QGEMV_SPLIT: the split GEMV's grid (
 # Rows per warp with a "deep" instantiation (UX = 2: register sets of twice the chunks, batch 1, fp16 out, one
 # pass), for matrices whose row groups all fit the GPU's resident warps (split_deep)
 SPLIT_DEEP_R = 2
+# Rows per warp of the q/k/v GEMV with the RoPE epilogue (one RoPE pair; instantiated for this R only)
+SPLIT_ROPE_R = 2
 SMEM_DEFAULT = 48 << 10  # dynamic shared memory a launch gets without opting in
 
 
@@ -98,6 +101,11 @@ def split_blocks(outs: int, per_warp: int, resident: int | None = None) -> int:
 def deep_name(trait: str) -> str:
     """The deep split GEMV of a split format's trait struct (quant_gemv_split's UX = 2)."""
     return f"quant_gemv_split<{trait}, {SPLIT_DEEP_R}, 1, 1, __half, false, 2>"
+
+
+def rope_name(trait: str, nmax: int) -> str:
+    """The q/k/v split GEMV with RoPE and the K/V write in its epilogue (ROPE; SPLIT_ROPE_R rows a warp, a pair)."""
+    return f"quant_gemv_split<{trait}, {SPLIT_ROPE_R}, {nmax}, 1, __half, false, 1, true>"
 
 
 def deep_setting() -> bool:
@@ -174,6 +182,7 @@ def kernel_names(fmt: str, variants: tuple[str, ...] = (*GEMV_VARIANTS, "split")
                           for p, o in SPLIT_PASSES]  # fmt: skip
                 names += [f"quant_gemv_split<{s}, {r}, {n}, 1, __half, true>" for r in SPLIT_SILU_R
                           for n in SPLIT_ROWS]  # fmt: skip
+                names += [rope_name(s, n) for n in SPLIT_ROWS]
                 names.append(deep_name(s))
                 names.append(f"quant_dequant_split<{s}>")
             continue
@@ -389,32 +398,46 @@ class QuantKernels:
         self._gemv_split(self._kernels(w.fmt, "split"), x, w, out, silu=True)
         return True
 
-    def _gemv_split(self, fns, x, w: DeviceQuant, out, silu: bool = False) -> None:
+    def qkv_rope(self, x, w: DeviceQuant, ro: np.void) -> None:
+        """The split q/k/v GEMV over x's rows (N <= GEMV_MAX_ROWS, fp16) with RoPE and the K/V page write in its
+        epilogue (`ro`: rope_out.rope_out; CudaOps.qkv_rope checks the rest)."""
+        self._gemv_split(self._kernels(w.fmt, "split"), x, w, None, rope=ro)
+
+    def _gemv_split(
+        self, fns, x, w: DeviceQuant, out, silu: bool = False, rope: np.void | None = None
+    ) -> None:
         """quant_gemv_split over x's rows, as many per launch as the shared memory holds (all of them unless K is
         large: 8 rows of K = 14336 need 140 KB, 280 KB with a float32 output's two passes). `silu`: w is
-        [gate; up] and out gets silu(gate) * up, [N, M / 2] in fp16."""
+        [gate; up] and out gets silu(gate) * up, [N, M / 2] in fp16. `rope` (out None): w is the q/k/v matrix and
+        the ROPE epilogue writes q and the K/V page slots (each launch's rows: rope_rows)."""
         n, k, m = int(x.shape[0]), int(x.shape[1]), w.shape[0]
-        passes = 2 if out.dtype == np.float32 else 1
+        passes = 2 if out is not None and out.dtype == np.float32 else 1
         step = n
         while step > 1 and split_smem(step, k, passes) > self.smem_limit:
             step = (step + 1) // 2
         r = self.split_r or split_rows(m, n)
-        t = "__half" if out.dtype == np.float16 else "float"
+        t = "__half" if out is None or out.dtype == np.float16 else "float"
         tail, outs = "", m  # template flag, outputs of the launch (M, the kernel's)
         if silu:  # R in SPLIT_SILU_R, R/2 outputs a warp
             r, tail, outs = max(2, self.split_r or split_silu_rows(m, n)), ", true", m // 2
-        ldy = np.int32(out.strides[0] // out.itemsize)
+        if rope is not None:  # the epilogue writes q and the cache; the y argument is never written
+            r, ldy = SPLIT_ROPE_R, np.int32(0)
+        else:
+            ldy = np.int32(out.strides[0] // out.itemsize)
         for i in range(0, n, step):
             rows = min(step, n - i)
             nmax = next(g for g in SPLIT_ROWS if g >= rows)
             name = f"quant_gemv_split<{w.split.trait}, {r}, {nmax}, {passes}, {t}{tail}>"
+            if rope is not None:
+                name = rope_name(w.split.trait, nmax)
             fn, smem = fns[name], split_smem(rows, k, passes)
-            args = (w.data, *self._fields(w), x[i : i + rows], np.int32(rows), out[i : i + rows], ldy,
-                    np.int32(outs), np.int32(k))  # fmt: skip
+            y = np.uint64(0) if out is None else out[i : i + rows]
+            args = (w.data, *self._fields(w), x[i : i + rows], np.int32(rows), y, ldy, np.int32(outs), np.int32(k),
+                    NO_ROPE if rope is None else rope_rows(rope, i))  # fmt: skip
             resident = self.split_resident
             if resident is None and self.split_grid == "persist":
                 resident = self.resident_blocks(name, fn, smem)
-            if self.split_deep and not silu and nmax == 1 and passes == 1:
+            if self.split_deep and not silu and rope is None and nmax == 1 and passes == 1:
                 deep = deep_name(w.split.trait)
                 if split_deep(outs, r, self.resident_blocks(deep, fns[deep], smem)):
                     fn, resident = fns[deep], None  # a row group per warp

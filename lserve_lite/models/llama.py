@@ -90,10 +90,10 @@ class LlamaModel:
         x = self._sum(ops.embed(self.embed, ids, vocab_start=self.vocab_start))
         residual = None
         for i, layer in enumerate(self.layers):
-            qkv, residual = ops.rmsnorm_linear(
-                x, residual, layer.ln1, cfg.rms_norm_eps, layer.qkv, layer.qkv_bias
-            )
-            q = ops.rope_write_kv(qkv, positions, slots, cache, i, self.rope)
+            q, residual = ops.qkv_rope(
+                x, residual, layer.ln1, cfg.rms_norm_eps, layer.qkv, layer.qkv_bias,
+                positions, slots, cache, i, self.rope,
+            )  # fmt: skip
             if plan.refreshes:
                 ops.select_pages(q, cache, i, plan)
             a = ops.attention(q, cache, i, plan, head_classes[i])

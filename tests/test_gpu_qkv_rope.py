@@ -1,0 +1,100 @@
+"""CudaOps.qkv_rope: RoPE and the K/V page write in the epilogue of the decode q/k/v GEMV (kernels/rope_out.cuh in
+gemv_rows and quant_gemv_split) against the unfused calls on the same device weight (rmsnorm_linear, then
+rope_write_kv: `norm_qkv_rope`), and against the float64 reference of the whole. gpu-marked (skipped without a
+GPU); the same epilogue runs on the host in CI through tools/quant_host_check.py (test_kernels_compile.py).
+
+Both paths compute each output's float32 sum with the same kernel code in the same order and round as the other
+does, so q, the written K/V slots, the residual stream and every cache value left alone are equal bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lserve_lite.config import ModelConfig
+
+
+@pytest.fixture(scope="module")
+def hctx():
+    from lserve_lite.harness import Ctx
+
+    return Ctx(seed=int(np.random.SeedSequence().entropy % (1 << 31)))
+
+
+def _weight(hctx, fmt: str, m: int, k: int):
+    from lserve_lite.harness.quant import random_quant
+    from lserve_lite.weights.quantize import quantize_int4, quantize_int8
+
+    w = hctx.f16(m, k, scale=1 / np.sqrt(k))
+    if fmt in ("int8", "int4"):
+        return (quantize_int8 if fmt == "int8" else quantize_int4)(w)
+    return w if fmt == "f16" else random_quant(fmt, m, k, hctx.rng)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("first", [False, True], ids=["residual", "first_layer"])
+@pytest.mark.parametrize("n", [1, 3, 8])
+@pytest.mark.parametrize("fmt", ["f16", "int8", "int4", "q4_1", "q4_k"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_qkv_rope_fused_matches_unfused(hctx, d, fmt, n, first):
+    from lserve_lite.backends.base import norm_qkv_rope, rope_tables
+    from lserve_lite.backends.cuda_quant import DeviceQuant
+    from lserve_lite.backends.reference.layers import rmsnorm_ref, rope_write_kv_ref
+    from lserve_lite.harness.quant import reference_matrix
+
+    ops, rng, cp = hctx.ops, hctx.rng, hctx.cp
+    assert ops.fuse_rope, "LSERVE_CUDA_FUSE_ROPE=0 in the environment: nothing fused to test"
+    hq, hkv, k, page = 6, 2, 512, 16
+    cfg = ModelConfig("LlamaForCausalLM", k, 1024, 1, hq, hkv, d, 100, max_position_embeddings=4096)
+    w = _weight(hctx, fmt, (hq + 2 * hkv) * d, k)
+    dw = ops.upload(w)
+    assert fmt == "f16" or (isinstance(dw, DeviceQuant) and dw.split is not None)
+    cos, sin = (cp.asarray(t.astype(np.float16)) for t in rope_tables(cfg, 4096))
+    x = hctx.f16(n, k)
+    res = None if first else (3 * rng.standard_normal((n, k))).astype(np.float32)
+    lnw = (1 + 0.2 * rng.standard_normal(k)).astype(np.float16)
+    pos = rng.integers(0, 4096, n).astype(np.int64)
+    slots = rng.choice(8 * page, n, replace=False).astype(np.int64)
+    if n > 1:
+        slots[1] = -1  # a padding row of a captured batch: no K/V write
+    runs = {}
+    for how in ("fused", "unfused"):
+        cache = ops.alloc_kv(cfg, page, 8)
+        for a in (cache.k[0], cache.v[0]):
+            a[...] = cp.asarray(rng.standard_normal(a.shape).astype(np.float16))  # values to leave alone
+        before = (cache.k[0].copy(), cache.v[0].copy())
+        fn = ops.qkv_rope if how == "fused" else (lambda *a: norm_qkv_rope(ops, *a))
+        q, r = fn(hctx.dev16(x), None if first else cp.asarray(res), cp.asarray(lnw), 1e-5, dw, None,
+                  cp.asarray(pos), cp.asarray(slots), cache, 0, (cos, sin))  # fmt: skip
+        runs[how] = [cp.asnumpy(a) for a in (q, r, cache.k[0], cache.v[0], *before)]
+    for name, a, b in zip(
+        ("q", "residual", "k cache", "v cache"), runs["fused"], runs["unfused"], strict=False
+    ):
+        assert np.array_equal(a, b, equal_nan=True), f"{name} differs"
+    q, r, kc, vc, k0, v0 = runs["fused"]
+    written = np.zeros(kc.shape, bool)
+    for s in slots[slots >= 0]:
+        written[s // page, :, s % page] = True
+    assert np.array_equal(kc[~written], k0[~written]) and np.array_equal(vc[~written], v0[~written])
+    # float64 reference of the whole: norm, product, RoPE, page write (tolerance: the fp16 roundings on the way)
+    r_ref = x + (0 if first else res)
+    assert np.array_equal(r, r_ref.astype(np.float32))
+    h = (
+        rmsnorm_ref(r_ref.astype(np.float32), lnw.astype(np.float32), 1e-5)
+        .astype(np.float16)
+        .astype(np.float64)
+    )
+    wf = w.astype(np.float64) if fmt == "f16" else reference_matrix(w)
+    qkv = h @ wf.T
+    kr, vr = np.zeros(kc.shape), np.zeros(vc.shape)
+    tab = [t.astype(np.float64) for t in rope_tables(cfg, 4096)]
+    q_ref = rope_write_kv_ref(qkv, pos, np.maximum(slots, 0), kr.copy(), vr.copy(), *tab)
+    live = slots >= 0
+    rope_write_kv_ref(qkv[live], pos[live], slots[live], kr, vr, *tab)
+    scale = np.abs(h) @ np.abs(wf).T  # the product's magnitude: fp16 roundings and int8 activations
+    tol = 0.02 * scale.max() + 2e-3
+    assert np.abs(q.astype(np.float64) - q_ref).max() <= tol
+    for got, ref in ((kc, kr), (vc, vr)):
+        g = got[slots[live] // page, :, slots[live] % page].astype(np.float64)
+        assert np.abs(g - ref[slots[live] // page, :, slots[live] % page]).max() <= tol
