@@ -1,10 +1,12 @@
-"""CudaOps.qkv_rope: RoPE and the K/V page write in the epilogue of the decode q/k/v GEMV (kernels/rope_out.cuh in
-gemv_rows and quant_gemv_split) against the unfused calls on the same device weight (rmsnorm_linear, then
-rope_write_kv: `norm_qkv_rope`), and against the float64 reference of the whole. gpu-marked (skipped without a
-GPU); the same epilogue runs on the host in CI through tools/quant_host_check.py (test_kernels_compile.py).
+"""CudaOps.qkv_rope with LSERVE_CUDA_FUSE_ROPE=1: RoPE and the K/V page write in the epilogue of the decode q/k/v
+GEMV (kernels/rope_out.cuh in gemv_rows and quant_gemv_split) against the unfused calls on the same device weight
+(rmsnorm_linear, then rope_write_kv: `norm_qkv_rope`), against the float64 reference of the whole, and through the
+engine (eager and CUDA Graphs, fused against unfused). gpu-marked (skipped without a GPU); the same epilogue runs
+on the host in CI through tools/quant_host_check.py (test_kernels_compile.py).
 
 Both paths compute each output's float32 sum with the same kernel code in the same order and round as the other
-does, so q, the written K/V slots, the residual stream and every cache value left alone are equal bit for bit.
+does, so q, the written K/V slots, the residual stream, every cache value left alone and the engine's logits are
+equal bit for bit.
 """
 
 from __future__ import annotations
@@ -17,9 +19,14 @@ from lserve_lite.config import ModelConfig
 
 @pytest.fixture(scope="module")
 def hctx():
+    from lserve_lite.backends.cuda import CudaOps
     from lserve_lite.harness import Ctx
 
-    return Ctx(seed=int(np.random.SeedSequence().entropy % (1 << 31)))
+    ctx = Ctx(seed=int(np.random.SeedSequence().entropy % (1 << 31)))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LSERVE_CUDA_FUSE_ROPE", "1")
+        ctx.ops = CudaOps()  # the fused path, read at construction
+    return ctx
 
 
 def _weight(hctx, fmt: str, m: int, k: int):
@@ -44,7 +51,7 @@ def test_qkv_rope_fused_matches_unfused(hctx, d, fmt, n, first):
     from lserve_lite.harness.quant import reference_matrix
 
     ops, rng, cp = hctx.ops, hctx.rng, hctx.cp
-    assert ops.fuse_rope, "LSERVE_CUDA_FUSE_ROPE=0 in the environment: nothing fused to test"
+    assert ops.fuse_rope
     hq, hkv, k, page = 6, 2, 512, 16
     cfg = ModelConfig("LlamaForCausalLM", k, 1024, 1, hq, hkv, d, 100, max_position_embeddings=4096)
     w = _weight(hctx, fmt, (hq + 2 * hkv) * d, k)
@@ -98,3 +105,41 @@ def test_qkv_rope_fused_matches_unfused(hctx, d, fmt, n, first):
     for got, ref in ((kc, kr), (vc, vr)):
         g = got[slots[live] // page, :, slots[live] % page].astype(np.float64)
         assert np.abs(g - ref[slots[live] // page, :, slots[live] % page]).max() <= tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph"])
+def test_engine_fused_equals_unfused(monkeypatch, graphs):
+    """A random Llama through the ModelRunner, fused and unfused (a CudaOps each): prefill (46 rows: cuBLAS and
+    rope_write_kv either way), then decode steps of 3 and 2 rows (graph sizes 4 and 2, padded) whose logits must be
+    equal bit for bit; in the fused run rope_write_kv must not be called during decode."""
+    from test_gpu_ops import _runner, _step, small_llama
+
+    from lserve_lite.sampling_params import SamplingParams
+    from lserve_lite.sequence import Sequence
+
+    cfg, ws = small_llama()
+    runs = {}
+    for fuse in ("1", "0"):
+        monkeypatch.setenv("LSERVE_CUDA_FUSE_ROPE", fuse)
+        runs[fuse] = _runner(cfg, ws, "cuda", graphs)
+        assert runs[fuse][0].ops.fuse_rope == (fuse == "1")
+    rng = np.random.default_rng(3)
+    prompts = [list(rng.integers(0, cfg.vocab_size, n)) for n in (5, 24, 17)]
+    seqs = {k: [Sequence(list(p), SamplingParams()) for p in prompts] for k in runs}
+    first = {k: _step(r, b, seqs[k], [5, 24, 17], all_logits=True) for k, (r, b) in runs.items()}
+    assert np.array_equal(first["1"], first["0"])
+
+    def no_rope_kernel(*a, **k):
+        raise AssertionError("rope_write_kv called by a fused decode step")
+
+    monkeypatch.setattr(runs["1"][0].ops, "rope_write_kv", no_rope_kernel)
+    toks = dict(zip((0, 1, 2), first["0"][[4, 28, 45]].argmax(-1), strict=True))  # each prompt's last row
+    for step in range(10):
+        live = [0, 1, 2] if step < 6 else [1, 2]
+        for k in runs:
+            for i in live:
+                seqs[k][i].output_ids.append(int(toks[i]))
+        out = {k: _step(r, b, [seqs[k][i] for i in live], [1] * len(live)) for k, (r, b) in runs.items()}
+        assert np.array_equal(out["1"], out["0"]), f"fused decode logits differ at step {step}"
+        toks = dict(zip(live, out["0"].argmax(-1), strict=True))

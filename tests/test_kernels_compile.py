@@ -9,7 +9,8 @@
 - The host side of GPU sampling draws the same uniforms as the CPU sampler.
 - With nvcc (slow): page_select.cu's two kernels against select_pages_ref (tools/page_select_host_check.py);
   the gate_up GEMVs with SiLU-and-multiply (quant_gemv_split with SILU for int8 / int4 /
-  q4_1, gemv_rows on fp16 weights), and the k-quants' split GEMV, logits, dequantize and gate_up kernels
+  q4_1, gemv_rows on fp16 weights), the q/k/v GEMVs with the RoPE + K/V write epilogue (both kernels, bit for bit
+  against the plain kernel plus NumPy's RoPE), and the k-quants' split GEMV, logits, dequantize and gate_up kernels
   (their integer sub-scales), compiled as host code and run against float64 (tools/quant_host_check.py); the
   sampling kernels against the CPU sampler and logprobs (tools/sampling_host_check.py).
 """

@@ -11,8 +11,9 @@ case run twice, with a row group per warp and with a 3-block grid whose warps lo
 grid's pipeline: K steps, ragged last groups), the two outputs equal bit for bit, and quant_dequant_split; the
 gate_up GEMVs with SiLU-and-multiply in their epilogue (quant_gemv_split with SILU at 2 and 4 rows per warp, the
 same two grids; gemv_rows<n, __half,
-true> on fp16 weights) against silu_mul_ref of the float64 product (harness.common.silu_mul_atol), and the
-plain gemv_rows<n, float>.
+true> on fp16 weights) against silu_mul_ref of the float64 product (harness.common.silu_mul_atol), the
+plain gemv_rows<n, float>, and the q/k/v GEMVs with the RoPE + K/V write epilogue (`rope`: quant_gemv_split and
+gemv_rows with ROPE) bit for bit against the plain kernel's sums rotated in NumPy.
 What it cannot: anything about the GPU itself (memory model, alignment faults, speed). The GPU rows
 (`lserve-lite kernels test quant_gemv ...`) remain the test; this is for editing the kernels on a machine
 without one.

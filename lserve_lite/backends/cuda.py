@@ -257,8 +257,9 @@ class CudaOps:
         # residual add + RMSNorm in the prologue of the decode GEMV after it (rmsnorm_linear); LSERVE_CUDA_FUSE_NORM=0:
         # add_rmsnorm's own kernel.
         self.fuse_norm = os.environ.get("LSERVE_CUDA_FUSE_NORM", "1") != "0"
-        # RoPE + K/V write in the decode q/k/v GEMV's epilogue (qkv_rope); LSERVE_CUDA_FUSE_ROPE=0: rope_write_kv.
-        self.fuse_rope = os.environ.get("LSERVE_CUDA_FUSE_ROPE", "1") != "0"
+        # RoPE + K/V write in the decode q/k/v GEMV's epilogue (qkv_rope) under LSERVE_CUDA_FUSE_ROPE=1; off by
+        # default until it has been timed on a GPU (docs/PERF_e2e.md): rope_write_kv after the GEMV.
+        self.fuse_rope = os.environ.get("LSERVE_CUDA_FUSE_ROPE", "0") == "1"
         # gemv_rows with S = 2 warps per row where twice the rows fit this many waves of resident warps (gemv_slices);
         # LSERVE_GEMV_KSPLIT=0: one warp per row everywhere (1.5, splitting the QKV projection too, measured slower).
         self.gemv_ksplit = env_float("LSERVE_GEMV_KSPLIT", 1.0, 0.0, 8.0)
@@ -510,7 +511,7 @@ class CudaOps:
         """Decode rows into a dense fp16 cache: RoPE and the K/V page write in the epilogue of the q/k/v GEMV
         (gemv_rows with ROPE, the norm in its prologue where rmsnorm_linear fuses it; quant_gemv_split with ROPE
         after add_rmsnorm for a split weight): no rope_write_kv launch, no qkv array. Everything else (LServe or
-        quantized caches, cuBLAS rows, RowStacks, block formats) and LSERVE_CUDA_FUSE_ROPE=0: `norm_qkv_rope`.
+        quantized caches, cuBLAS rows, RowStacks, block formats) and LSERVE_CUDA_FUSE_ROPE unset: `norm_qkv_rope`.
         Reference: reference/layers.rope_write_kv_ref of rmsnorm_linear's product."""
         cp = self.cp
         n, k = int(x.shape[0]), int(x.shape[1])
