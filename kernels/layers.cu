@@ -396,7 +396,7 @@ __global__ void silu_mul(const __half* __restrict__ gu, __half* __restrict__ out
 // NORM: x is the layer's stream before its residual add and RMSNorm (rms_in.cuh; res_in, res_out, norm_w, eps), the
 // block puts the normed rows in dynamic shared memory (N * K halves, then rms_rows' scratch) and the warps read
 // them from there (CudaOps.rmsnorm_linear); the other instantiations ignore those four arguments.
-// ROPE (TOut = __half): w is the fused q/k/v matrix, M counts RoPE pairs, a warp's two rows are outputs 2m and
+// ROPE (1: a dense cache, 2: LServe's two pools and statistics; TOut = __half): w is the fused q/k/v matrix, M counts RoPE pairs, a warp's two rows are outputs 2m and
 // 2m + 1 in rope_out.cuh's paired order, and its epilogue rotates them and writes q and the K/V page slots (`ro`;
 // CudaOps.qkv_rope; reference: rope_write_kv_ref of x @ w^T), y unused. Each row's sum is the one the plain
 // instantiation computes at the same S.
@@ -410,7 +410,7 @@ __global__ void silu_mul(const __half* __restrict__ gu, __half* __restrict__ out
 #ifndef LSERVE_GEMV_UNROLL
 #define LSERVE_GEMV_UNROLL 8
 #endif
-template <int N, typename TOut, bool SILU = false, bool NORM = false, bool ROPE = false>
+template <int N, typename TOut, bool SILU = false, bool NORM = false, int ROPE = 0>
 __global__ void gemv_rows(const __half* __restrict__ x, const __half* __restrict__ w, TOut* __restrict__ y, int M,
                           int K, int S, const float* res_in, float* res_out, const __half* __restrict__ norm_w,
                           float eps, const lserve::RopeOut ro) {
@@ -496,14 +496,14 @@ __global__ void gemv_rows(const __half* __restrict__ x, const __half* __restrict
 #pragma unroll
           for (int n = 0; n < N; ++n) acc[i][n] += part[((warp + s) * W + i) * N + n];
   }
-  if (lane == 0 && slice == 0 && m < M) {
+  if (ROPE && lane == 0 && slice == 0 && m < M) {
+    lserve::rope_store_rows<N, ROPE == 2>(ro, N, 2 * m, acc[0], acc[W - 1]);
+  } else if (lane == 0 && slice == 0 && m < M) {
 #pragma unroll
     for (int n = 0; n < N; ++n) {
       if constexpr (SILU) {
         const float g = acc[0][n];
         y[(long long)n * M + m] = __float2half(g / (1.0f + expf(-g)) * acc[W - 1][n]);
-      } else if constexpr (ROPE) {
-        lserve::rope_store_pair(ro, n, 2 * m, acc[0][n], acc[1][n]);
       } else {
         y[(long long)n * M + m] = (TOut)acc[0][n];
       }

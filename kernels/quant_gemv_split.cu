@@ -139,9 +139,9 @@ template <int R, bool SILU>
 __device__ __forceinline__ int acc_output(int m0, int i) {
   return SILU ? m0 + i % (R / 2) : m0 + i;
 }
-template <int R, bool SILU, bool ROPE>
+template <int R, bool SILU, int ROPE>
 __device__ __forceinline__ int acc_row(int m0, int i, int M, int D) {
-  if (ROPE) return lserve::rope_row(m0 + i, D);
+  if (ROPE != 0) return lserve::rope_row(m0 + i, D);
   return SILU && i >= R / 2 ? M + m0 + i - R / 2 : m0 + i;
 }
 
@@ -169,7 +169,7 @@ struct Chunks {
 };
 
 // Loads the set of the warp's rows m0.. (acc_row) at chunk c0: rows past M and chunks past nc are left as they are.
-template <typename F, int R, int U, bool SILU, bool ROPE>
+template <typename F, int R, int U, bool SILU, int ROPE>
 __device__ __forceinline__ void load_chunks(const u8* __restrict__ q, const __half* __restrict__ d,
                                             const __half* __restrict__ mn, const unsigned short* __restrict__ sub,
                                             int c0, int nc, int ng, long long qrow, int m0, int M, int D,
@@ -233,7 +233,7 @@ __device__ __forceinline__ void dot_chunks(const Chunks<F, R, U>& b, const int* 
 
 // The warp's sums over its lanes into y (outputs m0 .. m0 + R - 1, or R/2 with SILU: silu(gate) * up, each with
 // int8's per-channel scale rs applied first), then acc cleared for the warp's next row group.
-template <typename F, int R, int NMAX, typename TOut, bool SILU, bool ROPE>
+template <typename F, int R, int NMAX, typename TOut, bool SILU, int ROPE>
 __device__ __forceinline__ void store_rows(float (&acc)[R][NMAX], const float (&rs)[R], int n, TOut* __restrict__ y,
                                            int ldy, int m0, int M, int lane, const lserve::RopeOut& ro) {
 #pragma unroll
@@ -242,15 +242,16 @@ __device__ __forceinline__ void store_rows(float (&acc)[R][NMAX], const float (&
     for (int r = 0; r < NMAX; ++r)
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) acc[i][r] += __shfl_xor_sync(0xffffffffu, acc[i][r], o);
-  if (ROPE && lane == 0) {  // RoPE pairs (m0 and R even); int8's per-channel scales first
+  if (ROPE != 0 && lane == 0) {  // RoPE pairs (m0 and R even); int8's per-channel scales first
 #pragma unroll
-    for (int i = 0; i < R; i += 2)
+    for (int i = 0; i < R; i += 2) {
+      if (m0 + i < M) {
+        float a[NMAX], b[NMAX];
 #pragma unroll
-      for (int r = 0; r < NMAX; ++r)
-        if (r < n && m0 + i < M) {
-          const float ra = F::CPG ? 1.f : rs[i], rb = F::CPG ? 1.f : rs[i + 1];
-          lserve::rope_store_pair(ro, r, m0 + i, ra * acc[i][r], rb * acc[i + 1][r]);
-        }
+        for (int r = 0; r < NMAX; ++r) a[r] = (F::CPG ? 1.f : rs[i]) * acc[i][r], b[r] = (F::CPG ? 1.f : rs[i + 1]) * acc[i + 1][r];
+        lserve::rope_store_rows<NMAX, ROPE == 2>(ro, n, m0 + i, a, b);
+      }
+    }
   } else if (lane == 0) {
 #pragma unroll
     for (int i = 0; i < (SILU ? R / 2 : R); ++i) {
@@ -301,16 +302,16 @@ struct SplitItem {
 // UX = 2 ("deep"): register sets of twice the chunks, for matrices with fewer row groups than the GPU holds warps
 // (o_proj and down of a Llama-3-8B shape: 2,048 groups of 2 rows): their warps are all resident at 2 blocks per SM
 // as well, and each keeps twice the bytes in flight (cuda_quant.split_deep decides).
-// ROPE (R even, P = 1): W is the fused q/k/v matrix, outputs in rope_out.cuh's paired order, and the epilogue
+// ROPE (1: a dense cache, 2: LServe's two pools and statistics; R even, P = 1): W is the fused q/k/v matrix, outputs in rope_out.cuh's paired order, and the epilogue
 // rotates each pair and writes q and the K/V page slots (`ro`; CudaOps.qkv_rope), y unused; every output's sum is
 // the plain instantiation's.
-template <typename F, int R, int NMAX, int P, typename TOut, bool SILU = false, int UX = 1, bool ROPE = false>
+template <typename F, int R, int NMAX, int P, typename TOut, bool SILU = false, int UX = 1, int ROPE = 0>
 __global__ void __launch_bounds__(SWARPS * 32, (SPLIT_MIN_BLOCKS<F, R, NMAX, P, SILU, UX>))
     quant_gemv_split(const u8* __restrict__ q, const __half* __restrict__ d, const __half* __restrict__ mn,
                      const unsigned short* __restrict__ sub, const __half* __restrict__ x, int n,
                      TOut* __restrict__ y, int ldy, int M, int K, const lserve::RopeOut ro) {
   static_assert(!SILU || R % 2 == 0, "SILU pairs gate and up rows in a warp");
-  static_assert(!ROPE || (R % 2 == 0 && !SILU), "ROPE pairs a head's channels j and j + D / 2 in a warp");
+  static_assert(ROPE == 0 || (R % 2 == 0 && !SILU), "ROPE pairs a head's channels j and j + D / 2 in a warp");
   constexpr int U = SPLIT_U<F, R> * UX, RO = SILU ? R / 2 : R;  // chunks per lane and set, outputs per warp
   extern __shared__ int4 smem[];
   int* xq = reinterpret_cast<int*>(smem);

@@ -107,6 +107,50 @@ def test_qkv_rope_fused_matches_unfused(hctx, d, fmt, n, first):
         assert np.abs(g - ref[slots[live] // page, :, slots[live] % page]).max() <= tol
 
 
+# LServe's dense-pool slots per row count (page 16, logical pages of 8; -1 padding): runs that continue a logical
+# page past its offset 0 (merged with its stored statistics), start one at offset 0, and stand alone
+LSERVE_DENSE_SLOTS = {1: [13], 3: [21, 22, 40], 8: [21, 22, 23, 24, 25, 32, 50, -1]}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 3, 8])
+@pytest.mark.parametrize("fmt", ["f16", "q4_1", "int8"])
+def test_qkv_rope_lserve_fused_matches_unfused(hctx, fmt, n):
+    """An LServe cache (KV heads 0, 2 dense, 1, 3 streaming, in pool rows swapped; logical pages of 8 tokens): the
+    fused epilogue against rmsnorm_linear + rope_write_kv_sparse on random pools and statistics, bit for bit: q,
+    both pools and the dense pool's key max / min (runs merged with the stored statistics or started afresh)."""
+    from lserve_lite.backends.base import KVCache, norm_qkv_rope, rope_tables
+
+    ops, rng, cp = hctx.ops, hctx.rng, hctx.cp
+    hq, hkv, d, k, page, pages = 8, 4, 64, 512, 16, 8
+    cfg = ModelConfig("LlamaForCausalLM", k, 1024, 1, hq, hkv, d, 100, max_position_embeddings=4096)
+    dw = ops.upload(_weight(hctx, fmt, (hq + 2 * hkv) * d, k))
+    cos, sin = (cp.asarray(t.astype(np.float16)) for t in rope_tables(cfg, 4096))
+    x, lnw = hctx.f16(n, k), (1 + 0.2 * rng.standard_normal(k)).astype(np.float16)
+    pos = rng.integers(0, 4096, n).astype(np.int64)
+    dense = np.asarray(LSERVE_DENSE_SLOTS[n], np.int64)
+    stream = rng.choice(pages * page, n, replace=False).astype(np.int64)
+    stream[dense < 0] = -1
+    slots = cp.asarray(np.stack([dense, stream]))
+    hc, hs = np.array([0, 1, 0, 1], np.int32), np.array([1, 1, 0, 0], np.int32)
+    arrays = [rng.standard_normal(shape).astype(np.float16) for shape in
+              [(pages, 2, page, d)] * 4 + [(pages, 2, 2, d)] * 2]  # fmt: skip
+    runs = {}
+    for how in ("fused", "unfused"):
+        dev = [cp.asarray(a) for a in arrays]
+        cache = KVCache(k=[dev[0]], v=[dev[1]], page_size=page, num_pages=pages, ks=[dev[2]], vs=[dev[3]],
+                        head_class=[cp.asarray(hc)], head_slot=[cp.asarray(hs)], kmax=[dev[4]], kmin=[dev[5]])  # fmt: skip
+        fn = ops.qkv_rope if how == "fused" else (lambda *a: norm_qkv_rope(ops, *a))
+        q, _ = fn(
+            hctx.dev16(x), None, cp.asarray(lnw), 1e-5, dw, None, cp.asarray(pos), slots, cache, 0, (cos, sin)
+        )
+        runs[how] = [cp.asnumpy(a) for a in (q, *dev)]
+    names = ("q", "k dense", "v dense", "k stream", "v stream", "kmax", "kmin")
+    for name, a, b, before in zip(names, runs["fused"], runs["unfused"], [None, *arrays], strict=True):
+        assert np.array_equal(a, b), f"{name} differs"
+        assert before is None or not np.array_equal(a, before), f"{name} unwritten"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph"])
 def test_engine_fused_equals_unfused(monkeypatch, graphs):

@@ -187,7 +187,8 @@ def test_kernel_names_cover_every_format_and_row_count():
     from lserve_lite.backends.quant_split import SPLIT_FORMATS
 
     assert len(QUANT_KERNELS) == len(LAYOUTS) * (2 * len(GEMV_VARIANTS) * len(GEMV_ROWS) + 1)
-    per_fmt = (len(SPLIT_PASSES) * len(SPLIT_R) + len(SPLIT_SILU_R)) * len(SPLIT_ROWS) + 2  # + deep, dequant
+    # plain, SiLU and RoPE (one R, dense and LServe caches) instantiations per NMAX, + deep, dequant
+    per_fmt = (len(SPLIT_PASSES) * len(SPLIT_R) + len(SPLIT_SILU_R) + 2) * len(SPLIT_ROWS) + 2
     assert len(SPLIT_KERNELS) == len(SPLIT_FORMATS) * per_fmt
     names = kernel_names("q4_k")
     assert "quant_gemv<Q4_K, 8, float>" in names and "quant_gemv2<Q4_K, 8, float>" in names
@@ -198,6 +199,7 @@ def test_kernel_names_cover_every_format_and_row_count():
     assert "quant_gemv_split<SQ4_1, 4, 8, 1, __half>" in kernel_names("q4_1", ("split",))
     assert "quant_gemv_split<SQ4_1, 4, 8, 2, float>" in kernel_names("q4_1", ("split",))
     assert "quant_gemv_split<SINT4, 2, 1, 1, __half, true>" in kernel_names("int4", ("split",))
+    assert "quant_gemv_split<SQ4_1, 2, 8, 1, __half, false, 1, 2>" in kernel_names("q4_1", ("split",))
     assert kernel_names("int8", ("split",))[-1] == "quant_dequant_split<SINT8>"
     assert "quant_gemv_split<SINT8, 2, 1, 1, __half, false, 2>" in kernel_names("int8", ("split",))
 

@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from lserve_lite.backends.quant_split import SPLIT_FORMATS, split  # noqa: E402
 from lserve_lite.backends.reference.layers import silu_mul_ref  # noqa: E402
+from lserve_lite.backends.reference.page_stats import merge_page_stats  # noqa: E402
 from lserve_lite.harness.common import silu_mul_atol  # noqa: E402
 from lserve_lite.harness.quant import (  # noqa: E402
     GEMV_SHAPES,
@@ -70,7 +71,7 @@ NORM_SHAPES = [(1, 256, 37), (3, 576, 21), (8, 1024, 9)]
 
 ROW_SLICES = (1, 2)  # gemv_rows' warps per row that are checked
 # (n, K, Hq, Hkv, D) of the q/k/v GEMVs with the RoPE epilogue (rope_out.cuh); gemv_rows' run takes n 1, 3 or 8
-ROPE_SHAPES = [(1, 256, 4, 2, 64), (3, 512, 2, 1, 128), (8, 256, 3, 1, 32)]
+ROPE_SHAPES = [(1, 256, 4, 2, 64), (3, 512, 6, 3, 128), (8, 256, 4, 2, 32)]
 ROPE_PAGE, ROPE_PAGES, ROPE_LEN = 16, 4, 64  # page size, pages and RoPE table rows of its cache
 
 
@@ -264,67 +265,117 @@ def check_norm(exe: Path, tmp: Path, n: int, k: int, m: int, rng: np.random.Gene
     return ok
 
 
-def rope_expected(y: np.ndarray, pos, slots, cos, sin, hq: int, hkv: int, d: int, q, kc, vc) -> None:
-    """What the epilogue must write, from the plain kernel's float32 sums y [n, (Hq + 2 Hkv) D]: each rounded to
-    fp16, q / k rotated in float32 with each operation rounded (rope_pairs8's order), then rounded to fp16."""
+# LServe runs of the epilogue's check: dense-pool slots per row count (page 16, logical pages of 8; -1 padding).
+# Rows 0-2 of 8 continue a logical page from its offset 5 (merged with its stored statistics), 3-4 start the next
+# logical page at its offset 0 (fresh), 5 a new page, 6 a lone row past offset 0, 7 padding.
+ROPE_DENSE_SLOTS = {1: [13], 3: [21, 22, 40], 8: [21, 22, 23, 24, 25, 32, 50, -1]}
+ROPE_SUB = 2
+
+
+def rope_rotated(y: np.ndarray, pos, cos, sin, hq: int, hkv: int, d: int) -> np.ndarray:
+    """[n, Hq + 2 Hkv, D] fp16 from the plain kernel's float32 sums y: each rounded to fp16, q / k rotated in float32
+    with each operation rounded (rope_pairs8's order), then rounded to fp16."""
     h = y.astype(np.float16).reshape(len(y), hq + 2 * hkv, d).astype(np.float32)
     a, b = h[:, : hq + hkv, : d // 2], h[:, : hq + hkv, d // 2 :]
     c = cos[pos][:, None, :].astype(np.float32)
     s = sin[pos][:, None, :].astype(np.float32)
     h[:, : hq + hkv] = np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
-    h16 = h.astype(np.float16)
-    q[:] = h16[:, :hq]
-    for r, slot in enumerate(slots):
-        if slot >= 0:
-            kc[slot // ROPE_PAGE, :, slot % ROPE_PAGE] = h16[r, hq : hq + hkv]
-            vc[slot // ROPE_PAGE, :, slot % ROPE_PAGE] = h16[r, hq + hkv :]
+    return h.astype(np.float16)
+
+
+def rope_scene(rng: np.random.Generator, n: int, hkv: int, d: int, sparse: bool) -> dict[str, np.ndarray]:
+    """The epilogue's inputs and sentinel-filled outputs (KV pools, statistics) for one check."""
+    p, page = ROPE_PAGES, ROPE_PAGE
+    if not sparse:
+        slots = rng.choice(p * page, n, replace=False).astype(np.int64)
+        if n > 1:
+            slots[1] = -1  # a padding row of a captured batch
+        return {"slots": slots, "kc": np.full((p, hkv, page, d), 5.0, np.float16),
+                "vc": np.full((p, hkv, page, d), 6.0, np.float16)}  # fmt: skip
+    hc = np.zeros(hkv, np.int32)
+    hc[rng.choice(hkv, hkv // 2, replace=False)] = 1  # half the KV heads streaming
+    hs = np.zeros(hkv, np.int32)
+    for c in (0, 1):
+        hs[hc == c] = np.arange(int((hc == c).sum()))
+    nd, ns = int((hc == 0).sum()), int((hc == 1).sum())
+    dense = np.asarray(ROPE_DENSE_SLOTS[n], np.int64)
+    stream = rng.choice(p * page, n, replace=False).astype(np.int64)
+    stream[dense < 0] = -1
+    stats = (rng.standard_normal((2, p, nd, ROPE_SUB, d)) * 2).astype(np.float16)
+    return {"slots": np.concatenate([dense, stream]), "kc": np.full((p, nd, page, d), 5.0, np.float16),
+            "vc": np.full((p, nd, page, d), 6.0, np.float16), "ks": np.full((p, ns, page, d), 3.0, np.float16),
+            "vs": np.full((p, ns, page, d), 4.0, np.float16), "hc": hc, "hs": hs,
+            "kmax": np.maximum(stats[0], stats[1]), "kmin": np.minimum(stats[0], stats[1])}  # fmt: skip
+
+
+def rope_expected(h16: np.ndarray, sc: dict[str, np.ndarray], hq: int, hkv: int) -> None:
+    """What the epilogue must write into the scene's arrays, from rope_rotated's values: K / V into each KV head's
+    pool row at its slot, and the dense pool's statistics through reference/page_stats.merge_page_stats."""
+    n = len(h16)
+    hc = sc.get("hc", np.zeros(hkv, np.int32))
+    hs = sc.get("hs", np.arange(hkv, dtype=np.int32))
+    for g in range(hkv):
+        cls = int(hc[g])
+        kc, vc = (sc["kc"], sc["vc"]) if cls == 0 else (sc["ks"], sc["vs"])
+        for r in range(n):
+            slot = int(sc["slots"][cls * n + r])
+            if slot >= 0:
+                kc[slot // ROPE_PAGE, hs[g], slot % ROPE_PAGE] = h16[r, hq + g]
+                vc[slot // ROPE_PAGE, hs[g], slot % ROPE_PAGE] = h16[r, hq + hkv + g]
+    if "kmax" in sc:
+        keys = np.zeros((n, sc["kc"].shape[1], h16.shape[-1]), np.float16)
+        dense = np.nonzero(hc == 0)[0]
+        keys[:, hs[dense]] = h16[:, hq + dense]
+        merge_page_stats(sc["kmax"], sc["kmin"], keys, sc["slots"][:n], ROPE_PAGE)
 
 
 def check_rope(exe: Path, tmp: Path, fmt: str | None, n: int, k: int, hq: int, hkv: int, d: int,
-               rng: np.random.Generator) -> bool:  # fmt: skip
+               rng: np.random.Generator, sparse: bool = False) -> bool:  # fmt: skip
     """The q/k/v GEMV with the RoPE + K/V write epilogue (quant_gemv_split with ROPE for a split format, R = 2;
     gemv_rows<n, __half, false, false, true> for fp16 W, fmt None) against the plain kernel's sums of the same W
     and x (a consistency check: those are checked against float64 above) rotated in NumPy as rope_write_kv
     rounds: q and the written K/V slots equal bit for bit, every other cache value its sentinel (a negative slot
-    writes nothing)."""
+    writes nothing). `sparse`: an LServe cache (two pools by head class, the dense pool's key statistics over runs
+    of logical pages, merged or fresh) against reference/page_stats.merge_page_stats."""
     m = (hq + 2 * hkv) * d
     x = rng.standard_normal((n, k)).astype(np.float16)
     pos = rng.integers(0, ROPE_LEN, n).astype(np.int64)
-    slots = rng.choice(ROPE_PAGES * ROPE_PAGE, n, replace=False).astype(np.int64)
-    if n > 1:
-        slots[1] = -1  # a padding row of a captured batch
     ang = rng.uniform(0, 2 * np.pi, (ROPE_LEN, d // 2))
     cos, sin = np.cos(ang).astype(np.float16), np.sin(ang).astype(np.float16)
-    q = np.full((n, hq, d), 7.0, np.float16)
-    kc = np.full((ROPE_PAGES, hkv, ROPE_PAGE, d), 5.0, np.float16)
-    vc = np.full_like(kc, 6.0)
-    files = {"x.bin": x, "pos.bin": pos, "slots.bin": slots, "cos.bin": cos, "sin.bin": sin, "q.out": q,
-             "k.out": kc, "v.out": vc}  # fmt: skip
-    for f, a in files.items():
-        a.tofile(tmp / f)
-    tail = [str(tmp / f) for f in files]
-    sizes = [str(v) for v in (n, hq, hkv, d, k, ROPE_PAGE, ROPE_LEN, ROPE_PAGES)]
+    sc = rope_scene(rng, n, hkv, d, sparse)
+    sc["q"] = np.full((n, hq, d), 7.0, np.float16)
+    order = ("q", "kc", "vc", "ks", "vs", "hc", "hs", "kmax", "kmin")
+    for f, a in {"x": x, "pos": pos, "cos": cos, "sin": sin, **sc}.items():
+        a.tofile(tmp / f"r_{f}.bin")  # (write_split's files are q / d / m / s.bin)
+    tail = [str(tmp / f"r_{f}.bin") for f in ("pos", "slots", "cos", "sin")]
+    tail += [str(tmp / f"r_{f}.bin") if f in sc else "-" for f in order]
+    nd, ns = sc["kc"].shape[1], sc["ks"].shape[1] if sparse else 0
+    sizes = [
+        str(v) for v in (n, hq, hkv, d, k, ROPE_PAGE, ROPE_LEN, ROPE_PAGES, nd, ns, ROPE_SUB if sparse else 1)
+    ]
     if fmt:
         qt = random_quant(fmt, m, k, rng)
         arrays = write_split(tmp, qt)
-        subprocess.run([str(exe), "srope", fmt, *sizes, str(PERSIST_BLOCKS), *arrays, *tail], check=True)
+        subprocess.run([str(exe), "srope", fmt, *sizes, str(PERSIST_BLOCKS), *arrays, str(tmp / "r_x.bin"), *tail],
+                       check=True)  # fmt: skip
         plain = [str(exe), "split", fmt, str(n), str(m), str(k), str(m), "2", "1", "0", *arrays]
     else:
         w = (rng.standard_normal((m, k)) / np.sqrt(k)).astype(np.float16)
         w.tofile(tmp / "w.bin")
-        subprocess.run([str(exe), "grope", "-", *sizes, str(tmp / "w.bin"), *tail], check=True)
+        subprocess.run(
+            [str(exe), "grope", "-", *sizes, str(tmp / "w.bin"), str(tmp / "r_x.bin"), *tail], check=True
+        )
         plain = [str(exe), "grows", "-", str(n), str(m), str(k), str(tmp / "w.bin")]
-    got = [
-        np.fromfile(tmp / f, np.float16).reshape(a.shape)
-        for f, a in (("q.out", q), ("k.out", kc), ("v.out", vc))
-    ]
-    subprocess.run([*plain, str(tmp / "x.bin"), str(tmp / "y.bin")], check=True)
-    y = np.fromfile(tmp / "y.bin", np.float32).reshape(n, m)
-    rope_expected(y, pos, slots, cos, sin, hq, hkv, d, q, kc, vc)
-    ok = all(np.array_equal(g, e) for g, e in zip(got, (q, kc, vc), strict=True))
-    print(f"{'srope2' if fmt else 'grope':7s} {fmt or 'f16':5s} N{n} K{k} Hq{hq} Hkv{hkv} D{d}: "
-          f"{'PASS' if ok else 'FAIL (q / k / v equal: ' + str([bool(np.array_equal(g, e)) for g, e in zip(got, (q, kc, vc))]) + ')'}")  # fmt: skip
-    return ok
+    outs = [f for f in order if f in sc and f not in ("hc", "hs")]
+    got = {f: np.fromfile(tmp / f"r_{f}.bin", np.float16).reshape(sc[f].shape) for f in outs}
+    subprocess.run([*plain, str(tmp / "r_x.bin"), str(tmp / "y.bin")], check=True)
+    h16 = rope_rotated(np.fromfile(tmp / "y.bin", np.float32).reshape(n, m), pos, cos, sin, hq, hkv, d)
+    sc["q"][:] = h16[:, :hq]
+    rope_expected(h16, sc, hq, hkv)
+    bad = [f for f in outs if not np.array_equal(got[f], sc[f])]
+    print(f"{'srope2' if fmt else 'grope':7s} {fmt or 'f16':5s} N{n} K{k} Hq{hq} Hkv{hkv} D{d}"
+          f"{' LServe' if sparse else ''}: {'PASS' if not bad else 'FAIL (' + ', '.join(bad) + ' differ)'}")  # fmt: skip
+    return not bad
 
 
 def check_dequant(exe: Path, tmp: Path, fmt: str, rng: np.random.Generator, mode: str = "dequant") -> bool:
@@ -386,7 +437,8 @@ def main(argv=None) -> int:
             if "rope" in args.variants and fmt in SPLIT_FORMATS:
                 for n, k, hq, hkv, d in ROPE_SHAPES:
                     if k % LAYOUTS[fmt].block == 0:
-                        ok &= check_rope(exe, tmp, fmt, n, k, hq, hkv, d, rng)
+                        for sparse in (False, True):
+                            ok &= check_rope(exe, tmp, fmt, n, k, hq, hkv, d, rng, sparse)
             if "silu" in args.variants and fmt in SPLIT_FORMATS:
                 for n, k, inter in QUICK_SILU_SHAPES if args.quick else SILU_SHAPES:
                     if k % LAYOUTS[fmt].block == 0:
@@ -402,7 +454,8 @@ def main(argv=None) -> int:
                     ok &= check_silu(exe, tmp, None, n, k, inter, rng)
             if "rope" in args.variants:
                 for n, k, hq, hkv, d in ROPE_SHAPES:
-                    ok &= check_rope(exe, tmp, None, n, k, hq, hkv, d, rng)
+                    for sparse in (False, True):
+                        ok &= check_rope(exe, tmp, None, n, k, hq, hkv, d, rng, sparse)
             if "norm" in args.variants:
                 for i, (n, k, m) in enumerate(NORM_SHAPES):
                     ok &= all(

@@ -19,11 +19,13 @@
 // A grows / gsilu run may start with `norm RES LNW RESOUT EPS` (RES "-": no residual): gemv_rows' NORM
 // instantiation (rms_in.cuh's residual add and RMSNorm of x in the prologue; fp16 outputs), with the residual
 // stream it writes in RESOUT.
-// The q/k/v GEMVs with rope_out.cuh's epilogue (W: (Hq + 2 Hkv) D rows; int64 POS / SLOTS [n], fp16 COS / SIN
-// [L, D / 2]; QOUT [n, Hq, D], KC / VC [P, Hkv, page, D] fp16, read first (their sentinels) and written back):
-//   quant_host_emu srope FMT n Hq Hkv D K page L P G Q D MN SUB X POS SLOTS COS SIN QOUT KC VC   quant_gemv_split,
-//                                                            ROPE, R = 2, G blocks as above
-//   quant_host_emu grope - n Hq Hkv D K page L P W X POS SLOTS COS SIN QOUT KC VC   gemv_rows<n, __half, false,
+// The q/k/v GEMVs with rope_out.cuh's epilogue (W: (Hq + 2 Hkv) D rows; int64 POS [n] and SLOTS ([2n] with HC:
+// dense-pool then streaming-pool slots), fp16 COS / SIN [L, D / 2], QOUT [n, Hq, D], KC / VC [P, nd, page, D],
+// KS / VS [P, ns, page, D], int32 HC / HS [Hkv] (head class, pool row), KMAX / KMIN [P, nd, sub, D]; "-" for
+// KS .. KMIN: none (a dense cache: nd = Hkv); the outputs are read first (their sentinels) and written back):
+//   quant_host_emu srope FMT n Hq Hkv D K page L P nd ns sub G Q D MN SUB X POS SLOTS COS SIN QOUT KC VC KS VS HC
+//                        HS KMAX KMIN          quant_gemv_split with ROPE, R = 2, G blocks as above
+//   quant_host_emu grope - n Hq Hkv D K page L P nd ns sub W X POS SLOTS ... KMIN   gemv_rows<n, __half, false,
 //                                                            false, true> (EMU_GEMV_SLICES warps per pair)
 #include "host_emu.cuh"
 
@@ -235,54 +237,69 @@ static void dequant_split(int M, int K, int n, char** a) {
   write_file(a[5], out, (size_t)n * K);
 }
 
-// The epilogue's arrays (srope / grope): sizes from n Hq Hkv D K page L P, files from `a` (POS SLOTS COS SIN QOUT
-// KC VC); save() writes QOUT, KC and VC back.
+// The epilogue's arrays (srope / grope): sizes n Hq Hkv D K page L P nd ns sub, then files POS SLOTS COS SIN QOUT
+// KC VC KS VS HC HS KMAX KMIN ("-": a null pointer, the dense cache's); save() writes the written ones back.
 struct EmuRope {
   lserve::RopeOut ro{};
-  size_t nq, nkv;
+  size_t nq, nkv, nst, nstream;
   char** a;
-  EmuRope(int n, int hq, int hkv, int d, int page, int L, int P, char** files) : a(files) {
-    nq = (size_t)n * hq * d, nkv = (size_t)P * hkv * page * d;
+  template <typename T>
+  static T* opt(const char* path, size_t count) {
+    return strcmp(path, "-") ? read_file<T>(path, count, 0) : nullptr;
+  }
+  EmuRope(int n, int hq, int hkv, int d, int page, int L, int P, int nd, int ns, int sub, char** files) : a(files) {
+    nq = (size_t)n * hq * d, nkv = (size_t)P * nd * page * d, nstream = (size_t)P * ns * page * d;
+    nst = (size_t)P * nd * sub * d;
+    const bool sparse = strcmp(a[9], "-") != 0;
     ro.positions = read_file<long long>(a[0], n, 0);
-    ro.slots = read_file<long long>(a[1], n, 0);
+    ro.slots = read_file<long long>(a[1], (size_t)(sparse ? 2 : 1) * n, 0);
     ro.cos_t = read_file<__half>(a[2], (size_t)L * d / 2, 0);
     ro.sin_t = read_file<__half>(a[3], (size_t)L * d / 2, 0);
     ro.q_out = read_file<__half>(a[4], nq, 0);
     ro.k_cache = read_file<__half>(a[5], nkv, 0);
     ro.v_cache = read_file<__half>(a[6], nkv, 0);
+    ro.ks = opt<__half>(a[7], nstream);
+    ro.vs = opt<__half>(a[8], nstream);
+    ro.head_class = opt<int>(a[9], hkv);
+    ro.head_slot = opt<int>(a[10], hkv);
+    ro.kmax = opt<__half>(a[11], nst);
+    ro.kmin = opt<__half>(a[12], nst);
     ro.hq = hq, ro.hkv = hkv, ro.head_dim = d, ro.page_size = page;
+    ro.nd = nd, ro.ns = ns, ro.sub = sub, ro.n_rows = n;
   }
   void save() const {
     write_file(a[4], ro.q_out, nq);
     write_file(a[5], ro.k_cache, nkv);
     write_file(a[6], ro.v_cache, nkv);
+    if (ro.ks) write_file(a[7], ro.ks, nstream), write_file(a[8], ro.vs, nstream);
+    if (ro.kmax) write_file(a[11], ro.kmax, nst), write_file(a[12], ro.kmin, nst);
   }
 };
 
-template <typename S, int NMAX>
-static void gemv_split_rope(int n, int hq, int hkv, int d, int K, int page, int L, int P, int G, char** a) {
-  const int M = (hq + 2 * hkv) * d;
+template <typename S, int NMAX, int KIND>
+static void gemv_split_rope(const int* s, char** a) {  // s: n Hq Hkv D K page L P nd ns sub G
+  const int n = s[0], K = s[4], M = (s[1] + 2 * s[2]) * s[3], G = s[11];
   const SplitArrays<S> w(a, M, K);
   const __half* x = read_file<__half>(a[4], (size_t)n * K, 0);
-  const EmuRope e(n, hq, hkv, d, page, L, P, a + 5);
+  const EmuRope e(n, s[1], s[2], s[3], s[5], s[6], s[7], s[8], s[9], s[10], a + 5);
   const lserve::RopeOut ro = e.ro;
   launch_blocks(split_grid(M, 2, G), SWARPS, [=] {
-    quant_gemv_split<S, 2, NMAX, 1, __half, false, 1, true>(w.q, w.d, w.mn, w.sub, x, n, nullptr, 0, M, K, ro);
+    quant_gemv_split<S, 2, NMAX, 1, __half, false, 1, KIND>(w.q, w.d, w.mn, w.sub, x, n, nullptr, 0, M, K, ro);
   });
   e.save();
 }
 
-template <int N>
-static void rows_rope(int hq, int hkv, int d, int K, int page, int L, int P, char** a) {
-  const int M = (hq + 2 * hkv) * d / 2;  // RoPE pairs
+template <int N, int KIND>
+static void rows_rope(const int* s, char** a) {  // s: n Hq Hkv D K page L P nd ns sub
+  const int K = s[4], M = (s[1] + 2 * s[2]) * s[3] / 2;  // RoPE pairs
   const __half* w = read_file<__half>(a[0], (size_t)2 * M * K, 0);
   const __half* x = read_file<__half>(a[1], (size_t)N * K, 0);
-  const EmuRope e(N, hq, hkv, d, page, L, P, a + 2);
+  const EmuRope e(N, s[1], s[2], s[3], s[5], s[6], s[7], s[8], s[9], s[10], a + 2);
   const lserve::RopeOut ro = e.ro;
   const char* env = getenv("EMU_GEMV_SLICES");
   const int S = env ? atoi(env) : 1;
   launch_blocks((M * S + 7) / 8, 8, [=] {
-    gemv_rows<N, __half, false, false, true>(x, w, nullptr, M, K, S, nullptr, nullptr, nullptr, 0.f, ro);
+    gemv_rows<N, __half, false, false, KIND>(x, w, nullptr, M, K, S, nullptr, nullptr, nullptr, 0.f, ro);
   });
   e.save();
 }
@@ -290,11 +307,12 @@ static void rows_rope(int hq, int hkv, int d, int K, int page, int L, int P, cha
 template <typename S>
 static void run_split(const std::string& mode, char** v) {
   if (mode == "srope") {
-    int s[9];
-    for (int i = 0; i < 9; ++i) s[i] = atoi(v[i]);  // n Hq Hkv D K page L P G
-    if (s[0] <= 1) return gemv_split_rope<S, 1>(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], v + 9);
-    if (s[0] <= 4) return gemv_split_rope<S, 4>(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], v + 9);
-    return gemv_split_rope<S, 8>(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], v + 9);
+    int s[12];
+    for (int i = 0; i < 12; ++i) s[i] = atoi(v[i]);  // n Hq Hkv D K page L P nd ns sub G
+    const bool ls = strcmp(v[12 + 5 + 9], "-") != 0;  // HC given: an LServe cache (ROPE = 2)
+    if (s[0] <= 1) return ls ? gemv_split_rope<S, 1, 2>(s, v + 12) : gemv_split_rope<S, 1, 1>(s, v + 12);
+    if (s[0] <= 4) return ls ? gemv_split_rope<S, 4, 2>(s, v + 12) : gemv_split_rope<S, 4, 1>(s, v + 12);
+    return ls ? gemv_split_rope<S, 8, 2>(s, v + 12) : gemv_split_rope<S, 8, 1>(s, v + 12);
   }
   if (mode == "dsplit") return dequant_split<S>(atoi(v[0]), atoi(v[1]), atoi(v[2]), v + 3);
   if (mode == "ssilu") {
@@ -369,11 +387,12 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (mode == "grope") {
-    int s[8];
-    for (int i = 0; i < 8; ++i) s[i] = atoi(v[i]);  // n Hq Hkv D K page L P
-    if (s[0] == 1) rows_rope<1>(s[1], s[2], s[3], s[4], s[5], s[6], s[7], v + 8);
-    else if (s[0] == 3) rows_rope<3>(s[1], s[2], s[3], s[4], s[5], s[6], s[7], v + 8);
-    else rows_rope<8>(s[1], s[2], s[3], s[4], s[5], s[6], s[7], v + 8);
+    int s[11];
+    for (int i = 0; i < 11; ++i) s[i] = atoi(v[i]);  // n Hq Hkv D K page L P nd ns sub
+    const bool ls = strcmp(v[11 + 2 + 9], "-") != 0;  // HC given: an LServe cache (ROPE = 2)
+    if (s[0] == 1) ls ? rows_rope<1, 2>(s, v + 11) : rows_rope<1, 1>(s, v + 11);
+    else if (s[0] == 3) ls ? rows_rope<3, 2>(s, v + 11) : rows_rope<3, 1>(s, v + 11);
+    else ls ? rows_rope<8, 2>(s, v + 11) : rows_rope<8, 1>(s, v + 11);
     return 0;
   }
   if (mode == "split" || mode == "dsplit" || mode == "ssilu" || mode == "srope") {

@@ -29,7 +29,7 @@ from .cuda_compile import load_module
 from .cuda_graphs import GraphExecutor
 from .cuda_quant import DeviceQuant, DeviceRowStack, QuantKernels, device_bytes
 from .rms_in import NO_NORM, RmsIn, scratch_bytes
-from .rope_out import NO_ROPE, rope_out
+from .rope_out import NO_ROPE, rope_kind, rope_out
 
 FP16_MAX = 65504.0
 LAYER_KERNELS = (
@@ -44,7 +44,12 @@ LAYER_KERNELS = (
     # the input's residual add and RMSNorm in the GEMV's prologue (rmsnorm_linear), plain and gate_up + SiLU
     *(f"gemv_rows<{n}, __half, {s}, true>" for s in ("false", "true") for n in range(1, 9)),
     # the q/k/v GEMV with RoPE and the K/V page write in its epilogue (qkv_rope), with and without the norm
-    *(f"gemv_rows<{n}, __half, false, {s}, true>" for s in ("false", "true") for n in range(1, 9)),
+    *(
+        f"gemv_rows<{n}, __half, false, {s}, {r}>"
+        for r in (1, 2)
+        for s in ("false", "true")
+        for n in range(1, 9)
+    ),
 )
 GEMV_MAX_ROWS = 8
 NORM_CHUNKS = 4  # add_rmsnorm's chunks of 8 values a thread at most on its vector path (layers.cu)
@@ -435,7 +440,7 @@ class CudaOps:
         n, s = int(x.shape[0]), self.gemv_slices(2 * m if rope is not None else m, k)
         b = lambda f: "true" if f else "false"  # noqa: E731
         if rope is not None:
-            name = f"gemv_rows<{n}, __half, false, {b(norm)}, true>"
+            name = f"gemv_rows<{n}, __half, false, {b(norm)}, {rope_kind(rope)}>"
         elif norm is not None:
             name = f"gemv_rows<{n}, __half, {b(silu)}, true>"
         elif silu:
@@ -508,30 +513,27 @@ class CudaOps:
         return out, norm.res_out
 
     def qkv_rope(self, x, residual, norm_w, eps, w, bias, positions, slots, cache: KVCache, layer: int, rope):
-        """Decode rows into a dense fp16 cache: RoPE and the K/V page write in the epilogue of the q/k/v GEMV
-        (gemv_rows with ROPE, the norm in its prologue where rmsnorm_linear fuses it; quant_gemv_split with ROPE
-        after add_rmsnorm for a split weight): no rope_write_kv launch, no qkv array. Everything else (LServe or
-        quantized caches, cuBLAS rows, RowStacks, block formats) and LSERVE_CUDA_FUSE_ROPE unset: `norm_qkv_rope`.
-        Reference: reference/layers.rope_write_kv_ref of rmsnorm_linear's product."""
+        """Decode rows into an fp16 cache (dense, or LServe's two pools and page statistics): RoPE and the K/V page
+        write in the epilogue of the q/k/v GEMV (gemv_rows with ROPE, the norm in its prologue where rmsnorm_linear
+        fuses it; quant_gemv_split with ROPE after add_rmsnorm for a split weight): no rope_write_kv launch, no qkv
+        array. Everything else (quantized caches, cuBLAS rows, RowStacks, block formats) and LSERVE_CUDA_FUSE_ROPE
+        unset: `norm_qkv_rope`. Reference: reference/layers.rope_write_kv(_sparse)_ref of rmsnorm_linear's product."""
         cp = self.cp
-        n, k = int(x.shape[0]), int(x.shape[1])
-        d, kc = cache.head_dim, cache.k[layer]
-        hkv, page = int(kc.shape[1]), int(kc.shape[2])
-        hq = int(w.shape[0]) // d - 2 * hkv
+        n, k, m, d = int(x.shape[0]), int(x.shape[1]), int(w.shape[0]), cache.head_dim
         split = isinstance(w, DeviceQuant) and w.split is not None
         dense = isinstance(w, cp.ndarray) and self.gemm_path(n, k) == "gemv"
-        if not (self.fuse_rope and 0 < n <= GEMV_MAX_ROWS and not cache.sparse and not cache.quantized
-                and (split or dense) and positions.dtype == cp.int64 and slots.dtype == cp.int64):  # fmt: skip
+        if not (self.fuse_rope and 0 < n <= GEMV_MAX_ROWS and not cache.quantized and (split or dense)
+                and positions.dtype == cp.int64 and slots.dtype == cp.int64):  # fmt: skip
             return norm_qkv_rope(
                 self, x, residual, norm_w, eps, w, bias, positions, slots, cache, layer, rope
             )
+        hkv = int(cache.head_class[layer].shape[0]) if cache.sparse else int(cache.k[layer].shape[1])
+        hq = m // d - 2 * hkv
         q = cp.empty((n, hq, d), cp.float16)
-        ro = rope_out(cp.ascontiguousarray(positions), cp.ascontiguousarray(slots), rope, q, kc, cache.v[layer],
-                      bias, hq, hkv, d, page)  # fmt: skip
+        pos, slots = cp.ascontiguousarray(positions), cp.ascontiguousarray(slots)  # alive until the launch
+        ro = rope_out(pos, slots, rope, q, cache, layer, bias, hq)
         x = cp.ascontiguousarray(x)
-        m = int(w.shape[0])
-        smem = gemv_rows_smem(n, k, self.gemv_slices(m, k), True, True)
-        if dense and self.fuse_norm and smem <= NORM_SMEM:
+        if dense and self.fuse_norm and gemv_rows_smem(n, k, self.gemv_slices(m, k), True, True) <= NORM_SMEM:
             res_in = None if residual is None else cp.ascontiguousarray(residual, dtype=cp.float32)
             norm = RmsIn(res_in, cp.empty((n, k), cp.float32), norm_w, eps)
             self._gemv_rows(x, w, q, m // 2, k, norm=norm, rope=ro)

@@ -33,7 +33,7 @@ import numpy as np
 from ..weights.qtensor import FORMATS, LAYOUTS, QuantTensor, RowStack, Weight, stored_bytes
 from .cuda_compile import load_module
 from .quant_split import SPLIT_FORMATS, SplitFormat, split
-from .rope_out import NO_ROPE, rope_rows
+from .rope_out import NO_ROPE, rope_kind, rope_rows
 
 QUANT_SOURCE = "quant_gemv.cu"
 SPLIT_SOURCE = "quant_gemv_split.cu"
@@ -103,9 +103,10 @@ def deep_name(trait: str) -> str:
     return f"quant_gemv_split<{trait}, {SPLIT_DEEP_R}, 1, 1, __half, false, 2>"
 
 
-def rope_name(trait: str, nmax: int) -> str:
-    """The q/k/v split GEMV with RoPE and the K/V write in its epilogue (ROPE; SPLIT_ROPE_R rows a warp, a pair)."""
-    return f"quant_gemv_split<{trait}, {SPLIT_ROPE_R}, {nmax}, 1, __half, false, 1, true>"
+def rope_name(trait: str, nmax: int, kind: int) -> str:
+    """The q/k/v split GEMV with RoPE and the K/V write in its epilogue (ROPE = kind, rope_out.rope_kind;
+    SPLIT_ROPE_R rows a warp, a pair)."""
+    return f"quant_gemv_split<{trait}, {SPLIT_ROPE_R}, {nmax}, 1, __half, false, 1, {kind}>"
 
 
 def deep_setting() -> bool:
@@ -182,7 +183,7 @@ def kernel_names(fmt: str, variants: tuple[str, ...] = (*GEMV_VARIANTS, "split")
                           for p, o in SPLIT_PASSES]  # fmt: skip
                 names += [f"quant_gemv_split<{s}, {r}, {n}, 1, __half, true>" for r in SPLIT_SILU_R
                           for n in SPLIT_ROWS]  # fmt: skip
-                names += [rope_name(s, n) for n in SPLIT_ROWS]
+                names += [rope_name(s, n, kind) for kind in (1, 2) for n in SPLIT_ROWS]
                 names.append(deep_name(s))
                 names.append(f"quant_dequant_split<{s}>")
             continue
@@ -429,7 +430,7 @@ class QuantKernels:
             nmax = next(g for g in SPLIT_ROWS if g >= rows)
             name = f"quant_gemv_split<{w.split.trait}, {r}, {nmax}, {passes}, {t}{tail}>"
             if rope is not None:
-                name = rope_name(w.split.trait, nmax)
+                name = rope_name(w.split.trait, nmax, rope_kind(rope))
             fn, smem = fns[name], split_smem(rows, k, passes)
             y = np.uint64(0) if out is None else out[i : i + rows]
             args = (w.data, *self._fields(w), x[i : i + rows], np.int32(rows), y, ldy, np.int32(outs), np.int32(k),
