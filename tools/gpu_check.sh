@@ -23,6 +23,15 @@ for s in $steps; do case $s in
            python3 -c "import json,sys; p=sys.argv[1]; c=json.load(open(p)); c['max_position_embeddings']=40960; json.dump(c,open(p,'w'))" $d/config.json
            step prefix 240 python3 tools/bench_prefix_cache.py doc --model $d --backend cuda --requests 32 --doc-tokens 32768 --out "$OUT/prefix_doc_cuda.json"
            step prefix_sparse 240 python3 tools/bench_prefix_cache.py doc --model $d --backend cuda --requests 32 --doc-tokens 32768 --sparse --pattern lserve_lite/sparse/patterns/SmolLM2-135M-Instruct/full_attention_heads.tsv --out "$OUT/prefix_doc_cuda_sparse.json" ;;
+  rope)    # RoPE + the K/V write in the decode QKV GEMV's epilogue (LSERVE_CUDA_FUSE_ROPE=1, off by default until
+           # timed): its tests, then SmolLM2 (its GGUF) and the Llama-3-8B shape at 4k with and without it, alternating
+           step rope_tests 240 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_gpu_qkv_rope.py
+           for i in 1 2; do for f in 1 0; do
+             step smol_rope${f}_$i 200 env LSERVE_CUDA_FUSE_ROPE=$f LSERVE_SMOLLM2_GGUF=${LSERVE_SMOLLM2_GGUF:-/tmp/smollm2.gguf} \
+                 python3 tools/bench_e2e.py --skip llama --skip splits --out "$OUT/smol_rope${f}_$i.json"
+             step llama_rope${f}_$i 200 env LSERVE_CUDA_FUSE_ROPE=$f python3 tools/bench_e2e.py --skip smollm2 \
+                 --skip splits --llama-contexts 4096 --out "$OUT/llama_rope${f}_$i.json"
+           done; done ;;
   quant)   step quant-bench 300 python3 tools/bench_quant_gpu.py --prefill-rows 2048 --out "$OUT/bench_quant_gpu.json"
            for q in int8 int4; do
              step llama-$q 200 python3 tools/bench_e2e.py --skip smollm2 --skip splits --quantize $q --llama-contexts 4096 32768 --out "$OUT/llama_$q.json"
