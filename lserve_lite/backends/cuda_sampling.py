@@ -268,8 +268,8 @@ class GpuSampler:
             self._lp_buf = cp.empty(size, cp.uint8)
         buf = self._lp_buf
         out = buf[:outs]
-        ids, lp, top = (out[: r * k * 8].view(cp.int64), out[r * k * 8 : r * k * 8 + r * 4].view(cp.float32),
-                        out[r * k * 8 + r * 4 :].view(cp.float32))  # fmt: skip
+        cut, types = (0, r * k * 8, r * k * 8 + r * 4, outs), (np.int64, np.float32, np.float32)
+        ids, lp, top = (out[cut[i] : cut[i + 1]].view(t) for i, t in enumerate(types))
         part_s = buf[p0 : p0 + r * g * 8].view(cp.float64)
         part_k = buf[p0 + r * g * 8 : p0 + r * g * 8 * (1 + LP_K)].view(cp.uint64)
         part_m = buf[p0 + r * g * 8 * (1 + LP_K) : size].view(cp.float32)
@@ -278,6 +278,5 @@ class GpuSampler:
                 lp, ids, top)  # fmt: skip
         self.k["logprob_rows"]((r, g), (LP_THREADS,), args)
         host = out.get()
-        return (host[r * k * 8 : r * k * 8 + r * 4].view(np.float32).copy(),
-                host[: r * k * 8].view(np.int64).reshape(r, k).copy(),
-                host[r * k * 8 + r * 4 :].view(np.float32).reshape(r, k).copy())  # fmt: skip
+        h_ids, h_lp, h_top = (host[cut[i] : cut[i + 1]].view(t) for i, t in enumerate(types))
+        return h_lp.copy(), h_ids.reshape(r, k).copy(), h_top.reshape(r, k).copy()
