@@ -396,10 +396,10 @@ __global__ void silu_mul(const __half* __restrict__ gu, __half* __restrict__ out
 // NORM: x is the layer's stream before its residual add and RMSNorm (rms_in.cuh; res_in, res_out, norm_w, eps), the
 // block puts the normed rows in dynamic shared memory (N * K halves, then rms_rows' scratch) and the warps read
 // them from there (CudaOps.rmsnorm_linear); the other instantiations ignore those four arguments.
-// ROPE (1: a dense cache, 2: LServe's two pools and statistics; TOut = __half): w is the fused q/k/v matrix, M counts RoPE pairs, a warp's two rows are outputs 2m and
-// 2m + 1 in rope_out.cuh's paired order, and its epilogue rotates them and writes q and the K/V page slots (`ro`;
-// CudaOps.qkv_rope; reference: rope_write_kv_ref of x @ w^T), y unused. Each row's sum is the one the plain
-// instantiation computes at the same S.
+// ROPE (gemv_rows_rope; 1: a dense cache, 2: LServe's two pools and statistics): w is the fused q/k/v matrix, M
+// counts RoPE pairs, a warp's two rows are outputs 2m and 2m + 1 in rope_out.cuh's paired order, and its epilogue
+// rotates them and writes q and the K/V page slots (`ro`; CudaOps.qkv_rope; reference: rope_write_kv_ref of
+// x @ w^T). Each row's sum is the one gemv_rows computes at the same S.
 // Tuning (compile definitions; CudaOps passes env LSERVE_GEMV_PREFETCH / LSERVE_GEMV_UNROLL): chunks of each row
 // prefetched to L2 before the PDL wait, and the K loop's unroll. Measured on an H200 (docs/PERF_e2e.md): any
 // prefetch (2-8 KiB a row) was slower, unrolling by 8 faster than by 4 or 16; this build, with the loop at span 0,
@@ -410,10 +410,11 @@ __global__ void silu_mul(const __half* __restrict__ gu, __half* __restrict__ out
 #ifndef LSERVE_GEMV_UNROLL
 #define LSERVE_GEMV_UNROLL 8
 #endif
-template <int N, typename TOut, bool SILU = false, bool NORM = false, int ROPE = 0>
-__global__ void gemv_rows(const __half* __restrict__ x, const __half* __restrict__ w, TOut* __restrict__ y, int M,
-                          int K, int S, const float* res_in, float* res_out, const __half* __restrict__ norm_w,
-                          float eps, const lserve::RopeOut ro) {
+template <int N, typename TOut, bool SILU, bool NORM, int ROPE>
+__device__ __forceinline__ void gemv_rows_body(const __half* __restrict__ x, const __half* __restrict__ w,
+                                               TOut* __restrict__ y, int M, int K, int S, const float* res_in,
+                                               float* res_out, const __half* __restrict__ norm_w, float eps,
+                                               const lserve::RopeOut& ro) {
   static_assert(!(SILU && ROPE), "one epilogue");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int m = blockIdx.x * ((blockDim.x >> 5) / S) + warp / S, slice = warp % S;
@@ -511,6 +512,23 @@ __global__ void gemv_rows(const __half* __restrict__ x, const __half* __restrict
   }
 }
 
+
+template <int N, typename TOut, bool SILU = false, bool NORM = false>
+__global__ void gemv_rows(const __half* __restrict__ x, const __half* __restrict__ w, TOut* __restrict__ y, int M,
+                          int K, int S, const float* res_in, float* res_out, const __half* __restrict__ norm_w,
+                          float eps) {
+  gemv_rows_body<N, TOut, SILU, NORM, 0>(x, w, y, M, K, S, res_in, res_out, norm_w, eps, lserve::RopeOut{});
+}
+
+// The q/k/v GEMV with the RoPE epilogue (ROPE above; CudaOps.qkv_rope): M RoPE pairs, no y; its own kernel so
+// that the other instantiations keep their argument list (a struct argument costs CuPy's launcher ~8 scalars').
+template <int N, bool NORM, int ROPE>
+__global__ void gemv_rows_rope(const __half* __restrict__ x, const __half* __restrict__ w, int M, int K, int S,
+                               const float* res_in, float* res_out, const __half* __restrict__ norm_w, float eps,
+                               const lserve::RopeOut ro) {
+  gemv_rows_body<N, __half, false, NORM, ROPE>(x, w, nullptr, M, K, S, res_in, res_out, norm_w, eps, ro);
+}
+
 template __global__ void embed_gather<1>(const __half*, const long long*, __half*, int, long long, long long);
 template __global__ void embed_gather<8>(const __half*, const long long*, __half*, int, long long, long long);
 template __global__ void add_rmsnorm<false, false>(const __half*, const float*, float*, const __half*, __half*, int, float);
@@ -519,43 +537,43 @@ template __global__ void add_rmsnorm<true, false>(const __half*, const float*, f
 template __global__ void add_rmsnorm<true, true>(const __half*, const float*, float*, const __half*, __half*, int, float);
 template __global__ void silu_mul<1>(const __half*, __half*, int, long long);
 template __global__ void silu_mul<8>(const __half*, __half*, int, long long);
-template __global__ void gemv_rows<1, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<2, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<3, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<4, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<5, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<6, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<7, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<8, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<1, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<2, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<3, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<4, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<5, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<6, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<7, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<8, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<1, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<2, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<3, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<4, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<5, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<6, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<7, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<8, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<1, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<1, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<2, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<2, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<3, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<3, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<4, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<4, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<5, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<5, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<6, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<6, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<7, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<7, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<8, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
-template __global__ void gemv_rows<8, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float, const lserve::RopeOut);
+template __global__ void gemv_rows<1, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<2, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<3, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<4, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<5, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<6, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<7, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<8, __half>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<1, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<2, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<3, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<4, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<5, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<6, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<7, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<8, float>(const __half*, const __half*, float*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<1, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<2, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<3, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<4, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<5, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<6, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<7, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<8, __half, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<1, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<1, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<2, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<2, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<3, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<3, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<4, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<4, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<5, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<5, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<6, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<6, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<7, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<7, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<8, __half, false, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);
+template __global__ void gemv_rows<8, __half, true, true>(const __half*, const __half*, __half*, int, int, int, const float*, float*, const __half*, float);

@@ -302,14 +302,15 @@ struct SplitItem {
 // UX = 2 ("deep"): register sets of twice the chunks, for matrices with fewer row groups than the GPU holds warps
 // (o_proj and down of a Llama-3-8B shape: 2,048 groups of 2 rows): their warps are all resident at 2 blocks per SM
 // as well, and each keeps twice the bytes in flight (cuda_quant.split_deep decides).
-// ROPE (1: a dense cache, 2: LServe's two pools and statistics; R even, P = 1): W is the fused q/k/v matrix, outputs in rope_out.cuh's paired order, and the epilogue
-// rotates each pair and writes q and the K/V page slots (`ro`; CudaOps.qkv_rope), y unused; every output's sum is
-// the plain instantiation's.
-template <typename F, int R, int NMAX, int P, typename TOut, bool SILU = false, int UX = 1, int ROPE = 0>
-__global__ void __launch_bounds__(SWARPS * 32, (SPLIT_MIN_BLOCKS<F, R, NMAX, P, SILU, UX>))
-    quant_gemv_split(const u8* __restrict__ q, const __half* __restrict__ d, const __half* __restrict__ mn,
-                     const unsigned short* __restrict__ sub, const __half* __restrict__ x, int n,
-                     TOut* __restrict__ y, int ldy, int M, int K, const lserve::RopeOut ro) {
+// ROPE (quant_gemv_split_rope; 1: a dense cache, 2: LServe's two pools and statistics): W is the fused q/k/v
+// matrix, outputs in rope_out.cuh's paired order, and the epilogue rotates each pair and writes q and the K/V page
+// slots (`ro`; CudaOps.qkv_rope); every output's sum is quant_gemv_split's at R = 2.
+template <typename F, int R, int NMAX, int P, typename TOut, bool SILU, int UX, int ROPE>
+__device__ __forceinline__ void quant_gemv_split_body(const u8* __restrict__ q, const __half* __restrict__ d,
+                                                      const __half* __restrict__ mn,
+                                                      const unsigned short* __restrict__ sub,
+                                                      const __half* __restrict__ x, int n, TOut* __restrict__ y,
+                                                      int ldy, int M, int K, const lserve::RopeOut& ro) {
   static_assert(!SILU || R % 2 == 0, "SILU pairs gate and up rows in a warp");
   static_assert(ROPE == 0 || (R % 2 == 0 && !SILU), "ROPE pairs a head's channels j and j + D / 2 in a warp");
   constexpr int U = SPLIT_U<F, R> * UX, RO = SILU ? R / 2 : R;  // chunks per lane and set, outputs per warp
@@ -351,6 +352,24 @@ __global__ void __launch_bounds__(SWARPS * 32, (SPLIT_MIN_BLOCKS<F, R, NMAX, P, 
   };
   while (step(a, b) && step(b, a)) {
   }
+}
+
+template <typename F, int R, int NMAX, int P, typename TOut, bool SILU = false, int UX = 1>
+__global__ void __launch_bounds__(SWARPS * 32, (SPLIT_MIN_BLOCKS<F, R, NMAX, P, SILU, UX>))
+    quant_gemv_split(const u8* __restrict__ q, const __half* __restrict__ d, const __half* __restrict__ mn,
+                     const unsigned short* __restrict__ sub, const __half* __restrict__ x, int n,
+                     TOut* __restrict__ y, int ldy, int M, int K) {
+  quant_gemv_split_body<F, R, NMAX, P, TOut, SILU, UX, 0>(q, d, mn, sub, x, n, y, ldy, M, K, lserve::RopeOut{});
+}
+
+// The q/k/v GEMV with the RoPE epilogue (ROPE above; two rows a warp, one pass, fp16; CudaOps.qkv_rope): its own
+// kernel so that the others keep their argument list (a struct argument costs CuPy's launcher ~8 scalars').
+template <typename F, int NMAX, int ROPE>
+__global__ void __launch_bounds__(SWARPS * 32, (SPLIT_MIN_BLOCKS<F, 2, NMAX, 1, false, 1>))
+    quant_gemv_split_rope(const u8* __restrict__ q, const __half* __restrict__ d, const __half* __restrict__ mn,
+                          const unsigned short* __restrict__ sub, const __half* __restrict__ x, int n, int M, int K,
+                          const lserve::RopeOut ro) {
+  quant_gemv_split_body<F, 2, NMAX, 1, __half, false, 1, ROPE>(q, d, mn, sub, x, n, nullptr, 0, M, K, ro);
 }
 
 // out[j, :] = W's row (rows ? rows[j] : r0 + j) as fp16, for j < nrows; one thread per 8 values (a 16-byte

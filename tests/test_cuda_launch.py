@@ -14,12 +14,13 @@ from lserve_lite.backends import cuda_launch
 from lserve_lite.backends.cuda_compile import kernels_dir
 
 _GLOBAL = re.compile(r"^(?!template __global__).*__global__\b", re.M)
+_DEVICE = re.compile(r"^__device__\b", re.M)
 
 
-def _bodies(src: str) -> list[tuple[str, str]]:
-    """(signature head, body) of every __global__ function definition (explicit instantiations excluded)."""
+def _bodies(src: str, pattern: re.Pattern = _GLOBAL) -> list[tuple[str, str]]:
+    """(name, body) of every __global__ (or `pattern`) function definition (explicit instantiations excluded)."""
     out = []
-    for m in _GLOBAL.finditer(src):
+    for m in pattern.finditer(src):
         start = src.index("{", m.end())
         depth, i = 0, start
         while True:
@@ -36,9 +37,13 @@ def test_every_kernel_calls_pdl_enter():
     outputs: each __global__ body calls pdl_enter() (the GEMVs after their first weight loads only)."""
     seen = 0
     for path in sorted(kernels_dir().glob("*.cu")):
-        for name, body in _bodies(path.read_text()):
+        src = path.read_text()
+        # a kernel may be a thin wrapper of a device function of the same file that waits (the GEMV bodies)
+        waits = [n for n, b in _bodies(src, _DEVICE) if "pdl_enter();" in b]
+        for name, body in _bodies(src):
             seen += 1
-            assert "pdl_enter();" in body, f"{path.name}: kernel {name} never calls pdl_enter()"
+            ok = "pdl_enter();" in body or any(re.search(rf"\b{w}\s*[<(]", body) for w in waits)
+            assert ok, f"{path.name}: kernel {name} never calls pdl_enter()"
     assert seen >= 24  # every family: layers, attention (prefill, sm90, decode), selector, quant, sampling
 
 

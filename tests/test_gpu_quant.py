@@ -199,7 +199,7 @@ def test_kernel_names_cover_every_format_and_row_count():
     assert "quant_gemv_split<SQ4_1, 4, 8, 1, __half>" in kernel_names("q4_1", ("split",))
     assert "quant_gemv_split<SQ4_1, 4, 8, 2, float>" in kernel_names("q4_1", ("split",))
     assert "quant_gemv_split<SINT4, 2, 1, 1, __half, true>" in kernel_names("int4", ("split",))
-    assert "quant_gemv_split<SQ4_1, 2, 8, 1, __half, false, 1, 2>" in kernel_names("q4_1", ("split",))
+    assert "quant_gemv_split_rope<SQ4_1, 8, 2>" in kernel_names("q4_1", ("split",))
     assert kernel_names("int8", ("split",))[-1] == "quant_dequant_split<SINT8>"
     assert "quant_gemv_split<SINT8, 2, 1, 1, __half, false, 2>" in kernel_names("int8", ("split",))
 

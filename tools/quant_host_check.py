@@ -76,10 +76,10 @@ ROPE_PAGE, ROPE_PAGES, ROPE_LEN = 16, 4, 64  # page size, pages and RoPE table r
 
 
 def gemv_rows_source() -> str:
-    """The text of gemv_rows in kernels/layers.cu, from its comment to its closing brace (the emulator includes
-    it alone: the rest of layers.cu has inline PTX, which cannot run on the host)."""
+    """The text of gemv_rows in kernels/layers.cu, from its comment to the closing brace of gemv_rows_rope, the last of
+    its kernels (the emulator includes it alone: the rest of layers.cu has inline PTX, which cannot run on the host)."""
     src = (ROOT / "kernels" / "layers.cu").read_text()
-    found = re.search(r"// Small-batch linear for decode.*?\n}\n", src, re.S)
+    found = re.search(r"// Small-batch linear for decode.*?void gemv_rows_rope\(.*?\n}\n", src, re.S)
     if not found or "void gemv_rows(" not in found.group(0):
         raise RuntimeError("gemv_rows not found in kernels/layers.cu")
     return found.group(0)

@@ -24,9 +24,9 @@
 // KS / VS [P, ns, page, D], int32 HC / HS [Hkv] (head class, pool row), KMAX / KMIN [P, nd, sub, D]; "-" for
 // KS .. KMIN: none (a dense cache: nd = Hkv); the outputs are read first (their sentinels) and written back):
 //   quant_host_emu srope FMT n Hq Hkv D K page L P nd ns sub G Q D MN SUB X POS SLOTS COS SIN QOUT KC VC KS VS HC
-//                        HS KMAX KMIN          quant_gemv_split with ROPE, R = 2, G blocks as above
-//   quant_host_emu grope - n Hq Hkv D K page L P nd ns sub W X POS SLOTS ... KMIN   gemv_rows<n, __half, false,
-//                                                            false, true> (EMU_GEMV_SLICES warps per pair)
+//                        HS KMAX KMIN          quant_gemv_split_rope, G blocks as above
+//   quant_host_emu grope - n Hq Hkv D K page L P nd ns sub W X POS SLOTS ... KMIN   gemv_rows_rope<n, false, ROPE>
+//                                                            (EMU_GEMV_SLICES warps per pair)
 #include "host_emu.cuh"
 
 #include <type_traits>
@@ -190,7 +190,7 @@ static void gemv_split(int n, int M, int K, int ldy, int G, char** a) {
   std::vector<float> y((size_t)n * ldy, 12345.f);
   float* yp = y.data();
   launch_blocks(split_grid(M, R, G), SWARPS,
-                [=] { quant_gemv_split<S, R, NMAX, P, float, false, UX>(w.q, w.d, w.mn, w.sub, x, n, yp, ldy, M, K, {}); });
+                [=] { quant_gemv_split<S, R, NMAX, P, float, false, UX>(w.q, w.d, w.mn, w.sub, x, n, yp, ldy, M, K); });
   write_file(a[5], yp, y.size());
 }
 
@@ -216,7 +216,7 @@ static void gemv_split_silu(int n, int M, int K, int ldy, int G, char** a) {
   std::vector<__half> y((size_t)n * ldy, __float2half(12344.f));
   __half* yp = y.data();
   launch_blocks(split_grid(M, R / 2, G), SWARPS, [=] {
-    quant_gemv_split<S, R, NMAX, 1, __half, true>(w.q, w.d, w.mn, w.sub, x, n, yp, ldy, M, K, {});
+    quant_gemv_split<S, R, NMAX, 1, __half, true>(w.q, w.d, w.mn, w.sub, x, n, yp, ldy, M, K);
   });
   write_file(a[5], yp, y.size());
 }
@@ -284,7 +284,7 @@ static void gemv_split_rope(const int* s, char** a) {  // s: n Hq Hkv D K page L
   const EmuRope e(n, s[1], s[2], s[3], s[5], s[6], s[7], s[8], s[9], s[10], a + 5);
   const lserve::RopeOut ro = e.ro;
   launch_blocks(split_grid(M, 2, G), SWARPS, [=] {
-    quant_gemv_split<S, 2, NMAX, 1, __half, false, 1, KIND>(w.q, w.d, w.mn, w.sub, x, n, nullptr, 0, M, K, ro);
+    quant_gemv_split_rope<S, NMAX, KIND>(w.q, w.d, w.mn, w.sub, x, n, M, K, ro);
   });
   e.save();
 }
@@ -299,7 +299,7 @@ static void rows_rope(const int* s, char** a) {  // s: n Hq Hkv D K page L P nd 
   const char* env = getenv("EMU_GEMV_SLICES");
   const int S = env ? atoi(env) : 1;
   launch_blocks((M * S + 7) / 8, 8, [=] {
-    gemv_rows<N, __half, false, false, KIND>(x, w, nullptr, M, K, S, nullptr, nullptr, nullptr, 0.f, ro);
+    gemv_rows_rope<N, false, KIND>(x, w, M, K, S, nullptr, nullptr, nullptr, 0.f, ro);
   });
   e.save();
 }
@@ -342,7 +342,7 @@ static void rows_gemv(int M, int K, char** a) {
   const char* env = getenv("EMU_GEMV_SLICES");  // warps per row (CudaOps.gemv_slices), 1 unless set
   const int S = env ? atoi(env) : 1;
   launch_blocks((M * S + 7) / 8, 8,
-                [=] { gemv_rows<N, T, SILU, NORM>(x, w, yp, M, K, S, nm.res, nm.res_out, nm.w, nm.eps, {}); });
+                [=] { gemv_rows<N, T, SILU, NORM>(x, w, yp, M, K, S, nm.res, nm.res_out, nm.w, nm.eps); });
   write_file(a[2], yp, y.size());
   norm_save(N, K);
 }

@@ -29,7 +29,7 @@ from .cuda_compile import load_module
 from .cuda_graphs import GraphExecutor
 from .cuda_quant import DeviceQuant, DeviceRowStack, QuantKernels, device_bytes
 from .rms_in import NO_NORM, RmsIn, scratch_bytes
-from .rope_out import NO_ROPE, rope_kind, rope_out
+from .rope_out import rope_kind, rope_out
 
 FP16_MAX = 65504.0
 LAYER_KERNELS = (
@@ -44,12 +44,7 @@ LAYER_KERNELS = (
     # the input's residual add and RMSNorm in the GEMV's prologue (rmsnorm_linear), plain and gate_up + SiLU
     *(f"gemv_rows<{n}, __half, {s}, true>" for s in ("false", "true") for n in range(1, 9)),
     # the q/k/v GEMV with RoPE and the K/V page write in its epilogue (qkv_rope), with and without the norm
-    *(
-        f"gemv_rows<{n}, __half, false, {s}, {r}>"
-        for r in (1, 2)
-        for s in ("false", "true")
-        for n in range(1, 9)
-    ),
+    *(f"gemv_rows_rope<{n}, {s}, {r}>" for r in (1, 2) for s in ("false", "true") for n in range(1, 9)),
 )
 GEMV_MAX_ROWS = 8
 NORM_CHUNKS = 4  # add_rmsnorm's chunks of 8 values a thread at most on its vector path (layers.cu)
@@ -439,16 +434,17 @@ class CudaOps:
         `rope`, whose slices are those of the 2m rows unfused): grid, slices, dynamic shared memory (gemv_rows_smem)."""
         n, s = int(x.shape[0]), self.gemv_slices(2 * m if rope is not None else m, k)
         b = lambda f: "true" if f else "false"  # noqa: E731
-        if rope is not None:
-            name = f"gemv_rows<{n}, __half, false, {b(norm)}, {rope_kind(rope)}>"
-        elif norm is not None:
-            name = f"gemv_rows<{n}, __half, {b(silu)}, true>"
-        elif silu:
-            name = f"gemv_rows<{n}, __half, true>"
+        sizes, tail = (np.int32(m), np.int32(k), np.int32(s)), norm.args() if norm else NO_NORM
+        if rope is not None:  # gemv_rows_rope: no y, the RopeOut struct last
+            name, args = f"gemv_rows_rope<{n}, {b(norm)}, {rope_kind(rope)}>", (x, w, *sizes, *tail, rope)
         else:
-            name = f"gemv_rows<{n}, {'__half' if out.dtype == np.float16 else 'float'}>"
-        args = (x, w, out, np.int32(m), np.int32(k), np.int32(s), *(norm.args() if norm else NO_NORM),
-                NO_ROPE if rope is None else rope)  # fmt: skip
+            if norm is not None:
+                name = f"gemv_rows<{n}, __half, {b(silu)}, true>"
+            elif silu:
+                name = f"gemv_rows<{n}, __half, true>"
+            else:
+                name = f"gemv_rows<{n}, {'__half' if out.dtype == np.float16 else 'float'}>"
+            args = (x, w, out, *sizes, *tail)
         smem = gemv_rows_smem(n, k, s, silu or rope is not None, norm is not None)
         self.k[name]((-(-m * s // GEMV_WARPS),), (32 * GEMV_WARPS,), args, shared_mem=smem)
 

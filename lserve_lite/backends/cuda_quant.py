@@ -33,7 +33,7 @@ import numpy as np
 from ..weights.qtensor import FORMATS, LAYOUTS, QuantTensor, RowStack, Weight, stored_bytes
 from .cuda_compile import load_module
 from .quant_split import SPLIT_FORMATS, SplitFormat, split
-from .rope_out import NO_ROPE, rope_kind, rope_rows
+from .rope_out import rope_kind, rope_rows
 
 QUANT_SOURCE = "quant_gemv.cu"
 SPLIT_SOURCE = "quant_gemv_split.cu"
@@ -63,8 +63,7 @@ SPLIT_GRIDS = ("persist", "grid")  # LSERVE_QGEMV_SPLIT: the split GEMV's grid (
 # Rows per warp with a "deep" instantiation (UX = 2: register sets of twice the chunks, batch 1, fp16 out, one
 # pass), for matrices whose row groups all fit the GPU's resident warps (split_deep)
 SPLIT_DEEP_R = 2
-# Rows per warp of the q/k/v GEMV with the RoPE epilogue (one RoPE pair; instantiated for this R only)
-SPLIT_ROPE_R = 2
+SPLIT_ROPE_R = 2  # rows per warp of quant_gemv_split_rope (one RoPE pair; fixed in the kernel)
 SMEM_DEFAULT = 48 << 10  # dynamic shared memory a launch gets without opting in
 
 
@@ -104,9 +103,9 @@ def deep_name(trait: str) -> str:
 
 
 def rope_name(trait: str, nmax: int, kind: int) -> str:
-    """The q/k/v split GEMV with RoPE and the K/V write in its epilogue (ROPE = kind, rope_out.rope_kind;
-    SPLIT_ROPE_R rows a warp, a pair)."""
-    return f"quant_gemv_split<{trait}, {SPLIT_ROPE_R}, {nmax}, 1, __half, false, 1, {kind}>"
+    """The q/k/v split GEMV with RoPE and the K/V write in its epilogue (ROPE = kind, rope_out.rope_kind; two rows
+    a warp, a pair)."""
+    return f"quant_gemv_split_rope<{trait}, {nmax}, {kind}>"
 
 
 def deep_setting() -> bool:
@@ -432,9 +431,12 @@ class QuantKernels:
             if rope is not None:
                 name = rope_name(w.split.trait, nmax, rope_kind(rope))
             fn, smem = fns[name], split_smem(rows, k, passes)
-            y = np.uint64(0) if out is None else out[i : i + rows]
-            args = (w.data, *self._fields(w), x[i : i + rows], np.int32(rows), y, ldy, np.int32(outs), np.int32(k),
-                    NO_ROPE if rope is None else rope_rows(rope, i))  # fmt: skip
+            if rope is None:
+                args = (w.data, *self._fields(w), x[i : i + rows], np.int32(rows), out[i : i + rows], ldy,
+                        np.int32(outs), np.int32(k))  # fmt: skip
+            else:  # no y: the RopeOut struct, moved to these rows
+                args = (w.data, *self._fields(w), x[i : i + rows], np.int32(rows), np.int32(outs), np.int32(k),
+                        rope_rows(rope, i))  # fmt: skip
             resident = self.split_resident
             if resident is None and self.split_grid == "persist":
                 resident = self.resident_blocks(name, fn, smem)

@@ -1,5 +1,6 @@
-"""The RoPE + K/V write epilogue of the fused q/k/v decode GEMV (kernels/rope_out.cuh) as its one kernel argument:
-a NumPy structured scalar with the layout of `lserve::RopeOut`; the instantiations without it take `NO_ROPE`."""
+"""The RoPE + K/V write epilogue of the fused q/k/v decode GEMVs (gemv_rows_rope, quant_gemv_split_rope;
+kernels/rope_out.cuh) as their one struct argument: a NumPy structured scalar with the layout of `lserve::RopeOut`
+(CuPy and the PDL launcher pass its bytes by value)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,6 @@ ROPE_OUT = np.dtype(
     align=True,
 )
 assert ROPE_OUT.itemsize == 144  # static_assert(sizeof(RopeOut) == 144) in rope_out.cuh
-
-NO_ROPE = np.zeros((), ROPE_OUT)[()]
 
 
 def _ptr(a: Any) -> int:
