@@ -246,9 +246,10 @@ __device__ __forceinline__ void store_rows(float (&acc)[R][NMAX], const float (&
 #pragma unroll
     for (int i = 0; i < R; i += 2) {
       if (m0 + i < M) {
+        const float ra = F::CPG ? 1.f : rs[i], rb = F::CPG ? 1.f : rs[i + 1];
         float a[NMAX], b[NMAX];
 #pragma unroll
-        for (int r = 0; r < NMAX; ++r) a[r] = (F::CPG ? 1.f : rs[i]) * acc[i][r], b[r] = (F::CPG ? 1.f : rs[i + 1]) * acc[i + 1][r];
+        for (int r = 0; r < NMAX; ++r) a[r] = ra * acc[i][r], b[r] = rb * acc[i + 1][r];
         lserve::rope_store_rows<NMAX, ROPE == 2>(ro, n, m0 + i, a, b);
       }
     }
