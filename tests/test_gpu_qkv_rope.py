@@ -65,11 +65,13 @@ def test_qkv_rope_fused_matches_unfused(hctx, d, fmt, n, first):
     slots = rng.choice(8 * page, n, replace=False).astype(np.int64)
     if n > 1:
         slots[1] = -1  # a padding row of a captured batch: no K/V write
-    runs = {}
+    runs, old = {}, None  # old: the caches' values before the call, the same for both runs (to leave alone)
     for how in ("fused", "unfused"):
         cache = ops.alloc_kv(cfg, page, 8)
-        for a in (cache.k[0], cache.v[0]):
-            a[...] = cp.asarray(rng.standard_normal(a.shape).astype(np.float16))  # values to leave alone
+        if old is None:
+            old = [rng.standard_normal(a.shape).astype(np.float16) for a in (cache.k[0], cache.v[0])]
+        for a, o in zip((cache.k[0], cache.v[0]), old, strict=True):
+            a[...] = cp.asarray(o)
         before = (cache.k[0].copy(), cache.v[0].copy())
         fn = ops.qkv_rope if how == "fused" else (lambda *a: norm_qkv_rope(ops, *a))
         q, r = fn(hctx.dev16(x), None if first else cp.asarray(res), cp.asarray(lnw), 1e-5, dw, None,
