@@ -4,6 +4,8 @@ GEMV (kernels/rope_out.cuh in gemv_rows and quant_gemv_split) against the unfuse
 engine (eager and CUDA Graphs, fused against unfused). gpu-marked (skipped without a GPU); the same epilogue runs
 on the host in CI through tools/quant_host_check.py (test_kernels_compile.py).
 
+Unmarked (in CI): the launch argument's host-side bookkeeping (backends/rope_out.py) on stand-in arrays.
+
 Both paths compute each output's float32 sum with the same kernel code in the same order and round as the other
 does, so q, the written K/V slots, the residual stream, every cache value left alone and the engine's logits are
 equal bit for bit.
@@ -189,3 +191,47 @@ def test_engine_fused_equals_unfused(monkeypatch, graphs):
         out = {k: _step(r, b, [seqs[k][i] for i in live], [1] * len(live)) for k, (r, b) in runs.items()}
         assert np.array_equal(out["1"], out["0"]), f"fused decode logits differ at step {step}"
         toks = dict(zip(live, out["0"].argmax(-1), strict=True))
+
+
+class _Dev:
+    """Stands for a device array: a shape and a `data.ptr`."""
+
+    def __init__(self, ptr: int, *shape: int):
+        self.shape, self.data = shape, type("Mem", (), {"ptr": ptr})()
+
+
+def test_rope_out_fields_dense_and_lserve():
+    """rope_out's struct for a dense and an LServe cache (pointers, head and pool counts, logical pages, N), rope_kind,
+    and rope_rows moving the per-row pointers for a later launch over rows 3.. (the streaming slots stay N apart)."""
+    from lserve_lite.backends.base import KVCache
+    from lserve_lite.backends.rope_out import rope_kind, rope_out, rope_rows
+
+    pos, slots, cos, sin, q = (
+        _Dev(0x1000, 5),
+        _Dev(0x2000, 5),
+        _Dev(0x3000, 64, 32),
+        _Dev(0x4000, 64, 32),
+        _Dev(0x5000),
+    )
+    dense = KVCache(k=[_Dev(0x6000, 8, 3, 16, 64)], v=[_Dev(0x7000, 8, 3, 16, 64)], page_size=16, num_pages=8)
+    ro = rope_out(pos, slots, (cos, sin), q, dense, 0, None, 9)
+    assert (int(ro["positions"]), int(ro["slots"]), int(ro["q_out"]), int(ro["k_cache"]), int(ro["v_cache"])) == (
+        0x1000, 0x2000, 0x5000, 0x6000, 0x7000)  # fmt: skip
+    assert int(ro["bias"]) == int(ro["ks"]) == int(ro["head_class"]) == int(ro["kmax"]) == 0
+    assert [int(ro[f]) for f in ("hq", "hkv", "head_dim", "page_size", "nd", "ns", "sub", "n_rows")] == [
+        9, 3, 64, 16, 3, 0, 1, 5]  # fmt: skip
+    assert rope_kind(ro) == 1
+    sparse = KVCache(
+        k=[_Dev(0x6000, 8, 2, 16, 64)], v=[_Dev(0x7000, 8, 2, 16, 64)], page_size=16, num_pages=8,
+        ks=[_Dev(0x8000, 4, 1, 16, 64)], vs=[_Dev(0x9000, 4, 1, 16, 64)], head_class=[_Dev(0xA000, 3)],
+        head_slot=[_Dev(0xB000, 3)], kmax=[_Dev(0xC000, 8, 2, 4, 64)], kmin=[_Dev(0xD000, 8, 2, 4, 64)],
+    )  # fmt: skip
+    ro = rope_out(pos, slots, (cos, sin), q, sparse, 0, _Dev(0xE000), 9)
+    assert [int(ro[f]) for f in ("bias", "ks", "vs", "head_class", "head_slot", "kmax", "kmin")] == [
+        0xE000, 0x8000, 0x9000, 0xA000, 0xB000, 0xC000, 0xD000]  # fmt: skip
+    assert [int(ro[f]) for f in ("hkv", "nd", "ns", "sub", "n_rows")] == [3, 2, 1, 4, 5]
+    assert rope_kind(ro) == 2
+    moved = rope_rows(ro, 3)
+    assert int(moved["positions"]) == 0x1000 + 24 and int(moved["slots"]) == 0x2000 + 24
+    assert int(moved["q_out"]) == 0x5000 + 2 * 3 * 9 * 64 and int(moved["n_rows"]) == 5
+    assert rope_rows(ro, 0) is ro and int(ro["positions"]) == 0x1000  # the original is left as it was

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from lserve_lite.backends.cuda_compile import ARCH_SPECIFIC, kernel_sources, nvrtc_check
+from lserve_lite.backends.cuda_compile import ARCH_SPECIFIC, kernel_sources, kernels_dir, nvrtc_check
 
 ARCHS = ("sm_80", "sm_90")
 
@@ -308,6 +308,32 @@ def test_decode_smem_matches_the_kernels():
     text = re.sub(r"^LSERVE_\w+\(.*\)$", "", read_source(att.DECODE_SOURCE), flags=re.M)
     text += "".join(f'static_assert({expr} == {n}, "{expr} != {n}");\n' for expr, n in sizes)
     nvrtc_check(att.DECODE_SOURCE, "sm_90", source=text)  # raises with the failed assertion in the log
+
+
+def test_rope_out_struct_matches_the_kernels():
+    """backends/rope_out.ROPE_OUT (the NumPy struct the fused QKV GEMVs take by value) against lserve::RopeOut in
+    kernels/rope_out.cuh: the members in order (pointers 8 bytes, ints 4, each at its natural alignment) at the
+    NumPy fields' offsets, and the size (the header's static_assert, which NVRTC checks in every source above)."""
+    from lserve_lite.backends.rope_out import ROPE_OUT
+
+    text = (kernels_dir() / "rope_out.cuh").read_text()
+    body = re.search(r"struct RopeOut \{(.*?)\n\};", text, re.S).group(1)
+    members = []  # (name, size) in declaration order
+    for decl in re.sub(r"//[^\n]*", "", body).split(";"):
+        d = " ".join(decl.split())
+        if d:
+            assert "*" in d or d.startswith("int "), d  # the two kinds of member the struct has
+            size, names = (8, d.rsplit("*", 1)[1]) if "*" in d else (4, d[4:])
+            members += [(n.strip(), size) for n in names.split(",")]
+    offset, offsets = 0, {}
+    for name, size in members:
+        offset = -(-offset // size) * size
+        offsets[name], offset = offset, offset + size
+    cpp = {"cos": "cos_t", "sin": "sin_t"}  # NumPy field -> C++ member where they differ
+    assert [cpp.get(f, f) for f in ROPE_OUT.names] == list(offsets)
+    assert all(offsets[cpp.get(f, f)] == ROPE_OUT.fields[f][1] for f in ROPE_OUT.names)
+    assert [ROPE_OUT.fields[f][0].itemsize for f in ROPE_OUT.names] == [size for _, size in members]
+    assert f"sizeof(RopeOut) == {ROPE_OUT.itemsize}" in text
 
 
 def test_every_launcher_source_exists():
