@@ -106,8 +106,7 @@ __device__ __forceinline__ __half rope_channel(const __half* x, int c, int half_
   const int j = c < half_d ? c : c - half_d;
   const float a = __half2float(x[j]), b = __half2float(x[j + half_d]);
   const float cs = __half2float(cos_row[j]), sn = __half2float(sin_row[j]);
-  return c < half_d ? __float2half(__fsub_rn(__fmul_rn(a, cs), __fmul_rn(b, sn)))
-                    : __float2half(__fadd_rn(__fmul_rn(b, cs), __fmul_rn(a, sn)));
+  return __float2half(c < half_d ? lserve::rope_lo(a, b, cs, sn) : lserve::rope_hi(a, b, cs, sn));
 }
 
 // Channels j0 .. j0+7 and j0+half_d .. j0+half_d+7 of head vector x written at the same places of dst, rotated
@@ -126,8 +125,8 @@ __device__ __forceinline__ void rope_pairs8(const __half* x, int j0, int half_d,
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       const float af = __half2float(a[k]), bf = __half2float(b[k]), c = __half2float(cs[k]), s = __half2float(sn[k]);
-      a[k] = __float2half(__fsub_rn(__fmul_rn(af, c), __fmul_rn(bf, s)));
-      b[k] = __float2half(__fadd_rn(__fmul_rn(bf, c), __fmul_rn(af, s)));
+      a[k] = __float2half(lserve::rope_lo(af, bf, c, s));
+      b[k] = __float2half(lserve::rope_hi(af, bf, c, s));
     }
   }
   *reinterpret_cast<uint4*>(dst + j0) = lo;

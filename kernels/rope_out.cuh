@@ -37,6 +37,16 @@ struct RopeOut {
 };
 static_assert(sizeof(RopeOut) == 144, "backends/rope_out.py's ROPE_OUT dtype");
 
+// The half-split RoPE rotation of a channel pair (a: channel j, b: channel j + D / 2) by (c, s) = (cos, sin) of the
+// position: each product and the difference / sum rounded on its own (no FMA contraction), the one rule every
+// writer of rotated keys follows, so that a key recomputed later (the page statistics) has the cache's bits.
+__device__ __forceinline__ float rope_lo(float a, float b, float c, float s) {
+  return __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+}
+__device__ __forceinline__ float rope_hi(float a, float b, float c, float s) {
+  return __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+}
+
 // The row of W that paired-order output o reads.
 __device__ __forceinline__ int rope_row(int o, int head_dim) {
   const int h = o / head_dim, t = o - h * head_dim;
@@ -68,12 +78,12 @@ __device__ __forceinline__ void rope_store_rows(const RopeOut& ro, int n, int o,
       ha = __float2half(__half2float(ha) + __half2float(ba));
       hb = __float2half(__half2float(hb) + __half2float(bb));
     }
-    if (is_q || is_k) {  // rope_pairs8's rotation and rounding
+    if (is_q || is_k) {  // rotated as rope_pairs8 rotates
       const long long p = ro.positions[r];
       const float af = __half2float(ha), bf = __half2float(hb);
       const float c = __half2float(ro.cos_t[p * half_d + j]), s = __half2float(ro.sin_t[p * half_d + j]);
-      ha = __float2half(__fsub_rn(__fmul_rn(af, c), __fmul_rn(bf, s)));
-      hb = __float2half(__fadd_rn(__fmul_rn(bf, c), __fmul_rn(af, s)));
+      ha = __float2half(rope_lo(af, bf, c, s));
+      hb = __float2half(rope_hi(af, bf, c, s));
     }
     __half* dst;
     if (is_q) {
