@@ -106,7 +106,7 @@ __device__ __forceinline__ __half rope_channel(const __half* x, int c, int half_
   const int j = c < half_d ? c : c - half_d;
   const float a = __half2float(x[j]), b = __half2float(x[j + half_d]);
   const float cs = __half2float(cos_row[j]), sn = __half2float(sin_row[j]);
-  return __float2half(c < half_d ? lserve::rope_lo(a, b, cs, sn) : lserve::rope_hi(a, b, cs, sn));
+  return c < half_d ? __float2half(lserve::rope_lo(a, b, cs, sn)) : __float2half(lserve::rope_hi(a, b, cs, sn));
 }
 
 // Channels j0 .. j0+7 and j0+half_d .. j0+half_d+7 of head vector x written at the same places of dst, rotated
