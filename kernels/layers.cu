@@ -422,9 +422,10 @@ __device__ __forceinline__ void gemv_rows_body(const __half* __restrict__ x, con
   const int kc = K / 8;
 #pragma unroll
   for (int i = 0; i < W; ++i) {
-    const int mm = min(m, M - 1);
-    const long long row = ROPE ? lserve::rope_row(2 * mm + i, ro.head_dim) : (long long)i * M + mm;
-    wr[i] = reinterpret_cast<const uint4*>(w + row * K);
+    if constexpr (ROPE != 0)  // outputs 2m + i in rope_out.cuh's paired order
+      wr[i] = reinterpret_cast<const uint4*>(w + (long long)lserve::rope_row(2 * min(m, M - 1) + i, ro.head_dim) * K);
+    else
+      wr[i] = reinterpret_cast<const uint4*>(w + ((long long)i * M + min(m, M - 1)) * K);
     for (int c = lane; c < min(kc, LSERVE_GEMV_PREFETCH); c += 32)  // while the previous kernel ends
       lserve::prefetch_l2(wr[i] + c);
   }
