@@ -230,7 +230,7 @@ class CudaOps:
     selector_reductions = GROUP_REDUCE
     async_steps = True  # kernels and graph replays are queued on a stream: the host may plan the next step
 
-    def __init__(self, device: int | None = None):
+    def __init__(self, device: int | None = None, fuse_rope: bool | None = None):
         import cupy as cp
         from cupy_backends.cuda.api import runtime
 
@@ -259,7 +259,10 @@ class CudaOps:
         self.fuse_norm = os.environ.get("LSERVE_CUDA_FUSE_NORM", "1") != "0"
         # RoPE + K/V write in the decode q/k/v GEMV's epilogue (qkv_rope) under LSERVE_CUDA_FUSE_ROPE=1; off by
         # default until it has been timed on a GPU (docs/PERF_e2e.md): rope_write_kv after the GEMV.
-        self.fuse_rope = os.environ.get("LSERVE_CUDA_FUSE_ROPE", "0") == "1"
+        # (`fuse_rope`: this instance's choice whatever the environment; the kernel harness tests the fused kernels)
+        self.fuse_rope = (
+            os.environ.get("LSERVE_CUDA_FUSE_ROPE", "0") == "1" if fuse_rope is None else fuse_rope
+        )
         # gemv_rows with S = 2 warps per row where twice the rows fit this many waves of resident warps (gemv_slices);
         # LSERVE_GEMV_KSPLIT=0: one warp per row everywhere (1.5, splitting the QKV projection too, measured slower).
         self.gemv_ksplit = env_float("LSERVE_GEMV_KSPLIT", 1.0, 0.0, 8.0)

@@ -199,6 +199,59 @@ def case_rmsnorm_linear(c: Ctx) -> list[Result]:
     return out
 
 
+def case_qkv_rope(c: Ctx) -> list[Result]:
+    """CudaOps.qkv_rope with its fused kernels on whatever LSERVE_CUDA_FUSE_ROPE says (gemv_rows_rope with the norm
+    in its prologue, quant_gemv_split_rope after add_rmsnorm): RoPE and the K/V page write in the QKV GEMV's epilogue,
+    a dense fp16 cache, against harness.quant.norm_linear_ref's float64 product rotated and written by
+    rope_write_kv_ref. A rotated pair's tolerance: both products' (and their fp16 rounding before the rotation);
+    rtol 2^-10 for the output's own. The residual stream exact; q NaN-poisoned; cache slots not written stay NaN (a
+    padding row with slot -1 writes none). The LServe flavor is checked bit for bit against the unfused kernels in
+    tests/test_gpu_qkv_rope.py."""
+    from ..backends.cuda import CudaOps
+
+    ops, cp, out = CudaOps(fuse_rope=True), c.cp, []
+    cases = [(None, 1, 576, 9, 3, 64), (None, 3, 4096, 32, 8, 128), ("q4_1", 1, 576, 9, 3, 64),
+             ("int8", 8, 512, 8, 2, 128), ("q4_k", 4, 512, 4, 4, 64)]  # fmt: skip
+    page, pages, max_len = 16, 8, 4096
+    for i, (fmt, n, k, hq, hkv, d) in enumerate(cases):
+        m, heads = (hq + 2 * hkv) * d, hq + 2 * hkv
+        w = c.f16(m, k, scale=1 / math.sqrt(k)) if fmt is None else random_quant(fmt, m, k, c.rng)
+        ref_w = reference_matrix(w)
+        x, lnw = c.f16(n, k), (c.f16(k, scale=0.3) + 1.0).astype(np.float16)
+        res = None if i == 0 else c.rng.standard_normal((n, k)).astype(np.float32) * 2
+        split = fmt is not None and pick_variant(ops.quant.gemv_variant, fmt, n) == "split"
+        prod, atol, r = norm_linear_ref(x, res, lnw, 1e-5, ref_w, False, split)
+        ang = c.rng.uniform(0, 2 * np.pi, (max_len, d // 2))
+        cos, sin = np.cos(ang).astype(np.float16), np.sin(ang).astype(np.float16)
+        pos = c.rng.integers(0, max_len, n).astype(np.int64)
+        slots = c.rng.choice(pages * page, n, replace=False).astype(np.int64)
+        if n > 1:
+            slots[-1] = -1
+        cache = KVCache(k=[c.poison((pages, hkv, page, d), np.float16)], v=[c.poison((pages, hkv, page, d), np.float16)],
+                        page_size=page, num_pages=pages)  # fmt: skip
+        dw = c.dev16(w) if fmt is None else ops.upload(w)
+        q, got_r = ops.qkv_rope(c.dev16(x), None if res is None else cp.asarray(res), c.dev16(lnw), 1e-5, dw, None,
+                                cp.asarray(pos), cp.asarray(slots), cache, 0, (c.dev16(cos), c.dev16(sin)))  # fmt: skip
+        # a pair's bound (both products, each rounded to fp16 first), on both of its outputs; q / k / v in rows
+        a3 = (atol + 2.0**-11 * np.abs(prod)).reshape(n, heads, 2, d // 2)
+        pair = np.concatenate([a3.sum(2)] * 2, axis=-1).reshape(n, heads, d)
+        cos64, sin64 = cos.astype(np.float64), sin.astype(np.float64)
+        live = slots >= 0
+        q_ref = rope_write_kv_ref(prod, pos, np.maximum(slots, 0), *(np.zeros((pages, hkv, page, d)),) * 2, cos64,
+                                  sin64)  # fmt: skip
+        k_ref, v_ref = np.full((pages, hkv, page, d), np.nan), np.full((pages, hkv, page, d), np.nan)
+        rope_write_kv_ref(prod[live], pos[live], slots[live], k_ref, v_ref, cos64, sin64)
+        tag = f"{fmt or 'f16'} N{n} K{k} Hq{hq} Hkv{hkv} D{d}" + (" first" if res is None else "")
+        out.append(compare("qkv_rope.q", tag, cp.asnumpy(q), q_ref, pair[:, :hq], 2.0**-10))
+        kv_tol = np.full(k_ref.shape, np.inf)  # unwritten slots: NaN on both sides (compare's both-NaN rule)
+        for name, got, ref, h0 in (("k", cache.k[0], k_ref, hq), ("v", cache.v[0], v_ref, hq + hkv)):
+            tol = kv_tol.copy()
+            tol[slots[live] // page, :, slots[live] % page] = pair[live, h0 : h0 + hkv]
+            out.append(compare(f"qkv_rope.{name}", tag, cp.asnumpy(got), ref, tol, 2.0**-10))
+        out.append(compare("qkv_rope.residual", tag, cp.asnumpy(got_r), r, 0, 0))
+    return out
+
+
 def case_linear(c: Ctx) -> list[Result]:
     out = []
     for n, k, m in [
