@@ -204,8 +204,8 @@ def case_qkv_rope(c: Ctx) -> list[Result]:
     in its prologue, quant_gemv_split_rope after add_rmsnorm): RoPE and the K/V page write in the QKV GEMV's epilogue,
     a dense fp16 cache, against harness.quant.norm_linear_ref's float64 product rotated and written by
     rope_write_kv_ref. A rotated pair's tolerance: both products' (and their fp16 rounding before the rotation);
-    rtol 2^-10 for the output's own. The residual stream exact; q NaN-poisoned; cache slots not written stay NaN (a
-    padding row with slot -1 writes none). The LServe flavor is checked bit for bit against the unfused kernels in
+    rtol 2^-10 for the output's own. The residual stream exact; every q entry compared (qkv_rope allocates q, so it
+    is not poisoned); cache slots not written stay NaN (a padding row with slot -1 writes none). The LServe flavor is checked bit for bit against the unfused kernels in
     tests/test_gpu_qkv_rope.py."""
     from ..backends.cuda import CudaOps
 
