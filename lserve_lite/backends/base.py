@@ -60,6 +60,10 @@ class KVCache:
         d = int(self.k[0].shape[3])
         return d if self.fmt is None else d * 2 // self.fmt.packed_dim(2)
 
+    def kv_heads(self, layer: int) -> int:
+        """The model's KV heads at `layer` (LServe mode: both pools together)."""
+        return int(self.head_class[layer].shape[0]) if self.sparse else int(self.k[layer].shape[1])
+
     def scales(self, layer: int) -> tuple:
         """(k, v, ks, vs) scales of a layer's pools; Nones for a float cache (or a pool that does not exist)."""
         pick = lambda a: a[layer] if a is not None else None  # noqa: E731

@@ -498,18 +498,29 @@ class CudaOps:
         cp = self.cp
         n, k = int(x.shape[0]), int(x.shape[1])
         rows = int(w.shape[0]) // 2 if silu else int(w.shape[0])
-        smem = gemv_rows_smem(n, k, self.gemv_slices(rows, k), silu, True)
-        fits = isinstance(w, cp.ndarray) and self.gemm_path(n, k) == "gemv" and smem <= NORM_SMEM
-        if not (self.fuse_norm and fits and (self.fuse_silu or not silu)):
+        norm = None
+        if self.fuse_silu or not silu:
+            norm = self._prologue_norm(x, residual, norm_w, eps, w, self.gemv_slices(rows, k), silu)
+        if norm is None:
             return norm_then_linear(self, x, residual, norm_w, eps, w, bias, silu)
         x = cp.ascontiguousarray(x)
-        res_in = None if residual is None else cp.ascontiguousarray(residual, dtype=cp.float32)
-        norm = RmsIn(res_in, cp.empty((n, k), cp.float32), norm_w, eps)
         out = cp.empty((n, rows), cp.float16)
         self._gemv_rows(x, w, out, rows, k, silu=silu, norm=norm)
         if bias is not None:
             out += bias
         return out, norm.res_out
+
+    def _prologue_norm(self, x, residual, norm_w, eps, w, slices: int, pairs: bool) -> RmsIn | None:
+        """The residual add + RMSNorm for the prologue of the decode gemv_rows of `w` at `slices` warps a row (`pairs`:
+        two rows a warp, gate/up or RoPE), with its fresh residual stream; None where it does not go there
+        (LSERVE_CUDA_FUSE_NORM=0, not an fp16 gemv_rows launch, N * K halves past NORM_SMEM)."""
+        cp = self.cp
+        n, k = int(x.shape[0]), int(x.shape[1])
+        fits = isinstance(w, cp.ndarray) and self.gemm_path(n, k) == "gemv"
+        if not (self.fuse_norm and fits and gemv_rows_smem(n, k, slices, pairs, True) <= NORM_SMEM):
+            return None
+        res_in = None if residual is None else cp.ascontiguousarray(residual, dtype=cp.float32)
+        return RmsIn(res_in, cp.empty((n, k), cp.float32), norm_w, eps)
 
     def qkv_rope(self, x, residual, norm_w, eps, w, bias, positions, slots, cache: KVCache, layer: int, rope):
         """Decode rows into an fp16 cache (dense, or LServe's two pools and page statistics): RoPE and the K/V page
@@ -526,16 +537,13 @@ class CudaOps:
             return norm_qkv_rope(
                 self, x, residual, norm_w, eps, w, bias, positions, slots, cache, layer, rope
             )
-        hkv = int(cache.head_class[layer].shape[0]) if cache.sparse else int(cache.k[layer].shape[1])
-        hq = m // d - 2 * hkv
+        hq = m // d - 2 * cache.kv_heads(layer)
         q = cp.empty((n, hq, d), cp.float16)
         pos, slots = cp.ascontiguousarray(positions), cp.ascontiguousarray(slots)  # alive until the launch
         ro = rope_out(pos, slots, rope, q, cache, layer, bias, hq)
-        x = cp.ascontiguousarray(x)
-        if dense and self.fuse_norm and gemv_rows_smem(n, k, self.gemv_slices(m, k), True, True) <= NORM_SMEM:
-            res_in = None if residual is None else cp.ascontiguousarray(residual, dtype=cp.float32)
-            norm = RmsIn(res_in, cp.empty((n, k), cp.float32), norm_w, eps)
-            self._gemv_rows(x, w, q, m // 2, k, norm=norm, rope=ro)
+        norm = self._prologue_norm(x, residual, norm_w, eps, w, self.gemv_slices(m, k), True)  # fp16 w only
+        if norm is not None:
+            self._gemv_rows(cp.ascontiguousarray(x), w, q, m // 2, k, norm=norm, rope=ro)
             return q, norm.res_out
         h, residual = self.add_rmsnorm(x, residual, norm_w, eps)
         if split:

@@ -47,8 +47,12 @@ def rope_out(
     v = np.zeros((), ROPE_OUT)
     for f, a in zip(_POINTERS, arrays, strict=True):
         v[f] = _ptr(a)
-    hkv = int(cache.head_class[layer].shape[0]) if sparse else int(kc.shape[1])
-    v["hq"], v["hkv"], v["head_dim"], v["page_size"] = hq, hkv, cache.head_dim, int(kc.shape[2])
+    v["hq"], v["hkv"], v["head_dim"], v["page_size"] = (
+        hq,
+        cache.kv_heads(layer),
+        cache.head_dim,
+        int(kc.shape[2]),
+    )
     v["nd"], v["ns"] = int(kc.shape[1]), int(cache.ks[layer].shape[1]) if sparse else 0
     v["sub"] = int(cache.kmax[layer].shape[2]) if stats else 1
     v["n_rows"] = int(positions.shape[0])
