@@ -13,6 +13,7 @@ from test_cpu_kernels import naive_attention
 from lserve_lite.backends import cpu as C
 from lserve_lite.backends import cpu_kernels as K
 from lserve_lite.backends.cpu_half import NATIVE_HALF
+from lserve_lite.backends.cpu_kv import kernel_view
 from lserve_lite.backends.reference import attention as A
 from lserve_lite.backends.reference import layers as L
 from lserve_lite.config import EngineConfig, ModelConfig, SparseConfig
@@ -203,22 +204,33 @@ def _sparse_steps_equal_the_reference(name: str, reuse: bool, q_lens: list[int])
     assert rel(got, want) < 1e-5
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float32])
-def test_sparse_write_numba_equals_the_reference(dtype):
+@pytest.mark.parametrize("kv", ["fp16", "fp32", *CPU_FORMATS])
+def test_sparse_write_numba_equals_the_reference(kv):
     """The CPU LServe write (cpu.rope_write_kv_sparse_numba: dense mode's Numba write per pool, then the merged
-    key statistics) = rope_write_kv_sparse_ref (NumPy; statistics recomputed from the cache) over two steps of two
-    sequences appended in order: a prefill chunk that ends inside a logical page, then decode rows."""
-    if dtype == np.float16 and not NATIVE_HALF:
+    key statistics) = rope_write_kv_sparse_ref (NumPy; statistics recomputed from a float cache, merged from the
+    unquantized keys for a quantized one) over three steps of two sequences appended in order: a prefill chunk
+    that ends inside a logical page, then decode rows. Float pools and scales within float32 rounding; quantized
+    values within a step of the format (the two round their own float32 rotations)."""
+    if kv == "fp16" and not NATIVE_HALF:
         pytest.skip("fp16 KV needs the host's half conversions")
+    fmt = Q.FORMATS[kv] if kv in CPU_FORMATS else None
     ps, sub, d, hq = 16, 4, 32, 8
     hc, slot = np.array([0, 1, 0, 1], np.int32), np.array([1, 0, 0, 1], np.int32)
     cos, sin = RNG.standard_normal((2, 200, d // 2), dtype=np.float32)
     stale = RNG.standard_normal((2, 12, 2, sub, d)).astype(np.float32)  # statistics until a page is written
+
+    def pool(pages: int, f) -> tuple:
+        if fmt is None:
+            return np.zeros((pages, 2, ps, d), np.float16 if kv == "fp16" else np.float32), None
+        return np.zeros((pages, 2, ps, f.packed_dim(d)), f.value_dtype), np.zeros(
+            (pages, 2, ps, f.scale_cols(d)), np.float32
+        )
+
     states = []
     for _ in range(2):
-        kd, vd = (np.zeros((12, 2, ps, d), dtype) for _ in range(2))
-        ks, vs = (np.zeros((8, 2, ps, d), dtype) for _ in range(2))
-        states.append((kd, vd, ks, vs, *stale.copy()))
+        kf, vf = (fmt.keys(), fmt) if fmt else (None, None)
+        (kd, kds), (vd, vds), (ks, kss), (vs, vss) = pool(12, kf), pool(12, vf), pool(8, kf), pool(8, vf)
+        states.append(((kd, vd, ks, vs), (kds, vds, kss, vss), [*stale.copy()]))
     tables, stables = [[3, 7, 1, 9], [0, 4, 11]], [[0, 1, 2, 3], [4, 5, 6, 7]]
     steps = [
         ([0, 0], [37, 21]),
@@ -233,12 +245,25 @@ def test_sparse_write_numba_equals_the_reference(dtype):
             [stables[s][p // ps] * ps + p % ps for s, p in zip(seq, pos, strict=True)], np.int64
         )
         qkv = RNG.standard_normal((pos.size, (hq + 8) * d)).astype(np.float32)
-        qs = []
-        for write, st in zip((L.rope_write_kv_sparse_ref, C.rope_write_kv_sparse_numba), states, strict=True):
-            qs.append(write(qkv, pos, dense, stream, *st[:4], hc, slot, cos, sin, *st[4:]))
-        np.testing.assert_allclose(qs[1], qs[0], rtol=1e-6, atol=1e-6)
-        for got, want in zip(states[1], states[0], strict=True):
-            np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=1e-6, atol=1e-6)
+        (pools_r, sc_r, st_r), (pools_n, sc_n, st_n) = states
+        q_r = L.rope_write_kv_sparse_ref(
+            qkv, pos, dense, stream, *pools_r, hc, slot, cos, sin, *st_r, scales=sc_r, fmt=fmt
+        )
+        q_n = C.rope_write_kv_sparse_numba(qkv, pos, dense, stream, *pools_n, hc, slot, cos, sin, *st_n, sc_n)
+        np.testing.assert_allclose(q_n, q_r, rtol=1e-6, atol=1e-6)
+        for got, want in zip(st_n, st_r, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        for i, (got, want) in enumerate(zip(pools_n, pools_r, strict=True)):
+            if fmt is None:
+                np.testing.assert_allclose(
+                    got.astype(np.float32), want.astype(np.float32), rtol=1e-6, atol=1e-6
+                )
+                continue
+            f = fmt.keys() if i % 2 == 0 else fmt
+            np.testing.assert_allclose(sc_n[i], sc_r[i], rtol=1e-5, atol=1e-7)
+            step = Q.steps(sc_r[i], f, d)
+            err = np.abs(Q.dequantize(got, sc_n[i], f) - Q.dequantize(want, sc_r[i], f))
+            assert (err <= step * 1.001 + 1e-6).all()
 
 
 @pytest.mark.parametrize("name", CPU_FORMATS)
@@ -257,7 +282,7 @@ def test_rope_write_quantizes_on_write(name):
         q = L.rope_write_kv_ref(qkv, pos, slots, kq, vq, cos, sin, ks, vs, fmt)
         if write == "numba":
             kq[:], vq[:], ks[:], vs[:] = 0, 0, 0, 0
-            K.rope_write_kv(qkv, pos, slots, kq, vq, ks, vs, cos, sin, q)
+            K.rope_write_kv(qkv, pos, slots, kernel_view(kq, ks), kernel_view(vq, vs), ks, vs, cos, sin, q)
         caches.append((ks, vs))
         for vals, sc, ref, f in ((kq, ks, k_f, fmt.keys()), (vq, vs, v_f, fmt)):
             step = Q.steps(sc, f, 64)
@@ -437,17 +462,24 @@ def test_kv_dtype_errors_are_one_line():
 
 
 def test_numba_e4m3_matches_the_reference_codec():
-    """cpu_kv's scalar e4m3 encode and its row decode (the CPU cache's fp8: the code's bits moved into an fp16, times
-    256 and the row scale) = kv/quant's vectorized reference, on every code's value, the midpoints between neighbours
-    (ties to the even code), saturation, signs and zero; the decode bit for bit against the reference's value times
-    the scale in float32."""
+    """cpu_kv's scalar e4m3 encode and its value decode (the CPU cache's fp8 as the kernels read it: the code's
+    bits moved into an fp16, the value / 256, the 256 folded into the row scale) = kv/quant's vectorized reference,
+    on every code's value, the midpoints between neighbours (ties to the even code), saturation, signs and zero;
+    the decode bit for bit. A plain uint8 fp8 pool (not through `kernel_view`) is refused, not read as int4."""
     import numba as nb
 
-    from lserve_lite.backends.cpu_kv import e4m3_code, kv_load
+    from lserve_lite.backends.cpu_kv import e4m3_code, kv_store, to_f32
 
     @nb.njit
-    def decode_row(vals, scales):
-        return kv_load(vals, scales, 0, 0, 0, np.empty(vals.shape[3], np.float32))
+    def decode(vals):
+        out = np.empty(vals.shape[0], np.float32)
+        for i in range(vals.shape[0]):
+            out[i] = to_f32(vals[i])
+        return out
+
+    @nb.njit
+    def store(x, vals, scales):
+        kv_store(x, vals, scales, 0, 0, 0)
 
     mids = (Q.E4M3[1:] + Q.E4M3[:-1]) / 2
     y = np.concatenate([Q.E4M3, mids, -mids, [0.0, -0.0, 448.0, 449.0, 1e9, -1e9, 1e-12]])
@@ -456,8 +488,9 @@ def test_numba_e4m3_matches_the_reference_codec():
     got = np.array([e4m3_code(float(v)) for v in y], np.uint8)
     np.testing.assert_array_equal(got, want)
     codes = np.array([c for c in range(256) if c & 127 != 127], np.uint8)  # 127 / 255 (NaN) are never written
-    for scale in (1.0, 0.3712, 2.0**-20, 1e4):
-        scales = np.full((1, 1, 1, 1), scale, np.float32)
-        got = decode_row(codes.reshape(1, 1, 1, -1), scales)
-        want = Q.e4m3_decode(codes).astype(np.float32) * np.float32(scale)
-        np.testing.assert_array_equal(got, want)
+    scales = np.ones((1, 1, 1, 1), np.float32)
+    got = decode(kernel_view(codes, scales))
+    np.testing.assert_array_equal(got, Q.e4m3_decode(codes).astype(np.float32) / np.float32(256))
+    vals = np.zeros((1, 1, 1, 64), np.uint8)
+    with pytest.raises(ValueError, match="kernel_view"):
+        store(np.ones(64, np.float32), vals, scales)

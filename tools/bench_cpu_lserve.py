@@ -1,10 +1,11 @@
 """LServe vs dense decode on the CPU with the bundled SmolLM2 GGUF (docs/PERF.md, "LServe mode on the CPU"): one
-engine per run (default fp16 KV, LServe's default knobs), a prompt of `--context` random token ids (seed 0), greedy
+engine per run (fp16 KV unless `--kv-dtype`, LServe's default knobs), a prompt of `--context` random token ids (seed 0), greedy
 decode of `--steps` steps, each `engine.step()` timed. Prints one JSON line: prefill seconds (to the first token),
 the median and the mean decode step in ms (the selector runs on one step in select_interval: the mean counts it),
 the page selector's ms a decode step, the 1-minute load average, the tokens.
 
     python3 tools/bench_cpu_lserve.py --mode dense|lserve [--selector numba|ref] [--context 4000] [--steps 29]
+        [--kv-dtype fp16|fp32|int8|int4|fp8]
 
 `--selector ref` runs the NumPy reference selector (select_pages_ref; LSERVE_CPU_SELECTOR=ref), as the engine did before
 2026-12-04's Numba selector: run both in alternation on a noisy host. The selector's time comes from
@@ -26,13 +27,14 @@ def main() -> None:
     ap.add_argument("--selector", choices=["numba", "ref"], default="numba")
     ap.add_argument("--context", type=int, default=4000)
     ap.add_argument("--steps", type=int, default=29)
+    ap.add_argument("--kv-dtype", default="auto")
     args = ap.parse_args()
 
     from lserve_lite import LLM, EngineConfig, SamplingParams, SparseConfig
 
     os.environ["LSERVE_CPU_SELECTOR"] = args.selector  # read by CpuOps at construction
     sparse = SparseConfig(enabled=args.mode == "lserve")
-    llm = LLM(backend="cpu", config=EngineConfig(max_model_len=8192, sparse=sparse))
+    llm = LLM(backend="cpu", config=EngineConfig(max_model_len=8192, sparse=sparse, kv_dtype=args.kv_dtype))
     ids = [int(t) for t in np.random.default_rng(0).integers(100, llm.engine.cfg.vocab_size, args.context)]
     eng = llm.engine
     eng.add_request(ids, SamplingParams(temperature=0, max_new_tokens=args.steps + 1))
@@ -51,7 +53,7 @@ def main() -> None:
         tokens += new
     ms = lambda x: round(1e3 * float(x), 2)  # noqa: E731
     # means leave out the first decode step: it loads the decode kernels (and the selector) from Numba's cache
-    row = dict(mode=args.mode, selector=args.selector if args.mode == "lserve" else "-", context=args.context,
+    row = dict(mode=args.mode, kv=args.kv_dtype, selector=args.selector if args.mode == "lserve" else "-", context=args.context,
                prefill_s=round(prefill, 2), decode_ms=ms(np.median(times)), decode_mean_ms=ms(np.mean(times[1:])),
                select_ms=ms(np.mean(sel[1:])), steps=len(times), load=round(os.getloadavg()[0], 2), tokens=tokens)  # fmt: skip
     print(json.dumps(row))

@@ -20,7 +20,7 @@ from .cpu_quant import embed_q, linear_q, logits_q
 from .cpu_select import select_pages_numba
 from .cpu_threads import SplitRunner, even_bounds, openblas_set_threads, spin_seconds
 from .reference.attention import attend_qblocks, visited_pages
-from .reference.layers import embed_ref, rope_write_kv_sparse_ref
+from .reference.layers import embed_ref
 from .reference.page_select import select_pages_ref
 from .reference.sampling import logprobs_ref, sample
 
@@ -177,15 +177,13 @@ class CpuOps:
         if not cache.sparse:
             kc, d = cache.k[layer], cache.head_dim
             q = np.empty((qkv.shape[0], qkv.shape[1] // d - 2 * kc.shape[1], d), np.float32)
-            K.rope_write_kv(qkv, positions, slots, kernel_view(kc), kernel_view(cache.v[layer]), _scales_arg(ksc),
-                            _scales_arg(vsc), rope[0], rope[1], q)  # fmt: skip
+            K.rope_write_kv(qkv, positions, slots, kernel_view(kc, ksc), kernel_view(cache.v[layer], vsc),
+                            _scales_arg(ksc), _scales_arg(vsc), rope[0], rope[1], q)  # fmt: skip
             return q
         args = (qkv, positions, slots[0], slots[1], cache.k[layer], cache.v[layer], cache.ks[layer],
                 cache.vs[layer], cache.head_class[layer], cache.head_slot[layer], rope[0], rope[1],
                 cache.kmax[layer] if cache.kmax else None, cache.kmin[layer] if cache.kmin else None)  # fmt: skip
-        if ksc is None:  # a float cache: the Numba write, statistics from the stored keys
-            return rope_write_kv_sparse_numba(*args)
-        return rope_write_kv_sparse_ref(*args, scales=(ksc, vsc, kss, vss), fmt=cache.fmt)
+        return rope_write_kv_sparse_numba(*args, (ksc, vsc, kss, vss))
 
     def attention(self, q, cache, layer, plan, head_class):
         """Dequantizes a quantized cache inside the kernels, as pages are read."""
@@ -221,23 +219,44 @@ class CpuOps:
 
 
 def rope_write_kv_sparse_numba(
-    qkv, positions, dense_slots, stream_slots, kd, vd, ks, vs, head_class, head_slot, cos, sin, kmax, kmin
+    qkv,
+    positions,
+    dense_slots,
+    stream_slots,
+    kd,
+    vd,
+    ks,
+    vs,
+    head_class,
+    head_slot,
+    cos,
+    sin,
+    kmax,
+    kmin,
+    scales=(None,) * 4,
 ) -> np.ndarray:
-    """`rope_write_kv_sparse_ref` for a float cache: dense mode's Numba write once per pool (its KV heads'
-    columns in pool-row order), then the dense pool's key statistics (`cpu_kernels.merge_key_stats`)."""
+    """`rope_write_kv_sparse_ref` in Numba: dense mode's write once per pool (its KV heads' columns in pool-row
+    order; `scales` of kd, vd, ks, vs for a quantized cache), then the dense pool's key statistics
+    (`cpu_kernels.merge_key_stats`) from the stored keys (a float cache) or the unquantized ones (quantized)."""
     hkv, d = len(head_class), cos.shape[1] * 2
     n, hq = qkv.shape[0], qkv.shape[1] // d - 2 * hkv
     x = qkv.reshape(n, hq + 2 * hkv, d)
     q = np.empty((n, hq, d), np.float32)
-    for cls, slots, kc, vc in ((0, dense_slots, kd, vd), (1, stream_slots, ks, vs)):
+    dense_slots = np.ascontiguousarray(dense_slots, np.int64)
+    k_rot = np.empty((n, kd.shape[1], d), np.float32) if scales[0] is not None else None
+    pools = ((0, dense_slots, kd, vd, *scales[:2]), (1, stream_slots, ks, vs, *scales[2:]))
+    for cls, slots, kc, vc, ksc, vsc in pools:
         order = _pool_rows(head_class, head_slot, cls)
         if order.size == 0:
             continue
         cols = np.concatenate([x[:, :hq], x[:, hq + order], x[:, hq + hkv + order]], axis=1).reshape(n, -1)
-        K.rope_write_kv(cols, positions, np.ascontiguousarray(slots, np.int64), kernel_view(kc), kernel_view(vc),
-                        NO_SCALES, NO_SCALES, cos, sin, q)  # fmt: skip
+        K.rope_write_kv(cols, positions, np.ascontiguousarray(slots, np.int64), kernel_view(kc, ksc),
+                        kernel_view(vc, vsc), _scales_arg(ksc), _scales_arg(vsc), cos, sin, q,
+                        k_rot if cls == 0 else None)  # fmt: skip
     if kmax is not None and kd.shape[1]:
-        K.merge_key_stats(kmax, kmin, kernel_view(kd), np.ascontiguousarray(dense_slots, np.int64))
+        page = kd.shape[2]
+        keys = kernel_view(kd)[dense_slots // page, :, dense_slots % page] if k_rot is None else k_rot
+        K.merge_key_stats(kmax, kmin, keys, dense_slots, page)
     return q
 
 
@@ -362,7 +381,7 @@ def paged_attention_numba(
     the runs depend only on the plan, so results do not depend on the threads.
     """
     hkv, page = k_cache.shape[1], k_cache.shape[2]
-    k_cache, v_cache = kernel_view(k_cache), kernel_view(v_cache)
+    k_cache, v_cache = kernel_view(k_cache, k_scale), kernel_view(v_cache, v_scale)
     chunk = max(1, CHUNK_KEYS // page)
     rows = int(plan.qb_len.max(initial=0)) * (q.shape[1] // hkv)
     units = hkv * (plan.kv_page.shape[0] // chunk + plan.kv_indptr.shape[0] - 1)  # bounds the kernel's count

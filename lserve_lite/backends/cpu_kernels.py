@@ -16,7 +16,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from . import cpu_kv
-from .cpu_kv import kv_load_page, kv_store, row_scaled, to_f32
+from .cpu_kv import kv_store, page_scores, page_weighted_sum, to_f32
 from .numba_cache import flush_if_deps_changed
 
 # Reassociation (vectorized float32 sums) without "no NaN / no Inf", which masks and softmax rely on.
@@ -110,9 +110,10 @@ def _silu_mul_row(g, u, out):
 
 
 @nb.njit(**JIT)
-def rope_write_kv(qkv, positions, slots, k_cache, v_cache, k_scale, v_scale, cos, sin, q):
+def rope_write_kv(qkv, positions, slots, k_cache, v_cache, k_scale, v_scale, cos, sin, q, k_rot=None):
     """Half-split RoPE on q and k of each row; k and v go to their page slot (quantized there for a quantized
-    cache: `cpu_kv.kv_store`), q to `q` [N, Hq, D]."""
+    cache: `cpu_kv.kv_store`), q to `q` [N, Hq, D], and the rotated keys, unquantized, to k_rot [N, Hkv, D] if
+    given (LServe's key statistics of a quantized cache: `merge_key_stats`)."""
     hkv, page = k_cache.shape[1], k_cache.shape[2]
     hq, d = q.shape[1], q.shape[2]
     half = d // 2
@@ -127,26 +128,28 @@ def rope_write_kv(qkv, positions, slots, k_cache, v_cache, k_scale, v_scale, cos
                 dst[half + i] = b * cos[p, i] + a * sin[p, i]
             if h >= hq:
                 kv_store(row, k_cache, k_scale, pg, h - hq, off)
+                if k_rot is not None:
+                    k_rot[t, h - hq] = row
         for h in range(hkv):
             kv_store(qkv[t, (hq + hkv + h) * d : (hq + hkv + h + 1) * d], v_cache, v_scale, pg, h, off)
 
 
 @nb.njit(**JIT)
-def merge_key_stats(kmax, kmin, k_cache, slots):
-    """LServe's logical-page key max / min after keys were stored at `slots` (in order within a sequence; -1:
-    none): a slot at offset 0 of its logical page starts the page's statistics afresh, any other merges its key
-    in, from the stored values (what attention reads). With tokens appended in order this is
-    reference/page_stats.update_page_stats, which recomputes each touched logical page from the cache."""
-    page, sub = k_cache.shape[2], kmax.shape[2]
-    lp = page // sub
+def merge_key_stats(kmax, kmin, keys, slots, page):
+    """LServe's logical-page key max / min after keys [N, Hkv, D] (any stored row type: `to_f32`) were written at
+    `slots` of a pool with pages of `page` tokens (in order within a sequence; -1: none): a slot at offset 0 of
+    its logical page starts the page's statistics afresh, any other merges its key in. With tokens appended in
+    order this is reference/page_stats.update_page_stats (a float cache: keys as stored) or merge_page_stats
+    (a quantized cache: the unquantized keys)."""
+    lp = page // kmax.shape[2]
     for i in range(slots.shape[0]):
         if slots[i] < 0:
             continue
         pg, off = slots[i] // page, slots[i] % page
         sp, fresh = off // lp, off % lp == 0
-        for h in range(k_cache.shape[1]):
-            for c in range(k_cache.shape[3]):
-                x = to_f32(k_cache[pg, h, off, c])
+        for h in range(keys.shape[1]):
+            for c in range(keys.shape[2]):
+                x = to_f32(keys[i, h, c])
                 if fresh:
                     kmax[pg, h, sp, c] = x
                     kmin[pg, h, sp, c] = x
@@ -216,7 +219,7 @@ def paged_attention(q, k_cache, v_cache, k_scale, v_scale, qb_start, qb_len, qb_
     window: qb_sink, qb_local). item_head[item] >= 0 runs that KV head alone on the item (each head its own list:
     LServe's selections), -1 every head of the item's class. Exact two-pass
     float32 softmax over the unit's keys: part[u] = (row max, row sum of exp), acc[u] = the un-normalized
-    weighted sum of V. A quantized cache is dequantized page by page as it is read (`kv_load_page`).
+    weighted sum of V. Pages are read as stored, in any KV format (`cpu_kv.page_scores` / `page_weighted_sum`).
     """
     hkv, page, d = k_cache.shape[1], k_cache.shape[2], q.shape[2]
     group = q.shape[1] // hkv
@@ -227,7 +230,7 @@ def paged_attention(q, k_cache, v_cache, k_scale, v_scale, qb_start, qb_len, qb_
                 total += indptr[item + 1] - indptr[item]
     s = np.empty((part.shape[2], chunk * page), np.float32)
     qv = np.empty((part.shape[2], d), np.float32)
-    buf = np.empty((page, d), np.float32)
+    tmp = np.empty(2 * d, np.float32)
     scale = np.float32(1.0 / math.sqrt(d))
     u, done = 0, 0
     for item in range(indptr.shape[0] - 1):
@@ -245,24 +248,22 @@ def paged_attention(q, k_cache, v_cache, k_scale, v_scale, qb_start, qb_len, qb_
                             qv[r * group + g] = q[r0 + r, h * group + g]
                     rows, kv = (nr * group, nr, pos0, end), (k_cache, v_cache, k_scale, v_scale)
                     _attend_unit(
-                        qv, kv, h, kv_page[c0:c1], kv_lpage[c0:c1], rows, win, scale, s, buf, part[u], acc[u]
+                        qv, kv, h, kv_page[c0:c1], kv_lpage[c0:c1], rows, win, scale, s, tmp, part[u], acc[u]
                     )
                 done += c1 - c0
                 u += 1
 
 
 @nb.njit(fastmath=FAST, **JIT)
-def _attend_unit(qv, kv, h, pages, lpages, rows, win, scale, s, buf, ml, acc):
+def _attend_unit(qv, kv, h, pages, lpages, rows, win, scale, s, tmp, ml, acc):
     """KV head h's score rows qv [R, D] over `pages`: (max, sum of exp) per row into ml, the weighted V into acc."""
     nq, nr, pos0, end = rows
     k_cache, v_cache, k_scale, v_scale = kv
     page, group = k_cache.shape[2], nq // nr
     for pi in range(pages.shape[0]):
-        keys, kpos0 = kv_load_page(k_cache, k_scale, pages[pi], h, buf), lpages[pi] * page
+        kpos0 = lpages[pi] * page
         for j in range(nq):
-            _page_scores(qv[j], keys, s[j, pi * page : (pi + 1) * page], scale)
-        if row_scaled(k_cache):  # (q . k) * s_k: the key scale applied once per score
-            _scale_columns(s[:, pi * page : (pi + 1) * page], k_scale[pages[pi], h, :, 0])
+            page_scores(qv[j], k_cache, k_scale, pages[pi], h, s[j, pi * page : (pi + 1) * page], scale, tmp)
         if win[1] >= 0 or kpos0 + page > min(pos0 + 1, end):  # the page straddles a mask boundary
             for r in range(nr):
                 qpos = pos0 + r
@@ -279,60 +280,8 @@ def _attend_unit(qv, kv, h, pages, lpages, rows, win, scale, s, buf, ml, acc):
         ml[1, j] = _row_sum(s[j, :nk])
     acc[:nq] = 0
     for pi in range(pages.shape[0]):
-        vals = kv_load_page(v_cache, v_scale, pages[pi], h, buf)
-        if row_scaled(v_cache):  # p * s_v times the stored values (the row sums are taken already)
-            _scale_columns(s[:, pi * page : (pi + 1) * page], v_scale[pages[pi], h, :, 0])
         for j in range(nq):
-            _page_weighted_sum(s[j, pi * page : (pi + 1) * page], vals, acc[j])
-
-
-@nb.njit(fastmath=FAST, **JIT)
-def _scale_columns(s, col_scale):
-    """s[j, o] *= col_scale[o] for every row j (a page's scores or probabilities, by each key's row scale)."""
-    for j in range(s.shape[0]):
-        for o in range(s.shape[1]):
-            s[j, o] *= np.float32(col_scale[o])
-
-
-@nb.njit(fastmath=FAST, **JIT)
-def _page_scores(qrow, keys, srow, scale):
-    """srow[o] = dot(qrow, keys[o]) * scale, four keys per pass over qrow (page sizes are multiples of 4); a
-    head dim of 64 (SmolLM2's) gets loops of constant length, unrolled."""
-    if qrow.shape[0] == 64:
-        _scores4(qrow, keys, srow, scale, 64)
-    else:
-        _scores4(qrow, keys, srow, scale, qrow.shape[0])
-
-
-@nb.njit(fastmath=FAST, inline="always")
-def _scores4(qrow, keys, srow, scale, d):
-    for o in range(0, keys.shape[0], 4):
-        a, b, c, e = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
-        for i in range(d):
-            a += qrow[i] * to_f32(keys[o, i])
-            b += qrow[i] * to_f32(keys[o + 1, i])
-            c += qrow[i] * to_f32(keys[o + 2, i])
-            e += qrow[i] * to_f32(keys[o + 3, i])
-        srow[o], srow[o + 1], srow[o + 2], srow[o + 3] = a * scale, b * scale, c * scale, e * scale
-
-
-@nb.njit(fastmath=FAST, **JIT)
-def _page_weighted_sum(p, vals, acc):
-    """acc += sum over o of p[o] * vals[o], four rows per pass over acc (head dim 64 unrolled, as above)."""
-    if acc.shape[0] == 64:
-        _weighted4(p, vals, acc, 64)
-    else:
-        _weighted4(p, vals, acc, acc.shape[0])
-
-
-@nb.njit(fastmath=FAST, inline="always")
-def _weighted4(p, vals, acc, d):
-    for o in range(0, vals.shape[0], 4):
-        a, b, c, e = p[o], p[o + 1], p[o + 2], p[o + 3]
-        for i in range(d):
-            acc[i] += (a * to_f32(vals[o, i]) + b * to_f32(vals[o + 1, i])) + (
-                c * to_f32(vals[o + 2, i]) + e * to_f32(vals[o + 3, i])
-            )
+            page_weighted_sum(s[j, pi * page : (pi + 1) * page], v_cache, v_scale, pages[pi], h, acc[j])
 
 
 @nb.njit(**JIT)
@@ -364,5 +313,5 @@ def merge_units(qb_start, qb_len, indptr, head_class, item_head, chunk, part, ac
             u += units
 
 
-# The int4/int8 store and load above are compiled in from cpu_kv.py, which Numba's cache does not track.
+# The KV formats' store and page loops are compiled in from cpu_kv.py, which Numba's cache does not track.
 flush_if_deps_changed(globals(), [cpu_kv])

@@ -1,11 +1,12 @@
-"""One KV row (a token's K or V of one head) stored into and loaded from a CPU KV pool in any CPU format.
+"""KV rows and pages of a CPU KV pool in any CPU format: a row stored (quantized on write), a page's rows read by
+decode attention's two loops (scores, weighted sum of values).
 
-Numba picks the format from the values' dtype (float32: fp32, uint16: fp16 bits (an fp16 cache viewed by
-`kernel_view`), int8: int8, uint8: int4 with (scale, min) per
-group, the group read from the scales' width, or fp8 e4m3 bits when a row has one scale; kv/quant.py has
-the rule): the kernels that write and read K/V call `kv_store` / `kv_load_page` and stay format-free, quantizing
-on write and, on load, reading values as stored (`to_f32`, `row_scaled`) or decoding a page's rows (`kv_load`),
-with no float copy of the cache.
+Numba picks the format from the values' type as `kernel_view` hands the pool over (float32: fp32, uint16: fp16
+bits, int8: int8, a record of one `e4m3` byte: fp8, uint8: int4 with (scale, min) per group, the group read from
+the scales' width; kv/quant.py has the rules). The kernels that write and read K/V call `kv_store`,
+`page_scores` and `page_weighted_sum` and stay format-free; every format is read as stored, with no float copy
+of the cache or of a page: int8 and fp8 rows apply their scale to the row's score and probability, int4 rows
+apply each group's (scale, min) to the group's partial dot product.
 """
 
 from __future__ import annotations
@@ -43,27 +44,20 @@ def kv_store(x, vals, scales, pg, h, off):
     raise NotImplementedError  # Numba-only (the overload below)
 
 
-def kv_load(vals, scales, pg, h, off, buf):
-    """Row vals[pg, h, off] of a uint8 pool (int4, fp8) dequantized into buf [D] (float32): the formats whose
-    values `kv_load_page` cannot hand over as stored."""
+def page_scores(qrow, vals, scales, pg, h, srow, scale, tmp):
+    """srow[o] = (qrow . row o of the page vals[pg, h]) * scale for every row of the page; tmp: float32 scratch
+    of at least 2 D values (int4's query halves and group sums)."""
     raise NotImplementedError  # Numba-only (the overload below)
 
 
-def kv_load_page(vals, scales, pg, h, buf):
-    """Rows vals[pg, h] [page, D] as the attention loops read them (each value through `to_f32`): the cache's
-    own rows (float32, fp16 bits converted as they are read, int8 values with their row scales applied by the
-    caller: `row_scaled`), or dequantized into buf [page, D] (int4, fp8)."""
+def page_weighted_sum(p, vals, scales, pg, h, acc):
+    """acc [D] += sum over o of p[o] * row o of the page vals[pg, h]; p is consumed (int8 / fp8: scaled in place
+    by the rows' scales)."""
     raise NotImplementedError  # Numba-only (the overload below)
 
 
 def to_f32(x):
-    """A value of `kv_load_page`'s rows as float32."""
-    raise NotImplementedError  # Numba-only (the overload below)
-
-
-def row_scaled(vals):
-    """Whether `kv_load_page` gives a pool's stored values unscaled, each row to be scaled by scales[pg, h, o, 0]
-    (int8: the attention folds the key scale into the scores and the value scale into the probabilities)."""
+    """A stored value of a float, int8 or fp8 pool as float32 (fp8: the code's value / 256, see `_row_unit`)."""
     raise NotImplementedError  # Numba-only (the overload below)
 
 
@@ -71,15 +65,34 @@ def row_scaled(vals):
 def _to_f32(x):
     if x == types.uint16:
         return lambda x: half_to_f32(x)
+    if isinstance(x, types.Record):  # e4m3 bits moved into an fp16's place are the value / 256, exactly
+
+        def e4m3_f32(x):
+            b = np.uint16(x.e4m3)
+            return half_to_f32(np.uint16(((b & np.uint16(0x80)) << 8) | ((b & np.uint16(0x7F)) << 7)))
+
+        return e4m3_f32
     if isinstance(x, types.Integer):
         return lambda x: np.float32(x)
     return lambda x: x
 
 
-@overload(row_scaled, inline="always")
-def _row_scaled(vals):
-    scaled = vals.dtype == types.int8
-    return lambda vals: scaled
+def _row_unit(vals) -> float:
+    """What a row scale is multiplied by to turn `to_f32` of the stored values into the row's values (0: none)."""
+    if isinstance(vals.dtype, types.Record):
+        return 256.0  # fp8: to_f32 gives the code's value / 256
+    return 1.0 if vals.dtype == types.int8 else 0.0
+
+
+@njit(inline="always")
+def _int4_groups(scales):
+    """An int4 pool's groups per row: its (scale, min) pairs. A uint8 pool with one scale per row is fp8 handed
+    over without `kernel_view`, which would otherwise be read as int4."""
+    if scales.shape[3] < 2:
+        raise ValueError(
+            "an fp8 KV pool reached a CPU kernel as plain uint8: pass it through cpu_kv.kernel_view"
+        )
+    return scales.shape[3] // 2
 
 
 @overload(kv_store)
@@ -113,17 +126,21 @@ def _kv_store(x, vals, scales, pg, h, off):
 
         return store_int8
 
-    def store_uint8(x, vals, scales, pg, h, off):
-        if scales.shape[3] == 1:  # fp8: one scale per row (int4 has (scale, min) pairs)
+    if isinstance(vals.dtype, types.Record):
+
+        def store_fp8(x, vals, scales, pg, h, off):
             amax = np.float32(0.0)
             for i in range(x.shape[0]):
                 amax = max(amax, abs(x[i]))
             scales[pg, h, off, 0] = amax / np.float32(E4M3_MAX)
             s = np.float64(scales[pg, h, off, 0])  # against the stored scale, in float64 as the reference
             for i in range(x.shape[0]):
-                vals[pg, h, off, i] = np.uint8(e4m3_code(np.float64(x[i]) / s) if s > 0 else 0)
-            return
-        groups = scales.shape[3] // 2
+                vals[pg, h, off, i].e4m3 = np.uint8(e4m3_code(np.float64(x[i]) / s) if s > 0 else 0)
+
+        return store_fp8
+
+    def store_int4(x, vals, scales, pg, h, off):
+        groups = _int4_groups(scales)
         g = x.shape[0] // groups
         for k in range(groups):
             lo, hi = x[k * g], x[k * g]
@@ -137,52 +154,158 @@ def _kv_store(x, vals, scales, pg, h, off):
                 b = min(max(np.rint((x[i + 1] - m) / s), 0.0), 15.0) if s > 0 else 0.0
                 vals[pg, h, off, i // 2] = np.uint8(int(a) | (int(b) << 4))
 
-    return store_uint8
+    return store_int4
 
 
-@overload(kv_load)
-def _kv_load(vals, scales, pg, h, off, buf):
-    if vals.dtype != types.uint8:
-        return None
-
-    # One row with its scale (pair) hoisted per group and a table lookup per fp8 code: a per-value branch (fp8) and
-    # a per-byte division (int4) made these loads 4.5x / 1.8x slower (docs/KV_QUANT.md).
-    def load_uint8(vals, scales, pg, h, off, buf):
-        row = vals[pg, h, off]
-        if scales.shape[3] == 1:  # fp8: e4m3 bits moved into an fp16's place are the value / 256, exactly
-            s = np.float32(scales[pg, h, off, 0]) * np.float32(256.0)
-            for i in range(buf.shape[0]):
-                b = np.uint16(row[i])
-                buf[i] = (
-                    half_to_f32(np.uint16(((b & np.uint16(0x80)) << 8) | ((b & np.uint16(0x7F)) << 7))) * s
-                )
-            return buf
-        groups = scales.shape[3] // 2
-        per = row.shape[0] // groups  # bytes per group
-        for k in range(groups):
-            s, m = np.float32(scales[pg, h, off, 2 * k]), np.float32(scales[pg, h, off, 2 * k + 1])
-            for i in range(k * per, (k + 1) * per):
-                b = np.int32(row[i])
-                buf[2 * i] = np.float32(b & 15) * s + m
-                buf[2 * i + 1] = np.float32(b >> 4) * s + m
-        return buf
-
-    return load_uint8
+# The page loops below are inlined into their caller (which sets fastmath); a head dim of 64 (SmolLM2's) gets
+# loops of constant length, unrolled. Page sizes are multiples of 4.
 
 
-@overload(kv_load_page)
-def _kv_load_page(vals, scales, pg, h, buf):
-    if vals.dtype != types.uint8:  # float32, fp16 bits, int8: read as stored
-        return lambda vals, scales, pg, h, buf: vals[pg, h]
+@njit(inline="always")
+def _dots4(qrow, keys, srow, scale, d):
+    """srow[o] = dot(qrow, keys[o]) * scale, four keys per pass over qrow."""
+    for o in range(0, keys.shape[0], 4):
+        a, b, c, e = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
+        for i in range(d):
+            a += qrow[i] * to_f32(keys[o, i])
+            b += qrow[i] * to_f32(keys[o + 1, i])
+            c += qrow[i] * to_f32(keys[o + 2, i])
+            e += qrow[i] * to_f32(keys[o + 3, i])
+        srow[o], srow[o + 1], srow[o + 2], srow[o + 3] = a * scale, b * scale, c * scale, e * scale
 
-    def load_rows(vals, scales, pg, h, buf):
-        for o in range(buf.shape[0]):
-            kv_load(vals, scales, pg, h, o, buf[o])
-        return buf
 
-    return load_rows
+@njit(inline="always")
+def _sums4(p, vals, acc, d):
+    """acc += sum over o of p[o] * vals[o], four rows per pass over acc."""
+    for o in range(0, vals.shape[0], 4):
+        a, b, c, e = p[o], p[o + 1], p[o + 2], p[o + 3]
+        for i in range(d):
+            acc[i] += (a * to_f32(vals[o, i]) + b * to_f32(vals[o + 1, i])) + (
+                c * to_f32(vals[o + 2, i]) + e * to_f32(vals[o + 3, i])
+            )
 
 
-def kernel_view(a: np.ndarray) -> np.ndarray:
-    """A KV pool as the kernels take it: an fp16 pool as its uint16 bits (Numba has no float16), others as they are."""
-    return a.view(np.uint16) if a.dtype == np.float16 else a
+NIBBLE_UNIT = np.float32(
+    2.0**24
+)  # a nibble n as fp16 bits is the subnormal n * 2^-24 (exact; F16C vectorizes it)
+
+
+@njit(inline="always")
+def _nibbles(b):
+    """The low and high nibble of byte b as float32, each / 2^24 (`NIBBLE_UNIT`: int-to-float conversions do not
+    vectorize here, the fp16 one does)."""
+    x = np.uint16(b)
+    return half_to_f32(x & np.uint16(15)), half_to_f32(x >> np.uint16(4))
+
+
+@njit(inline="always")
+def _dots_int4(qrow, keys, sc, srow, scale, tmp, d, groups):
+    """int4 keys: per group g, s_g * (q . nibbles) + m_g * (q's sum over the group), two keys per pass; the query's
+    even and odd channels (the low and high nibbles') split into tmp first."""
+    half, per = d // 2, d // 2 // groups
+    for i in range(half):
+        tmp[i], tmp[half + i] = qrow[2 * i], qrow[2 * i + 1]
+    for g in range(groups):
+        t = np.float32(0.0)
+        for c in range(2 * g * per, 2 * (g + 1) * per):
+            t += qrow[c]
+        tmp[d + g] = t
+    for o in range(0, keys.shape[0], 2):
+        a, b = np.float32(0.0), np.float32(0.0)
+        for g in range(groups):
+            sa, sb = np.float32(sc[o, 2 * g]) * NIBBLE_UNIT, np.float32(sc[o + 1, 2 * g]) * NIBBLE_UNIT
+            for i in range(g * per, (g + 1) * per):
+                (xl, xh), (yl, yh) = _nibbles(keys[o, i]), _nibbles(keys[o + 1, i])
+                a += sa * (tmp[i] * xl + tmp[half + i] * xh)
+                b += sb * (tmp[i] * yl + tmp[half + i] * yh)
+            a += np.float32(sc[o, 2 * g + 1]) * tmp[d + g]
+            b += np.float32(sc[o + 1, 2 * g + 1]) * tmp[d + g]
+        srow[o], srow[o + 1] = a * scale, b * scale
+
+
+@njit(inline="always")
+def _sums_int4(p, vals, sc, acc, d, groups):
+    """int4 values: acc[c] += sum over o of p[o] s_g[o] q[o, c] (two rows per pass), plus each group's
+    sum of p[o] m_g[o] once."""
+    per = d // 2 // groups
+    for g in range(groups):
+        m = np.float32(0.0)
+        for o in range(vals.shape[0]):
+            m += p[o] * np.float32(sc[o, 2 * g + 1])
+        for c in range(2 * g * per, 2 * (g + 1) * per):
+            acc[c] += m
+    for o in range(0, vals.shape[0], 2):
+        for g in range(groups):
+            a = p[o] * np.float32(sc[o, 2 * g]) * NIBBLE_UNIT
+            b = p[o + 1] * np.float32(sc[o + 1, 2 * g]) * NIBBLE_UNIT
+            for i in range(g * per, (g + 1) * per):
+                (xl, xh), (yl, yh) = _nibbles(vals[o, i]), _nibbles(vals[o + 1, i])
+                acc[2 * i] += a * xl + b * yl
+                acc[2 * i + 1] += a * xh + b * yh
+
+
+@overload(page_scores, inline="always")
+def _page_scores(qrow, vals, scales, pg, h, srow, scale, tmp):
+    if vals.dtype == types.uint8:
+
+        def scores_int4(qrow, vals, scales, pg, h, srow, scale, tmp):
+            keys, sc, groups = vals[pg, h], scales[pg, h], _int4_groups(scales)
+            if qrow.shape[0] == 64 and groups == 4:  # SmolLM2's keys: 4 groups of 16 channels
+                _dots_int4(qrow, keys, sc, srow, scale, tmp, 64, 4)
+            else:
+                _dots_int4(qrow, keys, sc, srow, scale, tmp, qrow.shape[0], groups)
+
+        return scores_int4
+    unit = np.float32(_row_unit(vals))
+
+    def scores(qrow, vals, scales, pg, h, srow, scale, tmp):
+        if qrow.shape[0] == 64:
+            _dots4(qrow, vals[pg, h], srow, scale, 64)
+        else:
+            _dots4(qrow, vals[pg, h], srow, scale, qrow.shape[0])
+        if unit != 0:  # (q . k) * s_k: a quantized row's scale applied once per score
+            for o in range(srow.shape[0]):
+                srow[o] *= np.float32(scales[pg, h, o, 0]) * unit
+
+    return scores
+
+
+@overload(page_weighted_sum, inline="always")
+def _page_weighted_sum(p, vals, scales, pg, h, acc):
+    if vals.dtype == types.uint8:
+
+        def sums_int4(p, vals, scales, pg, h, acc):
+            rows, sc, groups = vals[pg, h], scales[pg, h], _int4_groups(scales)
+            if acc.shape[0] == 64 and groups == 2:  # SmolLM2's values: 2 groups of 32 channels
+                _sums_int4(p, rows, sc, acc, 64, 2)
+            else:
+                _sums_int4(p, rows, sc, acc, acc.shape[0], groups)
+
+        return sums_int4
+    unit = np.float32(_row_unit(vals))
+
+    def sums(p, vals, scales, pg, h, acc):
+        if unit != 0:  # p * s_v times the stored values (the softmax's row sums are taken already)
+            for o in range(p.shape[0]):
+                p[o] *= np.float32(scales[pg, h, o, 0]) * unit
+        if acc.shape[0] == 64:
+            _sums4(p, vals[pg, h], acc, 64)
+        else:
+            _sums4(p, vals[pg, h], acc, acc.shape[0])
+
+    return sums
+
+
+FP8_VIEW = np.dtype(
+    [("e4m3", np.uint8)]
+)  # an fp8 pool's codes as the kernels take them (int4 is plain uint8)
+
+
+def kernel_view(a: np.ndarray, scales: np.ndarray | None = None) -> np.ndarray:
+    """A KV pool as the kernels take it: fp16 as its uint16 bits (Numba has no float16), fp8 (uint8 codes, one scale
+    per row) as `FP8_VIEW` records so that Numba tells it from int4's bytes; others as they are."""
+    if a.dtype == np.float16:
+        return a.view(np.uint16)
+    if a.dtype == np.uint8 and scales is not None and scales.shape[-1] == 1:
+        return a.view(FP8_VIEW)
+    return a
