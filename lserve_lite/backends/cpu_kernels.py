@@ -281,7 +281,7 @@ def _attend_unit(qv, kv, h, pages, lpages, rows, win, scale, s, tmp, ml, acc):
     acc[:nq] = 0
     for pi in range(pages.shape[0]):
         for j in range(nq):
-            page_weighted_sum(s[j, pi * page : (pi + 1) * page], v_cache, v_scale, pages[pi], h, acc[j])
+            page_weighted_sum(s[j, pi * page : (pi + 1) * page], v_cache, v_scale, pages[pi], h, acc[j], tmp)
 
 
 @nb.njit(**JIT)

@@ -50,9 +50,9 @@ def page_scores(qrow, vals, scales, pg, h, srow, scale, tmp):
     raise NotImplementedError  # Numba-only (the overload below)
 
 
-def page_weighted_sum(p, vals, scales, pg, h, acc):
+def page_weighted_sum(p, vals, scales, pg, h, acc, tmp):
     """acc [D] += sum over o of p[o] * row o of the page vals[pg, h]; p is consumed (int8 / fp8: scaled in place
-    by the rows' scales)."""
+    by the rows' scales); tmp: float32 scratch of at least D values (int4's even and odd sums)."""
     raise NotImplementedError  # Numba-only (the overload below)
 
 
@@ -224,24 +224,26 @@ def _dots_int4(qrow, keys, sc, srow, scale, tmp, d, groups):
 
 
 @njit(inline="always")
-def _sums_int4(p, vals, sc, acc, d, groups):
-    """int4 values: acc[c] += sum over o of p[o] s_g[o] q[o, c] (two rows per pass), plus each group's
-    sum of p[o] m_g[o] once."""
-    per = d // 2 // groups
-    for g in range(groups):
-        m = np.float32(0.0)
-        for o in range(vals.shape[0]):
-            m += p[o] * np.float32(sc[o, 2 * g + 1])
-        for c in range(2 * g * per, 2 * (g + 1) * per):
-            acc[c] += m
+def _sums_int4(p, vals, sc, acc, tmp, d, groups):
+    """int4 values: sum over o of p[o] s_g[o] q[o, c] (two rows per pass) into tmp's even and odd halves (the
+    low and high nibbles', so that the stores are contiguous), then into acc with each group's sum of p[o] m_g[o]."""
+    half, per = d // 2, d // 2 // groups
+    tmp[:d] = 0
     for o in range(0, vals.shape[0], 2):
         for g in range(groups):
             a = p[o] * np.float32(sc[o, 2 * g]) * NIBBLE_UNIT
             b = p[o + 1] * np.float32(sc[o + 1, 2 * g]) * NIBBLE_UNIT
             for i in range(g * per, (g + 1) * per):
                 (xl, xh), (yl, yh) = _nibbles(vals[o, i]), _nibbles(vals[o + 1, i])
-                acc[2 * i] += a * xl + b * yl
-                acc[2 * i + 1] += a * xh + b * yh
+                tmp[i] += a * xl + b * yl
+                tmp[half + i] += a * xh + b * yh
+    for g in range(groups):
+        m = np.float32(0.0)
+        for o in range(vals.shape[0]):
+            m += p[o] * np.float32(sc[o, 2 * g + 1])
+        for i in range(g * per, (g + 1) * per):
+            acc[2 * i] += tmp[i] + m
+            acc[2 * i + 1] += tmp[half + i] + m
 
 
 @overload(page_scores, inline="always")
@@ -271,20 +273,20 @@ def _page_scores(qrow, vals, scales, pg, h, srow, scale, tmp):
 
 
 @overload(page_weighted_sum, inline="always")
-def _page_weighted_sum(p, vals, scales, pg, h, acc):
+def _page_weighted_sum(p, vals, scales, pg, h, acc, tmp):
     if vals.dtype == types.uint8:
 
-        def sums_int4(p, vals, scales, pg, h, acc):
+        def sums_int4(p, vals, scales, pg, h, acc, tmp):
             rows, sc, groups = vals[pg, h], scales[pg, h], _int4_groups(scales)
             if acc.shape[0] == 64 and groups == 2:  # SmolLM2's values: 2 groups of 32 channels
-                _sums_int4(p, rows, sc, acc, 64, 2)
+                _sums_int4(p, rows, sc, acc, tmp, 64, 2)
             else:
-                _sums_int4(p, rows, sc, acc, acc.shape[0], groups)
+                _sums_int4(p, rows, sc, acc, tmp, acc.shape[0], groups)
 
         return sums_int4
     unit = np.float32(_row_unit(vals))
 
-    def sums(p, vals, scales, pg, h, acc):
+    def sums(p, vals, scales, pg, h, acc, tmp):
         if unit != 0:  # p * s_v times the stored values (the softmax's row sums are taken already)
             for o in range(p.shape[0]):
                 p[o] *= np.float32(scales[pg, h, o, 0]) * unit
