@@ -494,3 +494,26 @@ def test_numba_e4m3_matches_the_reference_codec():
     vals = np.zeros((1, 1, 1, 64), np.uint8)
     with pytest.raises(ValueError, match="kernel_view"):
         store(np.ones(64, np.float32), vals, scales)
+
+
+@pytest.mark.parametrize("name", ["fp16", "fp32", *CPU_FORMATS])
+def test_prefill_gather_equals_the_reference(name):
+    """The CPU prefill's Numba page gather (cpu.gather_pages) = reference/attention.gather_rows (kv/quant's float64
+    dequantize, rounded to float32), pages in any order, both pools' formats (int4 keys' groups of 16)."""
+    if name == "fp16" and not NATIVE_HALF:
+        pytest.skip("fp16 KV needs the host's half conversions")
+    x = RNG.standard_normal((7, 3, 16, 64)).astype(np.float32) * RNG.uniform(0.1, 20, (7, 3, 16, 1))
+    x += RNG.uniform(-2, 2, 64).astype(np.float32)
+    pages = np.array([5, 0, 3, 3, 6])
+    fmt = Q.FORMATS[name]
+    for f in (fmt.keys(), fmt) if fmt.quantized else (None,):
+        vals, sc = (
+            Q.quantize(x, f, np.float32)
+            if f
+            else (x.astype(np.float16 if name == "fp16" else np.float32), None)
+        )
+        for h in range(3):
+            want = A.gather_rows(vals, sc, f, pages, h)
+            got = C.gather_pages(vals, sc, f, pages, h)
+            assert got.dtype == np.float32 and got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=2e-7, atol=1e-30)

@@ -193,7 +193,8 @@ class CpuOps:
             if int(plan.qb_len.max(initial=0)) <= SMALL_ROWS:
                 return paged_attention_numba(q, kc, vc, plan, head_class, self.split, ksc, vsc)
             out, hc = np.empty(q.shape, np.float32), np.asarray(head_class)
-            part = lambda a, b: attend_qblocks(q, kc, vc, plan, hc, out, a, b, ksc, vsc, cache.fmt)  # noqa: E731
+            fmt = cache.fmt
+            part = lambda a, b: attend_qblocks(q, kc, vc, plan, hc, out, a, b, ksc, vsc, fmt, gather_pages)  # noqa: E731
             self.split.run(("prefill-attn",), part, _qblock_bounds(plan, self.split.parts))
             return out.reshape(q.shape[0], -1)
         pools = (cache.k[layer], cache.v[layer], cache.ks[layer], cache.vs[layer])
@@ -292,7 +293,7 @@ def sparse_prefill_attention(
     for cls, order, qc, (kc, vc, ksc, vsc) in _by_pool(q, pools, scales, head_class, head_slot):
         oc, hcs = np.empty(qc.shape, np.float32), np.full(order.size, cls, np.int32)
         # called within this iteration only (split.run returns once every part is done)
-        part = lambda a, b: attend_qblocks(qc, kc, vc, plan, hcs, oc, a, b, ksc, vsc, fmt)  # noqa: E731, B023
+        part = lambda a, b: attend_qblocks(qc, kc, vc, plan, hcs, oc, a, b, ksc, vsc, fmt, gather_pages)  # noqa: E731, B023
         if split is None:
             part(0, plan.num_qblocks)
         else:
@@ -346,6 +347,14 @@ def _visited_plan(
         np.stack([np.arange(order.size), np.full(order.size, -1)], 1).ravel(), plan.num_qblocks
     )
     return plan.regroup(blocks, lists), item_head.astype(np.int32)
+
+
+def gather_pages(cache, scales, fmt, pages, h) -> np.ndarray:
+    """`reference.attention.gather_rows` through the Numba kernel (the rows read once, converted in registers)."""
+    page, d = cache.shape[2], cache.shape[3] if fmt is None else fmt.head_dim(cache.shape[3])
+    out = np.empty((len(pages) * page, d), np.float32)
+    K.gather_pages(kernel_view(cache, scales), _scales_arg(scales), np.asarray(pages, np.int64), h, out)
+    return out
 
 
 def _qblock_bounds(plan: AttentionPlan, parts: int) -> list[int]:

@@ -16,7 +16,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from . import cpu_kv
-from .cpu_kv import kv_store, page_scores, page_weighted_sum, to_f32
+from .cpu_kv import kv_store, page_rows, page_scores, page_weighted_sum, to_f32
 from .numba_cache import flush_if_deps_changed
 
 # Reassociation (vectorized float32 sums) without "no NaN / no Inf", which masks and softmax rely on.
@@ -282,6 +282,14 @@ def _attend_unit(qv, kv, h, pages, lpages, rows, win, scale, s, tmp, ml, acc):
     for pi in range(pages.shape[0]):
         for j in range(nq):
             page_weighted_sum(s[j, pi * page : (pi + 1) * page], v_cache, v_scale, pages[pi], h, acc[j], tmp)
+
+
+@nb.njit(**JIT)
+def gather_pages(vals, scales, pages, h, out):
+    """Head h's rows on `pages` into out [len(pages) * page, D] float32, dequantized (`cpu_kv.page_rows`)."""
+    page = vals.shape[2]
+    for i in range(pages.shape[0]):
+        page_rows(vals, scales, pages[i], h, out[i * page : (i + 1) * page])
 
 
 @nb.njit(**JIT)

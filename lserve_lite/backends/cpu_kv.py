@@ -1,5 +1,5 @@
 """KV rows and pages of a CPU KV pool in any CPU format: a row stored (quantized on write), a page's rows read by
-decode attention's two loops (scores, weighted sum of values).
+decode attention's two loops (scores, weighted sum of values), and a page dequantized for prefill's BLAS.
 
 Numba picks the format from the values' type as `kernel_view` hands the pool over (float32: fp32, uint16: fp16
 bits, int8: int8, a record of one `e4m3` byte: fp8, uint8: int4 with (scale, min) per group, the group read from
@@ -53,6 +53,12 @@ def page_scores(qrow, vals, scales, pg, h, srow, scale, tmp):
 def page_weighted_sum(p, vals, scales, pg, h, acc, tmp):
     """acc [D] += sum over o of p[o] * row o of the page vals[pg, h]; p is consumed (int8 / fp8: scaled in place
     by the rows' scales); tmp: float32 scratch of at least D values (int4's even and odd sums)."""
+    raise NotImplementedError  # Numba-only (the overload below)
+
+
+def page_rows(vals, scales, pg, h, out):
+    """The rows of the page vals[pg, h] dequantized into out [page, D] float32 (prefill attention's BLAS operand:
+    `cpu_kernels.gather_pages`); each value is the one kv/quant.dequantize gives, in float32."""
     raise NotImplementedError  # Numba-only (the overload below)
 
 
@@ -296,6 +302,33 @@ def _page_weighted_sum(p, vals, scales, pg, h, acc, tmp):
             _sums4(p, vals[pg, h], acc, acc.shape[0])
 
     return sums
+
+
+@overload(page_rows, inline="always")
+def _page_rows(vals, scales, pg, h, out):
+    if vals.dtype == types.uint8:
+
+        def rows_int4(vals, scales, pg, h, out):
+            groups = _int4_groups(scales)
+            per = vals.shape[3] // groups
+            for o in range(out.shape[0]):
+                for g in range(groups):
+                    sg = np.float32(scales[pg, h, o, 2 * g]) * NIBBLE_UNIT
+                    mg = np.float32(scales[pg, h, o, 2 * g + 1])
+                    for i in range(g * per, (g + 1) * per):
+                        lo, hi = _nibbles(vals[pg, h, o, i])
+                        out[o, 2 * i], out[o, 2 * i + 1] = lo * sg + mg, hi * sg + mg
+
+        return rows_int4
+    unit = np.float32(_row_unit(vals))
+
+    def rows(vals, scales, pg, h, out):
+        for o in range(out.shape[0]):
+            s = np.float32(scales[pg, h, o, 0]) * unit if unit != 0 else np.float32(1.0)
+            for c in range(out.shape[1]):
+                out[o, c] = to_f32(vals[pg, h, o, c]) * s
+
+    return rows
 
 
 FP8_VIEW = np.dtype(

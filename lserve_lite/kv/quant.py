@@ -45,6 +45,10 @@ class KVFormat:
         """Stored values per (token, head): int4 packs two channels per byte."""
         return head_dim // 2 if self.name == "int4" else head_dim
 
+    def head_dim(self, packed: int) -> int:
+        """The head dim whose `packed_dim` is `packed`."""
+        return packed * 2 if self.name == "int4" else packed
+
     def keys(self) -> KVFormat:
         """The format of the K pool (the V pool's is self): the same, or with the keys' own group."""
         return replace(self, group_size=self.key_group, key_group=0) if self.key_group else self

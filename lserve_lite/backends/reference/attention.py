@@ -44,9 +44,10 @@ def paged_attention_ref(
 
 def attend_qblocks(
     q, k_cache, v_cache, plan: AttentionPlan, head_class, out, qb0: int, qb1: int, k_scale=None, v_scale=None,
-    fmt=None,
+    fmt=None, gather=gather_rows,
 ) -> None:  # fmt: skip
-    """`paged_attention_ref` for query blocks qb0..qb1-1, written into out [N, Hq, D]."""
+    """`paged_attention_ref` for query blocks qb0..qb1-1, written into out [N, Hq, D]; `gather` has
+    `gather_rows`' contract (the CPU backend passes its Numba one)."""
     d, page = q.shape[2], k_cache.shape[2]
     group = q.shape[1] // k_cache.shape[1]
     scale = np.float32(1.0 / math.sqrt(d))
@@ -66,11 +67,9 @@ def attend_qblocks(
             for h in heads:
                 rows = slice(h * group, (h + 1) * group)
                 qh = q[r0 : r0 + nr, rows].reshape(nr * group, d)
-                s = (qh @ gather_rows(k_cache, k_scale, fmt and fmt.keys(), pages, h).T).reshape(
-                    nr, group, -1
-                )
+                s = (qh @ gather(k_cache, k_scale, fmt and fmt.keys(), pages, h).T).reshape(nr, group, -1)
                 tot = K.masked_softmax(s, ok, scale)
-                o = s.reshape(nr * group, -1) @ gather_rows(v_cache, v_scale, fmt, pages, h)
+                o = s.reshape(nr * group, -1) @ gather(v_cache, v_scale, fmt, pages, h)
                 o /= tot.reshape(-1, 1)
                 out[r0 : r0 + nr, rows] = o.reshape(nr, group, d)
 
