@@ -498,7 +498,7 @@ def test_numba_e4m3_matches_the_reference_codec():
 
 @pytest.mark.parametrize("name", ["fp16", "fp32", *CPU_FORMATS])
 def test_prefill_gather_equals_the_reference(name):
-    """The CPU prefill's Numba page gather (cpu.gather_pages) = reference/attention.gather_rows (kv/quant's float64
+    """The CPU prefill's Numba page gather (cpu.gather_pages_numba) = reference/attention.gather_rows (kv/quant's float64
     dequantize, rounded to float32), pages in any order, both pools' formats (int4 keys' groups of 16)."""
     if name == "fp16" and not NATIVE_HALF:
         pytest.skip("fp16 KV needs the host's half conversions")
@@ -514,6 +514,6 @@ def test_prefill_gather_equals_the_reference(name):
         )
         for h in range(3):
             want = A.gather_rows(vals, sc, f, pages, h)
-            got = C.gather_pages(vals, sc, f, pages, h)
+            got = C.gather_pages_numba(vals, sc, f, pages, h)
             assert got.dtype == np.float32 and got.shape == want.shape
             np.testing.assert_allclose(got, want, rtol=2e-7, atol=1e-30)

@@ -193,8 +193,10 @@ class CpuOps:
             if int(plan.qb_len.max(initial=0)) <= SMALL_ROWS:
                 return paged_attention_numba(q, kc, vc, plan, head_class, self.split, ksc, vsc)
             out, hc = np.empty(q.shape, np.float32), np.asarray(head_class)
-            fmt = cache.fmt
-            part = lambda a, b: attend_qblocks(q, kc, vc, plan, hc, out, a, b, ksc, vsc, fmt, gather_pages)  # noqa: E731
+
+            def part(a: int, b: int) -> None:
+                attend_qblocks(q, kc, vc, plan, hc, out, a, b, ksc, vsc, cache.fmt, gather_pages_numba)
+
             self.split.run(("prefill-attn",), part, _qblock_bounds(plan, self.split.parts))
             return out.reshape(q.shape[0], -1)
         pools = (cache.k[layer], cache.v[layer], cache.ks[layer], cache.vs[layer])
@@ -220,22 +222,9 @@ class CpuOps:
 
 
 def rope_write_kv_sparse_numba(
-    qkv,
-    positions,
-    dense_slots,
-    stream_slots,
-    kd,
-    vd,
-    ks,
-    vs,
-    head_class,
-    head_slot,
-    cos,
-    sin,
-    kmax,
-    kmin,
+    qkv, positions, dense_slots, stream_slots, kd, vd, ks, vs, head_class, head_slot, cos, sin, kmax, kmin,
     scales=(None,) * 4,
-) -> np.ndarray:
+) -> np.ndarray:  # fmt: skip
     """`rope_write_kv_sparse_ref` in Numba: dense mode's write once per pool (its KV heads' columns in pool-row
     order; `scales` of kd, vd, ks, vs for a quantized cache), then the dense pool's key statistics
     (`cpu_kernels.merge_key_stats`) from the stored keys (a float cache) or the unquantized ones (quantized)."""
@@ -293,7 +282,7 @@ def sparse_prefill_attention(
     for cls, order, qc, (kc, vc, ksc, vsc) in _by_pool(q, pools, scales, head_class, head_slot):
         oc, hcs = np.empty(qc.shape, np.float32), np.full(order.size, cls, np.int32)
         # called within this iteration only (split.run returns once every part is done)
-        part = lambda a, b: attend_qblocks(qc, kc, vc, plan, hcs, oc, a, b, ksc, vsc, fmt, gather_pages)  # noqa: E731, B023
+        part = lambda a, b: attend_qblocks(qc, kc, vc, plan, hcs, oc, a, b, ksc, vsc, fmt, gather_pages_numba)  # noqa: E731, B023
         if split is None:
             part(0, plan.num_qblocks)
         else:
@@ -349,7 +338,7 @@ def _visited_plan(
     return plan.regroup(blocks, lists), item_head.astype(np.int32)
 
 
-def gather_pages(cache, scales, fmt, pages, h) -> np.ndarray:
+def gather_pages_numba(cache, scales, fmt, pages, h) -> np.ndarray:
     """`reference.attention.gather_rows` through the Numba kernel (the rows read once, converted in registers)."""
     page, d = cache.shape[2], cache.shape[3] if fmt is None else fmt.head_dim(cache.shape[3])
     out = np.empty((len(pages) * page, d), np.float32)
