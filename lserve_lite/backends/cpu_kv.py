@@ -191,9 +191,9 @@ def _sums4(p, vals, acc, d):
             )
 
 
-NIBBLE_UNIT = np.float32(
-    2.0**24
-)  # a nibble n as fp16 bits is the subnormal n * 2^-24 (exact; F16C vectorizes it)
+# A nibble n as fp16 bits is the subnormal n * 2^-24 (exact, and F16C converts eight at once): the group scales
+# are multiplied by this to undo it.
+NIBBLE_UNIT = np.float32(2.0**24)
 
 
 @njit(inline="always")
