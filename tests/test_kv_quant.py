@@ -517,3 +517,33 @@ def test_prefill_gather_equals_the_reference(name):
             got = C.gather_pages_numba(vals, sc, f, pages, h)
             assert got.dtype == np.float32 and got.shape == want.shape
             np.testing.assert_allclose(got, want, rtol=2e-7, atol=1e-30)
+
+
+@pytest.mark.parametrize("name", ["fp16", *CPU_FORMATS])
+@pytest.mark.parametrize("d", [32, 40, 128])
+def test_quantized_pages_at_other_head_dims(name, d):
+    """The page loops off SmolLM2's unrolled D = 64: decode attention (paged_attention_numba) = float64 attention
+    over the dequantized cache, and the prefill gather = gather_rows, at D 32, 128 and 40 (int4: one (scale, min)
+    pair for the whole head, 40 not being a multiple of the groups)."""
+    if name == "fp16" and not NATIVE_HALF:
+        pytest.skip("fp16 KV needs the host's half conversions")
+    fmt = Q.FORMATS[name]
+    if fmt.quantized:
+        (_, _), (kq, ks, vq, vs), (kd, vd) = _quantized_pools(fmt, (12, 2, 16, d))
+    else:
+        kd, vd = RNG.standard_normal((2, 12, 2, 16, d)).astype(np.float16)
+        (kq, vq), (ks, vs) = (kd, vd), (None, None)
+    if name == "int4" and d == 40:
+        assert (fmt.keys().scale_cols(d), fmt.scale_cols(d)) == (2, 2)
+    plan = build_plan(BatchLayout([1, 1], [150, 37], [[3, 0, 7, 9, 11, 2, 5, 1, 4, 6], [8, 10, 3]]), 16)
+    q = RNG.standard_normal((2, 6, d)).astype(np.float32)
+    hc = np.array([0, 0], np.int32)
+    want = naive_attention(q, np.asarray(kd, np.float64), np.asarray(vd, np.float64), plan, hc)
+    assert rel(C.paged_attention_numba(q, kq, vq, plan, hc, None, ks, vs), want) < 1e-5
+    for vals, sc, f in ((kq, ks, fmt.keys()), (vq, vs, fmt)):
+        np.testing.assert_allclose(
+            C.gather_pages_numba(vals, sc, f, np.array([4, 0, 9]), 1),
+            A.gather_rows(vals, sc, f if sc is not None else None, np.array([4, 0, 9]), 1),
+            rtol=2e-7,
+            atol=1e-30,
+        )
