@@ -483,6 +483,7 @@ def test_numba_e4m3_matches_the_reference_codec():
 
     mids = (Q.E4M3[1:] + Q.E4M3[:-1]) / 2
     y = np.concatenate([Q.E4M3, mids, -mids, [0.0, -0.0, 448.0, 449.0, 1e9, -1e9, 1e-12]])
+    y = np.concatenate([y, np.nextafter(mids, 0), np.nextafter(mids, 1e9)])  # either side of every tie
     y = np.concatenate([y, RNG.standard_normal(2000) * 50])
     want = Q.e4m3_encode(y)
     got = np.array([e4m3_code(float(v)) for v in y], np.uint8)
