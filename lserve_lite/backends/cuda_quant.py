@@ -108,6 +108,13 @@ def rope_name(trait: str, nmax: int, kind: int) -> str:
     return f"quant_gemv_split_rope<{trait}, {nmax}, {kind}>"
 
 
+def split_name_shape(name: str) -> tuple[int, int]:
+    """(NMAX, passes) of a split GEMV instantiation's name: quant_gemv_split<T, R, NMAX, P, ...>, or
+    `rope_name`'s quant_gemv_split_rope<T, NMAX, KIND> (one pass)."""
+    f = name.split(",")
+    return (int(f[1]), 1) if name.startswith("quant_gemv_split_rope<") else (int(f[2]), int(f[3]))
+
+
 def deep_setting() -> bool:
     """$LSERVE_QGEMV_DEEP: "1" (the default) lets split_deep pick the deep GEMV, "0" never (the A / B switch)."""
     v = os.environ.get("LSERVE_QGEMV_DEEP", "1").strip() or "1"
@@ -286,7 +293,7 @@ class QuantKernels:
             return
         for name, fn in self._kernels(w.fmt, "split").items():
             if name.startswith("quant_gemv_split"):
-                nmax, passes = (int(a) for a in name.split(",")[2:4])
+                nmax, passes = split_name_shape(name)
                 self._opt_in(name, fn, split_smem(nmax, k, passes))
                 if self.split_grid == "persist" and split_smem(nmax, k, passes) <= self.smem_limit:
                     self.resident_blocks(name, fn, split_smem(nmax, k, passes))
