@@ -50,3 +50,21 @@ def test_split_bytes_per_weight():
         s = split(random_quant(fmt, rows, k, np.random.default_rng(0)))
         nbytes = sum(a.nbytes for a in (s.q, s.d, s.m, s.s) if a is not None)
         assert 8 * nbytes / (rows * k) == bits and SPLIT_FORMATS[fmt].nbytes(rows, k) == nbytes, fmt
+
+
+@pytest.mark.parametrize("fmt", sorted(SPLIT_FORMATS))
+def test_every_split_gemv_name_parses(fmt):
+    """CudaQuant.prepare sizes each split GEMV's shared memory from its instantiation's name (split_name_shape):
+    every name a split weight compiles, the RoPE-epilogue kernels' included (their names once broke every split
+    weight's upload on CUDA), gives the NMAX and passes its template arguments say."""
+    from lserve_lite.backends.cuda_quant import SPLIT_ROWS, kernel_names, split_name_shape
+
+    names = [n for n in kernel_names(fmt, ("split",)) if n.startswith("quant_gemv_split")]
+    assert any(n.startswith("quant_gemv_split_rope<") for n in names)
+    for name in names:
+        args = [a.strip() for a in name[name.index("<") + 1 : name.rindex(">")].split(",")]
+        nmax, passes = split_name_shape(name)
+        want = (
+            (int(args[1]), 1) if name.startswith("quant_gemv_split_rope<") else (int(args[2]), int(args[3]))
+        )
+        assert (nmax, passes) == want and nmax in SPLIT_ROWS and passes in (1, 2)
