@@ -43,7 +43,14 @@ class LLM:
         params = params or SamplingParams()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        rids = [self.engine.add_request(p, c) for p in prompts for c in params.candidates()]
+        rids: list[str] = []
+        try:
+            for p in prompts:
+                rids += [self.engine.add_request(p, c) for c in params.candidates()]
+        except Exception:  # a refused prompt refuses the batch: none of it stays queued
+            for r in rids:
+                self.engine.abort(r)
+            raise
         return self._collect(rids)
 
     def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None):

@@ -125,6 +125,19 @@ def test_prompt_over_context_limit_and_engine_survives(tiny_llama):
     assert outs[0].num_output_tokens == 128 - 3  # stopped at the context limit, not the max_new_tokens
 
 
+def test_empty_text_prompt_and_a_refused_batch_leave_nothing_queued(tiny_llama):
+    llm = LLM(str(tiny_llama), backend="cpu", config=EngineConfig(max_model_len=128))
+    with pytest.raises(InvalidRequestError, match="prompt is empty"):
+        llm.generate([""], SamplingParams(max_new_tokens=2))  # no tokens once tokenized (no BOS added)
+    with pytest.raises(
+        InvalidRequestError, match="context limit"
+    ):  # the first prompt was fine, the second not
+        llm.generate([[5, 6, 7], list(range(3, 200))], SamplingParams(max_new_tokens=2))
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True))
+    assert len(out) == 1 and len(out[0].token_ids) == 3
+    assert not llm.engine.has_unfinished() and not llm.engine.scheduler.has_work()
+
+
 def test_cli_prints_one_line_not_a_traceback(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "lserve_lite.cli", "generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"],

@@ -192,6 +192,8 @@ class LLMEngine:
     ) -> str:
         """Queue a request; `sparse` overrides LServe knobs for it (token_budget, select_interval, windows)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self._check_ids(prompt, "prompt")
+        if not ids:
+            raise InvalidRequestError("prompt is empty (no tokens after tokenizing)")
         if len(ids) >= self.max_len:
             raise InvalidRequestError(
                 f"prompt has {len(ids)} tokens; the context limit is {self.max_len} (prompt + output)"
