@@ -25,6 +25,9 @@ SIZE_BOUNDS = {
     "max_position_embeddings": 1 << 24,
 }
 MAX_MODEL_LEN = SIZE_BOUNDS["max_position_embeddings"]  # the longest context an EngineConfig accepts
+MAX_NUM_SEQS = 4096  # requests batched together at most (page-selection slots, decode graphs and logits rows)
+MAX_BATCHED_TOKENS = 1 << 20  # tokens one step computes at most
+MAX_POOL_PAGES = 1 << 20  # a KV pool never has more pages than this (page ids are int32 in plans)
 MAX_JSON_BYTES = 64 << 20  # config / tokenizer_config / index files larger than this are not configs
 
 
@@ -339,10 +342,10 @@ class EngineConfig:
 
     def __post_init__(self):
         """Absurd limits are refused here, before they can hang the scheduler or size an allocation."""
-        _positive_int("max_num_seqs", self.max_num_seqs)
-        _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive_int("max_num_seqs", self.max_num_seqs, hi=MAX_NUM_SEQS)
+        _positive_int("max_num_batched_tokens", self.max_num_batched_tokens, hi=MAX_BATCHED_TOKENS)
         if self.num_kv_pages is not None:
-            _positive_int("num_kv_pages", self.num_kv_pages)
+            _positive_int("num_kv_pages", self.num_kv_pages, hi=MAX_POOL_PAGES)
         if self.max_model_len is not None:
             _positive_int("max_model_len", self.max_model_len, hi=MAX_MODEL_LEN)
         f = self.kv_memory_fraction

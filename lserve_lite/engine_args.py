@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import KV_DTYPES, MAX_MODEL_LEN, EngineConfig, SparseConfig
+from .config import KV_DTYPES, MAX_MODEL_LEN, MAX_POOL_PAGES, EngineConfig, SparseConfig
 
 
 def bounded_int(lo: int, hi: int = 1 << 31):
@@ -78,7 +78,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--kv-pages",
-        type=bounded_int(1, 1 << 20),
+        type=bounded_int(1, MAX_POOL_PAGES),
         default=None,
         help="KV pages in the pool (default: sized from memory)",
     )

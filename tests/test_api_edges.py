@@ -72,3 +72,35 @@ def test_kv_budget_that_holds_no_page_is_an_error():
     )
     with pytest.raises(InvalidRequestError, match="holds no KV page"):
         pool_pages(cfg, 64, 2 * 16 * 4, 100, None, 4, stat_itemsize=4)
+
+
+def test_explicit_page_count_beyond_the_memory_limit_is_an_error():
+    """num_kv_pages is checked against the backend's limit (Ops.kv_limit_bytes) before anything is allocated."""
+    from lserve_lite.config import ModelConfig
+    from lserve_lite.kv.layout import pool_pages
+
+    cfg = ModelConfig("LlamaForCausalLM", 64, 128, 2, 4, 2, 16, 100)
+    page = 2 * 2 * 2 * 16 * 64 * 4  # layers x K/V x KV heads x head_dim x tokens x float32
+    assert pool_pages(cfg, 64, 2 * 16 * 4, 0, None, 4, 10, stat_itemsize=4, limit=10 * page) == (10, 0)
+    with pytest.raises(InvalidRequestError, match=r"num_kv_pages=11 needs .* GiB of KV memory"):
+        pool_pages(cfg, 64, 2 * 16 * 4, 0, None, 4, 11, stat_itemsize=4, limit=10 * page)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [  # before the bounds: a deque of 10**9 selection slots (a hang), a 21.8 PiB allocation attempt
+        (dict(max_num_seqs=10**9), "max_num_seqs must be an integer in"),
+        (dict(max_num_batched_tokens=10**12), "max_num_batched_tokens must be an integer in"),
+        (dict(num_kv_pages=10**12), "num_kv_pages must be an integer in"),
+    ],
+)
+def test_engine_limits_have_upper_bounds(kw, match):
+    with pytest.raises(InvalidRequestError, match=match):
+        EngineConfig(**kw)
+
+
+def test_cpu_kv_limit_is_the_hosts_memory():
+    from lserve_lite.backends.cpu import CpuOps
+
+    ops = CpuOps()
+    assert 2**28 < ops.kv_limit_bytes() < 2**50 and ops.kv_limit_bytes(2**20) == ops.kv_limit_bytes() - 2**20

@@ -67,6 +67,13 @@ class CpuOps:
         """KV memory on the CPU: a fixed 2 GiB scaled by the fraction (the host is shared with all else)."""
         return int(2 * 2**30 * fraction / 0.8)
 
+    def kv_limit_bytes(self, reserved: int = 0) -> int:
+        """The host's physical memory less the weights (pools are zero-filled, so pages never touched cost none)."""
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") - reserved
+        except (AttributeError, OSError, ValueError):  # no sysconf (Windows): nothing to check against
+            return 1 << 62
+
     def weight_bytes(self, w: Weight) -> int:
         """Packed bytes of quantized matrices (kept as they are), float32 for the rest."""
         return stored_bytes(w, 4)

@@ -299,6 +299,10 @@ class CudaOps:
         free += self.cp.get_default_memory_pool().free_bytes()
         return max(0, int((free - reserved) * fraction) - (1 << 30))
 
+    def kv_limit_bytes(self, reserved: int = 0) -> int:
+        """All of the device memory free now, less the weights still to come and the 1 GiB of workspaces."""
+        return self.kv_budget_bytes(1.0, reserved)
+
     def alloc_kv(
         self, cfg, page_size, num_pages, layout=None, num_stream_pages=0, max_seqs=0, fmt=None
     ) -> KVCache:

@@ -174,8 +174,9 @@ class LLMEngine:
         """(dense-pool pages, streaming-pool pages) from the configured count or the memory budget."""
         e = self.ecfg
         budget = self.ops.kv_budget_bytes(e.kv_memory_fraction, self.weight_bytes)
+        limit = self.ops.kv_limit_bytes(self.weight_bytes)
         return pool_pages(self.cfg, e.page_size, self.kv_bytes, budget, self.layout, e.max_num_seqs,
-                          e.num_kv_pages, stat_itemsize=np.dtype(self.ops.dtype).itemsize)  # fmt: skip
+                          e.num_kv_pages, stat_itemsize=np.dtype(self.ops.dtype).itemsize, limit=limit)  # fmt: skip
 
     def kv_summary(self) -> str:
         """The KV cache in one line (startup logs): format, capacity in tokens, bytes per token."""

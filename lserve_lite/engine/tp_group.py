@@ -55,8 +55,9 @@ class WorkerGroup:
             self.procs.append(p)
         ready = [self._recv(r, STARTUP_TIMEOUT) for r in range(world)]
         self.budgets = [m[1] for m in ready]  # KV bytes each rank can hold
-        self.itemsize = ready[0][2]  # the ranks' float type (page statistics, KV scales)
-        self.kv_format = FORMATS[ready[0][3]]  # resolved by the workers on their backend and device
+        self.limits = [m[2] for m in ready]  # the most KV bytes an explicit page count may take on each rank
+        self.itemsize = ready[0][3]  # the ranks' float type (page statistics, KV scales)
+        self.kv_format = FORMATS[ready[0][4]]  # resolved by the workers on their backend and device
 
     def build(self, max_len: int, num_pages: int, layout: KVLayout | None, num_stream: int) -> None:
         """Every rank builds its model, KV pools (these page counts, all ranks alike) and executor."""
@@ -179,11 +180,11 @@ def tensor_parallel_runner(
     group = WorkerGroup(model_dir, backend, ecfg, world, cfg.vocab_size)
     dense, stream = [], []
     kv_bytes = group.kv_format.kv_bytes(cfg.head_dim, group.itemsize)
-    for rank, budget in enumerate(group.budgets):
+    for rank, (budget, limit) in enumerate(zip(group.budgets, group.limits)):
         s = shard_of(cfg, rank, world)
         lay = layout.heads(*s.kv_heads) if layout is not None else None
         d, st = pool_pages(shard_config(cfg, s), ecfg.page_size, kv_bytes, budget, lay, ecfg.max_num_seqs,
-                           ecfg.num_kv_pages, stat_itemsize=group.itemsize)  # fmt: skip
+                           ecfg.num_kv_pages, stat_itemsize=group.itemsize, limit=limit)  # fmt: skip
         dense.append(d)
         stream += [st] if lay is not None and lay.has_streaming else []
     num_pages, num_stream = min(dense), min(stream, default=0)

@@ -22,7 +22,7 @@ from .tp_rank import RankRunner
 def worker_main(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig, conn: Any) -> None:
     """The process entry (multiprocessing spawn). Messages in: ("build", max_len, pages, layout, stream
     pages, logits block name), ("step", StepInputs), ("copy", src, dst), ("stop",). Out: ("ready", kv budget
-    bytes, itemsize, KV format name), ("built",), ("logits", shape in the block | array) from rank 0, ("error",
+    bytes, kv limit bytes, itemsize, KV format name), ("built",), ("logits", shape in the block | array) from rank 0, ("error",
     rank, text)."""
     try:
         _serve(rank, spec, model_dir, ecfg, conn)
@@ -44,7 +44,7 @@ def _serve(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig, conn
     # about this rank's share of what the device will hold (norms are replicated: negligible)
     weight_bytes = sum(ops.weight_bytes(w) for w in loaded.weights.values()) // spec.world
     budget = ops.kv_budget_bytes(ecfg.kv_memory_fraction, weight_bytes)
-    conn.send(("ready", budget, itemsize, fmt.name))
+    conn.send(("ready", budget, ops.kv_limit_bytes(weight_bytes), itemsize, fmt.name))
     _, max_len, num_pages, layout, num_stream, logits_name = conn.recv()
     out = shared_memory.SharedMemory(name=logits_name) if rank == 0 else None
     runner = RankRunner(cfg, loaded.weights, ops, ecfg, max_len, num_pages, layout, num_stream, comm, fmt)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .. import geometry
-from ..config import ModelConfig, SparseConfig
+from ..config import MAX_POOL_PAGES, ModelConfig, SparseConfig
 from ..errors import InvalidRequestError
 
 
@@ -101,26 +101,27 @@ def page_bytes(
     return layout.bytes_per_page(cfg, kv_bytes, stat_itemsize)
 
 
-MAX_POOL_PAGES = 1 << 20  # a pool never has more pages than this (page ids are int32 in plans)
-
-
 def pool_pages(
     cfg: ModelConfig, page_size: int, kv_bytes: int, budget: int, layout: KVLayout | None, max_seqs: int,
-    num_pages: int | None = None, *, stat_itemsize: int,
+    num_pages: int | None = None, *, stat_itemsize: int, limit: int | None = None,
 ) -> tuple[int, int]:  # fmt: skip
-    """(dense-pool pages, streaming-pool pages) for `budget` bytes of KV memory, or `num_pages` dense pages;
-    `kv_bytes`, `stat_itemsize` as in `KVLayout.bytes_per_page` (a quantized cache fits more pages in the same
-    budget).
+    """(dense-pool pages, streaming-pool pages) for `budget` bytes of KV memory, or `num_pages` dense pages,
+    which must fit in `limit` bytes (Ops.kv_limit_bytes); `kv_bytes`, `stat_itemsize` as in
+    `KVLayout.bytes_per_page` (a quantized cache fits more pages in the same budget).
 
     The streaming pool holds every running sequence's sink + ring pages, within 30% of the budget."""
     dense_b, stream_b = page_bytes(cfg, page_size, kv_bytes, layout, stat_itemsize)
-    if layout is None:
-        return num_pages or _fit(budget, dense_b), 0
-    per_seq = layout.stream_pages_per_seq
+    per_seq = layout.stream_pages_per_seq if layout is not None else 0
     stream = max(per_seq, min(max_seqs * per_seq, int(0.3 * budget // stream_b))) if per_seq else 0
-    if num_pages:
-        return num_pages, stream
-    return _fit(budget - stream * stream_b, max(dense_b, 1)), stream
+    if not num_pages:
+        return _fit(budget - stream * stream_b, max(dense_b, 1)), stream
+    need = num_pages * dense_b + stream * stream_b
+    if limit is not None and need > limit:
+        raise InvalidRequestError(
+            f"num_kv_pages={num_pages} needs {need / 2**30:.1f} GiB of KV memory; this device has "
+            f"{max(limit, 0) / 2**30:.1f} GiB for it: ask for fewer pages or leave num_kv_pages unset"
+        )
+    return num_pages, stream
 
 
 def _fit(budget: int, per_page: int) -> int:

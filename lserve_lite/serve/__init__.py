@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from ..config import EngineConfig
+from ..config import MAX_BATCHED_TOKENS, MAX_NUM_SEQS, EngineConfig
 from ..engine_args import add_engine_args, bounded_int, engine_config_from_args
 from ..errors import LServeError
 
@@ -28,11 +28,14 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "--served-model-name", default=None, help="model id in the API (default: model directory name)"
     )
     s.add_argument(
-        "--max-num-seqs", type=bounded_int(1, 4096), default=64, help="requests batched together at most"
+        "--max-num-seqs",
+        type=bounded_int(1, MAX_NUM_SEQS),
+        default=64,
+        help="requests batched together at most",
     )
     s.add_argument(
         "--max-num-batched-tokens",
-        type=bounded_int(1, 1 << 20),
+        type=bounded_int(1, MAX_BATCHED_TOKENS),
         default=2048,
         help="tokens per engine step at most",
     )
