@@ -77,3 +77,19 @@ def test_overlapped_decode_equals_sync(tiny64, sparse):
             assert len(ids) == 40
         else:
             assert reason == "stop" and ids[-1] in stops | over.eos_ids
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_lserve_first_reuse_step_keeps_the_sampled_ids(tiny64, batch):
+    """Fresh engines: the second decode step is the first without a selector refresh, so its size's reuse
+    graph is needed while that step's ids lie (sampled) in the rows it shares with the selector graph. Until
+    2026-12-05 it was captured at that point, and its capture put token 1 in their place."""
+    from lserve_lite import SamplingParams
+
+    rng = np.random.default_rng(5)
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    reqs = [([int(t) for t in rng.integers(3, 300, 200)], params) for _ in range(batch)]
+    ref = _run(_engine(tiny64, False, True), reqs)
+    over = _engine(tiny64, True, True)
+    assert _run(over, reqs) == ref
+    assert over.into_graph > 0 and over.runner.executor.size_for(batch) in over.runner.executor.reuse

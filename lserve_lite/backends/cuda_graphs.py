@@ -18,7 +18,8 @@ carries the per-block windows and page-selection fields as data. Each size has t
 buffers: the step that runs the page selector (`CudaPlan(always_select=True)`; blocks whose refresh flag is 0 exit
 at once on the device) and, for steps where no sequence refreshes its selection (select_interval - 1 of every
 select_interval steps), one captured without the selector's launches (`reuse`; those early-exit launches cost
-~5 us per layer on an H200). The two never run at once (one stream), so the reuse graph's intermediates reuse the
+~5 us per layer on an H200). The two are captured together (a capture resets the rows they share, so it must
+come before the sampler writes a step's ids there). The two never run at once (one stream), so the reuse graph's intermediates reuse the
 first graph's memory from the private pool. The decode split count is fixed at capture from `visit_pages`
 (KVLayout.decode_visit_pages); a batch whose lists are longer (a wider per-request window) runs eagerly.
 """
@@ -103,13 +104,9 @@ class GraphExecutor:
         self._sync_head_classes(step.head_classes)
         g = self.graphs.get(size)
         if g is None:
-            g = self.graphs[size] = self._capture(size, plan.sink, plan.local)
-        replay = g
-        # LServe step without a refresh: the size's reuse graph (captured before the inputs are staged below)
-        if self.sparse and not plan.refreshes:
-            replay = self.reuse.get(size)
-            if replay is None:
-                replay = self.reuse[size] = self._capture(size, plan.sink, plan.local, share=g)
+            g = self._capture_size(size, plan.sink, plan.local)
+        # LServe step without a refresh: the size's reuse graph
+        replay = self.reuse[size] if self.sparse and not plan.refreshes else g
         st = self._staging[size]
         on_host = isinstance(step.ids, np.ndarray)
         st[0, :n], st[1, :n], st[2:, :n] = step.ids if on_host else 0, step.positions, step.slots
@@ -145,7 +142,16 @@ class GraphExecutor:
         self._window = (sink, local)
         for s in self.sizes:
             if s not in self.graphs:
-                self.graphs[s] = self._capture(s, sink, local)
+                self._capture_size(s, sink, local)
+
+    def _capture_size(self, size: int, sink: int, local: int) -> _Captured:
+        """The graph of `size` rows and, in LServe mode, its reuse graph at once: a capture resets the rows the
+        two share, which must happen before `ids_row` hands them to the sampler (a reuse graph captured at its
+        first use replaced the step's sampled ids with the capture's placeholder token)."""
+        g = self.graphs[size] = self._capture(size, sink, local)
+        if self.sparse:
+            self.reuse[size] = self._capture(size, sink, local, share=g)
+        return g
 
     def _graph_size(self, step: StepInputs) -> int | None:
         """The captured size that serves this step, None when it is not a decode batch the graphs fit."""
