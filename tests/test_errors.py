@@ -87,6 +87,11 @@ def test_damaged_model_dir(tiny_llama, tmp_path, damage, msg):
 def test_missing_model_dir(tmp_path):
     with pytest.raises(ModelLoadError, match="model directory not found"):
         LLM(str(tmp_path / "nope"), backend="cpu")
+    with pytest.raises(ModelLoadError, match="nope.gguf: GGUF file not found"):
+        LLM(str(tmp_path / "nope.gguf"), backend="cpu")
+    (tmp_path / "weights.bin").write_bytes(b"0" * 64)
+    with pytest.raises(ModelLoadError, match="weights.bin: not a .gguf file"):
+        LLM(str(tmp_path / "weights.bin"), backend="cpu")
 
 
 @pytest.mark.parametrize(

@@ -89,8 +89,10 @@ def resolve_model_dir(model: str | Path | None) -> Path:
     p = Path(model).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         return p
+    if p.is_file():
+        raise ModelLoadError(f"{p}: not a .gguf file (give a GGUF file or a Hugging Face model directory)")
     if not p.is_dir():
-        raise ModelLoadError(f"{p}: model directory not found")
+        raise ModelLoadError(f"{p}: {'GGUF file' if p.suffix == '.gguf' else 'model directory'} not found")
     if not (p / "config.json").exists():
         raise ModelLoadError(f"{p}: no config.json (not a Hugging Face model directory)")
     return p
