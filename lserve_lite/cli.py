@@ -73,6 +73,11 @@ def _save_history(readline, path: str) -> None:
         pass
 
 
+CHAT_COMMANDS = (
+    "/reset clears the conversation, /exit quits, // starts a message with a slash, Ctrl-C stops a reply."
+)
+
+
 def cmd_chat(args) -> int:
     _readline_history()
     params = _sampling(args)
@@ -80,11 +85,7 @@ def cmd_chat(args) -> int:
     history: list[dict] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
-    print(
-        f"lserve-lite chat ({llm.engine.kv_summary()}): /reset clears the conversation, /exit quits, "
-        "Ctrl-C stops a reply.",
-        file=sys.stderr,
-    )
+    print(f"lserve-lite chat ({llm.engine.kv_summary()}): {CHAT_COMMANDS}", file=sys.stderr)
     while True:
         try:
             line = input(">>> ")
@@ -104,6 +105,12 @@ def cmd_chat(args) -> int:
         if cmd == "/reset":
             history = history[:1] if args.system else []
             print("(conversation cleared)", file=sys.stderr)
+            continue
+        if cmd.startswith("//"):  # a message that starts with a slash
+            line = line.lstrip()[1:]
+        elif cmd.startswith("/"):
+            known = "/help" if cmd.split()[0] == "/help" else f"unknown command {cmd.split()[0]}"
+            print(f"{known}: {CHAT_COMMANDS}", file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
         if not _fit_context(llm, history, keep=1 if args.system else 0):

@@ -9,7 +9,8 @@ import sys
 
 def test_chat_repl_survives_bad_bytes_and_full_context(tiny_llama):
     long_msg = " ".join(["word"] * 60)
-    lines = [b"\xff\xfe oops\n", b"hello\n"] + [long_msg.encode() + b"\n"] * 6 + [b"/exit\n"]
+    lines = [b"\xff\xfe oops\n", b"/bogus\n", b"/help\n", b"hello\n"] + [long_msg.encode() + b"\n"] * 6
+    lines += [b"//etc/hosts?\n", b"/exit\n"]
     r = subprocess.run(
         [sys.executable, "-m", "lserve_lite.cli", "chat", "--model", str(tiny_llama), "--backend", "cpu",
          "--max-model-len", "256", "--kv-pages", "8", "--max-new-tokens", "8", "--temperature", "0"],
@@ -19,7 +20,8 @@ def test_chat_repl_survives_bad_bytes_and_full_context(tiny_llama):
     assert r.returncode == 0, err[-2000:]
     assert "not valid UTF-8" in err
     assert "dropped the" in err and "oldest exchange" in err
-    assert err.count("tokens, first after") == 7, err[-2000:]  # every valid message got a reply
+    assert "unknown command /bogus: /reset clears" in err and "/help: /reset clears" in err
+    assert err.count("tokens, first after") == 8, err[-2000:]  # every message got a reply, commands none
 
 
 def test_cli_refuses_absurd_numbers_in_one_line():
