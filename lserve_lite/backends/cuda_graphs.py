@@ -19,8 +19,8 @@ buffers: the step that runs the page selector (`CudaPlan(always_select=True)`; b
 at once on the device) and, for steps where no sequence refreshes its selection (select_interval - 1 of every
 select_interval steps), one captured without the selector's launches (`reuse`; those early-exit launches cost
 ~5 us per layer on an H200). The two are captured together (a capture resets the rows they share, so it must
-come before the sampler writes a step's ids there). The two never run at once (one stream), so the reuse graph's intermediates reuse the
-first graph's memory from the private pool. The decode split count is fixed at capture from `visit_pages`
+come before the sampler writes a step's ids there) and never run at once (one stream), so the reuse graph's
+intermediates reuse the first graph's memory from the private pool. The decode split count is fixed at capture from `visit_pages`
 (KVLayout.decode_visit_pages); a batch whose lists are longer (a wider per-request window) runs eagerly.
 """
 

@@ -22,8 +22,8 @@ from .tp_rank import RankRunner
 def worker_main(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig, conn: Any) -> None:
     """The process entry (multiprocessing spawn). Messages in: ("build", max_len, pages, layout, stream
     pages, logits block name), ("step", StepInputs), ("copy", src, dst), ("stop",). Out: ("ready", kv budget
-    bytes, kv limit bytes, itemsize, KV format name), ("built",), ("logits", shape in the block | array) from rank 0, ("error",
-    rank, text)."""
+    bytes, kv limit bytes, itemsize, KV format name), ("built",), ("logits", shape in the block | array) from
+    rank 0, ("error", rank, text)."""
     try:
         _serve(rank, spec, model_dir, ecfg, conn)
     except BaseException as e:  # reported to the driver, which ends the engine with it
