@@ -183,3 +183,23 @@ def test_overlap_is_the_default_and_the_cli_turns_it_off():
     add_engine_args(p)
     assert engine_config_from_args(p.parse_args([])).async_scheduling
     assert not engine_config_from_args(p.parse_args(["--no-async-scheduling"])).async_scheduling
+
+
+def test_lserve_ring_is_sized_for_a_chunk_no_longer_than_the_context(tiny_llama, tmp_path):
+    """A step budget above the context (max_num_batched_tokens 2^20) does not size the streaming ring: a chunk of
+    one sequence is at most the context, so the ring holds the window plus that (it asked for 2^20 tokens a
+    sequence, and the KV budget went to the streaming pool)."""
+    from lserve_lite import LLM, EngineConfig
+    from lserve_lite.geometry import ring_pages
+
+    pattern = tmp_path / "full_attention_heads.tsv"
+    pattern.write_text("0.9\t0.1\n0.2\t0.8\n")
+    sp = SparseConfig(enabled=True, static_sparsity=0.5, page_size=16, prefill_local=32, decode_local=32,
+                      token_budget=48, pattern_path=str(pattern))  # fmt: skip
+    llm = LLM(str(tiny_llama), backend="cpu",
+              config=EngineConfig(page_size=16, max_model_len=256, max_num_batched_tokens=1 << 20, sparse=sp))  # fmt: skip
+    assert llm.engine.layout.ring_pages == ring_pages(32, 256, 16)
+    out = llm.generate(
+        [list(range(3, 203))], SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+    )
+    assert len(out[0].token_ids) == 8

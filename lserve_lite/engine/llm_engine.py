@@ -168,7 +168,12 @@ class LLMEngine:
             classes = head_classes(gates, sp.static_sparsity)
         else:
             classes = [np.zeros(c.num_kv_heads, np.int32)] * c.num_layers
-        return KVLayout.sparse(c, sp, classes, self.ecfg.max_num_batched_tokens)
+        return KVLayout.sparse(c, sp, classes, self._max_chunk())
+
+    def _max_chunk(self) -> int:
+        """The most tokens of one sequence a step computes (what LServe's ring holds beside the window): a chunk
+        is at most the step's budget and at most the context, whichever is less."""
+        return min(self.ecfg.max_num_batched_tokens, self.ecfg.resolve_max_len(self.cfg))
 
     def _num_pages(self) -> tuple[int, int]:
         """(dense-pool pages, streaming-pool pages) from the configured count or the memory budget."""
@@ -237,9 +242,7 @@ class LLMEngine:
             )
         req = sp.with_updates(**knobs)
         lay = self.layout
-        ring_tokens = (
-            lay.ring_pages * self.ecfg.page_size - self.ecfg.max_num_batched_tokens - self.ecfg.page_size
-        )
+        ring_tokens = lay.ring_pages * self.ecfg.page_size - self._max_chunk() - self.ecfg.page_size
         if max(req.prefill_local, req.decode_local) > ring_tokens or max(
             req.prefill_sink, req.decode_sink
         ) > (lay.sink_pages * self.ecfg.page_size):
