@@ -9,6 +9,7 @@ import numpy as np
 
 from .config import EngineConfig
 from .engine.llm_engine import LLMEngine, StepOutput
+from .errors import InvalidRequestError
 from .sampling_params import SamplingParams
 from .sequence import TokenLogprob
 
@@ -55,7 +56,9 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None):
         """One conversation -> one output; a list of conversations (or n > 1) -> a list of outputs."""
-        single = bool(messages) and isinstance(messages[0], dict)
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequestError("chat takes a conversation (a list of message dicts) or a list of them")
+        single = isinstance(messages[0], dict)
         convs = [messages] if single else messages
         outs = self.generate([self.tokenizer.encode_chat(c) for c in convs], params)
         return outs[0] if single and len(outs) == 1 else outs
@@ -73,6 +76,8 @@ class LLM:
     ) -> Iterator[StepOutput]:
         """Like `stream`, but yields the engine's per-step outputs (token ids, finish reason)."""
         params = params or SamplingParams()
+        if params.n != 1:
+            raise InvalidRequestError(f"a stream carries one candidate (n=1), got n={params.n}: use generate")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
             prompt = self.tokenizer.encode_chat(prompt)
         rid = self.engine.add_request(prompt, params)

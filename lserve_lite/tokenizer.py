@@ -71,11 +71,14 @@ class Tokenizer:
         """The prompt text for `messages`, rendered as transformers' apply_chat_template does."""
         if self._compiled is None:
             raise InvalidRequestError("this model has no chat template; use a plain prompt")
-        if not isinstance(messages, list):
-            raise InvalidRequestError("chat messages must be a list")
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequestError("a conversation must be a non-empty list of messages")
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
-                raise InvalidRequestError("each chat message needs a string 'role' and a 'content'")
+                raise InvalidRequestError(
+                    "each chat message must be a dict with a string 'role' and a 'content'"
+                )
+        messages = [{**m, "content": message_text(m["content"])} for m in messages]
         specials = {k: self._special(k) for k in SPECIAL_KEYS}
         try:
             return self._compiled.render(
@@ -88,6 +91,20 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return self.encode(self.render_chat(messages), add_special_tokens=False)
+
+
+def message_text(content: object) -> str:
+    """A chat message's content as the template's text: a string, OpenAI's list of text parts joined, or None
+    (an assistant turn without text) as empty."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
+        return "".join(p["text"] for p in content)
+    raise InvalidRequestError(
+        "a chat message's content must be a string or a list of text parts {'type': 'text', 'text': str}"
+    )
 
 
 def _chat_template(cfg: dict, path: Path) -> str | None:

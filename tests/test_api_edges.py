@@ -104,3 +104,45 @@ def test_cpu_kv_limit_is_the_hosts_memory():
 
     ops = CpuOps()
     assert 2**28 < ops.kv_limit_bytes() < 2**50 and ops.kv_limit_bytes(2**20) == ops.kv_limit_bytes() - 2**20
+
+
+@pytest.mark.parametrize(
+    "messages,match",
+    [
+        (None, r"a conversation \(a list of message dicts\)"),
+        ([], r"a conversation \(a list of message dicts\)"),
+        ([[]], "non-empty list of messages"),
+        (["hi", "there"], "non-empty list of messages"),
+        ([{"content": "hi"}], "string 'role'"),
+        ([{"role": "user", "content": 5}], "a string or a list of text parts"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "a list of text parts"),
+    ],
+)
+def test_chat_refuses_malformed_conversations(llm, messages, match):
+    with pytest.raises(InvalidRequestError, match=match):
+        llm.chat(messages, SamplingParams(max_new_tokens=2))
+    assert not llm.engine.has_unfinished()
+
+
+def test_chat_content_as_text_parts_or_none_renders_as_text(llm):
+    """OpenAI's content forms (what the server accepts) render as the plain string would."""
+    tok = llm.tokenizer
+    plain = tok.render_chat(
+        [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": ""}]
+    )
+    parts = tok.render_chat(
+        [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "there"}],
+            },
+            {"role": "assistant", "content": None},
+        ]
+    )
+    assert parts == plain and "hello there" in plain
+
+
+def test_stream_refuses_several_candidates(llm):
+    with pytest.raises(InvalidRequestError, match="one candidate"):
+        next(llm.stream([5, 6, 7], SamplingParams(n=2, max_new_tokens=2)))
+    assert not llm.engine.has_unfinished()

@@ -219,14 +219,31 @@ def test_surrogate_through_llm_generate(tmp_path: Path):
 @pytest.mark.parametrize(
     "messages,msg",
     [
-        ("hello", "must be a list"),
+        ("hello", "non-empty list of messages"),
+        ([], "non-empty list of messages"),
         ([{"role": 1, "content": "x"}], "string 'role'"),
-        ([{"role": "user", "content": 5}], "chat template failed"),  # int + str in the template
+        ([{"role": "user", "content": 5}], "a string or a list of text parts"),
     ],
 )
 def test_bad_chat_messages(tok: Tokenizer, messages: object, msg: str):
     with pytest.raises(InvalidRequestError, match=msg):
         tok.render_chat(messages)
+
+
+@pytest.mark.parametrize(
+    "template,msg",
+    [
+        ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('roles must start with user') }}{% endif %}",
+         "chat template: roles must start with user"),
+        ("{{ messages[0]['content'] + 1 }}", r"chat template failed on these messages \(.*str"),
+    ],
+)  # fmt: skip
+def test_chat_template_failure_is_an_invalid_request(tmp_path: Path, template: str, msg: str):
+    """The template is code from the model files: its own exception, or an error in it, becomes one line."""
+    d = write_min_model_dir(tmp_path / "m")
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    with pytest.raises(InvalidRequestError, match=msg):
+        Tokenizer(d).render_chat([{"role": "assistant", "content": "x"}])
 
 
 # --------------------------------------------------------------------------------- first-run download bar

@@ -148,9 +148,9 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None
 
     def as_dict(self) -> dict:
-        c = self.content
-        text = "".join(p.text for p in c) if isinstance(c, list) else (c or "")
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        """The message as the chat template takes it (Tokenizer.render_chat joins text parts)."""
+        c = [p.model_dump() for p in self.content] if isinstance(self.content, list) else self.content
+        return {"role": "system" if self.role == "developer" else self.role, "content": c}
 
 
 class ChatCompletionRequest(_Request):
