@@ -36,10 +36,19 @@ def sink_pages(sink: int, page_size: int) -> int:
     return pages_for(sink, page_size)
 
 
-def ring_pages(local: int, max_chunk: int, page_size: int) -> int:
+def ring_pages(local: int, max_chunk: int, page_size: int, max_len: int | None = None) -> int:
     """Ring of a streaming head's local pages: the window plus one prefill chunk being written, plus the
-    page the window's oldest token may straddle."""
-    return pages_for(local + max_chunk, page_size) + 1
+    page the window's oldest token may straddle; no more than a whole context's pages (`max_len` tokens),
+    since a ring that holds a whole sequence never wraps."""
+    ring = pages_for(local + max_chunk, page_size) + 1
+    return ring if max_len is None else min(ring, pages_for(max_len, page_size))
+
+
+def ring_fits(local: int, num_ring_pages: int, max_chunk: int, page_size: int, max_len: int) -> bool:
+    """Whether a ring of `num_ring_pages` serves a `local` window (`ring_pages`' rule read backwards): it holds
+    the window beside a chunk, or a whole context."""
+    whole = num_ring_pages >= pages_for(max_len, page_size)
+    return whole or local <= (num_ring_pages - 1) * page_size - max_chunk
 
 
 def ring_slot(lpage, num_sink_pages: int, num_ring_pages: int):

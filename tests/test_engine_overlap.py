@@ -185,12 +185,25 @@ def test_overlap_is_the_default_and_the_cli_turns_it_off():
     assert not engine_config_from_args(p.parse_args(["--no-async-scheduling"])).async_scheduling
 
 
+def test_ring_pages_never_exceed_a_whole_context():
+    """geometry.ring_pages: the window plus a chunk and one straddled page, clipped to a whole context (which
+    never wraps), and ring_fits, the per-request window check, reading that rule backwards."""
+    from lserve_lite.geometry import ring_fits, ring_pages
+
+    assert ring_pages(8192, 2048, 64) == ring_pages(8192, 2048, 64, 1 << 18) == 161
+    assert (
+        ring_pages(8192, 2048, 64, 8192) == 128
+    )  # SmolLM2's LServe defaults: was 161 pages for 128 of context
+    assert ring_fits(8192, 161, 2048, 64, 1 << 18) and not ring_fits(8193, 161, 2048, 64, 1 << 18)
+    assert ring_fits(8192, 128, 2048, 64, 8192) and ring_fits(100_000, 128, 2048, 64, 8192)
+    assert not ring_fits(8192, 127, 2048, 64, 8192)
+
+
 def test_lserve_ring_is_sized_for_a_chunk_no_longer_than_the_context(tiny_llama, tmp_path):
-    """A step budget above the context (max_num_batched_tokens 2^20) does not size the streaming ring: a chunk of
-    one sequence is at most the context, so the ring holds the window plus that (it asked for 2^20 tokens a
-    sequence, and the KV budget went to the streaming pool)."""
+    """A step budget above the context (max_num_batched_tokens 2^20) does not size the streaming ring: it holds at
+    most a whole context (it asked for 2^20 tokens a sequence, and the KV budget went to the streaming pool), and
+    runs, and takes the engine's own windows per request."""
     from lserve_lite import LLM, EngineConfig
-    from lserve_lite.geometry import ring_pages
 
     pattern = tmp_path / "full_attention_heads.tsv"
     pattern.write_text("0.9\t0.1\n0.2\t0.8\n")
@@ -198,8 +211,11 @@ def test_lserve_ring_is_sized_for_a_chunk_no_longer_than_the_context(tiny_llama,
                       token_budget=48, pattern_path=str(pattern))  # fmt: skip
     llm = LLM(str(tiny_llama), backend="cpu",
               config=EngineConfig(page_size=16, max_model_len=256, max_num_batched_tokens=1 << 20, sparse=sp))  # fmt: skip
-    assert llm.engine.layout.ring_pages == ring_pages(32, 256, 16)
-    out = llm.generate(
-        [list(range(3, 203))], SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
-    )
-    assert len(out[0].token_ids) == 8
+    assert llm.engine.layout.ring_pages == 256 // 16
+    params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+    out = llm.generate([list(range(3, 203))], params)
+    llm.engine.add_request(list(range(3, 203)), params, sparse={"prefill_local": 32, "decode_local": 32})
+    ids = []
+    while llm.engine.has_unfinished():
+        ids += [t for o in llm.engine.step() for t in o.token_ids]
+    assert len(out[0].token_ids) == 8 and ids == out[0].token_ids

@@ -13,6 +13,7 @@ from ..backends.base import SampledTokens
 from ..backends.group import host_ops
 from ..config import MASS_MAX_GROUP, ORACLE_REDUCE, EngineConfig, SparseConfig
 from ..errors import InvalidRequestError
+from ..geometry import ring_fits
 from ..kv.block_manager import BlockManager
 from ..kv.layout import KVLayout, kv_summary, pool_pages
 from ..kv.prefix_cache import PrefixCache, kv_salt
@@ -168,7 +169,7 @@ class LLMEngine:
             classes = head_classes(gates, sp.static_sparsity)
         else:
             classes = [np.zeros(c.num_kv_heads, np.int32)] * c.num_layers
-        return KVLayout.sparse(c, sp, classes, self._max_chunk())
+        return KVLayout.sparse(c, sp, classes, self._max_chunk(), self.ecfg.resolve_max_len(c))
 
     def _max_chunk(self) -> int:
         """The most tokens of one sequence a step computes (what LServe's ring holds beside the window): a chunk
@@ -242,8 +243,9 @@ class LLMEngine:
             )
         req = sp.with_updates(**knobs)
         lay = self.layout
-        ring_tokens = lay.ring_pages * self.ecfg.page_size - self._max_chunk() - self.ecfg.page_size
-        if max(req.prefill_local, req.decode_local) > ring_tokens or max(
+        local = max(req.prefill_local, req.decode_local)
+        max_len = self.ecfg.resolve_max_len(self.cfg)
+        if not ring_fits(local, lay.ring_pages, self._max_chunk(), self.ecfg.page_size, max_len) or max(
             req.prefill_sink, req.decode_sink
         ) > (lay.sink_pages * self.ecfg.page_size):
             raise InvalidRequestError(

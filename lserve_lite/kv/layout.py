@@ -52,8 +52,15 @@ class KVLayout:
         return int((self.head_class[layer] == 1).sum())
 
     @staticmethod
-    def sparse(cfg: ModelConfig, sp: SparseConfig, classes: list[np.ndarray], max_chunk: int) -> KVLayout:
-        """Layout for LServe mode; the ring holds the widest local window plus one prefill chunk."""
+    def sparse(
+        cfg: ModelConfig,
+        sp: SparseConfig,
+        classes: list[np.ndarray],
+        max_chunk: int,
+        max_len: int | None = None,
+    ) -> KVLayout:
+        """Layout for LServe mode; the ring holds the widest local window plus one prefill chunk (or, where that
+        is longer, a whole context of `max_len` tokens)."""
         ps = sp.page_size
         window = max(sp.prefill_local, sp.decode_local)
         return KVLayout(
@@ -61,7 +68,7 @@ class KVLayout:
             head_class=tuple(np.asarray(c, np.int32) for c in classes),
             head_slot=tuple(head_slots(c) for c in classes),
             sink_pages=geometry.sink_pages(max(sp.prefill_sink, sp.decode_sink), ps),
-            ring_pages=geometry.ring_pages(window, max_chunk, ps),
+            ring_pages=geometry.ring_pages(window, max_chunk, ps, max_len),
             sub_pages=sp.sub_pages,
             select_pages=geometry.budget_pages(sp.token_budget, ps),
         )
