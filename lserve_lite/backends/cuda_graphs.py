@@ -20,8 +20,9 @@ at once on the device) and, for steps where no sequence refreshes its selection 
 select_interval steps), one captured without the selector's launches (`reuse`; those early-exit launches cost
 ~5 us per layer on an H200). The two are captured together (a capture resets the rows they share, so it must
 come before the sampler writes a step's ids there) and never run at once (one stream), so the reuse graph's
-intermediates reuse the first graph's memory from the private pool. The decode split count is fixed at capture from `visit_pages`
-(KVLayout.decode_visit_pages); a batch whose lists are longer (a wider per-request window) runs eagerly.
+intermediates reuse the first graph's memory from the private pool. The decode split count is fixed at capture
+from `visit_pages` (KVLayout.decode_visit_pages); a batch whose lists are longer (a wider per-request window)
+runs eagerly.
 """
 
 from __future__ import annotations
