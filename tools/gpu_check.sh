@@ -17,6 +17,10 @@ for s in $steps; do case $s in
   pytest2) step pytest2 300 python3 -m pytest -p no:cacheprovider -m gpu -q --ignore=tests/test_gpu_e2e.py \
                --ignore=tests/test_gpu_sparse.py --ignore=tests/test_gpu_attention.py \
                --ignore=tests/test_gpu_bf16_prefill.py --ignore=tests/test_gpu_kv_quant.py ;;
+  engine)  # the engine-level GPU tests of LServe mode (overlapped steps, graphs, prefix cache, the tensor-parallel
+           # worker path on one GPU): the first to run after a change to the executor or the planner
+           step engine 280 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_gpu_overlap.py \
+               tests/test_gpu_graphs_sparse.py tests/test_gpu_prefix_cache.py tests/test_gpu_tp.py ;;
   pytest_sparse) # the sparse file alone takes minutes (long and tied selector lists on both selectors)
            step pytest_sparse 300 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_gpu_sparse.py ;;
   llama)   step llama 200 python3 tools/bench_e2e.py --skip smollm2 --skip splits --llama-contexts 4096 32768 --out "$OUT/llama.json" ;;
