@@ -99,11 +99,17 @@ def test_engine_limits_have_upper_bounds(kw, match):
         EngineConfig(**kw)
 
 
-def test_cpu_kv_limit_is_the_hosts_memory():
-    from lserve_lite.backends.cpu import CpuOps
+def test_cpu_kv_limit_is_the_hosts_memory(tmp_path):
+    from lserve_lite.backends.cpu import CpuOps, host_memory_bytes
 
     ops = CpuOps()
     assert 2**28 < ops.kv_limit_bytes() < 2**50 and ops.kv_limit_bytes(2**20) == ops.kv_limit_bytes() - 2**20
+    # a container's cgroup limit (v2 "max" is none; a missing file is none) where lower than the host's memory
+    v2, v1 = tmp_path / "memory.max", tmp_path / "limit_in_bytes"
+    v2.write_text("max\n")
+    v1.write_text(f"{2**30}\n")
+    assert host_memory_bytes((str(v2), str(tmp_path / "none"))) == host_memory_bytes(())
+    assert host_memory_bytes((str(v2), str(v1))) == min(2**30, host_memory_bytes(()))
 
 
 @pytest.mark.parametrize(

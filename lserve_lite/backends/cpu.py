@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -28,6 +29,25 @@ from .reference.sampling import logprobs_ref, sample
 SMALL_ROWS = 8
 # Decode attention's unit of work: a KV head's run of listed pages holding about this many keys.
 CHUNK_KEYS = 256
+
+
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
+
+
+def host_memory_bytes(cgroup_files: tuple[str, ...] = CGROUP_LIMITS) -> int:
+    """Physical memory, or the lowest cgroup memory limit among `cgroup_files` ("max" or unreadable: none)."""
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # no sysconf (Windows): nothing to check against
+        mem = 1 << 62
+    for path in cgroup_files:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            mem = min(mem, int(text))
+    return mem
 
 
 class CpuOps:
@@ -68,11 +88,9 @@ class CpuOps:
         return int(2 * 2**30 * fraction / 0.8)
 
     def kv_limit_bytes(self, reserved: int = 0) -> int:
-        """The host's physical memory less the weights (pools are zero-filled, so pages never touched cost none)."""
-        try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") - reserved
-        except (AttributeError, OSError, ValueError):  # no sysconf (Windows): nothing to check against
-            return 1 << 62
+        """The memory this process may use (the host's, or its container's cgroup limit where lower) less the
+        weights; pools are zero-filled, so pages never touched cost none."""
+        return host_memory_bytes() - reserved
 
     def weight_bytes(self, w: Weight) -> int:
         """Packed bytes of quantized matrices (kept as they are), float32 for the rest."""
