@@ -149,9 +149,10 @@ class GraphExecutor:
         """The graph of `size` rows and, in LServe mode, its reuse graph at once: a capture resets the rows the
         two share, which must happen before `ids_row` hands them to the sampler (a reuse graph captured at its
         first use replaced the step's sampled ids with the capture's placeholder token)."""
-        g = self.graphs[size] = self._capture(size, sink, local)
+        g = self._capture(size, sink, local)
         if self.sparse:
             self.reuse[size] = self._capture(size, sink, local, share=g)
+        self.graphs[size] = g  # last: a size in `graphs` has its reuse graph too, even if that capture failed
         return g
 
     def _graph_size(self, step: StepInputs) -> int | None:
