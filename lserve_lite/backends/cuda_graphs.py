@@ -152,7 +152,7 @@ class GraphExecutor:
         g = self._capture(size, sink, local)
         if self.sparse:
             self.reuse[size] = self._capture(size, sink, local, share=g)
-        self.graphs[size] = g  # last: a size in `graphs` has its reuse graph too, even if that capture failed
+        self.graphs[size] = g  # last: a size is in `graphs` only with its reuse graph (a failure is redone)
         return g
 
     def _graph_size(self, step: StepInputs) -> int | None:
