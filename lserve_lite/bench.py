@@ -9,10 +9,14 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .config import MAX_MODEL_LEN, MAX_NUM_SEQS
+from .engine_args import bounded_int
+from .errors import InvalidRequestError
 from .sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # the CLI builds its parser without loading the engine
@@ -53,16 +57,42 @@ def decode_tok_s(llm: LLM, ctx: int, steps: int, batch: int = 1) -> float:
     return batch / float(np.median(gaps)) if gaps.size else 0.0
 
 
+def _lengths(text: str) -> list[int]:
+    """--prompt-lens: comma-separated token counts, each as --context allows."""
+    one = bounded_int(1, MAX_MODEL_LEN)
+    return [one(t) for t in text.split(",")]
+
+
+def _json_path(text: str) -> str:
+    """--json: a file in a directory that exists (checked before the model loads)."""
+    if not Path(text).resolve().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: its directory does not exist")
+    return text
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt-lens", default="512,2048", help="prefill lengths, comma-separated")
-    p.add_argument("--context", type=int, default=512, help="prompt tokens before decoding")
-    p.add_argument("--steps", type=int, default=32, help="decode steps to time")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument(
+        "--prompt-lens", type=_lengths, default=[512, 2048], help="prefill lengths, comma-separated"
+    )
+    p.add_argument(
+        "--context", type=bounded_int(1, MAX_MODEL_LEN), default=512, help="prompt tokens before decoding"
+    )
+    p.add_argument("--steps", type=bounded_int(2, 1 << 16), default=32, help="decode steps to time")
+    p.add_argument(
+        "--batch", type=bounded_int(1, MAX_NUM_SEQS), default=1, help="sequences decoding together"
+    )
+    p.add_argument("--json", type=_json_path, default=None, help="also write the figures to this JSON file")
 
 
 def main(args: argparse.Namespace, llm: LLM) -> int:
-    rows = {f"prefill_{n}_tok_s": prefill_tok_s(llm, int(n)) for n in args.prompt_lens.split(",")}
+    if args.batch > llm.engine.ecfg.max_num_seqs:
+        raise InvalidRequestError(
+            f"--batch {args.batch} exceeds the engine's max_num_seqs ({llm.engine.ecfg.max_num_seqs})"
+        )
+    longest = max(args.context, *args.prompt_lens)
+    if longest >= llm.engine.max_len:  # refused before a prompt of that many ids is built
+        raise InvalidRequestError(f"a prompt of {longest} tokens; the context limit is {llm.engine.max_len}")
+    rows = {f"prefill_{n}_tok_s": prefill_tok_s(llm, n) for n in args.prompt_lens}
     rows[f"decode_ctx{args.context}_b{args.batch}_tok_s"] = decode_tok_s(
         llm, args.context, args.steps, args.batch
     )

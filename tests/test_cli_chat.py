@@ -27,7 +27,9 @@ def test_chat_repl_survives_bad_bytes_and_full_context(tiny_llama):
 def test_cli_refuses_absurd_numbers_in_one_line():
     """Absurd option values stop at the parser: one `error:` line, exit status 2, no traceback, no model load."""
     for argv in (["serve", "--port", "99999"], ["generate", "--prompt", "x", "--kv-pages", "-3"],
-                 ["serve", "--max-num-batched-tokens", "0"], ["chat", "--max-model-len", "1e9"]):  # fmt: skip
+                 ["serve", "--max-num-batched-tokens", "0"], ["chat", "--max-model-len", "1e9"],
+                 ["bench", "--prompt-lens", "16,abc"], ["bench", "--steps", "0"], ["bench", "--batch", "100000"],
+                 ["bench", "--context", "99999999"], ["bench", "--json", "/nonexistent-dir/x.json"]):  # fmt: skip
         r = subprocess.run([sys.executable, "-m", "lserve_lite.cli", *argv], capture_output=True, text=True,
                            timeout=60)  # fmt: skip
         assert r.returncode == 2, (argv, r.stderr)
@@ -52,3 +54,14 @@ def test_chat_status_line_reports_cached_tokens(tiny_llama):
     on, off = _chat(tiny_llama), _chat(tiny_llama, "--no-prefix-caching")
     assert [p for _, p in on] == [p for _, p in off] and len(on) == 3
     assert on[0][0] == 0 and all(c >= 64 for c, _ in on[1:]) and all(c == 0 for c, _ in off)
+
+
+def test_bench_refuses_what_the_engine_cannot_run(tiny_llama):
+    """After the model loads: a batch over the engine's max_num_seqs, a prompt over the context (one line, exit 1)."""
+    for flags, msg in ((["--batch", "65"], "exceeds the engine's max_num_seqs (64)"),
+                       (["--context", "300", "--max-model-len", "256"], "the context limit is 256")):  # fmt: skip
+        r = subprocess.run(
+            [sys.executable, "-m", "lserve_lite.cli", "bench", "--model", str(tiny_llama), "--backend", "cpu", *flags],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
