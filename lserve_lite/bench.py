@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .config import MAX_MODEL_LEN, MAX_NUM_SEQS
-from .engine_args import bounded_int
+from .engine_args import bounded_int, int_list
 from .errors import InvalidRequestError
 from .sampling_params import SamplingParams
 
@@ -57,12 +57,6 @@ def decode_tok_s(llm: LLM, ctx: int, steps: int, batch: int = 1) -> float:
     return batch / float(np.median(gaps)) if gaps.size else 0.0
 
 
-def _lengths(text: str) -> list[int]:
-    """--prompt-lens: comma-separated token counts, each as --context allows."""
-    one = bounded_int(1, MAX_MODEL_LEN)
-    return [one(t) for t in text.split(",")]
-
-
 def _json_path(text: str) -> str:
     """--json: a file in a directory that exists (checked before the model loads)."""
     if not Path(text).resolve().parent.is_dir():
@@ -72,7 +66,10 @@ def _json_path(text: str) -> str:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--prompt-lens", type=_lengths, default=[512, 2048], help="prefill lengths, comma-separated"
+        "--prompt-lens",
+        type=int_list(1, MAX_MODEL_LEN),
+        default=[512, 2048],
+        help="prefill lengths, comma-separated",
     )
     p.add_argument(
         "--context", type=bounded_int(1, MAX_MODEL_LEN), default=512, help="prompt tokens before decoding"

@@ -23,6 +23,12 @@ def bounded_int(lo: int, hi: int = 1 << 31):
     return parse
 
 
+def int_list(lo: int, hi: int):
+    """An argparse type: comma-separated integers, each in [lo, hi], else a one-line usage error."""
+    one = bounded_int(lo, hi)
+    return lambda text: [one(t) for t in text.split(",")]
+
+
 _SPARSE_KNOBS = {
     "static_sparsity": (float, "fraction of KV heads that become streaming heads"),
     "page_size": (int, "tokens per physical KV page"),

@@ -97,6 +97,17 @@ def test_per_run_settings_refused_per_setting():
     assert main(["eval", "--quantize", "int4", "--model", "/nonexistent"]) == 1  # refused before loading
 
 
+def test_eval_refuses_lengths_over_the_model_context(tiny, tmp_path, capsys):
+    """A 2k-context model: 4096-token haystacks are refused with one line before any is built."""
+    from lserve_lite.cli import main
+
+    assert main(["eval", "--model", str(tiny), "--backend", "cpu", "--lengths", "1024,4096", "--out",
+                 str(tmp_path / "r")]) == 1  # fmt: skip
+    assert (
+        "--lengths 4096 + 128 tokens of question exceeds the model's context 2048" in capsys.readouterr().err
+    )
+
+
 def test_eval_cli_end_to_end(tiny, tmp_path):
     from lserve_lite.cli import main
 

@@ -215,11 +215,8 @@ def write_result(res: CalibrationResult, out_path: str | Path) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run `lserve-lite calibrate`; returns the exit status."""
-    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
-    if args.samples < 1 or args.tail < 2:
-        raise InvalidRequestError("--samples must be >= 1 and --tail >= 2")
     calibrate(
-        args.model, args.out, num_samples=args.samples, lengths=lengths, sink=args.sink, local=args.local,
+        args.model, args.out, num_samples=args.samples, lengths=args.lengths, sink=args.sink, local=args.local,
         tail=args.tail, seed=args.seed, backend=args.backend, validate=not args.no_validate,
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )  # fmt: skip

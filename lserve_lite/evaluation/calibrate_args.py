@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import SparseConfig
+from ..config import MAX_MODEL_LEN, SparseConfig
+from ..engine_args import bounded_int, int_list
+from .eval_args import MAX_SAMPLES
 
 
 def add_calibrate_args(parser: argparse.ArgumentParser) -> None:
@@ -14,13 +16,18 @@ def add_calibrate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", required=True, help="output pattern TSV (a .json with details goes beside it)"
     )
-    parser.add_argument("--samples", type=int, default=8, help="number of synthetic passkey samples (8)")
-    parser.add_argument("--lengths", default=None,
+    parser.add_argument("--samples", type=bounded_int(1, MAX_SAMPLES), default=8,
+                        help="number of synthetic passkey samples (8)")  # fmt: skip
+    parser.add_argument("--lengths", type=int_list(64, MAX_MODEL_LEN), default=None,
                         help="comma-separated sample lengths in tokens (default: 1/4, 3/8, 1/2 of the "
                              "context, at most 4096)")  # fmt: skip
-    parser.add_argument("--sink", type=int, default=SparseConfig.decode_sink, help="streaming sink tokens")
-    parser.add_argument("--local", type=int, default=SparseConfig.decode_local, help="streaming local tokens")
-    parser.add_argument("--tail", type=int, default=24, help="prompt tokens re-run per head (24)")
+    parser.add_argument("--sink", type=bounded_int(0, MAX_MODEL_LEN), default=SparseConfig.decode_sink,
+                        help="streaming sink tokens")  # fmt: skip
+    parser.add_argument("--local", type=bounded_int(1, MAX_MODEL_LEN), default=SparseConfig.decode_local,
+                        help="streaming local tokens")  # fmt: skip
+    parser.add_argument(
+        "--tail", type=bounded_int(2, 4096), default=24, help="prompt tokens re-run per head (24)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--no-validate", action="store_true", help="skip the sparsity-0.5 sanity check")

@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import KV_DTYPES
+from ..config import KV_DTYPES, MAX_MODEL_LEN
+from ..engine_args import bounded_int, int_list
+
+MAX_SAMPLES = 100_000  # prompts per (task, length) or passkey samples, at most
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     """Arguments of `lserve-lite eval` (and tools/eval_ruler.py)."""
     p.add_argument("--model", default=None, help="model directory (default: the bundled SmolLM2)")
     p.add_argument("--tasks", default="all", help="comma-separated tasks (default all; see ruler.TASKS)")
-    p.add_argument("--lengths", default="2048", help="comma-separated context lengths in tokens (2048)")
-    p.add_argument("--samples", type=int, default=4, help="prompts per (task, length) (4)")
+    p.add_argument("--lengths", type=int_list(256, MAX_MODEL_LEN), default=[2048],
+                   help="comma-separated context lengths in tokens, each >= 256 (2048)")  # fmt: skip
+    p.add_argument(
+        "--samples", type=bounded_int(1, MAX_SAMPLES), default=4, help="prompts per (task, length) (4)"
+    )
     p.add_argument("--configs", default="dense;lserve",
                    help="settings separated by ';': presets dense, lserve, lserve-b512, lserve-b1024, "
                         "lserve-b2048, or NAME:knob=v,... (SparseConfig knobs)")  # fmt: skip

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidRequestError
+from ..weights.loader import load_config
 from . import ruler
 from .plotting import pyplot
 from .settings import Runner, config_dict, parse_configs
@@ -103,13 +104,16 @@ def heatmap(result: dict, path: Path) -> bool:
 def evaluate(args: argparse.Namespace, log=print) -> dict:
     """Run the suite as `args` (see eval_args.add_eval_args) describe; returns the result dict."""
     tasks = list(ruler.TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",")]
-    lengths = [int(x) for x in args.lengths.split(",")]
+    lengths = args.lengths
     configs = parse_configs(args.configs)
-    if args.samples < 1 or min(lengths) < 256:
-        raise InvalidRequestError("--samples must be >= 1 and lengths >= 256 tokens")
     t0 = time.perf_counter()
     r = Runner(args.model, configs, max(lengths) + 128, args.pattern, args.shared_dense, args.backend,
                quantize=args.quantize, kv_dtype=args.kv_dtype)  # fmt: skip
+    context = load_config(r.model_dir).max_position_embeddings
+    if max(lengths) + 128 > context:  # refused before haystacks of that length are built
+        raise InvalidRequestError(
+            f"--lengths {max(lengths)} + 128 tokens of question exceeds the model's context {context}"
+        )
     tok = r.tokenizer
     gen = {
         (n, t): ruler.generate(t, tok, n, args.samples, args.seed, args.filler)
