@@ -109,7 +109,8 @@ def cmd_chat(args) -> int:
         if cmd.startswith("//"):  # a message that starts with a slash
             line = line.lstrip()[1:]
         elif cmd.startswith("/"):
-            known = "/help" if cmd.split()[0] == "/help" else f"unknown command {cmd.split()[0]}"
+            word = cmd.split()[0]
+            known = word if word == "/help" else f"unknown command {word}"
             print(f"{known}: {CHAT_COMMANDS}", file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
