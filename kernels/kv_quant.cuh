@@ -13,6 +13,7 @@
 
 namespace lskv {
 
+#if defined(__CUDA_ARCH__)
 __device__ __forceinline__ float h2f(unsigned short h) {
   float f;
   asm("cvt.f32.f16 %0, %1;\n" : "=f"(f) : "h"(h));
@@ -23,6 +24,10 @@ __device__ __forceinline__ unsigned short f2h(float x) {
   asm("cvt.rn.f16.f32 %0, %1;\n" : "=h"(r) : "f"(x));
   return r;
 }
+#else  // compiled as host code (tools/layers_host_emu.cu): cuda_fp16.h's conversions, the same rounding
+__device__ __forceinline__ float h2f(unsigned short h) { return __half2float(__ushort_as_half(h)); }
+__device__ __forceinline__ unsigned short f2h(float x) { return __half_as_ushort(__float2half_rn(x)); }
+#endif
 __device__ __forceinline__ unsigned int pack2(float lo, float hi) {  // half2, lo in the low 16 bits
   unsigned int r;
   asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
@@ -216,6 +221,65 @@ __device__ __forceinline__ void dequant16(const uint4 w, const unsigned short* s
   }
 #pragma unroll
   for (int k = 0; k < (KV::BITS == 4 ? 4 : 2); ++k) out[k] = make_uint4(h[4 * k], h[4 * k + 1], h[4 * k + 2], h[4 * k + 3]);
+}
+
+// The randomized Hadamard basis of int4's keys and queries (kv/quant.py::hadamard; CudaOps passes `hadamard` where
+// KVCache.rotates_keys). Channel c's sign: negative where bit c % 64 of word c / 64 is set (kv/quant.py's
+// HADAMARD_SIGN_WORDS, the same words: tests/test_kv_quant.py reads them here).
+__device__ __forceinline__ float hadamard_sign(int c) {
+  const unsigned long long w = c < 64    ? 0x81191FF5899001F8ull
+                               : c < 128 ? 0x2AA2ACD7368C93C2ull
+                               : c < 192 ? 0x1607075CC4F70B22ull
+                                         : 0xDE4E9C5C92664F53ull;
+  return (w >> (c & 63)) & 1ull ? -1.f : 1.f;
+}
+
+// The row held as quantize_row holds it (lane l: channel i * 32 + l in x[i], i < ni = D / 32, D a power of two)
+// into that basis: the signs, the butterflies a + b, a - b at channel strides 1, 2, 4, ... (the lane bits, then
+// the bits of i), then one multiply by 1 / sqrt(D): the reference's order, so its bits.
+__device__ __forceinline__ void hadamard_row(float (&x)[8], int ni, int lane) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+    if (i < ni) x[i] *= hadamard_sign(i * 32 + lane);
+#pragma unroll
+  for (int s = 1; s < 32; s <<= 1) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (i < ni) {  // ni is warp-uniform
+        const float p = __shfl_xor_sync(0xffffffffu, x[i], s);
+        x[i] = (lane & s) ? p - x[i] : x[i] + p;
+      }
+    }
+  }
+#pragma unroll
+  for (int s = 1; s < 8; s <<= 1) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (!(i & s) && i + s < ni) {
+        const float a = x[i], b = x[i + s];
+        x[i] = a + b;
+        x[i + s] = a - b;
+      }
+    }
+  }
+  const float r = 1.f / sqrtf((float)(32 * ni));
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+    if (i < ni) x[i] *= r;
+}
+
+// hadamard_row of a whole row x[d] held by one thread (d a power of two): the same butterflies, the same bits.
+__device__ __forceinline__ void hadamard_serial(float* x, int d) {
+  for (int j = 0; j < d; ++j) x[j] *= hadamard_sign(j);
+  for (int h = 1; h < d; h <<= 1)
+    for (int i = 0; i < d; i += 2 * h)
+      for (int j = i; j < i + h; ++j) {
+        const float a = x[j], b = x[j + h];
+        x[j] = a + b;
+        x[j + h] = a - b;
+      }
+  const float r = 1.f / sqrtf((float)d);
+  for (int j = 0; j < d; ++j) x[j] *= r;
 }
 
 // Warp-cooperative quantization of one (token, head) row: lane l holds channel i * 32 + l in x[i]

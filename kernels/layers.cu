@@ -133,12 +133,25 @@ __device__ __forceinline__ void rope_pairs8(const __half* x, int j0, int half_d,
   *reinterpret_cast<uint4*>(dst + j0 + half_d) = hi;
 }
 
+// Query head h of row x in the Hadamard basis (int4's: lskv::hadamard_row), by the calling warp: RoPE rounded to
+// fp16 as rope_pairs8 rounds it, rotated, rounded to fp16 into dst.
+__device__ __forceinline__ void write_q_hadamard(const __half* src, int head_dim, const __half* cos_row,
+                                                 const __half* sin_row, __half* dst) {
+  const int lane = threadIdx.x & 31, ni = head_dim / 32, half_d = head_dim / 2;
+  float v[8];
+  for (int i = 0; i < ni; ++i) v[i] = __half2float(rope_channel(src, i * 32 + lane, half_d, cos_row, sin_row));
+  lskv::hadamard_row(v, ni, lane);
+  for (int i = 0; i < ni; ++i) dst[i * 32 + lane] = __float2half(v[i]);
+}
+
 // A quantized cache (KV = lskv::Int8 / Int4 / Fp8, kernels/kv_quant.cuh): the calling warp quantizes K (after RoPE,
-// rounded to fp16 as a float cache would hold it) or V of KV head g for item = g (K) or hkv + g (V);
+// rounded to fp16 as a float cache would hold it; then in the Hadamard basis if `hadamard`) or V of KV head g for
+// item = g (K) or hkv + g (V);
 // `where(is_k, g, vals, scales)` points at the row's values and scales, or returns false (nothing to write).
 template <class KV, class Where>
 __device__ __forceinline__ void write_kv_quant(const __half* x, int item, int hq, int hkv, int head_dim,
-                                               const __half* cos_row, const __half* sin_row, Where where) {
+                                               const __half* cos_row, const __half* sin_row, bool hadamard,
+                                               Where where) {
   const int lane = threadIdx.x & 31, ni = head_dim / 32, half_d = head_dim / 2;
   const bool is_k = item < hkv;
   unsigned char* vals;
@@ -150,6 +163,7 @@ __device__ __forceinline__ void write_kv_quant(const __half* x, int item, int hq
     const int c = i * 32 + lane;
     v[i] = __half2float(is_k ? rope_channel(src, c, half_d, cos_row, sin_row) : src[c]);
   }
+  if (is_k && hadamard) lskv::hadamard_row(v, ni, lane);
   if (is_k)
     lskv::quantize_row<typename KV::KEY>(v, ni, vals, scales, lane);
   else
@@ -159,8 +173,9 @@ __device__ __forceinline__ void write_kv_quant(const __half* x, int item, int hq
 // A row's work as one index space over the threads of its gridDim.y blocks, each thread one item at a time, so
 // the kinds run side by side instead of one after another in the same threads (a decode row's few threads then wait
 // on one round trip to memory, not on one per kind): [0, pairs) rope_pairs8 items, padded to a warp; then
-// QUANT_ROWS quantized K / V rows of 32 lanes each (write_kv_quant; warp-aligned, so every lane of a warp is in the
-// same row); then `extra` items (the page statistics of rope_write_kv_sparse). cuda.py's _rope_threads counts them.
+// QUANT_ROWS rows of 32 lanes each (warp-aligned, so every lane of a warp is in the same row): the q heads when they
+// go into the Hadamard basis (write_q_hadamard), then the quantized K / V rows (write_kv_quant); then `extra` items
+// (the page statistics of rope_write_kv_sparse). cuda.py's _rope_threads counts them.
 struct RowItems {
   int pairs, quant0, extra0, end;
   __device__ __forceinline__ RowItems(int pairs_, int quant_rows, int extra)
@@ -180,7 +195,8 @@ __device__ __forceinline__ void kv_row(void* pool, __half* scales, long long r, 
 // Half-split RoPE on q and k of the fused qkv row [Hq + 2 Hkv, D], k and v written into their page slot
 // (slot = page * page_size + offset; a negative slot writes nothing: padding rows of a captured batch).
 // q_out [N, Hq, D]. cos/sin [max_len, D/2] carry any rope scaling (llama3) already. KV: the cache format
-// (lskv::Half: fp16 k_cache / v_cache, scales unused; quantized: values + fp16 scales, D % 32 == 0).
+// (lskv::Half: fp16 k_cache / v_cache, scales unused; quantized: values + fp16 scales, D % 32 == 0). hadamard
+// (quantized only; CudaOps passes KVCache.rotates_keys): q and k in the Hadamard basis (kv/quant.py).
 // Grid (N, Y): the row's items (eight channel pairs of a head, rope_pairs8) spread over Y blocks, about one per
 // thread (one block per row walked a decode row's channels in a dependent-load chain of ~5 us; cuda.py picks Y).
 template <class KV>
@@ -188,7 +204,8 @@ __global__ void rope_write_kv(const __half* __restrict__ qkv, const long long* _
                               const long long* __restrict__ slots, const __half* __restrict__ cos_t,
                               const __half* __restrict__ sin_t, __half* __restrict__ q_out,
                               void* __restrict__ k_cache, void* __restrict__ v_cache, __half* __restrict__ k_scale,
-                              __half* __restrict__ v_scale, int hq, int hkv, int head_dim, int page_size) {
+                              __half* __restrict__ v_scale, int hq, int hkv, int head_dim, int page_size,
+                              int hadamard) {
   lserve::pdl_enter();
   const long long row = blockIdx.x;
   const int half_d = head_dim / 2, nheads = hq + 2 * hkv;
@@ -199,13 +216,17 @@ __global__ void rope_write_kv(const __half* __restrict__ qkv, const long long* _
   const __half* sin_row = sin_t + pos * half_d;
   __half* kc = static_cast<__half*>(k_cache);
   __half* vc = static_cast<__half*>(v_cache);
-  const int per_head = half_d / 8;
-  const RowItems it((KV::QUANT ? hq : nheads) * per_head, KV::QUANT ? 2 * hkv : 0, 0);
+  const int per_head = half_d / 8, hq_rows = KV::QUANT && hadamard ? hq : 0;
+  const RowItems it((KV::QUANT ? hq - hq_rows : nheads) * per_head, KV::QUANT ? hq_rows + 2 * hkv : 0, 0);
   for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < it.end; i += gridDim.y * blockDim.x) {
-    if (i >= it.quant0) {  // a quantized K / V row: the warp's (i is warp-uniform past quant0)
+    if (i >= it.quant0) {  // a q row in the Hadamard basis or a quantized K / V row: the warp's (i is warp-uniform)
       if constexpr (KV::QUANT) {
-        if (slot >= 0)
-          write_kv_quant<KV>(x, (i - it.quant0) >> 5, hq, hkv, head_dim, cos_row, sin_row,
+        const int item = ((i - it.quant0) >> 5) - hq_rows;
+        if (item < 0)
+          write_q_hadamard(x + (item + hq_rows) * head_dim, head_dim, cos_row, sin_row,
+                           q_out + (row * hq + item + hq_rows) * head_dim);
+        else if (slot >= 0)
+          write_kv_quant<KV>(x, item, hq, hkv, head_dim, cos_row, sin_row, hadamard,
                              [&](bool is_k, int g, unsigned char*& vals, unsigned short*& sc) {
                                const long long r = (page * hkv + g) * page_size + offset;
                                kv_row<KV>(is_k ? k_cache : v_cache, is_k ? k_scale : v_scale, r, head_dim, is_k,
@@ -239,7 +260,8 @@ __device__ __forceinline__ void page_stats_item(const __half* __restrict__ qkv, 
                                                 const __half* __restrict__ sin_t, const int* __restrict__ head_class,
                                                 const int* __restrict__ head_slot, __half* __restrict__ kmax,
                                                 __half* __restrict__ kmin, int i, int row, long long dslot, int hq,
-                                                int hkv, int nd, int head_dim, int page_size, int sub) {
+                                                int hkv, int nd, int head_dim, int page_size, int sub,
+                                                bool hadamard) {
   const int g = i / head_dim, c = i - g * head_dim;
   if (head_class[g] != 0) return;
   const int lp = page_size / sub, half_d = head_dim / 2, nheads = hq + 2 * hkv;
@@ -255,12 +277,18 @@ __device__ __forceinline__ void page_stats_item(const __half* __restrict__ qkv, 
     mx = __half2float(kmax[st]);
     mn = __half2float(kmin[st]);
   }
-  // This batch's key o of the logical page, recomputed from qkv.
+  // This batch's key o of the logical page, recomputed from qkv (in the Hadamard basis: the whole row, rotated as
+  // write_kv_quant rotates it, each thread on its own: O(D log D) a key instead of O(1), int4 only).
   auto key_at = [&](int o) -> float {
     const int r = r0 + (o - first_off);
     const long long p = positions[r];
     const __half* xr = qkv + (long long)r * nheads * head_dim + (hq + g) * head_dim;
-    return __half2float(rope_channel(xr, c, half_d, cos_t + p * half_d, sin_t + p * half_d));
+    if (!hadamard) return __half2float(rope_channel(xr, c, half_d, cos_t + p * half_d, sin_t + p * half_d));
+    float k[256];
+    for (int j = 0; j < head_dim; ++j)
+      k[j] = __half2float(rope_channel(xr, j, half_d, cos_t + p * half_d, sin_t + p * half_d));
+    lskv::hadamard_serial(k, head_dim);
+    return k[c];
   };
   for (int o0 = first_off; o0 <= last_off; o0 += 8) {
     float kv[8];
@@ -298,7 +326,7 @@ __global__ void rope_write_kv_sparse(const __half* __restrict__ qkv, const long 
                                      const int* __restrict__ head_class,
                                      const int* __restrict__ head_slot, __half* __restrict__ kmax,
                                      __half* __restrict__ kmin, int hq, int hkv, int nd, int ns, int head_dim,
-                                     int page_size, int sub, int n_rows) {
+                                     int page_size, int sub, int n_rows, int hadamard) {
   lserve::pdl_enter();
   const int row = blockIdx.x;
   const int half_d = head_dim / 2, nheads = hq + 2 * hkv;
@@ -314,15 +342,23 @@ __global__ void rope_write_kv_sparse(const __half* __restrict__ qkv, const long 
   const long long lid = dslot / lp;
   const bool stats = kmax != nullptr && dslot >= 0 && nd > 0 &&
                      !(row + 1 < n_rows && slots[row + 1] == dslot + 1 && (dslot + 1) / lp == lid);
-  const RowItems it((KV::QUANT ? hq : nheads) * per_head, KV::QUANT ? 2 * hkv : 0, stats ? hkv * head_dim : 0);
+  const int hq_rows = KV::QUANT && hadamard ? hq : 0;
+  const RowItems it((KV::QUANT ? hq - hq_rows : nheads) * per_head, KV::QUANT ? hq_rows + 2 * hkv : 0,
+                    stats ? hkv * head_dim : 0);
   for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < it.end; i += gridDim.y * blockDim.x) {
     if (i >= it.extra0) {
       if (i - it.extra0 < hkv * head_dim) page_stats_item(qkv, positions, slots, cos_t, sin_t, head_class, head_slot,
                                                           kmax, kmin, i - it.extra0, row, dslot, hq, hkv, nd,
-                                                          head_dim, page_size, sub);
-    } else if (i >= it.quant0) {  // a quantized K / V row: the warp's (i is warp-uniform past quant0)
-      if constexpr (KV::QUANT)
-        write_kv_quant<KV>(x, (i - it.quant0) >> 5, hq, hkv, head_dim, cos_row, sin_row,
+                                                          head_dim, page_size, sub, KV::QUANT && hadamard);
+    } else if (i >= it.quant0) {  // a q row in the Hadamard basis or a quantized K / V row: the warp's
+      if constexpr (KV::QUANT) {
+        const int item = ((i - it.quant0) >> 5) - hq_rows;
+        if (item < 0) {
+          write_q_hadamard(x + (item + hq_rows) * head_dim, head_dim, cos_row, sin_row,
+                           q_out + ((long long)row * hq + item + hq_rows) * head_dim);
+          continue;
+        }
+        write_kv_quant<KV>(x, item, hq, hkv, head_dim, cos_row, sin_row, hadamard,
                            [&](bool is_k, int g, unsigned char*& vals, unsigned short*& sc) {
                              const int cls = head_class[g];
                              const long long slot = cls ? sslot : dslot;
@@ -334,6 +370,7 @@ __global__ void rope_write_kv_sparse(const __half* __restrict__ qkv, const long 
                                         sc);
                              return true;
                            });
+      }
     } else if (i < it.pairs) {
       const int h = i / per_head, j0 = (i - h * per_head) * 8;
       __half* dst;

@@ -12,7 +12,8 @@
   q4_1, gemv_rows on fp16 weights), the q/k/v GEMVs with the RoPE + K/V write epilogue (both kernels, bit for bit
   against the plain kernel plus NumPy's RoPE), and the k-quants' split GEMV, logits, dequantize and gate_up kernels
   (their integer sub-scales), compiled as host code and run against float64 (tools/quant_host_check.py); the
-  sampling kernels against the CPU sampler and logprobs (tools/sampling_host_check.py).
+  sampling kernels against the CPU sampler and logprobs (tools/sampling_host_check.py); the K/V writes into quantized
+  caches against the reference layers (tools/layers_host_check.py).
 """
 
 from __future__ import annotations
@@ -153,6 +154,24 @@ def test_page_select_on_the_host():
     run = subprocess.run([sys.executable, str(tool), "--quick"], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0 and "all passed" in run.stdout, run.stdout[-4000:] + run.stderr[-4000:]
     assert run.stdout.count(" PASS") == 6
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None, reason="nvcc not installed (the host emulation builds with it)"
+)
+def test_quantized_kv_writes_on_the_host():
+    """rope_write_kv and rope_write_kv_sparse into int8 / int4 / fp8 caches compiled as host code
+    (tools/layers_host_check.py) against the reference layers: int4's queries, keys and page statistics in the
+    randomized Hadamard basis, a head dim of 96 in the plain one."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "layers_host_check.py"
+    run = subprocess.run([sys.executable, str(tool)], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0 and "all passed" in run.stdout, run.stdout[-4000:] + run.stderr[-4000:]
+    assert run.stdout.count(" PASS") == 56 and run.stdout.count(" hadamard ") == 17
 
 
 @pytest.mark.slow

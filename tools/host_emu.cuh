@@ -65,6 +65,10 @@ static T emu_shfl_up(T v, int o) {
   return emu_exchange(v, [o](int l) { return l >= o ? l - o : l; });
 }
 template <class T>
+static T emu_shfl_down(T v, int o) {
+  return emu_exchange(v, [o](int l) { return l + o < 32 ? l + o : l; });
+}
+template <class T>
 static T emu_shfl(T v, int src) {
   return emu_exchange(v, [src](int) { return src; });
 }
@@ -137,6 +141,7 @@ static unsigned emu_atomic_max(unsigned* p, unsigned v) {
 #define __syncthreads() pthread_barrier_wait(&emu_block_bar)
 #define __shfl_xor_sync(mask, v, o) emu_shfl_xor(v, o)
 #define __shfl_up_sync(mask, v, o) emu_shfl_up(v, o)
+#define __shfl_down_sync(mask, v, o) emu_shfl_down(v, o)
 #define __shfl_sync(mask, v, l) emu_shfl(v, l)
 #define __ballot_sync(mask, p) emu_ballot(p)
 #define __any_sync(mask, p) (emu_ballot(p) != 0u)

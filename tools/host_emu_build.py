@@ -28,6 +28,8 @@ def build_emulator(kernel: str, shared_arrays: int, emulator: str, tmp: Path) ->
             "-std=c++17",
             "-O2",
             "-w",
+            "-Xcompiler",
+            "-fno-strict-aliasing",  # the kernels read 16-byte vectors through __half pointers
             *inc_dirs,
             "-o",
             str(exe),

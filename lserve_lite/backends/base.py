@@ -60,6 +60,11 @@ class KVCache:
         d = int(self.k[0].shape[3])
         return d if self.fmt is None else d * 2 // self.fmt.packed_dim(2)
 
+    @property
+    def rotates_keys(self) -> bool:
+        """Whether queries and keys are written in the Hadamard basis (the format's rule: kv/quant.py)."""
+        return self.fmt is not None and self.fmt.rotates_keys(self.head_dim)
+
     def kv_heads(self, layer: int) -> int:
         """The model's KV heads at `layer` (LServe mode: both pools together)."""
         return int(self.head_class[layer].shape[0]) if self.sparse else int(self.k[layer].shape[1])

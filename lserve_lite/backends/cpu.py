@@ -203,12 +203,13 @@ class CpuOps:
             kc, d = cache.k[layer], cache.head_dim
             q = np.empty((qkv.shape[0], qkv.shape[1] // d - 2 * kc.shape[1], d), np.float32)
             K.rope_write_kv(qkv, positions, slots, kernel_view(kc, ksc), kernel_view(cache.v[layer], vsc),
-                            _scales_arg(ksc), _scales_arg(vsc), rope[0], rope[1], q)  # fmt: skip
+                            _scales_arg(ksc), _scales_arg(vsc), rope[0], rope[1], q, None,
+                            cache.rotates_keys)  # fmt: skip
             return q
         args = (qkv, positions, slots[0], slots[1], cache.k[layer], cache.v[layer], cache.ks[layer],
                 cache.vs[layer], cache.head_class[layer], cache.head_slot[layer], rope[0], rope[1],
                 cache.kmax[layer] if cache.kmax else None, cache.kmin[layer] if cache.kmin else None)  # fmt: skip
-        return rope_write_kv_sparse_numba(*args, (ksc, vsc, kss, vss))
+        return rope_write_kv_sparse_numba(*args, (ksc, vsc, kss, vss), cache.rotates_keys)
 
     def attention(self, q, cache, layer, plan, head_class):
         """Dequantizes a quantized cache inside the kernels, as pages are read."""
@@ -248,10 +249,10 @@ class CpuOps:
 
 def rope_write_kv_sparse_numba(
     qkv, positions, dense_slots, stream_slots, kd, vd, ks, vs, head_class, head_slot, cos, sin, kmax, kmin,
-    scales=(None,) * 4,
+    scales=(None,) * 4, hadamard: bool = False,
 ) -> np.ndarray:  # fmt: skip
     """`rope_write_kv_sparse_ref` in Numba: dense mode's write once per pool (its KV heads' columns in pool-row
-    order; `scales` of kd, vd, ks, vs for a quantized cache), then the dense pool's key statistics
+    order; `scales` of kd, vd, ks, vs for a quantized cache; `hadamard`: its keys' basis), then the dense pool's key statistics
     (`cpu_kernels.merge_key_stats`) from the stored keys (a float cache) or the unquantized ones (quantized)."""
     hkv, d = len(head_class), cos.shape[1] * 2
     n, hq = qkv.shape[0], qkv.shape[1] // d - 2 * hkv
@@ -267,7 +268,7 @@ def rope_write_kv_sparse_numba(
         cols = np.concatenate([x[:, :hq], x[:, hq + order], x[:, hq + hkv + order]], axis=1).reshape(n, -1)
         K.rope_write_kv(cols, positions, np.ascontiguousarray(slots, np.int64), kernel_view(kc, ksc),
                         kernel_view(vc, vsc), _scales_arg(ksc), _scales_arg(vsc), cos, sin, q,
-                        k_rot if cls == 0 else None)  # fmt: skip
+                        k_rot if cls == 0 else None, hadamard)  # fmt: skip
     if kmax is not None and kd.shape[1]:
         page = kd.shape[2]
         keys = kernel_view(kd)[dense_slots // page, :, dense_slots % page] if k_rot is None else k_rot

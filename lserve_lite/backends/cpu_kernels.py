@@ -16,7 +16,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from . import cpu_kv
-from .cpu_kv import kv_store, page_rows, page_scores, page_weighted_sum, to_f32
+from .cpu_kv import hadamard_row, kv_store, page_rows, page_scores, page_weighted_sum, to_f32
 from .numba_cache import flush_if_deps_changed
 
 # Reassociation (vectorized float32 sums) without "no NaN / no Inf", which masks and softmax rely on.
@@ -110,10 +110,13 @@ def _silu_mul_row(g, u, out):
 
 
 @nb.njit(**JIT)
-def rope_write_kv(qkv, positions, slots, k_cache, v_cache, k_scale, v_scale, cos, sin, q, k_rot=None):
-    """Half-split RoPE on q and k of each row; k and v go to their page slot (quantized there for a quantized
-    cache: `cpu_kv.kv_store`), q to `q` [N, Hq, D], and the rotated keys, unquantized, to k_rot [N, Hkv, D] if
-    given (LServe's key statistics of a quantized cache: `merge_key_stats`)."""
+def rope_write_kv(
+    qkv, positions, slots, k_cache, v_cache, k_scale, v_scale, cos, sin, q, k_rot=None, hadamard=False
+):
+    """Half-split RoPE on q and k of each row (then the Hadamard basis if `hadamard`: kv/quant.rotates_keys); k and
+    v go to their page slot (quantized there for a quantized cache: `cpu_kv.kv_store`), q to `q` [N, Hq, D], and
+    the rotated keys, unquantized, to k_rot [N, Hkv, D] if given (LServe's key statistics of a quantized cache:
+    `merge_key_stats`)."""
     hkv, page = k_cache.shape[1], k_cache.shape[2]
     hq, d = q.shape[1], q.shape[2]
     half = d // 2
@@ -126,6 +129,8 @@ def rope_write_kv(qkv, positions, slots, k_cache, v_cache, k_scale, v_scale, cos
                 a, b = qkv[t, h * d + i], qkv[t, h * d + half + i]
                 dst[i] = a * cos[p, i] - b * sin[p, i]
                 dst[half + i] = b * cos[p, i] + a * sin[p, i]
+            if hadamard:
+                hadamard_row(dst)
             if h >= hq:
                 kv_store(row, k_cache, k_scale, pg, h - hq, off)
                 if k_rot is not None:

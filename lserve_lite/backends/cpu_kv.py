@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from ..kv.quant import FORMATS
+from ..kv.quant import FORMATS, HADAMARD_MAX_DIM, hadamard_signs
 from .cpu_half import f32_to_half, half_to_f32
 
 E4M3_MAX = FORMATS["fp8"].qmax
@@ -34,6 +34,27 @@ def e4m3_code(y: float) -> int:
         m, e = math.frexp(a)  # moves into the exponent, as the codes are ordered)
         code = (e + 6) * 8 + int(np.rint((m * 2.0 - 1.0) * 8.0))
     return code | (128 if np.signbit(y) else 0)
+
+
+HADAMARD_SIGNS = hadamard_signs(HADAMARD_MAX_DIM)
+
+
+@njit(inline="always")
+def hadamard_row(x):
+    """x [D] float32 (D a power of two) into the randomized Hadamard basis, in place: kv/quant.hadamard's signs and
+    butterflies in its order, so that the stored keys are its bits (int4's basis: `KVFormat.rotates_keys`)."""
+    d, h = x.shape[0], 1
+    for j in range(d):
+        x[j] *= HADAMARD_SIGNS[j]
+    while h < d:
+        for i in range(0, d, 2 * h):
+            for j in range(i, i + h):
+                a, b = x[j], x[j + h]
+                x[j], x[j + h] = a + b, a - b
+        h *= 2
+    r = np.float32(1.0) / np.sqrt(np.float32(d))
+    for j in range(d):
+        x[j] *= r
 
 
 def kv_store(x, vals, scales, pg, h, off):

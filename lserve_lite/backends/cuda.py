@@ -115,14 +115,24 @@ def _row_grid(rows: int, items: int, threads: int = 256) -> tuple[tuple[int, int
     return (rows, -(-items // block)), (block,)
 
 
-def _rope_threads(hq: int, hkv: int, d: int, quant: bool, stats: bool = False) -> int:
+def _rope_threads(hq: int, hkv: int, d: int, quant: bool, stats: bool = False, hadamard: bool = False) -> int:
     """Threads of a rope_write_kv(_sparse) row, one item each (layers.cu RowItems): eight channel pairs of a head
-    (rope_pairs8; q only when the cache is quantized), padded to a warp, then 32 per quantized K / V row, then one
-    per (KV head, channel) of the page statistics."""
+    (rope_pairs8; q only when the cache is quantized, none when q is in the Hadamard basis), padded to a warp, then
+    32 per q head in the Hadamard basis and per quantized K / V row, then one per (KV head, channel) of the page
+    statistics."""
     if d % 16:
         raise ValueError(f"rope_write_kv needs a head dim divisible by 16, got {d}")
-    pairs = (hq if quant else hq + 2 * hkv) * d // 16
-    return -(-pairs // 32) * 32 + (64 * hkv if quant else 0) + (hkv * d if stats else 0)
+    q_rows = hq if quant and hadamard else 0
+    rows = q_rows + 2 * hkv if quant else 0
+    pairs = (hq - q_rows if quant else hq + 2 * hkv) * d // 16
+    return -(-pairs // 32) * 32 + 32 * rows + (hkv * d if stats else 0)
+
+
+def rope_grid(
+    n: int, hq: int, hkv: int, d: int, quant: bool, stats: bool = False, hadamard: bool = False
+) -> tuple[tuple[int, int], tuple[int]]:
+    """(grid, block) of rope_write_kv(_sparse) over n rows (also what tools/layers_host_check.py launches)."""
+    return _row_grid(n, _rope_threads(hq, hkv, d, quant, stats, hadamard))
 
 
 class Cublas:
@@ -585,10 +595,11 @@ class CudaOps:
         q = cp.empty((n, hq, d), cp.float16) if out is None else out
         ksc, vsc, _, _ = _scale_args(cache, layer)
         if n:
+            had = cache.rotates_keys
             args = (cp.ascontiguousarray(qkv), positions, slots, rope[0], rope[1], q, kc, vc, ksc, vsc,
-                    np.int32(hq), np.int32(hkv), np.int32(d), np.int32(page))  # fmt: skip
-            threads = _rope_threads(hq, hkv, d, cache.quantized)
-            self.k[f"rope_write_kv<{kv_trait(cache)}>"](*_row_grid(n, threads), args)
+                    np.int32(hq), np.int32(hkv), np.int32(d), np.int32(page), np.int32(had))  # fmt: skip
+            grid = rope_grid(n, hq, hkv, d, cache.quantized, hadamard=had)
+            self.k[f"rope_write_kv<{kv_trait(cache)}>"](*grid, args)
         return q
 
     def _rope_write_kv_sparse(self, qkv, positions, slots, cache: KVCache, layer: int, rope, out=None):
@@ -606,11 +617,13 @@ class CudaOps:
         kmin = cache.kmin[layer] if stats else np.uint64(0)
         sub = int(cache.kmax[layer].shape[2]) if stats else 1
         if n:
+            had = cache.rotates_keys
             args = (cp.ascontiguousarray(qkv), positions, cp.ascontiguousarray(slots), rope[0], rope[1], q,
                     kd, vd, ks, vs, *_scale_args(cache, layer), hc, hs, kmax, kmin, np.int32(hq), np.int32(hkv),
-                    np.int32(nd), np.int32(ns), np.int32(d), np.int32(page), np.int32(sub), np.int32(n))  # fmt: skip
+                    np.int32(nd), np.int32(ns), np.int32(d), np.int32(page), np.int32(sub), np.int32(n),
+                    np.int32(had))  # fmt: skip
             kernel = self.k[f"rope_write_kv_sparse<{kv_trait(cache)}>"]
-            kernel(*_row_grid(n, _rope_threads(hq, hkv, d, cache.quantized, stats)), args)
+            kernel(*rope_grid(n, hq, hkv, d, cache.quantized, stats, had), args)
         return q
 
     def attention(self, q, cache: KVCache, layer: int, plan, head_class, out=None):

@@ -13,14 +13,13 @@ import numpy as np
 
 from ..backends.base import KVCache
 from ..backends.reference.attention import paged_attention_ref, paged_attention_sparse_ref
-from ..backends.reference.layers import rope_write_kv_ref, rope_write_kv_sparse_ref
 from ..backends.reference.page_select import select_pages_ref
-from ..backends.reference.page_stats import update_page_stats
-from ..kv.quant import FORMATS, KVFormat, dequantize, quantize, steps
+from ..kv.quant import FORMATS, KVFormat, quantize
 from ..sparse.plan import BatchLayout, build_plan
 from .attention import SPARSE_PREFILL, decode_setup
 from .common import Ctx, Result, compare, setting
-from .sparse_batch import head_classes, sparse_batch, sparse_cache
+from .kv_write import DENSE_WRITES, check_write, dense_case, sparse_case
+from .sparse_batch import sparse_batch, sparse_cache
 
 QUANT_KV = ("int8", "int4", "fp8")
 DECODE_IMPLS = ("v1", "v2")  # cuda_attention.KVQ_DECODE_IMPLS
@@ -154,118 +153,49 @@ def kv_sparse_one(c: Ctx, stage: str, kv: str, impl: str | None = None, prefill:
     return compare(f"kv_quant.sparse_{stage}", tag, o.get(), ref, 4e-3, 2e-2)
 
 
-def _within_step(kernel: str, tag: str, vals, scales, ref: np.ndarray, fmt: KVFormat) -> Result:
-    """Written rows dequantized vs the float rows: within half a step (int) or 1/16 (fp8) plus the fp16
-    rounding of the key and of its scale (`fmt`: the pool's, keys() for K)."""
-    got = dequantize(vals, scales, fmt)
-    step = steps(scales, fmt, ref.shape[-1])
-    if fmt.name == "fp8":
-        bound = np.abs(ref) * (1 / 16 + 2e-3) + step * 2.0**-9
-    else:
-        bound = step * 0.57 + np.abs(ref) * 2e-3
-    err = np.abs(got - ref)
-    ok = bool(np.all(err <= bound + 1e-6)) and np.isfinite(got).all()
-    worst = float(np.max(err / (bound + 1e-6))) if err.size else 0.0
-    return Result(kernel, tag, float(err.max(initial=0)), worst, ok, "" if ok else "beyond the step bound")
-
-
 def kv_write_one(c: Ctx, kv: str) -> list[Result]:
-    """CudaOps.rope_write_kv into a quantized dense-mode cache (padding rows included) vs rope_write_kv_ref:
-    q exact as the fp16 path, K/V within the step bound, scales as the reference rule gives them."""
+    """CudaOps.rope_write_kv into a quantized dense-mode cache (padding rows included) vs rope_write_kv_ref
+    (harness/kv_write.py: q within fp16 rounding, K/V within the step bound, scales as the reference rule; the
+    float references in the format's basis: int4's queries and keys Hadamard-rotated, kv/quant.rotates_keys)."""
     fmt, out = FORMATS[kv], []
-    for hq, hkv, d, page, n in [(9, 3, 64, 64, 13), (32, 8, 128, 16, 70)]:
-        num_pages = 40
-        qkv = c.f16(n, (hq + 2 * hkv) * d)
-        cos, sin = c.f16(512, d // 2), c.f16(512, d // 2)
-        pos = c.rng.integers(0, 512, n)
-        slots = c.rng.permutation(num_pages * page)[:n]
-        slots[c.rng.random(n) < 0.2] = -1
-        live = slots >= 0
-        k_ref, v_ref = np.zeros((2, num_pages, hkv, page, d), np.float32)
-        q_ref = rope_write_kv_ref(qkv, pos, np.maximum(slots, 0), k_ref.copy(), v_ref.copy(), cos, sin)
-        rope_write_kv_ref(qkv[live], pos[live], slots[live], k_ref, v_ref, cos, sin)
-        shape = (num_pages, hkv, page, fmt.packed_dim(d))
-        dev = [_garbage(c, shape, fmt.value_dtype) for _ in "kv"]
-        dev += [c.poison((num_pages, hkv, page, f.scale_cols(d)), np.float16) for f in (fmt.keys(), fmt)]
-        cache = KVCache(dev[:1], dev[1:2], page, num_pages, fmt=fmt, k_scale=dev[2:3], v_scale=dev[3:])
-        q = c.poison((n, hq, d), np.float16)
-        rope = (c.dev16(cos), c.dev16(sin))
-        c.ops.rope_write_kv(c.dev16(qkv), c.cp.asarray(pos), c.cp.asarray(slots), cache, 0, rope, out=q)
-        tag = f"{kv} Hq{hq} Hkv{hkv} D{d} page{page} N{n}"
-        out.append(compare("kv_quant.write.q", tag, q.get(), q_ref, 2e-3, 4e-3))
-        pg, off = slots[live] // page, slots[live] % page
-        for what, vals, sc, ref, f in (
-            ("k", dev[0], dev[2], k_ref, fmt.keys()),
-            ("v", dev[1], dev[3], v_ref, fmt),
-        ):
-            rows = ref[pg, :, off]
-            got_sc = sc.get()[pg, :, off]
-            out.append(_within_step(f"kv_quant.write.{what}", tag, vals.get()[pg, :, off], got_sc, rows, f))
-            want_sc = quantize(rows, f, np.float16)[1]
-            out.append(compare(f"kv_quant.write.{what}_scale", tag, got_sc, want_sc, 1e-6, 2e-3))
+    for dims in DENSE_WRITES:
+        case = dense_case(c, kv, *dims)
+        dev = [_garbage(c, (*p.shape, fmt.packed_dim(case.d)), p.fmt.value_dtype) for p in case.pools]
+        sc = [c.poison((*p.shape, p.fmt.scale_cols(case.d)), np.float16) for p in case.pools]
+        cache = KVCache(
+            dev[:1], dev[1:], case.page, case.pools[0].shape[0], fmt=fmt, k_scale=sc[:1], v_scale=sc[1:]
+        )
+        q = c.poison((case.pos.size, case.hq, case.d), np.float16)
+        rope = (c.dev16(case.cos), c.dev16(case.sin))
+        c.ops.rope_write_kv(c.dev16(case.qkv), c.cp.asarray(case.pos), c.cp.asarray(case.slots), cache, 0, rope,
+                            out=q)  # fmt: skip
+        out += check_write(
+            case, "kv_quant.write", q.get(), [(v.get(), s.get()) for v, s in zip(dev, sc, strict=True)]
+        )
     return out
 
 
 def kv_write_sparse_one(c: Ctx, kv: str) -> list[Result]:
-    """rope_write_kv_sparse into quantized pools: a chunk appended at an unaligned position (its logical page
-    holds earlier tokens: the statistics merge) and a fresh prompt; K/V of both pools within the step bound,
+    """rope_write_kv_sparse into quantized pools (harness/kv_write.sparse_case: a chunk whose logical page holds
+    earlier tokens, so the statistics merge, and a fresh prompt); K/V of both pools within the step bound,
     kmax/kmin = rope_write_kv_sparse_ref's (the unquantized keys' statistics)."""
-    fmt, (hc, slot), d, ps, sub, gsize = FORMATS[kv], head_classes("0110"), 64, 16, 4, 2
-    hkv, nd, ns = hc.size, 2, 2
-    hq = gsize * hkv
-    starts, lens = [37, 0], [45, 20]
-    need = [-(-(s + m) // ps) for s, m in zip(starts, lens, strict=True)]
-    n_pages, n_spages = sum(need) + 3, -(-sum(lens) // ps) + 3
-    perm, offs = c.rng.permutation(n_pages), np.cumsum([0, *need])
-    tables = [perm[offs[i] : offs[i + 1]] for i in range(len(lens))]
-    spans = [np.arange(s, s + m) for s, m in zip(starts, lens, strict=True)]
-    pos = np.concatenate(spans).astype(np.int64)
-    dslots = np.concatenate([t[p // ps] * ps + p % ps for t, p in zip(tables, spans, strict=True)])
-    sslots = c.rng.permutation(n_spages * ps)[: pos.size]
-    qkv = c.f16(pos.size, (hq + 2 * hkv) * d)
-    cos, sin = c.f16(256, d // 2), c.f16(256, d // 2)
-    hist_k = np.zeros((n_pages, nd, ps, d), np.float32)  # earlier tokens' keys: only their stats matter
-    hist = tables[0][np.arange(starts[0]) // ps] * ps + np.arange(starts[0]) % ps
-    hist_k[hist // ps, :, hist % ps] = c.f16(hist.size, nd, d)
-    kmax, kmin = np.zeros((2, n_pages, nd, sub, d), np.float32)
-    update_page_stats(kmax, kmin, hist_k, hist)
-    floats = [np.zeros((n_pages, nd, ps, d), np.float32) for _ in "kv"]
-    floats += [np.zeros((n_spages, ns, ps, d), np.float32) for _ in "kv"]
-    q_ref = rope_write_kv_sparse_ref(qkv, pos, dslots, sslots, *floats, hc, slot, cos, sin)
-    host = [np.zeros((*a.shape[:3], fmt.packed_dim(d)), fmt.value_dtype) for a in floats]
-    pool_fmts = (fmt.keys(), fmt) * 2  # kd, vd, ks, vs
-    hsc = [
-        np.zeros((*a.shape[:3], f.scale_cols(d)), np.float16) for a, f in zip(floats, pool_fmts, strict=True)
-    ]
-    want_max, want_min = kmax.copy(), kmin.copy()
-    rope_write_kv_sparse_ref(qkv, pos, dslots, sslots, *host, hc, slot, cos, sin, want_max, want_min,
-                             scales=tuple(hsc), fmt=fmt)  # fmt: skip
-    cp = c.cp
-    dev = [_garbage(c, a.shape, a.dtype) for a in host]
-    dsc = [c.poison(a.shape, np.float16) for a in hsc]
-    stats = [c.dev16(kmax), c.dev16(kmin)]
+    fmt, case = FORMATS[kv], sparse_case(c, kv)
+    sp, cp = case.sparse, c.cp
+    dev = [_garbage(c, (*p.shape, fmt.packed_dim(case.d)), p.fmt.value_dtype) for p in case.pools]
+    dsc = [c.poison((*p.shape, p.fmt.scale_cols(case.d)), np.float16) for p in case.pools]
+    stats = [c.dev16(sp["kmax"]), c.dev16(sp["kmin"])]
     cache = KVCache(
-        k=dev[:1], v=dev[1:2], page_size=ps, num_pages=n_pages, ks=dev[2:3], vs=dev[3:],
-        head_class=[cp.asarray(hc)], head_slot=[cp.asarray(slot)], kmax=stats[:1], kmin=stats[1:], fmt=fmt,
-        k_scale=dsc[:1], v_scale=dsc[1:2], ks_scale=dsc[2:3], vs_scale=dsc[3:],
+        k=dev[:1], v=dev[1:2], page_size=case.page, num_pages=case.pools[0].shape[0], ks=dev[2:3], vs=dev[3:],
+        head_class=[cp.asarray(sp["hc"])], head_slot=[cp.asarray(sp["hs"])], kmax=stats[:1], kmin=stats[1:],
+        fmt=fmt, k_scale=dsc[:1], v_scale=dsc[1:2], ks_scale=dsc[2:3], vs_scale=dsc[3:],
     )  # fmt: skip
-    q = c.poison((pos.size, hq, d), np.float16)
-    rope = (c.dev16(cos), c.dev16(sin))
+    q = c.poison((case.pos.size, case.hq, case.d), np.float16)
+    rope = (c.dev16(case.cos), c.dev16(case.sin))
     c.ops.rope_write_kv(
-        c.dev16(qkv), cp.asarray(pos), cp.asarray(np.stack([dslots, sslots])), cache, 0, rope, out=q
+        c.dev16(case.qkv), cp.asarray(case.pos), cp.asarray(case.slots), cache, 0, rope, out=q
     )
-    tag = f"{kv} 0110 Hq{hq} D{d} p{ps} sub{sub}"
-    out = [compare("kv_quant.write_sparse.q", tag, q.get(), q_ref, 2e-3, 4e-3)]
-    for i, (what, slots) in enumerate((("k dense", dslots), ("v dense", dslots), ("k stream", sslots),
-                                       ("v stream", sslots))):  # fmt: skip
-        pg, off = slots // ps, slots % ps
-        vals, sc = dev[i].get()[pg, :, off], dsc[i].get()[pg, :, off]
-        out.append(
-            _within_step(f"kv_quant.write_sparse.{what}", tag, vals, sc, floats[i][pg, :, off], pool_fmts[i])
-        )
-    out.append(compare("kv_quant.write_sparse.kmax", tag, stats[0].get(), want_max, 2e-3, 4e-3))
-    out.append(compare("kv_quant.write_sparse.kmin", tag, stats[1].get(), want_min, 2e-3, 4e-3))
-    return out
+    pools = [(v.get(), s.get()) for v, s in zip(dev, dsc, strict=True)]
+    return check_write(case, "kv_quant.write_sparse", q.get(), pools, (stats[0].get(), stats[1].get()))
 
 
 def case_kv_quant(c: Ctx) -> list[Result]:

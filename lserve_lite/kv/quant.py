@@ -9,7 +9,12 @@ scale per (token, head) = amax / 448, values the nearest e4m3 (ties to even); in
 a (token, head) (16 channels of a key, 32 of a value) a scale (max - min) / 15 and a min, stored
 interleaved (scale, min) per group, value = scale * q + min with q in 0..15, channel 2i in the low nibble
 of byte i. Why (docs/KV_QUANT.md): post-RoPE keys are lopsided per group and carry the loss, so the
-symmetric rule (7 levels a side, 32 channels) cost +15-18% perplexity; this one about +3%.
+symmetric rule (7 levels a side, 32 channels) cost +15-18% perplexity; this one about +3%. int4 also stores keys
+in a randomized Hadamard basis (`KVFormat.rotates_keys`): after RoPE, every query and key of a head of
+power-of-two size D (at most 256) is multiplied by fixed signs and the orthonormal Hadamard matrix (`hadamard`),
+so q . k is unchanged while a key's outlier channels are spread over all D channels instead of stretching one
+group's range; the selector's page statistics are taken of the rotated keys, so they meet the rotated queries.
+Why: passkey retrieval at 4k (docs/KV_QUANT.md).
 `quantize` / `dequantize` here are the float64 references (and the NumPy path of the CPU backend).
 """
 
@@ -32,6 +37,7 @@ class KVFormat:
     asymmetric: bool = False  # levels 0..qmax from a per-group min (int4) instead of -qmax..qmax
     group_size: int = 0  # channels per scale (0, or a head it does not divide: the whole head)
     key_group: int = 0  # the keys' group_size where it differs (int4: finer, keys carry the loss)
+    hadamard_keys: bool = False  # queries and keys stored in the Hadamard basis (`rotates_keys`)
 
     @property
     def quantized(self) -> bool:
@@ -48,6 +54,10 @@ class KVFormat:
     def head_dim(self, packed: int) -> int:
         """The head dim whose `packed_dim` is `packed`."""
         return packed * 2 if self.name == "int4" else packed
+
+    def rotates_keys(self, head_dim: int) -> bool:
+        """Whether queries and keys meet in the Hadamard basis: a format that asks for it, a power-of-two head."""
+        return self.hadamard_keys and 2 <= head_dim <= HADAMARD_MAX_DIM and head_dim & (head_dim - 1) == 0
 
     def keys(self) -> KVFormat:
         """The format of the K pool (the V pool's is self): the same, or with the keys' own group."""
@@ -77,7 +87,7 @@ FORMATS = {
     "fp16": KVFormat("fp16"),
     "fp32": KVFormat("fp32"),
     "int8": KVFormat("int8", 127.0),
-    "int4": KVFormat("int4", 15.0, asymmetric=True, group_size=32, key_group=16),
+    "int4": KVFormat("int4", 15.0, asymmetric=True, group_size=32, key_group=16, hadamard_keys=True),
     "fp8": KVFormat("fp8", 448.0),
 }
 
@@ -97,6 +107,36 @@ def resolve_kv_format(name: str, supported: tuple[str, ...], head_dim: int) -> K
     if fmt.name == "int4" and head_dim % 2:
         raise InvalidRequestError(f"kv_dtype int4 needs an even head_dim, got {head_dim}")
     return fmt
+
+
+# The signs of the randomized Hadamard transform: channel j's is negative where bit j % 64 of word j // 64 is set
+# (a fixed pseudo-random pattern, np.random.default_rng(0)'s draws; kernels/kv_quant.cuh holds the same words).
+HADAMARD_SIGN_WORDS = (0x81191FF5899001F8, 0x2AA2ACD7368C93C2, 0x1607075CC4F70B22, 0xDE4E9C5C92664F53)
+HADAMARD_MAX_DIM = 64 * len(HADAMARD_SIGN_WORDS)
+
+
+def hadamard_signs(d: int) -> np.ndarray:
+    """The first d channels' signs (float32 +-1) of `HADAMARD_SIGN_WORDS`."""
+    j = np.arange(d)
+    words = np.array(HADAMARD_SIGN_WORDS, np.uint64)[j // 64]
+    return np.where((words >> (j % 64).astype(np.uint64)) & np.uint64(1), -1.0, 1.0).astype(np.float32)
+
+
+def hadamard(x: np.ndarray) -> np.ndarray:
+    """x [..., D] (D a power of two, at most HADAMARD_MAX_DIM) in the randomized Hadamard basis, H diag(signs) x
+    with H the orthonormal Hadamard matrix, in float32: the signs, the fast transform's butterflies (a + b, a - b at
+    strides 1, 2, 4, ...), then one scale by 1 / sqrt(D), the order every kernel follows, so that all of them store
+    the same bits. Orthonormal, so (Hq) . (Hk) = q . k; the signs keep a key's common offset from landing in one
+    channel (measured: +2.4% perplexity at 2k with them, +2.9% without; docs/KV_QUANT.md)."""
+    d = x.shape[-1]
+    y = np.array(x, np.float32) * hadamard_signs(d)
+    h = 1
+    while h < d:
+        y = y.reshape(*x.shape[:-1], d // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = np.stack([a + b, a - b], -2)
+        h *= 2
+    return y.reshape(x.shape) * (np.float32(1.0) / np.sqrt(np.float32(d)))
 
 
 def quantize(x: np.ndarray, fmt: KVFormat, scale_dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:

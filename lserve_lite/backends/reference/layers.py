@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ...kv.quant import KVFormat, quantize
+from ...kv.quant import KVFormat, hadamard, quantize
 from .page_stats import merge_page_stats, update_page_stats
 
 
@@ -40,8 +40,11 @@ def silu_mul_ref(gate_up: np.ndarray) -> np.ndarray:
     return (g / (np.float32(1.0) + np.exp(-g))) * u
 
 
-def rope_qkv(qkv, positions, hkv: int, d: int, cos, sin) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Split the fused [N, (Hq + 2 Hkv) * D] projection into q, k (both rotated, half-split RoPE) and v."""
+def rope_qkv(
+    qkv, positions, hkv: int, d: int, cos, sin, fmt: KVFormat | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split the fused [N, (Hq + 2 Hkv) * D] projection into q, k (both rotated, half-split RoPE, then into the
+    Hadamard basis when the KV format `fmt` stores keys there: kv/quant.hadamard) and v."""
     n = qkv.shape[0]
     hq = qkv.shape[1] // d - 2 * hkv
     x = qkv.reshape(n, hq + 2 * hkv, d)
@@ -49,6 +52,8 @@ def rope_qkv(qkv, positions, hkv: int, d: int, cos, sin) -> tuple[np.ndarray, np
     qk = x[:, : hq + hkv]
     a, b = qk[..., : d // 2], qk[..., d // 2 :]
     rot = np.concatenate([a * c - b * s, b * c + a * s], axis=-1).astype(np.float32)
+    if fmt is not None and fmt.rotates_keys(d):
+        rot = hadamard(rot)
     return rot[:, :hq], rot[:, hq:], x[:, hq + hkv :]
 
 
@@ -64,10 +69,11 @@ def write_rows(x, cache, scales, fmt: KVFormat | None, idx: tuple) -> None:
 def rope_write_kv_ref(
     qkv, positions, slots, k_cache, v_cache, cos, sin, k_scale=None, v_scale=None, fmt=None
 ) -> np.ndarray:
-    """Rotate q and k (half-split RoPE), write k/v into their page slots; return q [N, Hq, D]."""
+    """Rotate q and k (half-split RoPE; then the Hadamard basis where `fmt` asks for it, with or without scales),
+    write k/v into their page slots; return q [N, Hq, D]."""
     _, hkv, page, _ = k_cache.shape
     d = cos.shape[1] * 2
-    q, k, v = rope_qkv(qkv, positions, hkv, d, cos, sin)
+    q, k, v = rope_qkv(qkv, positions, hkv, d, cos, sin, fmt)
     pg, off = slots // page, slots % page
     write_rows(k, k_cache, k_scale, fmt and fmt.keys(), (pg, slice(None), off))
     write_rows(v, v_cache, v_scale, fmt, (pg, slice(None), off))
@@ -81,7 +87,7 @@ def rope_write_kv_sparse_ref(
     """Rotate q/k (half-split RoPE); write each KV head's k/v into the pool of its class (`scales` of kd, vd,
     ks, vs for a quantized cache); refresh the dense pool's key statistics from the unquantized keys."""
     hkv, d = head_class.shape[0], cos.shape[1] * 2
-    q, k, v = rope_qkv(qkv, positions, hkv, d, cos, sin)
+    q, k, v = rope_qkv(qkv, positions, hkv, d, cos, sin, fmt)
     for cls, slots, kc, vc, ksc, vsc in (
         (0, dense_slots, kd, vd, *scales[:2]),
         (1, stream_slots, ks, vs, *scales[2:]),

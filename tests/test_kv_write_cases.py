@@ -1,0 +1,80 @@
+"""The K/V-write cases of the kernel harness (harness/kv_write.py), which the GPU rows and the CUDA kernels' host
+emulation check against, run through the CPU backend's Numba writes: the cases and their checks pass for every
+quantized format (dense and LServe's two pools), and fail for int4 when the keys skip the Hadamard basis (the
+check can fail). Consistency of our own kernels with our reference layers, not an independent reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lserve_lite.backends import cpu as C
+from lserve_lite.backends import cpu_kernels as K
+from lserve_lite.backends.cpu_kv import kernel_view
+from lserve_lite.harness.common import Ctx
+from lserve_lite.harness.kv_write import WriteCase, check_write, dense_case, sparse_case
+
+
+class HostCtx(Ctx):
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+
+
+def _empty_pools(case: WriteCase) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [
+        (
+            np.zeros((*p.shape, p.fmt.packed_dim(case.d)), p.fmt.value_dtype),
+            np.full((*p.shape, p.fmt.scale_cols(case.d)), np.nan, np.float32),
+        )
+        for p in case.pools
+    ]
+
+
+def _dense_write(case: WriteCase, hadamard: bool) -> list:
+    pools = _empty_pools(case)
+    (kq, ks), (vq, vs) = pools
+    n, live = case.pos.size, case.slots >= 0
+    q = np.empty((n, case.hq, case.d), np.float32)
+    scratch = [
+        a.copy() for pair in pools for a in pair
+    ]  # the padding rows' q, as a captured batch computes it
+    K.rope_write_kv(case.qkv, case.pos, np.maximum(case.slots, 0), kernel_view(scratch[0], scratch[1]),
+                    kernel_view(scratch[2], scratch[3]), scratch[1], scratch[3], case.cos, case.sin, q, None,
+                    hadamard)  # fmt: skip
+    q_live = np.empty((int(live.sum()), case.hq, case.d), np.float32)  # the same rows' q again
+    K.rope_write_kv(case.qkv[live], case.pos[live], case.slots[live], kernel_view(kq, ks), kernel_view(vq, vs), ks,
+                    vs, case.cos, case.sin, q_live, None, hadamard)  # fmt: skip
+    return check_write(case, "cpu.rope_write_kv", q, pools)
+
+
+def _sparse_write(case: WriteCase, hadamard: bool) -> list:
+    pools, sp = _empty_pools(case), case.sparse
+    kmax, kmin = sp["kmax"].copy(), sp["kmin"].copy()
+    vals, scales = [v for v, _ in pools], tuple(s for _, s in pools)
+    q = C.rope_write_kv_sparse_numba(case.qkv, case.pos, case.slots[0], case.slots[1], *vals, sp["hc"], sp["hs"],
+                                     case.cos, case.sin, kmax, kmin, scales, hadamard)  # fmt: skip
+    return check_write(case, "cpu.rope_write_kv_sparse", q, pools, (kmax, kmin))
+
+
+@pytest.mark.parametrize("kv", ["int8", "int4", "fp8"])
+def test_write_cases_pass_through_the_cpu_kernels(kv):
+    c = HostCtx(7)
+    for dims in [(9, 3, 64, 64, 13), (8, 2, 128, 16, 11)]:
+        case = dense_case(c, kv, *dims)
+        results = _dense_write(case, case.hadamard)
+        assert all(r.ok for r in results), results
+    case = sparse_case(c, kv)
+    results = _sparse_write(case, case.hadamard)
+    assert all(r.ok for r in results), results
+    assert (case.hadamard, len(results)) == (kv == "int4", 7)
+
+
+def test_write_cases_fail_int4_keys_left_in_the_plain_basis():
+    c = HostCtx(8)
+    case = dense_case(c, "int4", 9, 3, 64, 64, 13)
+    assert case.hadamard
+    bad = {r.kernel for r in _dense_write(case, False) if not r.ok}
+    assert {"cpu.rope_write_kv.q", "cpu.rope_write_kv.k"} <= bad and "cpu.rope_write_kv.v" not in bad
+    case = sparse_case(c, "int4")
+    bad = {r.kernel for r in _sparse_write(case, False) if not r.ok}
+    assert {"cpu.rope_write_kv_sparse.kd", "cpu.rope_write_kv_sparse.kmax"} <= bad
