@@ -90,7 +90,7 @@ def test_int4_is_asymmetric_with_finer_key_groups():
 
 def test_hadamard_is_the_orthonormal_sylvester_matrix_after_the_signs():
     """kv/quant.hadamard = (x * signs) @ H / sqrt(D) with H the Sylvester Hadamard matrix built here in float64
-    (independent of the butterflies), orthonormal (q . k kept); only int4 asks for it, only for power-of-two heads."""
+    (independent of the butterflies), orthonormal (q . k kept); int4 and fp8 ask for it, only for power-of-two heads."""
     for d in (2, 32, 64, 128, 256):
         h = np.array([[1.0]])
         while h.shape[0] < d:
@@ -102,7 +102,7 @@ def test_hadamard_is_the_orthonormal_sylvester_matrix_after_the_signs():
         assert y.dtype == np.float32
         np.testing.assert_allclose(y, (x * signs).astype(np.float64) @ h / np.sqrt(d), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose((y[0] * y[1]).sum(), (x[0] * x[1]).sum(), rtol=1e-4, atol=1e-4)
-    assert [n for n, f in Q.FORMATS.items() if f.rotates_keys(64)] == ["int4"]
+    assert [n for n, f in Q.FORMATS.items() if f.rotates_keys(64)] == ["int4", "fp8"]
     assert not Q.FORMATS["int4"].rotates_keys(96) and Q.FORMATS["int4"].rotates_keys(128)
     assert not Q.FORMATS["int4"].rotates_keys(512)
 

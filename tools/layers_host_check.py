@@ -2,8 +2,8 @@
 for int8 / int4 / fp8 compiled as host code (tools/layers_host_emu.cu, nvcc; a thread per CUDA thread, a barrier per
 warp and per block), launched on CudaOps' grid (`cuda.rope_grid`), against backends/reference/layers.py with the
 kernel harness's cases and rules (harness/kv_write.py: q within fp16 rounding, values within the step bound,
-scales as the format's rule, LServe's page statistics as the reference's): int4's queries and keys in the randomized Hadamard
-basis (kv/quant.hadamard), and a head dim of 96, which int4 keeps in the plain basis.
+scales as the format's rule, LServe's page statistics as the reference's): int4's and fp8's queries and keys in the randomized Hadamard
+basis (kv/quant.hadamard), int8's and a head dim of 96 in the plain one.
 What it cannot: anything about the GPU itself (memory model, speed). The GPU rows (`lserve-lite kernels test
 kv_quant`, `pytest -m gpu tests/test_gpu_kv_quant.py`) remain the test; this is for editing the kernels without one.
 

@@ -156,7 +156,7 @@ def kv_sparse_one(c: Ctx, stage: str, kv: str, impl: str | None = None, prefill:
 def kv_write_one(c: Ctx, kv: str) -> list[Result]:
     """CudaOps.rope_write_kv into a quantized dense-mode cache (padding rows included) vs rope_write_kv_ref
     (harness/kv_write.py: q within fp16 rounding, K/V within the step bound, scales as the reference rule; the
-    float references in the format's basis: int4's queries and keys Hadamard-rotated, kv/quant.rotates_keys)."""
+    float references in the format's basis: int4's and fp8's queries and keys Hadamard-rotated, kv/quant.rotates_keys)."""
     fmt, out = FORMATS[kv], []
     for dims in DENSE_WRITES:
         case = dense_case(c, kv, *dims)
