@@ -42,7 +42,7 @@ HADAMARD_SIGNS = hadamard_signs(HADAMARD_MAX_DIM)
 @njit(inline="always")
 def hadamard_row(x):
     """x [D] float32 (D a power of two) into the randomized Hadamard basis, in place: kv/quant.hadamard's signs and
-    butterflies in its order, so that the stored keys are its bits (int4's basis: `KVFormat.rotates_keys`)."""
+    butterflies in its order, so that the stored keys are its bits (int4's and fp8's basis: `KVFormat.rotates_keys`)."""
     d, h = x.shape[0], 1
     for j in range(d):
         x[j] *= HADAMARD_SIGNS[j]
