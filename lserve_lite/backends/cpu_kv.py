@@ -40,12 +40,10 @@ HADAMARD_SIGNS = hadamard_signs(HADAMARD_MAX_DIM)
 
 
 @njit(inline="always")
-def hadamard_row(x):
-    """x [D] float32 (D a power of two) into the randomized Hadamard basis, in place: kv/quant.hadamard's signs and
-    butterflies in its order, so that the stored keys are its bits (int4's and fp8's basis: `KVFormat.rotates_keys`)."""
-    d, h = x.shape[0], 1
+def _hadamard(x, d):
     for j in range(d):
         x[j] *= HADAMARD_SIGNS[j]
+    h = 1
     while h < d:
         for i in range(0, d, 2 * h):
             for j in range(i, i + h):
@@ -55,6 +53,19 @@ def hadamard_row(x):
     r = np.float32(1.0) / np.sqrt(np.float32(d))
     for j in range(d):
         x[j] *= r
+
+
+@njit(inline="always")
+def hadamard_row(x):
+    """x [D] float32 (D a power of two) into the randomized Hadamard basis, in place: kv/quant.hadamard's signs and
+    butterflies in its order, so that the stored keys are its bits (int4's and fp8's basis: `KVFormat.rotates_keys`).
+    D = 64 (SmolLM2's) and 128 get loops of constant length."""
+    if x.shape[0] == 64:
+        _hadamard(x, 64)
+    elif x.shape[0] == 128:
+        _hadamard(x, 128)
+    else:
+        _hadamard(x, x.shape[0])
 
 
 def kv_store(x, vals, scales, pg, h, off):
