@@ -11,13 +11,8 @@ import pytest
 from lserve_lite.backends import cpu as C
 from lserve_lite.backends import cpu_kernels as K
 from lserve_lite.backends.cpu_kv import kernel_view
-from lserve_lite.harness.common import Ctx
+from lserve_lite.harness.common import HostCtx
 from lserve_lite.harness.kv_write import WriteCase, check_write, dense_case, sparse_case
-
-
-class HostCtx(Ctx):
-    def __init__(self, seed: int):
-        self.rng = np.random.default_rng(seed)
 
 
 def _empty_pools(case: WriteCase) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from host_emu_build import build_emulator  # noqa: E402
 
 from lserve_lite.backends.cuda import rope_grid  # noqa: E402
-from lserve_lite.harness.common import Ctx, Result  # noqa: E402
+from lserve_lite.harness.common import HostCtx, Result  # noqa: E402
 from lserve_lite.harness.kv_write import WriteCase, check_write, dense_case, sparse_case  # noqa: E402
 
 # (format, Hq, Hkv, D, page, N): the harness's shapes (harness/kv_write.DENSE_WRITES, fewer rows: each emulated
@@ -35,13 +35,6 @@ from lserve_lite.harness.kv_write import WriteCase, check_write, dense_case, spa
 DENSE = [(kv, *dims) for kv in ("int8", "int4", "fp8") for dims in ((9, 3, 64, 64, 13), (32, 8, 128, 16, 21))]
 DENSE.append(("int4", 4, 2, 96, 16, 9))
 SPARSE = ["int8", "int4", "fp8"]
-
-
-class HostCtx(Ctx):
-    """The host half of a harness context (harness.common.Ctx without CuPy or ops): its generator and f16."""
-
-    def __init__(self, seed: int):
-        self.rng = np.random.default_rng(seed)
 
 
 def write_inputs(tmp: Path, case: WriteCase) -> None:

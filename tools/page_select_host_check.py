@@ -39,7 +39,7 @@ from lserve_lite.backends.cuda_attention import (  # noqa: E402
 )
 from lserve_lite.backends.reference.page_select import select_pages_ref  # noqa: E402
 from lserve_lite.harness.attention import SPARSE_DECODE, decode_setup  # noqa: E402
-from lserve_lite.harness.common import Ctx  # noqa: E402
+from lserve_lite.harness.common import HostCtx  # noqa: E402
 from lserve_lite.harness.page_select import (  # noqa: E402
     SELECT_LONG,
     SELECT_TIES,
@@ -51,13 +51,6 @@ from lserve_lite.sparse.selector import page_scores  # noqa: E402
 QUICK = [("select", "mixed_select"), ("select", "reused_and_unselected"), ("topk", "ties_20k_p16")]
 FULL = [*(("select", n) for n in [*SPARSE_DECODE, "one_long_15_short"]), *(("topk", n) for n in SELECT_TIES)]
 LONG = [("topk", n) for n in SELECT_LONG if n != "one_long_15_short"]
-
-
-class HostCtx(Ctx):
-    """The host half of a harness context (harness.common.Ctx without CuPy or ops): its generator and f16."""
-
-    def __init__(self, seed: int):
-        self.rng = np.random.default_rng(seed)
 
 
 def bucket(x: int) -> int:

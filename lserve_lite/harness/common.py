@@ -62,6 +62,14 @@ class Ctx:
         return self.cp.full(shape, np.nan if np.dtype(dtype).kind == "f" else -1, dtype=dtype)
 
 
+class HostCtx(Ctx):
+    """The host half of a context (no CuPy, no ops): its generator and `f16`, for the cases' inputs and references
+    where the kernels run elsewhere (the host emulations in tools/, the CPU backend in tests)."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+
+
 def bf16_bits(x):
     """Values -> their bf16 bits (uint16), round to nearest even: the inputs of the bf16 kernels (CuPy and NumPy have
     no bfloat16 dtype). A NumPy or CuPy array in, the same kind out; finite values only."""
