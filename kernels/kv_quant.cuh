@@ -268,20 +268,6 @@ __device__ __forceinline__ void hadamard_row(float (&x)[8], int ni, int lane) {
     if (i < ni) x[i] *= r;
 }
 
-// hadamard_row of a whole row x[d] held by one thread (d a power of two): the same butterflies, the same bits.
-__device__ __forceinline__ void hadamard_serial(float* x, int d) {
-  for (int j = 0; j < d; ++j) x[j] *= hadamard_sign(j);
-  for (int h = 1; h < d; h <<= 1)
-    for (int i = 0; i < d; i += 2 * h)
-      for (int j = i; j < i + h; ++j) {
-        const float a = x[j], b = x[j + h];
-        x[j] = a + b;
-        x[j + h] = a - b;
-      }
-  const float r = 1.f / sqrtf((float)d);
-  for (int j = 0; j < d; ++j) x[j] *= r;
-}
-
 // Warp-cooperative quantization of one (token, head) row: lane l holds channel i * 32 + l in x[i]
 // (i < ni = D / 32); writes the row's values and fp16 scales. Every lane of the warp must call it.
 template <class KV>

@@ -251,49 +251,55 @@ __global__ void rope_write_kv(const __half* __restrict__ qkv, const long long* _
   }
 }
 
-// Page statistics item i = (KV head g, channel c) of rope_write_kv_sparse's row `row` (the batch's last row in the
-// logical page of dense slot dslot): kmax / kmin over the keys of the run of consecutive slots that ends at this
-// row (recomputed from qkv: other threads write them into the cache), merged with the stats the page already has
-// when the run starts past its offset 0. Streaming KV heads have none.
+// Where rope_write_kv_sparse's row `row` (the batch's last row in the logical page of dense slot dslot) finds the
+// page statistics of KV head g: the first row r0 of the run of consecutive slots that ends at this row, the run's
+// first and last offsets in the logical page, and the stats' index of channel 0.
+struct StatsRun {
+  int r0, first_off, last_off;
+  long long st;
+  __device__ __forceinline__ StatsRun(const long long* __restrict__ slots, const int* __restrict__ head_slot, int g,
+                                      int row, long long dslot, int nd, int head_dim, int page_size, int sub) {
+    const int lp = page_size / sub;
+    const long long lid = dslot / lp;
+    r0 = row;
+    while (r0 > 0 && slots[r0 - 1] == slots[r0] - 1 && slots[r0 - 1] / lp == lid) --r0;
+    last_off = (int)(dslot % lp);
+    first_off = last_off - (row - r0);
+    const long long page = dslot / page_size;
+    const int lsub = (int)((dslot % page_size) / lp);
+    st = ((page * nd + head_slot[g]) * sub + lsub) * head_dim;
+  }
+};
+
+// Page statistics item i = (KV head g, channel c) of a float cache's or a plain-basis one's row: kmax / kmin over
+// the run's keys (recomputed from qkv: other threads write them into the cache), merged with the stats the page
+// already has when the run starts past its offset 0. Streaming KV heads have none.
 __device__ __forceinline__ void page_stats_item(const __half* __restrict__ qkv, const long long* __restrict__ positions,
                                                 const long long* __restrict__ slots, const __half* __restrict__ cos_t,
                                                 const __half* __restrict__ sin_t, const int* __restrict__ head_class,
                                                 const int* __restrict__ head_slot, __half* __restrict__ kmax,
                                                 __half* __restrict__ kmin, int i, int row, long long dslot, int hq,
-                                                int hkv, int nd, int head_dim, int page_size, int sub,
-                                                bool hadamard) {
+                                                int hkv, int nd, int head_dim, int page_size, int sub) {
   const int g = i / head_dim, c = i - g * head_dim;
   if (head_class[g] != 0) return;
-  const int lp = page_size / sub, half_d = head_dim / 2, nheads = hq + 2 * hkv;
-  const long long lid = dslot / lp;
-  int r0 = row;  // first row of the run of consecutive slots in this logical page
-  while (r0 > 0 && slots[r0 - 1] == slots[r0] - 1 && slots[r0 - 1] / lp == lid) --r0;
-  const int last_off = (int)(dslot % lp), first_off = last_off - (row - r0);
-  const long long page = dslot / page_size;
-  const int lsub = (int)((dslot % page_size) / lp);
-  const long long st = ((page * nd + head_slot[g]) * sub + lsub) * head_dim + c;
+  const int half_d = head_dim / 2, nheads = hq + 2 * hkv;
+  const StatsRun run(slots, head_slot, g, row, dslot, nd, head_dim, page_size, sub);
+  const long long st = run.st + c;
   float mx = -__int_as_float(0x7f800000), mn = __int_as_float(0x7f800000);
-  if (first_off > 0) {  // the stats of offsets 0 .. first_off - 1, written with them
+  if (run.first_off > 0) {  // the stats of offsets 0 .. first_off - 1, written with them
     mx = __half2float(kmax[st]);
     mn = __half2float(kmin[st]);
   }
-  // This batch's key o of the logical page, recomputed from qkv (in the Hadamard basis: the whole row, rotated as
-  // write_kv_quant rotates it, each thread on its own: O(D log D) a key instead of O(1), int4 only).
-  auto key_at = [&](int o) -> float {
-    const int r = r0 + (o - first_off);
+  auto key_at = [&](int o) -> float {  // this batch's key o of the logical page
+    const int r = run.r0 + (o - run.first_off);
     const long long p = positions[r];
     const __half* xr = qkv + (long long)r * nheads * head_dim + (hq + g) * head_dim;
-    if (!hadamard) return __half2float(rope_channel(xr, c, half_d, cos_t + p * half_d, sin_t + p * half_d));
-    float k[256];
-    for (int j = 0; j < head_dim; ++j)
-      k[j] = __half2float(rope_channel(xr, j, half_d, cos_t + p * half_d, sin_t + p * half_d));
-    lskv::hadamard_serial(k, head_dim);
-    return k[c];
+    return __half2float(rope_channel(xr, c, half_d, cos_t + p * half_d, sin_t + p * half_d));
   };
-  for (int o0 = first_off; o0 <= last_off; o0 += 8) {
+  for (int o0 = run.first_off; o0 <= run.last_off; o0 += 8) {
     float kv[8];
 #pragma unroll
-    for (int u = 0; u < 8; ++u) kv[u] = o0 + u <= last_off ? key_at(o0 + u) : kv[0];
+    for (int u = 0; u < 8; ++u) kv[u] = o0 + u <= run.last_off ? key_at(o0 + u) : kv[0];
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
       mx = fmaxf(mx, kv[u]);
@@ -302,6 +308,42 @@ __device__ __forceinline__ void page_stats_item(const __half* __restrict__ qkv, 
   }
   kmax[st] = __float2half(mx);
   kmin[st] = __float2half(mn);
+}
+
+// The same statistics of KV head g in the Hadamard basis (int4 / fp8 keys), by the calling warp: each key of the run
+// rotated once, as write_kv_quant rotates it (lane l: channels i * 32 + l), its channels' max / min in registers.
+__device__ __forceinline__ void page_stats_rotated(const __half* __restrict__ qkv,
+                                                   const long long* __restrict__ positions,
+                                                   const long long* __restrict__ slots, const __half* __restrict__ cos_t,
+                                                   const __half* __restrict__ sin_t,
+                                                   const int* __restrict__ head_class, const int* __restrict__ head_slot,
+                                                   __half* __restrict__ kmax, __half* __restrict__ kmin, int g, int row,
+                                                   long long dslot, int hq, int hkv, int nd, int head_dim,
+                                                   int page_size, int sub) {
+  if (head_class[g] != 0) return;  // warp-uniform
+  const int lane = threadIdx.x & 31, ni = head_dim / 32, half_d = head_dim / 2, nheads = hq + 2 * hkv;
+  const StatsRun run(slots, head_slot, g, row, dslot, nd, head_dim, page_size, sub);
+  float mx[8], mn[8];
+  for (int i = 0; i < ni; ++i) {
+    mx[i] = run.first_off > 0 ? __half2float(kmax[run.st + i * 32 + lane]) : -__int_as_float(0x7f800000);
+    mn[i] = run.first_off > 0 ? __half2float(kmin[run.st + i * 32 + lane]) : __int_as_float(0x7f800000);
+  }
+  for (int r = run.r0; r <= row; ++r) {
+    const long long p = positions[r];
+    const __half* xr = qkv + (long long)r * nheads * head_dim + (hq + g) * head_dim;
+    float k[8];
+    for (int i = 0; i < ni; ++i)
+      k[i] = __half2float(rope_channel(xr, i * 32 + lane, half_d, cos_t + p * half_d, sin_t + p * half_d));
+    lskv::hadamard_row(k, ni, lane);
+    for (int i = 0; i < ni; ++i) {
+      mx[i] = fmaxf(mx[i], k[i]);
+      mn[i] = fminf(mn[i], k[i]);
+    }
+  }
+  for (int i = 0; i < ni; ++i) {
+    kmax[run.st + i * 32 + lane] = __float2half(mx[i]);
+    kmin[run.st + i * 32 + lane] = __float2half(mn[i]);
+  }
 }
 
 // LServe mode: RoPE on q/k; KV head g's k/v go into the pool of its class (0: dense pool kd/vd [P, nd, page, D]
@@ -342,14 +384,19 @@ __global__ void rope_write_kv_sparse(const __half* __restrict__ qkv, const long 
   const long long lid = dslot / lp;
   const bool stats = kmax != nullptr && dslot >= 0 && nd > 0 &&
                      !(row + 1 < n_rows && slots[row + 1] == dslot + 1 && (dslot + 1) / lp == lid);
-  const int hq_rows = KV::QUANT && hadamard ? hq : 0;
+  const bool rotated = KV::QUANT && hadamard;
+  const int hq_rows = rotated ? hq : 0;
   const RowItems it((KV::QUANT ? hq - hq_rows : nheads) * per_head, KV::QUANT ? hq_rows + 2 * hkv : 0,
-                    stats ? hkv * head_dim : 0);
+                    stats ? hkv * (rotated ? 32 : head_dim) : 0);
   for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < it.end; i += gridDim.y * blockDim.x) {
     if (i >= it.extra0) {
-      if (i - it.extra0 < hkv * head_dim) page_stats_item(qkv, positions, slots, cos_t, sin_t, head_class, head_slot,
-                                                          kmax, kmin, i - it.extra0, row, dslot, hq, hkv, nd,
-                                                          head_dim, page_size, sub, KV::QUANT && hadamard);
+      if (rotated) {  // a warp per KV head: extra0 is warp-aligned, the items exactly hkv warps
+        page_stats_rotated(qkv, positions, slots, cos_t, sin_t, head_class, head_slot, kmax, kmin,
+                           (i - it.extra0) >> 5, row, dslot, hq, hkv, nd, head_dim, page_size, sub);
+      } else if (i - it.extra0 < hkv * head_dim) {
+        page_stats_item(qkv, positions, slots, cos_t, sin_t, head_class, head_slot, kmax, kmin, i - it.extra0, row,
+                        dslot, hq, hkv, nd, head_dim, page_size, sub);
+      }
     } else if (i >= it.quant0) {  // a q row in the Hadamard basis or a quantized K / V row: the warp's
       if constexpr (KV::QUANT) {
         const int item = ((i - it.quant0) >> 5) - hq_rows;

@@ -12,7 +12,7 @@ from lserve_lite.backends import cpu as C
 from lserve_lite.backends import cpu_kernels as K
 from lserve_lite.backends.cpu_kv import kernel_view
 from lserve_lite.harness.common import HostCtx
-from lserve_lite.harness.kv_write import WriteCase, check_write, dense_case, sparse_case
+from lserve_lite.harness.kv_write import SPARSE_DIMS, WriteCase, check_write, dense_case, sparse_case
 
 
 def _empty_pools(case: WriteCase) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -58,10 +58,11 @@ def test_write_cases_pass_through_the_cpu_kernels(kv):
         case = dense_case(c, kv, *dims)
         results = _dense_write(case, case.hadamard)
         assert all(r.ok for r in results), results
-    case = sparse_case(c, kv)
-    results = _sparse_write(case, case.hadamard)
-    assert all(r.ok for r in results), results
-    assert (case.hadamard, len(results)) == (kv in ("int4", "fp8"), 7)
+    for d in SPARSE_DIMS:
+        case = sparse_case(c, kv, d)
+        results = _sparse_write(case, case.hadamard)
+        assert all(r.ok for r in results), results
+        assert (case.hadamard, len(results)) == (kv in ("int4", "fp8"), 7)
 
 
 def test_write_cases_fail_int4_keys_left_in_the_plain_basis():

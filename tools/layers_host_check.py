@@ -28,13 +28,13 @@ from host_emu_build import build_emulator  # noqa: E402
 
 from lserve_lite.backends.cuda import rope_grid  # noqa: E402
 from lserve_lite.harness.common import HostCtx, Result  # noqa: E402
-from lserve_lite.harness.kv_write import WriteCase, check_write, dense_case, sparse_case  # noqa: E402
+from lserve_lite.harness.kv_write import SPARSE_DIMS, WriteCase, check_write, dense_case, sparse_case  # noqa: E402
 
 # (format, Hq, Hkv, D, page, N): the harness's shapes (harness/kv_write.DENSE_WRITES, fewer rows: each emulated
 # thread is an OS thread) and a head dim of 96, which int4 keeps in the plain basis.
 DENSE = [(kv, *dims) for kv in ("int8", "int4", "fp8") for dims in ((9, 3, 64, 64, 13), (32, 8, 128, 16, 21))]
 DENSE.append(("int4", 4, 2, 96, 16, 9))
-SPARSE = ["int8", "int4", "fp8"]
+SPARSE = [(kv, d) for kv in ("int8", "int4", "fp8") for d in SPARSE_DIMS]
 
 
 def write_inputs(tmp: Path, case: WriteCase) -> None:
@@ -95,8 +95,8 @@ def main() -> int:
         exe = build_emulator("layers", 1, "layers_host_emu", tmp)
         for kv, *dims in DENSE:
             ok &= report(run_case(exe, tmp, dense_case(c, kv, *dims)))
-        for kv in SPARSE:
-            ok &= report(run_case(exe, tmp, sparse_case(c, kv)))
+        for kv, d in SPARSE:
+            ok &= report(run_case(exe, tmp, sparse_case(c, kv, d)))
     print("all passed" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -118,14 +118,14 @@ def _row_grid(rows: int, items: int, threads: int = 256) -> tuple[tuple[int, int
 def _rope_threads(hq: int, hkv: int, d: int, quant: bool, stats: bool = False, hadamard: bool = False) -> int:
     """Threads of a rope_write_kv(_sparse) row, one item each (layers.cu RowItems): eight channel pairs of a head
     (rope_pairs8; q only when the cache is quantized, none when q is in the Hadamard basis), padded to a warp, then
-    32 per q head in the Hadamard basis and per quantized K / V row, then one per (KV head, channel) of the page
-    statistics."""
+    32 per q head in the Hadamard basis and per quantized K / V row, then the page statistics: one per (KV head,
+    channel), or a warp per KV head when the keys go into the Hadamard basis."""
     if d % 16:
         raise ValueError(f"rope_write_kv needs a head dim divisible by 16, got {d}")
     q_rows = hq if quant and hadamard else 0
     rows = q_rows + 2 * hkv if quant else 0
     pairs = (hq - q_rows if quant else hq + 2 * hkv) * d // 16
-    return -(-pairs // 32) * 32 + 32 * rows + (hkv * d if stats else 0)
+    return -(-pairs // 32) * 32 + 32 * rows + (hkv * (32 if q_rows else d) if stats else 0)
 
 
 def rope_grid(

@@ -18,7 +18,7 @@ from ..kv.quant import FORMATS, KVFormat, quantize
 from ..sparse.plan import BatchLayout, build_plan
 from .attention import SPARSE_PREFILL, decode_setup
 from .common import Ctx, Result, compare, setting
-from .kv_write import DENSE_WRITES, check_write, dense_case, sparse_case
+from .kv_write import DENSE_WRITES, SPARSE_DIMS, check_write, dense_case, sparse_case
 from .sparse_batch import sparse_batch, sparse_cache
 
 QUANT_KV = ("int8", "int4", "fp8")
@@ -175,11 +175,11 @@ def kv_write_one(c: Ctx, kv: str) -> list[Result]:
     return out
 
 
-def kv_write_sparse_one(c: Ctx, kv: str) -> list[Result]:
+def kv_write_sparse_one(c: Ctx, kv: str, d: int) -> list[Result]:
     """rope_write_kv_sparse into quantized pools (harness/kv_write.sparse_case: a chunk whose logical page holds
     earlier tokens, so the statistics merge, and a fresh prompt); K/V of both pools within the step bound,
     kmax/kmin = rope_write_kv_sparse_ref's (the unquantized keys' statistics)."""
-    fmt, case = FORMATS[kv], sparse_case(c, kv)
+    fmt, case = FORMATS[kv], sparse_case(c, kv, d)
     sp, cp = case.sparse, c.cp
     dev = [_garbage(c, (*p.shape, fmt.packed_dim(case.d)), p.fmt.value_dtype) for p in case.pools]
     dsc = [c.poison((*p.shape, p.fmt.scale_cols(case.d)), np.float16) for p in case.pools]
@@ -208,5 +208,6 @@ def case_kv_quant(c: Ctx) -> list[Result]:
                 out += [kv_attention_one(c, name, kv, prefill=pk) for pk in prefill_kernels(c)]
         out += [kv_sparse_one(c, "prefill", kv, prefill=pk) for pk in prefill_kernels(c)]
         out += [kv_sparse_one(c, "decode", kv, impl) for impl in DECODE_IMPLS]
-        out += kv_write_one(c, kv) + kv_write_sparse_one(c, kv)
+        out += kv_write_one(c, kv)
+        out += [r for d in SPARSE_DIMS for r in kv_write_sparse_one(c, kv, d)]
     return out

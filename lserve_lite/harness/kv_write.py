@@ -15,6 +15,7 @@ from .common import Ctx, Result, compare
 from .sparse_batch import head_classes
 
 DENSE_WRITES = [(9, 3, 64, 64, 13), (32, 8, 128, 16, 70)]  # (Hq, Hkv, D, page, N) of the harness rows
+SPARSE_DIMS = (64, 128)  # the head dims of the LServe write rows (D / 32 = 2 and 4 channels a lane)
 
 
 @dataclass
@@ -72,10 +73,10 @@ def dense_case(c: Ctx, kv: str, hq: int, hkv: int, d: int, page: int, n: int, pa
     return WriteCase(kv, tag, hq, hkv, d, page, qkv, pos, slots, cos, sin, q_ref, pools)
 
 
-def sparse_case(c: Ctx, kv: str) -> WriteCase:
-    """rope_write_kv_sparse into LServe's two pools (pattern 0110): a chunk appended at an unaligned position (its
-    logical page holds earlier tokens: the statistics merge) and a fresh prompt."""
-    fmt, (hc, hs), d, ps, sub, gsize = FORMATS[kv], head_classes("0110"), 64, 16, 4, 2
+def sparse_case(c: Ctx, kv: str, d: int = 64) -> WriteCase:
+    """rope_write_kv_sparse into LServe's two pools (pattern 0110), head dim d: a chunk appended at an unaligned
+    position (its logical page holds earlier tokens: the statistics merge) and a fresh prompt."""
+    fmt, (hc, hs), ps, sub, gsize = FORMATS[kv], head_classes("0110"), 16, 4, 2
     hkv, nd, ns = hc.size, 2, 2
     hq = gsize * hkv
     starts, lens = [37, 0], [45, 20]
