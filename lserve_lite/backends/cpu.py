@@ -261,14 +261,17 @@ def rope_write_kv_sparse_numba(
     dense_slots = np.ascontiguousarray(dense_slots, np.int64)
     k_rot = np.empty((n, kd.shape[1], d), np.float32) if scales[0] is not None else None
     pools = ((0, dense_slots, kd, vd, *scales[:2]), (1, stream_slots, ks, vs, *scales[2:]))
+    no_q = np.empty((n, 0, d), np.float32)
+    qh = hq  # q's heads go with the first pool's call only
     for cls, slots, kc, vc, ksc, vsc in pools:
         order = _pool_rows(head_class, head_slot, cls)
         if order.size == 0:
             continue
-        cols = np.concatenate([x[:, :hq], x[:, hq + order], x[:, hq + hkv + order]], axis=1).reshape(n, -1)
+        cols = np.concatenate([x[:, :qh], x[:, hq + order], x[:, hq + hkv + order]], axis=1).reshape(n, -1)
         K.rope_write_kv(cols, positions, np.ascontiguousarray(slots, np.int64), kernel_view(kc, ksc),
-                        kernel_view(vc, vsc), _scales_arg(ksc), _scales_arg(vsc), cos, sin, q,
+                        kernel_view(vc, vsc), _scales_arg(ksc), _scales_arg(vsc), cos, sin, q if qh else no_q,
                         k_rot if cls == 0 else None, hadamard)  # fmt: skip
+        qh = 0
     if kmax is not None and kd.shape[1]:
         page = kd.shape[2]
         keys = kernel_view(kd)[dense_slots // page, :, dense_slots % page] if k_rot is None else k_rot
