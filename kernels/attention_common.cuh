@@ -196,8 +196,8 @@ __device__ __forceinline__ Visit make_visit(const PlanView& pv, int qb, int kvh,
 }
 
 // Quantized K/V travel to shared memory as stored, in units of 16 cache rows (16 consecutive tokens of one
-// page): the unit's values [16][Row::BYTES], then its fp16 scales [16][Row::SCALES] (UNIT bytes in all;
-// K's format is KV::KEY, whose unit is at least V's: a buffer sized for K holds either).
+// page): the unit's values [16][Row::BYTES], then its fp16 scales [16][Row::SCALES] (UNIT bytes in all; K and V
+// share the format).
 template <class KV, int D>
 struct Staged {
   using R = lskv::Row<KV, D>;

@@ -125,7 +125,7 @@ struct DecodeSmem {
   static constexpr int Q_BYTES = 16 * D * 2;
   static constexpr int UNIT_BYTES = DC_UNIT * D * 2;  // fp16 K (or V) of one unit
   // a unit as stored: K's, the larger (V's fits)
-  static constexpr int RAW_BYTES = KV::QUANT ? Staged<typename KV::KEY, D>::UNIT : UNIT_BYTES;
+  static constexpr int RAW_BYTES = KV::QUANT ? Staged<KV, D>::UNIT : UNIT_BYTES;
   static constexpr int WARP_BYTES = STAGES * 2 * RAW_BYTES + (KV::QUANT ? 2 * UNIT_BYTES : 0);
   static constexpr int BYTES = Q_BYTES + DC_WARPS * WARP_BYTES;
   static_assert(WARP_BYTES >= MergeSmem<D, false>::BYTES && WARP_BYTES % 16 == 0, "merge: a warp's region");
@@ -191,7 +191,7 @@ __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const K
     const int page = pv.kv_pl[lo + e].x;
     const size_t row = ((size_t)page * pool_heads + slot) * ps + off;
     if constexpr (KV::QUANT) {
-      stage_unit<typename KV::KEY, D>(sK + st * L::RAW_BYTES, kc, kcs, row, true, lane, 32);
+      stage_unit<KV, D>(sK + st * L::RAW_BYTES, kc, kcs, row, true, lane, 32);
       stage_unit<KV, D>(sV + st * L::RAW_BYTES, vc, vcs, row, true, lane, 32);
     } else {
       const f16_t* kh = reinterpret_cast<const f16_t*>(kc) + row * D;
@@ -232,7 +232,7 @@ __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const K
     u32 sKst = sK + st * L::UNIT_BYTES, sVst = sV + st * L::UNIT_BYTES;
     if constexpr (KV::QUANT) {  // the staged unit -> this warp's fp16 K and V tiles
       const unsigned char* raw = smem + L::Q_BYTES + warp * L::WARP_BYTES + st * L::RAW_BYTES;
-      dequant_tile<typename KV::KEY, D, DC_UNIT>(raw, tiles, lane, 32);
+      dequant_tile<KV, D, DC_UNIT>(raw, tiles, lane, 32);
       dequant_tile<KV, D, DC_UNIT>(raw + STAGES * L::RAW_BYTES, tiles + L::UNIT_BYTES, lane, 32);
       __syncwarp();
       sKst = smem_addr(tiles);
@@ -359,15 +359,13 @@ struct same_t<A, A> {
 
 template <class KV, int D>
 struct FragV2 {
-  using R = lskv::Row<KV, D>;                   // a V row
-  using RK = lskv::Row<typename KV::KEY, D>;    // a K row: the same values, its own scales (int4: finer groups)
+  using R = lskv::Row<KV, D>;                   // a K or V row
   static constexpr bool Q4 = KV::BITS == 4;
   static constexpr int RB = R::BYTES;        // bytes of a stored row's values (K and V alike)
   static constexpr int KB = D / 4 * KV::BITS / 8;  // K bytes of a row a lane reads
   static constexpr int VB = D / 8 * KV::BITS / 8;  // V bytes of a row a lane reads
-  static constexpr int KG = Q4 ? D / 4 / KV::KEY::GROUP : 1;  // int4 key groups of a lane's K channels
-  static constexpr int KUNIT = DC_UNIT * (RK::BYTES + RK::SCALE_BYTES);  // a K unit as stored
-  static constexpr int UNIT = DC_UNIT * (R::BYTES + R::SCALE_BYTES);     // a V unit as stored
+  static constexpr int KG = Q4 ? D / 4 / KV::GROUP : 1;  // int4 key groups of a lane's K channels
+  static constexpr int UNIT = DC_UNIT * (R::BYTES + R::SCALE_BYTES);  // a K or V unit as stored
   static constexpr int VBYTES = DC_UNIT * R::BYTES;  // a unit's values (then its scales)
   static constexpr float UNITS = same_t<KV, lskv::Fp8>::value ? lskv::FP8_UNIT : 1.f;
   // KV8: P carries p * scale_v * PGAIN (O is divided by PGAIN at the end), which keeps small products out of
@@ -487,7 +485,7 @@ __device__ __forceinline__ void vfrag_v2(u32 a, u32 b, u32 s2, u32 c2, u32* out)
 
 template <int D, int STAGES, class KV>
 struct DecodeSmemV2 {
-  static constexpr int WARP_BYTES = STAGES * (FragV2<KV, D>::KUNIT + FragV2<KV, D>::UNIT);
+  static constexpr int WARP_BYTES = STAGES * 2 * FragV2<KV, D>::UNIT;
   static constexpr int BYTES = DC_WARPS * WARP_BYTES;
   static_assert(WARP_BYTES >= MergeSmem<D, true>::BYTES && WARP_BYTES % 16 == 0, "merge: a warp's region");
 };
@@ -502,7 +500,7 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
   static_assert(KV::QUANT, "v2 is the quantized decode");
   using F = FragV2<KV, D>;
   using R = typename F::R;
-  constexpr int KUNIT = F::KUNIT, UNIT = F::UNIT, KW = F::KB / 4, VW = F::VB / 4, NT = D / 8;
+  constexpr int UNIT = F::UNIT, KW = F::KB / 4, VW = F::VB / 4, NT = D / 8;
   static_assert(STAGES % NU == 0 && STAGES / NU >= 2, "the ring: whole groups of NU units, two groups at least");
   constexpr int GS = STAGES / NU;  // groups of the ring: one computed, GS - 1 in flight
   extern __shared__ __align__(128) unsigned char smem[];
@@ -536,27 +534,28 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
   const int i0 = (int)(((long long)ws * nsteps) / NWR), i1 = (int)(((long long)(ws + 1) * nsteps) / NWR);
 
   unsigned char* const wbase = smem + warp * DecodeSmemV2<D, STAGES, KV>::WARP_BYTES;
-  const u32 sK = smem_addr(wbase), sV = sK + STAGES * KUNIT;
+  const u32 sK = smem_addr(wbase), sV = sK + STAGES * UNIT;
 
   // Cache row `row` (16 tokens) -> ring slot st: values (swizzled chunks) then scales, K and V. Lane l copies value
   // chunks l + 32 it, at swz_v2(l + 32 it) = 512 it + (swz_v2(l) ^ 64 (it & 1)) (32 chunks on, the XOR key's bit 2
   // flips), so one source offset and two destination offsets per lane serve every chunk (immediate offsets).
-  constexpr int VCH = F::VBYTES / 16, KSCH = KUNIT / 16 - VCH, VSCH = UNIT / 16 - VCH;
-  static_assert(VCH % 32 == 0 && KSCH <= 32 && VSCH <= 32, "loader: whole rounds of value chunks, one of scales");
+  constexpr int VCH = F::VBYTES / 16, SCH = UNIT / 16 - VCH;
+  static_assert(VCH % 32 == 0 && SCH <= 32, "loader: whole rounds of value chunks, one of scales");
   const u32 dsw = swz_v2(lane);
   // Cache rows count in 32 bits (a pool of 2^32 rows would take over 300 GB); byte offsets in 64.
   auto copy_unit = [&](u32 row, int st) {
     const size_t vo = (size_t)row * R::BYTES + lane * 16;
-    const u32 dk = sK + st * KUNIT, dv = sV + st * UNIT;
+    const u32 dk = sK + st * UNIT, dv = sV + st * UNIT;
 #pragma unroll
     for (int it = 0; it < VCH / 32; ++it) {
       const u32 d = (dsw ^ ((it & 1) << 6)) + it * 512;
       cp_async16(dk + d, kc + vo + it * 512, 16);
       cp_async16(dv + d, vc + vo + it * 512, 16);
     }
-    if (lane < KSCH)
-      cp_async16(dk + VCH * 16 + lane * 16, kcs + (size_t)row * F::RK::SCALE_BYTES + lane * 16, 16);
-    if (lane < VSCH) cp_async16(dv + VCH * 16 + lane * 16, vcs + (size_t)row * R::SCALE_BYTES + lane * 16, 16);
+    if (lane < SCH) {
+      cp_async16(dk + VCH * 16 + lane * 16, kcs + (size_t)row * R::SCALE_BYTES + lane * 16, 16);
+      cp_async16(dv + VCH * 16 + lane * 16, vcs + (size_t)row * R::SCALE_BYTES + lane * 16, 16);
+    }
   };
   // Step i (units NU i ..) -> ring slots NU gs ..; kb: each unit's first key position. Pages of NU units or more
   // hold a whole step (one page entry, consecutive rows); 16-token pages look each unit's entry up, and a unit
@@ -662,7 +661,7 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
     float s[NU][2][4];
 #pragma unroll
     for (int k = 0; k < NU; ++k) {
-      const unsigned char* rk = wbase + (cur * NU + k) * KUNIT;
+      const unsigned char* rk = wbase + (cur * NU + k) * UNIT;
       const f16_t* skh = reinterpret_cast<const f16_t*>(rk + F::VBYTES);
 #pragma unroll
       for (int n = 0; n < 2; ++n) s[k][n][0] = s[k][n][1] = s_init[0], s[k][n][2] = s[k][n][3] = s_init[1];
@@ -674,7 +673,7 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
         if constexpr (F::Q4) {  // (scale, min) pairs of key row g + 8 n's groups t4 * KG .. t4 * KG + KG - 1
 #pragma unroll
           for (int j = 0; j < F::KG; ++j) {
-            const u32 sm = *reinterpret_cast<const u32*>(skh + (g + 8 * n) * F::RK::SCALES + 2 * (t4 * F::KG + j));
+            const u32 sm = *reinterpret_cast<const u32*>(skh + (g + 8 * n) * R::SCALES + 2 * (t4 * F::KG + j));
             ks2[n][j] = lskv::prmt(sm, 0u, 0x1010u);
             kc2[n][j] = nib4_bias(ks2[n][j], lskv::prmt(sm, 0u, 0x3232u));
           }
@@ -756,7 +755,7 @@ __device__ __forceinline__ void decode_body_v2(const f16_t* __restrict__ q, cons
     // O += P V per unit: B fragment of n-tile nt = channel g * D/8 + nt of keys 2 t4, 2 t4 + 1 (b0) and + 8 (b1)
 #pragma unroll
     for (int k = 0; k < NU; ++k) {
-      const unsigned char* rv = wbase + STAGES * KUNIT + (cur * NU + k) * UNIT;
+      const unsigned char* rv = wbase + STAGES * UNIT + (cur * NU + k) * UNIT;
       const f16_t* svh = reinterpret_cast<const f16_t*>(rv + F::VBYTES);
       if constexpr (!F::Q4) {  // fold the per-token V scale into p. A masked key (p = 0) must give exactly 0
         // whatever its row holds: the scale is clamped to [0, 65504] first (fminf returns 65504 for NaN), once per

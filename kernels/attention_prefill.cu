@@ -30,7 +30,7 @@ struct PrefillSmem {
   static constexpr int Q_BYTES = BM * D * 2;
   static constexpr int KV_BYTES = BN * D * 2;  // one fp16 K (or V) tile
   // a tile as stored: K's, the larger (V's fits)
-  static constexpr int RAW_BYTES = KV::QUANT ? BN / 16 * Staged<typename KV::KEY, D>::UNIT : KV_BYTES;
+  static constexpr int RAW_BYTES = KV::QUANT ? BN / 16 * Staged<KV, D>::UNIT : KV_BYTES;
   static constexpr int OFF_K = Q_BYTES;                    // 2 stages of K
   static constexpr int OFF_V = OFF_K + 2 * RAW_BYTES;      // 2 stages of V
   static constexpr int OFF_KT = (OFF_V + 2 * RAW_BYTES + 255) / 256 * 256;  // quantized: fp16 K, V tiles
@@ -107,8 +107,7 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
         const bool ok = g < nkeys;
         const int2 pl = ok ? pv.kv_pl[lo + e] : make_int2(0, 0);
         const size_t row = ((size_t)pl.x * pool_heads + slot) * ps + off;
-        using KK = typename KV::KEY;  // K's format (int4: finer groups, a larger unit)
-        stage_unit<KK, D>(sK + st * L::RAW_BYTES + u * Staged<KK, D>::UNIT, kc, kcs, row, ok, lane, 32);
+        stage_unit<KV, D>(sK + st * L::RAW_BYTES + u * Staged<KV, D>::UNIT, kc, kcs, row, ok, lane, 32);
         stage_unit<KV, D>(sV + st * L::RAW_BYTES + u * Staged<KV, D>::UNIT, vc, vcs, row, ok, lane, 32);
         if (lane < 16) kpos_s[st * BN + u * 16 + lane] = ok ? (pl.y << ps_shift) + off + lane : LSERVE_KPOS_NONE;
       }
@@ -169,7 +168,7 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
     cp_async_commit();
     u32 kt = sK + st * L::KV_BYTES, vt = sV + st * L::KV_BYTES;
     if constexpr (KV::QUANT) {  // the staged tile -> fp16 tiles (every warp was done with them at the barrier)
-      dequant_tile<typename KV::KEY, D, BN>(smem + L::OFF_K + st * L::RAW_BYTES, smem + L::OFF_KT, tid, PF_THREADS);
+      dequant_tile<KV, D, BN>(smem + L::OFF_K + st * L::RAW_BYTES, smem + L::OFF_KT, tid, PF_THREADS);
       dequant_tile<KV, D, BN>(smem + L::OFF_V + st * L::RAW_BYTES, smem + L::OFF_KT + L::KV_BYTES, tid, PF_THREADS);
       __syncthreads();
       kt = s_base + L::OFF_KT;

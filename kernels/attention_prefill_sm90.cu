@@ -27,7 +27,7 @@
 // - Online softmax in fp32, base 2, as the mma.sync kernel (the accumulator fragment of wgmma has the same
 //   per-warp layout as mma.sync's m16n8 C fragment, see below).
 // - Quantized caches, as attention_prefill.cu does it: the ring holds tiles as stored (BN / 16 units of 16 rows,
-//   values then fp16 scales, K in KV::KEY's format: int4 keys have finer groups), fewer bytes than fp16. The whole
+//   values then fp16 scales, K and V in the same format), fewer bytes than fp16. The whole
 //   CTA dequantizes them (dequant_tile_sw128: packed-half conversions, fp8 by the sm_89+ hardware cvt; a thread's
 //   addresses formed once per tile and advanced by constants) into ONE fp16 K and ONE fp16 V tile in the same
 //   128B-swizzled layout the fp16 path loads, and each half of that work runs while a wgmma that does not read the
@@ -219,7 +219,7 @@ struct Smem {
   static constexpr int Q_BYTES = BM * D * 2;   // multiples of 1024: every tile stays 1024-byte aligned
   static constexpr int KV_BYTES = BN * D * 2;  // one fp16 K (or V) tile
   // One K (or V) stage of the ring: the fp16 tile, or a quantized tile as stored (K's units, the larger).
-  static constexpr int RAW_BYTES = KV::QUANT ? BN / 16 * Staged<typename KV::KEY, D>::UNIT : KV_BYTES;
+  static constexpr int RAW_BYTES = KV::QUANT ? BN / 16 * Staged<KV, D>::UNIT : KV_BYTES;
   static constexpr int OFF_K = Q_BYTES;
   static constexpr int OFF_V = OFF_K + STAGES * RAW_BYTES;
   static constexpr int OFF_KT = (OFF_V + STAGES * RAW_BYTES + 1023) / 1024 * 1024;  // quantized: fp16 K, V tiles
@@ -573,10 +573,9 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
       const bool ok = g < nkeys;
       const int2 pl = ok ? pv.kv_pl[lo + e] : make_int2(0, 0);
       const size_t row = ((size_t)pl.x * pool_heads + slot) * ps + off;
-      using KK = typename KV::KEY;  // K's format (int4: finer groups, a larger unit)
       const auto* kv8 = reinterpret_cast<const unsigned char*>(kc);
       const auto* vv8 = reinterpret_cast<const unsigned char*>(vc);
-      stage_unit<KK, D>(sK + st * L::RAW_BYTES + u * Staged<KK, D>::UNIT, kv8, kcs, row, ok, t, NT);
+      stage_unit<KV, D>(sK + st * L::RAW_BYTES + u * Staged<KV, D>::UNIT, kv8, kcs, row, ok, t, NT);
       stage_unit<KV, D>(sV + st * L::RAW_BYTES + u * Staged<KV, D>::UNIT, vv8, vcs, row, ok, t, NT);
       if (t < 16) kpos_s[st * BN + u * 16 + t] = ok ? (pl.y << ps_shift) + off + t : LSERVE_KPOS_NONE;
     } else {
@@ -629,7 +628,7 @@ __device__ __forceinline__ void prefill_body(const f16_t* __restrict__ q, const 
   // Tile 0's K first.
   auto dequant_k = [&](int st) {
     if constexpr (KV::QUANT)
-      dequant_tile_sw128<typename KV::KEY, D, BN, THREADS>(smem + L::OFF_K + st * L::RAW_BYTES, smem + L::OFF_KT,
+      dequant_tile_sw128<KV, D, BN, THREADS>(smem + L::OFF_K + st * L::RAW_BYTES, smem + L::OFF_KT,
                                                           opaque(tid));
   };
   if constexpr (KV::QUANT) {

@@ -2,9 +2,8 @@
 // The rule, and its float64 reference: lserve_lite/kv/quant.py. A quantized pool is values
 // [pages, heads, page, D * BITS / 8] plus fp16 scales [pages, heads, page, SCALES] indexed by the same page id.
 // int8: one scale per (token, head) = amax / 127, values round(x / scale) in [-127, 127].
-// int4: asymmetric, per group (16 channels of a key: Int4Key, 32 of a value: Int4) a (scale, min) pair of
-//       halves, scale = (max - min) / 15, value scale * q + min with q in 0..15, channel 2i in the low nibble
-//       of byte i.
+// int4: asymmetric, per group of 16 channels a (scale, min) pair of halves, scale = (max - min) / 15,
+//       value scale * q + min with q in 0..15, channel 2i in the low nibble of byte i.
 // fp8:  one scale per (token, head) = amax / 448, values the nearest e4m3 (ties to even), converted in
 //       software here (bit-exact with the reference; no sm_89 instruction needed to compile).
 // Scales (and int4's min) are rounded to fp16 first and the values quantized against them, as the reference.
@@ -55,20 +54,17 @@ __device__ __forceinline__ unsigned int float_to_e4m3(float x) {
 }
 
 // The formats. QUANT: values + scales; BITS per stored value; GROUP channels per scale (0: the whole head);
-// ASYM: a (scale, min) pair per group (int4) instead of a scale; BF16: 16-bit values are bf16, not fp16; KEY: the K pool's format (the V pool's is
-// the format itself; int4 keys have finer groups). Kernels are instantiated per format and use KV::KEY for K.
+// ASYM: a (scale, min) pair per group (int4) instead of a scale; BF16: 16-bit values are bf16, not fp16. The K and
+// V pools share the format; kernels are instantiated per format.
 struct Half {
   static constexpr bool QUANT = false, ASYM = false, BF16 = false;
   static constexpr int BITS = 16, GROUP = 0;
-  using KEY = Half;
 };
 // bf16 values, queries and output: Half's path with bf16 products and conversions (the Hopper prefill kernel only).
 struct BHalf : Half {
   static constexpr bool BF16 = true;
-  using KEY = BHalf;
 };
 struct Int8 {
-  using KEY = Int8;
   static constexpr bool QUANT = true, ASYM = false, BF16 = false;
   static constexpr int BITS = 8, GROUP = 0;
   static constexpr float QMAX = 127.f;
@@ -76,23 +72,15 @@ struct Int8 {
   __device__ static unsigned int encode(float y) { return (unsigned int)(int)fminf(fmaxf(rintf(y), -127.f), 127.f) & 255u; }
 };
 struct Fp8 {
-  using KEY = Fp8;
   static constexpr bool QUANT = true, ASYM = false, BF16 = false;
   static constexpr int BITS = 8, GROUP = 0;
   static constexpr float QMAX = 448.f;
   __device__ static float value(unsigned int byte) { return e4m3_to_float(byte); }
   __device__ static unsigned int encode(float y) { return float_to_e4m3(y); }
 };
-struct Int4Key {
-  using KEY = Int4Key;
+struct Int4 {
   static constexpr bool QUANT = true, ASYM = true, BF16 = false;
   static constexpr int BITS = 4, GROUP = 16;
-  static constexpr float QMAX = 15.f;
-};
-struct Int4 {
-  using KEY = Int4Key;
-  static constexpr bool QUANT = true, ASYM = true, BF16 = false;
-  static constexpr int BITS = 4, GROUP = 32;
   static constexpr float QMAX = 15.f;
 };
 

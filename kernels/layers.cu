@@ -164,10 +164,7 @@ __device__ __forceinline__ void write_kv_quant(const __half* x, int item, int hq
     v[i] = __half2float(is_k ? rope_channel(src, c, half_d, cos_row, sin_row) : src[c]);
   }
   if (is_k && hadamard) lskv::hadamard_row(v, ni, lane);
-  if (is_k)
-    lskv::quantize_row<typename KV::KEY>(v, ni, vals, scales, lane);
-  else
-    lskv::quantize_row<KV>(v, ni, vals, scales, lane);
+  lskv::quantize_row<KV>(v, ni, vals, scales, lane);
 }
 
 // A row's work as one index space over the threads of its gridDim.y blocks, each thread one item at a time, so
@@ -183,13 +180,12 @@ struct RowItems {
         end((quant0 + 32 * quant_rows + extra + 31) & ~31) {}
 };
 
-// Byte offset of a (token, head) row's values, and its first scale, in the K (is_k) or V pool of format KV.
+// Byte offset of a (token, head) row's values, and its first scale, in a K or V pool of format KV.
 template <class KV>
-__device__ __forceinline__ void kv_row(void* pool, __half* scales, long long r, int head_dim, bool is_k,
-                                       unsigned char*& vals, unsigned short*& sc) {
+__device__ __forceinline__ void kv_row(void* pool, __half* scales, long long r, int head_dim, unsigned char*& vals,
+                                       unsigned short*& sc) {
   vals = static_cast<unsigned char*>(pool) + r * (head_dim * KV::BITS / 8);
-  sc = reinterpret_cast<unsigned short*>(scales) +
-       r * (is_k ? lskv::scale_cols<typename KV::KEY>(head_dim) : lskv::scale_cols<KV>(head_dim));
+  sc = reinterpret_cast<unsigned short*>(scales) + r * lskv::scale_cols<KV>(head_dim);
 }
 
 // Half-split RoPE on q and k of the fused qkv row [Hq + 2 Hkv, D], k and v written into their page slot
@@ -229,8 +225,8 @@ __global__ void rope_write_kv(const __half* __restrict__ qkv, const long long* _
           write_kv_quant<KV>(x, item, hq, hkv, head_dim, cos_row, sin_row, hadamard,
                              [&](bool is_k, int g, unsigned char*& vals, unsigned short*& sc) {
                                const long long r = (page * hkv + g) * page_size + offset;
-                               kv_row<KV>(is_k ? k_cache : v_cache, is_k ? k_scale : v_scale, r, head_dim, is_k,
-                                          vals, sc);
+                               kv_row<KV>(is_k ? k_cache : v_cache, is_k ? k_scale : v_scale, r, head_dim, vals,
+                                          sc);
                                return true;
                              });
       }
@@ -413,8 +409,7 @@ __global__ void rope_write_kv_sparse(const __half* __restrict__ qkv, const long 
                              const long long r = ((slot / page_size) * (cls ? ns : nd) + head_slot[g]) * page_size +
                                                  slot % page_size;
                              kv_row<KV>(is_k ? (cls ? ks_p : kd_p) : (cls ? vs_p : vd_p),
-                                        is_k ? (cls ? ks_s : kd_s) : (cls ? vs_s : vd_s), r, head_dim, is_k, vals,
-                                        sc);
+                                        is_k ? (cls ? ks_s : kd_s) : (cls ? vs_s : vd_s), r, head_dim, vals, sc);
                              return true;
                            });
       }

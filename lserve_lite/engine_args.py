@@ -74,7 +74,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         choices=KV_DTYPES,
         help="KV-cache format: auto (the backend's float type), fp16, fp32, int8 (scale per token and head), "
-        "int4 (scale and min per 16 key / 32 value channels), fp8 (e4m3; CPU, CUDA sm_89+)",
+        "int4 (scale and min per 16 channels), fp8 (e4m3; CPU, CUDA sm_89+)",
     )
     p.add_argument(
         "--max-model-len",

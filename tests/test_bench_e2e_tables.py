@@ -67,8 +67,8 @@ def test_capacity_per_kv_dtype_on_an_h200_sized_budget():
     rows = {(r["kv_dtype"], r["mode"]): r for r in _capacity(budget)}
     assert len(rows) == 8 and not any("error" in r for r in rows.values())
     # Llama-3-8B: 32 layers x 8 KV heads; fp16 K+V 2 x 128 x 2 B, int8 / fp8 + one fp16 scale each, int4 packed
-    # with (scale, min) pairs per 16 key / 32 value channels
-    per_head = {"fp16": 512, "int8": 260, "fp8": 260, "int4": 64 + 32 + 64 + 16}
+    # with (scale, min) pairs per 16 channels of K and of V
+    per_head = {"fp16": 512, "int8": 260, "fp8": 260, "int4": 2 * (64 + 32)}
     for kv, b in per_head.items():
         d, s = rows[kv, "dense"], rows[kv, "lserve"]
         assert d["bytes_per_token"] == d["allocated_bytes_per_token"] == 32 * 8 * b

@@ -200,8 +200,8 @@ def _decode_case(rng, ctx, page, fmt_name, streaming, selected):
         kd, vd = kq.astype(np.float64), vq.astype(np.float64)
     else:
         fmt = Q.FORMATS[fmt_name]
-        (kq, ks), (vq, vs) = Q.quantize(k, fmt.keys(), np.float32), Q.quantize(v, fmt, np.float32)
-        kd, vd = Q.dequantize(kq, ks, fmt.keys()), Q.dequantize(vq, vs, fmt)
+        (kq, ks), (vq, vs) = Q.quantize(k, fmt, np.float32), Q.quantize(v, fmt, np.float32)
+        kd, vd = Q.dequantize(kq, ks, fmt), Q.dequantize(vq, vs, fmt)
     table = [int(p) for p in rng.permutation(pool[0])[:n_pages]]
     sink, local = (page, 2 * page + 5) if streaming else (0, 0)
     plan = build_plan(BatchLayout([1], [ctx], [table]), page, sink=sink, local=local)

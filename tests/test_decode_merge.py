@@ -316,7 +316,7 @@ def test_merge_fits_every_warp_region():
 
     for d, st in att.DECODE_STAGES.items():
         for kv in att.KV_TRAITS:
-            unit, raw = 16 * d * 2, 16 * FORMATS[kv].keys().row_bytes(d, 2)
+            unit, raw = 16 * d * 2, 16 * FORMATS[kv].row_bytes(d, 2)
             warp_bytes = st * 2 * raw + (0 if kv == "fp16" else 2 * unit)
             assert warp_bytes >= merge_bytes(d, False), (d, kv)
             if kv != "fp16":

@@ -91,10 +91,10 @@ def run(kvname, D, sw_fp8, rng):  # noqa: N803
     BITS = 4 if kvname == "int4" else 8
     Q4 = BITS == 4
     RB = D * BITS // 8
-    kfmt = fmt.keys()
-    SCALES = 2 * D // fmt.group(D) if Q4 else 1  # Row::SCALES of V: a (scale, min) pair per group for int4
-    KSCALES = 2 * D // kfmt.group(D) if Q4 else 1  # and of K (int4: finer groups)
-    KG = D // 4 // kfmt.group(D) if Q4 else 1  # FragV2::KG: key groups of a lane's D/4 channels
+    SCALES = (
+        2 * D // fmt.group(D) if Q4 else 1
+    )  # Row::SCALES of K and V: a (scale, min) pair per group for int4
+    KG = D // 4 // fmt.group(D) if Q4 else 1  # FragV2::KG: key groups of a lane's D/4 channels
     KB, VB = D // 4 * BITS // 8, D // 8 * BITS // 8
     NT = D // 8
     UNITS = 256.0 if (kvname == "fp8" and sw_fp8) else 1.0
@@ -102,9 +102,9 @@ def run(kvname, D, sw_fp8, rng):  # noqa: N803
     conv = e4m3_sw if sw_fp8 else e4m3_hw
     kf = (rng.standard_normal((16, D)) + rng.uniform(-3, 3, D)).astype(np.float16)  # channel offsets, as keys
     vf = rng.standard_normal((16, D)).astype(np.float16) * 3
-    kq, ks = quantize(kf.astype(np.float32)[None, None], kfmt, np.float16)
+    kq, ks = quantize(kf.astype(np.float32)[None, None], fmt, np.float16)
     vq, vs = quantize(vf.astype(np.float32)[None, None], fmt, np.float16)
-    kd = dequantize(kq, ks, kfmt)[0, 0]
+    kd = dequantize(kq, ks, fmt)[0, 0]
     vd = dequantize(vq, vs, fmt)[0, 0]
     kq, ks, vq, vs = kq[0, 0], ks[0, 0], vq[0, 0], vs[0, 0]
 
@@ -117,7 +117,7 @@ def run(kvname, D, sw_fp8, rng):  # noqa: N803
         buf[16 * RB :] = np.frombuffer(sc.astype(np.float16).tobytes(), np.uint8)
         return buf
 
-    kbuf, vbuf = smem_unit(kq, ks, KSCALES), smem_unit(vq, vs, SCALES)
+    kbuf, vbuf = smem_unit(kq, ks, SCALES), smem_unit(vq, vs, SCALES)
 
     def words(buf, r, b, nb):
         i = r * (RB // 16) + (b >> 4)
@@ -173,7 +173,7 @@ def run(kvname, D, sw_fp8, rng):  # noqa: N803
                 w = words(kbuf, key, t4 * KB, KB)
                 if Q4:
                     j = 8 * (kk >> 1) * KG // (D // 4)  # the lane's key group of this k-step
-                    sm = sc_word(kbuf, key * KSCALES + 2 * (t4 * KG + j))
+                    sm = sc_word(kbuf, key * SCALES + 2 * (t4 * KG + j))
                     s2, c2 = nib4_coef(prmt(sm, 0, 0x1010), prmt(sm, 0, 0x3232))
                     x = w[kk >> 1]
                     b0 = nib4(nib_at6(x, 2 if kk & 1 else 0), s2, c2)

@@ -116,25 +116,25 @@ def emulate(kind: str, fmt, d: int, raw: np.ndarray, nt: int):
 )
 def test_dequant_tile_sw128(kind, d, nt):
     rng = np.random.default_rng(d + nt)
-    for fmt in {FORMATS[kind].keys(), FORMATS[kind]}:  # K (int4: finer groups) and V
-        x = (rng.standard_normal((ROWS, d)) * 2 + rng.uniform(-3, 3, d)).astype(np.float16).astype(np.float32)
-        vals, scales = quantize(x[None, None], fmt, np.float16)
-        vals, scales = vals[0, 0], scales[0, 0]
-        tile, writes, phases = emulate(kind, fmt, d, staged(vals, scales), nt)
-        assert (writes == 1).all(), "every chunk of the fp16 tile written exactly once"
-        got = np.array(
-            [
-                [tile[sw128(r, k // 8) + 2 * (k % 8) :][:2].view(np.float16)[0] for k in range(d)]
-                for r in range(ROWS)
-            ]
-        )
-        want = dequantize(vals, scales, fmt).astype(np.float16)
-        np.testing.assert_array_equal(got, want)
-        for key, acc in phases.items():
-            assert len(acc) == 8, key
-            assert len({(src // 16) % 8 for src, _ in acc}) == 8, ("read bank conflict", fmt.group_size, key)
-            for k in range(len(acc[0][1])):
-                assert len({(dst[k] // 16) % 8 for _, dst in acc}) == 8, ("write bank conflict", key, k)
+    fmt = FORMATS[kind]  # K's and V's
+    x = (rng.standard_normal((ROWS, d)) * 2 + rng.uniform(-3, 3, d)).astype(np.float16).astype(np.float32)
+    vals, scales = quantize(x[None, None], fmt, np.float16)
+    vals, scales = vals[0, 0], scales[0, 0]
+    tile, writes, phases = emulate(kind, fmt, d, staged(vals, scales), nt)
+    assert (writes == 1).all(), "every chunk of the fp16 tile written exactly once"
+    got = np.array(
+        [
+            [tile[sw128(r, k // 8) + 2 * (k % 8) :][:2].view(np.float16)[0] for k in range(d)]
+            for r in range(ROWS)
+        ]
+    )
+    want = dequantize(vals, scales, fmt).astype(np.float16)
+    np.testing.assert_array_equal(got, want)
+    for key, acc in phases.items():
+        assert len(acc) == 8, key
+        assert len({(src // 16) % 8 for src, _ in acc}) == 8, ("read bank conflict", fmt.group_size, key)
+        for k in range(len(acc[0][1])):
+            assert len({(dst[k] // 16) % 8 for _, dst in acc}) == 8, ("write bank conflict", key, k)
 
 
 # ---- fp16 path of attention_prefill_sm90.cu: the K/V tile copies (load_kv), the key positions, the Q tile copy and

@@ -33,10 +33,10 @@ from lserve_lite.llm import LLM
 Quantizer = Callable[[np.ndarray], np.ndarray]  # [T, D] float64 -> its dequantized values
 
 
-def engine_format(name: str, keys: bool) -> Quantizer:
-    """The engine's own format of the K (`keys`) or V pool (kv/quant.py: int8 / fp8 one scale per token, int4
-    a (scale, min) per 16 channels of a key, 32 of a value)."""
-    fmt = FORMATS[name].keys() if keys else FORMATS[name]
+def engine_format(name: str) -> Quantizer:
+    """The engine's own format of the K and V pools (kv/quant.py: int8 / fp8 one scale per token, int4 a (scale,
+    min) per 16 channels; without int4's and fp8's Hadamard basis for keys)."""
+    fmt = FORMATS[name]
     return lambda x: dequantize(*quantize(x, fmt), fmt)
 
 
@@ -104,16 +104,16 @@ def schemes() -> dict[str, tuple[Quantizer, Quantizer]]:
     """name -> (key quantizer, value quantizer)."""
     exact: Quantizer = lambda x: x  # noqa: E731
     return {
-        "int8 (engine)": (engine_format("int8", True), engine_format("int8", False)),
-        "int4 (engine: asymmetric, K 16 / V 32 channels)": (
-            engine_format("int4", True),
-            engine_format("int4", False),
+        "int8 (engine)": (engine_format("int8"), engine_format("int8")),
+        "int4 (engine: asymmetric, 16 channels)": (engine_format("int4"), engine_format("int4")),
+        "int4 asymmetric, K 16 / V 32 channels (the engine's until 2026-12-05)": (
+            per_token(16),
+            per_token(32),
         ),
-        "int4 keys only (engine)": (engine_format("int4", True), exact),
-        "int4 values only (engine)": (exact, engine_format("int4", False)),
+        "int4 keys only (engine)": (engine_format("int4"), exact),
+        "int4 values only (engine)": (exact, engine_format("int4")),
         "int4 symmetric, 32 channels (the old engine format)": (int4_symmetric, int4_symmetric),
         "int4 asymmetric, 32 channels": (per_token(32), per_token(32)),
-        "int4 asymmetric, 16 channels": (per_token(16), per_token(16)),
         "int4 asymmetric, K 8 / V 32 channels (K as many bytes as int8)": (per_token(8), per_token(32)),
         "int4 asymmetric K 16 / V 32, clipped range (least squares)": (
             per_token(16, int4_groups_clipped),
@@ -121,22 +121,22 @@ def schemes() -> dict[str, tuple[Quantizer, Quantizer]]:
         ),
         "int4 K per channel / 64 tokens, V asym 32 ch": (per_channel(64), per_token(32)),
         "int4 K per channel / 16 tokens, V asym 32 ch": (per_channel(16), per_token(32)),
-        "fp8 (engine)": (engine_format("fp8", True), engine_format("fp8", False)),
+        "fp8 (engine)": (engine_format("fp8"), engine_format("fp8")),
         "fp8, a scale per 32 channels": (
-            grouped(engine_format("fp8", True), 32),
-            grouped(engine_format("fp8", False), 32),
+            grouped(engine_format("fp8"), 32),
+            grouped(engine_format("fp8"), 32),
         ),
         "fp8, K minus the channel means of its first 256 tokens": (
-            centered(engine_format("fp8", True), 256),
-            engine_format("fp8", False),
+            centered(engine_format("fp8"), 256),
+            engine_format("fp8"),
         ),
         "int4 (engine), K minus the channel means of its first 256 tokens": (
-            centered(engine_format("int4", True), 256),
-            engine_format("int4", False),
+            centered(engine_format("int4"), 256),
+            engine_format("int4"),
         ),
         "int8 (engine), K minus the channel means of its first 256 tokens": (
-            centered(engine_format("int8", True), 256),
-            engine_format("int8", False),
+            centered(engine_format("int8"), 256),
+            engine_format("int8"),
         ),
     }
 

@@ -33,19 +33,19 @@ static int run(int argc, char** argv) {
   auto pos = load<long long>(dir + "/pos.bin"), slots = load<long long>(dir + "/slots.bin");
   const int n = a(4), hq = a(5), hkv = a(6), d = a(7), page = a(8), pages = a(9);
   std::vector<__half> q((size_t)n * hq * d, __ushort_as_half(0xFFFF));
-  const size_t row_bytes_k = d * KV::KEY::BITS / 8, row_bytes_v = d * KV::BITS / 8;
-  const int sck = lskv::scale_cols<typename KV::KEY>(d), scv = lskv::scale_cols<KV>(d);
-  auto pool = [&](int np, int heads, size_t rb) { return std::vector<unsigned char>((size_t)np * heads * page * rb, 0x5A); };
-  auto scales = [&](int np, int heads, int cols) {
-    return std::vector<__half>((size_t)np * heads * page * cols, __ushort_as_half(0xFFFF));
+  const size_t rb = d * KV::BITS / 8;  // a row's values (K and V share the format)
+  const int sc = lskv::scale_cols<KV>(d);
+  auto pool = [&](int np, int heads) { return std::vector<unsigned char>((size_t)np * heads * page * rb, 0x5A); };
+  auto scales = [&](int np, int heads) {
+    return std::vector<__half>((size_t)np * heads * page * sc, __ushort_as_half(0xFFFF));
   };
   __half* qo = q.data();
   const __half *x = qkv.data(), *cp = cs.data(), *sp = sn.data();
   const long long *pp = pos.data(), *sl = slots.data();
   if (mode == "rope") {
     const int gy = a(10), block = a(11), had = a(12);
-    auto k = pool(pages, hkv, row_bytes_k), v = pool(pages, hkv, row_bytes_v);
-    auto ksc = scales(pages, hkv, sck), vsc = scales(pages, hkv, scv);
+    auto k = pool(pages, hkv), v = pool(pages, hkv);
+    auto ksc = scales(pages, hkv), vsc = scales(pages, hkv);
     void *kp = k.data(), *vp = v.data();
     __half *kscp = ksc.data(), *vscp = vsc.data();
     launch({(unsigned)n, (unsigned)gy, 1}, block,
@@ -58,10 +58,10 @@ static int run(int argc, char** argv) {
     const int spages = a(10), nd = a(11), ns = a(12), sub = a(13), gy = a(14), block = a(15), had = a(16);
     auto hc = load<int>(dir + "/hc.bin"), hs = load<int>(dir + "/hs.bin");
     auto kmax = load<__half>(dir + "/kmax.bin"), kmin = load<__half>(dir + "/kmin.bin");
-    auto kd = pool(pages, nd, row_bytes_k), vd = pool(pages, nd, row_bytes_v);
-    auto ks = pool(spages, ns, row_bytes_k), vs = pool(spages, ns, row_bytes_v);
-    auto kds = scales(pages, nd, sck), vds = scales(pages, nd, scv), kss = scales(spages, ns, sck),
-         vss = scales(spages, ns, scv);
+    auto kd = pool(pages, nd), vd = pool(pages, nd);
+    auto ks = pool(spages, ns), vs = pool(spages, ns);
+    auto kds = scales(pages, nd), vds = scales(pages, nd), kss = scales(spages, ns),
+         vss = scales(spages, ns);
     void *kdp = kd.data(), *vdp = vd.data(), *ksp = ks.data(), *vsp = vs.data();
     __half *kdsp = kds.data(), *vdsp = vds.data(), *kssp = kss.data(), *vssp = vss.data();
     __half *mx = kmax.data(), *mn = kmin.data();

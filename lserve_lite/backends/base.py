@@ -280,7 +280,7 @@ def alloc_kv_cache(
         """K and V values of every layer, and their scales (None for a float cache)."""
         kv = [[zeros((pages, n, ps, vshape), vtype) for n in heads] for _ in range(2)]
         sc = (
-            [[zeros((pages, n, ps, f.scale_cols(d)), dtype) for n in heads] for f in (fmt.keys(), fmt)]
+            [[zeros((pages, n, ps, fmt.scale_cols(d)), dtype) for n in heads] for _ in range(2)]
             if q
             else [None, None]
         )

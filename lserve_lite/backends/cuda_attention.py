@@ -115,7 +115,7 @@ def _prefill_smem(d: int, mt: int, bn: int, kv: str = "fp16") -> int:
     bm, tile = 64 * mt, bn * d * 2
     if kv == "fp16":
         return bm * d * 2 + 4 * tile + 2 * bn * 4 + bm * 4 + 256
-    raw = bn * FORMATS[kv].keys().row_bytes(d, 2)  # a tile as stored: values + fp16 scales (K's, the larger)
+    raw = bn * FORMATS[kv].row_bytes(d, 2)  # a tile as stored: values + fp16 scales
     return -(-(bm * d * 2 + 4 * raw) // 256) * 256 + 2 * tile + 2 * bn * 4 + bm * 4 + 256
 
 
@@ -126,7 +126,7 @@ def _prefill_sm90_smem(d: int, nwg: int, stages: int, kv: str = "fp16") -> int:
     tail = stages * bn * 4 + bm * 4 + stages * 8 + 1024  # key and query positions, mbarriers, alignment
     if kv in ("fp16", "bf16"):
         return bm * d * 2 + 2 * stages * tile + tail
-    raw = bn * FORMATS[kv].keys().row_bytes(d, 2)  # a K tile as stored: values + fp16 scales
+    raw = bn * FORMATS[kv].row_bytes(d, 2)  # a K tile as stored: values + fp16 scales
     return -(-(bm * d * 2 + 2 * stages * raw) // 1024) * 1024 + 2 * tile + tail
 
 
@@ -170,7 +170,7 @@ def prefill_kernel_for(d: int, kv: str, cc: str) -> str:
 
 
 def _decode_smem(d: int, stages: int, kv: str = "fp16") -> int:
-    unit, raw = 16 * d * 2, 16 * FORMATS[kv].keys().row_bytes(d, 2)  # a K unit, the larger, spaces K and V
+    unit, raw = 16 * d * 2, 16 * FORMATS[kv].row_bytes(d, 2)  # a unit as stored, K's or V's
     tiles = 0 if kv == "fp16" else 2 * unit
     return 16 * d * 2 + (_THREADS // 32) * (stages * 2 * raw + tiles) + 256
 
@@ -520,7 +520,7 @@ def paged_attention(
     (the default depends only on the plan's capacity and `fixed_visit_pages`); `min_units` (default
     DECODE_MIN_UNITS) the units of 16 keys a warp takes at least before a list uses another of them. A quantized
     cache (`kv` int8 / int4 / fp8): the pools hold its values and `scales` (k, v, ks, vs) its fp16 scales [pages,
-    heads, page, scale_cols] (K's: `FORMATS[kv].keys()`; reference: the same functions with their `scales` /
+    heads, page, scale_cols] (reference: the same functions with their `scales` /
     `fmt` arguments). `kv="bf16"` (prefill on compute capability 9.x only): q, the pools and out are uint16 arrays of
     bf16 bits.
     """

@@ -101,7 +101,7 @@ def kv_attention_one(
     num_pages = sum(need) + 3
     perm = list(c.rng.permutation(num_pages))
     tables = [[int(perm.pop()) for _ in range(k)] for k in need]
-    kq, ks, kq_d, ks_d = _quantized(c, c.f16(num_pages, hkv, page, d), fmt.keys())
+    kq, ks, kq_d, ks_d = _quantized(c, c.f16(num_pages, hkv, page, d), fmt)
     vq, vs, vq_d, vs_d = _quantized(c, c.f16(num_pages, hkv, page, d), fmt)
     q = c.f16(sum(q_lens), hq, d)
     hc = np.zeros(hkv, np.int32)
@@ -133,9 +133,7 @@ def kv_sparse_one(c: Ctx, stage: str, kv: str, impl: str | None = None, prefill:
         cnt = np.full((b.num_slots, b.hc.size), -1, np.int32)
         select_pages_ref(b.q, kmax, kmin, b.plan, b.hc, b.slot, idx, cnt)
         sel = dict(sel_idx=idx, sel_cnt=cnt)
-    pools = [
-        _quantized(c, a, f) for a, f in zip((b.kd, b.vd, b.ks, b.vs), (fmt.keys(), fmt) * 2, strict=True)
-    ]
+    pools = [_quantized(c, a, f) for a, f in zip((b.kd, b.vd, b.ks, b.vs), (fmt,) * 4, strict=True)]
     ref = paged_attention_sparse_ref(
         b.q, *(p[0] for p in pools), b.plan, b.hc, b.slot, sel.get("sel_idx"), sel.get("sel_cnt"),
         scales=tuple(p[1] for p in pools), fmt=fmt,

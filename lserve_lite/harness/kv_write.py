@@ -68,7 +68,7 @@ def dense_case(c: Ctx, kv: str, hq: int, hkv: int, d: int, page: int, n: int, pa
     q_ref = rope_write_kv_ref(qkv, pos, np.maximum(slots, 0), k_ref.copy(), v_ref.copy(), cos, sin, fmt=fmt)
     rope_write_kv_ref(qkv[live], pos[live], slots[live], k_ref, v_ref, cos, sin, fmt=fmt)
     shape = (pages, hkv, page)
-    pools = [Pool("k", shape, fmt.keys(), slots[live], k_ref), Pool("v", shape, fmt, slots[live], v_ref)]
+    pools = [Pool("k", shape, fmt, slots[live], k_ref), Pool("v", shape, fmt, slots[live], v_ref)]
     tag = f"{kv} Hq{hq} Hkv{hkv} D{d} page{page} N{n}" + (" hadamard" if fmt.rotates_keys(d) else "")
     return WriteCase(kv, tag, hq, hkv, d, page, qkv, pos, slots, cos, sin, q_ref, pools)
 
@@ -99,7 +99,7 @@ def sparse_case(c: Ctx, kv: str, d: int = 64) -> WriteCase:
     floats = [np.zeros((n_pages, nd, ps, d), np.float32) for _ in "kv"]
     floats += [np.zeros((n_spages, ns, ps, d), np.float32) for _ in "kv"]
     q_ref = rope_write_kv_sparse_ref(qkv, pos, dslots, sslots, *floats, hc, hs, cos, sin, fmt=fmt)
-    pool_fmts = (fmt.keys(), fmt) * 2  # kd, vd, ks, vs
+    pool_fmts = (fmt,) * 4  # kd, vd, ks, vs
     host = [np.zeros((*a.shape[:3], fmt.packed_dim(d)), fmt.value_dtype) for a in floats]
     hsc = [
         np.zeros((*a.shape[:3], f.scale_cols(d)), np.float16) for a, f in zip(floats, pool_fmts, strict=True)
@@ -124,7 +124,7 @@ def within_step(
     kernel: str, tag: str, vals, scales, ref: np.ndarray, fmt: KVFormat, rotated: bool = False
 ) -> Result:
     """Written rows dequantized vs the float rows: within half a step (int) or 1/16 (fp8) plus the fp16
-    rounding of the key and of its scale (`fmt`: the pool's, keys() for K). `rotated`: keys in the Hadamard basis,
+    rounding of the key and of its scale (`fmt`: the pool's). `rotated`: keys in the Hadamard basis,
     rotated by the kernels from fp16-rounded values, whose rounding each rotated channel carries from the whole
     row (about 2^-12 of the row's RMS), not from itself."""
     got = dequantize(vals, scales, fmt)

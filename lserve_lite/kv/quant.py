@@ -6,10 +6,10 @@ see pages exactly as with a float cache: values [pages, heads, page_size, D] (in
 the backend's float type (fp16 on the GPU, float32 on the CPU, which has no fp16 kernels). Rules, round to
 nearest: int8 symmetric, one scale per (token, KV head) = amax / 127; fp8 (e4m3; CPU, GPU sm_89+) symmetric, one
 scale per (token, head) = amax / 448, values the nearest e4m3 (ties to even); int4 asymmetric, per group of
-a (token, head) (16 channels of a key, 32 of a value) a scale (max - min) / 15 and a min, stored
-interleaved (scale, min) per group, value = scale * q + min with q in 0..15, channel 2i in the low nibble
-of byte i. Why (docs/KV_QUANT.md): post-RoPE keys are lopsided per group and carry the loss, so the
-symmetric rule (7 levels a side, 32 channels) cost +15-18% perplexity; this one about +3%. int4 and fp8 also
+16 channels of a (token, head) a scale (max - min) / 15 and a min, stored interleaved (scale, min) per group,
+value = scale * q + min with q in 0..15, channel 2i in the low nibble of byte i. Why (docs/KV_QUANT.md):
+post-RoPE keys are lopsided per group, so the symmetric rule (7 levels a side, 32 channels) cost +15-18%
+perplexity, this one about +2.5%; values in groups of 32 lost 7 of 45 passkey retrievals at 4k, of 16 none. int4 and fp8 also
 store keys in a randomized Hadamard basis (`KVFormat.rotates_keys`): after RoPE, every query and key of a head of
 power-of-two size D (at most 256) is multiplied by fixed signs and the orthonormal Hadamard matrix (`hadamard`),
 so q . k is unchanged while a key's outlier channels are spread over all D channels instead of stretching one
@@ -21,7 +21,7 @@ retrieval at 4k, fp8's perplexity (+1.6% at 2k before, +0.04% after); int8, at +
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,7 +37,6 @@ class KVFormat:
     qmax: float = 0.0  # largest quantized magnitude (0: a float cache)
     asymmetric: bool = False  # levels 0..qmax from a per-group min (int4) instead of -qmax..qmax
     group_size: int = 0  # channels per scale (0, or a head it does not divide: the whole head)
-    key_group: int = 0  # the keys' group_size where it differs (int4: finer, keys carry the loss)
     hadamard_keys: bool = False  # queries and keys stored in the Hadamard basis (`rotates_keys`)
 
     @property
@@ -60,10 +59,6 @@ class KVFormat:
         """Whether queries and keys meet in the Hadamard basis: a format that asks for it, a power-of-two head."""
         return self.hadamard_keys and 2 <= head_dim <= HADAMARD_MAX_DIM and head_dim & (head_dim - 1) == 0
 
-    def keys(self) -> KVFormat:
-        """The format of the K pool (the V pool's is self): the same, or with the keys' own group."""
-        return replace(self, group_size=self.key_group, key_group=0) if self.key_group else self
-
     def group(self, head_dim: int) -> int:
         """Channels sharing one scale (or (scale, min) pair)."""
         g = self.group_size
@@ -80,15 +75,15 @@ class KVFormat:
         )
 
     def kv_bytes(self, head_dim: int, scale_itemsize: int) -> int:
-        """Bytes of one token's K and V for one KV head: what sizes a page."""
-        return self.keys().row_bytes(head_dim, scale_itemsize) + self.row_bytes(head_dim, scale_itemsize)
+        """Bytes of one token's K and V for one KV head (both pools share the format): what sizes a page."""
+        return 2 * self.row_bytes(head_dim, scale_itemsize)
 
 
 FORMATS = {
     "fp16": KVFormat("fp16"),
     "fp32": KVFormat("fp32"),
     "int8": KVFormat("int8", 127.0),
-    "int4": KVFormat("int4", 15.0, asymmetric=True, group_size=32, key_group=16, hadamard_keys=True),
+    "int4": KVFormat("int4", 15.0, asymmetric=True, group_size=16, hadamard_keys=True),
     "fp8": KVFormat("fp8", 448.0, hadamard_keys=True),
 }
 

@@ -67,7 +67,7 @@ def attend_qblocks(
             for h in heads:
                 rows = slice(h * group, (h + 1) * group)
                 qh = q[r0 : r0 + nr, rows].reshape(nr * group, d)
-                s = (qh @ gather(k_cache, k_scale, fmt and fmt.keys(), pages, h).T).reshape(nr, group, -1)
+                s = (qh @ gather(k_cache, k_scale, fmt, pages, h).T).reshape(nr, group, -1)
                 tot = K.masked_softmax(s, ok, scale)
                 o = s.reshape(nr * group, -1) @ gather(v_cache, v_scale, fmt, pages, h)
                 o /= tot.reshape(-1, 1)
@@ -107,7 +107,7 @@ def paged_attention_sparse_ref(
             pages, lpages = visited_pages(plan, qb, cls, g, sel_idx, sel_cnt)
             page = kc.shape[2]
             kpos = (lpages[:, None] * page + np.arange(page)[None, :]).reshape(-1)
-            k = gather_rows(kc, ksc, fmt and fmt.keys(), pages, head_slot[g])
+            k = gather_rows(kc, ksc, fmt, pages, head_slot[g])
             v = gather_rows(vc, vsc, fmt, pages, head_slot[g])
             ok = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] < ctx)
             if cls == 1:

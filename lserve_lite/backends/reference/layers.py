@@ -75,7 +75,7 @@ def rope_write_kv_ref(
     d = cos.shape[1] * 2
     q, k, v = rope_qkv(qkv, positions, hkv, d, cos, sin, fmt)
     pg, off = slots // page, slots % page
-    write_rows(k, k_cache, k_scale, fmt and fmt.keys(), (pg, slice(None), off))
+    write_rows(k, k_cache, k_scale, fmt, (pg, slice(None), off))
     write_rows(v, v_cache, v_scale, fmt, (pg, slice(None), off))
     return np.ascontiguousarray(q)
 
@@ -98,7 +98,7 @@ def rope_write_kv_sparse_ref(
         page = kc.shape[2]
         pg, off = slots // page, slots % page
         idx = (pg[:, None], head_slot[heads][None, :], off[:, None])
-        write_rows(k[:, heads], kc, ksc, fmt and fmt.keys(), idx)
+        write_rows(k[:, heads], kc, ksc, fmt, idx)
         write_rows(v[:, heads], vc, vsc, fmt, idx)
     if kmax is not None and kd.shape[1]:
         if scales[0] is None:
