@@ -124,7 +124,7 @@ struct DecodeSmem {
   static constexpr int CH = D / 8;
   static constexpr int Q_BYTES = 16 * D * 2;
   static constexpr int UNIT_BYTES = DC_UNIT * D * 2;  // fp16 K (or V) of one unit
-  // a unit as stored: K's, the larger (V's fits)
+  // a unit as stored (K and V alike)
   static constexpr int RAW_BYTES = KV::QUANT ? Staged<KV, D>::UNIT : UNIT_BYTES;
   static constexpr int WARP_BYTES = STAGES * 2 * RAW_BYTES + (KV::QUANT ? 2 * UNIT_BYTES : 0);
   static constexpr int BYTES = Q_BYTES + DC_WARPS * WARP_BYTES;

@@ -29,7 +29,7 @@ struct PrefillSmem {
   static constexpr int BM = 64 * MT;         // query rows per CTA
   static constexpr int Q_BYTES = BM * D * 2;
   static constexpr int KV_BYTES = BN * D * 2;  // one fp16 K (or V) tile
-  // a tile as stored: K's, the larger (V's fits)
+  // a tile as stored (K and V alike)
   static constexpr int RAW_BYTES = KV::QUANT ? BN / 16 * Staged<KV, D>::UNIT : KV_BYTES;
   static constexpr int OFF_K = Q_BYTES;                    // 2 stages of K
   static constexpr int OFF_V = OFF_K + 2 * RAW_BYTES;      // 2 stages of V

@@ -218,7 +218,7 @@ struct Smem {
   static constexpr int BM = 64 * NWG, BN = 64, THREADS = 128 * NWG, CH = D / 8;
   static constexpr int Q_BYTES = BM * D * 2;   // multiples of 1024: every tile stays 1024-byte aligned
   static constexpr int KV_BYTES = BN * D * 2;  // one fp16 K (or V) tile
-  // One K (or V) stage of the ring: the fp16 tile, or a quantized tile as stored (K's units, the larger).
+  // One K (or V) stage of the ring: the fp16 tile, or a quantized tile as stored.
   static constexpr int RAW_BYTES = KV::QUANT ? BN / 16 * Staged<KV, D>::UNIT : KV_BYTES;
   static constexpr int OFF_K = Q_BYTES;
   static constexpr int OFF_V = OFF_K + STAGES * RAW_BYTES;

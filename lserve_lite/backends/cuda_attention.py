@@ -121,7 +121,7 @@ def _prefill_smem(d: int, mt: int, bn: int, kv: str = "fp16") -> int:
 
 def _prefill_sm90_smem(d: int, nwg: int, stages: int, kv: str = "fp16") -> int:
     """lsattn::sm90::Smem<D, NWG, STAGES, KV> (BN = 64) + 1024 for the in-kernel alignment to the 128-byte swizzle
-    atom. Quantized: the ring holds tiles as stored (K's, the larger), then one 1024-aligned fp16 K / V tile pair."""
+    atom. Quantized: the ring holds tiles as stored (K and V alike), then one 1024-aligned fp16 K / V tile pair."""
     bm, bn, tile = 64 * nwg, 64, 64 * d * 2
     tail = stages * bn * 4 + bm * 4 + stages * 8 + 1024  # key and query positions, mbarriers, alignment
     if kv in ("fp16", "bf16"):
