@@ -287,10 +287,8 @@ def _page_scores(qrow, vals, scales, pg, h, srow, scale, tmp):
 
         def scores_int4(qrow, vals, scales, pg, h, srow, scale, tmp):
             keys, sc, groups = vals[pg, h], scales[pg, h], _int4_groups(scales)
-            if qrow.shape[0] == 64 and groups == 4:  # SmolLM2's head: groups of 16 or 32 channels
+            if qrow.shape[0] == 64 and groups == 4:  # SmolLM2's head: 4 groups of 16 channels
                 _dots_int4(qrow, keys, sc, srow, scale, tmp, 64, 4)
-            elif qrow.shape[0] == 64 and groups == 2:
-                _dots_int4(qrow, keys, sc, srow, scale, tmp, 64, 2)
             else:
                 _dots_int4(qrow, keys, sc, srow, scale, tmp, qrow.shape[0], groups)
 
@@ -315,10 +313,8 @@ def _page_weighted_sum(p, vals, scales, pg, h, acc, tmp):
 
         def sums_int4(p, vals, scales, pg, h, acc, tmp):
             rows, sc, groups = vals[pg, h], scales[pg, h], _int4_groups(scales)
-            if acc.shape[0] == 64 and groups == 4:  # SmolLM2's head: groups of 16 or 32 channels
+            if acc.shape[0] == 64 and groups == 4:  # SmolLM2's head: 4 groups of 16 channels
                 _sums_int4(p, rows, sc, acc, tmp, 64, 4)
-            elif acc.shape[0] == 64 and groups == 2:
-                _sums_int4(p, rows, sc, acc, tmp, 64, 2)
             else:
                 _sums_int4(p, rows, sc, acc, tmp, acc.shape[0], groups)
 
