@@ -81,7 +81,8 @@ def page_scores(qrow, vals, scales, pg, h, srow, scale, tmp):
 
 def page_weighted_sum(p, vals, scales, pg, h, acc, tmp):
     """acc [D] += sum over o of p[o] * row o of the page vals[pg, h]; p is consumed (int8 / fp8: scaled in place
-    by the rows' scales); tmp: float32 scratch of at least D values (int4's even and odd sums)."""
+    by the rows' scales); tmp: float32 scratch of at least 2 D values (int4's even and odd sums, and its rows'
+    p * scale spread over their bytes)."""
     raise NotImplementedError  # Numba-only (the overload below)
 
 
@@ -261,7 +262,9 @@ def _dots_int4(qrow, keys, sc, srow, scale, tmp, d, groups):
 @njit(inline="always")
 def _sums_int4(p, vals, sc, acc, tmp, d, groups):
     """int4 values: sum over o of p[o] s_g[o] q[o, c] (two rows per pass) into tmp's even and odd halves (the
-    low and high nibbles', so that the stores are contiguous), then into acc with each group's sum of p[o] m_g[o]."""
+    low and high nibbles', so that the stores are contiguous), then into acc with each group's sum of p[o] m_g[o].
+    Each pass first spreads the two rows' p * s_g over their bytes (tmp[d:]), so that the sum runs over the whole
+    row in one loop whatever the group size."""
     half, per = d // 2, d // 2 // groups
     tmp[:d] = 0
     for o in range(0, vals.shape[0], 2):
@@ -269,9 +272,13 @@ def _sums_int4(p, vals, sc, acc, tmp, d, groups):
             a = p[o] * np.float32(sc[o, 2 * g]) * NIBBLE_UNIT
             b = p[o + 1] * np.float32(sc[o + 1, 2 * g]) * NIBBLE_UNIT
             for i in range(g * per, (g + 1) * per):
-                (xl, xh), (yl, yh) = _nibbles(vals[o, i]), _nibbles(vals[o + 1, i])
-                tmp[i] += a * xl + b * yl
-                tmp[half + i] += a * xh + b * yh
+                tmp[d + i] = a
+                tmp[d + half + i] = b
+        for i in range(half):
+            (xl, xh), (yl, yh) = _nibbles(vals[o, i]), _nibbles(vals[o + 1, i])
+            a, b = tmp[d + i], tmp[d + half + i]
+            tmp[i] += a * xl + b * yl
+            tmp[half + i] += a * xh + b * yh
     for g in range(groups):
         m = np.float32(0.0)
         for o in range(vals.shape[0]):
