@@ -81,8 +81,7 @@ def page_scores(qrow, vals, scales, pg, h, srow, scale, tmp):
 
 def page_weighted_sum(p, vals, scales, pg, h, acc, tmp):
     """acc [D] += sum over o of p[o] * row o of the page vals[pg, h]; p is consumed (int8 / fp8: scaled in place
-    by the rows' scales); tmp: float32 scratch of at least 2 D values (int4's even and odd sums, and its rows'
-    p * scale spread over their bytes)."""
+    by the rows' scales); tmp: float32 scratch of at least D values (int4's even and odd sums)."""
     raise NotImplementedError  # Numba-only (the overload below)
 
 
@@ -262,9 +261,7 @@ def _dots_int4(qrow, keys, sc, srow, scale, tmp, d, groups):
 @njit(inline="always")
 def _sums_int4(p, vals, sc, acc, tmp, d, groups):
     """int4 values: sum over o of p[o] s_g[o] q[o, c] (two rows per pass) into tmp's even and odd halves (the
-    low and high nibbles', so that the stores are contiguous), then into acc with each group's sum of p[o] m_g[o].
-    Each pass first spreads the two rows' p * s_g over their bytes (tmp[d:]), so that the sum runs over the whole
-    row in one loop whatever the group size."""
+    low and high nibbles', so that the stores are contiguous), then into acc (`_add_int4_mins`)."""
     half, per = d // 2, d // 2 // groups
     tmp[:d] = 0
     for o in range(0, vals.shape[0], 2):
@@ -272,16 +269,46 @@ def _sums_int4(p, vals, sc, acc, tmp, d, groups):
             a = p[o] * np.float32(sc[o, 2 * g]) * NIBBLE_UNIT
             b = p[o + 1] * np.float32(sc[o + 1, 2 * g]) * NIBBLE_UNIT
             for i in range(g * per, (g + 1) * per):
-                tmp[d + i] = a
-                tmp[d + half + i] = b
-        for i in range(half):
-            (xl, xh), (yl, yh) = _nibbles(vals[o, i]), _nibbles(vals[o + 1, i])
-            a, b = tmp[d + i], tmp[d + half + i]
-            tmp[i] += a * xl + b * yl
-            tmp[half + i] += a * xh + b * yh
+                (xl, xh), (yl, yh) = _nibbles(vals[o, i]), _nibbles(vals[o + 1, i])
+                tmp[i] += a * xl + b * yl
+                tmp[half + i] += a * xh + b * yh
+    _add_int4_mins(p, sc, acc, tmp, d, groups)
+
+
+# The first and the second 8 bytes of a 16-byte span (two int4 groups of 16 channels): a row's two group scales
+# become one 16-lane vector as s_a * FIRST8 + s_b * SECOND8 (exact: times 1 or 0).
+FIRST8 = np.array([1.0] * 8 + [0.0] * 8, np.float32)
+SECOND8 = 1 - FIRST8
+
+
+@njit(inline="always")
+def _sums_int4_pairs(p, vals, sc, acc, tmp, d, groups):
+    """`_sums_int4` for groups of 16 channels (8 bytes; an even number of groups) two at a time: one 16-byte loop
+    instead of two 8-byte ones (measured 1.6x faster on SmolLM2's head, which the 8-byte loops left unvectorized)."""
+    half = d // 2
+    tmp[:d] = 0
+    for o in range(0, vals.shape[0], 2):
+        for g in range(0, groups, 2):
+            a0 = p[o] * np.float32(sc[o, 2 * g]) * NIBBLE_UNIT
+            a1 = p[o] * np.float32(sc[o, 2 * g + 2]) * NIBBLE_UNIT
+            b0 = p[o + 1] * np.float32(sc[o + 1, 2 * g]) * NIBBLE_UNIT
+            b1 = p[o + 1] * np.float32(sc[o + 1, 2 * g + 2]) * NIBBLE_UNIT
+            for j in range(16):
+                i = g * 8 + j
+                a, b = a0 * FIRST8[j] + a1 * SECOND8[j], b0 * FIRST8[j] + b1 * SECOND8[j]
+                (xl, xh), (yl, yh) = _nibbles(vals[o, i]), _nibbles(vals[o + 1, i])
+                tmp[i] += a * xl + b * yl
+                tmp[half + i] += a * xh + b * yh
+    _add_int4_mins(p, sc, acc, tmp, d, groups)
+
+
+@njit(inline="always")
+def _add_int4_mins(p, sc, acc, tmp, d, groups):
+    """acc += tmp's even and odd halves interleaved, plus each group's sum of p[o] m_g[o]."""
+    half, per = d // 2, d // 2 // groups
     for g in range(groups):
         m = np.float32(0.0)
-        for o in range(vals.shape[0]):
+        for o in range(sc.shape[0]):
             m += p[o] * np.float32(sc[o, 2 * g + 1])
         for i in range(g * per, (g + 1) * per):
             acc[2 * i] += tmp[i] + m
@@ -321,7 +348,9 @@ def _page_weighted_sum(p, vals, scales, pg, h, acc, tmp):
         def sums_int4(p, vals, scales, pg, h, acc, tmp):
             rows, sc, groups = vals[pg, h], scales[pg, h], _int4_groups(scales)
             if acc.shape[0] == 64 and groups == 4:  # SmolLM2's head: 4 groups of 16 channels
-                _sums_int4(p, rows, sc, acc, tmp, 64, 4)
+                _sums_int4_pairs(p, rows, sc, acc, tmp, 64, 4)
+            elif acc.shape[0] == 16 * groups and groups % 2 == 0:  # groups of 16 channels
+                _sums_int4_pairs(p, rows, sc, acc, tmp, acc.shape[0], groups)
             else:
                 _sums_int4(p, rows, sc, acc, tmp, acc.shape[0], groups)
 
