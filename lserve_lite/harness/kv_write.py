@@ -99,18 +99,13 @@ def sparse_case(c: Ctx, kv: str, d: int = 64) -> WriteCase:
     floats = [np.zeros((n_pages, nd, ps, d), np.float32) for _ in "kv"]
     floats += [np.zeros((n_spages, ns, ps, d), np.float32) for _ in "kv"]
     q_ref = rope_write_kv_sparse_ref(qkv, pos, dslots, sslots, *floats, hc, hs, cos, sin, fmt=fmt)
-    pool_fmts = (fmt,) * 4  # kd, vd, ks, vs
-    host = [np.zeros((*a.shape[:3], fmt.packed_dim(d)), fmt.value_dtype) for a in floats]
-    hsc = [
-        np.zeros((*a.shape[:3], f.scale_cols(d)), np.float16) for a, f in zip(floats, pool_fmts, strict=True)
-    ]
+    host = [np.zeros((*a.shape[:3], fmt.packed_dim(d)), fmt.value_dtype) for a in floats]  # kd, vd, ks, vs
+    hsc = [np.zeros((*a.shape[:3], fmt.scale_cols(d)), np.float16) for a in floats]
     want_max, want_min = kmax.copy(), kmin.copy()
     rope_write_kv_sparse_ref(qkv, pos, dslots, sslots, *host, hc, hs, cos, sin, want_max, want_min,
                              scales=tuple(hsc), fmt=fmt)  # fmt: skip
     names, slots = ("kd", "vd", "ks", "vs"), (dslots, dslots, sslots, sslots)
-    pools = [
-        Pool(nm, a.shape[:3], f, s, a) for nm, a, f, s in zip(names, floats, pool_fmts, slots, strict=True)
-    ]
+    pools = [Pool(nm, a.shape[:3], fmt, s, a) for nm, a, s in zip(names, floats, slots, strict=True)]
     tag = f"{kv} 0110 Hq{hq} D{d} p{ps} sub{sub}" + (" hadamard" if fmt.rotates_keys(d) else "")
     extra = dict(
         hc=hc, hs=hs, nd=nd, ns=ns, sub=sub, kmax=kmax, kmin=kmin, want_max=want_max, want_min=want_min
