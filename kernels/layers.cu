@@ -133,15 +133,23 @@ __device__ __forceinline__ void rope_pairs8(const __half* x, int j0, int half_d,
   *reinterpret_cast<uint4*>(dst + j0 + half_d) = hi;
 }
 
-// Query head h of row x in the Hadamard basis (int4's: lskv::hadamard_row), by the calling warp: RoPE rounded to
-// fp16 as rope_pairs8 rounds it, rotated, rounded to fp16 into dst.
-__device__ __forceinline__ void write_q_hadamard(const __half* src, int head_dim, const __half* cos_row,
-                                                 const __half* sin_row, __half* dst) {
+// Head vector src after RoPE (each channel rounded to fp16 as rope_pairs8 rounds it) in the Hadamard basis
+// (lskv::hadamard_row), by the calling warp: lane l holds channel i * 32 + l in v[i], i < D / 32. The one rotation of
+// the q rows, the quantized keys' rows (write_kv_quant) and the keys their page statistics recompute.
+__device__ __forceinline__ void rope_rotated(const __half* src, int head_dim, const __half* cos_row,
+                                             const __half* sin_row, float (&v)[8]) {
   const int lane = threadIdx.x & 31, ni = head_dim / 32, half_d = head_dim / 2;
-  float v[8];
   for (int i = 0; i < ni; ++i) v[i] = __half2float(rope_channel(src, i * 32 + lane, half_d, cos_row, sin_row));
   lskv::hadamard_row(v, ni, lane);
-  for (int i = 0; i < ni; ++i) dst[i * 32 + lane] = __float2half(v[i]);
+}
+
+// Query head h of row x in the Hadamard basis (int4's and fp8's), by the calling warp, rounded to fp16 into dst.
+__device__ __forceinline__ void write_q_hadamard(const __half* src, int head_dim, const __half* cos_row,
+                                                 const __half* sin_row, __half* dst) {
+  const int lane = threadIdx.x & 31;
+  float v[8];
+  rope_rotated(src, head_dim, cos_row, sin_row, v);
+  for (int i = 0; i < head_dim / 32; ++i) dst[i * 32 + lane] = __float2half(v[i]);
 }
 
 // A quantized cache (KV = lskv::Int8 / Int4 / Fp8, kernels/kv_quant.cuh): the calling warp quantizes K (after RoPE,
@@ -159,11 +167,14 @@ __device__ __forceinline__ void write_kv_quant(const __half* x, int item, int hq
   if (!where(is_k, is_k ? item : item - hkv, vals, scales)) return;
   const __half* src = x + (hq + item) * head_dim;
   float v[8];
-  for (int i = 0; i < ni; ++i) {
-    const int c = i * 32 + lane;
-    v[i] = __half2float(is_k ? rope_channel(src, c, half_d, cos_row, sin_row) : src[c]);
+  if (is_k && hadamard) {
+    rope_rotated(src, head_dim, cos_row, sin_row, v);
+  } else {
+    for (int i = 0; i < ni; ++i) {
+      const int c = i * 32 + lane;
+      v[i] = __half2float(is_k ? rope_channel(src, c, half_d, cos_row, sin_row) : src[c]);
+    }
   }
-  if (is_k && hadamard) lskv::hadamard_row(v, ni, lane);
   lskv::quantize_row<KV>(v, ni, vals, scales, lane);
 }
 
@@ -307,7 +318,8 @@ __device__ __forceinline__ void page_stats_item(const __half* __restrict__ qkv, 
 }
 
 // The same statistics of KV head g in the Hadamard basis (int4 / fp8 keys), by the calling warp: each key of the run
-// rotated once, as write_kv_quant rotates it (lane l: channels i * 32 + l), its channels' max / min in registers.
+// rotated once by rope_rotated, as its quantized row was (lane l: channels i * 32 + l), its channels' max / min in
+// registers.
 __device__ __forceinline__ void page_stats_rotated(const __half* __restrict__ qkv,
                                                    const long long* __restrict__ positions,
                                                    const long long* __restrict__ slots, const __half* __restrict__ cos_t,
@@ -328,9 +340,7 @@ __device__ __forceinline__ void page_stats_rotated(const __half* __restrict__ qk
     const long long p = positions[r];
     const __half* xr = qkv + (long long)r * nheads * head_dim + (hq + g) * head_dim;
     float k[8];
-    for (int i = 0; i < ni; ++i)
-      k[i] = __half2float(rope_channel(xr, i * 32 + lane, half_d, cos_t + p * half_d, sin_t + p * half_d));
-    lskv::hadamard_row(k, ni, lane);
+    rope_rotated(xr, head_dim, cos_t + p * half_d, sin_t + p * half_d, k);
     for (int i = 0; i < ni; ++i) {
       mx[i] = fmaxf(mx[i], k[i]);
       mn[i] = fminf(mn[i], k[i]);
