@@ -85,6 +85,9 @@ def cmd_chat(args) -> int:
     history: list[dict] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
+        if _fit_context(llm, history, keep=1) is None:
+            print("error: the system prompt alone does not fit the context (--max-model-len)", file=sys.stderr)
+            return 1
     print(f"lserve-lite chat ({llm.engine.kv_summary()}): {CHAT_COMMANDS}", file=sys.stderr)
     while True:
         try:
@@ -113,13 +116,13 @@ def cmd_chat(args) -> int:
             known = word if word == "/help" else f"unknown command {word}"
             print(f"{known}: {CHAT_COMMANDS}", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": line})
-        if not _fit_context(llm, history, keep=1 if args.system else 0):
-            history.pop()
+        fitted = _fit_context(llm, history + [{"role": "user", "content": line}], keep=1 if args.system else 0)
+        if fitted is None:
             print(
                 "error: this message alone does not fit the context; shorten it (or /reset)", file=sys.stderr
             )
             continue
+        history = fitted
         reply, n, t0, t1, last = [], 0, time.perf_counter(), None, None
         stream = llm.stream_outputs(history, params)
         try:
@@ -154,20 +157,20 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _fit_context(llm, history: list[dict], keep: int) -> bool:
-    """Drop the oldest turns (after the first `keep` messages) until the conversation leaves room for a
-    reply; False when even the newest message alone does not fit."""
-    dropped = 0
-    while len(llm.tokenizer.encode_chat(history)) >= llm.engine.max_len - 16:
-        if len(history) - keep <= 1:
-            return False
-        del history[keep : keep + 2]  # a user message and the reply to it
+def _fit_context(llm, messages: list[dict], keep: int) -> list[dict] | None:
+    """`messages` without their oldest exchanges (after the first `keep` messages), as few dropped as leave room
+    for a reply; None when even the newest message alone does not fit (the caller's history stays as it was)."""
+    fitted, dropped = list(messages), 0
+    while len(llm.tokenizer.encode_chat(fitted)) >= llm.engine.max_len - 16:
+        if len(fitted) - keep <= 1:
+            return None
+        del fitted[keep : keep + 2]  # a user message and the reply to it
         dropped += 1
     if dropped:
         print(
             f"(context full: dropped the {dropped} oldest exchange(s); /reset starts afresh)", file=sys.stderr
         )
-    return True
+    return fitted
 
 
 def cmd_convert(args) -> int:
@@ -233,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibrate_args(p)
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("eval", help="RULER-style accuracy suite: dense vs LServe settings, with 95% CIs")
+    p = sub.add_parser("eval", help="RULER-style accuracy suite: dense vs LServe settings, with 95%% CIs")
     add_eval_args(p)
     p.set_defaults(func=cmd_eval)
     return ap

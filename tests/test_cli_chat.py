@@ -38,18 +38,42 @@ def test_cli_refuses_absurd_numbers_in_one_line():
         assert "error:" in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
 
 
-def _chat(tiny_llama, *flags: str) -> list[tuple[int, int]]:
-    """(cached, prompt) tokens from the status line of each reply to three long messages."""
+def _chat(tiny_llama, *flags: str, lines: bytes | None = None) -> list[tuple[int, int]]:
+    """(cached, prompt) tokens from the status line of each reply (default: to three long messages)."""
     import re
 
     msg = b" ".join([b"the quick brown fox"] * 30) + b"\n"
     r = subprocess.run(
         [sys.executable, "-m", "lserve_lite.cli", "chat", "--model", str(tiny_llama), "--backend", "cpu",
          "--max-new-tokens", "8", "--temperature", "0", *flags],
-        input=msg * 3 + b"/exit\n", capture_output=True, timeout=300,
+        input=(msg * 3 if lines is None else lines) + b"/exit\n", capture_output=True, timeout=300,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     return [(int(a), int(b)) for a, b in re.findall(r"(\d+)/(\d+) prompt tokens cached", r.stderr.decode())]
+
+
+def test_chat_refused_message_keeps_the_history(tiny_llama):
+    """A message too long for the context is refused without dropping the earlier exchanges."""
+    first, after = _chat(tiny_llama, "--max-model-len", "128", lines=b"hi\n" + b"hello " * 300 + b"\nhi\n")
+    assert after[1] > first[1] + 4  # the second "hi" carries the first exchange
+
+
+def test_chat_refuses_a_system_prompt_that_cannot_fit(tiny_llama):
+    r = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "chat", "--model", str(tiny_llama), "--backend", "cpu",
+         "--max-model-len", "64", "--system", "word " * 200],
+        input="hi\n/exit\n", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert (
+        r.returncode == 1 and "system prompt alone does not fit" in r.stderr and "Traceback" not in r.stderr
+    )
+
+
+def test_top_level_help():
+    r = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0 and "eval" in r.stdout, r.stderr
 
 
 def test_chat_status_line_reports_cached_tokens(tiny_llama):

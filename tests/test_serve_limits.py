@@ -126,6 +126,23 @@ def test_size_limits(client):
     error(chunked, 413)  # no content-length: counted while read
 
 
+def test_prompt_size_before_validation(client):
+    """Text parts, message counts and token-id lists are measured on the raw body, so an oversized prompt is
+    refused before validation or tokenization costs time in its size; null content is empty text."""
+    parts = [{"role": "user", "content": [{"type": "text", "text": "y" * 201}]}]
+    assert error(post(client, {"messages": parts}, chat=True))["code"] == "context_length_exceeded"
+    many = [{"role": "user", "content": ""}] * 13  # 13 x 16 characters of template text > 200
+    assert error(post(client, {"messages": many}, chat=True))["code"] == "context_length_exceeded"
+    for ids in ([1] * 128, [1.5] * 50_000):  # the context is 128 tokens; wrong types are not validated first
+        err = error(post(client, {"prompt": ids, "max_tokens": 2}))
+        assert (err["param"], err["code"]) == ("prompt", "context_length_exceeded") and "128" in err["message"]
+    assert "at most 64 prompts" in error(post(client, {"prompt": [[1]] * 65, "max_tokens": 2}))["message"]
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": []},
+             {"role": "user"}]  # fmt: skip
+    r = post(client, {"messages": turns, "max_tokens": 2, "temperature": 0}, chat=True)
+    assert r.status_code == 200, r.text
+
+
 def test_stop_limits(client):
     ok = {"prompt": "hi", "max_tokens": 2, "temperature": 0}
     r = post(client, ok | {"stop": ["s" * MAX_STOP_CHARS] + ["x"] * (MAX_STOP_STRINGS - 1)})

@@ -36,6 +36,7 @@ class ApiError(Exception):
 
 
 MAX_CHOICES = 64  # prompts x n of one request: each is a running sequence
+MESSAGE_CHARS = 16  # a chat message's template text, counted in the prompt's size (at least a token's worth)
 MAX_JSON_DEPTH = 32  # the deepest valid body is 5 levels (messages[i].content[j].text)
 
 _STRICT = ConfigDict(extra="ignore", strict=True)
@@ -75,10 +76,6 @@ class _Request(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
-
-    def prompt_chars(self) -> int:
-        """Characters of text to tokenize (0 for token ids)."""
-        raise NotImplementedError
 
     def check(self) -> None:
         if self.n is None:
@@ -149,7 +146,7 @@ class ChatMessage(BaseModel):
 
     def as_dict(self) -> dict:
         """The message as the chat template takes it (Tokenizer.render_chat joins text parts)."""
-        c = [p.model_dump() for p in self.content] if isinstance(self.content, list) else self.content
+        c = [p.model_dump() for p in self.content] if isinstance(self.content, list) else self.content or ""
         return {"role": "system" if self.role == "developer" else self.role, "content": c}
 
 
@@ -168,9 +165,6 @@ class ChatCompletionRequest(_Request):
             raise ApiError(400, "tools are not supported", "tools")
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
-
-    def prompt_chars(self) -> int:
-        return sum(len(m.as_dict()["content"]) for m in self.messages)
 
     def logprob_params(self) -> dict:
         return {"logprobs": (self.top_logprobs or 0) if self.logprobs else None}
@@ -196,9 +190,6 @@ class CompletionRequest(_Request):
         """The prompts of a batch request (a string, token ids, or a list of either)."""
         p = self.prompt
         return list(p) if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
-
-    def prompt_chars(self) -> int:
-        return sum(len(p) for p in self.prompts() if isinstance(p, str))
 
     def logprob_params(self) -> dict:
         return {"logprobs": self.logprobs, "prompt_logprobs": self.logprobs if self.echo else None}
@@ -249,6 +240,27 @@ def _check_value(value: Any, param: str) -> None:
             stack.extend((x, depth + 1) for x in v.values())
         elif isinstance(v, list):
             stack.extend((x, depth + 1) for x in v)
+
+
+def prompt_size(body: dict, chat: bool) -> tuple[int, int, int]:
+    """A decoded body's prompt measured before validation, in time linear in its top-level lists: (characters
+    of text, MESSAGE_CHARS counted for each message; token ids of the longest id prompt; prompts)."""
+    if chat:
+        msgs = body.get("messages")
+        if not isinstance(msgs, list):
+            return 0, 0, 1
+        chars = MESSAGE_CHARS * len(msgs)
+        for m in msgs:
+            c = m.get("content") if isinstance(m, dict) else None
+            parts = c if isinstance(c, list) else [{"text": c}]
+            chars += sum(
+                len(x["text"]) if isinstance(x, dict) and isinstance(x.get("text"), str) else 1 for x in parts
+            )
+        return chars, 0, 1
+    p = body.get("prompt")
+    prompts = p if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
+    chars = sum(len(x) for x in prompts if isinstance(x, str))
+    return chars, max((len(x) for x in prompts if isinstance(x, list)), default=0), len(prompts)
 
 
 def parse(model: type[_Request], body: dict) -> _Request:
