@@ -86,7 +86,9 @@ def cmd_chat(args) -> int:
     if args.system:
         history.append({"role": "system", "content": args.system})
         if _fit_context(llm, history, keep=1) is None:
-            print("error: the system prompt alone does not fit the context (--max-model-len)", file=sys.stderr)
+            print(
+                "error: the system prompt alone does not fit the context (--max-model-len)", file=sys.stderr
+            )
             return 1
     print(f"lserve-lite chat ({llm.engine.kv_summary()}): {CHAT_COMMANDS}", file=sys.stderr)
     while True:
@@ -116,7 +118,9 @@ def cmd_chat(args) -> int:
             known = word if word == "/help" else f"unknown command {word}"
             print(f"{known}: {CHAT_COMMANDS}", file=sys.stderr)
             continue
-        fitted = _fit_context(llm, history + [{"role": "user", "content": line}], keep=1 if args.system else 0)
+        fitted = _fit_context(
+            llm, history + [{"role": "user", "content": line}], keep=1 if args.system else 0
+        )
         if fitted is None:
             print(
                 "error: this message alone does not fit the context; shorten it (or /reset)", file=sys.stderr

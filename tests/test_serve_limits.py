@@ -135,7 +135,9 @@ def test_prompt_size_before_validation(client):
     assert error(post(client, {"messages": many}, chat=True))["code"] == "context_length_exceeded"
     for ids in ([1] * 128, [1.5] * 50_000):  # the context is 128 tokens; wrong types are not validated first
         err = error(post(client, {"prompt": ids, "max_tokens": 2}))
-        assert (err["param"], err["code"]) == ("prompt", "context_length_exceeded") and "128" in err["message"]
+        assert (err["param"], err["code"]) == ("prompt", "context_length_exceeded") and "128" in err[
+            "message"
+        ]
     assert "at most 64 prompts" in error(post(client, {"prompt": [[1]] * 65, "max_tokens": 2}))["message"]
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": []},
              {"role": "user"}]  # fmt: skip
