@@ -287,6 +287,13 @@ class SparseConfig:
         def bad(msg: str):
             raise InvalidRequestError(f"sparse config: {msg}")
 
+        for f in fields(self):
+            v, kind = getattr(self, f.name), type(getattr(SparseConfig, f.name, None))
+            if f.name == "pattern_path" and (v is None or isinstance(v, str)):
+                continue
+            ok = isinstance(v, (int, float)) if kind is float else isinstance(v, kind)
+            if not ok or (kind is not bool and isinstance(v, bool)):
+                bad(f"{f.name} must be {kind.__name__}, got {v!r}")
         if not 0.0 <= self.static_sparsity <= 1.0:
             bad(f"static_sparsity must be in [0, 1], got {self.static_sparsity}")
         if self.page_size <= 0 or self.page_size & (self.page_size - 1) or self.page_size < 16:
@@ -332,7 +339,6 @@ class EngineConfig:
     page_size: int = 64
     sparse: SparseConfig = field(default_factory=SparseConfig)
     cuda_graphs: bool = True
-    seed: int = 0
     prefix_caching: bool = True  # reuse cached KV pages of equal prompt prefixes (docs/PREFIX_CACHE.md)
     quantize: str | None = None  # "int8" / "int4": quantize a float model's projection matrices at load
     tensor_parallel: int | None = None  # ranks in worker processes (1 too); None: one in-process runner
@@ -342,6 +348,15 @@ class EngineConfig:
 
     def __post_init__(self):
         """Absurd limits are refused here, before they can hang the scheduler or size an allocation."""
+        for name in ("cuda_graphs", "prefix_caching", "async_scheduling"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequestError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.sparse, dict):  # EngineConfig(sparse={"enabled": True, ...})
+            self.sparse = SparseConfig().with_updates(**self.sparse)
+        if not isinstance(self.sparse, SparseConfig):
+            raise InvalidRequestError(
+                f"sparse must be a SparseConfig or a dict of its knobs, got {self.sparse!r}"
+            )
         _positive_int("max_num_seqs", self.max_num_seqs, hi=MAX_NUM_SEQS)
         _positive_int("max_num_batched_tokens", self.max_num_batched_tokens, hi=MAX_BATCHED_TOKENS)
         if self.num_kv_pages is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -32,27 +33,46 @@ class LLM:
     def __init__(
         self, model: str | None = None, backend: str = "auto", config: EngineConfig | None = None, **kw
     ):
-        cfg = config or EngineConfig(**kw)
+        if model is not None and (not isinstance(model, (str, os.PathLike)) or not str(model)):
+            raise InvalidRequestError(f"model must be a path or a model name, got {model!r}")
+        if config is not None and not isinstance(config, EngineConfig):
+            raise InvalidRequestError(f"config must be an EngineConfig, got {type(config).__name__}")
+        try:
+            cfg = config or EngineConfig(**kw)
+        except TypeError as e:  # an unknown keyword
+            raise InvalidRequestError(f"LLM: {e}".replace("EngineConfig.__init__() ", "")) from None
         self.engine = LLMEngine(model, backend, cfg)
         self.tokenizer = self.engine.tokenizer
 
     def generate(
-        self, prompts: str | list[str] | list[list[int]], params: SamplingParams | None = None
+        self,
+        prompts: str | list[int] | list[str | list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
     ) -> list[CompletionOutput]:
         """Run all prompts as one continuous batch; outputs in prompt order (with `n > 1`, the n candidates
-        of each prompt in a row; they share the prompt's KV pages through the prefix cache)."""
-        params = params or SamplingParams()
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        of each prompt in a row; they share the prompt's KV pages through the prefix cache). `params`: one
+        for all prompts or a list, one per prompt. Leaving early (an error, Ctrl-C) aborts the batch."""
+        prompts = _prompt_list(prompts)
+        per_prompt = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise InvalidRequestError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts")
+        per_prompt = [p or SamplingParams() for p in per_prompt]
+        if not all(isinstance(p, SamplingParams) for p in per_prompt):
+            raise InvalidRequestError("params must be a SamplingParams or a list of them, one per prompt")
         rids: list[str] = []
+        done = False
         try:
-            for p in prompts:
-                rids += [self.engine.add_request(p, c) for c in params.candidates()]
-        except Exception:  # a refused prompt refuses the batch: none of it stays queued
-            for r in rids:
-                self.engine.abort(r)
-            raise
-        return self._collect(rids)
+            for p, sp in zip(prompts, per_prompt):
+                rids += [self.engine.add_request(p, c) for c in sp.candidates()]
+            outs = self._collect(rids)
+            done = True
+            return outs
+        finally:  # a refused prompt, an error or an interrupt: none of the batch stays queued or running
+            if not done:
+                for r in rids:
+                    self.engine.abort(r)
+                if rids:
+                    self.engine.step()
 
     def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None):
         """One conversation -> one output; a list of conversations (or n > 1) -> a list of outputs."""
@@ -118,3 +138,16 @@ class LLM:
                     )
                     pending.discard(out.request_id)
         return [results[r] for r in rids]
+
+
+def _prompt_list(prompts) -> list[str | list[int]]:
+    """generate's prompts as a list of prompts (a string or a list of token ids each)."""
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise InvalidRequestError(
+            "prompts must be a string, a list of token ids, or a non-empty list of either"
+        )
+    if not all(isinstance(p, (str, list, tuple)) for p in prompts):
+        raise InvalidRequestError("each prompt must be a string or a list of token ids")
+    return list(prompts)

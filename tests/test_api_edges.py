@@ -152,3 +152,77 @@ def test_stream_refuses_several_candidates(llm):
     with pytest.raises(InvalidRequestError, match="one candidate"):
         next(llm.stream([5, 6, 7], SamplingParams(n=2, max_new_tokens=2)))
     assert not llm.engine.has_unfinished()
+
+
+@pytest.mark.parametrize(
+    "prompts,params,match",
+    [
+        (None, None, "prompts must be"),
+        (5, None, "prompts must be"),
+        ({"a": 1}, None, "prompts must be"),
+        ([], None, "prompts must be"),
+        (["hi", 5], None, "each prompt"),
+        ("hi", {"max_new_tokens": 3}, "params must be"),
+        (["a", "b"], [SamplingParams()], "1 SamplingParams for 2 prompts"),
+    ],
+)  # fmt: skip
+def test_generate_refuses_wrong_types(llm, prompts, params, match):
+    with pytest.raises(InvalidRequestError, match=match):
+        llm.generate(prompts, params)
+    assert not llm.engine.has_unfinished()
+
+
+def test_generate_takes_a_sampling_params_per_prompt(llm):
+    outs = llm.generate(
+        ["a", "b"], [SamplingParams(max_new_tokens=2, temperature=0), SamplingParams(max_new_tokens=3)]
+    )
+    assert len(outs) == 2 and len(outs[0].token_ids) <= 2 and 1 <= len(outs[1].token_ids) <= 3
+
+
+def test_interrupted_generate_leaves_nothing_running(llm, monkeypatch):
+    """Ctrl-C (or any error) inside generate's loop aborts its batch: no orphan keeps decoding or holds pages."""
+    calls = []
+    step = llm.engine.step
+
+    def interrupted():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step()
+
+    with monkeypatch.context() as mp:
+        mp.setattr(llm.engine, "step", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(["x", "y"], SamplingParams(max_new_tokens=50, ignore_eos=True))
+    assert not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(cuda_graphs="no"), "cuda_graphs must be True or False"),
+        (dict(prefix_caching=None), "prefix_caching must be True or False"),
+        (dict(sparse="x"), "sparse must be"),
+        (dict(sparse={"enabled": True, "token_budget": "x"}), "token_budget must be int"),
+        (dict(sparse={"bogus": 1}), "unknown knob"),
+    ],
+)  # fmt: skip
+def test_engine_config_types(kw, match):
+    with pytest.raises(InvalidRequestError, match=match):
+        EngineConfig(**kw)
+    assert EngineConfig(sparse={"enabled": True}).sparse.enabled
+
+
+def test_llm_refuses_wrong_argument_types(tiny_llama):
+    for args, kw, match in (((5,), {}, "model must be"), (("",), {}, "model must be"),
+                            ((str(tiny_llama),), {"config": {"max_num_seqs": 2}}, "config must be"),
+                            ((str(tiny_llama),), {"bogus": 1}, "bogus")):  # fmt: skip
+        with pytest.raises(InvalidRequestError, match=match):
+            LLM(*args, backend="cpu", **kw)
+
+
+def test_add_request_refuses_wrong_types(llm):
+    with pytest.raises(InvalidRequestError, match="params must be"):
+        llm.engine.add_request("hi", {"max_new_tokens": 2})
+    with pytest.raises(InvalidRequestError, match="sparse must be"):
+        llm.engine.add_request("hi", SamplingParams(), sparse="x")

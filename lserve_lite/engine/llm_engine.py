@@ -198,6 +198,10 @@ class LLMEngine:
         sparse: dict | None = None,
     ) -> str:
         """Queue a request; `sparse` overrides LServe knobs for it (token_budget, select_interval, windows)."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if sparse is not None and not isinstance(sparse, dict):
+            raise InvalidRequestError(f"sparse must be a dict of LServe knobs, got {type(sparse).__name__}")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self._check_ids(prompt, "prompt")
         if not ids:
             raise InvalidRequestError("prompt is empty (no tokens after tokenizing)")
