@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from datetime import datetime
 from pathlib import Path
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
+from . import chat_template
 from .config import read_json_object
 from .errors import InvalidRequestError, LServeError, ModelLoadError
 
@@ -81,8 +79,8 @@ class Tokenizer:
         messages = [{**m, "content": message_text(m["content"])} for m in messages]
         specials = {k: self._special(k) for k in SPECIAL_KEYS}
         try:
-            return self._compiled.render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **specials
+            return chat_template.render(
+                self._compiled, messages=messages, add_generation_prompt=add_generation_prompt, **specials
             )
         except LServeError:
             raise
@@ -123,7 +121,7 @@ def _chat_template(cfg: dict, path: Path) -> str | None:
 def _compile(template: str, path: Path) -> jinja2.Template:
     """The chat template compiled once at load, so that a syntax error names the file, not a request."""
     try:
-        return _jinja_env().from_string(template)
+        return chat_template.environment(_raise_exception).from_string(template)
     except jinja2.TemplateSyntaxError as e:
         raise ModelLoadError(
             f"{path}: field 'chat_template' has a Jinja syntax error at line {e.lineno} ({_one_line(e)})"
@@ -150,22 +148,8 @@ def _one_line(e: BaseException) -> str:
     return msg if len(msg) <= 200 else msg[:197] + "..."
 
 
-def _jinja_env() -> jinja2.Environment:
-    def raise_exception(msg: str):
-        raise InvalidRequestError(f"chat template: {msg}")
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(
-            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-        )
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
+def _raise_exception(msg: str):
+    raise InvalidRequestError(f"chat template: {msg}")
 
 
 class IncrementalDecoder:

@@ -135,6 +135,16 @@ def test_response_format_json_schema_and_object(llm):
             "x",
             SamplingParams(response_format={"type": "json_schema", "json_schema": {"schema": {"type": 5}}}),
         )
+    deep: dict = {"type": "object"}
+    for _ in range(5000):
+        deep = {"type": "array", "items": deep}
+    for schema in ({"$ref": "#"}, deep):  # fails at the first mask, not at build; too deep for json.dumps
+        with pytest.raises(InvalidRequestError, match="response_format: invalid JSON schema"):
+            llm.generate(
+                "x",
+                SamplingParams(response_format={"type": "json_schema", "json_schema": {"schema": schema}}),
+            )
+    assert not llm.engine.has_unfinished()
     with pytest.raises(InvalidRequestError, match="logit_bias token id 999"):
         llm.generate("x", SamplingParams(logit_bias={999: 1.0}))
 

@@ -337,6 +337,16 @@ def test_overload_429(tiny_dir):
         assert [r.choices[0].finish_reason for r in results] == ["length", "length"]
         assert c.completions.create(**body).choices[0].finish_reason == "length"  # room again
         assert metrics(url)['lserve_request_errors_total{status="429"}'] == 1
+        with pytest.raises(openai.BadRequestError, match="at most 2"):  # never admissible: 400, not 429
+            c.completions.create(**(body | {"n": 3}))
+        with paused(engine):  # one running: a request of two sequences is refused whole, none of it starts
+            t = threading.Thread(target=lambda: results.append(c.completions.create(**body)))
+            t.start()
+            assert wait_for(lambda: metrics(url)["lserve_requests_in_flight"] == 1)
+            with pytest.raises(openai.RateLimitError):
+                c.completions.create(**(body | {"n": 2}))
+            assert metrics(url)["lserve_requests_in_flight"] == 1
+        t.join()
 
 
 def test_internal_errors_500_without_trace(server, client, monkeypatch):

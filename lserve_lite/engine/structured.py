@@ -48,9 +48,11 @@ class Grammars:
         )
         try:
             grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS)
-        except (ValueError, TypeError) as e:
-            raise InvalidRequestError(f"response_format: invalid JSON schema ({e})") from None
+        except (ValueError, TypeError, RecursionError) as e:
+            raise InvalidRequestError(f"response_format: invalid JSON schema ({_one_line(e)})") from None
         m = llg.LLMatcher(self._ll_tok, grammar, log_level=0)
+        if not m.is_error():
+            m.compute_bitmask()  # some schemas (e.g. {"$ref": "#"}) fail only here: refuse them now, not mid-decode
         if m.is_error():
             raise InvalidRequestError(f"response_format: invalid JSON schema ({_one_line(m.get_error())})")
         return m

@@ -227,6 +227,7 @@ def create_app(
             for ids in prompts
             for c in req.sampling_params(max_new_tokens(req, len(ids))).candidates()
         ]
+        aengine.check_room(len(jobs))
         rid = new_id("chatcmpl" if chat else "cmpl")
         # all at once, so that they reach the engine in one step: the first candidate of a prompt prefills
         # it, the others wait for its pages and attach them from the prefix cache

@@ -110,6 +110,14 @@ class AsyncEngine:
         return len(self._inbox) + len(self.engine.scheduler.waiting)
 
     # -- requests (event loop) ------------------------------------------------------------------
+    def check_room(self, count: int) -> None:
+        """A request of `count` sequences: 400 if it can never be admitted, 429 if not now (before any starts)."""
+        if count > self.max_in_flight:
+            raise ApiError(400, f"the request needs {count} sequences (prompts x n); this server holds at most "
+                           f"{self.max_in_flight} (max_num_seqs + max_queue)", "n")  # fmt: skip
+        if len(self._queues) + count > self.max_in_flight:
+            raise ApiError(429, f"server overloaded: {len(self._queues)} requests in flight; retry later")
+
     async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None):
         """Hand a request to the engine; returns its RequestHandle once admitted, raises ApiError if refused."""
         if not self.alive:

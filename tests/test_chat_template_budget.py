@@ -1,0 +1,62 @@
+"""Chat templates are code from the model files: renderings that would loop or allocate without bound stop at
+chat_template's budgets with one InvalidRequestError line, quickly; real templates render as plain Jinja does."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fuzz_corpus import write_min_model_dir
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from lserve_lite.errors import InvalidRequestError
+from lserve_lite.tokenizer import Tokenizer
+
+BOMBS = [
+    "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}x",
+    "{% for a in 'x' * 4096 %}{% for b in 'x' * 4096 %}{% endfor %}{% endfor %}",  # loops without range
+    "{% macro f(n) %}{% for c in 'abcdefgh' %}{{ f(n) if n < 100 else '' }}{% endfor %}{% endmacro %}{{ f(0) }}",
+    "{{ 'x' * 300000000 }}",
+    "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+    "{{ 'x'.ljust(1000000000) }}",
+    "{{ 'x'|center(1000000000) }}",
+    "{{ ('x' * 60000)|replace('x', 'x' * 1000) }}",
+    "{{ (['x' * 60000] * 1000)|join }}",
+    "{{ '%999999999s'|format(1) }}",
+    "{{ '%999999999s' % 1 }}",
+    "{{ messages|tojson(indent=1000000000) }}",
+    "{{ 9 ** 99999999 }}",
+]
+SMOL = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are helpful<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _tok(tmp_path: Path, template: str) -> Tokenizer:
+    d = write_min_model_dir(tmp_path / "m")
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    return Tokenizer(d)
+
+
+@pytest.mark.parametrize("template", BOMBS)
+def test_template_bombs_stop_at_a_budget(tmp_path: Path, template: str):
+    tok, trace = _tok(tmp_path, template), sys.gettrace()
+    t0 = time.monotonic()
+    with pytest.raises(InvalidRequestError, match="chat template failed"):
+        tok.render_chat([{"role": "user", "content": "hi"}])
+    assert time.monotonic() - t0 < 10 and sys.gettrace() is trace  # another tracer (coverage) is restored
+
+
+def test_real_templates_render_as_plain_jinja(tmp_path: Path):
+    msgs = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i} " * 30} for i in range(50)
+    ]
+    plain = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(SMOL)
+    assert _tok(tmp_path, SMOL).render_chat(msgs) == plain.render(messages=msgs, add_generation_prompt=True)
+    loops = "{% for i in range(3) %}{{ i }}{% endfor %}{{ messages|length }}{{ 'a' ~ 'b' }}{{ 2 ** 10 }}"
+    assert _tok(tmp_path, loops).render_chat(msgs) == "012" + "50" + "ab" + "1024"
