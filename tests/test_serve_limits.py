@@ -202,3 +202,15 @@ def test_sampling_params_limits():
     assert SamplingParams(stop=("a", "b"), stop_token_ids=[3]).stop == ("a", "b")
     assert SamplingParams(temperature=5e-324).greedy and not SamplingParams(temperature=1e-4).greedy
     assert json.dumps(SamplingParams(stop="x").stop) == '["x"]'
+
+
+def test_client_compat_fields(client):
+    """vLLM's top_k -1 (off), HEAD /health; tool fields without tools are refused, not ignored."""
+    r = post(client, {"prompt": "hi", "max_tokens": 2, "top_k": -1})
+    assert r.status_code == 200, r.text
+    assert client.head("/health").status_code == 200
+    for extra, param in (({"tool_choice": "required"}, "tool_choice"), ({"functions": [{"name": "f"}]}, "functions"),
+                         ({"logprobs": True, "top_logprobs": 30}, "top_logprobs")):  # fmt: skip
+        assert error(post(client, {"messages": MSGS, "max_tokens": 2} | extra, chat=True))["param"] == param
+    r = post(client, {"messages": MSGS, "max_tokens": 2, "tool_choice": "none"}, chat=True)
+    assert r.status_code == 200, r.text

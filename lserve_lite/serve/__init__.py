@@ -25,7 +25,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="require 'Authorization: Bearer KEY' on /v1/* (default: $LSERVE_API_KEY, else none)",
     )
     s.add_argument(
-        "--served-model-name", default=None, help="model id in the API (default: model directory name)"
+        "--served-model-name",
+        type=_model_id,
+        default=None,
+        help="model id in the API (default: model directory name)",
     )
     s.add_argument(
         "--max-num-seqs",
@@ -103,3 +106,9 @@ def run_server(
              engine.ops.name, engine.max_len, engine.kv_summary(), host, port)  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level=log_level)
     return 0
+
+
+def _model_id(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the served model name must not be empty")
+    return text

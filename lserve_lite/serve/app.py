@@ -110,7 +110,7 @@ def create_app(
                            "model_not_found")  # fmt: skip
 
     # -- plain endpoints ------------------------------------------------------------------------
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if not aengine.alive:
             raise ApiError(503, "the engine thread is not running")

@@ -72,7 +72,7 @@ class _Request(BaseModel):
     logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
     # extensions (vLLM names)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=-1)  # -1: off, as vLLM spells it
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
@@ -98,7 +98,7 @@ class _Request(BaseModel):
                 max_new_tokens=max_new_tokens,
                 temperature=1.0 if self.temperature is None else self.temperature,
                 top_p=1.0 if self.top_p is None else self.top_p,
-                top_k=self.top_k or 0,
+                top_k=max(self.top_k or 0, 0),
                 repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
                 seed=self.seed,
                 stop=stop,
@@ -156,6 +156,8 @@ class ChatCompletionRequest(_Request):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
 
     def check(self) -> None:
         super().check()
@@ -163,6 +165,12 @@ class ChatCompletionRequest(_Request):
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         if self.tools:
             raise ApiError(400, "tools are not supported", "tools")
+        if self.functions:
+            raise ApiError(400, "functions are not supported", "functions")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise ApiError(400, "tool_choice needs tools, which are not supported", "tool_choice")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
+            raise ApiError(400, f"top_logprobs must be in [0, 20], got {self.top_logprobs}", "top_logprobs")
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
 
