@@ -111,9 +111,10 @@ def test_rope_write_quantizes(hctx, kv):
     _run(hctx, kv, HK.kv_write_one)
 
 
+@pytest.mark.parametrize("d", HK.SPARSE_DIMS)
 @pytest.mark.parametrize("kv", HK.QUANT_KV)
-def test_rope_write_sparse_quantizes_and_keeps_unquantized_stats(hctx, kv):
-    _run(hctx, kv, HK.kv_write_sparse_one)
+def test_rope_write_sparse_quantizes_and_keeps_unquantized_stats(hctx, kv, d):
+    _run(hctx, kv, HK.kv_write_sparse_one, d=d)
 
 
 @pytest.fixture(scope="module")
