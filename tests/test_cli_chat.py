@@ -92,3 +92,20 @@ def test_bench_refuses_what_the_engine_cannot_run(tiny_llama):
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_serve_refuses_an_address_it_cannot_bind_before_loading(tmp_path):
+    """A port in use or an unknown host is one line before the model loads (the model path here does not exist)."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for host, p in (("127.0.0.1", port), ("999.1.1.1", 8000)):
+            r = subprocess.run(
+                [sys.executable, "-m", "lserve_lite.cli", "serve", "--model", str(tmp_path / "none"),
+                 "--host", host, "--port", str(p)],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert r.returncode == 1 and f"cannot listen on {host}:{p}" in r.stderr, r.stderr

@@ -92,6 +92,10 @@ def run_server(
     except ImportError as e:
         print(f"lserve-lite serve: {e.name} is missing; pip install 'lserve-lite[serve]'", file=sys.stderr)
         return 1
+    bind_error = _cannot_bind(host, port)
+    if bind_error:  # before the model loads (minutes on a GPU), not after
+        print(f"lserve-lite serve: cannot listen on {host}:{port} ({bind_error})", file=sys.stderr)
+        return 1
     try:
         engine = LLMEngine(model, backend, cfg)
     except LServeError as e:
@@ -112,3 +116,17 @@ def _model_id(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("the served model name must not be empty")
     return text
+
+
+def _cannot_bind(host: str, port: int) -> str | None:
+    """Why (host, port) cannot be listened on now (an unknown address, a port in use), or None."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind(infos[0][4])
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
