@@ -144,10 +144,8 @@ def _prompt_list(prompts) -> list[str | list[int]]:
     """generate's prompts as a list of prompts (a string or a list of token ids each)."""
     if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
         return [prompts]
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise InvalidRequestError(
-            "prompts must be a string, a list of token ids, or a non-empty list of either"
-        )
+    if not isinstance(prompts, (list, tuple)):
+        raise InvalidRequestError("prompts must be a string, a list of token ids, or a list of either")
     if not all(isinstance(p, (str, list, tuple)) for p in prompts):
         raise InvalidRequestError("each prompt must be a string or a list of token ids")
     return list(prompts)

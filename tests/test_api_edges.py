@@ -160,7 +160,6 @@ def test_stream_refuses_several_candidates(llm):
         (None, None, "prompts must be"),
         (5, None, "prompts must be"),
         ({"a": 1}, None, "prompts must be"),
-        ([], None, "prompts must be"),
         (["hi", 5], None, "each prompt"),
         ("hi", {"max_new_tokens": 3}, "params must be"),
         (["a", "b"], [SamplingParams()], "1 SamplingParams for 2 prompts"),
@@ -173,6 +172,7 @@ def test_generate_refuses_wrong_types(llm, prompts, params, match):
 
 
 def test_generate_takes_a_sampling_params_per_prompt(llm):
+    assert llm.generate([]) == []
     outs = llm.generate(
         ["a", "b"], [SamplingParams(max_new_tokens=2, temperature=0), SamplingParams(max_new_tokens=3)]
     )
