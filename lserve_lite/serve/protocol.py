@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import InvalidRequestError
-from ..sampling_params import SamplingParams
+from ..sampling_params import MAX_LOGPROBS, SamplingParams
 
 
 class ApiError(Exception):
@@ -169,8 +169,9 @@ class ChatCompletionRequest(_Request):
             raise ApiError(400, "functions are not supported", "functions")
         if self.tool_choice not in (None, "none", "auto"):
             raise ApiError(400, "tool_choice needs tools, which are not supported", "tool_choice")
-        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
-            raise ApiError(400, f"top_logprobs must be in [0, 20], got {self.top_logprobs}", "top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise ApiError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}",
+                           "top_logprobs")  # fmt: skip
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
 
@@ -196,8 +197,7 @@ class CompletionRequest(_Request):
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts of a batch request (a string, token ids, or a list of either)."""
-        p = self.prompt
-        return list(p) if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
+        return _batch(self.prompt)
 
     def logprob_params(self) -> dict:
         return {"logprobs": self.logprobs, "prompt_logprobs": self.logprobs if self.echo else None}
@@ -250,6 +250,11 @@ def _check_value(value: Any, param: str) -> None:
             stack.extend((x, depth + 1) for x in v)
 
 
+def _batch(p: Any) -> list:
+    """A completion request's prompt as a list of prompts (a string, token ids, or a list of either)."""
+    return list(p) if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
+
+
 def prompt_size(body: dict, chat: bool) -> tuple[int, int, int]:
     """A decoded body's prompt measured before validation, in time linear in its top-level lists: (characters
     of text, MESSAGE_CHARS counted for each message; token ids of the longest id prompt; prompts)."""
@@ -266,7 +271,7 @@ def prompt_size(body: dict, chat: bool) -> tuple[int, int, int]:
             )
         return chars, 0, 1
     p = body.get("prompt")
-    prompts = p if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
+    prompts = _batch(p)
     chars = sum(len(x) for x in prompts if isinstance(x, str))
     return chars, max((len(x) for x in prompts if isinstance(x, list)), default=0), len(prompts)
 
