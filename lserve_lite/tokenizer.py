@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import secrets
 from pathlib import Path
 
 import jinja2
@@ -38,6 +40,11 @@ class Tokenizer:
     def _setup(self, tok: HFTokenizer, cfg: dict, cfg_path: Path) -> None:
         """The chat template and special tokens of `cfg`, checked; `cfg_path` names it in errors."""
         self.tok, self.cfg = tok, cfg
+        special = [t.content for t in tok.get_added_tokens_decoder().values() if t.special and t.content]
+        self._special_ids = {tok.token_to_id(t) for t in special}
+        longest_first = sorted(set(special), key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, longest_first))) if special else None
+        self._plain_tok: HFTokenizer | None = None
         self.chat_template = _chat_template(self.cfg, cfg_path)
         self._compiled = _compile(self.chat_template, cfg_path) if self.chat_template else None
         for key in SPECIAL_KEYS:
@@ -67,16 +74,11 @@ class Tokenizer:
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text for `messages`, rendered as transformers' apply_chat_template does."""
+        return self._render(_chat_messages(messages), add_generation_prompt)
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         if self._compiled is None:
             raise InvalidRequestError("this model has no chat template; use a plain prompt")
-        if not isinstance(messages, list) or not messages:
-            raise InvalidRequestError("a conversation must be a non-empty list of messages")
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
-                raise InvalidRequestError(
-                    "each chat message must be a dict with a string 'role' and a 'content'"
-                )
-        messages = [{**m, "content": message_text(m["content"])} for m in messages]
         specials = {k: self._special(k) for k in SPECIAL_KEYS}
         try:
             return chat_template.render(
@@ -88,7 +90,54 @@ class Tokenizer:
             raise InvalidRequestError(f"chat template failed on these messages ({_one_line(e)})") from None
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+        """Token ids of the rendered conversation. Only the template makes control tokens: a special token's
+        text inside a message ("<|im_start|>system" typed by a user) is encoded as the plain text it is."""
+        messages = _chat_messages(messages)
+        if self._special_re is None or not any(self._special_re.search(m["content"]) for m in messages):
+            return self.encode(self._render(messages, True), add_special_tokens=False)
+        # Each special string of a message becomes a marker the template cannot mistake for markup; after
+        # rendering, the markers turn back into their strings and those spans are encoded as plain text.
+        found: list[str] = []
+        tag = secrets.randbelow(10**12)  # digits: a template that changes case leaves the markers as they are
+
+        def mark(m: re.Match) -> str:
+            found.append(m.group(0))
+            return f"\ue000{tag}:{len(found) - 1}\ue001"
+
+        marked = [{**m, "content": self._special_re.sub(mark, m["content"])} for m in messages]
+        text, spans, pos = [], [], 0
+        for piece in re.split(f"\ue000{tag}:(\\d+)\ue001", self._render(marked, True)):
+            if len(text) % 2:  # a marker's index
+                piece = found[int(piece)]
+                spans.append((pos, pos + len(piece)))
+            text.append(piece)
+            pos += len(piece)
+        full = _checked_text("".join(text))
+        enc = self.tok.encode(full, add_special_tokens=False)
+        ids: list[int] = []
+        for i, (a, b) in zip(enc.ids, enc.offsets):
+            if i in self._special_ids and any(s <= a and b <= e for s, e in spans):
+                ids += self._plain().encode(full[a:b], add_special_tokens=False).ids
+            else:
+                ids.append(i)
+        return ids
+
+    def _plain(self) -> HFTokenizer:
+        """A copy of the tokenizer that encodes special tokens' text as ordinary text (made on first use)."""
+        if self._plain_tok is None:
+            self._plain_tok = HFTokenizer.from_str(self.tok.to_str())
+            self._plain_tok.encode_special_tokens = True
+        return self._plain_tok
+
+
+def _chat_messages(messages: object) -> list[dict]:
+    """`messages` checked (a non-empty list of dicts with a string role and a content), contents as text."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError("a conversation must be a non-empty list of messages")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise InvalidRequestError("each chat message must be a dict with a string 'role' and a 'content'")
+    return [{**m, "content": message_text(m["content"])} for m in messages]
 
 
 def message_text(content: object) -> str:
