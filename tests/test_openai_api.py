@@ -149,6 +149,29 @@ def test_response_format_json_schema_and_object(llm):
         llm.generate("x", SamplingParams(logit_bias={999: 1.0}))
 
 
+def test_one_bitmask_per_sampled_token(llm):
+    """The first mask, computed when the request is added (to refuse bad schemas early), serves the first token."""
+
+    class Counting:
+        def __init__(self, m):
+            self.m, self.masks = m, 0
+
+        def compute_bitmask(self):
+            self.masks += 1
+            return self.m.compute_bitmask()
+
+        def __getattr__(self, name):
+            return getattr(self.m, name)
+
+    eng = llm.engine
+    rid = eng.add_request("x", SamplingParams(max_new_tokens=4, response_format={"type": "json_object"}))
+    guide = eng.seqs[rid].guide = Counting(eng.seqs[rid].guide)
+    tokens = 0
+    while eng.has_unfinished():
+        tokens += sum(len(o.token_ids) for o in eng.step() if o.request_id == rid)
+    assert tokens >= 2 and guide.masks == tokens - 1  # the first token used add_request's mask
+
+
 # -- the server -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tiny_dir):

@@ -47,14 +47,14 @@ def main() -> None:
     grammars = Grammars(tok, cfg.vocab_size, list(cfg.eos_token_ids))
     fmt = {"type": "json_schema", "json_schema": {"schema": SCHEMA}}
     t0 = time.perf_counter()
-    grammars.matcher(fmt)  # builds llguidance's tokenizer once
+    grammars.matcher(fmt)  # (matcher, first mask); builds llguidance's tokenizer once
     t_tok = time.perf_counter() - t0
     ids = tok.encode(json.dumps(REPLY, separators=(",", ":")), add_special_tokens=False)
     logits = np.random.default_rng(0).standard_normal(cfg.vocab_size).astype(np.float32)
     compile_s, mask_s, apply_s, masks, steps = [], [], [], [], 0
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        m = grammars.matcher(fmt)
+        m, _ = grammars.matcher(fmt)
         compile_s.append(time.perf_counter() - t0)
         for t in ids:
             t0 = time.perf_counter()

@@ -216,7 +216,7 @@ class LLMEngine:
             raise InvalidRequestError(f"logit_bias token id {bad[0]} is not in [0, {self.cfg.vocab_size})")
         seq = Sequence(ids, params, request_id)
         if params.constrained:
-            seq.guide = self.grammars.matcher(params.response_format)
+            seq.guide, seq.token_mask = self.grammars.matcher(params.response_format)
         if sparse:
             seq.sparse = self.request_sparse_config(sparse)
         if seq.request_id in self.seqs:

@@ -40,8 +40,9 @@ class Grammars:
                 self._ll_tok = llguidance.LLTokenizer(raw, n_vocab=self.vocab_size, eos_token=self.eos_ids[0])
         return llguidance
 
-    def matcher(self, response_format: dict):
-        """A fresh matcher for an OpenAI response format; an invalid schema is a one-line InvalidRequestError."""
+    def matcher(self, response_format: dict) -> tuple[object, np.ndarray]:
+        """A fresh matcher for an OpenAI response format and its first bitmask (int32 words); an invalid schema is
+        a one-line InvalidRequestError."""
         llg = self._llg()
         schema = (
             {"type": "object"} if response_format["type"] == "json_object" else schema_of(response_format)
@@ -51,19 +52,23 @@ class Grammars:
         except (ValueError, TypeError, RecursionError) as e:
             raise InvalidRequestError(f"response_format: invalid JSON schema ({_one_line(e)})") from None
         m = llg.LLMatcher(self._ll_tok, grammar, log_level=0)
-        if not m.is_error():
-            m.compute_bitmask()  # some schemas (e.g. {"$ref": "#"}) fail only here: refuse them now, not mid-decode
+        # some schemas (e.g. {"$ref": "#"}) fail only at the first mask: compute it now and refuse them here
+        first = None if m.is_error() else m.compute_bitmask()
         if m.is_error():
             raise InvalidRequestError(f"response_format: invalid JSON schema ({_one_line(m.get_error())})")
-        return m
+        return m, self._words(first)
 
     def fill_masks(self, seqs: list[Sequence]) -> None:
-        """This step's bitmask on each constrained sequence (`seq.token_mask`, int32 words)."""
-        words = (self.vocab_size + 31) // 32
+        """This step's bitmask on each constrained sequence whose matcher moved since its last one
+        (`seq.token_mask`, int32 words; `advance` clears it)."""
         for seq in seqs:
-            if seq.guide is not None:
-                mask = np.frombuffer(seq.guide.compute_bitmask(), np.int32)
-                seq.token_mask = mask[:words] if mask.size >= words else np.pad(mask, (0, words - mask.size))
+            if seq.guide is not None and seq.token_mask is None:
+                seq.token_mask = self._words(seq.guide.compute_bitmask())
+
+    def _words(self, raw: bytes) -> np.ndarray:
+        words = (self.vocab_size + 31) // 32
+        mask = np.frombuffer(raw, np.int32)
+        return mask[:words] if mask.size >= words else np.pad(mask, (0, words - mask.size))
 
 
 def advance(seq: Sequence, token: int) -> bool:
