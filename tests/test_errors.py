@@ -89,6 +89,10 @@ def test_missing_model_dir(tmp_path):
         LLM(str(tmp_path / "nope"), backend="cpu")
     with pytest.raises(ModelLoadError, match="nope.gguf: GGUF file not found"):
         LLM(str(tmp_path / "nope.gguf"), backend="cpu")
+    from lserve_lite.weights.gguf_import import convert_gguf
+
+    with pytest.raises(ModelLoadError, match="is a directory; a GGUF file"):  # `lserve-lite convert DIR OUT`
+        convert_gguf(tmp_path, tmp_path / "out")
     (tmp_path / "weights.bin").write_bytes(b"0" * 64)
     with pytest.raises(ModelLoadError, match="weights.bin: not a .gguf file"):
         LLM(str(tmp_path / "weights.bin"), backend="cpu")

@@ -112,6 +112,8 @@ def read_gguf(gguf_path: str | Path) -> tuple[dict[str, Any], dict[str, GGUFTens
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     path = Path(gguf_path).expanduser()
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a directory; a GGUF file (.gguf) is expected here")
     if not path.is_file():
         raise ModelLoadError(f"{path}: GGUF file not found")
     try:
