@@ -33,8 +33,9 @@ for s in $steps; do case $s in
            python3 -c "import json,sys; p=sys.argv[1]; c=json.load(open(p)); c['max_position_embeddings']=40960; json.dump(c,open(p,'w'))" $d/config.json
            step prefix 240 python3 tools/bench_prefix_cache.py doc --model $d --backend cuda --requests 32 --doc-tokens 32768 --out "$OUT/prefix_doc_cuda.json"
            step prefix_sparse 240 python3 tools/bench_prefix_cache.py doc --model $d --backend cuda --requests 32 --doc-tokens 32768 --sparse --pattern lserve_lite/sparse/patterns/SmolLM2-135M-Instruct/full_attention_heads.tsv --out "$OUT/prefix_doc_cuda_sparse.json" ;;
-  rope)    # RoPE + the K/V write in the decode QKV GEMV's epilogue (LSERVE_CUDA_FUSE_ROPE=1, off by default until
-           # timed): its tests, then SmolLM2 (its GGUF) and the Llama-3-8B shape at 4k with and without it, alternating
+  rope)    # RoPE + the K/V write in the decode QKV GEMV's epilogue (on for batch-1 steps by default; LSERVE_CUDA_FUSE_ROPE=1:
+           # up to 8 rows, 0: never): its tests, then SmolLM2 (its GGUF) and the Llama-3-8B shape at 4k with it at every
+           # GEMV-sized step and never, alternating
            step rope_tests 240 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_gpu_qkv_rope.py
            for i in 1 2; do for f in 1 0; do
              step smol_rope${f}_$i 200 env LSERVE_CUDA_FUSE_ROPE=$f LSERVE_SMOLLM2_GGUF=${LSERVE_SMOLLM2_GGUF:-/tmp/smollm2.gguf} \

@@ -47,6 +47,10 @@ LAYER_KERNELS = (
     *(f"gemv_rows_rope<{n}, {s}, {r}>" for r in (1, 2) for s in ("false", "true") for n in range(1, 9)),
 )
 GEMV_MAX_ROWS = 8
+# Rows of a decode step whose q/k/v GEMV writes RoPE and the K/V pages itself (qkv_rope): batch 1 only. Measured
+# (docs/PERF_e2e.md, 2026-12-05): its replay 1-5% faster at one row, 1.5-6% slower at 2-8 rows (SmolLM2, Q4_1).
+FUSE_ROPE_ROWS = 1
+
 NORM_CHUNKS = 4  # add_rmsnorm's chunks of 8 values a thread at most on its vector path (layers.cu)
 GEMV_WARPS = 8  # gemv_rows' warps per block (its launch and its shared partial sums, one per warp)
 NORM_SMEM = 48 << 10  # gemv_rows with NORM: normed rows (N * K halves) + scratch in shared memory, no opt-in
@@ -231,6 +235,14 @@ def page_selector(name: str):
     raise ValueError(f"LSERVE_SELECTOR must be one of {', '.join(SELECTORS)}, got {name!r}")
 
 
+def fuse_rope_rows(choice: bool | None, env: str | None) -> int:
+    """Rows up to which qkv_rope fuses: an explicit choice (all GEMV-sized steps or none), else the environment's
+    LSERVE_CUDA_FUSE_ROPE (1: all, 0: none), else FUSE_ROPE_ROWS."""
+    if choice is None and env not in ("0", "1"):
+        return FUSE_ROPE_ROWS
+    return GEMV_MAX_ROWS if (env == "1" if choice is None else choice) else 0
+
+
 class CudaOps:
     """float16 CuPy implementation of the Ops interface (sm_80 and newer)."""
 
@@ -267,12 +279,10 @@ class CudaOps:
         # residual add + RMSNorm in the prologue of the decode GEMV after it (rmsnorm_linear); LSERVE_CUDA_FUSE_NORM=0:
         # add_rmsnorm's own kernel.
         self.fuse_norm = os.environ.get("LSERVE_CUDA_FUSE_NORM", "1") != "0"
-        # RoPE + K/V write in the decode q/k/v GEMV's epilogue (qkv_rope) under LSERVE_CUDA_FUSE_ROPE=1; off by
-        # default until it has been timed on a GPU (docs/PERF_e2e.md): rope_write_kv after the GEMV.
+        # RoPE + K/V write in the decode q/k/v GEMV's epilogue (qkv_rope) for steps of at most this many rows, else
+        # rope_write_kv after the GEMV: FUSE_ROPE_ROWS by default, LSERVE_CUDA_FUSE_ROPE=1 every GEMV-sized step, 0 none.
         # (`fuse_rope`: this instance's choice whatever the environment; the kernel harness tests the fused kernels)
-        self.fuse_rope = (
-            os.environ.get("LSERVE_CUDA_FUSE_ROPE", "0") == "1" if fuse_rope is None else fuse_rope
-        )
+        self.fuse_rope_rows = fuse_rope_rows(fuse_rope, os.environ.get("LSERVE_CUDA_FUSE_ROPE"))
         # gemv_rows with S = 2 warps per row where twice the rows fit this many waves of resident warps (gemv_slices);
         # LSERVE_GEMV_KSPLIT=0: one warp per row everywhere (1.5, splitting the QKV projection too, measured slower).
         self.gemv_ksplit = env_float("LSERVE_GEMV_KSPLIT", 1.0, 0.0, 8.0)
@@ -540,13 +550,13 @@ class CudaOps:
         """Decode rows into an fp16 cache (dense, or LServe's two pools and page statistics): RoPE and the K/V page
         write in the epilogue of the q/k/v GEMV (gemv_rows with ROPE, the norm in its prologue where rmsnorm_linear
         fuses it; quant_gemv_split with ROPE after add_rmsnorm for a split weight): no rope_write_kv launch, no qkv
-        array. Everything else (quantized caches, cuBLAS rows, RowStacks, block formats) and LSERVE_CUDA_FUSE_ROPE
-        unset: `norm_qkv_rope`. Reference: reference/layers.rope_write_kv(_sparse)_ref of rmsnorm_linear's product."""
+        array. Everything else (quantized caches, cuBLAS rows, RowStacks, block formats, steps of more than
+        `fuse_rope_rows` rows): `norm_qkv_rope`. Reference: reference/layers.rope_write_kv(_sparse)_ref of rmsnorm_linear's product."""
         cp = self.cp
         n, k, m, d = int(x.shape[0]), int(x.shape[1]), int(w.shape[0]), cache.head_dim
         split = isinstance(w, DeviceQuant) and w.split is not None
         dense = isinstance(w, cp.ndarray) and self.gemm_path(n, k) == "gemv"
-        if not (self.fuse_rope and 0 < n <= GEMV_MAX_ROWS and not cache.quantized and (split or dense)
+        if not (0 < n <= self.fuse_rope_rows and not cache.quantized and (split or dense)
                 and positions.dtype == cp.int64 and slots.dtype == cp.int64):  # fmt: skip
             return norm_qkv_rope(
                 self, x, residual, norm_w, eps, w, bias, positions, slots, cache, layer, rope
