@@ -1,30 +1,54 @@
-// Host emulation of CUDA kernels, shared by tools/page_select_host_emu.cu and tools/sampling_host_emu.cu: a kernel
-// source compiled as host code, one std::thread per CUDA thread of a block, blocks one after another, a pthread
-// barrier per warp for the warp intrinsics and one per block for __syncthreads; the shared memory of a block as
-// statics (its dynamic array: emu_dyn_smem, which the drivers point `extern __shared__` arrays at). Not a
-// performance model, and blind to the GPU's memory model. Include it before the kernel's text.
+// Host emulation of CUDA kernels, shared by the tools/*_host_emu.cu drivers: a kernel source compiled as host code,
+// one coroutine (ucontext) per CUDA thread of a block on one OS thread, blocks one after another, a barrier per warp
+// for the warp intrinsics and one per block for __syncthreads; the shared memory of a block as statics (its dynamic
+// array: emu_dyn_smem, which the drivers point `extern __shared__` arrays at). A thread runs until it waits at a
+// barrier or ends, then the next one; a block whose live threads all wait at barriers that cannot open (a barrier
+// in divergent code) stops the program with a message. Not a performance model, and blind to the GPU's memory
+// model. Include it before the kernel's text. (An OS thread per CUDA thread, the first form, spent most of its time
+// in the kernel's futexes: a 2-core CI host took minutes per check.)
 #pragma once
 #include <cuda_fp16.h>
-#include <pthread.h>
+#include <ucontext.h>
 
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
-#include <thread>
 #include <vector>
 
 struct Dim3 {
   unsigned x, y, z;
 };
-thread_local Dim3 emu_thread, emu_block;
+Dim3 emu_thread, emu_block;  // the running CUDA thread's (set at every switch)
 Dim3 emu_block_dim, emu_grid_dim;
-pthread_barrier_t emu_warp_bar[32], emu_block_bar;
 unsigned long long emu_slot[1024];  // a warp intrinsic's operand of each thread
 alignas(16) unsigned char emu_dyn_smem[1 << 17];
 
-static void emu_syncwarp() { pthread_barrier_wait(&emu_warp_bar[emu_thread.x >> 5]); }
+// The block's coroutines: the scheduler's context, each thread's, whether it ended, and a count of events (a barrier
+// arrival, a thread's end) by which the scheduler tells progress from a deadlock.
+struct EmuBarrier {
+  int count = 0, arrived = 0;
+  unsigned gen = 0;
+};
+ucontext_t emu_main;
+std::vector<ucontext_t> emu_ctx;
+std::vector<char> emu_done;
+int emu_cur = 0;
+unsigned long long emu_events = 0;
+EmuBarrier emu_warp_bar[32], emu_block_bar;
+
+static void emu_wait(EmuBarrier& b) {
+  const unsigned gen = b.gen;
+  ++emu_events;
+  if (++b.arrived == b.count) {  // the last to arrive opens it and goes on
+    b.arrived = 0;
+    ++b.gen;
+    return;
+  }
+  while (b.gen == gen) swapcontext(&emu_ctx[emu_cur], &emu_main);
+}
+static void emu_syncwarp() { emu_wait(emu_warp_bar[emu_thread.x >> 5]); }
 
 // Every lane publishes v, then reads lane src(lane)'s (the warp meets twice: before reading, before reuse).
 template <class T, class Src>
@@ -138,7 +162,7 @@ static unsigned emu_atomic_max(unsigned* p, unsigned v) {
 #define blockIdx emu_block
 #define blockDim emu_block_dim
 #define gridDim emu_grid_dim
-#define __syncthreads() pthread_barrier_wait(&emu_block_bar)
+#define __syncthreads() emu_wait(emu_block_bar)
 #define __shfl_xor_sync(mask, v, o) emu_shfl_xor(v, o)
 #define __shfl_up_sync(mask, v, o) emu_shfl_up(v, o)
 #define __shfl_down_sync(mask, v, o) emu_shfl_down(v, o)
@@ -158,29 +182,58 @@ static unsigned emu_atomic_max(unsigned* p, unsigned v) {
 #define atomicAdd emu_atomic_add
 #define atomicMax emu_atomic_max
 
-// `blocks` = grid (x, y, z) of `threads` each: a block's threads run concurrently (std::thread, so the
-// barriers meet), blocks one after another; the dynamic shared memory is poisoned before each block.
+void* emu_kernel;  // the launched kernel (a lambda), for emu_entry
+
+template <typename Fn>
+static void emu_entry() {
+  (*static_cast<Fn*>(emu_kernel))();
+  emu_done[emu_cur] = 1;
+  ++emu_events;
+}  // returns to emu_main (uc_link)
+
+// `blocks` = grid (x, y, z) of `threads` each: a block's threads take turns (each runs to its next barrier), blocks
+// one after another; the dynamic shared memory is poisoned before each block.
 template <typename Fn>
 static void launch(Dim3 grid, int threads, Fn kernel) {
-  for (int i = 0; i < threads / 32; ++i) pthread_barrier_init(&emu_warp_bar[i], nullptr, 32);
-  pthread_barrier_init(&emu_block_bar, nullptr, threads);
+  constexpr size_t STACK = 256 << 10;
+  std::vector<char*> stacks(threads);
+  for (auto& st : stacks) st = static_cast<char*>(malloc(STACK));  // untouched pages cost nothing
+  emu_ctx.assign(threads, ucontext_t{});
+  emu_kernel = &kernel;
   emu_block_dim = {(unsigned)threads, 1, 1};
   emu_grid_dim = grid;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         memset(emu_dyn_smem, 0xFF, sizeof(emu_dyn_smem));  // NaN floats, -1 ints
-        std::vector<std::thread> ts;
-        for (int t = 0; t < threads; ++t)
-          ts.emplace_back([=] {
+        for (int i = 0; i < threads / 32; ++i) emu_warp_bar[i] = EmuBarrier{32};
+        emu_block_bar = EmuBarrier{threads};
+        emu_done.assign(threads, 0);
+        for (int t = 0; t < threads; ++t) {
+          getcontext(&emu_ctx[t]);
+          emu_ctx[t].uc_stack = {stacks[t], 0, STACK};
+          emu_ctx[t].uc_link = &emu_main;
+          makecontext(&emu_ctx[t], emu_entry<Fn>, 0);
+        }
+        emu_block = {x, y, z};
+        for (int live = threads; live > 0;) {
+          const unsigned long long before = emu_events;
+          live = 0;
+          for (int t = 0; t < threads; ++t) {
+            if (emu_done[t]) continue;
+            emu_cur = t;
             emu_thread = {(unsigned)t, 0, 0};
-            emu_block = {x, y, z};
-            kernel();
-          });
-        for (auto& t : ts) t.join();
+            swapcontext(&emu_main, &emu_ctx[t]);
+            live += !emu_done[t];
+          }
+          if (live && emu_events == before) {
+            fprintf(stderr, "host emulation: block (%u, %u, %u): every live thread waits at a barrier that cannot open\n",
+                    x, y, z);
+            exit(4);
+          }
+        }
       }
-  for (int i = 0; i < threads / 32; ++i) pthread_barrier_destroy(&emu_warp_bar[i]);
-  pthread_barrier_destroy(&emu_block_bar);
+  for (char* st : stacks) free(st);
 }
 
 static std::vector<unsigned char> read_bytes(const std::string& path) {
