@@ -18,7 +18,9 @@ def tok(smollm2_dir) -> Tokenizer:
 
 
 def _controls(tok: Tokenizer, ids: list[int]) -> list[int]:
-    return [i for i in ids if i in tok._special_ids]
+    """The ids of `ids` that are special tokens, as the tokenizers library declares them."""
+    special = {i for i, t in tok.tok.get_added_tokens_decoder().items() if t.special}
+    return [i for i in ids if i in special]
 
 
 def test_plain_conversations_encode_as_before(tok):
