@@ -140,12 +140,20 @@ class LLM:
         return [results[r] for r in rids]
 
 
-def _prompt_list(prompts) -> list[str | list[int]]:
-    """generate's prompts as a list of prompts (a string or a list of token ids each)."""
-    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+def _prompt_list(prompts) -> list:
+    """generate's prompts as a list of prompts (a string or token ids each: a list, tuple or 1-D NumPy array of
+    integers, which the engine checks)."""
+    if isinstance(prompts, str) or _token_ids(prompts):
         return [prompts]
     if not isinstance(prompts, (list, tuple)):
         raise InvalidRequestError("prompts must be a string, a list of token ids, or a list of either")
-    if not all(isinstance(p, (str, list, tuple)) for p in prompts):
+    if not all(isinstance(p, (str, list, tuple)) or _token_ids(p) for p in prompts):
         raise InvalidRequestError("each prompt must be a string or a list of token ids")
     return list(prompts)
+
+
+def _token_ids(p) -> bool:
+    """Whether `p` is one prompt of token ids rather than a list of prompts."""
+    if isinstance(p, np.ndarray):
+        return p.ndim == 1
+    return isinstance(p, (list, tuple)) and len(p) > 0 and isinstance(p[0], (int, np.integer))

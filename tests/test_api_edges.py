@@ -179,6 +179,26 @@ def test_generate_takes_a_sampling_params_per_prompt(llm):
     assert len(outs) == 2 and len(outs[0].token_ids) <= 2 and 1 <= len(outs[1].token_ids) <= 3
 
 
+def test_generate_takes_token_ids_as_numpy_or_tuples(llm):
+    """generate accepts the id forms stream and logits take (a NumPy array, NumPy integers, a tuple) as one prompt."""
+    ids, sp = [5, 9, 11, 3], SamplingParams(max_new_tokens=3, temperature=0)
+    want = llm.generate(ids, sp)[0].token_ids
+    for form in (np.array(ids), [np.int32(t) for t in ids], tuple(ids)):
+        assert llm.generate(form, sp)[0].token_ids == want
+    outs = llm.generate([np.array(ids), tuple(ids), "hi"], sp)
+    assert [o.token_ids for o in outs[:2]] == [want, want] and len(outs) == 3
+
+
+def test_params_changed_after_construction_are_checked_again(llm):
+    sp = SamplingParams(max_new_tokens=4)
+    sp.max_new_tokens = 0
+    with pytest.raises(InvalidRequestError, match="max_new_tokens must be"):
+        llm.generate("hi", sp)
+    with pytest.raises(InvalidRequestError, match="stop_token_ids token id 1000000000 is not in"):
+        llm.generate("hi", SamplingParams(stop_token_ids=[10**9]))
+    assert not llm.engine.has_unfinished()
+
+
 def test_interrupted_generate_leaves_nothing_running(llm, monkeypatch):
     """Ctrl-C (or any error) inside generate's loop aborts its batch: no orphan keeps decoding or holds pages."""
     calls = []

@@ -202,6 +202,7 @@ class LLMEngine:
             raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}")
         if sparse is not None and not isinstance(sparse, dict):
             raise InvalidRequestError(f"sparse must be a dict of LServe knobs, got {type(sparse).__name__}")
+        params.validate()  # again: its fields may have changed since it was made
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self._check_ids(prompt, "prompt")
         if not ids:
             raise InvalidRequestError("prompt is empty (no tokens after tokenizing)")
@@ -211,9 +212,10 @@ class LLMEngine:
             )
         if params.n != 1:
             raise InvalidRequestError("one sequence per engine request: add params.candidates() for n > 1")
-        bad = [t for t in params.logit_bias if t >= self.cfg.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"logit_bias token id {bad[0]} is not in [0, {self.cfg.vocab_size})")
+        for what, ids_ in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids_ if t >= self.cfg.vocab_size]
+            if bad:
+                raise InvalidRequestError(f"{what} token id {bad[0]} is not in [0, {self.cfg.vocab_size})")
         seq = Sequence(ids, params, request_id)
         if params.constrained:
             seq.guide, seq.token_mask = self.grammars.matcher(params.response_format)
