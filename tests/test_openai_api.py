@@ -210,6 +210,28 @@ def test_completion_echo_logprobs_as_lm_eval_reads_them(client, llm):
     assert lp.text_offset[0] == 0 and lp.tokens[1] == llm.tokenizer.decode([ids[1]], False)
 
 
+def test_scoring_with_max_tokens_0_and_echo(server, client, llm):
+    """Legacy OpenAI scoring (older lm-evaluation-harness): max_tokens 0 with echo returns the prompt and its
+    logprobs only, streamed or not; without echo it is refused."""
+    import httpx
+
+    ids = llm.tokenizer.encode("the quick brown fox jumps")
+    want = log_softmax(llm.logits(ids))
+    r = client.completions.create(model="tiny", prompt=[ids], max_tokens=0, logprobs=1, echo=True, temperature=0)
+    lp, text = r.choices[0].logprobs, llm.tokenizer.decode(ids, False)
+    assert r.choices[0].text == text and r.choices[0].finish_reason == "length"
+    assert len(lp.token_logprobs) == len(ids) and lp.token_logprobs[0] is None
+    assert all(abs(lp.token_logprobs[j] - want[j - 1, ids[j]]) < 1e-4 for j in range(1, len(ids)))
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(ids)
+    chunks = list(client.completions.create(model="tiny", prompt=[ids], max_tokens=0, logprobs=1, echo=True,
+                                            temperature=0, stream=True))  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks) == text
+    assert sum(len(c.choices[0].logprobs.token_logprobs) for c in chunks if c.choices[0].logprobs) == len(ids)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["length"]
+    r = httpx.post(server[0] + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
 def test_batch_prompts_n_and_cached_tokens(server, client):
     url, engine = server
     r = client.completions.create(model="tiny", prompt=[LONG, "hello world"], n=3, max_tokens=4, temperature=1.0,

@@ -59,7 +59,7 @@ class _Request(BaseModel):
     model_config = _STRICT
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0: completions with echo only (scoring the prompt)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int | None = 1
@@ -174,6 +174,8 @@ class ChatCompletionRequest(_Request):
                            "top_logprobs")  # fmt: skip
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
+        if self.max_tokens == 0:
+            raise ApiError(400, "max_tokens must be at least 1 for chat completions", "max_tokens")
 
     def logprob_params(self) -> dict:
         return {"logprobs": (self.top_logprobs or 0) if self.logprobs else None}
@@ -190,6 +192,10 @@ class CompletionRequest(_Request):
         super().check()
         if self.suffix is not None:
             raise ApiError(400, "suffix is not supported (no fill-in-the-middle)", "suffix")
+        if self.max_tokens == 0 and not self.echo:
+            raise ApiError(
+                400, "max_tokens 0 returns only the echoed prompt: it needs echo: true", "max_tokens"
+            )
         if self.best_of not in (None, self.n):
             raise ApiError(400, "best_of must equal n (candidates are not ranked)", "best_of")
         if len(self.prompts()) * self.n > MAX_CHOICES:
@@ -201,6 +207,12 @@ class CompletionRequest(_Request):
 
     def logprob_params(self) -> dict:
         return {"logprobs": self.logprobs, "prompt_logprobs": self.logprobs if self.echo else None}
+
+    @property
+    def scores_only(self) -> bool:
+        """max_tokens 0 with echo (legacy OpenAI scoring, as older lm-eval sends it): the prompt and its logprobs
+        alone; the engine decodes one token that the response leaves out."""
+        return self.max_tokens == 0
 
 
 def _reject_constant(name: str) -> None:

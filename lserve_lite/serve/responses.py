@@ -27,6 +27,7 @@ class Choices:
         self.echo = not chat and bool(req.echo)
         self.prompt_texts = prompt_texts
         self.want_logprobs = bool(req.logprobs) if chat else req.logprobs is not None
+        self.scores_only = not chat and req.scores_only  # the generated token is left out
 
     def echo_part(self, i: int, seq) -> tuple[str, list, list[int]]:
         """The echoed prompt of choice i: its text, its logprob entries and ids (empty without echo)."""
@@ -47,15 +48,21 @@ class Choices:
             return {"index": i, "message": {"role": "assistant", "content": text},
                     "logprobs": self.logprobs(lps, [], 0), "finish_reason": last.finish_reason}  # fmt: skip
         prefix, entries, ids = self.echo_part(i, last.seq)
+        if self.scores_only:
+            text, lps = "", []
         lp = self.logprobs(entries + lps, ids + [e.token_id for e in lps], 0)
-        return {"index": i, "text": prefix + text, "logprobs": lp, "finish_reason": last.finish_reason}
+        return {"index": i, "text": prefix + text, "logprobs": lp, "finish_reason": self.finish(last)}
+
+    def finish(self, last: StepOutput) -> str | None:
+        return "length" if self.scores_only else last.finish_reason
 
     def usage(self, lasts: list[StepOutput]) -> dict:
         """Prompt tokens once per prompt; cached: per prompt, the most any of its candidates took from cache."""
         cached = [
             max(o.num_cached_tokens for o in lasts[k : k + self.n]) for k in range(0, len(lasts), self.n)
         ]
-        return usage(sum(map(len, self.prompts)), sum(o.num_output_tokens for o in lasts), sum(cached))
+        out = 0 if self.scores_only else sum(o.num_output_tokens for o in lasts)
+        return usage(sum(map(len, self.prompts)), out, sum(cached))
 
 
 async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, StepOutput]]:
@@ -147,16 +154,15 @@ async def sse_events(
         async for i, out in merged(handles):
             prefix, entries, ids = ("", [], []) if started[i] else shape.echo_part(i, out.seq)
             started[i] = True
-            text = prefix + out.text
-            if text or out.logprobs or prefix:
-                lp = shape.logprobs(
-                    entries + out.logprobs, ids + [e.token_id for e in out.logprobs], offsets[i]
-                )
+            new, new_lps = ("", []) if shape.scores_only else (out.text, out.logprobs)
+            text = prefix + new
+            if text or new_lps or prefix:
+                lp = shape.logprobs(entries + new_lps, ids + [e.token_id for e in new_lps], offsets[i])
                 offsets[i] += len(text)
                 yield chunk(i, text, lp)
             if out.finished:
                 lasts[i] = out
-                yield chunk(i, None, finish=out.finish_reason)
+                yield chunk(i, None, finish=shape.finish(out))
         if include_usage:
             yield _sse(base | {"choices": [], "usage": shape.usage(lasts)})
     except ApiError as e:
