@@ -217,7 +217,9 @@ def test_scoring_with_max_tokens_0_and_echo(server, client, llm):
 
     ids = llm.tokenizer.encode("the quick brown fox jumps")
     want = log_softmax(llm.logits(ids))
-    r = client.completions.create(model="tiny", prompt=[ids], max_tokens=0, logprobs=1, echo=True, temperature=0)
+    r = client.completions.create(
+        model="tiny", prompt=[ids], max_tokens=0, logprobs=1, echo=True, temperature=0
+    )
     lp, text = r.choices[0].logprobs, llm.tokenizer.decode(ids, False)
     assert r.choices[0].text == text and r.choices[0].finish_reason == "length"
     assert len(lp.token_logprobs) == len(ids) and lp.token_logprobs[0] is None
