@@ -51,6 +51,15 @@ for s in $steps; do case $s in
            step kvq_v2_tests 120 env LSERVE_KVQ_DECODE=v2 python3 -m pytest -p no:cacheprovider -m gpu -q \
                tests/test_gpu_kv_quant.py tests/test_kvq_decode_v2_layout.py
            step kvq_bench 170 python3 tools/bench_attention.py --sections decode --kv-dtypes fp16,int8,int4,fp8 --out "$OUT" ;;
+  kvq_profile) # Nsight Compute on decode attention at 128k, batch 1 (the bench's Llama-3-8B heads): fp16 (v1 kernel) and
+           # int8 / int4 (v2), the fourth launch of the decode kernel itself (not the combine): DRAM / L2 traffic and stalls,
+           # where the quantized decode loses bandwidth against fp16 (docs/KV_QUANT.md)
+           for kv in fp16 int8 int4; do
+             impl=$( [ $kv = fp16 ] && echo v1 || echo v2 )
+             step ncu_decode_$kv 200 ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+                 --section Occupancy -k 'regex:paged_attn_decode_(v2_)?d' --launch-skip 3 --launch-count 1 python3 -c \
+                 "import sys; sys.path.insert(0, 'tools'); from bench_attention import ours_decode; ours_decode(131072, 1, '$kv', '$impl')"
+           done ;;
   kvq_e2e) # quantized-KV benchmarks (issue 11): chunked prefill attention per KV dtype beside fp16 (spot-checked
            # against the CPU reference), the longest context per KV dtype, then Llama-3-8B-shaped prefill and batch-1
            # decode at 4k / 128k with fp16 and int8 KV (one timed prefill per context after one warm-up)
