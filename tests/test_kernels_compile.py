@@ -193,6 +193,58 @@ def test_sampling_kernels_on_the_host():
     assert run.stdout.count(" PASS") == 11
 
 
+EMU_SELF_TEST = r"""
+#include "host_emu.cuh"
+#include <cstdlib>
+// mode 0: every thread of 64 reduces its warp by shuffles, block 0 meets at __syncthreads and checks every
+// warp's sum; mode 1: half a warp waits at a __syncthreads the rest never reaches.
+__global__ void sums(int* out) {
+  int v = threadIdx.x + 1;
+  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __shared__ int w[2];
+  if ((threadIdx.x & 31) == 0) w[threadIdx.x >> 5] = v;
+  __syncthreads();
+  out[blockIdx.x * 64 + threadIdx.x] = w[0] + w[1];
+}
+__global__ void divergent() {
+  if (threadIdx.x < 16) __syncthreads();
+}
+int main(int argc, char** argv) {
+  if (atoi(argv[1]) == 1) {
+    launch({1, 1, 1}, 32, [] { divergent(); });
+    return 0;
+  }
+  static int out[3 * 64];
+  launch({3, 1, 1}, 64, [] { sums(out); });
+  for (int i = 0; i < 3 * 64; ++i)
+    if (out[i] != 64 * 65 / 2) return 1;
+  printf("sums ok\n");
+  return 0;
+}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None, reason="nvcc not installed (the host emulation builds with it)"
+)
+def test_host_emulator_barriers(tmp_path):
+    """tools/host_emu.cuh itself: warp shuffles and __syncthreads across coroutines give every thread the block's
+    sums; a barrier only part of a block reaches stops the program with its message instead of hanging."""
+    import subprocess
+    from pathlib import Path
+
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    (tmp_path / "emu_self_test.cu").write_text(EMU_SELF_TEST)
+    exe = tmp_path / "emu_self_test"
+    subprocess.run(["nvcc", "-std=c++17", "-w", f"-I{tools}", "-o", str(exe), str(tmp_path / "emu_self_test.cu")],
+                   check=True, timeout=600)  # fmt: skip
+    ok = subprocess.run([str(exe), "0"], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "sums ok" in ok.stdout, ok.stdout + ok.stderr
+    hang = subprocess.run([str(exe), "1"], capture_output=True, text=True, timeout=60)
+    assert hang.returncode == 4 and "cannot open" in hang.stderr, hang.stderr
+
+
 def test_prefill_kernel_choice():
     """auto: wgmma on 9.x for every cache format at head dim 64 / 128; other devices: mma.sync. "mma" forces the
     mma.sync kernel (quantized caches too: the benchmarks' comparison), "wgmma" the wgmma one (9.x only), "ws" its
