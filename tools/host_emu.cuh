@@ -25,12 +25,13 @@ Dim3 emu_block_dim, emu_grid_dim;
 unsigned long long emu_slot[1024];  // a warp intrinsic's operand of each thread
 alignas(16) unsigned char emu_dyn_smem[1 << 17];
 
-// The block's coroutines: the scheduler's context, each thread's, whether it ended, and a count of events (a barrier
-// arrival, a thread's end) by which the scheduler tells progress from a deadlock.
+// A barrier of `count` threads; `gen` counts its openings, which release the threads waiting at it.
 struct EmuBarrier {
   int count = 0, arrived = 0;
   unsigned gen = 0;
 };
+// The block's coroutines: the scheduler's context, each thread's, whether it ended, and a count of events (a barrier
+// arrival, a thread's end) by which the scheduler tells progress from a deadlock.
 ucontext_t emu_main;
 std::vector<ucontext_t> emu_ctx;
 std::vector<char> emu_done;

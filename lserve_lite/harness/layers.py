@@ -200,7 +200,7 @@ def case_rmsnorm_linear(c: Ctx) -> list[Result]:
 
 
 def case_qkv_rope(c: Ctx) -> list[Result]:
-    """CudaOps.qkv_rope with its fused kernels on whatever LSERVE_CUDA_FUSE_ROPE says (gemv_rows_rope with the norm
+    """CudaOps.qkv_rope with its fused kernels forced on at every GEMV-sized row count (gemv_rows_rope with the norm
     in its prologue, quant_gemv_split_rope after add_rmsnorm): RoPE and the K/V page write in the QKV GEMV's epilogue,
     a dense fp16 cache, against harness.quant.norm_linear_ref's float64 product rotated and written by
     rope_write_kv_ref. A rotated pair's tolerance: both products' (and their fp16 rounding before the rotation);

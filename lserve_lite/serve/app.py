@@ -210,9 +210,7 @@ def create_app(
                            where, "context_length_exceeded")  # fmt: skip
         if req.max_tokens is None:
             return limit - n
-        if (
-            req.max_tokens == 0
-        ):  # scoring only (CompletionRequest.scores_only): one token, left out of the reply
+        if req.max_tokens == 0:  # CompletionRequest.scores_only: one token, left out of the reply
             return 1
         if n + req.max_tokens > limit:
             raise ApiError(400, f"the context limit is {limit} tokens (prompt + output); the prompt has {n} tokens "
