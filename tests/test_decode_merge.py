@@ -351,7 +351,10 @@ def test_decode_grid_is_capped(monkeypatch):
     from lserve_lite.backends import cuda_attention as att
 
     monkeypatch.setattr(att, "_kernels", lambda: SimpleNamespace(num_sms=132, smem_per_sm=228 * 1024))
-    plan = SimpleNamespace(max_qblocks=1, fixed_visit_pages=None, visit_pages=None, page_size=64)
+    plan = SimpleNamespace(
+        max_qblocks=1, fixed_visit_pages=None, visit_pages=None, page_size=64, longest_pages=64,
+        fixed_longest_pages=None,
+    )  # fmt: skip
     smol = att.decode_splits(plan, 3, 1, 64, per_sm=3)  # SmolLM2: 396 // 3, capped
     assert smol == att.DECODE_MAX_SPLITS == 64
     assert att.decode_splits(plan, 8, 1, 128, per_sm=1) == 16  # Llama-3-8B: 132 // 8
@@ -359,6 +362,41 @@ def test_decode_grid_is_capped(monkeypatch):
     assert att.decode_splits(plan, 8, 1, 128, per_sm=1) == 1
     plan.max_qblocks, plan.fixed_visit_pages = 1, 4  # 16 units: one CTA of 4 warps
     assert att.decode_splits(plan, 3, 1, 64, per_sm=3) == 1
+
+
+def test_short_dense_lists_take_one_cta(monkeypatch):
+    """Dense steps of at most ONE_CTA_MAX_QBLOCKS query blocks whose longest list is within one_cta_pages run one
+    CTA per (query block, KV head); LServe steps, larger steps and longer lists keep the split grid, and a
+    captured step's fixed_longest_pages overrides the last plan's list."""
+    from types import SimpleNamespace
+
+    from lserve_lite.backends import cuda_attention as att
+
+    monkeypatch.setattr(att, "_kernels", lambda: SimpleNamespace(num_sms=132, smem_per_sm=228 * 1024))
+    monkeypatch.setattr(att, "DECODE_ONE_CTA_KEYS", 1024)
+    assert (
+        att.one_cta_pages(64, 64) == 16
+        and att.one_cta_pages(64, 128) == 8
+        and att.one_cta_pages(16, 64) == 64
+    )
+    plan = SimpleNamespace(
+        max_qblocks=1, fixed_visit_pages=None, visit_pages=None, page_size=64, longest_pages=16,
+        fixed_longest_pages=None,
+    )  # fmt: skip
+    assert att.decode_splits(plan, 3, 1, 64, per_sm=3, dense=True) == 1
+    assert att.decode_splits(plan, 3, 1, 64, per_sm=3, dense=False) == 64  # LServe: its own rules
+    assert att.decode_splits(plan, 8, 1, 128, per_sm=1, dense=True) == 16  # 1024 keys at D 128: too long
+    plan.longest_pages = 17
+    assert att.decode_splits(plan, 3, 1, 64, per_sm=3, dense=True) == 64
+    plan.fixed_longest_pages = 16  # a short graph's capture: the bound, not the last plan's list
+    assert att.decode_splits(plan, 3, 1, 64, per_sm=3, dense=True) == 1
+    plan.fixed_longest_pages, plan.longest_pages = 128, 2  # a full graph's capture of a dummy step
+    assert att.decode_splits(plan, 3, 1, 64, per_sm=3, dense=True) == 64
+    plan.fixed_longest_pages, plan.max_qblocks = None, 16
+    assert att.decode_splits(plan, 3, 1, 64, per_sm=3, dense=True) > 1
+    monkeypatch.setattr(att, "DECODE_ONE_CTA_KEYS", 0)
+    plan.max_qblocks = 1
+    assert att.decode_splits(plan, 3, 1, 64, per_sm=3, dense=True) == 64
 
 
 def test_live_split_rule_matches_the_kernel():

@@ -78,6 +78,12 @@ DECODE_MIN_UNITS = int(env_float("LSERVE_DECODE_MIN_UNITS", 1, 1, 4096))
 # otherwise get 132 CTAs each, most of them idle below long contexts (H200: 0.693 / 0.710 ms per SmolLM2 step at 512 /
 # 4096 context with 64 against 0.699 / 0.730 with 132; docs/PERF_attention.md).
 DECODE_MAX_SPLITS = 64
+# Dense decode steps of at most ONE_CTA_MAX_QBLOCKS query blocks whose longest list holds at most this many keys at
+# head dim 64 (half as many at 128) run one CTA per (query block, KV head), which writes the output itself: no
+# split partials and no combine launch, the latency-bound shape of short chats on small models (the CUDA Graph
+# executor captures such steps apart: cuda_graphs.py). 0: never. LSERVE_DECODE_ONE_CTA_KEYS sets it.
+DECODE_ONE_CTA_KEYS = int(env_float("LSERVE_DECODE_ONE_CTA_KEYS", 1024, 0, 1 << 20))
+ONE_CTA_MAX_QBLOCKS = 8
 # Prefill kernel: "auto" (the wgmma kernel on compute capability 9.x for a head dim in SM90_HEAD_DIMS, mma.sync
 # otherwise), "mma" (always attention_prefill.cu), "wgmma" (attention_prefill_sm90.cu wherever it applies) or "ws" (its
 # warp-specialized variant for fp16 caches, measured slower, the wgmma kernel for quantized ones), "tma" (the wgmma
@@ -296,6 +302,9 @@ class CudaPlan:
         self.always_select = always_select
         self.visit_pages: int | None = None  # longest page list a decode head visits (None: unknown)
         self.fixed_visit_pages = fixed_visit_pages
+        self.longest_pages = 0  # longest page list of the last plan uploaded (dense: every head visits it)
+        # CUDA Graphs: the longest list the captured step may hold (decode_splits reads it instead; None: eager)
+        self.fixed_longest_pages: int | None = None
         self.decode_part: CudaPlan | None = None  # selecting decode rows of a mixed step (prepare_plan)
         self._workspace: dict = {}
 
@@ -354,6 +363,7 @@ class CudaPlan:
         self.sink, self.local = int(plan.sink), int(plan.local)
         self.group_reduce = plan.group_reduce
         self.visit_pages = plan.decode_visit_pages() if plan.selects else None
+        self.longest_pages = int(np.diff(plan.kv_indptr).max()) if plan.kv_indptr.size > 1 else 0
         self.decode_part = decode_part
         return self
 
@@ -470,10 +480,22 @@ def decode_can_write_output(out) -> bool:
     return out.flags.c_contiguous and out.data.ptr % 8 == 0
 
 
-def decode_splits(plan: CudaPlan, hkv: int, head_tiles: int, d: int, per_sm: int | None = None) -> int:
-    """CTAs per (query block, KV head, head tile): fill the GPU once (all CTAs resident together), at most
-    DECODE_MAX_SPLITS; a short list uses fewer of them on the device (live_splits in attention_decode.cu).
-    `per_sm`: resident CTAs per SM of the kernel launched (default: the fp16 / v1 kernel's shared memory)."""
+def one_cta_pages(page_size: int, d: int) -> int:
+    """The longest dense decode list, in pages, that one CTA per (query block, KV head) takes whole
+    (DECODE_ONE_CTA_KEYS at head dim 64, scaled by 64 / d)."""
+    return DECODE_ONE_CTA_KEYS * 64 // d // page_size
+
+
+def decode_splits(
+    plan: CudaPlan, hkv: int, head_tiles: int, d: int, per_sm: int | None = None, dense: bool = False
+) -> int:
+    """CTAs per (query block, KV head, head tile): one for a small `dense`-mode step of short lists
+    (one_cta_pages), else fill the GPU once (all CTAs resident together), at most DECODE_MAX_SPLITS; a short list
+    uses fewer of them on the device (live_splits in attention_decode.cu). `per_sm`: resident CTAs per SM of the
+    kernel launched (default: the fp16 / v1 kernel's shared memory)."""
+    longest = plan.fixed_longest_pages if plan.fixed_longest_pages is not None else plan.longest_pages
+    if dense and plan.max_qblocks <= ONE_CTA_MAX_QBLOCKS and longest <= one_cta_pages(plan.page_size, d):
+        return 1
     k = _kernels()
     if not per_sm:
         per_sm = max(1, min(16, k.smem_per_sm // (_decode_smem(d, DECODE_STAGES[d]) + 1024)))
@@ -517,7 +539,8 @@ def paged_attention(
     `decode=None` picks the decode kernel when every query block has one row; pass `decode=True` when
     capturing a decode step in a CUDA Graph (only row 0 of each query block is computed then). `num_splits`
     (decode) overrides the CTAs per (query block, KV head); it must stay fixed between capture and replay
-    (the default depends only on the plan's capacity and `fixed_visit_pages`); `min_units` (default
+    (the default depends only on the plan's capacity, `fixed_visit_pages` and, in dense mode, the longest list or
+    `fixed_longest_pages`: decode_splits); `min_units` (default
     DECODE_MIN_UNITS) the units of 16 keys a warp takes at least before a list uses another of them. A quantized
     cache (`kv` int8 / int4 / fp8): the pools hold its values and `scales` (k, v, ks, vs) its fp16 scales [pages,
     heads, page, scale_cols] (reference: the same functions with their `scales` /
@@ -591,7 +614,8 @@ def paged_attention(
         else:
             smem = _decode_smem(d, DECODE_STAGES[d], kv)
             fn = k.get(k.decode, f"paged_attn_decode_d{d}_s{DECODE_STAGES[d]}{_suffix(kv)}", smem)
-        splits = int(num_splits) if num_splits else decode_splits(plan, hkv, head_tiles, d, per_sm)
+        dense = not sparse
+        splits = int(num_splits) if num_splits else decode_splits(plan, hkv, head_tiles, d, per_sm, dense)
         # Each live CTA merges its warps' partials and writes one per query head (slots of stride `splits`); a
         # list that one CTA takes whole needs no combine: the kernel writes the fp16 output itself (part_live 0),
         # and a grid of one split launches none.

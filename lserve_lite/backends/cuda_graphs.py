@@ -23,6 +23,11 @@ come before the sampler writes a step's ids there) and never run at once (one st
 intermediates reuse the first graph's memory from the private pool. The decode split count is fixed at capture
 from `visit_pages` (KVLayout.decode_visit_pages); a batch whose lists are longer (a wider per-request window)
 runs eagerly.
+
+Dense mode, sizes up to ONE_CTA_MAX_QBLOCKS: a second graph over the same static buffers (`short`) is captured
+for steps whose longest page list is short enough for one decode CTA per (query block, KV head)
+(cuda_attention.one_cta_pages): its attention writes the output itself and launches no combine, one kernel fewer
+per layer. The eager path makes the same choice (decode_splits), so a step gives the same values either way.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import numpy as np
 
 from ..sparse.plan import BatchLayout, build_plan
 from .base import Array, EagerExecutor, Forward, KVCache, StepInputs
-from .cuda_attention import CudaPlan
+from .cuda_attention import ONE_CTA_MAX_QBLOCKS, CudaPlan, one_cta_pages
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -81,9 +86,12 @@ class GraphExecutor:
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.graphs: dict[int, _Captured] = {}
         self.reuse: dict[int, _Captured] = {}  # LServe: the same steps without the page selector's launches
+        self.short: dict[int, _Captured] = {}  # dense: lists up to short_pages, one decode CTA a head
+        self.short_pages = 0 if self.sparse else one_cta_pages(self.page_size, cache.head_dim)
         self._rows = 4 if self.sparse else 3
         self._staging = {s: np.empty((self._rows, s), np.int64) for s in self.sizes}  # uploaded with the plan
         self.replays = 0
+        self.short_replays = 0  # of those, replays of a dense short graph
         self.replay_events: list | None = None  # a list (benchmarks): (start, end) CUDA events of each replay
         self._hc_src: list | None = None  # the head-class list last copied into the static buffers
         self._hc: list | None = None
@@ -94,20 +102,25 @@ class GraphExecutor:
 
     def plan(self, step: StepInputs):
         """Stage a decode batch into its graph's static buffers, or plan it eagerly."""
-        size = self._graph_size(step)
+        size, longest = self._graph_size(step)
         if size is None:
             return self.eager.plan(step)
         plan, n = step.plan, len(step.ids)
         if self._window != (plan.sink, plan.local):
             self.graphs.clear()  # the window may be baked into launches: capture again
             self.reuse.clear()
+            self.short.clear()
             self._window = (plan.sink, plan.local)
         self._sync_head_classes(step.head_classes)
         g = self.graphs.get(size)
         if g is None:
             g = self._capture_size(size, plan.sink, plan.local)
-        # LServe step without a refresh: the size's reuse graph
-        replay = self.reuse[size] if self.sparse and not plan.refreshes else g
+        if self.sparse and not plan.refreshes:  # LServe step without a refresh: the size's reuse graph
+            replay = self.reuse[size]
+        elif size in self.short and longest <= self.short_pages:
+            replay = self.short[size]
+        else:
+            replay = g
         st = self._staging[size]
         on_host = isinstance(step.ids, np.ndarray)
         st[0, :n], st[1, :n], st[2:, :n] = step.ids if on_host else 0, step.positions, step.slots
@@ -135,6 +148,7 @@ class GraphExecutor:
         if start is not None:
             self.replay_events.append((start, stream.record()))
         self.replays += 1
+        self.short_replays += prepared.graph is self.short.get(prepared.graph.size)
         return prepared.graph.logits[: prepared.n]
 
     def capture_all(self, head_classes: list, sink: int = 0, local: int = 0) -> None:
@@ -152,21 +166,24 @@ class GraphExecutor:
         g = self._capture(size, sink, local)
         if self.sparse:
             self.reuse[size] = self._capture(size, sink, local, share=g)
-        self.graphs[size] = g  # last: a size is in `graphs` only with its reuse graph (a failure is redone)
+        elif size <= ONE_CTA_MAX_QBLOCKS and 0 < self.short_pages < self.max_pages:
+            self.short[size] = self._capture(size, sink, local, share=g, longest=self.short_pages)
+        self.graphs[size] = g  # last: a size is in `graphs` only with its other graphs (a failure is redone)
         return g
 
-    def _graph_size(self, step: StepInputs) -> int | None:
-        """The captured size that serves this step, None when it is not a decode batch the graphs fit."""
+    def _graph_size(self, step: StepInputs) -> tuple[int | None, int]:
+        """The captured size that serves this step (None when it is not a decode batch the graphs fit) and its
+        longest page list."""
         if not step.is_decode:
-            return None
+            return None, 0
         plan = step.plan
         size = self.size_for(len(step.ids))
         longest = int(np.max(np.diff(plan.kv_indptr))) if plan.kv_indptr.size > 1 else 0
         if size is None or longest > self.max_pages:
-            return None
+            return None, longest
         if self.sparse and (np.ndim(step.slots) != 2 or plan.decode_visit_pages() > self.visit_pages):
-            return None
-        return size
+            return None, longest
+        return size, longest
 
     def _sync_head_classes(self, head_classes: list) -> None:
         cp = self.cp
@@ -177,9 +194,12 @@ class GraphExecutor:
                 dst[...] = cp.asarray(src, dtype=cp.int32)
         self._hc_src = head_classes
 
-    def _capture(self, size: int, sink: int, local: int, share: _Captured | None = None) -> _Captured:
-        """A graph of the decode step of `size` rows; `share`: an LServe size's selector graph whose static
-        buffers this one reads, captured without the page selector (its reuse graph)."""
+    def _capture(
+        self, size: int, sink: int, local: int, share: _Captured | None = None, longest: int | None = None
+    ) -> _Captured:
+        """A graph of the decode step of `size` rows for page lists up to `longest` (default: max_len's);
+        `share`: the size's first graph, whose static buffers this one reads (an LServe reuse graph, captured
+        without the page selector, or a dense short graph)."""
         cp = self.cp
         if share is None:
             rows = cp.arange(size, dtype=cp.int64)
@@ -197,6 +217,7 @@ class GraphExecutor:
         )
         plan.update(dummy)
         plan.refreshes = self.sparse and share is None  # read by the forward at capture: launch the selector?
+        plan.fixed_longest_pages = self.max_pages if longest is None else longest  # the decode split count
         cp.cuda.get_current_stream().synchronize()
 
         def fwd():
