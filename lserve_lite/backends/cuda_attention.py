@@ -363,7 +363,8 @@ class CudaPlan:
         self.sink, self.local = int(plan.sink), int(plan.local)
         self.group_reduce = plan.group_reduce
         self.visit_pages = plan.decode_visit_pages() if plan.selects else None
-        self.longest_pages = int(np.diff(plan.kv_indptr).max()) if plan.kv_indptr.size > 1 else 0
+        if self.fixed_longest_pages is None:  # eager plans (a graph's split count is fixed at capture)
+            self.longest_pages = int(np.diff(plan.kv_indptr).max()) if plan.kv_indptr.size > 1 else 0
         self.decode_part = decode_part
         return self
 
