@@ -24,10 +24,11 @@ intermediates reuse the first graph's memory from the private pool. The decode s
 from `visit_pages` (KVLayout.decode_visit_pages); a batch whose lists are longer (a wider per-request window)
 runs eagerly.
 
-Dense mode, sizes up to ONE_CTA_MAX_QBLOCKS: a second graph over the same static buffers (`short`) is captured
-for steps whose longest page list is short enough for one decode CTA per (query block, KV head)
-(cuda_attention.one_cta_pages): its attention writes the output itself and launches no combine, one kernel fewer
-per layer. The eager path makes the same choice (decode_splits), so a step gives the same values either way.
+Dense mode on sm_90, sizes up to SHORT_MAX_QBLOCKS: a second graph over the same static buffers (`short`) is
+captured for steps whose longest page list fits one thread-block cluster of decode CTAs (cuda_attention.cluster_pages,
+decode_cluster): its attention merges the splits inside the cluster and launches no combine, one kernel fewer per
+layer. Eager steps make the same choice from their own lists, and a cluster's idle splits add nothing to the merge,
+so a step gives the same values either way.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import numpy as np
 
 from ..sparse.plan import BatchLayout, build_plan
 from .base import Array, EagerExecutor, Forward, KVCache, StepInputs
-from .cuda_attention import ONE_CTA_MAX_QBLOCKS, CudaPlan, one_cta_pages
+from .cuda_attention import SHORT_MAX_QBLOCKS, CudaPlan, cluster_pages
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -86,8 +87,9 @@ class GraphExecutor:
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.graphs: dict[int, _Captured] = {}
         self.reuse: dict[int, _Captured] = {}  # LServe: the same steps without the page selector's launches
-        self.short: dict[int, _Captured] = {}  # dense: lists up to short_pages, one decode CTA a head
-        self.short_pages = 0 if self.sparse else one_cta_pages(self.page_size, cache.head_dim)
+        self.short: dict[int, _Captured] = {}  # dense: lists up to short_pages, decode splits in a cluster
+        kv = cache.fmt.name if cache.quantized else "fp16"
+        self.short_pages = 0 if self.sparse else cluster_pages(self.page_size, kv)
         self._rows = 4 if self.sparse else 3
         self._staging = {s: np.empty((self._rows, s), np.int64) for s in self.sizes}  # uploaded with the plan
         self.replays = 0
@@ -166,7 +168,7 @@ class GraphExecutor:
         g = self._capture(size, sink, local)
         if self.sparse:
             self.reuse[size] = self._capture(size, sink, local, share=g)
-        elif size <= ONE_CTA_MAX_QBLOCKS and 0 < self.short_pages < self.max_pages:
+        elif size <= SHORT_MAX_QBLOCKS and 0 < self.short_pages < self.max_pages:
             self.short[size] = self._capture(size, sink, local, share=g, longest=self.short_pages)
         self.graphs[size] = g  # last: a size is in `graphs` only with its other graphs (a failure is redone)
         return g
