@@ -14,11 +14,7 @@
 // warps (cta_merge) into one partial per (query block, head), a normalized O and its base-2 log-sum-exp, in
 // slots of stride SW = gridDim.x, which `paged_attn_decode_combine` merges into the fp16 output (part_live: how
 // many). A single live CTA writes the fp16 output rows itself when the launcher passes `out` (part_live 0: the
-// combine leaves the row; a grid of one split launches no combine). On sm_90 the launcher may make the splits of a
-// (query block, KV head, head tile) one thread-block cluster (fp16 / v1 body, short dense lists:
-// cuda_attention.decode_cluster): each CTA leaves its merged partial in its own shared memory and the cluster
-// merges them through distributed shared memory (cluster_combine) into `out`: no partials in global memory, no
-// combine launch. The cluster's idle splits stay to the end (they hold empty partials) instead of leaving early.
+// combine leaves the row; a grid of one split launches no combine).
 //
 // Quantized caches (KV = lskv::Int8 / Int4 / Fp8): a unit travels as stored (values + fp16 scales, through
 // the same ring) and the warp dequantizes it into an fp16 K and V tile just before its mma steps.
@@ -35,15 +31,6 @@ namespace lsattn {
 constexpr int DC_THREADS = 128;
 constexpr int DC_WARPS = DC_THREADS / 32;
 constexpr int DC_UNIT = 16;  // keys per unit (the smallest page size)
-
-// ---- Thread-block clusters (sm_90): the decode launcher's cluster of splits (cluster_combine)
-__device__ __forceinline__ unsigned cluster_ctas() {  // CTAs in this CTA's cluster (1: not a cluster launch)
-  unsigned n = 1;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
-#endif
-  return n;
-}
 
 // Splits that take part for a list of nunits units: at least min_units units a warp, at most the grid's. The
 // launcher sizes the grid for the longest list a captured graph may see; on a shorter one the other CTAs exit at
@@ -65,7 +52,7 @@ __device__ __forceinline__ bool idle_before_wait(const PlanView& pv, const int* 
   const int cls = head_class[blockIdx.z / n_htiles];
   if (sel_idx != nullptr && cls == 0 && pv.qb_keep[qb] > 0) return false;  // make_visit's selected lists
   const int npages = pv.kv_indptr[qb * 2 + cls + 1] - pv.kv_indptr[qb * 2 + cls];
-  return blockIdx.x >= live_splits(npages << (ps_shift - 4), min_units) && cluster_ctas() == 1;
+  return blockIdx.x >= live_splits(npages << (ps_shift - 4), min_units);
 }
 
 // After the live-split CTAs' merge: the combine's count for (qb, KV head kvh), 0 when the single live CTA wrote
@@ -132,65 +119,6 @@ __device__ __forceinline__ void cta_merge(const float* base, int region, int nh,
   }
 }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ unsigned cluster_rank() {
-  unsigned r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-  return r;
-}
-__device__ __forceinline__ void cluster_sync() {  // every thread of every CTA of the cluster; release / acquire
-  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-__device__ __forceinline__ u32 cluster_addr(u32 saddr, unsigned rank) {  // our shared address in CTA `rank`
-  u32 r;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(saddr), "r"(rank));
-  return r;
-}
-__device__ __forceinline__ float ld_cluster(u32 a) {
-  float v;
-  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(a));
-  return v;
-}
-__device__ __forceinline__ float4 ld_cluster4(u32 a) {
-  float4 v;
-  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-               : "r"(a));
-  return v;
-}
-
-// Each of the cluster's cn CTAs holds its merged partial at shared address cb: rows [16][D] fp32 (normalized O),
-// then lse[16] (base 2; -inf: no visible key, an idle split). The combine's rule (combine_body) over the cn
-// partials, its (row, float4) items spread over the cluster's threads, fp16 rows -> out + (orow0 + r) * D.
-template <int D>
-__device__ __forceinline__ void cluster_combine(u32 cb, unsigned cn, int nh, f16_t* __restrict__ out, size_t orow0) {
-  constexpr int QN = D / 4;
-  cluster_sync();  // every CTA's partial is in its shared memory
-  for (int i = cluster_rank() * DC_THREADS + threadIdx.x; i < nh * QN; i += cn * DC_THREADS) {
-    const int r = i / QN, q = i % QN;
-    const u32 lse_at = cb + (16 * D + r) * 4, o_at = cb + (r * D + 4 * q) * 4;
-    float mx = LSERVE_NEG_INF;
-    for (unsigned k = 0; k < cn; ++k) mx = fmaxf(mx, ld_cluster(cluster_addr(lse_at, k)));
-    float wsum = 0.f;
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (unsigned k = 0; k < cn; ++k) {
-      const float lse = ld_cluster(cluster_addr(lse_at, k));
-      const float w = mx == LSERVE_NEG_INF ? 0.f : fast_exp2(lse - mx);  // 0 for an idle split
-      const float4 v = ld_cluster4(cluster_addr(o_at, k));
-      wsum += w;
-      acc.x = fmaf(w, v.x, acc.x);
-      acc.y = fmaf(w, v.y, acc.y);
-      acc.z = fmaf(w, v.z, acc.z);
-      acc.w = fmaf(w, v.w, acc.w);
-    }
-    const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
-    *reinterpret_cast<uint2*>(out + (orow0 + r) * D + 4 * q) =
-        make_uint2(pack_half2(acc.x * inv, acc.y * inv), pack_half2(acc.z * inv, acc.w * inv));
-  }
-  cluster_sync();  // no CTA exits (freeing its shared memory) while another still reads it
-}
-#endif
-
 template <int D, int STAGES, class KV>
 struct DecodeSmem {
   static constexpr int CH = D / 8;
@@ -201,10 +129,6 @@ struct DecodeSmem {
   static constexpr int WARP_BYTES = STAGES * 2 * RAW_BYTES + (KV::QUANT ? 2 * UNIT_BYTES : 0);
   static constexpr int BYTES = Q_BYTES + DC_WARPS * WARP_BYTES;
   static_assert(WARP_BYTES >= MergeSmem<D, false>::BYTES && WARP_BYTES % 16 == 0, "merge: a warp's region");
-  // cluster_combine's partial: in warp 0's region after the part cta_merge reads (the launcher's ring depths have
-  // the room: tests/test_kernels_compile.py; a cluster launch of a depth without it traps)
-  static constexpr int CB_OFF = Q_BYTES + (MergeSmem<D, false>::BYTES + 15) / 16 * 16;
-  static constexpr bool CLUSTER_FITS = CB_OFF + (16 * D + 16) * 4 <= Q_BYTES + WARP_BYTES;
 };
 
 template <int D, int STAGES, class KV>
@@ -241,12 +165,9 @@ __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const K
   const int units_per_page_shift = ps_shift - 4;
   const int nunits = npages << units_per_page_shift;
   const int live = live_splits(nunits, min_units);
-  const unsigned cn = cluster_ctas();
-  if (blockIdx.x >= live && cn == 1) return;  // CTA-uniform, before any barrier; a cluster's idle split stays
+  if (blockIdx.x >= live) return;  // CTA-uniform, before any barrier
   const int NWR = live * DC_WARPS, ws = blockIdx.x * DC_WARPS + warp;  // warp ranges, this warp's
-  const bool busy = (int)blockIdx.x < live;
-  const int u0 = busy ? (int)(((long long)ws * nunits) / NWR) : 0;
-  const int u1 = busy ? (int)(((long long)(ws + 1) * nunits) / NWR) : 0;
+  const int u0 = (int)(((long long)ws * nunits) / NWR), u1 = (int)(((long long)(ws + 1) * nunits) / NWR);
 
   const u32 sQ = smem_addr(smem);
   const u32 sK = sQ + L::Q_BYTES + warp * L::WARP_BYTES, sV = sK + STAGES * L::RAW_BYTES;
@@ -400,19 +321,6 @@ __device__ __forceinline__ void decode_body(const f16_t* __restrict__ q, const K
     }
   }
   __syncthreads();
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (cn > 1) {  // the splits are one cluster: merged through distributed shared memory into `out`
-    if constexpr (L::CLUSTER_FITS) {
-      float* const cb = reinterpret_cast<float*>(smem + L::CB_OFF);
-      cta_merge<D, false>(reinterpret_cast<const float*>(smem + L::Q_BYTES), L::WARP_BYTES / 4, nh, 1.f, cb,
-                          cb + 16 * D, 0, 1, nullptr, 0);
-      cluster_combine<D>(smem_addr(cb), cn, nh, out, (size_t)pv.qb_start[qb] * Hq + head0);
-    } else {
-      __trap();
-    }
-    return;
-  }
-#endif
   cta_merge<D, false>(reinterpret_cast<const float*>(smem + L::Q_BYTES), L::WARP_BYTES / 4, nh, 1.f, part_o,
                       part_lse, ((size_t)qb * Hq + head0) * gridDim.x + blockIdx.x, gridDim.x,
                       live == 1 ? out : nullptr, (size_t)pv.qb_start[qb] * Hq + head0);

@@ -149,11 +149,3 @@ def test_numeric_knob_refuses_bad_values(monkeypatch):
         monkeypatch.setenv("LSERVE_GEMV_KSPLIT", bad)
         with pytest.raises(ValueError, match=r"LSERVE_GEMV_KSPLIT must be a number in \[0, 8\]"):
             _env_float("LSERVE_GEMV_KSPLIT", 1.0, 0.0, 8.0)
-
-
-def test_launch_attributes():
-    """PDL and cluster attributes as cuLaunchKernelEx reads them: ids 6 and 4, clusterDim {x, 1, 1}."""
-    attrs = cuda_launch.launch_attributes(True, 16)
-    assert [(a.id, tuple(a.value)) for a in attrs] == [(6, (1, 0, 0)), (4, (16, 1, 1))]
-    assert [a.id for a in cuda_launch.launch_attributes(False, 4)] == [4]
-    assert [a.id for a in cuda_launch.launch_attributes(True, 1)] == [6]

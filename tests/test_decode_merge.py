@@ -361,37 +361,6 @@ def test_decode_grid_is_capped(monkeypatch):
     assert att.decode_splits(plan, 3, 1, 64, per_sm=3) == 1
 
 
-def test_short_dense_lists_form_a_cluster(monkeypatch):
-    """Dense steps of at most SHORT_MAX_QBLOCKS query blocks on sm_90 (v1 body) whose longest list needs 2..
-    DECODE_CLUSTER CTAs at one unit a warp run as one cluster; LServe steps, larger steps, older GPUs, the v2 body
-    and longer lists do not, and a captured step's fixed_longest_pages overrides the last plan's list."""
-    from types import SimpleNamespace
-
-    from lserve_lite.backends import cuda_attention as att
-
-    monkeypatch.setattr(att, "DECODE_CLUSTER", 16)
-    monkeypatch.setattr(att, "_kernels", lambda: SimpleNamespace(cc="90"))
-    assert att.cluster_pages(64) == 16 and att.cluster_pages(16) == 64 and att.cluster_pages(64, "int8") == 0
-    plan = SimpleNamespace(max_qblocks=1, page_size=64, longest_pages=9, fixed_longest_pages=None)
-    assert att.decode_cluster(plan, True, "90", "v1") == 9  # 36 units: 9 CTAs of 4 warps
-    assert att.decode_cluster(plan, False, "90", "v1") == 1  # LServe: its own rules
-    assert att.decode_cluster(plan, True, "89", "v1") == 1
-    assert att.decode_cluster(plan, True, "90", "v2") == 1
-    plan.longest_pages = 1  # 4 units: one CTA, nothing to merge
-    assert att.decode_cluster(plan, True, "90", "v1") == 1
-    plan.longest_pages = 17  # 68 units: past 16 CTAs
-    assert att.decode_cluster(plan, True, "90", "v1") == 1
-    plan.fixed_longest_pages = 16  # a short graph's capture: the bound, not the last plan's list
-    assert att.decode_cluster(plan, True, "90", "v1") == 16
-    plan.fixed_longest_pages, plan.longest_pages = 128, 2  # a full graph's capture of a dummy step
-    assert att.decode_cluster(plan, True, "90", "v1") == 1
-    plan.fixed_longest_pages, plan.max_qblocks = None, 16
-    assert att.decode_cluster(plan, True, "90", "v1") == 1
-    monkeypatch.setattr(att, "DECODE_CLUSTER", 0)
-    plan.max_qblocks = 1
-    assert att.decode_cluster(plan, True, "90", "v1") == 1 and att.cluster_pages(64) == 0
-
-
 def test_live_split_rule_matches_the_kernel():
     """The emulation's live_splits is the kernel's rule (its source text), and the kernel writes the combine's count."""
     from lserve_lite.backends.cuda_compile import read_source
@@ -399,12 +368,10 @@ def test_live_split_rule_matches_the_kernel():
     src = read_source("attention_decode.cu")
     assert "const int per_cta = DC_WARPS * max(1, min_units);" in src
     assert "return max(1, min((int)gridDim.x, (nunits + per_cta - 1) / per_cta));" in src
-    assert src.count("if (blockIdx.x >= live) return;") == 1  # decode_body_v2
-    assert src.count("if (blockIdx.x >= live && cn == 1) return;") == 1  # decode_body: a cluster's idle splits stay
+    assert src.count("if (blockIdx.x >= live) return;") == 2  # decode_body and decode_body_v2
     assert src.count("const int NWR = live * DC_WARPS") == 2
-    # idle CTAs of whole lists leave before pdl_enter, by the same rule (both entry macros), except in a cluster
-    rule = "return blockIdx.x >= live_splits(npages << (ps_shift - 4), min_units) && cluster_ctas() == 1;"
-    assert src.count(rule) == 1
+    # idle CTAs of whole lists leave before pdl_enter, by the same rule (both entry macros)
+    assert src.count("return blockIdx.x >= live_splits(npages << (ps_shift - 4), min_units);") == 1
     idle = "if (lsattn::idle_before_wait(pv, head_class, sel_idx, ps_shift, n_htiles, min_units)) return;"
     assert src.count(idle) == 2
     for part in src.split(idle)[1:]:

@@ -190,46 +190,6 @@ def test_decode_split_counts(name, splits, min_units, misaligned):
     check(got, ref)
 
 
-CLUSTER_CASES = {
-    # name: (ctx_lens, hq, hkv, d, page_size, sink, local, head_class): longest lists of 2..16 CTAs of 4 units
-    "one_row_g3_d64_p64": ([513], 9, 3, 64, 64, None, None, None),  # SmolLM2's heads: 9 CTAs
-    "full_cluster_d64_p16": ([1024, 7, 300], 6, 2, 64, 16, None, None, None),  # 16 CTAs, short rows idle
-    "batch8_d128_p64": ([130, 200, 1, 640, 65, 999, 512, 77], 32, 8, 128, 64, None, None, None),
-    "streaming_mixed_p32": ([1000, 90], 8, 4, 128, 32, 32, 128, [0, 1, 1, 0]),
-    "two_head_tiles_g20": ([700], 40, 2, 64, 32, None, None, None),
-    "two_ctas": ([129], 4, 1, 128, 64, None, None, None),
-}
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("misaligned", [False, True])
-@pytest.mark.parametrize("name", list(CLUSTER_CASES))
-def test_decode_clusters_match_reference(name, misaligned):
-    """Short dense lists on sm_90: the splits of each (query block, KV head, head tile) form one cluster that merges
-    them through distributed shared memory (decode_cluster), idle splits included; a misaligned output keeps the
-    partials and the combine. Both against the float32 reference, outputs NaN-poisoned."""
-    import cupy as cp
-
-    from lserve_lite.backends import cuda_attention as att
-
-    if int(att._kernels().cc) < 90:
-        pytest.skip("thread-block clusters run on compute capability 9.0+")
-    rng = np.random.default_rng(zlib.crc32(name.encode()) + misaligned)
-    ctx, hq, hkv, d, ps, sink, local, hc = CLUSTER_CASES[name]
-    q, k, v, plan, hcl, ref = make_case(
-        rng, [1] * len(ctx), [c - 1 for c in ctx], hq, hkv, d, ps, 64, sink or 0, local or 0, hc
-    )
-    att._RESIDENT.clear()
-    check(run_gpu(q, k, v, plan, hcl, decode=True, misaligned=misaligned), ref)
-    ctas = -(-max(-(-c // ps) for c in ctx) * ps // 16 // 4)
-    used = [key for key, fits in att._RESIDENT.items() if fits]
-    if misaligned:
-        assert not att._RESIDENT, "a misaligned output never takes the cluster path"
-    else:
-        assert [key[1] for key in used] == [ctas], att._RESIDENT
-    cp.cuda.Device().synchronize()
-
-
 @pytest.mark.gpu
 def test_decode_cuda_graph_replays_new_plans():
     """Capture one decode step; replay it after updating the plan in place (different contexts, pages)."""

@@ -116,35 +116,3 @@ def test_forward_matches_cpu_and_graphs_match_eager():
                 seqs[k][i].output_ids.append(int(t))
     graphs = runs["graph"][0].executor
     assert set(graphs.graphs) == {2, 4}, f"captured sizes {sorted(graphs.graphs)}"
-
-
-@pytest.mark.gpu
-def test_short_decode_graph_matches_eager(monkeypatch):
-    """Dense decode steps whose lists fit one cluster of decode CTAs replay the size's short graph (splits merged in
-    the cluster, no combine launch), the longer ones its full graph; both agree with eager steps, which make the same
-    choice."""
-    from lserve_lite.backends import cuda_attention as att
-    from lserve_lite.sampling_params import SamplingParams
-    from lserve_lite.sequence import Sequence
-
-    if int(att._kernels().cc) < 90:
-        pytest.skip("thread-block clusters run on compute capability 9.0+")
-    monkeypatch.setattr(att, "DECODE_CLUSTER", 2)  # 8 units: 8 pages of 16
-    cfg, ws = small_llama(seed=3)
-    prompt = list(np.random.default_rng(4).integers(0, cfg.vocab_size, 120))
-    runs = {name: _runner(cfg, ws, "cuda", graphs) for name, graphs in (("eager", False), ("graph", True))}
-    seqs = {k: Sequence(list(prompt), SamplingParams()) for k in runs}
-    for k, (runner, blocks) in runs.items():
-        _step(runner, blocks, [seqs[k]], [120])
-        seqs[k].output_ids.append(7)
-    graphs = runs["graph"][0].executor
-    assert graphs.short_pages == 8
-    for step in range(16):  # 121 .. 136 tokens: 8 pages, then 9
-        out = {k: _step(runner, blocks, [seqs[k]], [1]) for k, (runner, blocks) in runs.items()}
-        scale = np.abs(out["eager"]).max()
-        assert np.abs(out["graph"] - out["eager"]).max() / scale < 5e-3, f"graph vs eager at step {step}"
-        tok = int(out["eager"].argmax(-1)[0])
-        for s in seqs.values():
-            s.output_ids.append(tok)
-    assert set(graphs.short) == {1} and graphs.replays == 16
-    assert graphs.short_replays == 8, graphs.short_replays  # contexts 121 .. 128

@@ -78,13 +78,6 @@ DECODE_MIN_UNITS = int(env_float("LSERVE_DECODE_MIN_UNITS", 1, 1, 4096))
 # otherwise get 132 CTAs each, most of them idle below long contexts (H200: 0.693 / 0.710 ms per SmolLM2 step at 512 /
 # 4096 context with 64 against 0.699 / 0.730 with 132; docs/PERF_attention.md).
 DECODE_MAX_SPLITS = 64
-# Dense decode steps of at most SHORT_MAX_QBLOCKS query blocks whose longest list fits DECODE_CLUSTER CTAs at one
-# unit of 16 keys a warp (16 CTAs of 4 warps: 1024 keys) run those CTAs as one thread-block cluster per (query block,
-# KV head, head tile) on sm_90 (fp16 / v1 bodies): they merge their partials through distributed shared memory and
-# write the output, so no combine is launched (decode_cluster; the CUDA Graph executor captures such steps apart:
-# cuda_graphs.py). 0 or 1: never. LSERVE_DECODE_CLUSTER sets it.
-DECODE_CLUSTER = int(env_float("LSERVE_DECODE_CLUSTER", 16, 0, 16))
-SHORT_MAX_QBLOCKS = 8
 # Prefill kernel: "auto" (the wgmma kernel on compute capability 9.x for a head dim in SM90_HEAD_DIMS, mma.sync
 # otherwise), "mma" (always attention_prefill.cu), "wgmma" (attention_prefill_sm90.cu wherever it applies) or "ws" (its
 # warp-specialized variant for fp16 caches, measured slower, the wgmma kernel for quantized ones), "tma" (the wgmma
@@ -303,9 +296,6 @@ class CudaPlan:
         self.always_select = always_select
         self.visit_pages: int | None = None  # longest page list a decode head visits (None: unknown)
         self.fixed_visit_pages = fixed_visit_pages
-        self.longest_pages = 0  # longest page list of the last plan uploaded (dense: every head visits it)
-        # CUDA Graphs: the longest list the captured step may hold (decode_splits reads it instead; None: eager)
-        self.fixed_longest_pages: int | None = None
         self.decode_part: CudaPlan | None = None  # selecting decode rows of a mixed step (prepare_plan)
         self._workspace: dict = {}
 
@@ -364,8 +354,6 @@ class CudaPlan:
         self.sink, self.local = int(plan.sink), int(plan.local)
         self.group_reduce = plan.group_reduce
         self.visit_pages = plan.decode_visit_pages() if plan.selects else None
-        if self.fixed_longest_pages is None:  # eager plans (a graph's split count is fixed at capture)
-            self.longest_pages = int(np.diff(plan.kv_indptr).max()) if plan.kv_indptr.size > 1 else 0
         self.decode_part = decode_part
         return self
 
@@ -482,41 +470,6 @@ def decode_can_write_output(out) -> bool:
     return out.flags.c_contiguous and out.data.ptr % 8 == 0
 
 
-def cluster_pages(page_size: int, kv: str = "fp16") -> int:
-    """The longest dense decode list, in pages, that one cluster of DECODE_CLUSTER CTAs takes at one unit a warp;
-    0 where decode clusters do not run (DECODE_CLUSTER < 2, compute capability below 9.0, the v2 quantized body)."""
-    impl = KVQ_DECODE if kv != "fp16" else "v1"
-    if DECODE_CLUSTER < 2 or impl != "v1" or int(_kernels().cc) < 90:
-        return 0
-    return DECODE_CLUSTER * (_THREADS // 32) * 16 // page_size
-
-
-def decode_cluster(plan: CudaPlan, dense: bool, cc: str, impl: str) -> int:
-    """CTAs of one cluster per (query block, KV head, head tile) of this decode launch, 1 for none: a dense step of at
-    most SHORT_MAX_QBLOCKS query blocks on sm_90 with the v1 body whose longest list (a captured graph's
-    `fixed_longest_pages`) needs 2..DECODE_CLUSTER CTAs at one unit of 16 keys a warp."""
-    if not (dense and DECODE_CLUSTER >= 2 and impl == "v1" and int(cc) >= 90):
-        return 1
-    if plan.max_qblocks > SHORT_MAX_QBLOCKS:
-        return 1
-    longest = plan.fixed_longest_pages if plan.fixed_longest_pages is not None else plan.longest_pages
-    ctas = -(-longest * plan.page_size // 16 // (_THREADS // 32))
-    return ctas if 2 <= ctas <= DECODE_CLUSTER else 1
-
-
-_RESIDENT: dict = {}
-
-
-def _clusters_fit(fn, ctas: int, pairs: tuple[int, int], smem: int) -> bool:
-    """Whether the GPU holds one cluster of `ctas` CTAs per (query block, head tile) pair at once (a cluster's CTAs
-    share a GPC; cached per kernel, size, pairs and shared memory)."""
-    key = (fn.name, ctas, pairs, smem)
-    if key not in _RESIDENT:
-        got = fn.max_active_clusters((ctas, *pairs), (_THREADS,), smem, ctas)
-        _RESIDENT[key] = got >= pairs[0] * pairs[1]
-    return _RESIDENT[key]
-
-
 def decode_splits(plan: CudaPlan, hkv: int, head_tiles: int, d: int, per_sm: int | None = None) -> int:
     """CTAs per (query block, KV head, head tile): fill the GPU once (all CTAs resident together), at most
     DECODE_MAX_SPLITS; a short list uses fewer of them on the device (live_splits in attention_decode.cu).
@@ -564,8 +517,7 @@ def paged_attention(
     `decode=None` picks the decode kernel when every query block has one row; pass `decode=True` when
     capturing a decode step in a CUDA Graph (only row 0 of each query block is computed then). `num_splits`
     (decode) overrides the CTAs per (query block, KV head); it must stay fixed between capture and replay
-    (the default depends only on the plan's capacity and `fixed_visit_pages`; in dense mode the longest list, or
-    `fixed_longest_pages`, may make the splits a cluster: decode_cluster); `min_units` (default
+    (the default depends only on the plan's capacity and `fixed_visit_pages`); `min_units` (default
     DECODE_MIN_UNITS) the units of 16 keys a warp takes at least before a list uses another of them. A quantized
     cache (`kv` int8 / int4 / fp8): the pools hold its values and `scales` (k, v, ks, vs) its fp16 scales [pages,
     heads, page, scale_cols] (reference: the same functions with their `scales` /
@@ -642,14 +594,9 @@ def paged_attention(
         splits = int(num_splits) if num_splits else decode_splits(plan, hkv, head_tiles, d, per_sm)
         # Each live CTA merges its warps' partials and writes one per query head (slots of stride `splits`); a
         # list that one CTA takes whole needs no combine: the kernel writes the fp16 output itself (part_live 0),
-        # and a grid of one split launches none; nor do splits that form a cluster (decode_cluster).
+        # and a grid of one split launches none.
         direct = decode_can_write_output(out)
-        ncl = 1 if num_splits or not direct else decode_cluster(plan, not sparse, k.cc, impl)
-        if ncl > 1 and _clusters_fit(fn, ncl, (plan.max_qblocks, hkv * head_tiles), smem):
-            splits = ncl
-        else:
-            ncl = 1
-        combine = not (direct and (splits == 1 or ncl > 1))
+        combine = not (direct and splits == 1)
         if not combine:
             part_o = part_lse = part_live = np.uint64(0)  # null: never touched
         else:
@@ -668,7 +615,6 @@ def paged_attention(
              *pool_args, *sel, np.int32(hq), np.int32(hkv), ps_shift, np.int32(head_tiles), scale_log2,
              np.int32(min_units)),
             shared_mem=smem,
-            cluster=ncl,
         )  # fmt: skip
         if combine:
             comb = k.get(k.decode, "paged_attn_decode_combine", 0)

@@ -23,12 +23,6 @@ come before the sampler writes a step's ids there) and never run at once (one st
 intermediates reuse the first graph's memory from the private pool. The decode split count is fixed at capture
 from `visit_pages` (KVLayout.decode_visit_pages); a batch whose lists are longer (a wider per-request window)
 runs eagerly.
-
-Dense mode on sm_90, sizes up to SHORT_MAX_QBLOCKS: a second graph over the same static buffers (`short`) is
-captured for steps whose longest page list fits one thread-block cluster of decode CTAs (cuda_attention.cluster_pages,
-decode_cluster): its attention merges the splits inside the cluster and launches no combine, one kernel fewer per
-layer. Eager steps make the same choice from their own lists, and a cluster's idle splits add nothing to the merge,
-so a step gives the same values either way.
 """
 
 from __future__ import annotations
@@ -40,7 +34,7 @@ import numpy as np
 
 from ..sparse.plan import BatchLayout, build_plan
 from .base import Array, EagerExecutor, Forward, KVCache, StepInputs
-from .cuda_attention import SHORT_MAX_QBLOCKS, CudaPlan, cluster_pages
+from .cuda_attention import CudaPlan
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -87,13 +81,9 @@ class GraphExecutor:
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.graphs: dict[int, _Captured] = {}
         self.reuse: dict[int, _Captured] = {}  # LServe: the same steps without the page selector's launches
-        self.short: dict[int, _Captured] = {}  # dense: lists up to short_pages, decode splits in a cluster
-        kv = cache.fmt.name if cache.quantized else "fp16"
-        self.short_pages = 0 if self.sparse else cluster_pages(self.page_size, kv)
         self._rows = 4 if self.sparse else 3
         self._staging = {s: np.empty((self._rows, s), np.int64) for s in self.sizes}  # uploaded with the plan
         self.replays = 0
-        self.short_replays = 0  # of those, replays of a dense short graph
         self.replay_events: list | None = None  # a list (benchmarks): (start, end) CUDA events of each replay
         self._hc_src: list | None = None  # the head-class list last copied into the static buffers
         self._hc: list | None = None
@@ -104,25 +94,20 @@ class GraphExecutor:
 
     def plan(self, step: StepInputs):
         """Stage a decode batch into its graph's static buffers, or plan it eagerly."""
-        size, longest = self._graph_size(step)
+        size = self._graph_size(step)
         if size is None:
             return self.eager.plan(step)
         plan, n = step.plan, len(step.ids)
         if self._window != (plan.sink, plan.local):
             self.graphs.clear()  # the window may be baked into launches: capture again
             self.reuse.clear()
-            self.short.clear()
             self._window = (plan.sink, plan.local)
         self._sync_head_classes(step.head_classes)
         g = self.graphs.get(size)
         if g is None:
             g = self._capture_size(size, plan.sink, plan.local)
-        if self.sparse and not plan.refreshes:  # LServe step without a refresh: the size's reuse graph
-            replay = self.reuse[size]
-        elif size in self.short and longest <= self.short_pages:
-            replay = self.short[size]
-        else:
-            replay = g
+        # LServe step without a refresh: the size's reuse graph
+        replay = self.reuse[size] if self.sparse and not plan.refreshes else g
         st = self._staging[size]
         on_host = isinstance(step.ids, np.ndarray)
         st[0, :n], st[1, :n], st[2:, :n] = step.ids if on_host else 0, step.positions, step.slots
@@ -150,7 +135,6 @@ class GraphExecutor:
         if start is not None:
             self.replay_events.append((start, stream.record()))
         self.replays += 1
-        self.short_replays += prepared.graph is self.short.get(prepared.graph.size)
         return prepared.graph.logits[: prepared.n]
 
     def capture_all(self, head_classes: list, sink: int = 0, local: int = 0) -> None:
@@ -168,24 +152,21 @@ class GraphExecutor:
         g = self._capture(size, sink, local)
         if self.sparse:
             self.reuse[size] = self._capture(size, sink, local, share=g)
-        elif size <= SHORT_MAX_QBLOCKS and 0 < self.short_pages < self.max_pages:
-            self.short[size] = self._capture(size, sink, local, share=g, longest=self.short_pages)
-        self.graphs[size] = g  # last: a size is in `graphs` only with its other graphs (a failure is redone)
+        self.graphs[size] = g  # last: a size is in `graphs` only with its reuse graph (a failure is redone)
         return g
 
-    def _graph_size(self, step: StepInputs) -> tuple[int | None, int]:
-        """The captured size that serves this step (None when it is not a decode batch the graphs fit) and its
-        longest page list."""
+    def _graph_size(self, step: StepInputs) -> int | None:
+        """The captured size that serves this step, None when it is not a decode batch the graphs fit."""
         if not step.is_decode:
-            return None, 0
+            return None
         plan = step.plan
         size = self.size_for(len(step.ids))
         longest = int(np.max(np.diff(plan.kv_indptr))) if plan.kv_indptr.size > 1 else 0
         if size is None or longest > self.max_pages:
-            return None, longest
+            return None
         if self.sparse and (np.ndim(step.slots) != 2 or plan.decode_visit_pages() > self.visit_pages):
-            return None, longest
-        return size, longest
+            return None
+        return size
 
     def _sync_head_classes(self, head_classes: list) -> None:
         cp = self.cp
@@ -196,12 +177,9 @@ class GraphExecutor:
                 dst[...] = cp.asarray(src, dtype=cp.int32)
         self._hc_src = head_classes
 
-    def _capture(
-        self, size: int, sink: int, local: int, share: _Captured | None = None, longest: int | None = None
-    ) -> _Captured:
-        """A graph of the decode step of `size` rows for page lists up to `longest` (default: max_len's);
-        `share`: the size's first graph, whose static buffers this one reads (an LServe reuse graph, captured
-        without the page selector, or a dense short graph)."""
+    def _capture(self, size: int, sink: int, local: int, share: _Captured | None = None) -> _Captured:
+        """A graph of the decode step of `size` rows; `share`: an LServe size's selector graph whose static
+        buffers this one reads, captured without the page selector (its reuse graph)."""
         cp = self.cp
         if share is None:
             rows = cp.arange(size, dtype=cp.int64)
@@ -219,7 +197,6 @@ class GraphExecutor:
         )
         plan.update(dummy)
         plan.refreshes = self.sparse and share is None  # read by the forward at capture: launch the selector?
-        plan.fixed_longest_pages = self.max_pages if longest is None else longest  # the decode split count
         cp.cuda.get_current_stream().synchronize()
 
         def fwd():

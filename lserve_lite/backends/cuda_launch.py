@@ -1,5 +1,4 @@
-"""Our kernels' launcher: CuPy's launch, or, in captured decode graphs on Hopper, a programmatic dependent launch,
-and thread-block clusters wherever a launcher asks for them (CuPy's RawKernel cannot set a cluster).
+"""Our kernels' launcher: CuPy's launch, or, in captured decode graphs on Hopper, a programmatic dependent launch.
 
 A decode step is ~10 dependent kernels per layer; on the H200 the gap between one kernel's end and the next
 one's first loads was a large part of the step (docs/PERF_e2e.md). With programmatic stream serialization
@@ -23,19 +22,17 @@ from typing import Any
 
 import numpy as np
 
-CLUSTER_DIMENSION = 4  # CUlaunchAttributeID: value = clusterDim {x, y, z}
-PROGRAMMATIC_STREAM_SERIALIZATION = 6  # value = 1
-NON_PORTABLE_CLUSTER_SIZE_ALLOWED = 14  # CUfunction_attribute: clusters of more than 8 CTAs
+PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
 
 
 class LaunchAttribute(ctypes.Structure):
-    """CUlaunchAttribute (cuda.h): an id, padding to 8 bytes, a 64-byte value union (its first three uints used)."""
+    """CUlaunchAttribute (cuda.h): an id, padding to 8 bytes, a 64-byte value union (first field used)."""
 
     _fields_ = [
         ("id", ctypes.c_int),
         ("pad", ctypes.c_char * 4),
-        ("value", ctypes.c_uint * 3),
-        ("rest", ctypes.c_char * 52),
+        ("value", ctypes.c_int),
+        ("rest", ctypes.c_char * 60),
     ]
 
 
@@ -77,71 +74,30 @@ def _dims(d: int | tuple[int, ...]) -> tuple[int, int, int]:
     return (*t, *(1,) * (3 - len(t)))  # type: ignore[return-value]
 
 
-def launch_attributes(pdl: bool, cluster: int) -> ctypes.Array:
-    """The attributes of one cuLaunchKernelEx: programmatic stream serialization and / or a cluster of `cluster`
-    CTAs along x (1: none)."""
-    uint3 = ctypes.c_uint * 3
-    attrs = []
-    if pdl:
-        attrs.append(LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION, value=uint3(1, 0, 0)))
-    if cluster > 1:
-        attrs.append(LaunchAttribute(id=CLUSTER_DIMENSION, value=uint3(cluster, 1, 1)))
-    return (LaunchAttribute * max(1, len(attrs)))(*attrs)
-
-
 class Driver:
-    """cuLaunchKernelEx, cuFuncSetAttribute and cuOccupancyMaxActiveClusters from the CUDA driver library."""
+    """cuLaunchKernelEx from the CUDA driver library, with the one attribute we set."""
 
     def __init__(self):
         self.lib = ctypes.CDLL("libcuda.so.1")
         self.lib.cuLaunchKernelEx.argtypes = [
             ctypes.POINTER(LaunchConfig), ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p,
         ]  # fmt: skip
-        self.lib.cuFuncSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-        self.lib.cuOccupancyMaxActiveClusters.argtypes = [
-            ctypes.POINTER(ctypes.c_int), ctypes.c_void_p, ctypes.POINTER(LaunchConfig),
-        ]  # fmt: skip
         self.lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
-        self._non_portable: set[int] = set()
+        self.attr = LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
 
-    def _check(self, rc: int, what: str) -> None:
+    def launch(self, func: int, name: str, grid, block, shared_mem: int, stream: int, args: tuple) -> None:
+        """Launch `func` (a CUfunction) with programmatic stream serialization; raises on a launch error."""
+        vals = [kernel_arg(a) for a in args]
+        params = (ctypes.c_void_p * max(1, len(vals)))(*[ctypes.addressof(v) for v in vals])
+        cfg = LaunchConfig(
+            grid=(ctypes.c_uint * 3)(*_dims(grid)), block=(ctypes.c_uint * 3)(*_dims(block)),
+            shared_mem=shared_mem, stream=stream, attrs=ctypes.pointer(self.attr), num_attrs=1,
+        )  # fmt: skip
+        rc = self.lib.cuLaunchKernelEx(ctypes.byref(cfg), func, params, None)
         if rc != 0:
             err = ctypes.c_char_p()
             self.lib.cuGetErrorName(rc, ctypes.byref(err))
-            raise RuntimeError(f"{what} failed: {(err.value or b'?').decode()} ({rc})")
-
-    def _allow_cluster(self, func: int, name: str, cluster: int) -> None:
-        if cluster > 8 and func not in self._non_portable:
-            rc = self.lib.cuFuncSetAttribute(func, NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1)
-            self._check(rc, f"{name}: allowing clusters of more than 8 CTAs")
-            self._non_portable.add(func)
-
-    def _config(self, grid, block, shared_mem: int, stream: int | None, attrs: ctypes.Array, n: int):
-        return LaunchConfig(
-            grid=(ctypes.c_uint * 3)(*_dims(grid)), block=(ctypes.c_uint * 3)(*_dims(block)),
-            shared_mem=shared_mem, stream=stream, attrs=attrs, num_attrs=n,
-        )  # fmt: skip
-
-    def max_active_clusters(self, func: int, name: str, grid, block, shared_mem: int, cluster: int) -> int:
-        """Clusters of `cluster` CTAs of this launch that the GPU holds at once (0: it cannot run them)."""
-        self._allow_cluster(func, name, cluster)
-        cfg = self._config(grid, block, shared_mem, None, launch_attributes(False, cluster), 1)
-        n = ctypes.c_int(0)
-        rc = self.lib.cuOccupancyMaxActiveClusters(ctypes.byref(n), func, ctypes.byref(cfg))
-        return n.value if rc == 0 else 0
-
-    def launch(
-        self, func: int, name: str, grid, block, shared_mem: int, stream: int, args: tuple, *, pdl: bool = True,
-        cluster: int = 1,
-    ) -> None:  # fmt: skip
-        """Launch `func` (a CUfunction) with programmatic stream serialization (`pdl`) and / or clusters of
-        `cluster` CTAs along x; raises on a launch error."""
-        self._allow_cluster(func, name, cluster)
-        vals = [kernel_arg(a) for a in args]
-        params = (ctypes.c_void_p * max(1, len(vals)))(*[ctypes.addressof(v) for v in vals])
-        attrs = launch_attributes(pdl, cluster)
-        cfg = self._config(grid, block, shared_mem, stream, attrs, int(pdl) + int(cluster > 1))
-        self._check(self.lib.cuLaunchKernelEx(ctypes.byref(cfg), func, params, None), f"launching {name}")
+            raise RuntimeError(f"launching {name} failed: {(err.value or b'?').decode()} ({rc})")
 
 
 @functools.cache
@@ -193,20 +149,13 @@ class Kernel:
 
         return int(driver.occupancyMaxActiveBlocksPerMultiprocessor(self.raw.kernel.ptr, threads, shared_mem))
 
-    def max_active_clusters(self, grid, block, shared_mem: int, cluster: int) -> int:
-        """Clusters of `cluster` CTAs of this launch resident at once (the driver's occupancy calculator; 0: none)."""
-        return _driver().max_active_clusters(self.raw.kernel.ptr, self.name, grid, block, shared_mem, cluster)
-
-    def __call__(self, grid, block, args: tuple, shared_mem: int = 0, cluster: int = 1) -> None:
-        """`cluster` > 1: CTAs grouped in clusters of that many along x (sm_90+; gridDim.x a multiple of it)."""
-        if self.pdl or cluster > 1:
+    def __call__(self, grid, block, args: tuple, shared_mem: int = 0) -> None:
+        if self.pdl:
             import cupy as cp
 
             stream = cp.cuda.get_current_stream()
-            pdl = self.pdl and stream.is_capturing()
-            if pdl or cluster > 1:
-                func, sp = self.raw.kernel.ptr, stream.ptr
-                _driver().launch(func, self.name, grid, block, shared_mem, sp, args, pdl=pdl, cluster=cluster)
+            if stream.is_capturing():
+                _driver().launch(self.raw.kernel.ptr, self.name, grid, block, shared_mem, stream.ptr, args)
                 return
         self.raw(grid, block, args, shared_mem=shared_mem)
 
