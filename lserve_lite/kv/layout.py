@@ -8,6 +8,7 @@ index among the heads of its class in that layer, i.e. its row in the pool of it
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -41,8 +42,9 @@ class KVLayout:
     def stream_pages_per_seq(self) -> int:
         return self.sink_pages + self.ring_pages if self.has_streaming else 0
 
-    @property
+    @functools.cached_property
     def has_streaming(self) -> bool:
+        """Whether any layer has a streaming head (asked several times a step by the planner: computed once)."""
         return any(bool((c == 1).any()) for c in self.head_class)
 
     def num_dense(self, layer: int) -> int:
