@@ -27,7 +27,6 @@
 #include <cuda_fp16.h>
 
 #include "pdl.cuh"
-#include "rms_in.cuh"
 #include "rope_out.cuh"
 
 typedef unsigned char u8;
@@ -62,33 +61,20 @@ __device__ __forceinline__ int groups_per_row(int K) {
 // x rows [n, K] fp16 -> xq [P][n][K / 4] words of int8 and xs [P][n][K / 32] {dx, sum of the chunk's xq}.
 // P = 2 (the logits): pass 1 rounds the residual x - dx * xq of pass 0 the same way, so the two passes
 // together leave each value off by dx' / 2 ~ dx / 508 (cpu_quant.logits_q's scheme).
-// NORM: the values quantized are those of x's residual add + RMSNorm (rms_in.cuh: `rin`, with rstd[] from
-// rms_rows), each rounded to fp16 as add_rmsnorm's output is.
-template <int P, bool NORM = false>
-__device__ __forceinline__ void quantize_x(const __half* __restrict__ x, int n, int K, int* xq, float2* xs,
-                                           const lserve::RmsIn& rin = {}, const float* rstd = nullptr) {
+template <int P>
+__device__ __forceinline__ void quantize_x(const __half* __restrict__ x, int n, int K, int* xq, float2* xs) {
   const int nc = K / 32;
   for (int c = threadIdx.x; c < n * nc; c += blockDim.x) {
+    const uint4* src = reinterpret_cast<const uint4*>(x + (long long)c * 32);  // rows are contiguous
     float f[32];
-    if constexpr (NORM) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        float h[8];
-        lserve::rms_normed8(x, rin, rstd, c / nc, K, (c % nc) * 4 + i, h);
+    for (int i = 0; i < 4; ++i) {
+      const uint4 v = __ldg(src + i);
+      const __half2* h = reinterpret_cast<const __half2*>(&v);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) f[8 * i + j] = h[j];
-      }
-    } else {
-      const uint4* src = reinterpret_cast<const uint4*>(x + (long long)c * 32);  // rows are contiguous
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const uint4 v = __ldg(src + i);
-        const __half2* h = reinterpret_cast<const __half2*>(&v);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const float2 p = __half22float2(h[j]);
-          f[8 * i + 2 * j] = p.x, f[8 * i + 2 * j + 1] = p.y;
-        }
+      for (int j = 0; j < 4; ++j) {
+        const float2 p = __half22float2(h[j]);
+        f[8 * i + 2 * j] = p.x, f[8 * i + 2 * j + 1] = p.y;
       }
     }
 #pragma unroll
@@ -320,16 +306,12 @@ struct SplitItem {
 // ROPE (quant_gemv_split_rope; 1: a dense cache, 2: LServe's two pools and statistics): W is the fused q/k/v
 // matrix, outputs in rope_out.cuh's paired order, and the epilogue rotates each pair and writes q and the K/V page
 // slots (`ro`; CudaOps.qkv_rope); every output's sum is quant_gemv_split's at R = 2.
-// NORM (quant_gemv_split_norm, quant_gemv_split_rope_norm; batch 1 of small K: CudaOps._prologue_norm): x is the
-// layer's input before its residual add and RMSNorm (`rin`, rms_in.cuh); every block computes the norm of the row
-// itself before quantizing it, and block 0 writes the new residual stream: no add_rmsnorm launch.
-template <typename F, int R, int NMAX, int P, typename TOut, bool SILU, int UX, int ROPE, bool NORM = false>
+template <typename F, int R, int NMAX, int P, typename TOut, bool SILU, int UX, int ROPE>
 __device__ __forceinline__ void quant_gemv_split_body(const u8* __restrict__ q, const __half* __restrict__ d,
                                                       const __half* __restrict__ mn,
                                                       const unsigned short* __restrict__ sub,
                                                       const __half* __restrict__ x, int n, TOut* __restrict__ y,
-                                                      int ldy, int M, int K, const lserve::RopeOut& ro,
-                                                      const lserve::RmsIn& rin = {}) {
+                                                      int ldy, int M, int K, const lserve::RopeOut& ro) {
   static_assert(!SILU || R % 2 == 0, "SILU pairs gate and up rows in a warp");
   static_assert(ROPE == 0 || (R % 2 == 0 && !SILU), "ROPE pairs a head's channels j and j + D / 2 in a warp");
   constexpr int U = SPLIT_U<F, R> * UX, RO = SILU ? R / 2 : R;  // chunks per lane and set, outputs per warp
@@ -347,13 +329,7 @@ __device__ __forceinline__ void quant_gemv_split_body(const u8* __restrict__ q, 
     ld.next(steps, gstride);
   }
   lserve::pdl_enter();  // and while the kernel that writes x ends
-  if constexpr (NORM) {
-    __shared__ float rms_scratch[lserve::rms_scratch_floats<NMAX>];
-    lserve::rms_rows<NMAX>(x, rin, n, K, rms_scratch);
-    quantize_x<P, true>(x, n, K, xq, xs, rin, rms_scratch);
-  } else {
-    quantize_x<P>(x, n, K, xq, xs);
-  }
+  quantize_x<P>(x, n, K, xq, xs);
   __syncthreads();
   if (gw >= groups) return;
   float acc[R][NMAX];
@@ -395,29 +371,6 @@ __global__ void __launch_bounds__(SWARPS * 32, (SPLIT_MIN_BLOCKS<F, 2, NMAX, 1, 
                           const unsigned short* __restrict__ sub, const __half* __restrict__ x, int n, int M, int K,
                           const lserve::RopeOut ro) {
   quant_gemv_split_body<F, 2, NMAX, 1, __half, false, 1, ROPE>(q, d, mn, sub, x, n, nullptr, 0, M, K, ro);
-}
-
-// The gate_up GEMV with SiLU-and-multiply after the residual add and RMSNorm of its input (NORM above; R rows a warp,
-// one pass, fp16 out): the fused post-attention norm of a batch-1 decode step.
-template <typename F, int R, int NMAX>
-__global__ void __launch_bounds__(SWARPS * 32, (SPLIT_MIN_BLOCKS<F, R, NMAX, 1, true, 1>))
-    quant_gemv_split_norm(const u8* __restrict__ q, const __half* __restrict__ d, const __half* __restrict__ mn,
-                          const unsigned short* __restrict__ sub, const __half* __restrict__ x, int n,
-                          __half* __restrict__ y, int ldy, int M, int K, const float* res_in, float* res_out,
-                          const __half* w, float eps) {
-  quant_gemv_split_body<F, R, NMAX, 1, __half, true, 1, 0, true>(q, d, mn, sub, x, n, y, ldy, M, K,
-                                                                  lserve::RopeOut{}, {res_in, res_out, w, eps});
-}
-
-// The q/k/v GEMV with the RoPE epilogue after the residual add and RMSNorm of its input (NORM, ROPE above).
-template <typename F, int NMAX, int ROPE>
-__global__ void __launch_bounds__(SWARPS * 32, (SPLIT_MIN_BLOCKS<F, 2, NMAX, 1, false, 1>))
-    quant_gemv_split_rope_norm(const u8* __restrict__ q, const __half* __restrict__ d, const __half* __restrict__ mn,
-                               const unsigned short* __restrict__ sub, const __half* __restrict__ x, int n, int M,
-                               int K, const lserve::RopeOut ro, const float* res_in, float* res_out, const __half* w,
-                               float eps) {
-  quant_gemv_split_body<F, 2, NMAX, 1, __half, false, 1, ROPE, true>(q, d, mn, sub, x, n, nullptr, 0, M, K, ro,
-                                                                      {res_in, res_out, w, eps});
 }
 
 // out[j, :] = W's row (rows ? rows[j] : r0 + j) as fp16, for j < nrows; one thread per 8 values (a 16-byte

@@ -64,10 +64,7 @@ def test_every_split_gemv_name_parses(fmt):
     for name in names:
         args = [a.strip() for a in name[name.index("<") + 1 : name.rindex(">")].split(",")]
         nmax, passes = split_name_shape(name)
-        if name.startswith("quant_gemv_split_rope"):  # <T, NMAX, KIND>, with or without the norm prologue
-            want = (int(args[1]), 1)
-        elif name.startswith("quant_gemv_split_norm<"):  # <T, R, NMAX>: one pass
-            want = (int(args[2]), 1)
-        else:
-            want = (int(args[2]), int(args[3]))
+        want = (
+            (int(args[1]), 1) if name.startswith("quant_gemv_split_rope<") else (int(args[2]), int(args[3]))
+        )
         assert (nmax, passes) == want and nmax in SPLIT_ROWS and passes in (1, 2)

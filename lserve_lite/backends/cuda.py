@@ -27,7 +27,7 @@ from .base import EagerExecutor, Forward, KVCache, alloc_kv_cache, norm_qkv_rope
 from .cuda_attention import HEAD_DIMS, KV_TRAITS
 from .cuda_compile import load_module
 from .cuda_graphs import GraphExecutor
-from .cuda_quant import DeviceQuant, DeviceRowStack, QuantKernels, device_bytes, split_norm_fits
+from .cuda_quant import DeviceQuant, DeviceRowStack, QuantKernels, device_bytes
 from .rms_in import NO_NORM, RmsIn, scratch_bytes
 from .rope_out import rope_kind, rope_out
 
@@ -514,12 +514,11 @@ class CudaOps:
         return out if fused else self.silu_mul(self.linear(h, w), out=out)
 
     def rmsnorm_linear(self, x, residual, norm_w, eps, w, bias=None, silu=False):
-        """Decode rows of an fp16 weight, or one row of a split weight's gate_up GEMV with SiLU of small K: the
-        residual add and RMSNorm in the GEMV's prologue (NORM: no add_rmsnorm launch), the residual stream returned
-        in a new float32 array. Everything else (other packed launches, whose split GEMV measured slower with the
-        norm in its prologue at K = 4096: docs/ARCHITECTURE.md; cuBLAS rows; N * K halves past NORM_SMEM) and
-        LSERVE_CUDA_FUSE_NORM=0: add_rmsnorm, then `linear` / `gate_up_silu`. Reference: that composition of
-        reference/layers.rmsnorm_ref and the product."""
+        """Decode rows of an fp16 weight: the residual add and RMSNorm in the prologue of gemv_rows (NORM: no
+        add_rmsnorm launch), the residual stream returned in a new float32 array. Everything else (packed
+        weights, whose split GEMV measured slower with the norm in its prologue: docs/ARCHITECTURE.md; cuBLAS
+        rows; N * K halves past NORM_SMEM) and LSERVE_CUDA_FUSE_NORM=0: add_rmsnorm, then `linear` /
+        `gate_up_silu`. Reference: that composition of reference/layers.rmsnorm_ref and the product."""
         cp = self.cp
         n, k = int(x.shape[0]), int(x.shape[1])
         rows = int(w.shape[0]) // 2 if silu else int(w.shape[0])
@@ -530,27 +529,19 @@ class CudaOps:
             return norm_then_linear(self, x, residual, norm_w, eps, w, bias, silu)
         x = cp.ascontiguousarray(x)
         out = cp.empty((n, rows), cp.float16)
-        if isinstance(w, DeviceQuant):
-            self.quant.gate_up_silu(x, w, out, norm=norm)  # _prologue_norm: a split weight's SiLU GEMV
-        else:
-            self._gemv_rows(x, w, out, rows, k, silu=silu, norm=norm)
+        self._gemv_rows(x, w, out, rows, k, silu=silu, norm=norm)
         if bias is not None:
             out += bias
         return out, norm.res_out
 
     def _prologue_norm(self, x, residual, norm_w, eps, w, slices: int, pairs: bool) -> RmsIn | None:
-        """The residual add + RMSNorm for the prologue of the decode GEMV of `w`, with its fresh residual stream:
-        fp16 gemv_rows at `slices` warps a row (`pairs`: two rows a warp, gate/up or RoPE), or a split weight's
-        SiLU or RoPE GEMV of one row of small K (cuda_quant.split_norm_fits); None where it does not go there
-        (LSERVE_CUDA_FUSE_NORM=0, other weights and launches, N * K halves past NORM_SMEM)."""
+        """The residual add + RMSNorm for the prologue of the decode gemv_rows of `w` at `slices` warps a row (`pairs`:
+        two rows a warp, gate/up or RoPE), with its fresh residual stream; None where it does not go there
+        (LSERVE_CUDA_FUSE_NORM=0, not an fp16 gemv_rows launch, N * K halves past NORM_SMEM)."""
         cp = self.cp
         n, k = int(x.shape[0]), int(x.shape[1])
-        if isinstance(w, DeviceQuant):
-            fits = pairs and w.split is not None and split_norm_fits(n, k)
-        else:
-            fits = isinstance(w, cp.ndarray) and self.gemm_path(n, k) == "gemv"
-            fits = fits and gemv_rows_smem(n, k, slices, pairs, True) <= NORM_SMEM
-        if not (self.fuse_norm and fits):
+        fits = isinstance(w, cp.ndarray) and self.gemm_path(n, k) == "gemv"
+        if not (self.fuse_norm and fits and gemv_rows_smem(n, k, slices, pairs, True) <= NORM_SMEM):
             return None
         res_in = None if residual is None else cp.ascontiguousarray(residual, dtype=cp.float32)
         return RmsIn(res_in, cp.empty((n, k), cp.float32), norm_w, eps)
@@ -558,8 +549,7 @@ class CudaOps:
     def qkv_rope(self, x, residual, norm_w, eps, w, bias, positions, slots, cache: KVCache, layer: int, rope):
         """Decode rows into an fp16 cache (dense, or LServe's two pools and page statistics): RoPE and the K/V page
         write in the epilogue of the q/k/v GEMV (gemv_rows with ROPE, the norm in its prologue where rmsnorm_linear
-        fuses it; quant_gemv_split with ROPE for a split weight, with the norm in its prologue for one row of small K,
-        else after add_rmsnorm): no rope_write_kv launch, no qkv
+        fuses it; quant_gemv_split with ROPE after add_rmsnorm for a split weight): no rope_write_kv launch, no qkv
         array. Everything else (quantized caches, cuBLAS rows, RowStacks, block formats, steps of more than
         `fuse_rope_rows` rows): `norm_qkv_rope`. Reference: reference/layers.rope_write_kv(_sparse)_ref of rmsnorm_linear's product."""
         cp = self.cp
@@ -575,10 +565,7 @@ class CudaOps:
         q = cp.empty((n, hq, d), cp.float16)
         pos, slots = cp.ascontiguousarray(positions), cp.ascontiguousarray(slots)  # alive until the launch
         ro = rope_out(pos, slots, rope, q, cache, layer, bias, hq)
-        norm = self._prologue_norm(x, residual, norm_w, eps, w, self.gemv_slices(m, k), True)
-        if norm is not None and split:
-            self.quant.qkv_rope(cp.ascontiguousarray(x), w, ro, norm=norm)
-            return q, norm.res_out
+        norm = self._prologue_norm(x, residual, norm_w, eps, w, self.gemv_slices(m, k), True)  # fp16 w only
         if norm is not None:
             self._gemv_rows(cp.ascontiguousarray(x), w, q, m // 2, k, norm=norm, rope=ro)
             return q, norm.res_out

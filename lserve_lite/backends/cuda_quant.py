@@ -30,11 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from ..config import env_float
 from ..weights.qtensor import FORMATS, LAYOUTS, QuantTensor, RowStack, Weight, stored_bytes
 from .cuda_compile import load_module
 from .quant_split import SPLIT_FORMATS, SplitFormat, split
-from .rms_in import RmsIn
 from .rope_out import rope_kind, rope_rows
 
 QUANT_SOURCE = "quant_gemv.cu"
@@ -66,9 +64,6 @@ SPLIT_GRIDS = ("persist", "grid")  # LSERVE_QGEMV_SPLIT: the split GEMV's grid (
 # pass), for matrices whose row groups all fit the GPU's resident warps (split_deep)
 SPLIT_DEEP_R = 2
 SPLIT_ROPE_R = 2  # rows per warp of quant_gemv_split_rope (one RoPE pair; fixed in the kernel)
-# Largest K whose batch-1 split GEMVs (gate_up with SiLU, q/k/v with RoPE) take the residual add and RMSNorm in their
-# prologue (split_norm_fits); LSERVE_SPLIT_NORM_MAX_K sets it, 0: never.
-SPLIT_NORM_MAX_K = int(env_float("LSERVE_SPLIT_NORM_MAX_K", 2048, 0, 1 << 20))
 SMEM_DEFAULT = 48 << 10  # dynamic shared memory a launch gets without opting in
 
 
@@ -113,30 +108,11 @@ def rope_name(trait: str, nmax: int, kind: int) -> str:
     return f"quant_gemv_split_rope<{trait}, {nmax}, {kind}>"
 
 
-def norm_name(trait: str, r: int) -> str:
-    """The batch-1 gate_up GEMV with SiLU whose prologue applies the residual add and RMSNorm (NORM)."""
-    return f"quant_gemv_split_norm<{trait}, {r}, 1>"
-
-
-def rope_norm_name(trait: str, kind: int) -> str:
-    """The batch-1 q/k/v GEMV with the RoPE epilogue whose prologue applies the residual add and RMSNorm (NORM)."""
-    return f"quant_gemv_split_rope_norm<{trait}, 1, {kind}>"
-
-
-def split_norm_fits(n: int, k: int) -> bool:
-    """Whether a split GEMV of n rows of K values may take the residual add and RMSNorm in its prologue: one row
-    (the NORM instantiations' NMAX) of at most SPLIT_NORM_MAX_K values (every block recomputes the row's norm:
-    cheap for a small model's rows, measured slower at K = 4096 in 2026-12-02's form, docs/ARCHITECTURE.md)."""
-    return n == 1 and k <= SPLIT_NORM_MAX_K and k % 32 == 0
-
-
 def split_name_shape(name: str) -> tuple[int, int]:
     """(NMAX, passes) of a split GEMV instantiation's name: quant_gemv_split<T, R, NMAX, P, ...>, or
     `rope_name`'s quant_gemv_split_rope<T, NMAX, KIND> (one pass)."""
     f = name.split(",")
-    if name.startswith("quant_gemv_split_norm<"):
-        return int(f[2].rstrip(">")), 1
-    return (int(f[1]), 1) if name.startswith("quant_gemv_split_rope") else (int(f[2]), int(f[3]))
+    return (int(f[1]), 1) if name.startswith("quant_gemv_split_rope<") else (int(f[2]), int(f[3]))
 
 
 def deep_setting() -> bool:
@@ -214,9 +190,6 @@ def kernel_names(fmt: str, variants: tuple[str, ...] = (*GEMV_VARIANTS, "split")
                 names += [f"quant_gemv_split<{s}, {r}, {n}, 1, __half, true>" for r in SPLIT_SILU_R
                           for n in SPLIT_ROWS]  # fmt: skip
                 names += [rope_name(s, n, kind) for kind in (1, 2) for n in SPLIT_ROWS]
-                names += [norm_name(s, r) for r in SPLIT_SILU_R] + [
-                    rope_norm_name(s, kind) for kind in (1, 2)
-                ]
                 names.append(deep_name(s))
                 names.append(f"quant_dequant_split<{s}>")
             continue
@@ -422,33 +395,28 @@ class QuantKernels:
             self._dequant(fns, w, None, r0, r1 - r0, wt)
             self.blas.gemm_nt(x, wt, out[:, r0:r1])
 
-    def gate_up_silu(self, x, w: DeviceQuant, out, norm: RmsIn | None = None) -> bool:
+    def gate_up_silu(self, x, w: DeviceQuant, out) -> bool:
         """out[N, I] = silu(x @ Wg^T) * (x @ Wu^T) for the row-fused w = [Wg; Wu] [2I, K] in one launch per
         shared-memory step (quant_gemv_split with SILU) when w is a split weight and N <= GEMV_MAX_ROWS (out
-        float16); False (nothing launched) otherwise, for the caller's GEMM + silu_mul. `norm` (split_norm_fits):
-        x is the layer's input before its residual add and RMSNorm, applied in the prologue."""
+        float16); False (nothing launched) otherwise, for the caller's GEMM + silu_mul."""
         n = int(x.shape[0])
         if not (w.split and 0 < n <= GEMV_MAX_ROWS and out.dtype == np.float16):
             return False
-        self._gemv_split(self._kernels(w.fmt, "split"), x, w, out, silu=True, norm=norm)
+        self._gemv_split(self._kernels(w.fmt, "split"), x, w, out, silu=True)
         return True
 
-    def qkv_rope(self, x, w: DeviceQuant, ro: np.void, norm: RmsIn | None = None) -> None:
+    def qkv_rope(self, x, w: DeviceQuant, ro: np.void) -> None:
         """The split q/k/v GEMV over x's rows (N <= GEMV_MAX_ROWS, fp16) with RoPE and the K/V page write in its
-        epilogue (`ro`: rope_out.rope_out; CudaOps.qkv_rope checks the rest); `norm` as in gate_up_silu."""
-        self._gemv_split(self._kernels(w.fmt, "split"), x, w, None, rope=ro, norm=norm)
+        epilogue (`ro`: rope_out.rope_out; CudaOps.qkv_rope checks the rest)."""
+        self._gemv_split(self._kernels(w.fmt, "split"), x, w, None, rope=ro)
 
     def _gemv_split(
-        self, fns, x, w: DeviceQuant, out, silu: bool = False, rope: np.void | None = None,
-        norm: RmsIn | None = None,
-    ) -> None:  # fmt: skip
+        self, fns, x, w: DeviceQuant, out, silu: bool = False, rope: np.void | None = None
+    ) -> None:
         """quant_gemv_split over x's rows, as many per launch as the shared memory holds (all of them unless K is
         large: 8 rows of K = 14336 need 140 KB, 280 KB with a float32 output's two passes). `silu`: w is
         [gate; up] and out gets silu(gate) * up, [N, M / 2] in fp16. `rope` (out None): w is the q/k/v matrix and
-        the ROPE epilogue writes q and the K/V page slots (each launch's rows: rope_rows). `norm` (one row,
-        with `silu` or `rope`): the residual add and RMSNorm in the prologue (the NORM instantiations)."""
-        if norm is not None and not (int(x.shape[0]) == 1 and (silu or rope is not None)):
-            raise ValueError("the split GEMV's norm prologue takes one row, with SiLU or RoPE")
+        the ROPE epilogue writes q and the K/V page slots (each launch's rows: rope_rows)."""
         n, k, m = int(x.shape[0]), int(x.shape[1]), w.shape[0]
         passes = 2 if out is not None and out.dtype == np.float32 else 1
         step = n
@@ -469,12 +437,6 @@ class QuantKernels:
             name = f"quant_gemv_split<{w.split.trait}, {r}, {nmax}, {passes}, {t}{tail}>"
             if rope is not None:
                 name = rope_name(w.split.trait, nmax, rope_kind(rope))
-            if norm is not None:
-                name = (
-                    norm_name(w.split.trait, r)
-                    if rope is None
-                    else rope_norm_name(w.split.trait, rope_kind(rope))
-                )
             fn, smem = fns[name], split_smem(rows, k, passes)
             if rope is None:
                 args = (w.data, *self._fields(w), x[i : i + rows], np.int32(rows), out[i : i + rows], ldy,
@@ -482,7 +444,6 @@ class QuantKernels:
             else:  # no y: the RopeOut struct, moved to these rows
                 args = (w.data, *self._fields(w), x[i : i + rows], np.int32(rows), np.int32(outs), np.int32(k),
                         rope_rows(rope, i))  # fmt: skip
-            args += norm.args() if norm is not None else ()
             resident = self.split_resident
             if resident is None and self.split_grid == "persist":
                 resident = self.resident_blocks(name, fn, smem)

@@ -167,16 +167,14 @@ def case_gate_up_silu(c: Ctx) -> list[Result]:
 
 def case_rmsnorm_linear(c: Ctx) -> list[Result]:
     """CudaOps.rmsnorm_linear: the residual add and RMSNorm in the prologue of the decode GEMV of an fp16 weight
-    (gemv_rows with NORM), plain and gate_up + SiLU-and-multiply, the first layer (no residual); one row of a split
-    weight's gate_up + SiLU of small K (quant_gemv_split_norm), first layer and later; and the unfused composition
-    elsewhere (other packed launches: split GEMVs, block kernels under v1 / v2; N * K past gemv_rows' shared memory;
-    cuBLAS rows). Against harness.quant.norm_linear_ref; the residual stream must be x + res exactly."""
+    (gemv_rows with NORM), plain and gate_up + SiLU-and-multiply, the first layer (no residual); and the unfused
+    composition elsewhere (packed weights: split GEMVs, block kernels under v1 / v2; N * K past gemv_rows' shared
+    memory; cuBLAS rows). Against harness.quant.norm_linear_ref; the residual stream must be x + res exactly."""
     out = []
     cases = [(None, 1, 576, 960, False), (None, 3, 4096, 1001, True), (None, 6, 4096, 77, False),
              (None, 12, 576, 301, True), ("q4_1", 1, 576, 1536, True), ("q4_1", 8, 1024, 515, False),
              ("int8", 2, 4096, 4097, False), ("int4", 5, 4096, 2731, True), ("q8_0", 4, 512, 129, True),
-             ("q4_0", 1, 256, 37, False), ("q4_k", 3, 512, 129, True), ("q6_k", 1, 768, 500, True),
-             ("int4", 1, 1024, 333, True)]  # fmt: skip
+             ("q4_0", 1, 256, 37, False), ("q4_k", 3, 512, 129, True)]  # fmt: skip
     for i, (fmt, n, k, m, silu) in enumerate(cases):
         rows = 2 * m if silu else m
         w = c.f16(rows, k, scale=1 / math.sqrt(k)) if fmt is None else random_quant(fmt, rows, k, c.rng)
@@ -185,7 +183,7 @@ def case_rmsnorm_linear(c: Ctx) -> list[Result]:
         if silu:  # h @ W of std ~3 (silu_inputs' reason: random q4_k blocks overflow fp16 unscaled)
             lnw = lnw * 3.0 / np.sqrt(k * np.mean(ref_w**2))
         lnw = lnw.astype(np.float16)
-        res = None if i in (0, 4) else c.rng.standard_normal((n, k)).astype(np.float32) * 2
+        res = None if i == 0 else c.rng.standard_normal((n, k)).astype(np.float32) * 2
         split = fmt is not None and pick_variant(c.ops.quant.gemv_variant, fmt, n) == "split" and n <= 8
         ref, atol, r = norm_linear_ref(x, res, lnw, 1e-5, ref_w, silu, split)
         dw = c.dev16(w) if fmt is None else c.ops.upload(w)
@@ -203,8 +201,7 @@ def case_rmsnorm_linear(c: Ctx) -> list[Result]:
 
 def case_qkv_rope(c: Ctx) -> list[Result]:
     """CudaOps.qkv_rope with its fused kernels forced on at every GEMV-sized row count (gemv_rows_rope with the norm
-    in its prologue, quant_gemv_split_rope after add_rmsnorm, or with the norm in its prologue for one row of small
-    K: quant_gemv_split_rope_norm): RoPE and the K/V page write in the QKV GEMV's epilogue,
+    in its prologue, quant_gemv_split_rope after add_rmsnorm): RoPE and the K/V page write in the QKV GEMV's epilogue,
     a dense fp16 cache, against harness.quant.norm_linear_ref's float64 product rotated and written by
     rope_write_kv_ref. A rotated pair's tolerance: both products' (and their fp16 rounding before the rotation);
     rtol 2^-10 for the output's own. The residual stream exact; every q entry compared (qkv_rope allocates q, so it
@@ -214,7 +211,7 @@ def case_qkv_rope(c: Ctx) -> list[Result]:
 
     ops, cp, out = CudaOps(fuse_rope=True), c.cp, []
     cases = [(None, 1, 576, 9, 3, 64), (None, 3, 4096, 32, 8, 128), ("q4_1", 1, 576, 9, 3, 64),
-             ("int8", 8, 512, 8, 2, 128), ("q4_k", 4, 512, 4, 4, 64), ("int4", 1, 1024, 8, 2, 128)]  # fmt: skip
+             ("int8", 8, 512, 8, 2, 128), ("q4_k", 4, 512, 4, 4, 64)]  # fmt: skip
     page, pages, max_len = 16, 8, 4096
     for i, (fmt, n, k, hq, hkv, d) in enumerate(cases):
         m, heads = (hq + 2 * hkv) * d, hq + 2 * hkv

@@ -1,7 +1,8 @@
 """Engine step vs graph replay, batch-1 greedy decode (overlapped):
 python3 ab_steps.py <model dir> <label> <dense|lserve> <fp16|int4> <context> [<context> ...]
 Per context: a warm-up request, then three of 64 new tokens; prints the engine's wall time per token, the mean replay
-and how many replays were of a short graph (cuda_graphs.GraphExecutor.short_replays)."""
+and how many replays were of a short graph (GraphExecutor.short_replays, 0 where the executor has none: the
+reverted build had it)."""
 
 import sys
 import time
@@ -28,7 +29,7 @@ def one(plen, new):
     ids = [int(t) for t in rng.integers(100, 40000, plen)]
     eng.add_request(ids, SamplingParams(temperature=0.0, max_new_tokens=new, ignore_eos=True))
     eng.step()
-    ex.replay_events, s0 = [], ex.short_replays
+    ex.replay_events, s0 = [], getattr(ex, "short_replays", 0)
     t1, n = time.perf_counter(), 0
     while eng.has_unfinished():
         n += len(eng.step())
@@ -36,7 +37,7 @@ def one(plen, new):
     cp.cuda.get_current_stream().synchronize()
     ev = [cp.cuda.get_elapsed_time(a, b) for a, b in ex.replay_events]
     ex.replay_events = None
-    return (t2 - t1) / n * 1e3, float(np.mean(ev)), ex.short_replays - s0, len(ev)
+    return (t2 - t1) / n * 1e3, float(np.mean(ev)), getattr(ex, "short_replays", 0) - s0, len(ev)
 
 
 one(64, 16)
