@@ -172,6 +172,29 @@ def test_engine_budget_over_context_equals_dense(tiny_llama, tmp_path):
     assert sparse.engine.blocks.num_used == 0
 
 
+def test_no_selection_while_the_budget_covers_the_context(tiny_llama, tmp_path, monkeypatch):
+    """A decode row whose pages all fit its budget selects nothing (page budget 0, no selector call: its dense heads
+    visit the whole list, what a selection would keep); the first step past the budget selects, then every
+    select_interval steps; a second run gives the same tokens."""
+    ids = [int(t) for t in np.random.default_rng(7).integers(3, 320, 40)]
+    params = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
+    _, llm = _sparse_tiny(tiny_llama, tmp_path, token_budget=64, select_interval=4)  # 4 pages of 16
+    calls = []  # (context, page budget) of each selector call
+
+    def spy(*args):
+        plan = args[3]
+        calls.append((int(plan.seq_ctx[0]), int(plan.qb_keep[0]), int(plan.qb_refresh[0])))
+        return select(*args)
+
+    select = cpu_backend.select_pages_numba
+    monkeypatch.setattr(cpu_backend, "select_pages_numba", spy)
+    got = llm.generate([ids], params)[0].token_ids
+    contexts = sorted({c for c, _, _ in calls})
+    assert contexts == [65, 69, 73, 77], contexts  # 40 + 40 tokens: past 4 pages at 65, then every 4th step
+    assert all(keep == 4 and refresh == 1 for _, keep, refresh in calls)
+    assert got == llm.generate([ids], params)[0].token_ids  # the same choices again: deterministic
+
+
 @pytest.mark.parametrize("group_reduce", GROUP_REDUCE)
 def test_engine_streaming_heads_and_selection_run_and_free(tiny_llama, tmp_path, monkeypatch, group_reduce):
     rng = np.random.default_rng(6)

@@ -146,16 +146,22 @@ class ModelRunner:
         return (seq.stream_table if one else np.asarray(seq.stream_table, np.int64))[idx] * ps + p % ps
 
     def _sparse_layout(self, layout: BatchLayout, seqs: list[Sequence], num_new: list[int]) -> None:
-        """Per-sequence windows and page-selection settings (decode vs prefill, per-request knobs)."""
+        """Per-sequence windows and page-selection settings (decode vs prefill, per-request knobs). A decode row
+        whose pages all fit its budget selects nothing (budget 0: its dense heads visit the whole list, the pages
+        a selection would keep): no selector work for it, and a step of such rows replays the graph without the
+        selector's launches. Its selection count restarts, so the first step past the budget selects anew."""
         windows, keep, refresh = [], [], []
         for seq, n in zip(seqs, num_new):
             sp: SparseConfig = seq.sparse or self.ecfg.sparse
             decoding = n == 1 and seq.num_cached >= len(seq.prompt_ids)
             if decoding:
                 windows.append((sp.decode_sink, sp.decode_local) if self.layout.has_streaming else (0, 0))
-                keep.append(budget_pages(sp.token_budget, self.page_size) if self.layout.select_pages else 0)
-                refresh.append(int(refresh_due(seq.decode_steps, sp.select_interval)))
-                seq.decode_steps += 1
+                budget = budget_pages(sp.token_budget, self.page_size) if self.layout.select_pages else 0
+                if budget and -(-(seq.num_cached + 1) // self.page_size) <= budget:
+                    budget, seq.decode_steps = 0, 0
+                keep.append(budget)
+                refresh.append(int(budget > 0 and refresh_due(seq.decode_steps, sp.select_interval)))
+                seq.decode_steps += budget > 0
             else:
                 windows.append((sp.prefill_sink, sp.prefill_local) if self.layout.has_streaming else (0, 0))
                 keep.append(0)
