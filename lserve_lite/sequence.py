@@ -44,7 +44,7 @@ class Sequence:
         self.stream_table: list[int] = []  # streaming-pool pages: sink pages, then the local ring
         self.sel_slot = -1  # row of this sequence in the page-selection buffers while it runs
         self.sparse = None  # per-request SparseConfig (None: the engine's)
-        self.decode_steps = 0  # decode steps since the last prefill (drives the reusable page selector)
+        self.decode_steps = 0  # selecting decode steps since the last prefill or step within the budget (the selector's reuse)
         self.kv_salt = b""  # seed of the prefix cache's page keys (kv/prefix_cache.py)
         self.block_hashes: list[bytes] = []  # keys of the full pages of all_ids hashed so far
         self.num_registered = 0  # leading pages of page_table indexed in the prefix cache
