@@ -16,7 +16,8 @@ Per KV head keep the top `budget_pages - 1` pages among all but the newest page,
 the context fits in the budget, keep every page (geometry.budget_pages).
 
 Reuse (the reusable page selector): a selection is computed at the decode steps where `refresh_due` says
-so (every `select_interval` steps from the first decode step) and reused in between; a reused selection
+so (every `select_interval` steps from the first decode step whose pages exceed the budget: the planner gives a
+row within its budget no selection at all, ModelRunner._sparse_layout) and reused in between; a reused selection
 is visited together with the newest page, which may have begun after it was made (`visited_selection`).
 This is the rule the engine runs on both backends (backends/reference/page_select.py, kernels/page_select.cu,
 the decode kernels' page lists); calibration and evaluation run the engine itself.
