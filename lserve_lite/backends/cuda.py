@@ -238,9 +238,11 @@ def page_selector(name: str):
 def fuse_rope_rows(choice: bool | None, env: str | None) -> int:
     """Rows up to which qkv_rope fuses: an explicit choice (all GEMV-sized steps or none), else the environment's
     LSERVE_CUDA_FUSE_ROPE (1: all, 0: none), else FUSE_ROPE_ROWS."""
-    if choice is None and env not in ("0", "1"):
-        return FUSE_ROPE_ROWS
-    return GEMV_MAX_ROWS if (env == "1" if choice is None else choice) else 0
+    if choice is None:
+        if env not in ("0", "1"):
+            return FUSE_ROPE_ROWS
+        choice = env == "1"
+    return GEMV_MAX_ROWS if choice else 0
 
 
 class CudaOps:

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..backends.base import Executor, Ops, StepInputs
 from ..config import EngineConfig, ModelConfig, SparseConfig
-from ..geometry import budget_pages, ring_slot
+from ..geometry import budget_pages, pages_for, ring_slot
 from ..kv.layout import KVLayout
 from ..kv.quant import KVFormat
 from ..models.llama import LlamaModel
@@ -157,11 +157,13 @@ class ModelRunner:
             if decoding:
                 windows.append((sp.decode_sink, sp.decode_local) if self.layout.has_streaming else (0, 0))
                 budget = budget_pages(sp.token_budget, self.page_size) if self.layout.select_pages else 0
-                if budget and -(-(seq.num_cached + 1) // self.page_size) <= budget:
+                if budget and pages_for(seq.num_cached + 1, self.page_size) > budget:
+                    refresh.append(int(refresh_due(seq.decode_steps, sp.select_interval)))
+                    seq.decode_steps += 1
+                else:  # every page fits (or no selection at all): nothing to select, the count restarts
                     budget, seq.decode_steps = 0, 0
+                    refresh.append(0)
                 keep.append(budget)
-                refresh.append(int(budget > 0 and refresh_due(seq.decode_steps, sp.select_interval)))
-                seq.decode_steps += budget > 0
             else:
                 windows.append((sp.prefill_sink, sp.prefill_local) if self.layout.has_streaming else (0, 0))
                 keep.append(0)
