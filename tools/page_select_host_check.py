@@ -48,9 +48,15 @@ from lserve_lite.harness.page_select import (  # noqa: E402
 )
 from lserve_lite.sparse.selector import page_scores  # noqa: E402
 
-QUICK = [("select", "mixed_select"), ("select", "reused_and_unselected"), ("topk", "ties_20k_p16")]
-FULL = [*(("select", n) for n in [*SPARSE_DECODE, "one_long_15_short"]), *(("topk", n) for n in SELECT_TIES)]
-LONG = [("topk", n) for n in SELECT_LONG if n != "one_long_15_short"]
+# (mode, setup, page_score's CTAs per list: None = the launcher's score_grid_x; 1 = a warp walks many pages,
+# through page-table batches of 32 and the loads one page ahead)
+QUICK = [("select", "mixed_select", None), ("select", "reused_and_unselected", None),
+         ("select", "one_long_15_short", 1), ("topk", "ties_20k_p16", None)]  # fmt: skip
+FULL = [
+    *(("select", n, gx) for n in [*SPARSE_DECODE, "one_long_15_short"] for gx in (None, 1)),
+    *(("topk", n, None) for n in SELECT_TIES),
+]
+LONG = [("topk", n, None) for n in SELECT_LONG if n != "one_long_15_short"]
 
 
 def bucket(x: int) -> int:
@@ -83,7 +89,9 @@ def reference_bounds(b, kmax, kmin, scores: np.ndarray, cap_nnz: int) -> None:
                 scores[row + h * cap_nnz : row + h * cap_nnz + s.size] = s * np.float32(1 / np.sqrt(d))
 
 
-def check(exe: Path, tmp: Path, mode: str, name: str, group_reduce: str, seed: int) -> bool:
+def check(
+    exe: Path, tmp: Path, mode: str, name: str, grid_x: int | None, group_reduce: str, seed: int
+) -> bool:
     c = HostCtx(seed)
     spec = SELECT_LONG.get(name, SELECT_TIES.get(name))
     b, kmax, kmin, cap = decode_setup(c, name, spec)
@@ -110,8 +118,9 @@ def check(exe: Path, tmp: Path, mode: str, name: str, group_reduce: str, seed: i
     }  # fmt: skip
     for k, v in files.items():
         np.ascontiguousarray(v).tofile(tmp / f"{k}.bin")
+    gx = grid_x or score_grid_x(cap_nnz, cap_qb, kmax.shape[1], 132)
     sizes = (d, cap_qb, cap_seq, hkv, hq, kmax.shape[1], kmax.shape[2], cap_nnz, plan.page_size.bit_length() - 1,
-             score_grid_x(cap_nnz, cap_qb, kmax.shape[1], 132), cap, topk_stage_entries(cap_nnz))  # fmt: skip
+             gx, cap, topk_stage_entries(cap_nnz))  # fmt: skip
     subprocess.run([str(exe), mode, str(tmp), *(str(x) for x in sizes)], check=True)
     sel = np.fromfile(tmp / "sel.bin", np.int32).reshape(want_sel.shape)
     cnt = np.fromfile(tmp / "cnt.bin", np.int32).reshape(want_cnt.shape)
@@ -122,7 +131,7 @@ def check(exe: Path, tmp: Path, mode: str, name: str, group_reduce: str, seed: i
     pages = int((plan.kv_indptr[1::2] - plan.kv_indptr[0:-1:2]).max())  # class-0 lists
     ok = hard == 0
     print(
-        f"{mode:6s} {name:22s} {group_reduce:4s} longest list {pages:6d}: {hard} wrong rows, {near} near-tie"
+        f"{mode:6s} {name:22s} {group_reduce:4s} grid x {gx:3d} longest list {pages:6d}: {hard} wrong rows, {near} near-tie"
         f" swaps{' (exact)' if exact else ''} {'PASS' if ok else 'FAIL'}",
         flush=True,
     )
@@ -140,9 +149,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         exe = build_emulator("page_select", 2, "page_select_host_emu", tmp)
-        for i, (mode, name) in enumerate(cases):
+        for i, (mode, name, grid_x) in enumerate(cases):
             for reduce in ("max", "mass"):
-                ok &= check(exe, tmp, mode, name, reduce, a.seed + i)
+                ok &= check(exe, tmp, mode, name, grid_x, reduce, a.seed + i)
     print("all passed" if ok else "FAILED")
     return 0 if ok else 1
 
