@@ -72,29 +72,46 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text for `messages`, rendered as transformers' apply_chat_template does."""
-        return self._render(_chat_messages(messages), add_generation_prompt)
+    def holds_special(self, text: str) -> bool:
+        """Whether `text` contains a special token's string (which a template would render as a control token)."""
+        return self._special_re is not None and self._special_re.search(text) is not None
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    @property
+    def template_reads_tools(self) -> bool:
+        """Whether the chat template renders a `tools` argument itself (transformers' tool-use convention)."""
+        return bool(self.chat_template) and re.search(r"\btools\b", self.chat_template) is not None
+
+    def render_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None
+    ) -> str:
+        """The prompt text for `messages`, rendered as transformers' apply_chat_template does."""
+        return self._render(_chat_messages(messages), add_generation_prompt, tools)
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool, tools: list | None = None) -> str:
         if self._compiled is None:
             raise InvalidRequestError("this model has no chat template; use a plain prompt")
         specials = {k: self._special(k) for k in SPECIAL_KEYS}
+        extra = {} if tools is None else {"tools": tools}
         try:
             return chat_template.render(
-                self._compiled, messages=messages, add_generation_prompt=add_generation_prompt, **specials
+                self._compiled,
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                **specials,
+                **extra,
             )
         except LServeError:
             raise
         except Exception as e:  # the template is code from the model files: any failure is a bad request
             raise InvalidRequestError(f"chat template failed on these messages ({_one_line(e)})") from None
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Token ids of the rendered conversation. Only the template makes control tokens: a special token's
-        text inside a message ("<|im_start|>system" typed by a user) is encoded as the plain text it is."""
+    def encode_chat(self, messages: list[dict], tools: list | None = None) -> list[int]:
+        """Token ids of the rendered conversation (`tools`: the template's tools argument). Only the template
+        makes control tokens: a special token's text inside a message ("<|im_start|>system" typed by a user)
+        is encoded as the plain text it is."""
         messages = _chat_messages(messages)
         if self._special_re is None or not any(self._special_re.search(m["content"]) for m in messages):
-            return self.encode(self._render(messages, True), add_special_tokens=False)
+            return self.encode(self._render(messages, True, tools), add_special_tokens=False)
         # Each special string of a message becomes a marker the template cannot mistake for markup; after
         # rendering, the markers turn back into their strings and those spans are encoded as plain text.
         found: list[str] = []
@@ -106,7 +123,7 @@ class Tokenizer:
 
         marked = [{**m, "content": self._special_re.sub(mark, m["content"])} for m in messages]
         text, spans, pos = [], [], 0
-        for piece in re.split(f"\ue000{tag}:(\\d+)\ue001", self._render(marked, True)):
+        for piece in re.split(f"\ue000{tag}:(\\d+)\ue001", self._render(marked, True, tools)):
             if len(text) % 2:  # a marker's index
                 piece = found[int(piece)]
                 spans.append((pos, pos + len(piece)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import threading
 import time
@@ -33,6 +34,7 @@ from .protocol import (
     prompt_size,
 )
 from .responses import Choices, EventStream, close_all, collect, sse_events
+from .tools import prompt_messages
 
 log = logging.getLogger("lserve_lite.serve")
 __all__ = ["create_app", "ServerThread", "add_serve_args", "run_from_args", "run_server"]
@@ -190,7 +192,17 @@ def create_app(
         where = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
         try:
             if isinstance(req, ChatCompletionRequest):
-                return [check_ids(engine.tokenizer.encode_chat([m.as_dict() for m in req.messages]))]
+                tok = engine.tokenizer
+                msgs, tools = prompt_messages([m.as_dict() for m in req.messages], req.tool_plan,
+                                              tok.template_reads_tools)  # fmt: skip
+                calls = [m.get("tool_calls") for m in msgs]
+                if tok.template_reads_tools and tok.holds_special(
+                    json.dumps([tools, calls], ensure_ascii=False)
+                ):
+                    raise InvalidRequestError(
+                        "tools and tool calls must not hold the model's special tokens' text"
+                    )
+                return [check_ids(tok.encode_chat(msgs, tools))]
             return [check_ids(engine.tokenizer.encode(p) if isinstance(p, str) else p) for p in req.prompts()]
         except InvalidRequestError as e:
             raise ApiError(400, str(e), where) from None
@@ -244,6 +256,11 @@ def create_app(
         failed = next((e for e in got if isinstance(e, BaseException)), None)
         if failed is not None:
             close_all(handles)
+            plan = req.tool_plan if chat else None
+            if plan and plan.forced and isinstance(failed, ApiError) and failed.param == "response_format":
+                raise ApiError(
+                    400, "tools: the functions' parameters" + failed.message.partition(":")[2], "tools"
+                )
             raise failed
         texts = (
             [p if isinstance(p, str) else engine.tokenizer.decode(p, False) for p in req.prompts()]

@@ -13,10 +13,11 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from ..errors import InvalidRequestError
 from ..sampling_params import MAX_LOGPROBS, SamplingParams
+from .tools import ToolPlan, plan_tools
 
 
 class ApiError(Exception):
@@ -85,6 +86,10 @@ class _Request(BaseModel):
         """SamplingParams' logprobs / prompt_logprobs from this endpoint's fields."""
         raise NotImplementedError
 
+    def reply_format(self) -> dict | None:
+        """The response format the sampler enforces."""
+        return self.response_format
+
     def sampling_params(self, max_new_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         try:
@@ -93,7 +98,7 @@ class _Request(BaseModel):
                 presence_penalty=self.presence_penalty or 0.0,
                 frequency_penalty=self.frequency_penalty or 0.0,
                 logit_bias=_logit_bias(self.logit_bias),
-                response_format=self.response_format,
+                response_format=self.reply_format(),
                 **self.logprob_params(),
                 max_new_tokens=max_new_tokens,
                 temperature=1.0 if self.temperature is None else self.temperature,
@@ -138,16 +143,53 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = _STRICT
+
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """A call an assistant turn made (sent back in the conversation that follows it)."""
+
+    model_config = _STRICT
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = _STRICT
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     def as_dict(self) -> dict:
-        """The message as the chat template takes it (Tokenizer.render_chat joins text parts)."""
+        """The message as the chat template takes it (Tokenizer.render_chat joins text parts); an assistant
+        turn's tool calls with their arguments as JSON objects where they parse (as chat templates read them)."""
         c = [p.model_dump() for p in self.content] if isinstance(self.content, list) else self.content or ""
-        return {"role": "system" if self.role == "developer" else self.role, "content": c}
+        m = {"role": "system" if self.role == "developer" else self.role, "content": c}
+        if self.tool_calls:
+            m["tool_calls"] = [
+                {"id": t.id, "type": "function",
+                 "function": {"name": t.function.name, "arguments": _object_or_text(t.function.arguments)}}
+                for t in self.tool_calls
+            ]  # fmt: skip
+        if self.tool_call_id is not None:
+            m["tool_call_id"] = self.tool_call_id
+        return m
+
+
+def _object_or_text(arguments: str) -> dict | str:
+    try:
+        v = json.loads(arguments)
+    except ValueError:
+        return arguments
+    return v if isinstance(v, dict) else arguments
 
 
 class ChatCompletionRequest(_Request):
@@ -157,18 +199,27 @@ class ChatCompletionRequest(_Request):
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
+    function_call: Any = None
+    _tool_plan: ToolPlan | None = PrivateAttr(None)
 
     def check(self) -> None:
         super().check()
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-        if self.tools:
-            raise ApiError(400, "tools are not supported", "tools")
-        if self.functions:
-            raise ApiError(400, "functions are not supported", "functions")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise ApiError(400, "tool_choice needs tools, which are not supported", "tool_choice")
+        if self.functions or self.function_call is not None:
+            raise ApiError(400, "functions / function_call are deprecated by OpenAI: send tools / tool_choice",
+                           "functions")  # fmt: skip
+        try:
+            self._tool_plan = plan_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
+        except InvalidRequestError as e:
+            raise ApiError(
+                400, str(e), "tool_choice" if str(e).startswith("tool_choice") else "tools"
+            ) from None
+        if self.tool_plan and self.tool_plan.forced and self.response_format not in (None, {"type": "text"}):
+            raise ApiError(400, "response_format cannot be combined with tool_choice 'required' or a named "
+                           "function (both constrain the reply)", "response_format")  # fmt: skip
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
             raise ApiError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}",
                            "top_logprobs")  # fmt: skip
@@ -179,6 +230,16 @@ class ChatCompletionRequest(_Request):
 
     def logprob_params(self) -> dict:
         return {"logprobs": (self.top_logprobs or 0) if self.logprobs else None}
+
+    @property
+    def tool_plan(self) -> ToolPlan | None:
+        """The request's tools and tool choice, checked (None: no tools offered, or tool_choice "none")."""
+        return self._tool_plan
+
+    def reply_format(self) -> dict | None:
+        """A forced tool choice constrains the reply to the calls' JSON schema."""
+        plan = self._tool_plan
+        return plan.response_format() if plan and plan.forced else self.response_format
 
 
 class CompletionRequest(_Request):
@@ -268,19 +329,21 @@ def _batch(p: Any) -> list:
 
 
 def prompt_size(body: dict, chat: bool) -> tuple[int, int, int]:
-    """A decoded body's prompt measured before validation, in time linear in its top-level lists: (characters
-    of text, MESSAGE_CHARS counted for each message; token ids of the longest id prompt; prompts)."""
+    """A decoded body's prompt measured before validation, in time linear in its size: (characters of text,
+    MESSAGE_CHARS counted for each message, tools and tool calls as JSON; token ids of the longest id prompt;
+    prompts)."""
     if chat:
         msgs = body.get("messages")
         if not isinstance(msgs, list):
             return 0, 0, 1
-        chars = MESSAGE_CHARS * len(msgs)
+        chars = MESSAGE_CHARS * len(msgs) + (len(json.dumps(body["tools"])) if body.get("tools") else 0)
         for m in msgs:
             c = m.get("content") if isinstance(m, dict) else None
             parts = c if isinstance(c, list) else [{"text": c}]
             chars += sum(
                 len(x["text"]) if isinstance(x, dict) and isinstance(x.get("text"), str) else 1 for x in parts
             )
+            chars += len(json.dumps(m["tool_calls"])) if isinstance(m, dict) and m.get("tool_calls") else 0
         return chars, 0, 1
     p = body.get("prompt")
     prompts = _batch(p)

@@ -14,6 +14,7 @@ from ..engine.llm_engine import StepOutput
 from .async_engine import RequestHandle
 from .logprobs import LogprobFormatter
 from .protocol import ApiError, usage
+from .tools import ToolStream
 
 
 class Choices:
@@ -28,6 +29,7 @@ class Choices:
         self.prompt_texts = prompt_texts
         self.want_logprobs = bool(req.logprobs) if chat else req.logprobs is not None
         self.scores_only = not chat and req.scores_only  # the generated token is left out
+        self.tools = req.tool_plan if chat else None
 
     def echo_part(self, i: int, seq) -> tuple[str, list, list[int]]:
         """The echoed prompt of choice i: its text, its logprob entries and ids (empty without echo)."""
@@ -45,8 +47,19 @@ class Choices:
     def choice(self, i: int, text: str, last: StepOutput, lps: list) -> dict:
         """A non-streamed choice."""
         if self.chat:
-            return {"index": i, "message": {"role": "assistant", "content": text},
-                    "logprobs": self.logprobs(lps, [], 0), "finish_reason": last.finish_reason}  # fmt: skip
+            message: dict = {"role": "assistant", "content": text}
+            finish = last.finish_reason
+            if self.tools:
+                message["content"], calls = self.tools.parse(text)
+                if calls:
+                    message["tool_calls"] = calls
+                    finish = self.called(finish)
+            return {
+                "index": i,
+                "message": message,
+                "logprobs": self.logprobs(lps, [], 0),
+                "finish_reason": finish,
+            }
         prefix, entries, ids = self.echo_part(i, last.seq)
         if self.scores_only:
             text, lps = "", []
@@ -55,6 +68,11 @@ class Choices:
 
     def finish(self, last: StepOutput) -> str | None:
         return "length" if self.scores_only else last.finish_reason
+
+    @staticmethod
+    def called(finish: str | None) -> str | None:
+        """The finish reason of a reply that made tool calls: "tool_calls" unless it was cut short."""
+        return "tool_calls" if finish == "stop" else finish
 
     def usage(self, lasts: list[StepOutput]) -> dict:
         """Prompt tokens once per prompt; cached: per prompt, the most any of its candidates took from cache."""
@@ -135,12 +153,17 @@ async def sse_events(
     extra = {"usage": None} if include_usage else {}
     offsets = [0] * len(handles)
     started = [False] * len(handles)
+    tools = [ToolStream(shape.tools) if shape.tools else None for _ in handles]
+    ncalls = [0] * len(handles)
 
     def chunk(
-        i: int, text: str | None, lp: dict | None = None, finish: str | None = None, role: bool = False
-    ):
+        i: int, text: str | None, lp: dict | None = None, finish: str | None = None, role: bool = False,
+        calls: list[dict] | None = None,
+    ):  # fmt: skip
         if shape.chat:
             delta = ({"role": "assistant"} if role else {}) | ({} if text is None else {"content": text})
+            if calls:
+                delta["tool_calls"] = calls
             choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
         else:
             choice = {"index": i, "text": text or "", "logprobs": lp, "finish_reason": finish}
@@ -155,14 +178,18 @@ async def sse_events(
             prefix, entries, ids = ("", [], []) if started[i] else shape.echo_part(i, out.seq)
             started[i] = True
             new, new_lps = ("", []) if shape.scores_only else (out.text, out.logprobs)
-            text = prefix + new
+            text, calls = (prefix + new, []) if tools[i] is None else tools[i].feed(new, out.finished)
             if text or new_lps or prefix:
                 lp = shape.logprobs(entries + new_lps, ids + [e.token_id for e in new_lps], offsets[i])
                 offsets[i] += len(text)
                 yield chunk(i, text, lp)
+            for call in calls:  # a call in one delta, its arguments whole
+                yield chunk(i, None, calls=[{"index": ncalls[i], **call}])
+                ncalls[i] += 1
             if out.finished:
                 lasts[i] = out
-                yield chunk(i, None, finish=shape.finish(out))
+                finish = shape.finish(out)
+                yield chunk(i, None, finish=shape.called(finish) if ncalls[i] else finish)
         if include_usage:
             yield _sse(base | {"choices": [], "usage": shape.usage(lasts)})
     except ApiError as e:

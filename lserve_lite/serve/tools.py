@@ -1,0 +1,266 @@
+"""Tool calling (OpenAI `tools` / `tool_choice`): the tools shown to the model, its replies parsed back into
+`tool_calls`. The model writes a call as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, the
+Hermes / Qwen format many instruct models were trained on; `tool_choice` "required" or a named function is
+enforced by constrained decoding instead (a JSON schema of the calls), so it holds for any model."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+
+from ..errors import InvalidRequestError
+
+MAX_TOOLS = 128  # OpenAI's limit
+NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    parameters: dict
+
+    def spec(self) -> dict:
+        """The tool as OpenAI's request spells it (what the prompt and native templates show)."""
+        fn = {"name": self.name, "description": self.description, "parameters": self.parameters}
+        return {"type": "function", "function": fn}
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """A request's tools and how calls are made: `auto` (the model may call, parsed from its text), `required`
+    (at least one call) or `named` (a call of `name`), the last two by constrained decoding."""
+
+    tools: tuple[Tool, ...]
+    mode: str
+    name: str | None = None
+    parallel: bool = True
+
+    def by_name(self, name: object) -> Tool | None:
+        return next((t for t in self.tools if t.name == name), None)
+
+    @property
+    def forced(self) -> bool:
+        return self.mode != "auto"
+
+    def system_text(self) -> str:
+        """What the prompt tells the model about the tools (a system message's text)."""
+        specs = "\n".join(json.dumps(t.spec(), ensure_ascii=False) for t in self.tools)
+        head = "You can call the functions below. Their signatures, as JSON, within <tools></tools> tags:"
+        call = '{"name": <function name>, "arguments": <arguments as a JSON object>}'
+        if self.mode == "auto":
+            how = (
+                "To call a function, write a JSON object with its name and arguments within <tool_call></tool_call>"
+                f" tags, one call per pair of tags:\n{OPEN}\n{call}\n{CLOSE}"
+            )
+        elif self.mode == "named":
+            how = f"Call {self.name}: reply with only the call, as the JSON object {call}."
+        else:
+            form = f"a JSON array of objects {call}" if self.parallel else f"the JSON object {call}"
+            how = f"Call at least one of them: reply with only the calls, as {form}."
+        return f"{head}\n<tools>\n{specs}\n</tools>\n\n{how}"
+
+    def schema(self) -> dict:
+        """The JSON schema of a forced reply: one call of `name` ({"name", "arguments"}), or with `required` one
+        call of any tool, or a non-empty array of them when parallel calls are allowed."""
+        calls = [_call_schema(t) for t in self.tools if self.mode != "named" or t.name == self.name]
+        one = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        return (
+            {"type": "array", "minItems": 1, "items": one}
+            if self.mode == "required" and self.parallel
+            else one
+        )
+
+    def response_format(self) -> dict:
+        return {"type": "json_schema", "json_schema": {"name": "tool_calls", "schema": self.schema()}}
+
+    def parse(self, text: str) -> tuple[str | None, list[dict]]:
+        """A finished reply as (content, tool calls). Forced: the reply is the calls' JSON (an array cut short by
+        max_tokens keeps its complete calls). Auto: every
+        well-formed <tool_call> block naming a tool is a call; the rest of the text (malformed blocks included,
+        as written) is the content, None when empty."""
+        if self.forced:
+            calls = _calls_of(self, _json(text)) or _calls_of(self, _complete_items(text))
+            return (None, calls) if calls else (text or None, [])
+        content, calls = ToolStream(self).feed(text, finished=True)
+        return (content if content.strip() else None), calls
+
+
+def _call_schema(t: Tool) -> dict:
+    return {"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+            "required": ["name", "arguments"], "additionalProperties": False}  # fmt: skip
+
+
+def _json(text: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _complete_items(text: str) -> list | None:
+    """The complete items of a JSON array cut short (a forced reply that reached max_tokens), else None."""
+    dec, items, at = json.JSONDecoder(), [], 1
+    if not text.startswith("["):
+        return None
+    while True:
+        at += len(text[at:]) - len(text[at:].lstrip(" \n,"))
+        try:
+            item, at = dec.raw_decode(text, at)
+        except ValueError:
+            return items or None
+        items.append(item)
+
+
+def _calls_of(plan: ToolPlan, obj: object) -> list[dict]:
+    """OpenAI tool calls of a parsed {"name", "arguments"} object or a list of them; [] if any is not a call of
+    one of the plan's tools with an object (or JSON-object string) as arguments."""
+    items = obj if isinstance(obj, list) else [obj]
+    calls = []
+    for it in items:
+        if not isinstance(it, dict) or plan.by_name(it.get("name")) is None:
+            return []
+        args = it.get("arguments", {})
+        if isinstance(args, str):
+            args = _json(args)
+        if not isinstance(args, dict):
+            return []
+        fn = {"name": it["name"], "arguments": json.dumps(args, ensure_ascii=False)}
+        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": fn})
+    return calls
+
+
+class ToolStream:
+    """Splits one choice's reply, as it streams, into content to send and completed tool calls. Auto: text that
+    may start an opening tag is held back until it cannot; a call is released when its closing tag arrives.
+    Forced: the reply is the calls' JSON, held whole and parsed at the end."""
+
+    def __init__(self, plan: ToolPlan):
+        self.plan, self.buf, self.inside = plan, "", False
+
+    def feed(self, text: str, finished: bool = False) -> tuple[str, list[dict]]:
+        """New text (the last of the reply when `finished`) -> (content to send now, calls completed by it)."""
+        self.buf += text
+        if self.plan.forced:
+            if not finished:
+                return "", []
+            content, calls = self.plan.parse(self.buf)
+            return content or "", calls
+        out, calls = [], []
+        while True:
+            if not self.inside:
+                at = self.buf.find(OPEN)
+                if at < 0:
+                    keep = 0 if finished else _partial_tag(self.buf)
+                    out.append(self.buf[: len(self.buf) - keep])
+                    self.buf = self.buf[len(self.buf) - keep :]
+                    break
+                out.append(self.buf[:at])
+                self.buf, self.inside = self.buf[at + len(OPEN) :], True
+            at = self.buf.find(CLOSE)
+            if at < 0:
+                if finished:  # an unclosed call stays text
+                    out.append(OPEN + self.buf)
+                    self.buf, self.inside = "", False
+                break
+            body, self.buf, self.inside = self.buf[:at], self.buf[at + len(CLOSE) :], False
+            obj = _json(body.strip())
+            got = _calls_of(self.plan, obj) if isinstance(obj, dict) else []
+            if got:
+                calls += got
+            else:  # not a call of a known tool: the text stays as the model wrote it
+                out.append(OPEN + body + CLOSE)
+        return "".join(out), calls
+
+
+def _partial_tag(s: str) -> int:
+    """Length of the longest suffix of s that is a proper prefix of OPEN."""
+    for k in range(min(len(s), len(OPEN) - 1), 0, -1):
+        if OPEN.startswith(s[-k:]):
+            return k
+    return 0
+
+
+def plan_tools(tools: list | None, tool_choice: object, parallel: bool | None) -> ToolPlan | None:
+    """Checks a request's `tools` and `tool_choice` (InvalidRequestError naming the field); None when no tool
+    is offered or tool_choice is "none" (tools then neither shown nor parsed)."""
+    if tools is not None and not isinstance(tools, list):
+        raise InvalidRequestError("tools: must be a list of {'type': 'function', 'function': {...}}")
+    checked = tuple(_tool(i, t) for i, t in enumerate(tools or []))
+    if len(checked) > MAX_TOOLS:
+        raise InvalidRequestError(f"tools: at most {MAX_TOOLS} tools, got {len(checked)}")
+    if len({t.name for t in checked}) != len(checked):
+        raise InvalidRequestError("tools: function names must be unique")
+    mode, name = _choice(tool_choice, checked)
+    if mode == "none" or not checked:
+        return None
+    return ToolPlan(checked, mode, name, True if parallel is None else bool(parallel))
+
+
+def _tool(i: int, t: object) -> Tool:
+    where = f"tools[{i}]"
+    if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(t.get("function"), dict):
+        raise InvalidRequestError(f"{where}: must be {{'type': 'function', 'function': {{...}}}}")
+    fn = t["function"]
+    name, desc, params = fn.get("name"), fn.get("description", ""), fn.get("parameters", {"type": "object"})
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise InvalidRequestError(f"{where}.function.name: 1-64 letters, digits, '_' or '-', got {name!r}")
+    if not isinstance(desc, str):
+        raise InvalidRequestError(f"{where}.function.description: must be a string")
+    if not isinstance(params, dict):
+        raise InvalidRequestError(f"{where}.function.parameters: must be a JSON schema object")
+    return Tool(name, desc, params)
+
+
+def _choice(choice: object, tools: tuple[Tool, ...]) -> tuple[str, str | None]:
+    if choice is None:
+        return "auto", None
+    if choice in ("none", "auto", "required"):
+        if choice == "required" and not tools:
+            raise InvalidRequestError("tool_choice: 'required' needs tools")
+        return str(choice), None
+    fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str):
+        raise InvalidRequestError(
+            "tool_choice: must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}"
+        )
+    if not any(t.name == name for t in tools):
+        raise InvalidRequestError(f"tool_choice: no tool named {name!r} in tools")
+    return "named", name
+
+
+def prompt_messages(
+    messages: list[dict], plan: ToolPlan | None, native: bool
+) -> tuple[list[dict], list | None]:
+    """The conversation as the chat template takes it, and its `tools` argument. A template that reads `tools`
+    (`native`) gets them and the messages' tool_calls as they are; otherwise the tools go into the system
+    message as text, earlier calls into their assistant turns as <tool_call> blocks and tool results into
+    <tool_response> blocks."""
+    if native:
+        return messages, ([t.spec() for t in plan.tools] if plan else None)
+    out = [_as_text(m) for m in messages]
+    if plan:
+        if out and out[0]["role"] == "system":
+            out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{plan.system_text()}".lstrip()}
+        else:
+            out.insert(0, {"role": "system", "content": plan.system_text()})
+    return out, None
+
+
+def _as_text(m: dict) -> dict:
+    calls = m.get("tool_calls") or []
+    if m["role"] == "tool":
+        return {"role": "tool", "content": f"{RESPONSE_OPEN}\n{m.get('content') or ''}\n{RESPONSE_CLOSE}"}
+    if not calls:
+        return {"role": m["role"], "content": m.get("content")}
+    blocks = [
+        f"{OPEN}\n{json.dumps({'name': c['function']['name'], 'arguments': c['function']['arguments']})}\n{CLOSE}"
+        for c in calls
+    ]
+    text = m.get("content") or ""
+    return {"role": m["role"], "content": "\n".join(([text] if text else []) + blocks)}

@@ -1,0 +1,284 @@
+"""Tool calling through the OpenAI API: `tools` / `tool_choice` checked, tools shown to the model (in the system
+message, or through a template that reads them), replies split into content and `tool_calls` (whole and
+streamed at every split point), forced choices by constrained decoding, and real clients (openai, LangChain)
+against a tiny random model: a forced call is valid for its schema whatever the model."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from lserve_lite import EngineConfig
+from lserve_lite.errors import InvalidRequestError
+from lserve_lite.serve.tools import MAX_TOOLS, ToolStream, plan_tools, prompt_messages
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather of a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["c", "f"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {},
+                                                                            "additionalProperties": False}}}  # fmt: skip
+
+
+def valid_weather(args: str) -> bool:
+    a = json.loads(args)
+    return (
+        set(a) == {"city", "unit"}
+        and isinstance(a["city"], str)
+        and len(a["city"]) <= 10
+        and a["unit"] in "cf"
+    )
+
+
+# -- checking a request's tools ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "tools, choice, msg",
+    [
+        ({"a": 1}, None, "tools: must be a list"),
+        ([{"type": "code"}], None, r"tools\[0\]: must be"),
+        ([{"type": "function", "function": {"name": "a b"}}], None, r"tools\[0\].function.name: 1-64"),
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": []}}],
+            None,
+            "parameters: must be a JSON",
+        ),
+        ([{"type": "function", "function": {"name": "f", "description": 3}}], None, "description: must be a"),
+        ([WEATHER, WEATHER], None, "names must be unique"),
+        ([WEATHER], "always", "tool_choice: must be 'none'"),
+        ([WEATHER], {"type": "function", "function": {"name": "get_time"}}, "no tool named 'get_time'"),
+        (None, "required", "'required' needs tools"),
+        (
+            [{"type": "function", "function": {"name": f"f{i}"}} for i in range(MAX_TOOLS + 1)],
+            None,
+            "at most 128",
+        ),
+    ],
+)
+def test_tool_specs_refused_in_one_line(tools, choice, msg):
+    with pytest.raises(InvalidRequestError, match=msg) as e:
+        plan_tools(tools, choice, None)
+    assert "\n" not in str(e.value)
+
+
+def test_tool_choice_modes():
+    assert plan_tools(None, None, None) is None and plan_tools([WEATHER], "none", None) is None
+    assert plan_tools([WEATHER], None, None).mode == "auto"
+    named = plan_tools([WEATHER, TIME], {"type": "function", "function": {"name": "get_time"}}, None)
+    assert (named.mode, named.name, named.schema()["properties"]["name"]) == ("named", "get_time",
+                                                                              {"const": "get_time"})  # fmt: skip
+    req = plan_tools([WEATHER, TIME], "required", None)
+    assert req.schema()["type"] == "array" and len(req.schema()["items"]["anyOf"]) == 2
+    assert "anyOf" in plan_tools([WEATHER, TIME], "required", False).schema()  # one call, either tool
+
+
+# -- parsing replies --------------------------------------------------------------------------------------------
+REPLY = (
+    'Checking. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'
+    ' and <tool_call>{"name": "nope", "arguments": {}}</tool_call> then <tool_call>{"name": "get_time", '
+    '"arguments": "{}"}</tool_call><tool_call>not json</tool_call> end <tool_ca'
+)
+CONTENT = 'Checking.  and <tool_call>{"name": "nope", "arguments": {}}</tool_call> then <tool_call>not json</tool_call> end <tool_ca'
+
+
+def test_auto_reply_split_into_content_and_calls():
+    plan = plan_tools([WEATHER, TIME], "auto", None)
+    content, calls = plan.parse(REPLY)
+    assert content == CONTENT  # unknown tools, malformed bodies and a partial tag stay text, as written
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Paris", "unit": "c"}),
+        ("get_time", {}),
+    ]
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+    assert len({c["id"] for c in calls}) == 2
+    assert plan.parse("<tool_call>{") == ("<tool_call>{", [])  # unclosed at the end: text
+    assert plan.parse('<tool_call>{"name": "get_time", "arguments": {}}</tool_call>')[0] is None
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 5, 7, 11, 64])
+def test_streamed_split_equals_the_whole(step):
+    """Fed in pieces of any size, the stream sends the same content and calls, and never a piece of an opening
+    tag that becomes a call."""
+    plan = plan_tools([WEATHER, TIME], None, None)
+    s, content, calls = ToolStream(plan), [], []
+    pieces = [REPLY[i : i + step] for i in range(0, len(REPLY), step)]
+    for k, piece in enumerate(pieces):
+        text, got = s.feed(piece, finished=k == len(pieces) - 1)
+        assert '<tool_call>\n{"name": "get_weather"' not in text
+        content.append(text)
+        calls += got
+    assert "".join(content) == CONTENT
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
+
+
+def test_forced_replies():
+    named = plan_tools([WEATHER], {"type": "function", "function": {"name": "get_weather"}}, None)
+    content, calls = named.parse('{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "f"}}')
+    assert content is None and json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo", "unit": "f"}
+    req = plan_tools([WEATHER, TIME], "required", None)
+    cut = '[{"name": "get_time", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "Ro'
+    content, calls = req.parse(cut)  # cut short by max_tokens: its complete calls are kept
+    assert content is None and [c["function"]["name"] for c in calls] == ["get_time"]
+    assert req.parse('[{"name": "get_ti') == ('[{"name": "get_ti', [])
+    s = ToolStream(req)
+    assert s.feed('[{"name": "get_time", ') == ("", []) and s.feed('"arguments": {}}]', True)[1]
+
+
+# -- the prompt -------------------------------------------------------------------------------------------------
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Rome?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 20}'},
+]  # fmt: skip
+
+
+def test_tools_in_the_system_message_when_the_template_does_not_read_them():
+    plan = plan_tools([WEATHER], "auto", None)
+    msgs, tools = prompt_messages(CONVERSATION, plan, native=False)
+    assert tools is None and msgs[0]["role"] == "system" and msgs[0]["content"].startswith("Be brief.\n\n")
+    assert (
+        json.dumps(WEATHER["function"]["parameters"]) in msgs[0]["content"]
+        and "<tool_call>" in msgs[0]["content"]
+    )
+    assert (
+        msgs[2]["content"]
+        == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+    )
+    assert msgs[3] == {"role": "tool", "content": '<tool_response>\n{"temp": 20}\n</tool_response>'}
+    no_system, _ = prompt_messages(CONVERSATION[1:2], plan, native=False)
+    assert [m["role"] for m in no_system] == ["system", "user"]
+    plain, _ = prompt_messages(CONVERSATION, None, native=False)  # no tools offered: history still rendered
+    assert plain[0] == CONVERSATION[0] and "<tool_call>" in plain[2]["content"]
+
+
+def test_a_template_that_reads_tools_gets_them(tmp_path):
+    from tiny_models import write_tokenizer
+
+    from lserve_lite.tokenizer import Tokenizer
+
+    write_tokenizer(tmp_path, 320)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = (
+        "{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}{% endif %}"
+        "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% for c in m.tool_calls or [] %}"
+        "CALL {{ c.function.name }} {{ c.function.arguments.city }}{% endfor %}{% endfor %}"
+    )
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = Tokenizer(tmp_path)
+    assert tok.template_reads_tools
+    msgs, tools = prompt_messages(CONVERSATION, plan_tools([WEATHER, TIME], None, None), native=True)
+    text = tok.render_chat(msgs, tools=tools)
+    assert text.startswith("TOOLS:get_weather;get_time;[system]Be brief.") and "CALL get_weather Rome" in text
+    assert tok.holds_special("x<|im_end|>") and not tok.holds_special("plain")
+
+
+# -- the server, with real clients -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("llguidance")
+    from tiny_models import make_tiny_numpy
+
+    from lserve_lite.engine.llm_engine import LLMEngine
+    from lserve_lite.serve.app import ServerThread, create_app
+
+    model = make_tiny_numpy(
+        tmp_path_factory.mktemp("tiny_tools")
+    )  # its tokenizer takes ~700 tokens for the tools
+    engine = LLMEngine(str(model), "cpu", EngineConfig(page_size=16, max_model_len=2048, num_kv_pages=1024))
+    with ServerThread(create_app(engine, served_model_name="tiny")) as url:
+        yield url, engine
+
+
+@pytest.fixture
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def test_forced_calls_are_valid_for_their_schema(client):
+    """A random model, sampled: every forced reply is a call of the named tool (or of one of the tools) whose
+    arguments satisfy its parameters' schema."""
+    ask = [{"role": "user", "content": "weather in Rome?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER, TIME], tool_choice=named,
+                                       n=6, temperature=0.8, max_tokens=120)  # fmt: skip
+    for c in r.choices:
+        assert c.finish_reason == "tool_calls" and c.message.content is None
+        (call,) = c.message.tool_calls
+        assert (
+            call.type == "function"
+            and call.function.name == "get_weather"
+            and valid_weather(call.function.arguments)
+        )
+    r = client.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER, TIME], tool_choice="required",
+                                       parallel_tool_calls=False, n=6, temperature=0.8, max_tokens=120)  # fmt: skip
+    for c in r.choices:
+        (call,) = c.message.tool_calls
+        assert call.function.name == "get_time" or valid_weather(call.function.arguments)
+
+
+def test_streamed_forced_call_and_the_conversation_after_it(client, server):
+    ask = [{"role": "user", "content": "weather in Rome?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    chunks = list(client.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER], tool_choice=named,
+                                                 max_tokens=120, temperature=0, stream=True))  # fmt: skip
+    deltas = [c.choices[0] for c in chunks if c.choices]
+    calls = [tc for d in deltas for tc in d.delta.tool_calls or []]
+    assert len(calls) == 1 and calls[0].index == 0 and calls[0].function.name == "get_weather"
+    assert valid_weather(calls[0].function.arguments) and deltas[-1].finish_reason == "tool_calls"
+    whole = client.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER], tool_choice=named,
+                                           max_tokens=120, temperature=0)  # fmt: skip
+    assert whole.choices[0].message.tool_calls[0].function.arguments == calls[0].function.arguments  # greedy
+    follow = ask + [whole.choices[0].message.model_dump(exclude_none=True),
+                    {"role": "tool", "tool_call_id": calls[0].id, "content": '{"temp": 21}'}]  # fmt: skip
+    r = client.chat.completions.create(
+        model="tiny", messages=follow, tools=[WEATHER], max_tokens=8, temperature=0
+    )
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert server[1].blocks.num_used == 0
+
+
+def test_tool_errors_through_the_server(server):
+    def post(**body):
+        body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4} | body
+        return httpx.post(server[0] + "/v1/chat/completions", json=body, timeout=60)
+
+    bad_schema = {"type": "function", "function": {"name": "f", "parameters": {"type": "objectx"}}}
+    cases = [
+        (dict(tools=[WEATHER], tool_choice="sometimes"), "tool_choice"),
+        (dict(tools=[{"type": "function", "function": {"name": "a b"}}]), "tools"),
+        (dict(functions=[{"name": "f"}]), "functions"),
+        (
+            dict(tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"}),
+            "response_format",
+        ),
+        (dict(tools=[bad_schema], tool_choice="required"), "tools"),
+    ]
+    for body, param in cases:
+        r = post(**body)
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == param and "\n" not in err["message"], (body, err)
+    assert post(tools=[WEATHER], tool_choice="none").status_code == 200
+    assert server[1].blocks.num_used == 0
+
+
+def test_langchain_bind_tools(server):
+    lc = pytest.importorskip("langchain_openai")
+    llm = lc.ChatOpenAI(model="tiny", base_url=server[0] + "/v1", api_key="x", max_tokens=120, temperature=0,
+                        max_retries=0)  # fmt: skip
+    msg = llm.bind_tools([WEATHER], tool_choice="get_weather").invoke("weather in Rome?")
+    (call,) = msg.tool_calls
+    assert call["name"] == "get_weather" and valid_weather(json.dumps(call["args"]))
