@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .config import EngineConfig
 from .engine.llm_engine import LLMEngine, StepOutput
+from .engine.tool_calls import plan_tools, prompt_messages
 from .errors import InvalidRequestError
 from .sampling_params import SamplingParams
 from .sequence import TokenLogprob
@@ -25,6 +26,7 @@ class CompletionOutput:
     prompt_token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None  # per generated token, with SamplingParams(logprobs=k)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token, with prompt_logprobs=k
+    tool_calls: list[dict] | None = None  # chat with tools: the calls made (OpenAI's shape); `text` the rest
 
 
 class LLM:
@@ -74,13 +76,34 @@ class LLM:
                 if rids:
                     self.engine.step()
 
-    def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None):
-        """One conversation -> one output; a list of conversations (or n > 1) -> a list of outputs."""
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        params: SamplingParams | None = None,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict | None = None,
+        parallel_tool_calls: bool = True,
+    ):
+        """One conversation -> one output; a list of conversations (or n > 1) -> a list of outputs. `tools` /
+        `tool_choice` / `parallel_tool_calls` as OpenAI's chat API takes them (docs/SERVE.md, "Tool calling"):
+        an output's calls are in `tool_calls`, its other text in `text`."""
         if not isinstance(messages, list) or not messages:
             raise InvalidRequestError("chat takes a conversation (a list of message dicts) or a list of them")
         single = isinstance(messages[0], dict)
         convs = [messages] if single else messages
-        outs = self.generate([self.tokenizer.encode_chat(c) for c in convs], params)
+        plan = plan_tools(tools, tool_choice, parallel_tool_calls)
+        if plan and plan.forced:
+            if params is not None and params.response_format not in (None, {"type": "text"}):
+                raise InvalidRequestError("response_format cannot be combined with a forced tool_choice")
+            params = replace(params or SamplingParams(), response_format=plan.response_format())
+        native = self.tokenizer.template_reads_tools
+        ids = [self.tokenizer.encode_chat(*prompt_messages(c, plan, native)) for c in convs]
+        outs = self.generate(ids, params)
+        for o in outs if plan else []:
+            content, calls = plan.parse(o.text)
+            if calls:
+                o.text, o.tool_calls = content or "", calls
+                o.finish_reason = "tool_calls" if o.finish_reason == "stop" else o.finish_reason
         return outs[0] if single and len(outs) == 1 else outs
 
     def stream(

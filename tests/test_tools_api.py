@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from lserve_lite import EngineConfig
+from lserve_lite.engine.tool_calls import MAX_TOOLS, ToolStream, plan_tools, prompt_messages
 from lserve_lite.errors import InvalidRequestError
-from lserve_lite.serve.tools import MAX_TOOLS, ToolStream, plan_tools, prompt_messages
 
 WEATHER = {
     "type": "function",
@@ -102,7 +102,8 @@ def test_auto_reply_split_into_content_and_calls():
     assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
     assert len({c["id"] for c in calls}) == 2
     assert plan.parse("<tool_call>{") == ("<tool_call>{", [])  # unclosed at the end: text
-    assert plan.parse('<tool_call>{"name": "get_time", "arguments": {}}</tool_call>')[0] is None
+    assert plan.parse('<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\n')[0] is None
+    assert plan.parse("") == ("", [])  # no call: the text as it is
 
 
 @pytest.mark.parametrize("step", [1, 2, 3, 5, 7, 11, 64])
@@ -161,6 +162,10 @@ def test_tools_in_the_system_message_when_the_template_does_not_read_them():
     assert [m["role"] for m in no_system] == ["system", "user"]
     plain, _ = prompt_messages(CONVERSATION, None, native=False)  # no tools offered: history still rendered
     assert plain[0] == CONVERSATION[0] and "<tool_call>" in plain[2]["content"]
+    parts = [{"role": "tool", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    assert (
+        prompt_messages(parts, None, native=False)[0][0]["content"] == "<tool_response>\nab\n</tool_response>"
+    )
 
 
 def test_a_template_that_reads_tools_gets_them(tmp_path):
@@ -185,19 +190,26 @@ def test_a_template_that_reads_tools_gets_them(tmp_path):
 
 
 # -- the server, with real clients -------------------------------------------------------------------------------
+CFG = dict(
+    page_size=16, max_model_len=2048, num_kv_pages=1024
+)  # the tiny tokenizer spends ~700 tokens on tools
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    pytest.importorskip("fastapi")
+def tiny_dir(tmp_path_factory):
     pytest.importorskip("llguidance")
     from tiny_models import make_tiny_numpy
 
+    return make_tiny_numpy(tmp_path_factory.mktemp("tiny_tools"))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    pytest.importorskip("fastapi")
     from lserve_lite.engine.llm_engine import LLMEngine
     from lserve_lite.serve.app import ServerThread, create_app
 
-    model = make_tiny_numpy(
-        tmp_path_factory.mktemp("tiny_tools")
-    )  # its tokenizer takes ~700 tokens for the tools
-    engine = LLMEngine(str(model), "cpu", EngineConfig(page_size=16, max_model_len=2048, num_kv_pages=1024))
+    engine = LLMEngine(str(tiny_dir), "cpu", EngineConfig(**CFG))
     with ServerThread(create_app(engine, served_model_name="tiny")) as url:
         yield url, engine
 
@@ -251,6 +263,20 @@ def test_streamed_forced_call_and_the_conversation_after_it(client, server):
     assert server[1].blocks.num_used == 0
 
 
+def test_auto_streamed_equals_whole(client):
+    """tool_choice auto, greedy: the streamed content and calls equal the non-streamed reply's."""
+    ask = [{"role": "user", "content": "weather?"}]
+    whole = client.chat.completions.create(
+        model="tiny", messages=ask, tools=[WEATHER], max_tokens=40, temperature=0
+    )
+    chunks = client.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER], max_tokens=40, temperature=0,
+                                            stream=True)  # fmt: skip
+    deltas = [c.choices[0] for c in chunks if c.choices]
+    text = "".join(d.delta.content or "" for d in deltas)
+    assert text == (whole.choices[0].message.content or "")
+    assert deltas[-1].finish_reason == whole.choices[0].finish_reason
+
+
 def test_tool_errors_through_the_server(server):
     def post(**body):
         body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4} | body
@@ -282,3 +308,28 @@ def test_langchain_bind_tools(server):
     msg = llm.bind_tools([WEATHER], tool_choice="get_weather").invoke("weather in Rome?")
     (call,) = msg.tool_calls
     assert call["name"] == "get_weather" and valid_weather(json.dumps(call["args"]))
+
+
+def test_llm_chat_with_tools(tiny_dir):
+    """The embedded API: forced calls parsed into CompletionOutput.tool_calls."""
+    from lserve_lite import LLM, SamplingParams
+
+    llm = LLM(str(tiny_dir), backend="cpu", config=EngineConfig(**CFG))
+    ask = [{"role": "user", "content": "weather in Rome?"}]
+    outs = llm.chat(ask, SamplingParams(n=3, temperature=0.8, max_new_tokens=120, seed=1), tools=[WEATHER, TIME],
+                    tool_choice="required", parallel_tool_calls=False)  # fmt: skip
+    for o in outs:
+        (call,) = o.tool_calls
+        assert o.finish_reason == "tool_calls" and o.text == ""
+        assert call["function"]["name"] == "get_time" or valid_weather(call["function"]["arguments"])
+    plain = llm.chat(
+        ask, SamplingParams(max_new_tokens=4, temperature=0), tools=[WEATHER], tool_choice="none"
+    )
+    assert plain.tool_calls is None and plain.prompt_token_ids == llm.tokenizer.encode_chat(ask)
+    with pytest.raises(InvalidRequestError, match="cannot be combined"):
+        llm.chat(
+            ask,
+            SamplingParams(response_format={"type": "json_object"}),
+            tools=[WEATHER],
+            tool_choice="required",
+        )

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.llm_engine import LLMEngine
+from ..engine.tool_calls import prompt_messages
 from ..errors import InvalidRequestError
 from . import add_serve_args, run_from_args, run_server
 from .async_engine import AsyncEngine, RequestHandle
@@ -34,7 +35,6 @@ from .protocol import (
     prompt_size,
 )
 from .responses import Choices, EventStream, close_all, collect, sse_events
-from .tools import prompt_messages
 
 log = logging.getLogger("lserve_lite.serve")
 __all__ = ["create_app", "ServerThread", "add_serve_args", "run_from_args", "run_server"]

@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
+from ..engine.tool_calls import ToolPlan, plan_tools
 from ..errors import InvalidRequestError
 from ..sampling_params import MAX_LOGPROBS, SamplingParams
-from .tools import ToolPlan, plan_tools
 
 
 class ApiError(Exception):

@@ -11,10 +11,10 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from ..engine.llm_engine import StepOutput
+from ..engine.tool_calls import ToolStream
 from .async_engine import RequestHandle
 from .logprobs import LogprobFormatter
 from .protocol import ApiError, usage
-from .tools import ToolStream
 
 
 class Choices:

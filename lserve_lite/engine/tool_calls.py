@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass
 
 from ..errors import InvalidRequestError
+from ..tokenizer import message_text
 
 MAX_TOOLS = 128  # OpenAI's limit
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -87,7 +88,7 @@ class ToolPlan:
             calls = _calls_of(self, _json(text)) or _calls_of(self, _complete_items(text))
             return (None, calls) if calls else (text or None, [])
         content, calls = ToolStream(self).feed(text, finished=True)
-        return (content if content.strip() else None), calls
+        return (None if calls and not content.strip() else content), calls
 
 
 def _call_schema(t: Tool) -> dict:
@@ -253,14 +254,13 @@ def prompt_messages(
 
 
 def _as_text(m: dict) -> dict:
-    calls = m.get("tool_calls") or []
+    calls, text = m.get("tool_calls") or [], message_text(m.get("content"))
     if m["role"] == "tool":
-        return {"role": "tool", "content": f"{RESPONSE_OPEN}\n{m.get('content') or ''}\n{RESPONSE_CLOSE}"}
+        return {"role": "tool", "content": f"{RESPONSE_OPEN}\n{text}\n{RESPONSE_CLOSE}"}
     if not calls:
         return {"role": m["role"], "content": m.get("content")}
     blocks = [
         f"{OPEN}\n{json.dumps({'name': c['function']['name'], 'arguments': c['function']['arguments']})}\n{CLOSE}"
         for c in calls
     ]
-    text = m.get("content") or ""
     return {"role": m["role"], "content": "\n".join(([text] if text else []) + blocks)}
