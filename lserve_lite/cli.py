@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("convert", help="convert a llama GGUF into a HF safetensors directory")
+    p = sub.add_parser("convert", help="convert a llama or qwen2 GGUF into a HF safetensors directory")
     p.add_argument("gguf")
     p.add_argument("out_dir")
     p.set_defaults(func=cmd_convert)

@@ -52,7 +52,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="HF model directory or llama GGUF file (default: bundled SmolLM2-135M-Instruct, Q4_1 GGUF)",
+        help="HF model directory or llama / qwen2 GGUF file (default: bundled SmolLM2-135M-Instruct, Q4_1 GGUF)",
     )
     p.add_argument(
         "--quantize",

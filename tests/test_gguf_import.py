@@ -236,7 +236,8 @@ def write_tiny_gguf(
     ffn: int = FFN,
     matrix_scale: float = 1.0,
 ) -> dict[str, tuple[np.ndarray, str]]:
-    """A tiny llama GGUF; returns {gguf name: (the float32 tensor before quantization, type name)}.
+    """A tiny llama (or qwen2: q/k/v biases, rows not permuted) GGUF; returns {gguf name: (the float32 tensor
+    before quantization, type name)}.
     Q4_K / Q6_K, which the gguf package cannot quantize, get random blocks (truth: their gguf dequantization);
     they need `hidden`, `ffn` and NH * head_dim to be multiples of 256. `matrix_scale` scales the matrices
     (e.g. 1/sqrt(hidden) for a model whose attention is not saturated)."""
@@ -258,7 +259,7 @@ def write_tiny_gguf(
     w.add_tokenizer_model(tokenizer)
     if tokenizer == "gpt2":
         tokens, ttypes, merges = _gpt2_vocab()
-        w.add_tokenizer_pre("smollm")
+        w.add_tokenizer_pre("qwen2" if arch == "qwen2" else "smollm")
         w.add_token_merges(merges)
         w.add_bos_token_id(1)
         w.add_eos_token_id(2)
@@ -285,6 +286,12 @@ def write_tiny_gguf(
             f"blk.{i}.ffn_gate.weight": (ffn, hidden), f"blk.{i}.ffn_up.weight": (ffn, hidden),
             f"blk.{i}.ffn_down.weight": (hidden, ffn),
         }  # fmt: skip
+        if arch == "qwen2":
+            shapes |= {
+                f"blk.{i}.attn_q.bias": (Q,),
+                f"blk.{i}.attn_k.bias": (KV,),
+                f"blk.{i}.attn_v.bias": (KV,),
+            }
     if extra_tensor:
         shapes[extra_tensor] = (hidden,)
     default = {"token_embd": "Q8_0", "attn_q": "F32", "attn_k": "Q4_0", "attn_v": "Q4_1", "attn_output": "F16",
@@ -293,9 +300,9 @@ def write_tiny_gguf(
     truth = {}
     for name, shape in shapes.items():
         x = (rng.standard_normal(shape) * (matrix_scale if len(shape) == 2 else 1.0)).astype(np.float32)
-        if name.endswith("attn_q.weight"):
+        if arch == "llama" and name.endswith("attn_q.weight"):
             x = _permute(x, NH)
-        elif name.endswith("attn_k.weight"):
+        elif arch == "llama" and name.endswith("attn_k.weight"):
             x = _permute(x, NKV)
         kind = "F32" if len(shape) == 1 else types[name.split(".")[-2]]
         if kind == "F32":
@@ -379,6 +386,39 @@ def test_synthetic_k_unpermute_matches_transformers(tmp_path: Path):
             np.testing.assert_array_equal(sd[hf], ref)
 
 
+def test_qwen2_gguf_matches_transformers(tmp_path: Path):
+    """A qwen2 GGUF (q/k/v biases, rows as stored, the qwen2 pre-tokenizer): the converted directory holds the
+    weights transformers' own GGUF loader reads, and our engine's logits, from the converted directory and from
+    the GGUF run directly (packed weights), equal transformers' on it."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("accelerate")
+    from safetensors.numpy import load_file
+
+    from lserve_lite import LLM
+
+    src = tmp_path / "qwen.gguf"
+    write_tiny_gguf(src, arch="qwen2", untied=True, matrix_scale=1 / math.sqrt(HID), theta=1e6,
+                    types={"attn_q": "Q8_0", "attn_k": "F16"})  # fmt: skip
+    out = convert_gguf(src, tmp_path / "qwen", progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2ForCausalLM"] and cfg["rope_theta"] == 1e6
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file="qwen.gguf", dtype=torch.float32
+    )
+    ref_sd = {k: v.numpy() for k, v in hf.state_dict().items()}
+    sd = load_file(str(out / "model.safetensors"))
+    assert set(sd) == set(ref_sd) and any(k.endswith("q_proj.bias") for k in sd)
+    for k, v in sd.items():
+        np.testing.assert_array_equal(v, ref_sd[k], err_msg=k)
+    ids = [int(i) for i in np.random.default_rng(1).integers(3, cfg["vocab_size"], 24)]
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0].numpy()
+    for model in (out, src):
+        got = LLM(str(model), backend="cpu", page_size=16, num_kv_pages=16).logits(ids)
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3, err_msg=str(model))
+
+
 def test_synthetic_tokenizers_match_transformers(tmp_path: Path):
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer
@@ -388,13 +428,14 @@ def test_synthetic_tokenizers_match_transformers(tmp_path: Path):
         " The  thin\n\ncat",
         "Hé 😀 中 <|user|>x</s><s>",
         "<think>a</think>",
+        "n 12345 t1he",  # qwen2 splits digits one by one
         "",
     ]
-    for kind in ("gpt2", "llama"):
-        d = tmp_path / kind
+    for kind, arch in (("gpt2", "llama"), ("llama", "llama"), ("gpt2", "qwen2")):  # qwen2: its pre-tokenizer
+        d = tmp_path / f"{kind}-{arch}"
         d.mkdir()
-        write_tiny_gguf(d / "t.gguf", tokenizer=kind)
-        out = convert_gguf(d / "t.gguf", tmp_path / f"{kind}-out", progress=False)
+        write_tiny_gguf(d / "t.gguf", tokenizer=kind, arch=arch)
+        out = convert_gguf(d / "t.gguf", tmp_path / f"{kind}-{arch}-out", progress=False)
         ours = Tokenizer.from_file(str(out / "tokenizer.json"))
         hf = transformers.AutoTokenizer.from_pretrained(d, gguf_file="t.gguf")
         ours_json, hf_json = json.loads(ours.to_str()), json.loads(hf.backend_tokenizer.to_str())
@@ -467,9 +508,9 @@ def test_unsupported_tensor_type(tmp_path: Path):
 
 
 def test_other_architecture_and_odd_models(tmp_path: Path):
-    src = tmp_path / "qwen.gguf"
-    write_tiny_gguf(src, arch="qwen2")
-    assert "architecture 'qwen2'" in _err(src, tmp_path / "o1")
+    src = tmp_path / "gemma.gguf"
+    write_tiny_gguf(src, arch="gemma2")
+    assert "architecture 'gemma2'" in _err(src, tmp_path / "o1")
     bias = tmp_path / "bias.gguf"
     write_tiny_gguf(bias, extra_tensor="blk.0.attn_q.bias")
     assert "blk.0.attn_q.bias" in _err(bias, tmp_path / "o2")

@@ -1,8 +1,9 @@
-"""GGUF import: convert a llama-architecture GGUF file into a Hugging Face style model directory (float32
+"""GGUF import: convert a llama- or qwen2-architecture GGUF file into a Hugging Face style model directory (float32
 safetensors under HF tensor names, `config.json`, `generation_config.json`, `tokenizer.json`,
 `tokenizer_config.json`). This module holds the conversion itself: `convert_gguf`, the config.json derived
 from the metadata with its tensor name / type / shape checks, llama3 rope scaling recovered from
-`rope_freqs.weight`, the Q/K row un-permute, dequantization with `gguf.quants` and the (sharded) writing;
+`rope_freqs.weight`, the Q/K row un-permute (llama only: llama.cpp's converter permutes no other
+architecture's rows), dequantization with `gguf.quants` and the (sharded) writing;
 parsing the file is `gguf_reader`'s job and rebuilding the tokenizer is `gguf_tokenizer`'s, so each piece
 stays one concept that can be read and tested on its own.
 """
@@ -39,18 +40,21 @@ _LAYER_TENSORS = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# general.architecture -> (HF architecture, model_type); the metadata keys are prefixed with the GGUF name
+ARCHS = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2")}
+_BIASED = ("attn_q", "attn_k", "attn_v")  # qwen2's q/k/v projections carry a bias
 _TOP_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
 def convert_gguf(
     gguf_path: str | Path, out_dir: str | Path, progress: bool = True, *, overwrite: bool = False
 ) -> Path:
-    """Convert a llama GGUF into an HF directory at `out_dir` (written to a temp dir, then renamed).
+    """Convert a llama or qwen2 GGUF into an HF directory at `out_dir` (written to a temp dir, then renamed).
 
     An existing non-empty `out_dir` is an error unless `overwrite`. Returns `out_dir`.
     """
@@ -88,19 +92,21 @@ def convert_gguf(
 
 
 def model_config(meta: dict[str, Any], tensors: dict, path: Path) -> dict[str, Any]:
-    """config.json for a llama GGUF, after checking tensor names, types and shapes against it."""
+    """config.json for a llama or qwen2 GGUF, after checking tensor names, types and shapes against it."""
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ModelLoadError(f"{path}: architecture {arch!r} is not supported (only 'llama' GGUF files)")
+    if arch not in ARCHS:
+        raise ModelLoadError(
+            f"{path}: architecture {arch!r:.60} is not supported (GGUF files of: {', '.join(ARCHS)})"
+        )
 
     def get(key: str, default: Any = None, kind: type = int) -> Any:
-        v = meta.get(f"llama.{key}", default)
+        v = meta.get(f"{arch}.{key}", default)
         if v is None:
-            raise ModelLoadError(f"{path}: missing metadata key 'llama.{key}'")
+            raise ModelLoadError(f"{path}: missing metadata key '{arch}.{key}'")
         if isinstance(v, list):  # per-layer values: fine if all equal
             if not v or len(set(map(repr, v))) != 1:
                 raise ModelLoadError(
-                    f"{path}: per-layer 'llama.{key}' values are empty or differ (not supported)"
+                    f"{path}: per-layer '{arch}.{key}' values are empty or differ (not supported)"
                 )
             v = v[0]
         if (
@@ -109,12 +115,12 @@ def model_config(meta: dict[str, Any], tensors: dict, path: Path) -> dict[str, A
             or (kind is int and not (math.isfinite(v) and v == int(v)))
         ):
             raise ModelLoadError(
-                f"{path}: metadata key 'llama.{key}' must be a {kind.__name__}, got {v!r:.60}"
+                f"{path}: metadata key '{arch}.{key}' must be a {kind.__name__}, got {v!r:.60}"
             )
         return kind(v)
 
     if get("expert_count", 0):
-        raise ModelLoadError(f"{path}: mixture-of-experts llama models are not supported")
+        raise ModelLoadError(f"{path}: mixture-of-experts models are not supported")
     layers, hidden = get("block_count"), get("embedding_length")
     heads = get("attention.head_count")
     kv_heads = get("attention.head_count_kv", heads)
@@ -135,8 +141,8 @@ def model_config(meta: dict[str, Any], tensors: dict, path: Path) -> dict[str, A
     theta = get("rope.freq_base", 10000.0, float)
 
     cfg: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [ARCHS[arch][0]],
+        "model_type": ARCHS[arch][1],
         "hidden_size": hidden,
         "intermediate_size": get("feed_forward_length"),
         "num_hidden_layers": layers,
@@ -149,12 +155,12 @@ def model_config(meta: dict[str, Any], tensors: dict, path: Path) -> dict[str, A
         "max_position_embeddings": get("context_length", 4096),
         "tie_word_embeddings": "output.weight" not in tensors,
         "hidden_act": "silu",
-        "attention_bias": False,
+        **({"attention_bias": False} if arch == "llama" else {}),  # qwen2 always has q/k/v biases
         "mlp_bias": False,
         "torch_dtype": "float32",
     }
     ModelConfig.from_dict(cfg, f"{path} (as config.json)")  # bounds of any config.json, before sizing
-    scaling = _rope_scaling(meta, tensors, theta, head_dim, path)
+    scaling = _rope_scaling(meta, tensors, theta, head_dim, path, arch)
     if scaling is not None:
         cfg["rope_scaling"] = scaling
     for name, key in (("bos_token_id", "bos_token_id"), ("pad_token_id", "padding_token_id")):
@@ -180,6 +186,7 @@ def _expected_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     want = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
     if not cfg["tie_word_embeddings"]:
         want["lm_head.weight"] = (v, h)
+    bias = {"self_attn.q_proj": (q,), "self_attn.k_proj": (kv,), "self_attn.v_proj": (kv,)}
     per_layer = {
         "input_layernorm": (h,),
         "post_attention_layernorm": (h,),
@@ -194,16 +201,18 @@ def _expected_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     for i in range(cfg["num_hidden_layers"]):
         for k, s in per_layer.items():
             want[f"model.layers.{i}.{k}.weight"] = s
+        for k, s in bias.items() if cfg["model_type"] == "qwen2" else ():
+            want[f"model.layers.{i}.{k}.bias"] = s
     return want
 
 
 def hf_name(gguf_name: str) -> str | None:
-    """The HF tensor name for a llama GGUF tensor name (None if it has none)."""
+    """The HF tensor name for a llama / qwen2 GGUF tensor name (None if it has none)."""
     if gguf_name in _TOP_TENSORS:
         return _TOP_TENSORS[gguf_name]
     m = _BLOCK_RE.fullmatch(gguf_name)
-    if m and m.group(2) in _LAYER_TENSORS:
-        return f"model.layers.{m.group(1)}.{_LAYER_TENSORS[m.group(2)]}.weight"
+    if m and m.group(2) in _LAYER_TENSORS and (m.group(3) == "weight" or m.group(2) in _BIASED):
+        return f"model.layers.{m.group(1)}.{_LAYER_TENSORS[m.group(2)]}.{m.group(3)}"
     return None
 
 
@@ -216,7 +225,9 @@ def _check_tensors(tensors: dict, cfg: dict[str, Any], path: Path) -> None:
             continue
         hf = hf_name(name)
         if hf is None or hf not in want:
-            raise ModelLoadError(f"{path}: unexpected tensor {name!r} (not a plain llama model)")
+            raise ModelLoadError(
+                f"{path}: unexpected tensor {name!r} (not a plain {cfg['model_type']} model)"
+            )
         ttype = t.type_name
         if ttype not in SUPPORTED_TYPES:
             raise ModelLoadError(
@@ -231,11 +242,11 @@ def _check_tensors(tensors: dict, cfg: dict[str, Any], path: Path) -> None:
 
 
 def _rope_scaling(
-    meta: dict[str, Any], tensors: dict, theta: float, head_dim: int, path: Path
+    meta: dict[str, Any], tensors: dict, theta: float, head_dim: int, path: Path, arch: str
 ) -> dict | None:
     """HF rope_scaling: llama3 parameters recovered from `rope_freqs.weight`; None without scaling."""
-    kind = meta.get("llama.rope.scaling.type")
-    factor_meta = meta.get("llama.rope.scaling.factor")
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    factor_meta = meta.get(f"{arch}.rope.scaling.factor")
     if (
         kind not in (None, "none")
         and factor_meta not in (None, 0.0, 1.0)
@@ -255,7 +266,7 @@ def _rope_scaling(
     if np.allclose(rf, 1.0):
         return None
     factor = float(rf.max())
-    old_ctx = int(meta.get("llama.rope.scaling.original_context_length") or 8192)
+    old_ctx = int(meta.get(f"{arch}.rope.scaling.original_context_length") or 8192)
     freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     smooth = (rf > 1 + 1e-6) & (rf < factor - 1e-6)
     low, high = 1.0, 4.0
@@ -303,9 +314,9 @@ def dequantized(t, cfg: dict[str, Any]) -> np.ndarray:
     from gguf.quants import dequantize
 
     w = dequantize(t.data, t.ggml_type)
-    if ".attn_q." in t.name:
+    if cfg["model_type"] == "llama" and ".attn_q." in t.name:
         w = _unpermute(w, cfg["num_attention_heads"])
-    elif ".attn_k." in t.name:
+    elif cfg["model_type"] == "llama" and ".attn_k." in t.name:
         w = _unpermute(w, cfg["num_key_value_heads"])
     return np.ascontiguousarray(w, dtype=np.float32)
 

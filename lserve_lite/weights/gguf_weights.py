@@ -1,4 +1,4 @@
-"""A llama GGUF run directly: config, tokenizer (rebuilt in memory) and weights by Hugging Face name, with
+"""A llama or qwen2 GGUF run directly: config, tokenizer (rebuilt in memory) and weights by Hugging Face name, with
 every quantized matrix kept in its packed blocks; no file is written and no float copy of a matrix made.
 The config is the one `convert_gguf` writes; the importer's float path reads the tensors that stay float
 (norms, F32/F16)."""
@@ -54,9 +54,11 @@ def gguf_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray
 
 
 def _weights(tensors: dict, cfg: dict[str, Any]) -> dict[str, np.ndarray | QuantTensor]:
-    """Quantized matrices are views of the memory-mapped file, except attn_q / attn_k, whose rows are
+    """Quantized matrices are views of the memory-mapped file, except a llama's attn_q / attn_k, whose rows are
     reordered (llama.cpp's head permutation undone) into one packed copy each."""
     heads = {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]}
+    if cfg["model_type"] != "llama":  # llama.cpp permutes no other architecture's rows
+        heads = {}
     out: dict[str, np.ndarray | QuantTensor] = {}
     for name, t in tensors.items():
         hf = hf_name(name)

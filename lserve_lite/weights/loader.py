@@ -1,5 +1,5 @@
 """Loading a model without torch: a Hugging Face directory (config, safetensors shards, tokenizer files),
-optionally quantized at load (`--quantize`), or a llama GGUF file run from its quantized blocks."""
+optionally quantized at load (`--quantize`), or a llama / qwen2 GGUF file run from its quantized blocks."""
 
 from __future__ import annotations
 
