@@ -178,14 +178,15 @@ def test_a_template_that_reads_tools_gets_them(tmp_path):
     cfg["chat_template"] = (
         "{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}{% endif %}"
         "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% for c in m.tool_calls or [] %}"
-        "CALL {{ c.function.name }} {{ c.function.arguments.city }}{% endfor %}{% endfor %}"
+        "CALL {{ c.function.name }} {{ c.function.arguments | tojson }}{% endfor %}{% endfor %}"
     )
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
     tok = Tokenizer(tmp_path)
     assert tok.template_reads_tools
     msgs, tools = prompt_messages(CONVERSATION, plan_tools([WEATHER, TIME], None, None), native=True)
     text = tok.render_chat(msgs, tools=tools)
-    assert text.startswith("TOOLS:get_weather;get_time;[system]Be brief.") and "CALL get_weather Rome" in text
+    assert text.startswith("TOOLS:get_weather;get_time;[system]Be brief.")
+    assert 'CALL get_weather {"city": "Rome"}' in text  # arguments as an object, not a JSON string re-encoded
     assert tok.holds_special("x<|im_end|>") and not tok.holds_special("plain")
 
 
@@ -333,3 +334,14 @@ def test_llm_chat_with_tools(tiny_dir):
             tools=[WEATHER],
             tool_choice="required",
         )
+
+
+def test_a_messages_tool_calls_as_templates_read_them():
+    from lserve_lite.serve.protocol import ChatMessage
+
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"city": "Rome"}'}},
+             {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "not json"}}]  # fmt: skip
+    m = ChatMessage.model_validate({"role": "assistant", "content": None, "tool_calls": calls}).as_dict()
+    assert [c["function"]["arguments"] for c in m["tool_calls"]] == [{"city": "Rome"}, "not json"]
+    t = ChatMessage.model_validate({"role": "tool", "tool_call_id": "c1", "content": "21"}).as_dict()
+    assert t == {"role": "tool", "content": "21", "tool_call_id": "c1"}
