@@ -327,6 +327,9 @@ def test_llm_chat_with_tools(tiny_dir):
         ask, SamplingParams(max_new_tokens=4, temperature=0), tools=[WEATHER], tool_choice="none"
     )
     assert plain.tool_calls is None and plain.prompt_token_ids == llm.tokenizer.encode_chat(ask)
+    bad = [*ask, {"role": "assistant", "content": None, "tool_calls": [{"name": "f"}]}]
+    with pytest.raises(InvalidRequestError, match="tool_calls must be"):
+        llm.chat(bad, tools=[WEATHER])
     with pytest.raises(InvalidRequestError, match="cannot be combined"):
         llm.chat(
             ask,

@@ -241,26 +241,35 @@ def prompt_messages(
     """The conversation as the chat template takes it, and its `tools` argument. A template that reads `tools`
     (`native`) gets them and the messages' tool_calls as they are; otherwise the tools go into the system
     message as text, earlier calls into their assistant turns as <tool_call> blocks and tool results into
-    <tool_response> blocks."""
-    if native:
-        return messages, ([t.spec() for t in plan.tools] if plan else None)
+    <tool_response> blocks. A malformed conversation passes through to the template's own checks."""
+    if native or not isinstance(messages, list):
+        return messages, ([t.spec() for t in plan.tools] if plan and native else None)
     out = [_as_text(m) for m in messages]
     if plan:
-        if out and out[0]["role"] == "system":
-            out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{plan.system_text()}".lstrip()}
+        first = out[0] if out else None
+        if isinstance(first, dict) and first.get("role") == "system":
+            text = message_text(first.get("content"))
+            out[0] = {**first, "content": f"{text}\n\n{plan.system_text()}".lstrip()}
         else:
             out.insert(0, {"role": "system", "content": plan.system_text()})
     return out, None
 
 
-def _as_text(m: dict) -> dict:
-    calls, text = m.get("tool_calls") or [], message_text(m.get("content"))
-    if m["role"] == "tool":
+def _as_text(m: object) -> object:
+    """A message with tool calls, or a tool result, as plain text; any other message as it is."""
+    if not isinstance(m, dict) or not (m.get("tool_calls") or m.get("role") == "tool"):
+        return m
+    text = message_text(m.get("content"))
+    if m.get("role") == "tool":
         return {"role": "tool", "content": f"{RESPONSE_OPEN}\n{text}\n{RESPONSE_CLOSE}"}
-    if not calls:
-        return {"role": m["role"], "content": m.get("content")}
-    blocks = [
-        f"{OPEN}\n{json.dumps({'name': c['function']['name'], 'arguments': c['function']['arguments']})}\n{CLOSE}"
-        for c in calls
-    ]
-    return {"role": m["role"], "content": "\n".join(([text] if text else []) + blocks)}
+    blocks = [f"{OPEN}\n{json.dumps(_name_and_arguments(c))}\n{CLOSE}" for c in m["tool_calls"]]
+    return {"role": m.get("role"), "content": "\n".join(([text] if text else []) + blocks)}
+
+
+def _name_and_arguments(call: object) -> dict:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise InvalidRequestError(
+            "a message's tool_calls must be [{'function': {'name': str, 'arguments': ...}}]"
+        )
+    return {"name": fn["name"], "arguments": fn.get("arguments", {})}
