@@ -93,9 +93,8 @@ class LLM:
         convs = [messages] if single else messages
         plan = plan_tools(tools, tool_choice, parallel_tool_calls)
         if plan and plan.forced:
-            if params is not None and params.response_format not in (None, {"type": "text"}):
-                raise InvalidRequestError("response_format cannot be combined with a forced tool_choice")
-            params = replace(params or SamplingParams(), response_format=plan.response_format())
+            params = params or SamplingParams()
+            params = replace(params, response_format=plan.reply_format(params.response_format))
         native = self.tokenizer.template_reads_tools
         ids = [self.tokenizer.encode_chat(*prompt_messages(c, plan, native)) for c in convs]
         outs = self.generate(ids, params)

@@ -76,7 +76,15 @@ class ToolPlan:
             else one
         )
 
-    def response_format(self) -> dict:
+    def reply_format(self, response_format: dict | None) -> dict | None:
+        """The format the sampler enforces: a forced choice's calls schema, which no other format may join."""
+        if not self.forced:
+            return response_format
+        if response_format not in (None, {"type": "text"}):
+            raise InvalidRequestError(
+                "response_format cannot be combined with tool_choice 'required' or a named function (both "
+                "constrain the reply)"
+            )
         return {"type": "json_schema", "json_schema": {"name": "tool_calls", "schema": self.schema()}}
 
     def parse(self, text: str) -> tuple[str | None, list[dict]]:

@@ -217,9 +217,10 @@ class ChatCompletionRequest(_Request):
             raise ApiError(
                 400, str(e), "tool_choice" if str(e).startswith("tool_choice") else "tools"
             ) from None
-        if self.tool_plan and self.tool_plan.forced and self.response_format not in (None, {"type": "text"}):
-            raise ApiError(400, "response_format cannot be combined with tool_choice 'required' or a named "
-                           "function (both constrain the reply)", "response_format")  # fmt: skip
+        try:
+            self.reply_format()
+        except InvalidRequestError as e:
+            raise ApiError(400, str(e), "response_format") from None
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
             raise ApiError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}",
                            "top_logprobs")  # fmt: skip
@@ -239,7 +240,7 @@ class ChatCompletionRequest(_Request):
     def reply_format(self) -> dict | None:
         """A forced tool choice constrains the reply to the calls' JSON schema."""
         plan = self._tool_plan
-        return plan.response_format() if plan and plan.forced else self.response_format
+        return plan.reply_format(self.response_format) if plan else self.response_format
 
 
 class CompletionRequest(_Request):
