@@ -10,7 +10,7 @@ import numpy as np
 
 from .config import EngineConfig
 from .engine.llm_engine import LLMEngine, StepOutput
-from .engine.tool_calls import plan_tools, prompt_messages
+from .engine.tool_calls import finish_reason, plan_tools, prompt_messages
 from .errors import InvalidRequestError
 from .sampling_params import SamplingParams
 from .sequence import TokenLogprob
@@ -102,7 +102,7 @@ class LLM:
             content, calls = plan.parse(o.text)
             if calls:
                 o.text, o.tool_calls = content or "", calls
-                o.finish_reason = "tool_calls" if o.finish_reason == "stop" else o.finish_reason
+                o.finish_reason = finish_reason(o.finish_reason, True)
         return outs[0] if single and len(outs) == 1 else outs
 
     def stream(

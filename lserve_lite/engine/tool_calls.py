@@ -99,6 +99,11 @@ class ToolPlan:
         return (None if calls and not content.strip() else content), calls
 
 
+def finish_reason(finish: str | None, made_calls: bool) -> str | None:
+    """A reply's finish reason: "tool_calls" when it made calls and was not cut short."""
+    return "tool_calls" if made_calls and finish == "stop" else finish
+
+
 def _call_schema(t: Tool) -> dict:
     return {"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
             "required": ["name", "arguments"], "additionalProperties": False}  # fmt: skip

@@ -11,7 +11,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from ..engine.llm_engine import StepOutput
-from ..engine.tool_calls import ToolStream
+from ..engine.tool_calls import ToolStream, finish_reason
 from .async_engine import RequestHandle
 from .logprobs import LogprobFormatter
 from .protocol import ApiError, usage
@@ -53,7 +53,7 @@ class Choices:
                 message["content"], calls = self.tools.parse(text)
                 if calls:
                     message["tool_calls"] = calls
-                    finish = self.called(finish)
+                finish = finish_reason(finish, bool(calls))
             return {
                 "index": i,
                 "message": message,
@@ -68,11 +68,6 @@ class Choices:
 
     def finish(self, last: StepOutput) -> str | None:
         return "length" if self.scores_only else last.finish_reason
-
-    @staticmethod
-    def called(finish: str | None) -> str | None:
-        """The finish reason of a reply that made tool calls: "tool_calls" unless it was cut short."""
-        return "tool_calls" if finish == "stop" else finish
 
     def usage(self, lasts: list[StepOutput]) -> dict:
         """Prompt tokens once per prompt; cached: per prompt, the most any of its candidates took from cache."""
@@ -188,8 +183,7 @@ async def sse_events(
                 ncalls[i] += 1
             if out.finished:
                 lasts[i] = out
-                finish = shape.finish(out)
-                yield chunk(i, None, finish=shape.called(finish) if ncalls[i] else finish)
+                yield chunk(i, None, finish=finish_reason(shape.finish(out), ncalls[i] > 0))
         if include_usage:
             yield _sse(base | {"choices": [], "usage": shape.usage(lasts)})
     except ApiError as e:
