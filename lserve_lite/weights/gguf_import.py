@@ -94,7 +94,7 @@ def convert_gguf(
 def model_config(meta: dict[str, Any], tensors: dict, path: Path) -> dict[str, Any]:
     """config.json for a llama or qwen2 GGUF, after checking tensor names, types and shapes against it."""
     arch = meta.get("general.architecture")
-    if arch not in ARCHS:
+    if not isinstance(arch, str) or arch not in ARCHS:
         raise ModelLoadError(
             f"{path}: architecture {arch!r:.60} is not supported (GGUF files of: {', '.join(ARCHS)})"
         )
