@@ -101,6 +101,40 @@ def test_models_health_metrics(server, client):
     assert 'lserve_time_per_output_token_seconds_bucket{le="+Inf"}' in m
 
 
+def test_tokenize_and_detokenize(server, ref):
+    """vLLM's /tokenize (a prompt as completions encode it, a conversation as chat renders it) and /detokenize."""
+    url, engine = server
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    def post(path: str, **body):
+        return httpx.post(url + path, json=body, headers=auth, timeout=30)
+
+    r = post("/tokenize", prompt="hello world", model="tiny").json()
+    assert r == {
+        "count": len(r["tokens"]),
+        "max_model_len": engine.max_len,
+        "tokens": ref.tokenizer.encode("hello world"),
+    }
+    msgs = chat_msgs("hi")
+    r = post("/tokenize", messages=msgs).json()
+    assert r["tokens"] == ref.tokenizer.encode_chat(msgs)
+    assert post("/detokenize", tokens=r["tokens"]).json()["prompt"] == ref.tokenizer.decode(
+        r["tokens"], False
+    )
+    for path, body, param in [
+        ("/tokenize", {}, "prompt"),
+        ("/tokenize", {"prompt": "x", "messages": msgs}, "prompt"),
+        ("/tokenize", {"prompt": [1, 2]}, "prompt"),
+        ("/tokenize", {"messages": [{"role": "bot", "content": "x"}]}, "messages"),
+        ("/detokenize", {"tokens": [1, 10**9]}, "tokens"),
+        ("/detokenize", {"tokens": "1 2"}, "tokens"),
+    ]:
+        e = post(path, **body)
+        assert e.status_code == 400 and e.json()["error"]["param"] == param, (path, body, e.text)
+    assert post("/tokenize", prompt="x", model="other").status_code == 404
+    assert httpx.post(url + "/tokenize", json={"prompt": "x"}).status_code == 401
+
+
 def test_cli_hook(monkeypatch):
     from lserve_lite import cli
     from lserve_lite.serve import run_from_args

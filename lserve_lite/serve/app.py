@@ -283,6 +283,35 @@ def create_app(
     async def completions(request: Request):
         return await generate(request, chat=False)
 
+    # -- vLLM's token endpoints: a prompt (or a conversation, as chat renders it) to ids, and back -------
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request):
+        check_key(request)
+        body = await read_json(request)
+        chat = "messages" in body
+        if chat == ("prompt" in body):
+            raise ApiError(400, "send either a prompt or messages", "prompt")
+        if not chat and not isinstance(body["prompt"], str):
+            raise ApiError(400, "prompt: must be a string", "prompt")
+        check_prompt_size(body, chat)
+        keys = ("model", "messages", "tools", "tool_choice") if chat else ("model", "prompt")
+        req = parse(
+            ChatCompletionRequest if chat else CompletionRequest, {k: body[k] for k in keys if k in body}
+        )
+        check_model(req.model)
+        (ids,) = await asyncio.to_thread(tokenize, req)
+        return {"count": len(ids), "max_model_len": engine.max_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request):
+        check_key(request)
+        body = await read_json(request)
+        ids, vocab = body.get("tokens"), engine.cfg.vocab_size
+        if not isinstance(ids, list) or not all(type(t) is int and 0 <= t < vocab for t in ids):
+            raise ApiError(400, f"tokens: must be a list of token ids in [0, {vocab})", "tokens")
+        check_model(body.get("model"))
+        return {"prompt": engine.tokenizer.decode(ids, False)}
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await generate(request, chat=True)
