@@ -122,6 +122,30 @@ def test_streamed_split_equals_the_whole(step):
     assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
 
 
+BARE = ' {"name": "get_weather", "parameters": {"city": "Oslo", "unit": "f"}}; {"name": "get_time", "parameters": {}}'
+
+
+@pytest.mark.parametrize("step", [1, 3, 8, 200])
+def test_bare_json_calls_as_llama_writes_them(step):
+    """A reply that opens with JSON is held whole: calls when it is wholly calls of the tools ({"name",
+    "parameters"} objects, one, a list, or separated by ';'), else content as written."""
+    plan = plan_tools([WEATHER, TIME], None, None)
+    s, content, calls = ToolStream(plan), [], []
+    pieces = [BARE[i : i + step] for i in range(0, len(BARE), step)]
+    for k, piece in enumerate(pieces):
+        text, got = s.feed(piece, finished=k == len(pieces) - 1)
+        content.append(text)
+        calls += got
+    assert "".join(content) == "" and [json.loads(c["function"]["arguments"]) for c in calls] == [
+        {"city": "Oslo", "unit": "f"},
+        {},
+    ]
+    assert plan.parse(BARE)[0] is None and len(plan.parse(BARE)[1]) == 2
+    assert plan.parse('[{"name": "get_time", "parameters": {}}]')[1][0]["function"]["name"] == "get_time"
+    for text in ('{"answer": 42}', '{"name": "nope", "parameters": {}}', '{"name": "get_time"} and more'):
+        assert plan.parse(text) == (text, [])
+
+
 def test_forced_replies():
     named = plan_tools([WEATHER], {"type": "function", "function": {"name": "get_weather"}}, None)
     content, calls = named.parse('{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "f"}}')

@@ -1,7 +1,8 @@
 """Tool calling (OpenAI `tools` / `tool_choice`): the tools shown to the model, its replies parsed back into
 `tool_calls`. The model writes a call as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, the
-Hermes / Qwen format many instruct models were trained on; `tool_choice` "required" or a named function is
-enforced by constrained decoding instead (a JSON schema of the calls), so it holds for any model."""
+Hermes / Qwen format many instruct models were trained on, or as a reply of bare JSON `{"name": ...,
+"parameters": {...}}`, Llama 3.x's; `tool_choice` "required" or a named function is enforced by constrained
+decoding instead (a JSON schema of the calls), so it holds for any model."""
 
 from __future__ import annotations
 
@@ -89,9 +90,9 @@ class ToolPlan:
 
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
         """A finished reply as (content, tool calls). Forced: the reply is the calls' JSON (an array cut short by
-        max_tokens keeps its complete calls). Auto: every
-        well-formed <tool_call> block naming a tool is a call; the rest of the text (malformed blocks included,
-        as written) is the content, None when empty."""
+        max_tokens keeps its complete calls). Auto: every well-formed <tool_call> block naming a tool is a call,
+        the rest of the text (malformed blocks included, as written) the content, None when only whitespace is
+        left beside calls; or a reply that is wholly bare JSON calls (Llama 3.x) is those calls."""
         if self.forced:
             calls = _calls_of(self, _json(text)) or _calls_of(self, _complete_items(text))
             return (None, calls) if calls else (text or None, [])
@@ -131,14 +132,15 @@ def _complete_items(text: str) -> list | None:
 
 
 def _calls_of(plan: ToolPlan, obj: object) -> list[dict]:
-    """OpenAI tool calls of a parsed {"name", "arguments"} object or a list of them; [] if any is not a call of
-    one of the plan's tools with an object (or JSON-object string) as arguments."""
+    """OpenAI tool calls of a parsed {"name", "arguments"} object (or "parameters", Llama 3.x's key) or a list of
+    them; [] if any is not a call of one of the plan's tools with an object (or JSON-object string) as
+    arguments."""
     items = obj if isinstance(obj, list) else [obj]
     calls = []
     for it in items:
         if not isinstance(it, dict) or plan.by_name(it.get("name")) is None:
             return []
-        args = it.get("arguments", {})
+        args = it.get("arguments", it.get("parameters", {}))
         if isinstance(args, str):
             args = _json(args)
         if not isinstance(args, dict):
@@ -150,20 +152,31 @@ def _calls_of(plan: ToolPlan, obj: object) -> list[dict]:
 
 class ToolStream:
     """Splits one choice's reply, as it streams, into content to send and completed tool calls. Auto: text that
-    may start an opening tag is held back until it cannot; a call is released when its closing tag arrives.
+    may start an opening tag is held back until it cannot; a call is released when its closing tag arrives; a
+    reply that opens with JSON (`{` or `[`: Llama 3.x's bare calls) is held whole and parsed at the end.
     Forced: the reply is the calls' JSON, held whole and parsed at the end."""
 
     def __init__(self, plan: ToolPlan):
         self.plan, self.buf, self.inside = plan, "", False
+        self.whole: bool | None = True if plan.forced else None  # held whole; None: not known yet
 
     def feed(self, text: str, finished: bool = False) -> tuple[str, list[dict]]:
         """New text (the last of the reply when `finished`) -> (content to send now, calls completed by it)."""
         self.buf += text
-        if self.plan.forced:
+        if self.whole is None:
+            head = self.buf.lstrip()
+            if not head and not finished:
+                return "", []
+            self.whole = head[:1] in ("{", "[")
+        if self.whole:
             if not finished:
                 return "", []
-            content, calls = self.plan.parse(self.buf)
-            return content or "", calls
+            reply, self.buf = self.buf, ""
+            if self.plan.forced:
+                content, calls = self.plan.parse(reply)
+                return content or "", calls
+            calls = _bare_calls(self.plan, reply)
+            return ("" if calls else reply), calls
         out, calls = [], []
         while True:
             if not self.inside:
@@ -189,6 +202,21 @@ class ToolStream:
             else:  # not a call of a known tool: the text stays as the model wrote it
                 out.append(OPEN + body + CLOSE)
         return "".join(out), calls
+
+
+def _bare_calls(plan: ToolPlan, text: str) -> list[dict]:
+    """Calls written as bare JSON, as Llama 3.x writes them: one object, an array of them, or objects separated by
+    ';' or ','; [] unless the whole reply is such calls of the plan's tools."""
+    dec, items, text = json.JSONDecoder(), [], text.strip()
+    at = 0
+    while at < len(text):
+        try:
+            value, at = dec.raw_decode(text, at)
+        except ValueError:
+            return []
+        items += value if isinstance(value, list) else [value]
+        at += len(text[at:]) - len(text[at:].lstrip(" \t\r\n;,"))
+    return _calls_of(plan, items) if items else []
 
 
 def _partial_tag(s: str) -> int:
