@@ -117,18 +117,24 @@ def _json(text: str) -> object:
         return None
 
 
+def _json_values(text: str, at: int = 0) -> tuple[list, bool]:
+    """The JSON values of `text` from `at`, separated by whitespace, ',' or ';', up to the first that does not
+    parse; and whether they reach the end of the text."""
+    dec, values = json.JSONDecoder(), []
+    while True:
+        at += len(text[at:]) - len(text[at:].lstrip(" \t\r\n,;"))
+        if at == len(text):
+            return values, True
+        try:
+            value, at = dec.raw_decode(text, at)
+        except ValueError:
+            return values, False
+        values.append(value)
+
+
 def _complete_items(text: str) -> list | None:
     """The complete items of a JSON array cut short (a forced reply that reached max_tokens), else None."""
-    dec, items, at = json.JSONDecoder(), [], 1
-    if not text.startswith("["):
-        return None
-    while True:
-        at += len(text[at:]) - len(text[at:].lstrip(" \n,"))
-        try:
-            item, at = dec.raw_decode(text, at)
-        except ValueError:
-            return items or None
-        items.append(item)
+    return (_json_values(text, 1)[0] or None) if text.startswith("[") else None
 
 
 def _calls_of(plan: ToolPlan, obj: object) -> list[dict]:
@@ -207,16 +213,9 @@ class ToolStream:
 def _bare_calls(plan: ToolPlan, text: str) -> list[dict]:
     """Calls written as bare JSON, as Llama 3.x writes them: one object, an array of them, or objects separated by
     ';' or ','; [] unless the whole reply is such calls of the plan's tools."""
-    dec, items, text = json.JSONDecoder(), [], text.strip()
-    at = 0
-    while at < len(text):
-        try:
-            value, at = dec.raw_decode(text, at)
-        except ValueError:
-            return []
-        items += value if isinstance(value, list) else [value]
-        at += len(text[at:]) - len(text[at:].lstrip(" \t\r\n;,"))
-    return _calls_of(plan, items) if items else []
+    values, whole = _json_values(text)
+    items = [x for v in values for x in (v if isinstance(v, list) else [v])]
+    return _calls_of(plan, items) if whole and items else []
 
 
 def _partial_tag(s: str) -> int:
