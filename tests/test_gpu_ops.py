@@ -29,13 +29,16 @@ def test_kernel_against_reference(hctx, case):
     assert results and all(r.ok for r in results), format_table([r for r in results if not r.ok])
 
 
-def small_llama(seed=0, layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, inter=512, vocab=1000):
-    """A random Llama config and its float32 weights (as the loader returns them)."""
+def small_llama(
+    seed=0, layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, inter=512, vocab=1000, qkv_bias=False
+):
+    """A random Llama config and its float32 weights (as the loader returns them); `qkv_bias`: Qwen2's q/k/v
+    biases too."""
     from lserve_lite.config import ModelConfig
 
     cfg = ModelConfig(
-        "LlamaForCausalLM", hidden, inter, layers, heads, kv_heads, head_dim, vocab,
-        rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
+        "Qwen2ForCausalLM" if qkv_bias else "LlamaForCausalLM", hidden, inter, layers, heads, kv_heads, head_dim,
+        vocab, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096, qkv_bias=qkv_bias,
     )  # fmt: skip
     rng = np.random.default_rng(seed)
 
@@ -57,6 +60,9 @@ def small_llama(seed=0, layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, 
             p + "input_layernorm.weight": 1 + 0.1 * w(hidden, scale=1.0),
             p + "post_attention_layernorm.weight": 1 + 0.1 * w(hidden, scale=1.0),
         }
+        if qkv_bias:
+            for n, rows in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
+                ws[p + f"self_attn.{n}_proj.bias"] = 0.5 * w(rows * head_dim, scale=1.0)
     return cfg, ws
 
 
@@ -80,12 +86,14 @@ def _step(runner, blocks, seqs, num_new, all_logits=False):
 
 
 @pytest.mark.gpu
-def test_forward_matches_cpu_and_graphs_match_eager():
-    """Prefill (ragged, chunked) then decode steps, teacher-forced with the CPU runner's greedy tokens."""
+@pytest.mark.parametrize("qkv_bias", [False, True], ids=["llama", "qwen2"])
+def test_forward_matches_cpu_and_graphs_match_eager(qkv_bias):
+    """Prefill (ragged, chunked) then decode steps, teacher-forced with the CPU runner's greedy tokens; with and
+    without Qwen2's q/k/v biases (the fused QKV + RoPE epilogue adds them on the GPU)."""
     from lserve_lite.sampling_params import SamplingParams
     from lserve_lite.sequence import Sequence
 
-    cfg, ws = small_llama()
+    cfg, ws = small_llama(qkv_bias=qkv_bias)
     rng = np.random.default_rng(1)
     prompts = [list(rng.integers(0, cfg.vocab_size, n)) for n in (5, 40, 17)]
     runs = {name: _runner(cfg, ws, *spec) for name, spec in
