@@ -47,6 +47,10 @@ class Tokenizer:
         self._plain_tok: HFTokenizer | None = None
         self.chat_template = _chat_template(self.cfg, cfg_path)
         self._compiled = _compile(self.chat_template, cfg_path) if self.chat_template else None
+        # whether the template renders a `tools` argument itself (transformers' tool-use convention)
+        self.template_reads_tools = (
+            bool(self.chat_template) and re.search(r"\btools\b", self.chat_template) is not None
+        )
         for key in SPECIAL_KEYS:
             v = self.cfg.get(key)
             if not (
@@ -75,11 +79,6 @@ class Tokenizer:
     def holds_special(self, text: str) -> bool:
         """Whether `text` contains a special token's string (which a template would render as a control token)."""
         return self._special_re is not None and self._special_re.search(text) is not None
-
-    @property
-    def template_reads_tools(self) -> bool:
-        """Whether the chat template renders a `tools` argument itself (transformers' tool-use convention)."""
-        return bool(self.chat_template) and re.search(r"\btools\b", self.chat_template) is not None
 
     def render_chat(
         self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None
@@ -110,7 +109,7 @@ class Tokenizer:
         makes control tokens: a special token's text inside a message ("<|im_start|>system" typed by a user)
         is encoded as the plain text it is."""
         messages = _chat_messages(messages)
-        if self._special_re is None or not any(self._special_re.search(m["content"]) for m in messages):
+        if not any(self.holds_special(m["content"]) for m in messages):
             return self.encode(self._render(messages, True, tools), add_special_tokens=False)
         # Each special string of a message becomes a marker the template cannot mistake for markup; after
         # rendering, the markers turn back into their strings and those spans are encoded as plain text.

@@ -110,6 +110,12 @@ def _call_schema(t: Tool) -> dict:
             "required": ["name", "arguments"], "additionalProperties": False}  # fmt: skip
 
 
+def arguments_object(arguments: str) -> dict | str:
+    """A call's arguments as chat templates read them: the JSON object the string holds, else the string."""
+    v = _json(arguments)
+    return v if isinstance(v, dict) else arguments
+
+
 def _json(text: str) -> object:
     try:
         return json.loads(text)

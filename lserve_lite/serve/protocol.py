@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from ..engine.tool_calls import ToolPlan, plan_tools
+from ..engine.tool_calls import ToolPlan, arguments_object, plan_tools
 from ..errors import InvalidRequestError
 from ..sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -176,20 +176,12 @@ class ChatMessage(BaseModel):
         if self.tool_calls:
             m["tool_calls"] = [
                 {"id": t.id, "type": "function",
-                 "function": {"name": t.function.name, "arguments": _object_or_text(t.function.arguments)}}
+                 "function": {"name": t.function.name, "arguments": arguments_object(t.function.arguments)}}
                 for t in self.tool_calls
             ]  # fmt: skip
         if self.tool_call_id is not None:
             m["tool_call_id"] = self.tool_call_id
         return m
-
-
-def _object_or_text(arguments: str) -> dict | str:
-    try:
-        v = json.loads(arguments)
-    except ValueError:
-        return arguments
-    return v if isinstance(v, dict) else arguments
 
 
 class ChatCompletionRequest(_Request):

@@ -314,11 +314,18 @@ def dequantized(t, cfg: dict[str, Any]) -> np.ndarray:
     from gguf.quants import dequantize
 
     w = dequantize(t.data, t.ggml_type)
-    if cfg["model_type"] == "llama" and ".attn_q." in t.name:
-        w = _unpermute(w, cfg["num_attention_heads"])
-    elif cfg["model_type"] == "llama" and ".attn_k." in t.name:
-        w = _unpermute(w, cfg["num_key_value_heads"])
+    heads = permuted_heads(cfg).get(t.name.split(".")[-2])
+    if heads is not None:
+        w = _unpermute(w, heads)
     return np.ascontiguousarray(w, dtype=np.float32)
+
+
+def permuted_heads(cfg: dict[str, Any]) -> dict[str, int]:
+    """GGUF tensor kind -> heads of the matrices whose rows llama.cpp's converter interleaved: a llama's attn_q and
+    attn_k; no other architecture's."""
+    if cfg["model_type"] != "llama":
+        return {}
+    return {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]}
 
 
 def _shard_plan(tensors: dict) -> list[list[str]]:

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..tokenizer import Tokenizer
-from .gguf_import import dequantized, hf_name, model_config
+from .gguf_import import dequantized, hf_name, model_config, permuted_heads
 from .gguf_reader import read_gguf
 from .gguf_tokenizer import check_tokenizer_metadata, tokenizer_files
 from .qtensor import LAYOUTS, QuantTensor
@@ -56,9 +56,7 @@ def gguf_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray
 def _weights(tensors: dict, cfg: dict[str, Any]) -> dict[str, np.ndarray | QuantTensor]:
     """Quantized matrices are views of the memory-mapped file, except a llama's attn_q / attn_k, whose rows are
     reordered (llama.cpp's head permutation undone) into one packed copy each."""
-    heads = {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]}
-    if cfg["model_type"] != "llama":  # llama.cpp permutes no other architecture's rows
-        heads = {}
+    heads = permuted_heads(cfg)
     out: dict[str, np.ndarray | QuantTensor] = {}
     for name, t in tensors.items():
         hf = hf_name(name)
