@@ -67,10 +67,10 @@ def test_mixed_prefill_and_selecting_decode_step(hctx, prefill_kernel):
 
 @pytest.mark.parametrize("selector", SELECTORS)
 @pytest.mark.parametrize("group_reduce", GROUP_REDUCE)
-@pytest.mark.parametrize("name", [*SPARSE_DECODE, *HP.SELECT_LONG, *HP.SELECT_TIES])
+@pytest.mark.parametrize("name", [*SPARSE_DECODE, *HP.SELECT_SETUPS])
 def test_page_selector_matches_reference(hctx, name, group_reduce, selector):
     """Both launchers (page_select.cu, the Numba kernel), up to 17024-page lists (each page_topk path:
-    registers, shared memory, L2), and exact ties at the cut."""
+    registers, shared memory, L2), exact ties at the cut, query groups of 1 to 6."""
     _run(hctx, "page_select_one", name, group_reduce, selector)
 
 

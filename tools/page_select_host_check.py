@@ -41,7 +41,9 @@ from lserve_lite.backends.reference.page_select import select_pages_ref  # noqa:
 from lserve_lite.harness.attention import SPARSE_DECODE, decode_setup  # noqa: E402
 from lserve_lite.harness.common import HostCtx  # noqa: E402
 from lserve_lite.harness.page_select import (  # noqa: E402
+    SELECT_GROUPS,
     SELECT_LONG,
+    SELECT_SETUPS,
     SELECT_TIES,
     integer_stats,
     selection_mismatches,
@@ -51,9 +53,9 @@ from lserve_lite.sparse.selector import page_scores  # noqa: E402
 # (mode, setup, page_score's CTAs per list: None = the launcher's score_grid_x; 1 = a warp walks many pages,
 # through page-table batches of 32 and the loads one page ahead)
 QUICK = [("select", "mixed_select", None), ("select", "reused_and_unselected", None),
-         ("select", "one_long_15_short", 1), ("topk", "ties_20k_p16", None)]  # fmt: skip
+         ("select", "one_long_15_short", 1), ("select", "group3_smollm2", None), ("topk", "ties_20k_p16", None)]  # fmt: skip
 FULL = [
-    *(("select", n, gx) for n in [*SPARSE_DECODE, "one_long_15_short"] for gx in (None, 1)),
+    *(("select", n, gx) for n in [*SPARSE_DECODE, "one_long_15_short", *SELECT_GROUPS] for gx in (None, 1)),
     *(("topk", n, None) for n in SELECT_TIES),
 ]
 LONG = [("topk", n, None) for n in SELECT_LONG if n != "one_long_15_short"]
@@ -93,7 +95,7 @@ def check(
     exe: Path, tmp: Path, mode: str, name: str, grid_x: int | None, group_reduce: str, seed: int
 ) -> bool:
     c = HostCtx(seed)
-    spec = SELECT_LONG.get(name, SELECT_TIES.get(name))
+    spec = SELECT_SETUPS.get(name)
     b, kmax, kmin, cap = decode_setup(c, name, spec)
     if name in SELECT_TIES:
         integer_stats(c, b, kmax, kmin)

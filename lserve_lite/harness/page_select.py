@@ -32,6 +32,14 @@ SELECT_TIES = {
     "ties_96k_d64_p16": ([96000], 32, "01010101", 64, 16, 4, [128], [(128, 256)], None),
     "ties_272k_d64_p16": ([272384], 32, "01010101", 64, 16, 4, [256], [(128, 256)], None),
 }
+# Query groups other than SPARSE_DECODE's 2 and 4: 1 (multi-head attention), 3 (SmolLM2: 9 query heads on 3 KV
+# heads, D 64) and 6 (page_topk's `mass` takes four heads a round: a second, partial round). Same format.
+SELECT_GROUPS = {
+    "group1": ([3000, 900], 4, "0101", 64, 16, 4, [40, 20], [(32, 64)] * 2, None),
+    "group3_smollm2": ([5000, 1300], 9, "010", 64, 64, 4, [16, 8], [(64, 128)] * 2, None),
+    "group6": ([4000], 12, "01", 128, 16, 4, [64], [(128, 256)], None),
+}
+SELECT_SETUPS = {**SELECT_LONG, **SELECT_TIES, **SELECT_GROUPS}  # the selector-only setups, by name
 
 
 def integer_stats(c: Ctx, b: SparseBatch, kmax: np.ndarray, kmin: np.ndarray) -> None:
@@ -46,9 +54,9 @@ def page_select_one(c: Ctx, name: str, group_reduce: str = "max", selector: str 
     selection: the selected page sets per (selection slot, dense head), the counts, and rows the selector
     must leave alone (streaming heads, no budget, reused selections). abs = mismatching rows; a set that
     differs only by pages whose reference scores tie the k-th best within fp32 summation error is noted,
-    not counted (except for SELECT_TIES with group_reduce max: exact). `name`: a setup of SPARSE_DECODE,
-    SELECT_LONG or SELECT_TIES."""
-    b, kmax, kmin, cap = decode_setup(c, name, SELECT_LONG.get(name, SELECT_TIES.get(name)))
+    not counted (except for SELECT_TIES with group_reduce max: exact). `name`: a setup of SPARSE_DECODE or
+    SELECT_SETUPS."""
+    b, kmax, kmin, cap = decode_setup(c, name, SELECT_SETUPS.get(name))
     exact = name in SELECT_TIES and group_reduce == "max"
     if name in SELECT_TIES:
         integer_stats(c, b, kmax, kmin)
@@ -110,7 +118,7 @@ def selection_mismatches(b: SparseBatch, kmax, kmin, sel_g, cnt_g, sel_r, cnt_r)
 def case_page_select(c: Ctx) -> list[Result]:
     return [
         page_select_one(c, n, r, k)
-        for n in [*SPARSE_DECODE, *SELECT_LONG, *SELECT_TIES]
+        for n in [*SPARSE_DECODE, *SELECT_SETUPS]
         for r in GROUP_REDUCE
         for k in SELECTORS
     ]
