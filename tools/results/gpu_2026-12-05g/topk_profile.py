@@ -15,21 +15,37 @@ def patch(tree: Path) -> None:
     p = tree / "kernels" / "page_select.cu"
     text = p.read_text()
     subs = [
-        ("namespace lsattn {", "namespace lsattn {\n__device__ long long ps_prof[16][16];\n"
-         "#define PROF(i) do { if (threadIdx.x == 0 && blockIdx.x == 0) ps_prof[blockIdx.y][i] = clock64(); } while (0)\n"
-         "#define PROFV(i, v) do { if (threadIdx.x == 0 && blockIdx.x == 0) ps_prof[blockIdx.y][i] = (v); } while (0)\n"),
-        ("  Tiles<Src, RESIDENT> tiles(src, n);\n", "  PROF(3);\n  Tiles<Src, RESIDENT> tiles(src, n);\n  PROF(4);\n"),
-        ("  cta_min_max(lo, hi, sm);  // also publishes the zeroed histograms\n",
-         "  cta_min_max(lo, hi, sm);  // also publishes the zeroed histograms\n  PROF(5);\n"),
-        ("  t.whole = c.count == t.need;\n  if (!t.whole) refine(tiles, t, sm);\n  compact(tiles, t, k, out, sm);\n",
-         "  t.whole = c.count == t.need;\n  PROF(6);\n  if (!t.whole) refine(tiles, t, sm);\n  PROF(7);\n"
-         "  compact(tiles, t, k, out, sm);\n  PROF(8);\n  PROFV(12, t.lo); PROFV(13, t.whole); PROFV(14, c.count);\n"),
-        ("  const SelectJob job = select_job(pv, head_class, qb, g);\n  if (!job.on) return;\n",
-         "  PROF(0);\n  const SelectJob job = select_job(pv, head_class, qb, g);\n  if (!job.on) return;\n  PROF(1);\n"),
-        ("      head_lse(s, npages, group, cap_nnz, sm);\n      src.lse = sm.lse;\n",
-         "      head_lse(s, npages, group, cap_nnz, sm);\n      src.lse = sm.lse;\n      PROF(2);\n"),
-        ("    if (n <= Tiles<ListScores, true>::TILE) {  // the fast path: registers\n",
-         "    PROFV(15, n);\n    if (n <= Tiles<ListScores, true>::TILE) {  // the fast path: registers\n"),
+        (
+            "namespace lsattn {",
+            "namespace lsattn {\n__device__ long long ps_prof[16][16];\n"
+            "#define PROF(i) do { if (threadIdx.x == 0 && blockIdx.x == 0) ps_prof[blockIdx.y][i] = clock64(); } while (0)\n"
+            "#define PROFV(i, v) do { if (threadIdx.x == 0 && blockIdx.x == 0) ps_prof[blockIdx.y][i] = (v); } while (0)\n",
+        ),
+        (
+            "  Tiles<Src, RESIDENT> tiles(src, n);\n",
+            "  PROF(3);\n  Tiles<Src, RESIDENT> tiles(src, n);\n  PROF(4);\n",
+        ),
+        (
+            "  cta_min_max(lo, hi, sm);  // also publishes the zeroed histograms\n",
+            "  cta_min_max(lo, hi, sm);  // also publishes the zeroed histograms\n  PROF(5);\n",
+        ),
+        (
+            "  t.whole = c.count == t.need;\n  if (!t.whole) refine(tiles, t, sm);\n  compact(tiles, t, k, out, sm);\n",
+            "  t.whole = c.count == t.need;\n  PROF(6);\n  if (!t.whole) refine(tiles, t, sm);\n  PROF(7);\n"
+            "  compact(tiles, t, k, out, sm);\n  PROF(8);\n  PROFV(12, t.lo); PROFV(13, t.whole); PROFV(14, c.count);\n",
+        ),
+        (
+            "  const SelectJob job = select_job(pv, head_class, qb, g);\n  if (!job.on) return;\n",
+            "  PROF(0);\n  const SelectJob job = select_job(pv, head_class, qb, g);\n  if (!job.on) return;\n  PROF(1);\n",
+        ),
+        (
+            "      head_lse(s, npages, group, cap_nnz, sm);\n      src.lse = sm.lse;\n",
+            "      head_lse(s, npages, group, cap_nnz, sm);\n      src.lse = sm.lse;\n      PROF(2);\n",
+        ),
+        (
+            "    if (n <= Tiles<ListScores, true>::TILE) {  // the fast path: registers\n",
+            "    PROFV(15, n);\n    if (n <= Tiles<ListScores, true>::TILE) {  // the fast path: registers\n",
+        ),
     ]
     for old, new in subs:
         assert text.count(old) == 1, old
@@ -75,7 +91,12 @@ def time(label: str, out: Path) -> None:
                         "fill": t[4] - t[3], "minmax": t[5] - t[4], "coarse": t[6] - t[5],
                         "refine": t[7] - t[6], "compact": t[8] - t[7], "total": t[8] - t[0],
                     }  # fmt: skip
-                    row["refine_lo"], row["whole"], row["cut_count"], row["n"] = (int(p[12]), int(p[13]), int(p[14]), int(p[15]))
+                    row["refine_lo"], row["whole"], row["cut_count"], row["n"] = (
+                        int(p[12]),
+                        int(p[13]),
+                        int(p[14]),
+                        int(p[15]),
+                    )
                 else:
                     sc = partial(ca.select_pages, *args)
                     row["pair_us"] = bs._graph_us(sc)
