@@ -35,8 +35,12 @@ def patch(tree: Path) -> None:
             "  compact(tiles, t, k, out, sm);\n  PROF(8);\n  PROFV(12, t.lo); PROFV(13, t.whole); PROFV(14, c.count);\n",
         ),
         (
-            "  const SelectJob job = select_job(pv, head_class, qb, g);\n  if (!job.on) return;\n",
-            "  PROF(0);\n  const SelectJob job = select_job(pv, head_class, qb, g);\n  if (!job.on) return;\n  PROF(1);\n",
+            "  const int qb = blockIdx.x, g = blockIdx.y, tid = threadIdx.x;\n",
+            "  const int qb = blockIdx.x, g = blockIdx.y, tid = threadIdx.x;\n  PROF(0);\n",
+        ),
+        (  # main's page_topk and branch topk-loads' (which waits in between) alike
+            "  if (!job.on) return;\n  const int keep = min(job.keep, sel_cap)",
+            "  if (!job.on) return;\n  PROF(1);\n  const int keep = min(job.keep, sel_cap)",
         ),
         (
             "      head_lse(s, npages, group, cap_nnz, sm);\n      src.lse = sm.lse;\n",
