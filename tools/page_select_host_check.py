@@ -51,7 +51,7 @@ from lserve_lite.harness.page_select import (  # noqa: E402
 from lserve_lite.sparse.selector import page_scores  # noqa: E402
 
 # (mode, setup, page_score's CTAs per list: None = the launcher's score_grid_x; 1 = a warp walks many pages,
-# through page-table batches of 32 and the loads one page ahead)
+# through page-table batches of 32)
 QUICK = [("select", "mixed_select", None), ("select", "reused_and_unselected", None),
          ("select", "one_long_15_short", 1), ("select", "group3_smollm2", None), ("topk", "ties_20k_p16", None)]  # fmt: skip
 FULL = [
