@@ -281,11 +281,12 @@ __device__ __forceinline__ float key_float(u32 k) {
   return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
 
-// (m, z) of a logsumexp m + log z, merged with another.
+// (m, z) of a logsumexp m + log z, merged with another. Branch-free (both -inf: z stays as it was, 0), so
+// that the compiler can issue the loads feeding a run of merges before the first of them.
 __device__ __forceinline__ void lse_merge(float& m, float& z, float m2, float z2) {
   const float mx = fmaxf(m, m2);
-  if (mx == LSERVE_NEG_INF) return;
-  z = z * expf(m - mx) + z2 * expf(m2 - mx);
+  const float ref = mx == LSERVE_NEG_INF ? 0.f : mx;
+  z = z * expf(m - ref) + z2 * expf(m2 - ref);
   m = mx;
 }
 
@@ -296,18 +297,29 @@ __device__ __forceinline__ void warp_lse_merge(float& m, float& z) {
 }
 
 // group_reduce mass, step 1: each query head's logsumexp over the list's n entries (rows h of `s`, cap_nnz
-// apart) -> sm.lse[h]. Four heads at a time, so their loads overlap; two barriers in all.
+// apart) -> sm.lse[h]; two barriers in all. A chunk's loads (4 heads x LSE_RUN entries, -inf past the ends) all
+// go out before its merges: a guarded load per merge waited for each load in turn (on an H100, 12 us of one
+// list's 20 at 256k, `tools/results/gpu_2026-12-05g/`).
+constexpr int LSE_RUN = 4;
 __device__ void head_lse(const float* __restrict__ s, int n, int group, int cap_nnz, TopkSmem& sm) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   for (int h0 = 0; h0 < group; h0 += 4) {
     float m[4], z[4];
 #pragma unroll
     for (int u = 0; u < 4; ++u) m[u] = LSERVE_NEG_INF, z[u] = 0.f;
-#pragma unroll 2
-    for (int i = tid; i < n; i += TK_THREADS) {
+    for (int base = tid; base < n; base += LSE_RUN * TK_THREADS) {
+      float x[4][LSE_RUN];
 #pragma unroll
       for (int u = 0; u < 4; ++u)
-        if (h0 + u < group) lse_merge(m[u], z[u], s[(size_t)(h0 + u) * cap_nnz + i], 1.f);
+#pragma unroll
+        for (int r = 0; r < LSE_RUN; ++r) {
+          const int i = base + r * TK_THREADS;
+          x[u][r] = h0 + u < group && i < n ? s[(size_t)(h0 + u) * cap_nnz + i] : LSERVE_NEG_INF;
+        }
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int r = 0; r < LSE_RUN; ++r) lse_merge(m[u], z[u], x[u][r], 1.f);
     }
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
@@ -353,12 +365,21 @@ struct ListScores {
     float z[R];
 #pragma unroll
     for (int j = 0; j < R; ++j) v[j] = LSERVE_NEG_INF, z[j] = 0.f;
-    for (int h = 0; h < group; ++h) {
+    for (int h = 0; h < group; h += 2) {  // two heads' R loads first, then their merges (as head_lse)
       const float* row = s + (size_t)h * cap_nnz + first;
-      const float l = lse[h];
+      const bool two = h + 1 < group;
+      float x[2][R];
 #pragma unroll
-      for (int j = 0; j < R; ++j)
-        if (j < cnt) lse_merge(v[j], z[j], row[j] - l, 1.f);
+      for (int j = 0; j < R; ++j) {
+        x[0][j] = j < cnt ? row[j] : LSERVE_NEG_INF;
+        x[1][j] = two && j < cnt ? row[cap_nnz + j] : LSERVE_NEG_INF;
+      }
+      const float l0 = lse[h], l1 = two ? lse[h + 1] : 0.f;
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+        lse_merge(v[j], z[j], x[0][j] - l0, 1.f);
+        lse_merge(v[j], z[j], x[1][j] - l1, 1.f);
+      }
     }
 #pragma unroll
     for (int j = 0; j < R; ++j) v[j] = canonical(v[j] + logf(z[j]));
