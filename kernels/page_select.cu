@@ -8,7 +8,8 @@
 //   page_score<D>: per (query block, dense KV head, physical page of its class-0 list):
 //       logical bound = sum_c max(q_c * kmax_c, q_c * kmin_c) per query head, page bound = max over its
 //       logical pages holding a valid token. group_reduce max (plan meta[4] = 0): the max over the GQA group
-//       -> scores[g][0][lo + e]; mass (1): each head's bound / sqrt(D) -> scores[g][h][lo + e] (fp32).
+//       -> scores[g][0][lo + e]; mass (1): each head's bound / sqrt(D) -> scores[g][h][lo + e] (fp32), and
+//       the CTA's logsumexp partial (m, z) of each head over the pages it scored -> lse_part[qb][g][h][cta].
 //       CTAs of 8 warps, one warp per physical page (grid-stride; the launcher sizes the grid so that the
 //       lists of every dense head share one wave of CTAs: score_grid_x). The plan fields come in one round of loads, then the
 //       context length, the query and the page-table entries of a warp's next 32 pages in a second; each
@@ -19,12 +20,14 @@
 //       shuffle traffic, not DRAM, bounded the previous version.
 //   page_topk: one CTA of 512 threads per (query block, dense KV head), over the n = npages - 1 candidates
 //       (all entries but the newest), keeping k = keep - 1 of them.
-//       0. mass: each query head's logsumexp over the list (two barriers); an entry's score is then the
-//          logsumexp over the group of its bounds minus those, as sparse/selector.py.
+//       0. mass: each query head's logsumexp over the list, merged from page_score's partials (one barrier);
+//          an entry's score is then the logsumexp over the group of its bounds minus those, as
+//          sparse/selector.py, computed in a coalesced pass into shared memory (the stage) that the top-k reads.
 //       1. Each thread owns a contiguous run of ceil(n / 512) entries. n <= 4096 (a 256k-token context at
-//          page 64): the runs stay in registers for every step (the fast path). Longer lists: staged in
-//          shared memory (the launcher sizes it from the capacity, up to 16384 candidates) and read from
-//          there; past that every step rereads the scores from L2 (correct, slower). The min and max score.
+//          page 64): the runs stay in registers for every step (the fast path). Longer lists (and every list
+//          with mass): staged in shared memory (the launcher sizes it from the capacity, up to 16384
+//          candidates) and read from there; past that every step rereads the scores from L2 (correct,
+//          slower). The min and max score.
 //       2. A coarse pass: 256 bins of equal width over [min, max] (a monotone map: equal scores share a bin;
 //          real score distributions spread over the bins, so few shared-memory atomics collide, and the k-th
 //          largest usually lands in a sparse tail bin; a thread adds a run of equal bins with one atomic, for
@@ -80,6 +83,24 @@ __device__ __forceinline__ SelectJob select_job(const PlanView& pv, const int* h
 }
 
 // ------------------------------------------------------------------------------------------------ page_score
+
+constexpr int MASS_MAX_GROUP = 32;  // config.MASS_MAX_GROUP: query heads per KV head with group_reduce mass
+
+// (m, z) of a logsumexp m + log z, merged with another. Branch-free (both -inf: z stays as it was, 0), so
+// that the compiler can issue the loads feeding a run of merges before the first of them.
+__device__ __forceinline__ void lse_merge(float& m, float& z, float m2, float z2) {
+  const float mx = fmaxf(m, m2);
+  const float ref = mx == LSERVE_NEG_INF ? 0.f : mx;
+  z = z * expf(m - ref) + z2 * expf(m2 - ref);
+  m = mx;
+}
+
+__device__ __forceinline__ void warp_lse_merge(float& m, float& z) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+    lse_merge(m, z, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, z, o));
+}
+
 
 constexpr int PS_THREADS = 256;
 constexpr int PS_WARPS = PS_THREADS / 32;
@@ -182,13 +203,39 @@ __device__ __forceinline__ void score_page(const f16_t* __restrict__ kmax, const
 // used only after the early exit below it, turning one round of loads into a chain of round trips.
 __device__ __forceinline__ void issue_now(int v) { asm volatile("" ::"r"(v)); }
 
+// mass: a logsumexp partial (m, z) per (warp, query head), lane h of a warp keeping head h's over the scores it
+// writes (in shared memory: registers across score_page spill); cta_lse_part merges the warps' partials ->
+// dst[h * gridDim.x + blockIdx.x], so that page_topk merges a list's gridDim.x partials instead of rereading
+// every score (tools/results/gpu_2026-12-06/).
+struct LsePart {
+  float2 v[PS_WARPS][32];
+  __device__ __forceinline__ void init() { v[threadIdx.x >> 5][threadIdx.x & 31] = make_float2(LSERVE_NEG_INF, 0.f); }
+  __device__ __forceinline__ void add(float x) {
+    float2& p = v[threadIdx.x >> 5][threadIdx.x & 31];
+    float m = p.x, z = p.y;
+    lse_merge(m, z, x, 1.f);
+    p = make_float2(m, z);
+  }
+};
+
+__device__ __forceinline__ void cta_lse_part(const LsePart& part, int group, float2* __restrict__ dst) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (warp == 0 && lane < group) {
+    float pm = LSERVE_NEG_INF, pz = 0.f;
+#pragma unroll
+    for (int w = 0; w < PS_WARPS; ++w) lse_merge(pm, pz, part.v[w][lane].x, part.v[w][lane].y);
+    dst[(size_t)lane * gridDim.x + blockIdx.x] = make_float2(pm, pz);
+  }
+}
+
 template <int D>
 __device__ __forceinline__ void page_score_body(const f16_t* __restrict__ q, const f16_t* __restrict__ kmax,
                                                 const f16_t* __restrict__ kmin, const PlanView pv,
                                                 const int* __restrict__ head_class,
                                                 const int* __restrict__ head_slot, int nd, int sub,
-                                                float* __restrict__ scores, int cap_nnz, int Hq, int Hkv,
-                                                int ps_shift) {
+                                                float* __restrict__ scores, float2* __restrict__ lse_part,
+                                                int cap_nnz, int Hq, int Hkv, int ps_shift) {
   static_assert(D / 8 <= 32, "a logical page's channels fit one warp");
   extern __shared__ float4 qs[];  // the group's query, fp32 (q_at)
   const int qb = blockIdx.y, g = blockIdx.z;
@@ -229,6 +276,8 @@ __device__ __forceinline__ void page_score_body(const f16_t* __restrict__ q, con
   const int lp_shift = ps_shift - (31 - __clz(sub));  // log2 tokens per logical page
   const bool mass = job.mass;  // uniform: the head bounds are kept apart
   float* out = scores + (size_t)g * group * cap_nnz + job.lo;
+  __shared__ LsePart part;
+  part.init();
   for (; e0 < npages; e0 += 32 * stride) {
     for (int j = 0; j < 32; ++j) {
       const int e = e0 + j * stride;
@@ -238,13 +287,18 @@ __device__ __forceinline__ void page_score_body(const f16_t* __restrict__ q, con
       score_page<D>(kmax, kmin, ((size_t)phys * nd + slot) * sub * D, qs, group, sub, logical << ps_shift,
                     lp_shift, ctx, mass, best, mine);
       if (mass) {
-        if (lane < group) out[(size_t)lane * cap_nnz + e] = mine * rsqrtf((float)D);
+        if (lane < group) {
+          const float x = mine * rsqrtf((float)D);
+          out[(size_t)lane * cap_nnz + e] = x;
+          part.add(x);
+        }
       } else if (lane == 0) {
         out[e] = best;
       }
     }
     my_pl = fetch_pl(e0 + 32 * stride);
   }
+  if (mass) cta_lse_part(part, group, lse_part + ((size_t)qb * Hq + g * group) * gridDim.x);
 }
 
 // ------------------------------------------------------------------------------------------------ page_topk
@@ -254,15 +308,12 @@ constexpr int TK_WARPS = TK_THREADS / 32;
 constexpr int TK_BINS = 256;
 constexpr int TK_PASSES = 5;       // the coarse pass, then at most 4 refinement passes of 8 bits (32-bit keys)
 constexpr int TK_RUN = 8;          // scores per thread in registers: lists up to 4096 candidates stay there
-constexpr int MASS_MAX_GROUP = 32;  // config.MASS_MAX_GROUP: query heads per KV head with group_reduce mass
-
 struct TopkSmem {
   int hist[TK_PASSES][TK_BINS];  // one histogram per pass, zeroed once: no clearing barrier between passes
   u32 red[2][TK_WARPS];          // per-warp min / max keys
   int scan[2][TK_WARPS][2];      // per-warp (above, ties) counts, double-buffered over tiles
   int cut[3];                    // find_cut's answer: bin, entries in higher bins, entries in the bin
   float lse[MASS_MAX_GROUP];     // mass: each query head's logsumexp over the list
-  float part[MASS_MAX_GROUP][TK_WARPS][2];  // mass: per-warp (m, z) of each head
 };
 
 // Canonical score: NaN -> -inf (ranks lowest, as numpy's argsort of -scores puts it last), -0 -> +0.
@@ -281,63 +332,6 @@ __device__ __forceinline__ float key_float(u32 k) {
   return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
 
-// (m, z) of a logsumexp m + log z, merged with another. Branch-free (both -inf: z stays as it was, 0), so
-// that the compiler can issue the loads feeding a run of merges before the first of them.
-__device__ __forceinline__ void lse_merge(float& m, float& z, float m2, float z2) {
-  const float mx = fmaxf(m, m2);
-  const float ref = mx == LSERVE_NEG_INF ? 0.f : mx;
-  z = z * expf(m - ref) + z2 * expf(m2 - ref);
-  m = mx;
-}
-
-__device__ __forceinline__ void warp_lse_merge(float& m, float& z) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1)
-    lse_merge(m, z, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, z, o));
-}
-
-// group_reduce mass, step 1: each query head's logsumexp over the list's n entries (rows h of `s`, cap_nnz
-// apart) -> sm.lse[h]; two barriers in all. A chunk's loads (4 heads x LSE_RUN entries, -inf past the ends) all
-// go out before its merges: a guarded load per merge waited for each load in turn (on an H100, 12 us of one
-// list's 20 at 256k, `tools/results/gpu_2026-12-05g/`).
-constexpr int LSE_RUN = 4;
-__device__ void head_lse(const float* __restrict__ s, int n, int group, int cap_nnz, TopkSmem& sm) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  for (int h0 = 0; h0 < group; h0 += 4) {
-    float m[4], z[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) m[u] = LSERVE_NEG_INF, z[u] = 0.f;
-    for (int base = tid; base < n; base += LSE_RUN * TK_THREADS) {
-      float x[4][LSE_RUN];
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-#pragma unroll
-        for (int r = 0; r < LSE_RUN; ++r) {
-          const int i = base + r * TK_THREADS;
-          x[u][r] = h0 + u < group && i < n ? s[(size_t)(h0 + u) * cap_nnz + i] : LSERVE_NEG_INF;
-        }
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-#pragma unroll
-        for (int r = 0; r < LSE_RUN; ++r) lse_merge(m[u], z[u], x[u][r], 1.f);
-    }
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      if (h0 + u >= group) break;
-      warp_lse_merge(m[u], z[u]);
-      if (lane == 0) sm.part[h0 + u][warp][0] = m[u], sm.part[h0 + u][warp][1] = z[u];
-    }
-  }
-  __syncthreads();
-  for (int h = warp; h < group; h += TK_WARPS) {
-    float m = lane < TK_WARPS ? sm.part[h][lane][0] : LSERVE_NEG_INF;
-    float z = lane < TK_WARPS ? sm.part[h][lane][1] : 0.f;
-    warp_lse_merge(m, z);
-    if (lane == 0) sm.lse[h] = m + logf(z);
-  }
-  __syncthreads();
-}
-
 // The candidates' scores in the scores workspace: max: row 0 of `s`; mass (lse set): the log of the group's
 // summed softmax weight, logsumexp_h(s[h][i] - lse[h]) (sparse/selector.py::page_scores).
 struct ListScores {
@@ -352,37 +346,12 @@ struct ListScores {
     return canonical(m + logf(z));
   }
 
-  // v[j] = score of entry first + j (j < cnt <= R). Mass: head by head over the whole run, so that a head's
-  // R loads are in flight together (the same arithmetic as operator()).
+  // v[j] = score of entry first + j (j < cnt <= R); max only (mass is staged first: stage_mass).
   template <int R>
   __device__ __forceinline__ void fill(float* v, int first, int cnt) const {
-    if (lse == nullptr) {
 #pragma unroll
-      for (int j = 0; j < R; ++j)
-        if (j < cnt) v[j] = canonical(s[first + j]);
-      return;
-    }
-    float z[R];
-#pragma unroll
-    for (int j = 0; j < R; ++j) v[j] = LSERVE_NEG_INF, z[j] = 0.f;
-    for (int h = 0; h < group; h += 2) {  // two heads' R loads first, then their merges (as head_lse)
-      const float* row = s + (size_t)h * cap_nnz + first;
-      const bool two = h + 1 < group;
-      float x[2][R];
-#pragma unroll
-      for (int j = 0; j < R; ++j) {
-        x[0][j] = j < cnt ? row[j] : LSERVE_NEG_INF;
-        x[1][j] = two && j < cnt ? row[cap_nnz + j] : LSERVE_NEG_INF;
-      }
-      const float l0 = lse[h], l1 = two ? lse[h + 1] : 0.f;
-#pragma unroll
-      for (int j = 0; j < R; ++j) {
-        lse_merge(v[j], z[j], x[0][j] - l0, 1.f);
-        lse_merge(v[j], z[j], x[1][j] - l1, 1.f);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < R; ++j) v[j] = canonical(v[j] + logf(z[j]));
+    for (int j = 0; j < R; ++j)
+      if (j < cnt) v[j] = canonical(s[first + j]);
   }
 };
 
@@ -400,6 +369,61 @@ struct StagedScores {
       if (j < cnt) out[j] = v[staged_at(first + j)];
   }
 };
+
+// group_reduce mass, step 1: each query head's logsumexp over the list -> sm.lse[h], merged from page_score's
+// `parts` per-CTA (m, z) partials (rows h of `part`, `parts` apart); one barrier. Rereading every score here cost
+// 9k cycles of the top-k's 28k at 256k (an H100, tools/results/gpu_2026-12-06/).
+constexpr int LSE_RUN = 4;  // loads a lane issues before their merges
+__device__ void head_lse(const float2* __restrict__ part, int parts, int group, TopkSmem& sm) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int h = warp; h < group; h += TK_WARPS) {
+    const float2* row = part + (size_t)h * parts;
+    float m = LSERVE_NEG_INF, z = 0.f;
+    for (int j0 = lane; j0 < parts; j0 += LSE_RUN * 32) {
+      float2 x[LSE_RUN];
+#pragma unroll
+      for (int r = 0; r < LSE_RUN; ++r)
+        x[r] = j0 + r * 32 < parts ? row[j0 + r * 32] : make_float2(LSERVE_NEG_INF, 0.f);
+#pragma unroll
+      for (int r = 0; r < LSE_RUN; ++r) lse_merge(m, z, x[r].x, x[r].y);
+    }
+    warp_lse_merge(m, z);
+    if (lane == 0) sm.lse[h] = m + logf(z);
+  }
+  __syncthreads();
+}
+
+// group_reduce mass, step 2: the candidates' scores logsumexp_h(s[h][i] - lse[h]) into the stage, coalesced
+// (thread t takes entries t, t + TK_THREADS, ...; a chunk's 4 heads x LSE_RUN loads go out before its merges);
+// the top-k then reads its runs from shared memory. Contiguous runs read straight from L2 were 8k cycles.
+__device__ void stage_mass(const float* __restrict__ s, int n, int group, int cap_nnz, const float* lse,
+                           float* stage) {
+  for (int base = threadIdx.x; base < n; base += LSE_RUN * TK_THREADS) {
+    float v[LSE_RUN], z[LSE_RUN];
+#pragma unroll
+    for (int r = 0; r < LSE_RUN; ++r) v[r] = LSERVE_NEG_INF, z[r] = 0.f;
+    for (int h0 = 0; h0 < group; h0 += 4) {
+      float x[4][LSE_RUN];
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int r = 0; r < LSE_RUN; ++r) {
+          const int i = base + r * TK_THREADS;
+          x[u][r] = h0 + u < group && i < n ? s[(size_t)(h0 + u) * cap_nnz + i] : LSERVE_NEG_INF;
+        }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const float l = h0 + u < group ? lse[h0 + u] : 0.f;
+#pragma unroll
+        for (int r = 0; r < LSE_RUN; ++r) lse_merge(v[r], z[r], x[u][r] - l, 1.f);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < LSE_RUN; ++r)
+      if (base + r * TK_THREADS < n) stage[staged_at(base + r * TK_THREADS)] = canonical(v[r] + logf(z[r]));
+  }
+  __syncthreads();
+}
 
 // The entries a thread owns in a tile of the list: [first, first + cnt), contiguous so that one exclusive
 // scan over threads of per-thread counts orders the output by index; their scores in registers.
@@ -656,10 +680,12 @@ __device__ void select_top(const Src& src, int n, int k, int* __restrict__ out, 
   compact(tiles, t, k, out, sm);
 }
 
-// stage: dynamic shared memory for the scores of lists longer than one register tile, staged_at(stage_cap)
-// floats (the launcher sizes it from the plan's capacity; 0 when no list can be that long).
+// stage: dynamic shared memory for staged_at(stage_cap) scores (the launcher sizes it from the plan's capacity:
+// every list with mass, lists past one register tile with max). lse_part: page_score's `parts` (m, z) partials
+// per (query block, query head) with mass.
 __device__ __forceinline__ void page_topk_body(const PlanView pv, const int* __restrict__ head_class,
-                                               float* __restrict__ scores, int cap_nnz, int Hkv, int group,
+                                               float* __restrict__ scores, const float2* __restrict__ lse_part,
+                                               int parts, int cap_nnz, int Hkv, int group,
                                                int* __restrict__ sel_idx, int* __restrict__ sel_cnt, int sel_cap,
                                                float* stage, int stage_cap) {
   __shared__ __align__(16) TopkSmem sm;
@@ -679,16 +705,24 @@ __device__ __forceinline__ void page_topk_body(const PlanView pv, const int* __r
     for (int i = tid; i < TK_PASSES * TK_BINS; i += TK_THREADS) (&sm.hist[0][0])[i] = 0;
     float* s = scores + (size_t)g * group * cap_nnz + job.lo;
     ListScores src{s, cap_nnz, group, nullptr};
+    constexpr int TILE = Tiles<ListScores, true>::TILE;
     if (job.mass) {
-      head_lse(s, npages, group, cap_nnz, sm);
+      head_lse(lse_part + ((size_t)qb * Hkv + g) * group * parts, parts, group, sm);
       src.lse = sm.lse;
     }
-    if (n <= Tiles<ListScores, true>::TILE) {  // the fast path: registers
+    if (n <= stage_cap && (job.mass || n > TILE)) {  // shared memory: every sweep after the first reads it
+      if (job.mass) {
+        stage_mass(s, n, group, cap_nnz, sm.lse, stage);
+      } else {
+        for (int i = tid; i < n; i += TK_THREADS) stage[staged_at(i)] = src(i);
+        __syncthreads();
+      }
+      if (n <= TILE)
+        select_top<true>(StagedScores{stage}, n, k, out, sm);
+      else
+        select_top<false>(StagedScores{stage}, n, k, out, sm);
+    } else if (!job.mass && n <= TILE) {  // max, the fast path: registers
       select_top<true>(src, n, k, out, sm);
-    } else if (n <= stage_cap) {  // shared memory: every sweep after the first reads it
-      for (int i = tid; i < n; i += TK_THREADS) stage[staged_at(i)] = src(i);
-      __syncthreads();
-      select_top<false>(StagedScores{stage}, n, k, out, sm);
     } else {  // every sweep rereads L2; mass: turn the bounds into scores once, in place
       if (src.lse != nullptr) {
         for (int i = tid; i < n; i += TK_THREADS) s[i] = src(i);  // entry i: read and written by one thread
@@ -709,21 +743,22 @@ __device__ __forceinline__ void page_topk_body(const PlanView pv, const int* __r
 #define LSERVE_PAGE_SCORE_KERNEL(D)                                                                         \
   extern "C" __global__ void __launch_bounds__(lsattn::PS_THREADS, 3) page_score_d##D(                          \
       const f16_t* q, const f16_t* kmax, const f16_t* kmin, const int* plan, int cap_qb, int cap_seq,       \
-      const int* head_class, const int* head_slot, int nd, int sub, float* scores, int cap_nnz, int Hq,     \
-      int Hkv, int ps_shift) {                                                                             \
+      const int* head_class, const int* head_slot, int nd, int sub, float* scores, float2* lse_part,       \
+      int cap_nnz, int Hq, int Hkv, int ps_shift) {                                                        \
     lserve::pdl_enter();                                                                                   \
     lsattn::page_score_body<D>(q, kmax, kmin, lsattn::plan_view(plan, cap_qb, cap_seq), head_class,         \
-                               head_slot, nd, sub, scores, cap_nnz, Hq, Hkv, ps_shift);                    \
+                               head_slot, nd, sub, scores, lse_part, cap_nnz, Hq, Hkv, ps_shift);          \
   }
 
 LSERVE_PAGE_SCORE_KERNEL(64)
 LSERVE_PAGE_SCORE_KERNEL(128)
 
 extern "C" __global__ void __launch_bounds__(lsattn::TK_THREADS, 2)
-    page_topk(const int* plan, int cap_qb, int cap_seq, const int* head_class, float* scores, int cap_nnz,
-              int Hkv, int group, int* sel_idx, int* sel_cnt, int sel_cap, int stage_cap) {
+    page_topk(const int* plan, int cap_qb, int cap_seq, const int* head_class, float* scores,
+              const float2* lse_part, int parts, int cap_nnz, int Hkv, int group, int* sel_idx, int* sel_cnt,
+              int sel_cap, int stage_cap) {
   extern __shared__ float stage[];
   lserve::pdl_enter();
-  lsattn::page_topk_body(lsattn::plan_view(plan, cap_qb, cap_seq), head_class, scores, cap_nnz, Hkv, group,
-                         sel_idx, sel_cnt, sel_cap, stage, stage_cap);
+  lsattn::page_topk_body(lsattn::plan_view(plan, cap_qb, cap_seq), head_class, scores, lse_part, parts, cap_nnz,
+                         Hkv, group, sel_idx, sel_cnt, sel_cap, stage, stage_cap);
 }

@@ -212,8 +212,8 @@ def test_kernel_constants_match_the_launcher():
     assert const("TK_THREADS") == att._TOPK_THREADS
     assert const("TK_THREADS") * const("TK_RUN") == att._TOPK_RESIDENT
     assert const("MASS_MAX_GROUP") == MASS_MAX_GROUP
-    assert att.topk_stage_entries(4097) == 0  # 4096 candidates: registers
-    assert att.topk_stage_entries(4098) == 4097
+    assert att.topk_stage_entries(1) == 0  # no candidate
+    assert att.topk_stage_entries(4097) == 4096  # every list is staged with mass
     assert att.topk_stage_entries(1 << 20) == att._TOPK_STAGE_MAX
     e = att._TOPK_STAGE_MAX
     assert att.topk_stage_bytes(e) >= 4 * (e - 1 + (e - 1) // 32 + 1)  # staged_at(e - 1) fits

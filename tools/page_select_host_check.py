@@ -66,9 +66,10 @@ def bucket(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-def reference_bounds(b, kmax, kmin, scores: np.ndarray, cap_nnz: int) -> None:
+def reference_bounds(b, kmax, kmin, scores: np.ndarray, cap_nnz: int, lse: np.ndarray) -> None:
     """What page_score writes for every selecting (block, dense head): max: the group max in row 0; mass:
-    head h's bound / sqrt(D) in row h (scores [Hq * cap_nnz], head g's group at g * group * cap_nnz)."""
+    head h's bound / sqrt(D) in row h (scores [Hq * cap_nnz], head g's group at g * group * cap_nnz) and
+    its logsumexp as one partial (m, z) of the list's row in lse [cap_qb, Hq, gx, 2] (the others (-inf, 0))."""
     plan = b.plan
     hkv = b.hc.size
     group, d = b.q.shape[1] // hkv, b.q.shape[2]
@@ -88,7 +89,10 @@ def reference_bounds(b, kmax, kmin, scores: np.ndarray, cap_nnz: int) -> None:
                 continue
             for h in range(group):
                 s = page_scores(qg[h : h + 1], *st, table, ctx, 1, plan.page_size, "max")[0]
-                scores[row + h * cap_nnz : row + h * cap_nnz + s.size] = s * np.float32(1 / np.sqrt(d))
+                s = s * np.float32(1 / np.sqrt(d))
+                scores[row + h * cap_nnz : row + h * cap_nnz + s.size] = s
+                m = np.float32(s.max())
+                lse[qb, g * group + h, 0] = (m, np.exp(s - m, dtype=np.float32).sum(dtype=np.float32))
 
 
 def check(
@@ -111,16 +115,18 @@ def check(
     buf = np.zeros(offs["kv_pl"][1], np.int32)
     pack_plan(buf, offs, plan)
     scores = np.full(hq * cap_nnz, np.nan, np.float32)
+    gx = grid_x or score_grid_x(cap_nnz, cap_qb, kmax.shape[1], 132)
+    lse = np.full((cap_qb, hq, gx, 2), np.nan, np.float32)
     if mode == "topk":
-        reference_bounds(b, kmax, kmin, scores, cap_nnz)
+        lse[..., 0], lse[..., 1] = -np.inf, 0.0
+        reference_bounds(b, kmax, kmin, scores, cap_nnz, lse)
     files = {
-        "plan": buf, "hc": b.hc.astype(np.int32), "hs": b.slot.astype(np.int32), "scores": scores,
+        "plan": buf, "hc": b.hc.astype(np.int32), "hs": b.slot.astype(np.int32), "scores": scores, "lse": lse,
         "sel": np.full_like(want_sel, -1), "cnt": np.full_like(want_cnt, -1),
         "q": b.q.astype(np.float16), "kmax": kmax.astype(np.float16), "kmin": kmin.astype(np.float16),
     }  # fmt: skip
     for k, v in files.items():
         np.ascontiguousarray(v).tofile(tmp / f"{k}.bin")
-    gx = grid_x or score_grid_x(cap_nnz, cap_qb, kmax.shape[1], 132)
     sizes = (d, cap_qb, cap_seq, hkv, hq, kmax.shape[1], kmax.shape[2], cap_nnz, plan.page_size.bit_length() - 1,
              gx, cap, topk_stage_entries(cap_nnz))  # fmt: skip
     subprocess.run([str(exe), mode, str(tmp), *(str(x) for x in sizes)], check=True)

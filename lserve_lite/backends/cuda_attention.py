@@ -696,9 +696,9 @@ def score_grid_x(max_pages: int, max_qblocks: int, dense_heads: int, sms: int) -
 
 def topk_stage_entries(max_pages: int) -> int:
     """Candidates page_topk stages in shared memory for a plan of this capacity (a list has at most
-    max_pages - 1 candidates): 0 when every list fits the registers, else up to _TOPK_STAGE_MAX."""
-    longest = max_pages - 1
-    return 0 if longest <= _TOPK_RESIDENT else min(longest, _TOPK_STAGE_MAX)
+    max_pages - 1 candidates), up to _TOPK_STAGE_MAX: with group_reduce mass every list is staged (its scores
+    computed in one coalesced pass); with max only lists past the registers' _TOPK_RESIDENT are."""
+    return max(0, min(max_pages - 1, _TOPK_STAGE_MAX))
 
 
 def topk_stage_bytes(entries: int) -> int:
@@ -734,12 +734,15 @@ def select_pages(q, kmax, kmin, plan: CudaPlan, head_class, head_slot, sel_idx, 
     scores = plan.workspace("sel_scores", hq * plan.max_pages, np.float32)  # mass: a row per query head
     smem = group * d * 2 * 4  # max(q, 0) and min(q, 0) per query head, fp32
     gx = score_grid_x(plan.max_pages, plan.max_qblocks, nd, k.num_sms)
+    lse_part = plan.workspace(
+        "sel_lse_part", plan.max_qblocks * hq * gx * 2, np.float32
+    )  # mass: (m, z) a CTA
     plan_args = _plan_args(plan)
     fn = k.get(k.select, f"page_score_d{d}", smem)
     fn(
         (gx, plan.max_qblocks, hkv),
         (_SELECT_THREADS,),
-        (q, kmax, kmin, *plan_args, head_class, head_slot, np.int32(nd), np.int32(sub), scores,
+        (q, kmax, kmin, *plan_args, head_class, head_slot, np.int32(nd), np.int32(sub), scores, lse_part,
          np.int32(plan.max_pages), np.int32(hq), np.int32(hkv), np.int32(ps.bit_length() - 1)),
         shared_mem=smem,
     )  # fmt: skip
@@ -748,7 +751,7 @@ def select_pages(q, kmax, kmin, plan: CudaPlan, head_class, head_slot, sel_idx, 
     topk(
         (plan.max_qblocks, hkv),
         (_TOPK_THREADS,),
-        (*plan_args, head_class, scores, np.int32(plan.max_pages), np.int32(hkv), np.int32(group), sel_idx,
-         sel_cnt, np.int32(sel_idx.shape[-1]), np.int32(stage)),
+        (*plan_args, head_class, scores, lse_part, np.int32(gx), np.int32(plan.max_pages), np.int32(hkv),
+         np.int32(group), sel_idx, sel_cnt, np.int32(sel_idx.shape[-1]), np.int32(stage)),
         shared_mem=topk_stage_bytes(stage),
     )  # fmt: skip
