@@ -101,7 +101,6 @@ __device__ __forceinline__ void warp_lse_merge(float& m, float& z) {
     lse_merge(m, z, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, z, o));
 }
 
-
 constexpr int PS_THREADS = 256;
 constexpr int PS_WARPS = PS_THREADS / 32;
 constexpr int PS_BATCH = 2;  // warp iterations of a page whose loads a lane issues before any math
