@@ -86,13 +86,24 @@ __device__ __forceinline__ SelectJob select_job(const PlanView& pv, const int* h
 
 constexpr int MASS_MAX_GROUP = 32;  // config.MASS_MAX_GROUP: query heads per KV head with group_reduce mass
 
-// (m, z) of a logsumexp m + log z, merged with another. Branch-free (both -inf: z stays as it was, 0), so
-// that the compiler can issue the loads feeding a run of merges before the first of them.
+// e^x for x <= 0 (e^-inf = 0): one ex2.approx on the GPU (relative error ~2^-22; the selection's tie rule
+// already allows fp32 summation error), expf in the host emulation.
+__device__ __forceinline__ float exp_le0(float x) {
+#ifdef __CUDA_ARCH__
+  return fast_exp2(x * 1.44269504088896341f);
+#else
+  return expf(x);
+#endif
+}
+
+// (m, z) of a logsumexp m + log z, merged with another: one exponential (of minus the gap), branch-free so that
+// the loads feeding a run of merges all go out before the first. m2 = -inf leaves (m, z); a NaN makes z NaN
+// (the score then ranks as -inf, as numpy's would).
 __device__ __forceinline__ void lse_merge(float& m, float& z, float m2, float z2) {
-  const float mx = fmaxf(m, m2);
-  const float ref = mx == LSERVE_NEG_INF ? 0.f : mx;
-  z = z * expf(m - ref) + z2 * expf(m2 - ref);
-  m = mx;
+  const float d = m2 - m;
+  const float e = m2 == LSERVE_NEG_INF ? 0.f : exp_le0(-fabsf(d));
+  z = d > 0.f ? fmaf(z, e, z2) : fmaf(z2, e, z);
+  m = fmaxf(m, m2);
 }
 
 __device__ __forceinline__ void warp_lse_merge(float& m, float& z) {
@@ -313,6 +324,7 @@ struct TopkSmem {
   int scan[2][TK_WARPS][2];      // per-warp (above, ties) counts, double-buffered over tiles
   int cut[3];                    // find_cut's answer: bin, entries in higher bins, entries in the bin
   float lse[MASS_MAX_GROUP];     // mass: each query head's logsumexp over the list
+  float2 part[MASS_MAX_GROUP][TK_WARPS];  // mass: head_lse's per-warp (m, z) of each head's slices
 };
 
 // Canonical score: NaN -> -inf (ranks lowest, as numpy's argsort of -scores puts it last), -0 -> +0.
@@ -370,24 +382,35 @@ struct StagedScores {
 };
 
 // group_reduce mass, step 1: each query head's logsumexp over the list -> sm.lse[h], merged from page_score's
-// `parts` per-CTA (m, z) partials (rows h of `part`, `parts` apart); one barrier. Rereading every score here cost
-// 9k cycles of the top-k's 28k at 256k (an H100, tools/results/gpu_2026-12-06/).
+// `parts` per-CTA (m, z) partials (rows h of `part`, `parts` apart), every warp taking a slice of a head's row so
+// that a lane's loads are one round trip; two barriers. Rereading every score here instead cost 9k cycles of the
+// top-k's 28k at 256k (an H100, tools/results/gpu_2026-12-06/).
 constexpr int LSE_RUN = 4;  // loads a lane issues before their merges
 __device__ void head_lse(const float2* __restrict__ part, int parts, int group, TopkSmem& sm) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int h = warp; h < group; h += TK_WARPS) {
+  const int slices = max(1, TK_WARPS / group);  // warps on one head's row
+  for (int t = warp; t < group * slices; t += TK_WARPS) {
+    const int h = t % group, sl = t / group;
     const float2* row = part + (size_t)h * parts;
     float m = LSERVE_NEG_INF, z = 0.f;
-    for (int j0 = lane; j0 < parts; j0 += LSE_RUN * 32) {
+    for (int j0 = sl * 32 + lane; j0 < parts; j0 += LSE_RUN * 32 * slices) {
       float2 x[LSE_RUN];
 #pragma unroll
-      for (int r = 0; r < LSE_RUN; ++r)
-        x[r] = j0 + r * 32 < parts ? row[j0 + r * 32] : make_float2(LSERVE_NEG_INF, 0.f);
+      for (int r = 0; r < LSE_RUN; ++r) {
+        const int j = j0 + r * 32 * slices;
+        x[r] = j < parts ? row[j] : make_float2(LSERVE_NEG_INF, 0.f);
+      }
 #pragma unroll
       for (int r = 0; r < LSE_RUN; ++r) lse_merge(m, z, x[r].x, x[r].y);
     }
     warp_lse_merge(m, z);
-    if (lane == 0) sm.lse[h] = m + logf(z);
+    if (lane == 0) sm.part[h][sl] = make_float2(m, z);
+  }
+  __syncthreads();
+  if (threadIdx.x < group) {
+    float m = LSERVE_NEG_INF, z = 0.f;
+    for (int sl = 0; sl < slices; ++sl) lse_merge(m, z, sm.part[threadIdx.x][sl].x, sm.part[threadIdx.x][sl].y);
+    sm.lse[threadIdx.x] = m + logf(z);
   }
   __syncthreads();
 }

@@ -1,18 +1,27 @@
 # page_topk's logsumexp from page_score's per-CTA partials, and mass's scores staged by one coalesced pass: main
 # at 2e8bbc8 (the tree in .device/base_tree.tar: `git archive HEAD lserve_lite kernels tools
-# pyproject.toml ":(exclude)tools/results"`) against the working tree, the selector pair timed alternately (topk_profile.py time), then the
-# tree's selector GPU tests, the LServe graph tests, the bench's selector rows, and the phases stamped.
-# OUT=dir bash tools/results/gpu_2026-12-06/run_lsepart.sh  (carry .device/whl, .device/on-device.sh, .device/base_tree.tar)
+# pyproject.toml ":(exclude)tools/results"`), then, when .device/part_tree.tar is carried (the same archive of
+# 404785a, the first version), that one, against the working tree, the selector pair timed alternately
+# (topk_profile.py time); then the tree's selector GPU tests, the LServe graph tests, the bench's selector rows,
+# and the phases stamped.
+# OUT=dir bash tools/results/gpu_2026-12-06/run_lsepart.sh  (carry .device/whl, .device/on-device.sh,
+# .device/base_tree.tar, optionally .device/part_tree.tar)
 set -u
 . .device/on-device.sh
 R=tools/results/gpu_2026-12-06
 end=$(($(date +%s) + 430))
 left() { local l=$(( end - $(date +%s) )); [ $l -gt $1 ] && echo $1 || echo $(( l > 5 ? l : 5 )); }
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv > "$OUT/gpu.txt"
+trees=main
 rm -rf /tmp/t_main && mkdir -p /tmp/t_main && tar -xf .device/base_tree.tar -C /tmp/t_main
+if [ -f .device/part_tree.tar ]; then
+  trees="main part"; rm -rf /tmp/t_part && mkdir -p /tmp/t_part && tar -xf .device/part_tree.tar -C /tmp/t_part
+fi
 for r in 1 2; do
-  (cd /tmp/t_main && PYTHONPATH=/tmp/site:/tmp/t_main timeout $(left 60) python3 $OLDPWD/$R/topk_profile.py time main_$r "$OUT") >> "$OUT/pair.log" 2>&1
-  echo "main $r rc=$? $(date +%T)"
+  for t in $trees; do
+    (cd /tmp/t_$t && PYTHONPATH=/tmp/site:/tmp/t_$t timeout $(left 60) python3 $OLDPWD/$R/topk_profile.py time ${t}_$r "$OUT") >> "$OUT/pair.log" 2>&1
+    echo "$t $r rc=$? $(date +%T)"
+  done
   timeout $(left 60) python3 $R/topk_profile.py time new_$r "$OUT" >> "$OUT/pair.log" 2>&1
   echo "new $r rc=$? $(date +%T)"
 done
