@@ -21,6 +21,12 @@ for s in $steps; do case $s in
            # worker path on one GPU): the first to run after a change to the executor or the planner
            step engine 280 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_gpu_overlap.py \
                tests/test_gpu_graphs_sparse.py tests/test_gpu_prefix_cache.py tests/test_gpu_tp.py ;;
+  files)   # every GPU test file in its own step and log (pytest_<file>.log), so that a call cut by its time limit still
+           # says which files passed; FILES="a b" (names without tests/ and .py) picks some. On a warm machine whose
+           # kernels are compiled most files take seconds (2026-12-06: the whole suite but test_gpu_e2e in ~6 min)
+           for f in ${FILES:-$(cd tests && ls test_gpu_*.py | sed 's/\.py$//')}; do
+             step pytest_$f 300 python3 -m pytest -p no:cacheprovider -m gpu -q tests/$f.py
+           done ;;
   pytest_sparse) # the sparse file alone takes minutes (long and tied selector lists on both selectors)
            step pytest_sparse 300 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_gpu_sparse.py ;;
   llama)   step llama 200 python3 tools/bench_e2e.py --skip smollm2 --skip splits --llama-contexts 4096 32768 --out "$OUT/llama.json" ;;
