@@ -6,6 +6,7 @@ against a tiny random model: a forced call is valid for its schema whatever the 
 from __future__ import annotations
 
 import json
+import random
 
 import httpx
 import pytest
@@ -144,6 +145,88 @@ def test_bare_json_calls_as_llama_writes_them(step):
     assert plan.parse('[{"name": "get_time", "parameters": {}}]')[1][0]["function"]["name"] == "get_time"
     for text in ('{"answer": 42}', '{"name": "nope", "parameters": {}}', '{"name": "get_time"} and more'):
         assert plan.parse(text) == (text, [])
+
+
+# Mistral's `[TOOL_CALLS]` and Llama 3.1's `<|python_tag|>`: (reply, content, [(name, arguments)])
+MARKED = [
+    ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "f"}, "id": "a1B2c3D4e"}]',
+     None, [("get_weather", {"city": "Oslo", "unit": "f"})]),
+    ('Let me check. [TOOL_CALLS][{"name": "get_time", "arguments": "{}"}, '
+     '{"name": "get_weather", "arguments": "{\\"city\\": \\"Rome\\", \\"unit\\": \\"c\\"}"}]\n',
+     "Let me check. ", [("get_time", {}), ("get_weather", {"city": "Rome", "unit": "c"})]),
+    ('[TOOL_CALLS] [{"name": "get_time", "arguments": {}}, {"name": "nope", "arguments": {}}]', "same", []),
+    ('[TOOL_CALLS] [{"name": "get_time", "arguments": {}', "same", []),  # cut short
+    ('[TOOL_CALLS] [{"name": get_time}] then text', "same", []),
+    ('[TOOL_CALLS] [{"name": "get_time", "arguments": {}}] then text', "same", []),  # not wholly calls
+    ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "c"}}<|eom_id|>',
+     None, [("get_weather", {"city": "Oslo", "unit": "c"})]),
+    ('Checking.\n<|python_tag|>{"name": "get_time", "parameters": {}}; {"name": "get_time", "arguments": {}}'
+     "<|eot_id|> done", "Checking.\n done", [("get_time", {}), ("get_time", {})]),
+    ('<|python_tag|> {"name": "get_time", "parameters": {}}', None, [("get_time", {})]),  # end of reply ends it
+    ("<|python_tag|>import math\nprint(math.sqrt(2))<|eom_id|>", "same", []),  # code interpreter: text
+    ('<|python_tag|>brave_search.call(query="Oslo weather")', "same", []),
+    ('<|python_tag|>{"name": "nope", "parameters": {}}<|eom_id|>', "same", []),
+    ('<|python_tag|>{"name": "get_time", "parameters": {}<|eom_id|>', "same", []),  # malformed
+    ("<|python_tag|>", "same", []),
+    ('<tool_call>{"name": "get_time", "arguments": {}}</tool_call> and [TOOL_CALLS] [{"name": "get_time", '
+     '"arguments": {}}]', " and ", [("get_time", {}), ("get_time", {})]),
+    ("Arrays [1, 2], tags <|x|> and [TOOL_ or <|python_ stay text [", "same", []),
+]  # fmt: skip
+
+
+def _fed(plan, pieces: list[str]) -> tuple[str, list[dict]]:
+    """A reply fed to a ToolStream in `pieces`: (the content it sent, its calls)."""
+    s, content, calls = ToolStream(plan), [], []
+    for k, piece in enumerate(pieces):
+        text, got = s.feed(piece, finished=k == len(pieces) - 1)
+        content.append(text)
+        calls += got
+    return "".join(content), calls
+
+
+def _named(calls: list[dict]) -> list[tuple[str, dict]]:
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+
+
+@pytest.mark.parametrize("reply, content, calls", MARKED)
+def test_marker_token_calls(reply, content, calls):
+    """Mistral's [TOOL_CALLS] array and Llama 3.1's <|python_tag|> JSON become calls when wholly calls of the
+    tools; anything else after a marker (unknown names, malformed or cut JSON, Python code) is content as
+    written; text before a marker is content. Streamed in pieces of any size, the same content and calls."""
+    plan = plan_tools([WEATHER, TIME], "auto", None)
+    content = reply if content == "same" else content
+    got_content, got = plan.parse(reply)
+    assert (got_content, _named(got)) == (content, calls)
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in got)
+    rng = random.Random(reply)
+    splits = [[reply[:i], reply[i:]] for i in range(len(reply) + 1)] + [list(reply)]
+    for _ in range(20):
+        cuts = sorted(rng.sample(range(1, len(reply)), min(len(reply) - 1, rng.randint(1, 8))))
+        splits.append([reply[a:b] for a, b in zip([0, *cuts], [*cuts, len(reply)])])
+    for pieces in splits:
+        text, streamed = _fed(plan, pieces)
+        assert (text, _named(streamed)) == (content or "", calls), pieces
+
+
+def test_marker_calls_released_when_complete_and_plain_text_streams():
+    plan = plan_tools([WEATHER, TIME], "auto", None)
+    s = ToolStream(plan)
+    assert s.feed("Sure. [TOOL") == ("Sure. ", [])  # a possible marker is held back
+    assert s.feed('_CALLS] [{"name": "get_time", "arguments": {}}]') == ("", [])  # held to the end
+    text, calls = s.feed("", finished=True)
+    assert text == "" and _named(calls) == [("get_time", {})]
+    s = ToolStream(plan)
+    assert s.feed('<|python_tag|>{"name": "get_time", "parameters": {}}') == ("", [])
+    text, calls = s.feed("<|eom_id|>Done")  # its end token ends the call: released before the reply ends
+    assert text == "Done" and _named(calls) == [("get_time", {})]
+    s = ToolStream(plan)
+    assert s.feed("<|python_tag|>import os") == ("<|python_tag|>import os", [])  # code streams as it comes
+    s = ToolStream(plan)
+    assert [s.feed(t) for t in ("Hello", " wor", "ld [", "1] <", "b>")] == [
+        ("Hello", []), (" wor", []), ("ld ", []), ("[1] ", []), ("<b>", []),
+    ]  # fmt: skip
+    assert plan.markers == ("[TOOL_CALLS]", "<|python_tag|>")
+    assert plan_tools([WEATHER], "required", None).markers == ()
 
 
 def test_forced_replies():
