@@ -242,6 +242,78 @@ def test_forced_replies():
     assert s.feed('[{"name": "get_time", ') == ("", []) and s.feed('"arguments": {}}]', True)[1]
 
 
+# -- the markers are special tokens: kept in the text for the parser ------------------------------------------
+@pytest.fixture(scope="module")
+def marker_dir(tmp_path_factory):
+    """The tiny model, its vocabulary holding Mistral's and Llama's markers as special tokens (as theirs do)."""
+    from tiny_models import make_tiny_numpy
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = make_tiny_numpy(tmp_path_factory.mktemp("tiny_markers"))
+    tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+    tok.add_special_tokens(["[TOOL_CALLS]", "<|python_tag|>"])
+    assert tok.get_vocab_size() <= 320  # within the model's vocabulary
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+def test_markers_reach_the_parser_only_when_kept(marker_dir):
+    """Decoded as usual (special tokens skipped) a marker is lost and its call becomes content; kept, the call is
+    parsed, token by token as the engine decodes, while other special tokens are still skipped."""
+    from lserve_lite.tokenizer import IncrementalDecoder, Tokenizer
+
+    tok = Tokenizer(marker_dir)
+    plan = plan_tools([WEATHER, TIME], "auto", None)
+    keep = tok.special_ids(list(plan.markers))
+    assert keep == {tok.token_id("[TOOL_CALLS]"), tok.token_id("<|python_tag|>")}
+    assert tok.special_ids(["<tool_call>", "the", "<|missing|>"]) == frozenset()  # not special tokens
+    reply = 'hello [TOOL_CALLS][{"name": "get_time", "arguments": {}}]<|im_end|>'
+    ids = tok.encode(reply, add_special_tokens=False)
+    assert tok.token_id("[TOOL_CALLS]") in ids  # encoded as the special token
+    shown = reply.replace("<|im_end|>", "")
+    assert tok.decode(ids) == shown.replace("[TOOL_CALLS]", "") and plan.parse(tok.decode(ids))[1] == []
+    assert tok.decode(ids, keep=keep) == shown and tok.decode(ids, False, keep) == reply
+    dec = IncrementalDecoder(tok, keep=keep)
+    text = "".join(dec.push(i) for i in ids) + dec.flush()
+    content, calls = plan.parse(text)
+    assert text == shown and content == "hello " and _named(calls) == [("get_time", {})]
+
+
+def test_the_engine_keeps_the_markers_of_auto_tool_choice(marker_dir):
+    """Through the engine: a sampled marker shows in the text when kept (LLM.chat and the server keep an auto
+    choice's markers), and is dropped otherwise."""
+    from lserve_lite import LLM, SamplingParams
+    from lserve_lite.serve.protocol import ChatCompletionRequest, parse
+
+    llm = LLM(str(marker_dir), backend="cpu", config=EngineConfig(**CFG))
+    mark = llm.tokenizer.token_id("[TOOL_CALLS]")
+    marks = SamplingParams(max_new_tokens=3, temperature=0, logit_bias={mark: 100.0})  # samples the marker
+    ask = [{"role": "user", "content": "hi"}]
+    prompt = llm.tokenizer.encode_chat(ask)
+    assert llm.generate(prompt, marks)[0].text == ""
+    kept = SamplingParams(
+        max_new_tokens=3, temperature=0, logit_bias={mark: 100.0}, keep_special_tokens=["[TOOL_CALLS]"]
+    )
+    assert llm.generate(prompt, kept)[0].text == "[TOOL_CALLS]" * 3
+    out = llm.chat(ask, marks, tools=[TIME])  # markers without calls: content as written
+    assert out.text == "[TOOL_CALLS]" * 3 and out.tool_calls is None
+    assert llm.chat(ask, marks, tools=[TIME], tool_choice="none").text == ""
+    with pytest.raises(InvalidRequestError, match="keep_special_tokens must be"):
+        SamplingParams(keep_special_tokens=[""])
+
+    def keeps(**body) -> list[str]:
+        req = parse(ChatCompletionRequest, {"messages": ask} | body)
+        return req.sampling_params(8).keep_special_tokens
+
+    assert keeps(tools=[WEATHER]) == ["[TOOL_CALLS]", "<|python_tag|>"]
+    assert (
+        keeps(tools=[WEATHER], tool_choice="required")
+        == keeps(tools=[WEATHER], tool_choice="none")
+        == keeps()
+        == []
+    )
+
+
 # -- the prompt -------------------------------------------------------------------------------------------------
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},

@@ -3,9 +3,9 @@
 `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (Hermes / Qwen); a reply of bare JSON
 `{"name": ..., "parameters": {...}}` (Llama 3.x); or such JSON after a marker token, Mistral's `[TOOL_CALLS]`
 (v0.3 / Nemo: an array of calls) or Llama 3.1's `<|python_tag|>` (ended by `<|eom_id|>` / `<|eot_id|>` if
-they show). The markers are special tokens: they reach the parser only where the detokenizer keeps them
-(`ToolPlan.markers`). `tool_choice` "required" or a named function is enforced by constrained decoding instead
-(a JSON schema of the calls), so it holds for any model."""
+they show). The markers are special tokens, which the detokenizer drops: a request with "auto" keeps their text
+(`ToolPlan.markers`, as SamplingParams.keep_special_tokens). `tool_choice` "required" or a named function is
+enforced by constrained decoding instead (a JSON schema of the calls), so it holds for any model."""
 
 from __future__ import annotations
 
