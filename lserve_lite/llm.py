@@ -92,9 +92,12 @@ class LLM:
         single = isinstance(messages[0], dict)
         convs = [messages] if single else messages
         plan = plan_tools(tools, tool_choice, parallel_tool_calls)
-        if plan and plan.forced:
+        if plan:  # a forced choice's schema; with "auto", the marker tokens of calls kept in the text
             params = params or SamplingParams()
-            params = replace(params, response_format=plan.reply_format(params.response_format))
+            keep = list(dict.fromkeys([*params.keep_special_tokens, *plan.markers]))
+            params = replace(
+                params, response_format=plan.reply_format(params.response_format), keep_special_tokens=keep
+            )
         native = self.tokenizer.template_reads_tools
         ids = [self.tokenizer.encode_chat(*prompt_messages(c, plan, native)) for c in convs]
         outs = self.generate(ids, params)

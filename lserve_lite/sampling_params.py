@@ -13,6 +13,7 @@ from .errors import InvalidRequestError
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
+MAX_KEEP_SPECIAL = 16  # special tokens kept in the text (a tool-call parser's markers)
 REPETITION_PENALTY_RANGE = (0.01, 100.0)  # beyond it logits overflow float32 (inf / NaN probabilities)
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (dividing logits by them overflows float32)
 MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's chat limit; the GPU kernel keeps this many in registers)
@@ -44,6 +45,8 @@ class SamplingParams:
     response_format: dict | None = (
         None  # {"type": "json_object"} or {"type": "json_schema", "json_schema": ...}
     )
+    # special tokens whose text stays in the output (the markers a tool-call parser reads); others are dropped
+    keep_special_tokens: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -69,6 +72,13 @@ class SamplingParams:
             bad(f"seed must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.ignore_eos, bool):
             bad(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        keep = self.keep_special_tokens
+        if (
+            not isinstance(keep, (list, tuple))
+            or len(keep) > MAX_KEEP_SPECIAL
+            or not all(isinstance(t, str) and t for t in keep)
+        ):
+            bad(f"keep_special_tokens must be a list of at most {MAX_KEEP_SPECIAL} non-empty strings")
         self._validate_stops()
         self._validate_api()
 

@@ -73,8 +73,20 @@ class Tokenizer:
         """Token ids of `text`; InvalidRequestError for what is not Unicode text (a lone surrogate)."""
         return self.tok.encode(_checked_text(text), add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+    def decode(
+        self, ids: list[int], skip_special_tokens: bool = True, keep: frozenset[int] = frozenset()
+    ) -> str:
+        """The text of `ids`; `keep`: special tokens whose text stays though the others are skipped."""
+        if keep and skip_special_tokens:  # the others dropped here, as the tokenizers library drops them
+            ids = [i for i in ids if i in keep or i not in self._special_ids]
+            skip_special_tokens = False
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def special_ids(self, texts: list[str]) -> frozenset[int]:
+        """The ids of those of `texts` that are special tokens of this vocabulary (any other decodes as text, or
+        is not in the vocabulary)."""
+        ids = (self.tok.token_to_id(t) for t in texts)
+        return frozenset(i for i in ids if i is not None and i in self._special_ids)
 
     def holds_special(self, text: str) -> bool:
         """Whether `text` contains a special token's string (which a template would render as a control token)."""
@@ -220,16 +232,18 @@ def _raise_exception(msg: str):
 class IncrementalDecoder:
     """Turns a growing list of ids into text deltas that never split a UTF-8 character."""
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None):
-        self.tok = tokenizer
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None, keep: frozenset[int] = frozenset()
+    ):
+        self.tok, self.keep = tokenizer, keep  # keep: special tokens whose text is kept (Tokenizer.decode)
         self.ids: list[int] = []
         self.prefix = 0  # start of the window decoded for context
         self.read = 0  # ids whose text has been emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        prefix_text = self.tok.decode(self.ids[self.prefix : self.read])
-        full = self.tok.decode(self.ids[self.prefix :])
+        prefix_text = self.tok.decode(self.ids[self.prefix : self.read], keep=self.keep)
+        full = self.tok.decode(self.ids[self.prefix :], keep=self.keep)
         if full.endswith("\ufffd") or len(full) <= len(prefix_text):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
@@ -237,7 +251,7 @@ class IncrementalDecoder:
 
     def flush(self) -> str:
         """Whatever is still held back (at the end of a sequence)."""
-        prefix_text = self.tok.decode(self.ids[self.prefix : self.read])
-        full = self.tok.decode(self.ids[self.prefix :])
+        prefix_text = self.tok.decode(self.ids[self.prefix : self.read], keep=self.keep)
+        full = self.tok.decode(self.ids[self.prefix :], keep=self.keep)
         self.prefix = self.read = len(self.ids)
         return full[len(prefix_text) :] if len(full) > len(prefix_text) else ""

@@ -6,6 +6,7 @@ against a tiny random model: a forced call is valid for its schema whatever the 
 from __future__ import annotations
 
 import json
+import random
 
 import httpx
 import pytest
@@ -146,6 +147,88 @@ def test_bare_json_calls_as_llama_writes_them(step):
         assert plan.parse(text) == (text, [])
 
 
+# Mistral's `[TOOL_CALLS]` and Llama 3.1's `<|python_tag|>`: (reply, content, [(name, arguments)])
+MARKED = [
+    ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "f"}, "id": "a1B2c3D4e"}]',
+     None, [("get_weather", {"city": "Oslo", "unit": "f"})]),
+    ('Let me check. [TOOL_CALLS][{"name": "get_time", "arguments": "{}"}, '
+     '{"name": "get_weather", "arguments": "{\\"city\\": \\"Rome\\", \\"unit\\": \\"c\\"}"}]\n',
+     "Let me check. ", [("get_time", {}), ("get_weather", {"city": "Rome", "unit": "c"})]),
+    ('[TOOL_CALLS] [{"name": "get_time", "arguments": {}}, {"name": "nope", "arguments": {}}]', "same", []),
+    ('[TOOL_CALLS] [{"name": "get_time", "arguments": {}', "same", []),  # cut short
+    ('[TOOL_CALLS] [{"name": get_time}] then text', "same", []),
+    ('[TOOL_CALLS] [{"name": "get_time", "arguments": {}}] then text', "same", []),  # not wholly calls
+    ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "c"}}<|eom_id|>',
+     None, [("get_weather", {"city": "Oslo", "unit": "c"})]),
+    ('Checking.\n<|python_tag|>{"name": "get_time", "parameters": {}}; {"name": "get_time", "arguments": {}}'
+     "<|eot_id|> done", "Checking.\n done", [("get_time", {}), ("get_time", {})]),
+    ('<|python_tag|> {"name": "get_time", "parameters": {}}', None, [("get_time", {})]),  # end of reply ends it
+    ("<|python_tag|>import math\nprint(math.sqrt(2))<|eom_id|>", "same", []),  # code interpreter: text
+    ('<|python_tag|>brave_search.call(query="Oslo weather")', "same", []),
+    ('<|python_tag|>{"name": "nope", "parameters": {}}<|eom_id|>', "same", []),
+    ('<|python_tag|>{"name": "get_time", "parameters": {}<|eom_id|>', "same", []),  # malformed
+    ("<|python_tag|>", "same", []),
+    ('<tool_call>{"name": "get_time", "arguments": {}}</tool_call> and [TOOL_CALLS] [{"name": "get_time", '
+     '"arguments": {}}]', " and ", [("get_time", {}), ("get_time", {})]),
+    ("Arrays [1, 2], tags <|x|> and [TOOL_ or <|python_ stay text [", "same", []),
+]  # fmt: skip
+
+
+def _fed(plan, pieces: list[str]) -> tuple[str, list[dict]]:
+    """A reply fed to a ToolStream in `pieces`: (the content it sent, its calls)."""
+    s, content, calls = ToolStream(plan), [], []
+    for k, piece in enumerate(pieces):
+        text, got = s.feed(piece, finished=k == len(pieces) - 1)
+        content.append(text)
+        calls += got
+    return "".join(content), calls
+
+
+def _named(calls: list[dict]) -> list[tuple[str, dict]]:
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+
+
+@pytest.mark.parametrize("reply, content, calls", MARKED)
+def test_marker_token_calls(reply, content, calls):
+    """Mistral's [TOOL_CALLS] array and Llama 3.1's <|python_tag|> JSON become calls when wholly calls of the
+    tools; anything else after a marker (unknown names, malformed or cut JSON, Python code) is content as
+    written; text before a marker is content. Streamed in pieces of any size, the same content and calls."""
+    plan = plan_tools([WEATHER, TIME], "auto", None)
+    content = reply if content == "same" else content
+    got_content, got = plan.parse(reply)
+    assert (got_content, _named(got)) == (content, calls)
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in got)
+    rng = random.Random(reply)
+    splits = [[reply[:i], reply[i:]] for i in range(len(reply) + 1)] + [list(reply)]
+    for _ in range(20):
+        cuts = sorted(rng.sample(range(1, len(reply)), min(len(reply) - 1, rng.randint(1, 8))))
+        splits.append([reply[a:b] for a, b in zip([0, *cuts], [*cuts, len(reply)])])
+    for pieces in splits:
+        text, streamed = _fed(plan, pieces)
+        assert (text, _named(streamed)) == (content or "", calls), pieces
+
+
+def test_marker_calls_released_when_complete_and_plain_text_streams():
+    plan = plan_tools([WEATHER, TIME], "auto", None)
+    s = ToolStream(plan)
+    assert s.feed("Sure. [TOOL") == ("Sure. ", [])  # a possible marker is held back
+    assert s.feed('_CALLS] [{"name": "get_time", "arguments": {}}]') == ("", [])  # held to the end
+    text, calls = s.feed("", finished=True)
+    assert text == "" and _named(calls) == [("get_time", {})]
+    s = ToolStream(plan)
+    assert s.feed('<|python_tag|>{"name": "get_time", "parameters": {}}') == ("", [])
+    text, calls = s.feed("<|eom_id|>Done")  # its end token ends the call: released before the reply ends
+    assert text == "Done" and _named(calls) == [("get_time", {})]
+    s = ToolStream(plan)
+    assert s.feed("<|python_tag|>import os") == ("<|python_tag|>import os", [])  # code streams as it comes
+    s = ToolStream(plan)
+    assert [s.feed(t) for t in ("Hello", " wor", "ld [", "1] <", "b>")] == [
+        ("Hello", []), (" wor", []), ("ld ", []), ("[1] ", []), ("<b>", []),
+    ]  # fmt: skip
+    assert plan.markers == ("[TOOL_CALLS]", "<|python_tag|>")
+    assert plan_tools([WEATHER], "required", None).markers == ()
+
+
 def test_forced_replies():
     named = plan_tools([WEATHER], {"type": "function", "function": {"name": "get_weather"}}, None)
     content, calls = named.parse('{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "f"}}')
@@ -157,6 +240,78 @@ def test_forced_replies():
     assert req.parse('[{"name": "get_ti') == ('[{"name": "get_ti', [])
     s = ToolStream(req)
     assert s.feed('[{"name": "get_time", ') == ("", []) and s.feed('"arguments": {}}]', True)[1]
+
+
+# -- the markers are special tokens: kept in the text for the parser ------------------------------------------
+@pytest.fixture(scope="module")
+def marker_dir(tmp_path_factory):
+    """The tiny model, its vocabulary holding Mistral's and Llama's markers as special tokens (as theirs do)."""
+    from tiny_models import make_tiny_numpy
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = make_tiny_numpy(tmp_path_factory.mktemp("tiny_markers"))
+    tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+    tok.add_special_tokens(["[TOOL_CALLS]", "<|python_tag|>"])
+    assert tok.get_vocab_size() <= 320  # within the model's vocabulary
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+def test_markers_reach_the_parser_only_when_kept(marker_dir):
+    """Decoded as usual (special tokens skipped) a marker is lost and its call becomes content; kept, the call is
+    parsed, token by token as the engine decodes, while other special tokens are still skipped."""
+    from lserve_lite.tokenizer import IncrementalDecoder, Tokenizer
+
+    tok = Tokenizer(marker_dir)
+    plan = plan_tools([WEATHER, TIME], "auto", None)
+    keep = tok.special_ids(list(plan.markers))
+    assert keep == {tok.token_id("[TOOL_CALLS]"), tok.token_id("<|python_tag|>")}
+    assert tok.special_ids(["<tool_call>", "the", "<|missing|>"]) == frozenset()  # not special tokens
+    reply = 'hello [TOOL_CALLS][{"name": "get_time", "arguments": {}}]<|im_end|>'
+    ids = tok.encode(reply, add_special_tokens=False)
+    assert tok.token_id("[TOOL_CALLS]") in ids  # encoded as the special token
+    shown = reply.replace("<|im_end|>", "")
+    assert tok.decode(ids) == shown.replace("[TOOL_CALLS]", "") and plan.parse(tok.decode(ids))[1] == []
+    assert tok.decode(ids, keep=keep) == shown and tok.decode(ids, False, keep) == reply
+    dec = IncrementalDecoder(tok, keep=keep)
+    text = "".join(dec.push(i) for i in ids) + dec.flush()
+    content, calls = plan.parse(text)
+    assert text == shown and content == "hello " and _named(calls) == [("get_time", {})]
+
+
+def test_the_engine_keeps_the_markers_of_auto_tool_choice(marker_dir):
+    """Through the engine: a sampled marker shows in the text when kept (LLM.chat and the server keep an auto
+    choice's markers), and is dropped otherwise."""
+    from lserve_lite import LLM, SamplingParams
+    from lserve_lite.serve.protocol import ChatCompletionRequest, parse
+
+    llm = LLM(str(marker_dir), backend="cpu", config=EngineConfig(**CFG))
+    mark = llm.tokenizer.token_id("[TOOL_CALLS]")
+    marks = SamplingParams(max_new_tokens=3, temperature=0, logit_bias={mark: 100.0})  # samples the marker
+    ask = [{"role": "user", "content": "hi"}]
+    prompt = llm.tokenizer.encode_chat(ask)
+    assert llm.generate(prompt, marks)[0].text == ""
+    kept = SamplingParams(
+        max_new_tokens=3, temperature=0, logit_bias={mark: 100.0}, keep_special_tokens=["[TOOL_CALLS]"]
+    )
+    assert llm.generate(prompt, kept)[0].text == "[TOOL_CALLS]" * 3
+    out = llm.chat(ask, marks, tools=[TIME])  # markers without calls: content as written
+    assert out.text == "[TOOL_CALLS]" * 3 and out.tool_calls is None
+    assert llm.chat(ask, marks, tools=[TIME], tool_choice="none").text == ""
+    with pytest.raises(InvalidRequestError, match="keep_special_tokens must be"):
+        SamplingParams(keep_special_tokens=[""])
+
+    def keeps(**body) -> list[str]:
+        req = parse(ChatCompletionRequest, {"messages": ask} | body)
+        return req.sampling_params(8).keep_special_tokens
+
+    assert keeps(tools=[WEATHER]) == ["[TOOL_CALLS]", "<|python_tag|>"]
+    assert (
+        keeps(tools=[WEATHER], tool_choice="required")
+        == keeps(tools=[WEATHER], tool_choice="none")
+        == keeps()
+        == []
+    )
 
 
 # -- the prompt -------------------------------------------------------------------------------------------------

@@ -226,7 +226,8 @@ class LLMEngine:
         seq.kv_salt = self._kv_salt(seq)
         with self._lock:
             self.seqs[seq.request_id] = seq
-            self.decoders[seq.request_id] = IncrementalDecoder(self.tokenizer)
+            keep = self.tokenizer.special_ids(params.keep_special_tokens)
+            self.decoders[seq.request_id] = IncrementalDecoder(self.tokenizer, keep=keep)
             self.scheduler.add(seq)
         return seq.request_id
 

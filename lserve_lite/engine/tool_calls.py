@@ -1,8 +1,11 @@
 """Tool calling (OpenAI `tools` / `tool_choice`): the tools shown to the model, its replies parsed back into
-`tool_calls`. The model writes a call as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, the
-Hermes / Qwen format many instruct models were trained on, or as a reply of bare JSON `{"name": ...,
-"parameters": {...}}`, Llama 3.x's; `tool_choice` "required" or a named function is enforced by constrained
-decoding instead (a JSON schema of the calls), so it holds for any model."""
+`tool_calls`. With `tool_choice` "auto" the model writes calls in the format it was trained on, parsed here:
+`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (Hermes / Qwen); a reply of bare JSON
+`{"name": ..., "parameters": {...}}` (Llama 3.x); or such JSON after a marker token, Mistral's `[TOOL_CALLS]`
+(v0.3 / Nemo: an array of calls) or Llama 3.1's `<|python_tag|>` (ended by `<|eom_id|>` / `<|eot_id|>` if
+they show). The markers are special tokens, which the detokenizer drops: a request with "auto" keeps their text
+(`ToolPlan.markers`, as SamplingParams.keep_special_tokens). `tool_choice` "required" or a named function is
+enforced by constrained decoding instead (a JSON schema of the calls), so it holds for any model."""
 
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ from ..tokenizer import message_text
 MAX_TOOLS = 128  # OpenAI's limit
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+# marker tokens a model writes before its calls (JSON, as a bare reply's), each with what may end the calls
+LEADS = {"[TOOL_CALLS]": (), "<|python_tag|>": ("<|eom_id|>", "<|eot_id|>")}
+TAGS = (OPEN, *LEADS)  # what opens calls in a reply's text
 RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
 
 
@@ -48,6 +54,12 @@ class ToolPlan:
     @property
     def forced(self) -> bool:
         return self.mode != "auto"
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        """The special tokens whose text the parser reads (and the detokenizer must keep): the marker tokens of
+        calls, with "auto" only (a forced reply is the calls' JSON alone)."""
+        return () if self.forced else tuple(LEADS)
 
     def system_text(self) -> str:
         """What the prompt tells the model about the tools (a system message's text)."""
@@ -91,8 +103,10 @@ class ToolPlan:
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
         """A finished reply as (content, tool calls). Forced: the reply is the calls' JSON (an array cut short by
         max_tokens keeps its complete calls). Auto: every well-formed <tool_call> block naming a tool is a call,
-        the rest of the text (malformed blocks included, as written) the content, None when only whitespace is
-        left beside calls; or a reply that is wholly bare JSON calls (Llama 3.x) is those calls."""
+        and so is the JSON after a marker token (up to its end token, or the end of the reply) when it is wholly
+        calls of the tools; the rest of the text (malformed blocks and markers included, as written) is the
+        content, None when only whitespace is left beside calls; or a reply that is wholly bare JSON calls
+        (Llama 3.x) is those calls."""
         if self.forced:
             calls = _calls_of(self, _json(text)) or _calls_of(self, _complete_items(text))
             return (None, calls) if calls else (text or None, [])
@@ -164,70 +178,94 @@ def _calls_of(plan: ToolPlan, obj: object) -> list[dict]:
 
 class ToolStream:
     """Splits one choice's reply, as it streams, into content to send and completed tool calls. Auto: text that
-    may start an opening tag is held back until it cannot; a call is released when its closing tag arrives; a
-    reply that opens with JSON (`{` or `[`: Llama 3.x's bare calls) is held whole and parsed at the end.
-    Forced: the reply is the calls' JSON, held whole and parsed at the end."""
+    may start an opening tag or a marker is held back until it cannot; a <tool_call> call is released when its
+    closing tag arrives; JSON (`{` or `[`) that opens the reply (Llama 3.x's bare calls) or follows a marker
+    token is held whole and parsed when it ends (at the marker's end token, or the end of the reply); a marker
+    followed by anything else is content. Forced: the reply is the calls' JSON, held whole and parsed at the
+    end."""
 
     def __init__(self, plan: ToolPlan):
-        self.plan, self.buf, self.inside = plan, "", False
-        self.whole: bool | None = True if plan.forced else None  # held whole; None: not known yet
+        self.plan, self.buf = plan, ""
+        # text: scanning for tags; block: inside <tool_call>; lead: after `lead` (a marker, "" at the reply's
+        # start), not yet known whether JSON follows; held: JSON after `lead`, held until it ends
+        self.mode, self.lead = "lead", ""
 
     def feed(self, text: str, finished: bool = False) -> tuple[str, list[dict]]:
         """New text (the last of the reply when `finished`) -> (content to send now, calls completed by it)."""
         self.buf += text
-        if self.whole is None:
-            head = self.buf.lstrip()
-            if not head and not finished:
-                return "", []
-            self.whole = head[:1] in ("{", "[")
-        if self.whole:
+        if self.plan.forced:
             if not finished:
                 return "", []
-            reply, self.buf = self.buf, ""
-            if self.plan.forced:
-                content, calls = self.plan.parse(reply)
-                return content or "", calls
-            calls = _bare_calls(self.plan, reply)
-            return ("" if calls else reply), calls
-        out, calls = [], []
+            content, calls = self.plan.parse(self.buf)
+            self.buf = ""
+            return content or "", calls
+        out: list[str] = []
+        calls: list[dict] = []
         while True:
-            if not self.inside:
-                at = self.buf.find(OPEN)
+            if self.mode == "text":
+                at, tag = _first(self.buf, TAGS)
                 if at < 0:
                     keep = 0 if finished else _partial_tag(self.buf)
                     out.append(self.buf[: len(self.buf) - keep])
                     self.buf = self.buf[len(self.buf) - keep :]
                     break
                 out.append(self.buf[:at])
-                self.buf, self.inside = self.buf[at + len(OPEN) :], True
-            at = self.buf.find(CLOSE)
-            if at < 0:
-                if finished:  # an unclosed call stays text
-                    out.append(OPEN + self.buf)
-                    self.buf, self.inside = "", False
-                break
-            body, self.buf, self.inside = self.buf[:at], self.buf[at + len(CLOSE) :], False
-            obj = _json(body.strip())
-            got = _calls_of(self.plan, obj) if isinstance(obj, dict) else []
-            if got:
+                self.buf = self.buf[at + len(tag) :]
+                self.mode, self.lead = ("block", "") if tag == OPEN else ("lead", tag)
+            elif self.mode == "block":
+                at = self.buf.find(CLOSE)
+                if at < 0:
+                    if finished:  # an unclosed call stays text
+                        out.append(OPEN + self.buf)
+                        self.buf, self.mode = "", "text"
+                    break
+                body, self.buf, self.mode = self.buf[:at], self.buf[at + len(CLOSE) :], "text"
+                obj = _json(body.strip())
+                got = _calls_of(self.plan, obj) if isinstance(obj, dict) else []
+                if got:
+                    calls += got
+                else:  # not a call of a known tool: the text stays as the model wrote it
+                    out.append(OPEN + body + CLOSE)
+            elif self.mode == "lead":
+                head = self.buf.lstrip()
+                if not finished and (not head or any(m.startswith(head) for m in LEADS)):
+                    break  # not known yet (a reply may open with a marker: "[TOOL_CALLS]" starts with "[")
+                if head[:1] in ("{", "[") and not head.startswith(TAGS):
+                    self.mode = "held"
+                else:  # no JSON: the marker is text
+                    out.append(self.lead)
+                    self.mode = "text"
+            else:  # held
+                at, end = _first(self.buf, LEADS.get(self.lead, ()))
+                if at < 0 and not finished:
+                    break
+                at = len(self.buf) if at < 0 else at
+                body, self.buf, self.mode = self.buf[:at], self.buf[at + len(end) :], "text"
+                got = _bare_calls(self.plan, body)
                 calls += got
-            else:  # not a call of a known tool: the text stays as the model wrote it
-                out.append(OPEN + body + CLOSE)
+                if not got:  # not wholly calls of the tools: the text as the model wrote it
+                    out.append(self.lead + body + end)
         return "".join(out), calls
 
 
 def _bare_calls(plan: ToolPlan, text: str) -> list[dict]:
     """Calls written as bare JSON, as Llama 3.x writes them: one object, an array of them, or objects separated by
-    ';' or ','; [] unless the whole reply is such calls of the plan's tools."""
+    ';' or ','; [] unless the whole text is such calls of the plan's tools."""
     values, whole = _json_values(text)
     items = [x for v in values for x in (v if isinstance(v, list) else [v])]
     return _calls_of(plan, items) if whole and items else []
 
 
+def _first(s: str, tags: tuple[str, ...]) -> tuple[int, str]:
+    """The earliest of `tags` in s as (index, tag); (-1, "") when none occurs."""
+    found = [(at, t) for t in tags if (at := s.find(t)) >= 0]
+    return min(found) if found else (-1, "")
+
+
 def _partial_tag(s: str) -> int:
-    """Length of the longest suffix of s that is a proper prefix of OPEN."""
-    for k in range(min(len(s), len(OPEN) - 1), 0, -1):
-        if OPEN.startswith(s[-k:]):
+    """Length of the longest suffix of s that is a proper prefix of a tag (an opening tag or a marker)."""
+    for k in range(min(len(s), max(map(len, TAGS)) - 1), 0, -1):
+        if any(len(t) > k and t.startswith(s[-k:]) for t in TAGS):
             return k
     return 0
 

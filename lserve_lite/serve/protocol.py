@@ -90,6 +90,10 @@ class _Request(BaseModel):
         """The response format the sampler enforces."""
         return self.response_format
 
+    def kept_special_tokens(self) -> list[str]:
+        """The special tokens whose text the reply keeps (the others are dropped)."""
+        return []
+
     def sampling_params(self, max_new_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         try:
@@ -109,6 +113,7 @@ class _Request(BaseModel):
                 stop=stop,
                 stop_token_ids=list(self.stop_token_ids or []),
                 ignore_eos=self.ignore_eos,
+                keep_special_tokens=self.kept_special_tokens(),
             )
         except InvalidRequestError as e:
             raise ApiError(400, str(e), param_of(str(e))) from None
@@ -233,6 +238,10 @@ class ChatCompletionRequest(_Request):
         """A forced tool choice constrains the reply to the calls' JSON schema."""
         plan = self._tool_plan
         return plan.reply_format(self.response_format) if plan else self.response_format
+
+    def kept_special_tokens(self) -> list[str]:
+        """With tool_choice "auto", the marker tokens of calls, which the tool-call parser reads."""
+        return list(self._tool_plan.markers) if self._tool_plan else []
 
 
 class CompletionRequest(_Request):
