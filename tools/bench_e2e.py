@@ -560,7 +560,7 @@ def bench_e2e_sparse(args, bw: float, emit) -> None:
     wbytes = sum(int(a.nbytes) for a in _model_arrays(model)) - int(model.embed.nbytes)
     floor = wbytes / bw
     classes, pattern_path = llama3_head_classes(cfg.num_layers, cfg.num_kv_heads, 0.5)
-    sp_default = SparseConfig(enabled=True)
+    sp_default = SparseConfig(enabled=True, sub_pages=args.sparse_sub_pages)
     info = emit.result.setdefault("sparse_setup", {})
     info.update(
         pattern=pattern_path, static_sparsity=0.5, dense_kv_heads=int(sum(int((c == 0).sum()) for c in classes)),
@@ -972,7 +972,7 @@ def splits_sweep(args, bw: float, emit) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line, with --out resolved to a file (a folder gets the section's default name)."""
-    from lserve_lite.config import KV_DTYPES
+    from lserve_lite.config import KV_DTYPES, SparseConfig
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="tools/results/bench_e2e.json")
@@ -1014,6 +1014,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sparse-modes", nargs="+", choices=["sparse", "dense"], default=["sparse", "dense"])
     ap.add_argument("--sparse-chunk", type=int, default=16384, help="prefill chunk (max_num_batched_tokens)")
     ap.add_argument("--sparse-decode-steps", type=int, default=24)
+    ap.add_argument(
+        "--sparse-sub-pages",
+        type=int,
+        default=SparseConfig().sub_pages,
+        help="LServe's logical pages per page (the selector's statistics: 2 reads half of 4's)",
+    )
     ap.add_argument("--sparse-profile-steps", type=int, default=0,
                     help="after the timings at each context, run this many engine decode steps (one selector "
                          "refresh among them) between cudaProfilerStart / Stop, for ncu --profile-from-start off; "
