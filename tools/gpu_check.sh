@@ -25,11 +25,12 @@ for s in $steps; do case $s in
            # says which files passed; FILES="a b" (names without tests/ and .py) picks some. On a warm machine whose
            # kernels are compiled most files take seconds (2026-12-06: the whole suite but test_gpu_e2e in ~6 min)
            for f in ${FILES:-$(cd tests && ls test_gpu_*.py | sed 's/\.py$//')}; do
-             step pytest_$f 300 python3 -m pytest -p no:cacheprovider -m gpu -q tests/$f.py
+             step pytest_$f 300 env LSERVE_SMOLLM2_GGUF=${LSERVE_SMOLLM2_GGUF:-/tmp/smollm2.gguf} \
+               python3 -m pytest -p no:cacheprovider -m gpu -q tests/$f.py
            done ;;
   pytest_sparse) # the sparse file alone takes minutes (long and tied selector lists on both selectors)
            step pytest_sparse 300 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_gpu_sparse.py ;;
-  llama)   step llama 200 python3 tools/bench_e2e.py --skip smollm2 --skip splits --llama-contexts 4096 32768 --out "$OUT/llama.json" ;;
+  llama)   step llama 200 python3 tools/bench_e2e.py --skip smollm2 --skip smollm2-lserve --skip splits --llama-contexts 4096 32768 --out "$OUT/llama.json" ;;
   sparse)  step sparse 200 python3 tools/bench_e2e.py --sparse --sparse-contexts 32768 --deadline $(($(date +%s)+120)) --out "$OUT/sparse.json" ;;
   smol)    step smol 200 env LSERVE_SMOLLM2_GGUF=${LSERVE_SMOLLM2_GGUF:-/tmp/smollm2.gguf} python3 tools/bench_e2e.py --skip llama --skip splits --out "$OUT/smol.json"
            step e2e 200 env LSERVE_SMOLLM2_GGUF=${LSERVE_SMOLLM2_GGUF:-/tmp/smollm2.gguf} python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_gpu_e2e.py ;;
