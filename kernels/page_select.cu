@@ -287,7 +287,7 @@ __device__ __forceinline__ void page_score_body(const f16_t* __restrict__ q, con
   const bool mass = job.mass;  // uniform: the head bounds are kept apart
   float* out = scores + (size_t)g * group * cap_nnz + job.lo;
   __shared__ LsePart part;
-  part.init();
+  if (mass) part.init();
   for (; e0 < npages; e0 += 32 * stride) {
     for (int j = 0; j < 32; ++j) {
       const int e = e0 + j * stride;
@@ -343,21 +343,14 @@ __device__ __forceinline__ float key_float(u32 k) {
   return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
 
-// The candidates' scores in the scores workspace: max: row 0 of `s`; mass (lse set): the log of the group's
-// summed softmax weight, logsumexp_h(s[h][i] - lse[h]) (sparse/selector.py::page_scores).
+// The candidates' scores in row 0 of the scores workspace: max's bounds as page_score wrote them, or mass's
+// scores once stage_mass has turned the rows into them in place.
 struct ListScores {
   const float* s;
-  int cap_nnz, group;
-  const float* lse;
 
-  __device__ __forceinline__ float operator()(int i) const {
-    if (lse == nullptr) return canonical(s[i]);
-    float m = LSERVE_NEG_INF, z = 0.f;
-    for (int h = 0; h < group; ++h) lse_merge(m, z, s[(size_t)h * cap_nnz + i] - lse[h], 1.f);
-    return canonical(m + logf(z));
-  }
+  __device__ __forceinline__ float operator()(int i) const { return canonical(s[i]); }
 
-  // v[j] = score of entry first + j (j < cnt <= R); max only (mass is staged first: stage_mass).
+  // v[j] = score of entry first + j (j < cnt <= R)
   template <int R>
   __device__ __forceinline__ void fill(float* v, int first, int cnt) const {
 #pragma unroll
@@ -415,11 +408,13 @@ __device__ void head_lse(const float2* __restrict__ part, int parts, int group, 
   __syncthreads();
 }
 
-// group_reduce mass, step 2: the candidates' scores logsumexp_h(s[h][i] - lse[h]) into the stage, coalesced
-// (thread t takes entries t, t + TK_THREADS, ...; a chunk's 4 heads x LSE_RUN loads go out before its merges);
-// the top-k then reads its runs from shared memory. Contiguous runs read straight from L2 were 8k cycles.
-__device__ void stage_mass(const float* __restrict__ s, int n, int group, int cap_nnz, const float* lse,
-                           float* stage) {
+// group_reduce mass, step 2: the candidates' scores, the log of the group's summed softmax weight
+// logsumexp_h(s[h][i] - lse[h]) (sparse/selector.py::page_scores), coalesced (thread t takes entries t,
+// t + TK_THREADS, ...; a chunk's 4 heads x LSE_RUN loads go out before its merges) into the stage (Staged: the
+// top-k then reads its runs from shared memory; contiguous runs read straight from L2 were 8k cycles) or, for a
+// list past the stage, into row 0 of `s` in place (entry i is read and written by one thread only).
+template <bool Staged>
+__device__ void stage_mass(const float* s, int n, int group, int cap_nnz, const float* lse, float* stage) {
   for (int base = threadIdx.x; base < n; base += LSE_RUN * TK_THREADS) {
     float v[LSE_RUN], z[LSE_RUN];
 #pragma unroll
@@ -442,7 +437,10 @@ __device__ void stage_mass(const float* __restrict__ s, int n, int group, int ca
     }
 #pragma unroll
     for (int r = 0; r < LSE_RUN; ++r)
-      if (base + r * TK_THREADS < n) stage[staged_at(base + r * TK_THREADS)] = canonical(v[r] + logf(z[r]));
+      if (base + r * TK_THREADS < n) {
+        const int i = base + r * TK_THREADS;
+        stage[Staged ? staged_at(i) : i] = canonical(v[r] + logf(z[r]));
+      }
   }
   __syncthreads();
 }
@@ -726,15 +724,12 @@ __device__ __forceinline__ void page_topk_body(const PlanView pv, const int* __r
   if (k > 0) {
     for (int i = tid; i < TK_PASSES * TK_BINS; i += TK_THREADS) (&sm.hist[0][0])[i] = 0;
     float* s = scores + (size_t)g * group * cap_nnz + job.lo;
-    ListScores src{s, cap_nnz, group, nullptr};
+    const ListScores src{s};
     constexpr int TILE = Tiles<ListScores, true>::TILE;
-    if (job.mass) {
-      head_lse(lse_part + ((size_t)qb * Hkv + g) * group * parts, parts, group, sm);
-      src.lse = sm.lse;
-    }
+    if (job.mass) head_lse(lse_part + ((size_t)qb * Hkv + g) * group * parts, parts, group, sm);
     if (n <= stage_cap && (job.mass || n > TILE)) {  // shared memory: every sweep after the first reads it
       if (job.mass) {
-        stage_mass(s, n, group, cap_nnz, sm.lse, stage);
+        stage_mass<true>(s, n, group, cap_nnz, sm.lse, stage);
       } else {
         for (int i = tid; i < n; i += TK_THREADS) stage[staged_at(i)] = src(i);
         __syncthreads();
@@ -746,11 +741,7 @@ __device__ __forceinline__ void page_topk_body(const PlanView pv, const int* __r
     } else if (!job.mass && n <= TILE) {  // max, the fast path: registers
       select_top<true>(src, n, k, out, sm);
     } else {  // every sweep rereads L2; mass: turn the bounds into scores once, in place
-      if (src.lse != nullptr) {
-        for (int i = tid; i < n; i += TK_THREADS) s[i] = src(i);  // entry i: read and written by one thread
-        __syncthreads();
-        src.lse = nullptr;
-      }
+      if (job.mass) stage_mass<false>(s, n, group, cap_nnz, sm.lse, s);
       select_top<false>(src, n, k, out, sm);
     }
   }

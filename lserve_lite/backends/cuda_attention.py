@@ -679,7 +679,6 @@ def _v2_kernel(k: _Kernels, name: str, smem: int):
 _SELECT_THREADS = 256  # page_score: 8 warps, a warp scores one physical page at a time (PS_THREADS)
 _SELECT_CTAS_PER_SM = 3  # page_score's __launch_bounds__(PS_THREADS, 3)
 _TOPK_THREADS = 512  # page_topk (TK_THREADS)
-_TOPK_RESIDENT = _TOPK_THREADS * 8  # candidates page_topk keeps in registers (TK_RUN = 8 per thread)
 _TOPK_STAGE_MAX = 16384  # candidates it stages in shared memory past that; longer lists reread L2 each pass
 
 
@@ -697,7 +696,7 @@ def score_grid_x(max_pages: int, max_qblocks: int, dense_heads: int, sms: int) -
 def topk_stage_entries(max_pages: int) -> int:
     """Candidates page_topk stages in shared memory for a plan of this capacity (a list has at most
     max_pages - 1 candidates), up to _TOPK_STAGE_MAX: with group_reduce mass every list is staged (its scores
-    computed in one coalesced pass); with max only lists past the registers' _TOPK_RESIDENT are."""
+    computed in one coalesced pass); with max only lists past the registers (TK_THREADS x TK_RUN) are."""
     return max(0, min(max_pages - 1, _TOPK_STAGE_MAX))
 
 
