@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from pathlib import Path
@@ -42,6 +43,8 @@ class Tokenizer:
         self.tok, self.cfg = tok, cfg
         special = [t.content for t in tok.get_added_tokens_decoder().values() if t.special and t.content]
         self._special_ids = {tok.token_to_id(t) for t in special}
+        self._added_ids = set(tok.get_added_tokens_decoder())
+        self._byte_spelling: dict[str, int] | str | None = None  # token_bytes' rule, read on first use
         longest_first = sorted(set(special), key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, longest_first))) if special else None
         self._plain_tok: HFTokenizer | None = None
@@ -81,6 +84,20 @@ class Tokenizer:
             ids = [i for i in ids if i in keep or i not in self._special_ids]
             skip_special_tokens = False
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for: a byte-level or byte-fallback token that holds part of a UTF-8 character
+        gives those bytes (decoded alone it would read U+FFFD); an added or special token gives its text."""
+        if self._byte_spelling is None:
+            self._byte_spelling = _byte_spelling(self.tok)
+        s = self.tok.id_to_token(token_id)
+        table = self._byte_spelling
+        if s is not None and token_id not in self._added_ids:
+            if isinstance(table, dict) and all(c in table for c in s):
+                return bytes(table[c] for c in s)
+            if table == "fallback" and (m := _BYTE_TOKEN.fullmatch(s)):
+                return bytes([int(m[1], 16)])
+        return self.tok.decode([token_id], skip_special_tokens=False).encode()
 
     def special_ids(self, texts: list[str]) -> frozenset[int]:
         """The ids of those of `texts` that are special tokens of this vocabulary (any other decodes as text, or
@@ -158,6 +175,19 @@ class Tokenizer:
         return self._plain_tok
 
 
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_spelling(tok: HFTokenizer) -> dict[str, int] | str:
+    """How the vocabulary spells bytes, from its decoder: byte-level BPE (the inverse of bytes_to_unicode),
+    SentencePiece's byte fallback (`<0xNN>` tokens: "fallback") or neither ("")."""
+    spec = json.loads(tok.to_str()).get("decoder") or {}
+    kinds = {d.get("type") for d in spec.get("decoders", [spec]) if isinstance(d, dict)}
+    if "ByteLevel" in kinds:
+        return {c: b for b, c in bytes_to_unicode().items()}
+    return "fallback" if "ByteFallback" in kinds else ""
+
+
 def _chat_messages(messages: object) -> list[dict]:
     """`messages` checked (a non-empty list of dicts with a string role and a content), contents as text."""
     if not isinstance(messages, list) or not messages:
@@ -169,14 +199,15 @@ def _chat_messages(messages: object) -> list[dict]:
 
 
 def message_text(content: object) -> str:
-    """A chat message's content as the template's text: a string, OpenAI's list of text parts joined, or None
-    (an assistant turn without text) as empty."""
+    """A chat message's content as the template's text: a string, OpenAI's list of text parts joined by newlines
+    (as vLLM joins them: parts written as separate paragraphs do not run together), or None (an assistant turn
+    without text) as empty."""
     if content is None or isinstance(content, str):
         return content or ""
     if isinstance(content, list) and all(
         isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
     ):
-        return "".join(p["text"] for p in content)
+        return "\n".join(p["text"] for p in content)
     raise InvalidRequestError(
         "a chat message's content must be a string or a list of text parts {'type': 'text', 'text': str}"
     )
@@ -227,6 +258,21 @@ def _one_line(e: BaseException) -> str:
 
 def _raise_exception(msg: str):
     raise InvalidRequestError(f"chat template: {msg}")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (the spelling of byte-level BPE vocabularies)."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 class IncrementalDecoder:

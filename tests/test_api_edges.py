@@ -131,21 +131,22 @@ def test_chat_refuses_malformed_conversations(llm, messages, match):
 
 
 def test_chat_content_as_text_parts_or_none_renders_as_text(llm):
-    """OpenAI's content forms (what the server accepts) render as the plain string would."""
+    """OpenAI's content forms (what the server accepts) render as the plain string would, text parts joined by
+    newlines."""
     tok = llm.tokenizer
     plain = tok.render_chat(
-        [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": ""}]
+        [{"role": "user", "content": "hello\nthere"}, {"role": "assistant", "content": ""}]
     )
     parts = tok.render_chat(
         [
             {
                 "role": "user",
-                "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "there"}],
+                "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "there"}],
             },
             {"role": "assistant", "content": None},
         ]
     )
-    assert parts == plain and "hello there" in plain
+    assert parts == plain and "hello\nthere" in plain
 
 
 def test_stream_refuses_several_candidates(llm):

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from lserve_lite.errors import ModelLoadError
+from lserve_lite.tokenizer import bytes_to_unicode
 from lserve_lite.weights import default_model
 from lserve_lite.weights.default_model import default_gguf_path, default_model_dir
 from lserve_lite.weights.gguf_import import convert_gguf
 from lserve_lite.weights.gguf_reader import read_gguf_metadata
-from lserve_lite.weights.gguf_tokenizer import _bytes_to_unicode
 
 TEXTS = [
     "Hello world",
@@ -205,7 +205,7 @@ def random_k_blocks(kind: str, shape: tuple[int, int], rng: np.random.Generator,
 
 
 def _gpt2_vocab() -> tuple[list[str], list[int], list[str]]:
-    chars = sorted(_bytes_to_unicode().values())
+    chars = sorted(bytes_to_unicode().values())
     merges = ["Ġ t", "h e", "Ġt he", "Ġ a"]
     tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *chars, "Ġt", "he", "Ġthe", "Ġa", "<think>"]
     types = [3, 3, 3] + [1] * (len(tokens) - 4) + [4]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -121,6 +122,17 @@ def test_n_candidates_share_the_prompt_pages(llm):
     assert eng.blocks.num_used == 0
 
 
+def test_stop_string_in_the_grammars_last_token(llm):
+    """A stop string completed by the token that ends the grammar still cuts the text (it was checked only while
+    no other finish reason had been found)."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+    p = dict(temperature=0, max_new_tokens=120, response_format=fmt)
+    free = llm.generate("Describe a person.", SamplingParams(**p))[0]
+    assert free.finish_reason == "stop" and free.text.endswith("}")
+    cut = llm.generate("Describe a person.", SamplingParams(**p, stop=["}"]))[0]
+    assert cut.finish_reason == "stop" and cut.text == free.text[: free.text.find("}")]
+
+
 def test_response_format_json_schema_and_object(llm):
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
     outs = llm.generate(["Describe a person."] * 20, SamplingParams(temperature=0.9, seed=None, max_new_tokens=120,
@@ -208,6 +220,59 @@ def test_completion_echo_logprobs_as_lm_eval_reads_them(client, llm):
     assert r.choices[0].text.startswith(llm.tokenizer.decode(ids, False))
     assert abs(lp.token_logprobs[-1] - want[-1, greedy]) < 1e-4
     assert lp.text_offset[0] == 0 and lp.tokens[1] == llm.tokenizer.decode([ids[1]], False)
+
+
+MULTIBYTE = "Café ☕ is 🐦 ok"
+
+
+def test_logprob_bytes_and_offsets_of_partial_characters(llm):
+    """Tokens that hold part of a UTF-8 character: their `bytes` are those bytes (joined, the text), and text
+    offsets are where their character starts: the tokenizers library's own encode offsets (the reference)."""
+    from lserve_lite.sequence import TokenLogprob
+    from lserve_lite.serve.logprobs import LogprobFormatter, TextOffsets
+
+    enc = llm.tokenizer.tok.encode(MULTIBYTE, add_special_tokens=False)
+    assert any(llm.tokenizer.decode([i]).endswith("\ufffd") for i in enc.ids)  # the case this is about
+    fmt = LogprobFormatter(llm.tokenizer)
+    entries = [TokenLogprob(i, -1.0, [(i, -1.0)]) for i in enc.ids]
+    content = fmt.chat(entries)["content"]
+    assert bytes(b for c in content for b in c["bytes"]).decode() == MULTIBYTE
+    assert bytes(content[0]["top_logprobs"][0]["bytes"]) == bytes(content[0]["bytes"])
+    assert fmt.completion(entries, enc.ids, TextOffsets())["text_offset"] == [a for a, _ in enc.offsets]
+    cut = len(enc.ids) // 2  # a stream's chunks continue one another's offsets
+    offsets = TextOffsets()
+    parts = [
+        fmt.completion(entries[:cut], enc.ids[:cut], offsets),
+        fmt.completion(entries[cut:], enc.ids[cut:], offsets),
+    ]
+    assert [a for p in parts for a in p["text_offset"]] == [a for a, _ in enc.offsets]
+
+
+def test_streamed_text_offsets_behind_a_stop_string(client):
+    """A stop string holds text back from the chunks while their tokens go out: the streamed offsets still
+    count the tokens, as the whole reply's do."""
+    kw = dict(model="tiny", prompt="the quick", max_tokens=8, temperature=0, logprobs=0, stop=["x" * 40],
+              extra_body={"ignore_eos": True})  # fmt: skip
+    whole = client.completions.create(**kw).choices[0].logprobs.text_offset
+    chunks = client.completions.create(**kw, stream=True)
+    streamed = [
+        a for c in chunks if c.choices and c.choices[0].logprobs for a in c.choices[0].logprobs.text_offset
+    ]
+    assert len(whole) == 8 and streamed == whole and whole == sorted(whole) and whole[-1] > 0
+
+
+def test_token_bytes_of_a_byte_fallback_vocabulary():
+    """SentencePiece-style vocabularies spell a byte as `<0xNN>` (Llama 2, Mistral): token_bytes gives the byte."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models
+
+    from lserve_lite.tokenizer import Tokenizer
+
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}, "▁is": 257, "▁ok": 258}
+    hf = HFTokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok = Tokenizer.from_parts(hf, {}, Path("spm"))
+    assert [tok.token_bytes(i) for i in (1 + 0xE2, 1 + 0x98, 257)] == [b"\xe2", b"\x98", b" is"]
 
 
 def test_scoring_with_max_tokens_0_and_echo(server, client, llm):

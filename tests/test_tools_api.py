@@ -343,7 +343,8 @@ def test_tools_in_the_system_message_when_the_template_does_not_read_them():
     assert plain[0] == CONVERSATION[0] and "<tool_call>" in plain[2]["content"]
     parts = [{"role": "tool", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
     assert (
-        prompt_messages(parts, None, native=False)[0][0]["content"] == "<tool_response>\nab\n</tool_response>"
+        prompt_messages(parts, None, native=False)[0][0]["content"]
+        == "<tool_response>\na\nb\n</tool_response>"
     )
 
 

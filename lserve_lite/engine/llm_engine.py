@@ -388,18 +388,20 @@ class LLMEngine:
         dec = self.decoders[seq.request_id]
         stop_tok = (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids
         complete = advance(seq, tok)  # a constrained request ends where its grammar does
+        at_length = len(seq.output_ids) >= p.max_new_tokens or seq.num_tokens >= self.max_len
         if not stop_tok:
             seq.text += dec.push(tok)
+            if complete or at_length:  # its last text: the stop strings below see all of it
+                seq.text += dec.flush()
         reason = "stop" if stop_tok or complete else None
-        if reason is None and p.stop:
+        if not stop_tok and p.stop:
             hit = min(
                 (i for i in (seq.text.find(s, max(0, seq.emitted - len(s))) for s in p.stop) if i >= 0),
                 default=-1,
             )
             if hit >= 0:
                 seq.text, reason = seq.text[:hit], "stop"
-        if reason is None and (len(seq.output_ids) >= p.max_new_tokens or seq.num_tokens >= self.max_len):
-            seq.text += dec.flush()
+        if reason is None and at_length:
             reason = "length"
         if reason is not None:
             self.scheduler.finish(seq, reason)

@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from ..engine.llm_engine import StepOutput
 from ..engine.tool_calls import ToolStream, finish_reason
 from .async_engine import RequestHandle
-from .logprobs import LogprobFormatter
+from .logprobs import LogprobFormatter, TextOffsets
 from .protocol import ApiError, usage
 
 
@@ -39,10 +39,10 @@ class Choices:
         entries = seq.prompt_logprobs if seq is not None and seq.prompt_logprobs else [None] * len(ids)
         return self.prompt_texts[i // self.n], entries, ids
 
-    def logprobs(self, entries: list, ids: list[int], offset: int) -> dict | None:
+    def logprobs(self, entries: list, ids: list[int], offsets: TextOffsets) -> dict | None:
         if not self.want_logprobs:
             return None
-        return self.fmt.chat(entries) if self.chat else self.fmt.completion(entries, ids, offset)
+        return self.fmt.chat(entries) if self.chat else self.fmt.completion(entries, ids, offsets)
 
     def choice(self, i: int, text: str, last: StepOutput, lps: list) -> dict:
         """A non-streamed choice."""
@@ -57,13 +57,13 @@ class Choices:
             return {
                 "index": i,
                 "message": message,
-                "logprobs": self.logprobs(lps, [], 0),
+                "logprobs": self.logprobs(lps, [], TextOffsets()),
                 "finish_reason": finish,
             }
         prefix, entries, ids = self.echo_part(i, last.seq)
         if self.scores_only:
             text, lps = "", []
-        lp = self.logprobs(entries + lps, ids + [e.token_id for e in lps], 0)
+        lp = self.logprobs(entries + lps, ids + [e.token_id for e in lps], TextOffsets())
         return {"index": i, "text": prefix + text, "logprobs": lp, "finish_reason": self.finish(last)}
 
     def finish(self, last: StepOutput) -> str | None:
@@ -146,7 +146,7 @@ async def sse_events(
 ) -> AsyncIterator[str]:
     """OpenAI stream chunks, then (with include_usage) a usage chunk, then `data: [DONE]`."""
     extra = {"usage": None} if include_usage else {}
-    offsets = [0] * len(handles)
+    offsets = [TextOffsets() for _ in handles]
     started = [False] * len(handles)
     tools = [ToolStream(shape.tools) if shape.tools else None for _ in handles]
     ncalls = [0] * len(handles)
@@ -176,7 +176,6 @@ async def sse_events(
             text, calls = (prefix + new, []) if tools[i] is None else tools[i].feed(new, out.finished)
             if text or new_lps or prefix:
                 lp = shape.logprobs(entries + new_lps, ids + [e.token_id for e in new_lps], offsets[i])
-                offsets[i] += len(text)
                 yield chunk(i, text, lp)
             for call in calls:  # a call in one delta, its arguments whole
                 yield chunk(i, None, calls=[{"index": ncalls[i], **call}])

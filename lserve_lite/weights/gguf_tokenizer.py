@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError
+from ..tokenizer import bytes_to_unicode
 from .gguf_reader import _one_line
 
 # llama.cpp token types (tokenizer.ggml.token_type)
@@ -62,21 +63,6 @@ PRE_TOKENIZER_SPLITS = {
     "tekken": _TEKKEN_SPLIT,
     **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O_SPLIT),
 }
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 def _generate_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
@@ -159,7 +145,7 @@ def build_tokenizer(meta: dict[str, Any], path: str | Path = "GGUF"):
     types = list(meta.get("tokenizer.ggml.token_type") or [])
     try:
         if kind == "gpt2":
-            spelling = _bytes_to_unicode()
+            spelling = bytes_to_unicode()
             alphabet = set(spelling.values())
             vocab = {
                 tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8")): i
