@@ -128,6 +128,7 @@ def test_tokenize_and_detokenize(server, ref):
         ("/tokenize", {"messages": [{"role": "bot", "content": "x"}]}, "messages"),
         ("/detokenize", {"tokens": [1, 10**9]}, "tokens"),
         ("/detokenize", {"tokens": "1 2"}, "tokens"),
+        ("/detokenize", {"tokens": [1], "model": 5}, "model"),
     ]:
         e = post(path, **body)
         assert e.status_code == 400 and e.json()["error"]["param"] == param, (path, body, e.text)
@@ -381,6 +382,34 @@ def test_overload_429(tiny_dir):
                 c.completions.create(**(body | {"n": 2}))
             assert metrics(url)["lserve_requests_in_flight"] == 1
         t.join()
+
+
+def test_concurrent_requests_refused_whole(tiny_dir):
+    """Two requests of two sequences each arriving together where two fit: one is admitted whole, the other
+    refused (429) with none of its sequences queued (room was checked first and taken per sequence later, so
+    a concurrent request could slip between and be refused half started)."""
+    from lserve_lite.serve.async_engine import AsyncEngine, RequestHandle
+    from lserve_lite.serve.protocol import ApiError
+
+    engine = LLMEngine(str(tiny_dir), "cpu", EngineConfig(**(CFG | {"max_num_seqs": 1})))
+    params = SamplingParams(max_new_tokens=2)
+
+    async def both():
+        aengine = AsyncEngine(engine, max_queue=1)
+        aengine.start(asyncio.get_running_loop())
+        try:
+            jobs = [[([5, 6, 7], params, f"{r}-{i}") for i in range(2)] for r in "ab"]
+            got = await asyncio.gather(*(aengine.submit(j) for j in jobs), return_exceptions=True)
+            in_flight = aengine.num_in_flight
+            for h in got[0]:
+                h.close()
+            return got, in_flight
+        finally:
+            aengine.shutdown()
+
+    (a, b), in_flight = asyncio.run(both())
+    assert all(isinstance(h, RequestHandle) for h in a) and in_flight == 2
+    assert isinstance(b, ApiError) and b.status == 429
 
 
 def test_internal_errors_500_without_trace(server, client, monkeypatch):

@@ -106,7 +106,9 @@ def create_app(
                 401, "missing or wrong API key (send 'Authorization: Bearer KEY')", code="invalid_api_key"
             )
 
-    def check_model(name: str | None) -> None:
+    def check_model(name: object) -> None:
+        if name is not None and not isinstance(name, str):
+            raise ApiError(400, "model: must be a string", "model")
         if name and name != model_name:
             raise ApiError(404, f"model {name!r} not found (this server serves {model_name!r})", "model",
                            "model_not_found")  # fmt: skip
@@ -241,16 +243,11 @@ def create_app(
             for ids in prompts
             for c in req.sampling_params(max_new_tokens(req, len(ids))).candidates()
         ]
-        aengine.check_room(len(jobs))
         rid = new_id("chatcmpl" if chat else "cmpl")
         # all at once, so that they reach the engine in one step: the first candidate of a prompt prefills
         # it, the others wait for its pages and attach them from the prefix cache
-        got = await asyncio.gather(
-            *(
-                aengine.submit(ids, c, rid if len(jobs) == 1 else f"{rid}-{i}")
-                for i, (ids, c) in enumerate(jobs)
-            ),
-            return_exceptions=True,
+        got = await aengine.submit(
+            [(ids, c, rid if len(jobs) == 1 else f"{rid}-{i}") for i, (ids, c) in enumerate(jobs)]
         )
         handles: list[RequestHandle] = [h for h in got if isinstance(h, RequestHandle)]
         failed = next((e for e in got if isinstance(e, BaseException)), None)

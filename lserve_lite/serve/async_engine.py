@@ -12,7 +12,6 @@ import asyncio
 import logging
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 
 from ..engine.llm_engine import LLMEngine, StepOutput
@@ -118,18 +117,25 @@ class AsyncEngine:
         if len(self._queues) + count > self.max_in_flight:
             raise ApiError(429, f"server overloaded: {len(self._queues)} requests in flight; retry later")
 
-    async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None):
-        """Hand a request to the engine; returns its RequestHandle once admitted, raises ApiError if refused."""
+    async def submit(
+        self, jobs: list[tuple[list[int], SamplingParams, str]]
+    ) -> list[RequestHandle | BaseException]:
+        """Hand a request's sequences (prompt ids, params, request id) to the engine: room checked and every one
+        queued in one synchronous step, so that no other request takes the room between (a 429 starts none);
+        then each one's RequestHandle once admitted, or the ApiError that refused it."""
         if not self.alive:
             raise ApiError(503, "the engine is not running")
-        if len(self._queues) >= self.max_in_flight:
-            raise ApiError(429, f"server overloaded: {len(self._queues)} requests in flight; retry later")
-        rid = request_id or uuid.uuid4().hex
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[rid] = queue
+        self.check_room(len(jobs))
+        queues: list[tuple[str, asyncio.Queue]] = []
         with self._cv:
-            self._inbox.append(_Submission(rid, prompt_ids, params, time.monotonic()))
+            for prompt_ids, params, rid in jobs:
+                queues.append((rid, asyncio.Queue()))
+                self._queues[rid] = queues[-1][1]
+                self._inbox.append(_Submission(rid, prompt_ids, params, time.monotonic()))
             self._cv.notify()
+        return await asyncio.gather(*(self._admitted(rid, q) for rid, q in queues), return_exceptions=True)
+
+    async def _admitted(self, rid: str, queue: asyncio.Queue) -> RequestHandle:
         try:
             first = await queue.get()
         except asyncio.CancelledError:
