@@ -24,6 +24,19 @@ def test_chat_repl_survives_bad_bytes_and_full_context(tiny_llama):
     assert err.count("tokens, first after") == 8, err[-2000:]  # every message got a reply, commands none
 
 
+def test_chat_commands_ignore_trailing_words(tiny_llama):
+    """A command is its line's first word: `/reset now` resets, `/quit now` quits (the message after it never runs)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "chat", "--model", str(tiny_llama), "--backend", "cpu",
+         "--max-new-tokens", "2"],
+        input=b"/reset now\n/help me\n/quit now\nhello\n", capture_output=True, timeout=300,
+    )  # fmt: skip
+    err = r.stderr.decode()
+    assert r.returncode == 0, err[-2000:]
+    assert "(conversation cleared)" in err and "/help: /reset clears" in err and "unknown command" not in err
+    assert "tokens, first after" not in err, err[-2000:]
+
+
 def test_cli_refuses_absurd_numbers_in_one_line():
     """Absurd option values stop at the parser: one `error:` line, exit status 2, no traceback, no model load."""
     for argv in (["serve", "--port", "99999"], ["generate", "--prompt", "x", "--kv-pages", "-3"],
