@@ -20,6 +20,7 @@ from .errors import InvalidRequestError
 from .sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # the CLI builds its parser without loading the engine
+    from .engine.llm_engine import LLMEngine
     from .llm import LLM
 
 
@@ -42,19 +43,39 @@ def prefill_tok_s(llm: LLM, n: int, reps: int = 3) -> float:
 
 
 def decode_tok_s(llm: LLM, ctx: int, steps: int, batch: int = 1) -> float:
-    """Median steady-state decode rate (tokens/s summed over the batch) after `ctx` prompt tokens."""
-    prompts = [random_prompt(ctx, llm.engine.cfg.vocab_size, seed=ctx + b) for b in range(batch)]
-    params = SamplingParams(temperature=0, max_new_tokens=steps + 2, ignore_eos=True)
+    """Median steady-state decode rate (tokens/s summed over the batch) after `ctx` prompt tokens, over `steps`
+    steps in which the whole batch decodes; fewer such steps is an error, never a lower figure."""
     eng = llm.engine
-    for p in prompts:
-        eng.add_request(p, params)
-    stamps = []
-    while eng.has_unfinished():
+    params = SamplingParams(temperature=0, max_new_tokens=eng.max_len, ignore_eos=True)  # aborted once timed
+    rids = [
+        eng.add_request(random_prompt(ctx, eng.cfg.vocab_size, seed=ctx + b), params) for b in range(batch)
+    ]
+    try:
+        stamps = _batch_step_stamps(eng, set(rids), steps + 2)
+    finally:
+        for rid in rids:
+            eng.abort(rid)
+        while eng.has_unfinished():
+            eng.step()
+    if len(stamps) < steps + 2:
+        raise InvalidRequestError(
+            f"the batch of {batch} decoded together for {max(0, len(stamps) - 2)} of {steps} steps (a sequence "
+            "was preempted or reached the context limit); lower --batch, --context or --steps"
+        )
+    return batch / float(np.median(np.diff(stamps[1:])))  # stamps[0] ends the batch's prefill
+
+
+def _batch_step_stamps(eng: LLMEngine, rids: set[str], count: int) -> list[float]:
+    """End times of up to `count` consecutive steps that give every request of `rids` a token (the first of
+    them ends the batch's prefill); stops at the first later step that leaves one of them out."""
+    stamps: list[float] = []
+    while len(stamps) < count and eng.has_unfinished():
         outs = eng.step()
-        if outs and all(len(o.token_ids) for o in outs) and len(outs) == batch:
+        if {o.request_id for o in outs if o.token_ids} == rids:
             stamps.append(time.perf_counter())
-    gaps = np.diff(stamps[1:])
-    return batch / float(np.median(gaps)) if gaps.size else 0.0
+        elif stamps:
+            break
+    return stamps
 
 
 def _json_path(text: str) -> str:
@@ -81,6 +102,21 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=_json_path, default=None, help="also write the figures to this JSON file")
 
 
+def _check_decode_fits(llm: LLM, ctx: int, steps: int, batch: int) -> None:
+    """The timed decode needs `ctx + steps + 2` tokens a sequence (its first two steps are not timed) and every
+    sequence's KV pages at once: refused before any prompt runs."""
+    eng, total = llm.engine, ctx + steps + 2
+    if total > eng.max_len:
+        raise InvalidRequestError(
+            f"--context {ctx} + --steps {steps} + 2 untimed = {total} tokens; the context limit is {eng.max_len}"
+        )
+    fit = eng.blocks.seqs_that_fit(total - 1)  # the last token's K/V is never written
+    if batch > fit:
+        raise InvalidRequestError(
+            f"--batch {batch}: the KV pool holds {fit} sequence(s) of {total} tokens at once (--kv-pages)"
+        )
+
+
 def main(args: argparse.Namespace, llm: LLM) -> int:
     if args.batch > llm.engine.ecfg.max_num_seqs:
         raise InvalidRequestError(
@@ -89,6 +125,7 @@ def main(args: argparse.Namespace, llm: LLM) -> int:
     longest = max(args.context, *args.prompt_lens)
     if longest >= llm.engine.max_len:  # refused before a prompt of that many ids is built
         raise InvalidRequestError(f"a prompt of {longest} tokens; the context limit is {llm.engine.max_len}")
+    _check_decode_fits(llm, args.context, args.steps, args.batch)
     rows = {f"prefill_{n}_tok_s": prefill_tok_s(llm, n) for n in args.prompt_lens}
     rows[f"decode_ctx{args.context}_b{args.batch}_tok_s"] = decode_tok_s(
         llm, args.context, args.steps, args.batch

@@ -74,7 +74,8 @@ def _save_history(readline, path: str) -> None:
 
 
 CHAT_COMMANDS = (
-    "/reset clears the conversation, /exit quits, // starts a message with a slash, Ctrl-C stops a reply."
+    "/reset clears the conversation, /exit or /quit quits, /help lists these, // starts a message with a slash, "
+    "Ctrl-C stops a reply."
 )
 
 
@@ -105,16 +106,16 @@ def cmd_chat(args) -> int:
         cmd = line.strip()
         if not cmd:
             continue
-        if cmd in ("/exit", "/quit"):
+        word = cmd.split()[0]  # a command's trailing words are ignored, as most REPLs do
+        if word in ("/exit", "/quit"):
             return 0
-        if cmd == "/reset":
+        if word == "/reset":
             history = history[:1] if args.system else []
             print("(conversation cleared)", file=sys.stderr)
             continue
         if cmd.startswith("//"):  # a message that starts with a slash
             line = line.lstrip()[1:]
         elif cmd.startswith("/"):
-            word = cmd.split()[0]
             known = word if word == "/help" else f"unknown command {word}"
             print(f"{known}: {CHAT_COMMANDS}", file=sys.stderr)
             continue

@@ -38,6 +38,21 @@ def test_generate_refuses_bad_prompt_ids(llm, ids):
     assert not llm.engine.has_unfinished()
 
 
+@pytest.mark.parametrize("rid", [[1], 7, b"id", ""])
+def test_request_ids_must_be_strings(llm, rid):
+    """add_request and abort refuse an id that is not a non-empty str in one line (a list was a TypeError; an
+    abort of one failed only inside the next step)."""
+    with pytest.raises(InvalidRequestError, match="request_id must be a non-empty str"):
+        llm.engine.add_request([1, 2], SamplingParams(max_new_tokens=1), request_id=rid)
+    with pytest.raises(InvalidRequestError, match="request_id must be a non-empty str"):
+        llm.engine.abort(rid)
+    assert not llm.engine.has_unfinished()
+    assert llm.engine.add_request([1, 2], SamplingParams(max_new_tokens=1), request_id="mine") == "mine"
+    llm.engine.abort("mine")
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+
+
 def test_logits_of_valid_ids(llm):
     out = llm.logits([1, 2, 3])
     assert out.shape == (3, llm.engine.cfg.vocab_size) and np.isfinite(out).all()

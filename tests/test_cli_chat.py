@@ -3,6 +3,7 @@ context (oldest exchanges are dropped, with a note), and still answers."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -22,6 +23,19 @@ def test_chat_repl_survives_bad_bytes_and_full_context(tiny_llama):
     assert "dropped the" in err and "oldest exchange" in err
     assert "unknown command /bogus: /reset clears" in err and "/help: /reset clears" in err
     assert err.count("tokens, first after") == 8, err[-2000:]  # every message got a reply, commands none
+
+
+def test_chat_commands_ignore_trailing_words(tiny_llama):
+    """A command is its line's first word: `/reset now` resets, `/quit now` quits (the message after it never runs)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "chat", "--model", str(tiny_llama), "--backend", "cpu",
+         "--max-new-tokens", "2"],
+        input=b"/reset now\n/help me\n/quit now\nhello\n", capture_output=True, timeout=300,
+    )  # fmt: skip
+    err = r.stderr.decode()
+    assert r.returncode == 0, err[-2000:]
+    assert "(conversation cleared)" in err and "/help: /reset clears" in err and "unknown command" not in err
+    assert "tokens, first after" not in err, err[-2000:]
 
 
 def test_cli_refuses_absurd_numbers_in_one_line():
@@ -83,15 +97,40 @@ def test_chat_status_line_reports_cached_tokens(tiny_llama):
     assert on[0][0] == 0 and all(c >= 64 for c, _ in on[1:]) and all(c == 0 for c, _ in off)
 
 
+def _bench(tiny_llama, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "bench", "--model", str(tiny_llama), "--backend", "cpu", *flags],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
 def test_bench_refuses_what_the_engine_cannot_run(tiny_llama):
-    """After the model loads: a batch over the engine's max_num_seqs, a prompt over the context (one line, exit 1)."""
+    """After the model loads, before any prompt runs: a batch over the engine's max_num_seqs, a prompt over the
+    context, a decode that would run past it, a batch the KV pool cannot hold at once; and a batch that did not
+    decode together for every step (its prefill took several steps, so the first sequence reaches the context
+    limit first) is an error too, never a low or 0.0 figure (one line, exit 1)."""
+    short = ["--prompt-lens", "16"]
     for flags, msg in ((["--batch", "65"], "exceeds the engine's max_num_seqs (64)"),
-                       (["--context", "300", "--max-model-len", "256"], "the context limit is 256")):  # fmt: skip
-        r = subprocess.run(
-            [sys.executable, "-m", "lserve_lite.cli", "bench", "--model", str(tiny_llama), "--backend", "cpu", *flags],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+                       (["--context", "300", "--max-model-len", "256"], "the context limit is 256"),
+                       ([*short, "--context", "100", "--steps", "50", "--kv-pages", "2"],
+                        "152 tokens; the context limit is 128"),
+                       ([*short, "--context", "60", "--steps", "8", "--batch", "4", "--kv-pages", "2"],
+                        "the KV pool holds 1 sequence(s) of 70 tokens"),
+                       ([*short, "--context", "100", "--steps", "28", "--batch", "2", "--kv-pages", "4"],
+                        "the KV pool holds 1 sequence(s) of 130 tokens"),
+                       ([*short, "--context", "900", "--steps", "122", "--batch", "4"], "of 122 steps")):  # fmt: skip
+        r = _bench(tiny_llama, *flags)
         assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert "decode_ctx" not in r.stdout
+
+
+def test_bench_times_a_batch_that_just_fits(tiny_llama, tmp_path):
+    """Two sequences of 100 + 27 + 2 tokens hold 2 pages each of a 4-page pool: every step is timed."""
+    out = tmp_path / "bench.json"
+    flags = ["--prompt-lens", "16", "--context", "100", "--steps", "27", "--batch", "2", "--kv-pages", "4"]
+    r = _bench(tiny_llama, *flags, "--json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(out.read_text())["decode_ctx100_b2_tok_s"] > 0
 
 
 def test_serve_refuses_an_address_it_cannot_bind_before_loading(tmp_path):

@@ -532,6 +532,17 @@ def test_existing_output_dir(tmp_path: Path):
     assert read_gguf_metadata(src)["general.architecture"] == "llama"
 
 
+def test_output_path_that_is_a_file(tmp_path: Path):
+    """A file where the output directory should go is named as a file, overwrite or not, and left as it was."""
+    src, out = tmp_path / "tiny.gguf", tmp_path / "passwd"
+    write_tiny_gguf(src)
+    out.write_text("x")
+    for overwrite in (False, True):
+        with pytest.raises(ModelLoadError, match="passwd: the output path is a file, not a directory"):
+            convert_gguf(src, out, progress=False, overwrite=overwrite)
+    assert out.read_text() == "x"
+
+
 # -------------------------------------------------------------------------------------- default model
 
 

@@ -202,6 +202,8 @@ class LLMEngine:
             raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}")
         if sparse is not None and not isinstance(sparse, dict):
             raise InvalidRequestError(f"sparse must be a dict of LServe knobs, got {type(sparse).__name__}")
+        if request_id is not None:
+            _check_request_id(request_id)
         params.validate()  # again: its fields may have changed since it was made
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self._check_ids(prompt, "prompt")
         if not ids:
@@ -264,6 +266,7 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> None:
         """Thread-safe: the sequence is dropped and its pages freed at the start of the next step."""
+        _check_request_id(request_id)  # checked here, not inside a later step()
         with self._lock:
             self._aborts.append(request_id)
 
@@ -455,6 +458,12 @@ class LLMEngine:
             return np.concatenate(chunks)
         finally:
             self.blocks.release(seq)
+
+
+def _check_request_id(request_id: object) -> None:
+    """Request ids key the engine's tables: a non-empty str, or a one-line error instead of a TypeError."""
+    if not isinstance(request_id, str) or not request_id:
+        raise InvalidRequestError(f"request_id must be a non-empty str, got {request_id!r:.60}")
 
 
 def _plain(seq: Sequence) -> bool:

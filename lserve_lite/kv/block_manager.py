@@ -60,11 +60,19 @@ class BlockManager:
         """Pages held by sequences in both pools (idle cached pages and snapshots do not count)."""
         return self.num_pages - self.num_free + self.num_stream_pages - self.num_stream_free
 
-    def _needed(self, seq: Sequence, num_tokens: int) -> tuple[int, int]:
+    def _pages_for(self, num_tokens: int) -> tuple[int, int]:
+        """(dense, streaming) pages a sequence of `num_tokens` tokens holds."""
         pages = -(-num_tokens // self.page_size)
-        dense = max(0, pages - len(seq.page_table))
-        stream = max(0, min(pages, self.stream_per_seq) - len(seq.stream_table))
-        return dense, stream
+        return pages, min(pages, self.stream_per_seq)
+
+    def _needed(self, seq: Sequence, num_tokens: int) -> tuple[int, int]:
+        dense, stream = self._pages_for(num_tokens)
+        return max(0, dense - len(seq.page_table)), max(0, stream - len(seq.stream_table))
+
+    def seqs_that_fit(self, num_tokens: int) -> int:
+        """How many sequences of `num_tokens` tokens both pools hold at once (what a batch can run together)."""
+        dense, stream = self._pages_for(num_tokens)
+        return min(self.num_pages // dense, self.num_stream_pages // stream if stream else self.num_pages)
 
     def has_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether `seq` already holds the pages (and selection slot) for `num_tokens`: growing it is a no-op.

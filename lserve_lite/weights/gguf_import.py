@@ -56,10 +56,12 @@ def convert_gguf(
 ) -> Path:
     """Convert a llama or qwen2 GGUF into an HF directory at `out_dir` (written to a temp dir, then renamed).
 
-    An existing non-empty `out_dir` is an error unless `overwrite`. Returns `out_dir`.
+    An existing non-empty `out_dir` is an error unless `overwrite`; a file there always is. Returns `out_dir`.
     """
     src, out = Path(gguf_path).expanduser(), Path(out_dir).expanduser()
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise ModelLoadError(f"{out}: the output path is a file, not a directory")
+    if out.exists() and not overwrite and any(out.iterdir()):
         raise ModelLoadError(f"{out}: output directory already exists and is not empty")
     meta, tensors = read_gguf(src)
     check_tokenizer_metadata(meta, src)
