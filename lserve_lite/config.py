@@ -11,6 +11,7 @@ from pathlib import Path
 from .errors import InvalidRequestError, ModelLoadError
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ACTS = ("silu", "swish")  # the MLP's activation (transformers' names for the same SiLU)
 
 
 # Sane bounds for config.json sizes: far above any released model, far below a runaway allocation.
@@ -185,6 +186,7 @@ class ModelConfig:
         hidden, heads = f.integer("hidden_size"), f.integer("num_attention_heads")
         vocab = f.integer("vocab_size")
         bos = token_ids(d.get("bos_token_id"), "bos_token_id", source, vocab)
+        _refuse_unsupported(f, arch)
         cfg = cls(
             arch=arch,
             hidden_size=hidden,
@@ -199,7 +201,7 @@ class ModelConfig:
             rope_scaling=_rope_scaling(f, rope),
             max_position_embeddings=f.integer("max_position_embeddings", 4096),
             tie_word_embeddings=f.flag("tie_word_embeddings", False),
-            qkv_bias=arch == "Qwen2ForCausalLM" or f.flag("attention_bias", False),
+            qkv_bias=arch == "Qwen2ForCausalLM",
             dtype=f.text("torch_dtype") or f.text("dtype") or "float32",
             bos_token_id=bos[0] if bos else None,
             eos_token_ids=token_ids(d.get("eos_token_id"), "eos_token_id", source, vocab),
@@ -236,6 +238,22 @@ class ModelConfig:
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+
+def _refuse_unsupported(f: _Fields, arch: str) -> None:
+    """Options that change the forward pass but that the engine does not implement: refused, not ignored (wrong
+    logits). Qwen2's fixed q/k/v biases are implemented; Llama's `attention_bias` also biases o_proj."""
+    if arch != "Qwen2ForCausalLM" and f.flag("attention_bias", False):
+        raise ModelLoadError(
+            f"{f.source}: field 'attention_bias' is true (q/k/v and o_proj biases): not supported"
+        )
+    if f.flag("mlp_bias", False):
+        raise ModelLoadError(f"{f.source}: field 'mlp_bias' is true (MLP projection biases): not supported")
+    act = f.text("hidden_act") or "silu"
+    if act not in SUPPORTED_ACTS:
+        raise ModelLoadError(
+            f"{f.source}: unsupported hidden_act {_short(act)} (supported: {', '.join(SUPPORTED_ACTS)})"
+        )
 
 
 def _rope_scaling(f: _Fields, rope: dict) -> dict | None:

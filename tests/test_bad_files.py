@@ -106,6 +106,58 @@ def test_config_checked_against_the_weights(tmp_path: Path):
         LLM(str(d), backend="cpu")
 
 
+@pytest.mark.parametrize(
+    "field,value,msg",
+    [
+        ("attention_bias", True, "field 'attention_bias' is true"),
+        ("mlp_bias", True, "field 'mlp_bias' is true"),
+        ("hidden_act", "gelu", "unsupported hidden_act 'gelu'"),
+        ("hidden_act", "gelu_pytorch_tanh", "unsupported hidden_act 'gelu_pytorch_tanh'"),
+    ],
+)
+def test_forward_options_the_engine_lacks_are_refused(tmp_path: Path, field: str, value: object, msg: str):
+    """Before: ignored, so the model ran with wrong logits (no o_proj / MLP biases, SiLU for GELU)."""
+    d = write_min_model_dir(tmp_path / "m", **{field: value})
+    with pytest.raises(ModelLoadError, match=msg):
+        load_config(d)
+
+
+def test_supported_forward_options_still_load(tmp_path: Path):
+    """SiLU under either name, false biases, and Qwen2 (its q/k/v biases are implemented) load as before."""
+    for act in ("silu", "swish"):
+        load_config(write_min_model_dir(tmp_path / act, hidden_act=act, attention_bias=False, mlp_bias=False))
+    qwen = load_config(write_min_model_dir(tmp_path / "q", architectures=["Qwen2ForCausalLM"]))
+    assert qwen.qkv_bias
+
+
+def _add_tensor(d: Path, name: str, shape: tuple[int, ...]) -> None:
+    """Rewrite model.safetensors with one more (zero) tensor."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(d / "model.safetensors"))
+    save_file({**tensors, name: np.zeros(shape, np.float32)}, str(d / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "name,shape",
+    [("self_attn.o_proj.bias", (64,)), ("mlp.down_proj.bias", (64,)), ("self_attn.q_proj.bias", (64,))],
+)
+def test_bias_tensors_the_forward_skips_are_refused(tmp_path: Path, name: str, shape: tuple[int, ...]):
+    d = write_min_model_dir(tmp_path / "m", weights=True)
+    _add_tensor(d, f"model.layers.1.{name}", shape)
+    with pytest.raises(
+        ModelLoadError, match=rf"tensor model.layers.1.{name} is a bias this LlamaForCausalLM"
+    ):
+        load_weights(d, load_config(d))
+
+
+def test_inert_extra_tensors_still_load(tmp_path: Path):
+    """Older Llama checkpoints carry rotary_emb.inv_freq, which the engine recomputes: not refused."""
+    d = write_min_model_dir(tmp_path / "m", weights=True)
+    _add_tensor(d, "model.layers.0.self_attn.rotary_emb.inv_freq", (8,))
+    assert "model.layers.0.self_attn.rotary_emb.inv_freq" in load_weights(d, load_config(d))
+
+
 def test_sane_model_still_loads_and_runs(tmp_path: Path):
     d = write_min_model_dir(tmp_path / "m", weights=True)
     (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
