@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -29,7 +30,7 @@ MAX_MODEL_LEN = SIZE_BOUNDS["max_position_embeddings"]  # the longest context an
 MAX_NUM_SEQS = 4096  # requests batched together at most (page-selection slots, decode graphs and logits rows)
 MAX_BATCHED_TOKENS = 1 << 20  # tokens one step computes at most
 MAX_POOL_PAGES = 1 << 20  # a KV pool never has more pages than this (page ids are int32 in plans)
-MAX_JSON_BYTES = 64 << 20  # config / tokenizer_config / index files larger than this are not configs
+MAX_JSON_BYTES = 64 << 20  # config / tokenizer / index JSON files larger than this are not model files
 
 
 def env_float(name: str, default: float, lo: float, hi: float) -> float:
@@ -44,23 +45,34 @@ def env_float(name: str, default: float, lo: float, hi: float) -> float:
     return x
 
 
-def read_json_object(path: str | Path) -> dict:
-    """A JSON file that must hold an object; every way it can be wrong is one ModelLoadError line."""
-    path = Path(path)
+def read_text_file(path: Path, what: str) -> str:
+    """A model file's UTF-8 text, read only from a regular file of at most MAX_JSON_BYTES: a FIFO would hang the
+    load and a device (a symlink to /dev/urandom) grow memory without end. O_NONBLOCK: a FIFO's open returns."""
     try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise ModelLoadError(f"{path}: {path.stat().st_size} bytes, too large for a JSON config file")
-        d = json.loads(path.read_bytes().decode("utf-8"))
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ModelLoadError(f"{path}: not a regular file (a FIFO, device or directory)")
+            if st.st_size > MAX_JSON_BYTES:
+                raise ModelLoadError(f"{path}: {st.st_size} bytes, too large for {what}")
+            return f.read().decode("utf-8")
     except FileNotFoundError:
         raise ModelLoadError(f"{path}: file not found") from None
     except UnicodeDecodeError as e:
         raise ModelLoadError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def read_json_object(path: str | Path) -> dict:
+    """A JSON file that must hold an object; every way it can be wrong is one ModelLoadError line."""
+    path = Path(path)
+    try:
+        d = json.loads(read_text_file(path, "a JSON config file"))
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
     except RecursionError:
         raise ModelLoadError(f"{path}: not valid JSON (nested too deeply)") from None
-    except OSError as e:
-        raise ModelLoadError(f"{path}: cannot read ({e.strerror or e})") from None
     if not isinstance(d, dict):
         raise ModelLoadError(f"{path}: expected a JSON object, got {_kind(d)}")
     return d

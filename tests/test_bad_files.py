@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -164,6 +165,30 @@ def test_sane_model_still_loads_and_runs(tmp_path: Path):
     llm = LLM(str(d), backend="cpu")
     assert llm.engine.cfg.eos_token_ids == (2, 7)
     assert llm.logits([5, 6, 7]).shape == (3, 320)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "model.safetensors"],
+)
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_model_files_must_be_regular_files(tmp_path: Path, name: str, kind: str):
+    """Before: a FIFO hung the load (its size reads 0) and a symlink to /dev/urandom grew memory without end."""
+    d = write_min_model_dir(tmp_path / "m", weights=True)
+    (d / name).unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(d / name)
+    else:
+        (d / name).symlink_to("/dev/urandom")
+    with pytest.raises(ModelLoadError, match=f"{name}: not a regular file"):
+        LLM(str(d), backend="cpu")
+
+
+def test_oversized_tokenizer_file_is_refused_before_reading(tmp_path: Path, monkeypatch):
+    d = write_min_model_dir(tmp_path / "m")
+    monkeypatch.setattr("lserve_lite.config.MAX_JSON_BYTES", 100)
+    with pytest.raises(ModelLoadError, match=r"tokenizer.json: \d+ bytes, too large for a tokenizer file"):
+        Tokenizer(d)
 
 
 def test_index_must_match_the_shards(tmp_path: Path):
