@@ -332,12 +332,17 @@ class SparseConfig:
             bad(f"sub_pages must divide page_size ({self.page_size}), got {self.sub_pages}")
         for name in ("prefill_sink", "prefill_local", "decode_sink", "decode_local"):
             v = getattr(self, name)
-            if v < 0 or v % self.page_size:
-                bad(f"{name} must be a non-negative multiple of page_size ({self.page_size}), got {v}")
+            if not 0 <= v <= MAX_MODEL_LEN or v % self.page_size:
+                bad(
+                    f"{name} must be a multiple of page_size ({self.page_size}) in [0, {MAX_MODEL_LEN}], got {v}"
+                )
         if self.decode_local < self.page_size or self.prefill_local < self.page_size:
             bad("local windows must hold at least one page")
-        if self.token_budget < 2 * self.page_size or self.token_budget % self.page_size:
-            bad(f"token_budget must be a multiple of page_size and >= 2 pages, got {self.token_budget}")
+        if not 2 * self.page_size <= self.token_budget <= MAX_MODEL_LEN or self.token_budget % self.page_size:
+            bad(
+                f"token_budget must be a multiple of page_size ({self.page_size}) in [{2 * self.page_size}, "
+                f"{MAX_MODEL_LEN}], got {self.token_budget}"
+            )
         if self.select_interval < 1:
             bad(f"select_interval must be >= 1, got {self.select_interval}")
         reductions = (*GROUP_REDUCE, ORACLE_REDUCE)
