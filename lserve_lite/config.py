@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import InvalidRequestError, ModelLoadError
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ACTS = ("silu", "swish")  # the MLP's activation (transformers' names for the same SiLU)
 
 
 # Sane bounds for config.json sizes: far above any released model, far below a runaway allocation.
@@ -28,7 +30,7 @@ MAX_MODEL_LEN = SIZE_BOUNDS["max_position_embeddings"]  # the longest context an
 MAX_NUM_SEQS = 4096  # requests batched together at most (page-selection slots, decode graphs and logits rows)
 MAX_BATCHED_TOKENS = 1 << 20  # tokens one step computes at most
 MAX_POOL_PAGES = 1 << 20  # a KV pool never has more pages than this (page ids are int32 in plans)
-MAX_JSON_BYTES = 64 << 20  # config / tokenizer_config / index files larger than this are not configs
+MAX_JSON_BYTES = 64 << 20  # config / tokenizer / index JSON files larger than this are not model files
 
 
 def env_float(name: str, default: float, lo: float, hi: float) -> float:
@@ -43,23 +45,34 @@ def env_float(name: str, default: float, lo: float, hi: float) -> float:
     return x
 
 
-def read_json_object(path: str | Path) -> dict:
-    """A JSON file that must hold an object; every way it can be wrong is one ModelLoadError line."""
-    path = Path(path)
+def read_text_file(path: Path, what: str) -> str:
+    """A model file's UTF-8 text, read only from a regular file of at most MAX_JSON_BYTES: a FIFO would hang the
+    load and a device (a symlink to /dev/urandom) grow memory without end. O_NONBLOCK: a FIFO's open returns."""
     try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise ModelLoadError(f"{path}: {path.stat().st_size} bytes, too large for a JSON config file")
-        d = json.loads(path.read_bytes().decode("utf-8"))
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ModelLoadError(f"{path}: not a regular file (a FIFO, device or directory)")
+            if st.st_size > MAX_JSON_BYTES:
+                raise ModelLoadError(f"{path}: {st.st_size} bytes, too large for {what}")
+            return f.read().decode("utf-8")
     except FileNotFoundError:
         raise ModelLoadError(f"{path}: file not found") from None
     except UnicodeDecodeError as e:
         raise ModelLoadError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def read_json_object(path: str | Path) -> dict:
+    """A JSON file that must hold an object; every way it can be wrong is one ModelLoadError line."""
+    path = Path(path)
+    try:
+        d = json.loads(read_text_file(path, "a JSON config file"))
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
     except RecursionError:
         raise ModelLoadError(f"{path}: not valid JSON (nested too deeply)") from None
-    except OSError as e:
-        raise ModelLoadError(f"{path}: cannot read ({e.strerror or e})") from None
     if not isinstance(d, dict):
         raise ModelLoadError(f"{path}: expected a JSON object, got {_kind(d)}")
     return d
@@ -185,6 +198,7 @@ class ModelConfig:
         hidden, heads = f.integer("hidden_size"), f.integer("num_attention_heads")
         vocab = f.integer("vocab_size")
         bos = token_ids(d.get("bos_token_id"), "bos_token_id", source, vocab)
+        _refuse_unsupported(f, arch)
         cfg = cls(
             arch=arch,
             hidden_size=hidden,
@@ -199,7 +213,7 @@ class ModelConfig:
             rope_scaling=_rope_scaling(f, rope),
             max_position_embeddings=f.integer("max_position_embeddings", 4096),
             tie_word_embeddings=f.flag("tie_word_embeddings", False),
-            qkv_bias=arch == "Qwen2ForCausalLM" or f.flag("attention_bias", False),
+            qkv_bias=arch == "Qwen2ForCausalLM",
             dtype=f.text("torch_dtype") or f.text("dtype") or "float32",
             bos_token_id=bos[0] if bos else None,
             eos_token_ids=token_ids(d.get("eos_token_id"), "eos_token_id", source, vocab),
@@ -236,6 +250,22 @@ class ModelConfig:
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+
+def _refuse_unsupported(f: _Fields, arch: str) -> None:
+    """Options that change the forward pass but that the engine does not implement: refused, not ignored (wrong
+    logits). Qwen2's fixed q/k/v biases are implemented; Llama's `attention_bias` also biases o_proj."""
+    if arch != "Qwen2ForCausalLM" and f.flag("attention_bias", False):
+        raise ModelLoadError(
+            f"{f.source}: field 'attention_bias' is true (q/k/v and o_proj biases): not supported"
+        )
+    if f.flag("mlp_bias", False):
+        raise ModelLoadError(f"{f.source}: field 'mlp_bias' is true (MLP projection biases): not supported")
+    act = f.text("hidden_act") or "silu"
+    if act not in SUPPORTED_ACTS:
+        raise ModelLoadError(
+            f"{f.source}: unsupported hidden_act {_short(act)} (supported: {', '.join(SUPPORTED_ACTS)})"
+        )
 
 
 def _rope_scaling(f: _Fields, rope: dict) -> dict | None:
@@ -302,12 +332,17 @@ class SparseConfig:
             bad(f"sub_pages must divide page_size ({self.page_size}), got {self.sub_pages}")
         for name in ("prefill_sink", "prefill_local", "decode_sink", "decode_local"):
             v = getattr(self, name)
-            if v < 0 or v % self.page_size:
-                bad(f"{name} must be a non-negative multiple of page_size ({self.page_size}), got {v}")
+            if not 0 <= v <= MAX_MODEL_LEN or v % self.page_size:
+                bad(
+                    f"{name} must be a multiple of page_size ({self.page_size}) in [0, {MAX_MODEL_LEN}], got {v}"
+                )
         if self.decode_local < self.page_size or self.prefill_local < self.page_size:
             bad("local windows must hold at least one page")
-        if self.token_budget < 2 * self.page_size or self.token_budget % self.page_size:
-            bad(f"token_budget must be a multiple of page_size and >= 2 pages, got {self.token_budget}")
+        if not 2 * self.page_size <= self.token_budget <= MAX_MODEL_LEN or self.token_budget % self.page_size:
+            bad(
+                f"token_budget must be a multiple of page_size ({self.page_size}) in [{2 * self.page_size}, "
+                f"{MAX_MODEL_LEN}], got {self.token_budget}"
+            )
         if self.select_interval < 1:
             bad(f"select_interval must be >= 1, got {self.select_interval}")
         reductions = (*GROUP_REDUCE, ORACLE_REDUCE)

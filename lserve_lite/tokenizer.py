@@ -11,7 +11,7 @@ import jinja2
 from tokenizers import Tokenizer as HFTokenizer
 
 from . import chat_template
-from .config import read_json_object
+from .config import read_json_object, read_text_file
 from .errors import InvalidRequestError, LServeError, ModelLoadError
 
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -22,10 +22,9 @@ class Tokenizer:
 
     def __init__(self, model_dir: Path):
         path = model_dir / "tokenizer.json"
-        if not path.exists():
-            raise ModelLoadError(f"{path}: file not found")
+        text = read_text_file(path, "a tokenizer file")
         try:
-            tok = HFTokenizer.from_file(str(path))
+            tok = HFTokenizer.from_str(text)
         except Exception as e:  # tokenizers raises bare Exception on bad JSON
             raise ModelLoadError(f"{path}: cannot load tokenizer ({_one_line(e)})") from None
         cfg_path = model_dir / "tokenizer_config.json"

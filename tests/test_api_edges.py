@@ -102,6 +102,74 @@ def test_explicit_page_count_beyond_the_memory_limit_is_an_error():
 
 
 @pytest.mark.parametrize(
+    "knob", ["token_budget", "prefill_local", "decode_local", "prefill_sink", "decode_sink"]
+)
+def test_sparse_windows_and_budget_have_upper_bounds(knob):
+    """Before: token_budget 64e12 tried a 698 TiB selection-slot allocation, prefill_local 64e12 an int32
+    overflow at the first step; now bounded like max_model_len."""
+    with pytest.raises(InvalidRequestError, match=rf"{knob} must be a multiple of page_size \(64\) in \["):
+        EngineConfig(sparse={"enabled": True, knob: 64_000_000_000_000})
+    EngineConfig(sparse={"enabled": True, knob: 1 << 24})
+
+
+def _layout(static_sparsity_classes: int, max_len: int, **knobs):
+    """A two-layer, two-KV-head LServe layout whose heads are all of one class (0 dense, 1 streaming)."""
+    from lserve_lite.config import ModelConfig, SparseConfig
+    from lserve_lite.kv.layout import KVLayout
+
+    cfg = ModelConfig("LlamaForCausalLM", 64, 128, 2, 4, 2, 16, 100)
+    classes = [np.full(2, static_sparsity_classes, np.int32)] * 2
+    return cfg, KVLayout.sparse(cfg, SparseConfig(enabled=True, **knobs), classes, 64, max_len)
+
+
+def test_page_budget_and_sink_clipped_to_a_whole_context():
+    """The selection slots are max_seqs x KV heads x budget pages: a budget beyond the context sizes nothing."""
+    _, lay = _layout(0, 1024, token_budget=1 << 24, decode_sink=1 << 24)
+    assert lay.select_pages == 16 and lay.sink_pages == 16
+
+
+def test_streaming_pool_that_does_not_fit_is_named():
+    """Before: 'the KV memory budget (0.0 MiB) holds no KV page', blaming the dense pool."""
+    from lserve_lite.kv.layout import pool_pages
+
+    cfg, lay = _layout(1, 1 << 20, decode_sink=1 << 19)
+    with pytest.raises(
+        InvalidRequestError,
+        match=r"the streaming pool \(sink \+ local window, [\d.]+ MiB a sequence\) does not fit",
+    ):
+        pool_pages(cfg, 64, 2 * 16 * 4, 10 * 2**20, lay, 4, stat_itemsize=4)
+
+
+def test_no_dense_heads_pool_from_the_streaming_pool():
+    """static_sparsity 1: a dense page holds no bytes, so the streaming pool takes the whole budget (before:
+    1048576 dense 'pages' from a division by one byte, and 30% of the budget for what is the whole cache)."""
+    from lserve_lite.kv.layout import MAX_POOL_PAGES, pool_pages
+
+    cfg, lay = _layout(1, 1 << 20)
+    page = 2 * 2 * 2 * 16 * 64 * 4  # layers x K/V x KV heads x head_dim x tokens x float32
+    assert lay.streaming_only and lay.stream_pages_per_seq == 2 + 130
+    assert pool_pages(cfg, 64, 2 * 16 * 4, 200 * page, lay, 4, stat_itemsize=4) == (MAX_POOL_PAGES, 200)
+    assert pool_pages(cfg, 64, 2 * 16 * 4, 1000 * page, lay, 4, stat_itemsize=4) == (MAX_POOL_PAGES, 4 * 132)
+
+
+def test_no_dense_heads_startup_line_names_the_streaming_pool(tmp_path):
+    from tiny_models import make_tiny_numpy
+
+    d = make_tiny_numpy(tmp_path / "m")
+    (d / "full_attention_heads.tsv").write_text("0.9\t0.1\n0.2\t0.8\n")
+    sparse = dict(enabled=True, static_sparsity=1.0, page_size=16, sub_pages=4, token_budget=64,
+                  prefill_sink=16, prefill_local=64, decode_sink=16, decode_local=32)  # fmt: skip
+    llm = LLM(str(d), backend="cpu", config=EngineConfig(page_size=16, max_num_seqs=2, sparse=sparse))
+    pages = llm.engine.blocks.num_stream_pages
+    assert llm.engine.layout.streaming_only and 0 < pages < 1 << 20
+    assert (
+        llm.engine.kv_summary().startswith("KV cache fp16 (streaming heads only")
+        and f"{pages} pages" in llm.engine.kv_summary()
+    )
+    assert len(llm.generate([[5, 6, 7]], SamplingParams(max_new_tokens=4, ignore_eos=True))[0].token_ids) == 4
+
+
+@pytest.mark.parametrize(
     "kw,match",
     [  # before the bounds: a deque of 10**9 selection slots (a hang), a 21.8 PiB allocation attempt
         (dict(max_num_seqs=10**9), "max_num_seqs must be an integer in"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -106,12 +107,88 @@ def test_config_checked_against_the_weights(tmp_path: Path):
         LLM(str(d), backend="cpu")
 
 
+@pytest.mark.parametrize(
+    "field,value,msg",
+    [
+        ("attention_bias", True, "field 'attention_bias' is true"),
+        ("mlp_bias", True, "field 'mlp_bias' is true"),
+        ("hidden_act", "gelu", "unsupported hidden_act 'gelu'"),
+        ("hidden_act", "gelu_pytorch_tanh", "unsupported hidden_act 'gelu_pytorch_tanh'"),
+    ],
+)
+def test_forward_options_the_engine_lacks_are_refused(tmp_path: Path, field: str, value: object, msg: str):
+    """Before: ignored, so the model ran with wrong logits (no o_proj / MLP biases, SiLU for GELU)."""
+    d = write_min_model_dir(tmp_path / "m", **{field: value})
+    with pytest.raises(ModelLoadError, match=msg):
+        load_config(d)
+
+
+def test_supported_forward_options_still_load(tmp_path: Path):
+    """SiLU under either name, false biases, and Qwen2 (its q/k/v biases are implemented) load as before."""
+    for act in ("silu", "swish"):
+        load_config(write_min_model_dir(tmp_path / act, hidden_act=act, attention_bias=False, mlp_bias=False))
+    qwen = load_config(write_min_model_dir(tmp_path / "q", architectures=["Qwen2ForCausalLM"]))
+    assert qwen.qkv_bias
+
+
+def _add_tensor(d: Path, name: str, shape: tuple[int, ...]) -> None:
+    """Rewrite model.safetensors with one more (zero) tensor."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(d / "model.safetensors"))
+    save_file({**tensors, name: np.zeros(shape, np.float32)}, str(d / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "name,shape",
+    [("self_attn.o_proj.bias", (64,)), ("mlp.down_proj.bias", (64,)), ("self_attn.q_proj.bias", (64,))],
+)
+def test_bias_tensors_the_forward_skips_are_refused(tmp_path: Path, name: str, shape: tuple[int, ...]):
+    d = write_min_model_dir(tmp_path / "m", weights=True)
+    _add_tensor(d, f"model.layers.1.{name}", shape)
+    with pytest.raises(
+        ModelLoadError, match=rf"tensor model.layers.1.{name} is a bias this LlamaForCausalLM"
+    ):
+        load_weights(d, load_config(d))
+
+
+def test_inert_extra_tensors_still_load(tmp_path: Path):
+    """Older Llama checkpoints carry rotary_emb.inv_freq, which the engine recomputes: not refused."""
+    d = write_min_model_dir(tmp_path / "m", weights=True)
+    _add_tensor(d, "model.layers.0.self_attn.rotary_emb.inv_freq", (8,))
+    assert "model.layers.0.self_attn.rotary_emb.inv_freq" in load_weights(d, load_config(d))
+
+
 def test_sane_model_still_loads_and_runs(tmp_path: Path):
     d = write_min_model_dir(tmp_path / "m", weights=True)
     (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
     llm = LLM(str(d), backend="cpu")
     assert llm.engine.cfg.eos_token_ids == (2, 7)
     assert llm.logits([5, 6, 7]).shape == (3, 320)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "model.safetensors"],
+)
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_model_files_must_be_regular_files(tmp_path: Path, name: str, kind: str):
+    """Before: a FIFO hung the load (its size reads 0) and a symlink to /dev/urandom grew memory without end."""
+    d = write_min_model_dir(tmp_path / "m", weights=True)
+    (d / name).unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(d / name)
+    else:
+        (d / name).symlink_to("/dev/urandom")
+    with pytest.raises(ModelLoadError, match=f"{name}: not a regular file"):
+        LLM(str(d), backend="cpu")
+
+
+def test_oversized_tokenizer_file_is_refused_before_reading(tmp_path: Path, monkeypatch):
+    d = write_min_model_dir(tmp_path / "m")
+    monkeypatch.setattr("lserve_lite.config.MAX_JSON_BYTES", 100)
+    with pytest.raises(ModelLoadError, match=r"tokenizer.json: \d+ bytes, too large for a tokenizer file"):
+        Tokenizer(d)
 
 
 def test_index_must_match_the_shards(tmp_path: Path):

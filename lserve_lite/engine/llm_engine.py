@@ -187,6 +187,9 @@ class LLMEngine:
     def kv_summary(self) -> str:
         """The KV cache in one line (startup logs): format, capacity in tokens, bytes per token."""
         per_tok = self.cfg.num_layers * self.cfg.num_kv_heads * self.kv_bytes
+        if self.layout is not None and self.layout.streaming_only:
+            pages = self.blocks.num_stream_pages
+            return kv_summary(self.kv_format.name, pages, self.ecfg.page_size, per_tok, streaming_only=True)
         return kv_summary(self.kv_format.name, self.blocks.num_pages, self.ecfg.page_size, per_tok)
 
     # -- requests ---------------------------------------------------------------------------

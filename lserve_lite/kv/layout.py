@@ -47,6 +47,11 @@ class KVLayout:
         """Whether any layer has a streaming head (asked several times a step by the planner: computed once)."""
         return any(bool((c == 1).any()) for c in self.head_class)
 
+    @property
+    def streaming_only(self) -> bool:
+        """No dense head in any layer (static_sparsity 1): dense-pool pages hold no bytes, only page ids."""
+        return not any(self.num_dense(i) for i in range(len(self.head_class)))
+
     def num_dense(self, layer: int) -> int:
         return int((self.head_class[layer] == 0).sum())
 
@@ -62,17 +67,19 @@ class KVLayout:
         max_len: int | None = None,
     ) -> KVLayout:
         """Layout for LServe mode; the ring holds the widest local window plus one prefill chunk (or, where that
-        is longer, a whole context of `max_len` tokens)."""
+        is longer, a whole context of `max_len` tokens). Sink and page budget are clipped to a whole context:
+        the selection slots (max_seqs x KV heads x budget) are sized by the budget."""
         ps = sp.page_size
         window = max(sp.prefill_local, sp.decode_local)
+        context = geometry.pages_for(max_len, ps) if max_len is not None else MAX_POOL_PAGES
         return KVLayout(
             page_size=ps,
             head_class=tuple(np.asarray(c, np.int32) for c in classes),
             head_slot=tuple(head_slots(c) for c in classes),
-            sink_pages=geometry.sink_pages(max(sp.prefill_sink, sp.decode_sink), ps),
+            sink_pages=min(geometry.sink_pages(max(sp.prefill_sink, sp.decode_sink), ps), context),
             ring_pages=geometry.ring_pages(window, max_chunk, ps, max_len),
             sub_pages=sp.sub_pages,
-            select_pages=geometry.budget_pages(sp.token_budget, ps),
+            select_pages=min(geometry.budget_pages(sp.token_budget, ps), context),
         )
 
     def heads(self, k0: int, k1: int) -> KVLayout:
@@ -118,12 +125,15 @@ def pool_pages(
     which must fit in `limit` bytes (Ops.kv_limit_bytes); `kv_bytes`, `stat_itemsize` as in
     `KVLayout.bytes_per_page` (a quantized cache fits more pages in the same budget).
 
-    The streaming pool holds every running sequence's sink + ring pages, within 30% of the budget."""
+    The streaming pool holds every running sequence's sink + ring pages, within 30% of the budget (all of it
+    where no head is dense: then a dense page holds no bytes, only an id, and the pool is MAX_POOL_PAGES ids)."""
     dense_b, stream_b = page_bytes(cfg, page_size, kv_bytes, layout, stat_itemsize)
     per_seq = layout.stream_pages_per_seq if layout is not None else 0
-    stream = max(per_seq, min(max_seqs * per_seq, int(0.3 * budget // stream_b))) if per_seq else 0
+    share = 0.3 if dense_b else 1.0
+    stream = max(per_seq, min(max_seqs * per_seq, int(share * budget // stream_b))) if per_seq else 0
     if not num_pages:
-        return _fit(budget - stream * stream_b, max(dense_b, 1)), stream
+        _check_stream_fits(budget, per_seq * stream_b, dense_b)
+        return (_fit(budget - stream * stream_b, dense_b) if dense_b else MAX_POOL_PAGES), stream
     need = num_pages * dense_b + stream * stream_b
     if limit is not None and need > limit:
         raise InvalidRequestError(
@@ -131,6 +141,17 @@ def pool_pages(
             f"{max(limit, 0) / 2**30:.1f} GiB for it: ask for fewer pages or leave num_kv_pages unset"
         )
     return num_pages, stream
+
+
+def _check_stream_fits(budget: int, seq_stream_b: int, dense_b: int) -> None:
+    """One sequence's streaming pages (sink + local window) must leave room for a dense page: when they are
+    what does not fit, say so (the dense pool's 'holds no KV page' would blame the budget)."""
+    if dense_b <= budget < seq_stream_b + dense_b:
+        raise InvalidRequestError(
+            f"the streaming pool (sink + local window, {seq_stream_b / 2**20:.1f} MiB a sequence) does not fit "
+            f"the KV memory budget ({max(budget, 0) / 2**20:.1f} MiB); lower the sparse sink / local windows or "
+            f"raise kv_memory_fraction"
+        )
 
 
 def _fit(budget: int, per_page: int) -> int:
@@ -144,7 +165,11 @@ def _fit(budget: int, per_page: int) -> int:
     return min(pages, MAX_POOL_PAGES)
 
 
-def kv_summary(fmt_name: str, pages: int, page_size: int, token_bytes: int) -> str:
-    """The KV cache in one line (the engine's startup logs): format, capacity in tokens, bytes per token."""
-    return (f"KV cache {fmt_name}: {pages} pages x {page_size} tokens = {pages * page_size} tokens, "
+def kv_summary(
+    fmt_name: str, pages: int, page_size: int, token_bytes: int, streaming_only: bool = False
+) -> str:
+    """The KV cache in one line (the engine's startup logs): format, capacity in tokens, bytes per token; with
+    `streaming_only` (no dense head) `pages` are the streaming pool's, which holds sinks and local windows."""
+    what = " (streaming heads only: each sequence keeps its sink + local window)" if streaming_only else ""
+    return (f"KV cache {fmt_name}{what}: {pages} pages x {page_size} tokens = {pages * page_size} tokens, "
             f"{token_bytes / 1024:.1f} KiB per token")  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,10 @@ class SafetensorsFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            size = self.path.stat().st_size
+            st = self.path.stat()
+            if not stat.S_ISREG(st.st_mode):  # a FIFO's open would hang, a device's bytes never end
+                raise ModelLoadError(f"{self.path}: not a regular file (a FIFO, device or directory)")
+            size = st.st_size
             with open(self.path, "rb") as f:
                 head = f.read(8)
                 if len(head) < 8:
