@@ -189,10 +189,9 @@ def _check(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, where: Path) ->
                 p + "self_attn.k_proj.bias": (kv * d,),
                 p + "self_attn.v_proj.bias": (kv * d,),
             }
+    # a bias the forward would skip gives wrong logits; other extras (such as rotary inv_freq) are inert
     extra = next((n for n in shapes if n.endswith(".bias") and n not in want), None)
-    if (
-        extra is not None
-    ):  # a bias the forward would skip (wrong logits); other extras such as inv_freq are inert
+    if extra is not None:
         raise ModelLoadError(f"{where}: tensor {extra} is a bias this {cfg.arch} forward does not apply")
     for name, shape in want.items():
         if name not in shapes:
