@@ -29,13 +29,13 @@ def sparse_tiny64(tmp_path_factory):
     return p
 
 
-def _engine(path, graphs: bool):
+def _engine(path, graphs: bool, **sparse):
     from lserve_lite import EngineConfig, SparseConfig
     from lserve_lite.engine.llm_engine import LLMEngine
 
     sp = SparseConfig(
         enabled=True, page_size=16, sub_pages=4, prefill_sink=32, prefill_local=128, decode_sink=32,
-        decode_local=64, token_budget=128, select_interval=3,
+        decode_local=64, token_budget=128, select_interval=3, **sparse,
     ).validate()  # fmt: skip
     ecfg = EngineConfig(
         page_size=16,
@@ -121,3 +121,18 @@ def test_sparse_graph_one_token_prefill_chunk_runs_eagerly(sparse_tiny64):
     eng.runner.run([seq], [1])  # a decode step
     assert eng.runner.executor.replays == 1
     eng.blocks.release(seq)
+
+
+def test_streaming_only_layout_graphs_match_eager(sparse_tiny64):
+    """static_sparsity 1 (no dense head: the dense pool holds page ids only, the streaming pool takes the whole
+    budget) runs on the GPU, graphs equal to eager, and frees every page."""
+    eager, graph = (_engine(sparse_tiny64, graphs=g, static_sparsity=1.0) for g in (False, True))
+    assert graph.layout.streaming_only and graph.kv_summary().startswith(
+        "KV cache fp16 (streaming heads only"
+    )
+    rng = np.random.default_rng(5)
+    prompts = [[int(t) for t in rng.integers(3, 320, n)] for n in (150, 300, 90)]
+    steps, decode_steps, ties = _lockstep(eager, graph, prompts, max_new=[24, 24, 12])
+    assert graph.runner.executor.replays == decode_steps > 0 and ties <= 1
+    for eng in (eager, graph):
+        assert eng.blocks.num_used == 0
