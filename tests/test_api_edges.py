@@ -152,6 +152,19 @@ def test_no_dense_heads_pool_from_the_streaming_pool():
     assert pool_pages(cfg, 64, 2 * 16 * 4, 1000 * page, lay, 4, stat_itemsize=4) == (MAX_POOL_PAGES, 4 * 132)
 
 
+def test_startup_line_names_a_context_limit_past_the_trained_positions(tmp_path):
+    """max_model_len past max_position_embeddings is allowed (long-context runs extrapolate on purpose), and said."""
+    from tiny_models import make_tiny_numpy
+
+    d = make_tiny_numpy(tmp_path / "m", max_position_embeddings=256)
+    within = LLM(str(d), backend="cpu", config=EngineConfig(max_model_len=256, num_kv_pages=64, page_size=16))
+    past = LLM(str(d), backend="cpu", config=EngineConfig(max_model_len=512, num_kv_pages=64, page_size=16))
+    assert "trained positions" not in within.engine.kv_summary()
+    assert past.engine.kv_summary().endswith(
+        "context limit 512 past the model's 256 trained positions (extrapolated)"
+    )
+
+
 def test_no_dense_heads_startup_line_names_the_streaming_pool(tmp_path):
     from tiny_models import make_tiny_numpy
 

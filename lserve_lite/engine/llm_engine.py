@@ -185,12 +185,20 @@ class LLMEngine:
                           e.num_kv_pages, stat_itemsize=np.dtype(self.ops.dtype).itemsize, limit=limit)  # fmt: skip
 
     def kv_summary(self) -> str:
-        """The KV cache in one line (startup logs): format, capacity in tokens, bytes per token."""
+        """The KV cache in one line (startup logs): format, capacity in tokens, bytes per token; and a context
+        limit set past the model's trained positions (allowed: long-context runs extrapolate on purpose)."""
         per_tok = self.cfg.num_layers * self.cfg.num_kv_heads * self.kv_bytes
         if self.layout is not None and self.layout.streaming_only:
             pages = self.blocks.num_stream_pages
-            return kv_summary(self.kv_format.name, pages, self.ecfg.page_size, per_tok, streaming_only=True)
-        return kv_summary(self.kv_format.name, self.blocks.num_pages, self.ecfg.page_size, per_tok)
+            line = kv_summary(self.kv_format.name, pages, self.ecfg.page_size, per_tok, streaming_only=True)
+        else:
+            line = kv_summary(self.kv_format.name, self.blocks.num_pages, self.ecfg.page_size, per_tok)
+        trained = self.cfg.max_position_embeddings
+        if self.max_len > trained:
+            line += (
+                f"; context limit {self.max_len} past the model's {trained} trained positions (extrapolated)"
+            )
+        return line
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(
