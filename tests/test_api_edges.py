@@ -128,6 +128,15 @@ def test_page_budget_and_sink_clipped_to_a_whole_context():
     assert lay.select_pages == 16 and lay.sink_pages == 16
 
 
+def test_page_budget_clipped_to_what_the_pool_holds(tiny_llama):
+    """A context limit the KV pool cuts (8 pages here) also cuts the selection slots' page budget."""
+    sparse = dict(enabled=True, static_sparsity=0.0, token_budget=1 << 20)
+    ecfg = EngineConfig(num_kv_pages=8, max_model_len=10_000_000, sparse=sparse)
+    eng = LLM(str(tiny_llama), backend="cpu", config=ecfg).engine
+    assert eng.max_len == 8 * 64 and eng.layout.select_pages == 8
+    assert eng.runner.cache.sel_idx[0].shape[-1] == 9  # visit capacity: the budget + the newest page
+
+
 def test_streaming_pool_that_does_not_fit_is_named():
     """Before: 'the KV memory budget (0.0 MiB) holds no KV page', blaming the dense pool."""
     from lserve_lite.kv.layout import pool_pages

@@ -99,6 +99,8 @@ class LLMEngine:
         self._check_oracle(ORACLE_REDUCE in self.ops.selector_reductions and not self.kv_format.quantized)
         num_pages, num_stream = self._num_pages()
         self.max_len = min(self.max_len, num_pages * self.ecfg.page_size)
+        if self.layout is not None:
+            self.layout = self.layout.within(self.max_len)
         self.runner = ModelRunner(
             self.cfg, weights, self.ops, self.ecfg, self.max_len, num_pages, self.layout, num_stream,
             kv_format=self.kv_format,

@@ -82,6 +82,11 @@ class KVLayout:
             select_pages=min(geometry.budget_pages(sp.token_budget, ps), context),
         )
 
+    def within(self, max_len: int) -> KVLayout:
+        """The page budget clipped to a context of `max_len` tokens (once the pool has bounded the context):
+        a sequence never holds more pages, so a larger budget never selects, and its slots would be dead memory."""
+        return replace(self, select_pages=min(self.select_pages, geometry.pages_for(max_len, self.page_size)))
+
     def heads(self, k0: int, k1: int) -> KVLayout:
         """The layout of KV heads k0..k1 only (a tensor-parallel rank's pools); the ring geometry is kept."""
         classes = tuple(c[k0:k1] for c in self.head_class)
