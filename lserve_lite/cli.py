@@ -1,4 +1,4 @@
-"""`lserve-lite` command line: chat, generate, serve, convert, calibrate, eval, kernels."""
+"""`lserve-lite` command line: chat, generate, serve, convert, bench, calibrate, eval, kernels."""
 
 from __future__ import annotations
 
@@ -230,7 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "kernels", help="kernel harness: `kernels test` checks every GPU kernel vs its reference"
     )
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.add_argument(
+        "rest",
+        nargs=argparse.REMAINDER,
+        metavar="test [CASE ...]",
+        help="`kernels test --help` lists the cases",
+    )
     p.set_defaults(func=cmd_kernels)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the `serve` extra)")

@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_chat_repl_survives_bad_bytes_and_full_context(tiny_llama):
     long_msg = " ".join(["word"] * 60)
@@ -131,6 +133,33 @@ def test_bench_times_a_batch_that_just_fits(tiny_llama, tmp_path):
     r = _bench(tiny_llama, *flags, "--json", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(out.read_text())["decode_ctx100_b2_tok_s"] > 0
+
+
+def test_bench_prefill_computes_every_timed_prompt(tiny_llama):
+    """The prefill rate is of prompts computed, not served from the prefix cache (the same prompt each rep was:
+    about 3x the rate on the CPU)."""
+    from lserve_lite import LLM, EngineConfig
+    from lserve_lite.bench import prefill_tok_s
+
+    llm = LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=64))
+    assert prefill_tok_s(llm, 200, reps=3) > 0
+    assert llm.engine.prompt_tokens_computed == 4 * 200  # the warm-up and three timed prompts, each whole
+
+
+def test_kernels_test_without_a_gpu_is_not_a_pass():
+    """Without a GPU the harness tests nothing: exit 2, so that a script asking for it does not read a pass."""
+    from lserve_lite.backends import cuda_available
+
+    if cuda_available():
+        pytest.skip("a GPU is visible: the harness runs (tests/test_gpu_ops.py covers it)")
+    r = subprocess.run([sys.executable, "-m", "lserve_lite.cli", "kernels", "test"], capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
+    assert r.returncode == 2 and "nothing was tested" in r.stdout
+
+
+def test_bench_json_path_that_is_a_directory(tiny_llama, tmp_path):
+    r = _bench(tiny_llama, "--json", str(tmp_path))
+    assert r.returncode == 2 and "a directory, not a file" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_serve_refuses_an_address_it_cannot_bind_before_loading(tmp_path):
