@@ -351,11 +351,17 @@ class SparseConfig:
         return self
 
     def with_updates(self, **kw) -> SparseConfig:
-        names = {f.name for f in fields(self)}
-        unknown = set(kw) - names
+        return self.with_knobs(kw)
+
+    def with_knobs(self, knobs: dict) -> SparseConfig:
+        """This config with `knobs` (a user's dict: names checked before they become keywords) applied."""
+        bad = [k for k in knobs if not isinstance(k, str)]
+        if bad:
+            raise InvalidRequestError(f"sparse config: knobs are named by strings, got {bad[0]!r:.40}")
+        unknown = set(knobs) - {f.name for f in fields(self)}
         if unknown:
             raise InvalidRequestError(f"sparse config: unknown knob(s) {sorted(unknown)}")
-        return replace(self, **kw).validate()
+        return replace(self, **knobs).validate()
 
 
 QUANTIZE_MODES = (None, "int8", "int4")
@@ -387,7 +393,7 @@ class EngineConfig:
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequestError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.sparse, dict):  # EngineConfig(sparse={"enabled": True, ...})
-            self.sparse = SparseConfig().with_updates(**self.sparse)
+            self.sparse = SparseConfig().with_knobs(self.sparse)
         if not isinstance(self.sparse, SparseConfig):
             raise InvalidRequestError(
                 f"sparse must be a SparseConfig or a dict of its knobs, got {self.sparse!r}"

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -172,6 +174,42 @@ def test_startup_line_names_a_context_limit_past_the_trained_positions(tmp_path)
     assert past.engine.kv_summary().endswith(
         "context limit 512 past the model's 256 trained positions (extrapolated)"
     )
+
+
+def test_lserve_startup_line_counts_the_dense_pool_and_the_streaming_sequences(tmp_path):
+    """In LServe mode a dense-pool page holds the dense heads only (plus statistics), and the streaming pool
+    bounds how many sequences run at once: the line says both (it counted every head, and said nothing of it)."""
+    from tiny_models import make_tiny_numpy
+
+    d = make_tiny_numpy(tmp_path / "m", hidden=256)  # head_dim 64: 1 KiB a token in dense mode
+    (d / "full_attention_heads.tsv").write_text("0.9\t0.1\n0.2\t0.8\n")
+    sparse = dict(enabled=True, page_size=16, sub_pages=4, token_budget=64, prefill_sink=16, prefill_local=64,
+                  decode_sink=16, decode_local=32)  # fmt: skip
+    cfg = dict(page_size=16, max_num_seqs=4, num_kv_pages=64)
+    dense = LLM(str(d), backend="cpu", config=EngineConfig(**cfg)).engine
+    eng = LLM(str(d), backend="cpu", config=EngineConfig(**cfg, sparse=sparse)).engine
+
+    def kib(line: str) -> float:
+        return float(re.search(r"([\d.]+) KiB per token", line).group(1))
+
+    assert kib(eng.kv_summary()) < kib(dense.kv_summary())  # half the heads stream, statistics added
+    per_seq = eng.layout.stream_pages_per_seq
+    want = f"streaming pool {eng.blocks.num_stream_pages} pages (sink + local window): "
+    assert want + f"{eng.blocks.num_stream_pages // per_seq} sequences at once" in eng.kv_summary()
+    assert "streaming pool" not in dense.kv_summary()
+
+
+@pytest.mark.parametrize("where", ["engine", "request"])
+def test_sparse_knobs_named_by_non_strings_are_refused(tiny_llama, where):
+    if where == "engine":
+        with pytest.raises(InvalidRequestError, match="knobs are named by strings"):
+            EngineConfig(sparse={1: 2})
+        return
+    llm = LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=16, sparse={"enabled": True,
+              "static_sparsity": 0.0}))  # fmt: skip
+    with pytest.raises(InvalidRequestError, match="knobs are named by strings"):
+        llm.engine.add_request([5, 6, 7], SamplingParams(max_new_tokens=2), sparse={1: 2})
+    assert not llm.engine.has_unfinished()
 
 
 def test_no_dense_heads_startup_line_names_the_streaming_pool(tmp_path):

@@ -352,3 +352,17 @@ def test_engine_sparse_mode_matches_dense_pool_streaming(tiny_dir, tiny_llm, tmp
         emu.set_heads(emu.dense_classes(), 0, 0)
         emu.end(seq)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_pattern_that_is_not_a_regular_file_is_refused(tmp_path, kind):
+    """A FIFO hung the load and /dev/zero grew memory without end: one line instead."""
+    import os
+
+    path = tmp_path / "p.tsv"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    with pytest.raises(ModelLoadError, match="not a regular file"):
+        load_pattern(path, 2, 2)

@@ -15,7 +15,7 @@ from ..config import MASS_MAX_GROUP, ORACLE_REDUCE, EngineConfig, SparseConfig
 from ..errors import InvalidRequestError
 from ..geometry import ring_fits
 from ..kv.block_manager import BlockManager
-from ..kv.layout import KVLayout, kv_summary, pool_pages
+from ..kv.layout import KVLayout, kv_summary, page_bytes, pool_pages
 from ..kv.prefix_cache import PrefixCache, kv_salt
 from ..kv.quant import resolve_kv_format
 from ..sampling_params import SamplingParams
@@ -95,7 +95,8 @@ class LLMEngine:
         self.layout = self._kv_layout()
         self.kv_format = resolve_kv_format(self.ecfg.kv_dtype, self.ops.kv_dtypes, self.cfg.head_dim)
         # one token's K and V of one KV head in that format, scales included: what sizes a page
-        self.kv_bytes = self.kv_format.kv_bytes(self.cfg.head_dim, np.dtype(self.ops.dtype).itemsize)
+        self.itemsize = np.dtype(self.ops.dtype).itemsize  # the cache's float type (page statistics)
+        self.kv_bytes = self.kv_format.kv_bytes(self.cfg.head_dim, self.itemsize)
         self._check_oracle(ORACLE_REDUCE in self.ops.selector_reductions and not self.kv_format.quantized)
         num_pages, num_stream = self._num_pages()
         self.max_len = min(self.max_len, num_pages * self.ecfg.page_size)
@@ -120,7 +121,8 @@ class LLMEngine:
         )
         group = self.runner.executor  # the workers resolved the KV format on their backend and device
         self.kv_format = group.kv_format
-        self.kv_bytes = self.kv_format.kv_bytes(self.cfg.head_dim, group.itemsize)
+        self.itemsize = group.itemsize
+        self.kv_bytes = self.kv_format.kv_bytes(self.cfg.head_dim, self.itemsize)
         self.max_len = self.runner.max_len
         return num_pages, num_stream
 
@@ -184,17 +186,25 @@ class LLMEngine:
         budget = self.ops.kv_budget_bytes(e.kv_memory_fraction, self.weight_bytes)
         limit = self.ops.kv_limit_bytes(self.weight_bytes)
         return pool_pages(self.cfg, e.page_size, self.kv_bytes, budget, self.layout, e.max_num_seqs,
-                          e.num_kv_pages, stat_itemsize=np.dtype(self.ops.dtype).itemsize, limit=limit)  # fmt: skip
+                          e.num_kv_pages, stat_itemsize=self.itemsize, limit=limit)  # fmt: skip
 
     def kv_summary(self) -> str:
-        """The KV cache in one line (startup logs): format, capacity in tokens, bytes per token; and a context
-        limit set past the model's trained positions (allowed: long-context runs extrapolate on purpose)."""
-        per_tok = self.cfg.num_layers * self.cfg.num_kv_heads * self.kv_bytes
-        if self.layout is not None and self.layout.streaming_only:
-            pages = self.blocks.num_stream_pages
-            line = kv_summary(self.kv_format.name, pages, self.ecfg.page_size, per_tok, streaming_only=True)
+        """The KV cache in one line (startup logs): format, capacity in tokens, bytes per token of the pool that
+        holds the context (LServe: the dense heads' pages, statistics included; the streaming pool's sequences
+        beside it); and a context limit set past the model's trained positions (allowed, and said)."""
+        lay, ps, name = self.layout, self.ecfg.page_size, self.kv_format.name
+        if lay is None:
+            per_tok = self.cfg.num_layers * self.cfg.num_kv_heads * self.kv_bytes
+            line = kv_summary(name, self.blocks.num_pages, ps, per_tok)
         else:
-            line = kv_summary(self.kv_format.name, self.blocks.num_pages, self.ecfg.page_size, per_tok)
+            dense_b, stream_b = page_bytes(self.cfg, ps, self.kv_bytes, lay, self.itemsize)
+            stream, per_seq = self.blocks.num_stream_pages, lay.stream_pages_per_seq
+            if lay.streaming_only:
+                line = kv_summary(name, stream, ps, stream_b // ps, streaming_only=True)
+            else:
+                line = kv_summary(name, self.blocks.num_pages, ps, dense_b // ps)
+            if per_seq:
+                line += f"; streaming pool {stream} pages (sink + local window): {stream // per_seq} sequences at once"
         trained = self.cfg.max_position_embeddings
         if self.max_len > trained:
             line += (
@@ -263,15 +273,16 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"sparse knob(s) {sorted(fixed)} are fixed per engine (KV memory layout, selector rule)"
             )
-        req = sp.with_updates(**knobs)
-        lay = self.layout
+        req = sp.with_knobs(knobs)
+        lay, ps = self.layout, self.ecfg.page_size
         local = max(req.prefill_local, req.decode_local)
         max_len = self.ecfg.resolve_max_len(self.cfg)
-        if not ring_fits(local, lay.ring_pages, self._max_chunk(), self.ecfg.page_size, max_len) or max(
+        if not ring_fits(local, lay.ring_pages, self._max_chunk(), ps, max_len) or max(
             req.prefill_sink, req.decode_sink
-        ) > (lay.sink_pages * self.ecfg.page_size):
+        ) > (lay.sink_pages * ps):
             raise InvalidRequestError(
-                "per-request streaming windows must fit the engine's (sink/local are maxima)"
+                f"per-request streaming windows must fit the engine's streaming pool: sinks up to "
+                f"{lay.sink_pages * ps} tokens, local windows as many as its ring holds beside a prefill chunk"
             )
         if req.token_budget > sp.token_budget:
             raise InvalidRequestError(f"token_budget above the engine's {sp.token_budget} is not possible")

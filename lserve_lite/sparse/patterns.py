@@ -8,12 +8,12 @@ Shipped patterns live in the data folder `sparse/patterns/<model>/full_attention
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
+from ..config import read_json_object, read_text_file
 from ..errors import ModelLoadError
 
 PATTERN_FILE = "full_attention_heads.tsv"
@@ -34,12 +34,11 @@ def load_pattern(path: str | Path, num_layers: int, num_kv_heads: int) -> np.nda
     Blank lines and lines starting with '#' are ignored; fields may be separated by tabs or spaces.
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ModelLoadError(f"{path}: head pattern file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path}: cannot read head pattern ({e})") from None
+    if not path.exists():
+        raise ModelLoadError(f"{path}: head pattern file not found")
+    text = read_text_file(
+        path, "a head pattern"
+    )  # a regular file of bounded size (a FIFO or device is refused)
     rows: list[list[float]] = []
     for lineno, line in enumerate(text.splitlines(), 1):
         s = line.strip()
@@ -120,8 +119,8 @@ def _model_names(model_name_or_dir: str | Path) -> list[str]:
     cfg = Path(s) / "config.json"
     if cfg.is_file():
         try:
-            d = json.loads(cfg.read_text())
-        except (OSError, json.JSONDecodeError):
+            d = read_json_object(cfg)
+        except ModelLoadError:  # the loader names what is wrong with it; here it only offers names
             d = {}
         for key in ("_name_or_path", "name_or_path"):
             if isinstance(d.get(key), str) and d[key]:
