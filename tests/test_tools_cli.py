@@ -3,11 +3,13 @@ missing GPU gives one line and a nonzero exit, before any output is written."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
@@ -27,3 +29,32 @@ def test_bench_quant_cpu_spread_takes_what_split_runner_takes():
     w = bench_quant_cpu.random_weight("q8_0", 8, 64, np.random.default_rng(0))
     wall, _ = bench_quant_cpu.time_quant(x, w, 2, budget=0.01)
     assert 0 < wall < 1
+
+
+GPU_TOOLS = [
+    ("bench_attention", ["--out", "res"]),
+    ("bench_e2e", ["--out", "res/e2e.json"]),
+    ("bench_quant_gpu", ["--out", "res/q.json"]),
+    ("bench_sampling", ["--out", "res/s.json"]),
+    ("bench_sparse", ["--out", "res"]),
+    ("bench_tp", ["--out", "res/tp.json"]),
+    ("check_prefill_sm90", ["--out", "res/sm90.json"]),
+    ("profile_decode", ["--out", "res/p.json"]),
+    ("bench_structured", ["--gpu", "--out", "res/st.json"]),
+]
+
+
+@pytest.mark.parametrize("tool, argv", GPU_TOOLS)
+def test_gpu_tools_stop_in_one_line_without_a_gpu(tool, argv, tmp_path, monkeypatch, capsys):
+    """Without a GPU each GPU-only tool exits 2 with one line before it creates its output folder."""
+    import lserve_lite.backends
+
+    monkeypatch.setattr(lserve_lite.backends, "cuda_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [f"{tool}.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(tool).main()
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"{tool}.py{' --gpu' * (tool == 'bench_structured')}: "
+                                                    "needs an NVIDIA GPU: CuPy sees none on this host"]  # fmt: skip
+    assert not (tmp_path / "res").exists()
