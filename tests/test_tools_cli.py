@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import sys
 from pathlib import Path
 
@@ -58,3 +59,38 @@ def test_gpu_tools_stop_in_one_line_without_a_gpu(tool, argv, tmp_path, monkeypa
     assert capsys.readouterr().err.splitlines() == [f"{tool}.py{' --gpu' * (tool == 'bench_structured')}: "
                                                     "needs an NVIDIA GPU: CuPy sees none on this host"]  # fmt: skip
     assert not (tmp_path / "res").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from tiny_models import make_tiny_numpy
+
+    return make_tiny_numpy(tmp_path_factory.mktemp("tools") / "tiny-llama")
+
+
+def run_tool(tool: str, argv: list[str], monkeypatch) -> int:
+    """The tool's main as its `__main__` runs it (exit_status around main), with these arguments."""
+    from lserve_lite.errors import exit_status
+
+    monkeypatch.setattr(sys, "argv", [f"{tool}.py", *argv])
+    return exit_status(importlib.import_module(tool).main)
+
+
+def test_bench_prefix_cache_chat_takes_model_and_backend(tiny_model, tmp_path, monkeypatch):
+    """chat runs the model and backend given, makes the --out folder, and names the model without its path."""
+    out = tmp_path / "new" / "chat.json"
+    argv = ["chat", "--model", str(tiny_model), "--backend", "cpu", "--trials", "1", "--history", "100",
+            "--max-new-tokens", "2", "--out", str(out)]  # fmt: skip
+    assert run_tool("bench_prefix_cache", argv, monkeypatch) == 0
+    res = json.loads(out.read_text())
+    assert (res["model"], res["backend"]) == ("tiny-llama", "cpu")
+
+
+def test_bench_prefix_cache_doc_on_cuda_without_a_gpu_is_one_line(tiny_model, tmp_path, monkeypatch, capsys):
+    import lserve_lite.backends
+
+    monkeypatch.setattr(lserve_lite.backends, "cuda_available", lambda: False)
+    argv = ["doc", "--model", str(tiny_model), "--backend", "cuda", "--out", str(tmp_path / "doc.json")]
+    assert run_tool("bench_prefix_cache", argv, monkeypatch) == 1
+    assert capsys.readouterr().err.startswith("error: backend 'cuda' asked for")
+    assert not (tmp_path / "doc.json").exists()
