@@ -94,3 +94,44 @@ def test_bench_prefix_cache_doc_on_cuda_without_a_gpu_is_one_line(tiny_model, tm
     assert run_tool("bench_prefix_cache", argv, monkeypatch) == 1
     assert capsys.readouterr().err.startswith("error: backend 'cuda' asked for")
     assert not (tmp_path / "doc.json").exists()
+
+
+BAD_ARGS = [
+    ("eval_passkey", ["--lengths", "10"], "--lengths: 10 is outside [256,"),
+    ("eval_passkey", ["--depths", "abc"], "--depths: 'abc' is not a number"),
+    ("eval_passkey", ["--depths", "0.5,1.5"], "--depths: 1.5 is outside [0, 1]"),
+    ("eval_passkey", ["--samples", "0"], "--samples: 0 is outside [1,"),
+    ("eval_passkey", ["--configs", "bogus"], "error: unknown config 'bogus'"),
+    ("eval_passkey", ["--pattern", "/nonexist.tsv"], "--pattern: /nonexist.tsv: file not found"),
+    ("eval_passkey", ["--model", "/nonexist"], "error: /nonexist"),
+    (
+        "eval_passkey",
+        ["--model", "{tiny}", "--lengths", "99999"],
+        "--lengths 99999 exceeds the model's context 2048",
+    ),
+    ("eval_ppl", ["--lengths", "8"], "--lengths: 8 is outside [256,"),
+    ("eval_ppl", ["--decode-tokens", "0"], "--decode-tokens: 0 is outside [1,"),
+    (
+        "eval_ppl",
+        ["--decode-tokens", "300", "--lengths", "256"],
+        "--decode-tokens 300 leaves nothing to prefill",
+    ),
+    (
+        "eval_ppl",
+        ["--model", "{tiny}", "--lengths", "4096"],
+        "--lengths 4096 exceeds the model's context 2048",
+    ),
+]
+
+
+@pytest.mark.parametrize("tool, argv, msg", BAD_ARGS)
+def test_bad_arguments_are_one_line(tool, argv, msg, tiny_model, tmp_path, monkeypatch, capsys):
+    """Bad input ends in one line and a nonzero status, before any result is written."""
+    argv = [a.replace("{tiny}", str(tiny_model)) for a in argv] + ["--out", str(tmp_path / "out")]
+    try:
+        status = run_tool(tool, argv, monkeypatch)
+    except SystemExit as e:  # argparse's usage errors
+        status = e.code
+    err = capsys.readouterr().err
+    assert status != 0 and msg in err.splitlines()[-1] and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from lserve_lite import LLM, EngineConfig, SamplingParams, SparseConfig
 from lserve_lite.backends import cuda_available
+from lserve_lite.engine_args import existing_file
 from lserve_lite.errors import exit_status
 from lserve_lite.evaluation.synthetic import corpus_text
 
@@ -156,7 +157,7 @@ def main() -> int:
     ap.add_argument("--doc-tokens", type=int, default=32768)
     ap.add_argument("--arrival", choices=["staggered", "burst"], default="staggered")
     ap.add_argument("--sparse", action="store_true", help="LServe mode (needs a head pattern for the model)")
-    ap.add_argument("--pattern", default=None)
+    ap.add_argument("--pattern", type=existing_file, default=None)
     ap.add_argument("--control", action="store_true", help="doc: run the cold engine again in the other arrival "
                     "order and count the outputs equal to its first run")  # fmt: skip
     ap.add_argument("--out", default=None, help="JSON results file (default: tools/results/...)")
