@@ -121,6 +121,25 @@ BAD_ARGS = [
         ["--model", "{tiny}", "--lengths", "4096"],
         "--lengths 4096 exceeds the model's context 2048",
     ),
+    ("eval_selector", ["--lengths", "100"], "--lengths: 100 is outside [256,"),
+    ("eval_selector", ["--steps", "0"], "--steps: 0 is outside [1,"),
+    (
+        "eval_selector",
+        ["--model", "{tiny}", "--budgets", "100"],
+        "budgets must be positive multiples of the page",
+    ),
+    (
+        "eval_selector",
+        ["--model", "{tiny}", "--sub-pages", "3"],
+        "sub_pages must divide the page size 64: [3]",
+    ),
+    ("eval_selector", ["--model", "{tiny}", "--variants", "bogus"], "error: unknown variant(s) ['bogus']"),
+    (
+        "eval_selector",
+        ["--model", "{tiny}", "--lengths", "4096"],
+        "length 4096 exceeds the model's context",
+    ),
+    ("eval_selector", ["--model", "/nonexist"], "error: /nonexist"),
 ]
 
 
