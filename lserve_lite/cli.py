@@ -7,7 +7,7 @@ import sys
 import time
 
 from .engine_args import add_engine_args, engine_config_from_args
-from .errors import LServeError
+from .errors import LServeError, exit_status
 from .evaluation.calibrate_args import add_calibrate_args
 from .evaluation.eval_args import add_eval_args
 from .serve import add_serve_args, run_from_args
@@ -266,13 +266,7 @@ def cmd_eval(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except LServeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return exit_status(lambda: args.func(args))
 
 
 if __name__ == "__main__":

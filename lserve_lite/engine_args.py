@@ -4,6 +4,7 @@ serve): one parser and one EngineConfig builder, with argument types that refuse
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .config import KV_DTYPES, MAX_MODEL_LEN, MAX_POOL_PAGES, EngineConfig, SparseConfig
 
@@ -26,6 +27,28 @@ def bounded_int(lo: int, hi: int = 1 << 31):
 def int_list(lo: int, hi: int):
     """An argparse type: comma-separated integers, each in [lo, hi], else a one-line usage error."""
     one = bounded_int(lo, hi)
+    return lambda text: [one(t) for t in text.split(",")]
+
+
+def existing_file(text: str) -> str:
+    """An argparse type: a path to a file that exists, checked before a long run needs it."""
+    if not Path(text).expanduser().is_file():
+        raise argparse.ArgumentTypeError(f"{text}: file not found")
+    return text
+
+
+def float_list(lo: float, hi: float):
+    """An argparse type: comma-separated numbers, each in [lo, hi], else a one-line usage error."""
+
+    def one(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{v} is outside [{lo}, {hi}]")
+        return v
+
     return lambda text: [one(t) for t in text.split(",")]
 
 

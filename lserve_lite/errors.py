@@ -1,5 +1,10 @@
 """User-facing errors: each carries one line that says what is wrong and where (no traceback shown)."""
 
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
 
 class LServeError(Exception):
     """Base class; the CLI and the server print str(e) alone."""
@@ -15,3 +20,15 @@ class InvalidRequestError(LServeError, ValueError):
 
 class TensorParallelError(LServeError):
     """A tensor-parallel worker failed, died or hung; the engine cannot go on."""
+
+
+def exit_status(main: Callable[[], int | None]) -> int:
+    """Runs a command as `lserve-lite` and the tools do: an LServeError is one `error: ...` line and status 1,
+    Ctrl-C status 130."""
+    try:
+        return int(main() or 0)
+    except LServeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -58,8 +58,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from bench_attention import events_median  # noqa: E402
+
+from lserve_lite.backends import require_gpu  # noqa: E402
 
 
 def copy_bandwidth(nbytes: int = 4 << 30, reps: int = 10) -> float:
@@ -1044,6 +1045,7 @@ def main(argv=None) -> int:
         src = Path(args.plot_from)
         plot_sparse(json.loads(src.read_text()), src.with_suffix(".png"))
         return 0
+    require_gpu("bench_e2e.py")
     import cupy as cp
 
     bw = copy_bandwidth()

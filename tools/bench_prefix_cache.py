@@ -13,7 +13,7 @@ others wait for the first to compute the document, then attach it). Meant for th
 CPU as a check of the tool itself.
 
 Usage:
-  python tools/bench_prefix_cache.py chat [--trials 3] [--history 2000]
+  python tools/bench_prefix_cache.py chat [--model DIR] [--backend cpu] [--trials 3] [--history 2000]
   python tools/bench_prefix_cache.py doc --model DIR [--backend cuda] [--requests 32] [--doc-tokens 32768]
         [--arrival staggered|burst] [--sparse] [--control]
 """
@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 
 from lserve_lite import LLM, EngineConfig, SamplingParams, SparseConfig
+from lserve_lite.backends import cuda_available
+from lserve_lite.engine_args import existing_file
+from lserve_lite.errors import exit_status
 from lserve_lite.evaluation.synthetic import corpus_text
 
 
@@ -63,9 +66,16 @@ def conversation(llm: LLM, tokens: int, trial: int) -> list[dict]:
     return msgs
 
 
+def model_name(model: str | None) -> str:
+    """The model as results name it: its folder or file name, never a path of the machine that ran it."""
+    return Path(model).name if model else "default SmolLM2-135M-Instruct"
+
+
 def bench_chat(args) -> dict:
-    llm = LLM(backend="cpu", config=EngineConfig(max_model_len=4096))
-    cold = LLM(backend="cpu", config=EngineConfig(max_model_len=4096, prefix_caching=False))
+    llm = LLM(args.model, backend=args.backend, config=EngineConfig(max_model_len=4096))
+    cold = LLM(
+        args.model, backend=args.backend, config=EngineConfig(max_model_len=4096, prefix_caching=False)
+    )
     params = SamplingParams(temperature=0, max_new_tokens=args.max_new_tokens)
     rows = []
     for trial in range(args.trials):
@@ -79,7 +89,7 @@ def bench_chat(args) -> dict:
                          turn2_reply_equal=reply2 == reply2_cold))  # fmt: skip
         print(json.dumps(rows[-1]))
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    return {"scenario": "chat", "model": "default SmolLM2-135M-Instruct", "backend": "cpu", "trials": rows,
+    return {"scenario": "chat", "model": model_name(args.model), "backend": args.backend, "trials": rows,
             "median": med, "target_ratio": 0.10}  # fmt: skip
 
 
@@ -104,7 +114,7 @@ def equal_count(a: list, b: list) -> str:
 
 def bench_doc(args) -> dict:
     sparse = SparseConfig(enabled=args.sparse, pattern_path=args.pattern)
-    res = {"scenario": "doc", "model": args.model or "default", "backend": args.backend, "requests": args.requests,
+    res = {"scenario": "doc", "model": model_name(args.model), "backend": args.backend, "requests": args.requests,
            "doc_tokens": args.doc_tokens, "arrival": args.arrival, "sparse": args.sparse}  # fmt: skip
     params = SamplingParams(temperature=0, max_new_tokens=args.max_new_tokens)
     for cache in (True, False):
@@ -134,35 +144,35 @@ def bench_doc(args) -> dict:
     return res
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("scenario", choices=["chat", "doc"])
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--history", type=int, default=2000)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--model", default=None)
-    ap.add_argument("--backend", default="cuda")
+    ap.add_argument("--backend", choices=["cpu", "cuda"], default=None,
+                    help="chat: cpu; doc: cuda when CuPy sees a GPU, else cpu")  # fmt: skip
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--doc-tokens", type=int, default=32768)
     ap.add_argument("--arrival", choices=["staggered", "burst"], default="staggered")
     ap.add_argument("--sparse", action="store_true", help="LServe mode (needs a head pattern for the model)")
-    ap.add_argument("--pattern", default=None)
+    ap.add_argument("--pattern", type=existing_file, default=None)
     ap.add_argument("--control", action="store_true", help="doc: run the cold engine again in the other arrival "
                     "order and count the outputs equal to its first run")  # fmt: skip
     ap.add_argument("--out", default=None, help="JSON results file (default: tools/results/...)")
     args = ap.parse_args()
+    args.backend = args.backend or ("cuda" if args.scenario == "doc" and cuda_available() else "cpu")
+    name = f"bench_prefix_cache_{args.scenario}_{args.backend}.json"
+    out = Path(args.out or Path(__file__).parent / "results" / name)
+    out.parent.mkdir(parents=True, exist_ok=True)  # now, not after the whole run
     res = bench_chat(args) if args.scenario == "chat" else bench_doc(args)
     res |= {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cpus": os.cpu_count(), "loadavg": os.getloadavg()}  # fmt: skip
-    name = (
-        "bench_prefix_cache_chat_cpu.json"
-        if args.scenario == "chat"
-        else f"bench_prefix_cache_doc_{args.backend}.json"
-    )
-    out = Path(args.out or Path(__file__).parent / "results" / name)
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main))

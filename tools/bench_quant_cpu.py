@@ -1,11 +1,11 @@
 """Decode GEMV (one token: x is [1, K]) straight from packed quantized weights vs the float32 GEMV, at SmolLM2
 and Llama shapes, on 1 and 2 threads: milliseconds per call and GB/s of weight bytes read.
 
-    PYTHONPATH=. python tools/bench_quant_cpu.py [--quick]
+    PYTHONPATH=. python tools/bench_quant_cpu.py [--quick] [--out FILE]
 
-Prints a table and writes tools/results/bench_quant_cpu.json. Times are the minimum over repeated calls of
-`linear_q` (activation quantization and Python overhead included); 1-thread rows also give the minimum CPU
-time of the calling thread, which a host busy with other jobs inflates less than the wall time.
+Prints a table and writes --out (default tools/results/bench_quant_cpu.json). Times are the minimum over
+repeated calls of `linear_q` (activation quantization and Python overhead included); 1-thread rows also give
+the minimum CPU time of the calling thread, which a host busy with other jobs inflates less than the wall time.
 """
 
 from __future__ import annotations
@@ -36,9 +36,12 @@ class Spread:
     def __init__(self, parts: int):
         self.parts = parts
 
-    def run(self, key, part, bounds: list[int]) -> None:
-        if len(bounds) < 3 or not C._HELPERS.spread(part, bounds):
-            for a, b in zip(bounds[:-1], bounds[1:]):
+    def run(
+        self, key, part, bounds: list[int], joint: bool = False, native: C.NativeJob | None = None
+    ) -> None:
+        """SplitRunner.run's contract (its joint= and native= included) without the timing of the two ways."""
+        if len(bounds) < 3 or not C._HELPERS.spread(part, bounds, native):
+            for a, b in [(bounds[0], bounds[-1])] if joint else zip(bounds[:-1], bounds[1:]):
                 part(a, b)
 
 
@@ -132,7 +135,11 @@ def time_f32_once(x: np.ndarray, w: np.ndarray, threads: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="shorter timing budget per case")
-    budget = 0.15 if ap.parse_args().quick else 0.5
+    ap.add_argument(
+        "--out", type=Path, default=OUT, help="JSON results file (default tools/results/bench_quant_cpu.json)"
+    )
+    args = ap.parse_args()
+    budget = 0.15 if args.quick else 0.5
     rng = np.random.default_rng(0)
     rows = []
     for m, k in SHAPES:
@@ -148,10 +155,10 @@ def main() -> None:
                 rows.append(row)
     print_table(rows)
     rows += smollm2_token(4 * budget)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(cpu=platform.processor() or platform.machine(), cpus=C.usable_cpus(), loadavg=os.getloadavg())
-    OUT.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
-    print(f"wrote {OUT}  (load average during the run: {meta['loadavg'][0]:.1f})")
+    args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    print(f"wrote {args.out}  (load average during the run: {meta['loadavg'][0]:.1f})")
 
 
 def print_table(rows: list[dict]) -> None:

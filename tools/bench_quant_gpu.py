@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lserve_lite.backends import require_gpu  # noqa: E402
 
 SHAPES = {
     "qkv": (6144, 4096),
@@ -219,6 +220,7 @@ def main(argv=None) -> int:
         "--prefill-rows", type=int, default=0, help="also time the prefill path at this many rows"
     )
     args = ap.parse_args(argv)
+    require_gpu("bench_quant_gpu.py")
     import cupy as cp
 
     from lserve_lite.backends.cuda import CudaOps

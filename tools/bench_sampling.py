@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lserve_lite.backends import require_gpu  # noqa: E402
 
 SETTINGS = [  # (name, temperature, top_k, top_p)
     ("greedy", 0.0, 0, 1.0),
@@ -99,6 +100,7 @@ def main() -> None:
     ap.add_argument("--radix", action="store_true", help="also time sample_rows' radix path (~2 ms a row)")
     ap.add_argument("--reps", type=int, default=30)
     args = ap.parse_args()
+    require_gpu("bench_sampling.py")
 
     import cupy as cp
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lserve_lite.backends import require_gpu
+
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -38,6 +40,8 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true", help="also time the GPU path: mask upload + mask_logits")
     ap.add_argument("--out", default="tools/results/bench_structured.json")
     args = ap.parse_args()
+    if args.gpu:
+        require_gpu("bench_structured.py --gpu")
     from lserve_lite.backends.reference.sampling import allowed_tokens
     from lserve_lite.engine.structured import Grammars
     from lserve_lite.weights.loader import load_model, resolve_model_dir

@@ -23,8 +23,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from bench_e2e import _fill_random, gpu_time, llama3_8b_config, random_llama  # noqa: E402
+
+from lserve_lite.backends import require_gpu  # noqa: E402
 
 PS = 64
 
@@ -124,6 +125,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--out", default="tools/results/bench_tp.json")
     args = ap.parse_args(argv)
+    require_gpu("bench_tp.py")
     from lserve_lite.backends.group import new_group
 
     ctx = mp.get_context("spawn")

@@ -29,8 +29,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from bench_attention import events_median  # noqa: E402
+
+from lserve_lite.backends import require_gpu  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 64
 Q_BLOCK = 64  # as tools/bench_attention.py (two heads of a GQA group share each CTA)
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "--kernels", default="", help="comma-separated PREFILL_KERNEL values (default: all available)"
     )
     args = ap.parse_args(argv)
+    require_gpu("check_prefill_sm90.py")
 
     import cupy as cp
 

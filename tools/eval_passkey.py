@@ -26,9 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lserve_lite.config import KV_DTYPES
+from lserve_lite.config import KV_DTYPES, MAX_MODEL_LEN
+from lserve_lite.engine_args import bounded_int, existing_file, float_list, int_list
+from lserve_lite.errors import exit_status
+from lserve_lite.evaluation.eval_args import MAX_SAMPLES
 from lserve_lite.evaluation.plotting import pyplot
-from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs
+from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs, refuse_past_context
 from lserve_lite.evaluation.synthetic import PasskeySample, passkey_sample
 
 
@@ -87,12 +90,22 @@ def heatmap(result: dict, path: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model directory (default: the bundled SmolLM2)")
-    ap.add_argument("--lengths", default="1024,2048", help="context lengths in tokens (1024,2048)")
-    ap.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths (0.1,0.5,0.9)")
-    ap.add_argument("--samples", type=int, default=1, help="prompts per (length, depth) cell (1)")
+    ap.add_argument("--lengths", type=int_list(256, MAX_MODEL_LEN), default=[1024, 2048],
+                    help="context lengths in tokens, each >= 256 (1024,2048)")  # fmt: skip
+    ap.add_argument(
+        "--depths", type=float_list(0, 1), default=[0.1, 0.5, 0.9], help="needle depths (0.1,0.5,0.9)"
+    )
+    ap.add_argument(
+        "--samples", type=bounded_int(1, MAX_SAMPLES), default=1, help="prompts per (length, depth) cell (1)"
+    )
     ap.add_argument("--configs", default="dense,lserve,lserve-b512",
                     help="configs: presets dense, lserve, lserve-b512, or NAME:knob=v,... separated by ';'")  # fmt: skip
-    ap.add_argument("--pattern", default=None, help="head pattern TSV (default: the model's bundled one)")
+    ap.add_argument(
+        "--pattern",
+        type=existing_file,
+        default=None,
+        help="head pattern TSV (default: the model's bundled one)",
+    )
     ap.add_argument(
         "--kv-dtype", choices=KV_DTYPES, default="auto", help="KV-cache format (docs/KV_QUANT.md)"
     )
@@ -104,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot_only:
         res = json.loads(Path(args.plot_only).read_text())
         return 0 if heatmap(res, Path(args.plot_only).with_suffix(".png")) else 1
-    lengths = [int(x) for x in args.lengths.split(",")]
-    depths = [float(x) for x in args.depths.split(",")]
+    lengths, depths = args.lengths, args.depths
     configs = parse_configs(args.configs)
     t0 = time.perf_counter()
     runner = Runner(args.model, configs, max(lengths) + 64, args.pattern, kv_dtype=args.kv_dtype)
+    refuse_past_context(runner.model_dir, max(lengths), f"--lengths {max(lengths)}")
     grid = make_grid(runner.tokenizer, lengths, depths, args.samples, args.seed)
     outs: list[dict] = [{} for _ in grid]
     for h, names in runner.groups():
@@ -154,4 +167,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))

@@ -25,9 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lserve_lite.config import KV_DTYPES
+from lserve_lite.config import KV_DTYPES, MAX_MODEL_LEN
+from lserve_lite.engine_args import bounded_int, existing_file, int_list
+from lserve_lite.errors import exit_status
 from lserve_lite.evaluation.plotting import pyplot
-from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs
+from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs, refuse_past_context
 from lserve_lite.evaluation.synthetic import corpus_text
 
 
@@ -113,10 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model directory or GGUF (default: the bundled SmolLM2)")
     ap.add_argument("--quantize", choices=("int8", "int4"), default=None, help="quantize an HF model at load")
-    ap.add_argument("--lengths", default="1024,2048", help="context lengths in tokens (1024,2048)")
-    ap.add_argument("--decode-tokens", type=int, default=64, help="tokens scored by decode steps (64)")
+    ap.add_argument("--lengths", type=int_list(256, MAX_MODEL_LEN), default=[1024, 2048],
+                    help="context lengths in tokens, each >= 256 (1024,2048)")  # fmt: skip
+    ap.add_argument(
+        "--decode-tokens", type=bounded_int(1), default=64, help="tokens scored by decode steps (64)"
+    )
     ap.add_argument("--configs", default="dense,lserve,lserve-b512", help="as in eval_passkey.py")
-    ap.add_argument("--pattern", default=None, help="head pattern TSV (default: the model's bundled one)")
+    ap.add_argument(
+        "--pattern",
+        type=existing_file,
+        default=None,
+        help="head pattern TSV (default: the model's bundled one)",
+    )
     ap.add_argument(
         "--kv-dtype", choices=KV_DTYPES, default="auto", help="KV-cache format (docs/KV_QUANT.md)"
     )
@@ -127,12 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot_only:
         res = json.loads(Path(args.plot_only).read_text())
         return 0 if plot(res, Path(args.plot_only).with_suffix(".png")) else 1
-    lengths = [int(x) for x in args.lengths.split(",")]
+    lengths = args.lengths
+    if args.decode_tokens > min(lengths) - 2:  # at least one token is prefilled before the scored ones
+        ap.error(f"--decode-tokens {args.decode_tokens} leaves nothing to prefill at length {min(lengths)}")
     configs = parse_configs(args.configs)
     t0 = time.perf_counter()
     r = Runner(
         args.model, configs, max(lengths) + 64, args.pattern, quantize=args.quantize, kv_dtype=args.kv_dtype
     )
+    refuse_past_context(r.model_dir, max(lengths), f"--lengths {max(lengths)}")
     text = corpus_text()
     ids = r.tokenizer.encode(text)
     if len(ids) < max(lengths):
@@ -169,4 +182,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))

@@ -14,23 +14,36 @@ import time
 from datetime import date
 from pathlib import Path
 
+from lserve_lite.config import MAX_MODEL_LEN
+from lserve_lite.engine_args import bounded_int, int_list
+from lserve_lite.errors import exit_status
 from lserve_lite.evaluation.selector_recall import VARIANTS, measure, table
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(","))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model directory (default: the bundled SmolLM2)")
     ap.add_argument(
-        "--lengths", type=_ints, default=(2048, 4096, 8192), help="context lengths (2048,4096,8192)"
+        "--lengths",
+        type=int_list(256, MAX_MODEL_LEN),
+        default=(2048, 4096, 8192),
+        help="context lengths, each >= 256 (2048,4096,8192)",
     )
-    ap.add_argument("--steps", type=int, default=16, help="decode steps measured per length and text (16)")
-    ap.add_argument("--offsets", type=_ints, default=(0,), help="texts: corpus token offsets (0)")
-    ap.add_argument("--budgets", type=_ints, default=(512, 1024, 2048, 4096), help="token budgets")
-    ap.add_argument("--sub-pages", type=_ints, default=(1, 2, 4, 8), help="sub_pages settings (1,2,4,8)")
+    ap.add_argument(
+        "--steps", type=bounded_int(1), default=16, help="decode steps measured per length and text (16)"
+    )
+    ap.add_argument(
+        "--offsets", type=int_list(0, MAX_MODEL_LEN), default=(0,), help="texts: corpus token offsets (0)"
+    )
+    ap.add_argument(
+        "--budgets",
+        type=int_list(1, MAX_MODEL_LEN),
+        default=(512, 1024, 2048, 4096),
+        help="token budgets, page multiples",
+    )
+    ap.add_argument(
+        "--sub-pages", type=int_list(1, 64), default=(1, 2, 4, 8), help="sub_pages settings (1,2,4,8)"
+    )
     ap.add_argument("--variants", default=",".join(VARIANTS), help="scoring variants (all)")
     ap.add_argument("--out", default="tools/results/selector_recall", help="output stem: <out>.json")
     args = ap.parse_args(argv)
@@ -49,4 +62,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))

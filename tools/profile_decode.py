@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lserve_lite.backends import require_gpu  # noqa: E402
 
 UNITS_US = {
     "nsecond": 1e-3,
@@ -121,6 +122,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.summarize is None:
+        require_gpu("profile_decode.py")
         run(args)
         return 0
     result = summarize(args.summarize, args.steps, args.replay_ms)

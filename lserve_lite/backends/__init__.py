@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from ..errors import LServeError
 
 
@@ -12,6 +14,14 @@ def cuda_available() -> bool:
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:
         return False
+
+
+def require_gpu(tool: str) -> None:
+    """Exits with status 2 and one line when CuPy sees no GPU, so a GPU-only tool stops before it writes
+    anything instead of failing deep in CuPy."""
+    if not cuda_available():
+        print(f"{tool}: needs an NVIDIA GPU: CuPy sees none on this host", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def make_ops(backend: str = "auto"):

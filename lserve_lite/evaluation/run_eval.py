@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidRequestError
-from ..weights.loader import load_config
 from . import ruler
 from .plotting import pyplot
-from .settings import Runner, config_dict, parse_configs
+from .settings import Runner, config_dict, parse_configs, refuse_past_context
 
 Z95 = 1.959963984540054
 
@@ -109,11 +108,7 @@ def evaluate(args: argparse.Namespace, log=print) -> dict:
     t0 = time.perf_counter()
     r = Runner(args.model, configs, max(lengths) + 128, args.pattern, args.shared_dense, args.backend,
                quantize=args.quantize, kv_dtype=args.kv_dtype)  # fmt: skip
-    context = load_config(r.model_dir).max_position_embeddings
-    if max(lengths) + 128 > context:  # refused before haystacks of that length are built
-        raise InvalidRequestError(
-            f"--lengths {max(lengths)} + 128 tokens of question exceeds the model's context {context}"
-        )
+    refuse_past_context(r.model_dir, max(lengths) + 128, f"--lengths {max(lengths)} + 128 tokens of question")
     tok = r.tokenizer
     gen = {
         (n, t): ruler.generate(t, tok, n, args.samples, args.seed, args.filler)

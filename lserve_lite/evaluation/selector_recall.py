@@ -18,11 +18,14 @@ from collections.abc import Callable
 import numpy as np
 
 from ..config import EngineConfig
+from ..errors import InvalidRequestError
 from ..geometry import pages_for
 from ..llm import LLM
 from ..sparse.patterns import bundled_pattern, head_classes, load_pattern
 from ..sparse.selector import page_scores, top_pages, visited_selection
+from ..weights.loader import resolve_model_dir
 from .harness import SparseHarness
+from .settings import refuse_past_context
 from .synthetic import corpus_text
 
 
@@ -131,6 +134,26 @@ def _dense_heads(model_dir, num_layers: int, num_kv_heads: int, sparsity: float)
     return np.stack(head_classes(load_pattern(path, num_layers, num_kv_heads), sparsity)) == 0
 
 
+PAGE_SIZE = 64  # tokens per page of the measured engine
+
+
+def check_grid(steps: int, lengths, budgets, subs, variants) -> None:
+    """Refuses, before the model loads, a grid that would measure nothing or fail after the compute."""
+    if steps < 1 or min(lengths) <= steps:
+        raise InvalidRequestError(
+            f"need 1 <= steps < every length, got steps {steps}, lengths {list(lengths)}"
+        )
+    if any(b < PAGE_SIZE or b % PAGE_SIZE for b in budgets):
+        raise InvalidRequestError(
+            f"budgets must be positive multiples of the page size {PAGE_SIZE}: {list(budgets)}"
+        )
+    if any(s < 1 or PAGE_SIZE % s for s in subs):
+        raise InvalidRequestError(f"sub_pages must divide the page size {PAGE_SIZE}: {list(subs)}")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise InvalidRequestError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+
+
 def measure(
     model: str | None = None,
     lengths: tuple[int, ...] = (2048, 4096, 8192),
@@ -146,13 +169,19 @@ def measure(
     """Selected vs oracle attention mass at `steps` decode steps ending at each context length, in one
     pass per text (corpus_text() from each token offset); per (length, variant, sub_pages, budget) and
     step, summed per (layer, head); `lserve_reuse<interval>` is the engine's rule with selection reuse."""
+    check_grid(steps, lengths, budgets, subs, variants)
     lengths = tuple(sorted(lengths))
-    page = 64
+    refuse_past_context(resolve_model_dir(model), lengths[-1], f"length {lengths[-1]}")
+    page = PAGE_SIZE
     llm = LLM(model, backend="cpu", config=EngineConfig(num_kv_pages=pages_for(lengths[-1], page) + 2,
                                                         max_model_len=lengths[-1], page_size=page))  # fmt: skip
     h, cfg = SparseHarness(llm), llm.engine.cfg
     dense = _dense_heads(llm.engine.model_dir, cfg.num_layers, cfg.num_kv_heads, sparsity)
     all_ids = llm.tokenizer.encode(corpus_text())
+    if max(offsets) + lengths[-1] > len(all_ids):
+        raise InvalidRequestError(
+            f"offset {max(offsets)} + length {lengths[-1]} is past the text's {len(all_ids)} tokens"
+        )
     cells = [(v, s, b) for v in variants for s in subs for b in budgets]
     cells += (
         [(f"lserve_reuse{interval}", 4, b) for b in budgets] if "lserve" in variants and 4 in subs else []

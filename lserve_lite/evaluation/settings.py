@@ -4,12 +4,14 @@ under many settings with as few LLMs and prefills as possible (shared by run_eva
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 
 from ..config import EngineConfig, SparseConfig
 from ..errors import InvalidRequestError
 from ..llm import LLM
+from ..weights.loader import load_config
 from .harness import SparseHarness
 
 PRESETS: dict[str, dict | None] = {
@@ -19,6 +21,13 @@ PRESETS: dict[str, dict | None] = {
     "lserve-b1024": {"token_budget": 1024},
     "lserve-b2048": {"token_budget": 2048},
 }
+
+
+def refuse_past_context(model_dir: Path, tokens: int, what: str) -> None:
+    """Refuses, before any prompt is built, a run past the model's trained positions (it measures nothing)."""
+    context = load_config(model_dir).max_position_embeddings
+    if tokens > context:
+        raise InvalidRequestError(f"{what} exceeds the model's context {context}")
 
 
 def parse_configs(spec: str) -> dict[str, SparseConfig | None]:

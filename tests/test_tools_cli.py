@@ -1,0 +1,156 @@
+"""The scripts of tools/ on the CPU: their stand-ins keep up with the engine's interfaces, and bad input or a
+missing GPU gives one line and a nonzero exit, before any output is written."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+import bench_quant_cpu  # noqa: E402
+
+from lserve_lite.backends.cpu_threads import SplitRunner  # noqa: E402
+
+
+def test_bench_quant_cpu_spread_takes_what_split_runner_takes():
+    """linear_q passes SplitRunner.run's keywords (joint=, native=) to the benchmark's stand-in."""
+    ours, theirs = inspect.signature(bench_quant_cpu.Spread.run), inspect.signature(SplitRunner.run)
+    assert list(ours.parameters) == list(theirs.parameters)
+    seen: list[tuple[int, int]] = []
+    bench_quant_cpu.Spread(2).run(None, lambda a, b: seen.append((a, b)), [0, 4, 8], joint=True, native=None)
+    assert sorted(seen) in ([(0, 8)], [(0, 4), (4, 8)])
+    x = np.ones((1, 64), np.float32)
+    w = bench_quant_cpu.random_weight("q8_0", 8, 64, np.random.default_rng(0))
+    wall, _ = bench_quant_cpu.time_quant(x, w, 2, budget=0.01)
+    assert 0 < wall < 1
+
+
+GPU_TOOLS = [
+    ("bench_attention", ["--out", "res"]),
+    ("bench_e2e", ["--out", "res/e2e.json"]),
+    ("bench_quant_gpu", ["--out", "res/q.json"]),
+    ("bench_sampling", ["--out", "res/s.json"]),
+    ("bench_sparse", ["--out", "res"]),
+    ("bench_tp", ["--out", "res/tp.json"]),
+    ("check_prefill_sm90", ["--out", "res/sm90.json"]),
+    ("profile_decode", ["--out", "res/p.json"]),
+    ("bench_structured", ["--gpu", "--out", "res/st.json"]),
+]
+
+
+@pytest.mark.parametrize("tool, argv", GPU_TOOLS)
+def test_gpu_tools_stop_in_one_line_without_a_gpu(tool, argv, tmp_path, monkeypatch, capsys):
+    """Without a GPU each GPU-only tool exits 2 with one line before it creates its output folder."""
+    import lserve_lite.backends
+
+    monkeypatch.setattr(lserve_lite.backends, "cuda_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [f"{tool}.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(tool).main()
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"{tool}.py{' --gpu' * (tool == 'bench_structured')}: "
+                                                    "needs an NVIDIA GPU: CuPy sees none on this host"]  # fmt: skip
+    assert not (tmp_path / "res").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from tiny_models import make_tiny_numpy
+
+    return make_tiny_numpy(tmp_path_factory.mktemp("tools") / "tiny-llama")
+
+
+def run_tool(tool: str, argv: list[str], monkeypatch) -> int:
+    """The tool's main as its `__main__` runs it (exit_status around main), with these arguments."""
+    from lserve_lite.errors import exit_status
+
+    monkeypatch.setattr(sys, "argv", [f"{tool}.py", *argv])
+    return exit_status(importlib.import_module(tool).main)
+
+
+def test_bench_prefix_cache_chat_takes_model_and_backend(tiny_model, tmp_path, monkeypatch):
+    """chat runs the model and backend given, makes the --out folder, and names the model without its path."""
+    out = tmp_path / "new" / "chat.json"
+    argv = ["chat", "--model", str(tiny_model), "--backend", "cpu", "--trials", "1", "--history", "100",
+            "--max-new-tokens", "2", "--out", str(out)]  # fmt: skip
+    assert run_tool("bench_prefix_cache", argv, monkeypatch) == 0
+    res = json.loads(out.read_text())
+    assert (res["model"], res["backend"]) == ("tiny-llama", "cpu")
+
+
+def test_bench_prefix_cache_doc_on_cuda_without_a_gpu_is_one_line(tiny_model, tmp_path, monkeypatch, capsys):
+    import lserve_lite.backends
+
+    monkeypatch.setattr(lserve_lite.backends, "cuda_available", lambda: False)
+    argv = ["doc", "--model", str(tiny_model), "--backend", "cuda", "--out", str(tmp_path / "doc.json")]
+    assert run_tool("bench_prefix_cache", argv, monkeypatch) == 1
+    assert capsys.readouterr().err.startswith("error: backend 'cuda' asked for")
+    assert not (tmp_path / "doc.json").exists()
+
+
+BAD_ARGS = [
+    ("eval_passkey", ["--lengths", "10"], "--lengths: 10 is outside [256,"),
+    ("eval_passkey", ["--depths", "abc"], "--depths: 'abc' is not a number"),
+    ("eval_passkey", ["--depths", "0.5,1.5"], "--depths: 1.5 is outside [0, 1]"),
+    ("eval_passkey", ["--samples", "0"], "--samples: 0 is outside [1,"),
+    ("eval_passkey", ["--configs", "bogus"], "error: unknown config 'bogus'"),
+    ("eval_passkey", ["--pattern", "/nonexist.tsv"], "--pattern: /nonexist.tsv: file not found"),
+    ("eval_passkey", ["--model", "/nonexist"], "error: /nonexist"),
+    (
+        "eval_passkey",
+        ["--model", "{tiny}", "--lengths", "99999"],
+        "--lengths 99999 exceeds the model's context 2048",
+    ),
+    ("eval_ppl", ["--lengths", "8"], "--lengths: 8 is outside [256,"),
+    ("eval_ppl", ["--decode-tokens", "0"], "--decode-tokens: 0 is outside [1,"),
+    (
+        "eval_ppl",
+        ["--decode-tokens", "300", "--lengths", "256"],
+        "--decode-tokens 300 leaves nothing to prefill",
+    ),
+    (
+        "eval_ppl",
+        ["--model", "{tiny}", "--lengths", "4096"],
+        "--lengths 4096 exceeds the model's context 2048",
+    ),
+    ("eval_selector", ["--lengths", "100"], "--lengths: 100 is outside [256,"),
+    ("eval_selector", ["--steps", "0"], "--steps: 0 is outside [1,"),
+    (
+        "eval_selector",
+        ["--model", "{tiny}", "--budgets", "100"],
+        "budgets must be positive multiples of the page",
+    ),
+    (
+        "eval_selector",
+        ["--model", "{tiny}", "--sub-pages", "3"],
+        "sub_pages must divide the page size 64: [3]",
+    ),
+    ("eval_selector", ["--model", "{tiny}", "--variants", "bogus"], "error: unknown variant(s) ['bogus']"),
+    (
+        "eval_selector",
+        ["--model", "{tiny}", "--lengths", "4096"],
+        "length 4096 exceeds the model's context",
+    ),
+    ("eval_selector", ["--model", "/nonexist"], "error: /nonexist"),
+]
+
+
+@pytest.mark.parametrize("tool, argv, msg", BAD_ARGS)
+def test_bad_arguments_are_one_line(tool, argv, msg, tiny_model, tmp_path, monkeypatch, capsys):
+    """Bad input ends in one line and a nonzero status, before any result is written."""
+    argv = [a.replace("{tiny}", str(tiny_model)) for a in argv] + ["--out", str(tmp_path / "out")]
+    try:
+        status = run_tool(tool, argv, monkeypatch)
+    except SystemExit as e:  # argparse's usage errors
+        status = e.code
+    err = capsys.readouterr().err
+    assert status != 0 and msg in err.splitlines()[-1] and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
