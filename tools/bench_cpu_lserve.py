@@ -20,13 +20,16 @@ import time
 
 import numpy as np
 
+from lserve_lite.engine_args import bounded_int
+from lserve_lite.errors import exit_status
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=["dense", "lserve"], required=True)
     ap.add_argument("--selector", choices=["numba", "ref"], default="numba")
-    ap.add_argument("--context", type=int, default=4000)
-    ap.add_argument("--steps", type=int, default=29)
+    ap.add_argument("--context", type=bounded_int(16), default=4000)
+    ap.add_argument("--steps", type=bounded_int(2), default=29)
     ap.add_argument("--kv-dtype", default="auto")
     args = ap.parse_args()
 
@@ -60,4 +63,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main))

@@ -30,6 +30,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from lserve_lite.engine_args import bounded_int
+from lserve_lite.errors import InvalidRequestError, exit_status
+
 WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point "
          "government company number group problem fact river mountain city music light garden ocean story").split()  # fmt: skip
 
@@ -163,12 +166,12 @@ def main() -> None:
     ap.add_argument("--backend", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=None)
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--num-requests", type=int, default=8, help="requests per concurrency level")
+    ap.add_argument("--concurrency", type=bounded_int(1, 4096), nargs="+", default=[1, 4])
+    ap.add_argument("--num-requests", type=bounded_int(1), default=8, help="requests per concurrency level")
     ap.add_argument(
         "--input-len", type=int, default=32, help="prompt length in words (about that many tokens)"
     )
-    ap.add_argument("--output-len", type=int, default=16, help="output tokens per request")
+    ap.add_argument("--output-len", type=bounded_int(1), default=16, help="output tokens per request")
     ap.add_argument("--warmup", type=int, default=1, help="requests before timing (JIT, caches)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="tools/results/bench_serve.json")
@@ -180,7 +183,10 @@ def main() -> None:
     rng = random.Random(args.seed)
     load_start = os.getloadavg()[0]
     with server as url:
-        model = httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"]
+        try:
+            model = httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"]
+        except httpx.HTTPError as e:
+            raise InvalidRequestError(f"{url}: no OpenAI-compatible server answers there ({e})") from None
         warm = [make_prompt(rng, args.input_len) for _ in range(args.warmup)]
         if warm:
             asyncio.run(run_level(url, headers, model, 1, warm, args.output_len))
@@ -201,7 +207,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
+    if not any(r["requests"] for r in rows):  # a file of failures is written (it says why), but is no result
+        raise InvalidRequestError(f"every request failed; the first: {rows[0]['first_error']}")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main))

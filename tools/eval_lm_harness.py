@@ -166,8 +166,12 @@ def main() -> int:
     args = ap.parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        print("eval_lm_harness: needs lm-evaluation-harness (pip install lm-eval)", file=sys.stderr)
+        return 2
 
     from lserve_lite import LLM
     from lserve_lite.serve.app import ServerThread, create_app
@@ -208,7 +212,7 @@ def main() -> int:
         np.mean([first_letter(t) == "ABCD"[a] for t, (_, _, a) in zip(chat_direct, QUESTIONS)])
     )
     report = {
-        "model": str(llm.engine.model_dir), "backend": args.backend, "questions": len(QUESTIONS),
+        "model": Path(llm.engine.model_dir).name, "backend": args.backend, "questions": len(QUESTIONS),
         "acc_lm_eval_server": acc_server, "acc_direct_llm": acc_direct, "max_abs_loglikelihood_diff": diff,
         "chat_acc_lm_eval_server": acc_chat_server, "chat_acc_direct_llm": acc_chat_direct,
         "chat_replies_identical": sum(a == b for a, b in zip(chat_server, chat_direct)),

@@ -4,6 +4,7 @@ arrays pointed at the emulator's buffer, written to DIR/<kernel>.inc, then nvcc 
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -22,6 +23,8 @@ def build_emulator(kernel: str, shared_arrays: int, emulator: str, tmp: Path) ->
     (tmp / f"{kernel}.inc").write_text(inc)
     exe = tmp / emulator
     inc_dirs = [f"-I{ROOT / 'kernels'}", f"-I{ROOT / 'tools'}", f"-I{tmp}"]
+    if shutil.which("nvcc") is None:
+        raise SystemExit(f"{emulator}: needs nvcc (the CUDA toolkit) on PATH to build the host emulation")
     subprocess.run(
         [
             "nvcc",

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from lserve_lite.config import EngineConfig
+from lserve_lite.engine_args import bounded_int
+from lserve_lite.errors import exit_status
 from lserve_lite.evaluation.harness import SparseHarness
 from lserve_lite.evaluation.selector_recall import decode_step_queries
 from lserve_lite.evaluation.synthetic import corpus_text
@@ -204,8 +206,8 @@ def perplexity(model: str | None, context: int, names: list[str], chunk: int = 1
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
-    ap.add_argument("--context", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--context", type=bounded_int(64), default=2048)
+    ap.add_argument("--steps", type=bounded_int(1), default=4)
     ap.add_argument("--ppl", action="store_true", help="teacher-forced perplexity per scheme instead")
     ap.add_argument("--out", default=None, help="JSON results file")
     args = ap.parse_args()
@@ -224,4 +226,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main))

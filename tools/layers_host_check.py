@@ -14,6 +14,7 @@ Prints one line per row; exit status 1 on any failure.
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import tempfile
@@ -88,6 +89,7 @@ def report(results: list[Result]) -> bool:
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()  # --help; it takes no options
     c = HostCtx(0)
     ok = True
     with tempfile.TemporaryDirectory() as t:

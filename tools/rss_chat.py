@@ -29,6 +29,8 @@ def wait_for_prompt(out) -> str:
 
 
 def main() -> None:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        raise SystemExit(__doc__)
     cmd = [sys.executable, "-m", "lserve_lite.cli", "chat", "--backend", "cpu", "--temperature", "0",
            "--max-new-tokens", "64", *sys.argv[1:]]  # fmt: skip
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)

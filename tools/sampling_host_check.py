@@ -13,6 +13,7 @@ Prints one line per case; exit status 1 on any failure.
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import tempfile
@@ -94,6 +95,7 @@ def check_logprobs(exe: Path, tmp: Path, rng: np.random.Generator) -> bool:
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()  # --help; it takes no options
     assert LIST_ELEMENTS >= 8 * 9001, "these rows take the bin lists as the launcher would"
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as t:
