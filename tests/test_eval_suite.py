@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -95,6 +96,28 @@ def test_per_run_settings_refused_per_setting():
         parse_configs("dense;q8:kv_dtype=int8")
     assert parse_configs("dense;lserve-b1024")["lserve-b1024"].token_budget == 1024
     assert main(["eval", "--quantize", "int4", "--model", "/nonexistent"]) == 1  # refused before loading
+
+
+@pytest.mark.parametrize(
+    "spec, msg",
+    [
+        ("x:token_budget=abc", "config 'x': token_budget='abc' is not an integer"),
+        ("x:static_sparsity=half", "config 'x': static_sparsity='half' is not a number"),
+        ("x:budget=128", "config 'x': unknown sparse knob 'budget'"),
+        ("x:token_budget", "config 'x': 'token_budget' is not knob=value"),
+        ("x:token_budget=128,", "config 'x': '' is not knob=value"),
+        (":token_budget=128", "expected a preset or NAME:knob=v"),
+        ("dense,x:token_budget=128", "expected a preset or NAME:knob=v"),
+        ("lserve;lserve", "config 'lserve' given twice"),
+        ("dense:token_budget=128", "config 'dense' is the dense baseline"),
+    ],
+)
+def test_bad_configs_are_one_line_errors(spec, msg):
+    """Every malformed --configs entry is an InvalidRequestError naming the entry, never a ValueError."""
+    from lserve_lite.evaluation.settings import parse_configs
+
+    with pytest.raises(InvalidRequestError, match=re.escape(msg)):
+        parse_configs(spec)
 
 
 def test_eval_refuses_lengths_over_the_model_context(tiny, tmp_path, capsys):

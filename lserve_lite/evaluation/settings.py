@@ -19,6 +19,7 @@ PRESETS: dict[str, dict | None] = {
     "lserve-b1024": {"token_budget": 1024},
     "lserve-b2048": {"token_budget": 2048},
 }
+KIND_NAMES = {int: "an integer", float: "a number", str: "a name"}
 
 
 def parse_configs(spec: str) -> dict[str, SparseConfig | None]:
@@ -29,24 +30,39 @@ def parse_configs(spec: str) -> dict[str, SparseConfig | None]:
     out: dict[str, SparseConfig | None] = {}
     items = spec.split(";") if ";" in spec else [spec] if ":" in spec else spec.split(",")
     for item in filter(None, (s.strip() for s in items)):
-        name, _, knobs = item.partition(":")
+        name, _, knobs = (s.strip() for s in item.partition(":"))
+        if not name or any(c in name for c in ",="):
+            raise InvalidRequestError(f"config {item!r}: expected a preset or NAME:knob=v,... (';' between)")
+        if name in out:
+            raise InvalidRequestError(f"config {name!r} given twice")
+        if name == "dense" and knobs:
+            raise InvalidRequestError("config 'dense' is the dense baseline: it takes no knobs")
         if not knobs:
             if name not in PRESETS:
                 raise InvalidRequestError(f"unknown config {name!r} (presets: {', '.join(PRESETS)})")
             kw = PRESETS[name]
             out[name] = None if kw is None else SparseConfig(enabled=True).with_updates(**kw)
             continue
-        kw = {}
-        for kv in knobs.split(","):
-            k, _, v = (s.strip() for s in kv.partition("="))
-            if k in ("quantize", "kv_dtype"):
-                flag = "--" + k.replace("_", "-")
-                raise InvalidRequestError(f"{k} is per run, not per setting: pass {flag} {v or 'MODE'}")
-            if k not in SparseConfig.__dataclass_fields__ or k in ("enabled", "pattern_path"):
-                raise InvalidRequestError(f"unknown sparse knob {k!r}")
-            kw[k] = float(v) if k == "static_sparsity" else v if k == "group_reduce" else int(v)
+        kw = dict(_knob(name, kv) for kv in knobs.split(","))
         out[name] = SparseConfig(enabled=True).with_updates(**kw)
     return {"dense": None, **out} if "dense" not in out else out
+
+
+def _knob(name: str, kv: str) -> tuple[str, int | float | str]:
+    """One 'knob=value' of config `name`, typed as SparseConfig's field, so a bad one is a one-line error."""
+    k, eq, v = (s.strip() for s in kv.partition("="))
+    if k in ("quantize", "kv_dtype"):
+        flag = "--" + k.replace("_", "-")
+        raise InvalidRequestError(f"{k} is per run, not per setting: pass {flag} {v or 'MODE'}")
+    if not (k and eq and v):
+        raise InvalidRequestError(f"config {name!r}: {kv.strip()!r} is not knob=value")
+    if k not in SparseConfig.__dataclass_fields__ or k in ("enabled", "pattern_path"):
+        raise InvalidRequestError(f"config {name!r}: unknown sparse knob {k!r}")
+    kind = type(getattr(SparseConfig, k))
+    try:
+        return k, kind(v)
+    except ValueError:
+        raise InvalidRequestError(f"config {name!r}: {k}={v!r} is not {KIND_NAMES[kind]}") from None
 
 
 def config_dict(c: SparseConfig | None) -> dict | None:
