@@ -120,6 +120,21 @@ def test_bad_configs_are_one_line_errors(spec, msg):
         parse_configs(spec)
 
 
+def test_plot_only_refuses_a_bad_file_in_one_line(tmp_path, capsys):
+    """--plot-only on a missing file, a TSV, another tool's JSON or a run with no finished prompt."""
+    from lserve_lite.cli import main
+
+    (tmp_path / "p.tsv").write_text("1.0\t0.5\n")
+    (tmp_path / "passkey.json").write_text('{"tool": "eval_passkey", "results": []}')
+    (tmp_path / "empty.json").write_text('{"tool": "lserve-lite eval", "summary": {}, "results": []}')
+    cases = {"nonexistent.json": "no such file", "p.tsv": "not a JSON file",
+             "passkey.json": "not the JSON written by lserve-lite eval", "empty.json": "nothing to plot"}  # fmt: skip
+    for name, msg in cases.items():
+        assert main(["eval", "--plot-only", str(tmp_path / name)]) == 1, name
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and msg in err and "Traceback" not in err, (name, err)
+
+
 def test_eval_refuses_lengths_over_the_model_context(tiny, tmp_path, capsys):
     """A 2k-context model: 4096-token haystacks are refused with one line before any is built."""
     from lserve_lite.cli import main

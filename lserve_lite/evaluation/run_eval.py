@@ -21,10 +21,11 @@ import numpy as np
 from ..errors import InvalidRequestError
 from ..weights.loader import load_config
 from . import ruler
-from .plotting import pyplot
+from .plotting import load_result, pyplot
 from .settings import Runner, config_dict, parse_configs
 
 Z95 = 1.959963984540054
+TOOL = "lserve-lite eval"  # the "tool" of its JSON, which --plot-only checks
 
 
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -126,7 +127,7 @@ def evaluate(args: argparse.Namespace, log=print) -> dict:
     outs: list[dict] = [{} for _ in samples]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"tool": "lserve-lite eval", "model": Path(r.model_dir).name, "date": date.today().isoformat(),
+    result = {"tool": TOOL, "model": Path(r.model_dir).name, "date": date.today().isoformat(),
               "configs": {k: config_dict(v) for k, v in configs.items()}, "shared_dense": args.shared_dense,
               "kv_dtype": args.kv_dtype,
               "tasks": tasks, "lengths": lengths, "samples_per_task": args.samples, "seed": args.seed,
@@ -183,7 +184,9 @@ def report(result: dict) -> str:
 def main(args: argparse.Namespace) -> int:
     """Run `lserve-lite eval`; returns the exit status."""
     if args.plot_only:
-        res = json.loads(Path(args.plot_only).read_text())
+        res = load_result(args.plot_only, TOOL)
+        if not res.get("results"):
+            raise InvalidRequestError(f"{args.plot_only}: no prompt finished in that run: nothing to plot")
         return 0 if heatmap(res, Path(args.plot_only).with_suffix(".png")) else 1
     evaluate(args, log=lambda s: print(s, file=sys.stderr, flush=True))
     return 0
