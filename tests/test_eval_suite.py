@@ -135,6 +135,22 @@ def test_plot_only_refuses_a_bad_file_in_one_line(tmp_path, capsys):
         assert err.startswith("error: ") and msg in err and "Traceback" not in err, (name, err)
 
 
+def test_pattern_checked_before_any_prompt(tiny, tmp_path):
+    """A missing --pattern fails when the Runner is made (no LLM yet), and one no setting uses is refused."""
+    from lserve_lite.errors import ModelLoadError
+    from lserve_lite.evaluation.settings import Runner, parse_configs
+
+    missing = str(tmp_path / "nonexistent.tsv")
+    with pytest.raises(ModelLoadError, match="head pattern file not found"):
+        Runner(str(tiny), parse_configs("dense;lserve"), 512, missing, backend="cpu")
+    (tmp_path / "bad.tsv").write_text("1.0\n")
+    with pytest.raises(ModelLoadError, match="bad.tsv"):
+        Runner(str(tiny), parse_configs("dense;lserve"), 512, str(tmp_path / "bad.tsv"), backend="cpu")
+    for spec in ("dense", "dense;s0:static_sparsity=0"):
+        with pytest.raises(InvalidRequestError, match="no setting uses a head pattern"):
+            Runner(str(tiny), parse_configs(spec), 512, missing, backend="cpu")
+
+
 def test_eval_refuses_lengths_over_the_model_context(tiny, tmp_path, capsys):
     """A 2k-context model: 4096-token haystacks are refused with one line before any is built."""
     from lserve_lite.cli import main

@@ -10,6 +10,8 @@ import numpy as np
 from ..config import EngineConfig, SparseConfig
 from ..errors import InvalidRequestError
 from ..llm import LLM
+from ..sparse.patterns import resolve_pattern
+from ..weights.loader import load_config, load_tokenizer, resolve_model_dir
 from .harness import SparseHarness
 
 PRESETS: dict[str, dict | None] = {
@@ -80,10 +82,9 @@ class Runner:
     def __init__(self, model: str | None, configs: dict, max_len: int, pattern: str | None,
                  shared_dense: bool = False, backend: str = "auto", quantize: str | None = None,
                  kv_dtype: str = "auto"):  # fmt: skip
-        from ..weights.loader import load_tokenizer, resolve_model_dir
-
-        self.configs, self.model, self.pattern, self.backend = dict(configs), model, pattern, backend
+        self.configs, self.model, self.backend = dict(configs), model, backend
         self.model_dir = resolve_model_dir(model)
+        self.pattern = self._checked_pattern(pattern)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.max_len = max_len
         pages = -(-(max_len + 64) // 64) + 2
@@ -99,6 +100,19 @@ class Runner:
             first = next(c for c in configs.values() if c is not None)
             w = -(-max_len // first.page_size) * first.page_size
             self.full = first.with_updates(prefill_local=w, decode_local=w, token_budget=w)
+
+    def _checked_pattern(self, pattern: str | None) -> str | None:
+        """`pattern` (None: the bundled one) read now, not when the first sparse group starts after the dense
+        prompts ran; refused when no setting has streaming heads to pick with it."""
+        users = [c for c in self.configs.values() if c is not None and c.static_sparsity > 0]
+        if pattern and not users:
+            raise InvalidRequestError(
+                f"--pattern {pattern}: no setting uses a head pattern (none has streaming heads)"
+            )
+        if users:
+            cfg = load_config(self.model_dir)
+            resolve_pattern(self.model_dir, cfg.num_layers, cfg.num_kv_heads, pattern)
+        return pattern
 
     def _config(self, name: str) -> SparseConfig | None:
         sc = self.configs[name]
