@@ -151,6 +151,24 @@ def test_pattern_checked_before_any_prompt(tiny, tmp_path):
             Runner(str(tiny), parse_configs(spec), 512, missing, backend="cpu")
 
 
+def test_quantize_recorded_only_where_applied(tiny, tmp_path):
+    """--quantize on a GGUF whose matrices are all packed changes nothing, so results record None."""
+    from test_gguf_import import write_tiny_gguf
+
+    from lserve_lite.evaluation.settings import Runner
+    from lserve_lite.weights.loader import load_model
+    from lserve_lite.weights.qtensor import QuantTensor
+
+    mixed, packed = tmp_path / "mixed.gguf", tmp_path / "packed.gguf"
+    write_tiny_gguf(mixed)  # attn_q F32, attn_output F16: those get quantized
+    write_tiny_gguf(packed, types={"attn_q": "Q8_0", "attn_output": "Q8_0"})
+    for model, want in ((tiny, "int8"), (mixed, "int8"), (packed, None)):
+        assert Runner(str(model), {"dense": None}, 256, None, quantize="int8").quantize == want, model
+        packed_counts = [sum(isinstance(w, QuantTensor) for w in load_model(model, q).weights.values())
+                         for q in (None, "int8")]  # fmt: skip
+        assert (packed_counts[0] != packed_counts[1]) == (want is not None), model  # as the loader does
+
+
 def test_eval_refuses_lengths_over_the_model_context(tiny, tmp_path, capsys):
     """A 2k-context model: 4096-token haystacks are refused with one line before any is built."""
     from lserve_lite.cli import main

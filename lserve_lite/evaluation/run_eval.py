@@ -129,7 +129,7 @@ def evaluate(args: argparse.Namespace, log=print) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"tool": TOOL, "model": Path(r.model_dir).name, "date": date.today().isoformat(),
               "configs": {k: config_dict(v) for k, v in configs.items()}, "shared_dense": args.shared_dense,
-              "kv_dtype": args.kv_dtype,
+              "quantize": r.quantize, "kv_dtype": args.kv_dtype,
               "tasks": tasks, "lengths": lengths, "samples_per_task": args.samples, "seed": args.seed,
               "filler": args.filler, "pattern": args.pattern or "bundled", "machine": platform.machine()}  # fmt: skip
     done = len(samples)

@@ -11,7 +11,7 @@ from ..config import EngineConfig, SparseConfig
 from ..errors import InvalidRequestError
 from ..llm import LLM
 from ..sparse.patterns import resolve_pattern
-from ..weights.loader import load_config, load_tokenizer, resolve_model_dir
+from ..weights.loader import applied_quantize, load_config, load_tokenizer, resolve_model_dir
 from .harness import SparseHarness
 
 PRESETS: dict[str, dict | None] = {
@@ -86,13 +86,14 @@ class Runner:
         self.model_dir = resolve_model_dir(model)
         self.pattern = self._checked_pattern(pattern)
         self.tokenizer = load_tokenizer(self.model_dir)
+        self.quantize = applied_quantize(self.model_dir, quantize)  # what results record
         self.max_len = max_len
         pages = -(-(max_len + 64) // 64) + 2
         self.ecfg = dict(
             num_kv_pages=pages,
             max_model_len=max_len,
             max_num_batched_tokens=2048,
-            quantize=quantize,
+            quantize=self.quantize,
             kv_dtype=kv_dtype,
         )
         self.full: SparseConfig | None = None
