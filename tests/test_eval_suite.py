@@ -4,6 +4,7 @@ unimplemented settings, `lserve-lite eval` end to end on a tiny random model, th
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -207,6 +208,42 @@ def test_eval_time_limit_spent_before_any_prompt_is_one_clear_error(tiny, tmp_pa
                "--tasks", "niah_single_numbers", "--configs", "dense", "--time-limit", "1e-9",
                "--out", str(tmp_path / "r")])  # fmt: skip
     assert rc == 1 and "no prompt finished" in capsys.readouterr().err
+
+
+def test_time_limit_shares_time_between_groups_and_keeps_every_answer(tiny, tmp_path, monkeypatch):
+    """Two LLMs (dense, then b128), 6 prompts of 10 s each on a fake clock, a 45 s limit: dense gets half
+    (3 prompts), b128 the 15 s left (2). All 3 answered prompts are kept, and no write has fewer rows."""
+    from lserve_lite.evaluation.eval_args import add_eval_args
+    from lserve_lite.evaluation.run_eval import evaluate
+    from lserve_lite.evaluation.settings import Runner
+
+    now, out, rows_seen, greedy = [0.0], tmp_path / "r", [], Runner.greedy_all
+
+    def slow(self, h, names, ids, max_new, stop_ids=()):
+        if out.with_suffix(".json").exists():
+            rows_seen.append(len(json.loads(out.with_suffix(".json").read_text())["results"]))
+        now[0] += 10
+        return greedy(self, h, names, ids, 2, stop_ids)
+
+    monkeypatch.setattr(Runner, "greedy_all", slow)
+    p = argparse.ArgumentParser()
+    add_eval_args(p)
+    args = p.parse_args(["--model", str(tiny), "--backend", "cpu", "--lengths", "512", "--samples", "3",
+                         "--tasks", "niah_single_numbers,qa", "--configs", "dense;b128:token_budget=128",
+                         "--time-limit", "45", "--quantize", "int8", "--out", str(out)])  # fmt: skip
+    logs: list[str] = []
+    res = evaluate(args, log=logs.append, clock=lambda: now[0])
+    assert res["finished"] == {"dense": 3, "b128": 2} and res["prompts"] == 6 and res["quantize"] == "int8"
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert len(saved["results"]) == 3 and set(saved["results"][2]["output"]) == {"dense"}
+    assert rows_seen == sorted(rows_seen) and rows_seen[-1] <= 3
+    cell = saved["summary"]["512"]
+    assert cell["tasks"]["all"]["dense"]["n"] == 3 and cell["tasks"]["all"]["b128"]["n"] == 2
+    assert cell["vs_dense"]["b128"]["n"] == 2
+    text = "\n".join(logs)
+    assert "time limit: dense stopped after 3 of 6 prompts (its share used)" in text
+    assert "time limit: b128 stopped after 2 of 6 prompts" in text
+    assert logs[-1].startswith("prompts finished: dense 3/6, b128 2/6")
 
 
 def test_shared_dense_equals_dense_engine(tiny, tok):

@@ -119,18 +119,22 @@ class Runner:
         sc = self.configs[name]
         return self.full if sc is None and self.full is not None else sc
 
-    def groups(self):
-        """Yield (harness, config names); the previous group's LLM is dropped first."""
+    def group_names(self) -> list[list[str]]:
+        """Config names per LLM (the order `groups` runs them): configs of one KV layout share one."""
         fixed = ("static_sparsity", "page_size", "sub_pages", "group_reduce")
         keyed: dict = {}
         for name in self.configs:
             sc = self._config(name)
             keyed.setdefault(None if sc is None else tuple(getattr(sc, k) for k in fixed), []).append(name)
-        for key, names in keyed.items():
-            if key is None:
+        return list(keyed.values())
+
+    def groups(self):
+        """Yield (harness, config names); the previous group's LLM is dropped first."""
+        for names in self.group_names():
+            scs = [self._config(n) for n in names]
+            if scs[0] is None:
                 sparse = SparseConfig(enabled=False)
             else:
-                scs = [self._config(n) for n in names]
                 widest = {k: max(getattr(c, k) for c in scs) for k in
                           ("prefill_sink", "prefill_local", "decode_sink", "decode_local", "token_budget")}  # fmt: skip
                 sparse = scs[0].with_updates(pattern_path=self.pattern, **widest)
