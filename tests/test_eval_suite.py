@@ -4,8 +4,10 @@ unimplemented settings, `lserve-lite eval` end to end on a tiny random model, th
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -97,6 +99,77 @@ def test_per_run_settings_refused_per_setting():
     assert main(["eval", "--quantize", "int4", "--model", "/nonexistent"]) == 1  # refused before loading
 
 
+@pytest.mark.parametrize(
+    "spec, msg",
+    [
+        ("x:token_budget=abc", "config 'x': token_budget='abc' is not an integer"),
+        ("x:static_sparsity=half", "config 'x': static_sparsity='half' is not a number"),
+        ("x:budget=128", "config 'x': unknown sparse knob 'budget'"),
+        ("x:token_budget", "config 'x': 'token_budget' is not knob=value"),
+        ("x:token_budget=128,", "config 'x': '' is not knob=value"),
+        (":token_budget=128", "expected a preset or NAME:knob=v"),
+        ("dense,x:token_budget=128", "expected a preset or NAME:knob=v"),
+        ("lserve;lserve", "config 'lserve' given twice"),
+        ("dense:token_budget=128", "config 'dense' is the dense baseline"),
+    ],
+)
+def test_bad_configs_are_one_line_errors(spec, msg):
+    """Every malformed --configs entry is an InvalidRequestError naming the entry, never a ValueError."""
+    from lserve_lite.evaluation.settings import parse_configs
+
+    with pytest.raises(InvalidRequestError, match=re.escape(msg)):
+        parse_configs(spec)
+
+
+def test_plot_only_refuses_a_bad_file_in_one_line(tmp_path, capsys):
+    """--plot-only on a missing file, a TSV, another tool's JSON or a run with no finished prompt."""
+    from lserve_lite.cli import main
+
+    (tmp_path / "p.tsv").write_text("1.0\t0.5\n")
+    (tmp_path / "passkey.json").write_text('{"tool": "eval_passkey", "results": []}')
+    (tmp_path / "empty.json").write_text('{"tool": "lserve-lite eval", "summary": {}, "results": []}')
+    cases = {"nonexistent.json": "no such file", "p.tsv": "not a JSON file",
+             "passkey.json": "not the JSON written by lserve-lite eval", "empty.json": "nothing to plot"}  # fmt: skip
+    for name, msg in cases.items():
+        assert main(["eval", "--plot-only", str(tmp_path / name)]) == 1, name
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and msg in err and "Traceback" not in err, (name, err)
+
+
+def test_pattern_checked_before_any_prompt(tiny, tmp_path):
+    """A missing --pattern fails when the Runner is made (no LLM yet), and one no setting uses is refused."""
+    from lserve_lite.errors import ModelLoadError
+    from lserve_lite.evaluation.settings import Runner, parse_configs
+
+    missing = str(tmp_path / "nonexistent.tsv")
+    with pytest.raises(ModelLoadError, match="head pattern file not found"):
+        Runner(str(tiny), parse_configs("dense;lserve"), 512, missing, backend="cpu")
+    (tmp_path / "bad.tsv").write_text("1.0\n")
+    with pytest.raises(ModelLoadError, match="bad.tsv"):
+        Runner(str(tiny), parse_configs("dense;lserve"), 512, str(tmp_path / "bad.tsv"), backend="cpu")
+    for spec in ("dense", "dense;s0:static_sparsity=0"):
+        with pytest.raises(InvalidRequestError, match="no setting uses a head pattern"):
+            Runner(str(tiny), parse_configs(spec), 512, missing, backend="cpu")
+
+
+def test_quantize_recorded_only_where_applied(tiny, tmp_path):
+    """--quantize on a GGUF whose matrices are all packed changes nothing, so results record None."""
+    from test_gguf_import import write_tiny_gguf
+
+    from lserve_lite.evaluation.settings import Runner
+    from lserve_lite.weights.loader import load_model
+    from lserve_lite.weights.qtensor import QuantTensor
+
+    mixed, packed = tmp_path / "mixed.gguf", tmp_path / "packed.gguf"
+    write_tiny_gguf(mixed)  # attn_q F32, attn_output F16: those get quantized
+    write_tiny_gguf(packed, types={"attn_q": "Q8_0", "attn_output": "Q8_0"})
+    for model, want in ((tiny, "int8"), (mixed, "int8"), (packed, None)):
+        assert Runner(str(model), {"dense": None}, 256, None, quantize="int8").quantize == want, model
+        packed_counts = [sum(isinstance(w, QuantTensor) for w in load_model(model, q).weights.values())
+                         for q in (None, "int8")]  # fmt: skip
+        assert (packed_counts[0] != packed_counts[1]) == (want is not None), model  # as the loader does
+
+
 def test_eval_refuses_lengths_over_the_model_context(tiny, tmp_path, capsys):
     """A 2k-context model: 4096-token haystacks are refused with one line before any is built."""
     from lserve_lite.cli import main
@@ -135,6 +208,42 @@ def test_eval_time_limit_spent_before_any_prompt_is_one_clear_error(tiny, tmp_pa
                "--tasks", "niah_single_numbers", "--configs", "dense", "--time-limit", "1e-9",
                "--out", str(tmp_path / "r")])  # fmt: skip
     assert rc == 1 and "no prompt finished" in capsys.readouterr().err
+
+
+def test_time_limit_shares_time_between_groups_and_keeps_every_answer(tiny, tmp_path, monkeypatch):
+    """Two LLMs (dense, then b128), 6 prompts of 10 s each on a fake clock, a 45 s limit: dense gets half
+    (3 prompts), b128 the 15 s left (2). All 3 answered prompts are kept, and no write has fewer rows."""
+    from lserve_lite.evaluation.eval_args import add_eval_args
+    from lserve_lite.evaluation.run_eval import evaluate
+    from lserve_lite.evaluation.settings import Runner
+
+    now, out, rows_seen, greedy = [0.0], tmp_path / "r", [], Runner.greedy_all
+
+    def slow(self, h, names, ids, max_new, stop_ids=()):
+        if out.with_suffix(".json").exists():
+            rows_seen.append(len(json.loads(out.with_suffix(".json").read_text())["results"]))
+        now[0] += 10
+        return greedy(self, h, names, ids, 2, stop_ids)
+
+    monkeypatch.setattr(Runner, "greedy_all", slow)
+    p = argparse.ArgumentParser()
+    add_eval_args(p)
+    args = p.parse_args(["--model", str(tiny), "--backend", "cpu", "--lengths", "512", "--samples", "3",
+                         "--tasks", "niah_single_numbers,qa", "--configs", "dense;b128:token_budget=128",
+                         "--time-limit", "45", "--quantize", "int8", "--out", str(out)])  # fmt: skip
+    logs: list[str] = []
+    res = evaluate(args, log=logs.append, clock=lambda: now[0])
+    assert res["finished"] == {"dense": 3, "b128": 2} and res["prompts"] == 6 and res["quantize"] == "int8"
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert len(saved["results"]) == 3 and set(saved["results"][2]["output"]) == {"dense"}
+    assert rows_seen == sorted(rows_seen) and rows_seen[-1] <= 3
+    cell = saved["summary"]["512"]
+    assert cell["tasks"]["all"]["dense"]["n"] == 3 and cell["tasks"]["all"]["b128"]["n"] == 2
+    assert cell["vs_dense"]["b128"]["n"] == 2
+    text = "\n".join(logs)
+    assert "time limit: dense stopped after 3 of 6 prompts (its share used)" in text
+    assert "time limit: b128 stopped after 2 of 6 prompts" in text
+    assert logs[-1].startswith("prompts finished: dense 3/6, b128 2/6")
 
 
 def test_shared_dense_equals_dense_engine(tiny, tok):

@@ -319,6 +319,7 @@ def test_calibrate_tiny(tiny_dir, tmp_path):
 
     meta = json.loads(out.with_suffix(".json").read_text())
     assert set(meta["validation"]) == {"calibrated", "random", "inverted"} and len(meta["samples"]) == 2
+    assert meta["model"] == tiny_dir.name  # the model's name, not this machine's path to it
 
 
 def test_engine_sparse_mode_matches_dense_pool_streaming(tiny_dir, tiny_llm, tmp_path):

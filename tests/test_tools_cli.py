@@ -106,7 +106,7 @@ BAD_ARGS = [
     ("eval_passkey", ["--model", "/nonexist"], "error: /nonexist"),
     (
         "eval_passkey",
-        ["--model", "{tiny}", "--lengths", "99999"],
+        ["--model", "{tiny}", "--lengths", "99999", "--configs", "dense"],
         "--lengths 99999 exceeds the model's context 2048",
     ),
     ("eval_ppl", ["--lengths", "8"], "--lengths: 8 is outside [256,"),
@@ -118,7 +118,7 @@ BAD_ARGS = [
     ),
     (
         "eval_ppl",
-        ["--model", "{tiny}", "--lengths", "4096"],
+        ["--model", "{tiny}", "--lengths", "4096", "--configs", "dense"],
         "--lengths 4096 exceeds the model's context 2048",
     ),
     ("eval_selector", ["--lengths", "100"], "--lengths: 100 is outside [256,"),
@@ -140,6 +140,8 @@ BAD_ARGS = [
         "length 4096 exceeds the model's context",
     ),
     ("eval_selector", ["--model", "/nonexist"], "error: /nonexist"),
+    ("eval_passkey", ["--plot-only", "/nonexist.json"], "error: /nonexist.json: no such file"),
+    ("eval_ppl", ["--plot-only", "/nonexist.json"], "error: /nonexist.json: no such file"),
     ("kv_quant_error", ["--steps", "0"], "--steps: 0 is outside [1,"),
     ("kv_quant_error", ["--model", "/nonexist"], "error: /nonexist"),
     ("soak_serve", ["--seconds", "0"], "--seconds: 0.0 is outside (0, 1e6) seconds"),

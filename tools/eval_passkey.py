@@ -30,7 +30,7 @@ from lserve_lite.config import KV_DTYPES, MAX_MODEL_LEN
 from lserve_lite.engine_args import bounded_int, existing_file, float_list, int_list
 from lserve_lite.errors import exit_status
 from lserve_lite.evaluation.eval_args import MAX_SAMPLES
-from lserve_lite.evaluation.plotting import pyplot
+from lserve_lite.evaluation.plotting import load_result, pyplot
 from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs, refuse_past_context
 from lserve_lite.evaluation.synthetic import PasskeySample, passkey_sample
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot-only", metavar="JSON", help="redraw the PNG of an earlier run's JSON and exit")
     args = ap.parse_args(argv)
     if args.plot_only:
-        res = json.loads(Path(args.plot_only).read_text())
+        res = load_result(args.plot_only, "eval_passkey")
         return 0 if heatmap(res, Path(args.plot_only).with_suffix(".png")) else 1
     lengths, depths = args.lengths, args.depths
     configs = parse_configs(args.configs)

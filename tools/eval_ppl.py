@@ -28,7 +28,7 @@ import numpy as np
 from lserve_lite.config import KV_DTYPES, MAX_MODEL_LEN
 from lserve_lite.engine_args import bounded_int, existing_file, int_list
 from lserve_lite.errors import exit_status
-from lserve_lite.evaluation.plotting import pyplot
+from lserve_lite.evaluation.plotting import load_result, pyplot
 from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs, refuse_past_context
 from lserve_lite.evaluation.synthetic import corpus_text
 
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot-only", metavar="JSON", help="redraw the PNG of an earlier run's JSON and exit")
     args = ap.parse_args(argv)
     if args.plot_only:
-        res = json.loads(Path(args.plot_only).read_text())
+        res = load_result(args.plot_only, "eval_ppl")
         return 0 if plot(res, Path(args.plot_only).with_suffix(".png")) else 1
     lengths = args.lengths
     if args.decode_tokens > min(lengths) - 2:  # at least one token is prefilled before the scored ones
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 eval_length(r, h, names, ids[:n], args.decode_tokens, lambda s: print(s, flush=True))
             )
     result = {
-        "tool": "eval_ppl", "model": Path(r.model_dir).name, "quantize": args.quantize, "kv_dtype": args.kv_dtype, "mode": args.mode,
+        "tool": "eval_ppl", "model": Path(r.model_dir).name, "quantize": r.quantize, "kv_dtype": args.kv_dtype, "mode": args.mode,
         "pattern": args.pattern or "bundled",
         "text": {"source": "corpus_text(): stdlib module docstrings + LICENSE.txt", "tokens": len(ids),
                  "sha256": hashlib.sha256(text.encode()).hexdigest(), "python": platform.python_version()},

@@ -163,7 +163,7 @@ def calibrate(
     gates = score / score.max() if score.max() > 0 else np.ones_like(score)
     info = {
         "method": "per-head streaming ablation on synthetic passkey samples (docs/SPARSE.md)",
-        "model": str(llm.engine.model_dir),
+        "model": Path(llm.engine.model_dir).name,  # its name, not this machine's path (as eval)
         "score": "mean KL(dense || head-streaming) over answer tokens; gate = score / max(score)",
         "num_samples": num_samples, "lengths": lengths, "sink": sink, "local": local, "tail": tail,
         "seed": seed, "samples": per_sample,

@@ -37,7 +37,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
         "--time-limit",
         type=float,
         default=0,
-        help="start no new prompt after this many s (counted from the start: model load included)",
+        help="start no new prompt after this many s (counted from the start: model loads included); "
+        "settings needing their own LLM split the time left equally",
     )
     p.add_argument("--out", default="tools/results/ruler", help="output stem: <out>.json, <out>.png")
     p.add_argument("--plot-only", metavar="JSON", help="redraw the heatmap of an earlier run and exit")

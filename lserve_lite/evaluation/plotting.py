@@ -1,8 +1,13 @@
-"""matplotlib for the evaluation tools' PNGs: optional (not a dependency), headless, one place to say so."""
+"""matplotlib for the evaluation tools' PNGs: optional (not a dependency), headless, one place to say so; and
+the earlier run's JSON that `--plot-only` redraws."""
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
+
+from ..errors import InvalidRequestError
 
 
 def pyplot():
@@ -16,3 +21,20 @@ def pyplot():
         print("matplotlib not installed: no PNG (pip install matplotlib)", file=sys.stderr)
         return None
     return plt
+
+
+def load_result(path: str | Path, tool: str) -> dict:
+    """The JSON an earlier run of `tool` wrote (its "tool" field), for `--plot-only`: a missing, unreadable or
+    foreign file is one InvalidRequestError, not a traceback from the plot."""
+    path = Path(path)
+    try:
+        res = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InvalidRequestError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidRequestError(f"{path}: cannot read it ({e})") from None
+    except json.JSONDecodeError as e:
+        raise InvalidRequestError(f"{path}: not a JSON file ({e})") from None
+    if not isinstance(res, dict) or res.get("tool") != tool:
+        raise InvalidRequestError(f"{path}: not the JSON written by {tool}")
+    return res

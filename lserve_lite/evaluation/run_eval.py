@@ -20,10 +20,11 @@ import numpy as np
 
 from ..errors import InvalidRequestError
 from . import ruler
-from .plotting import pyplot
+from .plotting import load_result, pyplot
 from .settings import Runner, config_dict, parse_configs, refuse_past_context
 
 Z95 = 1.959963984540054
+TOOL = "lserve-lite eval"  # the "tool" of its JSON, which --plot-only checks
 
 
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -47,29 +48,36 @@ def mcnemar(b: int, c: int) -> float:
 
 
 def summarize(rows: list[dict], names: list[str]) -> dict:
-    """Per length: per task and overall accuracy with Wilson CIs, and the paired comparison with dense."""
+    """Per length: per task and overall accuracy with Wilson CIs, and the paired comparison with dense, each
+    over the prompts that setting (and dense) answered: a time-limited run may leave a setting fewer."""
     out: dict = {}
     for n in sorted({r["length"] for r in rows}):
         at = [r for r in rows if r["length"] == n]
         cell: dict = {}
         for task in [*dict.fromkeys(r["task"] for r in at), "all"]:
-            sub = [r for r in at if task in ("all", r["task"])]
             cell[task] = {}
             for s in names:
-                k = sum(r["correct"][s] for r in sub)
-                lo, hi = wilson(k, len(sub))
-                cell[task][s] = {"n": len(sub), "correct": k, "acc": k / len(sub), "ci95": [lo, hi],
-                                 "mean_score": float(np.mean([r["score"][s] for r in sub]))}  # fmt: skip
+                sub = [r for r in at if task in ("all", r["task"]) and s in r["correct"]]
+                if sub:
+                    cell[task][s] = _accuracy(sub, s)
         paired = {}
         for s in names:
-            if s == "dense":
-                continue
-            b = sum(r["correct"]["dense"] and not r["correct"][s] for r in at)
-            c = sum(r["correct"][s] and not r["correct"]["dense"] for r in at)
-            paired[s] = {"dense_only": b, "setting_only": c, "diff": (c - b) / len(at),
-                         "mcnemar_p": mcnemar(b, c)}  # fmt: skip
+            both = [r for r in at if s != "dense" and {s, "dense"} <= r["correct"].keys()]
+            if both:
+                b = sum(r["correct"]["dense"] and not r["correct"][s] for r in both)
+                c = sum(r["correct"][s] and not r["correct"]["dense"] for r in both)
+                paired[s] = {"n": len(both), "dense_only": b, "setting_only": c, "diff": (c - b) / len(both),
+                             "mcnemar_p": mcnemar(b, c)}  # fmt: skip
         out[str(n)] = {"tasks": cell, "vs_dense": paired}
     return out
+
+
+def _accuracy(rows: list[dict], s: str) -> dict:
+    """Setting s on `rows`: prompts, correct ones, accuracy with its 95% Wilson interval, mean score."""
+    k = sum(r["correct"][s] for r in rows)
+    lo, hi = wilson(k, len(rows))
+    return {"n": len(rows), "correct": k, "acc": k / len(rows), "ci95": [lo, hi],
+            "mean_score": float(np.mean([r["score"][s] for r in rows]))}  # fmt: skip
 
 
 def heatmap(result: dict, path: Path) -> bool:
@@ -92,7 +100,8 @@ def heatmap(result: dict, path: Path) -> bool:
                         fontsize=7)  # fmt: skip
         ax.set_xticks(range(len(tasks)), tasks, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(names)), names, fontsize=8)
-        ax.set_title(f"{n} tokens (n={summ[n]['tasks']['all']['dense']['n']})", fontsize=9)
+        most = max(v["n"] for v in summ[n]["tasks"]["all"].values())
+        ax.set_title(f"{n} tokens (n={most})", fontsize=9)
     fig.suptitle(f"RULER-style suite, accuracy: {result['model']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -100,12 +109,13 @@ def heatmap(result: dict, path: Path) -> bool:
     return True
 
 
-def evaluate(args: argparse.Namespace, log=print) -> dict:
-    """Run the suite as `args` (see eval_args.add_eval_args) describe; returns the result dict."""
+def evaluate(args: argparse.Namespace, log=print, clock=time.perf_counter) -> dict:
+    """Run the suite as `args` (see eval_args.add_eval_args) describe; returns the result dict. `clock` is
+    what --time-limit counts on (a test passes a fake one)."""
     tasks = list(ruler.TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",")]
     lengths = args.lengths
     configs = parse_configs(args.configs)
-    t0 = time.perf_counter()
+    t0 = clock()
     r = Runner(args.model, configs, max(lengths) + 128, args.pattern, args.shared_dense, args.backend,
                quantize=args.quantize, kv_dtype=args.kv_dtype)  # fmt: skip
     refuse_past_context(r.model_dir, max(lengths) + 128, f"--lengths {max(lengths)} + 128 tokens of question")
@@ -117,31 +127,28 @@ def evaluate(args: argparse.Namespace, log=print) -> dict:
     }
     # sample i of every (length, task) before sample i + 1: a time-limited run stays balanced
     samples = [(n, gen[n, t][i]) for i in range(args.samples) for n in lengths for t in tasks]
-    eos: set[int] = set()
     outs: list[dict] = [{} for _ in samples]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"tool": "lserve-lite eval", "model": Path(r.model_dir).name, "date": date.today().isoformat(),
+    result = {"tool": TOOL, "model": Path(r.model_dir).name, "date": date.today().isoformat(),
               "configs": {k: config_dict(v) for k, v in configs.items()}, "shared_dense": args.shared_dense,
-              "kv_dtype": args.kv_dtype,
+              "quantize": r.quantize, "kv_dtype": args.kv_dtype,
               "tasks": tasks, "lengths": lengths, "samples_per_task": args.samples, "seed": args.seed,
               "filler": args.filler, "pattern": args.pattern or "bundled", "machine": platform.machine()}  # fmt: skip
-    done = len(samples)
-    for h, names in r.groups():
-        eos |= set(h.cfg.eos_token_ids)
-        for i, (n, smp) in enumerate(samples[:done]):
-            if args.time_limit and time.perf_counter() - t0 > args.time_limit:
-                done = i
-                log(f"time limit reached: {i} of {len(samples)} prompts run")
-                break
-            ts = time.perf_counter()
-            stop = eos | {t for s in smp.stop for t in tok.encode(s, False)[:1]}
-            got = r.greedy_all(h, names, smp.prompt_ids, smp.max_new, tuple(stop))
-            outs[i].update({k: tok.decode(v) for k, v in got.items()})
-            marks = " ".join(f"{k}={'ok' if smp.correct(v) else 'x'}" for k, v in outs[i].items())
-            log(f"[{i + 1}/{len(samples)}] {n} {smp.task}: {marks} ({time.perf_counter() - ts:.0f} s)")
-            _write(result, samples, outs, list(configs), out, t0)
-    rows = _write(result, samples[:done], outs[:done], list(configs), out, t0)
+    names = list(configs)
+
+    def elapsed() -> float:
+        return clock() - t0
+
+    def write() -> list[dict]:
+        return _write(result, samples, outs, names, out, elapsed())
+
+    left = len(r.group_names())
+    for h, group in r.groups():
+        end = group_deadline(args.time_limit, elapsed(), left)
+        left -= 1
+        _run_group(r, h, group, samples, outs, (elapsed, end), log, write)
+    rows = write()
     if not rows:  # e.g. a time limit spent on loading: say so instead of an empty table and plot
         raise InvalidRequestError(f"no prompt finished (time limit {args.time_limit} s, model load included)")
     result["png"] = heatmap(result, out.with_suffix(".png"))
@@ -149,13 +156,45 @@ def evaluate(args: argparse.Namespace, log=print) -> dict:
     return {**result, "rows": rows}
 
 
-def _write(result: dict, samples, outs, names: list[str], out: Path, t0: float) -> list[dict]:
-    """Rows of the prompts every setting has answered, their summary, into <out>.json."""
+def group_deadline(limit: float, elapsed: float, groups_left: int) -> float:
+    """When (s from the start) a group of settings stops starting prompts: an equal share of the time left.
+
+    Interleaving the groups per prompt would need every group's LLM at once; so each group, once its LLM is
+    loaded, runs the prompts in their balanced order for its share, and what a fast one leaves goes to the
+    groups after it. Every setting answers a prefix of the same prompts; no limit (0): never."""
+    return elapsed + (limit - elapsed) / groups_left if limit else math.inf
+
+
+def _run_group(r: Runner, h, group: list[str], samples, outs: list[dict], until, log, write) -> None:
+    """Answer the prompts in order with the settings `group` of harness h, starting none once elapsed() > end
+    (`until` = (elapsed, end)); write the JSON after each."""
+    tok, eos = r.tokenizer, set(h.cfg.eos_token_ids)
+    elapsed, end = until
+    for i, (n, smp) in enumerate(samples):
+        if elapsed() > end:
+            log(
+                f"time limit: {', '.join(group)} stopped after {i} of {len(samples)} prompts (its share used)"
+            )
+            return
+        ts = time.perf_counter()
+        stop = eos | {t for s in smp.stop for t in tok.encode(s, False)[:1]}
+        got = r.greedy_all(h, group, smp.prompt_ids, smp.max_new, tuple(stop))
+        outs[i].update({k: tok.decode(v) for k, v in got.items()})
+        marks = " ".join(f"{k}={'ok' if smp.correct(v) else 'x'}" for k, v in outs[i].items())
+        log(f"[{i + 1}/{len(samples)}] {n} {smp.task}: {marks} ({time.perf_counter() - ts:.0f} s)")
+        write()
+
+
+def _write(result: dict, samples, outs, names: list[str], out: Path, seconds: float) -> list[dict]:
+    """Rows of the prompts some setting has answered (only those settings in each), their summary and the
+    prompts each setting finished, into <out>.json: answers only accumulate, so no write has fewer rows."""
     rows = [{"length": n, "task": s.task, "tokens": len(s.prompt_ids), "expected": [str(e) for e in s.expected],
-             "info": s.info, "output": o, "score": {k: s.score(o[k]) for k in names},
-             "correct": {k: s.correct(o[k]) for k in names}}
-            for (n, s), o in zip(samples, outs) if all(k in o for k in names)]  # fmt: skip
-    result.update(summary=summarize(rows, names) if rows else {}, seconds=round(time.perf_counter() - t0, 1))
+             "info": s.info, "output": o, "score": {k: s.score(v) for k, v in o.items()},
+             "correct": {k: s.correct(v) for k, v in o.items()}}
+            for (n, s), o in zip(samples, outs) if o]  # fmt: skip
+    finished = {k: sum(k in o for o in outs) for k in names}
+    result.update(summary=summarize(rows, names) if rows else {}, prompts=len(samples), finished=finished,
+                  seconds=round(seconds, 1))  # fmt: skip
     out.with_suffix(".json").write_text(
         json.dumps({**result, "results": rows}, indent=1, default=float) + "\n"
     )
@@ -164,7 +203,8 @@ def _write(result: dict, samples, outs, names: list[str], out: Path, t0: float) 
 
 def report(result: dict) -> str:
     """A plain-text table: overall accuracy [95% CI] per setting and length, and the paired test."""
-    lines = []
+    done = ", ".join(f"{s} {k}/{result['prompts']}" for s, k in result["finished"].items())
+    lines = [f"prompts finished: {done}"]
     for n, cell in result["summary"].items():
         lines.append(f"{n} tokens:")
         for s, v in cell["tasks"]["all"].items():
@@ -178,7 +218,9 @@ def report(result: dict) -> str:
 def main(args: argparse.Namespace) -> int:
     """Run `lserve-lite eval`; returns the exit status."""
     if args.plot_only:
-        res = json.loads(Path(args.plot_only).read_text())
+        res = load_result(args.plot_only, TOOL)
+        if not res.get("results"):
+            raise InvalidRequestError(f"{args.plot_only}: no prompt finished in that run: nothing to plot")
         return 0 if heatmap(res, Path(args.plot_only).with_suffix(".png")) else 1
     evaluate(args, log=lambda s: print(s, file=sys.stderr, flush=True))
     return 0

@@ -11,7 +11,8 @@ import numpy as np
 from ..config import EngineConfig, SparseConfig
 from ..errors import InvalidRequestError
 from ..llm import LLM
-from ..weights.loader import load_config
+from ..sparse.patterns import resolve_pattern
+from ..weights.loader import applied_quantize, load_config, load_tokenizer, resolve_model_dir
 from .harness import SparseHarness
 
 PRESETS: dict[str, dict | None] = {
@@ -21,6 +22,7 @@ PRESETS: dict[str, dict | None] = {
     "lserve-b1024": {"token_budget": 1024},
     "lserve-b2048": {"token_budget": 2048},
 }
+KIND_NAMES = {int: "an integer", float: "a number", str: "a name"}
 
 
 def refuse_past_context(model_dir: Path, tokens: int, what: str) -> None:
@@ -38,24 +40,39 @@ def parse_configs(spec: str) -> dict[str, SparseConfig | None]:
     out: dict[str, SparseConfig | None] = {}
     items = spec.split(";") if ";" in spec else [spec] if ":" in spec else spec.split(",")
     for item in filter(None, (s.strip() for s in items)):
-        name, _, knobs = item.partition(":")
+        name, _, knobs = (s.strip() for s in item.partition(":"))
+        if not name or any(c in name for c in ",="):
+            raise InvalidRequestError(f"config {item!r}: expected a preset or NAME:knob=v,... (';' between)")
+        if name in out:
+            raise InvalidRequestError(f"config {name!r} given twice")
+        if name == "dense" and knobs:
+            raise InvalidRequestError("config 'dense' is the dense baseline: it takes no knobs")
         if not knobs:
             if name not in PRESETS:
                 raise InvalidRequestError(f"unknown config {name!r} (presets: {', '.join(PRESETS)})")
             kw = PRESETS[name]
             out[name] = None if kw is None else SparseConfig(enabled=True).with_updates(**kw)
             continue
-        kw = {}
-        for kv in knobs.split(","):
-            k, _, v = (s.strip() for s in kv.partition("="))
-            if k in ("quantize", "kv_dtype"):
-                flag = "--" + k.replace("_", "-")
-                raise InvalidRequestError(f"{k} is per run, not per setting: pass {flag} {v or 'MODE'}")
-            if k not in SparseConfig.__dataclass_fields__ or k in ("enabled", "pattern_path"):
-                raise InvalidRequestError(f"unknown sparse knob {k!r}")
-            kw[k] = float(v) if k == "static_sparsity" else v if k == "group_reduce" else int(v)
+        kw = dict(_knob(name, kv) for kv in knobs.split(","))
         out[name] = SparseConfig(enabled=True).with_updates(**kw)
     return {"dense": None, **out} if "dense" not in out else out
+
+
+def _knob(name: str, kv: str) -> tuple[str, int | float | str]:
+    """One 'knob=value' of config `name`, typed as SparseConfig's field, so a bad one is a one-line error."""
+    k, eq, v = (s.strip() for s in kv.partition("="))
+    if k in ("quantize", "kv_dtype"):
+        flag = "--" + k.replace("_", "-")
+        raise InvalidRequestError(f"{k} is per run, not per setting: pass {flag} {v or 'MODE'}")
+    if not (k and eq and v):
+        raise InvalidRequestError(f"config {name!r}: {kv.strip()!r} is not knob=value")
+    if k not in SparseConfig.__dataclass_fields__ or k in ("enabled", "pattern_path"):
+        raise InvalidRequestError(f"config {name!r}: unknown sparse knob {k!r}")
+    kind = type(getattr(SparseConfig, k))
+    try:
+        return k, kind(v)
+    except ValueError:
+        raise InvalidRequestError(f"config {name!r}: {k}={v!r} is not {KIND_NAMES[kind]}") from None
 
 
 def config_dict(c: SparseConfig | None) -> dict | None:
@@ -73,18 +90,18 @@ class Runner:
     def __init__(self, model: str | None, configs: dict, max_len: int, pattern: str | None,
                  shared_dense: bool = False, backend: str = "auto", quantize: str | None = None,
                  kv_dtype: str = "auto"):  # fmt: skip
-        from ..weights.loader import load_tokenizer, resolve_model_dir
-
-        self.configs, self.model, self.pattern, self.backend = dict(configs), model, pattern, backend
+        self.configs, self.model, self.backend = dict(configs), model, backend
         self.model_dir = resolve_model_dir(model)
+        self.pattern = self._checked_pattern(pattern)
         self.tokenizer = load_tokenizer(self.model_dir)
+        self.quantize = applied_quantize(self.model_dir, quantize)  # what results record
         self.max_len = max_len
         pages = -(-(max_len + 64) // 64) + 2
         self.ecfg = dict(
             num_kv_pages=pages,
             max_model_len=max_len,
             max_num_batched_tokens=2048,
-            quantize=quantize,
+            quantize=self.quantize,
             kv_dtype=kv_dtype,
         )
         self.full: SparseConfig | None = None
@@ -93,22 +110,39 @@ class Runner:
             w = -(-max_len // first.page_size) * first.page_size
             self.full = first.with_updates(prefill_local=w, decode_local=w, token_budget=w)
 
+    def _checked_pattern(self, pattern: str | None) -> str | None:
+        """`pattern` (None: the bundled one) read now, not when the first sparse group starts after the dense
+        prompts ran; refused when no setting has streaming heads to pick with it."""
+        users = [c for c in self.configs.values() if c is not None and c.static_sparsity > 0]
+        if pattern and not users:
+            raise InvalidRequestError(
+                f"--pattern {pattern}: no setting uses a head pattern (none has streaming heads)"
+            )
+        if users:
+            cfg = load_config(self.model_dir)
+            resolve_pattern(self.model_dir, cfg.num_layers, cfg.num_kv_heads, pattern)
+        return pattern
+
     def _config(self, name: str) -> SparseConfig | None:
         sc = self.configs[name]
         return self.full if sc is None and self.full is not None else sc
 
-    def groups(self):
-        """Yield (harness, config names); the previous group's LLM is dropped first."""
+    def group_names(self) -> list[list[str]]:
+        """Config names per LLM (the order `groups` runs them): configs of one KV layout share one."""
         fixed = ("static_sparsity", "page_size", "sub_pages", "group_reduce")
         keyed: dict = {}
         for name in self.configs:
             sc = self._config(name)
             keyed.setdefault(None if sc is None else tuple(getattr(sc, k) for k in fixed), []).append(name)
-        for key, names in keyed.items():
-            if key is None:
+        return list(keyed.values())
+
+    def groups(self):
+        """Yield (harness, config names); the previous group's LLM is dropped first."""
+        for names in self.group_names():
+            scs = [self._config(n) for n in names]
+            if scs[0] is None:
                 sparse = SparseConfig(enabled=False)
             else:
-                scs = [self._config(n) for n in names]
                 widest = {k: max(getattr(c, k) for c in scs) for k in
                           ("prefill_sink", "prefill_local", "decode_sink", "decode_local", "token_budget")}  # fmt: skip
                 sparse = scs[0].with_updates(pattern_path=self.pattern, **widest)

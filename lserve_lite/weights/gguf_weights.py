@@ -16,7 +16,7 @@ from .gguf_import import dequantized, hf_name, model_config, permuted_heads
 from .gguf_reader import read_gguf
 from .gguf_tokenizer import check_tokenizer_metadata, tokenizer_files
 from .qtensor import LAYOUTS, QuantTensor
-from .quantize import from_gguf, unpermute_heads
+from .quantize import from_gguf, quantizable, unpermute_heads
 
 
 def gguf_model(path: Path) -> tuple[ModelConfig, Tokenizer, dict[str, np.ndarray | QuantTensor]]:
@@ -53,6 +53,18 @@ def gguf_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray
     return cfg, _weights(tensors, cfg)
 
 
+def float_projections(path: Path) -> bool:
+    """Whether a matrix `--quantize` would quantize is stored as floats (F16 / F32) in the GGUF: only then does
+    the flag change anything. Reads the header only."""
+    _, tensors = read_gguf(path)
+    return any(quantizable(hf_name(n) or "") and not _packed(t) for n, t in tensors.items())
+
+
+def _packed(t) -> bool:
+    """A matrix kept in its GGUF blocks (a format the kernels run), not read as floats."""
+    return t.type_name.lower() in LAYOUTS and len(t.shape) == 2
+
+
 def _weights(tensors: dict, cfg: dict[str, Any]) -> dict[str, np.ndarray | QuantTensor]:
     """Quantized matrices are views of the memory-mapped file, except a llama's attn_q / attn_k, whose rows are
     reordered (llama.cpp's head permutation undone) into one packed copy each."""
@@ -62,7 +74,7 @@ def _weights(tensors: dict, cfg: dict[str, Any]) -> dict[str, np.ndarray | Quant
         hf = hf_name(name)
         if hf is None:  # rope_freqs: read into the config by model_config
             continue
-        if t.type_name.lower() in LAYOUTS and len(t.shape) == 2:
+        if _packed(t):
             w = from_gguf(t)
             kind = name.split(".")[-2]
             out[hf] = unpermute_heads(w, heads[kind]) if kind in heads else w

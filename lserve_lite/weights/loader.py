@@ -12,7 +12,7 @@ import numpy as np
 from ..config import ModelConfig, read_json_object, token_ids
 from ..errors import ModelLoadError
 from ..tokenizer import Tokenizer
-from .gguf_weights import gguf_config, gguf_model, gguf_tokenizer
+from .gguf_weights import float_projections, gguf_config, gguf_model, gguf_tokenizer
 from .qtensor import QuantTensor
 from .quantize import quantize_weights
 from .safetensors_io import SafetensorsFile
@@ -48,6 +48,14 @@ def load_model(path: Path, quantize: str | None = None) -> LoadedModel:
     if quantize:
         model.weights = quantize_weights(model.weights, quantize)
     return model
+
+
+def applied_quantize(path: Path, quantize: str | None) -> str | None:
+    """What `load_model(path, quantize)` applies, for results to record: None for a GGUF whose projections
+    are all packed already (the flag changes nothing there)."""
+    if quantize and _is_gguf(path) and not float_projections(path):
+        return None
+    return quantize
 
 
 def load_tokenizer(path: Path) -> Tokenizer:

@@ -80,6 +80,11 @@ def _round_clip(v: np.ndarray, qmax: int) -> np.ndarray:
     return np.clip(np.rint(v), -qmax, qmax)
 
 
+def quantizable(name: str) -> bool:
+    """Whether `--quantize` quantizes the matrix of HF name `name` when it is stored as floats."""
+    return name.endswith("_proj.weight") or name == "lm_head.weight"
+
+
 def quantize_weights(
     weights: dict[str, np.ndarray | QuantTensor], mode: str
 ) -> dict[str, np.ndarray | QuantTensor]:
@@ -90,7 +95,7 @@ def quantize_weights(
         raise ValueError(f"quantize must be 'int8' or 'int4', got {mode!r}")
     out: dict[str, np.ndarray | QuantTensor] = {}
     for name, w in weights.items():
-        if isinstance(w, QuantTensor) or not (name.endswith("_proj.weight") or name == "lm_head.weight"):
+        if isinstance(w, QuantTensor) or not quantizable(name):
             out[name] = w
         elif mode == "int4" and w.shape[1] % LAYOUTS["int4"].block == 0:
             out[name] = quantize_int4(w)
