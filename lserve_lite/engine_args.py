@@ -9,14 +9,14 @@ from pathlib import Path
 from .config import KV_DTYPES, MAX_MODEL_LEN, MAX_POOL_PAGES, EngineConfig, SparseConfig
 
 
-def bounded_int(lo: int, hi: int = 1 << 31):
-    """An argparse type: an integer in [lo, hi], else a one-line usage error."""
+def _bounded(kind: type, what: str, lo: float, hi: float):
+    """An argparse type: a `kind` in [lo, hi] (NaN is outside), else a one-line usage error."""
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            v = int(text)
+            v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if not lo <= v <= hi:
             raise argparse.ArgumentTypeError(f"{v} is outside [{lo}, {hi}]")
         return v
@@ -24,9 +24,25 @@ def bounded_int(lo: int, hi: int = 1 << 31):
     return parse
 
 
+def bounded_int(lo: int, hi: int = 1 << 31):
+    """An argparse type: an integer in [lo, hi]."""
+    return _bounded(int, "an integer", lo, hi)
+
+
+def bounded_float(lo: float, hi: float):
+    """An argparse type: a number in [lo, hi]."""
+    return _bounded(float, "a number", lo, hi)
+
+
 def int_list(lo: int, hi: int):
-    """An argparse type: comma-separated integers, each in [lo, hi], else a one-line usage error."""
+    """An argparse type: comma-separated integers, each in [lo, hi]."""
     one = bounded_int(lo, hi)
+    return lambda text: [one(t) for t in text.split(",")]
+
+
+def float_list(lo: float, hi: float):
+    """An argparse type: comma-separated numbers, each in [lo, hi]."""
+    one = bounded_float(lo, hi)
     return lambda text: [one(t) for t in text.split(",")]
 
 
@@ -35,21 +51,6 @@ def existing_file(text: str) -> str:
     if not Path(text).expanduser().is_file():
         raise argparse.ArgumentTypeError(f"{text}: file not found")
     return text
-
-
-def float_list(lo: float, hi: float):
-    """An argparse type: comma-separated numbers, each in [lo, hi], else a one-line usage error."""
-
-    def one(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"{v} is outside [{lo}, {hi}]")
-        return v
-
-    return lambda text: [one(t) for t in text.split(",")]
 
 
 _SPARSE_KNOBS = {

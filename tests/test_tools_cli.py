@@ -144,7 +144,7 @@ BAD_ARGS = [
     ("eval_ppl", ["--plot-only", "/nonexist.json"], "error: /nonexist.json: no such file"),
     ("kv_quant_error", ["--steps", "0"], "--steps: 0 is outside [1,"),
     ("kv_quant_error", ["--model", "/nonexist"], "error: /nonexist"),
-    ("soak_serve", ["--seconds", "0"], "--seconds: 0.0 is outside (0, 1e6) seconds"),
+    ("soak_serve", ["--seconds", "0"], "--seconds: 0.0 is outside [0.001, 1000000.0]"),
     ("bench_serve", ["--output-len", "0"], "--output-len: 0 is outside [1,"),
     ("bench_serve", ["--concurrency", "0"], "--concurrency: 0 is outside [1,"),
     ("bench_serve", ["--url", "http://127.0.0.1:1"], "no OpenAI-compatible server answers there"),
