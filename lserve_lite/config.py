@@ -343,8 +343,8 @@ class SparseConfig:
                 f"token_budget must be a multiple of page_size ({self.page_size}) in [{2 * self.page_size}, "
                 f"{MAX_MODEL_LEN}], got {self.token_budget}"
             )
-        if self.select_interval < 1:
-            bad(f"select_interval must be >= 1, got {self.select_interval}")
+        if not 1 <= self.select_interval <= MAX_MODEL_LEN:  # one longer than any context never reselects
+            bad(f"select_interval must be in [1, {MAX_MODEL_LEN}], got {self.select_interval}")
         reductions = (*GROUP_REDUCE, ORACLE_REDUCE)
         if self.group_reduce not in reductions:
             bad(f"group_reduce must be one of {', '.join(reductions)}, got {self.group_reduce!r}")

@@ -111,6 +111,9 @@ def test_per_run_settings_refused_per_setting():
         ("dense,x:token_budget=128", "expected a preset or NAME:knob=v"),
         ("lserve;lserve", "config 'lserve' given twice"),
         ("dense:token_budget=128", "config 'dense' is the dense baseline"),
+        ("x:token_budget=128,token_budget=256", "config 'x': a knob is given twice"),
+        ("x:token_budget=-64", "config 'x': sparse config: token_budget must be"),
+        ("x:select_interval=1000000000000", "config 'x': sparse config: select_interval must be in [1,"),
     ],
 )
 def test_bad_configs_are_one_line_errors(spec, msg):

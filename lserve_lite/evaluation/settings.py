@@ -53,8 +53,14 @@ def parse_configs(spec: str) -> dict[str, SparseConfig | None]:
             kw = PRESETS[name]
             out[name] = None if kw is None else SparseConfig(enabled=True).with_updates(**kw)
             continue
-        kw = dict(_knob(name, kv) for kv in knobs.split(","))
-        out[name] = SparseConfig(enabled=True).with_updates(**kw)
+        pairs = [_knob(name, kv) for kv in knobs.split(",")]
+        kw = dict(pairs)
+        if len(kw) < len(pairs):
+            raise InvalidRequestError(f"config {name!r}: a knob is given twice ({knobs})")
+        try:
+            out[name] = SparseConfig(enabled=True).with_knobs(kw)
+        except InvalidRequestError as e:  # a value out of range: say which setting holds it
+            raise InvalidRequestError(f"config {name!r}: {e}") from None
     return {"dense": None, **out} if "dense" not in out else out
 
 
