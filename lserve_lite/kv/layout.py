@@ -72,15 +72,16 @@ class KVLayout:
         ps = sp.page_size
         window = max(sp.prefill_local, sp.decode_local)
         context = geometry.pages_for(max_len, ps) if max_len is not None else MAX_POOL_PAGES
-        return KVLayout(
+        layout = KVLayout(
             page_size=ps,
             head_class=tuple(np.asarray(c, np.int32) for c in classes),
             head_slot=tuple(head_slots(c) for c in classes),
             sink_pages=min(geometry.sink_pages(max(sp.prefill_sink, sp.decode_sink), ps), context),
             ring_pages=geometry.ring_pages(window, max_chunk, ps, max_len),
             sub_pages=sp.sub_pages,
-            select_pages=min(geometry.budget_pages(sp.token_budget, ps), context),
+            select_pages=geometry.budget_pages(sp.token_budget, ps),
         )
+        return layout if max_len is None else layout.within(max_len)
 
     def within(self, max_len: int) -> KVLayout:
         """The page budget clipped to a context of `max_len` tokens (once the pool has bounded the context):
