@@ -46,6 +46,13 @@ def float_list(lo: float, hi: float):
     return lambda text: [one(t) for t in text.split(",")]
 
 
+def results_folder(text: str) -> str:
+    """An argparse type: a folder a tool writes its results into (a name ending in .json would become a folder)."""
+    if text.endswith(".json"):
+        raise argparse.ArgumentTypeError(f"{text!r} names a file; --out is a folder for the results")
+    return text
+
+
 def existing_file(text: str) -> str:
     """An argparse type: a path to a file that exists, checked before a long run needs it."""
     if not Path(text).expanduser().is_file():

@@ -162,3 +162,12 @@ def test_bad_arguments_are_one_line(tool, argv, msg, tiny_model, tmp_path, monke
     err = capsys.readouterr().err
     assert status != 0 and msg in err.splitlines()[-1] and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("tool", ["bench_attention", "bench_sparse"])
+def test_results_folder_named_like_a_file_is_refused(tool, tmp_path, monkeypatch, capsys):
+    """--out names a folder: `x.json` would become a folder of that name (refused before anything is made)."""
+    with pytest.raises(SystemExit) as e:
+        run_tool(tool, ["--out", str(tmp_path / "x.json")], monkeypatch)
+    assert e.value.code == 2 and "names a file; --out is a folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -43,6 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lserve_lite.backends import require_gpu  # noqa: E402
+from lserve_lite.engine_args import results_folder  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 64
 CHUNK, CHUNK_CACHED = 2048, (32768, 131072)  # the chunked section: a prefill chunk over cached context
@@ -414,7 +415,7 @@ def _free_memory() -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="tools/results", help="folder for the results")
+    ap.add_argument("--out", default="tools/results", type=results_folder, help="folder for the results")
     ap.add_argument("--quick", action="store_true", help="8k/32k prefill and 32k/128k decode only")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--variants", action="store_true", help="also time the compiled kernel variants")
@@ -423,8 +424,6 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-dtypes", default="fp16", help="KV formats of our kernels, e.g. fp16,int8,int4,fp8")
     ap.add_argument("--prefill-kernels", default="", help="also time these prefill kernels, e.g. mma,wgmma")
     args = ap.parse_args(argv)
-    if args.out.endswith(".json"):
-        ap.error(f"--out is a folder for the results, not a file ({args.out!r})")
     require_gpu("bench_attention.py")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

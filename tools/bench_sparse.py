@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_attention import _free_memory, _peer, _reps, events_median, torch_decode, torch_prefill  # noqa: E402
 
 from lserve_lite.backends import require_gpu  # noqa: E402
+from lserve_lite.engine_args import results_folder  # noqa: E402
 
 HQ, HKV, D, PAGE, SUB = 32, 8, 128, 64, 4
 LAYERS = (0, 8, 16, 24, 31)
@@ -249,7 +250,7 @@ def flex_prefill(seq: int, hc: np.ndarray, sink: int, local: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=".", help="folder for the results")
+    ap.add_argument("--out", default=".", type=results_folder, help="folder for the results")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--selector-only", action="store_true", help="only the page selector rows (batch 1)")
@@ -258,8 +259,6 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--sub-pages", type=int, default=SUB, help=f"logical pages per page ({SUB})")
     a = ap.parse_args(argv)
-    if a.out.endswith(".json"):
-        ap.error(f"--out is a folder for the results, not a file ({a.out!r})")
     require_gpu("bench_sparse.py")
     set_sub_pages(a.sub_pages)
     out = Path(a.out)
