@@ -393,6 +393,9 @@ def test_concurrent_requests_refused_whole(tiny_dir):
 
     engine = LLMEngine(str(tiny_dir), "cpu", EngineConfig(**(CFG | {"max_num_seqs": 1})))
     params = SamplingParams(max_new_tokens=2)
+    reached: list[str] = []
+    add_request = engine.add_request
+    engine.add_request = lambda ids, p, rid: (reached.append(rid), add_request(ids, p, rid))[1]
 
     async def both():
         aengine = AsyncEngine(engine, max_queue=1)
@@ -400,16 +403,17 @@ def test_concurrent_requests_refused_whole(tiny_dir):
         try:
             jobs = [[([5, 6, 7], params, f"{r}-{i}") for i in range(2)] for r in "ab"]
             got = await asyncio.gather(*(aengine.submit(j) for j in jobs), return_exceptions=True)
-            in_flight = aengine.num_in_flight
-            for h in got[0]:
-                h.close()
-            return got, in_flight
+            finished = 0
+            for h in got[0] if isinstance(got[0], list) else []:
+                finished += sum([out.finished async for out in h])
+            return got, finished
         finally:
             aengine.shutdown()
 
-    (a, b), in_flight = asyncio.run(both())
-    assert all(isinstance(h, RequestHandle) for h in a) and in_flight == 2
+    (a, b), finished = asyncio.run(both())
+    assert isinstance(a, list) and all(isinstance(h, RequestHandle) for h in a) and finished == 2
     assert isinstance(b, ApiError) and b.status == 429
+    assert sorted(reached) == ["a-0", "a-1"]  # none of the refused request's sequences reached the engine
 
 
 def test_internal_errors_500_without_trace(server, client, monkeypatch):
