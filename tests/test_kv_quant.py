@@ -486,6 +486,38 @@ def test_prefix_cache_snapshot_copies_scales(tiny):
         assert np.array_equal(a[5], a[2])
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("kv", ["fp32", "fp16", *CPU_FORMATS])
+def test_stale_nan_past_a_context_does_not_reach_another_request(tiny, kv, sparse):
+    """A freed page's slots past the next owner's context keep what the last one wrote, NaN included (an fp16 cache
+    stores a value past its range as inf, and the request that wrote it turned NaN): attention must not read them
+    (0 * NaN = NaN), in prefill or decode, dense or LServe. Every pool poisoned after a first run (prefix caching off:
+    nothing is reused) gives the same logprobs, bit for bit; the prompts end mid-page."""
+    from lserve_lite import LLM, SamplingParams
+
+    if kv == "fp16" and not NATIVE_HALF:
+        pytest.skip("fp16 KV needs the host's half conversions")
+    knobs = dict(page_size=16, sub_pages=4, prefill_sink=16, prefill_local=32, decode_sink=16, decode_local=32,
+                 token_budget=32, select_interval=2)  # fmt: skip
+    sp = SparseConfig(enabled=True, static_sparsity=0.5, **knobs) if sparse else SparseConfig()
+    cfg = EngineConfig(kv_dtype=kv, page_size=16, sparse=sp, max_num_batched_tokens=24, num_kv_pages=16,
+                       prefix_caching=False)  # fmt: skip
+    llm = LLM(str(tiny), backend="cpu", config=cfg)
+    prompts = [[int(t) for t in RNG.integers(3, 300, n)] for n in (37, 5)]
+    params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True, logprobs=1)
+
+    def run() -> list[list[float]]:
+        return [[t.logprob for t in o.logprobs] for o in llm.generate(prompts, params)]
+
+    clean = run()
+    cache = llm.engine.runner.cache
+    for pools in (cache.k, cache.v, cache.ks, cache.vs, cache.k_scale, cache.v_scale, cache.ks_scale,
+                  cache.vs_scale, cache.kmax, cache.kmin):  # fmt: skip
+        for a in pools or ():
+            a[...] = np.nan if a.dtype.kind == "f" else 127  # int4 15 / 7, fp8's NaN code
+    assert run() == clean
+
+
 def test_kv_sizing_counts_real_bytes():
     """Same memory: int8 ~2x and int4 ~2.67x the tokens of fp16 (GPU: fp16 scales), more vs CPU fp32."""
     cfg = ModelConfig.from_dict(

@@ -224,7 +224,8 @@ def paged_attention(q, k_cache, v_cache, k_scale, v_scale, qb_start, qb_len, qb_
     window: qb_sink, qb_local). item_head[item] >= 0 runs that KV head alone on the item (each head its own list:
     LServe's selections), -1 every head of the item's class. Exact two-pass
     float32 softmax over the unit's keys: part[u] = (row max, row sum of exp), acc[u] = the un-normalized
-    weighted sum of V. Pages are read as stored, in any KV format (`cpu_kv.page_scores` / `page_weighted_sum`).
+    weighted sum of V. Pages are read as stored, in any KV format (`cpu_kv.page_scores` / `page_weighted_sum`);
+    values past the context's end are never read (a freed page's slots may hold anything, NaN included).
     """
     hkv, page, d = k_cache.shape[1], k_cache.shape[2], q.shape[2]
     group = q.shape[1] // hkv
@@ -285,8 +286,11 @@ def _attend_unit(qv, kv, h, pages, lpages, rows, win, scale, s, tmp, ml, acc):
         ml[1, j] = _row_sum(s[j, :nk])
     acc[:nq] = 0
     for pi in range(pages.shape[0]):
+        valid = max(0, min(page, end - lpages[pi] * page))  # rows before the context's end (then: anything)
         for j in range(nq):
-            page_weighted_sum(s[j, pi * page : (pi + 1) * page], v_cache, v_scale, pages[pi], h, acc[j], tmp)
+            page_weighted_sum(
+                s[j, pi * page : (pi + 1) * page], v_cache, v_scale, pages[pi], h, acc[j], tmp, valid
+            )
 
 
 @nb.njit(**JIT)

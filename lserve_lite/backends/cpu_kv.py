@@ -79,9 +79,11 @@ def page_scores(qrow, vals, scales, pg, h, srow, scale, tmp):
     raise NotImplementedError  # Numba-only (the overload below)
 
 
-def page_weighted_sum(p, vals, scales, pg, h, acc, tmp):
-    """acc [D] += sum over o of p[o] * row o of the page vals[pg, h]; p is consumed (int8 / fp8: scaled in place
-    by the rows' scales); tmp: float32 scratch of at least D values (int4's even and odd sums)."""
+def page_weighted_sum(p, vals, scales, pg, h, acc, tmp, n):
+    """acc [D] += sum over o < n of p[o] * row o of the page vals[pg, h]; p is consumed (int8 / fp8: scaled in place
+    by the rows' scales); tmp: float32 scratch of at least D values (int4's even and odd sums). Rows from n on (past
+    a context's end) are never read, their values nor their scales: a freed page's may hold anything, NaN
+    included, and 0 * NaN would carry it into another sequence's output; p[o] must be 0 there (masked)."""
     raise NotImplementedError  # Numba-only (the overload below)
 
 
@@ -210,13 +212,21 @@ def _dots4(qrow, keys, srow, scale, d):
 
 
 @njit(inline="always")
-def _sums4(p, vals, acc, d):
-    """acc += sum over o of p[o] * vals[o], four rows per pass over acc."""
-    for o in range(0, vals.shape[0], 4):
+def _last(o, n):
+    """Row o, or the last row that counts (n - 1) for one past it: a pass of several rows reads no row from n on
+    (their weights p are 0, so the sum is what reading them as zeros gives)."""
+    return min(o, n - 1)
+
+
+@njit(inline="always")
+def _sums4(p, vals, acc, d, n):
+    """acc += sum over o < n of p[o] * vals[o], four rows per pass over acc."""
+    for o in range(0, n, 4):
         a, b, c, e = p[o], p[o + 1], p[o + 2], p[o + 3]
+        o1, o2, o3 = _last(o + 1, n), _last(o + 2, n), _last(o + 3, n)
         for i in range(d):
-            acc[i] += (a * to_f32(vals[o, i]) + b * to_f32(vals[o + 1, i])) + (
-                c * to_f32(vals[o + 2, i]) + e * to_f32(vals[o + 3, i])
+            acc[i] += (a * to_f32(vals[o, i]) + b * to_f32(vals[o1, i])) + (
+                c * to_f32(vals[o2, i]) + e * to_f32(vals[o3, i])
             )
 
 
@@ -259,20 +269,21 @@ def _dots_int4(qrow, keys, sc, srow, scale, tmp, d, groups):
 
 
 @njit(inline="always")
-def _sums_int4(p, vals, sc, acc, tmp, d, groups):
-    """int4 values: sum over o of p[o] s_g[o] q[o, c] (two rows per pass) into tmp's even and odd halves (the
+def _sums_int4(p, vals, sc, acc, tmp, d, groups, n):
+    """int4 values: sum over o < n of p[o] s_g[o] q[o, c] (two rows per pass) into tmp's even and odd halves (the
     low and high nibbles', so that the stores are contiguous), then into acc (`_add_int4_mins`)."""
     half, per = d // 2, d // 2 // groups
     tmp[:d] = 0
-    for o in range(0, vals.shape[0], 2):
+    for o in range(0, n, 2):
+        o1 = _last(o + 1, n)
         for g in range(groups):
             a = p[o] * np.float32(sc[o, 2 * g]) * NIBBLE_UNIT
-            b = p[o + 1] * np.float32(sc[o + 1, 2 * g]) * NIBBLE_UNIT
+            b = p[o + 1] * np.float32(sc[o1, 2 * g]) * NIBBLE_UNIT
             for i in range(g * per, (g + 1) * per):
-                (xl, xh), (yl, yh) = _nibbles(vals[o, i]), _nibbles(vals[o + 1, i])
+                (xl, xh), (yl, yh) = _nibbles(vals[o, i]), _nibbles(vals[o1, i])
                 tmp[i] += a * xl + b * yl
                 tmp[half + i] += a * xh + b * yh
-    _add_int4_mins(p, sc, acc, tmp, d, groups)
+    _add_int4_mins(p, sc, acc, tmp, d, groups, n)
 
 
 # The first and the second 8 bytes of a 16-byte span (two int4 groups of 16 channels): a row's two group scales
@@ -282,33 +293,34 @@ SECOND8 = 1 - FIRST8
 
 
 @njit(inline="always")
-def _sums_int4_pairs(p, vals, sc, acc, tmp, d, groups):
+def _sums_int4_pairs(p, vals, sc, acc, tmp, d, groups, n):
     """`_sums_int4` for groups of 16 channels (8 bytes; an even number of groups) two at a time: one 16-byte loop
     instead of two 8-byte ones (measured 1.6x faster on SmolLM2's head, which the 8-byte loops left unvectorized)."""
     half = d // 2
     tmp[:d] = 0
-    for o in range(0, vals.shape[0], 2):
+    for o in range(0, n, 2):
+        o1 = _last(o + 1, n)
         for g in range(0, groups, 2):
             a0 = p[o] * np.float32(sc[o, 2 * g]) * NIBBLE_UNIT
             a1 = p[o] * np.float32(sc[o, 2 * g + 2]) * NIBBLE_UNIT
-            b0 = p[o + 1] * np.float32(sc[o + 1, 2 * g]) * NIBBLE_UNIT
-            b1 = p[o + 1] * np.float32(sc[o + 1, 2 * g + 2]) * NIBBLE_UNIT
+            b0 = p[o + 1] * np.float32(sc[o1, 2 * g]) * NIBBLE_UNIT
+            b1 = p[o + 1] * np.float32(sc[o1, 2 * g + 2]) * NIBBLE_UNIT
             for j in range(16):
                 i = g * 8 + j
                 a, b = a0 * FIRST8[j] + a1 * SECOND8[j], b0 * FIRST8[j] + b1 * SECOND8[j]
-                (xl, xh), (yl, yh) = _nibbles(vals[o, i]), _nibbles(vals[o + 1, i])
+                (xl, xh), (yl, yh) = _nibbles(vals[o, i]), _nibbles(vals[o1, i])
                 tmp[i] += a * xl + b * yl
                 tmp[half + i] += a * xh + b * yh
-    _add_int4_mins(p, sc, acc, tmp, d, groups)
+    _add_int4_mins(p, sc, acc, tmp, d, groups, n)
 
 
 @njit(inline="always")
-def _add_int4_mins(p, sc, acc, tmp, d, groups):
-    """acc += tmp's even and odd halves interleaved, plus each group's sum of p[o] m_g[o]."""
+def _add_int4_mins(p, sc, acc, tmp, d, groups, n):
+    """acc += tmp's even and odd halves interleaved, plus each group's sum of p[o] m_g[o] over o < n."""
     half, per = d // 2, d // 2 // groups
     for g in range(groups):
         m = np.float32(0.0)
-        for o in range(sc.shape[0]):
+        for o in range(n):
             m += p[o] * np.float32(sc[o, 2 * g + 1])
         for i in range(g * per, (g + 1) * per):
             acc[2 * i] += tmp[i] + m
@@ -342,29 +354,29 @@ def _page_scores(qrow, vals, scales, pg, h, srow, scale, tmp):
 
 
 @overload(page_weighted_sum, inline="always")
-def _page_weighted_sum(p, vals, scales, pg, h, acc, tmp):
+def _page_weighted_sum(p, vals, scales, pg, h, acc, tmp, n):
     if vals.dtype == types.uint8:
 
-        def sums_int4(p, vals, scales, pg, h, acc, tmp):
+        def sums_int4(p, vals, scales, pg, h, acc, tmp, n):
             rows, sc, groups = vals[pg, h], scales[pg, h], _int4_groups(scales)
             if acc.shape[0] == 64 and groups == 4:  # SmolLM2's head: 4 groups of 16 channels
-                _sums_int4_pairs(p, rows, sc, acc, tmp, 64, 4)
+                _sums_int4_pairs(p, rows, sc, acc, tmp, 64, 4, n)
             elif acc.shape[0] == 16 * groups and groups % 2 == 0:  # groups of 16 channels
-                _sums_int4_pairs(p, rows, sc, acc, tmp, acc.shape[0], groups)
+                _sums_int4_pairs(p, rows, sc, acc, tmp, acc.shape[0], groups, n)
             else:
-                _sums_int4(p, rows, sc, acc, tmp, acc.shape[0], groups)
+                _sums_int4(p, rows, sc, acc, tmp, acc.shape[0], groups, n)
 
         return sums_int4
     unit = np.float32(_row_unit(vals))
 
-    def sums(p, vals, scales, pg, h, acc, tmp):
+    def sums(p, vals, scales, pg, h, acc, tmp, n):
         if unit != 0:  # p * s_v times the stored values (the softmax's row sums are taken already)
-            for o in range(p.shape[0]):
+            for o in range(n):
                 p[o] *= np.float32(scales[pg, h, o, 0]) * unit
         if acc.shape[0] == 64:
-            _sums4(p, vals[pg, h], acc, 64)
+            _sums4(p, vals[pg, h], acc, 64, n)
         else:
-            _sums4(p, vals[pg, h], acc, acc.shape[0])
+            _sums4(p, vals[pg, h], acc, acc.shape[0], n)
 
     return sums
 

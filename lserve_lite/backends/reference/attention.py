@@ -64,12 +64,17 @@ def attend_qblocks(
             ok = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] < ctx)
             if cls == 1:  # the block's window (a dense-mode plan's are all its sink / local)
                 ok &= (kpos[None, :] < plan.qb_sink[qb]) | (qpos[:, None] - kpos[None, :] < plan.qb_local[qb])
+            past = kpos >= ctx  # slots past the context may hold anything (a freed page's NaN: 0 * NaN = NaN)
+            stale = bool(past.any())
             for h in heads:
                 rows = slice(h * group, (h + 1) * group)
                 qh = q[r0 : r0 + nr, rows].reshape(nr * group, d)
                 s = (qh @ gather(k_cache, k_scale, fmt, pages, h).T).reshape(nr, group, -1)
                 tot = K.masked_softmax(s, ok, scale)
-                o = s.reshape(nr * group, -1) @ gather(v_cache, v_scale, fmt, pages, h)
+                v = gather(v_cache, v_scale, fmt, pages, h)
+                if stale:
+                    v[past] = 0
+                o = s.reshape(nr * group, -1) @ v
                 o /= tot.reshape(-1, 1)
                 out[r0 : r0 + nr, rows] = o.reshape(nr, group, d)
 
