@@ -1,6 +1,6 @@
-"""CPU backend: NumPy float32 and Numba kernels. Its LServe mode runs dense mode's attention and (float caches)
-K/V write per KV pool and a Numba page selector (cpu_select.py), and for a quantized cache's write the reference in
-backends/reference/, which every GPU kernel is tested against."""
+"""CPU backend: NumPy float32 and Numba kernels. Its LServe mode runs dense mode's attention and K/V write (any KV
+format) per KV pool and a Numba page selector (cpu_select.py); backends/reference/ holds the NumPy references every
+CPU and GPU kernel is tested against."""
 
 from __future__ import annotations
 
