@@ -298,6 +298,32 @@ def test_stream_refuses_several_candidates(llm):
     assert not llm.engine.has_unfinished()
 
 
+def test_streams_and_generate_interleaved_lose_nothing(llm, monkeypatch):
+    """Two open streams, and generate while a stream is open, each get every output of their own requests
+    (each dropped the others' outputs: tokens went missing, and a stream whose last output another had taken
+    stepped an idle engine forever)."""
+    sp = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    a, b = [5, 6, 7, 8], [9, 10, 11]
+    want_a, want_b = (llm.generate([p], sp)[0].token_ids for p in (a, b))
+    step = llm.engine.step
+
+    def checked():
+        assert llm.engine.has_unfinished(), "an idle engine stepped: a stream lost its last output"
+        return step()
+
+    monkeypatch.setattr(llm.engine, "step", checked)
+    got_a, got_b = [], []
+    for oa, ob in zip(llm.stream_outputs(a, sp), llm.stream_outputs(b, sp)):
+        got_a += oa.token_ids
+        got_b += ob.token_ids
+    assert (got_a, got_b) == (want_a, want_b)
+    s = llm.stream_outputs(a, sp)
+    first = next(s).token_ids
+    assert llm.generate([b], sp)[0].token_ids == want_b
+    assert first + [t for o in s for t in o.token_ids] == want_a
+    assert not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0
+
+
 @pytest.mark.parametrize(
     "prompts,params,match",
     [
