@@ -298,6 +298,21 @@ def test_stream_refuses_several_candidates(llm):
     assert not llm.engine.has_unfinished()
 
 
+def test_generated_request_ids_skip_explicit_ones(llm):
+    """A request without an id gets one no request in flight has (an explicit id equal to the next generated
+    one made that request fail with 'duplicate request id')."""
+    sp = SamplingParams(max_new_tokens=2, temperature=0)
+    first = llm.engine.add_request([5, 6], sp)
+    ahead = f"req-{int(first.removeprefix('req-')) + 2}"  # two ids on: the next generated one but one
+    rids = [first, llm.engine.add_request([5, 6], sp, request_id=ahead)]
+    rids += [llm.engine.add_request([5, 6], sp) for _ in range(2)]
+    assert len(set(rids)) == 4 and len(llm.generate([[5, 6], [7]], sp)) == 2
+    for rid in rids:
+        llm.engine.abort(rid)
+    llm.engine.step()
+    assert not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0
+
+
 def test_streams_and_generate_interleaved_lose_nothing(llm, monkeypatch):
     """Two open streams, and generate while a stream is open, each get every output of their own requests
     (each dropped the others' outputs: tokens went missing, and a stream whose last output another had taken

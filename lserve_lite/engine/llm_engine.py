@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ class LLMEngine:
         self.decoders: dict[str, IncrementalDecoder] = {}
         self._aborts: list[str] = []
         self._lock = threading.Lock()
+        self._ids = itertools.count()  # generated request ids
         self.eos_ids = set(self.cfg.eos_token_ids)
         self.grammars = Grammars(self.tokenizer, self.cfg.vocab_size, sorted(self.eos_ids))
         self.prompt_tokens_computed = 0  # prompt tokens run through the model (recomputation included)
@@ -227,6 +229,8 @@ class LLMEngine:
             raise InvalidRequestError(f"sparse must be a dict of LServe knobs, got {type(sparse).__name__}")
         if request_id is not None:
             _check_request_id(request_id)
+        else:  # skip ids a caller gave explicitly: a generated id must never be refused as a duplicate
+            request_id = next(r for r in (f"req-{i}" for i in self._ids) if r not in self.seqs)
         params.validate()  # again: its fields may have changed since it was made
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self._check_ids(prompt, "prompt")
         if not ids:
