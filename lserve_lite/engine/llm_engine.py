@@ -195,16 +195,15 @@ class LLMEngine:
         holds the context (LServe: the dense heads' pages, statistics included; the streaming pool's sequences
         beside it); and a context limit set past the model's trained positions (allowed, and said)."""
         lay, ps, name = self.layout, self.ecfg.page_size, self.kv_format.name
+        pages = self.kv_pages()["context"][1]
         if lay is None:
             per_tok = self.cfg.num_layers * self.cfg.num_kv_heads * self.kv_bytes
-            line = kv_summary(name, self.blocks.num_pages, ps, per_tok)
+            line = kv_summary(name, pages, ps, per_tok)
         else:
             dense_b, stream_b = page_bytes(self.cfg, ps, self.kv_bytes, lay, self.itemsize)
             stream, per_seq = self.blocks.num_stream_pages, lay.stream_pages_per_seq
-            if lay.streaming_only:
-                line = kv_summary(name, stream, ps, stream_b // ps, streaming_only=True)
-            else:
-                line = kv_summary(name, self.blocks.num_pages, ps, dense_b // ps)
+            token_b = (stream_b if lay.streaming_only else dense_b) // ps
+            line = kv_summary(name, pages, ps, token_b, streaming_only=lay.streaming_only)
             if per_seq:
                 line += f"; streaming pool {stream} pages (sink + local window): {stream // per_seq} sequences at once"
         trained = self.cfg.max_position_embeddings
@@ -213,6 +212,16 @@ class LLMEngine:
                 f"; context limit {self.max_len} past the model's {trained} trained positions (extrapolated)"
             )
         return line
+
+    def kv_pages(self) -> dict[str, tuple[int, int]]:
+        """(pages sequences hold, pages) per KV pool (/metrics, the startup line): "context", the pool that holds
+        the context (the dense pool; with no dense head, whose pages are ids without bytes, the streaming pool),
+        and beside it in LServe mode with both kinds of heads, "streaming"."""
+        b, lay = self.blocks, self.layout
+        dense, stream = (b.num_dense_used, b.num_pages), (b.num_stream_used, b.num_stream_pages)
+        if lay is None or not lay.has_streaming:
+            return {"context": dense}
+        return {"context": stream} if lay.streaming_only else {"context": dense, "streaming": stream}
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(
