@@ -139,6 +139,29 @@ def test_page_budget_clipped_to_what_the_pool_holds(tiny_llama):
     assert eng.runner.cache.sel_idx[0].shape[-1] == 9  # visit capacity: the budget + the newest page
 
 
+def test_streaming_rings_sized_for_the_context_the_pool_holds(tmp_path):
+    """An explicit num_kv_pages bounds the context, so it bounds each streaming ring too: the rings were sized
+    for the model's whole context (129 pages a sequence where a 10-page context fits: a streaming pool 12x what
+    sequences could ever hold). Outputs equal an engine whose context limit is set to the same length."""
+    from tiny_models import make_tiny_numpy
+
+    d = make_tiny_numpy(tmp_path / "m")
+    (d / "full_attention_heads.tsv").write_text("0.9\t0.1\n0.2\t0.8\n")
+    sparse = dict(enabled=True, page_size=16, token_budget=64, prefill_sink=16, prefill_local=64, decode_sink=16,
+                  decode_local=32)  # fmt: skip
+    cfg = dict(page_size=16, max_num_seqs=4, sparse=sparse)
+    eng = LLM(str(d), backend="cpu", config=EngineConfig(num_kv_pages=10, **cfg))
+    ref = LLM(str(d), backend="cpu", config=EngineConfig(max_model_len=160, **cfg))
+    assert eng.engine.max_len == 160 and eng.engine.layout.stream_pages_per_seq == 1 + 10
+    assert eng.engine.blocks.num_stream_pages == 4 * 11
+    sp = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
+    prompts = [list(range(3, 140)), list(range(7, 60))]
+    assert [o.token_ids for o in eng.generate(prompts, sp)] == [
+        o.token_ids for o in ref.generate(prompts, sp)
+    ]
+    assert eng.engine.blocks.num_used == 0
+
+
 def test_streaming_pool_that_does_not_fit_is_named():
     """Before: 'the KV memory budget (0.0 MiB) holds no KV page', blaming the dense pool."""
     from lserve_lite.kv.layout import pool_pages

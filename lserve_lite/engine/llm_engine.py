@@ -175,12 +175,18 @@ class LLMEngine:
             classes = head_classes(gates, sp.static_sparsity)
         else:
             classes = [np.zeros(c.num_kv_heads, np.int32)] * c.num_layers
-        return KVLayout.sparse(c, sp, classes, self._max_chunk(), self.ecfg.resolve_max_len(c))
+        return KVLayout.sparse(c, sp, classes, self._max_chunk(), self._context_limit())
+
+    def _context_limit(self) -> int:
+        """The context limit as known before the KV pools are sized: the configured (or the model's) one, cut to
+        an explicit num_kv_pages (LServe's rings and sinks were sized for contexts the pool can never hold)."""
+        max_len, pages = self.ecfg.resolve_max_len(self.cfg), self.ecfg.num_kv_pages
+        return max_len if pages is None else min(max_len, pages * self.ecfg.page_size)
 
     def _max_chunk(self) -> int:
         """The most tokens of one sequence a step computes (what LServe's ring holds beside the window): a chunk
         is at most the step's budget and at most the context, whichever is less."""
-        return min(self.ecfg.max_num_batched_tokens, self.ecfg.resolve_max_len(self.cfg))
+        return min(self.ecfg.max_num_batched_tokens, self._context_limit())
 
     def _num_pages(self) -> tuple[int, int]:
         """(dense-pool pages, streaming-pool pages) from the configured count or the memory budget."""
@@ -289,8 +295,7 @@ class LLMEngine:
         req = sp.with_knobs(knobs)
         lay, ps = self.layout, self.ecfg.page_size
         local = max(req.prefill_local, req.decode_local)
-        max_len = self.ecfg.resolve_max_len(self.cfg)
-        if not ring_fits(local, lay.ring_pages, self._max_chunk(), ps, max_len) or max(
+        if not ring_fits(local, lay.ring_pages, self._max_chunk(), ps, self._context_limit()) or max(
             req.prefill_sink, req.decode_sink
         ) > (lay.sink_pages * ps):
             raise InvalidRequestError(
