@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -11,7 +12,7 @@ import numpy as np
 from .config import EngineConfig
 from .engine.llm_engine import LLMEngine, StepOutput
 from .engine.tool_calls import finish_reason, plan_tools, prompt_messages
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, LServeError
 from .sampling_params import SamplingParams
 from .sequence import TokenLogprob
 
@@ -45,6 +46,9 @@ class LLM:
             raise InvalidRequestError(f"LLM: {e}".replace("EngineConfig.__init__() ", "")) from None
         self.engine = LLMEngine(model, backend, cfg)
         self.tokenizer = self.engine.tokenizer
+        # Outputs of this LLM's open requests not read yet, by request id: several streams and generate calls
+        # may be open at once, and whichever of them steps the engine gets every request's outputs.
+        self._boxes: dict[str, deque[StepOutput]] = {}
 
     def generate(
         self,
@@ -65,7 +69,9 @@ class LLM:
         done = False
         try:
             for p, sp in zip(prompts, per_prompt):
-                rids += [self.engine.add_request(p, c) for c in sp.candidates()]
+                for c in sp.candidates():
+                    rids.append(self.engine.add_request(p, c))
+                    self._boxes[rids[-1]] = deque()
             outs = self._collect(rids)
             done = True
             return outs
@@ -74,7 +80,9 @@ class LLM:
                 for r in rids:
                     self.engine.abort(r)
                 if rids:
-                    self.engine.step()
+                    self._step()
+            for r in rids:
+                self._boxes.pop(r, None)
 
     def chat(
         self,
@@ -126,30 +134,48 @@ class LLM:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
             prompt = self.tokenizer.encode_chat(prompt)
         rid = self.engine.add_request(prompt, params)
+        self._boxes[rid] = deque()
         done = False
         try:
             while not done:
-                for out in self.engine.step():
-                    if out.request_id == rid:
-                        done = out.finished
-                        yield out
+                for out in self._next_outputs(rid):
+                    done = out.finished
+                    yield out
         finally:
             if not done:
                 self.engine.abort(rid)
-                self.engine.step()
+                self._step()
+            self._boxes.pop(rid, None)
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Teacher-forced next-token logits [T, vocab] (float32 NumPy)."""
         return self.engine.score(token_ids)
+
+    def _step(self) -> None:
+        """One engine step; each output goes to its request's box (outputs of requests not opened here are dropped)."""
+        for out in self.engine.step():
+            box = self._boxes.get(out.request_id)
+            if box is not None:
+                box.append(out)
+
+    def _next_outputs(self, *rids: str) -> list[StepOutput]:
+        """The unread outputs of `rids`, stepping the engine until there is one."""
+        while True:
+            outs = [self._boxes[r].popleft() for r in rids for _ in range(len(self._boxes[r]))]
+            if outs:
+                return outs
+            if not self.engine.has_unfinished():  # never with every step going through _step
+                raise LServeError(
+                    f"requests {list(rids)[:4]} ended unseen: the engine was stepped outside LLM"
+                )
+            self._step()
 
     def _collect(self, rids: list[str]) -> list[CompletionOutput]:
         pending = set(rids)
         texts = {r: [] for r in rids}
         results: dict[str, CompletionOutput] = {}
         while pending:
-            for out in self.engine.step():
-                if out.request_id not in pending:
-                    continue
+            for out in self._next_outputs(*pending):
                 texts[out.request_id].append(out.text)
                 if out.finished:
                     s = out.seq

@@ -139,6 +139,29 @@ def test_page_budget_clipped_to_what_the_pool_holds(tiny_llama):
     assert eng.runner.cache.sel_idx[0].shape[-1] == 9  # visit capacity: the budget + the newest page
 
 
+def test_streaming_rings_sized_for_the_context_the_pool_holds(tmp_path):
+    """An explicit num_kv_pages bounds the context, so it bounds each streaming ring too: the rings were sized
+    for the model's whole context (129 pages a sequence where a 10-page context fits: a streaming pool 12x what
+    sequences could ever hold). Outputs equal an engine whose context limit is set to the same length."""
+    from tiny_models import make_tiny_numpy
+
+    d = make_tiny_numpy(tmp_path / "m")
+    (d / "full_attention_heads.tsv").write_text("0.9\t0.1\n0.2\t0.8\n")
+    sparse = dict(enabled=True, page_size=16, token_budget=64, prefill_sink=16, prefill_local=64, decode_sink=16,
+                  decode_local=32)  # fmt: skip
+    cfg = dict(page_size=16, max_num_seqs=4, sparse=sparse)
+    eng = LLM(str(d), backend="cpu", config=EngineConfig(num_kv_pages=10, **cfg))
+    ref = LLM(str(d), backend="cpu", config=EngineConfig(max_model_len=160, **cfg))
+    assert eng.engine.max_len == 160 and eng.engine.layout.stream_pages_per_seq == 1 + 10
+    assert eng.engine.blocks.num_stream_pages == 4 * 11
+    sp = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
+    prompts = [list(range(3, 140)), list(range(7, 60))]
+    assert [o.token_ids for o in eng.generate(prompts, sp)] == [
+        o.token_ids for o in ref.generate(prompts, sp)
+    ]
+    assert eng.engine.blocks.num_used == 0
+
+
 def test_streaming_pool_that_does_not_fit_is_named():
     """Before: 'the KV memory budget (0.0 MiB) holds no KV page', blaming the dense pool."""
     from lserve_lite.kv.layout import pool_pages
@@ -296,6 +319,47 @@ def test_stream_refuses_several_candidates(llm):
     with pytest.raises(InvalidRequestError, match="one candidate"):
         next(llm.stream([5, 6, 7], SamplingParams(n=2, max_new_tokens=2)))
     assert not llm.engine.has_unfinished()
+
+
+def test_generated_request_ids_skip_explicit_ones(llm):
+    """A request without an id gets one no request in flight has (an explicit id equal to the next generated
+    one made that request fail with 'duplicate request id')."""
+    sp = SamplingParams(max_new_tokens=2, temperature=0)
+    first = llm.engine.add_request([5, 6], sp)
+    ahead = f"req-{int(first.removeprefix('req-')) + 2}"  # two ids on: the next generated one but one
+    rids = [first, llm.engine.add_request([5, 6], sp, request_id=ahead)]
+    rids += [llm.engine.add_request([5, 6], sp) for _ in range(2)]
+    assert len(set(rids)) == 4 and len(llm.generate([[5, 6], [7]], sp)) == 2
+    for rid in rids:
+        llm.engine.abort(rid)
+    llm.engine.step()
+    assert not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0
+
+
+def test_streams_and_generate_interleaved_lose_nothing(llm, monkeypatch):
+    """Two open streams, and generate while a stream is open, each get every output of their own requests
+    (each dropped the others' outputs: tokens went missing, and a stream whose last output another had taken
+    stepped an idle engine forever)."""
+    sp = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    a, b = [5, 6, 7, 8], [9, 10, 11]
+    want_a, want_b = (llm.generate([p], sp)[0].token_ids for p in (a, b))
+    step = llm.engine.step
+
+    def checked():
+        assert llm.engine.has_unfinished(), "an idle engine stepped: a stream lost its last output"
+        return step()
+
+    monkeypatch.setattr(llm.engine, "step", checked)
+    got_a, got_b = [], []
+    for oa, ob in zip(llm.stream_outputs(a, sp), llm.stream_outputs(b, sp)):
+        got_a += oa.token_ids
+        got_b += ob.token_ids
+    assert (got_a, got_b) == (want_a, want_b)
+    s = llm.stream_outputs(a, sp)
+    first = next(s).token_ids
+    assert llm.generate([b], sp)[0].token_ids == want_b
+    assert first + [t for o in s for t in o.token_ids] == want_a
+    assert not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0
 
 
 @pytest.mark.parametrize(

@@ -292,6 +292,32 @@ def test_driver_stream_exercises_preemption_and_snapshots():
     check_pool(d.blocks)
 
 
+def test_queue_reserve_never_stalls_a_running_prefill():
+    """A one-token budget: the queue's head was counted as taking the step's token (a page looked free), so the
+    running prefill got none; then attaching the head's cached prefix claimed that page (it was the idle one)
+    and the head could not start either: SchedulerStalled under mere KV pressure."""
+    d = Driver(pages=4, ps=4, budget=1, stream=False)
+    first = Sequence(list(range(8)), SamplingParams(max_new_tokens=1))  # leaves 2 idle cached pages
+    running = Sequence(list(range(100, 112)), SamplingParams(max_new_tokens=2))  # 3 pages: evicts one
+    head = Sequence(list(range(4)) + [50], SamplingParams(max_new_tokens=2))  # attaches the other
+    for s in (first, running, head):
+        s.kv_salt = b"s"
+    d.sched.add(first)
+    while d.sched.has_work():
+        d.step()
+    d.sched.add(running)
+    while running.num_cached < 9:
+        d.step()
+    assert not d.blocks.free and len(d.blocks.cache.idle) == 1
+    d.sched.add(head)
+    for _ in range(100):
+        if not d.sched.has_work():
+            break
+        d.step()
+    assert running.is_finished and head.is_finished
+    check_pool(d.blocks)
+
+
 def test_prefill_windows_are_part_of_the_key(model):
     """LServe: a request with other prefill windows computes different K/V, so it must not hit."""
     rng = np.random.default_rng(8)

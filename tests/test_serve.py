@@ -496,3 +496,28 @@ def test_usage_and_metrics_report_cached_prompt_tokens(server, client, ref):
     computed = after["lserve_prompt_tokens_computed_total"] - before["lserve_prompt_tokens_computed_total"]
     assert cached == usages[1].prompt_tokens_details.cached_tokens
     assert computed == sum(u.prompt_tokens for u in usages) - cached
+
+
+@pytest.mark.parametrize("static_sparsity", [0.5, 1.0])
+def test_lserve_metrics_count_each_pool_apart(tmp_path, static_sparsity):
+    """LServe: kv_pages_used counted both pools' pages against kv_pages_total of the dense pool alone, and with no
+    dense head (its pages are ids without bytes) /metrics said 2^20 pages and 16.7M tokens where the startup line
+    says what the streaming pool holds."""
+    from fastapi.testclient import TestClient
+    from tiny_models import make_tiny_numpy
+
+    d = make_tiny_numpy(tmp_path / "m")
+    (d / "full_attention_heads.tsv").write_text("0.9\t0.1\n0.2\t0.8\n")
+    sparse = dict(enabled=True, static_sparsity=static_sparsity, page_size=16, token_budget=64, prefill_sink=16,
+                  prefill_local=64, decode_sink=16, decode_local=32)  # fmt: skip
+    eng = LLMEngine(str(d), "cpu", EngineConfig(page_size=16, max_num_seqs=2, sparse=sparse))
+    eng.add_request(list(range(3, 100)), greedy(4))  # 97 tokens: 7 pages in each pool
+    eng.step()
+    text = TestClient(create_app(eng)).get("/metrics").text  # no lifespan: the engine thread never steps
+    m = {k: float(v) for k, v in re.findall(r"^(\S+) (\S+)$", text, re.M)}
+    b = eng.blocks
+    pages = b.num_stream_pages if static_sparsity == 1.0 else b.num_pages
+    assert (m["lserve_kv_pages_used"], m["lserve_kv_pages_total"]) == (7, pages)
+    assert m["lserve_kv_capacity_tokens"] == 16 * pages and f"= {16 * pages} tokens" in eng.kv_summary()
+    stream = (m.get("lserve_kv_stream_pages_used"), m.get("lserve_kv_stream_pages_total"))
+    assert stream == ((None, None) if static_sparsity == 1.0 else (7, b.num_stream_pages))

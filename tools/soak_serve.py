@@ -324,8 +324,8 @@ def settle(url: str, seconds: float = 30.0) -> dict[str, float]:
     deadline = time.monotonic() + seconds
     while True:
         g = gauges(url)
-        busy = sum(g.get(f"lserve_{k}", 0) for k in ("kv_pages_used", "requests_running", "requests_waiting",
-                                                    "requests_in_flight"))  # fmt: skip
+        busy = sum(g.get(f"lserve_{k}", 0) for k in ("kv_pages_used", "kv_stream_pages_used", "requests_running",
+                                                    "requests_waiting", "requests_in_flight"))  # fmt: skip
         if busy == 0 or time.monotonic() > deadline:
             return g
         time.sleep(0.2)
@@ -383,7 +383,7 @@ def main() -> int:
     errors = sum(sum(r["errors"].values()) for r in rows.values())
     checks = {
         "no_errors": errors == 0 and not any(e["error"] for e in warm),
-        "kv_pages_used_0": g.get("lserve_kv_pages_used") == 0,
+        "kv_pages_used_0": g.get("lserve_kv_pages_used") == 0 == g.get("lserve_kv_stream_pages_used", 0),
         "no_request_stuck": all(
             g.get(f"lserve_{k}") == 0 for k in ("requests_running", "requests_waiting", "requests_in_flight")
         ),  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ class LLMEngine:
         self.decoders: dict[str, IncrementalDecoder] = {}
         self._aborts: list[str] = []
         self._lock = threading.Lock()
+        self._ids = itertools.count()  # generated request ids
         self.eos_ids = set(self.cfg.eos_token_ids)
         self.grammars = Grammars(self.tokenizer, self.cfg.vocab_size, sorted(self.eos_ids))
         self.prompt_tokens_computed = 0  # prompt tokens run through the model (recomputation included)
@@ -173,12 +175,18 @@ class LLMEngine:
             classes = head_classes(gates, sp.static_sparsity)
         else:
             classes = [np.zeros(c.num_kv_heads, np.int32)] * c.num_layers
-        return KVLayout.sparse(c, sp, classes, self._max_chunk(), self.ecfg.resolve_max_len(c))
+        return KVLayout.sparse(c, sp, classes, self._max_chunk(), self._context_limit())
+
+    def _context_limit(self) -> int:
+        """The context limit as known before the KV pools are sized: the configured (or the model's) one, cut to
+        an explicit num_kv_pages (LServe's rings and sinks were sized for contexts the pool can never hold)."""
+        max_len, pages = self.ecfg.resolve_max_len(self.cfg), self.ecfg.num_kv_pages
+        return max_len if pages is None else min(max_len, pages * self.ecfg.page_size)
 
     def _max_chunk(self) -> int:
         """The most tokens of one sequence a step computes (what LServe's ring holds beside the window): a chunk
         is at most the step's budget and at most the context, whichever is less."""
-        return min(self.ecfg.max_num_batched_tokens, self.ecfg.resolve_max_len(self.cfg))
+        return min(self.ecfg.max_num_batched_tokens, self._context_limit())
 
     def _num_pages(self) -> tuple[int, int]:
         """(dense-pool pages, streaming-pool pages) from the configured count or the memory budget."""
@@ -193,16 +201,15 @@ class LLMEngine:
         holds the context (LServe: the dense heads' pages, statistics included; the streaming pool's sequences
         beside it); and a context limit set past the model's trained positions (allowed, and said)."""
         lay, ps, name = self.layout, self.ecfg.page_size, self.kv_format.name
+        pages = self.kv_pages()["context"][1]
         if lay is None:
             per_tok = self.cfg.num_layers * self.cfg.num_kv_heads * self.kv_bytes
-            line = kv_summary(name, self.blocks.num_pages, ps, per_tok)
+            line = kv_summary(name, pages, ps, per_tok)
         else:
             dense_b, stream_b = page_bytes(self.cfg, ps, self.kv_bytes, lay, self.itemsize)
             stream, per_seq = self.blocks.num_stream_pages, lay.stream_pages_per_seq
-            if lay.streaming_only:
-                line = kv_summary(name, stream, ps, stream_b // ps, streaming_only=True)
-            else:
-                line = kv_summary(name, self.blocks.num_pages, ps, dense_b // ps)
+            token_b = (stream_b if lay.streaming_only else dense_b) // ps
+            line = kv_summary(name, pages, ps, token_b, streaming_only=lay.streaming_only)
             if per_seq:
                 line += f"; streaming pool {stream} pages (sink + local window): {stream // per_seq} sequences at once"
         trained = self.cfg.max_position_embeddings
@@ -211,6 +218,16 @@ class LLMEngine:
                 f"; context limit {self.max_len} past the model's {trained} trained positions (extrapolated)"
             )
         return line
+
+    def kv_pages(self) -> dict[str, tuple[int, int]]:
+        """(pages sequences hold, pages) per KV pool (/metrics, the startup line): "context", the pool that holds
+        the context (the dense pool; with no dense head, whose pages are ids without bytes, the streaming pool),
+        and beside it in LServe mode with both kinds of heads, "streaming"."""
+        b, lay = self.blocks, self.layout
+        dense, stream = (b.num_dense_used, b.num_pages), (b.num_stream_used, b.num_stream_pages)
+        if lay is None or not lay.has_streaming:
+            return {"context": dense}
+        return {"context": stream} if lay.streaming_only else {"context": dense, "streaming": stream}
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(
@@ -227,6 +244,8 @@ class LLMEngine:
             raise InvalidRequestError(f"sparse must be a dict of LServe knobs, got {type(sparse).__name__}")
         if request_id is not None:
             _check_request_id(request_id)
+        else:  # skip ids a caller gave explicitly: a generated id must never be refused as a duplicate
+            request_id = next(r for r in (f"req-{i}" for i in self._ids) if r not in self.seqs)
         params.validate()  # again: its fields may have changed since it was made
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self._check_ids(prompt, "prompt")
         if not ids:
@@ -276,8 +295,7 @@ class LLMEngine:
         req = sp.with_knobs(knobs)
         lay, ps = self.layout, self.ecfg.page_size
         local = max(req.prefill_local, req.decode_local)
-        max_len = self.ecfg.resolve_max_len(self.cfg)
-        if not ring_fits(local, lay.ring_pages, self._max_chunk(), ps, max_len) or max(
+        if not ring_fits(local, lay.ring_pages, self._max_chunk(), ps, self._context_limit()) or max(
             req.prefill_sink, req.decode_sink
         ) > (lay.sink_pages * ps):
             raise InvalidRequestError(

@@ -7,7 +7,8 @@ Each step fills the token budget in three passes:
    that those with at most `reserve` tokens left go before the others (a short prompt that got a partial
    first chunk finishes its prefill in the next step instead of waiting behind a long one).
    While requests wait and a seat is free, these chunks leave a reserve of `budget // 4` tokens
-   (at least 1) for the queue: a long prompt never takes the whole step.
+   (at least 1) for the queue: a long prompt never takes the whole step. Where nothing else runs and the head
+   cannot start after all (its cached prefix took the page it was counted on), they take the step.
 3. Admission: waiting requests, first come first served, get chunks from what is left (the reserve, plus
    anything the passes above did not use) while pages and seats last, and never ahead of a request
    preempted in this step. A request first attaches the longest cached prefix of its prompt (prefix
@@ -89,16 +90,27 @@ class Scheduler:
         prefills = sorted(
             (s for s in self.running if s.num_pending > 1), key=lambda s: s.num_pending > self.reserve
         )
+        budget = self._prefill(prefills, budget, batch, keep_reserve=True)
+        self._admit(budget, batch)
+        if not batch.seqs and not batch.preempted:
+            # The head took none of its reserve after all (attaching its cached prefix claimed the idle page it
+            # was counted on): the running prefills get the step instead of nothing running.
+            self._prefill(prefills, budget, batch, keep_reserve=False)
+        if not batch.seqs and not batch.preempted and self.has_work():
+            raise SchedulerStalled(self._stall_reason())
+        return batch
+
+    def _prefill(
+        self, prefills: list[Sequence], budget: int, batch: ScheduledBatch, keep_reserve: bool
+    ) -> int:
+        """Chunks of running prefills, in order, within `budget` (less the queue's reserve); the budget left."""
         for seq in prefills:
-            cap = budget - self._queue_reserve(budget, batch)
+            cap = budget - (self._queue_reserve(budget, batch) if keep_reserve else 0)
             if cap <= 0:
                 break
             if seq.status is Status.RUNNING:
                 budget -= self._run(seq, min(seq.num_pending, cap), batch)
-        self._admit(budget, batch)
-        if not batch.seqs and not batch.preempted and self.has_work():
-            raise SchedulerStalled(self._stall_reason())
-        return batch
+        return budget
 
     def _queue_reserve(self, budget: int, batch: ScheduledBatch) -> int:
         """Tokens kept for the queue's head this step: none if it cannot be admitted anyway."""

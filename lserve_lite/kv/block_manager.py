@@ -58,7 +58,15 @@ class BlockManager:
     @property
     def num_used(self) -> int:
         """Pages held by sequences in both pools (idle cached pages and snapshots do not count)."""
-        return self.num_pages - self.num_free + self.num_stream_pages - self.num_stream_free
+        return self.num_dense_used + self.num_stream_used
+
+    @property
+    def num_dense_used(self) -> int:
+        return self.num_pages - self.num_free
+
+    @property
+    def num_stream_used(self) -> int:
+        return self.num_stream_pages - self.num_stream_free
 
     def _pages_for(self, num_tokens: int) -> tuple[int, int]:
         """(dense, streaming) pages a sequence of `num_tokens` tokens holds."""

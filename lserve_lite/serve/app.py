@@ -122,18 +122,20 @@ def create_app(
 
     @app.get("/metrics")
     async def get_metrics():
+        pools = engine.kv_pages()
+        used, total = pools["context"]
         gauges = {
             "requests_running": ("Requests being batched by the engine.", len(engine.scheduler.running)),
             "requests_waiting": ("Requests queued for the engine (not yet scheduled).", aengine.num_waiting),
             "requests_in_flight": ("Requests admitted and not finished.", aengine.num_in_flight),
-            "kv_pages_used": ("KV cache pages in use.", engine.blocks.num_used),
-            "kv_pages_total": ("KV cache pages in the pool.", engine.blocks.num_pages),
-            "kv_capacity_tokens": (
-                "Tokens the KV pool holds.",
-                engine.blocks.num_pages * engine.ecfg.page_size,
-            ),
+            "kv_pages_used": ("KV cache pages in use (the pool that holds the context).", used),
+            "kv_pages_total": ("KV cache pages in the pool that holds the context.", total),
+            "kv_capacity_tokens": ("Tokens the KV pool holds.", total * engine.ecfg.page_size),
             f'kv_cache_info{{dtype="{engine.kv_format.name}"}}': ("The KV cache format (--kv-dtype).", 1),
         }
+        if "streaming" in pools:
+            gauges["kv_stream_pages_used"] = ("Streaming-pool pages in use (LServe).", pools["streaming"][0])
+            gauges["kv_stream_pages_total"] = ("Streaming-pool pages (LServe).", pools["streaming"][1])
         counters = {
             "prompt_tokens_cached_total": (
                 "Prompt tokens whose KV came from the prefix cache (every admission).",
