@@ -423,6 +423,25 @@ def test_forced_calls_are_valid_for_their_schema(client):
         assert call.function.name == "get_time" or valid_weather(call.function.arguments)
 
 
+def test_forced_calls_resolve_the_parameters_own_references(client):
+    """Parameters of a nested pydantic model reference their `$defs` from their own root ("#/$defs/Addr"): a
+    forced call resolves them there (they were looked up in the calls' schema: a 400 for a valid schema)."""
+    addr = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6}}, "required": ["city"],
+            "additionalProperties": False}  # fmt: skip
+    params = {"$defs": {"Addr": addr}, "type": "object", "properties": {"home": {"$ref": "#/$defs/Addr"}},
+              "required": ["home"], "additionalProperties": False}  # fmt: skip
+    move = {"type": "function", "function": {"name": "move", "parameters": params}}
+    for choice in ("required", {"type": "function", "function": {"name": "move"}}):
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "move"}], n=3,
+                                           tools=[move, WEATHER], tool_choice=choice, parallel_tool_calls=False,
+                                           temperature=0.8, seed=1, max_tokens=200)  # fmt: skip
+        for c in r.choices:
+            (call,) = c.message.tool_calls
+            if call.function.name == "move":
+                home = json.loads(call.function.arguments)["home"]
+                assert list(home) == ["city"] and isinstance(home["city"], str) and len(home["city"]) <= 6
+
+
 def test_streamed_forced_call_and_the_conversation_after_it(client, server):
     ask = [{"role": "user", "content": "weather in Rome?"}]
     named = {"type": "function", "function": {"name": "get_weather"}}

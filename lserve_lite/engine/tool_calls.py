@@ -120,7 +120,11 @@ def finish_reason(finish: str | None, made_calls: bool) -> str | None:
 
 
 def _call_schema(t: Tool) -> dict:
-    return {"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+    """One call of `t`. Its parameters get a base URI of their own (unless they name one), so that their local
+    references ("#/$defs/X", as pydantic writes nested models; "#" for recursion) resolve within them, not
+    against this schema's root."""
+    args = {"$id": f"urn:lserve-lite:tool:{t.name}", **t.parameters}
+    return {"type": "object", "properties": {"name": {"const": t.name}, "arguments": args},
             "required": ["name", "arguments"], "additionalProperties": False}  # fmt: skip
 
 
