@@ -55,6 +55,11 @@ def valid_weather(args: str) -> bool:
             "parameters: must be a JSON",
         ),
         ([{"type": "function", "function": {"name": "f", "description": 3}}], None, "description: must be a"),
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
+            None,
+            "parameters: must be a schema of type 'object'",
+        ),
         ([WEATHER, WEATHER], None, "names must be unique"),
         ([WEATHER], "always", "tool_choice: must be 'none'"),
         ([WEATHER], {"type": "function", "function": {"name": "get_time"}}, "no tool named 'get_time'"),
@@ -440,6 +445,20 @@ def test_forced_calls_resolve_the_parameters_own_references(client):
             if call.function.name == "move":
                 home = json.loads(call.function.arguments)["home"]
                 assert list(home) == ["city"] and isinstance(home["city"], str) and len(home["city"]) <= 6
+
+
+def test_forced_call_arguments_are_an_object(client):
+    """A schema without a type (or `{}`) allows any JSON value, but a call's arguments are an object: every
+    forced reply is a call (a number or a string as arguments made no call, with finish_reason "stop")."""
+    params = {"properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["a"],
+              "additionalProperties": False}  # fmt: skip
+    f = {"type": "function", "function": {"name": "f", "parameters": params}}
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "f"}], tools=[f], n=8,
+                                       tool_choice="required", parallel_tool_calls=False, temperature=1.0, seed=0,
+                                       max_tokens=200)  # fmt: skip
+    for c in r.choices:
+        (call,) = c.message.tool_calls
+        assert c.finish_reason == "tool_calls" and list(json.loads(call.function.arguments)) == ["a"]
 
 
 def test_streamed_forced_call_and_the_conversation_after_it(client, server):

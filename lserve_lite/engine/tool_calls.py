@@ -122,8 +122,9 @@ def finish_reason(finish: str | None, made_calls: bool) -> str | None:
 def _call_schema(t: Tool) -> dict:
     """One call of `t`. Its parameters get a base URI of their own (unless they name one), so that their local
     references ("#/$defs/X", as pydantic writes nested models; "#" for recursion) resolve within them, not
-    against this schema's root."""
-    args = {"$id": f"urn:lserve-lite:tool:{t.name}", **t.parameters}
+    against this schema's root; and they are an object (`{}` or a schema without a type allows any value, which is
+    no call)."""
+    args = {"$id": f"urn:lserve-lite:tool:{t.name}", **t.parameters, "type": "object"}
     return {"type": "object", "properties": {"name": {"const": t.name}, "arguments": args},
             "required": ["name", "arguments"], "additionalProperties": False}  # fmt: skip
 
@@ -302,6 +303,11 @@ def _tool(i: int, t: object) -> Tool:
         raise InvalidRequestError(f"{where}.function.description: must be a string")
     if not isinstance(params, dict):
         raise InvalidRequestError(f"{where}.function.parameters: must be a JSON schema object")
+    kind = params.get("type", "object")
+    if kind != "object" and not (isinstance(kind, list) and "object" in kind):
+        raise InvalidRequestError(
+            f"{where}.function.parameters: must be a schema of type 'object' (the arguments), got type {kind!r}"
+        )
     return Tool(name, desc, params)
 
 
