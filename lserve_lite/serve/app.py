@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import threading
 import time
@@ -197,13 +196,6 @@ def create_app(
                 tok = engine.tokenizer
                 msgs, tools = prompt_messages([m.as_dict() for m in req.messages], req.tool_plan,
                                               tok.template_reads_tools)  # fmt: skip
-                calls = [m.get("tool_calls") for m in msgs]
-                if tok.template_reads_tools and tok.holds_special(
-                    json.dumps([tools, calls], ensure_ascii=False)
-                ):
-                    raise InvalidRequestError(
-                        "tools and tool calls must not hold the model's special tokens' text"
-                    )
                 return [check_ids(tok.encode_chat(msgs, tools))]
             return [check_ids(engine.tokenizer.encode(p) if isinstance(p, str) else p) for p in req.prompts()]
         except InvalidRequestError as e:
