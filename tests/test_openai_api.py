@@ -161,6 +161,19 @@ def test_response_format_json_schema_and_object(llm):
         llm.generate("x", SamplingParams(logit_bias={999: 1.0}))
 
 
+def test_boolean_json_schemas(llm):
+    """JSON Schema's `true` (any value) and `false` (none), which SamplingParams accepts: `true` was refused as an
+    invalid schema."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "any", "schema": True}}
+    outs = llm.generate(
+        ["x"] * 4, SamplingParams(temperature=0.8, seed=3, max_new_tokens=60, response_format=fmt)
+    )
+    for o in (o for o in outs if o.finish_reason == "stop"):
+        json.loads(o.text)  # a whole JSON value
+    with pytest.raises(InvalidRequestError, match="schema false allows no value"):
+        llm.generate("x", SamplingParams(response_format=fmt | {"json_schema": {"schema": False}}))
+
+
 def test_one_bitmask_per_sampled_token(llm):
     """The first mask, computed when the request is added (to refuse bad schemas early), serves the first token."""
 

@@ -47,6 +47,10 @@ class Grammars:
         schema = (
             {"type": "object"} if response_format["type"] == "json_object" else schema_of(response_format)
         )
+        if schema is False:
+            raise InvalidRequestError("response_format: the JSON schema false allows no value")
+        if schema is True:  # JSON Schema's `true`: any value (llguidance takes objects only)
+            schema = {}
         try:
             grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS)
         except (ValueError, TypeError, RecursionError) as e:
