@@ -11,6 +11,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from ..engine.llm_engine import StepOutput
+from ..engine.structured import failure
 from ..engine.tool_calls import ToolStream, finish_reason
 from .async_engine import RequestHandle
 from .logprobs import LogprobFormatter, TextOffsets
@@ -85,6 +86,9 @@ async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, StepO
     async def pump(i: int, h: RequestHandle) -> None:
         try:
             async for out in h:
+                if out.finish_reason == "error":
+                    raise ApiError(400, f"response_format: constrained decoding failed after {out.num_output_tokens} "
+                                   f"tokens ({failure(out.seq)}); a simpler schema avoids it", "response_format")  # fmt: skip
                 await queue.put((i, out))
         except ApiError as e:
             await queue.put((i, e))
