@@ -576,7 +576,12 @@ def test_a_messages_tool_calls_as_templates_read_them():
 
     calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"city": "Rome"}'}},
              {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "not json"}}]  # fmt: skip
-    m = ChatMessage.model_validate({"role": "assistant", "content": None, "tool_calls": calls}).as_dict()
-    assert [c["function"]["arguments"] for c in m["tool_calls"]] == [{"city": "Rome"}, "not json"]
+    raw = {"role": "assistant", "tool_calls": calls}  # OpenAI's shape, content left out, as LLM.chat takes it
+    for msg in (ChatMessage.model_validate(raw).as_dict(), raw):  # LLM.chat rendered the strings re-encoded
+        (m,), _ = prompt_messages([msg], None, native=True)
+        assert [c["function"]["arguments"] for c in m["tool_calls"]] == [{"city": "Rome"}, "not json"]
+        assert not m["content"]
+        (m,), _ = prompt_messages([msg], None, native=False)
+        assert '{"name": "f", "arguments": {"city": "Rome"}}' in m["content"]
     t = ChatMessage.model_validate({"role": "tool", "tool_call_id": "c1", "content": "21"}).as_dict()
     assert t == {"role": "tool", "content": "21", "tool_call_id": "c1"}

@@ -129,9 +129,9 @@ def _call_schema(t: Tool) -> dict:
             "required": ["name", "arguments"], "additionalProperties": False}  # fmt: skip
 
 
-def arguments_object(arguments: str) -> dict | str:
-    """A call's arguments as chat templates read them: the JSON object the string holds, else the string."""
-    v = _json(arguments)
+def _arguments_object(arguments: object) -> object:
+    """A call's arguments as chat templates read them: the JSON object a string holds, else as they are."""
+    v = _json(arguments) if isinstance(arguments, str) else None
     return v if isinstance(v, dict) else arguments
 
 
@@ -336,8 +336,11 @@ def prompt_messages(
     (`native`) gets them and the messages' tool_calls as they are; otherwise the tools go into the system
     message as text, earlier calls into their assistant turns as <tool_call> blocks and tool results into
     <tool_response> blocks. A malformed conversation passes through to the template's own checks."""
-    if native or not isinstance(messages, list):
-        return messages, ([t.spec() for t in plan.tools] if plan and native else None)
+    if not isinstance(messages, list):
+        return messages, None
+    messages = [_calls_as_objects(m) for m in messages]
+    if native:
+        return messages, ([t.spec() for t in plan.tools] if plan else None)
     out = [_as_text(m) for m in messages]
     if plan:
         first = out[0] if out else None
@@ -347,6 +350,20 @@ def prompt_messages(
         else:
             out.insert(0, {"role": "system", "content": plan.system_text()})
     return out, None
+
+
+def _calls_as_objects(m: object) -> object:
+    """An assistant turn with tool calls as OpenAI sends it (arguments a JSON string, content null or left out) as
+    templates read it: arguments as the JSON objects they hold, content None when absent."""
+    if not isinstance(m, dict) or not isinstance(m.get("tool_calls"), list):
+        return m
+    calls = [
+        {**c, "function": {**c["function"], "arguments": _arguments_object(c["function"].get("arguments"))}}
+        if isinstance(c, dict) and isinstance(c.get("function"), dict) and "arguments" in c["function"]
+        else c
+        for c in m["tool_calls"]
+    ]
+    return {"content": None, **m, "tool_calls": calls}
 
 
 def _as_text(m: object) -> object:

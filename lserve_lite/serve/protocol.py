@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from ..engine.tool_calls import ToolPlan, arguments_object, plan_tools
+from ..engine.tool_calls import ToolPlan, plan_tools
 from ..errors import InvalidRequestError
 from ..sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -174,14 +174,14 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
     def as_dict(self) -> dict:
-        """The message as the chat template takes it (Tokenizer.render_chat joins text parts); an assistant
-        turn's tool calls with their arguments as JSON objects where they parse (as chat templates read them)."""
+        """The message as a dict (developer as system; tool_calls.prompt_messages makes its calls what chat
+        templates read)."""
         c = [p.model_dump() for p in self.content] if isinstance(self.content, list) else self.content or ""
         m = {"role": "system" if self.role == "developer" else self.role, "content": c}
         if self.tool_calls:
             m["tool_calls"] = [
                 {"id": t.id, "type": "function",
-                 "function": {"name": t.function.name, "arguments": arguments_object(t.function.arguments)}}
+                 "function": {"name": t.function.name, "arguments": t.function.arguments}}
                 for t in self.tool_calls
             ]  # fmt: skip
         if self.tool_call_id is not None:
