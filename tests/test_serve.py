@@ -329,6 +329,9 @@ def test_context_limit_400(server, client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=chat_msgs("hi"), max_tokens=250, stream=True)
     assert "256" in str(e.value) and e.value.param == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as e:  # the field the client sent is named
+        client.chat.completions.create(model="tiny", messages=chat_msgs("hi"), max_completion_tokens=250)
+    assert e.value.param == "max_completion_tokens" and "max_completion_tokens is 250" in str(e.value)
 
 
 def test_auth_401_and_model_404(server):

@@ -220,7 +220,8 @@ def create_app(
             return 1
         if n + req.max_tokens > limit:
             raise ApiError(400, f"the context limit is {limit} tokens (prompt + output); the prompt has {n} tokens "
-                           f"and max_tokens is {req.max_tokens}", "max_tokens", "context_length_exceeded")  # fmt: skip
+                           f"and {req.max_tokens_field} is {req.max_tokens}", req.max_tokens_field,
+                           "context_length_exceeded")  # fmt: skip
         return req.max_tokens
 
     async def generate(request: Request, chat: bool):

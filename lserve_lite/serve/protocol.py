@@ -119,6 +119,11 @@ class _Request(BaseModel):
             raise ApiError(400, str(e), param_of(str(e))) from None
 
     @property
+    def max_tokens_field(self) -> str:
+        """The field that set max_tokens, as errors name it."""
+        return "max_tokens"
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
@@ -228,6 +233,10 @@ class ChatCompletionRequest(_Request):
 
     def logprob_params(self) -> dict:
         return {"logprobs": (self.top_logprobs or 0) if self.logprobs else None}
+
+    @property
+    def max_tokens_field(self) -> str:
+        return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
 
     @property
     def tool_plan(self) -> ToolPlan | None:
