@@ -534,6 +534,17 @@ def test_tool_errors_through_the_server(server):
     assert server[1].blocks.num_used == 0
 
 
+def test_tokenize_renders_the_tools_as_chat_does(server):
+    """/tokenize counts the prompt chat sends: parallel_tool_calls changes what a forced choice asks for (it was
+    dropped, so the count was that of parallel calls)."""
+    for parallel in (True, False):
+        body = {"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER, TIME], "tool_choice": "required",
+                "parallel_tool_calls": parallel}  # fmt: skip
+        count = httpx.post(server[0] + "/tokenize", json=body, timeout=60).json()["count"]
+        r = httpx.post(server[0] + "/v1/chat/completions", json=body | {"max_tokens": 1}, timeout=60)
+        assert count == r.json()["usage"]["prompt_tokens"]
+
+
 def test_langchain_bind_tools(server):
     lc = pytest.importorskip("langchain_openai")
     llm = lc.ChatOpenAI(model="tiny", base_url=server[0] + "/v1", api_key="x", max_tokens=120, temperature=0,

@@ -284,7 +284,11 @@ def create_app(
         if not chat and not isinstance(body["prompt"], str):
             raise ApiError(400, "prompt: must be a string", "prompt")
         check_prompt_size(body, chat)
-        keys = ("model", "messages", "tools", "tool_choice") if chat else ("model", "prompt")
+        keys = (
+            ("model", "messages", "tools", "tool_choice", "parallel_tool_calls")
+            if chat
+            else ("model", "prompt")
+        )
         req = parse(
             ChatCompletionRequest if chat else CompletionRequest, {k: body[k] for k in keys if k in body}
         )
