@@ -353,6 +353,16 @@ def test_tools_in_the_system_message_when_the_template_does_not_read_them():
     )
 
 
+def test_the_developer_role_is_the_system_turn():
+    """OpenAI's "developer" role reaches templates as "system" through LLM.chat too (it was passed on as is: a
+    template that knows only "system" dropped the turn, and the tools went into a second system message)."""
+    conv = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    msgs, _ = prompt_messages(conv, plan_tools([WEATHER], None, None), native=False)
+    assert [m["role"] for m in msgs] == ["system", "user"] and msgs[0]["content"].startswith("Be brief.\n\n")
+    msgs, _ = prompt_messages(conv, None, native=True)
+    assert msgs[0] == {"role": "system", "content": "Be brief."}
+
+
 def test_a_template_that_reads_tools_gets_them(tmp_path):
     from tiny_models import write_tokenizer
 

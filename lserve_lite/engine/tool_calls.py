@@ -338,7 +338,7 @@ def prompt_messages(
     <tool_response> blocks. A malformed conversation passes through to the template's own checks."""
     if not isinstance(messages, list):
         return messages, None
-    messages = [_calls_as_objects(m) for m in messages]
+    messages = [_as_templates_read(m) for m in messages]
     if native:
         return messages, ([t.spec() for t in plan.tools] if plan else None)
     out = [_as_text(m) for m in messages]
@@ -352,9 +352,12 @@ def prompt_messages(
     return out, None
 
 
-def _calls_as_objects(m: object) -> object:
-    """An assistant turn with tool calls as OpenAI sends it (arguments a JSON string, content null or left out) as
-    templates read it: arguments as the JSON objects they hold, content None when absent."""
+def _as_templates_read(m: object) -> object:
+    """An OpenAI message as chat templates read it: the role "developer" (OpenAI's newer name) as "system"; an
+    assistant turn's tool calls (arguments a JSON string, content null or left out) with arguments as the JSON
+    objects they hold, content None when absent."""
+    if isinstance(m, dict) and m.get("role") == "developer":
+        m = {**m, "role": "system"}
     if not isinstance(m, dict) or not isinstance(m.get("tool_calls"), list):
         return m
     calls = [

@@ -179,10 +179,9 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
     def as_dict(self) -> dict:
-        """The message as a dict (developer as system; tool_calls.prompt_messages makes its calls what chat
-        templates read)."""
+        """The message as OpenAI's dict (tool_calls.prompt_messages makes it what chat templates read)."""
         c = [p.model_dump() for p in self.content] if isinstance(self.content, list) else self.content or ""
-        m = {"role": "system" if self.role == "developer" else self.role, "content": c}
+        m = {"role": self.role, "content": c}
         if self.tool_calls:
             m["tool_calls"] = [
                 {"id": t.id, "type": "function",
