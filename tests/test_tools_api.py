@@ -112,6 +112,21 @@ def test_auto_reply_split_into_content_and_calls():
     assert plan.parse("") == ("", [])  # no call: the text as it is
 
 
+def test_one_call_at_most_without_parallel_calls():
+    """parallel_tool_calls false with "auto": calls after the first are dropped, whole or streamed (all came back,
+    which an agent loop that runs one call per turn, as LangGraph's, does not expect); the prompt says so."""
+    plan = plan_tools([WEATHER, TIME], "auto", False)
+    assert (
+        "at most one" in plan.system_text()
+        and "at most one" not in plan_tools([WEATHER], "auto", None).system_text()
+    )
+    content, calls = plan.parse(REPLY)
+    assert content == CONTENT and [c["function"]["name"] for c in calls] == ["get_weather"]
+    assert [c["function"]["name"] for c in _fed(plan, list(REPLY))[1]] == ["get_weather"]
+    two = '[{"name": "get_time", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "x", "unit": "c"}}]'
+    assert [c["function"]["name"] for c in plan.parse(two)[1]] == ["get_time"]
+
+
 @pytest.mark.parametrize("step", [1, 2, 3, 5, 7, 11, 64])
 def test_streamed_split_equals_the_whole(step):
     """Fed in pieces of any size, the stream sends the same content and calls, and never a piece of an opening

@@ -70,7 +70,7 @@ class ToolPlan:
             how = (
                 "To call a function, write a JSON object with its name and arguments within <tool_call></tool_call>"
                 f" tags, one call per pair of tags:\n{OPEN}\n{call}\n{CLOSE}"
-            )
+            ) + ("" if self.parallel else "\nCall at most one function.")
         elif self.mode == "named":
             how = f"Call {self.name}: reply with only the call, as the JSON object {call}."
         else:
@@ -186,11 +186,13 @@ class ToolStream:
     may start an opening tag or a marker is held back until it cannot; a <tool_call> call is released when its
     closing tag arrives; JSON (`{` or `[`) that opens the reply (Llama 3.x's bare calls) or follows a marker
     token is held whole and parsed when it ends (at the marker's end token, or the end of the reply); a marker
-    followed by anything else is content. Forced: the reply is the calls' JSON, held whole and parsed at the
-    end."""
+    followed by anything else is content; with parallel_tool_calls false, calls after the first are dropped (as
+    vLLM drops them: OpenAI's reply then makes one call at most). Forced: the reply is the calls' JSON, held whole
+    and parsed at the end."""
 
     def __init__(self, plan: ToolPlan):
         self.plan, self.buf = plan, ""
+        self.made = 0  # calls returned so far
         # text: scanning for tags; block: inside <tool_call>; lead: after `lead` (a marker, "" at the reply's
         # start), not yet known whether JSON follows; held: JSON after `lead`, held until it ends
         self.mode, self.lead = "lead", ""
@@ -250,6 +252,9 @@ class ToolStream:
                 calls += got
                 if not got:  # not wholly calls of the tools: the text as the model wrote it
                     out.append(self.lead + body + end)
+        if not self.plan.parallel:
+            calls = calls[: max(0, 1 - self.made)]
+        self.made += len(calls)
         return "".join(out), calls
 
 
