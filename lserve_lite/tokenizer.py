@@ -118,14 +118,14 @@ class Tokenizer:
         if self._compiled is None:
             raise InvalidRequestError("this model has no chat template; use a plain prompt")
         specials = {k: self._special(k) for k in SPECIAL_KEYS}
-        extra = {} if tools is None else {"tools": tools}
-        try:
+        try:  # tools and documents given as None when absent, as transformers renders (`tools is not none`)
             return chat_template.render(
                 self._compiled,
                 messages=messages,
+                tools=tools,
+                documents=None,
                 add_generation_prompt=add_generation_prompt,
                 **specials,
-                **extra,
             )
         except LServeError:
             raise

@@ -414,6 +414,26 @@ def test_a_template_that_reads_tools_gets_them(tmp_path):
     assert not specials & set(tok.encode_chat(msgs, tools))
 
 
+def test_a_template_sees_no_tools_as_none(tmp_path):
+    """A template reads `tools` and `documents` as None when none are given, as transformers renders it: Mistral
+    v0.3's `tools is not none` showed an empty tool list on every chat without tools (they were undefined)."""
+    from tiny_models import write_tokenizer
+
+    from lserve_lite.tokenizer import Tokenizer
+
+    write_tokenizer(tmp_path, 320)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = (
+        "{% for m in messages %}{% if tools is not none %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]"
+        "{% endif %}{% if documents is not none %}[DOCS]{% endif %}[INST]{{ m.content }}[/INST]{% endfor %}"
+    )
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = Tokenizer(tmp_path)
+    ask = [{"role": "user", "content": "hi"}]
+    assert tok.render_chat(ask) == "[INST]hi[/INST]"
+    assert tok.render_chat(ask, tools=[WEATHER]).startswith('[AVAILABLE_TOOLS][{"type": "function"')
+
+
 # -- the server, with real clients -------------------------------------------------------------------------------
 CFG = dict(
     page_size=16, max_model_len=2048, num_kv_pages=1024
