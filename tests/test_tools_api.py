@@ -42,6 +42,13 @@ def valid_weather(args: str) -> bool:
     )
 
 
+def _nested(depth: int) -> dict:
+    d: dict = {"type": "object"}
+    for _ in range(depth):
+        d = {"type": "object", "properties": {"a": d}}
+    return d
+
+
 # -- checking a request's tools ------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "tools, choice, msg",
@@ -59,6 +66,16 @@ def valid_weather(args: str) -> bool:
             [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
             None,
             "parameters: must be a schema of type 'object'",
+        ),
+        (  # LLM.chat raised RecursionError (json.dumps), or wrote NaN into the prompt
+            [{"type": "function", "function": {"name": "f", "parameters": _nested(3000)}}],
+            None,
+            r"tools\[0\].function.parameters: must be JSON",
+        ),
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": {"maximum": float("nan")}}}],
+            None,
+            "must be JSON",
         ),
         ([WEATHER, WEATHER], None, "names must be unique"),
         ([WEATHER], "always", "tool_choice: must be 'none'"),

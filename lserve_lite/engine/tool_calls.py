@@ -308,6 +308,10 @@ def _tool(i: int, t: object) -> Tool:
         raise InvalidRequestError(f"{where}.function.description: must be a string")
     if not isinstance(params, dict):
         raise InvalidRequestError(f"{where}.function.parameters: must be a JSON schema object")
+    try:  # the prompt and the grammar serialize it
+        json.dumps(params, allow_nan=False)
+    except (RecursionError, TypeError, ValueError) as e:
+        raise InvalidRequestError(f"{where}.function.parameters: must be JSON ({type(e).__name__})") from None
     kind = params.get("type", "object")
     if kind != "object" and not (isinstance(kind, list) and "object" in kind):
         raise InvalidRequestError(
