@@ -169,9 +169,9 @@ async def sse_events(
         return _sse(base | {"choices": [choice]} | extra)
 
     try:
-        if shape.chat:
+        if shape.chat:  # no content yet: a reply of tool calls alone streams as its content null, as whole
             for i in range(len(handles)):
-                yield chunk(i, "", role=True)
+                yield chunk(i, None, role=True)
         lasts: list[StepOutput | None] = [None] * len(handles)
         async for i, out in merged(handles):
             prefix, entries, ids = ("", [], []) if started[i] else shape.echo_part(i, out.seq)
