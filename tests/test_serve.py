@@ -176,6 +176,17 @@ def test_chat_matches_llm(client, ref):
         assert all(ch.usage is None for ch in chunks[:-1])
 
 
+def test_streamed_content_as_the_openai_helper_assembles_it(client):
+    """An empty reply (EOS first, by logit_bias) streams as content "", as whole; text streams whole."""
+    for bias in ({"2": 100}, {}):
+        kw = dict(model="tiny", messages=chat_msgs("hi"), max_tokens=6, temperature=0, logit_bias=bias)
+        whole = client.chat.completions.create(**kw).choices[0].message.content
+        with client.chat.completions.stream(**kw) as s:
+            s.until_done()
+            assert s.current_completion_snapshot.choices[0].message.content == whole
+        assert (whole == "") == bool(bias)
+
+
 def test_completions_match_llm(client, ref):
     prompts = PROMPTS[2:] + [ref.tokenizer.encode("the lazy dog")]
     for p in prompts:

@@ -154,6 +154,7 @@ async def sse_events(
     started = [False] * len(handles)
     tools = [ToolStream(shape.tools) if shape.tools else None for _ in handles]
     ncalls = [0] * len(handles)
+    wrote = [False] * len(handles)  # whether a choice's content was sent
 
     def chunk(
         i: int, text: str | None, lp: dict | None = None, finish: str | None = None, role: bool = False,
@@ -181,12 +182,16 @@ async def sse_events(
             if text or new_lps or prefix:
                 lp = shape.logprobs(entries + new_lps, ids + [e.token_id for e in new_lps], offsets[i])
                 yield chunk(i, text, lp)
+                wrote[i] = True
             for call in calls:  # a call in one delta, its arguments whole
                 yield chunk(i, None, calls=[{"index": ncalls[i], **call}])
                 ncalls[i] += 1
             if out.finished:
                 lasts[i] = out
-                yield chunk(i, None, finish=finish_reason(shape.finish(out), ncalls[i] > 0))
+                empty = (
+                    "" if not (wrote[i] or ncalls[i]) else None
+                )  # an empty reply's content is "", as whole
+                yield chunk(i, empty, finish=finish_reason(shape.finish(out), ncalls[i] > 0))
         if include_usage:
             yield _sse(base | {"choices": [], "usage": shape.usage(lasts)})
     except ApiError as e:
