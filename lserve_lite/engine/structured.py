@@ -86,8 +86,9 @@ def advance(seq: Sequence, token: int) -> bool:
 
 
 def failure(seq: Sequence) -> str | None:
-    """Why the request's grammar failed, else None. Past a limit of its lexer (a pattern such as `(.{1,1000}){1,1000}`
-    grows its state per character) llguidance gives up mid-reply and allows only EOS: the reply is not whole."""
+    """Why the request's grammar failed, else None. Past a limit of its lexer (a pattern such as
+    `(.{1,1000}){1,1000}` grows its state per character) llguidance gives up mid-reply and allows only EOS: the
+    reply is not whole."""
     g = seq.guide
     return _one_line(g.get_error()) if g is not None and g.is_error() else None
 

@@ -86,9 +86,10 @@ async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, StepO
     async def pump(i: int, h: RequestHandle) -> None:
         try:
             async for out in h:
-                if out.finish_reason == "error":
-                    raise ApiError(400, f"response_format: constrained decoding failed after {out.num_output_tokens} "
-                                   f"tokens ({failure(out.seq)}); a simpler schema avoids it", "response_format")  # fmt: skip
+                if out.finish_reason == "error":  # the grammar gave up: the reply is cut (LLMEngine._append)
+                    why = f"after {out.num_output_tokens} tokens ({failure(out.seq)})"
+                    raise ApiError(400, f"response_format: constrained decoding failed {why}; a simpler schema "
+                                   "avoids it", "response_format")  # fmt: skip
                 await queue.put((i, out))
         except ApiError as e:
             await queue.put((i, e))
@@ -188,9 +189,8 @@ async def sse_events(
                 ncalls[i] += 1
             if out.finished:
                 lasts[i] = out
-                empty = (
-                    "" if not (wrote[i] or ncalls[i]) else None
-                )  # an empty reply's content is "", as whole
+                # a reply that sent no content and made no calls is empty: its content is "", as whole
+                empty = None if wrote[i] or ncalls[i] else ""
                 yield chunk(i, empty, finish=finish_reason(shape.finish(out), ncalls[i] > 0))
         if include_usage:
             yield _sse(base | {"choices": [], "usage": shape.usage(lasts)})
