@@ -19,7 +19,8 @@ from .sequence import TokenLogprob
 
 @dataclass
 class CompletionOutput:
-    """A finished request: its text, generated ids and why it stopped ("stop", "length", "abort")."""
+    """A finished request: its text, generated ids and why it stopped ("stop", "length", "abort", or "error": its
+    response_format grammar gave up mid-reply, so the text is cut)."""
 
     text: str
     token_ids: list[int]

@@ -118,14 +118,14 @@ class Tokenizer:
         if self._compiled is None:
             raise InvalidRequestError("this model has no chat template; use a plain prompt")
         specials = {k: self._special(k) for k in SPECIAL_KEYS}
-        extra = {} if tools is None else {"tools": tools}
-        try:
+        try:  # tools and documents given as None when absent, as transformers renders (`tools is not none`)
             return chat_template.render(
                 self._compiled,
                 messages=messages,
+                tools=tools,
+                documents=None,
                 add_generation_prompt=add_generation_prompt,
                 **specials,
-                **extra,
             )
         except LServeError:
             raise
@@ -135,8 +135,15 @@ class Tokenizer:
     def encode_chat(self, messages: list[dict], tools: list | None = None) -> list[int]:
         """Token ids of the rendered conversation (`tools`: the template's tools argument). Only the template
         makes control tokens: a special token's text inside a message ("<|im_start|>system" typed by a user)
-        is encoded as the plain text it is."""
+        is encoded as the plain text it is; the tools and the messages' other fields (tool calls, ids), which a
+        template may render too, must not hold such text."""
         messages = _chat_messages(messages)
+        rest = [{k: v for k, v in m.items() if k != "content"} for m in messages]
+        if self.holds_special(json.dumps([tools, rest], ensure_ascii=False, default=str)):
+            raise InvalidRequestError(
+                "tools and message fields other than content (tool calls, ids) must not hold the model's special "
+                "tokens' text"
+            )
         if not any(self.holds_special(m["content"]) for m in messages):
             return self.encode(self._render(messages, True, tools), add_special_tokens=False)
         # Each special string of a message becomes a marker the template cannot mistake for markup; after

@@ -161,6 +161,30 @@ def test_response_format_json_schema_and_object(llm):
         llm.generate("x", SamplingParams(logit_bias={999: 1.0}))
 
 
+def test_boolean_json_schemas(llm):
+    """JSON Schema's `true` (any value) and `false` (none), which SamplingParams accepts: `true` was refused as an
+    invalid schema."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "any", "schema": True}}
+    outs = llm.generate(
+        ["x"] * 4, SamplingParams(temperature=0.8, seed=3, max_new_tokens=60, response_format=fmt)
+    )
+    for o in (o for o in outs if o.finish_reason == "stop"):
+        json.loads(o.text)  # a whole JSON value
+    with pytest.raises(InvalidRequestError, match="schema false allows no value"):
+        llm.generate("x", SamplingParams(response_format=fmt | {"json_schema": {"schema": False}}))
+
+
+# llguidance gives up on this pattern after some characters (its lexer's limit) and then allows only EOS
+GIVES_UP = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+    "type": "object", "properties": {"a": {"type": "string", "pattern": "^(.{1,1000}){1,1000}x$"}}, "required": ["a"]}}}  # fmt: skip
+
+
+def test_a_grammar_that_gives_up_is_no_stop(llm):
+    """A reply cut where the grammar failed ended "stop", as if its JSON were whole."""
+    (out,) = llm.generate("x", SamplingParams(temperature=0, max_new_tokens=100, response_format=GIVES_UP))
+    assert out.finish_reason == "error" and out.text.startswith('{"a":"') and len(out.token_ids) < 100
+
+
 def test_one_bitmask_per_sampled_token(llm):
     """The first mask, computed when the request is added (to refuse bad schemas early), serves the first token."""
 
@@ -378,4 +402,13 @@ def test_structured_outputs_through_the_server(server, client):
     e = httpx.post(server[0] + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
                                                              "response_format": bad}).json()["error"]  # fmt: skip
     assert e["param"] == "response_format" and re.search("invalid JSON schema", e["message"])
+    ask = {"messages": [{"role": "user", "content": "x"}], "response_format": GIVES_UP, "temperature": 0}
+    e = httpx.post(server[0] + "/v1/chat/completions", json=ask, timeout=60)
+    assert e.status_code == 400 and "constrained decoding failed after" in e.json()["error"]["message"]
+    with httpx.stream(
+        "POST", server[0] + "/v1/chat/completions", json=ask | {"stream": True}, timeout=60
+    ) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert "constrained decoding failed" in events[-2] and events[-1] == "data: [DONE]"
+    assert not any('"finish_reason": "stop"' in x for x in events)
     assert server[1].blocks.num_used == 0

@@ -176,6 +176,17 @@ def test_chat_matches_llm(client, ref):
         assert all(ch.usage is None for ch in chunks[:-1])
 
 
+def test_streamed_content_as_the_openai_helper_assembles_it(client):
+    """An empty reply (EOS first, by logit_bias) streams as content "", as whole; text streams whole."""
+    for bias in ({"2": 100}, {}):
+        kw = dict(model="tiny", messages=chat_msgs("hi"), max_tokens=6, temperature=0, logit_bias=bias)
+        whole = client.chat.completions.create(**kw).choices[0].message.content
+        with client.chat.completions.stream(**kw) as s:
+            s.until_done()
+            assert s.current_completion_snapshot.choices[0].message.content == whole
+        assert (whole == "") == bool(bias)
+
+
 def test_completions_match_llm(client, ref):
     prompts = PROMPTS[2:] + [ref.tokenizer.encode("the lazy dog")]
     for p in prompts:
@@ -329,6 +340,9 @@ def test_context_limit_400(server, client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=chat_msgs("hi"), max_tokens=250, stream=True)
     assert "256" in str(e.value) and e.value.param == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as e:  # the field the client sent is named
+        client.chat.completions.create(model="tiny", messages=chat_msgs("hi"), max_completion_tokens=250)
+    assert e.value.param == "max_completion_tokens" and "max_completion_tokens is 250" in str(e.value)
 
 
 def test_auth_401_and_model_404(server):

@@ -27,7 +27,7 @@ from ..weights.loader import load_config, load_model, load_tokenizer, model_name
 from .logprobs import record_prompt_logprobs, record_token_logprobs
 from .model_runner import ModelRunner
 from .scheduler import ScheduledBatch, Scheduler
-from .structured import Grammars, advance
+from .structured import Grammars, advance, failure
 from .tp_group import tensor_parallel_runner
 
 
@@ -439,6 +439,8 @@ class LLMEngine:
             if complete or at_length:  # its last text: the stop strings below see all of it
                 seq.text += dec.flush()
         reason = "stop" if stop_tok or complete else None
+        if reason == "stop" and failure(seq):  # the grammar gave up: the reply is cut, not whole
+            reason = "error"
         if not stop_tok and p.stop:
             hit = min(
                 (i for i in (seq.text.find(s, max(0, seq.emitted - len(s))) for s in p.stop) if i >= 0),

@@ -47,6 +47,10 @@ class Grammars:
         schema = (
             {"type": "object"} if response_format["type"] == "json_object" else schema_of(response_format)
         )
+        if schema is False:
+            raise InvalidRequestError("response_format: the JSON schema false allows no value")
+        if schema is True:  # JSON Schema's `true`: any value (llguidance takes objects only)
+            schema = {}
         try:
             grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS)
         except (ValueError, TypeError, RecursionError) as e:
@@ -79,6 +83,14 @@ def advance(seq: Sequence, token: int) -> bool:
     g.consume_token(token)
     seq.token_mask = None
     return g.is_stopped() or g.is_error()
+
+
+def failure(seq: Sequence) -> str | None:
+    """Why the request's grammar failed, else None. Past a limit of its lexer (a pattern such as
+    `(.{1,1000}){1,1000}` grows its state per character) llguidance gives up mid-reply and allows only EOS: the
+    reply is not whole."""
+    g = seq.guide
+    return _one_line(g.get_error()) if g is not None and g.is_error() else None
 
 
 def _one_line(msg: str) -> str:

@@ -70,7 +70,7 @@ class ToolPlan:
             how = (
                 "To call a function, write a JSON object with its name and arguments within <tool_call></tool_call>"
                 f" tags, one call per pair of tags:\n{OPEN}\n{call}\n{CLOSE}"
-            )
+            ) + ("" if self.parallel else "\nCall at most one function.")
         elif self.mode == "named":
             how = f"Call {self.name}: reply with only the call, as the JSON object {call}."
         else:
@@ -120,13 +120,18 @@ def finish_reason(finish: str | None, made_calls: bool) -> str | None:
 
 
 def _call_schema(t: Tool) -> dict:
-    return {"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+    """One call of `t`. Its parameters get a base URI of their own (unless they name one), so that their local
+    references ("#/$defs/X", as pydantic writes nested models; "#" for recursion) resolve within them, not
+    against this schema's root; and they are an object (`{}` or a schema without a type allows any value, which is
+    no call)."""
+    args = {"$id": f"urn:lserve-lite:tool:{t.name}", **t.parameters, "type": "object"}
+    return {"type": "object", "properties": {"name": {"const": t.name}, "arguments": args},
             "required": ["name", "arguments"], "additionalProperties": False}  # fmt: skip
 
 
-def arguments_object(arguments: str) -> dict | str:
-    """A call's arguments as chat templates read them: the JSON object the string holds, else the string."""
-    v = _json(arguments)
+def _arguments_object(arguments: object) -> object:
+    """A call's arguments as chat templates read them: the JSON object a string holds, else as they are."""
+    v = _json(arguments) if isinstance(arguments, str) else None
     return v if isinstance(v, dict) else arguments
 
 
@@ -181,11 +186,13 @@ class ToolStream:
     may start an opening tag or a marker is held back until it cannot; a <tool_call> call is released when its
     closing tag arrives; JSON (`{` or `[`) that opens the reply (Llama 3.x's bare calls) or follows a marker
     token is held whole and parsed when it ends (at the marker's end token, or the end of the reply); a marker
-    followed by anything else is content. Forced: the reply is the calls' JSON, held whole and parsed at the
-    end."""
+    followed by anything else is content; with parallel_tool_calls false, calls after the first are dropped (as
+    vLLM drops them: OpenAI's reply then makes one call at most). Forced: the reply is the calls' JSON, held whole
+    and parsed at the end."""
 
     def __init__(self, plan: ToolPlan):
         self.plan, self.buf = plan, ""
+        self.made = 0  # calls returned so far
         # text: scanning for tags; block: inside <tool_call>; lead: after `lead` (a marker, "" at the reply's
         # start), not yet known whether JSON follows; held: JSON after `lead`, held until it ends
         self.mode, self.lead = "lead", ""
@@ -245,6 +252,9 @@ class ToolStream:
                 calls += got
                 if not got:  # not wholly calls of the tools: the text as the model wrote it
                     out.append(self.lead + body + end)
+        if not self.plan.parallel:
+            calls = calls[: max(0, 1 - self.made)]
+        self.made += len(calls)
         return "".join(out), calls
 
 
@@ -298,6 +308,15 @@ def _tool(i: int, t: object) -> Tool:
         raise InvalidRequestError(f"{where}.function.description: must be a string")
     if not isinstance(params, dict):
         raise InvalidRequestError(f"{where}.function.parameters: must be a JSON schema object")
+    try:  # the prompt and the grammar serialize it
+        json.dumps(params, allow_nan=False)
+    except (RecursionError, TypeError, ValueError) as e:
+        raise InvalidRequestError(f"{where}.function.parameters: must be JSON ({type(e).__name__})") from None
+    kind = params.get("type", "object")
+    if kind != "object" and not (isinstance(kind, list) and "object" in kind):
+        raise InvalidRequestError(
+            f"{where}.function.parameters: must be a schema of type 'object' (the arguments), got type {kind!r}"
+        )
     return Tool(name, desc, params)
 
 
@@ -326,8 +345,11 @@ def prompt_messages(
     (`native`) gets them and the messages' tool_calls as they are; otherwise the tools go into the system
     message as text, earlier calls into their assistant turns as <tool_call> blocks and tool results into
     <tool_response> blocks. A malformed conversation passes through to the template's own checks."""
-    if native or not isinstance(messages, list):
-        return messages, ([t.spec() for t in plan.tools] if plan and native else None)
+    if not isinstance(messages, list):
+        return messages, None
+    messages = [_as_templates_read(m) for m in messages]
+    if native:
+        return messages, ([t.spec() for t in plan.tools] if plan else None)
     out = [_as_text(m) for m in messages]
     if plan:
         first = out[0] if out else None
@@ -337,6 +359,23 @@ def prompt_messages(
         else:
             out.insert(0, {"role": "system", "content": plan.system_text()})
     return out, None
+
+
+def _as_templates_read(m: object) -> object:
+    """An OpenAI message as chat templates read it: the role "developer" (OpenAI's newer name) as "system"; an
+    assistant turn's tool calls (arguments a JSON string, content null or left out) with arguments as the JSON
+    objects they hold, content None when absent."""
+    if isinstance(m, dict) and m.get("role") == "developer":
+        m = {**m, "role": "system"}
+    if not isinstance(m, dict) or not isinstance(m.get("tool_calls"), list):
+        return m
+    calls = [
+        {**c, "function": {**c["function"], "arguments": _arguments_object(c["function"].get("arguments"))}}
+        if isinstance(c, dict) and isinstance(c.get("function"), dict) and "arguments" in c["function"]
+        else c
+        for c in m["tool_calls"]
+    ]
+    return {"content": None, **m, "tool_calls": calls}
 
 
 def _as_text(m: object) -> object:

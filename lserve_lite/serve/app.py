@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import threading
 import time
@@ -199,13 +198,6 @@ def create_app(
                 tok = engine.tokenizer
                 msgs, tools = prompt_messages([m.as_dict() for m in req.messages], req.tool_plan,
                                               tok.template_reads_tools)  # fmt: skip
-                calls = [m.get("tool_calls") for m in msgs]
-                if tok.template_reads_tools and tok.holds_special(
-                    json.dumps([tools, calls], ensure_ascii=False)
-                ):
-                    raise InvalidRequestError(
-                        "tools and tool calls must not hold the model's special tokens' text"
-                    )
                 return [check_ids(tok.encode_chat(msgs, tools))]
             return [check_ids(engine.tokenizer.encode(p) if isinstance(p, str) else p) for p in req.prompts()]
         except InvalidRequestError as e:
@@ -230,7 +222,8 @@ def create_app(
             return 1
         if n + req.max_tokens > limit:
             raise ApiError(400, f"the context limit is {limit} tokens (prompt + output); the prompt has {n} tokens "
-                           f"and max_tokens is {req.max_tokens}", "max_tokens", "context_length_exceeded")  # fmt: skip
+                           f"and {req.max_tokens_field} is {req.max_tokens}", req.max_tokens_field,
+                           "context_length_exceeded")  # fmt: skip
         return req.max_tokens
 
     async def generate(request: Request, chat: bool):
@@ -293,7 +286,11 @@ def create_app(
         if not chat and not isinstance(body["prompt"], str):
             raise ApiError(400, "prompt: must be a string", "prompt")
         check_prompt_size(body, chat)
-        keys = ("model", "messages", "tools", "tool_choice") if chat else ("model", "prompt")
+        keys = (
+            ("model", "messages", "tools", "tool_choice", "parallel_tool_calls")
+            if chat
+            else ("model", "prompt")
+        )
         req = parse(
             ChatCompletionRequest if chat else CompletionRequest, {k: body[k] for k in keys if k in body}
         )

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from ..engine.tool_calls import ToolPlan, arguments_object, plan_tools
+from ..engine.tool_calls import ToolPlan, plan_tools
 from ..errors import InvalidRequestError
 from ..sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -119,6 +119,11 @@ class _Request(BaseModel):
             raise ApiError(400, str(e), param_of(str(e))) from None
 
     @property
+    def max_tokens_field(self) -> str:
+        """The field that set max_tokens, as errors name it."""
+        return "max_tokens"
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
@@ -174,14 +179,13 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
     def as_dict(self) -> dict:
-        """The message as the chat template takes it (Tokenizer.render_chat joins text parts); an assistant
-        turn's tool calls with their arguments as JSON objects where they parse (as chat templates read them)."""
+        """The message as OpenAI's dict (tool_calls.prompt_messages makes it what chat templates read)."""
         c = [p.model_dump() for p in self.content] if isinstance(self.content, list) else self.content or ""
-        m = {"role": "system" if self.role == "developer" else self.role, "content": c}
+        m = {"role": self.role, "content": c}
         if self.tool_calls:
             m["tool_calls"] = [
                 {"id": t.id, "type": "function",
-                 "function": {"name": t.function.name, "arguments": arguments_object(t.function.arguments)}}
+                 "function": {"name": t.function.name, "arguments": t.function.arguments}}
                 for t in self.tool_calls
             ]  # fmt: skip
         if self.tool_call_id is not None:
@@ -228,6 +232,10 @@ class ChatCompletionRequest(_Request):
 
     def logprob_params(self) -> dict:
         return {"logprobs": (self.top_logprobs or 0) if self.logprobs else None}
+
+    @property
+    def max_tokens_field(self) -> str:
+        return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
 
     @property
     def tool_plan(self) -> ToolPlan | None:

@@ -11,6 +11,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from ..engine.llm_engine import StepOutput
+from ..engine.structured import failure
 from ..engine.tool_calls import ToolStream, finish_reason
 from .async_engine import RequestHandle
 from .logprobs import LogprobFormatter, TextOffsets
@@ -85,6 +86,10 @@ async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, StepO
     async def pump(i: int, h: RequestHandle) -> None:
         try:
             async for out in h:
+                if out.finish_reason == "error":  # the grammar gave up: the reply is cut (LLMEngine._append)
+                    why = f"after {out.num_output_tokens} tokens ({failure(out.seq)})"
+                    raise ApiError(400, f"response_format: constrained decoding failed {why}; a simpler schema "
+                                   "avoids it", "response_format")  # fmt: skip
                 await queue.put((i, out))
         except ApiError as e:
             await queue.put((i, e))
@@ -150,6 +155,7 @@ async def sse_events(
     started = [False] * len(handles)
     tools = [ToolStream(shape.tools) if shape.tools else None for _ in handles]
     ncalls = [0] * len(handles)
+    wrote = [False] * len(handles)  # whether a choice's content was sent
 
     def chunk(
         i: int, text: str | None, lp: dict | None = None, finish: str | None = None, role: bool = False,
@@ -165,9 +171,9 @@ async def sse_events(
         return _sse(base | {"choices": [choice]} | extra)
 
     try:
-        if shape.chat:
+        if shape.chat:  # no content yet: a reply of tool calls alone streams as its content null, as whole
             for i in range(len(handles)):
-                yield chunk(i, "", role=True)
+                yield chunk(i, None, role=True)
         lasts: list[StepOutput | None] = [None] * len(handles)
         async for i, out in merged(handles):
             prefix, entries, ids = ("", [], []) if started[i] else shape.echo_part(i, out.seq)
@@ -177,12 +183,15 @@ async def sse_events(
             if text or new_lps or prefix:
                 lp = shape.logprobs(entries + new_lps, ids + [e.token_id for e in new_lps], offsets[i])
                 yield chunk(i, text, lp)
+                wrote[i] = True
             for call in calls:  # a call in one delta, its arguments whole
                 yield chunk(i, None, calls=[{"index": ncalls[i], **call}])
                 ncalls[i] += 1
             if out.finished:
                 lasts[i] = out
-                yield chunk(i, None, finish=finish_reason(shape.finish(out), ncalls[i] > 0))
+                # a reply that sent no content and made no calls is empty: its content is "", as whole
+                empty = None if wrote[i] or ncalls[i] else ""
+                yield chunk(i, empty, finish=finish_reason(shape.finish(out), ncalls[i] > 0))
         if include_usage:
             yield _sse(base | {"choices": [], "usage": shape.usage(lasts)})
     except ApiError as e:
