@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from fuzz_corpus import CORPUS, CORPUS_DIR, write_min_model_dir
 
-from lserve_lite import LLM, EngineConfig, InvalidRequestError, ModelLoadError
+from lserve_lite import LLM, EngineConfig, InvalidRequestError, ModelLoadError, SamplingParams
 from lserve_lite.config import ModelConfig
 from lserve_lite.errors import LServeError
 from lserve_lite.tokenizer import Tokenizer
@@ -165,6 +165,24 @@ def test_sane_model_still_loads_and_runs(tmp_path: Path):
     llm = LLM(str(d), backend="cpu")
     assert llm.engine.cfg.eos_token_ids == (2, 7)
     assert llm.logits([5, 6, 7]).shape == (3, 320)
+
+
+def test_tokenizer_past_the_models_vocabulary_is_refused_per_prompt(tmp_path: Path):
+    """A tokenizer with an added token the checkpoint's embedding has no row for: a text prompt holding it is a
+    one-line error naming the token (it ran on a zero embedding), and other prompts still run."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    d = write_min_model_dir(tmp_path / "m", weights=True)
+    tok = HFTokenizer.from_file(str(d / "tokenizer.json"))
+    tok.add_tokens(["<tool>"])
+    tok.save(str(d / "tokenizer.json"))
+    llm = LLM(str(d), backend="cpu")
+    with pytest.raises(
+        InvalidRequestError,
+        match=r"prompt token '<tool>' \(id 320\) is outside the model's vocabulary \[0, 320\)",
+    ):
+        llm.generate("w5 <tool>", SamplingParams(max_new_tokens=1))
+    assert len(llm.generate("w5 w6", SamplingParams(max_new_tokens=1))[0].token_ids) == 1
 
 
 @pytest.mark.parametrize(
