@@ -46,7 +46,10 @@ def load_model(path: Path, quantize: str | None = None) -> LoadedModel:
         cfg = load_config(path)
         model = LoadedModel(cfg, Tokenizer(path), load_weights(path, cfg))
     if quantize:
-        model.weights = quantize_weights(model.weights, quantize)
+        try:
+            model.weights = quantize_weights(model.weights, quantize)
+        except ValueError as e:
+            raise ModelLoadError(f"{path}: cannot quantize to {quantize} ({e})") from None
     return model
 
 
