@@ -46,7 +46,7 @@ class Tokenizer:
         self._byte_spelling: dict[str, int] | str | None = None  # token_bytes' rule, read on first use
         longest_first = sorted(set(special), key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, longest_first))) if special else None
-        self._plain_tok: HFTokenizer | None = None
+        self._plain_tok: dict[bool, HFTokenizer] = {}
         self.chat_template = _chat_template(self.cfg, cfg_path)
         self._compiled = _compile(self.chat_template, cfg_path) if self.chat_template else None
         # whether the template renders a `tools` argument itself (transformers' tool-use convention)
@@ -158,20 +158,49 @@ class Tokenizer:
             pos += len(piece)
         full = _checked_text("".join(text))
         enc = self.tok.encode(full, add_special_tokens=False)
+        # The template's control tokens split the text into runs, as in any encode; a run holding a message's
+        # special string is encoded again whole as plain text (the string alone would get its own word start,
+        # e.g. SentencePiece's "▁" before it: a space the user never typed).
         ids: list[int] = []
+        run: list[int] = []
+        start, marked = 0, False
         for i, (a, b) in zip(enc.ids, enc.offsets):
-            if i in self._special_ids and any(s <= a and b <= e for s, e in spans):
-                ids += self._plain().encode(full[a:b], add_special_tokens=False).ids
+            if i not in self._special_ids:
+                run.append(i)
+            elif any(s <= a and b <= e for s, e in spans):
+                marked = True
             else:
+                ids += (
+                    self._plain(start == 0).encode(full[start:a], add_special_tokens=False).ids
+                    if marked
+                    else run
+                )
                 ids.append(i)
+                run, start, marked = [], b, False
+        ids += self._plain(start == 0).encode(full[start:], add_special_tokens=False).ids if marked else run
         return ids
 
-    def _plain(self) -> HFTokenizer:
-        """A copy of the tokenizer that encodes special tokens' text as ordinary text (made on first use)."""
-        if self._plain_tok is None:
-            self._plain_tok = HFTokenizer.from_str(self.tok.to_str())
-            self._plain_tok.encode_special_tokens = True
-        return self._plain_tok
+    def _plain(self, first: bool) -> HFTokenizer:
+        """A copy of the tokenizer that encodes special tokens' text as ordinary text (made on first use); for a
+        run after a control token (`first` False), SentencePiece's word start is not prepended, as the tokenizer
+        itself does not prepend it after one (Metaspace's prepend_scheme "first")."""
+        if first not in self._plain_tok:
+            spec = json.loads(self.tok.to_str())
+            if not first:
+                _no_first_prepend(spec.get("pre_tokenizer"))
+            self._plain_tok[first] = HFTokenizer.from_str(json.dumps(spec))
+            self._plain_tok[first].encode_special_tokens = True
+        return self._plain_tok[first]
+
+
+def _no_first_prepend(spec: object) -> None:
+    """A pre-tokenizer spec whose Metaspace prepends its word start at the text's start only (scheme "first"),
+    changed in place to never prepend it: how the tokenizer treats a run that follows an added token."""
+    if isinstance(spec, dict):
+        if spec.get("type") == "Metaspace" and spec.get("prepend_scheme") == "first":
+            spec["prepend_scheme"] = "never"
+        for sub in spec.get("pretokenizers") or ():
+            _no_first_prepend(sub)
 
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
