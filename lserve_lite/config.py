@@ -179,6 +179,8 @@ class ModelConfig:
     dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # a sliding window in use that covers the trained positions: the context limit may not pass it
+    sliding_window: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> ModelConfig:
@@ -221,13 +223,11 @@ class ModelConfig:
         cfg.validate(source)
         has_sw = d.get("sliding_window") is not None
         sw = f.integer("sliding_window", lo=0, hi=None) if has_sw else None
-        if (
-            f.flag("use_sliding_window", arch == "MistralForCausalLM")
-            and has_sw
-            and sw < cfg.max_position_embeddings
-        ):
+        if not (f.flag("use_sliding_window", arch == "MistralForCausalLM") and has_sw):
+            return cfg
+        if sw < cfg.max_position_embeddings:
             raise ModelLoadError(f"{source}: sliding-window attention (sliding_window={sw}) is not supported")
-        return cfg
+        return replace(cfg, sliding_window=sw)
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
@@ -431,6 +431,11 @@ class EngineConfig:
             return model.max_position_embeddings
         if self.max_model_len <= 0:
             raise InvalidRequestError(f"max_model_len must be positive, got {self.max_model_len}")
+        if model.sliding_window is not None and self.max_model_len > model.sliding_window:
+            raise InvalidRequestError(
+                f"max_model_len {self.max_model_len} is past the model's sliding window {model.sliding_window}"
+                " (sliding-window attention is not supported: attention would reach past it)"
+            )
         return self.max_model_len
 
     def pages_for(self, tokens: int) -> int:

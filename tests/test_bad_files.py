@@ -131,6 +131,22 @@ def test_supported_forward_options_still_load(tmp_path: Path):
     assert qwen.qkv_bias
 
 
+def test_context_limit_may_not_pass_a_sliding_window(tmp_path: Path):
+    """A Mistral whose sliding window covers its trained positions loads (the window never applies there), but
+    a context limit past the window ran full attention beyond it (logits off transformers' by 0.12 there):
+    refused. Within the window, and without one, a longer limit is still accepted."""
+    mistral = load_config(write_min_model_dir(tmp_path / "m", architectures=["MistralForCausalLM"],
+                                              sliding_window=1024))  # fmt: skip
+    assert EngineConfig(max_model_len=1024).resolve_max_len(mistral) == 1024
+    with pytest.raises(
+        InvalidRequestError, match="max_model_len 1025 is past the model's sliding window 1024"
+    ):
+        EngineConfig(max_model_len=1025).resolve_max_len(mistral)
+    unused = load_config(write_min_model_dir(tmp_path / "q", architectures=["Qwen2ForCausalLM"],
+                                             use_sliding_window=False, sliding_window=16))  # fmt: skip
+    assert EngineConfig(max_model_len=4096).resolve_max_len(unused) == 4096
+
+
 def _add_tensor(d: Path, name: str, shape: tuple[int, ...]) -> None:
     """Rewrite model.safetensors with one more (zero) tensor."""
     from safetensors.numpy import load_file, save_file
