@@ -543,6 +543,25 @@ def test_output_path_that_is_a_file(tmp_path: Path):
     assert out.read_text() == "x"
 
 
+def test_killed_conversions_leave_no_work_folder(tmp_path: Path):
+    """A conversion killed mid-way (SIGTERM: no `finally`) left its float32 work folder forever (a new run has
+    another pid); the next conversion to the same path removes it, not that of a conversion still running."""
+    import subprocess
+
+    src, out = tmp_path / "tiny.gguf", tmp_path / "out"
+    write_tiny_gguf(src)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [tmp_path / f".out.partial-{dead.pid}", tmp_path / f".out.old-{dead.pid}"]
+    running = tmp_path / f".out.partial-{os.getppid()}"
+    for d in (*stale, running):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x")
+    convert_gguf(src, out, progress=False)
+    assert (out / "config.json").exists() and running.exists()
+    assert not any(d.exists() for d in stale)
+
+
 # -------------------------------------------------------------------------------------- default model
 
 
