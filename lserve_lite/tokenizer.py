@@ -304,15 +304,21 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 class IncrementalDecoder:
-    """Turns a growing list of ids into text deltas that never split a UTF-8 character."""
+    """Turns a growing list of ids into text deltas that never split a UTF-8 character.
+
+    The text continues the prompt, as vLLM's does: the prompt's last tokens are decoded before the output's, so
+    a decoder that drops a text's leading space (SentencePiece's "▁the" alone decodes to "the") keeps the one
+    the first output token has, and prompt + text reads as the model wrote it."""
+
+    PROMPT_CONTEXT = 5  # prompt tokens decoded before the output (vLLM's number)
 
     def __init__(
         self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None, keep: frozenset[int] = frozenset()
     ):
         self.tok, self.keep = tokenizer, keep  # keep: special tokens whose text is kept (Tokenizer.decode)
-        self.ids: list[int] = []
+        self.ids: list[int] = list(prompt_ids[-self.PROMPT_CONTEXT :]) if prompt_ids else []
         self.prefix = 0  # start of the window decoded for context
-        self.read = 0  # ids whose text has been emitted
+        self.read = len(self.ids)  # ids whose text has been emitted (or is the prompt's)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
