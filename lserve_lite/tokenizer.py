@@ -86,7 +86,9 @@ class Tokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes a token stands for: a byte-level or byte-fallback token that holds part of a UTF-8 character
-        gives those bytes (decoded alone it would read U+FFFD); an added or special token gives its text."""
+        gives those bytes (decoded alone it would read U+FFFD); a SentencePiece token its "▁" as the space it is
+        (decoded alone, its decoder drops a text's first space: "▁the" read "the"); an added or special token
+        gives its text."""
         if self._byte_spelling is None:
             self._byte_spelling = _byte_spelling(self.tok)
         s = self.tok.id_to_token(token_id)
@@ -94,9 +96,14 @@ class Tokenizer:
         if s is not None and token_id not in self._added_ids:
             if isinstance(table, dict) and all(c in table for c in s):
                 return bytes(table[c] for c in s)
-            if table == "fallback" and (m := _BYTE_TOKEN.fullmatch(s)):
-                return bytes([int(m[1], 16)])
+            if table == "sentencepiece":
+                m = _BYTE_TOKEN.fullmatch(s)
+                return bytes([int(m[1], 16)]) if m else s.replace("▁", " ").encode()
         return self.tok.decode([token_id], skip_special_tokens=False).encode()
+
+    def token_text(self, token_id: int) -> str:
+        """A token's text as OpenAI's logprobs show it: its bytes (`token_bytes`), U+FFFD for part of a character."""
+        return self.token_bytes(token_id).decode("utf-8", "replace")
 
     def special_ids(self, texts: list[str]) -> frozenset[int]:
         """The ids of those of `texts` that are special tokens of this vocabulary (any other decodes as text, or
@@ -207,13 +214,19 @@ _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def _byte_spelling(tok: HFTokenizer) -> dict[str, int] | str:
-    """How the vocabulary spells bytes, from its decoder: byte-level BPE (the inverse of bytes_to_unicode),
-    SentencePiece's byte fallback (`<0xNN>` tokens: "fallback") or neither ("")."""
+    """How the vocabulary spells bytes and spaces, from its decoder: byte-level BPE (the inverse of
+    bytes_to_unicode), SentencePiece's (`<0xNN>` byte-fallback tokens, "▁" for a space: "sentencepiece") or
+    neither ("")."""
     spec = json.loads(tok.to_str()).get("decoder") or {}
-    kinds = {d.get("type") for d in spec.get("decoders", [spec]) if isinstance(d, dict)}
+    decoders = [d for d in spec.get("decoders", [spec]) if isinstance(d, dict)]
+    kinds = {d.get("type") for d in decoders}
     if "ByteLevel" in kinds:
         return {c: b for b, c in bytes_to_unicode().items()}
-    return "fallback" if "ByteFallback" in kinds else ""
+    spaces = "Metaspace" in kinds or any(
+        d.get("type") == "Replace" and d.get("pattern") == {"String": "▁"} and d.get("content") == " "
+        for d in decoders
+    )
+    return "sentencepiece" if spaces else ""
 
 
 def _chat_messages(messages: object) -> list[dict]:
