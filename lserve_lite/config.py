@@ -64,6 +64,17 @@ def read_text_file(path: Path, what: str) -> str:
         raise ModelLoadError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def lfs_pointer_error(path: Path, head: bytes) -> ModelLoadError | None:
+    """The error for a weights file that is a Git LFS pointer (a clone without `git lfs`): its text, not the
+    weights, so the format's own check would call it corrupt. None for any other start of a file."""
+    if not head.startswith(_LFS_POINTER):
+        return None
+    return ModelLoadError(f"{path}: a Git LFS pointer, not the file itself (fetch it: git lfs pull)")
+
+
 def read_json_object(path: str | Path) -> dict:
     """A JSON file that must hold an object; every way it can be wrong is one ModelLoadError line."""
     path = Path(path)

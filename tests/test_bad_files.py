@@ -225,6 +225,25 @@ def test_oversized_tokenizer_file_is_refused_before_reading(tmp_path: Path, monk
         Tokenizer(d)
 
 
+LFS_POINTER = (
+    "version https://git-lfs.github.com/spec/v1\n"
+    "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 538090408\n"
+)
+
+
+def test_git_lfs_pointer_is_named(tmp_path: Path):
+    """A repository cloned without git-lfs holds pointer texts where the weights should be: they were called a
+    corrupt safetensors header (length 2^61) or a file without GGUF magic; the error says what they are."""
+    d = write_min_model_dir(tmp_path / "m")
+    (d / "model.safetensors").write_text(LFS_POINTER)
+    (tmp_path / "m.gguf").write_text(LFS_POINTER)
+    for path in (d, tmp_path / "m.gguf"):
+        with pytest.raises(
+            ModelLoadError, match=r"m(/model.safetensors|.gguf): a Git LFS pointer, not the file"
+        ):
+            LLM(str(path), backend="cpu")
+
+
 def test_index_must_match_the_shards(tmp_path: Path):
     d = write_min_model_dir(tmp_path / "m", weights=True)
     index = {"weight_map": {"model.norm.weight": "model.safetensors", "nope.weight": "model.safetensors"}}
