@@ -264,14 +264,21 @@ class ModelConfig:
 
 
 def _refuse_unsupported(f: _Fields, arch: str) -> None:
-    """Options that change the forward pass but that the engine does not implement: refused, not ignored (wrong
-    logits). Qwen2's fixed q/k/v biases are implemented; Llama's `attention_bias` also biases o_proj."""
+    """Options that change the forward pass or the weights' form but that the engine does not implement: refused,
+    not ignored (wrong logits, or a tensor missing for no visible reason). Qwen2's fixed q/k/v biases are
+    implemented; Llama's `attention_bias` also biases o_proj."""
     if arch != "Qwen2ForCausalLM" and f.flag("attention_bias", False):
         raise ModelLoadError(
             f"{f.source}: field 'attention_bias' is true (q/k/v and o_proj biases): not supported"
         )
     if f.flag("mlp_bias", False):
         raise ModelLoadError(f"{f.source}: field 'mlp_bias' is true (MLP projection biases): not supported")
+    quant = f.obj("quantization_config")
+    if quant is not None:  # GPTQ / AWQ / bitsandbytes / FP8 tensors: not the float matrices the loader reads
+        raise ModelLoadError(
+            f"{f.source}: field 'quantization_config' (quant_method {_short(quant.get('quant_method'))}): a"
+            " pre-quantized checkpoint is not supported (load the float one, with --quantize, or a GGUF)"
+        )
     act = f.text("hidden_act") or "silu"
     if act not in SUPPORTED_ACTS:
         raise ModelLoadError(

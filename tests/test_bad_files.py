@@ -114,6 +114,12 @@ def test_config_checked_against_the_weights(tmp_path: Path):
         ("mlp_bias", True, "field 'mlp_bias' is true"),
         ("hidden_act", "gelu", "unsupported hidden_act 'gelu'"),
         ("hidden_act", "gelu_pytorch_tanh", "unsupported hidden_act 'gelu_pytorch_tanh'"),
+        # GPTQ's qweight / qzeros / scales: was "missing tensor ...q_proj.weight", which names no cause
+        (
+            "quantization_config",
+            {"quant_method": "gptq", "bits": 4},
+            r"field 'quantization_config' \(quant_method 'gptq'\): a pre-quantized checkpoint is not supported",
+        ),
     ],
 )
 def test_forward_options_the_engine_lacks_are_refused(tmp_path: Path, field: str, value: object, msg: str):
