@@ -18,7 +18,7 @@ SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 class Tokenizer:
-    """tokenizer.json plus tokenizer_config.json's chat template and special tokens."""
+    """tokenizer.json plus tokenizer_config.json's special tokens and chat template (or chat_template.jinja's)."""
 
     def __init__(self, model_dir: Path):
         path = model_dir / "tokenizer.json"
@@ -28,7 +28,12 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises bare Exception on bad JSON
             raise ModelLoadError(f"{path}: cannot load tokenizer ({_one_line(e)})") from None
         cfg_path = model_dir / "tokenizer_config.json"
-        self._setup(tok, read_json_object(cfg_path) if cfg_path.exists() else {}, cfg_path)
+        cfg = read_json_object(cfg_path) if cfg_path.exists() else {}
+        # transformers (since 4.47) saves the template to its own file, which it reads before the config's
+        jinja = model_dir / "chat_template.jinja"
+        if jinja.exists():
+            cfg = {**cfg, "chat_template": read_text_file(jinja, "a chat template")}
+        self._setup(tok, cfg, cfg_path, jinja if jinja.exists() else None)
 
     @classmethod
     def from_parts(cls, tok: HFTokenizer, cfg: dict, source: Path) -> Tokenizer:
@@ -37,8 +42,9 @@ class Tokenizer:
         self._setup(tok, cfg, source)
         return self
 
-    def _setup(self, tok: HFTokenizer, cfg: dict, cfg_path: Path) -> None:
-        """The chat template and special tokens of `cfg`, checked; `cfg_path` names it in errors."""
+    def _setup(self, tok: HFTokenizer, cfg: dict, cfg_path: Path, template_path: Path | None = None) -> None:
+        """The chat template and special tokens of `cfg`, checked; `cfg_path` names it in errors (and
+        `template_path` the template's own file, where it came from one)."""
         self.tok, self.cfg = tok, cfg
         special = [t.content for t in tok.get_added_tokens_decoder().values() if t.special and t.content]
         self._special_ids = {tok.token_to_id(t) for t in special}
@@ -48,7 +54,10 @@ class Tokenizer:
         self._special_re = re.compile("|".join(map(re.escape, longest_first))) if special else None
         self._plain_tok: dict[bool, HFTokenizer] = {}
         self.chat_template = _chat_template(self.cfg, cfg_path)
-        self._compiled = _compile(self.chat_template, cfg_path) if self.chat_template else None
+        where = (
+            f"{template_path}: the chat template" if template_path else f"{cfg_path}: field 'chat_template'"
+        )
+        self._compiled = _compile(self.chat_template, where) if self.chat_template else None
         # whether the template renders a `tools` argument itself (transformers' tool-use convention)
         self.template_reads_tools = (
             bool(self.chat_template) and re.search(r"\btools\b", self.chat_template) is not None
@@ -267,16 +276,17 @@ def _chat_template(cfg: dict, path: Path) -> str | None:
     return tmpl
 
 
-def _compile(template: str, path: Path) -> jinja2.Template:
-    """The chat template compiled once at load, so that a syntax error names the file, not a request."""
+def _compile(template: str, where: str) -> jinja2.Template:
+    """The chat template compiled once at load, so that a syntax error names the file (`where`: the file and
+    field), not a request."""
     try:
         return chat_template.environment(_raise_exception).from_string(template)
     except jinja2.TemplateSyntaxError as e:
         raise ModelLoadError(
-            f"{path}: field 'chat_template' has a Jinja syntax error at line {e.lineno} ({_one_line(e)})"
+            f"{where} has a Jinja syntax error at line {e.lineno} ({_one_line(e)})"
         ) from None
     except (jinja2.TemplateError, RecursionError, MemoryError) as e:
-        raise ModelLoadError(f"{path}: field 'chat_template' cannot be compiled ({_one_line(e)})") from None
+        raise ModelLoadError(f"{where} cannot be compiled ({_one_line(e)})") from None
 
 
 def _checked_text(text: object) -> str:

@@ -209,8 +209,9 @@ def test_tokenizer_past_the_models_vocabulary_is_refused_per_prompt(tmp_path: Pa
 
 @pytest.mark.parametrize(
     "name",
-    ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "model.safetensors"],
-)
+    ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "model.safetensors",
+     "chat_template.jinja"],
+)  # fmt: skip
 @pytest.mark.parametrize("kind", ["fifo", "device"])
 def test_model_files_must_be_regular_files(tmp_path: Path, name: str, kind: str):
     """Before: a FIFO hung the load (its size reads 0) and a symlink to /dev/urandom grew memory without end."""
