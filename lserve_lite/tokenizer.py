@@ -30,9 +30,15 @@ class Tokenizer:
         cfg_path = model_dir / "tokenizer_config.json"
         cfg = read_json_object(cfg_path) if cfg_path.exists() else {}
         # transformers (since 4.47) saves the template to its own file, which it reads before the config's
-        jinja = model_dir / "chat_template.jinja"
+        jinja, tool_jinja = (
+            model_dir / "chat_template.jinja",
+            model_dir / "additional_chat_templates/tool_use.jinja",
+        )
         if jinja.exists():
             cfg = {**cfg, "chat_template": read_text_file(jinja, "a chat template")}
+            if tool_jinja.exists():
+                cfg["chat_template"] = [{"name": "default", "template": cfg["chat_template"]},
+                                        {"name": "tool_use", "template": read_text_file(tool_jinja, "a chat template")}]  # fmt: skip
         self._setup(tok, cfg, cfg_path, jinja if jinja.exists() else None)
 
     @classmethod
@@ -53,13 +59,14 @@ class Tokenizer:
         longest_first = sorted(set(special), key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, longest_first))) if special else None
         self._plain_tok: dict[bool, HFTokenizer] = {}
-        self.chat_template = _chat_template(self.cfg, cfg_path)
+        self.chat_template, tool_template = _chat_template(self.cfg, cfg_path)
         where = (
             f"{template_path}: the chat template" if template_path else f"{cfg_path}: field 'chat_template'"
         )
         self._compiled = _compile(self.chat_template, where) if self.chat_template else None
+        self._compiled_tools = _compile(tool_template, where) if tool_template else None
         # whether the template renders a `tools` argument itself (transformers' tool-use convention)
-        self.template_reads_tools = (
+        self.template_reads_tools = self._compiled_tools is not None or (
             bool(self.chat_template) and re.search(r"\btools\b", self.chat_template) is not None
         )
         for key in SPECIAL_KEYS:
@@ -131,13 +138,15 @@ class Tokenizer:
         return self._render(_chat_messages(messages), add_generation_prompt, tools)
 
     def _render(self, messages: list[dict], add_generation_prompt: bool, tools: list | None = None) -> str:
-        if self._compiled is None:
+        """As transformers renders: a model's named "tool_use" template when tools are given, else its default."""
+        compiled = self._compiled_tools if tools is not None and self._compiled_tools else self._compiled
+        if compiled is None:
             raise InvalidRequestError("this model has no chat template; use a plain prompt")
         specials = {k: self._special(k) for k in SPECIAL_KEYS}
         extra = {} if tools is None else {"tools": tools}
         try:
             return chat_template.render(
-                self._compiled,
+                compiled,
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 **specials,
@@ -263,17 +272,18 @@ def message_text(content: object) -> str:
     )
 
 
-def _chat_template(cfg: dict, path: Path) -> str | None:
-    """tokenizer_config.json's chat_template: a string, or the 'default' of a list of named ones."""
+def _chat_template(cfg: dict, path: Path) -> tuple[str | None, str | None]:
+    """tokenizer_config.json's chat_template: a string, or a list of named ones; (its 'default', its 'tool_use')."""
     tmpl = cfg.get("chat_template")
     if isinstance(tmpl, list):
         named = [t for t in tmpl if isinstance(t, dict) and isinstance(t.get("template"), str)]
         if len(named) != len(tmpl):
             raise ModelLoadError(f"{path}: field 'chat_template' must list {{'name', 'template'}} objects")
-        tmpl = next((t["template"] for t in named if t.get("name") == "default"), None)
+        by_name = {t.get("name"): t["template"] for t in named}
+        return by_name.get("default"), by_name.get("tool_use")
     if tmpl is not None and not isinstance(tmpl, str):
         raise ModelLoadError(f"{path}: field 'chat_template' must be a string, got {type(tmpl).__name__}")
-    return tmpl
+    return tmpl, None
 
 
 def _compile(template: str, where: str) -> jinja2.Template:
