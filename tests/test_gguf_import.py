@@ -448,6 +448,21 @@ def test_synthetic_tokenizers_match_transformers(tmp_path: Path):
         assert (ours.encode("the").ids[0] == 1) is (kind == "llama")  # BOS only where the GGUF asks
 
 
+def test_named_tool_use_template_of_a_gguf(tmp_path: Path):
+    """llama.cpp stores a model's named templates as tokenizer.chat_template.<name>: requests with tools render by
+    the tool_use one (as transformers renders the HF model's), in the GGUF run directly and once converted."""
+    from lserve_lite.tokenizer import Tokenizer
+    from lserve_lite.weights.gguf_weights import gguf_tokenizer
+
+    src = tmp_path / "t.gguf"
+    tool_use = "T:{{ tools[0].function.name }}:{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    write_tiny_gguf(src, extra_kv={"tokenizer.chat_template.tool_use": tool_use})
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    msgs = [{"role": "user", "content": "hi"}]
+    for tok in (gguf_tokenizer(src), Tokenizer(convert_gguf(src, tmp_path / "out", progress=False))):
+        assert tok.render_chat(msgs) == "hi" and tok.render_chat(msgs, tools=tools) == "T:get_time:hi"
+
+
 def test_llama3_rope_scaling_recovered(tmp_path: Path):
     head_dim, theta = 64, 500000.0
     factor, low, high, old = 16.0, 1.5, 5.0, 8192
