@@ -64,6 +64,17 @@ def read_text_file(path: Path, what: str) -> str:
         raise ModelLoadError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def lfs_pointer_error(path: Path, head: bytes) -> ModelLoadError | None:
+    """The error for a weights file that is a Git LFS pointer (a clone without `git lfs`): its text, not the
+    weights, so the format's own check would call it corrupt. None for any other start of a file."""
+    if not head.startswith(_LFS_POINTER):
+        return None
+    return ModelLoadError(f"{path}: a Git LFS pointer, not the file itself (fetch it: git lfs pull)")
+
+
 def read_json_object(path: str | Path) -> dict:
     """A JSON file that must hold an object; every way it can be wrong is one ModelLoadError line."""
     path = Path(path)
@@ -179,6 +190,8 @@ class ModelConfig:
     dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # a sliding window in use that covers the trained positions: the context limit may not pass it
+    sliding_window: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> ModelConfig:
@@ -221,13 +234,11 @@ class ModelConfig:
         cfg.validate(source)
         has_sw = d.get("sliding_window") is not None
         sw = f.integer("sliding_window", lo=0, hi=None) if has_sw else None
-        if (
-            f.flag("use_sliding_window", arch == "MistralForCausalLM")
-            and has_sw
-            and sw < cfg.max_position_embeddings
-        ):
+        if not (f.flag("use_sliding_window", arch == "MistralForCausalLM") and has_sw):
+            return cfg
+        if sw < cfg.max_position_embeddings:
             raise ModelLoadError(f"{source}: sliding-window attention (sliding_window={sw}) is not supported")
-        return cfg
+        return replace(cfg, sliding_window=sw)
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
@@ -253,14 +264,21 @@ class ModelConfig:
 
 
 def _refuse_unsupported(f: _Fields, arch: str) -> None:
-    """Options that change the forward pass but that the engine does not implement: refused, not ignored (wrong
-    logits). Qwen2's fixed q/k/v biases are implemented; Llama's `attention_bias` also biases o_proj."""
+    """Options that change the forward pass or the weights' form but that the engine does not implement: refused,
+    not ignored (wrong logits, or a tensor missing for no visible reason). Qwen2's fixed q/k/v biases are
+    implemented; Llama's `attention_bias` also biases o_proj."""
     if arch != "Qwen2ForCausalLM" and f.flag("attention_bias", False):
         raise ModelLoadError(
             f"{f.source}: field 'attention_bias' is true (q/k/v and o_proj biases): not supported"
         )
     if f.flag("mlp_bias", False):
         raise ModelLoadError(f"{f.source}: field 'mlp_bias' is true (MLP projection biases): not supported")
+    quant = f.obj("quantization_config")
+    if quant is not None:  # GPTQ / AWQ / bitsandbytes / FP8 tensors: not the float matrices the loader reads
+        raise ModelLoadError(
+            f"{f.source}: field 'quantization_config' (quant_method {_short(quant.get('quant_method'))}): a"
+            " pre-quantized checkpoint is not supported (load the float one, with --quantize, or a GGUF)"
+        )
     act = f.text("hidden_act") or "silu"
     if act not in SUPPORTED_ACTS:
         raise ModelLoadError(
@@ -431,6 +449,11 @@ class EngineConfig:
             return model.max_position_embeddings
         if self.max_model_len <= 0:
             raise InvalidRequestError(f"max_model_len must be positive, got {self.max_model_len}")
+        if model.sliding_window is not None and self.max_model_len > model.sliding_window:
+            raise InvalidRequestError(
+                f"max_model_len {self.max_model_len} is past the model's sliding window {model.sliding_window}"
+                " (sliding-window attention is not supported: attention would reach past it)"
+            )
         return self.max_model_len
 
     def pages_for(self, tokens: int) -> int:

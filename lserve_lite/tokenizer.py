@@ -18,7 +18,7 @@ SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 class Tokenizer:
-    """tokenizer.json plus tokenizer_config.json's chat template and special tokens."""
+    """tokenizer.json plus tokenizer_config.json's special tokens and chat template (or chat_template.jinja's)."""
 
     def __init__(self, model_dir: Path):
         path = model_dir / "tokenizer.json"
@@ -28,7 +28,18 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises bare Exception on bad JSON
             raise ModelLoadError(f"{path}: cannot load tokenizer ({_one_line(e)})") from None
         cfg_path = model_dir / "tokenizer_config.json"
-        self._setup(tok, read_json_object(cfg_path) if cfg_path.exists() else {}, cfg_path)
+        cfg = read_json_object(cfg_path) if cfg_path.exists() else {}
+        # transformers (since 4.47) saves the template to its own file, which it reads before the config's
+        jinja, tool_jinja = (
+            model_dir / "chat_template.jinja",
+            model_dir / "additional_chat_templates/tool_use.jinja",
+        )
+        if jinja.exists():
+            cfg = {**cfg, "chat_template": read_text_file(jinja, "a chat template")}
+            if tool_jinja.exists():
+                cfg["chat_template"] = [{"name": "default", "template": cfg["chat_template"]},
+                                        {"name": "tool_use", "template": read_text_file(tool_jinja, "a chat template")}]  # fmt: skip
+        self._setup(tok, cfg, cfg_path, jinja if jinja.exists() else None)
 
     @classmethod
     def from_parts(cls, tok: HFTokenizer, cfg: dict, source: Path) -> Tokenizer:
@@ -37,8 +48,9 @@ class Tokenizer:
         self._setup(tok, cfg, source)
         return self
 
-    def _setup(self, tok: HFTokenizer, cfg: dict, cfg_path: Path) -> None:
-        """The chat template and special tokens of `cfg`, checked; `cfg_path` names it in errors."""
+    def _setup(self, tok: HFTokenizer, cfg: dict, cfg_path: Path, template_path: Path | None = None) -> None:
+        """The chat template and special tokens of `cfg`, checked; `cfg_path` names it in errors (and
+        `template_path` the template's own file, where it came from one)."""
         self.tok, self.cfg = tok, cfg
         special = [t.content for t in tok.get_added_tokens_decoder().values() if t.special and t.content]
         self._special_ids = {tok.token_to_id(t) for t in special}
@@ -46,11 +58,15 @@ class Tokenizer:
         self._byte_spelling: dict[str, int] | str | None = None  # token_bytes' rule, read on first use
         longest_first = sorted(set(special), key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, longest_first))) if special else None
-        self._plain_tok: HFTokenizer | None = None
-        self.chat_template = _chat_template(self.cfg, cfg_path)
-        self._compiled = _compile(self.chat_template, cfg_path) if self.chat_template else None
+        self._plain_tok: dict[bool, HFTokenizer] = {}
+        self.chat_template, tool_template = _chat_template(self.cfg, cfg_path)
+        where = (
+            f"{template_path}: the chat template" if template_path else f"{cfg_path}: field 'chat_template'"
+        )
+        self._compiled = _compile(self.chat_template, where) if self.chat_template else None
+        self._compiled_tools = _compile(tool_template, where) if tool_template else None
         # whether the template renders a `tools` argument itself (transformers' tool-use convention)
-        self.template_reads_tools = (
+        self.template_reads_tools = self._compiled_tools is not None or (
             bool(self.chat_template) and re.search(r"\btools\b", self.chat_template) is not None
         )
         for key in SPECIAL_KEYS:
@@ -86,7 +102,9 @@ class Tokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes a token stands for: a byte-level or byte-fallback token that holds part of a UTF-8 character
-        gives those bytes (decoded alone it would read U+FFFD); an added or special token gives its text."""
+        gives those bytes (decoded alone it would read U+FFFD); a SentencePiece token its "▁" as the space it is
+        (decoded alone, its decoder drops a text's first space: "▁the" read "the"); an added or special token
+        gives its text."""
         if self._byte_spelling is None:
             self._byte_spelling = _byte_spelling(self.tok)
         s = self.tok.id_to_token(token_id)
@@ -94,9 +112,14 @@ class Tokenizer:
         if s is not None and token_id not in self._added_ids:
             if isinstance(table, dict) and all(c in table for c in s):
                 return bytes(table[c] for c in s)
-            if table == "fallback" and (m := _BYTE_TOKEN.fullmatch(s)):
-                return bytes([int(m[1], 16)])
+            if table == "sentencepiece":
+                m = _BYTE_TOKEN.fullmatch(s)
+                return bytes([int(m[1], 16)]) if m else s.replace("▁", " ").encode()
         return self.tok.decode([token_id], skip_special_tokens=False).encode()
+
+    def token_text(self, token_id: int) -> str:
+        """A token's text as OpenAI's logprobs show it: its bytes (`token_bytes`), U+FFFD for part of a character."""
+        return self.token_bytes(token_id).decode("utf-8", "replace")
 
     def special_ids(self, texts: list[str]) -> frozenset[int]:
         """The ids of those of `texts` that are special tokens of this vocabulary (any other decodes as text, or
@@ -115,12 +138,14 @@ class Tokenizer:
         return self._render(_chat_messages(messages), add_generation_prompt, tools)
 
     def _render(self, messages: list[dict], add_generation_prompt: bool, tools: list | None = None) -> str:
-        if self._compiled is None:
+        """As transformers renders: a model's named "tool_use" template when tools are given, else its default."""
+        compiled = self._compiled_tools if tools is not None and self._compiled_tools else self._compiled
+        if compiled is None:
             raise InvalidRequestError("this model has no chat template; use a plain prompt")
         specials = {k: self._special(k) for k in SPECIAL_KEYS}
         try:  # tools and documents given as None when absent, as transformers renders (`tools is not none`)
             return chat_template.render(
-                self._compiled,
+                compiled,
                 messages=messages,
                 tools=tools,
                 documents=None,
@@ -165,33 +190,68 @@ class Tokenizer:
             pos += len(piece)
         full = _checked_text("".join(text))
         enc = self.tok.encode(full, add_special_tokens=False)
+        # The template's control tokens split the text into runs, as in any encode; a run holding a message's
+        # special string is encoded again whole as plain text (the string alone would get its own word start,
+        # e.g. SentencePiece's "▁" before it: a space the user never typed).
         ids: list[int] = []
+        run: list[int] = []
+        start, marked = 0, False
         for i, (a, b) in zip(enc.ids, enc.offsets):
-            if i in self._special_ids and any(s <= a and b <= e for s, e in spans):
-                ids += self._plain().encode(full[a:b], add_special_tokens=False).ids
+            if i not in self._special_ids:
+                run.append(i)
+            elif any(s <= a and b <= e for s, e in spans):
+                marked = True
             else:
+                ids += (
+                    self._plain(start == 0).encode(full[start:a], add_special_tokens=False).ids
+                    if marked
+                    else run
+                )
                 ids.append(i)
+                run, start, marked = [], b, False
+        ids += self._plain(start == 0).encode(full[start:], add_special_tokens=False).ids if marked else run
         return ids
 
-    def _plain(self) -> HFTokenizer:
-        """A copy of the tokenizer that encodes special tokens' text as ordinary text (made on first use)."""
-        if self._plain_tok is None:
-            self._plain_tok = HFTokenizer.from_str(self.tok.to_str())
-            self._plain_tok.encode_special_tokens = True
-        return self._plain_tok
+    def _plain(self, first: bool) -> HFTokenizer:
+        """A copy of the tokenizer that encodes special tokens' text as ordinary text (made on first use); for a
+        run after a control token (`first` False), SentencePiece's word start is not prepended, as the tokenizer
+        itself does not prepend it after one (Metaspace's prepend_scheme "first")."""
+        if first not in self._plain_tok:
+            spec = json.loads(self.tok.to_str())
+            if not first:
+                _no_first_prepend(spec.get("pre_tokenizer"))
+            self._plain_tok[first] = HFTokenizer.from_str(json.dumps(spec))
+            self._plain_tok[first].encode_special_tokens = True
+        return self._plain_tok[first]
+
+
+def _no_first_prepend(spec: object) -> None:
+    """A pre-tokenizer spec whose Metaspace prepends its word start at the text's start only (scheme "first"),
+    changed in place to never prepend it: how the tokenizer treats a run that follows an added token."""
+    if isinstance(spec, dict):
+        if spec.get("type") == "Metaspace" and spec.get("prepend_scheme") == "first":
+            spec["prepend_scheme"] = "never"
+        for sub in spec.get("pretokenizers") or ():
+            _no_first_prepend(sub)
 
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def _byte_spelling(tok: HFTokenizer) -> dict[str, int] | str:
-    """How the vocabulary spells bytes, from its decoder: byte-level BPE (the inverse of bytes_to_unicode),
-    SentencePiece's byte fallback (`<0xNN>` tokens: "fallback") or neither ("")."""
+    """How the vocabulary spells bytes and spaces, from its decoder: byte-level BPE (the inverse of
+    bytes_to_unicode), SentencePiece's (`<0xNN>` byte-fallback tokens, "▁" for a space: "sentencepiece") or
+    neither ("")."""
     spec = json.loads(tok.to_str()).get("decoder") or {}
-    kinds = {d.get("type") for d in spec.get("decoders", [spec]) if isinstance(d, dict)}
+    decoders = [d for d in spec.get("decoders", [spec]) if isinstance(d, dict)]
+    kinds = {d.get("type") for d in decoders}
     if "ByteLevel" in kinds:
         return {c: b for b, c in bytes_to_unicode().items()}
-    return "fallback" if "ByteFallback" in kinds else ""
+    spaces = "Metaspace" in kinds or any(
+        d.get("type") == "Replace" and d.get("pattern") == {"String": "▁"} and d.get("content") == " "
+        for d in decoders
+    )
+    return "sentencepiece" if spaces else ""
 
 
 def _chat_messages(messages: object) -> list[dict]:
@@ -219,29 +279,31 @@ def message_text(content: object) -> str:
     )
 
 
-def _chat_template(cfg: dict, path: Path) -> str | None:
-    """tokenizer_config.json's chat_template: a string, or the 'default' of a list of named ones."""
+def _chat_template(cfg: dict, path: Path) -> tuple[str | None, str | None]:
+    """tokenizer_config.json's chat_template: a string, or a list of named ones; (its 'default', its 'tool_use')."""
     tmpl = cfg.get("chat_template")
     if isinstance(tmpl, list):
         named = [t for t in tmpl if isinstance(t, dict) and isinstance(t.get("template"), str)]
         if len(named) != len(tmpl):
             raise ModelLoadError(f"{path}: field 'chat_template' must list {{'name', 'template'}} objects")
-        tmpl = next((t["template"] for t in named if t.get("name") == "default"), None)
+        by_name = {t.get("name"): t["template"] for t in named}
+        return by_name.get("default"), by_name.get("tool_use")
     if tmpl is not None and not isinstance(tmpl, str):
         raise ModelLoadError(f"{path}: field 'chat_template' must be a string, got {type(tmpl).__name__}")
-    return tmpl
+    return tmpl, None
 
 
-def _compile(template: str, path: Path) -> jinja2.Template:
-    """The chat template compiled once at load, so that a syntax error names the file, not a request."""
+def _compile(template: str, where: str) -> jinja2.Template:
+    """The chat template compiled once at load, so that a syntax error names the file (`where`: the file and
+    field), not a request."""
     try:
         return chat_template.environment(_raise_exception).from_string(template)
     except jinja2.TemplateSyntaxError as e:
         raise ModelLoadError(
-            f"{path}: field 'chat_template' has a Jinja syntax error at line {e.lineno} ({_one_line(e)})"
+            f"{where} has a Jinja syntax error at line {e.lineno} ({_one_line(e)})"
         ) from None
     except (jinja2.TemplateError, RecursionError, MemoryError) as e:
-        raise ModelLoadError(f"{path}: field 'chat_template' cannot be compiled ({_one_line(e)})") from None
+        raise ModelLoadError(f"{where} cannot be compiled ({_one_line(e)})") from None
 
 
 def _checked_text(text: object) -> str:
@@ -282,15 +344,21 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 class IncrementalDecoder:
-    """Turns a growing list of ids into text deltas that never split a UTF-8 character."""
+    """Turns a growing list of ids into text deltas that never split a UTF-8 character.
+
+    The text continues the prompt, as vLLM's does: the prompt's last tokens are decoded before the output's, so
+    a decoder that drops a text's leading space (SentencePiece's "▁the" alone decodes to "the") keeps the one
+    the first output token has, and prompt + text reads as the model wrote it."""
+
+    PROMPT_CONTEXT = 5  # prompt tokens decoded before the output (vLLM's number)
 
     def __init__(
         self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None, keep: frozenset[int] = frozenset()
     ):
         self.tok, self.keep = tokenizer, keep  # keep: special tokens whose text is kept (Tokenizer.decode)
-        self.ids: list[int] = []
+        self.ids: list[int] = list(prompt_ids[-self.PROMPT_CONTEXT :]) if prompt_ids else []
         self.prefix = 0  # start of the window decoded for context
-        self.read = 0  # ids whose text has been emitted
+        self.read = len(self.ids)  # ids whose text has been emitted (or is the prompt's)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)

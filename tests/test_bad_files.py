@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from fuzz_corpus import CORPUS, CORPUS_DIR, write_min_model_dir
 
-from lserve_lite import LLM, EngineConfig, InvalidRequestError, ModelLoadError
+from lserve_lite import LLM, EngineConfig, InvalidRequestError, ModelLoadError, SamplingParams
 from lserve_lite.config import ModelConfig
 from lserve_lite.errors import LServeError
 from lserve_lite.tokenizer import Tokenizer
@@ -114,6 +114,12 @@ def test_config_checked_against_the_weights(tmp_path: Path):
         ("mlp_bias", True, "field 'mlp_bias' is true"),
         ("hidden_act", "gelu", "unsupported hidden_act 'gelu'"),
         ("hidden_act", "gelu_pytorch_tanh", "unsupported hidden_act 'gelu_pytorch_tanh'"),
+        # GPTQ's qweight / qzeros / scales: was "missing tensor ...q_proj.weight", which names no cause
+        (
+            "quantization_config",
+            {"quant_method": "gptq", "bits": 4},
+            r"field 'quantization_config' \(quant_method 'gptq'\): a pre-quantized checkpoint is not supported",
+        ),
     ],
 )
 def test_forward_options_the_engine_lacks_are_refused(tmp_path: Path, field: str, value: object, msg: str):
@@ -129,6 +135,22 @@ def test_supported_forward_options_still_load(tmp_path: Path):
         load_config(write_min_model_dir(tmp_path / act, hidden_act=act, attention_bias=False, mlp_bias=False))
     qwen = load_config(write_min_model_dir(tmp_path / "q", architectures=["Qwen2ForCausalLM"]))
     assert qwen.qkv_bias
+
+
+def test_context_limit_may_not_pass_a_sliding_window(tmp_path: Path):
+    """A Mistral whose sliding window covers its trained positions loads (the window never applies there), but
+    a context limit past the window ran full attention beyond it (logits off transformers' by 0.12 there):
+    refused. Within the window, and without one, a longer limit is still accepted."""
+    mistral = load_config(write_min_model_dir(tmp_path / "m", architectures=["MistralForCausalLM"],
+                                              sliding_window=1024))  # fmt: skip
+    assert EngineConfig(max_model_len=1024).resolve_max_len(mistral) == 1024
+    with pytest.raises(
+        InvalidRequestError, match="max_model_len 1025 is past the model's sliding window 1024"
+    ):
+        EngineConfig(max_model_len=1025).resolve_max_len(mistral)
+    unused = load_config(write_min_model_dir(tmp_path / "q", architectures=["Qwen2ForCausalLM"],
+                                             use_sliding_window=False, sliding_window=16))  # fmt: skip
+    assert EngineConfig(max_model_len=4096).resolve_max_len(unused) == 4096
 
 
 def _add_tensor(d: Path, name: str, shape: tuple[int, ...]) -> None:
@@ -167,10 +189,29 @@ def test_sane_model_still_loads_and_runs(tmp_path: Path):
     assert llm.logits([5, 6, 7]).shape == (3, 320)
 
 
+def test_tokenizer_past_the_models_vocabulary_is_refused_per_prompt(tmp_path: Path):
+    """A tokenizer with an added token the checkpoint's embedding has no row for: a text prompt holding it is a
+    one-line error naming the token (it ran on a zero embedding), and other prompts still run."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    d = write_min_model_dir(tmp_path / "m", weights=True)
+    tok = HFTokenizer.from_file(str(d / "tokenizer.json"))
+    tok.add_tokens(["<tool>"])
+    tok.save(str(d / "tokenizer.json"))
+    llm = LLM(str(d), backend="cpu")
+    with pytest.raises(
+        InvalidRequestError,
+        match=r"prompt token '<tool>' \(id 320\) is outside the model's vocabulary \[0, 320\)",
+    ):
+        llm.generate("w5 <tool>", SamplingParams(max_new_tokens=1))
+    assert len(llm.generate("w5 w6", SamplingParams(max_new_tokens=1))[0].token_ids) == 1
+
+
 @pytest.mark.parametrize(
     "name",
-    ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "model.safetensors"],
-)
+    ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "model.safetensors",
+     "chat_template.jinja"],
+)  # fmt: skip
 @pytest.mark.parametrize("kind", ["fifo", "device"])
 def test_model_files_must_be_regular_files(tmp_path: Path, name: str, kind: str):
     """Before: a FIFO hung the load (its size reads 0) and a symlink to /dev/urandom grew memory without end."""
@@ -189,6 +230,25 @@ def test_oversized_tokenizer_file_is_refused_before_reading(tmp_path: Path, monk
     monkeypatch.setattr("lserve_lite.config.MAX_JSON_BYTES", 100)
     with pytest.raises(ModelLoadError, match=r"tokenizer.json: \d+ bytes, too large for a tokenizer file"):
         Tokenizer(d)
+
+
+LFS_POINTER = (
+    "version https://git-lfs.github.com/spec/v1\n"
+    "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 538090408\n"
+)
+
+
+def test_git_lfs_pointer_is_named(tmp_path: Path):
+    """A repository cloned without git-lfs holds pointer texts where the weights should be: they were called a
+    corrupt safetensors header (length 2^61) or a file without GGUF magic; the error says what they are."""
+    d = write_min_model_dir(tmp_path / "m")
+    (d / "model.safetensors").write_text(LFS_POINTER)
+    (tmp_path / "m.gguf").write_text(LFS_POINTER)
+    for path in (d, tmp_path / "m.gguf"):
+        with pytest.raises(
+            ModelLoadError, match=r"m(/model.safetensors|.gguf): a Git LFS pointer, not the file"
+        ):
+            LLM(str(path), backend="cpu")
 
 
 def test_index_must_match_the_shards(tmp_path: Path):

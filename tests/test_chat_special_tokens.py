@@ -5,7 +5,10 @@ template's only, and the message text still decodes back as typed."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from tokenizers import Tokenizer as HFTokenizer
 
 from lserve_lite.tokenizer import Tokenizer
 
@@ -66,3 +69,32 @@ def test_chat_through_the_llm_uses_the_guarded_encoding(smollm2_cpu):
     assert _controls(tok, out.prompt_token_ids) == _controls(
         tok, tok.encode_chat([{"role": "user", "content": ""}])
     )
+
+
+@pytest.fixture(scope="module")
+def spm(tmp_path_factory) -> Tokenizer:
+    """A SentencePiece-style vocabulary (Metaspace, byte fallback) as rebuilt from a llama GGUF, with a template
+    whose control token comes before the message (Llama 2 / Mistral style)."""
+    from test_gguf_import import write_tiny_gguf
+
+    from lserve_lite.weights.gguf_weights import gguf_tokenizer
+
+    path = tmp_path_factory.mktemp("spm") / "t.gguf"
+    write_tiny_gguf(path, tokenizer="llama")
+    tmpl = "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    return Tokenizer.from_parts(gguf_tokenizer(path).tok, {"chat_template": tmpl, "bos_token": "<s>"}, path)
+
+
+@pytest.mark.parametrize("text", ["hi <s> there", "x</s>y", "</s>"])
+def test_special_strings_add_no_word_start_in_sentencepiece(spm, text):
+    """Re-encoded alone, a message's special string got SentencePiece's word start "▁" (a space the user never
+    typed: "hi  <s> there", "x </s>y"); the tokens must decode to the rendered text, and with no control token
+    in the template equal the tokenizers library's plain encoding of it."""
+    msgs = [{"role": "user", "content": text}]
+    ids = spm.encode_chat(msgs)
+    assert spm.tok.decode(ids, skip_special_tokens=False) == spm.render_chat(msgs)
+    assert _controls(spm, ids) == [spm.token_id("<s>")]
+    bare = Tokenizer.from_parts(spm.tok, {"chat_template": "{{ messages[0]['content'] }}"}, Path("t"))
+    plain = HFTokenizer.from_str(spm.tok.to_str())
+    plain.encode_special_tokens = True
+    assert bare.encode_chat(msgs) == plain.encode(text, add_special_tokens=False).ids

@@ -60,3 +60,24 @@ def test_real_templates_render_as_plain_jinja(tmp_path: Path):
     assert _tok(tmp_path, SMOL).render_chat(msgs) == plain.render(messages=msgs, add_generation_prompt=True)
     loops = "{% for i in range(3) %}{{ i }}{% endfor %}{{ messages|length }}{{ 'a' ~ 'b' }}{{ 2 ** 10 }}"
     assert _tok(tmp_path, loops).render_chat(msgs) == "012" + "50" + "ab" + "1024"
+
+
+def test_template_in_its_own_file_as_transformers_saves_it(tmp_path: Path):
+    """transformers (4.47+, so every model it saves now) writes the template to chat_template.jinja, not into
+    tokenizer_config.json: such a model had no chat template here. The file is read, before the config's, and a
+    syntax error in it names it."""
+    from lserve_lite.errors import ModelLoadError
+
+    d = write_min_model_dir(tmp_path / "m")
+    (d / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": "config: {{ messages[0]['content'] }}"})
+    )
+    (d / "chat_template.jinja").write_text("file: {{ messages[0]['content'] }}")
+    assert Tokenizer(d).render_chat([{"role": "user", "content": "hi"}]) == "file: hi"
+    (d / "tokenizer_config.json").write_text("{}")
+    assert Tokenizer(d).render_chat([{"role": "user", "content": "hi"}]) == "file: hi"
+    (d / "chat_template.jinja").write_text("{% for m in messages %}{{ m")
+    with pytest.raises(
+        ModelLoadError, match=r"chat_template.jinja: the chat template has a Jinja syntax error"
+    ):
+        Tokenizer(d)

@@ -448,6 +448,21 @@ def test_synthetic_tokenizers_match_transformers(tmp_path: Path):
         assert (ours.encode("the").ids[0] == 1) is (kind == "llama")  # BOS only where the GGUF asks
 
 
+def test_named_tool_use_template_of_a_gguf(tmp_path: Path):
+    """llama.cpp stores a model's named templates as tokenizer.chat_template.<name>: requests with tools render by
+    the tool_use one (as transformers renders the HF model's), in the GGUF run directly and once converted."""
+    from lserve_lite.tokenizer import Tokenizer
+    from lserve_lite.weights.gguf_weights import gguf_tokenizer
+
+    src = tmp_path / "t.gguf"
+    tool_use = "T:{{ tools[0].function.name }}:{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    write_tiny_gguf(src, extra_kv={"tokenizer.chat_template.tool_use": tool_use})
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    msgs = [{"role": "user", "content": "hi"}]
+    for tok in (gguf_tokenizer(src), Tokenizer(convert_gguf(src, tmp_path / "out", progress=False))):
+        assert tok.render_chat(msgs) == "hi" and tok.render_chat(msgs, tools=tools) == "T:get_time:hi"
+
+
 def test_llama3_rope_scaling_recovered(tmp_path: Path):
     head_dim, theta = 64, 500000.0
     factor, low, high, old = 16.0, 1.5, 5.0, 8192
@@ -541,6 +556,25 @@ def test_output_path_that_is_a_file(tmp_path: Path):
         with pytest.raises(ModelLoadError, match="passwd: the output path is a file, not a directory"):
             convert_gguf(src, out, progress=False, overwrite=overwrite)
     assert out.read_text() == "x"
+
+
+def test_killed_conversions_leave_no_work_folder(tmp_path: Path):
+    """A conversion killed mid-way (SIGTERM: no `finally`) left its float32 work folder forever (a new run has
+    another pid); the next conversion to the same path removes it, not that of a conversion still running."""
+    import subprocess
+
+    src, out = tmp_path / "tiny.gguf", tmp_path / "out"
+    write_tiny_gguf(src)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [tmp_path / f".out.partial-{dead.pid}", tmp_path / f".out.old-{dead.pid}"]
+    running = tmp_path / f".out.partial-{os.getppid()}"
+    for d in (*stale, running):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x")
+    convert_gguf(src, out, progress=False)
+    assert (out / "config.json").exists() and running.exists()
+    assert not any(d.exists() for d in stale)
 
 
 # -------------------------------------------------------------------------------------- default model

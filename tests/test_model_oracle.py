@@ -49,3 +49,24 @@ def test_chunk_size_does_not_change_logits(tiny_llama):
     a = LLM(str(tiny_llama), backend="cpu", config=EngineConfig(max_num_batched_tokens=17)).logits(ids)
     b = LLM(str(tiny_llama), backend="cpu", config=EngineConfig(max_num_batched_tokens=512)).logits(ids)
     assert np.abs(a - b).max() < 1e-4
+
+
+def test_tied_config_with_its_own_head_runs_that_head(tmp_path):
+    """config.json ties the head to the embedding, but the checkpoint holds an lm_head.weight of other values:
+    transformers keeps the two apart (and warns), so the head is the checkpoint's; the engine used the embedding
+    (max logit error 1.26). An lm_head equal to the embedding stays tied (one table held)."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+    from tiny_models import make_tiny_numpy
+
+    path = make_tiny_numpy(tmp_path / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(cfg | {"tie_word_embeddings": True, "model_type": "llama"}))
+    ids = [5, 9, 14, 3, 7, 22, 11, 40]
+    llm = LLM(str(path), backend="cpu", config=EngineConfig(kv_dtype="fp32"))
+    assert np.abs(llm.logits(ids) - hf_logits(path, ids)).max() < 1e-4
+    sd = load_file(str(path / "model.safetensors"))
+    save_file(sd | {"lm_head.weight": sd["model.embed_tokens.weight"]}, str(path / "model.safetensors"))
+    model = LLM(str(path), backend="cpu").engine.runner.model
+    assert model.lm_head is model.embed

@@ -299,6 +299,30 @@ def test_token_bytes_of_a_byte_fallback_vocabulary():
     assert [tok.token_bytes(i) for i in (1 + 0xE2, 1 + 0x98, 257)] == [b"\xe2", b"\x98", b" is"]
 
 
+def test_logprob_tokens_of_a_sentencepiece_vocabulary_keep_their_spaces(tmp_path):
+    """With the decoder real SentencePiece vocabularies have (Llama 2, Mistral, a llama GGUF's: it strips a text's
+    first space), "▁the" decoded alone read "the": logprob tokens and bytes lost their spaces and text offsets
+    fell behind the text. Joined, they must be the text the tokens continue a prompt with."""
+    from test_gguf_import import write_tiny_gguf
+
+    from lserve_lite.sequence import TokenLogprob
+    from lserve_lite.serve.logprobs import LogprobFormatter, TextOffsets
+    from lserve_lite.weights.gguf_weights import gguf_tokenizer
+
+    write_tiny_gguf(tmp_path / "spm.gguf", tokenizer="llama")
+    tok = gguf_tokenizer(tmp_path / "spm.gguf")
+    prompt, ids = tok.encode("at"), tok.encode("the theater at the inn", add_special_tokens=False)
+    text = tok.decode(prompt + ids)[len(tok.decode(prompt)) :]
+    assert text == " the theater at the inn"
+    fmt = LogprobFormatter(tok)
+    entries = [TokenLogprob(i, -1.0, [(i, -1.0)]) for i in ids]
+    content = fmt.chat(entries)["content"]
+    assert "".join(c["token"] for c in content) == text
+    assert bytes(b for c in content for b in c["bytes"]).decode() == text
+    done = fmt.completion(entries, ids, TextOffsets())
+    assert [text[a:] for a in done["text_offset"][:2]] == [text, text[4:]]
+
+
 def test_scoring_with_max_tokens_0_and_echo(server, client, llm):
     """Legacy OpenAI scoring (older lm-evaluation-harness): max_tokens 0 with echo returns the prompt and its
     logprobs only, streamed or not; without echo it is refused."""

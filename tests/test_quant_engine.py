@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from test_gguf_import import write_tiny_gguf
 from test_gpu_e2e import N_POSITIONS, TEXT
-from tiny_models import make_tiny
+from tiny_models import make_tiny, make_tiny_numpy
 
 from lserve_lite import LLM, SamplingParams
 from lserve_lite.config import EngineConfig
-from lserve_lite.errors import InvalidRequestError
+from lserve_lite.errors import InvalidRequestError, ModelLoadError
 from lserve_lite.sparse.patterns import PATTERNS_DIR, bundled_pattern
 from lserve_lite.weights.gguf_import import convert_gguf
 from lserve_lite.weights.qtensor import QuantTensor, RowStack
@@ -165,6 +165,23 @@ def test_quantize_bogus_is_a_clear_error(tiny_llama):
         EngineConfig(quantize="bogus")
     with pytest.raises(InvalidRequestError, match="'int3'"):
         LLM(str(tiny_llama), backend="cpu", quantize="int3")
+
+
+@pytest.mark.parametrize(
+    ("mode", "value", "msg"), [("int4", np.nan, "NaN or Inf"), ("int8", 1e30, "too large")]
+)
+def test_quantize_unquantizable_weights_is_one_line(tmp_path: Path, mode: str, value: float, msg: str):
+    """A weight --quantize cannot represent (NaN, or past fp16 scales) is a ModelLoadError naming the tensor (it
+    was a bare ValueError, a traceback from the CLI)."""
+    from safetensors.numpy import load_file, save_file
+
+    d = make_tiny_numpy(tmp_path / "m", hidden=128)
+    sd = load_file(str(d / "model.safetensors"))
+    sd["model.layers.1.self_attn.q_proj.weight"][3, 5] = value
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match=rf"cannot quantize to {mode} \(tensor model.layers.1.self_attn.q_proj"
+                       rf".weight: .*{msg}"):  # fmt: skip
+        LLM(str(d), backend="cpu", quantize=mode)
 
 
 def test_quantize_command_line_option():

@@ -125,3 +125,23 @@ def test_logprobs_ref_top_ids_as_the_full_sort():
         k = int(rng.integers(0, 21))
         _, ids, _ = logprobs_ref(x, np.zeros(r, np.int64), k)
         assert np.array_equal(ids, np.argsort(-x, axis=1, kind="stable")[:, :k]), (trial, r, v, k)
+
+
+def test_output_text_continues_the_prompt_with_sentencepiece(tmp_path):
+    """A SentencePiece vocabulary's decoder drops a text's leading space ("▁the" alone is "the"): decoded alone,
+    the output lost its first space, so prompt + text read "the theater atthe" (vLLM and llama.cpp give " the").
+    The decoder starts from the prompt's last tokens; through the engine too."""
+    from test_gguf_import import write_tiny_gguf
+
+    src = tmp_path / "spm.gguf"
+    write_tiny_gguf(src, tokenizer="llama")
+    llm = LLM(str(src), backend="cpu")
+    tok = llm.tokenizer
+    prompt = tok.encode("the theater at")
+    the = tok.token_id("▁the")
+    out = [the, tok.token_id("▁a"), the]
+    dec = IncrementalDecoder(tok, prompt)
+    text = "".join(dec.push(t) for t in out) + dec.flush()
+    assert text == " the a the" and tok.decode(prompt) + text == tok.decode(prompt + out)
+    params = SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True, logit_bias={the: 100.0})
+    assert llm.generate([prompt], params)[0].text == " the the"

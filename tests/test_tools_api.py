@@ -395,6 +395,40 @@ def test_the_developer_role_is_the_system_turn():
     assert msgs[0] == {"role": "system", "content": "Be brief."}
 
 
+@pytest.mark.parametrize("layout", ["tokenizer_config", "files"])
+def test_a_named_tool_use_template_renders_requests_with_tools(tmp_path, layout):
+    """Named templates (Hermes 2 Pro, Command R): transformers renders a request with tools by the "tool_use" one
+    and others by "default". The tool_use one was ignored: tools went into a system message of the default's
+    instead of the model's own format. Both layouts: a list in tokenizer_config.json, and the files transformers
+    5 saves (chat_template.jinja, additional_chat_templates/tool_use.jinja)."""
+    from tiny_models import write_tokenizer
+
+    from lserve_lite.tokenizer import Tokenizer
+
+    write_tokenizer(tmp_path, 320)
+    default, tool_use = (
+        "D:{{ messages[0].content }}",
+        "T:{{ tools[0].function.name }}:{{ messages[0].content }}",
+    )
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    if layout == "files":
+        del cfg["chat_template"]
+        (tmp_path / "chat_template.jinja").write_text(default)
+        (tmp_path / "additional_chat_templates").mkdir()
+        (tmp_path / "additional_chat_templates" / "tool_use.jinja").write_text(tool_use)
+    else:
+        cfg["chat_template"] = [
+            {"name": "default", "template": default},
+            {"name": "tool_use", "template": tool_use},
+        ]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = Tokenizer(tmp_path)
+    assert tok.template_reads_tools
+    msgs = [{"role": "user", "content": "hi"}]
+    assert tok.render_chat(msgs) == "D:hi"
+    assert tok.render_chat(msgs, tools=[WEATHER]) == "T:get_weather:hi"
+
+
 def test_a_template_that_reads_tools_gets_them(tmp_path):
     from tiny_models import write_tokenizer
 

@@ -247,7 +247,7 @@ class LLMEngine:
         else:  # skip ids a caller gave explicitly: a generated id must never be refused as a duplicate
             request_id = next(r for r in (f"req-{i}" for i in self._ids) if r not in self.seqs)
         params.validate()  # again: its fields may have changed since it was made
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self._check_ids(prompt, "prompt")
+        ids = self._encode(prompt) if isinstance(prompt, str) else self._check_ids(prompt, "prompt")
         if not ids:
             raise InvalidRequestError("prompt is empty (no tokens after tokenizing)")
         if len(ids) >= self.max_len:
@@ -271,7 +271,7 @@ class LLMEngine:
         with self._lock:
             self.seqs[seq.request_id] = seq
             keep = self.tokenizer.special_ids(params.keep_special_tokens)
-            self.decoders[seq.request_id] = IncrementalDecoder(self.tokenizer, keep=keep)
+            self.decoders[seq.request_id] = IncrementalDecoder(self.tokenizer, seq.prompt_ids, keep=keep)
             self.scheduler.add(seq)
         return seq.request_id
 
@@ -467,6 +467,18 @@ class LLMEngine:
             self.seqs.pop(seq.request_id, None)
             self.decoders.pop(seq.request_id, None)
         return out
+
+    def _encode(self, text: str) -> list[int]:
+        """The prompt's token ids; a tokenizer with more tokens than the model's embedding rows (an added token
+        the checkpoint was never resized for) would give an id the model has no row for: refused, naming it."""
+        ids = self.tokenizer.encode(text)
+        bad = next((t for t in ids if t >= self.cfg.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"prompt token {self.tokenizer.tok.id_to_token(bad)!r:.60} (id {bad}) is outside the model's "
+                f"vocabulary [0, {self.cfg.vocab_size}): the tokenizer has more tokens than the model"
+            )
+        return ids
 
     def _check_ids(self, ids, what: str) -> list[int]:
         """Token ids as a list of ints in [0, vocab): bools, floats and out-of-range ids are refused."""

@@ -26,11 +26,11 @@ class TextOffsets:
 
 
 class LogprobFormatter:
-    """Token strings are each id decoded alone (a byte-level token that is part of a UTF-8 character shows as
-    U+FFFD there, as OpenAI's does); `bytes` and text offsets are the token's own bytes (Tokenizer.token_bytes)."""
+    """Token strings are the tokens' texts (Tokenizer.token_text: a token that is part of a UTF-8 character shows
+    as U+FFFD there, as OpenAI's does); `bytes` and text offsets are the token's own bytes (Tokenizer.token_bytes)."""
 
     def __init__(self, tokenizer: Tokenizer):
-        self.token = lru_cache(maxsize=65536)(lambda t: tokenizer.decode([t], skip_special_tokens=False))
+        self.token = lru_cache(maxsize=65536)(tokenizer.token_text)
         self.bytes = lru_cache(maxsize=65536)(tokenizer.token_bytes)
 
     def completion(self, entries: list[TokenLogprob | None], ids: list[int], offsets: TextOffsets) -> dict:

@@ -10,6 +10,7 @@ stays one concept that can be read and tested on its own.
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -69,6 +70,7 @@ def convert_gguf(
     tokenizer, tok_config, gen_config = tokenizer_files(meta, config, src)
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    _remove_stale(out)
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -88,6 +90,25 @@ def convert_gguf(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _remove_stale(out: Path) -> None:
+    """The work folders of earlier conversions to `out` whose process is gone (killed: no `finally` ran), each
+    a float32 copy of a model; those of a conversion still running are left to it."""
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
+        kind, _, pid = p.name[len(out.name) + 2 :].rpartition("-")
+        if kind in ("partial", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # exists (another user's), or no pid at all: not ours to remove
+        return True
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- config

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import lfs_pointer_error
 from ..errors import ModelLoadError
 
 
@@ -119,6 +120,8 @@ def read_gguf(gguf_path: str | Path) -> tuple[dict[str, Any], dict[str, GGUFTens
     try:
         buf = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
         cur = _Cursor(buf)
+        if bytes(buf[:4]) != b"GGUF" and (lfs := lfs_pointer_error(path, bytes(buf[:64]))):
+            raise lfs
         if bytes(buf[: cur.take(4) + 4]) != b"GGUF":
             raise _Bad("no GGUF magic bytes at the start")
         (version,) = cur.unpack("<I")

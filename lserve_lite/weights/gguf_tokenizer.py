@@ -113,6 +113,7 @@ _TOKENIZER_KEYS = {  # key -> (what it must be, its check)
     "tokenizer.ggml.model": ("a string", lambda v: isinstance(v, str)),
     "tokenizer.ggml.pre": ("a string", lambda v: isinstance(v, str)),
     "tokenizer.chat_template": ("a string", lambda v: isinstance(v, str)),
+    "tokenizer.chat_template.tool_use": ("a string", lambda v: isinstance(v, str)),
     "tokenizer.ggml.tokens": ("a list of strings", _str_list),
     "tokenizer.ggml.merges": ("a list of 'a b' strings", _merge_list),
     "tokenizer.ggml.token_type": ("a list of integers", _int_list),
@@ -264,6 +265,13 @@ def tokenizer_files(meta: dict[str, Any], cfg: dict[str, Any], path: Path):
     tc["model_max_length"] = cfg["max_position_embeddings"]
     if (template := meta.get("tokenizer.chat_template")) is not None:
         tc["chat_template"] = template
+        if (
+            tool_use := meta.get("tokenizer.chat_template.tool_use")
+        ) is not None:  # llama.cpp's named templates
+            tc["chat_template"] = [
+                {"name": "default", "template": template},
+                {"name": "tool_use", "template": tool_use},
+            ]
     gen: dict[str, Any] = {}
     if "bos_token_id" in cfg:
         gen["bos_token_id"] = cfg["bos_token_id"]

@@ -44,9 +44,13 @@ def load_model(path: Path, quantize: str | None = None) -> LoadedModel:
         model = LoadedModel(*gguf_model(path))
     else:
         cfg = load_config(path)
-        model = LoadedModel(cfg, Tokenizer(path), load_weights(path, cfg))
+        weights = load_weights(path, cfg)
+        model = LoadedModel(_own_head(cfg, weights), Tokenizer(path), weights)
     if quantize:
-        model.weights = quantize_weights(model.weights, quantize)
+        try:
+            model.weights = quantize_weights(model.weights, quantize)
+        except ValueError as e:
+            raise ModelLoadError(f"{path}: cannot quantize to {quantize} ({e})") from None
     return model
 
 
@@ -71,6 +75,19 @@ def model_name(path: Path) -> str:
     if not _is_gguf(path):
         return path.name
     return MODEL_NAME if path.name == GGUF_NAME else path.stem
+
+
+def _own_head(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> ModelConfig:
+    """`cfg`, untied where config.json ties the head to the embedding but the checkpoint holds an lm_head.weight
+    of other values: transformers then keeps the two apart (with a warning), so the head is the checkpoint's."""
+    head = weights.get("lm_head.weight")
+    if (
+        not cfg.tie_word_embeddings
+        or head is None
+        or np.array_equal(head, weights["model.embed_tokens.weight"])
+    ):
+        return cfg
+    return replace(cfg, tie_word_embeddings=False)
 
 
 def _is_gguf(path: Path) -> bool:
@@ -176,7 +193,7 @@ def _check(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, where: Path) ->
         raise ModelLoadError(f"{where / 'config.json'}: {got}")
     h, d, kv, hq = cfg.hidden_size, cfg.head_dim, cfg.num_kv_heads, cfg.num_heads
     want = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
-    if not cfg.tie_word_embeddings:
+    if not cfg.tie_word_embeddings or "lm_head.weight" in shapes:  # a tied one may still be used (_own_head)
         want["lm_head.weight"] = (cfg.vocab_size, h)
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."

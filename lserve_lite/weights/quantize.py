@@ -62,7 +62,8 @@ def _as_matrix(w: np.ndarray, block: int) -> np.ndarray:
 
 def _fp16_scales(amax: np.ndarray, qmax: int) -> np.ndarray:
     """fp16 scales s with amax / s <= qmax exactly (rounded up where fp16 rounding went down)."""
-    s = (amax / qmax).astype(np.float16)
+    with np.errstate(over="ignore"):  # an overflow is refused below
+        s = (amax / qmax).astype(np.float16)
     low = s.astype(np.float32) * qmax < amax
     s[low] = np.nextafter(s[low], np.float16(np.inf))
     if not np.isfinite(s).all():
@@ -90,15 +91,19 @@ def quantize_weights(
 ) -> dict[str, np.ndarray | QuantTensor]:
     """`--quantize int8|int4` on a Hugging Face model: every float projection matrix and an untied lm_head
     become int8 / int4; int4 falls back to int8 where in_features is not a multiple of 128. Embeddings, norms,
-    biases and already quantized matrices (a GGUF's) stay as they are."""
+    biases and already quantized matrices (a GGUF's) stay as they are. ValueError naming a tensor that cannot be
+    quantized."""
     if mode not in ("int8", "int4"):
         raise ValueError(f"quantize must be 'int8' or 'int4', got {mode!r}")
     out: dict[str, np.ndarray | QuantTensor] = {}
     for name, w in weights.items():
-        if isinstance(w, QuantTensor) or not quantizable(name):
-            out[name] = w
-        elif mode == "int4" and w.shape[1] % LAYOUTS["int4"].block == 0:
-            out[name] = quantize_int4(w)
-        else:
-            out[name] = quantize_int8(w)
+        try:
+            if isinstance(w, QuantTensor) or not quantizable(name):
+                out[name] = w
+            elif mode == "int4" and w.shape[1] % LAYOUTS["int4"].block == 0:
+                out[name] = quantize_int4(w)
+            else:
+                out[name] = quantize_int8(w)
+        except ValueError as e:  # NaN / Inf, or beyond fp16 scales: the tensor is named
+            raise ValueError(f"tensor {name}: {e}") from None
     return out

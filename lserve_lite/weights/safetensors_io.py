@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import lfs_pointer_error
 from ..errors import ModelLoadError
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32, "I64": np.int64}
@@ -47,6 +48,8 @@ class SafetensorsFile:
                     raise ModelLoadError(f"{self.path}: truncated ({size} bytes, no safetensors header)")
                 (n,) = struct.unpack("<Q", head)
                 if n > size - 8 or n > MAX_HEADER_BYTES:
+                    if lfs := lfs_pointer_error(self.path, head + f.read(64)):
+                        raise lfs
                     raise ModelLoadError(
                         f"{self.path}: corrupt or truncated safetensors header (header length {n}, "
                         f"file {size} bytes)"
