@@ -198,3 +198,23 @@ def test_engine_with_zero_budget_raises(tiny_llama):
     for kw in (dict(max_num_batched_tokens=0), dict(max_num_seqs=0), dict(max_num_seqs=-1)):
         with pytest.raises(LServeError):
             LLMEngine(str(tiny_llama), "cpu", EngineConfig(**kw))
+
+
+def test_late_abort_leaves_a_reused_id_alone(tiny_llama):
+    """An abort of an id no longer in flight does nothing: it was kept as an id and applied at the next step, so a
+    new request that reused the id was killed (finish 'abort') before its first token."""
+    eng = LLMEngine(str(tiny_llama), "cpu", EngineConfig(num_kv_pages=64, page_size=16))
+    sp = SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True)
+
+    def run() -> dict[str, str]:
+        ends = {}
+        while eng.has_unfinished():
+            ends |= {o.request_id: o.finish_reason for o in eng.step() if o.finished}
+        return ends
+
+    eng.add_request([5, 6, 7], sp, request_id="x")
+    assert run() == {"x": "length"}
+    eng.abort("x")  # finished: nothing to abort
+    eng.abort("never-seen")
+    eng.add_request([5, 6, 7], sp, request_id="x")
+    assert run() == {"x": "length"} and eng.blocks.num_used == 0

@@ -430,6 +430,35 @@ def test_concurrent_requests_refused_whole(tiny_dir):
     assert sorted(reached) == ["a-0", "a-1"]  # none of the refused request's sequences reached the engine
 
 
+def test_abort_while_the_request_enters_the_engine(tiny_dir):
+    """A client gone while the engine thread adds its request (taken from the inbox, not yet in the engine) still
+    aborts it: the engine aborts only requests it holds, so the async engine applies such an abort right after."""
+    from lserve_lite.serve.async_engine import AsyncEngine
+
+    engine = LLMEngine(str(tiny_dir), "cpu", EngineConfig(**CFG))
+    params = SamplingParams(max_new_tokens=50, ignore_eos=True)
+
+    async def go():
+        aengine = AsyncEngine(engine, max_queue=4)
+        add_request = engine.add_request
+
+        def abort_then_add(ids, p, rid):  # the event loop's abort lands inside the hand-over
+            aengine.abort(rid)
+            return add_request(ids, p, rid)
+
+        engine.add_request = abort_then_add
+        aengine.start(asyncio.get_running_loop())
+        try:
+            (h,) = await aengine.submit([([5, 6, 7], params, "gone")])
+            return [out async for out in h]
+        finally:
+            aengine.shutdown()
+
+    outs = asyncio.run(go())
+    assert outs[-1].finished and outs[-1].finish_reason == "abort" and outs[-1].num_output_tokens < 50
+    assert engine.blocks.num_used == 0
+
+
 def test_internal_errors_500_without_trace(server, client, monkeypatch):
     url, engine = server
 

@@ -77,7 +77,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, self.ecfg.max_num_seqs, self.ecfg.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self.decoders: dict[str, IncrementalDecoder] = {}
-        self._aborts: list[str] = []
+        self._aborts: list[Sequence] = []
         self._lock = threading.Lock()
         self._ids = itertools.count()  # generated request ids
         self.eos_ids = set(self.cfg.eos_token_ids)
@@ -307,10 +307,13 @@ class LLMEngine:
         return req
 
     def abort(self, request_id: str) -> None:
-        """Thread-safe: the sequence is dropped and its pages freed at the start of the next step."""
+        """Thread-safe: the request in flight under this id now (none: nothing to do) is dropped and its pages freed
+        at the start of the next step; a later request that reuses the id is not touched by it."""
         _check_request_id(request_id)  # checked here, not inside a later step()
         with self._lock:
-            self._aborts.append(request_id)
+            seq = self.seqs.get(request_id)
+            if seq is not None:
+                self._aborts.append(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._aborts)
@@ -414,11 +417,10 @@ class LLMEngine:
 
     def _apply_aborts(self) -> list[StepOutput]:
         with self._lock:
-            ids, self._aborts = self._aborts, []
+            seqs, self._aborts = self._aborts, []
         outs = []
-        for rid in ids:
-            seq = self.seqs.get(rid)
-            if seq is not None and not seq.is_finished:
+        for seq in seqs:
+            if not seq.is_finished:
                 if seq.output_ids and seq.output_ids[-1] == PLACEHOLDER:
                     seq.output_ids.pop()  # its token in flight is dropped with it
                 self.scheduler.finish(seq, "abort")

@@ -72,6 +72,8 @@ class AsyncEngine:
         self._queues: dict[str, asyncio.Queue] = {}  # event-loop side: requests in flight
         self._cv = threading.Condition()
         self._inbox: list[_Submission] = []  # guarded by _cv
+        self._adding: set[str] = set()  # guarded by _cv: taken from the inbox, not yet added to the engine
+        self._late_aborts: set[str] = set()  # guarded by _cv: aborts of those, applied once they are added
         self._stopping = False
         self._timing: dict[str, list[float]] = {}  # engine-thread side: [arrival, last token time]
         self._thread: threading.Thread | None = None
@@ -152,6 +154,9 @@ class AsyncEngine:
                 self._inbox.remove(pending)
                 self._queues.pop(request_id, None)
                 return
+            if request_id in self._adding:  # on its way into the engine, which aborts only what it holds
+                self._late_aborts.add(request_id)
+                return
             self.engine.abort(request_id)
             self._cv.notify()
 
@@ -174,7 +179,12 @@ class AsyncEngine:
                 if self._stopping:
                     return
                 new, self._inbox = self._inbox, []
+                self._adding = {s.request_id for s in new}
             posts: list[tuple[str, object]] = [(s.request_id, self._add(s)) for s in new]
+            with self._cv:
+                for rid in self._late_aborts:
+                    eng.abort(rid)
+                self._adding, self._late_aborts = set(), set()
             if eng.has_unfinished():
                 try:
                     outs = eng.step()
