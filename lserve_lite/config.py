@@ -234,7 +234,11 @@ class ModelConfig:
         cfg.validate(source)
         has_sw = d.get("sliding_window") is not None
         sw = f.integer("sliding_window", lo=0, hi=None) if has_sw else None
-        if not (f.flag("use_sliding_window", arch == "MistralForCausalLM") and has_sw):
+        # as transformers: Mistral slides whenever a window is set, Qwen2 only with use_sliding_window, Llama never
+        slides = arch == "MistralForCausalLM" or (
+            arch == "Qwen2ForCausalLM" and f.flag("use_sliding_window", False)
+        )
+        if not (slides and has_sw):
             return cfg
         if sw < cfg.max_position_embeddings:
             raise ModelLoadError(f"{source}: sliding-window attention (sliding_window={sw}) is not supported")

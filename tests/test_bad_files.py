@@ -153,6 +153,19 @@ def test_context_limit_may_not_pass_a_sliding_window(tmp_path: Path):
     assert EngineConfig(max_model_len=4096).resolve_max_len(unused) == 4096
 
 
+def test_sliding_window_read_as_transformers_reads_it(tmp_path: Path):
+    """use_sliding_window is Qwen2's field: transformers' Mistral slides whenever sliding_window is set (a Mistral
+    with use_sliding_window false and a 32-token window loaded, logits off by 0.25 past it), and its Llama never
+    does (a Llama with the two fields was refused)."""
+    with pytest.raises(
+        ModelLoadError, match=r"sliding-window attention \(sliding_window=16\) is not supported"
+    ):
+        load_config(write_min_model_dir(tmp_path / "m", architectures=["MistralForCausalLM"],
+                                        use_sliding_window=False, sliding_window=16))  # fmt: skip
+    llama = load_config(write_min_model_dir(tmp_path / "l", use_sliding_window=True, sliding_window=16))
+    assert llama.sliding_window is None
+
+
 def _add_tensor(d: Path, name: str, shape: tuple[int, ...]) -> None:
     """Rewrite model.safetensors with one more (zero) tensor."""
     from safetensors.numpy import load_file, save_file
