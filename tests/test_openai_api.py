@@ -207,6 +207,18 @@ def test_a_schema_is_built_once(llm, monkeypatch):
     outs = llm.generate("Describe a person.", p) + llm.generate("Another one.", p)
     assert len(built) == 1 and len({o.text for o in outs}) > 1
     assert all(o.finish_reason == "stop" and valid(json.loads(o.text)) for o in outs), [o.text for o in outs]
+    # bounded: the 16 met last, fewer past 2^21 characters of schemas (a large one's matcher holds ~50 MB)
+    g = llm.engine.grammars
+
+    def build(schema: dict) -> int:
+        before = len(built)
+        g.matcher({"type": "json_schema", "json_schema": {"schema": schema}})
+        return len(built) - before
+
+    assert [build({"type": "integer", "title": str(i)}) for i in range(17)] == [1] * 17
+    assert build({"type": "integer", "title": "16"}) == 0 and build({"type": "integer", "title": "0"}) == 1
+    assert build({"type": "integer", "description": "x" * (1 << 21)}) == 1
+    assert build({"type": "integer", "title": "16"}) == 1
 
 
 def test_one_bitmask_per_sampled_token(llm):

@@ -18,8 +18,9 @@ INSTALL = "structured outputs need the llguidance package: pip install 'lserve-l
 # Compact JSON: a model may not pad with endless whitespace (a random or weak model otherwise does).
 JSON_OPTIONS = {"whitespace_flexible": False}
 # Matchers built (in their first state) kept per schema: building one takes up to seconds for a large schema, on
-# the engine thread, and n candidates or a client's repeated requests share their schema.
-CACHED_SCHEMAS = 16
+# the engine thread, and n candidates or a client's repeated requests share their schema. At most 16, and the
+# newest only past 2^21 characters of schemas in all (a 1 MB schema's matcher holds ~50 MB; copies share it).
+CACHED_SCHEMAS, CACHED_CHARS = 16, 1 << 21
 
 
 class Grammars:
@@ -64,7 +65,9 @@ class Grammars:
         if built is None:
             built = self._build(llg, text)
             self._built[text] = built
-            if len(self._built) > CACHED_SCHEMAS:
+            while len(self._built) > 1 and (
+                len(self._built) > CACHED_SCHEMAS or sum(map(len, self._built)) > CACHED_CHARS
+            ):
                 self._built.popitem(last=False)
         self._built.move_to_end(text)
         return built[0].deep_copy(), built[1]
