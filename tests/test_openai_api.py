@@ -185,6 +185,42 @@ def test_a_grammar_that_gives_up_is_no_stop(llm):
     assert out.finish_reason == "error" and out.text.startswith('{"a":"') and len(out.token_ids) < 100
 
 
+def test_a_schema_is_built_once(llm, monkeypatch):
+    """n candidates and repeated requests of one schema build its matcher once (building is what costs: seconds
+    for a large schema, on the engine thread; n=16 built it 16 times); each request advances its own copy."""
+    llguidance = pytest.importorskip("llguidance")
+    built, real = [], llguidance.LLMatcher
+
+    class Counted:  # llguidance's matcher, its constructions counted
+        grammar_from_json_schema = staticmethod(real.grammar_from_json_schema)
+
+        def __new__(cls, *args, **kw):
+            built.append(1)
+            return real(*args, **kw)
+
+    monkeypatch.setattr(llguidance, "LLMatcher", Counted)
+    fmt = {
+        "type": "json_schema",
+        "json_schema": {"name": "person", "schema": SCHEMA | {"title": "built once"}},
+    }
+    p = SamplingParams(n=4, temperature=0.9, seed=1, max_new_tokens=120, response_format=fmt)
+    outs = llm.generate("Describe a person.", p) + llm.generate("Another one.", p)
+    assert len(built) == 1 and len({o.text for o in outs}) > 1
+    assert all(o.finish_reason == "stop" and valid(json.loads(o.text)) for o in outs), [o.text for o in outs]
+    # bounded: the 16 met last, fewer past 2^21 characters of schemas (a large one's matcher holds ~50 MB)
+    g = llm.engine.grammars
+
+    def build(schema: dict) -> int:
+        before = len(built)
+        g.matcher({"type": "json_schema", "json_schema": {"schema": schema}})
+        return len(built) - before
+
+    assert [build({"type": "integer", "title": str(i)}) for i in range(17)] == [1] * 17
+    assert build({"type": "integer", "title": "16"}) == 0 and build({"type": "integer", "title": "0"}) == 1
+    assert build({"type": "integer", "description": "x" * (1 << 21)}) == 1
+    assert build({"type": "integer", "title": "16"}) == 1
+
+
 def test_one_bitmask_per_sampled_token(llm):
     """The first mask, computed when the request is added (to refuse bad schemas early), serves the first token."""
 

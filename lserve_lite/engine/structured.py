@@ -5,6 +5,7 @@ takes the sampled token back. llguidance is optional (the `structured` extra): R
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 
 import numpy as np
 
@@ -16,6 +17,10 @@ from ..tokenizer import Tokenizer
 INSTALL = "structured outputs need the llguidance package: pip install 'lserve-lite[structured]'"
 # Compact JSON: a model may not pad with endless whitespace (a random or weak model otherwise does).
 JSON_OPTIONS = {"whitespace_flexible": False}
+# Matchers built (in their first state) kept per schema: building one takes up to seconds for a large schema, on
+# the engine thread, and n candidates or a client's repeated requests share their schema. At most 16, and the
+# newest only past 2^21 characters of schemas in all (a 1 MB schema's matcher holds ~50 MB; copies share it).
+CACHED_SCHEMAS, CACHED_CHARS = 16, 1 << 21
 
 
 class Grammars:
@@ -24,6 +29,7 @@ class Grammars:
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: list[int]):
         self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, eos_ids
         self._ll_tok = None
+        self._built: OrderedDict[str, tuple[object, np.ndarray]] = OrderedDict()  # schema text -> first state
 
     def _llg(self):
         try:
@@ -42,7 +48,7 @@ class Grammars:
 
     def matcher(self, response_format: dict) -> tuple[object, np.ndarray]:
         """A fresh matcher for an OpenAI response format and its first bitmask (int32 words); an invalid schema is
-        a one-line InvalidRequestError."""
+        a one-line InvalidRequestError. A schema met lately is not built again: its first state is copied."""
         llg = self._llg()
         schema = (
             {"type": "object"} if response_format["type"] == "json_object" else schema_of(response_format)
@@ -52,7 +58,23 @@ class Grammars:
         if schema is True:  # JSON Schema's `true`: any value (llguidance takes objects only)
             schema = {}
         try:
-            grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS)
+            text = json.dumps(schema)
+        except (ValueError, TypeError, RecursionError) as e:
+            raise InvalidRequestError(f"response_format: invalid JSON schema ({_one_line(e)})") from None
+        built = self._built.get(text)
+        if built is None:
+            built = self._build(llg, text)
+            self._built[text] = built
+            while len(self._built) > 1 and (
+                len(self._built) > CACHED_SCHEMAS or sum(map(len, self._built)) > CACHED_CHARS
+            ):
+                self._built.popitem(last=False)
+        self._built.move_to_end(text)
+        return built[0].deep_copy(), built[1]
+
+    def _build(self, llg, schema: str) -> tuple[object, np.ndarray]:
+        try:
+            grammar = llg.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
         except (ValueError, TypeError, RecursionError) as e:
             raise InvalidRequestError(f"response_format: invalid JSON schema ({_one_line(e)})") from None
         m = llg.LLMatcher(self._ll_tok, grammar, log_level=0)
