@@ -91,6 +91,33 @@ def test_fp16_kv_write_rounds_as_numpy():
     assert np.array_equal(np.isinf(out), np.isinf(bits.view(np.float16)))
 
 
+def test_fp16_bits_convert_without_native_half(monkeypatch):
+    """A host without F16C (or NUMBA_CPU_NAME=generic) converts fp16 bits in integer code (cpu_half.half_ir), which
+    int4's nibbles go through: inside the kernels' fastmath loops its conversion once met int4's scale factor 2^24
+    (`cpu_kv.NIBBLE_UNIT`) as a folded constant 2^136 = Inf, so every int4 score was NaN (0 * Inf) or Inf. Compiled
+    here with that path: a nibble times its scale as `_dots_int4` forms it, and every fp16 code, exactly."""
+    from lserve_lite.backends import cpu_half, cpu_kv
+
+    monkeypatch.setattr(cpu_half, "NATIVE_HALF", False)  # read as the functions below compile
+
+    @nb.njit(fastmath=K.FAST)
+    def scaled_nibbles(b, s, out):
+        for i in range(b.shape[0]):
+            lo, hi = cpu_kv._nibbles(b[i])
+            out[i, 0], out[i, 1] = lo * (s[i] * cpu_kv.NIBBLE_UNIT), hi * (s[i] * cpu_kv.NIBBLE_UNIT)
+
+    b, s = np.arange(256, dtype=np.uint8), RNG.random(256).astype(np.float32) + np.float32(0.5)
+    out = np.empty((256, 2), np.float32)
+    scaled_nibbles(b, s, out)
+    np.testing.assert_allclose(out, np.stack([b & 15, b >> 4], 1) * s[:, None].astype(np.float64), rtol=1e-7)
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    got = np.empty(bits.size, np.float32)
+    nb.njit(_halves_to_f32.py_func)(bits, got)
+    want = bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan]) and np.isnan(got[nan]).all()
+
+
 def naive_attention(q, k_cache, v_cache, plan, head_class):
     """Dense float64 attention with the plan's masks, one (row, head) at a time."""
     n, hq, d = q.shape
