@@ -15,7 +15,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from . import cpu_kv
+from . import cpu_half, cpu_kv
 from .cpu_kv import hadamard_row, kv_store, page_rows, page_scores, page_weighted_sum, to_f32
 from .numba_cache import flush_if_deps_changed
 
@@ -332,5 +332,6 @@ def merge_units(qb_start, qb_len, indptr, head_class, item_head, chunk, part, ac
             u += units
 
 
-# The KV formats' store and page loops are compiled in from cpu_kv.py, which Numba's cache does not track.
-flush_if_deps_changed(globals(), [cpu_kv])
+# The KV formats' store and page loops are compiled in from cpu_kv.py, and its fp16 conversions from cpu_half.py,
+# which Numba's cache does not track.
+flush_if_deps_changed(globals(), [cpu_kv, cpu_half])
