@@ -8,7 +8,7 @@ import pytest
 
 from lserve_lite.backends import cpu as C
 from lserve_lite.backends import cpu_kernels as K
-from lserve_lite.backends.cpu_half import half_to_f32
+from lserve_lite.backends.cpu_half import NATIVE_HALF, half_to_f32
 from lserve_lite.backends.reference import attention as A
 from lserve_lite.backends.reference import layers as L
 from lserve_lite.sparse.plan import BatchLayout, build_plan
@@ -88,6 +88,8 @@ def test_rope_write_kv_matches_ref():
 def test_fp16_kv_write_rounds_as_numpy():
     """An fp16 cache written by the Numba kernel (float32 -> fp16 bits in compiled code) holds NumPy's float16 of
     the reference's rotated K/V, bit for bit, Inf on overflow included; its load converts back exactly."""
+    if not NATIVE_HALF:  # the engine offers no fp16 KV there; compiling the write would abort the process
+        pytest.skip("fp16 KV needs the host's half conversions")
     cos, sin = RNG.standard_normal((2, 100, 32), dtype=np.float32)
     qkv = RNG.standard_normal((4, 960), dtype=np.float32) * np.float32(3000.0)
     qkv[0, 9 * 64 : 10 * 64] = 1e6  # a key beyond fp16's range
