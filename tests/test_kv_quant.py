@@ -382,6 +382,18 @@ def test_cached_kernels_follow_a_changed_kv_format(tmp_path):
     assert run() == pytest.approx(before + 64, abs=1e-3)
 
 
+def test_kernel_caches_follow_every_module_compiled_in():
+    """The CPU kernels compile in cpu_kv.py's format loops and, through them, cpu_half.py's fp16 conversions (int4's
+    nibbles, fp8's codes, fp16 KV): a change to either flushes their disk cache (the stamp beside it covers both;
+    cpu_half.py was left out, so a fixed conversion could keep running its cached old code)."""
+    from lserve_lite.backends import cpu_half, cpu_kv, cpu_select
+    from lserve_lite.backends.numba_cache import deps_stamp
+
+    for mod in (K, cpu_select):
+        stamp = Path(K.paged_attention._cache.cache_path) / f"{mod.__name__.rsplit('.', 1)[-1]}.deps.sha256"
+        assert stamp.read_text() == deps_stamp([cpu_kv, cpu_half])
+
+
 def test_merged_stats_equal_recomputed_ones():
     """Token-by-token and chunked merges give the stats of the keys themselves (update_page_stats)."""
     from lserve_lite.backends.reference.page_stats import merge_page_stats, update_page_stats
@@ -431,6 +443,8 @@ def test_engine_greedy_with_quantized_kv(tiny, sparse):
     ref = _llm(tiny, "fp32", sparse)
     ref_tokens, ref_logits = ref.generate([ids], greedy)[0].token_ids, ref.logits(ids)
     for kv, tol in (("fp16", 2e-3), ("int8", 0.02), ("int4", 0.2), ("fp8", 0.05)):
+        if kv == "fp16" and not NATIVE_HALF:
+            continue  # no fp16 KV on this host
         llm = _llm(tiny, kv, sparse)
         assert llm.engine.kv_format.name == kv and f"KV cache {kv}" in llm.engine.kv_summary()
         lg = llm.logits(ids)

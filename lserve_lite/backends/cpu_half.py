@@ -26,14 +26,19 @@ def half_ir(builder, h16):
     """An fp16 bit pattern (i16) as float32."""
     if NATIVE_HALF:
         return builder.fpext(builder.bitcast(h16, ir.HalfType()), _F32)
+    # Integer bits for normal halves (exponent rebiased by 112) and Inf / NaN; the subnormals' mantissa times 2^-24.
+    # No large constant factor: under a caller's fastmath "reassoc" LLVM folds constants across products, and the
+    # 2^112 this once multiplied by met int4's 2^24 (`cpu_kv.NIBBLE_UNIT`) as 2^136 = Inf, so 0 * Inf = NaN.
     h = builder.zext(h16, _I32)
+    exp, mant = builder.and_(h, _I32(0x7C00)), builder.and_(h, _I32(0x3FF))
     bits = builder.shl(builder.and_(h, _I32(0x7FFF)), _I32(13))
-    # times 2^112 is exact for normal and subnormal halves
-    normal = builder.fmul(builder.bitcast(bits, _F32), _F32(2.0**112))
-    special = builder.bitcast(builder.or_(bits, _I32(0x7F800000)), _F32)  # Inf / NaN
-    mag = builder.select(
-        builder.icmp_unsigned("==", builder.and_(h, _I32(0x7C00)), _I32(0x7C00)), special, normal
+    normal = builder.add(bits, _I32(112 << 23))
+    special = builder.or_(bits, _I32(0x7F800000))  # Inf / NaN
+    big = builder.bitcast(
+        builder.select(builder.icmp_unsigned("==", exp, _I32(0x7C00)), special, normal), _F32
     )
+    small = builder.fmul(builder.uitofp(mant, _F32), _F32(2.0**-24))  # zero and subnormals, exact
+    mag = builder.select(builder.icmp_unsigned("==", exp, _I32(0)), small, big)
     sign = builder.shl(builder.and_(h, _I32(0x8000)), _I32(16))
     return builder.bitcast(builder.or_(builder.bitcast(mag, _I32), sign), _F32)
 
