@@ -650,6 +650,25 @@ def test_tool_errors_through_the_server(server):
     assert server[1].blocks.num_used == 0
 
 
+def test_a_forced_call_whose_grammar_gives_up_names_tools(server):
+    """A forced choice's grammar that gives up mid-reply (llguidance's lexer limit) is a 400 naming `tools`, whole
+    and streamed: it named `response_format`, which the request did not send."""
+    params = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^(.{1,1000}){1,1000}x$"}},
+              "required": ["a"], "additionalProperties": False}  # fmt: skip
+    body = {"messages": [{"role": "user", "content": "x"}], "temperature": 0, "max_tokens": 200,
+            "tool_choice": "required", "tools": [{"type": "function", "function": {"name": "f", "parameters": params}}]}  # fmt: skip
+    r = httpx.post(server[0] + "/v1/chat/completions", json=body, timeout=60)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "tools", err
+    assert err["message"].startswith("tools: constrained decoding failed after")
+    with httpx.stream(
+        "POST", server[0] + "/v1/chat/completions", json=body | {"stream": True}, timeout=60
+    ) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert json.loads(events[-2][6:])["error"]["param"] == "tools" and events[-1] == "data: [DONE]"
+    assert server[1].blocks.num_used == 0
+
+
 def test_tokenize_renders_the_tools_as_chat_does(server):
     """/tokenize counts the prompt chat sends: parallel_tool_calls changes what a forced choice asks for (it was
     dropped, so the count was that of parallel calls)."""

@@ -32,6 +32,14 @@ class Choices:
         self.scores_only = not chat and req.scores_only  # the generated token is left out
         self.tools = req.tool_plan if chat else None
 
+    def grammar_failed(self, out: StepOutput) -> ApiError:
+        """The 400 of a reply whose grammar gave up mid-reply (LLMEngine._append cut it), naming the field that
+        set the grammar: a forced tool choice's calls schema comes from `tools`."""
+        why = f"constrained decoding failed after {out.num_output_tokens} tokens ({failure(out.seq)})"
+        if self.tools and self.tools.forced:
+            return ApiError(400, f"tools: {why}; simpler function parameters avoid it", "tools")
+        return ApiError(400, f"response_format: {why}; a simpler schema avoids it", "response_format")
+
     def echo_part(self, i: int, seq) -> tuple[str, list, list[int]]:
         """The echoed prompt of choice i: its text, its logprob entries and ids (empty without echo)."""
         if not self.echo:
@@ -79,17 +87,15 @@ class Choices:
         return usage(sum(map(len, self.prompts)), out, sum(cached))
 
 
-async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, StepOutput]]:
+async def merged(handles: list[RequestHandle], shape: Choices) -> AsyncIterator[tuple[int, StepOutput]]:
     """(choice index, output) of all handles as they come; the first error is raised."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, h: RequestHandle) -> None:
         try:
             async for out in h:
-                if out.finish_reason == "error":  # the grammar gave up: the reply is cut (LLMEngine._append)
-                    why = f"after {out.num_output_tokens} tokens ({failure(out.seq)})"
-                    raise ApiError(400, f"response_format: constrained decoding failed {why}; a simpler schema "
-                                   "avoids it", "response_format")  # fmt: skip
+                if out.finish_reason == "error":  # the grammar gave up: the reply is cut
+                    raise shape.grammar_failed(out)
                 await queue.put((i, out))
         except ApiError as e:
             await queue.put((i, e))
@@ -118,7 +124,7 @@ async def collect(request: Request, handles: list[RequestHandle], shape: Choices
     lps = [[] for _ in handles]
     lasts: list[StepOutput | None] = [None] * len(handles)
     try:
-        async for i, out in merged(handles):
+        async for i, out in merged(handles, shape):
             texts[i].append(out.text)
             lps[i] += out.logprobs
             lasts[i] = out
@@ -175,7 +181,7 @@ async def sse_events(
             for i in range(len(handles)):
                 yield chunk(i, None, role=True)
         lasts: list[StepOutput | None] = [None] * len(handles)
-        async for i, out in merged(handles):
+        async for i, out in merged(handles, shape):
             prefix, entries, ids = ("", [], []) if started[i] else shape.echo_part(i, out.seq)
             started[i] = True
             new, new_lps = ("", []) if shape.scores_only else (out.text, out.logprobs)
