@@ -608,7 +608,8 @@ def test_auto_streamed_equals_whole(client):
 
 def test_auto_calls_streamed_as_the_openai_helper_assembles_them(client):
     """A reply of bare JSON calls (forced here by a response_format const) with "auto": the openai client's stream
-    helper assembles the same calls and content (null: the first chunk carried content "") as the whole reply."""
+    helper assembles the same calls and content (null: the first chunk carried content "") as the whole reply;
+    with logprobs too (their chunks carried content "", so the streamed reply's content was "")."""
     calls = [
         {"name": "get_time", "arguments": {}},
         {"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}},
@@ -616,14 +617,17 @@ def test_auto_calls_streamed_as_the_openai_helper_assembles_them(client):
     fmt = {"type": "json_schema", "json_schema": {"name": "calls", "schema": {"const": calls}}}
     kw = dict(model="tiny", messages=[{"role": "user", "content": "x"}], tools=[WEATHER, TIME], response_format=fmt,
               max_tokens=300, temperature=0)  # fmt: skip
-    whole = client.chat.completions.create(**kw).choices[0]
-    with client.chat.completions.stream(**kw) as s:
-        streamed = s.get_final_completion().choices[0]
-    for c in (whole, streamed):
-        assert c.finish_reason == "tool_calls" and c.message.content is None
-        assert [(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls] == [
-            (x["name"], x["arguments"]) for x in calls
-        ]
+    for lp in (False, True):
+        whole = client.chat.completions.create(**kw, logprobs=lp).choices[0]
+        with client.chat.completions.stream(**kw, logprobs=lp) as s:
+            streamed = s.get_final_completion().choices[0]
+        for c in (whole, streamed):
+            assert c.finish_reason == "tool_calls" and c.message.content is None, (lp, c)
+            assert [(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls] == [
+                (x["name"], x["arguments"]) for x in calls
+            ]
+        if lp:
+            assert [t.token for t in streamed.logprobs.content] == [t.token for t in whole.logprobs.content]
 
 
 def test_tool_errors_through_the_server(server):

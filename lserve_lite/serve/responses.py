@@ -188,8 +188,9 @@ async def sse_events(
             text, calls = (prefix + new, []) if tools[i] is None else tools[i].feed(new, out.finished)
             if text or new_lps or prefix:
                 lp = shape.logprobs(entries + new_lps, ids + [e.token_id for e in new_lps], offsets[i])
-                yield chunk(i, text, lp)
-                wrote[i] = True
+                # chat: logprobs without text carry no content (a reply of calls alone stays content null)
+                yield chunk(i, text if text or not shape.chat else None, lp)
+                wrote[i] = wrote[i] or bool(text)
             for call in calls:  # a call in one delta, its arguments whole
                 yield chunk(i, None, calls=[{"index": ncalls[i], **call}])
                 ncalls[i] += 1
