@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from ..engine.llm_engine import StepOutput
 from ..engine.structured import failure
-from ..engine.tool_calls import ToolStream, finish_reason
+from ..engine.tool_calls import ToolPlan, ToolStream, finish_reason
 from .async_engine import RequestHandle
 from .logprobs import LogprobFormatter, TextOffsets
 from .protocol import ApiError, usage
@@ -22,7 +22,13 @@ class Choices:
     """How one request's choices are shaped: choice i answers prompt i // n."""
 
     def __init__(
-        self, chat: bool, req, prompts: list[list[int]], prompt_texts: list[str], fmt: LogprobFormatter
+        self,
+        chat: bool,
+        req,
+        tools: ToolPlan | None,
+        prompts: list[list[int]],
+        prompt_texts: list[str],
+        fmt: LogprobFormatter,
     ):
         self.chat, self.req, self.prompts, self.fmt = chat, req, prompts, fmt
         self.n = req.n
@@ -30,7 +36,7 @@ class Choices:
         self.prompt_texts = prompt_texts
         self.want_logprobs = bool(req.logprobs) if chat else req.logprobs is not None
         self.scores_only = not chat and req.scores_only  # the generated token is left out
-        self.tools = req.tool_plan if chat else None
+        self.tools = tools  # the request's tool plan (chat), its call ids as the template takes them
 
     def grammar_failed(self, out: StepOutput) -> ApiError:
         """The 400 of a reply whose grammar gave up mid-reply (LLMEngine._append cut it), naming the field that
