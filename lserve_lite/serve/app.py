@@ -244,9 +244,12 @@ def create_app(
         rid = new_id("chatcmpl" if chat else "cmpl")
         # all at once, so that they reach the engine in one step: the first candidate of a prompt prefills
         # it, the others wait for its pages and attach them from the prefix cache
-        got = await aengine.submit(
-            [(ids, c, rid if len(jobs) == 1 else f"{rid}-{i}") for i, (ids, c) in enumerate(jobs)]
-        )
+        try:
+            got = await aengine.submit(
+                [(ids, c, rid if len(jobs) == 1 else f"{rid}-{i}") for i, (ids, c) in enumerate(jobs)]
+            )
+        except ApiError as e:  # none started (an invalid schema, no room)
+            got = [e]
         handles: list[RequestHandle] = [h for h in got if isinstance(h, RequestHandle)]
         failed = next((e for e in got if isinstance(e, BaseException)), None)
         plan = replace(req.tool_plan, short_ids=short_ids) if chat and req.tool_plan else None
