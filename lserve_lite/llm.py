@@ -11,7 +11,7 @@ import numpy as np
 
 from .config import EngineConfig
 from .engine.llm_engine import LLMEngine, StepOutput
-from .engine.tool_calls import finish_reason, plan_tools, prompt_messages
+from .engine.tool_calls import finish_reason, plan_tools, prompt_messages, short_call_ids
 from .errors import InvalidRequestError, LServeError
 from .sampling_params import SamplingParams
 from .sequence import TokenLogprob
@@ -101,7 +101,10 @@ class LLM:
         single = isinstance(messages[0], dict)
         convs = [messages] if single else messages
         plan = plan_tools(tools, tool_choice, parallel_tool_calls)
-        if plan:  # a forced choice's schema; with "auto", the marker tokens of calls kept in the text
+        if plan:
+            plan = replace(
+                plan, short_ids=short_call_ids(self.tokenizer)
+            )  # a forced choice's schema; with "auto", the marker tokens of calls kept in the text
             params = params or SamplingParams()
             keep = list(dict.fromkeys([*params.keep_special_tokens, *plan.markers]))
             params = replace(

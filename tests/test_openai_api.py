@@ -446,6 +446,48 @@ def _token_ids(client, kw: dict) -> list[tuple[int, float]]:
     return [(t, v) for t, v in zip(lp.tokens, lp.token_logprobs)]
 
 
+def test_the_server_builds_grammars_off_the_engine_thread(server, client, monkeypatch):
+    """A new schema's matcher (seconds for a large one) is built before the request reaches the engine thread,
+    which then never builds nor looks up one: built inside add_request, it stalled every client's decoding."""
+    import threading
+
+    grammars = server[1].grammars
+    builds, lookups = [], []
+    real_build, real_matcher = grammars._build, grammars.matcher
+
+    def build(*args):
+        builds.append(threading.current_thread().name)
+        return real_build(*args)
+
+    def matcher(fmt):
+        lookups.append(threading.current_thread().name)
+        return real_matcher(fmt)
+
+    monkeypatch.setattr(grammars, "_build", build)
+    monkeypatch.setattr(grammars, "matcher", matcher)
+    fmt = {
+        "type": "json_schema",
+        "json_schema": {"name": "p", "schema": SCHEMA | {"title": "off the thread"}},
+    }
+    kw = dict(
+        model="tiny", messages=[{"role": "user", "content": "a person"}], max_tokens=150, response_format=fmt
+    )
+    r = client.chat.completions.create(n=3, temperature=0.7, **kw)
+    assert all(valid(json.loads(c.message.content)) for c in r.choices)
+    assert list(client.chat.completions.create(stream=True, **kw))[-1].choices[0].finish_reason in (
+        "stop",
+        "length",
+    )
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}
+    e = httpx.post(
+        server[0] + "/v1/chat/completions", json={"messages": kw["messages"], "response_format": bad}
+    )
+    assert e.status_code == 400 and e.json()["error"]["param"] == "response_format"
+    assert len(builds) == 2 and len(lookups) == 5  # the schema once (n and repeats share it), the bad one
+    assert "lserve-engine" not in builds + lookups, builds + lookups
+    assert server[1].blocks.num_used == 0
+
+
 def test_structured_outputs_through_the_server(server, client):
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a person"}], n=8,

@@ -409,7 +409,7 @@ def test_concurrent_requests_refused_whole(tiny_dir):
     params = SamplingParams(max_new_tokens=2)
     reached: list[str] = []
     add_request = engine.add_request
-    engine.add_request = lambda ids, p, rid: (reached.append(rid), add_request(ids, p, rid))[1]
+    engine.add_request = lambda ids, p, rid, **kw: (reached.append(rid), add_request(ids, p, rid, **kw))[1]
 
     async def both():
         aengine = AsyncEngine(engine, max_queue=1)
@@ -442,9 +442,9 @@ def test_abort_while_the_request_enters_the_engine(tiny_dir):
         aengine = AsyncEngine(engine, max_queue=4)
         add_request = engine.add_request
 
-        def abort_then_add(ids, p, rid):  # the event loop's abort lands inside the hand-over
+        def abort_then_add(ids, p, rid, **kw):  # the event loop's abort lands inside the hand-over
             aengine.abort(rid)
-            return add_request(ids, p, rid)
+            return add_request(ids, p, rid, **kw)
 
         engine.add_request = abort_then_add
         aengine.start(asyncio.get_running_loop())

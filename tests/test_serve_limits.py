@@ -139,6 +139,11 @@ def test_prompt_size_before_validation(client):
             "message"
         ]
     assert "at most 64 prompts" in error(post(client, {"prompt": [[1]] * 65, "max_tokens": 2}))["message"]
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    for field in ({"tool_call_id": "i" * 201}, {"role": "r" * 201}, {"tool_calls": [call] * 3}):
+        # every field that can reach the template counts (tool_call_id did not: the template rendered it whole)
+        msgs = [{"role": "tool", "content": "x"} | field]
+        assert error(post(client, {"messages": msgs}, chat=True))["code"] == "context_length_exceeded", field
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": []},
              {"role": "user"}]  # fmt: skip
     r = post(client, {"messages": turns, "max_tokens": 2, "temperature": 0}, chat=True)

@@ -608,7 +608,8 @@ def test_auto_streamed_equals_whole(client):
 
 def test_auto_calls_streamed_as_the_openai_helper_assembles_them(client):
     """A reply of bare JSON calls (forced here by a response_format const) with "auto": the openai client's stream
-    helper assembles the same calls and content (null: the first chunk carried content "") as the whole reply."""
+    helper assembles the same calls and content (null: the first chunk carried content "") as the whole reply;
+    with logprobs too (their chunks carried content "", so the streamed reply's content was "")."""
     calls = [
         {"name": "get_time", "arguments": {}},
         {"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}},
@@ -616,14 +617,17 @@ def test_auto_calls_streamed_as_the_openai_helper_assembles_them(client):
     fmt = {"type": "json_schema", "json_schema": {"name": "calls", "schema": {"const": calls}}}
     kw = dict(model="tiny", messages=[{"role": "user", "content": "x"}], tools=[WEATHER, TIME], response_format=fmt,
               max_tokens=300, temperature=0)  # fmt: skip
-    whole = client.chat.completions.create(**kw).choices[0]
-    with client.chat.completions.stream(**kw) as s:
-        streamed = s.get_final_completion().choices[0]
-    for c in (whole, streamed):
-        assert c.finish_reason == "tool_calls" and c.message.content is None
-        assert [(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls] == [
-            (x["name"], x["arguments"]) for x in calls
-        ]
+    for lp in (False, True):
+        whole = client.chat.completions.create(**kw, logprobs=lp).choices[0]
+        with client.chat.completions.stream(**kw, logprobs=lp) as s:
+            streamed = s.get_final_completion().choices[0]
+        for c in (whole, streamed):
+            assert c.finish_reason == "tool_calls" and c.message.content is None, (lp, c)
+            assert [(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls] == [
+                (x["name"], x["arguments"]) for x in calls
+            ]
+        if lp:
+            assert [t.token for t in streamed.logprobs.content] == [t.token for t in whole.logprobs.content]
 
 
 def test_tool_errors_through_the_server(server):
@@ -648,6 +652,158 @@ def test_tool_errors_through_the_server(server):
         assert r.status_code == 400 and err["param"] == param and "\n" not in err["message"], (body, err)
     assert post(tools=[WEATHER], tool_choice="none").status_code == 200
     assert server[1].blocks.num_used == 0
+
+
+def test_a_forced_call_whose_grammar_gives_up_names_tools(server):
+    """A forced choice's grammar that gives up mid-reply (llguidance's lexer limit) is a 400 naming `tools`, whole
+    and streamed: it named `response_format`, which the request did not send."""
+    params = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^(.{1,1000}){1,1000}x$"}},
+              "required": ["a"], "additionalProperties": False}  # fmt: skip
+    body = {"messages": [{"role": "user", "content": "x"}], "temperature": 0, "max_tokens": 200,
+            "tool_choice": "required", "tools": [{"type": "function", "function": {"name": "f", "parameters": params}}]}  # fmt: skip
+    r = httpx.post(server[0] + "/v1/chat/completions", json=body, timeout=60)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "tools", err
+    assert err["message"].startswith("tools: constrained decoding failed after")
+    with httpx.stream(
+        "POST", server[0] + "/v1/chat/completions", json=body | {"stream": True}, timeout=60
+    ) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert json.loads(events[-2][6:])["error"]["param"] == "tools" and events[-1] == "data: [DONE]"
+    assert server[1].blocks.num_used == 0
+
+
+# Mistral-7B-Instruct-v0.3's chat template (tokenizer_config.json), as published
+MISTRAL_V03 = """{%- if messages[0]["role"] == "system" %}
+    {%- set system_message = messages[0]["content"] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+{%- set user_messages = loop_messages | selectattr("role", "equalto", "user") | list %}
+
+{#- This block checks for alternating user/assistant messages, skipping tool calling messages #}
+{%- set ns = namespace() %}
+{%- set ns.index = 0 %}
+{%- for message in loop_messages %}
+    {%- if not (message.role == "tool" or message.role == "tool_results" or (message.tool_calls is defined and message.tool_calls is not none)) %}
+        {%- if (message["role"] == "user") != (ns.index % 2 == 0) %}
+            {{- raise_exception("After the optional system message, conversation roles must alternate user/assistant/user/assistant/...") }}
+        {%- endif %}
+        {%- set ns.index = ns.index + 1 %}
+    {%- endif %}
+{%- endfor %}
+
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if message["role"] == "user" %}
+        {%- if tools is not none and (message == user_messages[-1]) %}
+            {{- "[AVAILABLE_TOOLS] [" }}
+            {%- for tool in tools %}
+                {%- set tool = tool.function %}
+                {{- '{"type": "function", "function": {' }}
+                {%- for key, val in tool.items() if key != "return" %}
+                    {%- if val is string %}
+                        {{- '"' + key + '": "' + val + '"' }}
+                    {%- else %}
+                        {{- '"' + key + '": ' + val|tojson }}
+                    {%- endif %}
+                    {%- if not loop.last %}
+                        {{- ", " }}
+                    {%- endif %}
+                {%- endfor %}
+                {{- "}}" }}
+                {%- if not loop.last %}
+                    {{- ", " }}
+                {%- else %}
+                    {{- "]" }}
+                {%- endif %}
+            {%- endfor %}
+            {{- "[/AVAILABLE_TOOLS]" }}
+            {%- endif %}
+        {%- if loop.last and system_message is defined %}
+            {{- "[INST] " + system_message + "\\n\\n" + message["content"] + "[/INST]" }}
+        {%- else %}
+            {{- "[INST] " + message["content"] + "[/INST]" }}
+        {%- endif %}
+    {%- elif message.tool_calls is defined and message.tool_calls is not none %}
+        {{- "[TOOL_CALLS] [" }}
+        {%- for tool_call in message.tool_calls %}
+            {%- set out = tool_call.function|tojson %}
+            {{- out[:-1] }}
+            {%- if not tool_call.id is defined or tool_call.id|length != 9 %}
+                {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}
+            {%- endif %}
+            {{- ', "id": "' + tool_call.id + '"}' }}
+            {%- if not loop.last %}
+                {{- ", " }}
+            {%- else %}
+                {{- "]" + eos_token }}
+            {%- endif %}
+        {%- endfor %}
+    {%- elif message["role"] == "assistant" %}
+        {{- " " + message["content"]|trim + eos_token}}
+    {%- elif message["role"] == "tool_results" or message["role"] == "tool" %}
+        {%- if message.content is defined and message.content.content is defined %}
+            {%- set content = message.content.content %}
+        {%- else %}
+            {%- set content = message.content %}
+        {%- endif %}
+        {{- '[TOOL_RESULTS] {"content": ' + content|string + ", " }}
+        {%- if not message.tool_call_id is defined or message.tool_call_id|length != 9 %}
+            {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}
+        {%- endif %}
+        {{- '"call_id": "' + message.tool_call_id + '"}[/TOOL_RESULTS]' }}
+    {%- else %}
+        {{- raise_exception("Only user and assistant roles are supported, with the exception of an initial optional system message!") }}
+    {%- endif %}
+{%- endfor %}
+"""
+
+
+def test_call_ids_as_mistrals_template_takes_them_back(tmp_path):
+    """Mistral v0.3's template raises unless call ids are 9 alphanumeric characters: a follow-up request with the
+    reply's calls and a tool result was a 400 ("call_" + 24 hex digits). The server (probing the template) gives
+    such ids, and the conversation after a call renders; other templates keep OpenAI's "call_..." ids."""
+    import re
+
+    import openai
+    from tiny_models import make_tiny_numpy
+
+    from lserve_lite.engine.llm_engine import LLMEngine
+    from lserve_lite.engine.tool_calls import short_call_ids
+    from lserve_lite.serve.app import ServerThread, create_app
+    from lserve_lite.tokenizer import Tokenizer
+
+    path = make_tiny_numpy(tmp_path)
+    assert not short_call_ids(Tokenizer(path))  # ChatML, tools in the system message
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg | {"chat_template": MISTRAL_V03}))
+    assert short_call_ids(Tokenizer(path))
+    engine = LLMEngine(str(path), "cpu", EngineConfig(**CFG))
+    with ServerThread(create_app(engine, served_model_name="tiny")) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+        ask = [{"role": "user", "content": "weather in Rome?"}]
+        kw = dict(model="tiny", tools=[WEATHER, TIME], max_tokens=120, temperature=0)
+        named = {"type": "function", "function": {"name": "get_weather"}}
+        msg = client.chat.completions.create(messages=ask, tool_choice=named, **kw).choices[0].message
+        (call,) = msg.tool_calls
+        assert re.fullmatch("[A-Za-z0-9]{9}", call.id) and call.function.name == "get_weather"
+        with client.chat.completions.stream(messages=ask, tool_choice="required", **kw) as s:
+            streamed = s.get_final_completion().choices[0].message.tool_calls
+        assert all(re.fullmatch("[A-Za-z0-9]{9}", c.id) for c in streamed)
+        follow = ask + [
+            msg.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "21"},
+        ]
+        r = client.chat.completions.create(messages=follow, **kw | {"max_tokens": 4})
+        assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+        prompt = httpx.post(url + "/tokenize", json={"messages": follow, "tools": [WEATHER]}).json()["tokens"]
+        text = engine.tokenizer.decode(prompt, False)
+        assert f'"id": "{call.id}"}}]' in text and f'"call_id": "{call.id}"}}[/TOOL_RESULTS]' in text
 
 
 def test_tokenize_renders_the_tools_as_chat_does(server):

@@ -236,8 +236,11 @@ class LLMEngine:
         params: SamplingParams,
         request_id: str | None = None,
         sparse: dict | None = None,
+        guide: tuple[object, np.ndarray] | None = None,
     ) -> str:
-        """Queue a request; `sparse` overrides LServe knobs for it (token_budget, select_interval, windows)."""
+        """Queue a request; `sparse` overrides LServe knobs for it (token_budget, select_interval, windows). `guide`:
+        the matcher of the params' response_format and its first mask, built beforehand (`grammars.matcher`, which
+        takes up to seconds for a large schema: the server builds it off the engine thread); else built here."""
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}")
         if sparse is not None and not isinstance(sparse, dict):
@@ -262,7 +265,7 @@ class LLMEngine:
                 raise InvalidRequestError(f"{what} token id {bad[0]} is not in [0, {self.cfg.vocab_size})")
         seq = Sequence(ids, params, request_id)
         if params.constrained:
-            seq.guide, seq.token_mask = self.grammars.matcher(params.response_format)
+            seq.guide, seq.token_mask = guide or self.grammars.matcher(params.response_format)
         if sparse:
             seq.sparse = self.request_sparse_config(sparse)
         if seq.request_id in self.seqs:

@@ -5,6 +5,7 @@ takes the sampled token back. llguidance is optional (the `structured` extra): R
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -17,18 +18,20 @@ from ..tokenizer import Tokenizer
 INSTALL = "structured outputs need the llguidance package: pip install 'lserve-lite[structured]'"
 # Compact JSON: a model may not pad with endless whitespace (a random or weak model otherwise does).
 JSON_OPTIONS = {"whitespace_flexible": False}
-# Matchers built (in their first state) kept per schema: building one takes up to seconds for a large schema, on
-# the engine thread, and n candidates or a client's repeated requests share their schema. At most 16, and the
+# Matchers built (in their first state) kept per schema: building one takes up to seconds for a large schema, and
+# n candidates or a client's repeated requests share their schema. At most 16, and the
 # newest only past 2^21 characters of schemas in all (a 1 MB schema's matcher holds ~50 MB; copies share it).
 CACHED_SCHEMAS, CACHED_CHARS = 16, 1 << 21
 
 
 class Grammars:
-    """Builds matchers for one tokenizer; llguidance's tokenizer (~1 s to build) is made on first use."""
+    """Builds matchers for one tokenizer; llguidance's tokenizer (~1 s to build) is made on first use. Thread-safe
+    (one build at a time): the server builds in worker threads, off the engine thread."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: list[int]):
         self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, eos_ids
         self._ll_tok = None
+        self._lock = threading.Lock()  # guards the llguidance tokenizer and the kept matchers
         self._built: OrderedDict[str, tuple[object, np.ndarray]] = OrderedDict()  # schema text -> first state
 
     def _llg(self):
@@ -49,6 +52,10 @@ class Grammars:
     def matcher(self, response_format: dict) -> tuple[object, np.ndarray]:
         """A fresh matcher for an OpenAI response format and its first bitmask (int32 words); an invalid schema is
         a one-line InvalidRequestError. A schema met lately is not built again: its first state is copied."""
+        with self._lock:
+            return self._matcher(response_format)
+
+    def _matcher(self, response_format: dict) -> tuple[object, np.ndarray]:
         llg = self._llg()
         schema = (
             {"type": "object"} if response_format["type"] == "json_object" else schema_of(response_format)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
+import string
 import uuid
 from dataclasses import dataclass
 
 from ..errors import InvalidRequestError
-from ..tokenizer import message_text
+from ..tokenizer import Tokenizer, message_text
 
 MAX_TOOLS = 128  # OpenAI's limit
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -24,6 +26,7 @@ OPEN, CLOSE = "<tool_call>", "</tool_call>"
 LEADS = {"[TOOL_CALLS]": (), "<|python_tag|>": ("<|eom_id|>", "<|eot_id|>")}
 TAGS = (OPEN, *LEADS)  # what opens calls in a reply's text
 RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
+ALNUM = string.ascii_letters + string.digits
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,15 @@ class ToolPlan:
     mode: str
     name: str | None = None
     parallel: bool = True
+    short_ids: bool = (
+        False  # calls get 9 alphanumeric characters as ids (Mistral's templates), not "call_..."
+    )
+
+    def call_id(self) -> str:
+        """A new call's id, in the form the chat template takes back in the conversation that follows."""
+        if self.short_ids:
+            return "".join(secrets.choice(ALNUM) for _ in range(9))
+        return f"call_{uuid.uuid4().hex[:24]}"
 
     def by_name(self, name: object) -> Tool | None:
         return next((t for t in self.tools if t.name == name), None)
@@ -177,7 +189,7 @@ def _calls_of(plan: ToolPlan, obj: object) -> list[dict]:
         if not isinstance(args, dict):
             return []
         fn = {"name": it["name"], "arguments": json.dumps(args, ensure_ascii=False)}
-        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": fn})
+        calls.append({"id": plan.call_id(), "type": "function", "function": fn})
     return calls
 
 
@@ -278,6 +290,28 @@ def _partial_tag(s: str) -> int:
         if any(len(t) > k and t.startswith(s[-k:]) for t in TAGS):
             return k
     return 0
+
+
+def short_call_ids(tok: Tokenizer) -> bool:
+    """Whether the chat template takes back only Mistral's call ids (9 alphanumeric characters; v0.3 and Nemo
+    raise on any other, so a follow-up request with "call_..." ids failed): probed by rendering a call and its
+    result with each kind of id. A template that does not read tools never renders ids."""
+    if not tok.template_reads_tools:
+        return False
+
+    def renders(call_id: str) -> bool:
+        call = {"id": call_id, "type": "function", "function": {"name": "f", "arguments": {}}}
+        msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": call_id, "content": "y"}]  # fmt: skip
+        try:
+            tok.render_chat(msgs, tools=[Tool("f", "", {"type": "object"}).spec()])
+        except InvalidRequestError:
+            return False
+        return True
+
+    return not renders(ToolPlan((), "auto").call_id()) and renders(
+        ToolPlan((), "auto", short_ids=True).call_id()
+    )
 
 
 def plan_tools(tools: list | None, tool_choice: object, parallel: bool | None) -> ToolPlan | None:

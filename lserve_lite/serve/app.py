@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -16,7 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.llm_engine import LLMEngine
-from ..engine.tool_calls import prompt_messages
+from ..engine.tool_calls import prompt_messages, short_call_ids
 from ..errors import InvalidRequestError
 from . import add_serve_args, run_from_args, run_server
 from .async_engine import AsyncEngine, RequestHandle
@@ -62,6 +63,8 @@ def create_app(
     aengine = AsyncEngine(engine, max_queue, metrics)
     model_name = served_model_name or engine.model_name
     formatter = LogprobFormatter(engine.tokenizer)
+    # calls get the ids that the template takes back (Mistral's: 9 characters)
+    short_ids = short_call_ids(engine.tokenizer)
     created = now()
 
     @asynccontextmanager
@@ -241,14 +244,17 @@ def create_app(
         rid = new_id("chatcmpl" if chat else "cmpl")
         # all at once, so that they reach the engine in one step: the first candidate of a prompt prefills
         # it, the others wait for its pages and attach them from the prefix cache
-        got = await aengine.submit(
-            [(ids, c, rid if len(jobs) == 1 else f"{rid}-{i}") for i, (ids, c) in enumerate(jobs)]
-        )
+        try:
+            got = await aengine.submit(
+                [(ids, c, rid if len(jobs) == 1 else f"{rid}-{i}") for i, (ids, c) in enumerate(jobs)]
+            )
+        except ApiError as e:  # none started (an invalid schema, no room)
+            got = [e]
         handles: list[RequestHandle] = [h for h in got if isinstance(h, RequestHandle)]
         failed = next((e for e in got if isinstance(e, BaseException)), None)
+        plan = replace(req.tool_plan, short_ids=short_ids) if chat and req.tool_plan else None
         if failed is not None:
             close_all(handles)
-            plan = req.tool_plan if chat else None
             if plan and plan.forced and isinstance(failed, ApiError) and failed.param == "response_format":
                 raise ApiError(
                     400, "tools: the functions' parameters" + failed.message.partition(":")[2], "tools"
@@ -259,7 +265,7 @@ def create_app(
             if not chat and req.echo
             else []
         )
-        shape = Choices(chat, req, prompts, texts, formatter)
+        shape = Choices(chat, req, plan, prompts, texts, formatter)
         base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": now(),
                 "model": model_name}  # fmt: skip
         if req.stream:

@@ -1,7 +1,8 @@
 """One engine thread steps the LLMEngine for every client; asyncio handlers submit and read per-request queues.
 
 The engine thread owns the engine: it adds the submitted requests, runs `step()` while work exists and
-sleeps on a condition otherwise. Outputs go back to the event loop in one `call_soon_threadsafe` per step
+sleeps on a condition otherwise. A constrained request's grammar matcher is built before it is submitted, in a
+worker thread: a new large schema takes up to seconds, which on the engine thread stalled every client. Outputs go back to the event loop in one `call_soon_threadsafe` per step
 and land in per-request asyncio queues. An abort (client gone) is applied at the start of the next step,
 which frees the request's KV pages.
 """
@@ -13,6 +14,8 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+
+import numpy as np
 
 from ..engine.llm_engine import LLMEngine, StepOutput
 from ..errors import InvalidRequestError, LServeError
@@ -31,6 +34,7 @@ class _Submission:
     prompt_ids: list[int]
     params: SamplingParams
     arrival: float
+    guide: tuple[object, np.ndarray] | None  # the response_format's matcher, built off the engine thread
 
 
 class RequestHandle:
@@ -128,14 +132,29 @@ class AsyncEngine:
         if not self.alive:
             raise ApiError(503, "the engine is not running")
         self.check_room(len(jobs))
+        arrival = time.monotonic()
+        guides: list = [None] * len(jobs)
+        if any(params.constrained for _, params, _ in jobs):
+            guides = await asyncio.to_thread(self._guides, [params for _, params, _ in jobs])
+            self.check_room(len(jobs))  # again: others may have taken the room meanwhile
         queues: list[tuple[str, asyncio.Queue]] = []
         with self._cv:
-            for prompt_ids, params, rid in jobs:
+            for (prompt_ids, params, rid), guide in zip(jobs, guides):
                 queues.append((rid, asyncio.Queue()))
                 self._queues[rid] = queues[-1][1]
-                self._inbox.append(_Submission(rid, prompt_ids, params, time.monotonic()))
+                self._inbox.append(_Submission(rid, prompt_ids, params, arrival, guide))
             self._cv.notify()
         return await asyncio.gather(*(self._admitted(rid, q) for rid, q in queues), return_exceptions=True)
+
+    def _guides(self, params: list[SamplingParams]) -> list[tuple[object, np.ndarray] | None]:
+        """Each constrained sequence's matcher (in a worker thread; the engine keeps a schema's, so n candidates
+        build it once); an invalid schema is a 400."""
+        try:
+            return [
+                self.engine.grammars.matcher(p.response_format) if p.constrained else None for p in params
+            ]
+        except InvalidRequestError as e:
+            raise ApiError(400, str(e), param_of(str(e))) from None
 
     async def _admitted(self, rid: str, queue: asyncio.Queue) -> RequestHandle:
         try:
@@ -202,7 +221,7 @@ class AsyncEngine:
 
     def _add(self, s: _Submission) -> object:
         try:
-            self.engine.add_request(s.prompt_ids, s.params, s.request_id)
+            self.engine.add_request(s.prompt_ids, s.params, s.request_id, guide=s.guide)
         except InvalidRequestError as e:
             return ApiError(400, str(e), param_of(str(e)))
         except Exception:

@@ -340,25 +340,38 @@ def _batch(p: Any) -> list:
 
 def prompt_size(body: dict, chat: bool) -> tuple[int, int, int]:
     """A decoded body's prompt measured before validation, in time linear in its size: (characters of text,
-    MESSAGE_CHARS counted for each message, tools and tool calls as JSON; token ids of the longest id prompt;
-    prompts)."""
+    MESSAGE_CHARS counted for each message, tools as JSON; token ids of the longest id prompt; prompts)."""
     if chat:
         msgs = body.get("messages")
         if not isinstance(msgs, list):
             return 0, 0, 1
         chars = MESSAGE_CHARS * len(msgs) + (len(json.dumps(body["tools"])) if body.get("tools") else 0)
-        for m in msgs:
-            c = m.get("content") if isinstance(m, dict) else None
-            parts = c if isinstance(c, list) else [{"text": c}]
-            chars += sum(
-                len(x["text"]) if isinstance(x, dict) and isinstance(x.get("text"), str) else 1 for x in parts
-            )
-            chars += len(json.dumps(m["tool_calls"])) if isinstance(m, dict) and m.get("tool_calls") else 0
-        return chars, 0, 1
+        return chars + sum(map(_message_chars, msgs)), 0, 1
     p = body.get("prompt")
     prompts = _batch(p)
     chars = sum(len(x) for x in prompts if isinstance(x, str))
     return chars, max((len(x) for x in prompts if isinstance(x, list)), default=0), len(prompts)
+
+
+def _message_chars(m: object) -> int:
+    """Characters of a raw message's fields that can reach the chat template (ChatMessage's fields; it ignores
+    any other): strings as they are (role, tool_call_id), text parts by their text, other values (tool_calls) as
+    JSON; a null or non-text part counts 1."""
+    if not isinstance(m, dict):
+        return 1
+    chars = 0
+    for key in ChatMessage.model_fields:
+        v = m.get(key)
+        if isinstance(v, str):
+            chars += len(v)
+        elif key == "content":
+            parts = v if isinstance(v, list) else [v]
+            chars += sum(
+                len(x["text"]) if isinstance(x, dict) and isinstance(x.get("text"), str) else 1 for x in parts
+            )
+        elif v:
+            chars += len(json.dumps(v))
+    return chars
 
 
 def parse(model: type[_Request], body: dict) -> _Request:

@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from ..engine.llm_engine import StepOutput
 from ..engine.structured import failure
-from ..engine.tool_calls import ToolStream, finish_reason
+from ..engine.tool_calls import ToolPlan, ToolStream, finish_reason
 from .async_engine import RequestHandle
 from .logprobs import LogprobFormatter, TextOffsets
 from .protocol import ApiError, usage
@@ -22,7 +22,13 @@ class Choices:
     """How one request's choices are shaped: choice i answers prompt i // n."""
 
     def __init__(
-        self, chat: bool, req, prompts: list[list[int]], prompt_texts: list[str], fmt: LogprobFormatter
+        self,
+        chat: bool,
+        req,
+        tools: ToolPlan | None,
+        prompts: list[list[int]],
+        prompt_texts: list[str],
+        fmt: LogprobFormatter,
     ):
         self.chat, self.req, self.prompts, self.fmt = chat, req, prompts, fmt
         self.n = req.n
@@ -30,7 +36,15 @@ class Choices:
         self.prompt_texts = prompt_texts
         self.want_logprobs = bool(req.logprobs) if chat else req.logprobs is not None
         self.scores_only = not chat and req.scores_only  # the generated token is left out
-        self.tools = req.tool_plan if chat else None
+        self.tools = tools  # the request's tool plan (chat), its call ids as the template takes them
+
+    def grammar_failed(self, out: StepOutput) -> ApiError:
+        """The 400 of a reply whose grammar gave up mid-reply (LLMEngine._append cut it), naming the field that
+        set the grammar: a forced tool choice's calls schema comes from `tools`."""
+        why = f"constrained decoding failed after {out.num_output_tokens} tokens ({failure(out.seq)})"
+        if self.tools and self.tools.forced:
+            return ApiError(400, f"tools: {why}; simpler function parameters avoid it", "tools")
+        return ApiError(400, f"response_format: {why}; a simpler schema avoids it", "response_format")
 
     def echo_part(self, i: int, seq) -> tuple[str, list, list[int]]:
         """The echoed prompt of choice i: its text, its logprob entries and ids (empty without echo)."""
@@ -79,17 +93,15 @@ class Choices:
         return usage(sum(map(len, self.prompts)), out, sum(cached))
 
 
-async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, StepOutput]]:
+async def merged(handles: list[RequestHandle], shape: Choices) -> AsyncIterator[tuple[int, StepOutput]]:
     """(choice index, output) of all handles as they come; the first error is raised."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, h: RequestHandle) -> None:
         try:
             async for out in h:
-                if out.finish_reason == "error":  # the grammar gave up: the reply is cut (LLMEngine._append)
-                    why = f"after {out.num_output_tokens} tokens ({failure(out.seq)})"
-                    raise ApiError(400, f"response_format: constrained decoding failed {why}; a simpler schema "
-                                   "avoids it", "response_format")  # fmt: skip
+                if out.finish_reason == "error":  # the grammar gave up: the reply is cut
+                    raise shape.grammar_failed(out)
                 await queue.put((i, out))
         except ApiError as e:
             await queue.put((i, e))
@@ -118,7 +130,7 @@ async def collect(request: Request, handles: list[RequestHandle], shape: Choices
     lps = [[] for _ in handles]
     lasts: list[StepOutput | None] = [None] * len(handles)
     try:
-        async for i, out in merged(handles):
+        async for i, out in merged(handles, shape):
             texts[i].append(out.text)
             lps[i] += out.logprobs
             lasts[i] = out
@@ -175,15 +187,16 @@ async def sse_events(
             for i in range(len(handles)):
                 yield chunk(i, None, role=True)
         lasts: list[StepOutput | None] = [None] * len(handles)
-        async for i, out in merged(handles):
+        async for i, out in merged(handles, shape):
             prefix, entries, ids = ("", [], []) if started[i] else shape.echo_part(i, out.seq)
             started[i] = True
             new, new_lps = ("", []) if shape.scores_only else (out.text, out.logprobs)
             text, calls = (prefix + new, []) if tools[i] is None else tools[i].feed(new, out.finished)
             if text or new_lps or prefix:
                 lp = shape.logprobs(entries + new_lps, ids + [e.token_id for e in new_lps], offsets[i])
-                yield chunk(i, text, lp)
-                wrote[i] = True
+                # chat: logprobs without text carry no content (a reply of calls alone stays content null)
+                yield chunk(i, text if text or not shape.chat else None, lp)
+                wrote[i] = wrote[i] or bool(text)
             for call in calls:  # a call in one delta, its arguments whole
                 yield chunk(i, None, calls=[{"index": ncalls[i], **call}])
                 ncalls[i] += 1
