@@ -514,3 +514,33 @@ def test_structured_outputs_through_the_server(server, client):
     assert "constrained decoding failed" in events[-2] and events[-1] == "data: [DONE]"
     assert not any('"finish_reason": "stop"' in x for x in events)
     assert server[1].blocks.num_used == 0
+
+
+def test_shutdown_while_a_grammar_builds_refuses_the_request(tiny_dir):
+    """The server shutting down while a request's grammar is built (in a worker thread) answers that request 503:
+    its submission went into an inbox no engine thread would take again, and the client waited forever."""
+    import asyncio
+
+    pytest.importorskip("llguidance")
+    from lserve_lite.engine.llm_engine import LLMEngine
+    from lserve_lite.serve.async_engine import AsyncEngine
+    from lserve_lite.serve.protocol import ApiError
+
+    engine = LLMEngine(str(tiny_dir), "cpu", EngineConfig(**CFG))
+    params = SamplingParams(max_new_tokens=4, response_format={"type": "json_object"})
+
+    async def go():
+        aengine = AsyncEngine(engine)
+        real = engine.grammars.matcher
+
+        def matcher(fmt):  # the shutdown lands during the build
+            aengine.shutdown()
+            return real(fmt)
+
+        engine.grammars.matcher = matcher
+        aengine.start(asyncio.get_running_loop())
+        return await asyncio.wait_for(aengine.submit([([5, 6, 7], params, "late")]), timeout=60)
+
+    with pytest.raises(ApiError) as e:
+        asyncio.run(go())
+    assert e.value.status == 503

@@ -139,6 +139,8 @@ class AsyncEngine:
             self.check_room(len(jobs))  # again: others may have taken the room meanwhile
         queues: list[tuple[str, asyncio.Queue]] = []
         with self._cv:
+            if self._stopping:  # shut down while the grammars were built: nothing would ever take the inbox
+                raise ApiError(503, "the server is shutting down")
             for (prompt_ids, params, rid), guide in zip(jobs, guides):
                 queues.append((rid, asyncio.Queue()))
                 self._queues[rid] = queues[-1][1]
