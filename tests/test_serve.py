@@ -151,6 +151,21 @@ def test_cli_hook(monkeypatch):
     assert (cfg.max_model_len, cfg.max_num_seqs, seen["args"][1]) == (512, 8, "127.0.0.1")
 
 
+def test_empty_api_key_means_none(monkeypatch, capsys):
+    """`LSERVE_API_KEY=` sets no key (README: "$LSERVE_API_KEY, else none"); it used to require an empty bearer
+    token, refusing every real client with 401. An empty or space-padded --api-key is refused in one line."""
+    from lserve_lite import cli
+
+    monkeypatch.setenv("LSERVE_API_KEY", "")
+    assert cli.build_parser().parse_args(["serve"]).api_key is None
+    monkeypatch.setenv("LSERVE_API_KEY", "k")
+    assert cli.build_parser().parse_args(["serve"]).api_key == "k"
+    for bad in ("", " k"):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["serve", "--api-key", bad])
+        assert "API key must not be empty" in capsys.readouterr().err
+
+
 # -- greedy equality with the embedded API ------------------------------------------------------------------
 def test_chat_matches_llm(client, ref):
     for p in PROMPTS[:2]:

@@ -21,8 +21,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--port", type=bounded_int(1, 65535), default=8000)
     s.add_argument(
         "--api-key",
-        default=os.environ.get("LSERVE_API_KEY"),
-        help="require 'Authorization: Bearer KEY' on /v1/* (default: $LSERVE_API_KEY, else none)",
+        type=_api_key,
+        default=os.environ.get("LSERVE_API_KEY") or None,  # an empty variable (`LSERVE_API_KEY=`) sets no key
+        help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize (default: $LSERVE_API_KEY, "
+        "else none)",
     )
     s.add_argument(
         "--served-model-name",
@@ -110,6 +112,14 @@ def run_server(
              engine.ops.name, engine.max_len, engine.kv_summary(), host, port)  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level=log_level)
     return 0
+
+
+def _api_key(text: str) -> str:
+    """An empty key would admit only an empty bearer token (while the startup warning says no key is set), and
+    one with outer spaces none at all (the header's token is stripped): both are refused."""
+    if not text or text != text.strip():
+        raise argparse.ArgumentTypeError("the API key must not be empty nor start or end with whitespace")
+    return text
 
 
 def _model_id(text: str) -> str:
