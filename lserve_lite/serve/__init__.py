@@ -30,7 +30,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "--served-model-name",
         type=_model_id,
         default=None,
-        help="model id in the API (default: model directory name)",
+        help="model id in the API (default: model directory name, or a GGUF file's name without .gguf)",
     )
     s.add_argument(
         "--max-num-seqs",
