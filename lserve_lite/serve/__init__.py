@@ -36,7 +36,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "--max-num-seqs",
         type=bounded_int(1, MAX_NUM_SEQS),
         default=64,
-        help="requests batched together at most",
+        help="sequences (a request's prompts x n) batched together at most",
     )
     s.add_argument(
         "--max-num-batched-tokens",
@@ -48,7 +48,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "--max-queue",
         type=bounded_int(0, 1 << 20),
         default=256,
-        help="requests allowed to wait beyond the --max-num-seqs running ones; more get HTTP 429",
+        help="sequences allowed to wait beyond the --max-num-seqs running ones; more get HTTP 429",
     )
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
