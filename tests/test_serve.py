@@ -163,7 +163,10 @@ def test_empty_api_key_means_none(monkeypatch, capsys):
     for bad in ("", " k"):
         with pytest.raises(SystemExit):
             cli.build_parser().parse_args(["serve", "--api-key", bad])
-        assert "API key must not be empty" in capsys.readouterr().err
+        assert "must not be empty" in capsys.readouterr().err
+    monkeypatch.setenv("LSERVE_API_KEY", "k ")  # a padded variable is refused too, not made unusable
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["serve"])
 
 
 # -- greedy equality with the embedded API ------------------------------------------------------------------

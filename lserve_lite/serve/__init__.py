@@ -118,7 +118,9 @@ def _api_key(text: str) -> str:
     """An empty key would admit only an empty bearer token (while the startup warning says no key is set), and
     one with outer spaces none at all (the header's token is stripped): both are refused."""
     if not text or text != text.strip():
-        raise argparse.ArgumentTypeError("the API key must not be empty nor start or end with whitespace")
+        raise argparse.ArgumentTypeError(
+            "the API key ($LSERVE_API_KEY too) must not be empty nor start or end with whitespace"
+        )
     return text
 
 
