@@ -125,6 +125,12 @@ def test_bundled_lookup(tmp_path):
     assert bundled_pattern("meta-llama/Llama-3.1-8B-Instruct").parent.name == "Meta-Llama-3.1-8B-Instruct"
     assert bundled_pattern("mistral-7b-instruct-v0.2-q4").parent.name == "Mistral-7B-Instruct-v0.2"
     assert bundled_pattern("gpt2") is None
+    # another version of a shipped model has no pattern (v0.3 got v0.2's through the alias's prefix)
+    assert (
+        bundled_pattern("Mistral-7B-Instruct-v0.3") is None
+        and bundled_pattern("mistral-7b-instruct-v0.1") is None
+    )
+    assert bundled_pattern("Llama-3.1-8B-Instruct-Q4_K_M.gguf").parent.name == "Meta-Llama-3.1-8B-Instruct"
     assert bundled_pattern(tmp_path / "Qwen2-0.5B") is None
     # a pattern inside the model directory wins; config.json's _name_or_path is consulted
     d = tmp_path / "my-model"

@@ -9,6 +9,7 @@ Shipped patterns live in the data folder `sparse/patterns/<model>/full_attention
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +134,8 @@ def bundled_pattern(model_name_or_dir: str | Path) -> Path | None:
 
     Order: `full_attention_heads.tsv` inside the model directory itself; then a shipped folder whose
     name equals the model's name (case-insensitive, a leading "org/" or "org--" dropped), or prefixes it
-    followed by "-", "_" or "." (e.g. "SmolLM2-135M-Instruct-q4_1"); then a few known aliases.
+    followed by "-", "_" or "." and not a version ("SmolLM2-135M-Instruct-q4_1", not "Mistral-7B-Instruct-v0.3");
+    then a few known aliases.
     """
     local = Path(model_name_or_dir) / PATTERN_FILE
     if local.is_file():
@@ -147,10 +149,16 @@ def bundled_pattern(model_name_or_dir: str | Path) -> Path | None:
             if n in table:
                 return table[n]
         for table in (by_lower, aliases):
-            hits = [k for k in table if n.startswith(k) and n[len(k)] in "-_."]
+            hits = [k for k in table if n.startswith(k) and _suffix(n[len(k) :])]
             if hits:
                 return table[max(hits, key=len)]
     return None
+
+
+def _suffix(rest: str) -> bool:
+    """What may follow a pattern's name in a model's: a tag after "-", "_" or "." ("-q4_1", ".gguf"), but not
+    another version of the model ("-v0.3" after "mistral-7b-instruct": its heads were never calibrated)."""
+    return rest[:1] in ("-", "_", ".") and re.match(r"v\d", rest[1:]) is None
 
 
 def resolve_pattern(
