@@ -6,6 +6,7 @@ import os
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -101,10 +102,8 @@ class LLM:
         single = isinstance(messages[0], dict)
         convs = [messages] if single else messages
         plan = plan_tools(tools, tool_choice, parallel_tool_calls)
-        if plan:
-            plan = replace(
-                plan, short_ids=short_call_ids(self.tokenizer)
-            )  # a forced choice's schema; with "auto", the marker tokens of calls kept in the text
+        if plan:  # a forced choice's schema; with "auto", the marker tokens of calls kept in the text
+            plan = replace(plan, short_ids=self._short_call_ids)
             params = params or SamplingParams()
             keep = list(dict.fromkeys([*params.keep_special_tokens, *plan.markers]))
             params = replace(
@@ -154,6 +153,11 @@ class LLM:
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Teacher-forced next-token logits [T, vocab] (float32 NumPy)."""
         return self.engine.score(token_ids)
+
+    @cached_property
+    def _short_call_ids(self) -> bool:
+        """Whether the chat template takes back only Mistral's 9-character call ids (probed once)."""
+        return short_call_ids(self.tokenizer)
 
     def _step(self) -> None:
         """One engine step; each output goes to its request's box (outputs of requests not opened here are dropped)."""

@@ -50,9 +50,8 @@ class ToolPlan:
     mode: str
     name: str | None = None
     parallel: bool = True
-    short_ids: bool = (
-        False  # calls get 9 alphanumeric characters as ids (Mistral's templates), not "call_..."
-    )
+    # calls get 9 alphanumeric characters as ids (what Mistral's templates take back), not "call_..."
+    short_ids: bool = False
 
     def call_id(self) -> str:
         """A new call's id, in the form the chat template takes back in the conversation that follows."""
