@@ -115,3 +115,17 @@ def test_cli_option():
     assert engine_config_from_args(args).tensor_parallel == 2
     args = build_parser().parse_args(["serve", "--tensor-parallel", "4"])
     assert engine_config_from_args(args).tensor_parallel == 4
+
+
+def test_workers_ignore_ctrl_c(tiny_dir):
+    """Ctrl-C reaches the terminal's whole process group, workers too: the driver decides what it stops."""
+    want = [o.token_ids for o in LLM(str(tiny_dir), backend="cpu").generate(PROMPTS, GREEDY)]
+    llm = tp_llm(tiny_dir)
+    group = llm.engine.runner.executor
+    try:
+        for p in group.procs:
+            os.kill(p.pid, signal.SIGINT)
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
+        assert all(p.is_alive() for p in group.procs)
+    finally:
+        group.close()

@@ -3,6 +3,7 @@ driver sends until told to stop. Rank 0 sends the logits back; any failure is re
 
 from __future__ import annotations
 
+import signal
 import traceback
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -24,6 +25,9 @@ def worker_main(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig,
     pages, logits block name), ("step", StepInputs), ("copy", src, dst), ("stop",). Out: ("ready", kv budget
     bytes, kv limit bytes, itemsize, KV format name), ("built",), ("logits", shape in the block | array) from
     rank 0, ("error", rank, text)."""
+    # Ctrl-C reaches the terminal's whole process group: the driver decides what it stops (a reply, the
+    # engine), and it stops the workers when it closes the group or exits (their pipes end).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _serve(rank, spec, model_dir, ecfg, conn)
     except BaseException as e:  # reported to the driver, which ends the engine with it
