@@ -117,6 +117,22 @@ def test_cli_option():
     assert engine_config_from_args(args).tensor_parallel == 4
 
 
+def test_interrupted_step_does_not_shift_replies(tiny_dir, monkeypatch):
+    """Ctrl-C while the driver waits for a step's logits (chat: "Ctrl-C stops a reply") leaves that reply in the
+    pipe; the next step must not take it for its own (the chat's next reply came from stale logits)."""
+    want = [o.token_ids for o in LLM(str(tiny_dir), backend="cpu").generate(PROMPTS, GREEDY)]
+    llm = tp_llm(tiny_dir)
+    try:
+        with monkeypatch.context() as mp:
+            mp.setattr(tp_group, "wait", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+            with pytest.raises(KeyboardInterrupt):
+                llm.generate(PROMPTS, GREEDY)
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
+        assert llm.engine.blocks.num_used == 0
+    finally:
+        llm.engine.runner.executor.close()
+
+
 def test_workers_ignore_ctrl_c(tiny_dir):
     """Ctrl-C reaches the terminal's whole process group, workers too: the driver decides what it stops."""
     want = [o.token_ids for o in LLM(str(tiny_dir), backend="cpu").generate(PROMPTS, GREEDY)]

@@ -22,9 +22,9 @@ from .tp_rank import RankRunner
 
 def worker_main(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig, conn: Any) -> None:
     """The process entry (multiprocessing spawn). Messages in: ("build", max_len, pages, layout, stream
-    pages, logits block name), ("step", StepInputs), ("copy", src, dst), ("stop",). Out: ("ready", kv budget
-    bytes, kv limit bytes, itemsize, KV format name), ("built",), ("logits", shape in the block | array) from
-    rank 0, ("error", rank, text)."""
+    pages, logits block name), ("step", StepInputs, number), ("copy", src, dst), ("stop",). Out: ("ready",
+    kv budget bytes, kv limit bytes, itemsize, KV format name), ("built",), ("logits", shape in the block |
+    array, step number) from rank 0, ("error", rank, text)."""
     # Ctrl-C reaches the terminal's whole process group: the driver decides what it stops (a reply, the
     # engine), and it stops the workers when it closes the group or exits (their pipes end).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -60,7 +60,7 @@ def _serve(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig, conn
         if msg[0] == "step":
             logits = runner.run(msg[1])
             if rank == 0:
-                conn.send(("logits", _put(ops.to_numpy(logits), out)))
+                conn.send(("logits", _put(ops.to_numpy(logits), out), msg[2]))
         elif msg[0] == "copy":
             runner.copy_stream_pages(msg[1], msg[2])
         else:
