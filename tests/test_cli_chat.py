@@ -47,7 +47,7 @@ def test_cli_refuses_absurd_numbers_in_one_line():
                  ["bench", "--prompt-lens", "16,abc"], ["bench", "--steps", "0"], ["bench", "--batch", "100000"],
                  ["bench", "--context", "99999999"], ["bench", "--json", "/nonexistent-dir/x.json"],
                  ["eval", "--lengths", "2048,abc"], ["eval", "--lengths", "100"], ["eval", "--samples", "10000000"],
-                 ["calibrate", "--out", "x.tsv", "--tail", "1"], ["calibrate", "--out", "x.tsv", "--samples", "0"],
+                 ["calibrate", "--out", "x.tsv", "--tail", "1"], ["calibrate", "--out", "x.tsv", "--samples", "0"], ["calibrate", "--out", "x.tsv", "--seed", "-1"],
                  ["serve", "--served-model-name", " "]):  # fmt: skip
         r = subprocess.run([sys.executable, "-m", "lserve_lite.cli", *argv], capture_output=True, text=True,
                            timeout=60)  # fmt: skip
