@@ -85,10 +85,8 @@ def run_server(
     if max_model_len is not None:
         cfg.max_model_len = max_model_len
     try:
-        import uvicorn
-
         from ..engine.llm_engine import LLMEngine
-        from .app import create_app
+        from .app import Server, create_app
     except ImportError as e:
         print(f"lserve-lite serve: {e.name} is missing; pip install 'lserve-lite[serve]'", file=sys.stderr)
         return 1
@@ -108,7 +106,7 @@ def run_server(
     app = create_app(engine, api_key, served_model_name, max_queue)
     log.info("serving %s (%s backend, context %d; %s) on http://%s:%d", served_model_name or engine.model_name,
              engine.ops.name, engine.max_len, engine.kv_summary(), host, port)  # fmt: skip
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    Server(app, host, port, log_level).run()
     return 0
 
 
