@@ -48,11 +48,22 @@ def test_cli_refuses_absurd_numbers_in_one_line():
                  ["bench", "--context", "99999999"], ["bench", "--json", "/nonexistent-dir/x.json"],
                  ["eval", "--lengths", "2048,abc"], ["eval", "--lengths", "100"], ["eval", "--samples", "10000000"],
                  ["calibrate", "--out", "x.tsv", "--tail", "1"], ["calibrate", "--out", "x.tsv", "--samples", "0"], ["calibrate", "--out", "x.tsv", "--seed", "-1"],
-                 ["serve", "--served-model-name", " "]):  # fmt: skip
+                 ["serve", "--served-model-name", " "], ["serve", "--api-key", ""],
+                 ["serve", "--api-key", "key "]):  # fmt: skip
         r = subprocess.run([sys.executable, "-m", "lserve_lite.cli", *argv], capture_output=True, text=True,
                            timeout=60)  # fmt: skip
         assert r.returncode == 2, (argv, r.stderr)
         assert "error:" in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
+
+
+def test_serve_api_key_from_an_empty_variable_is_none(monkeypatch):
+    """LSERVE_API_KEY set but empty means no key (it had made "Bearer " the key)."""
+    from lserve_lite.cli import build_parser
+
+    monkeypatch.setenv("LSERVE_API_KEY", "")
+    assert build_parser().parse_args(["serve"]).api_key is None
+    monkeypatch.setenv("LSERVE_API_KEY", "k1")
+    assert build_parser().parse_args(["serve"]).api_key == "k1"
 
 
 def _chat(tiny_llama, *flags: str, lines: bytes | None = None) -> list[tuple[int, int]]:

@@ -21,7 +21,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--port", type=bounded_int(1, 65535), default=8000)
     s.add_argument(
         "--api-key",
-        default=os.environ.get("LSERVE_API_KEY"),
+        type=_api_key,
+        default=os.environ.get("LSERVE_API_KEY") or None,  # set but empty: no key, as unset
         help="require 'Authorization: Bearer KEY' on /v1/* (default: $LSERVE_API_KEY, else none)",
     )
     s.add_argument(
@@ -108,6 +109,14 @@ def run_server(
              engine.ops.name, engine.max_len, engine.kv_summary(), host, port)  # fmt: skip
     Server(app, host, port, log_level).run()
     return 0
+
+
+def _api_key(text: str) -> str:
+    """An empty key (`--api-key "$KEY"` with KEY unset) matched the header "Bearer " and was reported as no
+    key; a key with outer blanks matched nothing (clients' headers are stripped)."""
+    if not text or text != text.strip():
+        raise argparse.ArgumentTypeError("the API key must not be empty or begin or end with blanks")
+    return text
 
 
 def _model_id(text: str) -> str:
