@@ -5,6 +5,7 @@ ends the engine with one clear error, never a hang."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -145,3 +146,12 @@ def test_workers_ignore_ctrl_c(tiny_dir):
         assert all(p.is_alive() for p in group.procs)
     finally:
         group.close()
+
+
+def test_worker_bug_is_one_line(tiny_dir):
+    """An unexpected exception in a worker ends the engine with one line naming it (the whole traceback, which
+    the server passed on to clients as its 503 reason, goes to the worker's stderr)."""
+    llm = tp_llm(tiny_dir)
+    with pytest.raises(TensorParallelError) as err:
+        llm.engine.runner.executor.run(None)  # not a step: the worker's runner fails on it
+    assert "\n" not in str(err.value) and re.search(r"worker \d failed: AttributeError: ", str(err.value))

@@ -30,8 +30,13 @@ def worker_main(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig,
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _serve(rank, spec, model_dir, ecfg, conn)
+    except EOFError:  # the driver is gone (its end of the pipe closed): no one to report to
+        raise SystemExit(1) from None
     except BaseException as e:  # reported to the driver, which ends the engine with it
-        text = str(e) if isinstance(e, LServeError) else traceback.format_exc()
+        text = str(e)
+        if not isinstance(e, LServeError):  # a bug: its traceback on this stderr, one line to the driver
+            traceback.print_exc()
+            text = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
         try:
             conn.send(("error", rank, text))
         finally:
