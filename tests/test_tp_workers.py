@@ -155,3 +155,15 @@ def test_worker_bug_is_one_line(tiny_dir):
     with pytest.raises(TensorParallelError) as err:
         llm.engine.runner.executor.run(None)  # not a step: the worker's runner fails on it
     assert "\n" not in str(err.value) and re.search(r"worker \d failed: AttributeError: ", str(err.value))
+
+
+def test_server_stops_its_workers(tiny_dir):
+    """The server's shutdown stops the workers itself: after SIGTERM it re-raises the signal and dies by it, and
+    the group's exit hook never runs (the resource tracker then warned of leaked shared memory)."""
+    pytest.importorskip("fastapi")
+    from lserve_lite.serve.app import ServerThread, create_app
+
+    llm = tp_llm(tiny_dir)
+    with ServerThread(create_app(llm.engine)):
+        pass
+    assert not any(p.is_alive() for p in llm.engine.runner.executor.procs)

@@ -70,6 +70,7 @@ def create_app(
         aengine.start(asyncio.get_running_loop())
         yield
         aengine.shutdown()
+        engine.close()
 
     app = FastAPI(title="lserve-lite", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = aengine
