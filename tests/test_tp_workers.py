@@ -167,3 +167,21 @@ def test_server_stops_its_workers(tiny_dir):
     with ServerThread(create_app(llm.engine)):
         pass
     assert not any(p.is_alive() for p in llm.engine.runner.executor.procs)
+
+
+def test_server_health_reports_a_dead_worker(tiny_dir):
+    """/health is 503 once a worker has died, even before a request finds it (it said "ok" while every request
+    failed, so a supervisor never restarted the server)."""
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from lserve_lite.serve.app import ServerThread, create_app
+
+    llm = tp_llm(tiny_dir)
+    with ServerThread(create_app(llm.engine)) as url:
+        assert httpx.get(url + "/health").status_code == 200
+        proc = llm.engine.runner.executor.procs[1]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        r = httpx.get(url + "/health")
+        assert r.status_code == 503 and "worker 1" in r.json()["error"]["message"]

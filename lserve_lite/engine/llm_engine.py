@@ -306,6 +306,10 @@ class LLMEngine:
             raise InvalidRequestError(f"token_budget above the engine's {sp.token_budget} is not possible")
         return req
 
+    def fault(self) -> str | None:
+        """Why this engine can run no step (a tensor-parallel worker failed or exited), or None."""
+        return self.runner.executor.fault() if isinstance(self.runner.executor, WorkerGroup) else None
+
     def close(self) -> None:
         """Stop the tensor-parallel workers now (they stop at exit too, which a process ended by a signal never
         reaches: the server re-raises SIGTERM); nothing to do for one process. No step runs after."""

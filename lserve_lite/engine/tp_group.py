@@ -86,6 +86,16 @@ class WorkerGroup:
     def ids_row(self, n: int) -> None:
         return None
 
+    def fault(self) -> str | None:
+        """Why no step can run, seen now without waiting (an earlier failure, or a worker that has exited since
+        the last step); None while every worker runs. Any thread may ask (it only reads)."""
+        if self.failure is None:
+            gone = wait([p.sentinel for p in self.procs], timeout=0)
+            if gone:
+                rank = next(r for r, p in enumerate(self.procs) if p.sentinel in gone)
+                return f"tensor-parallel worker {rank} (pid {self.procs[rank].pid}) has exited"
+        return self.failure
+
     def close(self) -> None:
         """Stop the workers (also done when the group is collected or the interpreter exits)."""
         self._close()

@@ -119,6 +119,9 @@ def create_app(
     async def health():
         if not aengine.alive:
             raise ApiError(503, "the engine thread is not running")
+        fault = engine.fault()
+        if fault:
+            raise ApiError(503, fault)
         return {"status": "ok"}
 
     @app.get("/metrics")
