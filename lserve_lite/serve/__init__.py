@@ -23,7 +23,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "--api-key",
         type=_api_key,
         default=os.environ.get("LSERVE_API_KEY") or None,  # set but empty: no key, as unset
-        help="require 'Authorization: Bearer KEY' on /v1/* (default: $LSERVE_API_KEY, else none)",
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $LSERVE_API_KEY if not empty, else none)",
     )
     s.add_argument(
         "--served-model-name",
