@@ -56,6 +56,22 @@ def test_cli_refuses_absurd_numbers_in_one_line():
         assert "error:" in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
 
 
+def test_lserve_options_need_sparse():
+    """--pattern or an LServe knob without --sparse was ignored without a word (dense attention ran)."""
+    from lserve_lite.cli import build_parser
+    from lserve_lite.engine_args import engine_config_from_args
+    from lserve_lite.errors import InvalidRequestError
+
+    for extra in (["--pattern", "p.tsv"], ["--token-budget", "512"]):
+        args = build_parser().parse_args(["generate", "--prompt", "x", *extra])
+        with pytest.raises(InvalidRequestError, match=f"{extra[0]} applies to LServe .* add --sparse"):
+            engine_config_from_args(args)
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--page-size", "32"])  # dense pages too
+    assert engine_config_from_args(args).page_size == 32
+    args = build_parser().parse_args(["serve", "--sparse", "--pattern", "p.tsv", "--token-budget", "512"])
+    assert engine_config_from_args(args).sparse.token_budget == 512
+
+
 def test_serve_api_key_from_an_empty_variable_is_none(monkeypatch):
     """LSERVE_API_KEY set but empty means no key (it had made "Bearer " the key)."""
     from lserve_lite.cli import build_parser
