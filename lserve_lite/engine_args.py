@@ -124,7 +124,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sparse", dest="sparse", action="store_true", help="LServe sparse attention")
     g.add_argument("--dense", dest="sparse", action="store_false", help="dense attention (the default)")
     p.set_defaults(sparse=False)
-    p.add_argument("--pattern", default=None, help="DuoAttention full_attention_heads.tsv for --sparse")
+    p.add_argument(
+        "--pattern",
+        type=existing_file,
+        default=None,
+        help="DuoAttention full_attention_heads.tsv for --sparse",
+    )
     p.add_argument(
         "--no-prefix-caching",
         dest="prefix_caching",
