@@ -57,6 +57,13 @@ def test_cli_refuses_absurd_numbers_in_one_line():
         assert "error:" in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
 
 
+def test_serve_address_brackets_ipv6():
+    """The startup line said "http://::1:8000" for --host ::1 (no URL a browser or client takes)."""
+    from lserve_lite.serve import address
+
+    assert address("::1", 8000) == "[::1]:8000" and address("0.0.0.0", 80) == "0.0.0.0:80"
+
+
 def test_lserve_options_need_sparse(tmp_path):
     """--pattern or an LServe knob without --sparse was ignored without a word (dense attention ran)."""
     from lserve_lite.cli import build_parser
