@@ -185,3 +185,20 @@ def test_server_health_reports_a_dead_worker(tiny_dir):
         proc.join()
         r = httpx.get(url + "/health")
         assert r.status_code == 503 and "worker 1" in r.json()["error"]["message"]
+
+
+def test_cli_sigterm_stops_workers_cleanly(tiny_dir):
+    """SIGTERM to `lserve-lite generate --tensor-parallel 2`: status 143, the workers stopped and their shared
+    memory released by the command itself (it died outright, and the resource tracker warned of leaks)."""
+    import subprocess
+    import sys
+
+    argv = ["generate", "--model", str(tiny_dir), "--backend", "cpu", "--tensor-parallel", "2", "--prompt", "hi",
+            "--max-new-tokens", "100000", "--temperature", "0"]  # fmt: skip
+    p = subprocess.Popen([sys.executable, "-m", "lserve_lite.cli", *argv], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)  # fmt: skip
+    assert p.stdout.read(1)  # generating
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143, err.decode()
+    assert "leaked" not in err.decode() and "Traceback" not in err.decode(), err.decode()
