@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
@@ -264,8 +265,15 @@ def cmd_eval(args) -> int:
     return eval_main(args)
 
 
+def _terminate(signum: int, frame) -> None:
+    """SIGTERM ends a command as Ctrl-C does, through `finally` blocks and exit hooks (tensor-parallel workers
+    stopped, their shared memory released: killed outright, the resource tracker warned of leaks); status 143."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     return exit_status(lambda: args.func(args))
 
 

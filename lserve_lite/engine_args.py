@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from .config import KV_DTYPES, MAX_MODEL_LEN, MAX_POOL_PAGES, EngineConfig, SparseConfig
+from .errors import InvalidRequestError
 
 
 def _bounded(kind: type, what: str, lo: float, hi: float):
@@ -123,7 +124,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sparse", dest="sparse", action="store_true", help="LServe sparse attention")
     g.add_argument("--dense", dest="sparse", action="store_false", help="dense attention (the default)")
     p.set_defaults(sparse=False)
-    p.add_argument("--pattern", default=None, help="DuoAttention full_attention_heads.tsv for --sparse")
+    p.add_argument(
+        "--pattern",
+        type=existing_file,
+        default=None,
+        help="DuoAttention full_attention_heads.tsv for --sparse",
+    )
     p.add_argument(
         "--no-prefix-caching",
         dest="prefix_caching",
@@ -143,6 +149,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """The EngineConfig the parsed options describe (raises InvalidRequestError for bad combinations)."""
     knobs = {k: getattr(args, k) for k in _SPARSE_KNOBS if getattr(args, k, None) is not None}
+    lserve_only = [k for k in knobs if k != "page_size"] + (["pattern"] if args.pattern else [])
+    if lserve_only and not args.sparse:  # silently ignored, a user would believe LServe runs
+        flag = "--" + lserve_only[0].replace("_", "-")
+        raise InvalidRequestError(f"{flag} applies to LServe sparse attention only; add --sparse or drop it")
     sparse = SparseConfig(enabled=args.sparse, pattern_path=args.pattern).with_updates(**knobs)
     return EngineConfig(
         quantize=args.quantize,

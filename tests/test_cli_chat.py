@@ -47,12 +47,39 @@ def test_cli_refuses_absurd_numbers_in_one_line():
                  ["bench", "--prompt-lens", "16,abc"], ["bench", "--steps", "0"], ["bench", "--batch", "100000"],
                  ["bench", "--context", "99999999"], ["bench", "--json", "/nonexistent-dir/x.json"],
                  ["eval", "--lengths", "2048,abc"], ["eval", "--lengths", "100"], ["eval", "--samples", "10000000"],
-                 ["calibrate", "--out", "x.tsv", "--tail", "1"], ["calibrate", "--out", "x.tsv", "--samples", "0"],
-                 ["serve", "--served-model-name", " "]):  # fmt: skip
+                 ["calibrate", "--out", "x.tsv", "--tail", "1"], ["calibrate", "--out", "x.tsv", "--samples", "0"], ["calibrate", "--out", "x.tsv", "--seed", "-1"],
+                 ["serve", "--served-model-name", " "], ["serve", "--api-key", ""],
+                 ["serve", "--api-key", "key "],
+                 ["generate", "--prompt", "x", "--sparse", "--pattern", "/nonexistent/p.tsv"]):  # fmt: skip
         r = subprocess.run([sys.executable, "-m", "lserve_lite.cli", *argv], capture_output=True, text=True,
                            timeout=60)  # fmt: skip
         assert r.returncode == 2, (argv, r.stderr)
         assert "error:" in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
+
+
+def test_serve_address_brackets_ipv6():
+    """The startup line said "http://::1:8000" for --host ::1 (no URL a browser or client takes)."""
+    from lserve_lite.serve import address
+
+    assert address("::1", 8000) == "[::1]:8000" and address("0.0.0.0", 80) == "0.0.0.0:80"
+
+
+def test_lserve_options_need_sparse(tmp_path):
+    """--pattern or an LServe knob without --sparse was ignored without a word (dense attention ran)."""
+    from lserve_lite.cli import build_parser
+    from lserve_lite.engine_args import engine_config_from_args
+    from lserve_lite.errors import InvalidRequestError
+
+    pat = tmp_path / "p.tsv"
+    pat.write_text("1\t0\n")
+    for extra in (["--pattern", str(pat)], ["--token-budget", "512"]):
+        args = build_parser().parse_args(["generate", "--prompt", "x", *extra])
+        with pytest.raises(InvalidRequestError, match=f"{extra[0]} applies to LServe .* add --sparse"):
+            engine_config_from_args(args)
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--page-size", "32"])  # dense pages too
+    assert engine_config_from_args(args).page_size == 32
+    args = build_parser().parse_args(["serve", "--sparse", "--pattern", str(pat), "--token-budget", "512"])
+    assert engine_config_from_args(args).sparse.token_budget == 512
 
 
 def _chat(tiny_llama, *flags: str, lines: bytes | None = None) -> list[tuple[int, int]]:

@@ -582,3 +582,25 @@ def test_lserve_metrics_count_each_pool_apart(tmp_path, static_sparsity):
     assert m["lserve_kv_capacity_tokens"] == 16 * pages and f"= {16 * pages} tokens" in eng.kv_summary()
     stream = (m.get("lserve_kv_stream_pages_used"), m.get("lserve_kv_stream_pages_total"))
     assert stream == ((None, None) if static_sparsity == 1.0 else (7, b.num_stream_pages))
+
+
+def test_exit_signal_aborts_streams(tiny_dir):
+    """Ctrl-C / SIGTERM: uvicorn waits for open connections, and a stream could run to the context limit (the
+    server seemed to hang); the requests in flight are aborted, their streams end with [DONE], the server stops."""
+    import signal
+
+    engine = LLMEngine(str(tiny_dir), "cpu", EngineConfig(**{**CFG, "max_model_len": 1024}))
+    srv = ServerThread(create_app(engine, served_model_name="tiny"))
+    with srv as url:
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": engine.max_len - 8, "ignore_eos": True,
+                "temperature": 0, "stream": True}  # fmt: skip
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            srv.server.handle_exit(signal.SIGINT, None)
+            rest = [line[6:] for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "[DONE]"
+        assert json.loads(rest[-2])["choices"][0]["finish_reason"] == "abort"
+        srv.thread.join(timeout=30)
+        assert not srv.thread.is_alive()
+    assert engine.blocks.num_used == 0

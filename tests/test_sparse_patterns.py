@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lserve_lite.errors import ModelLoadError
+from lserve_lite.errors import InvalidRequestError, ModelLoadError
 from lserve_lite.sparse.patterns import (
     PATTERNS_DIR,
     bundled_pattern,
@@ -326,6 +326,18 @@ def test_calibrate_tiny(tiny_dir, tmp_path):
     meta = json.loads(out.with_suffix(".json").read_text())
     assert set(meta["validation"]) == {"calibrated", "random", "inverted"} and len(meta["samples"]) == 2
     assert meta["model"] == tiny_dir.name  # the model's name, not this machine's path to it
+
+
+def test_calibrate_refuses_an_unusable_output_first(tiny_dir, tmp_path):
+    """The output is checked before the model loads (a run takes hours): a directory or an unwritable place,
+    and a .json name, whose details JSON would overwrite the pattern written to the same path."""
+    from lserve_lite.evaluation.calibrate import calibrate
+
+    (tmp_path / "file").write_text("x")
+    for out, msg in ((tmp_path, "is a directory"), (tmp_path / "p.json", "the pattern is a TSV"),
+                     (tmp_path / "file" / "p.tsv", "cannot write there")):  # fmt: skip
+        with pytest.raises(InvalidRequestError, match=msg):
+            calibrate(tiny_dir, out, num_samples=1, lengths=[384], sink=64, local=64, tail=8, log=print)
 
 
 def test_engine_sparse_mode_matches_dense_pool_streaming(tiny_dir, tiny_llm, tmp_path):

@@ -5,6 +5,7 @@ ends the engine with one clear error, never a hang."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -115,3 +116,89 @@ def test_cli_option():
     assert engine_config_from_args(args).tensor_parallel == 2
     args = build_parser().parse_args(["serve", "--tensor-parallel", "4"])
     assert engine_config_from_args(args).tensor_parallel == 4
+
+
+def test_interrupted_step_does_not_shift_replies(tiny_dir, monkeypatch):
+    """Ctrl-C while the driver waits for a step's logits (chat: "Ctrl-C stops a reply") leaves that reply in the
+    pipe; the next step must not take it for its own (the chat's next reply came from stale logits)."""
+    want = [o.token_ids for o in LLM(str(tiny_dir), backend="cpu").generate(PROMPTS, GREEDY)]
+    llm = tp_llm(tiny_dir)
+    try:
+        with monkeypatch.context() as mp:
+            mp.setattr(tp_group, "wait", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+            with pytest.raises(KeyboardInterrupt):
+                llm.generate(PROMPTS, GREEDY)
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
+        assert llm.engine.blocks.num_used == 0
+    finally:
+        llm.engine.runner.executor.close()
+
+
+def test_workers_ignore_ctrl_c(tiny_dir):
+    """Ctrl-C reaches the terminal's whole process group, workers too: the driver decides what it stops."""
+    want = [o.token_ids for o in LLM(str(tiny_dir), backend="cpu").generate(PROMPTS, GREEDY)]
+    llm = tp_llm(tiny_dir)
+    group = llm.engine.runner.executor
+    try:
+        for p in group.procs:
+            os.kill(p.pid, signal.SIGINT)
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
+        assert all(p.is_alive() for p in group.procs)
+    finally:
+        group.close()
+
+
+def test_worker_bug_is_one_line(tiny_dir):
+    """An unexpected exception in a worker ends the engine with one line naming it (the whole traceback, which
+    the server passed on to clients as its 503 reason, goes to the worker's stderr)."""
+    llm = tp_llm(tiny_dir)
+    with pytest.raises(TensorParallelError) as err:
+        llm.engine.runner.executor.run(None)  # not a step: the worker's runner fails on it
+    assert "\n" not in str(err.value) and re.search(r"worker \d failed: AttributeError: ", str(err.value))
+
+
+def test_server_stops_its_workers(tiny_dir):
+    """The server's shutdown stops the workers itself: after SIGTERM it re-raises the signal and dies by it, and
+    the group's exit hook never runs (the resource tracker then warned of leaked shared memory)."""
+    pytest.importorskip("fastapi")
+    from lserve_lite.serve.app import ServerThread, create_app
+
+    llm = tp_llm(tiny_dir)
+    with ServerThread(create_app(llm.engine)):
+        pass
+    assert not any(p.is_alive() for p in llm.engine.runner.executor.procs)
+
+
+def test_server_health_reports_a_dead_worker(tiny_dir):
+    """/health is 503 once a worker has died, even before a request finds it (it said "ok" while every request
+    failed, so a supervisor never restarted the server)."""
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from lserve_lite.serve.app import ServerThread, create_app
+
+    llm = tp_llm(tiny_dir)
+    with ServerThread(create_app(llm.engine)) as url:
+        assert httpx.get(url + "/health").status_code == 200
+        proc = llm.engine.runner.executor.procs[1]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        r = httpx.get(url + "/health")
+        assert r.status_code == 503 and "worker 1" in r.json()["error"]["message"]
+
+
+def test_cli_sigterm_stops_workers_cleanly(tiny_dir):
+    """SIGTERM to `lserve-lite generate --tensor-parallel 2`: status 143, the workers stopped and their shared
+    memory released by the command itself (it died outright, and the resource tracker warned of leaks)."""
+    import subprocess
+    import sys
+
+    argv = ["generate", "--model", str(tiny_dir), "--backend", "cpu", "--tensor-parallel", "2", "--prompt", "hi",
+            "--max-new-tokens", "100000", "--temperature", "0"]  # fmt: skip
+    p = subprocess.Popen([sys.executable, "-m", "lserve_lite.cli", *argv], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)  # fmt: skip
+    assert p.stdout.read(1)  # generating
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143, err.decode()
+    assert "leaked" not in err.decode() and "Traceback" not in err.decode(), err.decode()

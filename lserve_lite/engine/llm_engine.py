@@ -28,7 +28,7 @@ from .logprobs import record_prompt_logprobs, record_token_logprobs
 from .model_runner import ModelRunner
 from .scheduler import ScheduledBatch, Scheduler
 from .structured import Grammars, advance, failure
-from .tp_group import tensor_parallel_runner
+from .tp_group import WorkerGroup, tensor_parallel_runner
 
 
 @dataclass
@@ -308,6 +308,16 @@ class LLMEngine:
         if req.token_budget > sp.token_budget:
             raise InvalidRequestError(f"token_budget above the engine's {sp.token_budget} is not possible")
         return req
+
+    def fault(self) -> str | None:
+        """Why this engine can run no step (a tensor-parallel worker failed or exited), or None."""
+        return self.runner.executor.fault() if isinstance(self.runner.executor, WorkerGroup) else None
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers now (they stop at exit too, which a process ended by a signal never
+        reaches: the server re-raises SIGTERM); nothing to do for one process. No step runs after."""
+        if isinstance(self.runner.executor, WorkerGroup):
+            self.runner.executor.close()
 
     def abort(self, request_id: str) -> None:
         """Thread-safe: the request in flight under this id now (none: nothing to do) is dropped and its pages freed

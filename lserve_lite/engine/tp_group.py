@@ -42,6 +42,7 @@ class WorkerGroup:
         self.conns: list[Any] = []
         self.procs: list[Any] = []
         self.failure: str | None = None
+        self.steps = 0  # steps sent; rank 0 tags each reply with its number
         self._close = weakref.finalize(
             self, _shutdown, self.procs, self.conns, _releaser(cleanup, self.logits)
         )
@@ -70,9 +71,13 @@ class WorkerGroup:
 
     def run(self, step: StepInputs) -> np.ndarray:
         """Rank 0's logits, from the shared block (copied: callers may keep them past the next run) or as it
-        sent them."""
-        self._send(("step", step))
-        out = self._recv(0, STEP_TIMEOUT)[1]
+        sent them). Replies to earlier steps still in the pipe (a run interrupted by Ctrl-C while it waited) are
+        skipped."""
+        self.steps += 1
+        self._send(("step", step, self.steps))
+        while (msg := self._recv(0, STEP_TIMEOUT))[2] != self.steps:
+            pass
+        out = msg[1]
         return np.array(np.ndarray(out, np.float32, self.logits.buf)) if isinstance(out, tuple) else out
 
     def copy_stream_pages(self, src: np.ndarray, dst: np.ndarray) -> None:
@@ -80,6 +85,16 @@ class WorkerGroup:
 
     def ids_row(self, n: int) -> None:
         return None
+
+    def fault(self) -> str | None:
+        """Why no step can run, seen now without waiting (an earlier failure, or a worker that has exited since
+        the last step); None while every worker runs. Any thread may ask (it only reads)."""
+        if self.failure is None:
+            gone = wait([p.sentinel for p in self.procs], timeout=0)
+            if gone:
+                rank = next(r for r, p in enumerate(self.procs) if p.sentinel in gone)
+                return f"tensor-parallel worker {rank} (pid {self.procs[rank].pid}) has exited"
+        return self.failure
 
     def close(self) -> None:
         """Stop the workers (also done when the group is collected or the interpreter exits)."""

@@ -3,6 +3,7 @@ driver sends until told to stop. Rank 0 sends the logits back; any failure is re
 
 from __future__ import annotations
 
+import signal
 import traceback
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -21,13 +22,21 @@ from .tp_rank import RankRunner
 
 def worker_main(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig, conn: Any) -> None:
     """The process entry (multiprocessing spawn). Messages in: ("build", max_len, pages, layout, stream
-    pages, logits block name), ("step", StepInputs), ("copy", src, dst), ("stop",). Out: ("ready", kv budget
-    bytes, kv limit bytes, itemsize, KV format name), ("built",), ("logits", shape in the block | array) from
-    rank 0, ("error", rank, text)."""
+    pages, logits block name), ("step", StepInputs, number), ("copy", src, dst), ("stop",). Out: ("ready",
+    kv budget bytes, kv limit bytes, itemsize, KV format name), ("built",), ("logits", shape in the block |
+    array, step number) from rank 0, ("error", rank, text)."""
+    # Ctrl-C reaches the terminal's whole process group: the driver decides what it stops (a reply, the
+    # engine), and it stops the workers when it closes the group or exits (their pipes end).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _serve(rank, spec, model_dir, ecfg, conn)
+    except EOFError:  # the driver is gone (its end of the pipe closed): no one to report to
+        raise SystemExit(1) from None
     except BaseException as e:  # reported to the driver, which ends the engine with it
-        text = str(e) if isinstance(e, LServeError) else traceback.format_exc()
+        text = str(e)
+        if not isinstance(e, LServeError):  # a bug: its traceback on this stderr, one line to the driver
+            traceback.print_exc()
+            text = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
         try:
             conn.send(("error", rank, text))
         finally:
@@ -56,7 +65,7 @@ def _serve(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig, conn
         if msg[0] == "step":
             logits = runner.run(msg[1])
             if rank == 0:
-                conn.send(("logits", _put(ops.to_numpy(logits), out)))
+                conn.send(("logits", _put(ops.to_numpy(logits), out), msg[2]))
         elif msg[0] == "copy":
             runner.copy_stream_pages(msg[1], msg[2])
         else:

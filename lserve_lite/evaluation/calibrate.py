@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,6 +100,8 @@ def calibrate(
     Writes `out_path` (TSV) and `out_path.with_suffix(".json")` (settings, raw scores, validation).
     """
     t0 = time.perf_counter()
+    if out_path is not None:
+        check_out_path(out_path)
     max_len = load_config(resolve_model_dir(model_dir)).max_position_embeddings
     lengths = sorted(lengths or default_lengths(max_len))
     if max(lengths) > max_len - 16:
@@ -178,6 +181,22 @@ def calibrate(
         write_result(res, out_path)
         log(f"wrote {out_path} and {Path(out_path).with_suffix('.json')} in {info['seconds']:.0f} s")
     return res
+
+
+def check_out_path(out_path: str | Path) -> None:
+    """Refuse, before hours of scoring, an output the results could not be written to: a directory, a place
+    that cannot be written, or a .json name (the details JSON beside it would overwrite the pattern)."""
+    out = Path(out_path)
+    if out.suffix == ".json":
+        raise InvalidRequestError(f"{out}: the pattern is a TSV; its details go to the .json beside it")
+    if out.is_dir():
+        raise InvalidRequestError(f"{out} is a directory; name the pattern file to write")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as e:
+        raise InvalidRequestError(f"{out}: cannot write there ({e.strerror or e})") from None
 
 
 def _validate(h: SparseHarness, kept, gates, sink, local, seed, log) -> dict:

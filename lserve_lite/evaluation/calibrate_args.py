@@ -28,6 +28,6 @@ def add_calibrate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tail", type=bounded_int(2, 4096), default=24, help="prompt tokens re-run per head (24)"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=bounded_int(0), default=0)
     parser.add_argument("--backend", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--no-validate", action="store_true", help="skip the sparsity-0.5 sanity check")

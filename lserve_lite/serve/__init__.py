@@ -87,16 +87,14 @@ def run_server(
     if max_model_len is not None:
         cfg.max_model_len = max_model_len
     try:
-        import uvicorn
-
         from ..engine.llm_engine import LLMEngine
-        from .app import create_app
+        from .app import Server, create_app
     except ImportError as e:
         print(f"lserve-lite serve: {e.name} is missing; pip install 'lserve-lite[serve]'", file=sys.stderr)
         return 1
     bind_error = _cannot_bind(host, port)
     if bind_error:  # before the model loads (minutes on a GPU), not after
-        print(f"lserve-lite serve: cannot listen on {host}:{port} ({bind_error})", file=sys.stderr)
+        print(f"lserve-lite serve: cannot listen on {address(host, port)} ({bind_error})", file=sys.stderr)
         return 1
     try:
         engine = LLMEngine(model, backend, cfg)
@@ -108,9 +106,9 @@ def run_server(
             "listening on %s without --api-key: anyone who can reach this port can use the model", host
         )
     app = create_app(engine, api_key, served_model_name, max_queue)
-    log.info("serving %s (%s backend, context %d; %s) on http://%s:%d", served_model_name or engine.model_name,
-             engine.ops.name, engine.max_len, engine.kv_summary(), host, port)  # fmt: skip
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    log.info("serving %s (%s backend, context %d; %s) on http://%s", served_model_name or engine.model_name,
+             engine.ops.name, engine.max_len, engine.kv_summary(), address(host, port))  # fmt: skip
+    Server(app, host, port, log_level).run()
     return 0
 
 
@@ -128,6 +126,11 @@ def _model_id(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("the served model name must not be empty")
     return text
+
+
+def address(host: str, port: int) -> str:
+    """host:port as URLs write it: an IPv6 address in brackets ("http://::1:8000" is no URL)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _cannot_bind(host: str, port: int) -> str | None:

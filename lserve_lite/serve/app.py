@@ -43,6 +43,7 @@ MAX_BODY_BYTES = 8 << 20  # a request body larger than this gets 413 before it i
 # prompts over 64 characters per token of context get 400 before tokenizing: none fits (runs of one character,
 # the densest text measured, tokenize at ~60 a token with SmolLM2's tokenizer), and tokenizing costs time in its size
 PROMPT_CHARS_PER_TOKEN = 64
+SHUTDOWN_GRACE_S = 5  # after Ctrl-C / SIGTERM (requests aborted): how long responses may take to end
 
 
 def create_app(
@@ -72,6 +73,7 @@ def create_app(
         aengine.start(asyncio.get_running_loop())
         yield
         aengine.shutdown()
+        engine.close()
 
     app = FastAPI(title="lserve-lite", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = aengine
@@ -120,6 +122,9 @@ def create_app(
     async def health():
         if not aengine.alive:
             raise ApiError(503, "the engine thread is not running")
+        fault = engine.fault()
+        if fault:
+            raise ApiError(503, fault)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -321,11 +326,28 @@ def create_app(
     return app
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server for an app of `create_app`. Told to exit (Ctrl-C, SIGTERM), it aborts the requests in flight
+    (uvicorn waits for open connections, and a stream could go on to the context limit: Ctrl-C seemed to hang),
+    then gives their responses SHUTDOWN_GRACE_S to end."""
+
+    def __init__(self, app: FastAPI, host: str, port: int, log_level: str):
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)  # fmt: skip
+        super().__init__(config)
+        self.aengine: AsyncEngine = app.state.engine
+
+    def handle_exit(self, sig: int, frame) -> None:
+        super().handle_exit(sig, frame)
+        if self.aengine.loop is not None:
+            self.aengine.loop.call_soon_threadsafe(self.aengine.abort_all)
+
+
 class ServerThread:
     """uvicorn in a background thread, for tests and benchmarks: `with ServerThread(app) as url: ...`."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+        self.server = Server(app, host, port, log_level)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.host = host
 

@@ -181,6 +181,16 @@ class AsyncEngine:
             self.engine.abort(request_id)
             self._cv.notify()
 
+    def abort_all(self) -> None:
+        """The server is stopping (Ctrl-C, SIGTERM): every request in flight ends now, as an abort (a stream gets
+        its last chunk and [DONE]); one not yet in the engine gets a 503. Call on the event loop."""
+        with self._cv:
+            waiting = {s.request_id for s in self._inbox}
+        for rid in list(self._queues):
+            if rid in waiting:
+                self._deliver([(rid, ApiError(503, "the server is shutting down"))])
+            self.abort(rid)
+
     def _deliver(self, posts: list[tuple[str, object]]) -> None:
         for rid, item in posts:
             q = self._queues.get(rid)
