@@ -14,7 +14,7 @@ from tiny_models import make_tiny_numpy
 
 from lserve_lite import LLM, EngineConfig, SamplingParams
 from lserve_lite.engine import tp_group
-from lserve_lite.errors import InvalidRequestError, TensorParallelError
+from lserve_lite.errors import InvalidRequestError, LServeError, TensorParallelError
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=12)
 PROMPTS = ["hello world", "the quick brown fox"]
@@ -106,6 +106,21 @@ def test_config_checks_before_start(tiny_dir):
         tp_llm(tiny_dir, world=3)
     with pytest.raises(InvalidRequestError, match=r"tensor_parallel must be an integer in \[1, 64\], got 0"):
         EngineConfig(tensor_parallel=0)
+
+
+def test_shared_memory_room_checked_before_start(tiny_dir, monkeypatch):
+    """A /dev/shm too small for the logits block (Docker's 64 MB vs a large batch and vocabulary) is refused in
+    one line before any block or worker exists, not met by SIGBUS in rank 0."""
+    monkeypatch.setattr(tp_group, "shm_free_bytes", lambda: 1 << 20)
+    with pytest.raises(
+        LServeError, match=r"needs 8 MB of shared memory.*1 MB are free: lower --max-num-seqs"
+    ):
+        tp_llm(tiny_dir)
+    need = 256 * 128_256 * 4
+    with pytest.raises(LServeError, match=r"--shm-size"):
+        tp_group.check_shm_room(need, 64 << 20)
+    tp_group.check_shm_room(need, need)
+    tp_group.check_shm_room(need, None)
 
 
 def test_cli_option():

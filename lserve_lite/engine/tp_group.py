@@ -5,6 +5,7 @@ silent ends the engine with its reason, never a hang (docs/TENSOR_PARALLEL.md)."
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import signal
 import time
 import weakref
@@ -17,9 +18,10 @@ from typing import Any
 import numpy as np
 
 from ..backends.base import StepInputs
+from ..backends.comm import ShmCommunicator
 from ..backends.group import host_ops, new_group
 from ..config import EngineConfig, ModelConfig
-from ..errors import TensorParallelError
+from ..errors import LServeError, TensorParallelError
 from ..kv.layout import KVLayout, pool_pages
 from ..kv.quant import FORMATS
 from ..weights.shard import check_tensor_parallel, shard_config, shard_of
@@ -28,6 +30,28 @@ from .tp_worker import worker_main
 
 STARTUP_TIMEOUT = 1800.0  # loading a large checkpoint from a cold disk
 STEP_TIMEOUT = 600.0  # no step takes this long: a worker silent for it is hung
+SHM_DIR = "/dev/shm"  # where multiprocessing.shared_memory's blocks live on Linux
+
+
+def shm_free_bytes(path: str = SHM_DIR) -> int | None:
+    """Free bytes of the shared-memory file system (None where there is none to ask, e.g. macOS)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def check_shm_room(need: int, free: int | None) -> None:
+    """Refuse before any block is made when they cannot fit: a block larger than the room left is created
+    sparse and kills its first writer with SIGBUS (Docker's /dev/shm is 64 MB by default)."""
+    if free is not None and need > free:
+        mb = 1 << 20
+        raise LServeError(
+            f"tensor parallel needs {need / mb:.0f} MB of shared memory in {SHM_DIR} (max_num_seqs x vocabulary x "
+            f"4 bytes of logits plus the ranks' exchange blocks), {free / mb:.0f} MB are free: lower "
+            f"--max-num-seqs or give {SHM_DIR} more room (e.g. docker run --shm-size)"
+        )
 
 
 class WorkerGroup:
@@ -36,9 +60,12 @@ class WorkerGroup:
 
     def __init__(self, model_dir: Path, backend: str, ecfg: EngineConfig, world: int, vocab_size: int):
         ctx = mp.get_context("spawn")
-        spec, cleanup = new_group(backend, world, ctx)
         # rank 0's logits of up to max_num_seqs rows (decode) come back through here; more rows by the pipe
-        self.logits = shared_memory.SharedMemory(create=True, size=ecfg.max_num_seqs * vocab_size * 4)
+        logits_bytes = ecfg.max_num_seqs * vocab_size * 4
+        # the CPU stand-in's exchange blocks counted for every backend: a few MB, and the check stays one rule
+        check_shm_room(logits_bytes + world * ShmCommunicator.SLOT_BYTES, shm_free_bytes())
+        spec, cleanup = new_group(backend, world, ctx)
+        self.logits = shared_memory.SharedMemory(create=True, size=logits_bytes)
         self.conns: list[Any] = []
         self.procs: list[Any] = []
         self.failure: str | None = None
