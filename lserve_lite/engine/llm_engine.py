@@ -16,7 +16,7 @@ from ..config import MASS_MAX_GROUP, ORACLE_REDUCE, EngineConfig, SparseConfig
 from ..errors import InvalidRequestError
 from ..geometry import ring_fits
 from ..kv.block_manager import BlockManager
-from ..kv.layout import KVLayout, kv_summary, page_bytes, pool_pages
+from ..kv.layout import KVLayout, fit_context, kv_summary, page_bytes, pool_pages
 from ..kv.prefix_cache import PrefixCache, kv_salt
 from ..kv.quant import resolve_kv_format
 from ..sampling_params import SamplingParams
@@ -101,9 +101,7 @@ class LLMEngine:
         self.kv_bytes = self.kv_format.kv_bytes(self.cfg.head_dim, self.itemsize)
         self._check_oracle(ORACLE_REDUCE in self.ops.selector_reductions and not self.kv_format.quantized)
         num_pages, num_stream = self._num_pages()
-        self.max_len = min(self.max_len, num_pages * self.ecfg.page_size)
-        if self.layout is not None:
-            self.layout = self.layout.within(self.max_len)
+        self.max_len, self.layout = fit_context(self.max_len, num_pages, self.ecfg.page_size, self.layout)
         self.runner = ModelRunner(
             self.cfg, weights, self.ops, self.ecfg, self.max_len, num_pages, self.layout, num_stream,
             kv_format=self.kv_format,
@@ -125,7 +123,8 @@ class LLMEngine:
         self.kv_format = group.kv_format
         self.itemsize = group.itemsize
         self.kv_bytes = self.kv_format.kv_bytes(self.cfg.head_dim, self.itemsize)
-        self.max_len = self.runner.max_len
+        self.max_len = self.runner.max_len  # both fitted to the pools (fit_context)
+        self.layout = self.runner.layout
         return num_pages, num_stream
 
     def _prefix_cache(self) -> PrefixCache | None:

@@ -22,7 +22,7 @@ from ..backends.comm import ShmCommunicator
 from ..backends.group import host_ops, new_group
 from ..config import EngineConfig, ModelConfig
 from ..errors import LServeError, TensorParallelError
-from ..kv.layout import KVLayout, pool_pages
+from ..kv.layout import KVLayout, fit_context, pool_pages
 from ..kv.quant import FORMATS
 from ..weights.shard import check_tensor_parallel, shard_config, shard_of
 from .model_runner import ModelRunner
@@ -230,7 +230,7 @@ def tensor_parallel_runner(
         dense.append(d)
         stream += [st] if lay is not None and lay.has_streaming else []
     num_pages, num_stream = min(dense), min(stream, default=0)
-    max_len = min(max_len, num_pages * ecfg.page_size)
+    max_len, layout = fit_context(max_len, num_pages, ecfg.page_size, layout)
     group.build(max_len, num_pages, layout, num_stream)
     runner = ModelRunner(cfg, {}, host_ops(), ecfg, max_len, num_pages, layout, num_stream, executor=group)
     return runner, num_pages, num_stream

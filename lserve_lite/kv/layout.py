@@ -123,6 +123,15 @@ def page_bytes(
     return layout.bytes_per_page(cfg, kv_bytes, stat_itemsize)
 
 
+def fit_context(
+    max_len: int, num_pages: int, page_size: int, layout: KVLayout | None
+) -> tuple[int, KVLayout | None]:
+    """The context limit cut to what `num_pages` dense pages hold, and the layout's page budget clipped to it
+    (KVLayout.within): the one rule the single-process engine and the tensor-parallel driver both apply."""
+    max_len = min(max_len, num_pages * page_size)
+    return max_len, layout.within(max_len) if layout is not None else None
+
+
 def pool_pages(
     cfg: ModelConfig, page_size: int, kv_bytes: int, budget: int, layout: KVLayout | None, max_seqs: int,
     num_pages: int | None = None, *, stat_itemsize: int, limit: int | None = None,
