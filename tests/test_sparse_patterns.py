@@ -340,6 +340,20 @@ def test_calibrate_refuses_an_unusable_output_first(tiny_dir, tmp_path):
             calibrate(tiny_dir, out, num_samples=1, lengths=[384], sink=64, local=64, tail=8, log=print)
 
 
+def test_calibrate_bounds_samples_by_name(tiny_dir, tmp_path):
+    """Validation keeps every sample's KV at once: a sample count whose pages no pool holds is refused before
+    the model loads, naming --samples and how many fit (it was refused as an out-of-range num_kv_pages)."""
+    from lserve_lite.evaluation.calibrate import calibrate
+
+    msg = r"^--samples 100000: .* 1050000 pages .* use at most 99864 samples, or --no-validate$"
+    with pytest.raises(InvalidRequestError, match=msg):
+        calibrate(tiny_dir, tmp_path / "p.tsv", num_samples=100_000, lengths=[384, 700], log=print)
+    from lserve_lite.config import MAX_POOL_PAGES
+    from lserve_lite.evaluation.calibrate import _sample_pages
+
+    assert _sample_pages([384, 700], 99864, 64) <= MAX_POOL_PAGES < _sample_pages([384, 700], 99865, 64)
+
+
 def test_engine_sparse_mode_matches_dense_pool_streaming(tiny_dir, tiny_llm, tmp_path):
     """The engine's LServe mode (two pools, ring, per-phase windows; a budget that covers the context) against
     the same streaming heads made in the dense pool through the runner's `set_head_classes` hook: same

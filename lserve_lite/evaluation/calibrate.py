@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import EngineConfig
+from ..config import MAX_POOL_PAGES, EngineConfig
 from ..errors import InvalidRequestError
 from ..llm import LLM
 from ..sparse.patterns import head_classes, save_pattern
@@ -107,8 +107,18 @@ def calibrate(
     if max(lengths) > max_len - 16:
         raise InvalidRequestError(f"sample length {max(lengths)} exceeds the model's context {max_len}")
     page = 64
-    need = sum(-(-(lengths[i % len(lengths)] + 64) // page) + 1 for i in range(num_samples))
-    pages = need if validate else -(-(max(lengths) + 64) // page) + 1
+    pages = _sample_pages(lengths, num_samples, page) if validate else _sample_pages(lengths[-1:], 1, page)
+    if pages > MAX_POOL_PAGES:
+        cycle = _sample_pages(lengths, len(lengths), page)  # one sample of each length
+        full, rest = divmod(MAX_POOL_PAGES, cycle)
+        fit = full * len(lengths) + max(
+            k for k in range(len(lengths)) if _sample_pages(lengths, k, page) <= rest
+        )
+        raise InvalidRequestError(
+            f"--samples {num_samples}: validation keeps every sample's KV cache at once, {pages} pages of {page} "
+            f"tokens at lengths {lengths}, more than a KV pool holds ({MAX_POOL_PAGES}); use at most {fit} "
+            f"samples, or --no-validate"
+        )
     llm = LLM(model_dir, backend=backend, config=EngineConfig(num_kv_pages=pages, page_size=page))
     h = SparseHarness(llm)
     cfg = h.cfg
@@ -181,6 +191,14 @@ def calibrate(
         write_result(res, out_path)
         log(f"wrote {out_path} and {Path(out_path).with_suffix('.json')} in {info['seconds']:.0f} s")
     return res
+
+
+def _sample_pages(lengths: list[int], num_samples: int, page: int) -> int:
+    """KV pages `num_samples` samples take together (lengths cycling; prompt + answer, plus a page), counted
+    without a list as long as the (untrusted) sample count."""
+    per = [-(-(n + 64) // page) + 1 for n in lengths]
+    full, rest = divmod(num_samples, len(per))
+    return full * sum(per) + sum(per[:rest])
 
 
 def check_out_path(out_path: str | Path) -> None:
