@@ -118,6 +118,18 @@ def test_invalid_sampling_values(kw):
         SamplingParams(**kw)
 
 
+def test_prompt_of_the_whole_context_takes_one_token(tiny_llama):
+    """A prompt of exactly the context limit may take one token (scoring: sampled from its last position, it needs
+    no KV slot) and ends by length; asking for more is refused as before."""
+    eng = LLMEngine(str(tiny_llama), "cpu", EngineConfig(max_model_len=128))
+    with pytest.raises(InvalidRequestError, match="context limit is 128"):
+        eng.add_request(list(range(3, 131)), SamplingParams(max_new_tokens=2))
+    eng.add_request(list(range(3, 131)), SamplingParams(temperature=0, max_new_tokens=1, prompt_logprobs=0))
+    outs = [o for _ in range(20) if eng.has_unfinished() for o in eng.step()]
+    assert outs[-1].finished and outs[-1].finish_reason == "length" and outs[-1].num_output_tokens == 1
+    assert eng.blocks.num_used == 0
+
+
 def test_prompt_over_context_limit_and_engine_survives(tiny_llama):
     eng = LLMEngine(str(tiny_llama), "cpu", EngineConfig(max_model_len=128))
     with pytest.raises(InvalidRequestError, match="context limit is 128"):

@@ -383,6 +383,27 @@ def test_scoring_with_max_tokens_0_and_echo(server, client, llm):
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
 
 
+def test_scoring_a_prompt_of_the_whole_context(server, client, llm):
+    """lm-eval's loglikelihood of a prompt of exactly max_model_len tokens (max_tokens 0, echo) is scorable: the
+    one token the engine takes after it is sampled from its last position and needs no KV slot. It was refused
+    as over the context; a prompt one token longer, or the same one generating, still is."""
+    import httpx
+
+    ids = [3 + i % 200 for i in range(256)]
+    want = log_softmax(llm.logits(ids))
+    r = client.completions.create(
+        model="tiny", prompt=[ids], max_tokens=0, logprobs=1, echo=True, temperature=0
+    )
+    lp = r.choices[0].logprobs.token_logprobs
+    assert len(lp) == 256 and r.usage.completion_tokens == 0 and r.choices[0].finish_reason == "length"
+    assert max(abs(lp[j] - want[j - 1, ids[j]]) for j in range(1, 256)) < 1e-4
+    for prompt, max_tokens in ((ids + [5], 0), (ids, 1), (ids, None)):
+        body = {"model": "tiny", "prompt": prompt, "echo": True, "max_tokens": max_tokens}
+        r = httpx.post(server[0] + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert server[1].blocks.num_used == 0
+
+
 def test_batch_prompts_n_and_cached_tokens(server, client):
     url, engine = server
     r = client.completions.create(model="tiny", prompt=[LONG, "hello world"], n=3, max_tokens=4, temperature=1.0,

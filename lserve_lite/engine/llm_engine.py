@@ -252,7 +252,9 @@ class LLMEngine:
         ids = self._encode(prompt) if isinstance(prompt, str) else self._check_ids(prompt, "prompt")
         if not ids:
             raise InvalidRequestError("prompt is empty (no tokens after tokenizing)")
-        if len(ids) >= self.max_len:
+        # room for an output token, except for one token alone (scoring a whole context): sampled from the
+        # prompt's last position, it never enters the KV cache (_append ends it by length)
+        if len(ids) > self.max_len or (len(ids) == self.max_len and params.max_new_tokens > 1):
             raise InvalidRequestError(
                 f"prompt has {len(ids)} tokens; the context limit is {self.max_len} (prompt + output)"
             )

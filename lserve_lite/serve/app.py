@@ -186,13 +186,13 @@ def create_app(
 
     def check_prompt_size(body: dict, chat: bool) -> None:
         """Prompts too long for the context, or too many of them, get 400 before validation and tokenization
-        (each costs time in its size)."""
+        (each costs time in its size); a prompt of the whole context is left to `max_new_tokens` (scorable)."""
         chars, ids, prompts = prompt_size(body, chat)
         where = "messages" if chat else "prompt"
         if chars > prompt_limit:
             raise ApiError(400, f"the prompt has {chars} characters; at most {prompt_limit} allowed", where,
                            "context_length_exceeded")  # fmt: skip
-        if ids >= engine.max_len:
+        if ids > engine.max_len:
             raise ApiError(400, f"the prompt has {ids} tokens; the context limit is {engine.max_len} tokens "
                            "(prompt + output)", where, "context_length_exceeded")  # fmt: skip
         if prompts > MAX_CHOICES:
@@ -221,12 +221,15 @@ def create_app(
 
     def max_new_tokens(req: ChatCompletionRequest | CompletionRequest, n: int) -> int:
         limit, where = engine.max_len, "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
-        if n >= limit:
+        # CompletionRequest.scores_only: one token, left out of the reply; a prompt of the whole context is
+        # scorable (the engine takes one token after it: LLMEngine.add_request)
+        scores_only = req.max_tokens == 0
+        if n > limit or (n == limit and not scores_only):
             raise ApiError(400, f"the prompt has {n} tokens; the context limit is {limit} tokens (prompt + output)",
                            where, "context_length_exceeded")  # fmt: skip
         if req.max_tokens is None:
             return limit - n
-        if req.max_tokens == 0:  # CompletionRequest.scores_only: one token, left out of the reply
+        if scores_only:
             return 1
         if n + req.max_tokens > limit:
             raise ApiError(400, f"the context limit is {limit} tokens (prompt + output); the prompt has {n} tokens "
