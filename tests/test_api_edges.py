@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -360,6 +361,60 @@ def test_streams_and_generate_interleaved_lose_nothing(llm, monkeypatch):
     assert llm.generate([b], sp)[0].token_ids == want_b
     assert first + [t for o in s for t in o.token_ids] == want_a
     assert not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0
+
+
+def test_generate_from_two_threads_takes_turns(llm, monkeypatch):
+    """One LLM called from two threads at once: steps take turns and each call gets exactly its own outputs
+    (both threads stepped the engine together: wrong tokens, or a scheduler stalled on negative counts)."""
+    sp = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    want = [llm.generate([p], sp)[0].token_ids for p in ([5, 6, 7], [9, 10, 11])]
+    got, other_in, running, most = {}, threading.Event(), [0], [0]
+    other = threading.Thread(target=lambda: got.update(b=llm.generate([[9, 10, 11]], sp)[0].token_ids))
+    step = llm.engine.step
+
+    def watched():
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        try:
+            if threading.current_thread() is other:
+                other_in.set()
+            elif (
+                not other.is_alive() and "b" not in got
+            ):  # the main thread's first step: start the other call
+                other.start()
+                other_in.wait(timeout=2)  # set only if the other thread's step got in beside this one
+            return step()
+        finally:
+            running[0] -= 1
+
+    monkeypatch.setattr(llm.engine, "step", watched)
+    got["a"] = llm.generate([[5, 6, 7]], sp)[0].token_ids
+    other.join()
+    assert most[0] == 1 and [got["a"], got["b"]] == want
+    assert not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0
+
+
+def test_stream_closed_inside_a_step_steps_nothing_itself(llm, monkeypatch):
+    """A stream dropped while a step runs (garbage collection may close it anywhere) aborts its request for the
+    next step to free, without stepping the engine inside that step (it did: a step nested in a step)."""
+    sp = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    s = llm.stream_outputs([5, 6, 7], sp)
+    next(s)
+    running, most = [0], [0]
+    step = llm.engine.step
+
+    def watched():
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        try:
+            s.close()  # as the collector would, in the middle of another call's step
+            return step()
+        finally:
+            running[0] -= 1
+
+    monkeypatch.setattr(llm.engine, "step", watched)
+    assert len(llm.generate([[9, 10, 11]], sp)[0].token_ids) == 6
+    assert most[0] == 1 and not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0
 
 
 @pytest.mark.parametrize(
