@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from lserve_lite import LLM, EngineConfig, InvalidRequestError, SamplingParams
+from lserve_lite import LLM, EngineConfig, InvalidRequestError, LServeError, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -509,3 +509,16 @@ def test_add_request_refuses_wrong_types(llm):
         llm.engine.add_request("hi", {"max_new_tokens": 2})
     with pytest.raises(InvalidRequestError, match="sparse must be"):
         llm.engine.add_request("hi", SamplingParams(), sparse="x")
+
+
+def test_closed_engine_refuses_every_call(tiny_llama):
+    """After LLMEngine.close a one-process LLM went on generating (a tensor-parallel one blamed a worker that
+    'died (exit code 0)'): every call, and a stream open at the close, now gets one line naming the close."""
+    llm = LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=16))
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    s = llm.stream_outputs([5, 6, 7], sp)
+    next(s)
+    llm.engine.close()
+    for call in (lambda: llm.generate("hi", sp), lambda: llm.logits([5, 6]), lambda: next(s)):
+        with pytest.raises(LServeError, match=r"^this engine was closed \(LLMEngine.close\)"):
+            call()
