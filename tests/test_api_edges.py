@@ -522,3 +522,26 @@ def test_closed_engine_refuses_every_call(tiny_llama):
     for call in (lambda: llm.generate("hi", sp), lambda: llm.logits([5, 6]), lambda: next(s)):
         with pytest.raises(LServeError, match=r"^this engine was closed \(LLMEngine.close\)"):
             call()
+
+
+def test_stream_collected_inside_the_engines_lock_does_not_hang(tiny_llama, monkeypatch):
+    """A stream in a reference cycle is closed wherever garbage collection runs, e.g. inside add_request's
+    locked block: its abort took the engine's lock again and the thread hung for good."""
+    llm = LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=16))  # not the shared one
+    sp = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    s = llm.stream_outputs([5, 6, 7], sp)
+    next(s)
+    add = llm.engine.scheduler.add
+
+    def add_then_collect(seq):
+        s.close()  # as the collector would, here
+        add(seq)
+
+    monkeypatch.setattr(llm.engine.scheduler, "add", add_then_collect)
+    got = []
+    t = threading.Thread(target=lambda: got.append(llm.generate([[9, 10, 11]], sp)[0]), daemon=True)
+    t.start()
+    t.join(timeout=30)  # only a hang waits this long
+    assert not t.is_alive(), "generate hung: a stream's clean-up waited on the lock its own thread held"
+    assert len(got[0].token_ids) == 4
+    assert not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0

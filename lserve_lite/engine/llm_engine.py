@@ -78,7 +78,9 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.decoders: dict[str, IncrementalDecoder] = {}
         self._aborts: list[Sequence] = []
-        self._lock = threading.Lock()
+        # Reentrant: a stream's clean-up calls abort wherever garbage collection closes it, this engine's own
+        # locked blocks included.
+        self._lock = threading.RLock()
         self._ids = itertools.count()  # generated request ids
         self.eos_ids = set(self.cfg.eos_token_ids)
         self.grammars = Grammars(self.tokenizer, self.cfg.vocab_size, sorted(self.eos_ids))
