@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -51,6 +52,9 @@ class LLM:
         # Outputs of this LLM's open requests not read yet, by request id: several streams and generate calls
         # may be open at once, and whichever of them steps the engine gets every request's outputs.
         self._boxes: dict[str, deque[StepOutput]] = {}
+        # The engine is not thread-safe: every call that touches it (adding requests, steps, scoring) holds this
+        # lock, so calls from several threads take turns and each still gets exactly its own outputs.
+        self._lock = threading.Lock()
 
     def generate(
         self,
@@ -72,17 +76,13 @@ class LLM:
         try:
             for p, sp in zip(prompts, per_prompt):
                 for c in sp.candidates():
-                    rids.append(self.engine.add_request(p, c))
-                    self._boxes[rids[-1]] = deque()
+                    rids.append(self._add(p, c))
             outs = self._collect(rids)
             done = True
             return outs
         finally:  # a refused prompt, an error or an interrupt: none of the batch stays queued or running
             if not done:
-                for r in rids:
-                    self.engine.abort(r)
-                if rids:
-                    self._step()
+                self._abort(rids, wait=True)
             for r in rids:
                 self._boxes.pop(r, None)
 
@@ -136,8 +136,7 @@ class LLM:
             raise InvalidRequestError(f"a stream carries one candidate (n=1), got n={params.n}: use generate")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
             prompt = self.tokenizer.encode_chat(prompt)
-        rid = self.engine.add_request(prompt, params)
-        self._boxes[rid] = deque()
+        rid = self._add(prompt, params)
         done = False
         try:
             while not done:
@@ -145,22 +144,43 @@ class LLM:
                     done = out.finished
                     yield out
         finally:
-            if not done:
-                self.engine.abort(rid)
-                self._step()
+            if not done:  # closed early, or garbage-collected, perhaps inside a step of this thread
+                self._abort([rid], wait=False)
             self._boxes.pop(rid, None)
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Teacher-forced next-token logits [T, vocab] (float32 NumPy)."""
-        return self.engine.score(token_ids)
+        with self._lock:
+            return self.engine.score(token_ids)
 
     @cached_property
     def _short_call_ids(self) -> bool:
         """Whether the chat template takes back only Mistral's 9-character call ids (probed once)."""
         return short_call_ids(self.tokenizer)
 
+    def _add(self, prompt, params: SamplingParams) -> str:
+        """Queue one request with its output box, under the lock: a step in another thread between the two
+        would drop the request's first outputs."""
+        with self._lock:
+            rid = self.engine.add_request(prompt, params)
+            self._boxes[rid] = deque()
+        return rid
+
+    def _abort(self, rids: list[str], wait: bool) -> None:
+        """Abort `rids` and free their pages with one step now; without `wait` (a generator's clean-up, which
+        garbage collection may run inside a step of this very thread) the step is left to whichever call steps
+        next when another step is running."""
+        for r in rids:
+            self.engine.abort(r)
+        if rids and self._lock.acquire(blocking=wait):
+            try:
+                self._step()
+            finally:
+                self._lock.release()
+
     def _step(self) -> None:
-        """One engine step; each output goes to its request's box (outputs of requests not opened here are dropped)."""
+        """One engine step (the caller holds the lock); each output goes to its request's box (outputs of requests
+        not opened here are dropped)."""
         for out in self.engine.step():
             box = self._boxes.get(out.request_id)
             if box is not None:
@@ -169,14 +189,15 @@ class LLM:
     def _next_outputs(self, *rids: str) -> list[StepOutput]:
         """The unread outputs of `rids`, stepping the engine until there is one."""
         while True:
-            outs = [self._boxes[r].popleft() for r in rids for _ in range(len(self._boxes[r]))]
-            if outs:
-                return outs
-            if not self.engine.has_unfinished():  # never with every step going through _step
-                raise LServeError(
-                    f"requests {list(rids)[:4]} ended unseen: the engine was stepped outside LLM"
-                )
-            self._step()
+            with self._lock:  # another thread's step may fill these boxes until this one is read
+                outs = [self._boxes[r].popleft() for r in rids for _ in range(len(self._boxes[r]))]
+                if outs:
+                    return outs
+                if not self.engine.has_unfinished():  # never with every step going through _step
+                    raise LServeError(
+                        f"requests {list(rids)[:4]} ended unseen: the engine was stepped outside LLM"
+                    )
+                self._step()
 
     def _collect(self, rids: list[str]) -> list[CompletionOutput]:
         pending = set(rids)

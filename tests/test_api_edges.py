@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import re
+import threading
 
 import numpy as np
 import pytest
 
-from lserve_lite import LLM, EngineConfig, InvalidRequestError, SamplingParams
+from lserve_lite import LLM, EngineConfig, InvalidRequestError, LServeError, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -362,6 +363,60 @@ def test_streams_and_generate_interleaved_lose_nothing(llm, monkeypatch):
     assert not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0
 
 
+def test_generate_from_two_threads_takes_turns(llm, monkeypatch):
+    """One LLM called from two threads at once: steps take turns and each call gets exactly its own outputs
+    (both threads stepped the engine together: wrong tokens, or a scheduler stalled on negative counts)."""
+    sp = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    want = [llm.generate([p], sp)[0].token_ids for p in ([5, 6, 7], [9, 10, 11])]
+    got, other_in, running, most = {}, threading.Event(), [0], [0]
+    other = threading.Thread(target=lambda: got.update(b=llm.generate([[9, 10, 11]], sp)[0].token_ids))
+    step = llm.engine.step
+
+    def watched():
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        try:
+            if threading.current_thread() is other:
+                other_in.set()
+            elif (
+                not other.is_alive() and "b" not in got
+            ):  # the main thread's first step: start the other call
+                other.start()
+                other_in.wait(timeout=2)  # set only if the other thread's step got in beside this one
+            return step()
+        finally:
+            running[0] -= 1
+
+    monkeypatch.setattr(llm.engine, "step", watched)
+    got["a"] = llm.generate([[5, 6, 7]], sp)[0].token_ids
+    other.join()
+    assert most[0] == 1 and [got["a"], got["b"]] == want
+    assert not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0
+
+
+def test_stream_closed_inside_a_step_steps_nothing_itself(llm, monkeypatch):
+    """A stream dropped while a step runs (garbage collection may close it anywhere) aborts its request for the
+    next step to free, without stepping the engine inside that step (it did: a step nested in a step)."""
+    sp = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    s = llm.stream_outputs([5, 6, 7], sp)
+    next(s)
+    running, most = [0], [0]
+    step = llm.engine.step
+
+    def watched():
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        try:
+            s.close()  # as the collector would, in the middle of another call's step
+            return step()
+        finally:
+            running[0] -= 1
+
+    monkeypatch.setattr(llm.engine, "step", watched)
+    assert len(llm.generate([[9, 10, 11]], sp)[0].token_ids) == 6
+    assert most[0] == 1 and not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0
+
+
 @pytest.mark.parametrize(
     "prompts,params,match",
     [
@@ -454,3 +509,39 @@ def test_add_request_refuses_wrong_types(llm):
         llm.engine.add_request("hi", {"max_new_tokens": 2})
     with pytest.raises(InvalidRequestError, match="sparse must be"):
         llm.engine.add_request("hi", SamplingParams(), sparse="x")
+
+
+def test_closed_engine_refuses_every_call(tiny_llama):
+    """After LLMEngine.close a one-process LLM went on generating (a tensor-parallel one blamed a worker that
+    'died (exit code 0)'): every call, and a stream open at the close, now gets one line naming the close."""
+    llm = LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=16))
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    s = llm.stream_outputs([5, 6, 7], sp)
+    next(s)
+    llm.engine.close()
+    for call in (lambda: llm.generate("hi", sp), lambda: llm.logits([5, 6]), lambda: next(s)):
+        with pytest.raises(LServeError, match=r"^this engine was closed \(LLMEngine.close\)"):
+            call()
+
+
+def test_stream_collected_inside_the_engines_lock_does_not_hang(tiny_llama, monkeypatch):
+    """A stream in a reference cycle is closed wherever garbage collection runs, e.g. inside add_request's
+    locked block: its abort took the engine's lock again and the thread hung for good."""
+    llm = LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=16))  # not the shared one
+    sp = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    s = llm.stream_outputs([5, 6, 7], sp)
+    next(s)
+    add = llm.engine.scheduler.add
+
+    def add_then_collect(seq):
+        s.close()  # as the collector would, here
+        add(seq)
+
+    monkeypatch.setattr(llm.engine.scheduler, "add", add_then_collect)
+    got = []
+    t = threading.Thread(target=lambda: got.append(llm.generate([[9, 10, 11]], sp)[0]), daemon=True)
+    t.start()
+    t.join(timeout=30)  # only a hang waits this long
+    assert not t.is_alive(), "generate hung: a stream's clean-up waited on the lock its own thread held"
+    assert len(got[0].token_ids) == 4
+    assert not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0

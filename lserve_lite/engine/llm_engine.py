@@ -13,7 +13,7 @@ from ..backends import make_ops
 from ..backends.base import SampledTokens
 from ..backends.group import host_ops
 from ..config import MASS_MAX_GROUP, ORACLE_REDUCE, EngineConfig, SparseConfig
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, LServeError
 from ..geometry import ring_fits
 from ..kv.block_manager import BlockManager
 from ..kv.layout import KVLayout, fit_context, kv_summary, page_bytes, pool_pages
@@ -78,12 +78,15 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.decoders: dict[str, IncrementalDecoder] = {}
         self._aborts: list[Sequence] = []
-        self._lock = threading.Lock()
+        # Reentrant: a stream's clean-up calls abort wherever garbage collection closes it, this engine's own
+        # locked blocks included.
+        self._lock = threading.RLock()
         self._ids = itertools.count()  # generated request ids
         self.eos_ids = set(self.cfg.eos_token_ids)
         self.grammars = Grammars(self.tokenizer, self.cfg.vocab_size, sorted(self.eos_ids))
         self.prompt_tokens_computed = 0  # prompt tokens run through the model (recomputation included)
         self._inflight: _InFlight | None = None  # the overlapped decode step (docs/ARCHITECTURE.md)
+        self._closed = False
 
     def _load_local(self, backend: str) -> tuple[int, int]:
         """The whole model in this process on one backend; (dense pages, streaming pages)."""
@@ -240,6 +243,7 @@ class LLMEngine:
         """Queue a request; `sparse` overrides LServe knobs for it (token_budget, select_interval, windows). `guide`:
         the matcher of the params' response_format and its first mask, built beforehand (`grammars.matcher`, which
         takes up to seconds for a large schema: the server builds it off the engine thread); else built here."""
+        self._check_open()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}")
         if sparse is not None and not isinstance(sparse, dict):
@@ -316,9 +320,14 @@ class LLMEngine:
 
     def close(self) -> None:
         """Stop the tensor-parallel workers now (they stop at exit too, which a process ended by a signal never
-        reaches: the server re-raises SIGTERM); nothing to do for one process. No step runs after."""
+        reaches: the server re-raises SIGTERM). No request, step or score runs after, in one process too."""
+        self._closed = True
         if isinstance(self.runner.executor, WorkerGroup):
             self.runner.executor.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LServeError("this engine was closed (LLMEngine.close): load a new LLM to go on")
 
     def abort(self, request_id: str) -> None:
         """Thread-safe: the request in flight under this id now (none: nothing to do) is dropped and its pages freed
@@ -336,6 +345,7 @@ class LLMEngine:
     def step(self) -> list[StepOutput]:
         """One scheduled step. A plain decode batch is launched without waiting for the device (`_launch`):
         its outputs come one call later; anything else first reads the step in flight, then runs in sync."""
+        self._check_open()
         outs = self._apply_aborts()
         if self._inflight is not None and self._inflight_ends():
             outs += self._read(self._take_inflight())  # schedule none of them past its limits
@@ -515,6 +525,7 @@ class LLMEngine:
 
     def score(self, token_ids: list[int]) -> np.ndarray:
         """Teacher-forced next-token logits [T, vocab] for `token_ids` (runs alone, in prefill chunks)."""
+        self._check_open()
         token_ids = self._check_ids(token_ids, "token_ids")
         if len(token_ids) > self.max_len:
             raise InvalidRequestError(f"{len(token_ids)} tokens exceed the context limit {self.max_len}")
