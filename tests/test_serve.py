@@ -337,11 +337,17 @@ def test_bad_requests_400(server, client):
         dict(logit_bias={"x": 1}), dict(logit_bias={"²": 1}), dict(logit_bias={"5": 101}),
         dict(logit_bias={"99999": 1}), dict(top_logprobs=2), dict(tools=[{}]),
         dict(messages=[{"role": "wizard", "content": "hi"}]), dict(messages=None),
+        # vLLM extensions without an implementation: refused, not ignored (min_p and guided_json had no effect)
+        dict(min_p=0.1), dict(min_tokens=3), dict(use_beam_search=True), dict(guided_json={"type": "object"}),
+        dict(guided_choice=["a", "b"]),
     ]  # fmt: skip
     for kw in cases:
         body = {"model": "tiny", "messages": chat_msgs("hi")} | kw
         err = _error(httpx.post(url + "/v1/chat/completions", json=body, headers=auth), 400)
         assert err["param"] == next(iter(kw)), (kw, err)
+    for off in (dict(min_p=0.0), dict(min_tokens=0), dict(use_beam_search=False)):  # their neutral values pass
+        body = {"model": "tiny", "messages": chat_msgs("hi"), "max_tokens": 2} | off
+        assert httpx.post(url + "/v1/chat/completions", json=body, headers=auth).status_code == 200, off
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=chat_msgs("hi"), n=99)
     with pytest.raises(openai.BadRequestError):

@@ -54,6 +54,18 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# vLLM's sampling extensions this server lacks: the value that means "off" (accepted), and what to send instead.
+_UNSUPPORTED: dict[str, tuple[object, str]] = {
+    "min_p": (0, "leave it out, or use top_p / top_k"),
+    "min_tokens": (0, "leave it out; ignore_eos with max_tokens gives a fixed length"),
+    "use_beam_search": (False, "no beam search"),
+    **{
+        f"guided_{k}": (None, "send response_format (json_object or json_schema)")
+        for k in ("json", "regex", "choice", "grammar")
+    },
+}
+
+
 class _Request(BaseModel):
     """Fields common to both endpoints; unknown fields are ignored, unsupported ones refused."""
 
@@ -77,10 +89,21 @@ class _Request(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    # vLLM extensions not implemented: a client that sets one expects its effect, so it is refused, not ignored
+    min_p: Any = None
+    min_tokens: Any = None
+    use_beam_search: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
 
     def check(self) -> None:
         if self.n is None:
             self.n = 1
+        for name, (neutral, instead) in _UNSUPPORTED.items():
+            if getattr(self, name) not in (None, neutral):
+                raise ApiError(400, f"{name} is not supported ({instead})", name)
 
     def logprob_params(self) -> dict:
         """SamplingParams' logprobs / prompt_logprobs from this endpoint's fields."""
