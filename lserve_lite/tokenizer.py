@@ -142,7 +142,8 @@ class Tokenizer:
         compiled = self._compiled_tools if tools is not None and self._compiled_tools else self._compiled
         if compiled is None:
             raise InvalidRequestError("this model has no chat template; use a plain prompt")
-        specials = {k: self._special(k) for k in SPECIAL_KEYS}
+        # an unset special token stays undefined (renders ""), as in transformers' special_tokens_map, not "None"
+        specials = {k: v for k in SPECIAL_KEYS if (v := self._special(k)) is not None}
         try:  # tools and documents given as None when absent, as transformers renders (`tools is not none`)
             return chat_template.render(
                 compiled,

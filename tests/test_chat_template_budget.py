@@ -111,3 +111,23 @@ def test_the_generation_tag_renders_as_transformers_does(tmp_path: Path):
     for gen in (False, True):
         assert tok.render_chat(msgs, gen) == _transformers_render(tmp_path, msgs, add_generation_prompt=gen)
     assert tok.render_chat(msgs).endswith("outer:1<|im_start|>assistant\n")
+
+
+def test_unset_special_tokens_render_as_transformers_does(tmp_path: Path):
+    """A special token the config leaves unset (Qwen2.5's `"bos_token": null`) rendered as the text "None" in the
+    prompt; transformers leaves it undefined, so `{{ bos_token }}` renders nothing and `is defined` is false."""
+    from tiny_models import write_tokenizer
+
+    (tmp_path / "m").mkdir()
+    write_tokenizer(tmp_path / "m", 320)
+    cfg = json.loads((tmp_path / "m/tokenizer_config.json").read_text())
+    template = "{{ bos_token }}[{{ pad_token is defined }}]{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}"
+    (tmp_path / "m/tokenizer_config.json").write_text(
+        json.dumps({**cfg, "bos_token": None, "chat_template": template})
+    )
+    msgs = [{"role": "user", "content": "hi"}]
+    assert (
+        Tokenizer(tmp_path / "m").render_chat(msgs)
+        == _transformers_render(tmp_path, msgs)
+        == "[False]hi<|im_end|>"
+    )
