@@ -203,6 +203,11 @@ class ChatCompletionRequest(_Request):
     parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     function_call: Any = None
+    # vLLM's chat-template extras: the prompt is always the template's default rendering with a generation prompt
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     _tool_plan: ToolPlan | None = PrivateAttr(None)
 
     def check(self) -> None:
@@ -212,6 +217,13 @@ class ChatCompletionRequest(_Request):
         if self.functions or self.function_call is not None:
             raise ApiError(400, "functions / function_call are deprecated by OpenAI: send tools / tool_choice",
                            "functions")  # fmt: skip
+        for name, unsupported in (("add_generation_prompt", not self.add_generation_prompt),
+                                  ("continue_final_message", self.continue_final_message),
+                                  ("chat_template", self.chat_template is not None),
+                                  ("chat_template_kwargs", bool(self.chat_template_kwargs))):  # fmt: skip
+            if unsupported:
+                raise ApiError(400, f"{name} is not supported: the prompt is the model's own chat template "
+                               "with its generation prompt, rendered without extra arguments", name)  # fmt: skip
         try:
             self._tool_plan = plan_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
         except InvalidRequestError as e:
