@@ -177,6 +177,7 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    name: str | None = None  # a participant's or a tool result's name (Hermes' tool template reads it)
 
     def as_dict(self) -> dict:
         """The message as OpenAI's dict (tool_calls.prompt_messages makes it what chat templates read)."""
@@ -190,6 +191,8 @@ class ChatMessage(BaseModel):
             ]  # fmt: skip
         if self.tool_call_id is not None:
             m["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            m["name"] = self.name
         return m
 
 
