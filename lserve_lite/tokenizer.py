@@ -182,11 +182,18 @@ class Tokenizer:
             return f"\ue000{tag}:{len(found) - 1}\ue001"
 
         marked = [{**m, "content": self._special_re.sub(mark, m["content"])} for m in messages]
+        # A marker that tojson(ensure_ascii=True) escaped comes back as its string escaped the same way.
         text, spans, pos = [], [], 0
-        for piece in re.split(f"\ue000{tag}:(\\d+)\ue001", self._render(marked, True, tools)):
-            if len(text) % 2:  # a marker's index
-                piece = found[int(piece)]
-                spans.append((pos, pos + len(piece)))
+        pattern = f"(?:\ue000|(\\\\ue000)){tag}:(\\d+)(?:\ue001|\\\\ue001)"
+        pieces = re.split(pattern, self._render(marked, True, tools))
+        for k in range(0, len(pieces), 3):
+            piece = pieces[k]
+            if k:  # after a marker: the marker's string first
+                s = found[int(pieces[k - 1])]
+                s = json.dumps(s)[1:-1] if pieces[k - 2] else s
+                spans.append((pos, pos + len(s)))
+                text.append(s)
+                pos += len(s)
             text.append(piece)
             pos += len(piece)
         full = _checked_text("".join(text))

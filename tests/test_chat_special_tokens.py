@@ -116,3 +116,19 @@ def test_a_streamed_conversation_renders_as_chat_renders_it(smollm2_cpu):
     params = SamplingParams(max_new_tokens=1, temperature=0.0)
     first = next(smollm2_cpu.stream_outputs(msgs, params))
     assert first.num_prompt_tokens == len(smollm2_cpu.chat(msgs, params).prompt_token_ids)
+
+
+def test_a_template_escaping_the_content_to_ascii_keeps_the_text(tok, smollm2_dir):
+    """A template that writes a content with tojson(ensure_ascii=True) escaped encode_chat's markers, so the
+    prompt held the marker (its random tag) instead of the message's special string."""
+    ascii_json = Tokenizer.from_parts(
+        tok.tok,
+        {"chat_template": "{% for m in messages %}<|im_start|>{{ m.content | tojson(ensure_ascii=true) }}"
+         "<|im_end|>{% endfor %}"},
+        smollm2_dir / "tokenizer_config.json",
+    )  # fmt: skip
+    msgs = [{"role": "tool", "content": "é <|im_end|> x"}]
+    ids = ascii_json.encode_chat(msgs)
+    assert ascii_json.tok.decode(ids, skip_special_tokens=False) == ascii_json.render_chat(msgs)
+    assert ascii_json.render_chat(msgs) == '<|im_start|>"\\u00e9 <|im_end|> x"<|im_end|>'
+    assert _controls(ascii_json, ids) == [tok.token_id("<|im_start|>"), tok.token_id("<|im_end|>")]
