@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 import jinja2
+from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 MAX_STEPS = 1 << 20  # template lines run per rendering (a real chat template runs a few hundred a message)
@@ -148,8 +149,21 @@ def _bounded(name: str, f: Callable, width_args: tuple[str, ...]) -> Callable:
     return g
 
 
+class _Generation(Extension):
+    """transformers' `{% generation %}...{% endgeneration %}` tag (it marks the assistant's tokens for training
+    masks), rendered as its body: a template that uses it must load and render as transformers renders it."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body, lineno=lineno)
+
+
 def environment(raise_exception: Callable[[str], Any]) -> jinja2.Environment:
-    """The chat templates' sandbox, with transformers' extras (tojson, raise_exception, strftime_now)."""
+    """The chat templates' sandbox, with transformers' extras (tojson, raise_exception,
+    strftime_now, the generation tag)."""
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         _check_int(indent, "tojson's indent")
@@ -157,7 +171,7 @@ def environment(raise_exception: Callable[[str], Any]) -> jinja2.Environment:
             x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
         )
 
-    env = _Env(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = _Env(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _Generation])
     for name, widths in (("center", ("width",)), ("indent", ("width",)), ("format", ()), ("replace", ("count",)),
                          ("join", ()), ("wordwrap", ("width",)), ("truncate", ("length",))):  # fmt: skip
         env.filters[name] = _bounded(name, env.filters[name], widths)

@@ -134,8 +134,10 @@ class LLM:
         params = params or SamplingParams()
         if params.n != 1:
             raise InvalidRequestError(f"a stream carries one candidate (n=1), got n={params.n}: use generate")
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-            prompt = self.tokenizer.encode_chat(prompt)
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):  # rendered as chat renders it
+            prompt = self.tokenizer.encode_chat(
+                *prompt_messages(prompt, None, self.tokenizer.template_reads_tools)
+            )
         rid = self._add(prompt, params)
         done = False
         try:

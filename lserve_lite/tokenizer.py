@@ -142,7 +142,8 @@ class Tokenizer:
         compiled = self._compiled_tools if tools is not None and self._compiled_tools else self._compiled
         if compiled is None:
             raise InvalidRequestError("this model has no chat template; use a plain prompt")
-        specials = {k: self._special(k) for k in SPECIAL_KEYS}
+        # an unset special token stays undefined (renders ""), as in transformers' special_tokens_map, not "None"
+        specials = {k: v for k in SPECIAL_KEYS if (v := self._special(k)) is not None}
         try:  # tools and documents given as None when absent, as transformers renders (`tools is not none`)
             return chat_template.render(
                 compiled,
@@ -181,11 +182,18 @@ class Tokenizer:
             return f"\ue000{tag}:{len(found) - 1}\ue001"
 
         marked = [{**m, "content": self._special_re.sub(mark, m["content"])} for m in messages]
+        # A marker that tojson(ensure_ascii=True) escaped comes back as its string escaped the same way.
         text, spans, pos = [], [], 0
-        for piece in re.split(f"\ue000{tag}:(\\d+)\ue001", self._render(marked, True, tools)):
-            if len(text) % 2:  # a marker's index
-                piece = found[int(piece)]
-                spans.append((pos, pos + len(piece)))
+        pattern = f"(?:\ue000|(\\\\ue000)){tag}:(\\d+)(?:\ue001|\\\\ue001)"
+        pieces = re.split(pattern, self._render(marked, True, tools))
+        for k in range(0, len(pieces), 3):
+            piece = pieces[k]
+            if k:  # after a marker: the marker's string first
+                s = found[int(pieces[k - 1])]
+                s = json.dumps(s)[1:-1] if pieces[k - 2] else s
+                spans.append((pos, pos + len(s)))
+                text.append(s)
+                pos += len(s)
             text.append(piece)
             pos += len(piece)
         full = _checked_text("".join(text))

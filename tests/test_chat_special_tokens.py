@@ -98,3 +98,37 @@ def test_special_strings_add_no_word_start_in_sentencepiece(spm, text):
     plain = HFTokenizer.from_str(spm.tok.to_str())
     plain.encode_special_tokens = True
     assert bare.encode_chat(msgs) == plain.encode(text, add_special_tokens=False).ids
+
+
+def test_a_streamed_conversation_renders_as_chat_renders_it(smollm2_cpu):
+    """LLM.stream rendered a conversation without chat's OpenAI-to-template step: a "developer" message stayed
+    a "developer" turn (SmolLM2's template then added its default system prompt too) and an assistant turn's
+    tool calls were not written as text for a template that does not read them."""
+    from lserve_lite import SamplingParams
+
+    msgs = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Rome?"},
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                              "function": {"name": "w", "arguments": '{"city": "Rome"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "20C"},
+    ]  # fmt: skip
+    params = SamplingParams(max_new_tokens=1, temperature=0.0)
+    first = next(smollm2_cpu.stream_outputs(msgs, params))
+    assert first.num_prompt_tokens == len(smollm2_cpu.chat(msgs, params).prompt_token_ids)
+
+
+def test_a_template_escaping_the_content_to_ascii_keeps_the_text(tok, smollm2_dir):
+    """A template that writes a content with tojson(ensure_ascii=True) escaped encode_chat's markers, so the
+    prompt held the marker (its random tag) instead of the message's special string."""
+    ascii_json = Tokenizer.from_parts(
+        tok.tok,
+        {"chat_template": "{% for m in messages %}<|im_start|>{{ m.content | tojson(ensure_ascii=true) }}"
+         "<|im_end|>{% endfor %}"},
+        smollm2_dir / "tokenizer_config.json",
+    )  # fmt: skip
+    msgs = [{"role": "tool", "content": "é <|im_end|> x"}]
+    ids = ascii_json.encode_chat(msgs)
+    assert ascii_json.tok.decode(ids, skip_special_tokens=False) == ascii_json.render_chat(msgs)
+    assert ascii_json.render_chat(msgs) == '<|im_start|>"\\u00e9 <|im_end|> x"<|im_end|>'
+    assert _controls(ascii_json, ids) == [tok.token_id("<|im_start|>"), tok.token_id("<|im_end|>")]

@@ -81,3 +81,53 @@ def test_template_in_its_own_file_as_transformers_saves_it(tmp_path: Path):
         ModelLoadError, match=r"chat_template.jinja: the chat template has a Jinja syntax error"
     ):
         Tokenizer(d)
+
+
+def _transformers_render(tmp_path: Path, messages: list[dict], **kw) -> str:
+    """transformers' apply_chat_template on the same tokenizer files (the reference rendering)."""
+    tf = pytest.importorskip("transformers")
+    return tf.AutoTokenizer.from_pretrained(str(tmp_path / "m")).apply_chat_template(
+        messages, tokenize=False, **kw
+    )
+
+
+def test_the_generation_tag_renders_as_transformers_does(tmp_path: Path):
+    """transformers' `{% generation %}` tag (assistant masks; SmolLM3-style templates use it) failed to load as a
+    Jinja syntax error; its body renders in place, a `set` inside it staying local as in transformers' block."""
+    from tiny_models import write_tokenizer
+
+    template = (
+        "{% set ns = namespace(n=0) %}{% set x = 'outer' %}{% for m in messages %}<|im_start|>{{ m.role }}\n"
+        "{% if m.role == 'assistant' %}{% generation %}{% set x = 'inner' %}{% set ns.n = ns.n + 1 %}"
+        "{{ m.content }}<|im_end|>{% endgeneration %}{% else %}{{ m.content }}<|im_end|>{% endif %}\n"
+        "{% endfor %}{{ x }}:{{ ns.n }}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    (tmp_path / "m").mkdir()
+    write_tokenizer(tmp_path / "m", 320)
+    cfg = json.loads((tmp_path / "m/tokenizer_config.json").read_text())
+    (tmp_path / "m/tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    tok = Tokenizer(tmp_path / "m")
+    for gen in (False, True):
+        assert tok.render_chat(msgs, gen) == _transformers_render(tmp_path, msgs, add_generation_prompt=gen)
+    assert tok.render_chat(msgs).endswith("outer:1<|im_start|>assistant\n")
+
+
+def test_unset_special_tokens_render_as_transformers_does(tmp_path: Path):
+    """A special token the config leaves unset (Qwen2.5's `"bos_token": null`) rendered as the text "None" in the
+    prompt; transformers leaves it undefined, so `{{ bos_token }}` renders nothing and `is defined` is false."""
+    from tiny_models import write_tokenizer
+
+    (tmp_path / "m").mkdir()
+    write_tokenizer(tmp_path / "m", 320)
+    cfg = json.loads((tmp_path / "m/tokenizer_config.json").read_text())
+    template = "{{ bos_token }}[{{ pad_token is defined }}]{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}"
+    (tmp_path / "m/tokenizer_config.json").write_text(
+        json.dumps({**cfg, "bos_token": None, "chat_template": template})
+    )
+    msgs = [{"role": "user", "content": "hi"}]
+    assert (
+        Tokenizer(tmp_path / "m").render_chat(msgs)
+        == _transformers_render(tmp_path, msgs)
+        == "[False]hi<|im_end|>"
+    )

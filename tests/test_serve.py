@@ -345,7 +345,8 @@ def test_bad_requests_400(server, client):
         body = {"model": "tiny", "messages": chat_msgs("hi")} | kw
         err = _error(httpx.post(url + "/v1/chat/completions", json=body, headers=auth), 400)
         assert err["param"] == next(iter(kw)), (kw, err)
-    for off in (dict(min_p=0.0), dict(min_tokens=0), dict(use_beam_search=False)):  # their neutral values pass
+    neutral = (dict(min_p=0.0), dict(min_tokens=0), dict(use_beam_search=False))  # the values that mean "off"
+    for off in neutral:
         body = {"model": "tiny", "messages": chat_msgs("hi"), "max_tokens": 2} | off
         assert httpx.post(url + "/v1/chat/completions", json=body, headers=auth).status_code == 200, off
     with pytest.raises(openai.BadRequestError):

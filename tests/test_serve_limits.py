@@ -219,3 +219,14 @@ def test_client_compat_fields(client):
         assert error(post(client, {"messages": MSGS, "max_tokens": 2} | extra, chat=True))["param"] == param
     r = post(client, {"messages": MSGS, "max_tokens": 2, "tool_choice": "none"}, chat=True)
     assert r.status_code == 200, r.text
+
+
+def test_chat_template_extras_that_would_change_the_prompt_are_refused(client):
+    """vLLM's add_generation_prompt / continue_final_message / chat_template / chat_template_kwargs were ignored
+    silently (a prefill asked to be continued got a fresh assistant turn); they are refused, their defaults pass."""
+    for extra in ({"add_generation_prompt": False}, {"continue_final_message": True},
+                  {"chat_template": "{{ messages }}"}, {"chat_template_kwargs": {"enable_thinking": False}}):  # fmt: skip
+        r = post(client, {"messages": MSGS, "max_tokens": 2} | extra, chat=True)
+        assert r.status_code == 400 and error(r)["param"] == next(iter(extra)), r.text
+    defaults = {"add_generation_prompt": True, "continue_final_message": False, "chat_template_kwargs": {}}
+    assert post(client, {"messages": MSGS, "max_tokens": 2} | defaults, chat=True).status_code == 200

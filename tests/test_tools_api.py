@@ -868,3 +868,29 @@ def test_a_messages_tool_calls_as_templates_read_them():
         assert '{"name": "f", "arguments": {"city": "Rome"}}' in m["content"]
     t = ChatMessage.model_validate({"role": "tool", "tool_call_id": "c1", "content": "21"}).as_dict()
     assert t == {"role": "tool", "content": "21", "tool_call_id": "c1"}
+
+
+def test_a_tool_results_name_reaches_the_template_as_transformers_renders_it(tmp_path):
+    """The server dropped a message's `name` (OpenAI's field; a tool result's function): Hermes 2 Pro's tool
+    template renders `message.name` in each <tool_response>, so the server's prompt lost it."""
+    tf = pytest.importorskip("transformers")
+    from tiny_models import write_tokenizer
+
+    from lserve_lite.serve.protocol import ChatMessage
+    from lserve_lite.tokenizer import Tokenizer
+
+    write_tokenizer(tmp_path, 320)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = (  # the tool-result part of Hermes-2-Pro-Llama-3's tool_use template
+        "{%- for message in messages %}{%- if message.role == 'tool' %}<|im_start|>tool\n<tool_response>\n"
+        "{{- '{\"name\": \"' }}{{- message.name }}{{- '\", \"content\": ' }}{{- message.content|tojson + '}' }}"
+        "\n</tool_response><|im_end|>\n{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
+        "{%- endif %}{%- endfor %}"
+    )
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    raw = [{"role": "user", "content": "Rome?"},
+           {"role": "tool", "tool_call_id": "c1", "name": "get_weather", "content": "21"}]  # fmt: skip
+    msgs, _ = prompt_messages([ChatMessage.model_validate(m).as_dict() for m in raw], None, native=True)
+    ours = Tokenizer(tmp_path).render_chat(msgs, add_generation_prompt=False)
+    ref = tf.AutoTokenizer.from_pretrained(str(tmp_path)).apply_chat_template(raw, tokenize=False)
+    assert ours == ref and '{"name": "get_weather", "content": "21"}' in ours

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
@@ -54,18 +54,6 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-# vLLM's sampling extensions this server lacks: the value that means "off" (accepted), and what to send instead.
-_UNSUPPORTED: dict[str, tuple[object, str]] = {
-    "min_p": (0, "leave it out, or use top_p / top_k"),
-    "min_tokens": (0, "leave it out; ignore_eos with max_tokens gives a fixed length"),
-    "use_beam_search": (False, "no beam search"),
-    **{
-        f"guided_{k}": (None, "send response_format (json_object or json_schema)")
-        for k in ("json", "regex", "choice", "grammar")
-    },
-}
-
-
 class _Request(BaseModel):
     """Fields common to both endpoints; unknown fields are ignored, unsupported ones refused."""
 
@@ -89,7 +77,8 @@ class _Request(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
-    # vLLM extensions not implemented: a client that sets one expects its effect, so it is refused, not ignored
+    # vLLM extensions not implemented: a client that sets one expects its effect, so it is refused, not ignored,
+    # unless it holds the value that means "off" (_unsupported: that value, and what to do instead)
     min_p: Any = None
     min_tokens: Any = None
     use_beam_search: Any = None
@@ -97,11 +86,20 @@ class _Request(BaseModel):
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
+    _unsupported: ClassVar[dict[str, tuple[object, str]]] = {
+        "min_p": (0, "leave it out, or use top_p / top_k"),
+        "min_tokens": (0, "leave it out; ignore_eos with max_tokens gives a fixed length"),
+        "use_beam_search": (False, "no beam search"),
+        **{
+            f"guided_{k}": (None, "send response_format (json_object or json_schema)")
+            for k in ("json", "regex", "choice", "grammar")
+        },
+    }
 
     def check(self) -> None:
         if self.n is None:
             self.n = 1
-        for name, (neutral, instead) in _UNSUPPORTED.items():
+        for name, (neutral, instead) in self._unsupported.items():
             if getattr(self, name) not in (None, neutral):
                 raise ApiError(400, f"{name} is not supported ({instead})", name)
 
@@ -200,6 +198,7 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    name: str | None = None  # a participant's or a tool result's name (Hermes' tool template reads it)
 
     def as_dict(self) -> dict:
         """The message as OpenAI's dict (tool_calls.prompt_messages makes it what chat templates read)."""
@@ -213,6 +212,8 @@ class ChatMessage(BaseModel):
             ]  # fmt: skip
         if self.tool_call_id is not None:
             m["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            m["name"] = self.name
         return m
 
 
@@ -226,6 +227,17 @@ class ChatCompletionRequest(_Request):
     parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     function_call: Any = None
+    # vLLM's chat-template extras: the prompt is always the template's default rendering with a generation prompt
+    add_generation_prompt: Any = None
+    continue_final_message: Any = None
+    chat_template: Any = None
+    chat_template_kwargs: Any = None
+    _unsupported: ClassVar[dict[str, tuple[object, str]]] = _Request._unsupported | {
+        name: (off, "the prompt is the model's own chat template with its generation prompt, rendered without "
+                    "extra arguments")
+        for name, off in (("add_generation_prompt", True), ("continue_final_message", False),
+                          ("chat_template", None), ("chat_template_kwargs", {}))
+    }  # fmt: skip
     _tool_plan: ToolPlan | None = PrivateAttr(None)
 
     def check(self) -> None:
