@@ -16,7 +16,7 @@ from ..config import MASS_MAX_GROUP, ORACLE_REDUCE, EngineConfig, SparseConfig
 from ..errors import InvalidRequestError, LServeError
 from ..geometry import ring_fits
 from ..kv.block_manager import BlockManager
-from ..kv.layout import KVLayout, fit_context, kv_summary, page_bytes, pool_pages
+from ..kv.layout import KVLayout, fit_context, kv_summary, page_bytes, pool_context, pool_pages
 from ..kv.prefix_cache import PrefixCache, kv_salt
 from ..kv.quant import resolve_kv_format
 from ..sampling_params import SamplingParams
@@ -183,7 +183,7 @@ class LLMEngine:
         """The context limit as known before the KV pools are sized: the configured (or the model's) one, cut to
         an explicit num_kv_pages (LServe's rings and sinks were sized for contexts the pool can never hold)."""
         max_len, pages = self.ecfg.resolve_max_len(self.cfg), self.ecfg.num_kv_pages
-        return max_len if pages is None else min(max_len, pages * self.ecfg.page_size)
+        return max_len if pages is None else pool_context(max_len, pages, self.ecfg.page_size)
 
     def _max_chunk(self) -> int:
         """The most tokens of one sequence a step computes (what LServe's ring holds beside the window): a chunk

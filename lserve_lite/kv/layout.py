@@ -128,8 +128,13 @@ def fit_context(
 ) -> tuple[int, KVLayout | None]:
     """The context limit cut to what `num_pages` dense pages hold, and the layout's page budget clipped to it
     (KVLayout.within): the one rule the single-process engine and the tensor-parallel driver both apply."""
-    max_len = min(max_len, num_pages * page_size)
+    max_len = pool_context(max_len, num_pages, page_size)
     return max_len, layout.within(max_len) if layout is not None else None
+
+
+def pool_context(max_len: int, num_pages: int, page_size: int) -> int:
+    """The context limit cut to what `num_pages` pages hold."""
+    return min(max_len, num_pages * page_size)
 
 
 def pool_pages(
