@@ -443,6 +443,17 @@ __global__ void rope_write_kv_sparse(const __half* __restrict__ qkv, const long 
   }
 }
 
+// Zero whole pages of many pools: a page handed to a sequence reads as a fresh (zeroed) pool's, so no value an
+// earlier owner left past the new context (NaN included) meets the attention kernels' 0 weights (0 x NaN = NaN).
+// Reference: CpuOps.clear_pages. meta = [npools base addresses, npools page sizes in bytes (multiples of 16),
+// the page ids]; grid (pages, pools).
+__global__ void clear_pages(const long long* __restrict__ meta, int npools) {
+  lserve::pdl_enter();
+  const long long bytes = meta[npools + blockIdx.y];
+  uint4* page = reinterpret_cast<uint4*>(meta[blockIdx.y] + meta[2 * npools + blockIdx.x] * bytes);
+  for (long long i = threadIdx.x; i < bytes / 16; i += blockDim.x) page[i] = make_uint4(0u, 0u, 0u, 0u);
+}
+
 // out[n, i] = silu(gu[n, i]) * gu[n, inter + i]; flat grid over N * inter / VEC (VEC = 8 when inter % 8 == 0).
 template <int VEC>
 __global__ void silu_mul(const __half* __restrict__ gu, __half* __restrict__ out, int inter, long long total) {

@@ -1,6 +1,8 @@
 """Prefix caching on the CUDA backend (gpu-marked; skipped without a GPU).
 
 - `CudaOps.copy_stream_pages` equals the CPU one on random pools, overlapping source and destination pages;
+- `CudaOps.clear_pages` equals the CPU one on random pools of every kind (values, scales, statistics; a pool
+  without heads), pages listed twice included;
 - a tiny LServe engine (streaming heads, page selection, decode CUDA Graphs) gives the same greedy outputs
   with the cache as without it for a conversation and requests sharing a system prompt (fp16: a near tie
   may flip under another chunking, so >= 80% of the requests identical, as tests/test_gpu_e2e.py), with
@@ -34,6 +36,33 @@ def test_copy_stream_pages_matches_cpu():
     for h, d in zip(host.ks + host.vs, dev.ks + dev.vs, strict=True):
         np.testing.assert_array_equal(h, gpu.cp.asnumpy(d))
     np.testing.assert_array_equal(host.ks[0][4], pools[0][3])
+
+
+def test_clear_pages_matches_cpu():
+    from lserve_lite.backends.base import KVCache
+    from lserve_lite.backends.cpu import CpuOps
+    from lserve_lite.backends.cuda import CudaOps
+
+    gpu, rng = CudaOps(), np.random.default_rng()
+    shapes = [(12, 2, 16, 64), (12, 0, 16, 64), (12, 3, 16, 2), (12, 1, 4, 128), (12, 2, 16, 32)]
+    dense = [rng.standard_normal(s).astype(np.float16) for s in shapes[:4]]
+    dense.append(rng.integers(0, 255, shapes[4], dtype=np.uint8))  # int4 values: two a byte
+    stream = [rng.standard_normal((7, 1, 16, 64)).astype(np.float16) for _ in range(2)]
+    pages, stream_pages = np.array([5, 0, 11, 5]), np.array([6])
+
+    def cache(d, s):
+        return KVCache(k=d[:2], v=d[4:], page_size=16, num_pages=12, ks=s[:1], vs=s[1:], k_scale=d[2:3],
+                       v_scale=[], kmax=d[3:4], kmin=[])  # fmt: skip
+
+    host = cache([a.copy() for a in dense], [a.copy() for a in stream])
+    dev = cache([gpu.cp.asarray(a) for a in dense], [gpu.cp.asarray(a) for a in stream])
+    CpuOps.clear_pages(None, host, pages, stream_pages)
+    gpu.clear_pages(dev, pages, stream_pages)
+    for h, d in zip(
+        host.dense_pools() + host.stream_pools(), dev.dense_pools() + dev.stream_pools(), strict=True
+    ):
+        np.testing.assert_array_equal(h, gpu.cp.asnumpy(d))
+    assert not host.k[0][[0, 5, 11]].any() and host.k[0][1].all() and not host.ks[0][6].any()
 
 
 @pytest.fixture(scope="module")

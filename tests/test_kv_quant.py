@@ -532,6 +532,56 @@ def test_stale_nan_past_a_context_does_not_reach_another_request(tiny, kv, spars
     assert run() == clean
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_pages_handed_out_read_as_fresh(tiny, sparse):
+    """Every pool NaN-poisoned, then one prefill step of a 37-token prompt: the pages the step got were cleared
+    before it wrote them, so their slots past the context hold zeros (a fresh pool's), not the earlier values;
+    pages nobody got keep theirs."""
+    from lserve_lite import LLM, SamplingParams
+
+    knobs = dict(page_size=16, sub_pages=4, prefill_sink=16, prefill_local=32, decode_sink=16, decode_local=32,
+                 token_budget=32)  # fmt: skip
+    sp = SparseConfig(enabled=True, static_sparsity=0.5, **knobs) if sparse else SparseConfig()
+    cfg = EngineConfig(kv_dtype="int4", page_size=16, sparse=sp, num_kv_pages=16, prefix_caching=False)
+    llm = LLM(str(tiny), backend="cpu", config=cfg)
+    eng, cache = llm.engine, llm.engine.runner.cache
+    for a in cache.dense_pools() + cache.stream_pools():
+        a[...] = np.nan if a.dtype.kind == "f" else 127
+    eng.add_request([int(t) for t in RNG.integers(3, 300, 37)], SamplingParams(max_new_tokens=4), "r")
+    eng.step()
+    seq = eng.seqs["r"]
+    assert seq.page_table and bool(seq.stream_table) == sparse == bool(cache.stream_pools())
+    for table, pools in ((seq.page_table, cache.dense_pools()), (seq.stream_table, cache.stream_pools())):
+        for a in pools:
+            assert np.isfinite(a[table].astype(np.float32)).all() if a.dtype.kind == "f" else True
+            others = np.setdiff1d(np.arange(a.shape[0]), table)
+            assert np.isnan(a[others]).all() if a.dtype.kind == "f" else (a[others] == 127).all(), others
+    last = seq.page_table[-1]
+    for a in (*cache.k, *cache.v, *cache.k_scale, *cache.v_scale):
+        if a.shape[1]:
+            assert (a[last, :, 37 % 16 :] == 0).all()  # the slots past the context: a fresh pool's zeros
+
+
+def test_grow_records_clears_in_order_with_copies():
+    """Pages handed out by grow become one merged clear op per schedule, after any copy recorded before them."""
+    from lserve_lite.kv.block_manager import BlockManager
+    from lserve_lite.sampling_params import SamplingParams
+    from lserve_lite.sequence import Sequence
+
+    b = BlockManager(8, 4, num_stream_pages=6, stream_per_seq=2, max_seqs=2)
+    a, c = (Sequence(list(range(n)), SamplingParams(max_new_tokens=1)) for n in (9, 3))
+    b.grow(a, 9)
+    b.page_ops.append(("copy", [0], [1]))
+    b.grow(c, 3)
+    b.grow(a, 13)  # a fourth page for a; its stream table is whole
+    assert b.take_page_ops() == [
+        ("clear", a.page_table[:3], a.stream_table),
+        ("copy", [0], [1]),
+        ("clear", [c.page_table[0], a.page_table[3]], c.stream_table),
+    ]
+    assert b.take_page_ops() == [] and not b.grow(a, 13) and b.page_ops == []
+
+
 def test_kv_sizing_counts_real_bytes():
     """Same memory: int8 ~2x and int4 ~2.67x the tokens of fp16 (GPU: fp16 scales), more vs CPU fp32."""
     cfg = ModelConfig.from_dict(

@@ -219,7 +219,7 @@ class Driver:
 
     def step(self) -> None:
         batch = self.sched.schedule()
-        self.blocks.take_copies()
+        self.blocks.take_page_ops()
         self.preemptions += len(batch.preempted)
         for s, n in zip(batch.seqs, batch.num_new):
             s.num_cached += n
@@ -228,7 +228,7 @@ class Driver:
                 s.output_ids.append(5)
                 if len(s.output_ids) >= s.params.max_new_tokens:
                     self.sched.finish(s, "length")
-        self.blocks.take_copies()
+        self.blocks.take_page_ops()
         self.check()
 
 
@@ -280,8 +280,8 @@ def test_driver_stream_exercises_preemption_and_snapshots():
     """The property test's driver on one fixed stream does preempt, attach and restore snapshots."""
     d = Driver(pages=16, ps=8, budget=24, stream=True)
     restores = []
-    take = d.blocks.take_copies
-    d.blocks.take_copies = lambda: restores.extend(take()) or []
+    take = d.blocks.take_page_ops
+    d.blocks.take_page_ops = lambda: restores.extend(op for op in take() if op[0] == "copy") or []
     seqs = [Sequence(list(range(70)) + [900 + i], SamplingParams(max_new_tokens=12)) for i in range(6)]
     for s in seqs:
         s.kv_salt = b"s"

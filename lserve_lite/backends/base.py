@@ -69,6 +69,18 @@ class KVCache:
         """The model's KV heads at `layer` (LServe mode: both pools together)."""
         return int(self.head_class[layer].shape[0]) if self.sparse else int(self.k[layer].shape[1])
 
+    def dense_pools(self) -> list[Array]:
+        """Every layer's arrays indexed by a dense-pool page first: values, scales, the selector's statistics."""
+        return [
+            a
+            for pools in (self.k, self.v, self.k_scale, self.v_scale, self.kmax, self.kmin)
+            for a in pools or ()
+        ]
+
+    def stream_pools(self) -> list[Array]:
+        """Every layer's arrays indexed by a streaming-pool page first: values and scales (none in dense mode)."""
+        return [a for pools in (self.ks, self.vs, self.ks_scale, self.vs_scale) for a in pools or ()]
+
     def scales(self, layer: int) -> tuple:
         """(k, v, ks, vs) scales of a layer's pools; Nones for a float cache (or a pool that does not exist)."""
         pick = lambda a: a[layer] if a is not None else None  # noqa: E731
@@ -183,6 +195,7 @@ class Ops(Protocol):
     ) -> Executor: ...
     def select_pages(self, q: Array, cache: KVCache, layer: int, plan: Any) -> None: ...
     def copy_stream_pages(self, cache: KVCache, src: np.ndarray, dst: np.ndarray) -> None: ...
+    def clear_pages(self, cache: KVCache, pages: np.ndarray, stream_pages: np.ndarray) -> None: ...
     def prepare_plan(self, plan: AttentionPlan) -> Any: ...
     def embed(self, table: Array, ids: Array, vocab_start: int = 0) -> Array: ...
     def add_rmsnorm(self, x: Array, residual: Array | None, w: Array, eps: float) -> tuple[Array, Array]: ...

@@ -122,8 +122,16 @@ class CpuOps:
     def copy_stream_pages(self, cache: KVCache, src: np.ndarray, dst: np.ndarray) -> None:
         """Streaming-pool pages src[i] -> dst[i] in every layer (prefix-cache snapshots); the gather completes
         before the scatter, so the two lists may overlap."""
-        for pool in (*cache.ks, *cache.vs, *(cache.ks_scale or ()), *(cache.vs_scale or ())):
+        for pool in cache.stream_pools():
             pool[dst] = pool[src]
+
+    def clear_pages(self, cache: KVCache, pages: np.ndarray, stream_pages: np.ndarray) -> None:
+        """Zero these pages of every layer's dense pools (values, scales, statistics) and these of its streaming
+        pools: a page handed to a sequence reads as a fresh pool's (kv/block_manager.py)."""
+        for pool_pages, pools in ((pages, cache.dense_pools()), (stream_pages, cache.stream_pools())):
+            if len(pool_pages):
+                for pool in pools:
+                    pool[pool_pages] = 0
 
     def prepare_plan(self, plan: AttentionPlan) -> AttentionPlan:
         return plan

@@ -39,6 +39,7 @@ LAYER_KERNELS = (
     *(f"rope_write_kv{s}<{t}>" for s in ("", "_sparse") for t in KV_TRAITS.values()),
     "silu_mul<1>",
     "silu_mul<8>",
+    "clear_pages",
     *(f"gemv_rows<{n}, {t}>" for t in ("__half", "float") for n in range(1, 9)),
     *(f"gemv_rows<{n}, __half, true>" for n in range(1, 9)),  # gate_up GEMV + SiLU-and-multiply (decode)
     # the input's residual add and RMSNorm in the GEMV's prologue (rmsnorm_linear), plain and gate_up + SiLU
@@ -363,8 +364,25 @@ class CudaOps:
         """Reference: CpuOps.copy_stream_pages. CuPy's gather makes a temporary before the scatter (overlap is
         safe), on the current stream, so it lands before the next forward or graph replay."""
         s, d = self.cp.asarray(np.asarray(src, np.int64)), self.cp.asarray(np.asarray(dst, np.int64))
-        for pool in (*cache.ks, *cache.vs, *(cache.ks_scale or ()), *(cache.vs_scale or ())):
+        for pool in cache.stream_pools():
             pool[d] = pool[s]
+
+    def clear_pages(self, cache: KVCache, pages: np.ndarray, stream_pages: np.ndarray) -> None:
+        """Reference: CpuOps.clear_pages. One launch per pool family (layers.cu's clear_pages), its pool addresses,
+        page sizes and page ids in one upload, on the current stream (before the next forward or graph replay)."""
+        for ids, pools in ((pages, cache.dense_pools()), (stream_pages, cache.stream_pools())):
+            pools = [p for p in pools if p.size]
+            if not len(ids) or not pools:
+                continue
+            sizes = [p.nbytes // p.shape[0] for p in pools]
+            if any(b % 16 for b in sizes):
+                raise ValueError(f"KV pool pages must be multiples of 16 bytes, got {sorted(set(sizes))}")
+            meta = np.concatenate([[p.data.ptr for p in pools], sizes, np.asarray(ids, np.int64)]).astype(
+                np.int64
+            )
+            self.k["clear_pages"](
+                (len(ids), len(pools)), (256,), (self.cp.asarray(meta), np.int32(len(pools)))
+            )
 
     def prepare_plan(self, plan: AttentionPlan):
         """Upload the host plan into a device plan (cuda_attention.CudaPlan) reused across steps.

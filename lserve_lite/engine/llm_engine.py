@@ -350,7 +350,9 @@ class LLMEngine:
         if self._inflight is not None and self._inflight_ends():
             outs += self._read(self._take_inflight())  # schedule none of them past its limits
         batch = self.scheduler.schedule()
-        self.runner.copy_stream_pages(self.blocks.take_copies())  # attached snapshots, before any write
+        self.runner.apply_page_ops(
+            self.blocks.take_page_ops()
+        )  # snapshots attached, pages cleared: before any write
         if self._inflight is not None and not self._overlaps(batch):
             outs += self._read(self._take_inflight())
             _drop_finished(batch)
@@ -366,7 +368,7 @@ class LLMEngine:
         logits = self.runner.run(batch.seqs, batch.num_new)
         for seq in batch.seqs:
             self.blocks.cache_computed(seq)
-        self.runner.copy_stream_pages(self.blocks.take_copies())  # snapshots taken, before sequences move on
+        self.runner.apply_page_ops(self.blocks.take_page_ops())  # snapshots taken, before sequences move on
         last = (
             np.cumsum([n if w else 1 for n, w in zip(batch.num_new, wants)]) - 1
         )  # each sequence's last row
@@ -534,6 +536,7 @@ class LLMEngine:
             raise InvalidRequestError("not enough free KV pages to score this sequence now")
         self.blocks.grow(seq, len(token_ids))
         try:
+            self.runner.apply_page_ops(self.blocks.take_page_ops())
             chunks = []
             while seq.num_pending:
                 n = min(seq.num_pending, self.ecfg.max_num_batched_tokens)

@@ -9,6 +9,7 @@ import numpy as np
 from ..backends.base import Executor, Ops, StepInputs
 from ..config import EngineConfig, ModelConfig, SparseConfig
 from ..geometry import budget_pages, pages_for, ring_slot
+from ..kv.block_manager import PageOp
 from ..kv.layout import KVLayout
 from ..kv.quant import KVFormat
 from ..models.llama import LlamaModel
@@ -51,8 +52,9 @@ class ModelRunner:
             )
             executor = ops.executor(self.model.forward, self.cache, ecfg, layout, max_len)
             self._copy = partial(ops.copy_stream_pages, self.cache)
+            self._clear = partial(ops.clear_pages, self.cache)
         else:
-            self._copy = executor.copy_stream_pages
+            self._copy, self._clear = executor.copy_stream_pages, executor.clear_pages
         self.executor = executor
 
     def set_head_classes(self, classes: list[np.ndarray], sink: int, local: int) -> None:
@@ -63,10 +65,11 @@ class ModelRunner:
         self.head_classes = [np.asarray(c, np.int32) for c in classes]
         self.sink, self.local = sink, local if any(np.any(c == 1) for c in self.head_classes) else 0
 
-    def copy_stream_pages(self, copies: list[tuple[list[int], list[int]]]) -> None:
-        """Run the block manager's streaming-pool copies (prefix-cache snapshots), in order."""
-        for src, dst in copies:
-            self._copy(np.asarray(src, np.int64), np.asarray(dst, np.int64))
+    def apply_page_ops(self, page_ops: list[PageOp]) -> None:
+        """Run the block manager's page ops in order: streaming-pool copies (prefix-cache snapshots) and clears
+        of pages handed out (kv/block_manager.py)."""
+        for kind, a, b in page_ops:
+            (self._copy if kind == "copy" else self._clear)(np.asarray(a, np.int64), np.asarray(b, np.int64))
 
     def run(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False, ids=None):
         """Process each sequence's next `num_new` tokens; backend logits of every last row (or all rows).

@@ -56,7 +56,8 @@ def check_shm_room(need: int, free: int | None) -> None:
 
 class WorkerGroup:
     """The ranks behind the Executor interface: `plan` passes the host step through, `run` sends it to every
-    rank and returns rank 0's logits (NumPy); `copy_stream_pages` runs the KV copies on every rank."""
+    rank and returns rank 0's logits (NumPy); `copy_stream_pages` / `clear_pages` run the KV page ops on every
+    rank."""
 
     def __init__(self, model_dir: Path, backend: str, ecfg: EngineConfig, world: int, vocab_size: int):
         ctx = mp.get_context("spawn")
@@ -109,6 +110,9 @@ class WorkerGroup:
 
     def copy_stream_pages(self, src: np.ndarray, dst: np.ndarray) -> None:
         self._send(("copy", src, dst))
+
+    def clear_pages(self, pages: np.ndarray, stream_pages: np.ndarray) -> None:
+        self._send(("clear", pages, stream_pages))
 
     def ids_row(self, n: int) -> None:
         return None

@@ -50,6 +50,9 @@ class RankRunner:
     def copy_stream_pages(self, src: np.ndarray, dst: np.ndarray) -> None:
         self.ops.copy_stream_pages(self.cache, src, dst)
 
+    def clear_pages(self, pages: np.ndarray, stream_pages: np.ndarray) -> None:
+        self.ops.clear_pages(self.cache, pages, stream_pages)
+
 
 def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
     return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))

@@ -68,6 +68,8 @@ def _serve(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig, conn
                 conn.send(("logits", _put(ops.to_numpy(logits), out), msg[2]))
         elif msg[0] == "copy":
             runner.copy_stream_pages(msg[1], msg[2])
+        elif msg[0] == "clear":
+            runner.clear_pages(msg[1], msg[2])
         else:
             return
 

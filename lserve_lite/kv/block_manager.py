@@ -6,8 +6,12 @@ A sequence owns `page_table` (dense pool, one page per `page_size` tokens, grows
 Dense pages are shared by reference count: a page attached from the prefix cache is referenced by every
 sequence holding it. A page whose count drops to zero goes to the free list, or, when the prefix cache
 indexes it, stays cached (idle) until an allocation evicts it. Streaming pages are never shared: a
-snapshot's pages belong to the cache and are copied into the sequence's own (`copies`, run by the engine
-through `Ops.copy_stream_pages` before the next forward, in the order recorded).
+snapshot's pages belong to the cache and are copied into the sequence's own.
+
+Pages handed out by `grow` are cleared (zeroed in every layer's pools) before they are written, so a page reads
+as a fresh pool's: the attention kernels read whole 16-row units and weigh slots past a context by 0, and
+0 x NaN left there by an earlier owner would be NaN. Copies and clears are `page_ops`, run by the engine through
+`Ops.copy_stream_pages` / `Ops.clear_pages` before the next forward, in the order recorded.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from .prefix_cache import PrefixCache, Snapshot, extend_hashes
 
 if TYPE_CHECKING:
     from ..sequence import Sequence
+
+# ("copy", streaming src pages, streaming dst pages) or ("clear", dense pages, streaming pages)
+PageOp = tuple[str, list[int], list[int]]
 
 
 class BlockManager:
@@ -43,7 +50,7 @@ class BlockManager:
         self.slots: deque[int] = deque(range(max_seqs))  # page-selection slots of running sequences
         self.ref = [0] * num_pages
         self.cache = cache
-        self.copies: list[tuple[list[int], list[int]]] = []  # streaming-pool (src, dst) copies, in order
+        self.page_ops: list[PageOp] = []  # copies and clears of KV pages, in order (module docstring)
         self.in_flight: Counter[bytes] = Counter()  # keys of prompt pages running sequences are computing
 
     @property
@@ -95,8 +102,12 @@ class BlockManager:
         dense, stream = self._needed(seq, num_tokens)
         if dense > self.num_free or stream > self.num_stream_free:
             raise RuntimeError("KV page pool exhausted (scheduler must check can_grow first)")
-        seq.page_table.extend(self._page() for _ in range(dense))
-        seq.stream_table.extend(self._stream_page() for _ in range(stream))
+        pages = [self._page() for _ in range(dense)]
+        stream_pages = [self._stream_page() for _ in range(stream)]
+        seq.page_table.extend(pages)
+        seq.stream_table.extend(stream_pages)
+        if pages or stream_pages:
+            self._clear(pages, stream_pages)
         if seq.sel_slot < 0 and self.slots:
             seq.sel_slot = self.slots.popleft()
 
@@ -145,7 +156,7 @@ class BlockManager:
         seq.page_table = list(pages)
         if pages and snap is not None:
             seq.stream_table = [self._stream_page() for _ in snap.pages]  # may reuse snap's own: copy gathers
-            self.copies.append((list(snap.pages), list(seq.stream_table)))
+            self.page_ops.append(("copy", list(snap.pages), list(seq.stream_table)))
         seq.num_registered = len(pages)
         seq.num_cached = seq.num_attached = len(pages) * self.page_size
         full = len(seq.prompt_ids) // self.page_size
@@ -201,7 +212,7 @@ class BlockManager:
         if not keys or len(seq.stream_table) > self.num_stream_free:
             return
         pages = [self._stream_page() for _ in seq.stream_table]  # may evict older snapshots
-        self.copies.append((list(seq.stream_table), pages))
+        self.page_ops.append(("copy", list(seq.stream_table), pages))
         self.cache.add_snapshot(Snapshot(pages, seq.num_cached, keys))
 
     def _donate_snapshot(self, seq: Sequence) -> bool:
@@ -213,7 +224,15 @@ class BlockManager:
             self.cache.add_snapshot(Snapshot(list(seq.stream_table), seq.num_cached, keys))
         return bool(keys)
 
-    def take_copies(self) -> list[tuple[list[int], list[int]]]:
-        """The streaming-pool copies recorded since the last call, to run in this order before a forward."""
-        copies, self.copies = self.copies, []
-        return copies
+    def _clear(self, pages: list[int], stream_pages: list[int]) -> None:
+        """Record a clear of fresh pages, merged into the last op when that is a clear too (one launch a step)."""
+        if self.page_ops and self.page_ops[-1][0] == "clear":
+            self.page_ops[-1][1].extend(pages)
+            self.page_ops[-1][2].extend(stream_pages)
+        else:
+            self.page_ops.append(("clear", pages, stream_pages))
+
+    def take_page_ops(self) -> list[PageOp]:
+        """The page copies and clears recorded since the last call, to run in this order before a forward."""
+        ops, self.page_ops = self.page_ops, []
+        return ops
