@@ -182,30 +182,6 @@ def test_stale_nan_past_a_context_does_not_reach_another_request(tiny64, kv, spa
     """The CUDA twin of tests/test_kv_quant.py's test: every pool (values, scales, LServe's statistics) poisoned
     with NaN after a first run, a second run of the same prompts (ending mid-page, prefix caching off) gives the
     same logprobs bit for bit: no prefill or decode kernel reads a slot past its context into the output."""
-    import cupy as cp
+    from test_kv_quant import check_stale_nan
 
-    from lserve_lite import LLM, EngineConfig, SamplingParams, SparseConfig
-
-    knobs = dict(page_size=16, sub_pages=4, prefill_sink=16, prefill_local=32, decode_sink=16, decode_local=32,
-                 token_budget=32, select_interval=2)  # fmt: skip
-    sp = SparseConfig(enabled=True, static_sparsity=0.5, **knobs) if sparse else SparseConfig()
-    cfg = EngineConfig(kv_dtype=kv, page_size=16, sparse=sp, max_num_batched_tokens=24, num_kv_pages=16,
-                       prefix_caching=False, cuda_graphs=graphs, max_num_seqs=4)  # fmt: skip
-    llm = LLM(str(tiny64), backend="cuda", config=cfg)
-    if kv not in llm.engine.ops.kv_dtypes:
-        pytest.skip(f"kv_dtype {kv} needs sm_89 or newer")
-    rng = np.random.default_rng(5)
-    prompts = [[int(t) for t in rng.integers(3, 300, n)] for n in (37, 5)]
-    params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True, logprobs=1)
-
-    def run() -> list[list[float]]:
-        return [[t.logprob for t in o.logprobs] for o in llm.generate(prompts, params)]
-
-    clean = run()
-    cache = llm.engine.runner.cache
-    for pools in (cache.k, cache.v, cache.ks, cache.vs, cache.k_scale, cache.v_scale, cache.ks_scale,
-                  cache.vs_scale, cache.kmax, cache.kmin):  # fmt: skip
-        for a in pools or ():
-            a[...] = np.nan if a.dtype.kind == "f" else 127  # int4 nibbles 7 / -1, fp8's NaN code
-    cp.cuda.Device().synchronize()
-    assert run() == clean
+    check_stale_nan(tiny64, "cuda", kv, sparse, np.random.default_rng(5), cuda_graphs=graphs, max_num_seqs=4)

@@ -507,17 +507,26 @@ def test_stale_nan_past_a_context_does_not_reach_another_request(tiny, kv, spars
     stores a value past its range as inf, and the request that wrote it turned NaN): attention must not read them
     (0 * NaN = NaN), in prefill or decode, dense or LServe. Every pool poisoned after a first run (prefix caching off:
     nothing is reused) gives the same logprobs, bit for bit; the prompts end mid-page."""
-    from lserve_lite import LLM, SamplingParams
-
     if kv == "fp16" and not NATIVE_HALF:
         pytest.skip("fp16 KV needs the host's half conversions")
+    check_stale_nan(tiny, "cpu", kv, sparse, np.random.default_rng(5))
+
+
+def check_stale_nan(model, backend: str, kv: str, sparse: bool, rng: np.random.Generator, **engine) -> None:
+    """Two prompts ending mid-page (prefix caching off: nothing is reused) run twice, every pool NaN-poisoned
+    between the runs (int8 / int4 values 127, fp8's NaN code): the logprobs must be equal bit for bit (also run
+    on the CUDA backend by tests/test_gpu_kv_quant.py)."""
+    from lserve_lite import LLM, SamplingParams
+
     knobs = dict(page_size=16, sub_pages=4, prefill_sink=16, prefill_local=32, decode_sink=16, decode_local=32,
                  token_budget=32, select_interval=2)  # fmt: skip
     sp = SparseConfig(enabled=True, static_sparsity=0.5, **knobs) if sparse else SparseConfig()
     cfg = EngineConfig(kv_dtype=kv, page_size=16, sparse=sp, max_num_batched_tokens=24, num_kv_pages=16,
-                       prefix_caching=False)  # fmt: skip
-    llm = LLM(str(tiny), backend="cpu", config=cfg)
-    prompts = [[int(t) for t in RNG.integers(3, 300, n)] for n in (37, 5)]
+                       prefix_caching=False, **engine)  # fmt: skip
+    llm = LLM(str(model), backend=backend, config=cfg)
+    if kv not in llm.engine.ops.kv_dtypes:
+        pytest.skip(f"kv_dtype {kv} is not available on this device")
+    prompts = [[int(t) for t in rng.integers(3, 300, n)] for n in (37, 5)]
     params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True, logprobs=1)
 
     def run() -> list[list[float]]:
@@ -525,10 +534,8 @@ def test_stale_nan_past_a_context_does_not_reach_another_request(tiny, kv, spars
 
     clean = run()
     cache = llm.engine.runner.cache
-    for pools in (cache.k, cache.v, cache.ks, cache.vs, cache.k_scale, cache.v_scale, cache.ks_scale,
-                  cache.vs_scale, cache.kmax, cache.kmin):  # fmt: skip
-        for a in pools or ():
-            a[...] = np.nan if a.dtype.kind == "f" else 127  # int4 15 / 7, fp8's NaN code
+    for a in cache.dense_pools() + cache.stream_pools():
+        a[...] = np.nan if a.dtype.kind == "f" else 127
     assert run() == clean
 
 
