@@ -236,3 +236,104 @@ def test_cli_sigterm_stops_workers_cleanly(tiny_dir):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 143, err.decode()
     assert "leaked" not in err.decode() and "Traceback" not in err.decode(), err.decode()
+
+
+def test_ctrl_c_between_ranks_sends_to_all_or_none(tiny_dir, monkeypatch):
+    """Ctrl-C landing while a step is being sent, after rank 0 has it and before rank 1 does: every rank gets the
+    step (the interrupt is raised once all have it), so the ranks stay in step. Rank 1 used to miss it: rank 0
+    paired its collectives with rank 1's next step (wrong logits) and then waited for rank 1 forever."""
+    want = [o.token_ids for o in LLM(str(tiny_dir), backend="cpu").generate(PROMPTS, GREEDY)]
+    llm = tp_llm(tiny_dir)
+    group = llm.engine.runner.executor
+    monkeypatch.setattr(tp_group, "STEP_TIMEOUT", 20.0)  # the old code hung here: fail, not wait 600 s
+    real = group.conns[1].send
+    sent: list[str] = []
+
+    def send(msg: tuple) -> None:
+        if msg[0] == "step" and not sent:  # Ctrl-C arrives (to this thread) between the two ranks' sends
+            sent.append(msg[0])
+            signal.raise_signal(signal.SIGINT)
+        real(msg)
+
+    try:
+        monkeypatch.setattr(group.conns[1], "send", send)
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(PROMPTS, GREEDY)
+        assert sent
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
+        assert llm.engine.blocks.num_used == 0
+    finally:
+        group.close()
+
+
+def test_ctrl_c_in_page_ops_reaches_every_rank(tiny_dir, monkeypatch):
+    """Every page op (a clear of pages handed out, a snapshot copy) reaches every rank, in order, even with Ctrl-C
+    landing in the first one's send to rank 1: rank 1 used to miss that op, and the ops after it, taken from the
+    block manager, were lost on every rank."""
+    want = [o.token_ids for o in LLM(str(tiny_dir), backend="cpu").generate(PROMPTS, GREEDY)]
+    llm = tp_llm(tiny_dir)
+    eng, group = llm.engine, llm.engine.runner.executor
+    got: list[list] = [[], []]
+    for rank, conn in enumerate(group.conns):
+
+        def send(msg: tuple, rank: int = rank, real=conn.send) -> None:
+            if msg[0] in ("copy", "clear"):
+                if rank == 1 and not got[1]:
+                    signal.raise_signal(signal.SIGINT)
+                got[rank].append((msg[0], msg[1].tolist(), msg[2].tolist()))
+            real(msg)
+
+        monkeypatch.setattr(conn, "send", send)
+    try:
+        eng.blocks.page_ops += [("clear", [1, 2], []), ("clear", [3], [])]
+        with pytest.raises(KeyboardInterrupt):
+            eng.step()
+        assert got[0] == got[1] == [("clear", [1, 2], []), ("clear", [3], [])]
+        # a generation's clears too, the same on both ranks
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
+        assert got[0] == got[1] and len(got[0]) > 2
+    finally:
+        group.close()
+
+
+def test_ctrl_c_held_defers_and_nests():
+    """interrupts.ctrl_c_held: a SIGINT inside is raised once the outermost block ends; handlers are put back."""
+    from lserve_lite.engine.interrupts import ctrl_c_held
+
+    before = signal.getsignal(signal.SIGINT)
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_held():
+            with ctrl_c_held():
+                signal.raise_signal(signal.SIGINT)
+                done.append("inner")
+            done.append("outer")
+    assert done == ["inner", "outer"] and signal.getsignal(signal.SIGINT) is before
+
+
+def test_ctrl_c_mid_read_keeps_the_pipe_whole(tiny_dir, monkeypatch):
+    """Ctrl-C after the driver has read a reply's length and before its body: the read completes first (the next
+    read used to take the body's bytes for a length, and the pipe was garbage from there on)."""
+    want = [o.token_ids for o in LLM(str(tiny_dir), backend="cpu").generate(PROMPTS, GREEDY)]
+    llm = tp_llm(tiny_dir)
+    group = llm.engine.runner.executor
+    monkeypatch.setattr(tp_group, "STEP_TIMEOUT", 20.0)
+    conn = group.conns[0]
+    real = conn._recv  # multiprocessing's read of n bytes: the length (4), then the body
+    reads: list[int] = []
+
+    def read(n: int, *a):
+        out = real(n, *a)
+        reads.append(n)
+        if len(reads) == 1:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    try:
+        monkeypatch.setattr(conn, "_recv", read)
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(PROMPTS, GREEDY)
+        assert reads[0] == 4
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
+    finally:
+        group.close()

@@ -24,6 +24,7 @@ from ..sequence import Sequence, Status, TokenLogprob
 from ..sparse.patterns import head_classes, resolve_pattern
 from ..tokenizer import IncrementalDecoder
 from ..weights.loader import load_config, load_model, load_tokenizer, model_name, resolve_model_dir
+from .interrupts import ctrl_c_held
 from .logprobs import record_prompt_logprobs, record_token_logprobs
 from .model_runner import ModelRunner
 from .scheduler import ScheduledBatch, Scheduler
@@ -338,6 +339,12 @@ class LLMEngine:
             if seq is not None:
                 self._aborts.append(seq)
 
+    def _run_page_ops(self) -> None:
+        """The block manager's page ops, all of them or none: a Ctrl-C meanwhile is raised after the last (once
+        taken, ops left undone were lost: a page never cleared, a prefix-cache snapshot never copied)."""
+        with ctrl_c_held():
+            self.runner.apply_page_ops(self.blocks.take_page_ops())
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._aborts)
 
@@ -350,9 +357,7 @@ class LLMEngine:
         if self._inflight is not None and self._inflight_ends():
             outs += self._read(self._take_inflight())  # schedule none of them past its limits
         batch = self.scheduler.schedule()
-        self.runner.apply_page_ops(
-            self.blocks.take_page_ops()
-        )  # snapshots attached, pages cleared: before any write
+        self._run_page_ops()  # snapshots attached, pages cleared: before any write
         if self._inflight is not None and not self._overlaps(batch):
             outs += self._read(self._take_inflight())
             _drop_finished(batch)
@@ -368,7 +373,7 @@ class LLMEngine:
         logits = self.runner.run(batch.seqs, batch.num_new)
         for seq in batch.seqs:
             self.blocks.cache_computed(seq)
-        self.runner.apply_page_ops(self.blocks.take_page_ops())  # snapshots taken, before sequences move on
+        self._run_page_ops()  # snapshots taken, before sequences move on
         last = (
             np.cumsum([n if w else 1 for n, w in zip(batch.num_new, wants)]) - 1
         )  # each sequence's last row
@@ -536,7 +541,7 @@ class LLMEngine:
             raise InvalidRequestError("not enough free KV pages to score this sequence now")
         self.blocks.grow(seq, len(token_ids))
         try:
-            self.runner.apply_page_ops(self.blocks.take_page_ops())
+            self._run_page_ops()
             chunks = []
             while seq.num_pending:
                 n = min(seq.num_pending, self.ecfg.max_num_batched_tokens)

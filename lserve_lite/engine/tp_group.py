@@ -25,6 +25,7 @@ from ..errors import LServeError, TensorParallelError
 from ..kv.layout import KVLayout, fit_context, pool_pages
 from ..kv.quant import FORMATS
 from ..weights.shard import check_tensor_parallel, shard_config, shard_of
+from .interrupts import ctrl_c_held
 from .model_runner import ModelRunner
 from .tp_worker import worker_main
 
@@ -132,13 +133,16 @@ class WorkerGroup:
         self._close()
 
     def _send(self, msg: tuple) -> None:
+        """`msg` to every rank, or (a failure) to none that runs on: a Ctrl-C meanwhile is raised after the
+        last send (interrupts.ctrl_c_held), never between two ranks."""
         if self.failure:
             raise TensorParallelError(self.failure)
-        for r, conn in enumerate(self.conns):
-            try:
-                conn.send(msg)
-            except OSError:
-                self._fail(self._death(r))
+        with ctrl_c_held():
+            for r, conn in enumerate(self.conns):
+                try:
+                    conn.send(msg)
+                except OSError:
+                    self._fail(self._death(r))
 
     def _recv(self, rank: int, timeout: float) -> tuple:
         """`rank`'s next message, watching every worker's exit meanwhile; an error report, an exit or
@@ -153,7 +157,8 @@ class WorkerGroup:
             ready = wait([conn, *sentinels], timeout=min(left, 1.0))
             if conn in ready:
                 try:
-                    msg = conn.recv()
+                    with ctrl_c_held():  # a message read in part would leave the pipe mid-message
+                        msg = conn.recv()
                 except (EOFError, OSError):
                     self._fail(self._death(rank))
                 if msg[0] == "error":

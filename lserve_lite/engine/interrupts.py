@@ -1,0 +1,34 @@
+"""Ctrl-C held over work that must finish once begun: a message to every tensor-parallel rank, a pipe read, the
+block manager's page ops. KeyboardInterrupt is raised by Python's SIGINT handler between any two bytecodes, so
+without this it can land after rank 0 has a step and before rank 1 does (the ranks out of step, a hang)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def ctrl_c_held() -> Iterator[None]:
+    """Run the block with SIGINT recorded instead of handled, then handle it (KeyboardInterrupt after the block).
+
+    A handler swap, not `signal.pthread_sigmask`: a mask blocks the signal for this thread only, and a
+    process-directed SIGINT then goes to another thread, whose C handler still makes the main thread raise.
+    Python runs signal handlers on the main thread only, so elsewhere there is nothing to hold. Nests: an inner
+    block records into the outer one's handler."""
+    old = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or old is None:  # None: set outside Python,
+        yield  # so it could not be put back
+        return
+    got: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if got:
+            signal.raise_signal(
+                signal.SIGINT
+            )  # handled now as it would have been (KeyboardInterrupt by default)
