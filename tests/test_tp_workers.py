@@ -5,10 +5,12 @@ ends the engine with one clear error, never a hang."""
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import signal
 import time
 
+import numpy as np
 import pytest
 from tiny_models import make_tiny_numpy
 
@@ -246,17 +248,20 @@ def test_ctrl_c_between_ranks_sends_to_all_or_none(tiny_dir, monkeypatch):
     llm = tp_llm(tiny_dir)
     group = llm.engine.runner.executor
     monkeypatch.setattr(tp_group, "STEP_TIMEOUT", 20.0)  # the old code hung here: fail, not wait 600 s
-    real = group.conns[1].send
+    real = group._write  # one rank's framed message
     sent: list[str] = []
 
-    def send(msg: tuple) -> None:
-        if msg[0] == "step" and not sent:  # Ctrl-C arrives (to this thread) between the two ranks' sends
+    def write(rank: int, data: bytes) -> None:
+        msg = pickle.loads(data[4:])
+        if (
+            rank == 1 and msg[0] == "step" and not sent
+        ):  # Ctrl-C arrives (to this thread) between the two ranks
             sent.append(msg[0])
             signal.raise_signal(signal.SIGINT)
-        real(msg)
+        real(rank, data)
 
     try:
-        monkeypatch.setattr(group.conns[1], "send", send)
+        monkeypatch.setattr(group, "_write", write)
         with pytest.raises(KeyboardInterrupt):
             llm.generate(PROMPTS, GREEDY)
         assert sent
@@ -274,16 +279,17 @@ def test_ctrl_c_in_page_ops_reaches_every_rank(tiny_dir, monkeypatch):
     llm = tp_llm(tiny_dir)
     eng, group = llm.engine, llm.engine.runner.executor
     got: list[list] = [[], []]
-    for rank, conn in enumerate(group.conns):
+    real = group._write  # one rank's framed message
 
-        def send(msg: tuple, rank: int = rank, real=conn.send) -> None:
-            if msg[0] in ("copy", "clear"):
-                if rank == 1 and not got[1]:
-                    signal.raise_signal(signal.SIGINT)
-                got[rank].append((msg[0], msg[1].tolist(), msg[2].tolist()))
-            real(msg)
+    def write(rank: int, data: bytes) -> None:
+        msg = pickle.loads(data[4:])
+        if msg[0] in ("copy", "clear"):
+            if rank == 1 and not got[1]:
+                signal.raise_signal(signal.SIGINT)
+            got[rank].append((msg[0], msg[1].tolist(), msg[2].tolist()))
+        real(rank, data)
 
-        monkeypatch.setattr(conn, "send", send)
+    monkeypatch.setattr(group, "_write", write)
     try:
         eng.blocks.page_ops += [("clear", [1, 2], []), ("clear", [3], [])]
         with pytest.raises(KeyboardInterrupt):
@@ -337,3 +343,34 @@ def test_ctrl_c_mid_read_keeps_the_pipe_whole(tiny_dir, monkeypatch):
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
     finally:
         group.close()
+
+
+def test_hung_worker_times_out_on_a_large_message(tiny_dir, monkeypatch):
+    """A rank that stops reading (hung) fills its pipe: a message larger than the pipe holds (a long prefill's
+    step) then blocked the driver's send forever, past the step timeout that ends the engine for a small one."""
+    import threading
+
+    llm = tp_llm(tiny_dir)
+    group = llm.engine.runner.executor
+    monkeypatch.setattr(tp_group, "STEP_TIMEOUT", 2.0)
+    os.kill(group.procs[1].pid, signal.SIGSTOP)
+    pages = np.zeros(1 << 20, np.int64)  # 8 MB: page 0 cleared a million times
+    err: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            group.clear_pages(pages, pages[:0])
+        except BaseException as e:
+            err.append(e)
+
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    t.join(timeout=60)
+    try:
+        assert not t.is_alive(), "the driver's send blocked on a full pipe"
+        assert isinstance(err[0], TensorParallelError)
+        assert re.search(r"worker 1 read nothing for 2 s \(hung\)", str(err[0]))
+        assert not any(p.is_alive() for p in group.procs)
+    finally:
+        if group.procs[1].exitcode is None:  # the old code: let it go on, so the group can stop
+            os.kill(group.procs[1].pid, signal.SIGCONT)

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import select
 import signal
+import struct
 import time
 import weakref
 from collections.abc import Callable
 from multiprocessing import shared_memory
 from multiprocessing.connection import wait
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -137,12 +140,32 @@ class WorkerGroup:
         last send (interrupts.ctrl_c_held), never between two ranks."""
         if self.failure:
             raise TensorParallelError(self.failure)
+        data = _framed(ForkingPickler.dumps(msg))  # pickled once for every rank
         with ctrl_c_held():
-            for r, conn in enumerate(self.conns):
+            for r in range(len(self.conns)):
+                self._write(r, data)
+
+    def _write(self, rank: int, data: bytes) -> None:
+        """One framed message to `rank`, within STEP_TIMEOUT: a rank that stopped reading (hung) fills its
+        pipe, and a blocking send of a message larger than the pipe holds then waited forever."""
+        fd = self.conns[rank].fileno()
+        view, deadline = memoryview(data), time.monotonic() + STEP_TIMEOUT
+        os.set_blocking(fd, False)
+        try:
+            while view:
                 try:
-                    conn.send(msg)
+                    view = view[os.write(fd, view) :]
+                    continue
+                except BlockingIOError:
+                    pass
                 except OSError:
-                    self._fail(self._death(r))
+                    self._fail(self._death(rank))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._fail(f"worker {rank} read nothing for {STEP_TIMEOUT:.0f} s (hung)")
+                select.select([], [fd], [], min(left, 1.0))
+        finally:
+            os.set_blocking(fd, True)
 
     def _recv(self, rank: int, timeout: float) -> tuple:
         """`rank`'s next message, watching every worker's exit meanwhile; an error report, an exit or
@@ -193,9 +216,11 @@ class WorkerGroup:
 
 
 def _shutdown(procs: list, conns: list, cleanup: Callable[[], None], grace: float = 5.0) -> None:
-    """Ask the workers to stop, then terminate (a rank blocked in a collective cannot stop itself)."""
+    """Ask the workers to stop, then terminate (a rank blocked in a collective cannot stop itself). The stop is
+    sent without waiting: a hung rank's pipe may be full."""
     for conn in conns:
         try:
+            os.set_blocking(conn.fileno(), False)
             conn.send(("stop",))
         except OSError:
             pass
@@ -208,6 +233,13 @@ def _shutdown(procs: list, conns: list, cleanup: Callable[[], None], grace: floa
             p.kill()
             p.join()
     cleanup()
+
+
+def _framed(data: bytes | memoryview) -> bytes:
+    """`data` as multiprocessing's `Connection.send_bytes` frames it, so the worker's `recv` reads it: a 4-byte
+    big-endian length, or -1 and an 8-byte one past 2 GiB."""
+    n = len(data)
+    return (struct.pack("!i", n) if n <= 0x7FFFFFFF else struct.pack("!iQ", -1, n)) + data
 
 
 def _releaser(cleanup: Callable[[], None], shm: shared_memory.SharedMemory) -> Callable[[], None]:
