@@ -32,11 +32,15 @@ def tp_llm(path, world: int = 2, **kw) -> LLM:
 
 
 def test_workers_greedy_equal_in_process(tiny_dir):
-    want = [o.token_ids for o in LLM(str(tiny_dir), backend="cpu").generate(PROMPTS, GREEDY)]
+    one = LLM(str(tiny_dir), backend="auto")  # this host has no GPU
+    want = [o.token_ids for o in one.generate(PROMPTS, GREEDY)]
     llm = tp_llm(tiny_dir)
     try:
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
         assert llm.engine.blocks.num_used == 0  # every page back after the requests
+        # what the model runs on (the server's start line, bench): the driver's own Ops are the host's, and
+        # said "cpu" for ranks on GPUs
+        assert (one.engine.backend, llm.engine.backend) == ("cpu", "cpu, tensor parallel 2")
     finally:
         llm.engine.runner.executor.close()
 

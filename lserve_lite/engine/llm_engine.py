@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..backends import make_ops
+from ..backends import make_ops, resolve_backend
 from ..backends.base import SampledTokens
 from ..backends.group import host_ops
 from ..config import MASS_MAX_GROUP, ORACLE_REDUCE, EngineConfig, SparseConfig
@@ -93,7 +93,8 @@ class LLMEngine:
         """The whole model in this process on one backend; (dense pages, streaming pages)."""
         loaded = load_model(self.model_dir, self.ecfg.quantize)
         self.cfg, self.tokenizer, weights = loaded.cfg, loaded.tokenizer, loaded.weights
-        self.ops = make_ops(backend)
+        self.backend = resolve_backend(backend)  # what runs the model (logs, bench)
+        self.ops = make_ops(self.backend)
         self.max_len = self.ecfg.resolve_max_len(self.cfg)
         # What the backend will hold (quantized matrices in its layout, floats at its type), reserved from the KV
         # budget before the upload (the budget only matters on the GPU).
@@ -125,6 +126,7 @@ class LLMEngine:
         )
         group = self.runner.executor  # the workers resolved the KV format on their backend and device
         self.kv_format = group.kv_format
+        self.backend = f"{group.backend}, tensor parallel {len(group.procs)}"  # self.ops are the host's
         self.itemsize = group.itemsize
         self.kv_bytes = self.kv_format.kv_bytes(self.cfg.head_dim, self.itemsize)
         self.max_len = self.runner.max_len  # both fitted to the pools (fit_context)

@@ -91,6 +91,7 @@ class WorkerGroup:
         self.limits = [m[2] for m in ready]  # the most KV bytes an explicit page count may take on each rank
         self.itemsize = ready[0][3]  # the ranks' float type (page statistics, KV scales)
         self.kv_format = FORMATS[ready[0][4]]  # resolved by the workers on their backend and device
+        self.backend = spec.backend  # what the ranks run on (the driver's own Ops are the host's)
 
     def build(self, max_len: int, num_pages: int, layout: KVLayout | None, num_stream: int) -> None:
         """Every rank builds its model, KV pools (these page counts, all ranks alike) and executor."""
