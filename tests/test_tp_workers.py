@@ -378,3 +378,15 @@ def test_hung_worker_times_out_on_a_large_message(tiny_dir, monkeypatch):
     finally:
         if group.procs[1].exitcode is None:  # the old code: let it go on, so the group can stop
             os.kill(group.procs[1].pid, signal.SIGCONT)
+
+
+def test_refused_at_sizing_stops_the_workers(tiny_dir, capfd):
+    """A start refused once the workers are up (a KV budget that holds no page, num_kv_pages past a rank's memory)
+    stops them at once, quietly: they lived on, each with its shard, while the error was referenced (a REPL keeps
+    the last one), then each printed a traceback on taking the stop for its build."""
+    import multiprocessing as mp
+
+    with pytest.raises(InvalidRequestError, match="holds no KV page") as err:
+        tp_llm(tiny_dir, kv_memory_fraction=1e-9)
+    assert err.value is not None and not mp.active_children()
+    assert "Traceback" not in capfd.readouterr().err

@@ -262,17 +262,23 @@ def tensor_parallel_runner(
     world = ecfg.tensor_parallel
     check_tensor_parallel(cfg, world)
     group = WorkerGroup(model_dir, backend, ecfg, world, cfg.vocab_size)
-    dense, stream = [], []
-    kv_bytes = group.kv_format.kv_bytes(cfg.head_dim, group.itemsize)
-    for rank, (budget, limit) in enumerate(zip(group.budgets, group.limits)):
-        s = shard_of(cfg, rank, world)
-        lay = layout.heads(*s.kv_heads) if layout is not None else None
-        d, st = pool_pages(shard_config(cfg, s), ecfg.page_size, kv_bytes, budget, lay, ecfg.max_num_seqs,
-                           ecfg.num_kv_pages, stat_itemsize=group.itemsize, limit=limit)  # fmt: skip
-        dense.append(d)
-        stream += [st] if lay is not None and lay.has_streaming else []
-    num_pages, num_stream = min(dense), min(stream, default=0)
-    max_len, layout = fit_context(max_len, num_pages, ecfg.page_size, layout)
-    group.build(max_len, num_pages, layout, num_stream)
-    runner = ModelRunner(cfg, {}, host_ops(), ecfg, max_len, num_pages, layout, num_stream, executor=group)
+    try:  # a refusal (pools that do not fit a rank) stops the workers now, not when the error is collected
+        dense, stream = [], []
+        kv_bytes = group.kv_format.kv_bytes(cfg.head_dim, group.itemsize)
+        for rank, (budget, limit) in enumerate(zip(group.budgets, group.limits)):
+            s = shard_of(cfg, rank, world)
+            lay = layout.heads(*s.kv_heads) if layout is not None else None
+            d, st = pool_pages(shard_config(cfg, s), ecfg.page_size, kv_bytes, budget, lay, ecfg.max_num_seqs,
+                               ecfg.num_kv_pages, stat_itemsize=group.itemsize, limit=limit)  # fmt: skip
+            dense.append(d)
+            stream += [st] if lay is not None and lay.has_streaming else []
+        num_pages, num_stream = min(dense), min(stream, default=0)
+        max_len, layout = fit_context(max_len, num_pages, ecfg.page_size, layout)
+        group.build(max_len, num_pages, layout, num_stream)
+        runner = ModelRunner(
+            cfg, {}, host_ops(), ecfg, max_len, num_pages, layout, num_stream, executor=group
+        )
+    except BaseException:
+        group.close()
+        raise
     return runner, num_pages, num_stream

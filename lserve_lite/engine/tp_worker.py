@@ -54,7 +54,10 @@ def _serve(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig, conn
     weight_bytes = sum(ops.weight_bytes(w) for w in loaded.weights.values()) // spec.world
     budget = ops.kv_budget_bytes(ecfg.kv_memory_fraction, weight_bytes)
     conn.send(("ready", budget, ops.kv_limit_bytes(weight_bytes), itemsize, fmt.name))
-    _, max_len, num_pages, layout, num_stream, logits_name = conn.recv()
+    msg = conn.recv()
+    if msg[0] != "build":  # the driver refused to start (pools that do not fit): stopped before building
+        return
+    _, max_len, num_pages, layout, num_stream, logits_name = msg
     out = shared_memory.SharedMemory(name=logits_name) if rank == 0 else None
     runner = RankRunner(cfg, loaded.weights, ops, ecfg, max_len, num_pages, layout, num_stream, comm, fmt)
     loaded.drop_file_pages()
