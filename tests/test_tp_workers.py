@@ -390,3 +390,14 @@ def test_refused_at_sizing_stops_the_workers(tiny_dir, capfd):
         tp_llm(tiny_dir, kv_memory_fraction=1e-9)
     assert err.value is not None and not mp.active_children()
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_ctrl_c_at_start_stops_the_workers(tiny_dir, monkeypatch):
+    """Ctrl-C while the workers load (minutes for a large checkpoint) stops them at once: they lived on, loading,
+    while the KeyboardInterrupt was referenced (a REPL keeps the last one)."""
+    import multiprocessing as mp
+
+    monkeypatch.setattr(tp_group, "wait", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt) as err:
+        tp_llm(tiny_dir)
+    assert err.value is not None and not mp.active_children()

@@ -78,15 +78,19 @@ class WorkerGroup:
         self._close = weakref.finalize(
             self, _shutdown, self.procs, self.conns, _releaser(cleanup, self.logits)
         )
-        for rank in range(world):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=worker_main, args=(rank, spec, model_dir, ecfg, child), daemon=True,
-                            name=f"lserve-tp{rank}")  # fmt: skip
-            p.start()
-            child.close()
-            self.conns.append(parent)
-            self.procs.append(p)
-        ready = [self._recv(r, STARTUP_TIMEOUT) for r in range(world)]
+        try:  # Ctrl-C while they load stops them now, not when the KeyboardInterrupt is collected
+            for rank in range(world):
+                parent, child = ctx.Pipe()
+                p = ctx.Process(target=worker_main, args=(rank, spec, model_dir, ecfg, child), daemon=True,
+                                name=f"lserve-tp{rank}")  # fmt: skip
+                p.start()
+                child.close()
+                self.conns.append(parent)
+                self.procs.append(p)
+            ready = [self._recv(r, STARTUP_TIMEOUT) for r in range(world)]
+        except BaseException:
+            self.close()
+            raise
         self.budgets = [m[1] for m in ready]  # KV bytes each rank can hold
         self.limits = [m[2] for m in ready]  # the most KV bytes an explicit page count may take on each rank
         self.itemsize = ready[0][3]  # the ranks' float type (page statistics, KV scales)
