@@ -401,3 +401,44 @@ def test_ctrl_c_at_start_stops_the_workers(tiny_dir, monkeypatch):
     with pytest.raises(KeyboardInterrupt) as err:
         tp_llm(tiny_dir)
     assert err.value is not None and not mp.active_children()
+
+
+def test_lserve_prefix_cache_equal_in_process(tiny_dir, tmp_path, monkeypatch):
+    """LServe (a rank with only dense heads, one with only streaming heads) with the prefix cache, its page ops
+    (snapshot copies, clears of pages handed out) on every rank: the same greedy outputs and cached-prompt counts
+    as one process."""
+    from lserve_lite.engine.llm_engine import LLMEngine
+    from lserve_lite.sparse.patterns import save_pattern
+
+    pat = str(save_pattern(tmp_path / "p.tsv", np.array([[1.0, 0.0], [1.0, 0.0]])))
+    sp = SparseConfig(enabled=True, static_sparsity=0.5, prefill_sink=64, prefill_local=128, decode_sink=64,
+                      decode_local=64, token_budget=256, pattern_path=pat)  # fmt: skip
+    params = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
+    rng = np.random.default_rng(0)
+    base = rng.integers(3, 320, 300).tolist()
+    prompts = [base + rng.integers(3, 320, 30).tolist() for _ in range(3)] + [base[:200]]
+    got, kinds = [], set()
+    for tp in (None, 2):
+        eng = LLMEngine(str(tiny_dir), "cpu", EngineConfig(sparse=sp, num_kv_pages=20, max_num_seqs=3, tensor_parallel=tp,
+                        max_num_batched_tokens=128))  # fmt: skip
+        outs = []
+        if tp:
+            write = eng.runner.executor._write
+
+            def counted(rank: int, data: bytes, write=write) -> None:
+                kinds.add(pickle.loads(data[4:])[0])
+                write(rank, data)
+
+            monkeypatch.setattr(eng.runner.executor, "_write", counted)
+        try:
+            for _ in range(2):
+                for p in prompts:
+                    eng.add_request(p, params)
+                while eng.has_unfinished():
+                    outs += [(o.seq.output_ids[:], o.num_cached_tokens) for o in eng.step() if o.finished]
+            assert eng.blocks.num_used == 0
+        finally:
+            eng.close()
+        got.append(outs)
+    assert got[0] == got[1] and sum(n for _, n in got[1]) > 0
+    assert {"copy", "clear", "step"} <= kinds
