@@ -442,3 +442,31 @@ def test_lserve_prefix_cache_equal_in_process(tiny_dir, tmp_path, monkeypatch):
         got.append(outs)
     assert got[0] == got[1] and sum(n for _, n in got[1]) > 0
     assert {"copy", "clear", "step"} <= kinds
+
+
+def test_ctrl_c_while_a_rank_reads_nothing(tiny_dir, monkeypatch):
+    """Ctrl-C while a message waits on a rank that reads nothing (hung) ends the engine within a second or so: the
+    held interrupt kept the user waiting for the step timeout (600 s)."""
+    llm = tp_llm(tiny_dir)
+    group = llm.engine.runner.executor
+    monkeypatch.setattr(tp_group, "STEP_TIMEOUT", 20.0)
+    os.kill(group.procs[1].pid, signal.SIGSTOP)
+    real, calls = tp_group.select, []
+
+    def select(*a):  # the write to rank 1 has filled its pipe: Ctrl-C now
+        if not calls:
+            signal.raise_signal(signal.SIGINT)
+        calls.append(a)
+        return real(*a)
+
+    monkeypatch.setattr(tp_group, "select", select)
+    t = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt) as err:
+            group.clear_pages(np.zeros(1 << 20, np.int64), np.zeros(0, np.int64))
+        assert time.monotonic() - t < 10
+        assert re.search(r"interrupted \(Ctrl-C\) while worker 1 read nothing", str(err.value.__context__))
+        assert not any(p.is_alive() for p in group.procs)
+    finally:
+        if group.procs[1].exitcode is None:
+            os.kill(group.procs[1].pid, signal.SIGCONT)

@@ -9,6 +9,12 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+_pending: list[int] = []  # SIGINTs the outermost hold has recorded; it raises them when it ends
+
+
+def _record(signum: int, frame: object) -> None:
+    _pending.append(signum)
+
 
 @contextmanager
 def ctrl_c_held() -> Iterator[None]:
@@ -16,19 +22,27 @@ def ctrl_c_held() -> Iterator[None]:
 
     A handler swap, not `signal.pthread_sigmask`: a mask blocks the signal for this thread only, and a
     process-directed SIGINT then goes to another thread, whose C handler still makes the main thread raise.
-    Python runs signal handlers on the main thread only, so elsewhere there is nothing to hold. Nests: an inner
-    block records into the outer one's handler."""
+    Python runs signal handlers on the main thread only, so elsewhere there is nothing to hold. Nests: inside a
+    hold, the outermost one raises."""
     old = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or old is None:  # None: set outside Python,
-        yield  # so it could not be put back
+    # None: a handler set outside Python, which could not be put back
+    if threading.current_thread() is not threading.main_thread() or old is None or old is _record:
+        yield
         return
-    got: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    _pending.clear()
+    signal.signal(signal.SIGINT, _record)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, old)
-        if got:
+        if _pending:
+            _pending.clear()
             signal.raise_signal(
                 signal.SIGINT
             )  # handled now as it would have been (KeyboardInterrupt by default)
+
+
+def ctrl_c_pending() -> bool:
+    """Whether a hold has a Ctrl-C waiting: work inside it that may wait long (a rank that reads nothing) can
+    give up rather than keep the user waiting."""
+    return bool(_pending)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import select
 import signal
 import struct
 import time
@@ -16,6 +15,7 @@ from multiprocessing import shared_memory
 from multiprocessing.connection import wait
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
+from select import select
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from ..errors import LServeError, TensorParallelError
 from ..kv.layout import KVLayout, fit_context, pool_pages
 from ..kv.quant import FORMATS
 from ..weights.shard import check_tensor_parallel, shard_config, shard_of
-from .interrupts import ctrl_c_held
+from .interrupts import ctrl_c_held, ctrl_c_pending
 from .model_runner import ModelRunner
 from .tp_worker import worker_main
 
@@ -152,7 +152,8 @@ class WorkerGroup:
 
     def _write(self, rank: int, data: bytes) -> None:
         """One framed message to `rank`, within STEP_TIMEOUT: a rank that stopped reading (hung) fills its
-        pipe, and a blocking send of a message larger than the pipe holds then waited forever."""
+        pipe, and a blocking send of a message larger than the pipe holds then waited forever. A Ctrl-C held
+        (`_send`) while the rank reads nothing for a second ends the group: the message cannot be taken back."""
         fd = self.conns[rank].fileno()
         view, deadline = memoryview(data), time.monotonic() + STEP_TIMEOUT
         os.set_blocking(fd, False)
@@ -168,7 +169,8 @@ class WorkerGroup:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self._fail(f"worker {rank} read nothing for {STEP_TIMEOUT:.0f} s (hung)")
-                select.select([], [fd], [], min(left, 1.0))
+                if not select([], [fd], [], min(left, 1.0))[1] and ctrl_c_pending():
+                    self._fail(f"interrupted (Ctrl-C) while worker {rank} read nothing")
         finally:
             os.set_blocking(fd, True)
 
