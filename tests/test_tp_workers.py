@@ -328,19 +328,18 @@ def test_ctrl_c_mid_read_keeps_the_pipe_whole(tiny_dir, monkeypatch):
     llm = tp_llm(tiny_dir)
     group = llm.engine.runner.executor
     monkeypatch.setattr(tp_group, "STEP_TIMEOUT", 20.0)
-    conn = group.conns[0]
-    real = conn._recv  # multiprocessing's read of n bytes: the length (4), then the body
+    real = group._take  # the driver's read of n bytes of a rank's pipe: the length (4), then the body
     reads: list[int] = []
 
-    def read(n: int, *a):
-        out = real(n, *a)
+    def read(rank: int, n: int, *a):
+        out = real(rank, n, *a)
         reads.append(n)
         if len(reads) == 1:
             signal.raise_signal(signal.SIGINT)
         return out
 
     try:
-        monkeypatch.setattr(conn, "_recv", read)
+        monkeypatch.setattr(group, "_take", read)
         with pytest.raises(KeyboardInterrupt):
             llm.generate(PROMPTS, GREEDY)
         assert reads[0] == 4
@@ -470,3 +469,35 @@ def test_ctrl_c_while_a_rank_reads_nothing(tiny_dir, monkeypatch):
     finally:
         if group.procs[1].exitcode is None:
             os.kill(group.procs[1].pid, signal.SIGCONT)
+
+
+def test_rank_stalled_mid_message_times_out(tiny_dir, monkeypatch):
+    """A reply whose first bytes came and whose rest never comes (rank 0 stopped mid-send) ends the engine after the
+    step timeout: the driver's read of the rest waited forever (Ctrl-C held too)."""
+    import multiprocessing as mp
+    import struct
+    import threading
+
+    llm = tp_llm(tiny_dir)
+    group = llm.engine.runner.executor
+    mine, theirs = mp.Pipe()  # stands for rank 0's pipe, written by hand: a length, then part of the body
+    monkeypatch.setattr(group, "conns", [mine, *group.conns[1:]])
+    os.write(theirs.fileno(), struct.pack("!i", 1000) + b"x" * 10)
+    err: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            group._recv(0, 2.0)
+        except BaseException as e:
+            err.append(e)
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(timeout=30)
+    try:
+        assert not t.is_alive(), "the driver's read waited for the rest forever"
+        assert re.search(r"worker 0 sent nothing for 2 s \(hung\)", str(err[0]))
+    finally:
+        theirs.close()
+        t.join(timeout=30)
+        group.close()

@@ -166,13 +166,52 @@ class WorkerGroup:
                     pass
                 except OSError:
                     self._fail(self._death(rank))
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self._fail(f"worker {rank} read nothing for {STEP_TIMEOUT:.0f} s (hung)")
-                if not select([], [fd], [], min(left, 1.0))[1] and ctrl_c_pending():
-                    self._fail(f"interrupted (Ctrl-C) while worker {rank} read nothing")
+                self._stalled(rank, fd, deadline, STEP_TIMEOUT, writing=True)
         finally:
             os.set_blocking(fd, True)
+
+    def _read(self, rank: int, deadline: float, timeout: float) -> tuple:
+        """`rank`'s next message, whose first bytes have come, read by its frame as `Connection.recv` reads it,
+        within the deadline: a rank that stalled mid-message (hung) left a plain `recv` waiting forever."""
+        (n,) = struct.unpack("!i", self._take(rank, 4, deadline, timeout))
+        if n == -1:
+            (n,) = struct.unpack("!Q", self._take(rank, 8, deadline, timeout))
+        return ForkingPickler.loads(self._take(rank, n, deadline, timeout))
+
+    def _take(self, rank: int, n: int, deadline: float, timeout: float) -> bytes:
+        """`n` bytes from `rank`'s pipe, as they come (nothing allocated by the length before the bytes are here)."""
+        fd = self.conns[rank].fileno()
+        chunks, left = [], n
+        os.set_blocking(fd, False)
+        try:
+            while left:
+                try:
+                    chunk = os.read(fd, min(left, 1 << 24))
+                except BlockingIOError:
+                    self._stalled(rank, fd, deadline, timeout, writing=False)
+                    continue
+                except OSError:
+                    chunk = b""
+                if not chunk:  # the rank's end closed: it died
+                    self._fail(self._death(rank))
+                chunks.append(chunk)
+                left -= len(chunk)
+        finally:
+            os.set_blocking(fd, True)
+        return b"".join(chunks)
+
+    def _stalled(self, rank: int, fd: int, deadline: float, timeout: float, writing: bool) -> None:
+        """Wait up to a second for `rank`'s pipe to move again; past the deadline, or with a Ctrl-C held
+        (`ctrl_c_held`) and nothing moved, the group ends: a message begun cannot be taken back."""
+        left = deadline - time.monotonic()
+        what = "read" if writing else "sent"
+        if left <= 0:
+            self._fail(f"worker {rank} {what} nothing for {timeout:.0f} s (hung)")
+        ready = (
+            select([], [fd], [], min(left, 1.0))[1] if writing else select([fd], [], [], min(left, 1.0))[0]
+        )
+        if not ready and ctrl_c_pending():
+            self._fail(f"interrupted (Ctrl-C) while worker {rank} {what} nothing")
 
     def _recv(self, rank: int, timeout: float) -> tuple:
         """`rank`'s next message, watching every worker's exit meanwhile; an error report, an exit or
@@ -186,11 +225,8 @@ class WorkerGroup:
                 self._fail(f"worker {rank} sent nothing for {timeout:.0f} s (hung)")
             ready = wait([conn, *sentinels], timeout=min(left, 1.0))
             if conn in ready:
-                try:
-                    with ctrl_c_held():  # a message read in part would leave the pipe mid-message
-                        msg = conn.recv()
-                except (EOFError, OSError):
-                    self._fail(self._death(rank))
+                with ctrl_c_held():  # a message read in part would leave the pipe mid-message
+                    msg = self._read(rank, deadline, timeout)
                 if msg[0] == "error":
                     self._fail(f"worker {msg[1]} failed: {msg[2]}")
                 return msg
