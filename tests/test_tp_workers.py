@@ -9,6 +9,7 @@ import pickle
 import re
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -501,3 +502,22 @@ def test_rank_stalled_mid_message_times_out(tiny_dir, monkeypatch):
         theirs.close()
         t.join(timeout=30)
         group.close()
+
+
+def test_unguarded_script_is_named(tiny_dir, tmp_path):
+    """A script that builds a tensor-parallel engine at import, without the `__main__` guard spawn needs (README):
+    its workers die at start, and the error says why (it said only "died (exit code 1)")."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "from lserve_lite import LLM, EngineConfig\n"
+        f"LLM({str(tiny_dir)!r}, backend='cpu', config=EngineConfig(tensor_parallel=2))\n"
+    )
+    import lserve_lite
+
+    env = {**os.environ, "PYTHONPATH": str(Path(lserve_lite.__file__).parents[1])}  # this checkout's package
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and "TensorParallelError" in last and "if __name__ == '__main__':" in last, last

@@ -75,6 +75,7 @@ class WorkerGroup:
         self.procs: list[Any] = []
         self.failure: str | None = None
         self.steps = 0  # steps sent; rank 0 tags each reply with its number
+        self.started = False  # every worker has reported (loaded its shard)
         self._close = weakref.finalize(
             self, _shutdown, self.procs, self.conns, _releaser(cleanup, self.logits)
         )
@@ -88,6 +89,7 @@ class WorkerGroup:
                 self.conns.append(parent)
                 self.procs.append(p)
             ready = [self._recv(r, STARTUP_TIMEOUT) for r in range(world)]
+            self.started = True
         except BaseException:
             self.close()
             raise
@@ -250,6 +252,9 @@ class WorkerGroup:
             if code is not None and code < 0
             else f"exit code {code}"
         )
+        if code == 1 and not self.started:  # Python's exit on an error before worker_main could report it
+            how += (": its traceback is above; a script must create the engine under "
+                    "`if __name__ == '__main__':` (multiprocessing spawn runs the script again in each worker)")  # fmt: skip
         return f"worker {rank} (pid {p.pid}) died ({how})"
 
     def _fail(self, reason: str) -> None:
