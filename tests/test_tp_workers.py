@@ -521,3 +521,16 @@ def test_unguarded_script_is_named(tiny_dir, tmp_path):
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 1 and "TensorParallelError" in last and "if __name__ == '__main__':" in last, last
+
+
+def test_score_through_the_pipe_equals_in_process(tiny_dir):
+    """Teacher-forced logits of 600 rows (1 MB, past the shared logits block and a pipe's buffer: rank 0 sends them
+    through the pipe, read in many pieces) equal one process's."""
+    ids = np.random.default_rng(2).integers(3, 320, 600).tolist()
+    want = LLM(str(tiny_dir), backend="cpu").engine.score(ids)
+    llm = tp_llm(tiny_dir, max_num_batched_tokens=1024)
+    try:
+        got = llm.engine.score(ids)
+        assert got.shape == want.shape == (600, 320) and np.abs(got - want).max() < 1e-4
+    finally:
+        llm.engine.close()
