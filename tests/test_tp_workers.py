@@ -309,7 +309,9 @@ def test_ctrl_c_in_page_ops_reaches_every_rank(tiny_dir, monkeypatch):
 
 def test_ctrl_c_held_defers_and_nests():
     """interrupts.ctrl_c_held: a SIGINT inside is raised once the outermost block ends; handlers are put back."""
-    from lserve_lite.engine.interrupts import ctrl_c_held
+    import threading
+
+    from lserve_lite.engine.interrupts import ctrl_c_held, ctrl_c_pending
 
     before = signal.getsignal(signal.SIGINT)
     done = []
@@ -320,6 +322,16 @@ def test_ctrl_c_held_defers_and_nests():
                 done.append("inner")
             done.append("outer")
     assert done == ["inner", "outer"] and signal.getsignal(signal.SIGINT) is before
+    # a Ctrl-C held is the main thread's: an engine stepping in another thread does not give up on it
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_held():
+            signal.raise_signal(signal.SIGINT)
+            t = threading.Thread(target=lambda: seen.append(ctrl_c_pending()))
+            t.start()
+            t.join()
+            seen.append(ctrl_c_pending())
+    assert seen == [False, True] and not ctrl_c_pending()
 
 
 def test_ctrl_c_mid_read_keeps_the_pipe_whole(tiny_dir, monkeypatch):

@@ -43,6 +43,6 @@ def ctrl_c_held() -> Iterator[None]:
 
 
 def ctrl_c_pending() -> bool:
-    """Whether a hold has a Ctrl-C waiting: work inside it that may wait long (a rank that reads nothing) can
-    give up rather than keep the user waiting."""
-    return bool(_pending)
+    """Whether this thread's hold has a Ctrl-C waiting: work inside it that may wait long (a rank that reads
+    nothing) can give up rather than keep the user waiting. Only the main thread holds one."""
+    return bool(_pending) and threading.current_thread() is threading.main_thread()
