@@ -22,7 +22,8 @@ from .tp_rank import RankRunner
 
 def worker_main(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig, conn: Any) -> None:
     """The process entry (multiprocessing spawn). Messages in: ("build", max_len, pages, layout, stream
-    pages, logits block name), ("step", StepInputs, number), ("copy", src, dst), ("stop",). Out: ("ready",
+    pages, logits block name), ("step", StepInputs, number), ("copy", src, dst), ("clear", pages, stream
+    pages), ("stop",) (also before "build"). Out: ("ready",
     kv budget bytes, kv limit bytes, itemsize, KV format name), ("built",), ("logits", shape in the block |
     array, step number) from rank 0, ("error", rank, text)."""
     # Ctrl-C reaches the terminal's whole process group: the driver decides what it stops (a reply, the
