@@ -344,6 +344,8 @@ class LLMEngine:
     def _run_page_ops(self) -> None:
         """The block manager's page ops, all of them or none: a Ctrl-C meanwhile is raised after the last (once
         taken, ops left undone were lost: a page never cleared, a prefix-cache snapshot never copied)."""
+        if not self.blocks.page_ops:  # most decode steps: no signal handler swapped
+            return
         with ctrl_c_held():
             self.runner.apply_page_ops(self.blocks.take_page_ops())
 
