@@ -546,3 +546,50 @@ def test_score_through_the_pipe_equals_in_process(tiny_dir):
         assert got.shape == want.shape == (600, 320) and np.abs(got - want).max() < 1e-4
     finally:
         llm.engine.close()
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead and not reaped by an init that never reaps, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_workers_end_with_a_killed_driver(tiny_dir, tmp_path):
+    """The driver killed outright (SIGKILL, the OOM killer) after rank 0 has a step and before rank 1 does: rank 0,
+    waiting in its collective for rank 1, lived on forever (on a GPU, holding its memory); every worker now ends
+    when its driver does."""
+    import subprocess
+    import sys
+
+    import lserve_lite
+
+    script = tmp_path / "driver.py"
+    script.write_text(f"""
+import os, pickle, signal
+from lserve_lite import LLM, EngineConfig, SamplingParams
+if __name__ == "__main__":
+    llm = LLM({str(tiny_dir)!r}, backend="cpu", config=EngineConfig(tensor_parallel=2))
+    group = llm.engine.runner.executor
+    print(*(p.pid for p in group.procs), flush=True)
+    write = group._write
+    def killed_between(rank, data):
+        write(rank, data)
+        if rank == 0 and pickle.loads(data[4:])[0] == "step":
+            os.kill(os.getpid(), signal.SIGKILL)
+    group._write = killed_between
+    llm.generate(["hi"], SamplingParams(max_new_tokens=2))
+""")
+    env = {**os.environ, "PYTHONPATH": str(Path(lserve_lite.__file__).parents[1])}
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, env=env)
+    pids = [int(x) for x in p.stdout.readline().split()]
+    assert p.wait(timeout=120) == -signal.SIGKILL and len(pids) == 2
+    deadline = time.monotonic() + 30
+    while any(map(_running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in pids if _running(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "a worker outlived its driver"

@@ -3,9 +3,11 @@ driver sends until told to stop. Rank 0 sends the logits back; any failure is re
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 import traceback
-from multiprocessing import shared_memory
+from multiprocessing import parent_process, shared_memory
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ def worker_main(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig,
     # Ctrl-C reaches the terminal's whole process group: the driver decides what it stops (a reply, the
     # engine), and it stops the workers when it closes the group or exits (their pipes end).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _end_with_driver()
     try:
         _serve(rank, spec, model_dir, ecfg, conn)
     except EOFError:  # the driver is gone (its end of the pipe closed): no one to report to
@@ -42,6 +45,18 @@ def worker_main(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig,
             conn.send(("error", rank, text))
         finally:
             raise SystemExit(1) from None
+
+
+def _end_with_driver() -> None:
+    """End this process when the driver's does, whatever this one is doing: a driver killed outright (SIGKILL,
+    the OOM killer) after rank 0 had a step and before rank 1 did left rank 0 waiting in its collective forever
+    (on a GPU, holding its memory); a worker between steps sees its pipe end instead."""
+
+    def watch() -> None:
+        parent_process().join()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="lserve-tp-driver-watch", daemon=True).start()
 
 
 def _serve(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig, conn: Any) -> None:
