@@ -593,3 +593,27 @@ if __name__ == "__main__":
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, "a worker outlived its driver"
+
+
+def test_shutdown_grace_is_shared():
+    """Workers that cannot read their stop (loading a checkpoint, Ctrl-C at start; stuck in a collective) are
+    given the grace once between them, then terminated together: each was waited for in turn (40 s for 8 ranks)."""
+
+    class Loading:  # a worker that reads no stop; it ends when terminated
+        def __init__(self) -> None:
+            self.ended = False
+
+        def join(self, timeout: float | None = None) -> None:
+            if not self.ended:
+                time.sleep(timeout or 0.0)
+
+        def is_alive(self) -> bool:
+            return not self.ended
+
+        def terminate(self) -> None:
+            self.ended = True
+
+    procs = [Loading() for _ in range(4)]
+    t = time.monotonic()
+    tp_group._shutdown(procs, [], lambda: None, grace=0.5)
+    assert time.monotonic() - t < 1.5 and not any(p.is_alive() for p in procs)

@@ -264,23 +264,31 @@ class WorkerGroup:
 
 
 def _shutdown(procs: list, conns: list, cleanup: Callable[[], None], grace: float = 5.0) -> None:
-    """Ask the workers to stop, then terminate (a rank blocked in a collective cannot stop itself). The stop is
-    sent without waiting: a hung rank's pipe may be full."""
+    """Ask the workers to stop, then terminate (a rank blocked in a collective, or loading its shard, cannot stop
+    itself). The stop is sent without waiting: a hung rank's pipe may be full. The grace is one for all ranks."""
     for conn in conns:
         try:
             os.set_blocking(conn.fileno(), False)
             conn.send(("stop",))
         except OSError:
             pass
+    _join_all(procs, grace)
     for p in procs:
-        p.join(timeout=grace)
         if p.is_alive():
             p.terminate()
-            p.join(timeout=5.0)
+    _join_all(procs, 5.0)
+    for p in procs:
         if p.is_alive():
             p.kill()
             p.join()
     cleanup()
+
+
+def _join_all(procs: list, timeout: float) -> None:
+    """Wait up to `timeout` seconds in all for the processes to end."""
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _framed(data: bytes | memoryview) -> bytes:
