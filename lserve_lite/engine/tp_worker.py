@@ -25,9 +25,9 @@ from .tp_rank import RankRunner
 def worker_main(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig, conn: Any) -> None:
     """The process entry (multiprocessing spawn). Messages in: ("build", max_len, pages, layout, stream
     pages, logits block name), ("step", StepInputs, number), ("copy", src, dst), ("clear", pages, stream
-    pages), ("stop",) (also before "build"). Out: ("ready",
-    kv budget bytes, kv limit bytes, itemsize, KV format name), ("built",), ("logits", shape in the block |
-    array, step number) from rank 0, ("error", rank, text)."""
+    pages), ("stop",) (also before "build"). Out: ("ready", kv budget bytes, kv limit bytes, itemsize, KV
+    format name), ("built",), ("logits", shape in the block | array, step number) from rank 0, ("error", rank,
+    text)."""
     # Ctrl-C reaches the terminal's whole process group: the driver decides what it stops (a reply, the
     # engine), and it stops the workers when it closes the group or exits (their pipes end).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
