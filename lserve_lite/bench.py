@@ -133,7 +133,7 @@ def main(args: argparse.Namespace, llm: LLM) -> int:
     rows[f"decode_ctx{args.context}_b{args.batch}_tok_s"] = decode_tok_s(
         llm, args.context, args.steps, args.batch
     )
-    print(f"model {llm.engine.model_name}, backend {llm.engine.ops.name}")
+    print(f"model {llm.engine.model_name}, backend {llm.engine.backend}")
     for k, v in rows.items():
         print(f"  {k:<28}{v:>12.1f}")
     if args.json:

@@ -5,10 +5,13 @@ ends the engine with one clear error, never a hang."""
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import signal
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 from tiny_models import make_tiny_numpy
 
@@ -30,11 +33,15 @@ def tp_llm(path, world: int = 2, **kw) -> LLM:
 
 
 def test_workers_greedy_equal_in_process(tiny_dir):
-    want = [o.token_ids for o in LLM(str(tiny_dir), backend="cpu").generate(PROMPTS, GREEDY)]
+    one = LLM(str(tiny_dir), backend="auto")  # this host has no GPU
+    want = [o.token_ids for o in one.generate(PROMPTS, GREEDY)]
     llm = tp_llm(tiny_dir)
     try:
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
         assert llm.engine.blocks.num_used == 0  # every page back after the requests
+        # what the model runs on (the server's start line, bench): the driver's own Ops are the host's, and
+        # said "cpu" for ranks on GPUs
+        assert (one.engine.backend, llm.engine.backend) == ("cpu", "cpu, tensor parallel 2")
     finally:
         llm.engine.runner.executor.close()
 
@@ -236,3 +243,377 @@ def test_cli_sigterm_stops_workers_cleanly(tiny_dir):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 143, err.decode()
     assert "leaked" not in err.decode() and "Traceback" not in err.decode(), err.decode()
+
+
+def test_ctrl_c_between_ranks_sends_to_all_or_none(tiny_dir, monkeypatch):
+    """Ctrl-C landing while a step is being sent, after rank 0 has it and before rank 1 does: every rank gets the
+    step (the interrupt is raised once all have it), so the ranks stay in step. Rank 1 used to miss it: rank 0
+    paired its collectives with rank 1's next step (wrong logits) and then waited for rank 1 forever."""
+    want = [o.token_ids for o in LLM(str(tiny_dir), backend="cpu").generate(PROMPTS, GREEDY)]
+    llm = tp_llm(tiny_dir)
+    group = llm.engine.runner.executor
+    monkeypatch.setattr(tp_group, "STEP_TIMEOUT", 20.0)  # the old code hung here: fail, not wait 600 s
+    real = group._write  # one rank's framed message
+    sent: list[str] = []
+
+    def write(rank: int, data: bytes) -> None:
+        msg = pickle.loads(data[4:])
+        if (
+            rank == 1 and msg[0] == "step" and not sent
+        ):  # Ctrl-C arrives (to this thread) between the two ranks
+            sent.append(msg[0])
+            signal.raise_signal(signal.SIGINT)
+        real(rank, data)
+
+    try:
+        monkeypatch.setattr(group, "_write", write)
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(PROMPTS, GREEDY)
+        assert sent
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
+        assert llm.engine.blocks.num_used == 0
+    finally:
+        group.close()
+
+
+def test_ctrl_c_in_page_ops_reaches_every_rank(tiny_dir, monkeypatch):
+    """Every page op (a clear of pages handed out, a snapshot copy) reaches every rank, in order, even with Ctrl-C
+    landing in the first one's send to rank 1: rank 1 used to miss that op, and the ops after it, taken from the
+    block manager, were lost on every rank."""
+    want = [o.token_ids for o in LLM(str(tiny_dir), backend="cpu").generate(PROMPTS, GREEDY)]
+    llm = tp_llm(tiny_dir)
+    eng, group = llm.engine, llm.engine.runner.executor
+    got: list[list] = [[], []]
+    real = group._write  # one rank's framed message
+
+    def write(rank: int, data: bytes) -> None:
+        msg = pickle.loads(data[4:])
+        if msg[0] in ("copy", "clear"):
+            if rank == 1 and not got[1]:
+                signal.raise_signal(signal.SIGINT)
+            got[rank].append((msg[0], msg[1].tolist(), msg[2].tolist()))
+        real(rank, data)
+
+    monkeypatch.setattr(group, "_write", write)
+    try:
+        eng.blocks.page_ops += [("clear", [1, 2], []), ("clear", [3], [])]
+        with pytest.raises(KeyboardInterrupt):
+            eng.step()
+        assert got[0] == got[1] == [("clear", [1, 2], []), ("clear", [3], [])]
+        # a generation's clears too, the same on both ranks
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
+        assert got[0] == got[1] and len(got[0]) > 2
+    finally:
+        group.close()
+
+
+def test_ctrl_c_held_defers_and_nests():
+    """interrupts.ctrl_c_held: a SIGINT inside is raised once the outermost block ends; handlers are put back."""
+    import threading
+
+    from lserve_lite.engine.interrupts import ctrl_c_held, ctrl_c_pending
+
+    before = signal.getsignal(signal.SIGINT)
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_held():
+            with ctrl_c_held():
+                signal.raise_signal(signal.SIGINT)
+                done.append("inner")
+            done.append("outer")
+    assert done == ["inner", "outer"] and signal.getsignal(signal.SIGINT) is before
+    # a Ctrl-C held is the main thread's: an engine stepping in another thread does not give up on it
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_held():
+            signal.raise_signal(signal.SIGINT)
+            t = threading.Thread(target=lambda: seen.append(ctrl_c_pending()))
+            t.start()
+            t.join()
+            seen.append(ctrl_c_pending())
+    assert seen == [False, True] and not ctrl_c_pending()
+
+
+def test_ctrl_c_mid_read_keeps_the_pipe_whole(tiny_dir, monkeypatch):
+    """Ctrl-C after the driver has read a reply's length and before its body: the read completes first (the next
+    read used to take the body's bytes for a length, and the pipe was garbage from there on)."""
+    want = [o.token_ids for o in LLM(str(tiny_dir), backend="cpu").generate(PROMPTS, GREEDY)]
+    llm = tp_llm(tiny_dir)
+    group = llm.engine.runner.executor
+    monkeypatch.setattr(tp_group, "STEP_TIMEOUT", 20.0)
+    real = group._take  # the driver's read of n bytes of a rank's pipe: the length (4), then the body
+    reads: list[int] = []
+
+    def read(rank: int, n: int, *a):
+        out = real(rank, n, *a)
+        reads.append(n)
+        if len(reads) == 1:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    try:
+        monkeypatch.setattr(group, "_take", read)
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(PROMPTS, GREEDY)
+        assert reads[0] == 4
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
+    finally:
+        group.close()
+
+
+def test_hung_worker_times_out_on_a_large_message(tiny_dir, monkeypatch):
+    """A rank that stops reading (hung) fills its pipe: a message larger than the pipe holds (a long prefill's
+    step) then blocked the driver's send forever, past the step timeout that ends the engine for a small one."""
+    import threading
+
+    llm = tp_llm(tiny_dir)
+    group = llm.engine.runner.executor
+    monkeypatch.setattr(tp_group, "STEP_TIMEOUT", 2.0)
+    os.kill(group.procs[1].pid, signal.SIGSTOP)
+    pages = np.zeros(1 << 20, np.int64)  # 8 MB: page 0 cleared a million times
+    err: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            group.clear_pages(pages, pages[:0])
+        except BaseException as e:
+            err.append(e)
+
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    t.join(timeout=60)
+    try:
+        assert not t.is_alive(), "the driver's send blocked on a full pipe"
+        assert isinstance(err[0], TensorParallelError)
+        assert re.search(r"worker 1 read nothing for 2 s \(hung\)", str(err[0]))
+        assert not any(p.is_alive() for p in group.procs)
+    finally:
+        if group.procs[1].exitcode is None:  # the old code: let it go on, so the group can stop
+            os.kill(group.procs[1].pid, signal.SIGCONT)
+
+
+def test_refused_at_sizing_stops_the_workers(tiny_dir, capfd):
+    """A start refused once the workers are up (a KV budget that holds no page, num_kv_pages past a rank's memory)
+    stops them at once, quietly: they lived on, each with its shard, while the error was referenced (a REPL keeps
+    the last one), then each printed a traceback on taking the stop for its build."""
+    import multiprocessing as mp
+
+    with pytest.raises(InvalidRequestError, match="holds no KV page") as err:
+        tp_llm(tiny_dir, kv_memory_fraction=1e-9)
+    assert err.value is not None and not mp.active_children()
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_ctrl_c_at_start_stops_the_workers(tiny_dir, monkeypatch):
+    """Ctrl-C while the workers load (minutes for a large checkpoint) stops them at once: they lived on, loading,
+    while the KeyboardInterrupt was referenced (a REPL keeps the last one)."""
+    import multiprocessing as mp
+
+    monkeypatch.setattr(tp_group, "wait", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt) as err:
+        tp_llm(tiny_dir)
+    assert err.value is not None and not mp.active_children()
+
+
+def test_lserve_prefix_cache_equal_in_process(tiny_dir, tmp_path, monkeypatch):
+    """LServe (a rank with only dense heads, one with only streaming heads) with the prefix cache, its page ops
+    (snapshot copies, clears of pages handed out) on every rank: the same greedy outputs and cached-prompt counts
+    as one process."""
+    from lserve_lite.engine.llm_engine import LLMEngine
+    from lserve_lite.sparse.patterns import save_pattern
+
+    pat = str(save_pattern(tmp_path / "p.tsv", np.array([[1.0, 0.0], [1.0, 0.0]])))
+    sp = SparseConfig(enabled=True, static_sparsity=0.5, prefill_sink=64, prefill_local=128, decode_sink=64,
+                      decode_local=64, token_budget=256, pattern_path=pat)  # fmt: skip
+    params = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
+    rng = np.random.default_rng(0)
+    base = rng.integers(3, 320, 300).tolist()
+    prompts = [base + rng.integers(3, 320, 30).tolist() for _ in range(3)] + [base[:200]]
+    got, kinds = [], set()
+    for tp in (None, 2):
+        eng = LLMEngine(str(tiny_dir), "cpu", EngineConfig(sparse=sp, num_kv_pages=20, max_num_seqs=3, tensor_parallel=tp,
+                        max_num_batched_tokens=128))  # fmt: skip
+        outs = []
+        if tp:
+            write = eng.runner.executor._write
+
+            def counted(rank: int, data: bytes, write=write) -> None:
+                kinds.add(pickle.loads(data[4:])[0])
+                write(rank, data)
+
+            monkeypatch.setattr(eng.runner.executor, "_write", counted)
+        try:
+            for _ in range(2):
+                for p in prompts:
+                    eng.add_request(p, params)
+                while eng.has_unfinished():
+                    outs += [(o.seq.output_ids[:], o.num_cached_tokens) for o in eng.step() if o.finished]
+            assert eng.blocks.num_used == 0
+        finally:
+            eng.close()
+        got.append(outs)
+    assert got[0] == got[1] and sum(n for _, n in got[1]) > 0
+    assert {"copy", "clear", "step"} <= kinds
+
+
+def test_ctrl_c_while_a_rank_reads_nothing(tiny_dir, monkeypatch):
+    """Ctrl-C while a message waits on a rank that reads nothing (hung) ends the engine within a second or so: the
+    held interrupt kept the user waiting for the step timeout (600 s)."""
+    llm = tp_llm(tiny_dir)
+    group = llm.engine.runner.executor
+    monkeypatch.setattr(tp_group, "STEP_TIMEOUT", 20.0)
+    os.kill(group.procs[1].pid, signal.SIGSTOP)
+    real, calls = tp_group.select, []
+
+    def select(*a):  # the write to rank 1 has filled its pipe: Ctrl-C now
+        if not calls:
+            signal.raise_signal(signal.SIGINT)
+        calls.append(a)
+        return real(*a)
+
+    monkeypatch.setattr(tp_group, "select", select)
+    t = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt) as err:
+            group.clear_pages(np.zeros(1 << 20, np.int64), np.zeros(0, np.int64))
+        assert time.monotonic() - t < 10
+        assert re.search(r"interrupted \(Ctrl-C\) while worker 1 read nothing", str(err.value.__context__))
+        assert not any(p.is_alive() for p in group.procs)
+    finally:
+        if group.procs[1].exitcode is None:
+            os.kill(group.procs[1].pid, signal.SIGCONT)
+
+
+def test_rank_stalled_mid_message_times_out(tiny_dir, monkeypatch):
+    """A reply whose first bytes came and whose rest never comes (rank 0 stopped mid-send) ends the engine after the
+    step timeout: the driver's read of the rest waited forever (Ctrl-C held too)."""
+    import multiprocessing as mp
+    import struct
+    import threading
+
+    llm = tp_llm(tiny_dir)
+    group = llm.engine.runner.executor
+    mine, theirs = mp.Pipe()  # stands for rank 0's pipe, written by hand: a length, then part of the body
+    monkeypatch.setattr(group, "conns", [mine, *group.conns[1:]])
+    os.write(theirs.fileno(), struct.pack("!i", 1000) + b"x" * 10)
+    err: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            group._recv(0, 2.0)
+        except BaseException as e:
+            err.append(e)
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(timeout=30)
+    try:
+        assert not t.is_alive(), "the driver's read waited for the rest forever"
+        assert re.search(r"worker 0 sent nothing for 2 s \(hung\)", str(err[0]))
+    finally:
+        theirs.close()
+        t.join(timeout=30)
+        group.close()
+
+
+def test_unguarded_script_is_named(tiny_dir, tmp_path):
+    """A script that builds a tensor-parallel engine at import, without the `__main__` guard spawn needs (README):
+    its workers die at start, and the error says why (it said only "died (exit code 1)")."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "from lserve_lite import LLM, EngineConfig\n"
+        f"LLM({str(tiny_dir)!r}, backend='cpu', config=EngineConfig(tensor_parallel=2))\n"
+    )
+    import lserve_lite
+
+    env = {**os.environ, "PYTHONPATH": str(Path(lserve_lite.__file__).parents[1])}  # this checkout's package
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and "TensorParallelError" in last and "if __name__ == '__main__':" in last, last
+
+
+def test_score_through_the_pipe_equals_in_process(tiny_dir):
+    """Teacher-forced logits of 600 rows (1 MB, past the shared logits block and a pipe's buffer: rank 0 sends them
+    through the pipe, read in many pieces) equal one process's."""
+    ids = np.random.default_rng(2).integers(3, 320, 600).tolist()
+    want = LLM(str(tiny_dir), backend="cpu").engine.score(ids)
+    llm = tp_llm(tiny_dir, max_num_batched_tokens=1024)
+    try:
+        got = llm.engine.score(ids)
+        assert got.shape == want.shape == (600, 320) and np.abs(got - want).max() < 1e-4
+    finally:
+        llm.engine.close()
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead and not reaped by an init that never reaps, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_workers_end_with_a_killed_driver(tiny_dir, tmp_path):
+    """The driver killed outright (SIGKILL, the OOM killer) after rank 0 has a step and before rank 1 does: rank 0,
+    waiting in its collective for rank 1, lived on forever (on a GPU, holding its memory); every worker now ends
+    when its driver does."""
+    import subprocess
+    import sys
+
+    import lserve_lite
+
+    script = tmp_path / "driver.py"
+    script.write_text(f"""
+import os, pickle, signal
+from lserve_lite import LLM, EngineConfig, SamplingParams
+if __name__ == "__main__":
+    llm = LLM({str(tiny_dir)!r}, backend="cpu", config=EngineConfig(tensor_parallel=2))
+    group = llm.engine.runner.executor
+    print(*(p.pid for p in group.procs), flush=True)
+    write = group._write
+    def killed_between(rank, data):
+        write(rank, data)
+        if rank == 0 and pickle.loads(data[4:])[0] == "step":
+            os.kill(os.getpid(), signal.SIGKILL)
+    group._write = killed_between
+    llm.generate(["hi"], SamplingParams(max_new_tokens=2))
+""")
+    env = {**os.environ, "PYTHONPATH": str(Path(lserve_lite.__file__).parents[1])}
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, env=env)
+    pids = [int(x) for x in p.stdout.readline().split()]
+    assert p.wait(timeout=120) == -signal.SIGKILL and len(pids) == 2
+    deadline = time.monotonic() + 30
+    while any(map(_running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in pids if _running(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "a worker outlived its driver"
+
+
+def test_shutdown_grace_is_shared():
+    """Workers that cannot read their stop (loading a checkpoint, Ctrl-C at start; stuck in a collective) are
+    given the grace once between them, then terminated together: each was waited for in turn (40 s for 8 ranks)."""
+
+    class Loading:  # a worker that reads no stop; it ends when terminated
+        def __init__(self) -> None:
+            self.ended = False
+
+        def join(self, timeout: float | None = None) -> None:
+            if not self.ended:
+                time.sleep(timeout or 0.0)
+
+        def is_alive(self) -> bool:
+            return not self.ended
+
+        def terminate(self) -> None:
+            self.ended = True
+
+    procs = [Loading() for _ in range(4)]
+    t = time.monotonic()
+    tp_group._shutdown(procs, [], lambda: None, grace=0.5)
+    assert time.monotonic() - t < 1.5 and not any(p.is_alive() for p in procs)

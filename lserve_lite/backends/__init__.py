@@ -24,9 +24,15 @@ def require_gpu(tool: str) -> None:
         raise SystemExit(2)
 
 
-def make_ops(backend: str = "auto"):
+def resolve_backend(backend: str) -> str:
+    """The backend "auto" means here (CUDA when CuPy sees a GPU); any other name as given."""
     if backend == "auto":
-        backend = "cuda" if cuda_available() else "cpu"
+        return "cuda" if cuda_available() else "cpu"
+    return backend
+
+
+def make_ops(backend: str = "auto"):
+    backend = resolve_backend(backend)
     if backend == "cpu":
         from .cpu import CpuOps
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import LServeError
-from . import cuda_available, make_ops
+from . import make_ops, resolve_backend
 from .comm import Communicator, ShmCommunicator
 
 
@@ -33,8 +33,7 @@ def no_multicast() -> None:
 def new_group(backend: str, world: int, ctx: Any) -> tuple[GroupSpec, Callable[[], None]]:
     """A group of `world` ranks on `backend` ("auto", "cuda", "cpu") and the driver's cleanup for it; CUDA
     needs `world` GPUs. `ctx`: the multiprocessing context the workers are spawned from."""
-    if backend == "auto":
-        backend = "cuda" if cuda_available() else "cpu"
+    backend = resolve_backend(backend)
     if backend == "cuda":
         have = cuda_device_count()
         if have < world:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..backends import make_ops
+from ..backends import make_ops, resolve_backend
 from ..backends.base import SampledTokens
 from ..backends.group import host_ops
 from ..config import MASS_MAX_GROUP, ORACLE_REDUCE, EngineConfig, SparseConfig
@@ -24,6 +24,7 @@ from ..sequence import Sequence, Status, TokenLogprob
 from ..sparse.patterns import head_classes, resolve_pattern
 from ..tokenizer import IncrementalDecoder
 from ..weights.loader import load_config, load_model, load_tokenizer, model_name, resolve_model_dir
+from .interrupts import ctrl_c_held
 from .logprobs import record_prompt_logprobs, record_token_logprobs
 from .model_runner import ModelRunner
 from .scheduler import ScheduledBatch, Scheduler
@@ -92,7 +93,8 @@ class LLMEngine:
         """The whole model in this process on one backend; (dense pages, streaming pages)."""
         loaded = load_model(self.model_dir, self.ecfg.quantize)
         self.cfg, self.tokenizer, weights = loaded.cfg, loaded.tokenizer, loaded.weights
-        self.ops = make_ops(backend)
+        self.backend = resolve_backend(backend)  # what runs the model (logs, bench)
+        self.ops = make_ops(self.backend)
         self.max_len = self.ecfg.resolve_max_len(self.cfg)
         # What the backend will hold (quantized matrices in its layout, floats at its type), reserved from the KV
         # budget before the upload (the budget only matters on the GPU).
@@ -124,6 +126,7 @@ class LLMEngine:
         )
         group = self.runner.executor  # the workers resolved the KV format on their backend and device
         self.kv_format = group.kv_format
+        self.backend = f"{group.backend}, tensor parallel {len(group.procs)}"  # self.ops are the host's
         self.itemsize = group.itemsize
         self.kv_bytes = self.kv_format.kv_bytes(self.cfg.head_dim, self.itemsize)
         self.max_len = self.runner.max_len  # both fitted to the pools (fit_context)
@@ -338,6 +341,14 @@ class LLMEngine:
             if seq is not None:
                 self._aborts.append(seq)
 
+    def _run_page_ops(self) -> None:
+        """The block manager's page ops, all of them or none: a Ctrl-C meanwhile is raised after the last (once
+        taken, ops left undone were lost: a page never cleared, a prefix-cache snapshot never copied)."""
+        if not self.blocks.page_ops:  # most decode steps: no signal handler swapped
+            return
+        with ctrl_c_held():
+            self.runner.apply_page_ops(self.blocks.take_page_ops())
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._aborts)
 
@@ -350,9 +361,7 @@ class LLMEngine:
         if self._inflight is not None and self._inflight_ends():
             outs += self._read(self._take_inflight())  # schedule none of them past its limits
         batch = self.scheduler.schedule()
-        self.runner.apply_page_ops(
-            self.blocks.take_page_ops()
-        )  # snapshots attached, pages cleared: before any write
+        self._run_page_ops()  # snapshots attached, pages cleared: before any write
         if self._inflight is not None and not self._overlaps(batch):
             outs += self._read(self._take_inflight())
             _drop_finished(batch)
@@ -368,7 +377,7 @@ class LLMEngine:
         logits = self.runner.run(batch.seqs, batch.num_new)
         for seq in batch.seqs:
             self.blocks.cache_computed(seq)
-        self.runner.apply_page_ops(self.blocks.take_page_ops())  # snapshots taken, before sequences move on
+        self._run_page_ops()  # snapshots taken, before sequences move on
         last = (
             np.cumsum([n if w else 1 for n, w in zip(batch.num_new, wants)]) - 1
         )  # each sequence's last row
@@ -536,7 +545,7 @@ class LLMEngine:
             raise InvalidRequestError("not enough free KV pages to score this sequence now")
         self.blocks.grow(seq, len(token_ids))
         try:
-            self.runner.apply_page_ops(self.blocks.take_page_ops())
+            self._run_page_ops()
             chunks = []
             while seq.num_pending:
                 n = min(seq.num_pending, self.ecfg.max_num_batched_tokens)

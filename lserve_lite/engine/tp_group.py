@@ -7,12 +7,15 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import struct
 import time
 import weakref
 from collections.abc import Callable
 from multiprocessing import shared_memory
 from multiprocessing.connection import wait
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
+from select import select
 from typing import Any
 
 import numpy as np
@@ -25,6 +28,7 @@ from ..errors import LServeError, TensorParallelError
 from ..kv.layout import KVLayout, fit_context, pool_pages
 from ..kv.quant import FORMATS
 from ..weights.shard import check_tensor_parallel, shard_config, shard_of
+from .interrupts import ctrl_c_held, ctrl_c_pending
 from .model_runner import ModelRunner
 from .tp_worker import worker_main
 
@@ -71,22 +75,29 @@ class WorkerGroup:
         self.procs: list[Any] = []
         self.failure: str | None = None
         self.steps = 0  # steps sent; rank 0 tags each reply with its number
+        self.started = False  # every worker has reported (loaded its shard)
         self._close = weakref.finalize(
             self, _shutdown, self.procs, self.conns, _releaser(cleanup, self.logits)
         )
-        for rank in range(world):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=worker_main, args=(rank, spec, model_dir, ecfg, child), daemon=True,
-                            name=f"lserve-tp{rank}")  # fmt: skip
-            p.start()
-            child.close()
-            self.conns.append(parent)
-            self.procs.append(p)
-        ready = [self._recv(r, STARTUP_TIMEOUT) for r in range(world)]
+        try:  # Ctrl-C while they load stops them now, not when the KeyboardInterrupt is collected
+            for rank in range(world):
+                parent, child = ctx.Pipe()
+                p = ctx.Process(target=worker_main, args=(rank, spec, model_dir, ecfg, child), daemon=True,
+                                name=f"lserve-tp{rank}")  # fmt: skip
+                p.start()
+                child.close()
+                self.conns.append(parent)
+                self.procs.append(p)
+            ready = [self._recv(r, STARTUP_TIMEOUT) for r in range(world)]
+            self.started = True
+        except BaseException:
+            self.close()
+            raise
         self.budgets = [m[1] for m in ready]  # KV bytes each rank can hold
         self.limits = [m[2] for m in ready]  # the most KV bytes an explicit page count may take on each rank
         self.itemsize = ready[0][3]  # the ranks' float type (page statistics, KV scales)
         self.kv_format = FORMATS[ready[0][4]]  # resolved by the workers on their backend and device
+        self.backend = spec.backend  # what the ranks run on (the driver's own Ops are the host's)
 
     def build(self, max_len: int, num_pages: int, layout: KVLayout | None, num_stream: int) -> None:
         """Every rank builds its model, KV pools (these page counts, all ranks alike) and executor."""
@@ -132,13 +143,77 @@ class WorkerGroup:
         self._close()
 
     def _send(self, msg: tuple) -> None:
+        """`msg` to every rank, or (a failure) to none that runs on: a Ctrl-C meanwhile is raised after the
+        last send (interrupts.ctrl_c_held), never between two ranks."""
         if self.failure:
             raise TensorParallelError(self.failure)
-        for r, conn in enumerate(self.conns):
-            try:
-                conn.send(msg)
-            except OSError:
-                self._fail(self._death(r))
+        data = _framed(ForkingPickler.dumps(msg))  # pickled once for every rank
+        with ctrl_c_held():
+            for r in range(len(self.conns)):
+                self._write(r, data)
+
+    def _write(self, rank: int, data: bytes) -> None:
+        """One framed message to `rank`, within STEP_TIMEOUT: a rank that stopped reading (hung) fills its
+        pipe, and a blocking send of a message larger than the pipe holds then waited forever. A Ctrl-C held
+        (`_send`) while the rank reads nothing for a second ends the group: the message cannot be taken back."""
+        fd = self.conns[rank].fileno()
+        view, deadline = memoryview(data), time.monotonic() + STEP_TIMEOUT
+        os.set_blocking(fd, False)
+        try:
+            while view:
+                try:
+                    view = view[os.write(fd, view) :]
+                    continue
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    self._fail(self._death(rank))
+                self._stalled(rank, fd, deadline, STEP_TIMEOUT, writing=True)
+        finally:
+            os.set_blocking(fd, True)
+
+    def _read(self, rank: int, deadline: float, timeout: float) -> tuple:
+        """`rank`'s next message, whose first bytes have come, read by its frame as `Connection.recv` reads it,
+        within the deadline: a rank that stalled mid-message (hung) left a plain `recv` waiting forever."""
+        (n,) = struct.unpack("!i", self._take(rank, 4, deadline, timeout))
+        if n == -1:
+            (n,) = struct.unpack("!Q", self._take(rank, 8, deadline, timeout))
+        return ForkingPickler.loads(self._take(rank, n, deadline, timeout))
+
+    def _take(self, rank: int, n: int, deadline: float, timeout: float) -> bytes:
+        """`n` bytes from `rank`'s pipe, as they come (nothing allocated by the length before the bytes are here)."""
+        fd = self.conns[rank].fileno()
+        chunks, left = [], n
+        os.set_blocking(fd, False)
+        try:
+            while left:
+                try:
+                    chunk = os.read(fd, min(left, 1 << 24))
+                except BlockingIOError:
+                    self._stalled(rank, fd, deadline, timeout, writing=False)
+                    continue
+                except OSError:
+                    chunk = b""
+                if not chunk:  # the rank's end closed: it died
+                    self._fail(self._death(rank))
+                chunks.append(chunk)
+                left -= len(chunk)
+        finally:
+            os.set_blocking(fd, True)
+        return b"".join(chunks)
+
+    def _stalled(self, rank: int, fd: int, deadline: float, timeout: float, writing: bool) -> None:
+        """Wait up to a second for `rank`'s pipe to move again; past the deadline, or with a Ctrl-C held
+        (`ctrl_c_held`) and nothing moved, the group ends: a message begun cannot be taken back."""
+        left = deadline - time.monotonic()
+        what = "read" if writing else "sent"
+        if left <= 0:
+            self._fail(f"worker {rank} {what} nothing for {timeout:.0f} s (hung)")
+        ready = (
+            select([], [fd], [], min(left, 1.0))[1] if writing else select([fd], [], [], min(left, 1.0))[0]
+        )
+        if not ready and ctrl_c_pending():
+            self._fail(f"interrupted (Ctrl-C) while worker {rank} {what} nothing")
 
     def _recv(self, rank: int, timeout: float) -> tuple:
         """`rank`'s next message, watching every worker's exit meanwhile; an error report, an exit or
@@ -152,10 +227,8 @@ class WorkerGroup:
                 self._fail(f"worker {rank} sent nothing for {timeout:.0f} s (hung)")
             ready = wait([conn, *sentinels], timeout=min(left, 1.0))
             if conn in ready:
-                try:
-                    msg = conn.recv()
-                except (EOFError, OSError):
-                    self._fail(self._death(rank))
+                with ctrl_c_held():  # a message read in part would leave the pipe mid-message
+                    msg = self._read(rank, deadline, timeout)
                 if msg[0] == "error":
                     self._fail(f"worker {msg[1]} failed: {msg[2]}")
                 return msg
@@ -179,6 +252,9 @@ class WorkerGroup:
             if code is not None and code < 0
             else f"exit code {code}"
         )
+        if code == 1 and not self.started:  # Python's exit on an error before worker_main could report it
+            how += (": its traceback is above; a script must create the engine under "
+                    "`if __name__ == '__main__':` (multiprocessing spawn runs the script again in each worker)")  # fmt: skip
         return f"worker {rank} (pid {p.pid}) died ({how})"
 
     def _fail(self, reason: str) -> None:
@@ -188,21 +264,38 @@ class WorkerGroup:
 
 
 def _shutdown(procs: list, conns: list, cleanup: Callable[[], None], grace: float = 5.0) -> None:
-    """Ask the workers to stop, then terminate (a rank blocked in a collective cannot stop itself)."""
+    """Ask the workers to stop, then terminate (a rank blocked in a collective, or loading its shard, cannot stop
+    itself). The stop is sent without waiting: a hung rank's pipe may be full. The grace is one for all ranks."""
     for conn in conns:
         try:
+            os.set_blocking(conn.fileno(), False)
             conn.send(("stop",))
         except OSError:
             pass
+    _join_all(procs, grace)
     for p in procs:
-        p.join(timeout=grace)
         if p.is_alive():
             p.terminate()
-            p.join(timeout=5.0)
+    _join_all(procs, 5.0)
+    for p in procs:
         if p.is_alive():
             p.kill()
             p.join()
     cleanup()
+
+
+def _join_all(procs: list, timeout: float) -> None:
+    """Wait up to `timeout` seconds in all for the processes to end."""
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+
+
+def _framed(data: bytes | memoryview) -> bytes:
+    """`data` as multiprocessing's `Connection.send_bytes` frames it, so the worker's `recv` reads it: a 4-byte
+    big-endian length, or -1 and an 8-byte one past 2 GiB."""
+    n = len(data)
+    return (struct.pack("!i", n) if n <= 0x7FFFFFFF else struct.pack("!iQ", -1, n)) + data
 
 
 def _releaser(cleanup: Callable[[], None], shm: shared_memory.SharedMemory) -> Callable[[], None]:
@@ -224,17 +317,23 @@ def tensor_parallel_runner(
     world = ecfg.tensor_parallel
     check_tensor_parallel(cfg, world)
     group = WorkerGroup(model_dir, backend, ecfg, world, cfg.vocab_size)
-    dense, stream = [], []
-    kv_bytes = group.kv_format.kv_bytes(cfg.head_dim, group.itemsize)
-    for rank, (budget, limit) in enumerate(zip(group.budgets, group.limits)):
-        s = shard_of(cfg, rank, world)
-        lay = layout.heads(*s.kv_heads) if layout is not None else None
-        d, st = pool_pages(shard_config(cfg, s), ecfg.page_size, kv_bytes, budget, lay, ecfg.max_num_seqs,
-                           ecfg.num_kv_pages, stat_itemsize=group.itemsize, limit=limit)  # fmt: skip
-        dense.append(d)
-        stream += [st] if lay is not None and lay.has_streaming else []
-    num_pages, num_stream = min(dense), min(stream, default=0)
-    max_len, layout = fit_context(max_len, num_pages, ecfg.page_size, layout)
-    group.build(max_len, num_pages, layout, num_stream)
-    runner = ModelRunner(cfg, {}, host_ops(), ecfg, max_len, num_pages, layout, num_stream, executor=group)
+    try:  # a refusal (pools that do not fit a rank) stops the workers now, not when the error is collected
+        dense, stream = [], []
+        kv_bytes = group.kv_format.kv_bytes(cfg.head_dim, group.itemsize)
+        for rank, (budget, limit) in enumerate(zip(group.budgets, group.limits)):
+            s = shard_of(cfg, rank, world)
+            lay = layout.heads(*s.kv_heads) if layout is not None else None
+            d, st = pool_pages(shard_config(cfg, s), ecfg.page_size, kv_bytes, budget, lay, ecfg.max_num_seqs,
+                               ecfg.num_kv_pages, stat_itemsize=group.itemsize, limit=limit)  # fmt: skip
+            dense.append(d)
+            stream += [st] if lay is not None and lay.has_streaming else []
+        num_pages, num_stream = min(dense), min(stream, default=0)
+        max_len, layout = fit_context(max_len, num_pages, ecfg.page_size, layout)
+        group.build(max_len, num_pages, layout, num_stream)
+        runner = ModelRunner(
+            cfg, {}, host_ops(), ecfg, max_len, num_pages, layout, num_stream, executor=group
+        )
+    except BaseException:
+        group.close()
+        raise
     return runner, num_pages, num_stream

@@ -3,9 +3,11 @@ driver sends until told to stop. Rank 0 sends the logits back; any failure is re
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 import traceback
-from multiprocessing import shared_memory
+from multiprocessing import parent_process, shared_memory
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +24,14 @@ from .tp_rank import RankRunner
 
 def worker_main(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig, conn: Any) -> None:
     """The process entry (multiprocessing spawn). Messages in: ("build", max_len, pages, layout, stream
-    pages, logits block name), ("step", StepInputs, number), ("copy", src, dst), ("stop",). Out: ("ready",
-    kv budget bytes, kv limit bytes, itemsize, KV format name), ("built",), ("logits", shape in the block |
-    array, step number) from rank 0, ("error", rank, text)."""
+    pages, logits block name), ("step", StepInputs, number), ("copy", src, dst), ("clear", pages, stream
+    pages), ("stop",) (also before "build"). Out: ("ready", kv budget bytes, kv limit bytes, itemsize, KV
+    format name), ("built",), ("logits", shape in the block | array, step number) from rank 0, ("error", rank,
+    text)."""
     # Ctrl-C reaches the terminal's whole process group: the driver decides what it stops (a reply, the
     # engine), and it stops the workers when it closes the group or exits (their pipes end).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _end_with_driver()
     try:
         _serve(rank, spec, model_dir, ecfg, conn)
     except EOFError:  # the driver is gone (its end of the pipe closed): no one to report to
@@ -43,6 +47,18 @@ def worker_main(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig,
             raise SystemExit(1) from None
 
 
+def _end_with_driver() -> None:
+    """End this process when the driver's does, whatever this one is doing: a driver killed outright (SIGKILL,
+    the OOM killer) after rank 0 had a step and before rank 1 did left rank 0 waiting in its collective forever
+    (on a GPU, holding its memory); a worker between steps sees its pipe end instead."""
+
+    def watch() -> None:
+        parent_process().join()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="lserve-tp-driver-watch", daemon=True).start()
+
+
 def _serve(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig, conn: Any) -> None:
     ops, comm = join_group(spec, rank)
     loaded = load_model(model_dir, ecfg.quantize)
@@ -54,7 +70,10 @@ def _serve(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig, conn
     weight_bytes = sum(ops.weight_bytes(w) for w in loaded.weights.values()) // spec.world
     budget = ops.kv_budget_bytes(ecfg.kv_memory_fraction, weight_bytes)
     conn.send(("ready", budget, ops.kv_limit_bytes(weight_bytes), itemsize, fmt.name))
-    _, max_len, num_pages, layout, num_stream, logits_name = conn.recv()
+    msg = conn.recv()
+    if msg[0] != "build":  # the driver refused to start (pools that do not fit): stopped before building
+        return
+    _, max_len, num_pages, layout, num_stream, logits_name = msg
     out = shared_memory.SharedMemory(name=logits_name) if rank == 0 else None
     runner = RankRunner(cfg, loaded.weights, ops, ecfg, max_len, num_pages, layout, num_stream, comm, fmt)
     loaded.drop_file_pages()

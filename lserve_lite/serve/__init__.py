@@ -106,8 +106,8 @@ def run_server(
             "listening on %s without --api-key: anyone who can reach this port can use the model", host
         )
     app = create_app(engine, api_key, served_model_name, max_queue)
-    log.info("serving %s (%s backend, context %d; %s) on http://%s", served_model_name or engine.model_name,
-             engine.ops.name, engine.max_len, engine.kv_summary(), address(host, port))  # fmt: skip
+    log.info("serving %s (backend %s, context %d; %s) on http://%s", served_model_name or engine.model_name,
+             engine.backend, engine.max_len, engine.kv_summary(), address(host, port))  # fmt: skip
     Server(app, host, port, log_level).run()
     return 0
 
