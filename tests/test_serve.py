@@ -484,6 +484,46 @@ def test_abort_while_the_request_enters_the_engine(tiny_dir):
     assert engine.blocks.num_used == 0
 
 
+def test_submit_cancelled_just_after_admission_aborts(tiny_dir):
+    """submit() cancelled in the instant after its sequences were admitted (their handles made, submit not yet
+    resumed) aborts them: only those not yet admitted were, and the others ran unread to their end."""
+    from lserve_lite.serve.async_engine import AsyncEngine
+
+    engine = LLMEngine(str(tiny_dir), "cpu", EngineConfig(**CFG))
+    params = SamplingParams(max_new_tokens=200, ignore_eos=True)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        aengine = AsyncEngine(engine, max_queue=4)
+        queues: list[asyncio.Queue] = []
+        deliver = aengine._deliver
+
+        def deliver_then_cancel(posts):  # the admissions land, then the cancel comes after their handles
+            if not queues:
+                queues.extend(aengine._queues[f"c-{i}"] for i in range(2))
+                loop.call_soon(loop.call_soon, task.cancel)
+            deliver(posts)
+
+        aengine._deliver = deliver_then_cancel
+        aengine.start(loop)
+        try:
+            task = asyncio.create_task(aengine.submit([([5, 6, 7], params, f"c-{i}") for i in range(2)]))
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            lasts = []
+            for q in queues:
+                while not getattr(out := await q.get(), "finished", False):
+                    pass
+                lasts.append(out)
+            return lasts
+        finally:
+            aengine.shutdown()
+
+    lasts = asyncio.run(go())
+    assert len(lasts) == 2 and all(o.finish_reason == "abort" and o.num_output_tokens < 200 for o in lasts)
+    assert engine.blocks.num_used == 0
+
+
 def test_internal_errors_500_without_trace(server, client, monkeypatch):
     url, engine = server
 
