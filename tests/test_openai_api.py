@@ -308,6 +308,32 @@ def test_logprob_bytes_and_offsets_of_partial_characters(llm):
     assert [a for p in parts for a in p["text_offset"]] == [a for a, _ in enc.offsets]
 
 
+def test_top_logprobs_keep_alternatives_that_read_alike(llm):
+    """Completions' top_logprobs is a dict by token string: parts of different UTF-8 characters all read U+FFFD
+    and overwrote one another (fewer than `logprobs` entries came back). They are named by their bytes, as
+    OpenAI's "bytes:\\xe2"; tokens of one text (a byte-fallback token and the piece) by id, "token_id:N"."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models
+
+    from lserve_lite.sequence import TokenLogprob
+    from lserve_lite.serve.logprobs import LogprobFormatter, TextOffsets
+    from lserve_lite.tokenizer import Tokenizer, bytes_to_unicode
+
+    byte = {b: llm.tokenizer.token_id(c) for b, c in bytes_to_unicode().items()}
+    e = TokenLogprob(byte[0xF0], -2.0, [(byte[0xE2], -1.0), (byte[0xF0], -2.0), (byte[0x5C], -3.0)])
+    done = LogprobFormatter(llm.tokenizer).completion([e], [byte[0xF0]], TextOffsets())
+    assert done["tokens"] == ["bytes:\\xf0"]
+    assert done["top_logprobs"] == [{"bytes:\\xe2": -1.0, "bytes:\\xf0": -2.0, "\\": -3.0}]
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}, "A": 257}
+    hf = HFTokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    fmt = LogprobFormatter(Tokenizer.from_parts(hf, {}, Path("spm")))
+    e = TokenLogprob(1 + 0x41, -2.0, [(257, -1.0), (1 + 0x41, -2.0), (1 + 0x98, -3.0)])
+    done = fmt.completion([e], [1 + 0x41], TextOffsets())
+    assert done["tokens"] == ["A"]  # the chosen token keeps the name; the likelier one of its text goes by id
+    assert done["top_logprobs"] == [{"token_id:257": -1.0, "A": -2.0, "bytes:\\x98": -3.0}]
+
+
 def test_streamed_text_offsets_behind_a_stop_string(client):
     """A stop string holds text back from the chunks while their tokens go out: the streamed offsets still
     count the tokens, as the whole reply's do."""
