@@ -334,6 +334,15 @@ def test_top_logprobs_keep_alternatives_that_read_alike(llm):
     assert done["top_logprobs"] == [{"token_id:257": -1.0, "A": -2.0, "bytes:\\x98": -3.0}]
 
 
+def test_special_tokens_take_no_room_in_text_offsets(client):
+    """A special token the text leaves out (an EOS under ignore_eos) counted its own text in the offsets of the
+    tokens after it, which then pointed past the text."""
+    r = client.completions.create(model="tiny", prompt="hello", max_tokens=3, logprobs=0, logit_bias={"2": 100},
+                                  extra_body={"ignore_eos": True})  # fmt: skip
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == "" and lp.tokens == ["<|im_end|>"] * 3 and lp.text_offset == [0, 0, 0]
+
+
 def test_streamed_text_offsets_behind_a_stop_string(client):
     """A stop string holds text back from the chunks while their tokens go out: the streamed offsets still
     count the tokens, as the whole reply's do."""

@@ -33,6 +33,7 @@ class LogprobFormatter:
     def __init__(self, tokenizer: Tokenizer):
         self.token = lru_cache(maxsize=65536)(tokenizer.token_text)
         self.bytes = lru_cache(maxsize=65536)(tokenizer.token_bytes)
+        self.special = tokenizer.is_special
         self.name = lru_cache(maxsize=65536)(self._name)
 
     def _name(self, token_id: int) -> str:
@@ -58,8 +59,11 @@ class LogprobFormatter:
         return out
 
     def completion(self, entries: list[TokenLogprob | None], ids: list[int], offsets: TextOffsets) -> dict:
-        """`entries[i]` for `ids[i]` (None: no logprob, the first prompt token); offsets continue `offsets`."""
-        return self._shape(entries, ids, [offsets.take(self.bytes(t)) for t in ids])
+        """`entries[i]` for generated `ids[i]`; offsets continue `offsets`. A special token takes no room: the
+        text leaves it out."""
+        return self._shape(
+            entries, ids, [offsets.take(b"" if self.special(t) else self.bytes(t)) for t in ids]
+        )
 
     def _shape(self, entries: list[TokenLogprob | None], ids: list[int], starts: list[int]) -> dict:
         return {
