@@ -334,6 +334,49 @@ def test_top_logprobs_keep_alternatives_that_read_alike(llm):
     assert done["top_logprobs"] == [{"token_id:257": -1.0, "A": -2.0, "bytes:\\x98": -3.0}]
 
 
+def test_echo_offsets_index_the_echoed_text(tmp_path):
+    """echo with logprobs: text_offset indexes the returned text. With a tokenizer that adds a BOS (a llama GGUF's)
+    the offsets counted it, and SentencePiece's space before the first word, though the echoed prompt shows
+    neither: each was 4 characters past its token. The reference for a prompt as sent is the tokenizers library's
+    own offsets; prompt ids echo as decoded; the generated tokens' offsets go on from the prompt's end."""
+    from test_gguf_import import write_tiny_gguf
+
+    from lserve_lite.engine.llm_engine import LLMEngine
+    from lserve_lite.serve.app import ServerThread, create_app
+
+    write_tiny_gguf(tmp_path / "spm.gguf", tokenizer="llama")
+    engine = LLMEngine(str(tmp_path / "spm.gguf"), "cpu", EngineConfig(num_kv_pages=16, page_size=16))
+    tok, prompt = engine.tokenizer, "the theater at the inn"
+    enc = tok.tok.encode(prompt)
+    starts = [a for a, _ in enc.offsets]
+    assert tok.decode(enc.ids[:1], False) == "<s>" and starts[:3] == [
+        0,
+        0,
+        3,
+    ]  # a BOS the prompt does not show
+    cases = [  # prompt, its echo, the offsets of its tokens
+        (prompt, prompt, starts),
+        ([enc.ids], "<s> the theater at the inn", [0] + [3 + a + (a > 0) for a in starts[1:]]),
+        ([enc.ids[1:]], prompt, starts[1:]),  # the decoder drops the first word's space
+    ]
+    with ServerThread(create_app(engine, served_model_name="spm")) as url:
+        for p, echo, want in cases:
+            body = {"prompt": p, "max_tokens": 4, "echo": True, "logprobs": 1, "ignore_eos": True}
+            for stream in (False, True):
+                with httpx.stream("POST", url + "/v1/completions", json=body | {"stream": stream}) as r:
+                    got = [
+                        json.loads(x.removeprefix("data: "))
+                        for x in r.iter_lines()
+                        if x.startswith(("{", "data: {"))
+                    ]
+                choices = [c for g in got for c in g["choices"]]
+                text = "".join(c["text"] for c in choices)
+                off = [a for c in choices if c["logprobs"] for a in c["logprobs"]["text_offset"]]
+                assert text.startswith(echo) and off[: len(want)] == want, (p, stream, off)
+                assert off[len(want)] == len(echo) and off[len(want) :] == sorted(off[len(want) :])
+    assert engine.blocks.num_used == 0
+
+
 def test_special_tokens_take_no_room_in_text_offsets(client):
     """A special token the text leaves out (an EOS under ignore_eos) counted its own text in the offsets of the
     tokens after it, which then pointed past the text."""

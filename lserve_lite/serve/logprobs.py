@@ -65,6 +65,28 @@ class LogprobFormatter:
             entries, ids, [offsets.take(b"" if self.special(t) else self.bytes(t)) for t in ids]
         )
 
+    def echo(
+        self, text: str, entries: list[TokenLogprob | None], ids: list[int], offsets: TextOffsets
+    ) -> dict:
+        """The echoed prompt's part (entries as in `completion`, None: no logprob, the first prompt token): `ids`
+        are the tokens of `text` (the prompt as sent, or its ids decoded) and their offsets index it. Each token is
+        looked for where the one before ended; one the text does not show there takes no room: a BOS the tokenizer
+        added, or the space SentencePiece puts before a text's first word (neither the prompt as sent nor the
+        decoder's output has it). `offsets` goes on after `text`, where the generated text starts."""
+        at, starts = 0, []
+        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        for t in ids:
+            piece = utf8.decode(self.bytes(t))
+            starts.append(at)
+            if text.startswith(piece, at):
+                at += len(piece)
+            elif at == 0 and piece[:1] == " " and text.startswith(piece[1:]):
+                at += len(piece) - 1
+            elif not self.special(t):  # a text the tokenizer normalized: counted as the token's length
+                at = min(at + len(piece), len(text))
+        offsets.at = len(text)
+        return self._shape(entries, ids, starts)
+
     def _shape(self, entries: list[TokenLogprob | None], ids: list[int], starts: list[int]) -> dict:
         return {
             "tokens": [self.name(t) for t in ids],
