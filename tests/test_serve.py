@@ -357,6 +357,29 @@ def test_bad_requests_400(server, client):
         client.completions.create(model="tiny", prompt=[5, 9999], max_tokens=4)
 
 
+def test_vllm_extensions_that_would_change_the_reply_are_refused(server):
+    """vLLM's fields that change what a reply holds were ignored with 200 (a client asking for the stop string in
+    the text, special tokens, prompt_logprobs, allowed_token_ids or usage in every chunk got none of it): set to
+    anything but their off value they are refused, naming the field; their off values pass."""
+    url, auth = server[0], {"Authorization": f"Bearer {KEY}"}
+    both = [dict(include_stop_str_in_output=True), dict(skip_special_tokens=False), dict(prompt_logprobs=1),
+            dict(allowed_token_ids=[5]), dict(bad_words=["fox"]), dict(truncate_prompt_tokens=4),
+            dict(return_tokens_as_token_ids=True), dict(logits_processors=["x"]),
+            dict(structured_outputs={"choice": ["a"]}), dict(stream=True, stream_options={"continuous_usage_stats": True})]  # fmt: skip
+    off = dict(include_stop_str_in_output=False, skip_special_tokens=True, prompt_logprobs=None, bad_words=[],
+               return_tokens_as_token_ids=False, structured_outputs=None)  # fmt: skip
+    for path, prompt, own, own_off in (
+        ("/v1/chat/completions", {"messages": chat_msgs("hi")}, [dict(echo=True), dict(add_special_tokens=True)],
+         dict(echo=False, add_special_tokens=False)),
+        ("/v1/completions", {"prompt": "hi"}, [dict(add_special_tokens=False)], dict(add_special_tokens=True)),
+    ):  # fmt: skip
+        for kw in both + own:
+            err = _error(httpx.post(url + path, json=prompt | kw, headers=auth), 400)
+            assert err["param"] == list(kw)[-1], (path, kw, err)
+        body = prompt | {"max_tokens": 2} | off | own_off
+        assert httpx.post(url + path, json=body, headers=auth).status_code == 200, path
+
+
 def test_context_limit_400(server, client):
     long = "the quick brown fox jumps over the lazy dog " * 60
     with pytest.raises(openai.BadRequestError) as e:
