@@ -386,6 +386,18 @@ def test_special_tokens_take_no_room_in_text_offsets(client):
     assert r.choices[0].text == "" and lp.tokens == ["<|im_end|>"] * 3 and lp.text_offset == [0, 0, 0]
 
 
+def test_completion_top_logprobs_hold_the_chosen_token(client):
+    """OpenAI's completions logprobs return the chosen token's logprob among the top ones ("up to logprobs + 1
+    elements", as vLLM's): a sampled token outside the top k was missing, and logprobs 0 gave empty dicts, so a
+    client looking the chosen token up in top_logprobs failed."""
+    for logprobs in (0, 1):
+        lp = client.completions.create(model="tiny", prompt="hello", max_tokens=8, logprobs=logprobs, temperature=5,
+                                       seed=3, extra_body={"ignore_eos": True}).choices[0].logprobs  # fmt: skip
+        assert all(top[t] == v for t, v, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))
+        sizes = {len(top) for top in lp.top_logprobs}  # temperature 5: some sampled token is not the top one
+        assert sizes == {1} if logprobs == 0 else sizes <= {1, 2} and 2 in sizes
+
+
 def test_streamed_text_offsets_behind_a_stop_string(client):
     """A stop string holds text back from the chunks while their tokens go out: the streamed offsets still
     count the tokens, as the whole reply's do."""

@@ -48,14 +48,16 @@ class LogprobFormatter:
             )
 
     def top(self, e: TokenLogprob) -> dict[str, float]:
-        """The alternatives of one position by name, none lost: where two tokens share a name (a byte-fallback
-        token and the piece of the same text), the chosen token keeps it, else the likelier one, and the other is
-        named "token_id:N" (vLLM's spelling of a token by its id)."""
-        owner = {self.name(e.token_id): e.token_id}
-        out = {}
+        """The alternatives of one position by name and the chosen token (OpenAI's "up to logprobs + 1" entries,
+        as vLLM's: a client looks the chosen token up there), none lost: where two tokens share a name (a
+        byte-fallback token and the piece of the same text), the chosen token keeps it, else the likelier one, and
+        the other is named "token_id:N" (vLLM's spelling of a token by its id)."""
+        chosen = self.name(e.token_id)
+        owner, out = {chosen: e.token_id}, {}
         for t, lp in e.top:
             key = self.name(t)
             out[key if owner.setdefault(key, t) == t else f"token_id:{t}"] = lp
+        out.setdefault(chosen, e.logprob)
         return out
 
     def completion(self, entries: list[TokenLogprob | None], ids: list[int], offsets: TextOffsets) -> dict:
