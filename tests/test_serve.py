@@ -118,6 +118,7 @@ def test_tokenize_and_detokenize(server, ref):
     msgs = chat_msgs("hi")
     r = post("/tokenize", messages=msgs).json()
     assert r["tokens"] == ref.tokenizer.encode_chat(msgs)
+    assert post("/tokenize", messages=msgs, add_generation_prompt=True, add_special_tokens=False).json() == r
     assert post("/detokenize", tokens=r["tokens"]).json()["prompt"] == ref.tokenizer.decode(
         r["tokens"], False
     )
@@ -129,6 +130,10 @@ def test_tokenize_and_detokenize(server, ref):
         ("/detokenize", {"tokens": [1, 10**9]}, "tokens"),
         ("/detokenize", {"tokens": "1 2"}, "tokens"),
         ("/detokenize", {"tokens": [1], "model": 5}, "model"),
+        # vLLM's fields that change the ids: honoured at their defaults, refused otherwise (they were dropped)
+        ("/tokenize", {"prompt": "x", "add_special_tokens": False}, "add_special_tokens"),
+        ("/tokenize", {"messages": msgs, "add_generation_prompt": False}, "add_generation_prompt"),
+        ("/tokenize", {"messages": msgs, "chat_template": "{{ 1 }}"}, "chat_template"),
     ]:
         e = post(path, **body)
         assert e.status_code == 400 and e.json()["error"]["param"] == param, (path, body, e.text)
