@@ -377,6 +377,29 @@ def test_echo_offsets_index_the_echoed_text(tmp_path):
     assert engine.blocks.num_used == 0
 
 
+def test_echo_offsets_past_a_special_token_of_a_metaspace_always_vocabulary():
+    """Metaspace "always" (Llama 2's legacy tokenizer) puts a space before each word after a special token, which the
+    prompt as sent does not have: from the second such word on, the echoed offsets ran one character late per
+    word. The reference is the tokenizers library's own offsets."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from lserve_lite.serve.logprobs import LogprobFormatter, TextOffsets
+    from lserve_lite.tokenizer import Tokenizer
+
+    hf = HFTokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "▁hi": 2, "▁there": 3}, unk_token="<unk>"))
+    hf.add_special_tokens(["<s>"])
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    hf.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    prompt = "hi<s>there<s>hi"
+    enc = hf.encode(prompt)
+    assert enc.tokens == ["▁hi", "<s>", "▁there", "<s>", "▁hi"]
+    done = LogprobFormatter(Tokenizer.from_parts(hf, {}, Path("x"))).echo(
+        prompt, [None] * 5, enc.ids, TextOffsets()
+    )
+    assert done["text_offset"] == [a for a, _ in enc.offsets] == [0, 2, 5, 10, 13]
+
+
 def test_special_tokens_take_no_room_in_text_offsets(client):
     """A special token the text leaves out (an EOS under ignore_eos) counted its own text in the offsets of the
     tokens after it, which then pointed past the text."""

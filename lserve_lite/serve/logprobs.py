@@ -72,9 +72,10 @@ class LogprobFormatter:
     ) -> dict:
         """The echoed prompt's part (entries as in `completion`, None: no logprob, the first prompt token): `ids`
         are the tokens of `text` (the prompt as sent, or its ids decoded) and their offsets index it. Each token is
-        looked for where the one before ended; one the text does not show there takes no room: a BOS the tokenizer
+        looked for where the one before ended; what the text does not show there takes no room: a BOS the tokenizer
         added, or the space SentencePiece puts before a text's first word (neither the prompt as sent nor the
-        decoder's output has it). `offsets` goes on after `text`, where the generated text starts."""
+        decoder's output has it), or before each word after a special token (Metaspace "always", Llama 2's legacy
+        tokenizer). `offsets` goes on after `text`, where the generated text starts."""
         at, starts = 0, []
         utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         for t in ids:
@@ -82,7 +83,7 @@ class LogprobFormatter:
             starts.append(at)
             if text.startswith(piece, at):
                 at += len(piece)
-            elif at == 0 and piece[:1] == " " and text.startswith(piece[1:]):
+            elif piece[:1] == " " and text.startswith(piece[1:], at):
                 at += len(piece) - 1
             elif not self.special(t):  # a text the tokenizer normalized: counted as the token's length
                 at = min(at + len(piece), len(text))
