@@ -121,6 +121,10 @@ class Tokenizer:
         """A token's text as OpenAI's logprobs show it: its bytes (`token_bytes`), U+FFFD for part of a character."""
         return self.token_bytes(token_id).decode("utf-8", "replace")
 
+    def is_special(self, token_id: int) -> bool:
+        """Whether the token is a special one, which `decode` skips by default."""
+        return token_id in self._special_ids
+
     def special_ids(self, texts: list[str]) -> frozenset[int]:
         """The ids of those of `texts` that are special tokens of this vocabulary (any other decodes as text, or
         is not in the vocabulary)."""

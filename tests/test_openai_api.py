@@ -308,6 +308,119 @@ def test_logprob_bytes_and_offsets_of_partial_characters(llm):
     assert [a for p in parts for a in p["text_offset"]] == [a for a, _ in enc.offsets]
 
 
+def test_top_logprobs_keep_alternatives_that_read_alike(llm):
+    """Completions' top_logprobs is a dict by token string: parts of different UTF-8 characters all read U+FFFD
+    and overwrote one another (fewer than `logprobs` entries came back). They are named by their bytes, as
+    OpenAI's "bytes:\\xe2"; tokens of one text (a byte-fallback token and the piece) by id, "token_id:N"."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models
+
+    from lserve_lite.sequence import TokenLogprob
+    from lserve_lite.serve.logprobs import LogprobFormatter, TextOffsets
+    from lserve_lite.tokenizer import Tokenizer, bytes_to_unicode
+
+    byte = {b: llm.tokenizer.token_id(c) for b, c in bytes_to_unicode().items()}
+    e = TokenLogprob(byte[0xF0], -2.0, [(byte[0xE2], -1.0), (byte[0xF0], -2.0), (byte[0x5C], -3.0)])
+    done = LogprobFormatter(llm.tokenizer).completion([e], [byte[0xF0]], TextOffsets())
+    assert done["tokens"] == ["bytes:\\xf0"]
+    assert done["top_logprobs"] == [{"bytes:\\xe2": -1.0, "bytes:\\xf0": -2.0, "\\": -3.0}]
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}, "A": 257}
+    hf = HFTokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    fmt = LogprobFormatter(Tokenizer.from_parts(hf, {}, Path("spm")))
+    e = TokenLogprob(1 + 0x41, -2.0, [(257, -1.0), (1 + 0x41, -2.0), (1 + 0x98, -3.0)])
+    done = fmt.completion([e], [1 + 0x41], TextOffsets())
+    assert done["tokens"] == ["A"]  # the chosen token keeps the name; the likelier one of its text goes by id
+    assert done["top_logprobs"] == [{"token_id:257": -1.0, "A": -2.0, "bytes:\\x98": -3.0}]
+
+
+def test_echo_offsets_index_the_echoed_text(tmp_path):
+    """echo with logprobs: text_offset indexes the returned text. With a tokenizer that adds a BOS (a llama GGUF's)
+    the offsets counted it, and SentencePiece's space before the first word, though the echoed prompt shows
+    neither: each was 4 characters past its token. The reference for a prompt as sent is the tokenizers library's
+    own offsets; prompt ids echo as decoded; the generated tokens' offsets go on from the prompt's end."""
+    from test_gguf_import import write_tiny_gguf
+
+    from lserve_lite.engine.llm_engine import LLMEngine
+    from lserve_lite.serve.app import ServerThread, create_app
+
+    write_tiny_gguf(tmp_path / "spm.gguf", tokenizer="llama")
+    engine = LLMEngine(str(tmp_path / "spm.gguf"), "cpu", EngineConfig(num_kv_pages=16, page_size=16))
+    tok, prompt = engine.tokenizer, "the theater at the inn"
+    enc = tok.tok.encode(prompt)
+    starts = [a for a, _ in enc.offsets]
+    assert tok.decode(enc.ids[:1], False) == "<s>" and starts[:3] == [
+        0,
+        0,
+        3,
+    ]  # a BOS the prompt does not show
+    cases = [  # prompt, its echo, the offsets of its tokens
+        (prompt, prompt, starts),
+        ([enc.ids], "<s> the theater at the inn", [0] + [3 + a + (a > 0) for a in starts[1:]]),
+        ([enc.ids[1:]], prompt, starts[1:]),  # the decoder drops the first word's space
+    ]
+    with ServerThread(create_app(engine, served_model_name="spm")) as url:
+        for p, echo, want in cases:
+            body = {"prompt": p, "max_tokens": 4, "echo": True, "logprobs": 1, "ignore_eos": True}
+            for stream in (False, True):
+                with httpx.stream("POST", url + "/v1/completions", json=body | {"stream": stream}) as r:
+                    got = [
+                        json.loads(x.removeprefix("data: "))
+                        for x in r.iter_lines()
+                        if x.startswith(("{", "data: {"))
+                    ]
+                choices = [c for g in got for c in g["choices"]]
+                text = "".join(c["text"] for c in choices)
+                off = [a for c in choices if c["logprobs"] for a in c["logprobs"]["text_offset"]]
+                assert text.startswith(echo) and off[: len(want)] == want, (p, stream, off)
+                assert off[len(want)] == len(echo) and off[len(want) :] == sorted(off[len(want) :])
+    assert engine.blocks.num_used == 0
+
+
+def test_echo_offsets_past_a_special_token_of_a_metaspace_always_vocabulary():
+    """Metaspace "always" (Llama 2's legacy tokenizer) puts a space before each word after a special token, which the
+    prompt as sent does not have: from the second such word on, the echoed offsets ran one character late per
+    word. The reference is the tokenizers library's own offsets."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from lserve_lite.serve.logprobs import LogprobFormatter, TextOffsets
+    from lserve_lite.tokenizer import Tokenizer
+
+    hf = HFTokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "▁hi": 2, "▁there": 3}, unk_token="<unk>"))
+    hf.add_special_tokens(["<s>"])
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    hf.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    prompt = "hi<s>there<s>hi"
+    enc = hf.encode(prompt)
+    assert enc.tokens == ["▁hi", "<s>", "▁there", "<s>", "▁hi"]
+    done = LogprobFormatter(Tokenizer.from_parts(hf, {}, Path("x"))).echo(
+        prompt, [None] * 5, enc.ids, TextOffsets()
+    )
+    assert done["text_offset"] == [a for a, _ in enc.offsets] == [0, 2, 5, 10, 13]
+
+
+def test_special_tokens_take_no_room_in_text_offsets(client):
+    """A special token the text leaves out (an EOS under ignore_eos) counted its own text in the offsets of the
+    tokens after it, which then pointed past the text."""
+    r = client.completions.create(model="tiny", prompt="hello", max_tokens=3, logprobs=0, logit_bias={"2": 100},
+                                  extra_body={"ignore_eos": True})  # fmt: skip
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == "" and lp.tokens == ["<|im_end|>"] * 3 and lp.text_offset == [0, 0, 0]
+
+
+def test_completion_top_logprobs_hold_the_chosen_token(client):
+    """OpenAI's completions logprobs return the chosen token's logprob among the top ones ("up to logprobs + 1
+    elements", as vLLM's): a sampled token outside the top k was missing, and logprobs 0 gave empty dicts, so a
+    client looking the chosen token up in top_logprobs failed."""
+    for logprobs in (0, 1):
+        lp = client.completions.create(model="tiny", prompt="hello", max_tokens=8, logprobs=logprobs, temperature=5,
+                                       seed=3, extra_body={"ignore_eos": True}).choices[0].logprobs  # fmt: skip
+        assert all(top[t] == v for t, v, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))
+        sizes = {len(top) for top in lp.top_logprobs}  # temperature 5: some sampled token is not the top one
+        assert sizes == {1} if logprobs == 0 else sizes <= {1, 2} and 2 in sizes
+
+
 def test_streamed_text_offsets_behind_a_stop_string(client):
     """A stop string holds text back from the chunks while their tokens go out: the streamed offsets still
     count the tokens, as the whole reply's do."""

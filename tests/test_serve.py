@@ -118,6 +118,7 @@ def test_tokenize_and_detokenize(server, ref):
     msgs = chat_msgs("hi")
     r = post("/tokenize", messages=msgs).json()
     assert r["tokens"] == ref.tokenizer.encode_chat(msgs)
+    assert post("/tokenize", messages=msgs, add_generation_prompt=True, add_special_tokens=False).json() == r
     assert post("/detokenize", tokens=r["tokens"]).json()["prompt"] == ref.tokenizer.decode(
         r["tokens"], False
     )
@@ -129,6 +130,10 @@ def test_tokenize_and_detokenize(server, ref):
         ("/detokenize", {"tokens": [1, 10**9]}, "tokens"),
         ("/detokenize", {"tokens": "1 2"}, "tokens"),
         ("/detokenize", {"tokens": [1], "model": 5}, "model"),
+        # vLLM's fields that change the ids: honoured at their defaults, refused otherwise (they were dropped)
+        ("/tokenize", {"prompt": "x", "add_special_tokens": False}, "add_special_tokens"),
+        ("/tokenize", {"messages": msgs, "add_generation_prompt": False}, "add_generation_prompt"),
+        ("/tokenize", {"messages": msgs, "chat_template": "{{ 1 }}"}, "chat_template"),
     ]:
         e = post(path, **body)
         assert e.status_code == 400 and e.json()["error"]["param"] == param, (path, body, e.text)
@@ -357,6 +362,29 @@ def test_bad_requests_400(server, client):
         client.completions.create(model="tiny", prompt=[5, 9999], max_tokens=4)
 
 
+def test_vllm_extensions_that_would_change_the_reply_are_refused(server):
+    """vLLM's fields that change what a reply holds were ignored with 200 (a client asking for the stop string in
+    the text, special tokens, prompt_logprobs, allowed_token_ids or usage in every chunk got none of it): set to
+    anything but their off value they are refused, naming the field; their off values pass."""
+    url, auth = server[0], {"Authorization": f"Bearer {KEY}"}
+    both = [dict(include_stop_str_in_output=True), dict(skip_special_tokens=False), dict(prompt_logprobs=1),
+            dict(allowed_token_ids=[5]), dict(bad_words=["fox"]), dict(truncate_prompt_tokens=4),
+            dict(return_tokens_as_token_ids=True), dict(logits_processors=["x"]),
+            dict(structured_outputs={"choice": ["a"]}), dict(stream=True, stream_options={"continuous_usage_stats": True})]  # fmt: skip
+    off = dict(include_stop_str_in_output=False, skip_special_tokens=True, prompt_logprobs=None, bad_words=[],
+               return_tokens_as_token_ids=False, structured_outputs=None)  # fmt: skip
+    for path, prompt, own, own_off in (
+        ("/v1/chat/completions", {"messages": chat_msgs("hi")}, [dict(echo=True), dict(add_special_tokens=True)],
+         dict(echo=False, add_special_tokens=False)),
+        ("/v1/completions", {"prompt": "hi"}, [dict(add_special_tokens=False)], dict(add_special_tokens=True)),
+    ):  # fmt: skip
+        for kw in both + own:
+            err = _error(httpx.post(url + path, json=prompt | kw, headers=auth), 400)
+            assert err["param"] == list(kw)[-1], (path, kw, err)
+        body = prompt | {"max_tokens": 2} | off | own_off
+        assert httpx.post(url + path, json=body, headers=auth).status_code == 200, path
+
+
 def test_context_limit_400(server, client):
     long = "the quick brown fox jumps over the lazy dog " * 60
     with pytest.raises(openai.BadRequestError) as e:
@@ -481,6 +509,46 @@ def test_abort_while_the_request_enters_the_engine(tiny_dir):
 
     outs = asyncio.run(go())
     assert outs[-1].finished and outs[-1].finish_reason == "abort" and outs[-1].num_output_tokens < 50
+    assert engine.blocks.num_used == 0
+
+
+def test_submit_cancelled_just_after_admission_aborts(tiny_dir):
+    """submit() cancelled in the instant after its sequences were admitted (their handles made, submit not yet
+    resumed) aborts them: only those not yet admitted were, and the others ran unread to their end."""
+    from lserve_lite.serve.async_engine import AsyncEngine
+
+    engine = LLMEngine(str(tiny_dir), "cpu", EngineConfig(**CFG))
+    params = SamplingParams(max_new_tokens=200, ignore_eos=True)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        aengine = AsyncEngine(engine, max_queue=4)
+        queues: list[asyncio.Queue] = []
+        deliver = aengine._deliver
+
+        def deliver_then_cancel(posts):  # the admissions land, then the cancel comes after their handles
+            if not queues:
+                queues.extend(aengine._queues[f"c-{i}"] for i in range(2))
+                loop.call_soon(loop.call_soon, task.cancel)
+            deliver(posts)
+
+        aengine._deliver = deliver_then_cancel
+        aengine.start(loop)
+        try:
+            task = asyncio.create_task(aengine.submit([([5, 6, 7], params, f"c-{i}") for i in range(2)]))
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            lasts = []
+            for q in queues:
+                while not getattr(out := await q.get(), "finished", False):
+                    pass
+                lasts.append(out)
+            return lasts
+        finally:
+            aengine.shutdown()
+
+    lasts = asyncio.run(go())
+    assert len(lasts) == 2 and all(o.finish_reason == "abort" and o.num_output_tokens < 200 for o in lasts)
     assert engine.blocks.num_used == 0
 
 

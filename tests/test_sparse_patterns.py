@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -352,6 +353,29 @@ def test_calibrate_bounds_samples_by_name(tiny_dir, tmp_path):
     from lserve_lite.evaluation.calibrate import _sample_pages
 
     assert _sample_pages([384, 700], 99864, 64) <= MAX_POOL_PAGES < _sample_pages([384, 700], 99865, 64)
+
+
+def test_calibrate_bounds_samples_by_memory(tiny_dir, tmp_path, monkeypatch):
+    """Sample counts whose KV pages one pool could hold but the device's memory cannot were refused as
+    'num_kv_pages=N needs X GiB', an option the user never set: the error names --samples and how many fit (or,
+    without validation, --lengths)."""
+    from lserve_lite.backends.cpu import CpuOps
+    from lserve_lite.evaluation.calibrate import _sample_pages, calibrate
+
+    monkeypatch.setattr(CpuOps, "kv_limit_bytes", lambda self, reserved=0: 8 << 20)  # 8 MiB of KV memory
+    kw = dict(lengths=[384, 700], sink=64, local=64, tail=8, log=print)
+    msg = r"^--samples 1000: .* this device's KV memory holds \((\d+)\); use at most (\d+) samples, or --no-validate$"
+    with pytest.raises(InvalidRequestError, match=msg) as e:
+        calibrate(tiny_dir, tmp_path / "p.tsv", num_samples=1000, **kw)
+    fits, fit = map(int, re.match(msg, str(e.value)).groups())
+    assert 0 < fit < 1000 and _sample_pages(kw["lengths"], fit, 64) <= fits < _sample_pages(
+        kw["lengths"], fit + 1, 64
+    )
+    monkeypatch.setattr(CpuOps, "kv_limit_bytes", lambda self, reserved=0: 1 << 10)
+    with pytest.raises(
+        InvalidRequestError, match=r"^--lengths: a sample of 700 tokens takes 13 KV pages .* holds \(0\)"
+    ):
+        calibrate(tiny_dir, tmp_path / "p.tsv", num_samples=1000, validate=False, **kw)
 
 
 def test_engine_sparse_mode_matches_dense_pool_streaming(tiny_dir, tiny_llm, tmp_path):

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..config import MAX_POOL_PAGES, EngineConfig
 from ..errors import InvalidRequestError
+from ..kv.layout import KVMemoryError
 from ..llm import LLM
 from ..sparse.patterns import head_classes, save_pattern
 from ..weights.loader import load_config, resolve_model_dir
@@ -109,17 +110,13 @@ def calibrate(
     page = 64
     pages = _sample_pages(lengths, num_samples, page) if validate else _sample_pages(lengths[-1:], 1, page)
     if pages > MAX_POOL_PAGES:
-        cycle = _sample_pages(lengths, len(lengths), page)  # one sample of each length
-        full, rest = divmod(MAX_POOL_PAGES, cycle)
-        fit = full * len(lengths) + max(
-            k for k in range(len(lengths)) if _sample_pages(lengths, k, page) <= rest
-        )
-        raise InvalidRequestError(
-            f"--samples {num_samples}: validation keeps every sample's KV cache at once, {pages} pages of {page} "
-            f"tokens at lengths {lengths}, more than a KV pool holds ({MAX_POOL_PAGES}); use at most {fit} "
-            f"samples, or --no-validate"
-        )
-    llm = LLM(model_dir, backend=backend, config=EngineConfig(num_kv_pages=pages, page_size=page))
+        raise _too_many_pages(num_samples, lengths, page, validate, MAX_POOL_PAGES, "a KV pool")
+    try:
+        llm = LLM(model_dir, backend=backend, config=EngineConfig(num_kv_pages=pages, page_size=page))
+    except KVMemoryError as e:  # it named num_kv_pages, which the user did not set
+        raise _too_many_pages(
+            num_samples, lengths, page, validate, e.fits, "this device's KV memory"
+        ) from None
     h = SparseHarness(llm)
     cfg = h.cfg
     L, H = cfg.num_layers, cfg.num_kv_heads
@@ -191,6 +188,25 @@ def calibrate(
         write_result(res, out_path)
         log(f"wrote {out_path} and {Path(out_path).with_suffix('.json')} in {info['seconds']:.0f} s")
     return res
+
+
+def _too_many_pages(
+    num_samples: int, lengths: list[int], page: int, validate: bool, fits: int, holder: str
+) -> InvalidRequestError:
+    """The error, naming the option to change, of samples whose KV pages are more than the `fits` that `holder`
+    holds: validation keeps every sample's at once (--samples), else one sample of the longest length (--lengths)."""
+    pages = _sample_pages(lengths, num_samples, page) if validate else _sample_pages(lengths[-1:], 1, page)
+    if not validate:
+        return InvalidRequestError(f"--lengths: a sample of {lengths[-1]} tokens takes {pages} KV pages of {page} "
+                                   f"tokens, more than {holder} holds ({fits}); use shorter lengths")  # fmt: skip
+    cycle = _sample_pages(lengths, len(lengths), page)  # one sample of each length
+    full, rest = divmod(fits, cycle)
+    fit = full * len(lengths) + max(k for k in range(len(lengths)) if _sample_pages(lengths, k, page) <= rest)
+    instead = f"use at most {fit} samples, or --no-validate" if fit else "use shorter --lengths"
+    return InvalidRequestError(
+        f"--samples {num_samples}: validation keeps every sample's KV cache at once, {pages} pages of {page} "
+        f"tokens at lengths {lengths}, more than {holder} holds ({fits}); {instead}"
+    )
 
 
 def _sample_pages(lengths: list[int], num_samples: int, page: int) -> int:

@@ -137,6 +137,14 @@ def pool_context(max_len: int, num_pages: int, page_size: int) -> int:
     return min(max_len, num_pages * page_size)
 
 
+class KVMemoryError(InvalidRequestError):
+    """An explicit page count over the KV memory the device has; `fits`: the most dense pages that it holds."""
+
+    def __init__(self, message: str, fits: int):
+        super().__init__(message)
+        self.fits = fits
+
+
 def pool_pages(
     cfg: ModelConfig, page_size: int, kv_bytes: int, budget: int, layout: KVLayout | None, max_seqs: int,
     num_pages: int | None = None, *, stat_itemsize: int, limit: int | None = None,
@@ -156,9 +164,10 @@ def pool_pages(
         return (_fit(budget - stream * stream_b, dense_b) if dense_b else MAX_POOL_PAGES), stream
     need = num_pages * dense_b + stream * stream_b
     if limit is not None and need > limit:
-        raise InvalidRequestError(
+        raise KVMemoryError(
             f"num_kv_pages={num_pages} needs {need / 2**30:.1f} GiB of KV memory; this device has "
-            f"{max(limit, 0) / 2**30:.1f} GiB for it: ask for fewer pages or leave num_kv_pages unset"
+            f"{max(limit, 0) / 2**30:.1f} GiB for it: ask for fewer pages or leave num_kv_pages unset",
+            max(limit - stream * stream_b, 0) // dense_b if dense_b else 0,
         )
     return num_pages, stream
 

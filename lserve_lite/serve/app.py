@@ -300,10 +300,15 @@ def create_app(
         if not chat and not isinstance(body["prompt"], str):
             raise ApiError(400, "prompt: must be a string", "prompt")
         check_prompt_size(body, chat)
-        keys = (
-            ("model", "messages", "tools", "tool_choice", "parallel_tool_calls")
-            if chat
-            else ("model", "prompt")
+        # with vLLM's fields of /tokenize that change the ids: what this server cannot honour is refused, not dropped
+        template = (
+            "add_generation_prompt",
+            "continue_final_message",
+            "chat_template",
+            "chat_template_kwargs",
+        )
+        keys = ("model", "add_special_tokens") + (
+            ("messages", "tools", "tool_choice", "parallel_tool_calls", *template) if chat else ("prompt",)
         )
         req = parse(
             ChatCompletionRequest if chat else CompletionRequest, {k: body[k] for k in keys if k in body}

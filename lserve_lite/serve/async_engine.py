@@ -128,7 +128,8 @@ class AsyncEngine:
     ) -> list[RequestHandle | BaseException]:
         """Hand a request's sequences (prompt ids, params, request id) to the engine: room checked and every one
         queued in one synchronous step, so that no other request takes the room between (a 429 starts none);
-        then each one's RequestHandle once admitted, or the ApiError that refused it."""
+        then each one's RequestHandle once admitted, or the ApiError that refused it. Cancelled at any point (the
+        client gone), it aborts every sequence it queued: one admitted has no handle left to read or close it."""
         if not self.alive:
             raise ApiError(503, "the engine is not running")
         self.check_room(len(jobs))
@@ -146,7 +147,14 @@ class AsyncEngine:
                 self._queues[rid] = queues[-1][1]
                 self._inbox.append(_Submission(rid, prompt_ids, params, arrival, guide))
             self._cv.notify()
-        return await asyncio.gather(*(self._admitted(rid, q) for rid, q in queues), return_exceptions=True)
+        try:
+            return await asyncio.gather(
+                *(self._admitted(rid, q) for rid, q in queues), return_exceptions=True
+            )
+        except asyncio.CancelledError:  # at any point: those already admitted too, whose handles are lost
+            for rid, _ in queues:
+                self.abort(rid)
+            raise
 
     def _guides(self, params: list[SamplingParams]) -> list[tuple[object, np.ndarray] | None]:
         """Each constrained sequence's matcher (in a worker thread; the engine keeps a schema's, so n candidates
@@ -159,11 +167,7 @@ class AsyncEngine:
             raise ApiError(400, str(e), param_of(str(e))) from None
 
     async def _admitted(self, rid: str, queue: asyncio.Queue) -> RequestHandle:
-        try:
-            first = await queue.get()
-        except asyncio.CancelledError:
-            self.abort(rid)
-            raise
+        first = await queue.get()
         if isinstance(first, BaseException):
             raise first
         return RequestHandle(self, rid, queue)

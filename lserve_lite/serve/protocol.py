@@ -52,6 +52,7 @@ class StreamOptions(BaseModel):
     model_config = _STRICT
 
     include_usage: bool = False
+    continuous_usage_stats: Any = None  # vLLM's usage in every chunk: not implemented, refused unless off
 
 
 class _Request(BaseModel):
@@ -86,6 +87,16 @@ class _Request(BaseModel):
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
+    structured_outputs: Any = None
+    include_stop_str_in_output: Any = None
+    skip_special_tokens: Any = None
+    prompt_logprobs: Any = None
+    allowed_token_ids: Any = None
+    bad_words: Any = None
+    truncate_prompt_tokens: Any = None
+    return_tokens_as_token_ids: Any = None
+    logits_processors: Any = None
+    add_special_tokens: Any = None
     _unsupported: ClassVar[dict[str, tuple[object, str]]] = {
         "min_p": (0, "leave it out, or use top_p / top_k"),
         "min_tokens": (0, "leave it out; ignore_eos with max_tokens gives a fixed length"),
@@ -94,7 +105,18 @@ class _Request(BaseModel):
             f"guided_{k}": (None, "send response_format (json_object or json_schema)")
             for k in ("json", "regex", "choice", "grammar")
         },
-    }
+        "structured_outputs": (None, "send response_format (json_object or json_schema)"),
+        "include_stop_str_in_output": (False, "the text leaves the stop string out"),
+        "skip_special_tokens": (True, "the text leaves special tokens out"),
+        "prompt_logprobs": (None, "completions with echo and logprobs return the prompt's"),
+        "allowed_token_ids": (None, "use logit_bias"),
+        "bad_words": ([], "use logit_bias"),
+        "truncate_prompt_tokens": (None, "send a prompt that fits"),
+        "return_tokens_as_token_ids": (False, "tokens come back as text; /tokenize gives their ids"),
+        "logits_processors": (None, "no custom logits processors"),
+        "add_special_tokens": (True, "the prompt text is encoded with the tokenizer's special tokens; send "
+                                     "token ids to encode it otherwise"),
+    }  # fmt: skip
 
     def check(self) -> None:
         if self.n is None:
@@ -102,6 +124,9 @@ class _Request(BaseModel):
         for name, (neutral, instead) in self._unsupported.items():
             if getattr(self, name) not in (None, neutral):
                 raise ApiError(400, f"{name} is not supported ({instead})", name)
+        if self.stream_options and self.stream_options.continuous_usage_stats not in (None, False):
+            raise ApiError(400, "stream_options.continuous_usage_stats is not supported (include_usage sends the "
+                           "usage after the last chunk)", "stream_options")  # fmt: skip
 
     def logprob_params(self) -> dict:
         """SamplingParams' logprobs / prompt_logprobs from this endpoint's fields."""
@@ -232,12 +257,13 @@ class ChatCompletionRequest(_Request):
     continue_final_message: Any = None
     chat_template: Any = None
     chat_template_kwargs: Any = None
+    echo: Any = None
     _unsupported: ClassVar[dict[str, tuple[object, str]]] = _Request._unsupported | {
         name: (off, "the prompt is the model's own chat template with its generation prompt, rendered without "
                     "extra arguments")
         for name, off in (("add_generation_prompt", True), ("continue_final_message", False),
-                          ("chat_template", None), ("chat_template_kwargs", {}))
-    }  # fmt: skip
+                          ("chat_template", None), ("chat_template_kwargs", {}), ("add_special_tokens", False))
+    } | {"echo": (False, "a chat reply does not repeat the last message")}  # fmt: skip
     _tool_plan: ToolPlan | None = PrivateAttr(None)
 
     def check(self) -> None:

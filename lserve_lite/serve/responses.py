@@ -54,10 +54,18 @@ class Choices:
         entries = seq.prompt_logprobs if seq is not None and seq.prompt_logprobs else [None] * len(ids)
         return self.prompt_texts[i // self.n], entries, ids
 
-    def logprobs(self, entries: list, ids: list[int], offsets: TextOffsets) -> dict | None:
+    def logprobs(
+        self, lps: list, offsets: TextOffsets, echo: tuple[str, list, list[int]] = ("", [], [])
+    ) -> dict | None:
+        """Logprobs of generated entries `lps`, after the echoed prompt's part (`echo_part`) where it is given."""
         if not self.want_logprobs:
             return None
-        return self.fmt.chat(entries) if self.chat else self.fmt.completion(entries, ids, offsets)
+        if self.chat:
+            return self.fmt.chat(lps)
+        text, entries, ids = echo
+        first = self.fmt.echo(text, entries, ids, offsets) if ids else None  # first: it moves `offsets` on
+        out = self.fmt.completion(lps, [e.token_id for e in lps], offsets)
+        return {k: v + out[k] for k, v in first.items()} if first else out
 
     def choice(self, i: int, text: str, last: StepOutput, lps: list) -> dict:
         """A non-streamed choice."""
@@ -72,14 +80,14 @@ class Choices:
             return {
                 "index": i,
                 "message": message,
-                "logprobs": self.logprobs(lps, [], TextOffsets()),
+                "logprobs": self.logprobs(lps, TextOffsets()),
                 "finish_reason": finish,
             }
-        prefix, entries, ids = self.echo_part(i, last.seq)
+        echo = self.echo_part(i, last.seq)
         if self.scores_only:
             text, lps = "", []
-        lp = self.logprobs(entries + lps, ids + [e.token_id for e in lps], TextOffsets())
-        return {"index": i, "text": prefix + text, "logprobs": lp, "finish_reason": self.finish(last)}
+        lp = self.logprobs(lps, TextOffsets(), echo)
+        return {"index": i, "text": echo[0] + text, "logprobs": lp, "finish_reason": self.finish(last)}
 
     def finish(self, last: StepOutput) -> str | None:
         return "length" if self.scores_only else last.finish_reason
@@ -188,12 +196,12 @@ async def sse_events(
                 yield chunk(i, None, role=True)
         lasts: list[StepOutput | None] = [None] * len(handles)
         async for i, out in merged(handles, shape):
-            prefix, entries, ids = ("", [], []) if started[i] else shape.echo_part(i, out.seq)
+            echo = ("", [], []) if started[i] else shape.echo_part(i, out.seq)
             started[i] = True
             new, new_lps = ("", []) if shape.scores_only else (out.text, out.logprobs)
-            text, calls = (prefix + new, []) if tools[i] is None else tools[i].feed(new, out.finished)
-            if text or new_lps or prefix:
-                lp = shape.logprobs(entries + new_lps, ids + [e.token_id for e in new_lps], offsets[i])
+            text, calls = (echo[0] + new, []) if tools[i] is None else tools[i].feed(new, out.finished)
+            if text or new_lps or echo[2]:
+                lp = shape.logprobs(new_lps, offsets[i], echo)
                 # chat: logprobs without text carry no content (a reply of calls alone stays content null)
                 yield chunk(i, text if text or not shape.chat else None, lp)
                 wrote[i] = wrote[i] or bool(text)
