@@ -14,6 +14,7 @@ next step while the device runs this one.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Mapping
 
 import numpy as np
@@ -271,6 +272,9 @@ class CudaOps:
         self.k = {n: mod.get_function(n) for n in LAYER_KERNELS}
         self.sampler = GpuSampler()
         self._selector = None  # page_selector(LSERVE_SELECTOR), on first use
+        # the cache (a weak reference: an engine's pools go with it) and pool lists whose tables clear_pages keeps
+        self._pool_table_of: tuple = (lambda: None, ())
+        self._pool_tables_kept: tuple = ()
         self.blas = Cublas(cp)
         self.quant = QuantKernels(cp, self.blas)
         self._plans: dict[tuple[int, int, int], object] = {}  # eager device plans by capacity bucket
@@ -368,21 +372,31 @@ class CudaOps:
             pool[d] = pool[s]
 
     def clear_pages(self, cache: KVCache, pages: np.ndarray, stream_pages: np.ndarray) -> None:
-        """Reference: CpuOps.clear_pages. One launch per pool family (layers.cu's clear_pages), its pool addresses,
-        page sizes and page ids in one upload, on the current stream (before the next forward or graph replay)."""
-        for ids, pools in ((pages, cache.dense_pools()), (stream_pages, cache.stream_pools())):
-            pools = [p for p in pools if p.size]
-            if not len(ids) or not pools:
-                continue
-            sizes = [p.nbytes // p.shape[0] for p in pools]
-            if any(b % 16 for b in sizes):
-                raise ValueError(f"KV pool pages must be multiples of 16 bytes, got {sorted(set(sizes))}")
-            meta = np.concatenate([[p.data.ptr for p in pools], sizes, np.asarray(ids, np.int64)]).astype(
-                np.int64
-            )
-            self.k["clear_pages"](
-                (len(ids), len(pools)), (256,), (self.cp.asarray(meta), np.int32(len(pools)))
-            )
+        """Reference: CpuOps.clear_pages. One launch per pool family (layers.cu's clear_pages) on the current stream
+        (before the next forward or graph replay); the page ids are the only upload (the pool tables are kept)."""
+        dense, stream = self._pool_tables(cache)
+        for ids, (table, npools) in ((pages, dense), (stream_pages, stream)):
+            if len(ids) and npools:
+                grid = (len(ids), npools)
+                self.k["clear_pages"](grid, (256,), (table, np.int32(npools), self.cp.asarray(ids, np.int64)))
+
+    def _pool_tables(self, cache: KVCache) -> tuple[tuple, tuple]:
+        """(device table of base addresses and page sizes in bytes, pool count) of the dense and the streaming
+        pools' non-empty arrays, built once per cache and pool lists (an engine's never change)."""
+        lists = tuple(id(x) for x in (cache.k, cache.v, cache.k_scale, cache.v_scale, cache.kmax, cache.kmin,
+                                      cache.ks, cache.vs, cache.ks_scale, cache.vs_scale))  # fmt: skip
+        kept, kept_lists = self._pool_table_of
+        if kept() is not cache or kept_lists != lists:
+            tables = []
+            for pools in (cache.dense_pools(), cache.stream_pools()):
+                pools = [p for p in pools if p.size]
+                sizes = [p.nbytes // p.shape[0] for p in pools]
+                if any(b % 16 for b in sizes):
+                    raise ValueError(f"KV pool pages must be multiples of 16 bytes, got {sorted(set(sizes))}")
+                table = np.asarray([p.data.ptr for p in pools] + sizes, np.int64)
+                tables.append((self.cp.asarray(table), len(pools)))
+            self._pool_table_of, self._pool_tables_kept = (weakref.ref(cache), lists), tuple(tables)
+        return self._pool_tables_kept
 
     def prepare_plan(self, plan: AttentionPlan):
         """Upload the host plan into a device plan (cuda_attention.CudaPlan) reused across steps.
