@@ -445,12 +445,12 @@ __global__ void rope_write_kv_sparse(const __half* __restrict__ qkv, const long 
 
 // Zero whole pages of many pools: a page handed to a sequence reads as a fresh (zeroed) pool's, so no value an
 // earlier owner left past the new context (NaN included) meets the attention kernels' 0 weights (0 x NaN = NaN).
-// Reference: CpuOps.clear_pages. pools = [npools base addresses, npools page sizes in bytes (multiples of 16)];
-// grid (pages, pools).
-__global__ void clear_pages(const long long* __restrict__ pools, int npools, const long long* __restrict__ pages) {
+// Reference: CpuOps.clear_pages. meta = [npools base addresses, npools page sizes in bytes (multiples of 16),
+// the page ids]; grid (pages, pools).
+__global__ void clear_pages(const long long* __restrict__ meta, int npools) {
   lserve::pdl_enter();
-  const long long bytes = pools[npools + blockIdx.y];
-  uint4* page = reinterpret_cast<uint4*>(pools[blockIdx.y] + pages[blockIdx.x] * bytes);
+  const long long bytes = meta[npools + blockIdx.y];
+  uint4* page = reinterpret_cast<uint4*>(meta[blockIdx.y] + meta[2 * npools + blockIdx.x] * bytes);
   for (long long i = threadIdx.x; i < bytes / 16; i += blockDim.x) page[i] = make_uint4(0u, 0u, 0u, 0u);
 }
 

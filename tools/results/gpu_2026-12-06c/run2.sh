@@ -1,4 +1,4 @@
-# After clear_pages kept its pool tables (only the page ids uploaded per call): its GPU-vs-CPU test, its cost
+# After clear_pages kept its pool tables on the host (one upload of them and the page ids a call, as before): its GPU-vs-CPU test, its cost
 # (clear_cost.py), and the stale-K/V engine tests of int8 KV (dense / LServe, eager / graphs).
 # OUT=dir bash tools/results/gpu_2026-12-06c/run2.sh  (carry .device/whl, .device/on-device.sh)
 set -u
