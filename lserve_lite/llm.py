@@ -93,10 +93,13 @@ class LLM:
         tools: list[dict] | None = None,
         tool_choice: str | dict | None = None,
         parallel_tool_calls: bool = True,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ):
         """One conversation -> one output; a list of conversations (or n > 1) -> a list of outputs. `tools` /
         `tool_choice` / `parallel_tool_calls` as OpenAI's chat API takes them (docs/SERVE.md, "Tool calling"):
-        an output's calls are in `tool_calls`, its other text in `text`."""
+        an output's calls are in `tool_calls`, its other text in `text`. `continue_final_message` (with
+        `add_generation_prompt=False`), as vLLM's: the reply continues the last message instead of a new turn."""
         if not isinstance(messages, list) or not messages:
             raise InvalidRequestError("chat takes a conversation (a list of message dicts) or a list of them")
         single = isinstance(messages[0], dict)
@@ -110,7 +113,8 @@ class LLM:
                 params, response_format=plan.reply_format(params.response_format), keep_special_tokens=keep
             )
         native = self.tokenizer.template_reads_tools
-        ids = [self.tokenizer.encode_chat(*prompt_messages(c, plan, native)) for c in convs]
+        how = (add_generation_prompt, continue_final_message)
+        ids = [self.tokenizer.encode_chat(*prompt_messages(c, plan, native), *how) for c in convs]
         outs = self.generate(ids, params)
         for o in outs if plan else []:
             content, calls = plan.parse(o.text)

@@ -317,6 +317,22 @@ def test_chat_content_as_text_parts_or_none_renders_as_text(llm):
     assert parts == plain and "hello\nthere" in plain
 
 
+def test_chat_continues_the_final_message(llm):
+    """vLLM's continue_final_message: the prompt ends inside the last message (no end of turn, no new header);
+    with the default add_generation_prompt=True it is a clear error and nothing runs."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a b"}]
+    sp = SamplingParams(max_new_tokens=2, temperature=0)
+    outs = llm.chat([msgs, msgs], sp, add_generation_prompt=False, continue_final_message=True)
+    text = llm.tokenizer.decode(outs[0].prompt_token_ids, False)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\na b"
+    assert outs[1].prompt_token_ids == outs[0].prompt_token_ids
+    plain = llm.chat(msgs[:1], sp, add_generation_prompt=False).prompt_token_ids
+    assert llm.tokenizer.decode(plain, False) == "<|im_start|>user\nhi<|im_end|>\n"
+    with pytest.raises(InvalidRequestError, match="pass add_generation_prompt=False"):
+        llm.chat(msgs, sp, continue_final_message=True)
+    assert not llm.engine.has_unfinished()
+
+
 def test_stream_refuses_several_candidates(llm):
     with pytest.raises(InvalidRequestError, match="one candidate"):
         next(llm.stream([5, 6, 7], SamplingParams(n=2, max_new_tokens=2)))
