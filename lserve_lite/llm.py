@@ -34,7 +34,8 @@ class CompletionOutput:
 
 
 class LLM:
-    """An embedded engine: `LLM()` loads the default SmolLM2 on the best backend available."""
+    """An embedded engine: `LLM()` loads the default SmolLM2 on the best backend available. `close()` (or a
+    `with LLM() as llm:` block) ends it."""
 
     def __init__(
         self, model: str | None = None, backend: str = "auto", config: EngineConfig | None = None, **kw
@@ -55,6 +56,24 @@ class LLM:
         # The engine is not thread-safe: every call that touches it (adding requests, steps, scoring) holds this
         # lock, so calls from several threads take turns and each still gets exactly its own outputs.
         self._lock = threading.Lock()
+        self._closed = False
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End this LLM now (tensor-parallel workers exit; one process's model and KV memory go with the object);
+        closing again does nothing. Every later call, and a stream still open, raises one line."""
+        with self._lock:  # after a step another thread runs, never inside it
+            self._closed = True
+            self.engine.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LServeError("this LLM was closed (LLM.close): make a new LLM to go on")
 
     def generate(
         self,
@@ -64,6 +83,7 @@ class LLM:
         """Run all prompts as one continuous batch; outputs in prompt order (with `n > 1`, the n candidates
         of each prompt in a row; they share the prompt's KV pages through the prefix cache). `params`: one
         for all prompts or a list, one per prompt. Leaving early (an error, Ctrl-C) aborts the batch."""
+        self._check_open()
         prompts = _prompt_list(prompts)
         per_prompt = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
@@ -100,6 +120,7 @@ class LLM:
         `tool_choice` / `parallel_tool_calls` as OpenAI's chat API takes them (docs/SERVE.md, "Tool calling"):
         an output's calls are in `tool_calls`, its other text in `text`. `continue_final_message` (with
         `add_generation_prompt=False`), as vLLM's: the reply continues the last message instead of a new turn."""
+        self._check_open()
         if not isinstance(messages, list) or not messages:
             raise InvalidRequestError("chat takes a conversation (a list of message dicts) or a list of them")
         single = isinstance(messages[0], dict)
@@ -135,6 +156,7 @@ class LLM:
         self, prompt: str | list[dict] | list[int], params: SamplingParams | None = None
     ) -> Iterator[StepOutput]:
         """Like `stream`, but yields the engine's per-step outputs (token ids, finish reason)."""
+        self._check_open()
         params = params or SamplingParams()
         if params.n != 1:
             raise InvalidRequestError(f"a stream carries one candidate (n=1), got n={params.n}: use generate")
@@ -156,6 +178,7 @@ class LLM:
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Teacher-forced next-token logits [T, vocab] (float32 NumPy)."""
+        self._check_open()
         with self._lock:
             return self.engine.score(token_ids)
 
@@ -178,7 +201,7 @@ class LLM:
         next when another step is running."""
         for r in rids:
             self.engine.abort(r)
-        if rids and self._lock.acquire(blocking=wait):
+        if rids and not self.engine.closed and self._lock.acquire(blocking=wait):
             try:
                 self._step()
             finally:
@@ -195,6 +218,7 @@ class LLM:
     def _next_outputs(self, *rids: str) -> list[StepOutput]:
         """The unread outputs of `rids`, stepping the engine until there is one."""
         while True:
+            self._check_open()
             with self._lock:  # another thread's step may fill these boxes until this one is read
                 outs = [self._boxes[r].popleft() for r in rids for _ in range(len(self._boxes[r]))]
                 if outs:

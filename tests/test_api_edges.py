@@ -541,6 +541,28 @@ def test_closed_engine_refuses_every_call(tiny_llama):
             call()
 
 
+def test_llm_close_and_with_block(tiny_llama):
+    """LLM had no close() nor `with` use (users reached into llm.engine.close()), and a stream open at the
+    close raised from its own clean-up (garbage collection printed "Exception ignored"): close is idempotent,
+    every later call gets one line naming it, and open streams close quietly."""
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    with LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=16)) as llm:
+        s, idle = llm.stream_outputs([5, 6, 7], sp), llm.stream_outputs([8, 9], sp)
+        next(s), next(idle)
+        assert len(llm.generate("hi", sp)[0].token_ids) == 4
+    llm.close()
+    idle.close()  # its clean-up steps nothing on the closed engine
+    calls = (lambda: llm.generate("hi", sp), lambda: llm.chat([{"role": "user", "content": "hi"}], sp),
+             lambda: next(llm.stream("hi", sp)), lambda: llm.logits([5, 6]), lambda: next(s))  # fmt: skip
+    for call in calls:
+        with pytest.raises(
+            LServeError, match=r"^this LLM was closed \(LLM.close\): make a new LLM to go on$"
+        ):
+            call()
+    s.close()
+    assert llm.engine.closed
+
+
 def test_stream_collected_inside_the_engines_lock_does_not_hang(tiny_llama, monkeypatch):
     """A stream in a reference cycle is closed wherever garbage collection runs, e.g. inside add_request's
     locked block: its abort took the engine's lock again and the thread hung for good."""

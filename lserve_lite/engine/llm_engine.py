@@ -328,6 +328,11 @@ class LLMEngine:
         if isinstance(self.runner.executor, WorkerGroup):
             self.runner.executor.close()
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close` was called: no step runs any more."""
+        return self._closed
+
     def _check_open(self) -> None:
         if self._closed:
             raise LServeError("this engine was closed (LLMEngine.close): load a new LLM to go on")
