@@ -189,9 +189,10 @@ class LLM:
 
     def _add(self, prompt, params: SamplingParams) -> str:
         """Queue one request with its output box, under the lock: a step in another thread between the two
-        would drop the request's first outputs."""
+        would drop the request's first outputs. Its grammar is built before: other threads' streams go on."""
+        guide = self.engine.guide(params)
         with self._lock:
-            rid = self.engine.add_request(prompt, params)
+            rid = self.engine.add_request(prompt, params, guide=guide)
             self._boxes[rid] = deque()
         return rid
 

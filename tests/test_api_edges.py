@@ -411,6 +411,25 @@ def test_generate_from_two_threads_takes_turns(llm, monkeypatch):
     assert not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0
 
 
+def test_grammars_are_built_outside_the_llms_lock(llm, monkeypatch):
+    """A response_format's grammar (up to seconds for a large schema) was built inside add_request, under the
+    LLM's lock, so every other thread's stream stalled meanwhile: each is built before the lock is taken."""
+    pytest.importorskip("llguidance")
+    matcher, held = llm.engine.grammars.matcher, []
+
+    def watched(fmt):
+        held.append(llm._lock.locked())
+        return matcher(fmt)
+
+    monkeypatch.setattr(llm.engine.grammars, "matcher", watched)
+    sp = SamplingParams(max_new_tokens=3, response_format={"type": "json_object"}, n=2)
+    assert len(llm.generate(["a", "b"], sp)) == 4
+    stream_sp = SamplingParams(max_new_tokens=3, response_format={"type": "json_object"})
+    assert isinstance("".join(llm.stream("c", stream_sp)), str)
+    assert held == [False] * 5
+    assert not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0
+
+
 def test_stream_closed_inside_a_step_steps_nothing_itself(llm, monkeypatch):
     """A stream dropped while a step runs (garbage collection may close it anywhere) aborts its request for the
     next step to free, without stepping the engine inside that step (it did: a step nested in a step)."""

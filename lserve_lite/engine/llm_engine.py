@@ -244,8 +244,7 @@ class LLMEngine:
         guide: tuple[object, np.ndarray] | None = None,
     ) -> str:
         """Queue a request; `sparse` overrides LServe knobs for it (token_budget, select_interval, windows). `guide`:
-        the matcher of the params' response_format and its first mask, built beforehand (`grammars.matcher`, which
-        takes up to seconds for a large schema: the server builds it off the engine thread); else built here."""
+        the params' grammar built beforehand (`guide`); else built here."""
         self._check_open()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -273,7 +272,7 @@ class LLMEngine:
                 raise InvalidRequestError(f"{what} token id {bad[0]} is not in [0, {self.cfg.vocab_size})")
         seq = Sequence(ids, params, request_id)
         if params.constrained:
-            seq.guide, seq.token_mask = guide or self.grammars.matcher(params.response_format)
+            seq.guide, seq.token_mask = guide or self.guide(params)
         if sparse:
             seq.sparse = self.request_sparse_config(sparse)
         if seq.request_id in self.seqs:
@@ -285,6 +284,13 @@ class LLMEngine:
             self.decoders[seq.request_id] = IncrementalDecoder(self.tokenizer, seq.prompt_ids, keep=keep)
             self.scheduler.add(seq)
         return seq.request_id
+
+    def guide(self, params: SamplingParams) -> tuple[object, np.ndarray] | None:
+        """The matcher of `params`' response_format and its first mask (None: unconstrained), for add_request's
+        `guide`. Thread-safe, and up to seconds for a large schema: callers that take turns on a lock (the server's
+        engine thread, LLM's) build it before taking it. An invalid schema is an InvalidRequestError."""
+        params.validate()
+        return self.grammars.matcher(params.response_format) if params.constrained else None
 
     def request_sparse_config(self, knobs: dict) -> SparseConfig:
         """The engine's SparseConfig with a request's knobs (budget, select interval, windows) applied."""
