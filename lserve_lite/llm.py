@@ -85,12 +85,7 @@ class LLM:
         for all prompts or a list, one per prompt. Leaving early (an error, Ctrl-C) aborts the batch."""
         self._check_open()
         prompts = _prompt_list(prompts)
-        per_prompt = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        if len(per_prompt) != len(prompts):
-            raise InvalidRequestError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts")
-        per_prompt = [p or SamplingParams() for p in per_prompt]
-        if not all(isinstance(p, SamplingParams) for p in per_prompt):
-            raise InvalidRequestError("params must be a SamplingParams or a list of them, one per prompt")
+        per_prompt = _per_prompt(params, len(prompts))
         rids: list[str] = []
         done = False
         try:
@@ -125,18 +120,22 @@ class LLM:
             raise InvalidRequestError("chat takes a conversation (a list of message dicts) or a list of them")
         single = isinstance(messages[0], dict)
         convs = [messages] if single else messages
+        per_conv = _per_prompt(params, len(convs))
         plan = plan_tools(tools, tool_choice, parallel_tool_calls)
         if plan:  # a forced choice's schema; with "auto", the marker tokens of calls kept in the text
             plan = replace(plan, short_ids=self._short_call_ids)
-            params = params or SamplingParams()
-            keep = list(dict.fromkeys([*params.keep_special_tokens, *plan.markers]))
-            params = replace(
-                params, response_format=plan.reply_format(params.response_format), keep_special_tokens=keep
-            )
+            per_conv = [
+                replace(
+                    p,
+                    response_format=plan.reply_format(p.response_format),
+                    keep_special_tokens=list(dict.fromkeys([*p.keep_special_tokens, *plan.markers])),
+                )
+                for p in per_conv
+            ]
         native = self.tokenizer.template_reads_tools
         how = (add_generation_prompt, continue_final_message)
         ids = [self.tokenizer.encode_chat(*prompt_messages(c, plan, native), *how) for c in convs]
-        outs = self.generate(ids, params)
+        outs = self.generate(ids, per_conv)
         for o in outs if plan else []:
             content, calls = plan.parse(o.text)
             if calls:
@@ -157,7 +156,7 @@ class LLM:
     ) -> Iterator[StepOutput]:
         """Like `stream`, but yields the engine's per-step outputs (token ids, finish reason)."""
         self._check_open()
-        params = params or SamplingParams()
+        (params,) = _per_prompt(params, 1)
         if params.n != 1:
             raise InvalidRequestError(f"a stream carries one candidate (n=1), got n={params.n}: use generate")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):  # rendered as chat renders it
@@ -249,6 +248,17 @@ class LLM:
                     )
                     pending.discard(out.request_id)
         return [results[r] for r in rids]
+
+
+def _per_prompt(params, count: int) -> list[SamplingParams]:
+    """`params` as one SamplingParams per prompt: one (None: the defaults) for all, or a list of `count`."""
+    per_prompt = params if isinstance(params, (list, tuple)) else [params] * count
+    if len(per_prompt) != count:
+        raise InvalidRequestError(f"{len(per_prompt)} SamplingParams for {count} prompts")
+    per_prompt = [SamplingParams() if p is None else p for p in per_prompt]
+    if not all(isinstance(p, SamplingParams) for p in per_prompt):
+        raise InvalidRequestError("params must be a SamplingParams or a list of them, one per prompt")
+    return per_prompt
 
 
 def _prompt_list(prompts) -> list:

@@ -470,6 +470,20 @@ def test_generate_refuses_wrong_types(llm, prompts, params, match):
     assert not llm.engine.has_unfinished()
 
 
+def test_stream_and_chat_check_their_params_as_generate_does(llm):
+    """stream with a dict for params, and chat with tools, raised AttributeError ("'dict' object has no attribute
+    'n'"), and chat with tools took no list of params, one per conversation, as chat without tools does."""
+    msgs = [{"role": "user", "content": "hi"}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for call in (lambda: next(llm.stream("hi", {"max_new_tokens": 2})),
+                 lambda: llm.chat(msgs, {"max_new_tokens": 2}, tools=tools)):  # fmt: skip
+        with pytest.raises(InvalidRequestError, match="params must be a SamplingParams"):
+            call()
+    sp = [SamplingParams(max_new_tokens=2, temperature=0), SamplingParams(max_new_tokens=3, temperature=0)]
+    assert [len(o.prompt_token_ids) > 0 for o in llm.chat([msgs, msgs], sp, tools=tools)] == [True, True]
+    assert not llm.engine.has_unfinished()
+
+
 def test_generate_takes_a_sampling_params_per_prompt(llm):
     assert llm.generate([]) == []
     outs = llm.generate(
