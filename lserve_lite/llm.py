@@ -77,12 +77,13 @@ class LLM:
 
     def generate(
         self,
-        prompts: str | list[int] | list[str | list[int]],
+        prompts: str | list[int] | dict | list[str | list[int] | dict],
         params: SamplingParams | list[SamplingParams] | None = None,
     ) -> list[CompletionOutput]:
         """Run all prompts as one continuous batch; outputs in prompt order (with `n > 1`, the n candidates
         of each prompt in a row; they share the prompt's KV pages through the prefix cache). `params`: one
-        for all prompts or a list, one per prompt. Leaving early (an error, Ctrl-C) aborts the batch."""
+        for all prompts or a list, one per prompt. A prompt may be vLLM's dict, {"prompt": text} or
+        {"prompt_token_ids": ids}. Leaving early (an error, Ctrl-C) aborts the batch."""
         self._check_open()
         prompts = _prompt_list(prompts)
         per_prompt = _per_prompt(params, len(prompts))
@@ -144,7 +145,7 @@ class LLM:
         return outs[0] if single and len(outs) == 1 else outs
 
     def stream(
-        self, prompt: str | list[dict] | list[int], params: SamplingParams | None = None
+        self, prompt: str | list[dict] | list[int] | dict, params: SamplingParams | None = None
     ) -> Iterator[str]:
         """Text deltas of one request as they are produced; closing the generator aborts the request."""
         for out in self.stream_outputs(prompt, params):
@@ -152,13 +153,14 @@ class LLM:
                 yield out.text
 
     def stream_outputs(
-        self, prompt: str | list[dict] | list[int], params: SamplingParams | None = None
+        self, prompt: str | list[dict] | list[int] | dict, params: SamplingParams | None = None
     ) -> Iterator[StepOutput]:
         """Like `stream`, but yields the engine's per-step outputs (token ids, finish reason)."""
         self._check_open()
         (params,) = _per_prompt(params, 1)
         if params.n != 1:
             raise InvalidRequestError(f"a stream carries one candidate (n=1), got n={params.n}: use generate")
+        prompt = _unwrapped(prompt)
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):  # rendered as chat renders it
             prompt = self.tokenizer.encode_chat(
                 *prompt_messages(prompt, None, self.tokenizer.template_reads_tools)
@@ -263,14 +265,30 @@ def _per_prompt(params, count: int) -> list[SamplingParams]:
 
 def _prompt_list(prompts) -> list:
     """generate's prompts as a list of prompts (a string or token ids each: a list, tuple or 1-D NumPy array of
-    integers, which the engine checks)."""
-    if isinstance(prompts, str) or _token_ids(prompts):
-        return [prompts]
+    integers, which the engine checks; or vLLM's prompt dict of either)."""
+    if isinstance(prompts, (str, dict)) or _token_ids(prompts):
+        return [_unwrapped(prompts)]
     if not isinstance(prompts, (list, tuple)):
         raise InvalidRequestError("prompts must be a string, a list of token ids, or a list of either")
+    prompts = [_unwrapped(p) for p in prompts]
     if not all(isinstance(p, (str, list, tuple)) or _token_ids(p) for p in prompts):
         raise InvalidRequestError("each prompt must be a string or a list of token ids")
-    return list(prompts)
+    return prompts
+
+
+def _unwrapped(p):
+    """vLLM's prompt dicts as what they hold: {"prompt": text} (TextPrompt), {"prompt_token_ids": ids} (TokensPrompt,
+    its optional "prompt" text unused, as in vLLM). Their other keys (multi-modal data, a cache salt) are refused,
+    not dropped."""
+    if not isinstance(p, dict):
+        return p
+    keys = set(p)
+    if keys == {"prompt"} or keys in ({"prompt_token_ids"}, {"prompt_token_ids", "prompt"}):
+        return p["prompt_token_ids" if "prompt_token_ids" in keys else "prompt"]
+    raise InvalidRequestError(
+        "prompts must be strings, token ids or vLLM's prompt dicts {'prompt': text} / {'prompt_token_ids': ids} "
+        f"(a conversation goes to chat); got a dict with the keys {sorted(map(str, keys))[:4]}"
+    )
 
 
 def _token_ids(p) -> bool:

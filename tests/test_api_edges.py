@@ -502,6 +502,23 @@ def test_generate_takes_token_ids_as_numpy_or_tuples(llm):
     assert [o.token_ids for o in outs[:2]] == [want, want] and len(outs) == 3
 
 
+def test_generate_takes_vllms_prompt_dicts(llm):
+    """vLLM's prompt dicts (TextPrompt, TokensPrompt) were refused; other keys (multi-modal data) are refused, not
+    dropped, and so is a conversation, which goes to chat."""
+    ids, sp = [5, 9, 11, 3], SamplingParams(max_new_tokens=3, temperature=0)
+    want = [o.token_ids for o in llm.generate([ids, "hi"], sp)]
+    outs = llm.generate([{"prompt_token_ids": ids}, {"prompt": "hi"}], sp)
+    assert [o.token_ids for o in outs] == want
+    assert llm.generate({"prompt_token_ids": ids, "prompt": "x"}, sp)[0].token_ids == want[0]
+    assert [t for o in llm.stream_outputs({"prompt": "hi"}, sp) for t in o.token_ids] == want[1]
+    for bad in ({"prompt": "hi", "multi_modal_data": {}}, [{"role": "user", "content": "hi"}]):
+        with pytest.raises(InvalidRequestError, match=r"vLLM's prompt dicts .* got a dict with the keys \["):
+            llm.generate(bad, sp)
+    with pytest.raises(InvalidRequestError, match="prompt must be"):
+        llm.generate({"prompt": 5}, sp)
+    assert not llm.engine.has_unfinished()
+
+
 def test_params_changed_after_construction_are_checked_again(llm):
     sp = SamplingParams(max_new_tokens=4)
     sp.max_new_tokens = 0
