@@ -44,6 +44,10 @@ class LLM:
             raise InvalidRequestError(f"model must be a path or a model name, got {model!r}")
         if config is not None and not isinstance(config, EngineConfig):
             raise InvalidRequestError(f"config must be an EngineConfig, got {type(config).__name__}")
+        if config is not None and kw:  # the keywords would be dropped
+            raise InvalidRequestError(
+                f"LLM takes config=EngineConfig(...) or its fields as keywords, not both (got {sorted(kw)[0]}=)"
+            )
         try:
             cfg = config or EngineConfig(**kw)
         except TypeError as e:  # an unknown keyword

@@ -566,7 +566,9 @@ def test_engine_config_types(kw, match):
 def test_llm_refuses_wrong_argument_types(tiny_llama):
     for args, kw, match in (((5,), {}, "model must be"), (("",), {}, "model must be"),
                             ((str(tiny_llama),), {"config": {"max_num_seqs": 2}}, "config must be"),
-                            ((str(tiny_llama),), {"bogus": 1}, "bogus")):  # fmt: skip
+                            ((str(tiny_llama),), {"bogus": 1}, "bogus"),
+                            ((str(tiny_llama),), {"config": EngineConfig(), "max_model_len": 64},
+                             r"or its fields as keywords, not both \(got max_model_len=\)")):  # fmt: skip
         with pytest.raises(InvalidRequestError, match=match):
             LLM(*args, backend="cpu", **kw)
 
