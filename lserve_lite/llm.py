@@ -17,6 +17,7 @@ from .engine.tool_calls import finish_reason, plan_tools, prompt_messages, short
 from .errors import InvalidRequestError, LServeError
 from .sampling_params import SamplingParams
 from .sequence import TokenLogprob
+from .tokenizer import Tokenizer
 
 
 @dataclass
@@ -180,6 +181,10 @@ class LLM:
             if not done:  # closed early, or garbage-collected, perhaps inside a step of this thread
                 self._abort([rid], wait=False)
             self._boxes.pop(rid, None)
+
+    def get_tokenizer(self) -> Tokenizer:
+        """The model's tokenizer, `self.tokenizer` (vLLM's accessor): encode, decode, render_chat, encode_chat."""
+        return self.tokenizer
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Teacher-forced next-token logits [T, vocab] (float32 NumPy)."""

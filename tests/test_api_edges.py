@@ -56,6 +56,11 @@ def test_request_ids_must_be_strings(llm, rid):
         llm.engine.step()
 
 
+def test_get_tokenizer_is_vllms_accessor(llm):
+    tok = llm.get_tokenizer()
+    assert tok is llm.tokenizer and tok.decode(tok.encode("hello", add_special_tokens=False)) == "hello"
+
+
 def test_logits_of_valid_ids(llm):
     out = llm.logits([1, 2, 3])
     assert out.shape == (3, llm.engine.cfg.vocab_size) and np.isfinite(out).all()
