@@ -87,6 +87,7 @@ class LLMEngine:
         self.grammars = Grammars(self.tokenizer, self.cfg.vocab_size, sorted(self.eos_ids))
         self.prompt_tokens_computed = 0  # prompt tokens run through the model (recomputation included)
         self._inflight: _InFlight | None = None  # the overlapped decode step (docs/ARCHITECTURE.md)
+        self._ready: list[StepOutput] = []  # outputs of a step in flight that `score` read: the next step's
         self._closed = False
 
     def _load_local(self, backend: str) -> tuple[int, int]:
@@ -361,14 +362,15 @@ class LLMEngine:
             self.runner.apply_page_ops(self.blocks.take_page_ops())
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or bool(self._aborts)
+        return self.scheduler.has_work() or bool(self._aborts) or bool(self._ready)
 
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         """One scheduled step. A plain decode batch is launched without waiting for the device (`_launch`):
         its outputs come one call later; anything else first reads the step in flight, then runs in sync."""
         self._check_open()
-        outs = self._apply_aborts()
+        outs, self._ready = self._ready, []
+        outs += self._apply_aborts()
         if self._inflight is not None and self._inflight_ends():
             outs += self._read(self._take_inflight())  # schedule none of them past its limits
         batch = self.scheduler.schedule()
@@ -552,6 +554,8 @@ class LLMEngine:
         if len(token_ids) > self.max_len:
             raise InvalidRequestError(f"{len(token_ids)} tokens exceed the context limit {self.max_len}")
         seq = Sequence(list(token_ids), SamplingParams(max_new_tokens=1))
+        if self._inflight is not None:  # its samples lie where a one-row run uploads its ids: read them first
+            self._ready += self._read(self._take_inflight())
         if not self.blocks.can_grow(seq, len(token_ids)):
             raise InvalidRequestError("not enough free KV pages to score this sequence now")
         self.blocks.grow(seq, len(token_ids))
