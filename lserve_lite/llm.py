@@ -188,8 +188,8 @@ class LLM:
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Teacher-forced next-token logits [T, vocab] (float32 NumPy)."""
-        self._check_open()
         with self._lock:
+            self._check_open()
             return self.engine.score(token_ids)
 
     @cached_property
@@ -202,6 +202,7 @@ class LLM:
         would drop the request's first outputs. Its grammar is built before: other threads' streams go on."""
         guide = self.engine.guide(params)
         with self._lock:
+            self._check_open()
             rid = self.engine.add_request(prompt, params, guide=guide)
             self._boxes[rid] = deque()
         return rid
@@ -229,8 +230,8 @@ class LLM:
     def _next_outputs(self, *rids: str) -> list[StepOutput]:
         """The unread outputs of `rids`, stepping the engine until there is one."""
         while True:
-            self._check_open()
             with self._lock:  # another thread's step may fill these boxes until this one is read
+                self._check_open()  # under the lock: a close may have run while this thread waited
                 outs = [self._boxes[r].popleft() for r in rids for _ in range(len(self._boxes[r]))]
                 if outs:
                     return outs

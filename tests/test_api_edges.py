@@ -620,6 +620,41 @@ def test_llm_close_and_with_block(tiny_llama):
     assert llm.engine.closed
 
 
+@pytest.mark.parametrize("call", ["generate", "logits", "stream"])
+def test_a_call_that_waited_out_a_close_names_llm_close(tiny_llama, monkeypatch, call):
+    """A call past its first check that waited for the lock while another thread's LLM.close ran got the
+    engine's "LLMEngine.close" message: the check is made again under the lock."""
+    llm = LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=16))
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    s = llm.stream_outputs([5, 6, 7], sp)
+    next(s)
+    real, armed = llm._lock, [True]
+
+    class ClosedWhileWaiting:
+        """The LLM's lock; the first wait for it is where another thread's close runs."""
+
+        def __enter__(self):
+            if armed.pop() if armed else False:
+                llm.close()
+            return real.__enter__()
+
+        def __exit__(self, *exc):
+            return real.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(llm, "_lock", ClosedWhileWaiting())
+    run = {
+        "generate": lambda: llm.generate("hi", sp),
+        "logits": lambda: llm.logits([5, 6]),
+        "stream": lambda: next(s),
+    }
+    with pytest.raises(LServeError, match=r"^this LLM was closed \(LLM.close\)"):
+        run[call]()
+    assert not armed
+
+
 def test_stream_collected_inside_the_engines_lock_does_not_hang(tiny_llama, monkeypatch):
     """A stream in a reference cycle is closed wherever garbage collection runs, e.g. inside add_request's
     locked block: its abort took the engine's lock again and the thread hung for good."""
