@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
+from tqdm import tqdm
 
 from .config import EngineConfig
 from .engine.llm_engine import LLMEngine, StepOutput
@@ -84,12 +86,16 @@ class LLM:
         self,
         prompts: str | list[int] | dict | list[str | list[int] | dict],
         params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = False,
     ) -> list[CompletionOutput]:
         """Run all prompts as one continuous batch; outputs in prompt order (with `n > 1`, the n candidates
         of each prompt in a row; they share the prompt's KV pages through the prefix cache). `params`: one
         for all prompts or a list, one per prompt. A prompt may be vLLM's dict, {"prompt": text} or
-        {"prompt_token_ids": ids}. Leaving early (an error, Ctrl-C) aborts the batch."""
+        {"prompt_token_ids": ids}. `use_tqdm` (vLLM's; off by default): a progress bar of finished sequences on
+        stderr. Leaving early (an error, Ctrl-C) aborts the batch."""
         self._check_open()
+        if not isinstance(use_tqdm, bool):
+            raise InvalidRequestError(f"use_tqdm must be True or False, got {use_tqdm!r}")
         prompts = _prompt_list(prompts)
         per_prompt = _per_prompt(params, len(prompts))
         rids: list[str] = []
@@ -98,7 +104,7 @@ class LLM:
             for p, sp in zip(prompts, per_prompt):
                 for c in sp.candidates():
                     rids.append(self._add(p, c))
-            outs = self._collect(rids)
+            outs = self._collect(rids, use_tqdm)
             done = True
             return outs
         finally:  # a refused prompt, an error or an interrupt: none of the batch stays queued or running
@@ -116,11 +122,13 @@ class LLM:
         parallel_tool_calls: bool = True,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        use_tqdm: bool = False,
     ):
         """One conversation -> one output; a list of conversations (or n > 1) -> a list of outputs. `tools` /
         `tool_choice` / `parallel_tool_calls` as OpenAI's chat API takes them (docs/SERVE.md, "Tool calling"):
         an output's calls are in `tool_calls`, its other text in `text`. `continue_final_message` (with
-        `add_generation_prompt=False`), as vLLM's: the reply continues the last message instead of a new turn."""
+        `add_generation_prompt=False`), as vLLM's: the reply continues the last message instead of a new turn.
+        `use_tqdm` as in `generate`."""
         self._check_open()
         if not isinstance(messages, list) or not messages:
             raise InvalidRequestError("chat takes a conversation (a list of message dicts) or a list of them")
@@ -141,7 +149,7 @@ class LLM:
         native = self.tokenizer.template_reads_tools
         how = (add_generation_prompt, continue_final_message)
         ids = [self.tokenizer.encode_chat(*prompt_messages(c, plan, native), *how) for c in convs]
-        outs = self.generate(ids, per_conv)
+        outs = self.generate(ids, per_conv, use_tqdm)
         for o in outs if plan else []:
             content, calls = plan.parse(o.text)
             if calls:
@@ -241,24 +249,26 @@ class LLM:
                     )
                 self._step()
 
-    def _collect(self, rids: list[str]) -> list[CompletionOutput]:
+    def _collect(self, rids: list[str], use_tqdm: bool = False) -> list[CompletionOutput]:
         pending = set(rids)
         texts = {r: [] for r in rids}
         results: dict[str, CompletionOutput] = {}
-        while pending:
-            for out in self._next_outputs(*pending):
-                texts[out.request_id].append(out.text)
-                if out.finished:
-                    s = out.seq
-                    results[out.request_id] = CompletionOutput(
-                        "".join(texts[out.request_id]),
-                        list(s.output_ids),
-                        out.finish_reason,
-                        list(s.prompt_ids),
-                        list(s.logprobs) if s.params.logprobs is not None else None,
-                        s.prompt_logprobs,
-                    )
-                    pending.discard(out.request_id)
+        with tqdm(total=len(rids), desc="Processed sequences", file=sys.stderr, disable=not use_tqdm) as bar:
+            while pending:
+                for out in self._next_outputs(*pending):
+                    texts[out.request_id].append(out.text)
+                    if out.finished:
+                        s = out.seq
+                        results[out.request_id] = CompletionOutput(
+                            "".join(texts[out.request_id]),
+                            list(s.output_ids),
+                            out.finish_reason,
+                            list(s.prompt_ids),
+                            list(s.logprobs) if s.params.logprobs is not None else None,
+                            s.prompt_logprobs,
+                        )
+                        pending.discard(out.request_id)
+                        bar.update(1)
         return [results[r] for r in rids]
 
 

@@ -524,6 +524,19 @@ def test_generate_takes_vllms_prompt_dicts(llm):
     assert not llm.engine.has_unfinished()
 
 
+def test_use_tqdm_draws_vllms_progress_bar(llm, capsys):
+    """vLLM's use_tqdm keyword was a TypeError; it draws a bar of finished sequences on stderr (off by default)."""
+    sp = SamplingParams(max_new_tokens=2, temperature=0)
+    want = [o.token_ids for o in llm.generate(["a", "b"], sp)]
+    assert capsys.readouterr().err == ""
+    assert [o.token_ids for o in llm.generate(["a", "b"], sp, use_tqdm=True)] == want
+    assert "Processed sequences" in capsys.readouterr().err
+    llm.chat([{"role": "user", "content": "hi"}], sp, use_tqdm=True)
+    assert "1/1" in capsys.readouterr().err
+    with pytest.raises(InvalidRequestError, match="use_tqdm must be True or False"):
+        llm.generate("a", sp, use_tqdm="yes")
+
+
 def test_params_changed_after_construction_are_checked_again(llm):
     sp = SamplingParams(max_new_tokens=4)
     sp.max_new_tokens = 0
