@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
+from tqdm import tqdm
 
 from .config import EngineConfig
 from .engine.llm_engine import LLMEngine, StepOutput
@@ -17,6 +19,7 @@ from .engine.tool_calls import finish_reason, plan_tools, prompt_messages, short
 from .errors import InvalidRequestError, LServeError
 from .sampling_params import SamplingParams
 from .sequence import TokenLogprob
+from .tokenizer import Tokenizer
 
 
 @dataclass
@@ -34,7 +37,8 @@ class CompletionOutput:
 
 
 class LLM:
-    """An embedded engine: `LLM()` loads the default SmolLM2 on the best backend available."""
+    """An embedded engine: `LLM()` loads the default SmolLM2 on the best backend available. `close()` (or a
+    `with LLM() as llm:` block) ends it."""
 
     def __init__(
         self, model: str | None = None, backend: str = "auto", config: EngineConfig | None = None, **kw
@@ -43,6 +47,10 @@ class LLM:
             raise InvalidRequestError(f"model must be a path or a model name, got {model!r}")
         if config is not None and not isinstance(config, EngineConfig):
             raise InvalidRequestError(f"config must be an EngineConfig, got {type(config).__name__}")
+        if config is not None and kw:  # the keywords would be dropped
+            raise InvalidRequestError(
+                f"LLM takes config=EngineConfig(...) or its fields as keywords, not both (got {sorted(kw)[0]}=)"
+            )
         try:
             cfg = config or EngineConfig(**kw)
         except TypeError as e:  # an unknown keyword
@@ -55,29 +63,48 @@ class LLM:
         # The engine is not thread-safe: every call that touches it (adding requests, steps, scoring) holds this
         # lock, so calls from several threads take turns and each still gets exactly its own outputs.
         self._lock = threading.Lock()
+        self._closed = False
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End this LLM now (tensor-parallel workers exit; one process's model and KV memory go with the object);
+        closing again does nothing. Every later call, and a stream still open, raises one line."""
+        with self._lock:  # after a step another thread runs, never inside it
+            self._closed = True
+            self.engine.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LServeError("this LLM was closed (LLM.close): make a new LLM to go on")
 
     def generate(
         self,
-        prompts: str | list[int] | list[str | list[int]],
+        prompts: str | list[int] | dict | list[str | list[int] | dict],
         params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = False,
     ) -> list[CompletionOutput]:
         """Run all prompts as one continuous batch; outputs in prompt order (with `n > 1`, the n candidates
         of each prompt in a row; they share the prompt's KV pages through the prefix cache). `params`: one
-        for all prompts or a list, one per prompt. Leaving early (an error, Ctrl-C) aborts the batch."""
+        for all prompts or a list, one per prompt. A prompt may be vLLM's dict, {"prompt": text} or
+        {"prompt_token_ids": ids}. `use_tqdm` (vLLM's; off by default): a progress bar of finished sequences on
+        stderr. Leaving early (an error, Ctrl-C) aborts the batch."""
+        self._check_open()
+        if not isinstance(use_tqdm, bool):
+            raise InvalidRequestError(f"use_tqdm must be True or False, got {use_tqdm!r}")
         prompts = _prompt_list(prompts)
-        per_prompt = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        if len(per_prompt) != len(prompts):
-            raise InvalidRequestError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts")
-        per_prompt = [p or SamplingParams() for p in per_prompt]
-        if not all(isinstance(p, SamplingParams) for p in per_prompt):
-            raise InvalidRequestError("params must be a SamplingParams or a list of them, one per prompt")
+        per_prompt = _per_prompt(params, len(prompts))
         rids: list[str] = []
         done = False
         try:
             for p, sp in zip(prompts, per_prompt):
                 for c in sp.candidates():
                     rids.append(self._add(p, c))
-            outs = self._collect(rids)
+            outs = self._collect(rids, use_tqdm)
             done = True
             return outs
         finally:  # a refused prompt, an error or an interrupt: none of the batch stays queued or running
@@ -93,25 +120,36 @@ class LLM:
         tools: list[dict] | None = None,
         tool_choice: str | dict | None = None,
         parallel_tool_calls: bool = True,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        use_tqdm: bool = False,
     ):
         """One conversation -> one output; a list of conversations (or n > 1) -> a list of outputs. `tools` /
         `tool_choice` / `parallel_tool_calls` as OpenAI's chat API takes them (docs/SERVE.md, "Tool calling"):
-        an output's calls are in `tool_calls`, its other text in `text`."""
+        an output's calls are in `tool_calls`, its other text in `text`. `continue_final_message` (with
+        `add_generation_prompt=False`), as vLLM's: the reply continues the last message instead of a new turn.
+        `use_tqdm` as in `generate`."""
+        self._check_open()
         if not isinstance(messages, list) or not messages:
             raise InvalidRequestError("chat takes a conversation (a list of message dicts) or a list of them")
         single = isinstance(messages[0], dict)
         convs = [messages] if single else messages
+        per_conv = _per_prompt(params, len(convs))
         plan = plan_tools(tools, tool_choice, parallel_tool_calls)
         if plan:  # a forced choice's schema; with "auto", the marker tokens of calls kept in the text
             plan = replace(plan, short_ids=self._short_call_ids)
-            params = params or SamplingParams()
-            keep = list(dict.fromkeys([*params.keep_special_tokens, *plan.markers]))
-            params = replace(
-                params, response_format=plan.reply_format(params.response_format), keep_special_tokens=keep
-            )
+            per_conv = [
+                replace(
+                    p,
+                    response_format=plan.reply_format(p.response_format),
+                    keep_special_tokens=list(dict.fromkeys([*p.keep_special_tokens, *plan.markers])),
+                )
+                for p in per_conv
+            ]
         native = self.tokenizer.template_reads_tools
-        ids = [self.tokenizer.encode_chat(*prompt_messages(c, plan, native)) for c in convs]
-        outs = self.generate(ids, params)
+        how = (add_generation_prompt, continue_final_message)
+        ids = [self.tokenizer.encode_chat(*prompt_messages(c, plan, native), *how) for c in convs]
+        outs = self.generate(ids, per_conv, use_tqdm)
         for o in outs if plan else []:
             content, calls = plan.parse(o.text)
             if calls:
@@ -120,7 +158,7 @@ class LLM:
         return outs[0] if single and len(outs) == 1 else outs
 
     def stream(
-        self, prompt: str | list[dict] | list[int], params: SamplingParams | None = None
+        self, prompt: str | list[dict] | list[int] | dict, params: SamplingParams | None = None
     ) -> Iterator[str]:
         """Text deltas of one request as they are produced; closing the generator aborts the request."""
         for out in self.stream_outputs(prompt, params):
@@ -128,12 +166,14 @@ class LLM:
                 yield out.text
 
     def stream_outputs(
-        self, prompt: str | list[dict] | list[int], params: SamplingParams | None = None
+        self, prompt: str | list[dict] | list[int] | dict, params: SamplingParams | None = None
     ) -> Iterator[StepOutput]:
         """Like `stream`, but yields the engine's per-step outputs (token ids, finish reason)."""
-        params = params or SamplingParams()
+        self._check_open()
+        (params,) = _per_prompt(params, 1)
         if params.n != 1:
             raise InvalidRequestError(f"a stream carries one candidate (n=1), got n={params.n}: use generate")
+        prompt = _unwrapped(prompt)
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):  # rendered as chat renders it
             prompt = self.tokenizer.encode_chat(
                 *prompt_messages(prompt, None, self.tokenizer.template_reads_tools)
@@ -150,9 +190,14 @@ class LLM:
                 self._abort([rid], wait=False)
             self._boxes.pop(rid, None)
 
+    def get_tokenizer(self) -> Tokenizer:
+        """The model's tokenizer, `self.tokenizer` (vLLM's accessor): encode, decode, render_chat, encode_chat."""
+        return self.tokenizer
+
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Teacher-forced next-token logits [T, vocab] (float32 NumPy)."""
         with self._lock:
+            self._check_open()
             return self.engine.score(token_ids)
 
     @cached_property
@@ -162,9 +207,11 @@ class LLM:
 
     def _add(self, prompt, params: SamplingParams) -> str:
         """Queue one request with its output box, under the lock: a step in another thread between the two
-        would drop the request's first outputs."""
+        would drop the request's first outputs. Its grammar is built before: other threads' streams go on."""
+        guide = self.engine.guide(params)
         with self._lock:
-            rid = self.engine.add_request(prompt, params)
+            self._check_open()
+            rid = self.engine.add_request(prompt, params, guide=guide)
             self._boxes[rid] = deque()
         return rid
 
@@ -174,7 +221,7 @@ class LLM:
         next when another step is running."""
         for r in rids:
             self.engine.abort(r)
-        if rids and self._lock.acquire(blocking=wait):
+        if rids and not self.engine.closed and self._lock.acquire(blocking=wait):
             try:
                 self._step()
             finally:
@@ -192,6 +239,7 @@ class LLM:
         """The unread outputs of `rids`, stepping the engine until there is one."""
         while True:
             with self._lock:  # another thread's step may fill these boxes until this one is read
+                self._check_open()  # under the lock: a close may have run while this thread waited
                 outs = [self._boxes[r].popleft() for r in rids for _ in range(len(self._boxes[r]))]
                 if outs:
                     return outs
@@ -201,37 +249,66 @@ class LLM:
                     )
                 self._step()
 
-    def _collect(self, rids: list[str]) -> list[CompletionOutput]:
+    def _collect(self, rids: list[str], use_tqdm: bool = False) -> list[CompletionOutput]:
         pending = set(rids)
         texts = {r: [] for r in rids}
         results: dict[str, CompletionOutput] = {}
-        while pending:
-            for out in self._next_outputs(*pending):
-                texts[out.request_id].append(out.text)
-                if out.finished:
-                    s = out.seq
-                    results[out.request_id] = CompletionOutput(
-                        "".join(texts[out.request_id]),
-                        list(s.output_ids),
-                        out.finish_reason,
-                        list(s.prompt_ids),
-                        list(s.logprobs) if s.params.logprobs is not None else None,
-                        s.prompt_logprobs,
-                    )
-                    pending.discard(out.request_id)
+        with tqdm(total=len(rids), desc="Processed sequences", file=sys.stderr, disable=not use_tqdm) as bar:
+            while pending:
+                for out in self._next_outputs(*pending):
+                    texts[out.request_id].append(out.text)
+                    if out.finished:
+                        s = out.seq
+                        results[out.request_id] = CompletionOutput(
+                            "".join(texts[out.request_id]),
+                            list(s.output_ids),
+                            out.finish_reason,
+                            list(s.prompt_ids),
+                            list(s.logprobs) if s.params.logprobs is not None else None,
+                            s.prompt_logprobs,
+                        )
+                        pending.discard(out.request_id)
+                        bar.update(1)
         return [results[r] for r in rids]
+
+
+def _per_prompt(params, count: int) -> list[SamplingParams]:
+    """`params` as one SamplingParams per prompt: one (None: the defaults) for all, or a list of `count`."""
+    per_prompt = params if isinstance(params, (list, tuple)) else [params] * count
+    if len(per_prompt) != count:
+        raise InvalidRequestError(f"{len(per_prompt)} SamplingParams for {count} prompts")
+    per_prompt = [SamplingParams() if p is None else p for p in per_prompt]
+    if not all(isinstance(p, SamplingParams) for p in per_prompt):
+        raise InvalidRequestError("params must be a SamplingParams or a list of them, one per prompt")
+    return per_prompt
 
 
 def _prompt_list(prompts) -> list:
     """generate's prompts as a list of prompts (a string or token ids each: a list, tuple or 1-D NumPy array of
-    integers, which the engine checks)."""
-    if isinstance(prompts, str) or _token_ids(prompts):
-        return [prompts]
+    integers, which the engine checks; or vLLM's prompt dict of either)."""
+    if isinstance(prompts, (str, dict)) or _token_ids(prompts):
+        return [_unwrapped(prompts)]
     if not isinstance(prompts, (list, tuple)):
         raise InvalidRequestError("prompts must be a string, a list of token ids, or a list of either")
+    prompts = [_unwrapped(p) for p in prompts]
     if not all(isinstance(p, (str, list, tuple)) or _token_ids(p) for p in prompts):
         raise InvalidRequestError("each prompt must be a string or a list of token ids")
-    return list(prompts)
+    return prompts
+
+
+def _unwrapped(p):
+    """vLLM's prompt dicts as what they hold: {"prompt": text} (TextPrompt), {"prompt_token_ids": ids} (TokensPrompt,
+    its optional "prompt" text unused, as in vLLM). Their other keys (multi-modal data, a cache salt) are refused,
+    not dropped."""
+    if not isinstance(p, dict):
+        return p
+    keys = set(p)
+    if keys == {"prompt"} or keys in ({"prompt_token_ids"}, {"prompt_token_ids", "prompt"}):
+        return p["prompt_token_ids" if "prompt_token_ids" in keys else "prompt"]
+    raise InvalidRequestError(
+        "prompts must be strings, token ids or vLLM's prompt dicts {'prompt': text} / {'prompt_token_ids': ids} "
+        f"(a conversation goes to chat); got a dict with the keys {sorted(map(str, keys))[:4]}"
+    )
 
 
 def _token_ids(p) -> bool:

@@ -136,16 +136,51 @@ class Tokenizer:
         return self._special_re is not None and self._special_re.search(text) is not None
 
     def render_chat(
-        self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list | None = None,
+        continue_final_message: bool = False,
     ) -> str:
-        """The prompt text for `messages`, rendered as transformers' apply_chat_template does."""
-        return self._render(_chat_messages(messages), add_generation_prompt, tools)
+        """The prompt text for `messages`, rendered as transformers' apply_chat_template does;
+        `continue_final_message`: cut after the last message's text, so the reply continues it."""
+        return self._render(_chat_messages(messages), add_generation_prompt, tools, continue_final_message)
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool, tools: list | None = None) -> str:
+    def _render(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool,
+        tools: list | None = None,
+        continue_final: bool = False,
+    ) -> str:
         """As transformers renders: a model's named "tool_use" template when tools are given, else its default."""
         compiled = self._compiled_tools if tools is not None and self._compiled_tools else self._compiled
         if compiled is None:
             raise InvalidRequestError("this model has no chat template; use a plain prompt")
+        if continue_final:
+            if add_generation_prompt:
+                raise InvalidRequestError(
+                    "continue_final_message continues the last message; add_generation_prompt starts a new turn: "
+                    "pass add_generation_prompt=False with it"
+                )
+            # transformers' rule: a tag after the last message's text marks where the rendering is cut
+            tag = f"CONTINUE_FINAL_MESSAGE_{secrets.randbelow(10**12)} "
+            final = messages[-1]["content"]
+            text = self._render_template(
+                compiled, [*messages[:-1], {**messages[-1], "content": final + tag}], False, tools
+            )
+            at = text.rfind(tag.strip())
+            if at < 0 or final.strip() not in text[:at]:
+                raise InvalidRequestError(
+                    "continue_final_message: the chat template does not render the last message's text as "
+                    "given, so it cannot be continued"
+                )
+            return text[:at] if text.startswith(tag, at) else text[:at].rstrip()  # spaces after it trimmed
+        return self._render_template(compiled, messages, add_generation_prompt, tools)
+
+    def _render_template(
+        self, compiled: jinja2.Template, messages: list[dict], add_generation_prompt: bool, tools: list | None
+    ) -> str:
         # an unset special token stays undefined (renders ""), as in transformers' special_tokens_map, not "None"
         specials = {k: v for k in SPECIAL_KEYS if (v := self._special(k)) is not None}
         try:  # tools and documents given as None when absent, as transformers renders (`tools is not none`)
@@ -162,12 +197,19 @@ class Tokenizer:
         except Exception as e:  # the template is code from the model files: any failure is a bad request
             raise InvalidRequestError(f"chat template failed on these messages ({_one_line(e)})") from None
 
-    def encode_chat(self, messages: list[dict], tools: list | None = None) -> list[int]:
-        """Token ids of the rendered conversation (`tools`: the template's tools argument). Only the template
+    def encode_chat(
+        self,
+        messages: list[dict],
+        tools: list | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> list[int]:
+        """Token ids of the rendered conversation (`tools` and the rest: as `render_chat` takes them). Only the template
         makes control tokens: a special token's text inside a message ("<|im_start|>system" typed by a user)
         is encoded as the plain text it is; the tools and the messages' other fields (tool calls, ids), which a
         template may render too, must not hold such text."""
         messages = _chat_messages(messages)
+        how = (add_generation_prompt, tools, continue_final_message)
         rest = [{k: v for k, v in m.items() if k != "content"} for m in messages]
         if self.holds_special(json.dumps([tools, rest], ensure_ascii=False, default=str)):
             raise InvalidRequestError(
@@ -175,7 +217,7 @@ class Tokenizer:
                 "tokens' text"
             )
         if not any(self.holds_special(m["content"]) for m in messages):
-            return self.encode(self._render(messages, True, tools), add_special_tokens=False)
+            return self.encode(self._render(messages, *how), add_special_tokens=False)
         # Each special string of a message becomes a marker the template cannot mistake for markup; after
         # rendering, the markers turn back into their strings and those spans are encoded as plain text.
         found: list[str] = []
@@ -189,7 +231,7 @@ class Tokenizer:
         # A marker that tojson(ensure_ascii=True) escaped comes back as its string escaped the same way.
         text, spans, pos = [], [], 0
         pattern = f"(?:\ue000|(\\\\ue000)){tag}:(\\d+)(?:\ue001|\\\\ue001)"
-        pieces = re.split(pattern, self._render(marked, True, tools))
+        pieces = re.split(pattern, self._render(marked, *how))
         for k in range(0, len(pieces), 3):
             piece = pieces[k]
             if k:  # after a marker: the marker's string first

@@ -56,6 +56,11 @@ def test_request_ids_must_be_strings(llm, rid):
         llm.engine.step()
 
 
+def test_get_tokenizer_is_vllms_accessor(llm):
+    tok = llm.get_tokenizer()
+    assert tok is llm.tokenizer and tok.decode(tok.encode("hello", add_special_tokens=False)) == "hello"
+
+
 def test_logits_of_valid_ids(llm):
     out = llm.logits([1, 2, 3])
     assert out.shape == (3, llm.engine.cfg.vocab_size) and np.isfinite(out).all()
@@ -317,6 +322,22 @@ def test_chat_content_as_text_parts_or_none_renders_as_text(llm):
     assert parts == plain and "hello\nthere" in plain
 
 
+def test_chat_continues_the_final_message(llm):
+    """vLLM's continue_final_message: the prompt ends inside the last message (no end of turn, no new header);
+    with the default add_generation_prompt=True it is a clear error and nothing runs."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a b"}]
+    sp = SamplingParams(max_new_tokens=2, temperature=0)
+    outs = llm.chat([msgs, msgs], sp, add_generation_prompt=False, continue_final_message=True)
+    text = llm.tokenizer.decode(outs[0].prompt_token_ids, False)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\na b"
+    assert outs[1].prompt_token_ids == outs[0].prompt_token_ids
+    plain = llm.chat(msgs[:1], sp, add_generation_prompt=False).prompt_token_ids
+    assert llm.tokenizer.decode(plain, False) == "<|im_start|>user\nhi<|im_end|>\n"
+    with pytest.raises(InvalidRequestError, match="pass add_generation_prompt=False"):
+        llm.chat(msgs, sp, continue_final_message=True)
+    assert not llm.engine.has_unfinished()
+
+
 def test_stream_refuses_several_candidates(llm):
     with pytest.raises(InvalidRequestError, match="one candidate"):
         next(llm.stream([5, 6, 7], SamplingParams(n=2, max_new_tokens=2)))
@@ -395,6 +416,25 @@ def test_generate_from_two_threads_takes_turns(llm, monkeypatch):
     assert not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0
 
 
+def test_grammars_are_built_outside_the_llms_lock(llm, monkeypatch):
+    """A response_format's grammar (up to seconds for a large schema) was built inside add_request, under the
+    LLM's lock, so every other thread's stream stalled meanwhile: each is built before the lock is taken."""
+    pytest.importorskip("llguidance")
+    matcher, held = llm.engine.grammars.matcher, []
+
+    def watched(fmt):
+        held.append(llm._lock.locked())
+        return matcher(fmt)
+
+    monkeypatch.setattr(llm.engine.grammars, "matcher", watched)
+    sp = SamplingParams(max_new_tokens=3, response_format={"type": "json_object"}, n=2)
+    assert len(llm.generate(["a", "b"], sp)) == 4
+    stream_sp = SamplingParams(max_new_tokens=3, response_format={"type": "json_object"})
+    assert isinstance("".join(llm.stream("c", stream_sp)), str)
+    assert held == [False] * 5
+    assert not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0
+
+
 def test_stream_closed_inside_a_step_steps_nothing_itself(llm, monkeypatch):
     """A stream dropped while a step runs (garbage collection may close it anywhere) aborts its request for the
     next step to free, without stepping the engine inside that step (it did: a step nested in a step)."""
@@ -435,6 +475,20 @@ def test_generate_refuses_wrong_types(llm, prompts, params, match):
     assert not llm.engine.has_unfinished()
 
 
+def test_stream_and_chat_check_their_params_as_generate_does(llm):
+    """stream with a dict for params, and chat with tools, raised AttributeError ("'dict' object has no attribute
+    'n'"), and chat with tools took no list of params, one per conversation, as chat without tools does."""
+    msgs = [{"role": "user", "content": "hi"}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for call in (lambda: next(llm.stream("hi", {"max_new_tokens": 2})),
+                 lambda: llm.chat(msgs, {"max_new_tokens": 2}, tools=tools)):  # fmt: skip
+        with pytest.raises(InvalidRequestError, match="params must be a SamplingParams"):
+            call()
+    sp = [SamplingParams(max_new_tokens=2, temperature=0), SamplingParams(max_new_tokens=3, temperature=0)]
+    assert [len(o.prompt_token_ids) > 0 for o in llm.chat([msgs, msgs], sp, tools=tools)] == [True, True]
+    assert not llm.engine.has_unfinished()
+
+
 def test_generate_takes_a_sampling_params_per_prompt(llm):
     assert llm.generate([]) == []
     outs = llm.generate(
@@ -451,6 +505,36 @@ def test_generate_takes_token_ids_as_numpy_or_tuples(llm):
         assert llm.generate(form, sp)[0].token_ids == want
     outs = llm.generate([np.array(ids), tuple(ids), "hi"], sp)
     assert [o.token_ids for o in outs[:2]] == [want, want] and len(outs) == 3
+
+
+def test_generate_takes_vllms_prompt_dicts(llm):
+    """vLLM's prompt dicts (TextPrompt, TokensPrompt) were refused; other keys (multi-modal data) are refused, not
+    dropped, and so is a conversation, which goes to chat."""
+    ids, sp = [5, 9, 11, 3], SamplingParams(max_new_tokens=3, temperature=0)
+    want = [o.token_ids for o in llm.generate([ids, "hi"], sp)]
+    outs = llm.generate([{"prompt_token_ids": ids}, {"prompt": "hi"}], sp)
+    assert [o.token_ids for o in outs] == want
+    assert llm.generate({"prompt_token_ids": ids, "prompt": "x"}, sp)[0].token_ids == want[0]
+    assert [t for o in llm.stream_outputs({"prompt": "hi"}, sp) for t in o.token_ids] == want[1]
+    for bad in ({"prompt": "hi", "multi_modal_data": {}}, [{"role": "user", "content": "hi"}]):
+        with pytest.raises(InvalidRequestError, match=r"vLLM's prompt dicts .* got a dict with the keys \["):
+            llm.generate(bad, sp)
+    with pytest.raises(InvalidRequestError, match="prompt must be"):
+        llm.generate({"prompt": 5}, sp)
+    assert not llm.engine.has_unfinished()
+
+
+def test_use_tqdm_draws_vllms_progress_bar(llm, capsys):
+    """vLLM's use_tqdm keyword was a TypeError; it draws a bar of finished sequences on stderr (off by default)."""
+    sp = SamplingParams(max_new_tokens=2, temperature=0)
+    want = [o.token_ids for o in llm.generate(["a", "b"], sp)]
+    assert capsys.readouterr().err == ""
+    assert [o.token_ids for o in llm.generate(["a", "b"], sp, use_tqdm=True)] == want
+    assert "Processed sequences" in capsys.readouterr().err
+    llm.chat([{"role": "user", "content": "hi"}], sp, use_tqdm=True)
+    assert "1/1" in capsys.readouterr().err
+    with pytest.raises(InvalidRequestError, match="use_tqdm must be True or False"):
+        llm.generate("a", sp, use_tqdm="yes")
 
 
 def test_params_changed_after_construction_are_checked_again(llm):
@@ -500,7 +584,9 @@ def test_engine_config_types(kw, match):
 def test_llm_refuses_wrong_argument_types(tiny_llama):
     for args, kw, match in (((5,), {}, "model must be"), (("",), {}, "model must be"),
                             ((str(tiny_llama),), {"config": {"max_num_seqs": 2}}, "config must be"),
-                            ((str(tiny_llama),), {"bogus": 1}, "bogus")):  # fmt: skip
+                            ((str(tiny_llama),), {"bogus": 1}, "bogus"),
+                            ((str(tiny_llama),), {"config": EngineConfig(), "max_model_len": 64},
+                             r"or its fields as keywords, not both \(got max_model_len=\)")):  # fmt: skip
         with pytest.raises(InvalidRequestError, match=match):
             LLM(*args, backend="cpu", **kw)
 
@@ -523,6 +609,63 @@ def test_closed_engine_refuses_every_call(tiny_llama):
     for call in (lambda: llm.generate("hi", sp), lambda: llm.logits([5, 6]), lambda: next(s)):
         with pytest.raises(LServeError, match=r"^this engine was closed \(LLMEngine.close\)"):
             call()
+
+
+def test_llm_close_and_with_block(tiny_llama):
+    """LLM had no close() nor `with` use (users reached into llm.engine.close()), and a stream open at the
+    close raised from its own clean-up (garbage collection printed "Exception ignored"): close is idempotent,
+    every later call gets one line naming it, and open streams close quietly."""
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    with LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=16)) as llm:
+        s, idle = llm.stream_outputs([5, 6, 7], sp), llm.stream_outputs([8, 9], sp)
+        next(s), next(idle)
+        assert len(llm.generate("hi", sp)[0].token_ids) == 4
+    llm.close()
+    idle.close()  # its clean-up steps nothing on the closed engine
+    calls = (lambda: llm.generate("hi", sp), lambda: llm.chat([{"role": "user", "content": "hi"}], sp),
+             lambda: next(llm.stream("hi", sp)), lambda: llm.logits([5, 6]), lambda: next(s))  # fmt: skip
+    for call in calls:
+        with pytest.raises(
+            LServeError, match=r"^this LLM was closed \(LLM.close\): make a new LLM to go on$"
+        ):
+            call()
+    s.close()
+    assert llm.engine.closed
+
+
+@pytest.mark.parametrize("call", ["generate", "logits", "stream"])
+def test_a_call_that_waited_out_a_close_names_llm_close(tiny_llama, monkeypatch, call):
+    """A call past its first check that waited for the lock while another thread's LLM.close ran got the
+    engine's "LLMEngine.close" message: the check is made again under the lock."""
+    llm = LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=16))
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    s = llm.stream_outputs([5, 6, 7], sp)
+    next(s)
+    real, armed = llm._lock, [True]
+
+    class ClosedWhileWaiting:
+        """The LLM's lock; the first wait for it is where another thread's close runs."""
+
+        def __enter__(self):
+            if armed.pop() if armed else False:
+                llm.close()
+            return real.__enter__()
+
+        def __exit__(self, *exc):
+            return real.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(llm, "_lock", ClosedWhileWaiting())
+    run = {
+        "generate": lambda: llm.generate("hi", sp),
+        "logits": lambda: llm.logits([5, 6]),
+        "stream": lambda: next(s),
+    }
+    with pytest.raises(LServeError, match=r"^this LLM was closed \(LLM.close\)"):
+        run[call]()
+    assert not armed
 
 
 def test_stream_collected_inside_the_engines_lock_does_not_hang(tiny_llama, monkeypatch):

@@ -219,3 +219,23 @@ def test_lserve_ring_is_sized_for_a_chunk_no_longer_than_the_context(tiny_llama,
     while llm.engine.has_unfinished():
         ids += [t for o in llm.engine.step() for t in o.token_ids]
     assert len(out[0].token_ids) == 8 and ids == out[0].token_ids
+
+
+def test_scoring_between_overlapped_steps_loses_no_output(tiny_llama):
+    """A score reads the decode step in flight first (on the GPU its one-row run would upload its ids where that
+    step's samples lie: tests/test_gpu_overlap.py); those outputs come with the next step, a request's last one
+    too (the engine still has them to give, so it is not idle)."""
+    reqs = list(zip(PROMPTS[:4], plain(temperature=0, ignore_eos=True)))
+    ref = drive(engine(tiny_llama, False), reqs)
+    over = engine(tiny_llama, True)
+    score, scored = over.score, []
+
+    def score_then_step():  # a score after every step, as LLM.logits between a stream's steps
+        outs = step()
+        scored.append(over._inflight is not None)
+        score([5])
+        return outs
+
+    step, over.step = over.step, score_then_step
+    assert drive(over, reqs) == ref
+    assert any(scored) and over.launches > 0

@@ -93,3 +93,23 @@ def test_lserve_first_reuse_step_keeps_the_sampled_ids(tiny64, batch):
     over = _engine(tiny64, True, True)
     assert _run(over, reqs) == ref
     assert over.into_graph > 0 and over.runner.executor.size_for(batch) in over.runner.executor.reuse
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_scoring_between_overlapped_steps_keeps_the_sampled_ids(tiny64, sparse):
+    """LLM.logits of one token while a stream's decode step is in flight ran as a one-row decode graph, whose
+    upload wrote the scored id over the sampled ids that the next replay reads: the stream went on from the
+    scored token. A score now reads the step in flight first (its outputs come with the next step)."""
+    from lserve_lite import SamplingParams
+
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    prompt = [int(t) for t in np.random.default_rng(7).integers(3, 300, 40)]
+    eng = _engine(tiny64, True, sparse)
+    (ref,) = _run(eng, [(prompt, params)])
+    rid, got = eng.add_request(prompt, params), []
+    while eng.has_unfinished():
+        got += [t for out in eng.step() if out.request_id == rid for t in out.token_ids]
+        if 0 < len(got) < 10:
+            eng.score([5])
+            eng.score([5, 6, 7])
+    assert got == ref[0] and eng.into_graph > 0 and eng.blocks.num_used == 0

@@ -87,6 +87,7 @@ class LLMEngine:
         self.grammars = Grammars(self.tokenizer, self.cfg.vocab_size, sorted(self.eos_ids))
         self.prompt_tokens_computed = 0  # prompt tokens run through the model (recomputation included)
         self._inflight: _InFlight | None = None  # the overlapped decode step (docs/ARCHITECTURE.md)
+        self._ready: list[StepOutput] = []  # outputs of a step in flight that `score` read: the next step's
         self._closed = False
 
     def _load_local(self, backend: str) -> tuple[int, int]:
@@ -244,8 +245,7 @@ class LLMEngine:
         guide: tuple[object, np.ndarray] | None = None,
     ) -> str:
         """Queue a request; `sparse` overrides LServe knobs for it (token_budget, select_interval, windows). `guide`:
-        the matcher of the params' response_format and its first mask, built beforehand (`grammars.matcher`, which
-        takes up to seconds for a large schema: the server builds it off the engine thread); else built here."""
+        the params' grammar built beforehand (`guide`); else built here."""
         self._check_open()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -273,7 +273,7 @@ class LLMEngine:
                 raise InvalidRequestError(f"{what} token id {bad[0]} is not in [0, {self.cfg.vocab_size})")
         seq = Sequence(ids, params, request_id)
         if params.constrained:
-            seq.guide, seq.token_mask = guide or self.grammars.matcher(params.response_format)
+            seq.guide, seq.token_mask = guide or self.guide(params)
         if sparse:
             seq.sparse = self.request_sparse_config(sparse)
         if seq.request_id in self.seqs:
@@ -285,6 +285,13 @@ class LLMEngine:
             self.decoders[seq.request_id] = IncrementalDecoder(self.tokenizer, seq.prompt_ids, keep=keep)
             self.scheduler.add(seq)
         return seq.request_id
+
+    def guide(self, params: SamplingParams) -> tuple[object, np.ndarray] | None:
+        """The matcher of `params`' response_format and its first mask (None: unconstrained), for add_request's
+        `guide`. Thread-safe, and up to seconds for a large schema: callers that take turns on a lock (the server's
+        engine thread, LLM's) build it before taking it. An invalid schema is an InvalidRequestError."""
+        params.validate()
+        return self.grammars.matcher(params.response_format) if params.constrained else None
 
     def request_sparse_config(self, knobs: dict) -> SparseConfig:
         """The engine's SparseConfig with a request's knobs (budget, select interval, windows) applied."""
@@ -328,6 +335,11 @@ class LLMEngine:
         if isinstance(self.runner.executor, WorkerGroup):
             self.runner.executor.close()
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close` was called: no step runs any more."""
+        return self._closed
+
     def _check_open(self) -> None:
         if self._closed:
             raise LServeError("this engine was closed (LLMEngine.close): load a new LLM to go on")
@@ -350,14 +362,15 @@ class LLMEngine:
             self.runner.apply_page_ops(self.blocks.take_page_ops())
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or bool(self._aborts)
+        return self.scheduler.has_work() or bool(self._aborts) or bool(self._ready)
 
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         """One scheduled step. A plain decode batch is launched without waiting for the device (`_launch`):
         its outputs come one call later; anything else first reads the step in flight, then runs in sync."""
         self._check_open()
-        outs = self._apply_aborts()
+        outs, self._ready = self._ready, []
+        outs += self._apply_aborts()
         if self._inflight is not None and self._inflight_ends():
             outs += self._read(self._take_inflight())  # schedule none of them past its limits
         batch = self.scheduler.schedule()
@@ -541,6 +554,8 @@ class LLMEngine:
         if len(token_ids) > self.max_len:
             raise InvalidRequestError(f"{len(token_ids)} tokens exceed the context limit {self.max_len}")
         seq = Sequence(list(token_ids), SamplingParams(max_new_tokens=1))
+        if self._inflight is not None:  # its samples lie where a one-row run uploads its ids: read them first
+            self._ready += self._read(self._take_inflight())
         if not self.blocks.can_grow(seq, len(token_ids)):
             raise InvalidRequestError("not enough free KV pages to score this sequence now")
         self.blocks.grow(seq, len(token_ids))

@@ -160,9 +160,7 @@ class AsyncEngine:
         """Each constrained sequence's matcher (in a worker thread; the engine keeps a schema's, so n candidates
         build it once); an invalid schema is a 400."""
         try:
-            return [
-                self.engine.grammars.matcher(p.response_format) if p.constrained else None for p in params
-            ]
+            return [self.engine.guide(p) for p in params]
         except InvalidRequestError as e:
             raise ApiError(400, str(e), param_of(str(e))) from None
 
