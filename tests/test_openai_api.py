@@ -363,7 +363,9 @@ def test_echo_offsets_index_the_echoed_text(tmp_path):
         for p, echo, want in cases:
             body = {"prompt": p, "max_tokens": 4, "echo": True, "logprobs": 1, "ignore_eos": True}
             for stream in (False, True):
-                with httpx.stream("POST", url + "/v1/completions", json=body | {"stream": stream}) as r:
+                with httpx.stream(
+                    "POST", url + "/v1/completions", json=body | {"stream": stream}, timeout=60
+                ) as r:
                     got = [
                         json.loads(x.removeprefix("data: "))
                         for x in r.iter_lines()
@@ -492,7 +494,9 @@ def test_scoring_with_max_tokens_0_and_echo(server, client, llm):
     assert "".join(c.choices[0].text for c in chunks) == text
     assert sum(len(c.choices[0].logprobs.token_logprobs) for c in chunks if c.choices[0].logprobs) == len(ids)
     assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["length"]
-    r = httpx.post(server[0] + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 0})
+    r = httpx.post(
+        server[0] + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 0}, timeout=60
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
 
 
@@ -614,7 +618,9 @@ def test_the_server_builds_grammars_off_the_engine_thread(server, client, monkey
     )
     bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}
     e = httpx.post(
-        server[0] + "/v1/chat/completions", json={"messages": kw["messages"], "response_format": bad}
+        server[0] + "/v1/chat/completions",
+        json={"messages": kw["messages"], "response_format": bad},
+        timeout=60,
     )
     assert e.status_code == 400 and e.json()["error"]["param"] == "response_format"
     assert len(builds) == 2 and len(lookups) == 5  # the schema once (n and repeats share it), the bad one
@@ -636,7 +642,7 @@ def test_structured_outputs_through_the_server(server, client):
     )
     bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}
     e = httpx.post(server[0] + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
-                                                             "response_format": bad}).json()["error"]  # fmt: skip
+                                                             "response_format": bad}, timeout=60).json()["error"]  # fmt: skip
     assert e["param"] == "response_format" and re.search("invalid JSON schema", e["message"])
     ask = {"messages": [{"role": "user", "content": "x"}], "response_format": GIVES_UP, "temperature": 0}
     e = httpx.post(server[0] + "/v1/chat/completions", json=ask, timeout=60)

@@ -53,7 +53,7 @@ def client(server) -> openai.OpenAI:
 
 
 def metrics(url: str) -> dict[str, float]:
-    text = httpx.get(url + "/metrics").text
+    text = httpx.get(url + "/metrics", timeout=60).text
     return {m[0]: float(m[1]) for m in re.findall(r"^(\S+) (\S+)$", text, re.M)}
 
 
@@ -95,7 +95,7 @@ def chat_msgs(p: str) -> list[dict]:
 def test_models_health_metrics(server, client):
     url, _ = server
     assert [m.id for m in client.models.list().data] == ["tiny"]
-    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    assert httpx.get(url + "/health", timeout=60).json() == {"status": "ok"}
     m = metrics(url)
     assert m["lserve_kv_pages_total"] == 64 and "lserve_time_to_first_token_seconds_count" in m
     assert 'lserve_time_per_output_token_seconds_bucket{le="+Inf"}' in m
@@ -138,7 +138,7 @@ def test_tokenize_and_detokenize(server, ref):
         e = post(path, **body)
         assert e.status_code == 400 and e.json()["error"]["param"] == param, (path, body, e.text)
     assert post("/tokenize", prompt="x", model="other").status_code == 404
-    assert httpx.post(url + "/tokenize", json={"prompt": "x"}).status_code == 401
+    assert httpx.post(url + "/tokenize", json={"prompt": "x"}, timeout=60).status_code == 401
 
 
 def test_cli_hook(monkeypatch):
@@ -332,9 +332,11 @@ def _error(r: httpx.Response, status: int) -> dict:
 def test_bad_requests_400(server, client):
     url, _ = server
     auth = {"Authorization": f"Bearer {KEY}"}
-    r = httpx.post(url + "/v1/chat/completions", content=b'{"model": "tiny", "messages": [', headers=auth)
+    r = httpx.post(
+        url + "/v1/chat/completions", content=b'{"model": "tiny", "messages": [', headers=auth, timeout=60
+    )
     assert "JSON" in _error(r, 400)["message"]
-    r = httpx.post(url + "/v1/completions", content=b"[1, 2]", headers=auth)
+    r = httpx.post(url + "/v1/completions", content=b"[1, 2]", headers=auth, timeout=60)
     _error(r, 400)
     cases = [
         dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(max_tokens=0), dict(n=0), dict(n=17),
@@ -348,12 +350,14 @@ def test_bad_requests_400(server, client):
     ]  # fmt: skip
     for kw in cases:
         body = {"model": "tiny", "messages": chat_msgs("hi")} | kw
-        err = _error(httpx.post(url + "/v1/chat/completions", json=body, headers=auth), 400)
+        err = _error(httpx.post(url + "/v1/chat/completions", json=body, headers=auth, timeout=60), 400)
         assert err["param"] == next(iter(kw)), (kw, err)
     neutral = (dict(min_p=0.0), dict(min_tokens=0), dict(use_beam_search=False))  # the values that mean "off"
     for off in neutral:
         body = {"model": "tiny", "messages": chat_msgs("hi"), "max_tokens": 2} | off
-        assert httpx.post(url + "/v1/chat/completions", json=body, headers=auth).status_code == 200, off
+        assert (
+            httpx.post(url + "/v1/chat/completions", json=body, headers=auth, timeout=60).status_code == 200
+        ), off
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=chat_msgs("hi"), n=99)
     with pytest.raises(openai.BadRequestError):
@@ -379,10 +383,10 @@ def test_vllm_extensions_that_would_change_the_reply_are_refused(server):
         ("/v1/completions", {"prompt": "hi"}, [dict(add_special_tokens=False)], dict(add_special_tokens=True)),
     ):  # fmt: skip
         for kw in both + own:
-            err = _error(httpx.post(url + path, json=prompt | kw, headers=auth), 400)
+            err = _error(httpx.post(url + path, json=prompt | kw, headers=auth, timeout=60), 400)
             assert err["param"] == list(kw)[-1], (path, kw, err)
         body = prompt | {"max_tokens": 2} | off | own_off
-        assert httpx.post(url + path, json=body, headers=auth).status_code == 200, path
+        assert httpx.post(url + path, json=body, headers=auth, timeout=60).status_code == 200, path
 
 
 def test_context_limit_400(server, client):
@@ -405,9 +409,14 @@ def test_auth_401_and_model_404(server):
         bad.models.list()
     with pytest.raises(openai.AuthenticationError):
         bad.chat.completions.create(model="tiny", messages=chat_msgs("hi"), max_tokens=2)
-    _error(httpx.post(url + "/v1/completions", json={"prompt": "hi"}), 401)
-    _error(httpx.post(url + "/v1/completions", json={"prompt": "hi"}, headers={"Authorization": KEY}), 401)
-    assert httpx.get(url + "/health").status_code == 200  # health and metrics stay open
+    _error(httpx.post(url + "/v1/completions", json={"prompt": "hi"}, timeout=60), 401)
+    _error(
+        httpx.post(
+            url + "/v1/completions", json={"prompt": "hi"}, headers={"Authorization": KEY}, timeout=60
+        ),
+        401,
+    )
+    assert httpx.get(url + "/health", timeout=60).status_code == 200  # health and metrics stay open
     good = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
     with pytest.raises(openai.NotFoundError) as e:
         good.chat.completions.create(model="gpt-4o", messages=chat_msgs("hi"), max_tokens=2)
@@ -415,7 +424,7 @@ def test_auth_401_and_model_404(server):
     with pytest.raises(openai.NotFoundError):
         good.models.retrieve("gpt-4o")
     assert good.models.retrieve("tiny").id == "tiny"
-    _error(httpx.get(url + "/v1/nothing-here", headers={"Authorization": f"Bearer {KEY}"}), 404)
+    _error(httpx.get(url + "/v1/nothing-here", headers={"Authorization": f"Bearer {KEY}"}, timeout=60), 404)
 
 
 def test_overload_429(tiny_dir):
@@ -561,7 +570,7 @@ def test_internal_errors_500_without_trace(server, client, monkeypatch):
     with monkeypatch.context() as mp:
         mp.setattr(engine.tokenizer, "encode_chat", boom)
         r = httpx.post(url + "/v1/chat/completions", json={"messages": chat_msgs("hi")},
-                       headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60)  # fmt: skip
         err = _error(r, 500)
         assert "secret" not in r.text and err["message"] == "internal server error"
     # a failing engine step fails the requests in flight, then the server carries on
@@ -582,13 +591,15 @@ def test_internal_errors_500_without_trace(server, client, monkeypatch):
     assert wait_for(lambda: metrics(url)["lserve_kv_pages_used"] == 0)
     r = client.completions.create(model="tiny", prompt="hello", max_tokens=4, temperature=0)
     assert r.choices[0].finish_reason == "length"
-    assert httpx.get(url + "/health").status_code == 200
+    assert httpx.get(url + "/health", timeout=60).status_code == 200
 
 
 def test_sse_wire_format(server):
     url, _ = server
     body = {"model": "tiny", "messages": chat_msgs("hi"), "max_tokens": 3, "stream": True, "temperature": 0}
-    r = httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(
+        url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    )
     assert r.headers["content-type"].startswith("text/event-stream")
     events = [e for e in r.text.split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"

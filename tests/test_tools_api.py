@@ -801,7 +801,9 @@ def test_call_ids_as_mistrals_template_takes_them_back(tmp_path):
         ]
         r = client.chat.completions.create(messages=follow, **kw | {"max_tokens": 4})
         assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
-        prompt = httpx.post(url + "/tokenize", json={"messages": follow, "tools": [WEATHER]}).json()["tokens"]
+        prompt = httpx.post(
+            url + "/tokenize", json={"messages": follow, "tools": [WEATHER]}, timeout=60
+        ).json()["tokens"]
         text = engine.tokenizer.decode(prompt, False)
         assert f'"id": "{call.id}"}}]' in text and f'"call_id": "{call.id}"}}[/TOOL_RESULTS]' in text
 

@@ -220,11 +220,11 @@ def test_server_health_reports_a_dead_worker(tiny_dir):
 
     llm = tp_llm(tiny_dir)
     with ServerThread(create_app(llm.engine)) as url:
-        assert httpx.get(url + "/health").status_code == 200
+        assert httpx.get(url + "/health", timeout=60).status_code == 200
         proc = llm.engine.runner.executor.procs[1]
         os.kill(proc.pid, signal.SIGKILL)
         proc.join()
-        r = httpx.get(url + "/health")
+        r = httpx.get(url + "/health", timeout=60)
         assert r.status_code == 503 and "worker 1" in r.json()["error"]["message"]
 
 
