@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "--kv-dtype", choices=KV_DTYPES, default="auto", help="KV-cache format (docs/KV_QUANT.md)"
     )
     ap.add_argument("--mode", choices=("engine",), default="engine", help="kept for old command lines")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=bounded_int(0), default=0)
     ap.add_argument("--out", default="tools/results/passkey", help="output stem: <out>.json, <out>.png")
     ap.add_argument("--plot-only", metavar="JSON", help="redraw the PNG of an earlier run's JSON and exit")
     args = ap.parse_args(argv)
