@@ -54,6 +54,16 @@ def results_folder(text: str) -> str:
     return text
 
 
+def json_file(text: str) -> str:
+    """An argparse type: a file to write results into, in a directory that exists (checked before the run, which
+    would otherwise end in an OSError after all its work)."""
+    if not Path(text).resolve().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: its directory does not exist")
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: a directory, not a file")
+    return text
+
+
 def existing_file(text: str) -> str:
     """An argparse type: a path to a file that exists, checked before a long run needs it."""
     if not Path(text).expanduser().is_file():

@@ -184,6 +184,25 @@ def test_kernels_test_without_a_gpu_is_not_a_pass():
     assert r.returncode == 2 and "nothing was tested" in r.stdout
 
 
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (
+            ["--json", "/nonexistent-dir/k.json"],
+            "its directory does not exist",
+        ),  # was an OSError after the run
+        (["--seed", "-1"], "--seed: -1 is outside [0,"),  # was NumPy's ValueError before the first case
+    ],
+)
+def test_kernels_test_refuses_bad_options_before_running(argv, msg, capsys):
+    """The harness's options are checked before any case runs (a whole run takes minutes on a GPU)."""
+    from lserve_lite.harness import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["test", *argv])
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
 def test_bench_json_path_that_is_a_directory(tiny_llama, tmp_path):
     r = _bench(tiny_llama, "--json", str(tmp_path))
     assert r.returncode == 2 and "a directory, not a file" in r.stderr and "Traceback" not in r.stderr

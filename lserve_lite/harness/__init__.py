@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from ..backends import cuda_available
+from ..engine_args import bounded_int, json_file
 from .attention import case_attention, case_prefill_kernels, case_sparse_attention
 from .common import Ctx, Result, format_table
 from .kv_quant import case_kv_quant
@@ -91,8 +92,8 @@ def run_cases(names=None, seed: int | None = None) -> list[Result]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lserve-lite kernels test", description=(__doc__ or "").splitlines()[0])
     ap.add_argument("cases", nargs="*", help=f"subset of: {', '.join(CASES)}")
-    ap.add_argument("--seed", type=int, default=None, help="random seed (default: fresh each run)")
-    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--seed", type=bounded_int(0), default=None, help="random seed (default: fresh each run)")
+    ap.add_argument("--json", type=json_file, default=None, help="also write the rows to this JSON file")
     argv = list(argv or [])
     if argv[:1] == ["test"]:  # `lserve-lite kernels test [cases]`
         argv = argv[1:]
