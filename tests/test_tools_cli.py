@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -145,6 +147,28 @@ BAD_ARGS = [
     ("eval_ppl", ["--plot-only", "/nonexist.json"], "error: /nonexist.json: no such file"),
     ("kv_quant_error", ["--steps", "0"], "--steps: 0 is outside [1,"),
     ("kv_quant_error", ["--model", "/nonexist"], "error: /nonexist"),
+    (
+        "bench_cpu",
+        ["--steps", "0"],
+        "--steps: 0 is outside [1,",
+    ),  # was a ZeroDivisionError after the prefills
+    ("bench_cpu", ["--alternate", "-1"], "--alternate: -1 is outside [0,"),  # was an IndexError after loading
+    (
+        "bench_cpu",
+        ["--kv-dtypes", "fp32,bogus"],
+        "unknown KV format(s) ['bogus']",
+    ),  # was after fp32's whole run
+    (
+        "bench_cpu",
+        ["--llama-bench", "/nonexist"],
+        "--llama-bench: /nonexist: file not found",
+    ),  # after our runs
+    (
+        "bench_cpu",
+        ["--float-model", "/nonexist"],
+        "error: /nonexist: model directory not found",
+    ),  # after the GGUF's
+    ("bench_structured", ["--repeats", "0"], "--repeats: 0 is outside [1,"),  # was NumPy's IndexError
     ("soak_serve", ["--seconds", "0"], "--seconds: 0.0 is outside [0.001, 1000000.0]"),
     ("bench_serve", ["--output-len", "0"], "--output-len: 0 is outside [1,"),
     ("bench_serve", ["--concurrency", "0"], "--concurrency: 0 is outside [1,"),
@@ -162,6 +186,18 @@ def test_bad_arguments_are_one_line(tool, argv, msg, tiny_model, tmp_path, monke
         status = e.code
     err = capsys.readouterr().err
     assert status != 0 and msg in err.splitlines()[-1] and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("tool", ["bench_cpu", "bench_structured"])
+def test_a_missing_model_is_one_line_when_run_as_a_script(tool, tmp_path):
+    """`python tools/<tool>.py` ends a refused model in one `error:` line and status 1, not a traceback."""
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, str(root / "tools" / f"{tool}.py"), "--model", "/nonexistent.gguf", "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert (r.returncode, r.stderr.splitlines()) == (1, ["error: /nonexistent.gguf: GGUF file not found"])
     assert list(tmp_path.iterdir()) == []
 
 

@@ -35,7 +35,11 @@ import numpy as np
 from lserve_lite import LLM, EngineConfig, SamplingParams
 from lserve_lite.backends import cpu_kernels
 from lserve_lite.backends.cpu_threads import SplitRunner, even_bounds
+from lserve_lite.config import KV_DTYPES
+from lserve_lite.engine_args import bounded_int, existing_file, results_folder
+from lserve_lite.errors import exit_status
 from lserve_lite.weights.default_model import default_gguf_path, default_model_dir
+from lserve_lite.weights.loader import resolve_model_dir
 
 
 def llama_cpp(
@@ -180,21 +184,39 @@ def bench_model(model: str | None, steps: int, kv_dtype: str = "auto") -> dict:
     return {"model": llm.engine.model_dir.name, "weight_bytes": weight_bytes(llm), "results": rows}
 
 
+def kv_dtype_list(text: str) -> list[str]:
+    """An argparse type: comma-separated KV formats, each checked before the first run."""
+    names = text.split(",")
+    unknown = [n for n in names if n not in KV_DTYPES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown KV format(s) {unknown}; known: {', '.join(KV_DTYPES)}")
+    return names
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF file (default: the bundled SmolLM2 Q4_1)")
     ap.add_argument("--float-model", default=None, help="float32 directory (default: the converted SmolLM2)")
-    ap.add_argument("--out", default="tools/results")
-    ap.add_argument("--steps", type=int, default=48)
-    ap.add_argument("--llama-bench", default=None, help="a llama-bench binary: run llama.cpp beside us")
+    ap.add_argument("--out", default="tools/results", type=results_folder, help="folder for the results")
+    ap.add_argument("--steps", type=bounded_int(1, 4096), default=48, help="decode steps timed per context")
     ap.add_argument(
-        "--kv-dtypes", default=None, help="e.g. fp32,int8,int4,fp8: only the GGUF, once per KV format"
+        "--llama-bench",
+        type=existing_file,
+        default=None,
+        help="a llama-bench binary: run llama.cpp beside us",
     )
     ap.add_argument(
-        "--alternate", type=int, default=0, metavar="N",
+        "--kv-dtypes", type=kv_dtype_list, default=None,
+        help="e.g. fp32,int8,int4,fp8: only the GGUF, once per KV format",
+    )  # fmt: skip
+    ap.add_argument(
+        "--alternate", type=bounded_int(0, 1000), default=0, metavar="N",
         help="with --llama-bench: only decode, ours and llama.cpp's alternated N rounds (per-round ratios)",
     )  # fmt: skip
     args = ap.parse_args()
+    for model in (args.model, args.float_model):  # before minutes of the other model's runs
+        if model is not None:
+            resolve_model_dir(model)
     load0 = os.getloadavg()[0]
     if args.kv_dtypes:
         return bench_kv(args, load0)
@@ -292,7 +314,7 @@ def bench_alternating(args, load0: float) -> None:
 def bench_kv(args, load0: float) -> None:
     """The native GGUF with each KV cache format: what decode gains (fewer KV bytes) or loses (dequantizing each
     row in the Numba kernel) on the CPU. Writes bench_cpu_kv.json."""
-    runs = {kv: bench_model(args.model, args.steps, kv) for kv in args.kv_dtypes.split(",")}
+    runs = {kv: bench_model(args.model, args.steps, kv) for kv in args.kv_dtypes}
     print(f"{'tokens/s':<16}{'kv':<7}{'wall':>8}{'per CPU-s':>11}{'others busy':>13}")
     for kv, run in runs.items():
         for k, r in run["results"].items():
@@ -307,4 +329,4 @@ def bench_kv(args, load0: float) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main))
