@@ -170,6 +170,16 @@ BAD_ARGS = [
     ),  # after the GGUF's
     ("bench_structured", ["--repeats", "0"], "--repeats: 0 is outside [1,"),  # was NumPy's IndexError
     ("soak_serve", ["--seconds", "0"], "--seconds: 0.0 is outside [0.001, 1000000.0]"),
+    ("soak_serve", ["--cases", "0"], "--cases: 0 is outside [1,"),  # was a ValueError once the server ran
+    ("soak_serve", ["--long-words", "-1"], "--long-words: -1 is outside [1,"),
+    ("soak_serve", ["--warmup-seconds", "nan"], "--warmup-seconds: nan is outside [0,"),
+    (
+        "bench_serve",
+        ["--input-len", "0"],
+        "--input-len: 0 is outside [1,",
+    ),  # every request failed, empty prompt
+    ("bench_serve", ["--input-len", "1000000000"], "--input-len: 1000000000 is outside [1,"),  # a 6 GB prompt
+    ("bench_serve", ["--warmup", "-1"], "--warmup: -1 is outside [0,"),
     ("bench_serve", ["--output-len", "0"], "--output-len: 0 is outside [1,"),
     ("bench_serve", ["--concurrency", "0"], "--concurrency: 0 is outside [1,"),
     ("bench_serve", ["--url", "http://127.0.0.1:1"], "no OpenAI-compatible server answers there"),

@@ -37,6 +37,9 @@ WORDS = ("time person year way day thing man world life hand part child eye woma
          "government company number group problem fact river mountain city music light garden ocean story").split()  # fmt: skip
 
 
+MAX_WORDS = 1 << 20  # words in a prompt, at most: about 8 MiB of text, the server's body limit
+
+
 def make_prompt(rng: random.Random, n_words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n_words))
 
@@ -169,10 +172,13 @@ def main() -> None:
     ap.add_argument("--concurrency", type=bounded_int(1, 4096), nargs="+", default=[1, 4])
     ap.add_argument("--num-requests", type=bounded_int(1), default=8, help="requests per concurrency level")
     ap.add_argument(
-        "--input-len", type=int, default=32, help="prompt length in words (about that many tokens)"
-    )
+        "--input-len", type=bounded_int(1, MAX_WORDS), default=32,
+        help="prompt length in words (about that many tokens)",
+    )  # fmt: skip
     ap.add_argument("--output-len", type=bounded_int(1), default=16, help="output tokens per request")
-    ap.add_argument("--warmup", type=int, default=1, help="requests before timing (JIT, caches)")
+    ap.add_argument(
+        "--warmup", type=bounded_int(0, 1 << 16), default=1, help="requests before timing (JIT, caches)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="tools/results/bench_serve.json")
     args = ap.parse_args()
