@@ -218,3 +218,20 @@ def test_results_folder_named_like_a_file_is_refused(tool, tmp_path, monkeypatch
         run_tool(tool, ["--out", str(tmp_path / "x.json")], monkeypatch)
     assert e.value.code == 2 and "names a file; --out is a folder" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_rss_chat_says_why_chat_exited_and_help_is_no_error(monkeypatch, capsys):
+    """A chat that cannot start is reported with its own error line (its stderr was discarded: `chat exited: `
+    and nothing else); --help prints the usage and returns (it exited with status 1)."""
+    import rss_chat
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    monkeypatch.setattr(sys, "argv", ["rss_chat.py", "--model", "/nonexistent"])
+    with pytest.raises(SystemExit) as e:
+        rss_chat.main()
+    assert (
+        e.value.code == "rss_chat: chat exited with status 1: error: /nonexistent: model directory not found"
+    )
+    monkeypatch.setattr(sys, "argv", ["rss_chat.py", "--help"])
+    rss_chat.main()
+    assert "Usage: python tools/rss_chat.py" in capsys.readouterr().out
