@@ -169,6 +169,17 @@ BAD_ARGS = [
         "error: /nonexist: model directory not found",
     ),  # after the GGUF's
     ("bench_structured", ["--repeats", "0"], "--repeats: 0 is outside [1,"),  # was NumPy's IndexError
+    (
+        "bench_cpu_lserve",
+        ["--mode", "dense", "--context", "100000000"],
+        "--context: 100000000 is outside [16, 8189]",
+    ),
+    ("bench_cpu_lserve", ["--mode", "dense", "--context", "9000"], "--context: 9000 is outside [16, 8189]"),
+    (
+        "bench_cpu_lserve",
+        ["--mode", "dense", "--kv-dtype", "bogus"],
+        "argument --kv-dtype: invalid choice: 'bogus'",
+    ),
     ("soak_serve", ["--seconds", "0"], "--seconds: 0.0 is outside [0.001, 1000000.0]"),
     ("soak_serve", ["--cases", "0"], "--cases: 0 is outside [1,"),  # was a ValueError once the server ran
     ("soak_serve", ["--long-words", "-1"], "--long-words: -1 is outside [1,"),
