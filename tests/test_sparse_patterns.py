@@ -341,6 +341,16 @@ def test_calibrate_refuses_an_unusable_output_first(tiny_dir, tmp_path):
             calibrate(tiny_dir, out, num_samples=1, lengths=[384], sink=64, local=64, tail=8, log=print)
 
 
+def test_calibrate_too_short_samples_name_every_term():
+    """512 tokens hold sink 128 + local 256, but not with a 600-token tail: the refusal counts the tail (it
+    said 'too short for sink 128 + local 256', untrue of 512 tokens)."""
+    from lserve_lite.evaluation.calibrate import make_samples
+
+    msg = "samples of 512 tokens are too short: .* more than sink 128 + local 256 + tail 600 + 96 = 1080$"
+    with pytest.raises(InvalidRequestError, match=msg.replace("+", r"\+")):
+        make_samples(None, [512], 1, sink=128, local=256, tail=600, seed=0)
+
+
 def test_calibrate_bounds_samples_by_name(tiny_dir, tmp_path):
     """Validation keeps every sample's KV at once: a sample count whose pages no pool holds is refused before
     the model loads, naming --samples and how many fit (it was refused as an out-of-range num_kv_pages)."""

@@ -73,7 +73,10 @@ def make_samples(
         key = str(rng.integers(10000, 100000))
         lo, hi = sink + 32, n - tail - local - 64  # needle region the streaming window cannot see
         if hi <= lo:
-            raise InvalidRequestError(f"samples of {n} tokens are too short for sink {sink} + local {local}")
+            raise InvalidRequestError(
+                f"samples of {n} tokens are too short: a needle between the sink and the tail's local window "
+                f"needs more than sink {sink} + local {local} + tail {tail} + 96 = {sink + local + tail + 96}"
+            )
         frac = (lo + d * (hi - lo)) / n
         filler = "classic" if i % 2 == 0 else "corpus"
         out.append(passkey_sample(tokenizer, n, frac, key, filler, offset=int(rng.integers(0, corpus_len))))
