@@ -64,6 +64,18 @@ def json_file(text: str) -> str:
     return text
 
 
+def output_file(text: str) -> str:
+    """An argparse type: a results file a tool writes after its run, making missing folders: refused now if it
+    names a directory or lies under a file (the write would fail after all the work)."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: a directory, not a file")
+    folder = next(p for p in path.absolute().parents if p.exists())
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {folder} is a file, not a folder")
+    return text
+
+
 def existing_file(text: str) -> str:
     """An argparse type: a path to a file that exists, checked before a long run needs it."""
     if not Path(text).expanduser().is_file():

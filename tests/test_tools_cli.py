@@ -246,3 +246,24 @@ def test_rss_chat_says_why_chat_exited_and_help_is_no_error(monkeypatch, capsys)
     monkeypatch.setattr(sys, "argv", ["rss_chat.py", "--help"])
     rss_chat.main()
     assert "Usage: python tools/rss_chat.py" in capsys.readouterr().out
+
+
+RESULT_FILE_TOOLS = [
+    ("bench_quant_cpu", []), ("bench_structured", []), ("bench_serve", []), ("soak_serve", []),
+    ("kv_quant_error", []), ("bench_prefix_cache", ["chat"]), ("bench_tp", []), ("bench_sampling", []),
+    ("bench_quant_gpu", []), ("check_prefill_sm90", []), ("profile_decode", []),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("tool, argv", RESULT_FILE_TOOLS)
+def test_results_file_that_cannot_be_written_is_refused_first(tool, argv, tmp_path, monkeypatch, capsys):
+    """--out names a JSON file written after the run: an existing folder there (`--out tools/results`, as
+    bench_cpu.py takes) or a file among its folders was an OSError traceback after all the work."""
+    (tmp_path / "file").write_text("x")
+    for out, msg in (
+        (tmp_path, "a directory, not a file"),
+        (tmp_path / "file" / "r.json", "is a file, not a folder"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            run_tool(tool, [*argv, "--out", str(out)], monkeypatch)
+        assert e.value.code == 2 and msg in capsys.readouterr().err.splitlines()[-1], out

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from lserve_lite import LLM, EngineConfig, SamplingParams, SparseConfig
 from lserve_lite.backends import cuda_available
-from lserve_lite.engine_args import existing_file
+from lserve_lite.engine_args import existing_file, output_file
 from lserve_lite.errors import exit_status
 from lserve_lite.evaluation.synthetic import corpus_text
 
@@ -160,7 +160,9 @@ def main() -> int:
     ap.add_argument("--pattern", type=existing_file, default=None)
     ap.add_argument("--control", action="store_true", help="doc: run the cold engine again in the other arrival "
                     "order and count the outputs equal to its first run")  # fmt: skip
-    ap.add_argument("--out", default=None, help="JSON results file (default: tools/results/...)")
+    ap.add_argument(
+        "--out", type=output_file, default=None, help="JSON results file (default: tools/results/...)"
+    )
     args = ap.parse_args()
     args.backend = args.backend or ("cuda" if args.scenario == "doc" and cuda_available() else "cpu")
     name = f"bench_prefix_cache_{args.scenario}_{args.backend}.json"

@@ -32,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lserve_lite.backends import require_gpu  # noqa: E402
+from lserve_lite.engine_args import output_file  # noqa: E402
 
 SHAPES = {
     "qkv": (6144, 4096),
@@ -201,7 +202,7 @@ def main(argv=None) -> int:
     from lserve_lite.weights.qtensor import FORMATS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="tools/results/bench_quant_gpu.json")
+    ap.add_argument("--out", type=output_file, default="tools/results/bench_quant_gpu.json")
     ap.add_argument("--formats", nargs="*", choices=FORMATS, default=list(FORMATS), help="none: fp16 only")
     ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])

@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from lserve_lite.engine_args import bounded_int
+from lserve_lite.engine_args import bounded_int, output_file
 from lserve_lite.errors import InvalidRequestError, exit_status
 
 WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point "
@@ -180,7 +180,7 @@ def main() -> None:
         "--warmup", type=bounded_int(0, 1 << 16), default=1, help="requests before timing (JIT, caches)"
     )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="tools/results/bench_serve.json")
+    ap.add_argument("--out", type=output_file, default="tools/results/bench_serve.json")
     args = ap.parse_args()
 
     server = nullcontext(args.url) if args.url else spawned_server(args)

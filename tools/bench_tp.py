@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_e2e import _fill_random, gpu_time, llama3_8b_config, random_llama  # noqa: E402
 
 from lserve_lite.backends import require_gpu  # noqa: E402
+from lserve_lite.engine_args import output_file  # noqa: E402
 
 PS = 64
 
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
     ap.add_argument("--max-batch-tokens", type=int, default=1 << 18, help="skip batch x context beyond this")
     ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--out", default="tools/results/bench_tp.json")
+    ap.add_argument("--out", type=output_file, default="tools/results/bench_tp.json")
     args = ap.parse_args(argv)
     require_gpu("bench_tp.py")
     from lserve_lite.backends.group import new_group

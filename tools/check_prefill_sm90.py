@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import events_median  # noqa: E402
 
 from lserve_lite.backends import require_gpu  # noqa: E402
+from lserve_lite.engine_args import output_file  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 64
 Q_BLOCK = 64  # as tools/bench_attention.py (two heads of a GQA group share each CTA)
@@ -150,7 +151,7 @@ def timing(seq: int, kernels: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--out", type=output_file, required=True, help="JSON file to write")
     ap.add_argument("--seqs", default="4096,32768,131072", help="prefill lengths to time")
     ap.add_argument(
         "--kernels", default="", help="comma-separated PREFILL_KERNEL values (default: all available)"

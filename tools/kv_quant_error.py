@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from lserve_lite.config import EngineConfig
-from lserve_lite.engine_args import bounded_int
+from lserve_lite.engine_args import bounded_int, output_file
 from lserve_lite.errors import exit_status
 from lserve_lite.evaluation.harness import SparseHarness
 from lserve_lite.evaluation.selector_recall import decode_step_queries
@@ -209,20 +209,25 @@ def main() -> None:
     ap.add_argument("--context", type=bounded_int(64), default=2048)
     ap.add_argument("--steps", type=bounded_int(1), default=4)
     ap.add_argument("--ppl", action="store_true", help="teacher-forced perplexity per scheme instead")
-    ap.add_argument("--out", default=None, help="JSON results file")
+    ap.add_argument("--out", type=output_file, default=None, help="JSON results file")
     args = ap.parse_args()
     if args.ppl:
         res = perplexity(args.model, args.context, ["exact", *schemes()])
-        if args.out:
-            Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        write(args.out, res)
         return
     res = measure(args.model, args.context, args.steps)
     print(f"context {res['context']}, {res['decode_steps']} decode steps x {res['layers']} layers: relative L2 "
           "error of the attention output (mean / p90 / max)")  # fmt: skip
     for name, r in res["relative_error"].items():
         print(f"  {name:46s} {r['mean']:.4f} / {r['p90']:.4f} / {r['max']:.4f}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    write(args.out, res)
+
+
+def write(out: str | None, res: dict) -> None:
+    """The results as JSON at `out` (if given), its folders made as needed."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(res, indent=1) + "\n")
 
 
 if __name__ == "__main__":

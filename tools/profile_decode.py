@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lserve_lite.backends import require_gpu  # noqa: E402
+from lserve_lite.engine_args import output_file  # noqa: E402
 
 UNITS_US = {
     "nsecond": 1e-3,
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--summarize", type=Path, default=None, help="an ncu --csv log of this script's run")
     ap.add_argument("--replay-ms", type=float, default=None, help="the graph replay time of the same step")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=lambda t: Path(output_file(t)), default=None)
     args = ap.parse_args(argv)
     if args.summarize is None:
         require_gpu("profile_decode.py")
@@ -127,6 +128,7 @@ def main(argv=None) -> int:
         return 0
     result = summarize(args.summarize, args.steps, args.replay_ms)
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
     return 0
 

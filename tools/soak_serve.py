@@ -37,7 +37,7 @@ import httpx
 import numpy as np
 from bench_serve import MAX_WORDS, free_port, wait_healthy  # tools/ is on the path when run as a script
 
-from lserve_lite.engine_args import bounded_float, bounded_int
+from lserve_lite.engine_args import bounded_float, bounded_int, output_file
 
 WORDS = ("the quick brown fox jumps over lazy dog hello world how are you today river mountain city music "
          "light garden ocean story 0123456789").split()  # fmt: skip
@@ -356,7 +356,7 @@ def main() -> int:
                          "list touches page by page, so RSS grows until the whole pool has been used once)")  # fmt: skip
     ap.add_argument("--rss-tolerance-mb", type=float, default=40.0, help="allowed RSS growth over the load")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="tools/results/soak_serve.json")
+    ap.add_argument("--out", type=output_file, default="tools/results/soak_serve.json")
     args = ap.parse_args()
 
     rng = random.Random(args.seed)
