@@ -65,8 +65,8 @@ def json_file(text: str) -> str:
 
 
 def output_file(text: str) -> str:
-    """An argparse type: a results file a tool writes after its run, making missing folders: refused now if it
-    names a directory or lies under a file (the write would fail after all the work)."""
+    """An argparse type: a results file (or the stem of several) that a tool writes after its run, making missing
+    folders: refused now if it names a directory or lies under a file (the write would fail after all the work)."""
     path = Path(text).expanduser()
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: a directory, not a file")

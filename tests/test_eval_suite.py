@@ -105,9 +105,13 @@ def test_per_run_settings_refused_per_setting():
         (["--seed", "-1"], "--seed: -1 is outside [0,"),  # NumPy's generator raised after the model loaded
         (["--time-limit", "nan"], "--time-limit: nan is outside [0,"),  # was no limit at all
         (["--time-limit", "-1"], "--time-limit: -1.0 is outside [0,"),  # was a model load, then an error
+        (
+            ["--out", "/"],
+            "--out: /: a directory, not a file",
+        ),  # the stem of <out>.json: '/.json' failed later
     ],
 )
-def test_eval_refuses_bad_seed_and_time_limit_at_the_parser(argv, msg, capsys):
+def test_eval_refuses_bad_seed_time_limit_and_out_at_the_parser(argv, msg, capsys):
     from lserve_lite.cli import main
 
     with pytest.raises(SystemExit) as e:

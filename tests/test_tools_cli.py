@@ -252,6 +252,7 @@ RESULT_FILE_TOOLS = [
     ("bench_quant_cpu", []), ("bench_structured", []), ("bench_serve", []), ("soak_serve", []),
     ("kv_quant_error", []), ("bench_prefix_cache", ["chat"]), ("bench_tp", []), ("bench_sampling", []),
     ("bench_quant_gpu", []), ("check_prefill_sm90", []), ("profile_decode", []),
+    ("eval_ppl", []), ("eval_passkey", []), ("eval_selector", []),  # stems: <out>.json, <out>.png
 ]  # fmt: skip
 
 

@@ -15,7 +15,7 @@ from datetime import date
 from pathlib import Path
 
 from lserve_lite.config import MAX_MODEL_LEN
-from lserve_lite.engine_args import bounded_int, int_list
+from lserve_lite.engine_args import bounded_int, int_list, output_file
 from lserve_lite.errors import exit_status
 from lserve_lite.evaluation.selector_recall import VARIANTS, measure, table
 
@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         "--sub-pages", type=int_list(1, 64), default=(1, 2, 4, 8), help="sub_pages settings (1,2,4,8)"
     )
     ap.add_argument("--variants", default=",".join(VARIANTS), help="scoring variants (all)")
-    ap.add_argument("--out", default="tools/results/selector_recall", help="output stem: <out>.json")
+    ap.add_argument(
+        "--out", type=output_file, default="tools/results/selector_recall", help="output stem: <out>.json"
+    )
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     res = measure(args.model, args.lengths, args.steps, args.budgets, args.sub_pages,

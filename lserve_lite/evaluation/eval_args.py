@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import KV_DTYPES, MAX_MODEL_LEN
-from ..engine_args import bounded_float, bounded_int, int_list
+from ..engine_args import bounded_float, bounded_int, int_list, output_file
 
 MAX_SAMPLES = 100_000  # prompts per (task, length) or passkey samples, at most
 MAX_TIME_LIMIT = 1e7  # seconds (115 days); 0 is no limit
@@ -41,5 +41,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
         help="start no new prompt after this many s (0: no limit; counted from the start, model loads included); "
         "settings needing their own LLM split the time left equally",
     )
-    p.add_argument("--out", default="tools/results/ruler", help="output stem: <out>.json, <out>.png")
+    p.add_argument(
+        "--out", type=output_file, default="tools/results/ruler", help="output stem: <out>.json, <out>.png"
+    )
     p.add_argument("--plot-only", metavar="JSON", help="redraw the heatmap of an earlier run and exit")
