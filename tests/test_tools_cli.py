@@ -180,6 +180,18 @@ BAD_ARGS = [
         ["--mode", "dense", "--kv-dtype", "bogus"],
         "argument --kv-dtype: invalid choice: 'bogus'",
     ),
+    (
+        "bench_prefix_cache",
+        ["chat", "--trials", "0"],
+        "--trials: 0 is outside [1,",
+    ),  # an IndexError after the load
+    (
+        "bench_prefix_cache",
+        ["doc", "--requests", "0"],
+        "--requests: 0 is outside [1,",
+    ),  # an IndexError after the load
+    ("bench_prefix_cache", ["chat", "--history", "-5"], "--history: -5 is outside [1,"),  # ran, as if 0
+    ("bench_prefix_cache", ["doc", "--doc-tokens", "1000000000"], "--doc-tokens: 1000000000 is outside [1,"),
     ("soak_serve", ["--seconds", "0"], "--seconds: 0.0 is outside [0.001, 1000000.0]"),
     ("soak_serve", ["--cases", "0"], "--cases: 0 is outside [1,"),  # was a ValueError once the server ran
     ("soak_serve", ["--long-words", "-1"], "--long-words: -1 is outside [1,"),
