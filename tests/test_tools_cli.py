@@ -148,6 +148,17 @@ BAD_ARGS = [
     ("kv_quant_error", ["--steps", "0"], "--steps: 0 is outside [1,"),
     ("kv_quant_error", ["--model", "/nonexist"], "error: /nonexist"),
     (
+        "kv_quant_error",
+        ["--model", "{tiny}"],
+        "head_dim 16 is not a multiple of 32 channels",
+    ),  # a reshape error
+    (
+        "kv_quant_error",
+        ["--context", "3000000"],
+        "--context 3000000: the text has",
+    ),  # a 3M-token KV pool first
+    ("kv_quant_error", ["--context", "64", "--steps", "64"], "--steps 64 leaves no prompt in --context 64"),
+    (
         "bench_cpu",
         ["--steps", "0"],
         "--steps: 0 is outside [1,",
