@@ -57,6 +57,22 @@ def test_cli_refuses_absurd_numbers_in_one_line():
         assert "error:" in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
 
 
+def test_generate_into_a_closed_pipe_is_quiet(tiny_llama):
+    """`lserve-lite generate ... | head -c 5`: the reader goes away; the writer stops without a BrokenPipeError
+    traceback (status 141 as a shell reports SIGPIPE). The read end is closed before the first write."""
+    import os
+
+    r, w = os.pipe()
+    os.close(r)
+    p = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "generate", "--model", str(tiny_llama), "--backend", "cpu",
+         "--prompt", "hello", "--max-new-tokens", "4"],
+        stdout=w, stderr=subprocess.PIPE, text=True, timeout=300,
+    )  # fmt: skip
+    os.close(w)
+    assert (p.returncode, p.stderr) == (141, "")
+
+
 def test_serve_address_brackets_ipv6():
     """The startup line said "http://::1:8000" for --host ::1 (no URL a browser or client takes)."""
     from lserve_lite.serve import address
