@@ -179,6 +179,7 @@ BAD_ARGS = [
         ["--float-model", "/nonexist"],
         "error: /nonexist: model directory not found",
     ),  # after the GGUF's
+    ("bench_cpu", ["--llama-bench", sys.executable, "--model", "{tiny}"], "is not a GGUF"),
     ("bench_structured", ["--repeats", "0"], "--repeats: 0 is outside [1,"),  # was NumPy's IndexError
     (
         "bench_cpu_lserve",
@@ -291,3 +292,19 @@ def test_results_file_that_cannot_be_written_is_refused_first(tool, argv, tmp_pa
         with pytest.raises(SystemExit) as e:
             run_tool(tool, [*argv, "--out", str(out)], monkeypatch)
         assert e.value.code == 2 and msg in capsys.readouterr().err.splitlines()[-1], out
+
+
+def test_bench_cpu_llama_bench_failure_is_one_line(tmp_path):
+    """llama-bench failing (a bad build, a GGUF it cannot read) was a CalledProcessError traceback after our
+    runs; it is one error naming the command and llama-bench's last line."""
+    import bench_cpu
+
+    from lserve_lite.errors import InvalidRequestError
+
+    fake = tmp_path / "llama-bench"
+    fake.write_text("#!/bin/sh\necho 'main: error: failed to load model' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(
+        InvalidRequestError, match=r"llama-bench -p 512 -n 0: main: error: failed to load model$"
+    ):
+        bench_cpu.llama_cpp(str(fake), "m.gguf", 1)

@@ -37,7 +37,7 @@ from lserve_lite.backends import cpu_kernels
 from lserve_lite.backends.cpu_threads import SplitRunner, even_bounds
 from lserve_lite.config import KV_DTYPES
 from lserve_lite.engine_args import bounded_int, existing_file, results_folder
-from lserve_lite.errors import exit_status
+from lserve_lite.errors import InvalidRequestError, exit_status
 from lserve_lite.weights.default_model import default_gguf_path, default_model_dir
 from lserve_lite.weights.loader import resolve_model_dir
 
@@ -56,9 +56,16 @@ def llama_cpp(
     cmd = [binary, "-m", gguf, "-t", str(threads), "-r", str(reps), "-o", "json", *extra]
 
     def run(*args: str) -> list[dict]:
-        return json.loads(
-            subprocess.run([*cmd, *args], check=True, capture_output=True, text=True, env=env).stdout
-        )
+        try:
+            done = subprocess.run([*cmd, *args], check=True, capture_output=True, text=True, env=env)
+            return json.loads(done.stdout)
+        except (
+            OSError,
+            subprocess.CalledProcessError,
+            json.JSONDecodeError,
+        ) as e:  # after minutes of our runs
+            why = (getattr(e, "stderr", None) or str(e)).strip().splitlines() or ["no output"]
+            raise InvalidRequestError(f"{binary} {' '.join(args)}: {why[-1]}") from None
 
     rows = (run("-p", "512", "-n", "0") if prefill else []) + run(
         "-p", "0", "-n", str(new), "-d", ",".join(map(str, depths))
@@ -217,6 +224,8 @@ def main() -> None:
     for model in (args.model, args.float_model):  # before minutes of the other model's runs
         if model is not None:
             resolve_model_dir(model)
+    if args.llama_bench and args.model and Path(args.model).suffix != ".gguf":
+        ap.error(f"--llama-bench runs llama.cpp on the same file: --model {args.model} is not a GGUF")
     load0 = os.getloadavg()[0]
     if args.kv_dtypes:
         return bench_kv(args, load0)
