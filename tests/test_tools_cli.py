@@ -308,3 +308,19 @@ def test_bench_cpu_llama_bench_failure_is_one_line(tmp_path):
         InvalidRequestError, match=r"llama-bench -p 512 -n 0: main: error: failed to load model$"
     ):
         bench_cpu.llama_cpp(str(fake), "m.gguf", 1)
+
+
+def test_bench_cpu_rows_run_a_model_of_any_vocabulary(tiny_model):
+    """Its random prompts drew ids up to 40000 whatever the model: a smaller vocabulary (the tiny model's 320)
+    was refused by the engine ('prompt token ids must be in [0, 320)')."""
+    import bench_cpu
+
+    from lserve_lite import LLM, EngineConfig
+
+    llm = LLM(str(tiny_model), backend="cpu", config=EngineConfig(prefix_caching=False))
+    assert (
+        bench_cpu.bench_prefill(llm, 32, 1)["tok_s"] > 0 and bench_cpu.bench_decode(llm, 32, 2)["tok_s"] > 0
+    )
+    assert bench_cpu.prompt(512, 49152) == [
+        int(t) for t in np.random.default_rng(512).integers(100, 40000, 512)
+    ]

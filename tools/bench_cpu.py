@@ -132,13 +132,14 @@ def gemv_bandwidth(threads: int, nbytes: int = 512 << 20, reps: int = 5) -> floa
     return w.nbytes / min(ts)
 
 
-def prompt(n: int) -> list[int]:
-    return [int(t) for t in np.random.default_rng(n).integers(100, 40000, n)]
+def prompt(n: int, vocab: int) -> list[int]:
+    """n random token ids of the model's vocabulary (SmolLM2's 49152: ids 100-39999, as in every recorded run)."""
+    return [int(t) for t in np.random.default_rng(n).integers(min(100, vocab // 2), min(40000, vocab), n)]
 
 
 def bench_prefill(llm: LLM, n: int, reps: int) -> dict:
     """Time to first token of an n-token prompt: the median run of `reps`, with its CPU time and load."""
-    ids = prompt(n)
+    ids = prompt(n, llm.engine.cfg.vocab_size)
     params = SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True)
     llm.generate([ids[:100]], params)
     runs = []
@@ -153,7 +154,7 @@ def bench_prefill(llm: LLM, n: int, reps: int) -> dict:
 def bench_decode(llm: LLM, ctx: int, steps: int) -> dict:
     """Median wall gap between decode tokens after a ctx-token prompt, CPU seconds per token, host load."""
     params = SamplingParams(temperature=0, max_new_tokens=steps + 1, ignore_eos=True)
-    stream = llm.stream_outputs(prompt(ctx), params)
+    stream = llm.stream_outputs(prompt(ctx, llm.engine.cfg.vocab_size), params)
     next(stream)  # the first token comes after the prefill
     stamps, cpus = [time.perf_counter()], [time.process_time()]
     with Meter() as m:
