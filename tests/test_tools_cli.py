@@ -204,6 +204,11 @@ BAD_ARGS = [
     ),  # an IndexError after the load
     ("bench_prefix_cache", ["chat", "--history", "-5"], "--history: -5 is outside [1,"),  # ran, as if 0
     ("bench_prefix_cache", ["doc", "--doc-tokens", "1000000000"], "--doc-tokens: 1000000000 is outside [1,"),
+    (
+        "eval_lm_harness",
+        ["--backend", "bogus"],
+        "argument --backend: invalid choice: 'bogus'",
+    ),  # after the model
     ("soak_serve", ["--seconds", "0"], "--seconds: 0.0 is outside [0.001, 1000000.0]"),
     ("soak_serve", ["--cases", "0"], "--cases: 0 is outside [1,"),  # was a ValueError once the server ran
     ("soak_serve", ["--long-words", "-1"], "--long-words: -1 is outside [1,"),
@@ -277,6 +282,7 @@ RESULT_FILE_TOOLS = [
     ("kv_quant_error", []), ("bench_prefix_cache", ["chat"]), ("bench_tp", []), ("bench_sampling", []),
     ("bench_quant_gpu", []), ("check_prefill_sm90", []), ("profile_decode", []),
     ("eval_ppl", []), ("eval_passkey", []), ("eval_selector", []),  # stems: <out>.json, <out>.png
+    ("eval_lm_harness", []),
 ]  # fmt: skip
 
 
