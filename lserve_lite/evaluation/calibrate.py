@@ -256,7 +256,7 @@ def _validate(h: SparseHarness, kept, gates, sink, local, seed, log) -> dict:
         out[name] = {"mean_kl": round(float(np.mean(kls)), 5), "mean_dnll": round(float(np.mean(dn)), 4),
                      "answers_correct": f"{correct}/{len(kept)}"}  # fmt: skip
         log(f"  validation, half the heads streaming, {name:>10}: mean KL {np.mean(kls):.4f}, "
-            f"answer NLL +{np.mean(dn):.3f}, correct {correct}/{len(kept)}")  # fmt: skip
+            f"answer NLL {np.mean(dn):+.3f}, correct {correct}/{len(kept)}")  # fmt: skip
     return out
 
 
