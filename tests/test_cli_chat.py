@@ -118,6 +118,31 @@ def test_chat_refused_message_keeps_the_history(tiny_llama):
     assert after[1] > first[1] + 4  # the second "hi" carries the first exchange
 
 
+def _with_template(tiny_llama, dest, template: str | None):
+    """A copy of the tiny model whose tokenizer_config.json has this chat template (None: none)."""
+    import shutil
+
+    shutil.copytree(tiny_llama, dest)
+    cfg = json.loads((dest / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (dest / "tokenizer_config.json").write_text(
+        json.dumps(cfg | ({"chat_template": template} if template else {}))
+    )
+    return dest
+
+
+def test_chat_without_a_template_is_refused_before_the_prompt(tiny_llama, tmp_path):
+    """It showed the prompt, then ended with status 1 at the first message (whatever was typed was lost)."""
+    model = _with_template(tiny_llama, tmp_path / "m", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "chat", "--model", str(model), "--backend", "cpu"],
+        input="hi\n/exit\n", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert (r.returncode, r.stdout) == (1, "") and r.stderr.splitlines() == [
+        "error: this model has no chat template; chat needs one (`lserve-lite generate --prompt` takes a plain prompt)"
+    ]
+
+
 def test_chat_refuses_a_system_prompt_that_cannot_fit(tiny_llama):
     r = subprocess.run(
         [sys.executable, "-m", "lserve_lite.cli", "chat", "--model", str(tiny_llama), "--backend", "cpu",
