@@ -124,9 +124,13 @@ def cmd_chat(args) -> int:
             known = word if word == "/help" else f"unknown command {word}"
             print(f"{known}: {CHAT_COMMANDS}", file=sys.stderr)
             continue
-        fitted = _fit_context(
-            llm, history + [{"role": "user", "content": line}], keep=1 if args.system else 0
-        )
+        try:  # the template may refuse a conversation (raise_exception): the REPL and its history go on
+            fitted = _fit_context(
+                llm, history + [{"role": "user", "content": line}], keep=1 if args.system else 0
+            )
+        except LServeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
         if fitted is None:
             print(
                 "error: this message alone does not fit the context; shorten it (or /reset)", file=sys.stderr

@@ -143,6 +143,20 @@ def test_chat_without_a_template_is_refused_before_the_prompt(tiny_llama, tmp_pa
     ]
 
 
+def test_chat_template_refusing_a_message_keeps_the_repl(tiny_llama, tmp_path):
+    """A template's raise_exception (roles must alternate, ...) on one message ended the REPL and its history."""
+    tmpl = ("{% for m in messages %}{% if 'boom' in m['content'] %}{{ raise_exception('no boom here') }}{% endif %}"
+            "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n")  # fmt: skip
+    model = _with_template(tiny_llama, tmp_path / "m", tmpl)
+    r = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "chat", "--model", str(model), "--backend", "cpu",
+         "--max-new-tokens", "2"],
+        input="boom\nhello\n/exit\n", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "error: chat template: no boom here" in r.stderr and r.stderr.count("tokens, first after") == 1
+
+
 def test_chat_refuses_a_system_prompt_that_cannot_fit(tiny_llama):
     r = subprocess.run(
         [sys.executable, "-m", "lserve_lite.cli", "chat", "--model", str(tiny_llama), "--backend", "cpu",
