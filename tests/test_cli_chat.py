@@ -258,6 +258,23 @@ def test_kernels_test_refuses_bad_options_before_running(argv, msg, capsys):
     assert e.value.code == 2 and msg in capsys.readouterr().err
 
 
+def test_kernels_test_prints_the_seed_it_drew(monkeypatch, capsys):
+    """Each run draws fresh inputs; the seed was never shown, so a FAIL on them could not be run again."""
+    import lserve_lite.harness as harness
+    from lserve_lite.harness.common import Result
+
+    seeds: list[int] = []
+    monkeypatch.setattr(harness, "cuda_available", lambda: True)
+    monkeypatch.setattr(
+        harness, "run_cases", lambda names, seed: seeds.append(seed) or [Result("k", "s", 1, 1, False)]
+    )
+    assert harness.main(["test"]) == 1
+    assert (
+        f"random inputs from seed {seeds[0]} (--seed {seeds[0]} draws them again)" in capsys.readouterr().out
+    )
+    assert harness.main(["test", "--seed", "7"]) == 1 and seeds[1] == 7
+
+
 def test_bench_json_path_that_is_a_directory(tiny_llama, tmp_path):
     r = _bench(tiny_llama, "--json", str(tmp_path))
     assert r.returncode == 2 and "a directory, not a file" in r.stderr and "Traceback" not in r.stderr
