@@ -36,15 +36,29 @@ def bounded_float(lo: float, hi: float):
 
 
 def int_list(lo: int, hi: int):
-    """An argparse type: comma-separated integers, each in [lo, hi]."""
+    """An argparse type: comma-separated distinct integers, each in [lo, hi]."""
     one = bounded_int(lo, hi)
-    return lambda text: [one(t) for t in text.split(",")]
+    return lambda text: distinct([one(t) for t in text.split(",")])
 
 
 def float_list(lo: float, hi: float):
-    """An argparse type: comma-separated numbers, each in [lo, hi]."""
+    """An argparse type: comma-separated distinct numbers, each in [lo, hi]."""
     one = bounded_float(lo, hi)
-    return lambda text: [one(t) for t in text.split(",")]
+    return lambda text: distinct([one(t) for t in text.split(",")])
+
+
+def name_list(text: str) -> list[str]:
+    """An argparse type: comma-separated distinct names (blanks around each dropped)."""
+    return distinct([t.strip() for t in text.split(",")])
+
+
+def distinct(values: list) -> list:
+    """`values`, refused if one repeats: a setting given twice runs twice and, in an evaluation, counts the same
+    prompts twice as if they were independent samples."""
+    for i, v in enumerate(values):
+        if v in values[:i]:
+            raise argparse.ArgumentTypeError(f"{v} is given twice")
+    return values
 
 
 def results_folder(text: str) -> str:

@@ -105,10 +105,9 @@ def test_per_run_settings_refused_per_setting():
         (["--seed", "-1"], "--seed: -1 is outside [0,"),  # NumPy's generator raised after the model loaded
         (["--time-limit", "nan"], "--time-limit: nan is outside [0,"),  # was no limit at all
         (["--time-limit", "-1"], "--time-limit: -1.0 is outside [0,"),  # was a model load, then an error
-        (
-            ["--out", "/"],
-            "--out: /: a directory, not a file",
-        ),  # the stem of <out>.json: '/.json' failed later
+        (["--out", "/"], "--out: /: a directory, not a file"),  # the stem '/' wrote '/.json'
+        (["--lengths", "512,512"], "--lengths: 512 is given twice"),  # the same prompts counted twice
+        (["--tasks", "qa, qa"], "--tasks: qa is given twice"),
     ],
 )
 def test_eval_refuses_bad_seed_time_limit_and_out_at_the_parser(argv, msg, capsys):

@@ -103,6 +103,7 @@ BAD_ARGS = [
     ("eval_passkey", ["--depths", "abc"], "--depths: 'abc' is not a number"),
     ("eval_passkey", ["--depths", "0.5,1.5"], "--depths: 1.5 is outside [0, 1]"),
     ("eval_passkey", ["--samples", "0"], "--samples: 0 is outside [1,"),
+    ("eval_passkey", ["--depths", "0.5,0.5"], "--depths: 0.5 is given twice"),
     ("eval_passkey", ["--seed", "-1"], "--seed: -1 is outside [0,"),
     ("eval_passkey", ["--configs", "bogus"], "error: unknown config 'bogus'"),
     ("eval_passkey", ["--pattern", "/nonexist.tsv"], "--pattern: /nonexist.tsv: file not found"),

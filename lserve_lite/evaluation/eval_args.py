@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import KV_DTYPES, MAX_MODEL_LEN
-from ..engine_args import bounded_float, bounded_int, int_list, output_file
+from ..engine_args import bounded_float, bounded_int, int_list, name_list, output_file
 
 MAX_SAMPLES = 100_000  # prompts per (task, length) or passkey samples, at most
 MAX_TIME_LIMIT = 1e7  # seconds (115 days); 0 is no limit
@@ -15,7 +15,9 @@ MAX_TIME_LIMIT = 1e7  # seconds (115 days); 0 is no limit
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     """Arguments of `lserve-lite eval` (and tools/eval_ruler.py)."""
     p.add_argument("--model", default=None, help="model directory (default: the bundled SmolLM2)")
-    p.add_argument("--tasks", default="all", help="comma-separated tasks (default all; see ruler.TASKS)")
+    p.add_argument(
+        "--tasks", type=name_list, default="all", help="comma-separated tasks (default all; see ruler.TASKS)"
+    )
     p.add_argument("--lengths", type=int_list(256, MAX_MODEL_LEN), default=[2048],
                    help="comma-separated context lengths in tokens, each >= 256 (2048)")  # fmt: skip
     p.add_argument(
