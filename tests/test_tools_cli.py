@@ -138,6 +138,7 @@ BAD_ARGS = [
         "sub_pages must divide the page size 64: [3]",
     ),
     ("eval_selector", ["--model", "{tiny}", "--variants", "bogus"], "error: unknown variant(s) ['bogus']"),
+    ("eval_selector", ["--variants", "centroid,centroid"], "--variants: centroid is given twice"),
     (
         "eval_selector",
         ["--model", "{tiny}", "--lengths", "4096"],
