@@ -332,3 +332,37 @@ def test_bench_cpu_rows_run_a_model_of_any_vocabulary(tiny_model):
     assert bench_cpu.prompt(512, 49152) == [
         int(t) for t in np.random.default_rng(512).integers(100, 40000, 512)
     ]
+
+
+def test_bench_serve_names_a_refused_key_and_takes_a_client_base_url(tmp_path, monkeypatch, capsys):
+    """A server that wants a key (401) was a KeyError traceback, and so was `--url .../v1` (an OpenAI client's
+    base_url: the tool asked for /v1/v1/models); the /v1 is dropped and a refusal is one line with the status."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[str] = []
+
+    class Refuse(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            body = b'{"error": {"message": "invalid API key"}}'
+            self.send_response(401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Refuse) as srv:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        status = run_tool(
+            "bench_serve", ["--url", url + "/v1/", "--out", str(tmp_path / "b.json")], monkeypatch
+        )
+        srv.shutdown()
+    assert status == 1 and seen == ["/v1/models"]
+    assert capsys.readouterr().err.splitlines() == [
+        f'error: {url}/v1/models answered HTTP 401 (--api-key): {{"error": {{"message": "invalid API key"}}}}'
+    ]
+    assert list(tmp_path.iterdir()) == []
