@@ -366,3 +366,24 @@ def test_bench_serve_names_a_refused_key_and_takes_a_client_base_url(tmp_path, m
         f'error: {url}/v1/models answered HTTP 401 (--api-key): {{"error": {{"message": "invalid API key"}}}}'
     ]
     assert list(tmp_path.iterdir()) == []
+
+
+GPU_TOOL_BAD_ARGS = [
+    ("bench_sampling", ["--vocab", "0"]), ("bench_sampling", ["--batches", "1", "-8"]),
+    ("bench_sampling", ["--reps", "0"]), ("bench_quant_gpu", ["--batches", "0"]),
+    ("bench_quant_gpu", ["--prefill-rows", "-1"]), ("bench_tp", ["--tensor-parallel", "0"]),
+    ("bench_tp", ["--contexts", "99999999999"]), ("bench_sparse", ["--sub-pages", "0"]),
+    ("bench_e2e", ["--decode-steps", "0"]), ("bench_e2e", ["--smol-prompts", "512", "-1"]),
+    ("bench_e2e", ["--llama-batches", "100000"]), ("bench_e2e", ["--batch-kv-gib", "nan"]),
+    ("bench_e2e", ["--sparse-contexts", "1e9"]), ("bench_e2e", ["--sparse-sub-pages", "0"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("tool, argv", GPU_TOOL_BAD_ARGS)
+def test_gpu_tools_refuse_absurd_numbers_at_the_parser(tool, argv, tmp_path, monkeypatch, capsys):
+    """Counts and sizes of the GPU benchmarks are bounded where they are parsed: on a GPU a negative batch or a
+    vocabulary of 0 failed inside a kernel's launch or allocation (here: the usage line, before the GPU check)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        run_tool(tool, argv, monkeypatch)
+    assert e.value.code == 2 and f"argument {argv[0]}: " in capsys.readouterr().err
