@@ -52,6 +52,20 @@ def name_list(text: str) -> list[str]:
     return distinct([t.strip() for t in text.split(",")])
 
 
+def choice_list(allowed: tuple[str, ...]):
+    """An argparse type: comma-separated distinct names, each one of `allowed` (a typo would otherwise select
+    nothing, and a run would time and write nothing of it)."""
+
+    def parse(text: str) -> list[str]:
+        names = name_list(text)
+        unknown = [n for n in names if n not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {', '.join(allowed)}")
+        return names
+
+    return parse
+
+
 def distinct(values: list) -> list:
     """`values`, refused if one repeats: a setting given twice runs twice and, in an evaluation, counts the same
     prompts twice as if they were independent samples."""

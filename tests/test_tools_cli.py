@@ -169,7 +169,7 @@ BAD_ARGS = [
     (
         "bench_cpu",
         ["--kv-dtypes", "fp32,bogus"],
-        "unknown KV format(s) ['bogus']",
+        "--kv-dtypes: unknown ['bogus']; choose from auto,",
     ),  # was after fp32's whole run
     (
         "bench_cpu",
@@ -376,13 +376,17 @@ GPU_TOOL_BAD_ARGS = [
     ("bench_e2e", ["--decode-steps", "0"]), ("bench_e2e", ["--smol-prompts", "512", "-1"]),
     ("bench_e2e", ["--llama-batches", "100000"]), ("bench_e2e", ["--batch-kv-gib", "nan"]),
     ("bench_e2e", ["--sparse-contexts", "1e9"]), ("bench_e2e", ["--sparse-sub-pages", "0"]),
+    ("bench_attention", ["--sections", "prefil"]), ("bench_attention", ["--kv-dtypes", "fp16,int9"]),
+    ("bench_attention", ["--prefill-kernels", "wgma"]), ("check_prefill_sm90", ["--kernels", "mma,tmaa"]),
+    ("check_prefill_sm90", ["--seqs", "4096,abc"]),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("tool, argv", GPU_TOOL_BAD_ARGS)
 def test_gpu_tools_refuse_absurd_numbers_at_the_parser(tool, argv, tmp_path, monkeypatch, capsys):
-    """Counts and sizes of the GPU benchmarks are bounded where they are parsed: on a GPU a negative batch or a
-    vocabulary of 0 failed inside a kernel's launch or allocation (here: the usage line, before the GPU check)."""
+    """Counts, sizes and names of the GPU benchmarks are checked where they are parsed: on a GPU a negative batch
+    or a vocabulary of 0 failed inside a kernel's launch or allocation, and a misspelt section or kernel selected
+    nothing (a run that timed nothing of it, exit 0); here: the usage line, before the GPU check."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
         run_tool(tool, argv, monkeypatch)

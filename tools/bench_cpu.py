@@ -36,7 +36,7 @@ from lserve_lite import LLM, EngineConfig, SamplingParams
 from lserve_lite.backends import cpu_kernels
 from lserve_lite.backends.cpu_threads import SplitRunner, even_bounds
 from lserve_lite.config import KV_DTYPES
-from lserve_lite.engine_args import bounded_int, existing_file, results_folder
+from lserve_lite.engine_args import bounded_int, choice_list, existing_file, results_folder
 from lserve_lite.errors import InvalidRequestError, exit_status
 from lserve_lite.weights.default_model import default_gguf_path, default_model_dir
 from lserve_lite.weights.loader import resolve_model_dir
@@ -192,15 +192,6 @@ def bench_model(model: str | None, steps: int, kv_dtype: str = "auto") -> dict:
     return {"model": llm.engine.model_dir.name, "weight_bytes": weight_bytes(llm), "results": rows}
 
 
-def kv_dtype_list(text: str) -> list[str]:
-    """An argparse type: comma-separated KV formats, each checked before the first run."""
-    names = text.split(",")
-    unknown = [n for n in names if n not in KV_DTYPES]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown KV format(s) {unknown}; known: {', '.join(KV_DTYPES)}")
-    return names
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF file (default: the bundled SmolLM2 Q4_1)")
@@ -214,7 +205,7 @@ def main() -> None:
         help="a llama-bench binary: run llama.cpp beside us",
     )
     ap.add_argument(
-        "--kv-dtypes", type=kv_dtype_list, default=None,
+        "--kv-dtypes", type=choice_list(KV_DTYPES), default=None,
         help="e.g. fp32,int8,int4,fp8: only the GGUF, once per KV format",
     )  # fmt: skip
     ap.add_argument(
