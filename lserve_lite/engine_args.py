@@ -95,7 +95,7 @@ def json_file(text: str) -> str:
 def output_file(text: str) -> str:
     """An argparse type: a results file (or the stem of several) that a tool writes after its run, making missing
     folders: refused now if it names a directory or lies under a file (the write would fail after all the work)."""
-    path = Path(text).expanduser()
+    path = Path(text)  # as the tools open it (no ~ expansion: the shell does that)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: a directory, not a file")
     folder = next(p for p in path.absolute().parents if p.exists())
