@@ -4,6 +4,7 @@ context (oldest exchanges are dropped, with a note), and still answers."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -273,6 +274,24 @@ def test_kernels_test_prints_the_seed_it_drew(monkeypatch, capsys):
         f"random inputs from seed {seeds[0]} (--seed {seeds[0]} draws them again)" in capsys.readouterr().out
     )
     assert harness.main(["test", "--seed", "7"]) == 1 and seeds[1] == 7
+
+
+def test_kernels_test_json_is_strict_json(monkeypatch, tmp_path):
+    """A crashed case's row has infinite errors, written as `Infinity`, which no strict JSON parser reads."""
+    import lserve_lite.harness as harness
+    from lserve_lite.harness.common import Result
+
+    rows = [
+        Result("k", "s", 0.5, 0.1, True),
+        Result("attention", "-", math.inf, math.inf, False, "RuntimeError: x"),
+    ]
+    monkeypatch.setattr(harness, "cuda_available", lambda: True)
+    monkeypatch.setattr(harness, "run_cases", lambda names, seed: rows)
+    assert harness.main(["test", "--json", str(tmp_path / "k.json")]) == 1
+    text = (tmp_path / "k.json").read_text()
+    got = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert got[1] == {"kernel": "attention", "shape": "-", "max_abs": None, "rel": None, "ok": False,
+                      "note": "RuntimeError: x"}  # fmt: skip
 
 
 def test_bench_json_path_that_is_a_directory(tiny_llama, tmp_path):

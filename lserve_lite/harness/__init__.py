@@ -89,6 +89,12 @@ def run_cases(names, seed: int) -> list[Result]:
     return results
 
 
+def _json_row(r: Result) -> dict:
+    """A row as strict JSON: the infinite error of a case that crashed is null (json writes `Infinity`, which
+    JSON parsers other than Python's refuse)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(r).items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lserve-lite kernels test", description=(__doc__ or "").splitlines()[0])
     ap.add_argument("cases", nargs="*", help=f"subset of: {', '.join(CASES)}")
@@ -112,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in results], f, indent=1)
+            json.dump([_json_row(r) for r in results], f, indent=1)
     return 0 if all(r.ok for r in results) else 1
 
 
