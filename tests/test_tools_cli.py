@@ -391,3 +391,15 @@ def test_gpu_tools_refuse_absurd_numbers_at_the_parser(tool, argv, tmp_path, mon
     with pytest.raises(SystemExit) as e:
         run_tool(tool, argv, monkeypatch)
     assert e.value.code == 2 and f"argument {argv[0]}: " in capsys.readouterr().err
+
+
+def test_every_tool_script_runs_its_main_under_exit_status():
+    """Ctrl-C in a tool was a KeyboardInterrupt traceback (and a refused input another) where its `__main__` called
+    main() bare; every script runs it through exit_status (status 130, or one `error:` line), eval_ruler through
+    the CLI's main."""
+    bare = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "tools").glob("*.py")):
+        block = path.read_text().partition('if __name__ == "__main__":')[2]
+        if block and "exit_status(main)" not in block and path.name != "eval_ruler.py":
+            bare.append(path.name)
+    assert bare == []

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lserve_lite.backends import require_gpu  # noqa: E402
 from lserve_lite.backends.cuda_attention import PREFILL_KERNELS  # noqa: E402
 from lserve_lite.engine_args import choice_list, results_folder  # noqa: E402
+from lserve_lite.errors import exit_status  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 64
 CHUNK, CHUNK_CACHED = 2048, (32768, 131072)  # the chunked section: a prefill chunk over cached context
@@ -708,4 +709,4 @@ def _plot(res: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_status(main))

@@ -23,6 +23,7 @@ from lserve_lite.backends import cpu_kernels as K
 from lserve_lite.backends import cpu_threads as C
 from lserve_lite.backends.cpu_quant import linear_q
 from lserve_lite.engine_args import output_file
+from lserve_lite.errors import exit_status
 from lserve_lite.weights.qtensor import FORMATS, LAYOUTS, QuantTensor, concat_rows
 from lserve_lite.weights.quantize import from_gguf
 
@@ -183,4 +184,4 @@ def print_table(rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main))

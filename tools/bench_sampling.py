@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lserve_lite.backends import require_gpu  # noqa: E402
 from lserve_lite.engine_args import bounded_int, output_file  # noqa: E402
+from lserve_lite.errors import exit_status  # noqa: E402
 
 SETTINGS = [  # (name, temperature, top_k, top_p)
     ("greedy", 0.0, 0, 1.0),
@@ -138,4 +139,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main))

@@ -35,6 +35,7 @@ from bench_attention import _free_memory, _peer, _reps, events_median, torch_dec
 
 from lserve_lite.backends import require_gpu  # noqa: E402
 from lserve_lite.engine_args import bounded_int, results_folder  # noqa: E402
+from lserve_lite.errors import exit_status  # noqa: E402
 
 HQ, HKV, D, PAGE, SUB = 32, 8, 128, 64, 4
 LAYERS = (0, 8, 16, 24, 31)
@@ -388,4 +389,4 @@ def plot(res: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(exit_status(main))

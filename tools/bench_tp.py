@@ -27,6 +27,7 @@ from bench_e2e import _fill_random, gpu_time, llama3_8b_config, random_llama  # 
 
 from lserve_lite.backends import require_gpu  # noqa: E402
 from lserve_lite.engine_args import bounded_int, output_file  # noqa: E402
+from lserve_lite.errors import exit_status  # noqa: E402
 
 PS = 64
 
@@ -153,4 +154,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_status(main))

@@ -35,6 +35,7 @@ from lserve_lite.backends import require_gpu  # noqa: E402
 from lserve_lite.backends.cuda_attention import PREFILL_KERNELS  # noqa: E402
 from lserve_lite.config import MAX_MODEL_LEN  # noqa: E402
 from lserve_lite.engine_args import choice_list, int_list, output_file  # noqa: E402
+from lserve_lite.errors import exit_status  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 64
 Q_BLOCK = 64  # as tools/bench_attention.py (two heads of a GQA group share each CTA)
@@ -189,4 +190,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_status(main))

@@ -9,6 +9,8 @@ import sys
 import tempfile
 import time
 
+from lserve_lite.errors import exit_status
+
 QUESTIONS = ["What is the capital of France?", "Write two sentences about the sea."]
 
 
@@ -53,4 +55,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main))

@@ -38,6 +38,7 @@ import numpy as np
 from bench_serve import MAX_WORDS, free_port, wait_healthy  # tools/ is on the path when run as a script
 
 from lserve_lite.engine_args import bounded_float, bounded_int, output_file
+from lserve_lite.errors import exit_status
 
 WORDS = ("the quick brown fox jumps over lazy dog hello world how are you today river mountain city music "
          "light garden ocean story 0123456789").split()  # fmt: skip
@@ -425,4 +426,4 @@ async def run_load(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(exit_status(main))
