@@ -9,13 +9,12 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .config import MAX_MODEL_LEN, MAX_NUM_SEQS
-from .engine_args import bounded_int, int_list
+from .engine_args import bounded_int, int_list, json_file
 from .errors import InvalidRequestError
 from .sampling_params import SamplingParams
 
@@ -79,15 +78,6 @@ def _batch_step_stamps(eng: LLMEngine, rids: set[str], count: int) -> list[float
     return stamps
 
 
-def _json_path(text: str) -> str:
-    """--json: a file in a directory that exists (checked before the model loads)."""
-    if not Path(text).resolve().parent.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: its directory does not exist")
-    if Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: a directory, not a file")
-    return text
-
-
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prompt-lens",
@@ -102,7 +92,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch", type=bounded_int(1, MAX_NUM_SEQS), default=1, help="sequences decoding together"
     )
-    p.add_argument("--json", type=_json_path, default=None, help="also write the figures to this JSON file")
+    p.add_argument("--json", type=json_file, default=None, help="also write the figures to this JSON file")
 
 
 def _check_decode_fits(llm: LLM, ctx: int, steps: int, batch: int) -> None:

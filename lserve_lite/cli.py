@@ -8,7 +8,7 @@ import sys
 import time
 
 from .engine_args import add_engine_args, engine_config_from_args
-from .errors import LServeError, exit_status
+from .errors import InvalidRequestError, LServeError, exit_status
 from .evaluation.calibrate_args import add_calibrate_args
 from .evaluation.eval_args import add_eval_args
 from .serve import add_serve_args, run_from_args
@@ -84,6 +84,10 @@ def cmd_chat(args) -> int:
     _readline_history()
     params = _sampling(args)
     llm = _make_llm(args)
+    if not llm.tokenizer.chat_template:  # else the first message would end the REPL with this error
+        raise InvalidRequestError(
+            "this model has no chat template; chat needs one (`lserve-lite generate --prompt` takes a plain prompt)"
+        )
     history: list[dict] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
@@ -120,9 +124,13 @@ def cmd_chat(args) -> int:
             known = word if word == "/help" else f"unknown command {word}"
             print(f"{known}: {CHAT_COMMANDS}", file=sys.stderr)
             continue
-        fitted = _fit_context(
-            llm, history + [{"role": "user", "content": line}], keep=1 if args.system else 0
-        )
+        try:  # the template may refuse a conversation (raise_exception): the REPL and its history go on
+            fitted = _fit_context(
+                llm, history + [{"role": "user", "content": line}], keep=1 if args.system else 0
+            )
+        except LServeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
         if fitted is None:
             print(
                 "error: this message alone does not fit the context; shorten it (or /reset)", file=sys.stderr

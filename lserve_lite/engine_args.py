@@ -36,21 +36,71 @@ def bounded_float(lo: float, hi: float):
 
 
 def int_list(lo: int, hi: int):
-    """An argparse type: comma-separated integers, each in [lo, hi]."""
+    """An argparse type: comma-separated distinct integers, each in [lo, hi]."""
     one = bounded_int(lo, hi)
-    return lambda text: [one(t) for t in text.split(",")]
+    return lambda text: distinct([one(t) for t in text.split(",")])
 
 
 def float_list(lo: float, hi: float):
-    """An argparse type: comma-separated numbers, each in [lo, hi]."""
+    """An argparse type: comma-separated distinct numbers, each in [lo, hi]."""
     one = bounded_float(lo, hi)
-    return lambda text: [one(t) for t in text.split(",")]
+    return lambda text: distinct([one(t) for t in text.split(",")])
+
+
+def name_list(text: str) -> list[str]:
+    """An argparse type: comma-separated distinct names (blanks around each dropped)."""
+    return distinct([t.strip() for t in text.split(",")])
+
+
+def choice_list(allowed: tuple[str, ...]):
+    """An argparse type: comma-separated distinct names, each one of `allowed` (a typo would otherwise select
+    nothing, and a run would time and write nothing of it)."""
+
+    def parse(text: str) -> list[str]:
+        names = name_list(text)
+        unknown = [n for n in names if n not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {', '.join(allowed)}")
+        return names
+
+    return parse
+
+
+def distinct(values: list) -> list:
+    """`values`, refused if one repeats: a setting given twice runs twice and, in an evaluation, counts the same
+    prompts twice as if they were independent samples."""
+    for i, v in enumerate(values):
+        if v in values[:i]:
+            raise argparse.ArgumentTypeError(f"{v} is given twice")
+    return values
 
 
 def results_folder(text: str) -> str:
     """An argparse type: a folder a tool writes its results into (a name ending in .json would become a folder)."""
     if text.endswith(".json"):
         raise argparse.ArgumentTypeError(f"{text!r} names a file; --out is a folder for the results")
+    return text
+
+
+def json_file(text: str) -> str:
+    """An argparse type: a file to write results into, in a directory that exists (checked before the run, which
+    would otherwise end in an OSError after all its work)."""
+    if not Path(text).resolve().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: its directory does not exist")
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: a directory, not a file")
+    return text
+
+
+def output_file(text: str) -> str:
+    """An argparse type: a results file (or the stem of several) that a tool writes after its run, making missing
+    folders: refused now if it names a directory or lies under a file (the write would fail after all the work)."""
+    path = Path(text)  # as the tools open it (no ~ expansion: the shell does that)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: a directory, not a file")
+    folder = next(p for p in path.absolute().parents if p.exists())
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {folder} is a file, not a folder")
     return text
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -24,7 +25,7 @@ class TensorParallelError(LServeError):
 
 def exit_status(main: Callable[[], int | None]) -> int:
     """Runs a command as `lserve-lite` and the tools do: an LServeError is one `error: ...` line and status 1,
-    Ctrl-C status 130."""
+    Ctrl-C status 130, a reader of stdout that went away (`| head`) status 141 (128 + SIGPIPE), quietly as cat."""
     try:
         return int(main() or 0)
     except LServeError as e:
@@ -32,3 +33,6 @@ def exit_status(main: Callable[[], int | None]) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush would raise again
+        return 141

@@ -4,6 +4,7 @@ context (oldest exchanges are dropped, with a note), and still answers."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -57,6 +58,22 @@ def test_cli_refuses_absurd_numbers_in_one_line():
         assert "error:" in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
 
 
+def test_generate_into_a_closed_pipe_is_quiet(tiny_llama):
+    """`lserve-lite generate ... | head -c 5`: the reader goes away; the writer stops without a BrokenPipeError
+    traceback (status 141 as a shell reports SIGPIPE). The read end is closed before the first write."""
+    import os
+
+    r, w = os.pipe()
+    os.close(r)
+    p = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "generate", "--model", str(tiny_llama), "--backend", "cpu",
+         "--prompt", "hello", "--max-new-tokens", "4"],
+        stdout=w, stderr=subprocess.PIPE, text=True, timeout=300,
+    )  # fmt: skip
+    os.close(w)
+    assert (p.returncode, p.stderr) == (141, "")
+
+
 def test_serve_address_brackets_ipv6():
     """The startup line said "http://::1:8000" for --host ::1 (no URL a browser or client takes)."""
     from lserve_lite.serve import address
@@ -100,6 +117,45 @@ def test_chat_refused_message_keeps_the_history(tiny_llama):
     """A message too long for the context is refused without dropping the earlier exchanges."""
     first, after = _chat(tiny_llama, "--max-model-len", "128", lines=b"hi\n" + b"hello " * 300 + b"\nhi\n")
     assert after[1] > first[1] + 4  # the second "hi" carries the first exchange
+
+
+def _with_template(tiny_llama, dest, template: str | None):
+    """A copy of the tiny model whose tokenizer_config.json has this chat template (None: none)."""
+    import shutil
+
+    shutil.copytree(tiny_llama, dest)
+    cfg = json.loads((dest / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (dest / "tokenizer_config.json").write_text(
+        json.dumps(cfg | ({"chat_template": template} if template else {}))
+    )
+    return dest
+
+
+def test_chat_without_a_template_is_refused_before_the_prompt(tiny_llama, tmp_path):
+    """It showed the prompt, then ended with status 1 at the first message (whatever was typed was lost)."""
+    model = _with_template(tiny_llama, tmp_path / "m", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "chat", "--model", str(model), "--backend", "cpu"],
+        input="hi\n/exit\n", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert (r.returncode, r.stdout) == (1, "") and r.stderr.splitlines() == [
+        "error: this model has no chat template; chat needs one (`lserve-lite generate --prompt` takes a plain prompt)"
+    ]
+
+
+def test_chat_template_refusing_a_message_keeps_the_repl(tiny_llama, tmp_path):
+    """A template's raise_exception (roles must alternate, ...) on one message ended the REPL and its history."""
+    tmpl = ("{% for m in messages %}{% if 'boom' in m['content'] %}{{ raise_exception('no boom here') }}{% endif %}"
+            "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n")  # fmt: skip
+    model = _with_template(tiny_llama, tmp_path / "m", tmpl)
+    r = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "chat", "--model", str(model), "--backend", "cpu",
+         "--max-new-tokens", "2"],
+        input="boom\nhello\n/exit\n", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "error: chat template: no boom here" in r.stderr and r.stderr.count("tokens, first after") == 1
 
 
 def test_chat_refuses_a_system_prompt_that_cannot_fit(tiny_llama):
@@ -182,6 +238,60 @@ def test_kernels_test_without_a_gpu_is_not_a_pass():
     r = subprocess.run([sys.executable, "-m", "lserve_lite.cli", "kernels", "test"], capture_output=True, text=True,
                        timeout=120)  # fmt: skip
     assert r.returncode == 2 and "nothing was tested" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (
+            ["--json", "/nonexistent-dir/k.json"],
+            "its directory does not exist",
+        ),  # was an OSError after the run
+        (["--seed", "-1"], "--seed: -1 is outside [0,"),  # was NumPy's ValueError before the first case
+    ],
+)
+def test_kernels_test_refuses_bad_options_before_running(argv, msg, capsys):
+    """The harness's options are checked before any case runs (a whole run takes minutes on a GPU)."""
+    from lserve_lite.harness import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["test", *argv])
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_kernels_test_prints_the_seed_it_drew(monkeypatch, capsys):
+    """Each run draws fresh inputs; the seed was never shown, so a FAIL on them could not be run again."""
+    import lserve_lite.harness as harness
+    from lserve_lite.harness.common import Result
+
+    seeds: list[int] = []
+    monkeypatch.setattr(harness, "cuda_available", lambda: True)
+    monkeypatch.setattr(
+        harness, "run_cases", lambda names, seed: seeds.append(seed) or [Result("k", "s", 1, 1, False)]
+    )
+    assert harness.main(["test"]) == 1
+    assert (
+        f"random inputs from seed {seeds[0]} (--seed {seeds[0]} draws them again)" in capsys.readouterr().out
+    )
+    assert harness.main(["test", "--seed", "7"]) == 1 and seeds[1] == 7
+
+
+def test_kernels_test_json_is_strict_json(monkeypatch, tmp_path):
+    """A crashed case's row has infinite errors, written as `Infinity`, which no strict JSON parser reads."""
+    import lserve_lite.harness as harness
+    from lserve_lite.harness.common import Result
+
+    rows = [
+        Result("k", "s", 0.5, 0.1, True),
+        Result("attention", "-", math.inf, math.inf, False, "RuntimeError: x"),
+    ]
+    monkeypatch.setattr(harness, "cuda_available", lambda: True)
+    monkeypatch.setattr(harness, "run_cases", lambda names, seed: rows)
+    assert harness.main(["test", "--json", str(tmp_path / "k.json")]) == 1
+    text = (tmp_path / "k.json").read_text()
+    got = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert got[1] == {"kernel": "attention", "shape": "-", "max_abs": None, "rel": None, "ok": False,
+                      "note": "RuntimeError: x"}  # fmt: skip
 
 
 def test_bench_json_path_that_is_a_directory(tiny_llama, tmp_path):

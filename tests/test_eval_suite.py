@@ -100,6 +100,25 @@ def test_per_run_settings_refused_per_setting():
 
 
 @pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--seed", "-1"], "--seed: -1 is outside [0,"),  # NumPy's generator raised after the model loaded
+        (["--time-limit", "nan"], "--time-limit: nan is outside [0,"),  # was no limit at all
+        (["--time-limit", "-1"], "--time-limit: -1.0 is outside [0,"),  # was a model load, then an error
+        (["--out", "/"], "--out: /: a directory, not a file"),  # the stem '/' wrote '/.json'
+        (["--lengths", "512,512"], "--lengths: 512 is given twice"),  # the same prompts counted twice
+        (["--tasks", "qa, qa"], "--tasks: qa is given twice"),
+    ],
+)
+def test_eval_refuses_bad_seed_time_limit_and_out_at_the_parser(argv, msg, capsys):
+    from lserve_lite.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", "/nonexistent", *argv])
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
     "spec, msg",
     [
         ("x:token_budget=abc", "config 'x': token_budget='abc' is not an integer"),

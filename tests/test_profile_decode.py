@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 import profile_decode  # noqa: E402
@@ -34,3 +36,25 @@ def test_summary_groups_by_kernel_family_per_step(tmp_path):
     assert abs(by["gemv_rows"]["us_per_step"] - 10.25) < 1e-9
     assert abs(out["sum_us"] - (4.0 + 10.25 + 3.0)) < 1e-9
     assert out["kernels"][0]["kernel"] == "gemv_rows"  # the largest first
+
+
+def test_summarize_refuses_what_is_not_an_ncu_log_in_one_line(tmp_path, capsys):
+    """A missing log, --steps 0, a file without ncu's header, a unit it does not know and a log without kernel
+    times were tracebacks (FileNotFoundError, ZeroDivisionError, IndexError / ValueError, KeyError)."""
+    from lserve_lite.errors import exit_status
+
+    cases = {
+        "other.csv": ("a,b,c,d,e,f\n1,2,3,4,5,6\n", "not an ncu --csv log"),
+        "empty.csv": ("", "not an ncu --csv log"),
+        "unit.csv": (HEAD + "\n" + _row(0, "k", "furlong", "3"), "a kernel time of '3' 'furlong' is not a time"),
+        "none.csv": (HEAD + "\n" + _row(0, "k", "usecond", "3", metric="sm__throughput.avg"), "no gpu__time_duration.sum rows"),
+    }  # fmt: skip
+    for name, (text, msg) in cases.items():
+        (tmp_path / name).write_text(text)
+        assert exit_status(lambda log=str(tmp_path / name): profile_decode.main(["--summarize", log])) == 1
+        assert msg in capsys.readouterr().err.splitlines()[-1], name
+    for argv, msg in ((["--summarize", str(tmp_path / "missing.csv")], "file not found"),
+                      (["--summarize", str(tmp_path / "unit.csv"), "--steps", "0"], "--steps: 0 is outside [1,")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            profile_decode.main(argv)
+        assert e.value.code == 2 and msg in capsys.readouterr().err

@@ -341,6 +341,31 @@ def test_calibrate_refuses_an_unusable_output_first(tiny_dir, tmp_path):
             calibrate(tiny_dir, out, num_samples=1, lengths=[384], sink=64, local=64, tail=8, log=print)
 
 
+def test_calibrate_too_short_samples_name_every_term():
+    """512 tokens hold sink 128 + local 256, but not with a 600-token tail: the refusal counts the tail (it
+    said 'too short for sink 128 + local 256', untrue of 512 tokens)."""
+    from lserve_lite.evaluation.calibrate import make_samples
+
+    msg = "samples of 512 tokens are too short: .* more than sink 128 + local 256 + tail 600 + 96 = 1080$"
+    with pytest.raises(InvalidRequestError, match=msg.replace("+", r"\+")):
+        make_samples(None, [512], 1, sink=128, local=256, tail=600, seed=0)
+
+
+def test_calibrate_validation_line_signs_the_nll_change():
+    """A sparse run whose answer NLL is lower than dense's was logged as 'answer NLL +-1.030'."""
+    from types import SimpleNamespace
+
+    from lserve_lite.evaluation.calibrate import _validate
+
+    ref = np.log(np.full((1, 4), 0.25))
+    better = np.log(np.array([[0.7, 0.1, 0.1, 0.1]]))
+    kept = [(None, SimpleNamespace(answer_ids=[0]), lambda cls, sink, local: better, ref, -ref[0, 0])]
+    lines: list[str] = []
+    _validate(None, kept, np.zeros((1, 2)), 4, 4, 0, lines.append)
+    assert len(lines) == 3 and all(f"answer NLL {np.log(0.25) - np.log(0.7):+.3f}," in ln for ln in lines)
+    assert all("answer NLL -1.030," in ln and "+-" not in ln for ln in lines)
+
+
 def test_calibrate_bounds_samples_by_name(tiny_dir, tmp_path):
     """Validation keeps every sample's KV at once: a sample count whose pages no pool holds is refused before
     the model loads, naming --samples and how many fit (it was refused as an out-of-range num_kv_pages)."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -101,6 +103,8 @@ BAD_ARGS = [
     ("eval_passkey", ["--depths", "abc"], "--depths: 'abc' is not a number"),
     ("eval_passkey", ["--depths", "0.5,1.5"], "--depths: 1.5 is outside [0, 1]"),
     ("eval_passkey", ["--samples", "0"], "--samples: 0 is outside [1,"),
+    ("eval_passkey", ["--depths", "0.5,0.5"], "--depths: 0.5 is given twice"),
+    ("eval_passkey", ["--seed", "-1"], "--seed: -1 is outside [0,"),
     ("eval_passkey", ["--configs", "bogus"], "error: unknown config 'bogus'"),
     ("eval_passkey", ["--pattern", "/nonexist.tsv"], "--pattern: /nonexist.tsv: file not found"),
     ("eval_passkey", ["--model", "/nonexist"], "error: /nonexist"),
@@ -134,6 +138,7 @@ BAD_ARGS = [
         "sub_pages must divide the page size 64: [3]",
     ),
     ("eval_selector", ["--model", "{tiny}", "--variants", "bogus"], "error: unknown variant(s) ['bogus']"),
+    ("eval_selector", ["--variants", "centroid,centroid"], "--variants: centroid is given twice"),
     (
         "eval_selector",
         ["--model", "{tiny}", "--lengths", "4096"],
@@ -144,7 +149,79 @@ BAD_ARGS = [
     ("eval_ppl", ["--plot-only", "/nonexist.json"], "error: /nonexist.json: no such file"),
     ("kv_quant_error", ["--steps", "0"], "--steps: 0 is outside [1,"),
     ("kv_quant_error", ["--model", "/nonexist"], "error: /nonexist"),
+    (
+        "kv_quant_error",
+        ["--model", "{tiny}"],
+        "head_dim 16 is not a multiple of 32 channels",
+    ),  # a reshape error
+    (
+        "kv_quant_error",
+        ["--context", "3000000"],
+        "--context 3000000: the text has",
+    ),  # a 3M-token KV pool first
+    ("kv_quant_error", ["--context", "64", "--steps", "64"], "--steps 64 leaves no prompt in --context 64"),
+    (
+        "bench_cpu",
+        ["--steps", "0"],
+        "--steps: 0 is outside [1,",
+    ),  # was a ZeroDivisionError after the prefills
+    ("bench_cpu", ["--alternate", "-1"], "--alternate: -1 is outside [0,"),  # was an IndexError after loading
+    (
+        "bench_cpu",
+        ["--kv-dtypes", "fp32,bogus"],
+        "--kv-dtypes: unknown ['bogus']; choose from auto,",
+    ),  # was after fp32's whole run
+    (
+        "bench_cpu",
+        ["--llama-bench", "/nonexist"],
+        "--llama-bench: /nonexist: file not found",
+    ),  # after our runs
+    (
+        "bench_cpu",
+        ["--float-model", "/nonexist"],
+        "error: /nonexist: model directory not found",
+    ),  # after the GGUF's
+    ("bench_cpu", ["--llama-bench", sys.executable, "--model", "{tiny}"], "is not a GGUF"),
+    ("bench_structured", ["--repeats", "0"], "--repeats: 0 is outside [1,"),  # was NumPy's IndexError
+    (
+        "bench_cpu_lserve",
+        ["--mode", "dense", "--context", "100000000"],
+        "--context: 100000000 is outside [16, 8189]",
+    ),
+    ("bench_cpu_lserve", ["--mode", "dense", "--context", "9000"], "--context: 9000 is outside [16, 8189]"),
+    (
+        "bench_cpu_lserve",
+        ["--mode", "dense", "--kv-dtype", "bogus"],
+        "argument --kv-dtype: invalid choice: 'bogus'",
+    ),
+    (
+        "bench_prefix_cache",
+        ["chat", "--trials", "0"],
+        "--trials: 0 is outside [1,",
+    ),  # an IndexError after the load
+    (
+        "bench_prefix_cache",
+        ["doc", "--requests", "0"],
+        "--requests: 0 is outside [1,",
+    ),  # an IndexError after the load
+    ("bench_prefix_cache", ["chat", "--history", "-5"], "--history: -5 is outside [1,"),  # ran, as if 0
+    ("bench_prefix_cache", ["doc", "--doc-tokens", "1000000000"], "--doc-tokens: 1000000000 is outside [1,"),
+    (
+        "eval_lm_harness",
+        ["--backend", "bogus"],
+        "argument --backend: invalid choice: 'bogus'",
+    ),  # after the model
     ("soak_serve", ["--seconds", "0"], "--seconds: 0.0 is outside [0.001, 1000000.0]"),
+    ("soak_serve", ["--cases", "0"], "--cases: 0 is outside [1,"),  # was a ValueError once the server ran
+    ("soak_serve", ["--long-words", "-1"], "--long-words: -1 is outside [1,"),
+    ("soak_serve", ["--warmup-seconds", "nan"], "--warmup-seconds: nan is outside [0,"),
+    (
+        "bench_serve",
+        ["--input-len", "0"],
+        "--input-len: 0 is outside [1,",
+    ),  # every request failed, empty prompt
+    ("bench_serve", ["--input-len", "1000000000"], "--input-len: 1000000000 is outside [1,"),  # a 6 GB prompt
+    ("bench_serve", ["--warmup", "-1"], "--warmup: -1 is outside [0,"),
     ("bench_serve", ["--output-len", "0"], "--output-len: 0 is outside [1,"),
     ("bench_serve", ["--concurrency", "0"], "--concurrency: 0 is outside [1,"),
     ("bench_serve", ["--url", "http://127.0.0.1:1"], "no OpenAI-compatible server answers there"),
@@ -164,6 +241,18 @@ def test_bad_arguments_are_one_line(tool, argv, msg, tiny_model, tmp_path, monke
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("tool", ["bench_cpu", "bench_structured"])
+def test_a_missing_model_is_one_line_when_run_as_a_script(tool, tmp_path):
+    """`python tools/<tool>.py` ends a refused model in one `error:` line and status 1, not a traceback."""
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, str(root / "tools" / f"{tool}.py"), "--model", "/nonexistent.gguf", "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert (r.returncode, r.stderr.splitlines()) == (1, ["error: /nonexistent.gguf: GGUF file not found"])
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("tool", ["bench_attention", "bench_sparse"])
 def test_results_folder_named_like_a_file_is_refused(tool, tmp_path, monkeypatch, capsys):
     """--out names a folder: `x.json` would become a folder of that name (refused before anything is made)."""
@@ -171,3 +260,146 @@ def test_results_folder_named_like_a_file_is_refused(tool, tmp_path, monkeypatch
         run_tool(tool, ["--out", str(tmp_path / "x.json")], monkeypatch)
     assert e.value.code == 2 and "names a file; --out is a folder" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_rss_chat_says_why_chat_exited_and_help_is_no_error(monkeypatch, capsys):
+    """A chat that cannot start is reported with its own error line (its stderr was discarded: `chat exited: `
+    and nothing else); --help prints the usage and returns (it exited with status 1)."""
+    import rss_chat
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    monkeypatch.setattr(sys, "argv", ["rss_chat.py", "--model", "/nonexistent"])
+    with pytest.raises(SystemExit) as e:
+        rss_chat.main()
+    assert (
+        e.value.code == "rss_chat: chat exited with status 1: error: /nonexistent: model directory not found"
+    )
+    monkeypatch.setattr(sys, "argv", ["rss_chat.py", "--help"])
+    rss_chat.main()
+    assert "Usage: python tools/rss_chat.py" in capsys.readouterr().out
+
+
+RESULT_FILE_TOOLS = [
+    ("bench_quant_cpu", []), ("bench_structured", []), ("bench_serve", []), ("soak_serve", []),
+    ("kv_quant_error", []), ("bench_prefix_cache", ["chat"]), ("bench_tp", []), ("bench_sampling", []),
+    ("bench_quant_gpu", []), ("check_prefill_sm90", []), ("profile_decode", []),
+    ("eval_ppl", []), ("eval_passkey", []), ("eval_selector", []),  # stems: <out>.json, <out>.png
+    ("eval_lm_harness", []),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("tool, argv", RESULT_FILE_TOOLS)
+def test_results_file_that_cannot_be_written_is_refused_first(tool, argv, tmp_path, monkeypatch, capsys):
+    """--out names a JSON file written after the run: an existing folder there (`--out tools/results`, as
+    bench_cpu.py takes) or a file among its folders was an OSError traceback after all the work."""
+    (tmp_path / "file").write_text("x")
+    for out, msg in (
+        (tmp_path, "a directory, not a file"),
+        (tmp_path / "file" / "r.json", "is a file, not a folder"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            run_tool(tool, [*argv, "--out", str(out)], monkeypatch)
+        assert e.value.code == 2 and msg in capsys.readouterr().err.splitlines()[-1], out
+
+
+def test_bench_cpu_llama_bench_failure_is_one_line(tmp_path):
+    """llama-bench failing (a bad build, a GGUF it cannot read) was a CalledProcessError traceback after our
+    runs; it is one error naming the command and llama-bench's last line."""
+    import bench_cpu
+
+    from lserve_lite.errors import InvalidRequestError
+
+    fake = tmp_path / "llama-bench"
+    fake.write_text("#!/bin/sh\necho 'main: error: failed to load model' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(
+        InvalidRequestError, match=r"llama-bench -p 512 -n 0: main: error: failed to load model$"
+    ):
+        bench_cpu.llama_cpp(str(fake), "m.gguf", 1)
+
+
+def test_bench_cpu_rows_run_a_model_of_any_vocabulary(tiny_model):
+    """Its random prompts drew ids up to 40000 whatever the model: a smaller vocabulary (the tiny model's 320)
+    was refused by the engine ('prompt token ids must be in [0, 320)')."""
+    import bench_cpu
+
+    from lserve_lite import LLM, EngineConfig
+
+    llm = LLM(str(tiny_model), backend="cpu", config=EngineConfig(prefix_caching=False))
+    assert (
+        bench_cpu.bench_prefill(llm, 32, 1)["tok_s"] > 0 and bench_cpu.bench_decode(llm, 32, 2)["tok_s"] > 0
+    )
+    assert bench_cpu.prompt(512, 49152) == [
+        int(t) for t in np.random.default_rng(512).integers(100, 40000, 512)
+    ]
+
+
+def test_bench_serve_names_a_refused_key_and_takes_a_client_base_url(tmp_path, monkeypatch, capsys):
+    """A server that wants a key (401) was a KeyError traceback, and so was `--url .../v1` (an OpenAI client's
+    base_url: the tool asked for /v1/v1/models); the /v1 is dropped and a refusal is one line with the status."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[str] = []
+
+    class Refuse(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            body = b'{"error": {"message": "invalid API key"}}'
+            self.send_response(401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Refuse) as srv:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        status = run_tool(
+            "bench_serve", ["--url", url + "/v1/", "--out", str(tmp_path / "b.json")], monkeypatch
+        )
+        srv.shutdown()
+    assert status == 1 and seen == ["/v1/models"]
+    assert capsys.readouterr().err.splitlines() == [
+        f'error: {url}/v1/models answered HTTP 401 (--api-key): {{"error": {{"message": "invalid API key"}}}}'
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+GPU_TOOL_BAD_ARGS = [
+    ("bench_sampling", ["--vocab", "0"]), ("bench_sampling", ["--batches", "1", "-8"]),
+    ("bench_sampling", ["--reps", "0"]), ("bench_quant_gpu", ["--batches", "0"]),
+    ("bench_quant_gpu", ["--prefill-rows", "-1"]), ("bench_tp", ["--tensor-parallel", "0"]),
+    ("bench_tp", ["--contexts", "99999999999"]), ("bench_sparse", ["--sub-pages", "0"]),
+    ("bench_e2e", ["--decode-steps", "0"]), ("bench_e2e", ["--smol-prompts", "512", "-1"]),
+    ("bench_e2e", ["--llama-batches", "100000"]), ("bench_e2e", ["--batch-kv-gib", "nan"]),
+    ("bench_e2e", ["--sparse-contexts", "1e9"]), ("bench_e2e", ["--sparse-sub-pages", "0"]),
+    ("bench_attention", ["--sections", "prefil"]), ("bench_attention", ["--kv-dtypes", "fp16,int9"]),
+    ("bench_attention", ["--prefill-kernels", "wgma"]), ("check_prefill_sm90", ["--kernels", "mma,tmaa"]),
+    ("check_prefill_sm90", ["--seqs", "4096,abc"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("tool, argv", GPU_TOOL_BAD_ARGS)
+def test_gpu_tools_refuse_absurd_numbers_at_the_parser(tool, argv, tmp_path, monkeypatch, capsys):
+    """Counts, sizes and names of the GPU benchmarks are checked where they are parsed: on a GPU a negative batch
+    or a vocabulary of 0 failed inside a kernel's launch or allocation, and a misspelt section or kernel selected
+    nothing (a run that timed nothing of it, exit 0); here: the usage line, before the GPU check."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        run_tool(tool, argv, monkeypatch)
+    assert e.value.code == 2 and f"argument {argv[0]}: " in capsys.readouterr().err
+
+
+def test_every_tool_script_runs_its_main_under_exit_status():
+    """Ctrl-C in a tool was a KeyboardInterrupt traceback (and a refused input another) where its `__main__` called
+    main() bare; every script runs it through exit_status (status 130, or one `error:` line), eval_ruler through
+    the CLI's main."""
+    bare = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "tools").glob("*.py")):
+        block = path.read_text().partition('if __name__ == "__main__":')[2]
+        if block and "exit_status(main)" not in block and path.name != "eval_ruler.py":
+            bare.append(path.name)
+    assert bare == []

@@ -43,7 +43,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lserve_lite.backends import require_gpu  # noqa: E402
-from lserve_lite.engine_args import results_folder  # noqa: E402
+from lserve_lite.backends.cuda_attention import PREFILL_KERNELS  # noqa: E402
+from lserve_lite.engine_args import choice_list, results_folder  # noqa: E402
+from lserve_lite.errors import exit_status  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 64
 CHUNK, CHUNK_CACHED = 2048, (32768, 131072)  # the chunked section: a prefill chunk over cached context
@@ -413,16 +415,22 @@ def _free_memory() -> None:
 # ------------------------------------------------------------------------------------------------ main
 
 
+SECTIONS = ("prefill", "streaming", "decode", "chunked")
+GPU_KV = ("fp16", "int8", "int4", "fp8")  # the KV formats of the CUDA kernels
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="tools/results", type=results_folder, help="folder for the results")
     ap.add_argument("--quick", action="store_true", help="8k/32k prefill and 32k/128k decode only")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--variants", action="store_true", help="also time the compiled kernel variants")
-    ap.add_argument("--sections", default="prefill,streaming,decode",
+    ap.add_argument("--sections", type=choice_list(SECTIONS), default="prefill,streaming,decode",
                     help="comma-separated subset of prefill,streaming,decode,chunked to run")  # fmt: skip
-    ap.add_argument("--kv-dtypes", default="fp16", help="KV formats of our kernels, e.g. fp16,int8,int4,fp8")
-    ap.add_argument("--prefill-kernels", default="", help="also time these prefill kernels, e.g. mma,wgmma")
+    ap.add_argument("--kv-dtypes", type=choice_list(GPU_KV), default="fp16",
+                    help="KV formats of our kernels, e.g. fp16,int8,int4,fp8")  # fmt: skip
+    ap.add_argument("--prefill-kernels", type=choice_list(PREFILL_KERNELS[1:]), default=[],
+                    help="also time these prefill kernels, e.g. mma,wgmma")  # fmt: skip
     args = ap.parse_args(argv)
     require_gpu("bench_attention.py")
     out_dir = Path(args.out)
@@ -433,8 +441,8 @@ def main(argv=None) -> int:
     dev = cp.cuda.runtime.getDeviceProperties(0)
     prefill_seqs = [8192, 32768] if args.quick else [8192, 32768, 131072]
     decode_ctx = [32768, 131072] if args.quick else [32768, 131072, 262144]
-    quant_kvs = [kv for kv in args.kv_dtypes.split(",") if kv != "fp16"]
-    prefill_kernels = [pk for pk in args.prefill_kernels.split(",") if pk]
+    quant_kvs = [kv for kv in args.kv_dtypes if kv != "fp16"]
+    prefill_kernels = args.prefill_kernels
     res: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "device": dev["name"].decode() if isinstance(dev["name"], bytes) else str(dev["name"]),
@@ -448,7 +456,7 @@ def main(argv=None) -> int:
     if not args.no_peers:
         res["check_vs_torch"] = _peer(check_vs_torch)
         print("check vs torch:", res["check_vs_torch"], flush=True)
-    sections = set(args.sections.split(","))
+    sections = set(args.sections)
     for s in prefill_seqs if "prefill" in sections else []:
         row = {"seq": s, "ours": _peer(ours_prefill, s)}
         row.update({f"ours_{kv}": _peer(ours_prefill, s, kv=kv) for kv in quant_kvs})
@@ -701,4 +709,4 @@ def _plot(res: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_status(main))

@@ -35,7 +35,11 @@ import numpy as np
 from lserve_lite import LLM, EngineConfig, SamplingParams
 from lserve_lite.backends import cpu_kernels
 from lserve_lite.backends.cpu_threads import SplitRunner, even_bounds
+from lserve_lite.config import KV_DTYPES
+from lserve_lite.engine_args import bounded_int, choice_list, existing_file, results_folder
+from lserve_lite.errors import InvalidRequestError, exit_status
 from lserve_lite.weights.default_model import default_gguf_path, default_model_dir
+from lserve_lite.weights.loader import resolve_model_dir
 
 
 def llama_cpp(
@@ -52,9 +56,16 @@ def llama_cpp(
     cmd = [binary, "-m", gguf, "-t", str(threads), "-r", str(reps), "-o", "json", *extra]
 
     def run(*args: str) -> list[dict]:
-        return json.loads(
-            subprocess.run([*cmd, *args], check=True, capture_output=True, text=True, env=env).stdout
-        )
+        try:
+            done = subprocess.run([*cmd, *args], check=True, capture_output=True, text=True, env=env)
+            return json.loads(done.stdout)
+        except (
+            OSError,
+            subprocess.CalledProcessError,
+            json.JSONDecodeError,
+        ) as e:  # after minutes of our runs
+            why = (getattr(e, "stderr", None) or str(e)).strip().splitlines() or ["no output"]
+            raise InvalidRequestError(f"{binary} {' '.join(args)}: {why[-1]}") from None
 
     rows = (run("-p", "512", "-n", "0") if prefill else []) + run(
         "-p", "0", "-n", str(new), "-d", ",".join(map(str, depths))
@@ -121,13 +132,14 @@ def gemv_bandwidth(threads: int, nbytes: int = 512 << 20, reps: int = 5) -> floa
     return w.nbytes / min(ts)
 
 
-def prompt(n: int) -> list[int]:
-    return [int(t) for t in np.random.default_rng(n).integers(100, 40000, n)]
+def prompt(n: int, vocab: int) -> list[int]:
+    """n random token ids of the model's vocabulary (SmolLM2's 49152: ids 100-39999, as in every recorded run)."""
+    return [int(t) for t in np.random.default_rng(n).integers(min(100, vocab // 2), min(40000, vocab), n)]
 
 
 def bench_prefill(llm: LLM, n: int, reps: int) -> dict:
     """Time to first token of an n-token prompt: the median run of `reps`, with its CPU time and load."""
-    ids = prompt(n)
+    ids = prompt(n, llm.engine.cfg.vocab_size)
     params = SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True)
     llm.generate([ids[:100]], params)
     runs = []
@@ -142,7 +154,7 @@ def bench_prefill(llm: LLM, n: int, reps: int) -> dict:
 def bench_decode(llm: LLM, ctx: int, steps: int) -> dict:
     """Median wall gap between decode tokens after a ctx-token prompt, CPU seconds per token, host load."""
     params = SamplingParams(temperature=0, max_new_tokens=steps + 1, ignore_eos=True)
-    stream = llm.stream_outputs(prompt(ctx), params)
+    stream = llm.stream_outputs(prompt(ctx, llm.engine.cfg.vocab_size), params)
     next(stream)  # the first token comes after the prefill
     stamps, cpus = [time.perf_counter()], [time.process_time()]
     with Meter() as m:
@@ -184,17 +196,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF file (default: the bundled SmolLM2 Q4_1)")
     ap.add_argument("--float-model", default=None, help="float32 directory (default: the converted SmolLM2)")
-    ap.add_argument("--out", default="tools/results")
-    ap.add_argument("--steps", type=int, default=48)
-    ap.add_argument("--llama-bench", default=None, help="a llama-bench binary: run llama.cpp beside us")
+    ap.add_argument("--out", default="tools/results", type=results_folder, help="folder for the results")
+    ap.add_argument("--steps", type=bounded_int(1, 4096), default=48, help="decode steps timed per context")
     ap.add_argument(
-        "--kv-dtypes", default=None, help="e.g. fp32,int8,int4,fp8: only the GGUF, once per KV format"
+        "--llama-bench",
+        type=existing_file,
+        default=None,
+        help="a llama-bench binary: run llama.cpp beside us",
     )
     ap.add_argument(
-        "--alternate", type=int, default=0, metavar="N",
+        "--kv-dtypes", type=choice_list(KV_DTYPES), default=None,
+        help="e.g. fp32,int8,int4,fp8: only the GGUF, once per KV format",
+    )  # fmt: skip
+    ap.add_argument(
+        "--alternate", type=bounded_int(0, 1000), default=0, metavar="N",
         help="with --llama-bench: only decode, ours and llama.cpp's alternated N rounds (per-round ratios)",
     )  # fmt: skip
     args = ap.parse_args()
+    for model in (args.model, args.float_model):  # before minutes of the other model's runs
+        if model is not None:
+            resolve_model_dir(model)
+    if args.llama_bench and args.model and Path(args.model).suffix != ".gguf":
+        ap.error(f"--llama-bench runs llama.cpp on the same file: --model {args.model} is not a GGUF")
     load0 = os.getloadavg()[0]
     if args.kv_dtypes:
         return bench_kv(args, load0)
@@ -292,7 +315,7 @@ def bench_alternating(args, load0: float) -> None:
 def bench_kv(args, load0: float) -> None:
     """The native GGUF with each KV cache format: what decode gains (fewer KV bytes) or loses (dequantizing each
     row in the Numba kernel) on the CPU. Writes bench_cpu_kv.json."""
-    runs = {kv: bench_model(args.model, args.steps, kv) for kv in args.kv_dtypes.split(",")}
+    runs = {kv: bench_model(args.model, args.steps, kv) for kv in args.kv_dtypes}
     print(f"{'tokens/s':<16}{'kv':<7}{'wall':>8}{'per CPU-s':>11}{'others busy':>13}")
     for kv, run in runs.items():
         for k, r in run["results"].items():
@@ -307,4 +330,4 @@ def bench_kv(args, load0: float) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main))

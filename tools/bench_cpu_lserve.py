@@ -20,24 +20,33 @@ import time
 
 import numpy as np
 
+from lserve_lite.config import KV_DTYPES
 from lserve_lite.engine_args import bounded_int
 from lserve_lite.errors import exit_status
+
+MAX_LEN = 8192  # the engine's context limit here (SmolLM2's)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=["dense", "lserve"], required=True)
     ap.add_argument("--selector", choices=["numba", "ref"], default="numba")
-    ap.add_argument("--context", type=bounded_int(16), default=4000)
-    ap.add_argument("--steps", type=bounded_int(2), default=29)
-    ap.add_argument("--kv-dtype", default="auto")
+    ap.add_argument(
+        "--context", type=bounded_int(16, MAX_LEN - 3), default=4000, help="prompt tokens (random ids)"
+    )  # checked before the prompt is built: room for two decode steps in the engine's context
+    ap.add_argument(
+        "--steps", type=bounded_int(2, MAX_LEN), default=29, help="decode steps (fewer at the context limit)"
+    )
+    ap.add_argument("--kv-dtype", choices=KV_DTYPES, default="auto")
     args = ap.parse_args()
 
     from lserve_lite import LLM, EngineConfig, SamplingParams, SparseConfig
 
     os.environ["LSERVE_CPU_SELECTOR"] = args.selector  # read by CpuOps at construction
     sparse = SparseConfig(enabled=args.mode == "lserve")
-    llm = LLM(backend="cpu", config=EngineConfig(max_model_len=8192, sparse=sparse, kv_dtype=args.kv_dtype))
+    llm = LLM(
+        backend="cpu", config=EngineConfig(max_model_len=MAX_LEN, sparse=sparse, kv_dtype=args.kv_dtype)
+    )
     ids = [int(t) for t in np.random.default_rng(0).integers(100, llm.engine.cfg.vocab_size, args.context)]
     eng = llm.engine
     eng.add_request(ids, SamplingParams(temperature=0, max_new_tokens=args.steps + 1))

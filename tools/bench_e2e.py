@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_attention import events_median  # noqa: E402
 
 from lserve_lite.backends import require_gpu  # noqa: E402
+from lserve_lite.errors import exit_status  # noqa: E402
 
 
 def copy_bandwidth(nbytes: int = 4 << 30, reps: int = 10) -> float:
@@ -973,7 +974,10 @@ def splits_sweep(args, bw: float, emit) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line, with --out resolved to a file (a folder gets the section's default name)."""
-    from lserve_lite.config import KV_DTYPES, SparseConfig
+    from lserve_lite.config import KV_DTYPES, MAX_MODEL_LEN, MAX_NUM_SEQS, SparseConfig
+    from lserve_lite.engine_args import bounded_float, bounded_int
+
+    tokens, steps = bounded_int(1, MAX_MODEL_LEN), bounded_int(1, 1 << 16)
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="tools/results/bench_e2e.json")
@@ -982,20 +986,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument(
         "--llama-bench", default=None, help="a llama-bench binary (CUDA build): llama.cpp on the GGUF"
     )
-    ap.add_argument("--smol-prompts", type=int, nargs="+", default=[512, 4096])
-    ap.add_argument("--decode-steps", type=int, default=64)
-    ap.add_argument("--llama-contexts", type=int, nargs="+", default=[4096, 32768])
+    ap.add_argument("--smol-prompts", type=tokens, nargs="+", default=[512, 4096])
+    ap.add_argument("--decode-steps", type=steps, default=64)
+    ap.add_argument("--llama-contexts", type=tokens, nargs="+", default=[4096, 32768])
     ap.add_argument(
         "--llama-batches",
-        type=int,
+        type=bounded_int(1, MAX_NUM_SEQS),
         nargs="+",
         default=[1],
         help="decode batch sizes of the Llama-3-8B-shaped model (graph replay; batch 1 always runs)",
     )
-    ap.add_argument("--batch-kv-gib", type=float, default=96.0,
+    ap.add_argument("--batch-kv-gib", type=bounded_float(0, 1 << 20), default=96.0,
                     help="KV memory for batched rows' own pages; beyond it the rows share row 0's pages")  # fmt: skip
-    ap.add_argument("--prefill-chunk", type=int, default=8192)
-    ap.add_argument("--smol-budget", type=int, default=1024, help="LServe token budget of smollm2-lserve")
+    ap.add_argument("--prefill-chunk", type=tokens, default=8192)
+    ap.add_argument("--smol-budget", type=tokens, default=1024, help="LServe token budget of smollm2-lserve")
     ap.add_argument(
         "--skip", choices=["smollm2", "smollm2-lserve", "llama", "splits"], action="append", default=[]
     )
@@ -1003,7 +1007,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="the Llama-3-8B-shaped model's matrices and lm_head as packed int8 / int4 blocks (llama and --sparse sections)")  # fmt: skip
     ap.add_argument("--kv-dtype", choices=[k for k in KV_DTYPES if k != "fp32"], default="auto",  # GPU formats
                     help="KV cache format of the Llama-3-8B-shaped model (llama and --sparse sections)")  # fmt: skip
-    ap.add_argument("--llama-prefill-reps", type=int, default=3,
+    ap.add_argument("--llama-prefill-reps", type=bounded_int(1, 1000), default=3,
                     help="timed prefills per context of the llama section (after one warm-up)")  # fmt: skip
     ap.add_argument("--capacity", action="store_true",
                     help="only the longest context per KV dtype (Llama-3-8B shape, dense and LServe)")  # fmt: skip
@@ -1011,21 +1015,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument(
         "--sparse", action="store_true", help="only the LServe sparse-vs-dense end-to-end section"
     )
-    ap.add_argument("--sparse-contexts", type=int, nargs="+", default=[32768, 131072, 262144])
+    ap.add_argument("--sparse-contexts", type=tokens, nargs="+", default=[32768, 131072, 262144])
     ap.add_argument("--sparse-modes", nargs="+", choices=["sparse", "dense"], default=["sparse", "dense"])
-    ap.add_argument("--sparse-chunk", type=int, default=16384, help="prefill chunk (max_num_batched_tokens)")
-    ap.add_argument("--sparse-decode-steps", type=int, default=24)
+    ap.add_argument(
+        "--sparse-chunk", type=tokens, default=16384, help="prefill chunk (max_num_batched_tokens)"
+    )
+    ap.add_argument("--sparse-decode-steps", type=steps, default=24)
     ap.add_argument(
         "--sparse-sub-pages",
-        type=int,
+        type=bounded_int(1, 64),
         default=SparseConfig().sub_pages,
         help="LServe's logical pages per page (the selector's statistics: 2 reads half of 4's)",
     )
-    ap.add_argument("--sparse-profile-steps", type=int, default=0,
+    ap.add_argument("--sparse-profile-steps", type=bounded_int(0, 1 << 16), default=0,
                     help="after the timings at each context, run this many engine decode steps (one selector "
                          "refresh among them) between cudaProfilerStart / Stop, for ncu --profile-from-start off; "
                          "summarize with tools/profile_decode.py --summarize")  # fmt: skip
-    ap.add_argument("--sparse-profile-chunks", type=int, nargs="*", default=[],
+    ap.add_argument("--sparse-profile-chunks", type=bounded_int(0, 1 << 20), nargs="*", default=[],
                     help="prefill chunks (0-based indices) run between cudaProfilerStart / Stop, for ncu "
                          "--profile-from-start off (their prefill time then includes the profiler's)")  # fmt: skip
     ap.add_argument(
@@ -1101,4 +1107,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_status(main))

@@ -30,9 +30,12 @@ from pathlib import Path
 
 from lserve_lite import LLM, EngineConfig, SamplingParams, SparseConfig
 from lserve_lite.backends import cuda_available
-from lserve_lite.engine_args import existing_file
+from lserve_lite.config import MAX_MODEL_LEN, MAX_NUM_SEQS
+from lserve_lite.engine_args import bounded_int, existing_file, output_file
 from lserve_lite.errors import exit_status
 from lserve_lite.evaluation.synthetic import corpus_text
+
+DOC_ROOM = 512  # doc: context beyond the document, for a question and the reply
 
 
 def text_tokens(llm: LLM, n: int, offset: int) -> str:
@@ -118,7 +121,7 @@ def bench_doc(args) -> dict:
            "doc_tokens": args.doc_tokens, "arrival": args.arrival, "sparse": args.sparse}  # fmt: skip
     params = SamplingParams(temperature=0, max_new_tokens=args.max_new_tokens)
     for cache in (True, False):
-        cfg = EngineConfig(max_model_len=args.doc_tokens + 512, prefix_caching=cache, sparse=sparse)
+        cfg = EngineConfig(max_model_len=args.doc_tokens + DOC_ROOM, prefix_caching=cache, sparse=sparse)
         llm = LLM(args.model, backend=args.backend, config=cfg)
         doc = llm.tokenizer.encode(text_tokens(llm, args.doc_tokens, 0), add_special_tokens=False)
         questions = [f"\n\nQuestion {i}: what does part {i} of this text say about {w}?\nAnswer:"
@@ -147,20 +150,29 @@ def bench_doc(args) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("scenario", choices=["chat", "doc"])
-    ap.add_argument("--trials", type=int, default=3)
-    ap.add_argument("--history", type=int, default=2000)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--trials", type=bounded_int(1, 1000), default=3)
+    ap.add_argument(
+        "--history", type=bounded_int(1, MAX_MODEL_LEN), default=2000, help="chat: tokens before turn 1"
+    )
+    ap.add_argument("--max-new-tokens", type=bounded_int(1, MAX_MODEL_LEN), default=32)
     ap.add_argument("--model", default=None)
     ap.add_argument("--backend", choices=["cpu", "cuda"], default=None,
                     help="chat: cpu; doc: cuda when CuPy sees a GPU, else cpu")  # fmt: skip
-    ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--doc-tokens", type=int, default=32768)
+    ap.add_argument("--requests", type=bounded_int(1, MAX_NUM_SEQS), default=32)
+    ap.add_argument(
+        "--doc-tokens",
+        type=bounded_int(1, MAX_MODEL_LEN - DOC_ROOM),
+        default=32768,
+        help="doc: the shared document",
+    )
     ap.add_argument("--arrival", choices=["staggered", "burst"], default="staggered")
     ap.add_argument("--sparse", action="store_true", help="LServe mode (needs a head pattern for the model)")
     ap.add_argument("--pattern", type=existing_file, default=None)
     ap.add_argument("--control", action="store_true", help="doc: run the cold engine again in the other arrival "
                     "order and count the outputs equal to its first run")  # fmt: skip
-    ap.add_argument("--out", default=None, help="JSON results file (default: tools/results/...)")
+    ap.add_argument(
+        "--out", type=output_file, default=None, help="JSON results file (default: tools/results/...)"
+    )
     args = ap.parse_args()
     args.backend = args.backend or ("cuda" if args.scenario == "doc" and cuda_available() else "cpu")
     name = f"bench_prefix_cache_{args.scenario}_{args.backend}.json"

@@ -22,6 +22,8 @@ import numpy as np
 from lserve_lite.backends import cpu_kernels as K
 from lserve_lite.backends import cpu_threads as C
 from lserve_lite.backends.cpu_quant import linear_q
+from lserve_lite.engine_args import output_file
+from lserve_lite.errors import exit_status
 from lserve_lite.weights.qtensor import FORMATS, LAYOUTS, QuantTensor, concat_rows
 from lserve_lite.weights.quantize import from_gguf
 
@@ -136,7 +138,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="shorter timing budget per case")
     ap.add_argument(
-        "--out", type=Path, default=OUT, help="JSON results file (default tools/results/bench_quant_cpu.json)"
+        "--out",
+        type=lambda t: Path(output_file(t)),
+        default=OUT,
+        help="JSON results file (default tools/results/bench_quant_cpu.json)",
     )
     args = ap.parse_args()
     budget = 0.15 if args.quick else 0.5
@@ -179,4 +184,4 @@ def print_table(rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main))

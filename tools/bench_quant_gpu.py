@@ -32,6 +32,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lserve_lite.backends import require_gpu  # noqa: E402
+from lserve_lite.engine_args import bounded_int, output_file  # noqa: E402
+from lserve_lite.errors import exit_status  # noqa: E402
 
 SHAPES = {
     "qkv": (6144, 4096),
@@ -201,10 +203,10 @@ def main(argv=None) -> int:
     from lserve_lite.weights.qtensor import FORMATS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="tools/results/bench_quant_gpu.json")
+    ap.add_argument("--out", type=output_file, default="tools/results/bench_quant_gpu.json")
     ap.add_argument("--formats", nargs="*", choices=FORMATS, default=list(FORMATS), help="none: fp16 only")
     ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--batches", type=bounded_int(1, 4096), nargs="+", default=[1, 8])
     ap.add_argument(
         "--variants",
         nargs="+",
@@ -217,7 +219,10 @@ def main(argv=None) -> int:
         "(default: the engine's choice for each shape)",
     )  # fmt: skip
     ap.add_argument(
-        "--prefill-rows", type=int, default=0, help="also time the prefill path at this many rows"
+        "--prefill-rows",
+        type=bounded_int(0, 1 << 20),
+        default=0,
+        help="also time the prefill path at this many rows",
     )
     args = ap.parse_args(argv)
     require_gpu("bench_quant_gpu.py")
@@ -256,4 +261,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_status(main))

@@ -24,6 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lserve_lite.backends import require_gpu  # noqa: E402
+from lserve_lite.engine_args import bounded_int, output_file  # noqa: E402
+from lserve_lite.errors import exit_status  # noqa: E402
 
 SETTINGS = [  # (name, temperature, top_k, top_p)
     ("greedy", 0.0, 0, 1.0),
@@ -94,11 +96,11 @@ def time_logprobs(sampler, x, tx, k: int, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="tools/results/bench_sampling.json")
-    ap.add_argument("--vocab", type=int, default=128256)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--out", type=output_file, default="tools/results/bench_sampling.json")
+    ap.add_argument("--vocab", type=bounded_int(2, 1 << 20), default=128256)
+    ap.add_argument("--batches", type=bounded_int(1, 4096), nargs="+", default=[1, 8, 64])
     ap.add_argument("--radix", action="store_true", help="also time sample_rows' radix path (~2 ms a row)")
-    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--reps", type=bounded_int(1, 100_000), default=30)
     args = ap.parse_args()
     require_gpu("bench_sampling.py")
 
@@ -137,4 +139,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main))

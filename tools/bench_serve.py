@@ -30,11 +30,36 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from lserve_lite.engine_args import bounded_int
+from lserve_lite.engine_args import bounded_int, output_file
 from lserve_lite.errors import InvalidRequestError, exit_status
 
 WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point "
          "government company number group problem fact river mountain city music light garden ocean story").split()  # fmt: skip
+
+
+MAX_WORDS = 1 << 20  # words in a prompt, at most: about 8 MiB of text, the server's body limit
+
+
+def server_url(text: str) -> str:
+    """An argparse type: the server's root URL; the `/v1` an OpenAI client's base_url ends in is dropped (the
+    tool adds `/v1/...` itself: it asked for /v1/v1/models, a 404 read as a model list)."""
+    return text.rstrip("/").removesuffix("/v1")
+
+
+def served_model(url: str, headers: dict) -> str:
+    """The id of the model the server at `url` serves; any other answer (no server, a refused key, not an OpenAI
+    API) is one error line saying which."""
+    try:
+        r = httpx.get(url + "/v1/models", headers=headers)
+    except httpx.HTTPError as e:
+        raise InvalidRequestError(f"{url}: no OpenAI-compatible server answers there ({e})") from None
+    if r.status_code != 200:
+        key = " (--api-key)" if r.status_code == 401 else ""
+        raise InvalidRequestError(f"{url}/v1/models answered HTTP {r.status_code}{key}: {r.text[:200]}")
+    try:
+        return str(r.json()["data"][0]["id"])
+    except (ValueError, LookupError, TypeError):
+        raise InvalidRequestError(f"{url}/v1/models: not an OpenAI model list: {r.text[:200]}") from None
 
 
 def make_prompt(rng: random.Random, n_words: int) -> str:
@@ -158,7 +183,10 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", default=None, help="a running server (default: start one in this process)")
+    ap.add_argument(
+        "--url", type=server_url, default=None,
+        help="a running server, with or without the /v1 of a client's base_url (default: start one)",
+    )  # fmt: skip
     ap.add_argument("--api-key", default=None)
     ap.add_argument(
         "--model", default=None, help="model directory for the in-process server (default: SmolLM2)"
@@ -169,12 +197,15 @@ def main() -> None:
     ap.add_argument("--concurrency", type=bounded_int(1, 4096), nargs="+", default=[1, 4])
     ap.add_argument("--num-requests", type=bounded_int(1), default=8, help="requests per concurrency level")
     ap.add_argument(
-        "--input-len", type=int, default=32, help="prompt length in words (about that many tokens)"
-    )
+        "--input-len", type=bounded_int(1, MAX_WORDS), default=32,
+        help="prompt length in words (about that many tokens)",
+    )  # fmt: skip
     ap.add_argument("--output-len", type=bounded_int(1), default=16, help="output tokens per request")
-    ap.add_argument("--warmup", type=int, default=1, help="requests before timing (JIT, caches)")
+    ap.add_argument(
+        "--warmup", type=bounded_int(0, 1 << 16), default=1, help="requests before timing (JIT, caches)"
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="tools/results/bench_serve.json")
+    ap.add_argument("--out", type=output_file, default="tools/results/bench_serve.json")
     args = ap.parse_args()
 
     server = nullcontext(args.url) if args.url else spawned_server(args)
@@ -183,10 +214,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     load_start = os.getloadavg()[0]
     with server as url:
-        try:
-            model = httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"]
-        except httpx.HTTPError as e:
-            raise InvalidRequestError(f"{url}: no OpenAI-compatible server answers there ({e})") from None
+        model = served_model(url, headers)
         warm = [make_prompt(rng, args.input_len) for _ in range(args.warmup)]
         if warm:
             asyncio.run(run_level(url, headers, model, 1, warm, args.output_len))

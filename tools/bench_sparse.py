@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_attention import _free_memory, _peer, _reps, events_median, torch_decode, torch_prefill  # noqa: E402
 
 from lserve_lite.backends import require_gpu  # noqa: E402
-from lserve_lite.engine_args import results_folder  # noqa: E402
+from lserve_lite.engine_args import bounded_int, results_folder  # noqa: E402
+from lserve_lite.errors import exit_status  # noqa: E402
 
 HQ, HKV, D, PAGE, SUB = 32, 8, 128, 64, 4
 LAYERS = (0, 8, 16, 24, 31)
@@ -257,7 +258,9 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--no-prefill", action="store_true", help="skip the prefill rows (selector and decode only)"
     )
-    ap.add_argument("--sub-pages", type=int, default=SUB, help=f"logical pages per page ({SUB})")
+    ap.add_argument(
+        "--sub-pages", type=bounded_int(1, 64), default=SUB, help=f"logical pages per page ({SUB})"
+    )
     a = ap.parse_args(argv)
     require_gpu("bench_sparse.py")
     set_sub_pages(a.sub_pages)
@@ -386,4 +389,4 @@ def plot(res: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(exit_status(main))

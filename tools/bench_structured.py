@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from lserve_lite.backends import require_gpu
+from lserve_lite.engine_args import bounded_int, output_file
+from lserve_lite.errors import exit_status
 
 SCHEMA = {
     "type": "object",
@@ -36,9 +38,9 @@ REPLY = {"name": "Ada Lovelace", "age": 36, "email": "ada@example.org", "skills"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--repeats", type=bounded_int(1, 10_000), default=20, help="grammars compiled and walked")
     ap.add_argument("--gpu", action="store_true", help="also time the GPU path: mask upload + mask_logits")
-    ap.add_argument("--out", default="tools/results/bench_structured.json")
+    ap.add_argument("--out", type=output_file, default="tools/results/bench_structured.json")
     args = ap.parse_args()
     if args.gpu:
         require_gpu("bench_structured.py --gpu")
@@ -118,4 +120,4 @@ def gpu_mask_cost(masks: list[np.ndarray], logits: np.ndarray) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main))

@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_e2e import _fill_random, gpu_time, llama3_8b_config, random_llama  # noqa: E402
 
 from lserve_lite.backends import require_gpu  # noqa: E402
+from lserve_lite.engine_args import bounded_int, output_file  # noqa: E402
+from lserve_lite.errors import exit_status  # noqa: E402
 
 PS = 64
 
@@ -118,12 +120,16 @@ def _result(out, procs) -> list:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tensor-parallel", type=int, nargs="+", default=[1, 2], help="world sizes to run")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
-    ap.add_argument("--max-batch-tokens", type=int, default=1 << 18, help="skip batch x context beyond this")
-    ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--out", default="tools/results/bench_tp.json")
+    ap.add_argument(
+        "--tensor-parallel", type=bounded_int(1, 64), nargs="+", default=[1, 2], help="world sizes to run"
+    )
+    ap.add_argument("--batches", type=bounded_int(1, 4096), nargs="+", default=[1, 32])
+    ap.add_argument("--contexts", type=bounded_int(1, 1 << 24), nargs="+", default=[4096, 32768])
+    ap.add_argument(
+        "--max-batch-tokens", type=bounded_int(1), default=1 << 18, help="skip batch x context beyond this"
+    )
+    ap.add_argument("--reps", type=bounded_int(1, 100_000), default=30)
+    ap.add_argument("--out", type=output_file, default="tools/results/bench_tp.json")
     args = ap.parse_args(argv)
     require_gpu("bench_tp.py")
     from lserve_lite.backends.group import new_group
@@ -148,4 +154,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_status(main))

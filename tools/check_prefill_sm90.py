@@ -32,6 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import events_median  # noqa: E402
 
 from lserve_lite.backends import require_gpu  # noqa: E402
+from lserve_lite.backends.cuda_attention import PREFILL_KERNELS  # noqa: E402
+from lserve_lite.config import MAX_MODEL_LEN  # noqa: E402
+from lserve_lite.engine_args import choice_list, int_list, output_file  # noqa: E402
+from lserve_lite.errors import exit_status  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 64
 Q_BLOCK = 64  # as tools/bench_attention.py (two heads of a GQA group share each CTA)
@@ -150,11 +154,11 @@ def timing(seq: int, kernels: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--out", required=True, help="JSON file to write")
-    ap.add_argument("--seqs", default="4096,32768,131072", help="prefill lengths to time")
-    ap.add_argument(
-        "--kernels", default="", help="comma-separated PREFILL_KERNEL values (default: all available)"
-    )
+    ap.add_argument("--out", type=output_file, required=True, help="JSON file to write")
+    ap.add_argument("--seqs", type=int_list(1, MAX_MODEL_LEN), default=[4096, 32768, 131072],
+                    help="prefill lengths to time")  # fmt: skip
+    ap.add_argument("--kernels", type=choice_list((*PREFILL_KERNELS[1:], "bf16")), default=[],
+                    help="comma-separated PREFILL_KERNEL values, or bf16 (default: all available)")  # fmt: skip
     args = ap.parse_args(argv)
     require_gpu("check_prefill_sm90.py")
 
@@ -162,9 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     props = cp.cuda.runtime.getDeviceProperties(0)
     name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    kernels = (
-        ["mma", *(k for k in args.kernels.split(",") if k and k != "mma")] if args.kernels else _kernels()
-    )
+    kernels = ["mma", *(k for k in args.kernels if k != "mma")] if args.kernels else _kernels()
     res: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "device": name,
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     fp16_kernels = [k for k in kernels if k != "bf16"]
     res["accuracy"] = accuracy(fp16_kernels)
     res["timing"] = []
-    for s in [int(x) for x in args.seqs.split(",") if x]:
+    for s in args.seqs:
         res["timing"].append(timing(s, kernels))
         cp.get_default_memory_pool().free_all_blocks()  # the previous length's buffers are gone by now
     res["wall_s"] = time.perf_counter() - t0
@@ -188,4 +190,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_status(main))

@@ -26,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lserve_lite.engine_args import output_file
+from lserve_lite.errors import exit_status
+
 QUESTIONS = [
     ("The capital of France is", [" Paris", " Berlin", " Madrid", " Rome"], 0),
     ("The capital of Japan is", [" Seoul", " Tokyo", " Beijing", " Bangkok"], 1),
@@ -161,8 +164,8 @@ def direct_loglikelihoods(llm) -> list[list[float]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="model directory or GGUF (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--backend", default="cpu")
-    ap.add_argument("--out", default="tools/results/eval_lm_harness.json")
+    ap.add_argument("--backend", choices=["auto", "cpu", "cuda"], default="cpu")
+    ap.add_argument("--out", type=output_file, default="tools/results/eval_lm_harness.json")
     args = ap.parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -226,4 +229,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))

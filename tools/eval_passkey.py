@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from lserve_lite.config import KV_DTYPES, MAX_MODEL_LEN
-from lserve_lite.engine_args import bounded_int, existing_file, float_list, int_list
+from lserve_lite.engine_args import bounded_int, existing_file, float_list, int_list, output_file
 from lserve_lite.errors import exit_status
 from lserve_lite.evaluation.eval_args import MAX_SAMPLES
 from lserve_lite.evaluation.plotting import load_result, pyplot
@@ -110,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         "--kv-dtype", choices=KV_DTYPES, default="auto", help="KV-cache format (docs/KV_QUANT.md)"
     )
     ap.add_argument("--mode", choices=("engine",), default="engine", help="kept for old command lines")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="tools/results/passkey", help="output stem: <out>.json, <out>.png")
+    ap.add_argument("--seed", type=bounded_int(0), default=0)
+    ap.add_argument(
+        "--out", type=output_file, default="tools/results/passkey", help="output stem: <out>.json, <out>.png"
+    )
     ap.add_argument("--plot-only", metavar="JSON", help="redraw the PNG of an earlier run's JSON and exit")
     args = ap.parse_args(argv)
     if args.plot_only:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from lserve_lite.config import KV_DTYPES, MAX_MODEL_LEN
-from lserve_lite.engine_args import bounded_int, existing_file, int_list
+from lserve_lite.engine_args import bounded_int, existing_file, int_list, output_file
 from lserve_lite.errors import exit_status
 from lserve_lite.evaluation.plotting import load_result, pyplot
 from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs, refuse_past_context
@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         "--kv-dtype", choices=KV_DTYPES, default="auto", help="KV-cache format (docs/KV_QUANT.md)"
     )
     ap.add_argument("--mode", choices=("engine",), default="engine", help="as in eval_passkey.py")
-    ap.add_argument("--out", default="tools/results/ppl", help="output stem: <out>.json, <out>.png")
+    ap.add_argument(
+        "--out", type=output_file, default="tools/results/ppl", help="output stem: <out>.json, <out>.png"
+    )
     ap.add_argument("--plot-only", metavar="JSON", help="redraw the PNG of an earlier run's JSON and exit")
     args = ap.parse_args(argv)
     if args.plot_only:

@@ -15,7 +15,7 @@ from datetime import date
 from pathlib import Path
 
 from lserve_lite.config import MAX_MODEL_LEN
-from lserve_lite.engine_args import bounded_int, int_list
+from lserve_lite.engine_args import bounded_int, int_list, name_list, output_file
 from lserve_lite.errors import exit_status
 from lserve_lite.evaluation.selector_recall import VARIANTS, measure, table
 
@@ -44,18 +44,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--sub-pages", type=int_list(1, 64), default=(1, 2, 4, 8), help="sub_pages settings (1,2,4,8)"
     )
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="scoring variants (all)")
-    ap.add_argument("--out", default="tools/results/selector_recall", help="output stem: <out>.json")
+    ap.add_argument("--variants", type=name_list, default=",".join(VARIANTS), help="scoring variants (all)")
+    ap.add_argument(
+        "--out", type=output_file, default="tools/results/selector_recall", help="output stem: <out>.json"
+    )
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     res = measure(args.model, args.lengths, args.steps, args.budgets, args.sub_pages,
-                  tuple(args.variants.split(",")), args.offsets, log=lambda s: print(s, file=sys.stderr, flush=True))  # fmt: skip
+                  tuple(args.variants), args.offsets, log=lambda s: print(s, file=sys.stderr, flush=True))  # fmt: skip
     res.update(date=date.today().isoformat(), seconds=round(time.perf_counter() - t0, 1),
                command="python tools/eval_selector.py " + " ".join(argv if argv is not None else sys.argv[1:]))  # fmt: skip
     out = Path(args.out).with_suffix(".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
-    for v in args.variants.split(","):
+    for v in args.variants:
         print(f"\n{v}: recall of dense heads (selected / oracle attention mass)\n" + table(res, v))
     print(f"wrote {out} ({res['seconds']:.0f} s)")
     return 0

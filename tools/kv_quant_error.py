@@ -23,14 +23,15 @@ from pathlib import Path
 import numpy as np
 
 from lserve_lite.config import EngineConfig
-from lserve_lite.engine_args import bounded_int
-from lserve_lite.errors import exit_status
+from lserve_lite.engine_args import bounded_int, output_file
+from lserve_lite.errors import InvalidRequestError, exit_status
 from lserve_lite.evaluation.harness import SparseHarness
 from lserve_lite.evaluation.selector_recall import decode_step_queries
 from lserve_lite.evaluation.synthetic import corpus_text
 from lserve_lite.geometry import pages_for
 from lserve_lite.kv.quant import FORMATS, dequantize, quantize
 from lserve_lite.llm import LLM
+from lserve_lite.weights.loader import load_config, load_tokenizer, resolve_model_dir
 
 Quantizer = Callable[[np.ndarray], np.ndarray]  # [T, D] float64 -> its dequantized values
 
@@ -203,26 +204,50 @@ def perplexity(model: str | None, context: int, names: list[str], chunk: int = 1
     return {"model": Path(llm.engine.model_dir).name, "context": context, "chunk": chunk, "perplexity": out}
 
 
+def check_inputs(model: str | None, context: int, steps: int, ppl: bool) -> None:
+    """Refused before the LLM sizes a KV pool for `context` tokens: a context past the text's tokens (it ran on,
+    sizing the pool by the number given), no prompt left before the decode steps, and a head size that the
+    schemes' groups of 32 channels do not divide."""
+    path = resolve_model_dir(model)
+    if load_config(path).head_dim % 32:
+        raise InvalidRequestError(
+            f"{path}: head_dim {load_config(path).head_dim} is not a multiple of 32 channels"
+        )
+    have = len(load_tokenizer(path).encode(corpus_text()))
+    if context > have:
+        raise InvalidRequestError(
+            f"--context {context}: the text has {have} tokens in this model's tokenizer"
+        )
+    if not ppl and steps >= context:
+        raise InvalidRequestError(f"--steps {steps} leaves no prompt in --context {context}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--context", type=bounded_int(64), default=2048)
     ap.add_argument("--steps", type=bounded_int(1), default=4)
     ap.add_argument("--ppl", action="store_true", help="teacher-forced perplexity per scheme instead")
-    ap.add_argument("--out", default=None, help="JSON results file")
+    ap.add_argument("--out", type=output_file, default=None, help="JSON results file")
     args = ap.parse_args()
+    check_inputs(args.model, args.context, args.steps, args.ppl)
     if args.ppl:
         res = perplexity(args.model, args.context, ["exact", *schemes()])
-        if args.out:
-            Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        write(args.out, res)
         return
     res = measure(args.model, args.context, args.steps)
     print(f"context {res['context']}, {res['decode_steps']} decode steps x {res['layers']} layers: relative L2 "
           "error of the attention output (mean / p90 / max)")  # fmt: skip
     for name, r in res["relative_error"].items():
         print(f"  {name:46s} {r['mean']:.4f} / {r['p90']:.4f} / {r['max']:.4f}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    write(args.out, res)
+
+
+def write(out: str | None, res: dict) -> None:
+    """The results as JSON at `out` (if given), its folders made as needed."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(res, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from host_emu_build import build_emulator  # noqa: E402
 
 from lserve_lite.backends.cuda import rope_grid  # noqa: E402
+from lserve_lite.errors import exit_status  # noqa: E402
 from lserve_lite.harness.common import HostCtx, Result  # noqa: E402
 from lserve_lite.harness.kv_write import SPARSE_DIMS, WriteCase, check_write, dense_case, sparse_case  # noqa: E402
 
@@ -104,4 +105,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_status(main))

@@ -38,6 +38,7 @@ from lserve_lite.backends.cuda_attention import (  # noqa: E402
     topk_stage_entries,
 )
 from lserve_lite.backends.reference.page_select import select_pages_ref  # noqa: E402
+from lserve_lite.errors import exit_status  # noqa: E402
 from lserve_lite.harness.attention import SPARSE_DECODE, decode_setup  # noqa: E402
 from lserve_lite.harness.common import HostCtx  # noqa: E402
 from lserve_lite.harness.page_select import (  # noqa: E402
@@ -165,4 +166,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_status(main))

@@ -25,6 +25,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lserve_lite.backends import require_gpu  # noqa: E402
+from lserve_lite.config import MAX_MODEL_LEN  # noqa: E402
+from lserve_lite.engine_args import bounded_int, existing_file, output_file  # noqa: E402
+from lserve_lite.errors import InvalidRequestError, exit_status  # noqa: E402
 
 UNITS_US = {
     "nsecond": 1e-3,
@@ -85,16 +88,29 @@ def family(name: str) -> str:
 
 
 def summarize(path: Path, steps: int, replay_ms: float | None) -> dict:
+    """Kernel time per decode step by family from an ncu --csv log; a file that is not one is an error naming it."""
     per: dict[str, list[float]] = defaultdict(list)
-    with open(path, newline="") as f:
+    with open(path, newline="", errors="replace") as f:
         rows = [r for r in csv.reader(f) if len(r) > 5]
-    head = rows[0]
-    col = {k: head.index(k) for k in ("Kernel Name", "Metric Name", "Metric Unit", "Metric Value")}
+    names = ("Kernel Name", "Metric Name", "Metric Unit", "Metric Value")
+    if not rows or not set(names) <= set(rows[0]):
+        raise InvalidRequestError(
+            f"{path}: not an ncu --csv log (no header with the columns {', '.join(names)})"
+        )
+    col = {k: rows[0].index(k) for k in names}
     for r in rows[1:]:
         if r[col["Metric Name"]] != "gpu__time_duration.sum":
             continue
-        us = float(r[col["Metric Value"]].replace(",", "")) * UNITS_US[r[col["Metric Unit"]]]
+        value, unit = r[col["Metric Value"]].replace(",", ""), r[col["Metric Unit"]]
+        try:
+            us = float(value) * UNITS_US[unit]
+        except (ValueError, KeyError):
+            raise InvalidRequestError(f"{path}: a kernel time of {value!r} {unit!r} is not a time") from None
         per[family(r[col["Kernel Name"]])].append(us)
+    if not per:
+        raise InvalidRequestError(
+            f"{path}: no gpu__time_duration.sum rows (run ncu with --metrics gpu__time_duration.sum)"
+        )
     table = sorted(
         ({"kernel": k, "per_step": len(v) / steps, "us_per_step": sum(v) / steps, "us_mean": sum(v) / len(v)}
          for k, v in per.items()), key=lambda d: -d["us_per_step"],
@@ -115,11 +131,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["llama8b", "smollm2"], default="llama8b")
     ap.add_argument("--quantize", choices=["int8", "int4"], default=None)
-    ap.add_argument("--context", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--summarize", type=Path, default=None, help="an ncu --csv log of this script's run")
+    ap.add_argument("--context", type=bounded_int(1, MAX_MODEL_LEN), default=4096)
+    ap.add_argument("--steps", type=bounded_int(1, 1 << 16), default=2)
+    ap.add_argument(
+        "--summarize",
+        type=lambda t: Path(existing_file(t)),
+        default=None,
+        help="an ncu --csv log of this script's run",
+    )
     ap.add_argument("--replay-ms", type=float, default=None, help="the graph replay time of the same step")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=lambda t: Path(output_file(t)), default=None)
     args = ap.parse_args(argv)
     if args.summarize is None:
         require_gpu("profile_decode.py")
@@ -127,9 +148,10 @@ def main(argv=None) -> int:
         return 0
     result = summarize(args.summarize, args.steps, args.replay_ms)
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_status(main))

@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from lserve_lite.backends.quant_split import SPLIT_FORMATS, split  # noqa: E402
 from lserve_lite.backends.reference.layers import silu_mul_ref  # noqa: E402
 from lserve_lite.backends.reference.page_stats import merge_page_stats  # noqa: E402
+from lserve_lite.errors import exit_status  # noqa: E402
 from lserve_lite.harness.common import silu_mul_atol  # noqa: E402
 from lserve_lite.harness.quant import (  # noqa: E402
     GEMV_SHAPES,
@@ -469,4 +470,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_status(main))

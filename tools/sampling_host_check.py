@@ -28,6 +28,7 @@ from host_emu_build import build_emulator  # noqa: E402
 
 from lserve_lite.backends.cuda_sampling import LIST_ELEMENTS, ROW_CHUNK  # noqa: E402
 from lserve_lite.backends.reference.sampling import logprobs_ref, sample_row  # noqa: E402
+from lserve_lite.errors import exit_status  # noqa: E402
 from lserve_lite.harness.sampling import sampling_rows  # noqa: E402
 
 
@@ -107,4 +108,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_status(main))

@@ -35,9 +35,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from bench_serve import free_port, wait_healthy  # tools/ is on the path when run as a script
+from bench_serve import MAX_WORDS, free_port, wait_healthy  # tools/ is on the path when run as a script
 
-from lserve_lite.engine_args import bounded_float, bounded_int
+from lserve_lite.engine_args import bounded_float, bounded_int, output_file
+from lserve_lite.errors import exit_status
 
 WORDS = ("the quick brown fox jumps over lazy dog hello world how are you today river mountain city music "
          "light garden ocean story 0123456789").split()  # fmt: skip
@@ -339,12 +340,16 @@ def main() -> int:
     ap.add_argument(
         "--seconds", type=bounded_float(0.001, 1e6), default=60.0, help="duration of the mixed load"
     )
-    ap.add_argument("--warmup-seconds", type=float, default=10.0, help="load before the first RSS reading")
+    ap.add_argument(
+        "--warmup-seconds", type=bounded_float(0, 1e6), default=10.0, help="load before the first RSS reading"
+    )
     ap.add_argument(
         "--concurrency", type=bounded_int(1, 4096), default=8, help="concurrent clients (also --max-num-seqs)"
     )
-    ap.add_argument("--cases", type=int, default=12, help="distinct greedy prompts")
-    ap.add_argument("--long-words", type=int, default=120, help="words in the long prompts")
+    ap.add_argument("--cases", type=bounded_int(1, 10_000), default=12, help="distinct greedy prompts")
+    ap.add_argument(
+        "--long-words", type=bounded_int(1, MAX_WORDS), default=120, help="words in the long prompts"
+    )
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--max-num-batched-tokens", type=int, default=128)
     ap.add_argument("--kv-pages", type=int, default=1024,
@@ -352,7 +357,7 @@ def main() -> int:
                          "list touches page by page, so RSS grows until the whole pool has been used once)")  # fmt: skip
     ap.add_argument("--rss-tolerance-mb", type=float, default=40.0, help="allowed RSS growth over the load")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="tools/results/soak_serve.json")
+    ap.add_argument("--out", type=output_file, default="tools/results/soak_serve.json")
     args = ap.parse_args()
 
     rng = random.Random(args.seed)
@@ -421,4 +426,4 @@ async def run_load(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(exit_status(main))

@@ -73,7 +73,10 @@ def make_samples(
         key = str(rng.integers(10000, 100000))
         lo, hi = sink + 32, n - tail - local - 64  # needle region the streaming window cannot see
         if hi <= lo:
-            raise InvalidRequestError(f"samples of {n} tokens are too short for sink {sink} + local {local}")
+            raise InvalidRequestError(
+                f"samples of {n} tokens are too short: a needle between the sink and the tail's local window "
+                f"needs more than sink {sink} + local {local} + tail {tail} + 96 = {sink + local + tail + 96}"
+            )
         frac = (lo + d * (hi - lo)) / n
         filler = "classic" if i % 2 == 0 else "corpus"
         out.append(passkey_sample(tokenizer, n, frac, key, filler, offset=int(rng.integers(0, corpus_len))))
@@ -253,7 +256,7 @@ def _validate(h: SparseHarness, kept, gates, sink, local, seed, log) -> dict:
         out[name] = {"mean_kl": round(float(np.mean(kls)), 5), "mean_dnll": round(float(np.mean(dn)), 4),
                      "answers_correct": f"{correct}/{len(kept)}"}  # fmt: skip
         log(f"  validation, half the heads streaming, {name:>10}: mean KL {np.mean(kls):.4f}, "
-            f"answer NLL +{np.mean(dn):.3f}, correct {correct}/{len(kept)}")  # fmt: skip
+            f"answer NLL {np.mean(dn):+.3f}, correct {correct}/{len(kept)}")  # fmt: skip
     return out
 
 

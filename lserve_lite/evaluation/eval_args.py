@@ -6,15 +6,18 @@ from __future__ import annotations
 import argparse
 
 from ..config import KV_DTYPES, MAX_MODEL_LEN
-from ..engine_args import bounded_int, int_list
+from ..engine_args import bounded_float, bounded_int, int_list, name_list, output_file
 
 MAX_SAMPLES = 100_000  # prompts per (task, length) or passkey samples, at most
+MAX_TIME_LIMIT = 1e7  # seconds (115 days); 0 is no limit
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     """Arguments of `lserve-lite eval` (and tools/eval_ruler.py)."""
     p.add_argument("--model", default=None, help="model directory (default: the bundled SmolLM2)")
-    p.add_argument("--tasks", default="all", help="comma-separated tasks (default all; see ruler.TASKS)")
+    p.add_argument(
+        "--tasks", type=name_list, default="all", help="comma-separated tasks (default all; see ruler.TASKS)"
+    )
     p.add_argument("--lengths", type=int_list(256, MAX_MODEL_LEN), default=[2048],
                    help="comma-separated context lengths in tokens, each >= 256 (2048)")  # fmt: skip
     p.add_argument(
@@ -32,13 +35,15 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="run dense as a full-window request on the LServe LLM (one prefill for all)")  # fmt: skip
     p.add_argument("--pattern", default=None, help="head pattern TSV (default: the model's bundled one)")
     p.add_argument("--backend", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=bounded_int(0), default=0)
     p.add_argument(
         "--time-limit",
-        type=float,
+        type=bounded_float(0, MAX_TIME_LIMIT),
         default=0,
-        help="start no new prompt after this many s (counted from the start: model loads included); "
+        help="start no new prompt after this many s (0: no limit; counted from the start, model loads included); "
         "settings needing their own LLM split the time left equally",
     )
-    p.add_argument("--out", default="tools/results/ruler", help="output stem: <out>.json, <out>.png")
+    p.add_argument(
+        "--out", type=output_file, default="tools/results/ruler", help="output stem: <out>.json, <out>.png"
+    )
     p.add_argument("--plot-only", metavar="JSON", help="redraw the heatmap of an earlier run and exit")

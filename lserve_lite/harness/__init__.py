@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from ..backends import cuda_available
+from ..engine_args import bounded_int, json_file
 from .attention import case_attention, case_prefill_kernels, case_sparse_attention
 from .common import Ctx, Result, format_table
 from .kv_quant import case_kv_quant
@@ -76,9 +77,9 @@ CASES: dict[str, Callable[[Ctx], list[Result]]] = {
 }
 
 
-def run_cases(names=None, seed: int | None = None) -> list[Result]:
-    """Run the named cases (all by default); a case that raises becomes one failed row."""
-    c = Ctx(int(time.time_ns() % (1 << 31)) if seed is None else seed)
+def run_cases(names, seed: int) -> list[Result]:
+    """Run the named cases (all when None) on inputs drawn from `seed`; a case that raises becomes one failed row."""
+    c = Ctx(seed)
     results = []
     for name in names or CASES:
         try:
@@ -88,11 +89,17 @@ def run_cases(names=None, seed: int | None = None) -> list[Result]:
     return results
 
 
+def _json_row(r: Result) -> dict:
+    """A row as strict JSON: the infinite error of a case that crashed is null (json writes `Infinity`, which
+    JSON parsers other than Python's refuse)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(r).items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lserve-lite kernels test", description=(__doc__ or "").splitlines()[0])
     ap.add_argument("cases", nargs="*", help=f"subset of: {', '.join(CASES)}")
-    ap.add_argument("--seed", type=int, default=None, help="random seed (default: fresh each run)")
-    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--seed", type=bounded_int(0), default=None, help="random seed (default: fresh each run)")
+    ap.add_argument("--json", type=json_file, default=None, help="also write the rows to this JSON file")
     argv = list(argv or [])
     if argv[:1] == ["test"]:  # `lserve-lite kernels test [cases]`
         argv = argv[1:]
@@ -105,11 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     ):  # exit 2, not 0: a script that asked for the harness must not read this as passing
         print("kernels test: no NVIDIA GPU visible to CuPy; nothing was tested (the CPU backend needs none).")
         return 2
-    results = run_cases(args.cases or None, args.seed)
+    seed = int(time.time_ns() % (1 << 31)) if args.seed is None else args.seed
+    print(f"kernels test: random inputs from seed {seed} (--seed {seed} draws them again)", flush=True)
+    results = run_cases(args.cases or None, seed)
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in results], f, indent=1)
+            json.dump([_json_row(r) for r in results], f, indent=1)
     return 0 if all(r.ok for r in results) else 1
 
 
