@@ -78,6 +78,10 @@ def test_lserve_options_need_sparse(tmp_path):
             engine_config_from_args(args)
     args = build_parser().parse_args(["generate", "--prompt", "x", "--page-size", "32"])  # dense pages too
     assert engine_config_from_args(args).page_size == 32
+    # these were refused as LServe's (its 128-token sinks are no multiple of them); dense mode has no sinks
+    for size in ("256", "1024"):
+        args = build_parser().parse_args(["generate", "--prompt", "x", "--page-size", size])
+        assert engine_config_from_args(args).page_size == int(size)
     args = build_parser().parse_args(["serve", "--sparse", "--pattern", str(pat), "--token-budget", "512"])
     assert engine_config_from_args(args).sparse.token_budget == 512
 
