@@ -333,7 +333,7 @@ class SparseConfig:
     token_budget: int = 4096
     select_interval: int = 4
     group_reduce: str = "mass"  # selector: one score per KV head from its query group (sparse/selector.py)
-    pattern_path: str | None = None
+    pattern_path: str | os.PathLike | None = None  # a DuoAttention TSV (None: the bundled pattern)
 
     def validate(self) -> SparseConfig:
         def bad(msg: str):
@@ -341,7 +341,9 @@ class SparseConfig:
 
         for f in fields(self):
             v, kind = getattr(self, f.name), type(getattr(SparseConfig, f.name, None))
-            if f.name == "pattern_path" and (v is None or isinstance(v, str)):
+            if f.name == "pattern_path":  # a pathlib.Path as well as a str, as every other path the API takes
+                if v is not None and not isinstance(v, (str, os.PathLike)):
+                    bad(f"pattern_path must be a path (str or os.PathLike) or None, got {_short(v)}")
                 continue
             ok = isinstance(v, (int, float)) if kind is float else isinstance(v, kind)
             if not ok or (kind is not bool and isinstance(v, bool)):

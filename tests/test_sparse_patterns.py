@@ -411,6 +411,20 @@ def test_engine_sparse_mode_matches_dense_pool_streaming(tiny_dir, tiny_llm, tmp
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_engine_takes_a_pathlib_pattern(tiny_dir, tmp_path):
+    """SparseConfig(pattern_path=Path(...)) was refused ("must be NoneType"): a path is a str or a PathLike."""
+    from lserve_lite import LLM, EngineConfig, SparseConfig
+
+    pat = save_pattern(tmp_path / "p.tsv", np.array([[0.9, 0.1], [0.2, 0.8]]))
+    sc = SparseConfig(enabled=True, page_size=16, prefill_local=128, decode_local=64, pattern_path=pat)
+    llm = LLM(str(tiny_dir), backend="cpu", config=EngineConfig(page_size=16, num_kv_pages=8, sparse=sc))
+    assert [c.tolist() for c in llm.engine.layout.head_class] == [[0, 1], [1, 0]]
+    with pytest.raises(
+        InvalidRequestError, match=r"pattern_path must be a path \(str or os.PathLike\) or None, got 3"
+    ):
+        SparseConfig(pattern_path=3).validate()
+
+
 @pytest.mark.parametrize("kind", ["fifo", "device"])
 def test_pattern_that_is_not_a_regular_file_is_refused(tmp_path, kind):
     """A FIFO hung the load and /dev/zero grew memory without end: one line instead."""
