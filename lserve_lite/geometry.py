@@ -51,6 +51,12 @@ def ring_fits(local: int, num_ring_pages: int, max_chunk: int, page_size: int, m
     return whole or local <= (num_ring_pages - 1) * page_size - max_chunk
 
 
+def sink_fits(sink: int, num_sink_pages: int, page_size: int, max_len: int) -> bool:
+    """Whether `num_sink_pages` serve a `sink`-token sink (`sink_pages` read backwards): they hold it, or a whole
+    context of `max_len` tokens (the pages are clipped to one: a longer sink is the whole context)."""
+    return sink_pages(sink, page_size) <= num_sink_pages or num_sink_pages >= pages_for(max_len, page_size)
+
+
 def ring_slot(lpage, num_sink_pages: int, num_ring_pages: int):
     """Index in a sequence's streaming-pool table of logical page `lpage` (an int, answered as an int: a decode
     row's one page, or an int array): sink pages, then the ring."""

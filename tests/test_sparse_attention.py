@@ -226,6 +226,29 @@ def test_engine_streaming_heads_and_selection_run_and_free(tiny_llama, tmp_path,
             llm.engine.add_request(prompts[0], params, sparse=knob)
 
 
+def test_request_knobs_taken_where_the_engine_sinks_exceed_the_context(tiny_llama, tmp_path):
+    """Sink pages are clipped to a whole context (7 pages for 100 tokens): the engine's own 128-token sinks, which
+    every request inherits, were then refused as above its pool, so any knob (a budget alone) was refused."""
+    p, _ = _sparse_tiny(tiny_llama, tmp_path, token_budget=64)
+    ids = [int(t) for t in np.random.default_rng(9).integers(3, 320, 80)]
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    runs = []
+    for budget, knobs in ((128, {"token_budget": 64}), (64, None)):
+        sp = SparseConfig(enabled=True, page_size=16, prefill_sink=128, decode_sink=128, prefill_local=128,
+                          decode_local=64, token_budget=budget)  # fmt: skip
+        llm = LLM(str(p), backend="cpu", config=EngineConfig(page_size=16, max_model_len=100, sparse=sp))
+        assert llm.engine.layout.sink_pages == 7  # 112 tokens: the whole context, though the sinks are 128
+        llm.engine.add_request(ids, params, sparse=knobs)
+        got = []
+        while llm.engine.has_unfinished():
+            got += [t for o in llm.engine.step() for t in o.token_ids]
+        runs.append(got)
+    assert len(runs[0]) == 12 and runs[0] == runs[1]
+    llm = _sparse_tiny(tiny_llama, tmp_path / "b")[1]  # 32-token sinks, a longer context: still checked
+    with pytest.raises(InvalidRequestError, match="sinks up to 32 tokens"):
+        llm.engine.add_request(ids, params, sparse={"decode_sink": 48})
+
+
 def test_mass_reduction_refused_at_start_for_groups_it_cannot_hold(tiny_llama, tmp_path, monkeypatch):
     """The default `mass` keeps a group's query heads in registers: a larger group is refused at start, with
     the way out named; `max` has no limit."""

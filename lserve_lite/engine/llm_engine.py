@@ -14,7 +14,7 @@ from ..backends.base import SampledTokens
 from ..backends.group import host_ops
 from ..config import MASS_MAX_GROUP, ORACLE_REDUCE, EngineConfig, SparseConfig
 from ..errors import InvalidRequestError, LServeError
-from ..geometry import ring_fits
+from ..geometry import ring_fits, sink_fits
 from ..kv.block_manager import BlockManager
 from ..kv.layout import KVLayout, fit_context, kv_summary, page_bytes, pool_context, pool_pages
 from ..kv.prefix_cache import PrefixCache, kv_salt
@@ -304,11 +304,12 @@ class LLMEngine:
                 f"sparse knob(s) {sorted(fixed)} are fixed per engine (KV memory layout, selector rule)"
             )
         req = sp.with_knobs(knobs)
-        lay, ps = self.layout, self.ecfg.page_size
-        local = max(req.prefill_local, req.decode_local)
-        if not ring_fits(local, lay.ring_pages, self._max_chunk(), ps, self._context_limit()) or max(
-            req.prefill_sink, req.decode_sink
-        ) > (lay.sink_pages * ps):
+        lay, ps, ctx = self.layout, self.ecfg.page_size, self._context_limit()
+        local, sink = max(req.prefill_local, req.decode_local), max(req.prefill_sink, req.decode_sink)
+        if not (
+            ring_fits(local, lay.ring_pages, self._max_chunk(), ps, ctx)
+            and sink_fits(sink, lay.sink_pages, ps, ctx)
+        ):
             raise InvalidRequestError(
                 f"per-request streaming windows must fit the engine's streaming pool: sinks up to "
                 f"{lay.sink_pages * ps} tokens, local windows as many as its ring holds beside a prefill chunk"
