@@ -425,6 +425,23 @@ def test_engine_takes_a_pathlib_pattern(tiny_dir, tmp_path):
         SparseConfig(pattern_path=3).validate()
 
 
+def test_bad_pattern_refused_before_the_weights_load(tiny_dir, tmp_path, monkeypatch):
+    """A pattern of the wrong shape was found only after the weights had loaded (a bf16 or --quantize'd 8B model:
+    minutes and tens of GB, then a one-line error): the layout is checked from the config first."""
+    from lserve_lite import LLM, EngineConfig, SparseConfig
+    from lserve_lite.engine import llm_engine
+
+    def load_model(*args):
+        raise AssertionError("the weights loaded before the head pattern was checked")
+
+    monkeypatch.setattr(llm_engine, "load_model", load_model)
+    bad = tmp_path / "p.tsv"
+    bad.write_text("0.5\t0.1\n")
+    sc = SparseConfig(enabled=True, pattern_path=str(bad))
+    with pytest.raises(ModelLoadError, match=r"p.tsv: head pattern is 1 x 2 .*needs 2 x 2"):
+        LLM(str(tiny_dir), backend="cpu", config=EngineConfig(quantize="int8", sparse=sc))
+
+
 @pytest.mark.parametrize("kind", ["fifo", "device"])
 def test_pattern_that_is_not_a_regular_file_is_refused(tmp_path, kind):
     """A FIFO hung the load and /dev/zero grew memory without end: one line instead."""

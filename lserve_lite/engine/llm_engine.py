@@ -91,6 +91,10 @@ class LLMEngine:
 
     def _load_local(self, backend: str) -> tuple[int, int]:
         """The whole model in this process on one backend; (dense pages, streaming pages)."""
+        # LServe's layout (head pattern, group size) needs only the config: a bad one is refused before the weights
+        # load (a bf16 or --quantize'd checkpoint is converted whole there)
+        self.cfg = load_config(self.model_dir) if self.ecfg.sparse.enabled else None
+        self.layout = self._kv_layout()
         loaded = load_model(self.model_dir, self.ecfg.quantize)
         self.cfg, self.tokenizer, weights = loaded.cfg, loaded.tokenizer, loaded.weights
         self.backend = resolve_backend(backend)  # what runs the model (logs, bench)
@@ -99,7 +103,6 @@ class LLMEngine:
         # What the backend will hold (quantized matrices in its layout, floats at its type), reserved from the KV
         # budget before the upload (the budget only matters on the GPU).
         self.weight_bytes = sum(self.ops.weight_bytes(w) for w in weights.values())
-        self.layout = self._kv_layout()
         self.kv_format = resolve_kv_format(self.ecfg.kv_dtype, self.ops.kv_dtypes, self.cfg.head_dim)
         # one token's K and V of one KV head in that format, scales included: what sizes a page
         self.itemsize = np.dtype(self.ops.dtype).itemsize  # the cache's float type (page statistics)
