@@ -442,6 +442,21 @@ def test_bad_pattern_refused_before_the_weights_load(tiny_dir, tmp_path, monkeyp
         LLM(str(tiny_dir), backend="cpu", config=EngineConfig(quantize="int8", sparse=sc))
 
 
+def test_pattern_given_is_checked_without_streaming_heads(tiny_dir, tmp_path):
+    """With static_sparsity 0 a pattern path was never read: a missing or wrong file was accepted without a word."""
+    from lserve_lite import LLM, EngineConfig, SparseConfig
+
+    for path, msg in (
+        (tmp_path / "typo.tsv", "head pattern file not found"),
+        (tmp_path / "p.tsv", "is 1 x 1"),
+    ):
+        if path.name == "p.tsv":
+            path.write_text("0.5\n")
+        sc = SparseConfig(enabled=True, static_sparsity=0.0, pattern_path=str(path))
+        with pytest.raises(ModelLoadError, match=msg):
+            LLM(str(tiny_dir), backend="cpu", config=EngineConfig(num_kv_pages=8, sparse=sc))
+
+
 @pytest.mark.parametrize("kind", ["fifo", "device"])
 def test_pattern_that_is_not_a_regular_file_is_refused(tmp_path, kind):
     """A FIFO hung the load and /dev/zero grew memory without end: one line instead."""

@@ -178,7 +178,7 @@ class LLMEngine:
                 f"group_reduce mass handles at most {MASS_MAX_GROUP} query heads per KV head (this model: "
                 f"{c.num_heads // c.num_kv_heads}); start with --group-reduce max"
             )
-        if sp.static_sparsity > 0:
+        if sp.static_sparsity > 0 or sp.pattern_path:  # a pattern given is read where no head streams too
             gates = resolve_pattern(self.model_dir, c.num_layers, c.num_kv_heads, sp.pattern_path)
             classes = head_classes(gates, sp.static_sparsity)
         else:
