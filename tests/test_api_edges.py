@@ -132,6 +132,27 @@ def test_page_budget_and_sink_clipped_to_a_whole_context():
     assert lay.select_pages == 16 and lay.sink_pages == 16
 
 
+def test_page_selections_are_counted_and_refused_before_allocating():
+    """The selections (int32 page ids per sequence slot, KV head and layer, a budget's worth) were not counted: a
+    budget as long as a 16M-token context with 4096 sequences allocated 32 GiB arrays after the pools (MemoryError,
+    a traceback); now they come out of the KV memory first, and one line refuses what cannot fit."""
+    from lserve_lite.kv.layout import page_bytes, pool_pages
+
+    cfg, lay = _layout(0, 1 << 24, token_budget=1 << 24)
+    assert lay.selection_bytes(cfg, 4096) == 4 * 2 * 4096 * 2 * ((1 << 18) + 2)  # 17 GB
+    msg = r"the page selections \(4096 sequences x 262145 pages a KV head, .* lower the sparse token_budget"
+    with pytest.raises(InvalidRequestError, match=msg):
+        pool_pages(cfg, 64, 2 * 16 * 4, 2 << 30, lay, 4096, stat_itemsize=4)
+    with pytest.raises(InvalidRequestError, match=msg):
+        pool_pages(cfg, 64, 2 * 16 * 4, 0, lay, 4096, 8, stat_itemsize=4, limit=8 << 30)
+    cfg, lay = _layout(0, 1024)
+    dense_b, sel = page_bytes(cfg, 64, 2 * 16 * 4, lay, 4)[0], lay.selection_bytes(cfg, 4)
+    assert pool_pages(cfg, 64, 2 * 16 * 4, 10 * dense_b + sel, lay, 4, stat_itemsize=4) == (10, 0)
+    assert pool_pages(cfg, 64, 2 * 16 * 4, 10 * dense_b + sel - 1, lay, 4, stat_itemsize=4) == (9, 0)
+    with pytest.raises(InvalidRequestError, match="num_kv_pages=10 needs"):
+        pool_pages(cfg, 64, 2 * 16 * 4, 0, lay, 4, 10, stat_itemsize=4, limit=10 * dense_b + sel - 1)
+
+
 def test_page_budget_clipped_to_what_the_pool_holds(tiny_llama):
     """A context limit the KV pool cuts (8 pages here) also cuts the selection slots' page budget."""
     sparse = dict(enabled=True, static_sparsity=0.0, token_budget=1 << 20)
@@ -184,7 +205,8 @@ def test_no_dense_heads_pool_from_the_streaming_pool():
     cfg, lay = _layout(1, 1 << 20)
     page = 2 * 2 * 2 * 16 * 64 * 4  # layers x K/V x KV heads x head_dim x tokens x float32
     assert lay.streaming_only and lay.stream_pages_per_seq == 2 + 130
-    assert pool_pages(cfg, 64, 2 * 16 * 4, 200 * page, lay, 4, stat_itemsize=4) == (MAX_POOL_PAGES, 200)
+    sel = lay.selection_bytes(cfg, 4)  # the page selections come out of the budget first
+    assert pool_pages(cfg, 64, 2 * 16 * 4, 200 * page + sel, lay, 4, stat_itemsize=4) == (MAX_POOL_PAGES, 200)
     assert pool_pages(cfg, 64, 2 * 16 * 4, 1000 * page, lay, 4, stat_itemsize=4) == (MAX_POOL_PAGES, 4 * 132)
 
 

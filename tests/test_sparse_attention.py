@@ -346,6 +346,7 @@ def test_page_sizing_counts_what_is_allocated(dtype, kv):
 
     assert dense_b == nbytes(cache.k, cache.v, cache.k_scale, cache.v_scale, cache.kmax, cache.kmin)
     assert stream_b == nbytes(cache.ks, cache.vs, cache.ks_scale, cache.vs_scale)
+    assert lay.selection_bytes(cfg, 1) == nbytes(cache.sel_idx, cache.sel_cnt)  # one sequence slot
 
 
 def test_plan_refreshes_only_when_a_selecting_block_refreshes():
