@@ -116,6 +116,19 @@ def test_sparse_windows_and_budget_have_upper_bounds(knob):
     EngineConfig(sparse={"enabled": True, knob: 1 << 24})
 
 
+@pytest.mark.parametrize("size", [0, 8, 24, 2048, 1 << 40])
+def test_sparse_page_size_refused_as_the_kv_page_size(size):
+    """SparseConfig had no upper bound: page_size 2048 was refused as 'prefill_sink must be a multiple of page_size
+    (2048)', blaming a knob the user never set; now its own range, the same as EngineConfig's."""
+    from lserve_lite.config import SparseConfig
+
+    msg = rf"page_size must be a power of two in \[16, 1024\], got {size}"
+    with pytest.raises(InvalidRequestError, match=msg):
+        SparseConfig(enabled=True, page_size=size).validate()
+    with pytest.raises(InvalidRequestError, match=r"page_size must be .* \[16, 1024\]"):
+        EngineConfig(page_size=size)
+
+
 def _layout(static_sparsity_classes: int, max_len: int, **knobs):
     """A two-layer, two-KV-head LServe layout whose heads are all of one class (0 dense, 1 streaming)."""
     from lserve_lite.config import ModelConfig, SparseConfig
