@@ -65,6 +65,9 @@ def test_bad_files(tmp_path):
     bad.write_text("")
     with pytest.raises(ModelLoadError, match=r"0 x 0 .*needs 2 x 2"):
         load_pattern(bad, 2, 2)
+    # a Windows editor's byte-order mark and line ends: still a pattern
+    bad.write_bytes("\ufeff0.9\t0.1\r\n0.2\t0.8\r\n".encode())
+    assert load_pattern(bad, 2, 2).tolist() == [[0.9, 0.1], [0.2, 0.8]]
     bad.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ModelLoadError, match="bad.tsv"):
         load_pattern(bad, 2, 2)
