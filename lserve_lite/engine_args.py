@@ -55,10 +55,12 @@ def results_folder(text: str) -> str:
 
 
 def existing_file(text: str) -> str:
-    """An argparse type: a path to a file that exists, checked before a long run needs it."""
-    if not Path(text).expanduser().is_file():
+    """An argparse type: a path to a file that exists, checked before a long run needs it; `~` expanded, as the
+    check found it (`--pattern=~/p.tsv`, which no shell expands, passed here and was then not found)."""
+    path = Path(text).expanduser()
+    if not path.is_file():
         raise argparse.ArgumentTypeError(f"{text}: file not found")
-    return text
+    return str(path)
 
 
 _SPARSE_KNOBS = {
