@@ -102,13 +102,8 @@ class KVLayout:
     def selection_bytes(self, cfg: ModelConfig, max_seqs: int) -> int:
         """Bytes of the page selector's selections (alloc_kv_cache's int32 sel_idx and sel_cnt, every layer: per
         sequence slot and KV head, a visit capacity of page ids and a count): sized by the budget, not by pages."""
-        return (
-            4
-            * cfg.num_layers
-            * max_seqs
-            * cfg.num_kv_heads
-            * (geometry.visit_capacity(self.select_pages) + 1)
-        )
+        per_layer = max_seqs * cfg.num_kv_heads * (geometry.visit_capacity(self.select_pages) + 1)
+        return 4 * cfg.num_layers * per_layer
 
     def bytes_per_page(self, cfg: ModelConfig, kv_bytes: int, stat_itemsize: int) -> tuple[int, int]:
         """K+V bytes of one dense-pool page (with its logical pages' key max / min, stored in the backend's float
@@ -174,10 +169,8 @@ def pool_pages(
     if room is not None:
         _check_selections_fit(room, sel_b, dense_b, layout, max_seqs)
         room -= sel_b
-    share = 0.3 if dense_b else 1.0
-    stream = (
-        max(per_seq, min(max_seqs * per_seq, int(share * (budget - sel_b) // stream_b))) if per_seq else 0
-    )
+    share = (0.3 if dense_b else 1.0) * (budget - sel_b)
+    stream = max(per_seq, min(max_seqs * per_seq, int(share // stream_b))) if per_seq else 0
     if not num_pages:
         _check_stream_fits(room, per_seq * stream_b, dense_b)
         return (_fit(room - stream * stream_b, dense_b) if dense_b else MAX_POOL_PAGES), stream
