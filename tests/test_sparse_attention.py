@@ -245,8 +245,13 @@ def test_request_knobs_taken_where_the_engine_sinks_exceed_the_context(tiny_llam
         runs.append(got)
     assert len(runs[0]) == 12 and runs[0] == runs[1]
     llm = _sparse_tiny(tiny_llama, tmp_path / "b")[1]  # 32-token sinks, a longer context: still checked
-    with pytest.raises(InvalidRequestError, match="sinks up to 32 tokens"):
+    with pytest.raises(InvalidRequestError, match="sinks must fit .*: up to 32 tokens, got 48$"):
         llm.engine.add_request(ids, params, sparse={"decode_sink": 48})
+    # a ring of 13 pages of 16 holds 128 tokens beside a 64-token chunk (the error said "as many as it holds")
+    msg = "up to 128 tokens beside a 64-token prefill chunk, got 144$"
+    with pytest.raises(InvalidRequestError, match=msg):
+        llm.engine.add_request(ids, params, sparse={"decode_local": 144})
+    llm.engine.add_request(ids, params, sparse={"decode_local": 128})
 
 
 def test_mass_reduction_refused_at_start_for_groups_it_cannot_hold(tiny_llama, tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from ..backends.base import SampledTokens
 from ..backends.group import host_ops
 from ..config import MASS_MAX_GROUP, ORACLE_REDUCE, EngineConfig, SparseConfig
 from ..errors import InvalidRequestError, LServeError
-from ..geometry import ring_fits, sink_fits
+from ..geometry import ring_fits, ring_window, sink_fits
 from ..kv.block_manager import BlockManager
 from ..kv.layout import KVLayout, fit_context, kv_summary, page_bytes, pool_context, pool_pages
 from ..kv.prefix_cache import PrefixCache, kv_salt
@@ -307,15 +307,16 @@ class LLMEngine:
                 f"sparse knob(s) {sorted(fixed)} are fixed per engine (KV memory layout, selector rule)"
             )
         req = sp.with_knobs(knobs)
-        lay, ps, ctx = self.layout, self.ecfg.page_size, self._context_limit()
+        lay, ps, ctx, chunk = self.layout, self.ecfg.page_size, self._context_limit(), self._max_chunk()
         local, sink = max(req.prefill_local, req.decode_local), max(req.prefill_sink, req.decode_sink)
-        if not (
-            ring_fits(local, lay.ring_pages, self._max_chunk(), ps, ctx)
-            and sink_fits(sink, lay.sink_pages, ps, ctx)
-        ):
+        if not ring_fits(local, lay.ring_pages, chunk, ps, ctx):
             raise InvalidRequestError(
-                f"per-request streaming windows must fit the engine's streaming pool: sinks up to "
-                f"{lay.sink_pages * ps} tokens, local windows as many as its ring holds beside a prefill chunk"
+                f"per-request local windows must fit the engine's streaming ring: up to "
+                f"{ring_window(lay.ring_pages, chunk, ps)} tokens beside a {chunk}-token prefill chunk, got {local}"
+            )
+        if not sink_fits(sink, lay.sink_pages, ps, ctx):
+            raise InvalidRequestError(
+                f"per-request sinks must fit the engine's streaming pool: up to {lay.sink_pages * ps} tokens, got {sink}"
             )
         if req.token_budget > sp.token_budget:
             raise InvalidRequestError(f"token_budget above the engine's {sp.token_budget} is not possible")
