@@ -358,13 +358,11 @@ class SparseConfig:
         if self.sub_pages <= 0 or self.page_size % self.sub_pages:
             bad(f"sub_pages must divide page_size ({self.page_size}), got {self.sub_pages}")
         for name in ("prefill_sink", "prefill_local", "decode_sink", "decode_local"):
-            v = getattr(self, name)
-            if not 0 <= v <= MAX_MODEL_LEN or v % self.page_size:
+            v, lo = getattr(self, name), self.page_size if name.endswith("local") else 0  # a window: a page
+            if not lo <= v <= MAX_MODEL_LEN or v % self.page_size:
                 bad(
-                    f"{name} must be a multiple of page_size ({self.page_size}) in [0, {MAX_MODEL_LEN}], got {v}"
+                    f"{name} must be a multiple of page_size ({self.page_size}) in [{lo}, {MAX_MODEL_LEN}], got {v}"
                 )
-        if self.decode_local < self.page_size or self.prefill_local < self.page_size:
-            bad("local windows must hold at least one page")
         if not 2 * self.page_size <= self.token_budget <= MAX_MODEL_LEN or self.token_budget % self.page_size:
             bad(
                 f"token_budget must be a multiple of page_size ({self.page_size}) in [{2 * self.page_size}, "

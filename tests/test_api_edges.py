@@ -129,6 +129,15 @@ def test_sparse_page_size_refused_as_the_kv_page_size(size):
         EngineConfig(page_size=size)
 
 
+@pytest.mark.parametrize("knob", ["prefill_local", "decode_local"])
+def test_empty_local_window_names_the_knob(knob):
+    """A local window of 0 was refused as 'local windows must hold at least one page': neither knob nor value."""
+    with pytest.raises(
+        InvalidRequestError, match=rf"{knob} must be a multiple of page_size \(64\) in \[64, .*got 0$"
+    ):
+        EngineConfig(sparse={"enabled": True, knob: 0})
+
+
 def _layout(static_sparsity_classes: int, max_len: int, **knobs):
     """A two-layer, two-KV-head LServe layout whose heads are all of one class (0 dense, 1 streaming)."""
     from lserve_lite.config import ModelConfig, SparseConfig
