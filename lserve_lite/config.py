@@ -30,6 +30,7 @@ MAX_MODEL_LEN = SIZE_BOUNDS["max_position_embeddings"]  # the longest context an
 MAX_NUM_SEQS = 4096  # requests batched together at most (page-selection slots, decode graphs and logits rows)
 MAX_BATCHED_TOKENS = 1 << 20  # tokens one step computes at most
 MAX_POOL_PAGES = 1 << 20  # a KV pool never has more pages than this (page ids are int32 in plans)
+PAGE_SIZES = (16, 1024)  # a KV page's tokens: a power of two in this range (dense mode and LServe alike)
 MAX_JSON_BYTES = 64 << 20  # config / tokenizer / index JSON files larger than this are not model files
 
 
@@ -333,7 +334,7 @@ class SparseConfig:
     token_budget: int = 4096
     select_interval: int = 4
     group_reduce: str = "mass"  # selector: one score per KV head from its query group (sparse/selector.py)
-    pattern_path: str | None = None
+    pattern_path: str | os.PathLike | None = None  # a DuoAttention TSV (None: the bundled pattern)
 
     def validate(self) -> SparseConfig:
         def bad(msg: str):
@@ -341,25 +342,27 @@ class SparseConfig:
 
         for f in fields(self):
             v, kind = getattr(self, f.name), type(getattr(SparseConfig, f.name, None))
-            if f.name == "pattern_path" and (v is None or isinstance(v, str)):
+            if f.name == "pattern_path":  # a pathlib.Path as well as a str, as every other path the API takes
+                if v is not None and not isinstance(v, (str, os.PathLike)):
+                    bad(f"pattern_path must be a path (str or os.PathLike) or None, got {_short(v)}")
                 continue
             ok = isinstance(v, (int, float)) if kind is float else isinstance(v, kind)
             if not ok or (kind is not bool and isinstance(v, bool)):
                 bad(f"{f.name} must be {kind.__name__}, got {v!r}")
         if not 0.0 <= self.static_sparsity <= 1.0:
             bad(f"static_sparsity must be in [0, 1], got {self.static_sparsity}")
-        if self.page_size <= 0 or self.page_size & (self.page_size - 1) or self.page_size < 16:
-            bad(f"page_size must be a power of two >= 16, got {self.page_size}")
+        if not _page_size_ok(self.page_size):
+            bad(
+                f"page_size must be a power of two in [{PAGE_SIZES[0]}, {PAGE_SIZES[1]}], got {self.page_size}"
+            )
         if self.sub_pages <= 0 or self.page_size % self.sub_pages:
             bad(f"sub_pages must divide page_size ({self.page_size}), got {self.sub_pages}")
         for name in ("prefill_sink", "prefill_local", "decode_sink", "decode_local"):
-            v = getattr(self, name)
-            if not 0 <= v <= MAX_MODEL_LEN or v % self.page_size:
+            v, lo = getattr(self, name), self.page_size if name.endswith("local") else 0  # a window: a page
+            if not lo <= v <= MAX_MODEL_LEN or v % self.page_size:
                 bad(
-                    f"{name} must be a multiple of page_size ({self.page_size}) in [0, {MAX_MODEL_LEN}], got {v}"
+                    f"{name} must be a multiple of page_size ({self.page_size}) in [{lo}, {MAX_MODEL_LEN}], got {v}"
                 )
-        if self.decode_local < self.page_size or self.prefill_local < self.page_size:
-            bad("local windows must hold at least one page")
         if not 2 * self.page_size <= self.token_budget <= MAX_MODEL_LEN or self.token_budget % self.page_size:
             bad(
                 f"token_budget must be a multiple of page_size ({self.page_size}) in [{2 * self.page_size}, "
@@ -429,9 +432,11 @@ class EngineConfig:
         f = self.kv_memory_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
             raise InvalidRequestError(f"kv_memory_fraction must be in (0, 1], got {f!r}")
-        _positive_int("page_size", self.page_size, lo=16, hi=1024)
-        if self.page_size & (self.page_size - 1):
-            raise InvalidRequestError(f"page_size must be a power of two in [16, 1024], got {self.page_size}")
+        _positive_int("page_size", self.page_size, lo=PAGE_SIZES[0], hi=PAGE_SIZES[1])
+        if not _page_size_ok(self.page_size):
+            raise InvalidRequestError(
+                f"page_size must be a power of two in [{PAGE_SIZES[0]}, {PAGE_SIZES[1]}], got {self.page_size}"
+            )
         if self.quantize not in QUANTIZE_MODES:
             raise InvalidRequestError(
                 f"quantize must be one of 'int8', 'int4' or None, got {self.quantize!r}"
@@ -462,6 +467,11 @@ class EngineConfig:
 
     def pages_for(self, tokens: int) -> int:
         return math.ceil(tokens / self.page_size)
+
+
+def _page_size_ok(v: int) -> bool:
+    """A page size of PAGE_SIZES' range and a power of two (the kernels' page arithmetic)."""
+    return PAGE_SIZES[0] <= v <= PAGE_SIZES[1] and not v & (v - 1)
 
 
 def _positive_int(name: str, v: object, lo: int = 1, hi: int | None = None) -> None:

@@ -105,10 +105,12 @@ def output_file(text: str) -> str:
 
 
 def existing_file(text: str) -> str:
-    """An argparse type: a path to a file that exists, checked before a long run needs it."""
-    if not Path(text).expanduser().is_file():
+    """An argparse type: a path to a file that exists, checked before a long run needs it; `~` expanded, as the
+    check found it (`--pattern=~/p.tsv`, which no shell expands, passed here and was then not found)."""
+    path = Path(text).expanduser()
+    if not path.is_file():
         raise argparse.ArgumentTypeError(f"{text}: file not found")
-    return text
+    return str(path)
 
 
 _SPARSE_KNOBS = {
@@ -203,13 +205,15 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     if lserve_only and not args.sparse:  # silently ignored, a user would believe LServe runs
         flag = "--" + lserve_only[0].replace("_", "-")
         raise InvalidRequestError(f"{flag} applies to LServe sparse attention only; add --sparse or drop it")
-    sparse = SparseConfig(enabled=args.sparse, pattern_path=args.pattern).with_updates(**knobs)
+    sparse = SparseConfig(enabled=args.sparse, pattern_path=args.pattern)
+    if args.sparse:  # dense mode: --page-size is the KV's alone, never checked against LServe's windows
+        sparse = sparse.with_knobs(knobs)
     return EngineConfig(
         quantize=args.quantize,
         kv_dtype=getattr(args, "kv_dtype", "auto"),
         max_model_len=args.max_model_len,
         num_kv_pages=args.kv_pages,
-        page_size=sparse.page_size,
+        page_size=knobs.get("page_size", sparse.page_size),
         sparse=sparse,
         prefix_caching=getattr(args, "prefix_caching", True),
         async_scheduling=getattr(args, "async_scheduling", True),

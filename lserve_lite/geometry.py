@@ -48,7 +48,19 @@ def ring_fits(local: int, num_ring_pages: int, max_chunk: int, page_size: int, m
     """Whether a ring of `num_ring_pages` serves a `local` window (`ring_pages`' rule read backwards): it holds
     the window beside a chunk, or a whole context."""
     whole = num_ring_pages >= pages_for(max_len, page_size)
-    return whole or local <= (num_ring_pages - 1) * page_size - max_chunk
+    return whole or local <= ring_window(num_ring_pages, max_chunk, page_size)
+
+
+def ring_window(num_ring_pages: int, max_chunk: int, page_size: int) -> int:
+    """The widest local window a ring of `num_ring_pages` serves beside a `max_chunk`-token chunk (`ring_pages`
+    read backwards; a ring that holds a whole context serves any, `ring_fits`)."""
+    return (num_ring_pages - 1) * page_size - max_chunk
+
+
+def sink_fits(sink: int, num_sink_pages: int, page_size: int, max_len: int) -> bool:
+    """Whether `num_sink_pages` serve a `sink`-token sink (`sink_pages` read backwards): they hold it, or a whole
+    context of `max_len` tokens (the pages are clipped to one: a longer sink is the whole context)."""
+    return sink_pages(sink, page_size) <= num_sink_pages or num_sink_pages >= pages_for(max_len, page_size)
 
 
 def ring_slot(lpage, num_sink_pages: int, num_ring_pages: int):

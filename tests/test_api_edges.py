@@ -121,6 +121,28 @@ def test_sparse_windows_and_budget_have_upper_bounds(knob):
     EngineConfig(sparse={"enabled": True, knob: 1 << 24})
 
 
+@pytest.mark.parametrize("size", [0, 8, 24, 2048, 1 << 40])
+def test_sparse_page_size_refused_as_the_kv_page_size(size):
+    """SparseConfig had no upper bound: page_size 2048 was refused as 'prefill_sink must be a multiple of page_size
+    (2048)', blaming a knob the user never set; now its own range, the same as EngineConfig's."""
+    from lserve_lite.config import SparseConfig
+
+    msg = rf"page_size must be a power of two in \[16, 1024\], got {size}"
+    with pytest.raises(InvalidRequestError, match=msg):
+        SparseConfig(enabled=True, page_size=size).validate()
+    with pytest.raises(InvalidRequestError, match=r"page_size must be .* \[16, 1024\]"):
+        EngineConfig(page_size=size)
+
+
+@pytest.mark.parametrize("knob", ["prefill_local", "decode_local"])
+def test_empty_local_window_names_the_knob(knob):
+    """A local window of 0 was refused as 'local windows must hold at least one page': neither knob nor value."""
+    with pytest.raises(
+        InvalidRequestError, match=rf"{knob} must be a multiple of page_size \(64\) in \[64, .*got 0$"
+    ):
+        EngineConfig(sparse={"enabled": True, knob: 0})
+
+
 def _layout(static_sparsity_classes: int, max_len: int, **knobs):
     """A two-layer, two-KV-head LServe layout whose heads are all of one class (0 dense, 1 streaming)."""
     from lserve_lite.config import ModelConfig, SparseConfig
@@ -135,6 +157,27 @@ def test_page_budget_and_sink_clipped_to_a_whole_context():
     """The selection slots are max_seqs x KV heads x budget pages: a budget beyond the context sizes nothing."""
     _, lay = _layout(0, 1024, token_budget=1 << 24, decode_sink=1 << 24)
     assert lay.select_pages == 16 and lay.sink_pages == 16
+
+
+def test_page_selections_are_counted_and_refused_before_allocating():
+    """The selections (int32 page ids per sequence slot, KV head and layer, a budget's worth) were not counted: a
+    budget as long as a 16M-token context with 4096 sequences allocated 32 GiB arrays after the pools (MemoryError,
+    a traceback); now they come out of the KV memory first, and one line refuses what cannot fit."""
+    from lserve_lite.kv.layout import page_bytes, pool_pages
+
+    cfg, lay = _layout(0, 1 << 24, token_budget=1 << 24)
+    assert lay.selection_bytes(cfg, 4096) == 4 * 2 * 4096 * 2 * ((1 << 18) + 2)  # 17 GB
+    msg = r"the page selections \(4096 sequences x 262145 pages a KV head, .* lower the sparse token_budget"
+    with pytest.raises(InvalidRequestError, match=msg):
+        pool_pages(cfg, 64, 2 * 16 * 4, 2 << 30, lay, 4096, stat_itemsize=4)
+    with pytest.raises(InvalidRequestError, match=msg):
+        pool_pages(cfg, 64, 2 * 16 * 4, 0, lay, 4096, 8, stat_itemsize=4, limit=8 << 30)
+    cfg, lay = _layout(0, 1024)
+    dense_b, sel = page_bytes(cfg, 64, 2 * 16 * 4, lay, 4)[0], lay.selection_bytes(cfg, 4)
+    assert pool_pages(cfg, 64, 2 * 16 * 4, 10 * dense_b + sel, lay, 4, stat_itemsize=4) == (10, 0)
+    assert pool_pages(cfg, 64, 2 * 16 * 4, 10 * dense_b + sel - 1, lay, 4, stat_itemsize=4) == (9, 0)
+    with pytest.raises(InvalidRequestError, match="num_kv_pages=10 needs"):
+        pool_pages(cfg, 64, 2 * 16 * 4, 0, lay, 4, 10, stat_itemsize=4, limit=10 * dense_b + sel - 1)
 
 
 def test_page_budget_clipped_to_what_the_pool_holds(tiny_llama):
@@ -189,7 +232,8 @@ def test_no_dense_heads_pool_from_the_streaming_pool():
     cfg, lay = _layout(1, 1 << 20)
     page = 2 * 2 * 2 * 16 * 64 * 4  # layers x K/V x KV heads x head_dim x tokens x float32
     assert lay.streaming_only and lay.stream_pages_per_seq == 2 + 130
-    assert pool_pages(cfg, 64, 2 * 16 * 4, 200 * page, lay, 4, stat_itemsize=4) == (MAX_POOL_PAGES, 200)
+    sel = lay.selection_bytes(cfg, 4)  # the page selections come out of the budget first
+    assert pool_pages(cfg, 64, 2 * 16 * 4, 200 * page + sel, lay, 4, stat_itemsize=4) == (MAX_POOL_PAGES, 200)
     assert pool_pages(cfg, 64, 2 * 16 * 4, 1000 * page, lay, 4, stat_itemsize=4) == (MAX_POOL_PAGES, 4 * 132)
 
 

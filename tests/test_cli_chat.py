@@ -95,8 +95,24 @@ def test_lserve_options_need_sparse(tmp_path):
             engine_config_from_args(args)
     args = build_parser().parse_args(["generate", "--prompt", "x", "--page-size", "32"])  # dense pages too
     assert engine_config_from_args(args).page_size == 32
+    # these were refused as LServe's (its 128-token sinks are no multiple of them); dense mode has no sinks
+    for size in ("256", "1024"):
+        args = build_parser().parse_args(["generate", "--prompt", "x", "--page-size", size])
+        assert engine_config_from_args(args).page_size == int(size)
     args = build_parser().parse_args(["serve", "--sparse", "--pattern", str(pat), "--token-budget", "512"])
     assert engine_config_from_args(args).sparse.token_budget == 512
+
+
+def test_pattern_path_with_a_tilde_is_the_file_checked(tmp_path, monkeypatch):
+    """`--pattern=~/p.tsv` (no shell expands it) passed the existence check, which expanded it, and the engine
+    then read '~/p.tsv' literally: 'head pattern file not found'."""
+    from lserve_lite.cli import build_parser
+    from lserve_lite.engine_args import engine_config_from_args
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "p.tsv").write_text("1\t0\n")
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--sparse", "--pattern=~/p.tsv"])
+    assert engine_config_from_args(args).sparse.pattern_path == str(tmp_path / "p.tsv")
 
 
 def _chat(tiny_llama, *flags: str, lines: bytes | None = None) -> list[tuple[int, int]]:

@@ -285,6 +285,20 @@ def test_shared_dense_equals_dense_engine(tiny, tok):
     np.testing.assert_allclose(logits[True], logits[False], atol=2e-4, rtol=1e-4)
 
 
+def test_every_page_size_holds_the_run_length(tiny):
+    """The pool was sized in 64-token pages whatever a setting's page_size: page_size=16 held a quarter of the
+    run's length (a 990-token prompt: "exceed the context limit 304")."""
+    from lserve_lite.evaluation.settings import Runner, parse_configs
+
+    knobs = "prefill_sink={0},decode_sink={0},prefill_local=256,decode_local=256,token_budget=512"
+    spec = ";".join(f"p{ps}:page_size={ps},{knobs.format(ps)}" for ps in (16, 128))
+    r = Runner(str(tiny), parse_configs(spec), 1000, None, backend="cpu")
+    ids = [int(t) for t in np.random.default_rng(0).integers(3, 300, 990)]
+    for h, names in r.groups():
+        assert h.engine.max_len == 1000, names
+        assert len(r.greedy_all(h, names, ids, 2)[names[0]]) == 2
+
+
 def test_selector_diagnostics_pieces(tiny):
     from lserve_lite import LLM, EngineConfig
     from lserve_lite.backends.reference.page_stats import page_stats_reference

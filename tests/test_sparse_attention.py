@@ -226,6 +226,34 @@ def test_engine_streaming_heads_and_selection_run_and_free(tiny_llama, tmp_path,
             llm.engine.add_request(prompts[0], params, sparse=knob)
 
 
+def test_request_knobs_taken_where_the_engine_sinks_exceed_the_context(tiny_llama, tmp_path):
+    """Sink pages are clipped to a whole context (7 pages for 100 tokens): the engine's own 128-token sinks, which
+    every request inherits, were then refused as above its pool, so any knob (a budget alone) was refused."""
+    p, _ = _sparse_tiny(tiny_llama, tmp_path, token_budget=64)
+    ids = [int(t) for t in np.random.default_rng(9).integers(3, 320, 80)]
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    runs = []
+    for budget, knobs in ((128, {"token_budget": 64}), (64, None)):
+        sp = SparseConfig(enabled=True, page_size=16, prefill_sink=128, decode_sink=128, prefill_local=128,
+                          decode_local=64, token_budget=budget)  # fmt: skip
+        llm = LLM(str(p), backend="cpu", config=EngineConfig(page_size=16, max_model_len=100, sparse=sp))
+        assert llm.engine.layout.sink_pages == 7  # 112 tokens: the whole context, though the sinks are 128
+        llm.engine.add_request(ids, params, sparse=knobs)
+        got = []
+        while llm.engine.has_unfinished():
+            got += [t for o in llm.engine.step() for t in o.token_ids]
+        runs.append(got)
+    assert len(runs[0]) == 12 and runs[0] == runs[1]
+    llm = _sparse_tiny(tiny_llama, tmp_path / "b")[1]  # 32-token sinks, a longer context: still checked
+    with pytest.raises(InvalidRequestError, match="sinks must fit .*: up to 32 tokens, got 48$"):
+        llm.engine.add_request(ids, params, sparse={"decode_sink": 48})
+    # a ring of 13 pages of 16 holds 128 tokens beside a 64-token chunk (the error said "as many as it holds")
+    msg = "up to 128 tokens beside a 64-token prefill chunk, got 144$"
+    with pytest.raises(InvalidRequestError, match=msg):
+        llm.engine.add_request(ids, params, sparse={"decode_local": 144})
+    llm.engine.add_request(ids, params, sparse={"decode_local": 128})
+
+
 def test_mass_reduction_refused_at_start_for_groups_it_cannot_hold(tiny_llama, tmp_path, monkeypatch):
     """The default `mass` keeps a group's query heads in registers: a larger group is refused at start, with
     the way out named; `max` has no limit."""
@@ -323,6 +351,7 @@ def test_page_sizing_counts_what_is_allocated(dtype, kv):
 
     assert dense_b == nbytes(cache.k, cache.v, cache.k_scale, cache.v_scale, cache.kmax, cache.kmin)
     assert stream_b == nbytes(cache.ks, cache.vs, cache.ks_scale, cache.vs_scale)
+    assert lay.selection_bytes(cfg, 1) == nbytes(cache.sel_idx, cache.sel_cnt)  # one sequence slot
 
 
 def test_plan_refreshes_only_when_a_selecting_block_refreshes():

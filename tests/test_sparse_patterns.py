@@ -65,6 +65,9 @@ def test_bad_files(tmp_path):
     bad.write_text("")
     with pytest.raises(ModelLoadError, match=r"0 x 0 .*needs 2 x 2"):
         load_pattern(bad, 2, 2)
+    # a Windows editor's byte-order mark and line ends: still a pattern
+    bad.write_bytes("\ufeff0.9\t0.1\r\n0.2\t0.8\r\n".encode())
+    assert load_pattern(bad, 2, 2).tolist() == [[0.9, 0.1], [0.2, 0.8]]
     bad.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ModelLoadError, match="bad.tsv"):
         load_pattern(bad, 2, 2)
@@ -434,6 +437,52 @@ def test_engine_sparse_mode_matches_dense_pool_streaming(tiny_dir, tiny_llm, tmp
         emu.set_heads(emu.dense_classes(), 0, 0)
         emu.end(seq)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_engine_takes_a_pathlib_pattern(tiny_dir, tmp_path):
+    """SparseConfig(pattern_path=Path(...)) was refused ("must be NoneType"): a path is a str or a PathLike."""
+    from lserve_lite import LLM, EngineConfig, SparseConfig
+
+    pat = save_pattern(tmp_path / "p.tsv", np.array([[0.9, 0.1], [0.2, 0.8]]))
+    sc = SparseConfig(enabled=True, page_size=16, prefill_local=128, decode_local=64, pattern_path=pat)
+    llm = LLM(str(tiny_dir), backend="cpu", config=EngineConfig(page_size=16, num_kv_pages=8, sparse=sc))
+    assert [c.tolist() for c in llm.engine.layout.head_class] == [[0, 1], [1, 0]]
+    with pytest.raises(
+        InvalidRequestError, match=r"pattern_path must be a path \(str or os.PathLike\) or None, got 3"
+    ):
+        SparseConfig(pattern_path=3).validate()
+
+
+def test_bad_pattern_refused_before_the_weights_load(tiny_dir, tmp_path, monkeypatch):
+    """A pattern of the wrong shape was found only after the weights had loaded (a bf16 or --quantize'd 8B model:
+    minutes and tens of GB, then a one-line error): the layout is checked from the config first."""
+    from lserve_lite import LLM, EngineConfig, SparseConfig
+    from lserve_lite.engine import llm_engine
+
+    def load_model(*args):
+        raise AssertionError("the weights loaded before the head pattern was checked")
+
+    monkeypatch.setattr(llm_engine, "load_model", load_model)
+    bad = tmp_path / "p.tsv"
+    bad.write_text("0.5\t0.1\n")
+    sc = SparseConfig(enabled=True, pattern_path=str(bad))
+    with pytest.raises(ModelLoadError, match=r"p.tsv: head pattern is 1 x 2 .*needs 2 x 2"):
+        LLM(str(tiny_dir), backend="cpu", config=EngineConfig(quantize="int8", sparse=sc))
+
+
+def test_pattern_given_is_checked_without_streaming_heads(tiny_dir, tmp_path):
+    """With static_sparsity 0 a pattern path was never read: a missing or wrong file was accepted without a word."""
+    from lserve_lite import LLM, EngineConfig, SparseConfig
+
+    for path, msg in (
+        (tmp_path / "typo.tsv", "head pattern file not found"),
+        (tmp_path / "p.tsv", "is 1 x 1"),
+    ):
+        if path.name == "p.tsv":
+            path.write_text("0.5\n")
+        sc = SparseConfig(enabled=True, static_sparsity=0.0, pattern_path=str(path))
+        with pytest.raises(ModelLoadError, match=msg):
+            LLM(str(tiny_dir), backend="cpu", config=EngineConfig(num_kv_pages=8, sparse=sc))
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device"])

@@ -14,7 +14,7 @@ from ..backends.base import SampledTokens
 from ..backends.group import host_ops
 from ..config import MASS_MAX_GROUP, ORACLE_REDUCE, EngineConfig, SparseConfig
 from ..errors import InvalidRequestError, LServeError
-from ..geometry import ring_fits
+from ..geometry import ring_fits, ring_window, sink_fits
 from ..kv.block_manager import BlockManager
 from ..kv.layout import KVLayout, fit_context, kv_summary, page_bytes, pool_context, pool_pages
 from ..kv.prefix_cache import PrefixCache, kv_salt
@@ -92,6 +92,10 @@ class LLMEngine:
 
     def _load_local(self, backend: str) -> tuple[int, int]:
         """The whole model in this process on one backend; (dense pages, streaming pages)."""
+        # LServe's layout (head pattern, group size) needs only the config: a bad one is refused before the weights
+        # load (a bf16 or --quantize'd checkpoint is converted whole there)
+        self.cfg = load_config(self.model_dir) if self.ecfg.sparse.enabled else None
+        self.layout = self._kv_layout()
         loaded = load_model(self.model_dir, self.ecfg.quantize)
         self.cfg, self.tokenizer, weights = loaded.cfg, loaded.tokenizer, loaded.weights
         self.backend = resolve_backend(backend)  # what runs the model (logs, bench)
@@ -100,7 +104,6 @@ class LLMEngine:
         # What the backend will hold (quantized matrices in its layout, floats at its type), reserved from the KV
         # budget before the upload (the budget only matters on the GPU).
         self.weight_bytes = sum(self.ops.weight_bytes(w) for w in weights.values())
-        self.layout = self._kv_layout()
         self.kv_format = resolve_kv_format(self.ecfg.kv_dtype, self.ops.kv_dtypes, self.cfg.head_dim)
         # one token's K and V of one KV head in that format, scales included: what sizes a page
         self.itemsize = np.dtype(self.ops.dtype).itemsize  # the cache's float type (page statistics)
@@ -176,7 +179,7 @@ class LLMEngine:
                 f"group_reduce mass handles at most {MASS_MAX_GROUP} query heads per KV head (this model: "
                 f"{c.num_heads // c.num_kv_heads}); start with --group-reduce max"
             )
-        if sp.static_sparsity > 0:
+        if sp.static_sparsity > 0 or sp.pattern_path:  # a pattern given is read where no head streams too
             gates = resolve_pattern(self.model_dir, c.num_layers, c.num_kv_heads, sp.pattern_path)
             classes = head_classes(gates, sp.static_sparsity)
         else:
@@ -311,14 +314,16 @@ class LLMEngine:
                 f"sparse knob(s) {sorted(fixed)} are fixed per engine (KV memory layout, selector rule)"
             )
         req = sp.with_knobs(knobs)
-        lay, ps = self.layout, self.ecfg.page_size
-        local = max(req.prefill_local, req.decode_local)
-        if not ring_fits(local, lay.ring_pages, self._max_chunk(), ps, self._context_limit()) or max(
-            req.prefill_sink, req.decode_sink
-        ) > (lay.sink_pages * ps):
+        lay, ps, ctx, chunk = self.layout, self.ecfg.page_size, self._context_limit(), self._max_chunk()
+        local, sink = max(req.prefill_local, req.decode_local), max(req.prefill_sink, req.decode_sink)
+        if not ring_fits(local, lay.ring_pages, chunk, ps, ctx):
             raise InvalidRequestError(
-                f"per-request streaming windows must fit the engine's streaming pool: sinks up to "
-                f"{lay.sink_pages * ps} tokens, local windows as many as its ring holds beside a prefill chunk"
+                f"per-request local windows must fit the engine's streaming ring: up to "
+                f"{ring_window(lay.ring_pages, chunk, ps)} tokens beside a {chunk}-token prefill chunk, got {local}"
+            )
+        if not sink_fits(sink, lay.sink_pages, ps, ctx):
+            raise InvalidRequestError(
+                f"per-request sinks must fit the engine's streaming pool: up to {lay.sink_pages * ps} tokens, got {sink}"
             )
         if req.token_budget > sp.token_budget:
             raise InvalidRequestError(f"token_budget above the engine's {sp.token_budget} is not possible")

@@ -102,9 +102,7 @@ class Runner:
         self.tokenizer = load_tokenizer(self.model_dir)
         self.quantize = applied_quantize(self.model_dir, quantize)  # what results record
         self.max_len = max_len
-        pages = -(-(max_len + 64) // 64) + 2
         self.ecfg = dict(
-            num_kv_pages=pages,
             max_model_len=max_len,
             max_num_batched_tokens=2048,
             quantize=self.quantize,
@@ -152,7 +150,9 @@ class Runner:
                 widest = {k: max(getattr(c, k) for c in scs) for k in
                           ("prefill_sink", "prefill_local", "decode_sink", "decode_local", "token_budget")}  # fmt: skip
                 sparse = scs[0].with_updates(pattern_path=self.pattern, **widest)
-            ecfg = EngineConfig(**self.ecfg, sparse=sparse, page_size=sparse.page_size)
+            ps = sparse.page_size  # the pool holds one prompt of max_len tokens in this group's pages
+            pages = -(-(self.max_len + ps) // ps) + 2
+            ecfg = EngineConfig(**self.ecfg, num_kv_pages=pages, sparse=sparse, page_size=ps)
             llm = LLM(self.model, backend=self.backend, config=ecfg)
             yield SparseHarness(llm), names
             del llm

@@ -99,6 +99,12 @@ class KVLayout:
         window = geometry.window_visit_pages(sp.decode_sink, sp.decode_local, self.page_size)
         return max(geometry.visit_capacity(self.select_pages), window if self.has_streaming else 0, 1)
 
+    def selection_bytes(self, cfg: ModelConfig, max_seqs: int) -> int:
+        """Bytes of the page selector's selections (alloc_kv_cache's int32 sel_idx and sel_cnt, every layer: per
+        sequence slot and KV head, a visit capacity of page ids and a count): sized by the budget, not by pages."""
+        per_layer = max_seqs * cfg.num_kv_heads * (geometry.visit_capacity(self.select_pages) + 1)
+        return 4 * cfg.num_layers * per_layer
+
     def bytes_per_page(self, cfg: ModelConfig, kv_bytes: int, stat_itemsize: int) -> tuple[int, int]:
         """K+V bytes of one dense-pool page (with its logical pages' key max / min, stored in the backend's float
         type of `stat_itemsize` bytes, as alloc_kv_cache does) and of one streaming-pool page over all layers;
@@ -153,23 +159,43 @@ def pool_pages(
     which must fit in `limit` bytes (Ops.kv_limit_bytes); `kv_bytes`, `stat_itemsize` as in
     `KVLayout.bytes_per_page` (a quantized cache fits more pages in the same budget).
 
-    The streaming pool holds every running sequence's sink + ring pages, within 30% of the budget (all of it
-    where no head is dense: then a dense page holds no bytes, only an id, and the pool is MAX_POOL_PAGES ids)."""
+    The page selector's selections (`KVLayout.selection_bytes`) come out of the memory first. The streaming pool
+    holds every running sequence's sink + ring pages, within 30% of the rest (all of it where no head is dense:
+    then a dense page holds no bytes, only an id, and the pool is MAX_POOL_PAGES ids)."""
     dense_b, stream_b = page_bytes(cfg, page_size, kv_bytes, layout, stat_itemsize)
     per_seq = layout.stream_pages_per_seq if layout is not None else 0
-    share = 0.3 if dense_b else 1.0
-    stream = max(per_seq, min(max_seqs * per_seq, int(share * budget // stream_b))) if per_seq else 0
+    sel_b = layout.selection_bytes(cfg, max_seqs) if layout is not None else 0
+    room = budget if not num_pages else limit
+    if room is not None:
+        _check_selections_fit(room, sel_b, dense_b, layout, max_seqs)
+        room -= sel_b
+    share = (0.3 if dense_b else 1.0) * (budget - sel_b)
+    stream = max(per_seq, min(max_seqs * per_seq, int(share // stream_b))) if per_seq else 0
     if not num_pages:
-        _check_stream_fits(budget, per_seq * stream_b, dense_b)
-        return (_fit(budget - stream * stream_b, dense_b) if dense_b else MAX_POOL_PAGES), stream
-    need = num_pages * dense_b + stream * stream_b
+        _check_stream_fits(room, per_seq * stream_b, dense_b)
+        return (_fit(room - stream * stream_b, dense_b) if dense_b else MAX_POOL_PAGES), stream
+    need = num_pages * dense_b + stream * stream_b + sel_b
     if limit is not None and need > limit:
         raise KVMemoryError(
             f"num_kv_pages={num_pages} needs {need / 2**30:.1f} GiB of KV memory; this device has "
             f"{max(limit, 0) / 2**30:.1f} GiB for it: ask for fewer pages or leave num_kv_pages unset",
-            max(limit - stream * stream_b, 0) // dense_b if dense_b else 0,
+            max(room - stream * stream_b, 0) // dense_b if dense_b else 0,
         )
     return num_pages, stream
+
+
+def _check_selections_fit(
+    room: int, sel_b: int, dense_b: int, layout: KVLayout | None, max_seqs: int
+) -> None:
+    """The page selector's selections must leave room for a dense page: a budget as long as the context at a
+    long context limit, with many sequences, asks for more than the device has (a crash when allocated). Where
+    not even a page fits, the pools' own errors say so."""
+    if sel_b and dense_b <= room < sel_b + dense_b:
+        raise InvalidRequestError(
+            f"the page selections ({max_seqs} sequences x {geometry.visit_capacity(layout.select_pages)} pages a KV "
+            f"head, every layer: {sel_b / 2**30:.1f} GiB) do not fit the KV memory ({max(room, 0) / 2**30:.1f} GiB); "
+            f"lower the sparse token_budget, max_num_seqs or max_model_len"
+        )
 
 
 def _check_stream_fits(budget: int, seq_stream_b: int, dense_b: int) -> None:

@@ -37,9 +37,9 @@ def load_pattern(path: str | Path, num_layers: int, num_kv_heads: int) -> np.nda
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: head pattern file not found")
-    text = read_text_file(
-        path, "a head pattern"
-    )  # a regular file of bounded size (a FIFO or device is refused)
+    # a regular file of bounded size (a FIFO or device is refused); a byte-order mark (Windows editors write one
+    # in "UTF-8") is not part of the first gate
+    text = read_text_file(path, "a head pattern").removeprefix("\ufeff")
     rows: list[list[float]] = []
     for lineno, line in enumerate(text.splitlines(), 1):
         s = line.strip()
