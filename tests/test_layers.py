@@ -4,6 +4,7 @@ pyproject.toml), the engine knows no backend, and no module sets another's priva
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -66,3 +67,31 @@ def test_cli_starts_without_the_server_stack():
             "print(','.join(m for m in ('fastapi', 'uvicorn', 'lserve_lite.engine') if m in sys.modules))")  # fmt: skip
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "", r.stdout
+
+
+# packages whose modules the map names by their folder alone (applications, model files, the CPU references)
+MAPPED_BY_FOLDER = ("serve", "evaluation", "harness", "weights", "backends/reference")
+
+
+def test_architecture_map_names_every_module():
+    """docs/ARCHITECTURE.md's layer table is the module map: every module of the other packages is named there by
+    its file name, so a new module cannot go unplaced (six had, until 2026-12-06), and every module it names exists."""
+    layers = (
+        (PKG.parent / "docs" / "ARCHITECTURE.md")
+        .read_text()
+        .split("## The layers", 1)[1]
+        .split("\n## ", 1)[0]
+    )
+    unnamed = []
+    for f in sorted(PKG.rglob("*.py")):
+        rel = f.relative_to(PKG).as_posix()
+        if f.name == "__init__.py" or rel.startswith(tuple(p + "/" for p in MAPPED_BY_FOLDER)):
+            continue
+        if f"`{f.name}`" not in layers and f"`{rel}`" not in layers:
+            unnamed.append(rel)
+    assert not unnamed, f"modules missing from docs/ARCHITECTURE.md's layer table: {unnamed}"
+    for folder in MAPPED_BY_FOLDER:
+        assert f"{folder.split('/')[-1]}/" in layers, folder
+    names = {f.name for f in PKG.rglob("*.py")} | {f.relative_to(PKG).as_posix() for f in PKG.rglob("*.py")}
+    stale = [n for n in re.findall(r"`([\w/]+\.py)`", layers) if n not in names]
+    assert not stale, f"docs/ARCHITECTURE.md's layer table names modules that do not exist: {stale}"

@@ -10,8 +10,11 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# a home directory of root, or the workplace's checkout and tool folders (split so this file does not match itself)
-MACHINE_PATH = re.compile("/ro" + r"ot/|/wo" + r"rk/(main|notes|\.device|\.library|\.mirror)\b")
+# a home directory of root, the workplace's checkout and tool folders, or the shared folder beside a checkout
+# (split so this file does not match itself)
+MACHINE_PATH = re.compile(
+    "/ro" + r"ot/|/wo" + r"rk/(main|notes|\.device|\.library|\.mirror)\b|\.\./sha" + r"red/"
+)
 
 
 def test_no_machine_paths():
