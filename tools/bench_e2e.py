@@ -581,7 +581,7 @@ def bench_e2e_sparse(args, bw: float, emit) -> None:
             sparse=sp_default if sparse else SparseConfig(), cuda_graphs=True, kv_dtype=args.kv_dtype,
         )  # fmt: skip
         num_pages = -(-max_len // ps) + 1
-        layout = KVLayout.sparse(cfg, ecfg.sparse, classes, chunk) if sparse else None
+        layout = KVLayout.sparse(ecfg.sparse, classes, chunk) if sparse else None
         per_seq = layout.stream_pages_per_seq if sparse else 0
         runner = ModelRunner(
             cfg, {}, ops, ecfg, max_len, num_pages, layout, per_seq, model=model, kv_format=fmt
@@ -832,7 +832,7 @@ def kv_capacity(
 
     ps, out = ecfg.page_size, []
     sp = SparseConfig(enabled=True, page_size=ps)
-    layouts = {"dense": None, "lserve": KVLayout.sparse(cfg, sp, classes, ecfg.max_num_batched_tokens)}
+    layouts = {"dense": None, "lserve": KVLayout.sparse(sp, classes, ecfg.max_num_batched_tokens)}
     for kv in CAPACITY_KV:
         for mode, layout in layouts.items():
             row = dict(kv_dtype=kv, mode=mode, budget_bytes=budget)
