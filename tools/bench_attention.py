@@ -77,10 +77,11 @@ def _reps(est_ms: float) -> int:
     return int(max(3, min(50, 400.0 / max(est_ms, 0.01))))
 
 
-def _dense_layout(ctx_lens, q_lens, num_pages_hint=None, rng=None):
+def _dense_layout(ctx_lens: list[int], q_lens: list[int]) -> tuple:
+    """Page tables of randomly permuted pages (a fragmented pool), and the pages they use."""
     from lserve_lite.sparse.plan import BatchLayout
 
-    rng = rng or np.random.default_rng(0)
+    rng = np.random.default_rng(0)
     need = [-(-c // PAGE) for c in ctx_lens]
     perm = rng.permutation(sum(need))
     tables, o = [], 0
