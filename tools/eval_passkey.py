@@ -17,7 +17,6 @@ Usage: python tools/eval_passkey.py [--lengths 1024,2048] [--depths 0.1,0.5,0.9]
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import re
 import sys
@@ -29,7 +28,7 @@ import numpy as np
 from lserve_lite.engine_args import bounded_int, float_list
 from lserve_lite.errors import exit_status
 from lserve_lite.evaluation.eval_args import MAX_SAMPLES, add_sweep_args
-from lserve_lite.evaluation.plotting import load_result, pyplot
+from lserve_lite.evaluation.plotting import load_result, pyplot, save_result
 from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs, refuse_past_context
 from lserve_lite.evaluation.synthetic import PasskeySample, passkey_sample
 
@@ -138,14 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - t0, 1), "machine": platform.machine(),
         "python": platform.python_version(),
     }  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    png = heatmap(result, out.with_suffix(".png"))
+    wrote = save_result(args.out, result, heatmap)
     print("pass rate by context length:")
     for name, s in summary.items():
         print(f"  {name:>14}: " + "  ".join(f"{n}: {v:.0%}" for n, v in s.items()))
-    print(f"wrote {out.with_suffix('.json')}" + (f" and {out.with_suffix('.png')}" if png else ""))
+    print(wrote)
     return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import platform
 import sys
 import time
@@ -28,7 +27,7 @@ import numpy as np
 from lserve_lite.engine_args import bounded_int
 from lserve_lite.errors import exit_status
 from lserve_lite.evaluation.eval_args import add_sweep_args
-from lserve_lite.evaluation.plotting import load_result, pyplot
+from lserve_lite.evaluation.plotting import load_result, pyplot, save_result
 from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs, refuse_past_context
 from lserve_lite.evaluation.synthetic import corpus_text
 
@@ -150,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "configs": {k: config_dict(v) for k, v in configs.items()},
         "results": results, "seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    png = plot(result, out.with_suffix(".png"))
+    wrote = save_result(args.out, result, plot)
     print("decode perplexity (change vs dense):")
     for n in lengths:
         d = results[str(n)]["dense"]["ppl_decode"]
@@ -162,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in results[str(n)].items()
         ]
         print(f"  {n}: " + ", ".join(cells))
-    print(f"wrote {out.with_suffix('.json')}" + (f" and {out.with_suffix('.png')}" if png else ""))
+    print(wrote)
     return 0
 
 
