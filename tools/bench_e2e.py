@@ -62,6 +62,7 @@ from bench_attention import events_median  # noqa: E402
 
 from lserve_lite.backends import require_gpu  # noqa: E402
 from lserve_lite.errors import exit_status  # noqa: E402
+from lserve_lite.evaluation.plotting import pyplot  # noqa: E402
 
 
 def copy_bandwidth(nbytes: int = 4 << 30, reps: int = 10) -> float:
@@ -759,10 +760,9 @@ def format_sparse_summary(summary: list[dict]) -> str:
 
 def plot_sparse(result: dict, path: Path) -> None:
     """Speedup of LServe sparse over our dense mode against context length (decode and prefill)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     summ = result["sparse_summary"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
