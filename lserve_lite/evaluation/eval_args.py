@@ -1,5 +1,5 @@
-"""Options of `lserve-lite eval`, apart from the suite so the CLI builds its parser without loading the
-engine."""
+"""Options of `lserve-lite eval` (and those the passkey / perplexity sweeps in tools/ share), apart from the suite
+so the CLI builds its parser without loading the engine."""
 
 from __future__ import annotations
 
