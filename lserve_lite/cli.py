@@ -37,7 +37,7 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
-def cmd_generate(args) -> int:
+def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling(args)
     llm = _make_llm(args)
     prompt = (
@@ -80,7 +80,7 @@ CHAT_COMMANDS = (
 )
 
 
-def cmd_chat(args) -> int:
+def cmd_chat(args: argparse.Namespace) -> int:
     _readline_history()
     params = _sampling(args)
     llm = _make_llm(args)
@@ -187,7 +187,7 @@ def _fit_context(llm, messages: list[dict], keep: int) -> list[dict] | None:
     return fitted
 
 
-def cmd_convert(args) -> int:
+def cmd_convert(args: argparse.Namespace) -> int:
     from .weights.gguf_import import convert_gguf
 
     out = convert_gguf(args.gguf, args.out_dir, progress=True)
@@ -195,13 +195,13 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
+def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import main as bench_main
 
     return bench_main(args, _make_llm(args))
 
 
-def cmd_kernels(args) -> int:
+def cmd_kernels(args: argparse.Namespace) -> int:
     from .harness import main as harness_main
 
     return harness_main(args.rest)
@@ -261,13 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def cmd_calibrate(args) -> int:
+def cmd_calibrate(args: argparse.Namespace) -> int:
     from .evaluation.calibrate import main as calibrate_main
 
     return calibrate_main(args)
 
 
-def cmd_eval(args) -> int:
+def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.run_eval import main as eval_main
 
     return eval_main(args)

@@ -4,6 +4,7 @@ serve): one parser and one EngineConfig builder, with argument types that refuse
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import KV_DTYPES, MAX_MODEL_LEN, MAX_POOL_PAGES, EngineConfig, SparseConfig
@@ -25,23 +26,23 @@ def _bounded(kind: type, what: str, lo: float, hi: float):
     return parse
 
 
-def bounded_int(lo: int, hi: int = 1 << 31):
+def bounded_int(lo: int, hi: int = 1 << 31) -> Callable[[str], int]:
     """An argparse type: an integer in [lo, hi]."""
     return _bounded(int, "an integer", lo, hi)
 
 
-def bounded_float(lo: float, hi: float):
+def bounded_float(lo: float, hi: float) -> Callable[[str], float]:
     """An argparse type: a number in [lo, hi]."""
     return _bounded(float, "a number", lo, hi)
 
 
-def int_list(lo: int, hi: int):
+def int_list(lo: int, hi: int) -> Callable[[str], list[int]]:
     """An argparse type: comma-separated distinct integers, each in [lo, hi]."""
     one = bounded_int(lo, hi)
     return lambda text: distinct([one(t) for t in text.split(",")])
 
 
-def float_list(lo: float, hi: float):
+def float_list(lo: float, hi: float) -> Callable[[str], list[float]]:
     """An argparse type: comma-separated distinct numbers, each in [lo, hi]."""
     one = bounded_float(lo, hi)
     return lambda text: distinct([one(t) for t in text.split(",")])
@@ -52,7 +53,7 @@ def name_list(text: str) -> list[str]:
     return distinct([t.strip() for t in text.split(",")])
 
 
-def choice_list(allowed: tuple[str, ...]):
+def choice_list(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
     """An argparse type: comma-separated distinct names, each one of `allowed` (a typo would otherwise select
     nothing, and a run would time and write nothing of it)."""
 

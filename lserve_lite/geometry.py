@@ -63,7 +63,7 @@ def sink_fits(sink: int, num_sink_pages: int, page_size: int, max_len: int) -> b
     return sink_pages(sink, page_size) <= num_sink_pages or num_sink_pages >= pages_for(max_len, page_size)
 
 
-def ring_slot(lpage, num_sink_pages: int, num_ring_pages: int):
+def ring_slot(lpage: int | np.ndarray, num_sink_pages: int, num_ring_pages: int) -> int | np.ndarray:
     """Index in a sequence's streaming-pool table of logical page `lpage` (an int, answered as an int: a decode
     row's one page, or an int array): sink pages, then the ring."""
     wrapped = num_sink_pages + (lpage - num_sink_pages) % max(num_ring_pages, 1)
@@ -72,7 +72,13 @@ def ring_slot(lpage, num_sink_pages: int, num_ring_pages: int):
     return np.where(lpage < num_sink_pages, lpage, wrapped)
 
 
-def streaming_bounds(first, last, page_size: int, sink, local):
+def streaming_bounds(
+    first: int | np.ndarray,
+    last: int | np.ndarray,
+    page_size: int,
+    sink: int | np.ndarray,
+    local: int | np.ndarray,
+) -> tuple:
     """(n, s, lo) of the Lambda mask for queries at positions first..last: a streaming head visits logical pages
     [0, s) (its sink) and [lo, n) (its local window), lo >= s. Ints or arrays (a batch of decode rows)."""
     n = last // page_size + 1

@@ -123,7 +123,7 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         use_tqdm: bool = False,
-    ):
+    ) -> CompletionOutput | list[CompletionOutput]:
         """One conversation -> one output; a list of conversations (or n > 1) -> a list of outputs. `tools` /
         `tool_choice` / `parallel_tool_calls` as OpenAI's chat API takes them (docs/SERVE.md, "Tool calling"):
         an output's calls are in `tool_calls`, its other text in `text`. `continue_final_message` (with

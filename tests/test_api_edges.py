@@ -150,7 +150,7 @@ def _layout(static_sparsity_classes: int, max_len: int, **knobs):
 
     cfg = ModelConfig("LlamaForCausalLM", 64, 128, 2, 4, 2, 16, 100)
     classes = [np.full(2, static_sparsity_classes, np.int32)] * 2
-    return cfg, KVLayout.sparse(cfg, SparseConfig(enabled=True, **knobs), classes, 64, max_len)
+    return cfg, KVLayout.sparse(SparseConfig(enabled=True, **knobs), classes, 64, max_len)
 
 
 def test_page_budget_and_sink_clipped_to_a_whole_context():

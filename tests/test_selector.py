@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from lserve_lite.backends.reference.page_stats import (
-    alloc_page_stats,
     page_stats_reference,
     update_page_stats,
 )
@@ -21,6 +20,11 @@ from lserve_lite.sparse.selector import (
 )
 
 PS, SUB, HKV, D = 16, 4, 2, 8
+
+
+def _zero_stats(num_pages: int, hkv: int, sub: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Zero (kmax, kmin) [num_pages, hkv, sub, d], as the pools start."""
+    return np.zeros((num_pages, hkv, sub, d), np.float32), np.zeros((num_pages, hkv, sub, d), np.float32)
 
 
 def _write(cache, table, pos, rng):
@@ -49,7 +53,7 @@ def test_incremental_stats_equal_from_scratch(chunks):
     rng = np.random.default_rng(len(chunks))
     num_pages = 8
     cache = rng.standard_normal((num_pages, HKV, PS, D)).astype(np.float32)  # garbage in unwritten slots
-    kmax, kmin = alloc_page_stats(num_pages, HKV, SUB, D)
+    kmax, kmin = _zero_stats(num_pages, HKV, SUB, D)
     kmax[:] = 99.0  # stale values from a previous owner of the pages
     kmin[:] = -99.0
     table = [5, 2, 7]
@@ -73,7 +77,7 @@ def test_incremental_stats_equal_from_scratch(chunks):
 def test_stats_shuffled_slots_and_empty():
     rng = np.random.default_rng(3)
     cache = rng.standard_normal((4, HKV, PS, D)).astype(np.float32)
-    kmax, kmin = alloc_page_stats(4, HKV, SUB, D)
+    kmax, kmin = _zero_stats(4, HKV, SUB, D)
     update_page_stats(kmax, kmin, cache, np.array([], np.int64))
     assert not kmax.any()
     slots = _write(cache, [3, 1], range(0, 27), rng)
@@ -89,7 +93,7 @@ def _setup(ctx, seed=0, group=3):
     num_pages = n + 5
     table = rng.permutation(num_pages)[:n]
     cache = rng.standard_normal((num_pages, HKV, PS, D)).astype(np.float32)
-    kmax, kmin = alloc_page_stats(num_pages, HKV, SUB, D)
+    kmax, kmin = _zero_stats(num_pages, HKV, SUB, D)
     update_page_stats(kmax, kmin, cache, (table[:, None] * PS + np.arange(PS)).reshape(-1)[:ctx])
     q = rng.standard_normal((HKV * group, D)).astype(np.float32)
     return q, cache, kmax, kmin, table, group

@@ -272,7 +272,7 @@ def test_streaming_memory_is_constant_in_context_length():
     )  # fmt: skip
     classes = [np.array([0, 1] * 4, np.int32)] * 32
     sp = SparseConfig(enabled=True, prefill_local=1024, decode_local=256)
-    lay = KVLayout.sparse(cfg, sp, classes, max_chunk=512)
+    lay = KVLayout.sparse(sp, classes, max_chunk=512)
     bm = BlockManager(
         num_pages=5000, page_size=64, num_stream_pages=100, stream_per_seq=lay.stream_pages_per_seq
     )
@@ -340,7 +340,7 @@ def test_page_sizing_counts_what_is_allocated(dtype, kv):
         np.array([1, 1, 1, 1], np.int32),
         np.array([0, 0, 1, 0], np.int32),
     ]
-    lay = KVLayout.sparse(cfg, SparseConfig(enabled=True), classes, max_chunk=256)
+    lay = KVLayout.sparse(SparseConfig(enabled=True), classes, max_chunk=256)
     item = np.dtype(dtype).itemsize
     fmt = FORMATS[{"float": f"fp{8 * item}"}.get(kv, kv)]  # a float cache is the backend's float type
     cache = alloc_kv_cache(np.zeros, np.asarray, dtype, cfg, 64, 1, lay, 1, 1, fmt if fmt.quantized else None)

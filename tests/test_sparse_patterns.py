@@ -364,7 +364,7 @@ def test_calibrate_validation_line_signs_the_nll_change():
     better = np.log(np.array([[0.7, 0.1, 0.1, 0.1]]))
     kept = [(None, SimpleNamespace(answer_ids=[0]), lambda cls, sink, local: better, ref, -ref[0, 0])]
     lines: list[str] = []
-    _validate(None, kept, np.zeros((1, 2)), 4, 4, 0, lines.append)
+    _validate(kept, np.zeros((1, 2)), 4, 4, 0, lines.append)
     assert len(lines) == 3 and all(f"answer NLL {np.log(0.25) - np.log(0.7):+.3f}," in ln for ln in lines)
     assert all("answer NLL -1.030," in ln and "+-" not in ln for ln in lines)
 

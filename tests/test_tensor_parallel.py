@@ -63,7 +63,7 @@ def layout_for(cfg: ModelConfig, sparse: SparseConfig) -> KVLayout | None:
         return None
     hkv = cfg.num_kv_heads
     classes = [np.arange(hkv, dtype=np.int32) % 2, (np.arange(hkv) > 0).astype(np.int32)]
-    return KVLayout.sparse(cfg, sparse, classes, max_chunk=64)
+    return KVLayout.sparse(sparse, classes, max_chunk=64)
 
 
 def run_steps(

@@ -46,6 +46,7 @@ from lserve_lite.backends import require_gpu  # noqa: E402
 from lserve_lite.backends.cuda_attention import PREFILL_KERNELS  # noqa: E402
 from lserve_lite.engine_args import choice_list, results_folder  # noqa: E402
 from lserve_lite.errors import exit_status  # noqa: E402
+from lserve_lite.evaluation.plotting import pyplot  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 64
 CHUNK, CHUNK_CACHED = 2048, (32768, 131072)  # the chunked section: a prefill chunk over cached context
@@ -77,10 +78,11 @@ def _reps(est_ms: float) -> int:
     return int(max(3, min(50, 400.0 / max(est_ms, 0.01))))
 
 
-def _dense_layout(ctx_lens, q_lens, num_pages_hint=None, rng=None):
+def _dense_layout(ctx_lens: list[int], q_lens: list[int]) -> tuple:
+    """Page tables of randomly permuted pages (a fragmented pool), and the pages they use."""
     from lserve_lite.sparse.plan import BatchLayout
 
-    rng = rng or np.random.default_rng(0)
+    rng = np.random.default_rng(0)
     need = [-(-c // PAGE) for c in ctx_lens]
     perm = rng.permutation(sum(need))
     tables, o = [], 0
@@ -655,12 +657,8 @@ def _kv_order(key: str) -> tuple:
 
 
 def _plot(res: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
+    plt = pyplot()
+    if plt is None:
         return
     # Only the sections that ran: an empty panel with log axes makes matplotlib raise.
     panels = [name for name in ("prefill", "decode") if res.get(name)]

@@ -62,6 +62,7 @@ from bench_attention import events_median  # noqa: E402
 
 from lserve_lite.backends import require_gpu  # noqa: E402
 from lserve_lite.errors import exit_status  # noqa: E402
+from lserve_lite.evaluation.plotting import pyplot  # noqa: E402
 
 
 def copy_bandwidth(nbytes: int = 4 << 30, reps: int = 10) -> float:
@@ -581,7 +582,7 @@ def bench_e2e_sparse(args, bw: float, emit) -> None:
             sparse=sp_default if sparse else SparseConfig(), cuda_graphs=True, kv_dtype=args.kv_dtype,
         )  # fmt: skip
         num_pages = -(-max_len // ps) + 1
-        layout = KVLayout.sparse(cfg, ecfg.sparse, classes, chunk) if sparse else None
+        layout = KVLayout.sparse(ecfg.sparse, classes, chunk) if sparse else None
         per_seq = layout.stream_pages_per_seq if sparse else 0
         runner = ModelRunner(
             cfg, {}, ops, ecfg, max_len, num_pages, layout, per_seq, model=model, kv_format=fmt
@@ -759,10 +760,9 @@ def format_sparse_summary(summary: list[dict]) -> str:
 
 def plot_sparse(result: dict, path: Path) -> None:
     """Speedup of LServe sparse over our dense mode against context length (decode and prefill)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     summ = result["sparse_summary"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -832,7 +832,7 @@ def kv_capacity(
 
     ps, out = ecfg.page_size, []
     sp = SparseConfig(enabled=True, page_size=ps)
-    layouts = {"dense": None, "lserve": KVLayout.sparse(cfg, sp, classes, ecfg.max_num_batched_tokens)}
+    layouts = {"dense": None, "lserve": KVLayout.sparse(sp, classes, ecfg.max_num_batched_tokens)}
     for kv in CAPACITY_KV:
         for mode, layout in layouts.items():
             row = dict(kv_dtype=kv, mode=mode, budget_bytes=budget)

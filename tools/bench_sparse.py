@@ -36,6 +36,7 @@ from bench_attention import _free_memory, _peer, _reps, events_median, torch_dec
 from lserve_lite.backends import require_gpu  # noqa: E402
 from lserve_lite.engine_args import bounded_int, results_folder  # noqa: E402
 from lserve_lite.errors import exit_status  # noqa: E402
+from lserve_lite.evaluation.plotting import pyplot  # noqa: E402
 
 HQ, HKV, D, PAGE, SUB = 32, 8, 128, 64, 4
 LAYERS = (0, 8, 16, 24, 31)
@@ -357,10 +358,9 @@ def format_table(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     xs = [r["seq"] // 1024 for r in res["prefill"]]

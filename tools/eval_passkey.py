@@ -17,7 +17,6 @@ Usage: python tools/eval_passkey.py [--lengths 1024,2048] [--depths 0.1,0.5,0.9]
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import re
 import sys
@@ -26,11 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lserve_lite.config import KV_DTYPES, MAX_MODEL_LEN
-from lserve_lite.engine_args import bounded_int, existing_file, float_list, int_list, output_file
+from lserve_lite.engine_args import bounded_int, float_list
 from lserve_lite.errors import exit_status
-from lserve_lite.evaluation.eval_args import MAX_SAMPLES
-from lserve_lite.evaluation.plotting import load_result, pyplot
+from lserve_lite.evaluation.eval_args import MAX_SAMPLES, add_sweep_args
+from lserve_lite.evaluation.plotting import load_result, pyplot, save_result
 from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs, refuse_past_context
 from lserve_lite.evaluation.synthetic import PasskeySample, passkey_sample
 
@@ -89,32 +87,14 @@ def heatmap(result: dict, path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model directory (default: the bundled SmolLM2)")
-    ap.add_argument("--lengths", type=int_list(256, MAX_MODEL_LEN), default=[1024, 2048],
-                    help="context lengths in tokens, each >= 256 (1024,2048)")  # fmt: skip
+    add_sweep_args(ap, "tools/results/passkey")
     ap.add_argument(
         "--depths", type=float_list(0, 1), default=[0.1, 0.5, 0.9], help="needle depths (0.1,0.5,0.9)"
     )
     ap.add_argument(
         "--samples", type=bounded_int(1, MAX_SAMPLES), default=1, help="prompts per (length, depth) cell (1)"
     )
-    ap.add_argument("--configs", default="dense,lserve,lserve-b512",
-                    help="configs: presets dense, lserve, lserve-b512, or NAME:knob=v,... separated by ';'")  # fmt: skip
-    ap.add_argument(
-        "--pattern",
-        type=existing_file,
-        default=None,
-        help="head pattern TSV (default: the model's bundled one)",
-    )
-    ap.add_argument(
-        "--kv-dtype", choices=KV_DTYPES, default="auto", help="KV-cache format (docs/KV_QUANT.md)"
-    )
-    ap.add_argument("--mode", choices=("engine",), default="engine", help="kept for old command lines")
     ap.add_argument("--seed", type=bounded_int(0), default=0)
-    ap.add_argument(
-        "--out", type=output_file, default="tools/results/passkey", help="output stem: <out>.json, <out>.png"
-    )
-    ap.add_argument("--plot-only", metavar="JSON", help="redraw the PNG of an earlier run's JSON and exit")
     args = ap.parse_args(argv)
     if args.plot_only:
         res = load_result(args.plot_only, "eval_passkey")
@@ -157,14 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - t0, 1), "machine": platform.machine(),
         "python": platform.python_version(),
     }  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    png = heatmap(result, out.with_suffix(".png"))
+    wrote = save_result(args.out, result, heatmap)
     print("pass rate by context length:")
     for name, s in summary.items():
         print(f"  {name:>14}: " + "  ".join(f"{n}: {v:.0%}" for n, v in s.items()))
-    print(f"wrote {out.with_suffix('.json')}" + (f" and {out.with_suffix('.png')}" if png else ""))
+    print(wrote)
     return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import platform
 import sys
 import time
@@ -25,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lserve_lite.config import KV_DTYPES, MAX_MODEL_LEN
-from lserve_lite.engine_args import bounded_int, existing_file, int_list, output_file
+from lserve_lite.engine_args import bounded_int
 from lserve_lite.errors import exit_status
-from lserve_lite.evaluation.plotting import load_result, pyplot
+from lserve_lite.evaluation.eval_args import add_sweep_args
+from lserve_lite.evaluation.plotting import load_result, pyplot, save_result
 from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs, refuse_past_context
 from lserve_lite.evaluation.synthetic import corpus_text
 
@@ -113,28 +112,11 @@ def plot(result: dict, path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model directory or GGUF (default: the bundled SmolLM2)")
+    add_sweep_args(ap, "tools/results/ppl")
     ap.add_argument("--quantize", choices=("int8", "int4"), default=None, help="quantize an HF model at load")
-    ap.add_argument("--lengths", type=int_list(256, MAX_MODEL_LEN), default=[1024, 2048],
-                    help="context lengths in tokens, each >= 256 (1024,2048)")  # fmt: skip
     ap.add_argument(
         "--decode-tokens", type=bounded_int(1), default=64, help="tokens scored by decode steps (64)"
     )
-    ap.add_argument("--configs", default="dense,lserve,lserve-b512", help="as in eval_passkey.py")
-    ap.add_argument(
-        "--pattern",
-        type=existing_file,
-        default=None,
-        help="head pattern TSV (default: the model's bundled one)",
-    )
-    ap.add_argument(
-        "--kv-dtype", choices=KV_DTYPES, default="auto", help="KV-cache format (docs/KV_QUANT.md)"
-    )
-    ap.add_argument("--mode", choices=("engine",), default="engine", help="as in eval_passkey.py")
-    ap.add_argument(
-        "--out", type=output_file, default="tools/results/ppl", help="output stem: <out>.json, <out>.png"
-    )
-    ap.add_argument("--plot-only", metavar="JSON", help="redraw the PNG of an earlier run's JSON and exit")
     args = ap.parse_args(argv)
     if args.plot_only:
         res = load_result(args.plot_only, "eval_ppl")
@@ -167,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "configs": {k: config_dict(v) for k, v in configs.items()},
         "results": results, "seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    png = plot(result, out.with_suffix(".png"))
+    wrote = save_result(args.out, result, plot)
     print("decode perplexity (change vs dense):")
     for n in lengths:
         d = results[str(n)]["dense"]["ppl_decode"]
@@ -179,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in results[str(n)].items()
         ]
         print(f"  {n}: " + ", ".join(cells))
-    print(f"wrote {out.with_suffix('.json')}" + (f" and {out.with_suffix('.png')}" if png else ""))
+    print(wrote)
     return 0
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from ..errors import LServeError
+
+if TYPE_CHECKING:
+    from .base import Ops
 
 
 def cuda_available() -> bool:
@@ -31,7 +35,7 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def make_ops(backend: str = "auto"):
+def make_ops(backend: str = "auto") -> Ops:
     backend = resolve_backend(backend)
     if backend == "cpu":
         from .cpu import CpuOps

@@ -318,7 +318,9 @@ def score_rows(max_qblocks: int, max_pages: int) -> int:
     return -(-(max_pages + 32 * max_qblocks + 32) // 32) * 32
 
 
-def launch_shape(max_qblocks: int, max_pages: int, hkv: int, d: int, sub: int, threads: int = THREADS):
+def launch_shape(
+    max_qblocks: int, max_pages: int, hkv: int, d: int, sub: int, threads: int = THREADS
+) -> tuple[tuple[int, int, int], tuple[int]]:
     """(grid, block): about 32 pages per scoring CTA for the longest list the capacity allows."""
     if d % CH or not MIN_D <= d <= MAX_D or threads > MAX_THREADS or threads % 32:
         raise ValueError(f"head_dim {d} / {threads} threads not supported by the Numba selector")

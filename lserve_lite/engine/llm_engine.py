@@ -184,7 +184,7 @@ class LLMEngine:
             classes = head_classes(gates, sp.static_sparsity)
         else:
             classes = [np.zeros(c.num_kv_heads, np.int32)] * c.num_layers
-        return KVLayout.sparse(c, sp, classes, self._max_chunk(), self._context_limit())
+        return KVLayout.sparse(sp, classes, self._max_chunk(), self._context_limit())
 
     def _context_limit(self) -> int:
         """The context limit as known before the KV pools are sized: the configured (or the model's) one, cut to

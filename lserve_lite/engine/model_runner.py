@@ -6,7 +6,7 @@ from functools import partial
 
 import numpy as np
 
-from ..backends.base import Executor, Ops, StepInputs
+from ..backends.base import Array, Executor, Ops, StepInputs
 from ..config import EngineConfig, ModelConfig, SparseConfig
 from ..geometry import budget_pages, pages_for, ring_slot
 from ..kv.block_manager import PageOp
@@ -71,7 +71,9 @@ class ModelRunner:
         for kind, a, b in page_ops:
             (self._copy if kind == "copy" else self._clear)(np.asarray(a, np.int64), np.asarray(b, np.int64))
 
-    def run(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False, ids=None):
+    def run(
+        self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False, ids: Array | None = None
+    ) -> Array:
         """Process each sequence's next `num_new` tokens; backend logits of every last row (or all rows).
         `ids`: the step's token ids as a backend array, when they are the previous step's samples still on
         the device (the engine's overlapped decode; the host holds placeholders for them)."""
@@ -83,7 +85,7 @@ class ModelRunner:
             seq.num_cached += n
         return logits
 
-    def ids_row(self, n: int):
+    def ids_row(self, n: int) -> Array | None:
         """Where the next n-row decode step reads its token ids on the device, if the executor has such a
         place (the overlapped step samples into it: no copy)."""
         return self.executor.ids_row(n)

@@ -37,10 +37,10 @@ STEP_TIMEOUT = 600.0  # no step takes this long: a worker silent for it is hung
 SHM_DIR = "/dev/shm"  # where multiprocessing.shared_memory's blocks live on Linux
 
 
-def shm_free_bytes(path: str = SHM_DIR) -> int | None:
+def shm_free_bytes() -> int | None:
     """Free bytes of the shared-memory file system (None where there is none to ask, e.g. macOS)."""
     try:
-        st = os.statvfs(path)
+        st = os.statvfs(SHM_DIR)
     except OSError:
         return None
     return st.f_bavail * st.f_frsize

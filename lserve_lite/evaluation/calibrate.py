@@ -182,7 +182,7 @@ def calibrate(
         "seed": seed, "samples": per_sample,
     }  # fmt: skip
     if validate:
-        info["validation"] = _validate(h, kept, gates, sink, local, seed, log)
+        info["validation"] = _validate(kept, gates, sink, local, seed, log)
         for seq, *_ in kept:
             h.end(seq)
     info["seconds"] = round(time.perf_counter() - t0, 1)
@@ -236,7 +236,9 @@ def check_out_path(out_path: str | Path) -> None:
         raise InvalidRequestError(f"{out}: cannot write there ({e.strerror or e})") from None
 
 
-def _validate(h: SparseHarness, kept, gates, sink, local, seed, log) -> dict:
+def _validate(
+    kept: list, gates: np.ndarray, sink: int, local: int, seed: int, log: Callable[[str], None]
+) -> dict:
     """At static sparsity 0.5: the calibrated choice against a random and the inverted one."""
     rng = np.random.default_rng(seed + 1)
     choices = {

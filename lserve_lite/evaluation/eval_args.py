@@ -1,12 +1,12 @@
-"""Options of `lserve-lite eval`, apart from the suite so the CLI builds its parser without loading the
-engine."""
+"""Options of `lserve-lite eval` (and those the passkey / perplexity sweeps in tools/ share), apart from the suite
+so the CLI builds its parser without loading the engine."""
 
 from __future__ import annotations
 
 import argparse
 
 from ..config import KV_DTYPES, MAX_MODEL_LEN
-from ..engine_args import bounded_float, bounded_int, int_list, name_list, output_file
+from ..engine_args import bounded_float, bounded_int, existing_file, int_list, name_list, output_file
 
 MAX_SAMPLES = 100_000  # prompts per (task, length) or passkey samples, at most
 MAX_TIME_LIMIT = 1e7  # seconds (115 days); 0 is no limit
@@ -47,3 +47,23 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
         "--out", type=output_file, default="tools/results/ruler", help="output stem: <out>.json, <out>.png"
     )
     p.add_argument("--plot-only", metavar="JSON", help="redraw the heatmap of an earlier run and exit")
+
+
+def add_sweep_args(p: argparse.ArgumentParser, out: str) -> None:
+    """Options tools/eval_passkey.py and tools/eval_ppl.py share: the model, context lengths, configs, pattern,
+    KV format and output stem (default `out`)."""
+    p.add_argument("--model", default=None, help="model directory or GGUF (default: the bundled SmolLM2)")
+    p.add_argument("--lengths", type=int_list(256, MAX_MODEL_LEN), default=[1024, 2048],
+                   help="context lengths in tokens, each >= 256 (1024,2048)")  # fmt: skip
+    p.add_argument("--configs", default="dense,lserve,lserve-b512",
+                   help="configs: presets dense, lserve, lserve-b512, or NAME:knob=v,... separated by ';'")  # fmt: skip
+    p.add_argument(
+        "--pattern",
+        type=existing_file,
+        default=None,
+        help="head pattern TSV (default: the model's bundled one)",
+    )
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default="auto", help="KV-cache format (docs/KV_QUANT.md)")
+    p.add_argument("--mode", choices=("engine",), default="engine", help="kept for old command lines")
+    p.add_argument("--out", type=output_file, default=out, help="output stem: <out>.json, <out>.png")
+    p.add_argument("--plot-only", metavar="JSON", help="redraw the PNG of an earlier run's JSON and exit")

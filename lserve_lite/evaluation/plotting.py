@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import InvalidRequestError
@@ -38,3 +39,12 @@ def load_result(path: str | Path, tool: str) -> dict:
     if not isinstance(res, dict) or res.get("tool") != tool:
         raise InvalidRequestError(f"{path}: not the JSON written by {tool}")
     return res
+
+
+def save_result(out: str | Path, result: dict, draw: Callable[[dict, Path], bool]) -> str:
+    """Write <out>.json and, with `draw` (False without matplotlib), <out>.png; the line saying what was written."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    png = draw(result, out.with_suffix(".png"))
+    return f"wrote {out.with_suffix('.json')}" + (f" and {out.with_suffix('.png')}" if png else "")

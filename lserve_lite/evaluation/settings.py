@@ -3,6 +3,7 @@ under many settings with as few LLMs and prefills as possible (shared by run_eva
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -140,7 +141,7 @@ class Runner:
             keyed.setdefault(None if sc is None else tuple(getattr(sc, k) for k in fixed), []).append(name)
         return list(keyed.values())
 
-    def groups(self):
+    def groups(self) -> Iterator[tuple[SparseHarness, list[str]]]:
         """Yield (harness, config names); the previous group's LLM is dropped first."""
         for names in self.group_names():
             scs = [self._config(n) for n in names]
@@ -157,7 +158,7 @@ class Runner:
             yield SparseHarness(llm), names
             del llm
 
-    def prefill_key(self, name: str, n: int):
+    def prefill_key(self, name: str, n: int) -> str | tuple[int, int]:
         """Configs with equal keys have identical prefills of an n-token prompt."""
         sc = self._config(name)
         if sc is None or sc.static_sparsity == 0 or sc.prefill_local >= n:

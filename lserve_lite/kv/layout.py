@@ -60,7 +60,6 @@ class KVLayout:
 
     @staticmethod
     def sparse(
-        cfg: ModelConfig,
         sp: SparseConfig,
         classes: list[np.ndarray],
         max_chunk: int,

@@ -53,11 +53,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
-def run_from_args(args: argparse.Namespace, engine_config: EngineConfig | None = None) -> int:
+def run_from_args(args: argparse.Namespace) -> int:
     """Entry for `lserve-lite serve`: returns the exit status (errors print one line, no traceback)."""
     try:
-        if engine_config is None:
-            engine_config = engine_config_from_args(args)
+        engine_config = engine_config_from_args(args)
     except LServeError as e:
         print(f"lserve-lite serve: {e}", file=sys.stderr)
         return 2

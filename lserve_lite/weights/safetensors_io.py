@@ -66,9 +66,6 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self.meta)
 
-    def dtype_of(self, name: str) -> str:
-        return self.meta[name].dtype
-
     def shape_of(self, name: str) -> tuple[int, ...]:
         return self.meta[name].shape
 

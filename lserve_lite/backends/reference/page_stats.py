@@ -13,14 +13,6 @@ from __future__ import annotations
 import numpy as np
 
 
-def alloc_page_stats(
-    num_pages: int, num_kv_heads: int, sub_pages: int, head_dim: int, dtype=np.float32
-) -> tuple[np.ndarray, np.ndarray]:
-    """Zero-initialised (kmax, kmin), each [num_pages, num_kv_heads, sub_pages, head_dim]."""
-    shape = (num_pages, num_kv_heads, sub_pages, head_dim)
-    return np.zeros(shape, dtype), np.zeros(shape, dtype)
-
-
 def update_page_stats(kmax: np.ndarray, kmin: np.ndarray, k_cache: np.ndarray, slots: np.ndarray) -> None:
     """Recompute, in place, the stats of every logical page touched by the newly written `slots`.
 
