@@ -132,7 +132,7 @@ def test_tokenize_and_detokenize(server, ref):
         ("/detokenize", {"tokens": [1], "model": 5}, "model"),
         # vLLM's fields that change the ids: honoured at their defaults, refused otherwise (they were dropped)
         ("/tokenize", {"prompt": "x", "add_special_tokens": False}, "add_special_tokens"),
-        ("/tokenize", {"messages": msgs, "add_generation_prompt": False}, "add_generation_prompt"),
+        ("/tokenize", {"messages": msgs, "continue_final_message": True}, "continue_final_message"),
         ("/tokenize", {"messages": msgs, "chat_template": "{{ 1 }}"}, "chat_template"),
     ]:
         e = post(path, **body)

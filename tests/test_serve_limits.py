@@ -14,6 +14,7 @@ from lserve_lite.engine.llm_engine import LLMEngine  # noqa: E402
 from lserve_lite.engine.scheduler import SchedulerStalled  # noqa: E402
 from lserve_lite.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS  # noqa: E402
 from lserve_lite.serve.app import create_app  # noqa: E402
+from lserve_lite.tokenizer import Tokenizer  # noqa: E402
 
 CFG = dict(num_kv_pages=32, max_model_len=128, max_num_seqs=8)
 MSGS = [{"role": "user", "content": "hi"}]
@@ -222,11 +223,30 @@ def test_client_compat_fields(client):
 
 
 def test_chat_template_extras_that_would_change_the_prompt_are_refused(client):
-    """vLLM's add_generation_prompt / continue_final_message / chat_template / chat_template_kwargs were ignored
-    silently (a prefill asked to be continued got a fresh assistant turn); they are refused, their defaults pass."""
-    for extra in ({"add_generation_prompt": False}, {"continue_final_message": True},
-                  {"chat_template": "{{ messages }}"}, {"chat_template_kwargs": {"enable_thinking": False}}):  # fmt: skip
+    """vLLM's chat_template / chat_template_kwargs were ignored silently; they are refused, their defaults pass."""
+    for extra in ({"chat_template": "{{ messages }}"}, {"chat_template_kwargs": {"enable_thinking": False}}):
         r = post(client, {"messages": MSGS, "max_tokens": 2} | extra, chat=True)
         assert r.status_code == 400 and error(r)["param"] == next(iter(extra)), r.text
     defaults = {"add_generation_prompt": True, "continue_final_message": False, "chat_template_kwargs": {}}
     assert post(client, {"messages": MSGS, "max_tokens": 2} | defaults, chat=True).status_code == 200
+
+
+def test_continue_final_message_and_add_generation_prompt(client, tiny_llama):
+    """vLLM's add_generation_prompt / continue_final_message were refused though the tokenizer renders them: the
+    prompt is the conversation rendered with them (chat and /tokenize alike); both true, or a continued last
+    message that is not the assistant's, is a 400 naming continue_final_message."""
+    tok = Tokenizer(tiny_llama)
+    prefill = [*MSGS, {"role": "assistant", "content": "Sure, here"}]
+    for msgs, cont in ((MSGS, False), (prefill, True)):
+        how = {"add_generation_prompt": False, "continue_final_message": cont}
+        want = tok.encode_chat(msgs, None, False, cont)
+        assert want != tok.encode_chat(msgs)
+        assert client.post("/tokenize", json={"messages": msgs} | how).json()["tokens"] == want
+        r = post(client, {"messages": msgs, "max_tokens": 2} | how, chat=True)
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(want), r.text
+    for msgs, how in ((prefill, {"continue_final_message": True}),
+                      (prefill, {"add_generation_prompt": True, "continue_final_message": True}),
+                      (MSGS, {"add_generation_prompt": False, "continue_final_message": True})):  # fmt: skip
+        for r in (post(client, {"messages": msgs, "max_tokens": 2} | how, chat=True),
+                  client.post("/tokenize", json={"messages": msgs} | how)):  # fmt: skip
+            assert error(r)["param"] == "continue_final_message", r.text

@@ -206,7 +206,8 @@ def create_app(
                 tok = engine.tokenizer
                 msgs, tools = prompt_messages([m.as_dict() for m in req.messages], req.tool_plan,
                                               tok.template_reads_tools)  # fmt: skip
-                return [check_ids(tok.encode_chat(msgs, tools))]
+                how = (req.add_generation_prompt, req.continue_final_message)
+                return [check_ids(tok.encode_chat(msgs, tools, *how))]
             return [check_ids(engine.tokenizer.encode(p) if isinstance(p, str) else p) for p in req.prompts()]
         except InvalidRequestError as e:
             raise ApiError(400, str(e), where) from None

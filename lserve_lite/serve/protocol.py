@@ -252,22 +252,27 @@ class ChatCompletionRequest(_Request):
     parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     function_call: Any = None
-    # vLLM's chat-template extras: the prompt is always the template's default rendering with a generation prompt
-    add_generation_prompt: Any = None
-    continue_final_message: Any = None
+    # vLLM's chat-template extras: the generation prompt, or the last (assistant) message continued; a template
+    # of the client's or extra template arguments are refused
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
     chat_template: Any = None
     chat_template_kwargs: Any = None
     echo: Any = None
     _unsupported: ClassVar[dict[str, tuple[object, str]]] = _Request._unsupported | {
-        name: (off, "the prompt is the model's own chat template with its generation prompt, rendered without "
-                    "extra arguments")
-        for name, off in (("add_generation_prompt", True), ("continue_final_message", False),
-                          ("chat_template", None), ("chat_template_kwargs", {}), ("add_special_tokens", False))
+        name: (off, "the prompt is the model's own chat template, rendered without extra arguments")
+        for name, off in (("chat_template", None), ("chat_template_kwargs", {}), ("add_special_tokens", False))
     } | {"echo": (False, "a chat reply does not repeat the last message")}  # fmt: skip
     _tool_plan: ToolPlan | None = PrivateAttr(None)
 
     def check(self) -> None:
         super().check()
+        if self.continue_final_message and self.add_generation_prompt:  # vLLM's rule
+            raise ApiError(400, "continue_final_message and add_generation_prompt cannot both be true: send "
+                           "add_generation_prompt: false with it", "continue_final_message")  # fmt: skip
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ApiError(400, "continue_final_message continues the last message, which must be the assistant's "
+                           f"(got {self.messages[-1].role!r})", "continue_final_message")  # fmt: skip
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         if self.functions or self.function_call is not None:
