@@ -271,6 +271,9 @@ def test_lserve_startup_line_counts_the_dense_pool_and_the_streaming_sequences(t
     want = f"streaming pool {eng.blocks.num_stream_pages} pages (sink + local window): "
     assert want + f"{eng.blocks.num_stream_pages // per_seq} sequences at once" in eng.kv_summary()
     assert "streaming pool" not in dense.kv_summary()
+    one = LLM(str(d), backend="cpu", config=EngineConfig(**cfg | {"max_num_seqs": 1}, sparse=sparse)).engine
+    assert one.blocks.num_stream_pages // per_seq == 1
+    assert one.kv_summary().endswith(": 1 sequence at once")  # it said "1 sequences"
 
 
 @pytest.mark.parametrize("where", ["engine", "request"])

@@ -220,7 +220,8 @@ class LLMEngine:
             token_b = (stream_b if lay.streaming_only else dense_b) // ps
             line = kv_summary(name, pages, ps, token_b, streaming_only=lay.streaming_only)
             if per_seq:
-                line += f"; streaming pool {stream} pages (sink + local window): {stream // per_seq} sequences at once"
+                n = stream // per_seq
+                line += f"; streaming pool {stream} pages (sink + local window): {n} sequence{'s' * (n != 1)} at once"
         trained = self.cfg.max_position_embeddings
         if self.max_len > trained:
             line += (
