@@ -92,7 +92,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch", type=bounded_int(1, MAX_NUM_SEQS), default=1, help="sequences decoding together"
     )
-    p.add_argument("--json", type=json_file, default=None, help="also write the figures to this JSON file")
+    p.add_argument(
+        "--json",
+        type=json_file,
+        default=None,
+        help="also write the figures, model and backend to this JSON file",
+    )
 
 
 def _check_decode_fits(llm: LLM, ctx: int, steps: int, batch: int) -> None:
@@ -128,5 +133,5 @@ def main(args: argparse.Namespace, llm: LLM) -> int:
         print(f"  {k:<28}{v:>12.1f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump({"model": llm.engine.model_name, "backend": llm.engine.backend} | rows, f, indent=2)
     return 0

@@ -231,7 +231,9 @@ def test_bench_times_a_batch_that_just_fits(tiny_llama, tmp_path):
     flags = ["--prompt-lens", "16", "--context", "100", "--steps", "27", "--batch", "2", "--kv-pages", "4"]
     r = _bench(tiny_llama, *flags, "--json", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads(out.read_text())["decode_ctx100_b2_tok_s"] > 0
+    d = json.loads(out.read_text())
+    assert d["decode_ctx100_b2_tok_s"] > 0
+    assert (d["model"], d["backend"]) == (tiny_llama.name, "cpu")  # only the printed table named them
 
 
 def test_bench_prefill_computes_every_timed_prompt(tiny_llama):
