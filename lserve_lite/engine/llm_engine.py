@@ -359,8 +359,9 @@ class LLMEngine:
             if seq is not None:
                 self._aborts.append(seq)
 
-    def _run_page_ops(self) -> None:
-        """The block manager's page ops, all of them or none: a Ctrl-C meanwhile is raised after the last (once
+    def run_page_ops(self) -> None:
+        """The block manager's page ops (before a step, or after `blocks.grow` outside one: the evaluation harness),
+        all of them or none: a Ctrl-C meanwhile is raised after the last (once
         taken, ops left undone were lost: a page never cleared, a prefix-cache snapshot never copied)."""
         if not self.blocks.page_ops:  # most decode steps: no signal handler swapped
             return
@@ -380,7 +381,7 @@ class LLMEngine:
         if self._inflight is not None and self._inflight_ends():
             outs += self._read(self._take_inflight())  # schedule none of them past its limits
         batch = self.scheduler.schedule()
-        self._run_page_ops()  # snapshots attached, pages cleared: before any write
+        self.run_page_ops()  # snapshots attached, pages cleared: before any write
         if self._inflight is not None and not self._overlaps(batch):
             outs += self._read(self._take_inflight())
             _drop_finished(batch)
@@ -396,7 +397,7 @@ class LLMEngine:
         logits = self.runner.run(batch.seqs, batch.num_new)
         for seq in batch.seqs:
             self.blocks.cache_computed(seq)
-        self._run_page_ops()  # snapshots taken, before sequences move on
+        self.run_page_ops()  # snapshots taken, before sequences move on
         last = (
             np.cumsum([n if w else 1 for n, w in zip(batch.num_new, wants)]) - 1
         )  # each sequence's last row
@@ -566,7 +567,7 @@ class LLMEngine:
             raise InvalidRequestError("not enough free KV pages to score this sequence now")
         self.blocks.grow(seq, len(token_ids))
         try:
-            self._run_page_ops()
+            self.run_page_ops()
             chunks = []
             while seq.num_pending:
                 n = min(seq.num_pending, self.ecfg.max_num_batched_tokens)

@@ -67,7 +67,7 @@ class SparseHarness:
         if not blocks.can_grow(seq, total):
             raise InvalidRequestError("not enough free KV pages for this sequence")
         blocks.grow(seq, total)
-        self.runner.apply_page_ops(blocks.take_page_ops())
+        self.engine.run_page_ops()  # the new pages cleared before anything writes them
         return seq
 
     def end(self, seq: Sequence) -> None:
