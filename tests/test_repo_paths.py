@@ -31,3 +31,95 @@ def test_no_machine_paths():
             hits.append(f"{name.decode()}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}")
     assert len(files) > 100, "git ls-files listed almost nothing: not the repository"
     assert not hits, "machine paths in the repository:\n" + "\n".join(hits[:20])
+
+
+# The files README.md and docs/*.md name: repository paths (`tools/results/gpu_2026-12-06b/`, `kernels/layers.cu`),
+# paths inside the package as the docs write them (`backends/cpu_select.py`, `sparse/plan.build_plan`) and
+# `file::name` references (`tests/test_kv_quant.py::test_...`). A rename or a move leaves such a reference pointing
+# at nothing, which a reader finds only by searching.
+_TOP = r"(?:docs|tools|tests|lserve_lite|kernels)"
+REPO_REF = re.compile(r"(?<![\w./$<{~-])(" + _TOP + r"/[\w./-]*[\w/])(?:::(\w+))?")
+_PKG = ROOT / "lserve_lite"
+_PKGS = sorted(p.name for p in _PKG.iterdir() if (p / "__init__.py").is_file()) + ["reference"]
+PKG_REF = re.compile(r"(?<![\w./$<{~-])((?:" + "|".join(_PKGS) + r")[/.][\w./-]*[\w/])(?![\w{*(-])")
+_EXTS = {"md", "json", "cu", "cuh", "tsv", "sh", "log", "png", "gguf", "jsonl", "txt"}
+
+
+def _tracked() -> tuple[set[str], set[str]]:
+    out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    files = {n.decode() for n in out.split(b"\0") if n}
+    dirs = {"/".join(f.split("/")[:i]) for f in files for i in range(1, f.count("/") + 1)}
+    return files, dirs
+
+
+def _defines(path: str, name: str) -> bool:
+    text = (ROOT / path).read_text(errors="ignore")
+    if path.endswith(".py"):
+        return re.search(rf"\b(def|class)\s+{name}\b|^{name}\s*[:=]", text, re.M) is not None
+    return re.search(rf"\b{name}\b", text) is not None
+
+
+def _package_ref_problem(ref: str, files: set[str], dirs: set[str]) -> str | None:
+    """What is wrong with a reference inside the package as the docs write them: `backends/cpu_select.py`,
+    `sparse/plan.build_plan`, `reference/page_stats.merge_page_stats`, `sparse/patterns/NAME/`,
+    `harness.quant.norm_linear_ref`; None when it names something that is there."""
+    bases = ["lserve_lite/", "lserve_lite/backends/"]
+    if "/" not in ref:
+        # dotted: checked where its second part is a module (`engine.step()` is a variable's call)
+        parts = ref.split(".")
+        mod = next((m for b in bases if (m := b + "/".join(parts[:2]) + ".py") in files), None)
+        if mod is None or len(parts) < 3 or _defines(mod, parts[2]):
+            return None
+        return f"{ref}: {mod} does not define {parts[2]}"
+    head, _, tail = ref.rstrip("/").rpartition("/")
+    name, *rest = tail.split(".")
+    path = f"{head}/{name}"
+    if rest and rest[0] in _EXTS | {"py"}:
+        if not any(b + path + "." + rest[0] in files for b in bases):
+            return f"{ref} is not in lserve_lite/"
+        return None
+    mods = [b + path + ".py" for b in bases if b + path + ".py" in files]
+    mods += [b + path + "/__init__.py" for b in bases if b + path + "/__init__.py" in files]
+    if not rest:
+        if mods or any(b + path in dirs for b in bases) or head.startswith("weights"):
+            return None  # weights/NAME: a model folder under LSERVE_LITE_HOME
+        return f"{ref} is not in lserve_lite/"
+    if not mods:
+        return None if head.startswith("weights") else f"{ref}: {path} is not a module of lserve_lite"
+    attr = rest[0]
+    if any(b + path + "/" + attr + ".py" in files for b in bases) or any(_defines(mod, attr) for mod in mods):
+        return None
+    return f"{ref}: {path} does not define {attr}"
+
+
+def test_docs_name_existing_paths():
+    files, dirs = _tracked()
+    docs = ["README.md"] + sorted(f for f in files if f.startswith("docs/") and f.endswith(".md"))
+    bad = []
+    for doc in docs:
+        text = (ROOT / doc).read_text()
+
+        def miss(m, what, doc=doc, text=text):
+            bad.append(f"{doc}:{text.count(chr(10), 0, m.start()) + 1}: {what}")
+
+        for m in REPO_REF.finditer(text):
+            path, name = m.group(1), m.group(2)
+            before, after = text[max(0, m.start() - 6) : m.start()], text[m.end() : m.end() + 2]
+            if before.endswith("--out ") or "__pycache__" in path:
+                continue  # a command's output, written when it runs; a cache, never tracked
+            if after[:1] in "{*[" or after in (".{", ".*") or path.endswith("_"):
+                # a stem: name.{json,png}, name.*, prefix_*
+                if not any(f.startswith(path) for f in files):
+                    miss(m, f"nothing named {path}...")
+                continue
+            key = path.rstrip("/")
+            if key not in files and key not in dirs:
+                miss(m, f"{path} does not exist")
+            elif name and key in files and not _defines(key, name):
+                miss(m, f"{path} does not define {name}")
+        for m in PKG_REF.finditer(text):
+            problem = _package_ref_problem(m.group(1).rstrip("."), files, dirs)
+            if problem:
+                miss(m, problem)
+    assert len(docs) > 5
+    assert not bad, "README.md / docs name what is not there:\n" + "\n".join(bad)
