@@ -616,3 +616,20 @@ def test_download_failure_is_one_line(tmp_path: Path, monkeypatch):
     with pytest.raises(ModelLoadError, match="cannot run pip"):
         default_model_dir()
     assert not [p for p in os.listdir(tmp_path / "home") if p != ".lock"]
+
+
+def test_quantize_help_names_only_gguf_types_that_load():
+    """`--quantize`'s help said a GGUF's F32/F16/BF16 matrices are quantized, while a BF16 GGUF tensor is refused at
+    load (SUPPORTED_TYPES): the float types it names must be ones the importer takes."""
+    import argparse
+    import re
+
+    from lserve_lite.engine_args import add_engine_args
+    from lserve_lite.weights.gguf_import import SUPPORTED_TYPES
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    text = next(a.help for a in p._actions if "--quantize" in a.option_strings)
+    named = re.search(r"float \(([A-Z0-9/]+)\)", text)
+    assert named, text
+    assert set(named.group(1).split("/")) <= set(SUPPORTED_TYPES), text
