@@ -123,3 +123,34 @@ def test_docs_name_existing_paths():
                 miss(m, problem)
     assert len(docs) > 5
     assert not bad, "README.md / docs name what is not there:\n" + "\n".join(bad)
+
+
+# `docs/KV_QUANT.md, "fp16 on the CPU"`: a section named beside its file must be one of that file's headings or
+# bold lead-ins (a renamed section leaves the reader searching for a title that is not there).
+SECTION_REF = re.compile(r'((?:docs/)?[A-Z_]+\.md)[,:;]?\s+(?:sections?\s+)?"([^"]+)"')
+
+
+def test_docs_name_existing_sections():
+    files, _ = _tracked()
+    docs = ["README.md"] + sorted(f for f in files if f.startswith("docs/") and f.endswith(".md"))
+    titles = {}
+    for doc in docs:
+        text = (ROOT / doc).read_text()
+        titles[doc] = [line.lstrip("#").strip().lower() for line in text.splitlines() if line.startswith("#")]
+        titles[doc] += [m.group(1).lower() for m in re.finditer(r"\*\*([^*]+)\*\*", text)]
+    bad = []
+    for doc in docs:
+        text = (ROOT / doc).read_text()
+        flat = re.sub(r"\s+", " ", text)
+        for m in SECTION_REF.finditer(flat):
+            target = (
+                m.group(1)
+                if m.group(1).startswith("docs/") or m.group(1) == "README.md"
+                else "docs/" + m.group(1)
+            )
+            name = m.group(2).lower()
+            if target not in titles:
+                bad.append(f"{doc}: {target} does not exist")
+            elif not any(name in t for t in titles[target]):
+                bad.append(f'{doc}: {target} has no section "{m.group(2)}"')
+    assert not bad, "sections named that are not there:\n" + "\n".join(bad)
