@@ -127,7 +127,7 @@ def test_docs_name_existing_paths():
 
 # `docs/KV_QUANT.md, "fp16 on the CPU"`: a section named beside its file must be one of that file's headings or
 # bold lead-ins (a renamed section leaves the reader searching for a title that is not there).
-SECTION_REF = re.compile(r'((?:docs/)?[A-Z_]+\.md)[,:;]?\s+(?:sections?\s+)?"([^"]+)"')
+SECTION_REF = re.compile(r'((?:docs/)?[A-Z_]+\.md)`?[,:;]?\s+(?:sections?\s+)?"([^"]+)"')
 
 
 def test_docs_name_existing_sections():
