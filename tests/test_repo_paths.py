@@ -127,6 +127,7 @@ def test_docs_name_existing_paths():
 
 # `docs/KV_QUANT.md, "fp16 on the CPU"`: a section named beside its file must be one of that file's headings or
 # bold lead-ins (a renamed section leaves the reader searching for a title that is not there).
+HERE_REF = re.compile(r'"([^"]{3,80})"\)?,? (above|below)\b')
 SECTION_REF = re.compile(r'((?:docs/)?[A-Z_]+\.md)`?[,:;]?\s+(?:sections?\s+)?"([^"]+)"')
 
 
@@ -153,4 +154,7 @@ def test_docs_name_existing_sections():
                 bad.append(f"{doc}: {target} does not exist")
             elif not any(name in t for t in titles[target]):
                 bad.append(f'{doc}: {target} has no section "{m.group(2)}"')
+        for m in HERE_REF.finditer(flat):  # "Title" above / below: a section of the same file
+            if not any(m.group(1).lower() in t for t in titles[doc]):
+                bad.append(f'{doc}: no section "{m.group(1)}" {m.group(2)}')
     assert not bad, "sections named that are not there:\n" + "\n".join(bad)
