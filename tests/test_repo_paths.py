@@ -158,3 +158,21 @@ def test_docs_name_existing_sections():
             if not any(m.group(1).lower() in t for t in titles[doc]):
                 bad.append(f'{doc}: no section "{m.group(1)}" {m.group(2)}')
     assert not bad, "sections named that are not there:\n" + "\n".join(bad)
+
+
+def test_docs_name_existing_tests():
+    """A test named in README.md or docs/*.md (`test_stale_nan_past_a_context_does_not_reach_another_request`, with or
+    without its file) is a test file or a test function of tests/: a renamed test leaves a claim with no check."""
+    files, _ = _tracked()
+    docs = ["README.md"] + sorted(f for f in files if f.startswith("docs/") and f.endswith(".md"))
+    tests = [f for f in files if f.startswith("tests/") and f.endswith(".py")]
+    names = {Path(f).stem for f in tests}
+    for f in tests:
+        names |= set(re.findall(r"\bdef (test_\w+)", (ROOT / f).read_text()))
+    bad = [
+        f"{doc}: {name}"
+        for doc in docs
+        for name in sorted(set(re.findall(r"\btest_[a-z0-9_]+", (ROOT / doc).read_text())))
+        if name not in names
+    ]
+    assert not bad, "tests named that do not exist:\n" + "\n".join(bad)
