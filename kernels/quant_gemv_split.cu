@@ -242,17 +242,17 @@ __device__ __forceinline__ void store_rows(float (&acc)[R][NMAX], const float (&
     for (int r = 0; r < NMAX; ++r)
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) acc[i][r] += __shfl_xor_sync(0xffffffffu, acc[i][r], o);
-  if (ROPE != 0 && lane == 0) {  // RoPE pairs (m0 and R even); int8's per-channel scales first
+  if constexpr (ROPE != 0) {  // one RoPE pair (m0 even); int8's per-channel scales first
+    static_assert(R == 2, "the RoPE epilogue takes one pair a warp");
+    int fin = -1;
+    if (lane == 0 && m0 < M) {
+      const float ra = F::CPG ? 1.f : rs[0], rb = F::CPG ? 1.f : rs[1];
+      float a[NMAX], b[NMAX];
 #pragma unroll
-    for (int i = 0; i < R; i += 2) {
-      if (m0 + i < M) {
-        const float ra = F::CPG ? 1.f : rs[i], rb = F::CPG ? 1.f : rs[i + 1];
-        float a[NMAX], b[NMAX];
-#pragma unroll
-        for (int r = 0; r < NMAX; ++r) a[r] = ra * acc[i][r], b[r] = rb * acc[i + 1][r];
-        lserve::rope_store_rows<NMAX, ROPE == 2>(ro, n, m0 + i, a, b);
-      }
+      for (int r = 0; r < NMAX; ++r) a[r] = ra * acc[0][r], b[r] = rb * acc[1][r];
+      fin = lserve::rope_store_rows<NMAX, ROPE>(ro, n, m0, a, b);
     }
+    lserve::rope_finish<NMAX, ROPE>(ro, n, fin);
   } else if (lane == 0) {
 #pragma unroll
     for (int i = 0; i < (SILU ? R / 2 : R); ++i) {
@@ -303,7 +303,7 @@ struct SplitItem {
 // UX = 2 ("deep"): register sets of twice the chunks, for matrices with fewer row groups than the GPU holds warps
 // (o_proj and down of a Llama-3-8B shape: 2,048 groups of 2 rows): their warps are all resident at 2 blocks per SM
 // as well, and each keeps twice the bytes in flight (cuda_quant.split_deep decides).
-// ROPE (quant_gemv_split_rope; 1: a dense cache, 2: LServe's two pools and statistics): W is the fused q/k/v
+// ROPE (quant_gemv_split_rope; rope_out.cuh's RopeKind: the cache's kind and KV format): W is the fused q/k/v
 // matrix, outputs in rope_out.cuh's paired order, and the epilogue rotates each pair and writes q and the K/V page
 // slots (`ro`; CudaOps.qkv_rope); every output's sum is quant_gemv_split's at R = 2.
 template <typename F, int R, int NMAX, int P, typename TOut, bool SILU, int UX, int ROPE>

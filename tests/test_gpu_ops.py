@@ -66,14 +66,14 @@ def small_llama(
     return cfg, ws
 
 
-def _runner(cfg, ws, backend, graphs=False, num_pages=96, page_size=16):
+def _runner(cfg, ws, backend, graphs=False, num_pages=96, page_size=16, kv_dtype="auto"):
     from lserve_lite.backends import make_ops
     from lserve_lite.config import EngineConfig
     from lserve_lite.engine.model_runner import ModelRunner
     from lserve_lite.kv.block_manager import BlockManager
 
     ecfg = EngineConfig(max_num_seqs=8, page_size=page_size, max_model_len=1024, num_kv_pages=num_pages,
-                        cuda_graphs=graphs)  # fmt: skip
+                        cuda_graphs=graphs, kv_dtype=kv_dtype)  # fmt: skip
     runner = ModelRunner(cfg, ws, make_ops(backend), ecfg, 1024, num_pages)
     assert hasattr(runner.executor, "graphs") == graphs
     return runner, BlockManager(num_pages, page_size)

@@ -13,6 +13,8 @@ equal bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -155,6 +157,83 @@ def test_qkv_rope_lserve_fused_matches_unfused(hctx, fmt, n):
         assert before is None or not np.array_equal(a, before), f"{name} unwritten"
 
 
+def _quant_cache(hctx, fmt, pages: int, page: int, d: int, lserve: bool):
+    """A one-layer quantized cache of random bytes and scales: dense (4 KV heads), or LServe's (KV heads 0, 2 dense,
+    1, 3 streaming, in pool rows swapped; logical pages of 8 tokens, random fp16 statistics)."""
+    from lserve_lite.backends.base import KVCache
+
+    rng, cp = hctx.rng, hctx.cp
+
+    def pool(heads):
+        vals = rng.integers(
+            0, 256, (pages, heads, page, fmt.packed_dim(d) * fmt.value_dtype.itemsize), np.uint8
+        )
+        sc = rng.uniform(0.01, 1, (pages, heads, page, fmt.scale_cols(d))).astype(np.float16)
+        return cp.asarray(vals.view(fmt.value_dtype)), cp.asarray(sc)
+
+    if not lserve:
+        (k, ks), (v, vs) = pool(4), pool(4)
+        return KVCache(k=[k], v=[v], page_size=page, num_pages=pages, fmt=fmt, k_scale=[ks], v_scale=[vs])
+    (kd, kds), (vd, vds), (kst, kss), (vst, vss) = (pool(2) for _ in range(4))
+    stats = [cp.asarray(rng.standard_normal((pages, 2, 2, d)).astype(np.float16)) for _ in range(2)]
+    return KVCache(k=[kd], v=[vd], page_size=page, num_pages=pages, ks=[kst], vs=[vst],
+                   head_class=[cp.asarray(np.array([0, 1, 0, 1], np.int32))],
+                   head_slot=[cp.asarray(np.array([1, 1, 0, 0], np.int32))], kmax=[stats[0]], kmin=[stats[1]],
+                   fmt=fmt, k_scale=[kds], v_scale=[vds], ks_scale=[kss], vs_scale=[vss])  # fmt: skip
+
+
+def _cache_arrays(cache) -> list:
+    return [a[0] for a in (cache.k, cache.v, cache.ks, cache.vs, cache.k_scale, cache.v_scale, cache.ks_scale,
+                           cache.vs_scale, cache.kmax, cache.kmin) if a is not None]  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lserve", [False, True], ids=["dense", "lserve"])
+@pytest.mark.parametrize("wfmt", ["f16", "q4_1"])
+@pytest.mark.parametrize("kv", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_qkv_rope_quantized_fused_matches_unfused(hctx, d, kv, wfmt, lserve):
+    """A quantized cache at one row (QUANT_ROPE_ROWS): the epilogue stages the K / V heads (and int4's / fp8's
+    queries, in the Hadamard basis) and the head's last warp writes them with rope_write_kv(_sparse)'s row code,
+    so q, every pool's bytes and scales and LServe's statistics equal the unfused rmsnorm_linear + rope_write_kv(_sparse)
+    bit for bit; two calls in a row (the tickets left at zero), a position that continues a logical page and one
+    that starts it."""
+    from lserve_lite.backends.base import norm_qkv_rope, rope_tables
+    from lserve_lite.kv.quant import resolve_kv_format
+
+    ops, rng, cp = hctx.ops, hctx.rng, hctx.cp
+    if kv not in ops.kv_dtypes:
+        pytest.skip(f"{kv} KV needs a newer GPU")
+    hq, hkv, k, page, pages = 8, 4, 512, 16, 8
+    cfg = ModelConfig("LlamaForCausalLM", k, 1024, 1, hq, hkv, d, 100, max_position_embeddings=4096)
+    fmt = resolve_kv_format(kv, ops.kv_dtypes, d)
+    dw = ops.upload(_weight(hctx, wfmt, (hq + 2 * hkv) * d, k))
+    cos, sin = (cp.asarray(t.astype(np.float16)) for t in rope_tables(cfg, 4096))
+    base = _quant_cache(hctx, fmt, pages, page, d, lserve)
+    runs = {}
+    calls = [
+        (rng.integers(0, 4096), 13, 70),
+        (rng.integers(0, 4096), 16, 71),
+    ]  # dense slot: mid / start of a page
+    xs = [(hctx.f16(1, k), (1 + 0.2 * rng.standard_normal(k)).astype(np.float16)) for _ in calls]
+    for how in ("fused", "unfused"):
+        cache = dataclasses.replace(base, **{f: [a[0].copy()] for f, a in vars(base).items()
+                                             if isinstance(a, list) and f not in ("head_class", "head_slot")})  # fmt: skip
+        fn = ops.qkv_rope if how == "fused" else (lambda *a: norm_qkv_rope(ops, *a))
+        out = []
+        for (p, dslot, sslot), (x, lnw) in zip(calls, xs, strict=True):
+            slots = cp.asarray(np.array([[dslot], [sslot]] if lserve else [dslot], np.int64))
+            q, _ = fn(hctx.dev16(x), None, cp.asarray(lnw), 1e-5, dw, None, cp.asarray(np.array([p], np.int64)),
+                      slots, cache, 0, (cos, sin))  # fmt: skip
+            out.append(cp.asnumpy(q).view(np.uint16))
+        runs[how] = out + [cp.asnumpy(a).view(np.uint8) for a in _cache_arrays(cache)]
+        assert how == "unfused" or not cp.asnumpy(ops._rope_tickets).any(), "tickets left nonzero"
+    before = [None, None] + [cp.asnumpy(a).view(np.uint8) for a in _cache_arrays(base)]
+    for i, (a, b, old) in enumerate(zip(runs["fused"], runs["unfused"], before, strict=True)):
+        assert np.array_equal(a, b), f"array {i} differs"
+        assert old is None or not np.array_equal(a, old), f"array {i} unwritten"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph"])
 def test_engine_fused_equals_unfused(monkeypatch, graphs):
@@ -191,6 +270,42 @@ def test_engine_fused_equals_unfused(monkeypatch, graphs):
         out = {k: _step(r, b, [seqs[k][i] for i in live], [1] * len(live)) for k, (r, b) in runs.items()}
         assert np.array_equal(out["1"], out["0"]), f"fused decode logits differ at step {step}"
         toks = dict(zip(live, out["0"].argmax(-1), strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph"])
+@pytest.mark.parametrize("kv", ["int8", "int4"])
+def test_engine_quantized_fused_equals_unfused(monkeypatch, kv, graphs):
+    """A random Llama over a quantized cache through the ModelRunner, the epilogue's quantized write on and off
+    (LSERVE_CUDA_FUSE_ROPE_QUANT): batch-1 decode steps' logits equal bit for bit, and the fused run's decode never
+    calls rope_write_kv."""
+    from test_gpu_ops import _runner, _step, small_llama
+
+    from lserve_lite.sampling_params import SamplingParams
+    from lserve_lite.sequence import Sequence
+
+    cfg, ws = small_llama()
+    runs = {}
+    for fuse in ("1", "0"):
+        monkeypatch.setenv("LSERVE_CUDA_FUSE_ROPE_QUANT", fuse)
+        runs[fuse] = _runner(cfg, ws, "cuda", graphs, kv_dtype=kv)
+        assert runs[fuse][0].ops.fuse_rope_quant == (fuse == "1") and runs[fuse][0].cache.quantized
+    prompt = list(np.random.default_rng(4).integers(0, cfg.vocab_size, 21))
+    seqs = {k: Sequence(list(prompt), SamplingParams()) for k in runs}
+    first = {k: _step(r, b, [seqs[k]], [21]) for k, (r, b) in runs.items()}
+    assert np.array_equal(first["1"], first["0"])
+
+    def no_rope_kernel(*a, **k):
+        raise AssertionError("rope_write_kv called by a fused decode step")
+
+    monkeypatch.setattr(runs["1"][0].ops, "rope_write_kv", no_rope_kernel)
+    tok = int(first["0"].argmax())
+    for step in range(12):  # across a 16-token page's end
+        for k in runs:
+            seqs[k].output_ids.append(tok)
+        out = {k: _step(r, b, [seqs[k]], [1]) for k, (r, b) in runs.items()}
+        assert np.array_equal(out["1"], out["0"]), f"fused decode logits differ at step {step}"
+        tok = int(out["0"].argmax())
 
 
 class _Dev:
@@ -235,6 +350,42 @@ def test_rope_out_fields_dense_and_lserve():
     assert int(moved["positions"]) == 0x1000 + 24 and int(moved["slots"]) == 0x2000 + 24
     assert int(moved["q_out"]) == 0x5000 + 2 * 3 * 9 * 64 and int(moved["n_rows"]) == 5
     assert rope_rows(ro, 0) is ro and int(ro["positions"]) == 0x1000  # the original is left as it was
+
+
+def test_rope_out_fields_quantized():
+    """rope_out's struct for quantized caches: the scales' pointers, the stage and tickets (required), the Hadamard
+    flag of int4's keys, rope_kind = kind + 2 x the format's index, rope_rows moving the stage with the rows; and the
+    kinds compiled per row count (quantized at QUANT_ROPE_ROWS only)."""
+    from lserve_lite.backends.base import KVCache
+    from lserve_lite.backends.rope_out import QUANT_ROPE_ROWS, rope_kind, rope_kinds, rope_out, rope_rows
+    from lserve_lite.kv.quant import FORMATS
+
+    pos, slots, cos, sin, q = (
+        _Dev(0x1000, 5),
+        _Dev(0x2000, 5),
+        _Dev(0x3000, 64, 32),
+        _Dev(0x4000, 64, 32),
+        _Dev(0x5000),
+    )
+    stage, ticket = _Dev(0xF000, 5, 15, 64), _Dev(0xF800, 1024)
+    for name, kind, had in (("int8", 3, 0), ("int4", 5, 1), ("fp8", 7, 1)):
+        fmt = FORMATS[name]
+        cols = fmt.packed_dim(64)
+        cache = KVCache(k=[_Dev(0x6000, 8, 3, 16, cols)], v=[_Dev(0x7000, 8, 3, 16, cols)], page_size=16,
+                        num_pages=8, fmt=fmt, k_scale=[_Dev(0x8000, 8, 3, 16, 1)], v_scale=[_Dev(0x9000, 8, 3, 16, 1)])  # fmt: skip
+        with pytest.raises(ValueError, match="stage and ticket"):
+            rope_out(pos, slots, (cos, sin), q, cache, 0, None, 9)
+        ro = rope_out(pos, slots, (cos, sin), q, cache, 0, None, 9, stage, ticket)
+        assert [int(ro[f]) for f in ("k_sc", "v_sc", "ks_sc", "stage", "ticket")] == [
+            0x8000,
+            0x9000,
+            0,
+            0xF000,
+            0xF800,
+        ]
+        assert (int(ro["hadamard"]), rope_kind(ro), int(ro["head_dim"])) == (had, kind, 64)
+        assert int(rope_rows(ro, 2)["stage"]) == 0xF000 + 2 * 2 * 15 * 64
+    assert rope_kinds(1) == (1, 2, 3, 4, 5, 6, 7, 8) and rope_kinds(2) == (1, 2) and QUANT_ROPE_ROWS == (1,)
 
 
 def test_fuse_rope_rows_default_is_batch_one():

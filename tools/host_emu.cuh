@@ -182,6 +182,7 @@ static unsigned emu_atomic_max(unsigned* p, unsigned v) {
 #define rsqrtf(x) (1.f / sqrtf(x))
 #define atomicAdd emu_atomic_add
 #define atomicMax emu_atomic_max
+#define __threadfence() __atomic_thread_fence(__ATOMIC_SEQ_CST)
 
 void* emu_kernel;  // the launched kernel (a lambda), for emu_entry
 

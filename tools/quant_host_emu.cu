@@ -241,6 +241,7 @@ static void dequant_split(int M, int K, int n, char** a) {
 // KC VC KS VS HC HS KMAX KMIN ("-": a null pointer, the dense cache's); save() writes the written ones back.
 struct EmuRope {
   lserve::RopeOut ro{};
+  __half *kc, *vc, *ks, *vs;  // ro's fp16 pools, typed
   size_t nq, nkv, nst, nstream;
   char** a;
   template <typename T>
@@ -256,10 +257,11 @@ struct EmuRope {
     ro.cos_t = read_file<__half>(a[2], (size_t)L * d / 2, 0);
     ro.sin_t = read_file<__half>(a[3], (size_t)L * d / 2, 0);
     ro.q_out = read_file<__half>(a[4], nq, 0);
-    ro.k_cache = read_file<__half>(a[5], nkv, 0);
-    ro.v_cache = read_file<__half>(a[6], nkv, 0);
-    ro.ks = opt<__half>(a[7], nstream);
-    ro.vs = opt<__half>(a[8], nstream);
+    ro.k_cache = kc = read_file<__half>(a[5], nkv, 0);
+    ro.v_cache = vc = read_file<__half>(a[6], nkv, 0);
+    ro.ks = ks = opt<__half>(a[7], nstream);
+    ro.vs = vs = opt<__half>(a[8], nstream);
+    ro.rope = sparse ? 2 : 1;
     ro.head_class = opt<int>(a[9], hkv);
     ro.head_slot = opt<int>(a[10], hkv);
     ro.kmax = opt<__half>(a[11], nst);
@@ -269,9 +271,9 @@ struct EmuRope {
   }
   void save() const {
     write_file(a[4], ro.q_out, nq);
-    write_file(a[5], ro.k_cache, nkv);
-    write_file(a[6], ro.v_cache, nkv);
-    if (ro.ks) write_file(a[7], ro.ks, nstream), write_file(a[8], ro.vs, nstream);
+    write_file(a[5], kc, nkv);
+    write_file(a[6], vc, nkv);
+    if (ks) write_file(a[7], ks, nstream), write_file(a[8], vs, nstream);
     if (ro.kmax) write_file(a[11], ro.kmax, nst), write_file(a[12], ro.kmin, nst);
   }
 };

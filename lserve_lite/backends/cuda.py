@@ -30,7 +30,7 @@ from .cuda_compile import load_module
 from .cuda_graphs import GraphExecutor
 from .cuda_quant import DeviceQuant, DeviceRowStack, QuantKernels, device_bytes
 from .rms_in import NO_NORM, RmsIn, scratch_bytes
-from .rope_out import rope_kind, rope_out
+from .rope_out import QUANT_ROPE_ROWS, ROPE_TICKETS, rope_kind, rope_kinds, rope_out
 
 FP16_MAX = 65504.0
 LAYER_KERNELS = (
@@ -46,7 +46,12 @@ LAYER_KERNELS = (
     # the input's residual add and RMSNorm in the GEMV's prologue (rmsnorm_linear), plain and gate_up + SiLU
     *(f"gemv_rows<{n}, __half, {s}, true>" for s in ("false", "true") for n in range(1, 9)),
     # the q/k/v GEMV with RoPE and the K/V page write in its epilogue (qkv_rope), with and without the norm
-    *(f"gemv_rows_rope<{n}, {s}, {r}>" for r in (1, 2) for s in ("false", "true") for n in range(1, 9)),
+    *(
+        f"gemv_rows_rope<{n}, {s}, {r}>"
+        for s in ("false", "true")
+        for n in range(1, 9)
+        for r in rope_kinds(n)
+    ),
 )
 GEMV_MAX_ROWS = 8
 # Rows of a decode step whose q/k/v GEMV writes RoPE and the K/V pages itself (qkv_rope): batch 1 only. Measured
@@ -290,6 +295,11 @@ class CudaOps:
         # rope_write_kv after the GEMV: FUSE_ROPE_ROWS by default, LSERVE_CUDA_FUSE_ROPE=1 every GEMV-sized step, 0 none.
         # (`fuse_rope`: this instance's choice whatever the environment; the kernel harness tests the fused kernels)
         self.fuse_rope_rows = fuse_rope_rows(fuse_rope, os.environ.get("LSERVE_CUDA_FUSE_ROPE"))
+        # ... for a quantized cache too (one row: rope_out.QUANT_ROPE_ROWS); LSERVE_CUDA_FUSE_ROPE_QUANT=0: never.
+        # Its heads' tickets (rope_out.cuh), zero between launches: every fused launch on this device's one
+        # stream of steps (eager and graph replays alike) counts in them and leaves them zero.
+        self.fuse_rope_quant = os.environ.get("LSERVE_CUDA_FUSE_ROPE_QUANT", "1") != "0"
+        self._rope_tickets = cp.zeros(ROPE_TICKETS, cp.int32)
         # gemv_rows with S = 2 warps per row where twice the rows fit this many waves of resident warps (gemv_slices);
         # LSERVE_GEMV_KSPLIT=0: one warp per row everywhere (1.5, splitting the QKV projection too, measured slower).
         self.gemv_ksplit = env_float("LSERVE_GEMV_KSPLIT", 1.0, 0.0, 8.0)
@@ -581,16 +591,19 @@ class CudaOps:
         return RmsIn(res_in, cp.empty((n, k), cp.float32), norm_w, eps)
 
     def qkv_rope(self, x, residual, norm_w, eps, w, bias, positions, slots, cache: KVCache, layer: int, rope):
-        """Decode rows into an fp16 cache (dense, or LServe's two pools and page statistics): RoPE and the K/V page
-        write in the epilogue of the q/k/v GEMV (gemv_rows with ROPE, the norm in its prologue where rmsnorm_linear
-        fuses it; quant_gemv_split with ROPE after add_rmsnorm for a split weight): no rope_write_kv launch, no qkv
-        array. Everything else (quantized caches, cuBLAS rows, RowStacks, block formats, steps of more than
-        `fuse_rope_rows` rows): `norm_qkv_rope`. Reference: reference/layers.rope_write_kv(_sparse)_ref of rmsnorm_linear's product."""
+        """Decode rows into a cache (dense, or LServe's two pools and page statistics; fp16, or a quantized format
+        for one row): RoPE and the K/V page write in the epilogue of the q/k/v GEMV (gemv_rows with ROPE, the norm in
+        its prologue where rmsnorm_linear fuses it; quant_gemv_split with ROPE after add_rmsnorm for a split
+        weight): no rope_write_kv launch, no qkv array (a quantized cache's K / V heads pass through a stage the
+        size of one). Everything else (cuBLAS rows, RowStacks, block formats, steps of more than `fuse_rope_rows`
+        rows, quantized caches at more than one row): `norm_qkv_rope`. Reference:
+        reference/layers.rope_write_kv(_sparse)_ref of rmsnorm_linear's product."""
         cp = self.cp
         n, k, m, d = int(x.shape[0]), int(x.shape[1]), int(w.shape[0]), cache.head_dim
         split = isinstance(w, DeviceQuant) and w.split is not None
         dense = isinstance(w, cp.ndarray) and self.gemm_path(n, k) == "gemv"
-        if not (0 < n <= self.fuse_rope_rows and not cache.quantized and (split or dense)
+        quant = cache.quantized and n in QUANT_ROPE_ROWS and self.fuse_rope_quant and m // d <= ROPE_TICKETS
+        if not (0 < n <= self.fuse_rope_rows and (quant or not cache.quantized) and (split or dense)
                 and positions.dtype == cp.int64 and slots.dtype == cp.int64):  # fmt: skip
             return norm_qkv_rope(
                 self, x, residual, norm_w, eps, w, bias, positions, slots, cache, layer, rope
@@ -598,7 +611,10 @@ class CudaOps:
         hq = m // d - 2 * cache.kv_heads(layer)
         q = cp.empty((n, hq, d), cp.float16)
         pos, slots = cp.ascontiguousarray(positions), cp.ascontiguousarray(slots)  # alive until the launch
-        ro = rope_out(pos, slots, rope, q, cache, layer, bias, hq)
+        stage = cp.empty((n, m // d, d), cp.float16) if quant else None
+        ro = rope_out(
+            pos, slots, rope, q, cache, layer, bias, hq, stage, self._rope_tickets if quant else None
+        )
         norm = self._prologue_norm(x, residual, norm_w, eps, w, self.gemv_slices(m, k), True)  # fp16 w only
         if norm is not None:
             self._gemv_rows(cp.ascontiguousarray(x), w, q, m // 2, k, norm=norm, rope=ro)

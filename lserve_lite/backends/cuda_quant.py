@@ -33,7 +33,7 @@ import numpy as np
 from ..weights.qtensor import FORMATS, LAYOUTS, QuantTensor, RowStack, Weight, stored_bytes
 from .cuda_compile import load_module
 from .quant_split import SPLIT_FORMATS, SplitFormat, split
-from .rope_out import rope_kind, rope_rows
+from .rope_out import rope_kind, rope_kinds, rope_rows
 
 QUANT_SOURCE = "quant_gemv.cu"
 SPLIT_SOURCE = "quant_gemv_split.cu"
@@ -189,7 +189,7 @@ def kernel_names(fmt: str, variants: tuple[str, ...] = (*GEMV_VARIANTS, "split")
                           for p, o in SPLIT_PASSES]  # fmt: skip
                 names += [f"quant_gemv_split<{s}, {r}, {n}, 1, __half, true>" for r in SPLIT_SILU_R
                           for n in SPLIT_ROWS]  # fmt: skip
-                names += [rope_name(s, n, kind) for kind in (1, 2) for n in SPLIT_ROWS]
+                names += [rope_name(s, n, kind) for n in SPLIT_ROWS for kind in rope_kinds(n)]
                 names.append(deep_name(s))
                 names.append(f"quant_dequant_split<{s}>")
             continue
