@@ -3,8 +3,12 @@ for int8 / int4 / fp8 compiled as host code (tools/layers_host_emu.cu, nvcc; a t
 warp and per block), launched on CudaOps' grid (`cuda.rope_grid`), against backends/reference/layers.py with the
 kernel harness's cases and rules (harness/kv_write.py: q within fp16 rounding, values within the step bound,
 scales as the format's rule, LServe's page statistics as the reference's): int4's and fp8's queries and keys in the randomized Hadamard
-basis (kv/quant.hadamard), int8's and a head dim of 96 in the plain one.
-What it cannot: anything about the GPU itself (memory model, speed). The GPU rows (`lserve-lite kernels test
+basis (kv/quant.hadamard), int8's and a head dim of 96 in the plain one. Then the q/k/v GEMV with the quantized
+write in its epilogue (gemv_rows_rope at one row, kernels/rope_out.cuh) against the plain GEMV + rope_write_kv(_sparse)
+on the same x and W, bit for bit, every format, dense and LServe, one and two warps a RoPE pair (a consistency
+check: the unfused pair is checked against the references above).
+What it cannot: anything about the GPU itself (memory model, speed; the epilogue's tickets race as the
+emulator's threads happen to run, e.g. a finisher taken one ticket early went unnoticed here). The GPU rows (`lserve-lite kernels test
 kv_quant`, `pytest -m gpu tests/test_gpu_kv_quant.py`) remain the test; this is for editing the kernels without one.
 
     python3 tools/layers_host_check.py
@@ -31,6 +35,7 @@ from lserve_lite.backends.cuda import rope_grid  # noqa: E402
 from lserve_lite.errors import exit_status  # noqa: E402
 from lserve_lite.harness.common import HostCtx, Result  # noqa: E402
 from lserve_lite.harness.kv_write import SPARSE_DIMS, WriteCase, check_write, dense_case, sparse_case  # noqa: E402
+from lserve_lite.kv.quant import FORMATS  # noqa: E402
 
 # (format, Hq, Hkv, D, page, N): the harness's shapes (harness/kv_write.DENSE_WRITES, fewer rows: each emulated
 # thread is an OS thread) and a head dim of 96, which int4 keeps in the plain basis.
@@ -83,6 +88,46 @@ def run_case(exe: Path, tmp: Path, case: WriteCase) -> list[Result]:
     return check_write(case, kernel, q, pools, stats)
 
 
+def check_qrope(exe: Path, tmp: Path, rng: np.random.Generator, kv: str, d: int, sparse: bool, dslot: int,
+                slices: int) -> bool:  # fmt: skip
+    """The q/k/v GEMV with the quantized K/V write in its epilogue (gemv_rows_rope, one row, `slices` warps a
+    RoPE pair) against the plain GEMV then rope_write_kv(_sparse) on the same x and W, bit for bit: q, every
+    pool's values and scales, LServe's statistics (dslot: the dense slot, mid-logical-page merges with the
+    stored statistics, a multiple of 8 starts them); the emulator also fails if a ticket is left nonzero."""
+    hq, hkv, k, page, pages = 8, 4, 256, 16, 8
+    had = int(FORMATS[kv].rotates_keys(d))
+    m = (hq + 2 * hkv) * d
+    (rng.standard_normal((m, k)) / np.sqrt(k)).astype(np.float16).tofile(tmp / "w.bin")
+    rng.standard_normal((1, k)).astype(np.float16).tofile(tmp / "x.bin")
+    np.array([rng.integers(0, 512)], np.int64).tofile(tmp / "pos.bin")
+    for name in ("cos", "sin"):
+        rng.uniform(-1, 1, (512, d // 2)).astype(np.float16).tofile(tmp / f"{name}.bin")
+    dims: tuple[int, ...] = (1, hq, hkv, d, page, pages)
+    if sparse:
+        np.array([dslot, rng.integers(0, pages * page)], np.int64).tofile(tmp / "slots.bin")
+        np.array([0, 1, 0, 1], np.int32).tofile(tmp / "hc.bin")
+        np.array([1, 1, 0, 0], np.int32).tofile(tmp / "hs.bin")
+        st = rng.standard_normal((2, pages, 2, 2, d)).astype(np.float16)
+        st.max(0).tofile(tmp / "kmax.bin")
+        st.min(0).tofile(tmp / "kmin.bin")
+        dims += (pages, 2, 2, 2)
+    else:
+        np.array([dslot], np.int64).tofile(tmp / "slots.bin")
+    (_, gy), (block,) = rope_grid(1, hq, hkv, d, True, sparse, bool(had))
+    subprocess.run(
+        [str(exe), "qrope", kv, str(tmp), *map(str, (*dims, k, slices, had, gy, block))], check=True
+    )
+    names = ["q", "k", "v", "k_sc", "v_sc"] + (
+        ["ks", "vs", "ks_sc", "vs_sc", "kmax", "kmin"] if sparse else []
+    )
+    bad = [f for f in names if (tmp / f"{f}_ref.bin").read_bytes() != (tmp / f"{f}_fused.bin").read_bytes()]
+    unwritten = np.all(np.fromfile(tmp / "q_ref.bin", np.uint16) == 0xFFFF)
+    ok = not bad and not unwritten
+    print(f"{'gemv_rows_rope quantized':34s} {kv} D{d} {'LServe' if sparse else 'dense'} slot {dslot} S{slices}"
+          f"{' hadamard' if had else '':9s} {'PASS' if ok else 'FAIL (' + ', '.join(bad or ['q unwritten']) + ')'}")  # fmt: skip
+    return ok
+
+
 def report(results: list[Result]) -> bool:
     for r in results:
         print(f"{r.kernel:34s} {r.shape:40s} max_abs {r.max_abs:.2e} {'PASS' if r.ok else 'FAIL'} {r.note}")
@@ -100,6 +145,10 @@ def main() -> int:
             ok &= report(run_case(exe, tmp, dense_case(c, kv, *dims)))
         for kv, d in SPARSE:
             ok &= report(run_case(exe, tmp, sparse_case(c, kv, d)))
+        for kv in ("int8", "int4", "fp8"):
+            for d, sparse, dslot, slices in ((64, False, 37, 1), (128, False, 5, 2), (64, True, 13, 1),
+                                              (128, True, 24, 2), (128, True, 29, 1)):  # fmt: skip
+                ok &= check_qrope(exe, tmp, c.rng, kv, d, sparse, dslot, slices)
     print("all passed" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -4,12 +4,21 @@
 //   layers_host_emu rope FMT DIR n hq hkv d page pages Y block hadamard            rope_write_kv<FMT>
 //   layers_host_emu srope FMT DIR n hq hkv d page pages spages nd ns sub Y block hadamard
 //                                                                                  rope_write_kv_sparse<FMT>
+//   layers_host_emu qrope FMT DIR 1 hq hkv d page pages [spages nd ns sub] K S hadamard Y block
+//        the q/k/v GEMV with the quantized K/V write in its epilogue (gemv_rows_rope<1, false, ROPE>, S warps a pair)
+//        against gemv_rows<1, __half> (the plain GEMV, qkv) then rope_write_kv(_sparse)<FMT> on grid (1, Y): DIR
+//        also holds w.bin (fp16 [(hq + 2 hkv) d, K], the fused q/k/v matrix) and x.bin (fp16 [1, K]); writes every
+//        output twice, as
+//        NAME_ref.bin and NAME_fused.bin (each run from the sentinels below and the same kmax / kmin), and exits 3 if
+//        a ticket is left nonzero.
 // FMT: int8 / int4 / fp8. DIR holds qkv.bin (fp16 [n, (hq + 2 hkv) d]), pos.bin and slots.bin (int64 [n]; sparse:
 // [2, n], dense-pool then streaming-pool slots), cos.bin and sin.bin (fp16 [L, d / 2]); sparse also hc.bin and
 // hs.bin (int32 [hkv]) and kmax.bin / kmin.bin (fp16 [pages, nd, sub, d], read and written back). Writes q.bin
 // (fp16 [n, hq, d]) and the pools' values and fp16 scales: k.bin v.bin k_sc.bin v_sc.bin (dense), kd vd ks vs and
 // their _sc (sparse). Pools start as 0x5A bytes, scales and q as 0xFFFF (a NaN half): what no write touches stays so.
 #include "host_emu.cuh"
+
+#include <type_traits>
 
 #define __ldg(p) (*(p))
 #define __fmul_rn(a, b) ((a) * (b))  // host float arithmetic rounds each operation to nearest (no contraction)
@@ -26,7 +35,13 @@ static std::vector<T> load(const std::string& path) {
 }
 
 template <class KV>
+static int run(int argc, char** argv);
+template <class KV>
+static int run_qrope(int argc, char** argv);
+
+template <class KV>
 static int run(int argc, char** argv) {
+  if (std::string(argv[1]) == "qrope") return run_qrope<KV>(argc, argv);
   const std::string mode = argv[1], dir = argv[3];
   auto a = [&](int i) { return atoi(argv[i]); };
   auto qkv = load<__half>(dir + "/qkv.bin"), cs = load<__half>(dir + "/cos.bin"), sn = load<__half>(dir + "/sin.bin");
@@ -81,6 +96,98 @@ static int run(int argc, char** argv) {
     write_bytes(dir + "/kmin.bin", kmin.data(), kmin.size() * 2);
   }
   write_bytes(dir + "/q.bin", q.data(), q.size() * 2);
+  return 0;
+}
+
+// The fused write (ROPE = kind + 2 fmt) and the unfused pair on the same x and W, each from fresh sentinels.
+template <class KV>
+static int run_qrope(int argc, char** argv) {
+  const std::string dir = argv[3];
+  auto a = [&](int i) { return atoi(argv[i]); };
+  const int n = a(4), hq = a(5), hkv = a(6), d = a(7), page = a(8), pages = a(9);
+  const bool sparse = argc == 19;
+  const int spages = sparse ? a(10) : 0, nd = sparse ? a(11) : hkv, ns = sparse ? a(12) : 0, sub = sparse ? a(13) : 1;
+  const int o = sparse ? 14 : 10, K = a(o), S = a(o + 1), had = a(o + 2), gy = a(o + 3), block = a(o + 4);
+  const int heads = hq + 2 * hkv, M = heads * d;
+  constexpr int F = std::is_same<KV, lskv::Int8>::value ? 1 : std::is_same<KV, lskv::Int4>::value ? 2 : 3;
+  auto w = load<__half>(dir + "/w.bin"), xin = load<__half>(dir + "/x.bin");
+  auto cs = load<__half>(dir + "/cos.bin"), sn = load<__half>(dir + "/sin.bin");
+  auto pos = load<long long>(dir + "/pos.bin"), slots = load<long long>(dir + "/slots.bin");
+  const size_t rb = d * KV::BITS / 8;
+  const int sc = lskv::scale_cols<KV>(d);
+  std::vector<int> hc(hkv, 0), hs(hkv);
+  for (int g = 0; g < hkv; ++g) hs[g] = g;
+  if (sparse) hc = load<int>(dir + "/hc.bin"), hs = load<int>(dir + "/hs.bin");
+  for (const char* run : {"ref", "fused"}) {
+    const bool fused = std::string(run) == "fused";
+    std::vector<__half> q((size_t)n * hq * d, __ushort_as_half(0xFFFF));
+    std::vector<unsigned char> pool[4] = {
+        std::vector<unsigned char>((size_t)pages * nd * page * rb, 0x5A), std::vector<unsigned char>((size_t)pages * nd * page * rb, 0x5A),
+        std::vector<unsigned char>((size_t)spages * ns * page * rb, 0x5A), std::vector<unsigned char>((size_t)spages * ns * page * rb, 0x5A)};
+    std::vector<__half> scs[4] = {
+        std::vector<__half>((size_t)pages * nd * page * sc, __ushort_as_half(0xFFFF)), std::vector<__half>((size_t)pages * nd * page * sc, __ushort_as_half(0xFFFF)),
+        std::vector<__half>((size_t)spages * ns * page * sc, __ushort_as_half(0xFFFF)), std::vector<__half>((size_t)spages * ns * page * sc, __ushort_as_half(0xFFFF))};
+    std::vector<__half> kmax, kmin;
+    if (sparse) kmax = load<__half>(dir + "/kmax.bin"), kmin = load<__half>(dir + "/kmin.bin");
+    const __half *xp = xin.data(), *wp = w.data(), *cp = cs.data(), *sp = sn.data();
+    const long long *pp = pos.data(), *sl = slots.data();
+    __half* qo = q.data();
+    std::vector<int> ticket(heads, 0);
+    if (fused) {
+      std::vector<__half> stage((size_t)n * M);
+      lserve::RopeOut ro{};
+      ro.positions = pp, ro.slots = sl, ro.cos_t = cp, ro.sin_t = sp, ro.q_out = qo;
+      ro.k_cache = pool[0].data(), ro.v_cache = pool[1].data(), ro.bias = nullptr;
+      ro.ks = sparse ? pool[2].data() : nullptr, ro.vs = sparse ? pool[3].data() : nullptr;
+      ro.head_class = sparse ? hc.data() : nullptr, ro.head_slot = sparse ? hs.data() : nullptr;
+      ro.kmax = sparse ? kmax.data() : nullptr, ro.kmin = sparse ? kmin.data() : nullptr;
+      ro.k_sc = scs[0].data(), ro.v_sc = scs[1].data();
+      ro.ks_sc = sparse ? scs[2].data() : nullptr, ro.vs_sc = sparse ? scs[3].data() : nullptr;
+      ro.stage = stage.data(), ro.ticket = ticket.data();
+      ro.hq = hq, ro.hkv = hkv, ro.head_dim = d, ro.page_size = page;
+      ro.nd = nd, ro.ns = ns, ro.sub = sub, ro.n_rows = n, ro.hadamard = had;
+      ro.rope = (sparse ? 2 : 1) + 2 * F;
+      const int pairs = M / 2;
+      launch({(unsigned)((pairs * S + 7) / 8), 1, 1}, 256, [=] {
+        if (sparse) gemv_rows_rope<1, false, 2 + 2 * F>(xp, wp, pairs, K, S, nullptr, nullptr, nullptr, 0.f, ro);
+        else gemv_rows_rope<1, false, 1 + 2 * F>(xp, wp, pairs, K, S, nullptr, nullptr, nullptr, 0.f, ro);
+      });
+      for (int h = 0; h < heads; ++h)
+        if (ticket[h] != 0) {
+          fprintf(stderr, "qrope: ticket of head %d left at %d\n", h, ticket[h]);
+          return 3;
+        }
+    } else {  // the plain GEMV, then the write kernel
+      std::vector<__half> qkv((size_t)n * M);
+      __half* y = qkv.data();
+      launch({(unsigned)((M * S + 7) / 8), 1, 1}, 256,
+             [=] { gemv_rows<1, __half>(xp, wp, y, M, K, S, nullptr, nullptr, nullptr, 0.f); });
+      const __half* x = qkv.data();
+      void *p0 = pool[0].data(), *p1 = pool[1].data(), *p2 = pool[2].data(), *p3 = pool[3].data();
+      __half *s0 = scs[0].data(), *s1 = scs[1].data(), *s2 = scs[2].data(), *s3 = scs[3].data();
+      const int *hcp = hc.data(), *hsp = hs.data();
+      __half *mx = sparse ? kmax.data() : nullptr, *mn = sparse ? kmin.data() : nullptr;
+      if (sparse)
+        launch({(unsigned)n, (unsigned)gy, 1}, block, [=] {
+          rope_write_kv_sparse<KV>(x, pp, sl, cp, sp, qo, p0, p1, p2, p3, s0, s1, s2, s3, hcp, hsp, mx, mn, hq, hkv,
+                                   nd, ns, d, page, sub, n, had);
+        });
+      else
+        launch({(unsigned)n, (unsigned)gy, 1}, block,
+               [=] { rope_write_kv<KV>(x, pp, sl, cp, sp, qo, p0, p1, s0, s1, hq, hkv, d, page, had); });
+    }
+    const std::string suf = std::string("_") + run + ".bin";
+    write_bytes(dir + "/q" + suf, q.data(), q.size() * 2);
+    const char* names[] = {"k", "v", "ks", "vs"};
+    for (int i = 0; i < (sparse ? 4 : 2); ++i) {
+      write_bytes(dir + "/" + names[i] + suf, pool[i].data(), pool[i].size());
+      write_bytes(dir + "/" + names[i] + "_sc" + suf, scs[i].data(), scs[i].size() * 2);
+    }
+    if (sparse) {
+      write_bytes(dir + "/kmax" + suf, kmax.data(), kmax.size() * 2);
+      write_bytes(dir + "/kmin" + suf, kmin.data(), kmin.size() * 2);
+    }
+  }
   return 0;
 }
 
