@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import InitVar, dataclass, field, replace
 
 from .errors import InvalidRequestError
 
@@ -21,13 +21,15 @@ MAX_N = 16  # candidates per request (each is a running sequence)
 MAX_LOGIT_BIAS = 1024  # biased ids per request (applied on every step)
 PENALTY_RANGE = (-2.0, 2.0)  # presence / frequency penalties, as OpenAI
 BIAS_RANGE = (-100.0, 100.0)  # logit_bias values, as OpenAI
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 @dataclass
 class SamplingParams:
-    """temperature 0 (or below 1e-5) means greedy; top_k 0 and top_p 1 disable those filters."""
+    """temperature 0 (or below 1e-5) means greedy; top_k 0 and top_p 1 disable those filters. `max_tokens` (vLLM's
+    and OpenAI's name) is `max_new_tokens` given at construction (None: 256); after it, read `max_new_tokens`."""
 
-    max_new_tokens: int = 256
+    max_new_tokens: int | None = None
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -47,8 +49,18 @@ class SamplingParams:
     )
     # special tokens whose text stays in the output (the markers a tool-call parser reads); others are dropped
     keep_special_tokens: list[str] = field(default_factory=list)
+    max_tokens: InitVar[int | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, max_tokens: int | None):
+        if max_tokens is not None:  # code ported from vLLM says max_tokens
+            if self.max_new_tokens is not None and self.max_new_tokens != max_tokens:
+                raise InvalidRequestError(
+                    f"max_tokens is another name of max_new_tokens: give one, got max_new_tokens="
+                    f"{self.max_new_tokens!r} and max_tokens={max_tokens!r}"
+                )
+            self.max_new_tokens = max_tokens
+        elif self.max_new_tokens is None:
+            self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.validate()

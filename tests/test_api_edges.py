@@ -84,6 +84,23 @@ def test_repetition_penalty_outside_its_range_is_refused(pen):
         SamplingParams(repetition_penalty=pen)
 
 
+def test_max_tokens_is_vllms_name_of_max_new_tokens(llm):
+    """Code ported from vLLM says SamplingParams(max_tokens=...): it was a TypeError. It is max_new_tokens by
+    another name (n > 1 and replace keep it); both given, and different, is one ValueError naming both."""
+    from dataclasses import replace
+
+    sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, n=2)
+    assert sp.max_new_tokens == 3 and SamplingParams().max_new_tokens == 256
+    assert [len(o.token_ids) for o in llm.generate([[5, 6, 7]], sp)] == [3, 3]
+    assert replace(sp, max_new_tokens=5).max_new_tokens == 5
+    assert SamplingParams(max_tokens=4, max_new_tokens=4).max_new_tokens == 4
+    with pytest.raises(ValueError, match=r"^max_tokens is another name of max_new_tokens: give one, got "
+                       r"max_new_tokens=256 and max_tokens=8$"):  # fmt: skip
+        SamplingParams(max_new_tokens=256, max_tokens=8)
+    with pytest.raises(InvalidRequestError, match="max_new_tokens must be an integer >= 1, got 0"):
+        SamplingParams(max_tokens=0)
+
+
 def test_kv_budget_that_holds_no_page_is_an_error():
     from lserve_lite.config import ModelConfig
     from lserve_lite.kv.layout import pool_pages
