@@ -697,6 +697,24 @@ def test_llm_close_and_with_block(tiny_llama):
     assert llm.engine.closed
 
 
+def test_llm_close_releases_the_model_and_kv_cache_now(tiny_llama):
+    """LLM.close stopped the engine but kept its runner: the weights and KV cache stayed in memory for as long as
+    the closed LLM was referenced (a notebook's variable, a server's attribute). They go at the close."""
+    import weakref
+
+    llm = LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=16))
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    s = llm.stream_outputs([5, 6, 7], sp)  # a stream left open at the close holds the LLM
+    next(s)
+    run = llm.engine.runner
+    refs = [weakref.ref(x) for x in (run, run.model, run.cache)]
+    del run
+    llm.close()
+    assert [r() for r in refs] == [None] * 3
+    with pytest.raises(LServeError, match=r"^this LLM was closed"):
+        next(s)
+
+
 @pytest.mark.parametrize("call", ["generate", "logits", "stream"])
 def test_a_call_that_waited_out_a_close_names_llm_close(tiny_llama, monkeypatch, call):
     """A call past its first check that waited for the lock while another thread's LLM.close ran got the
