@@ -7,6 +7,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -60,9 +61,13 @@ class LLM:
         # Outputs of this LLM's open requests not read yet, by request id: several streams and generate calls
         # may be open at once, and whichever of them steps the engine gets every request's outputs.
         self._boxes: dict[str, deque[StepOutput]] = {}
-        # The engine is not thread-safe: every call that touches it (adding requests, steps, scoring) holds this
-        # lock, so calls from several threads take turns and each still gets exactly its own outputs.
-        self._lock = threading.Lock()
+        # The engine is not thread-safe: every call that touches it (adding requests, steps, scoring) takes a turn
+        # (`_turn`: this lock), so calls from several threads take turns and each still gets exactly its own
+        # outputs. Reentrant only so that a close from inside this thread's own turn (a signal handler run
+        # mid-step) is no deadlock: `_busy` keeps a turn from starting inside another.
+        self._lock = threading.RLock()
+        self._busy = False
+        self._close_pending = False  # asked for inside a turn: done as it ends
         self._closed = False
 
     def __enter__(self) -> LLM:
@@ -72,11 +77,48 @@ class LLM:
         self.close()
 
     def close(self) -> None:
-        """End this LLM now (tensor-parallel workers exit; one process's model and KV memory go with the object);
-        closing again does nothing. Every later call, and a stream still open, raises one line."""
-        with self._lock:  # after a step another thread runs, never inside it
-            self._closed = True
-            self.engine.close()
+        """End this LLM: tensor-parallel workers exit, and the model, its weights and the KV cache are released
+        (LLMEngine.close), not when the object is collected. Closing again does nothing. Every later call, and a
+        stream still open, raises one line. A step of another thread ends first; called inside a step of this
+        thread (a signal handler), it returns at once and the LLM closes as that step ends."""
+        with self._turn():  # inside this thread's own turn, that turn does it as it ends
+            self._close_pending = True
+
+    @contextmanager
+    def _turn(self) -> Iterator[bool]:
+        """Hold the engine for one call, waiting for another thread's turn to end; yields whether it is a turn of
+        its own (False: this thread is inside a turn already, e.g. a signal handler run mid-step)."""
+        with self._lock:
+            with self._held() as mine:
+                yield mine
+
+    @contextmanager
+    def _held(self) -> Iterator[bool]:
+        """A turn, the lock taken: False inside a turn of this thread (where a step would run inside a step).
+        A close asked for meanwhile is done as the turn ends."""
+        if self._busy:
+            yield False
+            return
+        self._busy = True
+        try:
+            yield True
+        finally:
+            self._busy = False
+            if self._close_pending and not self._closed:
+                self._closed = True
+                self.engine.close()
+
+    @contextmanager
+    def _call(self) -> Iterator[None]:
+        """A call's turn on the open engine. Inside a turn of this thread (a signal handler run mid-step) it is
+        refused in one line: it would run a step inside a step (it waited for itself before)."""
+        with self._turn() as mine:
+            if not mine:
+                raise LServeError(
+                    "this LLM was called inside one of its own steps (a signal handler?): call it after"
+                )
+            self._check_open()  # in the turn: a close may have run while this thread waited
+            yield
 
     def _check_open(self) -> None:
         if self._closed:
@@ -196,8 +238,7 @@ class LLM:
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Teacher-forced next-token logits [T, vocab] (float32 NumPy)."""
-        with self._lock:
-            self._check_open()
+        with self._call():
             return self.engine.score(token_ids)
 
     @cached_property
@@ -209,21 +250,22 @@ class LLM:
         """Queue one request with its output box, under the lock: a step in another thread between the two
         would drop the request's first outputs. Its grammar is built before: other threads' streams go on."""
         guide = self.engine.guide(params)
-        with self._lock:
-            self._check_open()
+        with self._call():
             rid = self.engine.add_request(prompt, params, guide=guide)
             self._boxes[rid] = deque()
         return rid
 
     def _abort(self, rids: list[str], wait: bool) -> None:
-        """Abort `rids` and free their pages with one step now; without `wait` (a generator's clean-up, which
-        garbage collection may run inside a step of this very thread) the step is left to whichever call steps
-        next when another step is running."""
+        """Abort `rids` and free their pages with one step now; without `wait` (a generator's clean-up) the step
+        is left to whichever call steps next when another thread's step is running, and always when garbage
+        collection runs it inside a turn of this very thread."""
         for r in rids:
             self.engine.abort(r)
         if rids and not self.engine.closed and self._lock.acquire(blocking=wait):
             try:
-                self._step()
+                with self._held() as mine:  # not inside this thread's own turn: its next step frees them
+                    if mine and not self.engine.closed:
+                        self._step()
             finally:
                 self._lock.release()
 
@@ -238,8 +280,7 @@ class LLM:
     def _next_outputs(self, *rids: str) -> list[StepOutput]:
         """The unread outputs of `rids`, stepping the engine until there is one."""
         while True:
-            with self._lock:  # another thread's step may fill these boxes until this one is read
-                self._check_open()  # under the lock: a close may have run while this thread waited
+            with self._call():  # another thread's step may fill these boxes until this one is read
                 outs = [self._boxes[r].popleft() for r in rids for _ in range(len(self._boxes[r]))]
                 if outs:
                     return outs

@@ -487,7 +487,7 @@ def test_grammars_are_built_outside_the_llms_lock(llm, monkeypatch):
     matcher, held = llm.engine.grammars.matcher, []
 
     def watched(fmt):
-        held.append(llm._lock.locked())
+        held.append(llm._busy)  # a turn (the lock) held
         return matcher(fmt)
 
     monkeypatch.setattr(llm.engine.grammars, "matcher", watched)
@@ -713,6 +713,39 @@ def test_llm_close_releases_the_model_and_kv_cache_now(tiny_llama):
     assert [r() for r in refs] == [None] * 3
     with pytest.raises(LServeError, match=r"^this LLM was closed"):
         next(s)
+
+
+def test_close_inside_a_step_of_the_same_thread_is_done_after_it(tiny_llama, monkeypatch):
+    """LLM.close from a signal handler (or a callback) run in the middle of a step, on the thread that steps,
+    waited forever on the lock its own thread held. It returns at once and the LLM closes as the step ends (the
+    call then raises the closed line); any other call made there is refused in one line instead of hanging."""
+    llm = LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=16))
+    sp = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    real, seen = llm.engine.step, []
+
+    def step():
+        if not seen:  # as a SIGTERM handler that closes the LLM would, mid-step
+            with pytest.raises(LServeError, match=r"^this LLM was called inside one of its own steps"):
+                llm.logits([5, 6])
+            llm.close()
+            seen.append(llm.engine.closed)
+        return real()
+
+    monkeypatch.setattr(llm.engine, "step", step)
+    err: list[BaseException] = []
+
+    def gen() -> None:
+        try:
+            llm.generate([[5, 6, 7]], sp)
+        except BaseException as e:
+            err.append(e)
+
+    t = threading.Thread(target=gen, daemon=True)
+    t.start()
+    t.join(timeout=30)  # only a hang waits this long
+    assert not t.is_alive(), "close inside a step waited on the lock its own thread held"
+    assert seen == [False] and llm.engine.closed and not hasattr(llm.engine, "runner")
+    assert re.match(r"this LLM was closed \(LLM.close\)", str(err[0]))
 
 
 @pytest.mark.parametrize("call", ["generate", "logits", "stream"])
