@@ -205,9 +205,10 @@ def test_server_stops_its_workers(tiny_dir):
     from lserve_lite.serve.app import ServerThread, create_app
 
     llm = tp_llm(tiny_dir)
+    group = llm.engine.runner.executor  # the closed engine lets its runner go
     with ServerThread(create_app(llm.engine)):
         pass
-    assert not any(p.is_alive() for p in llm.engine.runner.executor.procs)
+    assert not any(p.is_alive() for p in group.procs)
 
 
 def test_server_health_reports_a_dead_worker(tiny_dir):
