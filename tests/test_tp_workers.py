@@ -246,10 +246,14 @@ def test_cli_sigterm_stops_workers_cleanly(tiny_dir):
     assert "leaked" not in err.decode() and "Traceback" not in err.decode(), err.decode()
 
 
-def test_ctrl_c_between_ranks_sends_to_all_or_none(tiny_dir, monkeypatch):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_between_ranks_sends_to_all_or_none(tiny_dir, monkeypatch, sig):
     """Ctrl-C landing while a step is being sent, after rank 0 has it and before rank 1 does: every rank gets the
     step (the interrupt is raised once all have it), so the ranks stay in step. Rank 1 used to miss it: rank 0
-    paired its collectives with rank 1's next step (wrong logits) and then waited for rank 1 forever."""
+    paired its collectives with rank 1's next step (wrong logits) and then waited for rank 1 forever. SIGTERM,
+    which the CLI turns into SystemExit (cli._terminate), is held the same way: it tore the message as well."""
+    from lserve_lite.cli import _terminate
+
     want = [o.token_ids for o in LLM(str(tiny_dir), backend="cpu").generate(PROMPTS, GREEDY)]
     llm = tp_llm(tiny_dir)
     group = llm.engine.runner.executor
@@ -261,19 +265,21 @@ def test_ctrl_c_between_ranks_sends_to_all_or_none(tiny_dir, monkeypatch):
         msg = pickle.loads(data[4:])
         if (
             rank == 1 and msg[0] == "step" and not sent
-        ):  # Ctrl-C arrives (to this thread) between the two ranks
+        ):  # Ctrl-C (SIGTERM) arrives (to this thread) between the two ranks
             sent.append(msg[0])
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(sig)
         real(rank, data)
 
+    old = signal.signal(signal.SIGTERM, _terminate)  # the CLI's handler
     try:
         monkeypatch.setattr(group, "_write", write)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt if sig == signal.SIGINT else SystemExit) as err:
             llm.generate(PROMPTS, GREEDY)
-        assert sent
+        assert sent and (sig == signal.SIGINT or err.value.code == 143)
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
         assert llm.engine.blocks.num_used == 0
     finally:
+        signal.signal(signal.SIGTERM, old)
         group.close()
 
 
@@ -333,6 +339,33 @@ def test_ctrl_c_held_defers_and_nests():
             t.join()
             seen.append(ctrl_c_pending())
     assert seen == [False, True] and not ctrl_c_pending()
+
+
+def test_sigterm_held_as_ctrl_c_is():
+    """SIGTERM with a Python handler (the CLI's SystemExit) is held as Ctrl-C is, and handled first when both came
+    (a KeyboardInterrupt, which the chat CLI takes as "stop the reply", dropped it); left to the system, it is
+    not swapped."""
+    from lserve_lite.cli import _terminate
+    from lserve_lite.engine.interrupts import ctrl_c_held
+
+    before = signal.getsignal(signal.SIGINT)
+    old = signal.signal(signal.SIGTERM, _terminate)
+    done = []
+    try:
+        with pytest.raises((SystemExit, KeyboardInterrupt)) as err:
+            with ctrl_c_held():
+                with ctrl_c_held():
+                    signal.raise_signal(signal.SIGINT)
+                    signal.raise_signal(signal.SIGTERM)
+                    done.append("inner")
+                done.append("outer")
+        assert done == ["inner", "outer"] and err.type is SystemExit and err.value.code == 143
+        assert signal.getsignal(signal.SIGTERM) is _terminate and signal.getsignal(signal.SIGINT) is before
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with ctrl_c_held():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def test_ctrl_c_mid_read_keeps_the_pipe_whole(tiny_dir, monkeypatch):
