@@ -77,6 +77,24 @@ def test_workers_quantized_kv(tiny_dir):
         tp_llm(tiny_dir, kv_dtype="fp16")
 
 
+def test_cpu_ranks_share_the_hosts_kv_budget(tiny_dir):
+    """CPU ranks share one host: each took the whole fixed CPU budget (2 GiB x kv_memory_fraction / 0.8) and the
+    whole memory limit, so N ranks held N times the KV memory of one process (and N times its pages, the page of a
+    rank holding 1/N of the heads). The budget and limit are the group's: each rank has 1/N of them."""
+    from lserve_lite.backends.cpu import CpuOps
+
+    ops, frac = CpuOps(), 0.01  # a budget well under the pool's page cap
+    one = LLM(str(tiny_dir), backend="cpu", config=EngineConfig(kv_memory_fraction=frac))
+    llm = tp_llm(tiny_dir, kv_memory_fraction=frac)
+    try:
+        group = llm.engine.runner.executor
+        assert sum(group.budgets) <= ops.kv_budget_bytes(frac) and len(set(group.budgets)) == 1
+        assert sum(group.limits) <= ops.kv_limit_bytes()
+        assert llm.engine.blocks.num_pages == one.engine.blocks.num_pages
+    finally:
+        llm.close()
+
+
 def test_killed_worker_ends_the_engine(tiny_dir):
     llm = tp_llm(tiny_dir)
     group = llm.engine.runner.executor
