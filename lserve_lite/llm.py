@@ -127,19 +127,19 @@ class LLM:
     def generate(
         self,
         prompts: str | list[int] | dict | list[str | list[int] | dict],
-        params: SamplingParams | list[SamplingParams] | None = None,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = False,
     ) -> list[CompletionOutput]:
         """Run all prompts as one continuous batch; outputs in prompt order (with `n > 1`, the n candidates
-        of each prompt in a row; they share the prompt's KV pages through the prefix cache). `params`: one
-        for all prompts or a list, one per prompt. A prompt may be vLLM's dict, {"prompt": text} or
-        {"prompt_token_ids": ids}. `use_tqdm` (vLLM's; off by default): a progress bar of finished sequences on
+        of each prompt in a row; they share the prompt's KV pages through the prefix cache). `sampling_params`
+        (vLLM's name, as in chat and stream): one for all prompts or a list, one per prompt. A prompt may be
+        vLLM's dict, {"prompt": text} or {"prompt_token_ids": ids}. `use_tqdm` (vLLM's; off by default): a progress bar of finished sequences on
         stderr. Leaving early (an error, Ctrl-C) aborts the batch."""
         self._check_open()
         if not isinstance(use_tqdm, bool):
             raise InvalidRequestError(f"use_tqdm must be True or False, got {use_tqdm!r}")
         prompts = _prompt_list(prompts)
-        per_prompt = _per_prompt(params, len(prompts))
+        per_prompt = _per_prompt(sampling_params, len(prompts))
         rids: list[str] = []
         done = False
         try:
@@ -158,7 +158,7 @@ class LLM:
     def chat(
         self,
         messages: list[dict] | list[list[dict]],
-        params: SamplingParams | None = None,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
         tools: list[dict] | None = None,
         tool_choice: str | dict | None = None,
         parallel_tool_calls: bool = True,
@@ -176,7 +176,7 @@ class LLM:
             raise InvalidRequestError("chat takes a conversation (a list of message dicts) or a list of them")
         single = isinstance(messages[0], dict)
         convs = [messages] if single else messages
-        per_conv = _per_prompt(params, len(convs))
+        per_conv = _per_prompt(sampling_params, len(convs))
         plan = plan_tools(tools, tool_choice, parallel_tool_calls)
         if plan:  # a forced choice's schema; with "auto", the marker tokens of calls kept in the text
             plan = replace(plan, short_ids=self._short_call_ids)
@@ -200,19 +200,19 @@ class LLM:
         return outs[0] if single and len(outs) == 1 else outs
 
     def stream(
-        self, prompt: str | list[dict] | list[int] | dict, params: SamplingParams | None = None
+        self, prompt: str | list[dict] | list[int] | dict, sampling_params: SamplingParams | None = None
     ) -> Iterator[str]:
         """Text deltas of one request as they are produced; closing the generator aborts the request."""
-        for out in self.stream_outputs(prompt, params):
+        for out in self.stream_outputs(prompt, sampling_params):
             if out.text:
                 yield out.text
 
     def stream_outputs(
-        self, prompt: str | list[dict] | list[int] | dict, params: SamplingParams | None = None
+        self, prompt: str | list[dict] | list[int] | dict, sampling_params: SamplingParams | None = None
     ) -> Iterator[StepOutput]:
         """Like `stream`, but yields the engine's per-step outputs (token ids, finish reason)."""
         self._check_open()
-        (params,) = _per_prompt(params, 1)
+        (params,) = _per_prompt(sampling_params, 1)
         if params.n != 1:
             raise InvalidRequestError(f"a stream carries one candidate (n=1), got n={params.n}: use generate")
         prompt = _unwrapped(prompt)
@@ -314,13 +314,15 @@ class LLM:
 
 
 def _per_prompt(params, count: int) -> list[SamplingParams]:
-    """`params` as one SamplingParams per prompt: one (None: the defaults) for all, or a list of `count`."""
+    """`sampling_params` as one SamplingParams per prompt: one (None: the defaults) for all, or a list of `count`."""
     per_prompt = params if isinstance(params, (list, tuple)) else [params] * count
     if len(per_prompt) != count:
         raise InvalidRequestError(f"{len(per_prompt)} SamplingParams for {count} prompts")
     per_prompt = [SamplingParams() if p is None else p for p in per_prompt]
     if not all(isinstance(p, SamplingParams) for p in per_prompt):
-        raise InvalidRequestError("params must be a SamplingParams or a list of them, one per prompt")
+        raise InvalidRequestError(
+            "sampling_params must be a SamplingParams or a list of them, one per prompt"
+        )
     return per_prompt
 
 

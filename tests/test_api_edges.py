@@ -588,6 +588,20 @@ def test_generate_takes_vllms_prompt_dicts(llm):
     assert not llm.engine.has_unfinished()
 
 
+def test_sampling_params_keyword_is_vllms(llm):
+    """vLLM's generate / chat name their parameters `sampling_params`; code ported from it, which passes them by
+    that keyword, got a TypeError (the keyword here was `params`)."""
+    sp = SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True)
+    want = llm.generate("hi", sp)[0].token_ids
+    assert llm.generate("hi", sampling_params=sp)[0].token_ids == want
+    assert [t for o in llm.stream_outputs("hi", sampling_params=sp) for t in o.token_ids] == want
+    assert "".join(llm.stream("hi", sampling_params=sp)) == llm.tokenizer.decode(want)
+    chat = [{"role": "user", "content": "hi"}]
+    assert llm.chat(chat, sampling_params=sp).token_ids == llm.chat(chat, sp).token_ids
+    with pytest.raises(InvalidRequestError, match="^sampling_params must be a SamplingParams"):
+        llm.generate("hi", sampling_params={"max_tokens": 3})
+
+
 def test_use_tqdm_draws_vllms_progress_bar(llm, capsys):
     """vLLM's use_tqdm keyword was a TypeError; it draws a bar of finished sequences on stderr (off by default)."""
     sp = SamplingParams(max_new_tokens=2, temperature=0)
