@@ -26,8 +26,9 @@ DEFAULT_MAX_NEW_TOKENS = 256
 
 @dataclass
 class SamplingParams:
-    """temperature 0 (or below 1e-5) means greedy; top_k 0 and top_p 1 disable those filters. `max_tokens` (vLLM's
-    and OpenAI's name) is `max_new_tokens` given at construction (None: 256); after it, read `max_new_tokens`."""
+    """temperature 0 (or below 1e-5) means greedy; top_k 0 (or vLLM's -1) and top_p 1 disable those filters.
+    `max_tokens` (vLLM's and OpenAI's name) is `max_new_tokens` given at construction (None: 256); after it, read
+    `max_new_tokens`."""
 
     max_new_tokens: int | None = None
     temperature: float = 1.0
@@ -63,6 +64,8 @@ class SamplingParams:
             self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if _int(self.top_k) and self.top_k == -1:  # vLLM's (and the server's) other spelling of "off"
+            self.top_k = 0
         self.validate()
 
     def validate(self) -> None:

@@ -101,6 +101,19 @@ def test_max_tokens_is_vllms_name_of_max_new_tokens(llm):
         SamplingParams(max_tokens=0)
 
 
+def test_top_k_minus_one_is_off_as_in_vllm(llm):
+    """vLLM (and this server) spell "no top-k filter" -1 as well as 0: SamplingParams(top_k=-1), from code ported
+    from vLLM, was refused. It is 0; below -1 is still refused."""
+    sp = SamplingParams(top_k=-1, max_new_tokens=3, seed=1)
+    assert sp.top_k == 0
+    assert (
+        llm.generate("hi", sp)[0].token_ids
+        == llm.generate("hi", SamplingParams(max_new_tokens=3, seed=1))[0].token_ids
+    )
+    with pytest.raises(InvalidRequestError, match="top_k must be an integer >= 0"):
+        SamplingParams(top_k=-2)
+
+
 def test_kv_budget_that_holds_no_page_is_an_error():
     from lserve_lite.config import ModelConfig
     from lserve_lite.kv.layout import pool_pages
