@@ -64,6 +64,9 @@ class SamplingParams:
             self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        for name, empty in (("stop", list), ("stop_token_ids", list), ("logit_bias", dict)):
+            if getattr(self, name) is None:  # vLLM's default for each: none
+                setattr(self, name, empty())
         if _int(self.top_k) and self.top_k == -1:  # vLLM's (and the server's) other spelling of "off"
             self.top_k = 0
         self.validate()

@@ -114,6 +114,15 @@ def test_top_k_minus_one_is_off_as_in_vllm(llm):
         SamplingParams(top_k=-2)
 
 
+def test_none_is_no_stop_strings_ids_or_bias_as_in_vllm():
+    """vLLM's SamplingParams default stop, stop_token_ids and logit_bias to None, and code ported from it passes
+    None for "none": each was refused as not a list (dict). None is empty; other non-lists are still refused."""
+    sp = SamplingParams(stop=None, stop_token_ids=None, logit_bias=None)
+    assert (sp.stop, sp.stop_token_ids, sp.logit_bias) == ([], [], {})
+    with pytest.raises(InvalidRequestError, match="stop must be a list"):
+        SamplingParams(stop=5)
+
+
 def test_kv_budget_that_holds_no_page_is_an_error():
     from lserve_lite.config import ModelConfig
     from lserve_lite.kv.layout import pool_pages
