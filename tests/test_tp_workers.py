@@ -151,13 +151,14 @@ def test_shared_memory_room_checked_before_start(tiny_dir, monkeypatch):
 def test_layout_clipped_to_the_pool_as_in_process(tiny_dir):
     """LServe's page budget is clipped to the context the pools hold (fit_context) on both paths: the driver
     used to keep the budget cut only to the model's context (128 pages here, 87 held), so its selection slots were dead memory and
-    the engines differed. A rank holds half the KV heads, so half the budget gives the same pool."""
+    the engines differed. A rank holds half the KV heads in half the budget (CPU ranks share the host's), so the
+    same kv_memory_fraction gives the same pool."""
     sp = SparseConfig(enabled=True, static_sparsity=0.0, page_size=16, prefill_sink=16, prefill_local=32,
                       decode_sink=16, decode_local=32, token_budget=4096)  # fmt: skip
     one = LLM(
         str(tiny_dir), backend="cpu", config=EngineConfig(page_size=16, sparse=sp, kv_memory_fraction=2e-4)
     )
-    llm = tp_llm(tiny_dir, page_size=16, sparse=sp, kv_memory_fraction=1e-4)
+    llm = tp_llm(tiny_dir, page_size=16, sparse=sp, kv_memory_fraction=2e-4)
     try:
         assert llm.engine.max_len == one.engine.max_len < 4096
         assert llm.engine.layout.select_pages == one.engine.layout.select_pages == one.engine.max_len // 16
