@@ -8,7 +8,7 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import cached_property
 
 import numpy as np
@@ -21,6 +21,17 @@ from .errors import InvalidRequestError, LServeError
 from .sampling_params import SamplingParams
 from .sequence import TokenLogprob
 from .tokenizer import Tokenizer
+
+# vLLM's engine arguments that go by another name here: code ported from vLLM passes them, and is told the name
+VLLM_ENGINE_ARGS = {
+    "tensor_parallel_size": "tensor_parallel",
+    "enable_prefix_caching": "prefix_caching",
+    "kv_cache_dtype": "kv_dtype",
+    "quantization": "quantize",
+    "block_size": "page_size",
+    "gpu_memory_utilization": "kv_memory_fraction, the share of the free memory the KV cache takes",
+    "enforce_eager": "cuda_graphs=False",
+}
 
 
 @dataclass
@@ -52,10 +63,14 @@ class LLM:
             raise InvalidRequestError(
                 f"LLM takes config=EngineConfig(...) or its fields as keywords, not both (got {sorted(kw)[0]}=)"
             )
-        try:
-            cfg = config or EngineConfig(**kw)
-        except TypeError as e:  # an unknown keyword
-            raise InvalidRequestError(f"LLM: {e}".replace("EngineConfig.__init__() ", "")) from None
+        known = {f.name for f in fields(EngineConfig)}
+        unknown = next((k for k in kw if k not in known), None)
+        if unknown is not None:
+            ported = (
+                f" (vLLM's name; here: {VLLM_ENGINE_ARGS[unknown]})" if unknown in VLLM_ENGINE_ARGS else ""
+            )
+            raise InvalidRequestError(f"LLM: got an unexpected keyword argument {unknown!r}{ported}")
+        cfg = config or EngineConfig(**kw)
         self.engine = LLMEngine(model, backend, cfg)
         self.tokenizer = self.engine.tokenizer
         # Outputs of this LLM's open requests not read yet, by request id: several streams and generate calls

@@ -685,6 +685,10 @@ def test_llm_refuses_wrong_argument_types(tiny_llama):
     for args, kw, match in (((5,), {}, "model must be"), (("",), {}, "model must be"),
                             ((str(tiny_llama),), {"config": {"max_num_seqs": 2}}, "config must be"),
                             ((str(tiny_llama),), {"bogus": 1}, "bogus"),
+                            # vLLM's engine arguments (code ported from it) are told the name here
+                            ((str(tiny_llama),), {"max_model_len": 64, "tensor_parallel_size": 2},
+                             r"^LLM: got an unexpected keyword argument 'tensor_parallel_size' \(vLLM's name; here: "
+                             r"tensor_parallel\)$"),
                             ((str(tiny_llama),), {"config": EngineConfig(), "max_model_len": 64},
                              r"or its fields as keywords, not both \(got max_model_len=\)")):  # fmt: skip
         with pytest.raises(InvalidRequestError, match=match):
