@@ -340,13 +340,13 @@ class LLMEngine:
     def close(self) -> None:
         """Stop the tensor-parallel workers now (they stop at exit too, which a process ended by a signal never
         reaches: the server re-raises SIGTERM). No request, step or score runs after, in one process too, and the
-        model runner goes now (weights, KV cache, a step's logits in flight), not when this engine is collected:
-        a closed LLM kept in scope held all of it. The config, tokenizer and block tables stay (small)."""
+        model runner goes now (weights, KV cache), not when this engine is collected: a closed LLM kept in scope
+        held all of it. The config, tokenizer and block tables stay (small)."""
         if self._closed:
             return
         self._closed = True
+        # a decode step in flight (`_inflight`) stays: it holds what its copy to the host still writes into
         del self.runner
-        self._inflight, self._ready = None, []
         if self._group is not None:
             self._group.close()
 
