@@ -148,8 +148,8 @@ class LLM:
         """Run all prompts as one continuous batch; outputs in prompt order (with `n > 1`, the n candidates
         of each prompt in a row; they share the prompt's KV pages through the prefix cache). `sampling_params`
         (vLLM's name, as in chat and stream): one for all prompts or a list, one per prompt. A prompt may be
-        vLLM's dict, {"prompt": text} or {"prompt_token_ids": ids}. `use_tqdm` (vLLM's; off by default): a progress bar of finished sequences on
-        stderr. Leaving early (an error, Ctrl-C) aborts the batch."""
+        vLLM's dict, {"prompt": text} or {"prompt_token_ids": ids}. `use_tqdm` (vLLM's; off by default): a
+        progress bar of finished sequences on stderr. Leaving early (an error, Ctrl-C) aborts the batch."""
         self._check_open()
         if not isinstance(use_tqdm, bool):
             raise InvalidRequestError(f"use_tqdm must be True or False, got {use_tqdm!r}")

@@ -129,9 +129,8 @@ class LLMEngine:
         self.runner, num_pages, num_stream = tensor_parallel_runner(
             self.model_dir, backend, self.cfg, self.ecfg, self.layout, max_len
         )
-        group = self._group = (
-            self.runner.executor
-        )  # the workers resolved the KV format on their backend and device
+        # the workers resolved the KV format on their backend and device
+        group = self._group = self.runner.executor
         self.kv_format = group.kv_format
         self.backend = f"{group.backend}, tensor parallel {len(group.procs)}"  # self.ops are the host's
         self.itemsize = group.itemsize
