@@ -21,16 +21,24 @@ MAX_N = 16  # candidates per request (each is a running sequence)
 MAX_LOGIT_BIAS = 1024  # biased ids per request (applied on every step)
 PENALTY_RANGE = (-2.0, 2.0)  # presence / frequency penalties, as OpenAI
 BIAS_RANGE = (-100.0, 100.0)  # logit_bias values, as OpenAI
-DEFAULT_MAX_NEW_TOKENS = 256
+NO_LIMIT = 2**31 - 1  # max_new_tokens of vLLM's max_tokens=None: the engine stops at the context limit
+
+
+class _Default(int):
+    """max_new_tokens left at its default (256): an int, told apart from the same number given."""
+
+
+DEFAULT_MAX_NEW_TOKENS = _Default(256)
+_UNSET = object()  # max_tokens not given (None is vLLM's "up to the context limit")
 
 
 @dataclass
 class SamplingParams:
     """temperature 0 (or below 1e-5) means greedy; top_k 0 (or vLLM's -1) and top_p 1 disable those filters.
-    `max_tokens` (vLLM's and OpenAI's name) is `max_new_tokens` given at construction (None: 256); after it, read
-    `max_new_tokens`."""
+    `max_tokens` (vLLM's and OpenAI's name) is `max_new_tokens` given at construction (None, as vLLM's: up to the
+    context limit); after it, read `max_new_tokens`."""
 
-    max_new_tokens: int | None = None
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -50,18 +58,17 @@ class SamplingParams:
     )
     # special tokens whose text stays in the output (the markers a tool-call parser reads); others are dropped
     keep_special_tokens: list[str] = field(default_factory=list)
-    max_tokens: InitVar[int | None] = None
+    max_tokens: InitVar[int | None] = _UNSET  # type: ignore[assignment]
 
     def __post_init__(self, max_tokens: int | None):
-        if max_tokens is not None:  # code ported from vLLM says max_tokens
-            if self.max_new_tokens is not None and self.max_new_tokens != max_tokens:
+        if max_tokens is not _UNSET:  # code ported from vLLM says max_tokens
+            tokens = NO_LIMIT if max_tokens is None else max_tokens
+            if type(self.max_new_tokens) is not _Default and self.max_new_tokens != tokens:
                 raise InvalidRequestError(
                     f"max_tokens is another name of max_new_tokens: give one, got max_new_tokens="
                     f"{self.max_new_tokens!r} and max_tokens={max_tokens!r}"
                 )
-            self.max_new_tokens = max_tokens
-        elif self.max_new_tokens is None:
-            self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+            self.max_new_tokens = tokens
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         for name, empty in (("stop", list), ("stop_token_ids", list), ("logit_bias", dict)):

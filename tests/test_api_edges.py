@@ -86,7 +86,8 @@ def test_repetition_penalty_outside_its_range_is_refused(pen):
 
 def test_max_tokens_is_vllms_name_of_max_new_tokens(llm):
     """Code ported from vLLM says SamplingParams(max_tokens=...): it was a TypeError. It is max_new_tokens by
-    another name (n > 1 and replace keep it); both given, and different, is one ValueError naming both."""
+    another name (n > 1 and replace keep it; None, as in vLLM, is up to the context limit); both given, and
+    different, is one ValueError naming both."""
     from dataclasses import replace
 
     sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, n=2)
@@ -99,6 +100,15 @@ def test_max_tokens_is_vllms_name_of_max_new_tokens(llm):
         SamplingParams(max_new_tokens=256, max_tokens=8)
     with pytest.raises(InvalidRequestError, match="max_new_tokens must be an integer >= 1, got 0"):
         SamplingParams(max_tokens=0)
+    # explicit max_new_tokens=256 is given (conflicts), explicit None still refused; vLLM's max_tokens=None: up to
+    # the context limit
+    with pytest.raises(ValueError, match="give one"):
+        SamplingParams(max_new_tokens=256, max_tokens=8)
+    with pytest.raises(InvalidRequestError, match="got None"):
+        SamplingParams(max_new_tokens=None)
+    near = [5] * (llm.engine.max_len - 3)
+    out = llm.generate([near], SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))[0]
+    assert (len(out.token_ids), out.finish_reason) == (3, "length")
 
 
 def test_top_k_minus_one_is_off_as_in_vllm(llm):
