@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import InitVar, dataclass, field, replace
 
 from .errors import InvalidRequestError
@@ -144,7 +145,7 @@ class SamplingParams:
         if self.n == 1:
             return [self]
         seed = self.seed
-        return [replace(self, n=1, seed=None if seed is None else seed + i) for i in range(self.n)]
+        return [replace(self, n=1, seed=None if seed is None else int(seed) + i) for i in range(self.n)]
 
     @property
     def constrained(self) -> bool:
@@ -178,11 +179,13 @@ class SamplingParams:
 
 
 def _int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    """An integer, NumPy's too (a count or seed computed with NumPy); a boolean is not one."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    """A finite real number, NumPy's too; a boolean is not one."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def schema_of(fmt: dict):

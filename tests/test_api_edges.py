@@ -133,6 +133,17 @@ def test_none_is_no_stop_strings_ids_or_bias_as_in_vllm():
         SamplingParams(stop=5)
 
 
+def test_sampling_values_may_be_numpy_numbers(llm):
+    """A count, seed or temperature computed with NumPy (np.int64(16), np.float32(0.7)) was refused as "must be an
+    integer >= 1, got 16": NumPy's integers and reals are numbers (booleans, NumPy's too, are still refused)."""
+    sp = SamplingParams(max_new_tokens=np.int64(4), temperature=np.float32(0.5), top_k=np.int32(5), seed=np.int64(3),
+                        n=np.int64(2), logprobs=np.int64(1), ignore_eos=True)  # fmt: skip
+    outs = llm.generate([[5, 6, 7]], sp)
+    assert [len(o.token_ids) for o in outs] == [4, 4] and all(len(o.logprobs) == 4 for o in outs)
+    with pytest.raises(InvalidRequestError, match="max_new_tokens must be an integer"):
+        SamplingParams(max_new_tokens=np.bool_(True))
+
+
 def test_kv_budget_that_holds_no_page_is_an_error():
     from lserve_lite.config import ModelConfig
     from lserve_lite.kv.layout import pool_pages
