@@ -373,6 +373,7 @@ class LLMEngine:
         taken, ops left undone were lost: a page never cleared, a prefix-cache snapshot never copied)."""
         if not self.blocks.page_ops:  # most decode steps: no signal handler swapped
             return
+        self._check_open()  # a closed engine has no runner
         with ctrl_c_held():
             self.runner.apply_page_ops(self.blocks.take_page_ops())
 
