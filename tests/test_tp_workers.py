@@ -509,9 +509,13 @@ def test_lserve_prefix_cache_equal_in_process(tiny_dir, tmp_path, monkeypatch):
     assert {"copy", "clear", "step"} <= kinds
 
 
-def test_ctrl_c_while_a_rank_reads_nothing(tiny_dir, monkeypatch):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_while_a_rank_reads_nothing(tiny_dir, monkeypatch, sig):
     """Ctrl-C while a message waits on a rank that reads nothing (hung) ends the engine within a second or so: the
-    held interrupt kept the user waiting for the step timeout (600 s)."""
+    held interrupt kept the user waiting for the step timeout (600 s). A held SIGTERM too, and the engine's error
+    names it (it said Ctrl-C)."""
+    from lserve_lite.cli import _terminate
+
     llm = tp_llm(tiny_dir)
     group = llm.engine.runner.executor
     monkeypatch.setattr(tp_group, "STEP_TIMEOUT", 20.0)
@@ -520,19 +524,22 @@ def test_ctrl_c_while_a_rank_reads_nothing(tiny_dir, monkeypatch):
 
     def select(*a):  # the write to rank 1 has filled its pipe: Ctrl-C now
         if not calls:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(sig)
         calls.append(a)
         return real(*a)
 
     monkeypatch.setattr(tp_group, "select", select)
     t = time.monotonic()
+    name = "Ctrl-C" if sig == signal.SIGINT else "SIGTERM"
+    old = signal.signal(signal.SIGTERM, _terminate)  # the CLI's handler
     try:
-        with pytest.raises(KeyboardInterrupt) as err:
+        with pytest.raises(KeyboardInterrupt if sig == signal.SIGINT else SystemExit) as err:
             group.clear_pages(np.zeros(1 << 20, np.int64), np.zeros(0, np.int64))
         assert time.monotonic() - t < 10
-        assert re.search(r"interrupted \(Ctrl-C\) while worker 1 read nothing", str(err.value.__context__))
+        assert re.search(rf"interrupted \({name}\) while worker 1 read nothing", str(err.value.__context__))
         assert not any(p.is_alive() for p in group.procs)
     finally:
+        signal.signal(signal.SIGTERM, old)
         if group.procs[1].exitcode is None:
             os.kill(group.procs[1].pid, signal.SIGCONT)
 

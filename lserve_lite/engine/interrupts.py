@@ -56,3 +56,8 @@ def ctrl_c_pending() -> bool:
     """Whether this thread's hold has a Ctrl-C (or SIGTERM) waiting: work inside it that may wait long (a rank that
     reads nothing) can give up rather than keep the user waiting. Only the main thread holds one."""
     return bool(_pending) and threading.current_thread() is threading.main_thread()
+
+
+def pending_name() -> str:
+    """What the held signal waiting is, as errors name it: "SIGTERM" (handled first), else "Ctrl-C"."""
+    return "SIGTERM" if signal.SIGTERM in _pending else "Ctrl-C"
