@@ -7,7 +7,8 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
 from functools import cached_property
 
 import numpy as np
@@ -20,6 +21,17 @@ from .errors import InvalidRequestError, LServeError
 from .sampling_params import SamplingParams
 from .sequence import TokenLogprob
 from .tokenizer import Tokenizer
+
+# vLLM's engine arguments that go by another name here: code ported from vLLM passes them, and is told the name
+VLLM_ENGINE_ARGS = {
+    "tensor_parallel_size": "tensor_parallel",
+    "enable_prefix_caching": "prefix_caching",
+    "kv_cache_dtype": "kv_dtype",
+    "quantization": "quantize",
+    "block_size": "page_size",
+    "gpu_memory_utilization": "kv_memory_fraction, the share of the free memory the KV cache takes",
+    "enforce_eager": "cuda_graphs=False",
+}
 
 
 @dataclass
@@ -51,18 +63,26 @@ class LLM:
             raise InvalidRequestError(
                 f"LLM takes config=EngineConfig(...) or its fields as keywords, not both (got {sorted(kw)[0]}=)"
             )
-        try:
-            cfg = config or EngineConfig(**kw)
-        except TypeError as e:  # an unknown keyword
-            raise InvalidRequestError(f"LLM: {e}".replace("EngineConfig.__init__() ", "")) from None
+        known = {f.name for f in fields(EngineConfig)}
+        unknown = next((k for k in kw if k not in known), None)
+        if unknown is not None:
+            ported = (
+                f" (vLLM's name; here: {VLLM_ENGINE_ARGS[unknown]})" if unknown in VLLM_ENGINE_ARGS else ""
+            )
+            raise InvalidRequestError(f"LLM: got an unexpected keyword argument {unknown!r}{ported}")
+        cfg = config or EngineConfig(**kw)
         self.engine = LLMEngine(model, backend, cfg)
         self.tokenizer = self.engine.tokenizer
         # Outputs of this LLM's open requests not read yet, by request id: several streams and generate calls
         # may be open at once, and whichever of them steps the engine gets every request's outputs.
         self._boxes: dict[str, deque[StepOutput]] = {}
-        # The engine is not thread-safe: every call that touches it (adding requests, steps, scoring) holds this
-        # lock, so calls from several threads take turns and each still gets exactly its own outputs.
-        self._lock = threading.Lock()
+        # The engine is not thread-safe: every call that touches it (adding requests, steps, scoring) takes a turn
+        # (`_turn`: this lock), so calls from several threads take turns and each still gets exactly its own
+        # outputs. Reentrant only so that a close from inside this thread's own turn (a signal handler run
+        # mid-step) is no deadlock: `_busy` keeps a turn from starting inside another.
+        self._lock = threading.RLock()
+        self._busy = False
+        self._close_pending = False  # asked for inside a turn: done as it ends
         self._closed = False
 
     def __enter__(self) -> LLM:
@@ -72,11 +92,48 @@ class LLM:
         self.close()
 
     def close(self) -> None:
-        """End this LLM now (tensor-parallel workers exit; one process's model and KV memory go with the object);
-        closing again does nothing. Every later call, and a stream still open, raises one line."""
-        with self._lock:  # after a step another thread runs, never inside it
-            self._closed = True
-            self.engine.close()
+        """End this LLM: tensor-parallel workers exit, and the model, its weights and the KV cache are released
+        (LLMEngine.close), not when the object is collected. Closing again does nothing. Every later call, and a
+        stream still open, raises one line. A step of another thread ends first; called inside a step of this
+        thread (a signal handler), it returns at once and the LLM closes as that step ends."""
+        with self._turn():  # inside this thread's own turn, that turn does it as it ends
+            self._close_pending = True
+
+    @contextmanager
+    def _turn(self) -> Iterator[bool]:
+        """Hold the engine for one call, waiting for another thread's turn to end; yields whether it is a turn of
+        its own (False: this thread is inside a turn already, e.g. a signal handler run mid-step)."""
+        with self._lock:
+            with self._held() as mine:
+                yield mine
+
+    @contextmanager
+    def _held(self) -> Iterator[bool]:
+        """A turn, the lock taken: False inside a turn of this thread (where a step would run inside a step).
+        A close asked for meanwhile is done as the turn ends."""
+        if self._busy:
+            yield False
+            return
+        self._busy = True
+        try:
+            yield True
+        finally:
+            self._busy = False
+            if self._close_pending and not self._closed:
+                self._closed = True
+                self.engine.close()
+
+    @contextmanager
+    def _call(self) -> Iterator[None]:
+        """A call's turn on the open engine. Inside a turn of this thread (a signal handler run mid-step) it is
+        refused in one line: it would run a step inside a step (it waited for itself before)."""
+        with self._turn() as mine:
+            if not mine:
+                raise LServeError(
+                    "this LLM was called inside one of its own steps (a signal handler?): call it after"
+                )
+            self._check_open()  # in the turn: a close may have run while this thread waited
+            yield
 
     def _check_open(self) -> None:
         if self._closed:
@@ -85,19 +142,19 @@ class LLM:
     def generate(
         self,
         prompts: str | list[int] | dict | list[str | list[int] | dict],
-        params: SamplingParams | list[SamplingParams] | None = None,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = False,
     ) -> list[CompletionOutput]:
         """Run all prompts as one continuous batch; outputs in prompt order (with `n > 1`, the n candidates
-        of each prompt in a row; they share the prompt's KV pages through the prefix cache). `params`: one
-        for all prompts or a list, one per prompt. A prompt may be vLLM's dict, {"prompt": text} or
-        {"prompt_token_ids": ids}. `use_tqdm` (vLLM's; off by default): a progress bar of finished sequences on
-        stderr. Leaving early (an error, Ctrl-C) aborts the batch."""
+        of each prompt in a row; they share the prompt's KV pages through the prefix cache). `sampling_params`
+        (vLLM's name, as in chat and stream): one for all prompts or a list, one per prompt. A prompt may be
+        vLLM's dict, {"prompt": text} or {"prompt_token_ids": ids}. `use_tqdm` (vLLM's; off by default): a
+        progress bar of finished sequences on stderr. Leaving early (an error, Ctrl-C) aborts the batch."""
         self._check_open()
         if not isinstance(use_tqdm, bool):
             raise InvalidRequestError(f"use_tqdm must be True or False, got {use_tqdm!r}")
         prompts = _prompt_list(prompts)
-        per_prompt = _per_prompt(params, len(prompts))
+        per_prompt = _per_prompt(sampling_params, len(prompts))
         rids: list[str] = []
         done = False
         try:
@@ -116,7 +173,7 @@ class LLM:
     def chat(
         self,
         messages: list[dict] | list[list[dict]],
-        params: SamplingParams | None = None,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
         tools: list[dict] | None = None,
         tool_choice: str | dict | None = None,
         parallel_tool_calls: bool = True,
@@ -134,7 +191,7 @@ class LLM:
             raise InvalidRequestError("chat takes a conversation (a list of message dicts) or a list of them")
         single = isinstance(messages[0], dict)
         convs = [messages] if single else messages
-        per_conv = _per_prompt(params, len(convs))
+        per_conv = _per_prompt(sampling_params, len(convs))
         plan = plan_tools(tools, tool_choice, parallel_tool_calls)
         if plan:  # a forced choice's schema; with "auto", the marker tokens of calls kept in the text
             plan = replace(plan, short_ids=self._short_call_ids)
@@ -158,19 +215,19 @@ class LLM:
         return outs[0] if single and len(outs) == 1 else outs
 
     def stream(
-        self, prompt: str | list[dict] | list[int] | dict, params: SamplingParams | None = None
+        self, prompt: str | list[dict] | list[int] | dict, sampling_params: SamplingParams | None = None
     ) -> Iterator[str]:
         """Text deltas of one request as they are produced; closing the generator aborts the request."""
-        for out in self.stream_outputs(prompt, params):
+        for out in self.stream_outputs(prompt, sampling_params):
             if out.text:
                 yield out.text
 
     def stream_outputs(
-        self, prompt: str | list[dict] | list[int] | dict, params: SamplingParams | None = None
+        self, prompt: str | list[dict] | list[int] | dict, sampling_params: SamplingParams | None = None
     ) -> Iterator[StepOutput]:
         """Like `stream`, but yields the engine's per-step outputs (token ids, finish reason)."""
         self._check_open()
-        (params,) = _per_prompt(params, 1)
+        (params,) = _per_prompt(sampling_params, 1)
         if params.n != 1:
             raise InvalidRequestError(f"a stream carries one candidate (n=1), got n={params.n}: use generate")
         prompt = _unwrapped(prompt)
@@ -196,8 +253,7 @@ class LLM:
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Teacher-forced next-token logits [T, vocab] (float32 NumPy)."""
-        with self._lock:
-            self._check_open()
+        with self._call():
             return self.engine.score(token_ids)
 
     @cached_property
@@ -209,21 +265,22 @@ class LLM:
         """Queue one request with its output box, under the lock: a step in another thread between the two
         would drop the request's first outputs. Its grammar is built before: other threads' streams go on."""
         guide = self.engine.guide(params)
-        with self._lock:
-            self._check_open()
+        with self._call():
             rid = self.engine.add_request(prompt, params, guide=guide)
             self._boxes[rid] = deque()
         return rid
 
     def _abort(self, rids: list[str], wait: bool) -> None:
-        """Abort `rids` and free their pages with one step now; without `wait` (a generator's clean-up, which
-        garbage collection may run inside a step of this very thread) the step is left to whichever call steps
-        next when another step is running."""
+        """Abort `rids` and free their pages with one step now; without `wait` (a generator's clean-up) the step
+        is left to whichever call steps next when another thread's step is running, and always when garbage
+        collection runs it inside a turn of this very thread."""
         for r in rids:
             self.engine.abort(r)
         if rids and not self.engine.closed and self._lock.acquire(blocking=wait):
             try:
-                self._step()
+                with self._held() as mine:  # not inside this thread's own turn: its next step frees them
+                    if mine and not self.engine.closed:
+                        self._step()
             finally:
                 self._lock.release()
 
@@ -238,8 +295,7 @@ class LLM:
     def _next_outputs(self, *rids: str) -> list[StepOutput]:
         """The unread outputs of `rids`, stepping the engine until there is one."""
         while True:
-            with self._lock:  # another thread's step may fill these boxes until this one is read
-                self._check_open()  # under the lock: a close may have run while this thread waited
+            with self._call():  # another thread's step may fill these boxes until this one is read
                 outs = [self._boxes[r].popleft() for r in rids for _ in range(len(self._boxes[r]))]
                 if outs:
                     return outs
@@ -273,13 +329,15 @@ class LLM:
 
 
 def _per_prompt(params, count: int) -> list[SamplingParams]:
-    """`params` as one SamplingParams per prompt: one (None: the defaults) for all, or a list of `count`."""
+    """`sampling_params` as one SamplingParams per prompt: one (None: the defaults) for all, or a list of `count`."""
     per_prompt = params if isinstance(params, (list, tuple)) else [params] * count
     if len(per_prompt) != count:
         raise InvalidRequestError(f"{len(per_prompt)} SamplingParams for {count} prompts")
     per_prompt = [SamplingParams() if p is None else p for p in per_prompt]
     if not all(isinstance(p, SamplingParams) for p in per_prompt):
-        raise InvalidRequestError("params must be a SamplingParams or a list of them, one per prompt")
+        raise InvalidRequestError(
+            "sampling_params must be a SamplingParams or a list of them, one per prompt"
+        )
     return per_prompt
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+import numbers
+from dataclasses import InitVar, dataclass, field, replace
 
 from .errors import InvalidRequestError
 
@@ -21,13 +22,24 @@ MAX_N = 16  # candidates per request (each is a running sequence)
 MAX_LOGIT_BIAS = 1024  # biased ids per request (applied on every step)
 PENALTY_RANGE = (-2.0, 2.0)  # presence / frequency penalties, as OpenAI
 BIAS_RANGE = (-100.0, 100.0)  # logit_bias values, as OpenAI
+NO_LIMIT = 2**31 - 1  # max_new_tokens of vLLM's max_tokens=None: the engine stops at the context limit
+
+
+class _Default(int):
+    """max_new_tokens left at its default (256): an int, told apart from the same number given."""
+
+
+DEFAULT_MAX_NEW_TOKENS = _Default(256)
+_UNSET = object()  # max_tokens not given (None is vLLM's "up to the context limit")
 
 
 @dataclass
 class SamplingParams:
-    """temperature 0 (or below 1e-5) means greedy; top_k 0 and top_p 1 disable those filters."""
+    """temperature 0 (or below 1e-5) means greedy; top_k 0 (or vLLM's -1) and top_p 1 disable those filters.
+    `max_tokens` (vLLM's and OpenAI's name) is `max_new_tokens` given at construction (None, as vLLM's: up to the
+    context limit); after it, read `max_new_tokens`."""
 
-    max_new_tokens: int = 256
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -47,10 +59,24 @@ class SamplingParams:
     )
     # special tokens whose text stays in the output (the markers a tool-call parser reads); others are dropped
     keep_special_tokens: list[str] = field(default_factory=list)
+    max_tokens: InitVar[int | None] = _UNSET  # type: ignore[assignment]
 
-    def __post_init__(self):
+    def __post_init__(self, max_tokens: int | None):
+        if max_tokens is not _UNSET:  # code ported from vLLM says max_tokens
+            tokens = NO_LIMIT if max_tokens is None else max_tokens
+            if type(self.max_new_tokens) is not _Default and self.max_new_tokens != tokens:
+                raise InvalidRequestError(
+                    f"max_tokens is another name of max_new_tokens: give one, got max_new_tokens="
+                    f"{self.max_new_tokens!r} and max_tokens={max_tokens!r}"
+                )
+            self.max_new_tokens = tokens
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        for name, empty in (("stop", list), ("stop_token_ids", list), ("logit_bias", dict)):
+            if getattr(self, name) is None:  # vLLM's default for each: none
+                setattr(self, name, empty())
+        if _int(self.top_k) and self.top_k == -1:  # vLLM's (and the server's) other spelling of "off"
+            self.top_k = 0
         self.validate()
 
     def validate(self) -> None:
@@ -119,7 +145,7 @@ class SamplingParams:
         if self.n == 1:
             return [self]
         seed = self.seed
-        return [replace(self, n=1, seed=None if seed is None else seed + i) for i in range(self.n)]
+        return [replace(self, n=1, seed=None if seed is None else int(seed) + i) for i in range(self.n)]
 
     @property
     def constrained(self) -> bool:
@@ -153,11 +179,13 @@ class SamplingParams:
 
 
 def _int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    """An integer, NumPy's too (a count or seed computed with NumPy); a boolean is not one."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    """A finite real number, NumPy's too; a boolean is not one."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def schema_of(fmt: dict):

@@ -91,6 +91,13 @@ class Tokenizer:
         """Token ids of `text`; InvalidRequestError for what is not Unicode text (a lone surrogate)."""
         return self.tok.encode(_checked_text(text), add_special_tokens=add_special_tokens).ids
 
+    def added_by_encode(self, text: str, ids: list[int]) -> list[bool]:
+        """Which of `ids` `encode(text)` added beside the text's own tokens (a BOS), where `ids` are what it makes of
+        `text`; else none. A prompt that starts with the BOS's own text ("<s>x") holds two alike: only this tells
+        them apart."""
+        enc = self.tok.encode(text)
+        return [bool(m) for m in enc.special_tokens_mask] if enc.ids == list(ids) else [False] * len(ids)
+
     def decode(
         self, ids: list[int], skip_special_tokens: bool = True, keep: frozenset[int] = frozenset()
     ) -> str:

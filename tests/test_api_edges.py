@@ -84,6 +84,66 @@ def test_repetition_penalty_outside_its_range_is_refused(pen):
         SamplingParams(repetition_penalty=pen)
 
 
+def test_max_tokens_is_vllms_name_of_max_new_tokens(llm):
+    """Code ported from vLLM says SamplingParams(max_tokens=...): it was a TypeError. It is max_new_tokens by
+    another name (n > 1 and replace keep it; None, as in vLLM, is up to the context limit); both given, and
+    different, is one ValueError naming both."""
+    from dataclasses import replace
+
+    sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, n=2)
+    assert sp.max_new_tokens == 3 and SamplingParams().max_new_tokens == 256
+    assert [len(o.token_ids) for o in llm.generate([[5, 6, 7]], sp)] == [3, 3]
+    assert replace(sp, max_new_tokens=5).max_new_tokens == 5
+    assert SamplingParams(max_tokens=4, max_new_tokens=4).max_new_tokens == 4
+    with pytest.raises(ValueError, match=r"^max_tokens is another name of max_new_tokens: give one, got "
+                       r"max_new_tokens=256 and max_tokens=8$"):  # fmt: skip
+        SamplingParams(max_new_tokens=256, max_tokens=8)
+    with pytest.raises(InvalidRequestError, match="max_new_tokens must be an integer >= 1, got 0"):
+        SamplingParams(max_tokens=0)
+    # explicit max_new_tokens=256 is given (conflicts), explicit None still refused; vLLM's max_tokens=None: up to
+    # the context limit
+    with pytest.raises(ValueError, match="give one"):
+        SamplingParams(max_new_tokens=256, max_tokens=8)
+    with pytest.raises(InvalidRequestError, match="got None"):
+        SamplingParams(max_new_tokens=None)
+    near = [5] * (llm.engine.max_len - 3)
+    out = llm.generate([near], SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))[0]
+    assert (len(out.token_ids), out.finish_reason) == (3, "length")
+
+
+def test_top_k_minus_one_is_off_as_in_vllm(llm):
+    """vLLM (and this server) spell "no top-k filter" -1 as well as 0: SamplingParams(top_k=-1), from code ported
+    from vLLM, was refused. It is 0; below -1 is still refused."""
+    sp = SamplingParams(top_k=-1, max_new_tokens=3, seed=1)
+    assert sp.top_k == 0
+    assert (
+        llm.generate("hi", sp)[0].token_ids
+        == llm.generate("hi", SamplingParams(max_new_tokens=3, seed=1))[0].token_ids
+    )
+    with pytest.raises(InvalidRequestError, match="top_k must be an integer >= 0"):
+        SamplingParams(top_k=-2)
+
+
+def test_none_is_no_stop_strings_ids_or_bias_as_in_vllm():
+    """vLLM's SamplingParams default stop, stop_token_ids and logit_bias to None, and code ported from it passes
+    None for "none": each was refused as not a list (dict). None is empty; other non-lists are still refused."""
+    sp = SamplingParams(stop=None, stop_token_ids=None, logit_bias=None)
+    assert (sp.stop, sp.stop_token_ids, sp.logit_bias) == ([], [], {})
+    with pytest.raises(InvalidRequestError, match="stop must be a list"):
+        SamplingParams(stop=5)
+
+
+def test_sampling_values_may_be_numpy_numbers(llm):
+    """A count, seed or temperature computed with NumPy (np.int64(16), np.float32(0.7)) was refused as "must be an
+    integer >= 1, got 16": NumPy's integers and reals are numbers (booleans, NumPy's too, are still refused)."""
+    sp = SamplingParams(max_new_tokens=np.int64(4), temperature=np.float32(0.5), top_k=np.int32(5), seed=np.int64(3),
+                        n=np.int64(2), logprobs=np.int64(1), ignore_eos=True)  # fmt: skip
+    outs = llm.generate([[5, 6, 7]], sp)
+    assert [len(o.token_ids) for o in outs] == [4, 4] and all(len(o.logprobs) == 4 for o in outs)
+    with pytest.raises(InvalidRequestError, match="max_new_tokens must be an integer"):
+        SamplingParams(max_new_tokens=np.bool_(True))
+
+
 def test_kv_budget_that_holds_no_page_is_an_error():
     from lserve_lite.config import ModelConfig
     from lserve_lite.kv.layout import pool_pages
@@ -470,7 +530,7 @@ def test_grammars_are_built_outside_the_llms_lock(llm, monkeypatch):
     matcher, held = llm.engine.grammars.matcher, []
 
     def watched(fmt):
-        held.append(llm._lock.locked())
+        held.append(llm._busy)  # a turn (the lock) held
         return matcher(fmt)
 
     monkeypatch.setattr(llm.engine.grammars, "matcher", watched)
@@ -571,6 +631,20 @@ def test_generate_takes_vllms_prompt_dicts(llm):
     assert not llm.engine.has_unfinished()
 
 
+def test_sampling_params_keyword_is_vllms(llm):
+    """vLLM's generate / chat name their parameters `sampling_params`; code ported from it, which passes them by
+    that keyword, got a TypeError (the keyword here was `params`)."""
+    sp = SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True)
+    want = llm.generate("hi", sp)[0].token_ids
+    assert llm.generate("hi", sampling_params=sp)[0].token_ids == want
+    assert [t for o in llm.stream_outputs("hi", sampling_params=sp) for t in o.token_ids] == want
+    assert "".join(llm.stream("hi", sampling_params=sp)) == llm.tokenizer.decode(want)
+    chat = [{"role": "user", "content": "hi"}]
+    assert llm.chat(chat, sampling_params=sp).token_ids == llm.chat(chat, sp).token_ids
+    with pytest.raises(InvalidRequestError, match="^sampling_params must be a SamplingParams"):
+        llm.generate("hi", sampling_params={"max_tokens": 3})
+
+
 def test_use_tqdm_draws_vllms_progress_bar(llm, capsys):
     """vLLM's use_tqdm keyword was a TypeError; it draws a bar of finished sequences on stderr (off by default)."""
     sp = SamplingParams(max_new_tokens=2, temperature=0)
@@ -632,6 +706,10 @@ def test_llm_refuses_wrong_argument_types(tiny_llama):
     for args, kw, match in (((5,), {}, "model must be"), (("",), {}, "model must be"),
                             ((str(tiny_llama),), {"config": {"max_num_seqs": 2}}, "config must be"),
                             ((str(tiny_llama),), {"bogus": 1}, "bogus"),
+                            # vLLM's engine arguments (code ported from it) are told the name here
+                            ((str(tiny_llama),), {"max_model_len": 64, "tensor_parallel_size": 2},
+                             r"^LLM: got an unexpected keyword argument 'tensor_parallel_size' \(vLLM's name; here: "
+                             r"tensor_parallel\)$"),
                             ((str(tiny_llama),), {"config": EngineConfig(), "max_model_len": 64},
                              r"or its fields as keywords, not both \(got max_model_len=\)")):  # fmt: skip
         with pytest.raises(InvalidRequestError, match=match):
@@ -678,6 +756,60 @@ def test_llm_close_and_with_block(tiny_llama):
             call()
     s.close()
     assert llm.engine.closed
+
+
+def test_llm_close_releases_the_model_and_kv_cache_now(tiny_llama):
+    """LLM.close stopped the engine but kept its runner: the weights and KV cache stayed in memory for as long as
+    the closed LLM was referenced (a notebook's variable, a server's attribute). They go at the close."""
+    import weakref
+
+    llm = LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=16))
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    s = llm.stream_outputs([5, 6, 7], sp)  # a stream left open at the close holds the LLM
+    next(s)
+    run = llm.engine.runner
+    refs = [weakref.ref(x) for x in (run, run.model, run.cache)]
+    del run
+    llm.close()
+    assert [r() for r in refs] == [None] * 3
+    with pytest.raises(LServeError, match=r"^this LLM was closed"):
+        next(s)
+    llm.engine.blocks.page_ops.append(("clear", [1], []))  # page ops left (the evaluation harness runs them)
+    with pytest.raises(LServeError, match=r"^this engine was closed"):
+        llm.engine.run_page_ops()
+
+
+def test_close_inside_a_step_of_the_same_thread_is_done_after_it(tiny_llama, monkeypatch):
+    """LLM.close from a signal handler (or a callback) run in the middle of a step, on the thread that steps,
+    waited forever on the lock its own thread held. It returns at once and the LLM closes as the step ends (the
+    call then raises the closed line); any other call made there is refused in one line instead of hanging."""
+    llm = LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=16))
+    sp = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    real, seen = llm.engine.step, []
+
+    def step():
+        if not seen:  # as a SIGTERM handler that closes the LLM would, mid-step
+            with pytest.raises(LServeError, match=r"^this LLM was called inside one of its own steps"):
+                llm.logits([5, 6])
+            llm.close()
+            seen.append(llm.engine.closed)
+        return real()
+
+    monkeypatch.setattr(llm.engine, "step", step)
+    err: list[BaseException] = []
+
+    def gen() -> None:
+        try:
+            llm.generate([[5, 6, 7]], sp)
+        except BaseException as e:
+            err.append(e)
+
+    t = threading.Thread(target=gen, daemon=True)
+    t.start()
+    t.join(timeout=30)  # only a hang waits this long
+    assert not t.is_alive(), "close inside a step waited on the lock its own thread held"
+    assert seen == [False] and llm.engine.closed and not hasattr(llm.engine, "runner")
+    assert re.match(r"this LLM was closed \(LLM.close\)", str(err[0]))
 
 
 @pytest.mark.parametrize("call", ["generate", "logits", "stream"])

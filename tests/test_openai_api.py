@@ -338,7 +338,9 @@ def test_echo_offsets_index_the_echoed_text(tmp_path):
     """echo with logprobs: text_offset indexes the returned text. With a tokenizer that adds a BOS (a llama GGUF's)
     the offsets counted it, and SentencePiece's space before the first word, though the echoed prompt shows
     neither: each was 4 characters past its token. The reference for a prompt as sent is the tokenizers library's
-    own offsets; prompt ids echo as decoded; the generated tokens' offsets go on from the prompt's end."""
+    own offsets; prompt ids echo as decoded; the generated tokens' offsets go on from the prompt's end. A prompt
+    that starts with the BOS's text gave that text to the added BOS, and the prompt's own BOS the next token's
+    offset."""
     from test_gguf_import import write_tiny_gguf
 
     from lserve_lite.engine.llm_engine import LLMEngine
@@ -358,6 +360,8 @@ def test_echo_offsets_index_the_echoed_text(tmp_path):
         (prompt, prompt, starts),
         ([enc.ids], "<s> the theater at the inn", [0] + [3 + a + (a > 0) for a in starts[1:]]),
         ([enc.ids[1:]], prompt, starts[1:]),  # the decoder drops the first word's space
+        # a prompt that starts with the BOS's text: it is the second BOS's (the first was at 3, on the next token)
+        ("<s>" + prompt, "<s>" + prompt, [a for a, _ in tok.tok.encode("<s>" + prompt).offsets]),
     ]
     with ServerThread(create_app(engine, served_model_name="spm")) as url:
         for p, echo, want in cases:

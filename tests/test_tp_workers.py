@@ -77,6 +77,24 @@ def test_workers_quantized_kv(tiny_dir):
         tp_llm(tiny_dir, kv_dtype="fp16")
 
 
+def test_cpu_ranks_share_the_hosts_kv_budget(tiny_dir):
+    """CPU ranks share one host: each took the whole fixed CPU budget (2 GiB x kv_memory_fraction / 0.8) and the
+    whole memory limit, so N ranks held N times the KV memory of one process (and N times its pages, the page of a
+    rank holding 1/N of the heads). The budget and limit are the group's: each rank has 1/N of them."""
+    from lserve_lite.backends.cpu import CpuOps
+
+    ops, frac = CpuOps(), 0.01  # a budget well under the pool's page cap
+    one = LLM(str(tiny_dir), backend="cpu", config=EngineConfig(kv_memory_fraction=frac))
+    llm = tp_llm(tiny_dir, kv_memory_fraction=frac)
+    try:
+        group = llm.engine.runner.executor
+        assert sum(group.budgets) <= ops.kv_budget_bytes(frac) and len(set(group.budgets)) == 1
+        assert sum(group.limits) <= ops.kv_limit_bytes()
+        assert llm.engine.blocks.num_pages == one.engine.blocks.num_pages
+    finally:
+        llm.close()
+
+
 def test_killed_worker_ends_the_engine(tiny_dir):
     llm = tp_llm(tiny_dir)
     group = llm.engine.runner.executor
@@ -133,13 +151,14 @@ def test_shared_memory_room_checked_before_start(tiny_dir, monkeypatch):
 def test_layout_clipped_to_the_pool_as_in_process(tiny_dir):
     """LServe's page budget is clipped to the context the pools hold (fit_context) on both paths: the driver
     used to keep the budget cut only to the model's context (128 pages here, 87 held), so its selection slots were dead memory and
-    the engines differed. A rank holds half the KV heads, so half the budget gives the same pool."""
+    the engines differed. A rank holds half the KV heads in half the budget (CPU ranks share the host's), so the
+    same kv_memory_fraction gives the same pool."""
     sp = SparseConfig(enabled=True, static_sparsity=0.0, page_size=16, prefill_sink=16, prefill_local=32,
                       decode_sink=16, decode_local=32, token_budget=4096)  # fmt: skip
     one = LLM(
         str(tiny_dir), backend="cpu", config=EngineConfig(page_size=16, sparse=sp, kv_memory_fraction=2e-4)
     )
-    llm = tp_llm(tiny_dir, page_size=16, sparse=sp, kv_memory_fraction=1e-4)
+    llm = tp_llm(tiny_dir, page_size=16, sparse=sp, kv_memory_fraction=2e-4)
     try:
         assert llm.engine.max_len == one.engine.max_len < 4096
         assert llm.engine.layout.select_pages == one.engine.layout.select_pages == one.engine.max_len // 16
@@ -205,9 +224,10 @@ def test_server_stops_its_workers(tiny_dir):
     from lserve_lite.serve.app import ServerThread, create_app
 
     llm = tp_llm(tiny_dir)
+    group = llm.engine.runner.executor  # the closed engine lets its runner go
     with ServerThread(create_app(llm.engine)):
         pass
-    assert not any(p.is_alive() for p in llm.engine.runner.executor.procs)
+    assert not any(p.is_alive() for p in group.procs)
 
 
 def test_server_health_reports_a_dead_worker(tiny_dir):
@@ -245,10 +265,14 @@ def test_cli_sigterm_stops_workers_cleanly(tiny_dir):
     assert "leaked" not in err.decode() and "Traceback" not in err.decode(), err.decode()
 
 
-def test_ctrl_c_between_ranks_sends_to_all_or_none(tiny_dir, monkeypatch):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_between_ranks_sends_to_all_or_none(tiny_dir, monkeypatch, sig):
     """Ctrl-C landing while a step is being sent, after rank 0 has it and before rank 1 does: every rank gets the
     step (the interrupt is raised once all have it), so the ranks stay in step. Rank 1 used to miss it: rank 0
-    paired its collectives with rank 1's next step (wrong logits) and then waited for rank 1 forever."""
+    paired its collectives with rank 1's next step (wrong logits) and then waited for rank 1 forever. SIGTERM,
+    which the CLI turns into SystemExit (cli._terminate), is held the same way: it tore the message as well."""
+    from lserve_lite.cli import _terminate
+
     want = [o.token_ids for o in LLM(str(tiny_dir), backend="cpu").generate(PROMPTS, GREEDY)]
     llm = tp_llm(tiny_dir)
     group = llm.engine.runner.executor
@@ -260,19 +284,21 @@ def test_ctrl_c_between_ranks_sends_to_all_or_none(tiny_dir, monkeypatch):
         msg = pickle.loads(data[4:])
         if (
             rank == 1 and msg[0] == "step" and not sent
-        ):  # Ctrl-C arrives (to this thread) between the two ranks
+        ):  # Ctrl-C (SIGTERM) arrives (to this thread) between the two ranks
             sent.append(msg[0])
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(sig)
         real(rank, data)
 
+    old = signal.signal(signal.SIGTERM, _terminate)  # the CLI's handler
     try:
         monkeypatch.setattr(group, "_write", write)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt if sig == signal.SIGINT else SystemExit) as err:
             llm.generate(PROMPTS, GREEDY)
-        assert sent
+        assert sent and (sig == signal.SIGINT or err.value.code == 143)
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
         assert llm.engine.blocks.num_used == 0
     finally:
+        signal.signal(signal.SIGTERM, old)
         group.close()
 
 
@@ -332,6 +358,33 @@ def test_ctrl_c_held_defers_and_nests():
             t.join()
             seen.append(ctrl_c_pending())
     assert seen == [False, True] and not ctrl_c_pending()
+
+
+def test_sigterm_held_as_ctrl_c_is():
+    """SIGTERM with a Python handler (the CLI's SystemExit) is held as Ctrl-C is, and handled first when both came
+    (a KeyboardInterrupt, which the chat CLI takes as "stop the reply", dropped it); left to the system, it is
+    not swapped."""
+    from lserve_lite.cli import _terminate
+    from lserve_lite.engine.interrupts import ctrl_c_held
+
+    before = signal.getsignal(signal.SIGINT)
+    old = signal.signal(signal.SIGTERM, _terminate)
+    done = []
+    try:
+        with pytest.raises((SystemExit, KeyboardInterrupt)) as err:
+            with ctrl_c_held():
+                with ctrl_c_held():
+                    signal.raise_signal(signal.SIGINT)
+                    signal.raise_signal(signal.SIGTERM)
+                    done.append("inner")
+                done.append("outer")
+        assert done == ["inner", "outer"] and err.type is SystemExit and err.value.code == 143
+        assert signal.getsignal(signal.SIGTERM) is _terminate and signal.getsignal(signal.SIGINT) is before
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with ctrl_c_held():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def test_ctrl_c_mid_read_keeps_the_pipe_whole(tiny_dir, monkeypatch):
@@ -456,9 +509,13 @@ def test_lserve_prefix_cache_equal_in_process(tiny_dir, tmp_path, monkeypatch):
     assert {"copy", "clear", "step"} <= kinds
 
 
-def test_ctrl_c_while_a_rank_reads_nothing(tiny_dir, monkeypatch):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_while_a_rank_reads_nothing(tiny_dir, monkeypatch, sig):
     """Ctrl-C while a message waits on a rank that reads nothing (hung) ends the engine within a second or so: the
-    held interrupt kept the user waiting for the step timeout (600 s)."""
+    held interrupt kept the user waiting for the step timeout (600 s). A held SIGTERM too, and the engine's error
+    names it (it said Ctrl-C)."""
+    from lserve_lite.cli import _terminate
+
     llm = tp_llm(tiny_dir)
     group = llm.engine.runner.executor
     monkeypatch.setattr(tp_group, "STEP_TIMEOUT", 20.0)
@@ -467,19 +524,22 @@ def test_ctrl_c_while_a_rank_reads_nothing(tiny_dir, monkeypatch):
 
     def select(*a):  # the write to rank 1 has filled its pipe: Ctrl-C now
         if not calls:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(sig)
         calls.append(a)
         return real(*a)
 
     monkeypatch.setattr(tp_group, "select", select)
     t = time.monotonic()
+    name = "Ctrl-C" if sig == signal.SIGINT else "SIGTERM"
+    old = signal.signal(signal.SIGTERM, _terminate)  # the CLI's handler
     try:
-        with pytest.raises(KeyboardInterrupt) as err:
+        with pytest.raises(KeyboardInterrupt if sig == signal.SIGINT else SystemExit) as err:
             group.clear_pages(np.zeros(1 << 20, np.int64), np.zeros(0, np.int64))
         assert time.monotonic() - t < 10
-        assert re.search(r"interrupted \(Ctrl-C\) while worker 1 read nothing", str(err.value.__context__))
+        assert re.search(rf"interrupted \({name}\) while worker 1 read nothing", str(err.value.__context__))
         assert not any(p.is_alive() for p in group.procs)
     finally:
+        signal.signal(signal.SIGTERM, old)
         if group.procs[1].exitcode is None:
             os.kill(group.procs[1].pid, signal.SIGCONT)
 

@@ -24,6 +24,12 @@ class GroupSpec:
     shm_name: str | None = None
     barrier: Any = None
 
+    @property
+    def sharing_memory(self) -> int:
+        """How many ranks share one rank's memory: the CPU stand-in's all share the host (a KV budget or memory
+        limit is the group's, each rank's 1/world of it); each GPU has its own."""
+        return self.world if self.backend == "cpu" else 1
+
 
 def no_multicast() -> None:
     """NVLink multicast (NVLS) stays off on these hosts: set before NCCL starts, in driver and workers."""

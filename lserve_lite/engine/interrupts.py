@@ -1,6 +1,7 @@
-"""Ctrl-C held over work that must finish once begun: a message to every tensor-parallel rank, a pipe read, the
-block manager's page ops. KeyboardInterrupt is raised by Python's SIGINT handler between any two bytecodes, so
-without this it can land after rank 0 has a step and before rank 1 does (the ranks out of step, a hang)."""
+"""Ctrl-C (and SIGTERM) held over work that must finish once begun: a message to every tensor-parallel rank, a pipe
+read, the block manager's page ops. KeyboardInterrupt is raised by Python's SIGINT handler between any two bytecodes,
+so without this it can land after rank 0 has a step and before rank 1 does (the ranks out of step, a hang); the
+CLI's SIGTERM handler raises SystemExit just as anywhere (a framed message torn, the exit then waiting on workers)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-_pending: list[int] = []  # SIGINTs the outermost hold has recorded; it raises them when it ends
+# The signals held, handled after the block in this order (SIGTERM first: a Ctrl-C's KeyboardInterrupt, which the
+# chat CLI takes as "stop the reply", would drop it), where Python handles them: one left to the system (SIG_DFL,
+# SIG_IGN) or set outside Python (None) is not swapped.
+HELD = (signal.SIGTERM, signal.SIGINT)
+_pending: list[int] = []  # signals the outermost hold has recorded; it raises them when it ends
 
 
 def _record(signum: int, frame: object) -> None:
@@ -18,31 +23,41 @@ def _record(signum: int, frame: object) -> None:
 
 @contextmanager
 def ctrl_c_held() -> Iterator[None]:
-    """Run the block with SIGINT recorded instead of handled, then handle it (KeyboardInterrupt after the block).
+    """Run the block with SIGINT and SIGTERM recorded instead of handled, then handle them (KeyboardInterrupt, or
+    what the SIGTERM handler raises, after the block).
 
     A handler swap, not `signal.pthread_sigmask`: a mask blocks the signal for this thread only, and a
     process-directed SIGINT then goes to another thread, whose C handler still makes the main thread raise.
     Python runs signal handlers on the main thread only, so elsewhere there is nothing to hold. Nests: inside a
     hold, the outermost one raises."""
-    old = signal.getsignal(signal.SIGINT)
-    # None: a handler set outside Python, which could not be put back
-    if threading.current_thread() is not threading.main_thread() or old is None or old is _record:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.getsignal(s) for s in HELD}
+    held = [s for s, h in old.items() if callable(h)]
+    if not held or _record in old.values():  # none Python handles, or inside a hold
         yield
         return
     _pending.clear()
-    signal.signal(signal.SIGINT, _record)
+    for s in held:
+        signal.signal(s, _record)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old)
-        if _pending:
-            _pending.clear()
-            signal.raise_signal(
-                signal.SIGINT
-            )  # handled now as it would have been (KeyboardInterrupt by default)
+        for s in held:
+            signal.signal(s, old[s])
+        came = [s for s in held if s in _pending]
+        _pending.clear()
+        for s in came:  # handled now as they would have been: the first handler that raises ends the rest
+            signal.raise_signal(s)
 
 
 def ctrl_c_pending() -> bool:
-    """Whether this thread's hold has a Ctrl-C waiting: work inside it that may wait long (a rank that reads
-    nothing) can give up rather than keep the user waiting. Only the main thread holds one."""
+    """Whether this thread's hold has a Ctrl-C (or SIGTERM) waiting: work inside it that may wait long (a rank that
+    reads nothing) can give up rather than keep the user waiting. Only the main thread holds one."""
     return bool(_pending) and threading.current_thread() is threading.main_thread()
+
+
+def pending_name() -> str:
+    """What the held signal waiting is, as errors name it: "SIGTERM" (handled first), else "Ctrl-C"."""
+    return "SIGTERM" if signal.SIGTERM in _pending else "Ctrl-C"

@@ -65,6 +65,7 @@ class LLMEngine:
 
     def __init__(self, model: str | None = None, backend: str = "auto", config: EngineConfig | None = None):
         self.ecfg = config or EngineConfig()
+        self._group: WorkerGroup | None = None  # the tensor-parallel workers, if any
         self.model_dir = resolve_model_dir(model)  # an HF directory or a GGUF file
         self.model_name = model_name(self.model_dir)
         if self.ecfg.tensor_parallel is None:
@@ -128,7 +129,8 @@ class LLMEngine:
         self.runner, num_pages, num_stream = tensor_parallel_runner(
             self.model_dir, backend, self.cfg, self.ecfg, self.layout, max_len
         )
-        group = self.runner.executor  # the workers resolved the KV format on their backend and device
+        # the workers resolved the KV format on their backend and device
+        group = self._group = self.runner.executor
         self.kv_format = group.kv_format
         self.backend = f"{group.backend}, tensor parallel {len(group.procs)}"  # self.ops are the host's
         self.itemsize = group.itemsize
@@ -332,14 +334,20 @@ class LLMEngine:
 
     def fault(self) -> str | None:
         """Why this engine can run no step (a tensor-parallel worker failed or exited), or None."""
-        return self.runner.executor.fault() if isinstance(self.runner.executor, WorkerGroup) else None
+        return self._group.fault() if self._group is not None else None
 
     def close(self) -> None:
         """Stop the tensor-parallel workers now (they stop at exit too, which a process ended by a signal never
-        reaches: the server re-raises SIGTERM). No request, step or score runs after, in one process too."""
+        reaches: the server re-raises SIGTERM). No request, step or score runs after, in one process too, and the
+        model runner goes now (weights, KV cache), not when this engine is collected: a closed LLM kept in scope
+        held all of it. The config, tokenizer and block tables stay (small)."""
+        if self._closed:
+            return
         self._closed = True
-        if isinstance(self.runner.executor, WorkerGroup):
-            self.runner.executor.close()
+        # a decode step in flight (`_inflight`) stays: it holds what its copy to the host still writes into
+        del self.runner
+        if self._group is not None:
+            self._group.close()
 
     @property
     def closed(self) -> bool:
@@ -365,6 +373,7 @@ class LLMEngine:
         taken, ops left undone were lost: a page never cleared, a prefix-cache snapshot never copied)."""
         if not self.blocks.page_ops:  # most decode steps: no signal handler swapped
             return
+        self._check_open()  # a closed engine has no runner
         with ctrl_c_held():
             self.runner.apply_page_ops(self.blocks.take_page_ops())
 

@@ -28,7 +28,7 @@ from ..errors import LServeError, TensorParallelError
 from ..kv.layout import KVLayout, fit_context, pool_pages
 from ..kv.quant import FORMATS
 from ..weights.shard import check_tensor_parallel, shard_config, shard_of
-from .interrupts import ctrl_c_held, ctrl_c_pending
+from .interrupts import ctrl_c_held, ctrl_c_pending, pending_name
 from .model_runner import ModelRunner
 from .tp_worker import worker_main
 
@@ -213,7 +213,7 @@ class WorkerGroup:
             select([], [fd], [], min(left, 1.0))[1] if writing else select([fd], [], [], min(left, 1.0))[0]
         )
         if not ready and ctrl_c_pending():
-            self._fail(f"interrupted (Ctrl-C) while worker {rank} {what} nothing")
+            self._fail(f"interrupted ({pending_name()}) while worker {rank} {what} nothing")
 
     def _recv(self, rank: int, timeout: float) -> tuple:
         """`rank`'s next message, watching every worker's exit meanwhile; an error report, an exit or

@@ -66,10 +66,13 @@ def _serve(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig, conn
     shard_of(cfg, rank, spec.world)  # refuses a model that does not split, before anything is built
     fmt = resolve_kv_format(ecfg.kv_dtype, ops.kv_dtypes, cfg.head_dim)  # refuses a dtype this device lacks
     itemsize = np.dtype(ops.dtype).itemsize
-    # about this rank's share of what the device will hold (norms are replicated: negligible)
+    # about this rank's share of what the device will hold (norms are replicated: negligible); ranks that share
+    # one memory (the host's) split what it has for all of them
     weight_bytes = sum(ops.weight_bytes(w) for w in loaded.weights.values()) // spec.world
-    budget = ops.kv_budget_bytes(ecfg.kv_memory_fraction, weight_bytes)
-    conn.send(("ready", budget, ops.kv_limit_bytes(weight_bytes), itemsize, fmt.name))
+    share = spec.sharing_memory
+    budget = ops.kv_budget_bytes(ecfg.kv_memory_fraction, weight_bytes * share) // share
+    limit = ops.kv_limit_bytes(weight_bytes * share) // share
+    conn.send(("ready", budget, limit, itemsize, fmt.name))
     msg = conn.recv()
     if msg[0] != "build":  # the driver refused to start (pools that do not fit): stopped before building
         return

@@ -34,6 +34,7 @@ class LogprobFormatter:
         self.token = lru_cache(maxsize=65536)(tokenizer.token_text)
         self.bytes = lru_cache(maxsize=65536)(tokenizer.token_bytes)
         self.special = tokenizer.is_special
+        self.added = tokenizer.added_by_encode
         self.name = lru_cache(maxsize=65536)(self._name)
 
     def _name(self, token_id: int) -> str:
@@ -73,14 +74,17 @@ class LogprobFormatter:
         """The echoed prompt's part (entries as in `completion`, None: no logprob, the first prompt token): `ids`
         are the tokens of `text` (the prompt as sent, or its ids decoded) and their offsets index it. Each token is
         looked for where the one before ended; what the text does not show there takes no room: a BOS the tokenizer
-        added, or the space SentencePiece puts before a text's first word (neither the prompt as sent nor the
-        decoder's output has it), or before each word after a special token (Metaspace "always", Llama 2's legacy
-        tokenizer). `offsets` goes on after `text`, where the generated text starts."""
+        added (even where the prompt starts with the BOS's text: that text is its own token's, as the tokenizers
+        library's offsets have it), or the space SentencePiece puts before a text's first word (neither the prompt
+        as sent nor the decoder's output has it), or before each word after a special token (Metaspace "always",
+        Llama 2's legacy tokenizer). `offsets` goes on after `text`, where the generated text starts."""
         at, starts = 0, []
         utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        for t in ids:
+        for t, added in zip(ids, self.added(text, ids)):
             piece = utf8.decode(self.bytes(t))
             starts.append(at)
+            if added:
+                continue
             if text.startswith(piece, at):
                 at += len(piece)
             elif piece[:1] == " " and text.startswith(piece[1:], at):

@@ -153,7 +153,7 @@ class _Request(BaseModel):
                 max_new_tokens=max_new_tokens,
                 temperature=1.0 if self.temperature is None else self.temperature,
                 top_p=1.0 if self.top_p is None else self.top_p,
-                top_k=max(self.top_k or 0, 0),
+                top_k=0 if self.top_k is None else self.top_k,
                 repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
                 seed=self.seed,
                 stop=stop,
