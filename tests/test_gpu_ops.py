@@ -71,10 +71,13 @@ def _runner(cfg, ws, backend, graphs=False, num_pages=96, page_size=16, kv_dtype
     from lserve_lite.config import EngineConfig
     from lserve_lite.engine.model_runner import ModelRunner
     from lserve_lite.kv.block_manager import BlockManager
+    from lserve_lite.kv.quant import resolve_kv_format
 
     ecfg = EngineConfig(max_num_seqs=8, page_size=page_size, max_model_len=1024, num_kv_pages=num_pages,
                         cuda_graphs=graphs, kv_dtype=kv_dtype)  # fmt: skip
-    runner = ModelRunner(cfg, ws, make_ops(backend), ecfg, 1024, num_pages)
+    ops = make_ops(backend)
+    fmt = None if kv_dtype == "auto" else resolve_kv_format(kv_dtype, ops.kv_dtypes, cfg.head_dim)
+    runner = ModelRunner(cfg, ws, ops, ecfg, 1024, num_pages, kv_format=fmt)
     assert hasattr(runner.executor, "graphs") == graphs
     return runner, BlockManager(num_pages, page_size)
 
