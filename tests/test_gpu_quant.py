@@ -185,10 +185,13 @@ def test_kernel_names_cover_every_format_and_row_count():
         kernel_names,
     )
     from lserve_lite.backends.quant_split import SPLIT_FORMATS
+    from lserve_lite.backends.rope_out import KV_FORMAT_INDEX, QUANT_ROPE_ROWS
 
     assert len(QUANT_KERNELS) == len(LAYOUTS) * (2 * len(GEMV_VARIANTS) * len(GEMV_ROWS) + 1)
-    # plain, SiLU and RoPE (one R, dense and LServe caches) instantiations per NMAX, + deep, dequant
+    # plain, SiLU and RoPE (one R, dense and LServe caches: fp16, and every KV format at QUANT_ROPE_ROWS)
+    # instantiations per NMAX, + deep, dequant
     per_fmt = (len(SPLIT_PASSES) * len(SPLIT_R) + len(SPLIT_SILU_R) + 2) * len(SPLIT_ROWS) + 2
+    per_fmt += 2 * (len(KV_FORMAT_INDEX) - 1) * len(QUANT_ROPE_ROWS)
     assert len(SPLIT_KERNELS) == len(SPLIT_FORMATS) * per_fmt
     names = kernel_names("q4_k")
     assert "quant_gemv<Q4_K, 8, float>" in names and "quant_gemv2<Q4_K, 8, float>" in names
