@@ -29,7 +29,8 @@ def hctx():
     ctx = Ctx(seed=int(np.random.SeedSequence().entropy % (1 << 31)))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LSERVE_CUDA_FUSE_ROPE", "1")
-        ctx.ops = CudaOps()  # the fused path, read at construction
+        mp.setenv("LSERVE_CUDA_FUSE_ROPE_QUANT", "1")
+        ctx.ops = CudaOps()  # the fused paths, read at construction
     return ctx
 
 

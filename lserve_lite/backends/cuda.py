@@ -295,11 +295,12 @@ class CudaOps:
         # rope_write_kv after the GEMV: FUSE_ROPE_ROWS by default, LSERVE_CUDA_FUSE_ROPE=1 every GEMV-sized step, 0 none.
         # (`fuse_rope`: this instance's choice whatever the environment; the kernel harness tests the fused kernels)
         self.fuse_rope_rows = fuse_rope_rows(fuse_rope, os.environ.get("LSERVE_CUDA_FUSE_ROPE"))
-        # ... for a quantized cache too (one row: rope_out.QUANT_ROPE_ROWS); LSERVE_CUDA_FUSE_ROPE_QUANT=0: never.
-        # Its heads' tickets (rope_out.cuh), zero between launches: every fused launch on this device's one
-        # stream of steps (eager and graph replays alike) counts in them and leaves them zero.
-        self.fuse_rope_quant = os.environ.get("LSERVE_CUDA_FUSE_ROPE_QUANT", "1") != "0"
-        self._rope_tickets = cp.zeros(ROPE_TICKETS, cp.int32)
+        # ... for a quantized cache too (one row: rope_out.QUANT_ROPE_ROWS) with LSERVE_CUDA_FUSE_ROPE_QUANT=1; off by
+        # default: 3.5-3.7% slower LServe decode with int8 weights on an H100 (docs/PERF_e2e.md, 2026-12-06). Its
+        # heads' tickets (rope_out.cuh), zero between launches: every fused launch on this device's one stream of
+        # steps (eager and graph replays alike) counts in them and leaves them zero.
+        self.fuse_rope_quant = os.environ.get("LSERVE_CUDA_FUSE_ROPE_QUANT", "0") == "1"
+        self._rope_tickets = cp.zeros(ROPE_TICKETS, cp.int32) if self.fuse_rope_quant else None
         # gemv_rows with S = 2 warps per row where twice the rows fit this many waves of resident warps (gemv_slices);
         # LSERVE_GEMV_KSPLIT=0: one warp per row everywhere (1.5, splitting the QKV projection too, measured slower).
         self.gemv_ksplit = env_float("LSERVE_GEMV_KSPLIT", 1.0, 0.0, 8.0)
