@@ -316,19 +316,18 @@ class _Dev:
         self.shape, self.data = shape, type("Mem", (), {"ptr": ptr})()
 
 
+def _row_arrays() -> tuple:
+    """Stand-ins for five rows' positions, slots, the RoPE tables (D 64) and q_out."""
+    return _Dev(0x1000, 5), _Dev(0x2000, 5), _Dev(0x3000, 64, 32), _Dev(0x4000, 64, 32), _Dev(0x5000)
+
+
 def test_rope_out_fields_dense_and_lserve():
     """rope_out's struct for a dense and an LServe cache (pointers, head and pool counts, logical pages, N), rope_kind,
     and rope_rows moving the per-row pointers for a later launch over rows 3.. (the streaming slots stay N apart)."""
     from lserve_lite.backends.base import KVCache
     from lserve_lite.backends.rope_out import rope_kind, rope_out, rope_rows
 
-    pos, slots, cos, sin, q = (
-        _Dev(0x1000, 5),
-        _Dev(0x2000, 5),
-        _Dev(0x3000, 64, 32),
-        _Dev(0x4000, 64, 32),
-        _Dev(0x5000),
-    )
+    pos, slots, cos, sin, q = _row_arrays()
     dense = KVCache(k=[_Dev(0x6000, 8, 3, 16, 64)], v=[_Dev(0x7000, 8, 3, 16, 64)], page_size=16, num_pages=8)
     ro = rope_out(pos, slots, (cos, sin), q, dense, 0, None, 9)
     assert (int(ro["positions"]), int(ro["slots"]), int(ro["q_out"]), int(ro["k_cache"]), int(ro["v_cache"])) == (
@@ -361,13 +360,7 @@ def test_rope_out_fields_quantized():
     from lserve_lite.backends.rope_out import QUANT_ROPE_ROWS, rope_kind, rope_kinds, rope_out, rope_rows
     from lserve_lite.kv.quant import FORMATS
 
-    pos, slots, cos, sin, q = (
-        _Dev(0x1000, 5),
-        _Dev(0x2000, 5),
-        _Dev(0x3000, 64, 32),
-        _Dev(0x4000, 64, 32),
-        _Dev(0x5000),
-    )
+    pos, slots, cos, sin, q = _row_arrays()
     stage, ticket = _Dev(0xF000, 5, 15, 64), _Dev(0xF800, 1024)
     for name, kind, had in (("int8", 3, 0), ("int4", 5, 1), ("fp8", 7, 1)):
         fmt = FORMATS[name]
