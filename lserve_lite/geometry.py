@@ -97,11 +97,20 @@ def window_visit_pages(sink: int, local: int, page_size: int) -> int:
     return sink_pages(sink, page_size) + pages_for(local, page_size) + 1
 
 
+def ring_oldest(end: int, num_ring_pages: int, page_size: int, held_from: int = 0) -> int:
+    """The oldest non-sink logical page a streaming table written up to `end` tokens holds for its sequence: the ring
+    keeps the newest pages, and a table resumed from a snapshot holds none older than `held_from` (its older slots
+    hold pages of the snapshot's donor past the shared prefix)."""
+    return max((end - 1) // page_size - num_ring_pages + 1, held_from)
+
+
 def ring_covers(
-    boundary: int, end: int, local: int, num_sink_pages: int, num_ring_pages: int, page_size: int
-) -> bool:
-    """Whether a streaming table written up to `end` tokens still holds every page that queries from the page
-    boundary `boundary` on can see with a `local` window (sink pages always stay; the ring keeps the newest)."""
+    boundary: int, end: int, local: int, num_sink_pages: int, num_ring_pages: int, page_size: int,
+    held_from: int = 0,
+) -> bool:  # fmt: skip
+    """Whether a streaming table written up to `end` tokens (holding no ring page older than `held_from`) still holds
+    every page that queries from the page boundary `boundary` on can see with a `local` window (sink pages always
+    stay; the ring keeps the newest)."""
     first = max(max(0, boundary - local + 1) // page_size, num_sink_pages)  # oldest non-sink page visible
-    kept = (end - 1) // page_size - num_ring_pages + 1  # oldest page the ring still holds
+    kept = ring_oldest(end, num_ring_pages, page_size, held_from)
     return boundary <= end and (first >= boundary // page_size or first >= kept)

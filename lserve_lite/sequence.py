@@ -49,6 +49,9 @@ class Sequence:
         self.block_hashes: list[bytes] = []  # keys of the full pages of all_ids hashed so far
         self.num_registered = 0  # leading pages of page_table indexed in the prefix cache
         self.num_attached = 0  # tokens whose K/V came from the prefix cache at this admission
+        # oldest logical page past the sinks that stream_table holds for this sequence: resumed from a snapshot, its
+        # older ring slots hold the donor's later pages (PrefixCache.held_from)
+        self.stream_from = 0
         self.in_flight: list[
             bytes
         ] = []  # keys of prompt pages this sequence computes that others may wait for

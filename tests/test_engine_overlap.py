@@ -239,3 +239,15 @@ def test_scoring_between_overlapped_steps_loses_no_output(tiny_llama):
     step, over.step = over.step, score_then_step
     assert drive(over, reqs) == ref
     assert any(scored) and over.launches > 0
+
+
+def test_next_turn_attaches_the_pages_overlapped_decode_steps_filled(tiny_llama):
+    """A page filled by an overlapped decode step is keyed over its token ids once the sample is read: it was keyed
+    with its last id missing (its placeholder popped first), so a conversation's next turn reused only the prompt."""
+    first = [int(t) for t in RNG.integers(3, 320, 40)]
+    params = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
+    for eng in (engine(tiny_llama, False), engine(tiny_llama, True)):
+        ((reply, *_),) = drive(eng, [(first, params)])
+        drive(eng, [(first + reply + [7, 8, 9], params)])
+        assert eng.scheduler.prompt_tokens_cached == 64  # 4 pages of 16: the prompt and the reply's pages
+    assert eng.launches > 0

@@ -335,3 +335,16 @@ def test_prefill_windows_are_part_of_the_key(model):
     while ref.has_unfinished():
         want += [o for o in ref.step() if o.finished]
     assert outs[0].seq.output_ids == want[0].seq.output_ids
+
+
+def test_snapshot_of_a_resumed_sequence_offers_only_pages_it_holds(model):
+    """LServe: b resumes a's snapshot at page 4, where a's ring slot of page 1 holds a's page 6; b's own snapshot
+    offered boundary 128 (its ring looked unwrapped), and c, resuming there, read a's page 6 as its page 1."""
+    rng = np.random.default_rng(10)
+    a = ids(rng, 400)
+    prompts = [a, a[:300] + ids(rng, 20), a[:129]]
+    eng = engine(model, "lserve")
+    got = [run(eng, [p])[0] for p in prompts]
+    assert [g[0] for g in got] == cold(model, "lserve", prompts)
+    # c resumes a's snapshot at 64 instead (b's does not hold page 1)
+    assert [g[1] for g in got] == [0, 256, 64]

@@ -473,9 +473,11 @@ class LLMEngine:
         for seq, tok in zip(fl.seqs, fl.tokens.tolist()):
             if seq.is_finished:
                 continue
-            seq.output_ids.pop()
+            # the sample takes its placeholder's place first: a page the step launched since filled is keyed over it
+            seq.output_ids[-1] = tok
             if seq.status is Status.RUNNING:  # a preempted one has no pages left to index
                 self.blocks.cache_computed(seq)
+            seq.output_ids.pop()
             outs.append(self._append(seq, tok))
         return outs
 

@@ -133,7 +133,7 @@ class BlockManager:
             self.slots.append(seq.sel_slot)
         self._settle(seq, len(seq.in_flight))
         seq.page_table, seq.stream_table, seq.sel_slot = [], [], -1
-        seq.num_cached = seq.decode_steps = seq.num_registered = seq.num_attached = 0
+        seq.num_cached = seq.decode_steps = seq.num_registered = seq.num_attached = seq.stream_from = 0
 
     # -- prefix cache ---------------------------------------------------------------------------------
     def attach(self, seq: Sequence) -> int:
@@ -157,6 +157,7 @@ class BlockManager:
         if pages and snap is not None:
             seq.stream_table = [self._stream_page() for _ in snap.pages]  # may reuse snap's own: copy gathers
             self.page_ops.append(("copy", list(snap.pages), list(seq.stream_table)))
+            seq.stream_from = c.held_from(snap, len(pages))
         seq.num_registered = len(pages)
         seq.num_cached = seq.num_attached = len(pages) * self.page_size
         full = len(seq.prompt_ids) // self.page_size
@@ -213,7 +214,7 @@ class BlockManager:
             return
         pages = [self._stream_page() for _ in seq.stream_table]  # may evict older snapshots
         self.page_ops.append(("copy", list(seq.stream_table), pages))
-        self.cache.add_snapshot(Snapshot(pages, seq.num_cached, keys))
+        self.cache.add_snapshot(Snapshot(pages, seq.num_cached, keys, seq.stream_from))
 
     def _donate_snapshot(self, seq: Sequence) -> bool:
         """A released sequence's streaming pages become a snapshot of its state if they add keys."""
@@ -221,7 +222,7 @@ class BlockManager:
             return False
         keys = self.cache.snapshot_keys(seq, seq.num_cached)
         if keys:
-            self.cache.add_snapshot(Snapshot(list(seq.stream_table), seq.num_cached, keys))
+            self.cache.add_snapshot(Snapshot(list(seq.stream_table), seq.num_cached, keys, seq.stream_from))
         return bool(keys)
 
     def _clear(self, pages: list[int], stream_pages: list[int]) -> None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..geometry import ring_covers
+from ..geometry import ring_covers, ring_oldest
 
 if TYPE_CHECKING:
     from ..sequence import Sequence
@@ -43,11 +43,13 @@ def extend_hashes(seq: Sequence, upto: int, page_size: int) -> None:
 
 @dataclass(eq=False)
 class Snapshot:
-    """Streaming-pool pages (a sequence's stream_table layout: sink pages, then the ring) after `end` tokens."""
+    """Streaming-pool pages (a sequence's stream_table layout: sink pages, then the ring) after `end` tokens;
+    its ring holds no page older than `held_from` for the prefix (`Sequence.stream_from`)."""
 
     pages: list[int]
     end: int
     keys: list[bytes]
+    held_from: int = 0
 
 
 class PrefixCache:
@@ -103,10 +105,17 @@ class PrefixCache:
         return page
 
     # -- streaming snapshots ---------------------------------------------------------------------------
-    def _covers(self, boundary: int, end: int, seq: Sequence | None) -> bool:
-        sp = seq.sparse if seq is not None else None
+    def _covers(self, boundary: int, snap: Snapshot, seq: Sequence) -> bool:
+        sp = seq.sparse
         window = max(sp.prefill_local, sp.decode_local) if sp is not None else self.window
-        return ring_covers(boundary, end, window, self.sink_pages, self.ring_pages, self.page_size)
+        return ring_covers(
+            boundary, snap.end, window, self.sink_pages, self.ring_pages, self.page_size, snap.held_from
+        )
+
+    def held_from(self, snap: Snapshot, boundary_page: int) -> int:
+        """`Sequence.stream_from` of a sequence resumed from `snap` at page `boundary_page`: the snapshot's ring pages
+        of the shared prefix, then the pages it writes itself from the boundary on."""
+        return min(ring_oldest(snap.end, self.ring_pages, self.page_size, snap.held_from), boundary_page)
 
     def snapshot_keys(self, seq: Sequence, end: int) -> list[bytes]:
         """Keys of the registered boundaries of `seq` that a snapshot after `end` tokens can resume and no
@@ -116,7 +125,7 @@ class PrefixCache:
             seq.block_hashes[k - 1]
             for k in range(1, seq.num_registered + 1)
             if seq.block_hashes[k - 1] not in self.snap_of
-            and ring_covers(k * ps, end, ps, self.sink_pages, self.ring_pages, ps)
+            and ring_covers(k * ps, end, ps, self.sink_pages, self.ring_pages, ps, seq.stream_from)
         ]
 
     def add_snapshot(self, snap: Snapshot) -> None:
@@ -129,7 +138,7 @@ class PrefixCache:
         """The deepest boundary (in pages, <= num_pages) of `seq`'s prompt that a snapshot can resume."""
         for k in range(num_pages, 0, -1):
             snap = self.snap_of.get(seq.block_hashes[k - 1])
-            if snap is not None and self._covers(k * self.page_size, snap.end, seq):
+            if snap is not None and self._covers(k * self.page_size, snap, seq):
                 self.snaps.move_to_end(snap)
                 return k, snap
         return 0, None
