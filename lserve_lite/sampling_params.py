@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import InitVar, dataclass, field, replace
+from dataclasses import InitVar, dataclass, field, fields, replace
 
 from .errors import InvalidRequestError
 
@@ -31,10 +31,47 @@ class _Default(int):
 
 DEFAULT_MAX_NEW_TOKENS = _Default(256)
 _UNSET = object()  # max_tokens not given (None is vLLM's "up to the context limit")
+_STRUCTURED = "use response_format (json_object or json_schema)"
+
+# vLLM's sampling options that are not implemented here: each with its value that means "off" (accepted, as is None)
+# and what to do instead. SamplingParams refuses any other value in one line, and so does the server for these
+# request fields (serve/protocol.py).
+VLLM_UNSUPPORTED: dict[str, tuple[object, str]] = {
+    "min_p": (0, "leave it out, or use top_p / top_k"),
+    "min_tokens": (0, "leave it out; ignore_eos with max_tokens gives a fixed length"),
+    "use_beam_search": (False, "no beam search"),
+    "length_penalty": (1, "no beam search"),
+    "early_stopping": (False, "no beam search"),
+    "guided_decoding": (None, _STRUCTURED),
+    "structured_outputs": (None, _STRUCTURED),
+    "include_stop_str_in_output": (False, "the text leaves the stop string out"),
+    "skip_special_tokens": (True, "the text leaves special tokens out"),
+    "spaces_between_special_tokens": (True, "the text leaves special tokens out"),
+    "detokenize": (True, "outputs are always detokenized"),
+    "allowed_token_ids": (None, "use logit_bias"),
+    "bad_words": ([], "use logit_bias"),
+    "truncate_prompt_tokens": (None, "send a prompt that fits"),
+    "logits_processors": (None, "no custom logits processors"),
+    "output_kind": (None, "generate returns finished outputs; stream yields text deltas"),
+    "extra_args": (None, "no custom sampling arguments"),
+}
+
+
+def refuse_set(name: str, value: object, off: object, instead: str) -> None:
+    """Refuse an option that is not implemented set to anything but None or its "off" value `off`, in one line that
+    says what to do `instead`: code that sets one expects its effect."""
+    if value is not None and not (isinstance(value, (numbers.Number, list, dict)) and value == off):
+        raise InvalidRequestError(f"{name} is not supported ({instead})")
+
+
+def check_best_of(best_of: object, n: int) -> None:
+    """vLLM's best_of: candidates are not ranked here, so only best_of == n (every candidate returned) is the same."""
+    if best_of is not None and best_of != n:
+        raise InvalidRequestError("best_of must equal n (candidates are not ranked)")
 
 
 @dataclass
-class SamplingParams:
+class _Params:
     """temperature 0 (or below 1e-5) means greedy; top_k 0 (or vLLM's -1) and top_p 1 disable those filters.
     `max_tokens` (vLLM's and OpenAI's name) is `max_new_tokens` given at construction (None, as vLLM's: up to the
     context limit); after it, read `max_new_tokens`."""
@@ -176,6 +213,23 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+
+class SamplingParams(_Params):
+    """_Params (its fields and rules), constructed also from code ported from vLLM: vLLM's options not implemented
+    here (VLLM_UNSUPPORTED, `best_of`) are taken at their "off" value and refused in one line otherwise, instead of
+    a bare TypeError."""
+
+    def __init__(self, *args: object, **kw: object):
+        best_of = kw.pop("best_of", None)
+        for name in [k for k in kw if k in VLLM_UNSUPPORTED]:
+            refuse_set(name, kw.pop(name), *VLLM_UNSUPPORTED[name])
+        known = {f.name for f in fields(_Params)} | {"max_tokens"}
+        unknown = next((k for k in kw if k not in known), None)
+        if unknown is not None:  # named as this class, not its base
+            raise TypeError(f"SamplingParams got an unexpected keyword argument {unknown!r}")
+        super().__init__(*args, **kw)
+        check_best_of(best_of, self.n)
 
 
 def _int(x) -> bool:

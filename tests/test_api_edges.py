@@ -133,6 +133,39 @@ def test_none_is_no_stop_strings_ids_or_bias_as_in_vllm():
         SamplingParams(stop=5)
 
 
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(min_p=0.1), r"^min_p is not supported \(leave it out, or use top_p / top_k\)$"),
+        (dict(min_tokens=3), r"^min_tokens is not supported \(leave it out; ignore_eos with max_tokens"),
+        (dict(best_of=4, n=2), r"^best_of must equal n \(candidates are not ranked\)$"),
+        (dict(skip_special_tokens=False), r"^skip_special_tokens is not supported"),
+        (dict(spaces_between_special_tokens=False), r"^spaces_between_special_tokens is not supported"),
+        (dict(use_beam_search=True), r"^use_beam_search is not supported \(no beam search\)$"),
+        (dict(guided_decoding=object()), r"^guided_decoding is not supported \(use response_format"),
+        (dict(include_stop_str_in_output=True), r"^include_stop_str_in_output is not supported"),
+        (dict(allowed_token_ids=[5]), r"^allowed_token_ids is not supported \(use logit_bias\)$"),
+    ],
+)
+def test_vllms_unimplemented_sampling_options_are_named(kw, match):
+    """vLLM's SamplingParams options not implemented here were a bare TypeError ("unexpected keyword argument"):
+    set, each is one InvalidRequestError naming it and what to use instead (the server's hints)."""
+    with pytest.raises(InvalidRequestError, match=match):
+        SamplingParams(max_tokens=2, **kw)
+
+
+def test_vllms_unimplemented_sampling_options_at_their_off_values_pass(llm):
+    """vLLM code that spells out an option's default (min_p=0.0, skip_special_tokens=True, best_of=n) asks for what
+    happens here: accepted; a name neither class knows is still a TypeError, named as SamplingParams."""
+    off = dict(min_p=0.0, min_tokens=0, best_of=2, skip_special_tokens=True, spaces_between_special_tokens=True,
+               include_stop_str_in_output=False, detokenize=True, guided_decoding=None, bad_words=[])  # fmt: skip
+    sp = SamplingParams(max_tokens=2, n=2, temperature=0, ignore_eos=True, **off)
+    assert sp == SamplingParams(max_tokens=2, n=2, temperature=0, ignore_eos=True)
+    assert [len(o.token_ids) for o in llm.generate([[5, 6]], sp)] == [2, 2]
+    with pytest.raises(TypeError, match="^SamplingParams got an unexpected keyword argument 'min_pp'$"):
+        SamplingParams(min_pp=0.1)
+
+
 def test_sampling_values_may_be_numpy_numbers(llm):
     """A count, seed or temperature computed with NumPy (np.int64(16), np.float32(0.7)) was refused as "must be an
     integer >= 1, got 16": NumPy's integers and reals are numbers (booleans, NumPy's too, are still refused)."""
