@@ -37,7 +37,8 @@ VLLM_ENGINE_ARGS = {
 @dataclass
 class CompletionOutput:
     """A finished request: its text, generated ids and why it stopped ("stop", "length", "abort", or "error": its
-    response_format grammar gave up mid-reply, so the text is cut)."""
+    response_format grammar gave up mid-reply, so the text is cut). It also reads as vLLM's RequestOutput of one
+    candidate (`outputs`, `prompt`, `request_id`, `finished`), so code ported from vLLM runs unchanged."""
 
     text: str
     token_ids: list[int]
@@ -46,6 +47,27 @@ class CompletionOutput:
     logprobs: list[TokenLogprob] | None = None  # per generated token, with SamplingParams(logprobs=k)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token, with prompt_logprobs=k
     tool_calls: list[dict] | None = None  # chat with tools: the calls made (OpenAI's shape); `text` the rest
+    prompt: str | None = (
+        None  # the prompt's text (chat: as rendered); None for a prompt of token ids, as vLLM's
+    )
+    request_id: str = ""
+    index: int = 0  # which of its prompt's n candidates (vLLM's CompletionOutput.index)
+
+    @property
+    def outputs(self) -> list[CompletionOutput]:
+        """vLLM's RequestOutput.outputs: this candidate itself, so `out.outputs[0].text` is `out.text`. With n > 1
+        generate returns the n candidates of a prompt as n outputs in a row, each holding one."""
+        return [self]
+
+    @property
+    def finished(self) -> bool:
+        """vLLM's RequestOutput.finished: generate and chat return finished requests only."""
+        return True
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """vLLM's: the sum of the generated tokens' logprobs, with SamplingParams(logprobs=k); else None."""
+        return None if self.logprobs is None else float(sum(t.logprob for t in self.logprobs))
 
 
 class LLM:
@@ -156,14 +178,17 @@ class LLM:
         prompts = _prompt_list(prompts)
         per_prompt = _per_prompt(sampling_params, len(prompts))
         rids: list[str] = []
+        # each request's prompt text (None: token ids) and candidate index, as vLLM's outputs carry them
+        about: list[tuple[str | None, int]] = []
         done = False
         try:
             for p, sp in zip(prompts, per_prompt):
-                for c in sp.candidates():
+                for i, c in enumerate(sp.candidates()):
                     rids.append(self._add(p, c))
+                    about.append((p if isinstance(p, str) else None, i))
             outs = self._collect(rids, use_tqdm)
             done = True
-            return outs
+            return [replace(o, prompt=text, index=i) for o, (text, i) in zip(outs, about)]
         finally:  # a refused prompt, an error or an interrupt: none of the batch stays queued or running
             if not done:
                 self._abort(rids, wait=True)
@@ -207,6 +232,8 @@ class LLM:
         how = (add_generation_prompt, continue_final_message)
         ids = [self.tokenizer.encode_chat(*prompt_messages(c, plan, native), *how) for c in convs]
         outs = self.generate(ids, per_conv, use_tqdm)
+        for o in outs:  # vLLM's RequestOutput.prompt of a chat: its rendered text
+            o.prompt = self.tokenizer.decode(o.prompt_token_ids, skip_special_tokens=False)
         for o in outs if plan else []:
             content, calls = plan.parse(o.text)
             if calls:
@@ -322,6 +349,7 @@ class LLM:
                             list(s.prompt_ids),
                             list(s.logprobs) if s.params.logprobs is not None else None,
                             s.prompt_logprobs,
+                            request_id=out.request_id,
                         )
                         pending.discard(out.request_id)
                         bar.update(1)

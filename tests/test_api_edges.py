@@ -664,6 +664,37 @@ def test_generate_takes_vllms_prompt_dicts(llm):
     assert not llm.engine.has_unfinished()
 
 
+def test_outputs_read_as_vllms_request_outputs(llm):
+    """vLLM's RequestOutput shape (`out.outputs[0].text`, `out.prompt`, `out.request_id`, `out.finished`) was an
+    AttributeError: a typical vLLM snippet runs unchanged. Each output is one candidate (n > 1: n outputs in a row,
+    each holding itself at its `index`), and keeps its own attributes."""
+    prompts = ["Hello, my name is", [5, 6]]
+    sampling_params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=3, seed=0, ignore_eos=True)
+    outputs = llm.generate(prompts, sampling_params)
+    seen = []
+    for output in outputs:
+        prompt = output.prompt
+        generated_text = output.outputs[0].text
+        seen.append((prompt, generated_text, output.outputs[0].token_ids, output.outputs[0].finish_reason))
+        assert (
+            output.finished
+            and output.request_id
+            and output.prompt_token_ids == output.outputs[0].prompt_token_ids
+        )
+    assert seen == [
+        (p if isinstance(p, str) else None, o.text, o.token_ids, "length") for p, o in zip(prompts, outputs)
+    ]
+    assert len({o.request_id for o in outputs}) == 2 and all(len(o.token_ids) == 3 for o in outputs)
+    outs = llm.generate("hi", SamplingParams(max_tokens=2, n=3, logprobs=0, ignore_eos=True))
+    assert [c.index for o in outs for c in o.outputs] == [0, 1, 2]
+    assert outs[1].cumulative_logprob == pytest.approx(sum(t.logprob for t in outs[1].logprobs))
+    assert llm.generate("hi", SamplingParams(max_tokens=1))[0].cumulative_logprob is None
+    chat = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=2))
+    assert chat.outputs[0] is chat and chat.prompt == llm.tokenizer.render_chat(
+        [{"role": "user", "content": "hi"}]
+    )
+
+
 def test_sampling_params_keyword_is_vllms(llm):
     """vLLM's generate / chat name their parameters `sampling_params`; code ported from it, which passes them by
     that keyword, got a TypeError (the keyword here was `params`)."""
