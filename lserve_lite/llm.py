@@ -205,12 +205,15 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         use_tqdm: bool = False,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict | None = None,
     ) -> CompletionOutput | list[CompletionOutput]:
         """One conversation -> one output; a list of conversations (or n > 1) -> a list of outputs. `tools` /
         `tool_choice` / `parallel_tool_calls` as OpenAI's chat API takes them (docs/SERVE.md, "Tool calling"):
         an output's calls are in `tool_calls`, its other text in `text`. `continue_final_message` (with
         `add_generation_prompt=False`), as vLLM's: the reply continues the last message instead of a new turn.
-        `use_tqdm` as in `generate`."""
+        `use_tqdm` as in `generate`. `chat_template` / `chat_template_kwargs`, as vLLM's: the caller's Jinja
+        template instead of the model's (rendered in the same sandbox) and extra variables for it."""
         self._check_open()
         if not isinstance(messages, list) or not messages:
             raise InvalidRequestError("chat takes a conversation (a list of message dicts) or a list of them")
@@ -228,8 +231,8 @@ class LLM:
                 )
                 for p in per_conv
             ]
-        native = self.tokenizer.template_reads_tools
-        how = (add_generation_prompt, continue_final_message)
+        native = self.tokenizer.reads_tools(chat_template)
+        how = (add_generation_prompt, continue_final_message, chat_template, chat_template_kwargs)
         ids = [self.tokenizer.encode_chat(*prompt_messages(c, plan, native), *how) for c in convs]
         outs = self.generate(ids, per_conv, use_tqdm)
         for o in outs:  # vLLM's RequestOutput.prompt of a chat: its rendered text

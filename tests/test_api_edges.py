@@ -478,6 +478,44 @@ def test_chat_continues_the_final_message(llm):
     assert not llm.engine.has_unfinished()
 
 
+def test_chat_takes_vllms_chat_template_and_its_kwargs(llm):
+    """vLLM's LLM.chat(chat_template=..., chat_template_kwargs=...) was a TypeError: the caller's template renders
+    the prompt (compiled once by its text), with the extra variables; a bad one is one line naming the option."""
+    from lserve_lite import tokenizer
+
+    msgs = [{"role": "user", "content": "hi"}]
+    sp = SamplingParams(max_tokens=1)
+    tmpl = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{% if think %}<t>{% endif %}:"
+    before = tokenizer._caller_template.cache_info().misses
+    assert llm.chat(msgs, sp, chat_template=tmpl).prompt == "[user]hi:"
+    out = llm.chat(msgs, sp, chat_template=tmpl, chat_template_kwargs={"think": True})
+    assert out.prompt == "[user]hi<t>:" and out.prompt_token_ids == llm.tokenizer.encode(
+        "[user]hi<t>:", False
+    )
+    assert tokenizer._caller_template.cache_info().misses == before + 1
+    # the model's own template takes extra variables too (Qwen3's enable_thinking), as transformers renders them
+    assert llm.chat(
+        msgs, sp, chat_template_kwargs={"enable_thinking": False}
+    ).prompt == llm.tokenizer.render_chat(msgs)
+    for kw, match in [
+        (dict(chat_template="{% for %}"), r"^chat_template has a Jinja syntax error at line 1 "),
+        (dict(chat_template=5), r"^chat_template must be a non-empty string of Jinja, got 5$"),
+        (
+            dict(chat_template="x" * (2 << 20)),
+            r"^chat_template has 2097152 characters; at most 1048576 allowed$",
+        ),
+        (
+            dict(chat_template_kwargs={"messages": []}),
+            r"^chat_template_kwargs may not set 'messages', which the ",
+        ),
+        (dict(chat_template_kwargs={"range": len}), r"^chat_template_kwargs may not set 'range'"),
+        (dict(chat_template_kwargs=["x"]), r"^chat_template_kwargs must be a dict of template variables"),
+    ]:
+        with pytest.raises(InvalidRequestError, match=match):
+            llm.chat(msgs, sp, **kw)
+    assert not llm.engine.has_unfinished()
+
+
 def test_stream_refuses_several_candidates(llm):
     with pytest.raises(InvalidRequestError, match="one candidate"):
         next(llm.stream([5, 6, 7], SamplingParams(n=2, max_new_tokens=2)))
