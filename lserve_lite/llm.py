@@ -70,6 +70,20 @@ class CompletionOutput:
         return None if self.logprobs is None else float(sum(t.logprob for t in self.logprobs))
 
 
+class ChatOutput(CompletionOutput):
+    """The output of chat given one conversation (returned alone), which also reads as vLLM's list of one
+    RequestOutput: `llm.chat(msgs)[0].outputs[0].text` and `for out in llm.chat(msgs)` run unchanged."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self) -> Iterator[CompletionOutput]:
+        yield self
+
+    def __getitem__(self, i: int) -> CompletionOutput:
+        return [self][i]
+
+
 class LLM:
     """An embedded engine: `LLM()` loads the default SmolLM2 on the best backend available. `close()` (or a
     `with LLM() as llm:` block) ends it."""
@@ -207,9 +221,9 @@ class LLM:
         use_tqdm: bool = False,
         chat_template: str | None = None,
         chat_template_kwargs: dict | None = None,
-    ) -> CompletionOutput | list[CompletionOutput]:
-        """One conversation -> one output; a list of conversations (or n > 1) -> a list of outputs. `tools` /
-        `tool_choice` / `parallel_tool_calls` as OpenAI's chat API takes them (docs/SERVE.md, "Tool calling"):
+    ) -> ChatOutput | list[CompletionOutput]:
+        """One conversation -> one output (a ChatOutput, which reads as vLLM's list of one too); a list of
+        conversations (or n > 1) -> a list of outputs. `tools` / `tool_choice` / `parallel_tool_calls` as OpenAI's chat API takes them (docs/SERVE.md, "Tool calling"):
         an output's calls are in `tool_calls`, its other text in `text`. `continue_final_message` (with
         `add_generation_prompt=False`), as vLLM's: the reply continues the last message instead of a new turn.
         `use_tqdm` as in `generate`. `chat_template` / `chat_template_kwargs`, as vLLM's: the caller's Jinja
@@ -242,7 +256,7 @@ class LLM:
             if calls:
                 o.text, o.tool_calls = content or "", calls
                 o.finish_reason = finish_reason(o.finish_reason, True)
-        return outs[0] if single and len(outs) == 1 else outs
+        return ChatOutput(**vars(outs[0])) if single and len(outs) == 1 else outs
 
     def stream(
         self, prompt: str | list[dict] | list[int] | dict, sampling_params: SamplingParams | None = None

@@ -478,6 +478,19 @@ def test_chat_continues_the_final_message(llm):
     assert not llm.engine.has_unfinished()
 
 
+def test_chat_of_one_conversation_reads_as_vllms_list_of_one(llm):
+    """vLLM's chat returns a list of RequestOutputs; ours returns one conversation's output alone, so vLLM's
+    `for output in llm.chat(msgs)` / `llm.chat(msgs)[0]` were a TypeError. The output reads as a list of one
+    too (and still as itself: `.text`)."""
+    outputs = llm.chat([{"role": "user", "content": "hi"}], sampling_params=SamplingParams(max_tokens=2))
+    texts = [output.outputs[0].text for output in outputs]
+    assert texts == [outputs.text] and outputs[0] is outputs and outputs[-1] is outputs and len(outputs) == 1
+    with pytest.raises(IndexError):
+        outputs[1]
+    many = llm.chat([[{"role": "user", "content": "hi"}]] * 2, SamplingParams(max_tokens=1))
+    assert isinstance(many, list) and len(many) == 2
+
+
 def test_chat_takes_vllms_chat_template_and_its_kwargs(llm):
     """vLLM's LLM.chat(chat_template=..., chat_template_kwargs=...) was a TypeError: the caller's template renders
     the prompt (compiled once by its text), with the extra variables; a bad one is one line naming the option."""
