@@ -32,6 +32,16 @@ VLLM_ENGINE_ARGS = {
     "gpu_memory_utilization": "kv_memory_fraction, the share of the free memory the KV cache takes",
     "enforce_eager": "cuda_graphs=False",
 }
+# vLLM's engine arguments with no counterpart here, and what to do instead
+VLLM_ENGINE_ONLY = {
+    "dtype": "weights run in the backend's float type; quantize='int8' or 'int4' quantizes them",
+    "trust_remote_code": "no code from the model files is run: leave it out",
+    "seed": "give each request its seed, SamplingParams(seed=...)",
+    "tokenizer": "the tokenizer is the model's own, from its directory or GGUF file",
+    "download_dir": "nothing is downloaded: give a model directory or a GGUF file",
+    "swap_space": "no KV swapping to host memory",
+    "enable_chunked_prefill": "prefill is always chunked by max_num_batched_tokens",
+}
 
 
 @dataclass
@@ -103,7 +113,11 @@ class LLM:
         unknown = next((k for k in kw if k not in known), None)
         if unknown is not None:
             ported = (
-                f" (vLLM's name; here: {VLLM_ENGINE_ARGS[unknown]})" if unknown in VLLM_ENGINE_ARGS else ""
+                f" (vLLM's name; here: {VLLM_ENGINE_ARGS[unknown]})"
+                if unknown in VLLM_ENGINE_ARGS
+                else f" (vLLM's; not an option here: {VLLM_ENGINE_ONLY[unknown]})"
+                if unknown in VLLM_ENGINE_ONLY
+                else ""
             )
             raise InvalidRequestError(f"LLM: got an unexpected keyword argument {unknown!r}{ported}")
         cfg = config or EngineConfig(**kw)

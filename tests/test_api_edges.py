@@ -825,6 +825,11 @@ def test_llm_refuses_wrong_argument_types(tiny_llama):
                             ((str(tiny_llama),), {"max_model_len": 64, "tensor_parallel_size": 2},
                              r"^LLM: got an unexpected keyword argument 'tensor_parallel_size' \(vLLM's name; here: "
                              r"tensor_parallel\)$"),
+                            # and those with no counterpart, what to do instead (they were "unexpected" alone)
+                            ((str(tiny_llama),), {"trust_remote_code": True},
+                             r"^LLM: got an unexpected keyword argument 'trust_remote_code' \(vLLM's; not an option "
+                             r"here: no code from the model files is run: leave it out\)$"),
+                            ((str(tiny_llama),), {"dtype": "bfloat16"}, r"'dtype' \(vLLM's; not an option here: "),
                             ((str(tiny_llama),), {"config": EngineConfig(), "max_model_len": 64},
                              r"or its fields as keywords, not both \(got max_model_len=\)")):  # fmt: skip
         with pytest.raises(InvalidRequestError, match=match):
