@@ -746,6 +746,28 @@ def test_outputs_read_as_vllms_request_outputs(llm):
     )
 
 
+def test_logprobs_read_as_vllms_dicts(llm):
+    """vLLM's logprobs are a dict per token, {token id: Logprob(logprob, rank, decoded_token)}: ported code
+    (`lp[token_id].logprob`, `lp.items()`) was an AttributeError / TypeError on our entries. Each entry reads as
+    that dict (the top alternatives ranked from 1, and the chosen token), keeping its own fields."""
+    out = llm.generate(
+        [[5, 6, 7]], SamplingParams(max_tokens=3, logprobs=2, prompt_logprobs=1, temperature=0)
+    )[0]
+    for token_id, lp in zip(out.outputs[0].token_ids, out.outputs[0].logprobs):
+        assert lp[token_id].logprob == lp.logprob and lp[token_id].rank == 1  # greedy: the most likely
+        assert [r.rank for _, r in lp.items()] == [1, 2] and list(lp) == [t for t, _ in lp.top]
+    assert out.prompt_logprobs[0] is None
+    assert [(t, e[t].logprob) for e, t in zip(out.prompt_logprobs[1:], [6, 7])] == [
+        (e.token_id, e.logprob) for e in out.prompt_logprobs[1:]
+    ]
+    far = out.logprobs[0].__class__(9, -9.0, [(3, -0.1)])  # a sampled token outside the top: rank unknown
+    assert dict(far) == {9: far[9], 3: far[3]} and (far[9].rank, far[3].rank, far[9].logprob) == (
+        None,
+        1,
+        -9.0,
+    )
+
+
 def test_sampling_params_keyword_is_vllms(llm):
     """vLLM's generate / chat name their parameters `sampling_params`; code ported from it, which passes them by
     that keyword, got a TypeError (the keyword here was `params`)."""
