@@ -245,6 +245,10 @@ class LLM:
         self._check_open()
         if not isinstance(messages, list) or not messages:
             raise InvalidRequestError("chat takes a conversation (a list of message dicts) or a list of them")
+        if isinstance(tools, bool):  # vLLM's chat takes use_tqdm third: code ported from it passes it there
+            raise InvalidRequestError(
+                f"chat's third argument is tools, got {tools}: pass use_tqdm by keyword (vLLM's third argument)"
+            )
         single = isinstance(messages[0], dict)
         convs = [messages] if single else messages
         per_conv = _per_prompt(sampling_params, len(convs))

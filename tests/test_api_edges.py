@@ -491,6 +491,16 @@ def test_chat_of_one_conversation_reads_as_vllms_list_of_one(llm):
     assert isinstance(many, list) and len(many) == 2
 
 
+def test_chat_names_vllms_positional_use_tqdm(llm):
+    """vLLM's chat(messages, sampling_params, use_tqdm): its third argument here is tools, and False there was
+    refused as malformed tools; the line says to pass use_tqdm by keyword."""
+    with pytest.raises(
+        InvalidRequestError, match=r"^chat's third argument is tools, got False: pass use_tqdm by"
+    ):
+        llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=1), False)
+    assert not llm.engine.has_unfinished()
+
+
 def test_chat_takes_vllms_chat_template_and_its_kwargs(llm):
     """vLLM's LLM.chat(chat_template=..., chat_template_kwargs=...) was a TypeError: the caller's template renders
     the prompt (compiled once by its text), with the extra variables; a bad one is one line naming the option."""
