@@ -62,6 +62,9 @@ class CompletionOutput:
     )
     request_id: str = ""
     index: int = 0  # which of its prompt's n candidates (vLLM's CompletionOutput.index)
+    stop_reason: int | str | None = (
+        None  # vLLM's: the stop token id or stop string that ended it (None: EOS, length)
+    )
 
     @property
     def outputs(self) -> list[CompletionOutput]:
@@ -385,6 +388,7 @@ class LLM:
                             list(s.logprobs) if s.params.logprobs is not None else None,
                             s.prompt_logprobs,
                             request_id=out.request_id,
+                            stop_reason=s.stop_reason,
                         )
                         pending.discard(out.request_id)
                         bar.update(1)

@@ -756,6 +756,19 @@ def test_outputs_read_as_vllms_request_outputs(llm):
     )
 
 
+def test_stop_reason_names_the_stop_as_vllms(llm):
+    """vLLM's CompletionOutput.stop_reason (the stop token id or stop string that ended the reply; None for EOS or
+    the length limit) was an AttributeError."""
+    greedy = dict(max_tokens=6, temperature=0, ignore_eos=True)
+    free = llm.generate([[5, 6]], SamplingParams(**greedy))[0]
+    assert free.outputs[0].stop_reason is None and free.finish_reason == "length"
+    tok = free.token_ids[1]
+    by_id = llm.generate([[5, 6]], SamplingParams(**greedy, stop_token_ids=[tok]))[0]
+    assert (by_id.finish_reason, by_id.stop_reason, by_id.token_ids[-1]) == ("stop", tok, tok)
+    text = llm.generate([[5, 6]], SamplingParams(**greedy, stop=["\x00\x01never", free.text[1:3]]))[0]
+    assert (text.finish_reason, text.stop_reason) == ("stop", free.text[1:3])
+
+
 def test_logprobs_read_as_vllms_dicts(llm):
     """vLLM's logprobs are a dict per token, {token id: Logprob(logprob, rank, decoded_token)}: ported code
     (`lp[token_id].logprob`, `lp.items()`) was an AttributeError / TypeError on our entries. Each entry reads as
