@@ -111,6 +111,17 @@ def test_max_tokens_is_vllms_name_of_max_new_tokens(llm):
     assert (len(out.token_ids), out.finish_reason) == (3, "length")
 
 
+def test_max_tokens_reads_and_sets_max_new_tokens(llm):
+    """vLLM's code reads and sets sp.max_tokens: reading gave a sentinel object and setting it changed nothing (the
+    request still ran to max_new_tokens). It is max_new_tokens, read and set (None: up to the context limit)."""
+    sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    assert sp.max_tokens == 16 and SamplingParams().max_tokens == 256
+    sp.max_tokens = 2
+    assert sp.max_new_tokens == 2 and len(llm.generate([[5, 6]], sp)[0].token_ids) == 2
+    sp.max_tokens = None
+    assert sp.max_new_tokens == sp.max_tokens > llm.engine.max_len
+
+
 def test_top_k_minus_one_is_off_as_in_vllm(llm):
     """vLLM (and this server) spell "no top-k filter" -1 as well as 0: SamplingParams(top_k=-1), from code ported
     from vLLM, was refused. It is 0; below -1 is still refused."""
