@@ -22,6 +22,9 @@ MAX_CALLER_TEMPLATE_CHARS = (
 CALLER_TEMPLATES = 16  # compiled caller templates kept, by their text
 # variables every rendering sets itself (range: the budgeted one), which chat_template_kwargs may not replace
 RENDER_VARIABLES = ("messages", "tools", "documents", "add_generation_prompt", "range")
+# transformers' apply_chat_template options that are not template variables, not implemented here
+HF_ONLY = ("documents", "return_tensors", "return_dict", "padding", "truncation", "max_length", "tokenizer_kwargs",
+           "return_assistant_tokens_mask")  # fmt: skip
 
 
 class Tokenizer:
@@ -232,6 +235,32 @@ class Tokenizer:
             raise
         except Exception as e:  # the template is code from the model files: any failure is a bad request
             raise InvalidRequestError(f"chat template failed on these messages ({_one_line(e)})") from None
+
+    def apply_chat_template(
+        self,
+        conversation: list[dict],
+        tools: list | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        tokenize: bool = True,
+        chat_template: str | None = None,
+        **kwargs: object,
+    ) -> str | list[int]:
+        """transformers' call, as code ported from vLLM makes it on `llm.get_tokenizer()`: the rendered prompt's
+        token ids (encode_chat), or with `tokenize=False` its text (render_chat); other keywords are template
+        variables, as transformers passes them."""
+        hf = next((k for k in kwargs if k in HF_ONLY), None)
+        if hf is not None:
+            raise InvalidRequestError(
+                f"apply_chat_template: {hf} is not supported (it returns a list of ids or text)"
+            )
+        if tokenize:
+            return self.encode_chat(
+                conversation, tools, add_generation_prompt, continue_final_message, chat_template, kwargs
+            )
+        return self.render_chat(
+            conversation, add_generation_prompt, tools, continue_final_message, chat_template, kwargs
+        )
 
     def encode_chat(
         self,

@@ -61,6 +61,21 @@ def test_get_tokenizer_is_vllms_accessor(llm):
     assert tok is llm.tokenizer and tok.decode(tok.encode("hello", add_special_tokens=False)) == "hello"
 
 
+def test_tokenizers_apply_chat_template_as_transformers(llm):
+    """Code ported from vLLM renders with llm.get_tokenizer().apply_chat_template(...) (transformers' call), which
+    was an AttributeError: ids by default, text with tokenize=False, transformers' defaults (no generation
+    prompt), other keywords as template variables; its tensor options are one line."""
+    tok, msgs = llm.get_tokenizer(), [{"role": "user", "content": "hi"}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text == tok.render_chat(msgs) and tok.apply_chat_template(
+        msgs, add_generation_prompt=True
+    ) == tok.encode_chat(msgs)
+    assert tok.apply_chat_template(msgs, tokenize=False) == tok.render_chat(msgs, add_generation_prompt=False)
+    assert tok.apply_chat_template(msgs, tokenize=False, chat_template="{{ x }}|", x=7) == "7|"
+    with pytest.raises(InvalidRequestError, match=r"^apply_chat_template: return_tensors is not supported"):
+        tok.apply_chat_template(msgs, return_tensors="pt")
+
+
 def test_logits_of_valid_ids(llm):
     out = llm.logits([1, 2, 3])
     assert out.shape == (3, llm.engine.cfg.vocab_size) and np.isfinite(out).all()
