@@ -18,7 +18,7 @@ from .config import EngineConfig
 from .engine.llm_engine import LLMEngine, StepOutput
 from .engine.tool_calls import finish_reason, plan_tools, prompt_messages, short_call_ids
 from .errors import InvalidRequestError, LServeError
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, refuse_set
 from .sequence import TokenLogprob
 from .tokenizer import Tokenizer
 
@@ -197,13 +197,16 @@ class LLM:
         prompts: str | list[int] | dict | list[str | list[int] | dict],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        lora_request: object = None,
     ) -> list[CompletionOutput]:
         """Run all prompts as one continuous batch; outputs in prompt order (with `n > 1`, the n candidates
         of each prompt in a row; they share the prompt's KV pages through the prefix cache). `sampling_params`
         (vLLM's name, as in chat and stream): one for all prompts or a list, one per prompt. A prompt may be
         vLLM's dict, {"prompt": text} or {"prompt_token_ids": ids}. `use_tqdm` (vLLM's; off by default): a
-        progress bar of finished sequences on stderr. Leaving early (an error, Ctrl-C) aborts the batch."""
+        progress bar of finished sequences on stderr. Leaving early (an error, Ctrl-C) aborts the batch.
+        `lora_request` (vLLM's, passed as None by code ported from it): no LoRA here, so only None."""
         self._check_open()
+        refuse_set("lora_request", lora_request, None, "no LoRA adapters")
         if not isinstance(use_tqdm, bool):
             raise InvalidRequestError(f"use_tqdm must be True or False, got {use_tqdm!r}")
         prompts = _prompt_list(prompts)
@@ -238,13 +241,15 @@ class LLM:
         use_tqdm: bool = False,
         chat_template: str | None = None,
         chat_template_kwargs: dict | None = None,
+        lora_request: object = None,
     ) -> ChatOutput | list[CompletionOutput]:
         """One conversation -> one output (a ChatOutput, which reads as vLLM's list of one too); a list of
         conversations (or n > 1) -> a list of outputs. `tools` / `tool_choice` / `parallel_tool_calls` as OpenAI's chat API takes them (docs/SERVE.md, "Tool calling"):
         an output's calls are in `tool_calls`, its other text in `text`. `continue_final_message` (with
         `add_generation_prompt=False`), as vLLM's: the reply continues the last message instead of a new turn.
         `use_tqdm` as in `generate`. `chat_template` / `chat_template_kwargs`, as vLLM's: the caller's Jinja
-        template instead of the model's (rendered in the same sandbox) and extra variables for it."""
+        template instead of the model's (rendered in the same sandbox) and extra variables for it. `lora_request`
+        as in `generate`."""
         self._check_open()
         if not isinstance(messages, list) or not messages:
             raise InvalidRequestError("chat takes a conversation (a list of message dicts) or a list of them")
@@ -269,7 +274,7 @@ class LLM:
         native = self.tokenizer.reads_tools(chat_template)
         how = (add_generation_prompt, continue_final_message, chat_template, chat_template_kwargs)
         ids = [self.tokenizer.encode_chat(*prompt_messages(c, plan, native), *how) for c in convs]
-        outs = self.generate(ids, per_conv, use_tqdm)
+        outs = self.generate(ids, per_conv, use_tqdm, lora_request)
         for o in outs:  # vLLM's RequestOutput.prompt of a chat: its rendered text
             o.prompt = self.tokenizer.decode(o.prompt_token_ids, skip_special_tokens=False)
         for o in outs if plan else []:

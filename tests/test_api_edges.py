@@ -517,6 +517,17 @@ def test_chat_of_one_conversation_reads_as_vllms_list_of_one(llm):
     assert isinstance(many, list) and len(many) == 2
 
 
+def test_lora_request_none_passes_as_in_vllm(llm):
+    """Code ported from vLLM (lm-evaluation-harness's vLLM backend) passes lora_request=None to generate and chat:
+    it was a TypeError. None passes; an adapter is one line (no LoRA)."""
+    sp = SamplingParams(max_tokens=1)
+    assert len(llm.generate("hi", sp, use_tqdm=False, lora_request=None)) == 1
+    assert llm.chat([{"role": "user", "content": "hi"}], sp, lora_request=None).finished
+    with pytest.raises(InvalidRequestError, match=r"^lora_request is not supported \(no LoRA adapters\)$"):
+        llm.generate("hi", sp, lora_request=object())
+    assert not llm.engine.has_unfinished()
+
+
 def test_chat_names_vllms_positional_use_tqdm(llm):
     """vLLM's chat(messages, sampling_params, use_tqdm): its third argument here is tools, and False there was
     refused as malformed tools; the line says to pass use_tqdm by keyword."""
