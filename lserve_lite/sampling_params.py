@@ -47,7 +47,6 @@ VLLM_UNSUPPORTED: dict[str, tuple[object, str]] = {
     "include_stop_str_in_output": (False, "the text leaves the stop string out"),
     "skip_special_tokens": (True, "the text leaves special tokens out"),
     "spaces_between_special_tokens": (True, "the text leaves special tokens out"),
-    "detokenize": (True, "outputs are always detokenized"),
     "allowed_token_ids": (None, "use logit_bias"),
     "bad_words": ([], "use logit_bias"),
     "truncate_prompt_tokens": (None, "send a prompt that fits"),
@@ -55,6 +54,10 @@ VLLM_UNSUPPORTED: dict[str, tuple[object, str]] = {
     "output_kind": (None, "generate returns finished outputs; stream yields text deltas"),
     "extra_args": (None, "no custom sampling arguments"),
 }
+
+# vLLM's options that only spare work there, taken and ignored (lm-evaluation-harness's vLLM backend scores with
+# detokenize=False): outputs here are always detokenized, with the same ids and logprobs
+VLLM_IGNORED = ("detokenize",)
 
 
 def refuse_set(name: str, value: object, off: object, instead: str) -> None:
@@ -212,6 +215,8 @@ class SamplingParams(_Params):
 
     def __init__(self, *args: object, **kw: object):
         best_of = kw.pop("best_of", None)
+        for name in VLLM_IGNORED:
+            kw.pop(name, None)
         for name in [k for k in kw if k in VLLM_UNSUPPORTED]:
             refuse_set(name, kw.pop(name), *VLLM_UNSUPPORTED[name])
         max_tokens = kw.pop("max_tokens", _UNSET)

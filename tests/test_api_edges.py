@@ -188,6 +188,8 @@ def test_vllms_unimplemented_sampling_options_at_their_off_values_pass(llm):
     sp = SamplingParams(max_tokens=2, n=2, temperature=0, ignore_eos=True, **off)
     assert sp == SamplingParams(max_tokens=2, n=2, temperature=0, ignore_eos=True)
     assert [len(o.token_ids) for o in llm.generate([[5, 6]], sp)] == [2, 2]
+    # detokenize=False only spares vLLM work (lm-evaluation-harness's vLLM backend scores with it): taken, ignored
+    assert SamplingParams(max_tokens=2, detokenize=False) == SamplingParams(max_tokens=2)
     with pytest.raises(TypeError, match="^SamplingParams got an unexpected keyword argument 'min_pp'$"):
         SamplingParams(min_pp=0.1)
 
