@@ -57,14 +57,12 @@ class CompletionOutput:
     logprobs: list[TokenLogprob] | None = None  # per generated token, with SamplingParams(logprobs=k)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token, with prompt_logprobs=k
     tool_calls: list[dict] | None = None  # chat with tools: the calls made (OpenAI's shape); `text` the rest
-    prompt: str | None = (
-        None  # the prompt's text (chat: as rendered); None for a prompt of token ids, as vLLM's
-    )
+    # vLLM's: the prompt's text (chat: as rendered; None for a prompt of token ids), the request's id, which of
+    # its prompt's n candidates this is, and the stop token id or stop string that ended it (None: EOS, length)
+    prompt: str | None = None
     request_id: str = ""
-    index: int = 0  # which of its prompt's n candidates (vLLM's CompletionOutput.index)
-    stop_reason: int | str | None = (
-        None  # vLLM's: the stop token id or stop string that ended it (None: EOS, length)
-    )
+    index: int = 0
+    stop_reason: int | str | None = None
 
     @property
     def outputs(self) -> list[CompletionOutput]:
@@ -244,9 +242,10 @@ class LLM:
         lora_request: object = None,
     ) -> ChatOutput | list[CompletionOutput]:
         """One conversation -> one output (a ChatOutput, which reads as vLLM's list of one too); a list of
-        conversations (or n > 1) -> a list of outputs. `tools` / `tool_choice` / `parallel_tool_calls` as OpenAI's chat API takes them (docs/SERVE.md, "Tool calling"):
-        an output's calls are in `tool_calls`, its other text in `text`. `continue_final_message` (with
-        `add_generation_prompt=False`), as vLLM's: the reply continues the last message instead of a new turn.
+        conversations (or n > 1) -> a list of outputs. `tools` / `tool_choice` / `parallel_tool_calls` as OpenAI's
+        chat API takes them (docs/SERVE.md, "Tool calling"): an output's calls are in `tool_calls`, its other text
+        in `text`. `continue_final_message` (with `add_generation_prompt=False`), as vLLM's: the reply continues
+        the last message instead of a new turn.
         `use_tqdm` as in `generate`. `chat_template` / `chat_template_kwargs`, as vLLM's: the caller's Jinja
         template instead of the model's (rendered in the same sandbox) and extra variables for it. `lora_request`
         as in `generate`."""
