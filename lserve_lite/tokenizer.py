@@ -16,9 +16,8 @@ from .config import read_json_object, read_text_file
 from .errors import InvalidRequestError, LServeError, ModelLoadError
 
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
-MAX_CALLER_TEMPLATE_CHARS = (
-    1 << 20
-)  # a caller's chat template (vLLM's chat_template=): real ones are a few KB
+# a caller's chat template (vLLM's chat_template=) is compiled: bounded (real ones are a few KB)
+MAX_CALLER_TEMPLATE_CHARS = 1 << 20
 CALLER_TEMPLATES = 16  # compiled caller templates kept, by their text
 # variables every rendering sets itself (range: the budgeted one), which chat_template_kwargs may not replace
 RENDER_VARIABLES = ("messages", "tools", "documents", "add_generation_prompt", "range")
