@@ -192,19 +192,27 @@ class LLM:
 
     def generate(
         self,
-        prompts: str | list[int] | dict | list[str | list[int] | dict],
+        prompts: str | list[int] | dict | list[str | list[int] | dict] | None = None,
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = False,
         lora_request: object = None,
+        prompt_token_ids: list[int] | list[list[int]] | None = None,
     ) -> list[CompletionOutput]:
         """Run all prompts as one continuous batch; outputs in prompt order (with `n > 1`, the n candidates
         of each prompt in a row; they share the prompt's KV pages through the prefix cache). `sampling_params`
         (vLLM's name, as in chat and stream): one for all prompts or a list, one per prompt. A prompt may be
         vLLM's dict, {"prompt": text} or {"prompt_token_ids": ids}. `use_tqdm` (vLLM's; off by default): a
         progress bar of finished sequences on stderr. Leaving early (an error, Ctrl-C) aborts the batch.
-        `lora_request` (vLLM's, passed as None by code ported from it): no LoRA here, so only None."""
+        `lora_request` (vLLM's, passed as None by code ported from it): no LoRA here, so only None.
+        `prompt_token_ids` (older vLLM's keyword, as older lm-evaluation-harness passes it): the prompts as ids."""
         self._check_open()
         refuse_set("lora_request", lora_request, None, "no LoRA adapters")
+        if prompt_token_ids is not None:
+            if prompts is not None:
+                raise InvalidRequestError(
+                    "generate takes prompts or prompt_token_ids (older vLLM's keyword), not both"
+                )
+            prompts = prompt_token_ids
         if not isinstance(use_tqdm, bool):
             raise InvalidRequestError(f"use_tqdm must be True or False, got {use_tqdm!r}")
         prompts = _prompt_list(prompts)

@@ -530,6 +530,19 @@ def test_lora_request_none_passes_as_in_vllm(llm):
     assert not llm.engine.has_unfinished()
 
 
+def test_generate_takes_older_vllms_prompt_token_ids(llm):
+    """Older vLLM's generate(prompt_token_ids=[[...], ...]) (older lm-evaluation-harness's vLLM backend) was a
+    TypeError: the prompts as token ids; both given is one line."""
+    sp = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    outs = llm.generate(prompt_token_ids=[[5, 6], [7]], sampling_params=sp, use_tqdm=False, lora_request=None)
+    assert [o.prompt_token_ids for o in outs] == [[5, 6], [7]]
+    assert [o.token_ids for o in outs] == [o.token_ids for o in llm.generate([[5, 6], [7]], sp)]
+    with pytest.raises(
+        InvalidRequestError, match=r"^generate takes prompts or prompt_token_ids \(older vLLM"
+    ):
+        llm.generate([[5]], sp, prompt_token_ids=[[5]])
+
+
 def test_chat_names_vllms_positional_use_tqdm(llm):
     """vLLM's chat(messages, sampling_params, use_tqdm): its third argument here is tools, and False there was
     refused as malformed tools; the line says to pass use_tqdm by keyword."""
