@@ -18,7 +18,7 @@ from .config import EngineConfig
 from .engine.llm_engine import LLMEngine, StepOutput
 from .engine.tool_calls import finish_reason, plan_tools, prompt_messages, short_call_ids
 from .errors import InvalidRequestError, LServeError
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, refuse_set
 from .sequence import TokenLogprob
 from .tokenizer import Tokenizer
 
@@ -32,12 +32,23 @@ VLLM_ENGINE_ARGS = {
     "gpu_memory_utilization": "kv_memory_fraction, the share of the free memory the KV cache takes",
     "enforce_eager": "cuda_graphs=False",
 }
+# vLLM's engine arguments with no counterpart here, and what to do instead
+VLLM_ENGINE_ONLY = {
+    "dtype": "weights run in the backend's float type; quantize='int8' or 'int4' quantizes them",
+    "trust_remote_code": "no code from the model files is run: leave it out",
+    "seed": "give each request its seed, SamplingParams(seed=...)",
+    "tokenizer": "the tokenizer is the model's own, from its directory or GGUF file",
+    "download_dir": "nothing is downloaded: give a model directory or a GGUF file",
+    "swap_space": "no KV swapping to host memory",
+    "enable_chunked_prefill": "prefill is always chunked by max_num_batched_tokens",
+}
 
 
 @dataclass
 class CompletionOutput:
     """A finished request: its text, generated ids and why it stopped ("stop", "length", "abort", or "error": its
-    response_format grammar gave up mid-reply, so the text is cut)."""
+    response_format grammar gave up mid-reply, so the text is cut). It also reads as vLLM's RequestOutput of one
+    candidate (`outputs`, `prompt`, `request_id`, `finished`), so code ported from vLLM runs unchanged."""
 
     text: str
     token_ids: list[int]
@@ -46,6 +57,42 @@ class CompletionOutput:
     logprobs: list[TokenLogprob] | None = None  # per generated token, with SamplingParams(logprobs=k)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token, with prompt_logprobs=k
     tool_calls: list[dict] | None = None  # chat with tools: the calls made (OpenAI's shape); `text` the rest
+    # vLLM's: the prompt's text (chat: as rendered; None for a prompt of token ids), the request's id, which of
+    # its prompt's n candidates this is, and the stop token id or stop string that ended it (None: EOS, length)
+    prompt: str | None = None
+    request_id: str = ""
+    index: int = 0
+    stop_reason: int | str | None = None
+
+    @property
+    def outputs(self) -> list[CompletionOutput]:
+        """vLLM's RequestOutput.outputs: this candidate itself, so `out.outputs[0].text` is `out.text`. With n > 1
+        generate returns the n candidates of a prompt as n outputs in a row, each holding one."""
+        return [self]
+
+    @property
+    def finished(self) -> bool:
+        """vLLM's RequestOutput.finished: generate and chat return finished requests only."""
+        return True
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """vLLM's: the sum of the generated tokens' logprobs, with SamplingParams(logprobs=k); else None."""
+        return None if self.logprobs is None else float(sum(t.logprob for t in self.logprobs))
+
+
+class ChatOutput(CompletionOutput):
+    """The output of chat given one conversation (returned alone), which also reads as vLLM's list of one
+    RequestOutput: `llm.chat(msgs)[0].outputs[0].text` and `for out in llm.chat(msgs)` run unchanged."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self) -> Iterator[CompletionOutput]:
+        yield self
+
+    def __getitem__(self, i: int) -> CompletionOutput:
+        return [self][i]
 
 
 class LLM:
@@ -67,7 +114,11 @@ class LLM:
         unknown = next((k for k in kw if k not in known), None)
         if unknown is not None:
             ported = (
-                f" (vLLM's name; here: {VLLM_ENGINE_ARGS[unknown]})" if unknown in VLLM_ENGINE_ARGS else ""
+                f" (vLLM's name; here: {VLLM_ENGINE_ARGS[unknown]})"
+                if unknown in VLLM_ENGINE_ARGS
+                else f" (vLLM's; not an option here: {VLLM_ENGINE_ONLY[unknown]})"
+                if unknown in VLLM_ENGINE_ONLY
+                else ""
             )
             raise InvalidRequestError(f"LLM: got an unexpected keyword argument {unknown!r}{ported}")
         cfg = config or EngineConfig(**kw)
@@ -141,29 +192,43 @@ class LLM:
 
     def generate(
         self,
-        prompts: str | list[int] | dict | list[str | list[int] | dict],
+        prompts: str | list[int] | dict | list[str | list[int] | dict] | None = None,
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        lora_request: object = None,
+        prompt_token_ids: list[int] | list[list[int]] | None = None,
     ) -> list[CompletionOutput]:
         """Run all prompts as one continuous batch; outputs in prompt order (with `n > 1`, the n candidates
         of each prompt in a row; they share the prompt's KV pages through the prefix cache). `sampling_params`
         (vLLM's name, as in chat and stream): one for all prompts or a list, one per prompt. A prompt may be
         vLLM's dict, {"prompt": text} or {"prompt_token_ids": ids}. `use_tqdm` (vLLM's; off by default): a
-        progress bar of finished sequences on stderr. Leaving early (an error, Ctrl-C) aborts the batch."""
+        progress bar of finished sequences on stderr. Leaving early (an error, Ctrl-C) aborts the batch.
+        `lora_request` (vLLM's, passed as None by code ported from it): no LoRA here, so only None.
+        `prompt_token_ids` (older vLLM's keyword, as older lm-evaluation-harness passes it): the prompts as ids."""
         self._check_open()
+        refuse_set("lora_request", lora_request, None, "no LoRA adapters")
+        if prompt_token_ids is not None:
+            if prompts is not None:
+                raise InvalidRequestError(
+                    "generate takes prompts or prompt_token_ids (older vLLM's keyword), not both"
+                )
+            prompts = prompt_token_ids
         if not isinstance(use_tqdm, bool):
             raise InvalidRequestError(f"use_tqdm must be True or False, got {use_tqdm!r}")
         prompts = _prompt_list(prompts)
         per_prompt = _per_prompt(sampling_params, len(prompts))
         rids: list[str] = []
+        # each request's prompt text (None: token ids) and candidate index, as vLLM's outputs carry them
+        about: list[tuple[str | None, int]] = []
         done = False
         try:
             for p, sp in zip(prompts, per_prompt):
-                for c in sp.candidates():
+                for i, c in enumerate(sp.candidates()):
                     rids.append(self._add(p, c))
+                    about.append((p if isinstance(p, str) else None, i))
             outs = self._collect(rids, use_tqdm)
             done = True
-            return outs
+            return [replace(o, prompt=text, index=i) for o, (text, i) in zip(outs, about)]
         finally:  # a refused prompt, an error or an interrupt: none of the batch stays queued or running
             if not done:
                 self._abort(rids, wait=True)
@@ -180,15 +245,25 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         use_tqdm: bool = False,
-    ) -> CompletionOutput | list[CompletionOutput]:
-        """One conversation -> one output; a list of conversations (or n > 1) -> a list of outputs. `tools` /
-        `tool_choice` / `parallel_tool_calls` as OpenAI's chat API takes them (docs/SERVE.md, "Tool calling"):
-        an output's calls are in `tool_calls`, its other text in `text`. `continue_final_message` (with
-        `add_generation_prompt=False`), as vLLM's: the reply continues the last message instead of a new turn.
-        `use_tqdm` as in `generate`."""
+        chat_template: str | None = None,
+        chat_template_kwargs: dict | None = None,
+        lora_request: object = None,
+    ) -> ChatOutput | list[CompletionOutput]:
+        """One conversation -> one output (a ChatOutput, which reads as vLLM's list of one too); a list of
+        conversations (or n > 1) -> a list of outputs. `tools` / `tool_choice` / `parallel_tool_calls` as OpenAI's
+        chat API takes them (docs/SERVE.md, "Tool calling"): an output's calls are in `tool_calls`, its other text
+        in `text`. `continue_final_message` (with `add_generation_prompt=False`), as vLLM's: the reply continues
+        the last message instead of a new turn.
+        `use_tqdm` as in `generate`. `chat_template` / `chat_template_kwargs`, as vLLM's: the caller's Jinja
+        template instead of the model's (rendered in the same sandbox) and extra variables for it. `lora_request`
+        as in `generate`."""
         self._check_open()
         if not isinstance(messages, list) or not messages:
             raise InvalidRequestError("chat takes a conversation (a list of message dicts) or a list of them")
+        if isinstance(tools, bool):  # vLLM's chat takes use_tqdm third: code ported from it passes it there
+            raise InvalidRequestError(
+                f"chat's third argument is tools, got {tools}: pass use_tqdm by keyword (vLLM's third argument)"
+            )
         single = isinstance(messages[0], dict)
         convs = [messages] if single else messages
         per_conv = _per_prompt(sampling_params, len(convs))
@@ -203,16 +278,18 @@ class LLM:
                 )
                 for p in per_conv
             ]
-        native = self.tokenizer.template_reads_tools
-        how = (add_generation_prompt, continue_final_message)
+        native = self.tokenizer.reads_tools(chat_template)
+        how = (add_generation_prompt, continue_final_message, chat_template, chat_template_kwargs)
         ids = [self.tokenizer.encode_chat(*prompt_messages(c, plan, native), *how) for c in convs]
-        outs = self.generate(ids, per_conv, use_tqdm)
+        outs = self.generate(ids, per_conv, use_tqdm, lora_request)
+        for o in outs:  # vLLM's RequestOutput.prompt of a chat: its rendered text
+            o.prompt = self.tokenizer.decode(o.prompt_token_ids, skip_special_tokens=False)
         for o in outs if plan else []:
             content, calls = plan.parse(o.text)
             if calls:
                 o.text, o.tool_calls = content or "", calls
                 o.finish_reason = finish_reason(o.finish_reason, True)
-        return outs[0] if single and len(outs) == 1 else outs
+        return ChatOutput(**vars(outs[0])) if single and len(outs) == 1 else outs
 
     def stream(
         self, prompt: str | list[dict] | list[int] | dict, sampling_params: SamplingParams | None = None
@@ -322,6 +399,8 @@ class LLM:
                             list(s.prompt_ids),
                             list(s.logprobs) if s.params.logprobs is not None else None,
                             s.prompt_logprobs,
+                            request_id=out.request_id,
+                            stop_reason=s.stop_reason,
                         )
                         pending.discard(out.request_id)
                         bar.update(1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import InitVar, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from .errors import InvalidRequestError
 
@@ -31,13 +31,51 @@ class _Default(int):
 
 DEFAULT_MAX_NEW_TOKENS = _Default(256)
 _UNSET = object()  # max_tokens not given (None is vLLM's "up to the context limit")
+_STRUCTURED = "use response_format (json_object or json_schema)"
+
+# vLLM's sampling options that are not implemented here: each with its value that means "off" (accepted, as is None)
+# and what to do instead. SamplingParams refuses any other value in one line, and so does the server for these
+# request fields (serve/protocol.py).
+VLLM_UNSUPPORTED: dict[str, tuple[object, str]] = {
+    "min_p": (0, "leave it out, or use top_p / top_k"),
+    "min_tokens": (0, "leave it out; ignore_eos with max_tokens gives a fixed length"),
+    "use_beam_search": (False, "no beam search"),
+    "length_penalty": (1, "no beam search"),
+    "early_stopping": (False, "no beam search"),
+    "guided_decoding": (None, _STRUCTURED),
+    "structured_outputs": (None, _STRUCTURED),
+    "include_stop_str_in_output": (False, "the text leaves the stop string out"),
+    "skip_special_tokens": (True, "the text leaves special tokens out"),
+    "spaces_between_special_tokens": (True, "the text leaves special tokens out"),
+    "allowed_token_ids": (None, "use logit_bias"),
+    "bad_words": ([], "use logit_bias"),
+    "truncate_prompt_tokens": (None, "send a prompt that fits"),
+    "logits_processors": (None, "no custom logits processors"),
+    "output_kind": (None, "generate returns finished outputs; stream yields text deltas"),
+    "extra_args": (None, "no custom sampling arguments"),
+}
+
+# vLLM's options that only spare work there, taken and ignored (lm-evaluation-harness's vLLM backend scores with
+# detokenize=False): outputs here are always detokenized, with the same ids and logprobs
+VLLM_IGNORED = ("detokenize",)
+
+
+def refuse_set(name: str, value: object, off: object, instead: str) -> None:
+    """Refuse an option that is not implemented set to anything but None or its "off" value `off`, in one line that
+    says what to do `instead`: code that sets one expects its effect."""
+    if value is not None and not (isinstance(value, (numbers.Number, list, dict)) and value == off):
+        raise InvalidRequestError(f"{name} is not supported ({instead})")
+
+
+def check_best_of(best_of: object, n: int) -> None:
+    """vLLM's best_of: candidates are not ranked here, so only best_of == n (every candidate returned) is the same."""
+    if best_of is not None and best_of != n:
+        raise InvalidRequestError("best_of must equal n (candidates are not ranked)")
 
 
 @dataclass
-class SamplingParams:
-    """temperature 0 (or below 1e-5) means greedy; top_k 0 (or vLLM's -1) and top_p 1 disable those filters.
-    `max_tokens` (vLLM's and OpenAI's name) is `max_new_tokens` given at construction (None, as vLLM's: up to the
-    context limit); after it, read `max_new_tokens`."""
+class _Params:
+    """temperature 0 (or below 1e-5) means greedy; top_k 0 (or vLLM's -1) and top_p 1 disable those filters."""
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 1.0
@@ -59,17 +97,8 @@ class SamplingParams:
     )
     # special tokens whose text stays in the output (the markers a tool-call parser reads); others are dropped
     keep_special_tokens: list[str] = field(default_factory=list)
-    max_tokens: InitVar[int | None] = _UNSET  # type: ignore[assignment]
 
-    def __post_init__(self, max_tokens: int | None):
-        if max_tokens is not _UNSET:  # code ported from vLLM says max_tokens
-            tokens = NO_LIMIT if max_tokens is None else max_tokens
-            if type(self.max_new_tokens) is not _Default and self.max_new_tokens != tokens:
-                raise InvalidRequestError(
-                    f"max_tokens is another name of max_new_tokens: give one, got max_new_tokens="
-                    f"{self.max_new_tokens!r} and max_tokens={max_tokens!r}"
-                )
-            self.max_new_tokens = tokens
+    def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         for name, empty in (("stop", list), ("stop_token_ids", list), ("logit_bias", dict)):
@@ -176,6 +205,49 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+
+class SamplingParams(_Params):
+    """_Params (its fields and rules), constructed also from code ported from vLLM: vLLM's options not implemented
+    here (VLLM_UNSUPPORTED, `best_of`) are taken at their "off" value and refused in one line otherwise, instead of
+    a bare TypeError. `max_tokens` (vLLM's and OpenAI's name) is `max_new_tokens`, given (None, as vLLM's: up to
+    the context limit), read or set."""
+
+    def __init__(self, *args: object, **kw: object):
+        best_of = kw.pop("best_of", None)
+        for name in VLLM_IGNORED:
+            kw.pop(name, None)
+        for name in [k for k in kw if k in VLLM_UNSUPPORTED]:
+            refuse_set(name, kw.pop(name), *VLLM_UNSUPPORTED[name])
+        max_tokens = kw.pop("max_tokens", _UNSET)
+        known = {f.name for f in fields(_Params)}
+        unknown = next((k for k in kw if k not in known), None)
+        if unknown is not None:  # named as this class, not its base
+            raise TypeError(f"SamplingParams got an unexpected keyword argument {unknown!r}")
+        if max_tokens is not _UNSET:  # code ported from vLLM says max_tokens
+            tokens = NO_LIMIT if max_tokens is None else max_tokens
+            given = args[0] if args else kw.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+            if type(given) is not _Default and given != tokens:
+                raise InvalidRequestError(
+                    f"max_tokens is another name of max_new_tokens: give one, got max_new_tokens={given!r} and "
+                    f"max_tokens={max_tokens!r}"
+                )
+            if args:
+                args = (tokens, *args[1:])
+            else:
+                kw["max_new_tokens"] = tokens
+        super().__init__(*args, **kw)
+        check_best_of(best_of, self.n)
+
+    @property
+    def max_tokens(self) -> int:
+        """vLLM's name of max_new_tokens, read and set as vLLM's code does (it read a sentinel, and setting it did
+        nothing); None, as in vLLM, is up to the context limit."""
+        return self.max_new_tokens
+
+    @max_tokens.setter
+    def max_tokens(self, tokens: int | None) -> None:
+        self.max_new_tokens = NO_LIMIT if tokens is None else tokens
 
 
 def _int(x) -> bool:

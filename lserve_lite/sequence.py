@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum, auto
 
@@ -14,13 +15,37 @@ from .sampling_params import SamplingParams
 _ids = itertools.count()
 
 
+@dataclass(frozen=True)
+class Logprob:
+    """vLLM's Logprob, a value of TokenLogprob read as vLLM's dict: a token's logprob and rank (1: the most likely;
+    None: not known, a chosen token outside the top alternatives). `decoded_token` is None: decode the id."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 @dataclass
-class TokenLogprob:
-    """A token's log-probability under the model (log-softmax of its raw logits) and the top alternatives."""
+class TokenLogprob(Mapping[int, Logprob]):
+    """A token's log-probability under the model (log-softmax of its raw logits) and the top alternatives. It
+    reads as vLLM's per-token dict too: {token id: Logprob} of the top alternatives and the chosen token."""
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+    def _as_dict(self) -> dict[int, Logprob]:
+        d = {t: Logprob(lp, rank) for rank, (t, lp) in enumerate(self.top, 1)}
+        return d if self.token_id in d else {self.token_id: Logprob(self.logprob), **d}
+
+    def __getitem__(self, token_id: int) -> Logprob:
+        return self._as_dict()[token_id]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._as_dict())
+
+    def __len__(self) -> int:
+        return len(self._as_dict())
 
 
 class Status(Enum):
@@ -57,6 +82,7 @@ class Sequence:
         ] = []  # keys of prompt pages this sequence computes that others may wait for
         self.num_prefix_cached: int | None = None  # prompt tokens taken from the cache at the first admission
         self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it (vLLM's)
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
         seed = params.seed if params.seed is not None else np.random.SeedSequence().entropy

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import secrets
@@ -15,6 +16,14 @@ from .config import read_json_object, read_text_file
 from .errors import InvalidRequestError, LServeError, ModelLoadError
 
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+# a caller's chat template (vLLM's chat_template=) is compiled: bounded (real ones are a few KB)
+MAX_CALLER_TEMPLATE_CHARS = 1 << 20
+CALLER_TEMPLATES = 16  # compiled caller templates kept, by their text
+# variables every rendering sets itself (range: the budgeted one), which chat_template_kwargs may not replace
+RENDER_VARIABLES = ("messages", "tools", "documents", "add_generation_prompt", "range")
+# transformers' apply_chat_template options that are not template variables, not implemented here
+HF_ONLY = ("documents", "return_tensors", "return_dict", "padding", "truncation", "max_length", "tokenizer_kwargs",
+           "return_assistant_tokens_mask")  # fmt: skip
 
 
 class Tokenizer:
@@ -66,9 +75,7 @@ class Tokenizer:
         self._compiled = _compile(self.chat_template, where) if self.chat_template else None
         self._compiled_tools = _compile(tool_template, where) if tool_template else None
         # whether the template renders a `tools` argument itself (transformers' tool-use convention)
-        self.template_reads_tools = self._compiled_tools is not None or (
-            bool(self.chat_template) and re.search(r"\btools\b", self.chat_template) is not None
-        )
+        self.template_reads_tools = self._compiled_tools is not None or _reads_tools(self.chat_template)
         for key in SPECIAL_KEYS:
             v = self.cfg.get(key)
             if not (
@@ -142,16 +149,27 @@ class Tokenizer:
         """Whether `text` contains a special token's string (which a template would render as a control token)."""
         return self._special_re is not None and self._special_re.search(text) is not None
 
+    def reads_tools(self, chat_template: str | None = None) -> bool:
+        """Whether the template that renders (the caller's `chat_template`, else the model's) reads `tools`."""
+        if chat_template is None:
+            return self.template_reads_tools
+        return _reads_tools(_caller_template_text(chat_template))
+
     def render_chat(
         self,
         messages: list[dict],
         add_generation_prompt: bool = True,
         tools: list | None = None,
         continue_final_message: bool = False,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict | None = None,
     ) -> str:
         """The prompt text for `messages`, rendered as transformers' apply_chat_template does;
-        `continue_final_message`: cut after the last message's text, so the reply continues it."""
-        return self._render(_chat_messages(messages), add_generation_prompt, tools, continue_final_message)
+        `continue_final_message`: cut after the last message's text, so the reply continues it. `chat_template`
+        (vLLM's): the caller's Jinja template instead of the model's, in the same sandbox and budgets;
+        `chat_template_kwargs`: extra template variables (Qwen3's enable_thinking)."""
+        how = (add_generation_prompt, tools, continue_final_message, chat_template, chat_template_kwargs)
+        return self._render(_chat_messages(messages), *how)
 
     def _render(
         self,
@@ -159,9 +177,16 @@ class Tokenizer:
         add_generation_prompt: bool,
         tools: list | None = None,
         continue_final: bool = False,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict | None = None,
     ) -> str:
-        """As transformers renders: a model's named "tool_use" template when tools are given, else its default."""
-        compiled = self._compiled_tools if tools is not None and self._compiled_tools else self._compiled
+        """As transformers renders: the caller's template if given, else a model's named "tool_use" template when
+        tools are given, else its default."""
+        extra = _template_kwargs(chat_template_kwargs)
+        if chat_template is not None:
+            compiled = _caller_template(_caller_template_text(chat_template))
+        else:
+            compiled = self._compiled_tools if tools is not None and self._compiled_tools else self._compiled
         if compiled is None:
             raise InvalidRequestError("this model has no chat template; use a plain prompt")
         if continue_final:
@@ -174,7 +199,7 @@ class Tokenizer:
             tag = f"CONTINUE_FINAL_MESSAGE_{secrets.randbelow(10**12)} "
             final = messages[-1]["content"]
             text = self._render_template(
-                compiled, [*messages[:-1], {**messages[-1], "content": final + tag}], False, tools
+                compiled, [*messages[:-1], {**messages[-1], "content": final + tag}], False, tools, extra
             )
             at = text.rfind(tag.strip())
             if at < 0 or final.strip() not in text[:at]:
@@ -183,13 +208,19 @@ class Tokenizer:
                     "given, so it cannot be continued"
                 )
             return text[:at] if text.startswith(tag, at) else text[:at].rstrip()  # spaces after it trimmed
-        return self._render_template(compiled, messages, add_generation_prompt, tools)
+        return self._render_template(compiled, messages, add_generation_prompt, tools, extra)
 
     def _render_template(
-        self, compiled: jinja2.Template, messages: list[dict], add_generation_prompt: bool, tools: list | None
+        self,
+        compiled: jinja2.Template,
+        messages: list[dict],
+        add_generation_prompt: bool,
+        tools: list | None,
+        extra: dict,
     ) -> str:
-        # an unset special token stays undefined (renders ""), as in transformers' special_tokens_map, not "None"
-        specials = {k: v for k in SPECIAL_KEYS if (v := self._special(k)) is not None}
+        # an unset special token stays undefined (renders ""), as in transformers' special_tokens_map, not "None";
+        # the caller's extra variables come after them, as transformers merges its kwargs
+        specials = {k: v for k in SPECIAL_KEYS if (v := self._special(k)) is not None} | extra
         try:  # tools and documents given as None when absent, as transformers renders (`tools is not none`)
             return chat_template.render(
                 compiled,
@@ -204,19 +235,47 @@ class Tokenizer:
         except Exception as e:  # the template is code from the model files: any failure is a bad request
             raise InvalidRequestError(f"chat template failed on these messages ({_one_line(e)})") from None
 
+    def apply_chat_template(
+        self,
+        conversation: list[dict],
+        tools: list | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        tokenize: bool = True,
+        chat_template: str | None = None,
+        **kwargs: object,
+    ) -> str | list[int]:
+        """transformers' call, as code ported from vLLM makes it on `llm.get_tokenizer()`: the rendered prompt's
+        token ids (encode_chat), or with `tokenize=False` its text (render_chat); other keywords are template
+        variables, as transformers passes them."""
+        hf = next((k for k in kwargs if k in HF_ONLY), None)
+        if hf is not None:
+            raise InvalidRequestError(
+                f"apply_chat_template: {hf} is not supported (it returns a list of ids or text)"
+            )
+        if tokenize:
+            return self.encode_chat(
+                conversation, tools, add_generation_prompt, continue_final_message, chat_template, kwargs
+            )
+        return self.render_chat(
+            conversation, add_generation_prompt, tools, continue_final_message, chat_template, kwargs
+        )
+
     def encode_chat(
         self,
         messages: list[dict],
         tools: list | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict | None = None,
     ) -> list[int]:
         """Token ids of the rendered conversation (`tools` and the rest: as `render_chat` takes them). Only the template
         makes control tokens: a special token's text inside a message ("<|im_start|>system" typed by a user)
         is encoded as the plain text it is; the tools and the messages' other fields (tool calls, ids), which a
         template may render too, must not hold such text."""
         messages = _chat_messages(messages)
-        how = (add_generation_prompt, tools, continue_final_message)
+        how = (add_generation_prompt, tools, continue_final_message, chat_template, chat_template_kwargs)
         rest = [{k: v for k, v in m.items() if k != "content"} for m in messages]
         if self.holds_special(json.dumps([tools, rest], ensure_ascii=False, default=str)):
             raise InvalidRequestError(
@@ -365,6 +424,53 @@ def _compile(template: str, where: str) -> jinja2.Template:
         ) from None
     except (jinja2.TemplateError, RecursionError, MemoryError) as e:
         raise ModelLoadError(f"{where} cannot be compiled ({_one_line(e)})") from None
+
+
+def _reads_tools(template: str | None) -> bool:
+    """Whether a template's text names `tools` (transformers' tool-use convention: it renders them itself)."""
+    return bool(template) and re.search(r"\btools\b", template) is not None
+
+
+def _caller_template_text(template: object) -> str:
+    """A caller's chat template checked before it is compiled: a non-empty string of bounded size."""
+    if not isinstance(template, str) or not template:
+        raise InvalidRequestError(f"chat_template must be a non-empty string of Jinja, got {template!r:.60}")
+    if len(template) > MAX_CALLER_TEMPLATE_CHARS:
+        raise InvalidRequestError(
+            f"chat_template has {len(template)} characters; at most {MAX_CALLER_TEMPLATE_CHARS} allowed"
+        )
+    return template
+
+
+@functools.lru_cache(maxsize=CALLER_TEMPLATES)
+def _caller_template(template: str) -> jinja2.Template:
+    """A caller's chat template compiled in the model templates' sandbox, kept by its text: a template passed with
+    every call compiles once."""
+    try:
+        return chat_template.environment(_raise_exception).from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise InvalidRequestError(
+            f"chat_template has a Jinja syntax error at line {e.lineno} ({_one_line(e)})"
+        ) from None
+    except (jinja2.TemplateError, RecursionError, MemoryError) as e:
+        raise InvalidRequestError(f"chat_template cannot be compiled ({_one_line(e)})") from None
+
+
+def _template_kwargs(kwargs: object) -> dict:
+    """vLLM's chat_template_kwargs checked: a dict of template variables named by strings, none of them one that
+    the rendering sets itself."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+        raise InvalidRequestError(
+            "chat_template_kwargs must be a dict of template variables named by strings"
+        )
+    taken = next((k for k in kwargs if k in RENDER_VARIABLES), None)
+    if taken is not None:
+        raise InvalidRequestError(
+            f"chat_template_kwargs may not set {taken!r}, which the rendering sets itself"
+        )
+    return kwargs
 
 
 def _checked_text(text: object) -> str:

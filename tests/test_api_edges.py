@@ -61,6 +61,21 @@ def test_get_tokenizer_is_vllms_accessor(llm):
     assert tok is llm.tokenizer and tok.decode(tok.encode("hello", add_special_tokens=False)) == "hello"
 
 
+def test_tokenizers_apply_chat_template_as_transformers(llm):
+    """Code ported from vLLM renders with llm.get_tokenizer().apply_chat_template(...) (transformers' call), which
+    was an AttributeError: ids by default, text with tokenize=False, transformers' defaults (no generation
+    prompt), other keywords as template variables; its tensor options are one line."""
+    tok, msgs = llm.get_tokenizer(), [{"role": "user", "content": "hi"}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text == tok.render_chat(msgs) and tok.apply_chat_template(
+        msgs, add_generation_prompt=True
+    ) == tok.encode_chat(msgs)
+    assert tok.apply_chat_template(msgs, tokenize=False) == tok.render_chat(msgs, add_generation_prompt=False)
+    assert tok.apply_chat_template(msgs, tokenize=False, chat_template="{{ x }}|", x=7) == "7|"
+    with pytest.raises(InvalidRequestError, match=r"^apply_chat_template: return_tensors is not supported"):
+        tok.apply_chat_template(msgs, return_tensors="pt")
+
+
 def test_logits_of_valid_ids(llm):
     out = llm.logits([1, 2, 3])
     assert out.shape == (3, llm.engine.cfg.vocab_size) and np.isfinite(out).all()
@@ -111,6 +126,17 @@ def test_max_tokens_is_vllms_name_of_max_new_tokens(llm):
     assert (len(out.token_ids), out.finish_reason) == (3, "length")
 
 
+def test_max_tokens_reads_and_sets_max_new_tokens(llm):
+    """vLLM's code reads and sets sp.max_tokens: reading gave a sentinel object and setting it changed nothing (the
+    request still ran to max_new_tokens). It is max_new_tokens, read and set (None: up to the context limit)."""
+    sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    assert sp.max_tokens == 16 and SamplingParams().max_tokens == 256
+    sp.max_tokens = 2
+    assert sp.max_new_tokens == 2 and len(llm.generate([[5, 6]], sp)[0].token_ids) == 2
+    sp.max_tokens = None
+    assert sp.max_new_tokens == sp.max_tokens > llm.engine.max_len
+
+
 def test_top_k_minus_one_is_off_as_in_vllm(llm):
     """vLLM (and this server) spell "no top-k filter" -1 as well as 0: SamplingParams(top_k=-1), from code ported
     from vLLM, was refused. It is 0; below -1 is still refused."""
@@ -131,6 +157,41 @@ def test_none_is_no_stop_strings_ids_or_bias_as_in_vllm():
     assert (sp.stop, sp.stop_token_ids, sp.logit_bias) == ([], [], {})
     with pytest.raises(InvalidRequestError, match="stop must be a list"):
         SamplingParams(stop=5)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(min_p=0.1), r"^min_p is not supported \(leave it out, or use top_p / top_k\)$"),
+        (dict(min_tokens=3), r"^min_tokens is not supported \(leave it out; ignore_eos with max_tokens"),
+        (dict(best_of=4, n=2), r"^best_of must equal n \(candidates are not ranked\)$"),
+        (dict(skip_special_tokens=False), r"^skip_special_tokens is not supported"),
+        (dict(spaces_between_special_tokens=False), r"^spaces_between_special_tokens is not supported"),
+        (dict(use_beam_search=True), r"^use_beam_search is not supported \(no beam search\)$"),
+        (dict(guided_decoding=object()), r"^guided_decoding is not supported \(use response_format"),
+        (dict(include_stop_str_in_output=True), r"^include_stop_str_in_output is not supported"),
+        (dict(allowed_token_ids=[5]), r"^allowed_token_ids is not supported \(use logit_bias\)$"),
+    ],
+)
+def test_vllms_unimplemented_sampling_options_are_named(kw, match):
+    """vLLM's SamplingParams options not implemented here were a bare TypeError ("unexpected keyword argument"):
+    set, each is one InvalidRequestError naming it and what to use instead (the server's hints)."""
+    with pytest.raises(InvalidRequestError, match=match):
+        SamplingParams(max_tokens=2, **kw)
+
+
+def test_vllms_unimplemented_sampling_options_at_their_off_values_pass(llm):
+    """vLLM code that spells out an option's default (min_p=0.0, skip_special_tokens=True, best_of=n) asks for what
+    happens here: accepted; a name neither class knows is still a TypeError, named as SamplingParams."""
+    off = dict(min_p=0.0, min_tokens=0, best_of=2, skip_special_tokens=True, spaces_between_special_tokens=True,
+               include_stop_str_in_output=False, detokenize=True, guided_decoding=None, bad_words=[])  # fmt: skip
+    sp = SamplingParams(max_tokens=2, n=2, temperature=0, ignore_eos=True, **off)
+    assert sp == SamplingParams(max_tokens=2, n=2, temperature=0, ignore_eos=True)
+    assert [len(o.token_ids) for o in llm.generate([[5, 6]], sp)] == [2, 2]
+    # detokenize=False only spares vLLM work (lm-evaluation-harness's vLLM backend scores with it): taken, ignored
+    assert SamplingParams(max_tokens=2, detokenize=False) == SamplingParams(max_tokens=2)
+    with pytest.raises(TypeError, match="^SamplingParams got an unexpected keyword argument 'min_pp'$"):
+        SamplingParams(min_pp=0.1)
 
 
 def test_sampling_values_may_be_numpy_numbers(llm):
@@ -445,6 +506,91 @@ def test_chat_continues_the_final_message(llm):
     assert not llm.engine.has_unfinished()
 
 
+def test_chat_of_one_conversation_reads_as_vllms_list_of_one(llm):
+    """vLLM's chat returns a list of RequestOutputs; ours returns one conversation's output alone, so vLLM's
+    `for output in llm.chat(msgs)` / `llm.chat(msgs)[0]` were a TypeError. The output reads as a list of one
+    too (and still as itself: `.text`)."""
+    outputs = llm.chat([{"role": "user", "content": "hi"}], sampling_params=SamplingParams(max_tokens=2))
+    texts = [output.outputs[0].text for output in outputs]
+    assert texts == [outputs.text] and outputs[0] is outputs and outputs[-1] is outputs and len(outputs) == 1
+    with pytest.raises(IndexError):
+        outputs[1]
+    many = llm.chat([[{"role": "user", "content": "hi"}]] * 2, SamplingParams(max_tokens=1))
+    assert isinstance(many, list) and len(many) == 2
+
+
+def test_lora_request_none_passes_as_in_vllm(llm):
+    """Code ported from vLLM (lm-evaluation-harness's vLLM backend) passes lora_request=None to generate and chat:
+    it was a TypeError. None passes; an adapter is one line (no LoRA)."""
+    sp = SamplingParams(max_tokens=1)
+    assert len(llm.generate("hi", sp, use_tqdm=False, lora_request=None)) == 1
+    assert llm.chat([{"role": "user", "content": "hi"}], sp, lora_request=None).finished
+    with pytest.raises(InvalidRequestError, match=r"^lora_request is not supported \(no LoRA adapters\)$"):
+        llm.generate("hi", sp, lora_request=object())
+    assert not llm.engine.has_unfinished()
+
+
+def test_generate_takes_older_vllms_prompt_token_ids(llm):
+    """Older vLLM's generate(prompt_token_ids=[[...], ...]) (older lm-evaluation-harness's vLLM backend) was a
+    TypeError: the prompts as token ids; both given is one line."""
+    sp = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    outs = llm.generate(prompt_token_ids=[[5, 6], [7]], sampling_params=sp, use_tqdm=False, lora_request=None)
+    assert [o.prompt_token_ids for o in outs] == [[5, 6], [7]]
+    assert [o.token_ids for o in outs] == [o.token_ids for o in llm.generate([[5, 6], [7]], sp)]
+    with pytest.raises(
+        InvalidRequestError, match=r"^generate takes prompts or prompt_token_ids \(older vLLM"
+    ):
+        llm.generate([[5]], sp, prompt_token_ids=[[5]])
+
+
+def test_chat_names_vllms_positional_use_tqdm(llm):
+    """vLLM's chat(messages, sampling_params, use_tqdm): its third argument here is tools, and False there was
+    refused as malformed tools; the line says to pass use_tqdm by keyword."""
+    with pytest.raises(
+        InvalidRequestError, match=r"^chat's third argument is tools, got False: pass use_tqdm by"
+    ):
+        llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=1), False)
+    assert not llm.engine.has_unfinished()
+
+
+def test_chat_takes_vllms_chat_template_and_its_kwargs(llm):
+    """vLLM's LLM.chat(chat_template=..., chat_template_kwargs=...) was a TypeError: the caller's template renders
+    the prompt (compiled once by its text), with the extra variables; a bad one is one line naming the option."""
+    from lserve_lite import tokenizer
+
+    msgs = [{"role": "user", "content": "hi"}]
+    sp = SamplingParams(max_tokens=1)
+    tmpl = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{% if think %}<t>{% endif %}:"
+    before = tokenizer._caller_template.cache_info().misses
+    assert llm.chat(msgs, sp, chat_template=tmpl).prompt == "[user]hi:"
+    out = llm.chat(msgs, sp, chat_template=tmpl, chat_template_kwargs={"think": True})
+    assert out.prompt == "[user]hi<t>:" and out.prompt_token_ids == llm.tokenizer.encode(
+        "[user]hi<t>:", False
+    )
+    assert tokenizer._caller_template.cache_info().misses == before + 1
+    # the model's own template takes extra variables too (Qwen3's enable_thinking), as transformers renders them
+    assert llm.chat(
+        msgs, sp, chat_template_kwargs={"enable_thinking": False}
+    ).prompt == llm.tokenizer.render_chat(msgs)
+    for kw, match in [
+        (dict(chat_template="{% for %}"), r"^chat_template has a Jinja syntax error at line 1 "),
+        (dict(chat_template=5), r"^chat_template must be a non-empty string of Jinja, got 5$"),
+        (
+            dict(chat_template="x" * (2 << 20)),
+            r"^chat_template has 2097152 characters; at most 1048576 allowed$",
+        ),
+        (
+            dict(chat_template_kwargs={"messages": []}),
+            r"^chat_template_kwargs may not set 'messages', which the ",
+        ),
+        (dict(chat_template_kwargs={"range": len}), r"^chat_template_kwargs may not set 'range'"),
+        (dict(chat_template_kwargs=["x"]), r"^chat_template_kwargs must be a dict of template variables"),
+    ]:
+        with pytest.raises(InvalidRequestError, match=match):
+            llm.chat(msgs, sp, **kw)
+    assert not llm.engine.has_unfinished()
+
+
 def test_stream_refuses_several_candidates(llm):
     with pytest.raises(InvalidRequestError, match="one candidate"):
         next(llm.stream([5, 6, 7], SamplingParams(n=2, max_new_tokens=2)))
@@ -631,6 +777,72 @@ def test_generate_takes_vllms_prompt_dicts(llm):
     assert not llm.engine.has_unfinished()
 
 
+def test_outputs_read_as_vllms_request_outputs(llm):
+    """vLLM's RequestOutput shape (`out.outputs[0].text`, `out.prompt`, `out.request_id`, `out.finished`) was an
+    AttributeError: a typical vLLM snippet runs unchanged. Each output is one candidate (n > 1: n outputs in a row,
+    each holding itself at its `index`), and keeps its own attributes."""
+    prompts = ["Hello, my name is", [5, 6]]
+    sampling_params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=3, seed=0, ignore_eos=True)
+    outputs = llm.generate(prompts, sampling_params)
+    seen = []
+    for output in outputs:
+        prompt = output.prompt
+        generated_text = output.outputs[0].text
+        seen.append((prompt, generated_text, output.outputs[0].token_ids, output.outputs[0].finish_reason))
+        assert (
+            output.finished
+            and output.request_id
+            and output.prompt_token_ids == output.outputs[0].prompt_token_ids
+        )
+    assert seen == [
+        (p if isinstance(p, str) else None, o.text, o.token_ids, "length") for p, o in zip(prompts, outputs)
+    ]
+    assert len({o.request_id for o in outputs}) == 2 and all(len(o.token_ids) == 3 for o in outputs)
+    outs = llm.generate("hi", SamplingParams(max_tokens=2, n=3, logprobs=0, ignore_eos=True))
+    assert [c.index for o in outs for c in o.outputs] == [0, 1, 2]
+    assert outs[1].cumulative_logprob == pytest.approx(sum(t.logprob for t in outs[1].logprobs))
+    assert llm.generate("hi", SamplingParams(max_tokens=1))[0].cumulative_logprob is None
+    chat = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=2))
+    assert chat.outputs[0] is chat and chat.prompt == llm.tokenizer.render_chat(
+        [{"role": "user", "content": "hi"}]
+    )
+
+
+def test_stop_reason_names_the_stop_as_vllms(llm):
+    """vLLM's CompletionOutput.stop_reason (the stop token id or stop string that ended the reply; None for EOS or
+    the length limit) was an AttributeError."""
+    greedy = dict(max_tokens=6, temperature=0, ignore_eos=True)
+    free = llm.generate([[5, 6]], SamplingParams(**greedy))[0]
+    assert free.outputs[0].stop_reason is None and free.finish_reason == "length"
+    tok = free.token_ids[1]
+    by_id = llm.generate([[5, 6]], SamplingParams(**greedy, stop_token_ids=[tok]))[0]
+    assert (by_id.finish_reason, by_id.stop_reason, by_id.token_ids[-1]) == ("stop", tok, tok)
+    text = llm.generate([[5, 6]], SamplingParams(**greedy, stop=["\x00\x01never", free.text[1:3]]))[0]
+    assert (text.finish_reason, text.stop_reason) == ("stop", free.text[1:3])
+
+
+def test_logprobs_read_as_vllms_dicts(llm):
+    """vLLM's logprobs are a dict per token, {token id: Logprob(logprob, rank, decoded_token)}: ported code
+    (`lp[token_id].logprob`, `lp.items()`) was an AttributeError / TypeError on our entries. Each entry reads as
+    that dict (the top alternatives ranked from 1, and the chosen token), keeping its own fields."""
+    out = llm.generate(
+        [[5, 6, 7]], SamplingParams(max_tokens=3, logprobs=2, prompt_logprobs=1, temperature=0)
+    )[0]
+    for token_id, lp in zip(out.outputs[0].token_ids, out.outputs[0].logprobs):
+        assert lp[token_id].logprob == lp.logprob and lp[token_id].rank == 1  # greedy: the most likely
+        assert [r.rank for _, r in lp.items()] == [1, 2] and list(lp) == [t for t, _ in lp.top]
+    assert out.prompt_logprobs[0] is None
+    assert [(t, e[t].logprob) for e, t in zip(out.prompt_logprobs[1:], [6, 7])] == [
+        (e.token_id, e.logprob) for e in out.prompt_logprobs[1:]
+    ]
+    far = out.logprobs[0].__class__(9, -9.0, [(3, -0.1)])  # a sampled token outside the top: rank unknown
+    assert dict(far) == {9: far[9], 3: far[3]} and (far[9].rank, far[3].rank, far[9].logprob) == (
+        None,
+        1,
+        -9.0,
+    )
+
+
 def test_sampling_params_keyword_is_vllms(llm):
     """vLLM's generate / chat name their parameters `sampling_params`; code ported from it, which passes them by
     that keyword, got a TypeError (the keyword here was `params`)."""
@@ -710,6 +922,11 @@ def test_llm_refuses_wrong_argument_types(tiny_llama):
                             ((str(tiny_llama),), {"max_model_len": 64, "tensor_parallel_size": 2},
                              r"^LLM: got an unexpected keyword argument 'tensor_parallel_size' \(vLLM's name; here: "
                              r"tensor_parallel\)$"),
+                            # and those with no counterpart, what to do instead (they were "unexpected" alone)
+                            ((str(tiny_llama),), {"trust_remote_code": True},
+                             r"^LLM: got an unexpected keyword argument 'trust_remote_code' \(vLLM's; not an option "
+                             r"here: no code from the model files is run: leave it out\)$"),
+                            ((str(tiny_llama),), {"dtype": "bfloat16"}, r"'dtype' \(vLLM's; not an option here: "),
                             ((str(tiny_llama),), {"config": EngineConfig(), "max_model_len": 64},
                              r"or its fields as keywords, not both \(got max_model_len=\)")):  # fmt: skip
         with pytest.raises(InvalidRequestError, match=match):

@@ -52,6 +52,15 @@ def test_template_bombs_stop_at_a_budget(tmp_path: Path, template: str):
     assert time.monotonic() - t0 < 10 and sys.gettrace() is trace  # another tracer (coverage) is restored
 
 
+@pytest.mark.parametrize("template", BOMBS[:4])
+def test_callers_template_stops_at_the_same_budgets(tmp_path: Path, template: str):
+    """A caller's chat_template (vLLM's, LLM.chat's) runs in the model templates' sandbox with their budgets."""
+    tok = _tok(tmp_path, SMOL)
+    with pytest.raises(InvalidRequestError, match="chat template failed"):
+        tok.render_chat([{"role": "user", "content": "hi"}], chat_template=template)
+    assert tok.render_chat([{"role": "user", "content": "hi"}], chat_template="{{ 'x' * 3 }}") == "xxx"
+
+
 def test_real_templates_render_as_plain_jinja(tmp_path: Path):
     msgs = [
         {"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i} " * 30} for i in range(50)

@@ -89,6 +89,10 @@ def test_missing_model_dir(tmp_path):
         LLM(str(tmp_path / "nope"), backend="cpu")
     with pytest.raises(ModelLoadError, match="nope.gguf: GGUF file not found"):
         LLM(str(tmp_path / "nope.gguf"), backend="cpu")
+    # vLLM's LLM("org/name") downloads from the Hub: here the line says nothing is, and how to fetch it
+    with pytest.raises(ModelLoadError, match=r"^HuggingFaceTB/SmolLM2-135M-Instruct: model directory not found "
+                       r"\(nothing is downloaded: fetch a Hub model with `huggingface-cli download"):  # fmt: skip
+        LLM("HuggingFaceTB/SmolLM2-135M-Instruct", backend="cpu")
     from lserve_lite.weights.gguf_import import convert_gguf
 
     with pytest.raises(ModelLoadError, match="is a directory; a GGUF file"):  # `lserve-lite convert DIR OUT`

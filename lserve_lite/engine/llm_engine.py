@@ -507,6 +507,10 @@ class LLMEngine:
             if complete or at_length:  # its last text: the stop strings below see all of it
                 seq.text += dec.flush()
         reason = "stop" if stop_tok or complete else None
+        if stop_tok and not (
+            tok in self.eos_ids and not p.ignore_eos
+        ):  # vLLM's stop_reason: a stop id, not EOS
+            seq.stop_reason = tok
         if reason == "stop" and failure(seq):  # the grammar gave up: the reply is cut, not whole
             reason = "error"
         if not stop_tok and p.stop:
@@ -515,6 +519,7 @@ class LLMEngine:
                 default=-1,
             )
             if hit >= 0:
+                seq.stop_reason = next(s for s in p.stop if seq.text.startswith(s, hit))
                 seq.text, reason = seq.text[:hit], "stop"
         if reason is None and at_length:
             reason = "length"

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from ..engine.tool_calls import ToolPlan, plan_tools
 from ..errors import InvalidRequestError
-from ..sampling_params import MAX_LOGPROBS, SamplingParams
+from ..sampling_params import MAX_LOGPROBS, VLLM_UNSUPPORTED, SamplingParams, check_best_of, refuse_set
 
 
 class ApiError(Exception):
@@ -98,22 +98,12 @@ class _Request(BaseModel):
     logits_processors: Any = None
     add_special_tokens: Any = None
     _unsupported: ClassVar[dict[str, tuple[object, str]]] = {
-        "min_p": (0, "leave it out, or use top_p / top_k"),
-        "min_tokens": (0, "leave it out; ignore_eos with max_tokens gives a fixed length"),
-        "use_beam_search": (False, "no beam search"),
-        **{
-            f"guided_{k}": (None, "send response_format (json_object or json_schema)")
-            for k in ("json", "regex", "choice", "grammar")
-        },
-        "structured_outputs": (None, "send response_format (json_object or json_schema)"),
-        "include_stop_str_in_output": (False, "the text leaves the stop string out"),
-        "skip_special_tokens": (True, "the text leaves special tokens out"),
+        **{k: VLLM_UNSUPPORTED[k] for k in ("min_p", "min_tokens", "use_beam_search", "structured_outputs",
+                                            "include_stop_str_in_output", "skip_special_tokens", "allowed_token_ids",
+                                            "bad_words", "truncate_prompt_tokens", "logits_processors")},
+        **{f"guided_{k}": VLLM_UNSUPPORTED["guided_decoding"] for k in ("json", "regex", "choice", "grammar")},
         "prompt_logprobs": (None, "completions with echo and logprobs return the prompt's"),
-        "allowed_token_ids": (None, "use logit_bias"),
-        "bad_words": ([], "use logit_bias"),
-        "truncate_prompt_tokens": (None, "send a prompt that fits"),
         "return_tokens_as_token_ids": (False, "tokens come back as text; /tokenize gives their ids"),
-        "logits_processors": (None, "no custom logits processors"),
         "add_special_tokens": (True, "the prompt text is encoded with the tokenizer's special tokens; send "
                                      "token ids to encode it otherwise"),
     }  # fmt: skip
@@ -121,9 +111,11 @@ class _Request(BaseModel):
     def check(self) -> None:
         if self.n is None:
             self.n = 1
-        for name, (neutral, instead) in self._unsupported.items():
-            if getattr(self, name) not in (None, neutral):
-                raise ApiError(400, f"{name} is not supported ({instead})", name)
+        for name, (off, instead) in self._unsupported.items():
+            try:
+                refuse_set(name, getattr(self, name), off, instead)
+            except InvalidRequestError as e:
+                raise ApiError(400, str(e), name) from None
         if self.stream_options and self.stream_options.continuous_usage_stats not in (None, False):
             raise ApiError(400, "stream_options.continuous_usage_stats is not supported (include_usage sends the "
                            "usage after the last chunk)", "stream_options")  # fmt: skip
@@ -333,8 +325,10 @@ class CompletionRequest(_Request):
             raise ApiError(
                 400, "max_tokens 0 returns only the echoed prompt: it needs echo: true", "max_tokens"
             )
-        if self.best_of not in (None, self.n):
-            raise ApiError(400, "best_of must equal n (candidates are not ranked)", "best_of")
+        try:
+            check_best_of(self.best_of, self.n)
+        except InvalidRequestError as e:
+            raise ApiError(400, str(e), "best_of") from None
         if len(self.prompts()) * self.n > MAX_CHOICES:
             raise ApiError(400, f"prompts x n must be at most {MAX_CHOICES}", "prompt")
 

@@ -4,6 +4,7 @@ optionally quantized at load (`--quantize`), or a llama / qwen2 GGUF file run fr
 from __future__ import annotations
 
 import mmap
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -104,6 +105,9 @@ def _mapping(w: np.ndarray | QuantTensor) -> mmap.mmap | None:
     return None
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a Hugging Face Hub model id, "org/name"
+
+
 def resolve_model_dir(model: str | Path | None) -> Path:
     """The model directory or GGUF file for `model` (None: the default SmolLM2's GGUF, fetched on first
     use)."""
@@ -117,7 +121,15 @@ def resolve_model_dir(model: str | Path | None) -> Path:
     if p.is_file():
         raise ModelLoadError(f"{p}: not a .gguf file (give a GGUF file or a Hugging Face model directory)")
     if not p.is_dir():
-        raise ModelLoadError(f"{p}: {'GGUF file' if p.suffix == '.gguf' else 'model directory'} not found")
+        hub = (  # code ported from vLLM names a Hub model ("org/name"), which vLLM downloads
+            " (nothing is downloaded: fetch a Hub model with `huggingface-cli download NAME --local-dir DIR` and "
+            "give DIR)"
+            if _HUB_ID.fullmatch(str(model))
+            else ""
+        )
+        raise ModelLoadError(
+            f"{p}: {'GGUF file' if p.suffix == '.gguf' else 'model directory'} not found{hub}"
+        )
     if not (p / "config.json").exists():
         raise ModelLoadError(f"{p}: no config.json (not a Hugging Face model directory)")
     return p
