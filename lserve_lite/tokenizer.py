@@ -413,17 +413,15 @@ def _chat_template(cfg: dict, path: Path) -> tuple[str | None, str | None]:
     return tmpl, None
 
 
-def _compile(template: str, where: str) -> jinja2.Template:
-    """The chat template compiled once at load, so that a syntax error names the file (`where`: the file and
-    field), not a request."""
+def _compile(template: str, where: str, error: type[Exception] = ModelLoadError) -> jinja2.Template:
+    """A chat template compiled in the sandbox, a syntax error one `error` line naming `where`: the model's at load
+    (the file and field, not a request), a caller's as its argument."""
     try:
         return chat_template.environment(_raise_exception).from_string(template)
     except jinja2.TemplateSyntaxError as e:
-        raise ModelLoadError(
-            f"{where} has a Jinja syntax error at line {e.lineno} ({_one_line(e)})"
-        ) from None
+        raise error(f"{where} has a Jinja syntax error at line {e.lineno} ({_one_line(e)})") from None
     except (jinja2.TemplateError, RecursionError, MemoryError) as e:
-        raise ModelLoadError(f"{where} cannot be compiled ({_one_line(e)})") from None
+        raise error(f"{where} cannot be compiled ({_one_line(e)})") from None
 
 
 def _reads_tools(template: str | None) -> bool:
@@ -446,14 +444,7 @@ def _caller_template_text(template: object) -> str:
 def _caller_template(template: str) -> jinja2.Template:
     """A caller's chat template compiled in the model templates' sandbox, kept by its text: a template passed with
     every call compiles once."""
-    try:
-        return chat_template.environment(_raise_exception).from_string(template)
-    except jinja2.TemplateSyntaxError as e:
-        raise InvalidRequestError(
-            f"chat_template has a Jinja syntax error at line {e.lineno} ({_one_line(e)})"
-        ) from None
-    except (jinja2.TemplateError, RecursionError, MemoryError) as e:
-        raise InvalidRequestError(f"chat_template cannot be compiled ({_one_line(e)})") from None
+    return _compile(template, "chat_template", InvalidRequestError)
 
 
 def _template_kwargs(kwargs: object) -> dict:
