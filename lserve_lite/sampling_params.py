@@ -67,6 +67,12 @@ def refuse_set(name: str, value: object, off: object, instead: str) -> None:
         raise InvalidRequestError(f"{name} is not supported ({instead})")
 
 
+def check_n(n: object) -> None:
+    """The number of candidates a request may ask for (the server checks it before `prompts x n`)."""
+    if not _int(n) or not 1 <= n <= MAX_N:
+        raise InvalidRequestError(f"n must be an integer in [1, {MAX_N}], got {n!r}")
+
+
 def check_best_of(best_of: object, n: int) -> None:
     """vLLM's best_of: candidates are not ranked here, so only best_of == n (every candidate returned) is the same."""
     if best_of is not None and best_of != n:
@@ -139,8 +145,7 @@ class _Params:
 
     def _validate_api(self) -> None:
         """The OpenAI options: candidates, logprobs, penalties, logit bias, response format (shape only)."""
-        if not _int(self.n) or not 1 <= self.n <= MAX_N:
-            raise InvalidRequestError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
+        check_n(self.n)
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None and (not _int(v) or not 0 <= v <= MAX_LOGPROBS):

@@ -75,6 +75,10 @@ def test_batch_prompts(client):
         r = post(client, {"prompt": prompt, "max_tokens": 2, "temperature": 0})
         assert r.status_code == 200 and [c["index"] for c in r.json()["choices"]] == [0, 1]
     assert "at most 64" in error(post(client, {"prompt": ["a"] * 33, "n": 2}))["message"]
+    # an n out of its range is that, not "prompts x n" over the limit (param "prompt")
+    for n in (17, 65, 10**30):
+        err = error(post(client, {"prompt": "a", "max_tokens": 2, "n": n}))
+        assert err["param"] == "n" and err["message"].startswith("n must be an integer in [1, 16]"), err
 
 
 @pytest.mark.parametrize(

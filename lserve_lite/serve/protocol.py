@@ -17,7 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from ..engine.tool_calls import ToolPlan, plan_tools
 from ..errors import InvalidRequestError
-from ..sampling_params import MAX_LOGPROBS, VLLM_UNSUPPORTED, SamplingParams, check_best_of, refuse_set
+from ..sampling_params import (
+    MAX_LOGPROBS,
+    VLLM_UNSUPPORTED,
+    SamplingParams,
+    check_best_of,
+    check_n,
+    refuse_set,
+)
 
 
 class ApiError(Exception):
@@ -111,6 +118,10 @@ class _Request(BaseModel):
     def check(self) -> None:
         if self.n is None:
             self.n = 1
+        try:  # before CompletionRequest's `prompts x n`, which would blame the prompt for an n out of range
+            check_n(self.n)
+        except InvalidRequestError as e:
+            raise ApiError(400, str(e), "n") from None
         for name, (off, instead) in self._unsupported.items():
             try:
                 refuse_set(name, getattr(self, name), off, instead)
