@@ -650,6 +650,13 @@ def test_tool_errors_through_the_server(server):
         r = post(**body)
         err = r.json()["error"]
         assert r.status_code == 400 and err["param"] == param and "\n" not in err["message"], (body, err)
+    # the schema's own error after a colon: it read "the functions' parameters invalid JSON schema (...)"
+    bad_properties = {
+        "type": "function",
+        "function": {"name": "f", "parameters": {"type": "object", "properties": 1}},
+    }
+    msg = post(tools=[bad_properties], tool_choice="required").json()["error"]["message"]
+    assert msg.startswith("tools: the functions' parameters: invalid JSON schema ("), msg
     assert post(tools=[WEATHER], tool_choice="none").status_code == 200
     assert server[1].blocks.num_used == 0
 

@@ -266,7 +266,7 @@ def create_app(
             close_all(handles)
             if plan and plan.forced and isinstance(failed, ApiError) and failed.param == "response_format":
                 raise ApiError(
-                    400, "tools: the functions' parameters" + failed.message.partition(":")[2], "tools"
+                    400, "tools: the functions' parameters:" + failed.message.partition(":")[2], "tools"
                 )
             raise failed
         texts = (
