@@ -158,9 +158,7 @@ class ModelRunner:
         windows, keep, refresh = [], [], []
         for seq, n in zip(seqs, num_new):
             sp: SparseConfig = seq.sparse or self.ecfg.sparse
-            # a decode row computes the last sampled token; one token of a recompute (after preemption) with
-            # more pending, or the prompt's last, is a prefill chunk
-            decoding = n == 1 and seq.num_pending == 1 and seq.num_cached >= len(seq.prompt_ids)
+            decoding = n == 1 and seq.num_cached >= len(seq.prompt_ids)
             if decoding:
                 windows.append((sp.decode_sink, sp.decode_local) if self.layout.has_streaming else (0, 0))
                 budget = budget_pages(sp.token_budget, self.page_size) if self.layout.select_pages else 0
