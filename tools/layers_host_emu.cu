@@ -34,6 +34,16 @@ static std::vector<T> load(const std::string& path) {
   return v;
 }
 
+// A pool of `rows` (token, head) rows as the writes find it: values 0x5A bytes, scales 0xFFFF (a NaN half).
+template <class KV>
+static std::vector<unsigned char> sentinel_pool(size_t rows, int d) {
+  return std::vector<unsigned char>(rows * (d * KV::BITS / 8), 0x5A);
+}
+template <class KV>
+static std::vector<__half> sentinel_scales(size_t rows, int d) {
+  return std::vector<__half>(rows * lskv::scale_cols<KV>(d), __ushort_as_half(0xFFFF));
+}
+
 template <class KV>
 static int run(int argc, char** argv);
 template <class KV>
@@ -48,12 +58,8 @@ static int run(int argc, char** argv) {
   auto pos = load<long long>(dir + "/pos.bin"), slots = load<long long>(dir + "/slots.bin");
   const int n = a(4), hq = a(5), hkv = a(6), d = a(7), page = a(8), pages = a(9);
   std::vector<__half> q((size_t)n * hq * d, __ushort_as_half(0xFFFF));
-  const size_t rb = d * KV::BITS / 8;  // a row's values (K and V share the format)
-  const int sc = lskv::scale_cols<KV>(d);
-  auto pool = [&](int np, int heads) { return std::vector<unsigned char>((size_t)np * heads * page * rb, 0x5A); };
-  auto scales = [&](int np, int heads) {
-    return std::vector<__half>((size_t)np * heads * page * sc, __ushort_as_half(0xFFFF));
-  };
+  auto pool = [&](int np, int heads) { return sentinel_pool<KV>((size_t)np * heads * page, d); };
+  auto scales = [&](int np, int heads) { return sentinel_scales<KV>((size_t)np * heads * page, d); };
   __half* qo = q.data();
   const __half *x = qkv.data(), *cp = cs.data(), *sp = sn.data();
   const long long *pp = pos.data(), *sl = slots.data();
@@ -113,20 +119,17 @@ static int run_qrope(int argc, char** argv) {
   auto w = load<__half>(dir + "/w.bin"), xin = load<__half>(dir + "/x.bin");
   auto cs = load<__half>(dir + "/cos.bin"), sn = load<__half>(dir + "/sin.bin");
   auto pos = load<long long>(dir + "/pos.bin"), slots = load<long long>(dir + "/slots.bin");
-  const size_t rb = d * KV::BITS / 8;
-  const int sc = lskv::scale_cols<KV>(d);
+  const size_t dense_rows = (size_t)pages * nd * page, stream_rows = (size_t)spages * ns * page;
   std::vector<int> hc(hkv, 0), hs(hkv);
   for (int g = 0; g < hkv; ++g) hs[g] = g;
   if (sparse) hc = load<int>(dir + "/hc.bin"), hs = load<int>(dir + "/hs.bin");
   for (const char* run : {"ref", "fused"}) {
     const bool fused = std::string(run) == "fused";
     std::vector<__half> q((size_t)n * hq * d, __ushort_as_half(0xFFFF));
-    std::vector<unsigned char> pool[4] = {
-        std::vector<unsigned char>((size_t)pages * nd * page * rb, 0x5A), std::vector<unsigned char>((size_t)pages * nd * page * rb, 0x5A),
-        std::vector<unsigned char>((size_t)spages * ns * page * rb, 0x5A), std::vector<unsigned char>((size_t)spages * ns * page * rb, 0x5A)};
-    std::vector<__half> scs[4] = {
-        std::vector<__half>((size_t)pages * nd * page * sc, __ushort_as_half(0xFFFF)), std::vector<__half>((size_t)pages * nd * page * sc, __ushort_as_half(0xFFFF)),
-        std::vector<__half>((size_t)spages * ns * page * sc, __ushort_as_half(0xFFFF)), std::vector<__half>((size_t)spages * ns * page * sc, __ushort_as_half(0xFFFF))};
+    std::vector<unsigned char> pool[4] = {sentinel_pool<KV>(dense_rows, d), sentinel_pool<KV>(dense_rows, d),
+                                          sentinel_pool<KV>(stream_rows, d), sentinel_pool<KV>(stream_rows, d)};
+    std::vector<__half> scs[4] = {sentinel_scales<KV>(dense_rows, d), sentinel_scales<KV>(dense_rows, d),
+                                  sentinel_scales<KV>(stream_rows, d), sentinel_scales<KV>(stream_rows, d)};
     std::vector<__half> kmax, kmin;
     if (sparse) kmax = load<__half>(dir + "/kmax.bin"), kmin = load<__half>(dir + "/kmin.bin");
     const __half *xp = xin.data(), *wp = w.data(), *cp = cs.data(), *sp = sn.data();
