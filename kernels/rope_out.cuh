@@ -53,7 +53,8 @@ static_assert(sizeof(RopeOut) == 200, "backends/rope_out.py's ROPE_OUT dtype");
 
 // The epilogue's template argument ROPE = kind + 2 fmt: kind 1 a dense cache, 2 LServe's (two pools, statistics: a
 // separate instantiation, so that a dense cache's GEMV carries none of their registers); fmt the KV format
-// (0 fp16, 1 int8, 2 int4, 3 fp8; cuda.py's KV_TRAITS order). backends/rope_out.py's rope_kind computes it.
+// (0 fp16, 1 int8, 2 int4, 3 fp8: cuda_attention.py's KV_TRAITS order, which a test checks). backends/rope_out.py's
+// rope_kind computes it.
 template <int F> struct KvOf;
 template <> struct KvOf<0> { typedef lskv::Half T; };
 template <> struct KvOf<1> { typedef lskv::Int8 T; };

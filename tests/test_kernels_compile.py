@@ -410,6 +410,17 @@ def test_rope_out_struct_matches_the_kernels():
     assert f"sizeof(RopeOut) == {ROPE_OUT.itemsize}" in text
 
 
+def test_rope_out_format_index_matches_the_kernels():
+    """rope_out.KV_FORMAT_INDEX (the host's part of the ROPE argument) names the trait rope_out.cuh's KvOf<i>
+    gives each index: a reordered KV_TRAITS or KvOf would make the epilogue write one format with another's rows."""
+    from lserve_lite.backends.cuda_attention import KV_TRAITS
+    from lserve_lite.backends.rope_out import KV_FORMAT_INDEX
+
+    text = (kernels_dir() / "rope_out.cuh").read_text()
+    kv_of = {int(i): t for i, t in re.findall(r"struct KvOf<(\d+)> \{ typedef (lskv::\w+) T; \}", text)}
+    assert kv_of == {i: KV_TRAITS[fmt] for fmt, i in KV_FORMAT_INDEX.items()}
+
+
 def test_every_launcher_source_exists():
     assert set(_builds()) <= set(kernel_sources())
 

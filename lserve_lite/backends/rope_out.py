@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .base import KVCache
+from .cuda_attention import KV_TRAITS
 
 _POINTERS = ("positions", "slots", "cos", "sin", "q_out", "k_cache", "v_cache", "bias", "ks", "vs", "head_class",
              "head_slot", "kmax", "kmin", "k_sc", "v_sc", "ks_sc", "vs_sc", "stage", "ticket")  # fmt: skip
@@ -26,8 +27,8 @@ assert ROPE_OUT.itemsize == 200  # static_assert(sizeof(RopeOut) == 200) in rope
 # six more instantiations per row count.
 QUANT_ROPE_ROWS = (1,)
 ROPE_TICKETS = 1024  # heads (Hq + 2 Hkv) of a layer the tickets of CudaOps cover; more take the unfused path
-# The KV formats' index in the kernels' ROPE argument (rope_out.cuh's KvOf; cuda_attention.KV_TRAITS' order).
-KV_FORMAT_INDEX = {"fp16": 0, "int8": 1, "int4": 2, "fp8": 3}
+# The KV formats' index in the kernels' ROPE argument: KV_TRAITS' order, which rope_out.cuh's KvOf follows.
+KV_FORMAT_INDEX = {fmt: i for i, fmt in enumerate(KV_TRAITS)}
 
 
 def _ptr(a: Any) -> int:
