@@ -111,6 +111,12 @@ def test_rope_write_quantizes(hctx, kv):
     _run(hctx, kv, HK.kv_write_one)
 
 
+@pytest.mark.parametrize("kv", HK.QUANT_KV)
+def test_rope_write_in_the_qkv_gemv_epilogue_quantizes(hctx, kv):
+    """The opt-in fused write (LSERVE_CUDA_FUSE_ROPE_QUANT) against the float64 reference of the GEMV's rows."""
+    _run(hctx, kv, HK.kv_write_fused_one)
+
+
 @pytest.mark.parametrize("d", HK.SPARSE_DIMS)
 @pytest.mark.parametrize("kv", HK.QUANT_KV)
 def test_rope_write_sparse_quantizes_and_keeps_unquantized_stats(hctx, kv, d):

@@ -261,7 +261,9 @@ class CudaOps:
     selector_reductions = GROUP_REDUCE
     async_steps = True  # kernels and graph replays are queued on a stream: the host may plan the next step
 
-    def __init__(self, device: int | None = None, fuse_rope: bool | None = None):
+    def __init__(
+        self, device: int | None = None, fuse_rope: bool | None = None, fuse_rope_quant: bool | None = None
+    ):
         import cupy as cp
         from cupy_backends.cuda.api import runtime
 
@@ -293,13 +295,15 @@ class CudaOps:
         self.fuse_norm = os.environ.get("LSERVE_CUDA_FUSE_NORM", "1") != "0"
         # RoPE + K/V write in the decode q/k/v GEMV's epilogue (qkv_rope) for steps of at most this many rows, else
         # rope_write_kv after the GEMV: FUSE_ROPE_ROWS by default, LSERVE_CUDA_FUSE_ROPE=1 every GEMV-sized step, 0 none.
-        # (`fuse_rope`: this instance's choice whatever the environment; the kernel harness tests the fused kernels)
+        # (`fuse_rope` / `fuse_rope_quant`: this instance's choice whatever the environment; the kernel harness tests
+        # the fused kernels)
         self.fuse_rope_rows = fuse_rope_rows(fuse_rope, os.environ.get("LSERVE_CUDA_FUSE_ROPE"))
         # ... for a quantized cache too (one row: rope_out.QUANT_ROPE_ROWS) with LSERVE_CUDA_FUSE_ROPE_QUANT=1; off by
         # default: 3.5-3.7% slower LServe decode with int8 weights on an H100 (docs/PERF_e2e.md, 2026-12-06). Its
         # heads' tickets (rope_out.cuh), zero between launches: every fused launch on this device's one stream of
         # steps (eager and graph replays alike) counts in them and leaves them zero.
-        self.fuse_rope_quant = os.environ.get("LSERVE_CUDA_FUSE_ROPE_QUANT", "0") == "1"
+        env_quant = os.environ.get("LSERVE_CUDA_FUSE_ROPE_QUANT", "0") == "1"
+        self.fuse_rope_quant = env_quant if fuse_rope_quant is None else fuse_rope_quant
         self._rope_tickets = cp.zeros(ROPE_TICKETS, cp.int32) if self.fuse_rope_quant else None
         # gemv_rows with S = 2 warps per row where twice the rows fit this many waves of resident warps (gemv_slices);
         # LSERVE_GEMV_KSPLIT=0: one warp per row everywhere (1.5, splitting the QKV projection too, measured slower).
@@ -591,24 +595,33 @@ class CudaOps:
         res_in = None if residual is None else cp.ascontiguousarray(residual, dtype=cp.float32)
         return RmsIn(res_in, cp.empty((n, k), cp.float32), norm_w, eps)
 
+    def fuses_qkv_rope(self, x, w, positions, slots, cache: KVCache) -> bool:
+        """Whether qkv_rope writes RoPE and the K/V rows in the GEMV's epilogue for these arguments (else it takes
+        `norm_qkv_rope`): a gemv_rows or split GEMV of at most `fuse_rope_rows` rows, int64 positions and slots, an
+        fp16 cache or (with `fuse_rope_quant`, at QUANT_ROPE_ROWS) a quantized one."""
+        n, k, m, d = int(x.shape[0]), int(x.shape[1]), int(w.shape[0]), cache.head_dim
+        split = isinstance(w, DeviceQuant) and w.split is not None
+        dense = isinstance(w, self.cp.ndarray) and self.gemm_path(n, k) == "gemv"
+        quant = cache.quantized and n in QUANT_ROPE_ROWS and self.fuse_rope_quant and m // d <= ROPE_TICKETS
+        return (0 < n <= self.fuse_rope_rows and (quant or not cache.quantized) and (split or dense)
+                and positions.dtype == self.cp.int64 and slots.dtype == self.cp.int64)  # fmt: skip
+
     def qkv_rope(self, x, residual, norm_w, eps, w, bias, positions, slots, cache: KVCache, layer: int, rope):
         """Decode rows into a cache (dense, or LServe's two pools and page statistics; fp16, or a quantized format
         for one row): RoPE and the K/V page write in the epilogue of the q/k/v GEMV (gemv_rows with ROPE, the norm in
         its prologue where rmsnorm_linear fuses it; quant_gemv_split with ROPE after add_rmsnorm for a split
         weight): no rope_write_kv launch, no qkv array (a quantized cache's K / V heads pass through a stage the
-        size of one). Everything else (cuBLAS rows, RowStacks, block formats, steps of more than `fuse_rope_rows`
-        rows, quantized caches at more than one row): `norm_qkv_rope`. Reference:
+        size of one). Everything else (`fuses_qkv_rope` false: cuBLAS rows, RowStacks, block formats, steps of more
+        than `fuse_rope_rows` rows, quantized caches at more than one row): `norm_qkv_rope`. Reference:
         reference/layers.rope_write_kv(_sparse)_ref of rmsnorm_linear's product."""
         cp = self.cp
-        n, k, m, d = int(x.shape[0]), int(x.shape[1]), int(w.shape[0]), cache.head_dim
-        split = isinstance(w, DeviceQuant) and w.split is not None
-        dense = isinstance(w, cp.ndarray) and self.gemm_path(n, k) == "gemv"
-        quant = cache.quantized and n in QUANT_ROPE_ROWS and self.fuse_rope_quant and m // d <= ROPE_TICKETS
-        if not (0 < n <= self.fuse_rope_rows and (quant or not cache.quantized) and (split or dense)
-                and positions.dtype == cp.int64 and slots.dtype == cp.int64):  # fmt: skip
+        if not self.fuses_qkv_rope(x, w, positions, slots, cache):
             return norm_qkv_rope(
                 self, x, residual, norm_w, eps, w, bias, positions, slots, cache, layer, rope
             )
+        n, k, m, d = int(x.shape[0]), int(x.shape[1]), int(w.shape[0]), cache.head_dim
+        split = isinstance(w, DeviceQuant) and w.split is not None
+        quant = cache.quantized
         hq = m // d - 2 * cache.kv_heads(layer)
         q = cp.empty((n, hq, d), cp.float16)
         pos, slots = cp.ascontiguousarray(positions), cp.ascontiguousarray(slots)  # alive until the launch

@@ -173,6 +173,43 @@ def kv_write_one(c: Ctx, kv: str) -> list[Result]:
     return out
 
 
+def kv_write_fused_one(c: Ctx, kv: str) -> list[Result]:
+    """CudaOps.qkv_rope at one row with the quantized write in the q/k/v GEMV's epilogue (rope_out.cuh; forced on,
+    as LSERVE_CUDA_FUSE_ROPE_QUANT=1 does), fp16 and Q4_1 (split GEMV) weights, dense-mode cache: the rows the plain
+    GEMV computes (rmsnorm_linear, the same sums: tests/test_gpu_qkv_rope.py checks them bit for bit) through
+    rope_write_kv_ref, checked as kv_write_one's (harness/kv_write.check_write). LServe's pools: in that test."""
+    from ..backends.cuda import CudaOps
+    from .quant import random_quant
+
+    fused, cp, out = CudaOps(fuse_rope=True, fuse_rope_quant=True), c.cp, []
+    fmt = FORMATS[kv]
+    for hq, hkv, d, page, _ in DENSE_WRITES:
+        for wfmt in (None, "q4_1"):
+            m, k = (hq + 2 * hkv) * d, 512
+            w = c.f16(m, k, scale=k**-0.5) if wfmt is None else random_quant(wfmt, m, k, c.rng)
+            dw = c.dev16(w) if wfmt is None else fused.upload(w)
+            x, res, lnw = c.f16(1, k), c.f16(1, k), (c.f16(k, scale=0.3) + 1.0).astype(np.float16)
+            args = (c.dev16(x), cp.asarray(res), c.dev16(lnw), 1e-5, dw, None)
+            qkv = c.ops.rmsnorm_linear(*args)[0].get().astype(np.float32)
+            case = dense_case(c, kv, hq, hkv, d, page, 1, qkv=qkv)
+            dev = [_garbage(c, (*p.shape, fmt.packed_dim(d)), p.fmt.value_dtype) for p in case.pools]
+            sc = [c.poison((*p.shape, p.fmt.scale_cols(d)), np.float16) for p in case.pools]
+            cache = KVCache(
+                dev[:1], dev[1:], page, case.pools[0].shape[0], fmt=fmt, k_scale=sc[:1], v_scale=sc[1:]
+            )
+            rope = (c.dev16(case.cos), c.dev16(case.sin))
+            pos, slots = cp.asarray(case.pos), cp.asarray(case.slots)
+            case.tag += f" {wfmt or 'f16'} weights"
+            if not fused.fuses_qkv_rope(args[0], dw, pos, slots, cache):  # Q4_1: where it is not split here
+                if wfmt is None:
+                    out.append(Result("kv_quant.write_fused", case.tag, 0.0, 0.0, False, "not fused"))
+                continue
+            q, _ = fused.qkv_rope(*args, pos, slots, cache, 0, rope)
+            pools = [(v.get(), s.get()) for v, s in zip(dev, sc, strict=True)]
+            out += check_write(case, "kv_quant.write_fused", q.get(), pools)
+    return out
+
+
 def kv_write_sparse_one(c: Ctx, kv: str, d: int) -> list[Result]:
     """rope_write_kv_sparse into quantized pools (harness/kv_write.sparse_case: a chunk whose logical page holds
     earlier tokens, so the statistics merge, and a fresh prompt); K/V of both pools within the step bound,
@@ -207,5 +244,6 @@ def case_kv_quant(c: Ctx) -> list[Result]:
         out += [kv_sparse_one(c, "prefill", kv, prefill=pk) for pk in prefill_kernels(c)]
         out += [kv_sparse_one(c, "decode", kv, impl) for impl in DECODE_IMPLS]
         out += kv_write_one(c, kv)
+        out += kv_write_fused_one(c, kv)
         out += [r for d in SPARSE_DIMS for r in kv_write_sparse_one(c, kv, d)]
     return out

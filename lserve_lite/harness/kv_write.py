@@ -55,14 +55,26 @@ class WriteCase:
         return FORMATS[self.kv].rotates_keys(self.d)
 
 
-def dense_case(c: Ctx, kv: str, hq: int, hkv: int, d: int, page: int, n: int, pages: int = 40) -> WriteCase:
-    """rope_write_kv into a dense-mode cache of format kv, padding rows (slot -1) included."""
+def dense_case(
+    c: Ctx,
+    kv: str,
+    hq: int,
+    hkv: int,
+    d: int,
+    page: int,
+    n: int,
+    pages: int = 40,
+    qkv: np.ndarray | None = None,
+) -> WriteCase:
+    """rope_write_kv into a dense-mode cache of format kv, padding rows (slot -1) included; `qkv` [n, (Hq + 2 Hkv)
+    D]: the rows to write (a GEMV's output: the fused rows, whose slots are all live), else random ones."""
     fmt = FORMATS[kv]
-    qkv = c.f16(n, (hq + 2 * hkv) * d)
+    pad = 0.2 if qkv is None else 0.0
+    qkv = c.f16(n, (hq + 2 * hkv) * d) if qkv is None else qkv
     cos, sin = c.f16(512, d // 2), c.f16(512, d // 2)
     pos = c.rng.integers(0, 512, n)
     slots = c.rng.permutation(pages * page)[:n]
-    slots[c.rng.random(n) < 0.2] = -1
+    slots[c.rng.random(n) < pad] = -1
     live = slots >= 0
     k_ref, v_ref = np.zeros((2, pages, hkv, page, d), np.float32)
     q_ref = rope_write_kv_ref(qkv, pos, np.maximum(slots, 0), k_ref.copy(), v_ref.copy(), cos, sin, fmt=fmt)
