@@ -195,6 +195,35 @@ def test_no_selection_while_the_budget_covers_the_context(tiny_llama, tmp_path, 
     assert got == llm.generate([ids], params)[0].token_ids  # the same choices again: deterministic
 
 
+def test_a_one_token_recompute_chunk_is_planned_as_prefill(tiny_llama, tmp_path):
+    """A preempted sequence recomputes its outputs' K/V in prefill chunks; a chunk of one token among them (the
+    step budget's last token) was planned as a decode row: decode windows, a page selection, and a selection count
+    the real first decode step then continued from (reusing that stale selection instead of refreshing)."""
+    ids = [int(t) for t in np.random.default_rng(7).integers(3, 320, 40)]
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    _, llm = _sparse_tiny(tiny_llama, tmp_path, token_budget=32, select_interval=4)
+    blocks, runner = llm.engine.blocks, llm.engine.runner
+    rid = llm.engine.add_request(ids, params)
+    seq = llm.engine.seqs[rid]
+    while len(seq.output_ids) < 8:
+        llm.engine.step()
+    blocks.release(
+        seq
+    )  # preempted with 8 outputs: K/V of 47 tokens to recompute, then the 8th output decodes
+    seq.preempt()
+    blocks.grow(seq, seq.num_tokens)
+    seq.num_cached = len(ids) + 2  # mid-recompute: a one-token chunk
+    plan = runner.prepare([seq], [1]).plan
+    assert (int(plan.qb_keep[0]), int(plan.qb_sink[0]), int(plan.qb_local[0])) == (0, 32, 128)
+    assert seq.decode_steps == 0
+    seq.num_cached = (
+        seq.num_tokens - 1
+    )  # recomputed: the last sampled token is a decode row that selects anew
+    plan = runner.prepare([seq], [1]).plan
+    assert (int(plan.qb_keep[0]), int(plan.qb_sink[0]), int(plan.qb_local[0])) == (2, 32, 64)
+    assert int(plan.qb_refresh[0]) == 1 and seq.decode_steps == 1
+
+
 @pytest.mark.parametrize("group_reduce", GROUP_REDUCE)
 def test_engine_streaming_heads_and_selection_run_and_free(tiny_llama, tmp_path, monkeypatch, group_reduce):
     rng = np.random.default_rng(6)
