@@ -338,6 +338,18 @@ def test_selector_diagnostics_pieces(tiny):
         np.testing.assert_array_equal(ka, kb)
 
 
+def test_selector_grid_refuses_lengths_closer_than_steps():
+    """One text runs every length in turn, each length's decode steps after the previous one's: lengths less
+    than `steps` apart decoded past the text's end and failed with an IndexError after the first length's
+    compute; they are refused before the model loads."""
+    from lserve_lite.evaluation.selector_recall import check_grid
+
+    check_grid(16, (300, 316), (64,), (4,), ("lserve",))
+    for lengths in ((300, 310), (310, 300), (300, 300)):
+        with pytest.raises(InvalidRequestError, match="less than steps"):
+            check_grid(16, lengths, (64,), (4,), ("lserve",))
+
+
 def test_default_model_short_run(smollm2_dir, tmp_path):
     """SmolLM2 at 1k tokens, two single-needle prompts (24 s on 2 quiet cores). Recorded 2026-12-01:
     dense 2/2, budget 256 with a 128-token decode window 1/2; a regression below either fails."""
