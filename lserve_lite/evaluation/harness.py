@@ -83,6 +83,8 @@ class SparseHarness:
 
     def forward(self, seq: Sequence, n: int, logits: str = "all") -> np.ndarray:
         """Compute the next `n` tokens (in chunks); logits of every row ("all") or the last one."""
+        if not 0 <= n <= seq.num_pending:  # before any chunk runs: past the end, a reshape failed mid-way
+            raise InvalidRequestError(f"forward() computes 0 to {seq.num_pending} more tokens here, got {n}")
         out = []
         ops = self.runner.ops
         while n > 0:
