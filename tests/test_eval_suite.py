@@ -299,6 +299,40 @@ def test_every_page_size_holds_the_run_length(tiny):
         assert len(r.greedy_all(h, names, ids, 2)[names[0]]) == 2
 
 
+def test_settings_sharing_a_prefill_never_read_another_settings_decode(tiny):
+    """Settings with one prefill share it, each rewinding to the prompt's end; a streaming head's ring keeps only
+    its newest pages, so one setting's long decode overwrote the window the next one read back (its answer
+    depended on the settings run before it). That setting now recomputes the prefill, and a rewind that would
+    read overwritten K/V is refused."""
+    from lserve_lite import LLM, EngineConfig, SparseConfig
+    from lserve_lite.evaluation.harness import SparseHarness
+    from lserve_lite.evaluation.settings import Runner, parse_configs
+
+    knobs = "page_size=16,prefill_sink=16,prefill_local=32,decode_sink=16"
+    spec = f"a:{knobs},decode_local=32,token_budget=32;b:{knobs},decode_local=16,token_budget=48"
+    r = Runner(str(tiny), parse_configs(spec), 1024, None, backend="cpu")
+    sp = SparseConfig(enabled=True, page_size=16, prefill_sink=16, prefill_local=32, decode_sink=16,
+                      decode_local=32, token_budget=64, pattern_path=str(tiny / "full_attention_heads.tsv"))  # fmt: skip
+    llm = LLM(
+        str(tiny), backend="cpu", config=EngineConfig(page_size=16, max_num_batched_tokens=7, sparse=sp)
+    )
+    h = SparseHarness(llm)
+    assert llm.engine.layout.ring_pages == 4  # 64 tokens: 80 decode steps wrap it
+    ids = [int(t) for t in np.random.default_rng(0).integers(3, 300, 150)]
+    assert r.greedy_all(h, ["a", "b"], ids, 80)["b"] == r.greedy_all(h, ["b"], ids, 80)["b"]
+    seq = h.begin(ids, reserve=81)
+    try:
+        first = h.forward(seq, len(ids), logits="last")[-1]
+        h.greedy(seq, 20, first)
+        assert h.can_rewind(seq, len(ids))  # 20 tokens past the prompt: its window is held
+        h.greedy(seq, 80, first)
+        assert not h.can_rewind(seq, len(ids)) and h.can_rewind(seq, 0)
+        with pytest.raises(InvalidRequestError, match="cannot rewind to 150 tokens"):
+            h.rewind(seq, len(ids))
+    finally:
+        h.end(seq)
+
+
 def test_selector_diagnostics_pieces(tiny):
     from lserve_lite import LLM, EngineConfig
     from lserve_lite.backends.reference.page_stats import page_stats_reference
