@@ -333,6 +333,28 @@ def test_settings_sharing_a_prefill_never_read_another_settings_decode(tiny):
         h.end(seq)
 
 
+def test_harness_refuses_a_sequence_without_a_selection_slot(tiny):
+    """Past max_num_seqs sequences at once, begin() handed out one without a page-selection slot: its selecting
+    decode steps used another sequence's selection row (-1), and that one's logits changed. It is refused, with
+    no page taken."""
+    from lserve_lite import LLM, EngineConfig, SparseConfig
+    from lserve_lite.evaluation.harness import SparseHarness
+
+    sp = SparseConfig(
+        enabled=True, page_size=16, token_budget=32, pattern_path=str(tiny / "full_attention_heads.tsv")
+    )
+    llm = LLM(str(tiny), backend="cpu", config=EngineConfig(page_size=16, max_num_seqs=1, sparse=sp))
+    h = SparseHarness(llm)
+    ids = list(range(3, 103))
+    a = h.begin(ids)
+    used = llm.engine.blocks.num_used
+    with pytest.raises(InvalidRequestError, match="every page-selection slot is taken"):
+        h.begin(ids)
+    assert llm.engine.blocks.num_used == used
+    h.end(a)
+    h.end(h.begin(ids))  # its slot is back
+
+
 def test_selector_diagnostics_pieces(tiny):
     from lserve_lite import LLM, EngineConfig
     from lserve_lite.backends.reference.page_stats import page_stats_reference
