@@ -267,6 +267,22 @@ def test_harness_forward_refuses_tokens_it_does_not_have(tiny_llm):
         h.end(seq)
 
 
+def test_harness_greedy_refuses_more_tokens_than_its_pages_hold(tiny_llm):
+    """greedy() past the pages begin() reserved failed with an IndexError in the planner after its first steps;
+    it is refused in one line before any step (47 prompt tokens in one 64-token page: 18 tokens fit)."""
+    from lserve_lite.evaluation.harness import SparseHarness
+
+    h = SparseHarness(tiny_llm)
+    seq = h.begin(list(range(3, 50)), reserve=2)
+    try:
+        first = h.forward(seq, 47, logits="last")[-1]
+        with pytest.raises(InvalidRequestError, match="greedy\\(\\) makes at most 18 tokens here"):
+            h.greedy(seq, 19, first)
+        assert seq.num_cached == 47 and len(h.greedy(seq, 18, first)) == 18
+    finally:
+        h.end(seq)
+
+
 def test_engine_selection(tiny_dir, tiny_llm):
     """The engine's page selector (all heads dense, LServe mode), run through the harness: budget >= context
     gives the dense decode; a small budget changes it; the key statistics equal a from-scratch computation;

@@ -134,6 +134,11 @@ class SparseHarness:
 
     def greedy(self, seq: Sequence, max_new: int, first_logits: np.ndarray, stop_ids=()) -> list[int]:
         """Greedy generation by decode steps after the cached prompt, from the prompt's last logits."""
+        room = len(seq.page_table) * self.engine.ecfg.page_size - len(seq.prompt_ids) + 1
+        if max_new > room:  # checked before any step: past its pages a step failed mid-way (an IndexError)
+            raise InvalidRequestError(
+                f"greedy() makes at most {room} tokens here (begin's reserve), got {max_new}"
+            )
         self.rewind(seq, len(seq.prompt_ids), keep_outputs=False)
         tok = int(np.argmax(first_logits))
         out = [tok]
