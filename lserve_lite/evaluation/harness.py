@@ -68,10 +68,8 @@ class SparseHarness:
             raise InvalidRequestError(f"{total} tokens exceed the context limit {self.engine.max_len}")
         if not blocks.can_grow(seq, total):
             raise InvalidRequestError("not enough free KV pages for this sequence")
-        lay = self.engine.layout
-        if (
-            lay is not None and lay.select_pages and not blocks.slots
-        ):  # without one it selected in another's row
+        lay = self.engine.layout  # a sequence without a page-selection slot selected in another's row
+        if lay is not None and lay.select_pages and not blocks.slots:
             raise InvalidRequestError(
                 f"every page-selection slot is taken (max_num_seqs={self.engine.ecfg.max_num_seqs} sequences hold "
                 f"pages): end one first"
