@@ -109,8 +109,8 @@ def ring_covers(
     held_from: int = 0,
 ) -> bool:  # fmt: skip
     """Whether a streaming table written up to `end` tokens (holding no ring page older than `held_from`) still holds
-    every page that queries from the page boundary `boundary` on can see with a `local` window (sink pages always
-    stay; the ring keeps the newest)."""
+    every page that queries from position `boundary` on can see before it with a `local` window (sink pages always
+    stay; the ring keeps the newest): a snapshot resumed at a page boundary, a harness rewound to any position."""
     first = max(max(0, boundary - local + 1) // page_size, num_sink_pages)  # oldest non-sink page visible
     kept = ring_oldest(end, num_ring_pages, page_size, held_from)
-    return boundary <= end and (first >= boundary // page_size or first >= kept)
+    return boundary <= end and (first > (boundary - 1) // page_size or first >= kept)

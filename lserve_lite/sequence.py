@@ -74,6 +74,7 @@ class Sequence:
         self.block_hashes: list[bytes] = []  # keys of the full pages of all_ids hashed so far
         self.num_registered = 0  # leading pages of page_table indexed in the prefix cache
         self.num_attached = 0  # tokens whose K/V came from the prefix cache at this admission
+        self.num_recompute = 0  # tokens a readmission after preemption recomputes by prefill (preempt)
         # oldest logical page past the sinks that stream_table holds for this sequence: resumed from a snapshot, its
         # older ring slots hold the donor's later pages (PrefixCache.held_from)
         self.stream_from = 0
@@ -137,6 +138,19 @@ class Sequence:
     def num_pending(self) -> int:
         """Tokens whose K/V still has to be computed (the prompt left to prefill, or the last sampled id)."""
         return self.num_tokens - self.num_cached
+
+    def decodes(self, n: int) -> bool:
+        """Whether computing the next `n` tokens is a decode row (decode windows, page selection, an overlappable
+        step): one token past the prompt and past the tokens a preemption dropped. A one-token chunk of that
+        recompute is a prefill chunk; the evaluation harness's teacher-forced outputs (never preempted) decode."""
+        return n == 1 and self.num_cached >= max(len(self.prompt_ids), self.num_recompute)
+
+    def preempt(self) -> None:
+        """Back to waiting, its pages already released. Readmitted, it recomputes every token it holds (the last
+        sampled one too) in prefill chunks, however the step budget cuts them: it goes on as a fresh request of
+        its prompt and reply so far would."""
+        self.status = Status.WAITING
+        self.num_recompute = self.num_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -134,6 +134,30 @@ def test_kv_pressure_preemption_equals_sync(tiny_llama):
     assert over.launches > 0
 
 
+def test_one_token_recompute_chunks_run_in_sync(tiny_llama):
+    """A preempted request readmitted beside a decode recomputes its reply one token a step (a budget of 2): those
+    chunks passed the overlap's decode test, so each was launched as a decode row and its sample appended in the
+    middle of the recompute (the reply went wrong from there)."""
+    rng = np.random.default_rng(1)
+    prompts = [[int(t) for t in rng.integers(3, 320, 20)] for _ in range(3)]
+    reqs = [
+        (p, SamplingParams(temperature=0, max_new_tokens=m, ignore_eos=True))
+        for p, m in zip(prompts, [90, 40, 40])
+    ]
+    kw = dict(num_kv_pages=8, max_num_batched_tokens=2, prefix_caching=False)
+    over = engine(tiny_llama, True, **kw)
+    chunks = []  # whether each one-token recompute chunk was launched overlapped
+    run = over.runner.run
+
+    def spy(seqs, num_new, all_logits=False, ids=None):
+        chunks.extend(ids is not None for s, n in zip(seqs, num_new) if n == 1 < s.num_pending)
+        return run(seqs, num_new, all_logits, ids)
+
+    over.runner.run = spy
+    assert drive(over, reqs) == drive(engine(tiny_llama, False, **kw), reqs)
+    assert chunks and not any(chunks)
+
+
 def test_requests_that_need_the_host_fall_back(tiny_llama):
     """Logprobs and penalties need each token on the host before the next step: those batches run in sync,
     the others overlap, and the mix equals the synchronous engine."""

@@ -299,6 +299,62 @@ def test_every_page_size_holds_the_run_length(tiny):
         assert len(r.greedy_all(h, names, ids, 2)[names[0]]) == 2
 
 
+def test_settings_sharing_a_prefill_never_read_another_settings_decode(tiny):
+    """Settings with one prefill share it, each rewinding to the prompt's end; a streaming head's ring keeps only
+    its newest pages, so one setting's long decode overwrote the window the next one read back (its answer
+    depended on the settings run before it). That setting now recomputes the prefill, and a rewind that would
+    read overwritten K/V is refused."""
+    from lserve_lite import LLM, EngineConfig, SparseConfig
+    from lserve_lite.evaluation.harness import SparseHarness
+    from lserve_lite.evaluation.settings import Runner, parse_configs
+
+    knobs = "page_size=16,prefill_sink=16,prefill_local=32,decode_sink=16"
+    spec = f"a:{knobs},decode_local=32,token_budget=32;b:{knobs},decode_local=16,token_budget=48"
+    r = Runner(str(tiny), parse_configs(spec), 1024, None, backend="cpu")
+    sp = SparseConfig(enabled=True, page_size=16, prefill_sink=16, prefill_local=32, decode_sink=16,
+                      decode_local=32, token_budget=64, pattern_path=str(tiny / "full_attention_heads.tsv"))  # fmt: skip
+    llm = LLM(
+        str(tiny), backend="cpu", config=EngineConfig(page_size=16, max_num_batched_tokens=7, sparse=sp)
+    )
+    h = SparseHarness(llm)
+    assert llm.engine.layout.ring_pages == 4  # 64 tokens: 80 decode steps wrap it
+    ids = [int(t) for t in np.random.default_rng(0).integers(3, 300, 150)]
+    assert r.greedy_all(h, ["a", "b"], ids, 80)["b"] == r.greedy_all(h, ["b"], ids, 80)["b"]
+    seq = h.begin(ids, reserve=81)
+    try:
+        first = h.forward(seq, len(ids), logits="last")[-1]
+        h.greedy(seq, 20, first)
+        assert h.can_rewind(seq, len(ids))  # 20 tokens past the prompt: its window is held
+        h.greedy(seq, 80, first)
+        assert not h.can_rewind(seq, len(ids)) and h.can_rewind(seq, 0)
+        with pytest.raises(InvalidRequestError, match="cannot rewind to 150 tokens"):
+            h.rewind(seq, len(ids))
+    finally:
+        h.end(seq)
+
+
+def test_harness_refuses_a_sequence_without_a_selection_slot(tiny):
+    """Past max_num_seqs sequences at once, begin() handed out one without a page-selection slot: its selecting
+    decode steps used another sequence's selection row (-1), and that one's logits changed. It is refused, with
+    no page taken."""
+    from lserve_lite import LLM, EngineConfig, SparseConfig
+    from lserve_lite.evaluation.harness import SparseHarness
+
+    sp = SparseConfig(
+        enabled=True, page_size=16, token_budget=32, pattern_path=str(tiny / "full_attention_heads.tsv")
+    )
+    llm = LLM(str(tiny), backend="cpu", config=EngineConfig(page_size=16, max_num_seqs=1, sparse=sp))
+    h = SparseHarness(llm)
+    ids = list(range(3, 103))
+    a = h.begin(ids)
+    used = llm.engine.blocks.num_used
+    with pytest.raises(InvalidRequestError, match="every page-selection slot is taken"):
+        h.begin(ids)
+    assert llm.engine.blocks.num_used == used
+    h.end(a)
+    h.end(h.begin(ids))  # its slot is back
+
+
 def test_selector_diagnostics_pieces(tiny):
     from lserve_lite import LLM, EngineConfig
     from lserve_lite.backends.reference.page_stats import page_stats_reference
@@ -336,6 +392,18 @@ def test_selector_diagnostics_pieces(tiny):
     for layer in range(2):
         ka, kb = (cache.k[layer][s.page_table[399 // 64], :, 399 % 64] for s in (a, b))
         np.testing.assert_array_equal(ka, kb)
+
+
+def test_selector_grid_refuses_lengths_closer_than_steps():
+    """One text runs every length in turn, each length's decode steps after the previous one's: lengths less
+    than `steps` apart decoded past the text's end and failed with an IndexError after the first length's
+    compute; they are refused before the model loads."""
+    from lserve_lite.evaluation.selector_recall import check_grid
+
+    check_grid(16, (300, 316), (64,), (4,), ("lserve",))
+    for lengths in ((300, 310), (310, 300), (300, 300)):
+        with pytest.raises(InvalidRequestError, match="less than steps"):
+            check_grid(16, lengths, (64,), (4,), ("lserve",))
 
 
 def test_default_model_short_run(smollm2_dir, tmp_path):

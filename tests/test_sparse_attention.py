@@ -147,7 +147,9 @@ def test_oracle_runs_on_the_cpu_float_cache_only(tiny_llama, tmp_path):
         LLM(str(p), backend="cpu", config=ecfg)
 
 
-def _sparse_tiny(tiny_llama, tmp_path, **kw):
+def _sparse_tiny(tiny_llama, tmp_path, engine_kw: dict | None = None, **kw):
+    """An LServe LLM of the tiny model (half its KV heads streaming); `kw`: sparse knobs, `engine_kw`: engine
+    limits over page_size 16 and 64-token steps."""
     import shutil
 
     p = tmp_path / "m"
@@ -158,9 +160,8 @@ def _sparse_tiny(tiny_llama, tmp_path, **kw):
     )
     knobs.update(kw)
     sp = SparseConfig(enabled=True, **knobs).validate()
-    return p, LLM(
-        str(p), backend="cpu", config=EngineConfig(page_size=16, max_num_batched_tokens=64, sparse=sp)
-    )
+    limits = dict(page_size=16, max_num_batched_tokens=64) | (engine_kw or {})
+    return p, LLM(str(p), backend="cpu", config=EngineConfig(sparse=sp, **limits))
 
 
 def test_engine_budget_over_context_equals_dense(tiny_llama, tmp_path):
@@ -193,6 +194,62 @@ def test_no_selection_while_the_budget_covers_the_context(tiny_llama, tmp_path, 
     assert contexts == [65, 69, 73, 77], contexts  # 40 + 40 tokens: past 4 pages at 65, then every 4th step
     assert all(keep == 4 and refresh == 1 for _, keep, refresh in calls)
     assert got == llm.generate([ids], params)[0].token_ids  # the same choices again: deterministic
+
+
+def test_a_one_token_recompute_chunk_is_planned_as_prefill(tiny_llama, tmp_path):
+    """A preempted sequence recomputes its prompt and outputs' K/V in prefill chunks; a chunk of one token among
+    them (the step budget's last token) was planned as a decode row: decode windows, a page selection, and a
+    selection count the real first decode step then continued from (reusing that stale selection)."""
+    ids = [int(t) for t in np.random.default_rng(7).integers(3, 320, 40)]
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    _, llm = _sparse_tiny(tiny_llama, tmp_path, token_budget=32, select_interval=4)
+    blocks, runner = llm.engine.blocks, llm.engine.runner
+    rid = llm.engine.add_request(ids, params)
+    seq = llm.engine.seqs[rid]
+    while len(seq.output_ids) < 8:
+        llm.engine.step()
+    blocks.release(seq)  # preempted with 8 outputs: 48 tokens to recompute
+    seq.preempt()
+    blocks.grow(seq, seq.num_tokens)
+    prefill, decode = (0, 32, 128), (2, 32, 64)  # (page budget, sink, local) of the row
+    for cached in (len(ids) + 2, seq.num_tokens - 1):  # mid-recompute; the last sampled token
+        seq.num_cached = cached
+        plan = runner.prepare([seq], [1]).plan
+        assert (int(plan.qb_keep[0]), int(plan.qb_sink[0]), int(plan.qb_local[0])) == prefill
+        assert seq.decode_steps == 0
+    seq.output_ids.append(5)  # the next sample decodes, and selects anew
+    blocks.grow(seq, seq.num_tokens)
+    seq.num_cached = seq.num_tokens - 1
+    plan = runner.prepare([seq], [1]).plan
+    assert (int(plan.qb_keep[0]), int(plan.qb_sink[0]), int(plan.qb_local[0])) == decode
+    assert int(plan.qb_refresh[0]) == 1 and seq.decode_steps == 1
+
+
+def test_a_preempted_request_resumes_as_a_fresh_request_of_its_tokens(tiny_llama, tmp_path):
+    """A preempted request recomputes its prompt and reply so far by prefill (docs/PREFIX_CACHE.md): what it
+    generates after its last preemption is what a fresh request of those tokens generates. One-token chunks of
+    that recompute (a step budget of 5 beside decodes) were decode rows (decode windows, a page selection), the
+    last sampled token's too, so the continuation depended on where the chunks fell."""
+    rng = np.random.default_rng(3)
+    prompts = [[int(t) for t in rng.integers(3, 320, int(n))] for n in rng.integers(5, 90, 6)]
+    knobs = dict(prefill_sink=16, prefill_local=32, decode_sink=16, decode_local=32, token_budget=48)
+    limits = dict(num_kv_pages=14, max_num_batched_tokens=5, prefix_caching=False)
+    _, llm = _sparse_tiny(tiny_llama, tmp_path, limits, static_sparsity=0.5, select_interval=3, **knobs)
+    last: dict[int, int] = {}  # prompt index -> outputs it had when last preempted
+    preempt = llm.engine.scheduler._preempt
+
+    def spy(seq):
+        last[prompts.index(seq.prompt_ids)] = len(seq.output_ids)
+        preempt(seq)
+
+    llm.engine.scheduler._preempt = spy
+    params = SamplingParams(temperature=0, max_new_tokens=60, ignore_eos=True)
+    outs = [o.token_ids for o in llm.generate(prompts, params)]
+    resumed = {i: k for i, k in last.items() if k}
+    assert len(resumed) >= 2, "the pool was meant to preempt requests mid-reply"
+    for i, k in resumed.items():
+        fresh = SamplingParams(temperature=0, max_new_tokens=60 - k, ignore_eos=True)
+        assert outs[i][k:] == llm.generate([prompts[i] + outs[i][:k]], fresh)[0].token_ids, (i, k)
 
 
 @pytest.mark.parametrize("group_reduce", GROUP_REDUCE)

@@ -251,6 +251,38 @@ def test_harness_prefix_reuse_is_exact(tiny_llm):
         h.end(seq)
 
 
+def test_harness_forward_refuses_tokens_it_does_not_have(tiny_llm):
+    """forward() past the sequence's tokens failed inside the model with a reshape error; a negative count ran
+    nothing and returned no logits. Both are a one-line error before anything runs."""
+    from lserve_lite.evaluation.harness import SparseHarness
+
+    h = SparseHarness(tiny_llm)
+    seq = h.begin(list(range(3, 50)), prompt_len=40)
+    try:
+        for n in (48, 200, -3):
+            with pytest.raises(InvalidRequestError, match="computes 0 to 47 more tokens here"):
+                h.forward(seq, n)
+        assert seq.num_cached == 0 and h.forward(seq, 47).shape == (47, 320)
+    finally:
+        h.end(seq)
+
+
+def test_harness_greedy_refuses_more_tokens_than_its_pages_hold(tiny_llm):
+    """greedy() past the pages begin() reserved failed with an IndexError in the planner after its first steps;
+    it is refused in one line before any step (47 prompt tokens in one 64-token page: 18 tokens fit)."""
+    from lserve_lite.evaluation.harness import SparseHarness
+
+    h = SparseHarness(tiny_llm)
+    seq = h.begin(list(range(3, 50)), reserve=2)
+    try:
+        first = h.forward(seq, 47, logits="last")[-1]
+        with pytest.raises(InvalidRequestError, match="greedy\\(\\) makes at most 18 tokens here"):
+            h.greedy(seq, 19, first)
+        assert seq.num_cached == 47 and len(h.greedy(seq, 18, first)) == 18
+    finally:
+        h.end(seq)
+
+
 def test_engine_selection(tiny_dir, tiny_llm):
     """The engine's page selector (all heads dense, LServe mode), run through the harness: budget >= context
     gives the dense decode; a small budget changes it; the key statistics equal a from-scratch computation;

@@ -63,7 +63,7 @@ def eval_length(r: Runner, h, names: list[str], ids: list[int], n_dec: int, log)
         for name in r.order(names, C):
             t = time.perf_counter()
             r.prepare(h, seq, name, "prefill")
-            if r.prefill_key(name, C) != key:
+            if r.prefill_key(name, C) != key or not h.can_rewind(seq, P):
                 h.rewind(seq, 0)
                 pre = prefill_nll(h, seq, P)
                 key = r.prefill_key(name, C)

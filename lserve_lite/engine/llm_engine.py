@@ -431,7 +431,7 @@ class LLMEngine:
             return False
         live = set(map(id, self._inflight.seqs)) if self._inflight is not None else None
         return all(
-            n == 1 and s.num_cached >= len(s.prompt_ids) and _plain(s) and (live is None or id(s) in live)
+            s.decodes(n) and _plain(s) and (live is None or id(s) in live)
             for s, n in zip(batch.seqs, batch.num_new)
         )
 

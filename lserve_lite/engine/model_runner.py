@@ -158,8 +158,7 @@ class ModelRunner:
         windows, keep, refresh = [], [], []
         for seq, n in zip(seqs, num_new):
             sp: SparseConfig = seq.sparse or self.ecfg.sparse
-            decoding = n == 1 and seq.num_cached >= len(seq.prompt_ids)
-            if decoding:
+            if seq.decodes(n):
                 windows.append((sp.decode_sink, sp.decode_local) if self.layout.has_streaming else (0, 0))
                 budget = budget_pages(sp.token_budget, self.page_size) if self.layout.select_pages else 0
                 if budget and pages_for(seq.num_cached + 1, self.page_size) > budget:

@@ -172,7 +172,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.release(seq)
-        seq.status = Status.WAITING
+        seq.preempt()
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..config import SparseConfig
 from ..errors import InvalidRequestError
+from ..geometry import ring_covers
 from ..llm import LLM
 from ..sampling_params import SamplingParams
 from ..sequence import Sequence
@@ -36,6 +37,7 @@ class SparseHarness:
         self.cfg = llm.engine.cfg
         self.chunk = llm.engine.ecfg.max_num_batched_tokens
         self.engine_sparse = llm.engine.layout is not None
+        self._written: dict[int, int] = {}  # seq_id -> most tokens computed since its last rewind to 0
 
     # classes ------------------------------------------------------------------------------------------
     def dense_classes(self) -> list[np.ndarray]:
@@ -66,16 +68,43 @@ class SparseHarness:
             raise InvalidRequestError(f"{total} tokens exceed the context limit {self.engine.max_len}")
         if not blocks.can_grow(seq, total):
             raise InvalidRequestError("not enough free KV pages for this sequence")
+        lay = self.engine.layout  # a sequence without a page-selection slot selected in another's row
+        if lay is not None and lay.select_pages and not blocks.slots:
+            raise InvalidRequestError(
+                f"every page-selection slot is taken (max_num_seqs={self.engine.ecfg.max_num_seqs} sequences hold "
+                f"pages): end one first"
+            )
         blocks.grow(seq, total)
         self.engine.run_page_ops()  # the new pages cleared before anything writes them
         return seq
 
     def end(self, seq: Sequence) -> None:
+        self._written.pop(seq.seq_id, None)
         self.engine.blocks.release(seq)
+
+    def can_rewind(self, seq: Sequence, num_cached: int) -> bool:
+        """Whether the K/V of the first `num_cached` tokens that the tokens after them can see is all still held: a
+        streaming head's ring keeps only its newest pages, so computing far past that point (another setting's
+        decode steps) overwrote its window. Else recompute from 0."""
+        lay = self.engine.layout
+        if num_cached == 0 or lay is None or not lay.has_streaming:
+            return True
+        written = max(self._written.get(seq.seq_id, 0), seq.num_cached)
+        configs = (self.engine.ecfg.sparse, seq.sparse or self.engine.ecfg.sparse)  # the widest window counts
+        local = max(w for sp in configs for w in (sp.prefill_local, sp.decode_local))
+        ps = self.engine.ecfg.page_size
+        return ring_covers(num_cached, written, local, lay.sink_pages, lay.ring_pages, ps, seq.stream_from)
 
     def rewind(self, seq: Sequence, num_cached: int, keep_outputs: bool = True) -> None:
         """Forget computed K/V beyond `num_cached` tokens (overwritten when recomputed); restart the
-        page-selection schedule. `keep_outputs=False` also drops output ids beyond that point."""
+        page-selection schedule. `keep_outputs=False` also drops output ids beyond that point. A rewind that
+        would read overwritten K/V (`can_rewind`) is refused."""
+        if not self.can_rewind(seq, num_cached):
+            raise InvalidRequestError(
+                f"cannot rewind to {num_cached} tokens: the streaming heads' ring no longer holds their window "
+                f"(recompute from 0)"
+            )
+        self._written[seq.seq_id] = max(self._written.get(seq.seq_id, 0), seq.num_cached) if num_cached else 0
         seq.num_cached = num_cached
         seq.decode_steps = 0
         if not keep_outputs:
@@ -83,6 +112,8 @@ class SparseHarness:
 
     def forward(self, seq: Sequence, n: int, logits: str = "all") -> np.ndarray:
         """Compute the next `n` tokens (in chunks); logits of every row ("all") or the last one."""
+        if not 0 <= n <= seq.num_pending:  # before any chunk runs: past the end, a reshape failed mid-way
+            raise InvalidRequestError(f"forward() computes 0 to {seq.num_pending} more tokens here, got {n}")
         out = []
         ops = self.runner.ops
         while n > 0:
@@ -101,6 +132,11 @@ class SparseHarness:
 
     def greedy(self, seq: Sequence, max_new: int, first_logits: np.ndarray, stop_ids=()) -> list[int]:
         """Greedy generation by decode steps after the cached prompt, from the prompt's last logits."""
+        room = len(seq.page_table) * self.engine.ecfg.page_size - len(seq.prompt_ids) + 1
+        if max_new > room:  # checked before any step: past its pages a step failed mid-way (an IndexError)
+            raise InvalidRequestError(
+                f"greedy() makes at most {room} tokens here (begin's reserve), got {max_new}"
+            )
         self.rewind(seq, len(seq.prompt_ids), keep_outputs=False)
         tok = int(np.argmax(first_logits))
         out = [tok]

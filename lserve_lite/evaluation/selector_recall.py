@@ -143,6 +143,14 @@ def check_grid(steps: int, lengths, budgets, subs, variants) -> None:
         raise InvalidRequestError(
             f"need 1 <= steps < every length, got steps {steps}, lengths {list(lengths)}"
         )
+    # one text runs every length in turn: a length's decode steps start where the previous length's ended
+    ordered = sorted(lengths)
+    close = [(a, b) for a, b in zip(ordered, ordered[1:]) if b - a < steps]
+    if close:
+        raise InvalidRequestError(
+            f"lengths {close[0][0]} and {close[0][1]} are less than steps ({steps}) apart: each length's "
+            f"{steps} decode steps follow the previous length's"
+        )
     if any(b < PAGE_SIZE or b % PAGE_SIZE for b in budgets):
         raise InvalidRequestError(
             f"budgets must be positive multiples of the page size {PAGE_SIZE}: {list(budgets)}"

@@ -183,7 +183,7 @@ class Runner:
         try:
             for name in self.order(names, len(ids)):
                 self.prepare(h, seq, name, "prefill")
-                if self.prefill_key(name, len(ids)) != key:
+                if self.prefill_key(name, len(ids)) != key or not h.can_rewind(seq, len(ids)):
                     h.rewind(seq, 0, keep_outputs=False)
                     first = np.asarray(h.forward(seq, len(ids), logits="last")[-1])
                     key = self.prefill_key(name, len(ids))
