@@ -254,3 +254,18 @@ def test_continue_final_message_and_add_generation_prompt(client, tiny_llama):
         for r in (post(client, {"messages": msgs, "max_tokens": 2} | how, chat=True),
                   client.post("/tokenize", json={"messages": msgs} | how)):  # fmt: skip
             assert error(r)["param"] == "continue_final_message", r.text
+
+
+def test_stream_options_without_stream_is_refused(client):
+    """stream_options with stream false (or left out) was accepted and ignored; OpenAI and vLLM refuse it: a 400
+    naming stream_options on both endpoints, and with stream true it passes."""
+    for chat, main in ((False, {"prompt": "hi"}), (True, {"messages": MSGS})):
+        for stream in ({}, {"stream": False}, {"stream": None}):
+            body = main | {"max_tokens": 2, "stream_options": {"include_usage": True}} | stream
+            err = error(post(client, body, chat))
+            assert err["param"] == "stream_options" and err["message"] == (
+                "stream_options is only allowed when stream is true"
+            )
+        body = main | {"max_tokens": 2, "stream": True, "stream_options": {"include_usage": True}}
+        r = post(client, body, chat)
+        assert r.status_code == 200 and '"usage": {"prompt_tokens"' in r.text, r.text

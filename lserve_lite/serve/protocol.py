@@ -127,6 +127,9 @@ class _Request(BaseModel):
                 refuse_set(name, getattr(self, name), off, instead)
             except InvalidRequestError as e:
                 raise ApiError(400, str(e), name) from None
+        # OpenAI's and vLLM's rule: stream_options without stream is a 400, not ignored
+        if self.stream_options is not None and not self.stream:
+            raise ApiError(400, "stream_options is only allowed when stream is true", "stream_options")
         if self.stream_options and self.stream_options.continuous_usage_stats not in (None, False):
             raise ApiError(400, "stream_options.continuous_usage_stats is not supported (include_usage sends the "
                            "usage after the last chunk)", "stream_options")  # fmt: skip
