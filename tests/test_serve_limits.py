@@ -226,13 +226,46 @@ def test_client_compat_fields(client):
     assert r.status_code == 200, r.text
 
 
-def test_chat_template_extras_that_would_change_the_prompt_are_refused(client):
-    """vLLM's chat_template / chat_template_kwargs were ignored silently; they are refused, their defaults pass."""
-    for extra in ({"chat_template": "{{ messages }}"}, {"chat_template_kwargs": {"enable_thinking": False}}):
-        r = post(client, {"messages": MSGS, "max_tokens": 2} | extra, chat=True)
-        assert r.status_code == 400 and error(r)["param"] == next(iter(extra)), r.text
-    defaults = {"add_generation_prompt": True, "continue_final_message": False, "chat_template_kwargs": {}}
-    assert post(client, {"messages": MSGS, "max_tokens": 2} | defaults, chat=True).status_code == 200
+def test_request_chat_template_needs_trust_and_kwargs_reach_the_template(client, tiny_llama):
+    """vLLM's chat_template / chat_template_kwargs were refused though LLM.chat takes both. chat_template_kwargs
+    are variables of the model's template (checked as LLM.chat's, counted in the prompt size); a client's own
+    template is refused, naming the flag, unless the server trusts request templates (vLLM's
+    --trust-request-chat-template); then it renders in the same sandbox, and its rendering is held to the prompt
+    limit before it is encoded (a short template could make the server encode millions of characters)."""
+    tok = Tokenizer(tiny_llama)
+    body = {"messages": MSGS, "max_tokens": 2}
+    r = post(client, body | {"chat_template_kwargs": {"enable_thinking": False}}, chat=True)
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(tok.encode_chat(MSGS)), r.text
+    for extra, param, line in (
+        ({"chat_template": "{{ x }}"}, "chat_template", "chat_template: this server renders only the model's"),
+        ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs", "chat_template_kwargs may not set"),
+        ({"chat_template_kwargs": [1]}, "chat_template_kwargs", "chat_template_kwargs must be a dict"),
+        ({"chat_template_kwargs": {"x": "y" * 200}}, "messages", "the prompt has 2"),
+    ):  # fmt: skip
+        for r in (
+            post(client, body | extra, chat=True),
+            client.post("/tokenize", json={"messages": MSGS} | extra),
+        ):
+            err = error(r)
+            assert err["param"] == param and err["message"].startswith(line), err
+    engine = LLMEngine(str(tiny_llama), "cpu", EngineConfig(**CFG))
+    app = create_app(engine, served_model_name="tiny", max_prompt_chars=200, trust_request_chat_template=True)
+    with TestClient(app) as trusted:
+        extra = {
+            "chat_template": "{{ hello }}{{ messages[0].content }}",
+            "chat_template_kwargs": {"hello": "yo "},
+        }
+        want = tok.encode("yo hi", add_special_tokens=False)
+        assert trusted.post("/tokenize", json={"messages": MSGS} | extra).json()["tokens"] == want
+        r = post(trusted, body | extra, chat=True)
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(want), r.text
+        for template, param, line in (
+            ("{{ messages[0].content * 150 }}", "messages", "the rendered prompt has 300 characters; at most 200 "),
+            ("{% for %}", "chat_template", "chat_template has a Jinja syntax error at line 1"),
+            (5, "chat_template", "chat_template must be a non-empty string of Jinja, got 5"),
+        ):  # fmt: skip
+            err = error(post(trusted, body | {"chat_template": template}, chat=True))
+            assert err["param"] == param and err["message"].startswith(line), err
 
 
 def test_continue_final_message_and_add_generation_prompt(client, tiny_llama):

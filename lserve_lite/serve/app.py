@@ -31,6 +31,7 @@ from .protocol import (
     decode,
     new_id,
     now,
+    param_of,
     parse,
     prompt_size,
 )
@@ -53,11 +54,15 @@ def create_app(
     max_queue: int = 256,
     max_body_bytes: int = MAX_BODY_BYTES,
     max_prompt_chars: int | None = None,
+    trust_request_chat_template: bool = False,
 ) -> FastAPI:
     """An app serving `engine`; its engine thread runs for the app's lifespan.
 
     Requests over `max_body_bytes` get 413, prompts over `max_prompt_chars` characters (default:
-    PROMPT_CHARS_PER_TOKEN x the context length) get 400, both before any tokenization.
+    PROMPT_CHARS_PER_TOKEN x the context length) get 400, both before any tokenization; so does a chat prompt
+    whose rendering is longer. A chat request's own `chat_template` is refused unless
+    `trust_request_chat_template` (vLLM's --trust-request-chat-template): the sandbox bounds a template's steps
+    and output, but a client's template is code that costs the whole server CPU time (docs/SERVE.md).
     """
     metrics = Metrics()
     prompt_limit = max_prompt_chars or PROMPT_CHARS_PER_TOKEN * engine.max_len
@@ -203,14 +208,20 @@ def create_app(
         where = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
         try:
             if isinstance(req, ChatCompletionRequest):
+                if req.chat_template is not None and not trust_request_chat_template:
+                    raise ApiError(400, "chat_template: this server renders only the model's chat template (start "
+                                   "it with --trust-request-chat-template to accept the client's)",
+                                   "chat_template")  # fmt: skip
                 tok = engine.tokenizer
                 msgs, tools = prompt_messages([m.as_dict() for m in req.messages], req.tool_plan,
-                                              tok.template_reads_tools)  # fmt: skip
-                how = (req.add_generation_prompt, req.continue_final_message)
-                return [check_ids(tok.encode_chat(msgs, tools, *how))]
+                                              tok.reads_tools(req.chat_template))  # fmt: skip
+                how = (req.add_generation_prompt, req.continue_final_message, req.chat_template,
+                       req.chat_template_kwargs)  # fmt: skip
+                return [check_ids(tok.encode_chat(msgs, tools, *how, max_chars=prompt_limit))]
             return [check_ids(engine.tokenizer.encode(p) if isinstance(p, str) else p) for p in req.prompts()]
         except InvalidRequestError as e:
-            raise ApiError(400, str(e), where) from None
+            msg = str(e)
+            raise ApiError(400, msg, param_of(msg) if msg.startswith("chat_template") else where) from None
 
     def check_ids(ids: list[int]) -> list[int]:
         vocab = engine.cfg.vocab_size

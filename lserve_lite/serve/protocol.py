@@ -258,17 +258,18 @@ class ChatCompletionRequest(_Request):
     parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     function_call: Any = None
-    # vLLM's chat-template extras: the generation prompt, or the last (assistant) message continued; a template
-    # of the client's or extra template arguments are refused
+    # vLLM's chat-template extras: the generation prompt, or the last (assistant) message continued; extra template
+    # variables; the client's own template (only on a server started with --trust-request-chat-template). The
+    # tokenizer checks both as LLM.chat's.
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template: Any = None
     chat_template_kwargs: Any = None
     echo: Any = None
     _unsupported: ClassVar[dict[str, tuple[object, str]]] = _Request._unsupported | {
-        name: (off, "the prompt is the model's own chat template, rendered without extra arguments")
-        for name, off in (("chat_template", None), ("chat_template_kwargs", {}), ("add_special_tokens", False))
-    } | {"echo": (False, "a chat reply does not repeat the last message")}  # fmt: skip
+        "add_special_tokens": (False, "the prompt is the model's chat template, which makes its special tokens"),
+        "echo": (False, "a chat reply does not repeat the last message"),
+    }  # fmt: skip
     _tool_plan: ToolPlan | None = PrivateAttr(None)
 
     def check(self) -> None:
@@ -414,12 +415,15 @@ def _batch(p: Any) -> list:
 
 def prompt_size(body: dict, chat: bool) -> tuple[int, int, int]:
     """A decoded body's prompt measured before validation, in time linear in its size: (characters of text,
-    MESSAGE_CHARS counted for each message, tools as JSON; token ids of the longest id prompt; prompts)."""
+    MESSAGE_CHARS counted for each message, tools and chat_template_kwargs (which a template may render) as JSON;
+    token ids of the longest id prompt; prompts)."""
     if chat:
         msgs = body.get("messages")
         if not isinstance(msgs, list):
             return 0, 0, 1
-        chars = MESSAGE_CHARS * len(msgs) + (len(json.dumps(body["tools"])) if body.get("tools") else 0)
+        chars = MESSAGE_CHARS * len(msgs) + sum(
+            len(json.dumps(body[k])) for k in ("tools", "chat_template_kwargs") if body.get(k)
+        )
         return chars + sum(map(_message_chars, msgs)), 0, 1
     p = body.get("prompt")
     prompts = _batch(p)
