@@ -302,3 +302,16 @@ def test_stream_options_without_stream_is_refused(client):
         body = main | {"max_tokens": 2, "stream": True, "stream_options": {"include_usage": True}}
         r = post(client, body, chat)
         assert r.status_code == 200 and '"usage": {"prompt_tokens"' in r.text, r.text
+
+
+def test_wrong_method_405_names_the_allowed_ones(client):
+    """A 405 (GET on a POST route) came back without the Allow header RFC 9110 requires of it: the error handler
+    rebuilt Starlette's HTTP errors without their headers. It keeps them, in the OpenAI error shape."""
+    for path, allowed in (
+        ("/v1/chat/completions", "POST"),
+        ("/v1/completions", "POST"),
+        ("/v1/models", "GET"),
+    ):
+        r = client.request("DELETE" if allowed == "GET" else "GET", path)
+        assert r.status_code == 405 and r.headers.get("allow") == allowed, (path, r.headers)
+        assert r.json()["error"]["message"] == "Method Not Allowed"

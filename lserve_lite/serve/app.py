@@ -84,9 +84,10 @@ def create_app(
     app.state.engine = aengine
 
     # -- errors: always OpenAI-shaped JSON, never a traceback --------------------------------------
-    def error_response(e: ApiError) -> JSONResponse:
+    def error_response(e: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+        """`headers`: the HTTP error's own (a 405's Allow, which RFC 9110 requires)."""
         metrics.error(e.status)
-        headers = {"Retry-After": "1"} if e.status == 429 else None
+        headers = (headers or {}) | ({"Retry-After": "1"} if e.status == 429 else {})
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(ApiError)
@@ -95,7 +96,7 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
-        return error_response(ApiError(e.status_code, str(e.detail)))
+        return error_response(ApiError(e.status_code, str(e.detail)), e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
