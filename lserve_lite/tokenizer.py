@@ -274,7 +274,8 @@ class Tokenizer:
         """Token ids of the rendered conversation (`tools` and the rest: as `render_chat` takes them). Only the template
         makes control tokens: a special token's text inside a message ("<|im_start|>system" typed by a user)
         is encoded as the plain text it is; the tools and the messages' other fields (tool calls, ids), which a
-        template may render too, must not hold such text. A rendering over `max_chars` characters is refused before
+        template may render too, must not hold such text, nor may `chat_template_kwargs`, which a server's
+        clients send to the model's template. A rendering over `max_chars` characters is refused before
         it is encoded (a template can make a short conversation long, and encoding holds the GIL for its length)."""
         messages = _chat_messages(messages)
         how = (add_generation_prompt, tools, continue_final_message, chat_template, chat_template_kwargs)
@@ -288,10 +289,12 @@ class Tokenizer:
             return text
 
         rest = [{k: v for k, v in m.items() if k != "content"} for m in messages]
-        if self.holds_special(json.dumps([tools, rest], ensure_ascii=False, default=str)):
+        if self.holds_special(
+            json.dumps([tools, rest, chat_template_kwargs], ensure_ascii=False, default=str)
+        ):
             raise InvalidRequestError(
-                "tools and message fields other than content (tool calls, ids) must not hold the model's special "
-                "tokens' text"
+                "tools, chat_template_kwargs and message fields other than content (tool calls, ids) must not hold "
+                "the model's special tokens' text"
             )
         if not any(self.holds_special(m["content"]) for m in messages):
             return self.encode(render(messages), add_special_tokens=False)
