@@ -200,6 +200,28 @@ def test_stalled_step_gives_503_then_recovers(client, monkeypatch):
     assert engine.blocks.num_used == 0
 
 
+def test_a_streams_error_event_is_counted(client, monkeypatch):
+    """A stream that failed after its 200 (a failed engine step: an error event, then [DONE]) was missing from
+    /metrics' request_errors_total, which counted the same failure unstreamed: error-rate alerts missed every
+    streaming client's. It is counted by its status."""
+
+    def stalled():
+        raise SchedulerStalled("no sequence can be scheduled: test")
+
+    def errors_503() -> float:
+        line = next(
+            (x for x in client.get("/metrics").text.splitlines() if 'errors_total{status="503"}' in x), ""
+        )
+        return float(line.split()[-1]) if line else 0.0
+
+    before = errors_503()
+    with monkeypatch.context() as mp:
+        mp.setattr(client.app.state.engine.engine, "step", stalled)
+        r = post(client, {"prompt": "hi", "max_tokens": 2, "stream": True})
+    assert r.status_code == 200 and '"message": "no sequence can be scheduled: test"' in r.text, r.text
+    assert r.text.endswith("data: [DONE]\n\n") and errors_503() == before + 1
+
+
 def test_sampling_params_limits():
     with pytest.raises(InvalidRequestError, match="at most 16"):
         SamplingParams(stop=["a"] * 17)

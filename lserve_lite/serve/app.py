@@ -290,7 +290,8 @@ def create_app(
         base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": now(),
                 "model": model_name}  # fmt: skip
         if req.stream:
-            return EventStream(handles, sse_events(handles, base, shape, req.include_usage))
+            events = sse_events(handles, base, shape, req.include_usage, lambda e: metrics.error(e.status))
+            return EventStream(handles, events)
         choices, use = await collect(request, handles, shape)
         return base | {
             "object": "chat.completion" if chat else "text_completion",
