@@ -121,11 +121,17 @@ def run_server(
 
 
 def _api_key(text: str) -> str:
-    """An empty key would admit only an empty bearer token (while the startup warning says no key is set), and
-    one with outer spaces none at all (the header's token is stripped): both are refused."""
+    """An empty key would admit only an empty bearer token (while the startup warning says no key is set), one
+    with outer spaces none at all (the header's token is stripped), and one not in printable ASCII none either
+    (clients encode headers as ASCII, the openai client refuses to send it, and curl's UTF-8 bytes read back as
+    Latin-1): all are refused."""
     if not text or text != text.strip():
         raise argparse.ArgumentTypeError(
             "the API key ($LSERVE_API_KEY too) must not be empty nor start or end with whitespace"
+        )
+    if not (text.isascii() and text.isprintable()):
+        raise argparse.ArgumentTypeError(
+            "the API key ($LSERVE_API_KEY too) must be printable ASCII: HTTP clients cannot send other characters"
         )
     return text
 
