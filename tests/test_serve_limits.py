@@ -337,3 +337,44 @@ def test_wrong_method_405_names_the_allowed_ones(client):
         r = client.request("DELETE" if allowed == "GET" else "GET", path)
         assert r.status_code == 405 and r.headers.get("allow") == allowed, (path, r.headers)
         assert r.json()["error"]["message"] == "Method Not Allowed"
+
+
+def test_wide_bodies_are_checked_without_a_walk_over_every_value(client, monkeypatch):
+    """decode walked every value of a body (a tuple on its stack each) on the event loop: an 8 MiB prompt of token
+    ids held every stream for ~1.5 s and the walk's stack took 40x the body's size. Only containers are walked,
+    strings only checked where a \\uD8xx-style escape could have made a surrogate, and decode runs in a worker
+    thread; raw surrogate bytes (which json.loads let through) are malformed UTF-8."""
+    import asyncio
+    import tracemalloc
+
+    from lserve_lite.serve import app as app_module
+    from lserve_lite.serve.protocol import decode
+
+    raw = (
+        b'{"prompt": ['
+        + b",".join([b"0"] * 1_000_000)
+        + b'], "stop": ['
+        + b",".join([b'"ab"'] * 200_000)
+        + b"]}"
+    )
+    tracemalloc.start()
+    try:
+        decode(raw)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * len(raw), peak  # the parsed body itself is ~10x the text; the walk took 40x more
+    on_loop = []
+
+    def watched(body: bytes) -> dict:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return decode(body)
+
+    monkeypatch.setattr(app_module, "decode", watched)
+    assert post(client, {"prompt": "hi", "max_tokens": 1}).status_code == 200 and on_loop == [False]
+    err = error(post(client, b'{"prompt": "a\xed\xa0\x80b", "max_tokens": 1}'))
+    assert err["message"].startswith("malformed JSON body: 'utf-8' codec can't decode byte 0xed"), err

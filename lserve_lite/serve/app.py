@@ -188,7 +188,8 @@ def create_app(
             if size > max_body_bytes:
                 raise ApiError(413, f"the request body exceeds {max_body_bytes} bytes")
             chunks.append(chunk)
-        return decode(b"".join(chunks))
+        # off the event loop: a large body's checks would stall every stream for their time (seconds at 8 MiB)
+        return await asyncio.to_thread(decode, b"".join(chunks))
 
     def check_prompt_size(body: dict, chat: bool) -> None:
         """Prompts too long for the context, or too many of them, get 400 before validation and tokenization
