@@ -368,6 +368,7 @@ def _reject_constant(name: str) -> None:
 
 # In text decoded strictly, only a \uD800-\uDFFF escape makes a lone surrogate: a body without one skips that check.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_NESTED = (dict, list)
 
 
 def decode(raw: bytes) -> dict:
@@ -410,16 +411,12 @@ def _check_value(value: Any, param: str, strings: bool) -> None:
         if v and depth >= MAX_JSON_DEPTH:  # its items would be nested deeper than the limit
             raise ApiError(400, f"malformed JSON body: nested deeper than {MAX_JSON_DEPTH} levels", param)
         items = v.values() if isinstance(v, dict) else v
-        stack.extend(
-            (x, depth + 1) for x in items if x and isinstance(x, _NESTED)
-        )  # an empty one nests nothing
+        # an empty container nests nothing: only those with items go on the stack
+        stack.extend((x, depth + 1) for x in items if x and isinstance(x, _NESTED))
     if strings and not _clean(json.dumps(value, ensure_ascii=False)):
         raise ApiError(
             400, f"{param}: a string or key holds a lone UTF-16 surrogate (invalid Unicode)", param
         )
-
-
-_NESTED = (dict, list)
 
 
 def _batch(p: Any) -> list:

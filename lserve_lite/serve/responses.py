@@ -174,7 +174,7 @@ async def sse_events(
     on_error: Callable[[ApiError], None] = lambda e: None,
 ) -> AsyncIterator[str]:
     """OpenAI stream chunks, then (with include_usage) a usage chunk, then `data: [DONE]`; an error after the
-    response started is an error event, and `on_error` hears of it (the server counts it as a refused one)."""
+    response started is an error event, and `on_error` hears of it (the server counts it in its metrics)."""
     extra = {"usage": None} if include_usage else {}
     offsets = [TextOffsets() for _ in handles]
     started = [False] * len(handles)
