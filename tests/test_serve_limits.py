@@ -246,6 +246,12 @@ def test_client_compat_fields(client):
         assert error(post(client, {"messages": MSGS, "max_tokens": 2} | extra, chat=True))["param"] == param
     r = post(client, {"messages": MSGS, "max_tokens": 2, "tool_choice": "none"}, chat=True)
     assert r.status_code == 200, r.text
+    # function_call "none" (its off value, as tool_choice's) was refused as if functions were asked for, naming
+    # "functions"; it passes, and another function_call is refused naming itself
+    r = post(client, {"messages": MSGS, "max_tokens": 2, "function_call": "none", "functions": []}, chat=True)
+    assert r.status_code == 200, r.text
+    body = {"messages": MSGS, "max_tokens": 2, "function_call": {"name": "f"}}
+    assert error(post(client, body, chat=True))["param"] == "function_call"
 
 
 def test_request_chat_template_needs_trust_and_kwargs_reach_the_template(client, tiny_llama):

@@ -283,9 +283,9 @@ class ChatCompletionRequest(_Request):
                            f"(got {self.messages[-1].role!r})", "continue_final_message")  # fmt: skip
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-        if self.functions or self.function_call is not None:
+        if self.functions or self.function_call not in (None, "none"):  # "none": off, as tool_choice's
             raise ApiError(400, "functions / function_call are deprecated by OpenAI: send tools / tool_choice",
-                           "functions")  # fmt: skip
+                           "functions" if self.functions else "function_call")  # fmt: skip
         try:
             self._tool_plan = plan_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
         except InvalidRequestError as e:
