@@ -13,7 +13,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from . import chat_template
 from .config import read_json_object, read_text_file
-from .errors import InvalidRequestError, LServeError, ModelLoadError
+from .errors import InvalidRequestError, LServeError, ModelLoadError, PromptTooLongError
 
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 # a caller's chat template (vLLM's chat_template=) is compiled: bounded (real ones are a few KB)
@@ -283,7 +283,7 @@ class Tokenizer:
         def render(msgs: list[dict]) -> str:
             text = self._render(msgs, *how)
             if max_chars is not None and len(text) > max_chars:
-                raise InvalidRequestError(
+                raise PromptTooLongError(
                     f"the rendered prompt has {len(text)} characters; at most {max_chars} allowed"
                 )
             return text

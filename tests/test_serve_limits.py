@@ -294,6 +294,10 @@ def test_request_chat_template_needs_trust_and_kwargs_reach_the_template(client,
         ):  # fmt: skip
             err = error(post(trusted, body | {"chat_template": template}, chat=True))
             assert err["param"] == param and err["message"].startswith(line), err
+            # a rendering over the limit is a prompt too long, as the checks before rendering answer it
+            assert err["code"] == ("context_length_exceeded" if line.startswith("the rendered") else None), (
+                err
+            )
 
 
 def test_continue_final_message_and_add_generation_prompt(client, tiny_llama):

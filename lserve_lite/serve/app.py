@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.llm_engine import LLMEngine
 from ..engine.tool_calls import prompt_messages, short_call_ids
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, PromptTooLongError
 from . import add_serve_args, run_from_args, run_server
 from .async_engine import AsyncEngine, RequestHandle
 from .logprobs import LogprobFormatter
@@ -222,8 +222,10 @@ def create_app(
                 return [check_ids(tok.encode_chat(msgs, tools, *how, max_chars=prompt_limit))]
             return [check_ids(engine.tokenizer.encode(p) if isinstance(p, str) else p) for p in req.prompts()]
         except InvalidRequestError as e:
-            msg = str(e)
-            raise ApiError(400, msg, param_of(msg) if msg.startswith("chat_template") else where) from None
+            msg, code = str(e), "context_length_exceeded" if isinstance(e, PromptTooLongError) else None
+            raise ApiError(
+                400, msg, param_of(msg) if msg.startswith("chat_template") else where, code
+            ) from None
 
     def check_ids(ids: list[int]) -> list[int]:
         vocab = engine.cfg.vocab_size
