@@ -388,3 +388,29 @@ def test_wide_bodies_are_checked_without_a_walk_over_every_value(client, monkeyp
     assert post(client, {"prompt": "hi", "max_tokens": 1}).status_code == 200 and on_loop == [False]
     err = error(post(client, b'{"prompt": "a\xed\xa0\x80b", "max_tokens": 1}'))
     assert err["message"].startswith("malformed JSON body: 'utf-8' codec can't decode byte 0xed"), err
+
+
+def test_client_gone_mid_body_is_499_not_a_logged_500(client, caplog):
+    """A client that went away while sending its body (a cancelled upload, a client-side timeout) made the server
+    log two tracebacks and count a 500 in /metrics, as if it had failed: Starlette's ClientDisconnect reached the
+    catch-all handler. It is nginx's 499 (client closed request), counted as such, with no traceback."""
+    import anyio
+
+    sent: list[dict] = []
+    incoming = iter([{"type": "http.request", "body": b'{"prompt": "hel', "more_body": True},
+                     {"type": "http.disconnect"}])  # fmt: skip
+
+    async def receive() -> dict:
+        return next(incoming)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}  # fmt: skip
+    with caplog.at_level("ERROR"):
+        anyio.run(client.app, scope, receive, send)
+    assert sent[0]["status"] == 499 and not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    assert 'lserve_request_errors_total{status="499"} 1' in client.get("/metrics").text

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..engine.llm_engine import LLMEngine
 from ..engine.tool_calls import prompt_messages, short_call_ids
@@ -183,11 +184,14 @@ def create_app(
         if declared.isdigit() and int(declared) > max_body_bytes:
             raise ApiError(413, f"the request body has {declared} bytes; at most {max_body_bytes} allowed")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise ApiError(413, f"the request body exceeds {max_body_bytes} bytes")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body_bytes:
+                    raise ApiError(413, f"the request body exceeds {max_body_bytes} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:  # a client's cancel, not a server fault: nginx's 499, no traceback logged
+            raise ApiError(499, "the client closed the connection before its request body ended") from None
         # off the event loop: a large body's checks would stall every stream for their time (seconds at 8 MiB)
         return await asyncio.to_thread(decode, b"".join(chunks))
 
