@@ -19,6 +19,10 @@ class InvalidRequestError(LServeError, ValueError):
     """A prompt or sampling parameter the engine cannot honour."""
 
 
+class PromptTooLongError(InvalidRequestError):
+    """A prompt over a length limit (the server's 400 carries OpenAI's code context_length_exceeded)."""
+
+
 class TensorParallelError(LServeError):
     """A tensor-parallel worker failed, died or hung; the engine cannot go on."""
 

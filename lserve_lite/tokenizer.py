@@ -13,7 +13,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from . import chat_template
 from .config import read_json_object, read_text_file
-from .errors import InvalidRequestError, LServeError, ModelLoadError
+from .errors import InvalidRequestError, LServeError, ModelLoadError, PromptTooLongError
 
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 # a caller's chat template (vLLM's chat_template=) is compiled: bounded (real ones are a few KB)
@@ -269,21 +269,35 @@ class Tokenizer:
         continue_final_message: bool = False,
         chat_template: str | None = None,
         chat_template_kwargs: dict | None = None,
+        max_chars: int | None = None,
     ) -> list[int]:
         """Token ids of the rendered conversation (`tools` and the rest: as `render_chat` takes them). Only the template
         makes control tokens: a special token's text inside a message ("<|im_start|>system" typed by a user)
         is encoded as the plain text it is; the tools and the messages' other fields (tool calls, ids), which a
-        template may render too, must not hold such text."""
+        template may render too, must not hold such text, nor may `chat_template_kwargs`, which a server's
+        clients send to the model's template. A rendering over `max_chars` characters is refused before
+        it is encoded (a template can make a short conversation long, and encoding holds the GIL for its length)."""
         messages = _chat_messages(messages)
         how = (add_generation_prompt, tools, continue_final_message, chat_template, chat_template_kwargs)
+
+        def render(msgs: list[dict]) -> str:
+            text = self._render(msgs, *how)
+            if max_chars is not None and len(text) > max_chars:
+                raise PromptTooLongError(
+                    f"the rendered prompt has {len(text)} characters; at most {max_chars} allowed"
+                )
+            return text
+
         rest = [{k: v for k, v in m.items() if k != "content"} for m in messages]
-        if self.holds_special(json.dumps([tools, rest], ensure_ascii=False, default=str)):
+        if self.holds_special(
+            json.dumps([tools, rest, chat_template_kwargs], ensure_ascii=False, default=str)
+        ):
             raise InvalidRequestError(
-                "tools and message fields other than content (tool calls, ids) must not hold the model's special "
-                "tokens' text"
+                "tools, chat_template_kwargs and message fields other than content (tool calls, ids) must not hold "
+                "the model's special tokens' text"
             )
         if not any(self.holds_special(m["content"]) for m in messages):
-            return self.encode(self._render(messages, *how), add_special_tokens=False)
+            return self.encode(render(messages), add_special_tokens=False)
         # Each special string of a message becomes a marker the template cannot mistake for markup; after
         # rendering, the markers turn back into their strings and those spans are encoded as plain text.
         found: list[str] = []
@@ -297,7 +311,7 @@ class Tokenizer:
         # A marker that tojson(ensure_ascii=True) escaped comes back as its string escaped the same way.
         text, spans, pos = [], [], 0
         pattern = f"(?:\ue000|(\\\\ue000)){tag}:(\\d+)(?:\ue001|\\\\ue001)"
-        pieces = re.split(pattern, self._render(marked, *how))
+        pieces = re.split(pattern, render(marked))
         for k in range(0, len(pieces), 3):
             piece = pieces[k]
             if k:  # after a marker: the marker's string first

@@ -172,6 +172,12 @@ def test_empty_api_key_means_none(monkeypatch, capsys):
     monkeypatch.setenv("LSERVE_API_KEY", "k ")  # a padded variable is refused too, not made unusable
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["serve"])
+    # a key no client could send ('clé' was accepted, then every request got 401: the openai client refuses to
+    # encode it, curl's UTF-8 bytes arrive as Latin-1) is refused at startup in one line
+    for bad in ("clé", "k\tk"):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["serve", "--api-key", bad])
+        assert "must be printable ASCII" in capsys.readouterr().err
 
 
 # -- greedy equality with the embedded API ------------------------------------------------------------------

@@ -200,6 +200,28 @@ def test_stalled_step_gives_503_then_recovers(client, monkeypatch):
     assert engine.blocks.num_used == 0
 
 
+def test_a_streams_error_event_is_counted(client, monkeypatch):
+    """A stream that failed after its 200 (a failed engine step: an error event, then [DONE]) was missing from
+    /metrics' request_errors_total, which counted the same failure unstreamed: error-rate alerts missed every
+    streaming client's. It is counted by its status."""
+
+    def stalled():
+        raise SchedulerStalled("no sequence can be scheduled: test")
+
+    def errors_503() -> float:
+        line = next(
+            (x for x in client.get("/metrics").text.splitlines() if 'errors_total{status="503"}' in x), ""
+        )
+        return float(line.split()[-1]) if line else 0.0
+
+    before = errors_503()
+    with monkeypatch.context() as mp:
+        mp.setattr(client.app.state.engine.engine, "step", stalled)
+        r = post(client, {"prompt": "hi", "max_tokens": 2, "stream": True})
+    assert r.status_code == 200 and '"message": "no sequence can be scheduled: test"' in r.text, r.text
+    assert r.text.endswith("data: [DONE]\n\n") and errors_503() == before + 1
+
+
 def test_sampling_params_limits():
     with pytest.raises(InvalidRequestError, match="at most 16"):
         SamplingParams(stop=["a"] * 17)
@@ -224,15 +246,58 @@ def test_client_compat_fields(client):
         assert error(post(client, {"messages": MSGS, "max_tokens": 2} | extra, chat=True))["param"] == param
     r = post(client, {"messages": MSGS, "max_tokens": 2, "tool_choice": "none"}, chat=True)
     assert r.status_code == 200, r.text
+    # function_call "none" (its off value, as tool_choice's) was refused as if functions were asked for, naming
+    # "functions"; it passes, and another function_call is refused naming itself
+    r = post(client, {"messages": MSGS, "max_tokens": 2, "function_call": "none", "functions": []}, chat=True)
+    assert r.status_code == 200, r.text
+    body = {"messages": MSGS, "max_tokens": 2, "function_call": {"name": "f"}}
+    assert error(post(client, body, chat=True))["param"] == "function_call"
 
 
-def test_chat_template_extras_that_would_change_the_prompt_are_refused(client):
-    """vLLM's chat_template / chat_template_kwargs were ignored silently; they are refused, their defaults pass."""
-    for extra in ({"chat_template": "{{ messages }}"}, {"chat_template_kwargs": {"enable_thinking": False}}):
-        r = post(client, {"messages": MSGS, "max_tokens": 2} | extra, chat=True)
-        assert r.status_code == 400 and error(r)["param"] == next(iter(extra)), r.text
-    defaults = {"add_generation_prompt": True, "continue_final_message": False, "chat_template_kwargs": {}}
-    assert post(client, {"messages": MSGS, "max_tokens": 2} | defaults, chat=True).status_code == 200
+def test_request_chat_template_needs_trust_and_kwargs_reach_the_template(client, tiny_llama):
+    """vLLM's chat_template / chat_template_kwargs were refused though LLM.chat takes both. chat_template_kwargs
+    are variables of the model's template (checked as LLM.chat's, counted in the prompt size); a client's own
+    template is refused, naming the flag, unless the server trusts request templates (vLLM's
+    --trust-request-chat-template); then it renders in the same sandbox, and its rendering is held to the prompt
+    limit before it is encoded (a short template could make the server encode millions of characters)."""
+    tok = Tokenizer(tiny_llama)
+    body = {"messages": MSGS, "max_tokens": 2}
+    r = post(client, body | {"chat_template_kwargs": {"enable_thinking": False}}, chat=True)
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(tok.encode_chat(MSGS)), r.text
+    for extra, param, line in (
+        ({"chat_template": "{{ x }}"}, "chat_template", "chat_template: this server renders only the model's"),
+        ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs", "chat_template_kwargs may not set"),
+        ({"chat_template_kwargs": [1]}, "chat_template_kwargs", "chat_template_kwargs must be a dict"),
+        ({"chat_template_kwargs": {"x": "y" * 200}}, "messages", "the prompt has 2"),
+    ):  # fmt: skip
+        for r in (
+            post(client, body | extra, chat=True),
+            client.post("/tokenize", json={"messages": MSGS} | extra),
+        ):
+            err = error(r)
+            assert err["param"] == param and err["message"].startswith(line), err
+    engine = LLMEngine(str(tiny_llama), "cpu", EngineConfig(**CFG))
+    app = create_app(engine, served_model_name="tiny", max_prompt_chars=200, trust_request_chat_template=True)
+    with TestClient(app) as trusted:
+        extra = {
+            "chat_template": "{{ hello }}{{ messages[0].content }}",
+            "chat_template_kwargs": {"hello": "yo "},
+        }
+        want = tok.encode("yo hi", add_special_tokens=False)
+        assert trusted.post("/tokenize", json={"messages": MSGS} | extra).json()["tokens"] == want
+        r = post(trusted, body | extra, chat=True)
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(want), r.text
+        for template, param, line in (
+            ("{{ messages[0].content * 150 }}", "messages", "the rendered prompt has 300 characters; at most 200 "),
+            ("{% for %}", "chat_template", "chat_template has a Jinja syntax error at line 1"),
+            (5, "chat_template", "chat_template must be a non-empty string of Jinja, got 5"),
+        ):  # fmt: skip
+            err = error(post(trusted, body | {"chat_template": template}, chat=True))
+            assert err["param"] == param and err["message"].startswith(line), err
+            # a rendering over the limit is a prompt too long, as the checks before rendering answer it
+            assert err["code"] == ("context_length_exceeded" if line.startswith("the rendered") else None), (
+                err
+            )
 
 
 def test_continue_final_message_and_add_generation_prompt(client, tiny_llama):
@@ -254,3 +319,98 @@ def test_continue_final_message_and_add_generation_prompt(client, tiny_llama):
         for r in (post(client, {"messages": msgs, "max_tokens": 2} | how, chat=True),
                   client.post("/tokenize", json={"messages": msgs} | how)):  # fmt: skip
             assert error(r)["param"] == "continue_final_message", r.text
+
+
+def test_stream_options_without_stream_is_refused(client):
+    """stream_options with stream false (or left out) was accepted and ignored; OpenAI and vLLM refuse it: a 400
+    naming stream_options on both endpoints, and with stream true it passes."""
+    for chat, main in ((False, {"prompt": "hi"}), (True, {"messages": MSGS})):
+        for stream in ({}, {"stream": False}, {"stream": None}):
+            body = main | {"max_tokens": 2, "stream_options": {"include_usage": True}} | stream
+            err = error(post(client, body, chat))
+            assert err["param"] == "stream_options" and err["message"] == (
+                "stream_options is only allowed when stream is true"
+            )
+        body = main | {"max_tokens": 2, "stream": True, "stream_options": {"include_usage": True}}
+        r = post(client, body, chat)
+        assert r.status_code == 200 and '"usage": {"prompt_tokens"' in r.text, r.text
+
+
+def test_wrong_method_405_names_the_allowed_ones(client):
+    """A 405 (GET on a POST route) came back without the Allow header RFC 9110 requires of it: the error handler
+    rebuilt Starlette's HTTP errors without their headers. It keeps them, in the OpenAI error shape."""
+    for path, allowed in (
+        ("/v1/chat/completions", "POST"),
+        ("/v1/completions", "POST"),
+        ("/v1/models", "GET"),
+    ):
+        r = client.request("DELETE" if allowed == "GET" else "GET", path)
+        assert r.status_code == 405 and r.headers.get("allow") == allowed, (path, r.headers)
+        assert r.json()["error"]["message"] == "Method Not Allowed"
+
+
+def test_wide_bodies_are_checked_without_a_walk_over_every_value(client, monkeypatch):
+    """decode walked every value of a body (a tuple on its stack each) on the event loop: an 8 MiB prompt of token
+    ids held every stream for ~1.5 s and the walk's stack took 40x the body's size. Only containers are walked,
+    strings only checked where a \\uD8xx-style escape could have made a surrogate, and decode runs in a worker
+    thread; raw surrogate bytes (which json.loads let through) are malformed UTF-8."""
+    import asyncio
+    import tracemalloc
+
+    from lserve_lite.serve import app as app_module
+    from lserve_lite.serve.protocol import decode
+
+    raw = (
+        b'{"prompt": ['
+        + b",".join([b"0"] * 1_000_000)
+        + b'], "stop": ['
+        + b",".join([b'"ab"'] * 200_000)
+        + b"]}"
+    )
+    tracemalloc.start()
+    try:
+        decode(raw)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * len(raw), peak  # the parsed body itself is ~10x the text; the walk took 40x more
+    on_loop = []
+
+    def watched(body: bytes) -> dict:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return decode(body)
+
+    monkeypatch.setattr(app_module, "decode", watched)
+    assert post(client, {"prompt": "hi", "max_tokens": 1}).status_code == 200 and on_loop == [False]
+    err = error(post(client, b'{"prompt": "a\xed\xa0\x80b", "max_tokens": 1}'))
+    assert err["message"].startswith("malformed JSON body: 'utf-8' codec can't decode byte 0xed"), err
+
+
+def test_client_gone_mid_body_is_499_not_a_logged_500(client, caplog):
+    """A client that went away while sending its body (a cancelled upload, a client-side timeout) made the server
+    log two tracebacks and count a 500 in /metrics, as if it had failed: Starlette's ClientDisconnect reached the
+    catch-all handler. It is nginx's 499 (client closed request), counted as such, with no traceback."""
+    import anyio
+
+    sent: list[dict] = []
+    incoming = iter([{"type": "http.request", "body": b'{"prompt": "hel', "more_body": True},
+                     {"type": "http.disconnect"}])  # fmt: skip
+
+    async def receive() -> dict:
+        return next(incoming)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}  # fmt: skip
+    with caplog.at_level("ERROR"):
+        anyio.run(client.app, scope, receive, send)
+    assert sent[0]["status"] == 499 and not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    assert 'lserve_request_errors_total{status="499"} 1' in client.get("/metrics").text

@@ -50,6 +50,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         default=256,
         help="sequences allowed to wait beyond the --max-num-seqs running ones; more get HTTP 429",
     )
+    s.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="accept a chat template sent in a request (vLLM's flag; off: such a request gets 400, since a "
+        "client's template costs the whole server CPU time)",
+    )
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -64,7 +70,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     engine_config.max_num_batched_tokens = args.max_num_batched_tokens
     return run_server(args.model, args.host, args.port, args.api_key, args.max_model_len, args.backend,
                       engine_config, served_model_name=args.served_model_name, max_queue=args.max_queue,
-                      log_level=args.log_level)  # fmt: skip
+                      log_level=args.log_level,
+                      trust_request_chat_template=args.trust_request_chat_template)  # fmt: skip
 
 
 def run_server(
@@ -78,6 +85,7 @@ def run_server(
     served_model_name: str | None = None,
     max_queue: int = 256,
     log_level: str = "info",
+    trust_request_chat_template: bool = False,
 ) -> int:
     """Load the model, then serve until interrupted (Ctrl-C)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -104,7 +112,8 @@ def run_server(
         log.warning(
             "listening on %s without --api-key: anyone who can reach this port can use the model", host
         )
-    app = create_app(engine, api_key, served_model_name, max_queue)
+    app = create_app(engine, api_key, served_model_name, max_queue,
+                     trust_request_chat_template=trust_request_chat_template)  # fmt: skip
     log.info("serving %s (backend %s, context %d; %s) on http://%s", served_model_name or engine.model_name,
              engine.backend, engine.max_len, engine.kv_summary(), address(host, port))  # fmt: skip
     Server(app, host, port, log_level).run()
@@ -112,11 +121,17 @@ def run_server(
 
 
 def _api_key(text: str) -> str:
-    """An empty key would admit only an empty bearer token (while the startup warning says no key is set), and
-    one with outer spaces none at all (the header's token is stripped): both are refused."""
+    """An empty key would admit only an empty bearer token (while the startup warning says no key is set), one
+    with outer spaces none at all (the header's token is stripped), and one not in printable ASCII none either
+    (clients encode headers as ASCII, the openai client refuses to send it, and curl's UTF-8 bytes read back as
+    Latin-1): all are refused."""
     if not text or text != text.strip():
         raise argparse.ArgumentTypeError(
             "the API key ($LSERVE_API_KEY too) must not be empty nor start or end with whitespace"
+        )
+    if not (text.isascii() and text.isprintable()):
+        raise argparse.ArgumentTypeError(
+            "the API key ($LSERVE_API_KEY too) must be printable ASCII: HTTP clients cannot send other characters"
         )
     return text
 

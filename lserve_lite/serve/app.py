@@ -15,10 +15,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..engine.llm_engine import LLMEngine
 from ..engine.tool_calls import prompt_messages, short_call_ids
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, PromptTooLongError
 from . import add_serve_args, run_from_args, run_server
 from .async_engine import AsyncEngine, RequestHandle
 from .logprobs import LogprobFormatter
@@ -31,6 +32,7 @@ from .protocol import (
     decode,
     new_id,
     now,
+    param_of,
     parse,
     prompt_size,
 )
@@ -53,11 +55,15 @@ def create_app(
     max_queue: int = 256,
     max_body_bytes: int = MAX_BODY_BYTES,
     max_prompt_chars: int | None = None,
+    trust_request_chat_template: bool = False,
 ) -> FastAPI:
     """An app serving `engine`; its engine thread runs for the app's lifespan.
 
     Requests over `max_body_bytes` get 413, prompts over `max_prompt_chars` characters (default:
-    PROMPT_CHARS_PER_TOKEN x the context length) get 400, both before any tokenization.
+    PROMPT_CHARS_PER_TOKEN x the context length) get 400, both before any tokenization; so does a chat prompt
+    whose rendering is longer. A chat request's own `chat_template` is refused unless
+    `trust_request_chat_template` (vLLM's --trust-request-chat-template): the sandbox bounds a template's steps
+    and output, but a client's template is code that costs the whole server CPU time (docs/SERVE.md).
     """
     metrics = Metrics()
     prompt_limit = max_prompt_chars or PROMPT_CHARS_PER_TOKEN * engine.max_len
@@ -79,9 +85,10 @@ def create_app(
     app.state.engine = aengine
 
     # -- errors: always OpenAI-shaped JSON, never a traceback --------------------------------------
-    def error_response(e: ApiError) -> JSONResponse:
+    def error_response(e: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+        """`headers`: the HTTP error's own (a 405's Allow, which RFC 9110 requires)."""
         metrics.error(e.status)
-        headers = {"Retry-After": "1"} if e.status == 429 else None
+        headers = (headers or {}) | ({"Retry-After": "1"} if e.status == 429 else {})
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(ApiError)
@@ -90,7 +97,7 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
-        return error_response(ApiError(e.status_code, str(e.detail)))
+        return error_response(ApiError(e.status_code, str(e.detail)), e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
@@ -177,12 +184,16 @@ def create_app(
         if declared.isdigit() and int(declared) > max_body_bytes:
             raise ApiError(413, f"the request body has {declared} bytes; at most {max_body_bytes} allowed")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise ApiError(413, f"the request body exceeds {max_body_bytes} bytes")
-            chunks.append(chunk)
-        return decode(b"".join(chunks))
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body_bytes:
+                    raise ApiError(413, f"the request body exceeds {max_body_bytes} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:  # a client's cancel, not a server fault: nginx's 499, no traceback logged
+            raise ApiError(499, "the client closed the connection before its request body ended") from None
+        # off the event loop: a large body's checks would stall every stream for their time (seconds at 8 MiB)
+        return await asyncio.to_thread(decode, b"".join(chunks))
 
     def check_prompt_size(body: dict, chat: bool) -> None:
         """Prompts too long for the context, or too many of them, get 400 before validation and tokenization
@@ -203,14 +214,22 @@ def create_app(
         where = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
         try:
             if isinstance(req, ChatCompletionRequest):
+                if req.chat_template is not None and not trust_request_chat_template:
+                    raise ApiError(400, "chat_template: this server renders only the model's chat template (start "
+                                   "it with --trust-request-chat-template to accept the client's)",
+                                   "chat_template")  # fmt: skip
                 tok = engine.tokenizer
                 msgs, tools = prompt_messages([m.as_dict() for m in req.messages], req.tool_plan,
-                                              tok.template_reads_tools)  # fmt: skip
-                how = (req.add_generation_prompt, req.continue_final_message)
-                return [check_ids(tok.encode_chat(msgs, tools, *how))]
+                                              tok.reads_tools(req.chat_template))  # fmt: skip
+                how = (req.add_generation_prompt, req.continue_final_message, req.chat_template,
+                       req.chat_template_kwargs)  # fmt: skip
+                return [check_ids(tok.encode_chat(msgs, tools, *how, max_chars=prompt_limit))]
             return [check_ids(engine.tokenizer.encode(p) if isinstance(p, str) else p) for p in req.prompts()]
         except InvalidRequestError as e:
-            raise ApiError(400, str(e), where) from None
+            msg, code = str(e), "context_length_exceeded" if isinstance(e, PromptTooLongError) else None
+            raise ApiError(
+                400, msg, param_of(msg) if msg.startswith("chat_template") else where, code
+            ) from None
 
     def check_ids(ids: list[int]) -> list[int]:
         vocab = engine.cfg.vocab_size
@@ -278,7 +297,8 @@ def create_app(
         base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": now(),
                 "model": model_name}  # fmt: skip
         if req.stream:
-            return EventStream(handles, sse_events(handles, base, shape, req.include_usage))
+            events = sse_events(handles, base, shape, req.include_usage, lambda e: metrics.error(e.status))
+            return EventStream(handles, events)
         choices, use = await collect(request, handles, shape)
         return base | {
             "object": "chat.completion" if chat else "text_completion",

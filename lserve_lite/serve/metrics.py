@@ -55,7 +55,8 @@ class Metrics:
     def __init__(self):
         self.lock = threading.Lock()
         self.requests: dict[str, int] = defaultdict(int)  # finished requests by finish_reason
-        self.errors: dict[int, int] = defaultdict(int)  # refused requests by HTTP status
+        # failed requests by HTTP status (a stream's error event too)
+        self.errors: dict[int, int] = defaultdict(int)
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.ttft = Histogram()
@@ -96,7 +97,8 @@ class Metrics:
             n = head("requests_total", "counter", "Finished requests by finish_reason (stop, length, abort).")
             for reason in sorted(set(self.requests) | {"stop", "length", "abort"}):
                 out.append(f"{n}{_labels({'finish_reason': reason})} {self.requests[reason]}")
-            n = head("request_errors_total", "counter", "Requests refused with an error, by HTTP status.")
+            n = head("request_errors_total", "counter",
+                     "Requests answered with an error (a stream's error event too), by HTTP status.")  # fmt: skip
             out += [f"{n}{_labels({'status': str(s)})} {c}" for s, c in sorted(self.errors.items())]
             out.append(f"{head('prompt_tokens_total', 'counter', 'Prompt tokens of finished requests.')} "
                        f"{self.prompt_tokens}")  # fmt: skip

@@ -9,6 +9,7 @@ lone UTF-16 surrogate (it cannot be tokenized nor echoed back as UTF-8).
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any, ClassVar, Literal
@@ -127,6 +128,9 @@ class _Request(BaseModel):
                 refuse_set(name, getattr(self, name), off, instead)
             except InvalidRequestError as e:
                 raise ApiError(400, str(e), name) from None
+        # OpenAI's and vLLM's rule: stream_options without stream is a 400, not ignored
+        if self.stream_options is not None and not self.stream:
+            raise ApiError(400, "stream_options is only allowed when stream is true", "stream_options")
         if self.stream_options and self.stream_options.continuous_usage_stats not in (None, False):
             raise ApiError(400, "stream_options.continuous_usage_stats is not supported (include_usage sends the "
                            "usage after the last chunk)", "stream_options")  # fmt: skip
@@ -255,17 +259,18 @@ class ChatCompletionRequest(_Request):
     parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     function_call: Any = None
-    # vLLM's chat-template extras: the generation prompt, or the last (assistant) message continued; a template
-    # of the client's or extra template arguments are refused
+    # vLLM's chat-template extras: the generation prompt, or the last (assistant) message continued; extra template
+    # variables; the client's own template (only on a server started with --trust-request-chat-template). The
+    # tokenizer checks both as LLM.chat's.
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template: Any = None
     chat_template_kwargs: Any = None
     echo: Any = None
     _unsupported: ClassVar[dict[str, tuple[object, str]]] = _Request._unsupported | {
-        name: (off, "the prompt is the model's own chat template, rendered without extra arguments")
-        for name, off in (("chat_template", None), ("chat_template_kwargs", {}), ("add_special_tokens", False))
-    } | {"echo": (False, "a chat reply does not repeat the last message")}  # fmt: skip
+        "add_special_tokens": (False, "the prompt is the model's chat template, which makes its special tokens"),
+        "echo": (False, "a chat reply does not repeat the last message"),
+    }  # fmt: skip
     _tool_plan: ToolPlan | None = PrivateAttr(None)
 
     def check(self) -> None:
@@ -278,9 +283,9 @@ class ChatCompletionRequest(_Request):
                            f"(got {self.messages[-1].role!r})", "continue_final_message")  # fmt: skip
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-        if self.functions or self.function_call is not None:
+        if self.functions or self.function_call not in (None, "none"):  # "none": off, as tool_choice's
             raise ApiError(400, "functions / function_call are deprecated by OpenAI: send tools / tool_choice",
-                           "functions")  # fmt: skip
+                           "functions" if self.functions else "function_call")  # fmt: skip
         try:
             self._tool_plan = plan_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
         except InvalidRequestError as e:
@@ -361,25 +366,35 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# In text decoded strictly, only a \uD800-\uDFFF escape makes a lone surrogate: a body without one skips that check.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_NESTED = (dict, list)
+
+
 def decode(raw: bytes) -> dict:
-    """Bytes to a JSON object: malformed, non-standard (NaN), too deep or surrogate-holding bodies are 400."""
+    """Bytes to a JSON object: malformed (raw surrogate bytes included), non-standard (NaN), too deep or
+    surrogate-holding bodies are 400. Little Python work per value (walking every value of a wide 8 MiB body took
+    seconds): only containers are walked, and strings are checked only where an escape could have made a lone
+    surrogate."""
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
+        text = raw.decode(json.detect_encoding(raw))
+        body = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
         raise ApiError(400, f"malformed JSON body: nested deeper than {MAX_JSON_DEPTH} levels") from None
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, NaN, ints over the digit limit
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, NaN, ints over the digit limit, bad UTF
         raise ApiError(400, f"malformed JSON body: {e}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    escapes = _SURROGATE_ESCAPE.search(text) is not None
     for key, value in body.items():
-        if not _clean(key):
+        if escapes and not _clean(key):
             raise ApiError(400, "a top-level key holds a lone UTF-16 surrogate (invalid Unicode)")
-        _check_value(value, key)
+        _check_value(value, key, escapes)
     return body
 
 
 def _clean(s: str) -> bool:
-    """False for a string with a lone surrogate (only a JSON \\uD800-style escape can produce one)."""
+    """False for a string with a lone surrogate."""
     try:
         s.encode("utf-8")
     except UnicodeEncodeError:
@@ -387,21 +402,21 @@ def _clean(s: str) -> bool:
     return True
 
 
-def _check_value(value: Any, param: str) -> None:
-    """Walk one top-level field without recursion: depth limit, and no lone surrogate in keys or strings."""
-    stack = [(value, 1)]
+def _check_value(value: Any, param: str, strings: bool) -> None:
+    """One top-level field: no nesting past MAX_JSON_DEPTH (its containers walked without recursion) and, with
+    `strings`, no lone surrogate in its keys or strings (one pass in C: the field as JSON encoded to UTF-8)."""
+    stack = [(value, 1)] if isinstance(value, _NESTED) else []
     while stack:
         v, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
+        if v and depth >= MAX_JSON_DEPTH:  # its items would be nested deeper than the limit
             raise ApiError(400, f"malformed JSON body: nested deeper than {MAX_JSON_DEPTH} levels", param)
-        if isinstance(v, str) and not _clean(v):
-            raise ApiError(400, f"{param}: a string holds a lone UTF-16 surrogate (invalid Unicode)", param)
-        if isinstance(v, dict):
-            if not all(_clean(k) for k in v):
-                raise ApiError(400, f"{param}: a key holds a lone UTF-16 surrogate (invalid Unicode)", param)
-            stack.extend((x, depth + 1) for x in v.values())
-        elif isinstance(v, list):
-            stack.extend((x, depth + 1) for x in v)
+        items = v.values() if isinstance(v, dict) else v
+        # an empty container nests nothing: only those with items go on the stack
+        stack.extend((x, depth + 1) for x in items if x and isinstance(x, _NESTED))
+    if strings and not _clean(json.dumps(value, ensure_ascii=False)):
+        raise ApiError(
+            400, f"{param}: a string or key holds a lone UTF-16 surrogate (invalid Unicode)", param
+        )
 
 
 def _batch(p: Any) -> list:
@@ -411,12 +426,15 @@ def _batch(p: Any) -> list:
 
 def prompt_size(body: dict, chat: bool) -> tuple[int, int, int]:
     """A decoded body's prompt measured before validation, in time linear in its size: (characters of text,
-    MESSAGE_CHARS counted for each message, tools as JSON; token ids of the longest id prompt; prompts)."""
+    MESSAGE_CHARS counted for each message, tools and chat_template_kwargs (which a template may render) as JSON;
+    token ids of the longest id prompt; prompts)."""
     if chat:
         msgs = body.get("messages")
         if not isinstance(msgs, list):
             return 0, 0, 1
-        chars = MESSAGE_CHARS * len(msgs) + (len(json.dumps(body["tools"])) if body.get("tools") else 0)
+        chars = MESSAGE_CHARS * len(msgs) + sum(
+            len(json.dumps(body[k])) for k in ("tools", "chat_template_kwargs") if body.get(k)
+        )
         return chars + sum(map(_message_chars, msgs)), 0, 1
     p = body.get("prompt")
     prompts = _batch(p)

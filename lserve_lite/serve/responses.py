@@ -167,9 +167,14 @@ def _sse(obj: dict) -> str:
 
 
 async def sse_events(
-    handles: list[RequestHandle], base: dict, shape: Choices, include_usage: bool
+    handles: list[RequestHandle],
+    base: dict,
+    shape: Choices,
+    include_usage: bool,
+    on_error: Callable[[ApiError], None] = lambda e: None,
 ) -> AsyncIterator[str]:
-    """OpenAI stream chunks, then (with include_usage) a usage chunk, then `data: [DONE]`."""
+    """OpenAI stream chunks, then (with include_usage) a usage chunk, then `data: [DONE]`; an error after the
+    response started is an error event, and `on_error` hears of it (the server counts it in its metrics)."""
     extra = {"usage": None} if include_usage else {}
     offsets = [TextOffsets() for _ in handles]
     started = [False] * len(handles)
@@ -216,6 +221,7 @@ async def sse_events(
         if include_usage:
             yield _sse(base | {"choices": [], "usage": shape.usage(lasts)})
     except ApiError as e:
+        on_error(e)
         yield _sse(e.body())
     yield "data: [DONE]\n\n"
 
