@@ -73,8 +73,9 @@ class LLMEngine:
         else:
             num_pages, num_stream = self._start_workers(backend)
         per_seq = self.layout.stream_pages_per_seq if self.layout else 0
+        slots = self.ecfg.max_num_seqs if self.layout and self.layout.select_pages else 0  # rows of sel_idx
         self.blocks = BlockManager(
-            num_pages, self.ecfg.page_size, num_stream, per_seq, self.ecfg.max_num_seqs, self._prefix_cache()
+            num_pages, self.ecfg.page_size, num_stream, per_seq, slots, self._prefix_cache()
         )
         self.scheduler = Scheduler(self.blocks, self.ecfg.max_num_seqs, self.ecfg.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
@@ -579,9 +580,10 @@ class LLMEngine:
         seq = Sequence(list(token_ids), SamplingParams(max_new_tokens=1))
         if self._inflight is not None:  # its samples lie where a one-row run uploads its ids: read them first
             self._ready += self._read(self._take_inflight())
-        if not self.blocks.can_grow(seq, len(token_ids)):
+        # prefill only: it selects no pages, so it needs no selection slot (running requests may hold them all)
+        if not self.blocks.can_grow(seq, len(token_ids), slot=False):
             raise InvalidRequestError("not enough free KV pages to score this sequence now")
-        self.blocks.grow(seq, len(token_ids))
+        self.blocks.grow(seq, len(token_ids), slot=False)
         try:
             self.run_page_ops()
             chunks = []

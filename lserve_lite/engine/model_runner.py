@@ -162,6 +162,8 @@ class ModelRunner:
                 windows.append((sp.decode_sink, sp.decode_local) if self.layout.has_streaming else (0, 0))
                 budget = budget_pages(sp.token_budget, self.page_size) if self.layout.select_pages else 0
                 if budget and pages_for(seq.num_cached + 1, self.page_size) > budget:
+                    if seq.sel_slot < 0:  # row -1 is another sequence's: it would select there, silently
+                        raise RuntimeError("a selecting decode row without a page-selection slot")
                     refresh.append(int(refresh_due(seq.decode_steps, sp.select_interval)))
                     seq.decode_steps += 1
                 else:  # every page fits (or no selection at all): nothing to select, the count restarts

@@ -10,9 +10,9 @@ Each step fills the token budget in three passes:
    (at least 1) for the queue: a long prompt never takes the whole step. Where nothing else runs and the head
    cannot start after all (its cached prefix took the page it was counted on), they take the step.
 3. Admission: waiting requests, first come first served, get chunks from what is left (the reserve, plus
-   anything the passes above did not use) while pages and seats last, and never ahead of a request
-   preempted in this step. A request first attaches the longest cached prefix of its prompt (prefix
-   cache, kv/prefix_cache.py): its chunk starts after it, and the tokens attached cost no budget. A
+   anything the passes above did not use) while pages, seats and page-selection slots (LServe) last, and
+   never ahead of a request preempted in this step. A request first attaches the longest cached prefix of
+   its prompt (prefix cache, kv/prefix_cache.py): its chunk starts after it, and the tokens attached cost no budget. A
    request whose prompt continues into pages a running sequence is still computing waits until they are
    cached (it would compute them again otherwise); requests behind it may go first.
 
@@ -164,9 +164,10 @@ class Scheduler:
 
     def _stall_reason(self) -> str:
         head = self.waiting[0] if self.waiting else self.running[0]
+        slot = ", no free page-selection slot" if self.blocks.lacks_slot(head) else ""
         return (
             f"no sequence can be scheduled: {len(self.running)} running, {len(self.waiting)} waiting, "
-            f"{self.blocks.num_free} free KV pages, the next request needs {head.num_pending} tokens "
+            f"{self.blocks.num_free} free KV pages{slot}, the next request needs {head.num_pending} tokens "
             f"(max_num_seqs={self.max_num_seqs}, max_num_batched_tokens={self.budget})"
         )
 

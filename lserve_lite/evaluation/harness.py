@@ -66,14 +66,13 @@ class SparseHarness:
         total = len(ids) + reserve
         if total > self.engine.max_len:
             raise InvalidRequestError(f"{total} tokens exceed the context limit {self.engine.max_len}")
-        if not blocks.can_grow(seq, total):
-            raise InvalidRequestError("not enough free KV pages for this sequence")
-        lay = self.engine.layout  # a sequence without a page-selection slot selected in another's row
-        if lay is not None and lay.select_pages and not blocks.slots:
+        if blocks.lacks_slot(seq):  # without one it selected in another's row
             raise InvalidRequestError(
                 f"every page-selection slot is taken (max_num_seqs={self.engine.ecfg.max_num_seqs} sequences hold "
                 f"pages): end one first"
             )
+        if not blocks.can_grow(seq, total):
+            raise InvalidRequestError("not enough free KV pages for this sequence")
         blocks.grow(seq, total)
         self.engine.run_page_ops()  # the new pages cleared before anything writes them
         return seq
