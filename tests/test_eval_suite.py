@@ -382,6 +382,38 @@ def test_engine_requests_wait_for_a_selection_slot_a_harness_sequence_holds(tiny
     assert len(llm.engine.blocks.slots) == 2
 
 
+def test_a_prefill_chunk_after_decode_steps_restarts_the_selection_schedule(tiny):
+    """A page selection is recomputed at the first decode step after a prefill (docs/SPARSE.md). A harness
+    forward() of several teacher-forced outputs after decode steps left the count running: the next decode
+    step reused the selection made before the chunk, pages ago. It selects anew, as after a rewind."""
+    from lserve_lite import LLM, EngineConfig, SparseConfig
+    from lserve_lite.evaluation.harness import SparseHarness
+
+    sp = SparseConfig(
+        enabled=True, page_size=16, token_budget=32, select_interval=64,
+        pattern_path=str(tiny / "full_attention_heads.tsv"),
+    )  # fmt: skip
+    llm = LLM(
+        str(tiny), backend="cpu", config=EngineConfig(page_size=16, max_num_batched_tokens=64, sparse=sp)
+    )
+    h = SparseHarness(llm)
+    ids = [int(t) for t in np.random.default_rng(1).integers(3, 300, 140)]
+
+    def decode_after_a_chunk(restart: bool) -> np.ndarray:
+        seq = h.begin(ids, prompt_len=60)
+        h.forward(seq, 60, logits="last")
+        h.decode(seq, 2)  # selects at 61 tokens
+        h.forward(seq, 40, logits="last")  # a prefill chunk of outputs
+        if restart:
+            h.rewind(seq, seq.num_cached)  # restarts the schedule, and nothing else
+        try:
+            return h.decode(seq, 1)
+        finally:
+            h.end(seq)
+
+    np.testing.assert_array_equal(decode_after_a_chunk(False), decode_after_a_chunk(True))
+
+
 def test_selector_diagnostics_pieces(tiny):
     from lserve_lite import LLM, EngineConfig
     from lserve_lite.backends.reference.page_stats import page_stats_reference

@@ -154,7 +154,8 @@ class ModelRunner:
         """Per-sequence windows and page-selection settings (decode vs prefill, per-request knobs). A decode row
         whose pages all fit its budget selects nothing (budget 0: its dense heads visit the whole list, the pages
         a selection would keep): no selector work for it, and a step of such rows replays the graph without the
-        selector's launches. Its selection count restarts, so the first step past the budget selects anew."""
+        selector's launches. Its selection count restarts, so the first step past the budget selects anew; a
+        prefill row restarts it too (the first decode step after a prefill selects)."""
         windows, keep, refresh = [], [], []
         for seq, n in zip(seqs, num_new):
             sp: SparseConfig = seq.sparse or self.ecfg.sparse
@@ -170,10 +171,11 @@ class ModelRunner:
                     budget, seq.decode_steps = 0, 0
                     refresh.append(0)
                 keep.append(budget)
-            else:
+            else:  # a prefill chunk (a harness's teacher-forced outputs too): the next decode step selects anew
                 windows.append((sp.prefill_sink, sp.prefill_local) if self.layout.has_streaming else (0, 0))
                 keep.append(0)
                 refresh.append(0)
+                seq.decode_steps = 0
         layout.stream_tables = [s.stream_table for s in seqs]
         layout.windows = windows
         layout.sel_slots = [s.sel_slot for s in seqs]
