@@ -263,7 +263,7 @@ class LLMEngine:
         else:  # skip ids a caller gave explicitly: a generated id must never be refused as a duplicate
             request_id = next(r for r in (f"req-{i}" for i in self._ids) if r not in self.seqs)
         params.validate()  # again: its fields may have changed since it was made
-        ids = self._encode(prompt) if isinstance(prompt, str) else self._check_ids(prompt, "prompt")
+        ids = self._encode(prompt) if isinstance(prompt, str) else self.check_ids(prompt, "prompt")
         if not ids:
             raise InvalidRequestError("prompt is empty (no tokens after tokenizing)")
         # room for an output token, except for one token alone (scoring a whole context): sampled from the
@@ -554,7 +554,7 @@ class LLMEngine:
             )
         return ids
 
-    def _check_ids(self, ids, what: str) -> list[int]:
+    def check_ids(self, ids, what: str) -> list[int]:
         """Token ids as a list of ints in [0, vocab): bools, floats and out-of-range ids are refused."""
         if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
             raise InvalidRequestError(f"{what} must be a list of token ids")
@@ -574,7 +574,7 @@ class LLMEngine:
     def score(self, token_ids: list[int]) -> np.ndarray:
         """Teacher-forced next-token logits [T, vocab] for `token_ids` (runs alone, in prefill chunks)."""
         self._check_open()
-        token_ids = self._check_ids(token_ids, "token_ids")
+        token_ids = self.check_ids(token_ids, "token_ids")
         if len(token_ids) > self.max_len:
             raise InvalidRequestError(f"{len(token_ids)} tokens exceed the context limit {self.max_len}")
         seq = Sequence(list(token_ids), SamplingParams(max_new_tokens=1))
