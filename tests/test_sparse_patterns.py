@@ -303,6 +303,27 @@ def test_harness_refuses_bad_arguments_before_anything_runs(tiny_llm):
         h.end(seq)
 
 
+def test_harness_of_a_closed_llm_runs_nothing_and_holds_nothing(tiny_dir):
+    """LLM.close frees the model runner (weights, KV cache) now and no step runs after; a SparseHarness kept its
+    own reference to the runner: its forward() ran on the closed LLM, and the runner stayed in memory."""
+    import gc
+    import weakref
+
+    from lserve_lite import LLM, EngineConfig
+    from lserve_lite.errors import LServeError
+    from lserve_lite.evaluation.harness import SparseHarness
+
+    llm = LLM(str(tiny_dir), backend="cpu", config=EngineConfig(num_kv_pages=8))
+    h = SparseHarness(llm)
+    seq = h.begin(list(range(3, 50)))
+    ref = weakref.ref(llm.engine.runner)
+    llm.close()
+    gc.collect()
+    assert ref() is None
+    with pytest.raises(LServeError, match="^this LLM was closed"):
+        h.forward(seq, 10)
+
+
 def test_harness_greedy_refuses_more_tokens_than_its_pages_hold(tiny_llm):
     """greedy() past the pages begin() reserved failed with an IndexError in the planner after its first steps;
     it is refused in one line before any step (47 prompt tokens in one 64-token page: 18 tokens fit)."""

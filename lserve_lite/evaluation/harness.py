@@ -10,15 +10,19 @@ rule) are the ones `lserve-lite serve` runs. One public hook changes heads on a 
 from __future__ import annotations
 
 import numbers
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..config import SparseConfig
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, LServeError
 from ..geometry import ring_covers
 from ..llm import LLM
 from ..sampling_params import SamplingParams
 from ..sequence import Sequence
+
+if TYPE_CHECKING:
+    from ..engine.model_runner import ModelRunner
 
 
 class SparseHarness:
@@ -35,11 +39,18 @@ class SparseHarness:
     def __init__(self, llm: LLM):
         self.llm = llm
         self.engine = llm.engine
-        self.runner = llm.engine.runner
         self.cfg = llm.engine.cfg
         self.chunk = llm.engine.ecfg.max_num_batched_tokens
         self.engine_sparse = llm.engine.layout is not None
         self._written: dict[int, int] = {}  # seq_id -> most tokens computed since its last rewind to 0
+
+    @property
+    def runner(self) -> ModelRunner:
+        """The engine's model runner, asked for at each use: a closed LLM has none (freed at the close), and a
+        reference kept here ran steps on it and kept its weights and KV cache in memory."""
+        if self.engine.closed:
+            raise LServeError("this LLM was closed (LLM.close): make a new LLM and harness to go on")
+        return self.engine.runner
 
     # classes ------------------------------------------------------------------------------------------
     def dense_classes(self) -> list[np.ndarray]:
