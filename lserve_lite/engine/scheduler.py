@@ -146,6 +146,9 @@ class Scheduler:
                 break
             if self.blocks.awaits_prefix(seq):
                 continue
+            # asked before attaching: it would give the prefix back at once, a snapshot copied for nothing
+            if self.blocks.lacks_slot(seq):
+                break
             got = self.blocks.attach(seq)
             n = min(seq.num_pending, budget - used)
             if not self.blocks.can_grow(seq, seq.num_cached + n):
