@@ -16,8 +16,8 @@ Each step fills the token budget in three passes:
    request whose prompt continues into pages a running sequence is still computing waits until they are
    cached (it would compute them again otherwise); requests behind it may go first.
 
-Bound (for requests not waiting for a prefix being computed): with a free seat and pages, the request at
-the head of the queue gets its first prefill chunk in
+Bound (for requests not waiting for a prefix being computed): with a free seat, pages and (LServe) a free
+page-selection slot, the request at the head of the queue gets its first prefill chunk in
 the step after it arrives, and the k-th waiting request within k steps, however long the prompts being
 prefilled are. A prompt of at most `reserve` tokens is fully prefilled in that step and decodes from the
 next; one of at most 2 x `reserve` tokens in the step after. A longer prompt then queues its remaining
@@ -28,7 +28,8 @@ itself); they go back to the head of the queue and recompute their K/V when read
 pages stay in the prefix cache, so readmission attaches what was not evicted meanwhile).
 
 A step that schedules nothing and preempts nothing while work exists can never make progress (a budget
-or seat limit below 1, or a pool too small for the head request alone): it raises SchedulerStalled.
+or seat limit below 1, a pool too small for the head request alone, or every page-selection slot held by
+sequences outside the scheduler: an evaluation harness's): it raises SchedulerStalled.
 """
 
 from __future__ import annotations
