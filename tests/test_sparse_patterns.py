@@ -276,9 +276,9 @@ def test_harness_refuses_bad_arguments_before_anything_runs(tiny_llm):
     h, blocks = SparseHarness(tiny_llm), tiny_llm.engine.blocks
     ids = list(range(3, 50))
     for bad, match in (
-        (dict(ids=[5, 320]), "ids token ids must be in \\[0, 320\\)"),
-        (dict(ids=[-1, 5]), "ids token ids must be in"),
-        (dict(ids=[]), "ids is empty"),
+        (dict(ids=[5, 320]), "sequence token ids must be in \\[0, 320\\)"),
+        (dict(ids=[-1, 5]), "sequence token ids must be in"),
+        (dict(ids=[]), "sequence is empty"),
         (dict(ids=ids, prompt_len=0), "prompt_len must be an integer in \\[1, 47\\]"),
         (dict(ids=ids, prompt_len=48), "prompt_len must be an integer in \\[1, 47\\]"),
         (dict(ids=ids, reserve=-40), "reserve must be an integer in \\[0, "),

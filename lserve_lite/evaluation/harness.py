@@ -72,7 +72,7 @@ class SparseHarness:
     def begin(self, ids: list[int], prompt_len: int | None = None, reserve: int = 0) -> Sequence:
         """A sequence of `ids` (prompt = the first `prompt_len`, the rest teacher-forced outputs) with KV
         pages for len(ids) + reserve tokens; nothing computed yet."""
-        ids = self.engine.check_ids(ids, "ids")
+        ids = self.engine.check_ids(ids, "sequence")
         p = len(ids) if prompt_len is None else prompt_len
         if not _int_in(p, 1, len(ids)):
             raise InvalidRequestError(f"prompt_len must be an integer in [1, {len(ids)}], got {p!r:.40}")
