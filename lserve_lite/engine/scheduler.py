@@ -12,9 +12,9 @@ Each step fills the token budget in three passes:
 3. Admission: waiting requests, first come first served, get chunks from what is left (the reserve, plus
    anything the passes above did not use) while pages, seats and page-selection slots (LServe) last, and
    never ahead of a request preempted in this step. A request first attaches the longest cached prefix of
-   its prompt (prefix cache, kv/prefix_cache.py): its chunk starts after it, and the tokens attached cost no budget. A
-   request whose prompt continues into pages a running sequence is still computing waits until they are
-   cached (it would compute them again otherwise); requests behind it may go first.
+   its prompt (prefix cache, kv/prefix_cache.py): its chunk starts after it, and the tokens attached cost
+   no budget. A request whose prompt continues into pages a running sequence is still computing waits
+   until they are cached (it would compute them again otherwise); requests behind it may go first.
 
 Bound (for requests not waiting for a prefix being computed): with a free seat, pages and (LServe) a free
 page-selection slot, the request at the head of the queue gets its first prefill chunk in
