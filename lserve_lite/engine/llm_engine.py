@@ -378,6 +378,13 @@ class LLMEngine:
         with ctrl_c_held():
             self.runner.apply_page_ops(self.blocks.take_page_ops())
 
+    def sync(self) -> None:
+        """Read the overlapped decode step in flight, if any (its outputs come with the next `step`): before the
+        model runs outside the scheduler (`score`, the evaluation harness), whose one-row run uploads its token ids
+        where that step's samples lie on the GPU (the next launch read those ids as the requests' tokens)."""
+        if self._inflight is not None:
+            self._ready += self._read(self._take_inflight())
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._aborts) or bool(self._ready)
 
@@ -578,8 +585,7 @@ class LLMEngine:
         if len(token_ids) > self.max_len:
             raise InvalidRequestError(f"{len(token_ids)} tokens exceed the context limit {self.max_len}")
         seq = Sequence(list(token_ids), SamplingParams(max_new_tokens=1))
-        if self._inflight is not None:  # its samples lie where a one-row run uploads its ids: read them first
-            self._ready += self._read(self._take_inflight())
+        self.sync()
         # prefill only: it selects no pages, so it needs no selection slot (running requests may hold them all)
         if not self.blocks.can_grow(seq, len(token_ids), slot=False):
             raise InvalidRequestError("not enough free KV pages to score this sequence now")

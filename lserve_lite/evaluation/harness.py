@@ -141,6 +141,7 @@ class SparseHarness:
             )
         out = []
         ops = self.runner.ops
+        self.engine.sync()  # an engine step in flight reads its samples first (they lie where this run uploads)
         while n > 0:
             k = min(n, self.chunk)
             lg = ops.to_numpy(self.runner.run([seq], [k], all_logits=logits == "all"))
