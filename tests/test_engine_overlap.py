@@ -265,6 +265,35 @@ def test_scoring_between_overlapped_steps_loses_no_output(tiny_llama):
     assert any(scored) and over.launches > 0
 
 
+def test_harness_steps_between_overlapped_steps_read_the_step_in_flight(tiny_llama):
+    """A SparseHarness step runs the model outside the scheduler, as a score does: on the GPU its one-row run
+    uploads its token id where the decode step in flight samples (a one-row graph's id row), so the next launch
+    read the harness's token as the request's. The harness reads that step first, as score does; the outputs
+    come with the next step, equal to the synchronous engine's."""
+    from lserve_lite import LLM
+    from lserve_lite.evaluation.harness import SparseHarness
+
+    reqs = list(zip(PROMPTS[:2], plain(temperature=0, ignore_eos=True)))
+    ref = drive(engine(tiny_llama, False), reqs)
+    llm = LLM(str(tiny_llama), backend="cpu", config=EngineConfig(page_size=16))
+    over, h, read = llm.engine, SparseHarness(llm), []
+    over.ops.async_steps = True  # as engine(..., overlap=True)
+    step = over.step
+
+    def harness_then_step():
+        outs = step()
+        if over._inflight is not None:
+            seq = h.begin([5, 6, 7])
+            h.forward(seq, 1)
+            read.append(over._inflight is None)
+            h.end(seq)
+        return outs
+
+    over.step = harness_then_step
+    assert drive(over, reqs) == ref
+    assert read and all(read)
+
+
 def test_next_turn_attaches_the_pages_overlapped_decode_steps_filled(tiny_llama):
     """A page filled by an overlapped decode step is keyed over its token ids once the sample is read: it was keyed
     with its last id missing (its placeholder popped first), so a conversation's next turn reused only the prompt."""

@@ -351,8 +351,67 @@ def test_harness_refuses_a_sequence_without_a_selection_slot(tiny):
     with pytest.raises(InvalidRequestError, match="every page-selection slot is taken"):
         h.begin(ids)
     assert llm.engine.blocks.num_used == used
+    assert llm.logits(ids).shape == (len(ids), 320)  # prefill only: scoring needs no slot
     h.end(a)
     h.end(h.begin(ids))  # its slot is back
+
+
+def test_engine_requests_wait_for_a_selection_slot_a_harness_sequence_holds(tiny):
+    """A harness sequence held one of max_num_seqs page-selection slots while generate ran max_num_seqs
+    requests: admission did not count slots, so one request ran with slot -1 and selected in the other's row
+    (its greedy tokens changed). A request now waits for a slot: the tokens are each request's solo ones."""
+    from lserve_lite import LLM, EngineConfig, SamplingParams, SparseConfig
+    from lserve_lite.evaluation.harness import SparseHarness
+
+    sp = SparseConfig(
+        enabled=True, page_size=16, token_budget=32, select_interval=1,
+        pattern_path=str(tiny / "full_attention_heads.tsv"),
+    )  # fmt: skip
+    llm = LLM(str(tiny), backend="cpu", config=EngineConfig(page_size=16, max_num_seqs=2, sparse=sp))
+    rng = np.random.default_rng(0)
+    prompts = [{"prompt_token_ids": [int(t) for t in rng.integers(3, 300, 120)]} for _ in range(2)]
+    params = SamplingParams(max_new_tokens=16, temperature=0.0)
+    solo = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
+    h = SparseHarness(llm)
+    held = h.begin(list(range(3, 103)))
+    both = llm.generate(prompts[:1], params) + llm.generate(prompts[1:], params)  # one seat of two is free
+    assert [o.outputs[0].token_ids for o in both] == solo
+    both = llm.generate(prompts, params)  # the second waits for the first's slot
+    assert [o.outputs[0].token_ids for o in both] == solo
+    h.end(held)
+    assert len(llm.engine.blocks.slots) == 2
+
+
+def test_a_prefill_chunk_after_decode_steps_restarts_the_selection_schedule(tiny):
+    """A page selection is recomputed at the first decode step after a prefill (docs/SPARSE.md). A harness
+    forward() of several teacher-forced outputs after decode steps left the count running: the next decode
+    step reused the selection made before the chunk, pages ago. It selects anew, as after a rewind."""
+    from lserve_lite import LLM, EngineConfig, SparseConfig
+    from lserve_lite.evaluation.harness import SparseHarness
+
+    sp = SparseConfig(
+        enabled=True, page_size=16, token_budget=32, select_interval=64,
+        pattern_path=str(tiny / "full_attention_heads.tsv"),
+    )  # fmt: skip
+    llm = LLM(
+        str(tiny), backend="cpu", config=EngineConfig(page_size=16, max_num_batched_tokens=64, sparse=sp)
+    )
+    h = SparseHarness(llm)
+    ids = [int(t) for t in np.random.default_rng(1).integers(3, 300, 140)]
+
+    def decode_after_a_chunk(restart: bool) -> np.ndarray:
+        seq = h.begin(ids, prompt_len=60)
+        h.forward(seq, 60, logits="last")
+        h.decode(seq, 2)  # selects at 61 tokens
+        h.forward(seq, 40, logits="last")  # a prefill chunk of outputs
+        if restart:
+            h.rewind(seq, seq.num_cached)  # restarts the schedule, and nothing else
+        try:
+            return h.decode(seq, 1)
+        finally:
+            h.end(seq)
+
+    np.testing.assert_array_equal(decode_after_a_chunk(False), decode_after_a_chunk(True))
 
 
 def test_selector_diagnostics_pieces(tiny):

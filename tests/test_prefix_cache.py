@@ -276,6 +276,48 @@ def test_ref_counts_and_free_list_property(ops, ps, budget, stream):
     assert not d.blocks.in_flight
 
 
+def test_a_request_waiting_for_a_selection_slot_attaches_nothing():
+    """The queue's head, waiting for a page-selection slot (one held outside the scheduler, the other by a running
+    request), attached its cached prefix and gave it back at every step: a copy of a streaming snapshot each step
+    (a copy kernel on the GPU; the pool's last free pages could evict snapshots). Without a slot it does not try."""
+    ps = 8
+    b = BlockManager(40, ps, 12, 4, 2, PrefixCache(ps, 1, 3, window=ps, prompt_only=True))
+    sched = Scheduler(b, max_num_seqs=2, max_num_batched_tokens=64)
+
+    def step() -> list:
+        batch = sched.schedule()
+        for s, n in zip(batch.seqs, batch.num_new):
+            s.num_cached += n
+            b.cache_computed(s)
+            if s.num_pending == 0:
+                s.output_ids.append(5)
+                if len(s.output_ids) >= s.params.max_new_tokens:
+                    sched.finish(s, "length")
+        return b.take_page_ops()
+
+    def add(prompt: list[int], gen: int) -> Sequence:
+        seq = Sequence(prompt, SamplingParams(max_new_tokens=gen))
+        seq.kv_salt = b"s"
+        sched.add(seq)
+        return seq
+
+    prompt = list(range(3, 43))
+    add(prompt, 1)
+    while sched.has_work():
+        step()
+    assert len(b.cache.snaps) == 1  # the prompt's streaming state, for a request that repeats it
+    b.grow(Sequence([1], SamplingParams()), 0)  # a slot held outside (an evaluation harness's sequence)
+    running = add(list(range(100, 120)), 30)
+    step()
+    waiting = add(prompt + [7], 3)
+    for _ in range(4):
+        assert not [op for op in step() if op[0] == "copy"] and not waiting.page_table
+    while not running.is_finished:
+        step()
+    step()
+    assert waiting.num_prefix_cached == 40  # admitted once the slot was free: the prefix attached then
+
+
 def test_driver_stream_exercises_preemption_and_snapshots():
     """The property test's driver on one fixed stream does preempt, attach and restore snapshots."""
     d = Driver(pages=16, ps=8, budget=24, stream=True)

@@ -52,8 +52,8 @@ def test_abort_frees_pages(tiny_llama):
 class _Driver:
     """Drives the scheduler with fake model steps (no model): each scheduled token is 'computed'."""
 
-    def __init__(self, pages: int, page_size: int, budget: int, max_num_seqs: int = 8):
-        self.blocks = BlockManager(pages, page_size)
+    def __init__(self, pages: int, page_size: int, budget: int, max_num_seqs: int = 8, slots: int = 0):
+        self.blocks = BlockManager(pages, page_size, max_seqs=slots)
         self.sched = Scheduler(self.blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
 
     def add(self, prompt_len: int, gen: int) -> Sequence:
@@ -98,6 +98,32 @@ def test_kv_manager_property(reqs, page_size, budget):
     seqs = d.run(reqs)
     assert all(s.is_finished and len(s.output_ids) == g for s, (_, g) in zip(seqs, reqs))
     assert d.blocks.num_used == 0 and d.blocks.num_free == pages
+
+
+def test_admission_waits_for_a_page_selection_slot():
+    """Slots held outside the scheduler (an evaluation harness's sequence) left a request admitted without one
+    (slot -1: another sequence's selection row). It now waits for one; with none free and nothing running that
+    could free one, the step says so instead of spinning. A prefill-only sequence (slot=False) takes none."""
+    d = _Driver(pages=64, page_size=16, budget=64, max_num_seqs=3, slots=3)
+    for _ in range(2):  # slots only: pages are the running sequences' (_Driver.step)
+        d.blocks.grow(Sequence([1], SamplingParams()), 0)
+    seqs = [d.add(30, 3) for _ in range(3)]
+    while d.sched.has_work():
+        d.step()
+        assert len(d.sched.running) <= 1 and all(s.sel_slot >= 0 for s in d.sched.running)
+    assert all(s.is_finished for s in seqs) and len(d.blocks.slots) == 1
+    scoring = Sequence([1], SamplingParams())
+    d.blocks.grow(scoring, 40, slot=False)
+    assert scoring.sel_slot == -1 and len(d.blocks.slots) == 1
+    d.blocks.release(scoring)
+    d.blocks.grow(Sequence([1], SamplingParams()), 0)  # the last free slot
+    d.add(30, 3)
+    with pytest.raises(SchedulerStalled, match="no free page-selection slot"):
+        d.step()
+    dense = BlockManager(8, 16)  # an engine that selects no pages hands out no slots
+    seq = Sequence([1], SamplingParams())
+    dense.grow(seq, 1)
+    assert seq.sel_slot == -1 and dense.has_room(seq, 16)
 
 
 def test_page_array_mirrors_the_table():

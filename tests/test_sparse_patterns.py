@@ -267,6 +267,63 @@ def test_harness_forward_refuses_tokens_it_does_not_have(tiny_llm):
         h.end(seq)
 
 
+def test_harness_refuses_bad_arguments_before_anything_runs(tiny_llm):
+    """Token ids outside the vocabulary ran (a wrapped or clipped embedding row), a negative reserve failed
+    with an IndexError mid-forward, a fractional count with a TypeError, and a rewind past the tokens computed
+    silently read K/V never written. Each is a one-line error, and begin() takes no page or slot for it."""
+    from lserve_lite.evaluation.harness import SparseHarness
+
+    h, blocks = SparseHarness(tiny_llm), tiny_llm.engine.blocks
+    ids = list(range(3, 50))
+    for bad, match in (
+        (dict(ids=[5, 320]), "sequence token ids must be in \\[0, 320\\)"),
+        (dict(ids=[-1, 5]), "sequence token ids must be in"),
+        (dict(ids=[]), "sequence is empty"),
+        (dict(ids=ids, prompt_len=0), "prompt_len must be an integer in \\[1, 47\\]"),
+        (dict(ids=ids, prompt_len=48), "prompt_len must be an integer in \\[1, 47\\]"),
+        (dict(ids=ids, reserve=-40), "reserve must be an integer in \\[0, "),
+        (dict(ids=ids, reserve=2.5), "reserve must be an integer"),
+    ):
+        with pytest.raises(InvalidRequestError, match=match):
+            h.begin(**bad)
+        assert blocks.num_used == 0
+    seq = h.begin(ids, prompt_len=np.int64(40))
+    try:
+        with pytest.raises(InvalidRequestError, match="computes 0 to 47 more tokens here, got 2.5"):
+            h.forward(seq, 2.5)
+        h.forward(seq, 40, logits="last")
+        for n in (41, -1, 1.0):
+            with pytest.raises(InvalidRequestError, match="rewind to 0 to 40 tokens"):
+                h.rewind(seq, n)
+        with pytest.raises(InvalidRequestError, match="decode\\(\\) needs"):
+            h.decode(seq, 2.5)
+        assert h.decode(seq, 0).shape == (0, 320)  # np.concatenate of nothing raised
+        assert seq.num_cached == 40 and h.decode(seq, 7).shape == (7, 320)
+    finally:
+        h.end(seq)
+
+
+def test_harness_of_a_closed_llm_runs_nothing_and_holds_nothing(tiny_dir):
+    """LLM.close frees the model runner (weights, KV cache) now and no step runs after; a SparseHarness kept its
+    own reference to the runner: its forward() ran on the closed LLM, and the runner stayed in memory."""
+    import gc
+    import weakref
+
+    from lserve_lite import LLM, EngineConfig
+    from lserve_lite.errors import LServeError
+    from lserve_lite.evaluation.harness import SparseHarness
+
+    llm = LLM(str(tiny_dir), backend="cpu", config=EngineConfig(num_kv_pages=8))
+    h = SparseHarness(llm)
+    seq = h.begin(list(range(3, 50)))
+    ref = weakref.ref(llm.engine.runner)
+    llm.close()
+    gc.collect()
+    assert ref() is None
+    with pytest.raises(LServeError, match="^this LLM was closed"):
+        h.forward(seq, 10)
+
+
 def test_harness_greedy_refuses_more_tokens_than_its_pages_hold(tiny_llm):
     """greedy() past the pages begin() reserved failed with an IndexError in the planner after its first steps;
     it is refused in one line before any step (47 prompt tokens in one 64-token page: 18 tokens fit)."""

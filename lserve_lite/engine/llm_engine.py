@@ -73,8 +73,9 @@ class LLMEngine:
         else:
             num_pages, num_stream = self._start_workers(backend)
         per_seq = self.layout.stream_pages_per_seq if self.layout else 0
+        slots = self.ecfg.max_num_seqs if self.layout and self.layout.select_pages else 0  # rows of sel_idx
         self.blocks = BlockManager(
-            num_pages, self.ecfg.page_size, num_stream, per_seq, self.ecfg.max_num_seqs, self._prefix_cache()
+            num_pages, self.ecfg.page_size, num_stream, per_seq, slots, self._prefix_cache()
         )
         self.scheduler = Scheduler(self.blocks, self.ecfg.max_num_seqs, self.ecfg.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
@@ -262,7 +263,7 @@ class LLMEngine:
         else:  # skip ids a caller gave explicitly: a generated id must never be refused as a duplicate
             request_id = next(r for r in (f"req-{i}" for i in self._ids) if r not in self.seqs)
         params.validate()  # again: its fields may have changed since it was made
-        ids = self._encode(prompt) if isinstance(prompt, str) else self._check_ids(prompt, "prompt")
+        ids = self._encode(prompt) if isinstance(prompt, str) else self.check_ids(prompt, "prompt")
         if not ids:
             raise InvalidRequestError("prompt is empty (no tokens after tokenizing)")
         # room for an output token, except for one token alone (scoring a whole context): sampled from the
@@ -376,6 +377,13 @@ class LLMEngine:
         self._check_open()  # a closed engine has no runner
         with ctrl_c_held():
             self.runner.apply_page_ops(self.blocks.take_page_ops())
+
+    def sync(self) -> None:
+        """Read the overlapped decode step in flight, if any (its outputs come with the next `step`): before the
+        model runs outside the scheduler (`score`, the evaluation harness), whose one-row run uploads its token ids
+        where that step's samples lie on the GPU (the next launch read those ids as the requests' tokens)."""
+        if self._inflight is not None:
+            self._ready += self._read(self._take_inflight())
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._aborts) or bool(self._ready)
@@ -553,7 +561,7 @@ class LLMEngine:
             )
         return ids
 
-    def _check_ids(self, ids, what: str) -> list[int]:
+    def check_ids(self, ids, what: str) -> list[int]:
         """Token ids as a list of ints in [0, vocab): bools, floats and out-of-range ids are refused."""
         if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
             raise InvalidRequestError(f"{what} must be a list of token ids")
@@ -573,15 +581,15 @@ class LLMEngine:
     def score(self, token_ids: list[int]) -> np.ndarray:
         """Teacher-forced next-token logits [T, vocab] for `token_ids` (runs alone, in prefill chunks)."""
         self._check_open()
-        token_ids = self._check_ids(token_ids, "token_ids")
+        token_ids = self.check_ids(token_ids, "token_ids")
         if len(token_ids) > self.max_len:
             raise InvalidRequestError(f"{len(token_ids)} tokens exceed the context limit {self.max_len}")
         seq = Sequence(list(token_ids), SamplingParams(max_new_tokens=1))
-        if self._inflight is not None:  # its samples lie where a one-row run uploads its ids: read them first
-            self._ready += self._read(self._take_inflight())
-        if not self.blocks.can_grow(seq, len(token_ids)):
+        self.sync()
+        # prefill only: it selects no pages, so it needs no selection slot (running requests may hold them all)
+        if not self.blocks.can_grow(seq, len(token_ids), slot=False):
             raise InvalidRequestError("not enough free KV pages to score this sequence now")
-        self.blocks.grow(seq, len(token_ids))
+        self.blocks.grow(seq, len(token_ids), slot=False)
         try:
             self.run_page_ops()
             chunks = []

@@ -154,7 +154,8 @@ class ModelRunner:
         """Per-sequence windows and page-selection settings (decode vs prefill, per-request knobs). A decode row
         whose pages all fit its budget selects nothing (budget 0: its dense heads visit the whole list, the pages
         a selection would keep): no selector work for it, and a step of such rows replays the graph without the
-        selector's launches. Its selection count restarts, so the first step past the budget selects anew."""
+        selector's launches. Its selection count restarts, so the first step past the budget selects anew; a
+        prefill row restarts it too (the first decode step after a prefill selects)."""
         windows, keep, refresh = [], [], []
         for seq, n in zip(seqs, num_new):
             sp: SparseConfig = seq.sparse or self.ecfg.sparse
@@ -162,16 +163,19 @@ class ModelRunner:
                 windows.append((sp.decode_sink, sp.decode_local) if self.layout.has_streaming else (0, 0))
                 budget = budget_pages(sp.token_budget, self.page_size) if self.layout.select_pages else 0
                 if budget and pages_for(seq.num_cached + 1, self.page_size) > budget:
+                    if seq.sel_slot < 0:  # row -1 is another sequence's: it would select there, silently
+                        raise RuntimeError("a selecting decode row without a page-selection slot")
                     refresh.append(int(refresh_due(seq.decode_steps, sp.select_interval)))
                     seq.decode_steps += 1
                 else:  # every page fits (or no selection at all): nothing to select, the count restarts
                     budget, seq.decode_steps = 0, 0
                     refresh.append(0)
                 keep.append(budget)
-            else:
+            else:  # a prefill chunk (a harness's teacher-forced outputs too): the next decode step selects anew
                 windows.append((sp.prefill_sink, sp.prefill_local) if self.layout.has_streaming else (0, 0))
                 keep.append(0)
                 refresh.append(0)
+                seq.decode_steps = 0
         layout.stream_tables = [s.stream_table for s in seqs]
         layout.windows = windows
         layout.sel_slots = [s.sel_slot for s in seqs]

@@ -10,14 +10,14 @@ Each step fills the token budget in three passes:
    (at least 1) for the queue: a long prompt never takes the whole step. Where nothing else runs and the head
    cannot start after all (its cached prefix took the page it was counted on), they take the step.
 3. Admission: waiting requests, first come first served, get chunks from what is left (the reserve, plus
-   anything the passes above did not use) while pages and seats last, and never ahead of a request
-   preempted in this step. A request first attaches the longest cached prefix of its prompt (prefix
-   cache, kv/prefix_cache.py): its chunk starts after it, and the tokens attached cost no budget. A
-   request whose prompt continues into pages a running sequence is still computing waits until they are
-   cached (it would compute them again otherwise); requests behind it may go first.
+   anything the passes above did not use) while pages, seats and page-selection slots (LServe) last, and
+   never ahead of a request preempted in this step. A request first attaches the longest cached prefix of
+   its prompt (prefix cache, kv/prefix_cache.py): its chunk starts after it, and the tokens attached cost
+   no budget. A request whose prompt continues into pages a running sequence is still computing waits
+   until they are cached (it would compute them again otherwise); requests behind it may go first.
 
-Bound (for requests not waiting for a prefix being computed): with a free seat and pages, the request at
-the head of the queue gets its first prefill chunk in
+Bound (for requests not waiting for a prefix being computed): with a free seat, pages and (LServe) a free
+page-selection slot, the request at the head of the queue gets its first prefill chunk in
 the step after it arrives, and the k-th waiting request within k steps, however long the prompts being
 prefilled are. A prompt of at most `reserve` tokens is fully prefilled in that step and decodes from the
 next; one of at most 2 x `reserve` tokens in the step after. A longer prompt then queues its remaining
@@ -28,7 +28,8 @@ itself); they go back to the head of the queue and recompute their K/V when read
 pages stay in the prefix cache, so readmission attaches what was not evicted meanwhile).
 
 A step that schedules nothing and preempts nothing while work exists can never make progress (a budget
-or seat limit below 1, or a pool too small for the head request alone): it raises SchedulerStalled.
+or seat limit below 1, a pool too small for the head request alone, or every page-selection slot held by
+sequences outside the scheduler: an evaluation harness's): it raises SchedulerStalled.
 """
 
 from __future__ import annotations
@@ -146,6 +147,9 @@ class Scheduler:
                 break
             if self.blocks.awaits_prefix(seq):
                 continue
+            # asked before attaching: it would give the prefix back at once, a snapshot copied for nothing
+            if self.blocks.lacks_slot(seq):
+                break
             got = self.blocks.attach(seq)
             n = min(seq.num_pending, budget - used)
             if not self.blocks.can_grow(seq, seq.num_cached + n):
@@ -164,9 +168,10 @@ class Scheduler:
 
     def _stall_reason(self) -> str:
         head = self.waiting[0] if self.waiting else self.running[0]
+        slot = ", no free page-selection slot" if self.blocks.lacks_slot(head) else ""
         return (
             f"no sequence can be scheduled: {len(self.running)} running, {len(self.waiting)} waiting, "
-            f"{self.blocks.num_free} free KV pages, the next request needs {head.num_pending} tokens "
+            f"{self.blocks.num_free} free KV pages{slot}, the next request needs {head.num_pending} tokens "
             f"(max_num_seqs={self.max_num_seqs}, max_num_batched_tokens={self.budget})"
         )
 

@@ -9,14 +9,20 @@ rule) are the ones `lserve-lite serve` runs. One public hook changes heads on a 
 
 from __future__ import annotations
 
+import numbers
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from ..config import SparseConfig
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, LServeError
 from ..geometry import ring_covers
 from ..llm import LLM
 from ..sampling_params import SamplingParams
 from ..sequence import Sequence
+
+if TYPE_CHECKING:
+    from ..engine.model_runner import ModelRunner
 
 
 class SparseHarness:
@@ -33,11 +39,18 @@ class SparseHarness:
     def __init__(self, llm: LLM):
         self.llm = llm
         self.engine = llm.engine
-        self.runner = llm.engine.runner
         self.cfg = llm.engine.cfg
         self.chunk = llm.engine.ecfg.max_num_batched_tokens
         self.engine_sparse = llm.engine.layout is not None
         self._written: dict[int, int] = {}  # seq_id -> most tokens computed since its last rewind to 0
+
+    @property
+    def runner(self) -> ModelRunner:
+        """The engine's model runner, asked for at each use: a closed LLM has none (freed at the close), and a
+        reference kept here ran steps on it and kept its weights and KV cache in memory."""
+        if self.engine.closed:
+            raise LServeError("this LLM was closed (LLM.close): make a new LLM and harness to go on")
+        return self.engine.runner
 
     # classes ------------------------------------------------------------------------------------------
     def dense_classes(self) -> list[np.ndarray]:
@@ -59,21 +72,28 @@ class SparseHarness:
     def begin(self, ids: list[int], prompt_len: int | None = None, reserve: int = 0) -> Sequence:
         """A sequence of `ids` (prompt = the first `prompt_len`, the rest teacher-forced outputs) with KV
         pages for len(ids) + reserve tokens; nothing computed yet."""
+        ids = self.engine.check_ids(ids, "sequence")
         p = len(ids) if prompt_len is None else prompt_len
-        seq = Sequence(list(ids[:p]), SamplingParams(max_new_tokens=max(1, reserve)))
-        seq.output_ids = list(ids[p:])
+        if not _int_in(p, 1, len(ids)):
+            raise InvalidRequestError(f"prompt_len must be an integer in [1, {len(ids)}], got {p!r:.40}")
+        if not _int_in(reserve, 0, self.engine.max_len):
+            raise InvalidRequestError(
+                f"reserve must be an integer in [0, {self.engine.max_len}], got {reserve!r:.40}"
+            )
+        p, reserve = int(p), int(reserve)
+        seq = Sequence(ids[:p], SamplingParams(max_new_tokens=max(1, reserve)))
+        seq.output_ids = ids[p:]
         blocks = self.engine.blocks
         total = len(ids) + reserve
         if total > self.engine.max_len:
             raise InvalidRequestError(f"{total} tokens exceed the context limit {self.engine.max_len}")
-        if not blocks.can_grow(seq, total):
-            raise InvalidRequestError("not enough free KV pages for this sequence")
-        lay = self.engine.layout  # a sequence without a page-selection slot selected in another's row
-        if lay is not None and lay.select_pages and not blocks.slots:
+        if blocks.lacks_slot(seq):  # without one it selected in another's row
             raise InvalidRequestError(
                 f"every page-selection slot is taken (max_num_seqs={self.engine.ecfg.max_num_seqs} sequences hold "
                 f"pages): end one first"
             )
+        if not blocks.can_grow(seq, total):
+            raise InvalidRequestError("not enough free KV pages for this sequence")
         blocks.grow(seq, total)
         self.engine.run_page_ops()  # the new pages cleared before anything writes them
         return seq
@@ -97,8 +117,10 @@ class SparseHarness:
 
     def rewind(self, seq: Sequence, num_cached: int, keep_outputs: bool = True) -> None:
         """Forget computed K/V beyond `num_cached` tokens (overwritten when recomputed); restart the
-        page-selection schedule. `keep_outputs=False` also drops output ids beyond that point. A rewind that
-        would read overwritten K/V (`can_rewind`) is refused."""
+        page-selection schedule. `keep_outputs=False` also drops output ids beyond that point. A rewind forward
+        (past the tokens computed) or one that would read overwritten K/V (`can_rewind`) is refused."""
+        if not _int_in(num_cached, 0, seq.num_cached):  # ahead, it would read K/V never written
+            raise InvalidRequestError(f"rewind to 0 to {seq.num_cached} tokens here, got {num_cached!r:.40}")
         if not self.can_rewind(seq, num_cached):
             raise InvalidRequestError(
                 f"cannot rewind to {num_cached} tokens: the streaming heads' ring no longer holds their window "
@@ -112,10 +134,14 @@ class SparseHarness:
 
     def forward(self, seq: Sequence, n: int, logits: str = "all") -> np.ndarray:
         """Compute the next `n` tokens (in chunks); logits of every row ("all") or the last one."""
-        if not 0 <= n <= seq.num_pending:  # before any chunk runs: past the end, a reshape failed mid-way
-            raise InvalidRequestError(f"forward() computes 0 to {seq.num_pending} more tokens here, got {n}")
+        # before any chunk runs: past the end, a reshape failed mid-way
+        if not _int_in(n, 0, seq.num_pending):
+            raise InvalidRequestError(
+                f"forward() computes 0 to {seq.num_pending} more tokens here, got {n!r:.40}"
+            )
         out = []
         ops = self.runner.ops
+        self.engine.sync()  # an engine step in flight reads its samples first (they lie where this run uploads)
         while n > 0:
             k = min(n, self.chunk)
             lg = ops.to_numpy(self.runner.run([seq], [k], all_logits=logits == "all"))
@@ -126,16 +152,17 @@ class SparseHarness:
 
     def decode(self, seq: Sequence, n: int) -> np.ndarray:
         """Teacher-force the next `n` tokens (outputs) by one decode step each; logits [n, vocab]."""
-        if seq.num_cached < len(seq.prompt_ids) or seq.num_cached + n > seq.num_tokens:
+        if seq.num_cached < len(seq.prompt_ids) or not _int_in(n, 0, seq.num_pending):
             raise InvalidRequestError("decode() needs the prompt cached and n teacher-forced outputs left")
-        return np.concatenate([self.forward(seq, 1) for _ in range(n)])
+        rows = [self.forward(seq, 1) for _ in range(n)] or [self.forward(seq, 0)]  # n = 0: [0, vocab]
+        return np.concatenate(rows)
 
     def greedy(self, seq: Sequence, max_new: int, first_logits: np.ndarray, stop_ids=()) -> list[int]:
         """Greedy generation by decode steps after the cached prompt, from the prompt's last logits."""
         room = len(seq.page_table) * self.engine.ecfg.page_size - len(seq.prompt_ids) + 1
-        if max_new > room:  # checked before any step: past its pages a step failed mid-way (an IndexError)
+        if not _int_in(max_new, 1, room):  # checked before any step: past its pages a step failed mid-way
             raise InvalidRequestError(
-                f"greedy() makes at most {room} tokens here (begin's reserve), got {max_new}"
+                f"greedy() makes at most {room} tokens here (begin's reserve), got {max_new!r:.40}"
             )
         self.rewind(seq, len(seq.prompt_ids), keep_outputs=False)
         tok = int(np.argmax(first_logits))
@@ -145,3 +172,9 @@ class SparseHarness:
             tok = int(np.argmax(self.forward(seq, 1)[-1]))
             out.append(tok)
         return out
+
+
+def _int_in(v: object, lo: int, hi: int) -> bool:
+    """An integer (NumPy's too, not a bool) in [lo, hi]: a fraction or a bool passed range checks, then failed
+    mid-run (a TypeError in a slice) or ran something else."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and lo <= v <= hi

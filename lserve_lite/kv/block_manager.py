@@ -8,6 +8,11 @@ sequence holding it. A page whose count drops to zero goes to the free list, or,
 indexes it, stays cached (idle) until an allocation evicts it. Streaming pages are never shared: a
 snapshot's pages belong to the cache and are copied into the sequence's own.
 
+In an engine that selects pages (LServe with a token budget: `max_seqs` > 0), a sequence that can decode also
+holds a page-selection slot (its row in the selector's buffers) while it holds pages: `can_grow` counts it like a
+page, so a sequence never runs without one (slot -1 read another sequence's selection). A prefill-only sequence
+(`grow(..., slot=False)`: scoring) selects nothing and takes none.
+
 Pages handed out by `grow` are cleared (zeroed in every layer's pools) before they are written, so a page reads
 as a fresh pool's: the attention kernels read whole 16-row units and weigh slots past a context by 0, and
 0 x NaN left there by an earlier owner would be NaN. Copies and clears are `page_ops`, run by the engine through
@@ -47,7 +52,8 @@ class BlockManager:
         # instead of creeping over the whole zero-filled pool under a long mixed load.
         self.free: deque[int] = deque(range(num_pages - 1, -1, -1))
         self.stream_free: deque[int] = deque(range(num_stream_pages - 1, -1, -1))
-        self.slots: deque[int] = deque(range(max_seqs))  # page-selection slots of running sequences
+        self.num_slots = max_seqs  # page-selection slots (0: the engine selects no pages)
+        self.slots: deque[int] = deque(range(max_seqs))  # free page-selection slots
         self.ref = [0] * num_pages
         self.cache = cache
         self.page_ops: list[PageOp] = []  # copies and clears of KV pages, in order (module docstring)
@@ -92,23 +98,34 @@ class BlockManager:
     def has_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether `seq` already holds the pages (and selection slot) for `num_tokens`: growing it is a no-op.
         A decode step asks this of every running sequence, and it is true for page_size - 1 steps of page_size."""
-        return (seq.sel_slot >= 0 or not self.slots) and self._needed(seq, num_tokens) == (0, 0)
+        return not self._wants_slot(seq) and self._needed(seq, num_tokens) == (0, 0)
 
-    def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
-        dense, stream = self._needed(seq, num_tokens)
-        return dense <= self.num_free and stream <= self.num_stream_free
+    def _wants_slot(self, seq: Sequence, slot: bool = True) -> bool:
+        """Whether growing `seq` takes a selection slot: it has none, may select (`slot`) and the engine selects."""
+        return slot and self.num_slots > 0 and seq.sel_slot < 0
 
-    def grow(self, seq: Sequence, num_tokens: int) -> None:
+    def lacks_slot(self, seq: Sequence) -> bool:
+        """Whether `seq` needs a page-selection slot and every one is taken (by sequences holding pages)."""
+        return self._wants_slot(seq) and not self.slots
+
+    def can_grow(self, seq: Sequence, num_tokens: int, slot: bool = True) -> bool:
+        """Whether free pages (and a selection slot, unless `slot` is False) let `seq` hold `num_tokens`."""
         dense, stream = self._needed(seq, num_tokens)
-        if dense > self.num_free or stream > self.num_stream_free:
-            raise RuntimeError("KV page pool exhausted (scheduler must check can_grow first)")
+        free_slot = not self._wants_slot(seq, slot) or bool(self.slots)
+        return dense <= self.num_free and stream <= self.num_stream_free and free_slot
+
+    def grow(self, seq: Sequence, num_tokens: int, slot: bool = True) -> None:
+        """Pages for `num_tokens` tokens, and a selection slot unless `slot` is False (a prefill-only sequence)."""
+        if not self.can_grow(seq, num_tokens, slot):
+            raise RuntimeError("KV pages or selection slots exhausted (scheduler must check can_grow first)")
+        dense, stream = self._needed(seq, num_tokens)
         pages = [self._page() for _ in range(dense)]
         stream_pages = [self._stream_page() for _ in range(stream)]
         seq.page_table.extend(pages)
         seq.stream_table.extend(stream_pages)
         if pages or stream_pages:
             self._clear(pages, stream_pages)
-        if seq.sel_slot < 0 and self.slots:
+        if self._wants_slot(seq, slot):
             seq.sel_slot = self.slots.popleft()
 
     def _page(self) -> int:
