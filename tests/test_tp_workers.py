@@ -95,6 +95,23 @@ def test_cpu_ranks_share_the_hosts_kv_budget(tiny_dir):
         llm.close()
 
 
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="reads /proc")
+def test_closed_llm_kept_holds_no_descriptors(tiny_dir):
+    """A closed LLM still referenced (kept in a list, a REPL's `_`) held three file descriptors a rank (its pipe and
+    its process's two), so a process that re-created its LLM ran out of them; after close the group holds none."""
+    # the first also opens what stays for the process (the resource tracker's pipe, the Barrier's heap)
+    first = tp_llm(tiny_dir)
+    first.close()
+    before = _open_fds()
+    kept = tp_llm(tiny_dir)
+    kept.close()
+    assert _open_fds() == before and kept.engine.fault() is not None  # no step can run any more
+
+
 def test_killed_worker_ends_the_engine(tiny_dir):
     llm = tp_llm(tiny_dir)
     group = llm.engine.runner.executor
@@ -224,10 +241,11 @@ def test_server_stops_its_workers(tiny_dir):
     from lserve_lite.serve.app import ServerThread, create_app
 
     llm = tp_llm(tiny_dir)
-    group = llm.engine.runner.executor  # the closed engine lets its runner go
+    # the closed engine lets its runner go, and the closed group its processes
+    procs = llm.engine.runner.executor.procs
     with ServerThread(create_app(llm.engine)):
         pass
-    assert not any(p.is_alive() for p in group.procs)
+    assert len(procs) == 2 and not any(p.is_alive() for p in procs)
 
 
 def test_server_health_reports_a_dead_worker(tiny_dir):

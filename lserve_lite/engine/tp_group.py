@@ -139,8 +139,12 @@ class WorkerGroup:
         return self.failure
 
     def close(self) -> None:
-        """Stop the workers (also done when the group is collected or the interpreter exits)."""
+        """Stop the workers (also done when the group is collected or the interpreter exits) and let go of their
+        pipes and process handles: a closed group still referenced (a closed LLM kept in scope) held three file
+        descriptors a rank, until a process that re-created its LLM ran out of them."""
         self._close()
+        self.failure = self.failure or "tensor-parallel engine stopped: it was closed"
+        self.conns, self.procs = [], []
 
     def _send(self, msg: tuple) -> None:
         """`msg` to every rank, or (a failure) to none that runs on: a Ctrl-C meanwhile is raised after the
