@@ -211,14 +211,17 @@ def test_interrupted_step_does_not_shift_replies(tiny_dir, monkeypatch):
         llm.engine.runner.executor.close()
 
 
-def test_workers_ignore_ctrl_c(tiny_dir):
-    """Ctrl-C reaches the terminal's whole process group, workers too: the driver decides what it stops."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_workers_ignore_ctrl_c(tiny_dir, sig):
+    """Ctrl-C reaches the terminal's whole process group, workers too: the driver decides what it stops. SIGTERM too
+    reaches a whole group or cgroup (systemd's stop, a shell's `kill %1`, `timeout`): it killed the workers, so a
+    server that drains its requests on SIGTERM failed them with 503 (one process finished them)."""
     want = [o.token_ids for o in LLM(str(tiny_dir), backend="cpu").generate(PROMPTS, GREEDY)]
     llm = tp_llm(tiny_dir)
     group = llm.engine.runner.executor
     try:
         for p in group.procs:
-            os.kill(p.pid, signal.SIGINT)
+            os.kill(p.pid, sig)
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
         assert all(p.is_alive() for p in group.procs)
     finally:
@@ -613,6 +616,29 @@ def test_unguarded_script_is_named(tiny_dir, tmp_path):
     assert r.returncode == 1 and "TensorParallelError" in last and "if __name__ == '__main__':" in last, last
 
 
+def test_exit_with_the_llm_open_stops_its_workers(tiny_dir, tmp_path):
+    """A script that ends with its LLM open, where weakref's exit hook was registered before multiprocessing's: the
+    group's shutdown must run before multiprocessing's hook terminates and joins the daemon workers, whose join
+    waits forever on workers that ignore SIGTERM."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import weakref\n"
+        "weakref.finalize(weakref, int)  # weakref's exit hook, before multiprocessing's (imported below)\n"
+        "from lserve_lite import LLM, EngineConfig, SamplingParams\n"
+        "if __name__ == '__main__':\n"
+        f"    llm = LLM({str(tiny_dir)!r}, backend='cpu', config=EngineConfig(tensor_parallel=2))\n"
+        "    llm.generate(['hi'], SamplingParams(max_new_tokens=2))\n"
+    )
+    import lserve_lite
+
+    env = {**os.environ, "PYTHONPATH": str(Path(lserve_lite.__file__).parents[1])}  # this checkout's package
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0 and "leaked" not in r.stderr, r.stderr
+
+
 def test_score_through_the_pipe_equals_in_process(tiny_dir):
     """Teacher-forced logits of 600 rows (1 MB, past the shared logits block and a pipe's buffer: rank 0 sends them
     through the pipe, read in many pieces) equal one process's."""
@@ -675,9 +701,9 @@ if __name__ == "__main__":
 
 def test_shutdown_grace_is_shared():
     """Workers that cannot read their stop (loading a checkpoint, Ctrl-C at start; stuck in a collective) are
-    given the grace once between them, then terminated together: each was waited for in turn (40 s for 8 ranks)."""
+    given the grace once between them, then killed together: each was waited for in turn (40 s for 8 ranks)."""
 
-    class Loading:  # a worker that reads no stop; it ends when terminated
+    class Loading:  # a worker that reads no stop; it ends when killed
         def __init__(self) -> None:
             self.ended = False
 
@@ -688,7 +714,7 @@ def test_shutdown_grace_is_shared():
         def is_alive(self) -> bool:
             return not self.ended
 
-        def terminate(self) -> None:
+        def kill(self) -> None:
             self.ended = True
 
     procs = [Loading() for _ in range(4)]

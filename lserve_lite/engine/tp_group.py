@@ -9,11 +9,11 @@ import os
 import signal
 import struct
 import time
-import weakref
 from collections.abc import Callable
 from multiprocessing import shared_memory
 from multiprocessing.connection import wait
 from multiprocessing.reduction import ForkingPickler
+from multiprocessing.util import Finalize
 from pathlib import Path
 from select import select
 from typing import Any
@@ -76,8 +76,10 @@ class WorkerGroup:
         self.failure: str | None = None
         self.steps = 0  # steps sent; rank 0 tags each reply with its number
         self.started = False  # every worker has reported (loaded its shard)
-        self._close = weakref.finalize(
-            self, _shutdown, self.procs, self.conns, _releaser(cleanup, self.logits)
+        # a multiprocessing Finalize, not weakref's: at exit it runs before multiprocessing's own hook terminates the
+        # daemon workers and joins them, which waited forever on workers that ignore SIGTERM (tp_worker)
+        self._close = Finalize(
+            self, _shutdown, (self.procs, self.conns, _releaser(cleanup, self.logits)), exitpriority=0
         )
         try:  # Ctrl-C while they load stops them now, not when the KeyboardInterrupt is collected
             for rank in range(world):
@@ -268,8 +270,9 @@ class WorkerGroup:
 
 
 def _shutdown(procs: list, conns: list, cleanup: Callable[[], None], grace: float = 5.0) -> None:
-    """Ask the workers to stop, then terminate (a rank blocked in a collective, or loading its shard, cannot stop
-    itself). The stop is sent without waiting: a hung rank's pipe may be full. The grace is one for all ranks."""
+    """Ask the workers to stop, then kill them (a rank blocked in a collective, or loading its shard, cannot stop
+    itself; they ignore SIGTERM). The stop is sent without waiting: a hung rank's pipe may be full. The grace is one
+    for all ranks."""
     for conn in conns:
         try:
             os.set_blocking(conn.fileno(), False)
@@ -279,12 +282,9 @@ def _shutdown(procs: list, conns: list, cleanup: Callable[[], None], grace: floa
     _join_all(procs, grace)
     for p in procs:
         if p.is_alive():
-            p.terminate()
-    _join_all(procs, 5.0)
-    for p in procs:
-        if p.is_alive():
             p.kill()
-            p.join()
+    for p in procs:
+        p.join()
     cleanup()
 
 
