@@ -435,6 +435,36 @@ def test_ctrl_c_mid_read_keeps_the_pipe_whole(tiny_dir, monkeypatch):
         group.close()
 
 
+def test_driver_stopped_longer_than_the_step_timeout(tiny_dir, monkeypatch):
+    """Ctrl-Z stops the driver and its ranks together (one process group): resumed (`fg`) after longer than the step
+    timeout, the wait that spanned the stop returned with nothing yet, and the ranks were taken for hung (the reply
+    ended the engine). Here the driver's first wait returns 60 s late with nothing, as after such a stop."""
+    want = [o.token_ids for o in LLM(str(tiny_dir), backend="cpu").generate(PROMPTS, GREEDY)]
+    llm = tp_llm(tiny_dir)
+    monkeypatch.setattr(tp_group, "STEP_TIMEOUT", 20.0)
+    stop = [0.0]  # seconds the process "was stopped": what the clock has jumped
+
+    class Clock:
+        @staticmethod
+        def monotonic() -> float:
+            return time.monotonic() + stop[0]
+
+    real = tp_group.wait
+
+    def wait(*a, **k):
+        if not stop[0]:
+            stop[0] = 60.0
+            return []
+        return real(*a, **k)
+
+    monkeypatch.setattr(tp_group, "time", Clock)
+    monkeypatch.setattr(tp_group, "wait", wait)
+    try:
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want and stop[0]
+    finally:
+        llm.close()
+
+
 def test_hung_worker_times_out_on_a_large_message(tiny_dir, monkeypatch):
     """A rank that stops reading (hung) fills its pipe: a message larger than the pipe holds (a long prefill's
     step) then blocked the driver's send forever, past the step timeout that ends the engine for a small one."""
