@@ -112,6 +112,21 @@ def test_closed_llm_kept_holds_no_descriptors(tiny_dir):
     assert _open_fds() == before and kept.engine.fault() is not None  # no step can run any more
 
 
+def test_fault_asked_while_the_group_closes(tiny_dir, monkeypatch):
+    """`fault` (the server's /health, any thread) asked while the group closes: the processes it waits on stay its own
+    (the closed group lets go of them: their sentinels were closed under the wait and the lookup found no worker)."""
+    llm = tp_llm(tiny_dir)
+    group = llm.engine.runner.executor
+    real = tp_group.wait
+
+    def closing_meanwhile(objs, timeout=None):
+        group.close()
+        return real(objs, timeout)
+
+    monkeypatch.setattr(tp_group, "wait", closing_meanwhile)
+    assert re.search(r"worker \d \(pid \d+\) has exited", group.fault())
+
+
 def test_killed_worker_ends_the_engine(tiny_dir):
     llm = tp_llm(tiny_dir)
     group = llm.engine.runner.executor

@@ -138,12 +138,14 @@ class WorkerGroup:
 
     def fault(self) -> str | None:
         """Why no step can run, seen now without waiting (an earlier failure, or a worker that has exited since
-        the last step); None while every worker runs. Any thread may ask (it only reads)."""
+        the last step); None while every worker runs. Any thread may ask (it only reads: one list of processes,
+        kept while their sentinels are waited on, which a `close` meanwhile lets go)."""
+        procs = self.procs
         if self.failure is None:
-            gone = wait([p.sentinel for p in self.procs], timeout=0)
+            gone = wait([p.sentinel for p in procs], timeout=0)
             if gone:
-                rank = next(r for r, p in enumerate(self.procs) if p.sentinel in gone)
-                return f"tensor-parallel worker {rank} (pid {self.procs[rank].pid}) has exited"
+                rank = next(r for r, p in enumerate(procs) if p.sentinel in gone)
+                return f"tensor-parallel worker {rank} (pid {procs[rank].pid}) has exited"
         return self.failure
 
     def close(self) -> None:
