@@ -266,6 +266,27 @@ def test_server_stops_its_workers(tiny_dir):
     assert len(procs) == 2 and not any(p.is_alive() for p in procs)
 
 
+def test_chat_ends_when_a_worker_died(tiny_dir, monkeypatch, capsys):
+    """`lserve-lite chat` whose worker died: one error line and status 1. It prompted on, failing every message with
+    the same error, and exited 0 at the end of its input."""
+    from lserve_lite import cli
+
+    llm = tp_llm(tiny_dir)
+    proc = llm.engine.runner.executor.procs[1]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    lines = iter(["hello", "again"])
+    monkeypatch.setattr(cli, "_make_llm", lambda args: llm)
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    args = cli.build_parser().parse_args(["chat", "--model", str(tiny_dir), "--max-new-tokens", "4"])
+    try:
+        assert cli.cmd_chat(args) == 1
+    finally:
+        llm.close()
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "worker 1" in err and next(lines) == "again", err
+
+
 def test_server_health_reports_a_dead_worker(tiny_dir):
     """/health is 503 once a worker has died, even before a request finds it (it said "ok" while every request
     failed, so a supervisor never restarted the server)."""
