@@ -305,6 +305,26 @@ def test_server_health_reports_a_dead_worker(tiny_dir):
         assert r.status_code == 503 and "worker 1" in r.json()["error"]["message"]
 
 
+def test_server_logs_a_dead_worker_in_one_line(tiny_dir, caplog):
+    """Requests to a server whose worker died: 503 with the reason, and the log says it in one line a request (each
+    logged a traceback, the broken pipe's under the engine's, as for a bug)."""
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from lserve_lite.serve.app import ServerThread, create_app
+
+    llm = tp_llm(tiny_dir)
+    with ServerThread(create_app(llm.engine)) as url:
+        proc = llm.engine.runner.executor.procs[1]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        for _ in range(2):
+            r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
+            assert r.status_code == 503 and "worker 1" in r.json()["error"]["message"]
+    failed = [rec for rec in caplog.records if "worker 1" in rec.getMessage()]
+    assert len(failed) == 2 and not any(rec.exc_info for rec in caplog.records), caplog.text
+
+
 def test_cli_sigterm_stops_workers_cleanly(tiny_dir):
     """SIGTERM to `lserve-lite generate --tensor-parallel 2`: status 143, the workers stopped and their shared
     memory released by the command itself (it died outright, and the resource tracker warned of leaks)."""
