@@ -152,6 +152,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except LServeError as e:
             history.pop()
             print(f"error: {e}", file=sys.stderr)
+            if llm.engine.fault():  # no step can run any more (a tensor-parallel worker died): the chat ends
+                return 1
             continue
         t2 = time.perf_counter()
         rate = (n - 1) / (t2 - t1) if t1 and n > 1 and t2 > t1 else 0.0

@@ -95,6 +95,38 @@ def test_cpu_ranks_share_the_hosts_kv_budget(tiny_dir):
         llm.close()
 
 
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="reads /proc")
+def test_closed_llm_kept_holds_no_descriptors(tiny_dir):
+    """A closed LLM still referenced (kept in a list, a REPL's `_`) held three file descriptors a rank (its pipe and
+    its process's two), so a process that re-created its LLM ran out of them; after close the group holds none."""
+    # the first also opens what stays for the process (the resource tracker's pipe, the Barrier's heap)
+    first = tp_llm(tiny_dir)
+    first.close()
+    before = _open_fds()
+    kept = tp_llm(tiny_dir)
+    kept.close()
+    assert _open_fds() == before and kept.engine.fault() is not None  # no step can run any more
+
+
+def test_fault_asked_while_the_group_closes(tiny_dir, monkeypatch):
+    """`fault` (the server's /health, any thread) asked while the group closes: the processes it waits on stay its own
+    (the closed group lets go of them: their sentinels were closed under the wait and the lookup found no worker)."""
+    llm = tp_llm(tiny_dir)
+    group = llm.engine.runner.executor
+    real = tp_group.wait
+
+    def closing_meanwhile(objs, timeout=None):
+        group.close()
+        return real(objs, timeout)
+
+    monkeypatch.setattr(tp_group, "wait", closing_meanwhile)
+    assert re.search(r"worker \d \(pid \d+\) has exited", group.fault())
+
+
 def test_killed_worker_ends_the_engine(tiny_dir):
     llm = tp_llm(tiny_dir)
     group = llm.engine.runner.executor
@@ -194,14 +226,17 @@ def test_interrupted_step_does_not_shift_replies(tiny_dir, monkeypatch):
         llm.engine.runner.executor.close()
 
 
-def test_workers_ignore_ctrl_c(tiny_dir):
-    """Ctrl-C reaches the terminal's whole process group, workers too: the driver decides what it stops."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_workers_ignore_ctrl_c(tiny_dir, sig):
+    """Ctrl-C reaches the terminal's whole process group, workers too: the driver decides what it stops. SIGTERM too
+    reaches a whole group or cgroup (systemd's stop, a shell's `kill %1`, `timeout`): it killed the workers, so a
+    server that drains its requests on SIGTERM failed them with 503 (one process finished them)."""
     want = [o.token_ids for o in LLM(str(tiny_dir), backend="cpu").generate(PROMPTS, GREEDY)]
     llm = tp_llm(tiny_dir)
     group = llm.engine.runner.executor
     try:
         for p in group.procs:
-            os.kill(p.pid, signal.SIGINT)
+            os.kill(p.pid, sig)
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
         assert all(p.is_alive() for p in group.procs)
     finally:
@@ -224,10 +259,32 @@ def test_server_stops_its_workers(tiny_dir):
     from lserve_lite.serve.app import ServerThread, create_app
 
     llm = tp_llm(tiny_dir)
-    group = llm.engine.runner.executor  # the closed engine lets its runner go
+    # the closed engine lets its runner go, and the closed group its processes
+    procs = llm.engine.runner.executor.procs
     with ServerThread(create_app(llm.engine)):
         pass
-    assert not any(p.is_alive() for p in group.procs)
+    assert len(procs) == 2 and not any(p.is_alive() for p in procs)
+
+
+def test_chat_ends_when_a_worker_died(tiny_dir, monkeypatch, capsys):
+    """`lserve-lite chat` whose worker died: one error line and status 1. It prompted on, failing every message with
+    the same error, and exited 0 at the end of its input."""
+    from lserve_lite import cli
+
+    llm = tp_llm(tiny_dir)
+    proc = llm.engine.runner.executor.procs[1]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    lines = iter(["hello", "again"])
+    monkeypatch.setattr(cli, "_make_llm", lambda args: llm)
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    args = cli.build_parser().parse_args(["chat", "--model", str(tiny_dir), "--max-new-tokens", "4"])
+    try:
+        assert cli.cmd_chat(args) == 1
+    finally:
+        llm.close()
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "worker 1" in err and next(lines) == "again", err
 
 
 def test_server_health_reports_a_dead_worker(tiny_dir):
@@ -246,6 +303,26 @@ def test_server_health_reports_a_dead_worker(tiny_dir):
         proc.join()
         r = httpx.get(url + "/health", timeout=60)
         assert r.status_code == 503 and "worker 1" in r.json()["error"]["message"]
+
+
+def test_server_logs_a_dead_worker_in_one_line(tiny_dir, caplog):
+    """Requests to a server whose worker died: 503 with the reason, and the log says it in one line a request (each
+    logged a traceback, the broken pipe's under the engine's, as for a bug)."""
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from lserve_lite.serve.app import ServerThread, create_app
+
+    llm = tp_llm(tiny_dir)
+    with ServerThread(create_app(llm.engine)) as url:
+        proc = llm.engine.runner.executor.procs[1]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        for _ in range(2):
+            r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
+            assert r.status_code == 503 and "worker 1" in r.json()["error"]["message"]
+    failed = [rec for rec in caplog.records if "worker 1" in rec.getMessage()]
+    assert len(failed) == 2 and not any(rec.exc_info for rec in caplog.records), caplog.text
 
 
 def test_cli_sigterm_stops_workers_cleanly(tiny_dir):
@@ -412,6 +489,36 @@ def test_ctrl_c_mid_read_keeps_the_pipe_whole(tiny_dir, monkeypatch):
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
     finally:
         group.close()
+
+
+def test_driver_stopped_longer_than_the_step_timeout(tiny_dir, monkeypatch):
+    """Ctrl-Z stops the driver and its ranks together (one process group): resumed (`fg`) after longer than the step
+    timeout, the wait that spanned the stop returned with nothing yet, and the ranks were taken for hung (the reply
+    ended the engine). Here the driver's first wait returns 60 s late with nothing, as after such a stop."""
+    want = [o.token_ids for o in LLM(str(tiny_dir), backend="cpu").generate(PROMPTS, GREEDY)]
+    llm = tp_llm(tiny_dir)
+    monkeypatch.setattr(tp_group, "STEP_TIMEOUT", 20.0)
+    stop = [0.0]  # seconds the process "was stopped": what the clock has jumped
+
+    class Clock:
+        @staticmethod
+        def monotonic() -> float:
+            return time.monotonic() + stop[0]
+
+    real = tp_group.wait
+
+    def wait(*a, **k):
+        if not stop[0]:
+            stop[0] = 60.0
+            return []
+        return real(*a, **k)
+
+    monkeypatch.setattr(tp_group, "time", Clock)
+    monkeypatch.setattr(tp_group, "wait", wait)
+    try:
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want and stop[0]
+    finally:
+        llm.close()
 
 
 def test_hung_worker_times_out_on_a_large_message(tiny_dir, monkeypatch):
@@ -595,6 +702,29 @@ def test_unguarded_script_is_named(tiny_dir, tmp_path):
     assert r.returncode == 1 and "TensorParallelError" in last and "if __name__ == '__main__':" in last, last
 
 
+def test_exit_with_the_llm_open_stops_its_workers(tiny_dir, tmp_path):
+    """A script that ends with its LLM open, where weakref's exit hook was registered before multiprocessing's: the
+    group's shutdown must run before multiprocessing's hook terminates and joins the daemon workers, whose join
+    waits forever on workers that ignore SIGTERM."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import weakref\n"
+        "weakref.finalize(weakref, int)  # weakref's exit hook, before multiprocessing's (imported below)\n"
+        "from lserve_lite import LLM, EngineConfig, SamplingParams\n"
+        "if __name__ == '__main__':\n"
+        f"    llm = LLM({str(tiny_dir)!r}, backend='cpu', config=EngineConfig(tensor_parallel=2))\n"
+        "    llm.generate(['hi'], SamplingParams(max_new_tokens=2))\n"
+    )
+    import lserve_lite
+
+    env = {**os.environ, "PYTHONPATH": str(Path(lserve_lite.__file__).parents[1])}  # this checkout's package
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0 and "leaked" not in r.stderr, r.stderr
+
+
 def test_score_through_the_pipe_equals_in_process(tiny_dir):
     """Teacher-forced logits of 600 rows (1 MB, past the shared logits block and a pipe's buffer: rank 0 sends them
     through the pipe, read in many pieces) equal one process's."""
@@ -657,9 +787,9 @@ if __name__ == "__main__":
 
 def test_shutdown_grace_is_shared():
     """Workers that cannot read their stop (loading a checkpoint, Ctrl-C at start; stuck in a collective) are
-    given the grace once between them, then terminated together: each was waited for in turn (40 s for 8 ranks)."""
+    given the grace once between them, then killed together: each was waited for in turn (40 s for 8 ranks)."""
 
-    class Loading:  # a worker that reads no stop; it ends when terminated
+    class Loading:  # a worker that reads no stop; it ends when killed
         def __init__(self) -> None:
             self.ended = False
 
@@ -670,7 +800,7 @@ def test_shutdown_grace_is_shared():
         def is_alive(self) -> bool:
             return not self.ended
 
-        def terminate(self) -> None:
+        def kill(self) -> None:
             self.ended = True
 
     procs = [Loading() for _ in range(4)]

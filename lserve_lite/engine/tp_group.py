@@ -9,11 +9,11 @@ import os
 import signal
 import struct
 import time
-import weakref
 from collections.abc import Callable
 from multiprocessing import shared_memory
 from multiprocessing.connection import wait
 from multiprocessing.reduction import ForkingPickler
+from multiprocessing.util import Finalize
 from pathlib import Path
 from select import select
 from typing import Any
@@ -34,6 +34,9 @@ from .tp_worker import worker_main
 
 STARTUP_TIMEOUT = 1800.0  # loading a large checkpoint from a cold disk
 STEP_TIMEOUT = 600.0  # no step takes this long: a worker silent for it is hung
+STOPPED_SLACK = (
+    5.0  # a wait of at most a second that returns this much later: this process was stopped meanwhile
+)
 SHM_DIR = "/dev/shm"  # where multiprocessing.shared_memory's blocks live on Linux
 
 
@@ -76,8 +79,13 @@ class WorkerGroup:
         self.failure: str | None = None
         self.steps = 0  # steps sent; rank 0 tags each reply with its number
         self.started = False  # every worker has reported (loaded its shard)
-        self._close = weakref.finalize(
-            self, _shutdown, self.procs, self.conns, _releaser(cleanup, self.logits)
+        self._stopped = (
+            0.0  # seconds this process was seen stopped (Ctrl-Z) while it waited on a rank (`_clock`)
+        )
+        # a multiprocessing Finalize, not weakref's: at exit it runs before multiprocessing's own hook terminates the
+        # daemon workers and joins them, which waited forever on workers that ignore SIGTERM (tp_worker)
+        self._close = Finalize(
+            self, _shutdown, (self.procs, self.conns, _releaser(cleanup, self.logits)), exitpriority=0
         )
         try:  # Ctrl-C while they load stops them now, not when the KeyboardInterrupt is collected
             for rank in range(world):
@@ -130,17 +138,23 @@ class WorkerGroup:
 
     def fault(self) -> str | None:
         """Why no step can run, seen now without waiting (an earlier failure, or a worker that has exited since
-        the last step); None while every worker runs. Any thread may ask (it only reads)."""
+        the last step); None while every worker runs. Any thread may ask (it only reads: one list of processes,
+        kept while their sentinels are waited on, which a `close` meanwhile lets go)."""
+        procs = self.procs
         if self.failure is None:
-            gone = wait([p.sentinel for p in self.procs], timeout=0)
+            gone = wait([p.sentinel for p in procs], timeout=0)
             if gone:
-                rank = next(r for r, p in enumerate(self.procs) if p.sentinel in gone)
-                return f"tensor-parallel worker {rank} (pid {self.procs[rank].pid}) has exited"
+                rank = next(r for r, p in enumerate(procs) if p.sentinel in gone)
+                return f"tensor-parallel worker {rank} (pid {procs[rank].pid}) has exited"
         return self.failure
 
     def close(self) -> None:
-        """Stop the workers (also done when the group is collected or the interpreter exits)."""
+        """Stop the workers (also done when the group is collected or the interpreter exits) and let go of their
+        pipes and process handles: a closed group still referenced (a closed LLM kept in scope) held three file
+        descriptors a rank, until a process that re-created its LLM ran out of them."""
         self._close()
+        self.failure = self.failure or "tensor-parallel engine stopped: it was closed"
+        self.conns, self.procs = [], []
 
     def _send(self, msg: tuple) -> None:
         """`msg` to every rank, or (a failure) to none that runs on: a Ctrl-C meanwhile is raised after the
@@ -157,7 +171,7 @@ class WorkerGroup:
         pipe, and a blocking send of a message larger than the pipe holds then waited forever. A Ctrl-C held
         (`_send`) while the rank reads nothing for a second ends the group: the message cannot be taken back."""
         fd = self.conns[rank].fileno()
-        view, deadline = memoryview(data), time.monotonic() + STEP_TIMEOUT
+        view, deadline = memoryview(data), self._clock() + STEP_TIMEOUT
         os.set_blocking(fd, False)
         try:
             while view:
@@ -205,27 +219,29 @@ class WorkerGroup:
     def _stalled(self, rank: int, fd: int, deadline: float, timeout: float, writing: bool) -> None:
         """Wait up to a second for `rank`'s pipe to move again; past the deadline, or with a Ctrl-C held
         (`ctrl_c_held`) and nothing moved, the group ends: a message begun cannot be taken back."""
-        left = deadline - time.monotonic()
+        left = deadline - self._clock()
         what = "read" if writing else "sent"
         if left <= 0:
             self._fail(f"worker {rank} {what} nothing for {timeout:.0f} s (hung)")
-        ready = (
-            select([], [fd], [], min(left, 1.0))[1] if writing else select([fd], [], [], min(left, 1.0))[0]
-        )
+        start, w = time.monotonic(), min(left, 1.0)
+        ready = select([], [fd], [], w)[1] if writing else select([fd], [], [], w)[0]
+        self._waited(start, w)
         if not ready and ctrl_c_pending():
             self._fail(f"interrupted ({pending_name()}) while worker {rank} {what} nothing")
 
     def _recv(self, rank: int, timeout: float) -> tuple:
         """`rank`'s next message, watching every worker's exit meanwhile; an error report, an exit or
         `timeout` seconds of silence end the group."""
-        deadline = time.monotonic() + timeout
+        deadline = self._clock() + timeout
         conn = self.conns[rank]
         sentinels = {p.sentinel: r for r, p in enumerate(self.procs)}
         while True:
-            left = deadline - time.monotonic()
+            left = deadline - self._clock()
             if left <= 0:
                 self._fail(f"worker {rank} sent nothing for {timeout:.0f} s (hung)")
-            ready = wait([conn, *sentinels], timeout=min(left, 1.0))
+            start, w = time.monotonic(), min(left, 1.0)
+            ready = wait([conn, *sentinels], timeout=w)
+            self._waited(start, w)
             if conn in ready:
                 with ctrl_c_held():  # a message read in part would leave the pipe mid-message
                     msg = self._read(rank, deadline, timeout)
@@ -234,6 +250,19 @@ class WorkerGroup:
                 return msg
             for s in ready:
                 self._fail(self._death(sentinels[s]))
+
+    def _clock(self) -> float:
+        """What the ranks' silence is measured by: time.monotonic() less the time this process was stopped while it
+        waited on them. Ctrl-Z stops the ranks with it (one process group): a reply resumed after a stop longer than
+        the step timeout took them for hung and ended the engine."""
+        return time.monotonic() - self._stopped
+
+    def _waited(self, start: float, timeout: float) -> None:
+        """A wait begun at `start` for at most `timeout` seconds that returned far later: this process was stopped
+        (Ctrl-Z, SIGSTOP) for the excess, which `_clock` leaves out."""
+        late = time.monotonic() - start - timeout
+        if late > STOPPED_SLACK:
+            self._stopped += late
 
     def _death(self, rank: int) -> str:
         """Why `rank` is gone: its own error report if it sent one, else how its process ended."""
@@ -264,8 +293,9 @@ class WorkerGroup:
 
 
 def _shutdown(procs: list, conns: list, cleanup: Callable[[], None], grace: float = 5.0) -> None:
-    """Ask the workers to stop, then terminate (a rank blocked in a collective, or loading its shard, cannot stop
-    itself). The stop is sent without waiting: a hung rank's pipe may be full. The grace is one for all ranks."""
+    """Ask the workers to stop, then kill them (a rank blocked in a collective, or loading its shard, cannot stop
+    itself; they ignore SIGTERM). The stop is sent without waiting: a hung rank's pipe may be full. The grace is one
+    for all ranks."""
     for conn in conns:
         try:
             os.set_blocking(conn.fileno(), False)
@@ -275,12 +305,9 @@ def _shutdown(procs: list, conns: list, cleanup: Callable[[], None], grace: floa
     _join_all(procs, grace)
     for p in procs:
         if p.is_alive():
-            p.terminate()
-    _join_all(procs, 5.0)
-    for p in procs:
-        if p.is_alive():
             p.kill()
-            p.join()
+    for p in procs:
+        p.join()
     cleanup()
 
 

@@ -28,9 +28,12 @@ def worker_main(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig,
     pages), ("stop",) (also before "build"). Out: ("ready", kv budget bytes, kv limit bytes, itemsize, KV
     format name), ("built",), ("logits", shape in the block | array, step number) from rank 0, ("error", rank,
     text)."""
-    # Ctrl-C reaches the terminal's whole process group: the driver decides what it stops (a reply, the
-    # engine), and it stops the workers when it closes the group or exits (their pipes end).
+    # Ctrl-C reaches the terminal's whole process group, and SIGTERM a whole group or cgroup (systemd's stop, a
+    # shell's `kill %1`, `timeout`): the driver decides what they stop (a reply, the engine, a server once drained),
+    # and it stops the workers when it closes the group or exits (their pipes end; SIGKILL for a rank that cannot
+    # read its stop).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _end_with_driver()
     try:
         _serve(rank, spec, model_dir, ecfg, conn)

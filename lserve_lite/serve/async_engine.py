@@ -222,7 +222,10 @@ class AsyncEngine:
                 try:
                     outs = eng.step()
                 except Exception as e:
-                    log.exception("engine step failed; failing the requests in flight")
+                    if eng.fault():  # no step can run (a tensor-parallel worker is gone): its line says why
+                        log.error("engine stopped, failing the requests in flight: %s", e)
+                    else:
+                        log.exception("engine step failed; failing the requests in flight")
                     outs, posts = [], posts + self._fail_all(_step_error(e))
                 for out in outs:
                     self._observe(out)
