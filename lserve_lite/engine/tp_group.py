@@ -34,9 +34,8 @@ from .tp_worker import worker_main
 
 STARTUP_TIMEOUT = 1800.0  # loading a large checkpoint from a cold disk
 STEP_TIMEOUT = 600.0  # no step takes this long: a worker silent for it is hung
-STOPPED_SLACK = (
-    5.0  # a wait of at most a second that returns this much later: this process was stopped meanwhile
-)
+# a wait of at most a second that returns this much later: this process was stopped meanwhile
+STOPPED_SLACK = 5.0
 SHM_DIR = "/dev/shm"  # where multiprocessing.shared_memory's blocks live on Linux
 
 
@@ -79,9 +78,8 @@ class WorkerGroup:
         self.failure: str | None = None
         self.steps = 0  # steps sent; rank 0 tags each reply with its number
         self.started = False  # every worker has reported (loaded its shard)
-        self._stopped = (
-            0.0  # seconds this process was seen stopped (Ctrl-Z) while it waited on a rank (`_clock`)
-        )
+        # seconds this process was seen stopped (Ctrl-Z) while it waited on a rank (`_clock`)
+        self._stopped = 0.0
         # a multiprocessing Finalize, not weakref's: at exit it runs before multiprocessing's own hook terminates the
         # daemon workers and joins them, which waited forever on workers that ignore SIGTERM (tp_worker)
         self._close = Finalize(
