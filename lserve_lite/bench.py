@@ -78,15 +78,35 @@ def _batch_step_stamps(eng: LLMEngine, rids: set[str], count: int) -> list[float
     return stamps
 
 
+DEFAULT_PROMPT_LENS = (512, 2048)
+DEFAULT_CONTEXT = 512
+
+
+def fitted_defaults(args: argparse.Namespace, max_len: int) -> tuple[list[int], int]:
+    """The prefill lengths and decode context to time: the caller's, else the defaults that fit a model of
+    `max_len` tokens (a 2048-token model was refused its own default 2048-token prompt); the caller's are checked
+    as given."""
+    lens = args.prompt_lens
+    if lens is None:
+        lens = [n for n in DEFAULT_PROMPT_LENS if n < max_len] or [max_len - 1]
+    context = (
+        args.context if args.context is not None else max(1, min(DEFAULT_CONTEXT, max_len - args.steps - 2))
+    )
+    return lens, context
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prompt-lens",
         type=int_list(1, MAX_MODEL_LEN),
-        default=[512, 2048],
-        help="prefill lengths, comma-separated",
+        default=None,
+        help=f"prefill lengths, comma-separated (default: those of {DEFAULT_PROMPT_LENS} under the context limit)",
     )
     p.add_argument(
-        "--context", type=bounded_int(1, MAX_MODEL_LEN), default=512, help="prompt tokens before decoding"
+        "--context",
+        type=bounded_int(1, MAX_MODEL_LEN),
+        default=None,
+        help=f"prompt tokens before decoding (default: {DEFAULT_CONTEXT}, less where the context limit needs it)",
     )
     p.add_argument("--steps", type=bounded_int(2, 1 << 16), default=32, help="decode steps to time")
     p.add_argument(
@@ -120,14 +140,13 @@ def main(args: argparse.Namespace, llm: LLM) -> int:
         raise InvalidRequestError(
             f"--batch {args.batch} exceeds the engine's max_num_seqs ({llm.engine.ecfg.max_num_seqs})"
         )
-    longest = max(args.context, *args.prompt_lens)
+    lens, context = fitted_defaults(args, llm.engine.max_len)
+    longest = max(context, *lens)
     if longest >= llm.engine.max_len:  # refused before a prompt of that many ids is built
         raise InvalidRequestError(f"a prompt of {longest} tokens; the context limit is {llm.engine.max_len}")
-    _check_decode_fits(llm, args.context, args.steps, args.batch)
-    rows = {f"prefill_{n}_tok_s": prefill_tok_s(llm, n) for n in args.prompt_lens}
-    rows[f"decode_ctx{args.context}_b{args.batch}_tok_s"] = decode_tok_s(
-        llm, args.context, args.steps, args.batch
-    )
+    _check_decode_fits(llm, context, args.steps, args.batch)
+    rows = {f"prefill_{n}_tok_s": prefill_tok_s(llm, n) for n in lens}
+    rows[f"decode_ctx{context}_b{args.batch}_tok_s"] = decode_tok_s(llm, context, args.steps, args.batch)
     print(f"model {llm.engine.model_name}, backend {llm.engine.backend}")
     for k, v in rows.items():
         print(f"  {k:<28}{v:>12.1f}")

@@ -225,6 +225,20 @@ def test_bench_refuses_what_the_engine_cannot_run(tiny_llama):
         assert "decode_ctx" not in r.stdout
 
 
+def test_bench_defaults_fit_a_short_context_model(tiny_llama, tmp_path):
+    """With no --prompt-lens / --context, a model whose context is under the defaults times what fits (a 2048-token
+    model was refused its own default 2048-token prompt); the caller's own values are still checked as given."""
+    out = tmp_path / "bench.json"
+    r = _bench(tiny_llama, "--max-model-len", "256", "--steps", "8", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert set(json.loads(out.read_text())) == {
+        "model",
+        "backend",
+        "prefill_255_tok_s",
+        "decode_ctx246_b1_tok_s",
+    }
+
+
 def test_bench_times_a_batch_that_just_fits(tiny_llama, tmp_path):
     """Two sequences of 100 + 27 + 2 tokens hold 2 pages each of a 4-page pool: every step is timed."""
     out = tmp_path / "bench.json"
