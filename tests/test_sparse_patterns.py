@@ -427,8 +427,10 @@ def test_calibrate_refuses_an_unusable_output_first(tiny_dir, tmp_path):
     from lserve_lite.evaluation.calibrate import calibrate
 
     (tmp_path / "file").write_text("x")
+    (tmp_path / "d.json").mkdir()  # where d.tsv's details go: the run ended in an IsADirectoryError traceback
     for out, msg in ((tmp_path, "is a directory"), (tmp_path / "p.json", "the pattern is a TSV"),
-                     (tmp_path / "file" / "p.tsv", "cannot write there")):  # fmt: skip
+                     (tmp_path / "file" / "p.tsv", "cannot write there"),
+                     (tmp_path / "d.tsv", "d.json is a directory; the pattern's details go there")):  # fmt: skip
         with pytest.raises(InvalidRequestError, match=msg):
             calibrate(tiny_dir, out, num_samples=1, lengths=[384], sink=64, local=64, tail=8, log=print)
 

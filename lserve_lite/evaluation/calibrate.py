@@ -228,6 +228,10 @@ def check_out_path(out_path: str | Path) -> None:
         raise InvalidRequestError(f"{out}: the pattern is a TSV; its details go to the .json beside it")
     if out.is_dir():
         raise InvalidRequestError(f"{out} is a directory; name the pattern file to write")
+    if out.with_suffix(".json").is_dir():
+        raise InvalidRequestError(
+            f"{out.with_suffix('.json')} is a directory; the pattern's details go there"
+        )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out.parent):
