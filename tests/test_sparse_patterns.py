@@ -86,6 +86,26 @@ def test_save_roundtrip_and_blank_lines(tmp_path):
     np.testing.assert_array_equal(load_pattern(p, 5, 3), g)
 
 
+def test_save_that_fails_keeps_the_earlier_pattern(tmp_path):
+    """A write that fails part-way (a full disk, here a file-size limit) truncated the pattern an engine reads: the
+    earlier pattern stays whole, and no temporary file is left beside it."""
+    import resource
+    import signal
+
+    p = save_pattern(tmp_path / "p.tsv", np.full((2, 2), 0.5))
+    before = p.read_bytes()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, hard))
+    try:
+        with pytest.raises(OSError):
+            save_pattern(p, np.random.default_rng(0).random((8, 8)))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    assert p.read_bytes() == before and [f.name for f in tmp_path.iterdir()] == ["p.tsv"]
+
+
 def test_head_classes_count_and_global_ranking():
     g = np.array([[0.9, 0.8, 0.7], [0.1, 0.2, 0.3], [0.95, 0.05, 0.99]])
     cls = head_classes(g, 1 / 3)  # round(3) = 3 lowest: 0.05, 0.1, 0.2

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import MAX_POOL_PAGES, EngineConfig
+from ..config import MAX_POOL_PAGES, EngineConfig, write_text_atomic
 from ..errors import InvalidRequestError
 from ..kv.layout import KVMemoryError
 from ..llm import LLM
@@ -267,12 +267,14 @@ def _validate(
 
 
 def write_result(res: CalibrationResult, out_path: str | Path) -> None:
+    """The details JSON, then the pattern, each written whole or not at all: a pattern on disk is always a
+    complete one, with its own details beside it."""
     out_path = Path(out_path)
-    save_pattern(out_path, res.gates)
     meta = dict(res.info)
     meta["kl"] = np.round(res.kl, 7).tolist()
     meta["dnll"] = np.round(res.dnll, 5).tolist()
-    out_path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_text_atomic(out_path.with_suffix(".json"), json.dumps(meta, indent=1) + "\n")
+    save_pattern(out_path, res.gates)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import read_json_object, read_text_file
+from ..config import read_json_object, read_text_file, write_text_atomic
 from ..errors import ModelLoadError
 
 PATTERN_FILE = "full_attention_heads.tsv"
@@ -74,13 +74,14 @@ def _is_float(s: str) -> bool:
 
 
 def save_pattern(path: str | Path, gates: np.ndarray) -> Path:
-    """Write gates [L, Hkv] as a DuoAttention TSV (one row per layer, tab-separated)."""
+    """Write gates [L, Hkv] as a DuoAttention TSV (one row per layer, tab-separated), atomically: an engine
+    reading the path sees the earlier pattern or this one, never a truncated one."""
     gates = np.asarray(gates, dtype=np.float64)
     if gates.ndim != 2 or not np.all(np.isfinite(gates)):
         raise ValueError("gates must be a finite [layers, kv_heads] array")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join("\t".join(f"{v:.18e}" for v in row) + "\n" for row in gates))
+    write_text_atomic(path, "".join("\t".join(f"{v:.18e}" for v in row) + "\n" for row in gates))
     return path
 
 
