@@ -455,6 +455,30 @@ def test_calibrate_refuses_an_unusable_output_first(tiny_dir, tmp_path):
             calibrate(tiny_dir, out, num_samples=1, lengths=[384], sink=64, local=64, tail=8, log=print)
 
 
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        (dict(num_samples=0), r"num_samples must be an integer in \[1, 100000\], got 0"),  # was: num_kv_pages
+        (dict(num_samples=1.5), "num_samples must be an integer"),  # was a TypeError in a slice
+        (dict(sink=-3), r"sink must be an integer in \[0, "),  # wrote a pattern
+        (dict(local=0), r"local must be an integer in \[1, "),  # wrote gates of all ones
+        (dict(tail=0), r"tail must be an integer in \[2, 4096\]"),  # failed after the first prefill
+        (dict(lengths=[384.5]), "each of lengths must be an integer in"),
+        (dict(seed=-1), "seed must be an integer"),
+    ],
+)
+def test_calibrate_refuses_settings_the_command_line_refuses(tiny_dir, tmp_path, monkeypatch, bad, msg):
+    """calibrate() from Python takes the settings `lserve-lite calibrate` bounds, refused in one line before the
+    model loads and nothing written."""
+    from lserve_lite.evaluation import calibrate as cal
+
+    monkeypatch.setattr(cal, "LLM", lambda *a, **k: pytest.fail("the model loaded"))
+    kw = dict(num_samples=1, lengths=[384], sink=64, local=64, tail=8, log=print) | bad
+    with pytest.raises(InvalidRequestError, match=f"^{msg}"):
+        cal.calibrate(tiny_dir, tmp_path / "p.tsv", **kw)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_calibrate_too_short_samples_name_every_term():
     """512 tokens hold sink 128 + local 256, but not with a 600-token tail: the refusal counts the tail (it
     said 'too short for sink 128 + local 256', untrue of 512 tokens)."""

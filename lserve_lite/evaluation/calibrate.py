@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import numbers
 import sys
 import tempfile
 import time
@@ -29,6 +30,7 @@ from ..kv.layout import KVMemoryError
 from ..llm import LLM
 from ..sparse.patterns import head_classes, save_pattern
 from ..weights.loader import load_config, resolve_model_dir
+from .calibrate_args import BOUNDS
 from .harness import SparseHarness
 from .synthetic import corpus_text, passkey_sample
 
@@ -104,6 +106,9 @@ def calibrate(
     Writes `out_path` (TSV) and `out_path.with_suffix(".json")` (settings, raw scores, validation).
     """
     t0 = time.perf_counter()
+    check_settings(
+        num_samples=num_samples, lengths=lengths or [], sink=sink, local=local, tail=tail, seed=seed
+    )
     if out_path is not None:
         check_out_path(out_path)
     max_len = load_config(resolve_model_dir(model_dir)).max_position_embeddings
@@ -191,6 +196,18 @@ def calibrate(
         write_result(res, out_path)
         log(f"wrote {out_path} and {Path(out_path).with_suffix('.json')} in {info['seconds']:.0f} s")
     return res
+
+
+def check_settings(**settings: object) -> None:
+    """Refuse, before the model loads, a setting outside the command line's bounds (calibrate_args.BOUNDS): from
+    Python, 0 samples was refused as a bad num_kv_pages, a negative sink or a zero window wrote a meaningless
+    pattern, a zero tail failed after the first prefill and a fractional count in a slice."""
+    for name, value in settings.items():
+        lo, hi = BOUNDS[name]
+        for v in value if name == "lengths" else [value]:
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or not lo <= v <= hi:
+                what = "each of lengths" if name == "lengths" else name
+                raise InvalidRequestError(f"{what} must be an integer in [{lo}, {hi}], got {v!r:.40}")
 
 
 def _too_many_pages(
