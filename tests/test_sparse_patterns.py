@@ -86,23 +86,13 @@ def test_save_roundtrip_and_blank_lines(tmp_path):
     np.testing.assert_array_equal(load_pattern(p, 5, 3), g)
 
 
-def test_save_that_fails_keeps_the_earlier_pattern(tmp_path):
+def test_save_that_fails_keeps_the_earlier_pattern(tmp_path, file_size_limit):
     """A write that fails part-way (a full disk, here a file-size limit) truncated the pattern an engine reads: the
     earlier pattern stays whole, and no temporary file is left beside it."""
-    import resource
-    import signal
-
     p = save_pattern(tmp_path / "p.tsv", np.full((2, 2), 0.5))
     before = p.read_bytes()
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
-    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, hard))
-    try:
-        with pytest.raises(OSError):
-            save_pattern(p, np.random.default_rng(0).random((8, 8)))
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, old)
+    with file_size_limit(len(before) // 2), pytest.raises(OSError):
+        save_pattern(p, np.random.default_rng(0).random((8, 8)))
     assert p.read_bytes() == before and [f.name for f in tmp_path.iterdir()] == ["p.tsv"]
 
 

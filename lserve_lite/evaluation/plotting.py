@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ..config import write_text_atomic
 from ..errors import InvalidRequestError
 from .eval_args import stem_file
 
@@ -46,5 +47,5 @@ def save_result(out: str | Path, result: dict, draw: Callable[[dict, Path], bool
     """Write <out>.json and, with `draw` (False without matplotlib), <out>.png; the line saying what was written."""
     js, png = stem_file(out, ".json"), stem_file(out, ".png")
     js.parent.mkdir(parents=True, exist_ok=True)
-    js.write_text(json.dumps(result, indent=1) + "\n")
+    write_text_atomic(js, json.dumps(result, indent=1) + "\n")
     return f"wrote {js}" + (f" and {png}" if draw(result, png) else "")

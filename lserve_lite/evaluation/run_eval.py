@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import write_text_atomic
 from ..errors import InvalidRequestError
 from . import ruler
 from .eval_args import stem_file
@@ -196,9 +197,8 @@ def _write(result: dict, samples, outs, names: list[str], out: Path, seconds: fl
     finished = {k: sum(k in o for o in outs) for k in names}
     result.update(summary=summarize(rows, names) if rows else {}, prompts=len(samples), finished=finished,
                   seconds=round(seconds, 1))  # fmt: skip
-    stem_file(out, ".json").write_text(
-        json.dumps({**result, "results": rows}, indent=1, default=float) + "\n"
-    )
+    text = json.dumps({**result, "results": rows}, indent=1, default=float) + "\n"
+    write_text_atomic(stem_file(out, ".json"), text)  # Ctrl-C mid-write keeps the prompts answered before
     return rows
 
 
