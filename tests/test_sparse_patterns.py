@@ -469,6 +469,16 @@ def test_calibrate_refuses_settings_the_command_line_refuses(tiny_dir, tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_calibrate_length_near_the_context_names_the_limit(tiny_dir, tmp_path):
+    """A length just under the context (1010 of 1024) was refused as 'exceeds the model's context 1024': the
+    refusal says what is left for the answer and the longest length allowed."""
+    from lserve_lite.evaluation.calibrate import calibrate
+
+    msg = r"^sample length 1010 leaves too little of the model's context 1024 for the answer: at most 1008$"
+    with pytest.raises(InvalidRequestError, match=msg):
+        calibrate(tiny_dir, tmp_path / "p.tsv", num_samples=1, lengths=[1010], log=print)
+
+
 def test_calibrate_too_short_samples_name_every_term():
     """512 tokens hold sink 128 + local 256, but not with a 600-token tail: the refusal counts the tail (it
     said 'too short for sink 128 + local 256', untrue of 512 tokens)."""

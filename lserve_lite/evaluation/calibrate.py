@@ -34,6 +34,8 @@ from .calibrate_args import BOUNDS
 from .harness import SparseHarness
 from .synthetic import corpus_text, passkey_sample
 
+ANSWER_ROOM = 16  # context tokens kept after a sample for its teacher-forced answer (" 71432." and more)
+
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
@@ -113,8 +115,11 @@ def calibrate(
         check_out_path(out_path)
     max_len = load_config(resolve_model_dir(model_dir)).max_position_embeddings
     lengths = sorted(lengths or default_lengths(max_len))
-    if max(lengths) > max_len - 16:
-        raise InvalidRequestError(f"sample length {max(lengths)} exceeds the model's context {max_len}")
+    if max(lengths) > max_len - ANSWER_ROOM:  # it said "1010 exceeds the model's context 1024"
+        raise InvalidRequestError(
+            f"sample length {max(lengths)} leaves too little of the model's context {max_len} for the answer: "
+            f"at most {max_len - ANSWER_ROOM}"
+        )
     page = 64
     pages = _sample_pages(lengths, num_samples, page) if validate else _sample_pages(lengths[-1:], 1, page)
     if pages > MAX_POOL_PAGES:
