@@ -429,6 +429,15 @@ def test_calibrate_tiny(tiny_dir, tmp_path):
     meta = json.loads(out.with_suffix(".json").read_text())
     assert set(meta["validation"]) == {"calibrated", "random", "inverted"} and len(meta["samples"]) == 2
     assert meta["model"] == tiny_dir.name  # the model's name, not this machine's path to it
+    # the same seed gives the same pattern, byte for byte; a name with a dot keeps it in its details' name (`pat.v2`
+    # wrote pat.json, the details of pat.tsv)
+    res2 = calibrate(
+        tiny_dir, tmp_path / "pat.v2", num_samples=2, lengths=[384], sink=64, local=64, tail=8, validate=False,
+        log=lambda s: None,
+    )  # fmt: skip
+    assert (tmp_path / "pat.v2").read_bytes() == out.read_bytes() and np.array_equal(res2.kl, res.kl)
+    assert json.loads(out.with_suffix(".json").read_text()) == meta
+    assert "validation" not in json.loads((tmp_path / "pat.v2.json").read_text())
 
 
 def test_calibrate_refuses_an_unusable_output_first(tiny_dir, tmp_path):

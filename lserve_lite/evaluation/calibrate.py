@@ -105,7 +105,7 @@ def calibrate(
 
     Per sample: one dense prefill of all but the last `tail` prompt tokens (kept), then for each head
     alone a re-run of the tail + teacher-forced answer with that head streaming (sink/local window).
-    Writes `out_path` (TSV) and `out_path.with_suffix(".json")` (settings, raw scores, validation).
+    Writes `out_path` (TSV) and `details_path(out_path)` (settings, raw scores, validation).
     """
     t0 = time.perf_counter()
     check_settings(
@@ -199,7 +199,7 @@ def calibrate(
     res = CalibrationResult(gates, kl, dnll, info)
     if out_path is not None:
         write_result(res, out_path)
-        log(f"wrote {out_path} and {Path(out_path).with_suffix('.json')} in {info['seconds']:.0f} s")
+        log(f"wrote {out_path} and {details_path(out_path)} in {info['seconds']:.0f} s")
     return res
 
 
@@ -242,6 +242,13 @@ def _sample_pages(lengths: list[int], num_samples: int, page: int) -> int:
     return full * sum(per) + sum(per[:rest])
 
 
+def details_path(out_path: str | Path) -> Path:
+    """Where the details JSON of pattern `out_path` goes: `p.tsv` -> `p.json`, any other name + `.json` (with_suffix
+    made `p.v2` -> `p.json`, the details of another pattern `p.tsv`)."""
+    out = Path(out_path)
+    return out.with_suffix(".json") if out.suffix.lower() == ".tsv" else out.with_name(out.name + ".json")
+
+
 def check_out_path(out_path: str | Path) -> None:
     """Refuse, before hours of scoring, an output the results could not be written to: a directory, a place
     that cannot be written, or a .json name (the details JSON beside it would overwrite the pattern)."""
@@ -250,10 +257,8 @@ def check_out_path(out_path: str | Path) -> None:
         raise InvalidRequestError(f"{out}: the pattern is a TSV; its details go to the .json beside it")
     if out.is_dir():
         raise InvalidRequestError(f"{out} is a directory; name the pattern file to write")
-    if out.with_suffix(".json").is_dir():
-        raise InvalidRequestError(
-            f"{out.with_suffix('.json')} is a directory; the pattern's details go there"
-        )
+    if details_path(out).is_dir():
+        raise InvalidRequestError(f"{details_path(out)} is a directory; the pattern's details go there")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out.parent):
@@ -295,7 +300,7 @@ def write_result(res: CalibrationResult, out_path: str | Path) -> None:
     meta = dict(res.info)
     meta["kl"] = np.round(res.kl, 7).tolist()
     meta["dnll"] = np.round(res.dnll, 5).tolist()
-    write_text_atomic(out_path.with_suffix(".json"), json.dumps(meta, indent=1) + "\n")
+    write_text_atomic(details_path(out_path), json.dumps(meta, indent=1) + "\n")
     save_pattern(out_path, res.gates)
 
 
