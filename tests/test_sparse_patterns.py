@@ -96,6 +96,20 @@ def test_save_that_fails_keeps_the_earlier_pattern(tmp_path, file_size_limit):
     assert p.read_bytes() == before and [f.name for f in tmp_path.iterdir()] == ["p.tsv"]
 
 
+def test_save_through_a_link_writes_its_target(tmp_path):
+    """The atomic write replaced a symbolic link with a regular file (a pattern linked into a model directory kept
+    its old gates), and would have replaced a device such as /dev/null: the link's target is written."""
+    real, link, null = tmp_path / "real.tsv", tmp_path / "link.tsv", tmp_path / "null.tsv"
+    save_pattern(real, np.zeros((1, 2)))
+    link.symlink_to(real)
+    null.symlink_to("/dev/null")
+    save_pattern(link, np.ones((1, 2)))
+    save_pattern(null, np.ones((1, 2)))
+    assert link.is_symlink() and null.is_symlink() and Path("/dev/null").is_char_device()
+    assert load_pattern(real, 1, 2).tolist() == [[1.0, 1.0]] and null.read_text() == ""
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["link.tsv", "null.tsv", "real.tsv"]
+
+
 def test_head_classes_count_and_global_ranking():
     g = np.array([[0.9, 0.8, 0.7], [0.1, 0.2, 0.3], [0.95, 0.05, 0.99]])
     cls = head_classes(g, 1 / 3)  # round(3) = 3 lowest: 0.05, 0.1, 0.2
