@@ -51,7 +51,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--filler", choices=("classic", "corpus"), default="classic", help="haystack text")
     p.add_argument("--shared-dense", action="store_true",
                    help="run dense as a full-window request on the LServe LLM (one prefill for all)")  # fmt: skip
-    p.add_argument("--pattern", default=None, help="head pattern TSV (default: the model's bundled one)")
+    p.add_argument("--pattern", type=existing_file, default=None,
+                   help="head pattern TSV (default: the model's bundled one)")  # fmt: skip
     p.add_argument("--backend", default="auto", help="auto, cpu or cuda")
     p.add_argument("--seed", type=bounded_int(0), default=0)
     p.add_argument(
