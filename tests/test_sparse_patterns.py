@@ -78,6 +78,25 @@ def test_bad_files(tmp_path):
             assert "\n" not in str(e)
 
 
+@pytest.mark.parametrize("sep", [" ", "\n"])
+def test_a_huge_pattern_of_the_wrong_shape_is_refused_in_little_memory(tmp_path, sep):
+    """Every field of the file became a string and a float before the shape was checked (1.8 GB for a 64 MB file
+    at an engine's start); only rows the model can take are read."""
+    import tracemalloc
+
+    junk = ("0" + sep) * 1_000_000  # one row of a million gates, or a million rows of one
+    bad = tmp_path / "big.tsv"
+    bad.write_text(junk)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ModelLoadError, match=r"head pattern is (1 x 1000000|1000000 x 1) .*needs 30 x 3"):
+            load_pattern(bad, 30, 3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * len(junk)  # the text (4 bytes a character at most) and its UTF-8 bytes, no more
+
+
 def test_save_roundtrip_and_blank_lines(tmp_path):
     g = np.random.default_rng(0).random((5, 3))
     p = save_pattern(tmp_path / "x" / "p.tsv", g)
