@@ -65,6 +65,24 @@ def read_text_file(path: Path, what: str) -> str:
         raise ModelLoadError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`: an interrupted or failed write
+    (Ctrl-C, a full disk) leaves the earlier file whole, never half of the new one. A symbolic link's target is the
+    file replaced (not the link); a device or FIFO (`--out /dev/null`) is written in place, never replaced."""
+    path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():
+        with open(path, "w") as f:
+            f.write(text)
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 

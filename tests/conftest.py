@@ -80,3 +80,25 @@ def tiny_gguf(tmp_path_factory) -> tuple[dict, dict, Path]:
     write_tiny_gguf(path)
     meta, tensors = read_gguf(path)
     return meta, tensors, path
+
+
+@pytest.fixture
+def file_size_limit():
+    """A context manager that makes writes past `n` bytes of a file fail (EFBIG, as a full disk fails them part-way),
+    for tests of what a failed write leaves behind."""
+    import contextlib
+    import resource
+    import signal
+
+    @contextlib.contextmanager
+    def limit(n: int):
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the signal ends the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (n, hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, old)
+
+    return limit

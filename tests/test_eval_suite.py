@@ -223,6 +223,38 @@ def test_eval_cli_end_to_end(tiny, tmp_path):
     )
 
 
+def test_eval_pattern_is_read_as_the_other_commands_read_it(tmp_path, monkeypatch, capsys):
+    """`lserve-lite eval --pattern=~/p.tsv` (no shell expands that ~) was not found where `serve` and the sweep tools
+    find it, and a missing pattern was refused only after the run's prompts were built: the parser's existing_file,
+    as theirs."""
+    from lserve_lite.cli import build_parser, main
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "p.tsv").write_text("0.5\n")
+    assert build_parser().parse_args(["eval", "--pattern=~/p.tsv"]).pattern == str(tmp_path / "p.tsv")
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", "/nonexistent", "--pattern", str(tmp_path / "typo.tsv")])
+    assert e.value.code == 2 and "--pattern: " in capsys.readouterr().err
+
+
+def test_eval_json_rewrite_that_fails_keeps_the_answers_written_before(tmp_path, file_size_limit):
+    """<out>.json is rewritten after every prompt so that an interrupted run keeps its answers; a rewrite that failed
+    part-way (Ctrl-C, a full disk) truncated it, losing all of them. The previous version stays whole."""
+    from types import SimpleNamespace
+
+    from lserve_lite.evaluation.run_eval import _write
+
+    smp = SimpleNamespace(task="qa", prompt_ids=[1, 2], expected=["a"], info={}, score=len, correct=bool)
+    samples, outs, out = [(256, smp)] * 2, [{"dense": "a"}, {}], tmp_path / "r"
+    _write({}, samples, outs, ["dense"], out, 1.0)
+    before = (tmp_path / "r.json").read_bytes()
+    outs[1] = {"dense": "x" * len(before)}
+    with file_size_limit(len(before) + 16), pytest.raises(OSError):
+        _write({}, samples, outs, ["dense"], out, 2.0)
+    assert (tmp_path / "r.json").read_bytes() == before and len(json.loads(before)["results"]) == 1
+    assert [f.name for f in tmp_path.iterdir()] == ["r.json"]
+
+
 def test_eval_time_limit_spent_before_any_prompt_is_one_clear_error(tiny, tmp_path, capsys):
     from lserve_lite.cli import main
 

@@ -78,12 +78,55 @@ def test_bad_files(tmp_path):
             assert "\n" not in str(e)
 
 
+@pytest.mark.parametrize("sep", [" ", "\n"])
+def test_a_huge_pattern_of_the_wrong_shape_is_refused_in_little_memory(tmp_path, sep):
+    """Every field of the file became a string and a float before the shape was checked (1.8 GB for a 64 MB file
+    at an engine's start); only rows the model can take are read."""
+    import tracemalloc
+
+    junk = ("0" + sep) * 1_000_000  # one row of a million gates, or a million rows of one
+    bad = tmp_path / "big.tsv"
+    bad.write_text(junk)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ModelLoadError, match=r"head pattern is (1 x 1000000|1000000 x 1) .*needs 30 x 3"):
+            load_pattern(bad, 30, 3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * len(junk)  # the text (4 bytes a character at most) and its UTF-8 bytes, no more
+
+
 def test_save_roundtrip_and_blank_lines(tmp_path):
     g = np.random.default_rng(0).random((5, 3))
     p = save_pattern(tmp_path / "x" / "p.tsv", g)
     np.testing.assert_array_equal(load_pattern(p, 5, 3), g)
     p.write_text("# comment\n" + p.read_text() + "\n\n")
     np.testing.assert_array_equal(load_pattern(p, 5, 3), g)
+
+
+def test_save_that_fails_keeps_the_earlier_pattern(tmp_path, file_size_limit):
+    """A write that fails part-way (a full disk, here a file-size limit) truncated the pattern an engine reads: the
+    earlier pattern stays whole, and no temporary file is left beside it."""
+    p = save_pattern(tmp_path / "p.tsv", np.full((2, 2), 0.5))
+    before = p.read_bytes()
+    with file_size_limit(len(before) // 2), pytest.raises(OSError):
+        save_pattern(p, np.random.default_rng(0).random((8, 8)))
+    assert p.read_bytes() == before and [f.name for f in tmp_path.iterdir()] == ["p.tsv"]
+
+
+def test_save_through_a_link_writes_its_target(tmp_path):
+    """The atomic write replaced a symbolic link with a regular file (a pattern linked into a model directory kept
+    its old gates), and would have replaced a device such as /dev/null: the link's target is written."""
+    real, link, null = tmp_path / "real.tsv", tmp_path / "link.tsv", tmp_path / "null.tsv"
+    save_pattern(real, np.zeros((1, 2)))
+    link.symlink_to(real)
+    null.symlink_to("/dev/null")
+    save_pattern(link, np.ones((1, 2)))
+    save_pattern(null, np.ones((1, 2)))
+    assert link.is_symlink() and null.is_symlink() and Path("/dev/null").is_char_device()
+    assert load_pattern(real, 1, 2).tolist() == [[1.0, 1.0]] and null.read_text() == ""
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["link.tsv", "null.tsv", "real.tsv"]
 
 
 def test_head_classes_count_and_global_ranking():
@@ -419,6 +462,15 @@ def test_calibrate_tiny(tiny_dir, tmp_path):
     meta = json.loads(out.with_suffix(".json").read_text())
     assert set(meta["validation"]) == {"calibrated", "random", "inverted"} and len(meta["samples"]) == 2
     assert meta["model"] == tiny_dir.name  # the model's name, not this machine's path to it
+    # the same seed gives the same pattern, byte for byte; a name with a dot keeps it in its details' name (`pat.v2`
+    # wrote pat.json, the details of pat.tsv)
+    res2 = calibrate(
+        tiny_dir, tmp_path / "pat.v2", num_samples=2, lengths=[384], sink=64, local=64, tail=8, validate=False,
+        log=lambda s: None,
+    )  # fmt: skip
+    assert (tmp_path / "pat.v2").read_bytes() == out.read_bytes() and np.array_equal(res2.kl, res.kl)
+    assert json.loads(out.with_suffix(".json").read_text()) == meta
+    assert "validation" not in json.loads((tmp_path / "pat.v2.json").read_text())
 
 
 def test_calibrate_refuses_an_unusable_output_first(tiny_dir, tmp_path):
@@ -427,10 +479,46 @@ def test_calibrate_refuses_an_unusable_output_first(tiny_dir, tmp_path):
     from lserve_lite.evaluation.calibrate import calibrate
 
     (tmp_path / "file").write_text("x")
+    (tmp_path / "d.json").mkdir()  # where d.tsv's details go: the run ended in an IsADirectoryError traceback
     for out, msg in ((tmp_path, "is a directory"), (tmp_path / "p.json", "the pattern is a TSV"),
-                     (tmp_path / "file" / "p.tsv", "cannot write there")):  # fmt: skip
+                     (tmp_path / "file" / "p.tsv", "cannot write there"),
+                     (tmp_path / "d.tsv", "d.json is a directory; the pattern's details go there")):  # fmt: skip
         with pytest.raises(InvalidRequestError, match=msg):
             calibrate(tiny_dir, out, num_samples=1, lengths=[384], sink=64, local=64, tail=8, log=print)
+
+
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        (dict(num_samples=0), r"num_samples must be an integer in \[1, 100000\], got 0"),  # was: num_kv_pages
+        (dict(num_samples=1.5), "num_samples must be an integer"),  # was a TypeError in a slice
+        (dict(sink=-3), r"sink must be an integer in \[0, "),  # wrote a pattern
+        (dict(local=0), r"local must be an integer in \[1, "),  # wrote gates of all ones
+        (dict(tail=0), r"tail must be an integer in \[2, 4096\]"),  # failed after the first prefill
+        (dict(lengths=[384.5]), "each of lengths must be an integer in"),
+        (dict(seed=-1), "seed must be an integer"),
+    ],
+)
+def test_calibrate_refuses_settings_the_command_line_refuses(tiny_dir, tmp_path, monkeypatch, bad, msg):
+    """calibrate() from Python takes the settings `lserve-lite calibrate` bounds, refused in one line before the
+    model loads and nothing written."""
+    from lserve_lite.evaluation import calibrate as cal
+
+    monkeypatch.setattr(cal, "LLM", lambda *a, **k: pytest.fail("the model loaded"))
+    kw = dict(num_samples=1, lengths=[384], sink=64, local=64, tail=8, log=print) | bad
+    with pytest.raises(InvalidRequestError, match=f"^{msg}"):
+        cal.calibrate(tiny_dir, tmp_path / "p.tsv", **kw)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_calibrate_length_near_the_context_names_the_limit(tiny_dir, tmp_path):
+    """A length just under the context (1010 of 1024) was refused as 'exceeds the model's context 1024': the
+    refusal says what is left for the answer and the longest length allowed."""
+    from lserve_lite.evaluation.calibrate import calibrate
+
+    msg = r"^sample length 1010 leaves too little of the model's context 1024 for the answer: at most 1008$"
+    with pytest.raises(InvalidRequestError, match=msg):
+        calibrate(tiny_dir, tmp_path / "p.tsv", num_samples=1, lengths=[1010], log=print)
 
 
 def test_calibrate_too_short_samples_name_every_term():

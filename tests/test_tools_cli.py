@@ -302,6 +302,33 @@ def test_results_file_that_cannot_be_written_is_refused_first(tool, argv, tmp_pa
         assert e.value.code == 2 and msg in capsys.readouterr().err.splitlines()[-1], out
 
 
+@pytest.mark.parametrize("tool", ["eval_ppl", "eval_passkey", "eval_selector", "lserve-lite eval"])
+@pytest.mark.parametrize("suffix", [".json", ".png"])
+def test_results_stem_whose_file_is_a_directory_is_refused_first(tool, suffix, tmp_path, monkeypatch, capsys):
+    """--out is a stem: a directory named <out>.json or <out>.png passed the check of the stem alone, and the run
+    ended in an IsADirectoryError traceback after all its work."""
+    (tmp_path / f"r{suffix}").mkdir()
+    with pytest.raises(SystemExit) as e:
+        if tool == "lserve-lite eval":
+            from lserve_lite.cli import main
+
+            main(["eval", "--model", "/nonexistent", "--out", str(tmp_path / "r")])
+        else:
+            run_tool(tool, ["--model", "/nonexistent", "--out", str(tmp_path / "r")], monkeypatch)
+    assert e.value.code == 2
+    assert f"--out: {tmp_path / f'r{suffix}'}: a directory, not a file" in capsys.readouterr().err
+
+
+def test_results_stem_keeps_its_dots(tiny_model, tmp_path, monkeypatch):
+    """`--out ppl_s0.5` wrote ppl_s0.json (with_suffix took `.5` for a suffix: another run's file); the stem is
+    kept whole, and a stem ending in .json still names the JSON itself."""
+    argv = ["--model", str(tiny_model), "--lengths", "256", "--decode-tokens", "4", "--configs", "dense"]
+    for out, want in (("ppl_s0.5", "ppl_s0.5.json"), ("r.json", "r.json")):
+        assert run_tool("eval_ppl", [*argv, "--out", str(tmp_path / out)], monkeypatch) == 0
+        assert json.loads((tmp_path / want).read_text())["tool"] == "eval_ppl"
+    assert sorted(f.name for f in tmp_path.glob("*.json")) == ["ppl_s0.5.json", "r.json"]  # with a PNG or not
+
+
 def test_bench_cpu_llama_bench_failure_is_one_line(tmp_path):
     """llama-bench failing (a bad build, a GGUF it cannot read) was a CalledProcessError traceback after our
     runs; it is one error naming the command and llama-bench's last line."""

@@ -12,11 +12,11 @@ import json
 import sys
 import time
 from datetime import date
-from pathlib import Path
 
 from lserve_lite.config import MAX_MODEL_LEN
-from lserve_lite.engine_args import bounded_int, int_list, name_list, output_file
+from lserve_lite.engine_args import bounded_int, int_list, name_list
 from lserve_lite.errors import exit_status
+from lserve_lite.evaluation.eval_args import output_stem, stem_file
 from lserve_lite.evaluation.selector_recall import VARIANTS, measure, table
 
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--variants", type=name_list, default=",".join(VARIANTS), help="scoring variants (all)")
     ap.add_argument(
-        "--out", type=output_file, default="tools/results/selector_recall", help="output stem: <out>.json"
+        "--out", type=output_stem, default="tools/results/selector_recall", help="output stem: <out>.json"
     )
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                   tuple(args.variants), args.offsets, log=lambda s: print(s, file=sys.stderr, flush=True))  # fmt: skip
     res.update(date=date.today().isoformat(), seconds=round(time.perf_counter() - t0, 1),
                command="python tools/eval_selector.py " + " ".join(argv if argv is not None else sys.argv[1:]))  # fmt: skip
-    out = Path(args.out).with_suffix(".json")
+    out = stem_file(args.out, ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
     for v in args.variants:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import numbers
 import sys
 import tempfile
 import time
@@ -23,14 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import MAX_POOL_PAGES, EngineConfig
+from ..config import MAX_POOL_PAGES, EngineConfig, write_text_atomic
 from ..errors import InvalidRequestError
 from ..kv.layout import KVMemoryError
 from ..llm import LLM
 from ..sparse.patterns import head_classes, save_pattern
 from ..weights.loader import load_config, resolve_model_dir
+from .calibrate_args import BOUNDS
 from .harness import SparseHarness
 from .synthetic import corpus_text, passkey_sample
+
+ANSWER_ROOM = 16  # context tokens kept after a sample for its teacher-forced answer (" 71432." and more)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -101,15 +105,21 @@ def calibrate(
 
     Per sample: one dense prefill of all but the last `tail` prompt tokens (kept), then for each head
     alone a re-run of the tail + teacher-forced answer with that head streaming (sink/local window).
-    Writes `out_path` (TSV) and `out_path.with_suffix(".json")` (settings, raw scores, validation).
+    Writes `out_path` (TSV) and `details_path(out_path)` (settings, raw scores, validation).
     """
     t0 = time.perf_counter()
+    check_settings(
+        num_samples=num_samples, lengths=lengths or [], sink=sink, local=local, tail=tail, seed=seed
+    )
     if out_path is not None:
         check_out_path(out_path)
     max_len = load_config(resolve_model_dir(model_dir)).max_position_embeddings
     lengths = sorted(lengths or default_lengths(max_len))
-    if max(lengths) > max_len - 16:
-        raise InvalidRequestError(f"sample length {max(lengths)} exceeds the model's context {max_len}")
+    if max(lengths) > max_len - ANSWER_ROOM:  # it said "1010 exceeds the model's context 1024"
+        raise InvalidRequestError(
+            f"sample length {max(lengths)} leaves too little of the model's context {max_len} for the answer: "
+            f"at most {max_len - ANSWER_ROOM}"
+        )
     page = 64
     pages = _sample_pages(lengths, num_samples, page) if validate else _sample_pages(lengths[-1:], 1, page)
     if pages > MAX_POOL_PAGES:
@@ -189,8 +199,20 @@ def calibrate(
     res = CalibrationResult(gates, kl, dnll, info)
     if out_path is not None:
         write_result(res, out_path)
-        log(f"wrote {out_path} and {Path(out_path).with_suffix('.json')} in {info['seconds']:.0f} s")
+        log(f"wrote {out_path} and {details_path(out_path)} in {info['seconds']:.0f} s")
     return res
+
+
+def check_settings(**settings: object) -> None:
+    """Refuse, before the model loads, a setting outside the command line's bounds (calibrate_args.BOUNDS): from
+    Python, 0 samples was refused as a bad num_kv_pages, a negative sink or a zero window wrote a meaningless
+    pattern, a zero tail failed after the first prefill and a fractional count in a slice."""
+    for name, value in settings.items():
+        lo, hi = BOUNDS[name]
+        for v in value if name == "lengths" else [value]:
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or not lo <= v <= hi:
+                what = "each of lengths" if name == "lengths" else name
+                raise InvalidRequestError(f"{what} must be an integer in [{lo}, {hi}], got {v!r:.40}")
 
 
 def _too_many_pages(
@@ -220,6 +242,13 @@ def _sample_pages(lengths: list[int], num_samples: int, page: int) -> int:
     return full * sum(per) + sum(per[:rest])
 
 
+def details_path(out_path: str | Path) -> Path:
+    """Where the details JSON of pattern `out_path` goes: `p.tsv` -> `p.json`, any other name + `.json` (with_suffix
+    made `p.v2` -> `p.json`, the details of another pattern `p.tsv`)."""
+    out = Path(out_path)
+    return out.with_suffix(".json") if out.suffix.lower() == ".tsv" else out.with_name(out.name + ".json")
+
+
 def check_out_path(out_path: str | Path) -> None:
     """Refuse, before hours of scoring, an output the results could not be written to: a directory, a place
     that cannot be written, or a .json name (the details JSON beside it would overwrite the pattern)."""
@@ -228,6 +257,8 @@ def check_out_path(out_path: str | Path) -> None:
         raise InvalidRequestError(f"{out}: the pattern is a TSV; its details go to the .json beside it")
     if out.is_dir():
         raise InvalidRequestError(f"{out} is a directory; name the pattern file to write")
+    if details_path(out).is_dir():
+        raise InvalidRequestError(f"{details_path(out)} is a directory; the pattern's details go there")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out.parent):
@@ -263,12 +294,14 @@ def _validate(
 
 
 def write_result(res: CalibrationResult, out_path: str | Path) -> None:
+    """The details JSON, then the pattern, each written whole or not at all: a pattern on disk is always a
+    complete one, with its own details beside it."""
     out_path = Path(out_path)
-    save_pattern(out_path, res.gates)
     meta = dict(res.info)
     meta["kl"] = np.round(res.kl, 7).tolist()
     meta["dnll"] = np.round(res.dnll, 5).tolist()
-    out_path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_text_atomic(details_path(out_path), json.dumps(meta, indent=1) + "\n")
+    save_pattern(out_path, res.gates)
 
 
 def main(args: argparse.Namespace) -> int:

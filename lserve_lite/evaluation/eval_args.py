@@ -4,12 +4,30 @@ so the CLI builds its parser without loading the engine."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..config import KV_DTYPES, MAX_MODEL_LEN
 from ..engine_args import bounded_float, bounded_int, existing_file, int_list, name_list, output_file
 
 MAX_SAMPLES = 100_000  # prompts per (task, length) or passkey samples, at most
 MAX_TIME_LIMIT = 1e7  # seconds (115 days); 0 is no limit
+
+
+def stem_file(out: str | Path, suffix: str) -> Path:
+    """The file `<out><suffix>` of an output stem, the stem's own dots kept (`ppl_s0.5` gives `ppl_s0.5.json`:
+    with_suffix wrote `ppl_s0.json`, another run's file); a stem ending in .json or .png names its files without it."""
+    out = Path(out)
+    return out.with_suffix(suffix) if out.suffix in (".json", ".png") else out.with_name(out.name + suffix)
+
+
+def output_stem(text: str) -> str:
+    """An argparse type: an output stem (`<out>.json`, `<out>.png` written after the run), refused now where one of
+    those files could not be written (an IsADirectoryError after all the work)."""
+    output_file(text)
+    for suffix in (".json", ".png"):
+        if stem_file(text, suffix).is_dir():
+            raise argparse.ArgumentTypeError(f"{stem_file(text, suffix)}: a directory, not a file")
+    return text
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -33,7 +51,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--filler", choices=("classic", "corpus"), default="classic", help="haystack text")
     p.add_argument("--shared-dense", action="store_true",
                    help="run dense as a full-window request on the LServe LLM (one prefill for all)")  # fmt: skip
-    p.add_argument("--pattern", default=None, help="head pattern TSV (default: the model's bundled one)")
+    p.add_argument("--pattern", type=existing_file, default=None,
+                   help="head pattern TSV (default: the model's bundled one)")  # fmt: skip
     p.add_argument("--backend", default="auto", help="auto, cpu or cuda")
     p.add_argument("--seed", type=bounded_int(0), default=0)
     p.add_argument(
@@ -44,7 +63,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
         "settings needing their own LLM split the time left equally",
     )
     p.add_argument(
-        "--out", type=output_file, default="tools/results/ruler", help="output stem: <out>.json, <out>.png"
+        "--out", type=output_stem, default="tools/results/ruler", help="output stem: <out>.json, <out>.png"
     )
     p.add_argument("--plot-only", metavar="JSON", help="redraw the heatmap of an earlier run and exit")
 
@@ -65,5 +84,5 @@ def add_sweep_args(p: argparse.ArgumentParser, out: str) -> None:
     )
     p.add_argument("--kv-dtype", choices=KV_DTYPES, default="auto", help="KV-cache format (docs/KV_QUANT.md)")
     p.add_argument("--mode", choices=("engine",), default="engine", help="kept for old command lines")
-    p.add_argument("--out", type=output_file, default=out, help="output stem: <out>.json, <out>.png")
+    p.add_argument("--out", type=output_stem, default=out, help="output stem: <out>.json, <out>.png")
     p.add_argument("--plot-only", metavar="JSON", help="redraw the PNG of an earlier run's JSON and exit")

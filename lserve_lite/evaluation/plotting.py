@@ -8,7 +8,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ..config import write_text_atomic
 from ..errors import InvalidRequestError
+from .eval_args import stem_file
 
 
 def pyplot():
@@ -43,8 +45,7 @@ def load_result(path: str | Path, tool: str) -> dict:
 
 def save_result(out: str | Path, result: dict, draw: Callable[[dict, Path], bool]) -> str:
     """Write <out>.json and, with `draw` (False without matplotlib), <out>.png; the line saying what was written."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    png = draw(result, out.with_suffix(".png"))
-    return f"wrote {out.with_suffix('.json')}" + (f" and {out.with_suffix('.png')}" if png else "")
+    js, png = stem_file(out, ".json"), stem_file(out, ".png")
+    js.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(js, json.dumps(result, indent=1) + "\n")
+    return f"wrote {js}" + (f" and {png}" if draw(result, png) else "")

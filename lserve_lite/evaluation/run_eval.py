@@ -18,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import write_text_atomic
 from ..errors import InvalidRequestError
 from . import ruler
+from .eval_args import stem_file
 from .plotting import load_result, pyplot
 from .settings import Runner, config_dict, parse_configs, refuse_past_context
 
@@ -129,7 +131,7 @@ def evaluate(args: argparse.Namespace, log=print, clock=time.perf_counter) -> di
     samples = [(n, gen[n, t][i]) for i in range(args.samples) for n in lengths for t in tasks]
     outs: list[dict] = [{} for _ in samples]
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    stem_file(out, ".json").parent.mkdir(parents=True, exist_ok=True)
     result = {"tool": TOOL, "model": Path(r.model_dir).name, "date": date.today().isoformat(),
               "configs": {k: config_dict(v) for k, v in configs.items()}, "shared_dense": args.shared_dense,
               "quantize": r.quantize, "kv_dtype": args.kv_dtype,
@@ -151,7 +153,7 @@ def evaluate(args: argparse.Namespace, log=print, clock=time.perf_counter) -> di
     rows = write()
     if not rows:  # e.g. a time limit spent on loading: say so instead of an empty table and plot
         raise InvalidRequestError(f"no prompt finished (time limit {args.time_limit} s, model load included)")
-    result["png"] = heatmap(result, out.with_suffix(".png"))
+    result["png"] = heatmap(result, stem_file(out, ".png"))
     log(report(result))
     return {**result, "rows": rows}
 
@@ -195,9 +197,8 @@ def _write(result: dict, samples, outs, names: list[str], out: Path, seconds: fl
     finished = {k: sum(k in o for o in outs) for k in names}
     result.update(summary=summarize(rows, names) if rows else {}, prompts=len(samples), finished=finished,
                   seconds=round(seconds, 1))  # fmt: skip
-    out.with_suffix(".json").write_text(
-        json.dumps({**result, "results": rows}, indent=1, default=float) + "\n"
-    )
+    text = json.dumps({**result, "results": rows}, indent=1, default=float) + "\n"
+    write_text_atomic(stem_file(out, ".json"), text)  # Ctrl-C mid-write keeps the prompts answered before
     return rows
 
 

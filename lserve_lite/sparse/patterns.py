@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import read_json_object, read_text_file
+from ..config import read_json_object, read_text_file, write_text_atomic
 from ..errors import ModelLoadError
 
 PATTERN_FILE = "full_attention_heads.tsv"
@@ -41,28 +41,48 @@ def load_pattern(path: str | Path, num_layers: int, num_kv_heads: int) -> np.nda
     # in "UTF-8") is not part of the first gate
     text = read_text_file(path, "a head pattern").removeprefix("\ufeff")
     rows: list[list[float]] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        s = line.strip()
+    widths: set[int] = set()
+    num_rows = 0
+    # line by line, at most num_kv_heads + 1 fields split off a line, values read only of rows the shape can take:
+    # a file of millions of fields (up to the size bound) made as many strings and floats, 1.8 GB for 64 MB, before
+    # its shape was refused
+    for line in re.finditer(r"[^\r\n]+", text):
+        s = line.group().strip()
         if not s or s.startswith("#"):
             continue
+        fields = s.split(maxsplit=num_kv_heads)
+        width = len(fields)
+        # the rest of the line holds the fields past the first ones: counted, not split
+        if width > num_kv_heads:
+            width += sum(1 for _ in re.finditer(r"\S+", fields[-1])) - 1
+        widths.add(width)
+        num_rows += 1
+        if width != num_kv_heads or num_rows > num_layers:
+            continue  # the shape is refused below
         try:
-            vals = [float(f) for f in s.split()]
+            vals = [float(f) for f in fields]
         except ValueError:
-            bad = next(f for f in s.split() if not _is_float(f))
-            raise ModelLoadError(f"{path}:{lineno}: non-numeric gate value {bad[:32]!r}") from None
+            bad = next(f for f in fields if not _is_float(f))
+            raise ModelLoadError(
+                f"{path}:{_lineno(text, line.start())}: non-numeric gate value {bad[:32]!r}"
+            ) from None
         if not all(math.isfinite(v) for v in vals):
-            raise ModelLoadError(f"{path}:{lineno}: gate values must be finite")
+            raise ModelLoadError(f"{path}:{_lineno(text, line.start())}: gate values must be finite")
         rows.append(vals)
-    widths = {len(r) for r in rows}
     if len(widths) > 1:
         raise ModelLoadError(f"{path}: ragged head pattern (rows have {sorted(widths)} columns)")
-    got = (len(rows), widths.pop() if widths else 0)
+    got = (num_rows, widths.pop() if widths else 0)
     if got != (num_layers, num_kv_heads):
         raise ModelLoadError(
             f"{path}: head pattern is {got[0]} x {got[1]} (layers x KV heads); "
             f"the model needs {num_layers} x {num_kv_heads}"
         )
     return np.asarray(rows, dtype=np.float64)
+
+
+def _lineno(text: str, pos: int) -> int:
+    """The number of the line at `pos` of `text` (line ends as splitlines takes them: \\n, \\r\\n or \\r)."""
+    return len(re.findall(r"\r\n|\r|\n", text[:pos])) + 1
 
 
 def _is_float(s: str) -> bool:
@@ -74,13 +94,14 @@ def _is_float(s: str) -> bool:
 
 
 def save_pattern(path: str | Path, gates: np.ndarray) -> Path:
-    """Write gates [L, Hkv] as a DuoAttention TSV (one row per layer, tab-separated)."""
+    """Write gates [L, Hkv] as a DuoAttention TSV (one row per layer, tab-separated), atomically: an engine
+    reading the path sees the earlier pattern or this one, never a truncated one."""
     gates = np.asarray(gates, dtype=np.float64)
     if gates.ndim != 2 or not np.all(np.isfinite(gates)):
         raise ValueError("gates must be a finite [layers, kv_heads] array")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join("\t".join(f"{v:.18e}" for v in row) + "\n" for row in gates))
+    write_text_atomic(path, "".join("\t".join(f"{v:.18e}" for v in row) + "\n" for row in gates))
     return path
 
 
