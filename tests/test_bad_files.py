@@ -292,6 +292,10 @@ def test_safetensors_sizes_checked_against_the_file(tmp_path: Path):
         ("llama.rope.freq_base", -5.0, "'rope_theta' must be a finite number"),
         ("llama.attention.layer_norm_rms_epsilon", float("nan"), "'rms_norm_eps' must be a finite number"),
         ("llama.feed_forward_length", [1, 2], "per-layer"),
+        # the config reads the special token ids: their types are checked before it does
+        ("tokenizer.ggml.padding_token_id", "x", "'tokenizer.ggml.padding_token_id' must be"),
+        ("tokenizer.ggml.bos_token_id", [1], "'tokenizer.ggml.bos_token_id' must be"),
+        ("tokenizer.ggml.eot_token_id", -1, "'tokenizer.ggml.eot_token_id' must be"),
     ],
 )
 def test_gguf_absurd_metadata(tiny_gguf, key: str, value: object, msg: str):

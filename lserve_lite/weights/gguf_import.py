@@ -65,7 +65,6 @@ def convert_gguf(
     if out.exists() and not overwrite and any(out.iterdir()):
         raise ModelLoadError(f"{out}: output directory already exists and is not empty")
     meta, tensors = read_gguf(src)
-    check_tokenizer_metadata(meta, src)
     config = model_config(meta, tensors, src)
     tokenizer, tok_config, gen_config = tokenizer_files(meta, config, src)
 
@@ -115,7 +114,9 @@ def _alive(pid: int) -> bool:
 
 
 def model_config(meta: dict[str, Any], tensors: dict, path: Path) -> dict[str, Any]:
-    """config.json for a llama or qwen2 GGUF, after checking tensor names, types and shapes against it."""
+    """config.json for a llama or qwen2 GGUF, after checking tensor names, types and shapes against it. The
+    tokenizer metadata is checked first: the config takes its special token ids from there."""
+    check_tokenizer_metadata(meta, path)
     arch = meta.get("general.architecture")
     if not isinstance(arch, str) or arch not in ARCHS:
         raise ModelLoadError(
