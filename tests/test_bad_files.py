@@ -306,6 +306,26 @@ def test_gguf_absurd_metadata(tiny_gguf, key: str, value: object, msg: str):
 
 
 @pytest.mark.parametrize(
+    "value,msg",
+    [("abc", "must be a int"), (1.5, "must be a int"), (2, "does not match llama3 rope scaling")],
+)
+def test_gguf_rope_scaling_context(tiny_gguf, value: object, msg: str):
+    """llama3 rope scaling is fitted to the original context length: a value of another type, or one that
+    fits no llama3 curve (low_freq_factor <= 0), is one line."""
+    from gguf import GGMLQuantizationType
+
+    from lserve_lite.weights.gguf_reader import GGUFTensor
+
+    meta, tensors, path = tiny_gguf
+    rf = np.array([1, 1, 1, 2, 3, 4, 4, 4], np.float32).view(np.uint8)  # head_dim 16: 8 rope factors
+    freqs = GGUFTensor("rope_freqs.weight", GGMLQuantizationType.F32, "F32", (8,), rf)
+    key = "llama.rope.scaling.original_context_length"
+    with pytest.raises(ModelLoadError) as e:
+        model_config({**meta, key: value}, {**tensors, "rope_freqs.weight": freqs}, path)
+    assert msg in one_line_error(e.value, path.name)
+
+
+@pytest.mark.parametrize(
     "key,value",
     [("tokenizer.ggml.tokens", [1, 2]), ("tokenizer.ggml.eos_token_id", "2"), ("tokenizer.ggml.merges", [3])],
 )

@@ -184,7 +184,8 @@ def model_config(meta: dict[str, Any], tensors: dict, path: Path) -> dict[str, A
         "torch_dtype": "float32",
     }
     ModelConfig.from_dict(cfg, f"{path} (as config.json)")  # bounds of any config.json, before sizing
-    scaling = _rope_scaling(meta, tensors, theta, head_dim, path, arch)
+    old_ctx = get("rope.scaling.original_context_length", 0) or 8192  # typed here: the scaling reads it
+    scaling = _rope_scaling(meta, tensors, theta, head_dim, old_ctx, path, arch)
     if scaling is not None:
         cfg["rope_scaling"] = scaling
     for name, key in (("bos_token_id", "bos_token_id"), ("pad_token_id", "padding_token_id")):
@@ -266,9 +267,10 @@ def _check_tensors(tensors: dict, cfg: dict[str, Any], path: Path) -> None:
 
 
 def _rope_scaling(
-    meta: dict[str, Any], tensors: dict, theta: float, head_dim: int, path: Path, arch: str
+    meta: dict[str, Any], tensors: dict, theta: float, head_dim: int, old_ctx: int, path: Path, arch: str
 ) -> dict | None:
-    """HF rope_scaling: llama3 parameters recovered from `rope_freqs.weight`; None without scaling."""
+    """HF rope_scaling: llama3 parameters recovered from `rope_freqs.weight` (`old_ctx`: the context the
+    model was trained at before scaling); None without scaling."""
     kind = meta.get(f"{arch}.rope.scaling.type")
     factor_meta = meta.get(f"{arch}.rope.scaling.factor")
     if (
@@ -290,7 +292,6 @@ def _rope_scaling(
     if np.allclose(rf, 1.0):
         return None
     factor = float(rf.max())
-    old_ctx = int(meta.get(f"{arch}.rope.scaling.original_context_length") or 8192)
     freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     smooth = (rf > 1 + 1e-6) & (rf < factor - 1e-6)
     low, high = 1.0, 4.0
@@ -301,6 +302,8 @@ def _rope_scaling(
         low = -icpt * span
         high = low + span
         low, high = round(low * 1000) / 1000, round(high * 1000) / 1000
+        if not 0 < low < high:  # a fit to no llama3 curve; llama3_rope_factors divides by both
+            raise ModelLoadError(f"{path}: rope_freqs.weight does not match llama3 rope scaling")
     scaling = {
         "rope_type": "llama3",
         "factor": round(factor * 1e4) / 1e4,
