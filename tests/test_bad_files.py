@@ -238,6 +238,21 @@ def test_model_files_must_be_regular_files(tmp_path: Path, name: str, kind: str)
         LLM(str(d), backend="cpu")
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_gguf_path_must_be_a_regular_file(tmp_path: Path, kind: str):
+    """A FIFO or device named model.gguf exists: 'not found' would send the user looking for a missing file."""
+    from lserve_lite.weights.gguf_import import convert_gguf
+
+    path = tmp_path / "model.gguf"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    for load in (lambda: LLM(str(path), backend="cpu"), lambda: convert_gguf(path, tmp_path / "out")):
+        with pytest.raises(ModelLoadError, match="model.gguf: not a regular file"):
+            load()
+
+
 def test_oversized_tokenizer_file_is_refused_before_reading(tmp_path: Path, monkeypatch):
     d = write_min_model_dir(tmp_path / "m")
     monkeypatch.setattr("lserve_lite.config.MAX_JSON_BYTES", 100)

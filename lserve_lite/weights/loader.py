@@ -130,6 +130,8 @@ def resolve_model_dir(model: str | Path | None) -> Path:
         return p
     if p.is_file():
         raise ModelLoadError(f"{p}: not a .gguf file (give a GGUF file or a Hugging Face model directory)")
+    if p.exists() and not p.is_dir():
+        raise ModelLoadError(f"{p}: not a regular file or directory (a FIFO or device)")
     if not p.is_dir():
         hub = (  # code ported from vLLM names a Hub model ("org/name"), which vLLM downloads
             " (nothing is downloaded: fetch a Hub model with `huggingface-cli download NAME --local-dir DIR` and "
