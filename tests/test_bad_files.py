@@ -327,17 +327,33 @@ def test_gguf_absurd_metadata(tiny_gguf, key: str, value: object, msg: str):
 def test_gguf_rope_scaling_context(tiny_gguf, value: object, msg: str):
     """llama3 rope scaling is fitted to the original context length: a value of another type, or one that
     fits no llama3 curve (low_freq_factor <= 0), is one line."""
+    meta, tensors, path = tiny_gguf
+    tensors = {**tensors, "rope_freqs.weight": _rope_freqs([1, 1, 1, 2, 3, 4, 4, 4])}
+    key = "llama.rope.scaling.original_context_length"
+    with pytest.raises(ModelLoadError) as e:
+        model_config({**meta, key: value}, tensors, path)
+    assert msg in one_line_error(e.value, path.name)
+
+
+@pytest.mark.parametrize("kind", ["linear", "yarn"])
+def test_gguf_rope_scaling_beside_rope_freqs_is_refused(tiny_gguf, kind: str):
+    """Before: a linear / yarn scaling was dropped silently when the file also held rope_freqs.weight."""
+    meta, tensors, path = tiny_gguf
+    tensors = {**tensors, "rope_freqs.weight": _rope_freqs([1.0] * 8)}
+    meta = {**meta, "llama.rope.scaling.type": kind, "llama.rope.scaling.factor": 4.0}
+    with pytest.raises(ModelLoadError) as e:
+        model_config(meta, tensors, path)
+    assert f"rope scaling type '{kind}' is not supported" in one_line_error(e.value, path.name)
+
+
+def _rope_freqs(values: list[float]):
+    """A rope_freqs.weight tensor (F32) for the tiny GGUF (head_dim 16: 8 rope factors)."""
     from gguf import GGMLQuantizationType
 
     from lserve_lite.weights.gguf_reader import GGUFTensor
 
-    meta, tensors, path = tiny_gguf
-    rf = np.array([1, 1, 1, 2, 3, 4, 4, 4], np.float32).view(np.uint8)  # head_dim 16: 8 rope factors
-    freqs = GGUFTensor("rope_freqs.weight", GGMLQuantizationType.F32, "F32", (8,), rf)
-    key = "llama.rope.scaling.original_context_length"
-    with pytest.raises(ModelLoadError) as e:
-        model_config({**meta, key: value}, {**tensors, "rope_freqs.weight": freqs}, path)
-    assert msg in one_line_error(e.value, path.name)
+    data = np.array(values, np.float32).view(np.uint8)
+    return GGUFTensor("rope_freqs.weight", GGMLQuantizationType.F32, "F32", (len(values),), data)
 
 
 @pytest.mark.parametrize(

@@ -273,11 +273,8 @@ def _rope_scaling(
     model was trained at before scaling); None without scaling."""
     kind = meta.get(f"{arch}.rope.scaling.type")
     factor_meta = meta.get(f"{arch}.rope.scaling.factor")
-    if (
-        kind not in (None, "none")
-        and factor_meta not in (None, 0.0, 1.0)
-        and "rope_freqs.weight" not in tensors
-    ):
+    # llama.cpp applies such a scaling on top of any rope_freqs: ignoring it would shift every position
+    if kind not in (None, "none") and factor_meta not in (None, 0.0, 1.0):
         raise ModelLoadError(f"{path}: rope scaling type {kind!r} is not supported (only llama3 rope_freqs)")
     t = tensors.get("rope_freqs.weight")
     if t is None:
