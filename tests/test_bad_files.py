@@ -366,6 +366,25 @@ def test_gguf_tokenizer_metadata_types(tiny_gguf, key: str, value: object):
         check_tokenizer_metadata({**meta, key: value}, path)
 
 
+def test_gguf_long_scored_token_is_refused_before_deriving_merges():
+    """Deriving merges from scores tries every split of every token: a crafted 1 MB token took minutes."""
+    from test_gguf_import import _spm_vocab
+
+    from lserve_lite.weights.gguf_tokenizer import MAX_SCORED_PIECE, build_tokenizer
+
+    tokens, types, scores = _spm_vocab()
+    meta = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": [*tokens, "a" * (MAX_SCORED_PIECE + 1)],
+        "tokenizer.ggml.token_type": [*types, 1],
+        "tokenizer.ggml.scores": [*scores, -100.0],
+    }
+    with pytest.raises(ModelLoadError, match=f"token {len(tokens)} has {MAX_SCORED_PIECE + 1} characters"):
+        build_tokenizer(meta, "tiny.gguf")
+    meta["tokenizer.ggml.tokens"][-1] = "a" * MAX_SCORED_PIECE  # at the limit: still built
+    build_tokenizer(meta, "tiny.gguf")
+
+
 # ----------------------------------------------------------------------------------- engine limits, text
 
 
