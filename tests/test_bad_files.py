@@ -385,6 +385,46 @@ def test_gguf_long_scored_token_is_refused_before_deriving_merges():
     build_tokenizer(meta, "tiny.gguf")
 
 
+def test_gguf_added_tokens_read_once(monkeypatch):
+    """Each get_added_tokens_decoder() builds the whole map: read once per added token, 20k control tokens
+    took 4 minutes to rebuild. Counted, not timed."""
+    import tokenizers
+    from test_gguf_import import _gpt2_vocab
+
+    from lserve_lite.weights.gguf_tokenizer import build_tokenizer
+
+    calls, real = [], tokenizers.Tokenizer
+
+    class Counting:
+        """tokenizers.Tokenizer with its get_added_tokens_decoder calls counted (the Rust class takes no
+        subclass attributes)."""
+
+        def __init__(self, model):
+            object.__setattr__(self, "_tok", real(model))
+
+        def get_added_tokens_decoder(self):
+            calls.append(1)
+            return self._tok.get_added_tokens_decoder()
+
+        def __getattr__(self, name):
+            return getattr(self._tok, name)
+
+        def __setattr__(self, name, value):
+            setattr(self._tok, name, value)
+
+    tokens, types, merges = _gpt2_vocab()
+    n = 50
+    meta = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": [*tokens, *(f"c{i}" for i in range(n))],
+        "tokenizer.ggml.token_type": [*types, *[3] * n],
+        "tokenizer.ggml.merges": merges,
+    }
+    monkeypatch.setattr(tokenizers, "Tokenizer", Counting)
+    tok, _, _ = build_tokenizer(meta, "tiny.gguf")
+    assert len(tok.get_added_tokens_decoder()) >= n and len(calls) <= 2
+
+
 # ----------------------------------------------------------------------------------- engine limits, text
 
 

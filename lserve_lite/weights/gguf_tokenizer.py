@@ -226,7 +226,7 @@ def build_tokenizer(meta: dict[str, Any], path: str | Path = "GGUF"):
     user = [t for t, ty in zip(tokens, types, strict=False) if ty == _USER_DEFINED and t in vocab]
     if user:
         tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
-    have = set(tok.get_added_tokens_decoder()[i].content for i in tok.get_added_tokens_decoder())
+    have = {t.content for t in tok.get_added_tokens_decoder().values()}  # one call: each builds the whole map
     named_new = [t for t in specials.values() if t is not None and t not in have and t in vocab]
     if named_new:
         tok.add_special_tokens(
