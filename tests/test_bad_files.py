@@ -238,6 +238,21 @@ def test_model_files_must_be_regular_files(tmp_path: Path, name: str, kind: str)
         LLM(str(d), backend="cpu")
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_gguf_path_must_be_a_regular_file(tmp_path: Path, kind: str):
+    """A FIFO or device named model.gguf exists: 'not found' would send the user looking for a missing file."""
+    from lserve_lite.weights.gguf_import import convert_gguf
+
+    path = tmp_path / "model.gguf"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    for load in (lambda: LLM(str(path), backend="cpu"), lambda: convert_gguf(path, tmp_path / "out")):
+        with pytest.raises(ModelLoadError, match="model.gguf: not a regular file"):
+            load()
+
+
 def test_oversized_tokenizer_file_is_refused_before_reading(tmp_path: Path, monkeypatch):
     d = write_min_model_dir(tmp_path / "m")
     monkeypatch.setattr("lserve_lite.config.MAX_JSON_BYTES", 100)
@@ -292,6 +307,10 @@ def test_safetensors_sizes_checked_against_the_file(tmp_path: Path):
         ("llama.rope.freq_base", -5.0, "'rope_theta' must be a finite number"),
         ("llama.attention.layer_norm_rms_epsilon", float("nan"), "'rms_norm_eps' must be a finite number"),
         ("llama.feed_forward_length", [1, 2], "per-layer"),
+        # the config reads the special token ids: their types are checked before it does
+        ("tokenizer.ggml.padding_token_id", "x", "'tokenizer.ggml.padding_token_id' must be"),
+        ("tokenizer.ggml.bos_token_id", [1], "'tokenizer.ggml.bos_token_id' must be"),
+        ("tokenizer.ggml.eot_token_id", -1, "'tokenizer.ggml.eot_token_id' must be"),
     ],
 )
 def test_gguf_absurd_metadata(tiny_gguf, key: str, value: object, msg: str):
@@ -302,6 +321,42 @@ def test_gguf_absurd_metadata(tiny_gguf, key: str, value: object, msg: str):
 
 
 @pytest.mark.parametrize(
+    "value,msg",
+    [("abc", "must be a int"), (1.5, "must be a int"), (2, "does not match llama3 rope scaling")],
+)
+def test_gguf_rope_scaling_context(tiny_gguf, value: object, msg: str):
+    """llama3 rope scaling is fitted to the original context length: a value of another type, or one that
+    fits no llama3 curve (low_freq_factor <= 0), is one line."""
+    meta, tensors, path = tiny_gguf
+    tensors = {**tensors, "rope_freqs.weight": _rope_freqs([1, 1, 1, 2, 3, 4, 4, 4])}
+    key = "llama.rope.scaling.original_context_length"
+    with pytest.raises(ModelLoadError) as e:
+        model_config({**meta, key: value}, tensors, path)
+    assert msg in one_line_error(e.value, path.name)
+
+
+@pytest.mark.parametrize("kind", ["linear", "yarn"])
+def test_gguf_rope_scaling_beside_rope_freqs_is_refused(tiny_gguf, kind: str):
+    """Before: a linear / yarn scaling was dropped silently when the file also held rope_freqs.weight."""
+    meta, tensors, path = tiny_gguf
+    tensors = {**tensors, "rope_freqs.weight": _rope_freqs([1.0] * 8)}
+    meta = {**meta, "llama.rope.scaling.type": kind, "llama.rope.scaling.factor": 4.0}
+    with pytest.raises(ModelLoadError) as e:
+        model_config(meta, tensors, path)
+    assert f"rope scaling type '{kind}' is not supported" in one_line_error(e.value, path.name)
+
+
+def _rope_freqs(values: list[float]):
+    """A rope_freqs.weight tensor (F32) for the tiny GGUF (head_dim 16: 8 rope factors)."""
+    from gguf import GGMLQuantizationType
+
+    from lserve_lite.weights.gguf_reader import GGUFTensor
+
+    data = np.array(values, np.float32).view(np.uint8)
+    return GGUFTensor("rope_freqs.weight", GGMLQuantizationType.F32, "F32", (len(values),), data)
+
+
+@pytest.mark.parametrize(
     "key,value",
     [("tokenizer.ggml.tokens", [1, 2]), ("tokenizer.ggml.eos_token_id", "2"), ("tokenizer.ggml.merges", [3])],
 )
@@ -309,6 +364,65 @@ def test_gguf_tokenizer_metadata_types(tiny_gguf, key: str, value: object):
     meta, _, path = tiny_gguf
     with pytest.raises(ModelLoadError, match=f"metadata key '{key}' must be"):
         check_tokenizer_metadata({**meta, key: value}, path)
+
+
+def test_gguf_long_scored_token_is_refused_before_deriving_merges():
+    """Deriving merges from scores tries every split of every token: a crafted 1 MB token took minutes."""
+    from test_gguf_import import _spm_vocab
+
+    from lserve_lite.weights.gguf_tokenizer import MAX_SCORED_PIECE, build_tokenizer
+
+    tokens, types, scores = _spm_vocab()
+    meta = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": [*tokens, "a" * (MAX_SCORED_PIECE + 1)],
+        "tokenizer.ggml.token_type": [*types, 1],
+        "tokenizer.ggml.scores": [*scores, -100.0],
+    }
+    with pytest.raises(ModelLoadError, match=f"token {len(tokens)} has {MAX_SCORED_PIECE + 1} characters"):
+        build_tokenizer(meta, "tiny.gguf")
+    meta["tokenizer.ggml.tokens"][-1] = "a" * MAX_SCORED_PIECE  # at the limit: still built
+    build_tokenizer(meta, "tiny.gguf")
+
+
+def test_gguf_added_tokens_read_once(monkeypatch):
+    """Each get_added_tokens_decoder() builds the whole map: read once per added token, 20k control tokens
+    took 4 minutes to rebuild. Counted, not timed."""
+    import tokenizers
+    from test_gguf_import import _gpt2_vocab
+
+    from lserve_lite.weights.gguf_tokenizer import build_tokenizer
+
+    calls, real = [], tokenizers.Tokenizer
+
+    class Counting:
+        """tokenizers.Tokenizer with its get_added_tokens_decoder calls counted (the Rust class takes no
+        subclass attributes)."""
+
+        def __init__(self, model):
+            object.__setattr__(self, "_tok", real(model))
+
+        def get_added_tokens_decoder(self):
+            calls.append(1)
+            return self._tok.get_added_tokens_decoder()
+
+        def __getattr__(self, name):
+            return getattr(self._tok, name)
+
+        def __setattr__(self, name, value):
+            setattr(self._tok, name, value)
+
+    tokens, types, merges = _gpt2_vocab()
+    n = 50
+    meta = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": [*tokens, *(f"c{i}" for i in range(n))],
+        "tokenizer.ggml.token_type": [*types, *[3] * n],
+        "tokenizer.ggml.merges": merges,
+    }
+    monkeypatch.setattr(tokenizers, "Tokenizer", Counting)
+    tok, _, _ = build_tokenizer(meta, "tiny.gguf")
+    assert len(tok.get_added_tokens_decoder()) >= n and len(calls) <= 2
 
 
 # ----------------------------------------------------------------------------------- engine limits, text

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -100,6 +101,18 @@ def test_missing_model_dir(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"0" * 64)
     with pytest.raises(ModelLoadError, match="weights.bin: not a .gguf file"):
         LLM(str(tmp_path / "weights.bin"), backend="cpu")
+
+
+@pytest.mark.parametrize("name", ["model.GGUF", "model-q4_0.bin", "model"])
+def test_gguf_file_known_by_its_magic_or_any_case_suffix(tiny_gguf, tmp_path: Path, name: str):
+    """A downloaded GGUF is not always named *.gguf: its magic bytes make it one, as for llama.cpp."""
+    from lserve_lite.weights.loader import load_config, model_name, resolve_model_dir
+
+    _, _, src = tiny_gguf
+    path = tmp_path / name
+    shutil.copyfile(src, path)
+    assert resolve_model_dir(str(path)) == path
+    assert load_config(path).vocab_size > 0 and model_name(path) == path.stem
 
 
 @pytest.mark.parametrize(

@@ -65,7 +65,6 @@ def convert_gguf(
     if out.exists() and not overwrite and any(out.iterdir()):
         raise ModelLoadError(f"{out}: output directory already exists and is not empty")
     meta, tensors = read_gguf(src)
-    check_tokenizer_metadata(meta, src)
     config = model_config(meta, tensors, src)
     tokenizer, tok_config, gen_config = tokenizer_files(meta, config, src)
 
@@ -115,7 +114,9 @@ def _alive(pid: int) -> bool:
 
 
 def model_config(meta: dict[str, Any], tensors: dict, path: Path) -> dict[str, Any]:
-    """config.json for a llama or qwen2 GGUF, after checking tensor names, types and shapes against it."""
+    """config.json for a llama or qwen2 GGUF, after checking tensor names, types and shapes against it. The
+    tokenizer metadata is checked first: the config takes its special token ids from there."""
+    check_tokenizer_metadata(meta, path)
     arch = meta.get("general.architecture")
     if not isinstance(arch, str) or arch not in ARCHS:
         raise ModelLoadError(
@@ -183,7 +184,8 @@ def model_config(meta: dict[str, Any], tensors: dict, path: Path) -> dict[str, A
         "torch_dtype": "float32",
     }
     ModelConfig.from_dict(cfg, f"{path} (as config.json)")  # bounds of any config.json, before sizing
-    scaling = _rope_scaling(meta, tensors, theta, head_dim, path, arch)
+    old_ctx = get("rope.scaling.original_context_length", 0) or 8192  # typed here: the scaling reads it
+    scaling = _rope_scaling(meta, tensors, theta, head_dim, old_ctx, path, arch)
     if scaling is not None:
         cfg["rope_scaling"] = scaling
     for name, key in (("bos_token_id", "bos_token_id"), ("pad_token_id", "padding_token_id")):
@@ -265,16 +267,14 @@ def _check_tensors(tensors: dict, cfg: dict[str, Any], path: Path) -> None:
 
 
 def _rope_scaling(
-    meta: dict[str, Any], tensors: dict, theta: float, head_dim: int, path: Path, arch: str
+    meta: dict[str, Any], tensors: dict, theta: float, head_dim: int, old_ctx: int, path: Path, arch: str
 ) -> dict | None:
-    """HF rope_scaling: llama3 parameters recovered from `rope_freqs.weight`; None without scaling."""
+    """HF rope_scaling: llama3 parameters recovered from `rope_freqs.weight` (`old_ctx`: the context the
+    model was trained at before scaling); None without scaling."""
     kind = meta.get(f"{arch}.rope.scaling.type")
     factor_meta = meta.get(f"{arch}.rope.scaling.factor")
-    if (
-        kind not in (None, "none")
-        and factor_meta not in (None, 0.0, 1.0)
-        and "rope_freqs.weight" not in tensors
-    ):
+    # llama.cpp applies such a scaling on top of any rope_freqs: ignoring it would shift every position
+    if kind not in (None, "none") and factor_meta not in (None, 0.0, 1.0):
         raise ModelLoadError(f"{path}: rope scaling type {kind!r} is not supported (only llama3 rope_freqs)")
     t = tensors.get("rope_freqs.weight")
     if t is None:
@@ -289,7 +289,6 @@ def _rope_scaling(
     if np.allclose(rf, 1.0):
         return None
     factor = float(rf.max())
-    old_ctx = int(meta.get(f"{arch}.rope.scaling.original_context_length") or 8192)
     freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     smooth = (rf > 1 + 1e-6) & (rf < factor - 1e-6)
     low, high = 1.0, 4.0
@@ -300,6 +299,8 @@ def _rope_scaling(
         low = -icpt * span
         high = low + span
         low, high = round(low * 1000) / 1000, round(high * 1000) / 1000
+        if not 0 < low < high:  # a fit to no llama3 curve; llama3_rope_factors divides by both
+            raise ModelLoadError(f"{path}: rope_freqs.weight does not match llama3 rope scaling")
     scaling = {
         "rope_type": "llama3",
         "factor": round(factor * 1e4) / 1e4,

@@ -116,7 +116,8 @@ def read_gguf(gguf_path: str | Path) -> tuple[dict[str, Any], dict[str, GGUFTens
     if path.is_dir():
         raise ModelLoadError(f"{path}: is a directory; a GGUF file (.gguf) is expected here")
     if not path.is_file():
-        raise ModelLoadError(f"{path}: GGUF file not found")
+        what = "not a regular file (a FIFO or device)" if path.exists() else "GGUF file not found"
+        raise ModelLoadError(f"{path}: {what}")
     try:
         buf = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
         cur = _Cursor(buf)

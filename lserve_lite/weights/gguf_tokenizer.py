@@ -65,6 +65,11 @@ PRE_TOKENIZER_SPLITS = {
 }
 
 
+# Merges are derived by trying every split of every piece, a time quadratic in a piece's length (a crafted 1 MB
+# token took minutes); sentencepiece's own pieces are at most 16 characters by default.
+MAX_SCORED_PIECE = 256
+
+
 def _generate_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
     """BPE merges implied by a scored vocabulary (transformers' generate_merges with vocab_scores)."""
     merges = []
@@ -86,6 +91,12 @@ def _merges(meta: dict[str, Any], vocab: dict[str, int], tokens: list[str]) -> l
     scores = meta.get("tokenizer.ggml.scores")
     if scores is None or len(scores) != len(tokens):
         raise ValueError("the GGUF has neither merges nor token scores")
+    longest = max(tokens, key=len)
+    if len(longest) > MAX_SCORED_PIECE:
+        raise ValueError(
+            f"token {tokens.index(longest)} has {len(longest)} characters; merges are derived from token scores "
+            f"only for tokens of at most {MAX_SCORED_PIECE}"
+        )
     return _generate_merges(vocab, dict(zip(tokens, scores, strict=True)))
 
 
@@ -215,7 +226,7 @@ def build_tokenizer(meta: dict[str, Any], path: str | Path = "GGUF"):
     user = [t for t, ty in zip(tokens, types, strict=False) if ty == _USER_DEFINED and t in vocab]
     if user:
         tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
-    have = set(tok.get_added_tokens_decoder()[i].content for i in tok.get_added_tokens_decoder())
+    have = {t.content for t in tok.get_added_tokens_decoder().values()}  # one call: each builds the whole map
     named_new = [t for t in specials.values() if t is not None and t not in have and t in vocab]
     if named_new:
         tok.add_special_tokens(

@@ -14,7 +14,7 @@ from ..config import ModelConfig
 from ..tokenizer import Tokenizer
 from .gguf_import import dequantized, hf_name, model_config, permuted_heads
 from .gguf_reader import read_gguf
-from .gguf_tokenizer import check_tokenizer_metadata, tokenizer_files
+from .gguf_tokenizer import tokenizer_files
 from .qtensor import LAYOUTS, QuantTensor
 from .quantize import from_gguf, quantizable, unpermute_heads
 
@@ -34,7 +34,6 @@ def gguf_tokenizer(path: Path) -> Tokenizer:
 
 
 def _tokenizer(meta: dict[str, Any], cfg: dict[str, Any], path: Path) -> Tokenizer:
-    check_tokenizer_metadata(meta, path)
     tok, tok_config, _ = tokenizer_files(meta, cfg, path)
     return Tokenizer.from_parts(tok, tok_config, path)
 

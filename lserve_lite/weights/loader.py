@@ -92,7 +92,17 @@ def _own_head(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> ModelConfig:
 
 
 def _is_gguf(path: Path) -> bool:
-    return path.suffix == ".gguf" and path.is_file()
+    """A regular file named *.gguf (any case), or one that starts with the GGUF magic: downloads are not always
+    named so, and llama.cpp goes by the magic."""
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == ".gguf":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def _mapping(w: np.ndarray | QuantTensor) -> mmap.mmap | None:
@@ -116,10 +126,12 @@ def resolve_model_dir(model: str | Path | None) -> Path:
 
         return default_gguf_path()
     p = Path(model).expanduser()
-    if p.is_file() and p.suffix == ".gguf":
+    if _is_gguf(p):
         return p
     if p.is_file():
         raise ModelLoadError(f"{p}: not a .gguf file (give a GGUF file or a Hugging Face model directory)")
+    if p.exists() and not p.is_dir():
+        raise ModelLoadError(f"{p}: not a regular file or directory (a FIFO or device)")
     if not p.is_dir():
         hub = (  # code ported from vLLM names a Hub model ("org/name"), which vLLM downloads
             " (nothing is downloaded: fetch a Hub model with `huggingface-cli download NAME --local-dir DIR` and "
