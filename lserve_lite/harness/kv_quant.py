@@ -189,14 +189,8 @@ def kv_write_fused_one(c: Ctx, kv: str) -> list[Result]:
             w = c.f16(m, k, scale=k**-0.5) if wfmt is None else random_quant(wfmt, m, k, c.rng)
             dw = c.dev16(w) if wfmt is None else fused.upload(w)
             x, res, lnw = c.f16(1, k), c.f16(1, k), (c.f16(k, scale=0.3) + 1.0).astype(np.float16)
-            args = (
-                c.dev16(x),
-                cp.asarray(res),
-                c.dev16(lnw),
-                1e-5,
-                dw,
-                None,
-            )  # the fused call's: res updated
+            # each call its own residual: both update it in place
+            args = (c.dev16(x), cp.asarray(res), c.dev16(lnw), 1e-5, dw, None)
             qkv = c.ops.rmsnorm_linear(c.dev16(x), cp.asarray(res), *args[2:])[0].get().astype(np.float32)
             case = dense_case(c, kv, hq, hkv, d, page, 1, qkv=qkv)
             dev = [_garbage(c, (*p.shape, fmt.packed_dim(d)), p.fmt.value_dtype) for p in case.pools]
