@@ -39,6 +39,16 @@ def test_unsupported_rope_scaling(tiny_llama, tmp_path):
         LLM(str(p), backend="cpu")
 
 
+def test_directory_holding_only_a_gguf_names_it(tmp_path):
+    """A directory with a GGUF but no config.json (a llama.cpp download folder) was refused as not a Hugging Face
+    model directory, naming no way on: the refusal names the GGUF file to give instead."""
+    from lserve_lite.weights.loader import resolve_model_dir
+
+    (tmp_path / "SmolLM2-Q4_1.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ModelLoadError, match=r"no config.json .*it holds SmolLM2-Q4_1.gguf: give that file"):
+        resolve_model_dir(tmp_path)
+
+
 @pytest.mark.parametrize(
     "damage,msg",
     [

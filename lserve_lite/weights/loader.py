@@ -143,7 +143,9 @@ def resolve_model_dir(model: str | Path | None) -> Path:
             f"{p}: {'GGUF file' if p.suffix == '.gguf' else 'model directory'} not found{hub}"
         )
     if not (p / "config.json").exists():
-        raise ModelLoadError(f"{p}: no config.json (not a Hugging Face model directory)")
+        ggufs = sorted(f.name for f in p.glob("*") if f.suffix.lower() == ".gguf" and f.is_file())[:3]
+        hint = f"; it holds {', '.join(ggufs)}: give that file as the model" if ggufs else ""
+        raise ModelLoadError(f"{p}: no config.json (not a Hugging Face model directory){hint}")
     return p
 
 
