@@ -430,3 +430,25 @@ def test_every_tool_script_runs_its_main_under_exit_status():
         if block and "exit_status(main)" not in block and path.name != "eval_ruler.py":
             bare.append(path.name)
     assert bare == []
+
+
+def test_eval_ppl_text_shorter_than_the_length_is_one_error_line(tiny_model, tmp_path, monkeypatch, capsys):
+    """A corpus shorter than --lengths ended eval_ppl through SystemExit: a bare line without `error:` (the form every
+    other refusal of the tools has)."""
+    import eval_ppl
+
+    monkeypatch.setattr(eval_ppl, "corpus_text", lambda: "a short text")
+    argv = [
+        "--model",
+        str(tiny_model),
+        "--configs",
+        "dense",
+        "--lengths",
+        "256",
+        "--out",
+        str(tmp_path / "ppl"),
+    ]
+    assert run_tool("eval_ppl", argv, monkeypatch) == 1
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --lengths 256: the text has only")
+    )

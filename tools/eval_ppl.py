@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from lserve_lite.engine_args import bounded_int
-from lserve_lite.errors import exit_status
+from lserve_lite.errors import InvalidRequestError, exit_status
 from lserve_lite.evaluation.eval_args import add_sweep_args
 from lserve_lite.evaluation.plotting import load_result, pyplot, save_result
 from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs, refuse_past_context
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     text = corpus_text()
     ids = r.tokenizer.encode(text)
     if len(ids) < max(lengths):
-        raise SystemExit(f"the text has only {len(ids)} tokens")
+        raise InvalidRequestError(f"--lengths {max(lengths)}: the text has only {len(ids)} tokens")
     results: dict[str, dict] = {str(n): {} for n in lengths}
     for h, names in r.groups():
         for n in lengths:
