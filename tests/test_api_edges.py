@@ -1085,3 +1085,18 @@ def test_stream_collected_inside_the_engines_lock_does_not_hang(tiny_llama, monk
     assert not t.is_alive(), "generate hung: a stream's clean-up waited on the lock its own thread held"
     assert len(got[0].token_ids) == 4
     assert not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0
+
+
+def test_scoring_refused_for_pages_names_the_pool_short(tiny_llama):
+    """A score (LLM.logits) beside a request holding pages is refused when the pool lacks them; the line says
+    which pool and by how much (it named no pool: a full dense pool and LServe's streaming pool read the same)."""
+    llm = LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=4))
+    page = llm.engine.ecfg.page_size
+    s = llm.stream(list(range(3, 3 + 2 * page)), SamplingParams(max_new_tokens=8, ignore_eos=True))
+    next(s)
+    with pytest.raises(
+        InvalidRequestError, match=r"score this sequence now \(dense pool: 3 pages needed, [012] free\)"
+    ):
+        llm.logits(list(range(3, 3 + 3 * page)))
+    s.close()
+    llm.close()

@@ -588,7 +588,8 @@ class LLMEngine:
         self.sync()
         # prefill only: it selects no pages, so it needs no selection slot (running requests may hold them all)
         if not self.blocks.can_grow(seq, len(token_ids), slot=False):
-            raise InvalidRequestError("not enough free KV pages to score this sequence now")
+            short = self.blocks.shortfall(seq, len(token_ids))
+            raise InvalidRequestError(f"not enough free KV pages to score this sequence now ({short})")
         self.blocks.grow(seq, len(token_ids), slot=False)
         try:
             self.run_page_ops()

@@ -93,7 +93,9 @@ class SparseHarness:
                 f"pages): end one first"
             )
         if not blocks.can_grow(seq, total):
-            raise InvalidRequestError("not enough free KV pages for this sequence")
+            raise InvalidRequestError(
+                f"not enough free KV pages for this sequence ({blocks.shortfall(seq, total)})"
+            )
         blocks.grow(seq, total)
         self.engine.run_page_ops()  # the new pages cleared before anything writes them
         return seq
