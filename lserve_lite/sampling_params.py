@@ -69,7 +69,7 @@ def refuse_set(name: str, value: object, off: object, instead: str) -> None:
 
 def check_n(n: object) -> None:
     """The number of candidates a request may ask for (the server checks it before `prompts x n`)."""
-    if not _int(n) or not 1 <= n <= MAX_N:
+    if not is_int(n) or not 1 <= n <= MAX_N:
         raise InvalidRequestError(f"n must be an integer in [1, {MAX_N}], got {n!r}")
 
 
@@ -110,7 +110,7 @@ class _Params:
         for name, empty in (("stop", list), ("stop_token_ids", list), ("logit_bias", dict)):
             if getattr(self, name) is None:  # vLLM's default for each: none
                 setattr(self, name, empty())
-        if _int(self.top_k) and self.top_k == -1:  # vLLM's (and the server's) other spelling of "off"
+        if is_int(self.top_k) and self.top_k == -1:  # vLLM's (and the server's) other spelling of "off"
             self.top_k = 0
         self.validate()
 
@@ -118,18 +118,18 @@ class _Params:
         def bad(msg: str):
             raise InvalidRequestError(msg)
 
-        if not _int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             bad(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if not _finite(self.temperature) or self.temperature < 0:
             bad(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not _int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             bad(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
         lo, hi = REPETITION_PENALTY_RANGE
         if not _finite(self.repetition_penalty) or not lo <= self.repetition_penalty <= hi:
             bad(f"repetition_penalty must be in [{lo}, {hi}], got {self.repetition_penalty!r}")
-        if self.seed is not None and (not _int(self.seed) or self.seed < 0):
+        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
             bad(f"seed must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.ignore_eos, bool):
             bad(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
@@ -148,7 +148,7 @@ class _Params:
         check_n(self.n)
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
-            if v is not None and (not _int(v) or not 0 <= v <= MAX_LOGPROBS):
+            if v is not None and (not is_int(v) or not 0 <= v <= MAX_LOGPROBS):
                 raise InvalidRequestError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {v!r}")
         lo, hi = PENALTY_RANGE
         for name in ("presence_penalty", "frequency_penalty"):
@@ -160,7 +160,7 @@ class _Params:
             raise InvalidRequestError(f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to numbers")
         lo, hi = BIAS_RANGE
         for t, v in bias.items():
-            if not _int(t) or t < 0 or not _finite(v) or not lo <= v <= hi:
+            if not is_int(t) or t < 0 or not _finite(v) or not lo <= v <= hi:
                 raise InvalidRequestError(
                     f"logit_bias must map token ids >= 0 to numbers in [{lo}, {hi}], got {t!r}: {v!r}"
                 )
@@ -200,7 +200,7 @@ class _Params:
                 f"a stop string has {longest} characters; at most {MAX_STOP_CHARS} allowed"
             )
         ids = self.stop_token_ids
-        if not isinstance(ids, (list, tuple)) or not all(_int(t) and t >= 0 for t in ids):
+        if not isinstance(ids, (list, tuple)) or not all(is_int(t) and t >= 0 for t in ids):
             raise InvalidRequestError("stop_token_ids must be a list of non-negative integers")
         if len(ids) > MAX_STOP_TOKEN_IDS:
             raise InvalidRequestError(
@@ -255,7 +255,7 @@ class SamplingParams(_Params):
         self.max_new_tokens = NO_LIMIT if tokens is None else tokens
 
 
-def _int(x) -> bool:
+def is_int(x: object) -> bool:
     """An integer, NumPy's too (a count or seed computed with NumPy); a boolean is not one."""
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import numbers
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from ..llm import LLM
 from ..sparse.patterns import head_classes, save_pattern
 from ..weights.loader import load_config, resolve_model_dir
 from .calibrate_args import BOUNDS
-from .harness import SparseHarness
+from .harness import SparseHarness, int_in
 from .synthetic import corpus_text, passkey_sample
 
 ANSWER_ROOM = 16  # context tokens kept after a sample for its teacher-forced answer (" 71432." and more)
@@ -210,7 +209,7 @@ def check_settings(**settings: object) -> None:
     for name, value in settings.items():
         lo, hi = BOUNDS[name]
         for v in value if name == "lengths" else [value]:
-            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or not lo <= v <= hi:
+            if not int_in(v, lo, hi):
                 what = "each of lengths" if name == "lengths" else name
                 raise InvalidRequestError(f"{what} must be an integer in [{lo}, {hi}], got {v!r:.40}")
 

@@ -9,7 +9,6 @@ rule) are the ones `lserve-lite serve` runs. One public hook changes heads on a 
 
 from __future__ import annotations
 
-import numbers
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,7 +17,7 @@ from ..config import SparseConfig
 from ..errors import InvalidRequestError, LServeError
 from ..geometry import ring_covers
 from ..llm import LLM
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, is_int
 from ..sequence import Sequence
 
 if TYPE_CHECKING:
@@ -74,9 +73,9 @@ class SparseHarness:
         pages for len(ids) + reserve tokens; nothing computed yet."""
         ids = self.engine.check_ids(ids, "sequence")
         p = len(ids) if prompt_len is None else prompt_len
-        if not _int_in(p, 1, len(ids)):
+        if not int_in(p, 1, len(ids)):
             raise InvalidRequestError(f"prompt_len must be an integer in [1, {len(ids)}], got {p!r:.40}")
-        if not _int_in(reserve, 0, self.engine.max_len):
+        if not int_in(reserve, 0, self.engine.max_len):
             raise InvalidRequestError(
                 f"reserve must be an integer in [0, {self.engine.max_len}], got {reserve!r:.40}"
             )
@@ -121,7 +120,7 @@ class SparseHarness:
         """Forget computed K/V beyond `num_cached` tokens (overwritten when recomputed); restart the
         page-selection schedule. `keep_outputs=False` also drops output ids beyond that point. A rewind forward
         (past the tokens computed) or one that would read overwritten K/V (`can_rewind`) is refused."""
-        if not _int_in(num_cached, 0, seq.num_cached):  # ahead, it would read K/V never written
+        if not int_in(num_cached, 0, seq.num_cached):  # ahead, it would read K/V never written
             raise InvalidRequestError(f"rewind to 0 to {seq.num_cached} tokens here, got {num_cached!r:.40}")
         if not self.can_rewind(seq, num_cached):
             raise InvalidRequestError(
@@ -137,7 +136,7 @@ class SparseHarness:
     def forward(self, seq: Sequence, n: int, logits: str = "all") -> np.ndarray:
         """Compute the next `n` tokens (in chunks); logits of every row ("all") or the last one."""
         # before any chunk runs: past the end, a reshape failed mid-way
-        if not _int_in(n, 0, seq.num_pending):
+        if not int_in(n, 0, seq.num_pending):
             raise InvalidRequestError(
                 f"forward() computes 0 to {seq.num_pending} more tokens here, got {n!r:.40}"
             )
@@ -154,7 +153,7 @@ class SparseHarness:
 
     def decode(self, seq: Sequence, n: int) -> np.ndarray:
         """Teacher-force the next `n` tokens (outputs) by one decode step each; logits [n, vocab]."""
-        if seq.num_cached < len(seq.prompt_ids) or not _int_in(n, 0, seq.num_pending):
+        if seq.num_cached < len(seq.prompt_ids) or not int_in(n, 0, seq.num_pending):
             raise InvalidRequestError("decode() needs the prompt cached and n teacher-forced outputs left")
         rows = [self.forward(seq, 1) for _ in range(n)] or [self.forward(seq, 0)]  # n = 0: [0, vocab]
         return np.concatenate(rows)
@@ -162,7 +161,7 @@ class SparseHarness:
     def greedy(self, seq: Sequence, max_new: int, first_logits: np.ndarray, stop_ids=()) -> list[int]:
         """Greedy generation by decode steps after the cached prompt, from the prompt's last logits."""
         room = len(seq.page_table) * self.engine.ecfg.page_size - len(seq.prompt_ids) + 1
-        if not _int_in(max_new, 1, room):  # checked before any step: past its pages a step failed mid-way
+        if not int_in(max_new, 1, room):  # checked before any step: past its pages a step failed mid-way
             raise InvalidRequestError(
                 f"greedy() makes at most {room} tokens here (begin's reserve), got {max_new!r:.40}"
             )
@@ -176,7 +175,7 @@ class SparseHarness:
         return out
 
 
-def _int_in(v: object, lo: int, hi: int) -> bool:
+def int_in(v: object, lo: int, hi: int) -> bool:
     """An integer (NumPy's too, not a bool) in [lo, hi]: a fraction or a bool passed range checks, then failed
     mid-run (a TypeError in a slice) or ran something else."""
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and lo <= v <= hi
+    return is_int(v) and lo <= v <= hi
