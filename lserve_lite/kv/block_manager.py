@@ -117,9 +117,10 @@ class BlockManager:
     def shortfall(self, seq: Sequence, num_tokens: int) -> str:
         """What the pools lack for `seq` to hold `num_tokens` (for a refusal): "" when both have the pages."""
         dense, stream = self._needed(seq, num_tokens)
-        short = [f"{name} pool: {need} pages needed, {free} free" for name, need, free in
-                 (("dense", dense, self.num_free), ("streaming", stream, self.num_stream_free)) if need > free]  # fmt: skip
-        return "; ".join(short)
+        pools = (("dense", dense, self.num_free), ("streaming", stream, self.num_stream_free))
+        return "; ".join(
+            f"{name} pool: {need} pages needed, {free} free" for name, need, free in pools if need > free
+        )
 
     def grow(self, seq: Sequence, num_tokens: int, slot: bool = True) -> None:
         """Pages for `num_tokens` tokens, and a selection slot unless `slot` is False (a prefill-only sequence)."""
