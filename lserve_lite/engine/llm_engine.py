@@ -515,9 +515,7 @@ class LLMEngine:
             if complete or at_length:  # its last text: the stop strings below see all of it
                 seq.text += dec.flush()
         reason = "stop" if stop_tok or complete else None
-        if stop_tok and not (
-            tok in self.eos_ids and not p.ignore_eos
-        ):  # vLLM's stop_reason: a stop id, not EOS
+        if stop_tok and (tok not in self.eos_ids or p.ignore_eos):  # vLLM's stop_reason: a stop id, not EOS
             seq.stop_reason = tok
         if reason == "stop" and failure(seq):  # the grammar gave up: the reply is cut, not whole
             reason = "error"
