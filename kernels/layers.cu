@@ -143,6 +143,16 @@ struct RowItems {
 // (quantized only; CudaOps passes KVCache.rotates_keys): q and k in the Hadamard basis (kv/quant.py).
 // Grid (N, Y): the row's items (eight channel pairs of a head, rope_pairs8) spread over Y blocks, about one per
 // thread (one block per row walked a decode row's channels in a dependent-load chain of ~5 us; cuda.py picks Y).
+// The L2 lines of position pos's cos / sin rows (half_d halves each), one a thread of the block's first warps.
+__device__ __forceinline__ void prefetch_rope_row(const __half* cos_t, const __half* sin_t, long long pos,
+                                                  int half_d) {
+  const int lines = (half_d * 2 + 127) / 128;  // 128-byte lines of a row
+  if (threadIdx.x < lines) {
+    lserve::prefetch_l2(cos_t + pos * half_d + threadIdx.x * 64);
+    lserve::prefetch_l2(sin_t + pos * half_d + threadIdx.x * 64);
+  }
+}
+
 template <class KV>
 __global__ void rope_write_kv(const __half* __restrict__ qkv, const long long* __restrict__ positions,
                               const long long* __restrict__ slots, const __half* __restrict__ cos_t,
@@ -150,10 +160,12 @@ __global__ void rope_write_kv(const __half* __restrict__ qkv, const long long* _
                               void* __restrict__ k_cache, void* __restrict__ v_cache, __half* __restrict__ k_scale,
                               __half* __restrict__ v_scale, int hq, int hkv, int head_dim, int page_size,
                               int hadamard) {
-  lserve::pdl_enter();
   const long long row = blockIdx.x;
   const int half_d = head_dim / 2, nheads = hq + 2 * hkv;
+  // the step's plan (host-written) and the RoPE tables' row before the wait, while the GEMV before us still runs
   const long long pos = positions[row], slot = slots[row];
+  prefetch_rope_row(cos_t, sin_t, pos, half_d);
+  lserve::pdl_enter();
   const long long page = slot / page_size, offset = slot % page_size;
   const __half* x = qkv + row * nheads * head_dim;
   const __half* cos_row = cos_t + pos * half_d;
@@ -257,10 +269,16 @@ __global__ void rope_write_kv_sparse(const __half* __restrict__ qkv, const long 
                                      const int* __restrict__ head_slot, __half* __restrict__ kmax,
                                      __half* __restrict__ kmin, int hq, int hkv, int nd, int ns, int head_dim,
                                      int page_size, int sub, int n_rows, int hadamard) {
-  lserve::pdl_enter();
   const int row = blockIdx.x;
   const int half_d = head_dim / 2, nheads = hq + 2 * hkv;
+  // the step's plan (host-written: positions, slots, head classes) and the RoPE tables' row before the wait, while
+  // the GEMV before us still runs; the qkv row and the stored statistics (earlier kernels') after it
   const long long pos = positions[row], dslot = slots[row], sslot = slots[n_rows + row];
+  prefetch_rope_row(cos_t, sin_t, pos, half_d);
+  if (threadIdx.x < hkv) {
+    lserve::prefetch_l2(head_class + threadIdx.x);
+    lserve::prefetch_l2(head_slot + threadIdx.x);
+  }
   const __half* x = qkv + (long long)row * nheads * head_dim;
   const __half* cos_row = cos_t + pos * half_d;
   const __half* sin_row = sin_t + pos * half_d;
@@ -272,6 +290,7 @@ __global__ void rope_write_kv_sparse(const __half* __restrict__ qkv, const long 
   const long long lid = dslot / lp;
   const bool stats = kmax != nullptr && dslot >= 0 && nd > 0 &&
                      !(row + 1 < n_rows && slots[row + 1] == dslot + 1 && (dslot + 1) / lp == lid);
+  lserve::pdl_enter();
   const bool rotated = KV::QUANT && hadamard;
   const int hq_rows = rotated ? hq : 0;
   const RowItems it((KV::QUANT ? hq - hq_rows : nheads) * per_head, KV::QUANT ? hq_rows + 2 * hkv : 0,

@@ -3,10 +3,11 @@
 // stream is still running, so its launch and its first weight loads overlap that kernel's tail: each decode
 // step is ~10 dependent kernels per layer, and the gaps between them were a large part of the step's time.
 // The rule every kernel here follows: pdl_enter() before the first access to memory that an earlier kernel
-// writes or reads (activations, the KV cache, selections, outputs). Only constant data (weights) and the plan
-// arrays, which only host copies ordered before the launch write, may be read before it (the decode kernel's idle
-// CTAs decide from the plan to leave without waiting); tests/test_cuda_launch.py checks that every __global__
-// function in kernels/ calls it.
+// writes or reads (activations, the KV cache, selections, outputs). Only constant data (weights, RoPE tables, the
+// cache's head classes) and the plan arrays (positions and slots too), which only host copies ordered before the
+// launch write, may be read before it (the decode kernel's idle CTAs decide from the plan to leave without waiting;
+// rope_write_kv(_sparse) load their row's position and slots and prefetch its cos / sin lines);
+// tests/test_cuda_launch.py checks that every __global__ function in kernels/ calls it.
 #pragma once
 
 namespace lserve {
