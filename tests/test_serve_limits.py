@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from lserve_lite import EngineConfig, InvalidRequestError, SamplingParams  # noqa: E402
 from lserve_lite.engine.llm_engine import LLMEngine  # noqa: E402
 from lserve_lite.engine.scheduler import SchedulerStalled  # noqa: E402
-from lserve_lite.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS  # noqa: E402
+from lserve_lite.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS, logit_bias_ids  # noqa: E402
 from lserve_lite.serve.app import create_app  # noqa: E402
 from lserve_lite.tokenizer import Tokenizer  # noqa: E402
 
@@ -234,6 +234,18 @@ def test_sampling_params_limits():
     assert SamplingParams(stop=("a", "b"), stop_token_ids=[3]).stop == ("a", "b")
     assert SamplingParams(temperature=5e-324).greedy and not SamplingParams(temperature=1e-4).greedy
     assert json.dumps(SamplingParams(stop="x").stop) == '["x"]'
+
+
+def test_logit_bias_keys_naming_one_id_twice_are_refused(client):
+    """Keys "42" and "042" name one token id: a dict would keep one bias silently, so the request is a 400."""
+    for chat in (False, True):
+        body = {"max_tokens": 2} | ({"messages": MSGS} if chat else {"prompt": "hi"})
+        err = error(post(client, body | {"logit_bias": {"42": 100, "042": -100}}, chat))
+        assert err["param"] == "logit_bias" and "'42' and '042' name the same token id 42" in err["message"]
+        assert post(client, body | {"logit_bias": {"042": 1, "43": 1}}, chat).status_code == 200
+    with pytest.raises(InvalidRequestError, match="same token id 7"):
+        logit_bias_ids({"0007": 1.0, "7": 2.0})
+    assert logit_bias_ids({"07": 1.0, "8": -2.0}) == {7: 1.0, 8: -2.0}
 
 
 def test_client_compat_fields(client):

@@ -24,6 +24,7 @@ from ..sampling_params import (
     SamplingParams,
     check_best_of,
     check_n,
+    logit_bias_ids,
     refuse_set,
 )
 
@@ -154,7 +155,7 @@ class _Request(BaseModel):
                 n=self.n,
                 presence_penalty=self.presence_penalty or 0.0,
                 frequency_penalty=self.frequency_penalty or 0.0,
-                logit_bias=_logit_bias(self.logit_bias),
+                logit_bias=logit_bias_ids(self.logit_bias),
                 response_format=self.reply_format(),
                 **self.logprob_params(),
                 max_new_tokens=max_new_tokens,
@@ -179,16 +180,6 @@ class _Request(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
-
-
-def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
-    """OpenAI's {"token id as a string": bias} as {id: bias}."""
-    out = {}
-    for key, value in (bias or {}).items():
-        if not (key.isascii() and key.isdigit()) or len(key) > 10:
-            raise ApiError(400, f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
-        out[int(key)] = value
-    return out
 
 
 def param_of(message: str) -> str:
