@@ -68,15 +68,21 @@ def read_text_file(path: Path, what: str) -> str:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to a temporary file beside `path`, then rename it over `path`: an interrupted or failed write
     (Ctrl-C, a full disk) leaves the earlier file whole, never half of the new one. A symbolic link's target is the
-    file replaced (not the link); a device or FIFO (`--out /dev/null`) is written in place, never replaced."""
+    file replaced (not the link); a device or FIFO (`--out /dev/null`) is written in place, never replaced. A file
+    replaced keeps its permission bits (one the user made 0600 stays private, the temporary file too)."""
     path = Path(os.path.realpath(path))
     if path.exists() and not path.is_file():
         with open(path, "w") as f:
             f.write(text)
         return
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else None
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else 0o600)
+        with open(fd, "w") as f:
+            if mode is not None:
+                os.fchmod(fd, mode)
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,19 @@ def test_save_through_a_link_writes_its_target(tmp_path):
     assert link.is_symlink() and null.is_symlink() and Path("/dev/null").is_char_device()
     assert load_pattern(real, 1, 2).tolist() == [[1.0, 1.0]] and null.read_text() == ""
     assert sorted(f.name for f in tmp_path.iterdir()) == ["link.tsv", "null.tsv", "real.tsv"]
+
+
+def test_save_keeps_the_files_permission_bits(tmp_path):
+    """The atomic write's rename gave a file the user had made 0600 or 0640 the umask's bits (0644: readable by
+    all): a file replaced keeps its mode; a new file gets the umask's as any other."""
+    p = save_pattern(tmp_path / "p.tsv", np.zeros((1, 2)))
+    for mode in (0o600, 0o640):
+        p.chmod(mode)
+        save_pattern(p, np.ones((1, 2)))
+        assert stat.S_IMODE(p.stat().st_mode) == mode and load_pattern(p, 1, 2).tolist() == [[1.0, 1.0]]
+    plain = tmp_path / "plain.tsv"
+    plain.write_text("")
+    assert save_pattern(tmp_path / "new.tsv", np.zeros((1, 2))).stat().st_mode == plain.stat().st_mode
 
 
 def test_head_classes_count_and_global_ranking():
