@@ -316,7 +316,8 @@ def _refuse_unsupported(f: _Fields, arch: str) -> None:
 
 
 def _rope_scaling(f: _Fields, rope: dict) -> dict | None:
-    """rope_scaling (or transformers 5's rope_parameters): None, or llama3 with finite, ordered factors."""
+    """rope_scaling (or transformers 5's rope_parameters): None, or llama3 with a factor >= 1 and finite, ordered
+    frequency factors; every other type (linear, dynamic, yarn, longrope) is refused."""
     rs = f.obj("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     if rs is None:
         return None
@@ -329,6 +330,8 @@ def _rope_scaling(f: _Fields, rope: dict) -> dict | None:
     if "factor" not in rs:
         raise ModelLoadError(f"{f.source}: rope_scaling: missing required field 'factor'")
     factor = g.number("factor", math.nan, lo=0.0, hi=1e6)
+    if factor < 1:  # transformers' rule; a tiny factor overflows the scaled frequencies (NaN tables)
+        raise g.bad("factor", "must be a number in [1, 1e+06) (llama3 stretches the trained context)", factor)
     low = g.number("low_freq_factor", 1.0, lo=0.0, hi=1e6)
     high = g.number("high_freq_factor", 4.0, lo=low, hi=1e6)
     old = g.integer("original_max_position_embeddings", hi=SIZE_BOUNDS["max_position_embeddings"])
