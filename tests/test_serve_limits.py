@@ -248,6 +248,16 @@ def test_logit_bias_keys_naming_one_id_twice_are_refused(client):
     assert logit_bias_ids({"07": 1.0, "8": -2.0}) == {7: 1.0, 8: -2.0}
 
 
+def test_max_completion_tokens_on_completions_is_refused_not_ignored(client):
+    """Chat's max_completion_tokens on /v1/completions was ignored (vLLM's way): the reply ran to max_tokens'
+    default instead of the limit asked for. OpenAI's completions refuse it, and so does this server."""
+    err = error(post(client, {"prompt": "hi", "max_completion_tokens": 3}))
+    assert err["param"] == "max_completion_tokens" and "send max_tokens" in err["message"]
+    assert post(client, {"prompt": "hi", "max_completion_tokens": None, "max_tokens": 1}).status_code == 200
+    r = post(client, {"messages": MSGS, "max_completion_tokens": 3, "ignore_eos": True}, chat=True)
+    assert r.json()["usage"]["completion_tokens"] == 3
+
+
 def test_client_compat_fields(client):
     """vLLM's top_k -1 (off), HEAD /health; tool fields without tools are refused, not ignored."""
     r = post(client, {"prompt": "hi", "max_tokens": 2, "top_k": -1})

@@ -323,6 +323,13 @@ class CompletionRequest(_Request):
     suffix: str | None = None
     logprobs: int | None = None
     best_of: int | None = None
+    max_completion_tokens: Any = None  # chat's field (OpenAI's completions refuse it; vLLM's ignore it)
+    _unsupported: ClassVar[dict[str, tuple[object, str]]] = _Request._unsupported | {
+        "max_completion_tokens": (
+            None,
+            "on /v1/completions send max_tokens; max_completion_tokens is chat's",
+        ),
+    }
 
     def check(self) -> None:
         super().check()
