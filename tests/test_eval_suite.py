@@ -242,15 +242,15 @@ def test_eval_json_rewrite_that_fails_keeps_the_answers_written_before(tmp_path,
     part-way (Ctrl-C, a full disk) truncated it, losing all of them. The previous version stays whole."""
     from types import SimpleNamespace
 
-    from lserve_lite.evaluation.run_eval import _write
+    from lserve_lite.evaluation.run_eval import Answered, _write
 
-    smp = SimpleNamespace(task="qa", prompt_ids=[1, 2], expected=["a"], info={}, score=len, correct=bool)
-    samples, outs, out = [(256, smp)] * 2, [{"dense": "a"}, {}], tmp_path / "r"
-    _write({}, samples, outs, ["dense"], out, 1.0)
+    smp = SimpleNamespace(task="qa", expected=["a"], info={}, score=len, correct=bool)
+    answered, outs, out = [Answered(256, 2, smp)] * 2, [{"dense": "a"}, {}], tmp_path / "r"
+    _write({}, answered, outs, ["dense"], out, 1.0)
     before = (tmp_path / "r.json").read_bytes()
     outs[1] = {"dense": "x" * len(before)}
     with file_size_limit(len(before) + 16), pytest.raises(OSError):
-        _write({}, samples, outs, ["dense"], out, 2.0)
+        _write({}, answered, outs, ["dense"], out, 2.0)
     assert (tmp_path / "r.json").read_bytes() == before and len(json.loads(before)["results"]) == 1
     assert [f.name for f in tmp_path.iterdir()] == ["r.json"]
 
@@ -298,6 +298,43 @@ def test_time_limit_shares_time_between_groups_and_keeps_every_answer(tiny, tmp_
     assert "time limit: dense stopped after 3 of 6 prompts (its share used)" in text
     assert "time limit: b128 stopped after 2 of 6 prompts" in text
     assert logs[-1].startswith("prompts finished: dense 3/6, b128 2/6")
+
+
+def test_eval_builds_each_prompt_when_its_turn_comes(tiny, tok, tmp_path, monkeypatch):
+    """Every prompt of the run was built before the first one ran (a 100k-sample task at long context held all
+    of them at once): a prompt is built when its turn comes, after a check that builds one per (length, task),
+    and each group of settings builds the same prompts again, in the same order as before."""
+    from lserve_lite.evaluation.eval_args import add_eval_args
+    from lserve_lite.evaluation.run_eval import evaluate
+    from lserve_lite.evaluation.settings import Runner
+
+    built, at_call, seen = [0], [], []
+    for task in ("niah_single_numbers", "qa"):
+        make = ruler.TASKS[task]
+
+        def counting(*a, make=make):
+            built[0] += 1
+            return make(*a)
+
+        monkeypatch.setitem(ruler.TASKS, task, counting)
+
+    def greedy_all(self, h, names, ids, max_new, stop_ids=()):
+        at_call.append(built[0])
+        seen.append(ids)
+        return {k: [] for k in names}
+
+    monkeypatch.setattr(Runner, "greedy_all", greedy_all)
+    p = argparse.ArgumentParser()
+    add_eval_args(p)
+    args = p.parse_args(["--model", str(tiny), "--backend", "cpu", "--lengths", "512", "--samples", "3",
+                         "--tasks", "niah_single_numbers,qa", "--configs", "dense;b128:token_budget=128",
+                         "--out", str(tmp_path / "r")])  # fmt: skip
+    res = evaluate(args, log=lambda s: None)
+    assert at_call == list(range(3, 9)) + list(range(9, 15))  # 2 checked, then one per prompt, per group
+    eager = {t: ruler.generate(t, tok, 512, 3) for t in ("niah_single_numbers", "qa")}
+    order = [eager[t][i].prompt_ids for i in range(3) for t in ("niah_single_numbers", "qa")]
+    assert seen == order + order
+    assert [r["tokens"] for r in res["rows"]] == [len(ids) for ids in order]
 
 
 def test_shared_dense_equals_dense_engine(tiny, tok):
