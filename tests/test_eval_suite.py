@@ -483,6 +483,43 @@ def test_a_prefill_chunk_after_decode_steps_restarts_the_selection_schedule(tiny
     np.testing.assert_array_equal(decode_after_a_chunk(False), decode_after_a_chunk(True))
 
 
+@pytest.mark.parametrize("before,after", [(32, 64), (64, 32)])
+def test_a_budget_changed_mid_decode_selects_anew(tiny, before: int, after: int):
+    """set_request_sparse between decode steps left the selection schedule running: the next steps reused the
+    selection stored under the old budget (its page count, e.g. 4 pages where the new budget allows 2, more than a
+    step's visit list is sized for). The next decode step selects with the new budget, as after a rewind."""
+    from lserve_lite import LLM, EngineConfig, SparseConfig
+    from lserve_lite.evaluation.harness import SparseHarness
+
+    sp = SparseConfig(
+        enabled=True, page_size=16, token_budget=64, select_interval=64,
+        pattern_path=str(tiny / "full_attention_heads.tsv"),
+    )  # fmt: skip
+    llm = LLM(str(tiny), backend="cpu", config=EngineConfig(page_size=16, sparse=sp))
+    h = SparseHarness(llm)
+    ids = [int(t) for t in np.random.default_rng(1).integers(3, 300, 120)]
+
+    def switched(restart: bool) -> tuple[np.ndarray, list[int]]:
+        seq = h.begin(ids, prompt_len=100)
+        h.set_request_sparse(seq, sp.with_updates(token_budget=before))
+        h.forward(seq, 100, logits="last")
+        h.decode(seq, 2)  # selects at 101 tokens, reuses at 102
+        h.set_request_sparse(seq, sp.with_updates(token_budget=after))
+        if restart:
+            h.rewind(seq, seq.num_cached)  # restarts the schedule, and nothing else
+        try:
+            logits = h.decode(seq, 1)
+            return logits, [int(c[seq.sel_slot].max()) for c in h.runner.cache.sel_cnt]
+        finally:
+            h.end(seq)
+
+    logits, counts = switched(False)
+    assert counts == [after // 16] * 2  # the new budget's pages, in both layers
+    ref, ref_counts = switched(True)
+    np.testing.assert_array_equal(logits, ref)
+    assert counts == ref_counts
+
+
 def test_selector_diagnostics_pieces(tiny):
     from lserve_lite import LLM, EngineConfig
     from lserve_lite.backends.reference.page_stats import page_stats_reference
