@@ -545,6 +545,30 @@ def test_calibrate_too_short_samples_name_every_term():
         make_samples(None, [512], 1, sink=128, local=256, tail=600, seed=0)
 
 
+def test_calibrate_builds_each_sample_when_its_turn_comes(tiny_dir, monkeypatch):
+    """Every calibration sample was built before the first one ran, all held at once (100k samples at long
+    context): each is built when asked for, the same samples as all at once."""
+    from lserve_lite.evaluation import calibrate
+    from lserve_lite.tokenizer import Tokenizer
+
+    tok, built, make = Tokenizer(tiny_dir), [0], calibrate.passkey_sample
+
+    def counting(*a, **kw):
+        built[0] += 1
+        return make(*a, **kw)
+
+    monkeypatch.setattr(calibrate, "passkey_sample", counting)
+    args = (tok, [600, 900], 3, 64, 128, 24, 5)
+    lazy = calibrate.make_samples(*args)
+    assert built[0] == 0
+    first = next(lazy)
+    assert built[0] == 1
+    rest = list(lazy)
+    again = list(calibrate.make_samples(*args))
+    assert [s.prompt_ids for s in [first, *rest]] == [s.prompt_ids for s in again]
+    assert len(again) == 3 and len(again[0].prompt_ids) < len(again[1].prompt_ids)  # lengths cycle
+
+
 def test_calibrate_validation_line_signs_the_nll_change():
     """A sparse run whose answer NLL is lower than dense's was logged as 'answer NLL +-1.030'."""
     from types import SimpleNamespace
