@@ -130,12 +130,12 @@ def evaluate(args: argparse.Namespace, log=print, clock=time.perf_counter) -> di
     def prompts() -> Iterator[tuple[int, ruler.Sample]]:
         """The suite's prompts, each built when its turn comes (a run holds one at a time, never a task's all),
         sample i of every (length, task) before sample i + 1: a time-limited run stays balanced."""
-        built = {
-            (n, t): ruler.samples(t, tok, n, args.samples, args.seed, args.filler)
+        built = [
+            (n, ruler.samples(t, tok, n, args.samples, args.seed, args.filler))
             for n in lengths
             for t in tasks
-        }
-        return ((n, next(built[n, t])) for _ in range(args.samples) for n in lengths for t in tasks)
+        ]
+        return ((n, next(one)) for _ in range(args.samples) for n, one in built)
 
     for _ in itertools.islice(prompts(), len(lengths) * len(tasks)):
         pass  # a length too short for a task is refused before any prompt runs
