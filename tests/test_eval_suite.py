@@ -337,6 +337,23 @@ def test_eval_builds_each_prompt_when_its_turn_comes(tiny, tok, tmp_path, monkey
     assert [r["tokens"] for r in res["rows"]] == [len(ids) for ids in order]
 
 
+def test_eval_task_listed_twice_from_python_repeats_its_prompts(tiny, tmp_path, monkeypatch):
+    """evaluate() from Python with a task listed twice (the parser refuses it) drew one lazy builder twice per
+    round and ended in 'generator raised StopIteration': each listing runs the task's prompts, as before."""
+    from lserve_lite.evaluation.eval_args import add_eval_args
+    from lserve_lite.evaluation.run_eval import evaluate
+    from lserve_lite.evaluation.settings import Runner
+
+    monkeypatch.setattr(Runner, "greedy_all", lambda self, h, names, *a, **kw: {k: [] for k in names})
+    p = argparse.ArgumentParser()
+    add_eval_args(p)
+    args = p.parse_args(["--model", str(tiny), "--backend", "cpu", "--lengths", "512", "--samples", "2",
+                         "--tasks", "qa", "--configs", "dense", "--out", str(tmp_path / "r")])  # fmt: skip
+    args.tasks = ["qa", "qa"]
+    tokens = [r["tokens"] for r in evaluate(args, log=lambda s: None)["rows"]]
+    assert len(tokens) == 4 and tokens[0] == tokens[1] and tokens[2] == tokens[3]
+
+
 def test_shared_dense_equals_dense_engine(tiny, tok):
     """`--shared-dense` (a full-window request on the LServe LLM) gives the dense engine's logits."""
     from lserve_lite.evaluation.settings import Runner, parse_configs
