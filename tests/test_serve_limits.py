@@ -258,6 +258,26 @@ def test_max_completion_tokens_on_completions_is_refused_not_ignored(client):
     assert r.json()["usage"]["completion_tokens"] == 3
 
 
+@pytest.mark.parametrize(
+    "chat,field,value",
+    [
+        (False, "top_logprobs", 3), (False, "tools", [{"type": "function", "function": {"name": "f"}}]),
+        (False, "tool_choice", "required"), (False, "parallel_tool_calls", False), (False, "functions", [{"name": "f"}]),
+        (False, "function_call", "auto"), (False, "continue_final_message", True), (False, "chat_template", "x"),
+        (False, "chat_template_kwargs", {"a": 1}), (False, "messages", MSGS),
+        (True, "prompt", "hi"), (True, "suffix", "x"), (True, "best_of", 2),
+    ],
+)  # fmt: skip
+def test_the_other_endpoints_fields_are_refused_not_ignored(client, chat: bool, field: str, value: object):
+    """Chat's top_logprobs / tools / template fields on /v1/completions, and the completions' prompt / suffix /
+    best_of on chat, were ignored: the reply lacked what the client asked for. Each is a 400 naming it; its off
+    value (null, an empty tools list) is taken."""
+    body = {"max_tokens": 2} | ({"messages": MSGS} if chat else {"prompt": "hi"})
+    assert error(post(client, body | {field: value}, chat))["param"] == field
+    off = [] if field == "tools" else None
+    assert post(client, body | {field: off}, chat).status_code == 200
+
+
 def test_client_compat_fields(client):
     """vLLM's top_k -1 (off), HEAD /health; tool fields without tools are refused, not ignored."""
     r = post(client, {"prompt": "hi", "max_tokens": 2, "top_k": -1})
