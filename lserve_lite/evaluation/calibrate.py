@@ -137,9 +137,7 @@ def calibrate(
     h = SparseHarness(llm)
     cfg = h.cfg
     L, H = cfg.num_layers, cfg.num_kv_heads
-    samples = make_samples(
-        llm.tokenizer, lengths, num_samples, sink, local, tail, seed
-    )  # built one at a time
+    samples = make_samples(llm.tokenizer, lengths, num_samples, sink, local, tail, seed)
     kl, dnll = np.zeros((L, H)), np.zeros((L, H))
     kept, per_sample = [], []
     dense = h.dense_classes()
