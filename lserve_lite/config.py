@@ -68,15 +68,21 @@ def read_text_file(path: Path, what: str) -> str:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to a temporary file beside `path`, then rename it over `path`: an interrupted or failed write
     (Ctrl-C, a full disk) leaves the earlier file whole, never half of the new one. A symbolic link's target is the
-    file replaced (not the link); a device or FIFO (`--out /dev/null`) is written in place, never replaced."""
+    file replaced (not the link); a device or FIFO (`--out /dev/null`) is written in place, never replaced. A file
+    replaced keeps its permission bits (one the user made 0600 stays private, the temporary file too)."""
     path = Path(os.path.realpath(path))
     if path.exists() and not path.is_file():
         with open(path, "w") as f:
             f.write(text)
         return
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else None
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else 0o600)
+        with open(fd, "w") as f:
+            if mode is not None:
+                os.fchmod(fd, mode)
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -310,7 +316,8 @@ def _refuse_unsupported(f: _Fields, arch: str) -> None:
 
 
 def _rope_scaling(f: _Fields, rope: dict) -> dict | None:
-    """rope_scaling (or transformers 5's rope_parameters): None, or llama3 with finite, ordered factors."""
+    """rope_scaling (or transformers 5's rope_parameters): None, or llama3 with a factor >= 1 and finite, ordered
+    frequency factors; every other type (linear, dynamic, yarn, longrope) is refused."""
     rs = f.obj("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     if rs is None:
         return None
@@ -323,6 +330,8 @@ def _rope_scaling(f: _Fields, rope: dict) -> dict | None:
     if "factor" not in rs:
         raise ModelLoadError(f"{f.source}: rope_scaling: missing required field 'factor'")
     factor = g.number("factor", math.nan, lo=0.0, hi=1e6)
+    if factor < 1:  # transformers' rule; a tiny factor overflows the scaled frequencies (NaN tables)
+        raise g.bad("factor", "must be a number in [1, 1e+06) (llama3 stretches the trained context)", factor)
     low = g.number("low_freq_factor", 1.0, lo=0.0, hi=1e6)
     high = g.number("high_freq_factor", 4.0, lo=low, hi=1e6)
     old = g.integer("original_max_position_embeddings", hi=SIZE_BOUNDS["max_position_embeddings"])

@@ -60,6 +60,23 @@ VLLM_UNSUPPORTED: dict[str, tuple[object, str]] = {
 VLLM_IGNORED = ("detokenize",)
 
 
+def logit_bias_ids(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's {"token id as a string": bias} as {id: bias}. Two spellings of one id ("42" and "042") are refused:
+    a dict keeps only one of them, and which bias the caller meant is unknown."""
+    out: dict[int, float] = {}
+    spelled: dict[int, str] = {}
+    for key, value in (bias or {}).items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()) or len(key) > 10:
+            raise InvalidRequestError(f"logit_bias keys must be token ids, got {key!r}")
+        t = int(key)
+        if t in spelled:
+            raise InvalidRequestError(
+                f"logit_bias keys {spelled[t]!r} and {key!r} name the same token id {t}"
+            )
+        spelled[t], out[t] = key, value
+    return out
+
+
 def refuse_set(name: str, value: object, off: object, instead: str) -> None:
     """Refuse an option that is not implemented set to anything but None or its "off" value `off`, in one line that
     says what to do `instead`: code that sets one expects its effect."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fuzz_corpus import CORPUS, CORPUS_DIR, write_min_model_dir
+from fuzz_corpus import BASE_CONFIG, CORPUS, CORPUS_DIR, write_min_model_dir
 
 from lserve_lite import LLM, EngineConfig, InvalidRequestError, ModelLoadError, SamplingParams
 from lserve_lite.config import ModelConfig
@@ -127,6 +127,49 @@ def test_forward_options_the_engine_lacks_are_refused(tmp_path: Path, field: str
     d = write_min_model_dir(tmp_path / "m", **{field: value})
     with pytest.raises(ModelLoadError, match=msg):
         load_config(d)
+
+
+@pytest.mark.parametrize(
+    "scaling,msg",
+    [
+        # a factor this small overflowed the scaled frequencies: NaN cos / sin tables, loaded without a word
+        ({"factor": 1e-310}, "field 'factor' must be a number in [1, 1e+06)"),
+        ({"factor": 1e-300}, "field 'factor' must be a number in [1, 1e+06)"),
+        ({"factor": 0.5}, "field 'factor' must be a number in [1, 1e+06)"),
+        ({"factor": 0}, "field 'factor' must be a finite number"),
+        ({"factor": -8}, "field 'factor' must be a finite number"),
+        ({"factor": float("inf")}, "field 'factor' must be a finite number"),
+        ({"factor": float("nan")}, "field 'factor' must be a finite number"),
+        (
+            {"low_freq_factor": 4, "high_freq_factor": 4},
+            "field 'high_freq_factor' must be a finite number in (4,",
+        ),
+        ({"low_freq_factor": 0}, "field 'low_freq_factor' must be a finite number"),
+        ({"original_max_position_embeddings": 0}, "field 'original_max_position_embeddings' must be in [1,"),
+        ({"original_max_position_embeddings": -8192}, "field 'original_max_position_embeddings' must be in"),
+        ({"rope_type": "linear"}, "unsupported rope_scaling type 'linear'"),
+        ({"rope_type": "dynamic"}, "unsupported rope_scaling type 'dynamic'"),
+        ({"rope_type": "yarn"}, "unsupported rope_scaling type 'yarn'"),
+    ],
+)
+def test_absurd_llama3_rope_scaling_is_refused(scaling: dict, msg: str):
+    """Each absurd value is one line naming the field and value, in rope_scaling and in transformers 5's
+    rope_parameters alike."""
+    rs = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 256, **scaling}
+    for cfg in ({"rope_scaling": rs}, {"rope_parameters": {"rope_theta": 1e4, **rs}}):
+        with pytest.raises(ModelLoadError) as e:
+            ModelConfig.from_dict({**BASE_CONFIG, **cfg})
+        assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_llama3_rope_factors_at_their_bounds_give_finite_tables():
+    """Factor 1 (no stretch) and the largest factor still load, and their cos / sin tables are finite."""
+    from lserve_lite.backends.base import rope_tables
+
+    for factor in (1.0, 999_999.0):
+        rs = {"rope_type": "llama3", "factor": factor, "original_max_position_embeddings": 256}
+        cfg = ModelConfig.from_dict({**BASE_CONFIG, "rope_scaling": rs})
+        assert all(np.isfinite(t).all() for t in rope_tables(cfg, 1024))
 
 
 def test_supported_forward_options_still_load(tmp_path: Path):

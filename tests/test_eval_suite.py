@@ -242,15 +242,15 @@ def test_eval_json_rewrite_that_fails_keeps_the_answers_written_before(tmp_path,
     part-way (Ctrl-C, a full disk) truncated it, losing all of them. The previous version stays whole."""
     from types import SimpleNamespace
 
-    from lserve_lite.evaluation.run_eval import _write
+    from lserve_lite.evaluation.run_eval import Answered, _write
 
-    smp = SimpleNamespace(task="qa", prompt_ids=[1, 2], expected=["a"], info={}, score=len, correct=bool)
-    samples, outs, out = [(256, smp)] * 2, [{"dense": "a"}, {}], tmp_path / "r"
-    _write({}, samples, outs, ["dense"], out, 1.0)
+    smp = SimpleNamespace(task="qa", expected=["a"], info={}, score=len, correct=bool)
+    answered, outs, out = [Answered(256, 2, smp)] * 2, [{"dense": "a"}, {}], tmp_path / "r"
+    _write({}, answered, outs, ["dense"], out, 1.0)
     before = (tmp_path / "r.json").read_bytes()
     outs[1] = {"dense": "x" * len(before)}
     with file_size_limit(len(before) + 16), pytest.raises(OSError):
-        _write({}, samples, outs, ["dense"], out, 2.0)
+        _write({}, answered, outs, ["dense"], out, 2.0)
     assert (tmp_path / "r.json").read_bytes() == before and len(json.loads(before)["results"]) == 1
     assert [f.name for f in tmp_path.iterdir()] == ["r.json"]
 
@@ -298,6 +298,60 @@ def test_time_limit_shares_time_between_groups_and_keeps_every_answer(tiny, tmp_
     assert "time limit: dense stopped after 3 of 6 prompts (its share used)" in text
     assert "time limit: b128 stopped after 2 of 6 prompts" in text
     assert logs[-1].startswith("prompts finished: dense 3/6, b128 2/6")
+
+
+def test_eval_builds_each_prompt_when_its_turn_comes(tiny, tok, tmp_path, monkeypatch):
+    """Every prompt of the run was built before the first one ran (a 100k-sample task at long context held all
+    of them at once): a prompt is built when its turn comes, after a check that builds one per (length, task),
+    and each group of settings builds the same prompts again, in the same order as before."""
+    from lserve_lite.evaluation.eval_args import add_eval_args
+    from lserve_lite.evaluation.run_eval import evaluate
+    from lserve_lite.evaluation.settings import Runner
+
+    built, at_call, seen = [0], [], []
+    for task in ("niah_single_numbers", "qa"):
+        make = ruler.TASKS[task]
+
+        def counting(*a, make=make):
+            built[0] += 1
+            return make(*a)
+
+        monkeypatch.setitem(ruler.TASKS, task, counting)
+
+    def greedy_all(self, h, names, ids, max_new, stop_ids=()):
+        at_call.append(built[0])
+        seen.append(ids)
+        return {k: [] for k in names}
+
+    monkeypatch.setattr(Runner, "greedy_all", greedy_all)
+    p = argparse.ArgumentParser()
+    add_eval_args(p)
+    args = p.parse_args(["--model", str(tiny), "--backend", "cpu", "--lengths", "512", "--samples", "3",
+                         "--tasks", "niah_single_numbers,qa", "--configs", "dense;b128:token_budget=128",
+                         "--out", str(tmp_path / "r")])  # fmt: skip
+    res = evaluate(args, log=lambda s: None)
+    assert at_call == list(range(3, 9)) + list(range(9, 15))  # 2 checked, then one per prompt, per group
+    eager = {t: ruler.generate(t, tok, 512, 3) for t in ("niah_single_numbers", "qa")}
+    order = [eager[t][i].prompt_ids for i in range(3) for t in ("niah_single_numbers", "qa")]
+    assert seen == order + order
+    assert [r["tokens"] for r in res["rows"]] == [len(ids) for ids in order]
+
+
+def test_eval_task_listed_twice_from_python_repeats_its_prompts(tiny, tmp_path, monkeypatch):
+    """evaluate() from Python with a task listed twice (the parser refuses it) drew one lazy builder twice per
+    round and ended in 'generator raised StopIteration': each listing runs the task's prompts, as before."""
+    from lserve_lite.evaluation.eval_args import add_eval_args
+    from lserve_lite.evaluation.run_eval import evaluate
+    from lserve_lite.evaluation.settings import Runner
+
+    monkeypatch.setattr(Runner, "greedy_all", lambda self, h, names, *a, **kw: {k: [] for k in names})
+    p = argparse.ArgumentParser()
+    add_eval_args(p)
+    args = p.parse_args(["--model", str(tiny), "--backend", "cpu", "--lengths", "512", "--samples", "2",
+                         "--tasks", "qa", "--configs", "dense", "--out", str(tmp_path / "r")])  # fmt: skip
+    args.tasks = ["qa", "qa"]
+    tokens = [r["tokens"] for r in evaluate(args, log=lambda s: None)["rows"]]
+    assert len(tokens) == 4 and tokens[0] == tokens[1] and tokens[2] == tokens[3]
 
 
 def test_shared_dense_equals_dense_engine(tiny, tok):
@@ -444,6 +498,43 @@ def test_a_prefill_chunk_after_decode_steps_restarts_the_selection_schedule(tiny
             h.end(seq)
 
     np.testing.assert_array_equal(decode_after_a_chunk(False), decode_after_a_chunk(True))
+
+
+@pytest.mark.parametrize("before,after", [(32, 64), (64, 32)])
+def test_a_budget_changed_mid_decode_selects_anew(tiny, before: int, after: int):
+    """set_request_sparse between decode steps left the selection schedule running: the next steps reused the
+    selection stored under the old budget (its page count, e.g. 4 pages where the new budget allows 2, more than a
+    step's visit list is sized for). The next decode step selects with the new budget, as after a rewind."""
+    from lserve_lite import LLM, EngineConfig, SparseConfig
+    from lserve_lite.evaluation.harness import SparseHarness
+
+    sp = SparseConfig(
+        enabled=True, page_size=16, token_budget=64, select_interval=64,
+        pattern_path=str(tiny / "full_attention_heads.tsv"),
+    )  # fmt: skip
+    llm = LLM(str(tiny), backend="cpu", config=EngineConfig(page_size=16, sparse=sp))
+    h = SparseHarness(llm)
+    ids = [int(t) for t in np.random.default_rng(1).integers(3, 300, 120)]
+
+    def switched(restart: bool) -> tuple[np.ndarray, list[int]]:
+        seq = h.begin(ids, prompt_len=100)
+        h.set_request_sparse(seq, sp.with_updates(token_budget=before))
+        h.forward(seq, 100, logits="last")
+        h.decode(seq, 2)  # selects at 101 tokens, reuses at 102
+        h.set_request_sparse(seq, sp.with_updates(token_budget=after))
+        if restart:
+            h.rewind(seq, seq.num_cached)  # restarts the schedule, and nothing else
+        try:
+            logits = h.decode(seq, 1)
+            return logits, [int(c[seq.sel_slot].max()) for c in h.runner.cache.sel_cnt]
+        finally:
+            h.end(seq)
+
+    logits, counts = switched(False)
+    assert counts == [after // 16] * 2  # the new budget's pages, in both layers
+    ref, ref_counts = switched(True)
+    np.testing.assert_array_equal(logits, ref)
+    assert counts == ref_counts
 
 
 def test_selector_diagnostics_pieces(tiny):

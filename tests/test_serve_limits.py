@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from lserve_lite import EngineConfig, InvalidRequestError, SamplingParams  # noqa: E402
 from lserve_lite.engine.llm_engine import LLMEngine  # noqa: E402
 from lserve_lite.engine.scheduler import SchedulerStalled  # noqa: E402
-from lserve_lite.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS  # noqa: E402
+from lserve_lite.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS, logit_bias_ids  # noqa: E402
 from lserve_lite.serve.app import create_app  # noqa: E402
 from lserve_lite.tokenizer import Tokenizer  # noqa: E402
 
@@ -234,6 +234,48 @@ def test_sampling_params_limits():
     assert SamplingParams(stop=("a", "b"), stop_token_ids=[3]).stop == ("a", "b")
     assert SamplingParams(temperature=5e-324).greedy and not SamplingParams(temperature=1e-4).greedy
     assert json.dumps(SamplingParams(stop="x").stop) == '["x"]'
+
+
+def test_logit_bias_keys_naming_one_id_twice_are_refused(client):
+    """Keys "42" and "042" name one token id: a dict would keep one bias silently, so the request is a 400."""
+    for chat in (False, True):
+        body = {"max_tokens": 2} | ({"messages": MSGS} if chat else {"prompt": "hi"})
+        err = error(post(client, body | {"logit_bias": {"42": 100, "042": -100}}, chat))
+        assert err["param"] == "logit_bias" and "'42' and '042' name the same token id 42" in err["message"]
+        assert post(client, body | {"logit_bias": {"042": 1, "43": 1}}, chat).status_code == 200
+    with pytest.raises(InvalidRequestError, match="same token id 7"):
+        logit_bias_ids({"0007": 1.0, "7": 2.0})
+    assert logit_bias_ids({"07": 1.0, "8": -2.0}) == {7: 1.0, 8: -2.0}
+
+
+def test_max_completion_tokens_on_completions_is_refused_not_ignored(client):
+    """Chat's max_completion_tokens on /v1/completions was ignored (vLLM's way): the reply ran to max_tokens'
+    default instead of the limit asked for. OpenAI's completions refuse it, and so does this server."""
+    err = error(post(client, {"prompt": "hi", "max_completion_tokens": 3}))
+    assert err["param"] == "max_completion_tokens" and "send max_tokens" in err["message"]
+    assert post(client, {"prompt": "hi", "max_completion_tokens": None, "max_tokens": 1}).status_code == 200
+    r = post(client, {"messages": MSGS, "max_completion_tokens": 3, "ignore_eos": True}, chat=True)
+    assert r.json()["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize(
+    "chat,field,value",
+    [
+        (False, "top_logprobs", 3), (False, "tools", [{"type": "function", "function": {"name": "f"}}]),
+        (False, "tool_choice", "required"), (False, "parallel_tool_calls", False), (False, "functions", [{"name": "f"}]),
+        (False, "function_call", "auto"), (False, "continue_final_message", True), (False, "chat_template", "x"),
+        (False, "chat_template_kwargs", {"a": 1}), (False, "messages", MSGS),
+        (True, "prompt", "hi"), (True, "suffix", "x"), (True, "best_of", 2),
+    ],
+)  # fmt: skip
+def test_the_other_endpoints_fields_are_refused_not_ignored(client, chat: bool, field: str, value: object):
+    """Chat's top_logprobs / tools / template fields on /v1/completions, and the completions' prompt / suffix /
+    best_of on chat, were ignored: the reply lacked what the client asked for. Each is a 400 naming it; its off
+    value (null, an empty tools list) is taken."""
+    body = {"max_tokens": 2} | ({"messages": MSGS} if chat else {"prompt": "hi"})
+    assert error(post(client, body | {field: value}, chat))["param"] == field
+    off = [] if field == "tools" else None
+    assert post(client, body | {field: off}, chat).status_code == 200
 
 
 def test_client_compat_fields(client):

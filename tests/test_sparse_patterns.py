@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,19 @@ def test_save_through_a_link_writes_its_target(tmp_path):
     assert link.is_symlink() and null.is_symlink() and Path("/dev/null").is_char_device()
     assert load_pattern(real, 1, 2).tolist() == [[1.0, 1.0]] and null.read_text() == ""
     assert sorted(f.name for f in tmp_path.iterdir()) == ["link.tsv", "null.tsv", "real.tsv"]
+
+
+def test_save_keeps_the_files_permission_bits(tmp_path):
+    """The atomic write's rename gave a file the user had made 0600 or 0640 the umask's bits (0644: readable by
+    all): a file replaced keeps its mode; a new file gets the umask's as any other."""
+    p = save_pattern(tmp_path / "p.tsv", np.zeros((1, 2)))
+    for mode in (0o600, 0o640):
+        p.chmod(mode)
+        save_pattern(p, np.ones((1, 2)))
+        assert stat.S_IMODE(p.stat().st_mode) == mode and load_pattern(p, 1, 2).tolist() == [[1.0, 1.0]]
+    plain = tmp_path / "plain.tsv"
+    plain.write_text("")
+    assert save_pattern(tmp_path / "new.tsv", np.zeros((1, 2))).stat().st_mode == plain.stat().st_mode
 
 
 def test_head_classes_count_and_global_ranking():
@@ -529,6 +543,30 @@ def test_calibrate_too_short_samples_name_every_term():
     msg = "samples of 512 tokens are too short: .* more than sink 128 + local 256 + tail 600 + 96 = 1080$"
     with pytest.raises(InvalidRequestError, match=msg.replace("+", r"\+")):
         make_samples(None, [512], 1, sink=128, local=256, tail=600, seed=0)
+
+
+def test_calibrate_builds_each_sample_when_its_turn_comes(tiny_dir, monkeypatch):
+    """Every calibration sample was built before the first one ran, all held at once (100k samples at long
+    context): each is built when asked for, the same samples as all at once."""
+    from lserve_lite.evaluation import calibrate
+    from lserve_lite.tokenizer import Tokenizer
+
+    tok, built, make = Tokenizer(tiny_dir), [0], calibrate.passkey_sample
+
+    def counting(*a, **kw):
+        built[0] += 1
+        return make(*a, **kw)
+
+    monkeypatch.setattr(calibrate, "passkey_sample", counting)
+    args = (tok, [600, 900], 3, 64, 128, 24, 5)
+    lazy = calibrate.make_samples(*args)
+    assert built[0] == 0
+    first = next(lazy)
+    assert built[0] == 1
+    rest = list(lazy)
+    again = list(calibrate.make_samples(*args))
+    assert [s.prompt_ids for s in [first, *rest]] == [s.prompt_ids for s in again]
+    assert len(again) == 3 and len(again[0].prompt_ids) < len(again[1].prompt_ids)  # lengths cycle
 
 
 def test_calibrate_validation_line_signs_the_nll_change():

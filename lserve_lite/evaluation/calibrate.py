@@ -17,7 +17,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from ..sparse.patterns import head_classes, save_pattern
 from ..weights.loader import load_config, resolve_model_dir
 from .calibrate_args import BOUNDS
 from .harness import SparseHarness, int_in
-from .synthetic import corpus_text, passkey_sample
+from .synthetic import PasskeySample, corpus_text, passkey_sample
 
 ANSWER_ROOM = 16  # context tokens kept after a sample for its teacher-forced answer (" 71432." and more)
 
@@ -65,25 +65,30 @@ def _depths(n: int, rng: np.random.Generator) -> np.ndarray:
 
 def make_samples(
     tokenizer, lengths: list[int], num_samples: int, sink: int, local: int, tail: int, seed: int
-):
+) -> Iterator[PasskeySample]:
     """Calibration samples: lengths cycle over `lengths`, fillers alternate classic/corpus, needles at
-    stratified depths, all placed outside the sink and beyond the local window of the tail."""
-    rng = np.random.default_rng(seed)
-    out = []
-    corpus_len = len(corpus_text())
-    for i, d in enumerate(_depths(num_samples, rng)):
-        n = lengths[i % len(lengths)]
-        key = str(rng.integers(10000, 100000))
-        lo, hi = sink + 32, n - tail - local - 64  # needle region the streaming window cannot see
-        if hi <= lo:
+    stratified depths, all placed outside the sink and beyond the local window of the tail. Each is built when
+    asked for (a run holds one at a time, not all `num_samples`); a length too short is refused here, before any."""
+    for n in dict.fromkeys(lengths):
+        if n - tail - local - 64 <= sink + 32:  # no needle region the streaming window cannot see
             raise InvalidRequestError(
                 f"samples of {n} tokens are too short: a needle between the sink and the tail's local window "
                 f"needs more than sink {sink} + local {local} + tail {tail} + 96 = {sink + local + tail + 96}"
             )
-        frac = (lo + d * (hi - lo)) / n
-        filler = "classic" if i % 2 == 0 else "corpus"
-        out.append(passkey_sample(tokenizer, n, frac, key, filler, offset=int(rng.integers(0, corpus_len))))
-    return out
+    rng = np.random.default_rng(seed)
+    depths = _depths(num_samples, rng)
+    corpus_len = len(corpus_text())
+
+    def build() -> Iterator[PasskeySample]:
+        for i, d in enumerate(depths):
+            n = lengths[i % len(lengths)]
+            key = str(rng.integers(10000, 100000))
+            lo, hi = sink + 32, n - tail - local - 64  # needle region the streaming window cannot see
+            frac = (lo + d * (hi - lo)) / n
+            filler = "classic" if i % 2 == 0 else "corpus"
+            yield passkey_sample(tokenizer, n, frac, key, filler, offset=int(rng.integers(0, corpus_len)))
+
+    return build()
 
 
 def calibrate(

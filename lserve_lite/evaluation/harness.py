@@ -62,10 +62,13 @@ class SparseHarness:
         self.runner.set_head_classes([np.asarray(c, np.int32) for c in classes], sink=sink, local=local)
 
     def set_request_sparse(self, seq: Sequence, sc: SparseConfig) -> None:
-        """LServe-mode LLM: this sequence's per-request knobs (token budget, interval, windows)."""
+        """LServe-mode LLM: this sequence's per-request knobs (token budget, interval, windows). Mid-decode, the
+        page-selection schedule restarts (as a rewind's): the selection stored in its slot holds the old budget's
+        page count, which the next steps reused (more pages than a smaller budget lets a step visit)."""
         knobs = {k: getattr(sc, k) for k in ("token_budget", "select_interval", "prefill_sink",
                                              "prefill_local", "decode_sink", "decode_local")}  # fmt: skip
         seq.sparse = self.engine.request_sparse_config(knobs)
+        seq.decode_steps = 0
 
     # sequences ----------------------------------------------------------------------------------------
     def begin(self, ids: list[int], prompt_len: int | None = None, reserve: int = 0) -> Sequence:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -269,20 +269,30 @@ TASKS: dict[str, Callable] = {
 def generate(
     task: str, tokenizer, num_tokens: int, num_samples: int, seed: int = 0, filler: str = "classic"
 ) -> list[Sample]:
-    """`num_samples` prompts of task `task`, about `num_tokens` tokens each; needle depths stratified over
-    [0.05, 0.95]. The same (task, length, seed, tokenizer) always gives the same samples."""
+    """`num_samples` prompts of task `task`, about `num_tokens` tokens each (all of `samples`' at once)."""
+    return list(samples(task, tokenizer, num_tokens, num_samples, seed, filler))
+
+
+def samples(
+    task: str, tokenizer, num_tokens: int, num_samples: int, seed: int = 0, filler: str = "classic"
+) -> Iterator[Sample]:
+    """`num_samples` prompts of task `task`, about `num_tokens` tokens each, each built when asked for (a long
+    run holds one at a time, not the task's all); needle depths stratified over [0.05, 0.95]. The same (task,
+    length, seed, tokenizer) always gives the same samples. An unknown task is refused here, before any."""
     if task not in TASKS:
         raise InvalidRequestError(f"unknown task {task!r} (tasks: {', '.join(TASKS)})")
     key = sum(ord(c) * 31**i for i, c in enumerate(task)) % (1 << 31)
     rng = np.random.default_rng([seed, num_tokens, key])
     edges = np.linspace(0.05, 0.95, num_samples + 1)
-    out = []
-    for i in range(num_samples):
-        depth = float(edges[i] + rng.random() * (edges[1] - edges[0]))
-        try:
-            s = TASKS[task](tokenizer, num_tokens, rng, depth, filler)
-        except InvalidRequestError as e:
-            raise InvalidRequestError(f"task {task}: {e}") from None
-        s.task = task
-        out.append(s)
-    return out
+
+    def build() -> Iterator[Sample]:
+        for i in range(num_samples):
+            depth = float(edges[i] + rng.random() * (edges[1] - edges[0]))
+            try:
+                s = TASKS[task](tokenizer, num_tokens, rng, depth, filler)
+            except InvalidRequestError as e:
+                raise InvalidRequestError(f"task {task}: {e}") from None
+            s.task = task
+            yield s
+
+    return build()

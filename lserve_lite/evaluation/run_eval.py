@@ -8,13 +8,17 @@ test on the discordant prompts). Writes <out>.json after every prompt and <out>.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -122,14 +126,22 @@ def evaluate(args: argparse.Namespace, log=print, clock=time.perf_counter) -> di
                quantize=args.quantize, kv_dtype=args.kv_dtype)  # fmt: skip
     refuse_past_context(r.model_dir, max(lengths) + 128, f"--lengths {max(lengths)} + 128 tokens of question")
     tok = r.tokenizer
-    gen = {
-        (n, t): ruler.generate(t, tok, n, args.samples, args.seed, args.filler)
-        for n in lengths
-        for t in tasks
-    }
-    # sample i of every (length, task) before sample i + 1: a time-limited run stays balanced
-    samples = [(n, gen[n, t][i]) for i in range(args.samples) for n in lengths for t in tasks]
-    outs: list[dict] = [{} for _ in samples]
+
+    def prompts() -> Iterator[tuple[int, ruler.Sample]]:
+        """The suite's prompts, each built when its turn comes (a run holds one at a time, never a task's all),
+        sample i of every (length, task) before sample i + 1: a time-limited run stays balanced."""
+        built = [
+            (n, ruler.samples(t, tok, n, args.samples, args.seed, args.filler))
+            for n in lengths
+            for t in tasks
+        ]
+        return ((n, next(one)) for _ in range(args.samples) for n, one in built)
+
+    for _ in itertools.islice(prompts(), len(lengths) * len(tasks)):
+        pass  # a length too short for a task is refused before any prompt runs
+    total = args.samples * len(lengths) * len(tasks)
+    answered: list[Answered | None] = [None] * total
+    outs: list[dict] = [{} for _ in range(total)]
     out = Path(args.out)
     stem_file(out, ".json").parent.mkdir(parents=True, exist_ok=True)
     result = {"tool": TOOL, "model": Path(r.model_dir).name, "date": date.today().isoformat(),
@@ -143,13 +155,13 @@ def evaluate(args: argparse.Namespace, log=print, clock=time.perf_counter) -> di
         return clock() - t0
 
     def write() -> list[dict]:
-        return _write(result, samples, outs, names, out, elapsed())
+        return _write(result, answered, outs, names, out, elapsed())
 
     left = len(r.group_names())
     for h, group in r.groups():
         end = group_deadline(args.time_limit, elapsed(), left)
         left -= 1
-        _run_group(r, h, group, samples, outs, (elapsed, end), log, write)
+        _run_group(r, h, group, prompts(), answered, outs, (elapsed, end), log, write)
     rows = write()
     if not rows:  # e.g. a time limit spent on loading: say so instead of an empty table and plot
         raise InvalidRequestError(f"no prompt finished (time limit {args.time_limit} s, model load included)")
@@ -167,39 +179,53 @@ def group_deadline(limit: float, elapsed: float, groups_left: int) -> float:
     return elapsed + (limit - elapsed) / groups_left if limit else math.inf
 
 
-def _run_group(r: Runner, h, group: list[str], samples, outs: list[dict], until, log, write) -> None:
+class Answered(NamedTuple):
+    """An answered prompt as the JSON reports it: its length and sample, the sample's token ids dropped."""
+
+    length: int
+    tokens: int
+    sample: ruler.Sample
+
+
+def _run_group(
+    r: Runner, h, group: list[str], prompts, answered: list, outs: list[dict], until, log, write
+) -> None:
     """Answer the prompts in order with the settings `group` of harness h, starting none once elapsed() > end
-    (`until` = (elapsed, end)); write the JSON after each."""
+    (`until` = (elapsed, end)); record each prompt (`answered`) and its answers (`outs`), write the JSON after each."""
     tok, eos = r.tokenizer, set(h.cfg.eos_token_ids)
     elapsed, end = until
-    for i, (n, smp) in enumerate(samples):
+    for i, (n, smp) in enumerate(prompts):
         if elapsed() > end:
-            log(
-                f"time limit: {', '.join(group)} stopped after {i} of {len(samples)} prompts (its share used)"
-            )
+            log(f"time limit: {', '.join(group)} stopped after {i} of {len(outs)} prompts (its share used)")
             return
         ts = time.perf_counter()
         stop = eos | {t for s in smp.stop for t in tok.encode(s, False)[:1]}
         got = r.greedy_all(h, group, smp.prompt_ids, smp.max_new, tuple(stop))
+        answered[i] = Answered(n, len(smp.prompt_ids), replace(smp, prompt_ids=[]))
         outs[i].update({k: tok.decode(v) for k, v in got.items()})
         marks = " ".join(f"{k}={'ok' if smp.correct(v) else 'x'}" for k, v in outs[i].items())
-        log(f"[{i + 1}/{len(samples)}] {n} {smp.task}: {marks} ({time.perf_counter() - ts:.0f} s)")
+        log(f"[{i + 1}/{len(outs)}] {n} {smp.task}: {marks} ({time.perf_counter() - ts:.0f} s)")
         write()
 
 
-def _write(result: dict, samples, outs, names: list[str], out: Path, seconds: float) -> list[dict]:
+def _write(result: dict, answered: list, outs, names: list[str], out: Path, seconds: float) -> list[dict]:
     """Rows of the prompts some setting has answered (only those settings in each), their summary and the
     prompts each setting finished, into <out>.json: answers only accumulate, so no write has fewer rows."""
-    rows = [{"length": n, "task": s.task, "tokens": len(s.prompt_ids), "expected": [str(e) for e in s.expected],
-             "info": s.info, "output": o, "score": {k: s.score(v) for k, v in o.items()},
-             "correct": {k: s.correct(v) for k, v in o.items()}}
-            for (n, s), o in zip(samples, outs) if o]  # fmt: skip
+    rows = [_row(a, o) for a, o in zip(answered, outs) if o]
     finished = {k: sum(k in o for o in outs) for k in names}
-    result.update(summary=summarize(rows, names) if rows else {}, prompts=len(samples), finished=finished,
+    result.update(summary=summarize(rows, names) if rows else {}, prompts=len(outs), finished=finished,
                   seconds=round(seconds, 1))  # fmt: skip
     text = json.dumps({**result, "results": rows}, indent=1, default=float) + "\n"
     write_text_atomic(stem_file(out, ".json"), text)  # Ctrl-C mid-write keeps the prompts answered before
     return rows
+
+
+def _row(a: Answered, out: dict[str, str]) -> dict:
+    """The JSON's row of an answered prompt: what it asked and each setting's answer, score and verdict."""
+    s = a.sample
+    return {"length": a.length, "task": s.task, "tokens": a.tokens, "expected": [str(e) for e in s.expected],
+            "info": s.info, "output": out, "score": {k: s.score(v) for k, v in out.items()},
+            "correct": {k: s.correct(v) for k, v in out.items()}}  # fmt: skip
 
 
 def report(result: dict) -> str:

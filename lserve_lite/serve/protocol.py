@@ -24,6 +24,7 @@ from ..sampling_params import (
     SamplingParams,
     check_best_of,
     check_n,
+    logit_bias_ids,
     refuse_set,
 )
 
@@ -86,6 +87,8 @@ class _Request(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    best_of: int | None = None  # vLLM's; only equal to n (candidates are not ranked)
+    suffix: str | None = None  # the legacy completions' fill-in-the-middle, refused on both endpoints
     # vLLM extensions not implemented: a client that sets one expects its effect, so it is refused, not ignored,
     # unless it holds the value that means "off" (_unsupported: that value, and what to do instead)
     min_p: Any = None
@@ -111,6 +114,7 @@ class _Request(BaseModel):
                                             "bad_words", "truncate_prompt_tokens", "logits_processors")},
         **{f"guided_{k}": VLLM_UNSUPPORTED["guided_decoding"] for k in ("json", "regex", "choice", "grammar")},
         "prompt_logprobs": (None, "completions with echo and logprobs return the prompt's"),
+        "suffix": (None, "no fill-in-the-middle"),
         "return_tokens_as_token_ids": (False, "tokens come back as text; /tokenize gives their ids"),
         "add_special_tokens": (True, "the prompt text is encoded with the tokenizer's special tokens; send "
                                      "token ids to encode it otherwise"),
@@ -123,6 +127,10 @@ class _Request(BaseModel):
             check_n(self.n)
         except InvalidRequestError as e:
             raise ApiError(400, str(e), "n") from None
+        try:
+            check_best_of(self.best_of, self.n)
+        except InvalidRequestError as e:
+            raise ApiError(400, str(e), "best_of") from None
         for name, (off, instead) in self._unsupported.items():
             try:
                 refuse_set(name, getattr(self, name), off, instead)
@@ -154,7 +162,7 @@ class _Request(BaseModel):
                 n=self.n,
                 presence_penalty=self.presence_penalty or 0.0,
                 frequency_penalty=self.frequency_penalty or 0.0,
-                logit_bias=_logit_bias(self.logit_bias),
+                logit_bias=logit_bias_ids(self.logit_bias),
                 response_format=self.reply_format(),
                 **self.logprob_params(),
                 max_new_tokens=max_new_tokens,
@@ -179,16 +187,6 @@ class _Request(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
-
-
-def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
-    """OpenAI's {"token id as a string": bias} as {id: bias}."""
-    out = {}
-    for key, value in (bias or {}).items():
-        if not (key.isascii() and key.isdigit()) or len(key) > 10:
-            raise ApiError(400, f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
-        out[int(key)] = value
-    return out
 
 
 def param_of(message: str) -> str:
@@ -267,7 +265,9 @@ class ChatCompletionRequest(_Request):
     chat_template: Any = None
     chat_template_kwargs: Any = None
     echo: Any = None
+    prompt: Any = None
     _unsupported: ClassVar[dict[str, tuple[object, str]]] = _Request._unsupported | {
+        "prompt": (None, "a completions field: chat takes messages"),
         "add_special_tokens": (False, "the prompt is the model's chat template, which makes its special tokens"),
         "echo": (False, "a chat reply does not repeat the last message"),
     }  # fmt: skip
@@ -326,25 +326,41 @@ class ChatCompletionRequest(_Request):
         return list(self._tool_plan.markers) if self._tool_plan else []
 
 
+# chat's fields that /v1/completions refuses (as OpenAI's completions do), each with its value that means "off"
+_CHAT_FIELDS: dict[str, object] = {
+    "messages": None, "max_completion_tokens": None, "top_logprobs": None, "tools": [], "tool_choice": None,
+    "parallel_tool_calls": None, "functions": [], "function_call": None, "continue_final_message": False,
+    "chat_template": None, "chat_template_kwargs": None,
+}  # fmt: skip
+
+
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = False
-    suffix: str | None = None
     logprobs: int | None = None
-    best_of: int | None = None
+    # chat's fields: OpenAI's completions refuse them, vLLM's ignore them (max_completion_tokens is its known trap:
+    # the reply ran to max_tokens' default); a client that sends one here expects its effect, so it is refused
+    messages: Any = None
+    max_completion_tokens: Any = None
+    top_logprobs: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    continue_final_message: Any = None
+    chat_template: Any = None
+    chat_template_kwargs: Any = None
+    _unsupported: ClassVar[dict[str, tuple[object, str]]] = _Request._unsupported | {
+        k: (off, "a chat completions field: send it to /v1/chat/completions") for k, off in _CHAT_FIELDS.items()
+    } | {"max_completion_tokens": (None, "on /v1/completions send max_tokens; max_completion_tokens is chat's")}  # fmt: skip
 
     def check(self) -> None:
         super().check()
-        if self.suffix is not None:
-            raise ApiError(400, "suffix is not supported (no fill-in-the-middle)", "suffix")
         if self.max_tokens == 0 and not self.echo:
             raise ApiError(
                 400, "max_tokens 0 returns only the echoed prompt: it needs echo: true", "max_tokens"
             )
-        try:
-            check_best_of(self.best_of, self.n)
-        except InvalidRequestError as e:
-            raise ApiError(400, str(e), "best_of") from None
         if len(self.prompts()) * self.n > MAX_CHOICES:
             raise ApiError(400, f"prompts x n must be at most {MAX_CHOICES}", "prompt")
 
