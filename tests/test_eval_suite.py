@@ -600,3 +600,47 @@ def test_default_model_short_run(smollm2_dir, tmp_path):
     assert rc == 0
     acc = json.loads(out.with_suffix(".json").read_text())["summary"]["1024"]["tasks"]["all"]
     assert acc["dense"]["acc"] == 1.0 and acc["b256"]["acc"] >= 0.5, acc
+
+
+def test_eval_json_rewrites_are_throttled_and_flushed():
+    """After a prompt the JSON is rewritten only when the last rewrite is over max(1 s, 10 x its time) old (a
+    rewrite per prompt was quadratic in the run's size); `now` always writes."""
+    from lserve_lite.evaluation.run_eval import Throttled
+
+    t, calls = [0.0], []
+
+    def write():
+        calls.append(t[0])
+        t[0] += 0.05 if len(calls) < 3 else 0.3  # the third rewrite takes 0.3 s: the next waits 3 s
+        return [len(calls)]
+
+    w = Throttled(write, clock=lambda: t[0])
+    for step in (0.0, 0.5, 0.5, 0.1, 0.5, 1.0, 1.0, 1.0, 0.1):
+        t[0] += step
+        w.soon()
+    assert calls == pytest.approx([0.0, 1.05, 2.7]) and w.now() == [4] and calls[-1] == pytest.approx(5.1)
+
+
+def test_eval_interrupted_keeps_every_answered_prompt(tiny, tmp_path, monkeypatch):
+    """Ctrl-C at the third prompt of a run whose rewrites are throttled: the two answered prompts are in the JSON."""
+    from lserve_lite.evaluation.eval_args import add_eval_args
+    from lserve_lite.evaluation.run_eval import evaluate
+    from lserve_lite.evaluation.settings import Runner
+
+    out, greedy, n = tmp_path / "r", Runner.greedy_all, [0]
+
+    def interrupted(self, h, names, ids, max_new, stop_ids=()):
+        n[0] += 1
+        if n[0] == 3:
+            raise KeyboardInterrupt
+        return greedy(self, h, names, ids, 2, stop_ids)
+
+    monkeypatch.setattr(Runner, "greedy_all", interrupted)
+    p = argparse.ArgumentParser()
+    add_eval_args(p)
+    args = p.parse_args(["--model", str(tiny), "--backend", "cpu", "--lengths", "512", "--samples", "3",
+                         "--tasks", "niah_single_numbers", "--configs", "dense", "--out", str(out)])  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(args, log=lambda s: None)
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert len(saved["results"]) == 2 and saved["finished"] == {"dense": 2}

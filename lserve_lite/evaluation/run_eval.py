@@ -154,15 +154,15 @@ def evaluate(args: argparse.Namespace, log=print, clock=time.perf_counter) -> di
     def elapsed() -> float:
         return clock() - t0
 
-    def write() -> list[dict]:
-        return _write(result, answered, outs, names, out, elapsed())
-
+    writer = Throttled(lambda: _write(result, answered, outs, names, out, elapsed()))
     left = len(r.group_names())
-    for h, group in r.groups():
-        end = group_deadline(args.time_limit, elapsed(), left)
-        left -= 1
-        _run_group(r, h, group, prompts(), answered, outs, (elapsed, end), log, write)
-    rows = write()
+    try:
+        for h, group in r.groups():
+            end = group_deadline(args.time_limit, elapsed(), left)
+            left -= 1
+            _run_group(r, h, group, prompts(), answered, outs, (elapsed, end), log, writer.soon)
+    finally:  # after Ctrl-C or an error too every prompt answered so far is in the file; none: no file replaced
+        rows = writer.now() if any(outs) else []
     if not rows:  # e.g. a time limit spent on loading: say so instead of an empty table and plot
         raise InvalidRequestError(f"no prompt finished (time limit {args.time_limit} s, model load included)")
     result["png"] = heatmap(result, stem_file(out, ".png"))
@@ -179,6 +179,26 @@ def group_deadline(limit: float, elapsed: float, groups_left: int) -> float:
     return elapsed + (limit - elapsed) / groups_left if limit else math.inf
 
 
+class Throttled:
+    """Calls `write` (which returns the rows written) after a prompt only when the last call is over max(1 s,
+    10 x its own time) old: a rewrite of the whole JSON per prompt made a 100k-prompt run quadratic. `now` always
+    writes (the run's end, Ctrl-C, an error), so an interrupted run still keeps every answer."""
+
+    def __init__(self, write, clock=time.monotonic) -> None:
+        self.write, self.clock, self.next_at = write, clock, -math.inf
+
+    def soon(self) -> None:
+        if self.clock() >= self.next_at:
+            self.now()
+
+    def now(self) -> list[dict]:
+        t = self.clock()
+        rows = self.write()
+        done = self.clock()
+        self.next_at = done + max(1.0, 10 * (done - t))
+        return rows
+
+
 class Answered(NamedTuple):
     """An answered prompt as the JSON reports it: its length and sample, the sample's token ids dropped."""
 
@@ -191,7 +211,8 @@ def _run_group(
     r: Runner, h, group: list[str], prompts, answered: list, outs: list[dict], until, log, write
 ) -> None:
     """Answer the prompts in order with the settings `group` of harness h, starting none once elapsed() > end
-    (`until` = (elapsed, end)); record each prompt (`answered`) and its answers (`outs`), write the JSON after each."""
+    (`until` = (elapsed, end)); record each prompt (`answered`) and its answers (`outs`); `write` after each (the JSON,
+    throttled)."""
     tok, eos = r.tokenizer, set(h.cfg.eos_token_ids)
     elapsed, end = until
     for i, (n, smp) in enumerate(prompts):
