@@ -62,7 +62,7 @@ def test_write_cases_pass_through_the_cpu_kernels(kv):
         case = sparse_case(c, kv, d)
         results = _sparse_write(case, case.hadamard)
         assert all(r.ok for r in results), results
-        assert (case.hadamard, len(results)) == (kv in ("int4", "fp8"), 7)
+        assert (case.hadamard, len(results)) == (kv in ("int4", "fp8"), 11)
 
 
 def test_write_cases_fail_int4_keys_left_in_the_plain_basis():
@@ -74,3 +74,23 @@ def test_write_cases_fail_int4_keys_left_in_the_plain_basis():
     case = sparse_case(c, "int4")
     bad = {r.kernel for r in _sparse_write(case, False) if not r.ok}
     assert {"cpu.rope_write_kv_sparse.kd", "cpu.rope_write_kv_sparse.kmax"} <= bad
+
+
+def test_write_cases_fail_lserve_scales_too_large():
+    """The step bound is taken from the scales a kernel wrote, so an LServe write with int8 scales 40x too large
+    (values rounded against them: 5 bits lost) passed every row; its scale rows must fail."""
+    c = HostCtx(9)
+    case = sparse_case(c, "int8")
+    pools = []
+    for p in case.pools:
+        vals = np.zeros((*p.shape, case.d), np.int8)
+        sc = np.full((*p.shape, 1), np.nan, np.float16)
+        pg, off = p.slots // case.page, p.slots % case.page
+        rows = p.ref[pg, :, off]
+        big = (np.abs(rows).max(-1, keepdims=True) / 127 * 40).astype(np.float16)
+        vals[pg, :, off] = np.round(rows / big.astype(np.float64))
+        sc[pg, :, off] = big
+        pools.append((vals, sc))
+    stats = (case.sparse["want_max"], case.sparse["want_min"])
+    bad = {r.kernel for r in check_write(case, "w", case.q_ref, pools, stats) if not r.ok}
+    assert bad == {"w.kd_scale", "w.vd_scale", "w.ks_scale", "w.vs_scale"}

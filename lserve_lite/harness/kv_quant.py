@@ -214,7 +214,7 @@ def kv_write_fused_one(c: Ctx, kv: str) -> list[Result]:
 def kv_write_sparse_one(c: Ctx, kv: str, d: int) -> list[Result]:
     """rope_write_kv_sparse into quantized pools (harness/kv_write.sparse_case: a chunk whose logical page holds
     earlier tokens, so the statistics merge, and a fresh prompt); K/V of both pools within the step bound,
-    kmax/kmin = rope_write_kv_sparse_ref's (the unquantized keys' statistics)."""
+    their scales as the reference rule, kmax/kmin = rope_write_kv_sparse_ref's (the unquantized keys' statistics)."""
     fmt, case = FORMATS[kv], sparse_case(c, kv, d)
     sp, cp = case.sparse, c.cp
     dev = [_garbage(c, (*p.shape, fmt.packed_dim(case.d)), p.fmt.value_dtype) for p in case.pools]
