@@ -13,6 +13,7 @@ from lserve_lite.backends import cpu_kernels as K
 from lserve_lite.backends.cpu_kv import kernel_view
 from lserve_lite.harness.common import HostCtx
 from lserve_lite.harness.kv_write import SPARSE_DIMS, WriteCase, check_write, dense_case, sparse_case
+from lserve_lite.kv.quant import quantize
 
 
 def _empty_pools(case: WriteCase) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -94,3 +95,18 @@ def test_write_cases_fail_lserve_scales_too_large():
     stats = (case.sparse["want_max"], case.sparse["want_min"])
     bad = {r.kernel for r in check_write(case, "w", case.q_ref, pools, stats) if not r.ok}
     assert bad == {"w.kd_scale", "w.vd_scale", "w.ks_scale", "w.vs_scale"}
+
+
+def test_write_cases_fail_a_padding_row_written():
+    """Only the live slots were read back, so a quantized write that also stored its padding rows (slot -1 taken
+    as the pool's last slot) passed; the scales of every other row must keep their NaN poison."""
+    c = HostCtx(3)
+    case = dense_case(c, "int8", 9, 3, 64, 64, 13)
+    assert (case.slots < 0).any() and case.pools[0].shape[0] * case.page - 1 not in case.slots
+    pools = _empty_pools(case)
+    for (vals, sc), p in zip(pools, case.pools, strict=True):
+        pg, off = p.slots // case.page, p.slots % case.page
+        vals[pg, :, off], sc[pg, :, off] = quantize(p.ref[pg, :, off], p.fmt, np.float32)
+        vals[-1, :, -1], sc[-1, :, -1] = vals[pg[0], :, off[0]], sc[pg[0], :, off[0]]  # the stray write
+    bad = {r.kernel: r.note for r in check_write(case, "w", case.q_ref, pools) if not r.ok}
+    assert bad == {f"w.{n}_scale": "3 written where nothing should be" for n in "kv"}

@@ -86,19 +86,23 @@ BF16_NAN = 0x7FC0  # the bits a bf16 output is poisoned with
 
 
 def compare(kernel: str, shape: str, got, ref, atol: float, rtol: float) -> Result:
-    """Elementwise |got - ref| <= atol + rtol |ref|; a non-finite value where ref is finite fails."""
+    """Elementwise |got - ref| <= atol + rtol |ref|; a non-finite value where ref is finite fails, and so does a
+    value where ref is NaN (what a kernel must leave unwritten, poisoned)."""
     got = np.asarray(got, dtype=np.float64)
     ref = np.asarray(ref, dtype=np.float64)
     if got.shape != ref.shape:
         return Result(kernel, shape, math.inf, math.inf, False, f"shape {got.shape} != {ref.shape}")
     both_nan = np.isnan(got) & np.isnan(ref)
     bad_nan = ~np.isfinite(got) & ~both_nan
+    stray = np.isnan(ref) & np.isfinite(got)
     err = np.where(both_nan, 0.0, np.abs(got - ref))
-    err = np.where(bad_nan, np.inf, err)
+    err = np.where(bad_nan | stray, np.inf, err)
     max_abs = float(err.max()) if err.size else 0.0
     scale = float(np.nanmax(np.abs(ref))) if np.isfinite(ref).any() else 1.0
     ok = bool(np.all(err <= atol + rtol * np.abs(np.nan_to_num(ref))))
-    note = f"{int(bad_nan.sum())} non-finite" if bad_nan.any() else ""
+    notes = [f"{int(bad_nan.sum())} non-finite"] if bad_nan.any() else []
+    notes += [f"{int(stray.sum())} written where nothing should be"] if stray.any() else []
+    note = "; ".join(notes)
     return Result(kernel, shape, max_abs, max_abs / max(scale, 1e-30), ok, note)
 
 
