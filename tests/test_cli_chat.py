@@ -281,6 +281,7 @@ def test_kernels_test_without_a_gpu_is_not_a_pass():
         ),  # was an OSError after the run
         (["--seed", "-1"], "--seed: -1 is outside [0,"),  # was NumPy's ValueError before the first case
         (["--json", "/proc/k.json"], "/proc/k.json: cannot be written"),  # was an OSError after the run
+        (["attention", "linear", "attention"], "case attention is given twice"),  # its rows ran twice
     ],
 )
 def test_kernels_test_refuses_bad_options_before_running(argv, msg, capsys):

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from ..backends import cuda_available
-from ..engine_args import bounded_int, json_file
+from ..engine_args import bounded_int, distinct, json_file
 from .attention import case_attention, case_prefill_kernels, case_sparse_attention
 from .common import Ctx, Result, format_table
 from .kv_quant import case_kv_quant
@@ -107,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in args.cases if n not in CASES]
     if unknown:
         ap.error(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
+    try:  # a case named twice ran twice, its rows counted twice
+        distinct(args.cases)
+    except argparse.ArgumentTypeError as e:
+        ap.error(f"case {e}")
     if (
         not cuda_available()
     ):  # exit 2, not 0: a script that asked for the harness must not read this as passing
