@@ -321,11 +321,27 @@ def test_kernels_test_json_is_strict_json(monkeypatch, tmp_path):
     ]
     monkeypatch.setattr(harness, "cuda_available", lambda: True)
     monkeypatch.setattr(harness, "run_cases", lambda names, seed: rows)
-    assert harness.main(["test", "--json", str(tmp_path / "k.json")]) == 1
+    assert (
+        harness.main(["test", "--seed", "5", "linear", "attention", "--json", str(tmp_path / "k.json")]) == 1
+    )
     text = (tmp_path / "k.json").read_text()
     got = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
-    assert got[1] == {"kernel": "attention", "shape": "-", "max_abs": None, "rel": None, "ok": False,
-                      "note": "RuntimeError: x"}  # fmt: skip
+    assert got["rows"][1] == {"kernel": "attention", "shape": "-", "max_abs": None, "rel": None, "ok": False,
+                              "note": "RuntimeError: x"}  # fmt: skip
+    # the rows alone did not say which seed drew them (so a FAIL could not be run again) nor what was asked
+    assert {k: got[k] for k in ("seed", "cases", "passed", "failed", "skipped")} == {
+        "seed": 5, "cases": ["linear", "attention"], "passed": 1, "failed": 1, "skipped": None}  # fmt: skip
+
+
+def test_kernels_test_json_without_a_gpu_says_nothing_was_tested(monkeypatch, tmp_path):
+    """Without a GPU, `--json` wrote no file: a script reading it found none, or an old run's."""
+    import lserve_lite.harness as harness
+
+    monkeypatch.setattr(harness, "cuda_available", lambda: False)
+    assert harness.main(["test", "embed", "--json", str(tmp_path / "k.json")]) == 2
+    got = json.loads((tmp_path / "k.json").read_text())
+    assert got == {"seed": None, "cases": ["embed"], "passed": 0, "failed": 0, "rows": [],
+                   "skipped": "no NVIDIA GPU visible to CuPy; nothing was tested"}  # fmt: skip
 
 
 def test_bench_json_path_that_is_a_directory(tiny_llama, tmp_path):

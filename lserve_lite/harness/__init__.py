@@ -6,8 +6,9 @@ layers (layers.cu, and the GEMMs), quant (quant_gemv.cu: quantized weights, agai
 kernels, per KV dtype). Each case draws new random inputs (never zeros), poisons the outputs (NaN, or -1 for
 token ids) before the launch, runs the kernel through its launcher and compares with the float32 reference
 evaluated on the same float16-rounded inputs. One row per kernel and shape: max abs error, rel = max abs error /
-max |ref|, PASS/FAIL (a NaN left in an output fails). Exit status 1 on any failure; 0 with a note when no
-GPU is visible.
+max |ref|, PASS/FAIL (a NaN left in an output fails). Exit status 1 on any failure; 2 with a note when no
+GPU is visible (nothing was tested). `--json FILE`: one object, the seed, the cases asked for, the counts, the rows
+(and `skipped`: why nothing was tested).
 
 LServe's named setups (attention.SPARSE_PREFILL / SPARSE_DECODE, layers.ROPE_SPARSE) run one at a time
 through the `*_one(ctx, name)` functions; the same cases back `pytest -m gpu` (tests/test_gpu_ops.py,
@@ -95,11 +96,33 @@ def _json_row(r: Result) -> dict:
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(r).items()}
 
 
+def write_json(
+    path: str, seed: int | None, cases: list[str], results: list[Result], skipped: str = ""
+) -> None:
+    """The run as one JSON object: its seed (what draws the inputs again), the cases it ran, the counts, the rows;
+    `skipped`: why nothing was tested (a script reading the file must not take no rows for a pass)."""
+    report = {
+        "seed": seed,
+        "cases": cases,
+        "passed": sum(r.ok for r in results),
+        "failed": sum(not r.ok for r in results),
+        "skipped": skipped or None,
+        "rows": [_json_row(r) for r in results],
+    }
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lserve-lite kernels test", description=(__doc__ or "").splitlines()[0])
     ap.add_argument("cases", nargs="*", help=f"subset of: {', '.join(CASES)}")
     ap.add_argument("--seed", type=bounded_int(0), default=None, help="random seed (default: fresh each run)")
-    ap.add_argument("--json", type=json_file, default=None, help="also write the rows to this JSON file")
+    ap.add_argument(
+        "--json",
+        type=json_file,
+        default=None,
+        help="also write the seed, the counts and the rows to this file",
+    )
     argv = list(argv or [])
     if argv[:1] == ["test"]:  # `lserve-lite kernels test [cases]`
         argv = argv[1:]
@@ -111,20 +134,19 @@ def main(argv: list[str] | None = None) -> int:
         distinct(args.cases)
     except argparse.ArgumentTypeError as e:
         ap.error(f"case {e}")
+    cases = args.cases or list(CASES)
     if (
         not cuda_available()
     ):  # exit 2, not 0: a script that asked for the harness must not read this as passing
-        print("kernels test: no NVIDIA GPU visible to CuPy; nothing was tested (the CPU backend needs none).")
+        why = "no NVIDIA GPU visible to CuPy; nothing was tested"
+        print(f"kernels test: {why} (the CPU backend needs none).")
+        if args.json:
+            write_json(args.json, None, cases, [], why)
         return 2
     seed = int(time.time_ns() % (1 << 31)) if args.seed is None else args.seed
     print(f"kernels test: random inputs from seed {seed} (--seed {seed} draws them again)", flush=True)
-    results = run_cases(args.cases or None, seed)
+    results = run_cases(cases, seed)
     print(format_table(results))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([_json_row(r) for r in results], f, indent=1)
+        write_json(args.json, seed, cases, results)
     return 0 if all(r.ok for r in results) else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
