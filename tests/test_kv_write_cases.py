@@ -1,9 +1,12 @@
 """The K/V-write cases of the kernel harness (harness/kv_write.py), which the GPU rows and the CUDA kernels' host
 emulation check against, run through the CPU backend's Numba writes: the cases and their checks pass for every
 quantized format (dense and LServe's two pools), and fail for int4 when the keys skip the Hadamard basis (the
-check can fail). Consistency of our own kernels with our reference layers, not an independent reference."""
+check can fail). Consistency of our own kernels with our reference layers, not an independent reference. Also the
+harness's clear_pages case (NumPy's zeroed pages) with the CPU clear and broken ones as its kernel."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from lserve_lite.backends import cpu_kernels as K
 from lserve_lite.backends.cpu_kv import kernel_view
 from lserve_lite.harness.common import HostCtx
 from lserve_lite.harness.kv_write import SPARSE_DIMS, WriteCase, check_write, dense_case, sparse_case
+from lserve_lite.harness.layers import case_clear_pages
 from lserve_lite.kv.quant import quantize
 
 
@@ -110,3 +114,32 @@ def test_write_cases_fail_a_padding_row_written():
         vals[-1, :, -1], sc[-1, :, -1] = vals[pg[0], :, off[0]], sc[pg[0], :, off[0]]  # the stray write
     bad = {r.kernel: r.note for r in check_write(case, "w", case.q_ref, pools) if not r.ok}
     assert bad == {f"w.{n}_scale": "3 written where nothing should be" for n in "kv"}
+
+
+def _clear_pages_rows(clear) -> list:
+    """The harness's clear_pages case with the host as its device and `clear(cache, pages, stream_pages)` as its
+    kernel."""
+    c = HostCtx(4)
+    c.cp = SimpleNamespace(asarray=np.array, asnumpy=np.asarray)
+    c.ops = SimpleNamespace(clear_pages=clear)
+    return case_clear_pages(c)
+
+
+def test_clear_pages_case_passes_the_cpu_clear_and_fails_broken_ones():
+    """clear_pages is a GPU kernel `kernels test` had no case for (README: every GPU kernel); its case passes the
+    CPU backend's clear and fails a clear that misses the streaming pools, one a page off, and one that does
+    nothing."""
+    rows = _clear_pages_rows(lambda cache, p, s: C.CpuOps.clear_pages(None, cache, p, s))
+    assert len(rows) == 7 and all(r.ok for r in rows), rows
+
+    def dense_only(cache, pages, stream_pages):
+        C.CpuOps.clear_pages(None, cache, pages, np.array([], np.int64))
+
+    def off_by_one(cache, pages, stream_pages):
+        C.CpuOps.clear_pages(None, cache, (pages + 1) % 12, stream_pages)
+
+    def nothing(cache, pages, stream_pages):
+        pass
+
+    for broken, bad in ((dense_only, 2), (off_by_one, 4), (nothing, 6)):
+        assert sum(not r.ok for r in _clear_pages_rows(broken)) == bad, broken.__name__

@@ -31,6 +31,7 @@ from .common import Ctx, Result, format_table
 from .kv_quant import case_kv_quant
 from .layers import (
     case_add_rmsnorm,
+    case_clear_pages,
     case_embed,
     case_gate_up_silu,
     case_linear,
@@ -56,6 +57,7 @@ CASES: dict[str, Callable[[Ctx], list[Result]]] = {
     "embed": case_embed,
     "add_rmsnorm": case_add_rmsnorm,
     "rope_write_kv": case_rope_write_kv,
+    "clear_pages": case_clear_pages,
     "silu_mul": case_silu_mul,
     "gate_up_silu": case_gate_up_silu,
     "rmsnorm_linear": case_rmsnorm_linear,
