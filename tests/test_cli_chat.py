@@ -364,3 +364,16 @@ def test_serve_refuses_an_address_it_cannot_bind_before_loading(tmp_path):
                 capture_output=True, text=True, timeout=60,
             )  # fmt: skip
             assert r.returncode == 1 and f"cannot listen on {host}:{p}" in r.stderr, r.stderr
+
+
+def test_kernels_run_cases_of_an_empty_filter_runs_none(monkeypatch):
+    """`run_cases([])` (a filter over CASES that matched nothing) ran every case, minutes on a GPU."""
+    import lserve_lite.harness as harness
+    from lserve_lite.harness.common import Result
+
+    ran: list[str] = []
+    cases = {n: (lambda c, n=n: ran.append(n) or [Result(n, "s", 0, 0, True)]) for n in ("a", "b")}
+    monkeypatch.setattr(harness, "Ctx", lambda seed: None)
+    monkeypatch.setattr(harness, "CASES", cases)
+    assert harness.run_cases([], 0) == [] and ran == []
+    assert [r.kernel for r in harness.run_cases(None, 0)] == ["a", "b"] == ran
