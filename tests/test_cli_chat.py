@@ -327,10 +327,10 @@ def test_kernels_test_json_is_strict_json(monkeypatch, tmp_path):
     text = (tmp_path / "k.json").read_text()
     got = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert got["rows"][1] == {"kernel": "attention", "shape": "-", "max_abs": None, "rel": None, "ok": False,
-                              "note": "RuntimeError: x"}  # fmt: skip
+                              "note": "RuntimeError: x", "skipped": False}  # fmt: skip
     # the rows alone did not say which seed drew them (so a FAIL could not be run again) nor what was asked
-    assert {k: got[k] for k in ("seed", "cases", "passed", "failed", "skipped")} == {
-        "seed": 5, "cases": ["linear", "attention"], "passed": 1, "failed": 1, "skipped": None}  # fmt: skip
+    assert {k: got[k] for k in ("seed", "cases", "passed", "failed", "skipped", "not_run")} == {
+        "seed": 5, "cases": ["linear", "attention"], "passed": 1, "failed": 1, "skipped": 0, "not_run": None}  # fmt: skip
 
 
 def test_kernels_test_json_without_a_gpu_says_nothing_was_tested(monkeypatch, tmp_path):
@@ -340,8 +340,8 @@ def test_kernels_test_json_without_a_gpu_says_nothing_was_tested(monkeypatch, tm
     monkeypatch.setattr(harness, "cuda_available", lambda: False)
     assert harness.main(["test", "embed", "--json", str(tmp_path / "k.json")]) == 2
     got = json.loads((tmp_path / "k.json").read_text())
-    assert got == {"seed": None, "cases": ["embed"], "passed": 0, "failed": 0, "rows": [],
-                   "skipped": "no NVIDIA GPU visible to CuPy; nothing was tested"}  # fmt: skip
+    assert got == {"seed": None, "cases": ["embed"], "passed": 0, "failed": 0, "skipped": 0, "rows": [],
+                   "not_run": "no NVIDIA GPU visible to CuPy; nothing was tested"}  # fmt: skip
 
 
 def test_bench_json_path_that_is_a_directory(tiny_llama, tmp_path):
@@ -377,3 +377,41 @@ def test_kernels_run_cases_of_an_empty_filter_runs_none(monkeypatch):
     monkeypatch.setattr(harness, "CASES", cases)
     assert harness.run_cases([], 0) == [] and ran == []
     assert [r.kernel for r in harness.run_cases(None, 0)] == ["a", "b"] == ran
+
+
+def test_kernels_test_lists_rows_this_gpu_does_not_run(monkeypatch, tmp_path, capsys):
+    """Rows a GPU does not run (wgmma prefill below 9.x, fp8 KV below 8.9) were left out silently, so `0 failed`
+    read as if they had been checked; they are SKIP rows now, with the reason, counted apart, exit status 0."""
+    from types import SimpleNamespace
+
+    import lserve_lite.harness as harness
+    from lserve_lite.harness import attention as HA
+    from lserve_lite.harness import kv_quant as HK
+    from lserve_lite.harness.common import Result
+
+    def row(*a, **kw):
+        return Result("k", "s", 0, 0, True)
+
+    monkeypatch.setattr(HA, "prefill_kernels_available", lambda: ["mma"])
+    monkeypatch.setattr(HA, "_attention_case", row)
+    monkeypatch.setattr(HA, "sparse_prefill_one", row)
+    rows = HA.case_prefill_kernels(None)
+    assert [r.kernel for r in rows if r.skipped] == [
+        f"attention.prefill[{k}]" for k in ("wgmma", "tma", "wgmma bf16")
+    ]
+    for name in ("kv_attention_one", "kv_sparse_one"):
+        monkeypatch.setattr(HK, name, row)
+    for name in ("kv_write_one", "kv_write_fused_one", "kv_write_sparse_one"):
+        monkeypatch.setattr(HK, name, lambda *a, **kw: [])
+    monkeypatch.setattr(HK, "prefill_kernels", lambda c: [None])
+    kv_rows = HK.case_kv_quant(SimpleNamespace(ops=SimpleNamespace(kv_dtypes=("fp16", "int8", "int4"))))
+    assert [r.shape for r in kv_rows if r.skipped] == ["fp8"] and "sm_89" in kv_rows[0].note
+    assert len(kv_rows) > 1 and all(r.ok for r in kv_rows)
+
+    monkeypatch.setattr(harness, "cuda_available", lambda: True)
+    monkeypatch.setattr(harness, "run_cases", lambda names, seed: rows[-3:] + [row()])
+    assert harness.main(["test", "--json", str(tmp_path / "k.json")]) == 0
+    out = capsys.readouterr().out
+    assert "SKIP  (needs compute capability 9.x)" in out and "1 passed, 0 failed, 3 skipped" in out
+    got = json.loads((tmp_path / "k.json").read_text())
+    assert (got["passed"], got["failed"], got["skipped"]) == (1, 0, 3) and got["rows"][0]["skipped"] is True

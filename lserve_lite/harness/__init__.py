@@ -8,7 +8,8 @@ token ids) before the launch, runs the kernel through its launcher and compares 
 evaluated on the same float16-rounded inputs. One row per kernel and shape: max abs error, rel = max abs error /
 max |ref|, PASS/FAIL (a NaN left in an output fails). Exit status 1 on any failure; 2 with a note when no
 GPU is visible (nothing was tested). `--json FILE`: one object, the seed, the cases asked for, the counts, the rows
-(and `skipped`: why nothing was tested).
+(`not_run`: why nothing was tested). Rows this GPU does not run (wgmma prefill below compute capability 9.x, fp8
+KV below 8.9) are listed as SKIP with the reason, counted apart.
 
 LServe's named setups (attention.SPARSE_PREFILL / SPARSE_DECODE, layers.ROPE_SPARSE) run one at a time
 through the `*_one(ctx, name)` functions; the same cases back `pytest -m gpu` (tests/test_gpu_ops.py,
@@ -27,7 +28,7 @@ from dataclasses import asdict
 from ..backends import cuda_available
 from ..engine_args import bounded_int, distinct, json_file
 from .attention import case_attention, case_prefill_kernels, case_sparse_attention
-from .common import Ctx, Result, format_table
+from .common import Ctx, Result, counts, format_table
 from .kv_quant import case_kv_quant
 from .layers import (
     case_add_rmsnorm,
@@ -100,16 +101,19 @@ def _json_row(r: Result) -> dict:
 
 
 def write_json(
-    path: str, seed: int | None, cases: list[str], results: list[Result], skipped: str = ""
+    path: str, seed: int | None, cases: list[str], results: list[Result], not_run: str = ""
 ) -> None:
-    """The run as one JSON object: its seed (what draws the inputs again), the cases it ran, the counts, the rows;
-    `skipped`: why nothing was tested (a script reading the file must not take no rows for a pass)."""
+    """The run as one JSON object: its seed (what draws the inputs again), the cases it ran, the counts (a skipped
+    row: not run on this device, its note says why), the rows; `not_run`: why nothing was tested (a script reading
+    the file must not take no rows for a pass)."""
+    passed, failed, skips = counts(results)
     report = {
         "seed": seed,
         "cases": cases,
-        "passed": sum(r.ok for r in results),
-        "failed": sum(not r.ok for r in results),
-        "skipped": skipped or None,
+        "passed": passed,
+        "failed": failed,
+        "skipped": skips,
+        "not_run": not_run or None,
         "rows": [_json_row(r) for r in results],
     }
     with open(path, "w") as f:

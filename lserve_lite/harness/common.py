@@ -20,10 +20,17 @@ class Result:
     rel: float
     ok: bool
     note: str = ""
+    skipped: bool = False  # not run on this device (the note says why): neither passed nor failed
 
     def __post_init__(self) -> None:
         """Plain Python numbers (cases compute them with NumPy/CuPy), so rows serialise to JSON."""
         self.max_abs, self.rel, self.ok = float(self.max_abs), float(self.rel), bool(self.ok)
+        self.skipped = bool(self.skipped)
+
+
+def skipped(kernel: str, shape: str, why: str) -> Result:
+    """A row this device does not run, and why: listed, so a run without it does not read as having checked it."""
+    return Result(kernel, shape, 0.0, 0.0, True, why, skipped=True)
 
 
 @contextmanager
@@ -129,10 +136,18 @@ def silu_mul_atol(gu: np.ndarray, agu: np.ndarray, rounded: bool = False) -> np.
 def format_table(results: list[Result]) -> str:
     rows = [f"{'kernel':34s} {'shape':44s} {'max abs':>10s} {'rel':>10s}  result"]
     for r in results:
+        verdict = "SKIP" if r.skipped else "PASS" if r.ok else "FAIL"
         rows.append(
-            f"{r.kernel:34s} {r.shape[:44]:44s} {r.max_abs:10.3g} {r.rel:10.3g}  {'PASS' if r.ok else 'FAIL'}"
+            f"{r.kernel:34s} {r.shape[:44]:44s} {r.max_abs:10.3g} {r.rel:10.3g}  {verdict}"
             + (f"  ({r.note})" if r.note else "")
         )
-    fails = sum(not r.ok for r in results)
-    rows.append(f"{len(results) - fails} passed, {fails} failed")
+    passed, failed, skips = counts(results)
+    rows.append(f"{passed} passed, {failed} failed" + (f", {skips} skipped" if skips else ""))
     return "\n".join(rows)
+
+
+def counts(results: list[Result]) -> tuple[int, int, int]:
+    """(passed, failed, skipped) rows."""
+    skips = sum(r.skipped for r in results)
+    failed = sum(not r.ok for r in results)
+    return len(results) - failed - skips, failed, skips
