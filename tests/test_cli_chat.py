@@ -415,3 +415,19 @@ def test_kernels_test_lists_rows_this_gpu_does_not_run(monkeypatch, tmp_path, ca
     assert "SKIP  (needs compute capability 9.x)" in out and "1 passed, 0 failed, 3 skipped" in out
     got = json.loads((tmp_path / "k.json").read_text())
     assert (got["passed"], got["failed"], got["skipped"]) == (1, 0, 3) and got["rows"][0]["skipped"] is True
+
+
+def test_kernels_test_ops_that_do_not_start_are_one_failed_row(monkeypatch, tmp_path, capsys):
+    """CuPy seeing a GPU whose ops cannot start (the kernels' compiler missing, say) ended in a traceback before
+    any row, and no JSON."""
+    import lserve_lite.harness as harness
+
+    def no_ops(seed):
+        raise RuntimeError("nvrtc: libnvrtc.so.12 not found")
+
+    monkeypatch.setattr(harness, "cuda_available", lambda: True)
+    monkeypatch.setattr(harness, "Ctx", no_ops)
+    assert harness.main(["test", "embed", "--json", str(tmp_path / "k.json")]) == 1
+    assert "RuntimeError: nvrtc: libnvrtc.so.12 not found" in capsys.readouterr().out
+    got = json.loads((tmp_path / "k.json").read_text())
+    assert (got["failed"], got["rows"][0]["kernel"]) == (1, "CudaOps")

@@ -83,15 +83,24 @@ CASES: dict[str, Callable[[Ctx], list[Result]]] = {
 
 def run_cases(names, seed: int) -> list[Result]:
     """Run the named cases (all when None; none when an empty list: a filter that matched nothing) on inputs drawn
-    from `seed`; a case that raises becomes one failed row."""
-    c = Ctx(seed)
+    from `seed`; a case that raises becomes one failed row, and so does a context that cannot be made (CuPy sees
+    the GPU but the ops do not start: the kernels' compiler, an unsupported device)."""
+    try:
+        c = Ctx(seed)
+    except Exception as e:
+        return [_crashed("CudaOps", e)]
     results = []
     for name in CASES if names is None else names:
         try:
             results.extend(CASES[name](c))
         except Exception as e:  # a crash is a failure of that kernel, not of the harness
-            results.append(Result(name, "-", math.inf, math.inf, False, f"{type(e).__name__}: {e}"[:200]))
+            results.append(_crashed(name, e))
     return results
+
+
+def _crashed(what: str, e: Exception) -> Result:
+    """The failed row of a step that raised `e`."""
+    return Result(what, "-", math.inf, math.inf, False, f"{type(e).__name__}: {e}"[:200])
 
 
 def _json_row(r: Result) -> dict:
