@@ -143,3 +143,15 @@ def test_clear_pages_case_passes_the_cpu_clear_and_fails_broken_ones():
 
     for broken, bad in ((dense_only, 2), (off_by_one, 4), (nothing, 6)):
         assert sum(not r.ok for r in _clear_pages_rows(broken)) == bad, broken.__name__
+
+
+def test_compare_fails_a_stray_or_missing_value_under_an_infinite_tolerance():
+    """An infinite atol marks entries a kernel must leave alone (qkv_rope's unwritten cache slots, NaN on both
+    sides); a value written there, or a NaN left where the reference has one, must still fail."""
+    from lserve_lite.harness.common import compare
+
+    ref, tol = np.array([1.0, np.nan]), np.array([1e-3, np.inf])
+    assert compare("k", "s", [1.0, np.nan], ref, tol, 0).ok
+    stray = compare("k", "s", [1.0, 5.0], ref, tol, 0)
+    assert not stray.ok and stray.note == "1 written where nothing should be"
+    assert not compare("k", "s", [np.nan, np.nan], ref, np.inf, 0).ok

@@ -106,7 +106,8 @@ def compare(kernel: str, shape: str, got, ref, atol: float, rtol: float) -> Resu
     err = np.where(bad_nan | stray, np.inf, err)
     max_abs = float(err.max()) if err.size else 0.0
     scale = float(np.nanmax(np.abs(ref))) if np.isfinite(ref).any() else 1.0
-    ok = bool(np.all(err <= atol + rtol * np.abs(np.nan_to_num(ref))))
+    # whatever the tolerance (an infinite one marks entries no kernel writes): a NaN left or a value written fails
+    ok = bool(np.all(err <= atol + rtol * np.abs(np.nan_to_num(ref)))) and not (bad_nan | stray).any()
     notes = [f"{int(bad_nan.sum())} non-finite"] if bad_nan.any() else []
     notes += [f"{int(stray.sum())} written where nothing should be"] if stray.any() else []
     note = "; ".join(notes)
