@@ -92,14 +92,15 @@ def json_file(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text}: its directory does not exist")
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: a directory, not a file")
-    if path.exists():
-        if not os.access(path, os.W_OK):
+    # the text as the run will open it (Path drops a trailing slash: `out/` read as the file `out`)
+    if os.path.exists(text):
+        if not os.access(text, os.W_OK):
             raise argparse.ArgumentTypeError(f"{text}: cannot be written (permission denied)")
         return text
     try:
-        path.open("x").close()
-        path.unlink()
-    except OSError as e:  # a folder we may not write in, a read-only file system, /proc
+        open(text, "x").close()
+        os.unlink(text)
+    except OSError as e:  # a folder we may not write in, a read-only file system, /proc, a trailing slash
         raise argparse.ArgumentTypeError(f"{text}: cannot be written ({e.strerror.lower()})") from None
     return text
 

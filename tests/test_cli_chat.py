@@ -293,6 +293,16 @@ def test_kernels_test_refuses_bad_options_before_running(argv, msg, capsys):
     assert e.value.code == 2 and msg in capsys.readouterr().err
 
 
+def test_kernels_test_refuses_a_json_path_with_a_trailing_slash(tmp_path, capsys):
+    """`--json out/` (no such folder) passed as the file `out` and ended in IsADirectoryError after the run."""
+    from lserve_lite.harness import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["test", "--json", f"{tmp_path}/out/"])
+    assert e.value.code == 2 and "out/: cannot be written (is a directory)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_kernels_test_prints_the_seed_it_drew(monkeypatch, capsys):
     """Each run draws fresh inputs; the seed was never shown, so a FAIL on them could not be run again."""
     import lserve_lite.harness as harness
