@@ -4,6 +4,7 @@ serve): one parser and one EngineConfig builder, with argument types that refuse
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,12 +85,23 @@ def results_folder(text: str) -> str:
 
 
 def json_file(text: str) -> str:
-    """An argparse type: a file to write results into, in a directory that exists (checked before the run, which
-    would otherwise end in an OSError after all its work)."""
-    if not Path(text).resolve().parent.is_dir():
+    """An argparse type: a file to write results into, in a directory that exists, writable (checked before the
+    run, which would otherwise end in an OSError after all its work: a new file is created and removed here)."""
+    path = Path(text)
+    if not path.resolve().parent.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: its directory does not exist")
-    if Path(text).is_dir():
+    if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: a directory, not a file")
+    # the text as the run will open it (Path drops a trailing slash: `out/` read as the file `out`)
+    if os.path.exists(text):
+        if not os.access(text, os.W_OK):
+            raise argparse.ArgumentTypeError(f"{text}: cannot be written (permission denied)")
+        return text
+    try:
+        open(text, "x").close()
+        os.unlink(text)
+    except OSError as e:  # a folder we may not write in, a read-only file system, /proc, a trailing slash
+        raise argparse.ArgumentTypeError(f"{text}: cannot be written ({e.strerror.lower()})") from None
     return text
 
 

@@ -280,6 +280,8 @@ def test_kernels_test_without_a_gpu_is_not_a_pass():
             "its directory does not exist",
         ),  # was an OSError after the run
         (["--seed", "-1"], "--seed: -1 is outside [0,"),  # was NumPy's ValueError before the first case
+        (["--json", "/proc/k.json"], "/proc/k.json: cannot be written"),  # was an OSError after the run
+        (["attention", "linear", "attention"], "case attention is given twice"),  # its rows ran twice
     ],
 )
 def test_kernels_test_refuses_bad_options_before_running(argv, msg, capsys):
@@ -289,6 +291,16 @@ def test_kernels_test_refuses_bad_options_before_running(argv, msg, capsys):
     with pytest.raises(SystemExit) as e:
         main(["test", *argv])
     assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_kernels_test_refuses_a_json_path_with_a_trailing_slash(tmp_path, capsys):
+    """`--json out/` (no such folder) passed as the file `out` and ended in IsADirectoryError after the run."""
+    from lserve_lite.harness import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["test", "--json", f"{tmp_path}/out/"])
+    assert e.value.code == 2 and "out/: cannot be written (is a directory)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_kernels_test_prints_the_seed_it_drew(monkeypatch, capsys):
@@ -319,11 +331,27 @@ def test_kernels_test_json_is_strict_json(monkeypatch, tmp_path):
     ]
     monkeypatch.setattr(harness, "cuda_available", lambda: True)
     monkeypatch.setattr(harness, "run_cases", lambda names, seed: rows)
-    assert harness.main(["test", "--json", str(tmp_path / "k.json")]) == 1
+    assert (
+        harness.main(["test", "--seed", "5", "linear", "attention", "--json", str(tmp_path / "k.json")]) == 1
+    )
     text = (tmp_path / "k.json").read_text()
     got = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
-    assert got[1] == {"kernel": "attention", "shape": "-", "max_abs": None, "rel": None, "ok": False,
-                      "note": "RuntimeError: x"}  # fmt: skip
+    assert got["rows"][1] == {"kernel": "attention", "shape": "-", "max_abs": None, "rel": None, "ok": False,
+                              "note": "RuntimeError: x", "skipped": False}  # fmt: skip
+    # the rows alone did not say which seed drew them (so a FAIL could not be run again) nor what was asked
+    assert {k: got[k] for k in ("seed", "cases", "passed", "failed", "skipped", "not_run")} == {
+        "seed": 5, "cases": ["linear", "attention"], "passed": 1, "failed": 1, "skipped": 0, "not_run": None}  # fmt: skip
+
+
+def test_kernels_test_json_without_a_gpu_says_nothing_was_tested(monkeypatch, tmp_path):
+    """Without a GPU, `--json` wrote no file: a script reading it found none, or an old run's."""
+    import lserve_lite.harness as harness
+
+    monkeypatch.setattr(harness, "cuda_available", lambda: False)
+    assert harness.main(["test", "embed", "--json", str(tmp_path / "k.json")]) == 2
+    got = json.loads((tmp_path / "k.json").read_text())
+    assert got == {"seed": None, "cases": ["embed"], "passed": 0, "failed": 0, "skipped": 0, "rows": [],
+                   "not_run": "no NVIDIA GPU visible to CuPy; nothing was tested"}  # fmt: skip
 
 
 def test_bench_json_path_that_is_a_directory(tiny_llama, tmp_path):
@@ -346,3 +374,70 @@ def test_serve_refuses_an_address_it_cannot_bind_before_loading(tmp_path):
                 capture_output=True, text=True, timeout=60,
             )  # fmt: skip
             assert r.returncode == 1 and f"cannot listen on {host}:{p}" in r.stderr, r.stderr
+
+
+def test_kernels_run_cases_of_an_empty_filter_runs_none(monkeypatch):
+    """`run_cases([])` (a filter over CASES that matched nothing) ran every case, minutes on a GPU."""
+    import lserve_lite.harness as harness
+    from lserve_lite.harness.common import Result
+
+    ran: list[str] = []
+    cases = {n: (lambda c, n=n: ran.append(n) or [Result(n, "s", 0, 0, True)]) for n in ("a", "b")}
+    monkeypatch.setattr(harness, "Ctx", lambda seed: None)
+    monkeypatch.setattr(harness, "CASES", cases)
+    assert harness.run_cases([], 0) == [] and ran == []
+    assert [r.kernel for r in harness.run_cases(None, 0)] == ["a", "b"] == ran
+
+
+def test_kernels_test_lists_rows_this_gpu_does_not_run(monkeypatch, tmp_path, capsys):
+    """Rows a GPU does not run (wgmma prefill below 9.x, fp8 KV below 8.9) were left out silently, so `0 failed`
+    read as if they had been checked; they are SKIP rows now, with the reason, counted apart, exit status 0."""
+    from types import SimpleNamespace
+
+    import lserve_lite.harness as harness
+    from lserve_lite.harness import attention as HA
+    from lserve_lite.harness import kv_quant as HK
+    from lserve_lite.harness.common import Result
+
+    def row(*a, **kw):
+        return Result("k", "s", 0, 0, True)
+
+    monkeypatch.setattr(HA, "prefill_kernels_available", lambda: ["mma"])
+    monkeypatch.setattr(HA, "_attention_case", row)
+    monkeypatch.setattr(HA, "sparse_prefill_one", row)
+    rows = HA.case_prefill_kernels(None)
+    assert [r.kernel for r in rows if r.skipped] == [
+        f"attention.prefill[{k}]" for k in ("wgmma", "tma", "wgmma bf16")
+    ]
+    for name in ("kv_attention_one", "kv_sparse_one"):
+        monkeypatch.setattr(HK, name, row)
+    for name in ("kv_write_one", "kv_write_fused_one", "kv_write_sparse_one"):
+        monkeypatch.setattr(HK, name, lambda *a, **kw: [])
+    monkeypatch.setattr(HK, "prefill_kernels", lambda c: [None])
+    kv_rows = HK.case_kv_quant(SimpleNamespace(ops=SimpleNamespace(kv_dtypes=("fp16", "int8", "int4"))))
+    assert [r.shape for r in kv_rows if r.skipped] == ["fp8"] and "sm_89" in kv_rows[0].note
+    assert len(kv_rows) > 1 and all(r.ok for r in kv_rows)
+
+    monkeypatch.setattr(harness, "cuda_available", lambda: True)
+    monkeypatch.setattr(harness, "run_cases", lambda names, seed: rows[-3:] + [row()])
+    assert harness.main(["test", "--json", str(tmp_path / "k.json")]) == 0
+    out = capsys.readouterr().out
+    assert "SKIP  (needs compute capability 9.x)" in out and "1 passed, 0 failed, 3 skipped" in out
+    got = json.loads((tmp_path / "k.json").read_text())
+    assert (got["passed"], got["failed"], got["skipped"]) == (1, 0, 3) and got["rows"][0]["skipped"] is True
+
+
+def test_kernels_test_ops_that_do_not_start_are_one_failed_row(monkeypatch, tmp_path, capsys):
+    """CuPy seeing a GPU whose ops cannot start (the kernels' compiler missing, say) ended in a traceback before
+    any row, and no JSON."""
+    import lserve_lite.harness as harness
+
+    def no_ops(seed):
+        raise RuntimeError("nvrtc: libnvrtc.so.12 not found")
+
+    monkeypatch.setattr(harness, "cuda_available", lambda: True)
+    monkeypatch.setattr(harness, "Ctx", no_ops)
+    assert harness.main(["test", "embed", "--json", str(tmp_path / "k.json")]) == 1
+    assert "RuntimeError: nvrtc: libnvrtc.so.12 not found" in capsys.readouterr().out
+    got = json.loads((tmp_path / "k.json").read_text())
+    assert (got["failed"], got["rows"][0]["kernel"]) == (1, "CudaOps")

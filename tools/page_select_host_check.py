@@ -38,6 +38,7 @@ from lserve_lite.backends.cuda_attention import (  # noqa: E402
     topk_stage_entries,
 )
 from lserve_lite.backends.reference.page_select import select_pages_ref  # noqa: E402
+from lserve_lite.engine_args import bounded_int  # noqa: E402
 from lserve_lite.errors import exit_status  # noqa: E402
 from lserve_lite.harness.attention import SPARSE_DECODE, decode_setup  # noqa: E402
 from lserve_lite.harness.common import HostCtx  # noqa: E402
@@ -151,7 +152,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="three setups (CI)")
     ap.add_argument("--long", action="store_true", help="also SELECT_LONG (4096 to 17024 pages; minutes)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=bounded_int(0), default=0)  # NumPy refuses a negative seed
     a = ap.parse_args()
     cases = QUICK if a.quick else FULL + (LONG if a.long else [])
     ok = True

@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from lserve_lite.backends.quant_split import SPLIT_FORMATS, split  # noqa: E402
 from lserve_lite.backends.reference.layers import silu_mul_ref  # noqa: E402
 from lserve_lite.backends.reference.page_stats import merge_page_stats  # noqa: E402
+from lserve_lite.engine_args import bounded_int  # noqa: E402
 from lserve_lite.errors import exit_status  # noqa: E402
 from lserve_lite.harness.common import silu_mul_atol  # noqa: E402
 from lserve_lite.harness.quant import (  # noqa: E402
@@ -405,7 +406,7 @@ def main(argv=None) -> int:
         "--quick", action="store_true", help="three small GEMV shapes per format (seconds, not minutes)"
     )
     ap.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=bounded_int(0), default=0)  # NumPy refuses a negative seed
     ap.add_argument(
         "--variants",
         nargs="+",

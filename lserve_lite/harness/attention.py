@@ -14,7 +14,7 @@ from ..backends.reference.attention import paged_attention_ref, paged_attention_
 from ..backends.reference.page_select import select_pages_ref
 from ..backends.reference.page_stats import update_page_stats
 from ..sparse.plan import BatchLayout, build_plan
-from .common import BF16_NAN, Ctx, Result, bf16_bits, bf16_values, compare, setting
+from .common import BF16_NAN, Ctx, Result, bf16_bits, bf16_values, compare, setting, skipped
 from .sparse_batch import SparseBatch, sparse_batch, sparse_cache
 
 
@@ -85,16 +85,19 @@ def prefill_kernels_available() -> list[str]:
 def case_prefill_kernels(c: Ctx) -> list[Result]:
     """Every prefill row (dense mode, and the LServe two-pool setups) under each available prefill kernel; on 9.x
     the dense rows again with bf16 queries, caches and output (the wgmma kernel's bf16 instantiation)."""
-    out = []
-    for impl in prefill_kernels_available():
+    out, available = [], prefill_kernels_available()
+    for impl in available:
         with setting(cuda_attention, "PREFILL_KERNEL", impl):
             rows = [_attention_case(c, **kw) for kw in PREFILL_KERNEL_CASES]
             rows += [sparse_prefill_one(c, name) for name in SPARSE_PREFILL]
         for r in rows:
             r.kernel = f"{r.kernel}[{impl}]"
         out += rows
-    if "wgmma" in prefill_kernels_available():
+    if "wgmma" in available:
         out += [bf16_prefill_case(c, **kw) for kw in PREFILL_KERNEL_CASES]
+    else:
+        sm90 = "needs compute capability 9.x"
+        out += [skipped(f"attention.prefill[{k}]", "-", sm90) for k in ("wgmma", "tma", "wgmma bf16")]
     return out
 
 

@@ -20,10 +20,17 @@ class Result:
     rel: float
     ok: bool
     note: str = ""
+    skipped: bool = False  # not run on this device (the note says why): neither passed nor failed
 
     def __post_init__(self) -> None:
         """Plain Python numbers (cases compute them with NumPy/CuPy), so rows serialise to JSON."""
         self.max_abs, self.rel, self.ok = float(self.max_abs), float(self.rel), bool(self.ok)
+        self.skipped = bool(self.skipped)
+
+
+def skipped(kernel: str, shape: str, why: str) -> Result:
+    """A row this device does not run, and why: listed, so a run without it does not read as having checked it."""
+    return Result(kernel, shape, 0.0, 0.0, True, why, skipped=True)
 
 
 @contextmanager
@@ -86,19 +93,24 @@ BF16_NAN = 0x7FC0  # the bits a bf16 output is poisoned with
 
 
 def compare(kernel: str, shape: str, got, ref, atol: float, rtol: float) -> Result:
-    """Elementwise |got - ref| <= atol + rtol |ref|; a non-finite value where ref is finite fails."""
+    """Elementwise |got - ref| <= atol + rtol |ref|; a non-finite value where ref is finite fails, and so does a
+    value where ref is NaN (what a kernel must leave unwritten, poisoned)."""
     got = np.asarray(got, dtype=np.float64)
     ref = np.asarray(ref, dtype=np.float64)
     if got.shape != ref.shape:
         return Result(kernel, shape, math.inf, math.inf, False, f"shape {got.shape} != {ref.shape}")
     both_nan = np.isnan(got) & np.isnan(ref)
     bad_nan = ~np.isfinite(got) & ~both_nan
+    stray = np.isnan(ref) & np.isfinite(got)
     err = np.where(both_nan, 0.0, np.abs(got - ref))
-    err = np.where(bad_nan, np.inf, err)
+    err = np.where(bad_nan | stray, np.inf, err)
     max_abs = float(err.max()) if err.size else 0.0
     scale = float(np.nanmax(np.abs(ref))) if np.isfinite(ref).any() else 1.0
-    ok = bool(np.all(err <= atol + rtol * np.abs(np.nan_to_num(ref))))
-    note = f"{int(bad_nan.sum())} non-finite" if bad_nan.any() else ""
+    # whatever the tolerance (an infinite one marks entries no kernel writes): a NaN left or a value written fails
+    ok = bool(np.all(err <= atol + rtol * np.abs(np.nan_to_num(ref)))) and not (bad_nan | stray).any()
+    notes = [f"{int(bad_nan.sum())} non-finite"] if bad_nan.any() else []
+    notes += [f"{int(stray.sum())} written where nothing should be"] if stray.any() else []
+    note = "; ".join(notes)
     return Result(kernel, shape, max_abs, max_abs / max(scale, 1e-30), ok, note)
 
 
@@ -125,10 +137,18 @@ def silu_mul_atol(gu: np.ndarray, agu: np.ndarray, rounded: bool = False) -> np.
 def format_table(results: list[Result]) -> str:
     rows = [f"{'kernel':34s} {'shape':44s} {'max abs':>10s} {'rel':>10s}  result"]
     for r in results:
+        verdict = "SKIP" if r.skipped else "PASS" if r.ok else "FAIL"
         rows.append(
-            f"{r.kernel:34s} {r.shape[:44]:44s} {r.max_abs:10.3g} {r.rel:10.3g}  {'PASS' if r.ok else 'FAIL'}"
+            f"{r.kernel:34s} {r.shape[:44]:44s} {r.max_abs:10.3g} {r.rel:10.3g}  {verdict}"
             + (f"  ({r.note})" if r.note else "")
         )
-    fails = sum(not r.ok for r in results)
-    rows.append(f"{len(results) - fails} passed, {fails} failed")
+    passed, failed, skips = counts(results)
+    rows.append(f"{passed} passed, {failed} failed" + (f", {skips} skipped" if skips else ""))
     return "\n".join(rows)
+
+
+def counts(results: list[Result]) -> tuple[int, int, int]:
+    """(passed, failed, skipped) rows."""
+    skips = sum(r.skipped for r in results)
+    failed = sum(not r.ok for r in results)
+    return len(results) - failed - skips, failed, skips

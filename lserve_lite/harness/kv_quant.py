@@ -1,5 +1,5 @@
 """Harness rows of the quantized KV cache (`--kv-dtype` int8 / int4 / fp8; kernels/kv_quant.cuh inside
-layers.cu and attention_*.cu), one per KV dtype the GPU offers, against the references of kv/quant.py and
+layers.cu and attention_*.cu), one per KV dtype the GPU offers (the others: a SKIP row), against the references of kv/quant.py and
 backends/reference/: attention over the same quantized values (both pools, chunked prefill over cached pages,
 selected pages), and the K/V write (values within half a quantization step of the float K/V, the selector
 statistics of the unquantized keys). Decode rows run once per quantized-decode implementation
@@ -17,7 +17,7 @@ from ..backends.reference.page_select import select_pages_ref
 from ..kv.quant import FORMATS, KVFormat, quantize
 from ..sparse.plan import BatchLayout, build_plan
 from .attention import SPARSE_PREFILL, decode_setup
-from .common import Ctx, Result, compare, setting
+from .common import Ctx, Result, compare, setting, skipped
 from .kv_write import DENSE_WRITES, SPARSE_DIMS, check_write, dense_case, sparse_case
 from .sparse_batch import sparse_batch, sparse_cache
 
@@ -204,6 +204,10 @@ def kv_write_fused_one(c: Ctx, kv: str) -> list[Result]:
             if not fused.fuses_qkv_rope(args[0], dw, pos, slots, cache):  # Q4_1: where it is not split here
                 if wfmt is None:
                     out.append(Result("kv_quant.write_fused", case.tag, 0.0, 0.0, False, "not fused"))
+                else:
+                    out.append(
+                        skipped("kv_quant.write_fused", case.tag, "not fused here (not split on this GPU)")
+                    )
                 continue
             q, _ = fused.qkv_rope(*args, pos, slots, cache, 0, rope)
             pools = [(v.get(), s.get()) for v, s in zip(dev, sc, strict=True)]
@@ -214,7 +218,7 @@ def kv_write_fused_one(c: Ctx, kv: str) -> list[Result]:
 def kv_write_sparse_one(c: Ctx, kv: str, d: int) -> list[Result]:
     """rope_write_kv_sparse into quantized pools (harness/kv_write.sparse_case: a chunk whose logical page holds
     earlier tokens, so the statistics merge, and a fresh prompt); K/V of both pools within the step bound,
-    kmax/kmin = rope_write_kv_sparse_ref's (the unquantized keys' statistics)."""
+    their scales as the reference rule, kmax/kmin = rope_write_kv_sparse_ref's (the unquantized keys' statistics)."""
     fmt, case = FORMATS[kv], sparse_case(c, kv, d)
     sp, cp = case.sparse, c.cp
     dev = [_garbage(c, (*p.shape, fmt.packed_dim(case.d)), p.fmt.value_dtype) for p in case.pools]
@@ -235,7 +239,8 @@ def kv_write_sparse_one(c: Ctx, kv: str, d: int) -> list[Result]:
 
 
 def case_kv_quant(c: Ctx) -> list[Result]:
-    out: list[Result] = []
+    out = [skipped("kv_quant", kv, "kv_dtype not offered by this GPU (fp8: sm_89 and newer)")
+           for kv in QUANT_KV if kv not in kv_formats(c)]  # fmt: skip
     for kv in kv_formats(c):
         for name in KV_ATTENTION:
             if is_decode(name):

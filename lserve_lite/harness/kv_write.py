@@ -151,8 +151,9 @@ def within_step(
 def check_write(
     case: WriteCase, prefix: str, q, pools: list[tuple], stats: tuple | None = None
 ) -> list[Result]:
-    """What a kernel wrote (host arrays: q [N, Hq, D], per pool its (values, fp16 scales), LServe's (kmax, kmin))
-    against the case: q within fp16 rounding, values within the step bound, dense mode's scales as the format's
+    """What a kernel wrote (host arrays: q [N, Hq, D], per pool its (values, fp16 scales NaN-poisoned before the
+    write), LServe's (kmax, kmin))
+    against the case: q within fp16 rounding, values within the step bound, every pool's scales as the format's
     rule gives them (rotated keys: within the fp16 rounding of the keys the kernels rotate), the page
     statistics as the reference's."""
     # a Hadamard-rotated q carries each channel's fp16 rounding from the whole head (2^-11 of its RMS), not from itself
@@ -167,10 +168,13 @@ def check_write(
         out.append(
             within_step(f"{prefix}.{p.name}", case.tag, vals[pg, :, off], got_sc, rows, p.fmt, rotated)
         )
-        if not case.sparse:  # keys rotated from fp16-rounded values (kernels) or float32 ones (the reference)
-            atol = 2e-3 * float(np.abs(rows).max(initial=0)) if rotated else 1e-6
-            want = quantize(rows, p.fmt, np.float16)[1]
-            out.append(compare(f"{prefix}.{p.name}_scale", case.tag, got_sc, want, atol, 2e-3))
+        # every pool's scales (the step bound above is taken from them: a scale too large passes it), the whole
+        # pool: rows no write is for keep their NaN poison (a padding row written at slot -1 fails); rotated keys
+        # come from fp16-rounded values (kernels) or float32 ones (the reference)
+        atol = 2e-3 * float(np.abs(rows).max(initial=0)) if rotated else 1e-6
+        want = np.full(sc.shape, np.nan)
+        want[pg, :, off] = quantize(rows, p.fmt, np.float16)[1]
+        out.append(compare(f"{prefix}.{p.name}_scale", case.tag, sc, want, atol, 2e-3))
     if stats is not None:
         out.append(compare(f"{prefix}.kmax", case.tag, stats[0], case.sparse["want_max"], 2e-3, 4e-3))
         out.append(compare(f"{prefix}.kmin", case.tag, stats[1], case.sparse["want_min"], 2e-3, 4e-3))

@@ -1,6 +1,6 @@
 """Harness rows of kernels/layers.cu (embedding gather, residual add + RMSNorm, alone and in the prologue of the
 GEMV after it, RoPE + K/V page write in both KV layouts with the page statistics, SiLU-and-multiply, alone and in
-the gate_up GEMV) and of the GEMMs (our GEMV and cuBLAS), against backends/reference/layers.py."""
+the gate_up GEMV, the page clears of a fresh page) and of the GEMMs (our GEMV and cuBLAS), against backends/reference/layers.py."""
 
 from __future__ import annotations
 
@@ -118,6 +118,32 @@ def case_rope_write_kv(c: Ctx) -> list[Result]:
         out.append(compare("rope_write_kv.q", tag, q.get(), q_ref, 2e-3, 4e-3))
         out.append(compare("rope_write_kv.k", tag, kc.get(), k_ref, 2e-3, 4e-3))
         out.append(compare("rope_write_kv.v", tag, vc.get(), v_ref, 0, 0))
+    return out
+
+
+def case_clear_pages(c: Ctx) -> list[Result]:
+    """CudaOps.clear_pages (layers.cu's clear_pages: pages handed to a sequence read as a fresh pool's) on pools of
+    every kind, random and nonzero: fp16 values, int4 bytes, scales, page statistics, a pool without heads, a
+    streaming pool family; a page listed twice. Reference: NumPy zeroes the listed pages; every other page must
+    stay as it was, bit for bit."""
+    cp = c.cp
+    dense = [c.f16(12, 2, 16, 64), c.f16(12, 0, 16, 64), c.f16(12, 3, 16, 2), c.f16(12, 1, 4, 128)]
+    dense = [a.astype(np.float16) for a in dense] + [c.rng.integers(1, 256, (12, 2, 16, 32), dtype=np.uint8)]
+    stream = [c.f16(7, 1, 16, 64).astype(np.float16) for _ in "kv"]
+    pages, stream_pages = np.array([5, 0, 11, 5]), np.array([6])
+    dev_dense, dev_stream = [cp.asarray(a) for a in dense], [cp.asarray(a) for a in stream]
+    cache = KVCache(k=dev_dense[:2], v=dev_dense[4:], page_size=16, num_pages=12, ks=dev_stream[:1],
+                    vs=dev_stream[1:], k_scale=dev_dense[2:3], v_scale=[], kmax=dev_dense[3:4], kmin=[])  # fmt: skip
+    c.ops.clear_pages(cache, pages, stream_pages)
+    out = []
+    names = ("k", "k (no heads)", "k_scale", "kmax", "v int4", "ks", "vs")
+    for name, a, d, cleared in zip(names, dense + stream, dev_dense + dev_stream, [pages] * 5 + [stream_pages] * 2,
+                                   strict=True):  # fmt: skip
+        want = a.copy()
+        want[cleared] = 0
+        out.append(
+            compare(f"clear_pages.{name}", f"{a.shape} pages {cleared.tolist()}", cp.asnumpy(d), want, 0, 0)
+        )
     return out
 
 
