@@ -38,7 +38,6 @@ _STRUCTURED = "use response_format (json_object or json_schema)"
 # request fields (serve/protocol.py).
 VLLM_UNSUPPORTED: dict[str, tuple[object, str]] = {
     "min_p": (0, "leave it out, or use top_p / top_k"),
-    "min_tokens": (0, "leave it out; ignore_eos with max_tokens gives a fixed length"),
     "use_beam_search": (False, "no beam search"),
     "length_penalty": (1, "no beam search"),
     "early_stopping": (False, "no beam search"),
@@ -120,6 +119,8 @@ class _Params:
     )
     # special tokens whose text stays in the output (the markers a tool-call parser reads); others are dropped
     keep_special_tokens: list[str] = field(default_factory=list)
+    # vLLM's: until this many tokens are generated EOS and stop_token_ids are masked out and stop strings not searched
+    min_tokens: int = 0
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -181,6 +182,14 @@ class _Params:
                 raise InvalidRequestError(
                     f"logit_bias must map token ids >= 0 to numbers in [{lo}, {hi}], got {t!r}: {v!r}"
                 )
+        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise InvalidRequestError(
+                f"min_tokens must be an integer in [0, max_tokens ({self.max_new_tokens})], got {self.min_tokens!r}"
+            )
+        if self.min_tokens and self.constrained:
+            raise InvalidRequestError(
+                "min_tokens cannot be combined with response_format (a grammar may end first)"
+            )
         fmt = self.response_format
         if fmt is not None:
             kind = fmt.get("type") if isinstance(fmt, dict) else None

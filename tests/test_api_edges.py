@@ -163,7 +163,8 @@ def test_none_is_no_stop_strings_ids_or_bias_as_in_vllm():
     "kw,match",
     [
         (dict(min_p=0.1), r"^min_p is not supported \(leave it out, or use top_p / top_k\)$"),
-        (dict(min_tokens=3), r"^min_tokens is not supported \(leave it out; ignore_eos with max_tokens"),
+        (dict(min_tokens=3), r"^min_tokens must be an integer in \[0, max_tokens \(2\)\], got 3$"),
+        (dict(min_tokens=2, response_format={"type": "json_object"}), r"^min_tokens cannot be combined"),
         (dict(best_of=4, n=2), r"^best_of must equal n \(candidates are not ranked\)$"),
         (dict(skip_special_tokens=False), r"^skip_special_tokens is not supported"),
         (dict(spaces_between_special_tokens=False), r"^spaces_between_special_tokens is not supported"),
@@ -819,6 +820,27 @@ def test_stop_reason_names_the_stop_as_vllms(llm):
     assert (by_id.finish_reason, by_id.stop_reason, by_id.token_ids[-1]) == ("stop", tok, tok)
     text = llm.generate([[5, 6]], SamplingParams(**greedy, stop=["\x00\x01never", free.text[1:3]]))[0]
     assert (text.finish_reason, text.stop_reason) == ("stop", free.text[1:3])
+
+
+def test_min_tokens_holds_off_eos_stop_ids_and_stop_strings_as_vllms(llm):
+    """vLLM's min_tokens (refused before): until that many tokens EOS and stop_token_ids are masked out and stop
+    strings not searched; then each ends the reply as before."""
+    eos = min(llm.engine.eos_ids)
+    to_eos = dict(max_tokens=8, temperature=0, logit_bias={eos: 100})
+    assert llm.generate([[5, 6]], SamplingParams(**to_eos))[0].token_ids == [eos]
+    held = llm.generate([[5, 6]], SamplingParams(**to_eos, min_tokens=4))[0]
+    assert len(held.token_ids) == 5 and held.token_ids[-1] == eos and eos not in held.token_ids[:4]
+    assert held.finish_reason == "stop"
+    free = llm.generate([[5, 6]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    tok = free.token_ids[0]
+    by_id = dict(max_tokens=8, temperature=0, ignore_eos=True, stop_token_ids=[tok], logit_bias={tok: 100})
+    assert llm.generate([[5, 6]], SamplingParams(**by_id))[0].token_ids == [tok]
+    late = llm.generate([[5, 6]], SamplingParams(**by_id, min_tokens=3))[0]
+    assert late.token_ids[:3].count(tok) == 0 and late.token_ids[3] == tok and late.stop_reason == tok
+    stop = dict(max_tokens=8, temperature=0, ignore_eos=True, stop=[free.text[1:3]])
+    assert llm.generate([[5, 6]], SamplingParams(**stop))[0].text == free.text[:1]
+    on = llm.generate([[5, 6]], SamplingParams(**stop, min_tokens=8))[0]
+    assert len(on.token_ids) == 8 and on.text.startswith(free.text[:3])
 
 
 def test_logprobs_read_as_vllms_dicts(llm):

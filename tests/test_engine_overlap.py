@@ -173,6 +173,21 @@ def test_requests_that_need_the_host_fall_back(tiny_llama):
     assert alone.launches == 0
 
 
+def test_min_tokens_runs_in_sync_until_met_then_overlaps(tiny_llama):
+    """min_tokens masks EOS on the host's count of tokens: a sequence steps in sync until it has them, then
+    overlaps; the streams equal the synchronous engine's, and EOS biased to come first ends each at min_tokens + 1."""
+    reqs = [
+        (p, SamplingParams(temperature=0, max_new_tokens=16, min_tokens=6, **(
+            {"logit_bias": {2: 100}} if i % 2 else {"ignore_eos": True})))
+        for i, p in enumerate(PROMPTS)
+    ]  # fmt: skip
+    ref, over = both(tiny_llama, reqs)
+    assert [r[2:] for r in ref[1::2]] == [("stop", 7)] * (len(PROMPTS) // 2)
+    assert (
+        0 < over.launches <= sum(n - 5 for *_, n in ref)
+    )  # none sampled ahead before min_tokens (+1: a stop)
+
+
 def test_lserve_mode_equals_sync(tiny_llama, tmp_path):
     pattern = tmp_path / "full_attention_heads.tsv"
     pattern.write_text("0.9\t0.1\n0.2\t0.8\n")

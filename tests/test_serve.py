@@ -351,7 +351,7 @@ def test_bad_requests_400(server, client):
         dict(logit_bias={"99999": 1}), dict(top_logprobs=2), dict(tools=[{}]),
         dict(messages=[{"role": "wizard", "content": "hi"}]), dict(messages=None),
         # vLLM extensions without an implementation: refused, not ignored (min_p and guided_json had no effect)
-        dict(min_p=0.1), dict(min_tokens=3), dict(use_beam_search=True), dict(guided_json={"type": "object"}),
+        dict(min_p=0.1), dict(min_tokens=-1), dict(use_beam_search=True), dict(guided_json={"type": "object"}),
         dict(guided_choice=["a", "b"]),
     ]  # fmt: skip
     for kw in cases:

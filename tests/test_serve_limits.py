@@ -258,6 +258,20 @@ def test_max_completion_tokens_on_completions_is_refused_not_ignored(client):
     assert r.json()["usage"]["completion_tokens"] == 3
 
 
+def test_min_tokens_holds_off_eos_on_both_endpoints(client, tiny_llama):
+    """vLLM's min_tokens (a 400 before): EOS, biased to come first, ends the reply only after that many tokens;
+    over max_tokens it is a 400 naming it."""
+    eos = json.loads((tiny_llama / "config.json").read_text())["eos_token_id"]
+    for chat in (False, True):
+        body = {"max_tokens": 6} | ({"messages": MSGS} if chat else {"prompt": "hi"})
+        first = post(client, body | {"logit_bias": {str(eos): 100}}, chat).json()
+        assert first["usage"]["completion_tokens"] == 1
+        held = post(client, body | {"logit_bias": {str(eos): 100}, "min_tokens": 3}, chat).json()
+        assert held["usage"]["completion_tokens"] == 4 and held["choices"][0]["finish_reason"] == "stop"
+        err = error(post(client, body | {"min_tokens": 7}, chat))
+        assert err["param"] == "min_tokens" and "max_tokens (6)" in err["message"]
+
+
 @pytest.mark.parametrize(
     "chat,field,value",
     [

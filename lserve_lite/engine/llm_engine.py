@@ -279,6 +279,9 @@ class LLMEngine:
             if bad:
                 raise InvalidRequestError(f"{what} token id {bad[0]} is not in [0, {self.cfg.vocab_size})")
         seq = Sequence(ids, params, request_id)
+        seq.ends = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else frozenset(self.eos_ids)
+        )
         if params.constrained:
             seq.guide, seq.token_mask = guide or self.guide(params)
         if sparse:
@@ -514,14 +517,17 @@ class LLMEngine:
             seq.text += dec.push(tok)
             if complete or at_length:  # its last text: the stop strings below see all of it
                 seq.text += dec.flush()
+        early = len(seq.output_ids) < p.min_tokens  # vLLM's min_tokens: no stop string ends it yet
+        if early:
+            seq.stops_from = len(seq.text)
         reason = "stop" if stop_tok or complete else None
         if stop_tok and (tok not in self.eos_ids or p.ignore_eos):  # vLLM's stop_reason: a stop id, not EOS
             seq.stop_reason = tok
         if reason == "stop" and failure(seq):  # the grammar gave up: the reply is cut, not whole
             reason = "error"
-        if not stop_tok and p.stop:
+        if not stop_tok and p.stop and not early:
             hit = min(
-                (i for i in (seq.text.find(s, max(0, seq.emitted - len(s))) for s in p.stop) if i >= 0),
+                (i for i in (seq.text.find(s, _search_from(seq, s)) for s in p.stop) if i >= 0),
                 default=-1,
             )
             if hit >= 0:
@@ -608,7 +614,7 @@ def _check_request_id(request_id: object) -> None:
 
 def _plain(seq: Sequence) -> bool:
     """A sequence whose next step needs nothing of this step's token on the host: no grammar, no logprobs,
-    no penalty that counts the generated tokens."""
+    no penalty that counts the generated tokens, no min_tokens mask still to lift."""
     p = seq.params
     return (
         seq.guide is None
@@ -616,7 +622,14 @@ def _plain(seq: Sequence) -> bool:
         and p.repetition_penalty == 1.0
         and not p.presence_penalty
         and not p.frequency_penalty
+        and len(seq.output_ids) >= p.min_tokens
     )
+
+
+def _search_from(seq: Sequence, stop: str) -> int:
+    """Where stop string `stop` is searched in seq.text: past the text already returned (less the stop's length,
+    for one the last token completed) and ending past the text made before min_tokens (vLLM's rule)."""
+    return max(0, seq.emitted - len(stop), seq.stops_from - len(stop) + 1)
 
 
 def _drop_finished(batch: ScheduledBatch) -> None:

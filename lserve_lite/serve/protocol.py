@@ -87,12 +87,14 @@ class _Request(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    min_tokens: int | None = Field(
+        None, ge=0
+    )  # vLLM's: no EOS, stop id or stop string ends the reply before it
     best_of: int | None = None  # vLLM's; only equal to n (candidates are not ranked)
     suffix: str | None = None  # the legacy completions' fill-in-the-middle, refused on both endpoints
     # vLLM extensions not implemented: a client that sets one expects its effect, so it is refused, not ignored,
     # unless it holds the value that means "off" (_unsupported: that value, and what to do instead)
     min_p: Any = None
-    min_tokens: Any = None
     use_beam_search: Any = None
     guided_json: Any = None
     guided_regex: Any = None
@@ -109,7 +111,7 @@ class _Request(BaseModel):
     logits_processors: Any = None
     add_special_tokens: Any = None
     _unsupported: ClassVar[dict[str, tuple[object, str]]] = {
-        **{k: VLLM_UNSUPPORTED[k] for k in ("min_p", "min_tokens", "use_beam_search", "structured_outputs",
+        **{k: VLLM_UNSUPPORTED[k] for k in ("min_p", "use_beam_search", "structured_outputs",
                                             "include_stop_str_in_output", "skip_special_tokens", "allowed_token_ids",
                                             "bad_words", "truncate_prompt_tokens", "logits_processors")},
         **{f"guided_{k}": VLLM_UNSUPPORTED["guided_decoding"] for k in ("json", "regex", "choice", "grammar")},
@@ -174,6 +176,7 @@ class _Request(BaseModel):
                 stop=stop,
                 stop_token_ids=list(self.stop_token_ids or []),
                 ignore_eos=self.ignore_eos,
+                min_tokens=self.min_tokens or 0,
                 keep_special_tokens=self.kept_special_tokens(),
             )
         except InvalidRequestError as e:

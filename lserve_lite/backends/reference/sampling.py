@@ -4,6 +4,8 @@ the log-probabilities the OpenAI API returns."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ...sampling_params import SamplingParams
@@ -39,8 +41,8 @@ def sample(logits: np.ndarray, seqs: list[Sequence]) -> list[int]:
 
 
 def has_additive(p: SamplingParams) -> bool:
-    """Whether presence / frequency penalties or a logit bias add to any logit."""
-    return bool(p.presence_penalty or p.frequency_penalty or p.logit_bias)
+    """Whether presence / frequency penalties, a logit bias or min_tokens' mask add to any logit."""
+    return bool(p.presence_penalty or p.frequency_penalty or p.logit_bias or p.min_tokens)
 
 
 _NO_IDS, _NO_AMOUNTS = np.zeros(0, np.int64), np.zeros(0, np.float32)
@@ -49,7 +51,8 @@ _NO_IDS.flags.writeable = _NO_AMOUNTS.flags.writeable = False
 
 def additive_terms(seq: Sequence, vocab: int) -> tuple[np.ndarray, np.ndarray]:
     """Unique ids and the float32 amount added to their logits: -(count x frequency_penalty +
-    presence_penalty) over the generated ids (OpenAI's rule), plus logit_bias."""
+    presence_penalty) over the generated ids (OpenAI's rule), plus logit_bias; -inf for the ids that would end the
+    sequence (`seq.ends`) while it has fewer than min_tokens (vLLM's rule)."""
     p = seq.params
     if not has_additive(p):  # most requests: no per-id work a step
         return _NO_IDS, _NO_AMOUNTS
@@ -60,6 +63,8 @@ def additive_terms(seq: Sequence, vocab: int) -> tuple[np.ndarray, np.ndarray]:
             delta[t] = -(c * p.frequency_penalty + p.presence_penalty)
     for t, b in p.logit_bias.items():
         delta[t] = delta.get(t, 0.0) + b
+    if len(seq.output_ids) < p.min_tokens:
+        delta.update(dict.fromkeys(seq.ends, -math.inf))
     ids = np.fromiter((t for t in delta if t < vocab), np.int64)
     return ids, np.asarray([delta[t] for t in ids.tolist()], np.float32)
 
