@@ -35,14 +35,15 @@ MAX_JSON_BYTES = 64 << 20  # config / tokenizer / index JSON files larger than t
 
 
 def env_float(name: str, default: float, lo: float, hi: float) -> float:
-    """A numeric tuning knob from the environment, refused with one line outside [lo, hi]."""
+    """A numeric tuning knob from the environment, refused with one line outside [lo, hi] (an InvalidRequestError,
+    which the CLI and the server print alone, not a traceback)."""
     value = os.environ.get(name, "")
     try:
         x = float(value) if value else default
     except ValueError:
         x = float("nan")
     if not lo <= x <= hi:
-        raise ValueError(f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
+        raise InvalidRequestError(f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
     return x
 
 

@@ -147,6 +147,30 @@ def test_quant_tensor_rows_not_contiguous_run_python_parts():
     assert cpu_threads.usable_cpus() >= 1
 
 
+def test_helpers_hold_no_part_after_the_call():
+    """A split call's Python parts close over weights and KV arrays: an idle helper kept the last one it ran (in
+    its job slot and its loop's locals), so LLM.close left a weight, and with it the whole memory-mapped
+    safetensors file, alive for as long as the process ran. The parts go when the call returns."""
+    import gc
+    import weakref
+
+    class Weight:
+        pass
+
+    w = Weight()
+    gone = weakref.ref(w)
+    ran = []
+
+    def part(a, b, w=w):
+        ran.append((a, b))
+
+    assert _Helpers(spin_s=0.0).spread(part, [0, 10, 20, 30])
+    del part, w
+    gc.collect()
+    assert sorted(ran) == [(0, 10), (10, 20), (20, 30)]
+    assert gone() is None
+
+
 def test_spin_setting_refused_at_backend_start(monkeypatch):
     """LSERVE_CPU_SPIN_US: microseconds in [0, 1e6]; anything else is one line when the CPU backend starts."""
     from lserve_lite.backends.cpu import CpuOps

@@ -194,3 +194,25 @@ def test_cli_prints_one_line_not_a_traceback(tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0 and "model directory not found" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "env, msg",
+    [
+        ({"LSERVE_CPU_SELECTOR": "fast"}, "LSERVE_CPU_SELECTOR must be numba or ref"),
+        ({"LSERVE_CPU_SPIN_US": "soon"}, "LSERVE_CPU_SPIN_US must be a number"),
+    ],
+)
+def test_cli_bad_backend_knob_is_one_line(tmp_path, monkeypatch, capsys, env, msg):
+    """README's CPU kernel switches: a bad value ends the command with one `error:` line and status 1, as any
+    other bad setting does (it was a ValueError's traceback)."""
+    from tiny_models import make_tiny_numpy
+
+    from lserve_lite.cli import main
+
+    model = make_tiny_numpy(tmp_path / "m")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["generate", "--model", str(model), "--prompt", "hi", "--backend", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {msg}") and err.count("\n") == 1

@@ -198,6 +198,13 @@ def test_bundled_lookup(tmp_path):
     d.mkdir()
     (d / "config.json").write_text('{"_name_or_path": "org/Mistral-7B-Instruct-v0.2"}')
     assert bundled_pattern(d).parent.name == "Mistral-7B-Instruct-v0.2"
+    # `lserve-lite convert`'s output finds its GGUF's pattern (it ran without one: --sparse asked for a calibration)
+    conv = tmp_path / "out"
+    conv.mkdir()
+    (conv / "config.json").write_text(
+        '{"lserve_lite": {"converted_from": "smollm2-135m-instruct.q4_1.gguf"}}'
+    )
+    assert bundled_pattern(conv).parent.name == "SmolLM2-135M-Instruct"
     save_pattern(d / "full_attention_heads.tsv", np.ones((2, 2)))
     assert bundled_pattern(d) == d / "full_attention_heads.tsv"
     with pytest.raises(ModelLoadError, match="lserve-lite calibrate"):

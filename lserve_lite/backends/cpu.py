@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import GROUP_REDUCE, ORACLE_REDUCE, EngineConfig
+from ..errors import InvalidRequestError
 from ..sparse.plan import AttentionPlan
 from ..weights.qtensor import QuantTensor, RowStack, Weight, stored_bytes
 from . import cpu_kernels as K
@@ -71,7 +72,7 @@ class CpuOps:
         # compare the two); select_seconds counts the time spent in it (tools/bench_cpu_lserve.py reads it).
         self.selector = os.environ.get("LSERVE_CPU_SELECTOR", "numba")
         if self.selector not in ("numba", "ref"):
-            raise ValueError(f"LSERVE_CPU_SELECTOR must be numba or ref, got {self.selector!r}")
+            raise InvalidRequestError(f"LSERVE_CPU_SELECTOR must be numba or ref, got {self.selector!r}")
         self.select_seconds = 0.0
 
     def upload(self, a, name: str | None = None):

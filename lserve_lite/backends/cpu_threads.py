@@ -76,6 +76,7 @@ class _Helpers:
                 cpu_native.wait_done(self._ctl, n, self._seq)
                 errors = [e for e in self._errors[:n] if e is not None]
                 self._errors[:n] = [None] * n
+                self._py[:n] = [None] * n  # the parts' closures hold weights and KV: not past the call
             if errors:
                 raise errors[0]
         finally:
@@ -103,11 +104,7 @@ class _Helpers:
             last = cpu_native.serve(ctl, row, last, self._spins)
             if last < 0:  # a Python part
                 last = -last
-                part, a, b = self._py[row]
-                try:
-                    part(a, b)
-                except BaseException as e:  # handed to the waiting caller
-                    self._errors[row] = e
+                self._run_part(row)
                 cpu_native.finish(ctl, row, last)
                 continue
             with self._cv:
@@ -115,6 +112,15 @@ class _Helpers:
                 while ctl[row * cpu_native.CTL_COLS + cpu_native.POSTED] == last:
                     self._cv.wait()
                 self._sleeping[row] = False
+
+    def _run_part(self, row: int) -> None:
+        """The Python part posted to helper `row`; its closure is referenced only by this call's frame, so the
+        weights and KV cache it reads are not kept alive by an idle helper (LLM.close releases them)."""
+        part, a, b = self._py[row]
+        try:
+            part(a, b)
+        except BaseException as e:  # handed to the waiting caller
+            self._errors[row] = e
 
 
 _HELPERS = _Helpers()

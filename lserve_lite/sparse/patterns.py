@@ -147,6 +147,10 @@ def _model_names(model_name_or_dir: str | Path) -> list[str]:
         for key in ("_name_or_path", "name_or_path"):
             if isinstance(d.get(key), str) and d[key]:
                 names.append(d[key].rstrip("/").split("/")[-1])
+        # `lserve-lite convert`'s directory: the GGUF file it came from names the model as that file does
+        ours = d.get("lserve_lite")
+        if isinstance(ours, dict) and isinstance(ours.get("converted_from"), str):
+            names.append(ours["converted_from"])
     return [n for n in dict.fromkeys(names) if n]
 
 
