@@ -109,7 +109,8 @@ def output_file(text: str) -> str:
     """An argparse type: a results file (or the stem of several) that a tool writes after its run, making missing
     folders: refused now if it names a directory or lies under a file (the write would fail after all the work)."""
     path = Path(text)  # as the tools open it (no ~ expansion: the shell does that)
-    if path.is_dir():
+    # Path drops a trailing slash: `out/` (a new folder) would be written as the file `out`
+    if path.is_dir() or text.endswith(("/", os.sep)):
         raise argparse.ArgumentTypeError(f"{text}: a directory, not a file")
     folder = next(p for p in path.absolute().parents if p.exists())
     if not folder.is_dir():

@@ -291,10 +291,12 @@ RESULT_FILE_TOOLS = [
 @pytest.mark.parametrize("tool, argv", RESULT_FILE_TOOLS)
 def test_results_file_that_cannot_be_written_is_refused_first(tool, argv, tmp_path, monkeypatch, capsys):
     """--out names a JSON file written after the run: an existing folder there (`--out tools/results`, as
-    bench_cpu.py takes) or a file among its folders was an OSError traceback after all the work."""
+    bench_cpu.py takes), a new folder (`--out results/`, which Path reads as the file `results`) or a file among its
+    folders was an OSError traceback after all the work, or a file written beside the folder meant."""
     (tmp_path / "file").write_text("x")
     for out, msg in (
         (tmp_path, "a directory, not a file"),
+        (f"{tmp_path}/new/", "a directory, not a file"),
         (tmp_path / "file" / "r.json", "is a file, not a folder"),
     ):
         with pytest.raises(SystemExit) as e:
