@@ -843,6 +843,15 @@ def test_min_tokens_holds_off_eos_stop_ids_and_stop_strings_as_vllms(llm):
     assert len(on.token_ids) == 8 and on.text.startswith(free.text[:3])
 
 
+def test_min_tokens_masks_eos_with_ignore_eos_too_as_vllms(llm):
+    """vLLM masks EOS before min_tokens even with ignore_eos (its all_stop_token_ids): EOS, biased to come first,
+    was sampled from the first token here; now only after min_tokens, and then it ends nothing."""
+    eos = min(llm.engine.eos_ids)
+    sp = SamplingParams(max_tokens=6, min_tokens=3, temperature=0, ignore_eos=True, logit_bias={eos: 100})
+    out = llm.generate([[5, 6]], sp)[0]
+    assert eos not in out.token_ids[:3] and out.token_ids[3:] == [eos] * 3 and out.finish_reason == "length"
+
+
 def test_logprobs_read_as_vllms_dicts(llm):
     """vLLM's logprobs are a dict per token, {token id: Logprob(logprob, rank, decoded_token)}: ported code
     (`lp[token_id].logprob`, `lp.items()`) was an AttributeError / TypeError on our entries. Each entry reads as

@@ -279,9 +279,7 @@ class LLMEngine:
             if bad:
                 raise InvalidRequestError(f"{what} token id {bad[0]} is not in [0, {self.cfg.vocab_size})")
         seq = Sequence(ids, params, request_id)
-        seq.ends = frozenset(params.stop_token_ids) | (
-            frozenset() if params.ignore_eos else frozenset(self.eos_ids)
-        )
+        seq.stop_ids = frozenset(params.stop_token_ids) | frozenset(self.eos_ids)
         if params.constrained:
             seq.guide, seq.token_mask = guide or self.guide(params)
         if sparse:
