@@ -188,7 +188,8 @@ class _Params:
             )
         if self.min_tokens and self.constrained:
             raise InvalidRequestError(
-                "min_tokens cannot be combined with response_format (a grammar may end first)"
+                "min_tokens cannot be combined with response_format or a forced tool_choice (a grammar may end "
+                "the reply first)"
             )
         fmt = self.response_format
         if fmt is not None:
