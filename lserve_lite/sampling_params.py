@@ -119,7 +119,7 @@ class _Params:
     )
     # special tokens whose text stays in the output (the markers a tool-call parser reads); others are dropped
     keep_special_tokens: list[str] = field(default_factory=list)
-    # vLLM's: until this many tokens are generated EOS and stop_token_ids are masked out and stop strings not searched
+    # vLLM's: until this many tokens are generated EOS and stop_token_ids are masked out; stop strings end past them
     min_tokens: int = 0
 
     def __post_init__(self):

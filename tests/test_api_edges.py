@@ -843,6 +843,21 @@ def test_min_tokens_holds_off_eos_stop_ids_and_stop_strings_as_vllms(llm):
     assert len(on.token_ids) == 8 and on.text.startswith(free.text[:3])
 
 
+def test_min_tokens_keeps_its_tokens_text_whole_from_stop_strings_as_vllms(llm):
+    """vLLM (since its PR 22014) searches stop strings once more than min_tokens tokens are out, past those tokens'
+    text, as EOS comes after min_tokens tokens at the earliest: a stop in the min_tokens-th token's text cut the
+    reply here to fewer tokens' text. Each case against that rule over the unstopped reply's per-token text."""
+    greedy = dict(max_tokens=10, temperature=0, ignore_eos=True)
+    steps = [o.text for o in llm.stream_outputs([5, 6], SamplingParams(**greedy))]
+    full, ends = "".join(steps), np.cumsum([len(s) for s in steps]).tolist()  # text after each token
+    cases = [(m, full[ends[m - 1] - 1]) for m in range(1, 10) if steps[m - 1]]  # last character of token m
+    assert len(cases) >= 5
+    for m, stop in cases:
+        out = llm.generate([[5, 6]], SamplingParams(**greedy, stop=[stop], min_tokens=m))[0]
+        at = full.find(stop, ends[m - 1])
+        assert (out.text, out.finish_reason) == ((full[:at], "stop") if at >= 0 else (full, "length")), m
+
+
 def test_min_tokens_masks_eos_with_ignore_eos_too_as_vllms(llm):
     """vLLM masks EOS before min_tokens even with ignore_eos (its all_stop_token_ids): EOS, biased to come first,
     was sampled from the first token here; now only after min_tokens, and then it ends nothing."""
