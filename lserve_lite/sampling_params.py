@@ -183,8 +183,9 @@ class _Params:
                     f"logit_bias must map token ids >= 0 to numbers in [{lo}, {hi}], got {t!r}: {v!r}"
                 )
         if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
+            most = "None: up to the context limit" if self.max_new_tokens == NO_LIMIT else self.max_new_tokens
             raise InvalidRequestError(
-                f"min_tokens must be an integer in [0, max_tokens ({self.max_new_tokens})], got {self.min_tokens!r}"
+                f"min_tokens must be an integer in [0, max_tokens ({most})], got {self.min_tokens!r}"
             )
         if self.min_tokens and self.constrained:
             raise InvalidRequestError(

@@ -181,6 +181,15 @@ def test_vllms_unimplemented_sampling_options_are_named(kw, match):
         SamplingParams(max_tokens=2, **kw)
 
 
+def test_min_tokens_refused_with_max_tokens_none_names_it():
+    """With vLLM's max_tokens=None (up to the context limit) the bound read "max_tokens (2147483647)", a number
+    the caller never gave (the internal no-limit value)."""
+    with pytest.raises(
+        InvalidRequestError, match=r"^min_tokens must be .* max_tokens \(None: up to the context"
+    ):
+        SamplingParams(max_tokens=None, min_tokens=-1)
+
+
 def test_vllms_unimplemented_sampling_options_at_their_off_values_pass(llm):
     """vLLM code that spells out an option's default (min_p=0.0, skip_special_tokens=True, best_of=n) asks for what
     happens here: accepted; a name neither class knows is still a TypeError, named as SamplingParams."""
