@@ -119,7 +119,7 @@ class _Params:
     )
     # special tokens whose text stays in the output (the markers a tool-call parser reads); others are dropped
     keep_special_tokens: list[str] = field(default_factory=list)
-    # vLLM's: until this many tokens are generated EOS and stop_token_ids are masked out and stop strings not searched
+    # vLLM's: until this many tokens are generated EOS and stop_token_ids are masked out; stop strings end past them
     min_tokens: int = 0
 
     def __post_init__(self):
@@ -183,12 +183,14 @@ class _Params:
                     f"logit_bias must map token ids >= 0 to numbers in [{lo}, {hi}], got {t!r}: {v!r}"
                 )
         if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
+            most = "None: up to the context limit" if self.max_new_tokens == NO_LIMIT else self.max_new_tokens
             raise InvalidRequestError(
-                f"min_tokens must be an integer in [0, max_tokens ({self.max_new_tokens})], got {self.min_tokens!r}"
+                f"min_tokens must be an integer in [0, max_tokens ({most})], got {self.min_tokens!r}"
             )
         if self.min_tokens and self.constrained:
             raise InvalidRequestError(
-                "min_tokens cannot be combined with response_format (a grammar may end first)"
+                "min_tokens cannot be combined with response_format or a forced tool_choice (a grammar may end "
+                "the reply first)"
             )
         fmt = self.response_format
         if fmt is not None:

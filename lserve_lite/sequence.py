@@ -94,10 +94,9 @@ class Sequence:
         self.token_mask: np.ndarray | None = None  # this step's allowed-token bitmask (int32 words)
         self.text = ""  # detokenized output so far (stop strings trimmed)
         self.emitted = 0  # characters of `text` already returned to the caller
-        self.stops_from = 0  # `text` offset where a stop string may end past: the text made before min_tokens
-        self.ends: frozenset[int] = (
-            frozenset()
-        )  # ids that would end it (EOS, stop_token_ids): masked before min_tokens
+        self.stops_from = 0  # `text` offset a stop string must end past: the first min_tokens tokens' text
+        # vLLM's all_stop_token_ids, masked before min_tokens: stop_token_ids and EOS (with ignore_eos too)
+        self.stop_ids: frozenset[int] = frozenset()
         self._pages = np.zeros(0, np.int32)  # page_table as an array (page_array), grown as the list grows
         self._pages_of: list[int] | None = None  # the list object _pages mirrors
         self._known = 0  # leading entries of _pages that mirror it

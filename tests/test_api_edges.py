@@ -181,6 +181,15 @@ def test_vllms_unimplemented_sampling_options_are_named(kw, match):
         SamplingParams(max_tokens=2, **kw)
 
 
+def test_min_tokens_refused_with_max_tokens_none_names_it():
+    """With vLLM's max_tokens=None (up to the context limit) the bound read "max_tokens (2147483647)", a number
+    the caller never gave (the internal no-limit value)."""
+    with pytest.raises(
+        InvalidRequestError, match=r"^min_tokens must be .* max_tokens \(None: up to the context"
+    ):
+        SamplingParams(max_tokens=None, min_tokens=-1)
+
+
 def test_vllms_unimplemented_sampling_options_at_their_off_values_pass(llm):
     """vLLM code that spells out an option's default (min_p=0.0, skip_special_tokens=True, best_of=n) asks for what
     happens here: accepted; a name neither class knows is still a TypeError, named as SamplingParams."""
@@ -841,6 +850,30 @@ def test_min_tokens_holds_off_eos_stop_ids_and_stop_strings_as_vllms(llm):
     assert llm.generate([[5, 6]], SamplingParams(**stop))[0].text == free.text[:1]
     on = llm.generate([[5, 6]], SamplingParams(**stop, min_tokens=8))[0]
     assert len(on.token_ids) == 8 and on.text.startswith(free.text[:3])
+
+
+def test_min_tokens_keeps_its_tokens_text_whole_from_stop_strings_as_vllms(llm):
+    """vLLM (since its PR 22014) searches stop strings once more than min_tokens tokens are out, past those tokens'
+    text, as EOS comes after min_tokens tokens at the earliest: a stop in the min_tokens-th token's text cut the
+    reply here to fewer tokens' text. Each case against that rule over the unstopped reply's per-token text."""
+    greedy = dict(max_tokens=10, temperature=0, ignore_eos=True)
+    steps = [o.text for o in llm.stream_outputs([5, 6], SamplingParams(**greedy))]
+    full, ends = "".join(steps), np.cumsum([len(s) for s in steps]).tolist()  # text after each token
+    cases = [(m, full[ends[m - 1] - 1]) for m in range(1, 10) if steps[m - 1]]  # last character of token m
+    assert len(cases) >= 5
+    for m, stop in cases:
+        out = llm.generate([[5, 6]], SamplingParams(**greedy, stop=[stop], min_tokens=m))[0]
+        at = full.find(stop, ends[m - 1])
+        assert (out.text, out.finish_reason) == ((full[:at], "stop") if at >= 0 else (full, "length")), m
+
+
+def test_min_tokens_masks_eos_with_ignore_eos_too_as_vllms(llm):
+    """vLLM masks EOS before min_tokens even with ignore_eos (its all_stop_token_ids): EOS, biased to come first,
+    was sampled from the first token here; now only after min_tokens, and then it ends nothing."""
+    eos = min(llm.engine.eos_ids)
+    sp = SamplingParams(max_tokens=6, min_tokens=3, temperature=0, ignore_eos=True, logit_bias={eos: 100})
+    out = llm.generate([[5, 6]], sp)[0]
+    assert eos not in out.token_ids[:3] and out.token_ids[3:] == [eos] * 3 and out.finish_reason == "length"
 
 
 def test_logprobs_read_as_vllms_dicts(llm):

@@ -80,7 +80,7 @@ VALID = {
     "ignore_eos": st.booleans(), "repetition_penalty": st.floats(0.5, 2), "n": st.integers(1, 3),
     "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
     "logit_bias": st.dictionaries(st.integers(0, 319).map(str), st.floats(-100, 100), max_size=3),
-    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}]),
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}]), "min_tokens": st.integers(0, 8),
 }  # fmt: skip
 VALID_MAIN = {
     "prompt": clean_texts | st.lists(st.integers(0, 319), min_size=1, max_size=8),
@@ -121,6 +121,7 @@ COMMON = {
     "logprobs": field(st.integers(-1, 21) | st.booleans()),
     "top_logprobs": field(st.integers(-1, 21)),
     "echo": field(st.booleans()),
+    "min_tokens": field(st.integers(-1, 10)),
     "response_format": field(
         st.sampled_from(
             [

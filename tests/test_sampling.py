@@ -145,3 +145,58 @@ def test_output_text_continues_the_prompt_with_sentencepiece(tmp_path):
     assert text == " the a the" and tok.decode(prompt) + text == tok.decode(prompt + out)
     params = SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True, logit_bias={the: 100.0})
     assert llm.generate([prompt], params)[0].text == " the the"
+
+
+def _process_spec(x: np.ndarray, seq: Sequence, eos: set[int]) -> np.ndarray:
+    """The logit processing of every knob, in float64 and by the rules' own words: repetition penalty over the
+    prompt and reply (divide a positive logit, multiply a negative one), OpenAI's presence / frequency penalties
+    over the reply, logit_bias, and vLLM's min_tokens mask of EOS and stop_token_ids."""
+    p, x = seq.params, x.astype(np.float64)
+    for t in set(seq.all_ids) if p.repetition_penalty != 1.0 else ():
+        x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
+    for t in set(seq.output_ids):
+        x[t] -= seq.output_ids.count(t) * p.frequency_penalty + p.presence_penalty
+    for t, b in p.logit_bias.items():
+        x[t] += b
+    if len(seq.output_ids) < p.min_tokens:
+        x[list(eos | set(p.stop_token_ids))] = -np.inf
+    return x
+
+
+def test_generate_follows_a_float64_spec_of_every_knob(tiny_llama):
+    """Each token LLM.generate samples (seeded, n > 1, penalties, bias, min_tokens, top-k / top-p) is the one the
+    float64 spec above picks from the logits the engine sampled and the uniform the sequence's seed gives."""
+    llm = LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=32))
+    eng, rng, seen = llm.engine, np.random.default_rng(4), []
+    sample_ = eng.ops.sample
+
+    def spy(logits, seqs):
+        state = [(np.array(row), Sequence(s.prompt_ids, s.params), s.rng.bit_generator.state) for row, s in
+                 zip(np.asarray(logits), seqs)]  # fmt: skip
+        for (_, copy, _), s in zip(state, seqs):
+            copy.output_ids = list(s.output_ids)
+        got = sample_(logits, seqs)
+        seen.extend(zip(state, got))
+        return got
+
+    eng.ops.sample = spy
+    eos = set(eng.eos_ids)
+    for trial in range(12):
+        kw = dict(
+            temperature=float(rng.choice([0.0, 0.6, 1.0, 1.8])), top_k=int(rng.choice([0, 1, 8, 60])),
+            top_p=float(rng.choice([1.0, 0.9, 0.4])), repetition_penalty=float(rng.choice([1.0, 1.4, 0.7])),
+            presence_penalty=float(rng.choice([0.0, 1.5, -2.0])), frequency_penalty=float(rng.choice([0.0, 0.7])),
+            min_tokens=int(rng.integers(0, 6)), ignore_eos=bool(rng.integers(2)), seed=trial, n=2,
+            logit_bias={2: float(rng.choice([8.0, 100.0])), int(rng.integers(3, 320)): -30.0},
+            stop_token_ids=[int(t) for t in rng.integers(3, 320, 2)],
+        )  # fmt: skip
+        llm.generate([[int(t) for t in rng.integers(3, 320, 4)]], SamplingParams(max_tokens=7, **kw))
+    assert len(seen) > 60
+    for (row, seq, state), got in seen:
+        p, x = seq.params, _process_spec(row, seq, eos)
+        if p.greedy:
+            assert got == int(np.argmax(x))
+            continue
+        u = np.random.default_rng()
+        u.bit_generator.state = state
+        assert got == _sample_spec(x.astype(np.float32), p.temperature, p.top_k, p.top_p, u.random())

@@ -270,6 +270,12 @@ def test_min_tokens_holds_off_eos_on_both_endpoints(client, tiny_llama):
         assert held["usage"]["completion_tokens"] == 4 and held["choices"][0]["finish_reason"] == "stop"
         err = error(post(client, body | {"min_tokens": 7}, chat))
         assert err["param"] == "min_tokens" and "max_tokens (6)" in err["message"]
+    # echo's scoring (max_tokens 0) generates nothing: min_tokens 1 was taken, 2 refused over "max_tokens (1)"
+    for m in (1, 2):
+        err = error(
+            post(client, {"prompt": "hi", "max_tokens": 0, "echo": True, "logprobs": 1, "min_tokens": m})
+        )
+        assert err["param"] == "min_tokens" and "max_tokens (0)" in err["message"]
 
 
 @pytest.mark.parametrize(

@@ -658,6 +658,9 @@ def test_tool_errors_through_the_server(server):
     msg = post(tools=[bad_properties], tool_choice="required").json()["error"]["message"]
     assert msg.startswith("tools: the functions' parameters: invalid JSON schema ("), msg
     assert post(tools=[WEATHER], tool_choice="none").status_code == 200
+    # min_tokens with a forced choice (whose calls' grammar may end first): it named only response_format, unsent
+    err = post(tools=[WEATHER], tool_choice="required", min_tokens=2).json()["error"]
+    assert err["param"] == "min_tokens" and "forced tool_choice" in err["message"], err
     assert server[1].blocks.num_used == 0
 
 

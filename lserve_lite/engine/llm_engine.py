@@ -279,9 +279,7 @@ class LLMEngine:
             if bad:
                 raise InvalidRequestError(f"{what} token id {bad[0]} is not in [0, {self.cfg.vocab_size})")
         seq = Sequence(ids, params, request_id)
-        seq.ends = frozenset(params.stop_token_ids) | (
-            frozenset() if params.ignore_eos else frozenset(self.eos_ids)
-        )
+        seq.stop_ids = frozenset(params.stop_token_ids) | frozenset(self.eos_ids)
         if params.constrained:
             seq.guide, seq.token_mask = guide or self.guide(params)
         if sparse:
@@ -517,7 +515,8 @@ class LLMEngine:
             seq.text += dec.push(tok)
             if complete or at_length:  # its last text: the stop strings below see all of it
                 seq.text += dec.flush()
-        early = len(seq.output_ids) < p.min_tokens  # vLLM's min_tokens: no stop string ends it yet
+        # vLLM's min_tokens (its PR 22014): no stop string ends the reply in its first min_tokens tokens' text
+        early = len(seq.output_ids) <= p.min_tokens
         if early:
             seq.stops_from = len(seq.text)
         reason = "stop" if stop_tok or complete else None
@@ -628,7 +627,7 @@ def _plain(seq: Sequence) -> bool:
 
 def _search_from(seq: Sequence, stop: str) -> int:
     """Where stop string `stop` is searched in seq.text: past the text already returned (less the stop's length,
-    for one the last token completed) and ending past the text made before min_tokens (vLLM's rule)."""
+    for one the last token completed) and ending past the text of the first min_tokens tokens (vLLM's rule)."""
     return max(0, seq.emitted - len(stop), seq.stops_from - len(stop) + 1)
 
 

@@ -364,6 +364,9 @@ class CompletionRequest(_Request):
             raise ApiError(
                 400, "max_tokens 0 returns only the echoed prompt: it needs echo: true", "max_tokens"
             )
+        if self.max_tokens == 0 and self.min_tokens:  # scoring: the one token the engine takes is left out
+            raise ApiError(400, f"min_tokens must be an integer in [0, max_tokens (0)], got {self.min_tokens}",
+                           "min_tokens")  # fmt: skip
         if len(self.prompts()) * self.n > MAX_CHOICES:
             raise ApiError(400, f"prompts x n must be at most {MAX_CHOICES}", "prompt")
 

@@ -51,8 +51,8 @@ _NO_IDS.flags.writeable = _NO_AMOUNTS.flags.writeable = False
 
 def additive_terms(seq: Sequence, vocab: int) -> tuple[np.ndarray, np.ndarray]:
     """Unique ids and the float32 amount added to their logits: -(count x frequency_penalty +
-    presence_penalty) over the generated ids (OpenAI's rule), plus logit_bias; -inf for the ids that would end the
-    sequence (`seq.ends`) while it has fewer than min_tokens (vLLM's rule)."""
+    presence_penalty) over the generated ids (OpenAI's rule), plus logit_bias; -inf for the stop ids (`seq.stop_ids`:
+    EOS, ignore_eos or not, and stop_token_ids) while it has fewer than min_tokens (vLLM's rule)."""
     p = seq.params
     if not has_additive(p):  # most requests: no per-id work a step
         return _NO_IDS, _NO_AMOUNTS
@@ -64,7 +64,7 @@ def additive_terms(seq: Sequence, vocab: int) -> tuple[np.ndarray, np.ndarray]:
     for t, b in p.logit_bias.items():
         delta[t] = delta.get(t, 0.0) + b
     if len(seq.output_ids) < p.min_tokens:
-        delta.update(dict.fromkeys(seq.ends, -math.inf))
+        delta.update(dict.fromkeys(seq.stop_ids, -math.inf))
     ids = np.fromiter((t for t in delta if t < vocab), np.int64)
     return ids, np.asarray([delta[t] for t in ids.tolist()], np.float32)
 
