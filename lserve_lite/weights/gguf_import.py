@@ -116,6 +116,7 @@ def _alive(pid: int) -> bool:
 def model_config(meta: dict[str, Any], tensors: dict, path: Path) -> dict[str, Any]:
     """config.json for a llama or qwen2 GGUF, after checking tensor names, types and shapes against it. The
     tokenizer metadata is checked first: the config takes its special token ids from there."""
+    _check_whole(meta, path)
     check_tokenizer_metadata(meta, path)
     arch = meta.get("general.architecture")
     if not isinstance(arch, str) or arch not in ARCHS:
@@ -197,6 +198,19 @@ def model_config(meta: dict[str, Any], tensors: dict, path: Path) -> dict[str, A
     cfg["lserve_lite"] = {"converted_from": path.name, "gguf_name": meta.get("general.name")}
     _check_tensors(tensors, cfg, path)
     return cfg
+
+
+def _check_whole(meta: dict[str, Any], path: Path) -> None:
+    """Not one part of a model that llama.cpp's gguf-split cut into several files (`split.count` > 1): a part
+    holds only some tensors (the first one the metadata), which would otherwise read as missing tensors or a
+    missing architecture."""
+    count, no = meta.get("split.count"), meta.get("split.no")
+    if isinstance(count, int) and not isinstance(count, bool) and count > 1:
+        part = f"part {no + 1} of " if isinstance(no, int) and not isinstance(no, bool) else ""
+        raise ModelLoadError(
+            f"{path}: {part}a model split into {count} GGUF files (gguf-split); merge them into one file first "
+            f"(llama-gguf-split --merge FIRST_PART.gguf MERGED.gguf) and give that"
+        )
 
 
 def _eos_ids(meta: dict[str, Any]) -> list[int]:
