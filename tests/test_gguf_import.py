@@ -577,6 +577,24 @@ def test_killed_conversions_leave_no_work_folder(tmp_path: Path):
     assert not any(d.exists() for d in stale)
 
 
+def test_failed_write_is_one_line(tmp_path: Path, file_size_limit):
+    """A write that fails part-way (a full disk: a float32 copy of a model is large) is one line, not the
+    safetensors writer's own exception, and leaves the earlier output and no work folder behind."""
+    src, out = tmp_path / "tiny.gguf", tmp_path / "out"
+    write_tiny_gguf(src)
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with (
+        file_size_limit(20_000),
+        pytest.raises(ModelLoadError, match=r"out: cannot write the converted model \("),
+    ):
+        convert_gguf(src, out, progress=False, overwrite=True)
+    assert (out / "keep.txt").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "out",
+        "tiny.gguf",
+    ]
+
+
 # -------------------------------------------------------------------------------------- default model
 
 

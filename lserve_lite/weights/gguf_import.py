@@ -74,7 +74,8 @@ def convert_gguf(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         _write_weights(tensors, config, src, tmp, progress)
-        tokenizer.save(str(tmp / "tokenizer.json"))
+        # written by Python, not `tokenizer.save`: that raises a bare Exception on a failed write (disk full)
+        (tmp / "tokenizer.json").write_text(tokenizer.to_str(pretty=True), encoding="utf-8")
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "tokenizer_config.json", tok_config)
         _write_json(tmp / "generation_config.json", gen_config)
@@ -383,6 +384,7 @@ def _shard_plan(tensors: dict) -> list[list[str]]:
 
 
 def _write_weights(tensors: dict, cfg: dict[str, Any], src: Path, out: Path, progress: bool) -> None:
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
     from tqdm.auto import tqdm
 
@@ -412,7 +414,10 @@ def _write_weights(tensors: dict, cfg: dict[str, Any], src: Path, out: Path, pro
             for k, a in arrays.items():
                 weight_map[k] = fname
                 total += a.nbytes
-            save_file(arrays, str(out / fname), metadata={"format": "pt"})
+            try:
+                save_file(arrays, str(out / fname), metadata={"format": "pt"})
+            except SafetensorError as e:  # the Rust writer's I/O errors (disk full) are not OSErrors
+                raise OSError(_one_line(e)) from None
             os.chmod(out / fname, 0o644)  # safetensors creates it owner-only
             del arrays
     finally:
