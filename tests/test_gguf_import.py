@@ -577,6 +577,25 @@ def test_killed_conversions_leave_no_work_folder(tmp_path: Path):
     assert not any(d.exists() for d in stale)
 
 
+def test_output_into_the_working_directory(tmp_path: Path, monkeypatch):
+    """`lserve-lite convert m.gguf .` in an empty directory: "." was renamed (EBUSY, after the whole conversion);
+    and an existing output directory was replaced by a new one, so a shell working in it saw no files."""
+    src, work = tmp_path / "tiny.gguf", tmp_path / "work"
+    write_tiny_gguf(src)
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert convert_gguf(src, ".", progress=False) == work.resolve()
+    assert (
+        Path("config.json").is_file() and Path("model.safetensors").is_file()
+    )  # seen from the same directory
+    convert_gguf(src, ".", progress=False, overwrite=True)
+    assert sorted(p.name for p in Path(".").iterdir()) == sorted(p.name for p in work.iterdir())
+    assert Path("tokenizer.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "tiny.gguf",
+        "work",
+    ]
+
+
 def test_failed_write_is_one_line(tmp_path: Path, file_size_limit):
     """A write that fails part-way (a full disk: a float32 copy of a model is large) is one line, not the
     safetensors writer's own exception, and leaves the earlier output and no work folder behind."""

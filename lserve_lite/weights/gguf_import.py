@@ -55,11 +55,12 @@ _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 def convert_gguf(
     gguf_path: str | Path, out_dir: str | Path, progress: bool = True, *, overwrite: bool = False
 ) -> Path:
-    """Convert a llama or qwen2 GGUF into an HF directory at `out_dir` (written to a temp dir, then renamed).
+    """Convert a llama or qwen2 GGUF into an HF directory at `out_dir` (written to a temp dir, then moved there).
 
-    An existing non-empty `out_dir` is an error unless `overwrite`; a file there always is. Returns `out_dir`.
+    An existing non-empty `out_dir` is an error unless `overwrite`; a file there always is. Returns `out_dir`
+    (resolved: "." names the working directory, whose name and parent the temp dir needs).
     """
-    src, out = Path(gguf_path).expanduser(), Path(out_dir).expanduser()
+    src, out = Path(gguf_path).expanduser(), Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise ModelLoadError(f"{out}: the output path is a file, not a directory")
     if out.exists() and not overwrite and any(out.iterdir()):
@@ -80,16 +81,28 @@ def convert_gguf(
         _write_json(tmp / "tokenizer_config.json", tok_config)
         _write_json(tmp / "generation_config.json", gen_config)
         del tensors
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            shutil.rmtree(old, ignore_errors=True)
-        tmp.rename(out)
+        _move_into_place(tmp, out)
     except OSError as e:
         raise ModelLoadError(f"{out}: cannot write the converted model ({_one_line(e)})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """The finished files of `tmp` at `out`: `tmp` renamed there, or, where `out` exists (empty, or overwritten),
+    its old entries moved aside and the new ones moved in, so that `out` stays the same directory (renamed away,
+    it left a shell working in it, `lserve-lite convert m.gguf .`, in a deleted directory)."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    old.mkdir()
+    for p in out.iterdir():
+        p.rename(old / p.name)
+    for p in tmp.iterdir():
+        p.rename(out / p.name)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _remove_stale(out: Path) -> None:
