@@ -150,6 +150,22 @@ def test_gemv_and_gemm_match_float64(fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+def test_one_row_one_block_and_long_rows(fmt):
+    """The shapes at the edges: one output row split over more parts than rows, one block per row, and rows of
+    2^15 values (int32 block sums, the float32 accumulator over 1024 blocks), for GEMV and GEMM rows."""
+    rng = np.random.default_rng(13)
+    block = LAYOUTS[fmt].block
+    for m, k in ((1, block), (1, 1 << 15), (3, 1 << 15)):
+        qt, ref = _make(fmt, m, k, rng)
+        for n in (1, GEMV_ROWS + 1):
+            x = rng.standard_normal((n, k)).astype(np.float32)
+            for split in (None, SplitRunner(parts=3, first=0)):
+                y = linear_q(x, qt, split)
+                err, tol = np.abs(y - x.astype(np.float64) @ ref.T), _tolerance(x, ref)
+                assert y.shape == (n, m) and (err <= tol).all(), f"{fmt} {m}x{k} N={n}: {err.max():.3g}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_logits_match_float64(fmt):
     """logits_q against x @ W.T in float64: decode rows of 8-bit heads through int16 activations (each off by
     at most max|x| / 65534 per 32 values; against those values only float32 rounding is left), other formats
