@@ -60,7 +60,11 @@ def convert_gguf(
     An existing non-empty `out_dir` is an error unless `overwrite`; a file there always is. Returns `out_dir`
     (resolved: "." names the working directory, whose name and parent the temp dir needs).
     """
-    src, out = Path(gguf_path).expanduser(), Path(out_dir).expanduser().resolve()
+    src = Path(gguf_path).expanduser()
+    try:
+        out = Path(out_dir).expanduser().resolve()
+    except (OSError, RuntimeError) as e:  # a deleted working directory; a symlink loop
+        raise ModelLoadError(f"{out_dir}: not a usable output path ({_one_line(e)})") from None
     if out.exists() and not out.is_dir():
         raise ModelLoadError(f"{out}: the output path is a file, not a directory")
     if out.exists() and not overwrite and any(out.iterdir()):
