@@ -122,6 +122,8 @@ CORPUS: dict[str, tuple[bytes, str]] = {
     "gguf/five_dims.gguf": (gguf_bytes(tensors=[gguf_tensor("t", [1] * 5)]), "5 dimensions"),
     "gguf/tensor_past_end.gguf": (gguf_bytes(tensors=[gguf_tensor("t", [1024])]), "past the end"),
     "gguf/unknown_tensor_type.gguf": (gguf_bytes(tensors=[gguf_tensor("t", [8], ttype=999)], data=_F32_8), "unknown type id"),
+    "gguf/row_not_whole_blocks.gguf": (  # Q5_K (13): blocks of 256
+        gguf_bytes(tensors=[gguf_tensor("t", [64], ttype=13)], data=bytes(256)), "'t' (Q5_K): row length 64 is not"),
     "gguf/overlapping.gguf": (
         gguf_bytes(tensors=[gguf_tensor("a", [8]), gguf_tensor("b", [8])], data=_F32_8), "overlap"),
     "gguf/misaligned_offset.gguf": (gguf_bytes(tensors=[gguf_tensor("t", [1], offset=4)], data=_F32_8), "alignment"),

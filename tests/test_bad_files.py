@@ -363,6 +363,21 @@ def test_gguf_absurd_metadata(tiny_gguf, key: str, value: object, msg: str):
     assert msg in one_line_error(e.value, path.name)
 
 
+@pytest.mark.parametrize("no", [0, 1])
+def test_gguf_split_part_is_named(tiny_gguf, no: int):
+    """A part of a model cut by llama.cpp's gguf-split (the first holds the metadata and some tensors, a later
+    one only split.* keys and tensors) is named as such, not as a missing tensor or architecture."""
+    meta, tensors, path = tiny_gguf
+    split = {"split.no": no, "split.count": 2, "split.tensors.count": len(tensors)}
+    part = {**meta, **split} if no == 0 else split
+    mine = {n: t for n, t in tensors.items() if n.startswith("blk.1.") == (no == 1)}
+    with pytest.raises(ModelLoadError) as e:
+        model_config(part, mine, path)
+    msg = one_line_error(e.value, path.name)
+    assert f"part {no + 1} of a model split into 2 GGUF files" in msg and "llama-gguf-split --merge" in msg
+    model_config({**meta, "split.no": 0, "split.count": 1}, tensors, path)  # a split into one file is whole
+
+
 @pytest.mark.parametrize(
     "value,msg",
     [("abc", "must be a int"), (1.5, "must be a int"), (2, "does not match llama3 rope scaling")],

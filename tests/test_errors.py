@@ -113,16 +113,21 @@ def test_missing_model_dir(tmp_path):
         LLM(str(tmp_path / "weights.bin"), backend="cpu")
 
 
-@pytest.mark.parametrize("name", ["model.GGUF", "model-q4_0.bin", "model"])
-def test_gguf_file_known_by_its_magic_or_any_case_suffix(tiny_gguf, tmp_path: Path, name: str):
-    """A downloaded GGUF is not always named *.gguf: its magic bytes make it one, as for llama.cpp."""
+@pytest.mark.parametrize(
+    ("name", "served"),
+    [("model.GGUF", "model"), ("model-q4_0.bin", "model-q4_0.bin"), ("model", "model"),
+     ("Llama-3.2-1B.gguf", "Llama-3.2-1B"), ("Llama-3.2-1B", "Llama-3.2-1B")],
+)  # fmt: skip
+def test_gguf_file_known_by_its_magic_or_any_case_suffix(tiny_gguf, tmp_path: Path, name: str, served: str):
+    """A downloaded GGUF is not always named *.gguf: its magic bytes make it one, as for llama.cpp. It is served
+    under its name without `.gguf` (once "Llama-3" for a file named "Llama-3.2-1B": the text after a dot was cut)."""
     from lserve_lite.weights.loader import load_config, model_name, resolve_model_dir
 
     _, _, src = tiny_gguf
     path = tmp_path / name
     shutil.copyfile(src, path)
     assert resolve_model_dir(str(path)) == path
-    assert load_config(path).vocab_size > 0 and model_name(path) == path.stem
+    assert load_config(path).vocab_size > 0 and model_name(path) == served
 
 
 @pytest.mark.parametrize(

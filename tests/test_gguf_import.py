@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import stat
 import sys
 from pathlib import Path
@@ -575,6 +576,48 @@ def test_killed_conversions_leave_no_work_folder(tmp_path: Path):
     convert_gguf(src, out, progress=False)
     assert (out / "config.json").exists() and running.exists()
     assert not any(d.exists() for d in stale)
+
+
+def test_output_into_the_working_directory(tmp_path: Path, monkeypatch):
+    """`lserve-lite convert m.gguf .` in an empty directory: "." was renamed (EBUSY, after the whole conversion);
+    and an existing output directory was replaced by a new one, so a shell working in it saw no files. An output
+    path that does not resolve (a symlink loop, a deleted working directory) is one line."""
+    src, work = tmp_path / "tiny.gguf", tmp_path / "work"
+    write_tiny_gguf(src)
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert convert_gguf(src, ".", progress=False) == work.resolve()
+    assert (
+        Path("config.json").is_file() and Path("model.safetensors").is_file()
+    )  # seen from the same directory
+    convert_gguf(src, ".", progress=False, overwrite=True)
+    assert sorted(p.name for p in Path(".").iterdir()) == sorted(p.name for p in work.iterdir())
+    assert Path("tokenizer.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf", "work"]
+    (tmp_path / "loop").symlink_to("loop")
+    with pytest.raises(ModelLoadError, match="loop: not a usable output path"):
+        convert_gguf(src, tmp_path / "loop", progress=False)
+    shutil.rmtree(work)
+    with pytest.raises(ModelLoadError, match=r"^\.: not a usable output path"):
+        convert_gguf(src, ".", progress=False)
+
+
+def test_failed_write_is_one_line(tmp_path: Path, file_size_limit):
+    """A write that fails part-way (a full disk: a float32 copy of a model is large) is one line, not the
+    safetensors writer's own exception, and leaves the earlier output and no work folder behind."""
+    src, out = tmp_path / "tiny.gguf", tmp_path / "out"
+    write_tiny_gguf(src)
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with (
+        file_size_limit(20_000),
+        pytest.raises(ModelLoadError, match=r"out: cannot write the converted model \("),
+    ):
+        convert_gguf(src, out, progress=False, overwrite=True)
+    assert (out / "keep.txt").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "out",
+        "tiny.gguf",
+    ]
 
 
 # -------------------------------------------------------------------------------------- default model

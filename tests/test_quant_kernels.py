@@ -116,15 +116,16 @@ def test_layout_is_ggmls(fmt):
 
 @pytest.mark.parametrize("fmt", GGUF_FORMATS)
 def test_dequantize_matches_gguf(fmt):
-    """QuantTensor.dequantize and the Numba dequant_rows both equal gguf.quants.dequantize (float32)."""
+    """QuantTensor.dequantize and the Numba dequant_rows both equal gguf.quants.dequantize (float32) bit for bit,
+    signed zeros included (q4_0's d < 0 times its nibble 8 is -0.0; dequant_rows once made it +0.0)."""
     rng = np.random.default_rng(1)
     k = 3 * LAYOUTS[fmt].block * (8 if LAYOUTS[fmt].block == 32 else 1)
     qt = QuantTensor(fmt, (19, k), _random_blocks(fmt, 19, k, rng))
-    want = dequantize(qt.data, GGMLQuantizationType(qt.layout.ggml_type))
-    np.testing.assert_array_equal(qt.dequantize(np.float32), want)
+    want = dequantize(qt.data, GGMLQuantizationType(qt.layout.ggml_type)).view(np.uint32)
+    np.testing.assert_array_equal(qt.dequantize(np.float32).view(np.uint32), want)
     got = np.empty(qt.shape, np.float32)
     dequant_rows(FORMATS.index(fmt), qt.data, got, 0, 19)
-    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got.view(np.uint32), want)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -146,6 +147,22 @@ def test_gemv_and_gemm_match_float64(fmt):
             x_hat = _int8_activations(x)
             err = np.abs(y - x_hat @ ref.T)
             assert (err <= _rounding(x_hat, ref)).all(), f"{fmt} N={n}: {err.max():.3g} from x's int8 values"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_one_row_one_block_and_long_rows(fmt):
+    """The shapes at the edges: one output row split over more parts than rows, one block per row, and rows of
+    2^15 values (int32 block sums, the float32 accumulator over 1024 blocks), for GEMV and GEMM rows."""
+    rng = np.random.default_rng(13)
+    block = LAYOUTS[fmt].block
+    for m, k in ((1, block), (1, 1 << 15), (3, 1 << 15)):
+        qt, ref = _make(fmt, m, k, rng)
+        for n in (1, GEMV_ROWS + 1):
+            x = rng.standard_normal((n, k)).astype(np.float32)
+            for split in (None, SplitRunner(parts=3, first=0)):
+                y = linear_q(x, qt, split)
+                err, tol = np.abs(y - x.astype(np.float64) @ ref.T), _tolerance(x, ref)
+                assert y.shape == (n, m) and (err <= tol).all(), f"{fmt} {m}x{k} N={n}: {err.max():.3g}"
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -219,13 +236,14 @@ def test_fused_weights_of_one_or_mixed_formats(n):
         concat_rows([q, v])
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_1", "int8"])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_embedding_rows(fmt):
-    """embed_q gathers and dequantizes only the rows asked for, equal to the oracle's rows."""
+    """embed_q gathers and dequantizes only the rows asked for, equal to the oracle's rows bit for bit."""
     rng = np.random.default_rng(9)
-    table, ref = _make(fmt, 50, 64, rng)
+    table, ref = _make(fmt, 50, 2 * LAYOUTS[fmt].block, rng)
     ids = np.array([3, 0, 49, 3])
-    np.testing.assert_array_equal(embed_q(table, ids), ref[ids].astype(np.float32))
+    want = ref[ids].astype(np.float32).view(np.uint32)
+    np.testing.assert_array_equal(embed_q(table, ids).view(np.uint32), want)
 
 
 def test_int8_round_trip_within_half_a_step():

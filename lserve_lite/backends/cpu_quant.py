@@ -188,12 +188,14 @@ def _gemv16_job(args, j0, j1):
 
 
 @nb.njit(inline="always")
-def _nibbles(row, o, h, dst, k, d, z, m):
-    """dst[k + i] = d * (nib(i) - z) + m for the 2h nibbles of row[o:o + h] (low nibbles first)."""
+def _nibbles(row, o, h, dst, k, d, z, m, add_m):
+    """dst[k + i] = d * (nib(i) - z), plus m where `add_m` (q4_1), for the 2h nibbles of row[o:o + h] (low
+    nibbles first). q4_0 / int4 add nothing: adding 0.0 would turn gguf's -0.0 products (d < 0) into +0.0."""
     for i in range(h):
         q = np.int32(row[o + i])
-        dst[k + i] = d * np.float32((q & 15) - z) + m
-        dst[k + h + i] = d * np.float32((q >> 4) - z) + m
+        lo, hi = d * np.float32((q & 15) - z), d * np.float32((q >> 4) - z)
+        dst[k + i] = lo + m if add_m else lo
+        dst[k + h + i] = hi + m if add_m else hi
 
 
 @nb.njit(inline="always")
@@ -201,10 +203,10 @@ def _block_dequant(fmt, row, b, dst, row_scale):
     """dst[b*block:(b+1)*block] = the float32 values of block b (same float32 operations as gguf.quants)."""
     if fmt == Q4_1:
         o = b * 20
-        _nibbles(row, o + 4, 16, dst, b * 32, f16_at(row, o), 0, f16_at(row, o + 2))
+        _nibbles(row, o + 4, 16, dst, b * 32, f16_at(row, o), 0, f16_at(row, o + 2), True)
     elif fmt == Q4_0 or fmt == INT4:
         o, h = b * BLOCK_BYTES[fmt], BLOCK[fmt] // 2
-        _nibbles(row, o + 2, h, dst, b * 2 * h, f16_at(row, o), 8, np.float32(0.0))
+        _nibbles(row, o + 2, h, dst, b * 2 * h, f16_at(row, o), 8, np.float32(0.0), False)
     elif fmt == Q8_0 or fmt == INT8:
         o = b * 34 + 2 if fmt == Q8_0 else 2 + b * 32
         d = f16_at(row, b * 34) if fmt == Q8_0 else row_scale

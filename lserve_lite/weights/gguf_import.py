@@ -55,11 +55,16 @@ _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 def convert_gguf(
     gguf_path: str | Path, out_dir: str | Path, progress: bool = True, *, overwrite: bool = False
 ) -> Path:
-    """Convert a llama or qwen2 GGUF into an HF directory at `out_dir` (written to a temp dir, then renamed).
+    """Convert a llama or qwen2 GGUF into an HF directory at `out_dir` (written to a temp dir, then moved there).
 
-    An existing non-empty `out_dir` is an error unless `overwrite`; a file there always is. Returns `out_dir`.
+    An existing non-empty `out_dir` is an error unless `overwrite`; a file there always is. Returns `out_dir`
+    (resolved: "." names the working directory, whose name and parent the temp dir needs).
     """
-    src, out = Path(gguf_path).expanduser(), Path(out_dir).expanduser()
+    src = Path(gguf_path).expanduser()
+    try:
+        out = Path(out_dir).expanduser().resolve()
+    except (OSError, RuntimeError) as e:  # a deleted working directory; a symlink loop
+        raise ModelLoadError(f"{out_dir}: not a usable output path ({_one_line(e)})") from None
     if out.exists() and not out.is_dir():
         raise ModelLoadError(f"{out}: the output path is a file, not a directory")
     if out.exists() and not overwrite and any(out.iterdir()):
@@ -74,21 +79,34 @@ def convert_gguf(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         _write_weights(tensors, config, src, tmp, progress)
-        tokenizer.save(str(tmp / "tokenizer.json"))
+        # written by Python, not `tokenizer.save`: that raises a bare Exception on a failed write (disk full)
+        (tmp / "tokenizer.json").write_text(tokenizer.to_str(pretty=True), encoding="utf-8")
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "tokenizer_config.json", tok_config)
         _write_json(tmp / "generation_config.json", gen_config)
         del tensors
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            shutil.rmtree(old, ignore_errors=True)
-        tmp.rename(out)
+        _move_into_place(tmp, out)
     except OSError as e:
         raise ModelLoadError(f"{out}: cannot write the converted model ({_one_line(e)})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """The finished files of `tmp` at `out`: `tmp` renamed there, or, where `out` exists (empty, or overwritten),
+    its old entries moved aside and the new ones moved in, so that `out` stays the same directory (renamed away,
+    it left a shell working in it, `lserve-lite convert m.gguf .`, in a deleted directory)."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    old.mkdir()
+    for p in out.iterdir():
+        p.rename(old / p.name)
+    for p in tmp.iterdir():
+        p.rename(out / p.name)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _remove_stale(out: Path) -> None:
@@ -116,6 +134,7 @@ def _alive(pid: int) -> bool:
 def model_config(meta: dict[str, Any], tensors: dict, path: Path) -> dict[str, Any]:
     """config.json for a llama or qwen2 GGUF, after checking tensor names, types and shapes against it. The
     tokenizer metadata is checked first: the config takes its special token ids from there."""
+    _check_whole(meta, path)
     check_tokenizer_metadata(meta, path)
     arch = meta.get("general.architecture")
     if not isinstance(arch, str) or arch not in ARCHS:
@@ -197,6 +216,19 @@ def model_config(meta: dict[str, Any], tensors: dict, path: Path) -> dict[str, A
     cfg["lserve_lite"] = {"converted_from": path.name, "gguf_name": meta.get("general.name")}
     _check_tensors(tensors, cfg, path)
     return cfg
+
+
+def _check_whole(meta: dict[str, Any], path: Path) -> None:
+    """Not one part of a model that llama.cpp's gguf-split cut into several files (`split.count` > 1): a part
+    holds only some tensors (the first one the metadata), which would otherwise read as missing tensors or a
+    missing architecture."""
+    count, no = meta.get("split.count"), meta.get("split.no")
+    if isinstance(count, int) and not isinstance(count, bool) and count > 1:
+        part = f"part {no + 1} of " if isinstance(no, int) and not isinstance(no, bool) else ""
+        raise ModelLoadError(
+            f"{path}: {part}a model split into {count} GGUF files (gguf-split); merge them into one file first "
+            f"(llama-gguf-split --merge FIRST_PART.gguf MERGED.gguf) and give that"
+        )
 
 
 def _eos_ids(meta: dict[str, Any]) -> list[int]:
@@ -369,6 +401,7 @@ def _shard_plan(tensors: dict) -> list[list[str]]:
 
 
 def _write_weights(tensors: dict, cfg: dict[str, Any], src: Path, out: Path, progress: bool) -> None:
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
     from tqdm.auto import tqdm
 
@@ -398,7 +431,10 @@ def _write_weights(tensors: dict, cfg: dict[str, Any], src: Path, out: Path, pro
             for k, a in arrays.items():
                 weight_map[k] = fname
                 total += a.nbytes
-            save_file(arrays, str(out / fname), metadata={"format": "pt"})
+            try:
+                save_file(arrays, str(out / fname), metadata={"format": "pt"})
+            except SafetensorError as e:  # the Rust writer's I/O errors (disk full) are not OSErrors
+                raise OSError(_one_line(e)) from None
             os.chmod(out / fname, 0o644)  # safetensors creates it owner-only
             del arrays
     finally:

@@ -155,7 +155,9 @@ def read_gguf(gguf_path: str | Path) -> tuple[dict[str, Any], dict[str, GGUFTens
                 raise _Bad(f"tensor {name!r} has unknown type id {ttype}") from None
             block, block_bytes = GGML_QUANT_SIZES[qtype]
             if dims[0] % block:
-                raise _Bad(f"tensor {name!r}: row length {dims[0]} is not a multiple of {block}")
+                raise _Bad(
+                    f"tensor {name!r} ({qtype.name}): row length {dims[0]} is not a multiple of its block, {block}"
+                )
             row_bytes = dims[0] // block * block_bytes
             nbytes = row_bytes * math.prod(dims[1:])
             start = data_start + offset

@@ -69,13 +69,16 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
 
 def model_name(path: Path) -> str:
-    """The name a model is served under: its directory's name, a GGUF file's stem, and the default GGUF's
-    model name (so `"model": "SmolLM2-135M-Instruct"` keeps working now that the engine runs the GGUF)."""
+    """The name a model is served under: its directory's name, a GGUF file's name without `.gguf` (a file known
+    by its magic keeps its whole name: "Llama-3.2-1B" is not "Llama-3"), and the default GGUF's model name (so
+    `"model": "SmolLM2-135M-Instruct"` keeps working now that the engine runs the GGUF)."""
     from .default_model import GGUF_NAME, MODEL_NAME
 
     if not _is_gguf(path):
         return path.name
-    return MODEL_NAME if path.name == GGUF_NAME else path.stem
+    if path.name == GGUF_NAME:
+        return MODEL_NAME
+    return path.stem if path.suffix.lower() == ".gguf" else path.name
 
 
 def _own_head(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> ModelConfig:
