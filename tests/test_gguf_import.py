@@ -315,6 +315,10 @@ def write_tiny_gguf(
             raw = random_k_blocks(kind, shape, rng, matrix_scale)
             w.add_tensor(name, raw, raw_dtype=qt)
             x = gguf.quants.dequantize(raw, qt)
+        elif kind == "Q8_1":  # no quantizer in the gguf package (nor a dequantizer): zero blocks
+            qt = gguf.GGMLQuantizationType[kind]
+            block, size = gguf.GGML_QUANT_SIZES[qt]
+            w.add_tensor(name, np.zeros((shape[0], shape[1] // block * size), np.uint8), raw_dtype=qt)
         else:
             qt = gguf.GGMLQuantizationType[kind]
             w.add_tensor(name, gguf.quants.quantize(x, qt), raw_dtype=qt)
@@ -517,10 +521,37 @@ def test_truncated_and_random_files(tmp_path: Path, gguf_path: Path):
 
 
 def test_unsupported_tensor_type(tmp_path: Path):
-    src = tmp_path / "q5.gguf"
-    write_tiny_gguf(src, types={"ffn_down": "Q5_0"})
+    src = tmp_path / "q8_1.gguf"
+    write_tiny_gguf(src, types={"ffn_down": "Q8_1"})
     msg = _err(src, tmp_path / "out")
-    assert "blk.0.ffn_down.weight" in msg and "Q5_0" in msg
+    assert "blk.0.ffn_down.weight" in msg and "Q8_1" in msg
+
+
+def test_types_without_kernels_are_read_as_floats(tmp_path: Path):
+    """Q5_0 / Q5_1 / BF16 tensors (llama.cpp's Q4_K_M file of a model whose widths are not multiples of 256 holds
+    Q5_0 matrices) were refused: read as float32 through the gguf package's dequantization, run directly and
+    converted, both equal to it bit for bit, and the model generates."""
+    import gguf
+
+    from lserve_lite import LLM, SamplingParams
+    from lserve_lite.weights.gguf_weights import gguf_weights
+
+    src = tmp_path / "q5.gguf"
+    write_tiny_gguf(src, types={"ffn_down": "Q5_0", "ffn_gate": "Q5_1", "attn_output": "BF16"})
+    _, weights = gguf_weights(src)
+    by_name = {t.name: t for t in gguf.GGUFReader(src).tensors}
+    for g, h in (
+        ("ffn_down", "mlp.down_proj"),
+        ("ffn_gate", "mlp.gate_proj"),
+        ("attn_output", "self_attn.o_proj"),
+    ):
+        t = by_name[f"blk.1.{g}.weight"]
+        want = gguf.quants.dequantize(t.data, t.tensor_type)
+        np.testing.assert_array_equal(weights[f"model.layers.1.{h}.weight"], want)
+    out = convert_gguf(src, tmp_path / "conv", progress=False)
+    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    direct = LLM(str(src), backend="cpu").generate([[5, 6, 7]], sp)[0].token_ids
+    assert len(direct) == 4 and LLM(str(out), backend="cpu").generate([[5, 6, 7]], sp)[0].token_ids == direct
 
 
 def test_other_architecture_and_odd_models(tmp_path: Path):

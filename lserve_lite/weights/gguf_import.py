@@ -27,7 +27,11 @@ from ..errors import ModelLoadError
 from .gguf_reader import _one_line, read_gguf
 from .gguf_tokenizer import check_tokenizer_metadata, tokenizer_files
 
-SUPPORTED_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+# Types the kernels run in their blocks (weights/qtensor.LAYOUTS), F32 / F16, and types read as float32 through the
+# gguf package's dequantization at load (no kernel of theirs: 2-8x the memory of their blocks; llama.cpp's Q4_K_M
+# files store matrices whose width is not a multiple of 256 as Q5_0, and its Q5_K_M / Q3_K_M files use these)
+SUPPORTED_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K",
+                   "BF16", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K", "IQ4_NL", "IQ4_XS")  # fmt: skip
 MAX_SHARD_BYTES = 4 << 30  # one model.safetensors up to this size, HF-style shards above it
 
 _LAYER_TENSORS = {

@@ -1,7 +1,7 @@
 """A llama or qwen2 GGUF run directly: config, tokenizer (rebuilt in memory) and weights by Hugging Face name, with
-every quantized matrix kept in its packed blocks; no file is written and no float copy of a matrix made.
-The config is the one `convert_gguf` writes; the importer's float path reads the tensors that stay float
-(norms, F32/F16)."""
+every matrix of a type the kernels run kept in its packed blocks; no file is written. The config is the one
+`convert_gguf` writes; the importer's float path reads the other tensors as float32 (norms, F32 / F16, and the
+types without a kernel: gguf_import.SUPPORTED_TYPES)."""
 
 from __future__ import annotations
 
