@@ -527,6 +527,14 @@ def test_unsupported_tensor_type(tmp_path: Path):
     assert "blk.0.ffn_down.weight" in msg and "Q8_1" in msg
 
 
+def test_a_huge_tensor_name_gives_a_short_line(tmp_path: Path):
+    """An unexpected tensor named with 100k characters was quoted whole: a 100 KB error line."""
+    src = tmp_path / "long.gguf"
+    write_tiny_gguf(src, extra_tensor="x" * 100_000)
+    msg = _err(src, tmp_path / "out")
+    assert "unexpected tensor 'xxx" in msg and len(msg) < 400
+
+
 def test_types_without_kernels_are_read_as_floats(tmp_path: Path):
     """Q5_0 / Q5_1 / BF16 tensors (llama.cpp's Q4_K_M file of a model whose widths are not multiples of 256 holds
     Q5_0 matrices) were refused: read as float32 through the gguf package's dequantization, run directly and

@@ -287,15 +287,15 @@ def _check_tensors(tensors: dict, cfg: dict[str, Any], path: Path) -> None:
         hf = hf_name(name)
         if hf is None or hf not in want:
             raise ModelLoadError(
-                f"{path}: unexpected tensor {name!r} (not a plain {cfg['model_type']} model)"
+                f"{path}: unexpected tensor {name!r:.80} (not a plain {cfg['model_type']} model)"
             )
         ttype = t.type_name
         if ttype not in SUPPORTED_TYPES:
             raise ModelLoadError(
-                f"{path}: tensor {name!r} has type {ttype}, not supported (supported: {', '.join(SUPPORTED_TYPES)})"
+                f"{path}: tensor {name!r:.80} has type {ttype}, not supported (supported: {', '.join(SUPPORTED_TYPES)})"
             )
         if t.shape != want[hf]:
-            raise ModelLoadError(f"{path}: tensor {name!r} has shape {t.shape}, expected {want[hf]}")
+            raise ModelLoadError(f"{path}: tensor {name!r:.80} has shape {t.shape}, expected {want[hf]}")
         seen.add(hf)
     missing = sorted(set(want) - seen)
     if missing:
