@@ -657,6 +657,32 @@ def test_numba_e4m3_matches_the_reference_codec():
         store(np.ones(64, np.float32), vals, scales)
 
 
+@pytest.mark.parametrize("name", CPU_FORMATS)
+def test_numba_store_equals_the_reference_bit_for_bit(name):
+    """cpu_kv.kv_store stores what kv/quant.quantize (float32 scales) gives, values and scales, bit for bit: each
+    value rounded to nearest against the stored scale in float64. The first row's first value is one whose float32
+    quotient 1.435258 / 0.013604342 rounds onto the tie 105.5 (int8 stored 106 until the quotient was float64)."""
+    import numba as nb
+
+    from lserve_lite.backends.cpu_kv import kv_store
+
+    @nb.njit
+    def store(x, vals, scales):
+        for r in range(x.shape[0]):
+            kv_store(x[r], vals, scales, r, 0, 0)
+
+    fmt = Q.FORMATS[name]
+    x = (RNG.standard_normal((3000, 64)) * np.exp(RNG.uniform(-5, 5, (3000, 1)))).astype(np.float32)
+    x[0, :4] = np.array([1.435258, 1.7277515, -0.26284197, -1.4170293], np.float32)
+    x[0, 4:] = 0
+    vals = np.zeros((len(x), 1, 1, fmt.packed_dim(64)), fmt.value_dtype)
+    sc = np.zeros((len(x), 1, 1, fmt.scale_cols(64)), np.float32)
+    store(x, kernel_view(vals, sc), sc)
+    want_vals, want_sc = Q.quantize(x, fmt, np.float32)
+    np.testing.assert_array_equal(sc[:, 0, 0], want_sc)
+    np.testing.assert_array_equal(vals[:, 0, 0], want_vals)
+
+
 @pytest.mark.parametrize("name", ["fp16", "fp32", *CPU_FORMATS])
 def test_prefill_gather_equals_the_reference(name):
     """The CPU prefill's Numba page gather (cpu.gather_pages_numba) = reference/attention.gather_rows (kv/quant's float64

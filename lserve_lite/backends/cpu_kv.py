@@ -156,8 +156,9 @@ def _kv_store(x, vals, scales, pg, h, off):
             amax = np.float32(0.0)
             for i in range(x.shape[0]):
                 amax = max(amax, abs(x[i]))
-            s = amax / np.float32(127.0)
-            scales[pg, h, off, 0] = s
+            scales[pg, h, off, 0] = amax / np.float32(127.0)
+            # against the stored scale, in float64 as the reference (a float32 quotient can round onto a tie)
+            s = np.float64(scales[pg, h, off, 0])
             for i in range(x.shape[0]):
                 vals[pg, h, off, i] = np.int8(min(max(np.rint(x[i] / s), -127.0), 127.0) if s > 0 else 0)
 
