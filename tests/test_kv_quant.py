@@ -734,3 +734,26 @@ def test_quantized_pages_at_other_head_dims(name, d):
             rtol=2e-7,
             atol=1e-30,
         )
+
+
+@pytest.mark.parametrize("name", CPU_FORMATS)
+def test_rows_near_float32_range_read_as_their_finite_values(name):
+    """K / V rows of magnitude 1e36 (float32 scales hold them; queries of 1e-36 keep the scores near 1): decode
+    attention = float64 attention over the dequantized cache and the prefill gather = gather_rows, all finite.
+    int4 multiplied each group scale by 2^24 (its nibbles are read as fp16 subnormals) and read such rows as NaN."""
+    fmt = Q.FORMATS[name]
+    k, v = RNG.standard_normal((2, 6, 2, 16, 64)) * 1e36
+    (kq, ks), (vq, vs) = Q.quantize(k, fmt, np.float32), Q.quantize(v, fmt, np.float32)
+    kd, vd = Q.dequantize(kq, ks, fmt), Q.dequantize(vq, vs, fmt)
+    assert np.isfinite(kd).all() and np.isfinite(vd).all()
+    plan = build_plan(BatchLayout([1, 1], [70, 9], [[3, 0, 5, 1, 2], [4]]), 16)
+    q = (RNG.standard_normal((2, 6, 64)) * 1e-36).astype(np.float32)
+    hc = np.array([0, 0], np.int32)
+    want = naive_attention(q, kd, vd, plan, hc)
+    got = C.paged_attention_numba(q, kq, vq, plan, hc, None, ks, vs)
+    assert np.isfinite(got).all() and rel(got, want) < 1e-5
+    for vals, sc in ((kq, ks), (vq, vs)):
+        pages = np.array([4, 0, 2])
+        got = C.gather_pages_numba(vals, sc, fmt, pages, 1)
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, A.gather_rows(vals, sc, fmt, pages, 1), rtol=2e-7, atol=1e-30)

@@ -231,8 +231,9 @@ def _sums4(p, vals, acc, d, n):
             )
 
 
-# A nibble n as fp16 bits is the subnormal n * 2^-24 (exact, and F16C converts eight at once): the group scales
-# are multiplied by this to undo it.
+# A nibble n as fp16 bits is the subnormal n * 2^-24 (exact, and F16C converts eight at once): the query halves, the
+# sums of values and the nibbles themselves are multiplied by this to undo it, never a group scale (up to float32's
+# largest / 15: times 2^24 it overflowed, and a K or V row past 3e32 read as NaN where its values are finite).
 NIBBLE_UNIT = np.float32(2.0**24)
 
 
@@ -247,10 +248,10 @@ def _nibbles(b):
 @njit(inline="always")
 def _dots_int4(qrow, keys, sc, srow, scale, tmp, d, groups):
     """int4 keys: per group g, s_g * (q . nibbles) + m_g * (q's sum over the group), two keys per pass; the query's
-    even and odd channels (the low and high nibbles') split into tmp first."""
+    even and odd channels (the low and high nibbles') split into tmp first, times `NIBBLE_UNIT`."""
     half, per = d // 2, d // 2 // groups
     for i in range(half):
-        tmp[i], tmp[half + i] = qrow[2 * i], qrow[2 * i + 1]
+        tmp[i], tmp[half + i] = qrow[2 * i] * NIBBLE_UNIT, qrow[2 * i + 1] * NIBBLE_UNIT
     for g in range(groups):
         t = np.float32(0.0)
         for c in range(2 * g * per, 2 * (g + 1) * per):
@@ -259,7 +260,7 @@ def _dots_int4(qrow, keys, sc, srow, scale, tmp, d, groups):
     for o in range(0, keys.shape[0], 2):
         a, b = np.float32(0.0), np.float32(0.0)
         for g in range(groups):
-            sa, sb = np.float32(sc[o, 2 * g]) * NIBBLE_UNIT, np.float32(sc[o + 1, 2 * g]) * NIBBLE_UNIT
+            sa, sb = np.float32(sc[o, 2 * g]), np.float32(sc[o + 1, 2 * g])
             for i in range(g * per, (g + 1) * per):
                 (xl, xh), (yl, yh) = _nibbles(keys[o, i]), _nibbles(keys[o + 1, i])
                 a += sa * (tmp[i] * xl + tmp[half + i] * xh)
@@ -278,8 +279,8 @@ def _sums_int4(p, vals, sc, acc, tmp, d, groups, n):
     for o in range(0, n, 2):
         o1 = _last(o + 1, n)
         for g in range(groups):
-            a = p[o] * np.float32(sc[o, 2 * g]) * NIBBLE_UNIT
-            b = p[o + 1] * np.float32(sc[o1, 2 * g]) * NIBBLE_UNIT
+            a = p[o] * np.float32(sc[o, 2 * g])
+            b = p[o + 1] * np.float32(sc[o1, 2 * g])
             for i in range(g * per, (g + 1) * per):
                 (xl, xh), (yl, yh) = _nibbles(vals[o, i]), _nibbles(vals[o1, i])
                 tmp[i] += a * xl + b * yl
@@ -302,10 +303,10 @@ def _sums_int4_pairs(p, vals, sc, acc, tmp, d, groups, n):
     for o in range(0, n, 2):
         o1 = _last(o + 1, n)
         for g in range(0, groups, 2):
-            a0 = p[o] * np.float32(sc[o, 2 * g]) * NIBBLE_UNIT
-            a1 = p[o] * np.float32(sc[o, 2 * g + 2]) * NIBBLE_UNIT
-            b0 = p[o + 1] * np.float32(sc[o1, 2 * g]) * NIBBLE_UNIT
-            b1 = p[o + 1] * np.float32(sc[o1, 2 * g + 2]) * NIBBLE_UNIT
+            a0 = p[o] * np.float32(sc[o, 2 * g])
+            a1 = p[o] * np.float32(sc[o, 2 * g + 2])
+            b0 = p[o + 1] * np.float32(sc[o1, 2 * g])
+            b1 = p[o + 1] * np.float32(sc[o1, 2 * g + 2])
             for j in range(16):
                 i = g * 8 + j
                 a, b = a0 * FIRST8[j] + a1 * SECOND8[j], b0 * FIRST8[j] + b1 * SECOND8[j]
@@ -317,15 +318,16 @@ def _sums_int4_pairs(p, vals, sc, acc, tmp, d, groups, n):
 
 @njit(inline="always")
 def _add_int4_mins(p, sc, acc, tmp, d, groups, n):
-    """acc += tmp's even and odd halves interleaved, plus each group's sum of p[o] m_g[o] over o < n."""
+    """acc += tmp's even and odd halves interleaved (times `NIBBLE_UNIT`), plus each group's sum of p[o] m_g[o]
+    over o < n."""
     half, per = d // 2, d // 2 // groups
     for g in range(groups):
         m = np.float32(0.0)
         for o in range(n):
             m += p[o] * np.float32(sc[o, 2 * g + 1])
         for i in range(g * per, (g + 1) * per):
-            acc[2 * i] += tmp[i] + m
-            acc[2 * i + 1] += tmp[half + i] + m
+            acc[2 * i] += tmp[i] * NIBBLE_UNIT + m
+            acc[2 * i + 1] += tmp[half + i] * NIBBLE_UNIT + m
 
 
 @overload(page_scores, inline="always")
@@ -391,11 +393,11 @@ def _page_rows(vals, scales, pg, h, out):
             per = vals.shape[3] // groups
             for o in range(out.shape[0]):
                 for g in range(groups):
-                    sg = np.float32(scales[pg, h, o, 2 * g]) * NIBBLE_UNIT
-                    mg = np.float32(scales[pg, h, o, 2 * g + 1])
+                    sg, mg = np.float32(scales[pg, h, o, 2 * g]), np.float32(scales[pg, h, o, 2 * g + 1])
                     for i in range(g * per, (g + 1) * per):
                         lo, hi = _nibbles(vals[pg, h, o, i])
-                        out[o, 2 * i], out[o, 2 * i + 1] = lo * sg + mg, hi * sg + mg
+                        out[o, 2 * i] = (lo * NIBBLE_UNIT) * sg + mg
+                        out[o, 2 * i + 1] = (hi * NIBBLE_UNIT) * sg + mg
 
         return rows_int4
     unit = np.float32(_row_unit(vals))
