@@ -642,7 +642,9 @@ def test_numba_e4m3_matches_the_reference_codec():
         kv_store(x, vals, scales, 0, 0, 0)
 
     mids = (Q.E4M3[1:] + Q.E4M3[:-1]) / 2
-    y = np.concatenate([Q.E4M3, mids, -mids, [0.0, -0.0, 448.0, 449.0, 1e9, -1e9, 1e-12]])
+    y = np.concatenate(
+        [Q.E4M3, mids, -mids, [0.0, -0.0, 448.0, 449.0, 1e9, -1e9, 1e-12, np.inf, np.nan, -np.nan]]
+    )
     y = np.concatenate([y, np.nextafter(mids, 0), np.nextafter(mids, 1e9)])  # either side of every tie
     y = np.concatenate([y, RNG.standard_normal(2000) * 50])
     want = Q.e4m3_encode(y)
@@ -675,12 +677,16 @@ def test_numba_store_equals_the_reference_bit_for_bit(name):
     x = (RNG.standard_normal((3000, 64)) * np.exp(RNG.uniform(-5, 5, (3000, 1)))).astype(np.float32)
     x[0, :4] = np.array([1.435258, 1.7277515, -0.26284197, -1.4170293], np.float32)
     x[0, 4:] = 0
+    x[1, 7] = x[2, 0] = x[3, 63] = (
+        np.nan
+    )  # a NaN row: NaN scales (int4: its group's), as a float cache holds NaN
     vals = np.zeros((len(x), 1, 1, fmt.packed_dim(64)), fmt.value_dtype)
     sc = np.zeros((len(x), 1, 1, fmt.scale_cols(64)), np.float32)
     store(x, kernel_view(vals, sc), sc)
     want_vals, want_sc = Q.quantize(x, fmt, np.float32)
     np.testing.assert_array_equal(sc[:, 0, 0], want_sc)
     np.testing.assert_array_equal(vals[:, 0, 0], want_vals)
+    assert np.isnan(Q.dequantize(vals[1:4, 0, 0], sc[1:4, 0, 0], fmt)).any(-1).all()
 
 
 @pytest.mark.parametrize("name", ["fp16", "fp32", *CPU_FORMATS])

@@ -26,8 +26,10 @@ E4M3_MAX = FORMATS["fp8"].qmax
 @njit
 def e4m3_code(y: float) -> int:
     """kv/quant.e4m3_encode of one value: the nearest e4m3 code (ties to the even code, saturating at 448), from the
-    value's exponent and mantissa (the reference searches the table of code values: the same codes, tested)."""
-    a = min(abs(y), E4M3_MAX)
+    value's exponent and mantissa (the reference searches the table of code values: the same codes, tested). NaN
+    saturates as the reference's does (`min` would pass it on to an integer conversion of NaN: any code)."""
+    a = abs(y)
+    a = a if a < E4M3_MAX else E4M3_MAX
     if a < 2.0**-6:  # subnormal codes 0..7 are multiples of 2^-9 (8: 2^-6, the first normal one)
         code = int(np.rint(a * 512.0))
     else:  # a = m 2^e, m in [0.5, 1): exponent field e + 6, then 3 mantissa bits rounded to even (a carry
@@ -37,6 +39,19 @@ def e4m3_code(y: float) -> int:
 
 
 HADAMARD_SIGNS = hadamard_signs(HADAMARD_MAX_DIM)
+
+
+@njit(inline="always")
+def _absmax(x, i0, i1):
+    """max |x[i]| over i0 <= i < i1, NaN if any is NaN: a row holding NaN gets a NaN scale and reads as NaN, as in
+    kv/quant.quantize and a float cache (`max` skips a NaN, which then stored a finite row of other values)."""
+    m = np.float32(0.0)
+    for i in range(i0, i1):
+        a = abs(x[i])
+        if a != a:
+            return a
+        m = max(m, a)
+    return m
 
 
 @njit(inline="always")
@@ -153,10 +168,7 @@ def _kv_store(x, vals, scales, pg, h, off):
     if vals.dtype == types.int8:
 
         def store_int8(x, vals, scales, pg, h, off):
-            amax = np.float32(0.0)
-            for i in range(x.shape[0]):
-                amax = max(amax, abs(x[i]))
-            scales[pg, h, off, 0] = amax / np.float32(127.0)
+            scales[pg, h, off, 0] = _absmax(x, 0, x.shape[0]) / np.float32(127.0)
             # against the stored scale, in float64 as the reference (a float32 quotient can round onto a tie)
             s = np.float64(scales[pg, h, off, 0])
             for i in range(x.shape[0]):
@@ -167,10 +179,7 @@ def _kv_store(x, vals, scales, pg, h, off):
     if isinstance(vals.dtype, types.Record):
 
         def store_fp8(x, vals, scales, pg, h, off):
-            amax = np.float32(0.0)
-            for i in range(x.shape[0]):
-                amax = max(amax, abs(x[i]))
-            scales[pg, h, off, 0] = amax / np.float32(E4M3_MAX)
+            scales[pg, h, off, 0] = _absmax(x, 0, x.shape[0]) / np.float32(E4M3_MAX)
             s = np.float64(scales[pg, h, off, 0])  # against the stored scale, in float64 as the reference
             for i in range(x.shape[0]):
                 vals[pg, h, off, i].e4m3 = np.uint8(e4m3_code(np.float64(x[i]) / s) if s > 0 else 0)
@@ -184,6 +193,9 @@ def _kv_store(x, vals, scales, pg, h, off):
             lo, hi = x[k * g], x[k * g]
             for i in range(k * g, (k + 1) * g):
                 lo, hi = min(lo, x[i]), max(hi, x[i])
+            nan = _absmax(x, k * g, (k + 1) * g)
+            if nan != nan:  # a NaN group: NaN (scale, min), as the reference's
+                lo = hi = nan
             scales[pg, h, off, 2 * k] = (np.float64(hi) - lo) / 15.0  # float64 as the reference, then stored
             scales[pg, h, off, 2 * k + 1] = lo
             s, m = np.float64(scales[pg, h, off, 2 * k]), np.float64(lo)
