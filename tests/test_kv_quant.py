@@ -642,7 +642,9 @@ def test_numba_e4m3_matches_the_reference_codec():
         kv_store(x, vals, scales, 0, 0, 0)
 
     mids = (Q.E4M3[1:] + Q.E4M3[:-1]) / 2
-    y = np.concatenate([Q.E4M3, mids, -mids, [0.0, -0.0, 448.0, 449.0, 1e9, -1e9, 1e-12]])
+    y = np.concatenate(
+        [Q.E4M3, mids, -mids, [0.0, -0.0, 448.0, 449.0, 1e9, -1e9, 1e-12, np.inf, np.nan, -np.nan]]
+    )
     y = np.concatenate([y, np.nextafter(mids, 0), np.nextafter(mids, 1e9)])  # either side of every tie
     y = np.concatenate([y, RNG.standard_normal(2000) * 50])
     want = Q.e4m3_encode(y)
@@ -655,6 +657,36 @@ def test_numba_e4m3_matches_the_reference_codec():
     vals = np.zeros((1, 1, 1, 64), np.uint8)
     with pytest.raises(ValueError, match="kernel_view"):
         store(np.ones(64, np.float32), vals, scales)
+
+
+@pytest.mark.parametrize("name", CPU_FORMATS)
+def test_numba_store_equals_the_reference_bit_for_bit(name):
+    """cpu_kv.kv_store stores what kv/quant.quantize (float32 scales) gives, values and scales, bit for bit: each
+    value rounded to nearest against the stored scale in float64. The first row's first value is one whose float32
+    quotient 1.435258 / 0.013604342 rounds onto the tie 105.5 (int8 stored 106 until the quotient was float64)."""
+    import numba as nb
+
+    from lserve_lite.backends.cpu_kv import kv_store
+
+    @nb.njit
+    def store(x, vals, scales):
+        for r in range(x.shape[0]):
+            kv_store(x[r], vals, scales, r, 0, 0)
+
+    fmt = Q.FORMATS[name]
+    x = (RNG.standard_normal((3000, 64)) * np.exp(RNG.uniform(-5, 5, (3000, 1)))).astype(np.float32)
+    x[0, :4] = np.array([1.435258, 1.7277515, -0.26284197, -1.4170293], np.float32)
+    x[0, 4:] = 0
+    x[1, 7] = x[2, 0] = x[3, 63] = (
+        np.nan
+    )  # a NaN row: NaN scales (int4: its group's), as a float cache holds NaN
+    vals = np.zeros((len(x), 1, 1, fmt.packed_dim(64)), fmt.value_dtype)
+    sc = np.zeros((len(x), 1, 1, fmt.scale_cols(64)), np.float32)
+    store(x, kernel_view(vals, sc), sc)
+    want_vals, want_sc = Q.quantize(x, fmt, np.float32)
+    np.testing.assert_array_equal(sc[:, 0, 0], want_sc)
+    np.testing.assert_array_equal(vals[:, 0, 0], want_vals)
+    assert np.isnan(Q.dequantize(vals[1:4, 0, 0], sc[1:4, 0, 0], fmt)).any(-1).all()
 
 
 @pytest.mark.parametrize("name", ["fp16", "fp32", *CPU_FORMATS])
@@ -708,3 +740,26 @@ def test_quantized_pages_at_other_head_dims(name, d):
             rtol=2e-7,
             atol=1e-30,
         )
+
+
+@pytest.mark.parametrize("name", CPU_FORMATS)
+def test_rows_near_float32_range_read_as_their_finite_values(name):
+    """K / V rows of magnitude 1e36 (float32 scales hold them; queries of 1e-36 keep the scores near 1): decode
+    attention = float64 attention over the dequantized cache and the prefill gather = gather_rows, all finite.
+    int4 multiplied each group scale by 2^24 (its nibbles are read as fp16 subnormals) and read such rows as NaN."""
+    fmt = Q.FORMATS[name]
+    k, v = RNG.standard_normal((2, 6, 2, 16, 64)) * 1e36
+    (kq, ks), (vq, vs) = Q.quantize(k, fmt, np.float32), Q.quantize(v, fmt, np.float32)
+    kd, vd = Q.dequantize(kq, ks, fmt), Q.dequantize(vq, vs, fmt)
+    assert np.isfinite(kd).all() and np.isfinite(vd).all()
+    plan = build_plan(BatchLayout([1, 1], [70, 9], [[3, 0, 5, 1, 2], [4]]), 16)
+    q = (RNG.standard_normal((2, 6, 64)) * 1e-36).astype(np.float32)
+    hc = np.array([0, 0], np.int32)
+    want = naive_attention(q, kd, vd, plan, hc)
+    got = C.paged_attention_numba(q, kq, vq, plan, hc, None, ks, vs)
+    assert np.isfinite(got).all() and rel(got, want) < 1e-5
+    for vals, sc in ((kq, ks), (vq, vs)):
+        pages = np.array([4, 0, 2])
+        got = C.gather_pages_numba(vals, sc, fmt, pages, 1)
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, A.gather_rows(vals, sc, fmt, pages, 1), rtol=2e-7, atol=1e-30)

@@ -26,8 +26,10 @@ E4M3_MAX = FORMATS["fp8"].qmax
 @njit
 def e4m3_code(y: float) -> int:
     """kv/quant.e4m3_encode of one value: the nearest e4m3 code (ties to the even code, saturating at 448), from the
-    value's exponent and mantissa (the reference searches the table of code values: the same codes, tested)."""
-    a = min(abs(y), E4M3_MAX)
+    value's exponent and mantissa (the reference searches the table of code values: the same codes, tested). NaN
+    saturates as the reference's does (`min` would pass it on to an integer conversion of NaN: any code)."""
+    a = abs(y)
+    a = a if a < E4M3_MAX else E4M3_MAX
     if a < 2.0**-6:  # subnormal codes 0..7 are multiples of 2^-9 (8: 2^-6, the first normal one)
         code = int(np.rint(a * 512.0))
     else:  # a = m 2^e, m in [0.5, 1): exponent field e + 6, then 3 mantissa bits rounded to even (a carry
@@ -37,6 +39,19 @@ def e4m3_code(y: float) -> int:
 
 
 HADAMARD_SIGNS = hadamard_signs(HADAMARD_MAX_DIM)
+
+
+@njit(inline="always")
+def _absmax(x, i0, i1):
+    """max |x[i]| over i0 <= i < i1, NaN if any is NaN: a row holding NaN gets a NaN scale and reads as NaN, as in
+    kv/quant.quantize and a float cache (`max` skips a NaN, which then stored a finite row of other values)."""
+    m = np.float32(0.0)
+    for i in range(i0, i1):
+        a = abs(x[i])
+        if a != a:
+            return a
+        m = max(m, a)
+    return m
 
 
 @njit(inline="always")
@@ -153,11 +168,9 @@ def _kv_store(x, vals, scales, pg, h, off):
     if vals.dtype == types.int8:
 
         def store_int8(x, vals, scales, pg, h, off):
-            amax = np.float32(0.0)
-            for i in range(x.shape[0]):
-                amax = max(amax, abs(x[i]))
-            s = amax / np.float32(127.0)
-            scales[pg, h, off, 0] = s
+            scales[pg, h, off, 0] = _absmax(x, 0, x.shape[0]) / np.float32(127.0)
+            # against the stored scale, in float64 as the reference (a float32 quotient can round onto a tie)
+            s = np.float64(scales[pg, h, off, 0])
             for i in range(x.shape[0]):
                 vals[pg, h, off, i] = np.int8(min(max(np.rint(x[i] / s), -127.0), 127.0) if s > 0 else 0)
 
@@ -166,10 +179,7 @@ def _kv_store(x, vals, scales, pg, h, off):
     if isinstance(vals.dtype, types.Record):
 
         def store_fp8(x, vals, scales, pg, h, off):
-            amax = np.float32(0.0)
-            for i in range(x.shape[0]):
-                amax = max(amax, abs(x[i]))
-            scales[pg, h, off, 0] = amax / np.float32(E4M3_MAX)
+            scales[pg, h, off, 0] = _absmax(x, 0, x.shape[0]) / np.float32(E4M3_MAX)
             s = np.float64(scales[pg, h, off, 0])  # against the stored scale, in float64 as the reference
             for i in range(x.shape[0]):
                 vals[pg, h, off, i].e4m3 = np.uint8(e4m3_code(np.float64(x[i]) / s) if s > 0 else 0)
@@ -183,6 +193,9 @@ def _kv_store(x, vals, scales, pg, h, off):
             lo, hi = x[k * g], x[k * g]
             for i in range(k * g, (k + 1) * g):
                 lo, hi = min(lo, x[i]), max(hi, x[i])
+            nan = _absmax(x, k * g, (k + 1) * g)
+            if nan != nan:  # a NaN group: NaN (scale, min), as the reference's
+                lo = hi = nan
             scales[pg, h, off, 2 * k] = (np.float64(hi) - lo) / 15.0  # float64 as the reference, then stored
             scales[pg, h, off, 2 * k + 1] = lo
             s, m = np.float64(scales[pg, h, off, 2 * k]), np.float64(lo)
@@ -230,8 +243,9 @@ def _sums4(p, vals, acc, d, n):
             )
 
 
-# A nibble n as fp16 bits is the subnormal n * 2^-24 (exact, and F16C converts eight at once): the group scales
-# are multiplied by this to undo it.
+# A nibble n as fp16 bits is the subnormal n * 2^-24 (exact, and F16C converts eight at once): the query halves, the
+# sums of values and the nibbles themselves are multiplied by this to undo it, never a group scale (up to float32's
+# largest / 15: times 2^24 it overflowed, and a K or V row past 3e32 read as NaN where its values are finite).
 NIBBLE_UNIT = np.float32(2.0**24)
 
 
@@ -246,10 +260,10 @@ def _nibbles(b):
 @njit(inline="always")
 def _dots_int4(qrow, keys, sc, srow, scale, tmp, d, groups):
     """int4 keys: per group g, s_g * (q . nibbles) + m_g * (q's sum over the group), two keys per pass; the query's
-    even and odd channels (the low and high nibbles') split into tmp first."""
+    even and odd channels (the low and high nibbles') split into tmp first, times `NIBBLE_UNIT`."""
     half, per = d // 2, d // 2 // groups
     for i in range(half):
-        tmp[i], tmp[half + i] = qrow[2 * i], qrow[2 * i + 1]
+        tmp[i], tmp[half + i] = qrow[2 * i] * NIBBLE_UNIT, qrow[2 * i + 1] * NIBBLE_UNIT
     for g in range(groups):
         t = np.float32(0.0)
         for c in range(2 * g * per, 2 * (g + 1) * per):
@@ -258,7 +272,7 @@ def _dots_int4(qrow, keys, sc, srow, scale, tmp, d, groups):
     for o in range(0, keys.shape[0], 2):
         a, b = np.float32(0.0), np.float32(0.0)
         for g in range(groups):
-            sa, sb = np.float32(sc[o, 2 * g]) * NIBBLE_UNIT, np.float32(sc[o + 1, 2 * g]) * NIBBLE_UNIT
+            sa, sb = np.float32(sc[o, 2 * g]), np.float32(sc[o + 1, 2 * g])
             for i in range(g * per, (g + 1) * per):
                 (xl, xh), (yl, yh) = _nibbles(keys[o, i]), _nibbles(keys[o + 1, i])
                 a += sa * (tmp[i] * xl + tmp[half + i] * xh)
@@ -277,8 +291,8 @@ def _sums_int4(p, vals, sc, acc, tmp, d, groups, n):
     for o in range(0, n, 2):
         o1 = _last(o + 1, n)
         for g in range(groups):
-            a = p[o] * np.float32(sc[o, 2 * g]) * NIBBLE_UNIT
-            b = p[o + 1] * np.float32(sc[o1, 2 * g]) * NIBBLE_UNIT
+            a = p[o] * np.float32(sc[o, 2 * g])
+            b = p[o + 1] * np.float32(sc[o1, 2 * g])
             for i in range(g * per, (g + 1) * per):
                 (xl, xh), (yl, yh) = _nibbles(vals[o, i]), _nibbles(vals[o1, i])
                 tmp[i] += a * xl + b * yl
@@ -301,10 +315,10 @@ def _sums_int4_pairs(p, vals, sc, acc, tmp, d, groups, n):
     for o in range(0, n, 2):
         o1 = _last(o + 1, n)
         for g in range(0, groups, 2):
-            a0 = p[o] * np.float32(sc[o, 2 * g]) * NIBBLE_UNIT
-            a1 = p[o] * np.float32(sc[o, 2 * g + 2]) * NIBBLE_UNIT
-            b0 = p[o + 1] * np.float32(sc[o1, 2 * g]) * NIBBLE_UNIT
-            b1 = p[o + 1] * np.float32(sc[o1, 2 * g + 2]) * NIBBLE_UNIT
+            a0 = p[o] * np.float32(sc[o, 2 * g])
+            a1 = p[o] * np.float32(sc[o, 2 * g + 2])
+            b0 = p[o + 1] * np.float32(sc[o1, 2 * g])
+            b1 = p[o + 1] * np.float32(sc[o1, 2 * g + 2])
             for j in range(16):
                 i = g * 8 + j
                 a, b = a0 * FIRST8[j] + a1 * SECOND8[j], b0 * FIRST8[j] + b1 * SECOND8[j]
@@ -316,15 +330,16 @@ def _sums_int4_pairs(p, vals, sc, acc, tmp, d, groups, n):
 
 @njit(inline="always")
 def _add_int4_mins(p, sc, acc, tmp, d, groups, n):
-    """acc += tmp's even and odd halves interleaved, plus each group's sum of p[o] m_g[o] over o < n."""
+    """acc += tmp's even and odd halves interleaved (times `NIBBLE_UNIT`), plus each group's sum of p[o] m_g[o]
+    over o < n."""
     half, per = d // 2, d // 2 // groups
     for g in range(groups):
         m = np.float32(0.0)
         for o in range(n):
             m += p[o] * np.float32(sc[o, 2 * g + 1])
         for i in range(g * per, (g + 1) * per):
-            acc[2 * i] += tmp[i] + m
-            acc[2 * i + 1] += tmp[half + i] + m
+            acc[2 * i] += tmp[i] * NIBBLE_UNIT + m
+            acc[2 * i + 1] += tmp[half + i] * NIBBLE_UNIT + m
 
 
 @overload(page_scores, inline="always")
@@ -390,11 +405,11 @@ def _page_rows(vals, scales, pg, h, out):
             per = vals.shape[3] // groups
             for o in range(out.shape[0]):
                 for g in range(groups):
-                    sg = np.float32(scales[pg, h, o, 2 * g]) * NIBBLE_UNIT
-                    mg = np.float32(scales[pg, h, o, 2 * g + 1])
+                    sg, mg = np.float32(scales[pg, h, o, 2 * g]), np.float32(scales[pg, h, o, 2 * g + 1])
                     for i in range(g * per, (g + 1) * per):
                         lo, hi = _nibbles(vals[pg, h, o, i])
-                        out[o, 2 * i], out[o, 2 * i + 1] = lo * sg + mg, hi * sg + mg
+                        out[o, 2 * i] = (lo * NIBBLE_UNIT) * sg + mg
+                        out[o, 2 * i + 1] = (hi * NIBBLE_UNIT) * sg + mg
 
         return rows_int4
     unit = np.float32(_row_unit(vals))
