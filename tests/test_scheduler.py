@@ -244,3 +244,37 @@ def test_late_abort_leaves_a_reused_id_alone(tiny_llama):
     eng.abort("never-seen")
     eng.add_request([5, 6, 7], sp, request_id="x")
     assert run() == {"x": "length"} and eng.blocks.num_used == 0
+
+
+def test_score_beside_running_requests_waits_for_their_pages(tiny_llama):
+    """A score that fits the pool alone was refused ("not enough free KV pages ... now") while running requests
+    held the pages (LLM.logits beside another thread's stream). It now steps them until they free enough (their
+    outputs come with the next step): no preemption, so scores between every step starve nobody."""
+    cfg = EngineConfig(num_kv_pages=8, page_size=16, max_num_batched_tokens=64, kv_dtype="fp32")
+    eng = LLMEngine(str(tiny_llama), "cpu", cfg)
+    sp = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+    prompts = [list(range(3, 40)), list(range(50, 90))]
+
+    def finish(score: list[int] | None = None) -> list[list[int]]:
+        out = {}
+        while eng.has_unfinished():
+            for o in eng.step():
+                if o.finished:
+                    assert o.seq.num_recompute == 0  # never preempted
+                    out[o.request_id] = list(o.seq.output_ids)
+            if score is not None and eng.has_unfinished():
+                assert eng.score(score).shape == (len(score), 320)
+        return [out[r] for r in rids]
+
+    rids = [eng.add_request(p, sp) for p in prompts]
+    alone = finish()
+    ids = [int(t) for t in np.random.default_rng(3).integers(3, 320, 8 * 16)]  # the whole pool
+    ref = eng.score(ids)
+    rids = [eng.add_request(p, sp) for p in prompts]
+    eng.step()
+    assert eng.blocks.num_dense_used > 0 and len(eng.scheduler.running) == 2
+    np.testing.assert_array_equal(eng.score(ids), ref)
+    assert finish() == alone
+    rids = [eng.add_request(p, sp) for p in prompts]
+    assert finish(score=ids[:70]) == alone  # 5 of the 8 pages: more than the requests leave free
+    assert eng.blocks.num_used == 0 and eng.blocks.num_free == 8

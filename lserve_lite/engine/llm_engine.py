@@ -582,14 +582,19 @@ class LLMEngine:
         return out
 
     def score(self, token_ids: list[int]) -> np.ndarray:
-        """Teacher-forced next-token logits [T, vocab] for `token_ids` (runs alone, in prefill chunks)."""
+        """Teacher-forced next-token logits [T, vocab] for `token_ids` (runs alone, in prefill chunks). Where
+        running requests hold the pages it needs, it steps them until they free enough."""
         self._check_open()
         token_ids = self.check_ids(token_ids, "token_ids")
         if len(token_ids) > self.max_len:
             raise InvalidRequestError(f"{len(token_ids)} tokens exceed the context limit {self.max_len}")
         seq = Sequence(list(token_ids), SamplingParams(max_new_tokens=1))
+        # prefill only: it selects no pages, so it needs no selection slot (running requests may hold them all);
+        # where they hold the pages it needs, they run until they free them (their outputs come with the next step):
+        # preempting them instead starved them under repeated scores, each throwing away their progress
+        while not self.blocks.can_grow(seq, len(token_ids), slot=False) and self.scheduler.has_work():
+            self._ready = self.step()
         self.sync()
-        # prefill only: it selects no pages, so it needs no selection slot (running requests may hold them all)
         if not self.blocks.can_grow(seq, len(token_ids), slot=False):
             short = self.blocks.shortfall(seq, len(token_ids))
             raise InvalidRequestError(f"not enough free KV pages to score this sequence now ({short})")
