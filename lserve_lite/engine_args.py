@@ -157,7 +157,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         choices=["int8", "int4"],
         help="quantize an HF model's projection matrices at load (round to nearest: int8 per output "
-        "channel, int4 in groups of 128); on a GGUF, only its float (F32/F16) matrices: packed ones stay as stored",
+        "channel, int4 in groups of 128); on a GGUF, only its float (F32/F16) matrices and those of types it reads "
+        "as floats (BF16, Q5_0, ...): packed ones stay as stored",
     )
     p.add_argument("--backend", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
