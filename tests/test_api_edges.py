@@ -1143,15 +1143,19 @@ def test_stream_collected_inside_the_engines_lock_does_not_hang(tiny_llama, monk
 
 
 def test_scoring_refused_for_pages_names_the_pool_short(tiny_llama):
-    """A score (LLM.logits) beside a request holding pages is refused when the pool lacks them; the line says
-    which pool and by how much (it named no pool: a full dense pool and LServe's streaming pool read the same)."""
+    """A score (LLM.logits) is refused when pages held outside the scheduler (the evaluation harness's) leave the pool
+    short; the line says which pool and by how much (it named no pool: a full dense pool and LServe's streaming pool
+    read the same). A running request's pages are waited for instead (tests/test_scheduler.py)."""
+    from lserve_lite.sequence import Sequence
+
     llm = LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=4))
     page = llm.engine.ecfg.page_size
-    s = llm.stream(list(range(3, 3 + 2 * page)), SamplingParams(max_new_tokens=8, ignore_eos=True))
-    next(s)
+    held = Sequence(list(range(3, 3 + 2 * page)), SamplingParams(max_new_tokens=1))
+    llm.engine.blocks.grow(held, 2 * page, slot=False)
     with pytest.raises(
         InvalidRequestError, match=r"score this sequence now \(dense pool: 3 pages needed, [012] free\)"
     ):
         llm.logits(list(range(3, 3 + 3 * page)))
-    s.close()
+    llm.engine.blocks.release(held)
+    assert llm.logits(list(range(3, 3 + 3 * page))).shape[0] == 3 * page
     llm.close()
