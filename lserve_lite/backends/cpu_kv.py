@@ -55,6 +55,19 @@ def _absmax(x, i0, i1):
 
 
 @njit(inline="always")
+def _minmax(x, i0, i1):
+    """(min, max) of x[i0:i1], both NaN if any is NaN: an int4 group holding NaN gets a NaN (scale, min), as in
+    kv/quant.quantize (`min` / `max` skip a NaN)."""
+    lo, hi = x[i0], x[i0]
+    for i in range(i0, i1):
+        v = x[i]
+        if v != v:
+            return v, v
+        lo, hi = min(lo, v), max(hi, v)
+    return lo, hi
+
+
+@njit(inline="always")
 def _hadamard(x, d):
     for j in range(d):
         x[j] *= HADAMARD_SIGNS[j]
@@ -190,12 +203,7 @@ def _kv_store(x, vals, scales, pg, h, off):
         groups = _int4_groups(scales)
         g = x.shape[0] // groups
         for k in range(groups):
-            lo, hi = x[k * g], x[k * g]
-            for i in range(k * g, (k + 1) * g):
-                lo, hi = min(lo, x[i]), max(hi, x[i])
-            nan = _absmax(x, k * g, (k + 1) * g)
-            if nan != nan:  # a NaN group: NaN (scale, min), as the reference's
-                lo = hi = nan
+            lo, hi = _minmax(x, k * g, (k + 1) * g)
             scales[pg, h, off, 2 * k] = (np.float64(hi) - lo) / 15.0  # float64 as the reference, then stored
             scales[pg, h, off, 2 * k + 1] = lo
             s, m = np.float64(scales[pg, h, off, 2 * k]), np.float64(lo)
