@@ -24,6 +24,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ModelLoadError
+from ..sampling_params import is_int
 from .gguf_reader import _one_line, read_gguf
 from .gguf_tokenizer import check_tokenizer_metadata, tokenizer_files
 
@@ -227,8 +228,8 @@ def _check_whole(meta: dict[str, Any], path: Path) -> None:
     holds only some tensors (the first one the metadata), which would otherwise read as missing tensors or a
     missing architecture."""
     count, no = meta.get("split.count"), meta.get("split.no")
-    if isinstance(count, int) and not isinstance(count, bool) and count > 1:
-        part = f"part {no + 1} of " if isinstance(no, int) and not isinstance(no, bool) else ""
+    if is_int(count) and count > 1:
+        part = f"part {no + 1} of " if is_int(no) else ""
         raise ModelLoadError(
             f"{path}: {part}a model split into {count} GGUF files (gguf-split); merge them into one file first "
             f"(llama-gguf-split --merge FIRST_PART.gguf MERGED.gguf) and give that"
