@@ -87,9 +87,8 @@ class _Request(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
-    min_tokens: int | None = Field(
-        None, ge=0
-    )  # vLLM's: no EOS, stop id or stop string ends the reply before it
+    # vLLM's: no EOS, stop id or stop string ends the reply before it
+    min_tokens: int | None = Field(None, ge=0)
     best_of: int | None = None  # vLLM's; only equal to n (candidates are not ranked)
     suffix: str | None = None  # the legacy completions' fill-in-the-middle, refused on both endpoints
     # vLLM extensions not implemented: a client that sets one expects its effect, so it is refused, not ignored,
