@@ -47,6 +47,15 @@ def env_float(name: str, default: float, lo: float, hi: float) -> float:
     return x
 
 
+def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    """A switch from the environment (stripped, lower-cased; unset or empty: `default`), refused with one line
+    outside `choices` (an InvalidRequestError, printed alone by the CLI and the server, as env_float's)."""
+    value = os.environ.get(name, "").strip().lower() or default
+    if value not in choices:
+        raise InvalidRequestError(f"{name} must be one of {', '.join(choices)}, got {os.environ.get(name)!r}")
+    return value
+
+
 def read_text_file(path: Path, what: str) -> str:
     """A model file's UTF-8 text, read only from a regular file of at most MAX_JSON_BYTES: a FIFO would hang the
     load and a device (a symlink to /dev/urandom) grow memory without end. O_NONBLOCK: a FIFO's open returns."""

@@ -5,13 +5,17 @@ cuda.h's layout, and arguments convert as CuPy's RawKernel converts them."""
 from __future__ import annotations
 
 import ctypes
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from lserve_lite.backends import cuda_launch
 from lserve_lite.backends.cuda_compile import kernels_dir
+from lserve_lite.errors import InvalidRequestError
 
 _GLOBAL = re.compile(r"^(?!template __global__).*__global__\b", re.M)
 _DEVICE = re.compile(r"^__device__\b", re.M)
@@ -99,7 +103,7 @@ def test_pdl_setting(monkeypatch):
     monkeypatch.setenv("LSERVE_PDL", "1")
     assert cuda_launch.pdl_setting("80")
     monkeypatch.setenv("LSERVE_PDL", "yes")
-    with pytest.raises(ValueError, match="LSERVE_PDL must be auto, 0 or 1"):
+    with pytest.raises(InvalidRequestError, match="LSERVE_PDL must be one of auto, 0, 1, got 'yes'"):
         cuda_launch.pdl_setting("90")
 
 
@@ -149,3 +153,28 @@ def test_numeric_knob_refuses_bad_values(monkeypatch):
         monkeypatch.setenv("LSERVE_GEMV_KSPLIT", bad)
         with pytest.raises(ValueError, match=r"LSERVE_GEMV_KSPLIT must be a number in \[0, 8\]"):
             _env_float("LSERVE_GEMV_KSPLIT", 1.0, 0.0, 8.0)
+
+
+def test_switches_refuse_bad_values(monkeypatch):
+    """The CUDA backend's switches (LSERVE_PDL, LSERVE_QGEMV*, LSERVE_CUDA_*, LSERVE_SELECTOR, ...): one value of a
+    list, stripped and lower-cased, else an InvalidRequestError (one line from the CLI, not a traceback)."""
+    from lserve_lite.config import env_choice
+
+    monkeypatch.delenv("LSERVE_CUDA_FUSE_NORM", raising=False)
+    assert env_choice("LSERVE_CUDA_FUSE_NORM", "1", ("0", "1")) == "1"
+    monkeypatch.setenv("LSERVE_CUDA_FUSE_NORM", " 0 ")
+    assert env_choice("LSERVE_CUDA_FUSE_NORM", "1", ("0", "1")) == "0"
+    monkeypatch.setenv("LSERVE_CUDA_FUSE_NORM", "off")  # was read as "on": anything but "0" was
+    with pytest.raises(InvalidRequestError, match="LSERVE_CUDA_FUSE_NORM must be one of 0, 1, got 'off'"):
+        env_choice("LSERVE_CUDA_FUSE_NORM", "1", ("0", "1"))
+
+
+def test_bad_switch_is_one_line_from_the_cli():
+    """A bad LSERVE_KVQ_DECODE (read when the CUDA attention module loads) stops `kernels test` with one line."""
+    env = {**os.environ, "LSERVE_KVQ_DECODE": "v3"}
+    r = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "kernels", "test", "kv_quant.decode"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "error: LSERVE_KVQ_DECODE must be one of v1, v2, got 'v3'"

@@ -25,11 +25,10 @@ kernels/attention_decode.cu. The references they are tested against: backends/re
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
-from ..config import MASS_MAX_GROUP, env_float
+from ..config import MASS_MAX_GROUP, env_choice, env_float
 from ..kv.quant import FORMATS
 from ..sparse.plan import AttentionPlan
 from .cuda_compile import load_module
@@ -84,8 +83,8 @@ DECODE_MAX_SPLITS = 64
 # kernel with fp16 K/V tiles brought in by TMA, measured equal; the plain wgmma kernel for quantized caches); every
 # choice but "auto" and "mma" is an error on a device that is not 9.x. Read per call; the environment variable
 # LSERVE_PREFILL_KERNEL sets the initial value.
-PREFILL_KERNEL = os.environ.get("LSERVE_PREFILL_KERNEL", "auto")
 PREFILL_KERNELS = ("auto", "mma", "wgmma", "ws", "tma")
+PREFILL_KERNEL = env_choice("LSERVE_PREFILL_KERNEL", "auto", PREFILL_KERNELS)
 SM90_ONLY = ("wgmma", "ws", "tma")
 SM90_HEAD_DIMS = (64, 128)
 # wgmma prefill: cp.async ring depth per (head dim, warpgroups per CTA, KV format); each must be instantiated in the
@@ -101,8 +100,8 @@ PREFILL_TMA_STAGES = {(64, 1): 2, (64, 2): 2, (128, 1): 2, (128, 2): 2}
 # default since the H200 measured it 2.6-3.6x faster than "v1" (dequantize each unit into an fp16 tile in shared
 # memory, then ldmatrix; kept as the reference path the benchmarks compare with). Read per call, so tests and
 # benchmarks can switch it; the environment variable LSERVE_KVQ_DECODE sets the initial value.
-KVQ_DECODE = os.environ.get("LSERVE_KVQ_DECODE", "v2")
 KVQ_DECODE_IMPLS = ("v1", "v2")
+KVQ_DECODE = env_choice("LSERVE_KVQ_DECODE", "v2", KVQ_DECODE_IMPLS)
 # Ring depth of v2 per format (both head dims; units of 16 keys, two per loop step). int4: 6, so that 3 CTAs fit an
 # H200 SM at D 128 (66 KB; 8 stages took 88 KB and measured slower); int8: 6 (2 CTAs per SM: 2% faster than 4).
 DECODE_V2_STAGES = {"int8": 6, "fp8": 4, "int4": 6}

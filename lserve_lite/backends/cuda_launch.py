@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from typing import Any
 
 import numpy as np
+
+from ..config import env_choice
 
 PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
 
@@ -107,9 +108,7 @@ def _driver() -> Driver:
 
 def pdl_setting(compute_capability: str) -> bool:
     """Whether captured launches use programmatic dependent launch on a device of this capability ("90")."""
-    setting = os.environ.get("LSERVE_PDL", "auto")
-    if setting not in ("auto", "0", "1"):
-        raise ValueError(f"LSERVE_PDL must be auto, 0 or 1, got {setting!r}")
+    setting = env_choice("LSERVE_PDL", "auto", ("auto", "0", "1"))
     return setting == "1" or (setting == "auto" and int(compute_capability) >= 90)
 
 

@@ -24,12 +24,12 @@ Reference: QuantTensor.dequantize (weights/qtensor.py, checked against gguf.quan
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ..config import env_choice
 from ..weights.qtensor import FORMATS, LAYOUTS, QuantTensor, RowStack, Weight, stored_bytes
 from .cuda_compile import load_module
 from .quant_split import SPLIT_FORMATS, SplitFormat, split
@@ -74,19 +74,13 @@ PAD = 16  # bytes after the last row: the GEMV's aligned 16-byte loads may reach
 def gemv_variant() -> str:
     """The decode GEMV setting: $LSERVE_QGEMV ("auto", the default: the split kernels, for every format;
     "v1" / "v2": the float kernels on the blocks as stored)."""
-    v = os.environ.get("LSERVE_QGEMV", "auto").strip().lower() or "auto"
-    if v not in SETTINGS:
-        raise ValueError(f"LSERVE_QGEMV={v!r}: expected one of {list(SETTINGS)}")
-    return v
+    return env_choice("LSERVE_QGEMV", "auto", SETTINGS)
 
 
 def split_grid_setting() -> str:
     """$LSERVE_QGEMV_SPLIT: "persist" (the default), the split GEMV's grid no larger than what is resident at once,
     or "grid", one row group per warp (the A/B of the persistent loop; the same kernel and the same sums)."""
-    v = os.environ.get("LSERVE_QGEMV_SPLIT", "persist").strip().lower() or "persist"
-    if v not in SPLIT_GRIDS:
-        raise ValueError(f"LSERVE_QGEMV_SPLIT={v!r}: expected one of {list(SPLIT_GRIDS)}")
-    return v
+    return env_choice("LSERVE_QGEMV_SPLIT", "persist", SPLIT_GRIDS)
 
 
 def split_blocks(outs: int, per_warp: int, resident: int | None = None) -> int:
@@ -117,10 +111,7 @@ def split_name_shape(name: str) -> tuple[int, int]:
 
 def deep_setting() -> bool:
     """$LSERVE_QGEMV_DEEP: "1" (the default) lets split_deep pick the deep GEMV, "0" never (the A / B switch)."""
-    v = os.environ.get("LSERVE_QGEMV_DEEP", "1").strip() or "1"
-    if v not in ("0", "1"):
-        raise ValueError(f"LSERVE_QGEMV_DEEP={v!r}: expected 0 or 1")
-    return v == "1"
+    return env_choice("LSERVE_QGEMV_DEEP", "1", ("0", "1")) == "1"
 
 
 def split_deep(outs: int, r: int, deep_resident: int) -> bool:
