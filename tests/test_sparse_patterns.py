@@ -61,7 +61,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(ModelLoadError, match="bad.tsv: ragged"):
         load_pattern(bad, 2, 2)
     bad.write_text("0.1\tnan\n0.3\t0.4\n")
-    with pytest.raises(ModelLoadError, match="finite"):
+    with pytest.raises(ModelLoadError, match=r"bad.tsv:1: gate nan of layer 0, KV head 1 is not finite"):
         load_pattern(bad, 2, 2)
     bad.write_text("")
     with pytest.raises(ModelLoadError, match=r"0 x 0 .*needs 2 x 2"):
@@ -77,6 +77,37 @@ def test_bad_files(tmp_path):
             load_pattern(missing, 1, 1)
         except err as e:
             assert "\n" not in str(e)
+
+
+@pytest.mark.parametrize(
+    "row2, entry",
+    [
+        ("0.3\t1.5", r"gate 1.5 of layer 1, KV head 1 is outside \[0, 1\]"),
+        ("-0.2\t0.4", r"gate -0.2 of layer 1, KV head 0 is outside \[0, 1\]"),
+        ("0.3\t90", r"gate 90.0 of layer 1, KV head 1 is outside \[0, 1\]"),  # a percentage
+        ("inf\t0.4", r"gate inf of layer 1, KV head 0 is not finite"),
+        ("0.3\t-1e999", r"gate -inf of layer 1, KV head 1 is not finite"),
+        ("NaN\t0.4", r"gate nan of layer 1, KV head 0 is not finite"),
+    ],
+)
+def test_gates_outside_0_1_are_refused_naming_the_entry(tmp_path, row2, entry):
+    """Gates of another scale (a percentage, a raw score) or infinite ones were ranked without a word; only NaN was
+    refused, naming no entry. DuoAttention's released gates dip just below 0 (bf16 noise): those load unchanged."""
+    bad = tmp_path / "p.tsv"
+    bad.write_text(f"# layer 0, then 1\n0.1\t0.2\n{row2}\n")
+    with pytest.raises(ModelLoadError, match=r"p.tsv:3: " + entry) as e:
+        load_pattern(bad, 2, 2)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=entry):  # what would be refused is not written either
+        save_pattern(tmp_path / "q.tsv", load_pattern_unchecked(bad))
+    assert not (tmp_path / "q.tsv").exists()
+    bad.write_text("0.1\t-0.0014\n0.3\t1.0\n")
+    assert load_pattern(bad, 2, 2).tolist() == [[0.1, -0.0014], [0.3, 1.0]]
+
+
+def load_pattern_unchecked(path: Path) -> np.ndarray:
+    """The numbers of a pattern file as they are (np.loadtxt), for a save that must refuse them."""
+    return np.loadtxt(path, ndmin=2)
 
 
 @pytest.mark.parametrize("sep", [" ", "\n"])
@@ -675,7 +706,14 @@ def test_engine_takes_a_pathlib_pattern(tiny_dir, tmp_path):
         SparseConfig(pattern_path=3).validate()
 
 
-def test_bad_pattern_refused_before_the_weights_load(tiny_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "text, msg",
+    [
+        ("0.5\t0.1\n", r"p.tsv: head pattern is 1 x 2 .*needs 2 x 2"),
+        ("0.5\t0.1\n0.2\t7\n", r"p.tsv:2: gate 7.0 "),
+    ],
+)
+def test_bad_pattern_refused_before_the_weights_load(tiny_dir, tmp_path, monkeypatch, text, msg):
     """A pattern of the wrong shape was found only after the weights had loaded (a bf16 or --quantize'd 8B model:
     minutes and tens of GB, then a one-line error): the layout is checked from the config first."""
     from lserve_lite import LLM, EngineConfig, SparseConfig
@@ -686,9 +724,9 @@ def test_bad_pattern_refused_before_the_weights_load(tiny_dir, tmp_path, monkeyp
 
     monkeypatch.setattr(llm_engine, "load_model", load_model)
     bad = tmp_path / "p.tsv"
-    bad.write_text("0.5\t0.1\n")
+    bad.write_text(text)
     sc = SparseConfig(enabled=True, pattern_path=str(bad))
-    with pytest.raises(ModelLoadError, match=r"p.tsv: head pattern is 1 x 2 .*needs 2 x 2"):
+    with pytest.raises(ModelLoadError, match=msg):
         LLM(str(tiny_dir), backend="cpu", config=EngineConfig(quantize="int8", sparse=sc))
 
 
