@@ -355,6 +355,34 @@ def test_streaming_pool_that_does_not_fit_is_named():
         pool_pages(cfg, 64, 2 * 16 * 4, 10 * 2**20, lay, 4, stat_itemsize=4)
 
 
+def test_streaming_pool_beside_explicit_pages_stays_within_the_kv_budget():
+    """Beside an explicit num_kv_pages the streaming pool took 30% of kv_memory_fraction's budget on top of them:
+    pages filling most of the budget went past it (up to all the device's memory), and a count that fitted the
+    budget was refused as needing more than the device has. It takes only what they leave (a sequence's at least)."""
+    from lserve_lite.config import ModelConfig, SparseConfig
+    from lserve_lite.kv.layout import KVLayout, page_bytes, pool_pages
+
+    cfg = ModelConfig("LlamaForCausalLM", 64, 128, 2, 4, 2, 16, 100)
+    lay = KVLayout.sparse(SparseConfig(enabled=True), [np.array([0, 1], np.int32)] * 2, 64, 4096)
+    kv_b, budget, seqs = 2 * 16 * 4, 64 * 2**20, 64
+    dense_b, stream_b = page_bytes(cfg, 64, kv_b, lay, 4)
+    sel, per_seq = lay.selection_bytes(cfg, seqs), lay.stream_pages_per_seq
+
+    def pools(num_pages: int | None) -> tuple[int, int]:
+        return pool_pages(cfg, 64, kv_b, budget, lay, seqs, num_pages, stat_itemsize=4, limit=2 * budget)
+
+    def total(d: int, st: int) -> int:
+        return d * dense_b + st * stream_b + sel
+
+    d, st = pools(None)
+    assert per_seq < st < seqs * per_seq and total(d, st) <= budget  # the 30% share binds here
+    assert pools(d) == (d, st)  # the budget's own page count: the same pools
+    fits = (budget - sel) * 9 // 10 // dense_b  # 90% of the budget in dense pages
+    d, st = pools(fits)
+    assert per_seq < st and total(d, st) <= budget  # it took 30% more: 1.2x the budget
+    assert pools(budget // dense_b)[1] == per_seq  # no room left: one sequence's, within the device's limit
+
+
 def test_no_dense_heads_pool_from_the_streaming_pool():
     """static_sparsity 1: a dense page holds no bytes, so the streaming pool takes the whole budget (before:
     1048576 dense 'pages' from a division by one byte, and 30% of the budget for what is the whole cache)."""
@@ -383,8 +411,11 @@ def test_startup_line_names_a_context_limit_past_the_trained_positions(tmp_path)
 
 def test_lserve_startup_line_counts_the_dense_pool_and_the_streaming_sequences(tmp_path):
     """In LServe mode a dense-pool page holds the dense heads only (plus statistics), and the streaming pool
-    bounds how many sequences run at once: the line says both (it counted every head, and said nothing of it)."""
+    bounds how many sequences run at once: the line says both (it counted every head, and said nothing of it), and
+    the streaming pool's bytes (KV memory beside the dense pool's KiB per token)."""
     from tiny_models import make_tiny_numpy
+
+    from lserve_lite.kv.layout import page_bytes
 
     d = make_tiny_numpy(tmp_path / "m", hidden=256)  # head_dim 64: 1 KiB a token in dense mode
     (d / "full_attention_heads.tsv").write_text("0.9\t0.1\n0.2\t0.8\n")
@@ -399,7 +430,8 @@ def test_lserve_startup_line_counts_the_dense_pool_and_the_streaming_sequences(t
 
     assert kib(eng.kv_summary()) < kib(dense.kv_summary())  # half the heads stream, statistics added
     per_seq = eng.layout.stream_pages_per_seq
-    want = f"streaming pool {eng.blocks.num_stream_pages} pages (sink + local window): "
+    stream_gib = eng.blocks.num_stream_pages * page_bytes(eng.cfg, 16, eng.kv_bytes, eng.layout, 4)[1] / 2**30
+    want = f"streaming pool {eng.blocks.num_stream_pages} pages (sink + local window, {stream_gib:.2f} GiB): "
     assert want + f"{eng.blocks.num_stream_pages // per_seq} sequences at once" in eng.kv_summary()
     assert "streaming pool" not in dense.kv_summary()
     one = LLM(str(d), backend="cpu", config=EngineConfig(**cfg | {"max_num_seqs": 1}, sparse=sparse)).engine
