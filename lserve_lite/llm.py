@@ -328,6 +328,14 @@ class LLM:
         """The model's tokenizer, `self.tokenizer` (vLLM's accessor): encode, decode, render_chat, encode_chat."""
         return self.tokenizer
 
+    @contextmanager
+    def hold_engine(self) -> Iterator[LLMEngine]:
+        """This LLM's engine for a block of direct calls (`llm.engine`'s API, the evaluation harness's steps): calls
+        of other threads (generate, chat, stream, logits, another hold) wait until the block ends, as they wait for
+        each other; a closed LLM, or a call inside one of its own steps, is refused in one line."""
+        with self._call():
+            yield self.engine
+
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Teacher-forced next-token logits [T, vocab] (float32 NumPy)."""
         with self._call():

@@ -419,6 +419,68 @@ def test_harness_of_a_closed_llm_runs_nothing_and_holds_nothing(tiny_dir):
         h.forward(seq, 10)
 
 
+def test_harness_steps_and_another_threads_generate_take_turns(tiny_dir, monkeypatch):
+    """The harness ran the engine's runner and took its pages without the LLM's turn: an application's generate in
+    another thread stepped the engine in the middle of a harness forward (two runs on one executor and KV cache,
+    the block manager changed from two threads). Each harness call holds the turn (LLM.hold_engine): generate waits
+    for it, then answers as it does alone."""
+    import threading
+
+    from lserve_lite import LLM, EngineConfig, SamplingParams
+    from lserve_lite.evaluation.harness import SparseHarness
+
+    llm = LLM(str(tiny_dir), backend="cpu", config=EngineConfig(num_kv_pages=40))
+    h, params = SparseHarness(llm), SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    want = llm.generate([[5, 6, 7]], params)[0].token_ids
+    waited, decided, got = threading.Event(), threading.Event(), []
+
+    class Turns:
+        """The LLM's lock, telling whether the generate thread found it taken (and waited) or free."""
+
+        def __init__(self, lock):
+            self.lock = lock
+
+        def acquire(self, blocking: bool = True) -> bool:
+            if threading.current_thread() is not threading.main_thread() and not decided.is_set():
+                if not self.lock.acquire(blocking=False):
+                    waited.set()
+                    decided.set()
+                    return self.lock.acquire(blocking)
+                decided.set()
+                return True
+            return self.lock.acquire(blocking)
+
+        def release(self) -> None:
+            self.lock.release()
+
+        __enter__ = acquire
+
+        def __exit__(self, *exc: object) -> None:
+            self.release()
+
+    run, other = (
+        llm.engine.runner.run,
+        threading.Thread(target=lambda: got.append(llm.generate([[5, 6, 7]], params))),
+    )
+
+    def run_while_generate_starts(*args, **kw):
+        if threading.current_thread() is threading.main_thread() and other.ident is None:  # once
+            other.start()
+            assert decided.wait(60)
+            if not waited.is_set():  # it stepped the engine meanwhile: let it end before going on
+                other.join()
+        return run(*args, **kw)
+
+    monkeypatch.setattr(llm, "_lock", Turns(llm._lock))
+    monkeypatch.setattr(llm.engine.runner, "run", run_while_generate_starts)
+    seq = h.begin(list(range(3, 40)))
+    h.forward(seq, 10)
+    h.end(seq)
+    other.join()
+    assert waited.is_set()
+    assert got[0][0].token_ids == want and llm.engine.blocks.num_used == 0
+
+
 def test_harness_greedy_refuses_more_tokens_than_its_pages_hold(tiny_llm):
     """greedy() past the pages begin() reserved failed with an IndexError in the planner after its first steps;
     it is refused in one line before any step (47 prompt tokens in one 64-token page: 18 tokens fit)."""
