@@ -587,6 +587,28 @@ def test_calibrate_tiny(tiny_dir, tmp_path):
     assert "validation" not in json.loads((tmp_path / "pat.v2.json").read_text())
 
 
+def test_calibrate_refuses_scores_that_are_not_finite(tiny_dir, tmp_path, monkeypatch):
+    """Logits that overflow (NaN) made a head's score NaN, which compared false with the best score: every gate became
+    1 and a pattern of ties (the first heads streaming) was written after the whole run, without a word."""
+    from lserve_lite.errors import LServeError
+    from lserve_lite.evaluation import calibrate as cal
+
+    calls, log_softmax = [], cal._log_softmax
+
+    def nan_for_one_head(x: np.ndarray) -> np.ndarray:
+        calls.append(1)  # the dense reference, then heads (0, 0), (0, 1), ...: (0, 1)'s logits overflow
+        return log_softmax(x) * (np.nan if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(cal, "_log_softmax", nan_for_one_head)
+    out = tmp_path / "pat.tsv"
+    with pytest.raises(
+        LServeError, match=r"scored 1 head\(s\) as nan \(first: layer 0, KV head 1\).*no pattern"
+    ):
+        cal.calibrate(tiny_dir, out, num_samples=1, lengths=[384], sink=64, local=64, tail=8, validate=False,
+                      log=lambda s: None)  # fmt: skip
+    assert not out.exists()
+
+
 def test_calibrate_refuses_an_unusable_output_first(tiny_dir, tmp_path):
     """The output is checked before the model loads (a run takes hours): a directory or an unwritable place,
     and a .json name, whose details JSON would overwrite the pattern written to the same path."""
