@@ -398,6 +398,40 @@ def test_harness_refuses_bad_arguments_before_anything_runs(tiny_llm):
         h.end(seq)
 
 
+def test_harness_set_heads_refuses_bad_classes_and_windows_before_any_step(tiny_llm):
+    """set_heads (the runner's set_head_classes hook) took anything: a KV head too many failed mid-forward (a reshape),
+    a layer too few with an IndexError, a layer too many and a class 2 ran silently, a class -1 or a window of no
+    token made NaN logits, a fractional sink a TypeError mid-run. Each is one line, and the heads stay as they were."""
+    from lserve_lite.evaluation.harness import SparseHarness
+
+    h, one = SparseHarness(tiny_llm), [np.array([1, 0])] * 2
+    shape = r"head classes must be 2 layers of 2 KV heads, each 0 \(dense\) or 1 \(streaming\)"
+    for classes, sink, local, match in (
+        ([np.array([1, 0, 1])] * 2, 64, 64, shape),
+        ([np.array([1, 0])], 64, 64, shape),
+        ([np.array([1, 0])] * 3, 64, 64, shape),
+        ([np.array([2, 0])] * 2, 64, 64, shape),
+        ([np.array([-1, 0])] * 2, 64, 64, shape),
+        ([np.array([0.5, 0])] * 2, 64, 64, shape),
+        (None, 64, 64, shape),
+        (one, -64, 64, r"sink must be an integer in \[0, 16777216\], got -64"),
+        (one, 64.5, 64, r"sink must be an integer in \[0, 16777216\], got 64.5"),
+        (one, 64, 0, r"local must be an integer in \[1, 16777216\], got 0"),
+        (one, 64, 10**12, r"local must be an integer in \[1, 16777216\], got 1000000000000"),
+    ):
+        with pytest.raises(InvalidRequestError, match=match):
+            h.set_heads(classes, sink, local)
+        assert [c.tolist() for c in h.runner.head_classes] == [[0, 0], [0, 0]] and h.runner.local == 0
+    h.set_heads(np.zeros((2, 2), np.int32), 0, 0)  # no streaming head: no window needed
+    h.set_heads(
+        [np.array([True, False])] * 2, np.int64(64), 64
+    )  # booleans and NumPy's integers are classes too
+    try:
+        assert [c.tolist() for c in h.runner.head_classes] == [[1, 0], [1, 0]] and h.runner.sink == 64
+    finally:
+        h.set_heads(h.dense_classes(), 0, 0)
+
+
 def test_harness_of_a_closed_llm_runs_nothing_and_holds_nothing(tiny_dir):
     """LLM.close frees the model runner (weights, KV cache) now and no step runs after; a SparseHarness kept its
     own reference to the runner: its forward() ran on the closed LLM, and the runner stayed in memory."""

@@ -61,8 +61,8 @@ class SparseHarness:
         """Dense-mode LLM: per-layer KV-head classes (1 = streaming with the sink/local window)."""
         if self.engine_sparse:
             raise InvalidRequestError("this LLM applies its own sparse config; set_heads is for dense mode")
-        with self.llm.hold_engine():
-            self.runner.set_head_classes([np.asarray(c, np.int32) for c in classes], sink=sink, local=local)
+        with self.llm.hold_engine():  # checked there, as they are (int32 first made a class 0.5 a 0)
+            self.runner.set_head_classes(classes, sink=sink, local=local)
 
     def set_request_sparse(self, seq: Sequence, sc: SparseConfig) -> None:
         """LServe-mode LLM: this sequence's per-request knobs (token budget, interval, windows). Mid-decode, the
