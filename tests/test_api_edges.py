@@ -1116,6 +1116,26 @@ def test_close_inside_a_step_of_the_same_thread_is_done_after_it(tiny_llama, mon
     assert re.match(r"this LLM was closed \(LLM.close\)", str(err[0]))
 
 
+def test_hold_engine_gives_the_engine_and_refuses_the_llms_own_calls_inside(tiny_llama):
+    """LLM.hold_engine takes the turn for direct engine calls; this LLM's own calls inside the block would wait for
+    the turn this thread holds: refused in one line that names the block, and the LLM works after it."""
+    llm = LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=16))
+    sp = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    with llm.hold_engine() as engine:
+        rid = engine.add_request([5, 6, 7], sp)
+        ids = []
+        while engine.has_unfinished():
+            ids += [t for out in engine.step() if out.request_id == rid for t in out.token_ids]
+        with pytest.raises(
+            LServeError, match=r"^this LLM was called inside .* hold_engine blocks: call it after$"
+        ):
+            llm.generate([[5, 6, 7]], sp)
+    assert llm.generate([[5, 6, 7]], sp)[0].token_ids == ids
+    llm.close()
+    with pytest.raises(LServeError, match=r"^this LLM was closed"), llm.hold_engine():
+        pass
+
+
 @pytest.mark.parametrize("call", ["generate", "logits", "stream"])
 def test_a_call_that_waited_out_a_close_names_llm_close(tiny_llama, monkeypatch, call):
     """A call past its first check that waited for the lock while another thread's LLM.close ran got the
