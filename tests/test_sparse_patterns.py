@@ -848,6 +848,20 @@ def test_bad_pattern_refused_before_the_weights_load(tiny_dir, tmp_path, monkeyp
         LLM(str(tiny_dir), backend="cpu", config=EngineConfig(quantize="int8", sparse=sc))
 
 
+def test_pattern_given_to_a_dense_engine_is_refused(tmp_path):
+    """A pattern given without enabled=True was never read: the engine ran dense and said nothing, while the user
+    believed LServe ran with that pattern (the command line refuses --pattern without --sparse)."""
+    from lserve_lite import EngineConfig, SparseConfig
+
+    (tmp_path / "p.tsv").write_text("0.9\t0.1\n0.2\t0.8\n")
+    for sparse in (SparseConfig(pattern_path=tmp_path / "p.tsv"), {"pattern_path": str(tmp_path / "p.tsv")}):
+        with pytest.raises(
+            InvalidRequestError, match=r"pattern_path applies to LServe .*: set enabled=True or drop it"
+        ):
+            EngineConfig(sparse=sparse)
+    assert EngineConfig(sparse=SparseConfig(enabled=True, pattern_path=tmp_path / "p.tsv")).sparse.enabled
+
+
 def test_pattern_given_is_checked_without_streaming_heads(tiny_dir, tmp_path):
     """With static_sparsity 0 a pattern path was never read: a missing or wrong file was accepted without a word."""
     from lserve_lite import LLM, EngineConfig, SparseConfig
