@@ -69,7 +69,7 @@ def load_pattern(path: str | Path, num_layers: int, num_kv_heads: int) -> np.nda
             raise ModelLoadError(
                 f"{path}:{_lineno(text, line.start())}: non-numeric gate value {bad[:32]!r}"
             ) from None
-        bad_gate = gate_error(vals, len(rows))
+        bad_gate = _gate_error(vals, len(rows))
         if bad_gate:
             raise ModelLoadError(f"{path}:{_lineno(text, line.start())}: {bad_gate}")
         rows.append(vals)
@@ -84,7 +84,7 @@ def load_pattern(path: str | Path, num_layers: int, num_kv_heads: int) -> np.nda
     return np.asarray(rows, dtype=np.float64)
 
 
-def gate_error(row: list[float], layer: int) -> str | None:
+def _gate_error(row: list[float], layer: int) -> str | None:
     """What is wrong with a layer's gates (None: nothing). A gate is a finite number in [0, 1] (DuoAttention's and
     calibrate's), give or take GATE_SLACK: another scale (a percentage, a logit, a score not divided by its maximum)
     or a NaN would rank heads by something no pattern means, and was taken without a word."""
@@ -114,7 +114,7 @@ def save_pattern(path: str | Path, gates: np.ndarray) -> Path:
     gates = np.asarray(gates, dtype=np.float64)
     if gates.ndim != 2:
         raise ValueError(f"gates must be a [layers, kv_heads] array, got shape {gates.shape}")
-    bad = next(filter(None, (gate_error(row.tolist(), layer) for layer, row in enumerate(gates))), None)
+    bad = next(filter(None, (_gate_error(row.tolist(), layer) for layer, row in enumerate(gates))), None)
     if bad:  # a file load_pattern would refuse
         raise ValueError(bad)
     path = Path(path)
