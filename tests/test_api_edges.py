@@ -381,6 +381,9 @@ def test_streaming_pool_beside_explicit_pages_stays_within_the_kv_budget():
     d, st = pools(fits)
     assert per_seq < st and total(d, st) <= budget  # it took 30% more: 1.2x the budget
     assert pools(budget // dense_b)[1] == per_seq  # no room left: one sequence's, within the device's limit
+    over = r"needs [\d.]+ GiB of KV memory \(the dense pages [\d.]+, the streaming pool [\d.]+, the page selections"
+    with pytest.raises(InvalidRequestError, match=over):  # past the limit, the line says what the total holds
+        pool_pages(cfg, 64, kv_b, budget, lay, seqs, budget // dense_b, stat_itemsize=4, limit=budget)
 
 
 def test_no_dense_heads_pool_from_the_streaming_pool():

@@ -179,8 +179,15 @@ def pool_pages(
         return (_fit(room - stream * stream_b, dense_b) if dense_b else MAX_POOL_PAGES), stream
     need = num_pages * dense_b + stream * stream_b + sel_b
     if limit is not None and need > limit:
+        # LServe's pools beside the pages asked for: without them the total read as the pages' own
+        dense_gib, stream_gib, sel_gib = (b / 2**30 for b in (num_pages * dense_b, stream * stream_b, sel_b))
+        parts = (
+            f" (the dense pages {dense_gib:.2f}, the streaming pool {stream_gib:.2f}, the page selections {sel_gib:.2f})"
+            if layout is not None
+            else ""
+        )
         raise KVMemoryError(
-            f"num_kv_pages={num_pages} needs {need / 2**30:.1f} GiB of KV memory; this device has "
+            f"num_kv_pages={num_pages} needs {need / 2**30:.1f} GiB of KV memory{parts}; this device has "
             f"{max(limit, 0) / 2**30:.1f} GiB for it: ask for fewer pages or leave num_kv_pages unset",
             max(room - stream * stream_b, 0) // dense_b if dense_b else 0,
         )
