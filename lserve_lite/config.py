@@ -485,6 +485,10 @@ class EngineConfig:
                 f"kv_dtype must be one of {', '.join(KV_DTYPES)}; got {self.kv_dtype!r}"
             )
         self.sparse.validate()
+        if not self.sparse.enabled and self.sparse.pattern_path is not None:  # a dense engine never reads it
+            raise InvalidRequestError(
+                "sparse pattern_path applies to LServe sparse attention only: set enabled=True or drop it"
+            )
         if self.sparse.enabled and self.sparse.page_size != self.page_size:
             raise InvalidRequestError(
                 f"sparse page_size {self.sparse.page_size} differs from the KV page_size {self.page_size}"

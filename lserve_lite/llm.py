@@ -181,7 +181,8 @@ class LLM:
         with self._turn() as mine:
             if not mine:
                 raise LServeError(
-                    "this LLM was called inside one of its own steps (a signal handler?): call it after"
+                    "this LLM was called inside one of its own steps (a signal handler?) or hold_engine blocks: "
+                    "call it after"
                 )
             self._check_open()  # in the turn: a close may have run while this thread waited
             yield
@@ -327,6 +328,15 @@ class LLM:
     def get_tokenizer(self) -> Tokenizer:
         """The model's tokenizer, `self.tokenizer` (vLLM's accessor): encode, decode, render_chat, encode_chat."""
         return self.tokenizer
+
+    @contextmanager
+    def hold_engine(self) -> Iterator[LLMEngine]:
+        """This LLM's engine for a block of direct calls (`llm.engine`'s API, the evaluation harness's steps): calls
+        of other threads (generate, chat, stream, logits, another hold) wait until the block ends, as they wait for
+        each other. Inside the block, use the engine it gives: this LLM's own calls there (and a harness step's, which
+        holds the turn itself) are refused in one line, as on a closed LLM or inside one of its steps."""
+        with self._call():
+            yield self.engine
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Teacher-forced next-token logits [T, vocab] (float32 NumPy)."""

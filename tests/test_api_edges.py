@@ -355,6 +355,37 @@ def test_streaming_pool_that_does_not_fit_is_named():
         pool_pages(cfg, 64, 2 * 16 * 4, 10 * 2**20, lay, 4, stat_itemsize=4)
 
 
+def test_streaming_pool_beside_explicit_pages_stays_within_the_kv_budget():
+    """Beside an explicit num_kv_pages the streaming pool took 30% of kv_memory_fraction's budget on top of them:
+    pages filling most of the budget went past it (up to all the device's memory), and a count that fitted the
+    budget was refused as needing more than the device has. It takes only what they leave (a sequence's at least)."""
+    from lserve_lite.config import ModelConfig, SparseConfig
+    from lserve_lite.kv.layout import KVLayout, page_bytes, pool_pages
+
+    cfg = ModelConfig("LlamaForCausalLM", 64, 128, 2, 4, 2, 16, 100)
+    lay = KVLayout.sparse(SparseConfig(enabled=True), [np.array([0, 1], np.int32)] * 2, 64, 4096)
+    kv_b, budget, seqs = 2 * 16 * 4, 64 * 2**20, 64
+    dense_b, stream_b = page_bytes(cfg, 64, kv_b, lay, 4)
+    sel, per_seq = lay.selection_bytes(cfg, seqs), lay.stream_pages_per_seq
+
+    def pools(num_pages: int | None) -> tuple[int, int]:
+        return pool_pages(cfg, 64, kv_b, budget, lay, seqs, num_pages, stat_itemsize=4, limit=2 * budget)
+
+    def total(d: int, st: int) -> int:
+        return d * dense_b + st * stream_b + sel
+
+    d, st = pools(None)
+    assert per_seq < st < seqs * per_seq and total(d, st) <= budget  # the 30% share binds here
+    assert pools(d) == (d, st)  # the budget's own page count: the same pools
+    fits = (budget - sel) * 9 // 10 // dense_b  # 90% of the budget in dense pages
+    d, st = pools(fits)
+    assert per_seq < st and total(d, st) <= budget  # it took 30% more: 1.2x the budget
+    assert pools(budget // dense_b)[1] == per_seq  # no room left: one sequence's, within the device's limit
+    over = r"needs [\d.]+ GiB of KV memory \(the dense pages [\d.]+, the streaming pool [\d.]+, the page selections"
+    with pytest.raises(InvalidRequestError, match=over):  # past the limit, the line says what the total holds
+        pool_pages(cfg, 64, kv_b, budget, lay, seqs, budget // dense_b, stat_itemsize=4, limit=budget)
+
+
 def test_no_dense_heads_pool_from_the_streaming_pool():
     """static_sparsity 1: a dense page holds no bytes, so the streaming pool takes the whole budget (before:
     1048576 dense 'pages' from a division by one byte, and 30% of the budget for what is the whole cache)."""
@@ -383,8 +414,11 @@ def test_startup_line_names_a_context_limit_past_the_trained_positions(tmp_path)
 
 def test_lserve_startup_line_counts_the_dense_pool_and_the_streaming_sequences(tmp_path):
     """In LServe mode a dense-pool page holds the dense heads only (plus statistics), and the streaming pool
-    bounds how many sequences run at once: the line says both (it counted every head, and said nothing of it)."""
+    bounds how many sequences run at once: the line says both (it counted every head, and said nothing of it), and
+    the streaming pool's bytes (KV memory beside the dense pool's KiB per token)."""
     from tiny_models import make_tiny_numpy
+
+    from lserve_lite.kv.layout import page_bytes
 
     d = make_tiny_numpy(tmp_path / "m", hidden=256)  # head_dim 64: 1 KiB a token in dense mode
     (d / "full_attention_heads.tsv").write_text("0.9\t0.1\n0.2\t0.8\n")
@@ -399,7 +433,8 @@ def test_lserve_startup_line_counts_the_dense_pool_and_the_streaming_sequences(t
 
     assert kib(eng.kv_summary()) < kib(dense.kv_summary())  # half the heads stream, statistics added
     per_seq = eng.layout.stream_pages_per_seq
-    want = f"streaming pool {eng.blocks.num_stream_pages} pages (sink + local window): "
+    stream_gib = eng.blocks.num_stream_pages * page_bytes(eng.cfg, 16, eng.kv_bytes, eng.layout, 4)[1] / 2**30
+    want = f"streaming pool {eng.blocks.num_stream_pages} pages (sink + local window, {stream_gib:.2f} GiB): "
     assert want + f"{eng.blocks.num_stream_pages // per_seq} sequences at once" in eng.kv_summary()
     assert "streaming pool" not in dense.kv_summary()
     one = LLM(str(d), backend="cpu", config=EngineConfig(**cfg | {"max_num_seqs": 1}, sparse=sparse)).engine
@@ -1082,6 +1117,26 @@ def test_close_inside_a_step_of_the_same_thread_is_done_after_it(tiny_llama, mon
     assert not t.is_alive(), "close inside a step waited on the lock its own thread held"
     assert seen == [False] and llm.engine.closed and not hasattr(llm.engine, "runner")
     assert re.match(r"this LLM was closed \(LLM.close\)", str(err[0]))
+
+
+def test_hold_engine_gives_the_engine_and_refuses_the_llms_own_calls_inside(tiny_llama):
+    """LLM.hold_engine takes the turn for direct engine calls; this LLM's own calls inside the block would wait for
+    the turn this thread holds: refused in one line that names the block, and the LLM works after it."""
+    llm = LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=16))
+    sp = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    with llm.hold_engine() as engine:
+        rid = engine.add_request([5, 6, 7], sp)
+        ids = []
+        while engine.has_unfinished():
+            ids += [t for out in engine.step() if out.request_id == rid for t in out.token_ids]
+        with pytest.raises(
+            LServeError, match=r"^this LLM was called inside .* hold_engine blocks: call it after$"
+        ):
+            llm.generate([[5, 6, 7]], sp)
+    assert llm.generate([[5, 6, 7]], sp)[0].token_ids == ids
+    llm.close()
+    with pytest.raises(LServeError, match=r"^this LLM was closed"), llm.hold_engine():
+        pass
 
 
 @pytest.mark.parametrize("call", ["generate", "logits", "stream"])

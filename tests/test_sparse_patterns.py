@@ -61,7 +61,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(ModelLoadError, match="bad.tsv: ragged"):
         load_pattern(bad, 2, 2)
     bad.write_text("0.1\tnan\n0.3\t0.4\n")
-    with pytest.raises(ModelLoadError, match="finite"):
+    with pytest.raises(ModelLoadError, match=r"bad.tsv:1: gate nan of layer 0, KV head 1 is not finite"):
         load_pattern(bad, 2, 2)
     bad.write_text("")
     with pytest.raises(ModelLoadError, match=r"0 x 0 .*needs 2 x 2"):
@@ -77,6 +77,37 @@ def test_bad_files(tmp_path):
             load_pattern(missing, 1, 1)
         except err as e:
             assert "\n" not in str(e)
+
+
+@pytest.mark.parametrize(
+    "row2, entry",
+    [
+        ("0.3\t1.5", r"gate 1.5 of layer 1, KV head 1 is outside \[0, 1\]"),
+        ("-0.2\t0.4", r"gate -0.2 of layer 1, KV head 0 is outside \[0, 1\]"),
+        ("0.3\t90", r"gate 90.0 of layer 1, KV head 1 is outside \[0, 1\]"),  # a percentage
+        ("inf\t0.4", r"gate inf of layer 1, KV head 0 is not finite"),
+        ("0.3\t-1e999", r"gate -inf of layer 1, KV head 1 is not finite"),
+        ("NaN\t0.4", r"gate nan of layer 1, KV head 0 is not finite"),
+    ],
+)
+def test_gates_outside_0_1_are_refused_naming_the_entry(tmp_path, row2, entry):
+    """Gates of another scale (a percentage, a raw score) or infinite ones were ranked without a word; only NaN was
+    refused, naming no entry. DuoAttention's released gates dip just below 0 (bf16 noise): those load unchanged."""
+    bad = tmp_path / "p.tsv"
+    bad.write_text(f"# layer 0, then 1\n0.1\t0.2\n{row2}\n")
+    with pytest.raises(ModelLoadError, match=r"p.tsv:3: " + entry) as e:
+        load_pattern(bad, 2, 2)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=entry):  # what would be refused is not written either
+        save_pattern(tmp_path / "q.tsv", load_pattern_unchecked(bad))
+    assert not (tmp_path / "q.tsv").exists()
+    bad.write_text("0.1\t-0.0014\n0.3\t1.0\n")
+    assert load_pattern(bad, 2, 2).tolist() == [[0.1, -0.0014], [0.3, 1.0]]
+
+
+def load_pattern_unchecked(path: Path) -> np.ndarray:
+    """The numbers of a pattern file as they are (np.loadtxt), for a save that must refuse them."""
+    return np.loadtxt(path, ndmin=2)
 
 
 @pytest.mark.parametrize("sep", [" ", "\n"])
@@ -367,6 +398,40 @@ def test_harness_refuses_bad_arguments_before_anything_runs(tiny_llm):
         h.end(seq)
 
 
+def test_harness_set_heads_refuses_bad_classes_and_windows_before_any_step(tiny_llm):
+    """set_heads (the runner's set_head_classes hook) took anything: a KV head too many failed mid-forward (a reshape),
+    a layer too few with an IndexError, a layer too many and a class 2 ran silently, a class -1 or a window of no
+    token made NaN logits, a fractional sink a TypeError mid-run. Each is one line, and the heads stay as they were."""
+    from lserve_lite.evaluation.harness import SparseHarness
+
+    h, one = SparseHarness(tiny_llm), [np.array([1, 0])] * 2
+    shape = r"head classes must be 2 layers of 2 KV heads, each 0 \(dense\) or 1 \(streaming\)"
+    for classes, sink, local, match in (
+        ([np.array([1, 0, 1])] * 2, 64, 64, shape),
+        ([np.array([1, 0])], 64, 64, shape),
+        ([np.array([1, 0])] * 3, 64, 64, shape),
+        ([np.array([2, 0])] * 2, 64, 64, shape),
+        ([np.array([-1, 0])] * 2, 64, 64, shape),
+        ([np.array([0.5, 0])] * 2, 64, 64, shape),
+        (None, 64, 64, shape),
+        (one, -64, 64, r"sink must be an integer in \[0, 16777216\], got -64"),
+        (one, 64.5, 64, r"sink must be an integer in \[0, 16777216\], got 64.5"),
+        (one, 64, 0, r"local must be an integer in \[1, 16777216\], got 0"),
+        (one, 64, 10**12, r"local must be an integer in \[1, 16777216\], got 1000000000000"),
+    ):
+        with pytest.raises(InvalidRequestError, match=match):
+            h.set_heads(classes, sink, local)
+        assert [c.tolist() for c in h.runner.head_classes] == [[0, 0], [0, 0]] and h.runner.local == 0
+    h.set_heads(np.zeros((2, 2), np.int32), 0, 0)  # no streaming head: no window needed
+    h.set_heads(
+        [np.array([True, False])] * 2, np.int64(64), 64
+    )  # booleans and NumPy's integers are classes too
+    try:
+        assert [c.tolist() for c in h.runner.head_classes] == [[1, 0], [1, 0]] and h.runner.sink == 64
+    finally:
+        h.set_heads(h.dense_classes(), 0, 0)
+
+
 def test_harness_of_a_closed_llm_runs_nothing_and_holds_nothing(tiny_dir):
     """LLM.close frees the model runner (weights, KV cache) now and no step runs after; a SparseHarness kept its
     own reference to the runner: its forward() ran on the closed LLM, and the runner stayed in memory."""
@@ -386,6 +451,68 @@ def test_harness_of_a_closed_llm_runs_nothing_and_holds_nothing(tiny_dir):
     assert ref() is None
     with pytest.raises(LServeError, match="^this LLM was closed"):
         h.forward(seq, 10)
+
+
+def test_harness_steps_and_another_threads_generate_take_turns(tiny_dir, monkeypatch):
+    """The harness ran the engine's runner and took its pages without the LLM's turn: an application's generate in
+    another thread stepped the engine in the middle of a harness forward (two runs on one executor and KV cache,
+    the block manager changed from two threads). Each harness call holds the turn (LLM.hold_engine): generate waits
+    for it, then answers as it does alone."""
+    import threading
+
+    from lserve_lite import LLM, EngineConfig, SamplingParams
+    from lserve_lite.evaluation.harness import SparseHarness
+
+    llm = LLM(str(tiny_dir), backend="cpu", config=EngineConfig(num_kv_pages=40))
+    h, params = SparseHarness(llm), SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    want = llm.generate([[5, 6, 7]], params)[0].token_ids
+    waited, decided, got = threading.Event(), threading.Event(), []
+
+    class Turns:
+        """The LLM's lock, telling whether the generate thread found it taken (and waited) or free."""
+
+        def __init__(self, lock):
+            self.lock = lock
+
+        def acquire(self, blocking: bool = True) -> bool:
+            if threading.current_thread() is not threading.main_thread() and not decided.is_set():
+                if not self.lock.acquire(blocking=False):
+                    waited.set()
+                    decided.set()
+                    return self.lock.acquire(blocking)
+                decided.set()
+                return True
+            return self.lock.acquire(blocking)
+
+        def release(self) -> None:
+            self.lock.release()
+
+        __enter__ = acquire
+
+        def __exit__(self, *exc: object) -> None:
+            self.release()
+
+    run, other = (
+        llm.engine.runner.run,
+        threading.Thread(target=lambda: got.append(llm.generate([[5, 6, 7]], params))),
+    )
+
+    def run_while_generate_starts(*args, **kw):
+        if threading.current_thread() is threading.main_thread() and other.ident is None:  # once
+            other.start()
+            assert decided.wait(60)
+            if not waited.is_set():  # it stepped the engine meanwhile: let it end before going on
+                other.join()
+        return run(*args, **kw)
+
+    monkeypatch.setattr(llm, "_lock", Turns(llm._lock))
+    monkeypatch.setattr(llm.engine.runner, "run", run_while_generate_starts)
+    seq = h.begin(list(range(3, 40)))
+    h.forward(seq, 10)
+    h.end(seq)
+    other.join()
+    assert waited.is_set()
+    assert got[0][0].token_ids == want and llm.engine.blocks.num_used == 0
 
 
 def test_harness_greedy_refuses_more_tokens_than_its_pages_hold(tiny_llm):
@@ -492,6 +619,28 @@ def test_calibrate_tiny(tiny_dir, tmp_path):
     assert (tmp_path / "pat.v2").read_bytes() == out.read_bytes() and np.array_equal(res2.kl, res.kl)
     assert json.loads(out.with_suffix(".json").read_text()) == meta
     assert "validation" not in json.loads((tmp_path / "pat.v2.json").read_text())
+
+
+def test_calibrate_refuses_scores_that_are_not_finite(tiny_dir, tmp_path, monkeypatch):
+    """Logits that overflow (NaN) made a head's score NaN, which compared false with the best score: every gate became
+    1 and a pattern of ties (the first heads streaming) was written after the whole run, without a word."""
+    from lserve_lite.errors import LServeError
+    from lserve_lite.evaluation import calibrate as cal
+
+    calls, log_softmax = [], cal._log_softmax
+
+    def nan_for_one_head(x: np.ndarray) -> np.ndarray:
+        calls.append(1)  # the dense reference, then heads (0, 0), (0, 1), ...: (0, 1)'s logits overflow
+        return log_softmax(x) * (np.nan if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(cal, "_log_softmax", nan_for_one_head)
+    out = tmp_path / "pat.tsv"
+    with pytest.raises(
+        LServeError, match=r"scored 1 head\(s\) as nan \(first: layer 0, KV head 1\).*no pattern"
+    ):
+        cal.calibrate(tiny_dir, out, num_samples=1, lengths=[384], sink=64, local=64, tail=8, validate=False,
+                      log=lambda s: None)  # fmt: skip
+    assert not out.exists()
 
 
 def test_calibrate_refuses_an_unusable_output_first(tiny_dir, tmp_path):
@@ -675,7 +824,14 @@ def test_engine_takes_a_pathlib_pattern(tiny_dir, tmp_path):
         SparseConfig(pattern_path=3).validate()
 
 
-def test_bad_pattern_refused_before_the_weights_load(tiny_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "text, msg",
+    [
+        ("0.5\t0.1\n", r"p.tsv: head pattern is 1 x 2 .*needs 2 x 2"),
+        ("0.5\t0.1\n0.2\t7\n", r"p.tsv:2: gate 7.0 "),
+    ],
+)
+def test_bad_pattern_refused_before_the_weights_load(tiny_dir, tmp_path, monkeypatch, text, msg):
     """A pattern of the wrong shape was found only after the weights had loaded (a bf16 or --quantize'd 8B model:
     minutes and tens of GB, then a one-line error): the layout is checked from the config first."""
     from lserve_lite import LLM, EngineConfig, SparseConfig
@@ -686,10 +842,24 @@ def test_bad_pattern_refused_before_the_weights_load(tiny_dir, tmp_path, monkeyp
 
     monkeypatch.setattr(llm_engine, "load_model", load_model)
     bad = tmp_path / "p.tsv"
-    bad.write_text("0.5\t0.1\n")
+    bad.write_text(text)
     sc = SparseConfig(enabled=True, pattern_path=str(bad))
-    with pytest.raises(ModelLoadError, match=r"p.tsv: head pattern is 1 x 2 .*needs 2 x 2"):
+    with pytest.raises(ModelLoadError, match=msg):
         LLM(str(tiny_dir), backend="cpu", config=EngineConfig(quantize="int8", sparse=sc))
+
+
+def test_pattern_given_to_a_dense_engine_is_refused(tmp_path):
+    """A pattern given without enabled=True was never read: the engine ran dense and said nothing, while the user
+    believed LServe ran with that pattern (the command line refuses --pattern without --sparse)."""
+    from lserve_lite import EngineConfig, SparseConfig
+
+    (tmp_path / "p.tsv").write_text("0.9\t0.1\n0.2\t0.8\n")
+    for sparse in (SparseConfig(pattern_path=tmp_path / "p.tsv"), {"pattern_path": str(tmp_path / "p.tsv")}):
+        with pytest.raises(
+            InvalidRequestError, match=r"pattern_path applies to LServe .*: set enabled=True or drop it"
+        ):
+            EngineConfig(sparse=sparse)
+    assert EngineConfig(sparse=SparseConfig(enabled=True, pattern_path=tmp_path / "p.tsv")).sparse.enabled
 
 
 def test_pattern_given_is_checked_without_streaming_heads(tiny_dir, tmp_path):

@@ -210,8 +210,8 @@ class LLMEngine:
 
     def kv_summary(self) -> str:
         """The KV cache in one line (startup logs): format, capacity in tokens, bytes per token of the pool that
-        holds the context (LServe: the dense heads' pages, statistics included; the streaming pool's sequences
-        beside it); and a context limit set past the model's trained positions (allowed, and said)."""
+        holds the context (LServe: the dense heads' pages, statistics included; the streaming pool's bytes and
+        sequences beside it); and a context limit set past the model's trained positions (allowed, and said)."""
         lay, ps, name = self.layout, self.ecfg.page_size, self.kv_format.name
         pages = self.kv_pages()["context"][1]
         if lay is None:
@@ -224,7 +224,11 @@ class LLMEngine:
             line = kv_summary(name, pages, ps, token_b, streaming_only=lay.streaming_only)
             if per_seq:
                 n = stream // per_seq
-                line += f"; streaming pool {stream} pages (sink + local window): {n} sequence{'s' * (n != 1)} at once"
+                gib = stream * stream_b / 2**30  # beside the context's pool, from the same KV memory
+                line += (
+                    f"; streaming pool {stream} pages (sink + local window, {gib:.2f} GiB): "
+                    f"{n} sequence{'s' * (n != 1)} at once"
+                )
         trained = self.cfg.max_position_embeddings
         if self.max_len > trained:
             line += (

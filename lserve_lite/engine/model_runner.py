@@ -7,12 +7,14 @@ from functools import partial
 import numpy as np
 
 from ..backends.base import Array, Executor, Ops, StepInputs
-from ..config import EngineConfig, ModelConfig, SparseConfig
+from ..config import MAX_MODEL_LEN, EngineConfig, ModelConfig, SparseConfig
+from ..errors import InvalidRequestError
 from ..geometry import budget_pages, pages_for, ring_slot
 from ..kv.block_manager import PageOp
 from ..kv.layout import KVLayout
 from ..kv.quant import KVFormat
 from ..models.llama import LlamaModel
+from ..sampling_params import is_int
 from ..sequence import Sequence
 from ..sparse.plan import BatchLayout, build_plan
 from ..sparse.selector import refresh_due
@@ -62,8 +64,27 @@ class ModelRunner:
         sink/local window, in the dense pool (memory is not saved this way; attention is the same)."""
         if self.layout is not None:
             raise ValueError("head classes of an LServe-mode runner come from its head pattern")
-        self.head_classes = [np.asarray(c, np.int32) for c in classes]
-        self.sink, self.local = sink, local if any(np.any(c == 1) for c in self.head_classes) else 0
+        checked = self._checked_classes(classes)
+        streaming = any(np.any(c == 1) for c in checked)
+        # a window of no token left a streaming head's queries nothing to attend to (NaN logits)
+        for name, v, lo in (("sink", sink, 0), ("local", local, 1 if streaming else 0)):
+            if not (is_int(v) and lo <= v <= MAX_MODEL_LEN):
+                raise InvalidRequestError(
+                    f"{name} must be an integer in [{lo}, {MAX_MODEL_LEN}], got {v!r:.40}"
+                )
+        self.head_classes, self.sink, self.local = checked, int(sink), int(local) if streaming else 0
+
+    def _checked_classes(self, classes: object) -> list[np.ndarray]:
+        """`set_head_classes`' classes as int32 arrays, checked before any step reads them: a layer or KV head too many
+        or too few failed mid-forward (a reshape, an IndexError) or was ignored, and a class other than 0 / 1 ran as
+        something else (NaN logits for -1)."""
+        L, H = self.cfg.num_layers, self.cfg.num_kv_heads
+        got = [np.asarray(c) for c in classes] if isinstance(classes, (list, tuple, np.ndarray)) else None
+        if got is None or len(got) != L or any(c.shape != (H,) or not np.isin(c, (0, 1)).all() for c in got):
+            raise InvalidRequestError(
+                f"head classes must be {L} layers of {H} KV heads, each 0 (dense) or 1 (streaming)"
+            )
+        return [c.astype(np.int32) for c in got]
 
     def apply_page_ops(self, page_ops: list[PageOp]) -> None:
         """Run the block manager's page ops in order: streaming-pool copies (prefix-cache snapshots) and clears

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import MAX_POOL_PAGES, EngineConfig, write_text_atomic
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, LServeError
 from ..kv.layout import KVMemoryError
 from ..llm import LLM
 from ..sparse.patterns import head_classes, save_pattern
@@ -186,6 +186,13 @@ def calibrate(
             h.end(seq)
     kl /= num_samples
     dnll /= num_samples
+    bad = np.argwhere(~np.isfinite(kl))
+    if len(bad):  # NaN compared false with the best score: every gate became 1, a pattern of ties, written
+        layer, head = (int(i) for i in bad[0])
+        raise LServeError(
+            f"calibration scored {len(bad)} head(s) as {kl[layer, head]} (first: layer {layer}, KV head {head}): "
+            f"the model's logits are not finite; no pattern written"
+        )
     score = np.maximum(kl, 0.0)
     gates = score / score.max() if score.max() > 0 else np.ones_like(score)
     info = {

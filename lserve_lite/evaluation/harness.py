@@ -5,6 +5,8 @@ each), so every LServe behaviour measured is the engine's: in an LLM built with
 `SparseConfig(enabled=True)` the two KV pools, the streaming windows and the page selector (with its reuse
 rule) are the ones `lserve-lite serve` runs. One public hook changes heads on a dense-mode LLM:
 `ModelRunner.set_head_classes` (calibration makes one head at a time a streaming head, in the dense pool).
+Each call that touches the engine holds the LLM's turn (`LLM.hold_engine`), so an application's generate / stream
+on the same LLM in another thread waits for it instead of stepping the engine in the middle of it.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ class SparseHarness:
         """Dense-mode LLM: per-layer KV-head classes (1 = streaming with the sink/local window)."""
         if self.engine_sparse:
             raise InvalidRequestError("this LLM applies its own sparse config; set_heads is for dense mode")
-        self.runner.set_head_classes([np.asarray(c, np.int32) for c in classes], sink=sink, local=local)
+        with self.llm.hold_engine():  # checked there, as they are (int32 first made a class 0.5 a 0)
+            self.runner.set_head_classes(classes, sink=sink, local=local)
 
     def set_request_sparse(self, seq: Sequence, sc: SparseConfig) -> None:
         """LServe-mode LLM: this sequence's per-request knobs (token budget, interval, windows). Mid-decode, the
@@ -74,6 +77,10 @@ class SparseHarness:
     def begin(self, ids: list[int], prompt_len: int | None = None, reserve: int = 0) -> Sequence:
         """A sequence of `ids` (prompt = the first `prompt_len`, the rest teacher-forced outputs) with KV
         pages for len(ids) + reserve tokens; nothing computed yet."""
+        with self.llm.hold_engine():
+            return self._begin(ids, prompt_len, reserve)
+
+    def _begin(self, ids: list[int], prompt_len: int | None, reserve: int) -> Sequence:
         ids = self.engine.check_ids(ids, "sequence")
         p = len(ids) if prompt_len is None else prompt_len
         if not int_in(p, 1, len(ids)):
@@ -104,7 +111,8 @@ class SparseHarness:
 
     def end(self, seq: Sequence) -> None:
         self._written.pop(seq.seq_id, None)
-        self.engine.blocks.release(seq)
+        with self.llm.hold_engine():
+            self.engine.blocks.release(seq)
 
     def can_rewind(self, seq: Sequence, num_cached: int) -> bool:
         """Whether the K/V of the first `num_cached` tokens that the tokens after them can see is all still held: a
@@ -138,6 +146,11 @@ class SparseHarness:
 
     def forward(self, seq: Sequence, n: int, logits: str = "all") -> np.ndarray:
         """Compute the next `n` tokens (in chunks); logits of every row ("all") or the last one."""
+        with self.llm.hold_engine():
+            return self._forward(seq, n, logits)
+
+    def _forward(self, seq: Sequence, n: int, logits: str = "all") -> np.ndarray:
+        """`forward` inside the LLM's turn, which the caller holds."""
         # before any chunk runs: past the end, a reshape failed mid-way
         if not int_in(n, 0, seq.num_pending):
             raise InvalidRequestError(
@@ -158,7 +171,8 @@ class SparseHarness:
         """Teacher-force the next `n` tokens (outputs) by one decode step each; logits [n, vocab]."""
         if seq.num_cached < len(seq.prompt_ids) or not int_in(n, 0, seq.num_pending):
             raise InvalidRequestError("decode() needs the prompt cached and n teacher-forced outputs left")
-        rows = [self.forward(seq, 1) for _ in range(n)] or [self.forward(seq, 0)]  # n = 0: [0, vocab]
+        with self.llm.hold_engine():  # one turn for all n steps
+            rows = [self._forward(seq, 1) for _ in range(n)] or [self._forward(seq, 0)]  # n = 0: [0, vocab]
         return np.concatenate(rows)
 
     def greedy(self, seq: Sequence, max_new: int, first_logits: np.ndarray, stop_ids=()) -> list[int]:
@@ -171,10 +185,11 @@ class SparseHarness:
         self.rewind(seq, len(seq.prompt_ids), keep_outputs=False)
         tok = int(np.argmax(first_logits))
         out = [tok]
-        while len(out) < max_new and tok not in stop_ids:
-            seq.output_ids.append(tok)
-            tok = int(np.argmax(self.forward(seq, 1)[-1]))
-            out.append(tok)
+        with self.llm.hold_engine():  # one turn for the whole reply
+            while len(out) < max_new and tok not in stop_ids:
+                seq.output_ids.append(tok)
+                tok = int(np.argmax(self._forward(seq, 1)[-1]))
+                out.append(tok)
         return out
 
 

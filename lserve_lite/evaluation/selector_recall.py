@@ -33,18 +33,19 @@ def decode_step_queries(h: SparseHarness, seq) -> list[np.ndarray]:
     """One teacher-forced decode step through the runner's own model, ops and cache; each layer's
     post-RoPE queries [Hq, D]. It repeats LlamaModel.forward's layer loop (the model has no hook that
     exposes q) with the same calls in the same order, so the cache it writes is the engine's."""
-    r = h.runner
-    ids, pos, slots, plan, cache, classes, _ = r.executor.plan(r.prepare([seq], [1]))
-    m, ops, eps = r.model, r.ops, h.cfg.rms_norm_eps
-    x, residual, qs = ops.embed(m.embed, ids), None, []
-    for i, layer in enumerate(m.layers):
-        hh, residual = ops.add_rmsnorm(x, residual, layer.ln1, eps)
-        q = ops.rope_write_kv(ops.linear(hh, layer.qkv, layer.qkv_bias), pos, slots, cache, i, m.rope)
-        qs.append(np.array(ops.to_numpy(q)[0], np.float32))
-        x = ops.linear(ops.attention(q, cache, i, plan, classes[i]), layer.o)
-        hh, residual = ops.add_rmsnorm(x, residual, layer.ln2, eps)
-        x = ops.linear(ops.gate_up_silu(hh, layer.gate_up), layer.down)
-    seq.num_cached += 1
+    with h.llm.hold_engine():  # another thread's step would run in the middle of this one
+        r = h.runner
+        ids, pos, slots, plan, cache, classes, _ = r.executor.plan(r.prepare([seq], [1]))
+        m, ops, eps = r.model, r.ops, h.cfg.rms_norm_eps
+        x, residual, qs = ops.embed(m.embed, ids), None, []
+        for i, layer in enumerate(m.layers):
+            hh, residual = ops.add_rmsnorm(x, residual, layer.ln1, eps)
+            q = ops.rope_write_kv(ops.linear(hh, layer.qkv, layer.qkv_bias), pos, slots, cache, i, m.rope)
+            qs.append(np.array(ops.to_numpy(q)[0], np.float32))
+            x = ops.linear(ops.attention(q, cache, i, plan, classes[i]), layer.o)
+            hh, residual = ops.add_rmsnorm(x, residual, layer.ln2, eps)
+            x = ops.linear(ops.gate_up_silu(hh, layer.gate_up), layer.down)
+        seq.num_cached += 1
     return qs
 
 

@@ -160,7 +160,9 @@ def pool_pages(
 
     The page selector's selections (`KVLayout.selection_bytes`) come out of the memory first. The streaming pool
     holds every running sequence's sink + ring pages, within 30% of the rest (all of it where no head is dense:
-    then a dense page holds no bytes, only an id, and the pool is MAX_POOL_PAGES ids)."""
+    then a dense page holds no bytes, only an id, and the pool is MAX_POOL_PAGES ids); beside `num_pages` dense
+    pages, within what they leave of `budget` too (it took its 30% on top of them, past kv_memory_fraction, and
+    refused a page count that fitted the device as needing more), and always one whole sequence's."""
     dense_b, stream_b = page_bytes(cfg, page_size, kv_bytes, layout, stat_itemsize)
     per_seq = layout.stream_pages_per_seq if layout is not None else 0
     sel_b = layout.selection_bytes(cfg, max_seqs) if layout is not None else 0
@@ -169,14 +171,23 @@ def pool_pages(
         _check_selections_fit(room, sel_b, dense_b, layout, max_seqs)
         room -= sel_b
     share = (0.3 if dense_b else 1.0) * (budget - sel_b)
+    if num_pages:
+        share = min(share, budget - sel_b - num_pages * dense_b)
     stream = max(per_seq, min(max_seqs * per_seq, int(share // stream_b))) if per_seq else 0
     if not num_pages:
         _check_stream_fits(room, per_seq * stream_b, dense_b)
         return (_fit(room - stream * stream_b, dense_b) if dense_b else MAX_POOL_PAGES), stream
     need = num_pages * dense_b + stream * stream_b + sel_b
     if limit is not None and need > limit:
+        # LServe's pools beside the pages asked for: without them the total read as the pages' own
+        dense_gib, stream_gib, sel_gib = (b / 2**30 for b in (num_pages * dense_b, stream * stream_b, sel_b))
+        parts = (
+            f" (the dense pages {dense_gib:.2f}, the streaming pool {stream_gib:.2f}, the page selections {sel_gib:.2f})"
+            if layout is not None
+            else ""
+        )
         raise KVMemoryError(
-            f"num_kv_pages={num_pages} needs {need / 2**30:.1f} GiB of KV memory; this device has "
+            f"num_kv_pages={num_pages} needs {need / 2**30:.1f} GiB of KV memory{parts}; this device has "
             f"{max(limit, 0) / 2**30:.1f} GiB for it: ask for fewer pages or leave num_kv_pages unset",
             max(room - stream * stream_b, 0) // dense_b if dense_b else 0,
         )

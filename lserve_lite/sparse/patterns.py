@@ -19,6 +19,9 @@ from ..errors import ModelLoadError
 
 PATTERN_FILE = "full_attention_heads.tsv"
 PATTERNS_DIR = Path(__file__).with_name("patterns")
+# How far past [0, 1] a gate may lie: DuoAttention's released gates dip below 0 by bf16 training noise (down to
+# -0.0014, Llama-2-7B-32K's); they are ranked as they are, not clipped (clipping would tie and reorder them).
+GATE_SLACK = 0.01
 
 # Other spellings of a bundled model's name (lower case) -> the bundled folder.
 _ALIASES = {
@@ -66,8 +69,9 @@ def load_pattern(path: str | Path, num_layers: int, num_kv_heads: int) -> np.nda
             raise ModelLoadError(
                 f"{path}:{_lineno(text, line.start())}: non-numeric gate value {bad[:32]!r}"
             ) from None
-        if not all(math.isfinite(v) for v in vals):
-            raise ModelLoadError(f"{path}:{_lineno(text, line.start())}: gate values must be finite")
+        bad_gate = _gate_error(vals, len(rows))
+        if bad_gate:
+            raise ModelLoadError(f"{path}:{_lineno(text, line.start())}: {bad_gate}")
         rows.append(vals)
     if len(widths) > 1:
         raise ModelLoadError(f"{path}: ragged head pattern (rows have {sorted(widths)} columns)")
@@ -78,6 +82,17 @@ def load_pattern(path: str | Path, num_layers: int, num_kv_heads: int) -> np.nda
             f"the model needs {num_layers} x {num_kv_heads}"
         )
     return np.asarray(rows, dtype=np.float64)
+
+
+def _gate_error(row: list[float], layer: int) -> str | None:
+    """What is wrong with a layer's gates (None: nothing). A gate is a finite number in [0, 1] (DuoAttention's and
+    calibrate's), give or take GATE_SLACK: another scale (a percentage, a logit, a score not divided by its maximum)
+    or a NaN would rank heads by something no pattern means, and was taken without a word."""
+    for head, v in enumerate(row):
+        if not -GATE_SLACK <= v <= 1 + GATE_SLACK:  # False for NaN too
+            what = "outside [0, 1]" if math.isfinite(v) else "not finite"
+            return f"gate {v!r} of layer {layer}, KV head {head} is {what}"
+    return None
 
 
 def _lineno(text: str, pos: int) -> int:
@@ -97,8 +112,11 @@ def save_pattern(path: str | Path, gates: np.ndarray) -> Path:
     """Write gates [L, Hkv] as a DuoAttention TSV (one row per layer, tab-separated), atomically: an engine
     reading the path sees the earlier pattern or this one, never a truncated one."""
     gates = np.asarray(gates, dtype=np.float64)
-    if gates.ndim != 2 or not np.all(np.isfinite(gates)):
-        raise ValueError("gates must be a finite [layers, kv_heads] array")
+    if gates.ndim != 2:
+        raise ValueError(f"gates must be a [layers, kv_heads] array, got shape {gates.shape}")
+    bad = next(filter(None, (_gate_error(row.tolist(), layer) for layer, row in enumerate(gates))), None)
+    if bad:  # a file load_pattern would refuse
+        raise ValueError(bad)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, "".join("\t".join(f"{v:.18e}" for v in row) + "\n" for row in gates))
