@@ -96,8 +96,9 @@ def sampling_rows(rng: np.random.Generator, b: int, vocab: int, kind: str) -> tu
 
 
 def _case_api_options(c: Ctx) -> Result:
-    """add_logits + mask_logits in the whole path: presence / frequency penalties over generated ids, logit
-    bias, grammar bitmasks (some rows with a handful of allowed ids), greedy and sampled rows."""
+    """add_logits + mask_logits in the whole path: logit bias (some on generated ids), the repetition penalty after
+    it and presence / frequency penalties after that (vLLM's order), grammar bitmasks (some rows with a handful of
+    allowed ids), greedy and sampled rows."""
     b, vocab = 10, 3001
     x = (c.rng.standard_normal((b, vocab)) * 3).astype(np.float32)
 
@@ -107,8 +108,9 @@ def _case_api_options(c: Ctx) -> Result:
         for i in range(b):
             sp = SamplingParams(
                 temperature=[0.0, 0.9][i % 2], presence_penalty=float(r.uniform(-2, 2)),
-                frequency_penalty=float(r.uniform(-2, 2)), seed=i,
-                logit_bias={int(t): float(r.uniform(-100, 100)) for t in r.integers(0, vocab, 5)},
+                frequency_penalty=float(r.uniform(-2, 2)), seed=i, repetition_penalty=[1.0, 1.3, 0.8][i % 3],
+                logit_bias={int(t): float(r.uniform(-100, 100)) for t in (*r.integers(0, vocab, 5),
+                                                                         *r.integers(0, 50, 3))},
             )  # fmt: skip
             seq = Sequence(list(r.integers(0, vocab, 20)), sp)
             seq.output_ids = list(r.integers(0, 50, int(r.integers(0, 40))))
