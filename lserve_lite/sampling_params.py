@@ -95,6 +95,16 @@ def check_best_of(best_of: object, n: int) -> None:
         raise InvalidRequestError("best_of must equal n (candidates are not ranked)")
 
 
+def check_min_tokens(min_tokens: object, most: int, field: str = "max_tokens") -> None:
+    """min_tokens within the new tokens a request may take (`most`); the error names `field`, what set that
+    number in the caller's words (the server's max_completion_tokens, or the context a prompt leaves)."""
+    if not is_int(min_tokens) or not 0 <= min_tokens <= most:
+        limit = "None: up to the context limit" if most == NO_LIMIT else most
+        raise InvalidRequestError(
+            f"min_tokens must be an integer in [0, {field} ({limit})], got {min_tokens!r}"
+        )
+
+
 @dataclass
 class _Params:
     """temperature 0 (or below 1e-5) means greedy; top_k 0 (or vLLM's -1) and top_p 1 disable those filters."""
@@ -182,11 +192,7 @@ class _Params:
                 raise InvalidRequestError(
                     f"logit_bias must map token ids >= 0 to numbers in [{lo}, {hi}], got {t!r}: {v!r}"
                 )
-        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
-            most = "None: up to the context limit" if self.max_new_tokens == NO_LIMIT else self.max_new_tokens
-            raise InvalidRequestError(
-                f"min_tokens must be an integer in [0, max_tokens ({most})], got {self.min_tokens!r}"
-            )
+        check_min_tokens(self.min_tokens, self.max_new_tokens)
         if self.min_tokens and self.constrained:
             raise InvalidRequestError(
                 "min_tokens cannot be combined with response_format or a forced tool_choice (a grammar may end "

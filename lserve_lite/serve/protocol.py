@@ -23,6 +23,7 @@ from ..sampling_params import (
     VLLM_UNSUPPORTED,
     SamplingParams,
     check_best_of,
+    check_min_tokens,
     check_n,
     logit_bias_ids,
     refuse_set,
@@ -158,7 +159,9 @@ class _Request(BaseModel):
 
     def sampling_params(self, max_new_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        most = self.max_tokens_field if self.max_tokens is not None else "the context the prompt leaves"
         try:
+            check_min_tokens(self.min_tokens or 0, max_new_tokens, most)  # named as the client set the most
             return SamplingParams(
                 n=self.n,
                 presence_penalty=self.presence_penalty or 0.0,
@@ -363,9 +366,11 @@ class CompletionRequest(_Request):
             raise ApiError(
                 400, "max_tokens 0 returns only the echoed prompt: it needs echo: true", "max_tokens"
             )
-        if self.max_tokens == 0 and self.min_tokens:  # scoring: the one token the engine takes is left out
-            raise ApiError(400, f"min_tokens must be an integer in [0, max_tokens (0)], got {self.min_tokens}",
-                           "min_tokens")  # fmt: skip
+        if self.max_tokens == 0:  # scoring: the one token the engine takes is left out
+            try:
+                check_min_tokens(self.min_tokens or 0, 0)
+            except InvalidRequestError as e:
+                raise ApiError(400, str(e), "min_tokens") from None
         if len(self.prompts()) * self.n > MAX_CHOICES:
             raise ApiError(400, f"prompts x n must be at most {MAX_CHOICES}", "prompt")
 
