@@ -19,6 +19,9 @@ REPETITION_PENALTY_RANGE = (0.01, 100.0)  # beyond it logits overflow float32 (i
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (dividing logits by them overflows float32)
 MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's chat limit; the GPU kernel keeps this many in registers)
 MAX_N = 16  # candidates per request (each is a running sequence)
+MAX_TOP_K = (
+    2**31 - 1
+)  # past any vocabulary (all kept); the GPU sampler reads top_k as a float64, then an int32
 MAX_LOGIT_BIAS = 1024  # biased ids per request (applied on every step)
 PENALTY_RANGE = (-2.0, 2.0)  # presence / frequency penalties, as OpenAI
 BIAS_RANGE = (-100.0, 100.0)  # logit_bias values, as OpenAI
@@ -150,8 +153,8 @@ class _Params:
             bad(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if not _finite(self.temperature) or self.temperature < 0:
             bad(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not is_int(self.top_k) or self.top_k < 0:
-            bad(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if not is_int(self.top_k) or not 0 <= self.top_k <= MAX_TOP_K:
+            bad(f"top_k must be an integer >= 0 (0 disables it) and at most {MAX_TOP_K}, got {self.top_k!r}")
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
         lo, hi = REPETITION_PENALTY_RANGE
