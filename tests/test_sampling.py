@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from lserve_lite import LLM, EngineConfig, SamplingParams
 from lserve_lite.backends.reference.sampling import sample, sample_row
@@ -178,6 +179,27 @@ def test_logit_bias_then_repetition_then_presence_penalty_as_vllm():
                                        presence_penalty=1.25))  # fmt: skip
     seq.output_ids = [6]
     assert sample(x, [seq]) == [5] == [int(np.argmax(_process_spec(x[0], seq, set())))]
+
+
+def test_logit_bias_and_repetition_penalty_as_transformers():
+    """The same order in transformers (SequenceBiasLogitsProcessor before RepetitionPenaltyLogitsProcessor), an
+    independent reference: the greedy token after a logit bias and a repetition penalty, on rows where some biased
+    ids are in the prompt and the order decides."""
+    torch = pytest.importorskip("torch")
+    lp = pytest.importorskip("transformers.generation.logits_process")
+    rng = np.random.default_rng(2)
+    for trial in range(40):
+        x = rng.standard_normal((1, 30)).astype(np.float32)
+        prompt = [int(t) for t in rng.integers(0, 30, 8)]
+        bias = {int(t): float(rng.uniform(-3, 3)) for t in rng.integers(0, 30, 6)}
+        pen = float(rng.choice([0.5, 1.5, 3.0]))
+        ids = torch.tensor([prompt])
+        y = lp.SequenceBiasLogitsProcessor(sequence_bias=[[[t], b] for t, b in bias.items()])(
+            ids, torch.tensor(x)
+        )
+        y = lp.RepetitionPenaltyLogitsProcessor(pen)(ids, y)
+        seq = Sequence(prompt, SamplingParams(temperature=0, repetition_penalty=pen, logit_bias=bias))
+        assert sample(x, [seq]) == [int(torch.argmax(y))], trial
 
 
 def test_generate_follows_a_float64_spec_of_every_knob(tiny_llama):
