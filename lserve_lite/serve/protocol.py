@@ -108,6 +108,7 @@ class _Request(BaseModel):
     bad_words: Any = None
     truncate_prompt_tokens: Any = None
     return_tokens_as_token_ids: Any = None
+    return_token_ids: Any = None
     logits_processors: Any = None
     add_special_tokens: Any = None
     _unsupported: ClassVar[dict[str, tuple[object, str]]] = {
@@ -118,6 +119,7 @@ class _Request(BaseModel):
         "prompt_logprobs": (None, "completions with echo and logprobs return the prompt's"),
         "suffix": (None, "no fill-in-the-middle"),
         "return_tokens_as_token_ids": (False, "tokens come back as text; /tokenize gives their ids"),
+        "return_token_ids": (False, "replies hold text; /tokenize gives the ids"),
         "add_special_tokens": (True, "the prompt text is encoded with the tokenizer's special tokens; send "
                                      "token ids to encode it otherwise"),
     }  # fmt: skip
@@ -271,8 +273,10 @@ class ChatCompletionRequest(_Request):
     chat_template_kwargs: Any = None
     echo: Any = None
     prompt: Any = None
+    documents: Any = None  # vLLM's documents for a RAG chat template
     _unsupported: ClassVar[dict[str, tuple[object, str]]] = _Request._unsupported | {
         "prompt": (None, "a completions field: chat takes messages"),
+        "documents": ([], "no documents reach the chat template: put them in the messages"),
         "add_special_tokens": (False, "the prompt is the model's chat template, which makes its special tokens"),
         "echo": (False, "a chat reply does not repeat the last message"),
     }  # fmt: skip
