@@ -19,6 +19,9 @@ REPETITION_PENALTY_RANGE = (0.01, 100.0)  # beyond it logits overflow float32 (i
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (dividing logits by them overflows float32)
 MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's chat limit; the GPU kernel keeps this many in registers)
 MAX_N = 16  # candidates per request (each is a running sequence)
+MAX_TOP_K = (
+    2**31 - 1
+)  # past any vocabulary (all kept); the GPU sampler reads top_k as a float64, then an int32
 MAX_LOGIT_BIAS = 1024  # biased ids per request (applied on every step)
 PENALTY_RANGE = (-2.0, 2.0)  # presence / frequency penalties, as OpenAI
 BIAS_RANGE = (-100.0, 100.0)  # logit_bias values, as OpenAI
@@ -95,6 +98,16 @@ def check_best_of(best_of: object, n: int) -> None:
         raise InvalidRequestError("best_of must equal n (candidates are not ranked)")
 
 
+def check_min_tokens(min_tokens: object, most: int, field: str = "max_tokens") -> None:
+    """min_tokens within the new tokens a request may take (`most`); the error names `field`, what set that
+    number in the caller's words (the server's max_completion_tokens, or the context a prompt leaves)."""
+    if not is_int(min_tokens) or not 0 <= min_tokens <= most:
+        limit = "None: up to the context limit" if most == NO_LIMIT else most
+        raise InvalidRequestError(
+            f"min_tokens must be an integer in [0, {field} ({limit})], got {min_tokens!r}"
+        )
+
+
 @dataclass
 class _Params:
     """temperature 0 (or below 1e-5) means greedy; top_k 0 (or vLLM's -1) and top_p 1 disable those filters."""
@@ -140,8 +153,8 @@ class _Params:
             bad(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if not _finite(self.temperature) or self.temperature < 0:
             bad(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not is_int(self.top_k) or self.top_k < 0:
-            bad(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if not is_int(self.top_k) or not 0 <= self.top_k <= MAX_TOP_K:
+            bad(f"top_k must be an integer >= 0 (0 disables it) and at most {MAX_TOP_K}, got {self.top_k!r}")
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
         lo, hi = REPETITION_PENALTY_RANGE
@@ -182,11 +195,7 @@ class _Params:
                 raise InvalidRequestError(
                     f"logit_bias must map token ids >= 0 to numbers in [{lo}, {hi}], got {t!r}: {v!r}"
                 )
-        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
-            most = "None: up to the context limit" if self.max_new_tokens == NO_LIMIT else self.max_new_tokens
-            raise InvalidRequestError(
-                f"min_tokens must be an integer in [0, max_tokens ({most})], got {self.min_tokens!r}"
-            )
+        check_min_tokens(self.min_tokens, self.max_new_tokens)
         if self.min_tokens and self.constrained:
             raise InvalidRequestError(
                 "min_tokens cannot be combined with response_format or a forced tool_choice (a grammar may end "

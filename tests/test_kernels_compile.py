@@ -489,6 +489,22 @@ def test_gpu_sampling_draws_like_the_cpu_sampler():
     assert rows.tolist() == [1, 1, 1] and ids.tolist() == [3, 5, 7] and np.allclose(pens, 1.2)
 
 
+def test_a_top_k_past_the_gpu_samplers_int32_is_refused_up_front():
+    """A top_k over float64's range (the server took any JSON integer: 10**400) made the GPU step's parameter block
+    raise OverflowError, failing every request in flight; one past int32 (the kernel's cast) was undefined there.
+    SamplingParams refuses top_k past MAX_TOP_K in one line; the largest it takes fills the block."""
+    from lserve_lite.backends.cuda_sampling import sampling_inputs
+    from lserve_lite.errors import InvalidRequestError
+    from lserve_lite.sampling_params import MAX_TOP_K, SamplingParams
+    from lserve_lite.sequence import Sequence
+
+    for k in (MAX_TOP_K + 1, 10**400):
+        with pytest.raises(InvalidRequestError, match="^top_k must be an integer >= 0 .* at most 2147483647"):
+            SamplingParams(top_k=k)
+    params, _ = sampling_inputs([Sequence([1], SamplingParams(top_k=MAX_TOP_K, temperature=1.0))], vocab=100)
+    assert params[1, 0] == MAX_TOP_K
+
+
 def test_fp16_conversion_refuses_overflow():
     from lserve_lite.backends.cuda import to_fp16
     from lserve_lite.errors import ModelLoadError

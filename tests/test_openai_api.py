@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lserve_lite import LLM, EngineConfig, SamplingParams
-from lserve_lite.backends.reference.sampling import additive_terms, allowed_tokens, sample
+from lserve_lite.backends.reference.sampling import allowed_tokens, bias_terms, penalty_terms, sample
 from lserve_lite.errors import InvalidRequestError
 from lserve_lite.sequence import Sequence
 
@@ -79,8 +79,10 @@ def test_penalties_bias_and_mask_in_the_cpu_sampler():
     seq = Sequence([1, 2], SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=1.0,
                                           logit_bias={7: 3.0, 9: -100.0}))  # fmt: skip
     seq.output_ids = [4, 4, 4, 7]
-    ids, deltas = additive_terms(seq, 100)
-    assert dict(zip(ids.tolist(), deltas.tolist())) == {4: -3.5, 7: 1.5, 9: -100.0}
+    ids, deltas = bias_terms(seq, 100)
+    assert dict(zip(ids.tolist(), deltas.tolist())) == {7: 3.0, 9: -100.0}
+    ids, deltas = penalty_terms(seq, 100)
+    assert dict(zip(ids.tolist(), deltas.tolist())) == {4: -3.5, 7: -1.5}
     x = np.zeros((1, 100), np.float32)
     x[0, 4], x[0, 9] = 3.0, 50.0  # 4 falls to -0.5 and 9 to -50: 7 (bias +3, penalty -1.5) wins
     assert sample(x, [seq]) == [7]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from lserve_lite import LLM, EngineConfig, SamplingParams
 from lserve_lite.backends.reference.sampling import sample, sample_row
@@ -148,19 +149,57 @@ def test_output_text_continues_the_prompt_with_sentencepiece(tmp_path):
 
 
 def _process_spec(x: np.ndarray, seq: Sequence, eos: set[int]) -> np.ndarray:
-    """The logit processing of every knob, in float64 and by the rules' own words: repetition penalty over the
-    prompt and reply (divide a positive logit, multiply a negative one), OpenAI's presence / frequency penalties
-    over the reply, logit_bias, and vLLM's min_tokens mask of EOS and stop_token_ids."""
+    """The logit processing of every knob, in float64, by the rules' own words and in vLLM's order (its v1
+    sampler: the logits processors logit_bias and min_tokens, then the penalties): logit_bias, vLLM's min_tokens
+    mask of EOS and stop_token_ids, the repetition penalty over the prompt and reply (divide a positive logit,
+    multiply a negative one), then OpenAI's frequency / presence penalties over the reply."""
     p, x = seq.params, x.astype(np.float64)
-    for t in set(seq.all_ids) if p.repetition_penalty != 1.0 else ():
-        x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
-    for t in set(seq.output_ids):
-        x[t] -= seq.output_ids.count(t) * p.frequency_penalty + p.presence_penalty
     for t, b in p.logit_bias.items():
         x[t] += b
     if len(seq.output_ids) < p.min_tokens:
         x[list(eos | set(p.stop_token_ids))] = -np.inf
+    for t in set(seq.all_ids) if p.repetition_penalty != 1.0 else ():
+        x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
+    for t in set(seq.output_ids):
+        x[t] -= seq.output_ids.count(t) * p.frequency_penalty + p.presence_penalty
     return x
+
+
+def test_logit_bias_then_repetition_then_presence_penalty_as_vllm():
+    """vLLM adds logit_bias (and min_tokens' mask) before the repetition penalty, and the frequency / presence
+    penalties after it; the sampler applied the repetition penalty first. Token 5 (in the prompt, logit -1, bias
+    +2, repetition penalty 2) is (-1 + 2) / 2 = 0.5, not -1 x 2 + 2 = 0 (below token 7's 0.3); token 6 (logit 3,
+    generated once, presence penalty 1.25) is 3 / 2 - 1.25 = 0.25, not (3 - 1.25) / 2 = 0.875 (above 0.5)."""
+    x = np.full((1, 10), -5.0, np.float32)
+    x[0, 5], x[0, 7] = -1.0, 0.3
+    seq = Sequence([5], SamplingParams(temperature=0, repetition_penalty=2.0, logit_bias={5: 2.0}))
+    assert sample(x, [seq]) == [5] == [int(np.argmax(_process_spec(x[0], seq, set())))]
+    x[0, 6] = 3.0
+    seq = Sequence([5], SamplingParams(temperature=0, repetition_penalty=2.0, logit_bias={5: 2.0},
+                                       presence_penalty=1.25))  # fmt: skip
+    seq.output_ids = [6]
+    assert sample(x, [seq]) == [5] == [int(np.argmax(_process_spec(x[0], seq, set())))]
+
+
+def test_logit_bias_and_repetition_penalty_as_transformers():
+    """The same order in transformers (SequenceBiasLogitsProcessor before RepetitionPenaltyLogitsProcessor), an
+    independent reference: the greedy token after a logit bias and a repetition penalty, on rows where some biased
+    ids are in the prompt and the order decides."""
+    torch = pytest.importorskip("torch")
+    lp = pytest.importorskip("transformers.generation.logits_process")
+    rng = np.random.default_rng(2)
+    for trial in range(40):
+        x = rng.standard_normal((1, 30)).astype(np.float32)
+        prompt = [int(t) for t in rng.integers(0, 30, 8)]
+        bias = {int(t): float(rng.uniform(-3, 3)) for t in rng.integers(0, 30, 6)}
+        pen = float(rng.choice([0.5, 1.5, 3.0]))
+        ids = torch.tensor([prompt])
+        y = lp.SequenceBiasLogitsProcessor(sequence_bias=[[[t], b] for t, b in bias.items()])(
+            ids, torch.tensor(x)
+        )
+        y = lp.RepetitionPenaltyLogitsProcessor(pen)(ids, y)
+        seq = Sequence(prompt, SamplingParams(temperature=0, repetition_penalty=pen, logit_bias=bias))
+        assert sample(x, [seq]) == [int(torch.argmax(y))], trial
 
 
 def test_generate_follows_a_float64_spec_of_every_knob(tiny_llama):

@@ -379,13 +379,13 @@ def test_vllm_extensions_that_would_change_the_reply_are_refused(server):
     url, auth = server[0], {"Authorization": f"Bearer {KEY}"}
     both = [dict(include_stop_str_in_output=True), dict(skip_special_tokens=False), dict(prompt_logprobs=1),
             dict(allowed_token_ids=[5]), dict(bad_words=["fox"]), dict(truncate_prompt_tokens=4),
-            dict(return_tokens_as_token_ids=True), dict(logits_processors=["x"]),
+            dict(return_tokens_as_token_ids=True), dict(return_token_ids=True), dict(logits_processors=["x"]),
             dict(structured_outputs={"choice": ["a"]}), dict(stream=True, stream_options={"continuous_usage_stats": True})]  # fmt: skip
     off = dict(include_stop_str_in_output=False, skip_special_tokens=True, prompt_logprobs=None, bad_words=[],
-               return_tokens_as_token_ids=False, structured_outputs=None)  # fmt: skip
+               return_tokens_as_token_ids=False, return_token_ids=False, structured_outputs=None)  # fmt: skip
     for path, prompt, own, own_off in (
-        ("/v1/chat/completions", {"messages": chat_msgs("hi")}, [dict(echo=True), dict(add_special_tokens=True)],
-         dict(echo=False, add_special_tokens=False)),
+        ("/v1/chat/completions", {"messages": chat_msgs("hi")}, [dict(echo=True), dict(add_special_tokens=True),
+         dict(documents=[{"title": "t", "text": "x"}])], dict(echo=False, add_special_tokens=False, documents=[])),
         ("/v1/completions", {"prompt": "hi"}, [dict(add_special_tokens=False)], dict(add_special_tokens=True)),
     ):  # fmt: skip
         for kw in both + own:

@@ -278,6 +278,19 @@ def test_min_tokens_holds_off_eos_on_both_endpoints(client, tiny_llama):
         assert err["param"] == "min_tokens" and "max_tokens (0)" in err["message"]
 
 
+def test_min_tokens_error_names_the_field_that_set_the_most(client):
+    """Over max_completion_tokens (chat), min_tokens' 400 said "max_tokens (6)", a field the client did not send;
+    with no maximum sent either, it named max_tokens for the context the prompt leaves."""
+    err = error(post(client, {"messages": MSGS, "max_completion_tokens": 6, "min_tokens": 7}, chat=True))
+    assert err["param"] == "min_tokens" and "max_completion_tokens (6)" in err["message"]
+    assert "max_tokens" not in err["message"]
+    for chat in (False, True):
+        err = error(
+            post(client, ({"messages": MSGS} if chat else {"prompt": "hi"}) | {"min_tokens": 500}, chat)
+        )
+        assert err["param"] == "min_tokens" and "the context the prompt leaves (" in err["message"]
+
+
 @pytest.mark.parametrize(
     "chat,field,value",
     [

@@ -11,11 +11,14 @@ chosen ids' values and the top-k ids and values, never a vocabulary-sized row. S
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from ..sampling_params import MAX_LOGPROBS
+from ..sequence import Sequence
 from .cuda_compile import load_module
-from .reference.sampling import additive_terms
+from .reference.sampling import bias_terms, penalty_terms
 
 SAMPLING_KERNELS = (
     "argmax_rows",
@@ -70,11 +73,14 @@ def sampling_inputs(
     return params, pen
 
 
-def additive_inputs(seqs: list, vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(rows, ids, amounts) of every row's presence / frequency penalties and logit bias (None: none)."""
+def additive_inputs(
+    seqs: list, vocab: int, terms: Callable[[Sequence, int], tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(rows, ids, amounts) of every row's `terms` (bias_terms or penalty_terms: added before and after the
+    repetition penalty) (None: none)."""
     rows, ids, deltas = [], [], []
     for i, seq in enumerate(seqs):
-        t, d = additive_terms(seq, vocab)
+        t, d = terms(seq, vocab)
         if t.size:
             rows.append(np.full(t.size, i, np.int32))
             ids.append(t)
@@ -160,9 +166,12 @@ class GpuSampler:
             raise ValueError(f"{logits.shape[0]} logit rows for {b} sequences")
         vocab = int(logits.shape[1])
         params, pen = sampling_inputs(seqs, vocab)
-        add, masks = additive_inputs(seqs, vocab), mask_inputs(seqs)
-        if pen is not None or add is not None or masks is not None:
+        bias, add = additive_inputs(seqs, vocab, bias_terms), additive_inputs(seqs, vocab, penalty_terms)
+        masks = mask_inputs(seqs)
+        if pen is not None or bias is not None or add is not None or masks is not None:
             logits = logits.copy()  # never change the caller's logits (logprobs read them raw)
+        if bias is not None:  # vLLM's order: logit bias and min_tokens' mask, then the penalties
+            self.add_logits(logits, *bias)
         if pen is not None:
             self.apply_penalty(logits, *pen)
         if add is not None:

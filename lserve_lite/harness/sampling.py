@@ -65,6 +65,7 @@ def case_sampling(c: Ctx) -> list[Result]:
         Result("sample (penalty + seeded rng)", f"B{b} V{vocab}", miss, 0.0, miss == 0, "abs = mismatches")
     )
     out.append(_case_api_options(c))
+    out.append(_case_penalty_order(c))
     out += _case_logprobs(c)
     return out
 
@@ -96,8 +97,8 @@ def sampling_rows(rng: np.random.Generator, b: int, vocab: int, kind: str) -> tu
 
 
 def _case_api_options(c: Ctx) -> Result:
-    """add_logits + mask_logits in the whole path: presence / frequency penalties over generated ids, logit
-    bias, grammar bitmasks (some rows with a handful of allowed ids), greedy and sampled rows."""
+    """add_logits + mask_logits in the whole path: logit bias, repetition, presence / frequency penalties, grammar
+    bitmasks (some rows with a handful of allowed ids), greedy and sampled rows."""
     b, vocab = 10, 3001
     x = (c.rng.standard_normal((b, vocab)) * 3).astype(np.float32)
 
@@ -107,7 +108,7 @@ def _case_api_options(c: Ctx) -> Result:
         for i in range(b):
             sp = SamplingParams(
                 temperature=[0.0, 0.9][i % 2], presence_penalty=float(r.uniform(-2, 2)),
-                frequency_penalty=float(r.uniform(-2, 2)), seed=i,
+                frequency_penalty=float(r.uniform(-2, 2)), seed=i, repetition_penalty=[1.3, 1.0, 0.8, 2.0][i % 4],
                 logit_bias={int(t): float(r.uniform(-100, 100)) for t in r.integers(0, vocab, 5)},
             )  # fmt: skip
             seq = Sequence(list(r.integers(0, vocab, 20)), sp)
@@ -125,6 +126,22 @@ def _case_api_options(c: Ctx) -> Result:
     return Result(
         "sample (penalties + bias + mask)", f"B{b} V{vocab}", miss, 0.0, miss == 0, "abs = mismatches"
     )
+
+
+def _case_penalty_order(c: Ctx) -> Result:
+    """vLLM's order on the device: logit bias, then the repetition penalty, then presence. Token 5 (prompt, logit
+    -1, bias +2, penalty 2) is 0.5 and wins both rows; the penalty first makes it 0, below token 7's 0.3, and
+    presence before the penalty lifts token 6 (logit 3, generated) to 0.875 (tests/test_sampling.py's rows)."""
+    vocab = 3001
+    x = np.full((2, vocab), -5.0, np.float32)
+    x[:, 5], x[:, 7], x[1, 6] = -1.0, 0.3, 3.0
+    plain = Sequence([5], SamplingParams(temperature=0, repetition_penalty=2.0, logit_bias={5: 2.0}))
+    pres = Sequence([5], SamplingParams(temperature=0, repetition_penalty=2.0, logit_bias={5: 2.0},
+                                        presence_penalty=1.25))  # fmt: skip
+    pres.output_ids = [6]
+    miss = int(np.sum(np.asarray(c.ops.sample(c.cp.asarray(x), [plain, pres])) != 5))
+    return Result("sample (bias, penalty, presence order)", f"B2 V{vocab}", miss, 0.0, miss == 0,
+                  "abs = mismatches")  # fmt: skip
 
 
 def _case_logprobs(c: Ctx) -> list[Result]:

@@ -23,6 +23,7 @@ from ..sampling_params import (
     VLLM_UNSUPPORTED,
     SamplingParams,
     check_best_of,
+    check_min_tokens,
     check_n,
     logit_bias_ids,
     refuse_set,
@@ -107,6 +108,7 @@ class _Request(BaseModel):
     bad_words: Any = None
     truncate_prompt_tokens: Any = None
     return_tokens_as_token_ids: Any = None
+    return_token_ids: Any = None
     logits_processors: Any = None
     add_special_tokens: Any = None
     _unsupported: ClassVar[dict[str, tuple[object, str]]] = {
@@ -117,6 +119,7 @@ class _Request(BaseModel):
         "prompt_logprobs": (None, "completions with echo and logprobs return the prompt's"),
         "suffix": (None, "no fill-in-the-middle"),
         "return_tokens_as_token_ids": (False, "tokens come back as text; /tokenize gives their ids"),
+        "return_token_ids": (False, "replies hold text; /tokenize gives the ids"),
         "add_special_tokens": (True, "the prompt text is encoded with the tokenizer's special tokens; send "
                                      "token ids to encode it otherwise"),
     }  # fmt: skip
@@ -158,7 +161,9 @@ class _Request(BaseModel):
 
     def sampling_params(self, max_new_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        most = self.max_tokens_field if self.max_tokens is not None else "the context the prompt leaves"
         try:
+            check_min_tokens(self.min_tokens or 0, max_new_tokens, most)  # named as the client set the most
             return SamplingParams(
                 n=self.n,
                 presence_penalty=self.presence_penalty or 0.0,
@@ -268,8 +273,10 @@ class ChatCompletionRequest(_Request):
     chat_template_kwargs: Any = None
     echo: Any = None
     prompt: Any = None
+    documents: Any = None  # vLLM's documents for a RAG chat template
     _unsupported: ClassVar[dict[str, tuple[object, str]]] = _Request._unsupported | {
         "prompt": (None, "a completions field: chat takes messages"),
+        "documents": ([], "no documents reach the chat template: put them in the messages"),
         "add_special_tokens": (False, "the prompt is the model's chat template, which makes its special tokens"),
         "echo": (False, "a chat reply does not repeat the last message"),
     }  # fmt: skip
@@ -363,9 +370,11 @@ class CompletionRequest(_Request):
             raise ApiError(
                 400, "max_tokens 0 returns only the echoed prompt: it needs echo: true", "max_tokens"
             )
-        if self.max_tokens == 0 and self.min_tokens:  # scoring: the one token the engine takes is left out
-            raise ApiError(400, f"min_tokens must be an integer in [0, max_tokens (0)], got {self.min_tokens}",
-                           "min_tokens")  # fmt: skip
+        if self.max_tokens == 0:  # scoring: the one token the engine takes is left out
+            try:
+                check_min_tokens(self.min_tokens or 0, 0)
+            except InvalidRequestError as e:
+                raise ApiError(400, str(e), "min_tokens") from None
         if len(self.prompts()) * self.n > MAX_CHOICES:
             raise ApiError(400, f"prompts x n must be at most {MAX_CHOICES}", "prompt")
 

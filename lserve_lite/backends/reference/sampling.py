@@ -1,6 +1,6 @@
-"""Reference of kernels/sampling.cu, and the CPU backend's sampler: repetition penalty, presence / frequency
-penalties and logit bias, a grammar's token mask, temperature, top-k, top-p, a per-request seeded RNG; and
-the log-probabilities the OpenAI API returns."""
+"""Reference of kernels/sampling.cu, and the CPU backend's sampler: logit bias and min_tokens' mask, then the
+repetition, frequency and presence penalties (vLLM's order), a grammar's token mask, temperature, top-k, top-p,
+a per-request seeded RNG; and the log-probabilities the OpenAI API returns."""
 
 from __future__ import annotations
 
@@ -24,12 +24,14 @@ def sample(logits: np.ndarray, seqs: list[Sequence]) -> list[int]:
             out.append(int(np.argmax(row)))  # the logits as they are: no copy of the row
             continue
         x = row.astype(np.float32, copy=True)
+        ids, deltas = bias_terms(seq, x.shape[0])  # vLLM's logits processors, before its penalties
+        x[ids] += deltas
         if p.repetition_penalty != 1.0:
             seen = np.unique(np.asarray(seq.all_ids, dtype=np.int64))
             seen = seen[seen < x.shape[0]]
             v = x[seen]
             x[seen] = np.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
-        ids, deltas = additive_terms(seq, x.shape[0])
+        ids, deltas = penalty_terms(seq, x.shape[0])
         x[ids] += deltas
         if seq.token_mask is not None:
             x[~allowed_tokens(seq.token_mask, x.shape[0])] = -np.inf
@@ -49,24 +51,30 @@ _NO_IDS, _NO_AMOUNTS = np.zeros(0, np.int64), np.zeros(0, np.float32)
 _NO_IDS.flags.writeable = _NO_AMOUNTS.flags.writeable = False
 
 
-def additive_terms(seq: Sequence, vocab: int) -> tuple[np.ndarray, np.ndarray]:
-    """Unique ids and the float32 amount added to their logits: -(count x frequency_penalty +
-    presence_penalty) over the generated ids (OpenAI's rule), plus logit_bias; -inf for the stop ids (`seq.stop_ids`:
-    EOS, ignore_eos or not, and stop_token_ids) while it has fewer than min_tokens (vLLM's rule)."""
+def bias_terms(seq: Sequence, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unique ids and the float32 amount added to their logits before the penalties (vLLM's order): logit_bias,
+    and -inf for the stop ids (`seq.stop_ids`: EOS, ignore_eos or not, and stop_token_ids) while it has fewer than
+    min_tokens (vLLM's rule)."""
     p = seq.params
-    if not has_additive(p):  # most requests: no per-id work a step
+    if not p.logit_bias and len(seq.output_ids) >= p.min_tokens:  # most requests: no per-id work a step
         return _NO_IDS, _NO_AMOUNTS
-    delta: dict[int, float] = {}
-    if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
-        ids, counts = np.unique(np.asarray(seq.output_ids, np.int64), return_counts=True)
-        for t, c in zip(ids.tolist(), counts.tolist()):
-            delta[t] = -(c * p.frequency_penalty + p.presence_penalty)
-    for t, b in p.logit_bias.items():
-        delta[t] = delta.get(t, 0.0) + b
+    delta = dict(p.logit_bias)
     if len(seq.output_ids) < p.min_tokens:
         delta.update(dict.fromkeys(seq.stop_ids, -math.inf))
     ids = np.fromiter((t for t in delta if t < vocab), np.int64)
     return ids, np.asarray([delta[t] for t in ids.tolist()], np.float32)
+
+
+def penalty_terms(seq: Sequence, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unique ids and the float32 amount added to their logits after the repetition penalty (vLLM's order):
+    -(count x frequency_penalty + presence_penalty) over the generated ids (OpenAI's rule)."""
+    p = seq.params
+    if not (p.presence_penalty or p.frequency_penalty) or not seq.output_ids:
+        return _NO_IDS, _NO_AMOUNTS
+    ids, counts = np.unique(np.asarray(seq.output_ids, np.int64), return_counts=True)
+    keep = ids < vocab
+    amounts = -(counts[keep] * p.frequency_penalty + p.presence_penalty)
+    return ids[keep], amounts.astype(np.float32)
 
 
 def allowed_tokens(mask: np.ndarray, vocab: int) -> np.ndarray:
