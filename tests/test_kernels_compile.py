@@ -505,6 +505,17 @@ def test_a_top_k_past_the_gpu_samplers_int32_is_refused_up_front():
     assert params[1, 0] == MAX_TOP_K
 
 
+def test_a_temperature_past_float32_is_clamped_in_the_gpu_parameter_block():
+    """The kernel casts the block's temperature to float: 1e308 became inf there (a masked -inf logit over inf is NaN)
+    where the CPU sampler clamps to float32's largest; the block carries the clamped value (finite as a float32)."""
+    from lserve_lite.backends.cuda_sampling import sampling_inputs
+    from lserve_lite.sampling_params import SamplingParams
+    from lserve_lite.sequence import Sequence
+
+    params, _ = sampling_inputs([Sequence([1], SamplingParams(temperature=1e308))], vocab=100)
+    assert np.isfinite(np.float32(params[0, 0])) and params[0, 0] == float(np.finfo(np.float32).max)
+
+
 def test_fp16_conversion_refuses_overflow():
     from lserve_lite.backends.cuda import to_fp16
     from lserve_lite.errors import ModelLoadError

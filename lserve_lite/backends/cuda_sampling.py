@@ -18,7 +18,7 @@ import numpy as np
 from ..sampling_params import MAX_LOGPROBS
 from ..sequence import Sequence
 from .cuda_compile import load_module
-from .reference.sampling import bias_terms, penalty_terms
+from .reference.sampling import FLOAT32_MAX, bias_terms, penalty_terms
 
 SAMPLING_KERNELS = (
     "argmax_rows",
@@ -68,7 +68,9 @@ def sampling_inputs(
             ids.append(seen)
             pens.append(np.full(seen.size, p.repetition_penalty, np.float32))
         if not p.greedy:
-            params[:, i] = (p.temperature, p.top_k, p.top_p, seq.rng.random())
+            # a temperature past float32's range: the CPU sampler's clamp (the kernel's float cast would give inf, and
+            # a masked -inf logit over inf is NaN)
+            params[:, i] = (min(p.temperature, FLOAT32_MAX), p.top_k, p.top_p, seq.rng.random())
     pen = (np.concatenate(rows), np.concatenate(ids), np.concatenate(pens)) if rows else None
     return params, pen
 
