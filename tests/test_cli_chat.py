@@ -311,7 +311,9 @@ def test_kernels_test_prints_the_seed_it_drew(monkeypatch, capsys):
     seeds: list[int] = []
     monkeypatch.setattr(harness, "cuda_available", lambda: True)
     monkeypatch.setattr(
-        harness, "run_cases", lambda names, seed: seeds.append(seed) or [Result("k", "s", 1, 1, False)]
+        harness,
+        "run_cases",
+        lambda names, seed: seeds.append(seed) or [("k", [Result("k", "s", 1, 1, False)])],
     )
     assert harness.main(["test"]) == 1
     assert (
@@ -330,7 +332,9 @@ def test_kernels_test_json_is_strict_json(monkeypatch, tmp_path):
         Result("attention", "-", math.inf, math.inf, False, "RuntimeError: x"),
     ]
     monkeypatch.setattr(harness, "cuda_available", lambda: True)
-    monkeypatch.setattr(harness, "run_cases", lambda names, seed: rows)
+    monkeypatch.setattr(
+        harness, "run_cases", lambda names, seed: [("linear", rows[:1]), ("attention", rows[1:])]
+    )
     assert (
         harness.main(["test", "--seed", "5", "linear", "attention", "--json", str(tmp_path / "k.json")]) == 1
     )
@@ -340,7 +344,7 @@ def test_kernels_test_json_is_strict_json(monkeypatch, tmp_path):
                               "note": "RuntimeError: x", "skipped": False}  # fmt: skip
     # the rows alone did not say which seed drew them (so a FAIL could not be run again) nor what was asked
     assert {k: got[k] for k in ("seed", "cases", "passed", "failed", "skipped", "not_run")} == {
-        "seed": 5, "cases": ["linear", "attention"], "passed": 1, "failed": 1, "skipped": 0, "not_run": None}  # fmt: skip
+        "seed": 5, "cases": ["linear", "attention"], "passed": 1, "failed": 1, "skipped": 0, "not_run": {}}  # fmt: skip
 
 
 def test_kernels_test_json_without_a_gpu_says_nothing_was_tested(monkeypatch, tmp_path):
@@ -351,7 +355,63 @@ def test_kernels_test_json_without_a_gpu_says_nothing_was_tested(monkeypatch, tm
     assert harness.main(["test", "embed", "--json", str(tmp_path / "k.json")]) == 2
     got = json.loads((tmp_path / "k.json").read_text())
     assert got == {"seed": None, "cases": ["embed"], "passed": 0, "failed": 0, "skipped": 0, "rows": [],
-                   "not_run": "no NVIDIA GPU visible to CuPy; nothing was tested"}  # fmt: skip
+                   "not_run": {"embed": "no NVIDIA GPU visible to CuPy"}}  # fmt: skip
+
+
+def _fake_cases(monkeypatch, cases: dict) -> None:
+    """The harness with a GPU and `cases` as its cases (each a function of the context)."""
+    import lserve_lite.harness as harness
+
+    monkeypatch.setattr(harness, "cuda_available", lambda: True)
+    monkeypatch.setattr(harness, "Ctx", lambda seed: None)
+    monkeypatch.setattr(harness, "CASES", cases)
+
+
+def test_kernels_test_json_of_an_interrupted_run_keeps_the_cases_that_ran(monkeypatch, tmp_path, capsys):
+    """`--json` was written only at the end: a run stopped midway (Ctrl-C, the time limit's SIGTERM, a killed
+    process) left no file. It is rewritten as cases end (throttled, and at the stop), its `not_run` naming the rest."""
+    import lserve_lite.harness as harness
+    from lserve_lite.harness.common import Result
+
+    out = tmp_path / "k.json"
+    seen: list[dict] = []
+
+    def second(c):
+        seen.append(json.loads(out.read_text()))  # a run killed now leaves this file
+        return [Result("b", "s", 0.5, 0.1, False)]
+
+    def interrupted(c):
+        raise KeyboardInterrupt
+
+    _fake_cases(monkeypatch, {"a": lambda c: [Result("a", "s", 0, 0, True)], "b": second, "c": interrupted,
+                              "d": lambda c: pytest.fail("ran after Ctrl-C")})  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        harness.main(["test", "--seed", "1", "--json", str(out)])
+    assert [r["kernel"] for r in seen[0]["rows"]] == ["a"] and seen[0]["passed"] == 1
+    assert seen[0]["not_run"] == dict.fromkeys("bcd", harness.NOT_REACHED)
+    got = json.loads(out.read_text())
+    assert [r["kernel"] for r in got["rows"]] == ["a", "b"] and (got["passed"], got["failed"]) == (1, 1)
+    assert got["not_run"] == dict.fromkeys("cd", "the run stopped before it (Ctrl-C)") and got["seed"] == 1
+    printed = capsys.readouterr().out  # each case's rows as it ended, then the counts and what did not run
+    assert printed.index(" PASS") < printed.index(" FAIL") and printed.rstrip().endswith(
+        "1 passed, 1 failed; not run: c, d (the run stopped before it (Ctrl-C))"
+    )
+
+
+def test_kernels_test_json_to_a_pipe_is_one_object(monkeypatch):
+    """`--json /dev/stdout` (a pipe): written once, at the end, where a file is rewritten as cases end."""
+    import os
+
+    import lserve_lite.harness as harness
+    from lserve_lite.harness.common import Result
+
+    _fake_cases(monkeypatch, {n: (lambda c, n=n: [Result(n, "s", 0, 0, True)]) for n in "ab"})
+    r, w = os.pipe()
+    with os.fdopen(r) as reader:
+        with os.fdopen(w, "w"):  # closed after the run: the reader sees the end
+            assert harness.main(["test", "--json", f"/dev/fd/{w}"]) == 0
+        got = json.loads(reader.read())
+    assert (got["passed"], got["not_run"]) == (2, {})
 
 
 def test_bench_json_path_that_is_a_directory(tiny_llama, tmp_path):
@@ -385,8 +445,8 @@ def test_kernels_run_cases_of_an_empty_filter_runs_none(monkeypatch):
     cases = {n: (lambda c, n=n: ran.append(n) or [Result(n, "s", 0, 0, True)]) for n in ("a", "b")}
     monkeypatch.setattr(harness, "Ctx", lambda seed: None)
     monkeypatch.setattr(harness, "CASES", cases)
-    assert harness.run_cases([], 0) == [] and ran == []
-    assert [r.kernel for r in harness.run_cases(None, 0)] == ["a", "b"] == ran
+    assert list(harness.run_cases([], 0)) == [] and ran == []
+    assert [r.kernel for _, rows in harness.run_cases(None, 0) for r in rows] == ["a", "b"] == ran
 
 
 def test_kernels_test_lists_rows_this_gpu_does_not_run(monkeypatch, tmp_path, capsys):
@@ -419,8 +479,8 @@ def test_kernels_test_lists_rows_this_gpu_does_not_run(monkeypatch, tmp_path, ca
     assert len(kv_rows) > 1 and all(r.ok for r in kv_rows)
 
     monkeypatch.setattr(harness, "cuda_available", lambda: True)
-    monkeypatch.setattr(harness, "run_cases", lambda names, seed: rows[-3:] + [row()])
-    assert harness.main(["test", "--json", str(tmp_path / "k.json")]) == 0
+    monkeypatch.setattr(harness, "run_cases", lambda names, seed: [("prefill_kernels", rows[-3:] + [row()])])
+    assert harness.main(["test", "prefill_kernels", "--json", str(tmp_path / "k.json")]) == 0
     out = capsys.readouterr().out
     assert "SKIP  (needs compute capability 9.x)" in out and "1 passed, 0 failed, 3 skipped" in out
     got = json.loads((tmp_path / "k.json").read_text())
@@ -441,3 +501,4 @@ def test_kernels_test_ops_that_do_not_start_are_one_failed_row(monkeypatch, tmp_
     assert "RuntimeError: nvrtc: libnvrtc.so.12 not found" in capsys.readouterr().out
     got = json.loads((tmp_path / "k.json").read_text())
     assert (got["failed"], got["rows"][0]["kernel"]) == (1, "CudaOps")
+    assert got["not_run"] == {"embed": "the CUDA ops did not start (the failed row CudaOps says why)"}

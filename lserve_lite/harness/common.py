@@ -135,16 +135,23 @@ def silu_mul_atol(gu: np.ndarray, agu: np.ndarray, rounded: bool = False) -> np.
 
 
 def format_table(results: list[Result]) -> str:
-    rows = [f"{'kernel':34s} {'shape':44s} {'max abs':>10s} {'rel':>10s}  result"]
-    for r in results:
-        verdict = "SKIP" if r.skipped else "PASS" if r.ok else "FAIL"
-        rows.append(
-            f"{r.kernel:34s} {r.shape[:44]:44s} {r.max_abs:10.3g} {r.rel:10.3g}  {verdict}"
-            + (f"  ({r.note})" if r.note else "")
-        )
+    return "\n".join([TABLE_HEADER, *map(table_row, results), table_summary(results)])
+
+
+TABLE_HEADER = f"{'kernel':34s} {'shape':44s} {'max abs':>10s} {'rel':>10s}  result"
+
+
+def table_row(r: Result) -> str:
+    """One row of the table (the CLI prints each case's rows as it ends)."""
+    verdict = "SKIP" if r.skipped else "PASS" if r.ok else "FAIL"
+    return f"{r.kernel:34s} {r.shape[:44]:44s} {r.max_abs:10.3g} {r.rel:10.3g}  {verdict}" + (
+        f"  ({r.note})" if r.note else ""
+    )
+
+
+def table_summary(results: list[Result]) -> str:
     passed, failed, skips = counts(results)
-    rows.append(f"{passed} passed, {failed} failed" + (f", {skips} skipped" if skips else ""))
-    return "\n".join(rows)
+    return f"{passed} passed, {failed} failed" + (f", {skips} skipped" if skips else "")
 
 
 def counts(results: list[Result]) -> tuple[int, int, int]:
