@@ -361,9 +361,10 @@ def test_kernels_test_json_without_a_gpu_says_nothing_was_tested(monkeypatch, tm
 def _fake_cases(monkeypatch, cases: dict) -> None:
     """The harness with a GPU and `cases` as its cases (each a function of the context)."""
     import lserve_lite.harness as harness
+    from lserve_lite.harness.common import HostCtx
 
     monkeypatch.setattr(harness, "cuda_available", lambda: True)
-    monkeypatch.setattr(harness, "Ctx", lambda seed: None)
+    monkeypatch.setattr(harness, "Ctx", HostCtx)
     monkeypatch.setattr(harness, "CASES", cases)
 
 
@@ -439,14 +440,33 @@ def test_serve_refuses_an_address_it_cannot_bind_before_loading(tmp_path):
 def test_kernels_run_cases_of_an_empty_filter_runs_none(monkeypatch):
     """`run_cases([])` (a filter over CASES that matched nothing) ran every case, minutes on a GPU."""
     import lserve_lite.harness as harness
-    from lserve_lite.harness.common import Result
+    from lserve_lite.harness.common import HostCtx, Result
 
     ran: list[str] = []
     cases = {n: (lambda c, n=n: ran.append(n) or [Result(n, "s", 0, 0, True)]) for n in ("a", "b")}
-    monkeypatch.setattr(harness, "Ctx", lambda seed: None)
+    monkeypatch.setattr(harness, "Ctx", HostCtx)
     monkeypatch.setattr(harness, "CASES", cases)
     assert list(harness.run_cases([], 0)) == [] and ran == []
     assert [r.kernel for _, rows in harness.run_cases(None, 0) for r in rows] == ["a", "b"] == ran
+
+
+def test_kernels_case_run_alone_draws_its_inputs_of_the_whole_run(monkeypatch):
+    """The seed a run prints is to draw a failing case's inputs again, alone: they came from one generator shared in
+    order, so `kernels test CASE --seed N` drew other inputs than CASE had in the whole run."""
+    import lserve_lite.harness as harness
+    from lserve_lite.harness.common import HostCtx, Result
+
+    def draw(c):
+        return [Result("k", str(c.rng.integers(1 << 62)), 0, 0, True)]
+
+    monkeypatch.setattr(harness, "Ctx", HostCtx)
+    monkeypatch.setattr(harness, "CASES", {"a": draw, "b": draw})
+
+    def drawn(names, seed):
+        return {name: rows[0].shape for name, rows in harness.run_cases(names, seed)}
+
+    whole = drawn(["a", "b"], 5)
+    assert drawn(["b"], 5)["b"] == whole["b"] != whole["a"] and drawn(["b"], 6)["b"] != whole["b"]
 
 
 def test_kernels_test_lists_rows_this_gpu_does_not_run(monkeypatch, tmp_path, capsys):

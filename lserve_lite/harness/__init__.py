@@ -3,9 +3,10 @@
 One module per kernel family, named after kernels/<family>.cu and backends/reference/<family>.py:
 layers (layers.cu, and the GEMMs), quant (quant_gemv.cu: quantized weights, against float64), attention
 (attention_prefill.cu + attention_decode.cu), page_select, sampling, kv_quant (the quantized KV cache in those
-kernels, per KV dtype). Each case draws new random inputs (never zeros), poisons the outputs (NaN, or -1 for
-token ids) before the launch, runs the kernel through its launcher and compares with the float32 reference
-evaluated on the same float16-rounded inputs. One row per kernel and shape: max abs error, rel = max abs error /
+kernels, per KV dtype). Each case draws new random inputs (never zeros; from the seed and its name, so `CASE
+--seed N` draws again what CASE drew in the run that printed N), poisons the outputs (NaN, or -1 for token ids)
+before the launch, runs the kernel through its launcher and compares with the float32 reference evaluated on the
+same float16-rounded inputs. One row per kernel and shape: max abs error, rel = max abs error /
 max |ref|, PASS/FAIL (a NaN left in an output fails); each case's rows are printed as it ends. Exit status 1 on
 any failure; 2 with a note when no GPU is visible (nothing was tested). `--json FILE`: one object, the seed, the
 cases asked for, the counts, the rows, and `not_run`: each case asked for that has not run, with why ({} when every
@@ -87,15 +88,16 @@ CASES: dict[str, Callable[[Ctx], list[Result]]] = {
 
 
 def run_cases(names: list[str] | None, seed: int) -> Iterator[tuple[str, list[Result]]]:
-    """Run the named cases (all when None; none when an empty list: a filter that matched nothing) on inputs drawn
-    from `seed`, yielding each case's name and rows as it ends; a case that raises is one failed row. A context
-    that cannot be made (CuPy sees the GPU but the ops do not start: the kernels' compiler, an unsupported device)
-    raises NoContext, whose row says why: no case can run."""
+    """Run the named cases (all when None; none when an empty list: a filter that matched nothing), each on inputs
+    drawn from `seed` and its name (the same alone as in a whole run), yielding each case's name and rows as it
+    ends; a case that raises is one failed row. A context that cannot be made (CuPy sees the GPU but the ops do not
+    start: the kernels' compiler, an unsupported device) raises NoContext, whose row says why: no case can run."""
     try:
         c = Ctx(seed)
     except Exception as e:
         raise NoContext(_crashed("CudaOps", e)) from e
     for name in CASES if names is None else names:
+        c.seed_case(seed, name)
         try:
             rows = CASES[name](c)
         except Exception as e:  # a crash is a failure of that kernel, not of the harness

@@ -4,6 +4,7 @@ the comparison rule."""
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,6 +58,12 @@ class Ctx:
         self.cp = cp
         self.ops = CudaOps()
         self.rng = np.random.default_rng(seed)
+
+    def seed_case(self, seed: int, case: str) -> None:
+        """A fresh generator of (seed, the case's name) for a case: drawn from one generator, a case's inputs
+        depended on the cases run before it, so `kernels test CASE --seed N` did not draw again what CASE drew in
+        the whole run that printed N."""
+        self.rng = np.random.default_rng([seed, zlib.crc32(case.encode())])
 
     def f16(self, *shape, scale=1.0) -> np.ndarray:
         """Random normal float16 values (as float32 arrays holding float16-exact numbers); never zero-filled."""
