@@ -191,6 +191,31 @@ def test_quantized_kv_writes_on_the_host():
     assert run.stdout.count(" PASS") == 116 and run.stdout.count(" hadamard ") == 74
 
 
+@pytest.mark.parametrize("end", ["exit 3", "kill -SEGV $$"], ids=["ticket_left", "killed"])
+def test_layers_host_check_emulator_failure_is_a_fail_row(end, tmp_path, capsys):
+    """An emulator that failed (a ticket left nonzero exits 3; a kernel's stray access kills it) ended
+    tools/layers_host_check.py in a CalledProcessError traceback, with no FAIL line and no row after it: now it is
+    the row's FAIL, with why."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from layers_host_check import check_qrope, run_case
+
+    from lserve_lite.harness.common import HostCtx
+    from lserve_lite.harness.kv_write import dense_case
+
+    exe = tmp_path / "emu"
+    exe.write_text(f"#!/bin/sh\n{end}\n")
+    exe.chmod(0o755)
+    why = "exited with status 3" if end == "exit 3" else "died of signal 11"
+    c = HostCtx(0)
+    rows = run_case(exe, tmp_path, dense_case(c, "int8", 9, 3, 64, 64, 13))
+    assert [(r.kernel, r.ok) for r in rows] == [("rope_write_kv", False)] and why in rows[0].note
+    assert check_qrope(exe, tmp_path, c.rng, "int8", 64, False, 37, 1) is False
+    assert f"FAIL (the emulator {why})" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     shutil.which("nvcc") is None, reason="nvcc not installed (the host emulation builds with it)"
