@@ -216,6 +216,26 @@ def test_layers_host_check_emulator_failure_is_a_fail_row(end, tmp_path, capsys)
     assert f"FAIL (the emulator {why})" in capsys.readouterr().out
 
 
+def test_host_emulation_that_does_not_build_is_one_line(tmp_path, monkeypatch):
+    """A kernel edit nvcc refuses ended every host check in a CalledProcessError traceback under nvcc's errors; it
+    is one line that names the emulator (nvcc's own errors stay above it)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from host_emu_build import build_emulator
+
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text("#!/bin/sh\necho 'layers.inc(1): error: expected a ;' >&2\nexit 2\n")
+    nvcc.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{nvcc.parent}:{os.environ['PATH']}")
+    with pytest.raises(
+        SystemExit, match=r"^layers_host_emu: nvcc could not build the host emulation \(status 2\)$"
+    ):
+        build_emulator("layers", 1, "layers_host_emu", tmp_path)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     shutil.which("nvcc") is None, reason="nvcc not installed (the host emulation builds with it)"
