@@ -303,6 +303,26 @@ def test_kernels_test_refuses_a_json_path_with_a_trailing_slash(tmp_path, capsys
     assert list(tmp_path.iterdir()) == []
 
 
+def test_kernels_test_refuses_a_json_file_in_a_directory_it_cannot_write(tmp_path, monkeypatch, capsys):
+    """`--json` names a file that is replaced through a temporary file beside it: a writable file in a folder the
+    user may not write passed the check, and the run's first write ended in a PermissionError traceback."""
+    import os
+
+    from lserve_lite.harness import main
+
+    out = tmp_path / "k.json"
+    out.write_text("{}")
+    access = os.access
+
+    def as_a_user(path, mode: int) -> bool:  # the tests may run as root, whom os.access never refuses
+        return access(path, mode) and os.fspath(path) != str(tmp_path)
+
+    monkeypatch.setattr(os, "access", as_a_user)
+    with pytest.raises(SystemExit) as e:
+        main(["test", "--json", str(out)])
+    assert e.value.code == 2 and "k.json: its directory cannot be written" in capsys.readouterr().err
+
+
 def test_kernels_test_prints_the_seed_it_drew(monkeypatch, capsys):
     """Each run draws fresh inputs; the seed was never shown, so a FAIL on them could not be run again."""
     import lserve_lite.harness as harness
