@@ -388,7 +388,10 @@ def _fake_cases(monkeypatch, cases: dict) -> None:
     monkeypatch.setattr(harness, "CASES", cases)
 
 
-def test_kernels_test_json_of_an_interrupted_run_keeps_the_cases_that_ran(monkeypatch, tmp_path, capsys):
+@pytest.mark.parametrize("stop, why", [(KeyboardInterrupt(), "Ctrl-C"), (SystemExit(143), "SIGTERM")])
+def test_kernels_test_json_of_an_interrupted_run_keeps_the_cases_that_ran(
+    stop, why, monkeypatch, tmp_path, capsys
+):
     """`--json` was written only at the end: a run stopped midway (Ctrl-C, the time limit's SIGTERM, a killed
     process) left no file. It is rewritten as cases end (throttled, and at the stop), its `not_run` naming the rest."""
     import lserve_lite.harness as harness
@@ -402,20 +405,20 @@ def test_kernels_test_json_of_an_interrupted_run_keeps_the_cases_that_ran(monkey
         return [Result("b", "s", 0.5, 0.1, False)]
 
     def interrupted(c):
-        raise KeyboardInterrupt
+        raise stop  # the CLI's SIGTERM handler raises SystemExit(143)
 
     _fake_cases(monkeypatch, {"a": lambda c: [Result("a", "s", 0, 0, True)], "b": second, "c": interrupted,
                               "d": lambda c: pytest.fail("ran after Ctrl-C")})  # fmt: skip
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(type(stop)):
         harness.main(["test", "--seed", "1", "--json", str(out)])
     assert [r["kernel"] for r in seen[0]["rows"]] == ["a"] and seen[0]["passed"] == 1
     assert seen[0]["not_run"] == dict.fromkeys("bcd", harness.NOT_REACHED)
     got = json.loads(out.read_text())
     assert [r["kernel"] for r in got["rows"]] == ["a", "b"] and (got["passed"], got["failed"]) == (1, 1)
-    assert got["not_run"] == dict.fromkeys("cd", "the run stopped before it (Ctrl-C)") and got["seed"] == 1
+    assert got["not_run"] == dict.fromkeys("cd", f"the run stopped before it ({why})") and got["seed"] == 1
     printed = capsys.readouterr().out  # each case's rows as it ended, then the counts and what did not run
     assert printed.index(" PASS") < printed.index(" FAIL") and printed.rstrip().endswith(
-        "1 passed, 1 failed; not run: c, d (the run stopped before it (Ctrl-C))"
+        f"1 passed, 1 failed; not run: c, d (the run stopped before it ({why}))"
     )
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -124,8 +125,8 @@ def _stopped(e: BaseException) -> str:
     """Why the cases after a run's end did not run, in one line."""
     if isinstance(e, KeyboardInterrupt):
         what = "Ctrl-C"
-    elif isinstance(e, SystemExit):  # the CLI's SIGTERM handler raises SystemExit(143)
-        what = f"exit status {e.code}"
+    elif isinstance(e, SystemExit):  # the CLI's SIGTERM handler raises SystemExit(128 + SIGTERM)
+        what = "SIGTERM" if e.code == 128 + signal.SIGTERM else f"exit status {e.code}"
     else:
         what = f"{type(e).__name__}: {e}"
     return " ".join(f"the run stopped before it ({what})".split())[:200]
