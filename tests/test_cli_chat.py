@@ -367,12 +367,17 @@ def test_kernels_test_json_is_strict_json(monkeypatch, tmp_path):
         "seed": 5, "cases": ["linear", "attention"], "passed": 1, "failed": 1, "skipped": 0, "not_run": {}}  # fmt: skip
 
 
-def test_kernels_test_json_without_a_gpu_says_nothing_was_tested(monkeypatch, tmp_path):
-    """Without a GPU, `--json` wrote no file: a script reading it found none, or an old run's."""
+def test_kernels_test_json_without_a_gpu_says_nothing_was_tested(monkeypatch, tmp_path, capsys):
+    """Without a GPU, `--json` wrote no file: a script reading it found none, or an old run's. The note names what
+    does check kernels without a GPU (it said only that the CPU backend needs none)."""
     import lserve_lite.harness as harness
 
     monkeypatch.setattr(harness, "cuda_available", lambda: False)
     assert harness.main(["test", "embed", "--json", str(tmp_path / "k.json")]) == 2
+    assert (
+        "nothing was tested" in (out := capsys.readouterr().out)
+        and "tools/*_host_check.py run some kernels" in out
+    )
     got = json.loads((tmp_path / "k.json").read_text())
     assert got == {"seed": None, "cases": ["embed"], "passed": 0, "failed": 0, "skipped": 0, "rows": [],
                    "not_run": {"embed": "no NVIDIA GPU visible to CuPy"}}  # fmt: skip

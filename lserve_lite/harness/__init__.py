@@ -202,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     ):  # exit 2, not 0: a script that asked for the harness must not read this as passing
         why = "no NVIDIA GPU visible to CuPy"
         print(f"kernels test: {why}; nothing was tested (the CPU backend needs none).")
+        print(
+            "Without a GPU, a source checkout's tools/*_host_check.py run some kernels compiled as host code (with"
+            " nvcc): the GEMVs and their fused epilogues, the K/V writes into quantized caches, page_select, sampling."
+        )
         write(Run(None, cases, stopped=why))
         return 2
     seed = int(time.time_ns() % (1 << 31)) if args.seed is None else args.seed
