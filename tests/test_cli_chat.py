@@ -293,6 +293,21 @@ def test_kernels_test_refuses_bad_options_before_running(argv, msg, capsys):
     assert e.value.code == 2 and msg in capsys.readouterr().err
 
 
+def test_kernels_options_right_after_kernels_reach_the_harness(capsys):
+    """`lserve-lite kernels --seed 3` (the word `test` may be left out) was refused by lserve-lite's own parser as an
+    unrecognized argument, and `kernels --help` showed a help without the cases: every word goes to the harness."""
+    from lserve_lite.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["kernels", "--seed", "-1"])
+    assert (
+        e.value.code == 2 and "kernels test: error: argument --seed: -1 is outside" in capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit) as e:
+        main(["kernels", "--help"])
+    assert e.value.code == 0 and "subset of: embed, add_rmsnorm" in capsys.readouterr().out
+
+
 def test_kernels_test_refuses_a_json_path_with_a_trailing_slash(tmp_path, capsys):
     """`--json out/` (no such folder) passed as the file `out` and ended in IsADirectoryError after the run."""
     from lserve_lite.harness import main
