@@ -7,6 +7,7 @@ import math
 import os
 import re
 import stat
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -91,6 +92,11 @@ def write_text_atomic(path: Path, text: str) -> None:
     file replaced (not the link); a device, FIFO or descriptor (`written_in_place`) is appended to, never replaced. A
     file replaced keeps its permission bits (one the user made 0600 stays private, the temporary file too)."""
     if written_in_place(path):
+        # `/dev/stdout`: what this process printed so far goes first (left buffered, it was flushed at exit over the
+        # text appended here, in a file the shell redirected stdout to)
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
         with open(path, "a") as f:
             f.write(text)
         return

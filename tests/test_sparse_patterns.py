@@ -154,6 +154,23 @@ def test_atomic_write_to_a_descriptor_appends_to_it(tmp_path):
     assert log.read_text() == "output so far\n{}" and [f.name for f in tmp_path.iterdir()] == ["log.txt"]
 
 
+def test_atomic_write_to_stdout_comes_after_what_was_printed(tmp_path):
+    """`--json /dev/stdout > log`: the text was appended while the process's own printed lines sat in its stdout
+    buffer, which, flushed at exit at the redirection's offset 0, wrote over it."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from pathlib import Path; from lserve_lite.config import write_text_atomic; print('a table line'); " \
+           "write_text_atomic(Path('/dev/stdout'), '{}')"  # fmt: skip
+    env = {
+        k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"
+    }  # a stdout block-buffered, as usual
+    with open(tmp_path / "log", "w") as out:
+        subprocess.run([sys.executable, "-c", code], stdout=out, env=env, check=True, timeout=60)
+    assert (tmp_path / "log").read_text() == "a table line\n{}"
+
+
 def test_save_keeps_the_files_permission_bits(tmp_path):
     """The atomic write's rename gave a file the user had made 0600 or 0640 the umask's bits (0644: readable by
     all): a file replaced keeps its mode; a new file gets the umask's as any other."""
