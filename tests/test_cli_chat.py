@@ -375,8 +375,8 @@ def test_kernels_test_json_is_strict_json(monkeypatch, tmp_path):
     )
     text = (tmp_path / "k.json").read_text()
     got = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
-    assert got["rows"][1] == {"kernel": "attention", "shape": "-", "max_abs": None, "rel": None, "ok": False,
-                              "note": "RuntimeError: x", "skipped": False}  # fmt: skip
+    assert got["rows"][1] == {"case": "attention", "kernel": "attention", "shape": "-", "max_abs": None,
+                              "rel": None, "ok": False, "note": "RuntimeError: x", "skipped": False}  # fmt: skip
     # the rows alone did not say which seed drew them (so a FAIL could not be run again) nor what was asked
     assert {k: got[k] for k in ("seed", "cases", "passed", "failed", "skipped", "not_run")} == {
         "seed": 5, "cases": ["linear", "attention"], "passed": 1, "failed": 1, "skipped": 0, "not_run": {}}  # fmt: skip
@@ -440,6 +440,24 @@ def test_kernels_test_json_of_an_interrupted_run_keeps_the_cases_that_ran(
     assert printed.index(" PASS") < printed.index(" FAIL") and printed.rstrip().endswith(
         f"1 passed, 1 failed; not run: c, d (the run stopped before it ({why}))"
     )
+
+
+def test_kernels_test_names_the_case_of_each_row(monkeypatch, tmp_path, capsys):
+    """A row is named by its kernel (`argmax_rows`, `logprob_rows`), not by the case that ran it (`sampling`), and
+    neither the table nor the JSON said which case that was: `kernels test CASE --seed N`, to draw a FAIL's inputs
+    again, needed the source to find CASE."""
+    import lserve_lite.harness as harness
+    from lserve_lite.harness.common import Result
+
+    rows = {"sampling": [Result("argmax_rows", "B1", 0, 0, True), Result("logprob_rows", "R1", 1, 1, False)],
+            "embed": [Result("embed_gather", "V9", 0, 0, True)]}  # fmt: skip
+    _fake_cases(monkeypatch, {n: (lambda c, n=n: rows[n]) for n in rows})
+    assert harness.main(["test", "--seed", "3", "--json", str(tmp_path / "k.json")]) == 1
+    got = json.loads((tmp_path / "k.json").read_text())["rows"]
+    assert [(r["case"], r["kernel"]) for r in got] == [
+        ("sampling", "argmax_rows"), ("sampling", "logprob_rows"), ("embed", "embed_gather")]  # fmt: skip
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[2] == "-- sampling" and printed[3].startswith("argmax_rows") and printed[5] == "-- embed"
 
 
 def test_kernels_test_json_to_a_pipe_is_one_object(monkeypatch):

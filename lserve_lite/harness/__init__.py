@@ -6,13 +6,14 @@ layers (layers.cu, and the GEMMs), quant (quant_gemv.cu: quantized weights, agai
 kernels, per KV dtype). Each case draws new random inputs (never zeros; from the seed and its name, so `CASE
 --seed N` draws again what CASE drew in the run that printed N), poisons the outputs (NaN, or -1 for token ids)
 before the launch, runs the kernel through its launcher and compares with the float32 reference evaluated on the
-same float16-rounded inputs. One row per kernel and shape: max abs error, rel = max abs error /
-max |ref|, PASS/FAIL (a NaN left in an output fails); each case's rows are printed as it ends. Exit status 1 on
-any failure; 2 with a note when no GPU is visible (nothing was tested). `--json FILE`: one object, the seed, the
-cases asked for, the counts, the rows, and `not_run`: each case asked for that has not run, with why ({} when every
-case ran). It is rewritten (atomically, at most about once a second) as cases end, and at the end, on Ctrl-C,
-SIGTERM or an error, so a run cut short leaves what ran (a case's rows come when it ends). Rows this GPU does not
-run (wgmma prefill below compute capability 9.x, fp8 KV below 8.9) are listed as SKIP with the reason, counted apart.
+same float16-rounded inputs. One row per kernel and shape: max abs error, rel = max abs error / max |ref|,
+PASS/FAIL (a NaN left in an output fails); each case's rows are printed under a `-- CASE` line as it ends. Exit
+status 1 on any failure; 2 with a note when no GPU is visible (nothing was tested). `--json FILE`: one object, the
+seed, the cases asked for, the counts, the rows (each with its case), and `not_run`: each case asked for that has
+not run, with why ({} when every case ran). It is rewritten (atomically, at most about once a second) as cases
+end, and at the end, on Ctrl-C, SIGTERM or an error, so a run cut short leaves what ran (a case's rows come when
+it ends). Rows this GPU does not run (wgmma prefill below compute capability 9.x, fp8 KV below 8.9) are listed as
+SKIP with the reason, counted apart.
 
 LServe's named setups (attention.SPARSE_PREFILL / SPARSE_DECODE, layers.ROPE_SPARSE) run one at a time
 through the `*_one(ctx, name)` functions; the same cases back `pytest -m gpu` (tests/test_gpu_ops.py,
@@ -145,12 +146,18 @@ class Run:
     seed: int | None
     cases: list[str]
     rows: list[Result] = field(default_factory=list)
+    case_of: list[str | None] = field(
+        default_factory=list
+    )  # each row's case: what `CASE --seed N` runs again
     done: set[str] = field(default_factory=set)
     stopped: str = NOT_REACHED  # why the cases not done did not run
 
-    def add(self, case: str, rows: list[Result]) -> None:
+    def add(self, case: str | None, rows: list[Result]) -> None:
+        """A case's rows (None: the context's, no case's)."""
         self.rows.extend(rows)
-        self.done.add(case)
+        self.case_of.extend([case] * len(rows))
+        if case is not None:
+            self.done.add(case)
 
     def not_run(self) -> dict[str, str]:
         return {n: self.stopped for n in self.cases if n not in self.done}
@@ -164,7 +171,7 @@ class Run:
             "failed": failed,
             "skipped": skips,
             "not_run": self.not_run(),
-            "rows": [_json_row(r) for r in self.rows],
+            "rows": [{"case": c, **_json_row(r)} for c, r in zip(self.case_of, self.rows, strict=True)],
         }
         return json.dumps(report, indent=1) + "\n"
 
@@ -218,12 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, rows in run_cases(cases, seed):
             run.add(name, rows)
-            for r in rows:
-                print(table_row(r), flush=True)
+            print(f"-- {name}" + "".join(f"\n{table_row(r)}" for r in rows), flush=True)
             if rewrite:
                 writer.soon()
     except NoContext as e:
-        run.rows.append(e.args[0])
+        run.add(None, [e.args[0]])
         run.stopped = "the CUDA ops did not start (the failed row CudaOps says why)"
         print(table_row(e.args[0]))
     except BaseException as e:  # Ctrl-C, SIGTERM, an error of the harness itself
