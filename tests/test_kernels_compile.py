@@ -138,7 +138,7 @@ def test_split_kernels_on_the_host(args):
         assert run.stdout.count("residual exact PASS") == 2 * len(NORM_SHAPES) * len(ROW_SLICES)
 
 
-@pytest.mark.parametrize("tool", ["quant_host_check.py", "page_select_host_check.py"])
+@pytest.mark.parametrize("tool", ["quant_host_check.py", "page_select_host_check.py", "layers_host_check.py"])
 def test_host_checks_refuse_a_negative_seed_before_building(tool):
     """`--seed -1` built the emulator (nvcc, a minute) and then ended in NumPy's ValueError traceback."""
     import subprocess

@@ -11,7 +11,7 @@ What it cannot: anything about the GPU itself (memory model, speed; the epilogue
 emulator's threads happen to run, e.g. a finisher taken one ticket early went unnoticed here). The GPU rows (`lserve-lite kernels test
 kv_quant`, `pytest -m gpu tests/test_gpu_kv_quant.py`) remain the test; this is for editing the kernels without one.
 
-    python3 tools/layers_host_check.py
+    python3 tools/layers_host_check.py [--seed N]
 
 Prints one line per row; exit status 1 on any failure.
 """
@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from host_emu_build import build_emulator  # noqa: E402
 
 from lserve_lite.backends.cuda import rope_grid  # noqa: E402
+from lserve_lite.engine_args import bounded_int  # noqa: E402
 from lserve_lite.errors import exit_status  # noqa: E402
 from lserve_lite.harness.common import HostCtx, Result  # noqa: E402
 from lserve_lite.harness.kv_write import SPARSE_DIMS, WriteCase, check_write, dense_case, sparse_case  # noqa: E402
@@ -148,8 +149,11 @@ def report(results: list[Result]) -> bool:
 
 
 def main() -> int:
-    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()  # --help; it takes no options
-    c = HostCtx(0)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--seed", type=bounded_int(0), default=0, help="the cases' inputs (as the other host checks)"
+    )
+    c = HostCtx(ap.parse_args().seed)
     ok = True
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
