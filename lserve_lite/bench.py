@@ -9,11 +9,12 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .config import MAX_MODEL_LEN, MAX_NUM_SEQS
+from .config import MAX_MODEL_LEN, MAX_NUM_SEQS, write_text_atomic
 from .engine_args import bounded_int, int_list, json_file
 from .errors import InvalidRequestError
 from .sampling_params import SamplingParams
@@ -151,6 +152,6 @@ def main(args: argparse.Namespace, llm: LLM) -> int:
     for k, v in rows.items():
         print(f"  {k:<28}{v:>12.1f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": llm.engine.model_name, "backend": llm.engine.backend} | rows, f, indent=2)
+        result = {"model": llm.engine.model_name, "backend": llm.engine.backend} | rows
+        write_text_atomic(Path(args.json), json.dumps(result, indent=2))
     return 0

@@ -238,8 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_args(p)
     p.set_defaults(func=cmd_bench)
 
+    # every word after `kernels` goes to the harness's own parser: with "-" prefixes here, `kernels --seed 3` was
+    # refused as an unknown option of `lserve-lite`, and `kernels --help` did not list the cases
     p = sub.add_parser(
-        "kernels", help="kernel harness: `kernels test` checks every GPU kernel vs its reference"
+        "kernels",
+        help="kernel harness: `kernels test` checks every GPU kernel vs its reference",
+        prefix_chars="+",
+        add_help=False,
     )
     p.add_argument(
         "rest",

@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 from .errors import InvalidRequestError, ModelLoadError
 
@@ -75,16 +80,36 @@ def read_text_file(path: Path, what: str) -> str:
         raise ModelLoadError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
+def written_in_place(path: str | Path) -> bool:
+    """Whether write_text_atomic writes `path` in place (appends to it), not replacing it: a device or FIFO (`--out
+    /dev/null`), or an open descriptor named through /dev/stdout, /dev/fd/N or /proc/<pid>/fd/N (a pipe, whose
+    resolved name `pipe:[N]` no file can be made beside, or the file the shell redirected it to, which a rename would
+    take away from the process's own output)."""
+    p = os.path.abspath(path)
+    for _ in range(40):  # the chain of symbolic links, as the kernel follows it
+        if re.match(r"/(proc/[^/]+|dev)/fd/", p):
+            return True
+        if not os.path.islink(p):
+            break
+        p = os.path.normpath(os.path.join(os.path.dirname(p), os.readlink(p)))
+    return os.path.exists(path) and not os.path.isfile(path)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to a temporary file beside `path`, then rename it over `path`: an interrupted or failed write
     (Ctrl-C, a full disk) leaves the earlier file whole, never half of the new one. A symbolic link's target is the
-    file replaced (not the link); a device or FIFO (`--out /dev/null`) is written in place, never replaced. A file
-    replaced keeps its permission bits (one the user made 0600 stays private, the temporary file too)."""
-    path = Path(os.path.realpath(path))
-    if path.exists() and not path.is_file():
-        with open(path, "w") as f:
+    file replaced (not the link); a device, FIFO or descriptor (`written_in_place`) is appended to, never replaced. A
+    file replaced keeps its permission bits (one the user made 0600 stays private, the temporary file too)."""
+    if written_in_place(path):
+        # `/dev/stdout`: what this process printed so far goes first (left buffered, it was flushed at exit over the
+        # text appended here, in a file the shell redirected stdout to)
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        with open(path, "a") as f:
             f.write(text)
         return
+    path = Path(os.path.realpath(path))
     mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else None
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -97,6 +122,26 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+class Throttled:
+    """Calls `write` (a whole results file rewritten, atomically) at `soon` only when the last call is over max(1 s,
+    10 x its own time) old: a rewrite per prompt made a 100k-prompt evaluation quadratic. `now` always writes (the
+    run's end, Ctrl-C, an error), so an interrupted run keeps everything done; `now` returns what `write` returns."""
+
+    def __init__(self, write: Callable[[], Any], clock: Callable[[], float] = time.monotonic) -> None:
+        self.write, self.clock, self.next_at = write, clock, -math.inf
+
+    def soon(self) -> None:
+        if self.clock() >= self.next_at:
+            self.now()
+
+    def now(self) -> Any:
+        t = self.clock()
+        out = self.write()
+        done = self.clock()
+        self.next_at = done + max(1.0, 10 * (done - t))
+        return out
 
 
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"

@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import KV_DTYPES, MAX_MODEL_LEN, MAX_POOL_PAGES, EngineConfig, SparseConfig
+from .config import KV_DTYPES, MAX_MODEL_LEN, MAX_POOL_PAGES, EngineConfig, SparseConfig, written_in_place
 from .errors import InvalidRequestError
 
 
@@ -85,8 +85,9 @@ def results_folder(text: str) -> str:
 
 
 def json_file(text: str) -> str:
-    """An argparse type: a file to write results into, in a directory that exists, writable (checked before the
-    run, which would otherwise end in an OSError after all its work: a new file is created and removed here)."""
+    """An argparse type: a file to write results into (write_text_atomic), in a directory that exists, writable
+    (checked before the run, which would otherwise end in an OSError after all its work: a new file is created and
+    removed here; a file there is replaced through a temporary file beside it, so its directory must be writable)."""
     path = Path(text)
     if not path.resolve().parent.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: its directory does not exist")
@@ -96,6 +97,8 @@ def json_file(text: str) -> str:
     if os.path.exists(text):
         if not os.access(text, os.W_OK):
             raise argparse.ArgumentTypeError(f"{text}: cannot be written (permission denied)")
+        if not written_in_place(text) and not os.access(path.resolve().parent, os.W_OK | os.X_OK):
+            raise argparse.ArgumentTypeError(f"{text}: its directory cannot be written (permission denied)")
         return text
     try:
         open(text, "x").close()

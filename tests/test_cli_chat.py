@@ -293,6 +293,21 @@ def test_kernels_test_refuses_bad_options_before_running(argv, msg, capsys):
     assert e.value.code == 2 and msg in capsys.readouterr().err
 
 
+def test_kernels_options_right_after_kernels_reach_the_harness(capsys):
+    """`lserve-lite kernels --seed 3` (the word `test` may be left out) was refused by lserve-lite's own parser as an
+    unrecognized argument, and `kernels --help` showed a help without the cases: every word goes to the harness."""
+    from lserve_lite.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["kernels", "--seed", "-1"])
+    assert (
+        e.value.code == 2 and "kernels test: error: argument --seed: -1 is outside" in capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit) as e:
+        main(["kernels", "--help"])
+    assert e.value.code == 0 and "subset of: embed, add_rmsnorm" in capsys.readouterr().out
+
+
 def test_kernels_test_refuses_a_json_path_with_a_trailing_slash(tmp_path, capsys):
     """`--json out/` (no such folder) passed as the file `out` and ended in IsADirectoryError after the run."""
     from lserve_lite.harness import main
@@ -303,6 +318,26 @@ def test_kernels_test_refuses_a_json_path_with_a_trailing_slash(tmp_path, capsys
     assert list(tmp_path.iterdir()) == []
 
 
+def test_kernels_test_refuses_a_json_file_in_a_directory_it_cannot_write(tmp_path, monkeypatch, capsys):
+    """`--json` names a file that is replaced through a temporary file beside it: a writable file in a folder the
+    user may not write passed the check, and the run's first write ended in a PermissionError traceback."""
+    import os
+
+    from lserve_lite.harness import main
+
+    out = tmp_path / "k.json"
+    out.write_text("{}")
+    access = os.access
+
+    def as_a_user(path, mode: int) -> bool:  # the tests may run as root, whom os.access never refuses
+        return access(path, mode) and os.fspath(path) != str(tmp_path)
+
+    monkeypatch.setattr(os, "access", as_a_user)
+    with pytest.raises(SystemExit) as e:
+        main(["test", "--json", str(out)])
+    assert e.value.code == 2 and "k.json: its directory cannot be written" in capsys.readouterr().err
+
+
 def test_kernels_test_prints_the_seed_it_drew(monkeypatch, capsys):
     """Each run draws fresh inputs; the seed was never shown, so a FAIL on them could not be run again."""
     import lserve_lite.harness as harness
@@ -311,7 +346,9 @@ def test_kernels_test_prints_the_seed_it_drew(monkeypatch, capsys):
     seeds: list[int] = []
     monkeypatch.setattr(harness, "cuda_available", lambda: True)
     monkeypatch.setattr(
-        harness, "run_cases", lambda names, seed: seeds.append(seed) or [Result("k", "s", 1, 1, False)]
+        harness,
+        "run_cases",
+        lambda names, seed: seeds.append(seed) or [("k", [Result("k", "s", 1, 1, False)])],
     )
     assert harness.main(["test"]) == 1
     assert (
@@ -330,28 +367,113 @@ def test_kernels_test_json_is_strict_json(monkeypatch, tmp_path):
         Result("attention", "-", math.inf, math.inf, False, "RuntimeError: x"),
     ]
     monkeypatch.setattr(harness, "cuda_available", lambda: True)
-    monkeypatch.setattr(harness, "run_cases", lambda names, seed: rows)
+    monkeypatch.setattr(
+        harness, "run_cases", lambda names, seed: [("linear", rows[:1]), ("attention", rows[1:])]
+    )
     assert (
         harness.main(["test", "--seed", "5", "linear", "attention", "--json", str(tmp_path / "k.json")]) == 1
     )
     text = (tmp_path / "k.json").read_text()
     got = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
-    assert got["rows"][1] == {"kernel": "attention", "shape": "-", "max_abs": None, "rel": None, "ok": False,
-                              "note": "RuntimeError: x", "skipped": False}  # fmt: skip
+    assert got["rows"][1] == {"case": "attention", "kernel": "attention", "shape": "-", "max_abs": None,
+                              "rel": None, "ok": False, "note": "RuntimeError: x", "skipped": False}  # fmt: skip
     # the rows alone did not say which seed drew them (so a FAIL could not be run again) nor what was asked
     assert {k: got[k] for k in ("seed", "cases", "passed", "failed", "skipped", "not_run")} == {
-        "seed": 5, "cases": ["linear", "attention"], "passed": 1, "failed": 1, "skipped": 0, "not_run": None}  # fmt: skip
+        "seed": 5, "cases": ["linear", "attention"], "passed": 1, "failed": 1, "skipped": 0, "not_run": {}}  # fmt: skip
 
 
-def test_kernels_test_json_without_a_gpu_says_nothing_was_tested(monkeypatch, tmp_path):
-    """Without a GPU, `--json` wrote no file: a script reading it found none, or an old run's."""
+def test_kernels_test_json_without_a_gpu_says_nothing_was_tested(monkeypatch, tmp_path, capsys):
+    """Without a GPU, `--json` wrote no file: a script reading it found none, or an old run's. The note names what
+    does check kernels without a GPU (it said only that the CPU backend needs none)."""
     import lserve_lite.harness as harness
 
     monkeypatch.setattr(harness, "cuda_available", lambda: False)
     assert harness.main(["test", "embed", "--json", str(tmp_path / "k.json")]) == 2
+    assert (
+        "nothing was tested" in (out := capsys.readouterr().out)
+        and "tools/*_host_check.py run some kernels" in out
+    )
     got = json.loads((tmp_path / "k.json").read_text())
     assert got == {"seed": None, "cases": ["embed"], "passed": 0, "failed": 0, "skipped": 0, "rows": [],
-                   "not_run": "no NVIDIA GPU visible to CuPy; nothing was tested"}  # fmt: skip
+                   "not_run": {"embed": "no NVIDIA GPU visible to CuPy"}}  # fmt: skip
+
+
+def _fake_cases(monkeypatch, cases: dict) -> None:
+    """The harness with a GPU and `cases` as its cases (each a function of the context)."""
+    import lserve_lite.harness as harness
+    from lserve_lite.harness.common import HostCtx
+
+    monkeypatch.setattr(harness, "cuda_available", lambda: True)
+    monkeypatch.setattr(harness, "Ctx", HostCtx)
+    monkeypatch.setattr(harness, "CASES", cases)
+
+
+@pytest.mark.parametrize("stop, why", [(KeyboardInterrupt(), "Ctrl-C"), (SystemExit(143), "SIGTERM")])
+def test_kernels_test_json_of_an_interrupted_run_keeps_the_cases_that_ran(
+    stop, why, monkeypatch, tmp_path, capsys
+):
+    """`--json` was written only at the end: a run stopped midway (Ctrl-C, the time limit's SIGTERM, a killed
+    process) left no file. It is rewritten as cases end (throttled, and at the stop), its `not_run` naming the rest."""
+    import lserve_lite.harness as harness
+    from lserve_lite.harness.common import Result
+
+    out = tmp_path / "k.json"
+    seen: list[dict] = []
+
+    def second(c):
+        seen.append(json.loads(out.read_text()))  # a run killed now leaves this file
+        return [Result("b", "s", 0.5, 0.1, False)]
+
+    def interrupted(c):
+        raise stop  # the CLI's SIGTERM handler raises SystemExit(143)
+
+    _fake_cases(monkeypatch, {"a": lambda c: [Result("a", "s", 0, 0, True)], "b": second, "c": interrupted,
+                              "d": lambda c: pytest.fail("ran after Ctrl-C")})  # fmt: skip
+    with pytest.raises(type(stop)):
+        harness.main(["test", "--seed", "1", "--json", str(out)])
+    assert [r["kernel"] for r in seen[0]["rows"]] == ["a"] and seen[0]["passed"] == 1
+    assert seen[0]["not_run"] == dict.fromkeys("bcd", harness.NOT_REACHED)
+    got = json.loads(out.read_text())
+    assert [r["kernel"] for r in got["rows"]] == ["a", "b"] and (got["passed"], got["failed"]) == (1, 1)
+    assert got["not_run"] == dict.fromkeys("cd", f"the run stopped before it ({why})") and got["seed"] == 1
+    printed = capsys.readouterr().out  # each case's rows as it ended, then the counts and what did not run
+    assert printed.index(" PASS") < printed.index(" FAIL") and printed.rstrip().endswith(
+        f"1 passed, 1 failed; not run: c, d (the run stopped before it ({why}))"
+    )
+
+
+def test_kernels_test_names_the_case_of_each_row(monkeypatch, tmp_path, capsys):
+    """A row is named by its kernel (`argmax_rows`, `logprob_rows`), not by the case that ran it (`sampling`), and
+    neither the table nor the JSON said which case that was: `kernels test CASE --seed N`, to draw a FAIL's inputs
+    again, needed the source to find CASE."""
+    import lserve_lite.harness as harness
+    from lserve_lite.harness.common import Result
+
+    rows = {"sampling": [Result("argmax_rows", "B1", 0, 0, True), Result("logprob_rows", "R1", 1, 1, False)],
+            "embed": [Result("embed_gather", "V9", 0, 0, True)]}  # fmt: skip
+    _fake_cases(monkeypatch, {n: (lambda c, n=n: rows[n]) for n in rows})
+    assert harness.main(["test", "--seed", "3", "--json", str(tmp_path / "k.json")]) == 1
+    got = json.loads((tmp_path / "k.json").read_text())["rows"]
+    assert [(r["case"], r["kernel"]) for r in got] == [
+        ("sampling", "argmax_rows"), ("sampling", "logprob_rows"), ("embed", "embed_gather")]  # fmt: skip
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[2] == "-- sampling" and printed[3].startswith("argmax_rows") and printed[5] == "-- embed"
+
+
+def test_kernels_test_json_to_a_pipe_is_one_object(monkeypatch):
+    """`--json /dev/stdout` (a pipe): written once, at the end, where a file is rewritten as cases end."""
+    import os
+
+    import lserve_lite.harness as harness
+    from lserve_lite.harness.common import Result
+
+    _fake_cases(monkeypatch, {n: (lambda c, n=n: [Result(n, "s", 0, 0, True)]) for n in "ab"})
+    r, w = os.pipe()
+    with os.fdopen(r) as reader:
+        with os.fdopen(w, "w"):  # closed after the run: the reader sees the end
+            assert harness.main(["test", "--json", f"/dev/fd/{w}"]) == 0
+        got = json.loads(reader.read())
+    assert (got["passed"], got["not_run"]) == (2, {})
 
 
 def test_bench_json_path_that_is_a_directory(tiny_llama, tmp_path):
@@ -379,14 +501,33 @@ def test_serve_refuses_an_address_it_cannot_bind_before_loading(tmp_path):
 def test_kernels_run_cases_of_an_empty_filter_runs_none(monkeypatch):
     """`run_cases([])` (a filter over CASES that matched nothing) ran every case, minutes on a GPU."""
     import lserve_lite.harness as harness
-    from lserve_lite.harness.common import Result
+    from lserve_lite.harness.common import HostCtx, Result
 
     ran: list[str] = []
     cases = {n: (lambda c, n=n: ran.append(n) or [Result(n, "s", 0, 0, True)]) for n in ("a", "b")}
-    monkeypatch.setattr(harness, "Ctx", lambda seed: None)
+    monkeypatch.setattr(harness, "Ctx", HostCtx)
     monkeypatch.setattr(harness, "CASES", cases)
-    assert harness.run_cases([], 0) == [] and ran == []
-    assert [r.kernel for r in harness.run_cases(None, 0)] == ["a", "b"] == ran
+    assert list(harness.run_cases([], 0)) == [] and ran == []
+    assert [r.kernel for _, rows in harness.run_cases(None, 0) for r in rows] == ["a", "b"] == ran
+
+
+def test_kernels_case_run_alone_draws_its_inputs_of_the_whole_run(monkeypatch):
+    """The seed a run prints is to draw a failing case's inputs again, alone: they came from one generator shared in
+    order, so `kernels test CASE --seed N` drew other inputs than CASE had in the whole run."""
+    import lserve_lite.harness as harness
+    from lserve_lite.harness.common import HostCtx, Result
+
+    def draw(c):
+        return [Result("k", str(c.rng.integers(1 << 62)), 0, 0, True)]
+
+    monkeypatch.setattr(harness, "Ctx", HostCtx)
+    monkeypatch.setattr(harness, "CASES", {"a": draw, "b": draw})
+
+    def drawn(names, seed):
+        return {name: rows[0].shape for name, rows in harness.run_cases(names, seed)}
+
+    whole = drawn(["a", "b"], 5)
+    assert drawn(["b"], 5)["b"] == whole["b"] != whole["a"] and drawn(["b"], 6)["b"] != whole["b"]
 
 
 def test_kernels_test_lists_rows_this_gpu_does_not_run(monkeypatch, tmp_path, capsys):
@@ -419,8 +560,8 @@ def test_kernels_test_lists_rows_this_gpu_does_not_run(monkeypatch, tmp_path, ca
     assert len(kv_rows) > 1 and all(r.ok for r in kv_rows)
 
     monkeypatch.setattr(harness, "cuda_available", lambda: True)
-    monkeypatch.setattr(harness, "run_cases", lambda names, seed: rows[-3:] + [row()])
-    assert harness.main(["test", "--json", str(tmp_path / "k.json")]) == 0
+    monkeypatch.setattr(harness, "run_cases", lambda names, seed: [("prefill_kernels", rows[-3:] + [row()])])
+    assert harness.main(["test", "prefill_kernels", "--json", str(tmp_path / "k.json")]) == 0
     out = capsys.readouterr().out
     assert "SKIP  (needs compute capability 9.x)" in out and "1 passed, 0 failed, 3 skipped" in out
     got = json.loads((tmp_path / "k.json").read_text())
@@ -441,3 +582,4 @@ def test_kernels_test_ops_that_do_not_start_are_one_failed_row(monkeypatch, tmp_
     assert "RuntimeError: nvrtc: libnvrtc.so.12 not found" in capsys.readouterr().out
     got = json.loads((tmp_path / "k.json").read_text())
     assert (got["failed"], got["rows"][0]["kernel"]) == (1, "CudaOps")
+    assert got["not_run"] == {"embed": "the CUDA ops did not start (the failed row CudaOps says why)"}

@@ -605,7 +605,7 @@ def test_default_model_short_run(smollm2_dir, tmp_path):
 def test_eval_json_rewrites_are_throttled_and_flushed():
     """After a prompt the JSON is rewritten only when the last rewrite is over max(1 s, 10 x its time) old (a
     rewrite per prompt was quadratic in the run's size); `now` always writes."""
-    from lserve_lite.evaluation.run_eval import Throttled
+    from lserve_lite.config import Throttled
 
     t, calls = [0.0], []
 

@@ -138,7 +138,7 @@ def test_split_kernels_on_the_host(args):
         assert run.stdout.count("residual exact PASS") == 2 * len(NORM_SHAPES) * len(ROW_SLICES)
 
 
-@pytest.mark.parametrize("tool", ["quant_host_check.py", "page_select_host_check.py"])
+@pytest.mark.parametrize("tool", ["quant_host_check.py", "page_select_host_check.py", "layers_host_check.py"])
 def test_host_checks_refuse_a_negative_seed_before_building(tool):
     """`--seed -1` built the emulator (nvcc, a minute) and then ended in NumPy's ValueError traceback."""
     import subprocess
@@ -189,6 +189,51 @@ def test_quantized_kv_writes_on_the_host():
     run = subprocess.run([sys.executable, str(tool)], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0 and "all passed" in run.stdout, run.stdout[-4000:] + run.stderr[-4000:]
     assert run.stdout.count(" PASS") == 116 and run.stdout.count(" hadamard ") == 74
+
+
+@pytest.mark.parametrize("end", ["exit 3", "kill -SEGV $$"], ids=["ticket_left", "killed"])
+def test_layers_host_check_emulator_failure_is_a_fail_row(end, tmp_path, capsys):
+    """An emulator that failed (a ticket left nonzero exits 3; a kernel's stray access kills it) ended
+    tools/layers_host_check.py in a CalledProcessError traceback, with no FAIL line and no row after it: now it is
+    the row's FAIL, with why."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from layers_host_check import check_qrope, run_case
+
+    from lserve_lite.harness.common import HostCtx
+    from lserve_lite.harness.kv_write import dense_case
+
+    exe = tmp_path / "emu"
+    exe.write_text(f"#!/bin/sh\n{end}\n")
+    exe.chmod(0o755)
+    why = "exited with status 3" if end == "exit 3" else "died of signal 11"
+    c = HostCtx(0)
+    rows = run_case(exe, tmp_path, dense_case(c, "int8", 9, 3, 64, 64, 13))
+    assert [(r.kernel, r.ok) for r in rows] == [("rope_write_kv", False)] and why in rows[0].note
+    assert check_qrope(exe, tmp_path, c.rng, "int8", 64, False, 37, 1) is False
+    assert f"FAIL (the emulator {why})" in capsys.readouterr().out
+
+
+def test_host_emulation_that_does_not_build_is_one_line(tmp_path, monkeypatch):
+    """A kernel edit nvcc refuses ended every host check in a CalledProcessError traceback under nvcc's errors; it
+    is one line that names the emulator (nvcc's own errors stay above it)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from host_emu_build import build_emulator
+
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text("#!/bin/sh\necho 'layers.inc(1): error: expected a ;' >&2\nexit 2\n")
+    nvcc.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{nvcc.parent}:{os.environ['PATH']}")
+    with pytest.raises(
+        SystemExit, match=r"^layers_host_emu: nvcc could not build the host emulation \(status 2\)$"
+    ):
+        build_emulator("layers", 1, "layers_host_emu", tmp_path)
 
 
 @pytest.mark.slow

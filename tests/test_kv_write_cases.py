@@ -48,11 +48,20 @@ def _dense_write(case: WriteCase, hadamard: bool) -> list:
 
 
 def _sparse_write(case: WriteCase, hadamard: bool) -> list:
+    """The CPU backend's LServe write of the live rows (it takes no slot -1: it runs no captured batches), and of
+    every row into scratch pools for q, as _dense_write."""
     pools, sp = _empty_pools(case), case.sparse
     kmax, kmin = sp["kmax"].copy(), sp["kmin"].copy()
-    vals, scales = [v for v, _ in pools], tuple(s for _, s in pools)
-    q = C.rope_write_kv_sparse_numba(case.qkv, case.pos, case.slots[0], case.slots[1], *vals, sp["hc"], sp["hs"],
-                                     case.cos, case.sin, kmax, kmin, scales, hadamard)  # fmt: skip
+    live = case.slots[0] >= 0
+
+    def write(rows, slots, pools, kmax, kmin):
+        vals, scales = [v for v, _ in pools], tuple(s for _, s in pools)
+        return C.rope_write_kv_sparse_numba(case.qkv[rows], case.pos[rows], *slots, *vals, sp["hc"], sp["hs"],
+                                            case.cos, case.sin, kmax, kmin, scales, hadamard)  # fmt: skip
+
+    scratch = [tuple(a.copy() for a in pair) for pair in pools]
+    q = write(slice(None), np.maximum(case.slots, 0), scratch, kmax.copy(), kmin.copy())
+    write(live, case.slots[:, live], pools, kmax, kmin)
     return check_write(case, "cpu.rope_write_kv_sparse", q, pools, (kmax, kmin))
 
 
@@ -114,6 +123,27 @@ def test_write_cases_fail_a_padding_row_written():
         vals[-1, :, -1], sc[-1, :, -1] = vals[pg[0], :, off[0]], sc[pg[0], :, off[0]]  # the stray write
     bad = {r.kernel: r.note for r in check_write(case, "w", case.q_ref, pools) if not r.ok}
     assert bad == {f"w.{n}_scale": "3 written where nothing should be" for n in "kv"}
+
+
+def test_write_cases_fail_an_lserve_padding_row_written():
+    """The LServe write cases had no padding row (the GPU harness's and the host emulation's), so a quantized
+    rope_write_kv_sparse that stored one (its slot -1 check removed: the emulation still passed all 116 rows) went
+    unseen; a captured decode batch pads with such rows. A stray write of a padding row must fail."""
+    c = HostCtx(5)
+    case = sparse_case(c, "int8")
+    pad = case.slots[0] < 0
+    assert pad.any() and (case.slots[1][pad] < 0).all() and case.q_ref.shape[0] == case.pos.size
+    pools = _empty_pools(case)
+    for (vals, sc), p in zip(pools, case.pools, strict=True):
+        pg, off = p.slots // case.page, p.slots % case.page
+        vals[pg, :, off], sc[pg, :, off] = quantize(p.ref[pg, :, off], p.fmt, np.float32)
+    stats = (case.sparse["want_max"], case.sparse["want_min"])
+    assert all(r.ok for r in check_write(case, "w", case.q_ref, pools, stats))
+    vals, sc = pools[0]  # the padding row's keys at slot -1, taken as the dense pool's last slot
+    assert vals.shape[0] * case.page - 1 not in case.slots[0]
+    vals[-1, :, -1], sc[-1, :, -1] = vals[0, :, 0], 1.0
+    bad = {r.kernel: r.note for r in check_write(case, "w", case.q_ref, pools, stats) if not r.ok}
+    assert bad == {"w.kd_scale": "2 written where nothing should be"}
 
 
 def _clear_pages_rows(clear) -> list:

@@ -128,6 +128,33 @@ def test_logprobs_ref_top_ids_as_the_full_sort():
         assert np.array_equal(ids, np.argsort(-x, axis=1, kind="stable")[:, :k]), (trial, r, v, k)
 
 
+def test_harness_logprob_rows_fail_a_nan_in_the_top_k():
+    """The harness's logprob_rows took max(chosen error, top-k error) with Python's max, which returns its first
+    argument beside a NaN: a kernel writing NaN top-k logprobs (ids right) passed. Here the CPU reference is the
+    kernel: it passes, and with a NaN among the top-k values every row with k > 0 fails."""
+    from types import SimpleNamespace
+
+    from lserve_lite.backends.reference.sampling import logprobs_ref
+    from lserve_lite.harness.common import HostCtx
+    from lserve_lite.harness.sampling import _case_logprobs
+
+    def rows(nan_top: bool) -> list:
+        def logprobs(x, chosen, k):
+            lp, ids, top = logprobs_ref(x, chosen, k)
+            if nan_top and k:
+                top = top.copy()
+                top[-1, -1] = np.nan
+            return lp, ids, top
+
+        c = HostCtx(2)
+        c.cp, c.ops = SimpleNamespace(asarray=np.asarray), SimpleNamespace(logprobs=logprobs)
+        return _case_logprobs(c)
+
+    good = rows(False)
+    assert all(r.ok for r in good)
+    assert [r.ok for r in rows(True)] == [r.shape.split()[2] == "k0" for r in good]
+
+
 def test_output_text_continues_the_prompt_with_sentencepiece(tmp_path):
     """A SentencePiece vocabulary's decoder drops a text's leading space ("▁the" alone is "the"): decoded alone,
     the output lost its first space, so prompt + text read "the theater atthe" (vLLM and llama.cpp give " the").

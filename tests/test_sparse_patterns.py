@@ -161,6 +161,47 @@ def test_save_through_a_link_writes_its_target(tmp_path):
     assert sorted(f.name for f in tmp_path.iterdir()) == ["link.tsv", "null.tsv", "real.tsv"]
 
 
+def test_atomic_write_to_a_descriptor_appends_to_it(tmp_path):
+    """`--json /dev/stdout`: a pipe resolves to `/proc/<pid>/fd/pipe:[N]`, beside which the temporary file could not
+    be made (FileNotFoundError), and a file the shell redirected stdout to was replaced by the rename (the process's
+    own output, written before and after, lost with it). A descriptor's file is appended to, as the shell's `>>`."""
+    import os
+
+    from lserve_lite.config import write_text_atomic
+
+    r, w = os.pipe()
+    log = tmp_path / "log.txt"
+    try:
+        write_text_atomic(Path(f"/dev/fd/{w}"), "to the pipe")
+        assert os.read(r, 100) == b"to the pipe"
+        with open(log, "w") as f:
+            f.write("output so far\n")
+            f.flush()
+            write_text_atomic(Path(f"/proc/self/fd/{f.fileno()}"), "{}")
+            assert os.fstat(f.fileno()).st_ino == log.stat().st_ino  # still the file stdout writes to
+    finally:
+        os.close(r)
+        os.close(w)
+    assert log.read_text() == "output so far\n{}" and [f.name for f in tmp_path.iterdir()] == ["log.txt"]
+
+
+def test_atomic_write_to_stdout_comes_after_what_was_printed(tmp_path):
+    """`--json /dev/stdout > log`: the text was appended while the process's own printed lines sat in its stdout
+    buffer, which, flushed at exit at the redirection's offset 0, wrote over it."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from pathlib import Path; from lserve_lite.config import write_text_atomic; print('a table line'); " \
+           "write_text_atomic(Path('/dev/stdout'), '{}')"  # fmt: skip
+    env = {
+        k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"
+    }  # a stdout block-buffered, as usual
+    with open(tmp_path / "log", "w") as out:
+        subprocess.run([sys.executable, "-c", code], stdout=out, env=env, check=True, timeout=60)
+    assert (tmp_path / "log").read_text() == "a table line\n{}"
+
+
 def test_save_keeps_the_files_permission_bits(tmp_path):
     """The atomic write's rename gave a file the user had made 0600 or 0640 the umask's bits (0644: readable by
     all): a file replaced keeps its mode; a new file gets the umask's as any other."""

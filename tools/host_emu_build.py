@@ -25,7 +25,7 @@ def build_emulator(kernel: str, shared_arrays: int, emulator: str, tmp: Path) ->
     inc_dirs = [f"-I{ROOT / 'kernels'}", f"-I{ROOT / 'tools'}", f"-I{tmp}"]
     if shutil.which("nvcc") is None:
         raise SystemExit(f"{emulator}: needs nvcc (the CUDA toolkit) on PATH to build the host emulation")
-    subprocess.run(
+    build = subprocess.run(
         [
             "nvcc",
             "-std=c++17",
@@ -38,6 +38,7 @@ def build_emulator(kernel: str, shared_arrays: int, emulator: str, tmp: Path) ->
             str(exe),
             str(ROOT / "tools" / f"{emulator}.cu"),
         ],
-        check=True,
     )
+    if build.returncode:  # its errors are above; a CalledProcessError's traceback only buried them
+        raise SystemExit(f"{emulator}: nvcc could not build the host emulation (status {build.returncode})")
     return exe

@@ -11,7 +11,7 @@ What it cannot: anything about the GPU itself (memory model, speed; the epilogue
 emulator's threads happen to run, e.g. a finisher taken one ticket early went unnoticed here). The GPU rows (`lserve-lite kernels test
 kv_quant`, `pytest -m gpu tests/test_gpu_kv_quant.py`) remain the test; this is for editing the kernels without one.
 
-    python3 tools/layers_host_check.py
+    python3 tools/layers_host_check.py [--seed N]
 
 Prints one line per row; exit status 1 on any failure.
 """
@@ -19,6 +19,7 @@ Prints one line per row; exit status 1 on any failure.
 from __future__ import annotations
 
 import argparse
+import math
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from host_emu_build import build_emulator  # noqa: E402
 
 from lserve_lite.backends.cuda import rope_grid  # noqa: E402
+from lserve_lite.engine_args import bounded_int  # noqa: E402
 from lserve_lite.errors import exit_status  # noqa: E402
 from lserve_lite.harness.common import HostCtx, Result  # noqa: E402
 from lserve_lite.harness.kv_write import SPARSE_DIMS, WriteCase, check_write, dense_case, sparse_case  # noqa: E402
@@ -77,15 +79,26 @@ def run_case(exe: Path, tmp: Path, case: WriteCase) -> list[Result]:
     if sp:
         dims += (case.pools[2].shape[0], sp["nd"], sp["ns"], sp["sub"])
     args = ["srope" if sp else "rope", case.kv, str(tmp), *map(str, (*dims, gy, block, int(case.hadamard)))]
-    subprocess.run([str(exe), *args], check=True)
+    kernel = "rope_write_kv_sparse" if sp else "rope_write_kv"
+    why = emulate(exe, args)
+    if why:
+        return [Result(kernel, case.tag, math.inf, math.inf, False, why)]
     q = np.fromfile(tmp / "q.bin", np.float16).reshape(n, case.hq, case.d)
     pools = read_pools(tmp, case, ("kd", "vd", "ks", "vs") if sp else ("k", "v"))
     stats = None
     if sp:
         shape = sp["kmax"].shape
         stats = tuple(np.fromfile(tmp / f"{m}.bin", np.float16).reshape(shape) for m in ("kmax", "kmin"))
-    kernel = "rope_write_kv_sparse" if sp else "rope_write_kv"
     return check_write(case, kernel, q, pools, stats)
+
+
+def emulate(exe: Path, args: list[str]) -> str:
+    """Run the emulator: "" when it ended well, else why not, for a FAIL row (a kernel's stray access can kill it,
+    a ticket left nonzero exits 3); raised, the tool ended in a traceback there, the rows after it never run."""
+    rc = subprocess.run([str(exe), *args]).returncode
+    if rc == 0:
+        return ""
+    return f"the emulator died of signal {-rc}" if rc < 0 else f"the emulator exited with status {rc}"
 
 
 def check_qrope(exe: Path, tmp: Path, rng: np.random.Generator, kv: str, d: int, sparse: bool, dslot: int,
@@ -114,18 +127,19 @@ def check_qrope(exe: Path, tmp: Path, rng: np.random.Generator, kv: str, d: int,
     else:
         np.array([dslot], np.int64).tofile(tmp / "slots.bin")
     (_, gy), (block,) = rope_grid(1, hq, hkv, d, True, sparse, bool(had))
-    subprocess.run(
-        [str(exe), "qrope", kv, str(tmp), *map(str, (*dims, k, slices, had, gy, block))], check=True
-    )
+    why = emulate(exe, ["qrope", kv, str(tmp), *map(str, (*dims, k, slices, had, gy, block))])
     names = ["q", "k", "v", "k_sc", "v_sc"] + (
         ["ks", "vs", "ks_sc", "vs_sc", "kmax", "kmin"] if sparse else []
     )
-    bad = [f for f in names if (tmp / f"{f}_ref.bin").read_bytes() != (tmp / f"{f}_fused.bin").read_bytes()]
-    unwritten = np.all(np.fromfile(tmp / "q_ref.bin", np.uint16) == 0xFFFF)
-    ok = not bad and not unwritten
+    if not why:
+        bad = [
+            f for f in names if (tmp / f"{f}_ref.bin").read_bytes() != (tmp / f"{f}_fused.bin").read_bytes()
+        ]
+        unwritten = np.all(np.fromfile(tmp / "q_ref.bin", np.uint16) == 0xFFFF)
+        why = ", ".join(bad or (["q unwritten"] if unwritten else []))
     print(f"{'gemv_rows_rope quantized':34s} {kv} D{d} {'LServe' if sparse else 'dense'} slot {dslot} S{slices}"
-          f"{' hadamard' if had else '':9s} {'PASS' if ok else 'FAIL (' + ', '.join(bad or ['q unwritten']) + ')'}")  # fmt: skip
-    return ok
+          f"{' hadamard' if had else '':9s} {f'FAIL ({why})' if why else 'PASS'}")  # fmt: skip
+    return not why
 
 
 def report(results: list[Result]) -> bool:
@@ -135,8 +149,11 @@ def report(results: list[Result]) -> bool:
 
 
 def main() -> int:
-    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()  # --help; it takes no options
-    c = HostCtx(0)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--seed", type=bounded_int(0), default=0, help="the cases' inputs (as the other host checks)"
+    )
+    c = HostCtx(ap.parse_args().seed)
     ok = True
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..config import write_text_atomic
+from ..config import Throttled, write_text_atomic
 from ..errors import InvalidRequestError
 from . import ruler
 from .eval_args import stem_file
@@ -178,26 +178,6 @@ def group_deadline(limit: float, elapsed: float, groups_left: int) -> float:
     loaded, runs the prompts in their balanced order for its share, and what a fast one leaves goes to the
     groups after it. Every setting answers a prefix of the same prompts; no limit (0): never."""
     return elapsed + (limit - elapsed) / groups_left if limit else math.inf
-
-
-class Throttled:
-    """Calls `write` (which returns the rows written) after a prompt only when the last call is over max(1 s,
-    10 x its own time) old: a rewrite of the whole JSON per prompt made a 100k-prompt run quadratic. `now` always
-    writes (the run's end, Ctrl-C, an error), so an interrupted run still keeps every answer."""
-
-    def __init__(self, write, clock=time.monotonic) -> None:
-        self.write, self.clock, self.next_at = write, clock, -math.inf
-
-    def soon(self) -> None:
-        if self.clock() >= self.next_at:
-            self.now()
-
-    def now(self) -> list[dict]:
-        t = self.clock()
-        rows = self.write()
-        done = self.clock()
-        self.next_at = done + max(1.0, 10 * (done - t))
-        return rows
 
 
 class Answered(NamedTuple):

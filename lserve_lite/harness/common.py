@@ -4,6 +4,7 @@ the comparison rule."""
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,6 +58,12 @@ class Ctx:
         self.cp = cp
         self.ops = CudaOps()
         self.rng = np.random.default_rng(seed)
+
+    def seed_case(self, seed: int, case: str) -> None:
+        """A fresh generator of (seed, the case's name) for a case: drawn from one generator, a case's inputs
+        depended on the cases run before it, so `kernels test CASE --seed N` did not draw again what CASE drew in
+        the whole run that printed N."""
+        self.rng = np.random.default_rng([seed, zlib.crc32(case.encode())])
 
     def f16(self, *shape, scale=1.0) -> np.ndarray:
         """Random normal float16 values (as float32 arrays holding float16-exact numbers); never zero-filled."""
@@ -135,16 +142,23 @@ def silu_mul_atol(gu: np.ndarray, agu: np.ndarray, rounded: bool = False) -> np.
 
 
 def format_table(results: list[Result]) -> str:
-    rows = [f"{'kernel':34s} {'shape':44s} {'max abs':>10s} {'rel':>10s}  result"]
-    for r in results:
-        verdict = "SKIP" if r.skipped else "PASS" if r.ok else "FAIL"
-        rows.append(
-            f"{r.kernel:34s} {r.shape[:44]:44s} {r.max_abs:10.3g} {r.rel:10.3g}  {verdict}"
-            + (f"  ({r.note})" if r.note else "")
-        )
+    return "\n".join([TABLE_HEADER, *map(table_row, results), table_summary(results)])
+
+
+TABLE_HEADER = f"{'kernel':34s} {'shape':44s} {'max abs':>10s} {'rel':>10s}  result"
+
+
+def table_row(r: Result) -> str:
+    """One row of the table (the CLI prints each case's rows as it ends)."""
+    verdict = "SKIP" if r.skipped else "PASS" if r.ok else "FAIL"
+    return f"{r.kernel:34s} {r.shape[:44]:44s} {r.max_abs:10.3g} {r.rel:10.3g}  {verdict}" + (
+        f"  ({r.note})" if r.note else ""
+    )
+
+
+def table_summary(results: list[Result]) -> str:
     passed, failed, skips = counts(results)
-    rows.append(f"{passed} passed, {failed} failed" + (f", {skips} skipped" if skips else ""))
-    return "\n".join(rows)
+    return f"{passed} passed, {failed} failed" + (f", {skips} skipped" if skips else "")
 
 
 def counts(results: list[Result]) -> tuple[int, int, int]:

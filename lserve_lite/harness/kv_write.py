@@ -87,19 +87,23 @@ def dense_case(
 
 def sparse_case(c: Ctx, kv: str, d: int = 64) -> WriteCase:
     """rope_write_kv_sparse into LServe's two pools (pattern 0110), head dim d: a chunk appended at an unaligned
-    position (its logical page holds earlier tokens: the statistics merge) and a fresh prompt."""
+    position (its logical page holds earlier tokens: the statistics merge), a fresh prompt and two padding rows
+    (slots -1 in both pools, as a captured decode batch pads: they write q and nothing else)."""
     fmt, (hc, hs), ps, sub, gsize = FORMATS[kv], head_classes("0110"), 16, 4, 2
     hkv, nd, ns = hc.size, 2, 2
     hq = gsize * hkv
-    starts, lens = [37, 0], [45, 20]
+    starts, lens, pad = [37, 0], [45, 20], 2
+    n_live = sum(lens)
     need = [-(-(s + m) // ps) for s, m in zip(starts, lens, strict=True)]
-    n_pages, n_spages = sum(need) + 3, -(-sum(lens) // ps) + 3
+    n_pages, n_spages = sum(need) + 3, -(-n_live // ps) + 3
     perm, offs = c.rng.permutation(n_pages), np.cumsum([0, *need])
     tables = [perm[offs[i] : offs[i + 1]] for i in range(len(lens))]
     spans = [np.arange(s, s + m) for s, m in zip(starts, lens, strict=True)]
-    pos = np.concatenate(spans).astype(np.int64)
-    dslots = np.concatenate([t[p // ps] * ps + p % ps for t, p in zip(tables, spans, strict=True)])
-    sslots = c.rng.permutation(n_spages * ps)[: pos.size]
+    pos = np.concatenate([*spans, c.rng.integers(0, max(starts), pad)]).astype(np.int64)
+    live = np.arange(pos.size) < n_live
+    dslots, sslots = np.full(pos.size, -1, np.int64), np.full(pos.size, -1, np.int64)
+    dslots[live] = np.concatenate([t[p // ps] * ps + p % ps for t, p in zip(tables, spans, strict=True)])
+    sslots[live] = c.rng.permutation(n_spages * ps)[:n_live]
     qkv = c.f16(pos.size, (hq + 2 * hkv) * d)
     cos, sin = c.f16(256, d // 2), c.f16(256, d // 2)
     hist_k = np.zeros((n_pages, nd, ps, d), np.float32)  # earlier tokens' keys: only their stats matter
@@ -110,15 +114,29 @@ def sparse_case(c: Ctx, kv: str, d: int = 64) -> WriteCase:
     kmax, kmin = kmax.astype(np.float16).astype(np.float32), kmin.astype(np.float16).astype(np.float32)
     floats = [np.zeros((n_pages, nd, ps, d), np.float32) for _ in "kv"]
     floats += [np.zeros((n_spages, ns, ps, d), np.float32) for _ in "kv"]
-    q_ref = rope_write_kv_sparse_ref(qkv, pos, dslots, sslots, *floats, hc, hs, cos, sin, fmt=fmt)
+    q_ref = rope_write_kv_sparse_ref(  # q of every row, padding included (its K/V writes are thrown away)
+        qkv,
+        pos,
+        np.maximum(dslots, 0),
+        np.maximum(sslots, 0),
+        *[a.copy() for a in floats],
+        hc,
+        hs,
+        cos,
+        sin,
+        fmt=fmt,
+    )
+    live_in = (qkv[live], pos[live], dslots[live], sslots[live])
+    rope_write_kv_sparse_ref(*live_in, *floats, hc, hs, cos, sin, fmt=fmt)
     host = [np.zeros((*a.shape[:3], fmt.packed_dim(d)), fmt.value_dtype) for a in floats]  # kd, vd, ks, vs
     hsc = [np.zeros((*a.shape[:3], fmt.scale_cols(d)), np.float16) for a in floats]
     want_max, want_min = kmax.copy(), kmin.copy()
-    rope_write_kv_sparse_ref(qkv, pos, dslots, sslots, *host, hc, hs, cos, sin, want_max, want_min,
-                             scales=tuple(hsc), fmt=fmt)  # fmt: skip
-    names, slots = ("kd", "vd", "ks", "vs"), (dslots, dslots, sslots, sslots)
+    rope_write_kv_sparse_ref(
+        *live_in, *host, hc, hs, cos, sin, want_max, want_min, scales=tuple(hsc), fmt=fmt
+    )
+    names, slots = ("kd", "vd", "ks", "vs"), (dslots[live], dslots[live], sslots[live], sslots[live])
     pools = [Pool(nm, a.shape[:3], fmt, s, a) for nm, a, s in zip(names, floats, slots, strict=True)]
-    tag = f"{kv} 0110 Hq{hq} D{d} p{ps} sub{sub}" + (" hadamard" if fmt.rotates_keys(d) else "")
+    tag = f"{kv} 0110 Hq{hq} D{d} p{ps} sub{sub} pad{pad}" + (" hadamard" if fmt.rotates_keys(d) else "")
     extra = dict(
         hc=hc, hs=hs, nd=nd, ns=ns, sub=sub, kmax=kmax, kmin=kmin, want_max=want_max, want_min=want_min
     )
