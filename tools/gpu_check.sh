@@ -6,7 +6,7 @@
 set -u
 OUT=${OUT:-results}; mkdir -p "$OUT"
 steps=${*:-kernels pytest llama sparse smol selector}
-step() { local name=$1 limit=$2; shift 2; echo "== $name ($(date +%T))"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "   rc=$? $(tail -n 1 "$OUT/$name.log")"; }
+step() { local name=$1 limit=$2; shift 2; echo "== $name ($(date +%T))"; timeout -k 30 "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "   rc=$? $(tail -n 1 "$OUT/$name.log")"; }
 for s in $steps; do case $s in
   kernels) step kernels 200 python3 -m lserve_lite.cli kernels test --json "$OUT/kernels.json" ;;
   pytest)  # three steps (2026-12-05: the first two together needed over 420 s on a fresh machine, kernels compiled
