@@ -90,6 +90,27 @@ def test_message_types(client, messages):
     assert error(post(client, {"messages": messages, "max_tokens": 2}, chat=True))["param"] == "messages"
 
 
+def test_a_nested_fields_error_names_its_path(client):
+    """A bad value inside a message is named by its whole path, as OpenAI names it: the message said only
+    'messages[1][0]: Input should be a valid string' for a tool call's arguments sent as an object."""
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}
+    cases = [
+        ([MSGS[0], {"role": "assistant", "content": None, "tool_calls": [call]}],
+         "messages[1].tool_calls[0].function.arguments: Input should be a valid string"),
+        ([{"role": "tool", "content": "x", "tool_call_id": 7}], "messages[0].tool_call_id: Input should be"),
+        ([{"role": "user", "content": [{"type": "text", "text": 5}]}],
+         "messages[0].content: must be a string or a list of text parts"),
+    ]  # fmt: skip
+    for messages, start in cases:
+        err = error(post(client, {"messages": messages, "max_tokens": 2}, chat=True))
+        assert err["param"] == "messages" and err["message"].startswith(start), err
+    # a logit_bias key named like a field of several types is a key: no hint of that field's types
+    err = error(post(client, {"prompt": "hi", "logit_bias": {"stop": "x"}}))
+    assert err["param"] == "logit_bias" and err["message"].startswith(
+        "logit_bias.stop: Input should be a valid number"
+    )
+
+
 def test_deep_nesting_and_bad_json(client):
     for depth in (100_000, 40):
         nest = "[" * depth + "]" * depth
