@@ -257,6 +257,21 @@ def test_sampling_params_limits():
     assert json.dumps(SamplingParams(stop="x").stop) == '["x"]'
 
 
+def test_list_limits_are_checked_before_their_items():
+    """A list's length is checked before each item: 2.7 million stop_token_ids (an 8 MiB body) were typed one by one
+    first, 0.9 s on the server's event loop for a request refused anyway. An item of the wrong type past the limit
+    is never looked at: the refusal is the count's."""
+    cases = [
+        (dict(stop=["a"] * MAX_STOP_STRINGS + [5]), "stop has 17 strings"),
+        (dict(stop_token_ids=[1] * 256 + ["x"]), "stop_token_ids has 257 ids"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(InvalidRequestError, match=msg):
+            SamplingParams(**kw)
+    with pytest.raises(InvalidRequestError, match="at most 1024 token ids"):
+        logit_bias_ids({"x": 1.0} | {str(i): 1.0 for i in range(1024)})
+
+
 def test_logit_bias_keys_naming_one_id_twice_are_refused(client):
     """Keys "42" and "042" name one token id: a dict would keep one bias silently, so the request is a 400."""
     for chat in (False, True):
