@@ -501,9 +501,10 @@ def test_wide_bodies_are_checked_without_a_walk_over_every_value(client, monkeyp
     assert err["message"].startswith("malformed JSON body: 'utf-8' codec can't decode byte 0xed"), err
 
 
-def test_prompt_sizes_are_measured_off_the_event_loop(client, monkeypatch):
+def test_prompt_sizes_and_detokenize_run_off_the_event_loop(client, monkeypatch):
     """The prompt-size check walks every message of a body (460,000 in 8 MiB: 0.5 s) and ran on the event loop,
-    stalling every stream: it runs in a worker thread, as decode, on both endpoints and /tokenize."""
+    stalling every stream: it runs in a worker thread, as decode, on both endpoints and /tokenize; so does
+    /detokenize's check and decode of up to 2 million ids (0.46 s)."""
     import asyncio
 
     from lserve_lite.serve import app as app_module
@@ -511,19 +512,31 @@ def test_prompt_sizes_are_measured_off_the_event_loop(client, monkeypatch):
 
     on_loop = []
 
-    def watched(body: dict, chat: bool) -> tuple[int, int, int]:
+    def record() -> None:
         try:
             asyncio.get_running_loop()
             on_loop.append(True)
         except RuntimeError:
             on_loop.append(False)
+
+    def watched(body: dict, chat: bool) -> tuple[int, int, int]:
+        record()
         return prompt_size(body, chat)
+
+    tok = client.app.state.engine.engine.tokenizer
+    decode = tok.decode
+
+    def watched_decode(ids: list[int], *args: object) -> str:
+        record()
+        return decode(ids, *args)
 
     monkeypatch.setattr(app_module, "prompt_size", watched)
     assert post(client, {"prompt": "hi", "max_tokens": 1}).status_code == 200
     assert post(client, {"messages": MSGS, "max_tokens": 1}, chat=True).status_code == 200
     assert client.post("/tokenize", json={"messages": MSGS}).status_code == 200
-    assert on_loop == [False, False, False]
+    monkeypatch.setattr(tok, "decode", watched_decode)
+    assert client.post("/detokenize", json={"tokens": [5, 6]}).json() == {"prompt": decode([5, 6], False)}
+    assert on_loop == [False, False, False, False]
 
 
 def test_client_gone_mid_body_is_499_not_a_logged_500(client, caplog):

@@ -343,11 +343,16 @@ def create_app(
     async def detokenize_route(request: Request):
         check_key(request)
         body = await read_json(request)
+        return {"prompt": await asyncio.to_thread(detokenize, body)}
+
+    def detokenize(body: dict) -> str:
+        """/detokenize's text, in a worker thread: checking and decoding the 2 million ids an 8 MiB body holds
+        took 0.46 s, which on the event loop held every stream."""
         ids, vocab = body.get("tokens"), engine.cfg.vocab_size
         if not isinstance(ids, list) or not all(type(t) is int and 0 <= t < vocab for t in ids):
             raise ApiError(400, f"tokens: must be a list of token ids in [0, {vocab})", "tokens")
         check_model(body.get("model"))
-        return {"prompt": engine.tokenizer.decode(ids, False)}
+        return engine.tokenizer.decode(ids, False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
