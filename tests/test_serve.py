@@ -95,6 +95,10 @@ def chat_msgs(p: str) -> list[dict]:
 def test_models_health_metrics(server, client):
     url, _ = server
     assert [m.id for m in client.models.list().data] == ["tiny"]
+    auth = {"Authorization": f"Bearer {KEY}"}
+    # with a trailing slash it is the list too (it was the card of a model named "", for any name served)
+    assert httpx.get(url + "/v1/models/", headers=auth, timeout=60).json()["object"] == "list"
+    assert httpx.get(url + "/v1/models/", timeout=60).status_code == 401
     assert httpx.get(url + "/health", timeout=60).json() == {"status": "ok"}
     m = metrics(url)
     assert m["lserve_kv_pages_total"] == 64 and "lserve_time_to_first_token_seconds_count" in m

@@ -174,6 +174,9 @@ def create_app(
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str, request: Request):
+        # "/v1/models/" (a base URL's trailing slash): the list, not the card of a model named ""
+        if not model:
+            return await list_models(request)
         check_key(request)
         check_model(model)
         return model_card()
