@@ -617,6 +617,21 @@ def test_sse_wire_format(server):
     assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"]["role"] == "assistant"
 
 
+def test_sse_lines_hold_no_character_that_splitlines_splits_on(server):
+    """U+2028, U+2029 and U+0085 went raw into a data line: httpx's iter_lines (httpx-sse and clients built on it)
+    splits lines as str.splitlines does, cutting the chunk's JSON in two. They are escaped, as JSON allows."""
+    url, _ = server
+    prompt = "a\u2028b\u2029c\x85d"
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 1, "echo": True, "stream": True}
+    with httpx.stream(
+        "POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    ) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]", lines
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert chunks[0]["choices"][0]["text"].startswith(prompt)
+
+
 # -- the default model ------------------------------------------------------------------------------------------
 def test_default_model_matches_llm(smollm2_cpu):
     """Greedy chat through the server equals LLM.chat on SmolLM2 (same engine config: the defaults)."""
