@@ -152,6 +152,24 @@ def test_size_limits(client):
     error(chunked, 413)  # no content-length: counted while read
 
 
+def test_context_errors_carry_openais_sentence(client):
+    """Every refusal of a prompt (or prompt + output) over the context says "this model's maximum context length
+    is N tokens", as OpenAI's and vLLM's do: clients match that sentence, not the code (LiteLLM's
+    ContextWindowExceededError, which its context-window fallbacks catch, read 'the context limit is' as a plain
+    400)."""
+    sentence = "this model's maximum context length is 128 tokens"
+    for body in (
+        {"prompt": "x" * 201},  # characters, before tokenizing
+        {"prompt": [1] * 129},  # token ids, before validation
+        {"prompt": [1] * 128, "max_tokens": 2},  # the whole context, nothing left to generate
+        {"prompt": [1] * 100, "max_tokens": 50},  # prompt + max_tokens
+    ):
+        err = error(post(client, body))
+        assert err["code"] == "context_length_exceeded" and sentence in err["message"].lower(), (body, err)
+    err = error(post(client, {"messages": MSGS, "max_completion_tokens": 500}, chat=True))
+    assert err["param"] == "max_completion_tokens" and sentence in err["message"].lower(), err
+
+
 def test_prompt_size_before_validation(client):
     """Text parts, message counts and token-id lists are measured on the raw body, so an oversized prompt is
     refused before validation or tokenization costs time in its size; null content is empty text."""
