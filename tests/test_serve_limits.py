@@ -109,6 +109,8 @@ def test_a_nested_fields_error_names_its_path(client):
     assert err["param"] == "logit_bias" and err["message"].startswith(
         "logit_bias.stop: Input should be a valid number"
     )
+    for key in ("k" * 10_000, "1" * 10_000):  # a client's key is named in 40 characters at most
+        assert len(error(post(client, {"prompt": "hi", "logit_bias": {key: "x"}}))["message"]) < 100
 
 
 def test_deep_nesting_and_bad_json(client):

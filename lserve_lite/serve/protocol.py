@@ -502,7 +502,7 @@ def _located(loc: tuple) -> tuple[str, str | None]:
         if isinstance(part, int):
             where += f"[{part}]"
             continue
-        where += part if i == 0 else f".{part}" if part.isidentifier() else f"[{part!r:.40}]"
+        where += part if i == 0 else f".{part:.40}" if part.isidentifier() else f"[{part!r:.40}]"
         if part in _UNION_HINTS and i + 1 < len(loc) and isinstance(loc[i + 1], str):
             return where, _UNION_HINTS[part]
     return where or "body", None
