@@ -113,6 +113,18 @@ def test_a_nested_fields_error_names_its_path(client):
         assert len(error(post(client, {"prompt": "hi", "logit_bias": {key: "x"}}))["message"]) < 100
 
 
+def test_error_messages_quote_a_clients_value_in_bounded_room(client):
+    """A refusal quoted the client's value whole: a 3 MB model name or logit_bias key made a 3 MB error message
+    (and as long an exception in the client's logs). A long message keeps its start and end, the middle cut."""
+    r = post(client, {"model": "m" * 100_000, "prompt": "hi"})
+    err = r.json()["error"]
+    assert r.status_code == 404 and err["type"] == "not_found_error", err
+    assert len(err["message"]) <= 1000 and err["message"].endswith("(this server serves 'tiny')"), err
+    assert err["message"].startswith("model 'mmm") and " characters) ... " in err["message"]
+    err = error(post(client, {"prompt": "hi", "logit_bias": {"x" * 100_000: 1}}))
+    assert len(err["message"]) <= 1000 and err["message"].startswith("logit_bias keys must be token ids")
+
+
 def test_deep_nesting_and_bad_json(client):
     for depth in (100_000, 40):
         nest = "[" * depth + "]" * depth

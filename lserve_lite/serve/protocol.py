@@ -36,7 +36,14 @@ class ApiError(Exception):
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
              429: "rate_limit_error", 500: "server_error", 503: "server_error"}  # fmt: skip
 
+    MAX_MESSAGE = (
+        1000  # characters: a message quotes the client's values (a model name, a key), which may be MiBs
+    )
+
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        if len(message) > self.MAX_MESSAGE:  # its start says what, its end often what to do: both kept
+            half = self.MAX_MESSAGE // 2 - 20
+            message = f"{message[:half]} ... ({len(message)} characters) ... {message[-half:]}"
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
