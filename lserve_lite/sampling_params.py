@@ -23,6 +23,7 @@ MAX_TOP_K = (
     2**31 - 1
 )  # past any vocabulary (all kept); the GPU sampler reads top_k as a float64, then an int32
 MAX_LOGIT_BIAS = 1024  # biased ids per request (applied on every step)
+TOO_MANY_BIASES = f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to numbers"
 PENALTY_RANGE = (-2.0, 2.0)  # presence / frequency penalties, as OpenAI
 BIAS_RANGE = (-100.0, 100.0)  # logit_bias values, as OpenAI
 NO_LIMIT = 2**31 - 1  # max_new_tokens of vLLM's max_tokens=None: the engine stops at the context limit
@@ -65,6 +66,8 @@ VLLM_IGNORED = ("detokenize",)
 def logit_bias_ids(bias: dict[str, float] | None) -> dict[int, float]:
     """OpenAI's {"token id as a string": bias} as {id: bias}. Two spellings of one id ("42" and "042") are refused:
     a dict keeps only one of them, and which bias the caller meant is unknown."""
+    if bias and len(bias) > MAX_LOGIT_BIAS:  # before any work per key: an 8 MiB body holds ~450,000
+        raise InvalidRequestError(TOO_MANY_BIASES)
     out: dict[int, float] = {}
     spelled: dict[int, str] = {}
     for key, value in (bias or {}).items():
@@ -188,7 +191,7 @@ class _Params:
                 raise InvalidRequestError(f"{name} must be in [{lo}, {hi}], got {v!r}")
         bias = self.logit_bias
         if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
-            raise InvalidRequestError(f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to numbers")
+            raise InvalidRequestError(TOO_MANY_BIASES)
         lo, hi = BIAS_RANGE
         for t, v in bias.items():
             if not is_int(t) or t < 0 or not _finite(v) or not lo <= v <= hi:
@@ -225,24 +228,29 @@ class _Params:
 
     def _validate_stops(self) -> None:
         """Bounded stop conditions: they are checked on every token, for every request in the batch."""
-        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+        # the counts first: a per-item check of an 8 MiB body's 2.7 million ids took 0.9 s (on the server's event loop)
+        if not isinstance(self.stop, (list, tuple)):
             raise InvalidRequestError("stop must be a list of non-empty strings")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidRequestError(
                 f"stop has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} allowed"
             )
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise InvalidRequestError("stop must be a list of non-empty strings")
         longest = max(map(len, self.stop), default=0)
         if longest > MAX_STOP_CHARS:
             raise InvalidRequestError(
                 f"a stop string has {longest} characters; at most {MAX_STOP_CHARS} allowed"
             )
         ids = self.stop_token_ids
-        if not isinstance(ids, (list, tuple)) or not all(is_int(t) and t >= 0 for t in ids):
+        if not isinstance(ids, (list, tuple)):
             raise InvalidRequestError("stop_token_ids must be a list of non-negative integers")
         if len(ids) > MAX_STOP_TOKEN_IDS:
             raise InvalidRequestError(
                 f"stop_token_ids has {len(ids)} ids; at most {MAX_STOP_TOKEN_IDS} allowed"
             )
+        if not all(is_int(t) and t >= 0 for t in ids):
+            raise InvalidRequestError("stop_token_ids must be a list of non-negative integers")
 
     @property
     def greedy(self) -> bool:

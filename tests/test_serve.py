@@ -95,6 +95,10 @@ def chat_msgs(p: str) -> list[dict]:
 def test_models_health_metrics(server, client):
     url, _ = server
     assert [m.id for m in client.models.list().data] == ["tiny"]
+    auth = {"Authorization": f"Bearer {KEY}"}
+    # with a trailing slash it is the list too (it was the card of a model named "", for any name served)
+    assert httpx.get(url + "/v1/models/", headers=auth, timeout=60).json()["object"] == "list"
+    assert httpx.get(url + "/v1/models/", timeout=60).status_code == 401
     assert httpx.get(url + "/health", timeout=60).json() == {"status": "ok"}
     m = metrics(url)
     assert m["lserve_kv_pages_total"] == 64 and "lserve_time_to_first_token_seconds_count" in m
@@ -611,6 +615,21 @@ def test_sse_wire_format(server):
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
     first = json.loads(events[0][6:])
     assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_sse_lines_hold_no_character_that_splitlines_splits_on(server):
+    """U+2028, U+2029 and U+0085 went raw into a data line: httpx's iter_lines (httpx-sse and clients built on it)
+    splits lines as str.splitlines does, cutting the chunk's JSON in two. They are escaped, as JSON allows."""
+    url, _ = server
+    prompt = "a\u2028b\u2029c\x85d"
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 1, "echo": True, "stream": True}
+    with httpx.stream(
+        "POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    ) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]", lines
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert chunks[0]["choices"][0]["text"].startswith(prompt)
 
 
 # -- the default model ------------------------------------------------------------------------------------------

@@ -90,6 +90,41 @@ def test_message_types(client, messages):
     assert error(post(client, {"messages": messages, "max_tokens": 2}, chat=True))["param"] == "messages"
 
 
+def test_a_nested_fields_error_names_its_path(client):
+    """A bad value inside a message is named by its whole path, as OpenAI names it: the message said only
+    'messages[1][0]: Input should be a valid string' for a tool call's arguments sent as an object."""
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}
+    cases = [
+        ([MSGS[0], {"role": "assistant", "content": None, "tool_calls": [call]}],
+         "messages[1].tool_calls[0].function.arguments: Input should be a valid string"),
+        ([{"role": "tool", "content": "x", "tool_call_id": 7}], "messages[0].tool_call_id: Input should be"),
+        ([{"role": "user", "content": [{"type": "text", "text": 5}]}],
+         "messages[0].content: must be a string or a list of text parts"),
+    ]  # fmt: skip
+    for messages, start in cases:
+        err = error(post(client, {"messages": messages, "max_tokens": 2}, chat=True))
+        assert err["param"] == "messages" and err["message"].startswith(start), err
+    # a logit_bias key named like a field of several types is a key: no hint of that field's types
+    err = error(post(client, {"prompt": "hi", "logit_bias": {"stop": "x"}}))
+    assert err["param"] == "logit_bias" and err["message"].startswith(
+        "logit_bias.stop: Input should be a valid number"
+    )
+    for key in ("k" * 10_000, "1" * 10_000):  # a client's key is named in 40 characters at most
+        assert len(error(post(client, {"prompt": "hi", "logit_bias": {key: "x"}}))["message"]) < 100
+
+
+def test_error_messages_quote_a_clients_value_in_bounded_room(client):
+    """A refusal quoted the client's value whole: a 3 MB model name or logit_bias key made a 3 MB error message
+    (and as long an exception in the client's logs). A long message keeps its start and end, the middle cut."""
+    r = post(client, {"model": "m" * 100_000, "prompt": "hi"})
+    err = r.json()["error"]
+    assert r.status_code == 404 and err["type"] == "not_found_error", err
+    assert len(err["message"]) <= 1000 and err["message"].endswith("(this server serves 'tiny')"), err
+    assert err["message"].startswith("model 'mmm") and " characters) ... " in err["message"]
+    err = error(post(client, {"prompt": "hi", "logit_bias": {"x" * 100_000: 1}}))
+    assert len(err["message"]) <= 1000 and err["message"].startswith("logit_bias keys must be token ids")
+
+
 def test_deep_nesting_and_bad_json(client):
     for depth in (100_000, 40):
         nest = "[" * depth + "]" * depth
@@ -129,6 +164,24 @@ def test_size_limits(client):
     assert err["param"] == "messages"
     chunked = client.post("/v1/completions", content=iter([b'{"prompt": "', b"z" * 300_000, b'"}']))
     error(chunked, 413)  # no content-length: counted while read
+
+
+def test_context_errors_carry_openais_sentence(client):
+    """Every refusal of a prompt (or prompt + output) over the context says "this model's maximum context length
+    is N tokens", as OpenAI's and vLLM's do: clients match that sentence, not the code (LiteLLM's
+    ContextWindowExceededError, which its context-window fallbacks catch, read 'the context limit is' as a plain
+    400)."""
+    sentence = "this model's maximum context length is 128 tokens"
+    for body in (
+        {"prompt": "x" * 201},  # characters, before tokenizing
+        {"prompt": [1] * 129},  # token ids, before validation
+        {"prompt": [1] * 128, "max_tokens": 2},  # the whole context, nothing left to generate
+        {"prompt": [1] * 100, "max_tokens": 50},  # prompt + max_tokens
+    ):
+        err = error(post(client, body))
+        assert err["code"] == "context_length_exceeded" and sentence in err["message"].lower(), (body, err)
+    err = error(post(client, {"messages": MSGS, "max_completion_tokens": 500}, chat=True))
+    assert err["param"] == "max_completion_tokens" and sentence in err["message"].lower(), err
 
 
 def test_prompt_size_before_validation(client):
@@ -234,6 +287,21 @@ def test_sampling_params_limits():
     assert SamplingParams(stop=("a", "b"), stop_token_ids=[3]).stop == ("a", "b")
     assert SamplingParams(temperature=5e-324).greedy and not SamplingParams(temperature=1e-4).greedy
     assert json.dumps(SamplingParams(stop="x").stop) == '["x"]'
+
+
+def test_list_limits_are_checked_before_their_items():
+    """A list's length is checked before each item: 2.7 million stop_token_ids (an 8 MiB body) were typed one by one
+    first, 0.9 s on the server's event loop for a request refused anyway. An item of the wrong type past the limit
+    is never looked at: the refusal is the count's."""
+    cases = [
+        (dict(stop=["a"] * MAX_STOP_STRINGS + [5]), "stop has 17 strings"),
+        (dict(stop_token_ids=[1] * 256 + ["x"]), "stop_token_ids has 257 ids"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(InvalidRequestError, match=msg):
+            SamplingParams(**kw)
+    with pytest.raises(InvalidRequestError, match="at most 1024 token ids"):
+        logit_bias_ids({"x": 1.0} | {str(i): 1.0 for i in range(1024)})
 
 
 def test_logit_bias_keys_naming_one_id_twice_are_refused(client):
@@ -463,6 +531,44 @@ def test_wide_bodies_are_checked_without_a_walk_over_every_value(client, monkeyp
     assert post(client, {"prompt": "hi", "max_tokens": 1}).status_code == 200 and on_loop == [False]
     err = error(post(client, b'{"prompt": "a\xed\xa0\x80b", "max_tokens": 1}'))
     assert err["message"].startswith("malformed JSON body: 'utf-8' codec can't decode byte 0xed"), err
+
+
+def test_prompt_sizes_and_detokenize_run_off_the_event_loop(client, monkeypatch):
+    """The prompt-size check walks every message of a body (460,000 in 8 MiB: 0.5 s) and ran on the event loop,
+    stalling every stream: it runs in a worker thread, as decode, on both endpoints and /tokenize; so does
+    /detokenize's check and decode of up to 2 million ids (0.46 s)."""
+    import asyncio
+
+    from lserve_lite.serve import app as app_module
+    from lserve_lite.serve.protocol import prompt_size
+
+    on_loop = []
+
+    def record() -> None:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+
+    def watched(body: dict, chat: bool) -> tuple[int, int, int]:
+        record()
+        return prompt_size(body, chat)
+
+    tok = client.app.state.engine.engine.tokenizer
+    decode = tok.decode
+
+    def watched_decode(ids: list[int], *args: object) -> str:
+        record()
+        return decode(ids, *args)
+
+    monkeypatch.setattr(app_module, "prompt_size", watched)
+    assert post(client, {"prompt": "hi", "max_tokens": 1}).status_code == 200
+    assert post(client, {"messages": MSGS, "max_tokens": 1}, chat=True).status_code == 200
+    assert client.post("/tokenize", json={"messages": MSGS}).status_code == 200
+    monkeypatch.setattr(tok, "decode", watched_decode)
+    assert client.post("/detokenize", json={"tokens": [5, 6]}).json() == {"prompt": decode([5, 6], False)}
+    assert on_loop == [False, False, False, False]
 
 
 def test_client_gone_mid_body_is_499_not_a_logged_500(client, caplog):

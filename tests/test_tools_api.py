@@ -86,6 +86,11 @@ def _nested(depth: int) -> dict:
             None,
             "at most 128",
         ),
+        (  # the count before each tool's checks (a prompt's worth of tools held 11,000: 50 ms on the event loop)
+            [{"type": "code"}] * (MAX_TOOLS + 1),
+            None,
+            "at most 128",
+        ),
     ],
 )
 def test_tool_specs_refused_in_one_line(tools, choice, msg):

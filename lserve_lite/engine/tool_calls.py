@@ -318,9 +318,9 @@ def plan_tools(tools: list | None, tool_choice: object, parallel: bool | None) -
     is offered or tool_choice is "none" (tools then neither shown nor parsed)."""
     if tools is not None and not isinstance(tools, list):
         raise InvalidRequestError("tools: must be a list of {'type': 'function', 'function': {...}}")
+    if tools is not None and len(tools) > MAX_TOOLS:  # before each tool's checks
+        raise InvalidRequestError(f"tools: at most {MAX_TOOLS} tools, got {len(tools)}")
     checked = tuple(_tool(i, t) for i, t in enumerate(tools or []))
-    if len(checked) > MAX_TOOLS:
-        raise InvalidRequestError(f"tools: at most {MAX_TOOLS} tools, got {len(checked)}")
     if len({t.name for t in checked}) != len(checked):
         raise InvalidRequestError("tools: function names must be unique")
     mode, name = _choice(tool_choice, checked)

@@ -2,7 +2,7 @@
 
 The engine thread owns the engine: it adds the submitted requests, runs `step()` while work exists and
 sleeps on a condition otherwise. A constrained request's grammar matcher is built before it is submitted, in a
-worker thread: a new large schema takes up to seconds, which on the engine thread stalled every client. Outputs go back to the event loop in one `call_soon_threadsafe` per step
+thread of its own: a new large schema takes up to seconds, which on the engine thread stalled every client. Outputs go back to the event loop in one `call_soon_threadsafe` per step
 and land in per-request asyncio queues. An abort (client gone) is applied at the start of the next step,
 which frees the request's KV pages.
 """
@@ -13,6 +13,7 @@ import asyncio
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,6 +82,9 @@ class AsyncEngine:
         self._stopping = False
         self._timing: dict[str, list[float]] = {}  # engine-thread side: [arrival, last token time]
         self._thread: threading.Thread | None = None
+        # grammars are built one at a time (Grammars' lock), on a thread of their own: in the event loop's default
+        # workers, which decode every request's body, builds waiting their turn held every other client's request
+        self._builder = ThreadPoolExecutor(1, thread_name_prefix="lserve-grammar")
 
     # -- lifecycle (event loop) -----------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -94,6 +98,7 @@ class AsyncEngine:
             self._cv.notify()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self._builder.shutdown(wait=False)
         for q in self._queues.values():
             q.put_nowait(ApiError(503, "the server is shutting down"))
         self._queues.clear()
@@ -136,7 +141,9 @@ class AsyncEngine:
         arrival = time.monotonic()
         guides: list = [None] * len(jobs)
         if any(params.constrained for _, params, _ in jobs):
-            guides = await asyncio.to_thread(self._guides, [params for _, params, _ in jobs])
+            guides = await asyncio.get_running_loop().run_in_executor(
+                self._builder, self._guides, [params for _, params, _ in jobs]
+            )
             self.check_room(len(jobs))  # again: others may have taken the room meanwhile
         queues: list[tuple[str, asyncio.Queue]] = []
         with self._cv:

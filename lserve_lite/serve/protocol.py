@@ -36,7 +36,14 @@ class ApiError(Exception):
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
              429: "rate_limit_error", 500: "server_error", 503: "server_error"}  # fmt: skip
 
+    MAX_MESSAGE = (
+        1000  # characters: a message quotes the client's values (a model name, a key), which may be MiBs
+    )
+
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        if len(message) > self.MAX_MESSAGE:  # its start says what, its end often what to do: both kept
+            half = self.MAX_MESSAGE // 2 - 20
+            message = f"{message[:half]} ... ({len(message)} characters) ... {message[-half:]}"
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
@@ -493,6 +500,21 @@ def _message_chars(m: object) -> int:
     return chars
 
 
+def _located(loc: tuple) -> tuple[str, str | None]:
+    """A validation error's location as the request spells it (`messages[1].tool_calls[0].function.arguments`: a
+    client sees which value to fix) and the hint of a field of several types where the error lies inside one (pydantic
+    then names the type it tried next, `('stop', 'list[str]', 0)`: the location ends at the field)."""
+    where = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            where += f"[{part}]"
+            continue
+        where += part if i == 0 else f".{part:.40}" if part.isidentifier() else f"[{part!r:.40}]"
+        if part in _UNION_HINTS and i + 1 < len(loc) and isinstance(loc[i + 1], str):
+            return where, _UNION_HINTS[part]
+    return where or "body", None
+
+
 def parse(model: type[_Request], body: dict) -> _Request:
     """Validate a decoded JSON object; the first problem becomes a 400 naming the parameter."""
     try:
@@ -500,12 +522,8 @@ def parse(model: type[_Request], body: dict) -> _Request:
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         loc = err["loc"]
-        param = str(loc[0]) if loc else None
-        where = "".join([param or "body"] + [f"[{x}]" for x in loc[1:] if isinstance(x, int)])
-        hint = (
-            next((h for k, h in _UNION_HINTS.items() if k in map(str, loc)), None) if len(loc) > 1 else None
-        )
-        raise ApiError(400, f"{where}: {hint or err['msg']}", param) from None
+        where, hint = _located(loc)
+        raise ApiError(400, f"{where}: {hint or err['msg']}", str(loc[0]) if loc else None) from None
     req.check()
     return req
 

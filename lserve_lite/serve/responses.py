@@ -162,8 +162,13 @@ async def _on_disconnect(request: Request, callback: Callable[[], None]) -> None
     callback()
 
 
+# Characters that str.splitlines (so httpx's iter_lines, and SSE clients built on it) takes for line ends, which
+# json.dumps leaves raw: escaped, a chunk's JSON stays on its one data line
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
 def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
 
 
 async def sse_events(
