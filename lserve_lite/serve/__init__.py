@@ -4,6 +4,7 @@ and imports FastAPI/uvicorn and the engine only when the server actually starts,
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -108,7 +109,7 @@ def run_server(
     except LServeError as e:
         print(f"lserve-lite serve: {e}", file=sys.stderr)
         return 1
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    if not loopback(host) and not api_key:
         log.warning(
             "listening on %s without --api-key: anyone who can reach this port can use the model", host
         )
@@ -140,6 +141,18 @@ def _model_id(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("the served model name must not be empty")
     return text
+
+
+def loopback(host: str) -> bool:
+    """Whether `host` is a loopback address (all of 127.0.0.0/8, ::1, an IPv4-mapped one) or `localhost`: the one
+    kind of bind that needs no --api-key warning."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False  # a name: whatever it resolves to
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
 
 
 def address(host: str, port: int) -> str:
