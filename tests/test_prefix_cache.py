@@ -15,6 +15,7 @@ from test_sparse_patterns import _np_tiny
 from lserve_lite import EngineConfig, SamplingParams, SparseConfig
 from lserve_lite.engine.llm_engine import LLMEngine
 from lserve_lite.engine.scheduler import Scheduler
+from lserve_lite.geometry import ring_slot
 from lserve_lite.kv.block_manager import BlockManager
 from lserve_lite.kv.prefix_cache import PrefixCache
 from lserve_lite.sequence import Sequence
@@ -390,3 +391,26 @@ def test_snapshot_of_a_resumed_sequence_offers_only_pages_it_holds(model):
     assert [g[0] for g in got] == cold(model, "lserve", prompts)
     # c resumes a's snapshot at 64 instead (b's does not hold page 1)
     assert [g[1] for g in got] == [0, 256, 64]
+
+
+def test_a_restored_snapshot_brings_only_the_prefix_pages(model):
+    """LServe: a request resumed from a snapshot at page 4 got a copy of the donor's whole streaming table, its pages
+    past the shared prefix too. The GPU kernels read a page 16 rows at a time and weigh rows past the context by 0,
+    so a non-finite value the donor left there could reach the request (0 x NaN): those slots are cleared instead."""
+    rng = np.random.default_rng(11)
+    p = ids(rng, 256)
+    eng = engine(model, "lserve")
+    run(eng, [p + ids(rng, 100)])
+    (snap,) = eng.blocks.cache.snaps
+    lay = eng.layout
+    past = [snap.pages[ring_slot(q, lay.sink_pages, lay.ring_pages)] for q in range(4, snap.end // 64 + 1)]
+    for pool in eng.runner.cache.stream_pools():
+        pool[past] = np.nan  # what a donor with non-finite K/V past the shared prefix leaves there
+    rid = eng.add_request(p + ids(rng, 10), GREEDY)
+    eng.step()
+    seq = eng.seqs[rid]
+    assert seq.num_attached == 256 and seq.num_cached == 266
+    assert all(np.isfinite(pool[seq.stream_table]).all() for pool in eng.runner.cache.stream_pools())
+    while eng.has_unfinished():
+        eng.step()
+    check_pool(eng.blocks)
