@@ -180,8 +180,13 @@ class BlockManager:
             self.ref[page] += 1
         seq.page_table = list(pages)
         if pages and snap is not None:
-            seq.stream_table = [self._stream_page() for _ in snap.pages]  # may reuse snap's own: copy gathers
-            self.page_ops.append(("copy", list(snap.pages), list(seq.stream_table)))
+            # may reuse snap's own pages: the copy gathers before it scatters
+            table = seq.stream_table = [self._stream_page() for _ in snap.pages]
+            held = c.held_slots(snap, len(pages))
+            self.page_ops.append(("copy", [snap.pages[i] for i in held], [table[i] for i in held]))
+            stale = [page for i, page in enumerate(table) if i not in held]  # the donor's, past the prefix
+            if stale:
+                self._clear([], stale)
             seq.stream_from = c.held_from(snap, len(pages))
         seq.num_registered = len(pages)
         seq.num_cached = seq.num_attached = len(pages) * self.page_size

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..geometry import ring_covers, ring_oldest
+from ..geometry import ring_covers, ring_oldest, ring_slot
 
 if TYPE_CHECKING:
     from ..sequence import Sequence
@@ -116,6 +116,15 @@ class PrefixCache:
         """`Sequence.stream_from` of a sequence resumed from `snap` at page `boundary_page`: the snapshot's ring pages
         of the shared prefix, then the pages it writes itself from the boundary on."""
         return min(ring_oldest(snap.end, self.ring_pages, self.page_size, snap.held_from), boundary_page)
+
+    def held_slots(self, snap: Snapshot, boundary_page: int) -> list[int]:
+        """Indices of `snap`'s table that hold pages of the prefix before `boundary_page` (a sequence resumed there
+        copies these; its other slots hold the donor's pages past the prefix, which it must not read, not even
+        the slots past its context that a kernel's 16-row unit weighs by 0: they are cleared instead)."""
+        first = self.held_from(snap, boundary_page)
+        sinks = range(min(self.sink_pages, boundary_page))
+        ring = range(max(self.sink_pages, first), boundary_page)
+        return [ring_slot(p, self.sink_pages, self.ring_pages) for p in (*sinks, *ring)]
 
     def snapshot_keys(self, seq: Sequence, end: int) -> list[bytes]:
         """Keys of the registered boundaries of `seq` that a snapshot after `end` tokens can resume and no
