@@ -595,3 +595,16 @@ def test_client_gone_mid_body_is_499_not_a_logged_500(client, caplog):
         anyio.run(client.app, scope, receive, send)
     assert sent[0]["status"] == 499 and not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
     assert 'lserve_request_errors_total{status="499"} 1' in client.get("/metrics").text
+
+
+@pytest.mark.parametrize(
+    "host, want",
+    [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True), ("[::1]", True), ("::ffff:127.0.0.1", True),
+     ("LocalHost", True), ("0.0.0.0", False), ("::", False), ("10.1.2.3", False), ("example.com", False)],
+)  # fmt: skip
+def test_loopback_binds_need_no_api_key_warning(host, want):
+    """The serve command warns about a bind without --api-key unless it is loopback: every 127/8 address, ::1 and
+    an IPv4-mapped loopback address are (127.0.0.2 warned before), the unspecified address and names are not."""
+    from lserve_lite.serve import loopback
+
+    assert loopback(host) is want
