@@ -174,6 +174,14 @@ def test_engine_selects_and_generates_as_the_reference(tiny, monkeypatch, reduce
     assert tok == ref_tok
 
 
+@pytest.mark.parametrize("value, selector", [("", "numba"), (" REF ", "ref"), ("Numba", "numba")])
+def test_selector_switch_reads_as_the_other_switches(monkeypatch, value, selector):
+    """LSERVE_CPU_SELECTOR goes through config.env_choice as every other kernel switch (README): empty is the default
+    and case and outer blanks do not matter (an empty `LSERVE_CPU_SELECTOR=` stopped the engine, `REF` was refused)."""
+    monkeypatch.setenv("LSERVE_CPU_SELECTOR", value)
+    assert C.CpuOps().selector == selector
+
+
 def test_selector_switch_and_its_clock(tiny, monkeypatch):
     """LSERVE_CPU_SELECTOR=ref runs the NumPy reference through CpuOps.select_pages (the benchmarks' comparison) and
     gives the Numba selector's tokens; select_seconds counts the selector's time; a bad value is refused at once."""

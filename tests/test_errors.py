@@ -204,7 +204,7 @@ def test_cli_prints_one_line_not_a_traceback(tmp_path):
 @pytest.mark.parametrize(
     "env, msg",
     [
-        ({"LSERVE_CPU_SELECTOR": "fast"}, "LSERVE_CPU_SELECTOR must be numba or ref"),
+        ({"LSERVE_CPU_SELECTOR": "fast"}, "LSERVE_CPU_SELECTOR must be one of numba, ref"),
         ({"LSERVE_CPU_SPIN_US": "soon"}, "LSERVE_CPU_SPIN_US must be a number"),
     ],
 )

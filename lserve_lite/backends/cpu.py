@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import GROUP_REDUCE, ORACLE_REDUCE, EngineConfig
-from ..errors import InvalidRequestError
+from ..config import GROUP_REDUCE, ORACLE_REDUCE, EngineConfig, env_choice
 from ..sparse.plan import AttentionPlan
 from ..weights.qtensor import QuantTensor, RowStack, Weight, stored_bytes
 from . import cpu_kernels as K
@@ -70,9 +69,7 @@ class CpuOps:
         self.split = SplitRunner()
         # Page selector: "numba" (cpu_select.py) or "ref" (the NumPy reference, as before 2026-12-04; benchmarks
         # compare the two); select_seconds counts the time spent in it (tools/bench_cpu_lserve.py reads it).
-        self.selector = os.environ.get("LSERVE_CPU_SELECTOR", "numba")
-        if self.selector not in ("numba", "ref"):
-            raise InvalidRequestError(f"LSERVE_CPU_SELECTOR must be numba or ref, got {self.selector!r}")
+        self.selector = env_choice("LSERVE_CPU_SELECTOR", "numba", ("numba", "ref"))
         self.select_seconds = 0.0
 
     def upload(self, a, name: str | None = None):
