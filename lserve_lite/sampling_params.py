@@ -53,9 +53,9 @@ VLLM_UNSUPPORTED: dict[str, tuple[object, str]] = {
     "allowed_token_ids": (None, "use logit_bias"),
     "bad_words": ([], "use logit_bias"),
     "truncate_prompt_tokens": (None, "send a prompt that fits"),
-    "logits_processors": (None, "no custom logits processors"),
+    "logits_processors": ([], "no custom logits processors"),
     "output_kind": (None, "generate returns finished outputs; stream yields text deltas"),
-    "extra_args": (None, "no custom sampling arguments"),
+    "extra_args": ({}, "no custom sampling arguments"),
 }
 
 # vLLM's options that only spare work there, taken and ignored (lm-evaluation-harness's vLLM backend scores with
