@@ -158,11 +158,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
         t2 = time.perf_counter()
         rate = (n - 1) / (t2 - t1) if t1 and n > 1 and t2 > t1 else 0.0
         cached = f", {last.num_cached_tokens}/{last.num_prompt_tokens} prompt tokens cached" if last else ""
+        why = _cut(last, params, llm.engine.max_len)
         print(
-            f"\n[{n} tokens, first after {(t1 or t2) - t0:.2f} s, {rate:.1f} tokens/s{cached}]",
+            f"\n[{n} tokens, first after {(t1 or t2) - t0:.2f} s, {rate:.1f} tokens/s{cached}{why}]",
             file=sys.stderr,
         )
         history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _cut(out, params, max_len: int) -> str:
+    """Why a reply ended before the model finished it, for the status line: else a reply cut mid-sentence by the
+    context limit reads as the model's own ending (the next message drops the oldest exchanges)."""
+    if out is None or out.finish_reason != "length":
+        return ""
+    if out.num_output_tokens >= params.max_new_tokens:
+        return f"; cut at --max-new-tokens {params.max_new_tokens}"
+    return f"; cut: the context is full (--max-model-len {max_len})"
 
 
 def _is_utf8(text: str) -> bool:

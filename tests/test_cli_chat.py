@@ -135,6 +135,22 @@ def test_chat_refused_message_keeps_the_history(tiny_llama):
     assert after[1] > first[1] + 4  # the second "hi" carries the first exchange
 
 
+def test_chat_says_why_a_reply_was_cut(tiny_llama):
+    """A reply that ran into the context limit stopped mid-sentence with the usual status line: nothing said the
+    context was full (nor, for a reply cut at --max-new-tokens, that the limit cut it)."""
+    msg = " ".join(["word"] * 100) + "\n"
+    r = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "chat", "--model", str(tiny_llama), "--backend", "cpu",
+         "--max-model-len", "256", "--max-new-tokens", "200", "--temperature", "0"],
+        input="hi\n" + msg + "/exit\n", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [s for s in r.stderr.splitlines() if "tokens, first after" in s]
+    assert len(lines) == 2, r.stderr[-2000:]
+    assert lines[0].endswith("; cut at --max-new-tokens 200]"), lines
+    assert lines[1].endswith("; cut: the context is full (--max-model-len 256)]"), lines
+
+
 def _with_template(tiny_llama, dest, template: str | None):
     """A copy of the tiny model whose tokenizer_config.json has this chat template (None: none)."""
     import shutil
