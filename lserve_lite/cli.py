@@ -75,8 +75,8 @@ def _save_history(readline, path: str) -> None:
 
 
 CHAT_COMMANDS = (
-    "/reset clears the conversation, /exit or /quit quits, /help lists these, // starts a message with a slash, "
-    "Ctrl-C stops a reply."
+    "/reset clears the conversation, /exit or /quit (or Ctrl-D) quits, /help lists these, // starts a message with a "
+    "slash, Ctrl-C stops a reply."
 )
 
 
@@ -100,9 +100,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     while True:
         try:
             line = input(">>> ")
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             print(file=sys.stderr)
             return 0
+        except KeyboardInterrupt:  # often one meant for a reply that just ended: the conversation stays
+            print("\n(Ctrl-D or /exit quits)", file=sys.stderr)
+            continue
         except UnicodeDecodeError:
             line = "\udcff"  # reported below, like bytes that a surrogate-escaping stdin let through
         if not _is_utf8(line):

@@ -151,6 +151,27 @@ def test_chat_says_why_a_reply_was_cut(tiny_llama):
     assert lines[1].endswith("; cut: the context is full (--max-model-len 256)]"), lines
 
 
+def test_chat_ctrl_c_at_the_prompt_keeps_the_conversation(tiny_llama, monkeypatch, capsys, tmp_path):
+    """A Ctrl-C that came just after a reply ended (meant to stop it) ended the chat and lost the conversation;
+    at the prompt it now clears the line, as Python's REPL does, and Ctrl-D or /exit quits."""
+    from lserve_lite import cli
+
+    typed = iter([KeyboardInterrupt(), "hi", EOFError()])
+
+    def fake_input(prompt: str = "") -> str:
+        item = next(typed)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # the REPL's history file
+    monkeypatch.setattr("builtins.input", fake_input)
+    argv = ["chat", "--model", str(tiny_llama), "--backend", "cpu", "--max-new-tokens", "2"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "(Ctrl-D or /exit quits)" in err and err.count("tokens, first after") == 1, err[-2000:]
+
+
 def _with_template(tiny_llama, dest, template: str | None):
     """A copy of the tiny model whose tokenizer_config.json has this chat template (None: none)."""
     import shutil
