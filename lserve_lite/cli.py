@@ -134,6 +134,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except LServeError as e:
             print(f"error: {e}", file=sys.stderr)
             continue
+        except (
+            KeyboardInterrupt
+        ):  # while a long paste is tokenized (seconds for megabytes): that message only
+            print("\n(stopped: that message was not sent)", file=sys.stderr)
+            continue
         if fitted is None:
             print(
                 "error: this message alone does not fit the context; shorten it (or /reset)", file=sys.stderr

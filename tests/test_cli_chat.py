@@ -172,6 +172,31 @@ def test_chat_ctrl_c_at_the_prompt_keeps_the_conversation(tiny_llama, monkeypatc
     assert "(Ctrl-D or /exit quits)" in err and err.count("tokens, first after") == 1, err[-2000:]
 
 
+def test_chat_ctrl_c_while_a_paste_is_read_keeps_the_conversation(tiny_llama, monkeypatch, capsys, tmp_path):
+    """Ctrl-C while a long paste was being tokenized (seconds for megabytes) ended the chat: it drops that
+    message only, and the next one is answered."""
+    from lserve_lite import cli
+    from lserve_lite.tokenizer import Tokenizer
+
+    typed = iter(["a long paste", "hi", "/exit"])
+    monkeypatch.setenv("HOME", str(tmp_path))  # the REPL's history file
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    encode_chat = Tokenizer.encode_chat
+
+    def interrupted_once(self, messages, *a, **kw):
+        if messages[-1]["content"] == "a long paste":
+            raise KeyboardInterrupt
+        return encode_chat(self, messages, *a, **kw)
+
+    monkeypatch.setattr(Tokenizer, "encode_chat", interrupted_once)
+    argv = ["chat", "--model", str(tiny_llama), "--backend", "cpu", "--max-new-tokens", "2"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "(stopped: that message was not sent)" in err and err.count("tokens, first after") == 1, err[
+        -2000:
+    ]
+
+
 def _with_template(tiny_llama, dest, template: str | None):
     """A copy of the tiny model whose tokenizer_config.json has this chat template (None: none)."""
     import shutil
