@@ -195,10 +195,15 @@ def _is_utf8(text: str) -> bool:
 def _fit_context(llm, messages: list[dict], keep: int) -> list[dict] | None:
     """`messages` without their oldest exchanges (after the first `keep` messages), as few dropped as leave room
     for a reply; None when even the newest message alone does not fit (the caller's history stays as it was)."""
+
+    def too_long(msgs: list[dict]) -> bool:
+        return len(llm.tokenizer.encode_chat(msgs)) >= llm.engine.max_len - 16
+
+    # first the kept messages and the newest alone: a paste past the context is tokenized once, not once a drop
+    if too_long(messages[:keep] + messages[max(keep, len(messages) - 1) :]):
+        return None
     fitted, dropped = list(messages), 0
-    while len(llm.tokenizer.encode_chat(fitted)) >= llm.engine.max_len - 16:
-        if len(fitted) - keep <= 1:
-            return None
+    while too_long(fitted):
         del fitted[keep : keep + 2]  # a user message and the reply to it
         dropped += 1
     if dropped:

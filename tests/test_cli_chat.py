@@ -197,6 +197,30 @@ def test_chat_ctrl_c_while_a_paste_is_read_keeps_the_conversation(tiny_llama, mo
     ]
 
 
+def test_chat_refuses_an_overlong_paste_with_one_encode():
+    """A paste past the context was re-tokenized whole once per earlier exchange dropped before it was refused
+    (a megabyte a second on the CPU: 30 exchanges made a 1 MB paste wait half a minute for its error)."""
+    from types import SimpleNamespace
+
+    from lserve_lite.cli import _fit_context
+
+    calls = []
+
+    def encode_chat(messages):
+        calls.append(len(messages))
+        return [0] * sum(len(m["content"]) for m in messages)
+
+    llm = SimpleNamespace(
+        tokenizer=SimpleNamespace(encode_chat=encode_chat), engine=SimpleNamespace(max_len=100)
+    )
+    history = [{"role": "system", "content": "s"}] + [{"role": "user", "content": "x"}] * 60
+    assert _fit_context(llm, history + [{"role": "user", "content": "p" * 1000}], keep=1) is None
+    assert calls == [2]  # the system prompt and the paste alone
+    assert _fit_context(llm, history + [{"role": "user", "content": "p" * 50}], keep=1) is not None
+    calls.clear()
+    assert _fit_context(llm, history[:1], keep=1) == history[:1] and calls == [1, 1]  # the system prompt once
+
+
 def _with_template(tiny_llama, dest, template: str | None):
     """A copy of the tiny model whose tokenizer_config.json has this chat template (None: none)."""
     import shutil
