@@ -139,9 +139,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         ):  # while a long paste is tokenized (seconds for megabytes): that message only
             print("\n(stopped: that message was not sent)", file=sys.stderr)
             continue
-        if fitted is None:
+        if fitted is None:  # /reset would not help: it keeps the system prompt
             print(
-                "error: this message alone does not fit the context; shorten it (or /reset)", file=sys.stderr
+                f"error: this message alone does not fit the context of {llm.engine.max_len} tokens "
+                f"(less {REPLY_ROOM} kept for a reply); shorten it",
+                file=sys.stderr,
             )
             continue
         history = fitted
@@ -192,12 +194,15 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
+REPLY_ROOM = 16  # tokens a chat prompt leaves free at least, so that a reply can start
+
+
 def _fit_context(llm, messages: list[dict], keep: int) -> list[dict] | None:
     """`messages` without their oldest exchanges (after the first `keep` messages), as few dropped as leave room
     for a reply; None when even the newest message alone does not fit (the caller's history stays as it was)."""
 
     def too_long(msgs: list[dict]) -> bool:
-        return len(llm.tokenizer.encode_chat(msgs)) >= llm.engine.max_len - 16
+        return len(llm.tokenizer.encode_chat(msgs)) >= llm.engine.max_len - REPLY_ROOM
 
     # first the kept messages and the newest alone: a paste past the context is tokenized once, not once a drop
     if too_long(messages[:keep] + messages[max(keep, len(messages) - 1) :]):

@@ -221,6 +221,32 @@ def test_chat_refuses_an_overlong_paste_with_one_encode():
     assert _fit_context(llm, history[:1], keep=1) == history[:1] and calls == [1, 1]  # the system prompt once
 
 
+def test_chat_refusal_of_a_long_message_gives_the_limit(tiny_llama, monkeypatch, capsys, tmp_path):
+    """The refusal advised "/reset", which keeps the system prompt and so never makes such a message fit, and
+    did not say how long a message may be."""
+    from lserve_lite import cli
+
+    typed = iter(["hello " * 300, "/exit"])
+    monkeypatch.setenv("HOME", str(tmp_path))  # the REPL's history file
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    argv = [
+        "chat",
+        "--model",
+        str(tiny_llama),
+        "--backend",
+        "cpu",
+        "--max-model-len",
+        "128",
+        "--system",
+        "hi",
+    ]
+    assert cli.main(argv) == 0
+    refusals = [s for s in capsys.readouterr().err.splitlines() if "does not fit" in s]
+    assert refusals == [
+        "error: this message alone does not fit the context of 128 tokens (less 16 kept for a reply); shorten it"
+    ]
+
+
 def _with_template(tiny_llama, dest, template: str | None):
     """A copy of the tiny model whose tokenizer_config.json has this chat template (None: none)."""
     import shutil
