@@ -134,9 +134,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except LServeError as e:
             print(f"error: {e}", file=sys.stderr)
             continue
-        except (
-            KeyboardInterrupt
-        ):  # while a long paste is tokenized (seconds for megabytes): that message only
+        except KeyboardInterrupt:  # while a long paste is tokenized (seconds a megabyte): that message only
             print("\n(stopped: that message was not sent)", file=sys.stderr)
             continue
         if fitted is None:  # /reset would not help: it keeps the system prompt
