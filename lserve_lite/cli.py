@@ -75,8 +75,8 @@ def _save_history(readline, path: str) -> None:
 
 
 CHAT_COMMANDS = (
-    "/reset clears the conversation, /exit or /quit quits, /help lists these, // starts a message with a slash, "
-    "Ctrl-C stops a reply."
+    "/reset clears the conversation, /exit or /quit (or Ctrl-D) quits, /help lists these, // starts a message with a "
+    "slash, Ctrl-C stops a reply."
 )
 
 
@@ -100,9 +100,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     while True:
         try:
             line = input(">>> ")
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             print(file=sys.stderr)
             return 0
+        except KeyboardInterrupt:  # often one meant for a reply that just ended: the conversation stays
+            print("\n(Ctrl-D or /exit quits)", file=sys.stderr)
+            continue
         except UnicodeDecodeError:
             line = "\udcff"  # reported below, like bytes that a surrogate-escaping stdin let through
         if not _is_utf8(line):
@@ -131,9 +134,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except LServeError as e:
             print(f"error: {e}", file=sys.stderr)
             continue
-        if fitted is None:
+        except KeyboardInterrupt:  # while a long paste is tokenized (seconds a megabyte): that message only
+            print("\n(stopped: that message was not sent)", file=sys.stderr)
+            continue
+        if fitted is None:  # /reset would not help: it keeps the system prompt
             print(
-                "error: this message alone does not fit the context; shorten it (or /reset)", file=sys.stderr
+                f"error: this message alone does not fit the context of {llm.engine.max_len} tokens "
+                f"(less {REPLY_ROOM} kept for a reply); shorten it",
+                file=sys.stderr,
             )
             continue
         history = fitted
@@ -158,11 +166,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
         t2 = time.perf_counter()
         rate = (n - 1) / (t2 - t1) if t1 and n > 1 and t2 > t1 else 0.0
         cached = f", {last.num_cached_tokens}/{last.num_prompt_tokens} prompt tokens cached" if last else ""
+        why = _cut(last, params, llm.engine.max_len)
         print(
-            f"\n[{n} tokens, first after {(t1 or t2) - t0:.2f} s, {rate:.1f} tokens/s{cached}]",
+            f"\n[{n} tokens, first after {(t1 or t2) - t0:.2f} s, {rate:.1f} tokens/s{cached}{why}]",
             file=sys.stderr,
         )
         history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _cut(out, params, max_len: int) -> str:
+    """Why a reply ended before the model finished it, for the status line: else a reply cut mid-sentence by the
+    context limit reads as the model's own ending (the next message drops the oldest exchanges)."""
+    if out is None or out.finish_reason != "length":
+        return ""
+    if out.num_output_tokens >= params.max_new_tokens:
+        return f"; cut at --max-new-tokens {params.max_new_tokens}"
+    return f"; cut: the context is full (--max-model-len {max_len})"
 
 
 def _is_utf8(text: str) -> bool:
@@ -173,13 +192,21 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
+REPLY_ROOM = 16  # tokens a chat prompt leaves free at least, so that a reply can start
+
+
 def _fit_context(llm, messages: list[dict], keep: int) -> list[dict] | None:
     """`messages` without their oldest exchanges (after the first `keep` messages), as few dropped as leave room
     for a reply; None when even the newest message alone does not fit (the caller's history stays as it was)."""
+
+    def too_long(msgs: list[dict]) -> bool:
+        return len(llm.tokenizer.encode_chat(msgs)) >= llm.engine.max_len - REPLY_ROOM
+
+    # first the kept messages and the newest alone: a paste past the context is tokenized once, not once a drop
+    if too_long(messages[:keep] + messages[max(keep, len(messages) - 1) :]):
+        return None
     fitted, dropped = list(messages), 0
-    while len(llm.tokenizer.encode_chat(fitted)) >= llm.engine.max_len - 16:
-        if len(fitted) - keep <= 1:
-            return None
+    while too_long(fitted):
         del fitted[keep : keep + 2]  # a user message and the reply to it
         dropped += 1
     if dropped:

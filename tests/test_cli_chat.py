@@ -135,6 +135,118 @@ def test_chat_refused_message_keeps_the_history(tiny_llama):
     assert after[1] > first[1] + 4  # the second "hi" carries the first exchange
 
 
+def test_chat_says_why_a_reply_was_cut(tiny_llama):
+    """A reply that ran into the context limit stopped mid-sentence with the usual status line: nothing said the
+    context was full (nor, for a reply cut at --max-new-tokens, that the limit cut it)."""
+    msg = " ".join(["word"] * 100) + "\n"
+    r = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "chat", "--model", str(tiny_llama), "--backend", "cpu",
+         "--max-model-len", "256", "--max-new-tokens", "200", "--temperature", "0"],
+        input="hi\n" + msg + "/exit\n", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [s for s in r.stderr.splitlines() if "tokens, first after" in s]
+    assert len(lines) == 2, r.stderr[-2000:]
+    assert lines[0].endswith("; cut at --max-new-tokens 200]"), lines
+    assert lines[1].endswith("; cut: the context is full (--max-model-len 256)]"), lines
+
+
+def test_chat_ctrl_c_at_the_prompt_keeps_the_conversation(tiny_llama, monkeypatch, capsys, tmp_path):
+    """A Ctrl-C that came just after a reply ended (meant to stop it) ended the chat and lost the conversation;
+    at the prompt it now clears the line, as Python's REPL does, and Ctrl-D or /exit quits."""
+    from lserve_lite import cli
+
+    typed = iter([KeyboardInterrupt(), "hi", EOFError()])
+
+    def fake_input(prompt: str = "") -> str:
+        item = next(typed)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # the REPL's history file
+    monkeypatch.setattr("builtins.input", fake_input)
+    argv = ["chat", "--model", str(tiny_llama), "--backend", "cpu", "--max-new-tokens", "2"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "(Ctrl-D or /exit quits)" in err and err.count("tokens, first after") == 1, err[-2000:]
+
+
+def test_chat_ctrl_c_while_a_paste_is_read_keeps_the_conversation(tiny_llama, monkeypatch, capsys, tmp_path):
+    """Ctrl-C while a long paste was being tokenized (seconds for megabytes) ended the chat: it drops that
+    message only, and the next one is answered."""
+    from lserve_lite import cli
+    from lserve_lite.tokenizer import Tokenizer
+
+    typed = iter(["a long paste", "hi", "/exit"])
+    monkeypatch.setenv("HOME", str(tmp_path))  # the REPL's history file
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    encode_chat = Tokenizer.encode_chat
+
+    def interrupted_once(self, messages, *a, **kw):
+        if messages[-1]["content"] == "a long paste":
+            raise KeyboardInterrupt
+        return encode_chat(self, messages, *a, **kw)
+
+    monkeypatch.setattr(Tokenizer, "encode_chat", interrupted_once)
+    argv = ["chat", "--model", str(tiny_llama), "--backend", "cpu", "--max-new-tokens", "2"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "(stopped: that message was not sent)" in err and err.count("tokens, first after") == 1, err[
+        -2000:
+    ]
+
+
+def test_chat_refuses_an_overlong_paste_with_one_encode():
+    """A paste past the context was re-tokenized whole once per earlier exchange dropped before it was refused
+    (a megabyte a second on the CPU: 30 exchanges made a 1 MB paste wait half a minute for its error)."""
+    from types import SimpleNamespace
+
+    from lserve_lite.cli import _fit_context
+
+    calls = []
+
+    def encode_chat(messages):
+        calls.append(len(messages))
+        return [0] * sum(len(m["content"]) for m in messages)
+
+    llm = SimpleNamespace(
+        tokenizer=SimpleNamespace(encode_chat=encode_chat), engine=SimpleNamespace(max_len=100)
+    )
+    history = [{"role": "system", "content": "s"}] + [{"role": "user", "content": "x"}] * 60
+    assert _fit_context(llm, history + [{"role": "user", "content": "p" * 1000}], keep=1) is None
+    assert calls == [2]  # the system prompt and the paste alone
+    assert _fit_context(llm, history + [{"role": "user", "content": "p" * 50}], keep=1) is not None
+    calls.clear()
+    assert _fit_context(llm, history[:1], keep=1) == history[:1] and calls == [1, 1]  # the system prompt once
+
+
+def test_chat_refusal_of_a_long_message_gives_the_limit(tiny_llama, monkeypatch, capsys, tmp_path):
+    """The refusal advised "/reset", which keeps the system prompt and so never makes such a message fit, and
+    did not say how long a message may be."""
+    from lserve_lite import cli
+
+    typed = iter(["hello " * 300, "/exit"])
+    monkeypatch.setenv("HOME", str(tmp_path))  # the REPL's history file
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    argv = [
+        "chat",
+        "--model",
+        str(tiny_llama),
+        "--backend",
+        "cpu",
+        "--max-model-len",
+        "128",
+        "--system",
+        "hi",
+    ]
+    assert cli.main(argv) == 0
+    refusals = [s for s in capsys.readouterr().err.splitlines() if "does not fit" in s]
+    assert refusals == [
+        "error: this message alone does not fit the context of 128 tokens (less 16 kept for a reply); shorten it"
+    ]
+
+
 def _with_template(tiny_llama, dest, template: str | None):
     """A copy of the tiny model whose tokenizer_config.json has this chat template (None: none)."""
     import shutil
