@@ -61,6 +61,11 @@ def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def env_flag(name: str, default: bool) -> bool:
+    """An on / off switch from the environment: "1" or "0" (env_choice's rules; unset: `default`)."""
+    return env_choice(name, "1" if default else "0", ("0", "1")) == "1"
+
+
 def read_text_file(path: Path, what: str) -> str:
     """A model file's UTF-8 text, read only from a regular file of at most MAX_JSON_BYTES: a FIFO would hang the
     load and a device (a symlink to /dev/urandom) grow memory without end. O_NONBLOCK: a FIFO's open returns."""

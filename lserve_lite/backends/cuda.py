@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ..config import GROUP_REDUCE, EngineConfig, env_choice, env_float
+from ..config import GROUP_REDUCE, EngineConfig, env_choice, env_flag, env_float
 from ..errors import InvalidRequestError, ModelLoadError
 from ..kv.layout import KVLayout
 from ..sparse.plan import AttentionPlan
@@ -278,10 +278,9 @@ class CudaOps:
         mod = load_module("layers.cu", LAYER_KERNELS, gemv_tuning(os.environ))
         self.k = {n: mod.get_function(n) for n in LAYER_KERNELS}
         self.sampler = GpuSampler()
-        self._selector_name = env_choice(
-            "LSERVE_SELECTOR", "rawkernel", SELECTORS
-        )  # checked now, built on first use
-        self._selector = None  # page_selector(self._selector_name)
+        # LSERVE_SELECTOR: checked now, its launcher built on first use (page_selector)
+        self._selector_name = env_choice("LSERVE_SELECTOR", "rawkernel", SELECTORS)
+        self._selector = None
         # the cache (a weak reference: an engine's pools go with it) and pool lists whose tables clear_pages keeps
         self._pool_table_of: tuple = (lambda: None, ())
         self._pool_tables_kept: tuple = ()
@@ -290,12 +289,12 @@ class CudaOps:
         self._plans: dict[tuple[int, int, int], object] = {}  # eager device plans by capacity bucket
         self._decode_parts: dict[tuple[int, int, int], object] = {}  # decode rows of mixed steps, likewise
         # Decode-sized GEMMs (<= 8 rows) through our GEMV kernel instead of cuBLAS; LSERVE_CUDA_GEMV=0 turns it off.
-        self.small_gemv = env_choice("LSERVE_CUDA_GEMV", "1", ("0", "1")) == "1"
+        self.small_gemv = env_flag("LSERVE_CUDA_GEMV", True)
         # SiLU-and-multiply in the decode gate_up GEMV's epilogue (gate_up_silu); LSERVE_CUDA_FUSE_SILU=0: separate.
-        self.fuse_silu = env_choice("LSERVE_CUDA_FUSE_SILU", "1", ("0", "1")) == "1"
+        self.fuse_silu = env_flag("LSERVE_CUDA_FUSE_SILU", True)
         # residual add + RMSNorm in the prologue of the decode GEMV after it (rmsnorm_linear); LSERVE_CUDA_FUSE_NORM=0:
         # add_rmsnorm's own kernel.
-        self.fuse_norm = env_choice("LSERVE_CUDA_FUSE_NORM", "1", ("0", "1")) == "1"
+        self.fuse_norm = env_flag("LSERVE_CUDA_FUSE_NORM", True)
         # RoPE + K/V write in the decode q/k/v GEMV's epilogue (qkv_rope) for steps of at most this many rows, else
         # rope_write_kv after the GEMV: FUSE_ROPE_ROWS by default, LSERVE_CUDA_FUSE_ROPE=1 every GEMV-sized step, 0 none.
         # (`fuse_rope` / `fuse_rope_quant`: this instance's choice whatever the environment; the kernel harness tests
@@ -307,7 +306,7 @@ class CudaOps:
         # default: 3.5-3.7% slower LServe decode with int8 weights on an H100 (docs/PERF_e2e.md, 2026-12-06). Its
         # heads' tickets (rope_out.cuh), zero between launches: every fused launch on this device's one stream of
         # steps (eager and graph replays alike) counts in them and leaves them zero.
-        env_quant = env_choice("LSERVE_CUDA_FUSE_ROPE_QUANT", "0", ("0", "1")) == "1"
+        env_quant = env_flag("LSERVE_CUDA_FUSE_ROPE_QUANT", False)
         self.fuse_rope_quant = env_quant if fuse_rope_quant is None else fuse_rope_quant
         self._rope_tickets = cp.zeros(ROPE_TICKETS, cp.int32) if self.fuse_rope_quant else None
         # gemv_rows with S = 2 warps per row where twice the rows fit this many waves of resident warps (gemv_slices);

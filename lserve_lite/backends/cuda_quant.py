@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import env_choice
+from ..config import env_choice, env_flag
 from ..weights.qtensor import FORMATS, LAYOUTS, QuantTensor, RowStack, Weight, stored_bytes
 from .cuda_compile import load_module
 from .quant_split import SPLIT_FORMATS, SplitFormat, split
@@ -111,7 +111,7 @@ def split_name_shape(name: str) -> tuple[int, int]:
 
 def deep_setting() -> bool:
     """$LSERVE_QGEMV_DEEP: "1" (the default) lets split_deep pick the deep GEMV, "0" never (the A / B switch)."""
-    return env_choice("LSERVE_QGEMV_DEEP", "1", ("0", "1")) == "1"
+    return env_flag("LSERVE_QGEMV_DEEP", True)
 
 
 def split_deep(outs: int, r: int, deep_resident: int) -> bool:
