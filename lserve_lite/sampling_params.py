@@ -19,9 +19,8 @@ REPETITION_PENALTY_RANGE = (0.01, 100.0)  # beyond it logits overflow float32 (i
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (dividing logits by them overflows float32)
 MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's chat limit; the GPU kernel keeps this many in registers)
 MAX_N = 16  # candidates per request (each is a running sequence)
-MAX_TOP_K = (
-    2**31 - 1
-)  # past any vocabulary (all kept); the GPU sampler reads top_k as a float64, then an int32
+# past any vocabulary (all kept); the GPU sampler reads top_k as a float64, then an int32
+MAX_TOP_K = 2**31 - 1
 MAX_LOGIT_BIAS = 1024  # biased ids per request (applied on every step)
 TOO_MANY_BIASES = f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to numbers"
 PENALTY_RANGE = (-2.0, 2.0)  # presence / frequency penalties, as OpenAI

@@ -146,9 +146,8 @@ class Run:
     seed: int | None
     cases: list[str]
     rows: list[Result] = field(default_factory=list)
-    case_of: list[str | None] = field(
-        default_factory=list
-    )  # each row's case: what `CASE --seed N` runs again
+    # each row's case: what `CASE --seed N` runs again
+    case_of: list[str | None] = field(default_factory=list)
     done: set[str] = field(default_factory=set)
     stopped: str = NOT_REACHED  # why the cases not done did not run
 

@@ -184,7 +184,8 @@ class BlockManager:
             table = seq.stream_table = [self._stream_page() for _ in snap.pages]
             held = c.held_slots(snap, len(pages))
             self.page_ops.append(("copy", [snap.pages[i] for i in held], [table[i] for i in held]))
-            stale = [page for i, page in enumerate(table) if i not in held]  # the donor's, past the prefix
+            held_set = set(held)  # the donor's pages past the prefix: cleared, not copied
+            stale = [page for i, page in enumerate(table) if i not in held_set]
             if stale:
                 self._clear([], stale)
             seq.stream_from = c.held_from(snap, len(pages))

@@ -36,9 +36,8 @@ class ApiError(Exception):
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
              429: "rate_limit_error", 500: "server_error", 503: "server_error"}  # fmt: skip
 
-    MAX_MESSAGE = (
-        1000  # characters: a message quotes the client's values (a model name, a key), which may be MiBs
-    )
+    # characters: a message quotes the client's values (a model name, a key), which may be MiBs
+    MAX_MESSAGE = 1000
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         if len(message) > self.MAX_MESSAGE:  # its start says what, its end often what to do: both kept
