@@ -2,12 +2,7 @@
 # SmolLM2 GGUF carried in parts), in the order FILES gives, until TOTAL seconds; prints the files left. PREFETCH=1
 # applies decode_prefetch.diff first (its knob unset: off). Logs: $OUT/logs2.tgz.
 # OUT=dir [FILES="test_gpu_x ..."] [TOTAL=s] [PREFETCH=1] bash tools/results/gpu_2026-12-06g/run2.sh
-set -u
-. .device/on-device.sh
-nvidia-smi --query-gpu=name --format=csv,noheader
-[ "${PREFETCH:-0}" = 1 ] && git apply tools/results/gpu_2026-12-06g/decode_prefetch.diff && echo "decode_prefetch applied"
-L=/tmp/logs2; mkdir -p $L
-trap 'tar czf "$OUT/logs2.tgz" -C /tmp logs2; git checkout kernels/ lserve_lite/ tests/ tools/gpu_check.sh README.md' EXIT
+L=/tmp/logs2; . tools/results/gpu_2026-12-06g/prelude.sh
 t0=$(date +%s); left=""
 for f in ${FILES:-$(cd tests && ls test_gpu_*.py | sed 's/\.py$//' | grep -v test_gpu_e2e)}; do
   rem=$(( ${TOTAL:-570} - ($(date +%s) - t0) ))

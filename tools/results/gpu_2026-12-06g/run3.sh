@@ -2,12 +2,7 @@
 # slower" and "dense >= 1.6x"); then fp16 weights if time is left. Then SmolLM2 (the GGUF, when assembled) with
 # LSERVE_DECODE_PREFETCH unset / 16 if PREFETCH=1. Logs: $OUT/logs3.tgz.
 # OUT=dir [TOTAL=s] [PREFETCH=1] bash tools/results/gpu_2026-12-06g/run3.sh
-set -u
-. .device/on-device.sh
-nvidia-smi --query-gpu=name --format=csv,noheader
-[ "${PREFETCH:-0}" = 1 ] && git apply tools/results/gpu_2026-12-06g/decode_prefetch.diff && echo "decode_prefetch applied"
-L=/tmp/logs3; mkdir -p $L
-trap 'tar czf "$OUT/logs3.tgz" -C /tmp logs3; git checkout kernels/ lserve_lite/ tests/ tools/gpu_check.sh README.md' EXIT
+L=/tmp/logs3; . tools/results/gpu_2026-12-06g/prelude.sh
 t0=$(date +%s); el() { echo $(( $(date +%s) - t0 )); }
 smol() {  # label, prefetch
   [ -f /tmp/smollm2.gguf ] || { echo "no GGUF for $1"; return; }
