@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -19,6 +21,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+HARNESS_SEED = int(os.environ.get("LSERVE_TEST_SEED") or np.random.SeedSequence().entropy % (1 << 31))
+
+
+def pytest_report_header(config) -> str:
+    """The GPU tests' harness seed on the run's first lines, so a failed run can be drawn again."""
+    return f"lserve-lite: kernel harness seed {HARNESS_SEED} (LSERVE_TEST_SEED={HARNESS_SEED} draws it again)"
+
+
+@pytest.fixture(scope="session")
+def harness_seed() -> int:
+    """The session's seed for the kernel harness's random inputs: fresh each run, or LSERVE_TEST_SEED's."""
+    return HARNESS_SEED
 
 
 @pytest.fixture(params=["mma", "wgmma", "ws", "tma"])

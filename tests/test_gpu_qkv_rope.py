@@ -22,11 +22,11 @@ from lserve_lite.config import ModelConfig
 
 
 @pytest.fixture(scope="module")
-def hctx():
+def hctx(harness_seed):
     from lserve_lite.backends.cuda import CudaOps
     from lserve_lite.harness import Ctx
 
-    ctx = Ctx(seed=int(np.random.SeedSequence().entropy % (1 << 31)))
+    ctx = Ctx(seed=harness_seed)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LSERVE_CUDA_FUSE_ROPE", "1")
         mp.setenv("LSERVE_CUDA_FUSE_ROPE_QUANT", "1")

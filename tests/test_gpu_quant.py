@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_gguf_import import write_tiny_gguf
-from test_gpu_ops import _runner, _step, small_llama
+from test_gpu_ops import _runner, _step, run_case, small_llama
 from test_quant_engine import GGUF_TYPES, KINDS
 
 from lserve_lite.config import EngineConfig
@@ -30,20 +30,16 @@ SMALL_KV = EngineConfig(num_kv_pages=256)  # 16k tokens of KV, not most of the G
 
 
 @pytest.fixture(scope="module")
-def hctx():
+def hctx(harness_seed):
     from lserve_lite.harness import Ctx
 
-    return Ctx(seed=int(np.random.SeedSequence().entropy % (1 << 31)))
+    return Ctx(seed=harness_seed)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", QUANT_CASES)
-def test_quant_kernel_against_float64(hctx, case):
-    from lserve_lite.harness import format_table
-
-    results = CASES[case](hctx)
-    print(format_table(results))
-    assert results and all(r.ok for r in results), format_table([r for r in results if not r.ok])
+def test_quant_kernel_against_float64(hctx, harness_seed, case):
+    run_case(hctx, harness_seed, case)
 
 
 @pytest.mark.gpu
