@@ -257,15 +257,19 @@ __device__ __forceinline__ void hadamard_row(float (&x)[8], int ni, int lane) {
 }
 
 // Warp-cooperative quantization of one (token, head) row: lane l holds channel i * 32 + l in x[i]
-// (i < ni = D / 32); writes the row's values and fp16 scales. Every lane of the warp must call it.
+// (i < ni = D / 32); writes the row's values and fp16 scales. Every lane of the warp must call it. A NaN in a row
+// (or in an int4 group) gives it a NaN scale (and (scale, min)), so it reads as NaN, as kv/quant.quantize and a float
+// cache keep it: fmaxf / fminf skip a NaN, which then stored a finite row.
 template <class KV>
 __device__ __forceinline__ void quantize_row(const float (&x)[8], int ni, unsigned char* vals,
                                              unsigned short* scales, int lane) {
   if constexpr (KV::GROUP == 0) {
     float a = 0.f;
-    for (int i = 0; i < ni; ++i) a = fmaxf(a, fabsf(x[i]));
+    int bad = 0;
+    for (int i = 0; i < ni; ++i) a = fmaxf(a, fabsf(x[i])), bad |= isnan(x[i]);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+    if (__any_sync(0xffffffffu, bad)) a = __int_as_float(0x7fc00000);
     const unsigned short sh = f2h(a / KV::QMAX);
     const float s = h2f(sh);
     if (lane == 0) scales[0] = sh;
@@ -274,11 +278,14 @@ __device__ __forceinline__ void quantize_row(const float (&x)[8], int ni, unsign
     static_assert(KV::ASYM && 32 % KV::GROUP == 0, "int4: (scale, min) pairs of groups of lanes");
     for (int i = 0; i < ni; ++i) {  // channel i * 32 + lane, of group (i * 32 + lane) / GROUP
       float lo = x[i], hi = x[i];
+      int bad = isnan(x[i]);
 #pragma unroll
       for (int o = KV::GROUP / 2; o > 0; o >>= 1) {  // within the lane's group
         lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
         hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+        bad |= __shfl_xor_sync(0xffffffffu, bad, o);
       }
+      if (bad) lo = hi = __int_as_float(0x7fc00000);
       const unsigned short mh = f2h(lo);
       const float m = h2f(mh);
       const unsigned short sh = f2h((hi - m) / KV::QMAX);  // the range from the stored min, as the reference

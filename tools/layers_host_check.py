@@ -43,6 +43,7 @@ from lserve_lite.kv.quant import FORMATS  # noqa: E402
 # thread is an OS thread) and a head dim of 96, which int4 keeps in the plain basis.
 DENSE = [(kv, *dims) for kv in ("int8", "int4", "fp8") for dims in ((9, 3, 64, 64, 13), (32, 8, 128, 16, 21))]
 DENSE.append(("int4", 4, 2, 96, 16, 9))
+DENSE_NAN = [(kv, 9, 3, 64, 64, 13) for kv in ("int8", "int4", "fp8")]  # a NaN in a K row and a V row
 SPARSE = [(kv, d) for kv in ("int8", "int4", "fp8") for d in SPARSE_DIMS]
 
 
@@ -160,6 +161,8 @@ def main() -> int:
         exe = build_emulator("layers", 1, "layers_host_emu", tmp)
         for kv, *dims in DENSE:
             ok &= report(run_case(exe, tmp, dense_case(c, kv, *dims)))
+        for kv, *dims in DENSE_NAN:
+            ok &= report(run_case(exe, tmp, dense_case(c, kv, *dims, nan=True)))
         for kv, d in SPARSE:
             ok &= report(run_case(exe, tmp, sparse_case(c, kv, d)))
         for kv in ("int8", "int4", "fp8"):

@@ -152,12 +152,12 @@ def kv_sparse_one(c: Ctx, stage: str, kv: str, impl: str | None = None, prefill:
 
 
 def kv_write_one(c: Ctx, kv: str) -> list[Result]:
-    """CudaOps.rope_write_kv into a quantized dense-mode cache (padding rows included) vs rope_write_kv_ref
+    """CudaOps.rope_write_kv into a quantized dense-mode cache (padding rows included; NaN rows once) vs rope_write_kv_ref
     (harness/kv_write.py: q within fp16 rounding, K/V within the step bound, scales as the reference rule; the
     float references in the format's basis: int4's and fp8's queries and keys Hadamard-rotated, kv/quant.rotates_keys)."""
     fmt, out = FORMATS[kv], []
-    for dims in DENSE_WRITES:
-        case = dense_case(c, kv, *dims)
+    for dims, nan in [(dims, False) for dims in DENSE_WRITES] + [(DENSE_WRITES[0], True)]:
+        case = dense_case(c, kv, *dims, nan=nan)
         dev = [_garbage(c, (*p.shape, fmt.packed_dim(case.d)), p.fmt.value_dtype) for p in case.pools]
         sc = [c.poison((*p.shape, p.fmt.scale_cols(case.d)), np.float16) for p in case.pools]
         cache = KVCache(

@@ -65,9 +65,11 @@ def dense_case(
     n: int,
     pages: int = 40,
     qkv: np.ndarray | None = None,
+    nan: bool = False,
 ) -> WriteCase:
     """rope_write_kv into a dense-mode cache of format kv, padding rows (slot -1) included; `qkv` [n, (Hq + 2 Hkv)
-    D]: the rows to write (a GEMV's output: the fused rows, whose slots are all live), else random ones."""
+    D]: the rows to write (a GEMV's output: the fused rows, whose slots are all live), else random ones. `nan`: one
+    live row's K head and another's V head hold a NaN, which must reach their stored rows (a NaN scale)."""
     fmt = FORMATS[kv]
     pad = 0.2 if qkv is None else 0.0
     qkv = c.f16(n, (hq + 2 * hkv) * d) if qkv is None else qkv
@@ -76,12 +78,21 @@ def dense_case(
     slots = c.rng.permutation(pages * page)[:n]
     slots[c.rng.random(n) < pad] = -1
     live = slots >= 0
+    if nan:
+        rows, heads, chans = (
+            c.rng.choice(np.flatnonzero(live), 2),
+            c.rng.integers(0, hkv, 2),
+            c.rng.integers(0, d, 2),
+        )
+        for part, r, h, ch in zip((hq, hq + hkv), rows, heads, chans, strict=True):  # K, then V
+            qkv[r, (part + h) * d + ch] = np.nan
     k_ref, v_ref = np.zeros((2, pages, hkv, page, d), np.float32)
     q_ref = rope_write_kv_ref(qkv, pos, np.maximum(slots, 0), k_ref.copy(), v_ref.copy(), cos, sin, fmt=fmt)
     rope_write_kv_ref(qkv[live], pos[live], slots[live], k_ref, v_ref, cos, sin, fmt=fmt)
     shape = (pages, hkv, page)
     pools = [Pool("k", shape, fmt, slots[live], k_ref), Pool("v", shape, fmt, slots[live], v_ref)]
     tag = f"{kv} Hq{hq} Hkv{hkv} D{d} page{page} N{n}" + (" hadamard" if fmt.rotates_keys(d) else "")
+    tag += " NaN rows" if nan else ""
     return WriteCase(kv, tag, hq, hkv, d, page, qkv, pos, slots, cos, sin, q_ref, pools)
 
 
@@ -151,9 +162,13 @@ def within_step(
     """Written rows dequantized vs the float rows: within half a step (int) or 1/16 (fp8) plus the fp16
     rounding of the key and of its scale (`fmt`: the pool's). `rotated`: keys in the Hadamard basis,
     rotated by the kernels from fp16-rounded values, whose rounding each rotated channel carries from the whole
-    row (about 2^-12 of the row's RMS), not from itself."""
+    row (about 2^-12 of the row's RMS), not from itself. A row whose reference holds NaN must read NaN there
+    (its scale NaN, as kv/quant.quantize gives it); its other channels may read NaN too (the same scale)."""
     got = dequantize(vals, scales, fmt)
-    step = steps(scales, fmt, ref.shape[-1])
+    nan_row = np.isnan(ref).any(-1, keepdims=True)
+    lost = np.isnan(ref) & ~np.isnan(got)  # a NaN stored as a finite value
+    got, ref = np.where(nan_row, 0.0, got), np.where(nan_row, 0.0, ref)
+    step = np.where(nan_row, 0.0, steps(scales, fmt, ref.shape[-1]))
     if fmt.name == "fp8":
         bound = np.abs(ref) * (1 / 16 + 2e-3) + step * 2.0**-9
     else:
@@ -161,9 +176,10 @@ def within_step(
     if rotated:
         bound = bound + 2e-3 * np.sqrt(np.mean(np.square(ref, dtype=np.float64), -1, keepdims=True))
     err = np.abs(got - ref)
-    ok = bool(np.all(err <= bound + 1e-6)) and np.isfinite(got).all()
+    ok = bool(np.all(err <= bound + 1e-6)) and np.isfinite(got).all() and not lost.any()
     worst = float(np.max(err / (bound + 1e-6))) if err.size else 0.0
-    return Result(kernel, tag, float(err.max(initial=0)), worst, ok, "" if ok else "beyond the step bound")
+    why = f"{int(lost.sum())} NaN stored finite" if lost.any() else "beyond the step bound"
+    return Result(kernel, tag, float(err.max(initial=0)), worst, ok, "" if ok else why)
 
 
 def check_write(
@@ -189,7 +205,7 @@ def check_write(
         # every pool's scales (the step bound above is taken from them: a scale too large passes it), the whole
         # pool: rows no write is for keep their NaN poison (a padding row written at slot -1 fails); rotated keys
         # come from fp16-rounded values (kernels) or float32 ones (the reference)
-        atol = 2e-3 * float(np.abs(rows).max(initial=0)) if rotated else 1e-6
+        atol = 2e-3 * float(np.abs(np.nan_to_num(rows)).max(initial=0)) if rotated else 1e-6
         want = np.full(sc.shape, np.nan)
         want[pg, :, off] = quantize(rows, p.fmt, np.float16)[1]
         out.append(compare(f"{prefix}.{p.name}_scale", case.tag, sc, want, atol, 2e-3))
