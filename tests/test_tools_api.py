@@ -278,8 +278,15 @@ def test_forced_replies():
     req = plan_tools([WEATHER, TIME], "required", None)
     cut = '[{"name": "get_time", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "Ro'
     content, calls = req.parse(cut)  # cut short by max_tokens: its complete calls are kept
-    assert content is None and [c["function"]["name"] for c in calls] == ["get_time"]
-    assert req.parse('[{"name": "get_ti') == ('[{"name": "get_ti', [])
+    assert content is None and [c["function"]["name"] for c in calls] == ["get_time", "get_weather"]
+    # the call it was cut in too, as OpenAI's and vLLM's truncated calls: its name (the one tool it can be, else as
+    # written) and its arguments as written so far; it was the reply's content, partial JSON
+    (call,) = req.parse('[{"name": "get_ti')[1]
+    assert call["function"] == {"name": "get_time", "arguments": ""}
+    assert [c["function"] for c in calls[1:]] == [{"name": "get_weather", "arguments": '{"city": "Ro'}]
+    assert req.parse('[{"name":"get_')[1][0]["function"]["name"] == "get_"  # either tool
+    assert named.parse('{"na')[1][0]["function"] == {"name": "get_weather", "arguments": ""}
+    assert req.parse("[") == (None, [])
     s = ToolStream(req)
     assert s.feed('[{"name": "get_time", ') == ("", []) and s.feed('"arguments": {}}]', True)[1]
 
@@ -595,6 +602,32 @@ def test_streamed_forced_call_and_the_conversation_after_it(client, server):
     )
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
     assert server[1].blocks.num_used == 0
+
+
+def test_a_forced_call_cut_by_max_tokens_is_a_tool_call(client):
+    """A forced call cut by max_tokens is returned in tool_calls, its arguments as far as written, with
+    finish_reason "length", whole and streamed (as OpenAI and vLLM return it); its partial JSON was the content."""
+    ask = [{"role": "user", "content": "weather in Rome?"}]
+    full = client.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER], tool_choice="required",
+                                          parallel_tool_calls=False, max_tokens=120, temperature=0)  # fmt: skip
+    # as the model wrote them (the complete call's are re-serialized)
+    written = json.dumps(json.loads(full.choices[0].message.tool_calls[0].function.arguments), ensure_ascii=False,
+                         separators=(",", ":"))  # fmt: skip
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        kw = dict(model="tiny", messages=ask, tools=[WEATHER, TIME], tool_choice=choice, parallel_tool_calls=False,
+                  max_tokens=45, temperature=0)  # fmt: skip
+        c = client.chat.completions.create(**kw).choices[0]
+        assert c.finish_reason == "length" and c.message.content is None, c
+        (call,) = c.message.tool_calls
+        assert call.function.name == "get_weather" and call.function.arguments.startswith('{"city":'), c
+        assert written.startswith(call.function.arguments) and call.function.arguments != written
+        deltas = [ch.choices[0] for ch in client.chat.completions.create(**kw, stream=True)]
+        assert deltas[-1].finish_reason == "length" and not any(d.delta.content for d in deltas), deltas
+        (streamed,) = [t for d in deltas for t in d.delta.tool_calls or []]
+        assert (streamed.function.name, streamed.function.arguments) == (
+            call.function.name,
+            call.function.arguments,
+        )
 
 
 def test_auto_streamed_equals_whole(client):

@@ -112,15 +112,16 @@ class ToolPlan:
         return {"type": "json_schema", "json_schema": {"name": "tool_calls", "schema": self.schema()}}
 
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
-        """A finished reply as (content, tool calls). Forced: the reply is the calls' JSON (an array cut short by
-        max_tokens keeps its complete calls). Auto: every well-formed <tool_call> block naming a tool is a call,
+        """A finished reply as (content, tool calls). Forced: the reply is the calls' JSON, never content; one cut
+        short (by max_tokens) keeps its complete calls and the call it was cut in, its arguments as far as written
+        (as OpenAI and vLLM return it). Auto: every well-formed <tool_call> block naming a
+        tool is a call,
         and so is the JSON after a marker token (up to its end token, or the end of the reply) when it is wholly
         calls of the tools; the rest of the text (malformed blocks and markers included, as written) is the
         content, None when only whitespace is left beside calls; or a reply that is wholly bare JSON calls
         (Llama 3.x) is those calls."""
         if self.forced:
-            calls = _calls_of(self, _json(text)) or _calls_of(self, _complete_items(text))
-            return (None, calls) if calls else (text or None, [])
+            return None, _calls_of(self, _json(text)) or _cut_calls(self, text)
         content, calls = ToolStream(self).feed(text, finished=True)
         return (None if calls and not content.strip() else content), calls
 
@@ -153,24 +154,48 @@ def _json(text: str) -> object:
         return None
 
 
-def _json_values(text: str, at: int = 0) -> tuple[list, bool]:
+def _json_values(text: str, at: int = 0) -> tuple[list, int]:
     """The JSON values of `text` from `at`, separated by whitespace, ',' or ';', up to the first that does not
-    parse; and whether they reach the end of the text."""
+    parse; and where that one starts (len(text) when they reach the end of the text)."""
     dec, values = json.JSONDecoder(), []
     while True:
         at += len(text[at:]) - len(text[at:].lstrip(" \t\r\n,;"))
         if at == len(text):
-            return values, True
+            return values, at
         try:
             value, at = dec.raw_decode(text, at)
         except ValueError:
-            return values, False
+            return values, at
         values.append(value)
 
 
-def _complete_items(text: str) -> list | None:
-    """The complete items of a JSON array cut short (a forced reply that reached max_tokens), else None."""
-    return (_json_values(text, 1)[0] or None) if text.startswith("[") else None
+# the start of a forced call cut short: its name (maybe cut too) and its arguments' JSON as far as written
+_CUT_CALL = re.compile(
+    r'\s*\{\s*(?:"name"\s*:\s*"(?P<name>[^"]*)(?P<closed>")?(?:\s*,\s*"arguments"\s*:\s*(?P<args>.*))?)?',
+    re.S,
+)
+
+
+def _cut_calls(plan: ToolPlan, text: str) -> list[dict]:
+    """The calls of a forced reply cut short (max_tokens): an array's complete calls, then the call it was cut in,
+    as OpenAI's and vLLM's truncated calls: its arguments as written so far (a partial JSON string) and its name
+    (the one tool it can be, else as written so far)."""
+    items, at = _json_values(text, 1) if text.startswith("[") else ([], 0)
+    calls = _calls_of(plan, items)
+    if len(calls) != len(items) or at == len(text):
+        return calls
+    cut = _CUT_CALL.match(text, at)
+    if cut is None:
+        return calls
+    written = cut["name"] or ""
+    names = [
+        t.name
+        for t in plan.tools
+        if (plan.mode != "named" or t.name == plan.name)
+        and (t.name == written if cut["closed"] else t.name.startswith(written))
+    ]
+    fn = {"name": names[0] if len(names) == 1 else written, "arguments": cut["args"] or ""}
+    return calls + [{"id": plan.call_id(), "type": "function", "function": fn}]
 
 
 def _calls_of(plan: ToolPlan, obj: object) -> list[dict]:
@@ -272,9 +297,9 @@ class ToolStream:
 def _bare_calls(plan: ToolPlan, text: str) -> list[dict]:
     """Calls written as bare JSON, as Llama 3.x writes them: one object, an array of them, or objects separated by
     ';' or ','; [] unless the whole text is such calls of the plan's tools."""
-    values, whole = _json_values(text)
+    values, at = _json_values(text)
     items = [x for v in values for x in (v if isinstance(v, list) else [v])]
-    return _calls_of(plan, items) if whole and items else []
+    return _calls_of(plan, items) if at == len(text) and items else []
 
 
 def _first(s: str, tags: tuple[str, ...]) -> tuple[int, str]:
