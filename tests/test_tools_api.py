@@ -81,6 +81,9 @@ def _nested(depth: int) -> dict:
         ([WEATHER], "always", "tool_choice: must be 'none'"),
         ([WEATHER], {"type": "function", "function": {"name": "get_time"}}, "no tool named 'get_time'"),
         (None, "required", "'required' needs tools"),
+        # any choice but "none" without tools is refused, as OpenAI and vLLM refuse it (it was taken, no tools used)
+        ([], "auto", "'auto' needs tools"),
+        (None, {"type": "function", "function": {"name": "f"}}, "'f' needs tools"),
         (
             [{"type": "function", "function": {"name": f"f{i}"}} for i in range(MAX_TOOLS + 1)],
             None,
@@ -676,6 +679,7 @@ def test_tool_errors_through_the_server(server):
     bad_schema = {"type": "function", "function": {"name": "f", "parameters": {"type": "objectx"}}}
     cases = [
         (dict(tools=[WEATHER], tool_choice="sometimes"), "tool_choice"),
+        (dict(tool_choice="auto"), "tool_choice"),
         (dict(tools=[{"type": "function", "function": {"name": "a b"}}]), "tools"),
         (dict(functions=[{"name": "f"}]), "functions"),
         (
@@ -696,6 +700,7 @@ def test_tool_errors_through_the_server(server):
     msg = post(tools=[bad_properties], tool_choice="required").json()["error"]["message"]
     assert msg.startswith("tools: the functions' parameters: invalid JSON schema ("), msg
     assert post(tools=[WEATHER], tool_choice="none").status_code == 200
+    assert post(tool_choice="none").status_code == 200  # "none" needs no tools (vLLM's rule)
     # min_tokens with a forced choice (whose calls' grammar may end first): it named only response_format, unsent
     err = post(tools=[WEATHER], tool_choice="required", min_tokens=2).json()["error"]
     assert err["param"] == "min_tokens" and "forced tool_choice" in err["message"], err

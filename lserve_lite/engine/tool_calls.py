@@ -379,21 +379,24 @@ def _tool(i: int, t: object) -> Tool:
 
 
 def _choice(choice: object, tools: tuple[Tool, ...]) -> tuple[str, str | None]:
+    """(mode, name) of a tool_choice; any but "none" needs tools, as OpenAI and vLLM refuse it without (a client
+    that sends it expects calls)."""
     if choice is None:
         return "auto", None
     if choice in ("none", "auto", "required"):
-        if choice == "required" and not tools:
-            raise InvalidRequestError("tool_choice: 'required' needs tools")
-        return str(choice), None
-    fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
-    name = fn.get("name") if isinstance(fn, dict) else None
-    if not isinstance(name, str):
-        raise InvalidRequestError(
-            "tool_choice: must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}"
-        )
-    if not any(t.name == name for t in tools):
+        mode, name = str(choice), None
+    else:
+        fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+        mode, name = "named", fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str):
+            raise InvalidRequestError(
+                "tool_choice: must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}"
+            )
+    if mode != "none" and not tools:
+        raise InvalidRequestError(f"tool_choice: {name or mode!r} needs tools")
+    if name is not None and not any(t.name == name for t in tools):
         raise InvalidRequestError(f"tool_choice: no tool named {name!r} in tools")
-    return "named", name
+    return mode, name
 
 
 def prompt_messages(
