@@ -458,8 +458,12 @@ def test_overload_429(tiny_dir):
         assert [r.choices[0].finish_reason for r in results] == ["length", "length"]
         assert c.completions.create(**body).choices[0].finish_reason == "length"  # room again
         assert metrics(url)['lserve_request_errors_total{status="429"}'] == 1
-        with pytest.raises(openai.BadRequestError, match="at most 2"):  # never admissible: 400, not 429
+        with pytest.raises(openai.BadRequestError, match="at most 2") as e:  # never admissible: 400, not 429
             c.completions.create(**(body | {"n": 3}))
+        assert e.value.param == "n"
+        with pytest.raises(openai.BadRequestError, match="at most 2") as e:  # the prompts' count: it named n
+            c.completions.create(**(body | {"prompt": ["a", "b", "c"]}))
+        assert e.value.param == "prompt"
         with paused(engine):  # one running: a request of two sequences is refused whole, none of it starts
             t = threading.Thread(target=lambda: results.append(c.completions.create(**body)))
             t.start()

@@ -281,7 +281,8 @@ def create_app(
         # it, the others wait for its pages and attach them from the prefix cache
         try:
             got = await aengine.submit(
-                [(ids, c, rid if len(jobs) == 1 else f"{rid}-{i}") for i, (ids, c) in enumerate(jobs)]
+                [(ids, c, rid if len(jobs) == 1 else f"{rid}-{i}") for i, (ids, c) in enumerate(jobs)],
+                "prompt" if len(prompts) > 1 else "n",  # the field whose count made too many sequences
             )
         except ApiError as e:  # none started (an invalid schema, no room)
             got = [e]
