@@ -607,7 +607,7 @@ def test_streamed_forced_call_and_the_conversation_after_it(client, server):
     assert server[1].blocks.num_used == 0
 
 
-def test_a_forced_call_cut_by_max_tokens_is_a_tool_call(client):
+def test_a_forced_call_cut_short_is_a_tool_call(client):
     """A forced call cut by max_tokens is returned in tool_calls, its arguments as far as written, with
     finish_reason "length", whole and streamed (as OpenAI and vLLM return it); its partial JSON was the content."""
     ask = [{"role": "user", "content": "weather in Rome?"}]
@@ -616,16 +616,19 @@ def test_a_forced_call_cut_by_max_tokens_is_a_tool_call(client):
     # as the model wrote them (the complete call's are re-serialized)
     written = json.dumps(json.loads(full.choices[0].message.tool_calls[0].function.arguments), ensure_ascii=False,
                          separators=(",", ":"))  # fmt: skip
-    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    # a stop string cuts it too: finish_reason "stop", not "tool_calls" (the call is not whole)
+    for choice, cut in (("required", {}), (named, {}), (named, {"stop": ['"unit"'], "max_tokens": 120})):
         kw = dict(model="tiny", messages=ask, tools=[WEATHER, TIME], tool_choice=choice, parallel_tool_calls=False,
-                  max_tokens=45, temperature=0)  # fmt: skip
+                  max_tokens=45, temperature=0) | cut  # fmt: skip
+        finish = "stop" if cut else "length"
         c = client.chat.completions.create(**kw).choices[0]
-        assert c.finish_reason == "length" and c.message.content is None, c
+        assert c.finish_reason == finish and c.message.content is None, c
         (call,) = c.message.tool_calls
         assert call.function.name == "get_weather" and call.function.arguments.startswith('{"city":'), c
         assert written.startswith(call.function.arguments) and call.function.arguments != written
         deltas = [ch.choices[0] for ch in client.chat.completions.create(**kw, stream=True)]
-        assert deltas[-1].finish_reason == "length" and not any(d.delta.content for d in deltas), deltas
+        assert deltas[-1].finish_reason == finish and not any(d.delta.content for d in deltas), deltas
         (streamed,) = [t for d in deltas for t in d.delta.tool_calls or []]
         assert (streamed.function.name, streamed.function.arguments) == (
             call.function.name,
@@ -893,6 +896,15 @@ def test_llm_chat_with_tools(tiny_dir):
         (call,) = o.tool_calls
         assert o.finish_reason == "tool_calls" and o.text == ""
         assert call["function"]["name"] == "get_time" or valid_weather(call["function"]["arguments"])
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for cut, finish in (
+        (dict(max_new_tokens=40), "length"),
+        (dict(stop=['"unit"'], max_new_tokens=120), "stop"),
+    ):
+        o = llm.chat(ask, SamplingParams(temperature=0, **cut), tools=[WEATHER], tool_choice=named)
+        (call,) = o.tool_calls  # a call cut short: its arguments as written so far
+        assert (o.finish_reason, o.text, call["function"]["name"]) == (finish, "", "get_weather"), o
+        assert call["function"]["arguments"].startswith('{"city":'), call
     plain = llm.chat(
         ask, SamplingParams(max_new_tokens=4, temperature=0), tools=[WEATHER], tool_choice="none"
     )

@@ -111,6 +111,11 @@ class ToolPlan:
             )
         return {"type": "json_schema", "json_schema": {"name": "tool_calls", "schema": self.schema()}}
 
+    def cut(self, text: str) -> bool:
+        """Whether a forced reply was cut in a call (by max_tokens or a stop string): its finish reason is not
+        "tool_calls"."""
+        return self.forced and _json(text) is None
+
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
         """A finished reply as (content, tool calls). Forced: the reply is the calls' JSON, never content; one cut
         short (by max_tokens) keeps its complete calls and the call it was cut in, its arguments as far as written
@@ -127,7 +132,7 @@ class ToolPlan:
 
 
 def finish_reason(finish: str | None, made_calls: bool) -> str | None:
-    """A reply's finish reason: "tool_calls" when it made calls and was not cut short."""
+    """A reply's finish reason: "tool_calls" when it made whole calls (`made_calls`) and was not cut short."""
     return "tool_calls" if made_calls and finish == "stop" else finish
 
 
@@ -229,6 +234,7 @@ class ToolStream:
     def __init__(self, plan: ToolPlan):
         self.plan, self.buf = plan, ""
         self.made = 0  # calls returned so far
+        self.cut = False  # a forced reply that ended cut in a call (ToolPlan.cut)
         # text: scanning for tags; block: inside <tool_call>; lead: after `lead` (a marker, "" at the reply's
         # start), not yet known whether JSON follows; held: JSON after `lead`, held until it ends
         self.mode, self.lead = "lead", ""
@@ -240,7 +246,7 @@ class ToolStream:
             if not finished:
                 return "", []
             content, calls = self.plan.parse(self.buf)
-            self.buf = ""
+            self.buf, self.cut = "", self.plan.cut(self.buf)
             return content or "", calls
         out: list[str] = []
         calls: list[dict] = []
