@@ -289,7 +289,7 @@ def test_forced_replies():
     assert [c["function"] for c in calls[1:]] == [{"name": "get_weather", "arguments": '{"city": "Ro'}]
     assert req.parse('[{"name":"get_')[1][0]["function"]["name"] == "get_"  # either tool
     assert named.parse('{"na')[1][0]["function"] == {"name": "get_weather", "arguments": ""}
-    assert req.parse("[") == (None, [])
+    assert req.parse("[") == ("", [])  # no call began: an empty reply, as streamed (it was content null)
     s = ToolStream(req)
     assert s.feed('[{"name": "get_time", ') == ("", []) and s.feed('"arguments": {}}]', True)[1]
 
@@ -634,6 +634,12 @@ def test_a_forced_call_cut_short_is_a_tool_call(client):
             call.function.name,
             call.function.arguments,
         )
+    # cut before any call began: an empty reply, whole as streamed
+    kw = dict(model="tiny", messages=ask, tools=[WEATHER, TIME], tool_choice="required", max_tokens=1)
+    c = client.chat.completions.create(**kw).choices[0]
+    assert (c.message.content, c.message.tool_calls, c.finish_reason) == ("", None, "length"), c
+    deltas = [ch.choices[0].delta for ch in client.chat.completions.create(**kw, stream=True)]
+    assert "".join(d.content or "" for d in deltas) == "" and not any(d.tool_calls for d in deltas)
 
 
 def test_auto_streamed_equals_whole(client):

@@ -117,16 +117,16 @@ class ToolPlan:
         return self.forced and _json(text) is None
 
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
-        """A finished reply as (content, tool calls). Forced: the reply is the calls' JSON, never content; one cut
-        short (by max_tokens) keeps its complete calls and the call it was cut in, its arguments as far as written
-        (as OpenAI and vLLM return it). Auto: every well-formed <tool_call> block naming a
-        tool is a call,
-        and so is the JSON after a marker token (up to its end token, or the end of the reply) when it is wholly
-        calls of the tools; the rest of the text (malformed blocks and markers included, as written) is the
-        content, None when only whitespace is left beside calls; or a reply that is wholly bare JSON calls
-        (Llama 3.x) is those calls."""
+        """A finished reply as (content, tool calls). Forced: the reply is the calls' JSON, never content (None, or
+        "" when it was cut before any call began, as a streamed empty reply); one cut short (by max_tokens) keeps
+        its complete calls and the call it was cut in, its arguments as far as written (as OpenAI and vLLM return
+        it). Auto: every well-formed <tool_call> block naming a tool is a call, and so is the JSON after a marker
+        token (up to its end token, or the end of the reply) when it is wholly calls of the tools; the rest of the
+        text (malformed blocks and markers included, as written) is the content, None when only whitespace is left
+        beside calls; or a reply that is wholly bare JSON calls (Llama 3.x) is those calls."""
         if self.forced:
-            return None, _calls_of(self, _json(text)) or _cut_calls(self, text)
+            calls = _calls_of(self, _json(text)) or _cut_calls(self, text)
+            return (None if calls else ""), calls
         content, calls = ToolStream(self).feed(text, finished=True)
         return (None if calls and not content.strip() else content), calls
 
