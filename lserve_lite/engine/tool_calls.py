@@ -118,7 +118,7 @@ class ToolPlan:
 
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
         """A finished reply as (content, tool calls). Forced: the reply is the calls' JSON, never content (None, or
-        "" when it was cut before any call began, as a streamed empty reply); one cut short (by max_tokens) keeps
+        "" when it was cut before any call began, as a streamed empty reply); one cut short (max_tokens, a stop) keeps
         its complete calls and the call it was cut in, its arguments as far as written (as OpenAI and vLLM return
         it). Auto: every well-formed <tool_call> block naming a tool is a call, and so is the JSON after a marker
         token (up to its end token, or the end of the reply) when it is wholly calls of the tools; the rest of the
@@ -182,9 +182,9 @@ _CUT_CALL = re.compile(
 
 
 def _cut_calls(plan: ToolPlan, text: str) -> list[dict]:
-    """The calls of a forced reply cut short (max_tokens): an array's complete calls, then the call it was cut in,
-    as OpenAI's and vLLM's truncated calls: its arguments as written so far (a partial JSON string) and its name
-    (the one tool it can be, else as written so far)."""
+    """The calls of a forced reply cut short (max_tokens, a stop string): an array's complete calls, then the call
+    it was cut in, as OpenAI's and vLLM's truncated calls: its arguments as written so far (a partial JSON string)
+    and its name (the one tool it can be, else as written so far)."""
     items, at = _json_values(text, 1) if text.startswith("[") else ([], 0)
     calls = _calls_of(plan, items)
     if len(calls) != len(items) or at == len(text):
