@@ -446,6 +446,12 @@ def test_request_chat_template_needs_trust_and_kwargs_reach_the_template(client,
             assert err["code"] == ("context_length_exceeded" if line.startswith("the rendered") else None), (
                 err
             )
+        # a template that does not render the last message as given cannot continue it: named (it named messages)
+        cont = {"messages": [*MSGS, {"role": "assistant", "content": "sure"}], "add_generation_prompt": False,
+                "continue_final_message": True, "chat_template": "{% for m in messages %}{{ m.content | upper }}{% endfor %}"}  # fmt: skip
+        for r in (post(trusted, body | cont, chat=True), trusted.post("/tokenize", json=cont)):
+            err = error(r)
+            assert err["param"] == "continue_final_message" and "cannot be continued" in err["message"], err
 
 
 def test_continue_final_message_and_add_generation_prompt(client, tiny_llama):

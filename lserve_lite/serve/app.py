@@ -235,9 +235,10 @@ def create_app(
             return [check_ids(engine.tokenizer.encode(p) if isinstance(p, str) else p) for p in req.prompts()]
         except PromptTooLongError as e:
             raise too_long(str(e), where) from None
-        except InvalidRequestError as e:
+        except InvalidRequestError as e:  # a rendering's error naming its field (else the prompt's)
             msg = str(e)
-            raise ApiError(400, msg, param_of(msg) if msg.startswith("chat_template") else where) from None
+            named = msg.startswith(("chat_template", "continue_final_message"))
+            raise ApiError(400, msg, param_of(msg) if named else where) from None
 
     def check_ids(ids: list[int]) -> list[int]:
         vocab = engine.cfg.vocab_size
