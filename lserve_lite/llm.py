@@ -288,8 +288,8 @@ class LLM:
         for o in outs if plan else []:
             content, calls = plan.parse(o.text)
             if calls:
+                o.finish_reason = finish_reason(o.finish_reason, not plan.cut(o.text))
                 o.text, o.tool_calls = content or "", calls
-                o.finish_reason = finish_reason(o.finish_reason, True)
         return ChatOutput(**vars(outs[0])) if single and len(outs) == 1 else outs
 
     def stream(

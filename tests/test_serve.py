@@ -99,6 +99,12 @@ def test_models_health_metrics(server, client):
     # with a trailing slash it is the list too (it was the card of a model named "", for any name served)
     assert httpx.get(url + "/v1/models/", headers=auth, timeout=60).json()["object"] == "list"
     assert httpx.get(url + "/v1/models/", timeout=60).status_code == 401
+    # a POST with one is served too (it was a 307 with an empty body, which clients follow without the body)
+    body = {"messages": chat_msgs("hi"), "max_tokens": 2, "temperature": 0}
+    r = httpx.post(url + "/v1/chat/completions/", json=body, headers=auth, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length", r.text
+    r = httpx.post(url + "/tokenize/", json={"prompt": "hi"}, headers=auth, timeout=60)
+    assert r.status_code == 200 and r.json()["count"] > 0, r.text
     assert httpx.get(url + "/health", timeout=60).json() == {"status": "ok"}
     m = metrics(url)
     assert m["lserve_kv_pages_total"] == 64 and "lserve_time_to_first_token_seconds_count" in m
@@ -458,8 +464,12 @@ def test_overload_429(tiny_dir):
         assert [r.choices[0].finish_reason for r in results] == ["length", "length"]
         assert c.completions.create(**body).choices[0].finish_reason == "length"  # room again
         assert metrics(url)['lserve_request_errors_total{status="429"}'] == 1
-        with pytest.raises(openai.BadRequestError, match="at most 2"):  # never admissible: 400, not 429
+        with pytest.raises(openai.BadRequestError, match="at most 2") as e:  # never admissible: 400, not 429
             c.completions.create(**(body | {"n": 3}))
+        assert e.value.param == "n"
+        with pytest.raises(openai.BadRequestError, match="at most 2") as e:  # the prompts' count: it named n
+            c.completions.create(**(body | {"prompt": ["a", "b", "c"]}))
+        assert e.value.param == "prompt"
         with paused(engine):  # one running: a request of two sequences is refused whole, none of it starts
             t = threading.Thread(target=lambda: results.append(c.completions.create(**body)))
             t.start()

@@ -186,7 +186,8 @@ def test_context_errors_carry_openais_sentence(client):
 
 def test_prompt_size_before_validation(client):
     """Text parts, message counts and token-id lists are measured on the raw body, so an oversized prompt is
-    refused before validation or tokenization costs time in its size; null content is empty text."""
+    refused before validation or tokenization costs time in its size; an assistant turn's null content is empty
+    text."""
     parts = [{"role": "user", "content": [{"type": "text", "text": "y" * 201}]}]
     assert error(post(client, {"messages": parts}, chat=True))["code"] == "context_length_exceeded"
     many = [{"role": "user", "content": ""}] * 13  # 13 x 16 characters of template text > 200
@@ -203,9 +204,13 @@ def test_prompt_size_before_validation(client):
         msgs = [{"role": "tool", "content": "x"} | field]
         assert error(post(client, {"messages": msgs}, chat=True))["code"] == "context_length_exceeded", field
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": []},
-             {"role": "user"}]  # fmt: skip
+             {"role": "user", "content": "x"}]  # fmt: skip
     r = post(client, {"messages": turns, "max_tokens": 2, "temperature": 0}, chat=True)
     assert r.status_code == 200, r.text
+    # only an assistant turn may leave its content out, as OpenAI's rule (a user turn without was taken as empty)
+    for i, m in ((2, {"role": "user"}), (1, {"role": "tool", "content": None})):
+        err = error(post(client, {"messages": turns[:i] + [m], "max_tokens": 2}, chat=True))
+        assert err["param"] == "messages" and err["message"].startswith(f"messages[{i}].content: "), err
 
 
 def test_stop_limits(client):
@@ -441,6 +446,12 @@ def test_request_chat_template_needs_trust_and_kwargs_reach_the_template(client,
             assert err["code"] == ("context_length_exceeded" if line.startswith("the rendered") else None), (
                 err
             )
+        # a template that does not render the last message as given cannot continue it: named (it named messages)
+        cont = {"messages": [*MSGS, {"role": "assistant", "content": "sure"}], "add_generation_prompt": False,
+                "continue_final_message": True, "chat_template": "{% for m in messages %}{{ m.content | upper }}{% endfor %}"}  # fmt: skip
+        for r in (post(trusted, body | cont, chat=True), trusted.post("/tokenize", json=cont)):
+            err = error(r)
+            assert err["param"] == "continue_final_message" and "cannot be continued" in err["message"], err
 
 
 def test_continue_final_message_and_add_generation_prompt(client, tiny_llama):

@@ -81,6 +81,9 @@ def _nested(depth: int) -> dict:
         ([WEATHER], "always", "tool_choice: must be 'none'"),
         ([WEATHER], {"type": "function", "function": {"name": "get_time"}}, "no tool named 'get_time'"),
         (None, "required", "'required' needs tools"),
+        # any choice but "none" without tools is refused, as OpenAI and vLLM refuse it (it was taken, no tools used)
+        ([], "auto", "'auto' needs tools"),
+        (None, {"type": "function", "function": {"name": "f"}}, "'f' needs tools"),
         (
             [{"type": "function", "function": {"name": f"f{i}"}} for i in range(MAX_TOOLS + 1)],
             None,
@@ -278,8 +281,15 @@ def test_forced_replies():
     req = plan_tools([WEATHER, TIME], "required", None)
     cut = '[{"name": "get_time", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "Ro'
     content, calls = req.parse(cut)  # cut short by max_tokens: its complete calls are kept
-    assert content is None and [c["function"]["name"] for c in calls] == ["get_time"]
-    assert req.parse('[{"name": "get_ti') == ('[{"name": "get_ti', [])
+    assert content is None and [c["function"]["name"] for c in calls] == ["get_time", "get_weather"]
+    # the call it was cut in too, as OpenAI's and vLLM's truncated calls: its name (the one tool it can be, else as
+    # written) and its arguments as written so far; it was the reply's content, partial JSON
+    (call,) = req.parse('[{"name": "get_ti')[1]
+    assert call["function"] == {"name": "get_time", "arguments": ""}
+    assert [c["function"] for c in calls[1:]] == [{"name": "get_weather", "arguments": '{"city": "Ro'}]
+    assert req.parse('[{"name":"get_')[1][0]["function"]["name"] == "get_"  # either tool
+    assert named.parse('{"na')[1][0]["function"] == {"name": "get_weather", "arguments": ""}
+    assert req.parse("[") == ("", [])  # no call began: an empty reply, as streamed (it was content null)
     s = ToolStream(req)
     assert s.feed('[{"name": "get_time", ') == ("", []) and s.feed('"arguments": {}}]', True)[1]
 
@@ -597,6 +607,41 @@ def test_streamed_forced_call_and_the_conversation_after_it(client, server):
     assert server[1].blocks.num_used == 0
 
 
+def test_a_forced_call_cut_short_is_a_tool_call(client):
+    """A forced call cut by max_tokens is returned in tool_calls, its arguments as far as written, with
+    finish_reason "length", whole and streamed (as OpenAI and vLLM return it); its partial JSON was the content."""
+    ask = [{"role": "user", "content": "weather in Rome?"}]
+    full = client.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER], tool_choice="required",
+                                          parallel_tool_calls=False, max_tokens=120, temperature=0)  # fmt: skip
+    # as the model wrote them (the complete call's are re-serialized)
+    written = json.dumps(json.loads(full.choices[0].message.tool_calls[0].function.arguments), ensure_ascii=False,
+                         separators=(",", ":"))  # fmt: skip
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    # a stop string cuts it too: finish_reason "stop", not "tool_calls" (the call is not whole)
+    for choice, cut in (("required", {}), (named, {}), (named, {"stop": ['"unit"'], "max_tokens": 120})):
+        kw = dict(model="tiny", messages=ask, tools=[WEATHER, TIME], tool_choice=choice, parallel_tool_calls=False,
+                  max_tokens=45, temperature=0) | cut  # fmt: skip
+        finish = "stop" if cut else "length"
+        c = client.chat.completions.create(**kw).choices[0]
+        assert c.finish_reason == finish and c.message.content is None, c
+        (call,) = c.message.tool_calls
+        assert call.function.name == "get_weather" and call.function.arguments.startswith('{"city":'), c
+        assert written.startswith(call.function.arguments) and call.function.arguments != written
+        deltas = [ch.choices[0] for ch in client.chat.completions.create(**kw, stream=True)]
+        assert deltas[-1].finish_reason == finish and not any(d.delta.content for d in deltas), deltas
+        (streamed,) = [t for d in deltas for t in d.delta.tool_calls or []]
+        assert (streamed.function.name, streamed.function.arguments) == (
+            call.function.name,
+            call.function.arguments,
+        )
+    # cut before any call began: an empty reply, whole as streamed
+    kw = dict(model="tiny", messages=ask, tools=[WEATHER, TIME], tool_choice="required", max_tokens=1)
+    c = client.chat.completions.create(**kw).choices[0]
+    assert (c.message.content, c.message.tool_calls, c.finish_reason) == ("", None, "length"), c
+    deltas = [ch.choices[0].delta for ch in client.chat.completions.create(**kw, stream=True)]
+    assert "".join(d.content or "" for d in deltas) == "" and not any(d.tool_calls for d in deltas)
+
+
 def test_auto_streamed_equals_whole(client):
     """tool_choice auto, greedy: the streamed content and calls equal the non-streamed reply's."""
     ask = [{"role": "user", "content": "weather?"}]
@@ -643,6 +688,7 @@ def test_tool_errors_through_the_server(server):
     bad_schema = {"type": "function", "function": {"name": "f", "parameters": {"type": "objectx"}}}
     cases = [
         (dict(tools=[WEATHER], tool_choice="sometimes"), "tool_choice"),
+        (dict(tool_choice="auto"), "tool_choice"),
         (dict(tools=[{"type": "function", "function": {"name": "a b"}}]), "tools"),
         (dict(functions=[{"name": "f"}]), "functions"),
         (
@@ -663,6 +709,7 @@ def test_tool_errors_through_the_server(server):
     msg = post(tools=[bad_properties], tool_choice="required").json()["error"]["message"]
     assert msg.startswith("tools: the functions' parameters: invalid JSON schema ("), msg
     assert post(tools=[WEATHER], tool_choice="none").status_code == 200
+    assert post(tool_choice="none").status_code == 200  # "none" needs no tools (vLLM's rule)
     # min_tokens with a forced choice (whose calls' grammar may end first): it named only response_format, unsent
     err = post(tools=[WEATHER], tool_choice="required", min_tokens=2).json()["error"]
     assert err["param"] == "min_tokens" and "forced tool_choice" in err["message"], err
@@ -855,6 +902,15 @@ def test_llm_chat_with_tools(tiny_dir):
         (call,) = o.tool_calls
         assert o.finish_reason == "tool_calls" and o.text == ""
         assert call["function"]["name"] == "get_time" or valid_weather(call["function"]["arguments"])
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for cut, finish in (
+        (dict(max_new_tokens=40), "length"),
+        (dict(stop=['"unit"'], max_new_tokens=120), "stop"),
+    ):
+        o = llm.chat(ask, SamplingParams(temperature=0, **cut), tools=[WEATHER], tool_choice=named)
+        (call,) = o.tool_calls  # a call cut short: its arguments as written so far
+        assert (o.finish_reason, o.text, call["function"]["name"]) == (finish, "", "get_weather"), o
+        assert call["function"]["arguments"].startswith('{"city":'), call
     plain = llm.chat(
         ask, SamplingParams(max_new_tokens=4, temperature=0), tools=[WEATHER], tool_choice="none"
     )

@@ -111,22 +111,28 @@ class ToolPlan:
             )
         return {"type": "json_schema", "json_schema": {"name": "tool_calls", "schema": self.schema()}}
 
+    def cut(self, text: str) -> bool:
+        """Whether a forced reply was cut in a call (by max_tokens or a stop string): its finish reason is not
+        "tool_calls"."""
+        return self.forced and _json(text) is None
+
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
-        """A finished reply as (content, tool calls). Forced: the reply is the calls' JSON (an array cut short by
-        max_tokens keeps its complete calls). Auto: every well-formed <tool_call> block naming a tool is a call,
-        and so is the JSON after a marker token (up to its end token, or the end of the reply) when it is wholly
-        calls of the tools; the rest of the text (malformed blocks and markers included, as written) is the
-        content, None when only whitespace is left beside calls; or a reply that is wholly bare JSON calls
-        (Llama 3.x) is those calls."""
+        """A finished reply as (content, tool calls). Forced: the reply is the calls' JSON, never content (None, or
+        "" when it was cut before any call began, as a streamed empty reply); one cut short (max_tokens, a stop) keeps
+        its complete calls and the call it was cut in, its arguments as far as written (as OpenAI and vLLM return
+        it). Auto: every well-formed <tool_call> block naming a tool is a call, and so is the JSON after a marker
+        token (up to its end token, or the end of the reply) when it is wholly calls of the tools; the rest of the
+        text (malformed blocks and markers included, as written) is the content, None when only whitespace is left
+        beside calls; or a reply that is wholly bare JSON calls (Llama 3.x) is those calls."""
         if self.forced:
-            calls = _calls_of(self, _json(text)) or _calls_of(self, _complete_items(text))
-            return (None, calls) if calls else (text or None, [])
+            calls = _calls_of(self, _json(text)) or _cut_calls(self, text)
+            return (None if calls else ""), calls
         content, calls = ToolStream(self).feed(text, finished=True)
         return (None if calls and not content.strip() else content), calls
 
 
 def finish_reason(finish: str | None, made_calls: bool) -> str | None:
-    """A reply's finish reason: "tool_calls" when it made calls and was not cut short."""
+    """A reply's finish reason: "tool_calls" when it made whole calls (`made_calls`) and was not cut short."""
     return "tool_calls" if made_calls and finish == "stop" else finish
 
 
@@ -153,24 +159,48 @@ def _json(text: str) -> object:
         return None
 
 
-def _json_values(text: str, at: int = 0) -> tuple[list, bool]:
+def _json_values(text: str, at: int = 0) -> tuple[list, int]:
     """The JSON values of `text` from `at`, separated by whitespace, ',' or ';', up to the first that does not
-    parse; and whether they reach the end of the text."""
+    parse; and where that one starts (len(text) when they reach the end of the text)."""
     dec, values = json.JSONDecoder(), []
     while True:
         at += len(text[at:]) - len(text[at:].lstrip(" \t\r\n,;"))
         if at == len(text):
-            return values, True
+            return values, at
         try:
             value, at = dec.raw_decode(text, at)
         except ValueError:
-            return values, False
+            return values, at
         values.append(value)
 
 
-def _complete_items(text: str) -> list | None:
-    """The complete items of a JSON array cut short (a forced reply that reached max_tokens), else None."""
-    return (_json_values(text, 1)[0] or None) if text.startswith("[") else None
+# the start of a forced call cut short: its name (maybe cut too) and its arguments' JSON as far as written
+_CUT_CALL = re.compile(
+    r'\s*\{\s*(?:"name"\s*:\s*"(?P<name>[^"]*)(?P<closed>")?(?:\s*,\s*"arguments"\s*:\s*(?P<args>.*))?)?',
+    re.S,
+)
+
+
+def _cut_calls(plan: ToolPlan, text: str) -> list[dict]:
+    """The calls of a forced reply cut short (max_tokens, a stop string): an array's complete calls, then the call
+    it was cut in, as OpenAI's and vLLM's truncated calls: its arguments as written so far (a partial JSON string)
+    and its name (the one tool it can be, else as written so far)."""
+    items, at = _json_values(text, 1) if text.startswith("[") else ([], 0)
+    calls = _calls_of(plan, items)
+    if len(calls) != len(items) or at == len(text):
+        return calls
+    cut = _CUT_CALL.match(text, at)
+    if cut is None:
+        return calls
+    written = cut["name"] or ""
+    names = [
+        t.name
+        for t in plan.tools
+        if (plan.mode != "named" or t.name == plan.name)
+        and (t.name == written if cut["closed"] else t.name.startswith(written))
+    ]
+    fn = {"name": names[0] if len(names) == 1 else written, "arguments": cut["args"] or ""}
+    return calls + [{"id": plan.call_id(), "type": "function", "function": fn}]
 
 
 def _calls_of(plan: ToolPlan, obj: object) -> list[dict]:
@@ -204,6 +234,7 @@ class ToolStream:
     def __init__(self, plan: ToolPlan):
         self.plan, self.buf = plan, ""
         self.made = 0  # calls returned so far
+        self.cut = False  # a forced reply that ended cut in a call (ToolPlan.cut)
         # text: scanning for tags; block: inside <tool_call>; lead: after `lead` (a marker, "" at the reply's
         # start), not yet known whether JSON follows; held: JSON after `lead`, held until it ends
         self.mode, self.lead = "lead", ""
@@ -215,7 +246,7 @@ class ToolStream:
             if not finished:
                 return "", []
             content, calls = self.plan.parse(self.buf)
-            self.buf = ""
+            self.buf, self.cut = "", self.plan.cut(self.buf)
             return content or "", calls
         out: list[str] = []
         calls: list[dict] = []
@@ -272,9 +303,9 @@ class ToolStream:
 def _bare_calls(plan: ToolPlan, text: str) -> list[dict]:
     """Calls written as bare JSON, as Llama 3.x writes them: one object, an array of them, or objects separated by
     ';' or ','; [] unless the whole text is such calls of the plan's tools."""
-    values, whole = _json_values(text)
+    values, at = _json_values(text)
     items = [x for v in values for x in (v if isinstance(v, list) else [v])]
-    return _calls_of(plan, items) if whole and items else []
+    return _calls_of(plan, items) if at == len(text) and items else []
 
 
 def _first(s: str, tags: tuple[str, ...]) -> tuple[int, str]:
@@ -354,21 +385,24 @@ def _tool(i: int, t: object) -> Tool:
 
 
 def _choice(choice: object, tools: tuple[Tool, ...]) -> tuple[str, str | None]:
+    """(mode, name) of a tool_choice; any but "none" needs tools, as OpenAI and vLLM refuse it without (a client
+    that sends it expects calls)."""
     if choice is None:
         return "auto", None
     if choice in ("none", "auto", "required"):
-        if choice == "required" and not tools:
-            raise InvalidRequestError("tool_choice: 'required' needs tools")
-        return str(choice), None
-    fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
-    name = fn.get("name") if isinstance(fn, dict) else None
-    if not isinstance(name, str):
-        raise InvalidRequestError(
-            "tool_choice: must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}"
-        )
-    if not any(t.name == name for t in tools):
+        mode, name = str(choice), None
+    else:
+        fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+        mode, name = "named", fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str):
+            raise InvalidRequestError(
+                "tool_choice: must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}"
+            )
+    if mode != "none" and not tools:
+        raise InvalidRequestError(f"tool_choice: {name or mode!r} needs tools")
+    if name is not None and not any(t.name == name for t in tools):
         raise InvalidRequestError(f"tool_choice: no tool named {name!r} in tools")
-    return "named", name
+    return mode, name
 
 
 def prompt_messages(

@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..engine.llm_engine import LLMEngine
 from ..engine.tool_calls import prompt_messages, short_call_ids
@@ -82,6 +83,7 @@ def create_app(
         engine.close()
 
     app = FastAPI(title="lserve-lite", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(NoTrailingSlash)
     app.state.engine = aengine
 
     # -- errors: always OpenAI-shaped JSON, never a traceback --------------------------------------
@@ -174,9 +176,6 @@ def create_app(
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str, request: Request):
-        # "/v1/models/" (a base URL's trailing slash): the list, not the card of a model named ""
-        if not model:
-            return await list_models(request)
         check_key(request)
         check_model(model)
         return model_card()
@@ -236,9 +235,10 @@ def create_app(
             return [check_ids(engine.tokenizer.encode(p) if isinstance(p, str) else p) for p in req.prompts()]
         except PromptTooLongError as e:
             raise too_long(str(e), where) from None
-        except InvalidRequestError as e:
+        except InvalidRequestError as e:  # a rendering's error naming its field (else the prompt's)
             msg = str(e)
-            raise ApiError(400, msg, param_of(msg) if msg.startswith("chat_template") else where) from None
+            named = msg.startswith(("chat_template", "continue_final_message"))
+            raise ApiError(400, msg, param_of(msg) if named else where) from None
 
     def check_ids(ids: list[int]) -> list[int]:
         vocab = engine.cfg.vocab_size
@@ -281,7 +281,8 @@ def create_app(
         # it, the others wait for its pages and attach them from the prefix cache
         try:
             got = await aengine.submit(
-                [(ids, c, rid if len(jobs) == 1 else f"{rid}-{i}") for i, (ids, c) in enumerate(jobs)]
+                [(ids, c, rid if len(jobs) == 1 else f"{rid}-{i}") for i, (ids, c) in enumerate(jobs)],
+                "prompt" if len(prompts) > 1 else "n",  # the field whose count made too many sequences
             )
         except ApiError as e:  # none started (an invalid schema, no room)
             got = [e]
@@ -365,6 +366,21 @@ def create_app(
         return await generate(request, chat=True)
 
     return app
+
+
+class NoTrailingSlash:
+    """Serves a path with a trailing slash as the path without ("/v1/chat/completions/", "/v1/models/": a base URL's
+    slash): Starlette answered it with a 307 of empty body, which a client follows without its POST body, if at
+    all."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            scope = {**scope, "path": path.rstrip("/") or "/"}
+        await self.app(scope, receive, send)
 
 
 class Server(uvicorn.Server):

@@ -120,31 +120,33 @@ class AsyncEngine:
         return len(self._inbox) + len(self.engine.scheduler.waiting)
 
     # -- requests (event loop) ------------------------------------------------------------------
-    def check_room(self, count: int) -> None:
-        """A request of `count` sequences: 400 if it can never be admitted, 429 if not now (before any starts)."""
+    def check_room(self, count: int, param: str = "n") -> None:
+        """A request of `count` sequences: 400 if it can never be admitted (naming `param`, the field that made
+        them), 429 if not now (before any starts)."""
         if count > self.max_in_flight:
             raise ApiError(400, f"the request needs {count} sequences (prompts x n); this server holds at most "
-                           f"{self.max_in_flight} (max_num_seqs + max_queue)", "n")  # fmt: skip
+                           f"{self.max_in_flight} (max_num_seqs + max_queue)", param)  # fmt: skip
         if len(self._queues) + count > self.max_in_flight:
             raise ApiError(429, f"server overloaded: {len(self._queues)} requests in flight; retry later")
 
     async def submit(
-        self, jobs: list[tuple[list[int], SamplingParams, str]]
+        self, jobs: list[tuple[list[int], SamplingParams, str]], param: str = "n"
     ) -> list[RequestHandle | BaseException]:
-        """Hand a request's sequences (prompt ids, params, request id) to the engine: room checked and every one
-        queued in one synchronous step, so that no other request takes the room between (a 429 starts none);
-        then each one's RequestHandle once admitted, or the ApiError that refused it. Cancelled at any point (the
-        client gone), it aborts every sequence it queued: one admitted has no handle left to read or close it."""
+        """Hand a request's sequences (prompt ids, params, request id) to the engine: room checked (`param` as
+        check_room names it) and every one queued in one synchronous step, so that no other request takes the room
+        between (a 429 starts none); then each one's RequestHandle once admitted, or the ApiError that refused it.
+        Cancelled at any point (the client gone), it aborts every sequence it queued: one admitted has no handle
+        left to read or close it."""
         if not self.alive:
             raise ApiError(503, "the engine is not running")
-        self.check_room(len(jobs))
+        self.check_room(len(jobs), param)
         arrival = time.monotonic()
         guides: list = [None] * len(jobs)
         if any(params.constrained for _, params, _ in jobs):
             guides = await asyncio.get_running_loop().run_in_executor(
                 self._builder, self._guides, [params for _, params, _ in jobs]
             )
-            self.check_room(len(jobs))  # again: others may have taken the room meanwhile
+            self.check_room(len(jobs), param)  # again: others may have taken the room meanwhile
         queues: list[tuple[str, asyncio.Queue]] = []
         with self._cv:
             if self._stopping:  # shut down while the grammars were built: nothing would ever take the inbox

@@ -76,7 +76,7 @@ class Choices:
                 message["content"], calls = self.tools.parse(text)
                 if calls:
                     message["tool_calls"] = calls
-                finish = finish_reason(finish, bool(calls))
+                finish = finish_reason(finish, bool(calls) and not self.tools.cut(text))
             return {
                 "index": i,
                 "message": message,
@@ -222,7 +222,8 @@ async def sse_events(
                 lasts[i] = out
                 # a reply that sent no content and made no calls is empty: its content is "", as whole
                 empty = None if wrote[i] or ncalls[i] else ""
-                yield chunk(i, empty, finish=finish_reason(shape.finish(out), ncalls[i] > 0))
+                made = ncalls[i] > 0 and not tools[i].cut  # whole calls
+                yield chunk(i, empty, finish=finish_reason(shape.finish(out), made))
         if include_usage:
             yield _sse(base | {"choices": [], "usage": shape.usage(lasts)})
     except ApiError as e:
