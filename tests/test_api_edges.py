@@ -293,6 +293,20 @@ def test_page_budget_and_sink_clipped_to_a_whole_context():
     assert lay.select_pages == 16 and lay.sink_pages == 16
 
 
+def test_sink_and_ring_reserve_a_whole_context_once():
+    """A ring clipped to a whole context held the sink pages again: SmolLM2's defaults (an 8192-token context,
+    sink 128, local 8192) reserved 2 + 128 streaming pages a sequence for its 128 pages (1.5% over); the ring
+    now holds what the context has past the sink, and a per-request window still fits it whole."""
+    from lserve_lite.geometry import pages_for, ring_fits
+
+    for max_len in (8192, 8000, 200):
+        _, lay = _layout(1, max_len, prefill_sink=128, decode_sink=64)
+        assert lay.stream_pages_per_seq == pages_for(max_len, 64)
+        assert ring_fits(1 << 20, lay.ring_pages, 64, 64, max_len, lay.sink_pages)
+    _, lay = _layout(1, 128, prefill_sink=1024)  # a sink past the context: every page a sink page, no ring
+    assert (lay.sink_pages, lay.ring_pages) == (2, 0)
+
+
 def test_page_selections_are_counted_and_refused_before_allocating():
     """The selections (int32 page ids per sequence slot, KV head and layer, a budget's worth) were not counted: a
     budget as long as a 16M-token context with 4096 sequences allocated 32 GiB arrays after the pools (MemoryError,
@@ -336,8 +350,8 @@ def test_streaming_rings_sized_for_the_context_the_pool_holds(tmp_path):
     cfg = dict(page_size=16, max_num_seqs=4, sparse=sparse)
     eng = LLM(str(d), backend="cpu", config=EngineConfig(num_kv_pages=10, **cfg))
     ref = LLM(str(d), backend="cpu", config=EngineConfig(max_model_len=160, **cfg))
-    assert eng.engine.max_len == 160 and eng.engine.layout.stream_pages_per_seq == 1 + 10
-    assert eng.engine.blocks.num_stream_pages == 4 * 11
+    assert eng.engine.max_len == 160 and eng.engine.layout.stream_pages_per_seq == 10  # 1 sink + 9 ring pages
+    assert eng.engine.blocks.num_stream_pages == 4 * 10
     sp = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
     prompts = [list(range(3, 140)), list(range(7, 60))]
     assert [o.token_ids for o in eng.generate(prompts, sp)] == [

@@ -325,7 +325,7 @@ class LLMEngine:
         req = sp.with_knobs(knobs)
         lay, ps, ctx, chunk = self.layout, self.ecfg.page_size, self._context_limit(), self._max_chunk()
         local, sink = max(req.prefill_local, req.decode_local), max(req.prefill_sink, req.decode_sink)
-        if not ring_fits(local, lay.ring_pages, chunk, ps, ctx):
+        if not ring_fits(local, lay.ring_pages, chunk, ps, ctx, lay.sink_pages):
             raise InvalidRequestError(
                 f"per-request local windows must fit the engine's streaming ring: up to "
                 f"{ring_window(lay.ring_pages, chunk, ps)} tokens beside a {chunk}-token prefill chunk, got {local}"
