@@ -416,6 +416,29 @@ def test_no_dense_heads_pool_from_the_streaming_pool():
     assert pool_pages(cfg, 64, 2 * 16 * 4, 1000 * page, lay, 4, stat_itemsize=4) == (MAX_POOL_PAGES, 4 * 132)
 
 
+def test_no_dense_heads_hold_no_page_selections(tmp_path):
+    """static_sparsity 1: no head selects pages, yet each sequence slot held a budget's worth of selections in
+    every layer (dead memory) and a long budget with many sequences was refused for them; now none are sized."""
+    from tiny_models import make_tiny_numpy
+
+    from lserve_lite.kv.layout import pool_pages
+
+    cfg, lay = _layout(1, 1 << 24, token_budget=1 << 24)
+    assert lay.select_pages == 0 and lay.selection_bytes(cfg, 4096) == 4 * 2 * 4096 * 2 * 2
+    assert pool_pages(cfg, 64, 2 * 16 * 4, 2 << 30, lay, 4096, stat_itemsize=4)[1] > 0
+    d = make_tiny_numpy(tmp_path / "m")
+    (d / "full_attention_heads.tsv").write_text("0.9\t0.1\n0.2\t0.8\n")
+    sparse = dict(enabled=True, static_sparsity=1.0, token_budget=1 << 20)
+    llm = LLM(
+        str(d), backend="cpu", config=EngineConfig(max_model_len=1 << 20, max_num_seqs=64, sparse=sparse)
+    )
+    assert llm.engine.blocks.num_slots == 0 and llm.engine.runner.cache.sel_idx[0].shape[-1] == 1
+    out = llm.generate(
+        [list(range(3, 200))], SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    )
+    assert len(out[0].token_ids) == 4
+
+
 def test_startup_line_names_a_context_limit_past_the_trained_positions(tmp_path):
     """max_model_len past max_position_embeddings is allowed (long-context runs extrapolate on purpose), and said."""
     from tiny_models import make_tiny_numpy

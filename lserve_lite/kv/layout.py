@@ -81,6 +81,9 @@ class KVLayout:
             sub_pages=sp.sub_pages,
             select_pages=geometry.budget_pages(sp.token_budget, ps),
         )
+        # no dense head selects: its selections were dead memory, and refused when large
+        if layout.streaming_only:
+            layout = replace(layout, select_pages=0)
         return layout if max_len is None else layout.within(max_len)
 
     def within(self, max_len: int) -> KVLayout:
