@@ -238,6 +238,24 @@ def test_ring_pages_never_exceed_a_whole_context():
     assert not ring_fits(8192, 125, 2048, 64, 8192, 2) and not ring_fits(8192, 126, 2048, 64, 8192, 1)
 
 
+def test_ring_pages_are_the_most_a_chunk_sees_at_once():
+    """The ring is the most pages a chunk of up to max_chunk queries visits past the sink at once (the Lambda
+    mask, geometry.streaming_bounds): it reserved `local + max_chunk` tokens' pages plus one, a page more than
+    any chunk sees where max_chunk is 1 or 2 past a page multiple (a 2049-token step budget, a decode-only ring),
+    and ring_window reads it back to the widest window it serves."""
+    from lserve_lite.geometry import ring_pages, ring_window, streaming_bounds
+
+    ps = 16
+    for local in (ps, 3 * ps):
+        for chunk in (1, 2, 3, ps, ps + 1, ps + 2, 2 * ps - 1, 3 * ps):
+            seen = max(
+                n - lo
+                for n, _, lo in (streaming_bounds(f, f + chunk - 1, ps, 0, local) for f in range(6 * ps))
+            )
+            assert ring_pages(local, chunk, ps) == seen, (local, chunk)
+            assert ring_window(seen, chunk, ps) >= local > ring_window(seen - 1, chunk, ps)
+
+
 def test_lserve_ring_is_sized_for_a_chunk_no_longer_than_the_context(tiny_llama, tmp_path):
     """A step budget above the context (max_num_batched_tokens 2^20) does not size the streaming ring: it holds at
     most a whole context (it asked for 2^20 tokens a sequence, and the KV budget went to the streaming pool), and
