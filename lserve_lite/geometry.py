@@ -36,25 +36,37 @@ def sink_pages(sink: int, page_size: int) -> int:
     return pages_for(sink, page_size)
 
 
-def ring_pages(local: int, max_chunk: int, page_size: int, max_len: int | None = None) -> int:
-    """Ring of a streaming head's local pages: the window plus one prefill chunk being written, plus the
-    page the window's oldest token may straddle; no more than a whole context's pages (`max_len` tokens),
-    since a ring that holds a whole sequence never wraps."""
-    ring = pages_for(local + max_chunk, page_size) + 1
-    return ring if max_len is None else min(ring, pages_for(max_len, page_size))
+def ring_pages(
+    local: int, max_chunk: int, page_size: int, max_len: int | None = None, num_sink_pages: int = 0
+) -> int:  # fmt: skip
+    """Ring of a streaming head's local pages: every page a chunk of `max_chunk` queries sees in its `local` window
+    (the query included) at once, its own included: `local + max_chunk - 1` tokens, which straddle at most one page
+    more than they fill (`streaming_bounds`; `local + max_chunk` tokens reserved a page more where max_chunk is 1
+    or 2 past a page multiple). No more than what a whole context (`max_len` tokens) has past its `num_sink_pages`
+    sink pages, since a ring that holds the rest of a sequence never wraps (clipped to the whole context, it
+    reserved the sink pages twice)."""
+    ring = pages_for(local + max_chunk - 2, page_size) + 1
+    return ring if max_len is None else min(ring, pages_for(max_len, page_size) - num_sink_pages)
 
 
-def ring_fits(local: int, num_ring_pages: int, max_chunk: int, page_size: int, max_len: int) -> bool:
+def holds_context(num_sink_pages: int, num_ring_pages: int, page_size: int, max_len: int) -> bool:
+    """Whether sink pages and a ring hold a whole context of `max_len` tokens (the ring never wraps)."""
+    return num_sink_pages + num_ring_pages >= pages_for(max_len, page_size)
+
+
+def ring_fits(
+    local: int, num_ring_pages: int, max_chunk: int, page_size: int, max_len: int, num_sink_pages: int = 0
+) -> bool:  # fmt: skip
     """Whether a ring of `num_ring_pages` serves a `local` window (`ring_pages`' rule read backwards): it holds
-    the window beside a chunk, or a whole context."""
-    whole = num_ring_pages >= pages_for(max_len, page_size)
+    the window beside a chunk, or, beside `num_sink_pages` sink pages, a whole context."""
+    whole = holds_context(num_sink_pages, num_ring_pages, page_size, max_len)
     return whole or local <= ring_window(num_ring_pages, max_chunk, page_size)
 
 
 def ring_window(num_ring_pages: int, max_chunk: int, page_size: int) -> int:
-    """The widest local window a ring of `num_ring_pages` serves beside a `max_chunk`-token chunk (`ring_pages`
-    read backwards; a ring that holds a whole context serves any, `ring_fits`)."""
-    return (num_ring_pages - 1) * page_size - max_chunk
+    """The widest local window (a page multiple, as windows are) a ring of `num_ring_pages` serves beside a
+    `max_chunk`-token chunk (`ring_pages` read backwards; a ring that holds a whole context serves any, `ring_fits`)."""
+    return ((num_ring_pages - 1) * page_size - max_chunk + 2) // page_size * page_size
 
 
 def sink_fits(sink: int, num_sink_pages: int, page_size: int, max_len: int) -> bool:

@@ -293,6 +293,20 @@ def test_page_budget_and_sink_clipped_to_a_whole_context():
     assert lay.select_pages == 16 and lay.sink_pages == 16
 
 
+def test_sink_and_ring_reserve_a_whole_context_once():
+    """A ring clipped to a whole context held the sink pages again: SmolLM2's defaults (an 8192-token context,
+    sink 128, local 8192) reserved 2 + 128 streaming pages a sequence for its 128 pages (1.5% over); the ring
+    now holds what the context has past the sink, and a per-request window still fits it whole."""
+    from lserve_lite.geometry import pages_for, ring_fits
+
+    for max_len in (8192, 8000, 200):
+        _, lay = _layout(1, max_len, prefill_sink=128, decode_sink=64)
+        assert lay.stream_pages_per_seq == pages_for(max_len, 64)
+        assert ring_fits(1 << 20, lay.ring_pages, 64, 64, max_len, lay.sink_pages)
+    _, lay = _layout(1, 128, prefill_sink=1024)  # a sink past the context: every page a sink page, no ring
+    assert (lay.sink_pages, lay.ring_pages) == (2, 0)
+
+
 def test_page_selections_are_counted_and_refused_before_allocating():
     """The selections (int32 page ids per sequence slot, KV head and layer, a budget's worth) were not counted: a
     budget as long as a 16M-token context with 4096 sequences allocated 32 GiB arrays after the pools (MemoryError,
@@ -336,8 +350,8 @@ def test_streaming_rings_sized_for_the_context_the_pool_holds(tmp_path):
     cfg = dict(page_size=16, max_num_seqs=4, sparse=sparse)
     eng = LLM(str(d), backend="cpu", config=EngineConfig(num_kv_pages=10, **cfg))
     ref = LLM(str(d), backend="cpu", config=EngineConfig(max_model_len=160, **cfg))
-    assert eng.engine.max_len == 160 and eng.engine.layout.stream_pages_per_seq == 1 + 10
-    assert eng.engine.blocks.num_stream_pages == 4 * 11
+    assert eng.engine.max_len == 160 and eng.engine.layout.stream_pages_per_seq == 10  # 1 sink + 9 ring pages
+    assert eng.engine.blocks.num_stream_pages == 4 * 10
     sp = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
     prompts = [list(range(3, 140)), list(range(7, 60))]
     assert [o.token_ids for o in eng.generate(prompts, sp)] == [
@@ -400,6 +414,29 @@ def test_no_dense_heads_pool_from_the_streaming_pool():
     sel = lay.selection_bytes(cfg, 4)  # the page selections come out of the budget first
     assert pool_pages(cfg, 64, 2 * 16 * 4, 200 * page + sel, lay, 4, stat_itemsize=4) == (MAX_POOL_PAGES, 200)
     assert pool_pages(cfg, 64, 2 * 16 * 4, 1000 * page, lay, 4, stat_itemsize=4) == (MAX_POOL_PAGES, 4 * 132)
+
+
+def test_no_dense_heads_hold_no_page_selections(tmp_path):
+    """static_sparsity 1: no head selects pages, yet each sequence slot held a budget's worth of selections in
+    every layer (dead memory) and a long budget with many sequences was refused for them; now none are sized."""
+    from tiny_models import make_tiny_numpy
+
+    from lserve_lite.kv.layout import pool_pages
+
+    cfg, lay = _layout(1, 1 << 24, token_budget=1 << 24)
+    assert lay.select_pages == 0 and lay.selection_bytes(cfg, 4096) == 4 * 2 * 4096 * 2 * 2
+    assert pool_pages(cfg, 64, 2 * 16 * 4, 2 << 30, lay, 4096, stat_itemsize=4)[1] > 0
+    d = make_tiny_numpy(tmp_path / "m")
+    (d / "full_attention_heads.tsv").write_text("0.9\t0.1\n0.2\t0.8\n")
+    sparse = dict(enabled=True, static_sparsity=1.0, token_budget=1 << 20)
+    llm = LLM(
+        str(d), backend="cpu", config=EngineConfig(max_model_len=1 << 20, max_num_seqs=64, sparse=sparse)
+    )
+    assert llm.engine.blocks.num_slots == 0 and llm.engine.runner.cache.sel_idx[0].shape[-1] == 1
+    out = llm.generate(
+        [list(range(3, 200))], SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    )
+    assert len(out[0].token_ids) == 4
 
 
 def test_startup_line_names_a_context_limit_past_the_trained_positions(tmp_path):

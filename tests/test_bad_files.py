@@ -172,6 +172,30 @@ def test_llama3_rope_factors_at_their_bounds_give_finite_tables():
         assert all(np.isfinite(t).all() for t in rope_tables(cfg, 1024))
 
 
+def test_rope_tables_of_a_long_context_take_no_more_than_their_own_bytes():
+    """Streaming heads alone bound no context by KV memory, so a 2^24-token limit sizes the rope tables: their float64
+    angles, cos and sin were made whole (3x the tables' bytes on top of them, 12 GiB for SmolLM2). Now a chunk at a
+    time, with the same values."""
+    import tracemalloc
+
+    from lserve_lite.backends.base import ROPE_CHUNK, rope_tables
+
+    cfg = ModelConfig.from_dict(BASE_CONFIG)
+    n = 8 * ROPE_CHUNK + 5
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
+    ang = np.arange(n, dtype=np.float64)[:, None] * inv[None, :]  # whole, as before
+    tracemalloc.start()
+    try:
+        cos, sin = rope_tables(cfg, n)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(cos, np.cos(ang).astype(np.float32)) and np.array_equal(
+        sin, np.sin(ang).astype(np.float32)
+    )
+    assert peak < 1.5 * (cos.nbytes + sin.nbytes)
+
+
 def test_supported_forward_options_still_load(tmp_path: Path):
     """SiLU under either name, false biases, and Qwen2 (its q/k/v biases are implemented) load as before."""
     for act in ("silu", "swish"):

@@ -225,17 +225,35 @@ def test_overlap_is_the_default_and_the_cli_turns_it_off():
 
 
 def test_ring_pages_never_exceed_a_whole_context():
-    """geometry.ring_pages: the window plus a chunk and one straddled page, clipped to a whole context (which
-    never wraps), and ring_fits, the per-request window check, reading that rule backwards."""
+    """geometry.ring_pages: the window plus a chunk and one straddled page, clipped to what a whole context has
+    past the sink pages (a ring that holds it never wraps), and ring_fits, the per-request window check, reading
+    that rule backwards."""
     from lserve_lite.geometry import ring_fits, ring_pages
 
-    assert ring_pages(8192, 2048, 64) == ring_pages(8192, 2048, 64, 1 << 18) == 161
-    assert (
-        ring_pages(8192, 2048, 64, 8192) == 128
-    )  # SmolLM2's LServe defaults: was 161 pages for 128 of context
+    assert ring_pages(8192, 2048, 64) == ring_pages(8192, 2048, 64, 1 << 18, 2) == 161
+    # SmolLM2's LServe defaults: was 161 pages for 128 of context, then 128 beside the 2 sink pages
+    assert ring_pages(8192, 2048, 64, 8192, 2) == 126 and ring_pages(8192, 2048, 64, 8192) == 128
     assert ring_fits(8192, 161, 2048, 64, 1 << 18) and not ring_fits(8193, 161, 2048, 64, 1 << 18)
-    assert ring_fits(8192, 128, 2048, 64, 8192) and ring_fits(100_000, 128, 2048, 64, 8192)
-    assert not ring_fits(8192, 127, 2048, 64, 8192)
+    assert ring_fits(8192, 126, 2048, 64, 8192, 2) and ring_fits(100_000, 126, 2048, 64, 8192, 2)
+    assert not ring_fits(8192, 125, 2048, 64, 8192, 2) and not ring_fits(8192, 126, 2048, 64, 8192, 1)
+
+
+def test_ring_pages_are_the_most_a_chunk_sees_at_once():
+    """The ring is the most pages a chunk of up to max_chunk queries visits past the sink at once (the Lambda
+    mask, geometry.streaming_bounds): it reserved `local + max_chunk` tokens' pages plus one, a page more than
+    any chunk sees where max_chunk is 1 or 2 past a page multiple (a 2049-token step budget, a decode-only ring),
+    and ring_window reads it back to the widest window it serves."""
+    from lserve_lite.geometry import ring_pages, ring_window, streaming_bounds
+
+    ps = 16
+    for local in (ps, 3 * ps):
+        for chunk in (1, 2, 3, ps, ps + 1, ps + 2, 2 * ps - 1, 3 * ps):
+            seen = max(
+                n - lo
+                for n, _, lo in (streaming_bounds(f, f + chunk - 1, ps, 0, local) for f in range(6 * ps))
+            )
+            assert ring_pages(local, chunk, ps) == seen, (local, chunk)
+            assert ring_window(seen, chunk, ps) >= local > ring_window(seen - 1, chunk, ps)
 
 
 def test_lserve_ring_is_sized_for_a_chunk_no_longer_than_the_context(tiny_llama, tmp_path):
@@ -250,7 +268,8 @@ def test_lserve_ring_is_sized_for_a_chunk_no_longer_than_the_context(tiny_llama,
                       token_budget=48, pattern_path=str(pattern))  # fmt: skip
     llm = LLM(str(tiny_llama), backend="cpu",
               config=EngineConfig(page_size=16, max_model_len=256, max_num_batched_tokens=1 << 20, sparse=sp))  # fmt: skip
-    assert llm.engine.layout.ring_pages == 256 // 16
+    lay = llm.engine.layout
+    assert lay.sink_pages + lay.ring_pages == 256 // 16  # the ring holds the rest of a context past the sink
     params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
     out = llm.generate([list(range(3, 203))], params)
     llm.engine.add_request(list(range(3, 203)), params, sparse={"prefill_local": 32, "decode_local": 32})

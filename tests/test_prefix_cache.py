@@ -147,6 +147,26 @@ def test_eviction_under_memory_pressure(model, mode):
     assert len(eng.blocks.cache.page_of) <= 16
 
 
+def test_streaming_only_index_is_bounded_by_the_snapshots(model):
+    """With no dense head a dense page is an id without bytes (MAX_POOL_PAGES of them), so no allocation evicted
+    an idle one: the index grew by every prompt served (~300 MB at a million pages). It now keeps at most the
+    pages the streaming pool's snapshots can resume, and the newest prompts still hit."""
+    rng = np.random.default_rng(11)
+    prompts = [ids(rng, 200) for _ in range(6)]  # 3 full pages each: 18 indexed before
+    sc = SparseConfig(enabled=True, static_sparsity=1.0, prefill_sink=64, prefill_local=128, decode_sink=64,
+                      decode_local=64, token_budget=256, pattern_path=model[1])  # fmt: skip
+    cfg = dict(sparse=sc, max_model_len=256, max_num_seqs=2)
+    eng = LLMEngine(str(model[0]), "cpu", EngineConfig(**cfg))
+    cache = eng.blocks.cache
+    assert eng.layout.streaming_only and eng.blocks.num_pages > 1000 * cache.max_idle
+    assert cache.max_idle == eng.blocks.num_stream_pages == 2 * 4  # a sequence's 4 pages hold a whole context
+    again = prompts[-1] + [7]
+    got = run(eng, prompts) + run(eng, [again])
+    assert len(cache.page_of) == len(cache.idle) <= cache.max_idle
+    ref = run(LLMEngine(str(model[0]), "cpu", EngineConfig(prefix_caching=False, **cfg)), [again])
+    assert got[-1][1] == 192 and got[-1][0] == ref[0][0]
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_aborted_request_whose_pages_others_share(model, mode):
     rng = np.random.default_rng(5)

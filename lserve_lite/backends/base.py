@@ -329,15 +329,23 @@ def alloc_kv_cache(
     )
 
 
+ROPE_CHUNK = 1 << 16  # positions whose float64 angles rope_tables holds at once
+
+
 def rope_tables(cfg: ModelConfig, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [max_len, head_dim/2] in float32 (half-split rotation as HF Llama), llama3 scaling applied."""
+    """cos/sin [max_len, head_dim/2] in float32 (half-split rotation as HF Llama), llama3 scaling applied. The
+    angles are float64 (exact at long positions) a chunk at a time: whole, they and their cos / sin took 3x the
+    tables' bytes on top of them (12 GiB for SmolLM2 at a 2^24-token context, which streaming heads alone allow)."""
     d = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
     rs = cfg.rope_scaling
     if rs and rs.get("rope_type", rs.get("type")) == "llama3":
         inv = _llama3_scale(inv, rs)
-    ang = np.arange(max_len, dtype=np.float64)[:, None] * inv[None, :]
-    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    cos, sin = (np.empty((max_len, inv.size), np.float32) for _ in range(2))
+    for p in range(0, max_len, ROPE_CHUNK):
+        ang = np.arange(p, min(p + ROPE_CHUNK, max_len), dtype=np.float64)[:, None] * inv[None, :]
+        cos[p : p + ROPE_CHUNK], sin[p : p + ROPE_CHUNK] = np.cos(ang), np.sin(ang)
+    return cos, sin
 
 
 def _llama3_scale(inv: np.ndarray, rs: dict) -> np.ndarray:

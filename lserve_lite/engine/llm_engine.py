@@ -14,10 +14,10 @@ from ..backends.base import SampledTokens
 from ..backends.group import host_ops
 from ..config import MASS_MAX_GROUP, ORACLE_REDUCE, EngineConfig, SparseConfig
 from ..errors import InvalidRequestError, LServeError
-from ..geometry import ring_fits, ring_window, sink_fits
+from ..geometry import pages_for, ring_fits, ring_window, sink_fits
 from ..kv.block_manager import BlockManager
 from ..kv.layout import KVLayout, fit_context, kv_summary, page_bytes, pool_context, pool_pages
-from ..kv.prefix_cache import PrefixCache, kv_salt
+from ..kv.prefix_cache import PrefixCache, kv_salt, snapshot_chain_pages
 from ..kv.quant import resolve_kv_format
 from ..sampling_params import SamplingParams
 from ..sequence import Sequence, Status, TokenLogprob
@@ -75,7 +75,7 @@ class LLMEngine:
         per_seq = self.layout.stream_pages_per_seq if self.layout else 0
         slots = self.ecfg.max_num_seqs if self.layout and self.layout.select_pages else 0  # rows of sel_idx
         self.blocks = BlockManager(
-            num_pages, self.ecfg.page_size, num_stream, per_seq, slots, self._prefix_cache()
+            num_pages, self.ecfg.page_size, num_stream, per_seq, slots, self._prefix_cache(num_stream)
         )
         self.scheduler = Scheduler(self.blocks, self.ecfg.max_num_seqs, self.ecfg.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
@@ -140,15 +140,19 @@ class LLMEngine:
         self.layout = self.runner.layout
         return num_pages, num_stream
 
-    def _prefix_cache(self) -> PrefixCache | None:
-        """The prefix cache (None when turned off); in LServe mode only prompt K/V is cacheable."""
+    def _prefix_cache(self, num_stream: int) -> PrefixCache | None:
+        """The prefix cache (None when turned off); in LServe mode only prompt K/V is cacheable, and with no dense
+        head the idle pages are bounded by what the `num_stream` streaming pages' snapshots can resume."""
         if not self.ecfg.prefix_caching:
             return None
-        lay, sp = self.layout, self.ecfg.sparse
+        lay, sp, ps = self.layout, self.ecfg.sparse, self.ecfg.page_size
         if lay is None:
-            return PrefixCache(self.ecfg.page_size)
+            return PrefixCache(ps)
         window = max(sp.prefill_local, sp.decode_local)
-        return PrefixCache(self.ecfg.page_size, lay.sink_pages, lay.ring_pages, window, prompt_only=True)
+        max_idle = None
+        if lay.streaming_only:
+            max_idle = snapshot_chain_pages(num_stream, lay.stream_pages_per_seq, pages_for(self.max_len, ps))
+        return PrefixCache(ps, lay.sink_pages, lay.ring_pages, window, prompt_only=True, max_idle=max_idle)
 
     def _kv_salt(self, seq: Sequence) -> bytes:
         """What besides token ids changes a page's K/V or its streaming snapshot: model, KV dtype, layout,
@@ -325,7 +329,7 @@ class LLMEngine:
         req = sp.with_knobs(knobs)
         lay, ps, ctx, chunk = self.layout, self.ecfg.page_size, self._context_limit(), self._max_chunk()
         local, sink = max(req.prefill_local, req.decode_local), max(req.prefill_sink, req.decode_sink)
-        if not ring_fits(local, lay.ring_pages, chunk, ps, ctx):
+        if not ring_fits(local, lay.ring_pages, chunk, ps, ctx, lay.sink_pages):
             raise InvalidRequestError(
                 f"per-request local windows must fit the engine's streaming ring: up to "
                 f"{ring_window(lay.ring_pages, chunk, ps)} tokens beside a {chunk}-token prefill chunk, got {local}"

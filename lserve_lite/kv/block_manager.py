@@ -152,8 +152,8 @@ class BlockManager:
             self.stream_free.extend(seq.stream_table)
         for page in reversed(seq.page_table):  # the tail goes idle first, so it is evicted before its prefix
             self.ref[page] -= 1
-            if self.ref[page] == 0 and not (self.cache and self.cache.park(page)):
-                self.free.append(page)
+            if self.ref[page] == 0:
+                self.free.extend(self.cache.park(page) if self.cache else [page])
         if seq.sel_slot >= 0:
             self.slots.append(seq.sel_slot)
         self._settle(seq, len(seq.in_flight))

@@ -66,20 +66,24 @@ class KVLayout:
         max_len: int | None = None,
     ) -> KVLayout:
         """Layout for LServe mode; the ring holds the widest local window plus one prefill chunk (or, where that
-        is longer, a whole context of `max_len` tokens). Sink and page budget are clipped to a whole context:
-        the selection slots (max_seqs x KV heads x budget) are sized by the budget."""
+        is longer, what a whole context of `max_len` tokens has past the sink pages). Sink and page budget are
+        clipped to a whole context: the selection slots (max_seqs x KV heads x budget) are sized by the budget."""
         ps = sp.page_size
         window = max(sp.prefill_local, sp.decode_local)
         context = geometry.pages_for(max_len, ps) if max_len is not None else MAX_POOL_PAGES
+        sink = min(geometry.sink_pages(max(sp.prefill_sink, sp.decode_sink), ps), context)
         layout = KVLayout(
             page_size=ps,
             head_class=tuple(np.asarray(c, np.int32) for c in classes),
             head_slot=tuple(head_slots(c) for c in classes),
-            sink_pages=min(geometry.sink_pages(max(sp.prefill_sink, sp.decode_sink), ps), context),
-            ring_pages=geometry.ring_pages(window, max_chunk, ps, max_len),
+            sink_pages=sink,
+            ring_pages=geometry.ring_pages(window, max_chunk, ps, max_len, sink),
             sub_pages=sp.sub_pages,
             select_pages=geometry.budget_pages(sp.token_budget, ps),
         )
+        # no dense head selects: its selections were dead memory, and refused when large
+        if layout.streaming_only:
+            layout = replace(layout, select_pages=0)
         return layout if max_len is None else layout.within(max_len)
 
     def within(self, max_len: int) -> KVLayout:

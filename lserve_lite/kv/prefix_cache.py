@@ -52,15 +52,25 @@ class Snapshot:
     held_from: int = 0
 
 
+def snapshot_chain_pages(num_stream_pages: int, stream_per_seq: int, context_pages: int) -> int:
+    """The most dense pages that streaming snapshots in `num_stream_pages` pages can resume: with streaming heads
+    a cached page is attached only with a snapshot of a later boundary, and a snapshot of S pages resumes at most
+    S pages of a context (a ring that never wrapped) or, a whole sequence's `stream_per_seq` pages, a whole
+    context's `context_pages`. With no dense head, dense pages are ids without bytes (MAX_POOL_PAGES of them):
+    no allocation evicts them, so this bounds the index (it grew by every prompt served, to hundreds of MB)."""
+    return num_stream_pages * max(1, -(-context_pages // max(stream_per_seq, 1)))
+
+
 class PrefixCache:
     """Dense pages by key (idle ones in LRU order) and streaming snapshots by boundary key (LRU order)."""
 
     def __init__(self, page_size: int, sink_pages: int = 0, ring_pages: int = 0, window: int = 0,
-                 prompt_only: bool = False):  # fmt: skip
+                 prompt_only: bool = False, max_idle: int | None = None):  # fmt: skip
         """`window`: the engine's widest streaming window (a request's own when it has knobs); `prompt_only`:
-        only prompt K/V is cacheable (LServe: decode steps compute K/V under decode sparsity, not prefill's)."""
+        only prompt K/V is cacheable (LServe: decode steps compute K/V under decode sparsity, not prefill's);
+        `max_idle`: the most idle pages kept (None: as many as the pool has; `snapshot_chain_pages`)."""
         self.page_size, self.sink_pages, self.ring_pages = page_size, sink_pages, ring_pages
-        self.window, self.prompt_only = window, prompt_only
+        self.window, self.prompt_only, self.max_idle = window, prompt_only, max_idle
         self.page_of: dict[bytes, int] = {}
         self.key_of: dict[int, bytes] = {}
         self.idle: OrderedDict[int, None] = OrderedDict()  # indexed pages nobody references, oldest first
@@ -88,11 +98,13 @@ class PrefixCache:
         if key not in self.page_of:
             self.page_of[key], self.key_of[page] = page, key
 
-    def park(self, page: int) -> bool:
-        """A page lost its last reference: an indexed one stays, idle (most recent); False: free it."""
-        if page in self.key_of:
-            self.idle[page] = None
-        return page in self.key_of
+    def park(self, page: int) -> list[int]:
+        """A page lost its last reference: an indexed one stays, idle (most recent), and past `max_idle` the least
+        recently used idle page goes. The pages to free: `page` if it is not indexed, else any evicted."""
+        if page not in self.key_of:
+            return [page]
+        self.idle[page] = None
+        return [self.evict_page()] if self.max_idle is not None and len(self.idle) > self.max_idle else []
 
     def claim(self, page: int) -> None:
         """A page gets a reference: it is no longer evictable."""
