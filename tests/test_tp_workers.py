@@ -464,6 +464,41 @@ def test_sigterm_held_as_ctrl_c_is():
         signal.signal(signal.SIGTERM, old)
 
 
+@pytest.mark.parametrize("at", ["hold", "release"])
+def test_signal_between_handler_swaps_leaves_none_swapped(monkeypatch, at):
+    """A signal landing between the hold's two handler swaps (Python runs a pending signal's handler inside
+    signal.signal, before the change): its exception left the other signal's handler the hold's recorder for
+    good, so SIGTERM did nothing from then on and no later hold held Ctrl-C (taken for a nested hold)."""
+    from lserve_lite.cli import _terminate
+    from lserve_lite.engine.interrupts import ctrl_c_held
+
+    real = signal.signal
+    before = signal.getsignal(signal.SIGINT)
+    old = real(signal.SIGTERM, _terminate)
+    swaps: list[int] = []
+
+    def swap(s: int, h: object) -> object:  # the other signal comes just after the first swap of `at`
+        out = real(s, h)
+        swaps.append(s)
+        if len(swaps) == (1 if at == "hold" else 3):
+            signal.raise_signal(signal.SIGINT if at == "hold" else signal.SIGTERM)
+        return out
+
+    try:
+        monkeypatch.setattr(signal, "signal", swap)
+        with pytest.raises(KeyboardInterrupt if at == "hold" else SystemExit):
+            with ctrl_c_held():
+                pass
+        monkeypatch.undo()
+        assert signal.getsignal(signal.SIGTERM) is _terminate and signal.getsignal(signal.SIGINT) is before
+        with pytest.raises(KeyboardInterrupt), ctrl_c_held():  # the next hold holds Ctrl-C
+            assert signal.getsignal(signal.SIGINT) is not before
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        real(signal.SIGTERM, old)
+        real(signal.SIGINT, before)
+
+
 def test_ctrl_c_mid_read_keeps_the_pipe_whole(tiny_dir, monkeypatch):
     """Ctrl-C after the driver has read a reply's length and before its body: the read completes first (the next
     read used to take the body's bytes for a length, and the pipe was garbage from there on)."""
