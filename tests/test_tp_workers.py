@@ -180,6 +180,21 @@ def test_shared_memory_room_checked_before_start(tiny_dir, monkeypatch):
     tp_group.check_shm_room(need, None)
 
 
+def test_shared_memory_room_counts_only_blocks_made(tiny_dir, monkeypatch):
+    """GPU ranks (NCCL) make no exchange block in /dev/shm: the check counted the CPU stand-in's 4 MB a rank for them
+    too, refusing 8 GPUs with a 152k vocabulary (Qwen2) in Docker's 64 MB that needed only their 37 MB of logits. With
+    room for the logits alone, a CUDA start goes on to its own check (here: no GPU)."""
+    from lserve_lite.backends.comm import ShmCommunicator
+
+    logits = 64 * 320 * 4  # max_num_seqs x the tiny model's vocabulary x 4 bytes
+    monkeypatch.setattr(tp_group, "shm_free_bytes", lambda: logits)
+    with pytest.raises(LServeError, match=r"needs 2 GPUs"):
+        LLM(str(tiny_dir), backend="cuda", config=EngineConfig(tensor_parallel=2))
+    monkeypatch.setattr(tp_group, "shm_free_bytes", lambda: logits + 2 * ShmCommunicator.SLOT_BYTES - 1)
+    with pytest.raises(LServeError, match=r"MB of shared memory"):  # the CPU ranks' blocks are made: counted
+        tp_llm(tiny_dir)
+
+
 def test_layout_clipped_to_the_pool_as_in_process(tiny_dir):
     """LServe's page budget is clipped to the context the pools hold (fit_context) on both paths: the driver
     used to keep the budget cut only to the model's context (128 pages here, 87 held), so its selection slots were dead memory and

@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..backends.base import StepInputs
-from ..backends.comm import ShmCommunicator
-from ..backends.group import host_ops, new_group
+from ..backends.group import exchange_bytes, host_ops, new_group
 from ..config import EngineConfig, ModelConfig
 from ..errors import LServeError, TensorParallelError
 from ..kv.layout import KVLayout, fit_context, pool_pages
@@ -55,7 +54,7 @@ def check_shm_room(need: int, free: int | None) -> None:
         mb = 1 << 20
         raise LServeError(
             f"tensor parallel needs {need / mb:.0f} MB of shared memory in {SHM_DIR} (max_num_seqs x vocabulary x "
-            f"4 bytes of logits plus the ranks' exchange blocks), {free / mb:.0f} MB are free: lower "
+            f"4 bytes of logits, plus the CPU ranks' exchange blocks), {free / mb:.0f} MB are free: lower "
             f"--max-num-seqs or give {SHM_DIR} more room (e.g. docker run --shm-size)"
         )
 
@@ -69,8 +68,7 @@ class WorkerGroup:
         ctx = mp.get_context("spawn")
         # rank 0's logits of up to max_num_seqs rows (decode) come back through here; more rows by the pipe
         logits_bytes = ecfg.max_num_seqs * vocab_size * 4
-        # the CPU stand-in's exchange blocks counted for every backend: a few MB, and the check stays one rule
-        check_shm_room(logits_bytes + world * ShmCommunicator.SLOT_BYTES, shm_free_bytes())
+        check_shm_room(logits_bytes + exchange_bytes(backend, world), shm_free_bytes())
         spec, cleanup = new_group(backend, world, ctx)
         self.logits = shared_memory.SharedMemory(create=True, size=logits_bytes)
         self.conns: list[Any] = []
