@@ -195,6 +195,33 @@ def test_shared_memory_room_counts_only_blocks_made(tiny_dir, monkeypatch):
         tp_llm(tiny_dir)
 
 
+def test_refused_logits_block_leaves_no_group_block(tiny_dir, monkeypatch):
+    """The logits block refused by the system (out of file descriptors, memory) after the group's exchange block was
+    made: that block stayed in /dev/shm for the life of the process (4 MB a rank, a start that is retried)."""
+    from multiprocessing import shared_memory
+
+    made: list[str] = []
+    real_group, real_shm = tp_group.new_group, shared_memory.SharedMemory
+
+    def new_group(*a):
+        spec, cleanup = real_group(*a)
+        made.append(spec.shm_name)
+        return spec, cleanup
+
+    def refused(*a, create: bool = False, **k):  # the group's block is made, the logits block after it is not
+        if create and made:
+            raise OSError(24, "Too many open files")
+        return real_shm(*a, create=create, **k)
+
+    monkeypatch.setattr(tp_group, "new_group", new_group)
+    monkeypatch.setattr(tp_group.shared_memory, "SharedMemory", refused)
+    with pytest.raises(OSError, match="Too many open files"):
+        tp_llm(tiny_dir)
+    assert len(made) == 1
+    with pytest.raises(FileNotFoundError):
+        real_shm(name=made[0])
+
+
 def test_layout_clipped_to_the_pool_as_in_process(tiny_dir):
     """LServe's page budget is clipped to the context the pools hold (fit_context) on both paths: the driver
     used to keep the budget cut only to the model's context (128 pages here, 87 held), so its selection slots were dead memory and

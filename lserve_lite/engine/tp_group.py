@@ -70,7 +70,11 @@ class WorkerGroup:
         logits_bytes = ecfg.max_num_seqs * vocab_size * 4
         check_shm_room(logits_bytes + exchange_bytes(backend, world), shm_free_bytes())
         spec, cleanup = new_group(backend, world, ctx)
-        self.logits = shared_memory.SharedMemory(create=True, size=logits_bytes)
+        try:  # refused (out of descriptors or memory): the group's block goes too, not at the process's exit
+            self.logits = shared_memory.SharedMemory(create=True, size=logits_bytes)
+        except BaseException:
+            cleanup()
+            raise
         self.conns: list[Any] = []
         self.procs: list[Any] = []
         self.failure: str | None = None
