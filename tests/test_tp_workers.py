@@ -170,8 +170,9 @@ def test_shared_memory_room_checked_before_start(tiny_dir, monkeypatch):
     one line before any block or worker exists, not met by SIGBUS in rank 0."""
     monkeypatch.setattr(tp_group, "shm_free_bytes", lambda: 1 << 20)
     with pytest.raises(
-        LServeError, match=r"needs 8 MB of shared memory.*1 MB are free: lower --max-num-seqs"
-    ):
+        LServeError,
+        match=r"needs 8 MB of shared memory.*1 MB are free: lower max_num_seqs \(serve's --max-num-seqs",
+    ):  # generate, chat and bench, which take --tensor-parallel, have no --max-num-seqs: it was named as if they had
         tp_llm(tiny_dir)
     need = 256 * 128_256 * 4
     with pytest.raises(LServeError, match=r"--shm-size"):

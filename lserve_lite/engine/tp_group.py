@@ -55,7 +55,8 @@ def check_shm_room(need: int, free: int | None) -> None:
         raise LServeError(
             f"tensor parallel needs {need / mb:.0f} MB of shared memory in {SHM_DIR} (max_num_seqs x vocabulary x "
             f"4 bytes of logits, plus the CPU ranks' exchange blocks), {free / mb:.0f} MB are free: lower "
-            f"--max-num-seqs or give {SHM_DIR} more room (e.g. docker run --shm-size)"
+            f"max_num_seqs (serve's --max-num-seqs, EngineConfig's max_num_seqs) or give {SHM_DIR} more room "
+            f"(e.g. docker run --shm-size)"
         )
 
 
