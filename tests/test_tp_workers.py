@@ -127,6 +127,65 @@ def test_fault_asked_while_the_group_closes(tiny_dir, monkeypatch):
     assert re.search(r"worker \d \(pid \d+\) has exited", group.fault())
 
 
+@pytest.mark.parametrize("at", ["waiting", "reply read"])
+def test_closed_by_another_thread_mid_step(tiny_dir, monkeypatch, at):
+    """The group closed by another thread while a step waits on the ranks (the server's shutdown, once its 30 s join
+    of a step that runs longer has passed): the step raised IndexError (the closed group's emptied worker lists), or,
+    with its reply read just before, returned logits read from the closed block (NumPy made a fresh uninitialized
+    array of it), which were sampled. The step ends with the group's reason; the close raises nothing."""
+    import threading
+
+    from lserve_lite.engine.llm_engine import LLMEngine
+
+    eng = LLMEngine(str(tiny_dir), "cpu", EngineConfig(tensor_parallel=2))
+    group = eng.runner.executor
+    in_step, closed = threading.Event(), threading.Event()
+    err: list[BaseException] = []
+    outs: list = []  # what the first step, the one the close lands in, returned
+    if at == "waiting":  # rank 1 stopped: rank 0 waits in its all-reduce, the driver for its reply
+        os.kill(group.procs[1].pid, signal.SIGSTOP)
+        real = tp_group.wait
+
+        def hook(*a, **k):
+            if threading.current_thread() is not threading.main_thread() and not in_step.is_set():
+                in_step.set()
+                closed.wait(60)
+            return real(*a, **k)
+
+        monkeypatch.setattr(tp_group, "wait", hook)
+    else:
+        real = group._recv
+
+        def hook(rank: int, timeout: float) -> tuple:
+            msg = real(rank, timeout)
+            if msg[0] == "logits":
+                in_step.set()
+                closed.wait(60)
+            return msg
+
+        monkeypatch.setattr(group, "_recv", hook)
+
+    def steps() -> None:
+        try:
+            eng.add_request("hello world", GREEDY)
+            while eng.has_unfinished():
+                outs.extend(eng.step())
+        except BaseException as e:
+            err.append(e)
+
+    t = threading.Thread(target=steps, daemon=True)
+    t.start()
+    try:
+        assert in_step.wait(60)
+        group.close()
+    finally:
+        closed.set()
+        t.join(60)
+    assert not t.is_alive() and len(err) == 1, err
+    assert isinstance(err[0], TensorParallelError) and "it was closed" in str(err[0]), repr(err[0])
+    assert outs == []  # no token sampled from a closed block
+
+
 def test_killed_worker_ends_the_engine(tiny_dir):
     llm = tp_llm(tiny_dir)
     group = llm.engine.runner.executor

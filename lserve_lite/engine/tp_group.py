@@ -8,6 +8,7 @@ import multiprocessing as mp
 import os
 import signal
 import struct
+import threading
 import time
 from collections.abc import Callable
 from multiprocessing import shared_memory
@@ -79,6 +80,11 @@ class WorkerGroup:
         self.conns: list[Any] = []
         self.procs: list[Any] = []
         self.failure: str | None = None
+        # held while the group closes and while a step reads what a close lets go of (the worker lists, the logits
+        # block): a close by another thread (the server's shutdown past its wait for a long step) meanwhile made the
+        # step fail with IndexError, or read its logits from the closed block (a fresh uninitialized array) and
+        # sample them. Reentrant: a signal handler may close the group inside a step of its thread.
+        self._closing = threading.RLock()
         self.steps = 0  # steps sent; rank 0 tags each reply with its number
         self.started = False  # every worker has reported (loaded its shard)
         # seconds this process was seen stopped (Ctrl-Z) while it waited on a rank (`_clock`)
@@ -126,7 +132,12 @@ class WorkerGroup:
         while (msg := self._recv(0, STEP_TIMEOUT))[2] != self.steps:
             pass
         out = msg[1]
-        return np.array(np.ndarray(out, np.float32, self.logits.buf)) if isinstance(out, tuple) else out
+        if not isinstance(out, tuple):
+            return out
+        with self._closing:
+            if self.failure:  # closed since the reply came
+                raise TensorParallelError(self.failure)
+            return np.array(np.ndarray(out, np.float32, self.logits.buf))
 
     def copy_stream_pages(self, src: np.ndarray, dst: np.ndarray) -> None:
         self._send(("copy", src, dst))
@@ -152,10 +163,20 @@ class WorkerGroup:
     def close(self) -> None:
         """Stop the workers (also done when the group is collected or the interpreter exits) and let go of their
         pipes and process handles: a closed group still referenced (a closed LLM kept in scope) held three file
-        descriptors a rank, until a process that re-created its LLM ran out of them."""
-        self._close()
-        self.failure = self.failure or "tensor-parallel engine stopped: it was closed"
-        self.conns, self.procs = [], []
+        descriptors a rank, until a process that re-created its LLM ran out of them. A step in flight in another
+        thread ends with the reason (`_workers`)."""
+        with self._closing:
+            self.failure = self.failure or "tensor-parallel engine stopped: it was closed"
+            self._close()
+            self.conns, self.procs = [], []
+
+    def _workers(self) -> tuple[list, list]:
+        """The workers' pipes and processes, or the group's reason to stop where another thread closed it meanwhile
+        (it lets go of them)."""
+        with self._closing:
+            if not self.procs:
+                raise TensorParallelError(self.failure)
+            return self.conns, self.procs
 
     def _send(self, msg: tuple) -> None:
         """`msg` to every rank, or (a failure) to none that runs on: a Ctrl-C meanwhile is raised after the
@@ -164,14 +185,15 @@ class WorkerGroup:
             raise TensorParallelError(self.failure)
         data = _framed(ForkingPickler.dumps(msg))  # pickled once for every rank
         with ctrl_c_held():
-            for r in range(len(self.conns)):
+            for r in range(len(self._workers()[0])):
                 self._write(r, data)
 
     def _write(self, rank: int, data: bytes) -> None:
         """One framed message to `rank`, within STEP_TIMEOUT: a rank that stopped reading (hung) fills its
         pipe, and a blocking send of a message larger than the pipe holds then waited forever. A Ctrl-C held
         (`_send`) while the rank reads nothing for a second ends the group: the message cannot be taken back."""
-        fd = self.conns[rank].fileno()
+        conn = self._workers()[0][rank]  # kept: its descriptor stays open while written
+        fd = conn.fileno()
         view, deadline = memoryview(data), self._clock() + STEP_TIMEOUT
         os.set_blocking(fd, False)
         try:
@@ -197,7 +219,8 @@ class WorkerGroup:
 
     def _take(self, rank: int, n: int, deadline: float, timeout: float) -> bytes:
         """`n` bytes from `rank`'s pipe, as they come (nothing allocated by the length before the bytes are here)."""
-        fd = self.conns[rank].fileno()
+        conn = self._workers()[0][rank]  # kept: its descriptor stays open while read
+        fd = conn.fileno()
         chunks, left = [], n
         os.set_blocking(fd, False)
         try:
@@ -234,8 +257,9 @@ class WorkerGroup:
         """`rank`'s next message, watching every worker's exit meanwhile; an error report, an exit or
         `timeout` seconds of silence end the group."""
         deadline = self._clock() + timeout
-        conn = self.conns[rank]
-        sentinels = {p.sentinel: r for r, p in enumerate(self.procs)}
+        conns, procs = self._workers()
+        conn = conns[rank]
+        sentinels = {p.sentinel: r for r, p in enumerate(procs)}
         while True:
             left = deadline - self._clock()
             if left <= 0:
@@ -267,7 +291,8 @@ class WorkerGroup:
 
     def _death(self, rank: int) -> str:
         """Why `rank` is gone: its own error report if it sent one, else how its process ended."""
-        conn, p = self.conns[rank], self.procs[rank]
+        conns, procs = self._workers()
+        conn, p = conns[rank], procs[rank]
         try:
             while conn.poll():
                 msg = conn.recv()
