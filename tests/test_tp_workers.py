@@ -127,6 +127,65 @@ def test_fault_asked_while_the_group_closes(tiny_dir, monkeypatch):
     assert re.search(r"worker \d \(pid \d+\) has exited", group.fault())
 
 
+@pytest.mark.parametrize("at", ["waiting", "reply read"])
+def test_closed_by_another_thread_mid_step(tiny_dir, monkeypatch, at):
+    """The group closed by another thread while a step waits on the ranks (the server's shutdown, once its 30 s join
+    of a step that runs longer has passed): the step raised IndexError (the closed group's emptied worker lists), or,
+    with its reply read just before, returned logits read from the closed block (NumPy made a fresh uninitialized
+    array of it), which were sampled. The step ends with the group's reason; the close raises nothing."""
+    import threading
+
+    from lserve_lite.engine.llm_engine import LLMEngine
+
+    eng = LLMEngine(str(tiny_dir), "cpu", EngineConfig(tensor_parallel=2))
+    group = eng.runner.executor
+    in_step, closed = threading.Event(), threading.Event()
+    err: list[BaseException] = []
+    outs: list = []  # what the first step, the one the close lands in, returned
+    if at == "waiting":  # rank 1 stopped: rank 0 waits in its all-reduce, the driver for its reply
+        os.kill(group.procs[1].pid, signal.SIGSTOP)
+        real = tp_group.wait
+
+        def hook(*a, **k):
+            if threading.current_thread() is not threading.main_thread() and not in_step.is_set():
+                in_step.set()
+                closed.wait(60)
+            return real(*a, **k)
+
+        monkeypatch.setattr(tp_group, "wait", hook)
+    else:
+        real = group._recv
+
+        def hook(rank: int, timeout: float) -> tuple:
+            msg = real(rank, timeout)
+            if msg[0] == "logits":
+                in_step.set()
+                closed.wait(60)
+            return msg
+
+        monkeypatch.setattr(group, "_recv", hook)
+
+    def steps() -> None:
+        try:
+            eng.add_request("hello world", GREEDY)
+            while eng.has_unfinished():
+                outs.extend(eng.step())
+        except BaseException as e:
+            err.append(e)
+
+    t = threading.Thread(target=steps, daemon=True)
+    t.start()
+    try:
+        assert in_step.wait(60)
+        group.close()
+    finally:
+        closed.set()
+        t.join(60)
+    assert not t.is_alive() and len(err) == 1, err
+    assert isinstance(err[0], TensorParallelError) and "it was closed" in str(err[0]), repr(err[0])
+    assert outs == []  # no token sampled from a closed block
+
+
 def test_killed_worker_ends_the_engine(tiny_dir):
     llm = tp_llm(tiny_dir)
     group = llm.engine.runner.executor
@@ -170,14 +229,57 @@ def test_shared_memory_room_checked_before_start(tiny_dir, monkeypatch):
     one line before any block or worker exists, not met by SIGBUS in rank 0."""
     monkeypatch.setattr(tp_group, "shm_free_bytes", lambda: 1 << 20)
     with pytest.raises(
-        LServeError, match=r"needs 8 MB of shared memory.*1 MB are free: lower --max-num-seqs"
-    ):
+        LServeError,
+        match=r"needs 8 MB of shared memory.*1 MB are free: lower max_num_seqs \(serve's --max-num-seqs",
+    ):  # generate, chat and bench, which take --tensor-parallel, have no --max-num-seqs: it was named as if they had
         tp_llm(tiny_dir)
     need = 256 * 128_256 * 4
     with pytest.raises(LServeError, match=r"--shm-size"):
         tp_group.check_shm_room(need, 64 << 20)
     tp_group.check_shm_room(need, need)
     tp_group.check_shm_room(need, None)
+
+
+def test_shared_memory_room_counts_only_blocks_made(tiny_dir, monkeypatch):
+    """GPU ranks (NCCL) make no exchange block in /dev/shm: the check counted the CPU stand-in's 4 MB a rank for them
+    too, refusing 8 GPUs with a 152k vocabulary (Qwen2) in Docker's 64 MB that needed only their 37 MB of logits. With
+    room for the logits alone, a CUDA start goes on to its own check (here: no GPU)."""
+    from lserve_lite.backends.comm import ShmCommunicator
+
+    logits = 64 * 320 * 4  # max_num_seqs x the tiny model's vocabulary x 4 bytes
+    monkeypatch.setattr(tp_group, "shm_free_bytes", lambda: logits)
+    with pytest.raises(LServeError, match=r"needs 2 GPUs"):
+        LLM(str(tiny_dir), backend="cuda", config=EngineConfig(tensor_parallel=2))
+    monkeypatch.setattr(tp_group, "shm_free_bytes", lambda: logits + 2 * ShmCommunicator.SLOT_BYTES - 1)
+    with pytest.raises(LServeError, match=r"MB of shared memory"):  # the CPU ranks' blocks are made: counted
+        tp_llm(tiny_dir)
+
+
+def test_refused_logits_block_leaves_no_group_block(tiny_dir, monkeypatch):
+    """The logits block refused by the system (out of file descriptors, memory) after the group's exchange block was
+    made: that block stayed in /dev/shm for the life of the process (4 MB a rank, a start that is retried)."""
+    from multiprocessing import shared_memory
+
+    made: list[str] = []
+    real_group, real_shm = tp_group.new_group, shared_memory.SharedMemory
+
+    def new_group(*a):
+        spec, cleanup = real_group(*a)
+        made.append(spec.shm_name)
+        return spec, cleanup
+
+    def refused(*a, create: bool = False, **k):  # the group's block is made, the logits block after it is not
+        if create and made:
+            raise OSError(24, "Too many open files")
+        return real_shm(*a, create=create, **k)
+
+    monkeypatch.setattr(tp_group, "new_group", new_group)
+    monkeypatch.setattr(tp_group.shared_memory, "SharedMemory", refused)
+    with pytest.raises(OSError, match="Too many open files"):
+        tp_llm(tiny_dir)
+    assert len(made) == 1
+    with pytest.raises(FileNotFoundError):
+        real_shm(name=made[0])
 
 
 def test_layout_clipped_to_the_pool_as_in_process(tiny_dir):
@@ -462,6 +564,41 @@ def test_sigterm_held_as_ctrl_c_is():
             assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+@pytest.mark.parametrize("at", ["hold", "release"])
+def test_signal_between_handler_swaps_leaves_none_swapped(monkeypatch, at):
+    """A signal landing between the hold's two handler swaps (Python runs a pending signal's handler inside
+    signal.signal, before the change): its exception left the other signal's handler the hold's recorder for
+    good, so SIGTERM did nothing from then on and no later hold held Ctrl-C (taken for a nested hold)."""
+    from lserve_lite.cli import _terminate
+    from lserve_lite.engine.interrupts import ctrl_c_held
+
+    real = signal.signal
+    before = signal.getsignal(signal.SIGINT)
+    old = real(signal.SIGTERM, _terminate)
+    swaps: list[int] = []
+
+    def swap(s: int, h: object) -> object:  # the other signal comes just after the first swap of `at`
+        out = real(s, h)
+        swaps.append(s)
+        if len(swaps) == (1 if at == "hold" else 3):
+            signal.raise_signal(signal.SIGINT if at == "hold" else signal.SIGTERM)
+        return out
+
+    try:
+        monkeypatch.setattr(signal, "signal", swap)
+        with pytest.raises(KeyboardInterrupt if at == "hold" else SystemExit):
+            with ctrl_c_held():
+                pass
+        monkeypatch.undo()
+        assert signal.getsignal(signal.SIGTERM) is _terminate and signal.getsignal(signal.SIGINT) is before
+        with pytest.raises(KeyboardInterrupt), ctrl_c_held():  # the next hold holds Ctrl-C
+            assert signal.getsignal(signal.SIGINT) is not before
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        real(signal.SIGTERM, old)
+        real(signal.SIGINT, before)
 
 
 def test_ctrl_c_mid_read_keeps_the_pipe_whole(tiny_dir, monkeypatch):

@@ -59,6 +59,12 @@ def new_group(backend: str, world: int, ctx: Any) -> tuple[GroupSpec, Callable[[
     return GroupSpec("cpu", world, shm_name=shm.name, barrier=ctx.Barrier(world)), close
 
 
+def exchange_bytes(backend: str, world: int) -> int:
+    """The bytes `new_group` makes in shared memory (/dev/shm) for `world` ranks on `backend`: the CPU stand-in's
+    exchange block; NCCL makes none."""
+    return world * ShmCommunicator.SLOT_BYTES if resolve_backend(backend) == "cpu" else 0
+
+
 def join_group(spec: GroupSpec, rank: int) -> tuple[Any, Communicator]:
     """In a worker: its Ops (on GPU `rank` for CUDA) and its end of the group."""
     if spec.backend == "cuda":

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 # SIG_IGN) or set outside Python (None) is not swapped.
 HELD = (signal.SIGTERM, signal.SIGINT)
 _pending: list[int] = []  # signals the outermost hold has recorded; it raises them when it ends
+# tries of one handler swap while pending signals' handlers raise first (each runs once for a signal that came)
+SWAP_TRIES = 8
 
 
 def _record(signum: int, frame: object) -> None:
@@ -39,17 +41,35 @@ def ctrl_c_held() -> Iterator[None]:
         yield
         return
     _pending.clear()
-    for s in held:
-        signal.signal(s, _record)
     try:
+        _swap({s: _record for s in held})
         yield
     finally:
-        for s in held:
-            signal.signal(s, old[s])
-        came = [s for s in held if s in _pending]
-        _pending.clear()
+        try:
+            _swap({s: old[s] for s in held})
+        finally:
+            came = [s for s in held if s in _pending]
+            _pending.clear()
         for s in came:  # handled now as they would have been: the first handler that raises ends the rest
             signal.raise_signal(s)
+
+
+def _swap(handlers: dict[int, object]) -> None:
+    """Set every handler, then raise what a handler run meanwhile raised: signal.signal first runs the handlers of
+    signals pending, so a Ctrl-C landing between two swaps raised there and left the other signal's handler the
+    hold's recorder for good (SIGTERM then did nothing, and no later hold held Ctrl-C)."""
+    raised: BaseException | None = None
+    for s, h in handlers.items():
+        for _ in range(SWAP_TRIES):
+            try:
+                signal.signal(s, h)
+                break
+            except BaseException as e:  # raised before the change was made: make it
+                raised = raised or e
+        else:
+            signal.signal(s, h)  # signals still landing on every try: the last error is this one
+    if raised is not None:
+        raise raised
 
 
 def ctrl_c_pending() -> bool:

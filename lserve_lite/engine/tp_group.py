@@ -8,6 +8,7 @@ import multiprocessing as mp
 import os
 import signal
 import struct
+import threading
 import time
 from collections.abc import Callable
 from multiprocessing import shared_memory
@@ -21,8 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..backends.base import StepInputs
-from ..backends.comm import ShmCommunicator
-from ..backends.group import host_ops, new_group
+from ..backends.group import exchange_bytes, host_ops, new_group
 from ..config import EngineConfig, ModelConfig
 from ..errors import LServeError, TensorParallelError
 from ..kv.layout import KVLayout, fit_context, pool_pages
@@ -55,8 +55,9 @@ def check_shm_room(need: int, free: int | None) -> None:
         mb = 1 << 20
         raise LServeError(
             f"tensor parallel needs {need / mb:.0f} MB of shared memory in {SHM_DIR} (max_num_seqs x vocabulary x "
-            f"4 bytes of logits plus the ranks' exchange blocks), {free / mb:.0f} MB are free: lower "
-            f"--max-num-seqs or give {SHM_DIR} more room (e.g. docker run --shm-size)"
+            f"4 bytes of logits, plus the CPU ranks' exchange blocks), {free / mb:.0f} MB are free: lower "
+            f"max_num_seqs (serve's --max-num-seqs, EngineConfig's max_num_seqs) or give {SHM_DIR} more room "
+            f"(e.g. docker run --shm-size)"
         )
 
 
@@ -69,13 +70,21 @@ class WorkerGroup:
         ctx = mp.get_context("spawn")
         # rank 0's logits of up to max_num_seqs rows (decode) come back through here; more rows by the pipe
         logits_bytes = ecfg.max_num_seqs * vocab_size * 4
-        # the CPU stand-in's exchange blocks counted for every backend: a few MB, and the check stays one rule
-        check_shm_room(logits_bytes + world * ShmCommunicator.SLOT_BYTES, shm_free_bytes())
+        check_shm_room(logits_bytes + exchange_bytes(backend, world), shm_free_bytes())
         spec, cleanup = new_group(backend, world, ctx)
-        self.logits = shared_memory.SharedMemory(create=True, size=logits_bytes)
+        try:  # refused (out of descriptors or memory): the group's block goes too, not at the process's exit
+            self.logits = shared_memory.SharedMemory(create=True, size=logits_bytes)
+        except BaseException:
+            cleanup()
+            raise
         self.conns: list[Any] = []
         self.procs: list[Any] = []
         self.failure: str | None = None
+        # held while the group closes and while a step reads what a close lets go of (the worker lists, the logits
+        # block): a close by another thread (the server's shutdown past its wait for a long step) meanwhile made the
+        # step fail with IndexError, or read its logits from the closed block (a fresh uninitialized array) and
+        # sample them. Reentrant: a signal handler may close the group inside a step of its thread.
+        self._closing = threading.RLock()
         self.steps = 0  # steps sent; rank 0 tags each reply with its number
         self.started = False  # every worker has reported (loaded its shard)
         # seconds this process was seen stopped (Ctrl-Z) while it waited on a rank (`_clock`)
@@ -123,7 +132,12 @@ class WorkerGroup:
         while (msg := self._recv(0, STEP_TIMEOUT))[2] != self.steps:
             pass
         out = msg[1]
-        return np.array(np.ndarray(out, np.float32, self.logits.buf)) if isinstance(out, tuple) else out
+        if not isinstance(out, tuple):
+            return out
+        with self._closing:
+            if self.failure:  # closed since the reply came
+                raise TensorParallelError(self.failure)
+            return np.array(np.ndarray(out, np.float32, self.logits.buf))
 
     def copy_stream_pages(self, src: np.ndarray, dst: np.ndarray) -> None:
         self._send(("copy", src, dst))
@@ -149,10 +163,20 @@ class WorkerGroup:
     def close(self) -> None:
         """Stop the workers (also done when the group is collected or the interpreter exits) and let go of their
         pipes and process handles: a closed group still referenced (a closed LLM kept in scope) held three file
-        descriptors a rank, until a process that re-created its LLM ran out of them."""
-        self._close()
-        self.failure = self.failure or "tensor-parallel engine stopped: it was closed"
-        self.conns, self.procs = [], []
+        descriptors a rank, until a process that re-created its LLM ran out of them. A step in flight in another
+        thread ends with the reason (`_workers`)."""
+        with self._closing:
+            self.failure = self.failure or "tensor-parallel engine stopped: it was closed"
+            self._close()
+            self.conns, self.procs = [], []
+
+    def _workers(self) -> tuple[list, list]:
+        """The workers' pipes and processes, or the group's reason to stop where another thread closed it meanwhile
+        (it lets go of them)."""
+        with self._closing:
+            if not self.procs:
+                raise TensorParallelError(self.failure)
+            return self.conns, self.procs
 
     def _send(self, msg: tuple) -> None:
         """`msg` to every rank, or (a failure) to none that runs on: a Ctrl-C meanwhile is raised after the
@@ -161,14 +185,15 @@ class WorkerGroup:
             raise TensorParallelError(self.failure)
         data = _framed(ForkingPickler.dumps(msg))  # pickled once for every rank
         with ctrl_c_held():
-            for r in range(len(self.conns)):
+            for r in range(len(self._workers()[0])):
                 self._write(r, data)
 
     def _write(self, rank: int, data: bytes) -> None:
         """One framed message to `rank`, within STEP_TIMEOUT: a rank that stopped reading (hung) fills its
         pipe, and a blocking send of a message larger than the pipe holds then waited forever. A Ctrl-C held
         (`_send`) while the rank reads nothing for a second ends the group: the message cannot be taken back."""
-        fd = self.conns[rank].fileno()
+        conn = self._workers()[0][rank]  # kept: its descriptor stays open while written
+        fd = conn.fileno()
         view, deadline = memoryview(data), self._clock() + STEP_TIMEOUT
         os.set_blocking(fd, False)
         try:
@@ -194,7 +219,8 @@ class WorkerGroup:
 
     def _take(self, rank: int, n: int, deadline: float, timeout: float) -> bytes:
         """`n` bytes from `rank`'s pipe, as they come (nothing allocated by the length before the bytes are here)."""
-        fd = self.conns[rank].fileno()
+        conn = self._workers()[0][rank]  # kept: its descriptor stays open while read
+        fd = conn.fileno()
         chunks, left = [], n
         os.set_blocking(fd, False)
         try:
@@ -231,8 +257,9 @@ class WorkerGroup:
         """`rank`'s next message, watching every worker's exit meanwhile; an error report, an exit or
         `timeout` seconds of silence end the group."""
         deadline = self._clock() + timeout
-        conn = self.conns[rank]
-        sentinels = {p.sentinel: r for r, p in enumerate(self.procs)}
+        conns, procs = self._workers()
+        conn = conns[rank]
+        sentinels = {p.sentinel: r for r, p in enumerate(procs)}
         while True:
             left = deadline - self._clock()
             if left <= 0:
@@ -264,7 +291,8 @@ class WorkerGroup:
 
     def _death(self, rank: int) -> str:
         """Why `rank` is gone: its own error report if it sent one, else how its process ended."""
-        conn, p = self.conns[rank], self.procs[rank]
+        conns, procs = self._workers()
+        conn, p = conns[rank], procs[rank]
         try:
             while conn.poll():
                 msg = conn.recv()
