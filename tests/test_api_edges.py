@@ -1020,8 +1020,9 @@ def test_llm_refuses_wrong_argument_types(tiny_llama):
                              r"^LLM: got an unexpected keyword argument 'trust_remote_code' \(vLLM's; not an option "
                              r"here: no code from the model files is run: leave it out\)$"),
                             ((str(tiny_llama),), {"dtype": "bfloat16"}, r"'dtype' \(vLLM's; not an option here: "),
-                            ((str(tiny_llama),), {"config": EngineConfig(), "max_model_len": 64},
-                             r"or its fields as keywords, not both \(got max_model_len=\)")):  # fmt: skip
+                            # the keywords named as such (it read "(got max_model_len=)")
+                            ((str(tiny_llama),), {"config": EngineConfig(), "max_model_len": 64, "seed": 1},
+                             r"or its fields as keywords, not both: got config and max_model_len, seed$")):  # fmt: skip
         with pytest.raises(InvalidRequestError, match=match):
             LLM(*args, backend="cpu", **kw)
 
@@ -1031,6 +1032,16 @@ def test_add_request_refuses_wrong_types(llm):
         llm.engine.add_request("hi", {"max_new_tokens": 2})
     with pytest.raises(InvalidRequestError, match="sparse must be"):
         llm.engine.add_request("hi", SamplingParams(), sparse="x")
+
+
+def test_logits_refuses_bad_ids_in_one_plain_line(llm):
+    """LLM.logits / LLMEngine.score name the scored sequence (the messages read "token_ids token ids must be")."""
+    for ids, match in (([5, 1.5], r"^scored sequence token ids must be integers, got 1.5$"),
+                       ([5, 10**9], r"^scored sequence token ids must be in \[0, \d+\), got 1000000000$"),
+                       ([], r"^scored sequence is empty$")):  # fmt: skip
+        with pytest.raises(InvalidRequestError, match=match):
+            llm.logits(ids)
+    assert llm.logits([5, 6]).shape[0] == 2
 
 
 def test_closed_engine_refuses_every_call(tiny_llama):

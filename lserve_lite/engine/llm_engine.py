@@ -589,7 +589,7 @@ class LLMEngine:
         """Teacher-forced next-token logits [T, vocab] for `token_ids` (runs alone, in prefill chunks). Where
         running requests hold the pages it needs, it steps them until they free enough."""
         self._check_open()
-        token_ids = self.check_ids(token_ids, "token_ids")
+        token_ids = self.check_ids(token_ids, "scored sequence")
         if len(token_ids) > self.max_len:
             raise InvalidRequestError(f"{len(token_ids)} tokens exceed the context limit {self.max_len}")
         seq = Sequence(list(token_ids), SamplingParams(max_new_tokens=1))
