@@ -37,7 +37,15 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
+def _check_text_option(text: str | None, flag: str) -> None:
+    """Refuse a text option holding bytes that are not UTF-8 (they reach Python as lone surrogates), naming the
+    option: the tokenizer's refusal named an index in the rendered chat template."""
+    if text is not None and not _is_utf8(text):
+        raise InvalidRequestError(f"{flag} is not valid UTF-8 text")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    _check_text_option(args.prompt, "--prompt")
     params = _sampling(args)
     llm = _make_llm(args)
     prompt = (
@@ -81,6 +89,7 @@ CHAT_COMMANDS = (
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    _check_text_option(args.system, "--system")
     _readline_history()
     params = _sampling(args)
     llm = _make_llm(args)
