@@ -25,7 +25,7 @@ def _sampling(args, **extra):
 
     return SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.seed, **extra,
+        top_k=args.top_k, min_p=args.min_p, seed=args.seed, **extra,
     )  # fmt: skip
 
 
@@ -34,6 +34,7 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--temperature", type=float, default=temperature)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0, help="vLLM's min-p (0: off; CPU backend only)")
     p.add_argument("--seed", type=int, default=None)
 
 

@@ -40,7 +40,6 @@ _STRUCTURED = "use response_format (json_object or json_schema)"
 # and what to do instead. SamplingParams refuses any other value in one line, and so does the server for these
 # request fields (serve/protocol.py).
 VLLM_UNSUPPORTED: dict[str, tuple[object, str]] = {
-    "min_p": (0, "leave it out, or use top_p / top_k"),
     "use_beam_search": (False, "no beam search"),
     "length_penalty": (1, "no beam search"),
     "early_stopping": (False, "no beam search"),
@@ -112,12 +111,15 @@ def check_min_tokens(min_tokens: object, most: int, field: str = "max_tokens") -
 
 @dataclass
 class _Params:
-    """temperature 0 (or below 1e-5) means greedy; top_k 0 (or vLLM's -1) and top_p 1 disable those filters."""
+    """temperature 0 (or below 1e-5) means greedy; top_k 0 (or vLLM's -1), top_p 1 and min_p 0 disable those
+    filters."""
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    # vLLM's: tokens less probable than min_p x the most probable one (after temperature) are dropped
+    min_p: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
@@ -145,6 +147,8 @@ class _Params:
                 setattr(self, name, empty())
         if is_int(self.top_k) and self.top_k == -1:  # vLLM's (and the server's) other spelling of "off"
             self.top_k = 0
+        if self.min_p is None:  # off, as it was taken while min_p was not implemented
+            self.min_p = 0.0
         self.validate()
 
     def validate(self) -> None:
@@ -159,6 +163,8 @@ class _Params:
             bad(f"top_k must be an integer >= 0 (0 disables it) and at most {MAX_TOP_K}, got {self.top_k!r}")
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _finite(self.min_p) or not 0 <= self.min_p <= 1:
+            bad(f"min_p must be in [0, 1] (0 disables it), got {self.min_p!r}")
         lo, hi = REPETITION_PENALTY_RANGE
         if not _finite(self.repetition_penalty) or not lo <= self.repetition_penalty <= hi:
             bad(f"repetition_penalty must be in [{lo}, {hi}], got {self.repetition_penalty!r}")

@@ -162,7 +162,6 @@ def test_none_is_no_stop_strings_ids_or_bias_as_in_vllm():
 @pytest.mark.parametrize(
     "kw,match",
     [
-        (dict(min_p=0.1), r"^min_p is not supported \(leave it out, or use top_p / top_k\)$"),
         (dict(min_tokens=3), r"^min_tokens must be an integer in \[0, max_tokens \(2\)\], got 3$"),
         (dict(min_tokens=2, response_format={"type": "json_object"}), r"^min_tokens cannot be combined"),
         (dict(best_of=4, n=2), r"^best_of must equal n \(candidates are not ranked\)$"),
@@ -179,6 +178,26 @@ def test_vllms_unimplemented_sampling_options_are_named(kw, match):
     set, each is one InvalidRequestError naming it and what to use instead (the server's hints)."""
     with pytest.raises(InvalidRequestError, match=match):
         SamplingParams(max_tokens=2, **kw)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), float("inf"), "0.1", True])
+def test_min_p_outside_0_1_is_refused(bad):
+    with pytest.raises(InvalidRequestError, match=r"^min_p must be in \[0, 1\] \(0 disables it\), got "):
+        SamplingParams(min_p=bad)
+    assert SamplingParams(min_p=None) == SamplingParams(min_p=0)  # off, as before min_p was implemented
+
+
+def test_min_p_is_taken_on_the_cpu_and_refused_on_the_cuda_backend(llm, monkeypatch):
+    """vLLM's min_p (refused as not implemented until 2026-12-07) runs in the CPU sampler: min_p=1 keeps the most
+    probable token only, so a hot temperature still gives the greedy reply. The GPU sampling kernel has none: the
+    one-process CUDA backend refuses it in one line (tensor parallelism samples on the host)."""
+    greedy = llm.generate([[5, 6]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    hot = SamplingParams(max_tokens=6, temperature=50.0, min_p=1.0, seed=3, ignore_eos=True)
+    assert llm.generate([[5, 6]], hot)[0].token_ids == greedy.token_ids
+    monkeypatch.setattr(llm.engine, "backend", "cuda")
+    with pytest.raises(InvalidRequestError, match=r"^min_p is not supported on the CUDA backend"):
+        llm.engine.add_request([5, 6], hot)
+    assert not llm.engine.has_unfinished()
 
 
 def test_min_tokens_refused_with_max_tokens_none_names_it():
