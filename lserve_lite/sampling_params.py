@@ -140,6 +140,11 @@ class _Params:
     min_tokens: int = 0
 
     def __post_init__(self):
+        self.validate()
+
+    def _normalize(self) -> None:
+        """vLLM's other spellings as ours, also when a field is set after construction (`sp.top_k = -1` was refused
+        by the engine's second validation while SamplingParams(top_k=-1) was taken)."""
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         for name, empty in (("stop", list), ("stop_token_ids", list), ("logit_bias", dict)):
@@ -149,11 +154,12 @@ class _Params:
             self.top_k = 0
         if self.min_p is None:  # off, as it was taken while min_p was not implemented
             self.min_p = 0.0
-        self.validate()
 
     def validate(self) -> None:
         def bad(msg: str):
             raise InvalidRequestError(msg)
+
+        self._normalize()
 
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             bad(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")

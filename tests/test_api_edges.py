@@ -159,6 +159,17 @@ def test_none_is_no_stop_strings_ids_or_bias_as_in_vllm():
         SamplingParams(stop=5)
 
 
+def test_vllm_spellings_set_after_construction_are_taken(llm):
+    """SamplingParams(top_k=-1, stop="x", stop=None, min_p=None, ...) are taken, but the same values set on the
+    object afterwards were refused by add_request's second validation ("top_k must be an integer >= 0")."""
+    for name, value in (("top_k", -1), ("stop", "zz"), ("stop", None), ("stop_token_ids", None),
+                        ("logit_bias", None), ("min_p", None)):  # fmt: skip
+        sp = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        setattr(sp, name, value)
+        assert len(llm.generate([[5, 6]], sp)[0].token_ids) == 2, name
+        assert sp == SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, **{name: value}), name
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [
