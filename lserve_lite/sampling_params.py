@@ -201,7 +201,11 @@ class _Params:
             if not _finite(v) or not lo <= v <= hi:
                 raise InvalidRequestError(f"{name} must be in [{lo}, {hi}], got {v!r}")
         bias = self.logit_bias
-        if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+        if not isinstance(bias, dict):  # it read "must map at most 1024 token ids" for a list
+            raise InvalidRequestError(
+                f"logit_bias must be a dict of token ids to numbers, got {type(bias).__name__}"
+            )
+        if len(bias) > MAX_LOGIT_BIAS:
             raise InvalidRequestError(TOO_MANY_BIASES)
         lo, hi = BIAS_RANGE
         for t, v in bias.items():

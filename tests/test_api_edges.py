@@ -157,6 +157,10 @@ def test_none_is_no_stop_strings_ids_or_bias_as_in_vllm():
     assert (sp.stop, sp.stop_token_ids, sp.logit_bias) == ([], [], {})
     with pytest.raises(InvalidRequestError, match="stop must be a list"):
         SamplingParams(stop=5)
+    with pytest.raises(
+        InvalidRequestError, match=r"^logit_bias must be a dict of token ids to numbers, got list$"
+    ):
+        SamplingParams(logit_bias=[5, 1.0])  # it read "logit_bias must map at most 1024 token ids to numbers"
 
 
 def test_vllm_spellings_set_after_construction_are_taken(llm):
