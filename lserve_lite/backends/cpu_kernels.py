@@ -146,7 +146,7 @@ def merge_key_stats(kmax, kmin, keys, slots, page):
     its logical page starts the page's statistics afresh, any other merges its key in. With tokens appended in
     order this is reference/page_stats.update_page_stats (a float cache: keys as stored) or merge_page_stats
     (a quantized cache: the unquantized keys): a NaN key makes its channel's max and min NaN, as theirs does
-    (`_nan_max`)."""
+    (`nan_max`)."""
     lp = page // kmax.shape[2]
     for i in range(slots.shape[0]):
         if slots[i] < 0:
@@ -160,14 +160,14 @@ def merge_key_stats(kmax, kmin, keys, slots, page):
                     kmax[pg, h, sp, c] = x
                     kmin[pg, h, sp, c] = x
                 else:
-                    kmax[pg, h, sp, c] = _nan_max(kmax[pg, h, sp, c], x)
-                    kmin[pg, h, sp, c] = -_nan_max(-kmin[pg, h, sp, c], -x)
+                    kmax[pg, h, sp, c] = nan_max(kmax[pg, h, sp, c], x)
+                    kmin[pg, h, sp, c] = -nan_max(-kmin[pg, h, sp, c], -x)
 
 
 @nb.njit(**JIT)
-def _nan_max(m, x):
+def nan_max(m, x):
     """max(m, x) with NaN sticky on either side, as NumPy's max: Python's max(m, NaN) keeps m (a NaN key was
-    dropped from its page's statistics unless it came first)."""
+    dropped from its page's statistics, a NaN bound from its page's score, unless it came first)."""
     return x if x > m or x != x else m
 
 
