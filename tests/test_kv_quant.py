@@ -389,9 +389,9 @@ def test_kernel_caches_follow_every_module_compiled_in():
     from lserve_lite.backends import cpu_half, cpu_kv, cpu_select
     from lserve_lite.backends.numba_cache import deps_stamp
 
-    for mod in (K, cpu_select):
+    for mod, deps in ((K, [cpu_kv, cpu_half]), (cpu_select, [cpu_kv, cpu_half, K])):  # cpu_select: K.nan_max
         stamp = Path(K.paged_attention._cache.cache_path) / f"{mod.__name__.rsplit('.', 1)[-1]}.deps.sha256"
-        assert stamp.read_text() == deps_stamp([cpu_kv, cpu_half])
+        assert stamp.read_text() == deps_stamp(deps)
 
 
 def test_merged_stats_equal_recomputed_ones():

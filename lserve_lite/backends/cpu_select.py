@@ -10,7 +10,7 @@ import numba as nb
 import numpy as np
 
 from ..sparse.plan import AttentionPlan
-from . import cpu_half, cpu_kv
+from . import cpu_half, cpu_kernels, cpu_kv
 from .cpu_kernels import FAST, JIT, NEG_INF, nan_max
 from .cpu_kv import kernel_view, to_f32
 from .numba_cache import flush_if_deps_changed
@@ -212,5 +212,6 @@ def _logsumexp(x):
     return np.float32(m + math.log(acc))
 
 
-# to_f32 (fp16 bits) is compiled in from cpu_kv.py and cpu_half.py, which Numba's cache does not track.
-flush_if_deps_changed(globals(), [cpu_kv, cpu_half])
+# to_f32 (fp16 bits) is compiled in from cpu_kv.py and cpu_half.py, nan_max from cpu_kernels.py, which Numba's cache
+# does not track.
+flush_if_deps_changed(globals(), [cpu_kv, cpu_half, cpu_kernels])
