@@ -213,13 +213,7 @@ class _Params:
                 raise InvalidRequestError(
                     f"logit_bias must map token ids >= 0 to numbers in [{lo}, {hi}], got {t!r}: {v!r}"
                 )
-        check_min_tokens(self.min_tokens, self.max_new_tokens)
-        if self.min_tokens and self.constrained:
-            raise InvalidRequestError(
-                "min_tokens cannot be combined with response_format or a forced tool_choice (a grammar may end "
-                "the reply first)"
-            )
-        fmt = self.response_format
+        fmt = self.response_format  # its shape before `constrained` reads it (a string was an AttributeError)
         if fmt is not None:
             kind = fmt.get("type") if isinstance(fmt, dict) else None
             if kind not in ("text", "json_object", "json_schema"):
@@ -228,6 +222,12 @@ class _Params:
                 )
             if kind == "json_schema" and not isinstance(schema_of(fmt), (dict, bool)):
                 raise InvalidRequestError("response_format json_schema needs a 'schema' object")
+        check_min_tokens(self.min_tokens, self.max_new_tokens)
+        if self.min_tokens and self.constrained:
+            raise InvalidRequestError(
+                "min_tokens cannot be combined with response_format or a forced tool_choice (a grammar may end "
+                "the reply first)"
+            )
 
     def candidates(self) -> list[SamplingParams]:
         """The n single-candidate requests of `n > 1` (seed + i each, so seeded candidates differ)."""

@@ -179,6 +179,8 @@ def test_vllm_spellings_set_after_construction_are_taken(llm):
     [
         (dict(min_tokens=3), r"^min_tokens must be an integer in \[0, max_tokens \(2\)\], got 3$"),
         (dict(min_tokens=2, response_format={"type": "json_object"}), r"^min_tokens cannot be combined"),
+        # the format's shape first: a string with min_tokens was an AttributeError ('str' object has no 'get')
+        (dict(min_tokens=1, response_format="json"), r"^response_format must be \{'type': 'text'"),
         (dict(best_of=4, n=2), r"^best_of must equal n \(candidates are not ranked\)$"),
         (dict(skip_special_tokens=False), r"^skip_special_tokens is not supported"),
         (dict(spaces_between_special_tokens=False), r"^spaces_between_special_tokens is not supported"),
