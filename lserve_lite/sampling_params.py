@@ -118,8 +118,6 @@ class _Params:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    # vLLM's: tokens less probable than min_p x the most probable one (after temperature) are dropped
-    min_p: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
@@ -138,6 +136,9 @@ class _Params:
     keep_special_tokens: list[str] = field(default_factory=list)
     # vLLM's: until this many tokens are generated EOS and stop_token_ids are masked out; stop strings end past them
     min_tokens: int = 0
+    # vLLM's: tokens less probable than min_p x the most probable one (after temperature) are dropped (last: the
+    # fields before it keep their positions)
+    min_p: float = 0.0
 
     def __post_init__(self):
         self.validate()

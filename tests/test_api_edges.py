@@ -204,6 +204,20 @@ def test_min_p_outside_0_1_is_refused(bad):
     assert SamplingParams(min_p=None) == SamplingParams(min_p=0)  # off, as before min_p was implemented
 
 
+def test_min_p_leaves_the_other_fields_positions():
+    """min_p was added before repetition_penalty: a positional SamplingParams(..., 1.2) became min_p=1.2, refused."""
+    sp = SamplingParams(8, 0.5, 3, 0.9, 1.2, 7)
+    assert (
+        sp.max_new_tokens,
+        sp.temperature,
+        sp.top_k,
+        sp.top_p,
+        sp.repetition_penalty,
+        sp.seed,
+        sp.min_p,
+    ) == (8, 0.5, 3, 0.9, 1.2, 7, 0.0)
+
+
 def test_min_p_is_taken_on_the_cpu_and_refused_on_the_cuda_backend(llm, monkeypatch):
     """vLLM's min_p (refused as not implemented until 2026-12-07) runs in the CPU sampler: min_p=1 keeps the most
     probable token only, so a hot temperature still gives the greedy reply. The GPU sampling kernel has none: the
