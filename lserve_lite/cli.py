@@ -25,7 +25,7 @@ def _sampling(args, **extra):
 
     return SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.seed, **extra,
+        top_k=args.top_k, min_p=args.min_p, seed=args.seed, **extra,
     )  # fmt: skip
 
 
@@ -34,10 +34,19 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--temperature", type=float, default=temperature)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0, help="vLLM's min-p (0: off; CPU backend only)")
     p.add_argument("--seed", type=int, default=None)
 
 
+def _check_text_option(text: str | None, flag: str) -> None:
+    """Refuse a text option holding bytes that are not UTF-8 (they reach Python as lone surrogates), naming the
+    option: the tokenizer's refusal named an index in the rendered chat template."""
+    if text is not None and not _is_utf8(text):
+        raise InvalidRequestError(f"{flag} is not valid UTF-8 text")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    _check_text_option(args.prompt, "--prompt")
     params = _sampling(args)
     llm = _make_llm(args)
     prompt = (
@@ -81,6 +90,7 @@ CHAT_COMMANDS = (
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    _check_text_option(args.system, "--system")
     _readline_history()
     params = _sampling(args)
     llm = _make_llm(args)

@@ -108,7 +108,8 @@ class LLM:
             raise InvalidRequestError(f"config must be an EngineConfig, got {type(config).__name__}")
         if config is not None and kw:  # the keywords would be dropped
             raise InvalidRequestError(
-                f"LLM takes config=EngineConfig(...) or its fields as keywords, not both (got {sorted(kw)[0]}=)"
+                f"LLM takes config=EngineConfig(...) or its fields as keywords, not both: got config and "
+                f"{', '.join(sorted(kw))}"
             )
         known = {f.name for f in fields(EngineConfig)}
         unknown = next((k for k in kw if k not in known), None)

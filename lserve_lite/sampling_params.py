@@ -40,7 +40,6 @@ _STRUCTURED = "use response_format (json_object or json_schema)"
 # and what to do instead. SamplingParams refuses any other value in one line, and so does the server for these
 # request fields (serve/protocol.py).
 VLLM_UNSUPPORTED: dict[str, tuple[object, str]] = {
-    "min_p": (0, "leave it out, or use top_p / top_k"),
     "use_beam_search": (False, "no beam search"),
     "length_penalty": (1, "no beam search"),
     "early_stopping": (False, "no beam search"),
@@ -112,7 +111,8 @@ def check_min_tokens(min_tokens: object, most: int, field: str = "max_tokens") -
 
 @dataclass
 class _Params:
-    """temperature 0 (or below 1e-5) means greedy; top_k 0 (or vLLM's -1) and top_p 1 disable those filters."""
+    """temperature 0 (or below 1e-5) means greedy; top_k 0 (or vLLM's -1), top_p 1 and min_p 0 disable those
+    filters."""
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 1.0
@@ -136,8 +136,16 @@ class _Params:
     keep_special_tokens: list[str] = field(default_factory=list)
     # vLLM's: until this many tokens are generated EOS and stop_token_ids are masked out; stop strings end past them
     min_tokens: int = 0
+    # vLLM's: tokens less probable than min_p x the most probable one (after temperature) are dropped (last: the
+    # fields before it keep their positions)
+    min_p: float = 0.0
 
     def __post_init__(self):
+        self.validate()
+
+    def _normalize(self) -> None:
+        """vLLM's other spellings as ours, also when a field is set after construction (`sp.top_k = -1` was refused
+        by the engine's second validation while SamplingParams(top_k=-1) was taken)."""
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         for name, empty in (("stop", list), ("stop_token_ids", list), ("logit_bias", dict)):
@@ -145,11 +153,14 @@ class _Params:
                 setattr(self, name, empty())
         if is_int(self.top_k) and self.top_k == -1:  # vLLM's (and the server's) other spelling of "off"
             self.top_k = 0
-        self.validate()
+        if self.min_p is None:  # off, as it was taken while min_p was not implemented
+            self.min_p = 0.0
 
     def validate(self) -> None:
         def bad(msg: str):
             raise InvalidRequestError(msg)
+
+        self._normalize()
 
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             bad(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
@@ -159,6 +170,8 @@ class _Params:
             bad(f"top_k must be an integer >= 0 (0 disables it) and at most {MAX_TOP_K}, got {self.top_k!r}")
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _finite(self.min_p) or not 0 <= self.min_p <= 1:
+            bad(f"min_p must be in [0, 1] (0 disables it), got {self.min_p!r}")
         lo, hi = REPETITION_PENALTY_RANGE
         if not _finite(self.repetition_penalty) or not lo <= self.repetition_penalty <= hi:
             bad(f"repetition_penalty must be in [{lo}, {hi}], got {self.repetition_penalty!r}")
@@ -189,7 +202,11 @@ class _Params:
             if not _finite(v) or not lo <= v <= hi:
                 raise InvalidRequestError(f"{name} must be in [{lo}, {hi}], got {v!r}")
         bias = self.logit_bias
-        if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+        if not isinstance(bias, dict):  # it read "must map at most 1024 token ids" for a list
+            raise InvalidRequestError(
+                f"logit_bias must be a dict of token ids to numbers, got {type(bias).__name__}"
+            )
+        if len(bias) > MAX_LOGIT_BIAS:
             raise InvalidRequestError(TOO_MANY_BIASES)
         lo, hi = BIAS_RANGE
         for t, v in bias.items():
@@ -197,13 +214,7 @@ class _Params:
                 raise InvalidRequestError(
                     f"logit_bias must map token ids >= 0 to numbers in [{lo}, {hi}], got {t!r}: {v!r}"
                 )
-        check_min_tokens(self.min_tokens, self.max_new_tokens)
-        if self.min_tokens and self.constrained:
-            raise InvalidRequestError(
-                "min_tokens cannot be combined with response_format or a forced tool_choice (a grammar may end "
-                "the reply first)"
-            )
-        fmt = self.response_format
+        fmt = self.response_format  # its shape before `constrained` reads it (a string was an AttributeError)
         if fmt is not None:
             kind = fmt.get("type") if isinstance(fmt, dict) else None
             if kind not in ("text", "json_object", "json_schema"):
@@ -212,6 +223,12 @@ class _Params:
                 )
             if kind == "json_schema" and not isinstance(schema_of(fmt), (dict, bool)):
                 raise InvalidRequestError("response_format json_schema needs a 'schema' object")
+        check_min_tokens(self.min_tokens, self.max_new_tokens)
+        if self.min_tokens and self.constrained:
+            raise InvalidRequestError(
+                "min_tokens cannot be combined with response_format or a forced tool_choice (a grammar may end "
+                "the reply first)"
+            )
 
     def candidates(self) -> list[SamplingParams]:
         """The n single-candidate requests of `n > 1` (seed + i each, so seeded candidates differ)."""

@@ -157,14 +157,30 @@ def test_none_is_no_stop_strings_ids_or_bias_as_in_vllm():
     assert (sp.stop, sp.stop_token_ids, sp.logit_bias) == ([], [], {})
     with pytest.raises(InvalidRequestError, match="stop must be a list"):
         SamplingParams(stop=5)
+    with pytest.raises(
+        InvalidRequestError, match=r"^logit_bias must be a dict of token ids to numbers, got list$"
+    ):
+        SamplingParams(logit_bias=[5, 1.0])  # it read "logit_bias must map at most 1024 token ids to numbers"
+
+
+def test_vllm_spellings_set_after_construction_are_taken(llm):
+    """SamplingParams(top_k=-1, stop="x", stop=None, min_p=None, ...) are taken, but the same values set on the
+    object afterwards were refused by add_request's second validation ("top_k must be an integer >= 0")."""
+    for name, value in (("top_k", -1), ("stop", "zz"), ("stop", None), ("stop_token_ids", None),
+                        ("logit_bias", None), ("min_p", None)):  # fmt: skip
+        sp = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        setattr(sp, name, value)
+        assert len(llm.generate([[5, 6]], sp)[0].token_ids) == 2, name
+        assert sp == SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, **{name: value}), name
 
 
 @pytest.mark.parametrize(
     "kw,match",
     [
-        (dict(min_p=0.1), r"^min_p is not supported \(leave it out, or use top_p / top_k\)$"),
         (dict(min_tokens=3), r"^min_tokens must be an integer in \[0, max_tokens \(2\)\], got 3$"),
         (dict(min_tokens=2, response_format={"type": "json_object"}), r"^min_tokens cannot be combined"),
+        # the format's shape first: a string with min_tokens was an AttributeError ('str' object has no 'get')
+        (dict(min_tokens=1, response_format="json"), r"^response_format must be \{'type': 'text'"),
         (dict(best_of=4, n=2), r"^best_of must equal n \(candidates are not ranked\)$"),
         (dict(skip_special_tokens=False), r"^skip_special_tokens is not supported"),
         (dict(spaces_between_special_tokens=False), r"^spaces_between_special_tokens is not supported"),
@@ -179,6 +195,40 @@ def test_vllms_unimplemented_sampling_options_are_named(kw, match):
     set, each is one InvalidRequestError naming it and what to use instead (the server's hints)."""
     with pytest.raises(InvalidRequestError, match=match):
         SamplingParams(max_tokens=2, **kw)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), float("inf"), "0.1", True])
+def test_min_p_outside_0_1_is_refused(bad):
+    with pytest.raises(InvalidRequestError, match=r"^min_p must be in \[0, 1\] \(0 disables it\), got "):
+        SamplingParams(min_p=bad)
+    assert SamplingParams(min_p=None) == SamplingParams(min_p=0)  # off, as before min_p was implemented
+
+
+def test_min_p_leaves_the_other_fields_positions():
+    """min_p was added before repetition_penalty: a positional SamplingParams(..., 1.2) became min_p=1.2, refused."""
+    sp = SamplingParams(8, 0.5, 3, 0.9, 1.2, 7)
+    assert (
+        sp.max_new_tokens,
+        sp.temperature,
+        sp.top_k,
+        sp.top_p,
+        sp.repetition_penalty,
+        sp.seed,
+        sp.min_p,
+    ) == (8, 0.5, 3, 0.9, 1.2, 7, 0.0)
+
+
+def test_min_p_is_taken_on_the_cpu_and_refused_on_the_cuda_backend(llm, monkeypatch):
+    """vLLM's min_p (refused as not implemented until 2026-12-07) runs in the CPU sampler: min_p=1 keeps the most
+    probable token only, so a hot temperature still gives the greedy reply. The GPU sampling kernel has none: the
+    one-process CUDA backend refuses it in one line (tensor parallelism samples on the host)."""
+    greedy = llm.generate([[5, 6]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    hot = SamplingParams(max_tokens=6, temperature=50.0, min_p=1.0, seed=3, ignore_eos=True)
+    assert llm.generate([[5, 6]], hot)[0].token_ids == greedy.token_ids
+    monkeypatch.setattr(llm.engine, "backend", "cuda")
+    with pytest.raises(InvalidRequestError, match=r"^min_p is not supported on the CUDA backend"):
+        llm.engine.add_request([5, 6], hot)
+    assert not llm.engine.has_unfinished()
 
 
 def test_min_tokens_refused_with_max_tokens_none_names_it():
@@ -1057,8 +1107,9 @@ def test_llm_refuses_wrong_argument_types(tiny_llama):
                              r"^LLM: got an unexpected keyword argument 'trust_remote_code' \(vLLM's; not an option "
                              r"here: no code from the model files is run: leave it out\)$"),
                             ((str(tiny_llama),), {"dtype": "bfloat16"}, r"'dtype' \(vLLM's; not an option here: "),
-                            ((str(tiny_llama),), {"config": EngineConfig(), "max_model_len": 64},
-                             r"or its fields as keywords, not both \(got max_model_len=\)")):  # fmt: skip
+                            # the keywords named as such (it read "(got max_model_len=)")
+                            ((str(tiny_llama),), {"config": EngineConfig(), "max_model_len": 64, "seed": 1},
+                             r"or its fields as keywords, not both: got config and max_model_len, seed$")):  # fmt: skip
         with pytest.raises(InvalidRequestError, match=match):
             LLM(*args, backend="cpu", **kw)
 
@@ -1068,6 +1119,16 @@ def test_add_request_refuses_wrong_types(llm):
         llm.engine.add_request("hi", {"max_new_tokens": 2})
     with pytest.raises(InvalidRequestError, match="sparse must be"):
         llm.engine.add_request("hi", SamplingParams(), sparse="x")
+
+
+def test_logits_refuses_bad_ids_in_one_plain_line(llm):
+    """LLM.logits / LLMEngine.score name the scored sequence (the messages read "token_ids token ids must be")."""
+    for ids, match in (([5, 1.5], r"^scored sequence token ids must be integers, got 1.5$"),
+                       ([5, 10**9], r"^scored sequence token ids must be in \[0, \d+\), got 1000000000$"),
+                       ([], r"^scored sequence is empty$")):  # fmt: skip
+        with pytest.raises(InvalidRequestError, match=match):
+            llm.logits(ids)
+    assert llm.logits([5, 6]).shape[0] == 2
 
 
 def test_closed_engine_refuses_every_call(tiny_llama):

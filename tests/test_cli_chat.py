@@ -297,6 +297,16 @@ def test_chat_refuses_a_system_prompt_that_cannot_fit(tiny_llama):
     )
 
 
+@pytest.mark.parametrize("argv", [["chat", "--system"], ["generate", "--chat", "--prompt"]])
+def test_text_options_not_utf8_are_refused_naming_the_option(tiny_llama, argv, capsys):
+    """Bytes that are not UTF-8 (a lone surrogate in argv) are refused naming the option, before the model loads:
+    the tokenizer's refusal pointed at an index in the rendered chat template instead."""
+    from lserve_lite.cli import main
+
+    assert main([*argv, "ab\udcffcd", "--model", str(tiny_llama), "--backend", "cpu"]) == 1
+    assert capsys.readouterr().err == f"error: {argv[-1]} is not valid UTF-8 text\n"
+
+
 def test_top_level_help():
     r = subprocess.run(
         [sys.executable, "-m", "lserve_lite.cli", "--help"], capture_output=True, text=True, timeout=60

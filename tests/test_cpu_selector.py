@@ -108,6 +108,23 @@ def test_ties_take_the_lower_page(rng, reduce):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("reduce", REDUCTIONS)
+@pytest.mark.parametrize("share", [0.05, 0.7])
+def test_nan_statistics_select_as_the_reference(rng, reduce, share):
+    """NaN in the statistics (a NaN key makes its page's NaN: merge_key_stats) or the keys (oracle): the pages of the
+    reference, whose NaN scores rank below every number (ties: the lower index). The Numba selector dropped a NaN
+    bound unless it came first and never took a NaN-scored page, so with fewer numbers than its budget it left
+    selection slots unwritten (stale page indices for the attention to read) behind a full count."""
+    q, kmax, kmin, keys, plan, hc, slot, nslots = _step(rng, 16, 4, "0110", 8, 32)
+    plan.group_reduce = reduce
+    poison = rng.random(kmax.shape[:3]) < share
+    kmax[poison, 3] = np.nan
+    keys[rng.random(keys.shape[:3]) < share / 16, 5] = np.nan
+    (want, want_n), (got, got_n) = _both(q, kmax, kmin, keys, plan, hc, slot, nslots)
+    np.testing.assert_array_equal(got_n, want_n)
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("n", [2, 3])
 def test_parts_cover_every_unit_once(rng, n):
     """The kernel's parts (the units a SplitRunner spreads) write disjoint rows that add up to the whole call."""

@@ -389,9 +389,9 @@ def test_kernel_caches_follow_every_module_compiled_in():
     from lserve_lite.backends import cpu_half, cpu_kv, cpu_select
     from lserve_lite.backends.numba_cache import deps_stamp
 
-    for mod in (K, cpu_select):
+    for mod, deps in ((K, [cpu_kv, cpu_half]), (cpu_select, [cpu_kv, cpu_half, K])):  # cpu_select: K.nan_max
         stamp = Path(K.paged_attention._cache.cache_path) / f"{mod.__name__.rsplit('.', 1)[-1]}.deps.sha256"
-        assert stamp.read_text() == deps_stamp([cpu_kv, cpu_half])
+        assert stamp.read_text() == deps_stamp(deps)
 
 
 def test_merged_stats_equal_recomputed_ones():
@@ -409,6 +409,25 @@ def test_merged_stats_equal_recomputed_ones():
         merge_page_stats(*got, keys[a:b], slots[a:b], 64)
     np.testing.assert_array_equal(got[:, 1:3], want[:, 1:3])
     np.testing.assert_array_equal(got[:, 3, :, :2], want[:, 3, :, :2])
+
+
+def test_numba_merged_stats_keep_nan_keys_as_the_reference():
+    """The CPU statistics merge (cpu_kernels.merge_key_stats) = merge_page_stats with NaN keys: a NaN key at any
+    offset of a logical page, in a chunk or merged alone, makes its channel's max and min NaN (Python's max kept
+    the page's finite value unless the NaN came first, so the selector scored the page as if the key were not
+    there)."""
+    from lserve_lite.backends.reference.page_stats import merge_page_stats
+
+    keys = RNG.standard_normal((40, 2, 8)).astype(np.float32)
+    keys[[1, 18, 33], [0, 1, 0], [2, 5, 7]] = np.nan  # inside a chunk, inside a chunk, a token merged alone
+    slots = np.arange(40, dtype=np.int64)
+    want = np.zeros((2, 3, 2, 4, 8), np.float32)
+    got = np.zeros_like(want)
+    for a, b in ((0, 20), (20, 33), (33, 34), (34, 40)):
+        merge_page_stats(*want, keys[a:b], slots[a:b], 16)
+        K.merge_key_stats(*got, keys[a:b], slots[a:b], 16)
+    assert np.isnan(want).sum() == 6
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.fixture(scope="module")

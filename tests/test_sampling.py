@@ -69,10 +69,15 @@ def test_stop_string_truncates_and_finishes(tiny_llama):
     assert streamed == out[0].text
 
 
-def _sample_spec(x: np.ndarray, temperature: float, top_k: int, top_p: float, u: float) -> int:
+def _sample_spec(
+    x: np.ndarray, temperature: float, top_k: int, top_p: float, u: float, min_p: float = 0.0
+) -> int:
     """The sampler's definition, written the plain way (a full stable argsort): what sample_row must decide."""
     x = x / np.float32(temperature)
     order = np.argsort(-x, kind="stable")
+    if min_p > 0:  # vLLM's: probability at least min_p x the largest, after temperature
+        probs = np.exp((x[order] - x[order[0]]).astype(np.float64))
+        order = order[: max(1, int(np.count_nonzero(probs >= min_p)))]
     if top_k > 0:
         order = order[:top_k]
     probs = np.exp((x[order] - x[order[0]]).astype(np.float64))
@@ -101,14 +106,24 @@ def test_sample_row_decides_as_the_full_sort():
         top_k = int(rng.choice([0, 1, 7, 1024, 1025, 3000, n + 5]))
         top_p = float(rng.choice([1.0, 0.999, 0.95, 0.5, 0.1]))
         u = float(rng.choice([rng.random(), 0.999999, 0.0]))
-        assert sample_row(x, temp, top_k, top_p, u) == _sample_spec(x, temp, top_k, top_p, u), (
-            trial,
-            n,
-            temp,
-            top_k,
-            top_p,
-            u,
-        )
+        min_p = float(rng.choice([0.0, 0.0, 1e-6, 0.05, 0.5, 1.0]))
+        want = _sample_spec(x, temp, top_k, top_p, u, min_p)
+        assert sample_row(x, temp, top_k, top_p, u, min_p) == want, (trial, n, temp, top_k, top_p, u, min_p)
+
+
+def test_min_p_drops_tokens_less_probable_than_a_share_of_the_top_one():
+    """vLLM's min_p: tokens less probable than min_p x the most probable one are dropped, after temperature (which
+    flattens [0.4, 0.1] to ratio 0.5 at T=2); min_p=1 keeps the top token only, as greedy."""
+    x = np.log(np.array([0.4, 0.3, 0.2, 0.1], np.float32))
+    assert set(_draws(x, temperature=1.0, top_k=0, top_p=1.0, min_p=0.6)) == {0, 1}
+    assert set(_draws(x, temperature=1.0, top_k=0, top_p=1.0, min_p=0.4)) == {0, 1, 2}
+    two = np.log(np.array([0.4, 0.1], np.float32))
+    assert set(_draws(two, temperature=1.0, top_k=0, top_p=1.0, min_p=0.4)) == {0}
+    assert set(_draws(two, temperature=2.0, top_k=0, top_p=1.0, min_p=0.4)) == {0, 1}
+    logits = np.random.default_rng(3).normal(size=(1, 50)).astype(np.float32)
+    top = int(np.argmax(logits[0]))
+    p = SamplingParams(temperature=5.0, min_p=1.0, seed=1)
+    assert {sample(logits, [Sequence([1, 2], p)])[0] for _ in range(20)} == {top}
 
 
 def test_logprobs_ref_top_ids_as_the_full_sort():

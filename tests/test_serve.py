@@ -256,6 +256,12 @@ def test_stop_seed_top_p(client, ref):
         r = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=16, temperature=0.9, top_p=0.8,
                                       seed=7)  # fmt: skip
         assert r.choices[0].text == want.text
+    # vLLM's min_p reaches the sampler: the text LLM gives with it, not the one without
+    want = ref.generate(PROMPTS[0], SamplingParams(max_new_tokens=16, temperature=1.0, min_p=0.8, seed=7))[0]
+    free = ref.generate(PROMPTS[0], SamplingParams(max_new_tokens=16, temperature=1.0, seed=7))[0]
+    r = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=16, temperature=1.0, seed=7,
+                                  extra_body={"min_p": 0.8})  # fmt: skip
+    assert r.choices[0].text == want.text != free.text
 
 
 # -- concurrency and disconnects -------------------------------------------------------------------------------
@@ -360,15 +366,17 @@ def test_bad_requests_400(server, client):
         dict(logit_bias={"x": 1}), dict(logit_bias={"²": 1}), dict(logit_bias={"5": 101}),
         dict(logit_bias={"99999": 1}), dict(top_logprobs=2), dict(tools=[{}]),
         dict(messages=[{"role": "wizard", "content": "hi"}]), dict(messages=None),
-        # vLLM extensions without an implementation: refused, not ignored (min_p and guided_json had no effect)
-        dict(min_p=0.1), dict(min_tokens=-1), dict(use_beam_search=True), dict(guided_json={"type": "object"}),
+        # vLLM extensions without an implementation: refused, not ignored (guided_json had no effect); min_p outside
+        # [0, 1]
+        dict(min_p=1.5), dict(min_p=-0.1), dict(min_tokens=-1), dict(use_beam_search=True), dict(guided_json={"type": "object"}),
         dict(guided_choice=["a", "b"]),
     ]  # fmt: skip
     for kw in cases:
         body = {"model": "tiny", "messages": chat_msgs("hi")} | kw
         err = _error(httpx.post(url + "/v1/chat/completions", json=body, headers=auth, timeout=60), 400)
         assert err["param"] == next(iter(kw)), (kw, err)
-    neutral = (dict(min_p=0.0), dict(min_tokens=0), dict(use_beam_search=False))  # the values that mean "off"
+    # the values that mean "off", and min_p (taken since 2026-12-07)
+    neutral = (dict(min_p=0.0), dict(min_p=0.5), dict(min_tokens=0), dict(use_beam_search=False))
     for off in neutral:
         body = {"model": "tiny", "messages": chat_msgs("hi"), "max_tokens": 2} | off
         assert (

@@ -145,7 +145,8 @@ def merge_key_stats(kmax, kmin, keys, slots, page):
     `slots` of a pool with pages of `page` tokens (in order within a sequence; -1: none): a slot at offset 0 of
     its logical page starts the page's statistics afresh, any other merges its key in. With tokens appended in
     order this is reference/page_stats.update_page_stats (a float cache: keys as stored) or merge_page_stats
-    (a quantized cache: the unquantized keys)."""
+    (a quantized cache: the unquantized keys): a NaN key makes its channel's max and min NaN, as theirs does
+    (`nan_max`)."""
     lp = page // kmax.shape[2]
     for i in range(slots.shape[0]):
         if slots[i] < 0:
@@ -159,8 +160,15 @@ def merge_key_stats(kmax, kmin, keys, slots, page):
                     kmax[pg, h, sp, c] = x
                     kmin[pg, h, sp, c] = x
                 else:
-                    kmax[pg, h, sp, c] = max(kmax[pg, h, sp, c], x)
-                    kmin[pg, h, sp, c] = min(kmin[pg, h, sp, c], x)
+                    kmax[pg, h, sp, c] = nan_max(kmax[pg, h, sp, c], x)
+                    kmin[pg, h, sp, c] = -nan_max(-kmin[pg, h, sp, c], -x)
+
+
+@nb.njit(**JIT)
+def nan_max(m, x):
+    """max(m, x) with NaN sticky on either side, as NumPy's max: Python's max(m, NaN) keeps m (a NaN key was
+    dropped from its page's statistics, a NaN bound from its page's score, unless it came first)."""
+    return x if x > m or x != x else m
 
 
 @nb.njit(fastmath={"nnan", "nsz"}, **JIT)

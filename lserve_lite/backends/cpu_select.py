@@ -10,8 +10,8 @@ import numba as nb
 import numpy as np
 
 from ..sparse.plan import AttentionPlan
-from . import cpu_half, cpu_kv
-from .cpu_kernels import FAST, JIT, NEG_INF
+from . import cpu_half, cpu_kernels, cpu_kv
+from .cpu_kernels import FAST, JIT, NEG_INF, nan_max
 from .cpu_kv import kernel_view, to_f32
 from .numba_cache import flush_if_deps_changed
 
@@ -82,19 +82,31 @@ def select_pages(q, kmax, kmin, keys, qb_start, qb_pos, qb_slot, qb_keep, qb_ref
 
 @nb.njit(**JIT)
 def _top_pages(s, keep, out):
-    """selector.top_pages of one head: the keep - 1 best of all pages but the newest (ties: the lower index)
-    and the newest, ascending, into out; returns keep."""
+    """selector.top_pages of one head: the keep - 1 best of all pages but the newest (ties: the lower index; NaN
+    below every number, as its argsort ranks it) and the newest, ascending, into out; returns keep. (NaN scores
+    were never taken: fewer than keep - 1 pages were written, the rest of `out` left as it was.)"""
     last = s.shape[0] - 1
     want = keep - 1
     if want > 0:
-        thr = np.sort(s[:last])[last - want]  # the want-th largest
-        ties, c = want, 0
+        srt = np.sort(s[:last])  # NaN last
+        numbers = last
+        while numbers > 0 and srt[numbers - 1] != srt[numbers - 1]:
+            numbers -= 1
+        nans = max(0, want - numbers)  # NaN pages taken, by index
+        thr = srt[numbers - want] if nans == 0 else NEG_INF  # the want-th largest number
+        ties, c = want - nans, 0
         for p in range(last):
             if s[p] > thr:
                 ties -= 1
         for p in range(last):
-            if s[p] > thr or (s[p] == thr and ties > 0):
-                ties -= 1 if s[p] == thr else 0
+            v = s[p]
+            if v != v:
+                take = nans > 0
+                nans -= 1
+            else:
+                take = v > thr or (v == thr and ties > 0)
+                ties -= 1 if take and v == thr else 0
+            if take:
                 out[c] = p
                 c += 1
     out[want] = last
@@ -120,8 +132,7 @@ def _bounds(qg, kmax, kmin, table, row, ctx, page, b):
                 acc = np.float32(0.0)
                 for c in range(d):
                     acc += qp[g, c] * to_f32(kmax[pg, row, sp, c]) + qn[g, c] * to_f32(kmin[pg, row, sp, c])
-                if sp == 0 or acc > b[g, p]:
-                    b[g, p] = acc
+                b[g, p] = acc if sp == 0 else nan_max(b[g, p], acc)  # NaN kept, as the reference's max
 
 
 @nb.njit(**JIT)
@@ -136,7 +147,7 @@ def _bound_scores(qg, kmax, kmin, table, row, ctx, page, reduce):
         for p in range(pages):
             s[p] = b[0, p]
             for g in range(1, group):
-                s[p] = max(s[p], b[g, p])
+                s[p] = nan_max(s[p], b[g, p])
         return s
     scale = np.float32(1.0 / math.sqrt(qg.shape[1]))
     for g in range(group):
@@ -188,10 +199,11 @@ def _dot(a, b):
 
 @nb.njit(**JIT)
 def _logsumexp(x):
-    """max + log(sum exp(x - max)) rounded to float32 (its sum in float64); -inf for an all -inf row."""
+    """max + log(sum exp(x - max)) rounded to float32 (its sum in float64); -inf for an all -inf row, NaN for a row
+    holding NaN (as the reference's)."""
     m = NEG_INF
     for i in range(x.shape[0]):
-        m = max(m, x[i])
+        m = nan_max(m, x[i])
     if m == NEG_INF:
         return m
     acc = 0.0
@@ -200,5 +212,6 @@ def _logsumexp(x):
     return np.float32(m + math.log(acc))
 
 
-# to_f32 (fp16 bits) is compiled in from cpu_kv.py and cpu_half.py, which Numba's cache does not track.
-flush_if_deps_changed(globals(), [cpu_kv, cpu_half])
+# to_f32 (fp16 bits) is compiled in from cpu_kv.py and cpu_half.py, nan_max from cpu_kernels.py, which Numba's cache
+# does not track.
+flush_if_deps_changed(globals(), [cpu_kv, cpu_half, cpu_kernels])

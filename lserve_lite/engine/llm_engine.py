@@ -271,6 +271,11 @@ class LLMEngine:
         else:  # skip ids a caller gave explicitly: a generated id must never be refused as a duplicate
             request_id = next(r for r in (f"req-{i}" for i in self._ids) if r not in self.seqs)
         params.validate()  # again: its fields may have changed since it was made
+        if params.min_p and self.backend == "cuda":  # tensor parallel samples on the host: min_p runs there
+            raise InvalidRequestError(
+                "min_p is not supported on the CUDA backend (its sampling kernel has no min-p filter): leave it out, "
+                "or use top_p / top_k"
+            )
         ids = self._encode(prompt) if isinstance(prompt, str) else self.check_ids(prompt, "prompt")
         if not ids:
             raise InvalidRequestError("prompt is empty (no tokens after tokenizing)")
@@ -593,7 +598,7 @@ class LLMEngine:
         """Teacher-forced next-token logits [T, vocab] for `token_ids` (runs alone, in prefill chunks). Where
         running requests hold the pages it needs, it steps them until they free enough."""
         self._check_open()
-        token_ids = self.check_ids(token_ids, "token_ids")
+        token_ids = self.check_ids(token_ids, "scored sequence")
         if len(token_ids) > self.max_len:
             raise InvalidRequestError(f"{len(token_ids)} tokens exceed the context limit {self.max_len}")
         seq = Sequence(list(token_ids), SamplingParams(max_new_tokens=1))

@@ -91,6 +91,7 @@ class _Request(BaseModel):
     response_format: dict[str, Any] | None = None
     # extensions (vLLM names)
     top_k: int | None = Field(None, ge=-1)  # -1: off, as vLLM spells it
+    min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
@@ -100,7 +101,6 @@ class _Request(BaseModel):
     suffix: str | None = None  # the legacy completions' fill-in-the-middle, refused on both endpoints
     # vLLM extensions not implemented: a client that sets one expects its effect, so it is refused, not ignored,
     # unless it holds the value that means "off" (_unsupported: that value, and what to do instead)
-    min_p: Any = None
     use_beam_search: Any = None
     guided_json: Any = None
     guided_regex: Any = None
@@ -118,7 +118,7 @@ class _Request(BaseModel):
     logits_processors: Any = None
     add_special_tokens: Any = None
     _unsupported: ClassVar[dict[str, tuple[object, str]]] = {
-        **{k: VLLM_UNSUPPORTED[k] for k in ("min_p", "use_beam_search", "structured_outputs",
+        **{k: VLLM_UNSUPPORTED[k] for k in ("use_beam_search", "structured_outputs",
                                             "include_stop_str_in_output", "skip_special_tokens", "allowed_token_ids",
                                             "bad_words", "truncate_prompt_tokens", "logits_processors")},
         **{f"guided_{k}": VLLM_UNSUPPORTED["guided_decoding"] for k in ("json", "regex", "choice", "grammar")},
@@ -181,6 +181,7 @@ class _Request(BaseModel):
                 temperature=1.0 if self.temperature is None else self.temperature,
                 top_p=1.0 if self.top_p is None else self.top_p,
                 top_k=0 if self.top_k is None else self.top_k,
+                min_p=self.min_p or 0.0,
                 repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
                 seed=self.seed,
                 stop=stop,

@@ -1,6 +1,7 @@
 """Reference of kernels/sampling.cu, and the CPU backend's sampler: logit bias and min_tokens' mask, then the
-repetition, frequency and presence penalties (vLLM's order), a grammar's token mask, temperature, top-k, top-p,
-a per-request seeded RNG; and the log-probabilities the OpenAI API returns."""
+repetition, frequency and presence penalties (vLLM's order), a grammar's token mask, temperature, min-p (the CPU's
+only: the CUDA backend refuses it), top-k, top-p, a per-request seeded RNG; and the log-probabilities the OpenAI API
+returns."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def sample(logits: np.ndarray, seqs: list[Sequence]) -> list[int]:
         if p.greedy:
             out.append(int(np.argmax(x)))
             continue
-        out.append(int(sample_row(x, p.temperature, p.top_k, p.top_p, seq.rng.random())))
+        out.append(int(sample_row(x, p.temperature, p.top_k, p.top_p, seq.rng.random(), p.min_p)))
     return out
 
 
@@ -86,9 +87,12 @@ def allowed_tokens(mask: np.ndarray, vocab: int) -> np.ndarray:
     return out
 
 
-def sample_row(x: np.ndarray, temperature: float, top_k: int, top_p: float, u: float) -> int:
+def sample_row(
+    x: np.ndarray, temperature: float, top_k: int, top_p: float, u: float, min_p: float = 0.0
+) -> int:
     """Inverse-CDF sampling with uniform `u` in [0, 1) over the filtered, tempered distribution: the logits in the
-    order (value descending, index ascending), the first top_k, then the shortest prefix whose probability
+    order (value descending, index ascending), those at least min_p times as probable as the first (vLLM's min-p,
+    after temperature: a prefix of the order), the first top_k of them, then the shortest prefix whose probability
     reaches top_p, and the first element whose cumulative probability exceeds u times the kept mass.
 
     Sorts only as far as the decision needs (`_head`: the first m of the order, m growing 8x from HEAD until the
@@ -98,6 +102,8 @@ def sample_row(x: np.ndarray, temperature: float, top_k: int, top_p: float, u: f
     x = x / np.float32(min(temperature, FLOAT32_MAX))  # a huge temperature: uniform, no overflow
     n = x.shape[0]
     kept = top_k if 0 < top_k < n else n
+    if min_p > 0:
+        kept = min(kept, _min_p_kept(x, min_p))
     if 4 * HEAD > n or np.isnan(x).any():  # a short row; NaN (last in argsort, first in a partition)
         return _sample_sorted(x, np.argsort(-x, kind="stable")[:kept], top_p, u)
     if kept <= HEAD:
@@ -124,6 +130,13 @@ def sample_row(x: np.ndarray, temperature: float, top_k: int, top_p: float, u: f
                 return int(order[min(idx, m - 1)])
         m = min(kept, 8 * m)
         m = kept if m > n // 4 else m  # (a head of over a quarter of the row: the kept set sorted whole)
+
+
+def _min_p_kept(x: np.ndarray, min_p: float) -> int:
+    """How many tempered logits are at least min_p times as probable as the most probable one (at least it: a row
+    holding NaN keeps only its first)."""
+    with np.errstate(invalid="ignore"):  # inf - inf: NaN, not kept
+        return max(1, int(np.count_nonzero(np.exp((x - x.max()).astype(np.float64)) >= min_p)))
 
 
 def _head_set(x: np.ndarray, m: int) -> np.ndarray:
