@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backends.base import KVCache
+from ..geometry import ring_pages, sink_pages
 from ..kv.layout import head_slots
 from ..sparse.plan import BatchLayout, build_plan
 from .common import Ctx
@@ -42,7 +43,11 @@ def sparse_batch(c: Ctx, q_lens, ctx_lens, hq, pattern, d, ps, windows, keep=Non
     hc, slot = head_classes(pattern)
     nd, ns = int((hc == 0).sum()), int((hc == 1).sum())
     nseq = len(q_lens)
-    ring = (-(-max(w[0] for w in windows) // ps), -(-(max(w[1] for w in windows) + max(q_lens)) // ps) + 1)
+    # the engine's rule (geometry): sink pages, then the ring a chunk of the longest query list needs
+    ring = (
+        sink_pages(max(w[0] for w in windows), ps),
+        ring_pages(max(w[1] for w in windows), max(q_lens), ps),
+    )
     need = [-(-t // ps) for t in ctx_lens]
     n_dense, n_stream = sum(need) + 3, nseq * (ring[0] + ring[1]) + 2
     perm, offs = c.rng.permutation(n_dense), np.cumsum([0, *need])
