@@ -3,7 +3,8 @@
 // Reference: lserve_lite/backends/reference/sampling.py (sample, sample_row, additive_terms, allowed_tokens,
 // logprobs_ref). Launchers: lserve_lite/backends/cuda_sampling.py.
 // Before sampling, on a copy of the logits: apply_penalty (repetition), add_logits (presence / frequency
-// penalties and logit bias, as (row, id, amount) triples), mask_logits (a grammar's allowed-token bitmask).
+// penalties and logit bias, as (row, id, amount) triples), mask_logits (a grammar's allowed-token bitmask), then
+// min_p_mask (vLLM's min_p, after temperature).
 // logprob_rows reads the raw logits: log-softmax of the chosen id and the top-k, only those numbers go back.
 //
 // The CPU sampler sorts the tempered logits (descending, ties by index), keeps the top_k, then the
@@ -642,6 +643,48 @@ __global__ void mask_logits(float* __restrict__ logits, long long stride, int vo
   if (i >= vocab) return;
   const unsigned int w = (unsigned int)masks[(long long)r * words + (i >> 5)];
   if (!((w >> (i & 31)) & 1u)) logits[rows[r] * stride + i] = -__int_as_float(0x7f800000);
+}
+
+// vLLM's min_p: -inf on each listed row's logits less probable, after temperature, than min_p times the most
+// probable one, i.e. exp(x / T - max) < min_p, as the reference's _min_p_kept (a float32 difference, a float64 exp).
+// A row where none passes (NaN in it, or +inf) keeps only the first of its order, the largest non-NaN value at the
+// lowest index (the reference's max(1, count)), as a finite 0 beside -inf everywhere else. One block a listed row (rows[r] of logits, min_p[r]); the
+// temperature is the row's in params [4, rows], as sample_rows reads it.
+constexpr int MINP_THREADS = 1024;  // cuda_sampling.MINP_THREADS
+__global__ void __launch_bounds__(MINP_THREADS)
+    min_p_mask(float* __restrict__ logits, long long stride, int vocab, const double* __restrict__ params,
+               const int* __restrict__ rows, const double* __restrict__ min_p) {
+  lserve::pdl_enter();
+  __shared__ float fscratch[32];
+  __shared__ int iscratch[32];
+  __shared__ u64 kscratch[32];
+  const int row = rows[blockIdx.x];
+  float* x = logits + row * stride;
+  const float temp = (float)params[row], ninf = -__int_as_float(0x7f800000);
+  const double mp = min_p[blockIdx.x];
+  float m = ninf;
+  int nan = 0;
+  u64 first = ~0ull;
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+    const float v = __fdiv_rn(x[i], temp);
+    if (isnan(v)) {
+      nan = 1;
+    } else {
+      m = fmaxf(m, v);
+      first = min(first, sort_key(v, i));
+    }
+  }
+  const float vmax = block_reduce(m, fscratch, lserve::MaxOp(), ninf);
+  nan = block_reduce(nan, iscratch, lserve::MaxOp(), 0);
+  first = block_reduce(first, kscratch, lserve::MinOp(), ~0ull);
+  int kept = 0;
+  for (int i = threadIdx.x; i < vocab && !nan; i += blockDim.x) kept += exp((double)(__fdiv_rn(x[i], temp) - vmax)) >= mp;
+  kept = block_reduce(kept, iscratch, lserve::SumOp(), 0);
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+    const float v = __fdiv_rn(x[i], temp);
+    const bool keep = kept ? exp((double)(v - vmax)) >= mp : (first == ~0ull ? i == 0 : sort_key(v, i) == first);
+    if (!keep || !kept) x[i] = keep ? 0.f : ninf;  // a lone +inf would leave the sampler inf - inf
+  }
 }
 
 // Log-softmax of each raw row: lp[row] of chosen[row], and the k <= LP_K most likely ids (descending, ties by index,

@@ -218,17 +218,19 @@ def test_min_p_leaves_the_other_fields_positions():
     ) == (8, 0.5, 3, 0.9, 1.2, 7, 0.0)
 
 
-def test_min_p_is_taken_on_the_cpu_and_refused_on_the_cuda_backend(llm, monkeypatch):
-    """vLLM's min_p (refused as not implemented until 2026-12-07) runs in the CPU sampler: min_p=1 keeps the most
-    probable token only, so a hot temperature still gives the greedy reply. The GPU sampling kernel has none: the
-    one-process CUDA backend refuses it in one line (tensor parallelism samples on the host)."""
+def test_min_p_is_taken(llm):
+    """vLLM's min_p (refused as not implemented until 2026-12-07) runs in the sampler: min_p=1 keeps the most
+    probable token only, so a hot temperature still gives the greedy reply (the GPU's min_p_mask: the kernel
+    harness's `sample (min_p)` row and tools/sampling_host_check.py)."""
     greedy = llm.generate([[5, 6]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
     hot = SamplingParams(max_tokens=6, temperature=50.0, min_p=1.0, seed=3, ignore_eos=True)
     assert llm.generate([[5, 6]], hot)[0].token_ids == greedy.token_ids
-    monkeypatch.setattr(llm.engine, "backend", "cuda")
-    with pytest.raises(InvalidRequestError, match=r"^min_p is not supported on the CUDA backend"):
-        llm.engine.add_request([5, 6], hot)
-    assert not llm.engine.has_unfinished()
+    assert (
+        llm.generate([[5, 6]], SamplingParams(max_tokens=6, temperature=50.0, seed=3, ignore_eos=True))[
+            0
+        ].token_ids
+        != greedy.token_ids
+    )  # without min_p that temperature leaves the greedy reply
 
 
 def test_min_tokens_refused_with_max_tokens_none_names_it():

@@ -241,9 +241,9 @@ def test_host_emulation_that_does_not_build_is_one_line(tmp_path, monkeypatch):
     shutil.which("nvcc") is None, reason="nvcc not installed (the host emulation builds with it)"
 )
 def test_sampling_kernels_on_the_host():
-    """argmax_rows, sample_bounds + sample_fill + sample_rows (bin lists, a pass a selection, the radix path) and
-    logprob_rows compiled as host code (tools/sampling_host_check.py) against np.argmax, sample_row and
-    logprobs_ref on the harness's mixed and crowded rows."""
+    """argmax_rows, sample_bounds + sample_fill + sample_rows (bin lists, a pass a selection, the radix path),
+    logprob_rows and min_p_mask compiled as host code (tools/sampling_host_check.py) against np.argmax, sample_row
+    and logprobs_ref on the harness's mixed and crowded rows."""
     import subprocess
     import sys
     from pathlib import Path
@@ -251,7 +251,7 @@ def test_sampling_kernels_on_the_host():
     tool = Path(__file__).resolve().parents[1] / "tools" / "sampling_host_check.py"
     run = subprocess.run([sys.executable, str(tool)], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0 and "all passed" in run.stdout, run.stdout[-4000:] + run.stderr[-4000:]
-    assert run.stdout.count(" PASS") == 11
+    assert run.stdout.count(" PASS") == 12
 
 
 EMU_SELF_TEST = r"""
@@ -532,6 +532,20 @@ def test_gpu_sampling_draws_like_the_cpu_sampler():
     assert params[:3, 1].tolist() == [0.7, 5, 0.9]
     rows, ids, pens = pen
     assert rows.tolist() == [1, 1, 1] and ids.tolist() == [3, 5, 7] and np.allclose(pens, 1.2)
+
+
+def test_gpu_min_p_rows_are_the_sampled_rows_that_set_it():
+    """min_p_mask's launch list: sampled rows with min_p > 0 and their values; greedy rows (min_p does not apply)
+    and rows without min_p stay out, and a batch without any launches nothing."""
+    from lserve_lite.backends.cuda_sampling import min_p_inputs
+    from lserve_lite.sampling_params import SamplingParams
+    from lserve_lite.sequence import Sequence
+
+    ps = [SamplingParams(temperature=0.0, min_p=0.3), SamplingParams(temperature=0.8, min_p=0.05),
+          SamplingParams(temperature=0.8), SamplingParams(temperature=1.2, min_p=1.0)]  # fmt: skip
+    rows, values = min_p_inputs([Sequence([1], p) for p in ps])
+    assert rows.dtype == np.int32 and rows.tolist() == [1, 3] and values.tolist() == [0.05, 1.0]
+    assert min_p_inputs([Sequence([1], p) for p in ps[::2]]) is None
 
 
 def test_a_top_k_past_the_gpu_samplers_int32_is_refused_up_front():

@@ -1,5 +1,5 @@
 """Check kernels/sampling.cu without a GPU: argmax_rows, the sampling kernels (histogram path with and without bin
-lists, and the radix path) and logprob_rows compiled as host code (tools/sampling_host_emu.cu, nvcc; a thread per
+lists, and the radix path) logprob_rows and min_p_mask compiled as host code (tools/sampling_host_emu.cu, nvcc; a thread per
 CUDA thread, a barrier per warp and per block), launched as backends/cuda_sampling.py launches them, against the
 CPU references (np.argmax; backends/reference/sampling.py: sample_row, logprobs_ref) on the harness's rows
 (harness/sampling.py: mixed temperature / top-k / top-p rows, and "hard" rows that crowd a bin or mask the row).
@@ -73,6 +73,28 @@ def check_sample(exe: Path, tmp: Path, rng: np.random.Generator) -> bool:
     return ok
 
 
+def check_min_p(exe: Path, tmp: Path, rng: np.random.Generator) -> bool:
+    """min_p_mask, then the sampling path (bin lists) on its output, against sample_row with min_p: mixed rows,
+    ties, and rows where no logit passes the rule (a NaN, a +inf: only the first of the order is kept)."""
+    b, vocab = 8, 5000
+    x, params = sampling_rows(rng, b, vocab, "mixed")
+    params[0] = np.where(params[0] == 0, 1.0, params[0])  # sampled rows: min_p does not apply to greedy ones
+    x[1] = np.round(x[1])
+    x[2, 17], x[3, 99] = np.nan, np.inf
+    min_p = rng.choice([0.0, 0.01, 0.1, 0.5], b)
+    min_p[1:4] = 0.05
+    t, k, p, u = params
+    want = [sample_row(x[i], t[i], int(k[i]), p[i], u[i], min_p[i]) for i in range(b)]
+    x.tofile(tmp / "logits.bin")
+    params.tofile(tmp / "params.bin")
+    min_p.tofile(tmp / "minp.bin")
+    run(exe, tmp, "minp", b, vocab)
+    (tmp / "logits_out.bin").replace(tmp / "logits.bin")
+    run(exe, tmp, "sample", b, vocab, 1, 0)
+    miss = int(np.sum(np.fromfile(tmp / "out.bin", np.int64) != np.asarray(want)))
+    return report(f"min_p_mask + sample_rows B{b} V{vocab}", miss, miss == 0)
+
+
 def check_logprobs(exe: Path, tmp: Path, rng: np.random.Generator) -> bool:
     ok = True
     for b, vocab, k, ties in [(3, 9000, 20, True), (2, 4099, 5, False), (1, 777, 0, False)]:
@@ -103,6 +125,7 @@ def main() -> int:
         tmp = Path(t)
         exe = build_emulator("sampling", 1, "sampling_host_emu", tmp)
         ok = check_argmax(exe, tmp, rng) & check_sample(exe, tmp, rng) & check_logprobs(exe, tmp, rng)
+        ok &= check_min_p(exe, tmp, rng)
     print("all passed" if ok else "FAILED")
     return 0 if ok else 1
 

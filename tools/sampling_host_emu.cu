@@ -6,8 +6,11 @@
 //                                                                bin lists if lists) + sample_rows; radix:
 //                                                                sample_rows alone
 //   sampling_host_emu logprobs DIR rows vocab chunk k            lp.bin, ids.bin (int64), top.bin <- logprob_rows
+//   sampling_host_emu minp DIR rows vocab chunk                  logits_out.bin (float32 [rows, vocab]) <-
+//                                                                min_p_mask over the rows with min_p > 0
 // (chunk: logits a block of a row, cuda_sampling.ROW_CHUNK)
-// DIR holds logits.bin (float32 [rows, vocab]), params.bin (float64 [4, rows]: sample), chosen.bin (int64: logprobs).
+// DIR holds logits.bin (float32 [rows, vocab]), params.bin (float64 [4, rows]: sample, minp), chosen.bin (int64:
+// logprobs), minp.bin (float64 [rows]: minp).
 #include "host_emu.cuh"
 
 #define __fdiv_rn(a, b) ((a) / (b))
@@ -74,6 +77,19 @@ int main(int argc, char** argv) {
     write_bytes(dir + "/lp.bin", lpp, rows * 4);
     write_bytes(dir + "/ids.bin", idp, (size_t)rows * k * 8);
     write_bytes(dir + "/top.bin", tp, (size_t)rows * k * 4);
+  } else if (mode == "minp") {
+    auto params = read_bytes(dir + "/params.bin"), minp = read_bytes(dir + "/minp.bin");
+    const double* pa = (const double*)params.data();
+    const double* mp = (const double*)minp.data();
+    std::vector<int> rl;
+    std::vector<double> ml;
+    for (int r = 0; r < rows; ++r)
+      if (mp[r] > 0) rl.push_back(r), ml.push_back(mp[r]);
+    float* xm = (float*)logits.data();
+    const int* rp = rl.data();
+    const double* mlp = ml.data();
+    launch({(unsigned)rl.size(), 1, 1}, MINP_THREADS, [=] { min_p_mask(xm, vocab, vocab, pa, rp, mlp); });
+    write_bytes(dir + "/logits_out.bin", xm, (size_t)rows * vocab * 4);
   } else {
     return 2;
   }

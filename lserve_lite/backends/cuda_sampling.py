@@ -2,8 +2,8 @@
 
 A step uploads a [4, B] float64 parameter block (temperature, top_k, top_p, and one uniform per row drawn
 from the sequence's own seeded generator, exactly as the CPU sampler draws it), plus each penalized row's
-unique ids, the (row, id, amount) triples of presence / frequency penalties and logit bias, and the bitmasks
-of grammar-constrained rows, and copies back only the B token ids (`sample_async`: they also stay on the
+unique ids, the (row, id, amount) triples of presence / frequency penalties and logit bias, the bitmasks
+of grammar-constrained rows and the min_p of the rows that set it, and copies back only the B token ids (`sample_async`: they also stay on the
 device as the next step's inputs, and the copy is only queued). Logprobs (`logprobs`) come back as the
 chosen ids' values and the top-k ids and values, never a vocabulary-sized row. Same seed, same token as the CPU backend up to ties
 (and up to float64 summation-order rounding at a CDF boundary).
@@ -28,12 +28,14 @@ SAMPLING_KERNELS = (
     "apply_penalty",
     "add_logits",
     "mask_logits",
+    "min_p_mask",
     "logprob_rows",
 )
 THREADS = 1024  # sampling.cu's SAMPLE_THREADS
 HIST_SMEM = 100 * 1024  # sampling.cu's HIST_SMEM: sample_rows' dynamic shared memory
 HIST_BINS = 2048 + 1  # sampling.cu's SB + 1: value bins of a row's histogram, the last for the rest
 FILL_THREADS = 256
+MINP_THREADS = 1024  # sampling.cu's MINP_THREADS
 LP_THREADS = 256  # sampling.cu's LP_THREADS
 LP_K = MAX_LOGPROBS  # sampling.cu's LP_K: top logprobs a row at most
 LIST_ELEMENTS = 1 << 21  # logits of a batch (rows x vocabulary) up to which sample_fill lists them by bin: an
@@ -98,6 +100,14 @@ def mask_inputs(seqs: list) -> tuple[np.ndarray, np.ndarray] | None:
     return np.asarray(rows, np.int32), np.ascontiguousarray(
         np.stack([seqs[i].token_mask for i in rows]), np.int32
     )
+
+
+def min_p_inputs(seqs: list) -> tuple[np.ndarray, np.ndarray] | None:
+    """(rows, min_p values) of the sampled rows with vLLM's min_p on (None: none)."""
+    rows = [i for i, s in enumerate(seqs) if not s.params.greedy and s.params.min_p > 0]
+    if not rows:
+        return None
+    return np.asarray(rows, np.int32), np.asarray([seqs[i].params.min_p for i in rows], np.float64)
 
 
 class DeviceTokens:
@@ -169,8 +179,8 @@ class GpuSampler:
         vocab = int(logits.shape[1])
         params, pen = sampling_inputs(seqs, vocab)
         bias, add = additive_inputs(seqs, vocab, bias_terms), additive_inputs(seqs, vocab, penalty_terms)
-        masks = mask_inputs(seqs)
-        if pen is not None or bias is not None or add is not None or masks is not None:
+        masks, min_p = mask_inputs(seqs), min_p_inputs(seqs)
+        if any(t is not None for t in (pen, bias, add, masks, min_p)):
             logits = logits.copy()  # never change the caller's logits (logprobs read them raw)
         if bias is not None:  # vLLM's order: logit bias and min_tokens' mask, then the penalties
             self.add_logits(logits, *bias)
@@ -186,10 +196,13 @@ class GpuSampler:
             raise ValueError(
                 f"ids output of shape {out.shape} {out.dtype} for {b} rows: a contiguous [B] int64"
             )
-        if not params[0].any():  # all greedy
+        if not params[0].any():  # all greedy (min_p: sampled rows only)
             self.argmax(logits, out)
         else:
-            self.sample_rows(logits, cp.asarray(params), out)
+            dparams = cp.asarray(params)
+            if min_p is not None:
+                self.min_p_mask(logits, dparams, *min_p)
+            self.sample_rows(logits, dparams, out)
         return out
 
     def sample_rows(self, logits, params, out, radix: bool = False) -> None:
@@ -258,6 +271,13 @@ class GpuSampler:
             np.int32(masks.shape[1]),
         )
         self.k["mask_logits"]((-(-vocab // 256), int(rows.size)), (256,), args)
+
+    def min_p_mask(self, logits, params, rows: np.ndarray, min_p: np.ndarray) -> None:
+        """In place: -inf on each listed row's logits below min_p times its most probable one (after the
+        temperature of device params [4, B]), as the reference's sample_row drops them."""
+        cp, vocab = self.cp, int(logits.shape[1])
+        args = (logits, np.int64(vocab), np.int32(vocab), params, cp.asarray(rows), cp.asarray(min_p))
+        self.k["min_p_mask"]((int(rows.size),), (MINP_THREADS,), args)
 
     def logprobs(self, logits, chosen: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Raw-logit logprobs of `chosen` [R] and the top-k [R, k]; reference: logprobs_ref. The outputs share one

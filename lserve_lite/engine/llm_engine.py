@@ -271,11 +271,6 @@ class LLMEngine:
         else:  # skip ids a caller gave explicitly: a generated id must never be refused as a duplicate
             request_id = next(r for r in (f"req-{i}" for i in self._ids) if r not in self.seqs)
         params.validate()  # again: its fields may have changed since it was made
-        if params.min_p and self.backend == "cuda":  # tensor parallel samples on the host: min_p runs there
-            raise InvalidRequestError(
-                "min_p is not supported on the CUDA backend (its sampling kernel has no min-p filter): leave it out, "
-                "or use top_p / top_k"
-            )
         ids = self._encode(prompt) if isinstance(prompt, str) else self.check_ids(prompt, "prompt")
         if not ids:
             raise InvalidRequestError("prompt is empty (no tokens after tokenizing)")

@@ -66,6 +66,7 @@ def case_sampling(c: Ctx) -> list[Result]:
     )
     out.append(_case_api_options(c))
     out.append(_case_penalty_order(c))
+    out.append(_case_min_p(c))
     out += _case_logprobs(c)
     return out
 
@@ -142,6 +143,36 @@ def _case_penalty_order(c: Ctx) -> Result:
     miss = int(np.sum(np.asarray(c.ops.sample(c.cp.asarray(x), [plain, pres])) != 5))
     return Result("sample (bias, penalty, presence order)", f"B2 V{vocab}", miss, 0.0, miss == 0,
                   "abs = mismatches")  # fmt: skip
+
+
+def _case_min_p(c: Ctx) -> Result:
+    """min_p_mask in the whole path: vLLM's min_p with temperature, top-k and top-p, a grammar mask, greedy rows
+    (min_p does not apply), ties, and rows where no logit passes (a NaN, a +inf: only the first is kept)."""
+    b, vocab = 12, 7001
+    x = (c.rng.standard_normal((b, vocab)) * c.rng.uniform(1, 5, (b, 1))).astype(np.float32)
+    x[1], x[2, 17], x[3, 99] = np.round(x[1]), np.nan, np.inf
+
+    def make() -> list[Sequence]:
+        r = np.random.default_rng(11)
+        seqs = []
+        for i in range(b):
+            sp = SamplingParams(
+                temperature=[0.0, 0.7, 1.0, 1.6][i % 4] if i > 3 else 1.0, top_k=[0, 40][i % 2],
+                top_p=[1.0, 0.9, 1.0][i % 3], min_p=float(r.choice([0.0, 0.02, 0.1, 0.4])) if i > 3 else 0.05, seed=i,
+            )  # fmt: skip
+            seq = Sequence([1, 2, 3], sp)
+            if i == 5:
+                allowed = np.zeros((vocab + 31) // 32 * 32, bool)
+                allowed[r.integers(0, vocab, 50)] = True
+                seq.token_mask = np.packbits(allowed, bitorder="little").view(np.int32)
+            seqs.append(seq)
+        return seqs
+
+    with np.errstate(invalid="ignore"):  # the +inf row's reference
+        want = cpu_sample(x, make())
+    got = c.ops.sample(c.cp.asarray(x), make())
+    miss = int(np.sum(np.asarray(got) != np.asarray(want)))
+    return Result("sample (min_p)", f"B{b} V{vocab}", miss, 0.0, miss == 0, "abs = mismatches")
 
 
 def _case_logprobs(c: Ctx) -> list[Result]:
