@@ -237,7 +237,7 @@ def create_app(
             raise too_long(str(e), where) from None
         except InvalidRequestError as e:  # a rendering's error naming its field (else the prompt's)
             msg = str(e)
-            named = msg.startswith(("chat_template", "continue_final_message"))
+            named = msg.startswith(("chat_template", "continue_final_message", "tools:"))
             raise ApiError(400, msg, param_of(msg) if named else where) from None
 
     def check_ids(ids: list[int]) -> list[int]:
