@@ -467,6 +467,12 @@ def test_request_chat_template_needs_trust_and_kwargs_reach_the_template(client,
             ):
                 err = error(r)
                 assert err["param"] == param and err["message"].startswith(line), err
+        # a tool result without tool_call_id is taken (vLLM's rule); a template that reads the id refuses it in a 400
+        result = {"messages": [*MSGS, {"role": "tool", "content": "21"}]}
+        assert post(client, body | result, chat=True).status_code == 200
+        for template in ("{{ messages[1].tool_call_id.upper() }}", "{{ messages[1].tool_call_id | tojson }}"):
+            err = error(post(trusted, body | result | {"chat_template": template}, chat=True))
+            assert err["param"] == "messages" and err["message"].startswith("chat template failed"), err
         # a template that does not render the last message as given cannot continue it: named (it named messages)
         cont = {"messages": [*MSGS, {"role": "assistant", "content": "sure"}], "add_generation_prompt": False,
                 "continue_final_message": True, "chat_template": "{% for m in messages %}{{ m.content | upper }}{% endfor %}"}  # fmt: skip
