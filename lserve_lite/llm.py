@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from .config import EngineConfig
 from .engine.llm_engine import LLMEngine, StepOutput
-from .engine.tool_calls import finish_reason, plan_tools, prompt_messages, short_call_ids
+from .engine.tool_calls import plan_tools, prompt_messages, short_call_ids
 from .errors import InvalidRequestError, LServeError
 from .sampling_params import SamplingParams, refuse_set
 from .sequence import TokenLogprob
@@ -287,10 +287,8 @@ class LLM:
         for o in outs:  # vLLM's RequestOutput.prompt of a chat: its rendered text
             o.prompt = self.tokenizer.decode(o.prompt_token_ids, skip_special_tokens=False)
         for o in outs if plan else []:
-            content, calls = plan.parse(o.text)
-            if calls:
-                o.finish_reason = finish_reason(o.finish_reason, not plan.cut(o.text))
-                o.text, o.tool_calls = content or "", calls
+            content, calls, o.finish_reason = plan.reply(o.text, o.finish_reason)
+            o.text, o.tool_calls = content or "", calls or None
         return ChatOutput(**vars(outs[0])) if single and len(outs) == 1 else outs
 
     def stream(

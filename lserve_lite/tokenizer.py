@@ -288,14 +288,12 @@ class Tokenizer:
                 )
             return text
 
-        rest = [{k: v for k, v in m.items() if k != "content"} for m in messages]
-        if self.holds_special(
-            json.dumps([tools, rest, chat_template_kwargs], ensure_ascii=False, default=str)
-        ):
-            raise InvalidRequestError(
-                "tools, chat_template_kwargs and message fields other than content (tool calls, ids) must not hold "
-                "the model's special tokens' text"
-            )
+        rest = [(f"messages[{i}] (a field other than content)", {k: v for k, v in m.items() if k != "content"})
+                for i, m in enumerate(messages)]  # fmt: skip
+        for field, value in [("tools", tools), ("chat_template_kwargs", chat_template_kwargs), *rest]:
+            # the error names its field first: the server's `param`
+            if self.holds_special(json.dumps(value, ensure_ascii=False, default=str)):
+                raise InvalidRequestError(f"{field}: must not hold the model's special tokens' text")
         if not any(self.holds_special(m["content"]) for m in messages):
             return self.encode(render(messages), add_special_tokens=False)
         # Each special string of a message becomes a marker the template cannot mistake for markup; after

@@ -132,6 +132,11 @@ def test_tokenize_and_detokenize(server, ref):
     assert post("/detokenize", tokens=r["tokens"]).json()["prompt"] == ref.tokenizer.decode(
         r["tokens"], False
     )
+    # an empty prompt is 0 tokens, as vLLM counts it (it was a 400 "the prompt is empty", which generating needs)
+    assert post("/tokenize", prompt="").json() == {"count": 0, "max_model_len": engine.max_len, "tokens": []}
+    assert (
+        post("/v1/completions", prompt="", max_tokens=1).json()["error"]["message"] == "the prompt is empty"
+    )
     for path, body, param in [
         ("/tokenize", {}, "prompt"),
         ("/tokenize", {"prompt": "x", "messages": msgs}, "prompt"),

@@ -911,6 +911,11 @@ def test_llm_chat_with_tools(tiny_dir):
         (call,) = o.tool_calls  # a call cut short: its arguments as written so far
         assert (o.finish_reason, o.text, call["function"]["name"]) == (finish, "", "get_weather"), o
         assert call["function"]["arguments"].startswith('{"city":'), call
+    # cut before any call began ("["): an empty reply, as the server's content "" (LLM.chat returned "[")
+    o = llm.chat(
+        ask, SamplingParams(temperature=0, max_new_tokens=1), tools=[WEATHER], tool_choice="required"
+    )
+    assert (o.text, o.tool_calls, o.finish_reason) == ("", None, "length"), o
     plain = llm.chat(
         ask, SamplingParams(max_new_tokens=4, temperature=0), tools=[WEATHER], tool_choice="none"
     )

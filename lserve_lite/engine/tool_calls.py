@@ -130,6 +130,13 @@ class ToolPlan:
         content, calls = ToolStream(self).feed(text, finished=True)
         return (None if calls and not content.strip() else content), calls
 
+    def reply(self, text: str, finish: str | None) -> tuple[str | None, list[dict], str | None]:
+        """A finished reply as (content, tool calls, finish reason): the one reading of a reply that the server's
+        choices and LLM.chat's outputs share (LLM.chat kept a forced reply cut before any call began, "[", as its
+        text while the server's content was "")."""
+        content, calls = self.parse(text)
+        return content, calls, finish_reason(finish, bool(calls) and not self.cut(text))
+
 
 def finish_reason(finish: str | None, made_calls: bool) -> str | None:
     """A reply's finish reason: "tool_calls" when it made whole calls (`made_calls`) and was not cut short."""

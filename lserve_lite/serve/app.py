@@ -217,8 +217,9 @@ def create_app(
         if prompts > MAX_CHOICES:
             raise ApiError(400, f"a request holds at most {MAX_CHOICES} prompts", where)
 
-    def tokenize(req: ChatCompletionRequest | CompletionRequest) -> list[list[int]]:
-        """Each prompt's token ids (one for chat)."""
+    def tokenize(req: ChatCompletionRequest | CompletionRequest, generating: bool = True) -> list[list[int]]:
+        """Each prompt's token ids (one for chat); only a prompt to generate from must not be empty (/tokenize
+        counts "" as 0 tokens, as vLLM's)."""
         where = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
         try:
             if isinstance(req, ChatCompletionRequest):
@@ -231,18 +232,20 @@ def create_app(
                                               tok.reads_tools(req.chat_template))  # fmt: skip
                 how = (req.add_generation_prompt, req.continue_final_message, req.chat_template,
                        req.chat_template_kwargs)  # fmt: skip
-                return [check_ids(tok.encode_chat(msgs, tools, *how, max_chars=prompt_limit))]
-            return [check_ids(engine.tokenizer.encode(p) if isinstance(p, str) else p) for p in req.prompts()]
+                ids = [tok.encode_chat(msgs, tools, *how, max_chars=prompt_limit)]
+            else:
+                ids = [engine.tokenizer.encode(p) if isinstance(p, str) else p for p in req.prompts()]
+            return [check_ids(x, generating) for x in ids]
         except PromptTooLongError as e:
             raise too_long(str(e), where) from None
         except InvalidRequestError as e:  # a rendering's error naming its field (else the prompt's)
             msg = str(e)
-            named = msg.startswith(("chat_template", "continue_final_message"))
+            named = msg.startswith(("chat_template", "continue_final_message", "tools:"))
             raise ApiError(400, msg, param_of(msg) if named else where) from None
 
-    def check_ids(ids: list[int]) -> list[int]:
+    def check_ids(ids: list[int], generating: bool) -> list[int]:
         vocab = engine.cfg.vocab_size
-        if not ids:
+        if not ids and generating:
             raise InvalidRequestError("the prompt is empty")
         if not all(0 <= t < vocab for t in ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
@@ -343,7 +346,7 @@ def create_app(
             ChatCompletionRequest if chat else CompletionRequest, {k: body[k] for k in keys if k in body}
         )
         check_model(req.model)
-        (ids,) = await asyncio.to_thread(tokenize, req)
+        (ids,) = await asyncio.to_thread(tokenize, req, False)
         return {"count": len(ids), "max_model_len": engine.max_len, "tokens": ids}
 
     @app.post("/detokenize")

@@ -73,10 +73,9 @@ class Choices:
             message: dict = {"role": "assistant", "content": text}
             finish = last.finish_reason
             if self.tools:
-                message["content"], calls = self.tools.parse(text)
+                message["content"], calls, finish = self.tools.reply(text, finish)
                 if calls:
                     message["tool_calls"] = calls
-                finish = finish_reason(finish, bool(calls) and not self.tools.cut(text))
             return {
                 "index": i,
                 "message": message,
