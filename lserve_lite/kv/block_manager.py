@@ -245,9 +245,10 @@ class BlockManager:
                 del self.in_flight[key]
         del seq.in_flight[:n]
 
-    def cache_computed(self, seq: Sequence) -> None:
-        """After a step: index the sequence's newly filled cacheable pages; with streaming heads, snapshot
-        its streaming state when its prompt has just been computed."""
+    def cache_computed(self, seq: Sequence, num_new: int) -> None:
+        """After a step that computed `num_new` tokens of `seq`: index its newly filled cacheable pages; with
+        streaming heads, snapshot its streaming state when its prompt has just been computed (by a chunk that ended
+        there, or, recomputing after a preemption, went on into the reply)."""
         c = self.cache
         if c is None:
             return
@@ -256,7 +257,7 @@ class BlockManager:
         for k in range(seq.num_registered, full):
             c.register(seq.block_hashes[k], seq.page_table[k])
         seq.num_registered = max(seq.num_registered, full)
-        if self.stream_per_seq and seq.num_cached == len(seq.prompt_ids) > seq.num_attached:
+        if self.stream_per_seq and seq.num_cached - num_new < len(seq.prompt_ids) <= seq.num_cached:
             self._capture_snapshot(seq)
         # Waiters need the pages (dense mode) or, with streaming heads, the snapshot at the prompt's end too.
         if seq.num_cached >= len(seq.prompt_ids):
