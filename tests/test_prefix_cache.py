@@ -18,7 +18,7 @@ from lserve_lite.engine.scheduler import Scheduler
 from lserve_lite.geometry import ring_slot
 from lserve_lite.kv.block_manager import BlockManager
 from lserve_lite.kv.prefix_cache import PrefixCache
-from lserve_lite.sequence import Sequence
+from lserve_lite.sequence import Sequence, Status
 from lserve_lite.sparse.patterns import save_pattern
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
@@ -244,7 +244,7 @@ class Driver:
         self.preemptions += len(batch.preempted)
         for s, n in zip(batch.seqs, batch.num_new):
             s.num_cached += n
-            self.blocks.cache_computed(s)
+            self.blocks.cache_computed(s, n)
             if s.num_pending == 0:
                 s.output_ids.append(5)
                 if len(s.output_ids) >= s.params.max_new_tokens:
@@ -309,7 +309,7 @@ def test_a_request_waiting_for_a_selection_slot_attaches_nothing():
         batch = sched.schedule()
         for s, n in zip(batch.seqs, batch.num_new):
             s.num_cached += n
-            b.cache_computed(s)
+            b.cache_computed(s, n)
             if s.num_pending == 0:
                 s.output_ids.append(5)
                 if len(s.output_ids) >= s.params.max_new_tokens:
@@ -337,6 +337,59 @@ def test_a_request_waiting_for_a_selection_slot_attaches_nothing():
         step()
     step()
     assert waiting.num_prefix_cached == 40  # admitted once the slot was free: the prefix attached then
+
+
+def test_a_request_that_does_not_fit_leaves_the_cache_as_it_was():
+    """The queue's head attached its prefix, restoring the snapshot took the streaming pool's last pages (evicting
+    that very snapshot), then no dense page was left for its first chunk: the prefix went back but the snapshot was
+    lost, so the request missed when it could run. It is now admitted only if the chunk fits, else left untouched."""
+    ps = 4
+    b = BlockManager(10, ps, 8, 4, 4, PrefixCache(ps, 1, 3, window=ps, prompt_only=True))
+    sched = Scheduler(b, max_num_seqs=3, max_num_batched_tokens=64)
+    prompt = list(range(3, 20))
+    seqs = [Sequence(p, SamplingParams(max_new_tokens=g)) for p, g in ((prompt, 1), ([100, 101, 102], 30))]
+    for s in seqs:
+        s.kv_salt = b"s"
+        sched.add(s)
+    while len(seqs[1].page_table) < 6:  # the first is done (its snapshot: 4 pages), the second holds the rest
+        batch = sched.schedule()
+        for s, n in zip(batch.seqs, batch.num_new):
+            s.num_cached += n
+            b.cache_computed(s, n)
+            if s.num_pending == 0:
+                s.output_ids.append(5)
+                if len(s.output_ids) >= s.params.max_new_tokens:
+                    sched.finish(s, "length")
+    assert not b.free and not b.stream_free and len(b.cache.snaps) == 1
+    b.take_page_ops()
+    before = (dict(b.cache.snap_of), list(b.cache.idle), b.cache.snapshot_pages)
+    head = Sequence(prompt, SamplingParams(max_new_tokens=2))
+    head.kv_salt = b"s"
+    sched.add(head)
+    sched.schedule()  # the second's decode fits its pages; the head's chunk needs a fifth dense page
+    assert head.status is Status.WAITING and not head.page_table and not head.stream_table
+    assert (dict(b.cache.snap_of), list(b.cache.idle), b.cache.snapshot_pages) == before
+    assert not b.take_page_ops() and not b.in_flight
+
+
+def test_a_preempted_sequence_snapshots_its_prompts_end():
+    """Readmitted after a preemption, a sequence recomputes its prompt and reply in chunks that can run past the
+    prompt's end: it took no snapshot there (only at a chunk ending exactly on it), so the next request of that
+    prompt resumed only the sinks. The chunk that crosses the prompt's end now takes it."""
+    d = Driver(pages=40, ps=4, budget=64, stream=True)
+    prompt = list(range(3, 20))
+    seq, again = (
+        Sequence(prompt, SamplingParams(max_new_tokens=30)),
+        Sequence(prompt + [9], SamplingParams(max_new_tokens=1)),
+    )
+    seq.output_ids = [5] * 6
+    seq.preempt()  # as the scheduler leaves it: 23 tokens to recompute, in one chunk here
+    for s in (seq, again):
+        s.kv_salt = b"s"
+        d.sched.add(s)
+        while d.sched.has_work():
+            d.step()
+    assert again.num_prefix_cached == 16  # 4 whole pages (the prompt's 17th token is computed)
 
 
 def test_driver_stream_exercises_preemption_and_snapshots():
@@ -497,7 +550,7 @@ def stream_tags_run(seed: int) -> int:
                     "another request's row past the context",
                 )
             s.num_cached = end
-            b.cache_computed(s)
+            b.cache_computed(s, n)
             if s.num_pending == 0:
                 s.output_ids.append(7000 + len(s.output_ids))
                 if len(s.output_ids) >= s.params.max_new_tokens:

@@ -421,8 +421,8 @@ class LLMEngine:
             return outs + self._launch(batch)
         wants = [s.wants_prompt_logprobs for s in batch.seqs]
         logits = self.runner.run(batch.seqs, batch.num_new)
-        for seq in batch.seqs:
-            self.blocks.cache_computed(seq)
+        for seq, n in zip(batch.seqs, batch.num_new):
+            self.blocks.cache_computed(seq, n)
         self.run_page_ops()  # snapshots taken, before sequences move on
         last = (
             np.cumsum([n if w else 1 for n, w in zip(batch.num_new, wants)]) - 1
@@ -493,7 +493,7 @@ class LLMEngine:
             # the sample takes its placeholder's place first: a page the step launched since filled is keyed over it
             seq.output_ids[-1] = tok
             if seq.status is Status.RUNNING:  # a preempted one has no pages left to index
-                self.blocks.cache_computed(seq)
+                self.blocks.cache_computed(seq, 1)
             seq.output_ids.pop()
             outs.append(self._append(seq, tok))
         return outs

@@ -147,19 +147,14 @@ class Scheduler:
                 break
             if self.blocks.awaits_prefix(seq):
                 continue
-            # asked before attaching: it would give the prefix back at once, a snapshot copied for nothing
-            if self.blocks.lacks_slot(seq):
+            n = self.blocks.admit(seq, budget - used)  # its cached prefix is attached only if the chunk fits
+            if not n:
                 break
-            got = self.blocks.attach(seq)
-            n = min(seq.num_pending, budget - used)
-            if not self.blocks.can_grow(seq, seq.num_cached + n):
-                self.blocks.release(seq)  # the attached prefix goes back to the cache
-                break
+            got = seq.num_attached
             if seq.num_prefix_cached is None:
                 seq.num_prefix_cached = got
             self.prompt_tokens_cached += min(got, len(seq.prompt_ids))
             self.waiting.remove(seq)
-            self.blocks.grow(seq, seq.num_cached + n)
             seq.status = Status.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)

@@ -110,7 +110,10 @@ class BlockManager:
 
     def can_grow(self, seq: Sequence, num_tokens: int, slot: bool = True) -> bool:
         """Whether free pages (and a selection slot, unless `slot` is False) let `seq` hold `num_tokens`."""
-        dense, stream = self._needed(seq, num_tokens)
+        return self._fits(seq, *self._needed(seq, num_tokens), slot)
+
+    def _fits(self, seq: Sequence, dense: int, stream: int, slot: bool = True) -> bool:
+        """Whether the pools hold `dense` and `stream` more pages for `seq` (and its selection slot if it takes one)."""
         free_slot = not self._wants_slot(seq, slot) or bool(self.slots)
         return dense <= self.num_free and stream <= self.num_stream_free and free_slot
 
@@ -161,25 +164,49 @@ class BlockManager:
         seq.num_cached = seq.decode_steps = seq.num_registered = seq.num_attached = seq.stream_from = 0
 
     # -- prefix cache ---------------------------------------------------------------------------------
-    def attach(self, seq: Sequence) -> int:
-        """Give a sequence without pages the longest cached prefix of its prompt (whole pages, never its last
-        token; with streaming heads, only up to a boundary a snapshot can resume). Returns its tokens. A request
-        for prompt logprobs attaches nothing: it needs the logits of every prompt row."""
-        c = self.cache
-        if c is None or seq.page_table or seq.params.prompt_logprobs is not None:
+    def admit(self, seq: Sequence, budget: int) -> int:
+        """Attach the longest cached prefix of a waiting sequence's prompt (`_prefix`) and grow it for its first chunk
+        of at most `budget` tokens: the chunk's tokens, or 0, with nothing attached, when the pools cannot hold it.
+        Checked before attaching: restoring the prefix's snapshot can evict snapshots (its own too), and giving the
+        prefix back at once lost them for nothing."""
+        pages, snap = self._prefix(seq)
+        start = len(pages) * self.page_size
+        n = min(seq.num_tokens - start, budget)
+        dense, stream = self._pages_for(start + n)
+        claimed = sum(page in self.cache.idle for page in pages) if pages else 0  # idle pages attaching takes
+        if not self._fits(seq, dense - len(pages) + claimed, max(stream, len(snap.pages) if snap else 0)):
             return 0
+        self._attach(seq, pages, snap)
+        self.grow(seq, start + n)
+        return n
+
+    def _prefix(self, seq: Sequence) -> tuple[list[int], Snapshot | None]:
+        """The cached pages of the longest prefix of `seq`'s prompt (whole pages, never its last token; with streaming
+        heads, only up to a boundary a snapshot can resume) and that snapshot. A request for prompt logprobs takes
+        none: it needs the logits of every prompt row."""
+        c = self.cache
+        if c is None or seq.params.prompt_logprobs is not None:
+            return [], None
         most = ((len(seq.prompt_ids) if c.prompt_only else seq.num_tokens) - 1) // self.page_size
         extend_hashes(seq, most * self.page_size, self.page_size)
         pages = c.match(seq.block_hashes[:most])
-        snap = None
-        if self.stream_per_seq and pages:
-            k, snap = c.find_snapshot(seq, len(pages))
-            pages = pages[:k] if snap is not None and len(snap.pages) <= self.num_stream_free else []
+        if not (self.stream_per_seq and pages):
+            return pages, None
+        k, snap = c.find_snapshot(seq, len(pages))
+        if snap is None or len(snap.pages) > self.num_stream_free:
+            return [], None
+        return pages[:k], snap
+
+    def _attach(self, seq: Sequence, pages: list[int], snap: Snapshot | None) -> None:
+        """Give a sequence without pages a cached prefix (`_prefix`) and announce the prompt pages it computes."""
+        c = self.cache
+        if c is None:
+            return
         for page in pages:
             c.claim(page)
             self.ref[page] += 1
         seq.page_table = list(pages)
-        if pages and snap is not None:
+        if snap is not None:
             # may reuse snap's own pages: the copy gathers before it scatters
             table = seq.stream_table = [self._stream_page() for _ in snap.pages]
             held = c.held_slots(snap, len(pages))
@@ -195,7 +222,6 @@ class BlockManager:
         extend_hashes(seq, full * self.page_size, self.page_size)
         seq.in_flight = seq.block_hashes[len(pages) : full]
         self.in_flight.update(seq.in_flight)
-        return seq.num_cached
 
     def awaits_prefix(self, seq: Sequence) -> bool:
         """Whether a running sequence is computing a page of this waiting sequence's prompt that is not cached
@@ -219,9 +245,10 @@ class BlockManager:
                 del self.in_flight[key]
         del seq.in_flight[:n]
 
-    def cache_computed(self, seq: Sequence) -> None:
-        """After a step: index the sequence's newly filled cacheable pages; with streaming heads, snapshot
-        its streaming state when its prompt has just been computed."""
+    def cache_computed(self, seq: Sequence, num_new: int) -> None:
+        """After a step that computed `num_new` tokens of `seq`: index its newly filled cacheable pages; with
+        streaming heads, snapshot its streaming state when its prompt has just been computed (by a chunk that ended
+        there, or, recomputing after a preemption, went on into the reply)."""
         c = self.cache
         if c is None:
             return
@@ -230,7 +257,7 @@ class BlockManager:
         for k in range(seq.num_registered, full):
             c.register(seq.block_hashes[k], seq.page_table[k])
         seq.num_registered = max(seq.num_registered, full)
-        if self.stream_per_seq and seq.num_cached == len(seq.prompt_ids) > seq.num_attached:
+        if self.stream_per_seq and seq.num_cached - num_new < len(seq.prompt_ids) <= seq.num_cached:
             self._capture_snapshot(seq)
         # Waiters need the pages (dense mode) or, with streaming heads, the snapshot at the prompt's end too.
         if seq.num_cached >= len(seq.prompt_ids):
