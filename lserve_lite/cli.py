@@ -7,6 +7,7 @@ import signal
 import sys
 import time
 
+from .config import is_utf8
 from .engine_args import add_engine_args, engine_config_from_args
 from .errors import InvalidRequestError, LServeError, exit_status
 from .evaluation.calibrate_args import add_calibrate_args
@@ -41,7 +42,7 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
 def _check_text_option(text: str | None, flag: str) -> None:
     """Refuse a text option holding bytes that are not UTF-8 (they reach Python as lone surrogates), naming the
     option: the tokenizer's refusal named an index in the rendered chat template."""
-    if text is not None and not _is_utf8(text):
+    if text is not None and not is_utf8(text):
         raise InvalidRequestError(f"{flag} is not valid UTF-8 text")
 
 
@@ -118,7 +119,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         except UnicodeDecodeError:
             line = "\udcff"  # reported below, like bytes that a surrogate-escaping stdin let through
-        if not _is_utf8(line):
+        if not is_utf8(line):
             print("error: that line is not valid UTF-8; type it again", file=sys.stderr)
             continue
         cmd = line.strip()
@@ -192,14 +193,6 @@ def _cut(out, params, max_len: int) -> str:
     if out.num_output_tokens >= params.max_new_tokens:
         return f"; cut at --max-new-tokens {params.max_new_tokens}"
     return f"; cut: the context is full (--max-model-len {max_len})"
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 REPLY_ROOM = 16  # tokens a chat prompt leaves free at least, so that a reply can start

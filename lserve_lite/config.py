@@ -66,6 +66,16 @@ def env_flag(name: str, default: bool) -> bool:
     return env_choice(name, "1" if default else "0", ("0", "1")) == "1"
 
 
+def is_utf8(text: str) -> bool:
+    """False for a str holding a lone surrogate (undecodable bytes let through as surrogate escapes, or a JSON
+    \\udXXX escape): it cannot be encoded, tokenized or echoed."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_text_file(path: Path, what: str) -> str:
     """A model file's UTF-8 text, read only from a regular file of at most MAX_JSON_BYTES: a FIFO would hang the
     load and a device (a symlink to /dev/urandom) grow memory without end. O_NONBLOCK: a FIFO's open returns."""

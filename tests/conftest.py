@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random HF models (oracle: transformers on the CPU) and GPU skipping."""
+"""Shared fixtures: tiny random HF models (oracle: transformers on the CPU), a tiny OpenAI server and GPU skipping."""
 
 from __future__ import annotations
 
@@ -83,6 +83,20 @@ def smollm2_cpu(smollm2_dir):
     from lserve_lite import LLM
 
     return LLM(str(smollm2_dir), backend="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(request, tiny_dir):
+    """The OpenAI server on the requesting module's `tiny_dir` model with its engine knobs `CFG`: (url, engine),
+    one server for the module's tests (a module with its own `server` fixture uses that)."""
+    pytest.importorskip("fastapi")
+    from lserve_lite import EngineConfig
+    from lserve_lite.engine.llm_engine import LLMEngine
+    from lserve_lite.serve.app import ServerThread, create_app
+
+    engine = LLMEngine(str(tiny_dir), "cpu", EngineConfig(**request.module.CFG))
+    with ServerThread(create_app(engine, served_model_name="tiny")) as url:
+        yield url, engine
 
 
 @pytest.fixture(scope="module")

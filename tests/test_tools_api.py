@@ -514,17 +514,6 @@ def tiny_dir(tmp_path_factory):
     return make_tiny_numpy(tmp_path_factory.mktemp("tiny_tools"))
 
 
-@pytest.fixture(scope="module")
-def server(tiny_dir):
-    pytest.importorskip("fastapi")
-    from lserve_lite.engine.llm_engine import LLMEngine
-    from lserve_lite.serve.app import ServerThread, create_app
-
-    engine = LLMEngine(str(tiny_dir), "cpu", EngineConfig(**CFG))
-    with ServerThread(create_app(engine, served_model_name="tiny")) as url:
-        yield url, engine
-
-
 @pytest.fixture
 def client(server):
     openai = pytest.importorskip("openai")

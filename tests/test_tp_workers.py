@@ -8,7 +8,9 @@ import os
 import pickle
 import re
 import signal
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,22 @@ def tiny_dir(tmp_path_factory):
 
 def tp_llm(path, world: int = 2, **kw) -> LLM:
     return LLM(str(path), backend="cpu", config=EngineConfig(tensor_parallel=world, **kw))
+
+
+def in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[BaseException]]:
+    """fn started on a daemon thread (one that may block forever must not hold pytest), and the list its exception
+    lands in, for the test to assert on once it has joined."""
+    err: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:
+            err.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, err
 
 
 def test_workers_greedy_equal_in_process(tiny_dir):
@@ -133,14 +151,11 @@ def test_closed_by_another_thread_mid_step(tiny_dir, monkeypatch, at):
     of a step that runs longer has passed): the step raised IndexError (the closed group's emptied worker lists), or,
     with its reply read just before, returned logits read from the closed block (NumPy made a fresh uninitialized
     array of it), which were sampled. The step ends with the group's reason; the close raises nothing."""
-    import threading
-
     from lserve_lite.engine.llm_engine import LLMEngine
 
     eng = LLMEngine(str(tiny_dir), "cpu", EngineConfig(tensor_parallel=2))
     group = eng.runner.executor
     in_step, closed = threading.Event(), threading.Event()
-    err: list[BaseException] = []
     outs: list = []  # what the first step, the one the close lands in, returned
     if at == "waiting":  # rank 1 stopped: rank 0 waits in its all-reduce, the driver for its reply
         os.kill(group.procs[1].pid, signal.SIGSTOP)
@@ -166,15 +181,11 @@ def test_closed_by_another_thread_mid_step(tiny_dir, monkeypatch, at):
         monkeypatch.setattr(group, "_recv", hook)
 
     def steps() -> None:
-        try:
-            eng.add_request("hello world", GREEDY)
-            while eng.has_unfinished():
-                outs.extend(eng.step())
-        except BaseException as e:
-            err.append(e)
+        eng.add_request("hello world", GREEDY)
+        while eng.has_unfinished():
+            outs.extend(eng.step())
 
-    t = threading.Thread(target=steps, daemon=True)
-    t.start()
+    t, err = in_thread(steps)
     try:
         assert in_step.wait(60)
         group.close()
@@ -514,8 +525,6 @@ def test_ctrl_c_in_page_ops_reaches_every_rank(tiny_dir, monkeypatch):
 
 def test_ctrl_c_held_defers_and_nests():
     """interrupts.ctrl_c_held: a SIGINT inside is raised once the outermost block ends; handlers are put back."""
-    import threading
-
     from lserve_lite.engine.interrupts import ctrl_c_held, ctrl_c_pending
 
     before = signal.getsignal(signal.SIGINT)
@@ -661,23 +670,12 @@ def test_driver_stopped_longer_than_the_step_timeout(tiny_dir, monkeypatch):
 def test_hung_worker_times_out_on_a_large_message(tiny_dir, monkeypatch):
     """A rank that stops reading (hung) fills its pipe: a message larger than the pipe holds (a long prefill's
     step) then blocked the driver's send forever, past the step timeout that ends the engine for a small one."""
-    import threading
-
     llm = tp_llm(tiny_dir)
     group = llm.engine.runner.executor
     monkeypatch.setattr(tp_group, "STEP_TIMEOUT", 2.0)
     os.kill(group.procs[1].pid, signal.SIGSTOP)
     pages = np.zeros(1 << 20, np.int64)  # 8 MB: page 0 cleared a million times
-    err: list[BaseException] = []
-
-    def send() -> None:
-        try:
-            group.clear_pages(pages, pages[:0])
-        except BaseException as e:
-            err.append(e)
-
-    t = threading.Thread(target=send, daemon=True)
-    t.start()
+    t, err = in_thread(lambda: group.clear_pages(pages, pages[:0]))
     t.join(timeout=60)
     try:
         assert not t.is_alive(), "the driver's send blocked on a full pipe"
@@ -793,23 +791,13 @@ def test_rank_stalled_mid_message_times_out(tiny_dir, monkeypatch):
     step timeout: the driver's read of the rest waited forever (Ctrl-C held too)."""
     import multiprocessing as mp
     import struct
-    import threading
 
     llm = tp_llm(tiny_dir)
     group = llm.engine.runner.executor
     mine, theirs = mp.Pipe()  # stands for rank 0's pipe, written by hand: a length, then part of the body
     monkeypatch.setattr(group, "conns", [mine, *group.conns[1:]])
     os.write(theirs.fileno(), struct.pack("!i", 1000) + b"x" * 10)
-    err: list[BaseException] = []
-
-    def read() -> None:
-        try:
-            group._recv(0, 2.0)
-        except BaseException as e:
-            err.append(e)
-
-    t = threading.Thread(target=read, daemon=True)
-    t.start()
+    t, err = in_thread(lambda: group._recv(0, 2.0))
     t.join(timeout=30)
     try:
         assert not t.is_alive(), "the driver's read waited for the rest forever"

@@ -28,7 +28,7 @@ import numpy as np
 from lserve_lite.engine_args import bounded_int, float_list
 from lserve_lite.errors import exit_status
 from lserve_lite.evaluation.eval_args import MAX_SAMPLES, add_sweep_args
-from lserve_lite.evaluation.plotting import load_result, pyplot, save_result
+from lserve_lite.evaluation.plotting import finish_figure, load_result, pyplot, save_result
 from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs, refuse_past_context
 from lserve_lite.evaluation.synthetic import PasskeySample, passkey_sample
 
@@ -78,11 +78,7 @@ def heatmap(result: dict, path: Path) -> bool:
         ax.set_title(name, fontsize=10)
     for r in range(rows):
         axes[r][0].set_ylabel("needle depth")
-    fig.suptitle(f"passkey retrieval: {result['model']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return finish_figure(plt, fig, path, f"passkey retrieval: {result['model']}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ import numpy as np
 from lserve_lite.engine_args import bounded_int
 from lserve_lite.errors import InvalidRequestError, exit_status
 from lserve_lite.evaluation.eval_args import add_sweep_args
-from lserve_lite.evaluation.plotting import load_result, pyplot, save_result
+from lserve_lite.evaluation.plotting import finish_figure, load_result, pyplot, save_result
 from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs, refuse_past_context
 from lserve_lite.evaluation.synthetic import corpus_text
 
@@ -103,11 +103,7 @@ def plot(result: dict, path: Path) -> bool:
         a.set_xscale("log", base=2)
         a.set_xticks(lengths, [str(n) for n in lengths])
         a.legend(fontsize=8)
-    fig.suptitle(f"teacher-forced perplexity: {result['model']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return finish_figure(plt, fig, path, f"teacher-forced perplexity: {result['model']}")
 
 
 def main(argv: list[str] | None = None) -> int:

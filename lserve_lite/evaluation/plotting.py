@@ -26,6 +26,16 @@ def pyplot():
     return plt
 
 
+def finish_figure(plt, fig, path: Path, title: str) -> bool:
+    """The evaluation plots' common ending (`plt` from `pyplot()`): the title, a tight layout, `path` written at
+    110 dpi, the figure closed (pyplot keeps every open one alive); True, the draw functions' 'a PNG was written'."""
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def load_result(path: str | Path, tool: str) -> dict:
     """The JSON an earlier run of `tool` wrote (its "tool" field), for `--plot-only`: a missing, unreadable or
     foreign file is one InvalidRequestError, not a traceback from the plot."""

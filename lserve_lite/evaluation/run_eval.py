@@ -27,7 +27,7 @@ from ..config import Throttled, write_text_atomic
 from ..errors import InvalidRequestError
 from . import ruler
 from .eval_args import stem_file
-from .plotting import load_result, pyplot
+from .plotting import finish_figure, load_result, pyplot
 from .settings import Runner, config_dict, parse_configs, refuse_past_context
 
 Z95 = 1.959963984540054
@@ -109,11 +109,7 @@ def heatmap(result: dict, path: Path) -> bool:
         ax.set_yticks(range(len(names)), names, fontsize=8)
         most = max(v["n"] for v in summ[n]["tasks"]["all"].values())
         ax.set_title(f"{n} tokens (n={most})", fontsize=9)
-    fig.suptitle(f"RULER-style suite, accuracy: {result['model']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return finish_figure(plt, fig, path, f"RULER-style suite, accuracy: {result['model']}")
 
 
 def evaluate(args: argparse.Namespace, log=print, clock=time.perf_counter) -> dict:

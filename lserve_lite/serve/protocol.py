@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
+from ..config import is_utf8
 from ..engine.tool_calls import ToolPlan, plan_tools
 from ..errors import InvalidRequestError
 from ..sampling_params import (
@@ -427,19 +428,10 @@ def decode(raw: bytes) -> dict:
         raise ApiError(400, "the request body must be a JSON object")
     escapes = _SURROGATE_ESCAPE.search(text) is not None
     for key, value in body.items():
-        if escapes and not _clean(key):
+        if escapes and not is_utf8(key):
             raise ApiError(400, "a top-level key holds a lone UTF-16 surrogate (invalid Unicode)")
         _check_value(value, key, escapes)
     return body
-
-
-def _clean(s: str) -> bool:
-    """False for a string with a lone surrogate."""
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _check_value(value: Any, param: str, strings: bool) -> None:
@@ -453,7 +445,7 @@ def _check_value(value: Any, param: str, strings: bool) -> None:
         items = v.values() if isinstance(v, dict) else v
         # an empty container nests nothing: only those with items go on the stack
         stack.extend((x, depth + 1) for x in items if x and isinstance(x, _NESTED))
-    if strings and not _clean(json.dumps(value, ensure_ascii=False)):
+    if strings and not is_utf8(json.dumps(value, ensure_ascii=False)):
         raise ApiError(
             400, f"{param}: a string or key holds a lone UTF-16 surrogate (invalid Unicode)", param
         )
