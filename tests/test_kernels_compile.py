@@ -188,7 +188,7 @@ def test_quantized_kv_writes_on_the_host():
     tool = Path(__file__).resolve().parents[1] / "tools" / "layers_host_check.py"
     run = subprocess.run([sys.executable, str(tool)], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0 and "all passed" in run.stdout, run.stdout[-4000:] + run.stderr[-4000:]
-    assert run.stdout.count(" PASS") == 116 and run.stdout.count(" hadamard ") == 74
+    assert run.stdout.count(" PASS") == 131 and run.stdout.count(" hadamard ") == 84
 
 
 @pytest.mark.parametrize("end", ["exit 3", "kill -SEGV $$"], ids=["ticket_left", "killed"])
