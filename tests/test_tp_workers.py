@@ -25,6 +25,15 @@ GREEDY = SamplingParams(temperature=0, max_new_tokens=12)
 PROMPTS = ["hello world", "the quick brown fox"]
 
 
+@pytest.fixture(autouse=True)
+def python_handles_ctrl_c():
+    """Python's SIGINT handler for each test: a shell that starts pytest in the background without job control
+    (`(cmd &)` in a script) leaves SIGINT ignored, and a hold then has no Ctrl-C to hold (the Ctrl-C tests failed)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return make_tiny_numpy(tmp_path_factory.mktemp("tp_tiny"))
