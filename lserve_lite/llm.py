@@ -58,11 +58,13 @@ class CompletionOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token, with prompt_logprobs=k
     tool_calls: list[dict] | None = None  # chat with tools: the calls made (OpenAI's shape); `text` the rest
     # vLLM's: the prompt's text (chat: as rendered; None for a prompt of token ids), the request's id, which of
-    # its prompt's n candidates this is, and the stop token id or stop string that ended it (None: EOS, length)
+    # its prompt's n candidates this is, the stop token id or stop string that ended it (None: EOS, length), and
+    # how many prompt tokens the prefix cache served
     prompt: str | None = None
     request_id: str = ""
     index: int = 0
     stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
 
     @property
     def outputs(self) -> list[CompletionOutput]:
@@ -410,6 +412,7 @@ class LLM:
                             s.prompt_logprobs,
                             request_id=out.request_id,
                             stop_reason=s.stop_reason,
+                            num_cached_tokens=out.num_cached_tokens,
                         )
                         pending.discard(out.request_id)
                         bar.update(1)

@@ -945,6 +945,20 @@ def test_outputs_read_as_vllms_request_outputs(llm):
     )
 
 
+def test_num_cached_tokens_counts_the_prompt_served_by_the_prefix_cache(llm):
+    """vLLM's RequestOutput.num_cached_tokens was an AttributeError: it is the prompt tokens the prefix cache
+    served (none the first time, whole pages of the prompt the second), as the engine's step outputs count them."""
+    ids = list(range(5, 5 + 3 * llm.engine.ecfg.page_size + 1))
+    sp = SamplingParams(max_tokens=1)
+    first, again = (
+        llm.generate({"prompt_token_ids": ids}, sp)[0],
+        llm.generate({"prompt_token_ids": ids}, sp)[0],
+    )
+    assert first.num_cached_tokens == 0
+    assert 0 < again.num_cached_tokens < len(ids) and again.num_cached_tokens % llm.engine.ecfg.page_size == 0
+    assert llm.chat([{"role": "user", "content": "hi"}], sp).outputs[0].num_cached_tokens == 0  # under a page
+
+
 def test_stop_reason_names_the_stop_as_vllms(llm):
     """vLLM's CompletionOutput.stop_reason (the stop token id or stop string that ended the reply; None for EOS or
     the length limit) was an AttributeError."""
