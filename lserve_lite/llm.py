@@ -20,7 +20,7 @@ from .engine.tool_calls import plan_tools, prompt_messages, short_call_ids
 from .errors import InvalidRequestError, LServeError
 from .sampling_params import SamplingParams, refuse_set
 from .sequence import TokenLogprob
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_contents
 
 # vLLM's engine arguments that go by another name here: code ported from vLLM passes them, and is told the name
 VLLM_ENGINE_ARGS = {
@@ -282,6 +282,8 @@ class LLM:
                 )
                 for p in per_conv
             ]
+        for c in convs:
+            check_contents(c)
         native = self.tokenizer.reads_tools(chat_template)
         how = (add_generation_prompt, continue_final_message, chat_template, chat_template_kwargs)
         ids = [self.tokenizer.encode_chat(*prompt_messages(c, plan, native), *how) for c in convs]

@@ -627,6 +627,25 @@ def test_chat_content_as_text_parts_or_none_renders_as_text(llm):
     assert parts == plain and "hello\nthere" in plain
 
 
+def test_chat_refuses_a_turn_without_content_as_the_server(llm):
+    """LLM.chat took a user or tool message with content None (or none) as empty text, while the server refuses it
+    with a 400 naming messages[i].content (OpenAI's rule: only an assistant turn may leave its content out).
+    It now refuses it in the same line, before anything runs; an assistant turn without content still passes."""
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]
+    sp = SamplingParams(max_new_tokens=1)
+    for i, m in (
+        (2, {"role": "user", "content": None}),
+        (1, {"role": "tool", "content": None}),
+        (2, {"role": "user"}),
+    ):
+        with pytest.raises(
+            InvalidRequestError, match=rf"^messages\[{i}\]\.content: a {m['role']} message needs"
+        ):
+            llm.chat(turns[:i] + [m], sp)
+    assert not llm.engine.has_unfinished()
+    assert llm.chat(turns + [{"role": "user", "content": "x"}], sp).finish_reason in ("stop", "length")
+
+
 def test_chat_continues_the_final_message(llm):
     """vLLM's continue_final_message: the prompt ends inside the last message (no end of turn, no new header);
     with the default add_generation_prompt=True it is a clear error and nothing runs."""
