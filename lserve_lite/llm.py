@@ -20,7 +20,7 @@ from .engine.tool_calls import plan_tools, prompt_messages, short_call_ids
 from .errors import InvalidRequestError, LServeError
 from .sampling_params import SamplingParams, refuse_set
 from .sequence import TokenLogprob
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_contents
 
 # vLLM's engine arguments that go by another name here: code ported from vLLM passes them, and is told the name
 VLLM_ENGINE_ARGS = {
@@ -58,11 +58,13 @@ class CompletionOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token, with prompt_logprobs=k
     tool_calls: list[dict] | None = None  # chat with tools: the calls made (OpenAI's shape); `text` the rest
     # vLLM's: the prompt's text (chat: as rendered; None for a prompt of token ids), the request's id, which of
-    # its prompt's n candidates this is, and the stop token id or stop string that ended it (None: EOS, length)
+    # its prompt's n candidates this is, the stop token id or stop string that ended it (None: EOS, length), and
+    # how many prompt tokens the prefix cache served
     prompt: str | None = None
     request_id: str = ""
     index: int = 0
     stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
 
     @property
     def outputs(self) -> list[CompletionOutput]:
@@ -280,6 +282,8 @@ class LLM:
                 )
                 for p in per_conv
             ]
+        for c in convs:
+            check_contents(c)
         native = self.tokenizer.reads_tools(chat_template)
         how = (add_generation_prompt, continue_final_message, chat_template, chat_template_kwargs)
         ids = [self.tokenizer.encode_chat(*prompt_messages(c, plan, native), *how) for c in convs]
@@ -410,6 +414,7 @@ class LLM:
                             s.prompt_logprobs,
                             request_id=out.request_id,
                             stop_reason=s.stop_reason,
+                            num_cached_tokens=out.num_cached_tokens,
                         )
                         pending.discard(out.request_id)
                         bar.update(1)

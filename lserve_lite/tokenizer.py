@@ -396,6 +396,15 @@ def _chat_messages(messages: object) -> list[dict]:
     return [{**m, "content": message_text(m["content"])} for m in messages]
 
 
+def check_contents(messages: object) -> None:
+    """OpenAI's rule, the server's and LLM.chat's: only an assistant turn may leave its content out (None or
+    absent: it made tool calls), a user's or tool's without would render as empty text. Anything else malformed is
+    left to the template's own checks."""
+    for i, m in enumerate(messages if isinstance(messages, list) else ()):
+        if isinstance(m, dict) and m.get("content") is None and m.get("role") != "assistant":
+            raise InvalidRequestError(f"messages[{i}].content: a {m.get('role')} message needs content")
+
+
 def message_text(content: object) -> str:
     """A chat message's content as the template's text: a string, OpenAI's list of text parts joined by newlines
     (as vLLM joins them: parts written as separate paragraphs do not run together), or None (an assistant turn

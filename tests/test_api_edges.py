@@ -627,6 +627,25 @@ def test_chat_content_as_text_parts_or_none_renders_as_text(llm):
     assert parts == plain and "hello\nthere" in plain
 
 
+def test_chat_refuses_a_turn_without_content_as_the_server(llm):
+    """LLM.chat took a user or tool message with content None (or none) as empty text, while the server refuses it
+    with a 400 naming messages[i].content (OpenAI's rule: only an assistant turn may leave its content out).
+    It now refuses it in the same line, before anything runs; an assistant turn without content still passes."""
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]
+    sp = SamplingParams(max_new_tokens=1)
+    for i, m in (
+        (2, {"role": "user", "content": None}),
+        (1, {"role": "tool", "content": None}),
+        (2, {"role": "user"}),
+    ):
+        with pytest.raises(
+            InvalidRequestError, match=rf"^messages\[{i}\]\.content: a {m['role']} message needs"
+        ):
+            llm.chat(turns[:i] + [m], sp)
+    assert not llm.engine.has_unfinished()
+    assert llm.chat(turns + [{"role": "user", "content": "x"}], sp).finish_reason in ("stop", "length")
+
+
 def test_chat_continues_the_final_message(llm):
     """vLLM's continue_final_message: the prompt ends inside the last message (no end of turn, no new header);
     with the default add_generation_prompt=True it is a clear error and nothing runs."""
@@ -943,6 +962,20 @@ def test_outputs_read_as_vllms_request_outputs(llm):
     assert chat.outputs[0] is chat and chat.prompt == llm.tokenizer.render_chat(
         [{"role": "user", "content": "hi"}]
     )
+
+
+def test_num_cached_tokens_counts_the_prompt_served_by_the_prefix_cache(llm):
+    """vLLM's RequestOutput.num_cached_tokens was an AttributeError: it is the prompt tokens the prefix cache
+    served (none the first time, whole pages of the prompt the second), as the engine's step outputs count them."""
+    ids = list(range(5, 5 + 3 * llm.engine.ecfg.page_size + 1))
+    sp = SamplingParams(max_tokens=1)
+    first, again = (
+        llm.generate({"prompt_token_ids": ids}, sp)[0],
+        llm.generate({"prompt_token_ids": ids}, sp)[0],
+    )
+    assert first.num_cached_tokens == 0
+    assert 0 < again.num_cached_tokens < len(ids) and again.num_cached_tokens % llm.engine.ecfg.page_size == 0
+    assert llm.chat([{"role": "user", "content": "hi"}], sp).outputs[0].num_cached_tokens == 0  # under a page
 
 
 def test_stop_reason_names_the_stop_as_vllms(llm):

@@ -434,6 +434,28 @@ def test_queue_reserve_never_stalls_a_running_prefill():
     check_pool(d.blocks)
 
 
+def test_queue_reserve_counts_the_heads_cached_prefix():
+    """The tokens held back for the queue's head were counted from its first token, its cached prefix ignored: a
+    head with 2 tokens past a cached 8 had 8 held back, the running prefill got 6 fewer than the step had and
+    they went unused. The reserve is now the head's first chunk as admission computes it."""
+    d = Driver(pages=40, ps=4, budget=32, stream=False)  # reserve: 8 tokens
+    decoding = Sequence(list(range(8)), SamplingParams(max_new_tokens=50))  # its 2 prompt pages get cached
+    long = Sequence(list(range(100, 180)), SamplingParams(max_new_tokens=1))
+    head = Sequence(list(range(8)) + [50, 51], SamplingParams(max_new_tokens=1))
+    for s in (decoding, long, head):
+        s.kv_salt = b"s"
+        d.sched.add(s)
+        if s is not head:
+            d.step()
+    batches = []
+    schedule = d.sched.schedule
+    d.sched.schedule = lambda: batches.append(schedule()) or batches[-1]
+    d.step()
+    (batch,) = batches
+    assert head.num_prefix_cached == 8 and batch.num_new[batch.seqs.index(head)] == 2
+    assert batch.num_new[batch.seqs.index(long)] == 29 and batch.num_tokens == 32
+
+
 def test_prefill_windows_are_part_of_the_key(model):
     """LServe: a request with other prefill windows computes different K/V, so it must not hit."""
     rng = np.random.default_rng(8)

@@ -7,7 +7,8 @@ Each step fills the token budget in three passes:
    that those with at most `reserve` tokens left go before the others (a short prompt that got a partial
    first chunk finishes its prefill in the next step instead of waiting behind a long one).
    While requests wait and a seat is free, these chunks leave a reserve of `budget // 4` tokens
-   (at least 1) for the queue: a long prompt never takes the whole step. Where nothing else runs and the head
+   (at least 1; fewer when the head's prompt past its cached prefix is shorter) for the queue: a long prompt
+   never takes the whole step. Where nothing else runs and the head
    cannot start after all (its cached prefix took the page it was counted on), they take the step.
 3. Admission: waiting requests, first come first served, get chunks from what is left (the reserve, plus
    anything the passes above did not use) while pages, seats and page-selection slots (LServe) last, and
@@ -114,14 +115,12 @@ class Scheduler:
         return budget
 
     def _queue_reserve(self, budget: int, batch: ScheduledBatch) -> int:
-        """Tokens kept for the queue's head this step: none if it cannot be admitted anyway."""
+        """Tokens kept for the queue's head this step: its first chunk after its cached prefix (the prefix costs
+        neither budget nor, unless idle, pages), none if it cannot be admitted anyway."""
         if not self.waiting or len(self.running) >= self.max_num_seqs or batch.preempted:
             return 0
         head = next((s for s in self.waiting if not self.blocks.awaits_prefix(s)), None)
-        if head is None:
-            return 0
-        n = min(head.num_pending, self.reserve, budget)
-        return n if self.blocks.can_grow(head, head.num_cached + n) else 0
+        return 0 if head is None else self.blocks.first_chunk(head, min(self.reserve, budget))
 
     def _run(self, seq: Sequence, n: int, batch: ScheduledBatch) -> int:
         """Schedule n tokens of running `seq`, preempting the newest unscheduled sequences for pages."""

@@ -169,16 +169,27 @@ class BlockManager:
         of at most `budget` tokens: the chunk's tokens, or 0, with nothing attached, when the pools cannot hold it.
         Checked before attaching: restoring the prefix's snapshot can evict snapshots (its own too), and giving the
         prefix back at once lost them for nothing."""
+        pages, snap, n = self._first_chunk(seq, budget)
+        if n:
+            self._attach(seq, pages, snap)
+            self.grow(seq, len(pages) * self.page_size + n)
+        return n
+
+    def first_chunk(self, seq: Sequence, budget: int) -> int:
+        """The tokens `admit` would give a waiting sequence now (0: it does not fit), attaching nothing: the
+        scheduler holds back this much for the queue's head, its cached prefix counted as admission counts it."""
+        return self._first_chunk(seq, budget)[2]
+
+    def _first_chunk(self, seq: Sequence, budget: int) -> tuple[list[int], Snapshot | None, int]:
+        """A waiting sequence's cached prefix (`_prefix`) and the first chunk after it within `budget`, 0 when the
+        pools cannot hold the chunk."""
         pages, snap = self._prefix(seq)
         start = len(pages) * self.page_size
         n = min(seq.num_tokens - start, budget)
         dense, stream = self._pages_for(start + n)
         claimed = sum(page in self.cache.idle for page in pages) if pages else 0  # idle pages attaching takes
-        if not self._fits(seq, dense - len(pages) + claimed, max(stream, len(snap.pages) if snap else 0)):
-            return 0
-        self._attach(seq, pages, snap)
-        self.grow(seq, start + n)
-        return n
+        fits = self._fits(seq, dense - len(pages) + claimed, max(stream, len(snap.pages) if snap else 0))
+        return pages, snap, n if fits else 0
 
     def _prefix(self, seq: Sequence) -> tuple[list[int], Snapshot | None]:
         """The cached pages of the longest prefix of `seq`'s prompt (whole pages, never its last token; with streaming

@@ -29,6 +29,7 @@ from ..sampling_params import (
     logit_bias_ids,
     refuse_set,
 )
+from ..tokenizer import check_contents
 
 
 class ApiError(Exception):
@@ -300,9 +301,10 @@ class ChatCompletionRequest(_Request):
                            f"(got {self.messages[-1].role!r})", "continue_final_message")  # fmt: skip
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-        for i, m in enumerate(self.messages):  # OpenAI's rule: only an assistant turn may leave content out
-            if m.content is None and m.role != "assistant":
-                raise ApiError(400, f"messages[{i}].content: a {m.role} message needs content", "messages")
+        try:
+            check_contents([{"role": m.role, "content": m.content} for m in self.messages])
+        except InvalidRequestError as e:
+            raise ApiError(400, str(e), "messages") from None
         if self.functions or self.function_call not in (None, "none"):  # "none": off, as tool_choice's
             raise ApiError(400, "functions / function_call are deprecated by OpenAI: send tools / tool_choice",
                            "functions" if self.functions else "function_call")  # fmt: skip
