@@ -76,6 +76,18 @@ def check_pool(b: BlockManager) -> None:
     assert sorted(list(b.stream_free) + snaps) == list(range(b.num_stream_pages))
 
 
+def computed(sched: Scheduler, b: BlockManager, batch) -> None:
+    """A scheduled step's chunks computed, as the engine would: each sequence's cache advanced and indexed, a token
+    appended once its prompt is done, finished at max_new_tokens."""
+    for s, n in zip(batch.seqs, batch.num_new):
+        s.num_cached += n
+        b.cache_computed(s, n)
+        if s.num_pending == 0:
+            s.output_ids.append(5)
+            if len(s.output_ids) >= s.params.max_new_tokens:
+                sched.finish(s, "length")
+
+
 def ids(rng, n: int) -> list[int]:
     return [int(t) for t in rng.integers(3, 300, n)]
 
@@ -242,13 +254,7 @@ class Driver:
         batch = self.sched.schedule()
         self.blocks.take_page_ops()
         self.preemptions += len(batch.preempted)
-        for s, n in zip(batch.seqs, batch.num_new):
-            s.num_cached += n
-            self.blocks.cache_computed(s, n)
-            if s.num_pending == 0:
-                s.output_ids.append(5)
-                if len(s.output_ids) >= s.params.max_new_tokens:
-                    self.sched.finish(s, "length")
+        computed(self.sched, self.blocks, batch)
         self.blocks.take_page_ops()
         self.check()
 
@@ -306,14 +312,7 @@ def test_a_request_waiting_for_a_selection_slot_attaches_nothing():
     sched = Scheduler(b, max_num_seqs=2, max_num_batched_tokens=64)
 
     def step() -> list:
-        batch = sched.schedule()
-        for s, n in zip(batch.seqs, batch.num_new):
-            s.num_cached += n
-            b.cache_computed(s, n)
-            if s.num_pending == 0:
-                s.output_ids.append(5)
-                if len(s.output_ids) >= s.params.max_new_tokens:
-                    sched.finish(s, "length")
+        computed(sched, b, sched.schedule())
         return b.take_page_ops()
 
     def add(prompt: list[int], gen: int) -> Sequence:
@@ -352,14 +351,7 @@ def test_a_request_that_does_not_fit_leaves_the_cache_as_it_was():
         s.kv_salt = b"s"
         sched.add(s)
     while len(seqs[1].page_table) < 6:  # the first is done (its snapshot: 4 pages), the second holds the rest
-        batch = sched.schedule()
-        for s, n in zip(batch.seqs, batch.num_new):
-            s.num_cached += n
-            b.cache_computed(s, n)
-            if s.num_pending == 0:
-                s.output_ids.append(5)
-                if len(s.output_ids) >= s.params.max_new_tokens:
-                    sched.finish(s, "length")
+        computed(sched, b, sched.schedule())
     assert not b.free and not b.stream_free and len(b.cache.snaps) == 1
     b.take_page_ops()
     before = (dict(b.cache.snap_of), list(b.cache.idle), b.cache.snapshot_pages)
