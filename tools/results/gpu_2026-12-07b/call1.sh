@@ -11,3 +11,6 @@ for f in test_gpu_kv_quant test_gpu_qkv_rope test_gpu_api; do
   timeout $rem python3 -m pytest -p no:cacheprovider -m gpu -q -rf --tb=short tests/$f.py > $L/$f.log 2>&1
   echo "$f rc=$? $(tail -n 1 $L/$f.log) $(el) s"; grep -E "^(FAILED|ERROR)" $L/$f.log | head -6
 done
+rem=$(( ${TOTAL:-570} - $(el) ))
+[ $rem -gt 40 ] && timeout $rem python3 tools/results/gpu_2026-12-07b/splits.py $OUT/splits.json > $L/splits.log 2>&1
+echo "splits rc=$? $(el) s"; cat $L/splits.log | cut -c1-300 | tail -12
