@@ -58,6 +58,9 @@ class BlockManager:
         self.cache = cache
         self.page_ops: list[PageOp] = []  # copies and clears of KV pages, in order (module docstring)
         self.in_flight: Counter[bytes] = Counter()  # keys of prompt pages running sequences are computing
+        # the last `_lookup`: (sequence, cache version, its tokens, pages, snapshot); one entry, so a hit touches no
+        # snapshot's LRU place that a second lookup would have moved (only the last lookup's can be the newest)
+        self._last_prefix: tuple[Sequence, int, int, list[int], Snapshot | None] | None = None
 
     @property
     def num_free(self) -> int:
@@ -193,20 +196,32 @@ class BlockManager:
 
     def _prefix(self, seq: Sequence) -> tuple[list[int], Snapshot | None]:
         """The cached pages of the longest prefix of `seq`'s prompt (whole pages, never its last token; with streaming
-        heads, only up to a boundary a snapshot can resume) and that snapshot. A request for prompt logprobs takes
-        none: it needs the logits of every prompt row."""
+        heads, only up to a boundary a snapshot can resume, and none when the streaming pool cannot hold that
+        snapshot now) and that snapshot. A request for prompt logprobs takes none: it needs the logits of every
+        prompt row."""
         c = self.cache
         if c is None or seq.params.prompt_logprobs is not None:
             return [], None
+        memo = self._last_prefix
+        if memo is None or memo[0] is not seq or memo[1:3] != (c.version, seq.num_tokens):
+            memo = self._last_prefix = (seq, c.version, seq.num_tokens, *self._lookup(seq))
+        pages, snap = memo[3], memo[4]
+        if snap is not None and len(snap.pages) > self.num_stream_free:
+            return [], None
+        return pages, snap
+
+    def _lookup(self, seq: Sequence) -> tuple[list[int], Snapshot | None]:
+        """`_prefix` before the streaming pool's room is checked: a function of the index (`PrefixCache.version`) and
+        the sequence's tokens, so the queue's reserve and admission in one step look it up once (the reserve asked
+        once per running prefill, and admission again: hashing and matching a long prompt each time)."""
+        c = self.cache
         most = ((len(seq.prompt_ids) if c.prompt_only else seq.num_tokens) - 1) // self.page_size
         extend_hashes(seq, most * self.page_size, self.page_size)
         pages = c.match(seq.block_hashes[:most])
         if not (self.stream_per_seq and pages):
             return pages, None
         k, snap = c.find_snapshot(seq, len(pages))
-        if snap is None or len(snap.pages) > self.num_stream_free:
-            return [], None
-        return pages[:k], snap
+        return (pages[:k], snap) if snap is not None else ([], None)
 
     def _attach(self, seq: Sequence, pages: list[int], snap: Snapshot | None) -> None:
         """Give a sequence without pages a cached prefix (`_prefix`) and announce the prompt pages it computes."""
