@@ -21,7 +21,9 @@ as a fresh pool's: the attention kernels read whole 16-row units and weigh slots
 
 from __future__ import annotations
 
+from array import array
 from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from itertools import takewhile
 from typing import TYPE_CHECKING
 
@@ -32,6 +34,38 @@ if TYPE_CHECKING:
 
 # ("copy", streaming src pages, streaming dst pages) or ("clear", dense pages, streaming pages)
 PageOp = tuple[str, list[int], list[int]]
+
+
+class FreePages:
+    """A pool's free page ids: a stack (last freed, first reused: memory the OS backs stays at the peak in use instead
+    of creeping over the whole zero-filled pool under a long mixed load) over the ids never handed out, in ascending
+    order, which it does not list: streaming-only mode's dense pool is MAX_POOL_PAGES ids without bytes, and listing
+    them took ~40 MB of Python ints at startup, most of them never used."""
+
+    def __init__(self, num_pages: int):
+        self.stack: list[int] = []
+        self.fresh, self.num_pages = 0, num_pages  # ids [fresh, num_pages) were never handed out
+
+    def __len__(self) -> int:
+        return len(self.stack) + self.num_pages - self.fresh
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self.stack
+        yield from range(self.fresh, self.num_pages)
+
+    def pop(self) -> int:
+        if self.stack:
+            return self.stack.pop()
+        if self.fresh >= self.num_pages:
+            raise IndexError("pop from an empty free list")
+        self.fresh += 1
+        return self.fresh - 1
+
+    def append(self, page: int) -> None:
+        self.stack.append(page)
+
+    def extend(self, pages: Iterable[int]) -> None:
+        self.stack.extend(pages)
 
 
 class BlockManager:
@@ -48,13 +82,10 @@ class BlockManager:
     ):
         self.num_pages, self.page_size = num_pages, page_size
         self.num_stream_pages, self.stream_per_seq = num_stream_pages, stream_per_seq
-        # Free lists are stacks (last freed, first reused): memory the OS backs stays at the peak in use
-        # instead of creeping over the whole zero-filled pool under a long mixed load.
-        self.free: deque[int] = deque(range(num_pages - 1, -1, -1))
-        self.stream_free: deque[int] = deque(range(num_stream_pages - 1, -1, -1))
+        self.free, self.stream_free = FreePages(num_pages), FreePages(num_stream_pages)
         self.num_slots = max_seqs  # page-selection slots (0: the engine selects no pages)
         self.slots: deque[int] = deque(range(max_seqs))  # free page-selection slots
-        self.ref = [0] * num_pages
+        self.ref = array("i", bytes(4 * num_pages))  # 4 bytes a page, not a list's 8 (2^20 pages: 4 MB)
         self.cache = cache
         self.page_ops: list[PageOp] = []  # copies and clears of KV pages, in order (module docstring)
         self.in_flight: Counter[bytes] = Counter()  # keys of prompt pages running sequences are computing
