@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.base import KVCache, Ops, rope_tables
+from ..backends.base import KVCache, Ops, RopeTables
 from ..backends.comm import Communicator
 from ..config import ModelConfig
 from ..weights.qtensor import Weight, fuse_rows
@@ -72,8 +72,21 @@ class LlamaModel:
                     down=up(p + "mlp.down_proj.weight"),
                 )
             )
-        cos, sin = rope_tables(cfg, max_len)
-        self.rope = (up("rope.cos", cos), up("rope.sin", sin))
+        tables = RopeTables(cfg, max_len)
+        tables.reach(1)
+        row = tables.cos[:1]
+        # A backend whose upload returns the host array itself reads the host tables: rows are filled as positions are
+        # reached (`rope_for`). One that copies them gets them whole.
+        self.lazy_rope = tables if ops.upload(row, name="rope.cos") is row else None
+        if self.lazy_rope is None:
+            tables.reach(max_len)
+        self.rope = (up("rope.cos", tables.cos), up("rope.sin", tables.sin))
+
+    def rope_for(self, positions: Any) -> tuple[Any, Any]:
+        """The rope tables, with the rows of `positions` filled."""
+        if self.lazy_rope is not None and len(positions):
+            self.lazy_rope.reach(int(positions.max()) + 1)
+        return self.rope
 
     def forward(
         self,
@@ -88,11 +101,11 @@ class LlamaModel:
         """Write the new tokens' K/V into the cache and return logits [len(logit_rows), vocab] (float32)."""
         ops, cfg = self.ops, self.cfg
         x = self._sum(ops.embed(self.embed, ids, vocab_start=self.vocab_start))
-        residual = None
+        residual, rope = None, self.rope_for(positions)
         for i, layer in enumerate(self.layers):
             q, residual = ops.qkv_rope(
                 x, residual, layer.ln1, cfg.rms_norm_eps, layer.qkv, layer.qkv_bias,
-                positions, slots, cache, i, self.rope,
+                positions, slots, cache, i, rope,
             )  # fmt: skip
             if plan.refreshes:
                 ops.select_pages(q, cache, i, plan)
