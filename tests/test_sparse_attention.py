@@ -454,3 +454,13 @@ def test_streaming_only_at_the_longest_context_fills_rope_rows_as_reached(tiny_l
         if max_len == MAX_MODEL_LEN:
             assert llm.engine.runner.model.lazy_rope.filled == ROPE_CHUNK
     assert outs[0] == outs[1]
+
+
+def test_a_model_made_without_init_has_whole_rope_tables():
+    """tools/bench_e2e.py makes its random models with LlamaModel.__new__ and sets `rope` itself: its forward must
+    take those tables as they are (it read the lazily filled tables' attribute, which such a model lacks)."""
+    from lserve_lite.models.llama import LlamaModel
+
+    m = LlamaModel.__new__(LlamaModel)
+    m.rope = (np.zeros((8, 2), np.float32), np.ones((8, 2), np.float32))
+    assert m.rope_for(np.arange(8)) is m.rope

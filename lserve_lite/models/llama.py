@@ -33,6 +33,10 @@ class LlamaModel:
     is a vocabulary slice (other ids give zeros), o_proj and down_proj give partial sums; one all-reduce after
     each completes them, and the vocabulary-parallel logits are gathered."""
 
+    # host rope tables filled as positions are reached (`rope_for`); None: `rope` is whole (a model made without
+    # __init__, as tools/bench_e2e.py makes its random ones, has whole tables too)
+    lazy_rope: RopeTables | None = None
+
     def __init__(
         self,
         cfg: ModelConfig,
