@@ -89,6 +89,9 @@ class BlockManager:
         self.cache = cache
         self.page_ops: list[PageOp] = []  # copies and clears of KV pages, in order (module docstring)
         self.in_flight: Counter[bytes] = Counter()  # keys of prompt pages running sequences are computing
+        self.in_flight_version = 0  # bumped by every change of `in_flight`
+        # `awaits_prefix`'s answers by waiting sequence, with the (cache, in-flight) versions they hold for
+        self._awaits: dict[Sequence, tuple[tuple[int, int], bool]] = {}
         # the last `_lookup`: (sequence, cache version, its tokens, pages, snapshot); one entry, so a hit touches no
         # snapshot's LRU place that a second lookup would have moved (only the last lookup's can be the newest)
         self._last_prefix: tuple[Sequence, int, int, list[int], Snapshot | None] | None = None
@@ -194,6 +197,7 @@ class BlockManager:
         if seq.sel_slot >= 0:
             self.slots.append(seq.sel_slot)
         self._settle(seq, len(seq.in_flight))
+        self._awaits.pop(seq, None)
         seq.page_table, seq.stream_table, seq.sel_slot = [], [], -1
         seq.num_cached = seq.decode_steps = seq.num_registered = seq.num_attached = seq.stream_from = 0
 
@@ -279,20 +283,31 @@ class BlockManager:
         extend_hashes(seq, full * self.page_size, self.page_size)
         seq.in_flight = seq.block_hashes[len(pages) : full]
         self.in_flight.update(seq.in_flight)
+        self.in_flight_version += bool(seq.in_flight)
+        self._awaits.pop(seq, None)
 
     def awaits_prefix(self, seq: Sequence) -> bool:
         """Whether a running sequence is computing a page of this waiting sequence's prompt that is not cached
-        yet: admitted after that page is cached, it attaches the page instead of computing it again."""
+        yet: admitted after that page is cached, it attaches the page instead of computing it again. Remembered
+        until the index or `in_flight` changes: the queue's reserve asks it of the queue's front once per running
+        prefill and admission again, each a walk over the sequence's cached prefix."""
         if self.cache is None or not self.in_flight or seq.params.prompt_logprobs is not None:
             return False
+        stamp = (self.cache.version, self.in_flight_version)
+        memo = self._awaits.get(seq)
+        if memo is not None and memo[0] == stamp:
+            return memo[1]
         most = (len(seq.prompt_ids) - 1) // self.page_size
         extend_hashes(seq, most * self.page_size, self.page_size)
+        waits = False
         for key in seq.block_hashes[:most]:
             if self.in_flight[key]:
-                return True
+                waits = True
+                break
             if key not in self.cache.page_of:
-                return False
-        return False
+                break
+        self._awaits[seq] = (stamp, waits)
+        return waits
 
     def _settle(self, seq: Sequence, n: int) -> None:
         """The first `n` announced pages of `seq` are cached (or will never be): nobody waits for them."""
@@ -300,6 +315,7 @@ class BlockManager:
             self.in_flight[key] -= 1
             if not self.in_flight[key]:
                 del self.in_flight[key]
+        self.in_flight_version += bool(seq.in_flight[:n])
         del seq.in_flight[:n]
 
     def cache_computed(self, seq: Sequence, num_new: int) -> None:
