@@ -196,6 +196,26 @@ def test_rope_tables_of_a_long_context_take_no_more_than_their_own_bytes():
     assert peak < 1.5 * (cos.nbytes + sin.nbytes)
 
 
+def test_rope_tables_are_filled_as_positions_are_reached():
+    """A 2^24-token context built its whole tables at startup (~18 s for SmolLM2): rows are now filled a chunk at a
+    time as `reach` asks for them, none past the chunk of the furthest position asked, with float64's values."""
+    from lserve_lite.backends.base import ROPE_CHUNK, RopeTables
+    from lserve_lite.config import MAX_MODEL_LEN
+
+    cfg = ModelConfig.from_dict(BASE_CONFIG)
+    t = RopeTables(cfg, MAX_MODEL_LEN)
+    assert t.filled == 0 and t.cos.shape == (MAX_MODEL_LEN, cfg.head_dim // 2)
+    pos = np.array([0, 1, 4097, ROPE_CHUNK - 1, ROPE_CHUNK, 3 * ROPE_CHUNK + 17])
+    t.reach(int(pos.max()) + 1)
+    assert t.filled == 4 * ROPE_CHUNK
+    t.reach(5)  # filled rows stay
+    assert t.filled == 4 * ROPE_CHUNK
+    inv = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
+    ang = pos[:, None].astype(np.float64) * inv[None, :]
+    np.testing.assert_allclose(t.cos[pos], np.cos(ang), rtol=0, atol=6e-8)
+    np.testing.assert_allclose(t.sin[pos], np.sin(ang), rtol=0, atol=6e-8)
+
+
 def test_supported_forward_options_still_load(tmp_path: Path):
     """SiLU under either name, false biases, and Qwen2 (its q/k/v biases are implemented) load as before."""
     for act in ("silu", "swish"):

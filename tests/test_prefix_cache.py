@@ -16,6 +16,7 @@ from lserve_lite import EngineConfig, SamplingParams, SparseConfig
 from lserve_lite.engine.llm_engine import LLMEngine
 from lserve_lite.engine.scheduler import Scheduler
 from lserve_lite.geometry import ring_slot
+from lserve_lite.kv import block_manager
 from lserve_lite.kv.block_manager import BlockManager
 from lserve_lite.kv.prefix_cache import PrefixCache
 from lserve_lite.sequence import Sequence, Status
@@ -578,3 +579,41 @@ def test_streaming_rows_a_chunk_reads_hold_its_own_prefix():
     and window) holds its own prefix's K/V, and the page a step writes holds nothing of another request past the
     context (a snapshot restore copied the donor's rows there, which 16-row GPU kernels read, weighed by 0)."""
     assert sum(stream_tags_run(seed) for seed in range(40)) > 100  # snapshots were restored
+
+
+def test_the_heads_prefix_is_looked_up_once_a_step(monkeypatch):
+    """The queue's reserve looked up the head's cached prefix and checked it for pages in flight once per running
+    prefill, and admission both again (each a walk over the prompt's pages); now each once a step, with the same
+    chunks and the same prefix attached."""
+    d = Driver(pages=60, ps=4, budget=32, stream=True)  # reserve: 8 tokens
+    first = Sequence(list(range(8)) + [60], SamplingParams(max_new_tokens=1))  # its 2 prompt pages get cached
+    longs = [Sequence(list(range(100 * i, 100 * i + 60)), SamplingParams(max_new_tokens=1)) for i in (1, 2)]
+    head = Sequence(list(range(8)) + [50, 51], SamplingParams(max_new_tokens=1))
+    for s in (first, *longs, head):
+        s.kv_salt = b"s"
+    d.sched.add(first)
+    while d.sched.has_work():
+        d.step()
+    for s in longs:
+        d.sched.add(s)
+    while longs[1].status is not Status.RUNNING:
+        d.step()
+    assert (
+        all(1 < s.num_pending for s in longs) and d.blocks.in_flight
+    )  # two running prefills computing pages
+    lookups, walks = [], []
+    match, schedule, hashes = d.blocks.cache.match, d.sched.schedule, block_manager.extend_hashes
+    d.blocks.cache.match = lambda keys: lookups.append(len(keys)) or match(keys)
+    monkeypatch.setattr(
+        block_manager,
+        "extend_hashes",
+        lambda seq, upto, ps: walks.append(seq is head) or hashes(seq, upto, ps),
+    )
+    batches = []
+    d.sched.schedule = lambda: batches.append(schedule()) or batches[-1]
+    d.sched.add(head)
+    d.step()
+    (batch,) = batches
+    assert lookups == [2] and head.num_prefix_cached == 8 and batch.num_new[batch.seqs.index(head)] == 2
+    assert walks.count(True) == 4  # its lookup, its check for pages in flight, its attach, then its indexing
+    assert batch.num_tokens == 32

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lserve_lite import LLM, EngineConfig, SamplingParams
+from lserve_lite.config import MAX_POOL_PAGES
 from lserve_lite.engine.llm_engine import LLMEngine
 from lserve_lite.engine.scheduler import Scheduler, SchedulerStalled
 from lserve_lite.kv.block_manager import BlockManager
@@ -278,3 +281,19 @@ def test_score_beside_running_requests_waits_for_their_pages(tiny_llama):
     rids = [eng.add_request(p, sp) for p in prompts]
     assert finish(score=ids[:70]) == alone  # 5 of the 8 pages: more than the requests leave free
     assert eng.blocks.num_used == 0 and eng.blocks.num_free == 8
+
+
+def test_a_pool_of_page_ids_costs_no_memory_until_used():
+    """Streaming-only mode's dense pool is MAX_POOL_PAGES ids without bytes: its free list listed every id as a
+    Python int (~48 MB with the reference counts) before any page was used. Ids never handed out are now a range."""
+    tracemalloc.start()
+    b = BlockManager(MAX_POOL_PAGES, 64, 652, 3, 4)
+    size, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert size < 5 * 2**20 and len(b.free) == b.num_free == MAX_POOL_PAGES
+    seq = Sequence([1] * 200, SamplingParams())
+    b.grow(seq, 200)  # the same ids as the listed stack handed out: ascending, the last freed first
+    assert seq.page_table == [0, 1, 2, 3] and seq.stream_table == [0, 1, 2]
+    b.release(seq)
+    b.grow(seq, 70)
+    assert seq.page_table == [0, 1] and b.num_free == MAX_POOL_PAGES - 2

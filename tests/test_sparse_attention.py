@@ -434,3 +434,33 @@ def test_plan_refreshes_only_when_a_selecting_block_refreshes():
     p = plan([4], [0])
     p.qb_refresh = None  # a hand-made plan without refresh flags refreshes
     assert p.refreshes
+
+
+def test_streaming_only_at_the_longest_context_fills_rope_rows_as_reached(tiny_llama, tmp_path):
+    """Streaming heads alone allow a 2^24-token context, and startup built its whole cos / sin tables (~18 s for
+    SmolLM2, 4 GiB): they are now filled a chunk at a time as positions are reached, with the same outputs."""
+    from lserve_lite.backends.base import ROPE_CHUNK
+    from lserve_lite.config import MAX_MODEL_LEN
+
+    ids = [int(t) for t in np.random.default_rng(6).integers(3, 320, 150)]
+    params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+    outs = []
+    for max_len in (MAX_MODEL_LEN, 256):
+        _, llm = _sparse_tiny(
+            tiny_llama, tmp_path / str(max_len), dict(max_model_len=max_len), static_sparsity=1.0
+        )
+        assert llm.engine.layout.streaming_only and llm.engine.max_len == max_len
+        outs.append(llm.generate([ids], params)[0].token_ids)
+        if max_len == MAX_MODEL_LEN:
+            assert llm.engine.runner.model.lazy_rope.filled == ROPE_CHUNK
+    assert outs[0] == outs[1]
+
+
+def test_a_model_made_without_init_has_whole_rope_tables():
+    """tools/bench_e2e.py makes its random models with LlamaModel.__new__ and sets `rope` itself: its forward must
+    take those tables as they are (it read the lazily filled tables' attribute, which such a model lacks)."""
+    from lserve_lite.models.llama import LlamaModel
+
+    m = LlamaModel.__new__(LlamaModel)
+    m.rope = (np.zeros((8, 2), np.float32), np.ones((8, 2), np.float32))
+    assert m.rope_for(np.arange(8)) is m.rope

@@ -329,23 +329,39 @@ def alloc_kv_cache(
     )
 
 
-ROPE_CHUNK = 1 << 16  # positions whose float64 angles rope_tables holds at once
+ROPE_CHUNK = 1 << 16  # positions whose float64 angles RopeTables computes at once
+
+
+class RopeTables:
+    """cos/sin [max_len, head_dim/2] in float32 (half-split rotation as HF Llama), llama3 scaling applied, filled a
+    chunk of ROPE_CHUNK positions at a time as `reach` asks for them: at a 2^24-token context (which streaming heads
+    alone allow) building them whole took ~18 s of startup and 4 GiB for positions no request may reach (the
+    unfilled rows are np.empty's, never touched). The angles are float64 (exact at long positions)."""
+
+    def __init__(self, cfg: ModelConfig, max_len: int):
+        d = cfg.head_dim
+        inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+        rs = cfg.rope_scaling
+        if rs and rs.get("rope_type", rs.get("type")) == "llama3":
+            inv = _llama3_scale(inv, rs)
+        self.inv = inv
+        self.cos, self.sin = (np.empty((max_len, inv.size), np.float32) for _ in range(2))
+        self.filled = 0  # rows [0, filled) hold their values
+
+    def reach(self, end: int) -> None:
+        """Fill the rows of positions [0, end) (whole chunks, at most the table's)."""
+        end = min(-(-end // ROPE_CHUNK) * ROPE_CHUNK, len(self.cos))
+        for p in range(self.filled, end, ROPE_CHUNK):
+            ang = np.arange(p, min(p + ROPE_CHUNK, end), dtype=np.float64)[:, None] * self.inv[None, :]
+            self.cos[p : p + ROPE_CHUNK], self.sin[p : p + ROPE_CHUNK] = np.cos(ang), np.sin(ang)
+        self.filled = max(self.filled, end)
 
 
 def rope_tables(cfg: ModelConfig, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [max_len, head_dim/2] in float32 (half-split rotation as HF Llama), llama3 scaling applied. The
-    angles are float64 (exact at long positions) a chunk at a time: whole, they and their cos / sin took 3x the
-    tables' bytes on top of them (12 GiB for SmolLM2 at a 2^24-token context, which streaming heads alone allow)."""
-    d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-    rs = cfg.rope_scaling
-    if rs and rs.get("rope_type", rs.get("type")) == "llama3":
-        inv = _llama3_scale(inv, rs)
-    cos, sin = (np.empty((max_len, inv.size), np.float32) for _ in range(2))
-    for p in range(0, max_len, ROPE_CHUNK):
-        ang = np.arange(p, min(p + ROPE_CHUNK, max_len), dtype=np.float64)[:, None] * inv[None, :]
-        cos[p : p + ROPE_CHUNK], sin[p : p + ROPE_CHUNK] = np.cos(ang), np.sin(ang)
-    return cos, sin
+    """`RopeTables`' cos / sin with every row filled."""
+    t = RopeTables(cfg, max_len)
+    t.reach(max_len)
+    return t.cos, t.sin
 
 
 def _llama3_scale(inv: np.ndarray, rs: dict) -> np.ndarray:

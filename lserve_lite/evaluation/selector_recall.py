@@ -40,7 +40,9 @@ def decode_step_queries(h: SparseHarness, seq) -> list[np.ndarray]:
         x, residual, qs = ops.embed(m.embed, ids), None, []
         for i, layer in enumerate(m.layers):
             hh, residual = ops.add_rmsnorm(x, residual, layer.ln1, eps)
-            q = ops.rope_write_kv(ops.linear(hh, layer.qkv, layer.qkv_bias), pos, slots, cache, i, m.rope)
+            q = ops.rope_write_kv(
+                ops.linear(hh, layer.qkv, layer.qkv_bias), pos, slots, cache, i, m.rope_for(pos)
+            )
             qs.append(np.array(ops.to_numpy(q)[0], np.float32))
             x = ops.linear(ops.attention(q, cache, i, plan, classes[i]), layer.o)
             hh, residual = ops.add_rmsnorm(x, residual, layer.ln2, eps)

@@ -21,7 +21,9 @@ as a fresh pool's: the attention kernels read whole 16-row units and weigh slots
 
 from __future__ import annotations
 
+from array import array
 from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from itertools import takewhile
 from typing import TYPE_CHECKING
 
@@ -32,6 +34,38 @@ if TYPE_CHECKING:
 
 # ("copy", streaming src pages, streaming dst pages) or ("clear", dense pages, streaming pages)
 PageOp = tuple[str, list[int], list[int]]
+
+
+class FreePages:
+    """A pool's free page ids: a stack (last freed, first reused: memory the OS backs stays at the peak in use instead
+    of creeping over the whole zero-filled pool under a long mixed load) over the ids never handed out, in ascending
+    order, which it does not list: streaming-only mode's dense pool is MAX_POOL_PAGES ids without bytes, and listing
+    them took ~40 MB of Python ints at startup, most of them never used."""
+
+    def __init__(self, num_pages: int):
+        self.stack: list[int] = []
+        self.fresh, self.num_pages = 0, num_pages  # ids [fresh, num_pages) were never handed out
+
+    def __len__(self) -> int:
+        return len(self.stack) + self.num_pages - self.fresh
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self.stack
+        yield from range(self.fresh, self.num_pages)
+
+    def pop(self) -> int:
+        if self.stack:
+            return self.stack.pop()
+        if self.fresh >= self.num_pages:
+            raise IndexError("pop from an empty free list")
+        self.fresh += 1
+        return self.fresh - 1
+
+    def append(self, page: int) -> None:
+        self.stack.append(page)
+
+    def extend(self, pages: Iterable[int]) -> None:
+        self.stack.extend(pages)
 
 
 class BlockManager:
@@ -48,16 +82,19 @@ class BlockManager:
     ):
         self.num_pages, self.page_size = num_pages, page_size
         self.num_stream_pages, self.stream_per_seq = num_stream_pages, stream_per_seq
-        # Free lists are stacks (last freed, first reused): memory the OS backs stays at the peak in use
-        # instead of creeping over the whole zero-filled pool under a long mixed load.
-        self.free: deque[int] = deque(range(num_pages - 1, -1, -1))
-        self.stream_free: deque[int] = deque(range(num_stream_pages - 1, -1, -1))
+        self.free, self.stream_free = FreePages(num_pages), FreePages(num_stream_pages)
         self.num_slots = max_seqs  # page-selection slots (0: the engine selects no pages)
         self.slots: deque[int] = deque(range(max_seqs))  # free page-selection slots
-        self.ref = [0] * num_pages
+        self.ref = array("i", bytes(4 * num_pages))  # 4 bytes a page, not a list's 8 (2^20 pages: 4 MB)
         self.cache = cache
         self.page_ops: list[PageOp] = []  # copies and clears of KV pages, in order (module docstring)
         self.in_flight: Counter[bytes] = Counter()  # keys of prompt pages running sequences are computing
+        self.in_flight_version = 0  # bumped by every change of `in_flight`
+        # `awaits_prefix`'s answers by waiting sequence, with the (cache, in-flight) versions they hold for
+        self._awaits: dict[Sequence, tuple[tuple[int, int], bool]] = {}
+        # the last `_lookup`: (sequence, cache version, its tokens, pages, snapshot); one entry, so a hit touches no
+        # snapshot's LRU place that a second lookup would have moved (only the last lookup's can be the newest)
+        self._last_prefix: tuple[Sequence, int, int, list[int], Snapshot | None] | None = None
 
     @property
     def num_free(self) -> int:
@@ -160,6 +197,7 @@ class BlockManager:
         if seq.sel_slot >= 0:
             self.slots.append(seq.sel_slot)
         self._settle(seq, len(seq.in_flight))
+        self._awaits.pop(seq, None)
         seq.page_table, seq.stream_table, seq.sel_slot = [], [], -1
         seq.num_cached = seq.decode_steps = seq.num_registered = seq.num_attached = seq.stream_from = 0
 
@@ -193,20 +231,32 @@ class BlockManager:
 
     def _prefix(self, seq: Sequence) -> tuple[list[int], Snapshot | None]:
         """The cached pages of the longest prefix of `seq`'s prompt (whole pages, never its last token; with streaming
-        heads, only up to a boundary a snapshot can resume) and that snapshot. A request for prompt logprobs takes
-        none: it needs the logits of every prompt row."""
+        heads, only up to a boundary a snapshot can resume, and none when the streaming pool cannot hold that
+        snapshot now) and that snapshot. A request for prompt logprobs takes none: it needs the logits of every
+        prompt row."""
         c = self.cache
         if c is None or seq.params.prompt_logprobs is not None:
             return [], None
+        memo = self._last_prefix
+        if memo is None or memo[0] is not seq or memo[1:3] != (c.version, seq.num_tokens):
+            memo = self._last_prefix = (seq, c.version, seq.num_tokens, *self._lookup(seq))
+        pages, snap = memo[3], memo[4]
+        if snap is not None and len(snap.pages) > self.num_stream_free:
+            return [], None
+        return pages, snap
+
+    def _lookup(self, seq: Sequence) -> tuple[list[int], Snapshot | None]:
+        """`_prefix` before the streaming pool's room is checked: a function of the index (`PrefixCache.version`) and
+        the sequence's tokens, so the queue's reserve and admission in one step look it up once (the reserve asked
+        once per running prefill, and admission again: hashing and matching a long prompt each time)."""
+        c = self.cache
         most = ((len(seq.prompt_ids) if c.prompt_only else seq.num_tokens) - 1) // self.page_size
         extend_hashes(seq, most * self.page_size, self.page_size)
         pages = c.match(seq.block_hashes[:most])
         if not (self.stream_per_seq and pages):
             return pages, None
         k, snap = c.find_snapshot(seq, len(pages))
-        if snap is None or len(snap.pages) > self.num_stream_free:
-            return [], None
-        return pages[:k], snap
+        return (pages[:k], snap) if snap is not None else ([], None)
 
     def _attach(self, seq: Sequence, pages: list[int], snap: Snapshot | None) -> None:
         """Give a sequence without pages a cached prefix (`_prefix`) and announce the prompt pages it computes."""
@@ -233,20 +283,31 @@ class BlockManager:
         extend_hashes(seq, full * self.page_size, self.page_size)
         seq.in_flight = seq.block_hashes[len(pages) : full]
         self.in_flight.update(seq.in_flight)
+        self.in_flight_version += bool(seq.in_flight)
+        self._awaits.pop(seq, None)
 
     def awaits_prefix(self, seq: Sequence) -> bool:
         """Whether a running sequence is computing a page of this waiting sequence's prompt that is not cached
-        yet: admitted after that page is cached, it attaches the page instead of computing it again."""
+        yet: admitted after that page is cached, it attaches the page instead of computing it again. Remembered
+        until the index or `in_flight` changes: the queue's reserve asks it of the queue's front once per running
+        prefill and admission again, each a walk over the sequence's cached prefix."""
         if self.cache is None or not self.in_flight or seq.params.prompt_logprobs is not None:
             return False
+        stamp = (self.cache.version, self.in_flight_version)
+        memo = self._awaits.get(seq)
+        if memo is not None and memo[0] == stamp:
+            return memo[1]
         most = (len(seq.prompt_ids) - 1) // self.page_size
         extend_hashes(seq, most * self.page_size, self.page_size)
+        waits = False
         for key in seq.block_hashes[:most]:
             if self.in_flight[key]:
-                return True
+                waits = True
+                break
             if key not in self.cache.page_of:
-                return False
-        return False
+                break
+        self._awaits[seq] = (stamp, waits)
+        return waits
 
     def _settle(self, seq: Sequence, n: int) -> None:
         """The first `n` announced pages of `seq` are cached (or will never be): nobody waits for them."""
@@ -254,6 +315,7 @@ class BlockManager:
             self.in_flight[key] -= 1
             if not self.in_flight[key]:
                 del self.in_flight[key]
+        self.in_flight_version += bool(seq.in_flight[:n])
         del seq.in_flight[:n]
 
     def cache_computed(self, seq: Sequence, num_new: int) -> None:

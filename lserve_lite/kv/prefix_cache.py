@@ -77,6 +77,7 @@ class PrefixCache:
         self.snap_of: dict[bytes, Snapshot] = {}
         self.snaps: OrderedDict[Snapshot, None] = OrderedDict()  # oldest first
         self.snapshot_pages = 0  # a count, not a sum over `snaps`: /metrics reads it from another thread
+        self.version = 0  # bumped by every change of what `match` / `find_snapshot` can answer
 
     # -- dense pages ----------------------------------------------------------------------------------
     def cacheable(self, seq: Sequence) -> int:
@@ -97,6 +98,7 @@ class PrefixCache:
         """Index a freshly filled page, unless another page already holds this content."""
         if key not in self.page_of:
             self.page_of[key], self.key_of[page] = page, key
+            self.version += 1
 
     def park(self, page: int) -> list[int]:
         """A page lost its last reference: an indexed one stays, idle (most recent), and past `max_idle` the least
@@ -114,6 +116,7 @@ class PrefixCache:
         """Unindex and hand out the least recently used idle page."""
         page, _ = self.idle.popitem(last=False)
         del self.page_of[self.key_of.pop(page)]
+        self.version += 1
         return page
 
     # -- streaming snapshots ---------------------------------------------------------------------------
@@ -154,6 +157,7 @@ class PrefixCache:
             self.snap_of[key] = snap
         self.snaps[snap] = None
         self.snapshot_pages += len(snap.pages)
+        self.version += 1
 
     def find_snapshot(self, seq: Sequence, num_pages: int) -> tuple[int, Snapshot | None]:
         """The deepest boundary (in pages, <= num_pages) of `seq`'s prompt that a snapshot can resume."""
@@ -170,4 +174,5 @@ class PrefixCache:
         for key in snap.keys:
             del self.snap_of[key]
         self.snapshot_pages -= len(snap.pages)
+        self.version += 1
         return snap.pages

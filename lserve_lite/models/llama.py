@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.base import KVCache, Ops, rope_tables
+from ..backends.base import KVCache, Ops, RopeTables
 from ..backends.comm import Communicator
 from ..config import ModelConfig
 from ..weights.qtensor import Weight, fuse_rows
@@ -32,6 +32,10 @@ class LlamaModel:
     Tensor parallel (`comm` given; `cfg` and `weights` are this rank's shard, weights/shard.py): the embedding
     is a vocabulary slice (other ids give zeros), o_proj and down_proj give partial sums; one all-reduce after
     each completes them, and the vocabulary-parallel logits are gathered."""
+
+    # host rope tables filled as positions are reached (`rope_for`); None: `rope` is whole (a model made without
+    # __init__, as tools/bench_e2e.py makes its random ones, has whole tables too)
+    lazy_rope: RopeTables | None = None
 
     def __init__(
         self,
@@ -72,8 +76,21 @@ class LlamaModel:
                     down=up(p + "mlp.down_proj.weight"),
                 )
             )
-        cos, sin = rope_tables(cfg, max_len)
-        self.rope = (up("rope.cos", cos), up("rope.sin", sin))
+        tables = RopeTables(cfg, max_len)
+        tables.reach(1)
+        row = tables.cos[:1]
+        # A backend whose upload returns the host array itself reads the host tables: rows are filled as positions are
+        # reached (`rope_for`). One that copies them gets them whole.
+        self.lazy_rope = tables if ops.upload(row, name="rope.cos") is row else None
+        if self.lazy_rope is None:
+            tables.reach(max_len)
+        self.rope = (up("rope.cos", tables.cos), up("rope.sin", tables.sin))
+
+    def rope_for(self, positions: Any) -> tuple[Any, Any]:
+        """The rope tables, with the rows of `positions` filled."""
+        if self.lazy_rope is not None and len(positions):
+            self.lazy_rope.reach(int(positions.max()) + 1)
+        return self.rope
 
     def forward(
         self,
@@ -88,11 +105,11 @@ class LlamaModel:
         """Write the new tokens' K/V into the cache and return logits [len(logit_rows), vocab] (float32)."""
         ops, cfg = self.ops, self.cfg
         x = self._sum(ops.embed(self.embed, ids, vocab_start=self.vocab_start))
-        residual = None
+        residual, rope = None, self.rope_for(positions)
         for i, layer in enumerate(self.layers):
             q, residual = ops.qkv_rope(
                 x, residual, layer.ln1, cfg.rms_norm_eps, layer.qkv, layer.qkv_bias,
-                positions, slots, cache, i, self.rope,
+                positions, slots, cache, i, rope,
             )  # fmt: skip
             if plan.refreshes:
                 ops.select_pages(q, cache, i, plan)
