@@ -52,7 +52,8 @@ def case(hq: int, hkv: int, d: int, ctx: int, stream) -> dict:
     for s in (1, 2, 4):
         out = cp.empty((1, hq * d), np.float16)
         row[f"s{s}_us"] = median_us(
-            lambda s=s, out=out: paged_attention(q, k, v, plan, hc, out=out, decode=True, num_splits=s), stream
+            lambda s=s, out=out: paged_attention(q, k, v, plan, hc, out=out, decode=True, num_splits=s),
+            stream,
         )
         stream.synchronize()
         row[f"s{s}_maxdiff"] = float(cp.abs(out.astype(np.float32) - ref.astype(np.float32)).max())
@@ -66,7 +67,9 @@ def main() -> None:
         for ctx in (256, 512, 1024, 2048, 4096):
             r = case(hq, hkv, d, ctx, stream)
             rows.append(r)
-            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
+            print(
+                json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}), flush=True
+            )
     json.dump(rows, open(sys.argv[1], "w"), indent=1)
 
 
