@@ -176,3 +176,46 @@ def test_docs_name_existing_tests():
         if name not in names
     ]
     assert not bad, "tests named that do not exist:\n" + "\n".join(bad)
+
+
+def _pow2(v: int) -> str:
+    """A limit as README writes it: powers of two from 2^16 up as 2^k, others as digits."""
+    return f"2^{v.bit_length() - 1}" if v >= 1 << 16 and not v & (v - 1) else str(v)
+
+
+def test_readme_limits_name_the_limits_the_code_enforces():
+    """Each limit a request, an engine option or a model config is refused past is named in README Limits with the
+    code's value: `n` up to 16, `logprobs` up to 20, `logit_bias` up to 1024 ids, `tools` up to 128, the engine's
+    and the model config's size bounds were refused with no word of them where a user reads the limits."""
+    from lserve_lite import config, sampling_params, tokenizer
+    from lserve_lite.engine import tool_calls
+    from lserve_lite.serve import protocol
+
+    sp, b = sampling_params, config.SIZE_BOUNDS
+    text = " ".join((ROOT / "README.md").read_text().split("## Limits", 1)[1].split())
+    phrases = [
+        f"`n` up to {sp.MAX_N} (on the server, prompts x `n` up to {protocol.MAX_CHOICES})",
+        f"`logprobs` / `top_logprobs` up to {sp.MAX_LOGPROBS}",
+        f"`stop_token_ids` up to {sp.MAX_STOP_TOKEN_IDS} ids",
+        f"`logit_bias` up to {sp.MAX_LOGIT_BIAS} ids with biases in [{sp.BIAS_RANGE[0]:g}, {sp.BIAS_RANGE[1]:g}]",
+        f"presence / frequency penalties in [{sp.PENALTY_RANGE[0]:g}, {sp.PENALTY_RANGE[1]:g}]",
+        f"`repetition_penalty` in [{sp.REPETITION_PENALTY_RANGE[0]:g}, {sp.REPETITION_PENALTY_RANGE[1]:g}]",
+        f"up to {tool_calls.MAX_TOOLS} `tools`",
+        f"`chat_template` up to {_pow2(tokenizer.MAX_CALLER_TEMPLATE_CHARS)} characters",
+        f"`max_num_seqs` up to {config.MAX_NUM_SEQS}",
+        f"`max_num_batched_tokens` up to {_pow2(config.MAX_BATCHED_TOKENS)}",
+        f"`num_kv_pages` up to {_pow2(config.MAX_POOL_PAGES)}",
+        f"`max_model_len` up to {_pow2(config.MAX_MODEL_LEN)}",
+        f"`page_size` a power of two in [{config.PAGE_SIZES[0]}, {config.PAGE_SIZES[1]}]",
+        f"a hidden size (and heads x head dim) up to {_pow2(b['hidden_size'])}",
+        f"an FFN width up to {_pow2(b['intermediate_size'])}",
+        f"up to {b['num_hidden_layers']} layers",
+        f"a vocabulary up to {_pow2(b['vocab_size'])} tokens",
+        f"`max_position_embeddings` up to {_pow2(b['max_position_embeddings'])}",
+        f"at most {sp.MAX_STOP_STRINGS} stop strings of {sp.MAX_STOP_CHARS} characters",
+    ]
+    assert b["num_attention_heads"] == b["num_key_value_heads"] == b["head_dim"] == b["num_hidden_layers"]
+    missing = [p for p in phrases if p not in text]
+    assert not missing, "README Limits does not name these limits (or names other values):\n" + "\n".join(
+        missing
+    )
