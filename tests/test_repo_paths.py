@@ -219,3 +219,18 @@ def test_readme_limits_name_the_limits_the_code_enforces():
     assert not missing, "README Limits does not name these limits (or names other values):\n" + "\n".join(
         missing
     )
+
+
+def test_readme_names_every_environment_variable_the_package_reads():
+    """An `LSERVE_*` variable the engine reads is named in README.md (a kernel switch, a knob, the weights folder):
+    `LSERVE_CUDA_GEMV`, `LSERVE_QGEMV_SPLIT` and `LSERVE_LITE_HOME` changed what the engine did or where it wrote
+    with no word of them there."""
+    readme = (ROOT / "README.md").read_text()
+    read = {
+        m.group(1)
+        for p in (ROOT / "lserve_lite").rglob("*.py")
+        for m in re.finditer(r"\"(LSERVE_[A-Z0-9_]+)\"", p.read_text())
+    }
+    assert len(read) > 10
+    missing = sorted(v for v in read if not re.search(rf"\b{v}\b", readme))
+    assert not missing, f"read by the package, not named in README.md: {missing}"
