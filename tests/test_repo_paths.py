@@ -234,3 +234,19 @@ def test_readme_names_every_environment_variable_the_package_reads():
     assert len(read) > 10
     missing = sorted(v for v in read if not re.search(rf"\b{v}\b", readme))
     assert not missing, f"read by the package, not named in README.md: {missing}"
+
+
+def test_readme_last_gpu_run_of_a_test_file_is_its_newest_log():
+    """README's "`tests/test_gpu_X.py` last on an H100 on DATE, N passed" is the count of that file's newest log
+    under tools/results/ (folders sort by date): it kept 2026-12-06's 109 after two later runs passed 112."""
+    claims = re.findall(
+        r"`tests/(test_gpu_\w+)\.py` last on an? H[12]00 on [\d-]+, (\d+) passed",
+        " ".join((ROOT / "README.md").read_text().split()),
+    )
+    assert claims
+    for stem, count in claims:
+        logs = sorted((ROOT / "tools/results").glob(f"gpu_*/**/*{stem}.log"))
+        newest = re.findall(r"(\d+) passed", logs[-1].read_text())
+        assert newest[-1:] == [count], (
+            f"README: {stem} {count} passed; {logs[-1].relative_to(ROOT)}: {newest}"
+        )
