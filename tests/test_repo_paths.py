@@ -250,3 +250,16 @@ def test_readme_last_gpu_run_of_a_test_file_is_its_newest_log():
         assert newest[-1:] == [count], (
             f"README: {stem} {count} passed; {logs[-1].relative_to(ROOT)}: {newest}"
         )
+
+
+def test_readme_command_list_shows_every_cli_command():
+    """README's command-line block shows each `lserve-lite` subcommand: `bench` (prefill and decode tokens/s) had no
+    line there or anywhere in README."""
+    from lserve_lite.cli import build_parser
+
+    commands = re.search(r"\{([\w,]+)\}", build_parser().format_usage()).group(1).split(",")
+    block = (ROOT / "README.md").read_text().split("Command line:", 1)[1].split("\n\n", 2)[1]
+    shown = set(re.findall(r"^ {4}lserve-lite (\w+)", block, re.M))
+    assert len(commands) > 5 and not set(commands) - shown, (
+        f"not in README's command list: {set(commands) - shown}"
+    )
