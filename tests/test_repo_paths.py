@@ -187,7 +187,7 @@ def test_readme_limits_name_the_limits_the_code_enforces():
     """Each limit a request, an engine option or a model config is refused past is named in README Limits with the
     code's value: `n` up to 16, `logprobs` up to 20, `logit_bias` up to 1024 ids, `tools` up to 128, the engine's
     and the model config's size bounds were refused with no word of them where a user reads the limits."""
-    from lserve_lite import config, sampling_params, tokenizer
+    from lserve_lite import chat_template, config, sampling_params, tokenizer
     from lserve_lite.engine import tool_calls
     from lserve_lite.serve import protocol
 
@@ -213,6 +213,10 @@ def test_readme_limits_name_the_limits_the_code_enforces():
         f"a vocabulary up to {_pow2(b['vocab_size'])} tokens",
         f"`max_position_embeddings` up to {_pow2(b['max_position_embeddings'])}",
         f"at most {sp.MAX_STOP_STRINGS} stop strings of {sp.MAX_STOP_CHARS} characters",
+        f"{_pow2(chat_template.MAX_STEPS)} template lines per rendering",
+        f"{_pow2(chat_template.MAX_CHARS)} characters for any string they build and for their output",
+        f"integer call arguments up to {_pow2(chat_template.MAX_CALL_INT)}",
+        f"`**` exponents up to {chat_template.MAX_EXPONENT}",
     ]
     assert b["num_attention_heads"] == b["num_key_value_heads"] == b["head_dim"] == b["num_hidden_layers"]
     missing = [p for p in phrases if p not in text]
