@@ -1142,6 +1142,12 @@ def test_llm_refuses_wrong_argument_types(tiny_llama):
                              r"^LLM: got an unexpected keyword argument 'trust_remote_code' \(vLLM's; not an option "
                              r"here: no code from the model files is run: leave it out\)$"),
                             ((str(tiny_llama),), {"dtype": "bfloat16"}, r"'dtype' \(vLLM's; not an option here: "),
+                            # common in vLLM's examples and benchmarks, "unexpected" alone until 2026-12-07
+                            ((str(tiny_llama),), {"disable_log_stats": True}, r"'disable_log_stats' \(vLLM's; not an "
+                             r"option here: no stats are logged: leave it out\)$"),
+                            ((str(tiny_llama),), {"max_seq_len_to_capture": 8192}, r"\(vLLM's; not an option here: "),
+                            ((str(tiny_llama),), {"pipeline_parallel_size": 2}, r"tensor_parallel splits the model"),
+                            ((str(tiny_llama),), {"enable_lora": True}, r"\(vLLM's; not an option here: no LoRA"),
                             # the keywords named as such (it read "(got max_model_len=)")
                             ((str(tiny_llama),), {"config": EngineConfig(), "max_model_len": 64, "seed": 1},
                              r"or its fields as keywords, not both: got config and max_model_len, seed$")):  # fmt: skip
