@@ -245,11 +245,11 @@ def test_min_tokens_refused_with_max_tokens_none_names_it():
 def test_vllms_unimplemented_sampling_options_at_their_off_values_pass(llm):
     """vLLM code that spells out an option's default (min_p=0.0, skip_special_tokens=True, best_of=n) asks for what
     happens here: accepted, and so is an empty list of logits processors or dict of extra_args (no effect; they were
-    refused, where an empty bad_words passed); a name neither class knows is still a TypeError, named as
+    refused, where an empty bad_words passed), and output_kind 0, vLLM's CUMULATIVE (refused until 2026-12-07); a name neither class knows is still a TypeError, named as
     SamplingParams."""
     off = dict(min_p=0.0, min_tokens=0, best_of=2, skip_special_tokens=True, spaces_between_special_tokens=True,
                include_stop_str_in_output=False, detokenize=True, guided_decoding=None, bad_words=[],
-               logits_processors=[], extra_args={})  # fmt: skip
+               logits_processors=[], extra_args={}, output_kind=0)  # fmt: skip
     sp = SamplingParams(max_tokens=2, n=2, temperature=0, ignore_eos=True, **off)
     assert sp == SamplingParams(max_tokens=2, n=2, temperature=0, ignore_eos=True)
     assert [len(o.token_ids) for o in llm.generate([[5, 6]], sp)] == [2, 2]
