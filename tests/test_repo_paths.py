@@ -200,7 +200,7 @@ def test_readme_limits_name_the_limits_the_code_enforces():
         f"`logit_bias` up to {sp.MAX_LOGIT_BIAS} ids with biases in [{sp.BIAS_RANGE[0]:g}, {sp.BIAS_RANGE[1]:g}]",
         f"presence / frequency penalties in [{sp.PENALTY_RANGE[0]:g}, {sp.PENALTY_RANGE[1]:g}]",
         f"`repetition_penalty` in [{sp.REPETITION_PENALTY_RANGE[0]:g}, {sp.REPETITION_PENALTY_RANGE[1]:g}]",
-        f"up to {tool_calls.MAX_TOOLS} `tools`",
+        f"up to {tool_calls.MAX_TOOLS} `tools` named by 1-64 letters, digits, `_` or `-`",
         f"`chat_template` up to {_pow2(tokenizer.MAX_CALLER_TEMPLATE_CHARS)} characters",
         f"`max_num_seqs` up to {config.MAX_NUM_SEQS}",
         f"`max_num_batched_tokens` up to {_pow2(config.MAX_BATCHED_TOKENS)}",
@@ -219,6 +219,7 @@ def test_readme_limits_name_the_limits_the_code_enforces():
         f"`**` exponents up to {chat_template.MAX_EXPONENT}",
     ]
     assert b["num_attention_heads"] == b["num_key_value_heads"] == b["head_dim"] == b["num_hidden_layers"]
+    assert tool_calls.NAME.pattern == "[A-Za-z0-9_-]{1,64}"
     missing = [p for p in phrases if p not in text]
     assert not missing, "README Limits does not name these limits (or names other values):\n" + "\n".join(
         missing
