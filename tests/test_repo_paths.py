@@ -277,3 +277,10 @@ def test_readme_names_the_gpu_checks_harness_time_limit():
     limit = re.search(r"step kernels (\d+) ", (ROOT / "tools/gpu_check.sh").read_text()).group(1)
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert f"the harness's {limit} s cover only part of its cases on a fresh machine" in readme
+
+
+def test_readme_names_the_file_the_chat_repl_writes():
+    """README said the quick start "writes nothing else" than the downloaded GGUF; `lserve-lite chat` keeps its
+    input history in a file of the home directory, which README now names (the name the CLI writes)."""
+    name = re.search(r'"(\.lserve_lite_history)"', (ROOT / "lserve_lite/cli.py").read_text()).group(1)
+    assert f"`~/{name}`" in (ROOT / "README.md").read_text()
