@@ -23,6 +23,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 MAX_STEPS = 1 << 20  # template lines run per rendering (a real chat template runs a few hundred a message)
 MAX_CHARS = 1 << 24  # characters of any string a template builds, and of its output
 MAX_CALL_INT = 1 << 16  # integer arguments of calls and of width-taking filters
+MAX_EXPONENT = 64  # of `**` (a huge power is a huge integer: minutes to compute and print)
 _WIDE_FORMAT = re.compile(
     r"%[-#0 +]*(\*|\d{6,})|%[-#0 +]*\d*\.(\*|\d{6,})"
 )  # printf widths of a million or more
@@ -61,8 +62,10 @@ class _Env(ImmutableSandboxedEnvironment):
                 _check_size(_size(seq) * count, "'*'")
         elif operator == "+":
             _check_size(_size(left) + _size(right), "'+'")
-        elif operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
-            raise TemplateBudgetError(f"'**' got the exponent {right}; at most 64 in a chat template")
+        elif operator == "**" and isinstance(right, (int, float)) and abs(right) > MAX_EXPONENT:
+            raise TemplateBudgetError(
+                f"'**' got the exponent {right}; at most {MAX_EXPONENT} in a chat template"
+            )
         elif operator == "%" and isinstance(left, str) and _WIDE_FORMAT.search(left):
             raise TemplateBudgetError("'%' got a format width of a million or more")
         return super().call_binop(context, operator, left, right)

@@ -35,7 +35,7 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--temperature", type=float, default=temperature)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0, help="vLLM's min-p (0: off; CPU backend only)")
+    p.add_argument("--min-p", type=float, default=0.0, help="vLLM's min-p (0: off)")
     p.add_argument("--seed", type=int, default=None)
 
 

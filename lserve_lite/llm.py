@@ -18,7 +18,7 @@ from .config import EngineConfig
 from .engine.llm_engine import LLMEngine, StepOutput
 from .engine.tool_calls import plan_tools, prompt_messages, short_call_ids
 from .errors import InvalidRequestError, LServeError
-from .sampling_params import SamplingParams, refuse_set
+from .sampling_params import MAX_LOGPROBS, SamplingParams, refuse_set
 from .sequence import TokenLogprob
 from .tokenizer import Tokenizer, check_contents
 
@@ -41,6 +41,16 @@ VLLM_ENGINE_ONLY = {
     "download_dir": "nothing is downloaded: give a model directory or a GGUF file",
     "swap_space": "no KV swapping to host memory",
     "enable_chunked_prefill": "prefill is always chunked by max_num_batched_tokens",
+    "disable_log_stats": "no stats are logged: leave it out",
+    "max_seq_len_to_capture": "CUDA Graphs capture decode steps of any context: leave it out",
+    "revision": "nothing is downloaded: fetch that revision into a directory and give it",
+    "hf_token": "nothing is downloaded: give a model directory or a GGUF file",
+    "tokenizer_mode": "the tokenizer is the model's own, from its directory or GGUF file",
+    "pipeline_parallel_size": "no pipeline parallelism: tensor_parallel splits the model over GPUs",
+    "enable_lora": "no LoRA adapters",
+    "speculative_config": "no speculative decoding",
+    "max_logprobs": f"SamplingParams(logprobs=k) takes k up to {MAX_LOGPROBS}",
+    "cpu_offload_gb": "weights stay in device memory: quantize='int8' or 'int4' makes them smaller",
 }
 
 

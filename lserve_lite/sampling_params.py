@@ -52,7 +52,8 @@ VLLM_UNSUPPORTED: dict[str, tuple[object, str]] = {
     "bad_words": ([], "use logit_bias"),
     "truncate_prompt_tokens": (None, "send a prompt that fits"),
     "logits_processors": ([], "no custom logits processors"),
-    "output_kind": (None, "generate returns finished outputs; stream yields text deltas"),
+    # vLLM's default, RequestOutputKind.CUMULATIVE (its LLM.generate returns finished outputs whatever the kind)
+    "output_kind": (0, "generate returns finished outputs; stream yields text deltas"),
     "extra_args": ({}, "no custom sampling arguments"),
 }
 

@@ -245,11 +245,11 @@ def test_min_tokens_refused_with_max_tokens_none_names_it():
 def test_vllms_unimplemented_sampling_options_at_their_off_values_pass(llm):
     """vLLM code that spells out an option's default (min_p=0.0, skip_special_tokens=True, best_of=n) asks for what
     happens here: accepted, and so is an empty list of logits processors or dict of extra_args (no effect; they were
-    refused, where an empty bad_words passed); a name neither class knows is still a TypeError, named as
+    refused, where an empty bad_words passed), and output_kind 0, vLLM's CUMULATIVE (refused until 2026-12-07); a name neither class knows is still a TypeError, named as
     SamplingParams."""
     off = dict(min_p=0.0, min_tokens=0, best_of=2, skip_special_tokens=True, spaces_between_special_tokens=True,
                include_stop_str_in_output=False, detokenize=True, guided_decoding=None, bad_words=[],
-               logits_processors=[], extra_args={})  # fmt: skip
+               logits_processors=[], extra_args={}, output_kind=0)  # fmt: skip
     sp = SamplingParams(max_tokens=2, n=2, temperature=0, ignore_eos=True, **off)
     assert sp == SamplingParams(max_tokens=2, n=2, temperature=0, ignore_eos=True)
     assert [len(o.token_ids) for o in llm.generate([[5, 6]], sp)] == [2, 2]
@@ -1142,6 +1142,12 @@ def test_llm_refuses_wrong_argument_types(tiny_llama):
                              r"^LLM: got an unexpected keyword argument 'trust_remote_code' \(vLLM's; not an option "
                              r"here: no code from the model files is run: leave it out\)$"),
                             ((str(tiny_llama),), {"dtype": "bfloat16"}, r"'dtype' \(vLLM's; not an option here: "),
+                            # common in vLLM's examples and benchmarks, "unexpected" alone until 2026-12-07
+                            ((str(tiny_llama),), {"disable_log_stats": True}, r"'disable_log_stats' \(vLLM's; not an "
+                             r"option here: no stats are logged: leave it out\)$"),
+                            ((str(tiny_llama),), {"max_seq_len_to_capture": 8192}, r"\(vLLM's; not an option here: "),
+                            ((str(tiny_llama),), {"pipeline_parallel_size": 2}, r"tensor_parallel splits the model"),
+                            ((str(tiny_llama),), {"enable_lora": True}, r"\(vLLM's; not an option here: no LoRA"),
                             # the keywords named as such (it read "(got max_model_len=)")
                             ((str(tiny_llama),), {"config": EngineConfig(), "max_model_len": 64, "seed": 1},
                              r"or its fields as keywords, not both: got config and max_model_len, seed$")):  # fmt: skip

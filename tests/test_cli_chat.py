@@ -705,3 +705,15 @@ def test_kernels_test_ops_that_do_not_start_are_one_failed_row(monkeypatch, tmp_
     got = json.loads((tmp_path / "k.json").read_text())
     assert (got["failed"], got["rows"][0]["kernel"]) == (1, "CudaOps")
     assert got["not_run"] == {"embed": "the CUDA ops did not start (the failed row CudaOps says why)"}
+
+
+@pytest.mark.parametrize("command", ["chat", "generate"])
+def test_min_p_help_names_no_backend_restriction(command, capsys):
+    """`--min-p`'s help said "CPU backend only" after the GPU sampler gained min_p (kernels/sampling.cu's
+    min_p_mask): a GPU user read that the option would be refused or ignored."""
+    from lserve_lite.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and "--min-p MIN_P vLLM's min-p (0: off) --seed" in help_text

@@ -130,6 +130,19 @@ def test_gguf_file_known_by_its_magic_or_any_case_suffix(tiny_gguf, tmp_path: Pa
     assert load_config(path).vocab_size > 0 and model_name(path) == served
 
 
+@pytest.mark.parametrize(("cwd", "relative"), [("", "."), ("", "./"), ("sub", ".."), ("sub", "../sub/..")])
+def test_a_relative_model_path_is_served_under_its_directory_name(
+    tmp_path, monkeypatch, cwd: str, relative: str
+):
+    """`lserve-lite serve --model .` (run inside the model's directory) served the model as "" (Path(".").name),
+    and `..` as "..": README promises the model directory's name."""
+    from lserve_lite.weights.loader import model_name
+
+    (tmp_path / "SmolModel" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "SmolModel" / cwd)
+    assert model_name(Path(relative)) == "SmolModel"
+
+
 @pytest.mark.parametrize(
     "kw",
     [

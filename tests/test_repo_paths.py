@@ -176,3 +176,111 @@ def test_docs_name_existing_tests():
         if name not in names
     ]
     assert not bad, "tests named that do not exist:\n" + "\n".join(bad)
+
+
+def _pow2(v: int) -> str:
+    """A limit as README writes it: powers of two from 2^16 up as 2^k, others as digits."""
+    return f"2^{v.bit_length() - 1}" if v >= 1 << 16 and not v & (v - 1) else str(v)
+
+
+def test_readme_limits_name_the_limits_the_code_enforces():
+    """Each limit a request, an engine option or a model config is refused past is named in README Limits with the
+    code's value: `n` up to 16, `logprobs` up to 20, `logit_bias` up to 1024 ids, `tools` up to 128, the engine's
+    and the model config's size bounds were refused with no word of them where a user reads the limits."""
+    from lserve_lite import chat_template, config, sampling_params, tokenizer
+    from lserve_lite.engine import tool_calls
+    from lserve_lite.serve import protocol
+
+    sp, b = sampling_params, config.SIZE_BOUNDS
+    text = " ".join((ROOT / "README.md").read_text().split("## Limits", 1)[1].split())
+    phrases = [
+        f"`n` up to {sp.MAX_N} (on the server, prompts x `n` up to {protocol.MAX_CHOICES})",
+        f"`logprobs` / `top_logprobs` up to {sp.MAX_LOGPROBS}",
+        f"`stop_token_ids` up to {sp.MAX_STOP_TOKEN_IDS} ids",
+        f"`logit_bias` up to {sp.MAX_LOGIT_BIAS} ids with biases in [{sp.BIAS_RANGE[0]:g}, {sp.BIAS_RANGE[1]:g}]",
+        f"presence / frequency penalties in [{sp.PENALTY_RANGE[0]:g}, {sp.PENALTY_RANGE[1]:g}]",
+        f"`repetition_penalty` in [{sp.REPETITION_PENALTY_RANGE[0]:g}, {sp.REPETITION_PENALTY_RANGE[1]:g}]",
+        f"up to {tool_calls.MAX_TOOLS} `tools` named by 1-64 letters, digits, `_` or `-`",
+        f"`chat_template` up to {_pow2(tokenizer.MAX_CALLER_TEMPLATE_CHARS)} characters",
+        f"`max_num_seqs` up to {config.MAX_NUM_SEQS}",
+        f"`max_num_batched_tokens` up to {_pow2(config.MAX_BATCHED_TOKENS)}",
+        f"`num_kv_pages` up to {_pow2(config.MAX_POOL_PAGES)}",
+        f"`max_model_len` up to {_pow2(config.MAX_MODEL_LEN)}",
+        f"`page_size` a power of two in [{config.PAGE_SIZES[0]}, {config.PAGE_SIZES[1]}]",
+        f"a hidden size (and heads x head dim) up to {_pow2(b['hidden_size'])}",
+        f"an FFN width up to {_pow2(b['intermediate_size'])}",
+        f"up to {b['num_hidden_layers']} layers",
+        f"a vocabulary up to {_pow2(b['vocab_size'])} tokens",
+        f"`max_position_embeddings` up to {_pow2(b['max_position_embeddings'])}",
+        f"at most {sp.MAX_STOP_STRINGS} stop strings of {sp.MAX_STOP_CHARS} characters",
+        f"{_pow2(chat_template.MAX_STEPS)} template lines per rendering",
+        f"{_pow2(chat_template.MAX_CHARS)} characters for any string they build and for their output",
+        f"integer call arguments up to {_pow2(chat_template.MAX_CALL_INT)}",
+        f"`**` exponents up to {chat_template.MAX_EXPONENT}",
+    ]
+    assert b["num_attention_heads"] == b["num_key_value_heads"] == b["head_dim"] == b["num_hidden_layers"]
+    assert tool_calls.NAME.pattern == "[A-Za-z0-9_-]{1,64}"
+    missing = [p for p in phrases if p not in text]
+    assert not missing, "README Limits does not name these limits (or names other values):\n" + "\n".join(
+        missing
+    )
+
+
+def test_readme_names_every_environment_variable_the_package_reads():
+    """An `LSERVE_*` variable the engine reads is named in README.md (a kernel switch, a knob, the weights folder):
+    `LSERVE_CUDA_GEMV`, `LSERVE_QGEMV_SPLIT` and `LSERVE_LITE_HOME` changed what the engine did or where it wrote
+    with no word of them there."""
+    readme = (ROOT / "README.md").read_text()
+    read = {
+        m.group(1)
+        for p in (ROOT / "lserve_lite").rglob("*.py")
+        for m in re.finditer(r"\"(LSERVE_[A-Z0-9_]+)\"", p.read_text())
+    }
+    assert len(read) > 10
+    missing = sorted(v for v in read if not re.search(rf"\b{v}\b", readme))
+    assert not missing, f"read by the package, not named in README.md: {missing}"
+
+
+def test_readme_last_gpu_run_of_a_test_file_is_its_newest_log():
+    """README's "`tests/test_gpu_X.py` last on an H100 on DATE, N passed" is the count of that file's newest log
+    under tools/results/ (folders sort by date): it kept 2026-12-06's 109 after two later runs passed 112."""
+    claims = re.findall(
+        r"`tests/(test_gpu_\w+)\.py` last on an? H[12]00 on [\d-]+, (\d+) passed",
+        " ".join((ROOT / "README.md").read_text().split()),
+    )
+    assert claims
+    for stem, count in claims:
+        logs = sorted((ROOT / "tools/results").glob(f"gpu_*/**/*{stem}.log"))
+        newest = re.findall(r"(\d+) passed", logs[-1].read_text())
+        assert newest[-1:] == [count], (
+            f"README: {stem} {count} passed; {logs[-1].relative_to(ROOT)}: {newest}"
+        )
+
+
+def test_readme_command_list_shows_every_cli_command():
+    """README's command-line block shows each `lserve-lite` subcommand: `bench` (prefill and decode tokens/s) had no
+    line there or anywhere in README."""
+    from lserve_lite.cli import build_parser
+
+    commands = re.search(r"\{([\w,]+)\}", build_parser().format_usage()).group(1).split(",")
+    block = (ROOT / "README.md").read_text().split("Command line:", 1)[1].split("\n\n", 2)[1]
+    shown = set(re.findall(r"^ {4}lserve-lite (\w+)", block, re.M))
+    assert len(commands) > 5 and not set(commands) - shown, (
+        f"not in README's command list: {set(commands) - shown}"
+    )
+
+
+def test_readme_names_the_gpu_checks_harness_time_limit():
+    """README said tools/gpu_check.sh runs "the kernel harness" in one go; its harness step stops at a time limit
+    that a fresh machine's first compiles pass (2026-12-07: 62 rows of the harness in 200 s). README names the
+    limit, which must be the script's."""
+    limit = re.search(r"step kernels (\d+) ", (ROOT / "tools/gpu_check.sh").read_text()).group(1)
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"the harness's {limit} s cover only part of its cases on a fresh machine" in readme
+
+
+def test_readme_names_the_file_the_chat_repl_writes():
+    """README said the quick start "writes nothing else" than the downloaded GGUF; `lserve-lite chat` keeps its
+    input history in a file of the home directory, which README now names (the name the CLI writes)."""
+    name = re.search(r'"(\.lserve_lite_history)"', (ROOT / "lserve_lite/cli.py").read_text()).group(1)
+    assert f"`~/{name}`" in (ROOT / "README.md").read_text()

@@ -487,7 +487,10 @@ def test_overload_429(tiny_dir):
             t = threading.Thread(target=lambda: results.append(c.completions.create(**body)))
             t.start()
             assert wait_for(lambda: metrics(url)["lserve_requests_in_flight"] == 1)
-            with pytest.raises(openai.RateLimitError):
+            # it counts sequences, as the limit does: it read "1 requests in flight" (and "2" for one request of n=2)
+            with pytest.raises(
+                openai.RateLimitError, match="1 sequences in flight, and this request's 2 would pass"
+            ):
                 c.completions.create(**(body | {"n": 2}))
             assert metrics(url)["lserve_requests_in_flight"] == 1
         t.join()

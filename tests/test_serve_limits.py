@@ -371,6 +371,7 @@ def test_min_tokens_error_names_the_field_that_set_the_most(client):
         (False, "tool_choice", "required"), (False, "parallel_tool_calls", False), (False, "functions", [{"name": "f"}]),
         (False, "function_call", "auto"), (False, "continue_final_message", True), (False, "chat_template", "x"),
         (False, "chat_template_kwargs", {"a": 1}), (False, "messages", MSGS),
+        (False, "add_generation_prompt", True), (False, "documents", [{"text": "x"}]),
         (True, "prompt", "hi"), (True, "suffix", "x"), (True, "best_of", 2),
     ],
 )  # fmt: skip

@@ -284,6 +284,18 @@ def test_bundled_lookup(tmp_path):
     assert resolve_pattern(d, 2, 2).shape == (2, 2)
 
 
+def test_bundled_lookup_of_a_relative_model_path(tmp_path, monkeypatch):
+    """`lserve-lite serve --model . --sparse`, run inside a model directory named as a shipped pattern (its
+    config.json without `_name_or_path`), found no pattern: the name looked up was ".". `..` as well."""
+    d = tmp_path / "SmolLM2-135M-Instruct"
+    (d / "sub").mkdir(parents=True)
+    (d / "config.json").write_text("{}")
+    monkeypatch.chdir(d)
+    assert bundled_pattern(".").parent.name == bundled_pattern("./").parent.name == "SmolLM2-135M-Instruct"
+    monkeypatch.chdir(d / "sub")
+    assert bundled_pattern("..").parent.name == "SmolLM2-135M-Instruct"
+
+
 def test_smollm2_pattern_shipped():
     p = PATTERNS_DIR / "SmolLM2-135M-Instruct" / "full_attention_heads.tsv"
     if not p.exists():

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-call GPU check on a CUDA machine: kernel harness, GPU tests, end-to-end benches.
 # Usage: OUT=dir bash tools/gpu_check.sh [step ...]   steps: the names in the case below; default: kernels pytest
-# llama sparse smol (the before/after set). kernels and pytest include every kernel family's rows and tests.
+# llama sparse smol selector (the before/after set). kernels and pytest include every kernel family's rows and tests.
 # Each step has its own time limit so one slow or failing step does not hide the others.
 set -u
 OUT=${OUT:-results}; mkdir -p "$OUT"

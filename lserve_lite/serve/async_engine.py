@@ -127,7 +127,9 @@ class AsyncEngine:
             raise ApiError(400, f"the request needs {count} sequences (prompts x n); this server holds at most "
                            f"{self.max_in_flight} (max_num_seqs + max_queue)", param)  # fmt: skip
         if len(self._queues) + count > self.max_in_flight:
-            raise ApiError(429, f"server overloaded: {len(self._queues)} requests in flight; retry later")
+            raise ApiError(429, f"server overloaded: {len(self._queues)} sequences in flight, and this request's "
+                           f"{count} would pass the {self.max_in_flight} it holds (max_num_seqs + max_queue); "
+                           "retry later")  # fmt: skip
 
     async def submit(
         self, jobs: list[tuple[list[int], SamplingParams, str]], param: str = "n"

@@ -352,7 +352,7 @@ class ChatCompletionRequest(_Request):
 _CHAT_FIELDS: dict[str, object] = {
     "messages": None, "max_completion_tokens": None, "top_logprobs": None, "tools": [], "tool_choice": None,
     "parallel_tool_calls": None, "functions": [], "function_call": None, "continue_final_message": False,
-    "chat_template": None, "chat_template_kwargs": None,
+    "add_generation_prompt": False, "chat_template": None, "chat_template_kwargs": None,
 }  # fmt: skip
 
 
@@ -371,11 +371,14 @@ class CompletionRequest(_Request):
     functions: Any = None
     function_call: Any = None
     continue_final_message: Any = None
+    add_generation_prompt: Any = None
     chat_template: Any = None
     chat_template_kwargs: Any = None
+    documents: Any = None  # chat refuses it too (no documents reach its template)
     _unsupported: ClassVar[dict[str, tuple[object, str]]] = _Request._unsupported | {
         k: (off, "a chat completions field: send it to /v1/chat/completions") for k, off in _CHAT_FIELDS.items()
-    } | {"max_completion_tokens": (None, "on /v1/completions send max_tokens; max_completion_tokens is chat's")}  # fmt: skip
+    } | {"max_completion_tokens": (None, "on /v1/completions send max_tokens; max_completion_tokens is chat's"),
+         "documents": ([], "no chat template renders a completions prompt: put them in the prompt")}  # fmt: skip
 
     def check(self) -> None:
         super().check()

@@ -9,6 +9,7 @@ Shipped patterns live in the data folder `sparse/patterns/<model>/full_attention
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 
@@ -154,8 +155,11 @@ def bundled_patterns() -> dict[str, Path]:
 
 
 def _model_names(model_name_or_dir: str | Path) -> list[str]:
+    """The names a model may go by: its directory's (a relative path made absolute first: `--model .` had the
+    name "."), a Hub name's last part, config.json's `_name_or_path`, and the GGUF a converted directory came from."""
     s = str(model_name_or_dir).rstrip("/\\")
-    names = [Path(s).name, s.replace("\\", "/").split("/")[-1].split("--")[-1]]
+    whole = os.path.abspath(s) if s else s
+    names = [Path(whole).name, whole.replace("\\", "/").split("/")[-1].split("--")[-1]]
     cfg = Path(s) / "config.json"
     if cfg.is_file():
         try:
