@@ -128,8 +128,10 @@ def test_kernel_forwards_the_attributes_the_launchers_use():
 
 
 def test_gemv_tuning_options():
-    """gemv_rows' tuning knobs become NVRTC definitions; bad values are refused before any compile."""
+    """gemv_rows' tuning knobs become NVRTC definitions; bad values are refused before any compile, with the one-line
+    error the CLI and the server print alone (InvalidRequestError, not a traceback)."""
     from lserve_lite.backends.cuda import gemv_tuning
+    from lserve_lite.errors import InvalidRequestError
 
     assert gemv_tuning({}) == ()
     assert gemv_tuning({"LSERVE_GEMV_PREFETCH": "128", "LSERVE_GEMV_UNROLL": "4"}) == (
@@ -137,7 +139,7 @@ def test_gemv_tuning_options():
         "-DLSERVE_GEMV_UNROLL=4",
     )
     for env in ({"LSERVE_GEMV_UNROLL": "0"}, {"LSERVE_GEMV_PREFETCH": "-1"}, {"LSERVE_GEMV_UNROLL": "8; rm"}):
-        with pytest.raises(ValueError, match="LSERVE_GEMV_"):
+        with pytest.raises(InvalidRequestError, match="LSERVE_GEMV_"):
             gemv_tuning(env)
 
 

@@ -80,7 +80,7 @@ def gemv_tuning(env: Mapping[str, str]) -> tuple[str, ...]:
         if value == "":
             continue
         if not value.isdigit() or not lo <= int(value) <= hi:
-            raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+            raise InvalidRequestError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
         opts.append(f"-D{name}={int(value)}")
     return tuple(opts)
 
