@@ -3,7 +3,7 @@
 # TOTAL seconds. Logs: $OUT/logs2.tgz.
 # OUT=dir [SHORT=n] [FILES="test_gpu_x ..."] [TOTAL=s] bash tools/results/gpu_2026-12-07b/call2.sh
 L=/tmp/logs2; . tools/results/gpu_2026-12-06g/prelude.sh
-git apply tools/results/gpu_2026-12-07b/short_graphs.diff && echo "short_graphs applied"
+git apply tools/results/gpu_2026-12-07b/short_graphs.diff && echo "short_graphs applied" || { echo "short_graphs NOT applied"; exit 1; }
 export LSERVE_DECODE_SHORT_TOKENS=${SHORT:-4096}
 t0=$(date +%s); left=""
 for f in ${FILES:-test_gpu_overlap test_gpu_api test_gpu_qkv_rope test_gpu_kv_quant test_gpu_graphs_sparse}; do
