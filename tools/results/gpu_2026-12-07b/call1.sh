@@ -10,7 +10,7 @@ echo "kernels rc=$? $(tail -n 2 $L/kernels.log | tr '\n' ' ') $(el) s"; grep -E 
 cp $L/kernels.json "$OUT/" 2>/dev/null
 timeout 60 python3 tools/results/gpu_2026-12-07b/splits.py $OUT/splits.json > $L/splits.log 2>&1
 echo "splits rc=$? $(el) s"; cut -c1-260 $L/splits.log | tail -12
-git apply tools/results/gpu_2026-12-07b/short_graphs.diff && echo "short_graphs applied"
+git apply tools/results/gpu_2026-12-07b/short_graphs.diff && echo "short_graphs applied" || { echo "short_graphs NOT applied"; exit 1; }
 timeout 120 python3 -m pytest -p no:cacheprovider -m gpu -q -rf --tb=short tests/test_gpu_ops.py -k graphs > $L/short_ops.log 2>&1
 echo "test_gpu_ops -k graphs rc=$? $(tail -n 1 $L/short_ops.log) $(el) s"; grep -E "^(FAILED|ERROR)" $L/short_ops.log | head -6
 rem=$(( ${TOTAL:-570} - $(el) - 10 ))
