@@ -382,6 +382,77 @@ def test_safetensors_sizes_checked_against_the_file(tmp_path: Path):
         SafetensorsFile(p)
 
 
+# ------------------------------------------------------------------------------- non-finite weight values
+
+_POISON = "model.layers.1.mlp.up_proj.weight"
+_NOT_FINITE = {"nan": b"\x00\x7e", "inf": b"\x00\x7c", "-inf": b"\x00\xfc"}  # fp16 little-endian
+
+
+@pytest.mark.parametrize(
+    "dtype,bits",
+    [("F32", struct.pack("<f", float("nan"))), ("F16", _NOT_FINITE["inf"]), ("BF16", b"\x80\xff")],
+)
+def test_nonfinite_safetensors_weight_is_refused(tmp_path: Path, dtype: str, bits: bytes):
+    """The rule: every weight of a model file is finite, refused at load naming the tensor on every backend. Before:
+    the CPU backend loaded a NaN / Inf weight and sampled its all-NaN logits as garbage tokens (the CUDA backend
+    refused it at its float16 upload)."""
+    from safetensors.numpy import load_file
+
+    d = write_min_model_dir(tmp_path / "m", weights=True)
+    tensors = load_file(str(d / "model.safetensors"))
+    raw = {"F32": np.float32, "F16": np.float16, "BF16": np.float32}[dtype]
+    header, data = {}, b""
+    for name, a in tensors.items():
+        b = a.astype(raw).tobytes()
+        if dtype == "BF16":  # the high halves of the float32s
+            b = np.frombuffer(b, np.uint16)[1::2].tobytes()
+        if name == _POISON:
+            at = 7 * len(bits)
+            b = b[:at] + bits + b[at + len(bits) :]
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(a.shape),
+            "data_offsets": [len(data), len(data) + len(b)],
+        }
+        data += b
+    blob = json.dumps(header).encode()
+    (d / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    with pytest.raises(ModelLoadError) as e:
+        LLM(str(d), backend="cpu")
+    assert f"tensor {_POISON} holds NaN or Inf values" in one_line_error(e.value, str(d))
+
+
+@pytest.mark.parametrize(
+    "kind,field",  # field: the byte offset in a block of the fp16 value spoiled (None: a float tensor's value)
+    [("F32", None), ("F16", None), ("BF16", None), ("Q8_0", 0), ("Q4_0", 0), ("Q4_1", 2), ("Q4_K", 2),
+     ("Q6_K", 208)],
+)  # fmt: skip
+def test_nonfinite_gguf_weight_is_refused(tmp_path: Path, kind: str, field: int | None):
+    """The same rule for a GGUF: float tensors by their values, packed blocks by their fp16 scales (d, m / dmin:
+    a NaN or Inf one makes its block's values so), read without dequantizing the matrix."""
+    import gguf
+    from test_gguf_import import write_tiny_gguf
+
+    from lserve_lite.weights.loader import load_model
+
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, types={"ffn_up": kind}, hidden=256, ffn=512, head_dim=64)
+    t = read_gguf(path)[1]["blk.1.ffn_up.weight"]
+    raw = bytearray(path.read_bytes())
+    at = bytes(raw).index(bytes(t.data))
+    if field is None:
+        bits = {"F32": struct.pack("<f", float("-inf")), "F16": _NOT_FINITE["nan"], "BF16": b"\xc0\x7f"}[kind]
+    else:
+        bits = _NOT_FINITE["inf"]
+        at += t.data.shape[1] + 1 * gguf.GGML_QUANT_SIZES[t.ggml_type][1] + field  # row 1, block 1
+    raw[at : at + len(bits)] = bits
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ModelLoadError) as e:
+        load_model(path)
+    what = "NaN or Inf values" if field is None else "a NaN or Inf block scale"
+    assert f"tensor {_POISON} holds {what}" in one_line_error(e.value, path.name)
+
+
 # ------------------------------------------------------------------------------------------- GGUF metadata
 
 

@@ -40,6 +40,8 @@ class BlockLayout:
     block_bytes: int
     row_head: int = 0
     ggml_type: int | None = None  # gguf.GGMLQuantizationType value for the GGUF formats
+    # byte offsets of a block's fp16 fields (d, m / dmin), or of the row head's for int8; the rest are integers
+    fp16_fields: tuple[int, ...] = (0,)
 
     def row_bytes(self, in_features: int) -> int:
         return self.row_head + in_features // self.block * self.block_bytes
@@ -48,9 +50,9 @@ class BlockLayout:
 LAYOUTS: dict[str, BlockLayout] = {
     "q8_0": BlockLayout(32, 34, ggml_type=8),
     "q4_0": BlockLayout(32, 18, ggml_type=2),
-    "q4_1": BlockLayout(32, 20, ggml_type=3),
-    "q4_k": BlockLayout(256, 144, ggml_type=12),
-    "q6_k": BlockLayout(256, 210, ggml_type=14),
+    "q4_1": BlockLayout(32, 20, ggml_type=3, fp16_fields=(0, 2)),
+    "q4_k": BlockLayout(256, 144, ggml_type=12, fp16_fields=(0, 2)),
+    "q6_k": BlockLayout(256, 210, ggml_type=14, fp16_fields=(208,)),
     "int8": BlockLayout(32, 32, row_head=2),
     "int4": BlockLayout(128, 66),
 }
@@ -138,6 +140,20 @@ class RowStack:
 
 
 Weight = np.ndarray | QuantTensor | RowStack
+
+
+def finite(w: np.ndarray | QuantTensor) -> bool:
+    """Whether every value of a weight is finite (a NaN or Inf one makes every output NaN), in one read and no
+    float copy: floats by their min and max (NaN propagates), packed blocks by their fp16 fields alone (the
+    other fields are bounded integers), the high byte's exponent bits (all ones: Inf or NaN) of each."""
+    if not isinstance(w, QuantTensor):
+        return w.size == 0 or bool(np.isfinite(w.min()) and np.isfinite(w.max()))
+    lay = w.layout
+    if lay.row_head:
+        fields = w.data[:, : lay.row_head]
+    else:
+        fields = w.data.reshape(w.shape[0], -1, lay.block_bytes)
+    return not any(np.any((fields[..., at + 1] & 0x7C) == 0x7C) for at in lay.fp16_fields)
 
 
 def stored_bytes(w: Weight, float_itemsize: int) -> int:
