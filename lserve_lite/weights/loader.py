@@ -89,10 +89,16 @@ def model_name(path: Path) -> str:
 
     path = Path(os.path.abspath(path))
     if not _is_gguf(path):
-        return path.name
+        return path_name(path)
     if path.name == GGUF_NAME:
         return MODEL_NAME
     return path.stem if path.suffix.lower() == ".gguf" else path.name
+
+
+def path_name(path: str | Path) -> str:
+    """The name of a model's directory or file, as results record it: its absolute path's last part, without
+    following links (`Path(".").name` is "", so `--model .` was recorded nameless)."""
+    return Path(os.path.abspath(path)).name
 
 
 def _own_head(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> ModelConfig:
