@@ -274,6 +274,23 @@ def test_bias_tensors_the_forward_skips_are_refused(tmp_path: Path, name: str, s
         load_weights(d, load_config(d))
 
 
+@pytest.mark.parametrize(
+    "name,dtype", [("model.norm.weight", np.int64), ("model.layers.0.self_attn.q_proj.weight", np.int32)]
+)
+def test_integer_weights_are_refused(tmp_path: Path, name: str, dtype: type):
+    """A weight stored as integers (a broken export) loaded and ran as its raw integers: an I64 final norm made every
+    token id 0. Refused before any tensor is read, naming the tensor and its dtype."""
+    from safetensors.numpy import load_file, save_file
+
+    d = write_min_model_dir(tmp_path / "m", weights=True)
+    tensors = load_file(str(d / "model.safetensors"))
+    save_file({**tensors, name: tensors[name].astype(dtype)}, str(d / "model.safetensors"))
+    with pytest.raises(ModelLoadError) as e:
+        LLM(str(d), backend="cpu")
+    want = f"tensor {name} has dtype {'I64' if dtype is np.int64 else 'I32'}; a weight must be one of F32, F16, BF16"
+    assert want in one_line_error(e.value, "model.safetensors")
+
+
 def test_inert_extra_tensors_still_load(tmp_path: Path):
     """Older Llama checkpoints carry rotary_emb.inv_freq, which the engine recomputes: not refused."""
     d = write_min_model_dir(tmp_path / "m", weights=True)

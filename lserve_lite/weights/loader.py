@@ -17,7 +17,7 @@ from ..tokenizer import Tokenizer
 from .gguf_weights import float_projections, gguf_config, gguf_model, gguf_tokenizer
 from .qtensor import QuantTensor, finite
 from .quantize import quantize_weights
-from .safetensors_io import SafetensorsFile
+from .safetensors_io import FLOAT_DTYPES, SafetensorsFile
 
 
 @dataclass
@@ -230,12 +230,18 @@ def load_weights(model_dir: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
     for name, fname in wm.items():
         if name not in owner or owner[name].path.name != Path(fname).name:
             raise ModelLoadError(f"{model_dir / 'model.safetensors.index.json'}: {name} is not in {fname}")
-    _check({name: f.shape_of(name) for name, f in owner.items()}, cfg, model_dir)
+    used = _check({name: f.shape_of(name) for name, f in owner.items()}, cfg, model_dir)
+    for name in used:  # an integer one loaded and ran as its raw integers (all-zero tokens from an I64 norm)
+        if (dtype := owner[name].dtype_of(name)) not in FLOAT_DTYPES:
+            raise ModelLoadError(
+                f"{owner[name].path}: tensor {name} has dtype {dtype}; a weight must be one of {', '.join(FLOAT_DTYPES)}"
+            )
     return {name: f.get(name) for name, f in owner.items()}
 
 
-def _check(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, where: Path) -> None:
-    """config.json against the headers' real tensors: the layer count first, then every expected shape."""
+def _check(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, where: Path) -> list[str]:
+    """config.json against the headers' real tensors: the layer count first, then every expected shape. The
+    names of the tensors the forward uses."""
     layers = {n.split(".")[2] for n in shapes if n.startswith("model.layers.") and n.count(".") > 2}
     if cfg.num_layers != len(layers):
         got = f"num_hidden_layers is {cfg.num_layers}, the weights hold {len(layers)} layers"
@@ -274,3 +280,4 @@ def _check(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, where: Path) ->
             raise ModelLoadError(
                 f"{where}: tensor {name} has shape {shapes[name]}, config.json implies {shape}"
             )
+    return list(want)
