@@ -447,12 +447,33 @@ def test_nonfinite_safetensors_weight_is_refused(tmp_path: Path, dtype: str, bit
 def test_nonfinite_gguf_weight_is_refused(tmp_path: Path, kind: str, field: int | None):
     """The same rule for a GGUF: float tensors by their values, packed blocks by their fp16 scales (d, m / dmin:
     a NaN or Inf one makes its block's values so), read without dequantizing the matrix."""
+    from lserve_lite.weights.loader import load_model
+
+    path = _poisoned_gguf(tmp_path / "m.gguf", kind, field)
+    with pytest.raises(ModelLoadError) as e:
+        load_model(path)
+    what = "NaN or Inf values" if field is None else "a NaN or Inf block scale"
+    assert f"tensor {_POISON} holds {what}" in one_line_error(e.value, path.name)
+
+
+def test_convert_refuses_a_nonfinite_gguf_weight(tmp_path: Path):
+    """`convert` wrote the NaN weights out (a float32 copy of the model) that loading then refused; it names the GGUF
+    tensor and leaves nothing behind."""
+    from lserve_lite.weights.gguf_import import convert_gguf
+
+    path = _poisoned_gguf(tmp_path / "m.gguf", "Q4_1", 2)
+    with pytest.raises(ModelLoadError) as e:
+        convert_gguf(path, tmp_path / "out", progress=False)
+    assert "tensor blk.1.ffn_up.weight holds NaN or Inf values" in one_line_error(e.value, path.name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def _poisoned_gguf(path: Path, kind: str, field: int | None) -> Path:
+    """A tiny GGUF whose blk.1.ffn_up.weight (of type `kind`) holds one non-finite value (`field` None) or, at byte
+    `field` of its second row's second block, one non-finite fp16 scale."""
     import gguf
     from test_gguf_import import write_tiny_gguf
 
-    from lserve_lite.weights.loader import load_model
-
-    path = tmp_path / "m.gguf"
     write_tiny_gguf(path, types={"ffn_up": kind}, hidden=256, ffn=512, head_dim=64)
     t = read_gguf(path)[1]["blk.1.ffn_up.weight"]
     raw = bytearray(path.read_bytes())
@@ -464,10 +485,7 @@ def test_nonfinite_gguf_weight_is_refused(tmp_path: Path, kind: str, field: int 
         at += t.data.shape[1] + 1 * gguf.GGML_QUANT_SIZES[t.ggml_type][1] + field  # row 1, block 1
     raw[at : at + len(bits)] = bits
     path.write_bytes(bytes(raw))
-    with pytest.raises(ModelLoadError) as e:
-        load_model(path)
-    what = "NaN or Inf values" if field is None else "a NaN or Inf block scale"
-    assert f"tensor {_POISON} holds {what}" in one_line_error(e.value, path.name)
+    return path
 
 
 # ------------------------------------------------------------------------------------------- GGUF metadata

@@ -15,7 +15,7 @@ from ..config import ModelConfig, read_json_object, token_ids
 from ..errors import ModelLoadError
 from ..tokenizer import Tokenizer
 from .gguf_weights import float_projections, gguf_config, gguf_model, gguf_tokenizer
-from .qtensor import QuantTensor, finite
+from .qtensor import QuantTensor, check_finite
 from .quantize import quantize_weights
 from .safetensors_io import FLOAT_DTYPES, SafetensorsFile
 
@@ -54,17 +54,9 @@ def load_model(path: Path, quantize: str | None = None) -> LoadedModel:
             model.weights = quantize_weights(model.weights, quantize)
         except ValueError as e:
             raise ModelLoadError(f"{path}: cannot quantize to {quantize} ({e})") from None
-    _check_finite(model.weights, path)
+    for name, w in model.weights.items():
+        check_finite(w, name, path)
     return model
-
-
-def _check_finite(weights: dict[str, np.ndarray | QuantTensor], path: Path) -> None:
-    """Every weight finite, on every backend: a NaN or Inf one (a damaged or badly converted file) made every
-    logit NaN on the CPU, sampled as garbage, where the CUDA backend refused it at upload."""
-    bad = next((name for name, w in weights.items() if not finite(w)), None)
-    if bad is not None:
-        what = "a NaN or Inf block scale" if isinstance(weights[bad], QuantTensor) else "NaN or Inf values"
-        raise ModelLoadError(f"{path}: tensor {bad} holds {what} (a damaged or badly converted model file)")
 
 
 def applied_quantize(path: Path, quantize: str | None) -> str | None:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import ModelLoadError
+
 
 @dataclass(frozen=True)
 class BlockLayout:
@@ -154,6 +156,14 @@ def finite(w: np.ndarray | QuantTensor) -> bool:
     else:
         fields = w.data.reshape(w.shape[0], -1, lay.block_bytes)
     return not any(np.any((fields[..., at + 1] & 0x7C) == 0x7C) for at in lay.fp16_fields)
+
+
+def check_finite(w: np.ndarray | QuantTensor, name: str, where: object) -> None:
+    """ModelLoadError naming the tensor unless `finite(w)`, at load on every backend and in `convert`: a NaN or Inf
+    weight made every logit NaN, which the CPU backend sampled as garbage tokens."""
+    if not finite(w):
+        what = "a NaN or Inf block scale" if isinstance(w, QuantTensor) else "NaN or Inf values"
+        raise ModelLoadError(f"{where}: tensor {name} holds {what} (a damaged or badly converted model file)")
 
 
 def stored_bytes(w: Weight, float_itemsize: int) -> int:
