@@ -145,16 +145,16 @@ Weight = np.ndarray | QuantTensor | RowStack
 
 
 def finite(w: np.ndarray | QuantTensor) -> bool:
-    """Whether every value of a weight is finite (a NaN or Inf one makes every output NaN), in one read and no
-    float copy: floats by their min and max (NaN propagates), packed blocks by their fp16 fields alone (the
-    other fields are bounded integers), the high byte's exponent bits (all ones: Inf or NaN) of each."""
+    """Whether every value of a weight is finite (a NaN or Inf one makes every output NaN), without a float copy:
+    floats by their min and max (NaN propagates), packed blocks by their fp16 fields alone (the other fields are
+    bounded integers): the exponent bits, all ones for Inf and NaN, in each field's high byte."""
     if not isinstance(w, QuantTensor):
         return w.size == 0 or bool(np.isfinite(w.min()) and np.isfinite(w.max()))
     lay = w.layout
     if lay.row_head:
         fields = w.data[:, : lay.row_head]
     else:
-        fields = w.data.reshape(w.shape[0], -1, lay.block_bytes)
+        fields = w.data.reshape(w.shape[0], w.shape[1] // lay.block, lay.block_bytes)
     return not any(np.any((fields[..., at + 1] & 0x7C) == 0x7C) for at in lay.fp16_fields)
 
 
