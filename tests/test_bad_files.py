@@ -253,6 +253,20 @@ def test_sliding_window_read_as_transformers_reads_it(tmp_path: Path):
     assert llama.sliding_window is None
 
 
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"])
+def test_missing_rms_norm_eps_is_transformers_default(tmp_path: Path, arch: str):
+    """A config.json without rms_norm_eps ran with 1e-5 where transformers uses its classes' default (1e-6): every
+    RMSNorm differed, logits 4e-3 from transformers' on a tiny model."""
+    import transformers
+
+    d = write_min_model_dir(tmp_path / "m", architectures=[arch])
+    config = json.loads((d / "config.json").read_text())
+    del config["rms_norm_eps"]
+    (d / "config.json").write_text(json.dumps(config))
+    theirs = getattr(transformers, arch.replace("ForCausalLM", "Config"))()
+    assert load_config(d).rms_norm_eps == theirs.rms_norm_eps
+
+
 def _add_tensor(d: Path, name: str, shape: tuple[int, ...]) -> None:
     """Rewrite model.safetensors with one more (zero) tensor."""
     from safetensors.numpy import load_file, save_file
