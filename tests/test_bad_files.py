@@ -470,6 +470,20 @@ def test_nonfinite_gguf_weight_is_refused(tmp_path: Path, kind: str, field: int 
     assert f"tensor {_POISON} holds {what}" in one_line_error(e.value, path.name)
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf, 65504.0, -65504.0, 6e-8, -0.0])
+def test_finite_reads_fp16_exponents(value: float):
+    """`finite` reads float16 values and packed blocks' fp16 scales by their exponent bits (float16 min / max took
+    2 s per 135M values): only Inf and NaN fail, the largest and the subnormal values pass."""
+    from lserve_lite.weights.qtensor import QuantTensor, finite
+
+    want = bool(np.isfinite(value))
+    w = np.ones((3, 64), np.float16)
+    w[2, 63] = value
+    blocks = np.zeros((3, 2, 34), np.uint8)  # q8_0: d (fp16), then 32 int8
+    blocks[2, 1, :2] = np.array([value], "<f2").view(np.uint8)
+    assert finite(w) is want and finite(QuantTensor("q8_0", (3, 64), blocks.reshape(3, 68))) is want
+
+
 def test_convert_refuses_a_nonfinite_gguf_weight(tmp_path: Path):
     """`convert` wrote the NaN weights out (a float32 copy of the model) that loading then refused; it names the GGUF
     tensor and leaves nothing behind."""

@@ -24,6 +24,7 @@ nibbles 2j + 1). So int4 is q4_0 with blocks of 128 and one nibble decoder reads
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,16 +147,27 @@ Weight = np.ndarray | QuantTensor | RowStack
 
 def finite(w: np.ndarray | QuantTensor) -> bool:
     """Whether every value of a weight is finite (a NaN or Inf one makes every output NaN), without a float copy:
-    floats by their min and max (NaN propagates), packed blocks by their fp16 fields alone (the other fields are
-    bounded integers): the exponent bits, all ones for Inf and NaN, in each field's high byte."""
-    if not isinstance(w, QuantTensor):
-        return w.size == 0 or bool(np.isfinite(w.min()) and np.isfinite(w.max()))
-    lay = w.layout
-    if lay.row_head:
-        fields = w.data[:, : lay.row_head]
-    else:
-        fields = w.data.reshape(w.shape[0], w.shape[1] // lay.block, lay.block_bytes)
-    return not any(np.any((fields[..., at + 1] & 0x7C) == 0x7C) for at in lay.fp16_fields)
+    float32 by its min and max (NaN propagates); float16 values and the fp16 fields of packed blocks by their
+    exponent bits (the other fields of a block are bounded integers), as NumPy's float16 min / max ran 30x
+    slower than float32's."""
+    if isinstance(w, QuantTensor):
+        lay = w.layout
+        if lay.row_head:
+            fields = w.data[:, : lay.row_head]
+        else:
+            fields = w.data.reshape(w.shape[0], w.shape[1] // lay.block, lay.block_bytes)
+        return not any(_fp16_nonfinite(fields[..., at + 1]) for at in lay.fp16_fields)
+    if w.dtype == np.float16:
+        return not _fp16_nonfinite(np.ascontiguousarray(w).reshape(-1).view(np.uint16))
+    return w.size == 0 or bool(np.isfinite(w.min()) and np.isfinite(w.max()))
+
+
+def _fp16_nonfinite(bits: np.ndarray) -> bool:
+    """Whether any fp16 value has its exponent bits all ones (Inf or NaN): `bits` the values as uint16, or their
+    high bytes as uint8; a few MB at a time along the first axis, so the temporaries stay small."""
+    exponent = 0x7C << 8 * (bits.itemsize - 1)
+    step = max(1, (1 << 22) // max(1, math.prod(bits.shape[1:])))
+    return any(np.any((bits[i : i + step] & exponent) == exponent) for i in range(0, len(bits), step))
 
 
 def check_finite(w: np.ndarray | QuantTensor, name: str, where: object) -> None:
