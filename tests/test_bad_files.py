@@ -253,6 +253,20 @@ def test_sliding_window_read_as_transformers_reads_it(tmp_path: Path):
     assert llama.sliding_window is None
 
 
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"])
+def test_missing_rms_norm_eps_is_transformers_default(tmp_path: Path, arch: str):
+    """A config.json without rms_norm_eps ran with 1e-5 where transformers uses its classes' default (1e-6): every
+    RMSNorm differed, logits 4e-3 from transformers' on a tiny model."""
+    import transformers
+
+    d = write_min_model_dir(tmp_path / "m", architectures=[arch])
+    config = json.loads((d / "config.json").read_text())
+    del config["rms_norm_eps"]
+    (d / "config.json").write_text(json.dumps(config))
+    theirs = getattr(transformers, arch.replace("ForCausalLM", "Config"))()
+    assert load_config(d).rms_norm_eps == theirs.rms_norm_eps
+
+
 def _add_tensor(d: Path, name: str, shape: tuple[int, ...]) -> None:
     """Rewrite model.safetensors with one more (zero) tensor."""
     from safetensors.numpy import load_file, save_file
@@ -272,6 +286,23 @@ def test_bias_tensors_the_forward_skips_are_refused(tmp_path: Path, name: str, s
         ModelLoadError, match=rf"tensor model.layers.1.{name} is a bias this LlamaForCausalLM"
     ):
         load_weights(d, load_config(d))
+
+
+@pytest.mark.parametrize(
+    "name,dtype", [("model.norm.weight", np.int64), ("model.layers.0.self_attn.q_proj.weight", np.int32)]
+)
+def test_integer_weights_are_refused(tmp_path: Path, name: str, dtype: type):
+    """A weight stored as integers (a broken export) loaded and ran as its raw integers: an I64 final norm made every
+    token id 0. Refused before any tensor is read, naming the tensor and its dtype."""
+    from safetensors.numpy import load_file, save_file
+
+    d = write_min_model_dir(tmp_path / "m", weights=True)
+    tensors = load_file(str(d / "model.safetensors"))
+    save_file({**tensors, name: tensors[name].astype(dtype)}, str(d / "model.safetensors"))
+    with pytest.raises(ModelLoadError) as e:
+        LLM(str(d), backend="cpu")
+    want = f"tensor {name} has dtype {'I64' if dtype is np.int64 else 'I32'}; a weight must be one of F32, F16, BF16"
+    assert want in one_line_error(e.value, "model.safetensors")
 
 
 def test_inert_extra_tensors_still_load(tmp_path: Path):
@@ -380,6 +411,109 @@ def test_safetensors_sizes_checked_against_the_file(tmp_path: Path):
     p.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
     with pytest.raises(ModelLoadError, match="field 'data_offsets' must span"):
         SafetensorsFile(p)
+
+
+# ------------------------------------------------------------------------------- non-finite weight values
+
+_POISON = "model.layers.1.mlp.up_proj.weight"
+_NOT_FINITE = {"nan": b"\x00\x7e", "inf": b"\x00\x7c", "-inf": b"\x00\xfc"}  # fp16 little-endian
+
+
+@pytest.mark.parametrize(
+    "dtype,bits",
+    [("F32", struct.pack("<f", float("nan"))), ("F16", _NOT_FINITE["inf"]), ("BF16", b"\x80\xff")],
+)
+def test_nonfinite_safetensors_weight_is_refused(tmp_path: Path, dtype: str, bits: bytes):
+    """The rule: every weight of a model file is finite, refused at load naming the tensor on every backend. Before:
+    the CPU backend loaded a NaN / Inf weight and sampled its all-NaN logits as garbage tokens (the CUDA backend
+    refused it at its float16 upload)."""
+    from safetensors.numpy import load_file
+
+    d = write_min_model_dir(tmp_path / "m", weights=True)
+    tensors = load_file(str(d / "model.safetensors"))
+    raw = {"F32": np.float32, "F16": np.float16, "BF16": np.float32}[dtype]
+    header, data = {}, b""
+    for name, a in tensors.items():
+        b = a.astype(raw).tobytes()
+        if dtype == "BF16":  # the high halves of the float32s
+            b = np.frombuffer(b, np.uint16)[1::2].tobytes()
+        if name == _POISON:
+            at = 7 * len(bits)
+            b = b[:at] + bits + b[at + len(bits) :]
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(a.shape),
+            "data_offsets": [len(data), len(data) + len(b)],
+        }
+        data += b
+    blob = json.dumps(header).encode()
+    (d / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    with pytest.raises(ModelLoadError) as e:
+        LLM(str(d), backend="cpu")
+    assert f"tensor {_POISON} holds NaN or Inf values" in one_line_error(e.value, str(d))
+
+
+@pytest.mark.parametrize(
+    "kind,field",  # field: the byte offset in a block of the fp16 value spoiled (None: a float tensor's value)
+    [("F32", None), ("F16", None), ("BF16", None), ("Q8_0", 0), ("Q4_0", 0), ("Q4_1", 2), ("Q4_K", 2),
+     ("Q6_K", 208)],
+)  # fmt: skip
+def test_nonfinite_gguf_weight_is_refused(tmp_path: Path, kind: str, field: int | None):
+    """The same rule for a GGUF: float tensors by their values, packed blocks by their fp16 scales (d, m / dmin:
+    a NaN or Inf one makes its block's values so), read without dequantizing the matrix."""
+    from lserve_lite.weights.loader import load_model
+
+    path = _poisoned_gguf(tmp_path / "m.gguf", kind, field)
+    with pytest.raises(ModelLoadError) as e:
+        load_model(path)
+    what = "NaN or Inf values" if field is None else "a NaN or Inf block scale"
+    assert f"tensor {_POISON} holds {what}" in one_line_error(e.value, path.name)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf, 65504.0, -65504.0, 6e-8, -0.0])
+def test_finite_reads_fp16_exponents(value: float):
+    """`finite` reads float16 values and packed blocks' fp16 scales by their exponent bits (float16 min / max took
+    2 s per 135M values): only Inf and NaN fail, the largest and the subnormal values pass."""
+    from lserve_lite.weights.qtensor import QuantTensor, finite
+
+    want = bool(np.isfinite(value))
+    w = np.ones((3, 64), np.float16)
+    w[2, 63] = value
+    blocks = np.zeros((3, 2, 34), np.uint8)  # q8_0: d (fp16), then 32 int8
+    blocks[2, 1, :2] = np.array([value], "<f2").view(np.uint8)
+    assert finite(w) is want and finite(QuantTensor("q8_0", (3, 64), blocks.reshape(3, 68))) is want
+
+
+def test_convert_refuses_a_nonfinite_gguf_weight(tmp_path: Path):
+    """`convert` wrote the NaN weights out (a float32 copy of the model) that loading then refused; it names the GGUF
+    tensor and leaves nothing behind."""
+    from lserve_lite.weights.gguf_import import convert_gguf
+
+    path = _poisoned_gguf(tmp_path / "m.gguf", "Q4_1", 2)
+    with pytest.raises(ModelLoadError) as e:
+        convert_gguf(path, tmp_path / "out", progress=False)
+    assert "tensor blk.1.ffn_up.weight holds NaN or Inf values" in one_line_error(e.value, path.name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def _poisoned_gguf(path: Path, kind: str, field: int | None) -> Path:
+    """A tiny GGUF whose blk.1.ffn_up.weight (of type `kind`) holds one non-finite value (`field` None) or, at byte
+    `field` of its second row's second block, one non-finite fp16 scale."""
+    import gguf
+    from test_gguf_import import write_tiny_gguf
+
+    write_tiny_gguf(path, types={"ffn_up": kind}, hidden=256, ffn=512, head_dim=64)
+    t = read_gguf(path)[1]["blk.1.ffn_up.weight"]
+    raw = bytearray(path.read_bytes())
+    at = bytes(raw).index(bytes(t.data))
+    if field is None:
+        bits = {"F32": struct.pack("<f", float("-inf")), "F16": _NOT_FINITE["nan"], "BF16": b"\xc0\x7f"}[kind]
+    else:
+        bits = _NOT_FINITE["inf"]
+        at += t.data.shape[1] + 1 * gguf.GGML_QUANT_SIZES[t.ggml_type][1] + field  # row 1, block 1
+    raw[at : at + len(bits)] = bits
+    path.write_bytes(bytes(raw))
+    return path
 
 
 # ------------------------------------------------------------------------------------------- GGUF metadata

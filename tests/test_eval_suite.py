@@ -223,6 +223,18 @@ def test_eval_cli_end_to_end(tiny, tmp_path):
     )
 
 
+def test_eval_records_a_relative_model_by_its_folder(tiny, tmp_path, monkeypatch):
+    """`lserve-lite eval --model .` recorded the model as "" (`Path(".").name`); calibrate did the same."""
+    from lserve_lite.cli import main
+
+    monkeypatch.chdir(tiny)
+    out = tmp_path / "r"
+    rc = main(["eval", "--model", ".", "--backend", "cpu", "--lengths", "512", "--samples", "1",
+               "--tasks", "niah_single_numbers", "--configs", "dense", "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    assert json.loads(out.with_suffix(".json").read_text())["model"] == tiny.name
+
+
 def test_eval_pattern_is_read_as_the_other_commands_read_it(tmp_path, monkeypatch, capsys):
     """`lserve-lite eval --pattern=~/p.tsv` (no shell expands that ~) was not found where `serve` and the sweep tools
     find it, and a missing pattern was refused only after the run's prompts were built: the parser's existing_file,

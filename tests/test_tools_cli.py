@@ -454,3 +454,18 @@ def test_eval_ppl_text_shorter_than_the_length_is_one_error_line(tiny_model, tmp
     assert (
         capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --lengths 256: the text has only")
     )
+
+
+def test_results_name_a_relative_model_by_its_folder(tiny_model, monkeypatch):
+    """`bench_cpu --model .` (run inside the model's folder) recorded the model as "" (`Path(".").name`), as did
+    the other tools that record a model's folder; the absolute path's name is recorded."""
+    import bench_cpu
+    import bench_prefix_cache
+
+    monkeypatch.setattr(bench_cpu, "bench_prefill", lambda *a: {})
+    monkeypatch.setattr(bench_cpu, "bench_decode", lambda *a: {})
+    monkeypatch.chdir(tiny_model)
+    assert bench_cpu.bench_model(".", 1)["model"] == "tiny-llama"
+    assert bench_prefix_cache.model_name(".") == "tiny-llama"
+    monkeypatch.chdir(tiny_model / "..")
+    assert bench_prefix_cache.model_name("tiny-llama/") == "tiny-llama"

@@ -39,7 +39,7 @@ from lserve_lite.config import KV_DTYPES
 from lserve_lite.engine_args import bounded_int, choice_list, existing_file, results_folder
 from lserve_lite.errors import InvalidRequestError, exit_status
 from lserve_lite.weights.default_model import default_gguf_path, default_model_dir
-from lserve_lite.weights.loader import resolve_model_dir
+from lserve_lite.weights.loader import path_name, resolve_model_dir
 
 
 def llama_cpp(
@@ -189,7 +189,7 @@ def bench_model(model: str | None, steps: int, kv_dtype: str = "auto") -> dict:
         "decode_ctx512": bench_decode(llm, 512, steps),
         "decode_ctx2048": bench_decode(llm, 2048, steps),
     }
-    return {"model": llm.engine.model_dir.name, "weight_bytes": weight_bytes(llm), "results": rows}
+    return {"model": path_name(llm.engine.model_dir), "weight_bytes": weight_bytes(llm), "results": rows}
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ from lserve_lite.config import MAX_MODEL_LEN, MAX_NUM_SEQS
 from lserve_lite.engine_args import bounded_int, existing_file, output_file
 from lserve_lite.errors import exit_status
 from lserve_lite.evaluation.synthetic import corpus_text
+from lserve_lite.weights.loader import path_name
 
 DOC_ROOM = 512  # doc: context beyond the document, for a question and the reply
 
@@ -71,7 +72,7 @@ def conversation(llm: LLM, tokens: int, trial: int) -> list[dict]:
 
 def model_name(model: str | None) -> str:
     """The model as results name it: its folder or file name, never a path of the machine that ran it."""
-    return Path(model).name if model else "default SmolLM2-135M-Instruct"
+    return path_name(model) if model else "default SmolLM2-135M-Instruct"
 
 
 def bench_chat(args) -> dict:

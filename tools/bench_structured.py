@@ -46,7 +46,7 @@ def main() -> None:
         require_gpu("bench_structured.py --gpu")
     from lserve_lite.backends.reference.sampling import allowed_tokens
     from lserve_lite.engine.structured import Grammars
-    from lserve_lite.weights.loader import load_model, resolve_model_dir
+    from lserve_lite.weights.loader import load_model, path_name, resolve_model_dir
 
     loaded = load_model(resolve_model_dir(args.model), None)
     cfg, tok = loaded.cfg, loaded.tokenizer
@@ -78,7 +78,7 @@ def main() -> None:
             apply_s.append(t2 - t1)
             steps += 1
     report = {
-        "model": Path(resolve_model_dir(args.model)).name, "vocab": cfg.vocab_size, "reply_tokens": len(ids),
+        "model": path_name(resolve_model_dir(args.model)), "vocab": cfg.vocab_size, "reply_tokens": len(ids),
         "tokens_timed": steps, "llguidance_tokenizer_build_ms": round(t_tok * 1e3, 1),
         "grammar_compile_ms_median": round(float(np.median(compile_s)) * 1e3, 2),
         "mask_and_consume_us_median": round(float(np.median(mask_s)) * 1e6, 1),

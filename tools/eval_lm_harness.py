@@ -28,6 +28,7 @@ import numpy as np
 
 from lserve_lite.engine_args import output_file
 from lserve_lite.errors import exit_status
+from lserve_lite.weights.loader import path_name
 
 QUESTIONS = [
     ("The capital of France is", [" Paris", " Berlin", " Madrid", " Rome"], 0),
@@ -215,7 +216,7 @@ def main() -> int:
         np.mean([first_letter(t) == "ABCD"[a] for t, (_, _, a) in zip(chat_direct, QUESTIONS)])
     )
     report = {
-        "model": Path(llm.engine.model_dir).name, "backend": args.backend, "questions": len(QUESTIONS),
+        "model": path_name(llm.engine.model_dir), "backend": args.backend, "questions": len(QUESTIONS),
         "acc_lm_eval_server": acc_server, "acc_direct_llm": acc_direct, "max_abs_loglikelihood_diff": diff,
         "chat_acc_lm_eval_server": acc_chat_server, "chat_acc_direct_llm": acc_chat_direct,
         "chat_replies_identical": sum(a == b for a, b in zip(chat_server, chat_direct)),

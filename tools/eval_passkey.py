@@ -31,6 +31,7 @@ from lserve_lite.evaluation.eval_args import MAX_SAMPLES, add_sweep_args
 from lserve_lite.evaluation.plotting import finish_figure, load_result, pyplot, save_result
 from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs, refuse_past_context
 from lserve_lite.evaluation.synthetic import PasskeySample, passkey_sample
+from lserve_lite.weights.loader import path_name
 
 
 def passed(text: str, passkey: str) -> bool:
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         name: {str(n): float(np.mean([r["pass"][name] for r in rows if r["length"] == n])) for n in lengths}
         for name in configs
     }
-    model_name = Path(runner.model_dir).name
+    model_name = path_name(runner.model_dir)
     result = {
         "tool": "eval_passkey", "model": model_name, "kv_dtype": args.kv_dtype, "mode": args.mode,
         "pattern": args.pattern or "bundled",

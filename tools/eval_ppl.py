@@ -30,6 +30,7 @@ from lserve_lite.evaluation.eval_args import add_sweep_args
 from lserve_lite.evaluation.plotting import finish_figure, load_result, pyplot, save_result
 from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs, refuse_past_context
 from lserve_lite.evaluation.synthetic import corpus_text
+from lserve_lite.weights.loader import path_name
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 eval_length(r, h, names, ids[:n], args.decode_tokens, lambda s: print(s, flush=True))
             )
     result = {
-        "tool": "eval_ppl", "model": Path(r.model_dir).name, "quantize": r.quantize, "kv_dtype": args.kv_dtype, "mode": args.mode,
+        "tool": "eval_ppl", "model": path_name(r.model_dir), "quantize": r.quantize, "kv_dtype": args.kv_dtype, "mode": args.mode,
         "pattern": args.pattern or "bundled",
         "text": {"source": "corpus_text(): stdlib module docstrings + LICENSE.txt", "tokens": len(ids),
                  "sha256": hashlib.sha256(text.encode()).hexdigest(), "python": platform.python_version()},

@@ -31,7 +31,7 @@ from lserve_lite.evaluation.synthetic import corpus_text
 from lserve_lite.geometry import pages_for
 from lserve_lite.kv.quant import FORMATS, dequantize, quantize
 from lserve_lite.llm import LLM
-from lserve_lite.weights.loader import load_config, load_tokenizer, resolve_model_dir
+from lserve_lite.weights.loader import load_config, load_tokenizer, path_name, resolve_model_dir
 
 Quantizer = Callable[[np.ndarray], np.ndarray]  # [T, D] float64 -> its dequantized values
 
@@ -174,7 +174,7 @@ def measure(model: str | None, context: int, steps: int, page: int = 64) -> dict
     h.end(seq)
     rows = {n: {"mean": float(np.mean(e)), "p90": float(np.percentile(e, 90)), "max": float(np.max(e))}
             for n, e in errors.items()}  # fmt: skip
-    return {"model": Path(llm.engine.model_dir).name, "context": context, "decode_steps": steps,
+    return {"model": path_name(llm.engine.model_dir), "context": context, "decode_steps": steps,
             "layers": llm.engine.cfg.num_layers, "relative_error": rows}  # fmt: skip
 
 
@@ -201,7 +201,7 @@ def perplexity(model: str | None, context: int, names: list[str], chunk: int = 1
         h.end(seq)
         out[name] = float(np.exp(np.mean(nll)))
         print(f"  {name:46s} perplexity {out[name]:.3f}", flush=True)
-    return {"model": Path(llm.engine.model_dir).name, "context": context, "chunk": chunk, "perplexity": out}
+    return {"model": path_name(llm.engine.model_dir), "context": context, "chunk": chunk, "perplexity": out}
 
 
 def check_inputs(model: str | None, context: int, steps: int, ppl: bool) -> None:

@@ -28,7 +28,7 @@ from ..errors import InvalidRequestError, LServeError
 from ..kv.layout import KVMemoryError
 from ..llm import LLM
 from ..sparse.patterns import head_classes, save_pattern
-from ..weights.loader import load_config, resolve_model_dir
+from ..weights.loader import load_config, path_name, resolve_model_dir
 from .calibrate_args import BOUNDS
 from .harness import SparseHarness, int_in
 from .synthetic import PasskeySample, corpus_text, passkey_sample
@@ -197,7 +197,7 @@ def calibrate(
     gates = score / score.max() if score.max() > 0 else np.ones_like(score)
     info = {
         "method": "per-head streaming ablation on synthetic passkey samples (docs/SPARSE.md)",
-        "model": Path(llm.engine.model_dir).name,  # its name, not this machine's path (as eval)
+        "model": path_name(llm.engine.model_dir),  # its name, not this machine's path (as eval)
         "score": "mean KL(dense || head-streaming) over answer tokens; gate = score / max(score)",
         "num_samples": num_samples, "lengths": lengths, "sink": sink, "local": local, "tail": tail,
         "seed": seed, "samples": per_sample,

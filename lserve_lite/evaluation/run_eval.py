@@ -25,6 +25,7 @@ import numpy as np
 
 from ..config import Throttled, write_text_atomic
 from ..errors import InvalidRequestError
+from ..weights.loader import path_name
 from . import ruler
 from .eval_args import stem_file
 from .plotting import finish_figure, load_result, pyplot
@@ -141,7 +142,7 @@ def evaluate(args: argparse.Namespace, log=print, clock=time.perf_counter) -> di
     outs: list[dict] = [{} for _ in range(total)]
     out = Path(args.out)
     stem_file(out, ".json").parent.mkdir(parents=True, exist_ok=True)
-    result = {"tool": TOOL, "model": Path(r.model_dir).name, "date": date.today().isoformat(),
+    result = {"tool": TOOL, "model": path_name(r.model_dir), "date": date.today().isoformat(),
               "configs": {k: config_dict(v) for k, v in configs.items()}, "shared_dense": args.shared_dense,
               "quantize": r.quantize, "kv_dtype": args.kv_dtype,
               "tasks": tasks, "lengths": lengths, "samples_per_task": args.samples, "seed": args.seed,

@@ -27,6 +27,7 @@ from ..errors import ModelLoadError
 from ..sampling_params import is_int
 from .gguf_reader import _one_line, read_gguf
 from .gguf_tokenizer import check_tokenizer_metadata, tokenizer_files
+from .qtensor import check_finite
 
 # Types the kernels run in their blocks (weights/qtensor.LAYOUTS), F32 / F16, and types read as float32 through the
 # gguf package's dequantization at load (no kernel of theirs: 2-8x the memory of their blocks; llama.cpp's Q4_K_M
@@ -432,6 +433,7 @@ def _write_weights(tensors: dict, cfg: dict[str, Any], src: Path, out: Path, pro
                     arrays[hf_name(name)] = dequantized(tensors[name], cfg)
                 except (ValueError, TypeError, NotImplementedError) as e:
                     raise ModelLoadError(f"{src}: cannot read tensor {name!r} ({_one_line(e)})") from None
+                check_finite(arrays[hf_name(name)], name, src)  # the converted model would be refused at load
                 bar.update(1)
             for k, a in arrays.items():
                 weight_map[k] = fname

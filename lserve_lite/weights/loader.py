@@ -15,9 +15,9 @@ from ..config import ModelConfig, read_json_object, token_ids
 from ..errors import ModelLoadError
 from ..tokenizer import Tokenizer
 from .gguf_weights import float_projections, gguf_config, gguf_model, gguf_tokenizer
-from .qtensor import QuantTensor
+from .qtensor import QuantTensor, check_finite
 from .quantize import quantize_weights
-from .safetensors_io import SafetensorsFile
+from .safetensors_io import FLOAT_DTYPES, SafetensorsFile
 
 
 @dataclass
@@ -48,11 +48,14 @@ def load_model(path: Path, quantize: str | None = None) -> LoadedModel:
         cfg = load_config(path)
         weights = load_weights(path, cfg)
         model = LoadedModel(_own_head(cfg, weights), Tokenizer(path), weights)
+    # quantizing refuses a NaN / Inf matrix itself; its packed copy is then checked cheaply
     if quantize:
         try:
             model.weights = quantize_weights(model.weights, quantize)
         except ValueError as e:
             raise ModelLoadError(f"{path}: cannot quantize to {quantize} ({e})") from None
+    for name, w in model.weights.items():
+        check_finite(w, name, path)
     return model
 
 
@@ -78,10 +81,16 @@ def model_name(path: Path) -> str:
 
     path = Path(os.path.abspath(path))
     if not _is_gguf(path):
-        return path.name
+        return path_name(path)
     if path.name == GGUF_NAME:
         return MODEL_NAME
     return path.stem if path.suffix.lower() == ".gguf" else path.name
+
+
+def path_name(path: str | Path) -> str:
+    """The name of a model's directory or file, as results record it: its absolute path's last part, without
+    following links (`Path(".").name` is "", so `--model .` was recorded nameless)."""
+    return Path(os.path.abspath(path)).name
 
 
 def _own_head(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> ModelConfig:
@@ -213,12 +222,18 @@ def load_weights(model_dir: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
     for name, fname in wm.items():
         if name not in owner or owner[name].path.name != Path(fname).name:
             raise ModelLoadError(f"{model_dir / 'model.safetensors.index.json'}: {name} is not in {fname}")
-    _check({name: f.shape_of(name) for name, f in owner.items()}, cfg, model_dir)
+    used = _check({name: f.shape_of(name) for name, f in owner.items()}, cfg, model_dir)
+    for name in used:  # an integer one loaded and ran as its raw integers (all-zero tokens from an I64 norm)
+        if (dtype := owner[name].dtype_of(name)) not in FLOAT_DTYPES:
+            raise ModelLoadError(
+                f"{owner[name].path}: tensor {name} has dtype {dtype}; a weight must be one of {', '.join(FLOAT_DTYPES)}"
+            )
     return {name: f.get(name) for name, f in owner.items()}
 
 
-def _check(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, where: Path) -> None:
-    """config.json against the headers' real tensors: the layer count first, then every expected shape."""
+def _check(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, where: Path) -> list[str]:
+    """config.json against the headers' real tensors: the layer count first, then every expected shape. The
+    names of the tensors the forward uses."""
     layers = {n.split(".")[2] for n in shapes if n.startswith("model.layers.") and n.count(".") > 2}
     if cfg.num_layers != len(layers):
         got = f"num_hidden_layers is {cfg.num_layers}, the weights hold {len(layers)} layers"
@@ -257,3 +272,4 @@ def _check(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, where: Path) ->
             raise ModelLoadError(
                 f"{where}: tensor {name} has shape {shapes[name]}, config.json implies {shape}"
             )
+    return list(want)

@@ -24,9 +24,12 @@ nibbles 2j + 1). So int4 is q4_0 with blocks of 128 and one nibble decoder reads
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..errors import ModelLoadError
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ class BlockLayout:
     block_bytes: int
     row_head: int = 0
     ggml_type: int | None = None  # gguf.GGMLQuantizationType value for the GGUF formats
+    # byte offsets of a block's fp16 fields (d, m / dmin), or of the row head's for int8; the rest are integers
+    fp16_fields: tuple[int, ...] = (0,)
 
     def row_bytes(self, in_features: int) -> int:
         return self.row_head + in_features // self.block * self.block_bytes
@@ -48,9 +53,9 @@ class BlockLayout:
 LAYOUTS: dict[str, BlockLayout] = {
     "q8_0": BlockLayout(32, 34, ggml_type=8),
     "q4_0": BlockLayout(32, 18, ggml_type=2),
-    "q4_1": BlockLayout(32, 20, ggml_type=3),
-    "q4_k": BlockLayout(256, 144, ggml_type=12),
-    "q6_k": BlockLayout(256, 210, ggml_type=14),
+    "q4_1": BlockLayout(32, 20, ggml_type=3, fp16_fields=(0, 2)),
+    "q4_k": BlockLayout(256, 144, ggml_type=12, fp16_fields=(0, 2)),
+    "q6_k": BlockLayout(256, 210, ggml_type=14, fp16_fields=(208,)),
     "int8": BlockLayout(32, 32, row_head=2),
     "int4": BlockLayout(128, 66),
 }
@@ -138,6 +143,39 @@ class RowStack:
 
 
 Weight = np.ndarray | QuantTensor | RowStack
+
+
+def finite(w: np.ndarray | QuantTensor) -> bool:
+    """Whether every value of a weight is finite (a NaN or Inf one makes every output NaN), without a float copy:
+    float32 by its min and max (NaN propagates); float16 values and the fp16 fields of packed blocks by their
+    exponent bits (the other fields of a block are bounded integers), as NumPy's float16 min / max ran 30x
+    slower than float32's."""
+    if isinstance(w, QuantTensor):
+        lay = w.layout
+        if lay.row_head:
+            fields = w.data[:, : lay.row_head]
+        else:
+            fields = w.data.reshape(w.shape[0], w.shape[1] // lay.block, lay.block_bytes)
+        return not any(_fp16_nonfinite(fields[..., at + 1]) for at in lay.fp16_fields)
+    if w.dtype == np.float16:
+        return not _fp16_nonfinite(np.ascontiguousarray(w).reshape(-1).view(np.uint16))
+    return w.size == 0 or bool(np.isfinite(w.min()) and np.isfinite(w.max()))
+
+
+def _fp16_nonfinite(bits: np.ndarray) -> bool:
+    """Whether any fp16 value has its exponent bits all ones (Inf or NaN): `bits` the values as uint16, or their
+    high bytes as uint8; a few MB at a time along the first axis, so the temporaries stay small."""
+    exponent = 0x7C << 8 * (bits.itemsize - 1)
+    step = max(1, (1 << 22) // max(1, math.prod(bits.shape[1:])))
+    return any(np.any((bits[i : i + step] & exponent) == exponent) for i in range(0, len(bits), step))
+
+
+def check_finite(w: np.ndarray | QuantTensor, name: str, where: object) -> None:
+    """ModelLoadError naming the tensor unless `finite(w)`, at load on every backend and in `convert`: a NaN or Inf
+    weight made every logit NaN, which the CPU backend sampled as garbage tokens."""
+    if not finite(w):
+        what = "a NaN or Inf block scale" if isinstance(w, QuantTensor) else "NaN or Inf values"
+        raise ModelLoadError(f"{where}: tensor {name} holds {what} (a damaged or badly converted model file)")
 
 
 def stored_bytes(w: Weight, float_itemsize: int) -> int:

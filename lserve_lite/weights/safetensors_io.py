@@ -15,6 +15,7 @@ from ..config import lfs_pointer_error
 from ..errors import ModelLoadError
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32, "I64": np.int64}
+FLOAT_DTYPES = ("F32", "F16", "BF16")  # what a model weight may be stored as
 # Every dtype of the safetensors format, with its size: known ones are checked, unsupported ones refused at get.
 _ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
              "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}  # fmt: skip
@@ -68,6 +69,9 @@ class SafetensorsFile:
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         return self.meta[name].shape
+
+    def dtype_of(self, name: str) -> str:
+        return self.meta[name].dtype
 
     def get(self, name: str) -> np.ndarray:
         """Tensor as stored (bf16 as float32, exact)."""
