@@ -414,6 +414,40 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _NESTED = (dict, list)
 
 
+# JSON values a valid body holds besides its prompt: stop strings and ids, logit_bias, a response format's schema
+BODY_EXTRA_VALUES = 1 << 16
+# what `check_body_size` counts: the bytes that open or follow each such value (those in strings too)
+_BODY_BYTES = {"JSON arrays and objects": b"[{", "JSON object members": b":", "JSON values": b",:[{"}
+
+
+def body_limits(max_len: int, prompt_chars: int) -> dict[str, int]:
+    """The most JSON values, containers (arrays, objects) and object members a valid request holds for a model of
+    context `max_len` whose prompts are limited to `prompt_chars` characters: MAX_CHOICES prompts of token ids or
+    that many characters (each at most one separator inside a string; tools' JSON, counted in them, spends 2 a
+    container and 4 a member), and BODY_EXTRA_VALUES more of each."""
+    return {  # the costliest to parse first (checked in this order): containers, members, then any value
+        "JSON arrays and objects": MAX_CHOICES + prompt_chars // 2 + BODY_EXTRA_VALUES,
+        "JSON object members": prompt_chars // 4 + BODY_EXTRA_VALUES,
+        "JSON values": MAX_CHOICES * max_len + prompt_chars + BODY_EXTRA_VALUES,
+    }
+
+
+def check_body_size(raw: bytes, limits: dict[str, int]) -> None:
+    """413 for a body of more JSON values, containers or members than `body_limits` lets a valid request hold,
+    before it is parsed: parsing holds the GIL, and 2.7M empty lists (8 MiB) stalled every stream 2 s. Counted over
+    the bytes in C: a container opens with `[` or `{`, a member's value follows a `:`, any other value a `,` or its
+    container's opening (those in strings count too: an upper bound); a body of fewer bytes holds fewer values."""
+    if len(raw) <= min(limits.values()):
+        return
+    for what, limit in limits.items():
+        count = sum(raw.count(c) for c in _BODY_BYTES[what])
+        if count > limit:
+            raise ApiError(
+                413,
+                f"the request body holds up to {count} {what}; a valid request to this model holds at most {limit}",
+            )
+
+
 def decode(raw: bytes) -> dict:
     """Bytes to a JSON object: malformed (raw surrogate bytes included), non-standard (NaN), too deep or
     surrogate-holding bodies are 400. Little Python work per value (walking every value of a wide 8 MiB body took
