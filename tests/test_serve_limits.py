@@ -48,7 +48,7 @@ def post(c: TestClient, body: dict | str | bytes, chat: bool = False):
 @pytest.mark.parametrize(
     "field,value",
     [
-        ("max_tokens", True), ("max_tokens", 2.0), ("max_tokens", "4"), ("temperature", "0"),
+        ("max_tokens", True), ("max_tokens", 2.5), ("max_tokens", "4"), ("temperature", "0"),
         ("temperature", True), ("top_p", False), ("top_k", True), ("seed", 1.5), ("seed", 2**64),
         ("stream", "yes"), ("stream", 1), ("ignore_eos", 1), ("stop", [1]), ("stop", [True]),
         ("stop_token_ids", [True]), ("stop_token_ids", "2"), ("n", True), ("model", 5),
@@ -59,6 +59,29 @@ def test_strict_types(client, field, value):
     for chat in (False, True):
         body = {"max_tokens": 2} | ({"messages": MSGS} if chat else {"prompt": "hi"}) | {field: value}
         assert error(post(client, body, chat))["param"] == field
+
+
+def test_integer_parameters_take_whole_floats_as_vllm_does(client):
+    """`max_tokens: 2.0` was refused; vLLM (pydantic's lax mode) takes a whole float for every integer parameter.
+    So does this server, on both endpoints; a fraction, a boolean or a string is still refused naming the field."""
+    whole = {"max_tokens": 2.0, "n": 2.0, "seed": 7.0, "top_k": -1.0, "min_tokens": 1.0, "best_of": 2.0}
+    for base, ints, chat in (
+        ({"prompt": "hi"}, whole | {"logprobs": 1.0}, False),
+        (
+            {"messages": MSGS, "logprobs": True},
+            whole | {"top_logprobs": 2.0, "max_completion_tokens": 2.0},
+            True,
+        ),
+    ):
+        r = post(client, base | ints, chat)
+        assert r.status_code == 200, r.text
+        choices = r.json()["choices"]
+        assert len(choices) == 2 and all(c["finish_reason"] == "length" for c in choices), choices
+        for field in ints:
+            for bad in (2.5, True, "2"):
+                assert error(post(client, base | ints | {field: bad}, chat))["param"] == field, (field, bad)
+    msg = error(post(client, {"prompt": "hi", "max_tokens": 2.5}))["message"]
+    assert msg == "max_tokens: Input should be a valid integer, got a number with a fractional part", msg
 
 
 @pytest.mark.parametrize(
