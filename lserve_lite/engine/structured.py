@@ -22,6 +22,11 @@ JSON_OPTIONS = {"whitespace_flexible": False}
 # n candidates or a client's repeated requests share their schema. At most 16, and the
 # newest only past 2^21 characters of schemas in all (a 1 MB schema's matcher holds ~50 MB; copies share it).
 CACHED_SCHEMAS, CACHED_CHARS = 16, 1 << 21
+# llguidance reads a schema's numeric bounds as float64 and builds integer ranges in int64: a bound past 2^53 is not
+# held exactly, and past int64 it saturates (an integer range at int64's minimum crashed the whole process, one
+# past its maximum allowed values out of the range). Bounds past this are refused.
+MAX_BOUND = 1 << 53
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
 
 class Grammars:
@@ -70,6 +75,7 @@ class Grammars:
             raise InvalidRequestError(f"response_format: invalid JSON schema ({_one_line(e)})") from None
         built = self._built.get(text)
         if built is None:
+            _check_bounds(schema)
             built = self._build(llg, text)
             self._built[text] = built
             while len(self._built) > 1 and (
@@ -102,6 +108,26 @@ class Grammars:
         words = (self.vocab_size + 31) // 32
         mask = np.frombuffer(raw, np.int32)
         return mask[:words] if mask.size >= words else np.pad(mask, (0, words - mask.size))
+
+
+def _check_bounds(schema: object) -> None:
+    """A one-line InvalidRequestError for a numeric bound past MAX_BOUND anywhere in `schema` (whatever the type
+    beside it: an integer range comes of a `number` schema's bounds under an `anyOf` of integers too); walked
+    without recursion."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key in _BOUNDS:
+                v = node.get(key)
+                if type(v) in (int, float) and not -MAX_BOUND <= v <= MAX_BOUND:
+                    raise InvalidRequestError(
+                        f"response_format: a {key} is out of range: a schema's bounds must be within +-2^53 "
+                        f"({MAX_BOUND}), which llguidance holds exactly"
+                    )
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def advance(seq: Sequence, token: int) -> bool:
