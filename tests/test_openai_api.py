@@ -176,11 +176,11 @@ def test_boolean_json_schemas(llm):
         llm.generate("x", SamplingParams(response_format=fmt | {"json_schema": {"schema": False}}))
 
 
-def test_schema_bounds_past_2_53_are_refused(llm):
+def test_schema_bounds_past_2_53(llm):
     """llguidance holds a schema's bounds as float64 and its integer ranges in int64: an integer range at int64's
     minimum crashed the whole process (a segfault: every request lost), bounds past its maximum gave replies out of
-    the range ("9223372036854775807" for a minimum of 1e30). A bound past 2^53, anywhere in the schema, is refused
-    in one line; those within are kept exactly."""
+    the range ("9223372036854775807" for a minimum of 1e30). A bound past 2^53 that narrows the range, anywhere in
+    the schema, is refused in one line; one that only widens it (an int64 or uint64 type's) is pulled in to 2^53."""
     big = 10**30
     for schema in (
         {
@@ -190,22 +190,28 @@ def test_schema_bounds_past_2_53_are_refused(llm):
         },  # answered 9223372036854775807, finish "stop"
         {"type": "integer", "minimum": -big, "maximum": -big + 2},  # crashed the process
         {"type": "number", "anyOf": [{"type": "integer"}], "minimum": 2 - 2**63, "maximum": 3 - 2**63},  # too
-        {"type": "object", "properties": {"a": {"type": "integer", "exclusiveMaximum": 2.0**64}}},
+        {"type": "object", "properties": {"const": {"type": "integer", "exclusiveMaximum": -(2.0**64)}}},
     ):
         fmt = {"type": "json_schema", "json_schema": {"schema": schema}}
         with pytest.raises(InvalidRequestError, match=r"^response_format: a \w+ is out of range"):
             llm.generate("x", SamplingParams(max_new_tokens=30, response_format=fmt))
     low = -(2**53)
-    fmt = {
-        "type": "json_schema",
-        "json_schema": {"schema": {"type": "integer", "minimum": low, "maximum": low + 2}},
-    }
-    outs = llm.generate(
-        ["x"] * 3, SamplingParams(temperature=0.9, seed=1, max_new_tokens=30, response_format=fmt)
-    )
-    assert all(o.finish_reason == "stop" and low <= int(o.text) <= low + 2 for o in outs), [
-        o.text for o in outs
-    ]
+    for schema, lo, hi in (
+        (
+            {"type": "integer", "minimum": low, "maximum": low + 2},
+            low,
+            low + 2,
+        ),  # bounds within: kept exactly
+        ({"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}, low, -low),  # int64 (a 400 before)
+        ({"type": "integer", "minimum": -big, "maximum": -5}, low, -5),
+        ({"type": "integer", "minimum": 0, "maximum": 2**64 - 1}, 0, -low),  # uint64
+    ):
+        fmt = {"type": "json_schema", "json_schema": {"schema": schema}}
+        sp = SamplingParams(temperature=0.9, seed=1, max_new_tokens=30, response_format=fmt)
+        outs = llm.generate(["x"] * 3, sp)
+        assert all(o.finish_reason == "stop" and lo <= int(o.text) <= hi for o in outs), [
+            o.text for o in outs
+        ]
     assert not llm.engine.has_unfinished()
 
 

@@ -24,9 +24,17 @@ JSON_OPTIONS = {"whitespace_flexible": False}
 CACHED_SCHEMAS, CACHED_CHARS = 16, 1 << 21
 # llguidance reads a schema's numeric bounds as float64 and builds integer ranges in int64: a bound past 2^53 is not
 # held exactly, and past int64 it saturates (an integer range at int64's minimum crashed the whole process, one
-# past its maximum allowed values out of the range). Bounds past this are refused.
+# past its maximum allowed values out of the range). A bound past this that only widens the range (an int64 or
+# uint64 type's) is pulled in to it, a narrower range of valid values; one that narrows it is refused.
 MAX_BOUND = 1 << 53
-_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+_LOWER, _UPPER = ("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")
+_DATA = (
+    "const",
+    "enum",
+    "default",
+    "examples",
+)  # keywords that hold values, not schemas: their bounds are data
+_NAMED = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")  # names -> schemas
 
 
 class Grammars:
@@ -75,8 +83,7 @@ class Grammars:
             raise InvalidRequestError(f"response_format: invalid JSON schema ({_one_line(e)})") from None
         built = self._built.get(text)
         if built is None:
-            _check_bounds(schema)
-            built = self._build(llg, text)
+            built = self._build(llg, _held_bounds(text))
             self._built[text] = built
             while len(self._built) > 1 and (
                 len(self._built) > CACHED_SCHEMAS or sum(map(len, self._built)) > CACHED_CHARS
@@ -110,24 +117,34 @@ class Grammars:
         return mask[:words] if mask.size >= words else np.pad(mask, (0, words - mask.size))
 
 
-def _check_bounds(schema: object) -> None:
-    """A one-line InvalidRequestError for a numeric bound past MAX_BOUND anywhere in `schema` (whatever the type
-    beside it: an integer range comes of a `number` schema's bounds under an `anyOf` of integers too); walked
-    without recursion."""
-    stack = [schema]
+def _held_bounds(text: str) -> str:
+    """A schema's JSON text with every bound past MAX_BOUND that only widens its range pulled in to MAX_BOUND (a
+    minimum below -2^53, a maximum above 2^53); a one-line InvalidRequestError for one that narrows it (a minimum
+    above 2^53, a maximum below -2^53, NaN), which llguidance cannot hold. Whatever the type beside a bound (an integer
+    range comes of a `number` schema's bounds under an `anyOf` of integers too); walked without recursion."""
+    if "inimum" not in text and "aximum" not in text:
+        return text
+    schema = json.loads(text)
+    stack, changed = [(schema, False)], False  # (a value, whether it is a dict of names to schemas)
     while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            for key in _BOUNDS:
-                v = node.get(key)
-                if type(v) in (int, float) and not -MAX_BOUND <= v <= MAX_BOUND:
+        node, named = stack.pop()
+        if isinstance(node, list):
+            stack.extend((x, False) for x in node)
+        if not isinstance(node, dict):
+            continue
+        for key, v in node.items():
+            if named or key not in _DATA:
+                stack.append((v, not named and key in _NAMED))
+            if named or type(v) not in (int, float) or -MAX_BOUND <= v <= MAX_BOUND:
+                continue
+            if key in _LOWER or key in _UPPER:
+                if not (v < 0 if key in _LOWER else v > 0):  # it narrows the range (or is NaN)
                     raise InvalidRequestError(
-                        f"response_format: a {key} is out of range: a schema's bounds must be within +-2^53 "
-                        f"({MAX_BOUND}), which llguidance holds exactly"
+                        f"response_format: a {key} is out of range: llguidance holds bounds within +-2^53 "
+                        f"({MAX_BOUND}) exactly"
                     )
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
+                node[key], changed = MAX_BOUND if v > 0 else -MAX_BOUND, True
+    return json.dumps(schema) if changed else text
 
 
 def advance(seq: Sequence, token: int) -> bool:
