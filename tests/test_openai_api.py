@@ -215,6 +215,34 @@ def test_schema_bounds_past_2_53(llm):
     assert not llm.engine.has_unfinished()
 
 
+def test_schemas_nested_deeper_than_256_levels_through_refs_are_refused(llm):
+    """llguidance's compiler recurses on a schema's levels, $refs followed: a chain of 2,000 definitions, each an
+    array of the next (100 KB: the server's JSON nesting limit does not bound it), overflowed its stack, a segfault
+    of the whole server. Deeper than 256 levels is refused in one line; recursive schemas (a $ref back up the path)
+    and tools' parameters (refs against their own $id) still build."""
+    from lserve_lite.engine.structured import MAX_SCHEMA_DEPTH
+
+    def chain(n: int) -> dict:
+        defs = {f"d{i}": {"type": "array", "items": {"$ref": f"#/$defs/d{i + 1}"}} for i in range(n)}
+        return {"$ref": "#/$defs/d0", "$defs": defs | {f"d{n}": {"type": "integer"}}}
+
+    def fmt(schema: dict) -> dict:
+        return {"type": "json_schema", "json_schema": {"schema": schema}}
+
+    for n in (
+        MAX_SCHEMA_DEPTH // 2,
+        2000,
+    ):  # 2 levels a link (the array, its items): 258 levels, then the crash
+        with pytest.raises(InvalidRequestError, match=f"nests deeper than {MAX_SCHEMA_DEPTH} levels"):
+            llm.generate("x", SamplingParams(max_new_tokens=5, response_format=fmt(chain(n))))
+    tree = {"type": "object", "properties": {"v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#"}}},
+            "required": ["v", "kids"]}  # fmt: skip
+    for schema in (chain(MAX_SCHEMA_DEPTH // 2 - 2), tree):
+        (out,) = llm.generate("x", SamplingParams(max_new_tokens=40, response_format=fmt(schema)))
+        assert out.finish_reason in ("stop", "length"), out
+    assert not llm.engine.has_unfinished()
+
+
 # llguidance gives up on this pattern after some characters (its lexer's limit) and then allows only EOS
 GIVES_UP = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
     "type": "object", "properties": {"a": {"type": "string", "pattern": "^(.{1,1000}){1,1000}x$"}}, "required": ["a"]}}}  # fmt: skip

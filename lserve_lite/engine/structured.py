@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -35,6 +36,10 @@ _DATA = (
     "examples",
 )  # keywords that hold values, not schemas: their bounds are data
 _NAMED = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")  # names -> schemas
+# Schema levels on a path from the root, $refs followed, at most: llguidance's compiler recurses on them, and a chain
+# of ~2,000 definitions each referring to the next (a 100 KB body: JSON nesting does not bound it) overflowed its
+# stack, a segfault of the whole process. Real schemas nest a few dozen levels.
+MAX_SCHEMA_DEPTH = 256
 
 
 class Grammars:
@@ -83,6 +88,11 @@ class Grammars:
             raise InvalidRequestError(f"response_format: invalid JSON schema ({_one_line(e)})") from None
         built = self._built.get(text)
         if built is None:
+            if _depth(schema) > MAX_SCHEMA_DEPTH:
+                raise InvalidRequestError(
+                    f"response_format: the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels (its $refs "
+                    "followed), which llguidance cannot compile"
+                )
             built = self._build(llg, _held_bounds(text))
             self._built[text] = built
             while len(self._built) > 1 and (
@@ -145,6 +155,64 @@ def _held_bounds(text: str) -> str:
                     )
                 node[key], changed = MAX_BOUND if v > 0 else -MAX_BOUND, True
     return json.dumps(schema) if changed else text
+
+
+def _depth(root: object) -> int:
+    """Schema levels (objects) on the longest path from `root`, local $refs ("#/$defs/x", against the nearest
+    `$id`'s schema, as tools' parameters are) followed; a $ref back to a schema on the path (a recursive schema)
+    ends it. Walked without recursion, each schema once."""
+
+    def kids(node: object, base: object) -> Iterator[tuple[object, object]]:
+        """(subschema or list, its base) of a schema, a list or a dict of names to schemas."""
+        if isinstance(node, list):
+            yield from ((x, base) for x in node if isinstance(x, (dict, list)))
+            return
+        base = node if isinstance(node.get("$id"), str) else base
+        for key, v in node.items():
+            if key == "$ref" and isinstance(v, str) and v.startswith("#/"):
+                target = _pointer(base, v[2:])
+                if target is not None:
+                    yield target, base
+            elif key not in _DATA and isinstance(v, dict) and key in _NAMED:
+                yield from ((x, base) for x in v.values() if isinstance(x, (dict, list)))
+            elif key not in _DATA and isinstance(v, (dict, list)):
+                yield v, base
+
+    done: dict[int, int] = {}
+    # each frame: [node, its children, the deepest child so far]; `active`: ids of the nodes on the path
+    frames, active = [[root, kids(root, root), 0]], {id(root)} if isinstance(root, (dict, list)) else set()
+    if not active:
+        return 0
+    while frames:
+        frame = frames[-1]
+        child = next(frame[1], None)
+        if child is None:
+            frames.pop()
+            active.discard(id(frame[0]))
+            done[id(frame[0])] = frame[2] + isinstance(frame[0], dict)
+            if frames:
+                frames[-1][2] = max(frames[-1][2], done[id(frame[0])])
+            continue
+        node, base = child
+        if id(node) in done:
+            frame[2] = max(frame[2], done[id(node)])
+        elif id(node) not in active:
+            active.add(id(node))
+            frames.append([node, kids(node, base), 0])
+    return done[id(root)]
+
+
+def _pointer(doc: object, path: str) -> object:
+    """The dict or list at a JSON pointer's path (without its leading "/") in `doc`, else None."""
+    for part in path.split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(doc, dict):
+            doc = doc.get(part)
+        elif isinstance(doc, list) and part.isdigit() and int(part) < len(doc):
+            doc = doc[int(part)]
+        else:
+            return None
+    return doc if isinstance(doc, (dict, list)) else None
 
 
 def advance(seq: Sequence, token: int) -> bool:
