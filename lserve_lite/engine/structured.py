@@ -5,9 +5,11 @@ takes the sampled token back. llguidance is optional (the `structured` extra): R
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from decimal import Decimal
 
 import numpy as np
 
@@ -28,6 +30,10 @@ CACHED_SCHEMAS, CACHED_CHARS = 16, 1 << 21
 # past its maximum allowed values out of the range). A bound past this that only widens the range (an int64 or
 # uint64 type's) is pulled in to it, a narrower range of valid values; one that narrows it is refused.
 MAX_BOUND = 1 << 53
+# llguidance's matcher for an integer `multipleOf` grows with its value past its factors of 10 (a divisibility
+# automaton): 99991 builds in 0.8 s with SmolLM2's vocabulary, 1000003 took 8 s and 330 MB, 10000019 over a minute
+# and 2 GB, holding every constrained request (one build at a time). Real ones (0.01, 5, 1000) have a digit or two.
+MAX_MULTIPLE_DIGITS = 5
 _LOWER, _UPPER = ("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")
 _DATA = (
     "const",
@@ -93,7 +99,7 @@ class Grammars:
                     f"response_format: the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels (its $refs "
                     "followed), which llguidance cannot compile"
                 )
-            built = self._build(llg, _held_bounds(text))
+            built = self._build(llg, _held_numbers(text))
             self._built[text] = built
             while len(self._built) > 1 and (
                 len(self._built) > CACHED_SCHEMAS or sum(map(len, self._built)) > CACHED_CHARS
@@ -127,12 +133,13 @@ class Grammars:
         return mask[:words] if mask.size >= words else np.pad(mask, (0, words - mask.size))
 
 
-def _held_bounds(text: str) -> str:
+def _held_numbers(text: str) -> str:
     """A schema's JSON text with every bound past MAX_BOUND that only widens its range pulled in to MAX_BOUND (a
     minimum below -2^53, a maximum above 2^53); a one-line InvalidRequestError for one that narrows it (a minimum
-    above 2^53, a maximum below -2^53, NaN), which llguidance cannot hold. Whatever the type beside a bound (an integer
-    range comes of a `number` schema's bounds under an `anyOf` of integers too); walked without recursion."""
-    if "inimum" not in text and "aximum" not in text:
+    above 2^53, a maximum below -2^53, NaN), which llguidance cannot hold, and for a `multipleOf` past
+    MAX_MULTIPLE_DIGITS. Whatever the type beside a bound (an integer range comes of a `number` schema's bounds under
+    an `anyOf` of integers too); walked without recursion."""
+    if "inimum" not in text and "aximum" not in text and "multipleOf" not in text:
         return text
     schema = json.loads(text)
     stack, changed = [(schema, False)], False  # (a value, whether it is a dict of names to schemas)
@@ -145,9 +152,14 @@ def _held_bounds(text: str) -> str:
         for key, v in node.items():
             if named or key not in _DATA:
                 stack.append((v, not named and key in _NAMED))
-            if named or type(v) not in (int, float) or -MAX_BOUND <= v <= MAX_BOUND:
+            if named or type(v) not in (int, float):
                 continue
-            if key in _LOWER or key in _UPPER:
+            if key == "multipleOf" and _significant_digits(v) > MAX_MULTIPLE_DIGITS:
+                raise InvalidRequestError(
+                    f"response_format: a multipleOf has more than {MAX_MULTIPLE_DIGITS} significant digits: "
+                    "llguidance's matcher for it takes time and memory in its value (10000019: over a minute, 2 GB)"
+                )
+            if (key in _LOWER or key in _UPPER) and not -MAX_BOUND <= v <= MAX_BOUND:
                 if not (v < 0 if key in _LOWER else v > 0):  # it narrows the range (or is NaN)
                     raise InvalidRequestError(
                         f"response_format: a {key} is out of range: llguidance holds bounds within +-2^53 "
@@ -155,6 +167,14 @@ def _held_bounds(text: str) -> str:
                     )
                 node[key], changed = MAX_BOUND if v > 0 else -MAX_BOUND, True
     return json.dumps(schema) if changed else text
+
+
+def _significant_digits(v: int | float) -> int:
+    """Digits of a number written without its leading and trailing zeros (1000000: 1, 999.91: 5); NaN and
+    infinities count as many as an int64."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return 19
+    return len(Decimal(repr(v) if isinstance(v, float) else v).normalize().as_tuple().digits)
 
 
 def _depth(root: object) -> int:
