@@ -243,18 +243,21 @@ def test_schemas_nested_deeper_than_256_levels_through_refs_are_refused(llm):
     assert not llm.engine.has_unfinished()
 
 
-def test_a_multiple_of_more_than_5_significant_digits_is_refused(llm):
-    """llguidance's matcher for an integer multipleOf grows with its value: 1000003 took 8 s and 330 MB to build,
-    10000019 over a minute and 2 GB, while every other constrained request waited (one build at a time). More
-    than 5 significant digits is refused in one line; real multiples (0.01, 1000: a digit) are kept."""
-    from lserve_lite.engine.structured import MAX_MULTIPLE_DIGITS
+def test_a_multiple_of_more_than_5_significant_digits_or_past_10_5_is_refused(llm):
+    """llguidance's matcher for a multipleOf grows with its value: 1000003 took 8 s and 330 MB to build, 10000019
+    (or 10^7 under an exclusiveMaximum of 10^7) over a minute and 2 GB, while every other constrained request waited
+    (one build at a time). More than 5 significant digits, or past 10^5, is refused in one line; real multiples
+    (0.01, 1000: a digit) are kept."""
 
     def fmt(schema: dict) -> dict:
         return {"type": "json_schema", "json_schema": {"schema": schema}}
 
-    for multiple in (1000003, 10000019, 2**31, 123.4567):
-        with pytest.raises(InvalidRequestError, match=f"more than {MAX_MULTIPLE_DIGITS} significant digits"):
-            schema = {"type": "object", "properties": {"a": {"type": "integer", "multipleOf": multiple}}}
+    for multiple in (1000003, 10000019, 2**31, 123.4567, 10**7):
+        with pytest.raises(
+            InvalidRequestError, match="a multipleOf must be at most 100000 with at most 5 sig"
+        ):
+            a = {"type": "number", "multipleOf": multiple, "exclusiveMaximum": multiple}
+            schema = {"type": "object", "properties": {"a": a}}
             llm.generate("x", SamplingParams(max_new_tokens=5, response_format=fmt(schema)))
     for multiple, kind in ((1000, "integer"), (99991, "integer"), (0.01, "number")):
         schema = {"type": kind, "multipleOf": multiple, "minimum": 0, "maximum": 10**6}

@@ -30,10 +30,11 @@ CACHED_SCHEMAS, CACHED_CHARS = 16, 1 << 21
 # past its maximum allowed values out of the range). A bound past this that only widens the range (an int64 or
 # uint64 type's) is pulled in to it, a narrower range of valid values; one that narrows it is refused.
 MAX_BOUND = 1 << 53
-# llguidance's matcher for an integer `multipleOf` grows with its value past its factors of 10 (a divisibility
-# automaton): 99991 builds in 0.8 s with SmolLM2's vocabulary, 1000003 took 8 s and 330 MB, 10000019 over a minute
-# and 2 GB, holding every constrained request (one build at a time). Real ones (0.01, 5, 1000) have a digit or two.
-MAX_MULTIPLE_DIGITS = 5
+# llguidance's matcher for a `multipleOf` grows with its value past its factors of 10 (a divisibility automaton) and,
+# beside a bound, with its magnitude: 99991 builds in 0.8 s with SmolLM2's vocabulary, 1000003 took 8 s and 330 MB,
+# 10000019 over a minute and 2 GB, 10^7 under an exclusiveMaximum of 10^7 (a number) too, holding every constrained
+# request (one build at a time). Real ones (0.01, 5, 1000) have a digit or two.
+MAX_MULTIPLE, MAX_MULTIPLE_DIGITS = 10**5, 5
 _LOWER, _UPPER = ("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")
 _DATA = (
     "const",
@@ -137,7 +138,7 @@ def _held_numbers(text: str) -> str:
     """A schema's JSON text with every bound past MAX_BOUND that only widens its range pulled in to MAX_BOUND (a
     minimum below -2^53, a maximum above 2^53); a one-line InvalidRequestError for one that narrows it (a minimum
     above 2^53, a maximum below -2^53, NaN), which llguidance cannot hold, and for a `multipleOf` past
-    MAX_MULTIPLE_DIGITS. Whatever the type beside a bound (an integer range comes of a `number` schema's bounds under
+    MAX_MULTIPLE or MAX_MULTIPLE_DIGITS. Whatever the type beside a bound (an integer range comes of a `number` schema's bounds under
     an `anyOf` of integers too); walked without recursion."""
     if "inimum" not in text and "aximum" not in text and "multipleOf" not in text:
         return text
@@ -154,10 +155,13 @@ def _held_numbers(text: str) -> str:
                 stack.append((v, not named and key in _NAMED))
             if named or type(v) not in (int, float):
                 continue
-            if key == "multipleOf" and _significant_digits(v) > MAX_MULTIPLE_DIGITS:
+            if key == "multipleOf" and not (
+                abs(v) <= MAX_MULTIPLE and _significant_digits(v) <= MAX_MULTIPLE_DIGITS
+            ):
                 raise InvalidRequestError(
-                    f"response_format: a multipleOf has more than {MAX_MULTIPLE_DIGITS} significant digits: "
-                    "llguidance's matcher for it takes time and memory in its value (10000019: over a minute, 2 GB)"
+                    f"response_format: a multipleOf must be at most {MAX_MULTIPLE} with at most {MAX_MULTIPLE_DIGITS} "
+                    "significant digits: llguidance's matcher for it takes time and memory in its value (10000019: "
+                    "over a minute, 2 GB)"
                 )
             if (key in _LOWER or key in _UPPER) and not -MAX_BOUND <= v <= MAX_BOUND:
                 if not (v < 0 if key in _LOWER else v > 0):  # it narrows the range (or is NaN)
