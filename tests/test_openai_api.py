@@ -235,8 +235,12 @@ def test_schemas_nested_deeper_than_256_levels_through_refs_are_refused(llm):
     ):  # 2 levels a link (the array, its items): 258 levels, then the crash
         with pytest.raises(InvalidRequestError, match=f"nests deeper than {MAX_SCHEMA_DEPTH} levels"):
             llm.generate("x", SamplingParams(max_new_tokens=5, response_format=fmt(chain(n))))
-    tree = {"type": "object", "properties": {"v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#"}}},
-            "required": ["v", "kids"]}  # fmt: skip
+    kids = {"type": "array", "items": {"$ref": "#"}}
+    tree = {
+        "type": "object",
+        "properties": {"v": {"type": "integer"}, "kids": kids},
+        "required": ["v", "kids"],
+    }
     for schema in (chain(MAX_SCHEMA_DEPTH // 2 - 2), tree):
         (out,) = llm.generate("x", SamplingParams(max_new_tokens=40, response_format=fmt(schema)))
         assert out.finish_reason in ("stop", "length"), out

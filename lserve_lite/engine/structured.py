@@ -36,13 +36,9 @@ MAX_BOUND = 1 << 53
 # request (one build at a time). Real ones (0.01, 5, 1000) have a digit or two.
 MAX_MULTIPLE, MAX_MULTIPLE_DIGITS = 10**5, 5
 _LOWER, _UPPER = ("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")
-_DATA = (
-    "const",
-    "enum",
-    "default",
-    "examples",
-)  # keywords that hold values, not schemas: their bounds are data
-_NAMED = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")  # names -> schemas
+# keywords that hold values, not schemas (their bounds are data), and those that map names to schemas
+_DATA = ("const", "enum", "default", "examples")
+_NAMED = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 # Schema levels on a path from the root, $refs followed, at most: llguidance's compiler recurses on them, and a chain
 # of ~2,000 definitions each referring to the next (a 100 KB body: JSON nesting does not bound it) overflowed its
 # stack, a segfault of the whole process. Real schemas nest a few dozen levels.
@@ -137,9 +133,9 @@ class Grammars:
 def _held_numbers(text: str) -> str:
     """A schema's JSON text with every bound past MAX_BOUND that only widens its range pulled in to MAX_BOUND (a
     minimum below -2^53, a maximum above 2^53); a one-line InvalidRequestError for one that narrows it (a minimum
-    above 2^53, a maximum below -2^53, NaN), which llguidance cannot hold, and for a `multipleOf` past
-    MAX_MULTIPLE or MAX_MULTIPLE_DIGITS. Whatever the type beside a bound (an integer range comes of a `number` schema's bounds under
-    an `anyOf` of integers too); walked without recursion."""
+    above 2^53, a maximum below -2^53, NaN), which llguidance cannot hold, and for a `multipleOf` past MAX_MULTIPLE
+    or MAX_MULTIPLE_DIGITS. Whatever the type beside a bound (an integer range comes of a `number` schema's bounds
+    under an `anyOf` of integers too); walked without recursion."""
     if "inimum" not in text and "aximum" not in text and "multipleOf" not in text:
         return text
     schema = json.loads(text)
