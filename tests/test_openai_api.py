@@ -176,6 +176,104 @@ def test_boolean_json_schemas(llm):
         llm.generate("x", SamplingParams(response_format=fmt | {"json_schema": {"schema": False}}))
 
 
+def test_schema_bounds_past_2_53(llm):
+    """llguidance holds a schema's bounds as float64 and its integer ranges in int64: an integer range at int64's
+    minimum crashed the whole process (a segfault: every request lost), bounds past its maximum gave replies out of
+    the range ("9223372036854775807" for a minimum of 1e30). A bound past 2^53 that narrows the range, anywhere in
+    the schema, is refused in one line; one that only widens it (an int64 or uint64 type's) is pulled in to 2^53."""
+    big = 10**30
+    for schema in (
+        {
+            "type": "integer",
+            "minimum": big,
+            "maximum": big + 5,
+        },  # answered 9223372036854775807, finish "stop"
+        {"type": "integer", "minimum": -big, "maximum": -big + 2},  # crashed the process
+        {"type": "number", "anyOf": [{"type": "integer"}], "minimum": 2 - 2**63, "maximum": 3 - 2**63},  # too
+        {"type": "object", "properties": {"const": {"type": "integer", "exclusiveMaximum": -(2.0**64)}}},
+    ):
+        fmt = {"type": "json_schema", "json_schema": {"schema": schema}}
+        with pytest.raises(InvalidRequestError, match=r"^response_format: a \w+ is out of range"):
+            llm.generate("x", SamplingParams(max_new_tokens=30, response_format=fmt))
+    low = -(2**53)
+    for schema, lo, hi in (
+        (
+            {"type": "integer", "minimum": low, "maximum": low + 2},
+            low,
+            low + 2,
+        ),  # bounds within: kept exactly
+        ({"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}, low, -low),  # int64 (a 400 before)
+        ({"type": "integer", "minimum": -big, "maximum": -5}, low, -5),
+        ({"type": "integer", "minimum": 0, "maximum": 2**64 - 1}, 0, -low),  # uint64
+    ):
+        fmt = {"type": "json_schema", "json_schema": {"schema": schema}}
+        sp = SamplingParams(temperature=0.9, seed=1, max_new_tokens=30, response_format=fmt)
+        outs = llm.generate(["x"] * 3, sp)
+        assert all(o.finish_reason == "stop" and lo <= int(o.text) <= hi for o in outs), [
+            o.text for o in outs
+        ]
+    assert not llm.engine.has_unfinished()
+
+
+def test_schemas_nested_deeper_than_256_levels_through_refs_are_refused(llm):
+    """llguidance's compiler recurses on a schema's levels, $refs followed: a chain of 2,000 definitions, each an
+    array of the next (100 KB: the server's JSON nesting limit does not bound it), overflowed its stack, a segfault
+    of the whole server. Deeper than 256 levels is refused in one line; recursive schemas (a $ref back up the path)
+    and tools' parameters (refs against their own $id) still build."""
+    from lserve_lite.engine.structured import MAX_SCHEMA_DEPTH
+
+    def chain(n: int) -> dict:
+        defs = {f"d{i}": {"type": "array", "items": {"$ref": f"#/$defs/d{i + 1}"}} for i in range(n)}
+        return {"$ref": "#/$defs/d0", "$defs": defs | {f"d{n}": {"type": "integer"}}}
+
+    def fmt(schema: dict) -> dict:
+        return {"type": "json_schema", "json_schema": {"schema": schema}}
+
+    for n in (
+        MAX_SCHEMA_DEPTH // 2,
+        2000,
+    ):  # 2 levels a link (the array, its items): 258 levels, then the crash
+        with pytest.raises(InvalidRequestError, match=f"nests deeper than {MAX_SCHEMA_DEPTH} levels"):
+            llm.generate("x", SamplingParams(max_new_tokens=5, response_format=fmt(chain(n))))
+    kids = {"type": "array", "items": {"$ref": "#"}}
+    tree = {
+        "type": "object",
+        "properties": {"v": {"type": "integer"}, "kids": kids},
+        "required": ["v", "kids"],
+    }
+    for schema in (chain(MAX_SCHEMA_DEPTH // 2 - 2), tree):
+        (out,) = llm.generate("x", SamplingParams(max_new_tokens=40, response_format=fmt(schema)))
+        assert out.finish_reason in ("stop", "length"), out
+    assert not llm.engine.has_unfinished()
+
+
+def test_a_multiple_of_more_than_5_significant_digits_or_past_10_5_is_refused(llm):
+    """llguidance's matcher for a multipleOf grows with its value: 1000003 took 8 s and 330 MB to build, 10000019
+    (or 10^7 under an exclusiveMaximum of 10^7) over a minute and 2 GB, while every other constrained request waited
+    (one build at a time). More than 5 significant digits, or past 10^5, is refused in one line; real multiples
+    (0.01, 1000: a digit) are kept."""
+
+    def fmt(schema: dict) -> dict:
+        return {"type": "json_schema", "json_schema": {"schema": schema}}
+
+    for multiple in (1000003, 10000019, 2**31, 123.4567, 10**7):
+        with pytest.raises(
+            InvalidRequestError, match="a multipleOf must be at most 100000 with at most 5 sig"
+        ):
+            a = {"type": "number", "multipleOf": multiple, "exclusiveMaximum": multiple}
+            schema = {"type": "object", "properties": {"a": a}}
+            llm.generate("x", SamplingParams(max_new_tokens=5, response_format=fmt(schema)))
+    for multiple, kind in ((1000, "integer"), (99991, "integer"), (0.01, "number")):
+        schema = {"type": kind, "multipleOf": multiple, "minimum": 0, "maximum": 10**6}
+        (out,) = llm.generate(
+            "x", SamplingParams(temperature=0, max_new_tokens=12, response_format=fmt(schema))
+        )
+        if out.finish_reason == "stop":
+            value = json.loads(out.text)
+            assert round(value / multiple, 6) == round(value / multiple) and 0 <= value <= 10**6, out.text
+    assert not llm.engine.has_unfinished()
+
+
 # llguidance gives up on this pattern after some characters (its lexer's limit) and then allows only EOS
 GIVES_UP = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
     "type": "object", "properties": {"a": {"type": "string", "pattern": "^(.{1,1000}){1,1000}x$"}}, "required": ["a"]}}}  # fmt: skip

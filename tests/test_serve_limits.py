@@ -14,6 +14,7 @@ from lserve_lite.engine.llm_engine import LLMEngine  # noqa: E402
 from lserve_lite.engine.scheduler import SchedulerStalled  # noqa: E402
 from lserve_lite.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS, logit_bias_ids  # noqa: E402
 from lserve_lite.serve.app import create_app  # noqa: E402
+from lserve_lite.serve.protocol import MAX_CHOICES  # noqa: E402
 from lserve_lite.tokenizer import Tokenizer  # noqa: E402
 
 CFG = dict(num_kv_pages=32, max_model_len=128, max_num_seqs=8)
@@ -47,7 +48,7 @@ def post(c: TestClient, body: dict | str | bytes, chat: bool = False):
 @pytest.mark.parametrize(
     "field,value",
     [
-        ("max_tokens", True), ("max_tokens", 2.0), ("max_tokens", "4"), ("temperature", "0"),
+        ("max_tokens", True), ("max_tokens", 2.5), ("max_tokens", "4"), ("temperature", "0"),
         ("temperature", True), ("top_p", False), ("top_k", True), ("seed", 1.5), ("seed", 2**64),
         ("stream", "yes"), ("stream", 1), ("ignore_eos", 1), ("stop", [1]), ("stop", [True]),
         ("stop_token_ids", [True]), ("stop_token_ids", "2"), ("n", True), ("model", 5),
@@ -58,6 +59,29 @@ def test_strict_types(client, field, value):
     for chat in (False, True):
         body = {"max_tokens": 2} | ({"messages": MSGS} if chat else {"prompt": "hi"}) | {field: value}
         assert error(post(client, body, chat))["param"] == field
+
+
+def test_integer_parameters_take_whole_floats_as_vllm_does(client):
+    """`max_tokens: 2.0` was refused; vLLM (pydantic's lax mode) takes a whole float for every integer parameter.
+    So does this server, on both endpoints; a fraction, a boolean or a string is still refused naming the field."""
+    whole = {"max_tokens": 2.0, "n": 2.0, "seed": 7.0, "top_k": -1.0, "min_tokens": 1.0, "best_of": 2.0}
+    for base, ints, chat in (
+        ({"prompt": "hi"}, whole | {"logprobs": 1.0}, False),
+        (
+            {"messages": MSGS, "logprobs": True},
+            whole | {"top_logprobs": 2.0, "max_completion_tokens": 2.0},
+            True,
+        ),
+    ):
+        r = post(client, base | ints, chat)
+        assert r.status_code == 200, r.text
+        choices = r.json()["choices"]
+        assert len(choices) == 2 and all(c["finish_reason"] == "length" for c in choices), choices
+        for field in ints:
+            for bad in (2.5, True, "2"):
+                assert error(post(client, base | ints | {field: bad}, chat))["param"] == field, (field, bad)
+    msg = error(post(client, {"prompt": "hi", "max_tokens": 2.5}))["message"]
+    assert msg == "max_tokens: Input should be a valid integer, got a number with a fractional part", msg
 
 
 @pytest.mark.parametrize(
@@ -126,7 +150,10 @@ def test_error_messages_quote_a_clients_value_in_bounded_room(client):
 
 
 def test_deep_nesting_and_bad_json(client):
-    for depth in (100_000, 40):
+    """Nesting past Python's recursion limit is a 400, not a RecursionError's 500; 100,000 levels are more arrays than
+    a valid request holds, refused before parsing."""
+    assert "JSON arrays and objects" in error(post(client, "[" * 100_000 + "]" * 100_000), 413)["message"]
+    for depth in (5_000, 40):
         nest = "[" * depth + "]" * depth
         assert "nested deeper" in error(post(client, '{"prompt": ' + nest + "}"))["message"]
         assert (
@@ -608,6 +635,50 @@ def test_prompt_sizes_and_detokenize_run_off_the_event_loop(client, monkeypatch)
     monkeypatch.setattr(tok, "decode", watched_decode)
     assert client.post("/detokenize", json={"tokens": [5, 6]}).json() == {"prompt": decode([5, 6], False)}
     assert on_loop == [False, False, False, False]
+
+
+def test_a_body_of_more_json_values_than_a_valid_request_holds_is_413_before_parsing(client):
+    """Parsing a body holds the GIL: 2.7M empty lists (8 MiB) stalled every stream 2 s before their 400. A body of
+    more JSON values, containers or object members than a valid request to this engine holds (from its context and
+    prompt limit) is refused by a count of its bytes, never parsed; the largest valid bodies, for SmolLM2's
+    8,192-token context, pass."""
+    from lserve_lite.serve.protocol import body_limits, check_body_size, prompt_size
+
+    limits = body_limits(128, 200)  # the client's engine: context 128, prompts of 200 characters
+    for what, item in (
+        ("JSON arrays and objects", b"[]"),
+        ("JSON values", b"0"),
+        ("JSON object members", b'":"'),  # counted in strings too (a string of colons, over the prompt limit)
+    ):
+        raw = b'{"prompt": "hi", "x": [' + b",".join([item] * limits[what]) + b"]}"
+        err = error(post(client, raw), 413)
+        assert err["message"].endswith(
+            f"{what}; a valid request to this model holds at most {limits[what]}"
+        ), err
+    assert (
+        post(client, {"prompt": [1] * 127, "max_tokens": 1}).status_code == 200
+    )  # the whole context, as ids
+
+    max_len, chars = 8192, 64 * 8192
+    limits = body_limits(max_len, chars)
+    extras = {"max_tokens": 1, "stop": ["s" * 256] * 16, "stop_token_ids": list(range(256)),
+              "logit_bias": {str(i): 1 for i in range(1024)}}  # fmt: skip
+    props = {f"p{i}": {"type": "object", "properties": {}} for i in range(chars // 100)}
+    tools = [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": props}}}
+    ]
+    history = [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": [{"type": "text", "text": "y"}]},
+    ]
+    for body in (
+        {"prompt": [list(range(max_len - 1))] * MAX_CHOICES},  # the most prompts, each of the whole context
+        {"prompt": "[{,:" * (chars // 4)},  # text of separators only, which count inside strings too
+        {"messages": history * (chars // 2 // 50), "tools": tools},  # a long history with tools
+    ):
+        chat = "messages" in body
+        assert prompt_size(body, chat)[0] <= chars and prompt_size(body, chat)[1] < max_len  # valid sizes
+        check_body_size(json.dumps(body | extras).encode(), limits)
 
 
 def test_client_gone_mid_body_is_499_not_a_logged_500(client, caplog):

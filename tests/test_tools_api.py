@@ -294,6 +294,33 @@ def test_forced_replies():
     assert s.feed('[{"name": "get_time", ') == ("", []) and s.feed('"arguments": {}}]', True)[1]
 
 
+def test_a_forced_replys_json_is_parsed_once(monkeypatch):
+    """A forced reply (which may be as long as the context) was parsed as JSON twice at its end, once for its calls
+    and once more to tell whether it was cut; one parse gives both, for LLM.chat / the server's choices and for a
+    stream."""
+    from lserve_lite.engine import tool_calls
+
+    parsed: list[str] = []
+    json_of = tool_calls._json
+
+    def counted(text: str) -> object:
+        parsed.append(text)
+        return json_of(text)
+
+    monkeypatch.setattr(tool_calls, "_json", counted)
+    req = plan_tools([WEATHER, TIME], "required", None)
+    whole = '[{"name": "get_time", "arguments": {}}]'
+    for reply, finish in ((whole, "tool_calls"), (whole[:-3], "length")):
+        parsed.clear()
+        content, calls, why = req.reply(reply, "stop" if finish == "tool_calls" else "length")
+        assert (content, why, parsed.count(reply)) == (None, finish, 1), (reply, parsed)
+        parsed.clear()
+        s = ToolStream(req)
+        streamed = [c["function"] for c in s.feed(reply, True)[1]]
+        assert streamed == [c["function"] for c in calls] and s.cut is (finish == "length")
+        assert parsed.count(reply) == 1, parsed
+
+
 # -- the markers are special tokens: kept in the text for the parser ------------------------------------------
 @pytest.fixture(scope="module")
 def marker_dir(tmp_path_factory):

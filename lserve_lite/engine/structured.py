@@ -5,8 +5,11 @@ takes the sampled token back. llguidance is optional (the `structured` extra): R
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from decimal import Decimal
 
 import numpy as np
 
@@ -22,6 +25,24 @@ JSON_OPTIONS = {"whitespace_flexible": False}
 # n candidates or a client's repeated requests share their schema. At most 16, and the
 # newest only past 2^21 characters of schemas in all (a 1 MB schema's matcher holds ~50 MB; copies share it).
 CACHED_SCHEMAS, CACHED_CHARS = 16, 1 << 21
+# llguidance reads a schema's numeric bounds as float64 and builds integer ranges in int64: a bound past 2^53 is not
+# held exactly, and past int64 it saturates (an integer range at int64's minimum crashed the whole process, one
+# past its maximum allowed values out of the range). A bound past this that only widens the range (an int64 or
+# uint64 type's) is pulled in to it, a narrower range of valid values; one that narrows it is refused.
+MAX_BOUND = 1 << 53
+# llguidance's matcher for a `multipleOf` grows with its value past its factors of 10 (a divisibility automaton) and,
+# beside a bound, with its magnitude: 99991 builds in 0.8 s with SmolLM2's vocabulary, 1000003 took 8 s and 330 MB,
+# 10000019 over a minute and 2 GB, 10^7 under an exclusiveMaximum of 10^7 (a number) too, holding every constrained
+# request (one build at a time). Real ones (0.01, 5, 1000) have a digit or two.
+MAX_MULTIPLE, MAX_MULTIPLE_DIGITS = 10**5, 5
+_LOWER, _UPPER = ("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")
+# keywords that hold values, not schemas (their bounds are data), and those that map names to schemas
+_DATA = ("const", "enum", "default", "examples")
+_NAMED = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+# Schema levels on a path from the root, $refs followed, at most: llguidance's compiler recurses on them, and a chain
+# of ~2,000 definitions each referring to the next (a 100 KB body: JSON nesting does not bound it) overflowed its
+# stack, a segfault of the whole process. Real schemas nest a few dozen levels.
+MAX_SCHEMA_DEPTH = 256
 
 
 class Grammars:
@@ -70,7 +91,12 @@ class Grammars:
             raise InvalidRequestError(f"response_format: invalid JSON schema ({_one_line(e)})") from None
         built = self._built.get(text)
         if built is None:
-            built = self._build(llg, text)
+            if _depth(schema) > MAX_SCHEMA_DEPTH:
+                raise InvalidRequestError(
+                    f"response_format: the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels (its $refs "
+                    "followed), which llguidance cannot compile"
+                )
+            built = self._build(llg, _held_numbers(text))
             self._built[text] = built
             while len(self._built) > 1 and (
                 len(self._built) > CACHED_SCHEMAS or sum(map(len, self._built)) > CACHED_CHARS
@@ -102,6 +128,111 @@ class Grammars:
         words = (self.vocab_size + 31) // 32
         mask = np.frombuffer(raw, np.int32)
         return mask[:words] if mask.size >= words else np.pad(mask, (0, words - mask.size))
+
+
+def _held_numbers(text: str) -> str:
+    """A schema's JSON text with every bound past MAX_BOUND that only widens its range pulled in to MAX_BOUND (a
+    minimum below -2^53, a maximum above 2^53); a one-line InvalidRequestError for one that narrows it (a minimum
+    above 2^53, a maximum below -2^53, NaN), which llguidance cannot hold, and for a `multipleOf` past MAX_MULTIPLE
+    or MAX_MULTIPLE_DIGITS. Whatever the type beside a bound (an integer range comes of a `number` schema's bounds
+    under an `anyOf` of integers too); walked without recursion."""
+    if "inimum" not in text and "aximum" not in text and "multipleOf" not in text:
+        return text
+    schema = json.loads(text)
+    stack, changed = [(schema, False)], False  # (a value, whether it is a dict of names to schemas)
+    while stack:
+        node, named = stack.pop()
+        if isinstance(node, list):
+            stack.extend((x, False) for x in node)
+        if not isinstance(node, dict):
+            continue
+        for key, v in node.items():
+            if named or key not in _DATA:
+                stack.append((v, not named and key in _NAMED))
+            if named or type(v) not in (int, float):
+                continue
+            if key == "multipleOf" and not (
+                abs(v) <= MAX_MULTIPLE and _significant_digits(v) <= MAX_MULTIPLE_DIGITS
+            ):
+                raise InvalidRequestError(
+                    f"response_format: a multipleOf must be at most {MAX_MULTIPLE} with at most {MAX_MULTIPLE_DIGITS} "
+                    "significant digits: llguidance's matcher for it takes time and memory in its value (10000019: "
+                    "over a minute, 2 GB)"
+                )
+            if (key in _LOWER or key in _UPPER) and not -MAX_BOUND <= v <= MAX_BOUND:
+                if not (v < 0 if key in _LOWER else v > 0):  # it narrows the range (or is NaN)
+                    raise InvalidRequestError(
+                        f"response_format: a {key} is out of range: llguidance holds bounds within +-2^53 "
+                        f"({MAX_BOUND}) exactly"
+                    )
+                node[key], changed = MAX_BOUND if v > 0 else -MAX_BOUND, True
+    return json.dumps(schema) if changed else text
+
+
+def _significant_digits(v: int | float) -> int:
+    """Digits of a number written without its leading and trailing zeros (1000000: 1, 999.91: 5); NaN and
+    infinities count as many as an int64."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return 19
+    return len(Decimal(repr(v) if isinstance(v, float) else v).normalize().as_tuple().digits)
+
+
+def _depth(root: object) -> int:
+    """Schema levels (objects) on the longest path from `root`, local $refs ("#/$defs/x", against the nearest
+    `$id`'s schema, as tools' parameters are) followed; a $ref back to a schema on the path (a recursive schema)
+    ends it. Walked without recursion, each schema once."""
+
+    def kids(node: object, base: object) -> Iterator[tuple[object, object]]:
+        """(subschema or list, its base) of a schema, a list or a dict of names to schemas."""
+        if isinstance(node, list):
+            yield from ((x, base) for x in node if isinstance(x, (dict, list)))
+            return
+        base = node if isinstance(node.get("$id"), str) else base
+        for key, v in node.items():
+            if key == "$ref" and isinstance(v, str) and v.startswith("#/"):
+                target = _pointer(base, v[2:])
+                if target is not None:
+                    yield target, base
+            elif key not in _DATA and isinstance(v, dict) and key in _NAMED:
+                yield from ((x, base) for x in v.values() if isinstance(x, (dict, list)))
+            elif key not in _DATA and isinstance(v, (dict, list)):
+                yield v, base
+
+    done: dict[int, int] = {}
+    # each frame: [node, its children, the deepest child so far]; `active`: ids of the nodes on the path
+    frames, active = [[root, kids(root, root), 0]], {id(root)} if isinstance(root, (dict, list)) else set()
+    if not active:
+        return 0
+    while frames:
+        frame = frames[-1]
+        child = next(frame[1], None)
+        if child is None:
+            frames.pop()
+            active.discard(id(frame[0]))
+            done[id(frame[0])] = frame[2] + isinstance(frame[0], dict)
+            if frames:
+                frames[-1][2] = max(frames[-1][2], done[id(frame[0])])
+            continue
+        node, base = child
+        if id(node) in done:
+            frame[2] = max(frame[2], done[id(node)])
+        elif id(node) not in active:
+            active.add(id(node))
+            frames.append([node, kids(node, base), 0])
+    return done[id(root)]
+
+
+def _pointer(doc: object, path: str) -> object:
+    """The dict or list at a JSON pointer's path (without its leading "/") in `doc`, else None."""
+    for part in path.split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(doc, dict):
+            doc = doc.get(part)
+        elif isinstance(doc, list) and part.isdigit() and int(part) < len(doc):
+            doc = doc[int(part)]
+        else:
+            return None
+    return doc if isinstance(doc, (dict, list)) else None
 
 
 def advance(seq: Sequence, token: int) -> bool:

@@ -111,11 +111,6 @@ class ToolPlan:
             )
         return {"type": "json_schema", "json_schema": {"name": "tool_calls", "schema": self.schema()}}
 
-    def cut(self, text: str) -> bool:
-        """Whether a forced reply was cut in a call (by max_tokens or a stop string): its finish reason is not
-        "tool_calls"."""
-        return self.forced and _json(text) is None
-
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
         """A finished reply as (content, tool calls). Forced: the reply is the calls' JSON, never content (None, or
         "" when it was cut before any call began, as a streamed empty reply); one cut short (max_tokens, a stop) keeps
@@ -124,18 +119,25 @@ class ToolPlan:
         token (up to its end token, or the end of the reply) when it is wholly calls of the tools; the rest of the
         text (malformed blocks and markers included, as written) is the content, None when only whitespace is left
         beside calls; or a reply that is wholly bare JSON calls (Llama 3.x) is those calls."""
+        return self.read(text)[:2]
+
+    def read(self, text: str) -> tuple[str | None, list[dict], bool]:
+        """`parse`'s (content, tool calls), and whether a forced reply was cut in a call (by max_tokens or a stop
+        string: its finish reason is not "tool_calls"); the reply's JSON is parsed once (it may be as long as the
+        context)."""
         if self.forced:
-            calls = _calls_of(self, _json(text)) or _cut_calls(self, text)
-            return (None if calls else ""), calls
+            obj = _json(text)
+            calls = _calls_of(self, obj) or _cut_calls(self, text)
+            return (None if calls else ""), calls, obj is None
         content, calls = ToolStream(self).feed(text, finished=True)
-        return (None if calls and not content.strip() else content), calls
+        return (None if calls and not content.strip() else content), calls, False
 
     def reply(self, text: str, finish: str | None) -> tuple[str | None, list[dict], str | None]:
         """A finished reply as (content, tool calls, finish reason): the one reading of a reply that the server's
         choices and LLM.chat's outputs share (LLM.chat kept a forced reply cut before any call began, "[", as its
         text while the server's content was "")."""
-        content, calls = self.parse(text)
-        return content, calls, finish_reason(finish, bool(calls) and not self.cut(text))
+        content, calls, cut = self.read(text)
+        return content, calls, finish_reason(finish, bool(calls) and not cut)
 
 
 def finish_reason(finish: str | None, made_calls: bool) -> str | None:
@@ -241,7 +243,7 @@ class ToolStream:
     def __init__(self, plan: ToolPlan):
         self.plan, self.buf = plan, ""
         self.made = 0  # calls returned so far
-        self.cut = False  # a forced reply that ended cut in a call (ToolPlan.cut)
+        self.cut = False  # a forced reply that ended cut in a call (ToolPlan.read)
         # text: scanning for tags; block: inside <tool_call>; lead: after `lead` (a marker, "" at the reply's
         # start), not yet known whether JSON follows; held: JSON after `lead`, held until it ends
         self.mode, self.lead = "lead", ""
@@ -252,8 +254,8 @@ class ToolStream:
         if self.plan.forced:
             if not finished:
                 return "", []
-            content, calls = self.plan.parse(self.buf)
-            self.buf, self.cut = "", self.plan.cut(self.buf)
+            content, calls, self.cut = self.plan.read(self.buf)
+            self.buf = ""
             return content or "", calls
         out: list[str] = []
         calls: list[dict] = []

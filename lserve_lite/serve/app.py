@@ -30,6 +30,8 @@ from .protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    body_limits,
+    check_body_size,
     decode,
     new_id,
     now,
@@ -68,6 +70,7 @@ def create_app(
     """
     metrics = Metrics()
     prompt_limit = max_prompt_chars or PROMPT_CHARS_PER_TOKEN * engine.max_len
+    body_counts = body_limits(engine.max_len, prompt_limit)
     aengine = AsyncEngine(engine, max_queue, metrics)
     model_name = served_model_name or engine.model_name
     formatter = LogprobFormatter(engine.tokenizer)
@@ -195,7 +198,12 @@ def create_app(
         except ClientDisconnect:  # a client's cancel, not a server fault: nginx's 499, no traceback logged
             raise ApiError(499, "the client closed the connection before its request body ended") from None
         # off the event loop: a large body's checks would stall every stream for their time (seconds at 8 MiB)
-        return await asyncio.to_thread(decode, b"".join(chunks))
+        return await asyncio.to_thread(decode_body, b"".join(chunks))
+
+    def decode_body(raw: bytes) -> dict:
+        """A body counted against what a valid request to this engine holds, then decoded."""
+        check_body_size(raw, body_counts)
+        return decode(raw)
 
     def too_long(detail: str, param: str) -> ApiError:
         """A prompt (or prompt + output) over the context: OpenAI's code, and its sentence in the message, which

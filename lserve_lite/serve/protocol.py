@@ -1,7 +1,8 @@
 """OpenAI request/response shapes: pydantic models for requests, plain dicts for responses, API errors.
 
 Request bodies are checked strictly, as OpenAI does: a JSON boolean is not an integer (`max_tokens: true`
-is refused), a float is not an integer, a string is not a number. Before any model sees a body, `decode`
+is refused), a string is not a number; a whole float is an integer parameter (`max_tokens: 2.0`, as pydantic's lax
+mode and so vLLM take it; 2.5 is refused), token ids must be integers. Before any model sees a body, `decode`
 refuses bodies that are not plain JSON objects, nest deeper than MAX_JSON_DEPTH, or hold a string with a
 lone UTF-16 surrogate (it cannot be tokenized nor echoed back as UTF-8).
 """
@@ -9,12 +10,14 @@ lone UTF-16 surrogate (it cannot be tokenized nor echoed back as UTF-8).
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic_core import PydanticCustomError
 
 from ..config import is_utf8
 from ..engine.tool_calls import ToolPlan, plan_tools
@@ -59,6 +62,23 @@ MESSAGE_CHARS = 16  # a chat message's template text, counted in the prompt's si
 MAX_JSON_DEPTH = 32  # the deepest valid body is 5 levels (messages[i].content[j].text)
 
 _STRICT = ConfigDict(extra="ignore", strict=True)
+
+
+def _whole(v: object) -> object:
+    """A whole float (2.0, which some clients' JSON writes for an integer) as its integer, as pydantic's lax mode
+    (vLLM's) takes it; a float with a fraction is refused in lax mode's words; anything else (true, "2", 1e400's
+    infinity) is left to the strict check."""
+    if type(v) is not float or not math.isfinite(v):
+        return v
+    if not v.is_integer():
+        raise PydanticCustomError(
+            "int_from_float", "Input should be a valid integer, got a number with a fractional part"
+        )
+    return int(v)
+
+
+# an integer parameter (max_tokens, n, seed, ...); token ids stay strict integers
+Int = Annotated[int, BeforeValidator(_whole)]
 _UNION_HINTS = {
     "prompt": "must be a string, a list of strings, a list of token ids or a list of lists of token ids",
     "stop": "must be a string or a list of strings",
@@ -79,27 +99,27 @@ class _Request(BaseModel):
     model_config = _STRICT
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=0)  # 0: completions with echo only (scoring the prompt)
+    max_tokens: Int | None = Field(None, ge=0)  # 0: completions with echo only (scoring the prompt)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int | None = 1
+    n: Int | None = 1
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, lt=2**64)
+    seed: Int | None = Field(None, ge=0, lt=2**64)
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
     # extensions (vLLM names)
-    top_k: int | None = Field(None, ge=-1)  # -1: off, as vLLM spells it
+    top_k: Int | None = Field(None, ge=-1)  # -1: off, as vLLM spells it
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     # vLLM's: no EOS, stop id or stop string ends the reply before it
-    min_tokens: int | None = Field(None, ge=0)
-    best_of: int | None = None  # vLLM's; only equal to n (candidates are not ranked)
+    min_tokens: Int | None = Field(None, ge=0)
+    best_of: Int | None = None  # vLLM's; only equal to n (candidates are not ranked)
     suffix: str | None = None  # the legacy completions' fill-in-the-middle, refused on both endpoints
     # vLLM extensions not implemented: a client that sets one expects its effect, so it is refused, not ignored,
     # unless it holds the value that means "off" (_unsupported: that value, and what to do instead)
@@ -265,9 +285,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: Int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
@@ -359,7 +379,7 @@ _CHAT_FIELDS: dict[str, object] = {
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: Int | None = None
     # chat's fields: OpenAI's completions refuse them, vLLM's ignore them (max_completion_tokens is its known trap:
     # the reply ran to max_tokens' default); a client that sends one here expects its effect, so it is refused
     messages: Any = None
@@ -415,6 +435,40 @@ def _reject_constant(name: str) -> None:
 # In text decoded strictly, only a \uD800-\uDFFF escape makes a lone surrogate: a body without one skips that check.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _NESTED = (dict, list)
+
+
+# JSON values a valid body holds besides its prompt: stop strings and ids, logit_bias, a response format's schema
+BODY_EXTRA_VALUES = 1 << 16
+# what `check_body_size` counts: the bytes that open or follow each such value (those in strings too)
+_BODY_BYTES = {"JSON arrays and objects": b"[{", "JSON object members": b":", "JSON values": b",:[{"}
+
+
+def body_limits(max_len: int, prompt_chars: int) -> dict[str, int]:
+    """The most JSON values, containers (arrays, objects) and object members a valid request holds for a model of
+    context `max_len` whose prompts are limited to `prompt_chars` characters: MAX_CHOICES prompts of token ids or
+    that many characters (each at most one separator inside a string; tools' JSON, counted in them, spends 2 a
+    container and 4 a member), and BODY_EXTRA_VALUES more of each."""
+    return {  # the costliest to parse first (checked in this order): containers, members, then any value
+        "JSON arrays and objects": MAX_CHOICES + prompt_chars // 2 + BODY_EXTRA_VALUES,
+        "JSON object members": prompt_chars // 4 + BODY_EXTRA_VALUES,
+        "JSON values": MAX_CHOICES * max_len + prompt_chars + BODY_EXTRA_VALUES,
+    }
+
+
+def check_body_size(raw: bytes, limits: dict[str, int]) -> None:
+    """413 for a body of more JSON values, containers or members than `body_limits` lets a valid request hold,
+    before it is parsed: parsing holds the GIL, and 2.7M empty lists (8 MiB) stalled every stream 2 s. Counted over
+    the bytes in C: a container opens with `[` or `{`, a member's value follows a `:`, any other value a `,` or its
+    container's opening (those in strings count too: an upper bound); a body of fewer bytes holds fewer values."""
+    if len(raw) <= min(limits.values()):
+        return
+    for what, limit in limits.items():
+        count = sum(raw.count(c) for c in _BODY_BYTES[what])
+        if count > limit:
+            raise ApiError(
+                413,
+                f"the request body holds up to {count} {what}; a valid request to this model holds at most {limit}",
+            )
 
 
 def decode(raw: bytes) -> dict:
