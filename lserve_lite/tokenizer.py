@@ -135,6 +135,11 @@ class Tokenizer:
         """A token's text as OpenAI's logprobs show it: its bytes (`token_bytes`), U+FFFD for part of a character."""
         return self.token_bytes(token_id).decode("utf-8", "replace")
 
+    def pieces(self, ids: list[int]) -> list[str | None]:
+        """The vocabulary's strings of `ids` (transformers' convert_ids_to_tokens: `"Ġworld"`, `"<0x0A>"`); None for
+        an id the vocabulary has no string for."""
+        return [self.tok.id_to_token(i) for i in ids]
+
     def is_special(self, token_id: int) -> bool:
         """Whether the token is a special one, which `decode` skips by default."""
         return token_id in self._special_ids

@@ -124,7 +124,14 @@ def test_tokenize_and_detokenize(server, ref):
         "count": len(r["tokens"]),
         "max_model_len": engine.max_len,
         "tokens": ref.tokenizer.encode("hello world"),
+        "token_strs": None,
     }
+    # vLLM's return_token_strs: the vocabulary's strings of the ids (transformers' convert_ids_to_tokens)
+    r2 = post("/tokenize", prompt="hello world", return_token_strs=True).json()
+    assert r2["tokens"] == r["tokens"] and r2["token_strs"] == [
+        ref.tokenizer.tok.id_to_token(i) for i in r["tokens"]
+    ]
+    assert "".join(r2["token_strs"]).replace("\u0120", " ").endswith("hello world".split()[-1])
     msgs = chat_msgs("hi")
     r = post("/tokenize", messages=msgs).json()
     assert r["tokens"] == ref.tokenizer.encode_chat(msgs)
@@ -133,7 +140,12 @@ def test_tokenize_and_detokenize(server, ref):
         r["tokens"], False
     )
     # an empty prompt is 0 tokens, as vLLM counts it (it was a 400 "the prompt is empty", which generating needs)
-    assert post("/tokenize", prompt="").json() == {"count": 0, "max_model_len": engine.max_len, "tokens": []}
+    assert post("/tokenize", prompt="").json() == {
+        "count": 0,
+        "max_model_len": engine.max_len,
+        "tokens": [],
+        "token_strs": None,
+    }
     assert (
         post("/v1/completions", prompt="", max_tokens=1).json()["error"]["message"] == "the prompt is empty"
     )
@@ -147,6 +159,7 @@ def test_tokenize_and_detokenize(server, ref):
         ("/detokenize", {"tokens": [1], "model": 5}, "model"),
         # vLLM's fields that change the ids: honoured at their defaults, refused otherwise (they were dropped)
         ("/tokenize", {"prompt": "x", "add_special_tokens": False}, "add_special_tokens"),
+        ("/tokenize", {"prompt": "x", "return_token_strs": 1}, "return_token_strs"),
         ("/tokenize", {"messages": msgs, "continue_final_message": True}, "continue_final_message"),
         ("/tokenize", {"messages": msgs, "chat_template": "{{ 1 }}"}, "chat_template"),
     ]:

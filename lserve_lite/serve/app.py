@@ -340,6 +340,9 @@ def create_app(
         if not chat and not isinstance(body["prompt"], str):
             raise ApiError(400, "prompt: must be a string", "prompt")
         await asyncio.to_thread(check_prompt_size, body, chat)
+        strs = body.get("return_token_strs", False)
+        if type(strs) is not bool:
+            raise ApiError(400, "return_token_strs: must be a boolean", "return_token_strs")
         # with vLLM's fields of /tokenize that change the ids: what this server cannot honour is refused, not dropped
         template = (
             "add_generation_prompt",
@@ -355,7 +358,8 @@ def create_app(
         )
         check_model(req.model)
         (ids,) = await asyncio.to_thread(tokenize, req, False)
-        return {"count": len(ids), "max_model_len": engine.max_len, "tokens": ids}
+        pieces = engine.tokenizer.pieces(ids) if strs else None  # vLLM's token_strs (null unless asked)
+        return {"count": len(ids), "max_model_len": engine.max_len, "tokens": ids, "token_strs": pieces}
 
     @app.post("/detokenize")
     async def detokenize_route(request: Request):
