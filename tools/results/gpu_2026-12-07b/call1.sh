@@ -1,6 +1,6 @@
 # Call 1 (fresh machine): short_graphs.diff applied: the graph tests of test_gpu_ops.py (a short-graph case among them)
-# and short_ab.py (one-CTA graphs vs split + combine, random SmolLM2 / Llama-3-8B shapes); decode attention at fixed
-# split counts; then the kernel harness's sampling case (its `sample (min_p)` row has never run on a GPU) and
+# and short_ab.py (one-CTA graphs vs split + combine, random SmolLM2 / Llama-3-8B shapes); then the kernel
+# harness's sampling case (its `sample (min_p)` row has never run on a GPU) and
 # splits.py (decode attention at fixed split counts), as time allows. Logs: $OUT/logs1.tgz.
 # OUT=dir [TOTAL=s] bash tools/results/gpu_2026-12-07b/call1.sh
 L=/tmp/logs1; . tools/results/gpu_2026-12-06g/prelude.sh
