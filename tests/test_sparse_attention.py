@@ -464,3 +464,29 @@ def test_a_model_made_without_init_has_whole_rope_tables():
     m = LlamaModel.__new__(LlamaModel)
     m.rope = (np.zeros((8, 2), np.float32), np.ones((8, 2), np.float32))
     assert m.rope_for(np.arange(8)) is m.rope
+
+
+@pytest.mark.parametrize("static_sparsity", [0.5, 1.0], ids=["mixed", "streaming-only"])
+def test_decode_lists_fit_the_window_graphs_are_captured_for(
+    tiny_llama, tmp_path, monkeypatch, static_sparsity
+):
+    """A decode step replays a CUDA Graph only if no head's list is longer than the layout's decode_visit_pages (the
+    split count the graphs are captured with). Streaming-only layouts have no dense head, so their dense lists (whole
+    contexts) must not count: counted, every decode step past the window ran eagerly on the GPU."""
+    _, llm = _sparse_tiny(
+        tiny_llama, tmp_path, static_sparsity=static_sparsity, token_budget=128, select_interval=3
+    )
+    eng = llm.engine
+    assert eng.layout.streaming_only == (static_sparsity == 1.0)
+    cap = eng.layout.decode_visit_pages(eng.ecfg.sparse)
+    plan_step, seen = eng.runner.executor.plan, []
+
+    def spy(step):
+        if step.is_decode:
+            seen.append(step.plan.decode_visit_pages(dense_heads=not eng.layout.streaming_only))
+        return plan_step(step)
+
+    monkeypatch.setattr(eng.runner.executor, "plan", spy)
+    ids = [int(t) for t in np.random.default_rng(7).integers(3, 320, 150)]
+    llm.generate([ids], SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True))
+    assert len(seen) == 11 and max(seen) <= cap, (seen, cap)

@@ -77,6 +77,9 @@ class GraphExecutor:
         self.max_pages = math.ceil(max_len / cache.page_size)
         self.sparse = cache.sparse
         self.visit_pages = (visit_pages or self.max_pages) if self.sparse else None
+        # streaming heads only (no dense-pool heads in any layer): no head visits the plan's dense lists, whole
+        # contexts long, so they do not bound the captured decode window (they sent every step eagerly)
+        self.dense_heads = not self.sparse or any(int(k.shape[1]) for k in cache.k)
         self.pool = cp.cuda.MemoryPool()
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.graphs: dict[int, _Captured] = {}
@@ -164,7 +167,9 @@ class GraphExecutor:
         longest = int(np.max(np.diff(plan.kv_indptr))) if plan.kv_indptr.size > 1 else 0
         if size is None or longest > self.max_pages:
             return None
-        if self.sparse and (np.ndim(step.slots) != 2 or plan.decode_visit_pages() > self.visit_pages):
+        if self.sparse and (
+            np.ndim(step.slots) != 2 or plan.decode_visit_pages(self.dense_heads) > self.visit_pages
+        ):
             return None
         return size
 

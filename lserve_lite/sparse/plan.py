@@ -91,12 +91,15 @@ class AttentionPlan:
             qb_keep=opt(self.qb_keep), qb_refresh=opt(self.qb_refresh), group_reduce=self.group_reduce,
         )  # fmt: skip
 
-    def decode_visit_pages(self) -> int:
+    def decode_visit_pages(self, dense_heads: bool = True) -> int:
         """The longest page list a head visits at this (decode) step: a dense head with a page budget visits
-        at most geometry.visit_capacity(budget) pages, any other head its whole list (a window for streaming)."""
+        at most geometry.visit_capacity(budget) pages, any other head its whole list (a window for streaming).
+        `dense_heads` False (a cache without dense heads): the dense lists, which no head visits, do not count."""
         lens = np.diff(self.kv_indptr).reshape(-1, 2)
         if lens.size == 0:
             return 0
+        if not dense_heads:
+            return int(lens[:, 1].max())
         dense = lens[:, 0]
         if self.qb_keep is not None:
             dense = np.where(self.qb_keep > 0, np.minimum(dense, visit_capacity(self.qb_keep)), dense)
