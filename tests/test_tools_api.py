@@ -321,6 +321,33 @@ def test_a_forced_replys_json_is_parsed_once(monkeypatch):
         assert parsed.count(reply) == 1, parsed
 
 
+@pytest.mark.parametrize(
+    "choice, form", [("required", "bare"), ("auto", "block"), ("auto", "bare"), ("auto", "marker")]
+)
+def test_a_long_call_streamed_in_small_chunks_is_scanned_once(choice, form):
+    """A held call (a forced reply, a <tool_call> block, bare or marker JSON) was rebuilt and scanned whole on each
+    chunk: quadratic in its length. The text left to scan after each chunk (`buf`) stays as short as a chunk and an
+    end tag, and the calls are those of the whole reply."""
+    plan = plan_tools([WEATHER, TIME], choice, None)
+    call = json.dumps({"name": "get_weather", "arguments": {"city": "O" * 3000, "unit": "c"}})
+    reply = {
+        "block": f"<tool_call>{call}</tool_call>",
+        "bare": call,
+        "marker": f"<|python_tag|>{call}<|eom_id|>",
+    }
+    reply = reply[form]
+    s, content, calls, longest = ToolStream(plan), [], [], 0
+    pieces = [reply[i : i + 3] for i in range(0, len(reply), 3)]
+    for k, piece in enumerate(pieces):
+        text, got = s.feed(piece, finished=k == len(pieces) - 1)
+        content.append(text)
+        calls += got
+        longest = max(longest, len(s.buf))
+    assert longest < 3 + len("<|eom_id|>")
+    assert ("".join(content), _named(calls)) == ("", _named(plan.parse(reply)[1]))
+    assert _named(calls) == [("get_weather", {"city": "O" * 3000, "unit": "c"})]
+
+
 # -- the markers are special tokens: kept in the text for the parser ------------------------------------------
 @pytest.fixture(scope="module")
 def marker_dir(tmp_path_factory):

@@ -241,7 +241,10 @@ class ToolStream:
     and parsed at the end."""
 
     def __init__(self, plan: ToolPlan):
-        self.plan, self.buf = plan, ""
+        # buf: the text not yet scanned, or a scanned tail where a tag may begin; held: text scanned and held (a
+        # call's body, held JSON, a forced reply), joined once when it ends (each chunk is scanned once, not the
+        # whole held text again: a long reply streamed in small chunks was quadratic)
+        self.plan, self.buf, self.held = plan, "", []
         self.made = 0  # calls returned so far
         self.cut = False  # a forced reply that ended cut in a call (ToolPlan.read)
         # text: scanning for tags; block: inside <tool_call>; lead: after `lead` (a marker, "" at the reply's
@@ -250,13 +253,13 @@ class ToolStream:
 
     def feed(self, text: str, finished: bool = False) -> tuple[str, list[dict]]:
         """New text (the last of the reply when `finished`) -> (content to send now, calls completed by it)."""
-        self.buf += text
         if self.plan.forced:
+            self.held.append(text)
             if not finished:
                 return "", []
-            content, calls, self.cut = self.plan.read(self.buf)
-            self.buf = ""
+            content, calls, self.cut = self.plan.read(self._take(0))
             return content or "", calls
+        self.buf += text
         out: list[str] = []
         calls: list[dict] = []
         while True:
@@ -274,10 +277,12 @@ class ToolStream:
                 at = self.buf.find(CLOSE)
                 if at < 0:
                     if finished:  # an unclosed call stays text
-                        out.append(OPEN + self.buf)
-                        self.buf, self.mode = "", "text"
+                        out.append(OPEN + self._take(len(self.buf)))
+                        self.mode = "text"
+                    else:
+                        self._hold(len(CLOSE) - 1)
                     break
-                body, self.buf, self.mode = self.buf[:at], self.buf[at + len(CLOSE) :], "text"
+                body, self.mode = self._take(at, len(CLOSE)), "text"
                 obj = _json(body.strip())
                 got = _calls_of(self.plan, obj) if isinstance(obj, dict) else []
                 if got:
@@ -294,11 +299,13 @@ class ToolStream:
                     out.append(self.lead)
                     self.mode = "text"
             else:  # held
-                at, end = _first(self.buf, LEADS.get(self.lead, ()))
+                ends = LEADS.get(self.lead, ())
+                at, end = _first(self.buf, ends)
                 if at < 0 and not finished:
+                    self._hold(max(map(len, ends), default=1) - 1)
                     break
                 at = len(self.buf) if at < 0 else at
-                body, self.buf, self.mode = self.buf[:at], self.buf[at + len(end) :], "text"
+                body, self.mode = self._take(at, len(end)), "text"
                 got = _bare_calls(self.plan, body)
                 calls += got
                 if not got:  # not wholly calls of the tools: the text as the model wrote it
@@ -307,6 +314,19 @@ class ToolStream:
             calls = calls[: max(0, 1 - self.made)]
         self.made += len(calls)
         return "".join(out), calls
+
+    def _hold(self, keep: int) -> None:
+        """Moves the scanned text, but its last `keep` characters (where an end tag may begin), to the held text."""
+        cut = max(0, len(self.buf) - keep)
+        if cut:
+            self.held.append(self.buf[:cut])
+            self.buf = self.buf[cut:]
+
+    def _take(self, at: int, skip: int = 0) -> str:
+        """The held text and buf[:at], joined once; buf then resumes `skip` characters (an end tag) after `at`."""
+        body = "".join(self.held) + self.buf[:at]
+        self.held, self.buf = [], self.buf[at + skip :]
+        return body
 
 
 def _bare_calls(plan: ToolPlan, text: str) -> list[dict]:
