@@ -267,6 +267,40 @@ def test_missing_rms_norm_eps_is_transformers_default(tmp_path: Path, arch: str)
     assert load_config(d).rms_norm_eps == theirs.rms_norm_eps
 
 
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"])
+def test_missing_context_and_eos_are_transformers_defaults(tmp_path: Path, arch: str):
+    """A config.json without max_position_embeddings ran to 4096 tokens (transformers: 2048 for Llama, 32768 for
+    Qwen2, 131072 for Mistral), and one without eos_token_id never stopped where transformers' Llama / Mistral stop
+    (2). Mistral's default window (4096) is its sliding window, as in transformers: kept, or refused when shorter
+    than the context (set to null: no window)."""
+    import transformers
+
+    theirs = getattr(transformers, arch.replace("ForCausalLM", "Config"))()
+    d = write_min_model_dir(tmp_path / "m", architectures=[arch])
+    config = json.loads((d / "config.json").read_text())
+    del config["max_position_embeddings"], config["eos_token_id"]
+    (d / "config.json").write_text(json.dumps({**config, "sliding_window": None}))
+    cfg = load_config(d)
+    assert cfg.max_position_embeddings == theirs.max_position_embeddings
+    assert cfg.eos_token_ids == (() if theirs.eos_token_id is None else (theirs.eos_token_id,))
+    (d / "generation_config.json").write_text(
+        '{"eos_token_id": 5}'
+    )  # transformers generates with these alone
+    assert load_config(d).eos_token_ids == (5,)
+    (d / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    assert load_config(d).sliding_window == getattr(theirs, "sliding_window", None)
+    if arch == "MistralForCausalLM":
+        (d / "config.json").write_text(json.dumps(config))
+        with pytest.raises(
+            ModelLoadError, match=r"sliding_window=4096, transformers' default when unset\) is not"
+        ):
+            load_config(d)
+    (d / "config.json").write_text(json.dumps({**config, "eos_token_id": None, "sliding_window": None}))
+    assert load_config(d).eos_token_ids == (5,)
+    (d / "generation_config.json").unlink()
+    assert load_config(d).eos_token_ids == ()
+
+
 def _add_tensor(d: Path, name: str, shape: tuple[int, ...]) -> None:
     """Rewrite model.safetensors with one more (zero) tensor."""
     from safetensors.numpy import load_file, save_file
