@@ -348,6 +348,26 @@ def test_a_long_call_streamed_in_small_chunks_is_scanned_once(choice, form):
     assert _named(calls) == [("get_weather", {"city": "O" * 3000, "unit": "c"})]
 
 
+@pytest.mark.parametrize("after", ["", "Hi", '{"name": "get_time", "arguments": {}}'])
+def test_whitespace_opening_a_reply_is_scanned_once(after):
+    """Whitespace opening an "auto" reply (or after a marker), before it is known whether JSON follows, was
+    stripped again whole on each chunk: quadratic in its length. The text left to scan stays one chunk long, and
+    the content and calls are the whole reply's."""
+    plan = plan_tools([WEATHER, TIME], "auto", None)
+    pieces = ["\n"] * 3000 + list(after)
+    s, content, calls, longest = ToolStream(plan), [], [], 0
+    for k, piece in enumerate(pieces):
+        text, got = s.feed(piece, finished=k == len(pieces) - 1)
+        content.append(text)
+        calls += got
+        longest = max(longest, len(s.buf))
+    whole, whole_calls = _fed(plan, ["".join(pieces)])
+    assert longest <= 1 and ("".join(content), _named(calls)) == (whole, _named(whole_calls))
+    assert ("".join(content), _named(calls)) == (
+        ("", [("get_time", {})]) if "{" in after else ("\n" * 3000 + after, [])
+    )
+
+
 # -- the markers are special tokens: kept in the text for the parser ------------------------------------------
 @pytest.fixture(scope="module")
 def marker_dir(tmp_path_factory):

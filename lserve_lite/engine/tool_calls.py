@@ -291,12 +291,15 @@ class ToolStream:
                     out.append(OPEN + body + CLOSE)
             elif self.mode == "lead":
                 head = self.buf.lstrip()
-                if not finished and (not head or any(m.startswith(head) for m in LEADS)):
+                if not finished and not head:  # whitespace so far: held, not scanned again
+                    self._hold(0)
+                    break
+                if not finished and any(m.startswith(head) for m in LEADS):
                     break  # not known yet (a reply may open with a marker: "[TOOL_CALLS]" starts with "[")
                 if head[:1] in ("{", "[") and not head.startswith(TAGS):
                     self.mode = "held"
-                else:  # no JSON: the marker is text
-                    out.append(self.lead)
+                else:  # no JSON: the marker, and the whitespace held after it, are text
+                    out.append(self.lead + self._take(0))
                     self.mode = "text"
             else:  # held
                 ends = LEADS.get(self.lead, ())
