@@ -368,6 +368,24 @@ def test_whitespace_opening_a_reply_is_scanned_once(after):
     )
 
 
+def test_many_json_values_are_read_without_copying_the_rest():
+    """Bare calls (and a forced array cut short) are read value by value: each step copied the rest of the text to
+    skip separators, quadratic in the number of calls (20k calls: 1 s). No step copies the text now."""
+    from lserve_lite.engine.tool_calls import _json_values
+
+    copied = [0]
+
+    class Counted(str):
+        def __getitem__(self, key):
+            got = str.__getitem__(self, key)
+            copied[0] += len(got)
+            return got
+
+    text = Counted("; ".join(['{"name": "get_time", "parameters": {}}'] * 200) + " ;")
+    values, at = _json_values(text)
+    assert (len(values), at, copied[0]) == (200, len(text), 0)
+
+
 # -- the markers are special tokens: kept in the text for the parser ------------------------------------------
 @pytest.fixture(scope="module")
 def marker_dir(tmp_path_factory):

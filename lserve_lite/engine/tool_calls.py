@@ -168,12 +168,15 @@ def _json(text: str) -> object:
         return None
 
 
+_SEPARATORS = re.compile(r"[ \t\r\n,;]*")
+
+
 def _json_values(text: str, at: int = 0) -> tuple[list, int]:
     """The JSON values of `text` from `at`, separated by whitespace, ',' or ';', up to the first that does not
     parse; and where that one starts (len(text) when they reach the end of the text)."""
     dec, values = json.JSONDecoder(), []
     while True:
-        at += len(text[at:]) - len(text[at:].lstrip(" \t\r\n,;"))
+        at = _SEPARATORS.match(text, at).end()  # in place: a copy of the rest per value was quadratic
         if at == len(text):
             return values, at
         try:
