@@ -386,6 +386,30 @@ def test_many_json_values_are_read_without_copying_the_rest():
     assert (len(values), at, copied[0]) == (200, len(text), 0)
 
 
+def test_a_reply_of_many_calls_is_scanned_from_positions_not_cut(monkeypatch):
+    """A whole reply (LLM.chat's, a server choice's) was cut after each tag found, a copy of the rest per call,
+    and searched once per tag to its end: quadratic in the calls (8000 calls: 1.1 s). Each search now runs in the
+    one buffer from the last tag, and the content and calls are as before."""
+    from lserve_lite.engine import tool_calls
+
+    searched: list[tuple[str, tuple]] = []
+    first = tool_calls._first
+
+    def seen(s: str, tags: tuple[str, ...], *start: int) -> tuple[int, str]:
+        searched.append((s, start))
+        return first(s, tags, *start)
+
+    monkeypatch.setattr(tool_calls, "_first", seen)
+    plan = plan_tools([WEATHER, TIME], "auto", None)
+    block = '<tool_call>{"name": "get_time", "arguments": {}}</tool_call> and '
+    marker = '<|python_tag|>{"name": "get_time", "parameters": {}}<|eom_id|> then '
+    content, calls = plan.parse("Sure: " + (block + marker) * 100)
+    assert content == "Sure: " + " and  then " * 100 and len(calls) == 200
+    assert len({id(s) for s, _ in searched}) == 1 and len(searched) == 301  # each tag, then the end
+    starts = [start[0] for _, start in searched]
+    assert starts == sorted(starts)
+
+
 # -- the markers are special tokens: kept in the text for the parser ------------------------------------------
 @pytest.fixture(scope="module")
 def marker_dir(tmp_path_factory):
