@@ -19,12 +19,15 @@ from .errors import InvalidRequestError, ModelLoadError
 SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ACTS = ("silu", "swish")  # the MLP's activation (transformers' names for the same SiLU)
 # What transformers' config class of each architecture takes for a field that config.json leaves out (a Llama
-# without max_position_embeddings ran to 4096 here, theirs 2048; one without eos_token_id never stopped)
+# without max_position_embeddings ran to 4096 here, theirs 2048; one without eos_token_id never stopped; Llama's
+# num_key_value_heads is then num_attention_heads, Mistral's and Qwen2's a number of their own)
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "LlamaForCausalLM": {"max_position_embeddings": 2048, "eos_token_id": 2},
-    "MistralForCausalLM": {"max_position_embeddings": 131072, "eos_token_id": 2, "sliding_window": 4096},
-    "Qwen2ForCausalLM": {"max_position_embeddings": 32768},
-}
+    "MistralForCausalLM": {
+        "max_position_embeddings": 131072, "eos_token_id": 2, "sliding_window": 4096, "num_key_value_heads": 8,
+    },
+    "Qwen2ForCausalLM": {"max_position_embeddings": 32768, "num_key_value_heads": 32},
+}  # fmt: skip
 
 
 # Sane bounds for config.json sizes: far above any released model, far below a runaway allocation.

@@ -301,6 +301,19 @@ def test_missing_context_and_eos_are_transformers_defaults(tmp_path: Path, arch:
     assert load_config(d).eos_token_ids == ()
 
 
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"])
+def test_missing_kv_heads_are_transformers_default(arch: str):
+    """Without num_key_value_heads transformers' Llama has as many KV heads as query heads, but its Mistral 8 and
+    its Qwen2 32: here each had as many as query heads (a Mistral checkpoint of 8 KV heads was refused)."""
+    import transformers
+
+    shape = {"hidden_size": 4096, "num_attention_heads": 64}
+    theirs = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**shape)
+    config = {k: v for k, v in BASE_CONFIG.items() if k != "num_key_value_heads"}
+    ours = ModelConfig.from_dict({**config, **shape, "architectures": [arch]})
+    assert ours.num_kv_heads == theirs.num_key_value_heads
+
+
 def _add_tensor(d: Path, name: str, shape: tuple[int, ...]) -> None:
     """Rewrite model.safetensors with one more (zero) tensor."""
     from safetensors.numpy import load_file, save_file
