@@ -26,7 +26,7 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "MistralForCausalLM": {
         "max_position_embeddings": 131072, "eos_token_id": 2, "sliding_window": 4096, "num_key_value_heads": 8,
     },
-    "Qwen2ForCausalLM": {"max_position_embeddings": 32768, "num_key_value_heads": 32},
+    "Qwen2ForCausalLM": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "sliding_window": 4096},
 }  # fmt: skip
 
 

@@ -271,8 +271,8 @@ def test_missing_rms_norm_eps_is_transformers_default(tmp_path: Path, arch: str)
 def test_missing_context_and_eos_are_transformers_defaults(tmp_path: Path, arch: str):
     """A config.json without max_position_embeddings ran to 4096 tokens (transformers: 2048 for Llama, 32768 for
     Qwen2, 131072 for Mistral), and one without eos_token_id never stopped where transformers' Llama / Mistral stop
-    (2). Mistral's default window (4096) is its sliding window, as in transformers: kept, or refused when shorter
-    than the context (set to null: no window)."""
+    (2). Mistral's default window (4096, and Qwen2's with use_sliding_window) is its sliding window, as in
+    transformers: kept, or refused when shorter than the context (set to null: no window)."""
     import transformers
 
     theirs = getattr(transformers, arch.replace("ForCausalLM", "Config"))()
@@ -289,8 +289,12 @@ def test_missing_context_and_eos_are_transformers_defaults(tmp_path: Path, arch:
     assert load_config(d).eos_token_ids == (5,)
     (d / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
     assert load_config(d).sliding_window == getattr(theirs, "sliding_window", None)
-    if arch == "MistralForCausalLM":
-        (d / "config.json").write_text(json.dumps(config))
+    slides = {"use_sliding_window": True}  # Qwen2's switch (Mistral slides whenever a window is set)
+    (d / "config.json").write_text(json.dumps({**config, **slides, "max_position_embeddings": 1024}))
+    sliding = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**slides)
+    assert load_config(d).sliding_window == getattr(sliding, "sliding_window", None)
+    if arch != "LlamaForCausalLM":
+        (d / "config.json").write_text(json.dumps({**config, **slides}))
         with pytest.raises(
             ModelLoadError, match=r"sliding_window=4096, transformers' default when unset\) is not"
         ):
