@@ -283,9 +283,10 @@ def test_missing_context_and_eos_are_transformers_defaults(tmp_path: Path, arch:
     cfg = load_config(d)
     assert cfg.max_position_embeddings == theirs.max_position_embeddings
     assert cfg.eos_token_ids == (() if theirs.eos_token_id is None else (theirs.eos_token_id,))
-    (d / "generation_config.json").write_text(
-        '{"eos_token_id": 5}'
-    )  # transformers generates with these alone
+    # transformers generates with generation_config.json's ids alone (none there: none)
+    (d / "generation_config.json").write_text("{}")
+    assert load_config(d).eos_token_ids == ()
+    (d / "generation_config.json").write_text('{"eos_token_id": 5}')
     assert load_config(d).eos_token_ids == (5,)
     (d / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
     assert load_config(d).sliding_window == getattr(theirs, "sliding_window", None)

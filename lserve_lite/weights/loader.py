@@ -174,10 +174,8 @@ def load_config(model_dir: Path) -> ModelConfig:
     if not gen.exists():
         return cfg
     eos = token_ids(read_json_object(gen).get("eos_token_id"), "eos_token_id", str(gen), cfg.vocab_size)
-    if not eos:
-        return cfg
-    # config.json's own ids join them, not its class's default (transformers generates with these alone: a
-    # Llama 3 config without eos_token_id would stop at its default 2, "#")
+    # config.json's own ids join them, not its class's default (transformers generates with generation_config's
+    # alone: a Llama 3 config without eos_token_id would stop at the default 2, "#")
     own = cfg.eos_token_ids if "eos_token_id" in raw else ()
     return replace(cfg, eos_token_ids=tuple(dict.fromkeys(own + eos)))
 
