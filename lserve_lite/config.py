@@ -18,6 +18,16 @@ from .errors import InvalidRequestError, ModelLoadError
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ACTS = ("silu", "swish")  # the MLP's activation (transformers' names for the same SiLU)
+# What transformers' config class of each architecture takes for a field that config.json leaves out (a Llama
+# without max_position_embeddings ran to 4096 here, theirs 2048; one without eos_token_id never stopped; Llama's
+# num_key_value_heads is then num_attention_heads, Mistral's and Qwen2's a number of their own)
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "LlamaForCausalLM": {"max_position_embeddings": 2048, "eos_token_id": 2},
+    "MistralForCausalLM": {
+        "max_position_embeddings": 131072, "eos_token_id": 2, "sliding_window": 4096, "num_key_value_heads": 8,
+    },
+    "Qwen2ForCausalLM": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "sliding_window": 4096},
+}  # fmt: skip
 
 
 # Sane bounds for config.json sizes: far above any released model, far below a runaway allocation.
@@ -302,6 +312,9 @@ class ModelConfig:
                 f"{source}: unsupported architecture {archs[0]!r} (supported: {', '.join(SUPPORTED_ARCHS)})"
             )
         arch = archs[0]
+        unset = ARCH_DEFAULTS[arch].keys() - d.keys()
+        d = {**ARCH_DEFAULTS[arch], **d}  # a field set to null stays null, as transformers reads it
+        f = _Fields(d, source)
         rope = f.obj("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling here
         hidden, heads = f.integer("hidden_size"), f.integer("num_attention_heads")
         vocab = f.integer("vocab_size")
@@ -320,7 +333,9 @@ class ModelConfig:
             rms_norm_eps=f.number("rms_norm_eps", 1e-6, lo=0.0, hi=1.0),
             rope_theta=f.number("rope_theta", rope.get("rope_theta", 10000.0), lo=1.0),
             rope_scaling=_rope_scaling(f, rope),
-            max_position_embeddings=f.integer("max_position_embeddings", 4096),
+            max_position_embeddings=f.integer(
+                "max_position_embeddings", ARCH_DEFAULTS[arch]["max_position_embeddings"]
+            ),
             tie_word_embeddings=f.flag("tie_word_embeddings", False),
             qkv_bias=arch == "Qwen2ForCausalLM",
             dtype=f.text("torch_dtype") or f.text("dtype") or "float32",
@@ -337,7 +352,10 @@ class ModelConfig:
         if not (slides and has_sw):
             return cfg
         if sw < cfg.max_position_embeddings:
-            raise ModelLoadError(f"{source}: sliding-window attention (sliding_window={sw}) is not supported")
+            why = ", transformers' default when unset" if "sliding_window" in unset else ""
+            raise ModelLoadError(
+                f"{source}: sliding-window attention (sliding_window={sw}{why}) is not supported"
+            )
         return replace(cfg, sliding_window=sw)
 
     @classmethod

@@ -844,6 +844,17 @@ def test_grammars_are_built_outside_the_llms_lock(llm, monkeypatch):
     assert not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0
 
 
+def test_a_grammar_for_a_model_without_an_eos_id_is_a_clear_error(llm):
+    """A model that names no end id (a Qwen2 config.json without eos_token_id, as transformers reads it, or a GGUF
+    without one) made a response_format request raise llguidance's ValueError: now one InvalidRequestError line."""
+    pytest.importorskip("llguidance")
+    from lserve_lite.engine.structured import Grammars
+
+    grammars = Grammars(llm.engine.tokenizer, llm.engine.cfg.vocab_size, [])
+    with pytest.raises(InvalidRequestError, match=r"^structured outputs need the model's end-of-sequence id"):
+        grammars.matcher({"type": "json_object"})
+
+
 def test_stream_closed_inside_a_step_steps_nothing_itself(llm, monkeypatch):
     """A stream dropped while a step runs (garbage collection may close it anywhere) aborts its request for the
     next step to free, without stepping the engine inside that step (it did: a step nested in a step)."""

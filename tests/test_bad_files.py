@@ -267,6 +267,58 @@ def test_missing_rms_norm_eps_is_transformers_default(tmp_path: Path, arch: str)
     assert load_config(d).rms_norm_eps == theirs.rms_norm_eps
 
 
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"])
+def test_missing_context_and_eos_are_transformers_defaults(tmp_path: Path, arch: str):
+    """A config.json without max_position_embeddings ran to 4096 tokens (transformers: 2048 for Llama, 32768 for
+    Qwen2, 131072 for Mistral), and one without eos_token_id never stopped where transformers' Llama / Mistral stop
+    (2). Mistral's default window (4096, and Qwen2's with use_sliding_window) is its sliding window, as in
+    transformers: kept, or refused when shorter than the context (set to null: no window)."""
+    import transformers
+
+    theirs = getattr(transformers, arch.replace("ForCausalLM", "Config"))()
+    d = write_min_model_dir(tmp_path / "m", architectures=[arch])
+    config = json.loads((d / "config.json").read_text())
+    del config["max_position_embeddings"], config["eos_token_id"]
+    (d / "config.json").write_text(json.dumps({**config, "sliding_window": None}))
+    cfg = load_config(d)
+    assert cfg.max_position_embeddings == theirs.max_position_embeddings
+    assert cfg.eos_token_ids == (() if theirs.eos_token_id is None else (theirs.eos_token_id,))
+    # transformers generates with generation_config.json's ids alone (none there: none)
+    (d / "generation_config.json").write_text("{}")
+    assert load_config(d).eos_token_ids == ()
+    (d / "generation_config.json").write_text('{"eos_token_id": 5}')
+    assert load_config(d).eos_token_ids == (5,)
+    (d / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    assert load_config(d).sliding_window == getattr(theirs, "sliding_window", None)
+    slides = {"use_sliding_window": True}  # Qwen2's switch (Mistral slides whenever a window is set)
+    (d / "config.json").write_text(json.dumps({**config, **slides, "max_position_embeddings": 1024}))
+    sliding = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**slides)
+    assert load_config(d).sliding_window == getattr(sliding, "sliding_window", None)
+    if arch != "LlamaForCausalLM":
+        (d / "config.json").write_text(json.dumps({**config, **slides}))
+        with pytest.raises(
+            ModelLoadError, match=r"sliding_window=4096, transformers' default when unset\) is not"
+        ):
+            load_config(d)
+    (d / "config.json").write_text(json.dumps({**config, "eos_token_id": None, "sliding_window": None}))
+    assert load_config(d).eos_token_ids == (5,)
+    (d / "generation_config.json").unlink()
+    assert load_config(d).eos_token_ids == ()
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"])
+def test_missing_kv_heads_are_transformers_default(arch: str):
+    """Without num_key_value_heads transformers' Llama has as many KV heads as query heads, but its Mistral 8 and
+    its Qwen2 32: here each had as many as query heads (a Mistral checkpoint of 8 KV heads was refused)."""
+    import transformers
+
+    shape = {"hidden_size": 4096, "num_attention_heads": 64}
+    theirs = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**shape)
+    config = {k: v for k, v in BASE_CONFIG.items() if k != "num_key_value_heads"}
+    ours = ModelConfig.from_dict({**config, **shape, "architectures": [arch]})
+    assert ours.num_kv_heads == theirs.num_key_value_heads
+
+
 def _add_tensor(d: Path, name: str, shape: tuple[int, ...]) -> None:
     """Rewrite model.safetensors with one more (zero) tensor."""
     from safetensors.numpy import load_file, save_file

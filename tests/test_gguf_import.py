@@ -236,6 +236,7 @@ def write_tiny_gguf(
     hidden: int = HID,
     ffn: int = FFN,
     matrix_scale: float = 1.0,
+    eos: int | None = 2,
 ) -> dict[str, tuple[np.ndarray, str]]:
     """A tiny llama (or qwen2: q/k/v biases, rows not permuted) GGUF; returns {gguf name: (the float32 tensor
     before quantization, type name)}.
@@ -263,14 +264,16 @@ def write_tiny_gguf(
         w.add_tokenizer_pre("qwen2" if arch == "qwen2" else "smollm")
         w.add_token_merges(merges)
         w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
+        if eos is not None:
+            w.add_eos_token_id(eos)
         w.add_unk_token_id(0)
         w.add_add_bos_token(False)
     else:
         tokens, ttypes, scores = _spm_vocab()
         w.add_token_scores(scores)
         w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
+        if eos is not None:
+            w.add_eos_token_id(eos)
         w.add_unk_token_id(0)
     w.add_token_list(tokens)
     w.add_token_types(ttypes)
@@ -360,6 +363,18 @@ def test_synthetic_types_unpermute_and_untied(tmp_path: Path):
     for g, h in (("token_embd.weight", "model.embed_tokens.weight"), ("output.weight", "lm_head.weight")):
         t = by_name[g]
         np.testing.assert_array_equal(sd[h], gguf.quants.dequantize(t.data, t.tensor_type))
+
+
+def test_a_gguf_without_an_eos_id_has_none(tmp_path: Path):
+    """A GGUF's end ids are its metadata's: none named, none (transformers' default id 2 is a config.json's, whose
+    converted config.json says so with an explicit null)."""
+    from lserve_lite.weights.gguf_weights import gguf_config
+    from lserve_lite.weights.loader import load_config
+
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src, eos=None)
+    assert gguf_config(src).eos_token_ids == ()
+    assert load_config(convert_gguf(src, tmp_path / "tiny", progress=False)).eos_token_ids == ()
 
 
 def _unpermute_ref(permuted: np.ndarray, n_head: int) -> np.ndarray:

@@ -321,6 +321,95 @@ def test_a_forced_replys_json_is_parsed_once(monkeypatch):
         assert parsed.count(reply) == 1, parsed
 
 
+@pytest.mark.parametrize(
+    "choice, form", [("required", "bare"), ("auto", "block"), ("auto", "bare"), ("auto", "marker")]
+)
+def test_a_long_call_streamed_in_small_chunks_is_scanned_once(choice, form):
+    """A held call (a forced reply, a <tool_call> block, bare or marker JSON) was rebuilt and scanned whole on each
+    chunk: quadratic in its length. The text left to scan after each chunk (`buf`) stays as short as a chunk and an
+    end tag, and the calls are those of the whole reply."""
+    plan = plan_tools([WEATHER, TIME], choice, None)
+    call = json.dumps({"name": "get_weather", "arguments": {"city": "O" * 3000, "unit": "c"}})
+    reply = {
+        "block": f"<tool_call>{call}</tool_call>",
+        "bare": call,
+        "marker": f"<|python_tag|>{call}<|eom_id|>",
+    }
+    reply = reply[form]
+    s, content, calls, longest = ToolStream(plan), [], [], 0
+    pieces = [reply[i : i + 3] for i in range(0, len(reply), 3)]
+    for k, piece in enumerate(pieces):
+        text, got = s.feed(piece, finished=k == len(pieces) - 1)
+        content.append(text)
+        calls += got
+        longest = max(longest, len(s.buf))
+    assert longest < 3 + len("<|eom_id|>")
+    assert ("".join(content), _named(calls)) == ("", _named(plan.parse(reply)[1]))
+    assert _named(calls) == [("get_weather", {"city": "O" * 3000, "unit": "c"})]
+
+
+@pytest.mark.parametrize("after", ["", "Hi", '{"name": "get_time", "arguments": {}}'])
+def test_whitespace_opening_a_reply_is_scanned_once(after):
+    """Whitespace opening an "auto" reply (or after a marker), before it is known whether JSON follows, was
+    stripped again whole on each chunk: quadratic in its length. The text left to scan stays one chunk long, and
+    the content and calls are the whole reply's."""
+    plan = plan_tools([WEATHER, TIME], "auto", None)
+    pieces = ["\n"] * 3000 + list(after)
+    s, content, calls, longest = ToolStream(plan), [], [], 0
+    for k, piece in enumerate(pieces):
+        text, got = s.feed(piece, finished=k == len(pieces) - 1)
+        content.append(text)
+        calls += got
+        longest = max(longest, len(s.buf))
+    whole, whole_calls = _fed(plan, ["".join(pieces)])
+    assert longest <= 1 and ("".join(content), _named(calls)) == (whole, _named(whole_calls))
+    assert ("".join(content), _named(calls)) == (
+        ("", [("get_time", {})]) if "{" in after else ("\n" * 3000 + after, [])
+    )
+
+
+def test_many_json_values_are_read_without_copying_the_rest():
+    """Bare calls (and a forced array cut short) are read value by value: each step copied the rest of the text to
+    skip separators, quadratic in the number of calls (20k calls: 1 s). No step copies the text now."""
+    from lserve_lite.engine.tool_calls import _json_values
+
+    copied = [0]
+
+    class Counted(str):
+        def __getitem__(self, key):
+            got = str.__getitem__(self, key)
+            copied[0] += len(got)
+            return got
+
+    text = Counted("; ".join(['{"name": "get_time", "parameters": {}}'] * 200) + " ;")
+    values, at = _json_values(text)
+    assert (len(values), at, copied[0]) == (200, len(text), 0)
+
+
+def test_a_reply_of_many_calls_is_scanned_from_positions_not_cut(monkeypatch):
+    """A whole reply (LLM.chat's, a server choice's) was cut after each tag found, a copy of the rest per call,
+    and searched once per tag to its end: quadratic in the calls (8000 calls: 1.1 s). Each search now runs in the
+    one buffer from the last tag, and the content and calls are as before."""
+    from lserve_lite.engine import tool_calls
+
+    searched: list[tuple[str, tuple]] = []
+    first = tool_calls._first
+
+    def seen(s: str, tags: tuple[str, ...], *start: int) -> tuple[int, str]:
+        searched.append((s, start))
+        return first(s, tags, *start)
+
+    monkeypatch.setattr(tool_calls, "_first", seen)
+    plan = plan_tools([WEATHER, TIME], "auto", None)
+    block = '<tool_call>{"name": "get_time", "arguments": {}}</tool_call> and '
+    marker = '<|python_tag|>{"name": "get_time", "parameters": {}}<|eom_id|> then '
+    content, calls = plan.parse("Sure: " + (block + marker) * 100)
+    assert content == "Sure: " + " and  then " * 100 and len(calls) == 200
+    assert len({id(s) for s, _ in searched}) == 1 and len(searched) == 301  # each tag, then the end
+    starts = [start[0] for _, start in searched]
+    assert starts == sorted(starts)
+
+
 # -- the markers are special tokens: kept in the text for the parser ------------------------------------------
 @pytest.fixture(scope="module")
 def marker_dir(tmp_path_factory):

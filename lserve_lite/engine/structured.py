@@ -61,6 +61,11 @@ class Grammars:
         except ImportError:
             raise InvalidRequestError(INSTALL) from None
         if self._ll_tok is None:
+            if not self.eos_ids:  # llguidance raised ValueError (a grammar's reply ends with one)
+                raise InvalidRequestError(
+                    "structured outputs need the model's end-of-sequence id: it names none (eos_token_id in"
+                    " config.json or generation_config.json)"
+                )
             raw = self.tokenizer.tok.to_str()
             try:
                 self._ll_tok = llguidance.LLTokenizer(

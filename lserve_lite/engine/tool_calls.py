@@ -27,6 +27,8 @@ LEADS = {"[TOOL_CALLS]": (), "<|python_tag|>": ("<|eom_id|>", "<|eot_id|>")}
 TAGS = (OPEN, *LEADS)  # what opens calls in a reply's text
 RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
 ALNUM = string.ascii_letters + string.digits
+_LONGEST_LEAD = max(map(len, LEADS))
+_SPACE = re.compile(r"\s*")  # what str.strip() strips
 
 
 @dataclass(frozen=True)
@@ -168,12 +170,15 @@ def _json(text: str) -> object:
         return None
 
 
+_SEPARATORS = re.compile(r"[ \t\r\n,;]*")
+
+
 def _json_values(text: str, at: int = 0) -> tuple[list, int]:
     """The JSON values of `text` from `at`, separated by whitespace, ',' or ';', up to the first that does not
     parse; and where that one starts (len(text) when they reach the end of the text)."""
     dec, values = json.JSONDecoder(), []
     while True:
-        at += len(text[at:]) - len(text[at:].lstrip(" \t\r\n,;"))
+        at = _SEPARATORS.match(text, at).end()  # in place: a copy of the rest per value was quadratic
         if at == len(text):
             return values, at
         try:
@@ -241,7 +246,10 @@ class ToolStream:
     and parsed at the end."""
 
     def __init__(self, plan: ToolPlan):
-        self.plan, self.buf = plan, ""
+        # buf: the text not yet scanned, or a scanned tail where a tag may begin; held: text scanned and held (a
+        # call's body, held JSON, a forced reply), joined once when it ends (each chunk is scanned once, not the
+        # whole held text again: a long reply streamed in small chunks was quadratic)
+        self.plan, self.buf, self.held, self.pos = plan, "", [], 0
         self.made = 0  # calls returned so far
         self.cut = False  # a forced reply that ended cut in a call (ToolPlan.read)
         # text: scanning for tags; block: inside <tool_call>; lead: after `lead` (a marker, "" at the reply's
@@ -250,34 +258,39 @@ class ToolStream:
 
     def feed(self, text: str, finished: bool = False) -> tuple[str, list[dict]]:
         """New text (the last of the reply when `finished`) -> (content to send now, calls completed by it)."""
-        self.buf += text
         if self.plan.forced:
+            self.held.append(text)
             if not finished:
                 return "", []
-            content, calls, self.cut = self.plan.read(self.buf)
-            self.buf = ""
+            content, calls, self.cut = self.plan.read(self._take(0))
             return content or "", calls
+        # pos: where the text not yet placed starts; buf is cut there once, at the end (cutting it at each tag
+        # copied the rest of a whole reply per call, quadratic in the calls)
+        buf, self.pos = self.buf + text, 0
+        self.buf = buf
         out: list[str] = []
         calls: list[dict] = []
         while True:
             if self.mode == "text":
-                at, tag = _first(self.buf, TAGS)
+                at, tag = _first(buf, TAGS, self.pos)
                 if at < 0:
-                    keep = 0 if finished else _partial_tag(self.buf)
-                    out.append(self.buf[: len(self.buf) - keep])
-                    self.buf = self.buf[len(self.buf) - keep :]
+                    keep = 0 if finished else _partial_tag(buf, self.pos)
+                    out.append(buf[self.pos : len(buf) - keep])
+                    self.pos = len(buf) - keep
                     break
-                out.append(self.buf[:at])
-                self.buf = self.buf[at + len(tag) :]
+                out.append(buf[self.pos : at])
+                self.pos = at + len(tag)
                 self.mode, self.lead = ("block", "") if tag == OPEN else ("lead", tag)
             elif self.mode == "block":
-                at = self.buf.find(CLOSE)
+                at = buf.find(CLOSE, self.pos)
                 if at < 0:
                     if finished:  # an unclosed call stays text
-                        out.append(OPEN + self.buf)
-                        self.buf, self.mode = "", "text"
+                        out.append(OPEN + self._take(len(buf)))
+                        self.mode = "text"
+                    else:
+                        self._hold(len(CLOSE) - 1)
                     break
-                body, self.buf, self.mode = self.buf[:at], self.buf[at + len(CLOSE) :], "text"
+                body, self.mode = self._take(at, len(CLOSE)), "text"
                 obj = _json(body.strip())
                 got = _calls_of(self.plan, obj) if isinstance(obj, dict) else []
                 if got:
@@ -285,28 +298,48 @@ class ToolStream:
                 else:  # not a call of a known tool: the text stays as the model wrote it
                     out.append(OPEN + body + CLOSE)
             elif self.mode == "lead":
-                head = self.buf.lstrip()
-                if not finished and (not head or any(m.startswith(head) for m in LEADS)):
+                at = _SPACE.match(buf, self.pos).end()
+                if not finished and at == len(buf):  # whitespace so far: held, not scanned again
+                    self._hold(0)
+                    break
+                head = buf[at : at + _LONGEST_LEAD + 1]  # as far as a marker could reach
+                if not finished and any(m.startswith(head) for m in LEADS):
                     break  # not known yet (a reply may open with a marker: "[TOOL_CALLS]" starts with "[")
                 if head[:1] in ("{", "[") and not head.startswith(TAGS):
                     self.mode = "held"
-                else:  # no JSON: the marker is text
-                    out.append(self.lead)
+                else:  # no JSON: the marker, and the whitespace held after it, are text
+                    out.append(self.lead + self._take(self.pos))
                     self.mode = "text"
             else:  # held
-                at, end = _first(self.buf, LEADS.get(self.lead, ()))
+                ends = LEADS.get(self.lead, ())
+                at, end = _first(buf, ends, self.pos)
                 if at < 0 and not finished:
+                    self._hold(max(map(len, ends), default=1) - 1)
                     break
-                at = len(self.buf) if at < 0 else at
-                body, self.buf, self.mode = self.buf[:at], self.buf[at + len(end) :], "text"
+                at = len(buf) if at < 0 else at
+                body, self.mode = self._take(at, len(end)), "text"
                 got = _bare_calls(self.plan, body)
                 calls += got
                 if not got:  # not wholly calls of the tools: the text as the model wrote it
                     out.append(self.lead + body + end)
+        self.buf = buf[self.pos :]
         if not self.plan.parallel:
             calls = calls[: max(0, 1 - self.made)]
         self.made += len(calls)
         return "".join(out), calls
+
+    def _hold(self, keep: int) -> None:
+        """Moves the text from pos, but its last `keep` characters (where an end tag may begin), to the held text."""
+        cut = max(self.pos, len(self.buf) - keep)
+        if cut > self.pos:
+            self.held.append(self.buf[self.pos : cut])
+            self.pos = cut
+
+    def _take(self, at: int, skip: int = 0) -> str:
+        """The held text and buf[pos:at], joined once; pos then moves `skip` characters (an end tag) past `at`."""
+        body = "".join(self.held) + self.buf[self.pos : at]
+        self.held, self.pos = [], at + skip
+        return body
 
 
 def _bare_calls(plan: ToolPlan, text: str) -> list[dict]:
@@ -317,15 +350,16 @@ def _bare_calls(plan: ToolPlan, text: str) -> list[dict]:
     return _calls_of(plan, items) if at == len(text) and items else []
 
 
-def _first(s: str, tags: tuple[str, ...]) -> tuple[int, str]:
-    """The earliest of `tags` in s as (index, tag); (-1, "") when none occurs."""
-    found = [(at, t) for t in tags if (at := s.find(t)) >= 0]
-    return min(found) if found else (-1, "")
+def _first(s: str, tags: tuple[str, ...], start: int) -> tuple[int, str]:
+    """The earliest of `tags` in s from `start` as (index, tag); (-1, "") when none occurs. One search for all (a
+    search for each tag scanned the rest of a whole reply for the tags it does not hold, at each tag found)."""
+    found = re.compile("|".join(map(re.escape, tags))).search(s, start) if tags else None
+    return (found.start(), found[0]) if found else (-1, "")
 
 
-def _partial_tag(s: str) -> int:
-    """Length of the longest suffix of s that is a proper prefix of a tag (an opening tag or a marker)."""
-    for k in range(min(len(s), max(map(len, TAGS)) - 1), 0, -1):
+def _partial_tag(s: str, start: int) -> int:
+    """Length of the longest suffix of s[start:] that is a proper prefix of a tag (an opening tag or a marker)."""
+    for k in range(min(len(s) - start, max(map(len, TAGS)) - 1), 0, -1):
         if any(len(t) > k and t.startswith(s[-k:]) for t in TAGS):
             return k
     return 0

@@ -216,9 +216,8 @@ def model_config(meta: dict[str, Any], tensors: dict, path: Path) -> dict[str, A
     for name, key in (("bos_token_id", "bos_token_id"), ("pad_token_id", "padding_token_id")):
         if (v := meta.get(f"tokenizer.ggml.{key}")) is not None:
             cfg[name] = int(v)
-    eos = _eos_ids(meta)
-    if eos:
-        cfg["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    eos = _eos_ids(meta)  # none: none (not transformers' default for a config.json without the field)
+    cfg["eos_token_id"] = (eos[0] if len(eos) == 1 else eos) if eos else None
     cfg["lserve_lite"] = {"converted_from": path.name, "gguf_name": meta.get("general.name")}
     _check_tensors(tensors, cfg, path)
     return cfg

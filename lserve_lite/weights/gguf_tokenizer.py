@@ -286,7 +286,7 @@ def tokenizer_files(meta: dict[str, Any], cfg: dict[str, Any], path: Path):
     gen: dict[str, Any] = {}
     if "bos_token_id" in cfg:
         gen["bos_token_id"] = cfg["bos_token_id"]
-    if "eos_token_id" in cfg:
+    if cfg.get("eos_token_id") is not None:
         gen["eos_token_id"] = cfg["eos_token_id"]
     if "pad_token_id" in cfg:
         gen["pad_token_id"] = cfg["pad_token_id"]

@@ -168,12 +168,16 @@ def load_config(model_dir: Path) -> ModelConfig:
     """config.json, with generation_config.json's end-of-generation ids merged in (a GGUF: its metadata)."""
     if _is_gguf(model_dir):
         return gguf_config(model_dir)
-    cfg = ModelConfig.from_file(model_dir / "config.json")
+    raw = read_json_object(model_dir / "config.json")
+    cfg = ModelConfig.from_dict(raw, str(model_dir / "config.json"))
     gen = model_dir / "generation_config.json"
     if not gen.exists():
         return cfg
     eos = token_ids(read_json_object(gen).get("eos_token_id"), "eos_token_id", str(gen), cfg.vocab_size)
-    return replace(cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + eos)))
+    # config.json's own ids join them, not its class's default (transformers generates with generation_config's
+    # alone: a Llama 3 config without eos_token_id would stop at the default 2, "#")
+    own = cfg.eos_token_ids if "eos_token_id" in raw else ()
+    return replace(cfg, eos_token_ids=tuple(dict.fromkeys(own + eos)))
 
 
 def _shards(model_dir: Path) -> tuple[list[Path], dict[str, str]]:
