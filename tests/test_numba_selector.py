@@ -54,6 +54,23 @@ def test_numba_selector_matches_reference_in_simulator():
     assert sum(out.count("ok") for out, _ in outs) == 2 * len(CASES) + 1, outs
 
 
+def test_numba_selector_limits_are_named_before_a_launch():
+    """The shapes the kernel's shared arrays cannot hold (more than MAX_GROUP query heads a KV head, a head_dim or a
+    sub_pages it does not tile) are named by `unsupported`, which the CUDA backend checks at startup with
+    LSERVE_SELECTOR=numba (a 16-query-head group failed at its first page selection)."""
+    code = (
+        "from lserve_lite.backends.numba_page_select import MAX_GROUP, unsupported\n"
+        "assert unsupported(32, 8, 128, 4) is None and unsupported(8 * MAX_GROUP, 8, 128, 4) is None\n"
+        "assert 'query heads per KV head' in unsupported(16 * MAX_GROUP, 8, 128, 4)\n"
+        "assert 'head_dim 100' in unsupported(32, 8, 100, 4)\n"
+        "assert 'sub_pages 64' in unsupported(32, 8, 128, 64)\n"
+        "print('ok')\n"
+    )
+    env = {**ENV, "NUMBA_ENABLE_CUDASIM": "1"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr[-2000:]
+
+
 def test_numba_selector_compiles_for_the_gpu():
     """PTX for sm_80 and sm_90 with the GPU's argument types (float16 statistics), as NVRTC checks the
     RawKernels (tests/test_kernels_compile.py); skipped where Numba finds no NVVM."""

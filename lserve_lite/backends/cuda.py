@@ -354,6 +354,17 @@ class CudaOps:
     ) -> KVCache:
         """Reference: backends/base.alloc_kv_cache. fp16 pools, or quantized values with fp16 scales (head dims
         64 and 128); fp16 key statistics (exact: keys are fp16)."""
+        if (
+            self._selector_name == "numba"
+            and layout is not None
+            and layout.sub_pages
+            and not layout.streaming_only
+        ):
+            from .numba_page_select import unsupported
+
+            why = unsupported(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, layout.sub_pages)
+            if why:
+                raise InvalidRequestError(f"LSERVE_SELECTOR=numba: {why}")
         if fmt is not None and fmt.quantized and cfg.head_dim not in HEAD_DIMS:
             raise InvalidRequestError(
                 f"kv_dtype {fmt.name} needs head_dim 64 or 128 on the GPU, got {cfg.head_dim}"

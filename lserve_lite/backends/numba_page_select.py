@@ -318,15 +318,27 @@ def score_rows(max_qblocks: int, max_pages: int) -> int:
     return -(-(max_pages + 32 * max_qblocks + 32) // 32) * 32
 
 
+def unsupported(hq: int, hkv: int, d: int, sub: int, threads: int = THREADS) -> str | None:
+    """Why the kernel cannot select for this shape (its shared arrays' sizes), or None: the launcher checks it, and
+    the CUDA backend at startup (LSERVE_SELECTOR=numba) so that a model it cannot serve is refused before its first
+    decode step."""
+    if hq // hkv > MAX_GROUP:
+        return f"the Numba selector handles at most {MAX_GROUP} query heads per KV head, got {hq // hkv}"
+    if d % CH or not MIN_D <= d <= MAX_D or threads > MAX_THREADS or threads % 32:
+        return f"head_dim {d} / {threads} threads not supported by the Numba selector"
+    lpi = threads // (d // CH)
+    if sub > lpi or lpi % sub:
+        return f"sub_pages {sub} too large for the Numba selector at head_dim {d} and {threads} threads"
+    return None
+
+
 def launch_shape(
     max_qblocks: int, max_pages: int, hkv: int, d: int, sub: int, threads: int = THREADS
 ) -> tuple[tuple[int, int, int], tuple[int]]:
     """(grid, block): about 32 pages per scoring CTA for the longest list the capacity allows."""
-    if d % CH or not MIN_D <= d <= MAX_D or threads > MAX_THREADS or threads % 32:
-        raise ValueError(f"head_dim {d} / {threads} threads not supported by the Numba selector")
-    lpi = threads // (d // CH)
-    if sub > lpi or lpi % sub:
-        raise ValueError(f"sub_pages {sub} too large for head_dim {d} at {threads} threads")
+    why = unsupported(hkv, hkv, d, sub, threads)
+    if why:
+        raise ValueError(why)
     per_list = -(-max_pages // max(1, max_qblocks))
     gx = int(max(1, min(1024, -(-per_list // 32))))
     return (gx, max_qblocks, hkv), (threads,)
@@ -361,8 +373,9 @@ class NumbaSelector:
         nd, sub = int(kmax.shape[1]), int(kmax.shape[2])
         if nd == 0 or plan.max_qblocks == 0:
             return
-        if hq // hkv > MAX_GROUP:
-            raise ValueError(f"the Numba selector handles at most {MAX_GROUP} query heads per KV head")
+        why = unsupported(hq, hkv, d, sub)
+        if why:
+            raise ValueError(why)
         grid, block = launch_shape(plan.max_qblocks, plan.max_pages, hkv, d, sub)
         rows = score_rows(plan.max_qblocks, plan.max_pages)
         scores = plan.workspace("numba_sel_scores", hq * rows, np.float32)
