@@ -674,11 +674,15 @@ def test_a_body_of_more_json_values_than_a_valid_request_holds_is_413_before_par
     for body in (
         {"prompt": [list(range(max_len - 1))] * MAX_CHOICES},  # the most prompts, each of the whole context
         {"prompt": "[{,:" * (chars // 4)},  # text of separators only, which count inside strings too
-        {"messages": history * (chars // 2 // 50), "tools": tools},  # a long history with tools
+        {"messages": history * (chars // 2 // 60), "tools": tools},  # a long history with tools
     ):
         chat = "messages" in body
         assert prompt_size(body, chat)[0] <= chars and prompt_size(body, chat)[1] < max_len  # valid sizes
         check_body_size(json.dumps(body | extras).encode(), limits)
+    # an empty text part is a container and two members and counted 0 characters: 200,000 of them (5 MB) were a
+    # valid prompt size that the count refused with 413; each part is now counted in the prompt's size
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": ""}] * 200_000}]}
+    assert prompt_size(parts, True)[0] > chars
 
 
 def test_client_gone_mid_body_is_499_not_a_logged_500(client, caplog):
