@@ -132,6 +132,8 @@ def test_tokenize_and_detokenize(server, ref):
         ref.tokenizer.tok.id_to_token(i) for i in r["tokens"]
     ]
     assert "".join(r2["token_strs"]).replace("\u0120", " ").endswith("hello world".split()[-1])
+    # null is vLLM's Optional[bool] unset (it was a 400 "must be a boolean")
+    assert post("/tokenize", prompt="hello world", model="tiny", return_token_strs=None).json() == r
     msgs = chat_msgs("hi")
     r = post("/tokenize", messages=msgs).json()
     assert r["tokens"] == ref.tokenizer.encode_chat(msgs)

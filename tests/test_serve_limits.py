@@ -602,7 +602,7 @@ def test_wide_bodies_are_checked_without_a_walk_over_every_value(client, monkeyp
 def test_prompt_sizes_and_detokenize_run_off_the_event_loop(client, monkeypatch):
     """The prompt-size check walks every message of a body (460,000 in 8 MiB: 0.5 s) and ran on the event loop,
     stalling every stream: it runs in a worker thread, as decode, on both endpoints and /tokenize; so does
-    /detokenize's check and decode of up to 2 million ids (0.46 s)."""
+    /detokenize's check and decode of up to 2 million ids (0.46 s), and /tokenize's token strings."""
     import asyncio
 
     from lserve_lite.serve import app as app_module
@@ -634,7 +634,15 @@ def test_prompt_sizes_and_detokenize_run_off_the_event_loop(client, monkeypatch)
     assert client.post("/tokenize", json={"messages": MSGS}).status_code == 200
     monkeypatch.setattr(tok, "decode", watched_decode)
     assert client.post("/detokenize", json={"tokens": [5, 6]}).json() == {"prompt": decode([5, 6], False)}
-    assert on_loop == [False, False, False, False]
+    pieces = tok.pieces
+
+    def watched_pieces(ids: list[int]) -> list[str | None]:
+        record()
+        return pieces(ids)
+
+    monkeypatch.setattr(tok, "pieces", watched_pieces)  # /tokenize's token_strs: 0.3 s for a million ids
+    assert client.post("/tokenize", json={"prompt": "hi", "return_token_strs": True}).json()["token_strs"]
+    assert on_loop == [False, False, False, False, False, False]
 
 
 def test_a_body_of_more_json_values_than_a_valid_request_holds_is_413_before_parsing(client):
@@ -674,11 +682,15 @@ def test_a_body_of_more_json_values_than_a_valid_request_holds_is_413_before_par
     for body in (
         {"prompt": [list(range(max_len - 1))] * MAX_CHOICES},  # the most prompts, each of the whole context
         {"prompt": "[{,:" * (chars // 4)},  # text of separators only, which count inside strings too
-        {"messages": history * (chars // 2 // 50), "tools": tools},  # a long history with tools
+        {"messages": history * (chars // 2 // 60), "tools": tools},  # a long history with tools
     ):
         chat = "messages" in body
         assert prompt_size(body, chat)[0] <= chars and prompt_size(body, chat)[1] < max_len  # valid sizes
         check_body_size(json.dumps(body | extras).encode(), limits)
+    # an empty text part is a container and two members and counted 0 characters: 200,000 of them (5 MB) were a
+    # valid prompt size that the count refused with 413; each part is now counted in the prompt's size
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": ""}] * 200_000}]}
+    assert prompt_size(parts, True)[0] > chars
 
 
 def test_client_gone_mid_body_is_499_not_a_logged_500(client, caplog):

@@ -59,6 +59,9 @@ class ApiError(Exception):
 
 MAX_CHOICES = 64  # prompts x n of one request: each is a running sequence
 MESSAGE_CHARS = 16  # a chat message's template text, counted in the prompt's size (at least a token's worth)
+# a content part's JSON, counted in the prompt's size as a message's is: `body_limits` allows a valid request 2
+# characters a container and 4 a member, and an empty text part is one of each and two members
+PART_CHARS = 8
 MAX_JSON_DEPTH = 32  # the deepest valid body is 5 levels (messages[i].content[j].text)
 
 _STRICT = ConfigDict(extra="ignore", strict=True)
@@ -536,7 +539,7 @@ def prompt_size(body: dict, chat: bool) -> tuple[int, int, int]:
 def _message_chars(m: object) -> int:
     """Characters of a raw message's fields that can reach the chat template (ChatMessage's fields; it ignores
     any other): strings as they are (role, tool_call_id), text parts by their text, other values (tool_calls) as
-    JSON; a null or non-text part counts 1."""
+    JSON; a null or non-text part counts 1, and each part of a list PART_CHARS more."""
     if not isinstance(m, dict):
         return 1
     chars = 0
@@ -545,9 +548,10 @@ def _message_chars(m: object) -> int:
         if isinstance(v, str):
             chars += len(v)
         elif key == "content":
-            parts = v if isinstance(v, list) else [v]
+            parts, each = (v, PART_CHARS) if isinstance(v, list) else ([v], 0)
             chars += sum(
-                len(x["text"]) if isinstance(x, dict) and isinstance(x.get("text"), str) else 1 for x in parts
+                each + (len(x["text"]) if isinstance(x, dict) and isinstance(x.get("text"), str) else 1)
+                for x in parts
             )
         elif v:
             chars += len(json.dumps(v))

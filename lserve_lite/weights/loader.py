@@ -75,11 +75,10 @@ def load_tokenizer(path: Path) -> Tokenizer:
 def model_name(path: Path) -> str:
     """The name a model is served under: its directory's name, a GGUF file's name without `.gguf` (a file known
     by its magic keeps its whole name: "Llama-3.2-1B" is not "Llama-3"), and the default GGUF's model name (so
-    `"model": "SmolLM2-135M-Instruct"` keeps working now that the engine runs the GGUF). A relative path is made
-    absolute first, without following links: `--model .` was served as "" (and `..` as "..")."""
+    `"model": "SmolLM2-135M-Instruct"` keeps working now that the engine runs the GGUF). A directory's name is
+    `path_name`'s: `--model .` was served as "" (and `..` as "..")."""
     from .default_model import GGUF_NAME, MODEL_NAME
 
-    path = Path(os.path.abspath(path))
     if not _is_gguf(path):
         return path_name(path)
     if path.name == GGUF_NAME:
