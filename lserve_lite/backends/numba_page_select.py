@@ -324,6 +324,11 @@ def unsupported(hq: int, hkv: int, d: int, sub: int, threads: int = THREADS) -> 
     decode step."""
     if hq // hkv > MAX_GROUP:
         return f"the Numba selector handles at most {MAX_GROUP} query heads per KV head, got {hq // hkv}"
+    return _tiling_unsupported(d, sub, threads)
+
+
+def _tiling_unsupported(d: int, sub: int, threads: int) -> str | None:
+    """`unsupported`'s part that fixes the launch shape: the head_dim and sub_pages one CTA's threads tile."""
     if d % CH or not MIN_D <= d <= MAX_D or threads > MAX_THREADS or threads % 32:
         return f"head_dim {d} / {threads} threads not supported by the Numba selector"
     lpi = threads // (d // CH)
@@ -336,7 +341,7 @@ def launch_shape(
     max_qblocks: int, max_pages: int, hkv: int, d: int, sub: int, threads: int = THREADS
 ) -> tuple[tuple[int, int, int], tuple[int]]:
     """(grid, block): about 32 pages per scoring CTA for the longest list the capacity allows."""
-    why = unsupported(hkv, hkv, d, sub, threads)
+    why = _tiling_unsupported(d, sub, threads)
     if why:
         raise ValueError(why)
     per_list = -(-max_pages // max(1, max_qblocks))
