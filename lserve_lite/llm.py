@@ -465,7 +465,12 @@ def _unwrapped(p):
         return p
     keys = set(p)
     if keys == {"prompt"} or keys in ({"prompt_token_ids"}, {"prompt_token_ids", "prompt"}):
-        return p["prompt_token_ids" if "prompt_token_ids" in keys else "prompt"]
+        key = "prompt_token_ids" if "prompt_token_ids" in keys else "prompt"
+        # text under prompt_token_ids (or ids under prompt) would run as the other kind of prompt
+        if isinstance(p[key], str) != (key == "prompt"):
+            kind = "a string" if key == "prompt" else "a list of token ids"
+            raise InvalidRequestError(f"a prompt dict's {key} must be {kind}, got {type(p[key]).__name__}")
+        return p[key]
     raise InvalidRequestError(
         "prompts must be strings, token ids or vLLM's prompt dicts {'prompt': text} / {'prompt_token_ids': ids} "
         f"(a conversation goes to chat); got a dict with the keys {sorted(map(str, keys))[:4]}"

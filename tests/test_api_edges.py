@@ -941,6 +941,13 @@ def test_generate_takes_vllms_prompt_dicts(llm):
             llm.generate(bad, sp)
     with pytest.raises(InvalidRequestError, match="prompt must be"):
         llm.generate({"prompt": 5}, sp)
+    # text under prompt_token_ids (or ids under prompt) ran as the other kind of prompt: a different request
+    for bad, match in (
+        ({"prompt_token_ids": "hi"}, "a list of token ids, got str"),
+        ({"prompt": ids}, "a string, got list"),
+    ):
+        with pytest.raises(InvalidRequestError, match=rf"^a prompt dict's \w+ must be {match}$"):
+            llm.generate([bad], sp)
     assert not llm.engine.has_unfinished()
 
 
