@@ -322,7 +322,8 @@ class LLM:
         if params.n != 1:
             raise InvalidRequestError(f"a stream carries one candidate (n=1), got n={params.n}: use generate")
         prompt = _unwrapped(prompt)
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):  # rendered as chat renders it
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):  # a conversation, as chat's
+            check_contents(prompt)
             prompt = self.tokenizer.encode_chat(
                 *prompt_messages(prompt, None, self.tokenizer.template_reads_tools)
             )

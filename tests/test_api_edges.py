@@ -630,7 +630,8 @@ def test_chat_content_as_text_parts_or_none_renders_as_text(llm):
 def test_chat_refuses_a_turn_without_content_as_the_server(llm):
     """LLM.chat took a user or tool message with content None (or none) as empty text, while the server refuses it
     with a 400 naming messages[i].content (OpenAI's rule: only an assistant turn may leave its content out).
-    It now refuses it in the same line, before anything runs; an assistant turn without content still passes."""
+    It now refuses it in the same line, before anything runs; an assistant turn without content still passes.
+    stream, given a conversation, rendered such a turn as empty text too: it refuses it as chat does."""
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]
     sp = SamplingParams(max_new_tokens=1)
     for i, m in (
@@ -638,10 +639,11 @@ def test_chat_refuses_a_turn_without_content_as_the_server(llm):
         (1, {"role": "tool", "content": None}),
         (2, {"role": "user"}),
     ):
-        with pytest.raises(
-            InvalidRequestError, match=rf"^messages\[{i}\]\.content: a {m['role']} message needs"
-        ):
-            llm.chat(turns[:i] + [m], sp)
+        for call in (lambda c: llm.chat(c, sp), lambda c: next(llm.stream(c, sp))):
+            with pytest.raises(
+                InvalidRequestError, match=rf"^messages\[{i}\]\.content: a {m['role']} message needs"
+            ):
+                call(turns[:i] + [m])
     assert not llm.engine.has_unfinished()
     assert llm.chat(turns + [{"role": "user", "content": "x"}], sp).finish_reason in ("stop", "length")
 
