@@ -232,7 +232,9 @@ class _Params:
             )
 
     def candidates(self) -> list[SamplingParams]:
-        """The n single-candidate requests of `n > 1` (seed + i each, so seeded candidates differ)."""
+        """The n single-candidate requests of `n > 1` (seed + i each, so seeded candidates differ). n is checked
+        first: set after construction (`sp.n = 1000`), each candidate's own validation sees only n=1."""
+        check_n(self.n)
         if self.n == 1:
             return [self]
         seed = self.seed

@@ -174,6 +174,16 @@ def test_vllm_spellings_set_after_construction_are_taken(llm):
         assert sp == SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, **{name: value}), name
 
 
+def test_n_set_after_construction_is_checked(llm):
+    """`sp.n = 100` after construction ran 100 candidates past the limit of 16: generate split it into requests of
+    n=1 before any validation saw n. It is refused in one line, and nothing is queued."""
+    sp = SamplingParams(max_tokens=1)
+    sp.n = 100
+    with pytest.raises(InvalidRequestError, match=r"^n must be an integer in \[1, 16\], got 100$"):
+        llm.generate("hi", sp)
+    assert not llm.engine.has_unfinished()
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [
