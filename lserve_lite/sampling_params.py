@@ -308,6 +308,17 @@ class SamplingParams(_Params):
         super().__init__(*args, **kw)
         check_best_of(best_of, self.n)
 
+    def __setattr__(self, name: str, value: object) -> None:
+        """vLLM's options not implemented here, set on the object as vLLM's code sets fields
+        (`sp.include_stop_str_in_output = True`), are refused as the constructor refuses them: stored, they were
+        ignored, and the request ran without their effect. At their "off" value they pass, as there."""
+        if name in VLLM_UNSUPPORTED:
+            refuse_set(name, value, *VLLM_UNSUPPORTED[name])
+        elif name == "best_of":
+            check_best_of(value, self.n)
+        else:
+            super().__setattr__(name, value)
+
     @property
     def max_tokens(self) -> int:
         """vLLM's name of max_new_tokens, read and set as vLLM's code does (it read a sentinel, and setting it did

@@ -207,6 +207,31 @@ def test_vllms_unimplemented_sampling_options_are_named(kw, match):
         SamplingParams(max_tokens=2, **kw)
 
 
+@pytest.mark.parametrize(
+    "name,value,match",
+    [
+        ("include_stop_str_in_output", True, r"^include_stop_str_in_output is not supported"),
+        ("use_beam_search", True, r"^use_beam_search is not supported \(no beam search\)$"),
+        ("skip_special_tokens", False, r"^skip_special_tokens is not supported"),
+        ("best_of", 3, r"^best_of must equal n \(candidates are not ranked\)$"),
+    ],
+)
+def test_vllms_unimplemented_sampling_options_set_later_are_refused(llm, name, value, match):
+    """The same options set on the object after construction (as vLLM's code sets fields) were stored and ignored:
+    `sp.include_stop_str_in_output = True` ran without it. They are refused in the constructor's line; their "off"
+    values pass, as there."""
+    sp = SamplingParams(max_tokens=2, temperature=0)
+    with pytest.raises(InvalidRequestError, match=match):
+        setattr(sp, name, value)
+    setattr(
+        sp,
+        name,
+        {"include_stop_str_in_output": False, "use_beam_search": False, "best_of": 1}.get(name, True),
+    )
+    assert sp == SamplingParams(max_tokens=2, temperature=0)
+    assert len(llm.generate([[5, 6]], sp)[0].token_ids) == 2
+
+
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), float("inf"), "0.1", True])
 def test_min_p_outside_0_1_is_refused(bad):
     with pytest.raises(InvalidRequestError, match=r"^min_p must be in \[0, 1\] \(0 disables it\), got "):
