@@ -186,7 +186,13 @@ class Tokenizer:
         chat_template_kwargs: dict | None = None,
     ) -> str:
         """As transformers renders: the caller's template if given, else a model's named "tool_use" template when
-        tools are given, else its default."""
+        tools are given, else its default. The two switches are booleans: a string such as "no" read as true."""
+        for name, flag in (
+            ("add_generation_prompt", add_generation_prompt),
+            ("continue_final_message", continue_final),
+        ):
+            if not isinstance(flag, bool):
+                raise InvalidRequestError(f"{name} must be True or False, got {flag!r:.40}")
         extra = _template_kwargs(chat_template_kwargs)
         if chat_template is not None:
             compiled = _caller_template(_caller_template_text(chat_template))

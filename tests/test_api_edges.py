@@ -696,6 +696,12 @@ def test_chat_continues_the_final_message(llm):
     assert llm.tokenizer.decode(plain, False) == "<|im_start|>user\nhi<|im_end|>\n"
     with pytest.raises(InvalidRequestError, match="pass add_generation_prompt=False"):
         llm.chat(msgs, sp, continue_final_message=True)
+    # a string switch ("no", "false") read as true: the prompt silently got the other shape
+    for name in ("add_generation_prompt", "continue_final_message"):
+        with pytest.raises(InvalidRequestError, match=rf"^{name} must be True or False, got 'no'$"):
+            llm.chat(msgs, sp, **{"add_generation_prompt": False, name: "no"})
+        with pytest.raises(InvalidRequestError, match=rf"^{name} must be True or False"):
+            llm.tokenizer.apply_chat_template(msgs, **{name: "no"})
     assert not llm.engine.has_unfinished()
 
 
