@@ -152,6 +152,14 @@ def test_one_call_at_most_without_parallel_calls():
     assert [c["function"]["name"] for c in plan.parse(two)[1]] == ["get_time"]
 
 
+def test_parallel_tool_calls_must_be_a_boolean():
+    """LLM.chat(..., parallel_tool_calls="no") read the string as true: every call came back. It is refused in one
+    line naming the field (the server's pydantic model parses its JSON boolean first)."""
+    with pytest.raises(InvalidRequestError, match=r"^parallel_tool_calls: must be true or false, got 'no'$"):
+        plan_tools([WEATHER], "auto", "no")
+    assert plan_tools([WEATHER], "auto", None).parallel and not plan_tools([WEATHER], "auto", False).parallel
+
+
 @pytest.mark.parametrize("step", [1, 2, 3, 5, 7, 11, 64])
 def test_streamed_split_equals_the_whole(step):
     """Fed in pieces of any size, the stream sends the same content and calls, and never a piece of an opening

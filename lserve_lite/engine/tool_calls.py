@@ -389,7 +389,10 @@ def short_call_ids(tok: Tokenizer) -> bool:
 
 def plan_tools(tools: list | None, tool_choice: object, parallel: bool | None) -> ToolPlan | None:
     """Checks a request's `tools` and `tool_choice` (InvalidRequestError naming the field); None when no tool
-    is offered or tool_choice is "none" (tools then neither shown nor parsed)."""
+    is offered or tool_choice is "none" (tools then neither shown nor parsed). `parallel` (None: true) is a
+    boolean: a string such as "no" read as true."""
+    if parallel is not None and not isinstance(parallel, bool):
+        raise InvalidRequestError(f"parallel_tool_calls: must be true or false, got {parallel!r:.40}")
     if tools is not None and not isinstance(tools, list):
         raise InvalidRequestError("tools: must be a list of {'type': 'function', 'function': {...}}")
     if tools is not None and len(tools) > MAX_TOOLS:  # before each tool's checks
@@ -400,7 +403,7 @@ def plan_tools(tools: list | None, tool_choice: object, parallel: bool | None) -
     mode, name = _choice(tool_choice, checked)
     if mode == "none" or not checked:
         return None
-    return ToolPlan(checked, mode, name, True if parallel is None else bool(parallel))
+    return ToolPlan(checked, mode, name, parallel is not False)
 
 
 def _tool(i: int, t: object) -> Tool:
