@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -61,8 +62,6 @@ def test_cli_refuses_absurd_numbers_in_one_line():
 def test_generate_into_a_closed_pipe_is_quiet(tiny_llama):
     """`lserve-lite generate ... | head -c 5`: the reader goes away; the writer stops without a BrokenPipeError
     traceback (status 141 as a shell reports SIGPIPE). The read end is closed before the first write."""
-    import os
-
     r, w = os.pipe()
     os.close(r)
     p = subprocess.run(
@@ -72,6 +71,18 @@ def test_generate_into_a_closed_pipe_is_quiet(tiny_llama):
     )  # fmt: skip
     os.close(w)
     assert (p.returncode, p.stderr) == (141, "")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_generate_into_a_full_disk_is_one_line(tiny_llama):
+    """`lserve-lite generate ... > /dev/full` (a disk that filled up) ended in an OSError traceback."""
+    with open("/dev/full", "w") as full:
+        p = subprocess.run(
+            [sys.executable, "-m", "lserve_lite.cli", "generate", "--model", str(tiny_llama), "--backend", "cpu",
+             "--prompt", "hello", "--max-new-tokens", "4"],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=300,
+        )  # fmt: skip
+    assert (p.returncode, p.stderr) == (1, "error: No space left on device\n")
 
 
 def test_serve_address_brackets_ipv6():
@@ -443,8 +454,6 @@ def test_kernels_test_refuses_a_json_path_with_a_trailing_slash(tmp_path, capsys
 def test_kernels_test_refuses_a_json_file_in_a_directory_it_cannot_write(tmp_path, monkeypatch, capsys):
     """`--json` names a file that is replaced through a temporary file beside it: a writable file in a folder the
     user may not write passed the check, and the run's first write ended in a PermissionError traceback."""
-    import os
-
     from lserve_lite.harness import main
 
     out = tmp_path / "k.json"
@@ -584,8 +593,6 @@ def test_kernels_test_names_the_case_of_each_row(monkeypatch, tmp_path, capsys):
 
 def test_kernels_test_json_to_a_pipe_is_one_object(monkeypatch):
     """`--json /dev/stdout` (a pipe): written once, at the end, where a file is rewritten as cases end."""
-    import os
-
     import lserve_lite.harness as harness
     from lserve_lite.harness.common import Result
 
