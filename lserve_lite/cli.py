@@ -46,7 +46,17 @@ def _check_text_option(text: str | None, flag: str) -> None:
         raise InvalidRequestError(f"{flag} is not valid UTF-8 text")
 
 
+def _check_stdio(reads_stdin: bool) -> None:
+    """Refuse a closed stdout (`>&-`), or stdin (`<&-`) where the command reads it, before the model loads: Python
+    sets them to None and the first write or `input()` ended the command in a traceback."""
+    if sys.stdout is None:
+        raise InvalidRequestError("standard output is closed; the command writes its text there")
+    if reads_stdin and sys.stdin is None:
+        raise InvalidRequestError("standard input is closed; chat reads its messages there")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    _check_stdio(reads_stdin=False)
     _check_text_option(args.prompt, "--prompt")
     params = _sampling(args)
     llm = _make_llm(args)
@@ -91,6 +101,7 @@ CHAT_COMMANDS = (
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    _check_stdio(reads_stdin=True)
     _check_text_option(args.system, "--system")
     _readline_history()
     params = _sampling(args)

@@ -85,6 +85,25 @@ def test_generate_into_a_full_disk_is_one_line(tiny_llama):
     assert (p.returncode, p.stderr) == (1, "error: No space left on device\n")
 
 
+@pytest.mark.parametrize(
+    "command,fd,msg",
+    [("generate", 1, "standard output is closed"), ("chat", 1, "standard output is closed"),
+     ("chat", 0, "standard input is closed")],
+)  # fmt: skip
+def test_closed_stdio_is_one_line(tiny_llama, command, fd, msg):
+    """`generate >&-` or `chat <&-`: Python's stdout / stdin is None, and the first write or `input()` ended the
+    command in a traceback (after the model loaded)."""
+    prompt = ["--prompt", "hello"] if command == "generate" else []
+    p = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", command, "--model", str(tiny_llama), "--backend", "cpu", *prompt],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300,
+        preexec_fn=lambda: os.close(fd),
+    )  # fmt: skip
+    assert p.returncode == 1 and p.stderr.startswith(f"error: {msg}") and "Traceback" not in p.stderr, (
+        p.stderr
+    )
+
+
 def test_serve_address_brackets_ipv6():
     """The startup line said "http://::1:8000" for --host ::1 (no URL a browser or client takes)."""
     from lserve_lite.serve import address
