@@ -337,6 +337,22 @@ def test_text_options_not_utf8_are_refused_naming_the_option(tiny_llama, argv, c
     assert capsys.readouterr().err == f"error: {argv[-1]} is not valid UTF-8 text\n"
 
 
+def test_generate_text_past_the_stdout_encoding_is_replaced(tiny_llama, monkeypatch):
+    """A stdout whose encoding lacks a character of the reply (a Latin-1 locale, a Windows code page): the reply
+    ended in a UnicodeEncodeError traceback; it is written with `?` in that character's place."""
+    import io
+
+    from lserve_lite import LLM
+    from lserve_lite.cli import main
+
+    out = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out, encoding="ascii"))
+    monkeypatch.setattr(LLM, "stream", lambda self, prompt, params: iter(["caf", "\u00e9 ok"]))
+    assert main(["generate", "--prompt", "hi", "--model", str(tiny_llama), "--backend", "cpu"]) == 0
+    sys.stdout.flush()
+    assert out.getvalue() == b"caf? ok\n"
+
+
 def test_top_level_help():
     r = subprocess.run(
         [sys.executable, "-m", "lserve_lite.cli", "--help"], capture_output=True, text=True, timeout=60
