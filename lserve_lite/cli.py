@@ -120,9 +120,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
             )
             return 1
     print(f"lserve-lite chat ({llm.engine.kv_summary()}): {CHAT_COMMANDS}", file=sys.stderr)
+    prompt = (
+        ">>> " if sys.stdin.isatty() else ""
+    )  # `chat < questions > answers`: the file holds the replies alone
     while True:
         try:
-            line = input(">>> ")
+            line = input(prompt)
         except EOFError:
             print(file=sys.stderr)
             return 0
@@ -182,6 +185,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             sys.stdout.write(" [stopped]")
         except LServeError as e:
             history.pop()
+            if reply:  # the part written ends its line
+                print()
             print(f"error: {e}", file=sys.stderr)
             if llm.engine.fault():  # no step can run any more (a tensor-parallel worker died): the chat ends
                 return 1
@@ -190,8 +195,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         rate = (n - 1) / (t2 - t1) if t1 and n > 1 and t2 > t1 else 0.0
         cached = f", {last.num_cached_tokens}/{last.num_prompt_tokens} prompt tokens cached" if last else ""
         why = _cut(last, params, llm.engine.max_len)
+        print()  # on stdout, each reply on its own line(s) where stdout is a file or pipe
         print(
-            f"\n[{n} tokens, first after {(t1 or t2) - t0:.2f} s, {rate:.1f} tokens/s{cached}{why}]",
+            f"[{n} tokens, first after {(t1 or t2) - t0:.2f} s, {rate:.1f} tokens/s{cached}{why}]",
             file=sys.stderr,
         )
         history.append({"role": "assistant", "content": "".join(reply)})

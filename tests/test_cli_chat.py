@@ -42,6 +42,18 @@ def test_chat_commands_ignore_trailing_words(tiny_llama):
     assert "tokens, first after" not in err, err[-2000:]
 
 
+def test_piped_chat_writes_the_replies_alone_each_ending_its_line(tiny_llama):
+    """`chat < questions > answers`: stdout held the prompts too and each reply ran into the next (`>>> reply>>> `):
+    the prompt is shown on a terminal only, and a reply's newline goes to stdout (its status line to stderr)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "chat", "--model", str(tiny_llama), "--backend", "cpu",
+         "--max-new-tokens", "2", "--temperature", "0"],
+        input="hello\nagain\n", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0 and r.stderr.count("tokens, first after") == 2, r.stderr[-2000:]
+    assert ">>>" not in r.stdout and r.stdout.endswith("\n"), r.stdout
+
+
 def test_cli_refuses_absurd_numbers_in_one_line():
     """Absurd option values stop at the parser: one `error:` line, exit status 2, no traceback, no model load."""
     for argv in (["serve", "--port", "99999"], ["generate", "--prompt", "x", "--kv-pages", "-3"],
