@@ -71,6 +71,17 @@ def test_cli_refuses_absurd_numbers_in_one_line():
         assert "error:" in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
 
 
+def test_calibrate_out_under_a_file_is_refused_by_the_parser(tmp_path, capsys):
+    """`calibrate --out FILE/p.tsv` (a path under a file) was refused as "cannot write there (File exists)"; the
+    parser names the file in the way, as eval's --out does."""
+    from lserve_lite.cli import main
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main(["calibrate", "--out", str(tmp_path / "f" / "p.tsv")])
+    assert e.value.code == 2 and f"{tmp_path / 'f'} is a file, not a folder" in capsys.readouterr().err
+
+
 def test_generate_into_a_closed_pipe_is_quiet(tiny_llama):
     """`lserve-lite generate ... | head -c 5`: the reader goes away; the writer stops without a BrokenPipeError
     traceback (status 141 as a shell reports SIGPIPE). The read end is closed before the first write."""
