@@ -49,9 +49,9 @@ def _check_text_option(text: str | None, flag: str) -> None:
 
 def _check_stdio(reads_stdin: bool) -> None:
     """Refuse a closed stdout (`>&-`), or stdin (`<&-`) where the command reads it, before the model loads: Python
-    sets them to None and the first write or `input()` ended the command in a traceback."""
+    sets them to None and the first write, `input()` or uvicorn's log setup ended the command in a traceback."""
     if sys.stdout is None:
-        raise InvalidRequestError("standard output is closed; the command writes its text there")
+        raise InvalidRequestError("standard output is closed (>&-); give it a file or /dev/null")
     if reads_stdin and sys.stdin is None:
         raise InvalidRequestError("standard input is closed; chat reads its messages there")
 
@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the `serve` extra)")
     add_serve_args(p)
-    p.set_defaults(func=run_from_args)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("calibrate", help="derive a streaming-head pattern (full_attention_heads.tsv)")
     add_calibrate_args(p)
@@ -314,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(p)
     p.set_defaults(func=cmd_eval)
     return ap
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _check_stdio(reads_stdin=False)
+    return run_from_args(args)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

@@ -111,11 +111,11 @@ def test_generate_into_a_full_disk_is_one_line(tiny_llama):
 @pytest.mark.parametrize(
     "command,fd,msg",
     [("generate", 1, "standard output is closed"), ("chat", 1, "standard output is closed"),
-     ("chat", 0, "standard input is closed")],
+     ("chat", 0, "standard input is closed"), ("serve", 1, "standard output is closed")],
 )  # fmt: skip
 def test_closed_stdio_is_one_line(tiny_llama, command, fd, msg):
     """`generate >&-` or `chat <&-`: Python's stdout / stdin is None, and the first write or `input()` ended the
-    command in a traceback (after the model loaded)."""
+    command in a traceback (after the model loaded); `serve >&-` in uvicorn's log setup."""
     prompt = ["--prompt", "hello"] if command == "generate" else []
     p = subprocess.run(
         [sys.executable, "-m", "lserve_lite.cli", command, "--model", str(tiny_llama), "--backend", "cpu", *prompt],
