@@ -194,7 +194,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         t2 = time.perf_counter()
         rate = (n - 1) / (t2 - t1) if t1 and n > 1 and t2 > t1 else 0.0
         cached = f", {last.num_cached_tokens}/{last.num_prompt_tokens} prompt tokens cached" if last else ""
-        why = _cut(last, params, llm.engine.max_len)
+        why = _cut(last, params, llm.engine)
         print()  # on stdout, each reply on its own line(s) where stdout is a file or pipe
         print(
             f"[{n} tokens, first after {(t1 or t2) - t0:.2f} s, {rate:.1f} tokens/s{cached}{why}]",
@@ -203,14 +203,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
-def _cut(out, params, max_len: int) -> str:
+def _cut(out, params, engine) -> str:
     """Why a reply ended before the model finished it, for the status line: else a reply cut mid-sentence by the
     context limit reads as the model's own ending (the next message drops the oldest exchanges)."""
     if out is None or out.finish_reason != "length":
         return ""
     if out.num_output_tokens >= params.max_new_tokens:
         return f"; cut at --max-new-tokens {params.max_new_tokens}"
-    return f"; cut: the context is full (--max-model-len {max_len})"
+    if engine.max_len < engine.ecfg.resolve_max_len(engine.cfg):  # a larger --max-model-len would not help
+        return f"; cut: the context is full (the KV pool (--kv-pages) holds {engine.max_len} tokens)"
+    return f"; cut: the context is full (--max-model-len {engine.max_len})"
 
 
 REPLY_ROOM = 16  # tokens a chat prompt leaves free at least, so that a reply can start

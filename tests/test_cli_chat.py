@@ -250,6 +250,20 @@ def test_chat_ctrl_c_while_a_paste_is_read_keeps_the_conversation(tiny_llama, mo
     ]
 
 
+def test_chat_reply_cut_by_a_small_kv_pool_names_the_pool(tiny_llama):
+    """A context cut to what --kv-pages holds was reported as `(--max-model-len 64)`, a flag the user did not give
+    and whose raise would not help."""
+    r = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "chat", "--model", str(tiny_llama), "--backend", "cpu",
+         "--kv-pages", "4", "--page-size", "16", "--max-new-tokens", "200", "--temperature", "0"],
+        input="hi\n", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "; cut: the context is full (the KV pool (--kv-pages) holds 64 tokens)]" in r.stderr, r.stderr[
+        -2000:
+    ]
+
+
 def test_chat_refuses_an_overlong_paste_with_one_encode():
     """A paste past the context was re-tokenized whole once per earlier exchange dropped before it was refused
     (a megabyte a second on the CPU: 30 exchanges made a 1 MB paste wait half a minute for its error)."""
