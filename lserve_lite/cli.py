@@ -103,6 +103,10 @@ CHAT_COMMANDS = (
 
 def cmd_chat(args: argparse.Namespace) -> int:
     _check_stdio(reads_stdin=True)
+    # a UTF-8 locale's stdin is strict: one bad byte failed the whole chunk read, the lines around it lost too;
+    # escaped, it reaches the line's own is_utf8 check below
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")
     _check_text_option(args.system, "--system")
     _readline_history()
     params = _sampling(args)

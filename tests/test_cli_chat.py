@@ -29,6 +29,20 @@ def test_chat_repl_survives_bad_bytes_and_full_context(tiny_llama):
     assert err.count("tokens, first after") == 8, err[-2000:]  # every message got a reply, commands none
 
 
+def test_chat_bad_bytes_under_a_strict_utf8_stdin_lose_only_their_line(tiny_llama):
+    """Under a UTF-8 locale (stdin errors `strict`, not the C locale's surrogateescape) a byte that is not UTF-8
+    failed the whole chunk read: the lines before and after it were lost with it, and piped input ended there."""
+    r = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "chat", "--model", str(tiny_llama), "--backend", "cpu"],
+        input=b"/help\n\xff\n/bogus\n/reset\n", capture_output=True, timeout=300,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"},
+    )  # fmt: skip
+    err = r.stderr.decode()
+    assert r.returncode == 0, err[-2000:]
+    assert "/help: /reset clears" in err and "not valid UTF-8" in err, err[-2000:]
+    assert "unknown command /bogus" in err and "(conversation cleared)" in err, err[-2000:]
+
+
 def test_chat_commands_ignore_trailing_words(tiny_llama):
     """A command is its line's first word: `/reset now` resets, `/quit now` quits (the message after it never runs)."""
     r = subprocess.run(
