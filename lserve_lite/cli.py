@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import io
 import signal
 import sys
@@ -104,9 +105,11 @@ CHAT_COMMANDS = (
 def cmd_chat(args: argparse.Namespace) -> int:
     _check_stdio(reads_stdin=True)
     # a UTF-8 locale's stdin is strict: one bad byte failed the whole chunk read, the lines around it lost too;
-    # escaped, it reaches the line's own is_utf8 check below
+    # escaped, it reaches the line's own is_utf8 check below. A file saved on Windows: its CRLF ends were sent with
+    # each message, and its BOM made a first-line command a message.
     if isinstance(sys.stdin, io.TextIOWrapper):
-        sys.stdin.reconfigure(errors="surrogateescape")
+        utf8 = codecs.lookup(sys.stdin.encoding).name == "utf-8"
+        sys.stdin.reconfigure(errors="surrogateescape", newline=None, encoding="utf-8-sig" if utf8 else None)
     _check_text_option(args.system, "--system")
     _readline_history()
     params = _sampling(args)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -41,6 +42,23 @@ def test_chat_bad_bytes_under_a_strict_utf8_stdin_lose_only_their_line(tiny_llam
     assert r.returncode == 0, err[-2000:]
     assert "/help: /reset clears" in err and "not valid UTF-8" in err, err[-2000:]
     assert "unknown command /bogus" in err and "(conversation cleared)" in err, err[-2000:]
+
+
+def test_chat_reads_a_windows_file(tiny_llama):
+    """Questions piped from a file saved on Windows: its BOM made the first line's `/help` a message, and the CR of
+    each CRLF end was sent with the message (the prompt's token count shows it)."""
+    argv = [sys.executable, "-m", "lserve_lite.cli", "chat", "--model", str(tiny_llama), "--backend", "cpu",
+            "--max-new-tokens", "1"]  # fmt: skip
+    windows = subprocess.run(argv, input=b"\xef\xbb\xbf/help\r\nhello\r\n", capture_output=True, timeout=300)
+    unix = subprocess.run(argv, input=b"hello\n", capture_output=True, timeout=300)
+    err = windows.stderr.decode()
+    assert windows.returncode == 0 and "/help: /reset clears" in err, err[-2000:]
+    assert err.count("tokens, first after") == 1, err[-2000:]
+
+    def prompt_tokens(stderr: bytes) -> list[str]:
+        return re.findall(r"/(\d+) prompt tokens cached", stderr.decode())
+
+    assert prompt_tokens(windows.stderr) == prompt_tokens(unix.stderr), (err, unix.stderr)
 
 
 def test_chat_commands_ignore_trailing_words(tiny_llama):
