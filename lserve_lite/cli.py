@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import codecs
+import io
 import signal
 import sys
 import time
@@ -46,7 +48,17 @@ def _check_text_option(text: str | None, flag: str) -> None:
         raise InvalidRequestError(f"{flag} is not valid UTF-8 text")
 
 
+def _check_stdio(reads_stdin: bool) -> None:
+    """Refuse a closed stdout (`>&-`), or stdin (`<&-`) where the command reads it, before the model loads: Python
+    sets them to None and the first write, `input()` or uvicorn's log setup ended the command in a traceback."""
+    if sys.stdout is None:
+        raise InvalidRequestError("standard output is closed (>&-); give it a file or /dev/null")
+    if reads_stdin and sys.stdin is None:
+        raise InvalidRequestError("standard input is closed; chat reads its messages there")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    _check_stdio(reads_stdin=False)
     _check_text_option(args.prompt, "--prompt")
     params = _sampling(args)
     llm = _make_llm(args)
@@ -91,6 +103,13 @@ CHAT_COMMANDS = (
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    _check_stdio(reads_stdin=True)
+    # a UTF-8 locale's stdin is strict: one bad byte failed the whole chunk read, the lines around it lost too;
+    # escaped, it reaches the line's own is_utf8 check below. A file saved on Windows: its CRLF ends were sent with
+    # each message, and its BOM made a first-line command a message.
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        utf8 = codecs.lookup(sys.stdin.encoding).name == "utf-8"
+        sys.stdin.reconfigure(errors="surrogateescape", newline=None, encoding="utf-8-sig" if utf8 else None)
     _check_text_option(args.system, "--system")
     _readline_history()
     params = _sampling(args)
@@ -108,9 +127,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
             )
             return 1
     print(f"lserve-lite chat ({llm.engine.kv_summary()}): {CHAT_COMMANDS}", file=sys.stderr)
+    prompt = (
+        ">>> " if sys.stdin.isatty() else ""
+    )  # `chat < questions > answers`: the file holds the replies alone
     while True:
         try:
-            line = input(">>> ")
+            line = input(prompt)
         except EOFError:
             print(file=sys.stderr)
             return 0
@@ -170,6 +192,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             sys.stdout.write(" [stopped]")
         except LServeError as e:
             history.pop()
+            if reply:  # the part written ends its line
+                print()
             print(f"error: {e}", file=sys.stderr)
             if llm.engine.fault():  # no step can run any more (a tensor-parallel worker died): the chat ends
                 return 1
@@ -177,22 +201,25 @@ def cmd_chat(args: argparse.Namespace) -> int:
         t2 = time.perf_counter()
         rate = (n - 1) / (t2 - t1) if t1 and n > 1 and t2 > t1 else 0.0
         cached = f", {last.num_cached_tokens}/{last.num_prompt_tokens} prompt tokens cached" if last else ""
-        why = _cut(last, params, llm.engine.max_len)
+        why = _cut(last, params, llm.engine)
+        print()  # on stdout, each reply on its own line(s) where stdout is a file or pipe
         print(
-            f"\n[{n} tokens, first after {(t1 or t2) - t0:.2f} s, {rate:.1f} tokens/s{cached}{why}]",
+            f"[{n} tokens, first after {(t1 or t2) - t0:.2f} s, {rate:.1f} tokens/s{cached}{why}]",
             file=sys.stderr,
         )
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
-def _cut(out, params, max_len: int) -> str:
+def _cut(out, params, engine) -> str:
     """Why a reply ended before the model finished it, for the status line: else a reply cut mid-sentence by the
     context limit reads as the model's own ending (the next message drops the oldest exchanges)."""
     if out is None or out.finish_reason != "length":
         return ""
     if out.num_output_tokens >= params.max_new_tokens:
         return f"; cut at --max-new-tokens {params.max_new_tokens}"
-    return f"; cut: the context is full (--max-model-len {max_len})"
+    if engine.max_len < engine.ecfg.resolve_max_len(engine.cfg):  # a larger --max-model-len would not help
+        return f"; cut: the context is full (the KV pool (--kv-pages) holds {engine.max_len} tokens)"
+    return f"; cut: the context is full (--max-model-len {engine.max_len})"
 
 
 REPLY_ROOM = 16  # tokens a chat prompt leaves free at least, so that a reply can start
@@ -286,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the `serve` extra)")
     add_serve_args(p)
-    p.set_defaults(func=run_from_args)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("calibrate", help="derive a streaming-head pattern (full_attention_heads.tsv)")
     add_calibrate_args(p)
@@ -296,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(p)
     p.set_defaults(func=cmd_eval)
     return ap
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _check_stdio(reads_stdin=False)
+    return run_from_args(args)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -319,6 +351,9 @@ def _terminate(signum: int, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    # a reply's character past stdout's encoding (a Latin-1 locale, a Windows code page) ended it in a traceback
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="replace")
     return exit_status(lambda: args.func(args))
 
 

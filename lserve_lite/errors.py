@@ -29,7 +29,8 @@ class TensorParallelError(LServeError):
 
 def exit_status(main: Callable[[], int | None]) -> int:
     """Runs a command as `lserve-lite` and the tools do: an LServeError is one `error: ...` line and status 1,
-    Ctrl-C status 130, a reader of stdout that went away (`| head`) status 141 (128 + SIGPIPE), quietly as cat."""
+    Ctrl-C status 130, a reader of stdout that went away (`| head`) status 141 (128 + SIGPIPE), quietly as cat; any other
+    OSError (a full disk under stdout) is one line and status 1."""
     try:
         return int(main() or 0)
     except LServeError as e:
@@ -38,5 +39,18 @@ def exit_status(main: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush would raise again
+        _drop_stdout()
         return 141
+    except OSError as e:  # `> /dev/full`, a disk that filled up: a traceback hid the one line that says so
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        try:
+            sys.stdout.flush()
+        except OSError:
+            _drop_stdout()
+        return 1
+
+
+def _drop_stdout() -> None:
+    """Points stdout at /dev/null: the flush at exit of what it could not take would raise again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

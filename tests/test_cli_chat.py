@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 
@@ -28,6 +30,37 @@ def test_chat_repl_survives_bad_bytes_and_full_context(tiny_llama):
     assert err.count("tokens, first after") == 8, err[-2000:]  # every message got a reply, commands none
 
 
+def test_chat_bad_bytes_under_a_strict_utf8_stdin_lose_only_their_line(tiny_llama):
+    """Under a UTF-8 locale (stdin errors `strict`, not the C locale's surrogateescape) a byte that is not UTF-8
+    failed the whole chunk read: the lines before and after it were lost with it, and piped input ended there."""
+    r = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "chat", "--model", str(tiny_llama), "--backend", "cpu"],
+        input=b"/help\n\xff\n/bogus\n/reset\n", capture_output=True, timeout=300,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"},
+    )  # fmt: skip
+    err = r.stderr.decode()
+    assert r.returncode == 0, err[-2000:]
+    assert "/help: /reset clears" in err and "not valid UTF-8" in err, err[-2000:]
+    assert "unknown command /bogus" in err and "(conversation cleared)" in err, err[-2000:]
+
+
+def test_chat_reads_a_windows_file(tiny_llama):
+    """Questions piped from a file saved on Windows: its BOM made the first line's `/help` a message, and the CR of
+    each CRLF end was sent with the message (the prompt's token count shows it)."""
+    argv = [sys.executable, "-m", "lserve_lite.cli", "chat", "--model", str(tiny_llama), "--backend", "cpu",
+            "--max-new-tokens", "1"]  # fmt: skip
+    windows = subprocess.run(argv, input=b"\xef\xbb\xbf/help\r\nhello\r\n", capture_output=True, timeout=300)
+    unix = subprocess.run(argv, input=b"hello\n", capture_output=True, timeout=300)
+    err = windows.stderr.decode()
+    assert windows.returncode == 0 and "/help: /reset clears" in err, err[-2000:]
+    assert err.count("tokens, first after") == 1, err[-2000:]
+
+    def prompt_tokens(stderr: bytes) -> list[str]:
+        return re.findall(r"/(\d+) prompt tokens cached", stderr.decode())
+
+    assert prompt_tokens(windows.stderr) == prompt_tokens(unix.stderr), (err, unix.stderr)
+
+
 def test_chat_commands_ignore_trailing_words(tiny_llama):
     """A command is its line's first word: `/reset now` resets, `/quit now` quits (the message after it never runs)."""
     r = subprocess.run(
@@ -39,6 +72,18 @@ def test_chat_commands_ignore_trailing_words(tiny_llama):
     assert r.returncode == 0, err[-2000:]
     assert "(conversation cleared)" in err and "/help: /reset clears" in err and "unknown command" not in err
     assert "tokens, first after" not in err, err[-2000:]
+
+
+def test_piped_chat_writes_the_replies_alone_each_ending_its_line(tiny_llama):
+    """`chat < questions > answers`: stdout held the prompts too and each reply ran into the next (`>>> reply>>> `):
+    the prompt is shown on a terminal only, and a reply's newline goes to stdout (its status line to stderr)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "chat", "--model", str(tiny_llama), "--backend", "cpu",
+         "--max-new-tokens", "2", "--temperature", "0"],
+        input="hello\nagain\n", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0 and r.stderr.count("tokens, first after") == 2, r.stderr[-2000:]
+    assert ">>>" not in r.stdout and r.stdout.endswith("\n"), r.stdout
 
 
 def test_cli_refuses_absurd_numbers_in_one_line():
@@ -58,11 +103,20 @@ def test_cli_refuses_absurd_numbers_in_one_line():
         assert "error:" in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
 
 
+def test_calibrate_out_under_a_file_is_refused_by_the_parser(tmp_path, capsys):
+    """`calibrate --out FILE/p.tsv` (a path under a file) was refused as "cannot write there (File exists)"; the
+    parser names the file in the way, as eval's --out does."""
+    from lserve_lite.cli import main
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main(["calibrate", "--out", str(tmp_path / "f" / "p.tsv")])
+    assert e.value.code == 2 and f"{tmp_path / 'f'} is a file, not a folder" in capsys.readouterr().err
+
+
 def test_generate_into_a_closed_pipe_is_quiet(tiny_llama):
     """`lserve-lite generate ... | head -c 5`: the reader goes away; the writer stops without a BrokenPipeError
     traceback (status 141 as a shell reports SIGPIPE). The read end is closed before the first write."""
-    import os
-
     r, w = os.pipe()
     os.close(r)
     p = subprocess.run(
@@ -72,6 +126,37 @@ def test_generate_into_a_closed_pipe_is_quiet(tiny_llama):
     )  # fmt: skip
     os.close(w)
     assert (p.returncode, p.stderr) == (141, "")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_generate_into_a_full_disk_is_one_line(tiny_llama):
+    """`lserve-lite generate ... > /dev/full` (a disk that filled up) ended in an OSError traceback."""
+    with open("/dev/full", "w") as full:
+        p = subprocess.run(
+            [sys.executable, "-m", "lserve_lite.cli", "generate", "--model", str(tiny_llama), "--backend", "cpu",
+             "--prompt", "hello", "--max-new-tokens", "4"],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=300,
+        )  # fmt: skip
+    assert (p.returncode, p.stderr) == (1, "error: No space left on device\n")
+
+
+@pytest.mark.parametrize(
+    "command,fd,msg",
+    [("generate", 1, "standard output is closed"), ("chat", 1, "standard output is closed"),
+     ("chat", 0, "standard input is closed"), ("serve", 1, "standard output is closed")],
+)  # fmt: skip
+def test_closed_stdio_is_one_line(tiny_llama, command, fd, msg):
+    """`generate >&-` or `chat <&-`: Python's stdout / stdin is None, and the first write or `input()` ended the
+    command in a traceback (after the model loaded); `serve >&-` in uvicorn's log setup."""
+    prompt = ["--prompt", "hello"] if command == "generate" else []
+    p = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", command, "--model", str(tiny_llama), "--backend", "cpu", *prompt],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300,
+        preexec_fn=lambda: os.close(fd),
+    )  # fmt: skip
+    assert p.returncode == 1 and p.stderr.startswith(f"error: {msg}") and "Traceback" not in p.stderr, (
+        p.stderr
+    )
 
 
 def test_serve_address_brackets_ipv6():
@@ -197,6 +282,20 @@ def test_chat_ctrl_c_while_a_paste_is_read_keeps_the_conversation(tiny_llama, mo
     ]
 
 
+def test_chat_reply_cut_by_a_small_kv_pool_names_the_pool(tiny_llama):
+    """A context cut to what --kv-pages holds was reported as `(--max-model-len 64)`, a flag the user did not give
+    and whose raise would not help."""
+    r = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "chat", "--model", str(tiny_llama), "--backend", "cpu",
+         "--kv-pages", "4", "--page-size", "16", "--max-new-tokens", "200", "--temperature", "0"],
+        input="hi\n", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "; cut: the context is full (the KV pool (--kv-pages) holds 64 tokens)]" in r.stderr, r.stderr[
+        -2000:
+    ]
+
+
 def test_chat_refuses_an_overlong_paste_with_one_encode():
     """A paste past the context was re-tokenized whole once per earlier exchange dropped before it was refused
     (a megabyte a second on the CPU: 30 exchanges made a 1 MB paste wait half a minute for its error)."""
@@ -305,6 +404,22 @@ def test_text_options_not_utf8_are_refused_naming_the_option(tiny_llama, argv, c
 
     assert main([*argv, "ab\udcffcd", "--model", str(tiny_llama), "--backend", "cpu"]) == 1
     assert capsys.readouterr().err == f"error: {argv[-1]} is not valid UTF-8 text\n"
+
+
+def test_generate_text_past_the_stdout_encoding_is_replaced(tiny_llama, monkeypatch):
+    """A stdout whose encoding lacks a character of the reply (a Latin-1 locale, a Windows code page): the reply
+    ended in a UnicodeEncodeError traceback; it is written with `?` in that character's place."""
+    import io
+
+    from lserve_lite import LLM
+    from lserve_lite.cli import main
+
+    out = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out, encoding="ascii"))
+    monkeypatch.setattr(LLM, "stream", lambda self, prompt, params: iter(["caf", "\u00e9 ok"]))
+    assert main(["generate", "--prompt", "hi", "--model", str(tiny_llama), "--backend", "cpu"]) == 0
+    sys.stdout.flush()
+    assert out.getvalue() == b"caf? ok\n"
 
 
 def test_top_level_help():
@@ -443,8 +558,6 @@ def test_kernels_test_refuses_a_json_path_with_a_trailing_slash(tmp_path, capsys
 def test_kernels_test_refuses_a_json_file_in_a_directory_it_cannot_write(tmp_path, monkeypatch, capsys):
     """`--json` names a file that is replaced through a temporary file beside it: a writable file in a folder the
     user may not write passed the check, and the run's first write ended in a PermissionError traceback."""
-    import os
-
     from lserve_lite.harness import main
 
     out = tmp_path / "k.json"
@@ -584,8 +697,6 @@ def test_kernels_test_names_the_case_of_each_row(monkeypatch, tmp_path, capsys):
 
 def test_kernels_test_json_to_a_pipe_is_one_object(monkeypatch):
     """`--json /dev/stdout` (a pipe): written once, at the end, where a file is rewritten as cases end."""
-    import os
-
     import lserve_lite.harness as harness
     from lserve_lite.harness.common import Result
 

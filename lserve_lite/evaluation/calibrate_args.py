@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import MAX_MODEL_LEN, SparseConfig
-from ..engine_args import bounded_int, int_list
+from ..engine_args import bounded_int, int_list, output_file
 from .eval_args import MAX_SAMPLES
 
 # Bounds of calibrate()'s settings, the command line's and the Python API's: (lowest, highest).
@@ -24,7 +24,10 @@ def add_calibrate_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of `lserve-lite calibrate`."""
     parser.add_argument("--model", default=None, help="model directory (default: the bundled SmolLM2)")
     parser.add_argument(
-        "--out", required=True, help="output pattern TSV (a .json with details goes beside it)"
+        "--out",
+        required=True,
+        type=output_file,
+        help="output pattern TSV (a .json with details goes beside it)",
     )
     parser.add_argument("--samples", type=bounded_int(*BOUNDS["num_samples"]), default=8,
                         help="number of synthetic passkey samples (8)")  # fmt: skip
