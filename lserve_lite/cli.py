@@ -65,10 +65,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = (
         llm.tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     )
-    for delta in llm.stream(prompt, params):
-        sys.stdout.write(delta)
-        sys.stdout.flush()
+    last = None
+    for out in llm.stream_outputs(prompt, params):
+        last = out
+        if out.text:
+            sys.stdout.write(out.text)
+            sys.stdout.flush()
     sys.stdout.write("\n")
+    why = _cut(last, params, llm.engine)
+    if why.startswith("; cut: the context"):  # else a reply the context cut reads as the model's own ending
+        print(f"lserve-lite generate: {why[2:]}", file=sys.stderr)
     return 0
 
 

@@ -296,6 +296,20 @@ def test_chat_reply_cut_by_a_small_kv_pool_names_the_pool(tiny_llama):
     ]
 
 
+def test_generate_says_when_the_context_cut_the_reply(tiny_llama):
+    """`generate` stopped silently at the context limit (a reply cut mid-sentence read as the model's own ending);
+    it now says so on stderr as chat's status line does, and says nothing when --max-new-tokens ended it."""
+    argv = [sys.executable, "-m", "lserve_lite.cli", "generate", "--model", str(tiny_llama), "--backend", "cpu",
+            "--kv-pages", "4", "--page-size", "16", "--temperature", "0", "--prompt", "hello"]  # fmt: skip
+    r = subprocess.run([*argv, "--max-new-tokens", "200"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.endswith("cut: the context is full (the KV pool (--kv-pages) holds 64 tokens)\n"), (
+        r.stderr
+    )
+    r = subprocess.run([*argv, "--max-new-tokens", "4"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "cut" not in r.stderr, r.stderr
+
+
 def test_chat_refuses_an_overlong_paste_with_one_encode():
     """A paste past the context was re-tokenized whole once per earlier exchange dropped before it was refused
     (a megabyte a second on the CPU: 30 exchanges made a 1 MB paste wait half a minute for its error)."""
@@ -410,13 +424,15 @@ def test_generate_text_past_the_stdout_encoding_is_replaced(tiny_llama, monkeypa
     """A stdout whose encoding lacks a character of the reply (a Latin-1 locale, a Windows code page): the reply
     ended in a UnicodeEncodeError traceback; it is written with `?` in that character's place."""
     import io
+    from types import SimpleNamespace
 
     from lserve_lite import LLM
     from lserve_lite.cli import main
 
     out = io.BytesIO()
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out, encoding="ascii"))
-    monkeypatch.setattr(LLM, "stream", lambda self, prompt, params: iter(["caf", "\u00e9 ok"]))
+    steps = [SimpleNamespace(text=t, finish_reason=None) for t in ("caf", "\u00e9 ok")]
+    monkeypatch.setattr(LLM, "stream_outputs", lambda self, prompt, params: iter(steps))
     assert main(["generate", "--prompt", "hi", "--model", str(tiny_llama), "--backend", "cpu"]) == 0
     sys.stdout.flush()
     assert out.getvalue() == b"caf? ok\n"
