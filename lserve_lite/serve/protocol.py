@@ -465,8 +465,9 @@ def check_body_size(raw: bytes, limits: dict[str, int]) -> None:
     container's opening (those in strings count too: an upper bound); a body of fewer bytes holds fewer values."""
     if len(raw) <= min(limits.values()):
         return
+    seen = {c: raw.count(c) for c in b",:[{"}  # each byte counted once, summed per kind below
     for what, limit in limits.items():
-        count = sum(raw.count(c) for c in _BODY_BYTES[what])
+        count = sum(seen[c] for c in _BODY_BYTES[what])
         if count > limit:
             raise ApiError(
                 413,
