@@ -351,10 +351,14 @@ class ModelConfig:
         )
         if not (slides and has_sw):
             return cfg
+        sliding = _sliding_layers(f, cfg.num_layers) if arch == "Qwen2ForCausalLM" else cfg.num_layers
+        if not sliding:
+            return cfg
         if sw < cfg.max_position_embeddings:
             why = ", transformers' default when unset" if "sliding_window" in unset else ""
+            where = "" if sliding == cfg.num_layers else f", {sliding} of {cfg.num_layers} layers"
             raise ModelLoadError(
-                f"{source}: sliding-window attention (sliding_window={sw}{why}) is not supported"
+                f"{source}: sliding-window attention (sliding_window={sw}{why}{where}) is not supported"
             )
         return replace(cfg, sliding_window=sw)
 
@@ -402,6 +406,26 @@ def _refuse_unsupported(f: _Fields, arch: str) -> None:
         raise ModelLoadError(
             f"{f.source}: unsupported hidden_act {_short(act)} (supported: {', '.join(SUPPORTED_ACTS)})"
         )
+
+
+QWEN2_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _sliding_layers(f: _Fields, num_layers: int) -> int:
+    """How many layers a Qwen2 slides (where use_sliding_window is on), as transformers' Qwen2Config: those its
+    `layer_types` names, else those from `max_window_layers` (default 28) on; none is plain full attention."""
+    types = f.d.get("layer_types")
+    if types is None:
+        return max(0, num_layers - f.integer("max_window_layers", 28, lo=0, hi=None))
+    if (
+        not isinstance(types, list)
+        or len(types) != num_layers
+        or any(t not in QWEN2_LAYER_TYPES for t in types)
+    ):
+        raise f.bad(
+            "layer_types", f"must be a list of {num_layers} of {' / '.join(QWEN2_LAYER_TYPES)}", types
+        )
+    return types.count("sliding_attention")
 
 
 def _rope_scaling(f: _Fields, rope: dict) -> dict | None:

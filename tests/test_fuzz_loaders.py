@@ -249,7 +249,7 @@ def test_fuzz_gguf_metadata_to_config(tiny_gguf, edits: dict):
 # ------------------------------------------------------------------------------------------ config.json etc
 
 CONFIG_KEYS = [*BASE_CONFIG, "head_dim", "rope_scaling", "rope_parameters", "sliding_window",
-               "use_sliding_window", "attention_bias", "dtype"]  # fmt: skip
+               "use_sliding_window", "max_window_layers", "layer_types", "attention_bias", "dtype"]  # fmt: skip
 rope_like = st.fixed_dictionaries(
     {},
     optional={
