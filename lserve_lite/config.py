@@ -362,10 +362,6 @@ class ModelConfig:
             )
         return replace(cfg, sliding_window=sw)
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> ModelConfig:
-        return cls.from_dict(read_json_object(path), str(path))
-
     def validate(self, source: str) -> None:
         """Cross-field consistency the forward pass relies on."""
         if self.num_heads % self.num_kv_heads:

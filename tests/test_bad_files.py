@@ -30,6 +30,7 @@ from lserve_lite.weights.loader import load_config, load_weights
 from lserve_lite.weights.safetensors_io import SafetensorsFile
 
 _DIR_NAMES = {
+    "config": "config.json",
     "generation_config": "generation_config.json",
     "index": "model.safetensors.index.json",
     "tokenizer_config": "tokenizer_config.json",
@@ -43,8 +44,6 @@ def replay(kind: str, path: Path, scratch: Path) -> object:
         return {k: f.get(k) for k in f.keys()}
     if kind == "gguf":
         return read_gguf(path)
-    if kind == "config":
-        return ModelConfig.from_file(path)
     d = write_min_model_dir(scratch)
     shutil.copyfile(path, d / _DIR_NAMES[kind])
     if kind == "tokenizer_config":
