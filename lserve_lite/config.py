@@ -105,6 +105,12 @@ def read_text_file(path: Path, what: str) -> str:
         raise ModelLoadError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
+def path_name(path: str | Path) -> str:
+    """The name of a model's directory or file, as results record it and head patterns are found by: its absolute
+    path's last part, without following links (`Path(".").name` is "", so `--model .` was recorded nameless)."""
+    return Path(os.path.abspath(path)).name
+
+
 def written_in_place(path: str | Path) -> bool:
     """Whether write_text_atomic writes `path` in place (appends to it), not replacing it: a device or FIFO (`--out
     /dev/null`), or an open descriptor named through /dev/stdout, /dev/fd/N or /proc/<pid>/fd/N (a pipe, whose
