@@ -303,6 +303,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     # a sliding window in use that covers the trained positions: the context limit may not pass it
     sliding_window: int | None = None
+    # the config names no trained length (max_position_embeddings, a GGUF's context_length): the limit above is
+    # transformers' default for the architecture, which the engine says at load
+    context_assumed: bool = False
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> ModelConfig:
@@ -319,6 +322,7 @@ class ModelConfig:
             )
         arch = archs[0]
         unset = ARCH_DEFAULTS[arch].keys() - d.keys()
+        context_assumed = d.get("max_position_embeddings") is None
         d = {**ARCH_DEFAULTS[arch], **d}  # a field set to null stays null, as transformers reads it
         f = _Fields(d, source)
         rope = f.obj("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling here
@@ -347,6 +351,7 @@ class ModelConfig:
             dtype=f.text("torch_dtype") or f.text("dtype") or "float32",
             bos_token_id=bos[0] if bos else None,
             eos_token_ids=token_ids(d.get("eos_token_id"), "eos_token_id", source, vocab),
+            context_assumed=context_assumed,
         )
         cfg.validate(source)
         has_sw = d.get("sliding_window") is not None

@@ -328,6 +328,7 @@ def test_missing_context_and_eos_are_transformers_defaults(tmp_path: Path, arch:
     (d / "config.json").write_text(json.dumps({**config, "sliding_window": None}))
     cfg = load_config(d)
     assert cfg.max_position_embeddings == theirs.max_position_embeddings
+    assert cfg.context_assumed  # said at load
     assert cfg.eos_token_ids == (() if theirs.eos_token_id is None else (theirs.eos_token_id,))
     # transformers generates with generation_config.json's ids alone (none there: none)
     (d / "generation_config.json").write_text("{}")
@@ -336,6 +337,7 @@ def test_missing_context_and_eos_are_transformers_defaults(tmp_path: Path, arch:
     assert load_config(d).eos_token_ids == (5,)
     (d / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
     assert load_config(d).sliding_window == getattr(theirs, "sliding_window", None)
+    assert not load_config(d).context_assumed
     # Qwen2's switch, every layer (Mistral slides whenever a window is set; Llama never)
     slides = {"use_sliding_window": True, "max_window_layers": 0}
     (d / "config.json").write_text(json.dumps({**config, **slides, "max_position_embeddings": 1024}))

@@ -237,6 +237,7 @@ def write_tiny_gguf(
     ffn: int = FFN,
     matrix_scale: float = 1.0,
     eos: int | None = 2,
+    context_length: int | None = 256,
 ) -> dict[str, tuple[np.ndarray, str]]:
     """A tiny llama (or qwen2: q/k/v biases, rows not permuted) GGUF; returns {gguf name: (the float32 tensor
     before quantization, type name)}.
@@ -248,7 +249,8 @@ def write_tiny_gguf(
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(L)
-    w.add_context_length(256)
+    if context_length is not None:
+        w.add_context_length(context_length)
     w.add_embedding_length(hidden)
     w.add_feed_forward_length(ffn)
     w.add_head_count(NH)
@@ -375,6 +377,53 @@ def test_a_gguf_without_an_eos_id_has_none(tmp_path: Path):
     write_tiny_gguf(src, eos=None)
     assert gguf_config(src).eos_token_ids == ()
     assert load_config(convert_gguf(src, tmp_path / "tiny", progress=False)).eos_token_ids == ()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_gguf_without_a_context_length_has_transformers_limit_marked_assumed(tmp_path: Path, arch: str):
+    """A GGUF without `<arch>.context_length` ran to 4096 tokens without a word (a model trained longer was cut
+    there): its limit is what transformers' GGUF loader reads for the file (its config class's default), marked as
+    assumed, and the directory `convert` writes names no length either (config.json, tokenizer_config.json)."""
+    import transformers
+
+    from lserve_lite.weights.gguf_weights import gguf_config
+    from lserve_lite.weights.loader import load_config
+
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src, arch=arch, context_length=None)
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path, gguf_file=src.name)
+    cfg = gguf_config(src)
+    assert cfg.context_assumed and cfg.max_position_embeddings == theirs.max_position_embeddings
+    out = convert_gguf(src, tmp_path / "tiny", progress=False)
+    assert "max_position_embeddings" not in json.loads((out / "config.json").read_text())
+    assert "model_max_length" not in json.loads((out / "tokenizer_config.json").read_text())
+    converted = load_config(out)
+    assert converted.context_assumed and converted.max_position_embeddings == cfg.max_position_embeddings
+    write_tiny_gguf(src, arch=arch)  # 256 named
+    assert not gguf_config(src).context_assumed and gguf_config(src).max_position_embeddings == 256
+
+
+def test_engine_says_once_that_its_context_limit_is_assumed(tmp_path: Path, capsys):
+    """Loading a model that names no trained length prints one line on stderr with the limit assumed and how to
+    set another; the startup line says so too. A limit set with max_model_len (here past the assumed one) is taken
+    without the warning and not called an extrapolation past trained positions the model never named."""
+    from lserve_lite import LLM, EngineConfig
+
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src, context_length=None)
+    pool = {"num_kv_pages": 512, "page_size": 16}
+    engine = LLM(str(src), backend="cpu", config=EngineConfig(**pool)).engine
+    said = [line for line in capsys.readouterr().err.splitlines() if "context length" in line]
+    assert len(said) == 1 and engine.max_len == 2048, said
+    assert "2048" in said[0] and "--max-model-len" in said[0] and str(src) in said[0]
+    assert engine.kv_summary().endswith(
+        "; the model names no trained context length (limit 2048 assumed; --max-model-len sets another)"
+    )
+    longer = LLM(str(src), backend="cpu", config=EngineConfig(max_model_len=8192, **pool)).engine
+    assert "context length" not in capsys.readouterr().err and longer.max_len == 8192
+    assert longer.kv_summary().endswith(
+        "; the model names no trained context length (limit --max-model-len's)"
+    )
 
 
 def _unpermute_ref(permuted: np.ndarray, n_head: int) -> np.ndarray:

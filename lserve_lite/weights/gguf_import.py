@@ -201,7 +201,8 @@ def model_config(meta: dict[str, Any], tensors: dict, path: Path) -> dict[str, A
         "vocab_size": vocab,
         "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-5, float),
         "rope_theta": theta,
-        "max_position_embeddings": get("context_length", 4096),
+        # none named: transformers' default for the architecture, as its GGUF loader reads it (marked assumed)
+        **({"max_position_embeddings": get("context_length")} if f"{arch}.context_length" in meta else {}),
         "tie_word_embeddings": "output.weight" not in tensors,
         "hidden_act": "silu",
         **({"attention_bias": False} if arch == "llama" else {}),  # qwen2 always has q/k/v biases
