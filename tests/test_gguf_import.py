@@ -237,6 +237,7 @@ def write_tiny_gguf(
     ffn: int = FFN,
     matrix_scale: float = 1.0,
     eos: int | None = 2,
+    bos: int = 1,
     context_length: int | None = 256,
 ) -> dict[str, tuple[np.ndarray, str]]:
     """A tiny llama (or qwen2: q/k/v biases, rows not permuted) GGUF; returns {gguf name: (the float32 tensor
@@ -265,7 +266,7 @@ def write_tiny_gguf(
         tokens, ttypes, merges = _gpt2_vocab()
         w.add_tokenizer_pre("qwen2" if arch == "qwen2" else "smollm")
         w.add_token_merges(merges)
-        w.add_bos_token_id(1)
+        w.add_bos_token_id(bos)
         if eos is not None:
             w.add_eos_token_id(eos)
         w.add_unk_token_id(0)
@@ -273,7 +274,7 @@ def write_tiny_gguf(
     else:
         tokens, ttypes, scores = _spm_vocab()
         w.add_token_scores(scores)
-        w.add_bos_token_id(1)
+        w.add_bos_token_id(bos)
         if eos is not None:
             w.add_eos_token_id(eos)
         w.add_unk_token_id(0)
@@ -532,13 +533,13 @@ def test_named_tool_use_template_of_a_gguf(tmp_path: Path):
         assert tok.render_chat(msgs) == "hi" and tok.render_chat(msgs, tools=tools) == "T:get_time:hi"
 
 
-def test_llama3_rope_scaling_recovered(tmp_path: Path):
-    head_dim, theta = 64, 500000.0
-    factor, low, high, old = 16.0, 1.5, 5.0, 8192
-
+def llama3_rope_freqs(
+    head_dim: int, theta: float, factor: float, low: float, high: float, old: int
+) -> np.ndarray:
+    """rope_freqs.weight as llama.cpp's converter writes it (convert_hf_to_gguf, LlamaModel.generate_extra_tensors)."""
     freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
     rope = []
-    for f in freqs:  # llama.cpp convert_hf_to_gguf, LlamaModel.generate_extra_tensors
+    for f in freqs:
         wavelen = 2 * math.pi / f
         if wavelen < old / high:
             rope.append(1.0)
@@ -547,8 +548,19 @@ def test_llama3_rope_scaling_recovered(tmp_path: Path):
         else:
             smooth = (old / wavelen - low) / (high - low)
             rope.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(rope)
+
+
+def test_llama3_rope_scaling_recovered(tmp_path: Path):
+    head_dim, theta = 64, 500000.0
+    factor, low, high, old = 16.0, 1.5, 5.0, 8192
     src = tmp_path / "rope.gguf"
-    write_tiny_gguf(src, head_dim=head_dim, theta=theta, rope_freqs=np.array(rope))
+    write_tiny_gguf(
+        src,
+        head_dim=head_dim,
+        theta=theta,
+        rope_freqs=llama3_rope_freqs(head_dim, theta, factor, low, high, old),
+    )
     out = convert_gguf(src, tmp_path / "rope", progress=False)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["rope_scaling"] == {
@@ -636,6 +648,21 @@ def test_other_architecture_and_odd_models(tmp_path: Path):
     spm = tmp_path / "t5.gguf"
     write_tiny_gguf(spm, tokenizer="t5")
     assert "tokenizer model 't5'" in _err(spm, tmp_path / "o3")
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [(dict(eos=100000), "'eos_token_id' has ids outside [0, "),
+     (dict(bos=100000), "'bos_token_id' has ids outside [0, "),
+     (dict(head_dim=64, theta=5e5, rope_freqs=llama3_rope_freqs(64, 5e5, 1.2e6, 1.5, 5.0, 8192)), "'factor' must be")],
+)  # fmt: skip
+def test_convert_refuses_a_config_the_loader_would_refuse(tmp_path: Path, kw: dict, field: str):
+    """An end / begin id past the vocabulary or a rope scaling past its bounds was checked only when the converted
+    directory was loaded: convert dequantized and wrote the whole model (float32, GBs for a real one) first. Now
+    the config convert writes goes whole through ModelConfig.from_dict before any weight is read."""
+    src = tmp_path / "odd.gguf"
+    write_tiny_gguf(src, **kw)
+    assert field in _err(src, tmp_path / "out")
 
 
 def test_existing_output_dir(tmp_path: Path):
