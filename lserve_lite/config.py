@@ -105,6 +105,12 @@ def read_text_file(path: Path, what: str) -> str:
         raise ModelLoadError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
+def path_name(path: str | Path) -> str:
+    """The name of a model's directory or file, as results record it and head patterns are found by: its absolute
+    path's last part, without following links (`Path(".").name` is "", so `--model .` was recorded nameless)."""
+    return Path(os.path.abspath(path)).name
+
+
 def written_in_place(path: str | Path) -> bool:
     """Whether write_text_atomic writes `path` in place (appends to it), not replacing it: a device or FIFO (`--out
     /dev/null`), or an open descriptor named through /dev/stdout, /dev/fd/N or /proc/<pid>/fd/N (a pipe, whose
@@ -297,6 +303,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     # a sliding window in use that covers the trained positions: the context limit may not pass it
     sliding_window: int | None = None
+    # the config names no trained length (max_position_embeddings, a GGUF's context_length): the limit above is
+    # transformers' default for the architecture, which the engine says at load
+    context_assumed: bool = False
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> ModelConfig:
@@ -313,6 +322,7 @@ class ModelConfig:
             )
         arch = archs[0]
         unset = ARCH_DEFAULTS[arch].keys() - d.keys()
+        context_assumed = d.get("max_position_embeddings") is None
         d = {**ARCH_DEFAULTS[arch], **d}  # a field set to null stays null, as transformers reads it
         f = _Fields(d, source)
         rope = f.obj("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling here
@@ -341,6 +351,7 @@ class ModelConfig:
             dtype=f.text("torch_dtype") or f.text("dtype") or "float32",
             bos_token_id=bos[0] if bos else None,
             eos_token_ids=token_ids(d.get("eos_token_id"), "eos_token_id", source, vocab),
+            context_assumed=context_assumed,
         )
         cfg.validate(source)
         has_sw = d.get("sliding_window") is not None
@@ -351,16 +362,16 @@ class ModelConfig:
         )
         if not (slides and has_sw):
             return cfg
+        sliding = _sliding_layers(f, cfg.num_layers) if arch == "Qwen2ForCausalLM" else cfg.num_layers
+        if not sliding:
+            return cfg
         if sw < cfg.max_position_embeddings:
             why = ", transformers' default when unset" if "sliding_window" in unset else ""
+            where = "" if sliding == cfg.num_layers else f", {sliding} of {cfg.num_layers} layers"
             raise ModelLoadError(
-                f"{source}: sliding-window attention (sliding_window={sw}{why}) is not supported"
+                f"{source}: sliding-window attention (sliding_window={sw}{why}{where}) is not supported"
             )
         return replace(cfg, sliding_window=sw)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> ModelConfig:
-        return cls.from_dict(read_json_object(path), str(path))
 
     def validate(self, source: str) -> None:
         """Cross-field consistency the forward pass relies on."""
@@ -402,6 +413,26 @@ def _refuse_unsupported(f: _Fields, arch: str) -> None:
         raise ModelLoadError(
             f"{f.source}: unsupported hidden_act {_short(act)} (supported: {', '.join(SUPPORTED_ACTS)})"
         )
+
+
+QWEN2_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _sliding_layers(f: _Fields, num_layers: int) -> int:
+    """How many layers a Qwen2 slides (where use_sliding_window is on), as transformers' Qwen2Config: those its
+    `layer_types` names, else those from `max_window_layers` (default 28) on; none is plain full attention."""
+    types = f.d.get("layer_types")
+    if types is None:
+        return max(0, num_layers - f.integer("max_window_layers", 28, lo=0, hi=None))
+    if (
+        not isinstance(types, list)
+        or len(types) != num_layers
+        or any(t not in QWEN2_LAYER_TYPES for t in types)
+    ):
+        raise f.bad(
+            "layer_types", f"must be a list of {num_layers} of {' / '.join(QWEN2_LAYER_TYPES)}", types
+        )
+    return types.count("sliding_attention")
 
 
 def _rope_scaling(f: _Fields, rope: dict) -> dict | None:

@@ -30,6 +30,7 @@ from lserve_lite.weights.loader import load_config, load_weights
 from lserve_lite.weights.safetensors_io import SafetensorsFile
 
 _DIR_NAMES = {
+    "config": "config.json",
     "generation_config": "generation_config.json",
     "index": "model.safetensors.index.json",
     "tokenizer_config": "tokenizer_config.json",
@@ -43,8 +44,6 @@ def replay(kind: str, path: Path, scratch: Path) -> object:
         return {k: f.get(k) for k in f.keys()}
     if kind == "gguf":
         return read_gguf(path)
-    if kind == "config":
-        return ModelConfig.from_file(path)
     d = write_min_model_dir(scratch)
     shutil.copyfile(path, d / _DIR_NAMES[kind])
     if kind == "tokenizer_config":
@@ -253,6 +252,53 @@ def test_sliding_window_read_as_transformers_reads_it(tmp_path: Path):
     assert llama.sliding_window is None
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"max_window_layers": 0}, {"max_window_layers": 1}, {"max_window_layers": 2}, {"max_window_layers": 3},
+     {"layer_types": ["full_attention", "full_attention"]}, {"layer_types": ["full_attention", "sliding_attention"]},
+     {"max_window_layers": 0, "layer_types": ["full_attention", "full_attention"]}],
+)  # fmt: skip
+def test_qwen2_slides_only_the_layers_transformers_slides(tmp_path: Path, fields: dict):
+    """transformers' Qwen2 slides only layers >= max_window_layers (default 28), or those its layer_types names: a
+    2-layer config with use_sliding_window and a 16-token window in no sliding layer is full attention (it was
+    refused); one with a sliding layer is refused where the window is shorter than the context, kept beside it
+    where it covers the context."""
+    import transformers
+
+    qwen = {"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True, **fields}
+    theirs = transformers.Qwen2Config(**{**BASE_CONFIG, **qwen, "sliding_window": 16})
+    slides = "sliding_attention" in theirs.layer_types
+    covering = load_config(write_min_model_dir(tmp_path / "c", **qwen, sliding_window=1024))
+    assert covering.sliding_window == (1024 if slides else None)
+    short = write_min_model_dir(tmp_path / "s", **qwen, sliding_window=16)
+    if not slides:
+        assert load_config(short).sliding_window is None
+        assert EngineConfig(max_model_len=4096).resolve_max_len(load_config(short)) == 4096
+        return
+    with pytest.raises(
+        ModelLoadError, match=r"sliding-window attention \(sliding_window=16.*\) is not supported"
+    ):
+        load_config(short)
+
+
+@pytest.mark.parametrize(
+    ("fields", "msg"),
+    [({"max_window_layers": -1}, "field 'max_window_layers' must be >= 0"),
+     ({"max_window_layers": "1"}, "field 'max_window_layers' must be an integer"),
+     ({"layer_types": ["full_attention"]}, "field 'layer_types' must be a list of 2"),
+     ({"layer_types": ["full_attention", "local"]}, "field 'layer_types' must be a list of 2"),
+     ({"layer_types": "full_attention"}, "field 'layer_types' must be a list of 2")],
+)  # fmt: skip
+def test_qwen2_bad_sliding_layers_are_one_line(tmp_path: Path, fields: dict, msg: str):
+    """A max_window_layers or layer_types that names no set of layers is refused naming the field (transformers
+    refuses them too), not read as some other set."""
+    d = write_min_model_dir(tmp_path / "q", architectures=["Qwen2ForCausalLM"], use_sliding_window=True,
+                            sliding_window=16, **fields)  # fmt: skip
+    with pytest.raises(ModelLoadError) as e:
+        load_config(d)
+    assert msg in one_line_error(e.value, "config.json")
+
+
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"])
 def test_missing_rms_norm_eps_is_transformers_default(tmp_path: Path, arch: str):
     """A config.json without rms_norm_eps ran with 1e-5 where transformers uses its classes' default (1e-6): every
@@ -282,6 +328,7 @@ def test_missing_context_and_eos_are_transformers_defaults(tmp_path: Path, arch:
     (d / "config.json").write_text(json.dumps({**config, "sliding_window": None}))
     cfg = load_config(d)
     assert cfg.max_position_embeddings == theirs.max_position_embeddings
+    assert cfg.context_assumed  # said at load
     assert cfg.eos_token_ids == (() if theirs.eos_token_id is None else (theirs.eos_token_id,))
     # transformers generates with generation_config.json's ids alone (none there: none)
     (d / "generation_config.json").write_text("{}")
@@ -290,7 +337,9 @@ def test_missing_context_and_eos_are_transformers_defaults(tmp_path: Path, arch:
     assert load_config(d).eos_token_ids == (5,)
     (d / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
     assert load_config(d).sliding_window == getattr(theirs, "sliding_window", None)
-    slides = {"use_sliding_window": True}  # Qwen2's switch (Mistral slides whenever a window is set)
+    assert not load_config(d).context_assumed
+    # Qwen2's switch, every layer (Mistral slides whenever a window is set; Llama never)
+    slides = {"use_sliding_window": True, "max_window_layers": 0}
     (d / "config.json").write_text(json.dumps({**config, **slides, "max_position_embeddings": 1024}))
     sliding = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**slides)
     assert load_config(d).sliding_window == getattr(sliding, "sliding_window", None)

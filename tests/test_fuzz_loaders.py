@@ -249,7 +249,7 @@ def test_fuzz_gguf_metadata_to_config(tiny_gguf, edits: dict):
 # ------------------------------------------------------------------------------------------ config.json etc
 
 CONFIG_KEYS = [*BASE_CONFIG, "head_dim", "rope_scaling", "rope_parameters", "sliding_window",
-               "use_sliding_window", "attention_bias", "dtype"]  # fmt: skip
+               "use_sliding_window", "max_window_layers", "layer_types", "attention_bias", "dtype"]  # fmt: skip
 rope_like = st.fixed_dictionaries(
     {},
     optional={
@@ -285,7 +285,7 @@ def test_fuzz_config_fields(scratch: Path, edits: dict, drop: list):
     d = {k: v for k, v in {**BASE_CONFIG, **edits}.items() if k not in drop}
     path = scratch / "config.json"
     path.write_text(json.dumps(d))
-    _check_config(clear_or_ok(ModelConfig.from_file, path, name="config.json"))
+    _check_config(clear_or_ok(load_config, scratch, name="config.json"))
 
 
 @fuzz(300)
@@ -293,7 +293,7 @@ def test_fuzz_config_fields(scratch: Path, edits: dict, drop: list):
 def test_fuzz_config_bytes(scratch: Path, blob: bytes):
     path = scratch / "config.json"
     path.write_bytes(blob)
-    _check_config(clear_or_ok(ModelConfig.from_file, path, name="config.json"))
+    _check_config(clear_or_ok(load_config, scratch, name="config.json"))
 
 
 @pytest.fixture(scope="module")

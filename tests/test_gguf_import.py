@@ -237,6 +237,8 @@ def write_tiny_gguf(
     ffn: int = FFN,
     matrix_scale: float = 1.0,
     eos: int | None = 2,
+    bos: int = 1,
+    context_length: int | None = 256,
 ) -> dict[str, tuple[np.ndarray, str]]:
     """A tiny llama (or qwen2: q/k/v biases, rows not permuted) GGUF; returns {gguf name: (the float32 tensor
     before quantization, type name)}.
@@ -248,7 +250,8 @@ def write_tiny_gguf(
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(L)
-    w.add_context_length(256)
+    if context_length is not None:
+        w.add_context_length(context_length)
     w.add_embedding_length(hidden)
     w.add_feed_forward_length(ffn)
     w.add_head_count(NH)
@@ -263,7 +266,7 @@ def write_tiny_gguf(
         tokens, ttypes, merges = _gpt2_vocab()
         w.add_tokenizer_pre("qwen2" if arch == "qwen2" else "smollm")
         w.add_token_merges(merges)
-        w.add_bos_token_id(1)
+        w.add_bos_token_id(bos)
         if eos is not None:
             w.add_eos_token_id(eos)
         w.add_unk_token_id(0)
@@ -271,7 +274,7 @@ def write_tiny_gguf(
     else:
         tokens, ttypes, scores = _spm_vocab()
         w.add_token_scores(scores)
-        w.add_bos_token_id(1)
+        w.add_bos_token_id(bos)
         if eos is not None:
             w.add_eos_token_id(eos)
         w.add_unk_token_id(0)
@@ -375,6 +378,53 @@ def test_a_gguf_without_an_eos_id_has_none(tmp_path: Path):
     write_tiny_gguf(src, eos=None)
     assert gguf_config(src).eos_token_ids == ()
     assert load_config(convert_gguf(src, tmp_path / "tiny", progress=False)).eos_token_ids == ()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_gguf_without_a_context_length_has_transformers_limit_marked_assumed(tmp_path: Path, arch: str):
+    """A GGUF without `<arch>.context_length` ran to 4096 tokens without a word (a model trained longer was cut
+    there): its limit is what transformers' GGUF loader reads for the file (its config class's default), marked as
+    assumed, and the directory `convert` writes names no length either (config.json, tokenizer_config.json)."""
+    import transformers
+
+    from lserve_lite.weights.gguf_weights import gguf_config
+    from lserve_lite.weights.loader import load_config
+
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src, arch=arch, context_length=None)
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path, gguf_file=src.name)
+    cfg = gguf_config(src)
+    assert cfg.context_assumed and cfg.max_position_embeddings == theirs.max_position_embeddings
+    out = convert_gguf(src, tmp_path / "tiny", progress=False)
+    assert "max_position_embeddings" not in json.loads((out / "config.json").read_text())
+    assert "model_max_length" not in json.loads((out / "tokenizer_config.json").read_text())
+    converted = load_config(out)
+    assert converted.context_assumed and converted.max_position_embeddings == cfg.max_position_embeddings
+    write_tiny_gguf(src, arch=arch)  # 256 named
+    assert not gguf_config(src).context_assumed and gguf_config(src).max_position_embeddings == 256
+
+
+def test_engine_says_once_that_its_context_limit_is_assumed(tmp_path: Path, capsys):
+    """Loading a model that names no trained length prints one line on stderr with the limit assumed and how to
+    set another; the startup line says so too. A limit set with max_model_len (here past the assumed one) is taken
+    without the warning and not called an extrapolation past trained positions the model never named."""
+    from lserve_lite import LLM, EngineConfig
+
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src, context_length=None)
+    pool = {"num_kv_pages": 512, "page_size": 16}
+    engine = LLM(str(src), backend="cpu", config=EngineConfig(**pool)).engine
+    said = [line for line in capsys.readouterr().err.splitlines() if "context length" in line]
+    assert len(said) == 1 and engine.max_len == 2048, said
+    assert "2048" in said[0] and "--max-model-len" in said[0] and str(src) in said[0]
+    assert engine.kv_summary().endswith(
+        "; the model names no trained context length (limit 2048 assumed; --max-model-len sets another)"
+    )
+    longer = LLM(str(src), backend="cpu", config=EngineConfig(max_model_len=8192, **pool)).engine
+    assert "context length" not in capsys.readouterr().err and longer.max_len == 8192
+    assert longer.kv_summary().endswith(
+        "; the model names no trained context length (limit --max-model-len's)"
+    )
 
 
 def _unpermute_ref(permuted: np.ndarray, n_head: int) -> np.ndarray:
@@ -483,13 +533,13 @@ def test_named_tool_use_template_of_a_gguf(tmp_path: Path):
         assert tok.render_chat(msgs) == "hi" and tok.render_chat(msgs, tools=tools) == "T:get_time:hi"
 
 
-def test_llama3_rope_scaling_recovered(tmp_path: Path):
-    head_dim, theta = 64, 500000.0
-    factor, low, high, old = 16.0, 1.5, 5.0, 8192
-
+def llama3_rope_freqs(
+    head_dim: int, theta: float, factor: float, low: float, high: float, old: int
+) -> np.ndarray:
+    """rope_freqs.weight as llama.cpp's converter writes it (convert_hf_to_gguf, LlamaModel.generate_extra_tensors)."""
     freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
     rope = []
-    for f in freqs:  # llama.cpp convert_hf_to_gguf, LlamaModel.generate_extra_tensors
+    for f in freqs:
         wavelen = 2 * math.pi / f
         if wavelen < old / high:
             rope.append(1.0)
@@ -498,8 +548,19 @@ def test_llama3_rope_scaling_recovered(tmp_path: Path):
         else:
             smooth = (old / wavelen - low) / (high - low)
             rope.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(rope)
+
+
+def test_llama3_rope_scaling_recovered(tmp_path: Path):
+    head_dim, theta = 64, 500000.0
+    factor, low, high, old = 16.0, 1.5, 5.0, 8192
     src = tmp_path / "rope.gguf"
-    write_tiny_gguf(src, head_dim=head_dim, theta=theta, rope_freqs=np.array(rope))
+    write_tiny_gguf(
+        src,
+        head_dim=head_dim,
+        theta=theta,
+        rope_freqs=llama3_rope_freqs(head_dim, theta, factor, low, high, old),
+    )
     out = convert_gguf(src, tmp_path / "rope", progress=False)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["rope_scaling"] == {
@@ -587,6 +648,21 @@ def test_other_architecture_and_odd_models(tmp_path: Path):
     spm = tmp_path / "t5.gguf"
     write_tiny_gguf(spm, tokenizer="t5")
     assert "tokenizer model 't5'" in _err(spm, tmp_path / "o3")
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [(dict(eos=100000), "'eos_token_id' has ids outside [0, "),
+     (dict(bos=100000), "'bos_token_id' has ids outside [0, "),
+     (dict(head_dim=64, theta=5e5, rope_freqs=llama3_rope_freqs(64, 5e5, 1.2e6, 1.5, 5.0, 8192)), "'factor' must be")],
+)  # fmt: skip
+def test_convert_refuses_a_config_the_loader_would_refuse(tmp_path: Path, kw: dict, field: str):
+    """An end / begin id past the vocabulary or a rope scaling past its bounds was checked only when the converted
+    directory was loaded: convert dequantized and wrote the whole model (float32, GBs for a real one) first. Now
+    the config convert writes goes whole through ModelConfig.from_dict before any weight is read."""
+    src = tmp_path / "odd.gguf"
+    write_tiny_gguf(src, **kw)
+    assert field in _err(src, tmp_path / "out")
 
 
 def test_existing_output_dir(tmp_path: Path):

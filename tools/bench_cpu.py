@@ -35,11 +35,11 @@ import numpy as np
 from lserve_lite import LLM, EngineConfig, SamplingParams
 from lserve_lite.backends import cpu_kernels
 from lserve_lite.backends.cpu_threads import SplitRunner, even_bounds
-from lserve_lite.config import KV_DTYPES
+from lserve_lite.config import KV_DTYPES, path_name
 from lserve_lite.engine_args import bounded_int, choice_list, existing_file, results_folder
 from lserve_lite.errors import InvalidRequestError, exit_status
 from lserve_lite.weights.default_model import default_gguf_path, default_model_dir
-from lserve_lite.weights.loader import path_name, resolve_model_dir
+from lserve_lite.weights.loader import resolve_model_dir
 
 
 def llama_cpp(

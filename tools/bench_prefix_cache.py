@@ -30,11 +30,10 @@ from pathlib import Path
 
 from lserve_lite import LLM, EngineConfig, SamplingParams, SparseConfig
 from lserve_lite.backends import cuda_available
-from lserve_lite.config import MAX_MODEL_LEN, MAX_NUM_SEQS
+from lserve_lite.config import MAX_MODEL_LEN, MAX_NUM_SEQS, path_name
 from lserve_lite.engine_args import bounded_int, existing_file, output_file
 from lserve_lite.errors import exit_status
 from lserve_lite.evaluation.synthetic import corpus_text
-from lserve_lite.weights.loader import path_name
 
 DOC_ROOM = 512  # doc: context beyond the document, for a question and the reply
 

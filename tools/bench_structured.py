@@ -45,8 +45,9 @@ def main() -> None:
     if args.gpu:
         require_gpu("bench_structured.py --gpu")
     from lserve_lite.backends.reference.sampling import allowed_tokens
+    from lserve_lite.config import path_name
     from lserve_lite.engine.structured import Grammars
-    from lserve_lite.weights.loader import load_model, path_name, resolve_model_dir
+    from lserve_lite.weights.loader import load_model, resolve_model_dir
 
     loaded = load_model(resolve_model_dir(args.model), None)
     cfg, tok = loaded.cfg, loaded.tokenizer

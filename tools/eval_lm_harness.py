@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lserve_lite.config import path_name
 from lserve_lite.engine_args import output_file
 from lserve_lite.errors import exit_status
-from lserve_lite.weights.loader import path_name
 
 QUESTIONS = [
     ("The capital of France is", [" Paris", " Berlin", " Madrid", " Rome"], 0),

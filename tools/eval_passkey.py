@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
+from lserve_lite.config import path_name
 from lserve_lite.engine_args import bounded_int, float_list
 from lserve_lite.errors import exit_status
 from lserve_lite.evaluation.eval_args import MAX_SAMPLES, add_sweep_args
 from lserve_lite.evaluation.plotting import finish_figure, load_result, pyplot, save_result
 from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs, refuse_past_context
 from lserve_lite.evaluation.synthetic import PasskeySample, passkey_sample
-from lserve_lite.weights.loader import path_name
 
 
 def passed(text: str, passkey: str) -> bool:

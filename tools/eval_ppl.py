@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+from lserve_lite.config import path_name
 from lserve_lite.engine_args import bounded_int
 from lserve_lite.errors import InvalidRequestError, exit_status
 from lserve_lite.evaluation.eval_args import add_sweep_args
 from lserve_lite.evaluation.plotting import finish_figure, load_result, pyplot, save_result
 from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs, refuse_past_context
 from lserve_lite.evaluation.synthetic import corpus_text
-from lserve_lite.weights.loader import path_name
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lserve_lite.config import EngineConfig
+from lserve_lite.config import EngineConfig, path_name
 from lserve_lite.engine_args import bounded_int, output_file
 from lserve_lite.errors import InvalidRequestError, exit_status
 from lserve_lite.evaluation.harness import SparseHarness
@@ -31,7 +31,7 @@ from lserve_lite.evaluation.synthetic import corpus_text
 from lserve_lite.geometry import pages_for
 from lserve_lite.kv.quant import FORMATS, dequantize, quantize
 from lserve_lite.llm import LLM
-from lserve_lite.weights.loader import load_config, load_tokenizer, path_name, resolve_model_dir
+from lserve_lite.weights.loader import load_config, load_tokenizer, resolve_model_dir
 
 Quantizer = Callable[[np.ndarray], np.ndarray]  # [T, D] float64 -> its dequantized values
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ class LLMEngine:
             num_pages, num_stream = self._load_local(backend)
         else:
             num_pages, num_stream = self._start_workers(backend)
+        self._say_assumed_context()
         per_seq = self.layout.stream_pages_per_seq if self.layout else 0
         slots = self.ecfg.max_num_seqs if self.layout and self.layout.select_pages else 0  # rows of sel_idx
         self.blocks = BlockManager(
@@ -139,6 +141,19 @@ class LLMEngine:
         self.max_len = self.runner.max_len  # both fitted to the pools (fit_context)
         self.layout = self.runner.layout
         return num_pages, num_stream
+
+    def _say_assumed_context(self) -> None:
+        """One line on stderr where the context limit is a default the model never named: a model trained longer
+        would be cut there without a word (a GGUF without context_length ran to 4096 tokens so)."""
+        c = self.cfg
+        if c.context_assumed and self.ecfg.max_model_len is None:
+            print(
+                f"lserve-lite: {self.model_dir}: the model names no trained context length (max_position_embeddings"
+                f", a GGUF's context_length): assuming {c.max_position_embeddings}, transformers' default for "
+                f"{c.arch}; --max-model-len (max_model_len=) sets the limit",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _prefix_cache(self, num_stream: int) -> PrefixCache | None:
         """The prefix cache (None when turned off); in LServe mode only prompt K/V is cacheable, and with no dense
@@ -215,7 +230,8 @@ class LLMEngine:
     def kv_summary(self) -> str:
         """The KV cache in one line (startup logs): format, capacity in tokens, bytes per token of the pool that
         holds the context (LServe: the dense heads' pages, statistics included; the streaming pool's bytes and
-        sequences beside it); and a context limit set past the model's trained positions (allowed, and said)."""
+        sequences beside it); and a context limit set past the model's trained positions (allowed, and said), or
+        a model that names none (its limit assumed, or max_model_len's)."""
         lay, ps, name = self.layout, self.ecfg.page_size, self.kv_format.name
         pages = self.kv_pages()["context"][1]
         if lay is None:
@@ -234,6 +250,13 @@ class LLMEngine:
                     f"{n} sequence{'s' * (n != 1)} at once"
                 )
         trained = self.cfg.max_position_embeddings
+        if self.cfg.context_assumed:
+            limit = (
+                "--max-model-len's"
+                if self.ecfg.max_model_len
+                else f"{trained} assumed; --max-model-len sets another"
+            )
+            return f"{line}; the model names no trained context length (limit {limit})"
         if self.max_len > trained:
             line += (
                 f"; context limit {self.max_len} past the model's {trained} trained positions (extrapolated)"

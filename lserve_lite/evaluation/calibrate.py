@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import MAX_POOL_PAGES, EngineConfig, write_text_atomic
+from ..config import MAX_POOL_PAGES, EngineConfig, path_name, write_text_atomic
 from ..errors import InvalidRequestError, LServeError
 from ..kv.layout import KVMemoryError
 from ..llm import LLM
 from ..sparse.patterns import head_classes, save_pattern
-from ..weights.loader import load_config, path_name, resolve_model_dir
+from ..weights.loader import load_config, resolve_model_dir
 from .calibrate_args import BOUNDS
 from .harness import SparseHarness, int_in
 from .synthetic import PasskeySample, corpus_text, passkey_sample

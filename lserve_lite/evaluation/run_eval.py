@@ -23,9 +23,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..config import Throttled, write_text_atomic
+from ..config import Throttled, path_name, write_text_atomic
 from ..errors import InvalidRequestError
-from ..weights.loader import path_name
 from . import ruler
 from .eval_args import stem_file
 from .plotting import finish_figure, load_result, pyplot

@@ -9,13 +9,12 @@ Shipped patterns live in the data folder `sparse/patterns/<model>/full_attention
 from __future__ import annotations
 
 import math
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 
-from ..config import read_json_object, read_text_file, write_text_atomic
+from ..config import path_name, read_json_object, read_text_file, write_text_atomic
 from ..errors import ModelLoadError
 
 PATTERN_FILE = "full_attention_heads.tsv"
@@ -155,12 +154,11 @@ def bundled_patterns() -> dict[str, Path]:
 
 
 def _model_names(model_name_or_dir: str | Path) -> list[str]:
-    """The names a model may go by: its directory's (a relative path made absolute first: `--model .` had the
-    name "."), a Hub name's last part, config.json's `_name_or_path`, and the GGUF a converted directory came from."""
-    s = str(model_name_or_dir).rstrip("/\\")
-    whole = os.path.abspath(s) if s else s
-    names = [Path(whole).name, whole.replace("\\", "/").split("/")[-1].split("--")[-1]]
-    cfg = Path(s) / "config.json"
+    """The names a model may go by: its directory's (config.path_name's: `--model .` is its folder's name), a Hub
+    name's last part, config.json's `_name_or_path`, and the GGUF a converted directory came from."""
+    name = path_name(model_name_or_dir)
+    names = [name, name.split("--")[-1]]  # a Hub cache folder: models--org--name
+    cfg = Path(model_name_or_dir) / "config.json"
     if cfg.is_file():
         try:
             d = read_json_object(cfg)

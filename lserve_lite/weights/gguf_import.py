@@ -201,23 +201,26 @@ def model_config(meta: dict[str, Any], tensors: dict, path: Path) -> dict[str, A
         "vocab_size": vocab,
         "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-5, float),
         "rope_theta": theta,
-        "max_position_embeddings": get("context_length", 4096),
+        # none named: transformers' default for the architecture, as its GGUF loader reads it (marked assumed)
+        **({"max_position_embeddings": get("context_length")} if f"{arch}.context_length" in meta else {}),
         "tie_word_embeddings": "output.weight" not in tensors,
         "hidden_act": "silu",
         **({"attention_bias": False} if arch == "llama" else {}),  # qwen2 always has q/k/v biases
         "mlp_bias": False,
         "torch_dtype": "float32",
     }
-    ModelConfig.from_dict(cfg, f"{path} (as config.json)")  # bounds of any config.json, before sizing
-    old_ctx = get("rope.scaling.original_context_length", 0) or 8192  # typed here: the scaling reads it
-    scaling = _rope_scaling(meta, tensors, theta, head_dim, old_ctx, path, arch)
-    if scaling is not None:
-        cfg["rope_scaling"] = scaling
     for name, key in (("bos_token_id", "bos_token_id"), ("pad_token_id", "padding_token_id")):
         if (v := meta.get(f"tokenizer.ggml.{key}")) is not None:
             cfg[name] = int(v)
     eos = _eos_ids(meta)  # none: none (not transformers' default for a config.json without the field)
     cfg["eos_token_id"] = (eos[0] if len(eos) == 1 else eos) if eos else None
+    where = f"{path} (as config.json)"
+    ModelConfig.from_dict(cfg, where)  # bounds and token ids of any config.json, before sizing or writing
+    old_ctx = get("rope.scaling.original_context_length", 0) or 8192  # typed here: the scaling reads it
+    scaling = _rope_scaling(meta, tensors, theta, head_dim, old_ctx, path, arch)
+    if scaling is not None:
+        cfg["rope_scaling"] = scaling
+        ModelConfig.from_dict(cfg, where)  # the scaling fitted to rope_freqs.weight: within the bounds too
     cfg["lserve_lite"] = {"converted_from": path.name, "gguf_name": meta.get("general.name")}
     _check_tensors(tensors, cfg, path)
     return cfg

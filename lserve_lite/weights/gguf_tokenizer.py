@@ -273,7 +273,8 @@ def tokenizer_files(meta: dict[str, Any], cfg: dict[str, Any], path: Path):
         if i is not None and 0 <= i < len(tokens):
             tc[name] = tokens[i]
     tc["clean_up_tokenization_spaces"] = False
-    tc["model_max_length"] = cfg["max_position_embeddings"]
+    if "max_position_embeddings" in cfg:  # else none named (transformers' tokenizer: no limit)
+        tc["model_max_length"] = cfg["max_position_embeddings"]
     if (template := meta.get("tokenizer.chat_template")) is not None:
         tc["chat_template"] = template
         if (

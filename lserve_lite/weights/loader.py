@@ -4,14 +4,13 @@ optionally quantized at load (`--quantize`), or a llama / qwen2 GGUF file run fr
 from __future__ import annotations
 
 import mmap
-import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from ..config import ModelConfig, read_json_object, token_ids
+from ..config import ModelConfig, path_name, read_json_object, token_ids
 from ..errors import ModelLoadError
 from ..tokenizer import Tokenizer
 from .gguf_weights import float_projections, gguf_config, gguf_model, gguf_tokenizer
@@ -84,12 +83,6 @@ def model_name(path: Path) -> str:
     if path.name == GGUF_NAME:
         return MODEL_NAME
     return path.stem if path.suffix.lower() == ".gguf" else path.name
-
-
-def path_name(path: str | Path) -> str:
-    """The name of a model's directory or file, as results record it: its absolute path's last part, without
-    following links (`Path(".").name` is "", so `--model .` was recorded nameless)."""
-    return Path(os.path.abspath(path)).name
 
 
 def _own_head(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> ModelConfig:
