@@ -136,3 +136,31 @@ def test_forward_matches_cpu_and_graphs_match_eager(qkv_bias):
                 seqs[k][i].output_ids.append(int(t))
     graphs = runs["graph"][0].executor
     assert set(graphs.graphs) == {2, 4}, f"captured sizes {sorted(graphs.graphs)}"
+
+
+@pytest.mark.gpu
+def test_device_rope_tables_are_the_uploaded_host_tables():
+    """The CUDA backend computes its fp16 RoPE tables on the device (a 2^24-token table took ~18 s on the host):
+    the same values as the host's float64 angles rounded to float32 then float16, over chunk edges and odd lengths,
+    with llama3 scaling; a last-bit difference of the device's double cos may flip a rare float16 rounding."""
+    from lserve_lite.backends.base import ROPE_CHUNK, RopeTables, rope_tables
+    from lserve_lite.backends.cuda import CudaOps, to_fp16
+    from lserve_lite.config import ModelConfig
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}  # fmt: skip
+    cfg = ModelConfig(
+        "LlamaForCausalLM", 512, 1024, 1, 4, 4, 128, 100, rope_theta=500000.0, rope_scaling=scaling
+    )
+    ops, n = CudaOps(), 2 * ROPE_CHUNK + 37
+    tables = RopeTables(cfg, n)
+    dev = ops.rope_tables(tables)
+    assert tables.filled == 0  # the host table was never filled
+    for got, want in zip(dev, rope_tables(cfg, n), strict=True):
+        got, want = ops.cp.asnumpy(got), to_fp16(want)
+        assert got.dtype == np.float16 and got.shape == want.shape == (n, 64)
+        diff = np.abs(got.astype(np.float32) - want.astype(np.float32))
+        assert diff.max() <= 2.0**-11 and np.count_nonzero(diff) <= 1e-5 * diff.size, (
+            diff.max(),
+            np.count_nonzero(diff),
+        )

@@ -14,7 +14,16 @@ from ..config import GROUP_REDUCE, ORACLE_REDUCE, EngineConfig, env_choice
 from ..sparse.plan import AttentionPlan
 from ..weights.qtensor import QuantTensor, RowStack, Weight, stored_bytes
 from . import cpu_kernels as K
-from .base import EagerExecutor, Forward, HostTokens, KVCache, alloc_kv_cache, norm_qkv_rope, norm_then_linear
+from .base import (
+    EagerExecutor,
+    Forward,
+    HostTokens,
+    KVCache,
+    RopeTables,
+    alloc_kv_cache,
+    norm_qkv_rope,
+    norm_then_linear,
+)
 from .cpu_half import NATIVE_HALF
 from .cpu_kv import kernel_view
 from .cpu_quant import embed_q, linear_q, logits_q
@@ -77,6 +86,10 @@ class CpuOps:
         if isinstance(a, (QuantTensor, RowStack)):
             return a
         return np.ascontiguousarray(a, dtype=np.float32 if a.dtype.kind == "f" else a.dtype)
+
+    def rope_tables(self, tables: RopeTables) -> None:
+        """None: the kernels read the host tables, which the model fills as positions are reached."""
+        return None
 
     def to_numpy(self, a: np.ndarray) -> np.ndarray:
         return a

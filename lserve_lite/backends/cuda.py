@@ -24,7 +24,16 @@ from ..errors import InvalidRequestError, ModelLoadError
 from ..kv.layout import KVLayout
 from ..sparse.plan import AttentionPlan
 from ..weights.qtensor import QuantTensor, RowStack
-from .base import EagerExecutor, Forward, KVCache, alloc_kv_cache, norm_qkv_rope, norm_then_linear
+from .base import (
+    ROPE_CHUNK,
+    EagerExecutor,
+    Forward,
+    KVCache,
+    RopeTables,
+    alloc_kv_cache,
+    norm_qkv_rope,
+    norm_then_linear,
+)
 from .cuda_attention import HEAD_DIMS, KV_TRAITS
 from .cuda_compile import load_module
 from .cuda_graphs import GraphExecutor
@@ -327,6 +336,19 @@ class CudaOps:
         if a.dtype.kind == "f":
             a = to_fp16(a, name)
         return cp.asarray(np.ascontiguousarray(a))
+
+    def rope_tables(self, tables: RopeTables) -> tuple:
+        """fp16 cos / sin of every position, computed here from the float64 angles a chunk at a time as the host's
+        `RopeTables.reach` does (float64 -> float32 -> float16, the upload's rounding): a 2^24-token table took ~18 s
+        of host startup and 8 GiB of host float32 before its upload."""
+        cp = self.cp
+        n, inv = len(tables.cos), cp.asarray(tables.inv)
+        cos, sin = (cp.empty((n, inv.size), cp.float16) for _ in range(2))
+        for p in range(0, n, ROPE_CHUNK):
+            ang = cp.arange(p, min(p + ROPE_CHUNK, n), dtype=cp.float64)[:, None] * inv[None, :]
+            cos[p : p + len(ang)] = cp.cos(ang).astype(cp.float32)
+            sin[p : p + len(ang)] = cp.sin(ang).astype(cp.float32)
+        return cos, sin
 
     def to_numpy(self, a) -> np.ndarray:
         if isinstance(a, np.ndarray):

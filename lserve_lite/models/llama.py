@@ -76,15 +76,11 @@ class LlamaModel:
                     down=up(p + "mlp.down_proj.weight"),
                 )
             )
+        # A backend that builds its own tables (the GPU's, on the device) gets them whole; one that reads the host's
+        # gets them filled as positions are reached (`rope_for`).
         tables = RopeTables(cfg, max_len)
-        tables.reach(1)
-        row = tables.cos[:1]
-        # A backend whose upload returns the host array itself reads the host tables: rows are filled as positions are
-        # reached (`rope_for`). One that copies them gets them whole.
-        self.lazy_rope = tables if ops.upload(row, name="rope.cos") is row else None
-        if self.lazy_rope is None:
-            tables.reach(max_len)
-        self.rope = (up("rope.cos", tables.cos), up("rope.sin", tables.sin))
+        self.rope = ops.rope_tables(tables) or (tables.cos, tables.sin)
+        self.lazy_rope = None if self.rope[0] is not tables.cos else tables
 
     def rope_for(self, positions: Any) -> tuple[Any, Any]:
         """The rope tables, with the rows of `positions` filled."""
