@@ -263,6 +263,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import main as bench_main
 
+    if not args.json:  # with --json the results are written there first, whatever stdout is
+        _check_stdio(reads_stdin=False)
     return bench_main(args, _make_llm(args))
 
 

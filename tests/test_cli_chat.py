@@ -143,11 +143,13 @@ def test_generate_into_a_full_disk_is_one_line(tiny_llama):
 @pytest.mark.parametrize(
     "command,fd,msg",
     [("generate", 1, "standard output is closed"), ("chat", 1, "standard output is closed"),
-     ("chat", 0, "standard input is closed"), ("serve", 1, "standard output is closed")],
+     ("chat", 0, "standard input is closed"), ("serve", 1, "standard output is closed"),
+     ("bench", 1, "standard output is closed")],
 )  # fmt: skip
 def test_closed_stdio_is_one_line(tiny_llama, command, fd, msg):
     """`generate >&-` or `chat <&-`: Python's stdout / stdin is None, and the first write or `input()` ended the
-    command in a traceback (after the model loaded); `serve >&-` in uvicorn's log setup."""
+    command in a traceback (after the model loaded); `serve >&-` in uvicorn's log setup; `bench >&-` without --json
+    ran its whole benchmark and printed its results nowhere (status 0)."""
     prompt = ["--prompt", "hello"] if command == "generate" else []
     p = subprocess.run(
         [sys.executable, "-m", "lserve_lite.cli", command, "--model", str(tiny_llama), "--backend", "cpu", *prompt],
@@ -723,6 +725,28 @@ def test_kernels_test_json_to_a_pipe_is_one_object(monkeypatch):
             assert harness.main(["test", "--json", f"/dev/fd/{w}"]) == 0
         got = json.loads(reader.read())
     assert (got["passed"], got["not_run"]) == (2, {})
+
+
+@pytest.mark.parametrize("stdout", ["closed", "full"])
+def test_bench_json_is_written_whatever_stdout_is(tiny_llama, tmp_path, stdout):
+    """`bench --json out >&-` or `> /dev/full`: the table was printed first, so a full stdout ended the run before the
+    JSON was written, and a closed one (print writing nowhere) ended it silently, status 0, its table lost. The JSON
+    is written first, then the failing stdout is one line (status 1)."""
+    if stdout == "full" and not os.path.exists("/dev/full"):
+        pytest.skip("needs Linux's /dev/full")
+    out = tmp_path / "bench.json"
+    argv = [sys.executable, "-m", "lserve_lite.cli", "bench", "--model", str(tiny_llama), "--backend", "cpu",
+            "--prompt-lens", "16", "--context", "16", "--steps", "4", "--json", str(out)]  # fmt: skip
+    with open("/dev/full" if stdout == "full" else os.devnull, "w") as sink:
+        p = subprocess.run(argv, stdout=sink, stderr=subprocess.PIPE, text=True, timeout=300,
+                           preexec_fn=(lambda: os.close(1)) if stdout == "closed" else None)  # fmt: skip
+    msg = {
+        "closed": "standard output is closed (>&-): the table was not printed",
+        "full": "No space left on device",
+    }
+    assert p.returncode == 1 and p.stderr.startswith(f"error: {msg[stdout]}"), p.stderr
+    assert p.stderr.count("\n") == 1, p.stderr
+    assert json.loads(out.read_text())["decode_ctx16_b1_tok_s"] > 0
 
 
 def test_bench_json_path_that_is_a_directory(tiny_llama, tmp_path):
