@@ -61,6 +61,34 @@ def test_chat_reads_a_windows_file(tiny_llama):
     assert prompt_tokens(windows.stderr) == prompt_tokens(unix.stderr), (err, unix.stderr)
 
 
+@pytest.mark.parametrize(
+    "locale",
+    [
+        {"PYTHONIOENCODING": "latin-1"},
+        {"LC_ALL": "C"},
+        {"LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"},
+    ],
+)
+def test_chat_reads_utf8_whatever_the_locale(tiny_llama, locale):
+    """stdin decoded by the locale: under Latin-1 a UTF-8 `héllo` reached the model as `hÃ©llo` (more prompt tokens)
+    and the Latin-1 byte of `caf\xe9` as text; under a C locale without UTF-8 mode `héllo` was refused. Chat reads
+    UTF-8 whatever the locale, and a line that is not UTF-8 is refused in one line, the chat going on."""
+    argv = [sys.executable, "-m", "lserve_lite.cli", "chat", "--model", str(tiny_llama), "--backend", "cpu",
+            "--max-new-tokens", "1"]  # fmt: skip
+    base = {k: v for k, v in os.environ.items() if k not in ("PYTHONIOENCODING", "PYTHONUTF8", "LC_ALL")}
+
+    def run(env: dict) -> str:
+        r = subprocess.run(argv, input="héllo\n".encode() + b"caf\xe9\n", capture_output=True, timeout=300,
+                           env={**base, **env})  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stderr.decode()
+
+    utf8, err = run({"PYTHONIOENCODING": "utf-8"}), run(locale)
+    prompts = re.findall(r"/(\d+) prompt tokens cached", err)
+    assert len(prompts) == 1 and prompts == re.findall(r"/(\d+) prompt tokens cached", utf8), (err, utf8)
+    assert err.count("error: that line is not valid UTF-8 (chat reads UTF-8 whatever the locale)") == 1, err
+
+
 def test_chat_commands_ignore_trailing_words(tiny_llama):
     """A command is its line's first word: `/reset now` resets, `/quit now` quits (the message after it never runs)."""
     r = subprocess.run(
