@@ -33,23 +33,16 @@ def _with_weight(src: Path, dst: Path, name: str, edit) -> Path:
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory) -> dict:
-    """A clean tiny model; prompts a and b; x, the first token the clean model answers a with, in neither prompt nor
-    in b's reply; b's clean reply; and two broken copies: `token` (x's embedding row 1e30: a norm over it overflows,
-    its logits come out all equal: requests meeting x fail) and `all` (layer 0's input norm weight 1e30: NaN logits
+    """A clean tiny model (head_dim 64: the GPU kernels run it too); prompts a and b; a token x in neither prompt nor
+    in b's reply on the CPU; and two broken copies: `token` (x's embedding row 1e30: a norm over it overflows and its
+    logits come out all equal, so a request meeting x fails) and `all` (layer 0's input norm weight 1e30: NaN logits
     for every request)."""
     tmp = tmp_path_factory.mktemp("overflow")
-    clean = make_tiny_numpy(tmp / "clean")
-    llm = LLM(str(clean), backend="cpu")
+    clean = make_tiny_numpy(tmp / "clean", hidden=256)
     rng = np.random.default_rng(5)
-    b = [int(t) for t in rng.integers(3, 320, 12)]
-    b_out = llm.generate([b], GREEDY)[0].token_ids
-    for _ in range(100):
-        a = [int(t) for t in rng.integers(3, 320, 10)]
-        x = llm.generate([a], GREEDY)[0].token_ids[0]
-        if x not in a + b + b_out:
-            break
-    else:
-        raise AssertionError("no prompt found whose first reply token stays out of the other request")
+    a, b = ([int(t) for t in rng.integers(3, 320, n)] for n in (10, 12))
+    b_out = LLM(str(clean), backend="cpu").generate([b], GREEDY)[0].token_ids
+    x = next(t for t in range(3, 320) if t not in a + b + b_out)
 
     def huge_row(w: np.ndarray) -> np.ndarray:
         w[x] = 1e30
@@ -58,25 +51,39 @@ def case(tmp_path_factory) -> dict:
     token = _with_weight(clean, tmp / "token", "model.embed_tokens.weight", huge_row)
     norm = "model.layers.0.input_layernorm.weight"
     every = _with_weight(clean, tmp / "all", norm, lambda w: np.full_like(w, 1e30))
-    return dict(a=a, b=b, x=x, b_out=b_out, token=token, all=every)
+    return dict(a=a, b=b, x=x, clean=clean, token=token, all=every)
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_a_request_whose_activations_overflow_fails_alone(case, overlap):
-    """a samples x from sound logits, then its next logits (x's overflowed row) are all equal: it fails there, in the
-    synchronous step or in the overlapped decode's read (the GPU's, forced on the CPU); b runs as on the clean model."""
-    eng = LLMEngine(str(case["token"]), "cpu", EngineConfig(async_scheduling=overlap))
+def _run(path: Path, backend: str, overlap: bool, requests: list) -> tuple[LLMEngine, list[str], dict]:
+    """Every request run to its end on an engine of `path`; `overlap`: the overlapped decode (forced on the CPU)."""
+    eng = LLMEngine(str(path), backend, EngineConfig(async_scheduling=overlap))
     eng.ops.async_steps = overlap
-    ra, rb = eng.add_request(case["a"], GREEDY), eng.add_request(case["b"], GREEDY)
-    outs: dict[str, list] = {ra: [], rb: []}
+    rids = [eng.add_request(p, sp) for p, sp in requests]
+    outs: dict[str, list] = {r: [] for r in rids}
     while eng.has_unfinished():
         for o in eng.step():
             outs[o.request_id].append(o)
+    return eng, rids, outs
+
+
+@pytest.mark.parametrize(
+    "backend, overlap",
+    [("cpu", False), ("cpu", True), pytest.param("cuda", False, marks=pytest.mark.gpu),
+     pytest.param("cuda", True, marks=pytest.mark.gpu)],
+)  # fmt: skip
+def test_a_request_whose_activations_overflow_fails_alone(case, backend, overlap):
+    """a is biased to sample x first (from sound logits); its next logits, x's overflowed row, are all equal: it fails
+    there, in the synchronous step or in the overlapped decode's read; b runs as on the clean model."""
+    *_, clean = _run(case["clean"], backend, overlap, [(case["b"], GREEDY)])
+    b_out = [t for o in next(iter(clean.values())) for t in o.token_ids]
+    assert case["x"] not in b_out  # (chosen so on the CPU)
+    to_x = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True, logit_bias={case["x"]: 100})
+    eng, (ra, rb), outs = _run(case["token"], backend, overlap, [(case["a"], to_x), (case["b"], GREEDY)])
     last = outs[ra][-1]
     assert last.finished and last.finish_reason == "error", last
     assert last.error.startswith(CAUSE.format(step=2, rid=ra)) and "\n" not in last.error, last.error
     assert [t for o in outs[ra] for t in o.token_ids] == [case["x"]]  # nothing sampled from the broken row
-    assert [t for o in outs[rb] for t in o.token_ids] == case["b_out"]
+    assert [t for o in outs[rb] for t in o.token_ids] == b_out
     assert outs[rb][-1].finish_reason == "length"
     assert eng.blocks.num_used == 0 and not eng.seqs
 
@@ -84,9 +91,11 @@ def test_a_request_whose_activations_overflow_fails_alone(case, overlap):
 def test_llm_raises_the_cause_and_goes_on(case):
     """LLM.generate raises the one line (not a list of garbage tokens); the same LLM then serves other prompts."""
     llm = LLM(str(case["token"]), backend="cpu")
-    with pytest.raises(LServeError, match=CAUSE.format(step=2, rid=r"req-\d+")):
-        llm.generate([case["a"], case["b"]], GREEDY)
-    assert llm.generate([case["b"]], GREEDY)[0].token_ids == case["b_out"]
+    # x ends the second prompt: its first logits overflow
+    with pytest.raises(LServeError, match=CAUSE.format(step=1, rid=r"req-\d+")):
+        llm.generate([case["b"], case["a"] + [case["x"]]], GREEDY)
+    clean = LLM(str(case["clean"]), backend="cpu")
+    assert llm.generate([case["b"]], GREEDY)[0].token_ids == clean.generate([case["b"]], GREEDY)[0].token_ids
     assert llm.engine.blocks.num_used == 0
     every = LLM(str(case["all"]), backend="cpu")
     for _ in range(2):  # the engine survives its own failure
@@ -114,11 +123,12 @@ def test_server_answers_the_failed_request_an_error_and_serves_the_others(case):
     body = dict(model="tiny", max_tokens=6, temperature=0, ignore_eos=True)
     with ServerThread(create_app(engine, served_model_name="tiny")) as url:
         url += "/v1/completions"
-        bad = httpx.post(url, json=body | {"prompt": case["a"]}, timeout=120)
+        bad = httpx.post(url, json=body | {"prompt": case["a"] + [case["x"]]}, timeout=120)
         assert bad.status_code == 500, bad.text
-        assert bad.json()["error"]["message"].startswith("non-finite activations at step 2"), bad.text
-        events = httpx.post(url, json=body | {"prompt": case["a"], "stream": True}, timeout=120)
-        assert "non-finite activations at step 2" in events.text and events.text.endswith("data: [DONE]\n\n")
+        assert bad.json()["error"]["message"].startswith("non-finite activations at step 1"), bad.text
+        to_x = body | {"prompt": case["a"], "logit_bias": {str(case["x"]): 100}, "stream": True}
+        events = httpx.post(url, json=to_x, timeout=120).text  # x streamed, then the error event
+        assert "non-finite activations at step 2" in events and events.endswith("data: [DONE]\n\n"), events
         good = httpx.post(url, json=body | {"prompt": case["b"]}, timeout=120)
         assert good.status_code == 200, good.text
         choice = good.json()["choices"][0]
