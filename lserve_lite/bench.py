@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +17,7 @@ import numpy as np
 
 from .config import MAX_MODEL_LEN, MAX_NUM_SEQS, write_text_atomic
 from .engine_args import bounded_int, int_list, json_file
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, LServeError
 from .sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # the CLI builds its parser without loading the engine
@@ -117,7 +118,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--json",
         type=json_file,
         default=None,
-        help="also write the figures, model and backend to this JSON file",
+        help="also write the figures, model and backend to this JSON file (before the table is printed)",
     )
 
 
@@ -148,10 +149,14 @@ def main(args: argparse.Namespace, llm: LLM) -> int:
     _check_decode_fits(llm, context, args.steps, args.batch)
     rows = {f"prefill_{n}_tok_s": prefill_tok_s(llm, n) for n in lens}
     rows[f"decode_ctx{context}_b{args.batch}_tok_s"] = decode_tok_s(llm, context, args.steps, args.batch)
+    if args.json:  # first: a stdout that is closed, full or gone costs the table only
+        result = {"model": llm.engine.model_name, "backend": llm.engine.backend} | rows
+        write_text_atomic(Path(args.json), json.dumps(result, indent=2))
+    if sys.stdout is None:  # `>&-` with --json (the CLI refuses it without): print would write nowhere
+        raise LServeError(
+            f"standard output is closed (>&-): the table was not printed; the results are in {args.json}"
+        )
     print(f"model {llm.engine.model_name}, backend {llm.engine.backend}")
     for k, v in rows.items():
         print(f"  {k:<28}{v:>12.1f}")
-    if args.json:
-        result = {"model": llm.engine.model_name, "backend": llm.engine.backend} | rows
-        write_text_atomic(Path(args.json), json.dumps(result, indent=2))
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import codecs
 import io
 import signal
 import sys
@@ -110,12 +109,12 @@ CHAT_COMMANDS = (
 
 def cmd_chat(args: argparse.Namespace) -> int:
     _check_stdio(reads_stdin=True)
-    # a UTF-8 locale's stdin is strict: one bad byte failed the whole chunk read, the lines around it lost too;
-    # escaped, it reaches the line's own is_utf8 check below. A file saved on Windows: its CRLF ends were sent with
-    # each message, and its BOM made a first-line command a message.
+    # stdin is UTF-8 whatever the locale: a Latin-1 one garbled UTF-8 text (é read as Ã©) and took Latin-1 bytes as
+    # text, and a C one without UTF-8 mode refused all but ASCII. A byte that is not UTF-8 is escaped (strict, one
+    # failed the whole chunk read, the lines around it lost too) and refused by the line's is_utf8 check below. A
+    # file saved on Windows: its CRLF ends were sent with each message, and its BOM made a first-line command a message.
     if isinstance(sys.stdin, io.TextIOWrapper):
-        utf8 = codecs.lookup(sys.stdin.encoding).name == "utf-8"
-        sys.stdin.reconfigure(errors="surrogateescape", newline=None, encoding="utf-8-sig" if utf8 else None)
+        sys.stdin.reconfigure(encoding="utf-8-sig", errors="surrogateescape", newline=None)
     _check_text_option(args.system, "--system")
     _readline_history()
     params = _sampling(args)
@@ -148,7 +147,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except UnicodeDecodeError:
             line = "\udcff"  # reported below, like bytes that a surrogate-escaping stdin let through
         if not is_utf8(line):
-            print("error: that line is not valid UTF-8; type it again", file=sys.stderr)
+            print("error: that line is not valid UTF-8 (chat reads UTF-8 whatever the locale); type it again",
+                  file=sys.stderr)  # fmt: skip
             continue
         cmd = line.strip()
         if not cmd:
@@ -263,6 +263,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import main as bench_main
 
+    if not args.json:  # with --json the results are written there first, whatever stdout is
+        _check_stdio(reads_stdin=False)
     return bench_main(args, _make_llm(args))
 
 

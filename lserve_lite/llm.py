@@ -394,10 +394,13 @@ class LLM:
                 box.append(out)
 
     def _next_outputs(self, *rids: str) -> list[StepOutput]:
-        """The unread outputs of `rids`, stepping the engine until there is one."""
+        """The unread outputs of `rids`, stepping the engine until there is one; a failed request's error is raised
+        (logits it could not sample, LLMEngine.step: none of its text is garbage)."""
         while True:
             with self._call():  # another thread's step may fill these boxes until this one is read
                 outs = [self._boxes[r].popleft() for r in rids for _ in range(len(self._boxes[r]))]
+                if failed := next((o.error for o in outs if o.error), None):
+                    raise LServeError(failed)
                 if outs:
                     return outs
                 if not self.engine.has_unfinished():  # never with every step going through _step

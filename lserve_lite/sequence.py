@@ -84,6 +84,7 @@ class Sequence:
         self.num_prefix_cached: int | None = None  # prompt tokens taken from the cache at the first admission
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it (vLLM's)
+        self.error: str | None = None  # why the request failed (finish_reason "error" not from its grammar)
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
         seed = params.seed if params.seed is not None else np.random.SeedSequence().entropy

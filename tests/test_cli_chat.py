@@ -61,6 +61,34 @@ def test_chat_reads_a_windows_file(tiny_llama):
     assert prompt_tokens(windows.stderr) == prompt_tokens(unix.stderr), (err, unix.stderr)
 
 
+@pytest.mark.parametrize(
+    "locale",
+    [
+        {"PYTHONIOENCODING": "latin-1"},
+        {"LC_ALL": "C"},
+        {"LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"},
+    ],
+)
+def test_chat_reads_utf8_whatever_the_locale(tiny_llama, locale):
+    """stdin decoded by the locale: under Latin-1 a UTF-8 `héllo` reached the model as `hÃ©llo` (more prompt tokens)
+    and the Latin-1 byte of `caf\xe9` as text; under a C locale without UTF-8 mode `héllo` was refused. Chat reads
+    UTF-8 whatever the locale, and a line that is not UTF-8 is refused in one line, the chat going on."""
+    argv = [sys.executable, "-m", "lserve_lite.cli", "chat", "--model", str(tiny_llama), "--backend", "cpu",
+            "--max-new-tokens", "1"]  # fmt: skip
+    base = {k: v for k, v in os.environ.items() if k not in ("PYTHONIOENCODING", "PYTHONUTF8", "LC_ALL")}
+
+    def run(env: dict) -> str:
+        r = subprocess.run(argv, input="héllo\n".encode() + b"caf\xe9\n", capture_output=True, timeout=300,
+                           env={**base, **env})  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stderr.decode()
+
+    utf8, err = run({"PYTHONIOENCODING": "utf-8"}), run(locale)
+    prompts = re.findall(r"/(\d+) prompt tokens cached", err)
+    assert len(prompts) == 1 and prompts == re.findall(r"/(\d+) prompt tokens cached", utf8), (err, utf8)
+    assert err.count("error: that line is not valid UTF-8 (chat reads UTF-8 whatever the locale)") == 1, err
+
+
 def test_chat_commands_ignore_trailing_words(tiny_llama):
     """A command is its line's first word: `/reset now` resets, `/quit now` quits (the message after it never runs)."""
     r = subprocess.run(
@@ -143,11 +171,13 @@ def test_generate_into_a_full_disk_is_one_line(tiny_llama):
 @pytest.mark.parametrize(
     "command,fd,msg",
     [("generate", 1, "standard output is closed"), ("chat", 1, "standard output is closed"),
-     ("chat", 0, "standard input is closed"), ("serve", 1, "standard output is closed")],
+     ("chat", 0, "standard input is closed"), ("serve", 1, "standard output is closed"),
+     ("bench", 1, "standard output is closed")],
 )  # fmt: skip
 def test_closed_stdio_is_one_line(tiny_llama, command, fd, msg):
     """`generate >&-` or `chat <&-`: Python's stdout / stdin is None, and the first write or `input()` ended the
-    command in a traceback (after the model loaded); `serve >&-` in uvicorn's log setup."""
+    command in a traceback (after the model loaded); `serve >&-` in uvicorn's log setup; `bench >&-` without --json
+    ran its whole benchmark and printed its results nowhere (status 0)."""
     prompt = ["--prompt", "hello"] if command == "generate" else []
     p = subprocess.run(
         [sys.executable, "-m", "lserve_lite.cli", command, "--model", str(tiny_llama), "--backend", "cpu", *prompt],
@@ -723,6 +753,28 @@ def test_kernels_test_json_to_a_pipe_is_one_object(monkeypatch):
             assert harness.main(["test", "--json", f"/dev/fd/{w}"]) == 0
         got = json.loads(reader.read())
     assert (got["passed"], got["not_run"]) == (2, {})
+
+
+@pytest.mark.parametrize("stdout", ["closed", "full"])
+def test_bench_json_is_written_whatever_stdout_is(tiny_llama, tmp_path, stdout):
+    """`bench --json out >&-` or `> /dev/full`: the table was printed first, so a full stdout ended the run before the
+    JSON was written, and a closed one (print writing nowhere) ended it silently, status 0, its table lost. The JSON
+    is written first, then the failing stdout is one line (status 1)."""
+    if stdout == "full" and not os.path.exists("/dev/full"):
+        pytest.skip("needs Linux's /dev/full")
+    out = tmp_path / "bench.json"
+    argv = [sys.executable, "-m", "lserve_lite.cli", "bench", "--model", str(tiny_llama), "--backend", "cpu",
+            "--prompt-lens", "16", "--context", "16", "--steps", "4", "--json", str(out)]  # fmt: skip
+    with open("/dev/full" if stdout == "full" else os.devnull, "w") as sink:
+        p = subprocess.run(argv, stdout=sink, stderr=subprocess.PIPE, text=True, timeout=300,
+                           preexec_fn=(lambda: os.close(1)) if stdout == "closed" else None)  # fmt: skip
+    msg = {
+        "closed": "standard output is closed (>&-): the table was not printed",
+        "full": "No space left on device",
+    }
+    assert p.returncode == 1 and p.stderr.startswith(f"error: {msg[stdout]}"), p.stderr
+    assert p.stderr.count("\n") == 1, p.stderr
+    assert json.loads(out.read_text())["decode_ctx16_b1_tok_s"] > 0
 
 
 def test_bench_json_path_that_is_a_directory(tiny_llama, tmp_path):

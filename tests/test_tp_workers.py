@@ -302,6 +302,35 @@ def test_refused_logits_block_leaves_no_group_block(tiny_dir, monkeypatch):
         real_shm(name=made[0])
 
 
+@pytest.mark.parametrize("block", [0, 1])
+def test_shared_memory_taken_meanwhile_fails_the_block_cleanly(tiny_dir, monkeypatch, block):
+    """/dev/shm filled by another process between the room check and the blocks: a block was made sparse all the same
+    and its first writer died of SIGBUS. Taking its pages (here refused, ENOSPC, for the group's exchange block or
+    rank 0's logits block) fails in one line, and neither block stays in /dev/shm."""
+    import errno
+
+    from lserve_lite.backends import comm
+
+    taken: list[str] = []
+    real = os.posix_fallocate
+
+    def fallocate(fd: int, offset: int, size: int) -> None:
+        taken.append(os.readlink(f"/proc/self/fd/{fd}"))
+        if len(taken) > block:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, offset, size)
+
+    monkeypatch.setattr(comm.os, "posix_fallocate", fallocate)
+    what = ("the CPU ranks' exchange block", "rank 0's logits")[block]
+    with pytest.raises(
+        LServeError, match=rf"shared memory in /dev/shm ran out while taking \d+ MB for {what}"
+    ) as e:
+        tp_llm(tiny_dir)
+    assert "\n" not in str(e.value)
+    assert len(taken) == block + 1 and all(p.startswith("/dev/shm/") for p in taken), taken
+    assert not any(os.path.exists(p) for p in taken), taken
+
+
 def test_layout_clipped_to_the_pool_as_in_process(tiny_dir):
     """LServe's page budget is clipped to the context the pools hold (fit_context) on both paths: the driver
     used to keep the budget cut only to the model's context (128 pages here, 87 held), so its selection slots were dead memory and

@@ -11,13 +11,35 @@ if TYPE_CHECKING:
     from .base import Ops
 
 
-def cuda_available() -> bool:
+def driver_gpu_count() -> int:
+    """GPUs the NVIDIA driver sees, asked through libcuda, not CuPy: importing CuPy creates ~/.cupy/kernel_cache,
+    so a host without a GPU (a CPU run's `--backend auto`) never imports it."""
+    import ctypes
+
+    try:
+        libcuda = ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
+    except OSError:  # no NVIDIA driver
+        return 0
+    n = ctypes.c_int(0)
+    if libcuda.cuInit(0) != 0 or libcuda.cuDeviceGetCount(ctypes.byref(n)) != 0:
+        return 0
+    return n.value
+
+
+def cuda_device_count() -> int:
+    """GPUs CuPy sees (0 without CuPy); CuPy is imported only where the driver sees one."""
+    if driver_gpu_count() == 0:
+        return 0
     try:
         import cupy
 
-        return cupy.cuda.runtime.getDeviceCount() > 0
+        return cupy.cuda.runtime.getDeviceCount()
     except Exception:
-        return False
+        return 0
+
+
+def cuda_available() -> bool:
+    return cuda_device_count() > 0
 
 
 def require_gpu(tool: str) -> None:

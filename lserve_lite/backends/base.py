@@ -117,6 +117,9 @@ class SampledTokens(Protocol):
     ids: Array
 
     def tolist(self) -> list[int]: ...
+    def sound(self) -> list[bool]:
+        """Whether each row's logits could be sampled (`Ops.sound_rows`), read back with the ids."""
+        ...
 
 
 @dataclass
@@ -124,9 +127,13 @@ class HostTokens:
     """Sampled ids already on the host (a backend whose launches compute synchronously)."""
 
     ids: np.ndarray
+    sound_rows: np.ndarray  # bool [B]
 
     def tolist(self) -> list[int]:
         return self.ids.tolist()
+
+    def sound(self) -> list[bool]:
+        return self.sound_rows.tolist()
 
 
 # model.forward(ids, positions, slots, plan, cache, head_classes, logit_rows) -> logits
@@ -240,6 +247,12 @@ class Ops(Protocol):
     def sample_async(self, logits: Array, seqs: list, out: Array | None = None) -> SampledTokens:
         """`sample` without waiting for the device: the ids stay on it (in `out`, [B] int64, when given: the
         executor's `ids_row`), their copy to the host is queued."""
+        ...
+
+    def sound_rows(self, logits: Array) -> np.ndarray:
+        """Whether each row of `logits` is all finite and not all equal (host bools [B]): activations that overflowed
+        float32 give NaN / inf, or zeros where a norm's sum of squares overflowed, and such a row samples a
+        meaningless id. Passes over the sampled rows only, none per layer."""
         ...
 
     def logprobs(

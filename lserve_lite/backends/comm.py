@@ -3,13 +3,50 @@ and shared-memory stand-ins that sum NumPy shards (the NCCL one is backends/nccl
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 from multiprocessing import shared_memory
 from typing import Any, Protocol
 
 import numpy as np
 
+from ..errors import LServeError
+
 Array = Any  # the backend's array
+SHM_DIR = "/dev/shm"  # where multiprocessing.shared_memory's blocks live on Linux
+_NO_FALLOCATE = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # a file system that cannot: left sparse
+
+
+def reserved_block(size: int, what: str) -> shared_memory.SharedMemory:
+    """A new shared-memory block whose pages are taken now: made sparse, a block that /dev/shm no longer had room
+    for (another process filled it after the room check) killed its first writer with SIGBUS. Here taking them
+    fails in one line naming `what`, and the block goes."""
+    shm = shared_memory.SharedMemory(create=True, size=size)
+    try:
+        _take_pages(shm, size, what)
+    except BaseException:
+        shm.close()
+        shm.unlink()
+        raise
+    return shm
+
+
+def _take_pages(shm: shared_memory.SharedMemory, size: int, what: str) -> None:
+    """posix_fallocate on the block: on tmpfs it takes the pages, or fails with ENOSPC and takes none."""
+    if not hasattr(os, "posix_fallocate"):  # macOS: none (and no /dev/shm)
+        return
+    try:
+        os.posix_fallocate(shm._fd, 0, size)
+    except OSError as e:
+        if e.errno in _NO_FALLOCATE:
+            return
+        if e.errno in (errno.ENOSPC, errno.ENOMEM):
+            raise LServeError(
+                f"shared memory in {SHM_DIR} ran out while taking {size / (1 << 20):.0f} MB for {what} (another "
+                f"process took the room): lower max_num_seqs or give {SHM_DIR} more room (e.g. docker run --shm-size)"
+            ) from None
+        raise
 
 
 class Communicator(Protocol):
@@ -84,7 +121,7 @@ class ShmCommunicator(SumCommunicator):
     @staticmethod
     def create(world: int, slot_bytes: int = SLOT_BYTES) -> shared_memory.SharedMemory:
         """The shared block of a group (the driver owns it and unlinks it at shutdown)."""
-        return shared_memory.SharedMemory(create=True, size=world * slot_bytes)
+        return reserved_block(world * slot_bytes, "the CPU ranks' exchange block")
 
     def all_reduce(self, x: np.ndarray) -> None:
         if not x.flags.c_contiguous:

@@ -260,7 +260,10 @@ class CpuOps:
         return sample(logits, seqs)
 
     def sample_async(self, logits: np.ndarray, seqs: list, out: None = None) -> HostTokens:
-        return HostTokens(np.asarray(sample(logits, seqs), np.int64))
+        return HostTokens(np.asarray(sample(logits, seqs), np.int64), self.sound_rows(logits))
+
+    def sound_rows(self, logits: np.ndarray) -> np.ndarray:
+        return np.isfinite(logits).all(axis=1) & (logits.max(axis=1) > logits.min(axis=1))
 
     def logprobs(self, logits: np.ndarray, chosen: np.ndarray, k: int):
         return logprobs_ref(logits, chosen, k)

@@ -3,7 +3,8 @@
 A step uploads a [4, B] float64 parameter block (temperature, top_k, top_p, and one uniform per row drawn
 from the sequence's own seeded generator, exactly as the CPU sampler draws it), plus each penalized row's
 unique ids, the (row, id, amount) triples of presence / frequency penalties and logit bias, the bitmasks
-of grammar-constrained rows and the min_p of the rows that set it, and copies back only the B token ids (`sample_async`: they also stay on the
+of grammar-constrained rows and the min_p of the rows that set it, and copies back only the B token ids (with
+`sample_async`, also B flags of rows that could not be sampled, `sound_rows`; its ids also stay on the
 device as the next step's inputs, and the copy is only queued). Logprobs (`logprobs`) come back as the
 chosen ids' values and the top-k ids and values, never a vocabulary-sized row. Same seed, same token as the CPU backend up to ties
 (and up to float64 summation-order rounding at a CDF boundary).
@@ -111,23 +112,30 @@ def min_p_inputs(seqs: list) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 class DeviceTokens:
-    """A step's sampled ids on the device (`ids`) and their copy into pinned host memory, queued on the
-    current stream right behind the sampling: `tolist` waits for that copy, not for steps launched later."""
+    """A step's sampled ids on the device (`ids`) and their copy into pinned host memory with the rows' soundness
+    (`GpuSampler.sound_rows`), queued on the current stream right behind the sampling: `tolist` and `sound` wait
+    for that copy, not for steps launched later."""
 
-    def __init__(self, ids):
+    def __init__(self, ids, sound):
         import cupy as cp
         import cupyx
 
-        self.ids = ids
+        self.ids, self._sound = ids, sound  # the flags' device array lives until its copy is done
         self._host = cupyx.empty_pinned(ids.shape, np.int64)
+        self._host_sound = cupyx.empty_pinned(sound.shape, np.bool_)
         stream = cp.cuda.get_current_stream()
-        cp.cuda.runtime.memcpyAsync(self._host.ctypes.data, ids.data.ptr, ids.nbytes,
-                                    cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)  # fmt: skip
+        for host, dev in ((self._host, ids), (self._host_sound, sound)):
+            cp.cuda.runtime.memcpyAsync(host.ctypes.data, dev.data.ptr, dev.nbytes,
+                                        cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)  # fmt: skip
         self._copied = stream.record()
 
     def tolist(self) -> list[int]:
         self._copied.synchronize()
         return self._host.tolist()
+
+    def sound(self) -> list[bool]:
+        self._copied.synchronize()
+        return self._host_sound.tolist()
 
     def __del__(self):
         """The pinned buffer returns to CuPy's pool only after the copy into it is done."""
@@ -165,7 +173,12 @@ class GpuSampler:
     def sample_async(self, logits, seqs: list, out=None) -> DeviceTokens:
         """The ids as the next step's int64 inputs on the device (in `out`, a contiguous [B] int64 device
         array, when given), their copy to the host queued behind them."""
-        return DeviceTokens(self._launch(logits, seqs, out))
+        return DeviceTokens(self._launch(logits, seqs, out), self.sound_rows(logits))
+
+    def sound_rows(self, logits):
+        """CpuOps.sound_rows' rule on the caller's (raw) logits: bools [B] on the device."""
+        x = self.cp.asarray(logits)
+        return self.cp.isfinite(x).all(axis=1) & (x.max(axis=1) > x.min(axis=1))
 
     def _launch(self, logits, seqs: list, out=None):
         """Queue the sampling kernels of a non-empty batch; the [B] int64 ids on the device."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import LServeError
-from . import make_ops, resolve_backend
+from . import cuda_device_count, make_ops, resolve_backend
 from .comm import Communicator, ShmCommunicator
 
 
@@ -80,12 +80,3 @@ def join_group(spec: GroupSpec, rank: int) -> tuple[Any, Communicator]:
 def host_ops() -> Any:
     """The driver's Ops for host work (sampling rank 0's logits, which come back as NumPy)."""
     return make_ops("cpu")
-
-
-def cuda_device_count() -> int:
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount()
-    except Exception:
-        return 0

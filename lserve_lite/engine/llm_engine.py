@@ -47,6 +47,7 @@ class StepOutput:
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of `token_ids`, when asked for
     seq: Sequence | None = field(default=None, repr=False)
+    error: str | None = None  # the one line that says why the request failed (logits it could not sample)
 
 
 @dataclass
@@ -456,8 +457,13 @@ class LLMEngine:
         if last[-1] + 1 > len(done_rows):  # rows of sequences still in prefill produce no token
             logits = logits[last[np.asarray(done_rows, np.int64)]] if done_rows else None
         done = [batch.seqs[i] for i in done_rows]
+        sound = self.ops.sound_rows(logits).tolist() if done else []
+        if not all(sound):  # those requests fail, the others go on
+            outs += [self._fail(s, overflowed(s)) for s, ok in zip(done, sound) if not ok]
+            keep = np.flatnonzero(sound)
+            logits, done = logits[keep], [done[i] for i in keep]
         self.grammars.fill_masks(done)
-        tokens = self.ops.sample(logits, done) if done_rows else []
+        tokens = self.ops.sample(logits, done) if done else []
         record_token_logprobs(self.ops, logits, done, tokens)
         for seq, tok in zip(done, tokens):
             outs.append(self._append(seq, tok))
@@ -510,8 +516,12 @@ class LLMEngine:
         """The host's half of an overlapped step: its samples replace the placeholders and are handled as a
         synchronous step handles its tokens; sequences finished (or aborted) meanwhile drop theirs."""
         outs = []
-        for seq, tok in zip(fl.seqs, fl.tokens.tolist()):
+        for seq, tok, ok in zip(fl.seqs, fl.tokens.tolist(), fl.tokens.sound()):
             if seq.is_finished:
+                continue
+            if not ok:
+                seq.output_ids.pop()  # its placeholder
+                outs.append(self._fail(seq, overflowed(seq)))
                 continue
             # the sample takes its placeholder's place first: a page the step launched since filled is keyed over it
             seq.output_ids[-1] = tok
@@ -572,11 +582,17 @@ class LLMEngine:
         delta, seq.emitted = seq.text[seq.emitted : upto], upto
         return self._output(seq, delta, [tok])
 
+    def _fail(self, seq: Sequence, why: str) -> StepOutput:
+        """End `seq` as failed (finish_reason "error", `why` its output's error line): the engine goes on."""
+        seq.error = why
+        self.scheduler.finish(seq, "error")
+        return self._output(seq, "", [])
+
     def _output(self, seq: Sequence, text: str, ids: list[int]) -> StepOutput:
         lps = seq.logprobs[-1:] if ids and seq.params.logprobs is not None else []
         out = StepOutput(
             seq.request_id, text, ids, seq.is_finished, seq.finish_reason,
-            len(seq.prompt_ids), len(seq.output_ids), seq.num_prefix_cached or 0, lps, seq,
+            len(seq.prompt_ids), len(seq.output_ids), seq.num_prefix_cached or 0, lps, seq, seq.error,
         )  # fmt: skip
         if seq.is_finished:
             self.seqs.pop(seq.request_id, None)
@@ -645,6 +661,15 @@ def _check_request_id(request_id: object) -> None:
     """Request ids key the engine's tables: a non-empty str, or a one-line error instead of a TypeError."""
     if not isinstance(request_id, str) or not request_id:
         raise InvalidRequestError(f"request_id must be a non-empty str, got {request_id!r:.60}")
+
+
+def overflowed(seq: Sequence) -> str:
+    """Why a request whose logits could not be sampled (Ops.sound_rows) failed: said, not sampled into garbage."""
+    return (
+        f"non-finite activations at step {len(seq.output_ids) + 1} of request {seq.request_id}: its logits are NaN, "
+        f"inf or all equal, as float32 gives them once the activations overflow; likely overflowing weights (values "
+        f"too large in a norm, embedding or projection weight of the model)"
+    )
 
 
 def _plain(seq: Sequence) -> bool:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..backends.base import StepInputs
+from ..backends.comm import SHM_DIR, reserved_block
 from ..backends.group import exchange_bytes, host_ops, new_group
 from ..config import EngineConfig, ModelConfig
 from ..errors import LServeError, TensorParallelError
@@ -36,7 +37,6 @@ STARTUP_TIMEOUT = 1800.0  # loading a large checkpoint from a cold disk
 STEP_TIMEOUT = 600.0  # no step takes this long: a worker silent for it is hung
 # a wait of at most a second that returns this much later: this process was stopped meanwhile
 STOPPED_SLACK = 5.0
-SHM_DIR = "/dev/shm"  # where multiprocessing.shared_memory's blocks live on Linux
 
 
 def shm_free_bytes() -> int | None:
@@ -73,7 +73,7 @@ class WorkerGroup:
         check_shm_room(logits_bytes + exchange_bytes(backend, world), shm_free_bytes())
         spec, cleanup = new_group(backend, world, ctx)
         try:  # refused (out of descriptors or memory): the group's block goes too, not at the process's exit
-            self.logits = shared_memory.SharedMemory(create=True, size=logits_bytes)
+            self.logits = reserved_block(logits_bytes, "rank 0's logits")
         except BaseException:
             cleanup()
             raise

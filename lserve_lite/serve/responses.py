@@ -107,6 +107,8 @@ async def merged(handles: list[RequestHandle], shape: Choices) -> AsyncIterator[
     async def pump(i: int, h: RequestHandle) -> None:
         try:
             async for out in h:
+                if out.error:  # the request failed (logits it could not sample): its line, not garbage
+                    raise ApiError(500, out.error)
                 if out.finish_reason == "error":  # the grammar gave up: the reply is cut
                     raise shape.grammar_failed(out)
                 await queue.put((i, out))

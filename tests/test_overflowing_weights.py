@@ -1,0 +1,136 @@
+"""Weights too large for float32 arithmetic (finite, so the loader takes them): a request whose activations overflow
+fails in one line naming the cause, instead of sampling garbage tokens from NaN, inf or all-equal logits; the engine
+goes on and other requests are not touched."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiny_models import make_tiny_numpy
+
+from lserve_lite import LLM, EngineConfig, LServeError, SamplingParams
+from lserve_lite.engine.llm_engine import LLMEngine
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+CAUSE = "non-finite activations at step {step} of request {rid}: its logits are NaN, inf or all equal"
+
+
+def _with_weight(src: Path, dst: Path, name: str, edit) -> Path:
+    """A copy of model `src` whose tensor `name` is `edit(tensor)`."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    tensors[name] = edit(tensors[name])
+    save_file(tensors, str(dst / "model.safetensors"))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory) -> dict:
+    """A clean tiny model (head_dim 64: the GPU kernels run it too); prompts a and b; a token x in neither prompt nor
+    in b's reply on the CPU; and two broken copies: `token` (x's embedding row 1e30: a norm over it overflows and its
+    logits come out all equal, so a request meeting x fails) and `all` (layer 0's input norm weight 1e30: NaN logits
+    for every request)."""
+    tmp = tmp_path_factory.mktemp("overflow")
+    clean = make_tiny_numpy(tmp / "clean", hidden=256)
+    rng = np.random.default_rng(5)
+    a, b = ([int(t) for t in rng.integers(3, 320, n)] for n in (10, 12))
+    b_out = LLM(str(clean), backend="cpu").generate([b], GREEDY)[0].token_ids
+    x = next(t for t in range(3, 320) if t not in a + b + b_out)
+
+    def huge_row(w: np.ndarray) -> np.ndarray:
+        w[x] = 1e30
+        return w
+
+    token = _with_weight(clean, tmp / "token", "model.embed_tokens.weight", huge_row)
+    norm = "model.layers.0.input_layernorm.weight"
+    every = _with_weight(clean, tmp / "all", norm, lambda w: np.full_like(w, 1e30))
+    return dict(a=a, b=b, x=x, clean=clean, token=token, all=every)
+
+
+def _run(path: Path, backend: str, overlap: bool, requests: list) -> tuple[LLMEngine, list[str], dict]:
+    """Every request run to its end on an engine of `path`; `overlap`: the overlapped decode (forced on the CPU)."""
+    eng = LLMEngine(str(path), backend, EngineConfig(async_scheduling=overlap))
+    eng.ops.async_steps = overlap
+    rids = [eng.add_request(p, sp) for p, sp in requests]
+    outs: dict[str, list] = {r: [] for r in rids}
+    while eng.has_unfinished():
+        for o in eng.step():
+            outs[o.request_id].append(o)
+    return eng, rids, outs
+
+
+@pytest.mark.parametrize(
+    "backend, overlap",
+    [("cpu", False), ("cpu", True), pytest.param("cuda", False, marks=pytest.mark.gpu),
+     pytest.param("cuda", True, marks=pytest.mark.gpu)],
+)  # fmt: skip
+def test_a_request_whose_activations_overflow_fails_alone(case, backend, overlap):
+    """a is biased to sample x first (from sound logits); its next logits, x's overflowed row, are all equal: it fails
+    there, in the synchronous step or in the overlapped decode's read; b runs as on the clean model."""
+    *_, clean = _run(case["clean"], backend, overlap, [(case["b"], GREEDY)])
+    b_out = [t for o in next(iter(clean.values())) for t in o.token_ids]
+    assert case["x"] not in b_out  # (chosen so on the CPU)
+    to_x = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True, logit_bias={case["x"]: 100})
+    eng, (ra, rb), outs = _run(case["token"], backend, overlap, [(case["a"], to_x), (case["b"], GREEDY)])
+    last = outs[ra][-1]
+    assert last.finished and last.finish_reason == "error", last
+    assert last.error.startswith(CAUSE.format(step=2, rid=ra)) and "\n" not in last.error, last.error
+    assert [t for o in outs[ra] for t in o.token_ids] == [case["x"]]  # nothing sampled from the broken row
+    assert [t for o in outs[rb] for t in o.token_ids] == b_out
+    assert outs[rb][-1].finish_reason == "length"
+    assert eng.blocks.num_used == 0 and not eng.seqs
+
+
+def test_llm_raises_the_cause_and_goes_on(case):
+    """LLM.generate raises the one line (not a list of garbage tokens); the same LLM then serves other prompts."""
+    llm = LLM(str(case["token"]), backend="cpu")
+    # x ends the second prompt: its first logits overflow
+    with pytest.raises(LServeError, match=CAUSE.format(step=1, rid=r"req-\d+")):
+        llm.generate([case["b"], case["a"] + [case["x"]]], GREEDY)
+    clean = LLM(str(case["clean"]), backend="cpu")
+    assert llm.generate([case["b"]], GREEDY)[0].token_ids == clean.generate([case["b"]], GREEDY)[0].token_ids
+    assert llm.engine.blocks.num_used == 0
+    every = LLM(str(case["all"]), backend="cpu")
+    for _ in range(2):  # the engine survives its own failure
+        with pytest.raises(LServeError, match=CAUSE.format(step=1, rid=r"req-\d+")):
+            list(every.stream("hello"))
+
+
+def test_cli_generate_is_one_line(case):
+    r = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "generate", "--model", str(case["all"]), "--backend", "cpu",
+         "--prompt", "hello", "--max-new-tokens", "4"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 1 and r.stdout.strip() == "", (r.stdout, r.stderr)
+    assert r.stderr.startswith("error: non-finite activations at step 1"), r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
+
+
+def test_server_answers_the_failed_request_an_error_and_serves_the_others(case):
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from lserve_lite.serve.app import ServerThread, create_app
+
+    engine = LLMEngine(str(case["token"]), "cpu", EngineConfig())
+    body = dict(model="tiny", max_tokens=6, temperature=0, ignore_eos=True)
+    with ServerThread(create_app(engine, served_model_name="tiny")) as url:
+        url += "/v1/completions"
+        bad = httpx.post(url, json=body | {"prompt": case["a"] + [case["x"]]}, timeout=120)
+        assert bad.status_code == 500, bad.text
+        assert bad.json()["error"]["message"].startswith("non-finite activations at step 1"), bad.text
+        to_x = body | {"prompt": case["a"], "logit_bias": {str(case["x"]): 100}, "stream": True}
+        events = httpx.post(url, json=to_x, timeout=120).text  # x streamed, then the error event
+        assert "non-finite activations at step 2" in events and events.endswith("data: [DONE]\n\n"), events
+        good = httpx.post(url, json=body | {"prompt": case["b"]}, timeout=120)
+        assert good.status_code == 200, good.text
+        choice = good.json()["choices"][0]
+        assert choice["finish_reason"] == "length" and good.json()["usage"]["completion_tokens"] == 6
+    assert engine.blocks.num_used == 0
