@@ -261,6 +261,49 @@ __device__ __forceinline__ void row_bounds(const float* x, int lo, int hi, float
   vmin = block_reduce(l, fscr, lserve::MinOp(), __int_as_float(0x7f800000));
 }
 
+// Whether each row can be sampled (backends/cpu.py CpuOps.sound_rows' rule): every logit finite and not all equal
+// (overflowed activations give NaN / inf, or zeros where a norm's sum of squares overflowed). Grid (G, rows) as
+// argmax_rows: block g leaves its chunk's (max, min) in part[row, g], a non-finite logit counting as an infinite
+// maximum; the row's last block (a ticket on tick[row], reset to 0) merges them into out[row] (1: sound).
+__global__ void sound_rows(const float* __restrict__ logits, long long stride, int vocab, int chunk,
+                           float2* __restrict__ part, unsigned int* __restrict__ tick, unsigned char* __restrict__ out) {
+  lserve::pdl_enter();
+  const float inf = __int_as_float(0x7f800000);
+  __shared__ float scr[32];
+  __shared__ bool last;
+  const int row = blockIdx.y, g = blockIdx.x, G = gridDim.x;
+  const int lo = g * chunk, hi = min(vocab, lo + chunk);
+  float m = -inf, l = inf;
+  for_row(logits + row * stride, lo, hi, 1.f, [&](int, float v, bool ok) {
+    if (ok) {
+      m = fmaxf(m, isfinite(v) ? v : inf);
+      l = fminf(l, v);
+    }
+  });
+  m = block_reduce(m, scr, lserve::MaxOp(), -inf);
+  l = block_reduce(l, scr, lserve::MinOp(), inf);
+  if (threadIdx.x == 0) {
+    part[(long long)row * G + g] = make_float2(m, l);
+    __threadfence();  // the partial is visible before the ticket says so
+    last = atomicAdd(tick + row, 1u) == (unsigned int)G - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  m = -inf, l = inf;
+  for (int i = threadIdx.x; i < G; i += blockDim.x) {
+    const float2 p = __ldcg(part + (long long)row * G + i);
+    m = fmaxf(m, p.x);
+    l = fminf(l, p.y);
+  }
+  m = block_reduce(m, scr, lserve::MaxOp(), -inf);
+  l = block_reduce(l, scr, lserve::MinOp(), inf);
+  if (threadIdx.x == 0) {
+    out[row] = m < inf && m > l;
+    tick[row] = 0;  // ready for the next launch
+  }
+}
+
 // Exclusive prefix sum of v over the block in thread order (scr: 32 shared words of T).
 template <typename T>
 __device__ __forceinline__ T block_excl_scan(T v, T* scr) {

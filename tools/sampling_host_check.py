@@ -1,8 +1,8 @@
-"""Check kernels/sampling.cu without a GPU: argmax_rows, the sampling kernels (histogram path with and without bin
+"""Check kernels/sampling.cu without a GPU: argmax_rows, sound_rows, the sampling kernels (histogram path with and without bin
 lists, and the radix path) logprob_rows and min_p_mask compiled as host code (tools/sampling_host_emu.cu, nvcc; a thread per
 CUDA thread, a barrier per warp and per block), launched as backends/cuda_sampling.py launches them, against the
-CPU references (np.argmax; backends/reference/sampling.py: sample_row, logprobs_ref) on the harness's rows
-(harness/sampling.py: mixed temperature / top-k / top-p rows, and "hard" rows that crowd a bin or mask the row).
+CPU references (np.argmax; backends/reference/sampling.py: sound_rows_ref, sample_row, logprobs_ref) on the
+harness's rows (harness/sampling.py: mixed temperature / top-k / top-p rows, and "hard" rows that crowd a bin or mask the row).
 What it cannot: anything about the GPU itself (memory model, speed). The GPU rows (`pytest -m gpu
 tests/test_gpu_ops.py -k sampling`) remain the test; this is for CI and for editing the kernels without one.
 
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from host_emu_build import build_emulator  # noqa: E402
 
 from lserve_lite.backends.cuda_sampling import LIST_ELEMENTS, ROW_CHUNK  # noqa: E402
-from lserve_lite.backends.reference.sampling import logprobs_ref, sample_row  # noqa: E402
+from lserve_lite.backends.reference.sampling import logprobs_ref, sample_row, sound_rows_ref  # noqa: E402
 from lserve_lite.errors import exit_status  # noqa: E402
 from lserve_lite.harness.sampling import sampling_rows  # noqa: E402
 
@@ -52,6 +52,23 @@ def check_argmax(exe: Path, tmp: Path, rng: np.random.Generator) -> bool:
         miss = int(np.sum(np.fromfile(tmp / "out.bin", np.int64) != np.argmax(x, axis=1)))
         ok &= report(f"argmax_rows B{b} V{vocab}{' ties' if ties else ''}", miss, miss == 0)
     return ok
+
+
+def check_sound(exe: Path, tmp: Path, rng: np.random.Generator) -> bool:
+    """Rows with a NaN, +-inf, all equal (zeros), equal but for one logit, and random ones, over several chunks."""
+    b, vocab = 7, 2 * ROW_CHUNK + 5
+    x = rng.standard_normal((b, vocab)).astype(np.float32)
+    x[0, vocab - 1] = np.nan
+    x[1, ROW_CHUNK] = np.inf
+    x[2, 3] = -np.inf
+    x[3] = 0.0
+    x[4] = 2.5
+    x[4, ROW_CHUNK + 1] = 2.5000002
+    x.tofile(tmp / "logits.bin")
+    run(exe, tmp, "sound", b, vocab)
+    got, want = np.fromfile(tmp / "out.bin", np.uint8), sound_rows_ref(x)
+    assert want.tolist() == [False, False, False, False, True, True, True], want
+    return report(f"sound_rows B{b} V{vocab}", int(np.sum(got != want)), np.array_equal(got, want))
 
 
 def check_sample(exe: Path, tmp: Path, rng: np.random.Generator) -> bool:
@@ -124,7 +141,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         exe = build_emulator("sampling", 1, "sampling_host_emu", tmp)
-        ok = check_argmax(exe, tmp, rng) & check_sample(exe, tmp, rng) & check_logprobs(exe, tmp, rng)
+        ok = (
+            check_argmax(exe, tmp, rng)
+            & check_sound(exe, tmp, rng)
+            & check_sample(exe, tmp, rng)
+            & check_logprobs(exe, tmp, rng)
+        )
         ok &= check_min_p(exe, tmp, rng)
     print("all passed" if ok else "FAILED")
     return 0 if ok else 1

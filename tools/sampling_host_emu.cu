@@ -2,6 +2,7 @@
 // The kernel source is compiled as host code (tools/host_emu.cuh), unchanged but for sample_rows' `extern
 // __shared__` array (the driver points it at emu_dyn_smem). Launches as backends/cuda_sampling.py makes them.
 //   sampling_host_emu argmax DIR rows vocab chunk                out.bin (int64 [rows]) <- argmax_rows
+//   sampling_host_emu sound DIR rows vocab chunk                 out.bin (uint8 [rows]) <- sound_rows
 //   sampling_host_emu sample DIR rows vocab chunk lists radix    out.bin <- sample_bounds + sample_fill (with the
 //                                                                bin lists if lists) + sample_rows; radix:
 //                                                                sample_rows alone
@@ -37,6 +38,15 @@ int main(int argc, char** argv) {
     long long* op = out.data();
     launch({(unsigned)g, (unsigned)rows, 1}, 256, [=] { argmax_rows(x, vocab, vocab, chunk, pp, tp, op); });
     write_bytes(dir + "/out.bin", op, out.size() * 8);
+  } else if (mode == "sound") {
+    std::vector<float2> part((size_t)rows * g);
+    std::vector<unsigned> tick(rows, 0u);
+    std::vector<unsigned char> out(rows, 7);
+    float2* pp = part.data();
+    unsigned* tp = tick.data();
+    unsigned char* op = out.data();
+    launch({(unsigned)g, (unsigned)rows, 1}, 256, [=] { sound_rows(x, vocab, vocab, chunk, pp, tp, op); });
+    write_bytes(dir + "/out.bin", op, out.size());
   } else if (mode == "sample" && argc == 8) {
     const bool lists = atoi(argv[6]), radix = atoi(argv[7]);
     auto params = read_bytes(dir + "/params.bin");

@@ -32,7 +32,7 @@ from .cpu_threads import SplitRunner, even_bounds, openblas_set_threads, spin_se
 from .reference.attention import attend_qblocks, visited_pages
 from .reference.layers import embed_ref
 from .reference.page_select import select_pages_ref
-from .reference.sampling import logprobs_ref, sample
+from .reference.sampling import logprobs_ref, sample, sound_rows_ref
 
 # Up to this many rows (decode), the Numba GEMV and attention kernels; beyond (prefill), OpenBLAS GEMMs.
 SMALL_ROWS = 8
@@ -263,7 +263,7 @@ class CpuOps:
         return HostTokens(np.asarray(sample(logits, seqs), np.int64), self.sound_rows(logits))
 
     def sound_rows(self, logits: np.ndarray) -> np.ndarray:
-        return np.isfinite(logits).all(axis=1) & (logits.max(axis=1) > logits.min(axis=1))
+        return sound_rows_ref(logits)
 
     def logprobs(self, logits: np.ndarray, chosen: np.ndarray, k: int):
         return logprobs_ref(logits, chosen, k)

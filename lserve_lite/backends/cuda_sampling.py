@@ -23,6 +23,7 @@ from .reference.sampling import FLOAT32_MAX, bias_terms, penalty_terms
 
 SAMPLING_KERNELS = (
     "argmax_rows",
+    "sound_rows",
     "sample_bounds",
     "sample_fill",
     "sample_rows",
@@ -152,19 +153,24 @@ class GpuSampler:
         mod = load_module("sampling.cu", SAMPLING_KERNELS)
         self.k = {n: mod.get_function(n) for n in SAMPLING_KERNELS}
         self.k["sample_rows"].max_dynamic_shared_size_bytes = HIST_SMEM
-        self._part = self._tick = None  # argmax_rows' partials and tickets, grown to the largest launch
+        self._part = self._tick = None  # argmax_rows' / sound_rows' partials and tickets (`_row_scratch`)
         self._hist = None  # sample_fill's rows: mass, count, bounds (zeroed each launch), then the bin lists
         self._lp_tick = self._lp_buf = None  # logprob_rows' tickets, and its partials and outputs
 
-    def argmax(self, logits, out) -> None:
-        """out[r] (int64) = np.argmax(logits[r]) for contiguous float32 logits [B, V] (two-level argmax_rows)."""
+    def _row_scratch(self, b: int, g: int):
+        """argmax_rows' and sound_rows' partials (8 bytes a block) and tickets (left at 0 by each launch), grown to
+        the largest launch; the two kernels run one after the other on the stream, so they share them."""
         cp = self.cp
-        b, vocab = int(logits.shape[0]), int(logits.shape[1])
-        g = row_blocks(vocab)
         if self._tick is None or self._tick.size < b or self._part.size < b * g:
             self._part = cp.empty(max(b * g, 0 if self._part is None else self._part.size), cp.uint64)
             self._tick = cp.zeros(max(b, 0 if self._tick is None else self._tick.size), cp.uint32)
-        args = (logits, np.int64(vocab), np.int32(vocab), np.int32(ROW_CHUNK), self._part, self._tick, out)
+        return self._part, self._tick
+
+    def argmax(self, logits, out) -> None:
+        """out[r] (int64) = np.argmax(logits[r]) for contiguous float32 logits [B, V] (two-level argmax_rows)."""
+        b, vocab = int(logits.shape[0]), int(logits.shape[1])
+        g = row_blocks(vocab)
+        args = (logits, np.int64(vocab), np.int32(vocab), np.int32(ROW_CHUNK), *self._row_scratch(b, g), out)
         self.k["argmax_rows"]((g, b), (ARGMAX_THREADS,), args)
 
     def sample(self, logits, seqs: list) -> list[int]:
@@ -176,9 +182,19 @@ class GpuSampler:
         return DeviceTokens(self._launch(logits, seqs, out), self.sound_rows(logits))
 
     def sound_rows(self, logits):
-        """CpuOps.sound_rows' rule on the caller's (raw) logits: bools [B] on the device."""
-        x = self.cp.asarray(logits)
-        return self.cp.isfinite(x).all(axis=1) & (x.max(axis=1) > x.min(axis=1))
+        """Reference: reference/sampling.sound_rows_ref, on the caller's (raw) logits: bools [B] on the device, one
+        launch (two-level sound_rows; CuPy's isfinite / all / max / min took six)."""
+        cp = self.cp
+        x = cp.asarray(logits)
+        if x.dtype != cp.float32 or not x.flags.c_contiguous:
+            x = cp.ascontiguousarray(x, dtype=cp.float32)
+        b, vocab = int(x.shape[0]), int(x.shape[1])
+        out = cp.empty(b, cp.bool_)
+        if b:
+            g = row_blocks(vocab)
+            args = (x, np.int64(vocab), np.int32(vocab), np.int32(ROW_CHUNK), *self._row_scratch(b, g), out)
+            self.k["sound_rows"]((g, b), (ARGMAX_THREADS,), args)
+        return out
 
     def _launch(self, logits, seqs: list, out=None):
         """Queue the sampling kernels of a non-empty batch; the [B] int64 ids on the device."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backends.reference.sampling import logprobs_ref, sample_row
+from ..backends.reference.sampling import logprobs_ref, sample_row, sound_rows_ref
 from ..backends.reference.sampling import sample as cpu_sample
 from ..sampling_params import SamplingParams
 from ..sequence import Sequence
@@ -29,6 +29,7 @@ def case_sampling(c: Ctx) -> list[Result]:
         sampler.argmax(cp.asarray(x), got)
         miss = int(np.sum(got.get() != np.argmax(x, axis=1)))
         out.append(Result("argmax_rows", f"B{b} V{vocab}" + (" ties" if ties else ""), miss, 0.0, miss == 0))
+    out.append(_case_sound_rows(c))
     for b, vocab, kind in [
         (48, 49152, "mixed"),
         (9, 777, "mixed"),
@@ -69,6 +70,18 @@ def case_sampling(c: Ctx) -> list[Result]:
     out.append(_case_min_p(c))
     out += _case_logprobs(c)
     return out
+
+
+def _case_sound_rows(c: Ctx) -> Result:
+    """sound_rows against sound_rows_ref: a NaN, +-inf, all-zero and all-equal rows, one logit apart, random ones."""
+    b, vocab = 9, 128256
+    x = (c.rng.standard_normal((b, vocab)) * 3).astype(np.float32)
+    x[0, vocab - 1], x[1, 4096], x[2, 0], x[3], x[4] = np.nan, np.inf, -np.inf, 0.0, 2.5
+    x[5] = 2.5
+    x[5, 70000] = np.nextafter(np.float32(2.5), np.float32(3))
+    got, want = c.ops.sampler.sound_rows(c.cp.asarray(x)).get(), sound_rows_ref(x)
+    miss = int(np.sum(got != want))
+    return Result("sound_rows", f"B{b} V{vocab}", miss, 0.0, miss == 0 and int(want.sum()) == 4)
 
 
 def sampling_rows(rng: np.random.Generator, b: int, vocab: int, kind: str) -> tuple[np.ndarray, np.ndarray]:

@@ -43,6 +43,12 @@ def sample(logits: np.ndarray, seqs: list[Sequence]) -> list[int]:
     return out
 
 
+def sound_rows_ref(logits: np.ndarray) -> np.ndarray:
+    """Whether each row can be sampled: every logit finite and not all equal (overflowed activations give NaN / inf,
+    or zeros where a norm's sum of squares overflowed, and such a row samples a meaningless id)."""
+    return np.isfinite(logits).all(axis=1) & (logits.max(axis=1) > logits.min(axis=1))
+
+
 def has_additive(p: SamplingParams) -> bool:
     """Whether presence / frequency penalties, a logit bias or min_tokens' mask add to any logit."""
     return bool(p.presence_penalty or p.frequency_penalty or p.logit_bias or p.min_tokens)
