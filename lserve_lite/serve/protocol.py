@@ -142,11 +142,36 @@ class _Request(BaseModel):
     return_token_ids: Any = None
     logits_processors: Any = None
     add_special_tokens: Any = None
+    length_penalty: Any = None
+    spaces_between_special_tokens: Any = None
+    structural_tag: Any = None
+    guided_whitespace_pattern: Any = None
+    cache_salt: Any = None
+    priority: Any = None
+    kv_transfer_params: Any = None
+    vllm_xargs: Any = None
+    prompt_embeds: Any = None
+    # OpenAI's that ask for more than text
+    audio: Any = None
+    modalities: Any = None
+    web_search_options: Any = None
     _unsupported: ClassVar[dict[str, tuple[object, str]]] = {
         **{k: VLLM_UNSUPPORTED[k] for k in ("use_beam_search", "structured_outputs",
                                             "include_stop_str_in_output", "skip_special_tokens", "allowed_token_ids",
-                                            "bad_words", "truncate_prompt_tokens", "logits_processors")},
+                                            "bad_words", "truncate_prompt_tokens", "logits_processors",
+                                            "length_penalty", "spaces_between_special_tokens")},
         **{f"guided_{k}": VLLM_UNSUPPORTED["guided_decoding"] for k in ("json", "regex", "choice", "grammar")},
+        "structural_tag": VLLM_UNSUPPORTED["guided_decoding"],
+        "guided_whitespace_pattern": (None, "replies in JSON are compact, without whitespace between tokens"),
+        "cache_salt": (None, "every request shares the prefix cache: start the server with --no-prefix-caching "
+                             "to keep clients' prompts apart"),
+        "priority": (0, "requests are served first come, first served"),
+        "kv_transfer_params": (None, "no disaggregated prefill"),
+        "vllm_xargs": (None, "no custom sampling arguments"),
+        "prompt_embeds": (None, "send the prompt as text or token ids"),
+        "audio": (None, "replies are text"),
+        "modalities": (["text"], "replies are text"),
+        "web_search_options": (None, "no web search"),
         "prompt_logprobs": (None, "completions with echo and logprobs return the prompt's"),
         "suffix": (None, "no fill-in-the-middle"),
         "return_tokens_as_token_ids": (False, "tokens come back as text; /tokenize gives their ids"),
