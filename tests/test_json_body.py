@@ -104,6 +104,7 @@ def test_values_and_errors_are_json_loads_ones(body, indent, edit, chunk):
         want = (type(e), str(e))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(json_body, "CHUNK", chunk)
+        mp.setattr(json_body, "FIRST_RUN", chunk // 4)
         try:
             got: object = read_object(text, 10**6, False)
         except ValueError as e:
@@ -114,11 +115,24 @@ def test_values_and_errors_are_json_loads_ones(body, indent, edit, chunk):
         assert got == want
 
 
+@pytest.mark.parametrize(
+    "text", ['{"x": [', '{"x": [1,', '{"x": [[1, 2], ', '{"x": {"a": 1, ', '{"x": [1, 2]', "{"]
+)
+def test_a_body_cut_short_is_json_loads_error(text):
+    """A body that ends inside a container (a client's cut upload) is json's error, at its place."""
+    with pytest.raises(json.JSONDecodeError) as want:
+        json.loads(text)
+    with pytest.raises(json.JSONDecodeError) as got:
+        read_object(text, MAX_JSON_DEPTH, False)
+    assert (got.value.msg, got.value.pos) == (want.value.msg, want.value.pos)
+
+
 @pytest.mark.parametrize("chunk", [8, CHUNK])
 def test_depth_and_surrogates_are_checked_inside_runs_too(chunk, monkeypatch):
     """A run of items parsed in one call is checked as items read one by one: a value past MAX_JSON_DEPTH, or a lone
     surrogate, is refused naming its top-level field."""
     monkeypatch.setattr(json_body, "CHUNK", chunk)
+    monkeypatch.setattr(json_body, "FIRST_RUN", min(chunk, json_body.FIRST_RUN))
     deep = "[1, " * MAX_JSON_DEPTH + "1" + "]" * MAX_JSON_DEPTH
     ok = "[1, " * (MAX_JSON_DEPTH - 2) + "[]" + "]" * (MAX_JSON_DEPTH - 2)  # its [] at depth 32: allowed
     for text, field in ((f'{{"a": 1, "x": [0, 0, {deep}, 0]}}', "x"), (f'{{"stop": [{deep}]}}', "stop")):

@@ -16,6 +16,9 @@ from json.decoder import JSONDecodeError, scanstring
 from ..config import is_utf8
 
 CHUNK = 1 << 16  # characters of items parsed by one call: ~6 ms for the costliest kind, empty lists
+# A container's first run is this long, each next one 16 times longer up to CHUNK: a small container costs no
+# CHUNK-long copy, and a run cut inside an item (one longer than the run) is tried again longer.
+FIRST_RUN = 1 << 8
 _WS = re.compile(r"[ \t\n\r]*")
 _CLOSE = {"[": "]", "{": "}"}
 
@@ -88,13 +91,16 @@ def _collector_paused() -> Iterator[None]:
 
 class _Reader:
     """One parse. Containers are walked here, single values parsed by json's scanner, and a run of a container's items
-    (up to CHUNK characters, cut at a comma) by one json.loads when that parses: then the run holds whole items (the
-    cut was at this container's level), or its items up to the container's end."""
+    (cut at a comma, up to CHUNK characters) by one raw_decode when that parses: then the run holds whole items (the
+    cut was at this container's level), or its items up to the container's end. A run cut inside an item is cut
+    again after the last one that closes as the first item does ("}," for objects), then tried longer; one that
+    still does not parse leaves the next CHUNK characters of this container to be read item by item."""
 
     def __init__(self, text: str, max_depth: int, surrogates: bool):
         self.text, self.max_depth, self.surrogates = text, max_depth, surrogates
         # each frame: [a container, the key its next value goes under (None: a list), where its items may be read in
-        # runs again (one that did not parse: its items one by one up to there)]; frames[0][1]: the field
+        # runs again (one that did not parse: its items one by one up to there), its next run's length];
+        # frames[0][1]: the field
         self.frames: list[list] = []
 
     @property
@@ -110,7 +116,7 @@ class _Reader:
                 if text.startswith(_CLOSE[c], pos):
                     value, pos = ({} if c == "{" else []), pos + 1
                 else:
-                    frames.append([{} if c == "{" else [], None, 0])
+                    frames.append([{} if c == "{" else [], None, 0, FIRST_RUN])
                     if len(frames) > self.max_depth:  # its items' depth
                         raise TooDeep(self.field)
                     pos, closed = self._items(pos)
@@ -131,7 +137,7 @@ class _Reader:
                     if end != len(text):
                         raise JSONDecodeError("Extra data", text, end)
                     return value
-                container, key, _ = frames[-1]
+                container, key = frames[-1][:2]
                 if type(container) is list:
                     container.append(value)
                 else:
@@ -153,23 +159,38 @@ class _Reader:
         its next member's key for an object; or past its end, True when it ended)."""
         frame = self.frames[-1]
         container = frame[0]
+        retry = False
         # the body's own members one by one: `field` names the one an error is in
         while len(self.frames) > 1 and pos >= frame[2]:
-            end = self.text.rfind(",", pos, pos + CHUNK)
+            end = self.text.rfind(",", pos, pos + frame[3])
+            # that comma was inside an item: cut after one that closes as the first one
+            if retry and end > pos:
+                end = self.text.rfind(_CLOSE[self.text[pos]] + ",", pos, end + 1) + 1
             run = self.text[pos:end]
+            # an item must come first (a close there is a trailing comma's: json's error is the slow path's), and
+            # escapes that could make a surrogate are checked one by one
+            if run[:1] in ("]", "}") or (self.surrogates and "\\" in run):
+                frame[2] = pos + CHUNK
+                break
             try:
-                # an item must come first (a close there is a trailing comma's: json's error is the slow path's)
-                if end <= pos or run[0] in "]}" or (self.surrogates and "\\" in run):
+                if end <= pos:
                     raise ValueError
                 items, stop = _DECODER.raw_decode(f"[{run}]" if type(container) is list else f"{{{run}}}")
-            except ValueError:
-                frame[2] = pos + CHUNK
+            except ValueError:  # no whole item: cut inside one, or none ends in the window
+                retry = not retry and self.text[pos : pos + 1] in _CLOSE
+                if retry:
+                    continue
+                if frame[3] < CHUNK:  # a longer run may hold whole items
+                    frame[3] = min(frame[3] * 16, CHUNK)
+                    continue
+                frame[2], frame[3] = pos + CHUNK, FIRST_RUN
                 break
             except RecursionError:  # nested past json's recursion limit: past max_depth
                 raise TooDeep(self.field) from None
             if "[" in run or "{" in run:
                 self._check_depth(items.values() if type(items) is dict else items)
             container.update(items) if type(container) is dict else container.extend(items)
+            frame[3], retry = min(frame[3] * 16, CHUNK), False
             if stop < len(run) + 2:  # the container's own end came first
                 return pos + stop - 1, True
             pos = _WS.match(self.text, end + 1).end()
