@@ -23,21 +23,20 @@ _WS = re.compile(r"[ \t\n\r]*")
 _CLOSE = {"[": "]", "{": "}"}
 
 
-class TooDeep(ValueError):
-    """A value nested deeper than allowed, in the body's top-level field `field`."""
+class _InField(ValueError):
+    """A problem in the body's top-level field `field` (None: in a top-level key)."""
 
     def __init__(self, field: str | None):
         super().__init__(field)
         self.field = field
 
 
-class LoneSurrogate(ValueError):
-    """A string or key holding a lone UTF-16 surrogate, in the body's top-level field `field` (None: a top-level
-    key)."""
+class TooDeep(_InField):
+    """A value nested deeper than allowed."""
 
-    def __init__(self, field: str | None):
-        super().__init__(field)
-        self.field = field
+
+class LoneSurrogate(_InField):
+    """A string or key holding a lone UTF-16 surrogate."""
 
 
 def _no_constant(name: str) -> None:
