@@ -237,8 +237,10 @@ class LLM:
         done = False
         try:
             for p, sp in zip(prompts, per_prompt):
-                for i, c in enumerate(sp.candidates()):
-                    rids.append(self._add(p, c))
+                candidates = sp.candidates()
+                ids = self.engine.prompt_ids(p)  # encoded and checked once for its n candidates
+                for i, c in enumerate(candidates):
+                    rids.append(self._add(ids, c))
                     about.append((p if isinstance(p, str) else None, i))
             outs = self._collect(rids, use_tqdm)
             done = True
@@ -298,8 +300,10 @@ class LLM:
         how = (add_generation_prompt, continue_final_message, chat_template, chat_template_kwargs)
         ids = [self.tokenizer.encode_chat(*prompt_messages(c, plan, native), *how) for c in convs]
         outs = self.generate(ids, per_conv, use_tqdm, lora_request)
-        for o in outs:  # vLLM's RequestOutput.prompt of a chat: its rendered text
-            o.prompt = self.tokenizer.decode(o.prompt_token_ids, skip_special_tokens=False)
+        # vLLM's RequestOutput.prompt of a chat: its rendered text, decoded once for a conversation's n outputs
+        texts = [self.tokenizer.decode(x, skip_special_tokens=False) for x in ids]
+        for o, text in zip(outs, (t for t, p in zip(texts, per_conv) for _ in range(p.n))):
+            o.prompt = text
         for o in outs if plan else []:
             content, calls, o.finish_reason = plan.reply(o.text, o.finish_reason)
             o.text, o.tool_calls = content or "", calls or None

@@ -9,6 +9,7 @@ import secrets
 from pathlib import Path
 
 import jinja2
+from tokenizers import Encoding
 from tokenizers import Tokenizer as HFTokenizer
 
 from . import chat_template
@@ -19,6 +20,10 @@ SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 # a caller's chat template (vLLM's chat_template=) is compiled: bounded (real ones are a few KB)
 MAX_CALLER_TEMPLATE_CHARS = 1 << 20
 CALLER_TEMPLATES = 16  # compiled caller templates kept, by their text
+# Texts longer than this are encoded through encode_batch, which lets the GIL go (encode holds it, ~0.7 us a
+# character: 11 ms at this length). Shorter ones keep encode: encode_batch marks the library's thread pool used, and a
+# process forked after that prints a warning.
+GIL_FREE_CHARS = 1 << 14
 # variables every rendering sets itself (range: the budgeted one), which chat_template_kwargs may not replace
 RENDER_VARIABLES = ("messages", "tools", "documents", "add_generation_prompt", "range")
 # transformers' apply_chat_template options that are not template variables, not implemented here
@@ -96,13 +101,13 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; InvalidRequestError for what is not Unicode text (a lone surrogate)."""
-        return self.tok.encode(_checked_text(text), add_special_tokens=add_special_tokens).ids
+        return _encode(self.tok, _checked_text(text), add_special_tokens).ids
 
     def added_by_encode(self, text: str, ids: list[int]) -> list[bool]:
         """Which of `ids` `encode(text)` added beside the text's own tokens (a BOS), where `ids` are what it makes of
         `text`; else none. A prompt that starts with the BOS's own text ("<s>x") holds two alike: only this tells
         them apart."""
-        enc = self.tok.encode(text)
+        enc = _encode(self.tok, text, True)
         return [bool(m) for m in enc.special_tokens_mask] if enc.ids == list(ids) else [False] * len(ids)
 
     def decode(
@@ -287,7 +292,7 @@ class Tokenizer:
         is encoded as the plain text it is; the tools and the messages' other fields (tool calls, ids), which a
         template may render too, must not hold such text, nor may `chat_template_kwargs`, which a server's
         clients send to the model's template. A rendering over `max_chars` characters is refused before
-        it is encoded (a template can make a short conversation long, and encoding holds the GIL for its length)."""
+        it is encoded (a template can make a short conversation long, and encoding takes time in its length)."""
         messages = _chat_messages(messages)
         how = (add_generation_prompt, tools, continue_final_message, chat_template, chat_template_kwargs)
 
@@ -332,7 +337,7 @@ class Tokenizer:
             text.append(piece)
             pos += len(piece)
         full = _checked_text("".join(text))
-        enc = self.tok.encode(full, add_special_tokens=False)
+        enc = _encode(self.tok, full, False)
         # The template's control tokens split the text into runs, as in any encode; a run holding a message's
         # special string is encoded again whole as plain text (the string alone would get its own word start,
         # e.g. SentencePiece's "▁" before it: a space the user never typed).
@@ -345,14 +350,10 @@ class Tokenizer:
             elif any(s <= a and b <= e for s, e in spans):
                 marked = True
             else:
-                ids += (
-                    self._plain(start == 0).encode(full[start:a], add_special_tokens=False).ids
-                    if marked
-                    else run
-                )
+                ids += _encode(self._plain(start == 0), full[start:a], False).ids if marked else run
                 ids.append(i)
                 run, start, marked = [], b, False
-        ids += self._plain(start == 0).encode(full[start:], add_special_tokens=False).ids if marked else run
+        ids += _encode(self._plain(start == 0), full[start:], False).ids if marked else run
         return ids
 
     def _plain(self, first: bool) -> HFTokenizer:
@@ -376,6 +377,14 @@ def _no_first_prepend(spec: object) -> None:
             spec["prepend_scheme"] = "never"
         for sub in spec.get("pretokenizers") or ():
             _no_first_prepend(sub)
+
+
+def _encode(tok: HFTokenizer, text: str, add_special_tokens: bool) -> Encoding:
+    """`tok.encode(text)`; a text over GIL_FREE_CHARS without holding the GIL: the library's encode keeps it for the
+    whole text, and the server tokenizes in worker threads (a 524,288-character prompt held every stream 0.35 s)."""
+    if len(text) > GIL_FREE_CHARS:
+        return tok.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+    return tok.encode(text, add_special_tokens=add_special_tokens)
 
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")

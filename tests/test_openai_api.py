@@ -274,6 +274,43 @@ def test_a_multiple_of_more_than_5_significant_digits_or_past_10_5_is_refused(ll
     assert not llm.engine.has_unfinished()
 
 
+def test_a_schemas_multiples_are_bounded_in_all(llm, monkeypatch):
+    """Each multipleOf up to 10^5 was allowed, but the matcher holds an automaton for each, built in time about
+    linear in its value: five near 10^5 in one schema took 3.5 s, every other constrained request waiting. A
+    schema's distinct multipleOf values must sum to at most MAX_MULTIPLE: such a schema is refused in one line
+    before any build; the same value many times is built once, as one."""
+    llguidance = pytest.importorskip("llguidance")
+    from lserve_lite.engine.structured import MAX_MULTIPLE
+
+    built, real = [], llguidance.LLMatcher
+
+    class Counted:  # llguidance's matcher, its constructions counted
+        grammar_from_json_schema = staticmethod(real.grammar_from_json_schema)
+
+        def __new__(cls, *args, **kw):
+            built.append(1)
+            return real(*args, **kw)
+
+    monkeypatch.setattr(llguidance, "LLMatcher", Counted)
+
+    def fmt(*multiples: int) -> dict:
+        props = {f"p{i}": {"type": "integer", "multipleOf": m} for i, m in enumerate(multiples)}
+        return {"type": "json_schema", "json_schema": {"schema": {"type": "object", "properties": props}}}
+
+    near = [99991, 99989, 99971, 99961, 99929]  # each allowed alone
+    with pytest.raises(
+        InvalidRequestError, match=r"multipleOf values \(each distinct one\) must sum to at most "
+    ):
+        llm.generate("x", SamplingParams(max_new_tokens=5, response_format=fmt(*near)))
+    with pytest.raises(InvalidRequestError, match="must sum to at most 100000"):
+        llm.generate("x", SamplingParams(max_new_tokens=5, response_format=fmt(60000, 40001)))
+    assert built == []  # refused before llguidance built anything
+    for multiples in ((3, 3, 3, 5, 5000), (MAX_MULTIPLE // 2, MAX_MULTIPLE // 2, 7)):
+        (out,) = llm.generate("x", SamplingParams(max_new_tokens=3, response_format=fmt(*multiples)))
+        assert out.finish_reason in ("stop", "length"), out
+    assert len(built) == 2 and not llm.engine.has_unfinished()
+
+
 # llguidance gives up on this pattern after some characters (its lexer's limit) and then allows only EOS
 GIVES_UP = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
     "type": "object", "properties": {"a": {"type": "string", "pattern": "^(.{1,1000}){1,1000}x$"}}, "required": ["a"]}}}  # fmt: skip

@@ -50,6 +50,11 @@ class StepOutput:
     error: str | None = None  # the one line that says why the request failed (logits it could not sample)
 
 
+class PromptIds(tuple):
+    """A prompt's token ids as `LLMEngine.prompt_ids` checked them (immutable): add_request takes them without checking
+    again, so the n candidates of one prompt are checked once, not n times (a Python pass over every id each)."""
+
+
 @dataclass
 class _InFlight:
     """A launched decode step whose sampled ids the host has not read yet; each of its sequences holds a
@@ -295,9 +300,7 @@ class LLMEngine:
         else:  # skip ids a caller gave explicitly: a generated id must never be refused as a duplicate
             request_id = next(r for r in (f"req-{i}" for i in self._ids) if r not in self.seqs)
         params.validate()  # again: its fields may have changed since it was made
-        ids = self._encode(prompt) if isinstance(prompt, str) else self.check_ids(prompt, "prompt")
-        if not ids:
-            raise InvalidRequestError("prompt is empty (no tokens after tokenizing)")
+        ids = list(self.prompt_ids(prompt))
         # room for an output token, except for one token alone (scoring a whole context): sampled from the
         # prompt's last position, it never enters the KV cache (_append ends it by length)
         if len(ids) > self.max_len or (len(ids) == self.max_len and params.max_new_tokens > 1):
@@ -325,6 +328,16 @@ class LLMEngine:
             self.decoders[seq.request_id] = IncrementalDecoder(self.tokenizer, seq.prompt_ids, keep=keep)
             self.scheduler.add(seq)
         return seq.request_id
+
+    def prompt_ids(self, prompt: str | list[int]) -> PromptIds:
+        """A prompt's token ids checked (text encoded; ids of the model's vocabulary, not none), as add_request takes
+        them: each request of one prompt, or a check made off the engine thread, need not check them again."""
+        if type(prompt) is PromptIds:
+            return prompt
+        ids = self._encode(prompt) if isinstance(prompt, str) else self.check_ids(prompt, "prompt")
+        if not ids:
+            raise InvalidRequestError("prompt is empty (no tokens after tokenizing)")
+        return PromptIds(ids)
 
     def guide(self, params: SamplingParams) -> tuple[object, np.ndarray] | None:
         """The matcher of `params`' response_format and its first mask (None: unconstrained), for add_request's

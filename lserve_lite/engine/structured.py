@@ -33,7 +33,9 @@ MAX_BOUND = 1 << 53
 # llguidance's matcher for a `multipleOf` grows with its value past its factors of 10 (a divisibility automaton) and,
 # beside a bound, with its magnitude: 99991 builds in 0.8 s with SmolLM2's vocabulary, 1000003 took 8 s and 330 MB,
 # 10000019 over a minute and 2 GB, 10^7 under an exclusiveMaximum of 10^7 (a number) too, holding every constrained
-# request (one build at a time). Real ones (0.01, 5, 1000) have a digit or two.
+# request (one build at a time). Real ones (0.01, 5, 1000) have a digit or two. The bound is on a schema's distinct
+# values summed: each builds its own automaton, in time about linear in its value (19997: 0.06 s, 99991: 0.5 s), and
+# five values near 10^5, each allowed alone, took 3.5 s.
 MAX_MULTIPLE, MAX_MULTIPLE_DIGITS = 10**5, 5
 _LOWER, _UPPER = ("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")
 # keywords that hold values, not schemas (their bounds are data), and those that map names to schemas
@@ -139,12 +141,13 @@ def _held_numbers(text: str) -> str:
     """A schema's JSON text with every bound past MAX_BOUND that only widens its range pulled in to MAX_BOUND (a
     minimum below -2^53, a maximum above 2^53); a one-line InvalidRequestError for one that narrows it (a minimum
     above 2^53, a maximum below -2^53, NaN), which llguidance cannot hold, and for a `multipleOf` past MAX_MULTIPLE
-    or MAX_MULTIPLE_DIGITS. Whatever the type beside a bound (an integer range comes of a `number` schema's bounds
-    under an `anyOf` of integers too); walked without recursion."""
+    or MAX_MULTIPLE_DIGITS, or distinct ones that sum past MAX_MULTIPLE. Whatever the type beside a bound (an
+    integer range comes of a `number` schema's bounds under an `anyOf` of integers too); walked without recursion."""
     if "inimum" not in text and "aximum" not in text and "multipleOf" not in text:
         return text
     schema = json.loads(text)
     stack, changed = [(schema, False)], False  # (a value, whether it is a dict of names to schemas)
+    multiples: set[int | float] = set()
     while stack:
         node, named = stack.pop()
         if isinstance(node, list):
@@ -164,6 +167,8 @@ def _held_numbers(text: str) -> str:
                     "significant digits: llguidance's matcher for it takes time and memory in its value (10000019: "
                     "over a minute, 2 GB)"
                 )
+            if key == "multipleOf":
+                multiples.add(abs(v))
             if (key in _LOWER or key in _UPPER) and not -MAX_BOUND <= v <= MAX_BOUND:
                 if not (v < 0 if key in _LOWER else v > 0):  # it narrows the range (or is NaN)
                     raise InvalidRequestError(
@@ -171,6 +176,12 @@ def _held_numbers(text: str) -> str:
                         f"({MAX_BOUND}) exactly"
                     )
                 node[key], changed = MAX_BOUND if v > 0 else -MAX_BOUND, True
+    if sum(multiples) > MAX_MULTIPLE:
+        raise InvalidRequestError(
+            f"response_format: a schema's multipleOf values (each distinct one) must sum to at most {MAX_MULTIPLE}: "
+            "llguidance's matcher holds an automaton for each, built in time about linear in its value (five near "
+            "10^5: 3.5 s)"
+        )
     return json.dumps(schema) if changed else text
 
 

@@ -252,12 +252,15 @@ def create_app(
             raise ApiError(400, msg, param_of(msg) if named else where) from None
 
     def check_ids(ids: list[int], generating: bool) -> list[int]:
+        """A prompt's ids checked in this worker thread: the engine thread takes a prompt to generate from as it is
+        (PromptIds), for each of its n candidates (it checked all 524,288 ids of 64 whole-context prompts per candidate,
+        every stream waiting)."""
         vocab = engine.cfg.vocab_size
         if not ids and generating:
             raise InvalidRequestError("the prompt is empty")
         if not all(0 <= t < vocab for t in ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
-        return ids
+        return engine.prompt_ids(ids) if generating else ids
 
     def max_new_tokens(req: ChatCompletionRequest | CompletionRequest, n: int) -> int:
         limit, where = engine.max_len, "messages" if isinstance(req, ChatCompletionRequest) else "prompt"

@@ -19,7 +19,6 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
 from pydantic_core import PydanticCustomError
 
-from ..config import is_utf8
 from ..engine.tool_calls import ToolPlan, plan_tools
 from ..errors import InvalidRequestError
 from ..sampling_params import (
@@ -33,6 +32,7 @@ from ..sampling_params import (
     refuse_set,
 )
 from ..tokenizer import check_contents
+from .json_body import LoneSurrogate, TooDeep, read_object
 
 
 class ApiError(Exception):
@@ -142,11 +142,36 @@ class _Request(BaseModel):
     return_token_ids: Any = None
     logits_processors: Any = None
     add_special_tokens: Any = None
+    length_penalty: Any = None
+    spaces_between_special_tokens: Any = None
+    structural_tag: Any = None
+    guided_whitespace_pattern: Any = None
+    cache_salt: Any = None
+    priority: Any = None
+    kv_transfer_params: Any = None
+    vllm_xargs: Any = None
+    prompt_embeds: Any = None
+    # OpenAI's that ask for more than text
+    audio: Any = None
+    modalities: Any = None
+    web_search_options: Any = None
     _unsupported: ClassVar[dict[str, tuple[object, str]]] = {
         **{k: VLLM_UNSUPPORTED[k] for k in ("use_beam_search", "structured_outputs",
                                             "include_stop_str_in_output", "skip_special_tokens", "allowed_token_ids",
-                                            "bad_words", "truncate_prompt_tokens", "logits_processors")},
+                                            "bad_words", "truncate_prompt_tokens", "logits_processors",
+                                            "length_penalty", "spaces_between_special_tokens")},
         **{f"guided_{k}": VLLM_UNSUPPORTED["guided_decoding"] for k in ("json", "regex", "choice", "grammar")},
+        "structural_tag": VLLM_UNSUPPORTED["guided_decoding"],
+        "guided_whitespace_pattern": (None, "replies in JSON are compact, without whitespace between tokens"),
+        "cache_salt": (None, "every request shares the prefix cache: start the server with --no-prefix-caching "
+                             "to keep clients' prompts apart"),
+        "priority": (0, "requests are served first come, first served"),
+        "kv_transfer_params": (None, "no disaggregated prefill"),
+        "vllm_xargs": (None, "no custom sampling arguments"),
+        "prompt_embeds": (None, "send the prompt as text or token ids"),
+        "audio": (None, "replies are text"),
+        "modalities": (["text"], "replies are text"),
+        "web_search_options": (None, "no web search"),
         "prompt_logprobs": (None, "completions with echo and logprobs return the prompt's"),
         "suffix": (None, "no fill-in-the-middle"),
         "return_tokens_as_token_ids": (False, "tokens come back as text; /tokenize gives their ids"),
@@ -431,13 +456,8 @@ class CompletionRequest(_Request):
         return self.max_tokens == 0
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 # In text decoded strictly, only a \uD800-\uDFFF escape makes a lone surrogate: a body without one skips that check.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-_NESTED = (dict, list)
 
 
 # JSON values a valid body holds besides its prompt: stop strings and ids, logit_bias, a response format's schema
@@ -477,41 +497,27 @@ def check_body_size(raw: bytes, limits: dict[str, int]) -> None:
 
 def decode(raw: bytes) -> dict:
     """Bytes to a JSON object: malformed (raw surrogate bytes included), non-standard (NaN), too deep or
-    surrogate-holding bodies are 400. Little Python work per value (walking every value of a wide 8 MiB body took
-    seconds): only containers are walked, and strings are checked only where an escape could have made a lone
+    surrogate-holding bodies are 400. Parsed in short calls into C (json_body: one json.loads of a body under the
+    count limits held every stream up to 0.3 s), strings checked only where an escape could have made a lone
     surrogate."""
     try:
         text = raw.decode(json.detect_encoding(raw))
-        body = json.loads(text, parse_constant=_reject_constant)
-    except RecursionError:
-        raise ApiError(400, f"malformed JSON body: nested deeper than {MAX_JSON_DEPTH} levels") from None
+        body = read_object(text, MAX_JSON_DEPTH, _SURROGATE_ESCAPE.search(text) is not None)
+    except TooDeep as e:
+        raise ApiError(
+            400, f"malformed JSON body: nested deeper than {MAX_JSON_DEPTH} levels", e.field
+        ) from None
+    except LoneSurrogate as e:
+        if e.field is None:
+            raise ApiError(400, "a top-level key holds a lone UTF-16 surrogate (invalid Unicode)") from None
+        raise ApiError(
+            400, f"{e.field}: a string or key holds a lone UTF-16 surrogate (invalid Unicode)", e.field
+        ) from None
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, NaN, ints over the digit limit, bad UTF
         raise ApiError(400, f"malformed JSON body: {e}") from None
-    if not isinstance(body, dict):
+    if body is None:
         raise ApiError(400, "the request body must be a JSON object")
-    escapes = _SURROGATE_ESCAPE.search(text) is not None
-    for key, value in body.items():
-        if escapes and not is_utf8(key):
-            raise ApiError(400, "a top-level key holds a lone UTF-16 surrogate (invalid Unicode)")
-        _check_value(value, key, escapes)
     return body
-
-
-def _check_value(value: Any, param: str, strings: bool) -> None:
-    """One top-level field: no nesting past MAX_JSON_DEPTH (its containers walked without recursion) and, with
-    `strings`, no lone surrogate in its keys or strings (one pass in C: the field as JSON encoded to UTF-8)."""
-    stack = [(value, 1)] if isinstance(value, _NESTED) else []
-    while stack:
-        v, depth = stack.pop()
-        if v and depth >= MAX_JSON_DEPTH:  # its items would be nested deeper than the limit
-            raise ApiError(400, f"malformed JSON body: nested deeper than {MAX_JSON_DEPTH} levels", param)
-        items = v.values() if isinstance(v, dict) else v
-        # an empty container nests nothing: only those with items go on the stack
-        stack.extend((x, depth + 1) for x in items if x and isinstance(x, _NESTED))
-    if strings and not is_utf8(json.dumps(value, ensure_ascii=False)):
-        raise ApiError(
-            400, f"{param}: a string or key holds a lone UTF-16 surrogate (invalid Unicode)", param
-        )
 
 
 def _batch(p: Any) -> list:
