@@ -21,10 +21,11 @@ CAUSE = "non-finite activations at step {step} of request {rid}: its logits are 
 
 
 def _with_weight(src: Path, dst: Path, name: str, edit) -> Path:
-    """A copy of model `src` whose tensor `name` is `edit(tensor)`."""
+    """A copy of model `src` (`src` itself where dst is src) whose tensor `name` is `edit(tensor)`."""
     from safetensors.numpy import load_file, save_file
 
-    shutil.copytree(src, dst)
+    if dst != src:
+        shutil.copytree(src, dst)
     tensors = load_file(str(dst / "model.safetensors"))
     tensors[name] = edit(tensors[name])
     save_file(tensors, str(dst / "model.safetensors"))
@@ -36,22 +37,41 @@ def case(tmp_path_factory) -> dict:
     """A clean tiny model (head_dim 64: the GPU kernels run it too); prompts a and b; a token x in neither prompt nor
     in b's reply on the CPU; and two broken copies: `token` (x's embedding row 1e30: a norm over it overflows and its
     logits come out all equal, so a request meeting x fails) and `all` (layer 0's input norm weight 1e30: NaN logits
-    for every request)."""
+    for every request). The GPU keeps weights in float16 (1e30 is refused at load) and overflows there instead:
+    `clean16` (embedding column 0 zero, layer 0's q / k weights of column 0 at 60000, which every token but x meets
+    as zeros) and `token16` (x's column 0 at 10: its q and k pass float16's range, so its attention is NaN)."""
     tmp = tmp_path_factory.mktemp("overflow")
     clean = make_tiny_numpy(tmp / "clean", hidden=256)
     rng = np.random.default_rng(5)
     a, b = ([int(t) for t in rng.integers(3, 320, n)] for n in (10, 12))
-    b_out = LLM(str(clean), backend="cpu").generate([b], GREEDY)[0].token_ids
-    x = next(t for t in range(3, 320) if t not in a + b + b_out)
+    p0 = "model.layers.0.self_attn."
+
+    def col0(v: float):
+        def edit(w: np.ndarray) -> np.ndarray:
+            w[:, 0] = v
+            return w
+
+        return edit
+
+    clean16 = _with_weight(clean, tmp / "clean16", "model.embed_tokens.weight", col0(0.0))
+    for name in (p0 + "q_proj.weight", p0 + "k_proj.weight"):
+        _with_weight(clean16, clean16, name, col0(6e4))
+    replies = [LLM(str(m), backend="cpu").generate([b], GREEDY)[0].token_ids for m in (clean, clean16)]
+    x = next(t for t in range(3, 320) if t not in a + b + replies[0] + replies[1])
 
     def huge_row(w: np.ndarray) -> np.ndarray:
         w[x] = 1e30
         return w
 
+    def x_col0(w: np.ndarray) -> np.ndarray:
+        w[x, 0] = 10.0
+        return w
+
     token = _with_weight(clean, tmp / "token", "model.embed_tokens.weight", huge_row)
+    token16 = _with_weight(clean16, tmp / "token16", "model.embed_tokens.weight", x_col0)
     norm = "model.layers.0.input_layernorm.weight"
     every = _with_weight(clean, tmp / "all", norm, lambda w: np.full_like(w, 1e30))
-    return dict(a=a, b=b, x=x, clean=clean, token=token, all=every)
+    return dict(a=a, b=b, x=x, clean=clean, token=token, all=every, clean16=clean16, token16=token16)
 
 
 def _run(path: Path, backend: str, overlap: bool, requests: list) -> tuple[LLMEngine, list[str], dict]:
@@ -72,13 +92,17 @@ def _run(path: Path, backend: str, overlap: bool, requests: list) -> tuple[LLMEn
      pytest.param("cuda", True, marks=pytest.mark.gpu)],
 )  # fmt: skip
 def test_a_request_whose_activations_overflow_fails_alone(case, backend, overlap):
-    """a is biased to sample x first (from sound logits); its next logits, x's overflowed row, are all equal: it fails
-    there, in the synchronous step or in the overlapped decode's read; b runs as on the clean model."""
-    *_, clean = _run(case["clean"], backend, overlap, [(case["b"], GREEDY)])
+    """a is biased to sample x first (from sound logits); its next logits, from x's overflowed activations, are all
+    equal (CPU) or NaN (GPU): it fails there, in the synchronous step or in the overlapped decode's read; b runs as
+    on the clean model."""
+    clean_model, token_model = (
+        (case["clean"], case["token"]) if backend == "cpu" else (case["clean16"], case["token16"])
+    )
+    *_, clean = _run(clean_model, backend, overlap, [(case["b"], GREEDY)])
     b_out = [t for o in next(iter(clean.values())) for t in o.token_ids]
     assert case["x"] not in b_out  # (chosen so on the CPU)
     to_x = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True, logit_bias={case["x"]: 100})
-    eng, (ra, rb), outs = _run(case["token"], backend, overlap, [(case["a"], to_x), (case["b"], GREEDY)])
+    eng, (ra, rb), outs = _run(token_model, backend, overlap, [(case["a"], to_x), (case["b"], GREEDY)])
     last = outs[ra][-1]
     assert last.finished and last.finish_reason == "error", last
     assert last.error.startswith(CAUSE.format(step=2, rid=ra)) and "\n" not in last.error, last.error
