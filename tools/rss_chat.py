@@ -1,5 +1,6 @@
 """Resident memory of `lserve-lite chat` (the issue-10 target: under 300 MB with the default model): RSS once the
-model is loaded (chat's banner), and after each greedy reply (its status line). Usage: python tools/rss_chat.py [chat options]."""
+model is loaded (chat's banner), and after each greedy reply (its status line).
+Usage: python tools/rss_chat.py [chat options]."""
 
 from __future__ import annotations
 
