@@ -482,3 +482,12 @@ def test_results_name_a_relative_model_by_its_folder(tiny_model, monkeypatch):
     assert bench_prefix_cache.model_name(".") == "tiny-llama"
     monkeypatch.chdir(tiny_model / "..")
     assert bench_prefix_cache.model_name("tiny-llama/") == "tiny-llama"
+
+
+def test_bench_cpu_table_says_llama_cpp_not_run():
+    """Without --llama-bench the llama.cpp column printed `nan`, where the tool's help says "not run"."""
+    import bench_cpu
+
+    r = {"tok_s": 54.4, "cpu_tok_s": 37.7, "others_busy_cpus": 1.0}
+    assert bench_cpu.table_row("decode_ctx512", "native_gguf", r, {}).split()[-2:] == ["not", "run"]
+    assert bench_cpu.table_row("decode_ctx512", "native_gguf", r, {"decode_ctx512": 60.3}).endswith(" 60.3")
