@@ -279,12 +279,13 @@ def test_rss_chat_says_why_chat_exited_and_help_is_no_error(monkeypatch, capsys)
     assert "Usage: python tools/rss_chat.py" in capsys.readouterr().out
 
 
-def test_rss_chat_measures_a_piped_chat(tmp_path):
+def test_rss_chat_measures_a_piped_chat(smollm2_gguf, tmp_path):
     """`python tools/rss_chat.py` (README, docs/QUANT.md) reports RSS after load and after each reply; it waited for a
     `>>> ` prompt on stdout, which a piped chat no longer writes, so it hung before printing anything."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
-    cmd = [sys.executable, str(root / "tools" / "rss_chat.py"), "--max-new-tokens", "4"]
+    tool = str(root / "tools" / "rss_chat.py")
+    cmd = [sys.executable, tool, "--model", str(smollm2_gguf), "--max-new-tokens", "4"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     lines = done.stdout.splitlines()
     assert done.returncode == 0, done.stderr
