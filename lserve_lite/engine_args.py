@@ -175,7 +175,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--kv-dtype",
         default="auto",
         choices=KV_DTYPES,
-        help="KV-cache format: auto (the backend's float type), fp16, fp32, int8 (scale per token and head), "
+        help="KV-cache format: auto (fp16; fp32 on a CPU without F16C), fp16, fp32, int8 (scale per token and head), "
         "int4 (scale and min per 16 channels), fp8 (e4m3; CPU, CUDA sm_89+)",
     )
     p.add_argument(

@@ -896,3 +896,17 @@ def test_min_p_help_names_no_backend_restriction(command, capsys):
         main([command, "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert e.value.code == 0 and "--min-p MIN_P vLLM's min-p (0: off) --seed" in help_text
+
+
+def test_kv_dtype_help_says_what_auto_is(capsys):
+    """`--kv-dtype`'s help read "auto (the backend's float type)", the CPU's being float32, though auto has stored
+    fp16 on the CPU too since 2026-12-04 (CpuOps.kv_dtypes; fp32 only on a CPU without F16C), as the README says."""
+    from lserve_lite.backends.cpu import NATIVE_HALF, CpuOps
+    from lserve_lite.backends.cuda import CudaOps
+    from lserve_lite.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["chat", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and "auto (fp16; fp32 on a CPU without F16C)" in help_text
+    assert (CudaOps.kv_dtypes[0], CpuOps.kv_dtypes[0]) == ("fp16", "fp16" if NATIVE_HALF else "fp32")

@@ -600,6 +600,17 @@ def test_selector_grid_refuses_lengths_closer_than_steps():
             check_grid(16, lengths, (64,), (4,), ("lserve",))
 
 
+def test_selector_grid_refuses_budgets_that_cover_every_length():
+    """`tools/eval_selector.py --lengths 512` (the default budgets start at 512) decoded and scored every step, then
+    printed empty tables: a budget covering a length's pages is left out of the results. Refused before the model
+    loads; one budget under one length is enough."""
+    from lserve_lite.evaluation.selector_recall import check_grid
+
+    check_grid(2, (512, 1024), (512,), (4,), ("lserve",))
+    with pytest.raises(InvalidRequestError, match="every budget covers every length"):
+        check_grid(2, (500, 512), (512, 1024), (4,), ("lserve",))
+
+
 def test_default_model_short_run(smollm2_dir, tmp_path):
     """SmolLM2 at 1k tokens, two single-needle prompts (24 s on 2 quiet cores). Recorded 2026-12-01:
     dense 2/2, budget 256 with a 128-token decode window 1/2; a regression below either fails."""

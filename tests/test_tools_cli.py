@@ -279,6 +279,20 @@ def test_rss_chat_says_why_chat_exited_and_help_is_no_error(monkeypatch, capsys)
     assert "Usage: python tools/rss_chat.py" in capsys.readouterr().out
 
 
+def test_rss_chat_measures_a_piped_chat(smollm2_gguf, tmp_path):
+    """`python tools/rss_chat.py` (README, docs/QUANT.md) reports RSS after load and after each reply; it waited for a
+    `>>> ` prompt on stdout, which a piped chat no longer writes, so it hung before printing anything."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    tool = str(root / "tools" / "rss_chat.py")
+    cmd = [sys.executable, tool, "--model", str(smollm2_gguf), "--max-new-tokens", "4"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0, done.stderr
+    assert len(lines) == 3 and lines[0].startswith("loaded in ") and lines[0].endswith(" MB")
+    assert all(line.startswith("after '") and line.endswith(" MB") for line in lines[1:])
+
+
 RESULT_FILE_TOOLS = [
     ("bench_quant_cpu", []), ("bench_structured", []), ("bench_serve", []), ("soak_serve", []),
     ("kv_quant_error", []), ("bench_prefix_cache", ["chat"]), ("bench_tp", []), ("bench_sampling", []),
@@ -469,3 +483,12 @@ def test_results_name_a_relative_model_by_its_folder(tiny_model, monkeypatch):
     assert bench_prefix_cache.model_name(".") == "tiny-llama"
     monkeypatch.chdir(tiny_model / "..")
     assert bench_prefix_cache.model_name("tiny-llama/") == "tiny-llama"
+
+
+def test_bench_cpu_table_says_llama_cpp_not_run():
+    """Without --llama-bench the llama.cpp column printed `nan`, where the tool's help says "not run"."""
+    import bench_cpu
+
+    r = {"tok_s": 54.4, "cpu_tok_s": 37.7, "others_busy_cpus": 1.0}
+    assert bench_cpu.table_row("decode_ctx512", "native_gguf", r, {}).split()[-2:] == ["not", "run"]
+    assert bench_cpu.table_row("decode_ctx512", "native_gguf", r, {"decode_ctx512": 60.3}).endswith(" 60.3")

@@ -244,15 +244,18 @@ def main() -> None:
     )
     for path, run in runs.items():
         for k, r in run["results"].items():
-            print(
-                f"{k:<16}{path:<13}{r['tok_s']:>8.1f}{r['cpu_tok_s']:>11.1f}"
-                f"{r['others_busy_cpus']:>8.1f} CPUs{peer.get(k, float('nan')):>22.1f}"
-            )
+            print(table_row(k, path, r, peer))
     print(", ".join(f"{p}: weights {r['weight_bytes'] / 1e6:.0f} MB/token" for p, r in runs.items()))
     print("float32 GEMV streaming " + ", ".join(
         f"{k.split('_', 1)[1]} {bw[k] / 1e9:.1f} GB/s -> floor {floors[k]:.1f} tok/s" for k in floors
     ) + f"; copy {bw['copy'] / 1e9:.1f} GB/s; load average {load0:.1f} -> {result['loadavg_1min_at_end']:.1f}")  # fmt: skip
     write_json(args.out, "bench_cpu.json", result)
+
+
+def table_row(k: str, path: str, r: dict, peer: dict) -> str:
+    """One row of the table; llama.cpp's cell says "not run" where it has no figure (no --llama-bench)."""
+    theirs = f"{peer[k]:>22.1f}" if k in peer else f"{'not run':>22}"
+    return f"{k:<16}{path:<13}{r['tok_s']:>8.1f}{r['cpu_tok_s']:>11.1f}{r['others_busy_cpus']:>8.1f} CPUs{theirs}"
 
 
 def host_record(load0: float) -> dict:

@@ -1,9 +1,9 @@
 """Resident memory of `lserve-lite chat` (the issue-10 target: under 300 MB with the default model): RSS once the
-prompt shows (model loaded), and after each greedy reply. Usage: python tools/rss_chat.py [chat options]."""
+model is loaded (chat's banner), and after each greedy reply (its status line).
+Usage: python tools/rss_chat.py [chat options]."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -20,18 +20,24 @@ def rss_mb(pid: int) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
-def wait_for_prompt(proc: subprocess.Popen, err) -> str:
-    """Stdout up to the next '>>> ' prompt (input() writes it to stdout when stdin is a pipe); if chat exits
-    instead, the last line it wrote to stderr (`err`, a file) says why."""
-    text = b""
-    while not text.endswith(b">>> "):
-        c = os.read(proc.stdout.fileno(), 1)
-        if not c:
-            err.seek(0)
-            why = (err.read().decode(errors="replace").strip().splitlines() or ["(nothing on stderr)"])[-1]
+def wait_for_status(proc: subprocess.Popen, err, count: int) -> None:
+    """Until chat's stderr (`err`, a file) holds `count` lines of its banner and status lines: a piped chat shows no
+    `>>> ` prompt, its banner says the model is loaded and a status line ends each reply. If chat exits instead,
+    its last stderr line says why."""
+    while True:
+        err.seek(0)
+        lines = err.read().decode(errors="replace").splitlines()
+        if sum(line.startswith(("lserve-lite chat (", "[")) for line in lines) >= count:
+            return
+        failed = [line for line in lines if line.startswith("error: ")]
+        if failed or proc.poll() is not None:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # a reply's error leaves chat waiting for the next question
+                proc.kill()
+            why = (failed or lines or ["(nothing on stderr)"])[-1].strip()
             raise SystemExit(f"rss_chat: chat exited with status {proc.wait()}: {why}")
-        text += c
-    return text[:-4].decode()
+        time.sleep(0.05)
 
 
 def main() -> None:
@@ -40,16 +46,22 @@ def main() -> None:
         return
     cmd = [sys.executable, "-m", "lserve_lite.cli", "chat", "--backend", "cpu", "--temperature", "0",
            "--max-new-tokens", "64", *sys.argv[1:]]  # fmt: skip
-    with tempfile.TemporaryFile() as err:  # a file, not a pipe: a full pipe would stall the chat
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+    # files, not pipes: a full pipe would stall the chat
+    with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err)
         t = time.perf_counter()
-        wait_for_prompt(proc, err)
+        wait_for_status(proc, err, 1)
         print(f"loaded in {time.perf_counter() - t:.1f} s: RSS {rss_mb(proc.pid):.0f} MB")
-        for q in QUESTIONS:
+        read = 0
+        for i, q in enumerate(QUESTIONS):
             proc.stdin.write(q.encode() + b"\n")
             proc.stdin.flush()
-            reply = wait_for_prompt(proc, err).strip()
-            print(f"after {q!r} -> {reply[:60]!r}: RSS {rss_mb(proc.pid):.0f} MB")
+            wait_for_status(proc, err, 2 + i)
+            rss = rss_mb(proc.pid)
+            out.seek(read)
+            reply = out.read()
+            read += len(reply)
+            print(f"after {q!r} -> {reply.decode(errors='replace').strip()[:60]!r}: RSS {rss:.0f} MB")
         proc.stdin.close()
         proc.wait()
 

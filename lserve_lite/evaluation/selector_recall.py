@@ -158,6 +158,11 @@ def check_grid(steps: int, lengths, budgets, subs, variants) -> None:
         raise InvalidRequestError(
             f"budgets must be positive multiples of the page size {PAGE_SIZE}: {list(budgets)}"
         )
+    if all(pages_for(n, PAGE_SIZE) <= b // PAGE_SIZE for n in lengths for b in budgets):  # as _summary skips
+        raise InvalidRequestError(
+            f"every budget covers every length (budgets {list(budgets)}, lengths {list(lengths)}): the selector "
+            "would pick every page; give a budget under a length"
+        )
     if any(s < 1 or PAGE_SIZE % s for s in subs):
         raise InvalidRequestError(f"sub_pages must divide the page size {PAGE_SIZE}: {list(subs)}")
     unknown = [v for v in variants if v not in VARIANTS]
