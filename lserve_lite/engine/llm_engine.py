@@ -13,11 +13,12 @@ import numpy as np
 from ..backends import make_ops, resolve_backend
 from ..backends.base import SampledTokens
 from ..backends.group import host_ops
+from ..backends.memory import check_needs
 from ..config import MASS_MAX_GROUP, ORACLE_REDUCE, EngineConfig, SparseConfig
 from ..errors import InvalidRequestError, LServeError
 from ..geometry import pages_for, ring_fits, ring_window, sink_fits
 from ..kv.block_manager import BlockManager
-from ..kv.layout import KVLayout, fit_context, kv_summary, page_bytes, pool_context, pool_pages
+from ..kv.layout import KVLayout, fit_context, kv_summary, page_bytes, pool_context, pool_pages, pools_bytes
 from ..kv.prefix_cache import PrefixCache, kv_salt, snapshot_chain_pages
 from ..kv.quant import resolve_kv_format
 from ..sampling_params import SamplingParams
@@ -121,6 +122,7 @@ class LLMEngine:
         self._check_oracle(ORACLE_REDUCE in self.ops.selector_reductions and not self.kv_format.quantized)
         num_pages, num_stream = self._num_pages()
         self.max_len, self.layout = fit_context(self.max_len, num_pages, self.ecfg.page_size, self.layout)
+        self._check_buffers(num_pages, num_stream)
         self.runner = ModelRunner(
             self.cfg, weights, self.ops, self.ecfg, self.max_len, num_pages, self.layout, num_stream,
             kv_format=self.kv_format,
@@ -232,6 +234,16 @@ class LLMEngine:
         limit = self.ops.kv_limit_bytes(self.weight_bytes)
         return pool_pages(self.cfg, e.page_size, self.kv_bytes, budget, self.layout, e.max_num_seqs,
                           e.num_kv_pages, stat_itemsize=self.itemsize, limit=limit)  # fmt: skip
+
+    def _check_buffers(self, num_pages: int, num_stream: int) -> None:
+        """The buffers the config and the limits size (Ops.buffer_needs: logits, activations, RoPE tables, CUDA
+        Graphs) must fit beside the weights and the KV pools, checked before any of them is allocated."""
+        e = self.ecfg
+        kv = pools_bytes(self.cfg, e.page_size, self.kv_bytes, self.layout, e.max_num_seqs, num_pages, num_stream,
+                         stat_itemsize=self.itemsize)  # fmt: skip
+        have = self.ops.memory_bytes() - self.weight_bytes - kv
+        needs = self.ops.buffer_needs(self.cfg, e, self.max_len, self.layout)
+        check_needs(needs, have, f"the {self.backend} backend's memory beside the weights and the KV cache")
 
     def kv_summary(self) -> str:
         """The KV cache in one line (startup logs): format, capacity in tokens, bytes per token of the pool that
