@@ -18,6 +18,7 @@ from lserve_lite.backends.cuda_graphs import graph_needs
 from lserve_lite.backends.memory import check_needs, step_needs
 from lserve_lite.config import EngineConfig, ModelConfig
 from lserve_lite.errors import InvalidRequestError
+from lserve_lite.sampling_params import SamplingParams
 
 GIB = 1 << 30
 # SmolLM2-135M's shape
@@ -138,3 +139,49 @@ def test_under_an_address_space_limit_the_refusal_comes_first(wide_vocab):
     assert run.stdout.startswith(
         "REFUSED max_num_batched_tokens 65536 x vocab 1048576 needs 256.0 GiB of logits"
     ), run.stdout + run.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tmp_path_factory):
+    from tiny_models import make_tiny_numpy
+
+    from lserve_lite.engine.llm_engine import LLMEngine
+
+    return LLMEngine(str(make_tiny_numpy(tmp_path_factory.mktemp("tiny") / "m")), "cpu", EngineConfig())
+
+
+class Unread:
+    """A billion token ids that must not be read: only their count may be asked."""
+
+    def __len__(self) -> int:
+        return 10**9
+
+    def __iter__(self):
+        raise AssertionError("the ids were read")
+
+
+@pytest.mark.parametrize("call, line", [
+    (lambda e: e.add_request(Unread(), SamplingParams()), "prompt has 1000000000 tokens; the context limit is 2048 "
+     "(prompt + output)"),
+    (lambda e: e.score(Unread()), "scored sequence has 1000000000 tokens; the context limit is 2048"),
+])  # fmt: skip
+def test_token_ids_past_the_context_are_refused_before_they_are_read(tiny_engine, call, line):
+    """10^9 prompt (or scored) ids were copied one by one into a list, then refused by their count."""
+    with pytest.raises(InvalidRequestError) as e:
+        call(tiny_engine)
+    assert str(e.value) == line
+
+
+def test_scored_logits_past_the_host_memory_are_refused_before_any_step(tiny_engine, monkeypatch):
+    """`score` returns [T, vocab] float32 logits to the host: T x vocab x 4 bytes are checked against its memory
+    before the first chunk runs (a long context at a large vocabulary asked for more than the host has)."""
+    from lserve_lite.engine import llm_engine
+
+    monkeypatch.setattr(llm_engine, "host_memory_bytes", lambda: 100_000)
+    with pytest.raises(InvalidRequestError) as e:
+        tiny_engine.score(list(range(3, 103)))
+    assert str(e.value) == ("scoring 100 tokens x vocab 320 needs 0.1 MiB of logits; this host has 0.1 MiB: lower the "
+                            "number of tokens scored")  # fmt: skip
+    assert tiny_engine.blocks.num_used == 0  # refused before it took a page
+    monkeypatch.undo()
+    assert tiny_engine.score(list(range(3, 103))).shape == (100, 320)

@@ -13,7 +13,7 @@ import numpy as np
 from ..backends import make_ops, resolve_backend
 from ..backends.base import SampledTokens
 from ..backends.group import host_ops
-from ..backends.memory import check_needs
+from ..backends.memory import LOGIT_BYTES, MemoryNeed, check_needs, host_memory_bytes
 from ..config import MASS_MAX_GROUP, ORACLE_REDUCE, EngineConfig, SparseConfig
 from ..errors import InvalidRequestError, LServeError
 from ..geometry import pages_for, ring_fits, ring_window, sink_fits
@@ -316,9 +316,7 @@ class LLMEngine:
         # room for an output token, except for one token alone (scoring a whole context): sampled from the
         # prompt's last position, it never enters the KV cache (_append ends it by length)
         if len(ids) > self.max_len or (len(ids) == self.max_len and params.max_new_tokens > 1):
-            raise InvalidRequestError(
-                f"prompt has {len(ids)} tokens; the context limit is {self.max_len} (prompt + output)"
-            )
+            raise InvalidRequestError(self._too_long("prompt", len(ids)))
         if params.n != 1:
             raise InvalidRequestError("one sequence per engine request: add params.candidates() for n > 1")
         for what, ids_ in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
@@ -637,11 +635,14 @@ class LLMEngine:
         return ids
 
     def check_ids(self, ids, what: str) -> list[int]:
-        """Token ids as a list of ints in [0, vocab): bools, floats and out-of-range ids are refused."""
+        """Token ids as a list of ints in [0, vocab), at most the context limit: more, bools, floats and out-of-range
+        ids are refused (more before any is read: 10^8 ids were copied one by one before their count was refused)."""
         if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
             raise InvalidRequestError(f"{what} must be a list of token ids")
         if len(ids) == 0:
             raise InvalidRequestError(f"{what} is empty")
+        if len(ids) > self.max_len:
+            raise InvalidRequestError(self._too_long(what, len(ids)))
         out = []
         for t in ids:
             if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
@@ -653,13 +654,21 @@ class LLMEngine:
             out.append(int(t))
         return out
 
+    def _too_long(self, what: str, n: int) -> str:
+        """The one line of a prompt (with room for its output) or a scored sequence past the context limit."""
+        room = " (prompt + output)" if what == "prompt" else ""
+        return f"{what} has {n} tokens; the context limit is {self.max_len}{room}"
+
     def score(self, token_ids: list[int]) -> np.ndarray:
         """Teacher-forced next-token logits [T, vocab] for `token_ids` (runs alone, in prefill chunks). Where
         running requests hold the pages it needs, it steps them until they free enough."""
         self._check_open()
         token_ids = self.check_ids(token_ids, "scored sequence")
-        if len(token_ids) > self.max_len:
-            raise InvalidRequestError(f"{len(token_ids)} tokens exceed the context limit {self.max_len}")
+        n, vocab = len(token_ids), self.cfg.vocab_size
+        # its logits come back whole to the host: checked before any is computed
+        sized = f"scoring {n} tokens x vocab {vocab}"
+        need = MemoryNeed(n * vocab * LOGIT_BYTES, sized, "logits", "the number of tokens scored")
+        check_needs([need], host_memory_bytes(), "this host")
         seq = Sequence(list(token_ids), SamplingParams(max_new_tokens=1))
         # prefill only: it selects no pages, so it needs no selection slot (running requests may hold them all);
         # where they hold the pages it needs, they run until they free them (their outputs come with the next step):
@@ -673,11 +682,11 @@ class LLMEngine:
         self.blocks.grow(seq, len(token_ids), slot=False)
         try:
             self.run_page_ops()
-            chunks = []
+            out = np.empty((n, vocab), np.float32)  # filled chunk by chunk: no second copy of the chunks
             while seq.num_pending:
-                n = min(seq.num_pending, self.ecfg.max_num_batched_tokens)
-                chunks.append(self.ops.to_numpy(self.runner.run([seq], [n], all_logits=True)))
-            return np.concatenate(chunks)
+                start, k = seq.num_cached, min(seq.num_pending, self.ecfg.max_num_batched_tokens)
+                out[start : start + k] = self.ops.to_numpy(self.runner.run([seq], [k], all_logits=True))
+            return out
         finally:
             self.blocks.release(seq)
 
