@@ -185,3 +185,27 @@ def test_scored_logits_past_the_host_memory_are_refused_before_any_step(tiny_eng
     assert tiny_engine.blocks.num_used == 0  # refused before it took a page
     monkeypatch.undo()
     assert tiny_engine.score(list(range(3, 103))).shape == (100, 320)
+
+
+def prompt_logprobs(engine, ids: list[int]) -> list:
+    """The prompt logprobs (top 5) of a greedy one-token request for `ids`, run to its end."""
+    rid = engine.add_request(ids, SamplingParams(max_new_tokens=1, temperature=0, prompt_logprobs=5))
+    while True:
+        done = [o for o in engine.step() if o.request_id == rid and o.finished]
+        if done:
+            return [(e.token_id, e.logprob, e.top) if e else None for e in done[0].seq.prompt_logprobs]
+
+
+def test_prompt_logprobs_take_the_log_softmax_a_few_rows_at_a_time(tiny_engine, monkeypatch):
+    """A request's prompt logprobs took the log-softmax of its whole chunk at once: on the CPU two float64 copies of
+    its logits (16 bytes a logit: 1.5 GiB for a 2048-token chunk at SmolLM2's 49k vocabulary). Now LOGPROB_ROWS rows
+    at a time, with the same numbers."""
+    from lserve_lite.engine import logprobs
+
+    ids = [int(t) for t in np.random.default_rng(0).integers(3, 320, 300)]
+    rows, real = [], tiny_engine.ops.logprobs
+    monkeypatch.setattr(tiny_engine.ops, "logprobs", lambda x, c, k: rows.append(len(x)) or real(x, c, k))
+    chunked = prompt_logprobs(tiny_engine, ids)
+    assert max(rows) == logprobs.LOGPROB_ROWS < 299 and sum(rows) == 299
+    monkeypatch.setattr(logprobs, "LOGPROB_ROWS", 10**6)
+    assert prompt_logprobs(tiny_engine, ids) == chunked and chunked[0] is None and len(chunked) == 300
