@@ -60,7 +60,8 @@ def test_the_default_limits_need_little(tmp_path):
     """SmolLM2 at the default limits: 384 MiB of logits (2048 rows x 49152), all of it under 0.5 GiB; with the graphs
     of 1-64 rows (the default max_num_seqs) 25 MiB of logits more."""
     needs = step_needs(SMOL, EngineConfig(), 8192)
-    assert needs[0].nbytes == 2048 * 49152 * 4 and sum(n.nbytes for n in needs) < GIB // 2
+    assert needs[0].nbytes == 2048 * 49152 * 4 and needs[1].nbytes == 64 * 49152 * 4
+    assert sum(n.nbytes for n in needs) < GIB // 2
     graphs = graph_needs(49152, 64, 8192, 64, sparse=False)
     assert graphs[0].nbytes == 127 * 49152 * 4 and graphs[1].nbytes < 2**20
     check_needs(needs + graphs, GIB, "this test's memory")  # no error
@@ -76,6 +77,17 @@ def test_a_step_whose_logits_pass_the_memory_names_max_num_batched_tokens():
         "max_num_batched_tokens 2048 x vocab 4194304 needs 32.0 GiB of logits a step; this host has 20.0 GiB: "
         "lower --max-num-batched-tokens (max_num_batched_tokens=)"
     )
+
+
+def test_the_rows_sampled_are_counted_beside_the_step_logits():
+    """A step picks the rows it samples (one a sequence, up to max_num_seqs) out of its logits: a copy beside them.
+    Neither alone passes 40 GiB here; together they do, and the line says the total."""
+    needs = step_needs(replace(SMOL, vocab_size=1 << 22), EngineConfig(max_num_seqs=2048), 8192)
+    assert needs[1].nbytes == 32 * GIB and needs[1].knob == "--max-num-seqs (max_num_seqs=)"
+    with pytest.raises(
+        InvalidRequestError, match=r"needs 32\.0 GiB of logits a step \(64\.\d GiB with the other"
+    ):
+        check_needs(needs, 40 * GIB, "this host")
 
 
 @pytest.mark.parametrize(

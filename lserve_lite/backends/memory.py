@@ -43,9 +43,11 @@ class MemoryNeed:
 
 def step_needs(cfg: ModelConfig, ecfg: EngineConfig, max_len: int) -> list[MemoryNeed]:
     """What any backend's step holds at its largest: the logits of every row of a prefill chunk (prompt logprobs and
-    scoring ask for all of them; a step computes at most max_num_batched_tokens rows, decode rows included),
-    float32-sized activations of those rows, and the RoPE tables of the whole context."""
+    scoring ask for all of them; a step computes at most max_num_batched_tokens rows, decode rows included), a copy
+    of the rows sampled (one a sequence; the step picks them out of a chunk's), float32-sized activations, and the
+    RoPE tables of the whole context."""
     t, v = ecfg.max_num_batched_tokens, cfg.vocab_size
+    b = min(ecfg.max_num_seqs, t)
     width = (
         2 * cfg.hidden_size
         + (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim  # q/k/v, attention output
@@ -54,6 +56,12 @@ def step_needs(cfg: ModelConfig, ecfg: EngineConfig, max_len: int) -> list[Memor
     batched = "--max-num-batched-tokens (max_num_batched_tokens=)"
     return [
         MemoryNeed(t * v * LOGIT_BYTES, f"max_num_batched_tokens {t} x vocab {v}", "logits a step", batched),
+        MemoryNeed(
+            b * v * LOGIT_BYTES,
+            f"min(max_num_seqs, max_num_batched_tokens) {b} x vocab {v}",
+            "sampled logits",
+            "--max-num-seqs (max_num_seqs=)",
+        ),
         MemoryNeed(
             t * width * 4, f"max_num_batched_tokens {t} x {width} values a token", "activations", batched
         ),
