@@ -26,8 +26,9 @@ SMOL = ModelConfig(arch="LlamaForCausalLM", hidden_size=576, intermediate_size=1
                    num_kv_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192)  # fmt: skip
 
 
-def wide_vocab_model(path: Path, vocab: int) -> Path:
-    """A one-layer llama of hidden size 8 with a tied embedding of `vocab` rows (32 bytes a row) and a small tokenizer."""
+def wide_vocab_model(path: Path, vocab: int, kv: int = 1) -> Path:
+    """A one-layer llama of hidden size 8 (two heads, `kv` KV heads) with a tied embedding of `vocab` rows (32 bytes a
+    row) and a small tokenizer."""
     from safetensors.numpy import save_file
     from tiny_models import write_tokenizer
 
@@ -35,8 +36,8 @@ def wide_vocab_model(path: Path, vocab: int) -> Path:
     d, f = 8, 16
     shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,)}
     p = "model.layers.0."
-    shapes.update({p + "self_attn.q_proj.weight": (d, d), p + "self_attn.k_proj.weight": (d // 2, d),
-                   p + "self_attn.v_proj.weight": (d // 2, d), p + "self_attn.o_proj.weight": (d, d),
+    shapes.update({p + "self_attn.q_proj.weight": (d, d), p + "self_attn.k_proj.weight": (kv * d // 2, d),
+                   p + "self_attn.v_proj.weight": (kv * d // 2, d), p + "self_attn.o_proj.weight": (d, d),
                    p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
                    p + "mlp.down_proj.weight": (d, f), p + "input_layernorm.weight": (d,),
                    p + "post_attention_layernorm.weight": (d,)})  # fmt: skip
@@ -44,7 +45,7 @@ def wide_vocab_model(path: Path, vocab: int) -> Path:
     save_file({k: (0.02 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()},
               str(path / "model.safetensors"))  # fmt: skip
     cfg = dict(architectures=["LlamaForCausalLM"], vocab_size=vocab, hidden_size=d, intermediate_size=f,
-               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=kv, max_position_embeddings=2048,
                tie_word_embeddings=True, eos_token_id=2, bos_token_id=1, torch_dtype="float32")  # fmt: skip
     (path / "config.json").write_text(json.dumps(cfg))
     write_tokenizer(path, 320)
@@ -131,6 +132,20 @@ def test_the_engine_refuses_them_before_loading_past_its_pools(wide_vocab):
     with pytest.raises(InvalidRequestError, match=r"^max_num_batched_tokens 65536 x vocab 1048576 needs 256\.0 GiB "
                        r"of logits a step; the cpu backend's memory beside the weights and the KV cache has "):  # fmt: skip
         LLMEngine(str(wide_vocab), "cpu", cfg)
+
+
+def test_each_tensor_parallel_rank_checks_its_buffers_before_building(tmp_path):
+    """A rank holds its shard's activations and the whole vocabulary's logits (gathered): a rank refuses them in the
+    same line, which the driver reports, before it builds its model and pools (they built, and the first step asked
+    rank 0 for the 256 GiB)."""
+    from lserve_lite.engine.llm_engine import LLMEngine
+    from lserve_lite.errors import TensorParallelError
+
+    model = wide_vocab_model(tmp_path / "m", 1 << 20, kv=2)
+    cfg = EngineConfig(max_num_seqs=1, max_num_batched_tokens=1 << 16, tensor_parallel=2)
+    with pytest.raises(TensorParallelError, match=r"failed: max_num_batched_tokens 65536 x vocab 1048576 needs 256\.0 "
+                       r"GiB of logits a step; rank \d's share of the cpu memory beside its weights and KV cache has "):  # fmt: skip
+        LLMEngine(str(model), "cpu", cfg)
 
 
 def test_under_an_address_space_limit_the_refusal_comes_first(wide_vocab):

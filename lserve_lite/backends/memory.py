@@ -7,9 +7,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import EngineConfig, ModelConfig
 from ..errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from ..kv.layout import KVLayout
+    from .base import Ops
 
 LOGIT_BYTES = 4  # logits are float32 on every backend
 CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
@@ -86,3 +91,12 @@ def check_needs(needs: list[MemoryNeed], have: int, where: str) -> None:
     if top.nbytes <= have:  # none alone too large: say the total too
         what += f" ({gib(total)} with the other buffers the engine's limits size)"
     raise InvalidRequestError(f"{what}; {where} has {gib(max(have, 0))}: lower {top.knob}")
+
+
+def check_buffers(
+    ops: Ops, cfg: ModelConfig, ecfg: EngineConfig, max_len: int, layout: KVLayout | None, held: int, where: str,
+    share: int = 1,
+) -> None:  # fmt: skip
+    """`ops.buffer_needs` against the backend's memory beside `held` bytes (weights and KV pools), before any of them
+    is allocated; `share`: processes that hold as much each from the same memory (tensor-parallel ranks on one host)."""
+    check_needs(ops.buffer_needs(cfg, ecfg, max_len, layout), ops.memory_bytes() // share - held, where)

@@ -13,7 +13,7 @@ import numpy as np
 from ..backends import make_ops, resolve_backend
 from ..backends.base import SampledTokens
 from ..backends.group import host_ops
-from ..backends.memory import LOGIT_BYTES, MemoryNeed, check_needs, host_memory_bytes
+from ..backends.memory import LOGIT_BYTES, MemoryNeed, check_buffers, check_needs, host_memory_bytes
 from ..config import MASS_MAX_GROUP, ORACLE_REDUCE, EngineConfig, SparseConfig
 from ..errors import InvalidRequestError, LServeError
 from ..geometry import pages_for, ring_fits, ring_window, sink_fits
@@ -241,9 +241,8 @@ class LLMEngine:
         e = self.ecfg
         kv = pools_bytes(self.cfg, e.page_size, self.kv_bytes, self.layout, e.max_num_seqs, num_pages, num_stream,
                          stat_itemsize=self.itemsize)  # fmt: skip
-        have = self.ops.memory_bytes() - self.weight_bytes - kv
-        needs = self.ops.buffer_needs(self.cfg, e, self.max_len, self.layout)
-        check_needs(needs, have, f"the {self.backend} backend's memory beside the weights and the KV cache")
+        where = f"the {self.backend} backend's memory beside the weights and the KV cache"
+        check_buffers(self.ops, self.cfg, e, self.max_len, self.layout, self.weight_bytes + kv, where)
 
     def kv_summary(self) -> str:
         """The KV cache in one line (startup logs): format, capacity in tokens, bytes per token of the pool that
