@@ -203,6 +203,28 @@ def test_eval_refuses_lengths_over_the_model_context(tiny, tmp_path, capsys):
     )
 
 
+def test_eval_past_an_assumed_context_says_it_was_assumed(tmp_path, capsys):
+    """A model that names no trained context length (no max_position_embeddings) was refused as 'exceeds the model's
+    context 2048', a limit the model never named: the line says it was assumed, and how to name the real one."""
+    from tiny_models import make_tiny_numpy
+
+    from lserve_lite.cli import main
+    from lserve_lite.sparse.patterns import save_pattern
+
+    model = make_tiny_numpy(tmp_path / "no_context")
+    save_pattern(model / "full_attention_heads.tsv", np.array([[1.0, 0.2], [0.9, 0.8]]))
+    cfg = json.loads((model / "config.json").read_text())
+    del cfg["max_position_embeddings"]
+    (model / "config.json").write_text(json.dumps(cfg))
+    assert main(["eval", "--model", str(model), "--backend", "cpu", "--lengths", "4096", "--out",
+                 str(tmp_path / "r")]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assumed = "4096 + 128 tokens of question exceeds 2048 tokens, the context assumed for this model"
+    assert assumed in err and "transformers' default for LlamaForCausalLM" in err
+    assert "write that length as max_position_embeddings into its config.json" in err
+    assert "the model's context" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_eval_cli_end_to_end(tiny, tmp_path):
     from lserve_lite.cli import main
 

@@ -15,6 +15,7 @@ from ..kv.layout import KVLayout
 from ..kv.quant import KVFormat
 from ..sparse.plan import AttentionPlan
 from ..weights.qtensor import Weight
+from .memory import MemoryNeed
 
 Array = Any  # numpy.ndarray on the CPU, cupy.ndarray on the GPU
 
@@ -260,6 +261,17 @@ class Ops(Protocol):
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Raw-logit log-softmax of each row: the chosen ids' logprobs, the top-k ids and logprobs (host arrays;
         reference: backends/reference/sampling.logprobs_ref)."""
+        ...
+
+    def memory_bytes(self) -> int:
+        """The memory the backend has now (the host's on the CPU, the device's free memory on the GPU)."""
+        ...
+
+    def buffer_needs(
+        self, cfg: ModelConfig, ecfg: EngineConfig, max_len: int, layout: KVLayout | None = None
+    ) -> list[MemoryNeed]:
+        """The buffers the model's config and the engine's limits size on this backend (backends/memory.py), for
+        the engine to check before allocating any."""
         ...
 
     def kv_budget_bytes(self, fraction: float, reserved: int = 0) -> int: ...

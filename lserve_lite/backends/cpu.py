@@ -4,9 +4,7 @@ CPU and GPU kernel is tested against."""
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -29,6 +27,7 @@ from .cpu_kv import kernel_view
 from .cpu_quant import embed_q, linear_q, logits_q
 from .cpu_select import select_pages_numba
 from .cpu_threads import SplitRunner, even_bounds, openblas_set_threads, spin_seconds
+from .memory import MemoryNeed, host_memory_bytes, step_needs
 from .reference.attention import attend_qblocks, visited_pages
 from .reference.layers import embed_ref
 from .reference.page_select import select_pages_ref
@@ -38,25 +37,6 @@ from .reference.sampling import logprobs_ref, sample, sound_rows_ref
 SMALL_ROWS = 8
 # Decode attention's unit of work: a KV head's run of listed pages holding about this many keys.
 CHUNK_KEYS = 256
-
-
-CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
-
-
-def host_memory_bytes(cgroup_files: tuple[str, ...] = CGROUP_LIMITS) -> int:
-    """Physical memory, or the lowest cgroup memory limit among `cgroup_files` ("max" or unreadable: none)."""
-    try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, OSError, ValueError):  # no sysconf (Windows): nothing to check against
-        mem = 1 << 62
-    for path in cgroup_files:
-        try:
-            text = Path(path).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            mem = min(mem, int(text))
-    return mem
 
 
 class CpuOps:
@@ -98,10 +78,17 @@ class CpuOps:
         """KV memory on the CPU: a fixed 2 GiB scaled by the fraction (the host is shared with all else)."""
         return int(2 * 2**30 * fraction / 0.8)
 
+    def memory_bytes(self) -> int:
+        """The memory this process may use: the host's, or its container's cgroup limit where lower."""
+        return host_memory_bytes()
+
     def kv_limit_bytes(self, reserved: int = 0) -> int:
-        """The memory this process may use (the host's, or its container's cgroup limit where lower) less the
-        weights; pools are zero-filled, so pages never touched cost none."""
-        return host_memory_bytes() - reserved
+        """`memory_bytes` less the weights; pools are zero-filled, so pages never touched cost none."""
+        return self.memory_bytes() - reserved
+
+    def buffer_needs(self, cfg, ecfg: EngineConfig, max_len: int, layout=None) -> list[MemoryNeed]:
+        """A step's logits, activations and the RoPE tables (`memory.step_needs`): nothing else is sized by the limits."""
+        return step_needs(cfg, ecfg, max_len)
 
     def weight_bytes(self, w: Weight) -> int:
         """Packed bytes of quantized matrices (kept as they are), float32 for the rest."""

@@ -36,8 +36,9 @@ from .base import (
 )
 from .cuda_attention import HEAD_DIMS, KV_TRAITS
 from .cuda_compile import load_module
-from .cuda_graphs import GraphExecutor
+from .cuda_graphs import GraphExecutor, graph_needs
 from .cuda_quant import DeviceQuant, DeviceRowStack, QuantKernels, device_bytes
+from .memory import MemoryNeed, step_needs
 from .rms_in import NO_NORM, RmsIn, scratch_bytes
 from .rope_out import QUANT_ROPE_ROWS, ROPE_TICKETS, rope_kind, rope_kinds, rope_out
 
@@ -360,16 +361,31 @@ class CudaOps:
         """Quantized matrices in the layout `upload` gives them (cuda_quant), fp16 for the rest."""
         return device_bytes(w, self.quant.gemv_variant)
 
-    def kv_budget_bytes(self, fraction: float, reserved: int = 0) -> int:
-        """`fraction` of the device memory free now (CuPy's cached free blocks count as free), less
-        `reserved` bytes still to be uploaded (the weights) and 1 GiB for activations, cuBLAS and graphs."""
+    def memory_bytes(self) -> int:
+        """The device memory free now (CuPy's cached free blocks count as free)."""
         free, _total = self._runtime.memGetInfo()
-        free += self.cp.get_default_memory_pool().free_bytes()
-        return max(0, int((free - reserved) * fraction) - (1 << 30))
+        return free + self.cp.get_default_memory_pool().free_bytes()
+
+    def kv_budget_bytes(self, fraction: float, reserved: int = 0) -> int:
+        """`fraction` of `memory_bytes`, less `reserved` bytes still to be uploaded (the weights) and 1 GiB for
+        activations, cuBLAS and graphs."""
+        return max(0, int((self.memory_bytes() - reserved) * fraction) - (1 << 30))
 
     def kv_limit_bytes(self, reserved: int = 0) -> int:
         """All of the device memory free now, less the weights still to come and the 1 GiB of workspaces."""
         return self.kv_budget_bytes(1.0, reserved)
+
+    def buffer_needs(
+        self, cfg, ecfg: EngineConfig, max_len: int, layout: KVLayout | None = None
+    ) -> list[MemoryNeed]:
+        """A step's logits, activations and RoPE tables (`memory.step_needs`), and with CUDA Graphs what the captured
+        sizes hold (`cuda_graphs.graph_needs`)."""
+        needs = step_needs(cfg, ecfg, max_len)
+        if ecfg.cuda_graphs:
+            needs += graph_needs(
+                cfg.vocab_size, ecfg.max_num_seqs, max_len, ecfg.page_size, layout is not None
+            )
+        return needs
 
     def alloc_kv(
         self, cfg, page_size, num_pages, layout=None, num_stream_pages=0, max_seqs=0, fmt=None

@@ -34,9 +34,36 @@ import numpy as np
 
 from ..sparse.plan import BatchLayout, build_plan
 from .base import Array, EagerExecutor, Forward, KVCache, StepInputs
-from .cuda_attention import CudaPlan
+from .cuda_attention import CudaPlan, plan_offsets
+from .memory import LOGIT_BYTES, MemoryNeed
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def graph_sizes(max_num_seqs: int, sizes: tuple[int, ...] = DEFAULT_SIZES) -> list[int]:
+    """The batch sizes captured (each at its first use): `sizes` up to max_num_seqs, and max_num_seqs itself up to
+    the largest default."""
+    out = [s for s in sizes if s <= max_num_seqs]
+    if max_num_seqs not in out and max_num_seqs <= max(DEFAULT_SIZES):
+        out.append(max_num_seqs)
+    return sorted(set(out or [max_num_seqs]))
+
+
+def graph_needs(
+    vocab: int, max_num_seqs: int, max_len: int, page_size: int, sparse: bool
+) -> list[MemoryNeed]:
+    """What the captured sizes hold once each has run: every graph its own float32 logits (LServe: two graphs a size)
+    and every size a device plan of 2 x size x ceil(max_len / page_size) page pairs (`_capture`)."""
+    sizes, graphs, pages = graph_sizes(max_num_seqs), 2 if sparse else 1, math.ceil(max_len / page_size)
+    rows = sum(sizes)
+    plans = sum(4 * plan_offsets(s, s, 2 * s * pages)["kv_pl"][1] for s in sizes)
+    two = ", two graphs a size" if sparse else ""
+    return [
+        MemoryNeed(graphs * rows * vocab * LOGIT_BYTES, f"CUDA Graphs of 1-{sizes[-1]} rows ({rows} in all{two}) x "
+                   f"vocab {vocab}", "decode graphs' logits", "--max-num-seqs (max_num_seqs=)"),
+        MemoryNeed(plans, f"CUDA Graphs of {rows} rows in all x {pages} pages of context", "decode graphs' plans",
+                   "--max-model-len (max_model_len=)"),
+    ]  # fmt: skip
 
 
 @dataclass
@@ -69,10 +96,7 @@ class GraphExecutor:
 
         self.cp, self.forward, self.cache = cp, forward, cache
         self.eager = EagerExecutor(ops, forward, cache)
-        sizes = [s for s in sizes if s <= max_num_seqs]
-        if max_num_seqs not in sizes and max_num_seqs <= max(DEFAULT_SIZES):
-            sizes.append(max_num_seqs)
-        self.sizes = sorted(set(sizes or [max_num_seqs]))
+        self.sizes = graph_sizes(max_num_seqs, sizes)
         self.page_size = cache.page_size
         self.max_pages = math.ceil(max_len / cache.page_size)
         self.sparse = cache.sparse

@@ -13,11 +13,12 @@ import numpy as np
 from ..backends import make_ops, resolve_backend
 from ..backends.base import SampledTokens
 from ..backends.group import host_ops
+from ..backends.memory import LOGIT_BYTES, MemoryNeed, check_buffers, check_needs, host_memory_bytes
 from ..config import MASS_MAX_GROUP, ORACLE_REDUCE, EngineConfig, SparseConfig
 from ..errors import InvalidRequestError, LServeError
 from ..geometry import pages_for, ring_fits, ring_window, sink_fits
 from ..kv.block_manager import BlockManager
-from ..kv.layout import KVLayout, fit_context, kv_summary, page_bytes, pool_context, pool_pages
+from ..kv.layout import KVLayout, fit_context, kv_summary, page_bytes, pool_context, pool_pages, pools_bytes
 from ..kv.prefix_cache import PrefixCache, kv_salt, snapshot_chain_pages
 from ..kv.quant import resolve_kv_format
 from ..sampling_params import SamplingParams
@@ -121,6 +122,7 @@ class LLMEngine:
         self._check_oracle(ORACLE_REDUCE in self.ops.selector_reductions and not self.kv_format.quantized)
         num_pages, num_stream = self._num_pages()
         self.max_len, self.layout = fit_context(self.max_len, num_pages, self.ecfg.page_size, self.layout)
+        self._check_buffers(num_pages, num_stream)
         self.runner = ModelRunner(
             self.cfg, weights, self.ops, self.ecfg, self.max_len, num_pages, self.layout, num_stream,
             kv_format=self.kv_format,
@@ -233,6 +235,15 @@ class LLMEngine:
         return pool_pages(self.cfg, e.page_size, self.kv_bytes, budget, self.layout, e.max_num_seqs,
                           e.num_kv_pages, stat_itemsize=self.itemsize, limit=limit)  # fmt: skip
 
+    def _check_buffers(self, num_pages: int, num_stream: int) -> None:
+        """The buffers the config and the limits size (Ops.buffer_needs: logits, activations, RoPE tables, CUDA
+        Graphs) must fit beside the weights and the KV pools, checked before any of them is allocated."""
+        e = self.ecfg
+        kv = pools_bytes(self.cfg, e.page_size, self.kv_bytes, self.layout, e.max_num_seqs, num_pages, num_stream,
+                         stat_itemsize=self.itemsize)  # fmt: skip
+        where = f"the {self.backend} backend's memory beside the weights and the KV cache"
+        check_buffers(self.ops, self.cfg, e, self.max_len, self.layout, self.weight_bytes + kv, where)
+
     def kv_summary(self) -> str:
         """The KV cache in one line (startup logs): format, capacity in tokens, bytes per token of the pool that
         holds the context (LServe: the dense heads' pages, statistics included; the streaming pool's bytes and
@@ -304,9 +315,7 @@ class LLMEngine:
         # room for an output token, except for one token alone (scoring a whole context): sampled from the
         # prompt's last position, it never enters the KV cache (_append ends it by length)
         if len(ids) > self.max_len or (len(ids) == self.max_len and params.max_new_tokens > 1):
-            raise InvalidRequestError(
-                f"prompt has {len(ids)} tokens; the context limit is {self.max_len} (prompt + output)"
-            )
+            raise InvalidRequestError(self._too_long("prompt", len(ids)))
         if params.n != 1:
             raise InvalidRequestError("one sequence per engine request: add params.candidates() for n > 1")
         for what, ids_ in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
@@ -625,11 +634,14 @@ class LLMEngine:
         return ids
 
     def check_ids(self, ids, what: str) -> list[int]:
-        """Token ids as a list of ints in [0, vocab): bools, floats and out-of-range ids are refused."""
+        """Token ids as a list of ints in [0, vocab), at most the context limit: more, bools, floats and out-of-range
+        ids are refused (more before any is read: 10^8 ids were copied one by one before their count was refused)."""
         if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
             raise InvalidRequestError(f"{what} must be a list of token ids")
         if len(ids) == 0:
             raise InvalidRequestError(f"{what} is empty")
+        if len(ids) > self.max_len:
+            raise InvalidRequestError(self._too_long(what, len(ids)))
         out = []
         for t in ids:
             if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
@@ -641,13 +653,21 @@ class LLMEngine:
             out.append(int(t))
         return out
 
+    def _too_long(self, what: str, n: int) -> str:
+        """The one line of a prompt (with room for its output) or a scored sequence past the context limit."""
+        room = " (prompt + output)" if what == "prompt" else ""
+        return f"{what} has {n} tokens; the context limit is {self.max_len}{room}"
+
     def score(self, token_ids: list[int]) -> np.ndarray:
         """Teacher-forced next-token logits [T, vocab] for `token_ids` (runs alone, in prefill chunks). Where
         running requests hold the pages it needs, it steps them until they free enough."""
         self._check_open()
         token_ids = self.check_ids(token_ids, "scored sequence")
-        if len(token_ids) > self.max_len:
-            raise InvalidRequestError(f"{len(token_ids)} tokens exceed the context limit {self.max_len}")
+        n, vocab = len(token_ids), self.cfg.vocab_size
+        # its logits come back whole to the host: checked before any is computed
+        sized = f"scoring {n} tokens x vocab {vocab}"
+        need = MemoryNeed(n * vocab * LOGIT_BYTES, sized, "logits", "the number of tokens scored")
+        check_needs([need], host_memory_bytes(), "this host")
         seq = Sequence(list(token_ids), SamplingParams(max_new_tokens=1))
         # prefill only: it selects no pages, so it needs no selection slot (running requests may hold them all);
         # where they hold the pages it needs, they run until they free them (their outputs come with the next step):
@@ -661,11 +681,11 @@ class LLMEngine:
         self.blocks.grow(seq, len(token_ids), slot=False)
         try:
             self.run_page_ops()
-            chunks = []
+            out = np.empty((n, vocab), np.float32)  # filled chunk by chunk: no second copy of the chunks
             while seq.num_pending:
-                n = min(seq.num_pending, self.ecfg.max_num_batched_tokens)
-                chunks.append(self.ops.to_numpy(self.runner.run([seq], [n], all_logits=True)))
-            return np.concatenate(chunks)
+                start, k = seq.num_cached, min(seq.num_pending, self.ecfg.max_num_batched_tokens)
+                out[start : start + k] = self.ops.to_numpy(self.runner.run([seq], [k], all_logits=True))
+            return out
         finally:
             self.blocks.release(seq)
 

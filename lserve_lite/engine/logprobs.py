@@ -8,6 +8,10 @@ import numpy as np
 from ..backends.base import Ops
 from ..sequence import Sequence, TokenLogprob
 
+# rows whose log-softmax one Ops.logprobs call takes: the CPU's takes two float64 copies of them (16 bytes a logit),
+# which for a whole prompt chunk at once (2048 rows of SmolLM2's 49k vocabulary) held 1.5 GiB
+LOGPROB_ROWS = 64
+
 
 def record_prompt_logprobs(
     ops: Ops, logits, seqs: list[Sequence], num_new: list[int], wants: list[bool]
@@ -28,7 +32,7 @@ def record_prompt_logprobs(
             continue
         rows = end - c + (pos - start)
         chosen = np.asarray(seq.prompt_ids, np.int64)[pos + 1]
-        for j, entry in zip(pos.tolist(), _entries(ops, logits[rows], chosen, seq.params.prompt_logprobs)):
+        for j, entry in zip(pos.tolist(), _entries(ops, logits, rows, chosen, seq.params.prompt_logprobs)):
             seq.prompt_logprobs[j + 1] = entry
 
 
@@ -39,14 +43,19 @@ def record_token_logprobs(ops: Ops, logits, seqs: list[Sequence], tokens: list[i
         return
     k = max(seqs[i].params.logprobs for i in idx)
     chosen = np.asarray([tokens[i] for i in idx], np.int64)
-    for i, entry in zip(idx, _entries(ops, logits[np.asarray(idx)], chosen, k)):
+    for i, entry in zip(idx, _entries(ops, logits, np.asarray(idx), chosen, k)):
         entry.top = entry.top[: seqs[i].params.logprobs]
         seqs[i].logprobs.append(entry)
 
 
-def _entries(ops: Ops, logits, chosen: np.ndarray, k: int) -> list[TokenLogprob]:
-    lp, top, top_lp = ops.logprobs(logits, chosen, k)
-    return [
-        TokenLogprob(int(t), float(v), list(zip(ids.tolist(), lps.tolist())))
-        for t, v, ids, lps in zip(chosen.tolist(), lp.tolist(), top, top_lp)
-    ]
+def _entries(ops: Ops, logits, rows: np.ndarray, chosen: np.ndarray, k: int) -> list[TokenLogprob]:
+    """The logprobs of `chosen` [R] and the top k from logits[rows], LOGPROB_ROWS rows a call."""
+    out = []
+    for a in range(0, len(rows), LOGPROB_ROWS):
+        picked = chosen[a : a + LOGPROB_ROWS]
+        lp, top, top_lp = ops.logprobs(logits[rows[a : a + LOGPROB_ROWS]], picked, k)
+        out += [
+            TokenLogprob(int(t), float(v), list(zip(ids.tolist(), lps.tolist())))
+            for t, v, ids, lps in zip(picked.tolist(), lp.tolist(), top, top_lp)
+        ]
+    return out

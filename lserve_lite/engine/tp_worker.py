@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import traceback
+from dataclasses import replace
 from multiprocessing import parent_process, shared_memory
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,13 @@ from typing import Any
 import numpy as np
 
 from ..backends.group import GroupSpec, join_group
+from ..backends.memory import check_buffers
 from ..config import EngineConfig
 from ..errors import LServeError
+from ..kv.layout import pools_bytes
 from ..kv.quant import resolve_kv_format
 from ..weights.loader import load_model
-from ..weights.shard import shard_of
+from ..weights.shard import shard_config, shard_of
 from .tp_rank import RankRunner
 
 
@@ -80,6 +83,14 @@ def _serve(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig, conn
     if msg[0] != "build":  # the driver refused to start (pools that do not fit): stopped before building
         return
     _, max_len, num_pages, layout, num_stream, logits_name = msg
+    shard = shard_of(cfg, rank, spec.world)
+    lay = layout.heads(*shard.kv_heads) if layout is not None else None
+    part = shard_config(cfg, shard)
+    kv = pools_bytes(part, ecfg.page_size, fmt.kv_bytes(cfg.head_dim, itemsize), lay, ecfg.max_num_seqs, num_pages,
+                     num_stream, stat_itemsize=itemsize)  # fmt: skip
+    # its activations are its shard's; its logits the whole vocabulary's (gathered from every rank)
+    check_buffers(ops, replace(part, vocab_size=cfg.vocab_size), ecfg, max_len, lay, weight_bytes + kv,
+                  f"rank {rank}'s share of the {ops.name} memory beside its weights and KV cache", share)  # fmt: skip
     out = shared_memory.SharedMemory(name=logits_name) if rank == 0 else None
     runner = RankRunner(cfg, loaded.weights, ops, ecfg, max_len, num_pages, layout, num_stream, comm, fmt)
     loaded.drop_file_pages()

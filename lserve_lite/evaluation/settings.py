@@ -27,10 +27,20 @@ KIND_NAMES = {int: "an integer", float: "a number", str: "a name"}
 
 
 def refuse_past_context(model_dir: Path, tokens: int, what: str) -> None:
-    """Refuses, before any prompt is built, a run past the model's trained positions (it measures nothing)."""
-    context = load_config(model_dir).max_position_embeddings
-    if tokens > context:
-        raise InvalidRequestError(f"{what} exceeds the model's context {context}")
+    """Refuses, before any prompt is built, a run past the model's trained positions (it measures nothing); where the
+    model names none, the message says the limit was assumed and how to name the real one (it read as the model's)."""
+    cfg = load_config(model_dir)
+    context = cfg.max_position_embeddings
+    if tokens <= context:
+        return
+    if cfg.context_assumed:
+        raise InvalidRequestError(
+            f"{what} exceeds {context} tokens, the context assumed for this model: it names no trained context "
+            f"length (config.json's max_position_embeddings, a GGUF's context_length) and {context} is transformers' "
+            f"default for {cfg.arch}; if it was trained longer, write that length as max_position_embeddings into "
+            "its config.json (a GGUF: `lserve-lite convert` it to a directory first)"
+        )
+    raise InvalidRequestError(f"{what} exceeds the model's context {context}")
 
 
 def parse_configs(spec: str) -> dict[str, SparseConfig | None]:

@@ -181,7 +181,9 @@ def pool_pages(
     if not num_pages:
         _check_stream_fits(room, per_seq * stream_b, dense_b)
         return (_fit(room - stream * stream_b, dense_b) if dense_b else MAX_POOL_PAGES), stream
-    need = num_pages * dense_b + stream * stream_b + sel_b
+    need = pools_bytes(
+        cfg, page_size, kv_bytes, layout, max_seqs, num_pages, stream, stat_itemsize=stat_itemsize
+    )
     if limit is not None and need > limit:
         # LServe's pools beside the pages asked for: without them the total read as the pages' own
         dense_gib, stream_gib, sel_gib = (b / 2**30 for b in (num_pages * dense_b, stream * stream_b, sel_b))
@@ -196,6 +198,16 @@ def pool_pages(
             max(room - stream * stream_b, 0) // dense_b if dense_b else 0,
         )
     return num_pages, stream
+
+
+def pools_bytes(
+    cfg: ModelConfig, page_size: int, kv_bytes: int, layout: KVLayout | None, max_seqs: int, num_pages: int,
+    num_stream_pages: int, *, stat_itemsize: int,
+) -> int:  # fmt: skip
+    """Bytes of the KV pools `pool_pages` sized: the dense pages, the streaming pool and the page selections."""
+    dense_b, stream_b = page_bytes(cfg, page_size, kv_bytes, layout, stat_itemsize)
+    sel_b = layout.selection_bytes(cfg, max_seqs) if layout is not None else 0
+    return num_pages * dense_b + num_stream_pages * stream_b + sel_b
 
 
 def _check_selections_fit(

@@ -258,6 +258,8 @@ def create_app(
         vocab = engine.cfg.vocab_size
         if not ids and generating:
             raise InvalidRequestError("the prompt is empty")
+        if generating and len(ids) > engine.max_len:  # OpenAI's context error (the engine's count has none)
+            raise PromptTooLongError(f"the prompt has {len(ids)} tokens")
         if not all(0 <= t < vocab for t in ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
         return engine.prompt_ids(ids) if generating else ids
