@@ -116,7 +116,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if isinstance(sys.stdin, io.TextIOWrapper):
         sys.stdin.reconfigure(encoding="utf-8-sig", errors="surrogateescape", newline=None)
     _check_text_option(args.system, "--system")
-    _readline_history()
+    if sys.stdin.isatty():  # a piped chat's lines are a script's, not the user's history
+        _readline_history()
     params = _sampling(args)
     llm = _make_llm(args)
     if not llm.tokenizer.chat_template:  # else the first message would end the REPL with this error

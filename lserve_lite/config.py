@@ -555,7 +555,7 @@ class EngineConfig:
     prefix_caching: bool = True  # reuse cached KV pages of equal prompt prefixes (docs/PREFIX_CACHE.md)
     quantize: str | None = None  # "int8" / "int4": quantize a float model's projection matrices at load
     tensor_parallel: int | None = None  # ranks in worker processes (1 too); None: one in-process runner
-    kv_dtype: str = "auto"  # KV-cache format (kv/quant.py); "auto": the backend's float type
+    kv_dtype: str = "auto"  # KV-cache format (kv/quant.py); "auto": fp16 (fp32 on a CPU without F16C)
     # plan decode step N+1 while the device runs N (where Ops.async_steps: the CUDA backend)
     async_scheduling: bool = True
 

@@ -114,6 +114,18 @@ def test_piped_chat_writes_the_replies_alone_each_ending_its_line(tiny_llama):
     assert ">>>" not in r.stdout and r.stdout.endswith("\n"), r.stdout
 
 
+def test_piped_chat_keeps_no_input_history(tiny_llama, tmp_path):
+    """The REPL's line history (~/.lserve_lite_history) is for a terminal: a piped chat read and wrote it, so a
+    script's questions landed in the user's history (and an empty file appeared for a chat that never had one)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "chat", "--model", str(tiny_llama), "--backend", "cpu",
+         "--max-new-tokens", "2", "--temperature", "0"],
+        input="hello\n", capture_output=True, text=True, timeout=300, env={**os.environ, "HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert r.returncode == 0 and r.stderr.count("tokens, first after") == 1, r.stderr[-2000:]
+    assert not (tmp_path / ".lserve_lite_history").exists()
+
+
 def test_cli_refuses_absurd_numbers_in_one_line():
     """Absurd option values stop at the parser: one `error:` line, exit status 2, no traceback, no model load."""
     for argv in (["serve", "--port", "99999"], ["generate", "--prompt", "x", "--kv-pages", "-3"],

@@ -3,7 +3,7 @@
 A quantized pool is two arrays indexed by the same page id, so the allocator, the selector and the plans
 see pages exactly as with a float cache: values [pages, heads, page_size, D] (int8, fp8 bits) or
 [pages, heads, page_size, D/2] (int4, two per byte) and scales [pages, heads, page_size, scale_cols(D)] in
-the backend's float type (fp16 on the GPU, float32 on the CPU, which has no fp16 kernels). Rules, round to
+the backend's float type (fp16 on the GPU, float32 on the CPU, whose kernels compute in float32). Rules, round to
 nearest: int8 symmetric, one scale per (token, KV head) = amax / 127; fp8 (e4m3; CPU, GPU sm_89+) symmetric, one
 scale per (token, head) = amax / 448, values the nearest e4m3 (ties to even); int4 asymmetric, per group of
 16 channels of a (token, head) a scale (max - min) / 15 and a min, stored interleaved (scale, min) per group,
