@@ -261,7 +261,7 @@ __device__ __forceinline__ void row_bounds(const float* x, int lo, int hi, float
   vmin = block_reduce(l, fscr, lserve::MinOp(), __int_as_float(0x7f800000));
 }
 
-// Whether each row can be sampled (backends/cpu.py CpuOps.sound_rows' rule): every logit finite and not all equal
+// Whether each row can be sampled (reference/sampling.sound_rows_ref's rule): every logit finite and not all equal
 // (overflowed activations give NaN / inf, or zeros where a norm's sum of squares overflowed). Grid (G, rows) as
 // argmax_rows: block g leaves its chunk's (max, min) in part[row, g], a non-finite logit counting as an infinite
 // maximum; the row's last block (a ticket on tick[row], reset to 0) merges them into out[row] (1: sound).

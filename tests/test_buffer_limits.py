@@ -144,7 +144,7 @@ def test_each_tensor_parallel_rank_checks_its_buffers_before_building(tmp_path):
     model = wide_vocab_model(tmp_path / "m", 1 << 20, kv=2)
     cfg = EngineConfig(max_num_seqs=1, max_num_batched_tokens=1 << 16, tensor_parallel=2)
     with pytest.raises(TensorParallelError, match=r"failed: max_num_batched_tokens 65536 x vocab 1048576 needs 256\.0 "
-                       r"GiB of logits a step; rank \d's share of the cpu memory beside its weights and KV cache has "):  # fmt: skip
+                       r"GiB of logits a step; rank \d's share of the memory beside its weights and KV cache has "):  # fmt: skip
         LLMEngine(str(model), "cpu", cfg)
 
 

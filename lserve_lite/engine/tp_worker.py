@@ -90,7 +90,7 @@ def _serve(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig, conn
                      num_stream, stat_itemsize=itemsize)  # fmt: skip
     # its activations are its shard's; its logits the whole vocabulary's (gathered from every rank)
     check_buffers(ops, replace(part, vocab_size=cfg.vocab_size), ecfg, max_len, lay, weight_bytes + kv,
-                  f"rank {rank}'s share of the {ops.name} memory beside its weights and KV cache", share)  # fmt: skip
+                  f"rank {rank}'s share of the memory beside its weights and KV cache", share)  # fmt: skip
     out = shared_memory.SharedMemory(name=logits_name) if rank == 0 else None
     runner = RankRunner(cfg, loaded.weights, ops, ecfg, max_len, num_pages, layout, num_stream, comm, fmt)
     loaded.drop_file_pages()
