@@ -268,11 +268,13 @@ class LLMEngine:
                 )
         trained = self.cfg.max_position_embeddings
         if self.cfg.context_assumed:
-            limit = (
-                "--max-model-len's"
-                if self.ecfg.max_model_len
-                else f"{trained} assumed; --max-model-len sets another"
-            )
+            asked = self.ecfg.max_model_len
+            # fit_context cut it to what the pool holds: that limit is the one kept
+            if self.max_len < (asked or trained):
+                under = f"--max-model-len's {asked}" if asked else f"{trained} assumed"
+                limit = f"{self.max_len}, what the KV pool holds, under {under}"
+            else:
+                limit = "--max-model-len's" if asked else f"{trained} assumed; --max-model-len sets another"
             return f"{line}; the model names no trained context length (limit {limit})"
         if self.max_len > trained:
             line += (
