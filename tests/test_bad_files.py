@@ -439,6 +439,34 @@ def test_tokenizer_past_the_models_vocabulary_is_refused_per_prompt(tmp_path: Pa
     assert len(llm.generate("w5 w6", SamplingParams(max_new_tokens=1))[0].token_ids) == 1
 
 
+def test_the_server_names_the_token_past_the_models_vocabulary_too(tmp_path: Path):
+    """The server encoded a text prompt itself and refused the token past the embedding with "prompt token ids must
+    be in [0, 320)" (/v1/completions and /tokenize), naming neither the token nor the cause (README: such a prompt
+    is refused, naming the token)."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from lserve_lite.serve.app import create_app
+
+    d = write_min_model_dir(tmp_path / "m", weights=True)
+    tok = HFTokenizer.from_file(str(d / "tokenizer.json"))
+    tok.add_tokens(["<tool>"])
+    tok.save(str(d / "tokenizer.json"))
+    engine = LLM(str(d), backend="cpu").engine
+    client = TestClient(create_app(engine, served_model_name="m"))
+    for path, extra in (("/v1/completions", {"max_tokens": 1}), ("/tokenize", {})):
+        r = client.post(path, json={"model": "m", "prompt": "w5 <tool>", **extra})
+        assert r.status_code == 400, path
+        assert r.json()["error"]["message"] == (
+            "prompt token '<tool>' (id 320) is outside the model's vocabulary [0, 320): the tokenizer has more "
+            "tokens than the model"
+        )
+        assert r.json()["error"]["param"] == "prompt"
+    tokens = client.post("/tokenize", json={"model": "m", "prompt": "w5"}).json()["tokens"]
+    assert tokens == engine.tokenizer.encode("w5") and tokens
+
+
 @pytest.mark.parametrize(
     "name",
     ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "model.safetensors",

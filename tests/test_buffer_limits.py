@@ -108,6 +108,20 @@ def test_activations_and_rope_tables_past_the_memory_name_their_limit(over, batc
         check_needs(needs, have * GIB, "this host")
 
 
+def test_the_gpu_counts_its_rope_tables_at_their_float16_size():
+    """The GPU's RoPE tables are built on the device in float16 (CudaOps.rope_tables): 2 GiB for a 2^24-token context
+    of head_dim 64. Its check counted them as the CPU's float32 host tables (4 GiB), refusing a start that fits."""
+    from lserve_lite.backends.cpu import CpuOps
+    from lserve_lite.backends.cuda import CudaOps
+
+    ecfg = EngineConfig(cuda_graphs=False)
+    gpu = object.__new__(CudaOps)  # buffer_needs reads the config only: no device needed
+    rope = [n.nbytes for n in gpu.buffer_needs(SMOL, ecfg, 1 << 24) if n.what == "RoPE tables"]
+    assert rope == [2 * (1 << 24) * 32 * 2]
+    cpu = [n.nbytes for n in CpuOps().buffer_needs(SMOL, ecfg, 1 << 24) if n.what == "RoPE tables"]
+    assert cpu == [2 * (1 << 24) * 32 * 4]
+
+
 def test_cuda_graph_logits_and_plans_are_counted():
     """Each captured size (1, 2, ..., 512: 1023 rows) holds its own logits, twice in LServe mode: 32 GiB at a 2^22
     vocabulary, named by max_num_seqs; each size's device plan holds 2 x size x pages page pairs (int32): 16 GiB at a

@@ -427,6 +427,23 @@ def test_engine_says_once_that_its_context_limit_is_assumed(tmp_path: Path, caps
     )
 
 
+@pytest.mark.parametrize("max_model_len", [None, 8192])
+def test_an_assumed_context_cut_to_the_pool_says_the_limit_the_engine_keeps(tmp_path: Path, max_model_len):
+    """A pool of 64 pages of 16 holds 1024 tokens: the engine's limit is 1024 (prompts past it are refused), but the
+    startup line said "limit 2048 assumed" (or "--max-model-len's", 8192): a limit the engine never applies."""
+    from lserve_lite import LLM, EngineConfig
+
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src, context_length=None)
+    pool = {"num_kv_pages": 64, "page_size": 16, "max_model_len": max_model_len}
+    engine = LLM(str(src), backend="cpu", config=EngineConfig(**pool)).engine
+    assert engine.max_len == 1024
+    set_by = "--max-model-len's 8192" if max_model_len else "2048 assumed"
+    assert engine.kv_summary().endswith(
+        f"; the model names no trained context length (limit 1024, what the KV pool holds, under {set_by})"
+    )
+
+
 def _unpermute_ref(permuted: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of `_permute`, written independently: row (h, j, half) of HF -> row (h, half, j) of GGUF."""
     d2 = permuted.shape[0] // n_head // 2

@@ -31,7 +31,7 @@ def _counted(monkeypatch, obj: object, name: str) -> list[str]:
 
 
 def test_generate_encodes_and_checks_a_prompt_once_for_its_candidates(llm, monkeypatch):
-    encoded = _counted(monkeypatch, llm.engine, "_encode")
+    encoded = _counted(monkeypatch, llm.engine, "encode_prompt")
     checked = _counted(monkeypatch, llm.engine, "check_ids")
     sp = SamplingParams(n=4, max_new_tokens=2, seed=0)
     outs = llm.generate(["the quick brown fox", [5, 6, 7]], sp)

@@ -68,6 +68,7 @@ GEMV_MAX_ROWS = 8
 # (docs/PERF_e2e.md, 2026-12-05): its replay 1-5% faster at one row, 1.5-6% slower at 2-8 rows (SmolLM2, Q4_1).
 FUSE_ROPE_ROWS = 1
 
+ROPE_DTYPE = np.float16  # the device's RoPE tables (rope_tables), as buffer_needs counts them
 NORM_CHUNKS = 4  # add_rmsnorm's chunks of 8 values a thread at most on its vector path (layers.cu)
 GEMV_WARPS = 8  # gemv_rows' warps per block (its launch and its shared partial sums, one per warp)
 NORM_SMEM = 48 << 10  # gemv_rows with NORM: normed rows (N * K halves) + scratch in shared memory, no opt-in
@@ -344,7 +345,7 @@ class CudaOps:
         of host startup and 8 GiB of host float32 before its upload."""
         cp = self.cp
         n, inv = len(tables.cos), cp.asarray(tables.inv)
-        cos, sin = (cp.empty((n, inv.size), cp.float16) for _ in range(2))
+        cos, sin = (cp.empty((n, inv.size), ROPE_DTYPE) for _ in range(2))
         for p in range(0, n, ROPE_CHUNK):
             ang = cp.arange(p, min(p + ROPE_CHUNK, n), dtype=cp.float64)[:, None] * inv[None, :]
             cos[p : p + len(ang)] = cp.cos(ang).astype(cp.float32)
@@ -380,7 +381,7 @@ class CudaOps:
     ) -> list[MemoryNeed]:
         """A step's logits, activations and RoPE tables (`memory.step_needs`), and with CUDA Graphs what the captured
         sizes hold (`cuda_graphs.graph_needs`)."""
-        needs = step_needs(cfg, ecfg, max_len)
+        needs = step_needs(cfg, ecfg, max_len, np.dtype(ROPE_DTYPE).itemsize)
         if ecfg.cuda_graphs:
             needs += graph_needs(
                 cfg.vocab_size, ecfg.max_num_seqs, max_len, ecfg.page_size, layout is not None

@@ -46,11 +46,13 @@ class MemoryNeed:
     knob: str
 
 
-def step_needs(cfg: ModelConfig, ecfg: EngineConfig, max_len: int) -> list[MemoryNeed]:
+def step_needs(
+    cfg: ModelConfig, ecfg: EngineConfig, max_len: int, rope_itemsize: int = 4
+) -> list[MemoryNeed]:
     """What any backend's step holds at its largest: the logits of every row of a prefill chunk (prompt logprobs and
     scoring ask for all of them; a step computes at most max_num_batched_tokens rows, decode rows included), a copy
     of the rows sampled (one a sequence; the step picks them out of a chunk's), float32-sized activations, and the
-    RoPE tables of the whole context."""
+    RoPE tables of the whole context (`rope_itemsize`: the backend's table type, the host's RopeTables float32)."""
     t, v = ecfg.max_num_batched_tokens, cfg.vocab_size
     b = min(ecfg.max_num_seqs, t)
     width = (
@@ -71,7 +73,7 @@ def step_needs(cfg: ModelConfig, ecfg: EngineConfig, max_len: int) -> list[Memor
             t * width * 4, f"max_num_batched_tokens {t} x {width} values a token", "activations", batched
         ),
         MemoryNeed(
-            2 * max_len * (cfg.head_dim // 2) * 4,
+            2 * max_len * (cfg.head_dim // 2) * rope_itemsize,
             f"context {max_len} x head_dim {cfg.head_dim}",
             "RoPE tables",
             "--max-model-len (max_model_len=)",

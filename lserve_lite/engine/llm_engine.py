@@ -268,11 +268,13 @@ class LLMEngine:
                 )
         trained = self.cfg.max_position_embeddings
         if self.cfg.context_assumed:
-            limit = (
-                "--max-model-len's"
-                if self.ecfg.max_model_len
-                else f"{trained} assumed; --max-model-len sets another"
-            )
+            asked = self.ecfg.max_model_len
+            # fit_context cut it to what the pool holds: that limit is the one kept
+            if self.max_len < (asked or trained):
+                under = f"--max-model-len's {asked}" if asked else f"{trained} assumed"
+                limit = f"{self.max_len}, what the KV pool holds, under {under}"
+            else:
+                limit = "--max-model-len's" if asked else f"{trained} assumed; --max-model-len sets another"
             return f"{line}; the model names no trained context length (limit {limit})"
         if self.max_len > trained:
             line += (
@@ -343,7 +345,7 @@ class LLMEngine:
         them: each request of one prompt, or a check made off the engine thread, need not check them again."""
         if type(prompt) is PromptIds:
             return prompt
-        ids = self._encode(prompt) if isinstance(prompt, str) else self.check_ids(prompt, "prompt")
+        ids = self.encode_prompt(prompt) if isinstance(prompt, str) else self.check_ids(prompt, "prompt")
         if not ids:
             raise InvalidRequestError("prompt is empty (no tokens after tokenizing)")
         return PromptIds(ids)
@@ -621,9 +623,10 @@ class LLMEngine:
             self.decoders.pop(seq.request_id, None)
         return out
 
-    def _encode(self, text: str) -> list[int]:
-        """The prompt's token ids; a tokenizer with more tokens than the model's embedding rows (an added token
-        the checkpoint was never resized for) would give an id the model has no row for: refused, naming it."""
+    def encode_prompt(self, text: str) -> list[int]:
+        """A text prompt's token ids (here and in the server); a tokenizer with more tokens than the model's embedding
+        rows (an added token the checkpoint was never resized for) would give an id the model has no row for:
+        refused, naming it."""
         ids = self.tokenizer.encode(text)
         bad = next((t for t in ids if t >= self.cfg.vocab_size), None)
         if bad is not None:

@@ -242,7 +242,7 @@ def create_app(
                        req.chat_template_kwargs)  # fmt: skip
                 ids = [tok.encode_chat(msgs, tools, *how, max_chars=prompt_limit)]
             else:
-                ids = [engine.tokenizer.encode(p) if isinstance(p, str) else p for p in req.prompts()]
+                ids = [engine.encode_prompt(p) if isinstance(p, str) else p for p in req.prompts()]
             return [check_ids(x, generating) for x in ids]
         except PromptTooLongError as e:
             raise too_long(str(e), where) from None
