@@ -134,6 +134,15 @@ def test_llm_generate_gives_the_failed_prompt_its_cause_and_the_others_their_out
             list(every.stream("hello"))
 
 
+def test_bench_prefill_of_a_failing_model_is_an_error_not_a_figure(case):
+    """generate returns a failed request's output instead of raising: the bench's prefill rate would then time
+    requests that failed and print a figure; it raises their one line."""
+    from lserve_lite.bench import prefill_tok_s
+
+    with pytest.raises(LServeError, match=CAUSE.format(step=1, rid=r"req-\d+")):
+        prefill_tok_s(LLM(str(case["all"]), backend="cpu"), 8, reps=1)
+
+
 def test_cli_generate_is_one_line(case):
     r = subprocess.run(
         [sys.executable, "-m", "lserve_lite.cli", "generate", "--model", str(case["all"]), "--backend", "cpu",
