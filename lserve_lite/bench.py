@@ -35,13 +35,20 @@ def prefill_tok_s(llm: LLM, n: int, reps: int = 3) -> float:
     its own prompt: a repeated one would be served from the prefix cache (about 3x the rate on the CPU)."""
     prompts = [random_prompt(n, llm.engine.cfg.vocab_size, seed=1000 * n + r) for r in range(reps + 1)]
     one = SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True)
-    llm.generate([prompts[0]], one)  # warm-up: kernels, plan buffers, GEMM heuristics for these shapes
+    _prefill(llm, prompts[0], one)  # warm-up: kernels, plan buffers, GEMM heuristics for these shapes
     times = []
     for ids in prompts[1:]:
         t = time.perf_counter()
-        llm.generate([ids], one)
+        _prefill(llm, ids, one)
         times.append(time.perf_counter() - t)
     return n / statistics.median(times)
+
+
+def _prefill(llm: LLM, ids: list[int], params: SamplingParams) -> None:
+    """One request run to its end; one that failed (overflowing activations) raises its line, never a figure."""
+    (out,) = llm.generate([ids], params)
+    if out.error is not None:
+        raise LServeError(out.error)
 
 
 def decode_tok_s(llm: LLM, ctx: int, steps: int, batch: int = 1) -> float:

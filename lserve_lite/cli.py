@@ -9,7 +9,7 @@ import sys
 import time
 
 from .config import is_utf8
-from .engine_args import add_engine_args, engine_config_from_args
+from .engine_args import add_engine_args, engine_config_from_args, utf8_text
 from .errors import InvalidRequestError, LServeError, exit_status
 from .evaluation.calibrate_args import add_calibrate_args
 from .evaluation.eval_args import add_eval_args
@@ -40,13 +40,6 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
-def _check_text_option(text: str | None, flag: str) -> None:
-    """Refuse a text option holding bytes that are not UTF-8 (they reach Python as lone surrogates), naming the
-    option: the tokenizer's refusal named an index in the rendered chat template."""
-    if text is not None and not is_utf8(text):
-        raise InvalidRequestError(f"{flag} is not valid UTF-8 text")
-
-
 def _check_stdio(reads_stdin: bool) -> None:
     """Refuse a closed stdout (`>&-`), or stdin (`<&-`) where the command reads it, before the model loads: Python
     sets them to None and the first write, `input()` or uvicorn's log setup ended the command in a traceback."""
@@ -58,7 +51,6 @@ def _check_stdio(reads_stdin: bool) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     _check_stdio(reads_stdin=False)
-    _check_text_option(args.prompt, "--prompt")
     params = _sampling(args)
     llm = _make_llm(args)
     prompt = (
@@ -115,7 +107,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
     # file saved on Windows: its CRLF ends were sent with each message, and its BOM made a first-line command a message.
     if isinstance(sys.stdin, io.TextIOWrapper):
         sys.stdin.reconfigure(encoding="utf-8-sig", errors="surrogateescape", newline=None)
-    _check_text_option(args.system, "--system")
     if sys.stdin.isatty():  # a piped chat's lines are a script's, not the user's history
         _readline_history()
     params = _sampling(args)
@@ -282,13 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive chat REPL (streams replies)")
     add_engine_args(p)
     _sampling_args(p, temperature=0.7)
-    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--system", type=utf8_text, default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="complete one prompt; prints only the completion")
     add_engine_args(p)
     _sampling_args(p, temperature=0.0)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", type=utf8_text, required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.set_defaults(func=cmd_generate)
 

@@ -8,7 +8,15 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import KV_DTYPES, MAX_MODEL_LEN, MAX_POOL_PAGES, EngineConfig, SparseConfig, written_in_place
+from .config import (
+    KV_DTYPES,
+    MAX_MODEL_LEN,
+    MAX_POOL_PAGES,
+    EngineConfig,
+    SparseConfig,
+    is_utf8,
+    written_in_place,
+)
 from .errors import InvalidRequestError
 
 
@@ -25,6 +33,21 @@ def _bounded(kind: type, what: str, lo: float, hi: float):
         return v
 
     return parse
+
+
+def utf8_text(text: str) -> str:
+    """An argparse type: a text argument's bytes read as UTF-8 whatever the locale, as chat's stdin (a Latin-1 locale
+    turned a UTF-8 `é` into `Ã©`, a C one without UTF-8 mode refused it); bytes that are not UTF-8 are refused."""
+    try:
+        raw = os.fsencode(text)  # the bytes the OS passed (the locale's decoding undone)
+    except UnicodeEncodeError:  # no bytes of the OS: text given from Python, outside the locale's encoding
+        raw = None
+    text = text if raw is None else raw.decode("utf-8", "surrogateescape")
+    if not is_utf8(text):
+        raise argparse.ArgumentTypeError(
+            "not valid UTF-8 text (arguments are read as UTF-8 whatever the locale)"
+        )
+    return text
 
 
 def bounded_int(lo: int, hi: int = 1 << 31) -> Callable[[str], int]:

@@ -57,8 +57,9 @@ VLLM_ENGINE_ONLY = {
 @dataclass
 class CompletionOutput:
     """A finished request: its text, generated ids and why it stopped ("stop", "length", "abort", or "error": its
-    response_format grammar gave up mid-reply, so the text is cut). It also reads as vLLM's RequestOutput of one
-    candidate (`outputs`, `prompt`, `request_id`, `finished`), so code ported from vLLM runs unchanged."""
+    response_format grammar gave up mid-reply, so the text is cut, or the request failed, `error` saying why). It
+    also reads as vLLM's RequestOutput of one candidate (`outputs`, `prompt`, `request_id`, `finished`), so code
+    ported from vLLM runs unchanged."""
 
     text: str
     token_ids: list[int]
@@ -75,6 +76,9 @@ class CompletionOutput:
     index: int = 0
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    # why the request failed, in one line (finish_reason "error"; e.g. logits it could not sample), the rest of its
+    # batch run to their end; None else, and where a response_format grammar gave up
+    error: str | None = None
 
     @property
     def outputs(self) -> list[CompletionOutput]:
@@ -216,7 +220,8 @@ class LLM:
         of each prompt in a row; they share the prompt's KV pages through the prefix cache). `sampling_params`
         (vLLM's name, as in chat and stream): one for all prompts or a list, one per prompt. A prompt may be
         vLLM's dict, {"prompt": text} or {"prompt_token_ids": ids}. `use_tqdm` (vLLM's; off by default): a
-        progress bar of finished sequences on stderr. Leaving early (an error, Ctrl-C) aborts the batch.
+        progress bar of finished sequences on stderr. A request that fails as it runs ends alone, its output's
+        finish_reason "error" and `error` the reason; a refused prompt or Ctrl-C aborts the batch.
         `lora_request` (vLLM's, passed as None by code ported from it): no LoRA here, so only None.
         `prompt_token_ids` (older vLLM's keyword, as older lm-evaluation-harness passes it): the prompts as ids."""
         self._check_open()
@@ -335,7 +340,7 @@ class LLM:
         done = False
         try:
             while not done:
-                for out in self._next_outputs(rid):
+                for out in self._next_outputs([rid], raise_errors=True):
                     done = out.finished
                     yield out
         finally:
@@ -397,13 +402,13 @@ class LLM:
             if box is not None:
                 box.append(out)
 
-    def _next_outputs(self, *rids: str) -> list[StepOutput]:
-        """The unread outputs of `rids`, stepping the engine until there is one; a failed request's error is raised
-        (logits it could not sample, LLMEngine.step: none of its text is garbage)."""
+    def _next_outputs(self, rids: list[str] | set[str], raise_errors: bool) -> list[StepOutput]:
+        """The unread outputs of `rids`, stepping the engine until there is one; with `raise_errors` a failed
+        request's error is raised (logits it could not sample, LLMEngine.step: none of its text is garbage)."""
         while True:
             with self._call():  # another thread's step may fill these boxes until this one is read
                 outs = [self._boxes[r].popleft() for r in rids for _ in range(len(self._boxes[r]))]
-                if failed := next((o.error for o in outs if o.error), None):
+                if raise_errors and (failed := next((o.error for o in outs if o.error), None)):
                     raise LServeError(failed)
                 if outs:
                     return outs
@@ -419,7 +424,7 @@ class LLM:
         results: dict[str, CompletionOutput] = {}
         with tqdm(total=len(rids), desc="Processed sequences", file=sys.stderr, disable=not use_tqdm) as bar:
             while pending:
-                for out in self._next_outputs(*pending):
+                for out in self._next_outputs(pending, raise_errors=False):
                     texts[out.request_id].append(out.text)
                     if out.finished:
                         s = out.seq
@@ -433,6 +438,7 @@ class LLM:
                             request_id=out.request_id,
                             stop_reason=s.stop_reason,
                             num_cached_tokens=out.num_cached_tokens,
+                            error=out.error,
                         )
                         pending.discard(out.request_id)
                         bar.update(1)

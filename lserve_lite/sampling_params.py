@@ -320,10 +320,10 @@ class SamplingParams(_Params):
             super().__setattr__(name, value)
 
     @property
-    def max_tokens(self) -> int:
+    def max_tokens(self) -> int | None:
         """vLLM's name of max_new_tokens, read and set as vLLM's code does (it read a sentinel, and setting it did
-        nothing); None, as in vLLM, is up to the context limit."""
-        return self.max_new_tokens
+        nothing); None, as in vLLM, is up to the context limit, and reads back as None."""
+        return None if self.max_new_tokens == NO_LIMIT else self.max_new_tokens
 
     @max_tokens.setter
     def max_tokens(self, tokens: int | None) -> None:

@@ -128,13 +128,15 @@ def test_max_tokens_is_vllms_name_of_max_new_tokens(llm):
 
 def test_max_tokens_reads_and_sets_max_new_tokens(llm):
     """vLLM's code reads and sets sp.max_tokens: reading gave a sentinel object and setting it changed nothing (the
-    request still ran to max_new_tokens). It is max_new_tokens, read and set (None: up to the context limit)."""
+    request still ran to max_new_tokens). It is max_new_tokens, read and set (None: up to the context limit, read
+    back as None, as vLLM keeps it: it read 2147483647, a limit nobody gave)."""
     sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     assert sp.max_tokens == 16 and SamplingParams().max_tokens == 256
     sp.max_tokens = 2
     assert sp.max_new_tokens == 2 and len(llm.generate([[5, 6]], sp)[0].token_ids) == 2
     sp.max_tokens = None
-    assert sp.max_new_tokens == sp.max_tokens > llm.engine.max_len
+    assert sp.max_tokens is None and sp.max_new_tokens > llm.engine.max_len
+    assert SamplingParams(max_tokens=None).max_tokens is None
 
 
 def test_top_k_minus_one_is_off_as_in_vllm(llm):

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -452,14 +453,63 @@ def test_chat_refuses_a_system_prompt_that_cannot_fit(tiny_llama):
     )
 
 
-@pytest.mark.parametrize("argv", [["chat", "--system"], ["generate", "--chat", "--prompt"]])
+@pytest.mark.parametrize(
+    "argv", [["chat", "--system"], ["generate", "--chat", "--prompt"], ["serve", "--served-model-name"]]
+)
 def test_text_options_not_utf8_are_refused_naming_the_option(tiny_llama, argv, capsys):
     """Bytes that are not UTF-8 (a lone surrogate in argv) are refused naming the option, before the model loads:
-    the tokenizer's refusal pointed at an index in the rendered chat template instead."""
+    the tokenizer's refusal pointed at an index in the rendered chat template instead (and a served model name
+    could not be sent as JSON)."""
     from lserve_lite.cli import main
 
-    assert main([*argv, "ab\udcffcd", "--model", str(tiny_llama), "--backend", "cpu"]) == 1
-    assert capsys.readouterr().err == f"error: {argv[-1]} is not valid UTF-8 text\n"
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "ab\udcffcd", "--model", str(tiny_llama), "--backend", "cpu"])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert e.value.code == 2 and err.endswith(f"error: argument {argv[-1]}: {NOT_UTF8}"), err
+
+
+NOT_UTF8 = "not valid UTF-8 text (arguments are read as UTF-8 whatever the locale)"
+
+
+@pytest.fixture(scope="module")
+def latin1_locale(tmp_path_factory) -> dict:
+    """The environment of a Latin-1 locale (en_US.ISO-8859-1), built with localedef where none is installed."""
+    if shutil.which("localedef") is None:
+        pytest.skip("no localedef to build a Latin-1 locale")
+    where = tmp_path_factory.mktemp("locales")
+    r = subprocess.run(["localedef", "-i", "en_US", "-f", "ISO-8859-1", str(where / "en_US.ISO-8859-1")],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode in (0, 1) and (where / "en_US.ISO-8859-1").is_dir(), r.stderr  # 1: warnings only
+    return {"LOCPATH": str(where), "LC_ALL": "en_US.ISO-8859-1"}
+
+
+@pytest.mark.parametrize("locale", ["C", "C without UTF-8 mode", "Latin-1"])
+def test_text_arguments_are_utf8_whatever_the_locale(tiny_llama, latin1_locale, locale):
+    """Arguments were decoded by the locale: under Latin-1 a UTF-8 `--system héllo` reached the model as `hÃ©llo`
+    (more prompt tokens) and a Latin-1 byte as text; under a C locale without UTF-8 mode `héllo` was refused. Text
+    arguments are read as UTF-8 whatever the locale, as chat's stdin is; bytes that are not UTF-8 are refused in
+    one line."""
+    env = {"C": {"LC_ALL": "C"}, "C without UTF-8 mode": {"LC_ALL": "C", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONUTF8": "0"}, "Latin-1": latin1_locale}[locale]  # fmt: skip
+    base = {
+        k: v for k, v in os.environ.items() if k not in ("PYTHONIOENCODING", "PYTHONUTF8", "LC_ALL", "LANG")
+    }
+    argv = [sys.executable, "-m", "lserve_lite.cli", "chat", "--model", str(tiny_llama), "--backend", "cpu",
+            "--max-new-tokens", "1", "--system"]  # fmt: skip
+
+    def prompt_tokens(env: dict) -> list[str]:
+        r = subprocess.run([*argv, "héllo wörld".encode()], input=b"hi\n", capture_output=True, timeout=300,
+                           env={**base, **env})  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        return re.findall(r"/(\d+) prompt tokens cached", r.stderr.decode())
+
+    utf8 = prompt_tokens({"LC_ALL": "C.UTF-8"})
+    assert len(utf8) == 1 and prompt_tokens(env) == utf8
+    r = subprocess.run(
+        [*argv, b"caf\xe9"], input=b"hi\n", capture_output=True, timeout=300, env={**base, **env}
+    )
+    err = r.stderr.decode("utf-8", "replace").strip()
+    assert r.returncode == 2 and err.endswith(f"error: argument --system: {NOT_UTF8}"), err
 
 
 def test_generate_text_past_the_stdout_encoding_is_replaced(tiny_llama, monkeypatch):

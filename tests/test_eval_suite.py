@@ -192,6 +192,34 @@ def test_quantize_recorded_only_where_applied(tiny, tmp_path):
         assert (packed_counts[0] != packed_counts[1]) == (want is not None), model  # as the loader does
 
 
+def test_eval_help_is_true_of_short_lengths_and_the_png(tiny, smollm2_dir, tmp_path, capsys):
+    """`eval --help` said lengths "each >= 256" while `--tasks all --lengths 256` was refused for
+    niah_multikey_uuids (SmolLM2), and promised a <out>.png that no run without matplotlib writes. It says what a
+    short length and a missing matplotlib do, and the length it names for SmolLM2 fits every task."""
+    from lserve_lite.cli import main
+    from lserve_lite.tokenizer import Tokenizer
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "each >= 256; a length too short for a task is refused, naming it, before any prompt runs" in text
+    assert (
+        "SmolLM2's prompts of every task fit 512" in text
+        and "<out>.png where matplotlib is installed" in text
+    )
+    smol = Tokenizer(smollm2_dir)
+    for task in ruler.TASKS:
+        for seed in (0, 1):
+            assert all(len(s.prompt_ids) <= 512 for s in ruler.samples(task, smol, 512, 8, seed)), task
+    out = tmp_path / "r"
+    assert main(["eval", "--model", str(tiny), "--backend", "cpu", "--tasks", "all", "--lengths", "256",
+                 "--out", str(out)]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: task niah_single_numbers: a prompt of 256 tokens is too short for this task "
+                        r"\(this one needs \d+\)\n", err), err  # fmt: skip
+    assert not out.with_suffix(".json").exists()
+
+
 def test_eval_refuses_lengths_over_the_model_context(tiny, tmp_path, capsys):
     """A 2k-context model: 4096-token haystacks are refused with one line before any is built."""
     from lserve_lite.cli import main

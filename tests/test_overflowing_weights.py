@@ -112,19 +112,35 @@ def test_a_request_whose_activations_overflow_fails_alone(case, backend, overlap
     assert eng.blocks.num_used == 0 and not eng.seqs
 
 
-def test_llm_raises_the_cause_and_goes_on(case):
-    """LLM.generate raises the one line (not a list of garbage tokens); the same LLM then serves other prompts."""
+def test_llm_generate_gives_the_failed_prompt_its_cause_and_the_others_their_outputs(case):
+    """One failed prompt of a batch raised and aborted the rest, their outputs lost: each prompt gets its output,
+    the failed one finish_reason "error" with the one line (not a list of garbage tokens) in `error`; the same LLM
+    then serves other prompts. A stream, one request, still raises the line."""
     llm = LLM(str(case["token"]), backend="cpu")
-    # x ends the second prompt: its first logits overflow
-    with pytest.raises(LServeError, match=CAUSE.format(step=1, rid=r"req-\d+")):
-        llm.generate([case["b"], case["a"] + [case["x"]]], GREEDY)
     clean = LLM(str(case["clean"]), backend="cpu")
-    assert llm.generate([case["b"]], GREEDY)[0].token_ids == clean.generate([case["b"]], GREEDY)[0].token_ids
-    assert llm.engine.blocks.num_used == 0
+    want = clean.generate([case["b"]], GREEDY)[0]
+    # x ends the second prompt: its first logits overflow; the first and third prompts run to their end
+    outs = llm.generate([case["b"], case["a"] + [case["x"]], case["b"]], GREEDY)
+    assert [o.finish_reason for o in outs] == ["length", "error", "length"], outs
+    assert outs[0].token_ids == outs[2].token_ids == want.token_ids and outs[0].error is None
+    bad = outs[1]
+    assert bad.error.startswith(CAUSE.format(step=1, rid=bad.request_id)) and "\n" not in bad.error, bad.error
+    assert (bad.text, bad.token_ids, bad.prompt_token_ids) == ("", [], case["a"] + [case["x"]])
+    assert llm.generate([case["b"]], GREEDY)[0].token_ids == want.token_ids
+    assert llm.engine.blocks.num_used == 0 and not llm.engine.seqs
     every = LLM(str(case["all"]), backend="cpu")
     for _ in range(2):  # the engine survives its own failure
         with pytest.raises(LServeError, match=CAUSE.format(step=1, rid=r"req-\d+")):
             list(every.stream("hello"))
+
+
+def test_bench_prefill_of_a_failing_model_is_an_error_not_a_figure(case):
+    """generate returns a failed request's output instead of raising: the bench's prefill rate would then time
+    requests that failed and print a figure; it raises their one line."""
+    from lserve_lite.bench import prefill_tok_s
+
+    with pytest.raises(LServeError, match=CAUSE.format(step=1, rid=r"req-\d+")):
+        prefill_tok_s(LLM(str(case["all"]), backend="cpu"), 8, reps=1)
 
 
 def test_cli_generate_is_one_line(case):

@@ -11,6 +11,7 @@ from ..engine_args import bounded_float, bounded_int, existing_file, int_list, n
 
 MAX_SAMPLES = 100_000  # prompts per (task, length) or passkey samples, at most
 MAX_TIME_LIMIT = 1e7  # seconds (115 days); 0 is no limit
+OUT_HELP = "output stem: <out>.json, and <out>.png where matplotlib is installed"
 
 
 def stem_file(out: str | Path, suffix: str) -> Path:
@@ -37,7 +38,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
         "--tasks", type=name_list, default="all", help="comma-separated tasks (default all; see ruler.TASKS)"
     )
     p.add_argument("--lengths", type=int_list(256, MAX_MODEL_LEN), default=[2048],
-                   help="comma-separated context lengths in tokens, each >= 256 (2048)")  # fmt: skip
+                   help="comma-separated context lengths in tokens (2048), each >= 256; a length too short for a "
+                        "task is refused, naming it, before any prompt runs (SmolLM2's prompts of every task fit "
+                        "512)")  # fmt: skip
     p.add_argument(
         "--samples", type=bounded_int(1, MAX_SAMPLES), default=4, help="prompts per (task, length) (4)"
     )
@@ -62,9 +65,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
         help="start no new prompt after this many s (0: no limit; counted from the start, model loads included); "
         "settings needing their own LLM split the time left equally",
     )
-    p.add_argument(
-        "--out", type=output_stem, default="tools/results/ruler", help="output stem: <out>.json, <out>.png"
-    )
+    p.add_argument("--out", type=output_stem, default="tools/results/ruler", help=OUT_HELP)
     p.add_argument("--plot-only", metavar="JSON", help="redraw the heatmap of an earlier run and exit")
 
 
@@ -84,5 +85,5 @@ def add_sweep_args(p: argparse.ArgumentParser, out: str) -> None:
     )
     p.add_argument("--kv-dtype", choices=KV_DTYPES, default="auto", help="KV-cache format (docs/KV_QUANT.md)")
     p.add_argument("--mode", choices=("engine",), default="engine", help="kept for old command lines")
-    p.add_argument("--out", type=output_stem, default=out, help="output stem: <out>.json, <out>.png")
+    p.add_argument("--out", type=output_stem, default=out, help=OUT_HELP)
     p.add_argument("--plot-only", metavar="JSON", help="redraw the PNG of an earlier run's JSON and exit")

@@ -113,7 +113,10 @@ def _assemble(tok, num_tokens: int, items: list[str], depths, question: str, fil
     pieces = [tok.encode(" " + it, False) for it in items]
     budget = num_tokens - len(intro) - len(q) - sum(map(len, pieces))
     if budget < 16:
-        raise InvalidRequestError(f"a prompt of {num_tokens} tokens is too short for this task")
+        need = num_tokens - budget + 16
+        raise InvalidRequestError(
+            f"a prompt of {num_tokens} tokens is too short for this task (this one needs {need})"
+        )
     fill, cuts = _filler_ids(tok, budget, filler, rng)
     at = [int(cuts[np.abs(cuts - d * len(fill)).argmin()]) for d in depths]
     out, prev = list(intro), 0

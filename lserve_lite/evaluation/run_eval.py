@@ -3,7 +3,7 @@
 Every setting answers the same prompts (greedy, short answers); per (length, task, setting) the accuracy
 with a 95% Wilson interval, and per (length, setting) the paired comparison with dense (exact McNemar
 test on the discordant prompts). Writes <out>.json as prompts are answered (at most about once a second, and at
-the end, on Ctrl-C or an error: `Throttled`) and <out>.png (heatmap) at the end.
+the end, on Ctrl-C or an error: `Throttled`) and, where matplotlib is installed, <out>.png (heatmap) at the end.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import os
 import sys
 
 from ..config import MAX_BATCHED_TOKENS, MAX_NUM_SEQS, EngineConfig
-from ..engine_args import add_engine_args, bounded_int, engine_config_from_args
+from ..engine_args import add_engine_args, bounded_int, engine_config_from_args, utf8_text
 from ..errors import LServeError
 
 
@@ -138,6 +138,8 @@ def _api_key(text: str) -> str:
 
 
 def _model_id(text: str) -> str:
+    """The served model name, UTF-8 text (as every text argument) that is not blank."""
+    text = utf8_text(text)
     if not text.strip():
         raise argparse.ArgumentTypeError("the served model name must not be empty")
     return text
