@@ -410,6 +410,33 @@ def test_bad_requests_400(server, client):
         client.completions.create(model="tiny", prompt=[5, 9999], max_tokens=4)
 
 
+def test_each_fields_range_has_one_message(server):
+    """repetition_penalty 0 got pydantic's "Input should be greater than 0", 0.005 the engine's "[0.01, 100]" line;
+    so did top_k (-2 / 2^31), min_tokens (-1 / past max_tokens) and chat's max_tokens (-1 / 0). Each field's
+    out-of-range values now get one message, naming the field."""
+    url, auth = server[0], {"Authorization": f"Bearer {KEY}"}
+    chat = {"model": "tiny", "messages": chat_msgs("hi"), "max_tokens": 10}
+    cases = {  # field: (path, body, values on both sides of the former split)
+        "repetition_penalty": ("/v1/chat/completions", chat, [0, -1, 0.005, 101]),
+        "top_k": ("/v1/chat/completions", chat, [-2, 2**31]),
+        "min_tokens": ("/v1/chat/completions", chat, [-1, 11]),
+        "max_tokens": ("/v1/chat/completions", chat, [-1, 0]),
+        "max_completion_tokens": ("/v1/chat/completions", chat, [-1, 0]),
+    }
+    for field, (path, body, values) in cases.items():
+        rules = set()
+        for v in values:
+            err = _error(httpx.post(url + path, json=body | {field: v}, headers=auth, timeout=60), 400)
+            assert err["param"] == field and err["message"].startswith(field), (field, v, err)
+            rule, _, got = err["message"].rpartition(", got ")
+            assert float(got) == v, (field, v, err)
+            rules.add(rule)
+        assert len(rules) == 1, (field, rules)
+    err = _error(httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": -1}, headers=auth,
+                            timeout=60), 400)  # fmt: skip
+    assert err["param"] == "max_tokens" and err["message"].startswith("max_tokens must be at least 0")
+
+
 def test_bodies_are_validated_off_the_event_loop_with_the_same_errors(server, monkeypatch):
     """pydantic's validation of a chat body of 17,000 messages held the event loop 0.05 s, every stream with it:
     chat, completions and /tokenize bodies are validated in a worker thread, and a body with several problems gets

@@ -28,6 +28,8 @@ from ..sampling_params import (
     check_best_of,
     check_min_tokens,
     check_n,
+    check_repetition_penalty,
+    check_top_k,
     logit_bias_ids,
     refuse_set,
 )
@@ -102,7 +104,7 @@ class _Request(BaseModel):
     model_config = _STRICT
 
     model: str | None = None
-    max_tokens: Int | None = Field(None, ge=0)  # 0: completions with echo only (scoring the prompt)
+    max_tokens: Int | None = None  # 0: completions with echo only (scoring the prompt)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     n: Int | None = 1
@@ -115,13 +117,13 @@ class _Request(BaseModel):
     logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
     # extensions (vLLM names)
-    top_k: Int | None = Field(None, ge=-1)  # -1: off, as vLLM spells it
+    top_k: Int | None = None  # -1: off, as vLLM spells it
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     # vLLM's: no EOS, stop id or stop string ends the reply before it
-    min_tokens: Int | None = Field(None, ge=0)
+    min_tokens: Int | None = None  # its range, [0, the most new tokens], is checked once that is known
     best_of: Int | None = None  # vLLM's; only equal to n (candidates are not ranked)
     suffix: str | None = None  # the legacy completions' fill-in-the-middle, refused on both endpoints
     # vLLM extensions not implemented: a client that sets one expects its effect, so it is refused, not ignored,
@@ -194,6 +196,13 @@ class _Request(BaseModel):
         for name, (off, instead) in self._unsupported.items():
             try:
                 refuse_set(name, getattr(self, name), off, instead)
+            except InvalidRequestError as e:
+                raise ApiError(400, str(e), name) from None
+        # SamplingParams' rules for these ranges, checked now (not left half to pydantic: one message per field)
+        for name, rule in (("top_k", check_top_k), ("repetition_penalty", check_repetition_penalty)):
+            try:
+                if getattr(self, name) is not None:
+                    rule(getattr(self, name))
             except InvalidRequestError as e:
                 raise ApiError(400, str(e), name) from None
         # OpenAI's and vLLM's rule: stream_options without stream is a 400, not ignored
@@ -313,7 +322,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = None
     logprobs: bool | None = False
     top_logprobs: Int | None = None
     tools: list[Any] | None = None
@@ -371,8 +380,11 @@ class ChatCompletionRequest(_Request):
                            "top_logprobs")  # fmt: skip
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
-        if self.max_tokens == 0:
-            raise ApiError(400, "max_tokens must be at least 1 for chat completions", "max_tokens")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            field = self.max_tokens_field
+            raise ApiError(
+                400, f"{field} must be at least 1 for chat completions, got {self.max_tokens}", field
+            )
 
     def logprob_params(self) -> dict:
         return {"logprobs": (self.top_logprobs or 0) if self.logprobs else None}
@@ -430,6 +442,9 @@ class CompletionRequest(_Request):
 
     def check(self) -> None:
         super().check()
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise ApiError(400, f"max_tokens must be at least 0 (0 with echo scores the prompt), got {self.max_tokens}",
+                           "max_tokens")  # fmt: skip
         if self.max_tokens == 0 and not self.echo:
             raise ApiError(
                 400, "max_tokens 0 returns only the echoed prompt: it needs echo: true", "max_tokens"
