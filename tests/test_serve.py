@@ -479,6 +479,63 @@ def test_bodies_are_validated_off_the_event_loop_with_the_same_errors(server, mo
                       timeout=60).json()["error"]["code"] == "context_length_exceeded"  # fmt: skip
 
 
+def test_a_long_chat_is_validated_in_calls_with_model_validates_errors(monkeypatch):
+    """pydantic-core holds the GIL for a whole call, from a worker thread too: 32,768 messages held every stream
+    ~0.05-0.1 s. A long chat's messages are validated MESSAGES_PER_CALL at a time; the request, and the first error
+    of a body with several, are model_validate's."""
+    from pydantic import ValidationError
+
+    from lserve_lite.serve import protocol
+    from lserve_lite.serve.protocol import MESSAGES_PER_CALL, ApiError, ChatCompletionRequest, _located, parse
+
+    sizes, real = [], protocol._MESSAGES
+
+    class Counted:  # the messages' validator, the size of each call kept
+        def validate_python(self, msgs):
+            sizes.append(len(msgs))
+            return real.validate_python(msgs)
+
+    monkeypatch.setattr(protocol, "_MESSAGES", Counted())
+
+    def whole(body: dict) -> str:  # model_validate's first error, as parse words it
+        try:
+            ChatCompletionRequest.model_validate(body)
+        except ValidationError as e:
+            err = e.errors(include_url=False)[0]
+            where, hint = _located(err["loc"])
+            return f"{where}: {hint or err['msg']}"
+        raise AssertionError("valid")
+
+    n = 3 * MESSAGES_PER_CALL + 5
+    msgs = [{"role": "user", "content": f"m{i}"} for i in range(n)]
+    body = {"model": "tiny", "messages": msgs}
+    assert (
+        parse(ChatCompletionRequest, body).model_dump()
+        == ChatCompletionRequest.model_validate(body).model_dump()
+    )
+    assert max(sizes) == MESSAGES_PER_CALL and sum(sizes) == n
+
+    def bad(i: int, message: object) -> list:
+        return msgs[:i] + [message] + msgs[i + 1 :]
+
+    late = n - 3
+    cases = [
+        {"messages": bad(late, {"role": "wizard"})},
+        {"messages": bad(late, {"role": "user", "content": 5})},  # a union's hint
+        {"messages": bad(late, "x")},
+        {"messages": bad(5, "x")[:late] + [{"role": "wizard"}] + msgs[late + 1 :]},  # the earlier one
+        {"messages": bad(late, {"role": "wizard"}), "temperature": "x"},  # declared before messages
+        {"messages": bad(late, {"role": "wizard"}), "model": 5},
+        {"messages": bad(late, {"role": "wizard"}), "max_completion_tokens": "x"},  # declared after
+        {"messages": bad(late, {"role": "wizard"}), "tools": "x"},
+        {"messages": msgs, "temperature": "x", "tools": "x"},
+    ]
+    for case in cases:
+        with pytest.raises(ApiError) as e:
+            parse(ChatCompletionRequest, body | case)
+        assert e.value.message == whole(body | case), e.value.message
+
+
 def test_vllm_extensions_that_would_change_the_reply_are_refused(server):
     """vLLM's fields that change what a reply holds were ignored with 200 (a client asking for the stop string in
     the text, special tokens, prompt_logprobs, allowed_token_ids or usage in every chunk got none of it): set to
