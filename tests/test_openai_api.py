@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -885,3 +886,20 @@ def test_the_server_builds_llguidances_tokenizer_at_start(tiny_dir, monkeypatch)
             assert first.result().status_code == 200
         assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200
     assert len(builders) == 1
+
+
+def test_preparing_grammars_without_llguidance_or_an_eos_id_builds_nothing(llm, monkeypatch):
+    """The server prepares llguidance's tokenizer at start: without llguidance, or for a model that names no end id,
+    that builds nothing and raises nothing (the server starts), and a structured request still gets its one line."""
+    from lserve_lite.engine.structured import INSTALL, Grammars
+
+    tok, vocab = llm.engine.tokenizer, llm.engine.cfg.vocab_size
+    no_eos = Grammars(tok, vocab, [])
+    no_eos.prepare()
+    assert no_eos._ll_tok is None
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # `import llguidance` raises ImportError
+    absent = Grammars(tok, vocab, [2])
+    absent.prepare()
+    assert absent._ll_tok is None
+    with pytest.raises(InvalidRequestError, match=re.escape(INSTALL)):
+        absent.matcher({"type": "json_object"})
