@@ -100,6 +100,21 @@ def check_best_of(best_of: object, n: int) -> None:
         raise InvalidRequestError("best_of must equal n (candidates are not ranked)")
 
 
+def check_top_k(top_k: object) -> None:
+    """top_k's range, -1 (vLLM's "off") included: the server checks it with the body, in the same words."""
+    if not is_int(top_k) or not -1 <= top_k <= MAX_TOP_K:
+        raise InvalidRequestError(
+            f"top_k must be an integer >= 0 (0 disables it, and so does -1) and at most {MAX_TOP_K}, got {top_k!r}"
+        )
+
+
+def check_repetition_penalty(penalty: object) -> None:
+    """repetition_penalty's range: the server checks it with the body, in the same words."""
+    lo, hi = REPETITION_PENALTY_RANGE
+    if not _finite(penalty) or not lo <= penalty <= hi:
+        raise InvalidRequestError(f"repetition_penalty must be in [{lo}, {hi}], got {penalty!r}")
+
+
 def check_min_tokens(min_tokens: object, most: int, field: str = "max_tokens") -> None:
     """min_tokens within the new tokens a request may take (`most`); the error names `field`, what set that
     number in the caller's words (the server's max_completion_tokens, or the context a prompt leaves)."""
@@ -167,15 +182,12 @@ class _Params:
             bad(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if not _finite(self.temperature) or self.temperature < 0:
             bad(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not is_int(self.top_k) or not 0 <= self.top_k <= MAX_TOP_K:
-            bad(f"top_k must be an integer >= 0 (0 disables it) and at most {MAX_TOP_K}, got {self.top_k!r}")
+        check_top_k(self.top_k)
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not _finite(self.min_p) or not 0 <= self.min_p <= 1:
             bad(f"min_p must be in [0, 1] (0 disables it), got {self.min_p!r}")
-        lo, hi = REPETITION_PENALTY_RANGE
-        if not _finite(self.repetition_penalty) or not lo <= self.repetition_penalty <= hi:
-            bad(f"repetition_penalty must be in [{lo}, {hi}], got {self.repetition_penalty!r}")
+        check_repetition_penalty(self.repetition_penalty)
         if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
             bad(f"seed must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.ignore_eos, bool):

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -848,3 +852,54 @@ def test_shutdown_while_a_grammar_builds_refuses_the_request(tiny_dir):
     with pytest.raises(ApiError) as e:
         asyncio.run(go())
     assert e.value.status == 503
+
+
+def test_the_server_builds_llguidances_tokenizer_at_start(tiny_dir, monkeypatch):
+    """Building llguidance's tokenizer holds the GIL 0.2-0.4 s (1.7 s under load): built at the first structured
+    request, it stalled every stream. The server builds it once at start, in its grammar thread, without waiting for
+    it (the build is held here until the server is up); a structured request meanwhile waits for it."""
+    llguidance = pytest.importorskip("llguidance")
+    pytest.importorskip("fastapi")
+    from lserve_lite.engine.llm_engine import LLMEngine
+    from lserve_lite.serve.app import ServerThread, create_app
+
+    real, builders, release = llguidance.LLTokenizer, [], threading.Event()
+
+    def held(*args, **kw):  # llguidance's tokenizer, its builds counted, each held until `release`
+        builders.append(threading.current_thread().name)
+        release.wait(60)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(llguidance, "LLTokenizer", held)
+    engine = LLMEngine(str(tiny_dir), "cpu", EngineConfig(**CFG))
+    body = {"prompt": "x", "max_tokens": 4, "response_format": {"type": "json_object"}}
+    with ServerThread(create_app(engine)) as url:  # up while the build is held
+        deadline = time.monotonic() + 30
+        while not builders and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert builders and builders[0].startswith("lserve-grammar")  # before any request
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=60)
+            time.sleep(0.5)
+            assert not first.done()  # waits for the build
+            release.set()
+            assert first.result().status_code == 200
+        assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200
+    assert len(builders) == 1
+
+
+def test_preparing_grammars_without_llguidance_or_an_eos_id_builds_nothing(llm, monkeypatch):
+    """The server prepares llguidance's tokenizer at start: without llguidance, or for a model that names no end id,
+    that builds nothing and raises nothing (the server starts), and a structured request still gets its one line."""
+    from lserve_lite.engine.structured import INSTALL, Grammars
+
+    tok, vocab = llm.engine.tokenizer, llm.engine.cfg.vocab_size
+    no_eos = Grammars(tok, vocab, [])
+    no_eos.prepare()
+    assert no_eos._ll_tok is None
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # `import llguidance` raises ImportError
+    absent = Grammars(tok, vocab, [2])
+    absent.prepare()
+    assert absent._ll_tok is None
+    with pytest.raises(InvalidRequestError, match=re.escape(INSTALL)):
+        absent.matcher({"type": "json_object"})

@@ -410,6 +410,132 @@ def test_bad_requests_400(server, client):
         client.completions.create(model="tiny", prompt=[5, 9999], max_tokens=4)
 
 
+def test_each_fields_range_has_one_message(server):
+    """repetition_penalty 0 got pydantic's "Input should be greater than 0", 0.005 the engine's "[0.01, 100]" line;
+    so did top_k (-2 / 2^31), min_tokens (-1 / past max_tokens) and chat's max_tokens (-1 / 0). Each field's
+    out-of-range values now get one message, naming the field."""
+    url, auth = server[0], {"Authorization": f"Bearer {KEY}"}
+    chat = {"model": "tiny", "messages": chat_msgs("hi"), "max_tokens": 10}
+    cases = {  # field: (path, body, values on both sides of the former split)
+        "repetition_penalty": ("/v1/chat/completions", chat, [0, -1, 0.005, 101]),
+        "top_k": ("/v1/chat/completions", chat, [-2, 2**31]),
+        "min_tokens": ("/v1/chat/completions", chat, [-1, 11]),
+        "max_tokens": ("/v1/chat/completions", chat, [-1, 0]),
+        "max_completion_tokens": ("/v1/chat/completions", chat, [-1, 0]),
+    }
+    for field, (path, body, values) in cases.items():
+        rules = set()
+        for v in values:
+            err = _error(httpx.post(url + path, json=body | {field: v}, headers=auth, timeout=60), 400)
+            assert err["param"] == field and err["message"].startswith(field), (field, v, err)
+            rule, _, got = err["message"].rpartition(", got ")
+            assert float(got) == v, (field, v, err)
+            rules.add(rule)
+        assert len(rules) == 1, (field, rules)
+    err = _error(httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": -1}, headers=auth,
+                            timeout=60), 400)  # fmt: skip
+    assert err["param"] == "max_tokens" and err["message"].startswith("max_tokens must be at least 0")
+
+
+def test_bodies_are_validated_off_the_event_loop_with_the_same_errors(server, monkeypatch):
+    """pydantic's validation of a chat body of 17,000 messages held the event loop 0.05 s, every stream with it:
+    chat, completions and /tokenize bodies are validated in a worker thread, and a body with several problems gets
+    the one it got first when validated on the loop (the prompt's size, then /tokenize's own fields, then the
+    fields pydantic checks, then the model)."""
+    import lserve_lite.serve.app as app_module
+
+    url, auth = server[0], {"Authorization": f"Bearer {KEY}"}
+    on_loop, real = [], app_module.parse
+
+    def watched(model, body):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return real(model, body)
+
+    monkeypatch.setattr(app_module, "parse", watched)
+    chat, long = {"model": "tiny", "messages": chat_msgs("hi"), "max_tokens": 2}, "fox " * 5000
+    for path, body in (("/v1/chat/completions", chat), ("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+                       ("/tokenize", {"prompt": "hi"}), ("/tokenize", {"messages": chat_msgs("hi")})):  # fmt: skip
+        assert httpx.post(url + path, json=body, headers=auth, timeout=60).status_code == 200, path
+    assert on_loop == [False] * 4
+    cases = [  # (path, body, status, the param of the error reported first)
+        ("/v1/chat/completions", chat | {"messages": chat_msgs(long), "stop": 3}, 400, "messages"),
+        ("/v1/chat/completions", chat | {"model": "other", "stop": 3}, 400, "stop"),
+        ("/v1/chat/completions", chat | {"model": "other"}, 404, "model"),
+        ("/v1/chat/completions", chat | {"messages": [], "stream_options": {}}, 400, "messages"),
+        ("/v1/completions", {"prompt": long, "n": 0}, 400, "prompt"),
+        ("/tokenize", {"prompt": long, "return_token_strs": "x"}, 400, "prompt"),
+        ("/tokenize", {"prompt": "hi", "return_token_strs": "x", "model": 5}, 400, "return_token_strs"),
+        ("/tokenize", {"prompt": "hi", "model": 5}, 400, "model"),
+        ("/tokenize", {"prompt": 5, "model": 5}, 400, "prompt"),
+    ]
+    for path, body, status, param in cases:
+        err = _error(httpx.post(url + path, json=body, headers=auth, timeout=60), status)
+        assert err["param"] == param, (path, body, err)
+    assert httpx.post(url + "/v1/chat/completions", json=chat | {"messages": chat_msgs(long)}, headers=auth,
+                      timeout=60).json()["error"]["code"] == "context_length_exceeded"  # fmt: skip
+
+
+def test_a_long_chat_is_validated_in_calls_with_model_validates_errors(monkeypatch):
+    """pydantic-core holds the GIL for a whole call, from a worker thread too: 32,768 messages held every stream
+    ~0.05-0.1 s. A long chat's messages are validated MESSAGES_PER_CALL at a time; the request, and the first error
+    of a body with several, are model_validate's."""
+    from pydantic import ValidationError
+
+    from lserve_lite.serve import protocol
+    from lserve_lite.serve.protocol import MESSAGES_PER_CALL, ApiError, ChatCompletionRequest, _located, parse
+
+    sizes, real = [], protocol._MESSAGES
+
+    class Counted:  # the messages' validator, the size of each call kept
+        def validate_python(self, msgs):
+            sizes.append(len(msgs))
+            return real.validate_python(msgs)
+
+    monkeypatch.setattr(protocol, "_MESSAGES", Counted())
+
+    def whole(body: dict) -> str:  # model_validate's first error, as parse words it
+        try:
+            ChatCompletionRequest.model_validate(body)
+        except ValidationError as e:
+            err = e.errors(include_url=False)[0]
+            where, hint = _located(err["loc"])
+            return f"{where}: {hint or err['msg']}"
+        raise AssertionError("valid")
+
+    n = 3 * MESSAGES_PER_CALL + 5
+    msgs = [{"role": "user", "content": f"m{i}"} for i in range(n)]
+    body = {"model": "tiny", "messages": msgs}
+    assert (
+        parse(ChatCompletionRequest, body).model_dump()
+        == ChatCompletionRequest.model_validate(body).model_dump()
+    )
+    assert max(sizes) == MESSAGES_PER_CALL and sum(sizes) == n
+
+    def bad(i: int, message: object) -> list:
+        return msgs[:i] + [message] + msgs[i + 1 :]
+
+    late = n - 3
+    cases = [
+        {"messages": bad(late, {"role": "wizard"})},
+        {"messages": bad(late, {"role": "user", "content": 5})},  # a union's hint
+        {"messages": bad(late, "x")},
+        {"messages": bad(5, "x")[:late] + [{"role": "wizard"}] + msgs[late + 1 :]},  # the earlier one
+        {"messages": bad(late, {"role": "wizard"}), "temperature": "x"},  # declared before messages
+        {"messages": bad(late, {"role": "wizard"}), "model": 5},
+        {"messages": bad(late, {"role": "wizard"}), "max_completion_tokens": "x"},  # declared after
+        {"messages": bad(late, {"role": "wizard"}), "tools": "x"},
+        {"messages": msgs, "temperature": "x", "tools": "x"},
+    ]
+    for case in cases:
+        with pytest.raises(ApiError) as e:
+            parse(ChatCompletionRequest, body | case)
+        assert e.value.message == whole(body | case), e.value.message
+
+
 def test_vllm_extensions_that_would_change_the_reply_are_refused(server):
     """vLLM's fields that change what a reply holds were ignored with 200 (a client asking for the stop string in
     the text, special tokens, prompt_logprobs, allowed_token_ids or usage in every chunk got none of it): set to

@@ -137,6 +137,21 @@ def test_auto_reply_split_into_content_and_calls():
     assert plan.parse("") == ("", [])  # no call: the text as it is
 
 
+def test_strict_is_enforced_only_where_the_choice_is_forced():
+    """OpenAI's `strict: true` (the openai SDK's pydantic_function_tool sets it) is accepted: with a forced
+    tool_choice the grammar holds every call to its tool's schema; with "auto" no grammar constrains the reply (the
+    model may answer in text), so a call whose arguments break the schema is returned as the model wrote it, as
+    docs/SERVE.md and README's limits say."""
+    strict = {"type": "function", "function": WEATHER["function"] | {"strict": True}}
+    auto = plan_tools([strict], "auto", None)
+    assert auto.reply_format(None) is None
+    _, calls = auto.parse('<tool_call>{"name": "get_weather", "arguments": {"town": 5}}</tool_call>')
+    assert json.loads(calls[0]["function"]["arguments"]) == {"town": 5}
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        schema = json.dumps(plan_tools([strict], choice, None).reply_format(None))
+        assert json.dumps(WEATHER["function"]["parameters"]["properties"]) in schema, choice
+
+
 def test_one_call_at_most_without_parallel_calls():
     """parallel_tool_calls false with "auto": calls after the first are dropped, whole or streamed (all came back,
     which an agent loop that runs one call per turn, as LangGraph's, does not expect); the prompt says so."""

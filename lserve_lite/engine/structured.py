@@ -48,14 +48,23 @@ MAX_SCHEMA_DEPTH = 256
 
 
 class Grammars:
-    """Builds matchers for one tokenizer; llguidance's tokenizer (~1 s to build) is made on first use. Thread-safe
-    (one build at a time): the server builds in worker threads, off the engine thread."""
+    """Builds matchers for one tokenizer; llguidance's tokenizer is made by `prepare` (the server's start) or on first
+    use. Thread-safe (one build at a time): the server builds in worker threads, off the engine thread."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: list[int]):
         self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, eos_ids
         self._ll_tok = None
         self._lock = threading.Lock()  # guards the llguidance tokenizer and the kept matchers
         self._built: OrderedDict[str, tuple[object, np.ndarray]] = OrderedDict()  # schema text -> first state
+
+    def prepare(self) -> None:
+        """Build llguidance's tokenizer now: its build holds the GIL 0.2-1.7 s, which at a first structured request
+        stalled every stream. Without llguidance or an end-of-sequence id it builds nothing (a request says why)."""
+        with self._lock:
+            try:
+                self._llg()
+            except InvalidRequestError:
+                pass
 
     def _llg(self):
         try:

@@ -225,6 +225,12 @@ def create_app(
         if prompts > MAX_CHOICES:
             raise ApiError(400, f"a request holds at most {MAX_CHOICES} prompts", where)
 
+    def validate(body: dict, chat: bool) -> ChatCompletionRequest | CompletionRequest:
+        """A body's prompt size checked, then the body validated, in a worker thread: pydantic's validation of
+        17,000 messages held the event loop, and so every stream, 0.05 s."""
+        check_prompt_size(body, chat)
+        return parse(ChatCompletionRequest if chat else CompletionRequest, body)
+
     def tokenize(req: ChatCompletionRequest | CompletionRequest, generating: bool = True) -> list[list[int]]:
         """Each prompt's token ids (one for chat); only a prompt to generate from must not be empty (/tokenize
         counts "" as 0 tokens, as vLLM's)."""
@@ -283,8 +289,7 @@ def create_app(
     async def generate(request: Request, chat: bool):
         check_key(request)
         body = await read_json(request)
-        await asyncio.to_thread(check_prompt_size, body, chat)
-        req = parse(ChatCompletionRequest if chat else CompletionRequest, body)
+        req = await asyncio.to_thread(validate, body, chat)
         check_model(req.model)
         prompts = await asyncio.to_thread(tokenize, req)
         jobs = [
@@ -339,12 +344,21 @@ def create_app(
     async def tokenize_route(request: Request):
         check_key(request)
         body = await read_json(request)
+        req, strs = await asyncio.to_thread(tokenize_request, body)
+        check_model(req.model)
+        (ids,) = await asyncio.to_thread(tokenize, req, False)
+        # vLLM's token_strs (null unless asked), off the event loop: a million ids' strings take 0.3 s
+        pieces = await asyncio.to_thread(engine.tokenizer.pieces, ids) if strs else None
+        return {"count": len(ids), "max_model_len": engine.max_len, "tokens": ids, "token_strs": pieces}
+
+    def tokenize_request(body: dict) -> tuple[ChatCompletionRequest | CompletionRequest, bool | None]:
+        """/tokenize's body checked and validated (with return_token_strs), in a worker thread as `validate`."""
         chat = "messages" in body
         if chat == ("prompt" in body):
             raise ApiError(400, "send either a prompt or messages", "prompt")
         if not chat and not isinstance(body["prompt"], str):
             raise ApiError(400, "prompt: must be a string", "prompt")
-        await asyncio.to_thread(check_prompt_size, body, chat)
+        check_prompt_size(body, chat)
         strs = body.get("return_token_strs")  # vLLM's Optional[bool]: null is its default, False
         if strs is not None and type(strs) is not bool:
             raise ApiError(400, "return_token_strs: must be a boolean", "return_token_strs")
@@ -358,14 +372,8 @@ def create_app(
         keys = ("model", "add_special_tokens") + (
             ("messages", "tools", "tool_choice", "parallel_tool_calls", *template) if chat else ("prompt",)
         )
-        req = parse(
-            ChatCompletionRequest if chat else CompletionRequest, {k: body[k] for k in keys if k in body}
-        )
-        check_model(req.model)
-        (ids,) = await asyncio.to_thread(tokenize, req, False)
-        # vLLM's token_strs (null unless asked), off the event loop: a million ids' strings take 0.3 s
-        pieces = await asyncio.to_thread(engine.tokenizer.pieces, ids) if strs else None
-        return {"count": len(ids), "max_model_len": engine.max_len, "tokens": ids, "token_strs": pieces}
+        model = ChatCompletionRequest if chat else CompletionRequest
+        return parse(model, {k: body[k] for k in keys if k in body}), strs
 
     @app.post("/detokenize")
     async def detokenize_route(request: Request):

@@ -91,6 +91,9 @@ class AsyncEngine:
         self.loop = loop
         self._thread = threading.Thread(target=self._run, name="lserve-engine", daemon=True)
         self._thread.start()
+        # llguidance's tokenizer: built at the first structured request, it held the GIL and so every stream; now
+        # at start, in the grammar thread (startup does not wait), and a structured request meanwhile queues behind it
+        self._builder.submit(self._prepare_grammars)
 
     def shutdown(self) -> None:
         with self._cv:
@@ -102,6 +105,12 @@ class AsyncEngine:
         for q in self._queues.values():
             q.put_nowait(ApiError(503, "the server is shutting down"))
         self._queues.clear()
+
+    def _prepare_grammars(self) -> None:
+        try:
+            self.engine.grammars.prepare()
+        except Exception:  # a request that needs it meets the same error, as a 500
+            log.exception("building llguidance's tokenizer failed")
 
     @property
     def alive(self) -> bool:

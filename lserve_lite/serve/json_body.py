@@ -57,7 +57,7 @@ def read_object(text: str, max_depth: int, surrogates: bool) -> dict | None:
     pos = _WS.match(text).end()
     if not text.startswith("{", pos):
         return None
-    with _collector_paused():
+    with collector_paused():
         return _Reader(text, max_depth, surrogates).read(pos)
 
 
@@ -70,7 +70,7 @@ class _Pause:
 
 
 @contextmanager
-def _collector_paused() -> Iterator[None]:
+def collector_paused() -> Iterator[None]:
     """The cyclic collector off during a parse: a parse makes no cycles, and a collection in its middle walks every
     container made so far in one call (0.03-0.07 s of 327,000 empty lists held the loop). Parses in several threads
     share the pause; a collector that was off before stays off."""
