@@ -278,6 +278,21 @@ def test_a_multiple_of_more_than_5_significant_digits_or_past_10_5_is_refused(ll
     assert not llm.engine.has_unfinished()
 
 
+def _count_matchers(llguidance, monkeypatch) -> list:
+    """llguidance's matcher with its constructions counted: the list grows by one a build."""
+    built, real = [], llguidance.LLMatcher
+
+    class Counted:
+        grammar_from_json_schema = staticmethod(real.grammar_from_json_schema)
+
+        def __new__(cls, *args, **kw):
+            built.append(1)
+            return real(*args, **kw)
+
+    monkeypatch.setattr(llguidance, "LLMatcher", Counted)
+    return built
+
+
 def test_a_schemas_multiples_are_bounded_in_all(llm, monkeypatch):
     """Each multipleOf up to 10^5 was allowed, but the matcher holds an automaton for each, built in time about
     linear in its value: five near 10^5 in one schema took 3.5 s, every other constrained request waiting. A
@@ -286,16 +301,7 @@ def test_a_schemas_multiples_are_bounded_in_all(llm, monkeypatch):
     llguidance = pytest.importorskip("llguidance")
     from lserve_lite.engine.structured import MAX_MULTIPLE
 
-    built, real = [], llguidance.LLMatcher
-
-    class Counted:  # llguidance's matcher, its constructions counted
-        grammar_from_json_schema = staticmethod(real.grammar_from_json_schema)
-
-        def __new__(cls, *args, **kw):
-            built.append(1)
-            return real(*args, **kw)
-
-    monkeypatch.setattr(llguidance, "LLMatcher", Counted)
+    built = _count_matchers(llguidance, monkeypatch)
 
     def fmt(*multiples: int) -> dict:
         props = {f"p{i}": {"type": "integer", "multipleOf": m} for i, m in enumerate(multiples)}
@@ -330,16 +336,7 @@ def test_a_schema_is_built_once(llm, monkeypatch):
     """n candidates and repeated requests of one schema build its matcher once (building is what costs: seconds
     for a large schema, on the engine thread; n=16 built it 16 times); each request advances its own copy."""
     llguidance = pytest.importorskip("llguidance")
-    built, real = [], llguidance.LLMatcher
-
-    class Counted:  # llguidance's matcher, its constructions counted
-        grammar_from_json_schema = staticmethod(real.grammar_from_json_schema)
-
-        def __new__(cls, *args, **kw):
-            built.append(1)
-            return real(*args, **kw)
-
-    monkeypatch.setattr(llguidance, "LLMatcher", Counted)
+    built = _count_matchers(llguidance, monkeypatch)
     fmt = {
         "type": "json_schema",
         "json_schema": {"name": "person", "schema": SCHEMA | {"title": "built once"}},
