@@ -18,6 +18,7 @@ from lserve_lite.backends.cuda_graphs import graph_needs
 from lserve_lite.backends.memory import check_needs, step_needs
 from lserve_lite.config import EngineConfig, ModelConfig
 from lserve_lite.errors import InvalidRequestError
+from lserve_lite.kv.layout import pools_bytes
 from lserve_lite.sampling_params import SamplingParams
 
 GIB = 1 << 30
@@ -213,19 +214,31 @@ def test_token_ids_past_the_context_are_refused_before_they_are_read(tiny_engine
     assert str(e.value) == line
 
 
-def test_scored_logits_past_the_host_memory_are_refused_before_any_step(tiny_engine, monkeypatch):
-    """`score` returns [T, vocab] float32 logits to the host: T x vocab x 4 bytes are checked against its memory
-    before the first chunk runs (a long context at a large vocabulary asked for more than the host has)."""
-    from lserve_lite.engine import llm_engine
+def test_scored_logits_past_the_host_memory_left_are_refused_before_any_step(tmp_path, monkeypatch):
+    """`score` returns [T, vocab] float32 logits to the host: T x vocab x 4 bytes are checked against what the host
+    has beside the weights, the KV cache and a step's buffers (the startup check's count) before the first chunk
+    runs; against the host's whole memory, logits that fit it but not what was left went on to a MemoryError."""
+    from tiny_models import make_tiny_numpy
 
-    monkeypatch.setattr(llm_engine, "host_memory_bytes", lambda: 100_000)
+    from lserve_lite.backends import cpu
+    from lserve_lite.engine.llm_engine import LLMEngine
+
+    model = str(make_tiny_numpy(tmp_path / "m"))
+    probe = LLMEngine(model, "cpu", EngineConfig())
+    e, blocks = probe.ecfg, probe.blocks
+    kv = pools_bytes(probe.cfg, e.page_size, probe.kv_bytes, probe.layout, e.max_num_seqs, blocks.free.num_pages,
+                     blocks.num_stream_pages, stat_itemsize=probe.itemsize)  # fmt: skip
+    buffers = sum(n.nbytes for n in probe.ops.buffer_needs(probe.cfg, e, probe.max_len, probe.layout))
+    logits = 100 * 320 * 4  # 100 tokens scored at the tiny vocabulary
+    # a host with more than the logits, but half of them beside the weights, the KV pools and a step's buffers
+    monkeypatch.setattr(cpu, "host_memory_bytes", lambda: probe.weight_bytes + kv + buffers + logits // 2)
+    engine = LLMEngine(model, "cpu", EngineConfig())
     with pytest.raises(InvalidRequestError) as e:
-        tiny_engine.score(list(range(3, 103)))
-    assert str(e.value) == ("scoring 100 tokens x vocab 320 needs 0.1 MiB of logits; this host has 0.1 MiB: lower the "
-                            "number of tokens scored")  # fmt: skip
-    assert tiny_engine.blocks.num_used == 0  # refused before it took a page
-    monkeypatch.undo()
-    assert tiny_engine.score(list(range(3, 103))).shape == (100, 320)
+        engine.score(list(range(3, 103)))
+    assert str(e.value) == ("scoring 100 tokens x vocab 320 needs 0.1 MiB of logits; this host beside the weights, "
+                            "the KV cache and a step's buffers has 0.1 MiB: lower the number of tokens scored")  # fmt: skip
+    assert engine.blocks.num_used == 0  # refused before it took a page
+    assert engine.score(list(range(3, 53))).shape == (50, 320)  # half as many fit
 
 
 def prompt_logprobs(engine, ids: list[int]) -> list:

@@ -158,3 +158,37 @@ def test_depth_and_surrogates_are_checked_inside_runs_too(chunk, monkeypatch):
             read_object(text, MAX_JSON_DEPTH, True)
         assert e.value.field == field
     assert read_object('{"x": ["\\ud83d\\ude00", 0]}', MAX_JSON_DEPTH, True) == {"x": ["\U0001f600", 0]}
+
+
+BAD = ['{"a": [1,]}', '{"a": 1,}', '{"a": [1, 2 ,\n ]}', '{"a": {"b": 1 ,\n }}', '{"x": [[1,], 2]}', '{"a": [,]}',
+       '{,}', '{"a" 1}', '{"a":}', '{"a": [1 2]}', '{"a": 1 "b": 2}', '{"a": [1,', '{"a": 1} x', '\ufeff{}',
+       '{"a": [' + "1, " * 40 + "]}"]  # fmt: skip
+
+
+@pytest.mark.parametrize("chunk", [4, CHUNK])
+@pytest.mark.parametrize("text", BAD)
+def test_errors_are_this_pythons_json_ones(text, chunk, monkeypatch):
+    """json words some errors differently by version (3.13: "Illegal trailing comma before end of array", at the
+    comma, where 3.12 says "Expecting value" after it): every error here is json's own, from a short piece."""
+    monkeypatch.setattr(json_body, "CHUNK", chunk)
+    monkeypatch.setattr(json_body, "FIRST_RUN", min(chunk, json_body.FIRST_RUN))
+    with pytest.raises(json.JSONDecodeError) as want:
+        json.loads(text)
+    with pytest.raises(json.JSONDecodeError) as got:
+        read_object(text, MAX_JSON_DEPTH, False)
+    assert (got.value.msg, got.value.pos, str(got.value)) == (want.value.msg, want.value.pos, str(want.value))
+    pieces: list[int] = []
+    loads = json.loads
+
+    def reworded(s: str, **kw):  # a json whose messages differ from every version's, as 3.13's did
+        pieces.append(len(s))
+        try:
+            return loads(s, **kw)
+        except json.JSONDecodeError as e:
+            raise json.JSONDecodeError("reworded " + e.msg, e.doc, e.pos) from None
+
+    monkeypatch.setattr(json, "loads", reworded)
+    with pytest.raises(json.JSONDecodeError) as got:
+        read_object(text, MAX_JSON_DEPTH, False)
+    assert (got.value.msg, got.value.pos) == ("reworded " + want.value.msg, want.value.pos)
+    assert pieces and max(pieces) <= 10  # json parsed a piece around the error, not the body

@@ -191,6 +191,8 @@ class Ops(Protocol):
     selector_reductions: tuple[str, ...]
     # launches return before the device is done: the engine overlaps its host work with them
     async_steps: bool
+    # its memory is the host's (weights, KV cache and buffers beside the arrays returned to the host)
+    memory_is_host: bool
 
     def upload(self, a: np.ndarray, name: str | None = None) -> Array: ...
     def rope_tables(self, tables: RopeTables) -> tuple[Array, Array] | None: ...

@@ -49,6 +49,7 @@ class CpuOps:
     kv_dtypes = (*(("fp16",) if NATIVE_HALF else ()), "fp32", "int8", "int4", "fp8")
     selector_reductions = (*GROUP_REDUCE, ORACLE_REDUCE)  # the oracle reads float keys (float KV only)
     async_steps = False  # a step computes before its launch returns: nothing to overlap
+    memory_is_host = True
 
     def __init__(self):
         # The backend spreads work over its own threads (`SplitRunner`); OpenBLAS's would oversubscribe the

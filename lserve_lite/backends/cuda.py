@@ -267,6 +267,7 @@ class CudaOps:
     """float16 CuPy implementation of the Ops interface (sm_80 and newer)."""
 
     name = "cuda"
+    memory_is_host = False
     dtype = np.float16
     kv_dtypes: tuple[str, ...] = ("fp16", "int8", "int4")  # + fp8 on sm_89 and newer (__init__)
     selector_reductions = GROUP_REDUCE

@@ -98,7 +98,19 @@ def check_needs(needs: list[MemoryNeed], have: int, where: str) -> None:
 def check_buffers(
     ops: Ops, cfg: ModelConfig, ecfg: EngineConfig, max_len: int, layout: KVLayout | None, held: int, where: str,
     share: int = 1,
-) -> None:  # fmt: skip
+) -> int:  # fmt: skip
     """`ops.buffer_needs` against the backend's memory beside `held` bytes (weights and KV pools), before any of them
-    is allocated; `share`: processes that hold as much each from the same memory (tensor-parallel ranks on one host)."""
-    check_needs(ops.buffer_needs(cfg, ecfg, max_len, layout), ops.memory_bytes() // share - held, where)
+    is allocated; `share`: processes that hold as much each from the same memory (tensor-parallel ranks on one host).
+    Returns what is left of that memory beside them all."""
+    needs = ops.buffer_needs(cfg, ecfg, max_len, layout)
+    have = ops.memory_bytes() // share - held
+    check_needs(needs, have, where)
+    return have - sum(n.nbytes for n in needs)
+
+
+def host_left(ops: Ops, left: int) -> tuple[int, str]:
+    """(bytes, what has them) of the host's memory for arrays an engine returns to it (scored logits), given what
+    `check_buffers` left: on a backend that computes on the host that, beside a device the host's whole memory."""
+    if ops.memory_is_host:
+        return left, "this host beside the weights, the KV cache and a step's buffers"
+    return host_memory_bytes(), "this host"

@@ -13,7 +13,14 @@ import numpy as np
 from ..backends import make_ops, resolve_backend
 from ..backends.base import SampledTokens
 from ..backends.group import host_ops
-from ..backends.memory import LOGIT_BYTES, MemoryNeed, check_buffers, check_needs, host_memory_bytes
+from ..backends.memory import (
+    LOGIT_BYTES,
+    MemoryNeed,
+    check_buffers,
+    check_needs,
+    host_left,
+    host_memory_bytes,
+)
 from ..config import MASS_MAX_GROUP, ORACLE_REDUCE, EngineConfig, SparseConfig
 from ..errors import InvalidRequestError, LServeError
 from ..geometry import pages_for, ring_fits, ring_window, sink_fits
@@ -148,6 +155,8 @@ class LLMEngine:
         self.kv_bytes = self.kv_format.kv_bytes(self.cfg.head_dim, self.itemsize)
         self.max_len = self.runner.max_len  # both fitted to the pools (fit_context)
         self.layout = self.runner.layout
+        # the ranks hold the weights and KV cache, in their own processes: the driver counts the host's whole memory
+        self._host_left = (host_memory_bytes(), "this host")
         return num_pages, num_stream
 
     def _say_assumed_context(self) -> None:
@@ -242,7 +251,8 @@ class LLMEngine:
         kv = pools_bytes(self.cfg, e.page_size, self.kv_bytes, self.layout, e.max_num_seqs, num_pages, num_stream,
                          stat_itemsize=self.itemsize)  # fmt: skip
         where = f"the {self.backend} backend's memory beside the weights and the KV cache"
-        check_buffers(self.ops, self.cfg, e, self.max_len, self.layout, self.weight_bytes + kv, where)
+        left = check_buffers(self.ops, self.cfg, e, self.max_len, self.layout, self.weight_bytes + kv, where)
+        self._host_left = host_left(self.ops, left)  # what `score`'s logits may take
 
     def kv_summary(self) -> str:
         """The KV cache in one line (startup logs): format, capacity in tokens, bytes per token of the pool that
@@ -670,7 +680,7 @@ class LLMEngine:
         # its logits come back whole to the host: checked before any is computed
         sized = f"scoring {n} tokens x vocab {vocab}"
         need = MemoryNeed(n * vocab * LOGIT_BYTES, sized, "logits", "the number of tokens scored")
-        check_needs([need], host_memory_bytes(), "this host")
+        check_needs([need], *self._host_left)
         seq = Sequence(list(token_ids), SamplingParams(max_new_tokens=1))
         # prefill only: it selects no pages, so it needs no selection slot (running requests may hold them all);
         # where they hold the pages it needs, they run until they free them (their outputs come with the next step):

@@ -48,12 +48,12 @@ _scan = json.scanner.make_scanner(_DECODER)
 
 
 def read_object(text: str, max_depth: int, surrogates: bool) -> dict | None:
-    """`text`'s JSON object as json.loads parses it, with its errors (JSONDecodeError; ValueError for NaN and an
-    integer past the digit limit); None when `text` does not start with one. TooDeep for a value nested deeper than
-    `max_depth` (the object's members are at depth 1); with `surrogates`, LoneSurrogate for a string or key that
-    holds one."""
+    """`text`'s JSON object as json.loads parses it, with its errors as this Python's json words and places them
+    (JSONDecodeError; ValueError for NaN and an integer past the digit limit); None when `text` does not start with
+    one. TooDeep for a value nested deeper than `max_depth` (the object's members are at depth 1); with `surrogates`,
+    LoneSurrogate for a string or key that holds one."""
     if text.startswith("\ufeff"):
-        raise JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        json.loads(text[:1])  # json's own error for it, at 0
     pos = _WS.match(text).end()
     if not text.startswith("{", pos):
         return None
@@ -126,7 +126,7 @@ class _Reader:
                 try:
                     value, pos = _scan(text, pos)
                 except StopIteration:
-                    raise JSONDecodeError("Expecting value", text, pos) from None
+                    raise self._error(pos) from None
                 if self.surrogates and type(value) is str and not is_utf8(value):
                     raise LoneSurrogate(self.field)
             # `value` ends at `pos`: into its container, then past the comma to the next item, or the container ends
@@ -134,7 +134,7 @@ class _Reader:
                 if not frames:
                     end = _WS.match(text, pos).end()
                     if end != len(text):
-                        raise JSONDecodeError("Extra data", text, end)
+                        raise self._error(end)
                     return value
                 container, key = frames[-1][:2]
                 if type(container) is list:
@@ -150,7 +150,7 @@ class _Reader:
                 elif c == ("]" if type(container) is list else "}"):
                     pos += 1
                 else:
-                    raise JSONDecodeError("Expecting ',' delimiter", text, pos)
+                    raise self._error(pos)
                 value = frames.pop()[0]
 
     def _items(self, pos: int) -> tuple[int, bool]:
@@ -199,15 +199,39 @@ class _Reader:
         """Read an object member's key and colon at `pos` into the innermost frame; where its value starts."""
         text = self.text
         if not text.startswith('"', pos):
-            raise JSONDecodeError("Expecting property name enclosed in double quotes", text, pos)
+            raise self._error(pos)
         key, pos = scanstring(text, pos + 1)
         if self.surrogates and not is_utf8(key):
             raise LoneSurrogate(self.field if len(self.frames) > 1 else None)
         self.frames[-1][1] = key
         pos = _WS.match(text, pos).end()
         if not text.startswith(":", pos):
-            raise JSONDecodeError("Expecting ':' delimiter", text, pos)
+            raise self._error(pos, after_key=True)
         return _WS.match(text, pos + 1).end()
+
+    def _error(self, pos: int, after_key: bool = False) -> JSONDecodeError:
+        """json's own error for the bad character at `pos` (its messages change by version: 3.13 names a trailing
+        comma, at the comma), from json parsing a short piece: from the last delimiter or value before `pos`, after
+        a prefix that puts json in the state this reader was in there; the body is never parsed whole."""
+        text = self.text
+        at = len(text[:pos].rstrip(" \t\n\r")) - 1  # the last character before the whitespace at `pos`
+        mark = text[at]
+        if not self.frames:  # past the body's object
+            prefix = "{}"
+        elif after_key:
+            prefix = '{""'
+        elif mark in "[{":  # the innermost container's opening
+            prefix = mark
+        elif mark == ":":
+            prefix = '{"":'
+        else:  # after a value or its comma
+            prefix = ("[0" if type(self.frames[-1][0]) is list else '{"":0') + ("," if mark == "," else "")
+        piece = prefix + text[at + 1 : pos + 1]
+        try:
+            json.loads(piece, parse_constant=_no_constant)
+        except JSONDecodeError as e:
+            return JSONDecodeError(e.msg, text, e.pos - len(prefix) + at + 1)
+        raise AssertionError(f"json parsed {piece!r}, a piece this reader found bad")
 
     def _check_depth(self, values) -> None:
         """TooDeep where a run's items (in the innermost container) nest past max_depth; containers walked."""
