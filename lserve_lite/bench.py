@@ -46,9 +46,9 @@ def prefill_tok_s(llm: LLM, n: int, reps: int = 3) -> float:
 
 def _prefill(llm: LLM, ids: list[int], params: SamplingParams) -> None:
     """One request run to its end; one that failed (overflowing activations) raises its line, never a figure."""
-    (out,) = llm.generate([ids], params)
-    if out.error is not None:
-        raise LServeError(out.error)
+    from .llm import succeeded  # loaded with the LLM given; the CLI's parser does not load it
+
+    succeeded(llm.generate([ids], params))
 
 
 def decode_tok_s(llm: LLM, ctx: int, steps: int, batch: int = 1) -> float:

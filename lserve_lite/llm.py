@@ -6,10 +6,11 @@ import os
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from functools import cached_property
+from typing import TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -109,6 +110,18 @@ class ChatOutput(CompletionOutput):
 
     def __getitem__(self, i: int) -> CompletionOutput:
         return [self][i]
+
+
+_Outs = TypeVar("_Outs", bound=Iterable[CompletionOutput])
+
+
+def succeeded(outs: _Outs) -> _Outs:
+    """`outs` of generate or chat where every request ran to its end; a failed one (finish_reason "error") raises
+    its line, so a bench's figure or an eval's answer is never made of it."""
+    failed = next((o.error for o in outs if o.error is not None), None)
+    if failed is not None:
+        raise LServeError(failed)
+    return outs
 
 
 class LLM:

@@ -661,6 +661,23 @@ def test_selector_grid_refuses_budgets_that_cover_every_length():
         check_grid(2, (500, 512), (512, 1024), (4,), ("lserve",))
 
 
+def test_selector_budget_covers_a_length_in_one_home(monkeypatch):
+    """check_grid and _summary each computed "the budget covers the length": both now ask `covers`, so the grid's
+    refusal and the rows left out of the results cannot drift apart."""
+    from lserve_lite.evaluation import selector_recall as sr
+
+    assert sr.covers(512, 512) and not sr.covers(512, 513)
+    assert sr.covers(128, 65, 64) and not sr.covers(64, 65)
+    acc = {512: {("lserve", 4, 512): np.ones((2, 2, 3)), ("lserve", 4, 64): np.ones((2, 2, 3))}}
+    dense = np.ones(3, dtype=bool)
+    assert [r["budget"] for r in sr._summary(acc, dense, [512], 64)] == [64]  # 512 covers 512: left out
+    with pytest.raises(InvalidRequestError, match="every budget covers every length"):
+        sr.check_grid(2, (512,), (512,), (4,), ("lserve",))
+    monkeypatch.setattr(sr, "covers", lambda budget, length, page=sr.PAGE_SIZE: False)
+    assert [r["budget"] for r in sr._summary(acc, dense, [512], 64)] == [512, 64]
+    sr.check_grid(2, (512,), (512,), (4,), ("lserve",))  # the same rule refuses nothing now
+
+
 def test_default_model_short_run(smollm2_dir, tmp_path):
     """SmolLM2 at 1k tokens, two single-needle prompts (24 s on 2 quiet cores). Recorded 2026-12-01:
     dense 2/2, budget 256 with a 128-token decode window 1/2; a regression below either fails."""

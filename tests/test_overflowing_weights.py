@@ -143,6 +143,30 @@ def test_bench_prefill_of_a_failing_model_is_an_error_not_a_figure(case):
         prefill_tok_s(LLM(str(case["all"]), backend="cpu"), 8, reps=1)
 
 
+def test_tools_that_generate_on_a_failing_model_raise_not_a_figure_or_an_answer(case, monkeypatch):
+    """generate and chat return a failed request's output instead of raising: bench_cpu's prefill, bench_prefix_cache's
+    runs and eval_lm_harness's direct answers timed it or read its empty text as an answer; each raises its line, as
+    the bench's prefill does (one home: lserve_lite.llm.succeeded)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tools"))
+    import bench_cpu
+    import bench_prefix_cache
+    import eval_lm_harness
+
+    every, cause = LLM(str(case["all"]), backend="cpu"), CAUSE.format(step=1, rid=r"req-\d+")
+    for run in (
+        lambda: bench_cpu.bench_prefill(every, 8, 1),
+        lambda: bench_prefix_cache.run_doc(every, [case["a"], case["b"]], GREEDY, "burst"),
+        lambda: bench_prefix_cache.run_doc(every, [case["a"], case["b"]], GREEDY, "staggered"),
+        lambda: eval_lm_harness.direct_chat(every),
+    ):
+        with pytest.raises(LServeError, match=cause):
+            run()
+    clean = LLM(str(case["clean"]), backend="cpu")  # a model that runs gives its figures and answers
+    assert bench_cpu.bench_prefill(clean, 8, 1)["tok_s"] > 0
+    assert len(bench_prefix_cache.run_doc(clean, [case["a"], case["b"]], GREEDY, "burst")["outputs"]) == 2
+    assert len(eval_lm_harness.direct_chat(clean)) == len(eval_lm_harness.QUESTIONS)
+
+
 def test_cli_generate_is_one_line(case):
     r = subprocess.run(
         [sys.executable, "-m", "lserve_lite.cli", "generate", "--model", str(case["all"]), "--backend", "cpu",

@@ -65,25 +65,37 @@ def test_chat_checks_and_decodes_a_conversation_once_for_its_candidates(llm, mon
 def test_the_servers_engine_thread_takes_prompts_checked(tiny_llama, monkeypatch):
     """The server checked a request's ids in a worker thread, then the engine thread checked them again for each
     candidate: 64 whole-context prompts are 524,288 ids a pass, every stream waiting. Now once, off the engine
-    thread."""
+    thread; and the vocabulary's rule has one home, the engine's (the server checked a prompt's ids itself, then
+    the engine again: a text's ids three times, by encode_prompt, the server and check_ids)."""
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
     from lserve_lite.serve.app import create_app
 
     engine = LLMEngine(str(tiny_llama), "cpu", EngineConfig(num_kv_pages=32, max_model_len=128))
-    checked = _counted(monkeypatch, engine, "check_ids")
+    # every check of a prompt's ids against the vocabulary: encode_prompt's (a text's) and vocab_ids (given ids)
+    checked = _counted(monkeypatch, engine, "vocab_ids")
+    encoded = _counted(monkeypatch, engine, "encode_prompt")
     with TestClient(create_app(engine, served_model_name="tiny")) as c:
         for body, prompts in (
             ({"prompt": [[5, 6, 7], [8, 9]]}, 2),
             ({"prompt": "hello world"}, 1),
             ({"messages": MSGS}, 1),
         ):
-            checked.clear()
+            checked.clear(), encoded.clear()
             path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
             r = c.post(path, json=body | {"n": 3, "max_tokens": 2})
             assert r.status_code == 200 and len(r.json()["choices"]) == 3 * prompts, r.text
-            # were 3 a prompt, on the engine thread
-            assert len(checked) == prompts and "lserve-engine" not in checked, checked
+            # were 3 a prompt, on the engine thread; then 2 a text
+            assert len(checked) + len(encoded) == prompts and "lserve-engine" not in checked + encoded, (
+                checked,
+                encoded,
+            )
+        for body in ({"prompt": "hello world"}, {"messages": MSGS}):
+            checked.clear(), encoded.clear()
+            r = c.post("/tokenize", json=body)
+            assert r.status_code == 200 and len(checked) + len(encoded) == 1, (r.text, checked, encoded)
         r = c.post("/v1/completions", json={"prompt": [5, 10**6], "max_tokens": 2})
-        assert r.status_code == 400 and r.json()["error"]["message"] == "prompt token ids must be in [0, 320)"
+        assert r.status_code == 400, r.text
+        # the engine's message
+        assert r.json()["error"]["message"] == "prompt token ids must be in [0, 320), got 1000000"

@@ -125,7 +125,19 @@ BAD_ARGS = [
         ["--model", "{tiny}", "--lengths", "4096", "--configs", "dense"],
         "--lengths 4096 exceeds the model's context 2048",
     ),
-    ("eval_selector", ["--lengths", "100"], "--lengths: 100 is outside [256,"),
+    # the help said "each >= 256", a floor of no rule: the lengths' rules are check_grid's, which the help now names
+    ("eval_selector", ["--lengths", "1"], "--lengths: 1 is outside [2,"),
+    (
+        "eval_selector",
+        ["--lengths", "16"],
+        "error: need 1 <= steps < every length, got steps 16, lengths [16]",
+    ),
+    (
+        "eval_selector",
+        ["--lengths", "100"],
+        "error: every budget covers every length (budgets [512, 1024, 2048, 4096]",
+    ),
+    ("eval_selector", ["--lengths", "100", "--budgets", "64", "--model", "/nonexist"], "error: /nonexist"),
     ("eval_selector", ["--steps", "0"], "--steps: 0 is outside [1,"),
     (
         "eval_selector",

@@ -321,10 +321,14 @@ def test_shared_memory_taken_meanwhile_fails_the_block_cleanly(tiny_dir, monkeyp
         real(fd, offset, size)
 
     monkeypatch.setattr(comm.os, "posix_fallocate", fallocate)
-    what = ("the CPU ranks' exchange block", "rank 0's logits")[block]
-    with pytest.raises(
-        LServeError, match=rf"shared memory in /dev/shm ran out while taking \d+ MB for {what}"
-    ) as e:
+    # each block's advice names the setting that shrinks it: the exchange block (world x 4 MB) said "lower
+    # max_num_seqs", which leaves it as it is
+    what, shrink = (
+        (r"the CPU ranks' exchange block \(2 ranks x 4 MB\)", r"tensor_parallel \(--tensor-parallel"),
+        ("rank 0's logits", r"max_num_seqs \(serve's --max-num-seqs"),
+    )[block]
+    match = rf"shared memory in /dev/shm ran out while taking \d+ MB for {what} .*: lower {shrink}"
+    with pytest.raises(LServeError, match=match) as e:
         tp_llm(tiny_dir)
     assert "\n" not in str(e.value)
     assert len(taken) == block + 1 and all(p.startswith("/dev/shm/") for p in taken), taken

@@ -38,6 +38,7 @@ from lserve_lite.backends.cpu_threads import SplitRunner, even_bounds
 from lserve_lite.config import KV_DTYPES, path_name
 from lserve_lite.engine_args import bounded_int, choice_list, existing_file, results_folder
 from lserve_lite.errors import InvalidRequestError, exit_status
+from lserve_lite.llm import succeeded
 from lserve_lite.weights.default_model import default_gguf_path, default_model_dir
 from lserve_lite.weights.loader import resolve_model_dir
 
@@ -141,11 +142,12 @@ def bench_prefill(llm: LLM, n: int, reps: int) -> dict:
     """Time to first token of an n-token prompt: the median run of `reps`, with its CPU time and load."""
     ids = prompt(n, llm.engine.cfg.vocab_size)
     params = SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True)
-    llm.generate([ids[:100]], params)
+    succeeded(llm.generate([ids[:100]], params))
     runs = []
     for _ in range(reps):
         with Meter() as m:
-            llm.generate([ids], params)
+            outs = llm.generate([ids], params)
+        succeeded(outs)  # a failed request is an error, not a time
         runs.append(m)
     m = sorted(runs, key=lambda r: r.wall)[len(runs) // 2]
     return {"tok_s": n / m.wall, "cpu_tok_s": n / m.cpu, "others_busy_cpus": m.others}

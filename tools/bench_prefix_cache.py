@@ -34,6 +34,7 @@ from lserve_lite.config import MAX_MODEL_LEN, MAX_NUM_SEQS, path_name
 from lserve_lite.engine_args import bounded_int, existing_file, output_file
 from lserve_lite.errors import exit_status
 from lserve_lite.evaluation.synthetic import corpus_text
+from lserve_lite.llm import succeeded
 
 DOC_ROOM = 512  # doc: context beyond the document, for a question and the reply
 
@@ -104,7 +105,9 @@ def run_doc(llm: LLM, prompts: list[list[int]], params: SamplingParams, arrival:
         outs = llm.generate([prompts[0]], params) + llm.generate(prompts[1:], params)
     else:
         outs = llm.generate(prompts, params)
-    return {"wall_s": time.perf_counter() - t0, "prompt_tokens": sum(map(len, prompts)),
+    wall = time.perf_counter() - t0
+    succeeded(outs)  # a failed request is an error, not a time
+    return {"wall_s": wall, "prompt_tokens": sum(map(len, prompts)),
             "outputs": [o.token_ids for o in outs],
             "prompt_tokens_computed": eng.prompt_tokens_computed - computed0,
             "prompt_tokens_cached": eng.scheduler.prompt_tokens_cached - cached0}  # fmt: skip
@@ -130,7 +133,7 @@ def bench_doc(args) -> dict:
             doc + llm.tokenizer.encode(q, add_special_tokens=False) for q in questions[: args.requests]
         ]
         warm = prompts[0][:128][::-1]  # warm-up (kernels, graphs) on tokens no request starts with
-        llm.generate([warm], SamplingParams(max_new_tokens=1))
+        succeeded(llm.generate([warm], SamplingParams(max_new_tokens=1)))
         res["with_cache" if cache else "without_cache"] = run_doc(llm, prompts, params, args.arrival)
         if args.control and not cache:  # the same cold engine, the requests in the other arrival order
             other = "burst" if args.arrival == "staggered" else "staggered"

@@ -123,9 +123,12 @@ def write_task(d: Path) -> None:
 def direct_chat(llm) -> list[str]:
     """Greedy replies from LLM.chat to the chat task's messages, with lm-eval's limits."""
     from lserve_lite import SamplingParams
+    from lserve_lite.llm import succeeded
 
     params = SamplingParams(temperature=0, max_new_tokens=CHAT_MAX_TOKENS, stop=CHAT_STOP)
-    return [llm.chat([{"role": "user", "content": chat_prompt(q, c)}], params).text for q, c, _ in QUESTIONS]
+    msgs = [[{"role": "user", "content": chat_prompt(q, c)}] for q, c, _ in QUESTIONS]
+    # a failed request is an error, not an answer ""
+    return [succeeded(llm.chat(m, params)).text for m in msgs]
 
 
 def first_letter(text: str) -> str:

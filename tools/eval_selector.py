@@ -25,9 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="model directory (default: the bundled SmolLM2)")
     ap.add_argument(
         "--lengths",
-        type=int_list(256, MAX_MODEL_LEN),
+        type=int_list(2, MAX_MODEL_LEN),
         default=(2048, 4096, 8192),
-        help="context lengths, each >= 256 (2048,4096,8192)",
+        help="context lengths, each over --steps, one over a budget (2048,4096,8192)",
     )
     ap.add_argument(
         "--steps", type=bounded_int(1), default=16, help="decode steps measured per length and text (16)"

@@ -18,13 +18,13 @@ SHM_DIR = "/dev/shm"  # where multiprocessing.shared_memory's blocks live on Lin
 _NO_FALLOCATE = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # a file system that cannot: left sparse
 
 
-def reserved_block(size: int, what: str) -> shared_memory.SharedMemory:
+def reserved_block(size: int, what: str, shrink: str) -> shared_memory.SharedMemory:
     """A new shared-memory block whose pages are taken now: made sparse, a block that /dev/shm no longer had room
     for (another process filled it after the room check) killed its first writer with SIGBUS. Here taking them
-    fails in one line naming `what`, and the block goes."""
+    fails in one line naming `what` and `shrink`, the setting that makes this block smaller, and the block goes."""
     shm = shared_memory.SharedMemory(create=True, size=size)
     try:
-        _take_pages(shm, size, what)
+        _take_pages(shm, size, what, shrink)
     except BaseException:
         shm.close()
         shm.unlink()
@@ -32,7 +32,7 @@ def reserved_block(size: int, what: str) -> shared_memory.SharedMemory:
     return shm
 
 
-def _take_pages(shm: shared_memory.SharedMemory, size: int, what: str) -> None:
+def _take_pages(shm: shared_memory.SharedMemory, size: int, what: str, shrink: str) -> None:
     """posix_fallocate on the block: on tmpfs it takes the pages, or fails with ENOSPC and takes none."""
     if not hasattr(os, "posix_fallocate"):  # macOS: none (and no /dev/shm)
         return
@@ -44,7 +44,7 @@ def _take_pages(shm: shared_memory.SharedMemory, size: int, what: str) -> None:
         if e.errno in (errno.ENOSPC, errno.ENOMEM):
             raise LServeError(
                 f"shared memory in {SHM_DIR} ran out while taking {size / (1 << 20):.0f} MB for {what} (another "
-                f"process took the room): lower max_num_seqs or give {SHM_DIR} more room (e.g. docker run --shm-size)"
+                f"process took the room): lower {shrink} or give {SHM_DIR} more room (e.g. docker run --shm-size)"
             ) from None
         raise
 
@@ -121,7 +121,11 @@ class ShmCommunicator(SumCommunicator):
     @staticmethod
     def create(world: int, slot_bytes: int = SLOT_BYTES) -> shared_memory.SharedMemory:
         """The shared block of a group (the driver owns it and unlinks it at shutdown)."""
-        return reserved_block(world * slot_bytes, "the CPU ranks' exchange block")
+        return reserved_block(
+            world * slot_bytes,
+            f"the CPU ranks' exchange block ({world} ranks x {slot_bytes >> 20} MB)",
+            "tensor_parallel (--tensor-parallel, EngineConfig's tensor_parallel)",
+        )
 
     def all_reduce(self, x: np.ndarray) -> None:
         if not x.flags.c_contiguous:

@@ -655,6 +655,11 @@ class LLMEngine:
             raise InvalidRequestError(f"{what} is empty")
         if len(ids) > self.max_len:
             raise InvalidRequestError(self._too_long(what, len(ids)))
+        return self.vocab_ids(ids, what)
+
+    def vocab_ids(self, ids, what: str) -> list[int]:
+        """Token ids as a list of ints in [0, vocab), of any length: the one home of the vocabulary's rule (the
+        server's /tokenize counts a rendered conversation of any length with it)."""
         out = []
         for t in ids:
             if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):

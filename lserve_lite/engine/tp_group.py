@@ -37,6 +37,8 @@ STARTUP_TIMEOUT = 1800.0  # loading a large checkpoint from a cold disk
 STEP_TIMEOUT = 600.0  # no step takes this long: a worker silent for it is hung
 # a wait of at most a second that returns this much later: this process was stopped meanwhile
 STOPPED_SLACK = 5.0
+# the setting that shrinks rank 0's logits block (max_num_seqs x vocabulary x 4 bytes)
+FEWER_SEQS = "max_num_seqs (serve's --max-num-seqs, EngineConfig's max_num_seqs)"
 
 
 def shm_free_bytes() -> int | None:
@@ -56,8 +58,7 @@ def check_shm_room(need: int, free: int | None) -> None:
         raise LServeError(
             f"tensor parallel needs {need / mb:.0f} MB of shared memory in {SHM_DIR} (max_num_seqs x vocabulary x "
             f"4 bytes of logits, plus the CPU ranks' exchange blocks), {free / mb:.0f} MB are free: lower "
-            f"max_num_seqs (serve's --max-num-seqs, EngineConfig's max_num_seqs) or give {SHM_DIR} more room "
-            f"(e.g. docker run --shm-size)"
+            f"{FEWER_SEQS} or give {SHM_DIR} more room (e.g. docker run --shm-size)"
         )
 
 
@@ -73,7 +74,7 @@ class WorkerGroup:
         check_shm_room(logits_bytes + exchange_bytes(backend, world), shm_free_bytes())
         spec, cleanup = new_group(backend, world, ctx)
         try:  # refused (out of descriptors or memory): the group's block goes too, not at the process's exit
-            self.logits = reserved_block(logits_bytes, "rank 0's logits")
+            self.logits = reserved_block(logits_bytes, "rank 0's logits", FEWER_SEQS)
         except BaseException:
             cleanup()
             raise

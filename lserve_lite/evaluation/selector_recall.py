@@ -140,6 +140,11 @@ def _dense_heads(model_dir, num_layers: int, num_kv_heads: int, sparsity: float)
 PAGE_SIZE = 64  # tokens per page of the measured engine
 
 
+def covers(budget: int, length: int, page: int = PAGE_SIZE) -> bool:
+    """Whether a token budget keeps every page of a context: the selector picks them all, so nothing is measured."""
+    return pages_for(length, page) <= budget // page
+
+
 def check_grid(steps: int, lengths, budgets, subs, variants) -> None:
     """Refuses, before the model loads, a grid that would measure nothing or fail after the compute."""
     if steps < 1 or min(lengths) <= steps:
@@ -158,7 +163,7 @@ def check_grid(steps: int, lengths, budgets, subs, variants) -> None:
         raise InvalidRequestError(
             f"budgets must be positive multiples of the page size {PAGE_SIZE}: {list(budgets)}"
         )
-    if all(pages_for(n, PAGE_SIZE) <= b // PAGE_SIZE for n in lengths for b in budgets):  # as _summary skips
+    if all(covers(b, n) for n in lengths for b in budgets):
         raise InvalidRequestError(
             f"every budget covers every length (budgets {list(budgets)}, lengths {list(lengths)}): the selector "
             "would pick every page; give a budget under a length"
@@ -260,8 +265,8 @@ def _summary(acc: dict, dense: np.ndarray, lengths, page: int) -> list[dict]:
     out = []
     for n in lengths:
         for (v, s, b), a in acc[n].items():
-            if pages_for(n, page) <= b // page:
-                continue  # the budget covers the context: everything is selected
+            if covers(b, n, page):
+                continue  # everything is selected
             d = {"length": n, "variant": v, "sub_pages": s, "budget": b}
             for name, m in (("dense_heads", dense), ("all_heads", np.ones_like(dense))):
                 sel, orc = a[:, 0][:, m].sum(), a[:, 1][:, m].sum()

@@ -248,7 +248,7 @@ def create_app(
                        req.chat_template_kwargs)  # fmt: skip
                 ids = [tok.encode_chat(msgs, tools, *how, max_chars=prompt_limit)]
             else:
-                ids = [engine.encode_prompt(p) if isinstance(p, str) else p for p in req.prompts()]
+                ids = list(req.prompts())
             return [check_ids(x, generating) for x in ids]
         except PromptTooLongError as e:
             raise too_long(str(e), where) from None
@@ -257,18 +257,24 @@ def create_app(
             named = msg.startswith(("chat_template", "continue_final_message", "tools:"))
             raise ApiError(400, msg, param_of(msg) if named else where) from None
 
-    def check_ids(ids: list[int], generating: bool) -> list[int]:
-        """A prompt's ids checked in this worker thread: the engine thread takes a prompt to generate from as it is
-        (PromptIds), for each of its n candidates (it checked all 524,288 ids of 64 whole-context prompts per candidate,
-        every stream waiting)."""
-        vocab = engine.cfg.vocab_size
-        if not ids and generating:
+    def check_ids(prompt: str | list[int], generating: bool) -> list[int]:
+        """A prompt's ids checked once, in this worker thread (the engine thread takes PromptIds as they are, for each
+        of its n candidates): the vocabulary's rule is the engine's; the server adds its empty and context answers."""
+        if not generating:  # /tokenize counts "" as 0 tokens, and a prompt of any length
+            text = isinstance(prompt, str)
+            return engine.encode_prompt(prompt) if text else engine.vocab_ids(prompt, "prompt")
+        if not prompt:
             raise InvalidRequestError("the prompt is empty")
-        if generating and len(ids) > engine.max_len:  # OpenAI's context error (the engine's count has none)
-            raise PromptTooLongError(f"the prompt has {len(ids)} tokens")
-        if not all(0 <= t < vocab for t in ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
-        return engine.prompt_ids(ids) if generating else ids
+        if not isinstance(prompt, str):  # OpenAI's context error before the engine reads an id
+            fits_context(len(prompt))
+        ids = engine.prompt_ids(prompt)
+        fits_context(len(ids))
+        return ids
+
+    def fits_context(n: int) -> None:
+        """A prompt of n tokens leaves no room in the context: OpenAI's context error."""
+        if n > engine.max_len:
+            raise PromptTooLongError(f"the prompt has {n} tokens")
 
     def max_new_tokens(req: ChatCompletionRequest | CompletionRequest, n: int) -> int:
         limit, where = engine.max_len, "messages" if isinstance(req, ChatCompletionRequest) else "prompt"

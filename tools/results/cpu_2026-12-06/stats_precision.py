@@ -29,6 +29,7 @@ import numpy as np
 from lserve_lite import LLM, SamplingParams
 from lserve_lite.backends import cpu as cpu_backend
 from lserve_lite.config import EngineConfig, SparseConfig
+from lserve_lite.llm import succeeded
 from lserve_lite.sparse.selector import choose_pages, exact_page_scores
 
 
@@ -130,7 +131,8 @@ def main() -> int:
 
     select = cpu_backend.select_pages_numba
     cpu_backend.select_pages_numba = spy  # this script's probe, not the engine's
-    llm.generate([ids], SamplingParams(temperature=0, max_new_tokens=a.steps + 1, ignore_eos=True))
+    # a failed request is an error, not statistics of the steps it ran
+    succeeded(llm.generate([ids], SamplingParams(temperature=0, max_new_tokens=a.steps + 1, ignore_eos=True)))
     print(f"{len(ids)} prompt tokens, {len(calls)} selector calls (layers x steps), budget {a.budget}")
     kmax_abs = max(float(np.abs(c[1]).max()) for c in calls if c[1].size)
     print(f"largest |stat| {kmax_abs:.2f} (E4M3 saturates at 448)")
