@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -372,13 +373,21 @@ class RopeTables:
         rs = cfg.rope_scaling
         if rs and rs.get("rope_type", rs.get("type")) == "llama3":
             inv = _llama3_scale(inv, rs)
-        self.inv = inv
-        self.cos, self.sin = (np.empty((max_len, inv.size), np.float32) for _ in range(2))
+        self.inv, self.max_len = inv, max_len
         self.filled = 0  # rows [0, filled) hold their values
+
+    @functools.cached_property
+    def cos(self) -> np.ndarray:
+        """Allocated at first use: a backend that builds its own tables from `inv` (the GPU's) never reserves them."""
+        return np.empty((self.max_len, self.inv.size), np.float32)
+
+    @functools.cached_property
+    def sin(self) -> np.ndarray:
+        return np.empty((self.max_len, self.inv.size), np.float32)
 
     def reach(self, end: int) -> None:
         """Fill the rows of positions [0, end) (whole chunks, at most the table's)."""
-        end = min(-(-end // ROPE_CHUNK) * ROPE_CHUNK, len(self.cos))
+        end = min(-(-end // ROPE_CHUNK) * ROPE_CHUNK, self.max_len)
         for p in range(self.filled, end, ROPE_CHUNK):
             ang = np.arange(p, min(p + ROPE_CHUNK, end), dtype=np.float64)[:, None] * self.inv[None, :]
             self.cos[p : p + ROPE_CHUNK], self.sin[p : p + ROPE_CHUNK] = np.cos(ang), np.sin(ang)

@@ -345,7 +345,7 @@ class CudaOps:
         `RopeTables.reach` does (float64 -> float32 -> float16, the upload's rounding): a 2^24-token table took ~18 s
         of host startup and 8 GiB of host float32 before its upload."""
         cp = self.cp
-        n, inv = len(tables.cos), cp.asarray(tables.inv)
+        n, inv = tables.max_len, cp.asarray(tables.inv)
         cos, sin = (cp.empty((n, inv.size), ROPE_DTYPE) for _ in range(2))
         for p in range(0, n, ROPE_CHUNK):
             ang = cp.arange(p, min(p + ROPE_CHUNK, n), dtype=cp.float64)[:, None] * inv[None, :]

@@ -79,8 +79,9 @@ class LlamaModel:
         # A backend that builds its own tables (the GPU's, on the device) gets them whole; one that reads the host's
         # gets them filled as positions are reached (`rope_for`).
         tables = RopeTables(cfg, max_len)
-        self.rope = ops.rope_tables(tables) or (tables.cos, tables.sin)
-        self.lazy_rope = None if self.rope[0] is not tables.cos else tables
+        device = ops.rope_tables(tables)
+        self.rope = device or (tables.cos, tables.sin)
+        self.lazy_rope = None if device else tables
 
     def rope_for(self, positions: Any) -> tuple[Any, Any]:
         """The rope tables, with the rows of `positions` filled."""
