@@ -171,3 +171,20 @@ def test_llama_cpp_peer_runs_llama_bench_and_reads_its_json(tmp_path):
     }
     last = (tmp_path / "calls").read_text().splitlines()[2:]
     assert len(last) == 1 and "-r 1 " in last[0] and "-p 0 -n 64 -d 2048" in last[0]
+
+
+def test_meter_lap_counts_other_processes(monkeypatch):
+    """bench_cpu.Meter.lap (bench_e2e's per-row host load): CPUs busy beyond this process's own use since the last
+    lap, then a new lap; a fake /proc/stat makes the host 1.5 CPUs busier than this process."""
+    import bench_cpu
+
+    # (busy, total) jiffies at each read: a lap reads twice (end of one, start of the next); 2 CPUs, 1.5 busy, then none
+    busy = iter([(0.0, 200.0), (150.0, 400.0), (150.0, 400.0), (150.0, 600.0), (150.0, 600.0)])
+    monkeypatch.setattr(bench_cpu, "busy_cpus", lambda: next(busy))
+    monkeypatch.setattr(bench_cpu.os, "cpu_count", lambda: 2)
+    clock = iter([0.0, 1.0, 1.0, 2.0, 2.0])
+    monkeypatch.setattr(bench_cpu.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(bench_cpu.time, "process_time", lambda: 0.0)
+    m = bench_cpu.Meter().__enter__()
+    assert m.lap() == pytest.approx(1.5)  # 2 CPUs x 150 / 200 jiffies busy, this process idle
+    assert m.lap() == pytest.approx(0.0)

@@ -103,6 +103,12 @@ class Meter:
         host = ncpu * (b1 - b0) / (t1 - t0) if t1 > t0 else float("nan")
         self.others = max(0.0, host - self.cpu / self.wall)  # CPUs kept busy by other processes
 
+    def lap(self) -> float:
+        """`others` since the block began or the last lap, and the next lap begun (a bench's rows, one a lap)."""
+        self.__exit__()
+        self.__enter__()
+        return self.others
+
 
 def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
     """Single-thread np.copyto bandwidth (bytes read + written per second), median of `reps`."""

@@ -33,7 +33,9 @@ one sequence: the KV budget the engine reads (CudaOps.kv_budget_bytes at the def
 weights' bytes reserved) through the engine's pool sizing (kv/layout.pool_pages); bytes per context token as
 sized and as allocated, pages, tokens, and the engine's startup line. Writes bench_e2e_capacity.json.
 
-Prints a table, writes JSON to --out (a file, or a folder). Model source for SmolLM2: --gguf /
+Prints a table, writes JSON to --out (a file, or a folder); each row also records `others_busy_cpus`, the CPUs other
+processes kept busy since the previous row (the engine rows are partly host-bound: compare them only between runs on
+equally quiet hosts). Model source for SmolLM2: --gguf /
 $LSERVE_SMOLLM2_GGUF (its packed weights, as `lserve-lite chat` loads it), else --model-dir, else the default
 model. `--llama-bench PATH` runs llama.cpp's llama-bench (a CUDA build) on the same GGUF in the same run:
 prefill 512 and decode at the --smol-prompts depths, rows "llama.cpp" beside ours.
@@ -59,6 +61,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_attention import events_median  # noqa: E402
+from bench_cpu import Meter  # noqa: E402
 
 from lserve_lite.backends import require_gpu  # noqa: E402
 from lserve_lite.errors import exit_status  # noqa: E402
@@ -1058,7 +1061,7 @@ def main(argv=None) -> int:
     dev = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode()
     print(f"{dev}: device copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     print(f"{'model':18s} {'what':30s} {'kv':5s} {'batch':>5s} {'context':>7s} {'tok/s':>10s} {'ms':>9s} "
-          f"{'floor ms':>9s}")  # fmt: skip
+          f"{'floor ms':>9s} {'others':>6s}")  # fmt: skip
     rows: list[dict] = []
     result = dict(date=time.strftime("%Y-%m-%d"), device=dev, copy_bandwidth_TBps=bw / 1e12, rows=rows,
                   command=" ".join(["python tools/bench_e2e.py", *(argv or sys.argv[1:])]))  # fmt: skip
@@ -1067,11 +1070,15 @@ def main(argv=None) -> int:
     def save() -> None:
         Path(args.out).write_text(json.dumps(result, indent=1, default=float) + "\n")
 
+    host = Meter().__enter__()
+
     def emit(r: dict) -> None:
+        # other processes' CPU use since the previous row: engine rows are host-bound in part, so a busy host slows them
+        r["others_busy_cpus"] = round(host.lap(), 2)
         rows.append(r)
         fl = f"{r['floor_ms']:9.3f}" if "floor_ms" in r else " " * 9
         print(f"{r['model']:18s} {r['what'][:30]:30s} {r.get('kv_dtype', ''):5s} {r['batch']:5d} {r['context']:7d} {r['tokens_per_s']:10.1f} "
-              f"{r['ms']:9.3f} {fl}", flush=True)  # fmt: skip
+              f"{r['ms']:9.3f} {fl} {r['others_busy_cpus']:6.2f}", flush=True)  # fmt: skip
         save()
 
     emit.result, emit.save = result, save
