@@ -103,9 +103,18 @@ __device__ double mass_below(const float* x, int vocab, float temp, float xmax, 
 
 // This thread's smallest sort key over x[lo .. hi) (the block's smallest: the first index of the maximum there). A
 // 16-byte aligned stretch is read as float4, four loads in flight per thread (a scalar loop of one load at a time took
-// 51 us for a 128k vocabulary on an H200: a chain of L2 round trips).
-__device__ __forceinline__ u64 thread_best(const float* __restrict__ x, int lo, int hi) {
+// 51 us for a 128k vocabulary on an H200: a chain of L2 round trips). SOUND: also the thread's (max, min) of its
+// logits by sound_rows' rule (a non-finite logit an infinite maximum) in m, l, from the same loads.
+template <bool SOUND>
+__device__ __forceinline__ u64 thread_best(const float* __restrict__ x, int lo, int hi, float& m, float& l) {
+  const float inf = __int_as_float(0x7f800000);
   u64 best = ~0ull;
+  auto seen = [&](float v) {
+    if constexpr (SOUND) {
+      m = fmaxf(m, isfinite(v) ? v : inf);
+      l = fminf(l, v);
+    }
+  };
   int tail = lo;
   if ((reinterpret_cast<unsigned long long>(x + lo) & 15) == 0) {
     const float4* x4 = reinterpret_cast<const float4*>(x + lo);
@@ -117,39 +126,82 @@ __device__ __forceinline__ u64 thread_best(const float* __restrict__ x, int lo, 
       const u64 a = min(sort_key(v.x, j), sort_key(v.y, j + 1));
       const u64 b = min(sort_key(v.z, j + 2), sort_key(v.w, j + 3));
       best = min(best, min(a, b));
+      seen(v.x), seen(v.y), seen(v.z), seen(v.w);
     }
     tail = lo + n4 * 4;
   }
-  for (int i = tail + threadIdx.x; i < hi; i += blockDim.x) best = min(best, sort_key(x[i], i));
+  for (int i = tail + threadIdx.x; i < hi; i += blockDim.x) {
+    best = min(best, sort_key(x[i], i));
+    seen(x[i]);
+  }
   return best;
 }
+
+// sound_rows' merge of a row's (max, min) partials into its flag (1: sound), by the block that finishes the row.
+__device__ __forceinline__ unsigned char sound_flag(float m, float l) { return m < __int_as_float(0x7f800000) && m > l; }
 
 // First index of the row maximum (np.argmax), in two levels: grid (G, rows), block g takes elements
 // [g * chunk, (g + 1) * chunk) of its row and leaves its best key in part[row, g]; the row's last block to finish
 // (a ticket on tick[row], which it resets to 0) takes the G partials. One block a row read a 128k vocabulary at
 // one SM's share of L2 (18.8 us on an H200). tick: zeroed once by the launcher, before the first launch.
-__global__ void argmax_rows(const float* __restrict__ logits, long long stride, int vocab, int chunk,
-                            u64* __restrict__ part, unsigned int* __restrict__ tick, long long* __restrict__ out) {
-  lserve::pdl_enter();
+// sound (null: not asked): also sound_rows' flag of each row, from the same pass (its (max, min) partials in mm[row,
+// g]): a greedy step's overflow check without a second launch over the logits.
+template <bool SOUND>
+__device__ __forceinline__ void argmax_body(const float* __restrict__ logits, long long stride, int vocab, int chunk,
+                                            u64* __restrict__ part, unsigned int* __restrict__ tick,
+                                            long long* __restrict__ out, float2* __restrict__ mm,
+                                            unsigned char* __restrict__ sound) {
+  const float inf = __int_as_float(0x7f800000);
   __shared__ u64 scratch[32];
+  __shared__ float fscr[32];
   __shared__ bool last;
   const int row = blockIdx.y, g = blockIdx.x, G = gridDim.x;
   const int lo = g * chunk, hi = min(vocab, lo + chunk);
-  const u64 best = block_reduce(thread_best(logits + row * stride, lo, hi), scratch, lserve::MinOp(), ~0ull);
+  float m = -inf, l = inf;
+  const u64 best = block_reduce(thread_best<SOUND>(logits + row * stride, lo, hi, m, l), scratch, lserve::MinOp(), ~0ull);
+  if constexpr (SOUND) {
+    m = block_reduce(m, fscr, lserve::MaxOp(), -inf);
+    l = block_reduce(l, fscr, lserve::MinOp(), inf);
+  }
   if (threadIdx.x == 0) {
     part[(long long)row * G + g] = best;
-    __threadfence();  // the partial is visible before the ticket says so
+    if constexpr (SOUND) mm[(long long)row * G + g] = make_float2(m, l);
+    __threadfence();  // the partials are visible before the ticket says so
     last = atomicAdd(tick + row, 1u) == (unsigned int)G - 1;
   }
   __syncthreads();
   if (!last) return;
   __threadfence();
   u64 v = ~0ull;
-  for (int i = threadIdx.x; i < G; i += blockDim.x) v = min(v, __ldcg(part + (long long)row * G + i));
+  m = -inf, l = inf;
+  for (int i = threadIdx.x; i < G; i += blockDim.x) {
+    v = min(v, __ldcg(part + (long long)row * G + i));
+    if constexpr (SOUND) {
+      const float2 p = __ldcg(mm + (long long)row * G + i);
+      m = fmaxf(m, p.x);
+      l = fminf(l, p.y);
+    }
+  }
   v = block_reduce(v, scratch, lserve::MinOp(), ~0ull);
+  if constexpr (SOUND) {
+    m = block_reduce(m, fscr, lserve::MaxOp(), -inf);
+    l = block_reduce(l, fscr, lserve::MinOp(), inf);
+  }
   if (threadIdx.x == 0) {
     out[row] = (long long)(v & 0xffffffffu);
+    if constexpr (SOUND) sound[row] = sound_flag(m, l);
     tick[row] = 0;  // ready for the next launch
+  }
+}
+
+__global__ void argmax_rows(const float* __restrict__ logits, long long stride, int vocab, int chunk,
+                            u64* __restrict__ part, unsigned int* __restrict__ tick, long long* __restrict__ out,
+                            float2* __restrict__ mm, unsigned char* __restrict__ sound) {
+  lserve::pdl_enter();
+  if (sound != nullptr) {
+    argmax_body<true>(logits, stride, vocab, chunk, part, tick, out, mm, sound);
+  } else {
+    argmax_body<false>(logits, stride, vocab, chunk, part, tick, out, mm, sound);
   }
 }
 
@@ -299,7 +351,7 @@ __global__ void sound_rows(const float* __restrict__ logits, long long stride, i
   m = block_reduce(m, scr, lserve::MaxOp(), -inf);
   l = block_reduce(l, scr, lserve::MinOp(), inf);
   if (threadIdx.x == 0) {
-    out[row] = m < inf && m > l;
+    out[row] = sound_flag(m, l);
     tick[row] = 0;  // ready for the next launch
   }
 }
@@ -620,7 +672,8 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
   const int rows = gridDim.x;
   const float temp = (float)params[row];  // np.float32(temperature), as the CPU sampler
   if (temp == 0.f) {
-    const u64 best = block_reduce(thread_best(x, 0, vocab), kscratch, lserve::MinOp(), ~0ull);
+    float unused_m, unused_l;
+    const u64 best = block_reduce(thread_best<false>(x, 0, vocab, unused_m, unused_l), kscratch, lserve::MinOp(), ~0ull);
     if (threadIdx.x == 0) out[row] = (long long)(best & 0xffffffffu);
     return;
   }

@@ -113,3 +113,30 @@ def test_scoring_between_overlapped_steps_keeps_the_sampled_ids(tiny64, sparse):
             eng.score([5])
             eng.score([5, 6, 7])
     assert got == ref[0] and eng.into_graph > 0 and eng.blocks.num_used == 0
+
+
+@pytest.mark.parametrize("biased", [False, True])
+def test_sample_async_flags_the_unsound_rows(biased):
+    """sample_async's soundness flags (`sound_rows_ref` of the caller's logits): an all-greedy batch whose logits
+    nothing changes gets them from argmax_rows' own pass (one launch), a biased one (its logits copied and changed)
+    from sound_rows over the raw logits; either way the NaN / inf / all-equal rows are flagged and a sound row's id
+    is its argmax (or the bias's pick)."""
+    import cupy as cp
+
+    from lserve_lite import SamplingParams
+    from lserve_lite.backends.cuda_sampling import GpuSampler
+    from lserve_lite.backends.reference.sampling import sound_rows_ref
+    from lserve_lite.sequence import Sequence
+
+    b, vocab = 6, 9000
+    x = np.random.default_rng(5).standard_normal((b, vocab)).astype(np.float32)
+    x[0, 17], x[1, 4096], x[3] = np.nan, -np.inf, 0.5
+    want = sound_rows_ref(x)
+    assert want.tolist() == [False, False, True, False, True, True]
+    bias = {7: 100.0} if biased else {}
+    seqs = [Sequence([1, 2], SamplingParams(temperature=0.0, logit_bias=bias)) for _ in range(b)]
+    toks = GpuSampler().sample_async(cp.asarray(x), seqs)
+    assert toks.sound() == want.tolist()
+    ids = np.asarray(toks.tolist())
+    expect = np.full(b, 7) if biased else np.argmax(x, axis=1)
+    assert (ids[want] == expect[want]).all()

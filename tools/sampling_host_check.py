@@ -55,7 +55,8 @@ def check_argmax(exe: Path, tmp: Path, rng: np.random.Generator) -> bool:
 
 
 def check_sound(exe: Path, tmp: Path, rng: np.random.Generator) -> bool:
-    """Rows with a NaN, +-inf, all equal (zeros), equal but for one logit, and random ones, over several chunks."""
+    """Rows with a NaN, +-inf, all equal (zeros), equal but for one logit, and random ones, over several chunks:
+    sound_rows, and argmax_rows asked for the flags from its own pass (ids and flags both)."""
     b, vocab = 7, 2 * ROW_CHUNK + 5
     x = rng.standard_normal((b, vocab)).astype(np.float32)
     x[0, vocab - 1] = np.nan
@@ -68,7 +69,12 @@ def check_sound(exe: Path, tmp: Path, rng: np.random.Generator) -> bool:
     run(exe, tmp, "sound", b, vocab)
     got, want = np.fromfile(tmp / "out.bin", np.uint8), sound_rows_ref(x)
     assert want.tolist() == [False, False, False, False, True, True, True], want
-    return report(f"sound_rows B{b} V{vocab}", int(np.sum(got != want)), np.array_equal(got, want))
+    ok = report(f"sound_rows B{b} V{vocab}", int(np.sum(got != want)), np.array_equal(got, want))
+    run(exe, tmp, "argmax", b, vocab, 1)
+    flags, ids = np.fromfile(tmp / "sound.bin", np.uint8), np.fromfile(tmp / "out.bin", np.int64)
+    fine = want.astype(bool)  # argmax over NaN / inf rows is not asked of it
+    miss = int(np.sum(flags != want)) + int(np.sum(ids[fine] != np.argmax(x[fine], axis=1)))
+    return ok & report(f"argmax_rows + sound B{b} V{vocab}", miss, miss == 0)
 
 
 def check_sample(exe: Path, tmp: Path, rng: np.random.Generator) -> bool:

@@ -1,7 +1,9 @@
 // Host emulation of kernels/sampling.cu for checking it without a GPU (driven by tools/sampling_host_check.py).
 // The kernel source is compiled as host code (tools/host_emu.cuh), unchanged but for sample_rows' `extern
 // __shared__` array (the driver points it at emu_dyn_smem). Launches as backends/cuda_sampling.py makes them.
-//   sampling_host_emu argmax DIR rows vocab chunk                out.bin (int64 [rows]) <- argmax_rows
+//   sampling_host_emu argmax DIR rows vocab chunk [sound]        out.bin (int64 [rows]) <- argmax_rows; with a 5th
+//                                                                argument 1, also sound.bin (uint8 [rows]) <- its
+//                                                                soundness flags from the same pass
 //   sampling_host_emu sound DIR rows vocab chunk                 out.bin (uint8 [rows]) <- sound_rows
 //   sampling_host_emu sample DIR rows vocab chunk lists radix    out.bin <- sample_bounds + sample_fill (with the
 //                                                                bin lists if lists) + sample_rows; radix:
@@ -30,14 +32,20 @@ int main(int argc, char** argv) {
   auto logits = read_bytes(dir + "/logits.bin");
   const float* x = (const float*)logits.data();
   if (mode == "argmax") {
+    const bool with_sound = argc == 7 && atoi(argv[6]);
     std::vector<u64> part((size_t)rows * g);
+    std::vector<float2> pairs((size_t)rows * g);
     std::vector<unsigned> tick(rows, 0u);
     std::vector<long long> out(rows, -7);
+    std::vector<unsigned char> sound(rows, 7);
     u64* pp = part.data();
+    float2* mp = pairs.data();
     unsigned* tp = tick.data();
     long long* op = out.data();
-    launch({(unsigned)g, (unsigned)rows, 1}, 256, [=] { argmax_rows(x, vocab, vocab, chunk, pp, tp, op); });
+    unsigned char* sp = with_sound ? sound.data() : nullptr;
+    launch({(unsigned)g, (unsigned)rows, 1}, 256, [=] { argmax_rows(x, vocab, vocab, chunk, pp, tp, op, mp, sp); });
     write_bytes(dir + "/out.bin", op, out.size() * 8);
+    if (with_sound) write_bytes(dir + "/sound.bin", sp, sound.size());
   } else if (mode == "sound") {
     std::vector<float2> part((size_t)rows * g);
     std::vector<unsigned> tick(rows, 0u);

@@ -158,19 +158,23 @@ class GpuSampler:
         self._lp_tick = self._lp_buf = None  # logprob_rows' tickets, and its partials and outputs
 
     def _row_scratch(self, b: int, g: int):
-        """argmax_rows' and sound_rows' partials (8 bytes a block) and tickets (left at 0 by each launch), grown to
-        the largest launch; the two kernels run one after the other on the stream, so they share them."""
+        """argmax_rows' and sound_rows' partials (two 8-byte words a block: argmax_rows' keys, then the (max, min)
+        pairs of sound_rows or of argmax_rows asked for soundness) and tickets (left at 0 by each launch), grown to
+        the largest launch; the kernels run one after the other on the stream, so they share them."""
         cp = self.cp
-        if self._tick is None or self._tick.size < b or self._part.size < b * g:
-            self._part = cp.empty(max(b * g, 0 if self._part is None else self._part.size), cp.uint64)
+        if self._tick is None or self._tick.size < b or self._part.size < 2 * b * g:
+            self._part = cp.empty(max(2 * b * g, 0 if self._part is None else self._part.size), cp.uint64)
             self._tick = cp.zeros(max(b, 0 if self._tick is None else self._tick.size), cp.uint32)
-        return self._part, self._tick
+        return self._part[: b * g], self._part[b * g :], self._tick
 
-    def argmax(self, logits, out) -> None:
-        """out[r] (int64) = np.argmax(logits[r]) for contiguous float32 logits [B, V] (two-level argmax_rows)."""
+    def argmax(self, logits, out, sound=None) -> None:
+        """out[r] (int64) = np.argmax(logits[r]) for contiguous float32 logits [B, V] (two-level argmax_rows); with
+        `sound` (a contiguous [B] bool device array), also `sound_rows`' flags of the rows, from the same pass."""
         b, vocab = int(logits.shape[0]), int(logits.shape[1])
         g = row_blocks(vocab)
-        args = (logits, np.int64(vocab), np.int32(vocab), np.int32(ROW_CHUNK), *self._row_scratch(b, g), out)
+        keys, pairs, tick = self._row_scratch(b, g)
+        flags = np.uint64(0) if sound is None else sound
+        args = (logits, np.int64(vocab), np.int32(vocab), np.int32(ROW_CHUNK), keys, tick, out, pairs, flags)
         self.k["argmax_rows"]((g, b), (ARGMAX_THREADS,), args)
 
     def sample(self, logits, seqs: list) -> list[int]:
@@ -178,31 +182,36 @@ class GpuSampler:
 
     def sample_async(self, logits, seqs: list, out=None) -> DeviceTokens:
         """The ids as the next step's int64 inputs on the device (in `out`, a contiguous [B] int64 device
-        array, when given), their copy to the host queued behind them."""
-        return DeviceTokens(self._launch(logits, seqs, out), self.sound_rows(logits))
+        array, when given), and the rows' `sound_rows` flags, their copy to the host queued behind them."""
+        sound = self.cp.empty(len(seqs), self.cp.bool_)
+        return DeviceTokens(self._launch(logits, seqs, out, sound), sound)
 
-    def sound_rows(self, logits):
-        """Reference: reference/sampling.sound_rows_ref, on the caller's (raw) logits: bools [B] on the device, one
-        launch (two-level sound_rows; CuPy's isfinite / all / max / min took six)."""
+    def sound_rows(self, logits, out=None):
+        """Reference: reference/sampling.sound_rows_ref, on the caller's (raw) logits: bools [B] on the device (in
+        `out` when given), one launch (two-level sound_rows; CuPy's isfinite / all / max / min took six)."""
         cp = self.cp
         x = cp.asarray(logits)
         if x.dtype != cp.float32 or not x.flags.c_contiguous:
             x = cp.ascontiguousarray(x, dtype=cp.float32)
         b, vocab = int(x.shape[0]), int(x.shape[1])
-        out = cp.empty(b, cp.bool_)
+        out = cp.empty(b, cp.bool_) if out is None else out
         if b:
             g = row_blocks(vocab)
-            args = (x, np.int64(vocab), np.int32(vocab), np.int32(ROW_CHUNK), *self._row_scratch(b, g), out)
+            _keys, pairs, tick = self._row_scratch(b, g)
+            args = (x, np.int64(vocab), np.int32(vocab), np.int32(ROW_CHUNK), pairs, tick, out)
             self.k["sound_rows"]((g, b), (ARGMAX_THREADS,), args)
         return out
 
-    def _launch(self, logits, seqs: list, out=None):
-        """Queue the sampling kernels of a non-empty batch; the [B] int64 ids on the device."""
+    def _launch(self, logits, seqs: list, out=None, sound=None):
+        """Queue the sampling kernels of a non-empty batch; the [B] int64 ids on the device. `sound` (a [B] bool
+        device array): the rows' `sound_rows` flags of the caller's logits, written by argmax_rows' own pass where the
+        batch is greedy and nothing changed the logits (one launch less a step), else by sound_rows."""
         cp = self.cp
         b = len(seqs)
         logits = cp.asarray(logits)
         if logits.dtype != cp.float32 or not logits.flags.c_contiguous:
             logits = cp.ascontiguousarray(logits, dtype=cp.float32)
+        raw = logits
         if logits.shape[0] != b:
             raise ValueError(f"{logits.shape[0]} logit rows for {b} sequences")
         vocab = int(logits.shape[1])
@@ -225,13 +234,16 @@ class GpuSampler:
             raise ValueError(
                 f"ids output of shape {out.shape} {out.dtype} for {b} rows: a contiguous [B] int64"
             )
+        fused = sound is not None and logits is raw and not params[0].any()
         if not params[0].any():  # all greedy (min_p: sampled rows only)
-            self.argmax(logits, out)
+            self.argmax(logits, out, sound if fused else None)
         else:
             dparams = cp.asarray(params)
             if min_p is not None:
                 self.min_p_mask(logits, dparams, *min_p)
             self.sample_rows(logits, dparams, out)
+        if sound is not None and not fused:
+            self.sound_rows(raw, sound)
         return out
 
     def sample_rows(self, logits, params, out, radix: bool = False) -> None:

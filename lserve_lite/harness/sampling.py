@@ -29,7 +29,7 @@ def case_sampling(c: Ctx) -> list[Result]:
         sampler.argmax(cp.asarray(x), got)
         miss = int(np.sum(got.get() != np.argmax(x, axis=1)))
         out.append(Result("argmax_rows", f"B{b} V{vocab}" + (" ties" if ties else ""), miss, 0.0, miss == 0))
-    out.append(_case_sound_rows(c))
+    out += _case_sound_rows(c)
     for b, vocab, kind in [
         (48, 49152, "mixed"),
         (9, 777, "mixed"),
@@ -72,16 +72,25 @@ def case_sampling(c: Ctx) -> list[Result]:
     return out
 
 
-def _case_sound_rows(c: Ctx) -> Result:
-    """sound_rows against sound_rows_ref: a NaN, +-inf, all-zero and all-equal rows, one logit apart, random ones."""
+def _case_sound_rows(c: Ctx) -> list[Result]:
+    """sound_rows against sound_rows_ref: a NaN, +-inf, all-zero and all-equal rows, one logit apart, random ones;
+    and argmax_rows asked for the same flags from its own pass (a greedy step's check), its ids against np.argmax
+    on the sound rows."""
     b, vocab = 9, 128256
     x = (c.rng.standard_normal((b, vocab)) * 3).astype(np.float32)
     x[0, vocab - 1], x[1, 4096], x[2, 0], x[3], x[4] = np.nan, np.inf, -np.inf, 0.0, 2.5
     x[5] = 2.5
     x[5, 70000] = np.nextafter(np.float32(2.5), np.float32(3))
-    got, want = c.ops.sampler.sound_rows(c.cp.asarray(x)).get(), sound_rows_ref(x)
+    want = sound_rows_ref(x)
+    got = c.ops.sampler.sound_rows(c.cp.asarray(x)).get()
     miss = int(np.sum(got != want))
-    return Result("sound_rows", f"B{b} V{vocab}", miss, 0.0, miss == 0 and int(want.sum()) == 4)
+    out = [Result("sound_rows", f"B{b} V{vocab}", miss, 0.0, miss == 0 and int(want.sum()) == 4)]
+    ids, flags = c.poison((b,), np.int64), c.cp.full((b,), 7, c.cp.uint8)  # 7: neither flag
+    c.ops.sampler.argmax(c.cp.asarray(x), ids, flags)
+    fine = want.astype(bool)
+    miss = int(np.sum(flags.get() != want)) + int(np.sum(ids.get()[fine] != np.argmax(x[fine], axis=1)))
+    out.append(Result("argmax_rows + sound", f"B{b} V{vocab}", miss, 0.0, miss == 0))
+    return out
 
 
 def sampling_rows(rng: np.random.Generator, b: int, vocab: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
