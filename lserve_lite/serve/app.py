@@ -318,7 +318,12 @@ def create_app(
         plan = replace(req.tool_plan, short_ids=short_ids) if chat and req.tool_plan else None
         if failed is not None:
             close_all(handles)
-            if plan and plan.forced and isinstance(failed, ApiError) and failed.param == "response_format":
+            if (
+                plan
+                and plan.holds(req.response_format)
+                and isinstance(failed, ApiError)
+                and failed.param == "response_format"
+            ):
                 raise ApiError(
                     400, "tools: the functions' parameters:" + failed.message.partition(":")[2], "tools"
                 )
