@@ -1072,15 +1072,15 @@ def test_call_ids_as_mistrals_template_takes_them_back(tmp_path):
     from tiny_models import make_tiny_numpy
 
     from lserve_lite.engine.llm_engine import LLMEngine
-    from lserve_lite.engine.tool_calls import short_call_ids
+    from lserve_lite.engine.tool_calls import call_form
     from lserve_lite.serve.app import ServerThread, create_app
     from lserve_lite.tokenizer import Tokenizer
 
     path = make_tiny_numpy(tmp_path)
-    assert not short_call_ids(Tokenizer(path))  # ChatML, tools in the system message
+    assert not call_form(Tokenizer(path))["short_ids"]  # ChatML, tools in the system message
     cfg = json.loads((path / "tokenizer_config.json").read_text())
     (path / "tokenizer_config.json").write_text(json.dumps(cfg | {"chat_template": MISTRAL_V03}))
-    assert short_call_ids(Tokenizer(path))
+    assert call_form(Tokenizer(path))["short_ids"]
     engine = LLMEngine(str(path), "cpu", EngineConfig(**CFG))
     with ServerThread(create_app(engine, served_model_name="tiny")) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
@@ -1104,6 +1104,52 @@ def test_call_ids_as_mistrals_template_takes_them_back(tmp_path):
         ).json()["tokens"]
         text = engine.tokenizer.decode(prompt, False)
         assert f'"id": "{call.id}"}}]' in text and f'"call_id": "{call.id}"}}[/TOOL_RESULTS]' in text
+
+
+HERMES_LIKE = (
+    "{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}{% endif %}"
+    "{% for m in messages %}[{{ m.role }}]{{ m.content or '' }}{% for c in m.tool_calls or [] %}<tool_call>\n"
+    "{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}\n</tool_call>{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+)
+
+
+def test_strict_tools_hold_where_the_model_writes_tagged_calls(marker_dir, tmp_path):
+    """Strict tools' grammar asks for <tool_call> blocks: it holds where the model writes them (its template reads
+    no tools, and the system message shows them; or it renders calls so, as Hermes / Qwen), not where the template
+    renders another format (Mistral's [TOOL_CALLS], Llama's bare JSON): the grammar forced such a model's calls
+    into a format it does not write, and masked its marker out. LLM.chat and the server alike."""
+    import shutil
+
+    from lserve_lite import LLM, SamplingParams
+    from lserve_lite.engine.llm_engine import LLMEngine
+    from lserve_lite.engine.tool_calls import call_form
+    from lserve_lite.serve.app import ServerThread, create_app
+    from lserve_lite.tokenizer import Tokenizer
+
+    def with_template(name: str, template: str):
+        path = tmp_path / name
+        shutil.copytree(marker_dir, path)
+        cfg = json.loads((path / "tokenizer_config.json").read_text())
+        (path / "tokenizer_config.json").write_text(json.dumps(cfg | {"chat_template": template}))
+        return path
+
+    mistral, hermes = with_template("mistral", MISTRAL_V03), with_template("hermes", HERMES_LIKE)
+    assert call_form(Tokenizer(marker_dir)) == {"short_ids": False, "tagged": True}
+    assert call_form(Tokenizer(mistral)) == {"short_ids": True, "tagged": False}
+    assert call_form(Tokenizer(hermes)) == {"short_ids": False, "tagged": True}
+    ask = [{"role": "user", "content": "hi"}]
+    for path, guided in ((marker_dir, True), (mistral, False)):
+        llm = LLM(str(path), backend="cpu", config=EngineConfig(**CFG))
+        mark = llm.tokenizer.token_id("[TOOL_CALLS]")
+        bias = {mark: 100.0}  # samples the marker where no grammar masks it
+        out = llm.chat(ask, SamplingParams(max_new_tokens=3, temperature=0, logit_bias=bias), tools=[STRICT])
+        assert (out.text == "[TOOL_CALLS]" * 3) != guided, (path, out.text)
+        engine = LLMEngine(str(path), "cpu", EngineConfig(**CFG))
+        with ServerThread(create_app(engine, served_model_name="tiny")) as url:
+            body = {"messages": ask, "tools": [STRICT], "max_tokens": 3, "temperature": 0, "logit_bias": bias}
+            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()
+        assert (r["choices"][0]["message"]["content"] == "[TOOL_CALLS]" * 3) != guided, (path, r)
 
 
 def test_tokenize_renders_the_tools_as_chat_does(server):

@@ -56,6 +56,9 @@ class ToolPlan:
     parallel: bool = True
     # calls get 9 alphanumeric characters as ids (what Mistral's templates take back), not "call_..."
     short_ids: bool = False
+    # the model writes calls as <tool_call> blocks (its template renders them so, or the system message shows them):
+    # strict tools' grammar, which asks for them, holds only then (call_form)
+    tagged: bool = True
 
     def call_id(self) -> str:
         """A new call's id, in the form the chat template takes back in the conversation that follows."""
@@ -72,8 +75,9 @@ class ToolPlan:
 
     @property
     def guided(self) -> bool:
-        """With "auto", a strict tool: a grammar (`grammar`) allows text or <tool_call> blocks whose calls match."""
-        return not self.forced and any(t.strict for t in self.tools)
+        """With "auto", a strict tool and a model that writes <tool_call> blocks: a grammar (`grammar`) allows text or
+        such blocks whose calls match."""
+        return not self.forced and self.tagged and any(t.strict for t in self.tools)
 
     @property
     def markers(self) -> tuple[str, ...]:
@@ -413,26 +417,28 @@ def _partial_tag(s: str, start: int, tags: tuple[str, ...]) -> int:
     return 0
 
 
-def short_call_ids(tok: Tokenizer) -> bool:
-    """Whether the chat template takes back only Mistral's call ids (9 alphanumeric characters; v0.3 and Nemo
-    raise on any other, so a follow-up request with "call_..." ids failed): probed by rendering a call and its
-    result with each kind of id. A template that does not read tools never renders ids."""
+def call_form(tok: Tokenizer) -> dict:
+    """How the model's chat template takes calls, as ToolPlan's fields: `short_ids`, whether it takes back only
+    Mistral's call ids (9 alphanumeric characters; v0.3 and Nemo raise on any other, so a follow-up request with
+    "call_..." ids failed), and `tagged`, whether its calls are <tool_call> blocks (Hermes / Qwen; not Mistral's
+    [TOOL_CALLS] nor Llama's bare JSON). Probed by rendering a call and its result with each kind of id; a template
+    that does not read tools renders no ids, and the system message shows the model <tool_call> blocks."""
     if not tok.template_reads_tools:
-        return False
+        return {"short_ids": False, "tagged": True}
+    long, short = (_rendered_call(tok, ToolPlan((), "auto", short_ids=s).call_id()) for s in (False, True))
+    short_ids = long is None and short is not None
+    return {"short_ids": short_ids, "tagged": OPEN in ((short if short_ids else long) or "")}
 
-    def renders(call_id: str) -> bool:
-        call = {"id": call_id, "type": "function", "function": {"name": "f", "arguments": {}}}
-        msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [call]},
-                {"role": "tool", "tool_call_id": call_id, "content": "y"}]  # fmt: skip
-        try:
-            tok.render_chat(msgs, tools=[Tool("f", "", {"type": "object"}).spec()])
-        except InvalidRequestError:
-            return False
-        return True
 
-    return not renders(ToolPlan((), "auto").call_id()) and renders(
-        ToolPlan((), "auto", short_ids=True).call_id()
-    )
+def _rendered_call(tok: Tokenizer, call_id: str) -> str | None:
+    """The chat template's text for a call of a tool `f` with id `call_id` and its result; None if it raises."""
+    call = {"id": call_id, "type": "function", "function": {"name": "f", "arguments": {}}}
+    msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call_id, "content": "y"}]  # fmt: skip
+    try:
+        return tok.render_chat(msgs, tools=[Tool("f", "", {"type": "object"}).spec()])
+    except InvalidRequestError:
+        return None
 
 
 def plan_tools(tools: list | None, tool_choice: object, parallel: bool | None) -> ToolPlan | None:

@@ -14,6 +14,7 @@ import math
 import re
 import time
 import uuid
+from dataclasses import replace
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
@@ -400,6 +401,12 @@ class ChatCompletionRequest(_Request):
     @property
     def max_tokens_field(self) -> str:
         return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
+
+    def fit_tools(self, form: dict) -> None:
+        """Fits the tool plan to the model's chat template (ToolPlan fields from call_form: its call ids, whether
+        its calls are <tool_call> blocks), before the reply's format and parser read it."""
+        if self._tool_plan:
+            self._tool_plan = replace(self._tool_plan, **form)
 
     @property
     def tool_plan(self) -> ToolPlan | None:
