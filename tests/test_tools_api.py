@@ -884,6 +884,25 @@ def test_auto_streamed_equals_whole(client, tool):
     assert deltas[-1].finish_reason == whole.choices[0].finish_reason
 
 
+def test_the_openai_sdks_strict_tool_under_auto(client):
+    """openai.pydantic_function_tool (strict, as the Agents SDK's tools) with the default tool_choice: its grammar
+    builds from the SDK's schema, and every sampled reply is text or calls whose arguments match it."""
+    openai, pydantic = pytest.importorskip("openai"), pytest.importorskip("pydantic")
+
+    class Weather(pydantic.BaseModel):
+        city: str
+        unit: str = "c"
+
+    tool = openai.pydantic_function_tool(Weather)
+    assert tool["function"]["strict"] is True
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "weather?"}], tools=[tool],
+                                       n=4, temperature=1.0, seed=0, max_tokens=40)  # fmt: skip
+    for c in r.choices:
+        assert c.message.content or c.message.tool_calls, c
+        for call in c.message.tool_calls or []:
+            Weather.model_validate_json(call.function.arguments)
+
+
 def test_auto_calls_streamed_as_the_openai_helper_assembles_them(client):
     """A reply of bare JSON calls (forced here by a response_format const) with "auto": the openai client's stream
     helper assembles the same calls and content (null: the first chunk carried content "") as the whole reply;
