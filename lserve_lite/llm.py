@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .config import EngineConfig
 from .engine.llm_engine import LLMEngine, StepOutput
-from .engine.tool_calls import plan_tools, prompt_messages, short_call_ids
+from .engine.tool_calls import call_form, plan_tools, prompt_messages
 from .errors import InvalidRequestError, LServeError
 from .sampling_params import MAX_LOGPROBS, SamplingParams, refuse_set
 from .sequence import TokenLogprob
@@ -303,7 +303,7 @@ class LLM:
         per_conv = _per_prompt(sampling_params, len(convs))
         plan = plan_tools(tools, tool_choice, parallel_tool_calls)
         if plan:  # a forced choice's schema; with "auto", the marker tokens of calls kept in the text
-            plan = replace(plan, short_ids=self._short_call_ids)
+            plan = replace(plan, **self._call_form)
             per_conv = [
                 replace(
                     p,
@@ -380,9 +380,9 @@ class LLM:
             return self.engine.score(token_ids)
 
     @cached_property
-    def _short_call_ids(self) -> bool:
-        """Whether the chat template takes back only Mistral's 9-character call ids (probed once)."""
-        return short_call_ids(self.tokenizer)
+    def _call_form(self) -> dict:
+        """How the chat template takes calls: Mistral's 9-character ids, <tool_call> blocks (probed once)."""
+        return call_form(self.tokenizer)
 
     def _add(self, prompt, params: SamplingParams) -> str:
         """Queue one request with its output box, under the lock: a step in another thread between the two

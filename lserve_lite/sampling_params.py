@@ -35,6 +35,9 @@ class _Default(int):
 DEFAULT_MAX_NEW_TOKENS = _Default(256)
 _UNSET = object()  # max_tokens not given (None is vLLM's "up to the context limit")
 _STRUCTURED = "use response_format (json_object or json_schema)"
+# response_format types: OpenAI's, and "lark" (a grammar beside a JSON schema), which the server's clients may not send
+OPENAI_FORMATS = ("text", "json_object", "json_schema")
+FORMATS = (*OPENAI_FORMATS, "lark")
 
 # vLLM's sampling options that are not implemented here: each with its value that means "off" (accepted, as is None)
 # and what to do instead. SamplingParams refuses any other value in one line, and so does the server for these
@@ -145,9 +148,10 @@ class _Params:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
-    response_format: dict | None = (
-        None  # {"type": "json_object"} or {"type": "json_schema", "json_schema": ...}
-    )
+    # {"type": "json_object"} or {"type": "json_schema", "json_schema": ...}; or {"type": "lark", "lark": <an
+    # llguidance Lark grammar>, "json_schema": ...}, whose `@<json_schema's name>` is that schema (tool_choice "auto"
+    # with strict tools: ToolPlan.reply_format)
+    response_format: dict | None = None
     # special tokens whose text stays in the output (the markers a tool-call parser reads); others are dropped
     keep_special_tokens: list[str] = field(default_factory=list)
     # vLLM's: until this many tokens are generated EOS and stop_token_ids are masked out; stop strings end past them
@@ -230,17 +234,19 @@ class _Params:
         fmt = self.response_format  # its shape before `constrained` reads it (a string was an AttributeError)
         if fmt is not None:
             kind = fmt.get("type") if isinstance(fmt, dict) else None
-            if kind not in ("text", "json_object", "json_schema"):
+            if kind not in FORMATS:
                 raise InvalidRequestError(
                     "response_format must be {'type': 'text' | 'json_object' | 'json_schema', ...}"
                 )
-            if kind == "json_schema" and not isinstance(schema_of(fmt), (dict, bool)):
-                raise InvalidRequestError("response_format json_schema needs a 'schema' object")
+            if kind in ("json_schema", "lark") and not isinstance(schema_of(fmt), (dict, bool)):
+                raise InvalidRequestError(f"response_format {kind} needs a 'schema' object")
+            if kind == "lark" and not isinstance(fmt.get("lark"), str):
+                raise InvalidRequestError("response_format lark needs a 'lark' grammar (a string)")
         check_min_tokens(self.min_tokens, self.max_new_tokens)
         if self.min_tokens and self.constrained:
             raise InvalidRequestError(
-                "min_tokens cannot be combined with response_format or a forced tool_choice (a grammar may end "
-                "the reply first)"
+                "min_tokens cannot be combined with response_format, a forced tool_choice or strict tools (a grammar "
+                "may end the reply first)"
             )
 
     def candidates(self) -> list[SamplingParams]:

@@ -137,19 +137,113 @@ def test_auto_reply_split_into_content_and_calls():
     assert plan.parse("") == ("", [])  # no call: the text as it is
 
 
-def test_strict_is_enforced_only_where_the_choice_is_forced():
-    """OpenAI's `strict: true` (the openai SDK's pydantic_function_tool sets it) is accepted: with a forced
-    tool_choice the grammar holds every call to its tool's schema; with "auto" no grammar constrains the reply (the
-    model may answer in text), so a call whose arguments break the schema is returned as the model wrote it, as
-    docs/SERVE.md and README's limits say."""
-    strict = {"type": "function", "function": WEATHER["function"] | {"strict": True}}
-    auto = plan_tools([strict], "auto", None)
-    assert auto.reply_format(None) is None
-    _, calls = auto.parse('<tool_call>{"name": "get_weather", "arguments": {"town": 5}}</tool_call>')
-    assert json.loads(calls[0]["function"]["arguments"]) == {"town": 5}
+STRICT = {"type": "function", "function": WEATHER["function"] | {"strict": True}}
+
+
+def test_strict_tools_under_auto_get_a_grammar_of_text_or_calls():
+    """OpenAI's `strict: true` (the openai SDK's pydantic_function_tool and the Agents SDK set it) holds with "auto"
+    too: the reply's grammar is text without <tool_call>, or text up to the first <tool_call> and then calls in
+    their tags, one without parallel calls; a strict tool's arguments are held to its parameters, another's to
+    any JSON object. A forced choice holds every call to its schema, strict or not."""
+    plan = plan_tools([STRICT, TIME], "auto", None)
+    fmt = plan.reply_format(None)
+    assert fmt["type"] == "lark" and fmt["json_schema"]["name"] == "call"
+    weather, time_ = fmt["json_schema"]["schema"]["anyOf"]
+    assert weather["properties"]["name"] == {"const": "get_weather"}
+    assert weather["properties"]["arguments"]["properties"] == WEATHER["function"]["parameters"]["properties"]
+    assert time_["properties"]["arguments"] == {"$id": "urn:lserve-lite:tool:get_time", "type": "object"}
+    start, text, prefix = fmt["lark"].splitlines()
+    assert start.startswith("start: TEXT | prefix ") and start.count("@call") == 2  # a first call, then more
+    assert (
+        text == "TEXT: /(?s:.*)/ & ~/(?s:.*)<tool_call>(?s:.*)/"
+        and prefix == "prefix[lazy]: /(?s:.*)<tool_call>/"
+    )
+    one = plan_tools([STRICT, TIME], "auto", False).reply_format(None)["lark"]
+    assert one.splitlines()[0].count("@call") == 1 and "*" not in one.splitlines()[0]
+    # a request's own format holds (the reply is its JSON); no strict tool: no grammar, the markers read
+    assert plan.reply_format({"type": "json_object"}) == {"type": "json_object"}
+    assert plan.reply_format({"type": "text"})["type"] == "lark"
+    loose = plan_tools([WEATHER, TIME], "auto", None)
+    assert loose.reply_format(None) is None and loose.markers and not plan.markers
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        schema = json.dumps(plan_tools([strict], choice, None).reply_format(None))
+        schema = json.dumps(plan_tools([WEATHER], choice, None).reply_format(None))
         assert json.dumps(WEATHER["function"]["parameters"]["properties"]) in schema, choice
+    with pytest.raises(InvalidRequestError, match=r"tools\[0\].function.strict: must be true or false"):
+        plan_tools([{"type": "function", "function": WEATHER["function"] | {"strict": "yes"}}], "auto", None)
+
+
+def test_the_strict_grammar_allows_text_or_valid_calls(tiny_dir):
+    """The grammar compiled with a model's tokenizer: text, and text then calls whose arguments match, pass;
+    a strict call's invalid arguments, text after a call, and a second call without parallel calls do not."""
+    from lserve_lite.engine.structured import Grammars
+    from lserve_lite.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_dir)
+    grammars = Grammars(tok, 320, [2])
+
+    def allowed(plan, text: str) -> bool:
+        m, _ = grammars.matcher(plan.reply_format(None))
+        ids = tok.encode(text)
+        if m.validate_tokens(ids) != len(ids):
+            return False
+        m.consume_tokens(ids)
+        return m.is_accepting()
+
+    call = '<tool_call>\n{"name":"get_weather","arguments":{"city":"Rome","unit":"c"}}\n</tool_call>'
+    other = '<tool_call>\n{"name":"get_time","arguments":{"any":[1]}}\n</tool_call>'  # not strict: any object
+    plan, one = plan_tools([STRICT, TIME], "auto", None), plan_tools([STRICT, TIME], "auto", False)
+    for text in ("It is sunny.", "a <tool_call is text", f"Checking. {call}", f"{call}\n{other}", other):
+        assert allowed(plan, text), text
+    refused = [
+        call.replace('"c"', '"k"'),  # not in the enum
+        call.replace('"unit":"c"', '"town":"x"'),  # a key the schema does not allow
+        f"{call} done",  # text after a call
+        call.replace("get_weather", "nope"),  # no such tool
+        '<tool_call>{"name":"get_time","arguments":{}}</tool_call>',  # not in the tags' lines
+    ]
+    for text in refused:
+        assert not allowed(plan, text), text
+    assert allowed(one, call) and not allowed(one, f"{call}\n{other}")
+
+
+def test_a_strict_auto_reply_reads_calls_in_tags_only():
+    """What the grammar allows is what the parser reads: <tool_call> blocks are calls (whole or streamed); text
+    that would be Llama's bare JSON or a Mistral marker's calls stays content, as the grammar allowed it as text."""
+    plan = plan_tools([STRICT, TIME], "auto", None)
+    bare = '{"name": "get_time", "parameters": {}}'
+    assert plan.parse(bare) == (bare, []) and plan.parse("[TOOL_CALLS]" + bare) == ("[TOOL_CALLS]" + bare, [])
+    reply = (
+        'Checking. <tool_call>\n{"name":"get_weather","arguments":{"city":"Rome","unit":"c"}}\n</tool_call>'
+    )
+    content, calls = plan.parse(reply)
+    assert content == "Checking. " and [c["function"]["name"] for c in calls] == ["get_weather"]
+    for step in (1, 3, 7):
+        streamed, got = _fed(plan, [reply[i : i + step] for i in range(0, len(reply), step)])
+        assert (streamed, _named(got)) == (content, _named(calls)), step
+
+
+def test_a_strict_call_under_auto_matches_its_schema_with_smollm2(smollm2_cpu):
+    """SmolLM2, shown earlier calls without the required `unit`, copies them under "auto": a plain tool's call
+    breaks its schema, a strict tool's (the grammar) does not; a plain question still gets a plain reply."""
+
+    def call(i: int, city: str) -> dict:
+        fn = {"name": "get_weather", "arguments": json.dumps({"city": city})}
+        return {"id": f"call_{i}", "type": "function", "function": fn}
+
+    from lserve_lite import SamplingParams
+
+    ask = []
+    for i, city in enumerate(["Paris", "Oslo", "Lima"]):
+        ask += [{"role": "user", "content": f"Weather in {city}?"},
+                {"role": "assistant", "content": None, "tool_calls": [call(i, city)]}]  # fmt: skip
+    ask.append({"role": "user", "content": "Weather in Rome?"})
+    greedy = SamplingParams(temperature=0, max_new_tokens=60)
+    loose, strict = (smollm2_cpu.chat(ask, greedy, tools=[t]) for t in (WEATHER, STRICT))
+    assert loose.tool_calls and not valid_weather(loose.tool_calls[0]["function"]["arguments"])  # no "unit"
+    (made,) = strict.tool_calls
+    assert strict.finish_reason == "tool_calls" and valid_weather(made["function"]["arguments"]), strict
+    hello = smollm2_cpu.chat([{"role": "user", "content": "Say hello."}], greedy, tools=[STRICT])
+    assert hello.tool_calls is None and hello.text.strip() and hello.finish_reason == "stop", hello
 
 
 def test_one_call_at_most_without_parallel_calls():
@@ -500,9 +594,12 @@ def test_the_engine_keeps_the_markers_of_auto_tool_choice(marker_dir):
     assert (
         keeps(tools=[WEATHER], tool_choice="required")
         == keeps(tools=[WEATHER], tool_choice="none")
+        == keeps(tools=[STRICT, TIME])  # strict tools' grammar: calls in <tool_call> blocks, no markers
         == keeps()
         == []
     )
+    strict = parse(ChatCompletionRequest, {"messages": ask, "tools": [STRICT]}).sampling_params(8)
+    assert strict.response_format["type"] == "lark" and strict.constrained
 
 
 # -- the prompt -------------------------------------------------------------------------------------------------
@@ -770,18 +867,40 @@ def test_a_forced_call_cut_short_is_a_tool_call(client):
     assert "".join(d.content or "" for d in deltas) == "" and not any(d.tool_calls for d in deltas)
 
 
-def test_auto_streamed_equals_whole(client):
-    """tool_choice auto, greedy: the streamed content and calls equal the non-streamed reply's."""
+@pytest.mark.parametrize("tool", [WEATHER, STRICT])
+def test_auto_streamed_equals_whole(client, tool):
+    """tool_choice auto, greedy: the streamed content and calls equal the non-streamed reply's (a strict tool's
+    grammar allows the tiny model's text)."""
     ask = [{"role": "user", "content": "weather?"}]
     whole = client.chat.completions.create(
-        model="tiny", messages=ask, tools=[WEATHER], max_tokens=40, temperature=0
+        model="tiny", messages=ask, tools=[tool], max_tokens=40, temperature=0
     )
-    chunks = client.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER], max_tokens=40, temperature=0,
+    assert whole.choices[0].message.content
+    chunks = client.chat.completions.create(model="tiny", messages=ask, tools=[tool], max_tokens=40, temperature=0,
                                             stream=True)  # fmt: skip
     deltas = [c.choices[0] for c in chunks if c.choices]
     text = "".join(d.delta.content or "" for d in deltas)
     assert text == (whole.choices[0].message.content or "")
     assert deltas[-1].finish_reason == whole.choices[0].finish_reason
+
+
+def test_the_openai_sdks_strict_tool_under_auto(client):
+    """openai.pydantic_function_tool (strict, as the Agents SDK's tools) with the default tool_choice: its grammar
+    builds from the SDK's schema, and every sampled reply is text or calls whose arguments match it."""
+    openai, pydantic = pytest.importorskip("openai"), pytest.importorskip("pydantic")
+
+    class Weather(pydantic.BaseModel):
+        city: str
+        unit: str = "c"
+
+    tool = openai.pydantic_function_tool(Weather)
+    assert tool["function"]["strict"] is True
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "weather?"}], tools=[tool],
+                                       n=4, temperature=1.0, seed=0, max_tokens=40)  # fmt: skip
+    for c in r.choices:
+        assert c.message.content or c.message.tool_calls, c
+        for call in c.message.tool_calls or []:
+            Weather.model_validate_json(call.function.arguments)
 
 
 def test_auto_calls_streamed_as_the_openai_helper_assembles_them(client):
@@ -824,6 +943,12 @@ def test_tool_errors_through_the_server(server):
             "response_format",
         ),
         (dict(tools=[bad_schema], tool_choice="required"), "tools"),
+        # strict tools' grammar is built from `tools`; a client may not send the engine's own "lark" format
+        (dict(tools=[{"type": "function", "function": bad_schema["function"] | {"strict": True}}]), "tools"),
+        (
+            dict(response_format={"type": "lark", "lark": 'start: "a"', "json_schema": {"schema": {}}}),
+            "response_format",
+        ),
     ]
     for body, param in cases:
         r = post(**body)
@@ -841,6 +966,8 @@ def test_tool_errors_through_the_server(server):
     # min_tokens with a forced choice (whose calls' grammar may end first): it named only response_format, unsent
     err = post(tools=[WEATHER], tool_choice="required", min_tokens=2).json()["error"]
     assert err["param"] == "min_tokens" and "forced tool_choice" in err["message"], err
+    err = post(tools=[STRICT], min_tokens=2).json()["error"]  # strict tools' grammar under "auto" alike
+    assert err["param"] == "min_tokens" and "strict tools" in err["message"], err
     assert server[1].blocks.num_used == 0
 
 
@@ -964,15 +1091,15 @@ def test_call_ids_as_mistrals_template_takes_them_back(tmp_path):
     from tiny_models import make_tiny_numpy
 
     from lserve_lite.engine.llm_engine import LLMEngine
-    from lserve_lite.engine.tool_calls import short_call_ids
+    from lserve_lite.engine.tool_calls import call_form
     from lserve_lite.serve.app import ServerThread, create_app
     from lserve_lite.tokenizer import Tokenizer
 
     path = make_tiny_numpy(tmp_path)
-    assert not short_call_ids(Tokenizer(path))  # ChatML, tools in the system message
+    assert not call_form(Tokenizer(path))["short_ids"]  # ChatML, tools in the system message
     cfg = json.loads((path / "tokenizer_config.json").read_text())
     (path / "tokenizer_config.json").write_text(json.dumps(cfg | {"chat_template": MISTRAL_V03}))
-    assert short_call_ids(Tokenizer(path))
+    assert call_form(Tokenizer(path))["short_ids"]
     engine = LLMEngine(str(path), "cpu", EngineConfig(**CFG))
     with ServerThread(create_app(engine, served_model_name="tiny")) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
@@ -996,6 +1123,52 @@ def test_call_ids_as_mistrals_template_takes_them_back(tmp_path):
         ).json()["tokens"]
         text = engine.tokenizer.decode(prompt, False)
         assert f'"id": "{call.id}"}}]' in text and f'"call_id": "{call.id}"}}[/TOOL_RESULTS]' in text
+
+
+HERMES_LIKE = (
+    "{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}{% endif %}"
+    "{% for m in messages %}[{{ m.role }}]{{ m.content or '' }}{% for c in m.tool_calls or [] %}<tool_call>\n"
+    "{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}\n</tool_call>{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+)
+
+
+def test_strict_tools_hold_where_the_model_writes_tagged_calls(marker_dir, tmp_path):
+    """Strict tools' grammar asks for <tool_call> blocks: it holds where the model writes them (its template reads
+    no tools, and the system message shows them; or it renders calls so, as Hermes / Qwen), not where the template
+    renders another format (Mistral's [TOOL_CALLS], Llama's bare JSON): the grammar forced such a model's calls
+    into a format it does not write, and masked its marker out. LLM.chat and the server alike."""
+    import shutil
+
+    from lserve_lite import LLM, SamplingParams
+    from lserve_lite.engine.llm_engine import LLMEngine
+    from lserve_lite.engine.tool_calls import call_form
+    from lserve_lite.serve.app import ServerThread, create_app
+    from lserve_lite.tokenizer import Tokenizer
+
+    def with_template(name: str, template: str):
+        path = tmp_path / name
+        shutil.copytree(marker_dir, path)
+        cfg = json.loads((path / "tokenizer_config.json").read_text())
+        (path / "tokenizer_config.json").write_text(json.dumps(cfg | {"chat_template": template}))
+        return path
+
+    mistral, hermes = with_template("mistral", MISTRAL_V03), with_template("hermes", HERMES_LIKE)
+    assert call_form(Tokenizer(marker_dir)) == {"short_ids": False, "tagged": True}
+    assert call_form(Tokenizer(mistral)) == {"short_ids": True, "tagged": False}
+    assert call_form(Tokenizer(hermes)) == {"short_ids": False, "tagged": True}
+    ask = [{"role": "user", "content": "hi"}]
+    for path, guided in ((marker_dir, True), (mistral, False)):
+        llm = LLM(str(path), backend="cpu", config=EngineConfig(**CFG))
+        mark = llm.tokenizer.token_id("[TOOL_CALLS]")
+        bias = {mark: 100.0}  # samples the marker where no grammar masks it
+        out = llm.chat(ask, SamplingParams(max_new_tokens=3, temperature=0, logit_bias=bias), tools=[STRICT])
+        assert (out.text == "[TOOL_CALLS]" * 3) != guided, (path, out.text)
+        engine = LLMEngine(str(path), "cpu", EngineConfig(**CFG))
+        with ServerThread(create_app(engine, served_model_name="tiny")) as url:
+            body = {"messages": ask, "tools": [STRICT], "max_tokens": 3, "temperature": 0, "logit_bias": bias}
+            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()
+        assert (r["choices"][0]["message"]["content"] == "[TOOL_CALLS]" * 3) != guided, (path, r)
 
 
 def test_tokenize_renders_the_tools_as_chat_does(server):

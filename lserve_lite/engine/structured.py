@@ -94,9 +94,8 @@ class Grammars:
 
     def _matcher(self, response_format: dict) -> tuple[object, np.ndarray]:
         llg = self._llg()
-        schema = (
-            {"type": "object"} if response_format["type"] == "json_object" else schema_of(response_format)
-        )
+        kind = response_format["type"]
+        schema = {"type": "object"} if kind == "json_object" else schema_of(response_format)
         if schema is False:
             raise InvalidRequestError("response_format: the JSON schema false allows no value")
         if schema is True:  # JSON Schema's `true`: any value (llguidance takes objects only)
@@ -105,27 +104,39 @@ class Grammars:
             text = json.dumps(schema)
         except (ValueError, TypeError, RecursionError) as e:
             raise InvalidRequestError(f"response_format: invalid JSON schema ({_one_line(e)})") from None
-        built = self._built.get(text)
+        # a Lark grammar's key: the grammar, a NUL, then its schema (json.dumps writes no NUL: no schema's key has one)
+        key = text if kind != "lark" else f"{response_format['lark']}\0{text}"
+        built = self._built.get(key)
         if built is None:
             if _depth(schema) > MAX_SCHEMA_DEPTH:
                 raise InvalidRequestError(
                     f"response_format: the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels (its $refs "
                     "followed), which llguidance cannot compile"
                 )
-            built = self._build(llg, _held_numbers(text))
-            self._built[text] = built
+            held = _held_numbers(text)
+            if kind == "lark":  # the schema is the grammar's @name
+                name = response_format["json_schema"].get("name", "schema")
+                sub = {"name": name, "json_schema": {**json.loads(held), "x-guidance": JSON_OPTIONS}}
+                grammar = json.dumps({"grammars": [{"lark_grammar": response_format["lark"]}, sub]})
+            else:
+                grammar = self._grammar_of(llg, held)
+            built = self._build(llg, grammar)
+            self._built[key] = built
             while len(self._built) > 1 and (
                 len(self._built) > CACHED_SCHEMAS or sum(map(len, self._built)) > CACHED_CHARS
             ):
                 self._built.popitem(last=False)
-        self._built.move_to_end(text)
+        self._built.move_to_end(key)
         return built[0].deep_copy(), built[1]
 
-    def _build(self, llg, schema: str) -> tuple[object, np.ndarray]:
+    @staticmethod
+    def _grammar_of(llg, schema: str) -> str:
         try:
-            grammar = llg.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+            return llg.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
         except (ValueError, TypeError, RecursionError) as e:
             raise InvalidRequestError(f"response_format: invalid JSON schema ({_one_line(e)})") from None
+
+    def _build(self, llg, grammar: str) -> tuple[object, np.ndarray]:
         m = llg.LLMatcher(self._ll_tok, grammar, log_level=0)
         # some schemas (e.g. {"$ref": "#"}) fail only at the first mask: compute it now and refuse them here
         first = None if m.is_error() else m.compute_bitmask()

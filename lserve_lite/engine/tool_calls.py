@@ -5,7 +5,8 @@
 (v0.3 / Nemo: an array of calls) or Llama 3.1's `<|python_tag|>` (ended by `<|eom_id|>` / `<|eot_id|>` if
 they show). The markers are special tokens, which the detokenizer drops: a request with "auto" keeps their text
 (`ToolPlan.markers`, as SamplingParams.keep_special_tokens). `tool_choice` "required" or a named function is
-enforced by constrained decoding instead (a JSON schema of the calls), so it holds for any model."""
+enforced by constrained decoding instead (a JSON schema of the calls), so it holds for any model; so is "auto" with
+a `strict` tool, by a grammar of text or <tool_call> blocks (`ToolPlan.grammar`), the only calls then parsed."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ class Tool:
     name: str
     description: str
     parameters: dict
+    strict: bool = False  # OpenAI's: calls must match `parameters` (held by a grammar with any tool_choice)
 
     def spec(self) -> dict:
         """The tool as OpenAI's request spells it (what the prompt and native templates show)."""
@@ -54,6 +56,9 @@ class ToolPlan:
     parallel: bool = True
     # calls get 9 alphanumeric characters as ids (what Mistral's templates take back), not "call_..."
     short_ids: bool = False
+    # the model writes calls as <tool_call> blocks (its template renders them so, or the system message shows them):
+    # strict tools' grammar, which asks for them, holds only then (call_form)
+    tagged: bool = True
 
     def call_id(self) -> str:
         """A new call's id, in the form the chat template takes back in the conversation that follows."""
@@ -69,10 +74,21 @@ class ToolPlan:
         return self.mode != "auto"
 
     @property
+    def guided(self) -> bool:
+        """With "auto", a strict tool and a model that writes <tool_call> blocks: a grammar (`grammar`) allows text or
+        such blocks whose calls match."""
+        return not self.forced and self.tagged and any(t.strict for t in self.tools)
+
+    @property
     def markers(self) -> tuple[str, ...]:
         """The special tokens whose text the parser reads (and the detokenizer must keep): the marker tokens of
-        calls, with "auto" only (a forced reply is the calls' JSON alone)."""
-        return () if self.forced else tuple(LEADS)
+        calls, with "auto" only, unguided (a forced reply is the calls' JSON alone; a guided one has no markers)."""
+        return () if self.forced or self.guided else tuple(LEADS)
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        """What opens calls in an "auto" reply's text: <tool_call> alone where the grammar allows no other call."""
+        return (OPEN,) if self.guided else TAGS
 
     def system_text(self) -> str:
         """What the prompt tells the model about the tools (a system message's text)."""
@@ -93,8 +109,13 @@ class ToolPlan:
 
     def schema(self) -> dict:
         """The JSON schema of a forced reply: one call of `name` ({"name", "arguments"}), or with `required` one
-        call of any tool, or a non-empty array of them when parallel calls are allowed."""
-        calls = [_call_schema(t) for t in self.tools if self.mode != "named" or t.name == self.name]
+        call of any tool, or a non-empty array of them when parallel calls are allowed. Guided ("auto"): one call
+        of any tool, a strict one's arguments held to its parameters, another's any JSON object."""
+        calls = [
+            _call_schema(t, t.parameters if t.strict or self.forced else {})
+            for t in self.tools
+            if self.mode != "named" or t.name == self.name
+        ]
         one = calls[0] if len(calls) == 1 else {"anyOf": calls}
         return (
             {"type": "array", "minItems": 1, "items": one}
@@ -102,11 +123,35 @@ class ToolPlan:
             else one
         )
 
+    def grammar(self) -> str:
+        """A guided reply's Lark grammar (llguidance's): text without <tool_call>, or text up to the first
+        <tool_call> and then calls (one without parallel calls), each `@call` (`schema`) in its tags, as the
+        prompt shows them; nothing after the last."""
+        call = f'"\\n" @call "\\n{CLOSE}"'
+        more = f' ("\\n{OPEN}" {call})*' if self.parallel else ""
+        return (
+            f"start: TEXT | prefix {call}{more}\n"
+            f"TEXT: /(?s:.*)/ & ~/(?s:.*){OPEN}(?s:.*)/\n"
+            f"prefix[lazy]: /(?s:.*){OPEN}/\n"
+        )
+
+    def holds(self, response_format: dict | None) -> bool:
+        """Whether the reply's grammar is the plan's (built from the tools), not the request's `response_format`:
+        a forced choice's, or a guided reply's unless the request names a format of its own (which then holds)."""
+        return self.forced or (self.guided and not _own_format(response_format))
+
     def reply_format(self, response_format: dict | None) -> dict | None:
-        """The format the sampler enforces: a forced choice's calls schema, which no other format may join."""
-        if not self.forced:
+        """The format the sampler enforces: a forced choice's calls schema, which no other format may join; a
+        guided reply's grammar (`holds`); else the request's own."""
+        if not self.holds(response_format):
             return response_format
-        if response_format not in (None, {"type": "text"}):
+        if not self.forced:
+            return {
+                "type": "lark",
+                "lark": self.grammar(),
+                "json_schema": {"name": "call", "schema": self.schema()},
+            }
+        if _own_format(response_format):
             raise InvalidRequestError(
                 "response_format cannot be combined with tool_choice 'required' or a named function (both "
                 "constrain the reply)"
@@ -120,7 +165,8 @@ class ToolPlan:
         it). Auto: every well-formed <tool_call> block naming a tool is a call, and so is the JSON after a marker
         token (up to its end token, or the end of the reply) when it is wholly calls of the tools; the rest of the
         text (malformed blocks and markers included, as written) is the content, None when only whitespace is left
-        beside calls; or a reply that is wholly bare JSON calls (Llama 3.x) is those calls."""
+        beside calls; or a reply that is wholly bare JSON calls (Llama 3.x) is those calls. Guided: <tool_call>
+        blocks alone are calls (the grammar allows no other)."""
         return self.read(text)[:2]
 
     def read(self, text: str) -> tuple[str | None, list[dict], bool]:
@@ -142,17 +188,22 @@ class ToolPlan:
         return content, calls, finish_reason(finish, bool(calls) and not cut)
 
 
+def _own_format(response_format: dict | None) -> bool:
+    """Whether a request names a response format of its own (one that constrains the reply: not plain text)."""
+    return response_format not in (None, {"type": "text"})
+
+
 def finish_reason(finish: str | None, made_calls: bool) -> str | None:
     """A reply's finish reason: "tool_calls" when it made whole calls (`made_calls`) and was not cut short."""
     return "tool_calls" if made_calls and finish == "stop" else finish
 
 
-def _call_schema(t: Tool) -> dict:
-    """One call of `t`. Its parameters get a base URI of their own (unless they name one), so that their local
-    references ("#/$defs/X", as pydantic writes nested models; "#" for recursion) resolve within them, not
-    against this schema's root; and they are an object (`{}` or a schema without a type allows any value, which is
-    no call)."""
-    args = {"$id": f"urn:lserve-lite:tool:{t.name}", **t.parameters, "type": "object"}
+def _call_schema(t: Tool, parameters: dict) -> dict:
+    """One call of `t` with `parameters` as its arguments' schema. They get a base URI of their own (unless they
+    name one), so that their local references ("#/$defs/X", as pydantic writes nested models; "#" for recursion)
+    resolve within them, not against this schema's root; and they are an object (`{}` or a schema without a type
+    allows any value, which is no call)."""
+    args = {"$id": f"urn:lserve-lite:tool:{t.name}", **parameters, "type": "object"}
     return {"type": "object", "properties": {"name": {"const": t.name}, "arguments": args},
             "required": ["name", "arguments"], "additionalProperties": False}  # fmt: skip
 
@@ -253,8 +304,9 @@ class ToolStream:
         self.made = 0  # calls returned so far
         self.cut = False  # a forced reply that ended cut in a call (ToolPlan.read)
         # text: scanning for tags; block: inside <tool_call>; lead: after `lead` (a marker, "" at the reply's
-        # start), not yet known whether JSON follows; held: JSON after `lead`, held until it ends
-        self.mode, self.lead = "lead", ""
+        # start), not yet known whether JSON follows; held: JSON after `lead`, held until it ends. A guided reply's
+        # calls are in <tool_call> blocks only: its text is scanned for them alone
+        self.mode, self.lead, self.tags = "text" if plan.guided else "lead", "", plan.tags
 
     def feed(self, text: str, finished: bool = False) -> tuple[str, list[dict]]:
         """New text (the last of the reply when `finished`) -> (content to send now, calls completed by it)."""
@@ -272,9 +324,9 @@ class ToolStream:
         calls: list[dict] = []
         while True:
             if self.mode == "text":
-                at, tag = _first(buf, TAGS, self.pos)
+                at, tag = _first(buf, self.tags, self.pos)
                 if at < 0:
-                    keep = 0 if finished else _partial_tag(buf, self.pos)
+                    keep = 0 if finished else _partial_tag(buf, self.pos, self.tags)
                     out.append(buf[self.pos : len(buf) - keep])
                     self.pos = len(buf) - keep
                     break
@@ -357,34 +409,36 @@ def _first(s: str, tags: tuple[str, ...], start: int) -> tuple[int, str]:
     return (found.start(), found[0]) if found else (-1, "")
 
 
-def _partial_tag(s: str, start: int) -> int:
-    """Length of the longest suffix of s[start:] that is a proper prefix of a tag (an opening tag or a marker)."""
-    for k in range(min(len(s) - start, max(map(len, TAGS)) - 1), 0, -1):
-        if any(len(t) > k and t.startswith(s[-k:]) for t in TAGS):
+def _partial_tag(s: str, start: int, tags: tuple[str, ...]) -> int:
+    """Length of the longest suffix of s[start:] that is a proper prefix of one of `tags` (opening tags, markers)."""
+    for k in range(min(len(s) - start, max(map(len, tags)) - 1), 0, -1):
+        if any(len(t) > k and t.startswith(s[-k:]) for t in tags):
             return k
     return 0
 
 
-def short_call_ids(tok: Tokenizer) -> bool:
-    """Whether the chat template takes back only Mistral's call ids (9 alphanumeric characters; v0.3 and Nemo
-    raise on any other, so a follow-up request with "call_..." ids failed): probed by rendering a call and its
-    result with each kind of id. A template that does not read tools never renders ids."""
+def call_form(tok: Tokenizer) -> dict:
+    """How the model's chat template takes calls, as ToolPlan's fields: `short_ids`, whether it takes back only
+    Mistral's call ids (9 alphanumeric characters; v0.3 and Nemo raise on any other, so a follow-up request with
+    "call_..." ids failed), and `tagged`, whether its calls are <tool_call> blocks (Hermes / Qwen; not Mistral's
+    [TOOL_CALLS] nor Llama's bare JSON). Probed by rendering a call and its result with each kind of id; a template
+    that does not read tools renders no ids, and the system message shows the model <tool_call> blocks."""
     if not tok.template_reads_tools:
-        return False
+        return {"short_ids": False, "tagged": True}
+    long, short = (_rendered_call(tok, ToolPlan((), "auto", short_ids=s).call_id()) for s in (False, True))
+    short_ids = long is None and short is not None
+    return {"short_ids": short_ids, "tagged": OPEN in ((short if short_ids else long) or "")}
 
-    def renders(call_id: str) -> bool:
-        call = {"id": call_id, "type": "function", "function": {"name": "f", "arguments": {}}}
-        msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [call]},
-                {"role": "tool", "tool_call_id": call_id, "content": "y"}]  # fmt: skip
-        try:
-            tok.render_chat(msgs, tools=[Tool("f", "", {"type": "object"}).spec()])
-        except InvalidRequestError:
-            return False
-        return True
 
-    return not renders(ToolPlan((), "auto").call_id()) and renders(
-        ToolPlan((), "auto", short_ids=True).call_id()
-    )
+def _rendered_call(tok: Tokenizer, call_id: str) -> str | None:
+    """The chat template's text for a call of a tool `f` with id `call_id` and its result; None if it raises."""
+    call = {"id": call_id, "type": "function", "function": {"name": "f", "arguments": {}}}
+    msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call_id, "content": "y"}]  # fmt: skip
+    try:
+        return tok.render_chat(msgs, tools=[Tool("f", "", {"type": "object"}).spec()])
+    except InvalidRequestError:
+        return None
 
 
 def plan_tools(tools: list | None, tool_choice: object, parallel: bool | None) -> ToolPlan | None:
@@ -416,6 +470,9 @@ def _tool(i: int, t: object) -> Tool:
         raise InvalidRequestError(f"{where}.function.name: 1-64 letters, digits, '_' or '-', got {name!r}")
     if not isinstance(desc, str):
         raise InvalidRequestError(f"{where}.function.description: must be a string")
+    strict = fn.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise InvalidRequestError(f"{where}.function.strict: must be true or false, got {strict!r:.40}")
     if not isinstance(params, dict):
         raise InvalidRequestError(f"{where}.function.parameters: must be a JSON schema object")
     try:  # the prompt and the grammar serialize it
@@ -427,7 +484,7 @@ def _tool(i: int, t: object) -> Tool:
         raise InvalidRequestError(
             f"{where}.function.parameters: must be a schema of type 'object' (the arguments), got type {kind!r}"
         )
-    return Tool(name, desc, params)
+    return Tool(name, desc, params, strict is True)
 
 
 def _choice(choice: object, tools: tuple[Tool, ...]) -> tuple[str, str | None]:

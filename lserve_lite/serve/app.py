@@ -8,7 +8,6 @@ import logging
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import replace
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -19,7 +18,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..engine.llm_engine import LLMEngine
-from ..engine.tool_calls import prompt_messages, short_call_ids
+from ..engine.tool_calls import call_form, prompt_messages
 from ..errors import InvalidRequestError, PromptTooLongError
 from . import add_serve_args, run_from_args, run_server
 from .async_engine import AsyncEngine, RequestHandle
@@ -74,8 +73,9 @@ def create_app(
     aengine = AsyncEngine(engine, max_queue, metrics)
     model_name = served_model_name or engine.model_name
     formatter = LogprobFormatter(engine.tokenizer)
-    # calls get the ids that the template takes back (Mistral's: 9 characters)
-    short_ids = short_call_ids(engine.tokenizer)
+    # calls get the ids that the template takes back (Mistral's: 9 characters); strict tools' grammar holds where
+    # the model writes <tool_call> blocks
+    form = call_form(engine.tokenizer)
     created = now()
 
     @asynccontextmanager
@@ -229,7 +229,10 @@ def create_app(
         """A body's prompt size checked, then the body validated, in a worker thread: pydantic's validation of
         17,000 messages held the event loop, and so every stream, 0.05 s."""
         check_prompt_size(body, chat)
-        return parse(ChatCompletionRequest if chat else CompletionRequest, body)
+        req = parse(ChatCompletionRequest if chat else CompletionRequest, body)
+        if chat:
+            req.fit_tools(form)
+        return req
 
     def tokenize(req: ChatCompletionRequest | CompletionRequest, generating: bool = True) -> list[list[int]]:
         """Each prompt's token ids (one for chat); only a prompt to generate from must not be empty (/tokenize
@@ -315,10 +318,15 @@ def create_app(
             got = [e]
         handles: list[RequestHandle] = [h for h in got if isinstance(h, RequestHandle)]
         failed = next((e for e in got if isinstance(e, BaseException)), None)
-        plan = replace(req.tool_plan, short_ids=short_ids) if chat and req.tool_plan else None
+        plan = req.tool_plan if chat else None
         if failed is not None:
             close_all(handles)
-            if plan and plan.forced and isinstance(failed, ApiError) and failed.param == "response_format":
+            if (
+                plan
+                and plan.holds(req.response_format)
+                and isinstance(failed, ApiError)
+                and failed.param == "response_format"
+            ):
                 raise ApiError(
                     400, "tools: the functions' parameters:" + failed.message.partition(":")[2], "tools"
                 )

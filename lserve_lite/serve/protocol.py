@@ -14,6 +14,7 @@ import math
 import re
 import time
 import uuid
+from dataclasses import replace
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
@@ -23,6 +24,7 @@ from ..engine.tool_calls import ToolPlan, plan_tools
 from ..errors import InvalidRequestError
 from ..sampling_params import (
     MAX_LOGPROBS,
+    OPENAI_FORMATS,
     VLLM_UNSUPPORTED,
     SamplingParams,
     check_best_of,
@@ -198,6 +200,13 @@ class _Request(BaseModel):
                 refuse_set(name, getattr(self, name), off, instead)
             except InvalidRequestError as e:
                 raise ApiError(400, str(e), name) from None
+        fmt = self.response_format  # OpenAI's types only: "lark" is the engine's own (strict tools' grammar)
+        if fmt is not None and fmt.get("type") not in OPENAI_FORMATS:
+            raise ApiError(
+                400,
+                "response_format must be {'type': 'text' | 'json_object' | 'json_schema', ...}",
+                "response_format",
+            )
         # SamplingParams' rules for these ranges, checked now (not left half to pydantic: one message per field)
         for name, rule in (("top_k", check_top_k), ("repetition_penalty", check_repetition_penalty)):
             try:
@@ -393,13 +402,20 @@ class ChatCompletionRequest(_Request):
     def max_tokens_field(self) -> str:
         return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
 
+    def fit_tools(self, form: dict) -> None:
+        """Fits the tool plan to the model's chat template (ToolPlan fields from call_form: its call ids, whether
+        its calls are <tool_call> blocks), before the reply's format and parser read it."""
+        if self._tool_plan:
+            self._tool_plan = replace(self._tool_plan, **form)
+
     @property
     def tool_plan(self) -> ToolPlan | None:
         """The request's tools and tool choice, checked (None: no tools offered, or tool_choice "none")."""
         return self._tool_plan
 
     def reply_format(self) -> dict | None:
-        """A forced tool choice constrains the reply to the calls' JSON schema."""
+        """A forced tool choice constrains the reply to the calls' JSON schema; strict tools under "auto" to text
+        or calls that match (ToolPlan.reply_format)."""
         plan = self._tool_plan
         return plan.reply_format(self.response_format) if plan else self.response_format
 

@@ -40,9 +40,9 @@ class Choices:
 
     def grammar_failed(self, out: StepOutput) -> ApiError:
         """The 400 of a reply whose grammar gave up mid-reply (LLMEngine._append cut it), naming the field that
-        set the grammar: a forced tool choice's calls schema comes from `tools`."""
+        set the grammar: a forced tool choice's calls schema, or strict tools' grammar, comes from `tools`."""
         why = f"constrained decoding failed after {out.num_output_tokens} tokens ({failure(out.seq)})"
-        if self.tools and self.tools.forced:
+        if self.tools and self.tools.holds(self.req.response_format):
             return ApiError(400, f"tools: {why}; simpler function parameters avoid it", "tools")
         return ApiError(400, f"response_format: {why}; a simpler schema avoids it", "response_format")
 
