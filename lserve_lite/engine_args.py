@@ -171,6 +171,14 @@ _SPARSE_KNOBS = {
 }
 
 
+def add_max_model_len(p: argparse.ArgumentParser, text: str) -> None:
+    """--max-model-len, one flag and one check for every command that sets the engine's context limit (chat,
+    generate, bench, serve, and the evaluation and calibration tools, whose `text` says what their lengths must fit)."""
+    p.add_argument(
+        "--max-model-len", type=bounded_int(1, MAX_MODEL_LEN), default=None, metavar="N", help=text
+    )
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Model, backend, limits and the LServe knobs (shared by chat, generate and serve)."""
     p.add_argument(
@@ -201,12 +209,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="KV-cache format: auto (fp16; fp32 on a CPU without F16C), fp16, fp32, int8 (scale per token and head), "
         "int4 (scale and min per 16 channels), fp8 (e4m3; CPU, CUDA sm_89+)",
     )
-    p.add_argument(
-        "--max-model-len",
-        type=bounded_int(1, MAX_MODEL_LEN),
-        default=None,
-        help="context limit in tokens (prompt + output)",
-    )
+    add_max_model_len(p, "context limit in tokens (prompt + output)")
     p.add_argument(
         "--kv-pages",
         type=bounded_int(1, MAX_POOL_PAGES),

@@ -736,10 +736,14 @@ def test_calibrate_refuses_settings_the_command_line_refuses(tiny_dir, tmp_path,
 
 def test_calibrate_length_near_the_context_names_the_limit(tiny_dir, tmp_path):
     """A length just under the context (1010 of 1024) was refused as 'exceeds the model's context 1024': the
-    refusal says what is left for the answer and the longest length allowed."""
+    refusal counts the answer's tokens in, as the eval tools' refusals do (one home: settings.refuse_past_context),
+    and names the flag that runs past the context."""
     from lserve_lite.evaluation.calibrate import calibrate
 
-    msg = r"^sample length 1010 leaves too little of the model's context 1024 for the answer: at most 1008$"
+    msg = (
+        r"^sample length 1010 \+ 16 tokens of answer exceeds the model's context 1024 \(--max-model-len runs past "
+        r"it\)$"
+    )
     with pytest.raises(InvalidRequestError, match=msg):
         calibrate(tiny_dir, tmp_path / "p.tsv", num_samples=1, lengths=[1010], log=print)
 

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import bench_quant_cpu  # noqa: E402
 
 from lserve_lite.backends.cpu_threads import SplitRunner  # noqa: E402
+from lserve_lite.errors import InvalidRequestError  # noqa: E402
 
 
 def test_bench_quant_cpu_spread_takes_what_split_runner_takes():
@@ -111,7 +112,7 @@ BAD_ARGS = [
     (
         "eval_passkey",
         ["--model", "{tiny}", "--lengths", "99999", "--configs", "dense"],
-        "--lengths 99999 exceeds the model's context 2048",
+        "--lengths 99999 exceeds the model's context 2048 (--max-model-len runs past it)",
     ),
     ("eval_ppl", ["--lengths", "8"], "--lengths: 8 is outside [256,"),
     ("eval_ppl", ["--decode-tokens", "0"], "--decode-tokens: 0 is outside [1,"),
@@ -504,3 +505,120 @@ def test_bench_cpu_table_says_llama_cpp_not_run():
     r = {"tok_s": 54.4, "cpu_tok_s": 37.7, "others_busy_cpus": 1.0}
     assert bench_cpu.table_row("decode_ctx512", "native_gguf", r, {}).split()[-2:] == ["not", "run"]
     assert bench_cpu.table_row("decode_ctx512", "native_gguf", r, {"decode_ctx512": 60.3}).endswith(" 60.3")
+
+
+# The evaluation and calibration tools: how to run one, its arguments past a 2048-token context, and what it refuses
+# past the trained context (its lengths, with its question or answer where they count) and past --max-model-len (the
+# engine's limit, which the answer generated after a passkey prompt must fit too)
+CONTEXT_TOOLS = [
+    ("lserve-lite eval", ["--configs", "dense", "--lengths", "4096"], "--lengths 4096 + 128 tokens of question", ""),
+    ("eval_ppl", ["--configs", "dense", "--lengths", "4096"], "--lengths 4096", ""),
+    ("eval_passkey", ["--configs", "dense", "--lengths", "4096"], "--lengths 4096", " + 16 tokens of answer"),
+    ("eval_selector", ["--lengths", "4096", "--steps", "2", "--budgets", "512", "--sub-pages", "1"], "length 4096", ""),
+    ("lserve-lite calibrate", ["--lengths", "4096", "--samples", "1"], "sample length 4096 + 16 tokens of answer", ""),
+]  # fmt: skip
+
+
+def run_context_tool(tool: str, argv: list[str], out: Path, monkeypatch) -> int:
+    """A tool of CONTEXT_TOOLS with these arguments and its output under `out`."""
+    from lserve_lite.cli import main
+
+    if tool.startswith("lserve-lite "):
+        cmd = tool.split()[1]
+        return main([cmd, *argv, "--out", str(out / ("p.tsv" if cmd == "calibrate" else "r"))])
+    return run_tool(tool, [*argv, "--out", str(out / "r")], monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def unnamed_context(tmp_path_factory) -> Path:
+    """A tiny model whose config.json names no trained context length: 2048 tokens are assumed (transformers')."""
+    from tiny_models import make_tiny_numpy
+
+    model = make_tiny_numpy(tmp_path_factory.mktemp("tools") / "no-context")
+    cfg = json.loads((model / "config.json").read_text())
+    del cfg["max_position_embeddings"]
+    (model / "config.json").write_text(json.dumps(cfg))
+    return model
+
+
+@pytest.mark.parametrize("tool, argv, what, answer", CONTEXT_TOOLS)
+def test_evaluation_tools_take_max_model_len(
+    tool, argv, what, answer, unnamed_context, tmp_path, monkeypatch, capsys
+):
+    """The evaluation and calibration tools had no --max-model-len: past a context the model never named (2048
+    assumed) they were refused, and nothing but editing config.json raised the limit, which chat and serve's
+    --max-model-len raise. Now the flag sets the limit their lengths must fit, reaches the engine, and a bad value
+    gets chat's one-line error."""
+    from lserve_lite.cli import main
+    from lserve_lite.evaluation import calibrate, selector_recall, settings
+
+    argv = ["--model", str(unnamed_context), *argv]
+    assert run_context_tool(tool, argv, tmp_path, monkeypatch) == 1  # refused at the assumed context
+    err = capsys.readouterr().err.strip()
+    assert (
+        f"{what} exceeds 2048 tokens, the context assumed for this model" in err and "--max-model-len" in err
+    )
+    assert len(err.splitlines()) == 1
+
+    seen: list[int | None] = []
+
+    def engine(model, backend="auto", config=None):  # the LLM the tool would run: its limit recorded, no run
+        seen.append(config.max_model_len)
+        raise InvalidRequestError("engine started")
+
+    for module in (settings, calibrate, selector_recall):
+        monkeypatch.setattr(module, "LLM", engine)
+    assert run_context_tool(tool, [*argv, "--max-model-len", "5000"], tmp_path, monkeypatch) == 1
+    assert seen == [5000] and capsys.readouterr().err.strip().endswith("error: engine started")
+
+    assert run_context_tool(tool, [*argv, "--max-model-len", "4095"], tmp_path, monkeypatch) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {what}{answer} exceeds --max-model-len 4095"
+    ]
+    assert seen == [5000]  # refused before any engine
+
+    with pytest.raises(SystemExit) as e:
+        main(["chat", "--max-model-len", "0"])
+    chat = capsys.readouterr().err.strip().splitlines()[-1]
+    with pytest.raises(SystemExit) as e:
+        run_context_tool(tool, [*argv, "--max-model-len", "0"], tmp_path, monkeypatch)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(chat.split(": ", 1)[1])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_ppl_runs_past_an_assumed_context_with_max_model_len(unnamed_context, tmp_path, monkeypatch):
+    """Past the assumed 2048 tokens, --max-model-len 4096 runs a whole perplexity sweep of 4096 tokens on the real
+    engine, whose context limit is the flag's."""
+    from lserve_lite.evaluation import settings
+
+    limits: list[int] = []
+    real = settings.LLM
+
+    def engine(*args, **kw):
+        llm = real(*args, **kw)
+        limits.append(llm.engine.ecfg.max_model_len)
+        return llm
+
+    monkeypatch.setattr(settings, "LLM", engine)
+    argv = ["--model", str(unnamed_context), "--configs", "dense", "--lengths", "4096", "--decode-tokens", "8",
+            "--max-model-len", "4096", "--out", str(tmp_path / "ppl")]  # fmt: skip
+    assert run_tool("eval_ppl", argv, monkeypatch) == 0
+    assert limits == [4096]
+    assert np.isfinite(
+        json.loads((tmp_path / "ppl.json").read_text())["results"]["4096"]["dense"]["ppl_decode"]
+    )
+
+
+@pytest.mark.parametrize("tool", ["eval_ppl", "eval_passkey", "eval_selector", "lserve-lite eval",
+                                  "lserve-lite calibrate"])  # fmt: skip
+def test_evaluation_tools_help_names_max_model_len(tool, monkeypatch, capsys):
+    """--help lists --max-model-len in each tool, as chat's."""
+    with pytest.raises(SystemExit):
+        if tool.startswith("lserve-lite "):
+            from lserve_lite.cli import main
+
+            main([tool.split()[1], "--help"])
+        else:
+            run_tool(tool, ["--help"], monkeypatch)
+    assert "--max-model-len N" in capsys.readouterr().out

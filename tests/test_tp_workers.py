@@ -250,14 +250,14 @@ def test_shared_memory_room_checked_before_start(tiny_dir, monkeypatch):
     monkeypatch.setattr(tp_group, "shm_free_bytes", lambda: 1 << 20)
     with pytest.raises(
         LServeError,
-        match=r"needs 8 MB of shared memory.*1 MB are free: lower max_num_seqs \(serve's --max-num-seqs",
+        match=r"needs 8.1 MB of shared memory.*1.0 MB are free: .*lower max_num_seqs \(serve's --max-num-seqs",
     ):  # generate, chat and bench, which take --tensor-parallel, have no --max-num-seqs: it was named as if they had
         tp_llm(tiny_dir)
-    need = 256 * 128_256 * 4
+    logits = tp_group.logits_block(256, 128_256)
     with pytest.raises(LServeError, match=r"--shm-size"):
-        tp_group.check_shm_room(need, 64 << 20)
-    tp_group.check_shm_room(need, need)
-    tp_group.check_shm_room(need, None)
+        tp_group.check_shm_room([logits], 64 << 20)
+    tp_group.check_shm_room([logits], logits.size)
+    tp_group.check_shm_room([logits], None)
 
 
 def test_shared_memory_room_counts_only_blocks_made(tiny_dir, monkeypatch):
@@ -273,6 +273,30 @@ def test_shared_memory_room_counts_only_blocks_made(tiny_dir, monkeypatch):
     monkeypatch.setattr(tp_group, "shm_free_bytes", lambda: logits + 2 * ShmCommunicator.SLOT_BYTES - 1)
     with pytest.raises(LServeError, match=r"MB of shared memory"):  # the CPU ranks' blocks are made: counted
         tp_llm(tiny_dir)
+
+
+def test_shared_memory_advice_names_every_setting_that_shrinks_the_blocks(tiny_dir, monkeypatch):
+    """The refusal named max_num_seqs alone, though the CPU ranks' exchange block (4 MB a rank) grows with
+    tensor_parallel and the logits with the vocabulary: it names each block's size, what drives it and the setting
+    that shrinks it, beside the needed and free bytes; GPU ranks make no exchange block and are told of none."""
+    logits = 64 * 320 * 4  # max_num_seqs x the tiny model's vocabulary x 4 bytes
+    monkeypatch.setattr(tp_group, "shm_free_bytes", lambda: 1 << 20)
+    with pytest.raises(LServeError) as e:
+        tp_llm(tiny_dir)
+    line = str(e.value)
+    assert "\n" not in line and "needs 8.1 MB of shared memory in /dev/shm, 1.0 MB are free" in line
+    assert "rank 0's logits 0.1 MB (max_num_seqs 64 x vocabulary 320 x 4 bytes)" in line
+    assert "the CPU ranks' exchange block 8.0 MB (2 ranks x 4 MB)" in line
+    assert (
+        "lower max_num_seqs (serve's --max-num-seqs, EngineConfig's max_num_seqs) or tensor_parallel" in line
+    )
+    assert line.endswith("or give /dev/shm more room (e.g. docker run --shm-size)")
+    monkeypatch.setattr(tp_group, "shm_free_bytes", lambda: logits - 1)
+    with pytest.raises(LServeError) as e:  # NCCL: the logits block alone, refused before the GPUs are counted
+        LLM(str(tiny_dir), backend="cuda", config=EngineConfig(tensor_parallel=2))
+    line = str(e.value)
+    assert "needs 0.1 MB" in line and "exchange" not in line and "tensor_parallel" not in line
+    assert "lower max_num_seqs (serve's --max-num-seqs, EngineConfig's max_num_seqs) or give" in line
 
 
 def test_refused_logits_block_leaves_no_group_block(tiny_dir, monkeypatch):
@@ -324,10 +348,13 @@ def test_shared_memory_taken_meanwhile_fails_the_block_cleanly(tiny_dir, monkeyp
     # each block's advice names the setting that shrinks it: the exchange block (world x 4 MB) said "lower
     # max_num_seqs", which leaves it as it is
     what, shrink = (
-        (r"the CPU ranks' exchange block \(2 ranks x 4 MB\)", r"tensor_parallel \(--tensor-parallel"),
-        ("rank 0's logits", r"max_num_seqs \(serve's --max-num-seqs"),
+        (r"the CPU ranks' exchange block \(2 ranks x 4 MB;", r"tensor_parallel \(--tensor-parallel"),
+        (
+            r"rank 0's logits \(max_num_seqs 64 x vocabulary 320 x 4 bytes;",
+            r"max_num_seqs \(serve's --max-num-seqs",
+        ),
     )[block]
-    match = rf"shared memory in /dev/shm ran out while taking \d+ MB for {what} .*: lower {shrink}"
+    match = rf"shared memory in /dev/shm ran out while taking [\d.]+ MB for {what} .*: lower {shrink}"
     with pytest.raises(LServeError, match=match) as e:
         tp_llm(tiny_dir)
     assert "\n" not in str(e.value)

@@ -31,7 +31,7 @@ from lserve_lite.errors import exit_status
 from lserve_lite.evaluation.eval_args import MAX_SAMPLES, add_sweep_args
 from lserve_lite.evaluation.plotting import finish_figure, load_result, pyplot, save_result
 from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs, refuse_past_context
-from lserve_lite.evaluation.synthetic import PasskeySample, passkey_sample
+from lserve_lite.evaluation.synthetic import ANSWER_ROOM, PasskeySample, passkey_sample
 
 
 def passed(text: str, passkey: str) -> bool:
@@ -99,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     lengths, depths = args.lengths, args.depths
     configs = parse_configs(args.configs)
     t0 = time.perf_counter()
-    runner = Runner(args.model, configs, max(lengths) + 64, args.pattern, kv_dtype=args.kv_dtype)
-    refuse_past_context(runner.model_dir, max(lengths), f"--lengths {max(lengths)}")
+    runner = Runner(args.model, configs, max(lengths) + 64, args.pattern, kv_dtype=args.kv_dtype,
+                    max_model_len=args.max_model_len)  # fmt: skip
+    refuse_past_context(
+        runner.model_dir, max(lengths), f"--lengths {max(lengths)}", args.max_model_len, ANSWER_ROOM
+    )
     grid = make_grid(runner.tokenizer, lengths, depths, args.samples, args.seed)
     outs: list[dict] = [{} for _ in grid]
     for h, names in runner.groups():

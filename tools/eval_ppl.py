@@ -123,10 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--decode-tokens {args.decode_tokens} leaves nothing to prefill at length {min(lengths)}")
     configs = parse_configs(args.configs)
     t0 = time.perf_counter()
-    r = Runner(
-        args.model, configs, max(lengths) + 64, args.pattern, quantize=args.quantize, kv_dtype=args.kv_dtype
-    )
-    refuse_past_context(r.model_dir, max(lengths), f"--lengths {max(lengths)}")
+    r = Runner(args.model, configs, max(lengths) + 64, args.pattern, quantize=args.quantize, kv_dtype=args.kv_dtype,
+               max_model_len=args.max_model_len)  # fmt: skip
+    refuse_past_context(r.model_dir, max(lengths), f"--lengths {max(lengths)}", args.max_model_len)
     text = corpus_text()
     ids = r.tokenizer.encode(text)
     if len(ids) < max(lengths):

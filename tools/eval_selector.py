@@ -14,9 +14,9 @@ import time
 from datetime import date
 
 from lserve_lite.config import MAX_MODEL_LEN
-from lserve_lite.engine_args import bounded_int, int_list, name_list
+from lserve_lite.engine_args import add_max_model_len, bounded_int, int_list, name_list
 from lserve_lite.errors import exit_status
-from lserve_lite.evaluation.eval_args import output_stem, stem_file
+from lserve_lite.evaluation.eval_args import CONTEXT_HELP, output_stem, stem_file
 from lserve_lite.evaluation.selector_recall import VARIANTS, measure, table
 
 
@@ -45,13 +45,15 @@ def main(argv: list[str] | None = None) -> int:
         "--sub-pages", type=int_list(1, 64), default=(1, 2, 4, 8), help="sub_pages settings (1,2,4,8)"
     )
     ap.add_argument("--variants", type=name_list, default=",".join(VARIANTS), help="scoring variants (all)")
+    add_max_model_len(ap, CONTEXT_HELP)
     ap.add_argument(
         "--out", type=output_stem, default="tools/results/selector_recall", help="output stem: <out>.json"
     )
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    res = measure(args.model, args.lengths, args.steps, args.budgets, args.sub_pages,
-                  tuple(args.variants), args.offsets, log=lambda s: print(s, file=sys.stderr, flush=True))  # fmt: skip
+    res = measure(args.model, args.lengths, args.steps, args.budgets, args.sub_pages, tuple(args.variants),
+                  args.offsets, max_model_len=args.max_model_len,
+                  log=lambda s: print(s, file=sys.stderr, flush=True))  # fmt: skip
     res.update(date=date.today().isoformat(), seconds=round(time.perf_counter() - t0, 1),
                command="python tools/eval_selector.py " + " ".join(argv if argv is not None else sys.argv[1:]))  # fmt: skip
     out = stem_file(args.out, ".json")

@@ -7,7 +7,7 @@ import errno
 import os
 import threading
 from multiprocessing import shared_memory
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -18,13 +18,34 @@ SHM_DIR = "/dev/shm"  # where multiprocessing.shared_memory's blocks live on Lin
 _NO_FALLOCATE = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # a file system that cannot: left sparse
 
 
-def reserved_block(size: int, what: str, shrink: str) -> shared_memory.SharedMemory:
+class ShmBlock(NamedTuple):
+    """A shared-memory block a tensor-parallel group makes: what it holds, what sizes it, its bytes, and the setting
+    that makes it smaller (each named when /dev/shm has no room for it)."""
+
+    what: str
+    sized_by: str
+    size: int
+    shrink: str
+
+
+def megabytes(n: int) -> str:
+    """A size as the shared-memory errors write it."""
+    return f"{n / (1 << 20):.1f} MB"
+
+
+def more_room(shrink: str) -> str:
+    """The way out of a /dev/shm too small for the blocks: one wording for the check before any block is made
+    (engine/tp_group.check_shm_room) and each block's own refusal."""
+    return f"lower {shrink} or give {SHM_DIR} more room (e.g. docker run --shm-size)"
+
+
+def reserved_block(block: ShmBlock) -> shared_memory.SharedMemory:
     """A new shared-memory block whose pages are taken now: made sparse, a block that /dev/shm no longer had room
     for (another process filled it after the room check) killed its first writer with SIGBUS. Here taking them
-    fails in one line naming `what` and `shrink`, the setting that makes this block smaller, and the block goes."""
-    shm = shared_memory.SharedMemory(create=True, size=size)
+    fails in one line naming the block and the setting that makes it smaller, and the block goes."""
+    shm = shared_memory.SharedMemory(create=True, size=block.size)
     try:
-        _take_pages(shm, size, what, shrink)
+        _take_pages(shm, block)
     except BaseException:
         shm.close()
         shm.unlink()
@@ -32,19 +53,19 @@ def reserved_block(size: int, what: str, shrink: str) -> shared_memory.SharedMem
     return shm
 
 
-def _take_pages(shm: shared_memory.SharedMemory, size: int, what: str, shrink: str) -> None:
+def _take_pages(shm: shared_memory.SharedMemory, block: ShmBlock) -> None:
     """posix_fallocate on the block: on tmpfs it takes the pages, or fails with ENOSPC and takes none."""
     if not hasattr(os, "posix_fallocate"):  # macOS: none (and no /dev/shm)
         return
     try:
-        os.posix_fallocate(shm._fd, 0, size)
+        os.posix_fallocate(shm._fd, 0, block.size)
     except OSError as e:
         if e.errno in _NO_FALLOCATE:
             return
         if e.errno in (errno.ENOSPC, errno.ENOMEM):
             raise LServeError(
-                f"shared memory in {SHM_DIR} ran out while taking {size / (1 << 20):.0f} MB for {what} (another "
-                f"process took the room): lower {shrink} or give {SHM_DIR} more room (e.g. docker run --shm-size)"
+                f"shared memory in {SHM_DIR} ran out while taking {megabytes(block.size)} for {block.what} "
+                f"({block.sized_by}; another process took the room): {more_room(block.shrink)}"
             ) from None
         raise
 
@@ -119,13 +140,19 @@ class ShmCommunicator(SumCommunicator):
         self.slot_bytes = slot_bytes
 
     @staticmethod
-    def create(world: int, slot_bytes: int = SLOT_BYTES) -> shared_memory.SharedMemory:
-        """The shared block of a group (the driver owns it and unlinks it at shutdown)."""
-        return reserved_block(
+    def block(world: int, slot_bytes: int = SLOT_BYTES) -> ShmBlock:
+        """The shared block of a group of `world` ranks, as the room check and its refusal name it."""
+        return ShmBlock(
+            "the CPU ranks' exchange block",
+            f"{world} ranks x {slot_bytes >> 20} MB",
             world * slot_bytes,
-            f"the CPU ranks' exchange block ({world} ranks x {slot_bytes >> 20} MB)",
             "tensor_parallel (--tensor-parallel, EngineConfig's tensor_parallel)",
         )
+
+    @staticmethod
+    def create(world: int, slot_bytes: int = SLOT_BYTES) -> shared_memory.SharedMemory:
+        """The shared block of a group (the driver owns it and unlinks it at shutdown)."""
+        return reserved_block(ShmCommunicator.block(world, slot_bytes))
 
     def all_reduce(self, x: np.ndarray) -> None:
         if not x.flags.c_contiguous:

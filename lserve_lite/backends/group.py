@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import LServeError
 from . import cuda_device_count, make_ops, resolve_backend
-from .comm import Communicator, ShmCommunicator
+from .comm import Communicator, ShmBlock, ShmCommunicator
 
 
 @dataclass
@@ -59,10 +59,10 @@ def new_group(backend: str, world: int, ctx: Any) -> tuple[GroupSpec, Callable[[
     return GroupSpec("cpu", world, shm_name=shm.name, barrier=ctx.Barrier(world)), close
 
 
-def exchange_bytes(backend: str, world: int) -> int:
-    """The bytes `new_group` makes in shared memory (/dev/shm) for `world` ranks on `backend`: the CPU stand-in's
+def exchange_blocks(backend: str, world: int) -> list[ShmBlock]:
+    """The blocks `new_group` makes in shared memory (/dev/shm) for `world` ranks on `backend`: the CPU stand-in's
     exchange block; NCCL makes none."""
-    return world * ShmCommunicator.SLOT_BYTES if resolve_backend(backend) == "cpu" else 0
+    return [ShmCommunicator.block(world)] if resolve_backend(backend) == "cpu" else []
 
 
 def join_group(spec: GroupSpec, rank: int) -> tuple[Any, Communicator]:

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from ..backends.base import StepInputs
-from ..backends.comm import SHM_DIR, reserved_block
-from ..backends.group import exchange_bytes, host_ops, new_group
+from ..backends.comm import SHM_DIR, ShmBlock, megabytes, more_room, reserved_block
+from ..backends.group import exchange_blocks, host_ops, new_group
 from ..config import EngineConfig, ModelConfig
 from ..errors import LServeError, TensorParallelError
 from ..kv.layout import KVLayout, fit_context, pool_pages
@@ -50,15 +50,26 @@ def shm_free_bytes() -> int | None:
     return st.f_bavail * st.f_frsize
 
 
-def check_shm_room(need: int, free: int | None) -> None:
-    """Refuse before any block is made when they cannot fit: a block larger than the room left is created
-    sparse and kills its first writer with SIGBUS (Docker's /dev/shm is 64 MB by default)."""
+def logits_block(max_num_seqs: int, vocab_size: int) -> ShmBlock:
+    """Rank 0's logits of up to max_num_seqs rows (decode) come back through this block; more rows by the pipe."""
+    return ShmBlock(
+        "rank 0's logits",
+        f"max_num_seqs {max_num_seqs} x vocabulary {vocab_size} x 4 bytes",
+        max_num_seqs * vocab_size * 4,
+        FEWER_SEQS,
+    )
+
+
+def check_shm_room(blocks: list[ShmBlock], free: int | None) -> None:
+    """Refuse before any block is made when they cannot fit, naming each block and the settings that shrink them: a
+    block larger than the room left is created sparse and kills its first writer with SIGBUS (Docker's /dev/shm is
+    64 MB by default)."""
+    need = sum(b.size for b in blocks)
     if free is not None and need > free:
-        mb = 1 << 20
+        parts = " and ".join(f"{b.what} {megabytes(b.size)} ({b.sized_by})" for b in blocks)
         raise LServeError(
-            f"tensor parallel needs {need / mb:.0f} MB of shared memory in {SHM_DIR} (max_num_seqs x vocabulary x "
-            f"4 bytes of logits, plus the CPU ranks' exchange blocks), {free / mb:.0f} MB are free: lower "
-            f"{FEWER_SEQS} or give {SHM_DIR} more room (e.g. docker run --shm-size)"
+            f"tensor parallel needs {megabytes(need)} of shared memory in {SHM_DIR}, {megabytes(free)} are free: "
+            f"{parts}; {more_room(' or '.join(b.shrink for b in blocks))}"
         )
 
 
@@ -69,12 +80,11 @@ class WorkerGroup:
 
     def __init__(self, model_dir: Path, backend: str, ecfg: EngineConfig, world: int, vocab_size: int):
         ctx = mp.get_context("spawn")
-        # rank 0's logits of up to max_num_seqs rows (decode) come back through here; more rows by the pipe
-        logits_bytes = ecfg.max_num_seqs * vocab_size * 4
-        check_shm_room(logits_bytes + exchange_bytes(backend, world), shm_free_bytes())
+        logits = logits_block(ecfg.max_num_seqs, vocab_size)
+        check_shm_room([logits, *exchange_blocks(backend, world)], shm_free_bytes())
         spec, cleanup = new_group(backend, world, ctx)
         try:  # refused (out of descriptors or memory): the group's block goes too, not at the process's exit
-            self.logits = reserved_block(logits_bytes, "rank 0's logits", FEWER_SEQS)
+            self.logits = reserved_block(logits)
         except BaseException:
             cleanup()
             raise

@@ -28,12 +28,11 @@ from ..errors import InvalidRequestError, LServeError
 from ..kv.layout import KVMemoryError
 from ..llm import LLM
 from ..sparse.patterns import head_classes, save_pattern
-from ..weights.loader import load_config, resolve_model_dir
+from ..weights.loader import resolve_model_dir
 from .calibrate_args import BOUNDS
 from .harness import SparseHarness, int_in
-from .synthetic import PasskeySample, corpus_text, passkey_sample
-
-ANSWER_ROOM = 16  # context tokens kept after a sample for its teacher-forced answer (" 71432." and more)
+from .settings import context_limit, refuse_past_context
+from .synthetic import ANSWER_ROOM, PasskeySample, corpus_text, passkey_sample
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -103,12 +102,14 @@ def calibrate(
     seed: int = 0,
     backend: str = "cpu",
     validate: bool = True,
+    max_model_len: int | None = None,
     log: Callable[[str], None] = print,
 ) -> CalibrationResult:
     """Score every (layer, KV head) on synthetic passkey samples; write the gate TSV to `out_path`.
 
     Per sample: one dense prefill of all but the last `tail` prompt tokens (kept), then for each head
-    alone a re-run of the tail + teacher-forced answer with that head streaming (sink/local window).
+    alone a re-run of the tail + teacher-forced answer with that head streaming (sink/local window). The samples and
+    their answers fit `max_model_len` (the engine's context limit) where given, else the model's context.
     Writes `out_path` (TSV) and `details_path(out_path)` (settings, raw scores, validation).
     """
     t0 = time.perf_counter()
@@ -117,19 +118,18 @@ def calibrate(
     )
     if out_path is not None:
         check_out_path(out_path)
-    max_len = load_config(resolve_model_dir(model_dir)).max_position_embeddings
-    lengths = sorted(lengths or default_lengths(max_len))
-    if max(lengths) > max_len - ANSWER_ROOM:  # it said "1010 exceeds the model's context 1024"
-        raise InvalidRequestError(
-            f"sample length {max(lengths)} leaves too little of the model's context {max_len} for the answer: "
-            f"at most {max_len - ANSWER_ROOM}"
-        )
+    path = resolve_model_dir(model_dir)
+    lengths = sorted(lengths or default_lengths(context_limit(path, max_model_len)))
+    # "1010 exceeds the model's context 1024" was said of a sample that fits: the answer after it does not
+    refuse_past_context(path, max(lengths) + ANSWER_ROOM,
+                        f"sample length {max(lengths)} + {ANSWER_ROOM} tokens of answer", max_model_len)  # fmt: skip
     page = 64
     pages = _sample_pages(lengths, num_samples, page) if validate else _sample_pages(lengths[-1:], 1, page)
     if pages > MAX_POOL_PAGES:
         raise _too_many_pages(num_samples, lengths, page, validate, MAX_POOL_PAGES, "a KV pool")
     try:
-        llm = LLM(model_dir, backend=backend, config=EngineConfig(num_kv_pages=pages, page_size=page))
+        config = EngineConfig(num_kv_pages=pages, page_size=page, max_model_len=max_model_len)
+        llm = LLM(model_dir, backend=backend, config=config)
     except KVMemoryError as e:  # it named num_kv_pages, which the user did not set
         raise _too_many_pages(
             num_samples, lengths, page, validate, e.fits, "this device's KV memory"
@@ -320,6 +320,6 @@ def main(args: argparse.Namespace) -> int:
     calibrate(
         args.model, args.out, num_samples=args.samples, lengths=args.lengths, sink=args.sink, local=args.local,
         tail=args.tail, seed=args.seed, backend=args.backend, validate=not args.no_validate,
-        log=lambda s: print(s, file=sys.stderr, flush=True),
+        max_model_len=args.max_model_len, log=lambda s: print(s, file=sys.stderr, flush=True),
     )  # fmt: skip
     return 0

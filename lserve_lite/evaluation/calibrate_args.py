@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 
 from ..config import MAX_MODEL_LEN, SparseConfig
-from ..engine_args import bounded_int, int_list, output_file
-from .eval_args import MAX_SAMPLES
+from ..engine_args import add_max_model_len, bounded_int, int_list, output_file
+from .eval_args import CONTEXT_HELP, MAX_SAMPLES
 
 # Bounds of calibrate()'s settings, the command line's and the Python API's: (lowest, highest).
 BOUNDS = {
@@ -33,7 +33,7 @@ def add_calibrate_args(parser: argparse.ArgumentParser) -> None:
                         help="number of synthetic passkey samples (8)")  # fmt: skip
     parser.add_argument("--lengths", type=int_list(*BOUNDS["lengths"]), default=None,
                         help="comma-separated sample lengths in tokens (default: 1/4, 3/8, 1/2 of the "
-                             "context, at most 4096)")  # fmt: skip
+                             "context, --max-model-len's where given, at most 4096)")  # fmt: skip
     parser.add_argument("--sink", type=bounded_int(*BOUNDS["sink"]), default=SparseConfig.decode_sink,
                         help="streaming sink tokens")  # fmt: skip
     parser.add_argument("--local", type=bounded_int(*BOUNDS["local"]), default=SparseConfig.decode_local,
@@ -43,4 +43,5 @@ def add_calibrate_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=bounded_int(*BOUNDS["seed"]), default=0)
     parser.add_argument("--backend", default="cpu", help="cpu (default) or cuda")
+    add_max_model_len(parser, CONTEXT_HELP)
     parser.add_argument("--no-validate", action="store_true", help="skip the sparsity-0.5 sanity check")

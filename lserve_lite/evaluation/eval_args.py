@@ -7,11 +7,24 @@ import argparse
 from pathlib import Path
 
 from ..config import KV_DTYPES, MAX_MODEL_LEN
-from ..engine_args import bounded_float, bounded_int, existing_file, int_list, name_list, output_file
+from ..engine_args import (
+    add_max_model_len,
+    bounded_float,
+    bounded_int,
+    existing_file,
+    int_list,
+    name_list,
+    output_file,
+)
 
 MAX_SAMPLES = 100_000  # prompts per (task, length) or passkey samples, at most
 MAX_TIME_LIMIT = 1e7  # seconds (115 days); 0 is no limit
 OUT_HELP = "output stem: <out>.json, and <out>.png where matplotlib is installed"
+CONTEXT_HELP = (
+    "context limit in tokens, as chat's: the lengths, with the tool's question or answer tokens, must fit it, past the "
+    "model's trained context too (extrapolated); default: the trained context, or the one assumed where the model "
+    "names none, which the lengths must fit"
+)
 
 
 def stem_file(out: str | Path, suffix: str) -> Path:
@@ -57,6 +70,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pattern", type=existing_file, default=None,
                    help="head pattern TSV (default: the model's bundled one)")  # fmt: skip
     p.add_argument("--backend", default="auto", help="auto, cpu or cuda")
+    add_max_model_len(p, CONTEXT_HELP)
     p.add_argument("--seed", type=bounded_int(0), default=0)
     p.add_argument(
         "--time-limit",
@@ -71,7 +85,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 def add_sweep_args(p: argparse.ArgumentParser, out: str) -> None:
     """Options tools/eval_passkey.py and tools/eval_ppl.py share: the model, context lengths, configs, pattern,
-    KV format and output stem (default `out`)."""
+    KV format, context limit and output stem (default `out`)."""
     p.add_argument("--model", default=None, help="model directory or GGUF (default: the bundled SmolLM2)")
     p.add_argument("--lengths", type=int_list(256, MAX_MODEL_LEN), default=[1024, 2048],
                    help="context lengths in tokens, each >= 256 (1024,2048)")  # fmt: skip
@@ -84,6 +98,7 @@ def add_sweep_args(p: argparse.ArgumentParser, out: str) -> None:
         help="head pattern TSV (default: the model's bundled one)",
     )
     p.add_argument("--kv-dtype", choices=KV_DTYPES, default="auto", help="KV-cache format (docs/KV_QUANT.md)")
+    add_max_model_len(p, CONTEXT_HELP)
     p.add_argument("--mode", choices=("engine",), default="engine", help="kept for old command lines")
     p.add_argument("--out", type=output_stem, default=out, help=OUT_HELP)
     p.add_argument("--plot-only", metavar="JSON", help="redraw the PNG of an earlier run's JSON and exit")

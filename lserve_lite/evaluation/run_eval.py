@@ -120,8 +120,9 @@ def evaluate(args: argparse.Namespace, log=print, clock=time.perf_counter) -> di
     configs = parse_configs(args.configs)
     t0 = clock()
     r = Runner(args.model, configs, max(lengths) + 128, args.pattern, args.shared_dense, args.backend,
-               quantize=args.quantize, kv_dtype=args.kv_dtype)  # fmt: skip
-    refuse_past_context(r.model_dir, max(lengths) + 128, f"--lengths {max(lengths)} + 128 tokens of question")
+               quantize=args.quantize, kv_dtype=args.kv_dtype, max_model_len=args.max_model_len)  # fmt: skip
+    refuse_past_context(r.model_dir, max(lengths) + 128, f"--lengths {max(lengths)} + 128 tokens of question",
+                        args.max_model_len)  # fmt: skip
     tok = r.tokenizer
 
     def prompts() -> Iterator[tuple[int, ruler.Sample]]:

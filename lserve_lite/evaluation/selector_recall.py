@@ -185,17 +185,20 @@ def measure(
     offsets: tuple[int, ...] = (0,),
     interval: int = 4,
     sparsity: float = 0.5,
+    max_model_len: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Selected vs oracle attention mass at `steps` decode steps ending at each context length, in one
     pass per text (corpus_text() from each token offset); per (length, variant, sub_pages, budget) and
-    step, summed per (layer, head); `lserve_reuse<interval>` is the engine's rule with selection reuse."""
+    step, summed per (layer, head); `lserve_reuse<interval>` is the engine's rule with selection reuse. The lengths
+    fit `max_model_len` (the engine's context limit) where given, else the model's context."""
     check_grid(steps, lengths, budgets, subs, variants)
     lengths = tuple(sorted(lengths))
-    refuse_past_context(resolve_model_dir(model), lengths[-1], f"length {lengths[-1]}")
+    refuse_past_context(resolve_model_dir(model), lengths[-1], f"length {lengths[-1]}", max_model_len)
     page = PAGE_SIZE
+    limit = lengths[-1] if max_model_len is None else max_model_len
     llm = LLM(model, backend="cpu", config=EngineConfig(num_kv_pages=pages_for(lengths[-1], page) + 2,
-                                                        max_model_len=lengths[-1], page_size=page))  # fmt: skip
+                                                        max_model_len=limit, page_size=page))  # fmt: skip
     h, cfg = SparseHarness(llm), llm.engine.cfg
     dense = _dense_heads(llm.engine.model_dir, cfg.num_layers, cfg.num_kv_heads, sparsity)
     all_ids = llm.tokenizer.encode(corpus_text())

@@ -26,21 +26,38 @@ PRESETS: dict[str, dict | None] = {
 KIND_NAMES = {int: "an integer", float: "a number", str: "a name"}
 
 
-def refuse_past_context(model_dir: Path, tokens: int, what: str) -> None:
-    """Refuses, before any prompt is built, a run past the model's trained positions (it measures nothing); where the
-    model names none, the message says the limit was assumed and how to name the real one (it read as the model's)."""
-    cfg = load_config(model_dir)
-    context = cfg.max_position_embeddings
+def context_limit(model_dir: Path, max_model_len: int | None) -> int:
+    """The context a tool's run may fill: `max_model_len` where given (bounded as EngineConfig bounds it; past the
+    trained positions too, as chat's --max-model-len), else the model's trained one, or the one assumed for it."""
+    if max_model_len is not None:
+        return EngineConfig(max_model_len=max_model_len).max_model_len
+    return load_config(model_dir).max_position_embeddings
+
+
+def refuse_past_context(
+    model_dir: Path, tokens: int, what: str, max_model_len: int | None = None, answer: int = 0
+) -> None:
+    """Refuses, before any prompt is built, a run past the context limit: --max-model-len's, the engine's, which the
+    `answer` tokens generated after `tokens` must fit too; else the model's trained positions, which `tokens` must
+    fit (past them it measures nothing it was trained for; a few answer tokens past them extrapolate). Where the model
+    names none, the message says the limit was assumed and how to set another (it read as the model's)."""
+    context = context_limit(model_dir, max_model_len)
+    if max_model_len is not None:
+        if tokens + answer > context:
+            room = f" + {answer} tokens of answer" if answer else ""
+            raise InvalidRequestError(f"{what}{room} exceeds --max-model-len {context}")
+        return
     if tokens <= context:
         return
+    cfg = load_config(model_dir)
     if cfg.context_assumed:
         raise InvalidRequestError(
             f"{what} exceeds {context} tokens, the context assumed for this model: it names no trained context "
             f"length (config.json's max_position_embeddings, a GGUF's context_length) and {context} is transformers' "
-            f"default for {cfg.arch}; if it was trained longer, write that length as max_position_embeddings into "
-            "its config.json (a GGUF: `lserve-lite convert` it to a directory first)"
+            f"default for {cfg.arch}; --max-model-len sets the limit, or, if it was trained longer, write that length "
+            "as max_position_embeddings into its config.json (a GGUF: `lserve-lite convert` it to a directory first)"
         )
-    raise InvalidRequestError(f"{what} exceeds the model's context {context}")
+    raise InvalidRequestError(f"{what} exceeds the model's context {context} (--max-model-len runs past it)")
 
 
 def parse_configs(spec: str) -> dict[str, SparseConfig | None]:
@@ -102,19 +119,20 @@ class Runner:
 
     `shared_dense`: run `dense` on the first LServe group's LLM as a request whose windows and token
     budget cover the whole context (every head sees every token), so it shares that group's prefill
-    too; tests/test_eval_suite.py checks that this equals the dense engine."""
+    too; tests/test_eval_suite.py checks that this equals the dense engine. `max_model_len`: the engine's context
+    limit where the user set one (refuse_past_context checked the run against it), else `max_len`."""
 
     def __init__(self, model: str | None, configs: dict, max_len: int, pattern: str | None,
                  shared_dense: bool = False, backend: str = "auto", quantize: str | None = None,
-                 kv_dtype: str = "auto"):  # fmt: skip
+                 kv_dtype: str = "auto", max_model_len: int | None = None):  # fmt: skip
         self.configs, self.model, self.backend = dict(configs), model, backend
         self.model_dir = resolve_model_dir(model)
         self.pattern = self._checked_pattern(pattern)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.quantize = applied_quantize(self.model_dir, quantize)  # what results record
-        self.max_len = max_len
+        self.max_len = max_len  # the run's longest sequence: the pools hold one
         self.ecfg = dict(
-            max_model_len=max_len,
+            max_model_len=max_len if max_model_len is None else max_model_len,  # the tool's --max-model-len
             max_num_batched_tokens=2048,
             quantize=self.quantize,
             kv_dtype=kv_dtype,

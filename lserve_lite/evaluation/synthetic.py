@@ -18,6 +18,8 @@ INTRO = (
     "I will quiz you about the important information there.\n"
 )
 QUESTION = "\nWhat is the pass key? The pass key is"
+# context tokens a passkey sample's answer takes after its prompt (" 71432." and more), which is at most its length
+ANSWER_ROOM = 16
 
 # Prose-rich standard-library modules, in a fixed order: their docstrings make a long English-ish text.
 CORPUS_MODULES = (
