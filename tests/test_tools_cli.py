@@ -622,3 +622,35 @@ def test_evaluation_tools_help_names_max_model_len(tool, monkeypatch, capsys):
         else:
             run_tool(tool, ["--help"], monkeypatch)
     assert "--max-model-len N" in capsys.readouterr().out
+
+
+# Each evaluation or calibration tool on a tiny model, its shortest run, and the JSON its results go to under --out
+SHORT_RUNS = [
+    ("lserve-lite eval", ["--configs", "dense", "--lengths", "512", "--samples", "1", "--tasks", "niah_single_numbers"],
+     "r.json"),
+    ("eval_ppl", ["--configs", "dense", "--lengths", "256", "--decode-tokens", "4"], "r.json"),
+    ("eval_passkey", ["--configs", "dense", "--lengths", "256", "--depths", "0.5"], "r.json"),
+    ("eval_selector", ["--lengths", "256", "--steps", "2", "--budgets", "128", "--sub-pages", "1", "--variants",
+                       "lserve"], "r.json"),
+    ("lserve-lite calibrate", ["--lengths", "512", "--samples", "1", "--no-validate"], "p.json"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("tool, argv, result", SHORT_RUNS)
+def test_evaluation_results_record_the_context_limit(
+    tool, argv, result, tiny_model, unnamed_context, tmp_path, monkeypatch
+):
+    """A tool's results JSON did not record --max-model-len: a run past the model's trained context (or one that
+    only assumed a context) read as one within it. Each records the flag (or null), the limit, where it came from,
+    and the model's own context."""
+    runs = [
+        (tiny_model, [], {"limit": 2048, "source": "stated", "model": 2048, "model_assumed": False}),
+        (unnamed_context, [], {"limit": 2048, "source": "assumed", "model": 2048, "model_assumed": True}),
+        (unnamed_context, ["--max-model-len", "3000"],
+         {"limit": 3000, "source": "max_model_len", "model": 2048, "model_assumed": True}),
+    ]  # fmt: skip
+    for model, flag, context in runs:
+        out = tmp_path / f"{model.name}{len(flag)}"
+        assert run_context_tool(tool, ["--model", str(model), *argv, *flag], out, monkeypatch) == 0
+        res = json.loads((out / result).read_text())
+        assert (res["max_model_len"], res["context"]) == (3000 if flag else None, context)

@@ -30,7 +30,13 @@ from lserve_lite.engine_args import bounded_int, float_list
 from lserve_lite.errors import exit_status
 from lserve_lite.evaluation.eval_args import MAX_SAMPLES, add_sweep_args
 from lserve_lite.evaluation.plotting import finish_figure, load_result, pyplot, save_result
-from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs, refuse_past_context
+from lserve_lite.evaluation.settings import (
+    Runner,
+    config_dict,
+    context_record,
+    parse_configs,
+    refuse_past_context,
+)
 from lserve_lite.evaluation.synthetic import ANSWER_ROOM, PasskeySample, passkey_sample
 
 
@@ -130,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     model_name = path_name(runner.model_dir)
     result = {
         "tool": "eval_passkey", "model": model_name, "kv_dtype": args.kv_dtype, "mode": args.mode,
-        "pattern": args.pattern or "bundled",
+        "pattern": args.pattern or "bundled", **context_record(runner.model_dir, args.max_model_len),
         "configs": {k: config_dict(v) for k, v in configs.items()},
         "grid": {"lengths": lengths, "depths": depths, "samples": args.samples, "seed": args.seed},
         "summary_pass_rate": summary, "results": rows,

@@ -29,7 +29,13 @@ from lserve_lite.engine_args import bounded_int
 from lserve_lite.errors import InvalidRequestError, exit_status
 from lserve_lite.evaluation.eval_args import add_sweep_args
 from lserve_lite.evaluation.plotting import finish_figure, load_result, pyplot, save_result
-from lserve_lite.evaluation.settings import Runner, config_dict, parse_configs, refuse_past_context
+from lserve_lite.evaluation.settings import (
+    Runner,
+    config_dict,
+    context_record,
+    parse_configs,
+    refuse_past_context,
+)
 from lserve_lite.evaluation.synthetic import corpus_text
 
 
@@ -138,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     result = {
         "tool": "eval_ppl", "model": path_name(r.model_dir), "quantize": r.quantize, "kv_dtype": args.kv_dtype, "mode": args.mode,
-        "pattern": args.pattern or "bundled",
+        "pattern": args.pattern or "bundled", **context_record(r.model_dir, args.max_model_len),
         "text": {"source": "corpus_text(): stdlib module docstrings + LICENSE.txt", "tokens": len(ids),
                  "sha256": hashlib.sha256(text.encode()).hexdigest(), "python": platform.python_version()},
         "lengths": lengths, "decode_tokens": args.decode_tokens,

@@ -31,7 +31,7 @@ from ..sparse.patterns import head_classes, save_pattern
 from ..weights.loader import resolve_model_dir
 from .calibrate_args import BOUNDS
 from .harness import SparseHarness, int_in
-from .settings import context_limit, refuse_past_context
+from .settings import context_limit, context_record, refuse_past_context
 from .synthetic import ANSWER_ROOM, PasskeySample, corpus_text, passkey_sample
 
 
@@ -200,7 +200,7 @@ def calibrate(
         "model": path_name(llm.engine.model_dir),  # its name, not this machine's path (as eval)
         "score": "mean KL(dense || head-streaming) over answer tokens; gate = score / max(score)",
         "num_samples": num_samples, "lengths": lengths, "sink": sink, "local": local, "tail": tail,
-        "seed": seed, "samples": per_sample,
+        "seed": seed, **context_record(path, max_model_len), "samples": per_sample,
     }  # fmt: skip
     if validate:
         info["validation"] = _validate(kept, gates, sink, local, seed, log)

@@ -28,7 +28,7 @@ from ..errors import InvalidRequestError
 from . import ruler
 from .eval_args import stem_file
 from .plotting import finish_figure, load_result, pyplot
-from .settings import Runner, config_dict, parse_configs, refuse_past_context
+from .settings import Runner, config_dict, context_record, parse_configs, refuse_past_context
 
 Z95 = 1.959963984540054
 TOOL = "lserve-lite eval"  # the "tool" of its JSON, which --plot-only checks
@@ -146,7 +146,8 @@ def evaluate(args: argparse.Namespace, log=print, clock=time.perf_counter) -> di
               "configs": {k: config_dict(v) for k, v in configs.items()}, "shared_dense": args.shared_dense,
               "quantize": r.quantize, "kv_dtype": args.kv_dtype,
               "tasks": tasks, "lengths": lengths, "samples_per_task": args.samples, "seed": args.seed,
-              "filler": args.filler, "pattern": args.pattern or "bundled", "machine": platform.machine()}  # fmt: skip
+              "filler": args.filler, "pattern": args.pattern or "bundled", "machine": platform.machine(),
+              **context_record(r.model_dir, args.max_model_len)}  # fmt: skip
     names = list(configs)
 
     def elapsed() -> float:

@@ -25,7 +25,7 @@ from ..sparse.patterns import bundled_pattern, head_classes, load_pattern
 from ..sparse.selector import page_scores, top_pages, visited_selection
 from ..weights.loader import resolve_model_dir
 from .harness import SparseHarness
-from .settings import refuse_past_context
+from .settings import context_record, refuse_past_context
 from .synthetic import corpus_text
 
 
@@ -194,7 +194,8 @@ def measure(
     fit `max_model_len` (the engine's context limit) where given, else the model's context."""
     check_grid(steps, lengths, budgets, subs, variants)
     lengths = tuple(sorted(lengths))
-    refuse_past_context(resolve_model_dir(model), lengths[-1], f"length {lengths[-1]}", max_model_len)
+    model_dir = resolve_model_dir(model)
+    refuse_past_context(model_dir, lengths[-1], f"length {lengths[-1]}", max_model_len)
     page = PAGE_SIZE
     limit = lengths[-1] if max_model_len is None else max_model_len
     llm = LLM(model, backend="cpu", config=EngineConfig(num_kv_pages=pages_for(lengths[-1], page) + 2,
@@ -251,7 +252,8 @@ def measure(
                 )
         h.end(seq)
     out = {"page_size": page, "steps": steps, "offsets": list(offsets), "dense_heads": int(dense.sum()),
-           "sparsity": sparsity, "text": "corpus_text() tokens from each offset"}  # fmt: skip
+           "sparsity": sparsity, "text": "corpus_text() tokens from each offset",
+           **context_record(model_dir, max_model_len)}  # fmt: skip
     return {**out, "results": _summary(acc, dense, lengths, page)}
 
 

@@ -34,6 +34,23 @@ def context_limit(model_dir: Path, max_model_len: int | None) -> int:
     return load_config(model_dir).max_position_embeddings
 
 
+def context_record(model_dir: Path, max_model_len: int | None) -> dict:
+    """What a results JSON says of the context its run could fill, so a run past the trained positions says so:
+    --max-model-len (None: not given), the limit and its source ("max_model_len", the model's "stated" trained
+    context, or the one "assumed" where it names none), and the model's own context."""
+    cfg = load_config(model_dir)
+    own = "assumed" if cfg.context_assumed else "stated"
+    return {
+        "max_model_len": max_model_len,
+        "context": {
+            "limit": context_limit(model_dir, max_model_len),
+            "source": own if max_model_len is None else "max_model_len",
+            "model": cfg.max_position_embeddings,
+            "model_assumed": cfg.context_assumed,
+        },
+    }
+
+
 def refuse_past_context(
     model_dir: Path, tokens: int, what: str, max_model_len: int | None = None, answer: int = 0
 ) -> None:
