@@ -611,7 +611,7 @@ def test_eval_ppl_runs_past_an_assumed_context_with_max_model_len(unnamed_contex
 
 
 @pytest.mark.parametrize("tool", ["eval_ppl", "eval_passkey", "eval_selector", "lserve-lite eval",
-                                  "lserve-lite calibrate"])  # fmt: skip
+                                  "lserve-lite calibrate", "eval_lm_harness"])  # fmt: skip
 def test_evaluation_tools_help_names_max_model_len(tool, monkeypatch, capsys):
     """--help lists --max-model-len in each tool, as chat's."""
     with pytest.raises(SystemExit):
@@ -654,3 +654,39 @@ def test_evaluation_results_record_the_context_limit(
         assert run_context_tool(tool, ["--model", str(model), *argv, *flag], out, monkeypatch) == 0
         res = json.loads((out / result).read_text())
         assert (res["max_model_len"], res["context"]) == (3000 if flag else None, context)
+
+
+def test_eval_lm_harness_takes_max_model_len(tiny_model, tmp_path, monkeypatch, capsys):
+    """tools/eval_lm_harness.py had no --max-model-len (chat, serve and the other evaluation tools have): its engine
+    ran at the model's context whatever the server should hold. The flag reaches the engine, and a bad value gets
+    chat's one-line error before any model loads."""
+    import types
+
+    import lserve_lite
+    from lserve_lite.cli import main
+
+    # lm-eval is not a test dependency: the tool stops at the engine, before lm-eval runs
+    monkeypatch.setitem(sys.modules, "lm_eval", types.ModuleType("lm_eval"))
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", types.SimpleNamespace(TaskManager=None))
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):  # the tool sets them where unset
+        monkeypatch.setenv(name, "1")
+    seen: list[int | None] = []
+
+    def engine(model, backend="auto", config=None, **kw):  # the LLM the tool would serve: its limit recorded
+        seen.append(kw["max_model_len"])
+        raise InvalidRequestError("engine started")
+
+    monkeypatch.setattr(lserve_lite, "LLM", engine)
+    argv = ["--model", str(tiny_model), "--out", str(tmp_path / "r.json")]
+    assert run_tool("eval_lm_harness", [*argv, "--max-model-len", "5000"], monkeypatch) == 1
+    assert run_tool("eval_lm_harness", argv, monkeypatch) == 1
+    assert seen == [5000, None] and capsys.readouterr().err.strip().endswith("error: engine started")
+
+    with pytest.raises(SystemExit):
+        main(["chat", "--max-model-len", "0"])
+    chat = capsys.readouterr().err.strip().splitlines()[-1]
+    with pytest.raises(SystemExit) as e:
+        run_tool("eval_lm_harness", [*argv, "--max-model-len", "0"], monkeypatch)
+    assert e.value.code == 2 and seen == [5000, None]
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(chat.split(": ", 1)[1])
+    assert list(tmp_path.iterdir()) == []

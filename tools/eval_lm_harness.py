@@ -1,7 +1,7 @@
 """lm-evaluation-harness through the server against the same numbers computed through `LLM` directly.
 
     pip install lm-eval            # not a test dependency: it brings datasets, evaluate, scikit-learn, ...
-    python tools/eval_lm_harness.py [--model DIR|FILE.gguf] [--out tools/results/eval_lm_harness.json]
+    python tools/eval_lm_harness.py [--model DIR|FILE.gguf] [--max-model-len N] [--out tools/results/eval_lm_harness.json]
 
 It writes a small multiple-choice task (questions below, a local JSONL file: nothing is downloaded), starts
 the OpenAI server in this process on 127.0.0.1, runs lm-eval's `local-completions` model on it
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from lserve_lite.config import path_name
-from lserve_lite.engine_args import output_file
+from lserve_lite.engine_args import add_max_model_len, output_file
 from lserve_lite.errors import exit_status
 
 QUESTIONS = [
@@ -169,6 +169,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="model directory or GGUF (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--backend", choices=["auto", "cpu", "cuda"], default="cpu")
+    add_max_model_len(ap, "context limit in tokens (prompt + output), as chat's (default: the model's)")
     ap.add_argument("--out", type=output_file, default="tools/results/eval_lm_harness.json")
     args = ap.parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -183,7 +184,7 @@ def main() -> int:
     from lserve_lite import LLM
     from lserve_lite.serve.app import ServerThread, create_app
 
-    llm = LLM(args.model, backend=args.backend)
+    llm = LLM(args.model, backend=args.backend, max_model_len=args.max_model_len)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         write_task(d)
