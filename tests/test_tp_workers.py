@@ -275,10 +275,17 @@ def test_shared_memory_room_counts_only_blocks_made(tiny_dir, monkeypatch):
         tp_llm(tiny_dir)
 
 
+SEQS = (
+    "max_num_seqs (serve's --max-num-seqs, EngineConfig's max_num_seqs; chat, generate and bench have none)"
+)
+
+
 def test_shared_memory_advice_names_every_setting_that_shrinks_the_blocks(tiny_dir, monkeypatch):
     """The refusal named max_num_seqs alone, though the CPU ranks' exchange block (4 MB a rank) grows with
     tensor_parallel and the logits with the vocabulary: it names each block's size, what drives it and the setting
-    that shrinks it, beside the needed and free bytes; GPU ranks make no exchange block and are told of none."""
+    that shrinks it, beside the needed and free bytes; GPU ranks make no exchange block and are told of none. chat,
+    generate and bench take --tensor-parallel but no --max-num-seqs: the advice says so (it named serve's flag
+    alone, as if theirs)."""
     logits = 64 * 320 * 4  # max_num_seqs x the tiny model's vocabulary x 4 bytes
     monkeypatch.setattr(tp_group, "shm_free_bytes", lambda: 1 << 20)
     with pytest.raises(LServeError) as e:
@@ -287,16 +294,14 @@ def test_shared_memory_advice_names_every_setting_that_shrinks_the_blocks(tiny_d
     assert "\n" not in line and "needs 8.1 MB of shared memory in /dev/shm, 1.0 MB are free" in line
     assert "rank 0's logits 0.1 MB (max_num_seqs 64 x vocabulary 320 x 4 bytes)" in line
     assert "the CPU ranks' exchange block 8.0 MB (2 ranks x 4 MB)" in line
-    assert (
-        "lower max_num_seqs (serve's --max-num-seqs, EngineConfig's max_num_seqs) or tensor_parallel" in line
-    )
+    assert f"lower {SEQS} or tensor_parallel" in line
     assert line.endswith("or give /dev/shm more room (e.g. docker run --shm-size)")
     monkeypatch.setattr(tp_group, "shm_free_bytes", lambda: logits - 1)
     with pytest.raises(LServeError) as e:  # NCCL: the logits block alone, refused before the GPUs are counted
         LLM(str(tiny_dir), backend="cuda", config=EngineConfig(tensor_parallel=2))
     line = str(e.value)
     assert "needs 0.1 MB" in line and "exchange" not in line and "tensor_parallel" not in line
-    assert "lower max_num_seqs (serve's --max-num-seqs, EngineConfig's max_num_seqs) or give" in line
+    assert f"lower {SEQS} or give" in line
 
 
 def test_refused_logits_block_leaves_no_group_block(tiny_dir, monkeypatch):
