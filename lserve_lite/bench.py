@@ -147,7 +147,8 @@ def _check_decode_fits(llm: LLM, ctx: int, steps: int, batch: int) -> None:
 def main(args: argparse.Namespace, llm: LLM) -> int:
     if args.batch > llm.engine.ecfg.max_num_seqs:
         raise InvalidRequestError(
-            f"--batch {args.batch} exceeds the engine's max_num_seqs ({llm.engine.ecfg.max_num_seqs})"
+            f"--batch {args.batch} exceeds the engine's max_num_seqs ({llm.engine.ecfg.max_num_seqs}): raise "
+            "--max-num-seqs"
         )
     lens, context = fitted_defaults(args, llm.engine.max_len)
     longest = max(context, *lens)

@@ -11,6 +11,7 @@ from pathlib import Path
 from .config import (
     KV_DTYPES,
     MAX_MODEL_LEN,
+    MAX_NUM_SEQS,
     MAX_POOL_PAGES,
     EngineConfig,
     SparseConfig,
@@ -211,6 +212,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     add_max_model_len(p, "context limit in tokens (prompt + output)")
     p.add_argument(
+        "--max-num-seqs",
+        type=bounded_int(1, MAX_NUM_SEQS),
+        default=64,
+        help="sequences (a request's prompts x n) batched together at most",
+    )
+    p.add_argument(
         "--kv-pages",
         type=bounded_int(1, MAX_POOL_PAGES),
         default=None,
@@ -256,6 +263,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         quantize=args.quantize,
         kv_dtype=getattr(args, "kv_dtype", "auto"),
         max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
         num_kv_pages=args.kv_pages,
         page_size=knobs.get("page_size", sparse.page_size),
         sparse=sparse,

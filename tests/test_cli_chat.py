@@ -556,7 +556,7 @@ def test_bench_refuses_what_the_engine_cannot_run(tiny_llama):
     decode together for every step (its prefill took several steps, so the first sequence reaches the context
     limit first) is an error too, never a low or 0.0 figure (one line, exit 1)."""
     short = ["--prompt-lens", "16"]
-    for flags, msg in ((["--batch", "65"], "exceeds the engine's max_num_seqs (64)"),
+    for flags, msg in ((["--batch", "65"], "exceeds the engine's max_num_seqs (64): raise --max-num-seqs"),
                        (["--context", "300", "--max-model-len", "256"], "the context limit is 256"),
                        ([*short, "--context", "100", "--steps", "50", "--kv-pages", "2"],
                         "152 tokens; the context limit is 128"),
@@ -568,6 +568,26 @@ def test_bench_refuses_what_the_engine_cannot_run(tiny_llama):
         r = _bench(tiny_llama, *flags)
         assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert "decode_ctx" not in r.stdout
+
+
+def test_every_engine_command_takes_max_num_seqs():
+    """--max-num-seqs is an engine option of chat, generate, bench and serve (one definition, engine_args): `bench
+    --batch 65` was refused as over max_num_seqs 64 with no flag to raise it, and the tensor-parallel /dev/shm advice
+    had to tell chat / generate / bench users to set it from Python."""
+    from lserve_lite import cli
+    from lserve_lite.engine_args import engine_config_from_args
+
+    rest = {"chat": [], "generate": ["--prompt", "x"], "bench": [], "serve": []}
+    for cmd, extra in rest.items():
+        a = cli.build_parser().parse_args([cmd, "--max-num-seqs", "96", *extra])
+        assert engine_config_from_args(a).max_num_seqs == 96, cmd
+        assert engine_config_from_args(cli.build_parser().parse_args([cmd, *extra])).max_num_seqs == 64, cmd
+    r = subprocess.run(  # out of range: argparse's one line, exit 2, before any model loads
+        [sys.executable, "-m", "lserve_lite.cli", "bench", "--max-num-seqs", "0"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "--max-num-seqs" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bench_defaults_fit_a_short_context_model(tiny_llama, tmp_path):

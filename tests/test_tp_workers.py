@@ -250,8 +250,8 @@ def test_shared_memory_room_checked_before_start(tiny_dir, monkeypatch):
     monkeypatch.setattr(tp_group, "shm_free_bytes", lambda: 1 << 20)
     with pytest.raises(
         LServeError,
-        match=r"needs 8.1 MB of shared memory.*1.0 MB are free: .*lower max_num_seqs \(serve's --max-num-seqs",
-    ):  # generate, chat and bench, which take --tensor-parallel, have no --max-num-seqs: it was named as if they had
+        match=r"needs 8.1 MB of shared memory.*1.0 MB are free: .*lower max_num_seqs \(--max-num-seqs",
+    ):  # every command that takes --tensor-parallel takes --max-num-seqs (chat, generate and bench since 2026-12-07)
         tp_llm(tiny_dir)
     logits = tp_group.logits_block(256, 128_256)
     with pytest.raises(LServeError, match=r"--shm-size"):
@@ -275,17 +275,14 @@ def test_shared_memory_room_counts_only_blocks_made(tiny_dir, monkeypatch):
         tp_llm(tiny_dir)
 
 
-SEQS = (
-    "max_num_seqs (serve's --max-num-seqs, EngineConfig's max_num_seqs; chat, generate and bench have none)"
-)
+SEQS = "max_num_seqs (--max-num-seqs, EngineConfig's max_num_seqs)"
 
 
 def test_shared_memory_advice_names_every_setting_that_shrinks_the_blocks(tiny_dir, monkeypatch):
     """The refusal named max_num_seqs alone, though the CPU ranks' exchange block (4 MB a rank) grows with
     tensor_parallel and the logits with the vocabulary: it names each block's size, what drives it and the setting
-    that shrinks it, beside the needed and free bytes; GPU ranks make no exchange block and are told of none. chat,
-    generate and bench take --tensor-parallel but no --max-num-seqs: the advice says so (it named serve's flag
-    alone, as if theirs)."""
+    that shrinks it, beside the needed and free bytes; GPU ranks make no exchange block and are told of none. Every
+    command that takes --tensor-parallel takes --max-num-seqs (chat, generate and bench since 2026-12-07)."""
     logits = 64 * 320 * 4  # max_num_seqs x the tiny model's vocabulary x 4 bytes
     monkeypatch.setattr(tp_group, "shm_free_bytes", lambda: 1 << 20)
     with pytest.raises(LServeError) as e:
@@ -356,7 +353,7 @@ def test_shared_memory_taken_meanwhile_fails_the_block_cleanly(tiny_dir, monkeyp
         (r"the CPU ranks' exchange block \(2 ranks x 4 MB;", r"tensor_parallel \(--tensor-parallel"),
         (
             r"rank 0's logits \(max_num_seqs 64 x vocabulary 320 x 4 bytes;",
-            r"max_num_seqs \(serve's --max-num-seqs",
+            r"max_num_seqs \(--max-num-seqs",
         ),
     )[block]
     match = rf"shared memory in /dev/shm ran out while taking [\d.]+ MB for {what} .*: lower {shrink}"

@@ -37,11 +37,8 @@ STARTUP_TIMEOUT = 1800.0  # loading a large checkpoint from a cold disk
 STEP_TIMEOUT = 600.0  # no step takes this long: a worker silent for it is hung
 # a wait of at most a second that returns this much later: this process was stopped meanwhile
 STOPPED_SLACK = 5.0
-# the setting that shrinks rank 0's logits block (max_num_seqs x vocabulary x 4 bytes), and where it is set: chat,
-# generate and bench take --tensor-parallel but no --max-num-seqs
-FEWER_SEQS = (
-    "max_num_seqs (serve's --max-num-seqs, EngineConfig's max_num_seqs; chat, generate and bench have none)"
-)
+# the setting that shrinks rank 0's logits block (max_num_seqs x vocabulary x 4 bytes), and where it is set
+FEWER_SEQS = "max_num_seqs (--max-num-seqs, EngineConfig's max_num_seqs)"
 
 
 def shm_free_bytes() -> int | None:

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from ..config import MAX_BATCHED_TOKENS, MAX_NUM_SEQS, EngineConfig
+from ..config import MAX_BATCHED_TOKENS, EngineConfig
 from ..engine_args import add_engine_args, bounded_int, engine_config_from_args, utf8_text
 from ..errors import LServeError
 
@@ -32,12 +32,6 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         type=_model_id,
         default=None,
         help="model id in the API (default: model directory name, or a GGUF file's name without .gguf)",
-    )
-    s.add_argument(
-        "--max-num-seqs",
-        type=bounded_int(1, MAX_NUM_SEQS),
-        default=64,
-        help="sequences (a request's prompts x n) batched together at most",
     )
     s.add_argument(
         "--max-num-batched-tokens",
@@ -67,7 +61,6 @@ def run_from_args(args: argparse.Namespace) -> int:
     except LServeError as e:
         print(f"lserve-lite serve: {e}", file=sys.stderr)
         return 2
-    engine_config.max_num_seqs = args.max_num_seqs
     engine_config.max_num_batched_tokens = args.max_num_batched_tokens
     return run_server(args.model, args.host, args.port, args.api_key, args.max_model_len, args.backend,
                       engine_config, served_model_name=args.served_model_name, max_queue=args.max_queue,
