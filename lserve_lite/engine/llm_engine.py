@@ -19,7 +19,6 @@ from ..backends.memory import (
     check_buffers,
     check_needs,
     host_left,
-    host_memory_bytes,
 )
 from ..config import MASS_MAX_GROUP, ORACLE_REDUCE, EngineConfig, SparseConfig
 from ..errors import InvalidRequestError, LServeError
@@ -155,8 +154,7 @@ class LLMEngine:
         self.kv_bytes = self.kv_format.kv_bytes(self.cfg.head_dim, self.itemsize)
         self.max_len = self.runner.max_len  # both fitted to the pools (fit_context)
         self.layout = self.runner.layout
-        # the ranks hold the weights and KV cache, in their own processes: the driver counts the host's whole memory
-        self._host_left = (host_memory_bytes(), "this host")
+        self._host_left = group.host_left  # what `score`'s logits may take
         return num_pages, num_stream
 
     def _say_assumed_context(self) -> None:
@@ -252,7 +250,7 @@ class LLMEngine:
                          stat_itemsize=self.itemsize)  # fmt: skip
         where = f"the {self.backend} backend's memory beside the weights and the KV cache"
         left = check_buffers(self.ops, self.cfg, e, self.max_len, self.layout, self.weight_bytes + kv, where)
-        self._host_left = host_left(self.ops, left)  # what `score`'s logits may take
+        self._host_left = host_left(self.ops.memory_is_host, left)  # what `score`'s logits may take
 
     def kv_summary(self) -> str:
         """The KV cache in one line (startup logs): format, capacity in tokens, bytes per token of the pool that
