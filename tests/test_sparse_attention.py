@@ -314,9 +314,9 @@ def test_request_knobs_taken_where_the_engine_sinks_exceed_the_context(tiny_llam
 def test_mass_reduction_refused_at_start_for_groups_it_cannot_hold(tiny_llama, tmp_path, monkeypatch):
     """The default `mass` keeps a group's query heads in registers: a larger group is refused at start, with
     the way out named; `max` has no limit."""
-    from lserve_lite.engine import llm_engine
+    from lserve_lite.engine import kv_sizing
 
-    monkeypatch.setattr(llm_engine, "MASS_MAX_GROUP", 1)  # the tiny model has 2 query heads per KV head
+    monkeypatch.setattr(kv_sizing, "MASS_MAX_GROUP", 1)  # the tiny model has 2 query heads per KV head
     with pytest.raises(InvalidRequestError, match="at most 1 query heads per KV head .*--group-reduce max"):
         _sparse_tiny(tiny_llama, tmp_path)
     assert _sparse_tiny(tiny_llama, tmp_path / "b", group_reduce="max")[1].engine.layout is not None

@@ -892,12 +892,12 @@ def test_bad_pattern_refused_before_the_weights_load(tiny_dir, tmp_path, monkeyp
     """A pattern of the wrong shape was found only after the weights had loaded (a bf16 or --quantize'd 8B model:
     minutes and tens of GB, then a one-line error): the layout is checked from the config first."""
     from lserve_lite import LLM, EngineConfig, SparseConfig
-    from lserve_lite.engine import llm_engine
+    from lserve_lite.engine import startup
 
     def load_model(*args):
         raise AssertionError("the weights loaded before the head pattern was checked")
 
-    monkeypatch.setattr(llm_engine, "load_model", load_model)
+    monkeypatch.setattr(startup, "load_model", load_model)
     bad = tmp_path / "p.tsv"
     bad.write_text(text)
     sc = SparseConfig(enabled=True, pattern_path=str(bad))

@@ -1006,3 +1006,39 @@ def test_shutdown_grace_is_shared():
     t = time.monotonic()
     tp_group._shutdown(procs, [], lambda: None, grace=0.5)
     assert time.monotonic() - t < 1.5 and not any(p.is_alive() for p in procs)
+
+
+def test_scored_logits_count_what_the_ranks_leave(tiny_dir):
+    """`score` (`LLM.logits`) checks its [T, vocab] logits against the host's memory: with CPU ranks the driver
+    counted the host's whole memory, not what is left beside the ranks' weights, KV pools and step buffers and the
+    shared-memory blocks (tmpfs); now the rule of the in-process engine (memory.host_left), over all ranks."""
+    from dataclasses import replace
+
+    from lserve_lite.backends.cpu import CpuOps
+    from lserve_lite.backends.group import exchange_bytes
+    from lserve_lite.backends.memory import host_memory_bytes
+    from lserve_lite.kv.layout import pools_bytes
+    from lserve_lite.weights.loader import load_model
+    from lserve_lite.weights.shard import shard_config, shard_of
+
+    ops = CpuOps()
+    weights = sum(ops.weight_bytes(w) for w in load_model(tiny_dir, None).weights.values())
+    llm = tp_llm(tiny_dir)
+    try:
+        eng = llm.engine
+        e, cfg = eng.ecfg, eng.cfg
+        held = 0  # what each rank holds from its half of the host (tp_worker._serve)
+        for rank in range(2):
+            part = shard_config(cfg, shard_of(cfg, rank, 2))
+            kv = pools_bytes(part, e.page_size, eng.kv_bytes, None, e.max_num_seqs, eng.blocks.num_pages, 0,
+                             stat_itemsize=eng.itemsize)  # fmt: skip
+            needs = ops.buffer_needs(replace(part, vocab_size=cfg.vocab_size), e, eng.max_len, None)
+            held += weights // 2 + kv + sum(n.nbytes for n in needs)
+        shm = e.max_num_seqs * cfg.vocab_size * 4 + exchange_bytes("cpu", 2)  # rank 0's logits, the exchange
+        assert eng._host_left == (
+            host_memory_bytes() // 2 * 2 - held - shm,
+            "this host beside the weights, the KV cache, a step's buffers and the shared-memory blocks",
+        )
+        assert eng.score(list(range(3, 53))).shape == (50, cfg.vocab_size)
+    finally:
+        llm.close()

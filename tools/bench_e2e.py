@@ -823,7 +823,7 @@ def kv_capacity(
     cfg, ecfg, classes: list, budget: int, supported: tuple[str, ...], itemsize: int, alloc
 ) -> list[dict]:
     """Per KV dtype of CAPACITY_KV, dense and LServe mode (head classes `classes`, LServe's default knobs): the
-    engine's pool sizing for `budget` bytes of KV memory (kv/layout.pool_pages, as LLMEngine._num_pages): the
+    engine's pool sizing for `budget` bytes of KV memory (kv/layout.pool_pages, as engine/startup.load_local): the
     bytes per context token of the pool that grows with the context (dense pool: values, scales and LServe's
     page statistics), as sized and as allocated (`alloc`, Ops.alloc_kv's signature, makes a one-page cache),
     the pages, the tokens one sequence's context can have (LServe's streaming pool is constant in the

@@ -108,9 +108,13 @@ def check_buffers(
     return have - sum(n.nbytes for n in needs)
 
 
-def host_left(ops: Ops, left: int) -> tuple[int, str]:
-    """(bytes, what has them) of the host's memory for arrays an engine returns to it (scored logits), given what
-    `check_buffers` left: on a backend that computes on the host that, beside a device the host's whole memory."""
-    if ops.memory_is_host:
-        return left, "this host beside the weights, the KV cache and a step's buffers"
-    return host_memory_bytes(), "this host"
+def host_left(memory_is_host: bool, left: int, shm: int = 0) -> tuple[int, str]:
+    """(bytes, what has them) of the host's memory for arrays an engine returns to it (scored logits): on a backend
+    that computes on the host what `check_buffers` left (summed over ranks that share it), beside a device the host's
+    whole memory; less `shm` bytes of shared-memory blocks (tmpfs: the host's memory too)."""
+    have = (left if memory_is_host else host_memory_bytes()) - shm
+    beside = ["the weights", "the KV cache", "a step's buffers"] if memory_is_host else []
+    beside += ["the shared-memory blocks"] if shm else []
+    if len(beside) > 1:
+        beside[-2:] = [f"{beside[-2]} and {beside[-1]}"]
+    return have, f"this host beside {', '.join(beside)}" if beside else "this host"

@@ -24,6 +24,7 @@ import numpy as np
 from ..backends.base import StepInputs
 from ..backends.comm import SHM_DIR, ShmBlock, megabytes, more_room, reserved_block
 from ..backends.group import exchange_blocks, host_ops, new_group
+from ..backends.memory import host_left
 from ..config import EngineConfig, ModelConfig
 from ..errors import LServeError, TensorParallelError
 from ..kv.layout import KVLayout, fit_context, pool_pages
@@ -126,10 +127,13 @@ class WorkerGroup:
         self.backend = spec.backend  # what the ranks run on (the driver's own Ops are the host's)
 
     def build(self, max_len: int, num_pages: int, layout: KVLayout | None, num_stream: int) -> None:
-        """Every rank builds its model, KV pools (these page counts, all ranks alike) and executor."""
+        """Every rank builds its model, KV pools (these page counts, all ranks alike) and executor; `host_left`:
+        what the host has left for the driver's arrays (scored logits) beside the ranks and the shared blocks."""
         self._send(("build", max_len, num_pages, layout, num_stream, self.logits.name))
-        for r in range(len(self.procs)):
-            self._recv(r, STARTUP_TIMEOUT)
+        built = [self._recv(r, STARTUP_TIMEOUT) for r in range(len(self.procs))]
+        # ranks on the host each left their share of it; /dev/shm's blocks are the host's memory too
+        shm = self.logits.size + sum(b.size for b in exchange_blocks(self.backend, len(built)))
+        self.host_left = host_left(built[0][2], sum(m[1] for m in built), shm)
 
     def plan(self, step: StepInputs) -> StepInputs:
         return step

@@ -29,7 +29,7 @@ def worker_main(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig,
     """The process entry (multiprocessing spawn). Messages in: ("build", max_len, pages, layout, stream
     pages, logits block name), ("step", StepInputs, number), ("copy", src, dst), ("clear", pages, stream
     pages), ("stop",) (also before "build"). Out: ("ready", kv budget bytes, kv limit bytes, itemsize, KV
-    format name), ("built",), ("logits", shape in the block | array, step number) from rank 0, ("error", rank,
+    format name), ("built", memory left, whether it is the host's), ("logits", shape in the block | array, step number) from rank 0, ("error", rank,
     text)."""
     # Ctrl-C reaches the terminal's whole process group, and SIGTERM a whole group or cgroup (systemd's stop, a
     # shell's `kill %1`, `timeout`): the driver decides what they stop (a reply, the engine, a server once drained),
@@ -89,13 +89,13 @@ def _serve(rank: int, spec: GroupSpec, model_dir: Path, ecfg: EngineConfig, conn
     kv = pools_bytes(part, ecfg.page_size, fmt.kv_bytes(cfg.head_dim, itemsize), lay, ecfg.max_num_seqs, num_pages,
                      num_stream, stat_itemsize=itemsize)  # fmt: skip
     # its activations are its shard's; its logits the whole vocabulary's (gathered from every rank)
-    check_buffers(ops, replace(part, vocab_size=cfg.vocab_size), ecfg, max_len, lay, weight_bytes + kv,
-                  f"rank {rank}'s share of the memory beside its weights and KV cache", share)  # fmt: skip
+    left = check_buffers(ops, replace(part, vocab_size=cfg.vocab_size), ecfg, max_len, lay, weight_bytes + kv,
+                         f"rank {rank}'s share of the memory beside its weights and KV cache", share)  # fmt: skip
     out = shared_memory.SharedMemory(name=logits_name) if rank == 0 else None
     runner = RankRunner(cfg, loaded.weights, ops, ecfg, max_len, num_pages, layout, num_stream, comm, fmt)
     loaded.drop_file_pages()
     del loaded
-    conn.send(("built",))
+    conn.send(("built", left, ops.memory_is_host))
     while True:
         msg = conn.recv()
         if msg[0] == "step":
