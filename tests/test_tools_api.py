@@ -993,6 +993,28 @@ def test_auto_streamed_equals_whole(client, tool):
     assert deltas[-1].finish_reason == whole.choices[0].finish_reason
 
 
+def test_a_response_formats_reply_streamed_equals_whole(client):
+    """A response_format beside tools ("auto"), sampled with seeds: the openai stream helper assembles the same
+    content (the format's JSON) or calls as the whole reply (bounded: the helper raises on a reply cut short)."""
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "weather?"}], tools=[STRICT], max_tokens=300,
+              parallel_tool_calls=False, response_format=AS_ANSWER, temperature=1.0)  # fmt: skip
+    kinds = set()
+    for seed in range(4):
+        whole = client.chat.completions.create(**kw, seed=seed).choices[0]
+        with client.chat.completions.stream(**kw, seed=seed) as s:
+            streamed = s.get_final_completion().choices[0]
+        got = [(c.finish_reason, c.message.content, _called(c.message.tool_calls)) for c in (whole, streamed)]
+        assert got[0] == got[1], (seed, got)
+        kinds.add(whole.finish_reason)
+        if whole.finish_reason == "stop":
+            assert set(json.loads(whole.message.content)) == {"answer"}, whole
+    assert kinds == {"stop", "tool_calls"}, kinds  # both branches met
+
+
+def _called(calls: list | None) -> list[tuple[str, dict]]:
+    return [(c.function.name, json.loads(c.function.arguments)) for c in calls or []]
+
+
 def test_the_openai_sdks_strict_tool_under_auto(client):
     """openai.pydantic_function_tool (strict, as the Agents SDK's tools) with the default tool_choice: its grammar
     builds from the SDK's schema, and every sampled reply is text or calls whose arguments match it."""
