@@ -302,15 +302,16 @@ class LLM:
         convs = [messages] if single else messages
         per_conv = _per_prompt(sampling_params, len(convs))
         plan = plan_tools(tools, tool_choice, parallel_tool_calls)
-        if plan:  # a forced choice's schema; with "auto", the marker tokens of calls kept in the text
-            plan = replace(plan, **self._call_form)
+        plan = plan and replace(plan, **self._call_form)
+        plans = [plan and plan.fit(p.response_format) for p in per_conv]  # each conversation's format
+        if plan:  # a forced choice's schema, a guided reply's grammar; unguided, the markers of calls kept
             per_conv = [
                 replace(
                     p,
-                    response_format=plan.reply_format(p.response_format),
-                    keep_special_tokens=list(dict.fromkeys([*p.keep_special_tokens, *plan.markers])),
+                    response_format=pl.reply_format(),
+                    keep_special_tokens=list(dict.fromkeys([*p.keep_special_tokens, *pl.markers])),
                 )
-                for p in per_conv
+                for p, pl in zip(per_conv, plans)
             ]
         for c in convs:
             check_contents(c)
@@ -322,8 +323,8 @@ class LLM:
         texts = [self.tokenizer.decode(x, skip_special_tokens=False) for x in ids]
         for o, text in zip(outs, (t for t, p in zip(texts, per_conv) for _ in range(p.n))):
             o.prompt = text
-        for o in outs if plan else []:
-            content, calls, o.finish_reason = plan.reply(o.text, o.finish_reason)
+        for o, pl in zip(outs, (pl for pl, p in zip(plans, per_conv) for _ in range(p.n))) if plan else []:
+            content, calls, o.finish_reason = pl.reply(o.text, o.finish_reason)
             o.text, o.tool_calls = content or "", calls or None
         return ChatOutput(**vars(outs[0])) if single and len(outs) == 1 else outs
 

@@ -149,8 +149,9 @@ class _Params:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     # {"type": "json_object"} or {"type": "json_schema", "json_schema": ...}; or {"type": "lark", "lark": <an
-    # llguidance Lark grammar>, "json_schema": ...}, whose `@<json_schema's name>` is that schema (tool_choice "auto"
-    # with strict tools: ToolPlan.reply_format)
+    # llguidance Lark grammar>, "json_schema": ...}, whose `@<json_schema's name>` is that schema, and whose `@reply`
+    # is the JSON of a json_object / json_schema format in "reply_format" if given (tool_choice "auto" with strict
+    # tools or the request's own format: ToolPlan.reply_format)
     response_format: dict | None = None
     # special tokens whose text stays in the output (the markers a tool-call parser reads); others are dropped
     keep_special_tokens: list[str] = field(default_factory=list)
@@ -231,17 +232,8 @@ class _Params:
                 raise InvalidRequestError(
                     f"logit_bias must map token ids >= 0 to numbers in [{lo}, {hi}], got {t!r}: {v!r}"
                 )
-        fmt = self.response_format  # its shape before `constrained` reads it (a string was an AttributeError)
-        if fmt is not None:
-            kind = fmt.get("type") if isinstance(fmt, dict) else None
-            if kind not in FORMATS:
-                raise InvalidRequestError(
-                    "response_format must be {'type': 'text' | 'json_object' | 'json_schema', ...}"
-                )
-            if kind in ("json_schema", "lark") and not isinstance(schema_of(fmt), (dict, bool)):
-                raise InvalidRequestError(f"response_format {kind} needs a 'schema' object")
-            if kind == "lark" and not isinstance(fmt.get("lark"), str):
-                raise InvalidRequestError("response_format lark needs a 'lark' grammar (a string)")
+        if self.response_format is not None:  # its shape before `constrained` reads it (a string raised)
+            check_format(self.response_format, FORMATS)
         check_min_tokens(self.min_tokens, self.max_new_tokens)
         if self.min_tokens and self.constrained:
             raise InvalidRequestError(
@@ -356,6 +348,22 @@ def is_int(x: object) -> bool:
 def _finite(x) -> bool:
     """A finite real number, NumPy's too; a boolean is not one."""
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_format(fmt: object, kinds: tuple[str, ...]) -> None:
+    """A response format's shape, its type one of `kinds`; a Lark grammar's `reply_format` (its @reply, where given)
+    is a JSON one, checked alike."""
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind not in kinds:
+        raise InvalidRequestError(
+            "response_format must be {'type': 'text' | 'json_object' | 'json_schema', ...}"
+        )
+    if kind in ("json_schema", "lark") and not isinstance(schema_of(fmt), (dict, bool)):
+        raise InvalidRequestError(f"response_format {kind} needs a 'schema' object")
+    if kind == "lark" and not isinstance(fmt.get("lark"), str):
+        raise InvalidRequestError("response_format lark needs a 'lark' grammar (a string)")
+    if kind == "lark" and fmt.get("reply_format") is not None:
+        check_format(fmt["reply_format"], ("json_object", "json_schema"))
 
 
 def schema_of(fmt: dict):

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import httpx
 import pytest
@@ -146,8 +149,8 @@ def test_strict_tools_under_auto_get_a_grammar_of_text_or_calls():
     their tags, one without parallel calls; a strict tool's arguments are held to its parameters, another's to
     any JSON object. A forced choice holds every call to its schema, strict or not."""
     plan = plan_tools([STRICT, TIME], "auto", None)
-    fmt = plan.reply_format(None)
-    assert fmt["type"] == "lark" and fmt["json_schema"]["name"] == "call"
+    fmt = plan.reply_format()
+    assert fmt["type"] == "lark" and fmt["json_schema"]["name"] == "call" and "reply_format" not in fmt
     weather, time_ = fmt["json_schema"]["schema"]["anyOf"]
     assert weather["properties"]["name"] == {"const": "get_weather"}
     assert weather["properties"]["arguments"]["properties"] == WEATHER["function"]["parameters"]["properties"]
@@ -158,23 +161,26 @@ def test_strict_tools_under_auto_get_a_grammar_of_text_or_calls():
         text == "TEXT: /(?s:.*)/ & ~/(?s:.*)<tool_call>(?s:.*)/"
         and prefix == "prefix[lazy]: /(?s:.*)<tool_call>/"
     )
-    one = plan_tools([STRICT, TIME], "auto", False).reply_format(None)["lark"]
+    one = plan_tools([STRICT, TIME], "auto", False).reply_format()["lark"]
     assert one.splitlines()[0].count("@call") == 1 and "*" not in one.splitlines()[0]
-    # a request's own format holds (the reply is its JSON); no strict tool: no grammar, the markers read
-    assert plan.reply_format({"type": "json_object"}) == {"type": "json_object"}
-    assert plan.reply_format({"type": "text"})["type"] == "lark"
+    # "text" is no format of the request's own; no strict tool: no grammar, the markers read
+    assert plan.fit({"type": "text"}).reply_format() == fmt
     loose = plan_tools([WEATHER, TIME], "auto", None)
-    assert loose.reply_format(None) is None and loose.markers and not plan.markers
+    assert loose.reply_format() is None and loose.markers and not plan.markers
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        schema = json.dumps(plan_tools([WEATHER], choice, None).reply_format(None))
+        schema = json.dumps(plan_tools([WEATHER], choice, None).reply_format())
         assert json.dumps(WEATHER["function"]["parameters"]["properties"]) in schema, choice
     with pytest.raises(InvalidRequestError, match=r"tools\[0\].function.strict: must be true or false"):
         plan_tools([{"type": "function", "function": WEATHER["function"] | {"strict": "yes"}}], "auto", None)
 
 
-def test_the_strict_grammar_allows_text_or_valid_calls(tiny_dir):
-    """The grammar compiled with a model's tokenizer: text, and text then calls whose arguments match, pass;
-    a strict call's invalid arguments, text after a call, and a second call without parallel calls do not."""
+CALL = '<tool_call>\n{"name":"get_weather","arguments":{"city":"Rome","unit":"c"}}\n</tool_call>'
+OTHER = '<tool_call>\n{"name":"get_time","arguments":{"any":[1]}}\n</tool_call>'  # not strict: any object
+
+
+@pytest.fixture(scope="module")
+def allowed(tiny_dir):
+    """Whether a plan's grammar, compiled with the tiny model's tokenizer, takes a whole reply's text."""
     from lserve_lite.engine.structured import Grammars
     from lserve_lite.tokenizer import Tokenizer
 
@@ -182,15 +188,20 @@ def test_the_strict_grammar_allows_text_or_valid_calls(tiny_dir):
     grammars = Grammars(tok, 320, [2])
 
     def allowed(plan, text: str) -> bool:
-        m, _ = grammars.matcher(plan.reply_format(None))
+        m, _ = grammars.matcher(plan.reply_format())
         ids = tok.encode(text)
         if m.validate_tokens(ids) != len(ids):
             return False
         m.consume_tokens(ids)
         return m.is_accepting()
 
-    call = '<tool_call>\n{"name":"get_weather","arguments":{"city":"Rome","unit":"c"}}\n</tool_call>'
-    other = '<tool_call>\n{"name":"get_time","arguments":{"any":[1]}}\n</tool_call>'  # not strict: any object
+    return allowed
+
+
+def test_the_strict_grammar_allows_text_or_valid_calls(allowed):
+    """The grammar compiled with a model's tokenizer: text, and text then calls whose arguments match, pass;
+    a strict call's invalid arguments, text after a call, and a second call without parallel calls do not."""
+    call, other = CALL, OTHER
     plan, one = plan_tools([STRICT, TIME], "auto", None), plan_tools([STRICT, TIME], "auto", False)
     for text in ("It is sunny.", "a <tool_call is text", f"Checking. {call}", f"{call}\n{other}", other):
         assert allowed(plan, text), text
@@ -222,21 +233,96 @@ def test_a_strict_auto_reply_reads_calls_in_tags_only():
         assert (streamed, _named(got)) == (content, _named(calls)), step
 
 
+ANSWER = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 20}}, "required": ["answer"],
+          "additionalProperties": False}  # fmt: skip
+AS_ANSWER = {"type": "json_schema", "json_schema": {"name": "Answer", "schema": ANSWER, "strict": True}}
+
+
+def test_a_response_format_beside_tools_gets_one_grammar_of_its_json_or_calls():
+    """A request's own response_format under "auto" (the Agents SDK's output_type beside its tools): one grammar,
+    the format's JSON (`@reply`) or calls in <tool_call> blocks (`@call`, strict tools held to their parameters),
+    with strict tools or not (a plain tool's call was impossible: the format forbade the tags). A forced choice's
+    call is forced, the format applying to no final message: the calls' schema alone (it was a 400)."""
+    for tools in ([STRICT, TIME], [WEATHER]):
+        plan = plan_tools(tools, "auto", None).fit(AS_ANSWER)
+        fmt = plan.reply_format()
+        assert fmt["type"] == "lark" and fmt["reply_format"] == AS_ANSWER
+        calls = plan_tools(tools, "auto", None).schema()  # the calls, as without a format
+        assert fmt["json_schema"] == {"name": "call", "schema": calls}
+        (start,) = fmt["lark"].splitlines()
+        call = '"\\n" @call "\\n</tool_call>"'
+        assert start == f'start: @reply | "<tool_call>" {call} ("\\n<tool_call>" {call})*', start
+        assert plan.guided and not plan.markers and plan.field == "response_format"
+    one = plan_tools([STRICT], "auto", False).fit({"type": "json_object"}).reply_format()
+    assert one["lark"].count("@call") == 1 and one["reply_format"] == {"type": "json_object"}
+    # a model that writes Mistral's or Llama's calls: no <tool_call> grammar, the format alone, as before
+    untagged = replace(plan_tools([STRICT], "auto", None), tagged=False).fit(AS_ANSWER)
+    assert untagged.reply_format() == AS_ANSWER and untagged.markers
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        forced = plan_tools([WEATHER], choice, None)
+        assert forced.fit(AS_ANSWER).reply_format() == forced.reply_format(), choice
+        assert forced.fit(AS_ANSWER).field == "tools"
+
+
+def test_a_response_formats_grammar_allows_its_json_or_valid_calls(allowed):
+    """Compiled with a model's tokenizer: the format's JSON, or calls (a strict one's arguments valid, a plain
+    one's any object); not text, JSON outside the schema, text before or after calls, a strict call's bad
+    arguments."""
+    plan = plan_tools([STRICT, TIME], "auto", None).fit(AS_ANSWER)
+    for text in ('{"answer":"sunny"}', CALL, f"{CALL}\n{OTHER}", OTHER):
+        assert allowed(plan, text), text
+    refused = [
+        "It is sunny.",
+        '{"answer":1}',
+        '{"answer":"sunny","more":1}',
+        '{"answer":"far too long for the schema"}',
+        f"Checking. {CALL}",
+        f'{{"answer":"x"}}{CALL}',
+        f"{CALL} done",
+        CALL.replace('"c"', '"k"'),
+    ]
+    for text in refused:
+        assert not allowed(plan, text), text
+    # a plain tool's call is possible, its arguments any object
+    loose = plan_tools([WEATHER], "auto", None).fit({"type": "json_object"})
+    bad_args = CALL.replace('"unit":"c"', '"town":"x"')
+    assert allowed(loose, '{"a":[1]}') and allowed(loose, bad_args) and not allowed(loose, "[1]")
+
+
+def test_a_response_formats_reply_reads_as_its_json_or_calls():
+    """The parse of such a reply: its JSON is the content (bare JSON shaped as a call too: it is the final
+    message), <tool_call> blocks are calls and their content null; whole or streamed."""
+    plan = plan_tools([STRICT, TIME], "auto", None).fit(AS_ANSWER)
+    bare = '{"name": "get_time", "parameters": {}}'
+    assert plan.parse('{"answer":"sunny"}') == ('{"answer":"sunny"}', []) and plan.parse(bare) == (bare, [])
+    content, calls = plan.parse(f"{CALL}\n{OTHER}")
+    assert content is None and _named(calls) == [("get_weather", {"city": "Rome", "unit": "c"}),
+                                                   ("get_time", {"any": [1]})]  # fmt: skip
+    content, calls, finish = plan.reply(CALL, "stop")
+    assert (content, _named(calls)[0][0], finish) == (None, "get_weather", "tool_calls")
+    for step in (1, 5):
+        streamed, got = _fed(plan, [CALL[i : i + step] for i in range(0, len(CALL), step)])
+        assert (streamed, _named(got)) == ("", _named(calls)), step
+
+
+def _calls_without_unit() -> list[dict]:
+    """A conversation of earlier get_weather calls that leave out the required `unit` (which SmolLM2 copies),
+    then a new question."""
+    ask = []
+    for i, city in enumerate(["Paris", "Oslo", "Lima"]):
+        fn = {"name": "get_weather", "arguments": json.dumps({"city": city})}
+        ask += [{"role": "user", "content": f"Weather in {city}?"},
+                {"role": "assistant", "content": None,
+                 "tool_calls": [{"id": f"call_{i}", "type": "function", "function": fn}]}]  # fmt: skip
+    return [*ask, {"role": "user", "content": "Weather in Rome?"}]
+
+
 def test_a_strict_call_under_auto_matches_its_schema_with_smollm2(smollm2_cpu):
     """SmolLM2, shown earlier calls without the required `unit`, copies them under "auto": a plain tool's call
     breaks its schema, a strict tool's (the grammar) does not; a plain question still gets a plain reply."""
-
-    def call(i: int, city: str) -> dict:
-        fn = {"name": "get_weather", "arguments": json.dumps({"city": city})}
-        return {"id": f"call_{i}", "type": "function", "function": fn}
-
     from lserve_lite import SamplingParams
 
-    ask = []
-    for i, city in enumerate(["Paris", "Oslo", "Lima"]):
-        ask += [{"role": "user", "content": f"Weather in {city}?"},
-                {"role": "assistant", "content": None, "tool_calls": [call(i, city)]}]  # fmt: skip
-    ask.append({"role": "user", "content": "Weather in Rome?"})
+    ask = _calls_without_unit()
     greedy = SamplingParams(temperature=0, max_new_tokens=60)
     loose, strict = (smollm2_cpu.chat(ask, greedy, tools=[t]) for t in (WEATHER, STRICT))
     assert loose.tool_calls and not valid_weather(loose.tool_calls[0]["function"]["arguments"])  # no "unit"
@@ -244,6 +330,29 @@ def test_a_strict_call_under_auto_matches_its_schema_with_smollm2(smollm2_cpu):
     assert strict.finish_reason == "tool_calls" and valid_weather(made["function"]["arguments"]), strict
     hello = smollm2_cpu.chat([{"role": "user", "content": "Say hello."}], greedy, tools=[STRICT])
     assert hello.tool_calls is None and hello.text.strip() and hello.finish_reason == "stop", hello
+
+
+def test_a_response_format_beside_tools_with_smollm2(smollm2_cpu):
+    """SmolLM2 with a json_schema response_format beside its tools under "auto" (what the Agents SDK sends): asked
+    for JSON, a final answer valid for the schema and no call; shown earlier calls without the required `unit`, a
+    strict tool's call valid for it (the format held alone: no call at all), and a plain tool's call begun (the
+    format forbade it). A named choice beside the format: the call, forced (it was refused)."""
+    from lserve_lite import SamplingParams
+
+    greedy = SamplingParams(temperature=0, max_new_tokens=40, response_format=AS_ANSWER)
+    ask = [{"role": "user", "content": 'What is 2+2? Reply in JSON: {"answer": "..."}'}]
+    final = smollm2_cpu.chat(ask, greedy, tools=[STRICT])
+    assert final.tool_calls is None and final.finish_reason == "stop", final
+    assert set(json.loads(final.text)) == {"answer"} and len(json.loads(final.text)["answer"]) <= 20, final
+    strict = smollm2_cpu.chat(_calls_without_unit(), greedy, tools=[STRICT])
+    (made,) = strict.tool_calls
+    assert strict.finish_reason == "tool_calls" and valid_weather(made["function"]["arguments"]), strict
+    loose = smollm2_cpu.chat(_calls_without_unit(), greedy, tools=[WEATHER])
+    assert loose.text.startswith('<tool_call>\n{"name":"get_weather","arguments":{"city":"Rome"'), loose
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    forced = smollm2_cpu.chat(ask, greedy, tools=[STRICT], tool_choice=named)
+    (made,) = forced.tool_calls
+    assert forced.text == "" and valid_weather(made["function"]["arguments"]), forced
 
 
 def test_one_call_at_most_without_parallel_calls():
@@ -884,6 +993,28 @@ def test_auto_streamed_equals_whole(client, tool):
     assert deltas[-1].finish_reason == whole.choices[0].finish_reason
 
 
+def test_a_response_formats_reply_streamed_equals_whole(client):
+    """A response_format beside tools ("auto"), sampled with seeds: the openai stream helper assembles the same
+    content (the format's JSON) or calls as the whole reply (bounded: the helper raises on a reply cut short)."""
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "weather?"}], tools=[STRICT], max_tokens=300,
+              parallel_tool_calls=False, response_format=AS_ANSWER, temperature=1.0)  # fmt: skip
+    kinds = set()
+    for seed in range(4):
+        whole = client.chat.completions.create(**kw, seed=seed).choices[0]
+        with client.chat.completions.stream(**kw, seed=seed) as s:
+            streamed = s.get_final_completion().choices[0]
+        got = [(c.finish_reason, c.message.content, _called(c.message.tool_calls)) for c in (whole, streamed)]
+        assert got[0] == got[1], (seed, got)
+        kinds.add(whole.finish_reason)
+        if whole.finish_reason == "stop":
+            assert set(json.loads(whole.message.content)) == {"answer"}, whole
+    assert kinds == {"stop", "tool_calls"}, kinds  # both branches met
+
+
+def _called(calls: list | None) -> list[tuple[str, dict]]:
+    return [(c.function.name, json.loads(c.function.arguments)) for c in calls or []]
+
+
 def test_the_openai_sdks_strict_tool_under_auto(client):
     """openai.pydantic_function_tool (strict, as the Agents SDK's tools) with the default tool_choice: its grammar
     builds from the SDK's schema, and every sampled reply is text or calls whose arguments match it."""
@@ -903,10 +1034,67 @@ def test_the_openai_sdks_strict_tool_under_auto(client):
             Weather.model_validate_json(call.function.arguments)
 
 
-def test_auto_calls_streamed_as_the_openai_helper_assembles_them(client):
-    """A reply of bare JSON calls (forced here by a response_format const) with "auto": the openai client's stream
-    helper assembles the same calls and content (null: the first chunk carried content "") as the whole reply;
-    with logprobs too (their chunks carried content "", so the streamed reply's content was "")."""
+def test_the_openai_sdks_parse_with_an_output_type_and_a_strict_tool(client):
+    """client.chat.completions.parse with a pydantic response_format and a pydantic_function_tool (what the Agents
+    SDK sends: an output_type beside tools), sampled: each reply is a final message the SDK parses into the type,
+    or calls whose arguments match the strict tool; with tool_choice "required", the call (it was a 400)."""
+    openai, pydantic = pytest.importorskip("openai"), pytest.importorskip("pydantic")
+
+    short = pydantic.Field(max_length=10)  # the SDK raises on a reply cut by max_tokens
+
+    class Answer(pydantic.BaseModel):
+        answer: str = short
+
+    class Weather(pydantic.BaseModel):
+        city: str = short
+        unit: str = short
+
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "weather?"}], response_format=Answer,
+              tools=[openai.pydantic_function_tool(Weather)], parallel_tool_calls=False, max_tokens=300)  # fmt: skip
+    r = client.chat.completions.parse(**kw, n=6, temperature=1.0, seed=0)
+    kinds = set()
+    for c in r.choices:
+        kinds.add(c.finish_reason)
+        if c.finish_reason == "tool_calls":
+            assert c.message.content is None, c
+            for call in c.message.tool_calls:
+                Weather.model_validate_json(call.function.arguments)
+        else:
+            assert isinstance(c.message.parsed, Answer) and not c.message.tool_calls, c
+    assert kinds <= {"stop", "tool_calls"}, kinds
+    forced = client.chat.completions.parse(**kw, tool_choice="required", temperature=0).choices[0]
+    assert forced.finish_reason == "tool_calls" and forced.message.parsed is None, forced
+    Weather.model_validate_json(forced.message.tool_calls[0].function.arguments)
+
+
+def _with_template(src: Path, dst: Path, template: str) -> Path:
+    """A copy of the model at `src`, in `dst`, whose chat template is `template`."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "tokenizer_config.json").read_text())
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg | {"chat_template": template}))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def mistral_client(marker_dir, tmp_path_factory):
+    """The openai client of a server on the tiny model with Mistral v0.3's template, whose calls are no <tool_call>
+    blocks: a response_format of the request's own constrains an "auto" reply alone."""
+    openai = pytest.importorskip("openai")
+    from lserve_lite.engine.llm_engine import LLMEngine
+    from lserve_lite.serve.app import ServerThread, create_app
+
+    path = _with_template(marker_dir, tmp_path_factory.mktemp("mistral") / "model", MISTRAL_V03)
+    engine = LLMEngine(str(path), "cpu", EngineConfig(**CFG))
+    with ServerThread(create_app(engine, served_model_name="tiny")) as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def test_auto_calls_streamed_as_the_openai_helper_assembles_them(mistral_client):
+    """A reply of bare JSON calls (forced here by a response_format const, which holds alone where the model's calls
+    are not <tool_call> blocks) with "auto": the openai client's stream helper assembles the same calls and content
+    (null: the first chunk carried content "") as the whole reply; with logprobs too (their chunks carried content
+    "", so the streamed reply's content was "")."""
+    client = mistral_client
     calls = [
         {"name": "get_time", "arguments": {}},
         {"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}},
@@ -933,16 +1121,18 @@ def test_tool_errors_through_the_server(server):
         return httpx.post(server[0] + "/v1/chat/completions", json=body, timeout=60)
 
     bad_schema = {"type": "function", "function": {"name": "f", "parameters": {"type": "objectx"}}}
+    bad_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}
     cases = [
         (dict(tools=[WEATHER], tool_choice="sometimes"), "tool_choice"),
         (dict(tool_choice="auto"), "tool_choice"),
         (dict(tools=[{"type": "function", "function": {"name": "a b"}}]), "tools"),
         (dict(functions=[{"name": "f"}]), "functions"),
+        (dict(tools=[bad_schema], tool_choice="required"), "tools"),
+        # a malformed format is refused beside a forced choice too (whose calls replace it)
         (
-            dict(tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"}),
+            dict(tools=[WEATHER], tool_choice="required", response_format={"type": "json_schema"}),
             "response_format",
         ),
-        (dict(tools=[bad_schema], tool_choice="required"), "tools"),
         # strict tools' grammar is built from `tools`; a client may not send the engine's own "lark" format
         (dict(tools=[{"type": "function", "function": bad_schema["function"] | {"strict": True}}]), "tools"),
         (
@@ -961,6 +1151,17 @@ def test_tool_errors_through_the_server(server):
     }
     msg = post(tools=[bad_properties], tool_choice="required").json()["error"]["message"]
     assert msg.startswith("tools: the functions' parameters: invalid JSON schema ("), msg
+    # a format beside tools under "auto": one grammar, whose failure names the part that fails (a strict tool's
+    # was not built: the format held alone)
+    strict_bad = {"type": "function", "function": bad_properties["function"] | {"strict": True}}
+    for tools, fmt, param in (
+        ([WEATHER], bad_format, "response_format"),
+        ([strict_bad], {"type": "json_object"}, "tools"),
+        ([strict_bad], bad_format, "response_format"),
+    ):
+        err = post(tools=tools, response_format=fmt).json()["error"]
+        assert err["param"] == param and err["message"].startswith(f"{param}: "), (tools, fmt, err)
+        assert "invalid JSON schema" in err["message"], err
     assert post(tools=[WEATHER], tool_choice="none").status_code == 200
     assert post(tool_choice="none").status_code == 200  # "none" needs no tools (vLLM's rule)
     # min_tokens with a forced choice (whose calls' grammar may end first): it named only response_format, unsent
@@ -973,7 +1174,8 @@ def test_tool_errors_through_the_server(server):
 
 def test_a_forced_call_whose_grammar_gives_up_names_tools(server):
     """A forced choice's grammar that gives up mid-reply (llguidance's lexer limit) is a 400 naming `tools`, whole
-    and streamed: it named `response_format`, which the request did not send."""
+    and streamed: it named `response_format`, which the request did not send. One that holds a request's own
+    format beside the tools ("auto") names that format."""
     params = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^(.{1,1000}){1,1000}x$"}},
               "required": ["a"], "additionalProperties": False}  # fmt: skip
     body = {"messages": [{"role": "user", "content": "x"}], "temperature": 0, "max_tokens": 200,
@@ -987,6 +1189,15 @@ def test_a_forced_call_whose_grammar_gives_up_names_tools(server):
     ) as r:
         events = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert json.loads(events[-2][6:])["error"]["param"] == "tools" and events[-1] == "data: [DONE]"
+    # a response_format beside tools under "auto" shares their grammar: its failure names that format
+    brace = server[1].tokenizer.encode("{")[-1]  # the format's JSON, not a call
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": params}}
+    body = {k: v for k, v in body.items() if k != "tool_choice"} | {
+        "response_format": fmt,
+        "logit_bias": {brace: 50},
+    }
+    err = httpx.post(server[0] + "/v1/chat/completions", json=body, timeout=60).json()["error"]
+    assert err["param"] == "response_format" and "constrained decoding failed" in err["message"], err
     assert server[1].blocks.num_used == 0
 
 
@@ -1138,22 +1349,14 @@ def test_strict_tools_hold_where_the_model_writes_tagged_calls(marker_dir, tmp_p
     no tools, and the system message shows them; or it renders calls so, as Hermes / Qwen), not where the template
     renders another format (Mistral's [TOOL_CALLS], Llama's bare JSON): the grammar forced such a model's calls
     into a format it does not write, and masked its marker out. LLM.chat and the server alike."""
-    import shutil
-
     from lserve_lite import LLM, SamplingParams
     from lserve_lite.engine.llm_engine import LLMEngine
     from lserve_lite.engine.tool_calls import call_form
     from lserve_lite.serve.app import ServerThread, create_app
     from lserve_lite.tokenizer import Tokenizer
 
-    def with_template(name: str, template: str):
-        path = tmp_path / name
-        shutil.copytree(marker_dir, path)
-        cfg = json.loads((path / "tokenizer_config.json").read_text())
-        (path / "tokenizer_config.json").write_text(json.dumps(cfg | {"chat_template": template}))
-        return path
-
-    mistral, hermes = with_template("mistral", MISTRAL_V03), with_template("hermes", HERMES_LIKE)
+    mistral = _with_template(marker_dir, tmp_path / "mistral", MISTRAL_V03)
+    hermes = _with_template(marker_dir, tmp_path / "hermes", HERMES_LIKE)
     assert call_form(Tokenizer(marker_dir)) == {"short_ids": False, "tagged": True}
     assert call_form(Tokenizer(mistral)) == {"short_ids": True, "tagged": False}
     assert call_form(Tokenizer(hermes)) == {"short_ids": False, "tagged": True}
@@ -1224,13 +1427,10 @@ def test_llm_chat_with_tools(tiny_dir):
     bad = [*ask, {"role": "assistant", "content": None, "tool_calls": [{"name": "f"}]}]
     with pytest.raises(InvalidRequestError, match="tool_calls must be"):
         llm.chat(bad, tools=[WEATHER])
-    with pytest.raises(InvalidRequestError, match="cannot be combined"):
-        llm.chat(
-            ask,
-            SamplingParams(response_format={"type": "json_object"}),
-            tools=[WEATHER],
-            tool_choice="required",
-        )
+    # a forced choice beside a response_format: the call (the format applies to no final message; it was refused)
+    as_json = SamplingParams(temperature=0, max_new_tokens=120, response_format={"type": "json_object"})
+    o = llm.chat(ask, as_json, tools=[WEATHER], tool_choice=named)
+    assert o.finish_reason == "tool_calls" and valid_weather(o.tool_calls[0]["function"]["arguments"]), o
 
 
 def test_a_messages_tool_calls_as_templates_read_them():

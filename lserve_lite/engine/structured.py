@@ -95,31 +95,23 @@ class Grammars:
     def _matcher(self, response_format: dict) -> tuple[object, np.ndarray]:
         llg = self._llg()
         kind = response_format["type"]
-        schema = {"type": "object"} if kind == "json_object" else schema_of(response_format)
-        if schema is False:
-            raise InvalidRequestError("response_format: the JSON schema false allows no value")
-        if schema is True:  # JSON Schema's `true`: any value (llguidance takes objects only)
-            schema = {}
-        try:
-            text = json.dumps(schema)
-        except (ValueError, TypeError, RecursionError) as e:
-            raise InvalidRequestError(f"response_format: invalid JSON schema ({_one_line(e)})") from None
-        # a Lark grammar's key: the grammar, a NUL, then its schema (json.dumps writes no NUL: no schema's key has one)
-        key = text if kind != "lark" else f"{response_format['lark']}\0{text}"
+        named = []  # a Lark grammar's schemas: its `json_schema` (@<its name>), a `reply_format`'s (@reply)
+        if kind == "lark":
+            named.append((response_format["json_schema"].get("name", "schema"), response_format))
+            if response_format.get("reply_format") is not None:
+                named.append(("reply", response_format["reply_format"]))
+        schemas = [_schema_text(f) for _, f in named] if named else [_schema_text(response_format)]
+        # a Lark grammar's key: the grammar, then its schemas, each after a NUL (json.dumps writes no NUL)
+        key = "\0".join([response_format["lark"], *(t for _, t in schemas)]) if named else schemas[0][1]
         built = self._built.get(key)
         if built is None:
-            if _depth(schema) > MAX_SCHEMA_DEPTH:
-                raise InvalidRequestError(
-                    f"response_format: the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels (its $refs "
-                    "followed), which llguidance cannot compile"
-                )
-            held = _held_numbers(text)
-            if kind == "lark":  # the schema is the grammar's @name
-                name = response_format["json_schema"].get("name", "schema")
-                sub = {"name": name, "json_schema": {**json.loads(held), "x-guidance": JSON_OPTIONS}}
-                grammar = json.dumps({"grammars": [{"lark_grammar": response_format["lark"]}, sub]})
+            held = [_checked(schema, text) for schema, text in schemas]
+            if named:  # each schema is the grammar's @name
+                subs = [{"name": name, "json_schema": {**json.loads(h), "x-guidance": JSON_OPTIONS}}
+                        for (name, _), h in zip(named, held)]  # fmt: skip
+                grammar = json.dumps({"grammars": [{"lark_grammar": response_format["lark"]}, *subs]})
             else:
-                grammar = self._grammar_of(llg, held)
+                grammar = self._grammar_of(llg, held[0])
             built = self._build(llg, grammar)
             self._built[key] = built
             while len(self._built) > 1 and (
@@ -155,6 +147,30 @@ class Grammars:
         words = (self.vocab_size + 31) // 32
         mask = np.frombuffer(raw, np.int32)
         return mask[:words] if mask.size >= words else np.pad(mask, (0, words - mask.size))
+
+
+def _schema_text(fmt: dict) -> tuple[object, str]:
+    """A response format's JSON schema (json_object: any object; a json_schema's or a Lark grammar's `json_schema`)
+    and its JSON text; a one-line InvalidRequestError for `false` or one that is not JSON."""
+    schema = {"type": "object"} if fmt["type"] == "json_object" else schema_of(fmt)
+    if schema is False:
+        raise InvalidRequestError("response_format: the JSON schema false allows no value")
+    if schema is True:  # JSON Schema's `true`: any value (llguidance takes objects only)
+        schema = {}
+    try:
+        return schema, json.dumps(schema)
+    except (ValueError, TypeError, RecursionError) as e:
+        raise InvalidRequestError(f"response_format: invalid JSON schema ({_one_line(e)})") from None
+
+
+def _checked(schema: object, text: str) -> str:
+    """A schema's text as llguidance gets it (`_held_numbers`), after the checks of what it cannot compile."""
+    if _depth(schema) > MAX_SCHEMA_DEPTH:
+        raise InvalidRequestError(
+            f"response_format: the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels (its $refs "
+            "followed), which llguidance cannot compile"
+        )
+    return _held_numbers(text)
 
 
 def _held_numbers(text: str) -> str:

@@ -6,7 +6,8 @@
 they show). The markers are special tokens, which the detokenizer drops: a request with "auto" keeps their text
 (`ToolPlan.markers`, as SamplingParams.keep_special_tokens). `tool_choice` "required" or a named function is
 enforced by constrained decoding instead (a JSON schema of the calls), so it holds for any model; so is "auto" with
-a `strict` tool, by a grammar of text or <tool_call> blocks (`ToolPlan.grammar`), the only calls then parsed."""
+a `strict` tool, by a grammar of text or <tool_call> blocks (`ToolPlan.grammar`), the only calls then parsed, and
+"auto" with a response_format of the request's own: its JSON or <tool_call> blocks."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import re
 import secrets
 import string
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import InvalidRequestError
 from ..tokenizer import Tokenizer, message_text
@@ -59,6 +60,13 @@ class ToolPlan:
     # the model writes calls as <tool_call> blocks (its template renders them so, or the system message shows them):
     # strict tools' grammar, which asks for them, holds only then (call_form)
     tagged: bool = True
+    # the request's own response_format (json_object / json_schema; None for none or text, `fit`): under "auto" the
+    # reply is either a final message in it or calls (OpenAI's rule, which the Agents SDK's output_type relies on)
+    format: dict | None = None
+
+    def fit(self, response_format: dict | None) -> ToolPlan:
+        """The plan for a request's response_format (held in `format` where it constrains the reply)."""
+        return replace(self, format=response_format if _own_format(response_format) else None)
 
     def call_id(self) -> str:
         """A new call's id, in the form the chat template takes back in the conversation that follows."""
@@ -75,9 +83,10 @@ class ToolPlan:
 
     @property
     def guided(self) -> bool:
-        """With "auto", a strict tool and a model that writes <tool_call> blocks: a grammar (`grammar`) allows text or
-        such blocks whose calls match."""
-        return not self.forced and self.tagged and any(t.strict for t in self.tools)
+        """With "auto", a strict tool or a response_format of the request's own, and a model that writes <tool_call>
+        blocks: a grammar (`grammar`) allows text (or the format's JSON) or such blocks whose calls match."""
+        asked = self.format is not None or any(t.strict for t in self.tools)
+        return not self.forced and self.tagged and asked
 
     @property
     def markers(self) -> tuple[str, ...]:
@@ -126,37 +135,44 @@ class ToolPlan:
     def grammar(self) -> str:
         """A guided reply's Lark grammar (llguidance's): text without <tool_call>, or text up to the first
         <tool_call> and then calls (one without parallel calls), each `@call` (`schema`) in its tags, as the
-        prompt shows them; nothing after the last."""
+        prompt shows them; nothing after the last. With a response_format of the request's own (`format`), its
+        JSON (`@reply`) takes the text's place, and the calls come first: a reply is a final message or calls."""
         call = f'"\\n" @call "\\n{CLOSE}"'
-        more = f' ("\\n{OPEN}" {call})*' if self.parallel else ""
+        calls = call + (f' ("\\n{OPEN}" {call})*' if self.parallel else "")
+        if self.format is not None:
+            return f'start: @reply | "{OPEN}" {calls}\n'
         return (
-            f"start: TEXT | prefix {call}{more}\n"
+            f"start: TEXT | prefix {calls}\n"
             f"TEXT: /(?s:.*)/ & ~/(?s:.*){OPEN}(?s:.*)/\n"
             f"prefix[lazy]: /(?s:.*){OPEN}/\n"
         )
 
-    def holds(self, response_format: dict | None) -> bool:
-        """Whether the reply's grammar is the plan's (built from the tools), not the request's `response_format`:
-        a forced choice's, or a guided reply's unless the request names a format of its own (which then holds)."""
-        return self.forced or (self.guided and not _own_format(response_format))
+    @property
+    def holds(self) -> bool:
+        """Whether the reply's grammar is the plan's (built from the tools, with the request's own format beside
+        them when guided), not the request's `response_format` alone."""
+        return self.forced or self.guided
 
-    def reply_format(self, response_format: dict | None) -> dict | None:
-        """The format the sampler enforces: a forced choice's calls schema, which no other format may join; a
-        guided reply's grammar (`holds`); else the request's own."""
-        if not self.holds(response_format):
-            return response_format
-        if not self.forced:
-            return {
-                "type": "lark",
-                "lark": self.grammar(),
-                "json_schema": {"name": "call", "schema": self.schema()},
-            }
-        if _own_format(response_format):
-            raise InvalidRequestError(
-                "response_format cannot be combined with tool_choice 'required' or a named function (both "
-                "constrain the reply)"
-            )
-        return {"type": "json_schema", "json_schema": {"name": "tool_calls", "schema": self.schema()}}
+    @property
+    def field(self) -> str:
+        """The request field that a failure of the plan's grammar names: `tools`, or `response_format` when its own
+        format shares the grammar (the server names `tools` where that format builds alone)."""
+        return "tools" if self.forced or self.format is None else "response_format"
+
+    def reply_format(self) -> dict | None:
+        """The format the sampler enforces: a forced choice's calls schema (the call is forced: a response_format
+        of the request's own applies to no final message, as OpenAI's); a guided reply's grammar, with that format
+        as its `reply_format` (`@reply`); else the request's own format."""
+        if not self.holds:
+            return self.format
+        if self.forced:
+            return {"type": "json_schema", "json_schema": {"name": "tool_calls", "schema": self.schema()}}
+        fmt = {
+            "type": "lark",
+            "lark": self.grammar(),
+            "json_schema": {"name": "call", "schema": self.schema()},
+        }
+        return fmt if self.format is None else {**fmt, "reply_format": self.format}
 
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
         """A finished reply as (content, tool calls). Forced: the reply is the calls' JSON, never content (None, or

@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..engine.llm_engine import LLMEngine
-from ..engine.tool_calls import call_form, prompt_messages
+from ..engine.tool_calls import ToolPlan, call_form, prompt_messages
 from ..errors import InvalidRequestError, PromptTooLongError
 from . import add_serve_args, run_from_args, run_server
 from .async_engine import AsyncEngine, RequestHandle
@@ -234,6 +234,17 @@ def create_app(
             req.fit_tools(form)
         return req
 
+    def tools_failed(plan: ToolPlan) -> bool:
+        """Whether the grammar of a plan that holds failed to build on the tools' part: the request's own format,
+        which shares it under "auto", builds alone (a build already made is cached)."""
+        if plan.field == "tools":
+            return True
+        try:
+            engine.grammars.matcher(plan.format)
+        except InvalidRequestError:
+            return False
+        return True
+
     def tokenize(req: ChatCompletionRequest | CompletionRequest, generating: bool = True) -> list[list[int]]:
         """Each prompt's token ids (one for chat); only a prompt to generate from must not be empty (/tokenize
         counts "" as 0 tokens, as vLLM's)."""
@@ -323,9 +334,10 @@ def create_app(
             close_all(handles)
             if (
                 plan
-                and plan.holds(req.response_format)
+                and plan.holds
                 and isinstance(failed, ApiError)
                 and failed.param == "response_format"
+                and await asyncio.to_thread(tools_failed, plan)
             ):
                 raise ApiError(
                     400, "tools: the functions' parameters:" + failed.message.partition(":")[2], "tools"

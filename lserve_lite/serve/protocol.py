@@ -28,6 +28,7 @@ from ..sampling_params import (
     VLLM_UNSUPPORTED,
     SamplingParams,
     check_best_of,
+    check_format,
     check_min_tokens,
     check_n,
     check_repetition_penalty,
@@ -200,13 +201,11 @@ class _Request(BaseModel):
                 refuse_set(name, getattr(self, name), off, instead)
             except InvalidRequestError as e:
                 raise ApiError(400, str(e), name) from None
-        fmt = self.response_format  # OpenAI's types only: "lark" is the engine's own (strict tools' grammar)
-        if fmt is not None and fmt.get("type") not in OPENAI_FORMATS:
-            raise ApiError(
-                400,
-                "response_format must be {'type': 'text' | 'json_object' | 'json_schema', ...}",
-                "response_format",
-            )
+        try:  # OpenAI's types only: "lark" is the engine's own (tools' grammar); checked where tools replace it
+            if self.response_format is not None:
+                check_format(self.response_format, OPENAI_FORMATS)
+        except InvalidRequestError as e:
+            raise ApiError(400, str(e), "response_format") from None
         # SamplingParams' rules for these ranges, checked now (not left half to pydantic: one message per field)
         for name, rule in (("top_k", check_top_k), ("repetition_penalty", check_repetition_penalty)):
             try:
@@ -375,15 +374,12 @@ class ChatCompletionRequest(_Request):
             raise ApiError(400, "functions / function_call are deprecated by OpenAI: send tools / tool_choice",
                            "functions" if self.functions else "function_call")  # fmt: skip
         try:
-            self._tool_plan = plan_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
+            plan = plan_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
         except InvalidRequestError as e:
             raise ApiError(
                 400, str(e), "tool_choice" if str(e).startswith("tool_choice") else "tools"
             ) from None
-        try:
-            self.reply_format()
-        except InvalidRequestError as e:
-            raise ApiError(400, str(e), "response_format") from None
+        self._tool_plan = plan and plan.fit(self.response_format)  # fit_tools: to the template too
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
             raise ApiError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}",
                            "top_logprobs")  # fmt: skip
@@ -414,10 +410,10 @@ class ChatCompletionRequest(_Request):
         return self._tool_plan
 
     def reply_format(self) -> dict | None:
-        """A forced tool choice constrains the reply to the calls' JSON schema; strict tools under "auto" to text
-        or calls that match (ToolPlan.reply_format)."""
+        """A forced tool choice constrains the reply to the calls' JSON schema; strict tools or the request's own
+        format under "auto" to text (or that format's JSON) or calls that match (ToolPlan.reply_format)."""
         plan = self._tool_plan
-        return plan.reply_format(self.response_format) if plan else self.response_format
+        return plan.reply_format() if plan else self.response_format
 
     def kept_special_tokens(self) -> list[str]:
         """With tool_choice "auto", the marker tokens of calls, which the tool-call parser reads."""

@@ -40,9 +40,10 @@ class Choices:
 
     def grammar_failed(self, out: StepOutput) -> ApiError:
         """The 400 of a reply whose grammar gave up mid-reply (LLMEngine._append cut it), naming the field that
-        set the grammar: a forced tool choice's calls schema, or strict tools' grammar, comes from `tools`."""
+        set the grammar: a forced tool choice's calls schema, or strict tools' grammar, comes from `tools`; one
+        that holds the request's own format beside the tools names that format (ToolPlan.field)."""
         why = f"constrained decoding failed after {out.num_output_tokens} tokens ({failure(out.seq)})"
-        if self.tools and self.tools.holds(self.req.response_format):
+        if self.tools and self.tools.holds and self.tools.field == "tools":
             return ApiError(400, f"tools: {why}; simpler function parameters avoid it", "tools")
         return ApiError(400, f"response_format: {why}; a simpler schema avoids it", "response_format")
 
