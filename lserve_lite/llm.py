@@ -6,7 +6,7 @@ import os
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from functools import cached_property
@@ -22,6 +22,7 @@ from .errors import InvalidRequestError, LServeError
 from .sampling_params import MAX_LOGPROBS, SamplingParams, refuse_set
 from .sequence import TokenLogprob
 from .tokenizer import Tokenizer, check_contents
+from .weights.loader import sampling_defaults
 
 # vLLM's engine arguments that go by another name here: code ported from vLLM passes them, and is told the name
 VLLM_ENGINE_ARGS = {
@@ -248,7 +249,7 @@ class LLM:
         if not isinstance(use_tqdm, bool):
             raise InvalidRequestError(f"use_tqdm must be True or False, got {use_tqdm!r}")
         prompts = _prompt_list(prompts)
-        per_prompt = _per_prompt(sampling_params, len(prompts))
+        per_prompt = _per_prompt(sampling_params, len(prompts), self.get_default_sampling_params)
         rids: list[str] = []
         # each request's prompt text (None: token ids) and candidate index, as vLLM's outputs carry them
         about: list[tuple[str | None, int]] = []
@@ -300,7 +301,7 @@ class LLM:
             )
         single = isinstance(messages[0], dict)
         convs = [messages] if single else messages
-        per_conv = _per_prompt(sampling_params, len(convs))
+        per_conv = _per_prompt(sampling_params, len(convs), self.get_default_sampling_params)
         plan = plan_tools(tools, tool_choice, parallel_tool_calls)
         if plan:  # a forced choice's schema; with "auto", the marker tokens of calls kept in the text
             plan = replace(plan, **self._call_form)
@@ -340,7 +341,7 @@ class LLM:
     ) -> Iterator[StepOutput]:
         """Like `stream`, but yields the engine's per-step outputs (token ids, finish reason)."""
         self._check_open()
-        (params,) = _per_prompt(sampling_params, 1)
+        (params,) = _per_prompt(sampling_params, 1, self.get_default_sampling_params)
         if params.n != 1:
             raise InvalidRequestError(f"a stream carries one candidate (n=1), got n={params.n}: use generate")
         prompt = _unwrapped(prompt)
@@ -360,6 +361,23 @@ class LLM:
             if not done:  # closed early, or garbage-collected, perhaps inside a step of this thread
                 self._abort([rid], wait=False)
             self._boxes.pop(rid, None)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: a new SamplingParams of the model's generation_config.json sampling fields (the rest, and a GGUF's,
+        SamplingParams' defaults), which a call without `sampling_params` (or a None in its list) runs with."""
+        defaults = self._sampling_defaults
+        try:
+            return SamplingParams(**defaults)
+        except InvalidRequestError as e:  # the file's values, not the caller's: say whose they are
+            raise InvalidRequestError(
+                f"the model's generation_config.json sampling defaults {defaults} are refused ({e}): pass "
+                "sampling_params"
+            ) from None
+
+    @cached_property
+    def _sampling_defaults(self) -> dict[str, object]:
+        """generation_config.json's sampling fields as SamplingParams keywords (HF's max_new_tokens is ours)."""
+        return sampling_defaults(self.engine.model_dir)
 
     def get_tokenizer(self) -> Tokenizer:
         """The model's tokenizer, `self.tokenizer` (vLLM's accessor): encode, decode, render_chat, encode_chat."""
@@ -458,12 +476,13 @@ class LLM:
         return [results[r] for r in rids]
 
 
-def _per_prompt(params, count: int) -> list[SamplingParams]:
-    """`sampling_params` as one SamplingParams per prompt: one (None: the defaults) for all, or a list of `count`."""
+def _per_prompt(params, count: int, default: Callable[[], SamplingParams]) -> list[SamplingParams]:
+    """`sampling_params` as one SamplingParams per prompt: one (None: `default()`, the model's) for all, or a list of
+    `count`."""
     per_prompt = params if isinstance(params, (list, tuple)) else [params] * count
     if len(per_prompt) != count:
         raise InvalidRequestError(f"{len(per_prompt)} SamplingParams for {count} prompts")
-    per_prompt = [SamplingParams() if p is None else p for p in per_prompt]
+    per_prompt = [default() if p is None else p for p in per_prompt]
     if not all(isinstance(p, SamplingParams) for p in per_prompt):
         raise InvalidRequestError(
             "sampling_params must be a SamplingParams or a list of them, one per prompt"
