@@ -792,6 +792,18 @@ def test_chat_takes_vllms_chat_template_and_its_kwargs(llm):
     assert not llm.engine.has_unfinished()
 
 
+@pytest.mark.parametrize("name", ["continue_final_message", "chat_template", "tokenize"])
+def test_chat_template_kwargs_refuse_the_renderings_own_options(llm, name):
+    """vLLM's chat reads continue_final_message in chat_template_kwargs as the option (and refuses chat_template and
+    tokenize there): here it became a template variable no template reads, and the reply started a new turn."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    with pytest.raises(InvalidRequestError, match=f"^chat_template_kwargs may not set '{name}', which the "):
+        llm.chat(
+            msgs, SamplingParams(max_tokens=1), add_generation_prompt=False, chat_template_kwargs={name: True}
+        )
+    assert not llm.engine.has_unfinished()
+
+
 def test_stream_refuses_several_candidates(llm):
     with pytest.raises(InvalidRequestError, match="one candidate"):
         next(llm.stream([5, 6, 7], SamplingParams(n=2, max_new_tokens=2)))
