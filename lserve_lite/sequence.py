@@ -28,15 +28,16 @@ class Logprob:
 @dataclass
 class TokenLogprob(Mapping[int, Logprob]):
     """A token's log-probability under the model (log-softmax of its raw logits) and the top alternatives. It
-    reads as vLLM's per-token dict too: {token id: Logprob} of the top alternatives and the chosen token."""
+    reads as vLLM's per-token dict too: {token id: Logprob} of the chosen token (first) and the top alternatives."""
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # (token id, logprob), most likely first
 
     def _as_dict(self) -> dict[int, Logprob]:
+        """The chosen token first (its rank from the top where it is there), then the top: vLLM's order."""
         d = {t: Logprob(lp, rank) for rank, (t, lp) in enumerate(self.top, 1)}
-        return d if self.token_id in d else {self.token_id: Logprob(self.logprob), **d}
+        return {self.token_id: Logprob(self.logprob), **d}
 
     def __getitem__(self, token_id: int) -> Logprob:
         return self._as_dict()[token_id]

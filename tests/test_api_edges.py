@@ -1133,6 +1133,21 @@ def test_logprobs_read_as_vllms_dicts(llm):
     )
 
 
+def test_logprob_dicts_name_the_chosen_token_first_as_vllms(llm):
+    """vLLM's dict of a position holds the chosen token first, then the top alternatives (ported code reads
+    `next(iter(lp))` as the token): a sampled token ranked 2nd or lower came after the tokens ranked above it."""
+    sp = SamplingParams(
+        max_tokens=16, logprobs=20, prompt_logprobs=20, temperature=0.5, seed=3, ignore_eos=True
+    )
+    out = llm.generate([[5, 6, 7, 8, 9, 10, 11, 12]], sp)[0]
+    assert [next(iter(lp)) for lp in out.logprobs] == out.token_ids
+    assert [next(iter(lp)) for lp in out.prompt_logprobs[1:]] == out.prompt_token_ids[1:]
+    ranks = [lp[t].rank for lp, t in zip(out.logprobs, out.token_ids)]
+    # a chosen token inside the top, below its first: the case the order is about
+    assert any(r is not None and r > 1 for r in ranks), ranks
+    assert all(list(lp)[1:] == [t for t, _ in lp.top if t != lp.token_id] for lp in out.logprobs)
+
+
 def test_sampling_params_keyword_is_vllms(llm):
     """vLLM's generate / chat name their parameters `sampling_params`; code ported from it, which passes them by
     that keyword, got a TypeError (the keyword here was `params`)."""
