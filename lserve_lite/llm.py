@@ -464,8 +464,8 @@ class LLM:
                             list(s.output_ids),
                             out.finish_reason,
                             list(s.prompt_ids),
-                            list(s.logprobs) if s.params.logprobs is not None else None,
-                            s.prompt_logprobs,
+                            self._decoded(s.logprobs) if s.params.logprobs is not None else None,
+                            None if s.prompt_logprobs is None else self._decoded(s.prompt_logprobs),
                             request_id=out.request_id,
                             stop_reason=s.stop_reason,
                             num_cached_tokens=out.num_cached_tokens,
@@ -474,6 +474,17 @@ class LLM:
                         pending.discard(out.request_id)
                         bar.update(1)
         return [results[r] for r in rids]
+
+    def _decoded(self, entries: list[TokenLogprob | None]) -> list[TokenLogprob | None]:
+        """`entries` with vLLM's decoded_token: each id decoded alone (once per id of the request)."""
+        texts: dict[int, str] = {}
+
+        def decode(t: int) -> str:
+            if t not in texts:
+                texts[t] = self.tokenizer.decode([t])
+            return texts[t]
+
+        return [None if e is None else e.with_decoded(decode) for e in entries]
 
 
 def _per_prompt(params, count: int, default: Callable[[], SamplingParams]) -> list[SamplingParams]:

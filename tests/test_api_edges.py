@@ -1148,6 +1148,21 @@ def test_logprob_dicts_name_the_chosen_token_first_as_vllms(llm):
     assert all(list(lp)[1:] == [t for t, _ in lp.top if t != lp.token_id] for lp in out.logprobs)
 
 
+def test_logprobs_carry_vllms_decoded_token(llm):
+    """vLLM's Logprob.decoded_token is each id decoded alone (ported code prints it beside the logprob): it was
+    None. generate and chat fill it for every entry, generated and prompt tokens alike."""
+    tok = llm.tokenizer
+    sp = SamplingParams(max_tokens=4, logprobs=3, prompt_logprobs=2, temperature=0, ignore_eos=True)
+    out = llm.generate("the quick brown fox", sp)[0]
+    entries = [*out.logprobs, *out.prompt_logprobs[1:]]
+    assert all(lp.decoded_token == tok.decode([t]) for e in entries for t, lp in e.items())
+    assert any(lp.decoded_token for e in entries for lp in e.values())  # not all empty text
+    chat = llm.chat([{"role": "user", "content": "hi"}], sp)
+    assert [e[t].decoded_token for e, t in zip(chat.logprobs, chat.token_ids)] == [
+        tok.decode([t]) for t in chat.token_ids
+    ]
+
+
 def test_sampling_params_keyword_is_vllms(llm):
     """vLLM's generate / chat name their parameters `sampling_params`; code ported from it, which passes them by
     that keyword, got a TypeError (the keyword here was `params`)."""
