@@ -1163,6 +1163,19 @@ def test_logprobs_carry_vllms_decoded_token(llm):
     ]
 
 
+def test_seeded_candidates_repeat_alone_and_in_any_batch_as_vllms(llm):
+    """vLLM's seed: a seeded request samples the same tokens alone and beside other requests, and candidate i of
+    n > 1 runs with seed + i (vLLM's child requests), so the candidates differ and each can be drawn again."""
+    sp = SamplingParams(max_tokens=6, temperature=1.0, seed=11, n=3, ignore_eos=True)
+    alone = [o.token_ids for o in llm.generate([[5, 6, 7]], sp)]
+    others = [SamplingParams(max_tokens=9, temperature=0.7), SamplingParams(max_tokens=2, seed=1)]
+    mixed = llm.generate([[9, 9], [5, 6, 7], [4]], [others[0], sp, others[1]])
+    assert [o.token_ids for o in mixed[1:4]] == alone and [o.index for o in mixed[1:4]] == [0, 1, 2]
+    assert len({tuple(t) for t in alone}) == 3
+    one = SamplingParams(max_tokens=6, temperature=1.0, seed=13, ignore_eos=True)
+    assert llm.generate([[5, 6, 7]], one)[0].token_ids == alone[2]
+
+
 def test_sampling_params_keyword_is_vllms(llm):
     """vLLM's generate / chat name their parameters `sampling_params`; code ported from it, which passes them by
     that keyword, got a TypeError (the keyword here was `params`)."""
