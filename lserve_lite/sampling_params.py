@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from dataclasses import dataclass, field, fields, replace
@@ -336,6 +337,10 @@ class SamplingParams(_Params):
             check_best_of(value, self.n)
         else:
             super().__setattr__(name, value)
+
+    def clone(self) -> SamplingParams:
+        """vLLM's: a deep copy, whose lists and dicts (stop, logit_bias, ...) can change without changing this one."""
+        return copy.deepcopy(self)
 
     @property
     def max_tokens(self) -> int | None:

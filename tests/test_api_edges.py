@@ -139,6 +139,18 @@ def test_max_tokens_reads_and_sets_max_new_tokens(llm):
     assert SamplingParams(max_tokens=None).max_tokens is None
 
 
+def test_sampling_params_clone_is_vllms_deep_copy():
+    """vLLM's SamplingParams.clone() (ported code clones a base and sets a field per request) was an
+    AttributeError: it is a deep copy, so changing the clone's lists leaves the original as it was."""
+    sp = SamplingParams(stop=["x"], seed=1, logit_bias={3: 1.0})
+    c = sp.clone()
+    c.stop.append("y")
+    c.logit_bias[4] = 2.0
+    c.seed = 2
+    assert (sp.stop, sp.logit_bias, sp.seed) == (["x"], {3: 1.0}, 1)
+    assert c == SamplingParams(stop=["x", "y"], seed=2, logit_bias={3: 1.0, 4: 2.0})
+
+
 def test_top_k_minus_one_is_off_as_in_vllm(llm):
     """vLLM (and this server) spell "no top-k filter" -1 as well as 0: SamplingParams(top_k=-1), from code ported
     from vLLM, was refused. It is 0; below -1 is still refused."""
