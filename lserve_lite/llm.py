@@ -19,7 +19,7 @@ from .config import EngineConfig
 from .engine.llm_engine import LLMEngine, StepOutput
 from .engine.tool_calls import call_form, plan_tools, prompt_messages
 from .errors import InvalidRequestError, LServeError
-from .sampling_params import MAX_LOGPROBS, SamplingParams, refuse_set
+from .sampling_params import MAX_LOGPROBS, SamplingParams, check_seed, refuse_set
 from .sequence import TokenLogprob
 from .tokenizer import Tokenizer, check_contents
 from .weights.loader import sampling_defaults
@@ -38,7 +38,6 @@ VLLM_ENGINE_ARGS = {
 VLLM_ENGINE_ONLY = {
     "dtype": "weights run in the backend's float type; quantize='int8' or 'int4' quantizes them",
     "trust_remote_code": "no code from the model files is run: leave it out",
-    "seed": "give each request its seed, SamplingParams(seed=...)",
     "tokenizer": "the tokenizer is the model's own, from its directory or GGUF file",
     "download_dir": "nothing is downloaded: give a model directory or a GGUF file",
     "swap_space": "no KV swapping to host memory",
@@ -127,11 +126,18 @@ def succeeded(outs: _Outs) -> _Outs:
 
 class LLM:
     """An embedded engine: `LLM()` loads the default SmolLM2 on the best backend available. `close()` (or a
-    `with LLM() as llm:` block) ends it."""
+    `with LLM() as llm:` block) ends it. `seed` (vLLM's engine seed): requests without a seed of their own get one
+    drawn from it in the order they are added, so a script's samples repeat from run to run; None: fresh entropy."""
 
     def __init__(
-        self, model: str | None = None, backend: str = "auto", config: EngineConfig | None = None, **kw
+        self,
+        model: str | None = None,
+        backend: str = "auto",
+        config: EngineConfig | None = None,
+        seed: int | None = None,
+        **kw,
     ):
+        check_seed(seed)
         if model is not None and (not isinstance(model, (str, os.PathLike)) or not str(model)):
             raise InvalidRequestError(f"model must be a path or a model name, got {model!r}")
         if config is not None and not isinstance(config, EngineConfig):
@@ -166,6 +172,8 @@ class LLM:
         self._busy = False
         self._close_pending = False  # asked for inside a turn: done as it ends
         self._closed = False
+        # the seeds of requests added without one (vLLM's engine seed); None: each draws fresh entropy
+        self._seeds = None if seed is None else np.random.default_rng(seed)
 
     def __enter__(self) -> LLM:
         return self
@@ -406,7 +414,9 @@ class LLM:
         """Queue one request with its output box, under the lock: a step in another thread between the two
         would drop the request's first outputs. Its grammar is built before: other threads' streams go on."""
         guide = self.engine.guide(params)
-        with self._call():
+        with self._call():  # seeds drawn in the turn: requests of several threads take them in turn
+            if params.seed is None and self._seeds is not None:
+                params = replace(params, seed=int(self._seeds.integers(1 << 63)))
             rid = self.engine.add_request(prompt, params, guide=guide)
             self._boxes[rid] = deque()
         return rid

@@ -98,6 +98,12 @@ def check_n(n: object) -> None:
         raise InvalidRequestError(f"n must be an integer in [1, {MAX_N}], got {n!r}")
 
 
+def check_seed(seed: object) -> None:
+    """A request's seed, or LLM's (vLLM's engine seed): None (fresh entropy) or an integer >= 0."""
+    if seed is not None and (not is_int(seed) or seed < 0):
+        raise InvalidRequestError(f"seed must be a non-negative integer, got {seed!r}")
+
+
 def check_best_of(best_of: object, n: int) -> None:
     """vLLM's best_of: candidates are not ranked here, so only best_of == n (every candidate returned) is the same."""
     if best_of is not None and best_of != n:
@@ -193,8 +199,7 @@ class _Params:
         if not _finite(self.min_p) or not 0 <= self.min_p <= 1:
             bad(f"min_p must be in [0, 1] (0 disables it), got {self.min_p!r}")
         check_repetition_penalty(self.repetition_penalty)
-        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
-            bad(f"seed must be a non-negative integer, got {self.seed!r}")
+        check_seed(self.seed)
         if not isinstance(self.ignore_eos, bool):
             bad(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         keep = self.keep_special_tokens

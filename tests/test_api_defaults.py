@@ -1,5 +1,6 @@
-"""The model's sampling defaults as vLLM's LLM takes them: generation_config.json's sampling fields make
-`get_default_sampling_params()`, which a call without sampling_params runs with."""
+"""What vLLM's LLM fills in for a request: generation_config.json's sampling fields make
+`get_default_sampling_params()`, which a call without sampling_params runs with, and the engine's seed seeds
+requests without one of their own."""
 
 from __future__ import annotations
 
@@ -62,3 +63,19 @@ def test_refused_generation_config_values_name_the_file(tiny_llama, tmp_path):
             llm.generate("hello")
         out = llm.generate("hello", SamplingParams(max_tokens=2))[0]  # the caller's own params still run
         assert out.token_ids
+
+
+def test_an_engine_seed_repeats_unseeded_requests_as_vllms(tiny_llama):
+    """vLLM's LLM(seed=...) makes requests without a seed of their own repeat from run to run; here it was refused.
+    Each unseeded request (and candidate) gets its own seed from the engine's, in the order they are added."""
+    hot = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True, n=2)
+
+    def run(seed: int) -> list[list[int]]:
+        with LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=16), seed=seed) as llm:
+            return [o.token_ids for o in llm.generate([[5, 6], [7]], hot) + llm.generate([[5, 6]], hot)]
+
+    first = run(5)
+    assert run(5) == first and run(6) != first
+    assert len({tuple(t) for t in first}) == len(first)  # every request and candidate drew its own numbers
+    with pytest.raises(InvalidRequestError, match=r"^seed must be a non-negative integer, got -1$"):
+        LLM(str(tiny_llama), backend="cpu", seed=-1)

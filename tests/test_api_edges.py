@@ -1279,8 +1279,8 @@ def test_llm_refuses_wrong_argument_types(tiny_llama):
                             ((str(tiny_llama),), {"pipeline_parallel_size": 2}, r"tensor_parallel splits the model"),
                             ((str(tiny_llama),), {"enable_lora": True}, r"\(vLLM's; not an option here: no LoRA"),
                             # the keywords named as such (it read "(got max_model_len=)")
-                            ((str(tiny_llama),), {"config": EngineConfig(), "max_model_len": 64, "seed": 1},
-                             r"or its fields as keywords, not both: got config and max_model_len, seed$")):  # fmt: skip
+                            ((str(tiny_llama),), {"config": EngineConfig(), "max_model_len": 64, "max_num_seqs": 1},
+                             r"or its fields as keywords, not both: got config and max_model_len, max_num_seqs$")):  # fmt: skip
         with pytest.raises(InvalidRequestError, match=match):
             LLM(*args, backend="cpu", **kw)
 
