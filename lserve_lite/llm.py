@@ -6,7 +6,7 @@ import os
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from functools import cached_property
@@ -19,9 +19,10 @@ from .config import EngineConfig
 from .engine.llm_engine import LLMEngine, StepOutput
 from .engine.tool_calls import call_form, plan_tools, prompt_messages
 from .errors import InvalidRequestError, LServeError
-from .sampling_params import MAX_LOGPROBS, SamplingParams, refuse_set
+from .sampling_params import MAX_LOGPROBS, SamplingParams, check_seed, refuse_set
 from .sequence import TokenLogprob
 from .tokenizer import Tokenizer, check_contents
+from .weights.loader import sampling_defaults
 
 # vLLM's engine arguments that go by another name here: code ported from vLLM passes them, and is told the name
 VLLM_ENGINE_ARGS = {
@@ -37,7 +38,6 @@ VLLM_ENGINE_ARGS = {
 VLLM_ENGINE_ONLY = {
     "dtype": "weights run in the backend's float type; quantize='int8' or 'int4' quantizes them",
     "trust_remote_code": "no code from the model files is run: leave it out",
-    "seed": "give each request its seed, SamplingParams(seed=...)",
     "tokenizer": "the tokenizer is the model's own, from its directory or GGUF file",
     "download_dir": "nothing is downloaded: give a model directory or a GGUF file",
     "swap_space": "no KV swapping to host memory",
@@ -126,11 +126,18 @@ def succeeded(outs: _Outs) -> _Outs:
 
 class LLM:
     """An embedded engine: `LLM()` loads the default SmolLM2 on the best backend available. `close()` (or a
-    `with LLM() as llm:` block) ends it."""
+    `with LLM() as llm:` block) ends it. `seed` (vLLM's engine seed): requests without a seed of their own get one
+    drawn from it in the order they are added, so a script's samples repeat from run to run; None: fresh entropy."""
 
     def __init__(
-        self, model: str | None = None, backend: str = "auto", config: EngineConfig | None = None, **kw
+        self,
+        model: str | None = None,
+        backend: str = "auto",
+        config: EngineConfig | None = None,
+        seed: int | None = None,
+        **kw,
     ):
+        check_seed(seed)
         if model is not None and (not isinstance(model, (str, os.PathLike)) or not str(model)):
             raise InvalidRequestError(f"model must be a path or a model name, got {model!r}")
         if config is not None and not isinstance(config, EngineConfig):
@@ -165,6 +172,8 @@ class LLM:
         self._busy = False
         self._close_pending = False  # asked for inside a turn: done as it ends
         self._closed = False
+        # the seeds of requests added without one (vLLM's engine seed); None: each draws fresh entropy
+        self._seeds = None if seed is None else np.random.default_rng(seed)
 
     def __enter__(self) -> LLM:
         return self
@@ -248,7 +257,7 @@ class LLM:
         if not isinstance(use_tqdm, bool):
             raise InvalidRequestError(f"use_tqdm must be True or False, got {use_tqdm!r}")
         prompts = _prompt_list(prompts)
-        per_prompt = _per_prompt(sampling_params, len(prompts))
+        per_prompt = _per_prompt(sampling_params, len(prompts), self.get_default_sampling_params)
         rids: list[str] = []
         # each request's prompt text (None: token ids) and candidate index, as vLLM's outputs carry them
         about: list[tuple[str | None, int]] = []
@@ -300,7 +309,7 @@ class LLM:
             )
         single = isinstance(messages[0], dict)
         convs = [messages] if single else messages
-        per_conv = _per_prompt(sampling_params, len(convs))
+        per_conv = _per_prompt(sampling_params, len(convs), self.get_default_sampling_params)
         plan = plan_tools(tools, tool_choice, parallel_tool_calls)
         plan = plan and replace(plan, **self._call_form)
         plans = [plan and plan.fit(p.response_format) for p in per_conv]  # each conversation's format
@@ -341,7 +350,7 @@ class LLM:
     ) -> Iterator[StepOutput]:
         """Like `stream`, but yields the engine's per-step outputs (token ids, finish reason)."""
         self._check_open()
-        (params,) = _per_prompt(sampling_params, 1)
+        (params,) = _per_prompt(sampling_params, 1, self.get_default_sampling_params)
         if params.n != 1:
             raise InvalidRequestError(f"a stream carries one candidate (n=1), got n={params.n}: use generate")
         prompt = _unwrapped(prompt)
@@ -361,6 +370,23 @@ class LLM:
             if not done:  # closed early, or garbage-collected, perhaps inside a step of this thread
                 self._abort([rid], wait=False)
             self._boxes.pop(rid, None)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: a new SamplingParams of the model's generation_config.json sampling fields (the rest, and a GGUF's,
+        SamplingParams' defaults), which a call without `sampling_params` (or a None in its list) runs with."""
+        defaults = self._sampling_defaults
+        try:
+            return SamplingParams(**defaults)
+        except InvalidRequestError as e:  # the file's values, not the caller's: say whose they are
+            raise InvalidRequestError(
+                f"the model's generation_config.json sampling defaults {defaults} are refused ({e}): pass "
+                "sampling_params"
+            ) from None
+
+    @cached_property
+    def _sampling_defaults(self) -> dict[str, object]:
+        """generation_config.json's sampling fields as SamplingParams keywords (HF's max_new_tokens is ours)."""
+        return sampling_defaults(self.engine.model_dir)
 
     def get_tokenizer(self) -> Tokenizer:
         """The model's tokenizer, `self.tokenizer` (vLLM's accessor): encode, decode, render_chat, encode_chat."""
@@ -389,7 +415,9 @@ class LLM:
         """Queue one request with its output box, under the lock: a step in another thread between the two
         would drop the request's first outputs. Its grammar is built before: other threads' streams go on."""
         guide = self.engine.guide(params)
-        with self._call():
+        with self._call():  # seeds drawn in the turn: requests of several threads take them in turn
+            if params.seed is None and self._seeds is not None:
+                params = replace(params, seed=int(self._seeds.integers(1 << 63)))
             rid = self.engine.add_request(prompt, params, guide=guide)
             self._boxes[rid] = deque()
         return rid
@@ -447,8 +475,8 @@ class LLM:
                             list(s.output_ids),
                             out.finish_reason,
                             list(s.prompt_ids),
-                            list(s.logprobs) if s.params.logprobs is not None else None,
-                            s.prompt_logprobs,
+                            self._decoded(s.logprobs) if s.params.logprobs is not None else None,
+                            None if s.prompt_logprobs is None else self._decoded(s.prompt_logprobs),
                             request_id=out.request_id,
                             stop_reason=s.stop_reason,
                             num_cached_tokens=out.num_cached_tokens,
@@ -458,13 +486,25 @@ class LLM:
                         bar.update(1)
         return [results[r] for r in rids]
 
+    def _decoded(self, entries: list[TokenLogprob | None]) -> list[TokenLogprob | None]:
+        """`entries` with vLLM's decoded_token: each id decoded alone (once per id of the request)."""
+        texts: dict[int, str] = {}
 
-def _per_prompt(params, count: int) -> list[SamplingParams]:
-    """`sampling_params` as one SamplingParams per prompt: one (None: the defaults) for all, or a list of `count`."""
+        def decode(t: int) -> str:
+            if t not in texts:
+                texts[t] = self.tokenizer.decode([t])
+            return texts[t]
+
+        return [None if e is None else e.with_decoded(decode) for e in entries]
+
+
+def _per_prompt(params, count: int, default: Callable[[], SamplingParams]) -> list[SamplingParams]:
+    """`sampling_params` as one SamplingParams per prompt: one (None: `default()`, the model's) for all, or a list of
+    `count`."""
     per_prompt = params if isinstance(params, (list, tuple)) else [params] * count
     if len(per_prompt) != count:
         raise InvalidRequestError(f"{len(per_prompt)} SamplingParams for {count} prompts")
-    per_prompt = [SamplingParams() if p is None else p for p in per_prompt]
+    per_prompt = [default() if p is None else p for p in per_prompt]
     if not all(isinstance(p, SamplingParams) for p in per_prompt):
         raise InvalidRequestError(
             "sampling_params must be a SamplingParams or a list of them, one per prompt"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from dataclasses import dataclass, field, fields, replace
@@ -95,6 +96,12 @@ def check_n(n: object) -> None:
     """The number of candidates a request may ask for (the server checks it before `prompts x n`)."""
     if not is_int(n) or not 1 <= n <= MAX_N:
         raise InvalidRequestError(f"n must be an integer in [1, {MAX_N}], got {n!r}")
+
+
+def check_seed(seed: object) -> None:
+    """A request's seed, or LLM's (vLLM's engine seed): None (fresh entropy) or an integer >= 0."""
+    if seed is not None and (not is_int(seed) or seed < 0):
+        raise InvalidRequestError(f"seed must be a non-negative integer, got {seed!r}")
 
 
 def check_best_of(best_of: object, n: int) -> None:
@@ -193,8 +200,7 @@ class _Params:
         if not _finite(self.min_p) or not 0 <= self.min_p <= 1:
             bad(f"min_p must be in [0, 1] (0 disables it), got {self.min_p!r}")
         check_repetition_penalty(self.repetition_penalty)
-        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
-            bad(f"seed must be a non-negative integer, got {self.seed!r}")
+        check_seed(self.seed)
         if not isinstance(self.ignore_eos, bool):
             bad(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         keep = self.keep_special_tokens
@@ -328,6 +334,10 @@ class SamplingParams(_Params):
             check_best_of(value, self.n)
         else:
             super().__setattr__(name, value)
+
+    def clone(self) -> SamplingParams:
+        """vLLM's: a deep copy, whose lists and dicts (stop, logit_bias, ...) can change without changing this one."""
+        return copy.deepcopy(self)
 
     @property
     def max_tokens(self) -> int | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum, auto
 
@@ -18,7 +18,7 @@ _ids = itertools.count()
 @dataclass(frozen=True)
 class Logprob:
     """vLLM's Logprob, a value of TokenLogprob read as vLLM's dict: a token's logprob and rank (1: the most likely;
-    None: not known, a chosen token outside the top alternatives). `decoded_token` is None: decode the id."""
+    None: not known, a chosen token outside the top alternatives) and its text decoded alone (None: not filled)."""
 
     logprob: float
     rank: int | None = None
@@ -28,15 +28,24 @@ class Logprob:
 @dataclass
 class TokenLogprob(Mapping[int, Logprob]):
     """A token's log-probability under the model (log-softmax of its raw logits) and the top alternatives. It
-    reads as vLLM's per-token dict too: {token id: Logprob} of the top alternatives and the chosen token."""
+    reads as vLLM's per-token dict too: {token id: Logprob} of the chosen token (first) and the top alternatives."""
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # (token id, logprob), most likely first
+    # each id's text decoded alone, vLLM's decoded_token (LLM's outputs fill it: with_decoded); None: not filled
+    decoded: dict[int, str] | None = None
 
     def _as_dict(self) -> dict[int, Logprob]:
-        d = {t: Logprob(lp, rank) for rank, (t, lp) in enumerate(self.top, 1)}
-        return d if self.token_id in d else {self.token_id: Logprob(self.logprob), **d}
+        """The chosen token first (its rank from the top where it is there), then the top: vLLM's order."""
+        text = self.decoded or {}
+        d = {t: Logprob(lp, rank, text.get(t)) for rank, (t, lp) in enumerate(self.top, 1)}
+        return {self.token_id: Logprob(self.logprob, None, text.get(self.token_id)), **d}
+
+    def with_decoded(self, decode: Callable[[int], str]) -> TokenLogprob:
+        """This entry with `decoded` filled by `decode` (an id's text alone)."""
+        self.decoded = {t: decode(t) for t in (self.token_id, *(t for t, _ in self.top))}
+        return self
 
     def __getitem__(self, token_id: int) -> Logprob:
         return self._as_dict()[token_id]

@@ -26,6 +26,9 @@ CALLER_TEMPLATES = 16  # compiled caller templates kept, by their text
 GIL_FREE_CHARS = 1 << 14
 # variables every rendering sets itself (range: the budgeted one), which chat_template_kwargs may not replace
 RENDER_VARIABLES = ("messages", "tools", "documents", "add_generation_prompt", "range")
+# apply_chat_template's options that vLLM's chat takes from chat_template_kwargs too (continue_final_message) or
+# refuses there (chat_template, tokenize): as template variables no template reads them, so they are refused
+RENDER_OPTIONS = ("continue_final_message", "chat_template", "tokenize")
 # transformers' apply_chat_template options that are not template variables, not implemented here
 HF_ONLY = ("documents", "return_tensors", "return_dict", "padding", "truncation", "max_length", "tokenizer_kwargs",
            "return_assistant_tokens_mask")  # fmt: skip
@@ -497,7 +500,7 @@ def _template_kwargs(kwargs: object) -> dict:
         raise InvalidRequestError(
             "chat_template_kwargs must be a dict of template variables named by strings"
         )
-    taken = next((k for k in kwargs if k in RENDER_VARIABLES), None)
+    taken = next((k for k in kwargs if k in RENDER_VARIABLES or k in RENDER_OPTIONS), None)
     if taken is not None:
         raise InvalidRequestError(
             f"chat_template_kwargs may not set {taken!r}, which the rendering sets itself"

@@ -139,6 +139,18 @@ def test_max_tokens_reads_and_sets_max_new_tokens(llm):
     assert SamplingParams(max_tokens=None).max_tokens is None
 
 
+def test_sampling_params_clone_is_vllms_deep_copy():
+    """vLLM's SamplingParams.clone() (ported code clones a base and sets a field per request) was an
+    AttributeError: it is a deep copy, so changing the clone's lists leaves the original as it was."""
+    sp = SamplingParams(stop=["x"], seed=1, logit_bias={3: 1.0})
+    c = sp.clone()
+    c.stop.append("y")
+    c.logit_bias[4] = 2.0
+    c.seed = 2
+    assert (sp.stop, sp.logit_bias, sp.seed) == (["x"], {3: 1.0}, 1)
+    assert c == SamplingParams(stop=["x", "y"], seed=2, logit_bias={3: 1.0, 4: 2.0})
+
+
 def test_top_k_minus_one_is_off_as_in_vllm(llm):
     """vLLM (and this server) spell "no top-k filter" -1 as well as 0: SamplingParams(top_k=-1), from code ported
     from vLLM, was refused. It is 0; below -1 is still refused."""
@@ -792,6 +804,18 @@ def test_chat_takes_vllms_chat_template_and_its_kwargs(llm):
     assert not llm.engine.has_unfinished()
 
 
+@pytest.mark.parametrize("name", ["continue_final_message", "chat_template", "tokenize"])
+def test_chat_template_kwargs_refuse_the_renderings_own_options(llm, name):
+    """vLLM's chat reads continue_final_message in chat_template_kwargs as the option (and refuses chat_template and
+    tokenize there): here it became a template variable no template reads, and the reply started a new turn."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    with pytest.raises(InvalidRequestError, match=f"^chat_template_kwargs may not set '{name}', which the "):
+        llm.chat(
+            msgs, SamplingParams(max_tokens=1), add_generation_prompt=False, chat_template_kwargs={name: True}
+        )
+    assert not llm.engine.has_unfinished()
+
+
 def test_stream_refuses_several_candidates(llm):
     with pytest.raises(InvalidRequestError, match="one candidate"):
         next(llm.stream([5, 6, 7], SamplingParams(n=2, max_new_tokens=2)))
@@ -1121,6 +1145,49 @@ def test_logprobs_read_as_vllms_dicts(llm):
     )
 
 
+def test_logprob_dicts_name_the_chosen_token_first_as_vllms(llm):
+    """vLLM's dict of a position holds the chosen token first, then the top alternatives (ported code reads
+    `next(iter(lp))` as the token): a sampled token ranked 2nd or lower came after the tokens ranked above it."""
+    sp = SamplingParams(
+        max_tokens=16, logprobs=20, prompt_logprobs=20, temperature=0.5, seed=3, ignore_eos=True
+    )
+    out = llm.generate([[5, 6, 7, 8, 9, 10, 11, 12]], sp)[0]
+    assert [next(iter(lp)) for lp in out.logprobs] == out.token_ids
+    assert [next(iter(lp)) for lp in out.prompt_logprobs[1:]] == out.prompt_token_ids[1:]
+    ranks = [lp[t].rank for lp, t in zip(out.logprobs, out.token_ids)]
+    # a chosen token inside the top, below its first: the case the order is about
+    assert any(r is not None and r > 1 for r in ranks), ranks
+    assert all(list(lp)[1:] == [t for t, _ in lp.top if t != lp.token_id] for lp in out.logprobs)
+
+
+def test_logprobs_carry_vllms_decoded_token(llm):
+    """vLLM's Logprob.decoded_token is each id decoded alone (ported code prints it beside the logprob): it was
+    None. generate and chat fill it for every entry, generated and prompt tokens alike."""
+    tok = llm.tokenizer
+    sp = SamplingParams(max_tokens=4, logprobs=3, prompt_logprobs=2, temperature=0, ignore_eos=True)
+    out = llm.generate("the quick brown fox", sp)[0]
+    entries = [*out.logprobs, *out.prompt_logprobs[1:]]
+    assert all(lp.decoded_token == tok.decode([t]) for e in entries for t, lp in e.items())
+    assert any(lp.decoded_token for e in entries for lp in e.values())  # not all empty text
+    chat = llm.chat([{"role": "user", "content": "hi"}], sp)
+    assert [e[t].decoded_token for e, t in zip(chat.logprobs, chat.token_ids)] == [
+        tok.decode([t]) for t in chat.token_ids
+    ]
+
+
+def test_seeded_candidates_repeat_alone_and_in_any_batch_as_vllms(llm):
+    """vLLM's seed: a seeded request samples the same tokens alone and beside other requests, and candidate i of
+    n > 1 runs with seed + i (vLLM's child requests), so the candidates differ and each can be drawn again."""
+    sp = SamplingParams(max_tokens=6, temperature=1.0, seed=11, n=3, ignore_eos=True)
+    alone = [o.token_ids for o in llm.generate([[5, 6, 7]], sp)]
+    others = [SamplingParams(max_tokens=9, temperature=0.7), SamplingParams(max_tokens=2, seed=1)]
+    mixed = llm.generate([[9, 9], [5, 6, 7], [4]], [others[0], sp, others[1]])
+    assert [o.token_ids for o in mixed[1:4]] == alone and [o.index for o in mixed[1:4]] == [0, 1, 2]
+    assert len({tuple(t) for t in alone}) == 3
+    one = SamplingParams(max_tokens=6, temperature=1.0, seed=13, ignore_eos=True)
+    assert llm.generate([[5, 6, 7]], one)[0].token_ids == alone[2]
+
+
 def test_sampling_params_keyword_is_vllms(llm):
     """vLLM's generate / chat name their parameters `sampling_params`; code ported from it, which passes them by
     that keyword, got a TypeError (the keyword here was `params`)."""
@@ -1212,8 +1279,8 @@ def test_llm_refuses_wrong_argument_types(tiny_llama):
                             ((str(tiny_llama),), {"pipeline_parallel_size": 2}, r"tensor_parallel splits the model"),
                             ((str(tiny_llama),), {"enable_lora": True}, r"\(vLLM's; not an option here: no LoRA"),
                             # the keywords named as such (it read "(got max_model_len=)")
-                            ((str(tiny_llama),), {"config": EngineConfig(), "max_model_len": 64, "seed": 1},
-                             r"or its fields as keywords, not both: got config and max_model_len, seed$")):  # fmt: skip
+                            ((str(tiny_llama),), {"config": EngineConfig(), "max_model_len": 64, "max_num_seqs": 1},
+                             r"or its fields as keywords, not both: got config and max_model_len, max_num_seqs$")):  # fmt: skip
         with pytest.raises(InvalidRequestError, match=match):
             LLM(*args, backend="cpu", **kw)
 

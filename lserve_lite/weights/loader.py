@@ -172,6 +172,28 @@ def load_config(model_dir: Path) -> ModelConfig:
     return replace(cfg, eos_token_ids=tuple(dict.fromkeys(own + eos)))
 
 
+# generation_config.json's sampling fields that vLLM's LLM takes as its default SamplingParams, each with
+# transformers' own default: a field at that value is dropped, as vLLM reads the file (GenerationConfig.to_diff_dict)
+SAMPLING_FIELDS = {
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "min_p": None,
+    "repetition_penalty": 1.0,
+    "max_new_tokens": None,
+}
+
+
+def sampling_defaults(model_dir: Path) -> dict[str, object]:
+    """The model creator's sampling defaults from generation_config.json (a GGUF, or no file: none), as vLLM's
+    `LLM.get_default_sampling_params` reads them; SamplingParams checks their values."""
+    gen = model_dir / "generation_config.json"
+    if _is_gguf(model_dir) or not gen.exists():
+        return {}
+    raw = read_json_object(gen)
+    return {k: raw[k] for k, hf in SAMPLING_FIELDS.items() if raw.get(k) is not None and raw[k] != hf}
+
+
 def _shards(model_dir: Path) -> tuple[list[Path], dict[str, str]]:
     """(shard files, the index's tensor -> file map, {} without an index)."""
     index = model_dir / "model.safetensors.index.json"
