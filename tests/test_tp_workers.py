@@ -1015,7 +1015,7 @@ def test_scored_logits_count_what_the_ranks_leave(tiny_dir):
     from dataclasses import replace
 
     from lserve_lite.backends.cpu import CpuOps
-    from lserve_lite.backends.group import exchange_bytes
+    from lserve_lite.backends.group import exchange_blocks
     from lserve_lite.backends.memory import host_memory_bytes
     from lserve_lite.kv.layout import pools_bytes
     from lserve_lite.weights.loader import load_model
@@ -1034,7 +1034,8 @@ def test_scored_logits_count_what_the_ranks_leave(tiny_dir):
                              stat_itemsize=eng.itemsize)  # fmt: skip
             needs = ops.buffer_needs(replace(part, vocab_size=cfg.vocab_size), e, eng.max_len, None)
             held += weights // 2 + kv + sum(n.nbytes for n in needs)
-        shm = e.max_num_seqs * cfg.vocab_size * 4 + exchange_bytes("cpu", 2)  # rank 0's logits, the exchange
+        exchange = sum(b.size for b in exchange_blocks("cpu", 2))
+        shm = e.max_num_seqs * cfg.vocab_size * 4 + exchange  # rank 0's logits, the exchange block
         assert eng._host_left == (
             host_memory_bytes() // 2 * 2 - held - shm,
             "this host beside the weights, the KV cache, a step's buffers and the shared-memory blocks",
