@@ -1,5 +1,5 @@
 """What a step gives back for each request: a sampled token taken into its text (detokenized, with stop ids,
-stop strings and vLLM's min_tokens checked), the text delta held back while a stop string may still be
+stop strings, vLLM's min_tokens and include_stop_str_in_output checked), the text delta held back while a stop string may still be
 forming, and the line of a request whose logits could not be sampled."""
 
 from __future__ import annotations
@@ -41,9 +41,10 @@ def take_token(
     stop_tok = (tok in eos_ids and not p.ignore_eos) or tok in p.stop_token_ids
     complete = advance(seq, tok)  # a constrained request ends where its grammar does
     at_length = len(seq.output_ids) >= p.max_new_tokens or seq.num_tokens >= max_len
-    if not stop_tok:
+    # vLLM's: a stop token's text is taken only where the stop's is kept (include_stop_str_in_output)
+    if not stop_tok or p.include_stop_str_in_output:
         seq.text += dec.push(tok)
-        if complete or at_length:  # its last text: the stop strings below see all of it
+        if stop_tok or complete or at_length:  # its last text: the stop strings below see all of it
             seq.text += dec.flush()
     # vLLM's min_tokens (its PR 22014): no stop string ends the reply in its first min_tokens tokens' text
     early = len(seq.output_ids) <= p.min_tokens
@@ -61,7 +62,8 @@ def take_token(
         )
         if hit >= 0:
             seq.stop_reason = next(s for s in p.stop if seq.text.startswith(s, hit))
-            seq.text, reason = seq.text[:hit], "stop"
+            cut = hit + len(seq.stop_reason) if p.include_stop_str_in_output else hit  # vLLM's cut
+            seq.text, reason = seq.text[:cut], "stop"
     if reason is None and at_length:
         reason = "length"
     return reason
