@@ -82,10 +82,11 @@ class CompletionOutput:
     error: str | None = None
 
     @property
-    def outputs(self) -> list[CompletionOutput]:
-        """vLLM's RequestOutput.outputs: this candidate itself, so `out.outputs[0].text` is `out.text`. With n > 1
-        generate returns the n candidates of a prompt as n outputs in a row, each holding one."""
-        return [self]
+    def outputs(self) -> list[CandidateOutput]:
+        """vLLM's RequestOutput.outputs: this candidate as vLLM's CompletionOutput (a copy of its fields, whose
+        `finished()` is a method), so `out.outputs[0].text` is `out.text`. With n > 1 generate returns the n
+        candidates of a prompt as n outputs in a row, each holding one."""
+        return [CandidateOutput(**{f.name: getattr(self, f.name) for f in fields(self)})]
 
     @property
     def finished(self) -> bool:
@@ -96,6 +97,15 @@ class CompletionOutput:
     def cumulative_logprob(self) -> float | None:
         """vLLM's: the sum of the generated tokens' logprobs, with SamplingParams(logprobs=k); else None."""
         return None if self.logprobs is None else float(sum(t.logprob for t in self.logprobs))
+
+
+class CandidateOutput(CompletionOutput):
+    """vLLM's CompletionOutput, what `out.outputs[0]` is: the same fields, and `finished()` a method as there (on
+    the RequestOutput it reads as, `out.finished` is a bool)."""
+
+    def finished(self) -> bool:  # type: ignore[override]
+        """vLLM's CompletionOutput.finished(): whether it has a finish reason; outputs here are finished ones."""
+        return self.finish_reason is not None
 
 
 class ChatOutput(CompletionOutput):

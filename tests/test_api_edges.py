@@ -1047,7 +1047,7 @@ def test_outputs_read_as_vllms_request_outputs(llm):
     assert outs[1].cumulative_logprob == pytest.approx(sum(t.logprob for t in outs[1].logprobs))
     assert llm.generate("hi", SamplingParams(max_tokens=1))[0].cumulative_logprob is None
     chat = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=2))
-    assert chat.outputs[0] is chat and chat.prompt == llm.tokenizer.render_chat(
+    assert vars(chat.outputs[0]) == vars(chat) and chat.prompt == llm.tokenizer.render_chat(
         [{"role": "user", "content": "hi"}]
     )
 
@@ -1518,3 +1518,19 @@ def test_skip_special_tokens_false_keeps_their_text_as_vllms(llm):
     sp = SamplingParams(**forced, skip_special_tokens=False)
     assert llm.generate([[5, 6]], sp)[0].text == "<|im_start|>" * 3
     assert list(llm.stream([5, 6], sp)) == ["<|im_start|>"] * 3
+
+
+def test_candidate_finished_is_vllms_method(llm):
+    """vLLM's CompletionOutput.finished() is a method: `out.outputs[0].finished()` raised TypeError ('bool' object is
+    not callable) where the candidate was the RequestOutput itself; the RequestOutput's `finished` stays a bool."""
+    out = llm.generate([[5, 6]], SamplingParams(max_tokens=2, ignore_eos=True))[0]
+    cand = out.outputs[0]
+    assert out.finished is True and cand.finished() is True
+    assert (cand.text, cand.token_ids, cand.finish_reason, cand.index) == (
+        out.text,
+        out.token_ids,
+        "length",
+        0,
+    )
+    chat = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=2))
+    assert chat.finished is True and chat.outputs[0].finished() is True
