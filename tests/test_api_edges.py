@@ -1534,3 +1534,26 @@ def test_candidate_finished_is_vllms_method(llm):
     )
     chat = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=2))
     assert chat.finished is True and chat.outputs[0].finished() is True
+
+
+def test_generate_priority_and_chat_content_format_as_vllms(llm):
+    """vLLM's generate(priority=...) and chat(chat_template_content_format=...) were a bare TypeError: their values
+    that mean what happens here are taken; others are refused in one line."""
+    sp = SamplingParams(max_tokens=1)
+    assert len(llm.generate(["a", "b"], sp, priority=[0, 0])) == 2
+    with pytest.raises(
+        InvalidRequestError, match=r"^priority is not supported \(requests are served first come"
+    ):
+        llm.generate(["a", "b"], sp, priority=[0, 1])
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    want = llm.chat(msgs, SamplingParams(max_tokens=2, temperature=0)).text
+    for fmt in ("auto", "string"):
+        out = llm.chat(msgs, SamplingParams(max_tokens=2, temperature=0), chat_template_content_format=fmt)
+        assert out.text == want
+    with pytest.raises(InvalidRequestError, match=r"^chat_template_content_format 'openai' is not supported"):
+        llm.chat(msgs, sp, chat_template_content_format="openai")
+    with pytest.raises(
+        InvalidRequestError, match=r"^chat_template_content_format must be 'auto', 'string' or"
+    ):
+        llm.chat(msgs, sp, chat_template_content_format="jinja")
+    assert not llm.engine.has_unfinished()
