@@ -1499,6 +1499,11 @@ def test_include_stop_str_in_output_keeps_the_stop_as_vllms(llm):
     out = llm.generate([[5, 6]], sp)[0]
     assert (out.text, out.finish_reason, out.stop_reason) == (free.text[:3], "stop", stop)
     assert "".join(llm.stream([5, 6], sp)) == free.text[:3]
+    # nothing is held back while it streams (vLLM's): text past the stop's start is never cut from the reply
+    first = [
+        next(o.text for o in llm.stream_outputs([5, 6], p) if o.text) for p in (SamplingParams(**greedy), sp)
+    ]
+    assert first[1] == first[0] != free.text[:3]
     sp.include_stop_str_in_output = False  # set on the object, as vLLM's code sets it
     assert llm.generate([[5, 6]], sp)[0].text == free.text[:1]
     eos = min(llm.engine.eos_ids)

@@ -71,8 +71,10 @@ def take_token(
 
 def new_text(seq: Sequence, reason: str | None) -> str:
     """The text `seq` has not returned yet; while it goes on (`reason` None), less what may be a stop string's
-    beginning."""
-    held = max((len(s) - 1 for s in seq.params.stop), default=0) if reason is None else 0
+    beginning, unless the text keeps the stop (include_stop_str_in_output: it is cut past what was returned)."""
+    p = seq.params
+    going = reason is None and not p.include_stop_str_in_output
+    held = max((len(s) - 1 for s in p.stop), default=0) if going else 0
     upto = max(seq.emitted, len(seq.text) - held)
     delta, seq.emitted = seq.text[seq.emitted : upto], upto
     return delta
