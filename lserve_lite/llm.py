@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import sys
 import threading
@@ -518,7 +519,9 @@ class LLM:
 def _check_priority(priority: object) -> None:
     """vLLM's generate(priority=[...]) ranks requests under its priority scheduling only; here requests run first
     come, first served, so only None or all 0 (vLLM's default) is the same."""
-    if priority is not None and (not isinstance(priority, (list, tuple)) or any(p != 0 for p in priority)):
+    if priority is not None and not (
+        isinstance(priority, (list, tuple)) and all(isinstance(p, numbers.Real) and p == 0 for p in priority)
+    ):
         raise InvalidRequestError(
             "priority is not supported (requests are served first come, first served): leave it None or all 0"
         )
@@ -532,7 +535,7 @@ def _check_content_format(fmt: object) -> None:
             "chat_template_content_format 'openai' is not supported (contents reach the template as strings, text "
             "parts joined by newlines): use 'auto' or 'string'"
         )
-    if fmt not in ("auto", "string"):
+    if not isinstance(fmt, str) or fmt not in ("auto", "string"):
         raise InvalidRequestError(
             f"chat_template_content_format must be 'auto', 'string' or 'openai', got {fmt!r:.60}"
         )

@@ -1550,6 +1550,8 @@ def test_generate_priority_and_chat_content_format_as_vllms(llm):
         InvalidRequestError, match=r"^priority is not supported \(requests are served first come"
     ):
         llm.generate(["a", "b"], sp, priority=[0, 1])
+    with pytest.raises(InvalidRequestError, match=r"^priority is not supported"):  # an array's == is no bool
+        llm.generate(["a", "b"], sp, priority=[np.zeros(2), 0])
     msgs = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
     want = llm.chat(msgs, SamplingParams(max_tokens=2, temperature=0)).text
     for fmt in ("auto", "string"):
@@ -1561,4 +1563,6 @@ def test_generate_priority_and_chat_content_format_as_vllms(llm):
         InvalidRequestError, match=r"^chat_template_content_format must be 'auto', 'string' or"
     ):
         llm.chat(msgs, sp, chat_template_content_format="jinja")
+    with pytest.raises(InvalidRequestError, match=r"^chat_template_content_format must be"):
+        llm.chat(msgs, sp, chat_template_content_format=np.array(["auto"]))
     assert not llm.engine.has_unfinished()

@@ -1,6 +1,6 @@
 """What a step gives back for each request: a sampled token taken into its text (detokenized, with stop ids,
-stop strings, vLLM's min_tokens and include_stop_str_in_output checked), the text delta held back while a stop string may still be
-forming, and the line of a request whose logits could not be sampled."""
+stop strings, vLLM's min_tokens and include_stop_str_in_output checked), the text delta held back while a stop
+string may still be forming, and the line of a request whose logits could not be sampled."""
 
 from __future__ import annotations
 
