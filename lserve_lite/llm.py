@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import sys
 import threading
@@ -82,10 +83,11 @@ class CompletionOutput:
     error: str | None = None
 
     @property
-    def outputs(self) -> list[CompletionOutput]:
-        """vLLM's RequestOutput.outputs: this candidate itself, so `out.outputs[0].text` is `out.text`. With n > 1
-        generate returns the n candidates of a prompt as n outputs in a row, each holding one."""
-        return [self]
+    def outputs(self) -> list[CandidateOutput]:
+        """vLLM's RequestOutput.outputs: this candidate as vLLM's CompletionOutput (a copy of its fields, whose
+        `finished()` is a method), so `out.outputs[0].text` is `out.text`. With n > 1 generate returns the n
+        candidates of a prompt as n outputs in a row, each holding one."""
+        return [CandidateOutput(**{f.name: getattr(self, f.name) for f in fields(self)})]
 
     @property
     def finished(self) -> bool:
@@ -96,6 +98,15 @@ class CompletionOutput:
     def cumulative_logprob(self) -> float | None:
         """vLLM's: the sum of the generated tokens' logprobs, with SamplingParams(logprobs=k); else None."""
         return None if self.logprobs is None else float(sum(t.logprob for t in self.logprobs))
+
+
+class CandidateOutput(CompletionOutput):
+    """vLLM's CompletionOutput, what `out.outputs[0]` is: the same fields, and `finished()` a method as there (on
+    the RequestOutput it reads as, `out.finished` is a bool)."""
+
+    def finished(self) -> bool:  # type: ignore[override]
+        """vLLM's CompletionOutput.finished(): whether it has a finish reason; outputs here are finished ones."""
+        return self.finish_reason is not None
 
 
 class ChatOutput(CompletionOutput):
@@ -237,6 +248,7 @@ class LLM:
         use_tqdm: bool = False,
         lora_request: object = None,
         prompt_token_ids: list[int] | list[list[int]] | None = None,
+        priority: list[int] | None = None,
     ) -> list[CompletionOutput]:
         """Run all prompts as one continuous batch; outputs in prompt order (with `n > 1`, the n candidates
         of each prompt in a row; they share the prompt's KV pages through the prefix cache). `sampling_params`
@@ -245,9 +257,12 @@ class LLM:
         progress bar of finished sequences on stderr. A request that fails as it runs ends alone, its output's
         finish_reason "error" and `error` the reason; a refused prompt or Ctrl-C aborts the batch.
         `lora_request` (vLLM's, passed as None by code ported from it): no LoRA here, so only None.
-        `prompt_token_ids` (older vLLM's keyword, as older lm-evaluation-harness passes it): the prompts as ids."""
+        `prompt_token_ids` (older vLLM's keyword, as older lm-evaluation-harness passes it): the prompts as ids.
+        `priority` (vLLM's, for its priority scheduling): requests run first come, first served, so only None or
+        all 0."""
         self._check_open()
         refuse_set("lora_request", lora_request, None, "no LoRA adapters")
+        _check_priority(priority)
         if prompt_token_ids is not None:
             if prompts is not None:
                 raise InvalidRequestError(
@@ -291,6 +306,7 @@ class LLM:
         chat_template: str | None = None,
         chat_template_kwargs: dict | None = None,
         lora_request: object = None,
+        chat_template_content_format: str = "auto",
     ) -> ChatOutput | list[CompletionOutput]:
         """One conversation -> one output (a ChatOutput, which reads as vLLM's list of one too); a list of
         conversations (or n > 1) -> a list of outputs. `tools` / `tool_choice` / `parallel_tool_calls` as OpenAI's
@@ -299,8 +315,10 @@ class LLM:
         the last message instead of a new turn.
         `use_tqdm` as in `generate`. `chat_template` / `chat_template_kwargs`, as vLLM's: the caller's Jinja
         template instead of the model's (rendered in the same sandbox) and extra variables for it. `lora_request`
-        as in `generate`."""
+        as in `generate`. `chat_template_content_format` (vLLM's): "auto" or "string", how contents reach the
+        template here (text parts joined by newlines); "openai" (the list of parts) is refused."""
         self._check_open()
+        _check_content_format(chat_template_content_format)
         if not isinstance(messages, list) or not messages:
             raise InvalidRequestError("chat takes a conversation (a list of message dicts) or a list of them")
         if isinstance(tools, bool):  # vLLM's chat takes use_tqdm third: code ported from it passes it there
@@ -496,6 +514,31 @@ class LLM:
             return texts[t]
 
         return [None if e is None else e.with_decoded(decode) for e in entries]
+
+
+def _check_priority(priority: object) -> None:
+    """vLLM's generate(priority=[...]) ranks requests under its priority scheduling only; here requests run first
+    come, first served, so only None or all 0 (vLLM's default) is the same."""
+    if priority is not None and not (
+        isinstance(priority, (list, tuple)) and all(isinstance(p, numbers.Real) and p == 0 for p in priority)
+    ):
+        raise InvalidRequestError(
+            "priority is not supported (requests are served first come, first served): leave it None or all 0"
+        )
+
+
+def _check_content_format(fmt: object) -> None:
+    """vLLM's chat_template_content_format: contents reach the template as strings here ("string", which "auto"
+    is); "openai" (a list of parts for the template to iterate) is refused."""
+    if fmt == "openai":
+        raise InvalidRequestError(
+            "chat_template_content_format 'openai' is not supported (contents reach the template as strings, text "
+            "parts joined by newlines): use 'auto' or 'string'"
+        )
+    if not isinstance(fmt, str) or fmt not in ("auto", "string"):
+        raise InvalidRequestError(
+            f"chat_template_content_format must be 'auto', 'string' or 'openai', got {fmt!r:.60}"
+        )
 
 
 def _per_prompt(params, count: int, default: Callable[[], SamplingParams]) -> list[SamplingParams]:

@@ -49,9 +49,7 @@ VLLM_UNSUPPORTED: dict[str, tuple[object, str]] = {
     "early_stopping": (False, "no beam search"),
     "guided_decoding": (None, _STRUCTURED),
     "structured_outputs": (None, _STRUCTURED),
-    "include_stop_str_in_output": (False, "the text leaves the stop string out"),
-    "skip_special_tokens": (True, "the text leaves special tokens out"),
-    "spaces_between_special_tokens": (True, "the text leaves special tokens out"),
+    "spaces_between_special_tokens": (True, "special tokens' text is joined as the tokenizer decodes it"),
     "allowed_token_ids": (None, "use logit_bias"),
     "bad_words": ([], "use logit_bias"),
     "truncate_prompt_tokens": (None, "send a prompt that fits"),
@@ -167,6 +165,10 @@ class _Params:
     # vLLM's: tokens less probable than min_p x the most probable one (after temperature) are dropped (last: the
     # fields before it keep their positions)
     min_p: float = 0.0
+    # vLLM's: the text keeps the stop string (or stop token's text) that ended it, cut just past it
+    include_stop_str_in_output: bool = False
+    # vLLM's: False keeps every special token's text in the output (keep_special_tokens keeps some)
+    skip_special_tokens: bool = True
 
     def __post_init__(self):
         self.validate()
@@ -201,8 +203,9 @@ class _Params:
             bad(f"min_p must be in [0, 1] (0 disables it), got {self.min_p!r}")
         check_repetition_penalty(self.repetition_penalty)
         check_seed(self.seed)
-        if not isinstance(self.ignore_eos, bool):
-            bad(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                bad(f"{name} must be true or false, got {getattr(self, name)!r}")
         keep = self.keep_special_tokens
         if (
             not isinstance(keep, (list, tuple))

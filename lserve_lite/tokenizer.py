@@ -555,17 +555,22 @@ class IncrementalDecoder:
     PROMPT_CONTEXT = 5  # prompt tokens decoded before the output (vLLM's number)
 
     def __init__(
-        self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None, keep: frozenset[int] = frozenset()
+        self,
+        tokenizer: Tokenizer,
+        prompt_ids: list[int] | None = None,
+        keep: frozenset[int] = frozenset(),
+        skip_special: bool = True,
     ):
-        self.tok, self.keep = tokenizer, keep  # keep: special tokens whose text is kept (Tokenizer.decode)
+        # keep: special tokens whose text is kept (Tokenizer.decode); skip_special False keeps every one's
+        self.tok, self.keep, self.skip = tokenizer, keep, skip_special
         self.ids: list[int] = list(prompt_ids[-self.PROMPT_CONTEXT :]) if prompt_ids else []
         self.prefix = 0  # start of the window decoded for context
         self.read = len(self.ids)  # ids whose text has been emitted (or is the prompt's)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        prefix_text = self.tok.decode(self.ids[self.prefix : self.read], keep=self.keep)
-        full = self.tok.decode(self.ids[self.prefix :], keep=self.keep)
+        prefix_text = self.tok.decode(self.ids[self.prefix : self.read], self.skip, self.keep)
+        full = self.tok.decode(self.ids[self.prefix :], self.skip, self.keep)
         if full.endswith("\ufffd") or len(full) <= len(prefix_text):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
@@ -573,7 +578,7 @@ class IncrementalDecoder:
 
     def flush(self) -> str:
         """Whatever is still held back (at the end of a sequence)."""
-        prefix_text = self.tok.decode(self.ids[self.prefix : self.read], keep=self.keep)
-        full = self.tok.decode(self.ids[self.prefix :], keep=self.keep)
+        prefix_text = self.tok.decode(self.ids[self.prefix : self.read], self.skip, self.keep)
+        full = self.tok.decode(self.ids[self.prefix :], self.skip, self.keep)
         self.prefix = self.read = len(self.ids)
         return full[len(prefix_text) :] if len(full) > len(prefix_text) else ""

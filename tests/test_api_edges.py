@@ -206,11 +206,14 @@ def test_n_set_after_construction_is_checked(llm):
         # the format's shape first: a string with min_tokens was an AttributeError ('str' object has no 'get')
         (dict(min_tokens=1, response_format="json"), r"^response_format must be \{'type': 'text'"),
         (dict(best_of=4, n=2), r"^best_of must equal n \(candidates are not ranked\)$"),
-        (dict(skip_special_tokens=False), r"^skip_special_tokens is not supported"),
         (dict(spaces_between_special_tokens=False), r"^spaces_between_special_tokens is not supported"),
+        (dict(skip_special_tokens=0), r"^skip_special_tokens must be true or false, got 0$"),
+        (
+            dict(include_stop_str_in_output="yes"),
+            r"^include_stop_str_in_output must be true or false, got 'yes'$",
+        ),
         (dict(use_beam_search=True), r"^use_beam_search is not supported \(no beam search\)$"),
         (dict(guided_decoding=object()), r"^guided_decoding is not supported \(use response_format"),
-        (dict(include_stop_str_in_output=True), r"^include_stop_str_in_output is not supported"),
         (dict(allowed_token_ids=[5]), r"^allowed_token_ids is not supported \(use logit_bias\)$"),
     ],
 )
@@ -224,15 +227,13 @@ def test_vllms_unimplemented_sampling_options_are_named(kw, match):
 @pytest.mark.parametrize(
     "name,value,match",
     [
-        ("include_stop_str_in_output", True, r"^include_stop_str_in_output is not supported"),
         ("use_beam_search", True, r"^use_beam_search is not supported \(no beam search\)$"),
-        ("skip_special_tokens", False, r"^skip_special_tokens is not supported"),
         ("best_of", 3, r"^best_of must equal n \(candidates are not ranked\)$"),
     ],
 )
 def test_vllms_unimplemented_sampling_options_set_later_are_refused(llm, name, value, match):
     """The same options set on the object after construction (as vLLM's code sets fields) were stored and ignored:
-    `sp.include_stop_str_in_output = True` ran without it. They are refused in the constructor's line; their "off"
+    `sp.use_beam_search = True` ran without it. They are refused in the constructor's line; their "off"
     values pass, as there."""
     sp = SamplingParams(max_tokens=2, temperature=0)
     with pytest.raises(InvalidRequestError, match=match):
@@ -240,7 +241,7 @@ def test_vllms_unimplemented_sampling_options_set_later_are_refused(llm, name, v
     setattr(
         sp,
         name,
-        {"include_stop_str_in_output": False, "use_beam_search": False, "best_of": 1}.get(name, True),
+        {"use_beam_search": False, "best_of": 1}.get(name, True),
     )
     assert sp == SamplingParams(max_tokens=2, temperature=0)
     assert len(llm.generate([[5, 6]], sp)[0].token_ids) == 2
@@ -1046,7 +1047,7 @@ def test_outputs_read_as_vllms_request_outputs(llm):
     assert outs[1].cumulative_logprob == pytest.approx(sum(t.logprob for t in outs[1].logprobs))
     assert llm.generate("hi", SamplingParams(max_tokens=1))[0].cumulative_logprob is None
     chat = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=2))
-    assert chat.outputs[0] is chat and chat.prompt == llm.tokenizer.render_chat(
+    assert vars(chat.outputs[0]) == vars(chat) and chat.prompt == llm.tokenizer.render_chat(
         [{"role": "user", "content": "hi"}]
     )
 
@@ -1486,3 +1487,82 @@ def test_scoring_refused_for_pages_names_the_pool_short(tiny_llama):
     llm.engine.blocks.release(held)
     assert llm.logits(list(range(3, 3 + 3 * page))).shape[0] == 3 * page
     llm.close()
+
+
+def test_include_stop_str_in_output_keeps_the_stop_as_vllms(llm):
+    """vLLM's include_stop_str_in_output (refused before): the text, generated or streamed, is cut just past the
+    stop string that ended it; a stop token's text (EOS, decoded with its special tokens) is kept too."""
+    greedy = dict(max_tokens=8, temperature=0, ignore_eos=True)
+    free = llm.generate([[5, 6]], SamplingParams(**greedy))[0]
+    stop = free.text[1:3]
+    sp = SamplingParams(**greedy, stop=["\x00never", stop], include_stop_str_in_output=True)
+    out = llm.generate([[5, 6]], sp)[0]
+    assert (out.text, out.finish_reason, out.stop_reason) == (free.text[:3], "stop", stop)
+    assert "".join(llm.stream([5, 6], sp)) == free.text[:3]
+    # nothing is held back while it streams (vLLM's): text past the stop's start is never cut from the reply
+    first = [
+        next(o.text for o in llm.stream_outputs([5, 6], p) if o.text) for p in (SamplingParams(**greedy), sp)
+    ]
+    assert first[1] == first[0] != free.text[:3]
+    sp.include_stop_str_in_output = False  # set on the object, as vLLM's code sets it
+    assert llm.generate([[5, 6]], sp)[0].text == free.text[:1]
+    eos = min(llm.engine.eos_ids)
+    to_eos = dict(max_tokens=4, temperature=0, logit_bias={eos: 100}, skip_special_tokens=False)
+    assert llm.generate([[5, 6]], SamplingParams(**to_eos))[0].text == ""
+    kept = SamplingParams(**to_eos, include_stop_str_in_output=True)
+    assert llm.generate([[5, 6]], kept)[0].text == llm.tokenizer.token_text(eos)
+
+
+def test_skip_special_tokens_false_keeps_their_text_as_vllms(llm):
+    """vLLM's skip_special_tokens=False (refused before): every special token's text stays in the output text and
+    in its streamed deltas; by default they are dropped."""
+    bos = llm.tokenizer.token_id("<|im_start|>")
+    assert llm.tokenizer.is_special(bos)
+    forced = dict(max_tokens=3, temperature=0, logit_bias={bos: 100}, ignore_eos=True)
+    assert llm.generate([[5, 6]], SamplingParams(**forced))[0].text == ""
+    sp = SamplingParams(**forced, skip_special_tokens=False)
+    assert llm.generate([[5, 6]], sp)[0].text == "<|im_start|>" * 3
+    assert list(llm.stream([5, 6], sp)) == ["<|im_start|>"] * 3
+
+
+def test_candidate_finished_is_vllms_method(llm):
+    """vLLM's CompletionOutput.finished() is a method: `out.outputs[0].finished()` raised TypeError ('bool' object is
+    not callable) where the candidate was the RequestOutput itself; the RequestOutput's `finished` stays a bool."""
+    out = llm.generate([[5, 6]], SamplingParams(max_tokens=2, ignore_eos=True))[0]
+    cand = out.outputs[0]
+    assert out.finished is True and cand.finished() is True
+    assert (cand.text, cand.token_ids, cand.finish_reason, cand.index) == (
+        out.text,
+        out.token_ids,
+        "length",
+        0,
+    )
+    chat = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=2))
+    assert chat.finished is True and chat.outputs[0].finished() is True
+
+
+def test_generate_priority_and_chat_content_format_as_vllms(llm):
+    """vLLM's generate(priority=...) and chat(chat_template_content_format=...) were a bare TypeError: their values
+    that mean what happens here are taken; others are refused in one line."""
+    sp = SamplingParams(max_tokens=1)
+    assert len(llm.generate(["a", "b"], sp, priority=[0, 0])) == 2
+    with pytest.raises(
+        InvalidRequestError, match=r"^priority is not supported \(requests are served first come"
+    ):
+        llm.generate(["a", "b"], sp, priority=[0, 1])
+    with pytest.raises(InvalidRequestError, match=r"^priority is not supported"):  # an array's == is no bool
+        llm.generate(["a", "b"], sp, priority=[np.zeros(2), 0])
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    want = llm.chat(msgs, SamplingParams(max_tokens=2, temperature=0)).text
+    for fmt in ("auto", "string"):
+        out = llm.chat(msgs, SamplingParams(max_tokens=2, temperature=0), chat_template_content_format=fmt)
+        assert out.text == want
+    with pytest.raises(InvalidRequestError, match=r"^chat_template_content_format 'openai' is not supported"):
+        llm.chat(msgs, sp, chat_template_content_format="openai")
+    with pytest.raises(
+        InvalidRequestError, match=r"^chat_template_content_format must be 'auto', 'string' or"
+    ):
+        llm.chat(msgs, sp, chat_template_content_format="jinja")
+    with pytest.raises(InvalidRequestError, match=r"^chat_template_content_format must be"):
+        llm.chat(msgs, sp, chat_template_content_format=np.array(["auto"]))
+    assert not llm.engine.has_unfinished()

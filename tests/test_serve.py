@@ -284,6 +284,29 @@ def test_stop_seed_top_p(client, ref):
     assert r.choices[0].text == want.text != free.text
 
 
+def test_include_stop_str_and_special_tokens_as_vllms(client, ref):
+    """vLLM's include_stop_str_in_output and skip_special_tokens=false (refused with a 400 before): the reply, whole
+    or streamed, keeps the stop string that ended it, and the special tokens' text."""
+    full = ref.generate(PROMPTS[1], greedy(24, ignore_eos=True))[0].text
+    stop = full[5:8]
+    kept = full[: full.index(stop) + len(stop)]
+    ask = dict(model="tiny", prompt=PROMPTS[1], max_tokens=24, temperature=0, stop=[stop])
+    body = {"ignore_eos": True, "include_stop_str_in_output": True}
+    r = client.completions.create(**ask, extra_body=body)
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (kept, "stop")
+    chunks = list(client.completions.create(**ask, stream=True, extra_body=body))
+    assert "".join(ch.choices[0].text for ch in chunks) == kept
+    bos = ref.tokenizer.token_id("<|im_start|>")
+    forced = dict(model="tiny", max_tokens=3, temperature=0, logit_bias={str(bos): 100})
+    for special, want in ((True, ""), (False, "<|im_start|>" * 3)):
+        r = client.chat.completions.create(messages=chat_msgs("hi"), **forced,
+                                           extra_body={"ignore_eos": True, "skip_special_tokens": special})  # fmt: skip
+        assert r.choices[0].message.content == want
+    s = client.chat.completions.create(messages=chat_msgs("hi"), **forced, stream=True,
+                                       extra_body={"ignore_eos": True, "skip_special_tokens": False})  # fmt: skip
+    assert "".join(ch.choices[0].delta.content or "" for ch in s if ch.choices) == "<|im_start|>" * 3
+
+
 # -- concurrency and disconnects -------------------------------------------------------------------------------
 def test_32_concurrent_streams(server, ref):
     url, _ = server
@@ -537,15 +560,15 @@ def test_a_long_chat_is_validated_in_calls_with_model_validates_errors(monkeypat
 
 
 def test_vllm_extensions_that_would_change_the_reply_are_refused(server):
-    """vLLM's fields that change what a reply holds were ignored with 200 (a client asking for the stop string in
-    the text, special tokens, prompt_logprobs, allowed_token_ids or usage in every chunk got none of it): set to
+    """vLLM's fields that change what a reply holds were ignored with 200 (a client asking for prompt_logprobs,
+    allowed_token_ids or usage in every chunk got none of it): set to
     anything but their off value they are refused, naming the field; their off values pass."""
     url, auth = server[0], {"Authorization": f"Bearer {KEY}"}
-    both = [dict(include_stop_str_in_output=True), dict(skip_special_tokens=False), dict(prompt_logprobs=1),
+    both = [dict(prompt_logprobs=1),
             dict(allowed_token_ids=[5]), dict(bad_words=["fox"]), dict(truncate_prompt_tokens=4),
             dict(return_tokens_as_token_ids=True), dict(return_token_ids=True), dict(logits_processors=["x"]),
             dict(structured_outputs={"choice": ["a"]}), dict(stream=True, stream_options={"continuous_usage_stats": True})]  # fmt: skip
-    off = dict(include_stop_str_in_output=False, skip_special_tokens=True, prompt_logprobs=None, bad_words=[],
+    off = dict(prompt_logprobs=None, bad_words=[],
                return_tokens_as_token_ids=False, return_token_ids=False, structured_outputs=None)  # fmt: skip
     for path, prompt, own, own_off in (
         ("/v1/chat/completions", {"messages": chat_msgs("hi")}, [dict(echo=True), dict(add_special_tokens=True),

@@ -108,7 +108,9 @@ class LLMEngine:
         with self._lock:
             self.seqs[seq.request_id] = seq
             keep = self.tokenizer.special_ids(params.keep_special_tokens)
-            self.decoders[seq.request_id] = IncrementalDecoder(self.tokenizer, seq.prompt_ids, keep=keep)
+            self.decoders[seq.request_id] = IncrementalDecoder(
+                self.tokenizer, seq.prompt_ids, keep, params.skip_special_tokens
+            )
             self.scheduler.add(seq)
         return seq.request_id
 

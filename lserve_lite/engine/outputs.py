@@ -1,6 +1,6 @@
 """What a step gives back for each request: a sampled token taken into its text (detokenized, with stop ids,
-stop strings and vLLM's min_tokens checked), the text delta held back while a stop string may still be
-forming, and the line of a request whose logits could not be sampled."""
+stop strings, vLLM's min_tokens and include_stop_str_in_output checked), the text delta held back while a stop
+string may still be forming, and the line of a request whose logits could not be sampled."""
 
 from __future__ import annotations
 
@@ -41,9 +41,10 @@ def take_token(
     stop_tok = (tok in eos_ids and not p.ignore_eos) or tok in p.stop_token_ids
     complete = advance(seq, tok)  # a constrained request ends where its grammar does
     at_length = len(seq.output_ids) >= p.max_new_tokens or seq.num_tokens >= max_len
-    if not stop_tok:
+    # vLLM's: a stop token's text is taken only where the stop's is kept (include_stop_str_in_output)
+    if not stop_tok or p.include_stop_str_in_output:
         seq.text += dec.push(tok)
-        if complete or at_length:  # its last text: the stop strings below see all of it
+        if stop_tok or complete or at_length:  # its last text: the stop strings below see all of it
             seq.text += dec.flush()
     # vLLM's min_tokens (its PR 22014): no stop string ends the reply in its first min_tokens tokens' text
     early = len(seq.output_ids) <= p.min_tokens
@@ -61,7 +62,8 @@ def take_token(
         )
         if hit >= 0:
             seq.stop_reason = next(s for s in p.stop if seq.text.startswith(s, hit))
-            seq.text, reason = seq.text[:hit], "stop"
+            cut = hit + len(seq.stop_reason) if p.include_stop_str_in_output else hit  # vLLM's cut
+            seq.text, reason = seq.text[:cut], "stop"
     if reason is None and at_length:
         reason = "length"
     return reason
@@ -69,8 +71,10 @@ def take_token(
 
 def new_text(seq: Sequence, reason: str | None) -> str:
     """The text `seq` has not returned yet; while it goes on (`reason` None), less what may be a stop string's
-    beginning."""
-    held = max((len(s) - 1 for s in seq.params.stop), default=0) if reason is None else 0
+    beginning, unless the text keeps the stop (include_stop_str_in_output: it is cut past what was returned)."""
+    p = seq.params
+    going = reason is None and not p.include_stop_str_in_output
+    held = max((len(s) - 1 for s in p.stop), default=0) if going else 0
     upto = max(seq.emitted, len(seq.text) - held)
     delta, seq.emitted = seq.text[seq.emitted : upto], upto
     return delta

@@ -125,6 +125,8 @@ class _Request(BaseModel):
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None  # vLLM's: the text keeps the stop string that ended it
+    skip_special_tokens: bool | None = None  # vLLM's: false keeps special tokens' text
     # vLLM's: no EOS, stop id or stop string ends the reply before it
     min_tokens: Int | None = None  # its range, [0, the most new tokens], is checked once that is known
     best_of: Int | None = None  # vLLM's; only equal to n (candidates are not ranked)
@@ -137,8 +139,6 @@ class _Request(BaseModel):
     guided_choice: Any = None
     guided_grammar: Any = None
     structured_outputs: Any = None
-    include_stop_str_in_output: Any = None
-    skip_special_tokens: Any = None
     prompt_logprobs: Any = None
     allowed_token_ids: Any = None
     bad_words: Any = None
@@ -161,8 +161,7 @@ class _Request(BaseModel):
     modalities: Any = None
     web_search_options: Any = None
     _unsupported: ClassVar[dict[str, tuple[object, str]]] = {
-        **{k: VLLM_UNSUPPORTED[k] for k in ("use_beam_search", "structured_outputs",
-                                            "include_stop_str_in_output", "skip_special_tokens", "allowed_token_ids",
+        **{k: VLLM_UNSUPPORTED[k] for k in ("use_beam_search", "structured_outputs", "allowed_token_ids",
                                             "bad_words", "truncate_prompt_tokens", "logits_processors",
                                             "length_penalty", "spaces_between_special_tokens")},
         **{f"guided_{k}": VLLM_UNSUPPORTED["guided_decoding"] for k in ("json", "regex", "choice", "grammar")},
@@ -256,6 +255,8 @@ class _Request(BaseModel):
                 ignore_eos=self.ignore_eos,
                 min_tokens=self.min_tokens or 0,
                 keep_special_tokens=self.kept_special_tokens(),
+                include_stop_str_in_output=bool(self.include_stop_str_in_output),
+                skip_special_tokens=self.skip_special_tokens is not False,
             )
         except InvalidRequestError as e:
             raise ApiError(400, str(e), param_of(str(e))) from None
