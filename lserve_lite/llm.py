@@ -23,7 +23,6 @@ from .errors import InvalidRequestError, LServeError
 from .sampling_params import MAX_LOGPROBS, SamplingParams, check_seed, refuse_set
 from .sequence import TokenLogprob
 from .tokenizer import Tokenizer, check_contents
-from .weights.loader import sampling_defaults
 
 # vLLM's engine arguments that go by another name here: code ported from vLLM passes them, and is told the name
 VLLM_ENGINE_ARGS = {
@@ -392,19 +391,10 @@ class LLM:
     def get_default_sampling_params(self) -> SamplingParams:
         """vLLM's: a new SamplingParams of the model's generation_config.json sampling fields (the rest, and a GGUF's,
         SamplingParams' defaults), which a call without `sampling_params` (or a None in its list) runs with."""
-        defaults = self._sampling_defaults
         try:
-            return SamplingParams(**defaults)
-        except InvalidRequestError as e:  # the file's values, not the caller's: say whose they are
-            raise InvalidRequestError(
-                f"the model's generation_config.json sampling defaults {defaults} are refused ({e}): pass "
-                "sampling_params"
-            ) from None
-
-    @cached_property
-    def _sampling_defaults(self) -> dict[str, object]:
-        """generation_config.json's sampling fields as SamplingParams keywords (HF's max_new_tokens is ours)."""
-        return sampling_defaults(self.engine.model_dir)
+            return SamplingParams(**self.engine.sampling_defaults)
+        except InvalidRequestError as e:
+            raise InvalidRequestError(f"{e}: pass sampling_params") from None
 
     def get_tokenizer(self) -> Tokenizer:
         """The model's tokenizer, `self.tokenizer` (vLLM's accessor): encode, decode, render_chat, encode_chat."""

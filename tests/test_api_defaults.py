@@ -5,6 +5,7 @@ requests without one of their own."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -79,3 +80,92 @@ def test_an_engine_seed_repeats_unseeded_requests_as_vllms(tiny_llama):
     assert len({tuple(t) for t in first}) == len(first)  # every request and candidate drew its own numbers
     with pytest.raises(InvalidRequestError, match=r"^seed must be a non-negative integer, got -1$"):
         LLM(str(tiny_llama), backend="cpu", seed=-1)
+
+
+CREATOR = {
+    "temperature": 0.3,
+    "top_p": 0.7,
+    "top_k": 20,
+    "min_p": 0.05,
+    "repetition_penalty": 1.2,
+    "max_new_tokens": 3,
+}
+FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens")
+
+
+@pytest.fixture(scope="module")
+def creator_server(tiny_llama, tmp_path_factory):
+    """A server of a model whose generation_config.json sets every sampling field vLLM's server reads from it;
+    yields its URL and the SamplingParams its engine was given, in order."""
+    pytest.importorskip("fastapi")
+    from lserve_lite.engine.llm_engine import LLMEngine
+    from lserve_lite.serve.app import ServerThread, create_app
+
+    model = _with_generation_config(tiny_llama, tmp_path_factory.mktemp("gen_serve"), CREATOR)
+    engine = LLMEngine(model, "cpu", EngineConfig(num_kv_pages=16))
+    given: list[SamplingParams] = []
+    add = engine.add_request
+
+    def recording(prompt, params, *args, **kw):
+        given.append(params)
+        return add(prompt, params, *args, **kw)
+
+    engine.add_request = recording
+    with ServerThread(create_app(engine)) as url:
+        yield url, given
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "hello world"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}]}),
+])  # fmt: skip
+def test_server_requests_without_sampling_fields_take_the_models(creator_server, path, body):
+    """vLLM's server (--generation-config auto) fills each field a request omits from generation_config.json; here
+    a request without temperature sampled at 1.0 whatever the model's file said. A request's own value wins."""
+    import httpx
+
+    url, given = creator_server
+    assert httpx.post(url + path, json=body, timeout=60).status_code == 200
+    sp = given[-1]
+    assert [getattr(sp, f) for f in FIELDS] == [0.3, 0.7, 20, 0.05, 1.2, 3]
+    own = {
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "top_k": -1,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "max_tokens": 5,
+    }
+    assert httpx.post(url + path, json=body | own, timeout=60).status_code == 200
+    sp = given[-1]
+    assert [getattr(sp, f) for f in FIELDS] == [0.0, 1.0, 0, 0.0, 1.0, 5]
+
+
+def test_a_server_of_refused_generation_config_values_names_the_file(tiny_llama, tmp_path, capsys):
+    """The model's own values are checked once, when the server starts, not blamed on each request's fields."""
+    pytest.importorskip("fastapi")
+    from lserve_lite.engine.llm_engine import LLMEngine
+    from lserve_lite.serve import run_server
+    from lserve_lite.serve.app import create_app
+
+    model = _with_generation_config(tiny_llama, tmp_path, {"top_p": 0})
+    engine = LLMEngine(model, "cpu", EngineConfig(num_kv_pages=16))
+    refused = r"the model's generation_config\.json sampling defaults \{'top_p': 0\} are refused \(top_p must"
+    with pytest.raises(InvalidRequestError, match="^" + refused):
+        create_app(engine)
+    engine.close()
+    assert run_server(model, port=0, backend="cpu", engine_config=EngineConfig(num_kv_pages=16)) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(f"lserve-lite serve: {refused}[^\n]*\n", err), err
+
+
+def test_min_tokens_past_the_models_max_new_tokens_names_it(creator_server):
+    """A request without max_tokens is bounded by the model's max_new_tokens: a min_tokens past it says so."""
+    import httpx
+
+    r = httpx.post(creator_server[0] + "/v1/completions", json={"prompt": "hi", "min_tokens": 5}, timeout=60)
+    assert r.status_code == 400
+    want = (
+        "min_tokens must be an integer in [0, the model's generation_config.json max_new_tokens (3)], got 5"
+    )
+    assert r.json()["error"]["message"] == want

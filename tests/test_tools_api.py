@@ -697,7 +697,7 @@ def test_the_engine_keeps_the_markers_of_auto_tool_choice(marker_dir):
 
     def keeps(**body) -> list[str]:
         req = parse(ChatCompletionRequest, {"messages": ask} | body)
-        return req.sampling_params(8).keep_special_tokens
+        return req.sampling_params(8, {}).keep_special_tokens
 
     assert keeps(tools=[WEATHER]) == ["[TOOL_CALLS]", "<|python_tag|>"]
     assert (
@@ -707,7 +707,7 @@ def test_the_engine_keeps_the_markers_of_auto_tool_choice(marker_dir):
         == keeps()
         == []
     )
-    strict = parse(ChatCompletionRequest, {"messages": ask, "tools": [STRICT]}).sampling_params(8)
+    strict = parse(ChatCompletionRequest, {"messages": ask, "tools": [STRICT]}).sampling_params(8, {})
     assert strict.response_format["type"] == "lark" and strict.constrained
 
 

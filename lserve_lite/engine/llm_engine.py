@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from functools import cached_property
 
 import numpy as np
 
@@ -16,7 +17,7 @@ from ..kv.block_manager import BlockManager
 from ..sampling_params import SamplingParams
 from ..sequence import Sequence, Status
 from ..tokenizer import IncrementalDecoder
-from ..weights.loader import model_name, resolve_model_dir
+from ..weights.loader import model_name, resolve_model_dir, sampling_defaults
 from . import intake
 from .intake import PromptIds
 from .interrupts import ctrl_c_held
@@ -153,6 +154,19 @@ class LLMEngine:
     def fault(self) -> str | None:
         """Why this engine can run no step (a tensor-parallel worker failed or exited), or None."""
         return self._group.fault() if self._group is not None else None
+
+    @cached_property
+    def sampling_defaults(self) -> dict[str, object]:
+        """generation_config.json's sampling fields as SamplingParams keywords, checked: vLLM's defaults of an LLM call
+        without sampling_params and of a server request's omitted fields."""
+        defaults = sampling_defaults(self.model_dir)
+        try:
+            SamplingParams(**defaults)
+        except InvalidRequestError as e:  # the file's values, not the caller's: say whose they are
+            raise InvalidRequestError(
+                f"the model's generation_config.json sampling defaults {defaults} are refused ({e})"
+            ) from None
+        return defaults
 
     def close(self) -> None:
         """Stop the tensor-parallel workers now (they stop at exit too, which a process ended by a signal never

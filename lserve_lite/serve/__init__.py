@@ -97,17 +97,20 @@ def run_server(
     if bind_error:  # before the model loads (minutes on a GPU), not after
         print(f"lserve-lite serve: cannot listen on {address(host, port)} ({bind_error})", file=sys.stderr)
         return 1
+    engine = None
     try:
         engine = LLMEngine(model, backend, cfg)
-    except LServeError as e:
+        app = create_app(engine, api_key, served_model_name, max_queue,
+                         trust_request_chat_template=trust_request_chat_template)  # fmt: skip
+    except LServeError as e:  # the model's files, its generation_config.json sampling defaults too
+        if engine is not None:
+            engine.close()
         print(f"lserve-lite serve: {e}", file=sys.stderr)
         return 1
     if not loopback(host) and not api_key:
         log.warning(
             "listening on %s without --api-key: anyone who can reach this port can use the model", host
         )
-    app = create_app(engine, api_key, served_model_name, max_queue,
-                     trust_request_chat_template=trust_request_chat_template)  # fmt: skip
     log.info("serving %s (backend %s, context %d; %s) on http://%s", served_model_name or engine.model_name,
              engine.backend, engine.max_len, engine.kv_summary(), address(host, port))  # fmt: skip
     Server(app, host, port, log_level).run()

@@ -67,6 +67,7 @@ def create_app(
     `trust_request_chat_template` (vLLM's --trust-request-chat-template): the sandbox bounds a template's steps
     and output, but a client's template is code that costs the whole server CPU time (docs/SERVE.md).
     """
+    defaults = engine.sampling_defaults  # the model's sampling fields, checked before any request
     metrics = Metrics()
     prompt_limit = max_prompt_chars or PROMPT_CHARS_PER_TOKEN * engine.max_len
     body_counts = body_limits(engine.max_len, prompt_limit)
@@ -297,8 +298,8 @@ def create_app(
         scores_only = req.max_tokens == 0
         if n > limit or (n == limit and not scores_only):
             raise too_long(f"the prompt has {n} tokens", where)
-        if req.max_tokens is None:
-            return limit - n
+        if req.max_tokens is None:  # the model's max_new_tokens, as vLLM, within the context left
+            return min(limit - n, defaults.get("max_new_tokens", limit))
         if scores_only:
             return 1
         if n + req.max_tokens > limit:
@@ -315,7 +316,7 @@ def create_app(
         jobs = [
             (ids, c)
             for ids in prompts
-            for c in req.sampling_params(max_new_tokens(req, len(ids))).candidates()
+            for c in req.sampling_params(max_new_tokens(req, len(ids)), defaults).candidates()
         ]
         rid = new_id("chatcmpl" if chat else "cmpl")
         # all at once, so that they reach the engine in one step: the first candidate of a prompt prefills

@@ -231,9 +231,15 @@ class _Request(BaseModel):
         """The special tokens whose text the reply keeps (the others are dropped)."""
         return []
 
-    def sampling_params(self, max_new_tokens: int) -> SamplingParams:
+    def sampling_params(self, max_new_tokens: int, defaults: dict[str, object]) -> SamplingParams:
+        """`defaults`: the model's (LLMEngine.sampling_defaults), for each sampling field this request omits."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         most = self.max_tokens_field if self.max_tokens is not None else "the context the prompt leaves"
+        if self.max_tokens is None and max_new_tokens == defaults.get("max_new_tokens"):
+            most = "the model's generation_config.json max_new_tokens"
+        own = {k: getattr(self, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+        models = {k: v for k, v in defaults.items() if k != "max_new_tokens"}  # that one is in max_new_tokens
+        sampling = models | {k: v for k, v in own.items() if v is not None}  # the request's own values win
         try:
             check_min_tokens(self.min_tokens or 0, max_new_tokens, most)  # named as the client set the most
             return SamplingParams(
@@ -244,11 +250,7 @@ class _Request(BaseModel):
                 response_format=self.reply_format(),
                 **self.logprob_params(),
                 max_new_tokens=max_new_tokens,
-                temperature=1.0 if self.temperature is None else self.temperature,
-                top_p=1.0 if self.top_p is None else self.top_p,
-                top_k=0 if self.top_k is None else self.top_k,
-                min_p=self.min_p or 0.0,
-                repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                **sampling,
                 seed=self.seed,
                 stop=stop,
                 stop_token_ids=list(self.stop_token_ids or []),
