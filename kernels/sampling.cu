@@ -101,19 +101,42 @@ __device__ double mass_below(const float* x, int vocab, float temp, float xmax, 
   return block_reduce(s, scratch, lserve::SumOp(), 0.0);
 }
 
+// sound_rows' rule (reference/sampling.sound_rows_ref): a row can be sampled when its (max, min) over its logits,
+// a non-finite logit counting as an infinite maximum, has a finite max above the min. `sound_take` folds one logit
+// into a thread's (m, l); `sound_block` reduces them over the block (every thread gets the result); `sound_merge`
+// is the row's last block merging its G partials into the flag.
+__device__ __forceinline__ void sound_take(float v, float& m, float& l) {
+  m = fmaxf(m, isfinite(v) ? v : __int_as_float(0x7f800000));
+  l = fminf(l, v);
+}
+
+__device__ __forceinline__ void sound_block(float& m, float& l, float* scr) {
+  const float inf = __int_as_float(0x7f800000);
+  m = block_reduce(m, scr, lserve::MaxOp(), -inf);
+  l = block_reduce(l, scr, lserve::MinOp(), inf);
+}
+
+__device__ __forceinline__ unsigned char sound_merge(const float2* __restrict__ part, int G, float* scr) {
+  const float inf = __int_as_float(0x7f800000);
+  float m = -inf, l = inf;
+  for (int i = threadIdx.x; i < G; i += blockDim.x) {
+    const float2 p = __ldcg(part + i);
+    m = fmaxf(m, p.x);
+    l = fminf(l, p.y);
+  }
+  sound_block(m, l, scr);
+  return m < inf && m > l;
+}
+
 // This thread's smallest sort key over x[lo .. hi) (the block's smallest: the first index of the maximum there). A
 // 16-byte aligned stretch is read as float4, four loads in flight per thread (a scalar loop of one load at a time took
 // 51 us for a 128k vocabulary on an H200: a chain of L2 round trips). SOUND: also the thread's (max, min) of its
 // logits by sound_rows' rule (a non-finite logit an infinite maximum) in m, l, from the same loads.
 template <bool SOUND>
 __device__ __forceinline__ u64 thread_best(const float* __restrict__ x, int lo, int hi, float& m, float& l) {
-  const float inf = __int_as_float(0x7f800000);
   u64 best = ~0ull;
   auto seen = [&](float v) {
-    if constexpr (SOUND) {
-      m = fmaxf(m, isfinite(v) ? v : inf);
-      l = fminf(l, v);
-    }
+    if constexpr (SOUND) sound_take(v, m, l);
   };
   int tail = lo;
   if ((reinterpret_cast<unsigned long long>(x + lo) & 15) == 0) {
@@ -137,9 +160,6 @@ __device__ __forceinline__ u64 thread_best(const float* __restrict__ x, int lo, 
   return best;
 }
 
-// sound_rows' merge of a row's (max, min) partials into its flag (1: sound), by the block that finishes the row.
-__device__ __forceinline__ unsigned char sound_flag(float m, float l) { return m < __int_as_float(0x7f800000) && m > l; }
-
 // First index of the row maximum (np.argmax), in two levels: grid (G, rows), block g takes elements
 // [g * chunk, (g + 1) * chunk) of its row and leaves its best key in part[row, g]; the row's last block to finish
 // (a ticket on tick[row], which it resets to 0) takes the G partials. One block a row read a 128k vocabulary at
@@ -159,10 +179,7 @@ __device__ __forceinline__ void argmax_body(const float* __restrict__ logits, lo
   const int lo = g * chunk, hi = min(vocab, lo + chunk);
   float m = -inf, l = inf;
   const u64 best = block_reduce(thread_best<SOUND>(logits + row * stride, lo, hi, m, l), scratch, lserve::MinOp(), ~0ull);
-  if constexpr (SOUND) {
-    m = block_reduce(m, fscr, lserve::MaxOp(), -inf);
-    l = block_reduce(l, fscr, lserve::MinOp(), inf);
-  }
+  if constexpr (SOUND) sound_block(m, l, fscr);
   if (threadIdx.x == 0) {
     part[(long long)row * G + g] = best;
     if constexpr (SOUND) mm[(long long)row * G + g] = make_float2(m, l);
@@ -173,23 +190,13 @@ __device__ __forceinline__ void argmax_body(const float* __restrict__ logits, lo
   if (!last) return;
   __threadfence();
   u64 v = ~0ull;
-  m = -inf, l = inf;
-  for (int i = threadIdx.x; i < G; i += blockDim.x) {
-    v = min(v, __ldcg(part + (long long)row * G + i));
-    if constexpr (SOUND) {
-      const float2 p = __ldcg(mm + (long long)row * G + i);
-      m = fmaxf(m, p.x);
-      l = fminf(l, p.y);
-    }
-  }
+  for (int i = threadIdx.x; i < G; i += blockDim.x) v = min(v, __ldcg(part + (long long)row * G + i));
   v = block_reduce(v, scratch, lserve::MinOp(), ~0ull);
-  if constexpr (SOUND) {
-    m = block_reduce(m, fscr, lserve::MaxOp(), -inf);
-    l = block_reduce(l, fscr, lserve::MinOp(), inf);
-  }
+  unsigned char flag = 0;
+  if constexpr (SOUND) flag = sound_merge(mm + (long long)row * G, G, fscr);
   if (threadIdx.x == 0) {
     out[row] = (long long)(v & 0xffffffffu);
-    if constexpr (SOUND) sound[row] = sound_flag(m, l);
+    if constexpr (SOUND) sound[row] = flag;
     tick[row] = 0;  // ready for the next launch
   }
 }
@@ -327,13 +334,9 @@ __global__ void sound_rows(const float* __restrict__ logits, long long stride, i
   const int lo = g * chunk, hi = min(vocab, lo + chunk);
   float m = -inf, l = inf;
   for_row(logits + row * stride, lo, hi, 1.f, [&](int, float v, bool ok) {
-    if (ok) {
-      m = fmaxf(m, isfinite(v) ? v : inf);
-      l = fminf(l, v);
-    }
+    if (ok) sound_take(v, m, l);
   });
-  m = block_reduce(m, scr, lserve::MaxOp(), -inf);
-  l = block_reduce(l, scr, lserve::MinOp(), inf);
+  sound_block(m, l, scr);
   if (threadIdx.x == 0) {
     part[(long long)row * G + g] = make_float2(m, l);
     __threadfence();  // the partial is visible before the ticket says so
@@ -342,16 +345,9 @@ __global__ void sound_rows(const float* __restrict__ logits, long long stride, i
   __syncthreads();
   if (!last) return;
   __threadfence();
-  m = -inf, l = inf;
-  for (int i = threadIdx.x; i < G; i += blockDim.x) {
-    const float2 p = __ldcg(part + (long long)row * G + i);
-    m = fmaxf(m, p.x);
-    l = fminf(l, p.y);
-  }
-  m = block_reduce(m, scr, lserve::MaxOp(), -inf);
-  l = block_reduce(l, scr, lserve::MinOp(), inf);
+  const unsigned char flag = sound_merge(part + (long long)row * G, G, scr);
   if (threadIdx.x == 0) {
-    out[row] = sound_flag(m, l);
+    out[row] = flag;
     tick[row] = 0;  // ready for the next launch
   }
 }

@@ -234,8 +234,9 @@ class GpuSampler:
             raise ValueError(
                 f"ids output of shape {out.shape} {out.dtype} for {b} rows: a contiguous [B] int64"
             )
-        fused = sound is not None and logits is raw and not params[0].any()
-        if not params[0].any():  # all greedy (min_p: sampled rows only)
+        greedy = not params[0].any()  # all greedy (min_p: sampled rows only)
+        fused = sound is not None and logits is raw and greedy
+        if greedy:
             self.argmax(logits, out, sound if fused else None)
         else:
             dparams = cp.asarray(params)
