@@ -13,19 +13,10 @@ PROMPTS = [[int(t) for t in RNG.integers(3, 320, int(n))] for n in RNG.integers(
 
 
 def engine(path, overlap: bool, **kw) -> LLMEngine:
-    """A CPU engine; `overlap`: its Ops claims asynchronous launches, and the rows it samples so are counted."""
+    """A CPU engine; `overlap`: its Ops claims asynchronous launches."""
     cfg = EngineConfig(page_size=16, async_scheduling=overlap, **kw)
     eng = LLMEngine(str(path), "cpu", cfg)
-    eng.launches = 0
-    if overlap:
-        eng.ops.async_steps = True
-        sample_async = eng.ops.sample_async
-
-        def counted(logits, seqs, out=None):
-            eng.launches += len(seqs)  # rows
-            return sample_async(logits, seqs, out=out)
-
-        eng.ops.sample_async = counted
+    eng.ops.async_steps = overlap
     return eng
 
 
@@ -64,7 +55,7 @@ def both(path, requests, abort_after=None, **kw):
     got = drive(over, requests, abort_after)
     assert got == ref
     assert counters(over) == counters(sync)
-    assert sync.launches == 0
+    assert sync.overlapped_rows == 0
     return ref, over
 
 
@@ -78,7 +69,7 @@ def test_greedy_many_lengths_equals_sync(tiny_llama):
     assert [r[2] for r in ref] == ["length"] * len(reqs)
     decoded = sum(len(r[0]) - 1 for r in ref)  # each request's first token comes from its prefill step
     # most decode rows were overlapped, and none past a length limit (its sample would be dropped)
-    assert decoded // 2 < over.launches <= decoded
+    assert decoded // 2 < over.overlapped_rows <= decoded
 
 
 def test_context_limit_equals_sync(tiny_llama):
@@ -86,7 +77,7 @@ def test_context_limit_equals_sync(tiny_llama):
     reqs = [(p[:40], SamplingParams(temperature=0, max_new_tokens=100, ignore_eos=True)) for p in PROMPTS]
     ref, over = both(tiny_llama, reqs, max_model_len=48, max_num_seqs=4)
     assert all(r[2] == "length" and len(r[0]) == 48 - min(40, len(p)) for r, (p, _) in zip(ref, reqs))
-    assert 0 < over.launches <= sum(len(r[0]) - 1 for r in ref)
+    assert 0 < over.overlapped_rows <= sum(len(r[0]) - 1 for r in ref)
 
 
 def test_seeded_sampling_equals_sync(tiny_llama):
@@ -94,7 +85,7 @@ def test_seeded_sampling_equals_sync(tiny_llama):
         SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=i, max_new_tokens=25) for i in range(12)
     ]
     _, over = both(tiny_llama, list(zip(PROMPTS, params)))
-    assert over.launches > 0
+    assert over.overlapped_rows > 0
 
 
 def test_stop_tokens_and_strings_never_emit_the_extra_token(tiny_llama):
@@ -116,7 +107,7 @@ def test_stop_tokens_and_strings_never_emit_the_extra_token(tiny_llama):
     assert len(stops) >= len(reqs) // 2
     for i in range(0, len(reqs), 3):
         assert ref[i][0][-1] == free[i][0][3 + i % 7] and len(ref[i][0]) <= 4 + i % 7
-    assert over.launches > 0
+    assert over.overlapped_rows > 0
 
 
 def test_aborts_equal_sync(tiny_llama):
@@ -131,7 +122,7 @@ def test_kv_pressure_preemption_equals_sync(tiny_llama):
     """Few pages: sequences are preempted (the step in flight is read first) and recompute."""
     reqs = list(zip(PROMPTS, plain(temperature=0, ignore_eos=True)))
     _, over = both(tiny_llama, reqs, num_kv_pages=14, max_num_batched_tokens=64)
-    assert over.launches > 0
+    assert over.overlapped_rows > 0
 
 
 def test_one_token_recompute_chunks_run_in_sync(tiny_llama):
@@ -170,7 +161,7 @@ def test_requests_that_need_the_host_fall_back(tiny_llama):
     both(tiny_llama, reqs)
     alone = engine(tiny_llama, True)
     drive(alone, reqs[:3])
-    assert alone.launches == 0
+    assert alone.overlapped_rows == 0
 
 
 def test_min_tokens_runs_in_sync_until_met_then_overlaps(tiny_llama):
@@ -184,7 +175,7 @@ def test_min_tokens_runs_in_sync_until_met_then_overlaps(tiny_llama):
     ref, over = both(tiny_llama, reqs)
     assert [r[2:] for r in ref[1::2]] == [("stop", 7)] * (len(PROMPTS) // 2)
     assert (
-        0 < over.launches <= sum(n - 5 for *_, n in ref)
+        0 < over.overlapped_rows <= sum(n - 5 for *_, n in ref)
     )  # none sampled ahead before min_tokens (+1: a stop)
 
 
@@ -196,18 +187,15 @@ def test_lserve_mode_equals_sync(tiny_llama, tmp_path):
                       pattern_path=str(pattern))  # fmt: skip
     reqs = list(zip(PROMPTS, plain(temperature=0, ignore_eos=True)))
     _, over = both(tiny_llama, reqs, sparse=sp, max_num_seqs=5)
-    assert over.launches > 0
+    assert over.overlapped_rows > 0
 
 
 def test_off_switch_and_synchronous_backends_never_overlap(tiny_llama):
     reqs = list(zip(PROMPTS[:4], plain(temperature=0)[:4]))
 
-    def never(logits, seqs, out=None):
-        raise AssertionError("an overlapped step where the engine should run in sync")
-
     for eng in (engine(tiny_llama, False), LLMEngine(str(tiny_llama), "cpu", EngineConfig(page_size=16))):
-        eng.ops.sample_async = never
         drive(eng, reqs)
+        assert eng.overlapped_rows == 0
 
 
 def test_overlap_is_the_default_and_the_cli_turns_it_off():
@@ -296,7 +284,7 @@ def test_scoring_between_overlapped_steps_loses_no_output(tiny_llama):
 
     step, over.step = over.step, score_then_step
     assert drive(over, reqs) == ref
-    assert any(scored) and over.launches > 0
+    assert any(scored) and over.overlapped_rows > 0
 
 
 def test_harness_steps_between_overlapped_steps_read_the_step_in_flight(tiny_llama):
@@ -337,4 +325,4 @@ def test_next_turn_attaches_the_pages_overlapped_decode_steps_filled(tiny_llama)
         ((reply, *_),) = drive(eng, [(first, params)])
         drive(eng, [(first + reply + [7, 8, 9], params)])
         assert eng.scheduler.prompt_tokens_cached == 64  # 4 pages of 16: the prompt and the reply's pages
-    assert eng.launches > 0
+    assert eng.overlapped_rows > 0

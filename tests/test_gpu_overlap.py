@@ -28,11 +28,10 @@ def _engine(path, overlap: bool, sparse: bool):
     ecfg = EngineConfig(page_size=16, max_num_batched_tokens=64, max_num_seqs=8, num_kv_pages=512,
                         sparse=sp if sparse else SparseConfig(page_size=16), async_scheduling=overlap)  # fmt: skip
     eng = LLMEngine(str(path), backend="cuda", config=ecfg)
-    eng.rows = eng.into_graph = 0
+    eng.into_graph = 0
     sample_async = eng.ops.sample_async
 
     def counted(logits, seqs, out=None):
-        eng.rows += len(seqs)
         eng.into_graph += out is not None  # sampled into the next replay's id row (no device copy)
         return sample_async(logits, seqs, out=out)
 
@@ -65,7 +64,7 @@ def test_overlapped_decode_equals_sync(tiny64, sparse):
     ref = _run(sync, reqs)
     replays = over.runner.executor.replays
     assert _run(over, reqs) == ref
-    assert sync.rows == 0 and over.rows > 0 and over.runner.executor.replays > replays
+    assert sync.overlapped_rows == 0 and over.overlapped_rows > 0 and over.runner.executor.replays > replays
     assert over.into_graph > 0
     # seeded sampling with stop tokens: a stop ends the stream at the stop token, no token after it
     stops = {7, 11, 13, 17}

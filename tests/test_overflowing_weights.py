@@ -112,6 +112,32 @@ def test_a_request_whose_activations_overflow_fails_alone(case, backend, overlap
     assert eng.blocks.num_used == 0 and not eng.seqs
 
 
+def test_the_synchronous_step_reads_ids_and_flags_back_together(case, monkeypatch):
+    """The synchronous step read the rows' flags (sound_rows) and then their ids (sample) back in two waits on the
+    device a step; both now come from one `sample_async`, and a failing row still fails alone."""
+    eng = LLMEngine(str(case["token"]), "cpu", EngineConfig(async_scheduling=False))
+    calls = []
+    real = eng.ops.sample_async
+
+    def counted(logits, seqs, out=None):
+        calls.append(len(seqs))
+        return real(logits, seqs, out)
+
+    monkeypatch.setattr(eng.ops, "sample", lambda *a: pytest.fail("a second readback: sample"))
+    monkeypatch.setattr(eng.ops, "sample_async", counted)
+    to_x = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True, logit_bias={case["x"]: 100})
+    ra, rb = eng.add_request(case["a"], to_x), eng.add_request(case["b"], GREEDY)
+    outs: dict[str, list] = {ra: [], rb: []}
+    steps = 0
+    while eng.has_unfinished():
+        steps += 1
+        for o in eng.step():
+            outs[o.request_id].append(o)
+    assert len(calls) == steps and calls[:2] == [2, 2], calls  # one call a step; x's failing row was in the second
+    assert outs[ra][-1].finish_reason == "error" and [t for o in outs[ra] for t in o.token_ids] == [case["x"]]
+    assert outs[rb][-1].finish_reason == "length" and len([t for o in outs[rb] for t in o.token_ids]) == 6
+
+
 def test_llm_generate_gives_the_failed_prompt_its_cause_and_the_others_their_outputs(case):
     """One failed prompt of a batch raised and aborted the rest, their outputs lost: each prompt gets its output,
     the failed one finish_reason "error" with the one line (not a list of garbage tokens) in `error`; the same LLM

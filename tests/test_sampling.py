@@ -249,18 +249,18 @@ def test_generate_follows_a_float64_spec_of_every_knob(tiny_llama):
     float64 spec above picks from the logits the engine sampled and the uniform the sequence's seed gives."""
     llm = LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=32))
     eng, rng, seen = llm.engine, np.random.default_rng(4), []
-    sample_ = eng.ops.sample
+    sample_ = eng.ops.sample_async
 
-    def spy(logits, seqs):
+    def spy(logits, seqs, out=None):
         state = [(np.array(row), Sequence(s.prompt_ids, s.params), s.rng.bit_generator.state) for row, s in
                  zip(np.asarray(logits), seqs)]  # fmt: skip
         for (_, copy, _), s in zip(state, seqs):
             copy.output_ids = list(s.output_ids)
-        got = sample_(logits, seqs)
-        seen.extend(zip(state, got))
+        got = sample_(logits, seqs, out)
+        seen.extend(zip(state, got.tolist()))
         return got
 
-    eng.ops.sample = spy
+    eng.ops.sample_async = spy
     eos = set(eng.eos_ids)
     for trial in range(12):
         kw = dict(

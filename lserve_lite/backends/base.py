@@ -120,7 +120,7 @@ class SampledTokens(Protocol):
 
     def tolist(self) -> list[int]: ...
     def sound(self) -> list[bool]:
-        """Whether each row's logits could be sampled (`Ops.sound_rows`), read back with the ids."""
+        """Whether each row's logits could be sampled (`Ops.sample_async`), read back with the ids."""
         ...
 
 
@@ -250,13 +250,9 @@ class Ops(Protocol):
     def sample(self, logits: Array, seqs: list) -> list[int]: ...
     def sample_async(self, logits: Array, seqs: list, out: Array | None = None) -> SampledTokens:
         """`sample` without waiting for the device: the ids stay on it (in `out`, [B] int64, when given: the
-        executor's `ids_row`), their copy to the host is queued."""
-        ...
-
-    def sound_rows(self, logits: Array) -> np.ndarray:
-        """Whether each row of `logits` is all finite and not all equal (host bools [B]): activations that overflowed
-        float32 give NaN / inf, or zeros where a norm's sum of squares overflowed, and such a row samples a
-        meaningless id. Passes over the sampled rows only, none per layer."""
+        executor's `ids_row`), their copy to the host is queued with each row's soundness: all finite and not all
+        equal (activations that overflowed float32 give NaN / inf, or zeros where a norm's sum of squares
+        overflowed, and such a row samples a meaningless id; checked on the sampled rows only, none per layer)."""
         ...
 
     def logprobs(

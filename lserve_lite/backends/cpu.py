@@ -248,10 +248,13 @@ class CpuOps:
         return sample(logits, seqs)
 
     def sample_async(self, logits: np.ndarray, seqs: list, out: None = None) -> HostTokens:
-        return HostTokens(np.asarray(sample(logits, seqs), np.int64), self.sound_rows(logits))
-
-    def sound_rows(self, logits: np.ndarray) -> np.ndarray:
-        return sound_rows_ref(logits)
+        """Rows that could not be sampled (sound_rows_ref) are not: their ids read 0, their flags False."""
+        sound = sound_rows_ref(logits)
+        ids = np.zeros(len(seqs), np.int64)
+        keep = np.flatnonzero(sound)
+        if keep.size:
+            ids[keep] = sample(logits[keep], [seqs[i] for i in keep])
+        return HostTokens(ids, sound)
 
     def logprobs(self, logits: np.ndarray, chosen: np.ndarray, k: int):
         return logprobs_ref(logits, chosen, k)

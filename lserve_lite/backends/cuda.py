@@ -790,9 +790,6 @@ class CudaOps:
         synchronization."""
         return self.sampler.sample_async(logits, seqs, out)
 
-    def sound_rows(self, logits) -> np.ndarray:
-        return self.sampler.sound_rows(logits).get()
-
     def logprobs(self, logits, chosen: np.ndarray, k: int):
         """Reference: backends/reference/sampling.logprobs_ref. Only the requested numbers come back."""
         return self.sampler.logprobs(logits, chosen, k)

@@ -64,6 +64,7 @@ class LLMEngine:
         self.grammars = Grammars(self.tokenizer, self.cfg.vocab_size, sorted(self.eos_ids))
         self.prompt_tokens_computed = 0  # prompt tokens run through the model (recomputation included)
         self._inflight: InFlight | None = None  # the overlapped decode step (docs/ARCHITECTURE.md)
+        self.overlapped_rows = 0  # rows launched by overlapped steps (how much of the decode overlapped)
         self._ready: list[StepOutput] = []  # outputs of a step in flight that `score` read: the next step's
         self._closed = False
 
@@ -255,13 +256,15 @@ class LLMEngine:
         if last[-1] + 1 > len(done_rows):  # rows of sequences still in prefill produce no token
             logits = logits[last[np.asarray(done_rows, np.int64)]] if done_rows else None
         done = [batch.seqs[i] for i in done_rows]
-        sound = self.ops.sound_rows(logits).tolist() if done else []
+        if not done:
+            return outs
+        self.grammars.fill_masks(done)
+        sampled = self.ops.sample_async(logits, done)  # the ids and the rows' soundness in one readback
+        tokens, sound = sampled.tolist(), sampled.sound()
         if not all(sound):  # those requests fail, the others go on
             outs += [self._fail(s, overflowed(s)) for s, ok in zip(done, sound) if not ok]
             keep = np.flatnonzero(sound)
-            logits, done = logits[keep], [done[i] for i in keep]
-        self.grammars.fill_masks(done)
-        tokens = self.ops.sample(logits, done) if done else []
+            logits, done, tokens = logits[keep], [done[i] for i in keep], [tokens[i] for i in keep]
         record_token_logprobs(self.ops, logits, done, tokens)
         for seq, tok in zip(done, tokens):
             outs.append(self._append(seq, tok))
@@ -283,6 +286,7 @@ class LLMEngine:
                 row = {id(s): i for i, s in enumerate(prev.seqs)}
                 ids = ids[self.ops.upload(np.asarray([row[id(s)] for s in batch.seqs], np.int64))]
         logits = self.runner.run(batch.seqs, batch.num_new, ids=ids)
+        self.overlapped_rows += len(batch.seqs)
         out = self.runner.ids_row(len(batch.seqs))  # the next step's id row, when it has one
         self._inflight = InFlight(list(batch.seqs), self.ops.sample_async(logits, batch.seqs, out=out))
         outs = self._read(prev) if prev is not None else []

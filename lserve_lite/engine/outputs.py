@@ -90,7 +90,7 @@ def step_output(seq: Sequence, text: str, ids: list[int]) -> StepOutput:
 
 
 def overflowed(seq: Sequence) -> str:
-    """Why a request whose logits could not be sampled (Ops.sound_rows) failed: said, not sampled into garbage."""
+    """Why a request whose logits could not be sampled (Ops.sample_async's flags) failed: said, not sampled into garbage."""
     return (
         f"non-finite activations at step {len(seq.output_ids) + 1} of request {seq.request_id}: its logits are NaN, "
         f"inf or all equal, as float32 gives them once the activations overflow; likely overflowing weights (values "
