@@ -133,7 +133,9 @@ def test_the_synchronous_step_reads_ids_and_flags_back_together(case, monkeypatc
         steps += 1
         for o in eng.step():
             outs[o.request_id].append(o)
-    assert len(calls) == steps and calls[:2] == [2, 2], calls  # one call a step; x's failing row was in the second
+    assert len(calls) == steps and calls[:2] == [2, 2], (
+        calls
+    )  # one call a step; x's failing row was in the second
     assert outs[ra][-1].finish_reason == "error" and [t for o in outs[ra] for t in o.token_ids] == [case["x"]]
     assert outs[rb][-1].finish_reason == "length" and len([t for o in outs[rb] for t in o.token_ids]) == 6
 
