@@ -252,7 +252,8 @@ class LLM:
         """Run all prompts as one continuous batch; outputs in prompt order (with `n > 1`, the n candidates
         of each prompt in a row; they share the prompt's KV pages through the prefix cache). `sampling_params`
         (vLLM's name, as in chat and stream): one for all prompts or a list, one per prompt. A prompt may be
-        vLLM's dict, {"prompt": text} or {"prompt_token_ids": ids}. `use_tqdm` (vLLM's; off by default): a
+        vLLM's dict, {"prompt": text} or {"prompt_token_ids": ids}, with vLLM's "cache_salt" if wanted (its requests
+        share prefix-cache pages only with requests of the same salt). `use_tqdm` (vLLM's; off by default): a
         progress bar of finished sequences on stderr. A request that fails as it runs ends alone, its output's
         finish_reason "error" and `error` the reason; a refused prompt or Ctrl-C aborts the batch.
         `lora_request` (vLLM's, passed as None by code ported from it): no LoRA here, so only None.
@@ -277,11 +278,11 @@ class LLM:
         about: list[tuple[str | None, int]] = []
         done = False
         try:
-            for p, sp in zip(prompts, per_prompt):
+            for (p, salt), sp in zip(prompts, per_prompt):
                 candidates = sp.candidates()
                 ids = self.engine.prompt_ids(p)  # encoded and checked once for its n candidates
                 for i, c in enumerate(candidates):
-                    rids.append(self._add(ids, c))
+                    rids.append(self._add(ids, c, salt))
                     about.append((p if isinstance(p, str) else None, i))
             outs = self._collect(rids, use_tqdm)
             done = True
@@ -370,13 +371,13 @@ class LLM:
         (params,) = _per_prompt(sampling_params, 1, self.get_default_sampling_params)
         if params.n != 1:
             raise InvalidRequestError(f"a stream carries one candidate (n=1), got n={params.n}: use generate")
-        prompt = _unwrapped(prompt)
+        prompt, salt = _unwrapped(prompt)
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):  # a conversation, as chat's
             check_contents(prompt)
             prompt = self.tokenizer.encode_chat(
                 *prompt_messages(prompt, None, self.tokenizer.template_reads_tools)
             )
-        rid = self._add(prompt, params)
+        rid = self._add(prompt, params, salt)
         done = False
         try:
             while not done:
@@ -419,14 +420,14 @@ class LLM:
         """How the chat template takes calls: Mistral's 9-character ids, <tool_call> blocks (probed once)."""
         return call_form(self.tokenizer)
 
-    def _add(self, prompt, params: SamplingParams) -> str:
+    def _add(self, prompt, params: SamplingParams, cache_salt: str | None = None) -> str:
         """Queue one request with its output box, under the lock: a step in another thread between the two
         would drop the request's first outputs. Its grammar is built before: other threads' streams go on."""
         guide = self.engine.guide(params)
         with self._call():  # seeds drawn in the turn: requests of several threads take them in turn
             if params.seed is None and self._seeds is not None:
                 params = replace(params, seed=int(self._seeds.integers(1 << 63)))
-            rid = self.engine.add_request(prompt, params, guide=guide)
+            rid = self.engine.add_request(prompt, params, guide=guide, cache_salt=cache_salt)
             self._boxes[rid] = deque()
         return rid
 
@@ -545,36 +546,36 @@ def _per_prompt(params, count: int, default: Callable[[], SamplingParams]) -> li
     return per_prompt
 
 
-def _prompt_list(prompts) -> list:
-    """generate's prompts as a list of prompts (a string or token ids each: a list, tuple or 1-D NumPy array of
-    integers, which the engine checks; or vLLM's prompt dict of either)."""
+def _prompt_list(prompts) -> list[tuple[object, str | None]]:
+    """generate's prompts as a list of (prompt, cache salt): a string or token ids each (a list, tuple or 1-D NumPy
+    array of integers, which the engine checks; or vLLM's prompt dict of either)."""
     if isinstance(prompts, (str, dict)) or _token_ids(prompts):
         return [_unwrapped(prompts)]
     if not isinstance(prompts, (list, tuple)):
         raise InvalidRequestError("prompts must be a string, a list of token ids, or a list of either")
     prompts = [_unwrapped(p) for p in prompts]
-    if not all(isinstance(p, (str, list, tuple)) or _token_ids(p) for p in prompts):
+    if not all(isinstance(p, (str, list, tuple)) or _token_ids(p) for p, _ in prompts):
         raise InvalidRequestError("each prompt must be a string or a list of token ids")
     return prompts
 
 
-def _unwrapped(p):
-    """vLLM's prompt dicts as what they hold: {"prompt": text} (TextPrompt), {"prompt_token_ids": ids} (TokensPrompt,
-    its optional "prompt" text unused, as in vLLM). Their other keys (multi-modal data, a cache salt) are refused,
-    not dropped."""
+def _unwrapped(p) -> tuple[object, str | None]:
+    """A prompt and its cache salt (None: none). vLLM's prompt dicts as what they hold: {"prompt": text} (TextPrompt),
+    {"prompt_token_ids": ids} (TokensPrompt, its optional "prompt" text unused, as in vLLM), either with a
+    "cache_salt" (the engine checks it). Their other keys (multi-modal data) are refused, not dropped."""
     if not isinstance(p, dict):
-        return p
-    keys = set(p)
+        return p, None
+    keys = set(p) - {"cache_salt"}
     if keys == {"prompt"} or keys in ({"prompt_token_ids"}, {"prompt_token_ids", "prompt"}):
         key = "prompt_token_ids" if "prompt_token_ids" in keys else "prompt"
         # text under prompt_token_ids (or ids under prompt) would run as the other kind of prompt
         if isinstance(p[key], str) != (key == "prompt"):
             kind = "a string" if key == "prompt" else "a list of token ids"
             raise InvalidRequestError(f"a prompt dict's {key} must be {kind}, got {type(p[key]).__name__}")
-        return p[key]
+        return p[key], p.get("cache_salt")
     raise InvalidRequestError(
         "prompts must be strings, token ids or vLLM's prompt dicts {'prompt': text} / {'prompt_token_ids': ids} "
-        f"(a conversation goes to chat); got a dict with the keys {sorted(map(str, keys))[:4]}"
+        f"(a conversation goes to chat); got a dict with the keys {sorted(map(str, p))[:4]}"
     )
 
 

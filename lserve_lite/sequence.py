@@ -66,7 +66,13 @@ class Status(Enum):
 class Sequence:
     """Prompt + generated ids; `num_cached` tokens already have K/V in `page_table`'s pages."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None):
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        cache_salt: str | None = None,
+    ):
         self.seq_id = next(_ids)
         self.request_id = request_id or f"req-{self.seq_id}"
         self.prompt_ids = list(prompt_ids)
@@ -79,6 +85,7 @@ class Sequence:
         self.sel_slot = -1  # row of this sequence in the page-selection buffers while it runs
         self.sparse = None  # per-request SparseConfig (None: the engine's)
         self.decode_steps = 0  # selecting decode steps since the last prefill or step within the budget (the selector's reuse)
+        self.cache_salt = cache_salt  # vLLM's: shares prefix-cache pages only within one salt
         self.kv_salt = b""  # seed of the prefix cache's page keys (kv/prefix_cache.py)
         self.block_hashes: list[bytes] = []  # keys of the full pages of all_ids hashed so far
         self.num_registered = 0  # leading pages of page_table indexed in the prefix cache

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_sparse_patterns import _np_tiny
 
-from lserve_lite import EngineConfig, SamplingParams, SparseConfig
+from lserve_lite import EngineConfig, InvalidRequestError, SamplingParams, SparseConfig
+from lserve_lite.engine.intake import MAX_CACHE_SALT
 from lserve_lite.engine.llm_engine import LLMEngine
 from lserve_lite.engine.scheduler import Scheduler
 from lserve_lite.geometry import ring_slot
@@ -43,12 +44,15 @@ def engine(model, mode: str, cache: bool = True, **kw) -> LLMEngine:
 
 
 def run(
-    eng: LLMEngine, prompts: list[list[int]], params=GREEDY, aborts: dict | None = None, tag: str = ""
-) -> list:
+    eng: LLMEngine, prompts: list[list[int]], params=GREEDY, aborts: dict | None = None, tag: str = "",
+    salts: list[str | None] | None = None,
+) -> list:  # fmt: skip
     """Per prompt (output ids, cached prompt tokens, finish reason); `aborts` maps a prompt index to the step it
-    aborts at; with `tag`, prompt i runs as request id f"{tag}{i}"."""
+    aborts at; with `tag`, prompt i runs as request id f"{tag}{i}"; `salts`: each prompt's cache_salt."""
+    salts = salts or [None] * len(prompts)
     rids = [
-        eng.add_request(p, params, request_id=f"{tag}{i}" if tag else None) for i, p in enumerate(prompts)
+        eng.add_request(p, params, request_id=f"{tag}{i}" if tag else None, cache_salt=salt)
+        for i, (p, salt) in enumerate(zip(prompts, salts))
     ]
     out, step = {}, 0
     while eng.has_unfinished():
@@ -147,6 +151,32 @@ def test_prefix_ending_mid_page_and_whole_prompt_hit(model, mode):
     )  # a page-aligned prompt: its last page recomputed
     assert [g[0] for g in got] == cold(model, mode, [a, b, a[:384]])
     assert [g[1] for g in got] == [0, 320, 320]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cache_salt_keeps_clients_pages_apart(model, mode):
+    """vLLM's cache_salt: requests of one salt share prefix pages (dense pages and LServe's streaming snapshots), of
+    another salt or none they share nothing, not even a prefix being computed beside them; unsalted ones as before."""
+    rng = np.random.default_rng(12)
+    p = ids(rng, 300)  # 4 whole pages
+    eng = engine(model, mode)
+    got = run(eng, [p, p], salts=["a", "b"])  # together: neither waits for the other's pages
+    got += run(eng, [p]) + run(eng, [p], salts=["a"]) + run(eng, [p]) + run(eng, [p], salts=["c"])
+    assert [g[1] for g in got] == [0, 0, 0, 256, 256, 0]
+    assert eng.prompt_tokens_computed == 6 * 300 - 2 * 256
+    assert [g[0] for g in got] == cold(model, mode, [p]) * 6
+
+
+def test_cache_salt_is_checked_before_anything_is_queued(model):
+    """A salt must be a non-empty string of at most MAX_CACHE_SALT characters: a one-line error, nothing queued."""
+    eng = engine(model, "dense")
+    for bad in ("", 5, b"a", "s" * (MAX_CACHE_SALT + 1)):
+        with pytest.raises(
+            InvalidRequestError, match=r"^cache_salt must be a non-empty string of at most 256 "
+        ):
+            eng.add_request([5, 6, 7], GREEDY, cache_salt=bad)
+    assert not eng.has_unfinished() and not eng.seqs
+    assert run(eng, [[5, 6, 7]], salts=["s" * MAX_CACHE_SALT])[0][2] == "length"
 
 
 @pytest.mark.parametrize("mode", MODES)

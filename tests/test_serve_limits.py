@@ -416,7 +416,7 @@ def test_the_other_endpoints_fields_are_refused_not_ignored(client, chat: bool, 
     "field,value,off",
     [
         ("length_penalty", 2.0, 1), ("spaces_between_special_tokens", False, True), ("structural_tag", "{}", None),
-        ("guided_whitespace_pattern", " *", None), ("cache_salt", "s" * 43, None), ("priority", 1, 0),
+        ("guided_whitespace_pattern", " *", None), ("priority", 1, 0),
         ("kv_transfer_params", {"do_remote_prefill": True}, None), ("vllm_xargs", {"k": 1}, None),
         ("prompt_embeds", "AAAA", None), ("audio", {"voice": "alloy", "format": "wav"}, None),
         ("modalities", ["text", "audio"], ["text"]), ("web_search_options", {}, None),
@@ -425,11 +425,11 @@ def test_the_other_endpoints_fields_are_refused_not_ignored(client, chat: bool, 
 def test_fields_that_would_change_the_reply_are_refused_not_ignored(
     client, field: str, value: object, off: object
 ):
-    """vLLM's and OpenAI's request fields this server does not implement were dropped as unknown: a client that set
-    cache_salt believed its prefix cache kept apart from other clients', one that asked for audio or web search, a
-    whitespace pattern, a priority or prompt embeddings got a reply without them (LLM's SamplingParams already refused
-    length_penalty and spaces_between_special_tokens). Each is a 400 naming it, as vLLM refuses what it cannot do;
-    its off value passes."""
+    """vLLM's and OpenAI's request fields this server does not implement were dropped as unknown: a client that
+    asked for audio or web search, a whitespace pattern, a priority or prompt embeddings got a reply without them
+    (LLM's SamplingParams already refused length_penalty and spaces_between_special_tokens). Each is a 400 naming
+    it, as vLLM refuses what it cannot do; its off value passes. (cache_salt, refused so until 2026-12-07, is
+    taken: test_cache_salt.py.)"""
     for chat in (False, True):
         body = {"max_tokens": 2} | ({"messages": MSGS} if chat else {"prompt": "hi"})
         err = error(post(client, body | {field: value}, chat))

@@ -1,5 +1,5 @@
-"""A request's checks before it is queued, each a one-line InvalidRequestError: its id and argument types, its
-token ids (the vocabulary's and the context's rules), its sampling params against the model, and its
+"""A request's checks before it is queued, each a one-line InvalidRequestError: its id, argument types and cache
+salt, its token ids (the vocabulary's and the context's rules), its sampling params against the model, and its
 per-request LServe knobs against the engine's pools."""
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer
 from .kv_sizing import context_limit, max_chunk
 
+MAX_CACHE_SALT = 256  # characters of a cache salt: a client's name for its pages, not a payload
+
 
 class PromptIds(tuple):
     """A prompt's token ids as `LLMEngine.prompt_ids` checked them (immutable): add_request takes them without checking
@@ -26,14 +28,25 @@ def check_request_id(request_id: object) -> None:
         raise InvalidRequestError(f"request_id must be a non-empty str, got {request_id!r:.60}")
 
 
-def check_request(params: object, sparse: object, request_id: object) -> None:
-    """add_request's arguments' types (the request id where one is given)."""
+def check_cache_salt(salt: object) -> None:
+    """vLLM's cache_salt (None: no salt) as a non-empty string, bounded: it keys a client's prefix-cache pages."""
+    if salt is None or (isinstance(salt, str) and 0 < len(salt) <= MAX_CACHE_SALT):
+        return
+    got = (f"{len(salt)} characters" if salt else "''") if isinstance(salt, str) else type(salt).__name__
+    raise InvalidRequestError(
+        f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT} characters, got {got}"
+    )
+
+
+def check_request(params: object, sparse: object, request_id: object, cache_salt: object = None) -> None:
+    """add_request's arguments' types (the request id where one is given) and its cache salt."""
     if not isinstance(params, SamplingParams):
         raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}")
     if sparse is not None and not isinstance(sparse, dict):
         raise InvalidRequestError(f"sparse must be a dict of LServe knobs, got {type(sparse).__name__}")
     if request_id is not None:
         check_request_id(request_id)
+    check_cache_salt(cache_salt)
 
 
 def check_prompt_room(ids: list[int], params: SamplingParams, max_len: int, vocab_size: int) -> None:

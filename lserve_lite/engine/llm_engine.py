@@ -85,11 +85,13 @@ class LLMEngine:
         request_id: str | None = None,
         sparse: dict | None = None,
         guide: tuple[object, np.ndarray] | None = None,
+        cache_salt: str | None = None,
     ) -> str:
         """Queue a request; `sparse` overrides LServe knobs for it (token_budget, select_interval, windows). `guide`:
-        the params' grammar built beforehand (`guide`); else built here."""
+        the params' grammar built beforehand (`guide`); else built here. `cache_salt` (vLLM's): the request shares
+        prefix-cache pages only with requests of the same salt (None: with the other unsalted ones)."""
         self._check_open()
-        intake.check_request(params, sparse, request_id)
+        intake.check_request(params, sparse, request_id, cache_salt)
         if (
             request_id is None
         ):  # skip ids a caller gave explicitly: a generated id is never refused as a duplicate
@@ -97,7 +99,7 @@ class LLMEngine:
         params.validate()  # again: its fields may have changed since it was made
         ids = list(self.prompt_ids(prompt))
         intake.check_prompt_room(ids, params, self.max_len, self.cfg.vocab_size)
-        seq = Sequence(ids, params, request_id)
+        seq = Sequence(ids, params, request_id, cache_salt)
         seq.stop_ids = frozenset(params.stop_token_ids) | frozenset(self.eos_ids)
         if params.constrained:
             seq.guide, seq.token_mask = guide or self.guide(params)

@@ -40,7 +40,8 @@ def seq_kv_salt(
     """What besides token ids changes a page's K/V or its streaming snapshot: model, KV dtype, layout,
     the runner's head classes and windows and, with streaming heads, the request's prefill windows
     (streaming heads feed every later layer). Decode knobs do not: decode K/V is never cached in LServe
-    mode (PrefixCache.prompt_only)."""
+    mode (PrefixCache.prompt_only). The request's cache_salt, where it has one, keeps its pages to requests of
+    that salt (vLLM's: in the first page's key, which every later key chains from); unsalted keys are unchanged."""
     run, lay = runner, layout
     parts = [str(model_dir), repr(cfg), np.dtype(dtype).str, kv_format.name, ecfg.page_size,
              [c.tobytes() for c in run.head_classes], run.sink, run.local]  # fmt: skip
@@ -48,4 +49,5 @@ def seq_kv_salt(
         sp = seq.sparse or ecfg.sparse
         parts += [lay.sink_pages, lay.ring_pages, lay.sub_pages]
         parts += [sp.prefill_sink, sp.prefill_local] if lay.has_streaming else []
+    parts += [("cache_salt", seq.cache_salt)] if seq.cache_salt is not None else []
     return kv_salt(*parts)

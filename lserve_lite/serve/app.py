@@ -325,6 +325,7 @@ def create_app(
             got = await aengine.submit(
                 [(ids, c, rid if len(jobs) == 1 else f"{rid}-{i}") for i, (ids, c) in enumerate(jobs)],
                 "prompt" if len(prompts) > 1 else "n",  # the field whose count made too many sequences
+                req.cache_salt,
             )
         except ApiError as e:  # none started (an invalid schema, no room)
             got = [e]

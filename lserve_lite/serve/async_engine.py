@@ -36,6 +36,7 @@ class _Submission:
     params: SamplingParams
     arrival: float
     guide: tuple[object, np.ndarray] | None  # the response_format's matcher, built off the engine thread
+    cache_salt: str | None  # vLLM's: prefix-cache pages shared only within one salt
 
 
 class RequestHandle:
@@ -141,13 +142,16 @@ class AsyncEngine:
                            "retry later")  # fmt: skip
 
     async def submit(
-        self, jobs: list[tuple[list[int], SamplingParams, str]], param: str = "n"
+        self,
+        jobs: list[tuple[list[int], SamplingParams, str]],
+        param: str = "n",
+        cache_salt: str | None = None,
     ) -> list[RequestHandle | BaseException]:
         """Hand a request's sequences (prompt ids, params, request id) to the engine: room checked (`param` as
         check_room names it) and every one queued in one synchronous step, so that no other request takes the room
         between (a 429 starts none); then each one's RequestHandle once admitted, or the ApiError that refused it.
         Cancelled at any point (the client gone), it aborts every sequence it queued: one admitted has no handle
-        left to read or close it."""
+        left to read or close it. `cache_salt`: the request's (vLLM's), for all its sequences."""
         if not self.alive:
             raise ApiError(503, "the engine is not running")
         self.check_room(len(jobs), param)
@@ -165,7 +169,7 @@ class AsyncEngine:
             for (prompt_ids, params, rid), guide in zip(jobs, guides):
                 queues.append((rid, asyncio.Queue()))
                 self._queues[rid] = queues[-1][1]
-                self._inbox.append(_Submission(rid, prompt_ids, params, arrival, guide))
+                self._inbox.append(_Submission(rid, prompt_ids, params, arrival, guide, cache_salt))
             self._cv.notify()
         try:
             return await asyncio.gather(
@@ -258,7 +262,9 @@ class AsyncEngine:
 
     def _add(self, s: _Submission) -> object:
         try:
-            self.engine.add_request(s.prompt_ids, s.params, s.request_id, guide=s.guide)
+            self.engine.add_request(
+                s.prompt_ids, s.params, s.request_id, guide=s.guide, cache_salt=s.cache_salt
+            )
         except InvalidRequestError as e:
             return ApiError(400, str(e), param_of(str(e)))
         except Exception:

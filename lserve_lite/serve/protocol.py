@@ -20,6 +20,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError
 
+from ..engine.intake import check_cache_salt
 from ..engine.tool_calls import ToolPlan, plan_tools
 from ..errors import InvalidRequestError
 from ..sampling_params import (
@@ -131,6 +132,7 @@ class _Request(BaseModel):
     min_tokens: Int | None = None  # its range, [0, the most new tokens], is checked once that is known
     best_of: Int | None = None  # vLLM's; only equal to n (candidates are not ranked)
     suffix: str | None = None  # the legacy completions' fill-in-the-middle, refused on both endpoints
+    cache_salt: Any = None  # vLLM's: prefix-cache pages shared only with requests of the same salt (or none)
     # vLLM extensions not implemented: a client that sets one expects its effect, so it is refused, not ignored,
     # unless it holds the value that means "off" (_unsupported: that value, and what to do instead)
     use_beam_search: Any = None
@@ -151,7 +153,6 @@ class _Request(BaseModel):
     spaces_between_special_tokens: Any = None
     structural_tag: Any = None
     guided_whitespace_pattern: Any = None
-    cache_salt: Any = None
     priority: Any = None
     kv_transfer_params: Any = None
     vllm_xargs: Any = None
@@ -167,8 +168,6 @@ class _Request(BaseModel):
         **{f"guided_{k}": VLLM_UNSUPPORTED["guided_decoding"] for k in ("json", "regex", "choice", "grammar")},
         "structural_tag": VLLM_UNSUPPORTED["guided_decoding"],
         "guided_whitespace_pattern": (None, "replies in JSON are compact, without whitespace between tokens"),
-        "cache_salt": (None, "every request shares the prefix cache: start the server with --no-prefix-caching "
-                             "to keep clients' prompts apart"),
         "priority": (0, "requests are served first come, first served"),
         "kv_transfer_params": (None, "no disaggregated prefill"),
         "vllm_xargs": (None, "no custom sampling arguments"),
@@ -200,6 +199,10 @@ class _Request(BaseModel):
                 refuse_set(name, getattr(self, name), off, instead)
             except InvalidRequestError as e:
                 raise ApiError(400, str(e), name) from None
+        try:
+            check_cache_salt(self.cache_salt)
+        except InvalidRequestError as e:
+            raise ApiError(400, str(e), "cache_salt") from None
         try:  # OpenAI's types only: "lark" is the engine's own (tools' grammar); checked where tools replace it
             if self.response_format is not None:
                 check_format(self.response_format, OPENAI_FORMATS)
