@@ -1552,6 +1552,10 @@ def test_generate_priority_and_chat_content_format_as_vllms(llm):
         llm.generate(["a", "b"], sp, priority=[0, 1])
     with pytest.raises(InvalidRequestError, match=r"^priority is not supported"):  # an array's == is no bool
         llm.generate(["a", "b"], sp, priority=[np.zeros(2), 0])
+    # vLLM ranks request i by priority[i]: a list of another length than the prompts' was taken unread
+    for short in ([0], [0, 0, 0], []):
+        with pytest.raises(InvalidRequestError, match=rf"^{len(short)} priorities for 2 prompts$"):
+            llm.generate(["a", "b"], sp, priority=short)
     msgs = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
     want = llm.chat(msgs, SamplingParams(max_tokens=2, temperature=0)).text
     for fmt in ("auto", "string"):

@@ -437,6 +437,16 @@ def test_fields_that_would_change_the_reply_are_refused_not_ignored(
         assert post(client, body | {field: off}, chat).status_code == 200
 
 
+@pytest.mark.parametrize("value", ["0", "high", 10**30, 0.5, True, [0]])
+def test_a_priority_other_than_the_integer_0_is_refused(client, value: object):
+    """vLLM's priority is an integer (0: its default, what first come, first served means); a string, a number past
+    any integer type or a fraction is a 400 naming it, not taken as 0 nor a 500."""
+    for chat in (False, True):
+        body = {"max_tokens": 2} | ({"messages": MSGS} if chat else {"prompt": "hi"})
+        err = error(post(client, body | {"priority": value}, chat))
+        assert err["param"] == "priority" and err["message"].startswith("priority is not supported ("), err
+
+
 def test_client_compat_fields(client):
     """vLLM's top_k -1 (off), HEAD /health; tool fields without tools are refused, not ignored."""
     r = post(client, {"prompt": "hi", "max_tokens": 2, "top_k": -1})
