@@ -171,7 +171,7 @@ def test_min_tokens_past_the_models_max_new_tokens_names_it(creator_server):
     assert r.json()["error"]["message"] == want
 
 
-def test_generation_config_vllm_or_a_folder_as_vllms(tiny_llama, tmp_path):
+def test_generation_config_vllm_or_a_folder_as_vllms(tiny_llama, tiny_gguf, tmp_path):
     """vLLM's generation_config: "auto" (the model's file), "vllm" (none: SamplingParams' defaults) or a folder
     holding a generation_config.json; anything else is refused in one line before the model loads."""
     model = _with_generation_config(tiny_llama, tmp_path, {"temperature": 0.3, "max_new_tokens": 3})
@@ -186,6 +186,11 @@ def test_generation_config_vllm_or_a_folder_as_vllms(tiny_llama, tmp_path):
     }
     for source, fields in want.items():
         with LLM(model, backend="cpu", num_kv_pages=16, generation_config=source) as llm:
+            sp = llm.get_default_sampling_params()
+            assert (sp.temperature, sp.top_p, sp.max_tokens) == fields, source
+    gguf = tiny_gguf[2]  # no sampling defaults of its own; a folder's apply
+    for source, fields in (("auto", (1.0, 1.0, SamplingParams().max_tokens)), (other, (1.0, 0.5, 7))):
+        with LLM(str(gguf), backend="cpu", num_kv_pages=16, generation_config=source) as llm:
             sp = llm.get_default_sampling_params()
             assert (sp.temperature, sp.top_p, sp.max_tokens) == fields, source
     for bad in ("none", str(tmp_path / "missing"), str(other / "generation_config.json"), 3, None):
