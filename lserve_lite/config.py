@@ -537,6 +537,8 @@ class SparseConfig:
 
 
 QUANTIZE_MODES = (None, "int8", "int4")
+# vLLM's --generation-config keywords: the model's generation_config.json, or none (SamplingParams' defaults)
+GENERATION_CONFIGS = ("auto", "vllm")
 KV_DTYPES = ("auto", "fp16", "fp32", "int8", "int4", "fp8")  # formats: kv/quant.py
 
 
@@ -558,6 +560,9 @@ class EngineConfig:
     kv_dtype: str = "auto"  # KV-cache format (kv/quant.py); "auto": fp16 (fp32 on a CPU without F16C)
     # plan decode step N+1 while the device runs N (where Ops.async_steps: the CUDA backend)
     async_scheduling: bool = True
+    # whose sampling defaults requests without their own take (vLLM's --generation-config): "auto" the model's
+    # generation_config.json, "vllm" none, or a folder holding a generation_config.json
+    generation_config: str | os.PathLike = "auto"
 
     def __post_init__(self):
         """Absurd limits are refused here, before they can hang the scheduler or size an allocation."""
@@ -594,6 +599,7 @@ class EngineConfig:
             raise InvalidRequestError(
                 f"kv_dtype must be one of {', '.join(KV_DTYPES)}; got {self.kv_dtype!r}"
             )
+        _check_generation_config(self.generation_config)
         self.sparse.validate()
         if not self.sparse.enabled and self.sparse.pattern_path is not None:  # a dense engine never reads it
             raise InvalidRequestError(
@@ -618,6 +624,18 @@ class EngineConfig:
 
     def pages_for(self, tokens: int) -> int:
         return math.ceil(tokens / self.page_size)
+
+
+def _check_generation_config(v: object) -> None:
+    """vLLM's generation_config: one of GENERATION_CONFIGS or a folder that holds a generation_config.json (a typo
+    would otherwise serve without the defaults meant)."""
+    if isinstance(v, str) and v in GENERATION_CONFIGS:
+        return
+    if isinstance(v, (str, os.PathLike)) and (Path(os.fsdecode(v)) / "generation_config.json").is_file():
+        return
+    raise InvalidRequestError(
+        f"generation_config must be 'auto', 'vllm' or a folder holding generation_config.json, got {_short(v)}"
+    )
 
 
 def _page_size_ok(v: int) -> bool:

@@ -258,11 +258,10 @@ class LLM:
         finish_reason "error" and `error` the reason; a refused prompt or Ctrl-C aborts the batch.
         `lora_request` (vLLM's, passed as None by code ported from it): no LoRA here, so only None.
         `prompt_token_ids` (older vLLM's keyword, as older lm-evaluation-harness passes it): the prompts as ids.
-        `priority` (vLLM's, for its priority scheduling): requests run first come, first served, so only None or
-        all 0."""
+        `priority` (vLLM's, for its priority scheduling, one per prompt): requests run first come, first served,
+        so only None or all 0."""
         self._check_open()
         refuse_set("lora_request", lora_request, None, "no LoRA adapters")
-        _check_priority(priority)
         if prompt_token_ids is not None:
             if prompts is not None:
                 raise InvalidRequestError(
@@ -272,6 +271,7 @@ class LLM:
         if not isinstance(use_tqdm, bool):
             raise InvalidRequestError(f"use_tqdm must be True or False, got {use_tqdm!r}")
         prompts = _prompt_list(prompts)
+        _check_priority(priority, len(prompts))
         per_prompt = _per_prompt(sampling_params, len(prompts), self.get_default_sampling_params)
         rids: list[str] = []
         # each request's prompt text (None: token ids) and candidate index, as vLLM's outputs carry them
@@ -507,9 +507,11 @@ class LLM:
         return [None if e is None else e.with_decoded(decode) for e in entries]
 
 
-def _check_priority(priority: object) -> None:
-    """vLLM's generate(priority=[...]) ranks requests under its priority scheduling only; here requests run first
-    come, first served, so only None or all 0 (vLLM's default) is the same."""
+def _check_priority(priority: object, count: int) -> None:
+    """vLLM's generate(priority=[...]), one per prompt, ranks requests under its priority scheduling only; here
+    requests run first come, first served, so only None or all 0 (vLLM's default) is the same."""
+    if isinstance(priority, (list, tuple)) and len(priority) != count:
+        raise InvalidRequestError(f"{len(priority)} priorities for {count} prompts")
     if priority is not None and not (
         isinstance(priority, (list, tuple)) and all(isinstance(p, numbers.Real) and p == 0 for p in priority)
     ):

@@ -49,7 +49,6 @@ VLLM_UNSUPPORTED: dict[str, tuple[object, str]] = {
     "early_stopping": (False, "no beam search"),
     "guided_decoding": (None, _STRUCTURED),
     "structured_outputs": (None, _STRUCTURED),
-    "spaces_between_special_tokens": (True, "special tokens' text is joined as the tokenizer decodes it"),
     "allowed_token_ids": (None, "use logit_bias"),
     "bad_words": ([], "use logit_bias"),
     "truncate_prompt_tokens": (None, "send a prompt that fits"),
@@ -169,6 +168,9 @@ class _Params:
     include_stop_str_in_output: bool = False
     # vLLM's: False keeps every special token's text in the output (keep_special_tokens keeps some)
     skip_special_tokens: bool = True
+    # vLLM's: False drops a space the decoder puts between two added tokens' texts (vLLM's fast detokenizer); the
+    # tokenizers library's byte-level and SentencePiece decoders put none, so either value gives the same text
+    spaces_between_special_tokens: bool = True
 
     def __post_init__(self):
         self.validate()
@@ -203,7 +205,12 @@ class _Params:
             bad(f"min_p must be in [0, 1] (0 disables it), got {self.min_p!r}")
         check_repetition_penalty(self.repetition_penalty)
         check_seed(self.seed)
-        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+        for name in (
+            "ignore_eos",
+            "include_stop_str_in_output",
+            "skip_special_tokens",
+            "spaces_between_special_tokens",
+        ):
             if not isinstance(getattr(self, name), bool):
                 bad(f"{name} must be true or false, got {getattr(self, name)!r}")
         keep = self.keep_special_tokens

@@ -169,3 +169,64 @@ def test_min_tokens_past_the_models_max_new_tokens_names_it(creator_server):
         "min_tokens must be an integer in [0, the model's generation_config.json max_new_tokens (3)], got 5"
     )
     assert r.json()["error"]["message"] == want
+
+
+def test_generation_config_vllm_or_a_folder_as_vllms(tiny_llama, tiny_gguf, tmp_path):
+    """vLLM's generation_config: "auto" (the model's file), "vllm" (none: SamplingParams' defaults) or a folder
+    holding a generation_config.json; anything else is refused in one line before the model loads."""
+    model = _with_generation_config(tiny_llama, tmp_path, {"temperature": 0.3, "max_new_tokens": 3})
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "generation_config.json").write_text(json.dumps({"top_p": 0.5, "max_new_tokens": 7}))
+    want = {
+        "auto": (0.3, 1.0, 3),
+        "vllm": (1.0, 1.0, SamplingParams().max_tokens),
+        str(other): (1.0, 0.5, 7),
+        other: (1.0, 0.5, 7),
+    }
+    for source, fields in want.items():
+        with LLM(model, backend="cpu", num_kv_pages=16, generation_config=source) as llm:
+            sp = llm.get_default_sampling_params()
+            assert (sp.temperature, sp.top_p, sp.max_tokens) == fields, source
+    gguf = tiny_gguf[2]  # no sampling defaults of its own; a folder's apply
+    for source, fields in (("auto", (1.0, 1.0, SamplingParams().max_tokens)), (other, (1.0, 0.5, 7))):
+        with LLM(str(gguf), backend="cpu", num_kv_pages=16, generation_config=source) as llm:
+            sp = llm.get_default_sampling_params()
+            assert (sp.temperature, sp.top_p, sp.max_tokens) == fields, source
+    for bad in ("none", str(tmp_path / "missing"), str(other / "generation_config.json"), 3, None):
+        with pytest.raises(
+            InvalidRequestError, match=r"^generation_config must be 'auto', 'vllm' or a folder "
+        ):
+            EngineConfig(generation_config=bad)
+
+
+def test_serve_generation_config_switch(tiny_llama, tmp_path, capsys):
+    """`lserve-lite serve --generation-config vllm` serves without the model's sampling defaults; a value that is
+    neither auto, vllm nor a folder with the file stops it in one line before the model loads."""
+    pytest.importorskip("fastapi")
+    from lserve_lite.cli import build_parser
+    from lserve_lite.engine.llm_engine import LLMEngine
+    from lserve_lite.serve import run_from_args
+
+    model = _with_generation_config(tiny_llama, tmp_path, {"temperature": 0.3})
+    for source, want in (("auto", {"temperature": 0.3}), ("vllm", {})):
+        engine = LLMEngine(model, "cpu", EngineConfig(num_kv_pages=16, generation_config=source))
+        assert engine.sampling_defaults == want
+        engine.close()
+    (tmp_path / "gen").mkdir()
+    (tmp_path / "gen" / "generation_config.json").write_text('{"top_p": 0}')
+    engine = LLMEngine(model, "cpu", EngineConfig(num_kv_pages=16, generation_config=str(tmp_path / "gen")))
+    with pytest.raises(
+        InvalidRequestError, match=re.escape(f"{tmp_path / 'gen' / 'generation_config.json'} sampling")
+    ):
+        _ = engine.sampling_defaults
+    engine.close()
+    args = build_parser().parse_args(
+        ["serve", "--model", model, "--port", "8123", "--generation-config", "nope"]
+    )
+    assert run_from_args(args) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(
+        r"lserve-lite serve: generation_config must be 'auto', 'vllm' or a folder [^\n]*\n", err
+    )
+    assert build_parser().parse_args(["serve"]).generation_config == "auto"

@@ -206,7 +206,10 @@ def test_n_set_after_construction_is_checked(llm):
         # the format's shape first: a string with min_tokens was an AttributeError ('str' object has no 'get')
         (dict(min_tokens=1, response_format="json"), r"^response_format must be \{'type': 'text'"),
         (dict(best_of=4, n=2), r"^best_of must equal n \(candidates are not ranked\)$"),
-        (dict(spaces_between_special_tokens=False), r"^spaces_between_special_tokens is not supported"),
+        (
+            dict(spaces_between_special_tokens="no"),
+            r"^spaces_between_special_tokens must be true or false, got 'no'$",
+        ),
         (dict(skip_special_tokens=0), r"^skip_special_tokens must be true or false, got 0$"),
         (
             dict(include_stop_str_in_output="yes"),
@@ -307,6 +310,26 @@ def test_vllms_unimplemented_sampling_options_at_their_off_values_pass(llm):
     assert SamplingParams(max_tokens=2, detokenize=False) == SamplingParams(max_tokens=2)
     with pytest.raises(TypeError, match="^SamplingParams got an unexpected keyword argument 'min_pp'$"):
         SamplingParams(min_pp=0.1)
+
+
+def test_spaces_between_special_tokens_false_is_taken_as_vllms_fast_detokenizer(llm, smollm2_dir):
+    """vLLM's spaces_between_special_tokens=False was refused. vLLM's fast (tokenizers) detokenizer with it drops a
+    space the decoder puts between two added tokens' texts; the byte-level decoder of the bundled SmolLM2 puts none
+    (as SentencePiece's), so the text is the same either way: taken, and the reply is that of True."""
+    from lserve_lite.tokenizer import IncrementalDecoder, Tokenizer
+
+    tok = Tokenizer(smollm2_dir)
+    text = "<|im_start|><|im_end|>hi<|im_end|><|endoftext|><|im_start|> x"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert sum(tok.is_special(t) for t in ids) == 5
+    dec = IncrementalDecoder(tok, skip_special=False)
+    assert "".join(dec.push(t) for t in ids) + dec.flush() == text  # no space to drop between special tokens
+    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, skip_special_tokens=False)
+    spaced = llm.generate([[5, 6]], sp)[0]
+    sp.spaces_between_special_tokens = False
+    assert sp.spaces_between_special_tokens is False
+    out = llm.generate([[5, 6]], sp)[0]
+    assert (out.text, out.token_ids) == (spaced.text, spaced.token_ids)
 
 
 def test_sampling_values_may_be_numpy_numbers(llm):
@@ -1552,6 +1575,10 @@ def test_generate_priority_and_chat_content_format_as_vllms(llm):
         llm.generate(["a", "b"], sp, priority=[0, 1])
     with pytest.raises(InvalidRequestError, match=r"^priority is not supported"):  # an array's == is no bool
         llm.generate(["a", "b"], sp, priority=[np.zeros(2), 0])
+    # vLLM ranks request i by priority[i]: a list of another length than the prompts' was taken unread
+    for short in ([0], [0, 0, 0], []):
+        with pytest.raises(InvalidRequestError, match=rf"^{len(short)} priorities for 2 prompts$"):
+            llm.generate(["a", "b"], sp, priority=short)
     msgs = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
     want = llm.chat(msgs, SamplingParams(max_tokens=2, temperature=0)).text
     for fmt in ("auto", "string"):

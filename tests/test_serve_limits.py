@@ -415,7 +415,7 @@ def test_the_other_endpoints_fields_are_refused_not_ignored(client, chat: bool, 
 @pytest.mark.parametrize(
     "field,value,off",
     [
-        ("length_penalty", 2.0, 1), ("spaces_between_special_tokens", False, True), ("structural_tag", "{}", None),
+        ("length_penalty", 2.0, 1), ("structural_tag", "{}", None),
         ("guided_whitespace_pattern", " *", None), ("priority", 1, 0),
         ("kv_transfer_params", {"do_remote_prefill": True}, None), ("vllm_xargs", {"k": 1}, None),
         ("prompt_embeds", "AAAA", None), ("audio", {"voice": "alloy", "format": "wav"}, None),
@@ -435,6 +435,32 @@ def test_fields_that_would_change_the_reply_are_refused_not_ignored(
         err = error(post(client, body | {field: value}, chat))
         assert err["param"] == field and err["message"].startswith(f"{field} is not supported ("), err
         assert post(client, body | {field: off}, chat).status_code == 200
+
+
+@pytest.mark.parametrize("value", ["0", "high", 10**30, 0.5, True, [0]])
+def test_a_priority_other_than_the_integer_0_is_refused(client, value: object):
+    """vLLM's priority is an integer (0: its default, what first come, first served means); a string, a number past
+    any integer type or a fraction is a 400 naming it, not taken as 0 nor a 500."""
+    for chat in (False, True):
+        body = {"max_tokens": 2} | ({"messages": MSGS} if chat else {"prompt": "hi"})
+        err = error(post(client, body | {"priority": value}, chat))
+        assert err["param"] == "priority" and err["message"].startswith("priority is not supported ("), err
+
+
+def test_spaces_between_special_tokens_false_is_taken(client):
+    """vLLM's spaces_between_special_tokens: false was a 400: the tokenizers library's byte-level and SentencePiece
+    decoders put no space between special tokens' texts, so the reply is that of true (vLLM's fast detokenizer too).
+    Not a boolean: a 400 naming it."""
+    for chat in (False, True):
+        body = {"max_tokens": 3, "temperature": 0, "skip_special_tokens": False}
+        body |= {"messages": MSGS} if chat else {"prompt": "hi"}
+        replies = [post(client, body | {"spaces_between_special_tokens": v}, chat) for v in (True, False)]
+        assert [r.status_code for r in replies] == [200, 200]
+        texts = [r.json()["choices"][0]["message" if chat else "text"] for r in replies]
+        assert texts[0] == texts[1]
+        assert error(post(client, body | {"spaces_between_special_tokens": "x"}, chat))["param"] == (
+            "spaces_between_special_tokens"
+        )
 
 
 def test_client_compat_fields(client):

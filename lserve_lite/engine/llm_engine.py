@@ -5,8 +5,10 @@ step's rules (overlap.py) live beside it."""
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 
@@ -161,14 +163,22 @@ class LLMEngine:
     @cached_property
     def sampling_defaults(self) -> dict[str, object]:
         """generation_config.json's sampling fields as SamplingParams keywords, checked: vLLM's defaults of an LLM call
-        without sampling_params and of a server request's omitted fields."""
-        defaults = sampling_defaults(self.model_dir)
+        without sampling_params and of a server request's omitted fields. EngineConfig.generation_config says whose
+        file: the model's ("auto"), none ("vllm") or a folder's."""
+        source = self.ecfg.generation_config
+        if source == "vllm":
+            return {}
+        folder = self.model_dir if source == "auto" else Path(os.fsdecode(source))
+        defaults = sampling_defaults(folder)
         try:
             SamplingParams(**defaults)
         except InvalidRequestError as e:  # the file's values, not the caller's: say whose they are
-            raise InvalidRequestError(
-                f"the model's generation_config.json sampling defaults {defaults} are refused ({e})"
-            ) from None
+            whose = (
+                folder / "generation_config.json"
+                if source != "auto"
+                else "the model's generation_config.json"
+            )
+            raise InvalidRequestError(f"{whose} sampling defaults {defaults} are refused ({e})") from None
         return defaults
 
     def close(self) -> None:

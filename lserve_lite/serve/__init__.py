@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import os
 import sys
+from dataclasses import replace
 
 from ..config import MAX_BATCHED_TOKENS, EngineConfig
 from ..engine_args import add_engine_args, bounded_int, engine_config_from_args, utf8_text
@@ -51,17 +52,28 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="accept a chat template sent in a request (vLLM's flag; off: such a request gets 400, since a "
         "client's template costs the whole server CPU time)",
     )
+    s.add_argument(
+        "--generation-config",
+        default="auto",
+        metavar="auto|vllm|FOLDER",
+        help="sampling defaults of requests that omit temperature, top_p, top_k, min_p, repetition_penalty or "
+        "max_tokens (vLLM's flag): auto, the model's generation_config.json; vllm, none (OpenAI's defaults); or a "
+        "folder holding a generation_config.json",
+    )
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Entry for `lserve-lite serve`: returns the exit status (errors print one line, no traceback)."""
     try:
-        engine_config = engine_config_from_args(args)
+        engine_config = replace(
+            engine_config_from_args(args),
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            generation_config=args.generation_config,
+        )
     except LServeError as e:
         print(f"lserve-lite serve: {e}", file=sys.stderr)
         return 2
-    engine_config.max_num_batched_tokens = args.max_num_batched_tokens
     return run_server(args.model, args.host, args.port, args.api_key, args.max_model_len, args.backend,
                       engine_config, served_model_name=args.served_model_name, max_queue=args.max_queue,
                       log_level=args.log_level,

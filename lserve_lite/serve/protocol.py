@@ -128,6 +128,7 @@ class _Request(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None  # vLLM's: the text keeps the stop string that ended it
     skip_special_tokens: bool | None = None  # vLLM's: false keeps special tokens' text
+    spaces_between_special_tokens: bool | None = None  # vLLM's: the same text either way (SamplingParams)
     # vLLM's: no EOS, stop id or stop string ends the reply before it
     min_tokens: Int | None = None  # its range, [0, the most new tokens], is checked once that is known
     best_of: Int | None = None  # vLLM's; only equal to n (candidates are not ranked)
@@ -150,7 +151,6 @@ class _Request(BaseModel):
     logits_processors: Any = None
     add_special_tokens: Any = None
     length_penalty: Any = None
-    spaces_between_special_tokens: Any = None
     structural_tag: Any = None
     guided_whitespace_pattern: Any = None
     priority: Any = None
@@ -164,7 +164,7 @@ class _Request(BaseModel):
     _unsupported: ClassVar[dict[str, tuple[object, str]]] = {
         **{k: VLLM_UNSUPPORTED[k] for k in ("use_beam_search", "structured_outputs", "allowed_token_ids",
                                             "bad_words", "truncate_prompt_tokens", "logits_processors",
-                                            "length_penalty", "spaces_between_special_tokens")},
+                                            "length_penalty")},
         **{f"guided_{k}": VLLM_UNSUPPORTED["guided_decoding"] for k in ("json", "regex", "choice", "grammar")},
         "structural_tag": VLLM_UNSUPPORTED["guided_decoding"],
         "guided_whitespace_pattern": (None, "replies in JSON are compact, without whitespace between tokens"),
@@ -262,6 +262,7 @@ class _Request(BaseModel):
                 keep_special_tokens=self.kept_special_tokens(),
                 include_stop_str_in_output=bool(self.include_stop_str_in_output),
                 skip_special_tokens=self.skip_special_tokens is not False,
+                spaces_between_special_tokens=self.spaces_between_special_tokens is not False,
             )
         except InvalidRequestError as e:
             raise ApiError(400, str(e), param_of(str(e))) from None
