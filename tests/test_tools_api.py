@@ -471,23 +471,42 @@ def test_a_response_format_beside_tools_in_mistrals_or_llamas_format(allowed, fo
 
 
 def test_strict_tools_in_mistrals_and_llamas_formats_with_a_tiny_model(marker_dir, tmp_path):
-    """LLM.chat under Mistral v0.3's template and Llama 3.1's calls with a strict tool, the marker's logit raised
-    (the model writes it, as one trained on the format would): the grammar lets the marker through once, then holds
-    the call to the tool's schema, and the reply is that call (it was the marker again and again, no call). One call
-    (parallel_tool_calls false): a random model, allowed more, writes calls up to max_tokens."""
+    """LLM.chat and the server (whole and streamed) under Mistral v0.3's template and Llama 3.1's calls with a
+    strict tool, the marker's logit raised (the model writes it, as one trained on the format would): the grammar
+    lets the marker through once, then holds the call to the tool's schema, and the reply is that call (it was the
+    marker again and again, no call). One call (parallel_tool_calls false): a random model, allowed more, writes
+    calls up to max_tokens. A forced choice holds there too (the calls' JSON schema, whatever the template)."""
+    openai = pytest.importorskip("openai")
     from lserve_lite import LLM, SamplingParams
+    from lserve_lite.engine.llm_engine import LLMEngine
+    from lserve_lite.serve.app import ServerThread, create_app
 
     ask = [{"role": "user", "content": "weather in Rome?"}]
     for name, template, marker in (("mistral", MISTRAL_V03, "[TOOL_CALLS]"),
                                    ("llama", LLAMA_31_CALLS, "<|python_tag|>")):  # fmt: skip
-        llm = LLM(str(_with_template(marker_dir, tmp_path / name, template)), backend="cpu",
-                  config=EngineConfig(**CFG))  # fmt: skip
+        path = _with_template(marker_dir, tmp_path / name, template)
+        llm = LLM(str(path), backend="cpu", config=EngineConfig(**CFG))
         bias = {llm.tokenizer.token_id(marker): 100.0}
         greedy = SamplingParams(max_new_tokens=120, temperature=0, logit_bias=bias)
-        out = llm.chat(ask, greedy, tools=[STRICT], parallel_tool_calls=False)
-        assert out.finish_reason == "tool_calls" and out.tool_calls and len(out.tool_calls) == 1, (name, out)
-        (made,) = out.tool_calls
-        assert made["function"]["name"] == "get_weather" and valid_weather(made["function"]["arguments"]), out
+        made = {}
+        for choice in ("auto", "required"):
+            out = llm.chat(ask, greedy, tools=[STRICT], tool_choice=choice, parallel_tool_calls=False)
+            made[choice] = [c["function"] for c in out.tool_calls or []]
+            assert out.finish_reason == "tool_calls" and len(made[choice]) == 1, (name, choice, out)
+            (call,) = made[choice]
+            assert call["name"] == "get_weather" and valid_weather(call["arguments"]), out
+        engine = LLMEngine(str(path), "cpu", EngineConfig(**CFG))
+        with ServerThread(create_app(engine, served_model_name="tiny")) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+            kw = dict(model="tiny", messages=ask, tools=[STRICT], parallel_tool_calls=False, max_tokens=120,
+                      temperature=0, logit_bias={str(k): v for k, v in bias.items()})  # fmt: skip
+            whole = client.chat.completions.create(**kw).choices[0]
+            with client.chat.completions.stream(**kw) as s:
+                streamed = s.get_final_completion().choices[0]
+        for c in (whole, streamed):
+            assert c.finish_reason == "tool_calls" and c.message.content is None, (name, c)
+            got = [{"name": t.function.name, "arguments": t.function.arguments} for t in c.message.tool_calls]
+            assert got == made["auto"], (name, c)
 
 
 def _calls_without_unit() -> list[dict]:
