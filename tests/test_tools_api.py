@@ -179,17 +179,18 @@ OTHER = '<tool_call>\n{"name":"get_time","arguments":{"any":[1]}}\n</tool_call>'
 
 
 @pytest.fixture(scope="module")
-def allowed(tiny_dir):
-    """Whether a plan's grammar, compiled with the tiny model's tokenizer, takes a whole reply's text."""
+def allowed(marker_dir):
+    """Whether a plan's grammar, compiled with the tiny model's tokenizer (Mistral's and Llama's markers special
+    tokens), takes a whole reply: its text (a marker's text encoded as the special token) or its token ids."""
     from lserve_lite.engine.structured import Grammars
     from lserve_lite.tokenizer import Tokenizer
 
-    tok = Tokenizer(tiny_dir)
+    tok = Tokenizer(marker_dir)
     grammars = Grammars(tok, 320, [2])
 
-    def allowed(plan, text: str) -> bool:
+    def allowed(plan, text: str | list[int]) -> bool:
         m, _ = grammars.matcher(plan.reply_format())
-        ids = tok.encode(text)
+        ids = tok.encode(text) if isinstance(text, str) else text
         if m.validate_tokens(ids) != len(ids):
             return False
         m.consume_tokens(ids)
@@ -255,8 +256,8 @@ def test_a_response_format_beside_tools_gets_one_grammar_of_its_json_or_calls():
         assert plan.guided and not plan.markers and plan.field == "response_format"
     one = plan_tools([STRICT], "auto", False).fit({"type": "json_object"}).reply_format()
     assert one["lark"].count("@call") == 1 and one["reply_format"] == {"type": "json_object"}
-    # a model that writes Mistral's or Llama's calls: no <tool_call> grammar, the format alone, as before
-    untagged = replace(plan_tools([STRICT], "auto", None), tagged=False).fit(AS_ANSWER)
+    # a model that writes calls in a format no grammar here writes: the format alone, as before
+    untagged = replace(plan_tools([STRICT], "auto", None), form=None).fit(AS_ANSWER)
     assert untagged.reply_format() == AS_ANSWER and untagged.markers
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
         forced = plan_tools([WEATHER], choice, None)
@@ -303,6 +304,209 @@ def test_a_response_formats_reply_reads_as_its_json_or_calls():
     for step in (1, 5):
         streamed, got = _fed(plan, [CALL[i : i + step] for i in range(0, len(CALL), step)])
         assert (streamed, _named(got)) == ("", _named(calls)), step
+
+
+# -- strict tools in Mistral's and Llama's formats ------------------------------------------------------------
+# Llama 3.1's template as it renders a call (bare JSON, "parameters"), reduced to that and the turns
+LLAMA_31_CALLS = """{%- for message in messages %}
+    {%- if message.tool_calls %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}
+        {{- '{"name": "' + tool_call.name + '", ' }}
+        {{- '"parameters": ' }}
+        {{- tool_call.arguments | tojson }}
+        {{- "}" }}
+        {{- "<|eot_id|>" }}
+    {%- else %}
+        {{- '<|start_header_id|>' + message.role + '<|end_header_id|>\\n\\n' + (message.content or '') + '<|eot_id|>' }}
+    {%- endif %}
+{%- endfor %}
+{%- if tools %}{{- 'Functions: ' + tools | map(attribute='function') | map(attribute='name') | join(', ') }}{% endif %}
+{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"""
+# Mistral v11's calls, `[TOOL_CALLS]name[ARGS]{...}`: a format no grammar here writes
+MISTRAL_V11_LIKE = (
+    "{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}{% for m in messages %}"
+    "{% for c in m.tool_calls or [] %}[TOOL_CALLS]{{ c.function.name }}[ARGS]{{ c.function.arguments | tojson }}"
+    "{% endfor %}{% if not m.tool_calls %}[{{ m.role }}]{{ m.content }}{% endif %}{% endfor %}"
+)
+M_CALL = '{"name":"get_weather","arguments":{"city":"Rome","unit":"c"}}'
+M_OTHER = '{"name":"get_time","arguments":{"any":[1]}}'
+L_CALL = '{"name":"get_weather","parameters":{"city":"Rome","unit":"c"}}'
+L_OTHER = '{"name":"get_time","parameters":{"any":[1]}}'
+
+
+@pytest.fixture(scope="module")
+def form_of(marker_dir, tmp_path_factory):
+    """call_form (how the model writes calls, probed from its chat template) of the tiny model with Mistral v0.3's
+    template, Llama 3.1's calls, and Mistral v11's."""
+    from lserve_lite.engine.tool_calls import call_form
+    from lserve_lite.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("forms")
+    templates = {"mistral": MISTRAL_V03, "llama": LLAMA_31_CALLS, "v11": MISTRAL_V11_LIKE}
+    return {k: call_form(Tokenizer(_with_template(marker_dir, root / k, t))) for k, t in templates.items()}
+
+
+def _in(form: dict, tools: list, parallel: bool | None = None):
+    """An "auto" plan for `tools`, fitted to a template's call form."""
+    return replace(plan_tools(tools, "auto", parallel), **form)
+
+
+def test_call_form_tells_mistrals_and_llamas_formats(form_of, marker_dir):
+    """The template's rendering of a call tells the format: Mistral v0.3's `[TOOL_CALLS] [{...}]` and Llama 3.1's
+    bare `{"name", "parameters"}`, each with its marker's special token (the grammar's); Mistral v11's
+    `[TOOL_CALLS]name[ARGS]` is none that a grammar here writes."""
+    from lserve_lite.tokenizer import Tokenizer
+
+    tok = Tokenizer(marker_dir)
+    assert form_of["mistral"] == {"short_ids": True, "form": "mistral", "lead": tok.token_id("[TOOL_CALLS]")}
+    assert form_of["llama"] == {"short_ids": False, "form": "llama", "lead": tok.token_id("<|python_tag|>")}
+    assert form_of["v11"] == {"short_ids": False, "form": None, "lead": None}
+    v11 = _in(form_of["v11"], [STRICT])
+    assert v11.reply_format() is None and v11.markers == ("[TOOL_CALLS]", "<|python_tag|>")
+
+
+def test_strict_tools_in_mistrals_and_llamas_formats_get_their_grammar(form_of):
+    """The grammar is the template's format: its marker as the special token (`<[id]>`), a call's arguments under
+    Llama's key ("parameters"); the parser then keeps and reads that marker alone."""
+    mistral, llama = _in(form_of["mistral"], [STRICT, TIME]), _in(form_of["llama"], [STRICT, TIME])
+    for plan, form in ((mistral, form_of["mistral"]), (llama, form_of["llama"])):
+        fmt = plan.reply_format()
+        assert plan.guided and fmt["type"] == "lark" and f"<[{form['lead']}]>" in fmt["lark"], fmt
+        weather = fmt["json_schema"]["schema"]["anyOf"][0]
+        key = "parameters" if plan is llama else "arguments"
+        assert weather["required"] == ["name", key] and "city" in weather["properties"][key]["properties"]
+    assert mistral.markers == mistral.tags == ("[TOOL_CALLS]",)
+    assert llama.markers == llama.tags == ("<|python_tag|>",)
+
+
+def test_the_strict_grammar_in_mistrals_format(allowed, form_of, marker_dir):
+    """Text, or text then `[TOOL_CALLS]` (the special token) and an array of calls whose arguments match; not a
+    strict call's invalid arguments, an unknown tool, text after the array, the marker without calls, the marker
+    spelled in plain tokens (the parser would read it), two calls without parallel calls."""
+    from lserve_lite.tokenizer import Tokenizer
+
+    tok = Tokenizer(marker_dir)
+    plan, one = _in(form_of["mistral"], [STRICT, TIME]), _in(form_of["mistral"], [STRICT, TIME], False)
+    calls = f"[TOOL_CALLS] [{M_CALL}, {M_OTHER}]"
+    for text in ("It is sunny.", '{"a": [1]} is JSON', f"[TOOL_CALLS][{M_CALL}]", f"Checking. {calls}"):
+        assert allowed(plan, text), text
+    # not in the enum, a key the schema does not allow, no such tool
+    bad = (
+        M_CALL.replace('"c"', '"k"'),
+        M_CALL.replace('"unit":"c"', '"town":"x"'),
+        M_CALL.replace("get_", "x"),
+    )
+    refused = [
+        *(f"[TOOL_CALLS][{c}]" for c in bad),
+        f"{calls} done",
+        "[TOOL_CALLS] It is sunny.",
+        tok.encode("[TOOL_") + tok.encode("CALLS]") + tok.encode(f"[{M_CALL}]"),
+    ]
+    for text in refused:
+        assert not allowed(plan, text), text
+    assert allowed(one, f"[TOOL_CALLS][{M_CALL}]") and not allowed(one, calls)
+
+
+def test_the_strict_grammar_in_llamas_format(allowed, form_of, marker_dir):
+    """Text that does not open with JSON, or calls `{"name", "parameters"}` (separated by "; ") opening the reply
+    or after `<|python_tag|>` (the special token), whose arguments match; not a strict call's invalid arguments,
+    text that opens with JSON (the parser reads such a reply as calls), text after calls, the marker before code or
+    spelled in plain tokens."""
+    from lserve_lite.tokenizer import Tokenizer
+
+    tok = Tokenizer(marker_dir)
+    plan, one = _in(form_of["llama"], [STRICT, TIME]), _in(form_of["llama"], [STRICT, TIME], False)
+    for text in ("It is sunny.", "a [1] inside", L_CALL, f"{L_CALL}; {L_OTHER}", f"<|python_tag|>{L_CALL}",
+                 f"Checking.\n<|python_tag|>{L_CALL}"):  # fmt: skip
+        assert allowed(plan, text), text
+    refused = [
+        L_CALL.replace('"c"', '"k"'),
+        L_CALL.replace("parameters", "arguments"),
+        f"<|python_tag|>{L_CALL.replace('get_weather', 'nope')}",
+        ' {"answer": 1}',
+        "\x1c" + L_CALL.replace('"c"', '"k"'),  # whitespace to str.isspace(), which the parser skips
+        "[1, 2]",
+        f"{L_CALL} done",
+        "<|python_tag|>import os",
+        tok.encode("x <|python_") + tok.encode("tag|>") + tok.encode(L_CALL),
+    ]
+    for text in refused:
+        assert not allowed(plan, text), text
+    assert allowed(one, L_CALL) and not allowed(one, f"{L_CALL}; {L_OTHER}")
+
+
+def test_a_strict_reply_in_mistrals_or_llamas_format_reads_as_its_grammar_allows(form_of):
+    """What each grammar allows is what the parser reads, whole or streamed: Mistral's marker array is calls (bare
+    JSON is text there); Llama's bare JSON or marker JSON is calls, a <tool_call> block text."""
+    mistral, llama = _in(form_of["mistral"], [STRICT, TIME]), _in(form_of["llama"], [STRICT, TIME])
+    weather, time_ = ("get_weather", {"city": "Rome", "unit": "c"}), ("get_time", {"any": [1]})
+    block = f"<tool_call>\n{M_CALL}\n</tool_call>"
+    cases = [
+        (mistral, f"Checking. [TOOL_CALLS] [{M_CALL}, {M_OTHER}]", "Checking. ", [weather, time_]),
+        (mistral, L_CALL, L_CALL, []),
+        (llama, f"{L_CALL}; {L_OTHER}", None, [weather, time_]),
+        (llama, f"Checking.\n<|python_tag|>{L_CALL}", "Checking.\n", [weather]),
+        (llama, block, block, []),
+    ]
+    for plan, reply, content, calls in cases:
+        got, made = plan.parse(reply)
+        assert (got, _named(made)) == (content, calls), reply
+        for step in (1, 4):
+            streamed, made = _fed(plan, [reply[i : i + step] for i in range(0, len(reply), step)])
+            assert (streamed, _named(made)) == (content or "", calls), (reply, step)
+
+
+def test_a_response_format_beside_tools_in_mistrals_or_llamas_format(allowed, form_of):
+    """Beside a response_format of the request's own: its JSON, or the marker and calls (Llama's too: a bare call
+    would read as the format's JSON); the JSON is content, the marker's calls are calls."""
+    for name, call in (("mistral", f"[TOOL_CALLS][{M_CALL}]"), ("llama", f"<|python_tag|>{L_CALL}")):
+        plan = _in(form_of[name], [STRICT, TIME]).fit(AS_ANSWER)
+        assert plan.guided and plan.field == "response_format"
+        assert allowed(plan, '{"answer":"sunny"}') and allowed(plan, call), name
+        for text in ("It is sunny.", f"Checking. {call}", L_CALL, call.replace('"c"', '"k"')):
+            assert not allowed(plan, text), (name, text)
+        assert plan.parse('{"answer":"sunny"}') == ('{"answer":"sunny"}', [])
+        assert _named(plan.parse(call)[1]) == [("get_weather", {"city": "Rome", "unit": "c"})]
+
+
+def test_strict_tools_in_mistrals_and_llamas_formats_with_a_tiny_model(marker_dir, tmp_path):
+    """LLM.chat and the server (whole and streamed) under Mistral v0.3's template and Llama 3.1's calls with a
+    strict tool, the marker's logit raised (the model writes it, as one trained on the format would): the grammar
+    lets the marker through once, then holds the call to the tool's schema, and the reply is that call (it was the
+    marker again and again, no call). One call (parallel_tool_calls false): a random model, allowed more, writes
+    calls up to max_tokens. A forced choice holds there too (the calls' JSON schema, whatever the template)."""
+    openai = pytest.importorskip("openai")
+    from lserve_lite import LLM, SamplingParams
+    from lserve_lite.engine.llm_engine import LLMEngine
+    from lserve_lite.serve.app import ServerThread, create_app
+
+    ask = [{"role": "user", "content": "weather in Rome?"}]
+    for name, template, marker in (("mistral", MISTRAL_V03, "[TOOL_CALLS]"),
+                                   ("llama", LLAMA_31_CALLS, "<|python_tag|>")):  # fmt: skip
+        path = _with_template(marker_dir, tmp_path / name, template)
+        llm = LLM(str(path), backend="cpu", config=EngineConfig(**CFG))
+        bias = {llm.tokenizer.token_id(marker): 100.0}
+        greedy = SamplingParams(max_new_tokens=120, temperature=0, logit_bias=bias)
+        made = {}
+        for choice in ("auto", "required"):
+            out = llm.chat(ask, greedy, tools=[STRICT], tool_choice=choice, parallel_tool_calls=False)
+            made[choice] = [c["function"] for c in out.tool_calls or []]
+            assert out.finish_reason == "tool_calls" and len(made[choice]) == 1, (name, choice, out)
+            (call,) = made[choice]
+            assert call["name"] == "get_weather" and valid_weather(call["arguments"]), out
+        engine = LLMEngine(str(path), "cpu", EngineConfig(**CFG))
+        with ServerThread(create_app(engine, served_model_name="tiny")) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+            kw = dict(model="tiny", messages=ask, tools=[STRICT], parallel_tool_calls=False, max_tokens=120,
+                      temperature=0, logit_bias={str(k): v for k, v in bias.items()})  # fmt: skip
+            whole = client.chat.completions.create(**kw).choices[0]
+            with client.chat.completions.stream(**kw) as s:
+                streamed = s.get_final_completion().choices[0]
+        for c in (whole, streamed):
+            assert c.finish_reason == "tool_calls" and c.message.content is None, (name, c)
+            got = [{"name": t.function.name, "arguments": t.function.arguments} for t in c.message.tool_calls]
+            assert got == made["auto"], (name, c)
 
 
 def _calls_without_unit() -> list[dict]:
@@ -1076,25 +1280,25 @@ def _with_template(src: Path, dst: Path, template: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def mistral_client(marker_dir, tmp_path_factory):
-    """The openai client of a server on the tiny model with Mistral v0.3's template, whose calls are no <tool_call>
-    blocks: a response_format of the request's own constrains an "auto" reply alone."""
+def v11_client(marker_dir, tmp_path_factory):
+    """The openai client of a server on the tiny model with Mistral v11's calls (`[TOOL_CALLS]name[ARGS]`), a format
+    no grammar here writes: a response_format of the request's own constrains an "auto" reply alone."""
     openai = pytest.importorskip("openai")
     from lserve_lite.engine.llm_engine import LLMEngine
     from lserve_lite.serve.app import ServerThread, create_app
 
-    path = _with_template(marker_dir, tmp_path_factory.mktemp("mistral") / "model", MISTRAL_V03)
+    path = _with_template(marker_dir, tmp_path_factory.mktemp("v11") / "model", MISTRAL_V11_LIKE)
     engine = LLMEngine(str(path), "cpu", EngineConfig(**CFG))
     with ServerThread(create_app(engine, served_model_name="tiny")) as url:
         yield openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
 
 
-def test_auto_calls_streamed_as_the_openai_helper_assembles_them(mistral_client):
+def test_auto_calls_streamed_as_the_openai_helper_assembles_them(v11_client):
     """A reply of bare JSON calls (forced here by a response_format const, which holds alone where the model's calls
-    are not <tool_call> blocks) with "auto": the openai client's stream helper assembles the same calls and content
+    are in a format no grammar here writes) with "auto": the openai client's stream helper assembles the same calls and content
     (null: the first chunk carried content "") as the whole reply; with logprobs too (their chunks carried content
     "", so the streamed reply's content was "")."""
-    client = mistral_client
+    client = v11_client
     calls = [
         {"name": "get_time", "arguments": {}},
         {"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}},
@@ -1344,11 +1548,12 @@ HERMES_LIKE = (
 )
 
 
-def test_strict_tools_hold_where_the_model_writes_tagged_calls(marker_dir, tmp_path):
-    """Strict tools' grammar asks for <tool_call> blocks: it holds where the model writes them (its template reads
-    no tools, and the system message shows them; or it renders calls so, as Hermes / Qwen), not where the template
-    renders another format (Mistral's [TOOL_CALLS], Llama's bare JSON): the grammar forced such a model's calls
-    into a format it does not write, and masked its marker out. LLM.chat and the server alike."""
+def test_strict_tools_hold_in_the_format_the_model_writes(marker_dir, tmp_path):
+    """Strict tools' grammar asks for calls in the format the model writes: <tool_call> blocks where its template
+    reads no tools (the system message shows them) or renders calls so (Hermes / Qwen), Mistral's [TOOL_CALLS] array
+    where it renders that (the marker allowed once, then calls), and none where it renders a format no grammar here
+    writes (Mistral v11's): a grammar would force such a model's calls into a format it does not write and mask its
+    marker out. LLM.chat and the server alike."""
     from lserve_lite import LLM, SamplingParams
     from lserve_lite.engine.llm_engine import LLMEngine
     from lserve_lite.engine.tool_calls import call_form
@@ -1357,11 +1562,12 @@ def test_strict_tools_hold_where_the_model_writes_tagged_calls(marker_dir, tmp_p
 
     mistral = _with_template(marker_dir, tmp_path / "mistral", MISTRAL_V03)
     hermes = _with_template(marker_dir, tmp_path / "hermes", HERMES_LIKE)
-    assert call_form(Tokenizer(marker_dir)) == {"short_ids": False, "tagged": True}
-    assert call_form(Tokenizer(mistral)) == {"short_ids": True, "tagged": False}
-    assert call_form(Tokenizer(hermes)) == {"short_ids": False, "tagged": True}
+    v11 = _with_template(marker_dir, tmp_path / "v11", MISTRAL_V11_LIKE)
+    tagged = {"short_ids": False, "form": "tagged", "lead": None}
+    assert call_form(Tokenizer(marker_dir)) == call_form(Tokenizer(hermes)) == tagged
+    assert call_form(Tokenizer(mistral))["form"] == "mistral" and call_form(Tokenizer(v11))["form"] is None
     ask = [{"role": "user", "content": "hi"}]
-    for path, guided in ((marker_dir, True), (mistral, False)):
+    for path, guided in ((marker_dir, True), (mistral, True), (v11, False)):
         llm = LLM(str(path), backend="cpu", config=EngineConfig(**CFG))
         mark = llm.tokenizer.token_id("[TOOL_CALLS]")
         bias = {mark: 100.0}  # samples the marker where no grammar masks it

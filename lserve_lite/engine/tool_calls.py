@@ -6,8 +6,9 @@
 they show). The markers are special tokens, which the detokenizer drops: a request with "auto" keeps their text
 (`ToolPlan.markers`, as SamplingParams.keep_special_tokens). `tool_choice` "required" or a named function is
 enforced by constrained decoding instead (a JSON schema of the calls), so it holds for any model; so is "auto" with
-a `strict` tool, by a grammar of text or <tool_call> blocks (`ToolPlan.grammar`), the only calls then parsed, and
-"auto" with a response_format of the request's own: its JSON or <tool_call> blocks."""
+a `strict` tool, by a grammar of text or calls in the format the model's template renders (`FORMS`: <tool_call>
+blocks, Mistral's marker array, Llama's bare or marker JSON; `ToolPlan.grammar`), the only calls then parsed, and
+"auto" with a response_format of the request's own: its JSON or such calls."""
 
 from __future__ import annotations
 
@@ -34,6 +35,50 @@ _SPACE = re.compile(r"\s*")  # what str.strip() strips
 
 
 @dataclass(frozen=True)
+class CallForm:
+    """A format of calls that a grammar holds (`ToolPlan.grammar`): how a template renders a call in it (`shown`,
+    what call_form finds), what opens calls in a reply (`tag`), their arguments' key, and the grammar's pieces:
+    one call (`@call`, the calls' schema), between two, and around the calls after the tag."""
+
+    shown: re.Pattern
+    tag: str
+    key: str
+    call: str
+    sep: str
+    open: str = ""
+    close: str = ""
+    bare: bool = False  # calls may open a reply without the tag (Llama 3.x's bare JSON)
+
+
+FORMS = {
+    "tagged": CallForm(
+        re.compile(re.escape(OPEN)), OPEN, "arguments", call=f'"\\n" @call "\\n{CLOSE}"', sep=f'"\\n{OPEN}"'
+    ),
+    # Mistral v0.3 / Nemo: [TOOL_CALLS] [{"name": ..., "arguments": ...}, ...], as its template renders them
+    "mistral": CallForm(
+        re.compile(r'\[TOOL_CALLS\]\s*\[\s*\{\s*"name"'),
+        "[TOOL_CALLS]",
+        "arguments",
+        call="@call",
+        sep='", "',
+        open='" "? "["',
+        close='"]"',
+    ),
+    # Llama 3.x: {"name": ..., "parameters": ...} opening the reply, or after <|python_tag|> (3.1); "; " between
+    "llama": CallForm(
+        re.compile(r'\{\s*"name"\s*:\s*"[^"]*"\s*,\s*"parameters"\s*:'),
+        "<|python_tag|>",
+        "parameters",
+        call="@call",
+        sep='"; "',
+        bare=True,
+    ),
+}
+# what the parser reads as whitespace before a reply's JSON (str.isspace(): Unicode's White_Space, and \x1c-\x1f)
+_GRAMMAR_SPACE = r"[\s\x1c-\x1f]"
+
+
+@dataclass(frozen=True)
 class Tool:
     name: str
     description: str
@@ -57,9 +102,12 @@ class ToolPlan:
     parallel: bool = True
     # calls get 9 alphanumeric characters as ids (what Mistral's templates take back), not "call_..."
     short_ids: bool = False
-    # the model writes calls as <tool_call> blocks (its template renders them so, or the system message shows them):
-    # strict tools' grammar, which asks for them, holds only then (call_form)
-    tagged: bool = True
+    # the format the model writes calls in (FORMS; its template renders them so, or the system message shows
+    # <tool_call> blocks): strict tools' grammar asks for it; None, one no grammar here writes (call_form)
+    form: str | None = "tagged"
+    # the id of the special token that opens calls in `form` (Mistral's, Llama's marker), the grammar's; None if
+    # the vocabulary holds none
+    lead: int | None = None
     # the request's own response_format (json_object / json_schema; None for none or text, `fit`): under "auto" the
     # reply is either a final message in it or calls (OpenAI's rule, which the Agents SDK's output_type relies on)
     format: dict | None = None
@@ -83,21 +131,33 @@ class ToolPlan:
 
     @property
     def guided(self) -> bool:
-        """With "auto", a strict tool or a response_format of the request's own, and a model that writes <tool_call>
-        blocks: a grammar (`grammar`) allows text (or the format's JSON) or such blocks whose calls match."""
+        """With "auto", a strict tool or a response_format of the request's own, and a model that writes calls in a
+        format of FORMS: a grammar (`grammar`) allows text (or the format's JSON) or such calls, which match. A
+        marker token's format needs the token (beside a response_format, Llama's calls too: bare, they would
+        read as the format's JSON)."""
         asked = self.format is not None or any(t.strict for t in self.tools)
-        return not self.forced and self.tagged and asked
+        form = FORMS.get(self.form or "")
+        writable = form is not None and (
+            form.tag == OPEN or self.lead is not None or (form.bare and self.format is None)
+        )
+        return not self.forced and asked and writable
+
+    @property
+    def bare(self) -> bool:
+        """Whether an "auto" reply that opens with JSON is read as calls (Llama 3.x's): unguided, or guided in
+        Llama's format without a response_format."""
+        return not self.forced and (not self.guided or (FORMS[self.form].bare and self.format is None))
 
     @property
     def markers(self) -> tuple[str, ...]:
         """The special tokens whose text the parser reads (and the detokenizer must keep): the marker tokens of
-        calls, with "auto" only, unguided (a forced reply is the calls' JSON alone; a guided one has no markers)."""
-        return () if self.forced or self.guided else tuple(LEADS)
+        calls, with "auto" only (a forced reply is the calls' JSON alone); guided, the format's marker alone."""
+        return () if self.forced else tuple(t for t in self.tags if t in LEADS)
 
     @property
     def tags(self) -> tuple[str, ...]:
-        """What opens calls in an "auto" reply's text: <tool_call> alone where the grammar allows no other call."""
-        return (OPEN,) if self.guided else TAGS
+        """What opens calls in an "auto" reply's text: the format's tag alone where the grammar allows no other."""
+        return (FORMS[self.form].tag,) if self.guided else TAGS
 
     def system_text(self) -> str:
         """What the prompt tells the model about the tools (a system message's text)."""
@@ -120,8 +180,9 @@ class ToolPlan:
         """The JSON schema of a forced reply: one call of `name` ({"name", "arguments"}), or with `required` one
         call of any tool, or a non-empty array of them when parallel calls are allowed. Guided ("auto"): one call
         of any tool, a strict one's arguments held to its parameters, another's any JSON object."""
+        key = FORMS[self.form].key if self.guided else "arguments"
         calls = [
-            _call_schema(t, t.parameters if t.strict or self.forced else {})
+            _call_schema(t, t.parameters if t.strict or self.forced else {}, key)
             for t in self.tools
             if self.mode != "named" or t.name == self.name
         ]
@@ -133,19 +194,26 @@ class ToolPlan:
         )
 
     def grammar(self) -> str:
-        """A guided reply's Lark grammar (llguidance's): text without <tool_call>, or text up to the first
-        <tool_call> and then calls (one without parallel calls), each `@call` (`schema`) in its tags, as the
-        prompt shows them; nothing after the last. With a response_format of the request's own (`format`), its
-        JSON (`@reply`) takes the text's place, and the calls come first: a reply is a final message or calls."""
-        call = f'"\\n" @call "\\n{CLOSE}"'
-        calls = call + (f' ("\\n{OPEN}" {call})*' if self.parallel else "")
+        """A guided reply's Lark grammar (llguidance's), in the model's format (`form`): text without its tag, or
+        text up to the tag and then calls (one without parallel calls), each `@call` (`schema`), as the template
+        renders them; nothing after the last. <tool_call> is text (a lazy prefix ends at it); a marker is its
+        special token (`lead`); Llama's calls may open the reply bare, so its text may not open with JSON. With
+        a response_format of the request's own (`format`), its JSON (`@reply`) takes the text's place, and the
+        calls come first: a reply is a final message or calls."""
+        form = FORMS[self.form]
+        more = f" ({form.sep} {form.call})*" if self.parallel else ""
+        calls = " ".join(filter(None, (form.open, form.call + more, form.close)))
+        lead = f'"{OPEN}"' if form.tag == OPEN else f"<[{self.lead}]>"
         if self.format is not None:
-            return f'start: @reply | "{OPEN}" {calls}\n'
-        return (
-            f"start: TEXT | prefix {calls}\n"
-            f"TEXT: /(?s:.*)/ & ~/(?s:.*){OPEN}(?s:.*)/\n"
-            f"prefix[lazy]: /(?s:.*){OPEN}/\n"
-        )
+            return f"start: @reply | {lead} {calls}\n"
+        text = f"TEXT: /(?s:.*)/ & ~/(?s:.*){re.escape(form.tag)}(?s:.*)/"
+        if form.tag == OPEN:
+            return f"start: TEXT | prefix {calls}\n{text}\nprefix[lazy]: /(?s:.*){OPEN}/\n"
+        opens = [f"TEXT? {lead} {calls}"] if self.lead is not None else []
+        if form.bare:  # as the parser reads a reply that opens with JSON: calls, or content only if not calls
+            opens.append(calls)
+            text += rf" & ~/{_GRAMMAR_SPACE}*[\[{{](?s:.*)/"
+        return f"start: {' | '.join(['TEXT', *opens])}\n{text}\n"
 
     @property
     def holds(self) -> bool:
@@ -181,8 +249,8 @@ class ToolPlan:
         it). Auto: every well-formed <tool_call> block naming a tool is a call, and so is the JSON after a marker
         token (up to its end token, or the end of the reply) when it is wholly calls of the tools; the rest of the
         text (malformed blocks and markers included, as written) is the content, None when only whitespace is left
-        beside calls; or a reply that is wholly bare JSON calls (Llama 3.x) is those calls. Guided: <tool_call>
-        blocks alone are calls (the grammar allows no other)."""
+        beside calls; or a reply that is wholly bare JSON calls (Llama 3.x) is those calls. Guided: the calls of
+        the model's format alone (`tags`, `bare`: the grammar allows no other)."""
         return self.read(text)[:2]
 
     def read(self, text: str) -> tuple[str | None, list[dict], bool]:
@@ -214,14 +282,14 @@ def finish_reason(finish: str | None, made_calls: bool) -> str | None:
     return "tool_calls" if made_calls and finish == "stop" else finish
 
 
-def _call_schema(t: Tool, parameters: dict) -> dict:
-    """One call of `t` with `parameters` as its arguments' schema. They get a base URI of their own (unless they
-    name one), so that their local references ("#/$defs/X", as pydantic writes nested models; "#" for recursion)
-    resolve within them, not against this schema's root; and they are an object (`{}` or a schema without a type
-    allows any value, which is no call)."""
+def _call_schema(t: Tool, parameters: dict, key: str = "arguments") -> dict:
+    """One call of `t` with `parameters` as its arguments' schema, under `key` (Llama's "parameters"). They get a
+    base URI of their own (unless they name one), so that their local references ("#/$defs/X", as pydantic writes
+    nested models; "#" for recursion) resolve within them, not against this schema's root; and they are an object
+    (`{}` or a schema without a type allows any value, which is no call)."""
     args = {"$id": f"urn:lserve-lite:tool:{t.name}", **parameters, "type": "object"}
-    return {"type": "object", "properties": {"name": {"const": t.name}, "arguments": args},
-            "required": ["name", "arguments"], "additionalProperties": False}  # fmt: skip
+    return {"type": "object", "properties": {"name": {"const": t.name}, key: args},
+            "required": ["name", key], "additionalProperties": False}  # fmt: skip
 
 
 def _arguments_object(arguments: object) -> object:
@@ -321,8 +389,8 @@ class ToolStream:
         self.cut = False  # a forced reply that ended cut in a call (ToolPlan.read)
         # text: scanning for tags; block: inside <tool_call>; lead: after `lead` (a marker, "" at the reply's
         # start), not yet known whether JSON follows; held: JSON after `lead`, held until it ends. A guided reply's
-        # calls are in <tool_call> blocks only: its text is scanned for them alone
-        self.mode, self.lead, self.tags = "text" if plan.guided else "lead", "", plan.tags
+        # calls are in its format only: its text is scanned for its tag alone, and opens bare calls only in Llama's
+        self.mode, self.lead, self.tags = "lead" if plan.bare else "text", "", plan.tags
 
     def feed(self, text: str, finished: bool = False) -> tuple[str, list[dict]]:
         """New text (the last of the reply when `finished`) -> (content to send now, calls completed by it)."""
@@ -436,14 +504,18 @@ def _partial_tag(s: str, start: int, tags: tuple[str, ...]) -> int:
 def call_form(tok: Tokenizer) -> dict:
     """How the model's chat template takes calls, as ToolPlan's fields: `short_ids`, whether it takes back only
     Mistral's call ids (9 alphanumeric characters; v0.3 and Nemo raise on any other, so a follow-up request with
-    "call_..." ids failed), and `tagged`, whether its calls are <tool_call> blocks (Hermes / Qwen; not Mistral's
-    [TOOL_CALLS] nor Llama's bare JSON). Probed by rendering a call and its result with each kind of id; a template
-    that does not read tools renders no ids, and the system message shows the model <tool_call> blocks."""
+    "call_..." ids failed); `form`, the format of FORMS its calls are rendered in (<tool_call> blocks, Mistral's
+    [TOOL_CALLS] array, Llama's bare JSON; None for another); `lead`, the id of that format's marker where the
+    vocabulary holds it as a special token. Probed by rendering a call and its result with each kind of id; a
+    template that does not read tools renders no ids, and the system message shows the model <tool_call> blocks."""
     if not tok.template_reads_tools:
-        return {"short_ids": False, "tagged": True}
+        return {"short_ids": False, "form": "tagged", "lead": None}
     long, short = (_rendered_call(tok, ToolPlan((), "auto", short_ids=s).call_id()) for s in (False, True))
     short_ids = long is None and short is not None
-    return {"short_ids": short_ids, "tagged": OPEN in ((short if short_ids else long) or "")}
+    text = (short if short_ids else long) or ""
+    form = next((k for k, f in FORMS.items() if f.shown.search(text)), None)
+    lead = next(iter(tok.special_ids([FORMS[form].tag])), None) if form else None
+    return {"short_ids": short_ids, "form": form, "lead": lead}
 
 
 def _rendered_call(tok: Tokenizer, call_id: str) -> str | None:

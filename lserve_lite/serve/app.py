@@ -74,8 +74,8 @@ def create_app(
     aengine = AsyncEngine(engine, max_queue, metrics)
     model_name = served_model_name or engine.model_name
     formatter = LogprobFormatter(engine.tokenizer)
-    # calls get the ids that the template takes back (Mistral's: 9 characters); strict tools' grammar holds where
-    # the model writes <tool_call> blocks
+    # calls get the ids that the template takes back (Mistral's: 9 characters); strict tools' grammar is the format
+    # the model writes calls in (<tool_call> blocks, Mistral's or Llama's), where it is one a grammar here writes
     form = call_form(engine.tokenizer)
     created = now()
 
