@@ -417,7 +417,7 @@ class LLM:
 
     @cached_property
     def _call_form(self) -> dict:
-        """How the chat template takes calls: Mistral's 9-character ids, <tool_call> blocks (probed once)."""
+        """How the chat template takes calls: its call ids and calls' format (tool_calls.call_form, probed once)."""
         return call_form(self.tokenizer)
 
     def _add(self, prompt, params: SamplingParams, cache_salt: str | None = None) -> str:

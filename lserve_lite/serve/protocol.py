@@ -406,8 +406,8 @@ class ChatCompletionRequest(_Request):
         return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
 
     def fit_tools(self, form: dict) -> None:
-        """Fits the tool plan to the model's chat template (ToolPlan fields from call_form: its call ids, whether
-        its calls are <tool_call> blocks), before the reply's format and parser read it."""
+        """Fits the tool plan to the model's chat template (ToolPlan fields from call_form: its call ids, the
+        format its calls are rendered in and that format's marker), before the reply's format and parser read it."""
         if self._tool_plan:
             self._tool_plan = replace(self._tool_plan, **form)
 
