@@ -196,6 +196,13 @@ def test_a_response_equals_the_chat_reply_of_the_same_conversation(client):
     assert (
         u.total_tokens == u.input_tokens + u.output_tokens and u.output_tokens_details.reasoning_tokens == 0
     )
+    # the output items sent back as input (how the openai docs carry a conversation on) are the assistant's turn
+    turn = [{"role": "user", "content": "hello"}, *r.output, {"role": "user", "content": "more"}]
+    again = client.responses.create(model="tiny", input=turn, max_output_tokens=8, temperature=0)
+    chat = client.chat.completions.create(model="tiny", max_tokens=8, temperature=0, messages=[
+        {"role": "user", "content": "hello"}, {"role": "assistant", "content": r.output_text},
+        {"role": "user", "content": "more"}])  # fmt: skip
+    assert again.output_text == chat.choices[0].message.content
 
 
 def test_a_forced_call_is_a_function_call_item_and_its_output_goes_back(client, server):
@@ -324,15 +331,23 @@ def test_an_error_after_the_response_began_is_an_error_event_then_response_faile
 
 
 def test_a_client_gone_before_a_whole_response_aborts_its_request(server):
+    """The client leaves once its request is admitted (the engine held, so it cannot finish first)."""
     from test_serve import paused
 
     url, engine = server
     aborted = 'lserve_requests_total{finish_reason="abort"}'
     before = _metric(url, aborted)
+
+    async def leave() -> None:
+        async with httpx.AsyncClient(timeout=60) as c:
+            body = {"input": "hello", "max_output_tokens": 200}
+            post = asyncio.create_task(c.post(url + "/v1/responses", json=body))
+            while _metric(url, "lserve_requests_in_flight") != 1:
+                await asyncio.sleep(0.02)
+            post.cancel()  # the connection closed
+
     with paused(engine):
-        with pytest.raises(httpx.TimeoutException):
-            httpx.post(url + "/v1/responses", json={"input": "hello", "max_output_tokens": 200}, timeout=0.5)
-        time.sleep(0.2)
+        asyncio.run(asyncio.wait_for(leave(), 30))
     deadline = time.monotonic() + 30
     while (_metric(url, aborted), engine.blocks.num_used) != (before + 1, 0) and time.monotonic() < deadline:
         time.sleep(0.05)
