@@ -266,6 +266,23 @@ def test_a_streamed_call_and_a_stream_cut_by_max_output_tokens(client):
     assert cut[-1].response.output[0].status == "incomplete" and cut[-1].response.usage.output_tokens == 2
 
 
+def test_a_call_cut_by_max_output_tokens_is_an_incomplete_item_whole_as_streamed(client):
+    """A forced call cut short: its arguments as far as written, the item and the response incomplete; the stream's
+    call item is held open until the end says so (a whole call before it would be completed)."""
+    kw = dict(model="tiny", input="weather in Rome?", tools=[WEATHER], tool_choice="required",
+              parallel_tool_calls=False, max_output_tokens=45, temperature=0)  # fmt: skip
+    whole = client.responses.create(**kw)
+    (call,) = whole.output
+    assert call.type == "function_call" and call.status == "incomplete" and whole.status == "incomplete"
+    assert call.arguments.startswith('{"city":') and not call.arguments.endswith("}")  # as far as written
+    events = list(client.responses.create(**kw, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[-2:] == ["response.output_item.done", "response.incomplete"]
+    assert events[-2].item.status == "incomplete" and kinds.count("response.output_item.done") == 1
+    streamed = events[-1].response.output[0]
+    assert (streamed.name, streamed.arguments, streamed.status) == (call.name, call.arguments, "incomplete")
+
+
 def test_refusals_and_errors_are_openais_shape(server):
     url = server[0]
     r = httpx.post(f"{url}/v1/responses", json={"input": "x", "previous_response_id": "resp_1"})

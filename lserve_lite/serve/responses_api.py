@@ -253,27 +253,34 @@ def message_item(text: str, status: str) -> dict:
 def call_item(call: dict, status: str) -> dict:
     fn = call["function"]
     return {"id": f"fc_{uuid.uuid4().hex}", "type": "function_call", "call_id": call["id"], "name": fn["name"],
-            "arguments": fn["arguments"] if status == "completed" else "", "status": status}  # fmt: skip
+            "arguments": fn["arguments"] if status != "in_progress" else "", "status": status}  # fmt: skip
+
+
+def last_status(finish: str | None) -> str:
+    """The status of a reply's last item (text or a call): incomplete where max_output_tokens cut it; the items
+    before it are whole."""
+    return "incomplete" if finish == "length" else "completed"
 
 
 def response_object(rid: str, body: dict, reply: dict) -> dict:
     """A chat completion (one choice) as a response: its text a message item, its calls function_call items."""
     (choice,) = reply["choices"]
     msg, finish = choice["message"], choice["finish_reason"]
-    status = "incomplete" if finish == "length" else "completed"
     calls = msg.get("tool_calls") or []
-    text = [message_item(msg["content"] or "", status)] if msg["content"] or not calls else []
-    response = shell(rid, body, reply["model"], status)
+    text = [message_item(msg["content"] or "", "completed")] if msg["content"] or not calls else []
+    response = shell(rid, body, reply["model"], "completed")
     response["output"] = text + [call_item(c, "completed") for c in calls]
+    response["output"][-1]["status"] = last_status(finish)
     return finished(response, finish, reply["usage"])
 
 
 class ResponseEvents:
-    """A chat stream's chunks as the Responses API's events, each numbered in `sequence_number`."""
+    """A chat stream's chunks as the Responses API's events, each numbered in `sequence_number`. The last item
+    stays open (its done event held) until the next begins or the reply ends: the end says whether it was cut."""
 
     def __init__(self, response: dict):
         self.response, self.seq = response, 0
-        self.message: dict | None = None  # the message item being written, its text in `text`
+        self.open: dict | None = None  # the item not yet done: a message (its text in `text`) or a call
         self.text = ""
 
     def event(self, kind: str, **fields) -> str:
@@ -283,58 +290,60 @@ class ResponseEvents:
     def where(self, item: dict) -> dict:
         return {"item_id": item["id"], "output_index": self.response["output"].index(item)}
 
-    def add(self, item: dict) -> str:
+    def add(self, item: dict) -> list[str]:
+        """A new item, the open one done (whole) first."""
+        out = self.close("completed")
         self.response["output"].append(item)
-        return self.event(
-            "response.output_item.added", output_index=len(self.response["output"]) - 1, item=item
-        )
+        self.open = item
+        index = len(self.response["output"]) - 1
+        return out + [self.event("response.output_item.added", output_index=index, item=item)]
 
     def write(self, text: str) -> list[str]:
         """Text of the reply: a message item (with its output_text part) opened at the first."""
         out = []
-        if self.message is None:
-            self.message = message_item("", "in_progress")
+        if self.open is None or self.open["type"] != "message":
+            out += self.add(message_item("", "in_progress"))
             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-            out += [self.add(self.message), self.event("response.content_part.added", **self.where(self.message),
-                                                       content_index=0, part=part)]  # fmt: skip
+            out.append(
+                self.event("response.content_part.added", **self.where(self.open), content_index=0, part=part)
+            )
+            self.text = ""
         self.text += text
-        delta = self.event("response.output_text.delta", **self.where(self.message), content_index=0, delta=text,
+        delta = self.event("response.output_text.delta", **self.where(self.open), content_index=0, delta=text,
                            logprobs=[])  # fmt: skip
         return out + [delta]
 
-    def close_message(self, status: str) -> list[str]:
-        """The open message item's done events."""
-        if self.message is None:
-            return []
-        item, self.message = self.message, None
-        part = {"type": "output_text", "text": self.text, "annotations": [], "logprobs": []}
-        item.update(status=status, content=[part])
-        at = self.where(item)
-        return [
-            self.event("response.output_text.done", **at, content_index=0, text=self.text, logprobs=[]),
-            self.event("response.content_part.done", **at, content_index=0, part=part),
-            self.event("response.output_item.done", output_index=at["output_index"], item=item),
-        ]
-
     def call(self, call: dict) -> list[str]:
-        """A whole call (chat streams each in one delta): its item, its arguments in one delta, done."""
-        out = self.close_message("completed")
-        item = call_item(call, "in_progress")
-        out.append(self.add(item))
-        args, at = call["function"]["arguments"], self.where(item)
-        item.update(arguments=args, status="completed")
+        """A call (chat streams each whole, in one delta): its item, its arguments in one delta."""
+        out = self.add(call_item(call, "in_progress"))
+        item, args = self.open, call["function"]["arguments"]
+        item["arguments"] = args
         return out + [
-            self.event("response.function_call_arguments.delta", **at, delta=args),
-            self.event("response.function_call_arguments.done", **at, name=item["name"], arguments=args),
-            self.event("response.output_item.done", output_index=at["output_index"], item=item),
-        ]
+            self.event("response.function_call_arguments.delta", **self.where(item), delta=args),
+            self.event("response.function_call_arguments.done", **self.where(item), name=item["name"], arguments=args),
+        ]  # fmt: skip
+
+    def close(self, status: str) -> list[str]:
+        """The open item's done events, with `status`."""
+        item, self.open = self.open, None
+        if item is None:
+            return []
+        item["status"] = status
+        at, out = self.where(item), []
+        if item["type"] == "message":
+            part = {"type": "output_text", "text": self.text, "annotations": [], "logprobs": []}
+            item["content"] = [part]
+            out = [
+                self.event("response.output_text.done", **at, content_index=0, text=self.text, logprobs=[]),
+                self.event("response.content_part.done", **at, content_index=0, part=part),
+            ]
+        return out + [self.event("response.output_item.done", output_index=at["output_index"], item=item)]
 
     def end(self, finish: str | None, use: dict | None) -> list[str]:
-        """The last events: the message closed (an empty reply is a message of no text, as whole), and the response
+        """The last events: the open item done (an empty reply is a message of no text, as whole), and the response
         completed, or incomplete where max_output_tokens cut it."""
-        status = "incomplete" if finish == "length" else "completed"
-        out = [] if self.response["output"] or self.message else self.write("")
-        out += self.close_message(status)
+        out = [] if self.response["output"] else self.write("")
+        out += self.close(last_status(finish))
         done = finished(self.response, finish, use)
         kind = "response.incomplete" if done["status"] == "incomplete" else "response.completed"
         return out + [self.event(kind, response=done)]
