@@ -369,3 +369,25 @@ def test_a_client_gone_before_a_whole_response_aborts_its_request(server):
     while (_metric(url, aborted), engine.blocks.num_used) != (before + 1, 0) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert (_metric(url, aborted), engine.blocks.num_used) == (before + 1, 0)
+
+
+def test_langchain_chat_openai_on_the_responses_api(server):
+    """LangChain's ChatOpenAI with use_responses_api: the same text as on chat completions, streamed as whole, and
+    a forced tool call parsed into tool_calls."""
+    lc = pytest.importorskip("langchain_openai")
+    kw = dict(model="tiny", base_url=server[0] + "/v1", api_key="x", temperature=0, max_retries=0)
+    llm = lc.ChatOpenAI(**kw, max_tokens=8, use_responses_api=True)
+    one = llm.invoke("hello")
+    assert one.text and one.text == lc.ChatOpenAI(**kw, max_tokens=8).invoke("hello").content
+    assert "".join(c.text for c in llm.stream("hello")) == one.text
+    assert one.usage_metadata["output_tokens"] == 8
+    spec = {"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}
+    tools = lc.ChatOpenAI(**kw, max_tokens=120, use_responses_api=True).bind_tools(
+        [spec], tool_choice="get_weather"
+    )
+    (call,) = tools.invoke("weather in Rome?").tool_calls
+    assert (
+        call["name"] == "get_weather"
+        and set(call["args"]) == {"city", "unit"}
+        and call["args"]["unit"] in "cf"
+    )
