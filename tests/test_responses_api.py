@@ -12,7 +12,6 @@ import time
 import httpx
 import pytest
 
-from lserve_lite import EngineConfig
 from lserve_lite.serve.protocol import ApiError
 from lserve_lite.serve.responses import sse
 from lserve_lite.serve.responses_api import chat_body, renamed, response_events, shell
@@ -155,20 +154,18 @@ def test_chat_errors_are_named_as_the_responses_request_names_its_fields():
 
 
 # -- a live server and the openai client ----------------------------------------------------------------
+CFG = dict(
+    page_size=16, max_model_len=2048, num_kv_pages=512
+)  # the tiny tokenizer spends ~700 tokens on tools
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    pytest.importorskip("fastapi")
+def tiny_dir(tmp_path_factory):
+    """The model of conftest's `server` (url, engine): tiny and random."""
     pytest.importorskip("llguidance")
     from tiny_models import make_tiny_numpy
 
-    from lserve_lite.engine.llm_engine import LLMEngine
-    from lserve_lite.serve.app import ServerThread, create_app
-
-    model = make_tiny_numpy(tmp_path_factory.mktemp("tiny_responses"))
-    # the tiny tokenizer spends ~700 tokens on tools
-    engine = LLMEngine(str(model), "cpu", EngineConfig(page_size=16, max_model_len=2048, num_kv_pages=512))
-    with ServerThread(create_app(engine, served_model_name="tiny")) as u:
-        yield u, engine
+    return make_tiny_numpy(tmp_path_factory.mktemp("tiny_responses"))
 
 
 @pytest.fixture
