@@ -323,18 +323,27 @@ def test_a_client_gone_mid_stream_aborts_its_request(server):
     assert (_metric(url, aborted), engine.blocks.num_used) == (before + 1, 0)
 
 
-def test_an_error_after_the_response_began_is_an_error_event_then_response_failed():
-    async def chunks():
-        yield sse({"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]})
-        yield sse({"choices": [{"index": 0, "delta": {"content": "ab"}, "finish_reason": None}]})
-        yield sse(ApiError(400, "response_format: constrained decoding failed", "response_format").body())
-        yield "data: [DONE]\n\n"
+def events_of(chunks: list[dict | str]) -> list[dict]:
+    """The Responses events (their JSON) of a chat stream of these chunks (dicts, or raw SSE lines)."""
+
+    async def stream():
+        for c in chunks:
+            yield c if isinstance(c, str) else sse(c)
 
     async def read() -> list[dict]:
-        events = response_events(shell("resp_1", {"input": "x"}, "tiny", "in_progress"), chunks())
+        events = response_events(shell("resp_1", {"input": "x"}, "tiny", "in_progress"), stream())
         return [json.loads(e.partition("data: ")[2]) async for e in events]
 
-    events = asyncio.run(read())
+    return asyncio.run(read())
+
+
+def _delta(delta: dict, finish: str | None = None) -> dict:
+    return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+def test_an_error_after_the_response_began_is_an_error_event_then_response_failed():
+    error = ApiError(400, "response_format: constrained decoding failed", "response_format").body()
+    events = events_of([_delta({"role": "assistant"}), _delta({"content": "ab"}), error, "data: [DONE]\n\n"])
     assert [e["type"] for e in events] == [
         "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
         "response.output_text.delta", "error", "response.failed",
@@ -342,6 +351,21 @@ def test_an_error_after_the_response_began_is_an_error_event_then_response_faile
     assert events[-2]["message"] == "response_format: constrained decoding failed"
     assert events[-1]["response"]["status"] == "failed" and events[-1]["response"]["error"]["message"]
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
+
+
+def test_a_reply_aborted_by_the_servers_shutdown_is_cancelled():
+    use = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+    chunks = [
+        _delta({"role": "assistant"}),
+        _delta({"content": "a"}),
+        _delta({}, "abort"),
+        {"choices": [], "usage": use},
+    ]
+    events = events_of([*chunks, "data: [DONE]\n\n"])
+    assert events[-1]["type"] == "response.completed" and events[-1]["response"]["status"] == "cancelled"
+    assert (
+        events[-2]["item"]["status"] == "incomplete" and events[-1]["response"]["usage"]["total_tokens"] == 4
+    )
 
 
 def test_a_client_gone_before_a_whole_response_aborts_its_request(server):

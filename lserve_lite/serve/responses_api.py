@@ -257,9 +257,9 @@ def call_item(call: dict, status: str) -> dict:
 
 
 def last_status(finish: str | None) -> str:
-    """The status of a reply's last item (text or a call): incomplete where max_output_tokens cut it; the items
-    before it are whole."""
-    return "incomplete" if finish == "length" else "completed"
+    """The status of a reply's last item (text or a call): incomplete where max_output_tokens or an abort cut it;
+    the items before it are whole."""
+    return "incomplete" if finish in ("length", "abort") else "completed"
 
 
 def response_object(rid: str, body: dict, reply: dict) -> dict:
