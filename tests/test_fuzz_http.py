@@ -1,4 +1,4 @@
-"""Fuzzing the HTTP protocol layer: random, malformed and hostile bodies for both generation endpoints.
+"""Fuzzing the HTTP protocol layer: random, malformed and hostile bodies for the generation endpoints.
 
 Every answer must be a 200 with a valid completion (or a valid SSE stream) or a 4xx OpenAI-style error,
 never a 500 and never a hang (each request has a client timeout). The server is a real uvicorn on
@@ -218,6 +218,75 @@ def test_fuzz_completions(server, content):
 @given(content=raw(bodies("messages", messages)))
 def test_fuzz_chat(server, content):
     check(post(server, True, content), chat=True)
+
+
+# the Responses API: input items, its fields and the ones it refuses
+response_items = st.lists(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "type": st.sampled_from(["message", "function_call", "function_call_output", "reasoning", None, 1]),
+            "role": st.sampled_from(["system", "developer", "user", "assistant", "tool", None]),
+            "content": texts | st.lists(st.fixed_dictionaries(
+                {"type": st.sampled_from(["input_text", "output_text", "input_image", 1]), "text": texts | json_values}
+            ), max_size=2) | json_values,
+            "call_id": texts | json_values, "name": texts, "arguments": texts | json_values,
+            "output": texts | json_values,
+        },
+    ),
+    max_size=3,
+) | texts | json_values  # fmt: skip
+RESPONSES = {
+    "model": field(st.sampled_from(["tiny", "other"])), "max_output_tokens": field(st.integers(-2, 70)),
+    "temperature": field(st.floats(0, 3)), "top_p": field(st.floats(0, 1.5)), "stream": field(st.booleans()),
+    "instructions": field(texts), "user": field(texts), "store": field(st.booleans()),
+    "metadata": field(st.dictionaries(texts, texts, max_size=3)),
+    "tools": field(st.lists(st.fixed_dictionaries({"type": st.sampled_from(["function", "web_search", 1]),
+                                                   "name": texts, "parameters": json_values}), max_size=2)),
+    "tool_choice": field(st.sampled_from(["auto", "none", "required", {"type": "function", "name": "f"}])),
+    "parallel_tool_calls": field(st.booleans()),
+    "text": field(st.fixed_dictionaries({}, optional={"format": field(st.sampled_from(
+        [{"type": "text"}, {"type": "json_object"}, {"type": "json_schema", "name": "a", "schema": {"type": "object"}},
+         {"type": "json_schema"}, {"type": "nope"}])), "verbosity": field(st.sampled_from(["low", "medium"]))})),
+    "background": field(st.booleans()), "previous_response_id": field(texts), "reasoning": json_values,
+    "include": field(st.lists(texts, max_size=2)), "truncation": field(st.sampled_from(["auto", "disabled"])),
+}  # fmt: skip
+VALID_RESPONSES = {"max_output_tokens": st.integers(1, 8), "temperature": st.floats(0, 2), "stream": st.booleans(),
+                   "instructions": clean_texts, "text": st.just({"format": {"type": "json_object"}})}  # fmt: skip
+
+
+def response_bodies() -> st.SearchStrategy:
+    """Responses API bodies: any of its fields (mostly plausible values) with stray keys, or valid ones."""
+    objs = st.fixed_dictionaries({}, optional={"input": response_items, **RESPONSES})
+    stray = st.dictionaries(texts, json_values, max_size=2)
+    valid = st.fixed_dictionaries({"input": clean_texts | VALID_MAIN["messages"]}, optional=VALID_RESPONSES)
+    return st.one_of(st.tuples(objs, stray).map(lambda t: t[1] | t[0]), valid)
+
+
+def check_response(r: httpx.Response) -> None:
+    """A response object, or its event stream (numbered from 0, ending completed or incomplete), or a 4xx error."""
+    if r.status_code != 200:
+        check(r, chat=True)
+        return
+    event("HTTP 200")
+    if r.headers["content-type"].startswith("text/event-stream"):
+        events = [json.loads(e.partition("data: ")[2]) for e in r.text.split("\n\n") if e]
+        assert [e["sequence_number"] for e in events] == list(range(len(events))), r.text
+        assert events[-1]["type"] in ("response.completed", "response.incomplete"), r.text
+        body = events[-1]["response"]
+    else:
+        body = r.json()
+    assert body["object"] == "response" and body["status"] in ("completed", "incomplete") and body["output"]
+    u = body["usage"]
+    assert u["total_tokens"] == u["input_tokens"] + u["output_tokens"] and u["input_tokens"] > 0
+
+
+@FUZZ
+@given(content=raw(response_bodies()))
+def test_fuzz_responses(server, content):
+    check_response(
+        server.post("/v1/responses", content=content, headers={"content-type": "application/json"})
+    )
 
 
 def test_after_fuzzing_nothing_is_held(server):

@@ -39,6 +39,7 @@ from .protocol import (
     prompt_size,
 )
 from .responses import Choices, EventStream, close_all, collect, sse_events
+from .responses_api import create_response, not_stored
 
 log = logging.getLogger("lserve_lite.serve")
 __all__ = ["create_app", "ServerThread", "add_serve_args", "run_from_args", "run_server"]
@@ -307,9 +308,10 @@ def create_app(
             raise too_long(f"the prompt has {n} tokens and {field} is {req.max_tokens}", field)
         return req.max_tokens
 
-    async def generate(request: Request, chat: bool):
+    async def generate(request: Request, chat: bool, body: dict | None = None):
+        """`body`: a chat body made from another API's request (the Responses API's), else the request's."""
         check_key(request)
-        body = await read_json(request)
+        body = await read_json(request) if body is None else body
         req = await asyncio.to_thread(validate, body, chat)
         check_model(req.model)
         prompts = await asyncio.to_thread(tokenize, req)
@@ -421,6 +423,17 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await generate(request, chat=True)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        check_key(request)
+        body = await read_json(request)
+        return await create_response(body, model_name, lambda chat: generate(request, True, chat))
+
+    @app.api_route("/v1/responses/{rid:path}", methods=["GET", "DELETE"])
+    async def stored_response(rid: str, request: Request):
+        check_key(request)
+        raise not_stored(rid)
 
     return app
 

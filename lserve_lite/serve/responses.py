@@ -169,7 +169,7 @@ async def _on_disconnect(request: Request, callback: Callable[[], None]) -> None
 _LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
 
 
-def _sse(obj: dict) -> str:
+def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
 
 
@@ -200,7 +200,7 @@ async def sse_events(
             choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
         else:
             choice = {"index": i, "text": text or "", "logprobs": lp, "finish_reason": finish}
-        return _sse(base | {"choices": [choice]} | extra)
+        return sse(base | {"choices": [choice]} | extra)
 
     try:
         if shape.chat:  # no content yet: a reply of tool calls alone streams as its content null, as whole
@@ -227,10 +227,10 @@ async def sse_events(
                 made = ncalls[i] > 0 and not tools[i].cut  # whole calls
                 yield chunk(i, empty, finish=finish_reason(shape.finish(out), made))
         if include_usage:
-            yield _sse(base | {"choices": [], "usage": shape.usage(lasts)})
+            yield sse(base | {"choices": [], "usage": shape.usage(lasts)})
     except ApiError as e:
         on_error(e)
-        yield _sse(e.body())
+        yield sse(e.body())
     yield "data: [DONE]\n\n"
 
 

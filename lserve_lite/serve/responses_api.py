@@ -1,0 +1,399 @@
+"""OpenAI's Responses API (POST /v1/responses) run on the chat completions path: a request's input, instructions,
+tools and text format become a chat body (same validation, limits, template, sampling and tool calls), and the
+chat reply, whole or streamed, becomes a response object or its events. Nothing is stored."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from ..errors import InvalidRequestError
+from ..sampling_params import refuse_set
+from .protocol import ApiError, now
+from .responses import EventStream, sse
+
+NOT_STORED = "nothing is stored: send the whole conversation in input"
+# Responses fields this server cannot honour, each with its value that means "off" (accepted, as is null)
+REFUSED: dict[str, tuple[object, str]] = {
+    "previous_response_id": (None, NOT_STORED),
+    "conversation": (None, NOT_STORED),
+    "background": (
+        False,
+        "responses run while the request is open: send stream: true to read one as it is written",
+    ),
+    "reasoning": ({}, "no reasoning effort or summaries"),
+    "include": ([], "a response holds its output items only"),
+    "prompt": (None, "no stored prompts: send the text in input"),
+    "max_tool_calls": (None, "parallel_tool_calls: false allows one call a response"),
+    "top_logprobs": (0, "/v1/chat/completions returns logprobs"),
+}
+ROLES = ("user", "system", "developer", "assistant")
+PARTS = ("input_text", "output_text")  # the text parts of a message; images, files and audio are refused
+METADATA_PAIRS, METADATA_KEY, METADATA_VALUE = 16, 64, 512  # OpenAI's limits
+# the chat fields that errors of the chat path name, as a Responses request spells them
+_RENAMES = {"max_completion_tokens": "max_output_tokens", "response_format": "text.format"}
+_MESSAGES = re.compile(r"^messages(\[\d+\])?")
+_TOOL_FUNCTION = re.compile(r"(tools\[\d+\])\.function\.")
+
+
+def chat_body(body: dict) -> dict:
+    """A Responses request as the chat completions body that runs it; what this server cannot honour is refused in
+    one line naming its field (the chat path checks the rest, `renamed` puts its errors in these names)."""
+    for name, (off, instead) in REFUSED.items():
+        try:
+            refuse_set(name, body.get(name), off, instead)
+        except InvalidRequestError as e:
+            raise ApiError(400, str(e), name) from None
+    if body.get("truncation") not in (None, "disabled"):
+        raise ApiError(
+            400, "truncation: only 'disabled' (a conversation over the context is refused)", "truncation"
+        )
+    for name in ("instructions", "user"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise ApiError(400, f"{name}: must be a string", name)
+    if body.get("store") is not None and not isinstance(body["store"], bool):
+        raise ApiError(400, "store: must be a boolean", "store")
+    check_metadata(body.get("metadata"))
+    chat = {
+        k: body[k] for k in ("model", "temperature", "top_p", "parallel_tool_calls", "stream") if k in body
+    }
+    if body.get("max_output_tokens") is not None:
+        chat["max_completion_tokens"] = body["max_output_tokens"]
+    if body.get("stream") is True:  # the usage that response.completed carries
+        chat["stream_options"] = {"include_usage": True}
+    system = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
+    chat["messages"] = system + input_messages(body.get("input"))
+    if body.get("tools") is not None:
+        chat["tools"] = chat_tools(body["tools"])
+    if body.get("tool_choice") is not None:
+        chat["tool_choice"] = chat_tool_choice(body["tool_choice"])
+    form = text_format(body.get("text"))
+    if form is not None:
+        chat["response_format"] = form
+    return chat
+
+
+def check_metadata(meta: object) -> None:
+    """OpenAI's metadata: at most 16 string pairs, keys up to 64 characters, values up to 512."""
+    if meta is None:
+        return
+    if not isinstance(meta, dict) or len(meta) > METADATA_PAIRS:
+        raise ApiError(400, f"metadata: must be an object of at most {METADATA_PAIRS} pairs", "metadata")
+    for k, v in meta.items():
+        if len(k) > METADATA_KEY or not isinstance(v, str) or len(v) > METADATA_VALUE:
+            raise ApiError(400, f"metadata: keys of at most {METADATA_KEY} characters, string values of at most "
+                           f"{METADATA_VALUE}", "metadata")  # fmt: skip
+
+
+def input_messages(items: object) -> list[dict]:
+    """`input` as chat messages: a string is the user's message; a list holds messages (text content), and
+    function calls and their outputs, which become an assistant turn's tool_calls and tool messages."""
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    if not isinstance(items, list):
+        raise ApiError(400, "input: must be a string or a list of items", "input")
+    msgs: list[dict] = []
+    for i, item in enumerate(items):
+        where = f"input[{i}]"
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "message":
+            role = item.get("role")
+            if role not in ROLES:
+                raise ApiError(
+                    400, f"{where}.role: must be one of {', '.join(ROLES)}, got {role!r:.40}", "input"
+                )
+            msgs.append({"role": role, "content": text_content(item.get("content"), f"{where}.content")})
+        elif kind == "function_call":
+            fields = [item.get(k) for k in ("call_id", "name", "arguments")]
+            if not all(isinstance(f, str) for f in fields):
+                raise ApiError(
+                    400, f"{where}: a function_call has call_id, name and arguments strings", "input"
+                )
+            call = {
+                "id": fields[0],
+                "type": "function",
+                "function": {"name": fields[1], "arguments": fields[2]},
+            }
+            if not msgs or msgs[-1]["role"] != "assistant":  # calls after the assistant's text: the same turn
+                msgs.append({"role": "assistant", "content": None})
+            msgs[-1].setdefault("tool_calls", []).append(call)
+        elif kind == "function_call_output":
+            if not isinstance(item.get("call_id"), str):
+                raise ApiError(400, f"{where}.call_id: must be a string", "input")
+            out = text_content(item.get("output"), f"{where}.output")
+            msgs.append({"role": "tool", "tool_call_id": item["call_id"], "content": out})
+        else:
+            raise ApiError(400, f"{where}: items of type {kind!r:.40} are not supported (messages of text, "
+                           "function_call and function_call_output)", "input")  # fmt: skip
+    return msgs
+
+
+def text_content(content: object, where: str) -> str | list[dict]:
+    """A message's content (a string, or input_text / output_text parts) as chat's."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ApiError(400, f"{where}: must be a string or a list of input_text parts", "input")
+    parts = []
+    for j, p in enumerate(content):
+        kind = p.get("type") if isinstance(p, dict) else None
+        if kind not in PARTS or not isinstance(p.get("text"), str):
+            raise ApiError(400, f"{where}[{j}]: parts of type {kind!r:.40} are not supported (input_text or "
+                           "output_text, with a text string)", "input")  # fmt: skip
+        parts.append({"type": "text", "text": p["text"]})
+    return parts
+
+
+def chat_tools(tools: object) -> list:
+    """Function tools as chat spells them; `strict` (absent or null) defaults to true, as OpenAI's Responses API
+    has it."""
+    if not isinstance(tools, list):
+        raise ApiError(400, "tools: must be a list of function tools", "tools")
+    out = []
+    for i, t in enumerate(tools):
+        kind = t.get("type") if isinstance(t, dict) else None
+        if kind != "function":
+            raise ApiError(400, f"tools[{i}]: tools of type {kind!r:.40} are not supported (built-in tools run on "
+                           "OpenAI's servers; send function tools)", "tools")  # fmt: skip
+        fn = {k: t[k] for k in ("name", "description", "parameters") if t.get(k) is not None}
+        strict = t.get("strict")
+        out.append({"type": "function", "function": fn | {"strict": True if strict is None else strict}})
+    return out
+
+
+def chat_tool_choice(choice: object) -> object:
+    """`tool_choice` as chat spells it: a named function's {"type": "function", "name"} nests its name."""
+    if choice in ("none", "auto", "required"):
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise ApiError(400, "tool_choice: must be 'none', 'auto', 'required' or {'type': 'function', 'name': ...}",
+                   "tool_choice")  # fmt: skip
+
+
+def text_format(text: object) -> dict | None:
+    """`text.format` as chat's response_format (json_schema's name, schema and strict nest in `json_schema`)."""
+    if text is None:
+        return None
+    if not isinstance(text, dict):
+        raise ApiError(400, "text: must be an object", "text")
+    if text.get("verbosity") not in (None, "medium"):
+        raise ApiError(
+            400, "text.verbosity is not supported (the model writes as it writes)", "text.verbosity"
+        )
+    form = text.get("format")
+    if not isinstance(form, dict) or form.get("type") != "json_schema":
+        return form
+    schema = {k: form[k] for k in ("name", "description", "schema", "strict") if k in form}
+    return {"type": "json_schema", "json_schema": schema}
+
+
+def renamed(e: ApiError) -> ApiError:
+    """An error of the chat path in the Responses request's field names."""
+    msg = _TOOL_FUNCTION.sub(r"\1.", _MESSAGES.sub("input", e.message))
+    param = "input" if e.param == "messages" else e.param
+    for old, new in _RENAMES.items():
+        msg, param = msg.replace(old, new), new if param == old else param
+    return ApiError(e.status, msg, param, e.code)
+
+
+def not_stored(rid: str) -> ApiError:
+    """GET / DELETE of a response by id: none is stored."""
+    return ApiError(
+        404, f"no response with id {rid!r:.80} (this server stores none)", "response_id", "not_found"
+    )
+
+
+def new_response_id() -> str:
+    return f"resp_{uuid.uuid4().hex}"
+
+
+def shell(rid: str, body: dict, model: str, status: str) -> dict:
+    """The response object without its output and usage: the request's settings, echoed as OpenAI does."""
+    form = (body.get("text") or {}).get("format") or {"type": "text"}
+    return {
+        "id": rid, "object": "response", "created_at": now(), "status": status, "error": None,
+        "incomplete_details": None, "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"), "metadata": body.get("metadata") or {},
+        "model": model, "output": [], "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
+        "previous_response_id": None, "reasoning": None, "store": False,
+        "temperature": body.get("temperature"), "text": {"format": form},
+        "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
+        "top_p": body.get("top_p"), "truncation": "disabled", "usage": None, "user": body.get("user"),
+    }  # fmt: skip
+
+
+def finished(response: dict, finish: str | None, use: dict | None) -> dict:
+    """`response` ended by a chat finish reason: completed, or incomplete where max_output_tokens cut it."""
+    cut = finish == "length"
+    response["status"] = "incomplete" if cut else "cancelled" if finish == "abort" else "completed"
+    response["incomplete_details"] = {"reason": "max_output_tokens"} if cut else None
+    response["usage"] = use and response_usage(use)
+    return response
+
+
+def response_usage(use: dict) -> dict:
+    """Chat's usage in the Responses shape (the details objects the clients' models require)."""
+    cached = (use.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    return {"input_tokens": use["prompt_tokens"], "output_tokens": use["completion_tokens"],
+            "total_tokens": use["total_tokens"],
+            "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 0}}  # fmt: skip
+
+
+def message_item(text: str, status: str) -> dict:
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    return {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant", "status": status,
+            "content": [part] if text or status != "in_progress" else []}  # fmt: skip
+
+
+def call_item(call: dict, status: str) -> dict:
+    fn = call["function"]
+    return {"id": f"fc_{uuid.uuid4().hex}", "type": "function_call", "call_id": call["id"], "name": fn["name"],
+            "arguments": fn["arguments"] if status != "in_progress" else "", "status": status}  # fmt: skip
+
+
+def last_status(finish: str | None) -> str:
+    """The status of a reply's last item (text or a call): incomplete where max_output_tokens or an abort cut it;
+    the items before it are whole."""
+    return "incomplete" if finish in ("length", "abort") else "completed"
+
+
+def response_object(rid: str, body: dict, reply: dict) -> dict:
+    """A chat completion (one choice) as a response: its text a message item, its calls function_call items."""
+    (choice,) = reply["choices"]
+    msg, finish = choice["message"], choice["finish_reason"]
+    calls = msg.get("tool_calls") or []
+    text = [message_item(msg["content"] or "", "completed")] if msg["content"] or not calls else []
+    response = shell(rid, body, reply["model"], "completed")
+    response["output"] = text + [call_item(c, "completed") for c in calls]
+    response["output"][-1]["status"] = last_status(finish)
+    return finished(response, finish, reply["usage"])
+
+
+class ResponseEvents:
+    """A chat stream's chunks as the Responses API's events, each numbered in `sequence_number`. The last item
+    stays open (its done event held) until the next begins or the reply ends: the end says whether it was cut."""
+
+    def __init__(self, response: dict):
+        self.response, self.seq = response, 0
+        self.open: dict | None = None  # the item not yet done: a message (its text in `text`) or a call
+        self.text = ""
+
+    def event(self, kind: str, **fields) -> str:
+        self.seq += 1
+        return f"event: {kind}\n" + sse({"type": kind, "sequence_number": self.seq - 1} | fields)
+
+    def where(self, item: dict) -> dict:
+        return {"item_id": item["id"], "output_index": self.response["output"].index(item)}
+
+    def add(self, item: dict) -> list[str]:
+        """A new item, the open one done (whole) first."""
+        out = self.close("completed")
+        self.response["output"].append(item)
+        self.open = item
+        index = len(self.response["output"]) - 1
+        return out + [self.event("response.output_item.added", output_index=index, item=item)]
+
+    def write(self, text: str) -> list[str]:
+        """Text of the reply: a message item (with its output_text part) opened at the first."""
+        out = []
+        if self.open is None or self.open["type"] != "message":
+            out += self.add(message_item("", "in_progress"))
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            out.append(
+                self.event("response.content_part.added", **self.where(self.open), content_index=0, part=part)
+            )
+            self.text = ""
+        self.text += text
+        delta = self.event("response.output_text.delta", **self.where(self.open), content_index=0, delta=text,
+                           logprobs=[])  # fmt: skip
+        return out + [delta]
+
+    def call(self, call: dict) -> list[str]:
+        """A call (chat streams each whole, in one delta): its item, its arguments in one delta."""
+        out = self.add(call_item(call, "in_progress"))
+        item, args = self.open, call["function"]["arguments"]
+        item["arguments"] = args
+        return out + [
+            self.event("response.function_call_arguments.delta", **self.where(item), delta=args),
+            self.event("response.function_call_arguments.done", **self.where(item), name=item["name"], arguments=args),
+        ]  # fmt: skip
+
+    def close(self, status: str) -> list[str]:
+        """The open item's done events, with `status`."""
+        item, self.open = self.open, None
+        if item is None:
+            return []
+        item["status"] = status
+        at, out = self.where(item), []
+        if item["type"] == "message":
+            part = {"type": "output_text", "text": self.text, "annotations": [], "logprobs": []}
+            item["content"] = [part]
+            out = [
+                self.event("response.output_text.done", **at, content_index=0, text=self.text, logprobs=[]),
+                self.event("response.content_part.done", **at, content_index=0, part=part),
+            ]
+        return out + [self.event("response.output_item.done", output_index=at["output_index"], item=item)]
+
+    def end(self, finish: str | None, use: dict | None) -> list[str]:
+        """The last events: the open item done (an empty reply is a message of no text, as whole), and the response
+        completed, or incomplete where max_output_tokens cut it."""
+        out = [] if self.response["output"] else self.write("")
+        out += self.close(last_status(finish))
+        done = finished(self.response, finish, use)
+        kind = "response.incomplete" if done["status"] == "incomplete" else "response.completed"
+        return out + [self.event(kind, response=done)]
+
+    def failed(self, error: dict) -> list[str]:
+        """An error after the response began: OpenAI's error event, then response.failed."""
+        self.response |= {"status": "failed", "error": {"code": "server_error", "message": error["message"]}}
+        return [self.event("error", code=error.get("code"), message=error["message"], param=error.get("param")),
+                self.event("response.failed", response=self.response)]  # fmt: skip
+
+
+async def response_events(response: dict, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The Responses events of a chat stream (one choice, with its usage chunk) that `response` (`shell`) heads."""
+    ev = ResponseEvents(response)
+    yield ev.event("response.created", response=response)
+    yield ev.event("response.in_progress", response=response)
+    finish = None
+    async for raw in chunks:
+        data = raw.removeprefix("data: ").strip()
+        if data == "[DONE]":
+            continue
+        chunk = json.loads(data)
+        if "error" in chunk:
+            for e in ev.failed(chunk["error"]):
+                yield e
+            return
+        for choice in chunk["choices"]:
+            delta = choice["delta"]
+            for e in ev.write(delta["content"]) if delta.get("content") else []:
+                yield e
+            for call in delta.get("tool_calls") or []:
+                for e in ev.call(call):
+                    yield e
+            finish = choice["finish_reason"] or finish
+        if chunk.get("usage"):
+            for e in ev.end(finish, chunk["usage"]):
+                yield e
+
+
+async def create_response(
+    body: dict, model: str, run: Callable[[dict], Awaitable[dict | EventStream]]
+) -> dict | EventStream:
+    """POST /v1/responses: `body` run as chat completions by `run` (the server's chat path), its reply reshaped."""
+    rid = new_response_id()
+    chat = await asyncio.to_thread(chat_body, body)  # off the event loop, as the chat path's checks
+    try:
+        reply = await run(chat)
+    except ApiError as e:
+        raise renamed(e) from None
+    if isinstance(reply, EventStream):
+        events = response_events(shell(rid, body, model, "in_progress"), reply.body_iterator)
+        return EventStream(reply.handles, events)
+    return response_object(rid, body, reply)
