@@ -105,15 +105,22 @@ def test_tool_specs_refused_in_one_line(tools, choice, msg):
     assert "\n" not in str(e.value)
 
 
+def _generic(plan):
+    """`plan` under a template whose calls are in none of the formats a grammar here writes: a forced choice's
+    reply is then the generic JSON of its calls (`{"name", "arguments"}`, an array of them with "required")."""
+    return replace(plan, form=None)
+
+
 def test_tool_choice_modes():
     assert plan_tools(None, None, None) is None and plan_tools([WEATHER], "none", None) is None
     assert plan_tools([WEATHER], None, None).mode == "auto"
     named = plan_tools([WEATHER, TIME], {"type": "function", "function": {"name": "get_time"}}, None)
     assert (named.mode, named.name, named.schema()["properties"]["name"]) == ("named", "get_time",
                                                                               {"const": "get_time"})  # fmt: skip
-    req = plan_tools([WEATHER, TIME], "required", None)
+    req = _generic(plan_tools([WEATHER, TIME], "required", None))
     assert req.schema()["type"] == "array" and len(req.schema()["items"]["anyOf"]) == 2
-    assert "anyOf" in plan_tools([WEATHER, TIME], "required", False).schema()  # one call, either tool
+    one = _generic(plan_tools([WEATHER, TIME], "required", False))
+    assert "anyOf" in one.schema()  # one call, either tool
 
 
 # -- parsing replies --------------------------------------------------------------------------------------------
@@ -470,12 +477,97 @@ def test_a_response_format_beside_tools_in_mistrals_or_llamas_format(allowed, fo
         assert _named(plan.parse(call)[1]) == [("get_weather", {"city": "Rome", "unit": "c"})]
 
 
+# -- forced choices in the template's own format ------------------------------------------------------------------
+M_TIME, L_TIME = '{"name":"get_time","arguments":{}}', '{"name":"get_time","parameters":{}}'
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+# a template that renders <tool_call> blocks, or reads no tools (the system message shows them)
+TAGGED = {"short_ids": False, "form": "tagged", "lead": None}
+
+
+def _forced(form: dict, choice: object, parallel: bool | None = None):
+    """A forced plan for WEATHER and TIME, fitted to a template's call form."""
+    return replace(plan_tools([WEATHER, TIME], choice, parallel), **form)
+
+
+def _forced_replies(form_of) -> dict:
+    """Per format: its call form, a reply of one call (get_weather), and of two (then get_time), as its grammar
+    writes them (Mistral's marker as the special token)."""
+    block = "<tool_call>\n{}\n</tool_call>"
+    return {
+        "tagged": (TAGGED, block.format(M_CALL), f"{block.format(M_CALL)}\n{block.format(M_TIME)}"),
+        "mistral": (form_of["mistral"], f"[TOOL_CALLS][{M_CALL}]", f"[TOOL_CALLS] [{M_CALL}, {M_TIME}]"),
+        "llama": (form_of["llama"], L_CALL, f"{L_CALL}; {L_TIME}"),
+    }
+
+
+def test_a_forced_choice_in_each_format_gets_its_grammar(allowed, form_of):
+    """tool_choice "required" or a named function asks for calls in the template's own format (it asked for
+    `{"name", "arguments"}` JSON whatever the template): <tool_call> blocks, Mistral's marker (its special token)
+    then an array, Llama's bare calls under "parameters" joined by "; "; every call held to its tool's parameters,
+    nothing around the calls, one call for a named choice or without parallel calls. A template whose format is
+    none of these keeps that generic JSON."""
+    for name, (form, one, two) in _forced_replies(form_of).items():
+        required, named = _forced(form, "required"), _forced(form, NAMED)
+        assert required.reply_format()["type"] == named.reply_format()["type"] == "lark", name
+        assert not required.markers
+        assert allowed(required, one) and allowed(required, two) and allowed(named, one), name
+        other = one.replace(M_CALL, M_TIME).replace(L_CALL, L_TIME)  # a call of get_time alone
+        refused = [
+            M_CALL,  # the generic JSON: a call alone, or an array of calls
+            f"[{M_CALL}]",
+            f"Calling. {one}",
+            f"{one} done",
+            one.replace('"c"', '"k"'),  # not in the enum
+            "It is sunny.",
+        ]
+        for text in refused:
+            assert not allowed(required, text), (name, text)
+        assert allowed(required, other) and not allowed(named, other), name
+        assert not allowed(named, two) and not allowed(_forced(form, "required", False), two), name
+    # the system message (a template that reads no tools) shows the model those tags for a forced choice too
+    shown = _forced(TAGGED, NAMED).system_text()
+    assert "<tool_call>\n{" in shown and shown.endswith("Call get_weather: reply with only the call."), shown
+    generic = _forced({"short_ids": False, "form": None, "lead": None}, "required")
+    as_json = {"type": "json_schema", "json_schema": {"name": "tool_calls", "schema": generic.schema()}}
+    assert generic.reply_format() == as_json
+    assert generic.schema()["type"] == "array" and allowed(generic, f"[{M_CALL}]")
+
+
+def test_a_forced_reply_in_each_format_reads_as_its_grammar_allows(form_of):
+    """A forced reply in the template's format is its calls (content null), whole or streamed, Mistral's marker
+    dropped by the detokenizer or kept; cut short (max_tokens, a stop string) in a call, its complete calls and
+    the one it was cut in, arguments as written so far, finish reason not "tool_calls"; cut between calls, the
+    complete ones; cut before any call began, an empty reply."""
+    weather, time_ = ("get_weather", {"city": "Rome", "unit": "c"}), ("get_time", {})
+    replies = [(form, two) for form, _, two in _forced_replies(form_of).values()]
+    dropped = replies[1][1].removeprefix("[TOOL_CALLS]")  # as decoded: the marker's special token dropped
+    replies.append((form_of["mistral"], dropped))
+    for form, reply in replies:
+        for plan in (_forced(form, "required"), _forced(form, "required", False)):
+            content, calls, finish = plan.reply(reply, "stop")
+            assert (content, _named(calls), finish) == (None, [weather, time_], "tool_calls"), reply
+            for step in (1, 4):
+                streamed, got = _fed(plan, [reply[i : i + step] for i in range(0, len(reply), step)])
+                assert (streamed, _named(got)) == ("", [weather, time_]), (reply, step)
+        plan = _forced(form, "required")
+        content, calls, finish = plan.reply(reply[: reply.index('"unit"')], "stop")  # a stop string cut it
+        assert (content, finish) == (None, "stop") and [c["function"] for c in calls] == [
+            {"name": "get_weather", "arguments": '{"city":"Rome",'}
+        ], reply
+        between = reply[: reply.index("get_time") - 11]  # after the first call, before the second's JSON
+        content, calls, finish = plan.reply(between, "length")
+        assert (content, _named(calls), finish) == (None, [weather], "length"), (reply, between)
+        assert plan.reply(reply[: reply.index("{")], "length") == ("", [], "length"), reply
+        assert plan.reply(reply[: reply.index("{") + 1], "length")[1][0]["function"]["arguments"] == ""
+
+
 def test_strict_tools_in_mistrals_and_llamas_formats_with_a_tiny_model(marker_dir, tmp_path):
     """LLM.chat and the server (whole and streamed) under Mistral v0.3's template and Llama 3.1's calls with a
     strict tool, the marker's logit raised (the model writes it, as one trained on the format would): the grammar
     lets the marker through once, then holds the call to the tool's schema, and the reply is that call (it was the
     marker again and again, no call). One call (parallel_tool_calls false): a random model, allowed more, writes
-    calls up to max_tokens. A forced choice holds there too (the calls' JSON schema, whatever the template)."""
+    calls up to max_tokens. A forced choice holds there too (in the template's format:
+    test_forced_calls_in_each_format_with_a_tiny_model)."""
     openai = pytest.importorskip("openai")
     from lserve_lite import LLM, SamplingParams
     from lserve_lite.engine.llm_engine import LLMEngine
@@ -507,6 +599,51 @@ def test_strict_tools_in_mistrals_and_llamas_formats_with_a_tiny_model(marker_di
             assert c.finish_reason == "tool_calls" and c.message.content is None, (name, c)
             got = [{"name": t.function.name, "arguments": t.function.arguments} for t in c.message.tool_calls]
             assert got == made["auto"], (name, c)
+
+
+def test_forced_calls_in_each_format_with_a_tiny_model(marker_dir, tmp_path):
+    """tool_choice "required" and a named function through LLM.chat and the server (whole and streamed), under a
+    template that reads no tools (the system message shows <tool_call> blocks), Mistral v0.3's and Llama 3.1's: the
+    model writes the call in that format (<tool_call> blocks, Mistral's marker token then an array, Llama's bare
+    JSON under "parameters"; it wrote `{"name", "arguments"}` JSON under every template) and it comes back parsed,
+    a call valid for its tool, the same from each."""
+    import re
+
+    openai = pytest.importorskip("openai")
+    from lserve_lite import LLM, SamplingParams
+    from lserve_lite.engine.llm_engine import LLMEngine
+    from lserve_lite.serve.app import ServerThread, create_app
+
+    ask = [{"role": "user", "content": "weather in Rome?"}]
+    opens = {"tagged": r"<tool_call>\n\{", "mistral": r'\[TOOL_CALLS\] ?\[\{"name":', "llama": r'\{"name":'}
+    paths = {"tagged": marker_dir, "mistral": _with_template(marker_dir, tmp_path / "mistral", MISTRAL_V03),
+             "llama": _with_template(marker_dir, tmp_path / "llama", LLAMA_31_CALLS)}  # fmt: skip
+    for name, path in paths.items():
+        llm = LLM(str(path), backend="cpu", config=EngineConfig(**CFG))
+        greedy = SamplingParams(max_new_tokens=120, temperature=0)
+        made = {}
+        for choice in ("required", NAMED):
+            out = llm.chat(ask, greedy, tools=[WEATHER, TIME], tool_choice=choice, parallel_tool_calls=False)
+            raw = llm.tokenizer.decode(out.token_ids, False)
+            assert re.match(opens[name], raw) and ('"parameters":{' in raw) == (name == "llama"), (name, raw)
+            assert out.finish_reason == "tool_calls" and out.text == "", (name, out)
+            (call,) = made[str(choice)] = [c["function"] for c in out.tool_calls]
+            either = choice == "required" and call["name"] == "get_time"
+            assert either or (call["name"] == "get_weather" and valid_weather(call["arguments"])), call
+        engine = LLMEngine(str(path), "cpu", EngineConfig(**CFG))
+        with ServerThread(create_app(engine, served_model_name="tiny")) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+            for choice in ("required", NAMED):
+                kw = dict(model="tiny", messages=ask, tools=[WEATHER, TIME], tool_choice=choice, max_tokens=120,
+                          parallel_tool_calls=False, temperature=0)  # fmt: skip
+                whole = client.chat.completions.create(**kw).choices[0]
+                with client.chat.completions.stream(**kw) as s:
+                    streamed = s.get_final_completion().choices[0]
+                for c in (whole, streamed):
+                    assert c.finish_reason == "tool_calls" and not c.message.content, (name, c)
+                    got = [{"name": t.function.name, "arguments": t.function.arguments}
+                           for t in c.message.tool_calls]  # fmt: skip
+                    assert got == made[str(choice)], (name, choice, c)
 
 
 def _calls_without_unit() -> list[dict]:
@@ -705,10 +842,10 @@ def test_marker_calls_released_when_complete_and_plain_text_streams():
 
 
 def test_forced_replies():
-    named = plan_tools([WEATHER], {"type": "function", "function": {"name": "get_weather"}}, None)
+    named = _generic(plan_tools([WEATHER], {"type": "function", "function": {"name": "get_weather"}}, None))
     content, calls = named.parse('{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "f"}}')
     assert content is None and json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo", "unit": "f"}
-    req = plan_tools([WEATHER, TIME], "required", None)
+    req = _generic(plan_tools([WEATHER, TIME], "required", None))
     cut = '[{"name": "get_time", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "Ro'
     content, calls = req.parse(cut)  # cut short by max_tokens: its complete calls are kept
     assert content is None and [c["function"]["name"] for c in calls] == ["get_time", "get_weather"]
@@ -738,7 +875,7 @@ def test_a_forced_replys_json_is_parsed_once(monkeypatch):
         return json_of(text)
 
     monkeypatch.setattr(tool_calls, "_json", counted)
-    req = plan_tools([WEATHER, TIME], "required", None)
+    req = _generic(plan_tools([WEATHER, TIME], "required", None))
     whole = '[{"name": "get_time", "arguments": {}}]'
     for reply, finish in ((whole, "tool_calls"), (whole[:-3], "length")):
         parsed.clear()
@@ -759,6 +896,7 @@ def test_a_long_call_streamed_in_small_chunks_is_scanned_once(choice, form):
     chunk: quadratic in its length. The text left to scan after each chunk (`buf`) stays as short as a chunk and an
     end tag, and the calls are those of the whole reply."""
     plan = plan_tools([WEATHER, TIME], choice, None)
+    plan = _generic(plan) if plan.forced else plan
     call = json.dumps({"name": "get_weather", "arguments": {"city": "O" * 3000, "unit": "c"}})
     reply = {
         "block": f"<tool_call>{call}</tool_call>",
@@ -1158,7 +1296,7 @@ def test_a_forced_call_cut_short_is_a_tool_call(client):
     # a stop string cuts it too: finish_reason "stop", not "tool_calls" (the call is not whole)
     for choice, cut in (("required", {}), (named, {}), (named, {"stop": ['"unit"'], "max_tokens": 120})):
         kw = dict(model="tiny", messages=ask, tools=[WEATHER, TIME], tool_choice=choice, parallel_tool_calls=False,
-                  max_tokens=45, temperature=0) | cut  # fmt: skip
+                  max_tokens=56, temperature=0) | cut  # fmt: skip
         finish = "stop" if cut else "length"
         c = client.chat.completions.create(**kw).choices[0]
         assert c.finish_reason == finish and c.message.content is None, c
@@ -1614,14 +1752,14 @@ def test_llm_chat_with_tools(tiny_dir):
         assert call["function"]["name"] == "get_time" or valid_weather(call["function"]["arguments"])
     named = {"type": "function", "function": {"name": "get_weather"}}
     for cut, finish in (
-        (dict(max_new_tokens=40), "length"),
+        (dict(max_new_tokens=51), "length"),
         (dict(stop=['"unit"'], max_new_tokens=120), "stop"),
     ):
         o = llm.chat(ask, SamplingParams(temperature=0, **cut), tools=[WEATHER], tool_choice=named)
         (call,) = o.tool_calls  # a call cut short: its arguments as written so far
         assert (o.finish_reason, o.text, call["function"]["name"]) == (finish, "", "get_weather"), o
         assert call["function"]["arguments"].startswith('{"city":'), call
-    # cut before any call began ("["): an empty reply, as the server's content "" (LLM.chat returned "[")
+    # cut before any call began (its first token): an empty reply, as the server's content "" (LLM.chat returned it)
     o = llm.chat(
         ask, SamplingParams(temperature=0, max_new_tokens=1), tools=[WEATHER], tool_choice="required"
     )

@@ -5,10 +5,11 @@
 (v0.3 / Nemo: an array of calls) or Llama 3.1's `<|python_tag|>` (ended by `<|eom_id|>` / `<|eot_id|>` if
 they show). The markers are special tokens, which the detokenizer drops: a request with "auto" keeps their text
 (`ToolPlan.markers`, as SamplingParams.keep_special_tokens). `tool_choice` "required" or a named function is
-enforced by constrained decoding instead (a JSON schema of the calls), so it holds for any model; so is "auto" with
-a `strict` tool, by a grammar of text or calls in the format the model's template renders (`FORMS`: <tool_call>
-blocks, Mistral's marker array, Llama's bare or marker JSON; `ToolPlan.grammar`), the only calls then parsed, and
-"auto" with a response_format of the request's own: its JSON or such calls."""
+enforced by constrained decoding instead, so it holds for any model: calls alone, in the format the model's template
+renders (`FORMS`: <tool_call> blocks, Mistral's marker array, Llama's bare JSON; `ToolPlan.grammar`), or generic
+JSON of the calls where that format is none of these; so is "auto" with a `strict` tool, by a grammar of text or
+calls in that format, the only calls then parsed, and "auto" with a response_format of the request's own: its JSON
+or such calls."""
 
 from __future__ import annotations
 
@@ -130,6 +131,12 @@ class ToolPlan:
         return self.mode != "auto"
 
     @property
+    def in_form(self) -> bool:
+        """Whether the grammar holds calls to the model's format (FORMS, `grammar`): a guided "auto" reply's, or a
+        forced choice's where that format is known (else its calls are generic JSON, `schema`)."""
+        return self.guided or (self.forced and self.form in FORMS)
+
+    @property
     def guided(self) -> bool:
         """With "auto", a strict tool or a response_format of the request's own, and a model that writes calls in a
         format of FORMS: a grammar (`grammar`) allows text (or the format's JSON) or such calls, which match. A
@@ -151,7 +158,8 @@ class ToolPlan:
     @property
     def markers(self) -> tuple[str, ...]:
         """The special tokens whose text the parser reads (and the detokenizer must keep): the marker tokens of
-        calls, with "auto" only (a forced reply is the calls' JSON alone); guided, the format's marker alone."""
+        calls, with "auto" only (a forced reply is calls alone, read with its marker or without); guided, the
+        format's marker alone."""
         return () if self.forced else tuple(t for t in self.tags if t in LEADS)
 
     @property
@@ -164,11 +172,19 @@ class ToolPlan:
         specs = "\n".join(json.dumps(t.spec(), ensure_ascii=False) for t in self.tools)
         head = "You can call the functions below. Their signatures, as JSON, within <tools></tools> tags:"
         call = '{"name": <function name>, "arguments": <arguments as a JSON object>}'
+        tags = (
+            "To call a function, write a JSON object with its name and arguments within <tool_call></tool_call>"
+            f" tags, one call per pair of tags:\n{OPEN}\n{call}\n{CLOSE}"
+        )
         if self.mode == "auto":
-            how = (
-                "To call a function, write a JSON object with its name and arguments within <tool_call></tool_call>"
-                f" tags, one call per pair of tags:\n{OPEN}\n{call}\n{CLOSE}"
-            ) + ("" if self.parallel else "\nCall at most one function.")
+            how = tags + ("" if self.parallel else "\nCall at most one function.")
+        elif self.in_form:  # a forced choice's calls in those tags (`grammar`)
+            if self.mode == "named":
+                how = f"{tags}\nCall {self.name}: reply with only the call."
+            elif self.parallel:
+                how = f"{tags}\nCall at least one of them: reply with only the calls."
+            else:
+                how = f"{tags}\nCall one of them: reply with only the call."
         elif self.mode == "named":
             how = f"Call {self.name}: reply with only the call, as the JSON object {call}."
         else:
@@ -177,10 +193,11 @@ class ToolPlan:
         return f"{head}\n<tools>\n{specs}\n</tools>\n\n{how}"
 
     def schema(self) -> dict:
-        """The JSON schema of a forced reply: one call of `name` ({"name", "arguments"}), or with `required` one
-        call of any tool, or a non-empty array of them when parallel calls are allowed. Guided ("auto"): one call
+        """The JSON schema of a forced reply in no known format: one call of `name` ({"name", "arguments"}), or with
+        `required` one call of any tool, or a non-empty array of them when parallel calls are allowed. In the
+        model's format (`in_form`), the grammar's `@call`: one such call, under the format's key; guided ("auto"),
         of any tool, a strict one's arguments held to its parameters, another's any JSON object."""
-        key = FORMS[self.form].key if self.guided else "arguments"
+        key = FORMS[self.form].key if self.in_form else "arguments"
         calls = [
             _call_schema(t, t.parameters if t.strict or self.forced else {}, key)
             for t in self.tools
@@ -189,7 +206,7 @@ class ToolPlan:
         one = calls[0] if len(calls) == 1 else {"anyOf": calls}
         return (
             {"type": "array", "minItems": 1, "items": one}
-            if self.mode == "required" and self.parallel
+            if self.mode == "required" and self.parallel and not self.in_form
             else one
         )
 
@@ -199,11 +216,15 @@ class ToolPlan:
         renders them; nothing after the last. <tool_call> is text (a lazy prefix ends at it); a marker is its
         special token (`lead`); Llama's calls may open the reply bare, so its text may not open with JSON. With
         a response_format of the request's own (`format`), its JSON (`@reply`) takes the text's place, and the
-        calls come first: a reply is a final message or calls."""
+        calls come first: a reply is a final message or calls. Forced: the calls alone (one for a named choice),
+        after <tool_call> or the marker where the format opens with it (Llama's opens bare)."""
         form = FORMS[self.form]
-        more = f" ({form.sep} {form.call})*" if self.parallel else ""
+        more = f" ({form.sep} {form.call})*" if self.parallel and self.mode != "named" else ""
         calls = " ".join(filter(None, (form.open, form.call + more, form.close)))
         lead = f'"{OPEN}"' if form.tag == OPEN else f"<[{self.lead}]>"
+        if self.forced:
+            opens = form.tag == OPEN or (self.lead is not None and not form.bare)
+            return f"start: {lead + ' ' if opens else ''}{calls}\n"
         if self.format is not None:
             return f"start: @reply | {lead} {calls}\n"
         text = f"TEXT: /(?s:.*)/ & ~/(?s:.*){re.escape(form.tag)}(?s:.*)/"
@@ -228,29 +249,31 @@ class ToolPlan:
         return "tools" if self.forced or self.format is None else "response_format"
 
     def reply_format(self) -> dict | None:
-        """The format the sampler enforces: a forced choice's calls schema (the call is forced: a response_format
-        of the request's own applies to no final message, as OpenAI's); a guided reply's grammar, with that format
-        as its `reply_format` (`@reply`); else the request's own format."""
+        """The format the sampler enforces: a forced choice's grammar of calls in the model's format, or its calls
+        schema where that format is unknown (the call is forced: a response_format of the request's own applies to
+        no final message, as OpenAI's); a guided reply's grammar, with that format as its `reply_format`
+        (`@reply`); else the request's own format."""
         if not self.holds:
             return self.format
-        if self.forced:
+        if not self.in_form:
             return {"type": "json_schema", "json_schema": {"name": "tool_calls", "schema": self.schema()}}
         fmt = {
             "type": "lark",
             "lark": self.grammar(),
             "json_schema": {"name": "call", "schema": self.schema()},
         }
-        return fmt if self.format is None else {**fmt, "reply_format": self.format}
+        return fmt if self.forced or self.format is None else {**fmt, "reply_format": self.format}
 
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
-        """A finished reply as (content, tool calls). Forced: the reply is the calls' JSON, never content (None, or
-        "" when it was cut before any call began, as a streamed empty reply); one cut short (max_tokens, a stop) keeps
-        its complete calls and the call it was cut in, its arguments as far as written (as OpenAI and vLLM return
-        it). Auto: every well-formed <tool_call> block naming a tool is a call, and so is the JSON after a marker
-        token (up to its end token, or the end of the reply) when it is wholly calls of the tools; the rest of the
-        text (malformed blocks and markers included, as written) is the content, None when only whitespace is left
-        beside calls; or a reply that is wholly bare JSON calls (Llama 3.x) is those calls. Guided: the calls of
-        the model's format alone (`tags`, `bare`: the grammar allows no other)."""
+        """A finished reply as (content, tool calls). Forced: the reply is calls (in the model's format, `in_form`,
+        else their JSON), never content (None, or "" when it was cut before any call began, as a streamed empty
+        reply); one cut short (max_tokens, a stop) keeps its complete calls and the call it was cut in, its
+        arguments as far as written (as OpenAI and vLLM return it). Auto: every well-formed <tool_call> block
+        naming a tool is a call, and so is the JSON after a marker token (up to its end token, or the end of the
+        reply) when it is wholly calls of the tools; the rest of the text (malformed blocks and markers included, as
+        written) is the content, None when only whitespace is left beside calls; or a reply that is wholly bare JSON
+        calls (Llama 3.x) is those calls. Guided: the calls of the model's format alone (`tags`, `bare`: the
+        grammar allows no other)."""
         return self.read(text)[:2]
 
     def read(self, text: str) -> tuple[str | None, list[dict], bool]:
@@ -258,9 +281,12 @@ class ToolPlan:
         string: its finish reason is not "tool_calls"); the reply's JSON is parsed once (it may be as long as the
         context)."""
         if self.forced:
-            obj = _json(text)
-            calls = _calls_of(self, obj) or _cut_calls(self, text)
-            return (None if calls else ""), calls, obj is None
+            if self.in_form:
+                calls, cut = _calls_in_form(self, text)
+            else:
+                obj = _json(text)
+                calls, cut = _calls_of(self, obj) or _cut_calls(self, text), obj is None
+            return (None if calls else ""), calls, cut
         content, calls = ToolStream(self).feed(text, finished=True)
         return (None if calls and not content.strip() else content), calls, False
 
@@ -323,9 +349,11 @@ def _json_values(text: str, at: int = 0) -> tuple[list, int]:
         values.append(value)
 
 
-# the start of a forced call cut short: its name (maybe cut too) and its arguments' JSON as far as written
+# the start of a forced call cut short: its name (maybe cut too) and its arguments' JSON as far as written (under
+# either key: Llama's "parameters" too)
 _CUT_CALL = re.compile(
-    r'\s*\{\s*(?:"name"\s*:\s*"(?P<name>[^"]*)(?P<closed>")?(?:\s*,\s*"arguments"\s*:\s*(?P<args>.*))?)?',
+    r'\s*\{\s*(?:"name"\s*:\s*"(?P<name>[^"]*)(?P<closed>")?'
+    r'(?:\s*,\s*"(?:arguments|parameters)"\s*:\s*(?P<args>.*))?)?',
     re.S,
 )
 
@@ -338,9 +366,15 @@ def _cut_calls(plan: ToolPlan, text: str) -> list[dict]:
     calls = _calls_of(plan, items)
     if len(calls) != len(items) or at == len(text):
         return calls
+    return calls + _cut_call(plan, text, at)
+
+
+def _cut_call(plan: ToolPlan, text: str, at: int) -> list[dict]:
+    """The call a forced reply was cut in, its JSON from `at` ([] if none began there): its arguments as written so
+    far and its name (the one tool it can be, else as written so far)."""
     cut = _CUT_CALL.match(text, at)
     if cut is None:
-        return calls
+        return []
     written = cut["name"] or ""
     names = [
         t.name
@@ -349,7 +383,37 @@ def _cut_calls(plan: ToolPlan, text: str) -> list[dict]:
         and (t.name == written if cut["closed"] else t.name.startswith(written))
     ]
     fn = {"name": names[0] if len(names) == 1 else written, "arguments": cut["args"] or ""}
-    return calls + [{"id": plan.call_id(), "type": "function", "function": fn}]
+    return [{"id": plan.call_id(), "type": "function", "function": fn}]
+
+
+def _calls_in_form(plan: ToolPlan, text: str) -> tuple[list[dict], bool]:
+    """A forced reply in the model's format (`ToolPlan.grammar`, its marker's text dropped by the detokenizer or
+    kept) as (calls, whether it was cut before its end): cut, its complete calls and the one it was cut in."""
+    form = FORMS[plan.form]
+    head, tail = (_literals(p) for p in form.call.split("@call"))
+    lead = re.escape(OPEN) if form.tag == OPEN else f"(?:{re.escape(form.tag)})?"
+    first = re.compile(lead + _literals(form.open) + head)
+    then = re.compile(tail + _literals(form.sep) + head)
+    end = re.compile(tail + _literals(form.close) + r"\Z")
+    dec, values, at, step = json.JSONDecoder(), [], 0, first
+    while (m := step.match(text, at)) is not None:
+        try:
+            value, at = dec.raw_decode(text, m.end())
+        except ValueError:
+            return _calls_of(plan, values) + _cut_call(plan, text, m.end()), True
+        values.append(value)
+        if end.match(text, at):
+            return _calls_of(plan, values), False
+        step = then
+    return _calls_of(plan, values), True
+
+
+_LITERAL = re.compile(r'("(?:[^"\\]|\\.)*")(\??)')
+
+
+def _literals(piece: str) -> str:
+    """A regex of a grammar piece's quoted strings (each maybe optional, `"x"?`): the text it writes there."""
+    return "".join(f"(?:{re.escape(json.loads(lit))}){opt}" for lit, opt in _LITERAL.findall(piece))
 
 
 def _calls_of(plan: ToolPlan, obj: object) -> list[dict]:
@@ -377,7 +441,7 @@ class ToolStream:
     closing tag arrives; JSON (`{` or `[`) that opens the reply (Llama 3.x's bare calls) or follows a marker
     token is held whole and parsed when it ends (at the marker's end token, or the end of the reply); a marker
     followed by anything else is content; with parallel_tool_calls false, calls after the first are dropped (as
-    vLLM drops them: OpenAI's reply then makes one call at most). Forced: the reply is the calls' JSON, held whole
+    vLLM drops them: OpenAI's reply then makes one call at most). Forced: the reply is calls alone, held whole
     and parsed at the end."""
 
     def __init__(self, plan: ToolPlan):

@@ -417,8 +417,9 @@ class ChatCompletionRequest(_Request):
         return self._tool_plan
 
     def reply_format(self) -> dict | None:
-        """A forced tool choice constrains the reply to the calls' JSON schema; strict tools or the request's own
-        format under "auto" to text (or that format's JSON) or calls that match (ToolPlan.reply_format)."""
+        """A forced tool choice constrains the reply to calls (in the model's format); strict tools or the
+        request's own format under "auto" to text (or that format's JSON) or calls that match
+        (ToolPlan.reply_format)."""
         plan = self._tool_plan
         return plan.reply_format() if plan else self.response_format
 

@@ -40,7 +40,7 @@ class Choices:
 
     def grammar_failed(self, out: StepOutput) -> ApiError:
         """The 400 of a reply whose grammar gave up mid-reply (LLMEngine._append cut it), naming the field that
-        set the grammar: a forced tool choice's calls schema, or strict tools' grammar, comes from `tools`; one
+        set the grammar: a forced tool choice's calls, or strict tools' grammar, comes from `tools`; one
         that holds the request's own format beside the tools names that format (ToolPlan.field)."""
         why = f"constrained decoding failed after {out.num_output_tokens} tokens ({failure(out.seq)})"
         if self.tools and self.tools.holds and self.tools.field == "tools":
