@@ -112,22 +112,26 @@ def min_p_inputs(seqs: list) -> tuple[np.ndarray, np.ndarray] | None:
     return np.asarray(rows, np.int32), np.asarray([seqs[i].params.min_p for i in rows], np.float64)
 
 
-class DeviceTokens:
-    """A step's sampled ids on the device (`ids`) and their copy into pinned host memory with the rows' soundness
-    (`GpuSampler.sound_rows`), queued on the current stream right behind the sampling: `tolist` and `sound` wait
-    for that copy, not for steps launched later."""
+def kernel_ptr(a):
+    """A kernel argument for array `a`: a CuPy array as it is, pinned host memory (cupyx.empty_pinned) by its
+    address, which is also its device address under unified addressing (every 64-bit platform CUDA supports)."""
+    return np.uint64(a.ctypes.data) if isinstance(a, np.ndarray) else a
 
-    def __init__(self, ids, sound):
+
+class DeviceTokens:
+    """A step's sampled ids on the device (`ids`), their copy into pinned host memory queued on the current stream
+    right behind the sampling, and the rows' soundness flags, which the kernels wrote into pinned host memory
+    themselves (`GpuSampler.sample_async`): `tolist` and `sound` wait for that point, not for steps launched later."""
+
+    def __init__(self, ids, host_sound: np.ndarray):
         import cupy as cp
         import cupyx
 
-        self.ids, self._sound = ids, sound  # the flags' device array lives until its copy is done
+        self.ids, self._host_sound = ids, host_sound
         self._host = cupyx.empty_pinned(ids.shape, np.int64)
-        self._host_sound = cupyx.empty_pinned(sound.shape, np.bool_)
         stream = cp.cuda.get_current_stream()
-        for host, dev in ((self._host, ids), (self._host_sound, sound)):
-            cp.cuda.runtime.memcpyAsync(host.ctypes.data, dev.data.ptr, dev.nbytes,
-                                        cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)  # fmt: skip
+        cp.cuda.runtime.memcpyAsync(self._host.ctypes.data, ids.data.ptr, ids.nbytes,
+                                    cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)  # fmt: skip
         self._copied = stream.record()
 
     def tolist(self) -> list[int]:
@@ -139,7 +143,7 @@ class DeviceTokens:
         return self._host_sound.tolist()
 
     def __del__(self):
-        """The pinned buffer returns to CuPy's pool only after the copy into it is done."""
+        """The pinned buffers return to CuPy's pool only after the writes into them are done."""
         self._copied.synchronize()
 
 
@@ -169,11 +173,12 @@ class GpuSampler:
 
     def argmax(self, logits, out, sound=None) -> None:
         """out[r] (int64) = np.argmax(logits[r]) for contiguous float32 logits [B, V] (two-level argmax_rows); with
-        `sound` (a contiguous [B] bool device array), also `sound_rows`' flags of the rows, from the same pass."""
+        `sound` (a contiguous [B] bool device or pinned host array), also `sound_rows`' flags of the rows, from the
+        same pass."""
         b, vocab = int(logits.shape[0]), int(logits.shape[1])
         g = row_blocks(vocab)
         keys, pairs, tick = self._row_scratch(b, g)
-        flags = np.uint64(0) if sound is None else sound
+        flags = np.uint64(0) if sound is None else kernel_ptr(sound)
         args = (logits, np.int64(vocab), np.int32(vocab), np.int32(ROW_CHUNK), keys, tick, out, pairs, flags)
         self.k["argmax_rows"]((g, b), (ARGMAX_THREADS,), args)
 
@@ -182,13 +187,18 @@ class GpuSampler:
 
     def sample_async(self, logits, seqs: list, out=None) -> DeviceTokens:
         """The ids as the next step's int64 inputs on the device (in `out`, a contiguous [B] int64 device
-        array, when given), and the rows' `sound_rows` flags, their copy to the host queued behind them."""
-        sound = self.cp.empty(len(seqs), self.cp.bool_)
+        array, when given), their copy to the host queued behind them, and the rows' `sound_rows` flags."""
+        import cupyx
+
+        # the flags are written by the kernels straight into pinned host memory (the same address on the device
+        # under unified addressing): one device-to-host copy a step, the ids'
+        sound = cupyx.empty_pinned(len(seqs), np.bool_)
         return DeviceTokens(self._launch(logits, seqs, out, sound), sound)
 
     def sound_rows(self, logits, out=None):
         """Reference: reference/sampling.sound_rows_ref, on the caller's (raw) logits: bools [B] on the device (in
-        `out` when given), one launch (two-level sound_rows; CuPy's isfinite / all / max / min took six)."""
+        `out` when given: a device or pinned host array), one launch (two-level sound_rows; CuPy's isfinite / all /
+        max / min took six)."""
         cp = self.cp
         x = cp.asarray(logits)
         if x.dtype != cp.float32 or not x.flags.c_contiguous:
@@ -198,14 +208,15 @@ class GpuSampler:
         if b:
             g = row_blocks(vocab)
             _keys, pairs, tick = self._row_scratch(b, g)
-            args = (x, np.int64(vocab), np.int32(vocab), np.int32(ROW_CHUNK), pairs, tick, out)
+            args = (x, np.int64(vocab), np.int32(vocab), np.int32(ROW_CHUNK), pairs, tick, kernel_ptr(out))
             self.k["sound_rows"]((g, b), (ARGMAX_THREADS,), args)
         return out
 
     def _launch(self, logits, seqs: list, out=None, sound=None):
         """Queue the sampling kernels of a non-empty batch; the [B] int64 ids on the device. `sound` (a [B] bool
-        device array): the rows' `sound_rows` flags of the caller's logits, written by argmax_rows' own pass where the
-        batch is greedy and nothing changed the logits (one launch less a step), else by sound_rows."""
+        device or pinned host array): the rows' `sound_rows` flags of the caller's logits, written by argmax_rows'
+        own pass where the batch is greedy and nothing changed the logits (one launch less a step), else by
+        sound_rows."""
         cp = self.cp
         b = len(seqs)
         logits = cp.asarray(logits)
