@@ -561,6 +561,29 @@ def test_a_forced_reply_in_each_format_reads_as_its_grammar_allows(form_of):
         assert plan.reply(reply[: reply.index("{") + 1], "length")[1][0]["function"]["arguments"] == ""
 
 
+@pytest.mark.parametrize("step", [1, 2, 5, 200])
+def test_whitespace_beside_calls_streams_as_the_whole_reply_reads_it(step):
+    """Whitespace beside calls (a line ended after </tool_call>, which a strict tool's grammar allows) is no
+    content, whole or streamed (the stream sent it: content "\\n" where the whole reply's was null); beside other
+    text it is sent with that text, as the whole reply keeps it."""
+    weather = ("get_weather", {"city": "Rome", "unit": "c"})
+    cases = [
+        (f"{CALL}\n", None, [weather]),
+        (f"\n{CALL}\n\r", None, [weather]),
+        (f"{CALL}\n{CALL}\n", None, [weather, weather]),
+        (f"Checking.\n{CALL}\n", "Checking.\n\n", [weather]),
+        (f"{CALL}\n Done. \n", "\n Done. \n", [weather]),
+        ("Hi \n", "Hi \n", []),
+        (" \n", " \n", []),
+    ]
+    for plan in (plan_tools([STRICT, TIME], "auto", None), plan_tools([WEATHER, TIME], "auto", None)):
+        for reply, content, calls in cases:
+            got, made = plan.parse(reply)
+            assert (got, _named(made)) == (content, calls), reply
+            streamed, made = _fed(plan, [reply[i : i + step] for i in range(0, len(reply), step)])
+            assert (streamed, _named(made)) == (content or "", calls), reply
+
+
 def test_strict_tools_in_mistrals_and_llamas_formats_with_a_tiny_model(marker_dir, tmp_path):
     """LLM.chat and the server (whole and streamed) under Mistral v0.3's template and Llama 3.1's calls with a
     strict tool, the marker's logit raised (the model writes it, as one trained on the format would): the grammar

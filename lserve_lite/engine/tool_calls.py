@@ -440,7 +440,8 @@ class ToolStream:
     may start an opening tag or a marker is held back until it cannot; a <tool_call> call is released when its
     closing tag arrives; JSON (`{` or `[`) that opens the reply (Llama 3.x's bare calls) or follows a marker
     token is held whole and parsed when it ends (at the marker's end token, or the end of the reply); a marker
-    followed by anything else is content; with parallel_tool_calls false, calls after the first are dropped (as
+    followed by anything else is content; whitespace that opens the content is held until other text follows it
+    (beside calls alone it is no content, as whole); with parallel_tool_calls false, calls after the first are dropped (as
     vLLM drops them: OpenAI's reply then makes one call at most). Forced: the reply is calls alone, held whole
     and parsed at the end."""
 
@@ -450,6 +451,9 @@ class ToolStream:
         # whole held text again: a long reply streamed in small chunks was quadratic)
         self.plan, self.buf, self.held, self.pos = plan, "", [], 0
         self.made = 0  # calls returned so far
+        # space: whitespace held while no other text was sent (`wrote`): beside calls alone it is no content
+        # (`ToolPlan.read`); sent, it made the streamed content "\n" where the whole reply's is null
+        self.space, self.wrote = "", False
         self.cut = False  # a forced reply that ended cut in a call (ToolPlan.read)
         # text: scanning for tags; block: inside <tool_call>; lead: after `lead` (a marker, "" at the reply's
         # start), not yet known whether JSON follows; held: JSON after `lead`, held until it ends. A guided reply's
@@ -526,7 +530,14 @@ class ToolStream:
         if not self.plan.parallel:
             calls = calls[: max(0, 1 - self.made)]
         self.made += len(calls)
-        return "".join(out), calls
+        text, self.space = self.space + "".join(out), ""
+        if not self.wrote and not text.strip():  # whitespace alone so far: beside calls alone, no content
+            if not finished:
+                text, self.space = "", text
+            elif self.made:
+                text = ""
+        self.wrote = self.wrote or bool(text.strip())
+        return text, calls
 
     def _hold(self, keep: int) -> None:
         """Moves the text from pos, but its last `keep` characters (where an end tag may begin), to the held text."""
