@@ -77,6 +77,10 @@ FORMS = {
 }
 # what the parser reads as whitespace before a reply's JSON (str.isspace(): Unicode's White_Space, and \x1c-\x1f)
 _GRAMMAR_SPACE = r"[\s\x1c-\x1f]"
+# what may follow a reply's last call (the grammar's): up to two whitespace characters (a line break, "\r\n"), then
+# the end. SmolLM2 ends its line after </tool_call>: where only another call could follow, it was forced to call
+# again and again. Bounded, as the calls' JSON is compact: allowed 8, SmolLM2 wrote 8 newlines before its end
+_TRAIL = "/[ \\t\\r\\n]{1,2}/?"
 
 
 @dataclass(frozen=True)
@@ -213,14 +217,15 @@ class ToolPlan:
     def grammar(self) -> str:
         """A guided reply's Lark grammar (llguidance's), in the model's format (`form`): text without its tag, or
         text up to the tag and then calls (one without parallel calls), each `@call` (`schema`), as the template
-        renders them; nothing after the last. <tool_call> is text (a lazy prefix ends at it); a marker is its
-        special token (`lead`); Llama's calls may open the reply bare, so its text may not open with JSON. With
-        a response_format of the request's own (`format`), its JSON (`@reply`) takes the text's place, and the
-        calls come first: a reply is a final message or calls. Forced: the calls alone (one for a named choice),
-        after <tool_call> or the marker where the format opens with it (Llama's opens bare)."""
+        renders them; after the last, two whitespace characters at most (`_TRAIL`). <tool_call> is text (a lazy
+        prefix ends at it); a marker is its special token (`lead`); Llama's calls may open the reply bare, so its
+        text may not open with JSON. With a response_format of the request's own (`format`), its JSON (`@reply`)
+        takes the text's place, and the calls come first: a reply is a final message or calls. Forced: the calls
+        alone (one for a named choice), after <tool_call> or the marker where the format opens with it (Llama's
+        opens bare)."""
         form = FORMS[self.form]
         more = f" ({form.sep} {form.call})*" if self.parallel and self.mode != "named" else ""
-        calls = " ".join(filter(None, (form.open, form.call + more, form.close)))
+        calls = " ".join(filter(None, (form.open, form.call + more, form.close, _TRAIL)))
         lead = f'"{OPEN}"' if form.tag == OPEN else f"<[{self.lead}]>"
         if self.forced:
             opens = form.tag == OPEN or (self.lead is not None and not form.bare)
@@ -394,7 +399,7 @@ def _calls_in_form(plan: ToolPlan, text: str) -> tuple[list[dict], bool]:
     lead = re.escape(OPEN) if form.tag == OPEN else f"(?:{re.escape(form.tag)})?"
     first = re.compile(lead + _literals(form.open) + head)
     then = re.compile(tail + _literals(form.sep) + head)
-    end = re.compile(tail + _literals(form.close) + r"\Z")
+    end = re.compile(tail + _literals(form.close) + r"\s*\Z")  # and whitespace (the grammar's _TRAIL)
     dec, values, at, step = json.JSONDecoder(), [], 0, first
     while (m := step.match(text, at)) is not None:
         try:
