@@ -259,7 +259,8 @@ def test_a_response_format_beside_tools_gets_one_grammar_of_its_json_or_calls():
         assert fmt["json_schema"] == {"name": "call", "schema": calls}
         (start,) = fmt["lark"].splitlines()
         call = '"\\n" @call "\\n</tool_call>"'
-        assert start == f'start: @reply | "<tool_call>" {call} ("\\n<tool_call>" {call})*', start
+        trail = "/[ \\t\\r\\n]{1,2}/?"  # whitespace may end the reply after the calls
+        assert start == f'start: @reply | "<tool_call>" {call} ("\\n<tool_call>" {call})* {trail}', start
         assert plan.guided and not plan.markers and plan.field == "response_format"
     one = plan_tools([STRICT], "auto", False).fit({"type": "json_object"}).reply_format()
     assert one["lark"].count("@call") == 1 and one["reply_format"] == {"type": "json_object"}
@@ -561,6 +562,66 @@ def test_a_forced_reply_in_each_format_reads_as_its_grammar_allows(form_of):
         assert plan.reply(reply[: reply.index("{") + 1], "length")[1][0]["function"]["arguments"] == ""
 
 
+def test_whitespace_after_the_last_call_may_end_the_reply(allowed, form_of):
+    """A model that ends its line after its last call (SmolLM2 after </tool_call>) may then end the reply, in each
+    format, forced or strict under "auto" (only another call could follow that newline: "required" called again
+    and again until max_tokens); more calls are still allowed, text after the calls and endless whitespace not."""
+    autos = {"tagged": (plan_tools([STRICT, TIME], "auto", None), CALL),
+             "mistral": (_in(form_of["mistral"], [STRICT, TIME]), f"[TOOL_CALLS][{M_CALL}]"),
+             "llama": (_in(form_of["llama"], [STRICT, TIME]), L_CALL)}  # fmt: skip
+    for name, (form, one, two) in _forced_replies(form_of).items():
+        auto, call = autos[name]
+        plans = [_forced(form, "required"), _forced(form, NAMED), _forced(form, "required", False), auto]
+        for plan, reply in zip(plans, [one, one, one, call]):
+            for end in ("\n", " ", "\n\n"):
+                assert allowed(plan, reply + end), (name, plan.mode, end)
+            for more in ("\ndone", "\n" * 3):
+                assert not allowed(plan, reply + more), (name, plan.mode, more)
+        assert allowed(plans[0], two) and allowed(plans[0], two + "\n"), name
+
+
+def test_a_reply_ending_in_whitespace_after_its_calls_reads_as_its_calls(form_of):
+    """Whitespace after a forced reply's last call (which its grammar allows) is no cut: the calls, content null,
+    finish reason "tool_calls", whole and streamed; under "auto" too."""
+    weather = ("get_weather", {"city": "Rome", "unit": "c"})
+    for form, one, _ in _forced_replies(form_of).values():
+        for plan in (_forced(form, "required"), _forced(form, NAMED)):
+            content, calls, finish = plan.reply(one + "\n", "stop")
+            assert (content, _named(calls), finish) == (None, [weather], "tool_calls"), (plan.form, one)
+            for step in (1, 4):
+                streamed, got = _fed(plan, [(one + "\n")[i : i + step] for i in range(0, len(one) + 1, step)])
+                assert (streamed, _named(got)) == ("", [weather]), (plan.form, step)
+    autos = [(plan_tools([STRICT, TIME], "auto", None), CALL), (_in(form_of["llama"], [STRICT, TIME]), L_CALL),
+             (_in(form_of["mistral"], [STRICT, TIME]), f"[TOOL_CALLS][{M_CALL}]")]  # fmt: skip
+    for plan, reply in autos:
+        content, calls, finish = plan.reply(reply + "\n", "stop")
+        assert (content, _named(calls), finish) == (None, [weather], "tool_calls"), reply
+        assert _fed(plan, list(reply + "\n"))[0] == "", reply
+
+
+@pytest.mark.parametrize("step", [1, 2, 5, 200])
+def test_whitespace_beside_calls_streams_as_the_whole_reply_reads_it(step):
+    """Whitespace beside calls (a line ended after </tool_call>, which a strict tool's grammar allows) is no
+    content, whole or streamed (the stream sent it: content "\\n" where the whole reply's was null); beside other
+    text it is sent with that text, as the whole reply keeps it."""
+    weather = ("get_weather", {"city": "Rome", "unit": "c"})
+    cases = [
+        (f"{CALL}\n", None, [weather]),
+        (f"\n{CALL}\n\r", None, [weather]),
+        (f"{CALL}\n{CALL}\n", None, [weather, weather]),
+        (f"Checking.\n{CALL}\n", "Checking.\n\n", [weather]),
+        (f"{CALL}\n Done. \n", "\n Done. \n", [weather]),
+        ("Hi \n", "Hi \n", []),
+        (" \n", " \n", []),
+    ]
+    for plan in (plan_tools([STRICT, TIME], "auto", None), plan_tools([WEATHER, TIME], "auto", None)):
+        for reply, content, calls in cases:
+            got, made = plan.parse(reply)
+            assert (got, _named(made)) == (content, calls), reply
+            streamed, made = _fed(plan, [reply[i : i + step] for i in range(0, len(reply), step)])
+            assert (streamed, _named(made)) == (content or "", calls), reply
+
+
 def test_strict_tools_in_mistrals_and_llamas_formats_with_a_tiny_model(marker_dir, tmp_path):
     """LLM.chat and the server (whole and streamed) under Mistral v0.3's template and Llama 3.1's calls with a
     strict tool, the marker's logit raised (the model writes it, as one trained on the format would): the grammar
@@ -671,6 +732,19 @@ def test_a_strict_call_under_auto_matches_its_schema_with_smollm2(smollm2_cpu):
     assert strict.finish_reason == "tool_calls" and valid_weather(made["function"]["arguments"]), strict
     hello = smollm2_cpu.chat([{"role": "user", "content": "Say hello."}], greedy, tools=[STRICT])
     assert hello.tool_calls is None and hello.text.strip() and hello.finish_reason == "stop", hello
+
+
+def test_required_with_smollm2_makes_its_call_once(smollm2_cpu):
+    """SmolLM2 ends its line after </tool_call>: with tool_choice "required" and parallel calls the grammar let only
+    another call follow, so it repeated its call until max_tokens; now it makes the one call and ends."""
+    from lserve_lite import SamplingParams
+
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    greedy = SamplingParams(temperature=0, max_new_tokens=60)
+    out = smollm2_cpu.chat(ask, greedy, tools=[WEATHER], tool_choice="required")
+    assert out.finish_reason == "tool_calls" and out.text == "", out
+    (call,) = out.tool_calls
+    assert call["function"]["name"] == "get_weather" and valid_weather(call["function"]["arguments"]), out
 
 
 def test_a_response_format_beside_tools_with_smollm2(smollm2_cpu):

@@ -77,6 +77,10 @@ FORMS = {
 }
 # what the parser reads as whitespace before a reply's JSON (str.isspace(): Unicode's White_Space, and \x1c-\x1f)
 _GRAMMAR_SPACE = r"[\s\x1c-\x1f]"
+# what may follow a reply's last call (the grammar's): up to two whitespace characters (a line break, "\r\n"), then
+# the end. SmolLM2 ends its line after </tool_call>: where only another call could follow, it was forced to call
+# again and again. Bounded, as the calls' JSON is compact: allowed 8, SmolLM2 wrote 8 newlines before its end
+_TRAIL = "/[ \\t\\r\\n]{1,2}/?"
 
 
 @dataclass(frozen=True)
@@ -213,14 +217,15 @@ class ToolPlan:
     def grammar(self) -> str:
         """A guided reply's Lark grammar (llguidance's), in the model's format (`form`): text without its tag, or
         text up to the tag and then calls (one without parallel calls), each `@call` (`schema`), as the template
-        renders them; nothing after the last. <tool_call> is text (a lazy prefix ends at it); a marker is its
-        special token (`lead`); Llama's calls may open the reply bare, so its text may not open with JSON. With
-        a response_format of the request's own (`format`), its JSON (`@reply`) takes the text's place, and the
-        calls come first: a reply is a final message or calls. Forced: the calls alone (one for a named choice),
-        after <tool_call> or the marker where the format opens with it (Llama's opens bare)."""
+        renders them; after the last, two whitespace characters at most (`_TRAIL`). <tool_call> is text (a lazy
+        prefix ends at it); a marker is its special token (`lead`); Llama's calls may open the reply bare, so its
+        text may not open with JSON. With a response_format of the request's own (`format`), its JSON (`@reply`)
+        takes the text's place, and the calls come first: a reply is a final message or calls. Forced: the calls
+        alone (one for a named choice), after <tool_call> or the marker where the format opens with it (Llama's
+        opens bare)."""
         form = FORMS[self.form]
         more = f" ({form.sep} {form.call})*" if self.parallel and self.mode != "named" else ""
-        calls = " ".join(filter(None, (form.open, form.call + more, form.close)))
+        calls = " ".join(filter(None, (form.open, form.call + more, form.close, _TRAIL)))
         lead = f'"{OPEN}"' if form.tag == OPEN else f"<[{self.lead}]>"
         if self.forced:
             opens = form.tag == OPEN or (self.lead is not None and not form.bare)
@@ -394,7 +399,7 @@ def _calls_in_form(plan: ToolPlan, text: str) -> tuple[list[dict], bool]:
     lead = re.escape(OPEN) if form.tag == OPEN else f"(?:{re.escape(form.tag)})?"
     first = re.compile(lead + _literals(form.open) + head)
     then = re.compile(tail + _literals(form.sep) + head)
-    end = re.compile(tail + _literals(form.close) + r"\Z")
+    end = re.compile(tail + _literals(form.close) + r"\s*\Z")  # and whitespace (the grammar's _TRAIL)
     dec, values, at, step = json.JSONDecoder(), [], 0, first
     while (m := step.match(text, at)) is not None:
         try:
@@ -440,7 +445,8 @@ class ToolStream:
     may start an opening tag or a marker is held back until it cannot; a <tool_call> call is released when its
     closing tag arrives; JSON (`{` or `[`) that opens the reply (Llama 3.x's bare calls) or follows a marker
     token is held whole and parsed when it ends (at the marker's end token, or the end of the reply); a marker
-    followed by anything else is content; with parallel_tool_calls false, calls after the first are dropped (as
+    followed by anything else is content; whitespace that opens the content is held until other text follows it
+    (beside calls alone it is no content, as whole); with parallel_tool_calls false, calls after the first are dropped (as
     vLLM drops them: OpenAI's reply then makes one call at most). Forced: the reply is calls alone, held whole
     and parsed at the end."""
 
@@ -450,6 +456,9 @@ class ToolStream:
         # whole held text again: a long reply streamed in small chunks was quadratic)
         self.plan, self.buf, self.held, self.pos = plan, "", [], 0
         self.made = 0  # calls returned so far
+        # space: whitespace held while no other text was sent (`wrote`): beside calls alone it is no content
+        # (`ToolPlan.read`); sent, it made the streamed content "\n" where the whole reply's is null
+        self.space, self.wrote = "", False
         self.cut = False  # a forced reply that ended cut in a call (ToolPlan.read)
         # text: scanning for tags; block: inside <tool_call>; lead: after `lead` (a marker, "" at the reply's
         # start), not yet known whether JSON follows; held: JSON after `lead`, held until it ends. A guided reply's
@@ -526,7 +535,14 @@ class ToolStream:
         if not self.plan.parallel:
             calls = calls[: max(0, 1 - self.made)]
         self.made += len(calls)
-        return "".join(out), calls
+        text, self.space = self.space + "".join(out), ""
+        if not self.wrote and not text.strip():  # whitespace alone so far: beside calls alone, no content
+            if not finished:
+                text, self.space = "", text
+            elif self.made:
+                text = ""
+        self.wrote = self.wrote or bool(text.strip())
+        return text, calls
 
     def _hold(self, keep: int) -> None:
         """Moves the text from pos, but its last `keep` characters (where an end tag may begin), to the held text."""
