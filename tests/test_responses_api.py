@@ -363,6 +363,8 @@ def test_a_stored_response_is_retrieved_chained_listed_and_deleted(client, serve
     assert second.usage.input_tokens == chat.usage.prompt_tokens
     (item,) = client.responses.input_items.list(second.id).data  # this request's input
     assert (item.type, item.role, item.id[:4]) == ("message", "user", "msg_")
+    r = httpx.get(f"{server[0]}/v1/responses/{first.id}", params={"stream": "true"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
     r = httpx.delete(f"{server[0]}/v1/responses/{first.id}")
     assert r.json() == {"id": first.id, "object": "response", "deleted": True}
     assert httpx.get(f"{server[0]}/v1/responses/{first.id}").status_code == 404
@@ -378,6 +380,23 @@ def test_a_stored_response_is_retrieved_chained_listed_and_deleted(client, serve
     assert third.usage.input_tokens == chat.usage.prompt_tokens > second.usage.input_tokens
     kept = client.responses.create(model="tiny", input="x", max_output_tokens=2, store=False)
     assert kept.store is False and httpx.get(f"{server[0]}/v1/responses/{kept.id}").status_code == 404
+
+
+def test_a_tool_result_chains_to_the_stored_call(client):
+    """The Agents SDK's next turn: the call's output alone, with previous_response_id; the prompt is that of the
+    whole conversation sent in input."""
+    kw = dict(model="tiny", tools=[WEATHER], max_output_tokens=6, temperature=0)
+    first = client.responses.create(**kw | {"max_output_tokens": 120}, input="weather in Rome?",
+                                    tool_choice={"type": "function", "name": "get_weather"})  # fmt: skip
+    (call,) = first.output
+    out = {"type": "function_call_output", "call_id": call.call_id, "output": '{"temp": 21}'}
+    chained = client.responses.create(**kw, previous_response_id=first.id, input=[out])
+    whole = client.responses.create(**kw, input=[{"role": "user", "content": "weather in Rome?"},
+                                                 call.model_dump(exclude_none=True), out])  # fmt: skip
+    assert chained.usage.input_tokens == whole.usage.input_tokens
+    same = [(o.type, o.model_dump().get("arguments")) for o in whole.output]
+    assert [(o.type, o.model_dump().get("arguments")) for o in chained.output] == same
+    assert chained.output_text == whole.output_text
 
 
 def test_input_items_are_listed_in_openais_pages(client):

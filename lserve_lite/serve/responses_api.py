@@ -246,6 +246,10 @@ def stored_reply(store: ResponseStore, method: str, path: str, query: dict[str, 
         raise ApiError(404, f"no stored response with id {rid!r:.80}", "response_id", "not_found")
     if sub:
         return items_page(entry.items, query)
+    if query.get("stream", "false") != "false":  # OpenAI's replay of a background response's events
+        raise ApiError(
+            400, "stream: a stored response is returned whole (no background responses here)", "stream"
+        )
     if method == "DELETE":
         store.pop(rid)
         return {"id": rid, "object": "response", "deleted": True}
