@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from lserve_lite.serve.protocol import ApiError
+from lserve_lite.serve.response_store import ResponseStore, Stored
 from lserve_lite.serve.responses import sse
 from lserve_lite.serve.responses_api import chat_body, renamed, response_events, shell
 
@@ -96,8 +97,7 @@ def test_tools_tool_choice_and_text_format_in_chats_shape():
 @pytest.mark.parametrize(
     "extra, param, words",
     [
-        ({"previous_response_id": "resp_1"}, "previous_response_id", "nothing is stored"),
-        ({"conversation": "conv_1"}, "conversation", "nothing is stored"),
+        ({"conversation": "conv_1"}, "conversation", "conversations are not stored"),
         ({"background": True}, "background", "background is not supported"),
         ({"reasoning": {"effort": "low"}}, "reasoning", "reasoning is not supported"),
         ({"include": ["message.output_text.logprobs"]}, "include", "include is not supported"),
@@ -137,6 +137,48 @@ def test_what_is_off_is_accepted():
     off = {"background": False, "reasoning": None, "include": [], "top_logprobs": 0, "truncation": "disabled",
            "previous_response_id": None, "store": False, "text": {"format": {"type": "text"}, "verbosity": "medium"}}  # fmt: skip
     assert chat_body({"input": "x"} | off)["messages"] == [{"role": "user", "content": "x"}]
+
+
+def test_a_chained_request_continues_the_earlier_conversation_under_its_own_instructions():
+    """previous_response_id: the stored turns come first, the earlier instructions are not carried over (OpenAI)."""
+    said = {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+            "content": [{"type": "output_text", "text": "hi", "annotations": []}]}  # fmt: skip
+    earlier = [{"type": "message", "role": "user", "content": "hello"}, said]
+    chat = chat_body({"input": "more", "instructions": "be brief"}, earlier)
+    assert chat["messages"] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "user", "content": "more"},
+    ]
+
+
+def _entry(rid: str, size: int) -> Stored:
+    return Stored(
+        {"id": rid, "output": [{"type": "message", "id": f"o_{rid}"}]}, [{"id": f"i_{rid}"}], [], size
+    )
+
+
+def test_the_store_evicts_the_oldest_past_its_count_or_its_byte_budget():
+    store = ResponseStore(max_count=3, max_bytes=100)
+    for i in range(4):
+        assert store.put(_entry(f"r{i}", 10))
+    assert list(store.entries) == ["r1", "r2", "r3"] and store.bytes == 30  # the count: r0 went
+    assert store.put(_entry("big", 80))  # the bytes: r1 goes (20 + 80 fit), r2 stays
+    assert list(store.entries) == ["r2", "r3", "big"] and store.bytes == 100
+    # larger than the whole budget: not kept, and nothing is evicted for it
+    assert not store.put(_entry("huge", 101)) and list(store.entries) == ["r2", "r3", "big"]
+    assert store.pop("r2").response["id"] == "r2" and store.get("r2") is None and store.bytes == 90
+    assert store.pop("r2") is None and store.get("r3").conversation() == [{"id": "i_r3"}, {"type": "message",
+                                                                          "id": "o_r3"}]  # fmt: skip
+    off = ResponseStore(max_count=0, max_bytes=100)
+    assert not off.enabled and not off.put(_entry("r", 1)) and not off.entries
+
+
+def test_the_conversation_of_a_chain_is_the_earlier_turns_the_input_and_the_output():
+    first = _entry("a", 1)
+    second = Stored({"id": "b", "output": [{"id": "o_b"}]}, [{"id": "i_b"}], first.conversation(), 1)
+    assert [i["id"] for i in second.conversation()] == ["i_a", "o_a", "i_b", "o_b"]
 
 
 def test_chat_errors_are_named_as_the_responses_request_names_its_fields():
@@ -283,7 +325,11 @@ def test_a_call_cut_by_max_output_tokens_is_an_incomplete_item_whole_as_streamed
 def test_refusals_and_errors_are_openais_shape(server):
     url = server[0]
     r = httpx.post(f"{url}/v1/responses", json={"input": "x", "previous_response_id": "resp_1"})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "previous_response_id"
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "previous_response_id"
+    assert err["message"] == "previous_response_id: no stored response with id 'resp_1'"
+    r = httpx.post(f"{url}/v1/responses", json={"input": "x", "previous_response_id": 3})
+    assert r.status_code == 400 and r.json()["error"]["message"] == "previous_response_id: must be a string"
     r = httpx.post(f"{url}/v1/responses", json={"input": "x", "max_output_tokens": 5000})
     err = r.json()["error"]
     assert (
@@ -293,9 +339,177 @@ def test_refusals_and_errors_are_openais_shape(server):
     )
     r = httpx.post(f"{url}/v1/responses", json={"input": "x", "model": "other"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
-    for method in ("GET", "DELETE"):
-        r = httpx.request(method, f"{url}/v1/responses/resp_123")
-        assert r.status_code == 404 and "stores none" in r.json()["error"]["message"]
+    for path in ("resp_123", "resp_123/input_items"):
+        for method in ("GET", "DELETE") if path == "resp_123" else ("GET",):
+            r = httpx.request(method, f"{url}/v1/responses/{path}")
+            err = r.json()["error"]
+            assert r.status_code == 404 and err["code"] == "not_found"
+            assert err["message"] == "no stored response with id 'resp_123'"
+    r = httpx.delete(f"{url}/v1/responses/resp_123/input_items")
+    assert r.status_code == 404 and "is not served" in r.json()["error"]["message"]
+
+
+def test_a_stored_response_is_retrieved_chained_listed_and_deleted(client, server):
+    first = client.responses.create(model="tiny", input="hello", instructions="be brief", max_output_tokens=8,
+                                    temperature=0)  # fmt: skip
+    assert first.store is True and client.responses.retrieve(first.id).model_dump() == first.model_dump()
+    second = client.responses.create(model="tiny", input="more", previous_response_id=first.id,
+                                     max_output_tokens=8, temperature=0)  # fmt: skip
+    # the model saw the earlier turns and not the earlier instructions: the chat reply of that conversation
+    turns = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first.output_text},
+             {"role": "user", "content": "more"}]  # fmt: skip
+    chat = client.chat.completions.create(model="tiny", max_tokens=8, temperature=0, messages=turns)
+    assert second.output_text == chat.choices[0].message.content and second.previous_response_id == first.id
+    assert second.usage.input_tokens == chat.usage.prompt_tokens
+    (item,) = client.responses.input_items.list(second.id).data  # this request's input
+    assert (item.type, item.role, item.id[:4]) == ("message", "user", "msg_")
+    r = httpx.get(f"{server[0]}/v1/responses/{first.id}", params={"stream": "true"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
+    r = httpx.delete(f"{server[0]}/v1/responses/{first.id}")
+    assert r.json() == {"id": first.id, "object": "response", "deleted": True}
+    assert httpx.get(f"{server[0]}/v1/responses/{first.id}").status_code == 404
+    r = httpx.post(f"{server[0]}/v1/responses", json={"input": "x", "previous_response_id": first.id})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "previous_response_id"
+    # a chain holds its turns: the second still continues with the first's, its instructions its own
+    third = client.responses.create(model="tiny", input="again", previous_response_id=second.id,
+                                    instructions="be kind", max_output_tokens=4, temperature=0)  # fmt: skip
+    turns = [{"role": "system", "content": "be kind"}, *turns, {"role": "assistant", "content": second.output_text},
+             {"role": "user", "content": "again"}]  # fmt: skip
+    chat = client.chat.completions.create(model="tiny", max_tokens=4, temperature=0, messages=turns)
+    assert third.output_text == chat.choices[0].message.content
+    assert third.usage.input_tokens == chat.usage.prompt_tokens > second.usage.input_tokens
+    kept = client.responses.create(model="tiny", input="x", max_output_tokens=2, store=False)
+    assert kept.store is False and httpx.get(f"{server[0]}/v1/responses/{kept.id}").status_code == 404
+
+
+def test_a_tool_result_chains_to_the_stored_call(client):
+    """The Agents SDK's next turn: the call's output alone, with previous_response_id; the prompt is that of the
+    whole conversation sent in input."""
+    kw = dict(model="tiny", tools=[WEATHER], max_output_tokens=6, temperature=0)
+    first = client.responses.create(**kw | {"max_output_tokens": 120}, input="weather in Rome?",
+                                    tool_choice={"type": "function", "name": "get_weather"})  # fmt: skip
+    (call,) = first.output
+    out = {"type": "function_call_output", "call_id": call.call_id, "output": '{"temp": 21}'}
+    chained = client.responses.create(**kw, previous_response_id=first.id, input=[out])
+    whole = client.responses.create(**kw, input=[{"role": "user", "content": "weather in Rome?"},
+                                                 call.model_dump(exclude_none=True), out])  # fmt: skip
+    assert chained.usage.input_tokens == whole.usage.input_tokens
+    same = [(o.type, o.model_dump().get("arguments")) for o in whole.output]
+    assert [(o.type, o.model_dump().get("arguments")) for o in chained.output] == same
+    assert chained.output_text == whole.output_text
+
+
+def test_input_items_are_listed_in_openais_pages(client):
+    items = [{"role": "user", "content": f"turn {i}"} for i in range(5)]
+    r = client.responses.create(model="tiny", input=items, max_output_tokens=2)
+    every = client.responses.input_items.list(r.id, order="asc", limit=100)
+    ids = [i.id for i in every.data]
+    assert len(set(ids)) == 5 and [i.content for i in every.data] == [f"turn {i}" for i in range(5)]
+    page = client.responses.input_items.list(r.id, limit=2)  # OpenAI's default order: the newest first
+    assert [i.id for i in page.data] == ids[::-1][:2] and page.has_more
+    later = client.responses.input_items.list(r.id, limit=2, after=ids[3])
+    assert [i.id for i in later.data] == ids[::-1][2:4]
+    assert [i.id for i in client.responses.input_items.list(r.id, order="asc", after=ids[3])] == [ids[4]]
+    openai = pytest.importorskip("openai")
+    with pytest.raises(openai.BadRequestError, match="limit: must be an integer from 1 to 100"):
+        client.responses.input_items.list(r.id, limit=0)
+
+
+def test_a_streamed_response_is_stored_at_its_end_with_its_status(client):
+    with client.responses.stream(
+        model="tiny", input="hello", max_output_tokens=40, temperature=0, text=DIGIT
+    ) as s:
+        final = s.get_final_response()
+    got = client.responses.retrieve(final.id)
+    assert (got.status, got.output_text, got.usage) == ("completed", final.output_text, final.usage)
+    cut = list(
+        client.responses.create(model="tiny", input="hello", max_output_tokens=2, temperature=0, stream=True)
+    )
+    got = client.responses.retrieve(cut[-1].response.id)
+    assert got.status == "incomplete" and got.output[0].status == "incomplete" and got.store is True
+
+
+def test_a_failed_or_abandoned_stream_is_kept_with_its_status():
+    kept: list[dict] = []
+    error = ApiError(400, "response_format: constrained decoding failed", "response_format").body()
+    events = events_of([_delta({"role": "assistant"}), _delta({"content": "ab"}), error], kept.append)
+    assert kept[0]["status"] == "failed" and kept[0] == events[-1]["response"]  # as response.failed has it
+
+    async def leave() -> None:  # the client reads up to the delta "b" and goes: the stream is closed
+        chunks = (sse(_delta({"content": c})) for c in "abcdef")
+
+        async def stream():
+            for c in chunks:
+                yield c
+
+        events = response_events(
+            shell("resp_2", {"input": "x"}, "tiny", "in_progress"), stream(), kept.append
+        )
+        for _ in range(6):  # created, in_progress, item and part added, two deltas
+            await anext(events)
+        await events.aclose()
+
+    asyncio.run(leave())
+    (item,) = kept[1]["output"]
+    assert kept[1]["status"] == "cancelled" and item["status"] == "incomplete"
+    assert item["content"][0]["text"] == "ab"
+
+
+@pytest.fixture
+def own_server(tiny_dir):
+    """A server of its own on the tiny model, with create_app's keywords."""
+    from contextlib import contextmanager
+
+    from lserve_lite import EngineConfig
+    from lserve_lite.engine.llm_engine import LLMEngine
+    from lserve_lite.serve.app import ServerThread, create_app
+
+    @contextmanager
+    def serve(**kw):
+        engine = LLMEngine(str(tiny_dir), "cpu", EngineConfig(**CFG))
+        with ServerThread(create_app(engine, served_model_name="tiny", **kw)) as url:
+            yield url
+
+    return serve
+
+
+def test_the_servers_store_evicts_the_oldest_and_zero_stores_none(own_server):
+    def post(url: str, **kw) -> httpx.Response:
+        return httpx.post(url + "/v1/responses", json={"input": "x", "max_output_tokens": 2} | kw)
+
+    with own_server(responses_store=2) as url:
+        ids = [post(url).json()["id"] for _ in range(3)]
+        assert [httpx.get(f"{url}/v1/responses/{i}").status_code for i in ids] == [404, 200, 200]
+        r = post(url, previous_response_id=ids[0])
+        assert r.status_code == 400 and r.json()["error"]["message"] == (
+            f"previous_response_id: no stored response with id '{ids[0]}'"
+        )
+    with own_server(responses_store=0) as url:
+        r = post(url)
+        assert (
+            r.json()["store"] is False
+            and httpx.get(f"{url}/v1/responses/{r.json()['id']}").status_code == 404
+        )
+        err = post(url, previous_response_id=r.json()["id"]).json()["error"]
+        assert err["message"] == (
+            "previous_response_id: this server stores no responses (--responses-store 0): send the whole "
+            "conversation in input"
+        )
+
+
+def test_the_serve_flags_bound_the_store(monkeypatch):
+    from lserve_lite import cli
+    from lserve_lite.serve import run_from_args
+
+    seen = {}
+    monkeypatch.setattr("lserve_lite.serve.run_server", lambda *a, **k: seen.update(k) or 0)
+    assert run_from_args(cli.build_parser().parse_args(["serve"])) == 0
+    assert (seen["responses_store"], seen["responses_store_mib"]) == (1024, 64)
+    args = cli.build_parser().parse_args(["serve", "--responses-store", "0", "--responses-store-mib", "2"])
+    assert run_from_args(args) == 0 and (seen["responses_store"], seen["responses_store_mib"]) == (0, 2)
+    for bad in (["--responses-store", "-1"], ["--responses-store-mib", "0"]):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["serve", *bad])
 
 
 def _metric(url: str, name: str) -> float:
@@ -311,27 +525,35 @@ def test_a_client_gone_mid_stream_aborts_its_request(server):
     before = _metric(url, aborted)
     body = {"model": "tiny", "input": "hello", "max_output_tokens": 1500, "temperature": 0, "stream": True}
     with httpx.stream("POST", url + "/v1/responses", json=body, timeout=60) as r:
-        deltas = 0
+        deltas, rid = 0, None
         for line in r.iter_lines():
+            rid = rid or (line.startswith("data: ") and json.loads(line[6:])["response"]["id"])
             deltas += line.startswith("event: response.output_text.delta")
             if deltas == 3:
                 break
+
+    def status() -> str | None:
+        return httpx.get(f"{url}/v1/responses/{rid}").json().get("status")
+
     deadline = time.monotonic() + 30
-    while (_metric(url, aborted), engine.blocks.num_used) != (before + 1, 0) and time.monotonic() < deadline:
+    while (_metric(url, aborted), engine.blocks.num_used, status()) != (before + 1, 0, "cancelled") and (
+        time.monotonic() < deadline
+    ):
         time.sleep(0.05)
-    # aborted (its pages back), not run on to max_output_tokens
-    assert (_metric(url, aborted), engine.blocks.num_used) == (before + 1, 0)
+    # aborted (its pages back), not run on to max_output_tokens; kept as cancelled
+    assert (_metric(url, aborted), engine.blocks.num_used, status()) == (before + 1, 0, "cancelled")
 
 
-def events_of(chunks: list[dict | str]) -> list[dict]:
-    """The Responses events (their JSON) of a chat stream of these chunks (dicts, or raw SSE lines)."""
+def events_of(chunks: list[dict | str], keep=None) -> list[dict]:
+    """The Responses events (their JSON) of a chat stream of these chunks (dicts, or raw SSE lines); `keep` gets the
+    response at the stream's end."""
 
     async def stream():
         for c in chunks:
             yield c if isinstance(c, str) else sse(c)
 
     async def read() -> list[dict]:
-        events = response_events(shell("resp_1", {"input": "x"}, "tiny", "in_progress"), stream())
+        events = response_events(shell("resp_1", {"input": "x"}, "tiny", "in_progress"), stream(), keep)
         return [json.loads(e.partition("data: ")[2]) async for e in events]
 
     return asyncio.run(read())

@@ -13,6 +13,7 @@ from dataclasses import replace
 from ..config import MAX_BATCHED_TOKENS, EngineConfig
 from ..engine_args import add_engine_args, bounded_int, engine_config_from_args, utf8_text
 from ..errors import LServeError
+from .response_store import DEFAULT_COUNT, DEFAULT_MIB
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +61,21 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "max_tokens (vLLM's flag): auto, the model's generation_config.json; vllm, none (OpenAI's defaults); or a "
         "folder holding a generation_config.json",
     )
+    s.add_argument(
+        "--responses-store",
+        type=bounded_int(0, 1 << 20),
+        default=DEFAULT_COUNT,
+        metavar="N",
+        help="responses of /v1/responses kept in memory for GET and previous_response_id, the oldest evicted first "
+        f"(0: none; default {DEFAULT_COUNT})",
+    )
+    s.add_argument(
+        "--responses-store-mib",
+        type=bounded_int(1, 1 << 20),
+        default=DEFAULT_MIB,
+        metavar="MIB",
+        help=f"the kept responses' JSON size at most, the oldest evicted first (default {DEFAULT_MIB})",
+    )
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -76,8 +92,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 2
     return run_server(args.model, args.host, args.port, args.api_key, args.max_model_len, args.backend,
                       engine_config, served_model_name=args.served_model_name, max_queue=args.max_queue,
-                      log_level=args.log_level,
-                      trust_request_chat_template=args.trust_request_chat_template)  # fmt: skip
+                      log_level=args.log_level, trust_request_chat_template=args.trust_request_chat_template,
+                      responses_store=args.responses_store,
+                      responses_store_mib=args.responses_store_mib)  # fmt: skip
 
 
 def run_server(
@@ -92,6 +109,8 @@ def run_server(
     max_queue: int = 256,
     log_level: str = "info",
     trust_request_chat_template: bool = False,
+    responses_store: int = DEFAULT_COUNT,
+    responses_store_mib: int = DEFAULT_MIB,
 ) -> int:
     """Load the model, then serve until interrupted (Ctrl-C)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -113,7 +132,8 @@ def run_server(
     try:
         engine = LLMEngine(model, backend, cfg)
         app = create_app(engine, api_key, served_model_name, max_queue,
-                         trust_request_chat_template=trust_request_chat_template)  # fmt: skip
+                         trust_request_chat_template=trust_request_chat_template,
+                         responses_store=responses_store, responses_store_mib=responses_store_mib)  # fmt: skip
     except LServeError as e:  # the model's files, its generation_config.json sampling defaults too
         if engine is not None:
             engine.close()

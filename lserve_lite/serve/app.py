@@ -38,8 +38,9 @@ from .protocol import (
     parse,
     prompt_size,
 )
+from .response_store import DEFAULT_COUNT, DEFAULT_MIB, ResponseStore
 from .responses import Choices, EventStream, close_all, collect, sse_events
-from .responses_api import create_response, not_stored
+from .responses_api import create_response, stored_reply
 
 log = logging.getLogger("lserve_lite.serve")
 __all__ = ["create_app", "ServerThread", "add_serve_args", "run_from_args", "run_server"]
@@ -59,6 +60,8 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     max_prompt_chars: int | None = None,
     trust_request_chat_template: bool = False,
+    responses_store: int = DEFAULT_COUNT,
+    responses_store_mib: int = DEFAULT_MIB,
 ) -> FastAPI:
     """An app serving `engine`; its engine thread runs for the app's lifespan.
 
@@ -66,7 +69,8 @@ def create_app(
     PROMPT_CHARS_PER_TOKEN x the context length) get 400, both before any tokenization; so does a chat prompt
     whose rendering is longer. A chat request's own `chat_template` is refused unless
     `trust_request_chat_template` (vLLM's --trust-request-chat-template): the sandbox bounds a template's steps
-    and output, but a client's template is code that costs the whole server CPU time (docs/SERVE.md).
+    and output, but a client's template is code that costs the whole server CPU time (docs/SERVE.md). The
+    Responses API keeps up to `responses_store` responses of `responses_store_mib` MiB (0: none), the oldest evicted.
     """
     defaults = engine.sampling_defaults  # the model's sampling fields, checked before any request
     metrics = Metrics()
@@ -79,6 +83,7 @@ def create_app(
     # the model writes calls in (<tool_call> blocks, Mistral's or Llama's), where it is one a grammar here writes
     form = call_form(engine.tokenizer)
     created = now()
+    store = ResponseStore(responses_store, responses_store_mib << 20)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -428,12 +433,12 @@ def create_app(
     async def responses(request: Request):
         check_key(request)
         body = await read_json(request)
-        return await create_response(body, model_name, lambda chat: generate(request, True, chat))
+        return await create_response(body, model_name, lambda chat: generate(request, True, chat), store)
 
     @app.api_route("/v1/responses/{rid:path}", methods=["GET", "DELETE"])
     async def stored_response(rid: str, request: Request):
         check_key(request)
-        raise not_stored(rid)
+        return stored_reply(store, request.method, rid, dict(request.query_params))
 
     return app
 

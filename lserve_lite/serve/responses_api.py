@@ -1,6 +1,7 @@
 """OpenAI's Responses API (POST /v1/responses) run on the chat completions path: a request's input, instructions,
 tools and text format become a chat body (same validation, limits, template, sampling and tool calls), and the
-chat reply, whole or streamed, becomes a response object or its events. Nothing is stored."""
+chat reply, whole or streamed, becomes a response object or its events, kept (`store`) for GET and for
+`previous_response_id` in a ResponseStore."""
 
 from __future__ import annotations
 
@@ -13,13 +14,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from ..errors import InvalidRequestError
 from ..sampling_params import refuse_set
 from .protocol import ApiError, now
+from .response_store import ResponseStore, Stored
 from .responses import EventStream, sse
 
-NOT_STORED = "nothing is stored: send the whole conversation in input"
 # Responses fields this server cannot honour, each with its value that means "off" (accepted, as is null)
 REFUSED: dict[str, tuple[object, str]] = {
-    "previous_response_id": (None, NOT_STORED),
-    "conversation": (None, NOT_STORED),
+    "conversation": (
+        None,
+        "conversations are not stored: chain responses with previous_response_id, or send the whole "
+        "conversation in input",
+    ),
     "background": (
         False,
         "responses run while the request is open: send stream: true to read one as it is written",
@@ -33,15 +37,19 @@ REFUSED: dict[str, tuple[object, str]] = {
 ROLES = ("user", "system", "developer", "assistant")
 PARTS = ("input_text", "output_text")  # the text parts of a message; images, files and audio are refused
 METADATA_PAIRS, METADATA_KEY, METADATA_VALUE = 16, 64, 512  # OpenAI's limits
+ITEMS_PAGE = 100  # the most input items a page lists (OpenAI's limit)
+# the prefixes of stored input items' ids
+ITEM_IDS = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
 # the chat fields that errors of the chat path name, as a Responses request spells them
 _RENAMES = {"max_completion_tokens": "max_output_tokens", "response_format": "text.format"}
 _MESSAGES = re.compile(r"^messages(\[\d+\])?")
 _TOOL_FUNCTION = re.compile(r"(tools\[\d+\])\.function\.")
 
 
-def chat_body(body: dict) -> dict:
-    """A Responses request as the chat completions body that runs it; what this server cannot honour is refused in
-    one line naming its field (the chat path checks the rest, `renamed` puts its errors in these names)."""
+def chat_body(body: dict, earlier: list[dict] | None = None) -> dict:
+    """A Responses request as the chat completions body that runs it, after the `earlier` items of a chained
+    conversation; what this server cannot honour is refused in one line naming its field (the chat path checks the
+    rest, `renamed` puts its errors in these names)."""
     for name, (off, instead) in REFUSED.items():
         try:
             refuse_set(name, body.get(name), off, instead)
@@ -65,7 +73,7 @@ def chat_body(body: dict) -> dict:
     if body.get("stream") is True:  # the usage that response.completed carries
         chat["stream_options"] = {"include_usage": True}
     system = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
-    chat["messages"] = system + input_messages(body.get("input"))
+    chat["messages"] = system + input_messages(earlier or []) + input_messages(body.get("input"))
     if body.get("tools") is not None:
         chat["tools"] = chat_tools(body["tools"])
     if body.get("tool_choice") is not None:
@@ -200,18 +208,78 @@ def renamed(e: ApiError) -> ApiError:
     return ApiError(e.status, msg, param, e.code)
 
 
-def not_stored(rid: str) -> ApiError:
-    """GET / DELETE of a response by id: none is stored."""
-    return ApiError(
-        404, f"no response with id {rid!r:.80} (this server stores none)", "response_id", "not_found"
-    )
+def earlier_items(rid: object, store: ResponseStore) -> list[dict]:
+    """The conversation that `previous_response_id` continues (on the event loop, which alone reads the store)."""
+    param = "previous_response_id"
+    if rid is None:
+        return []
+    if not isinstance(rid, str):
+        raise ApiError(400, f"{param}: must be a string", param)
+    if not store.enabled:
+        raise ApiError(400, f"{param}: this server stores no responses (--responses-store 0): send the whole "
+                       "conversation in input", param)  # fmt: skip
+    entry = store.get(rid)
+    if entry is None:
+        raise ApiError(400, f"{param}: no stored response with id {rid!r:.80}", param, "not_found")
+    return entry.conversation()
+
+
+def stored_items(items: object) -> list[dict]:
+    """The request's input items (checked by chat_body) as kept: a string is a user message; each has an id."""
+    items = [{"role": "user", "content": items}] if isinstance(items, str) else items
+    out = []
+    for item in items:
+        kind = item.get("type", "message")
+        out.append({"id": f"{ITEM_IDS[kind]}_{uuid.uuid4().hex}", "type": kind} | item)
+    return out
+
+
+def stored_reply(store: ResponseStore, method: str, path: str, query: dict[str, str]) -> dict:
+    """GET /v1/responses/{id} (the response), GET .../{id}/input_items (a page of its input items), DELETE
+    /v1/responses/{id} (OpenAI's deleted object)."""
+    rid, _, sub = path.partition("/")
+    if sub not in ("", "input_items") or (sub and method != "GET"):
+        raise ApiError(404, f"{method} /v1/responses/{path[:80]} is not served (GET /v1/responses/ID, its "
+                       "/input_items, DELETE /v1/responses/ID)")  # fmt: skip
+    entry = store.get(rid)
+    if entry is None:
+        raise ApiError(404, f"no stored response with id {rid!r:.80}", "response_id", "not_found")
+    if sub:
+        return items_page(entry.items, query)
+    if query.get("stream", "false") != "false":  # OpenAI's replay of a background response's events
+        raise ApiError(
+            400, "stream: a stored response is returned whole (no background responses here)", "stream"
+        )
+    if method == "DELETE":
+        store.pop(rid)
+        return {"id": rid, "object": "response", "deleted": True}
+    return entry.response
+
+
+def items_page(items: list[dict], query: dict[str, str]) -> dict:
+    """OpenAI's list of input items: `order` desc (its default: the last first) or asc, up to `limit` (20) after
+    the item of id `after`."""
+    limit, order, after = query.get("limit", "20"), query.get("order", "desc"), query.get("after")
+    if not (limit.isascii() and limit.isdigit() and len(limit) <= 3 and 1 <= int(limit) <= ITEMS_PAGE):
+        raise ApiError(400, f"limit: must be an integer from 1 to {ITEMS_PAGE}", "limit")
+    if order not in ("asc", "desc"):
+        raise ApiError(400, "order: must be 'asc' or 'desc'", "order")
+    ordered = items if order == "asc" else items[::-1]
+    start = 0
+    if after is not None:
+        start = next((i + 1 for i, item in enumerate(ordered) if item["id"] == after), None)
+        if start is None:
+            raise ApiError(400, f"after: no input item with id {after!r:.80}", "after")
+    data = ordered[start : start + int(limit)]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": start + len(data) < len(ordered)}  # fmt: skip
 
 
 def new_response_id() -> str:
     return f"resp_{uuid.uuid4().hex}"
 
 
-def shell(rid: str, body: dict, model: str, status: str) -> dict:
+def shell(rid: str, body: dict, model: str, status: str, stored: bool = False) -> dict:
     """The response object without its output and usage: the request's settings, echoed as OpenAI does."""
     form = (body.get("text") or {}).get("format") or {"type": "text"}
     return {
@@ -219,7 +287,7 @@ def shell(rid: str, body: dict, model: str, status: str) -> dict:
         "incomplete_details": None, "instructions": body.get("instructions"),
         "max_output_tokens": body.get("max_output_tokens"), "metadata": body.get("metadata") or {},
         "model": model, "output": [], "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
-        "previous_response_id": None, "reasoning": None, "store": False,
+        "previous_response_id": body.get("previous_response_id"), "reasoning": None, "store": stored,
         "temperature": body.get("temperature"), "text": {"format": form},
         "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
         "top_p": body.get("top_p"), "truncation": "disabled", "usage": None, "user": body.get("user"),
@@ -262,13 +330,13 @@ def last_status(finish: str | None) -> str:
     return "incomplete" if finish in ("length", "abort") else "completed"
 
 
-def response_object(rid: str, body: dict, reply: dict) -> dict:
+def response_object(rid: str, body: dict, reply: dict, stored: bool = False) -> dict:
     """A chat completion (one choice) as a response: its text a message item, its calls function_call items."""
     (choice,) = reply["choices"]
     msg, finish = choice["message"], choice["finish_reason"]
     calls = msg.get("tool_calls") or []
     text = [message_item(msg["content"] or "", "completed")] if msg["content"] or not calls else []
-    response = shell(rid, body, reply["model"], "completed")
+    response = shell(rid, body, reply["model"], "completed", stored)
     response["output"] = text + [call_item(c, "completed") for c in calls]
     response["output"][-1]["status"] = last_status(finish)
     return finished(response, finish, reply["usage"])
@@ -355,45 +423,75 @@ class ResponseEvents:
                 self.event("response.failed", response=self.response)]  # fmt: skip
 
 
-async def response_events(response: dict, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-    """The Responses events of a chat stream (one choice, with its usage chunk) that `response` (`shell`) heads."""
+async def response_events(
+    response: dict, chunks: AsyncIterator[str], keep: Callable[[dict], None] | None = None
+) -> AsyncIterator[str]:
+    """The Responses events of a chat stream (one choice, with its usage chunk) that `response` (`shell`) heads;
+    `keep` gets the response at the end: completed, incomplete, failed, or cancelled where the client left."""
     ev = ResponseEvents(response)
-    yield ev.event("response.created", response=response)
-    yield ev.event("response.in_progress", response=response)
-    finish = None
-    async for raw in chunks:
-        data = raw.removeprefix("data: ").strip()
-        if data == "[DONE]":
-            continue
-        chunk = json.loads(data)
-        if "error" in chunk:
-            for e in ev.failed(chunk["error"]):
-                yield e
-            return
-        for choice in chunk["choices"]:
-            delta = choice["delta"]
-            for e in ev.write(delta["content"]) if delta.get("content") else []:
-                yield e
-            for call in delta.get("tool_calls") or []:
-                for e in ev.call(call):
+    try:
+        yield ev.event("response.created", response=response)
+        yield ev.event("response.in_progress", response=response)
+        finish = None
+        async for raw in chunks:
+            data = raw.removeprefix("data: ").strip()
+            if data == "[DONE]":
+                continue
+            chunk = json.loads(data)
+            if "error" in chunk:
+                for e in ev.failed(chunk["error"]):
                     yield e
-            finish = choice["finish_reason"] or finish
-        if chunk.get("usage"):
-            for e in ev.end(finish, chunk["usage"]):
-                yield e
+                return
+            for choice in chunk["choices"]:
+                delta = choice["delta"]
+                for e in ev.write(delta["content"]) if delta.get("content") else []:
+                    yield e
+                for call in delta.get("tool_calls") or []:
+                    for e in ev.call(call):
+                        yield e
+                finish = choice["finish_reason"] or finish
+            if chunk.get("usage"):
+                for e in ev.end(finish, chunk["usage"]):
+                    yield e
+    finally:
+        if response["status"] == "in_progress":  # the client left: its request was aborted
+            ev.close("incomplete")
+            response["status"] = "cancelled"
+        if keep is not None:
+            keep(response)
+
+
+def prepare(body: dict, earlier: list[dict], stored: bool) -> tuple[dict, list[dict], int]:
+    """The chat body, and for a response to keep its input items and the JSON size of what it will hold (the
+    request, the earlier items; its output is counted at its end)."""
+    chat = chat_body(body, earlier)
+    if not stored:
+        return chat, [], 0
+    return chat, stored_items(body.get("input")), len(json.dumps([earlier, body]))
 
 
 async def create_response(
-    body: dict, model: str, run: Callable[[dict], Awaitable[dict | EventStream]]
+    body: dict, model: str, run: Callable[[dict], Awaitable[dict | EventStream]], store: ResponseStore
 ) -> dict | EventStream:
-    """POST /v1/responses: `body` run as chat completions by `run` (the server's chat path), its reply reshaped."""
+    """POST /v1/responses: `body` run as chat completions by `run` (the server's chat path), its reply reshaped and,
+    unless `store` is false, kept in `store` (a stream at its end)."""
     rid = new_response_id()
-    chat = await asyncio.to_thread(chat_body, body)  # off the event loop, as the chat path's checks
+    earlier = earlier_items(body.get("previous_response_id"), store)
+    stored = store.enabled and body.get("store") is not False
+    # off the event loop, as the chat path's checks
+    chat, items, size = await asyncio.to_thread(prepare, body, earlier, stored)
+
+    def keep(response: dict) -> None:
+        if stored:  # its output's size is bounded by the tokens it generated
+            store.put(Stored(response, items, earlier, size + len(json.dumps(response["output"]))))
+
     try:
         reply = await run(chat)
     except ApiError as e:
         raise renamed(e) from None
     if isinstance(reply, EventStream):
-        events = response_events(shell(rid, body, model, "in_progress"), reply.body_iterator)
+        events = response_events(shell(rid, body, model, "in_progress", stored), reply.body_iterator, keep)
         return EventStream(reply.handles, events)
-    return response_object(rid, body, reply)
+    response = response_object(rid, body, reply, stored)
+    keep(response)
+    return response
