@@ -306,8 +306,9 @@ def test_a_streamed_call_and_a_stream_cut_by_max_output_tokens(client):
 
 
 def test_a_call_cut_by_max_output_tokens_is_an_incomplete_item_whole_as_streamed(client):
-    """A forced call cut short (56 tokens: the `<tool_call>` opening and part of the arguments): its arguments as far as written, the item and the response incomplete; the stream's
-    call item is held open until the end says so (a whole call before it would be completed)."""
+    """A forced call cut short (56 tokens: the `<tool_call>` opening and part of the arguments): its arguments as
+    far as written, the item and the response incomplete; the stream's call item is held open until the end says so
+    (a whole call before it would be completed)."""
     kw = dict(model="tiny", input="weather in Rome?", tools=[WEATHER], tool_choice="required",
               parallel_tool_calls=False, max_output_tokens=56, temperature=0)  # fmt: skip
     whole = client.responses.create(**kw)
