@@ -12,8 +12,9 @@ for round in $(seq ${ROUNDS:-2}); do
     { uptime; ps -eo pcpu,etimes,args --sort=-pcpu | head -5; } > "$OUT/$name.load"
     s=$(date +%s)
     (cd "$tree" && PYTHONPATH=/tmp/site:$tree timeout $left python3 tools/bench_e2e.py --model-dir /tmp/smolrand \
-      --skip llama --skip splits --skip smollm2-lserve --smol-prompts 512 --out "$OUT/$name") 2>&1 \
-      | grep -E "engine|prefill|replay" | sed "s/^/$name /"
+      --skip llama --skip splits --skip smollm2-lserve --smol-prompts 512 --out "$OUT/$name") > "$OUT/$name.log" 2>&1
+    grep -E "engine|prefill|replay" "$OUT/$name.log" | sed "s/^/$name /"
+    grep -q "engine" "$OUT/$name.log" || tail -n 5 "$OUT/$name.log" | sed "s/^/$name /"  # why a run gave no rows
     last=$(( $(date +%s) - s )); echo "$name took $last s"
   done
 done

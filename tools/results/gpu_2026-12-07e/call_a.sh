@@ -1,7 +1,7 @@
 # The fifth 2026-12-07 session's first device call (README here): the GPU tests of what changed since the last GPU run
 # (argmax_rows' fused flags, the synchronous step's one readback, the engine's split), then the host-overhead A/B of
 # main against 76b70ae (2026-12-06) on a random SmolLM2-shaped fp16 model (ab_host.sh), within TOTAL seconds.
-# OUT=dir [TOTAL=s] bash tools/results/gpu_2026-12-07e/call_a.sh   (carry .device/whl and .device/smolcfg)
+# OUT=dir [TOTAL=s] bash tools/results/gpu_2026-12-07e/call_a.sh   (carry .device/whl, .device/smolcfg, .device/on-device.sh)
 L=/tmp/logs_e; . tools/results/gpu_2026-12-06g/prelude.sh
 t0=$(date +%s)
 python3 -c "import cupy; from cupy.cuda import nvrtc; print('cupy', cupy.__version__, 'nvrtc', nvrtc.getVersion())"

@@ -1,7 +1,7 @@
 # The session's second device call (README here): the GPU tests of the pinned soundness flags (sample_async), then
 # the host-overhead A/B of main against the commit before it (OLD, the same kernels: one compile), then the engine's
 # other GPU test files while TOTAL seconds last. OUT=dir OLD=commit [TOTAL=s] bash .../call_b.sh
-# (carry .device/whl and .device/smolcfg)
+# (carry .device/whl, .device/smolcfg and .device/on-device.sh: call B of 2026-12-07 left the last out)
 L=/tmp/logs_f; . tools/results/gpu_2026-12-06g/prelude.sh
 t0=$(date +%s)
 step() {  # a GPU test file, if TOTAL leaves room
