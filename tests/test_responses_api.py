@@ -323,6 +323,26 @@ def test_a_call_cut_by_max_output_tokens_is_an_incomplete_item_whole_as_streamed
     assert (streamed.name, streamed.arguments, streamed.status) == (call.name, call.arguments, "incomplete")
 
 
+def test_cache_salt_keeps_responses_prefix_cache_apart(client):
+    """vLLM's cache_salt, as on chat: was ignored here. Requests of one salt share prefix-cache pages, another salt's
+    do not; a salt that is not a non-empty string is refused, named."""
+    import openai
+
+    kw = dict(
+        model="tiny", input="a question long enough to fill pages " * 30, max_output_tokens=2, temperature=0
+    )
+    cached = [
+        client.responses.create(
+            **kw, extra_body={"cache_salt": salt}
+        ).usage.input_tokens_details.cached_tokens
+        for salt in ("resp-a", "resp-a", "resp-b")
+    ]
+    assert cached[0] == 0 and cached[1] > 0 and cached[2] == 0, cached
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(**kw, extra_body={"cache_salt": 5})
+    assert e.value.body["param"] == "cache_salt"
+
+
 def test_refusals_and_errors_are_openais_shape(server):
     url = server[0]
     r = httpx.post(f"{url}/v1/responses", json={"input": "x", "previous_response_id": "resp_1"})

@@ -66,7 +66,16 @@ def chat_body(body: dict, earlier: list[dict] | None = None) -> dict:
         raise ApiError(400, "store: must be a boolean", "store")
     check_metadata(body.get("metadata"))
     chat = {
-        k: body[k] for k in ("model", "temperature", "top_p", "parallel_tool_calls", "stream") if k in body
+        k: body[k]
+        for k in (
+            "model",
+            "temperature",
+            "top_p",
+            "parallel_tool_calls",
+            "stream",
+            "cache_salt",
+        )  # vLLM's salt
+        if k in body
     }
     if body.get("max_output_tokens") is not None:
         chat["max_completion_tokens"] = body["max_output_tokens"]
