@@ -99,6 +99,13 @@ def server(request, tiny_dir):
         yield url, engine
 
 
+@pytest.fixture
+def client(server):
+    """The `openai` package's client of the module's `server` (a module with its own `client` fixture uses that)."""
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="x", max_retries=0, timeout=120)
+
+
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory) -> tuple[dict, dict, Path]:
     """A tiny llama GGUF written with the gguf package, and what our reader makes of it."""

@@ -383,12 +383,6 @@ def test_one_bitmask_per_sampled_token(llm):
 
 
 # -- the server -----------------------------------------------------------------------------------------------
-@pytest.fixture
-def client(server):
-    openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url=server[0] + "/v1", api_key="x", max_retries=0, timeout=60)
-
-
 def test_completion_echo_logprobs_as_lm_eval_reads_them(client, llm):
     """lm-evaluation-harness's loglikelihood request: echo, logprobs=1, max_tokens=1, temperature 0."""
     ids = llm.tokenizer.encode("the quick brown fox jumps")

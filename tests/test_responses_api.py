@@ -210,12 +210,6 @@ def tiny_dir(tmp_path_factory):
     return make_tiny_numpy(tmp_path_factory.mktemp("tiny_responses"))
 
 
-@pytest.fixture
-def client(server):
-    openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url=server[0] + "/v1", api_key="x", max_retries=0, timeout=120)
-
-
 def test_a_response_equals_the_chat_reply_of_the_same_conversation(client):
     r = client.responses.create(model="tiny", input="hello", instructions="be brief", max_output_tokens=8,
                                 temperature=0, metadata={"k": "v"})  # fmt: skip

@@ -1275,12 +1275,6 @@ def tiny_dir(tmp_path_factory):
     return make_tiny_numpy(tmp_path_factory.mktemp("tiny_tools"))
 
 
-@pytest.fixture
-def client(server):
-    openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url=server[0] + "/v1", api_key="x", max_retries=0, timeout=120)
-
-
 def test_forced_calls_are_valid_for_their_schema(client):
     """A random model, sampled: every forced reply is a call of the named tool (or of one of the tools) whose
     arguments satisfy its parameters' schema."""
