@@ -441,6 +441,11 @@ _CHAT_FIELDS: dict[str, object] = {
 }  # fmt: skip
 
 
+# the fields chat refuses unless they hold their "off" value (vLLM's and OpenAI's it does not implement): the
+# Responses API hands them to chat so they are refused there too, not ignored
+CHAT_REFUSED = frozenset(ChatCompletionRequest._unsupported)
+
+
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = False

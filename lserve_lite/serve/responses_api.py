@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from ..errors import InvalidRequestError
 from ..sampling_params import refuse_set
-from .protocol import ApiError, now
+from .protocol import CHAT_REFUSED, ApiError, now
 from .response_store import ResponseStore, Stored
 from .responses import EventStream, sse
 
@@ -65,18 +65,9 @@ def chat_body(body: dict, earlier: list[dict] | None = None) -> dict:
     if body.get("store") is not None and not isinstance(body["store"], bool):
         raise ApiError(400, "store: must be a boolean", "store")
     check_metadata(body.get("metadata"))
-    chat = {
-        k: body[k]
-        for k in (
-            "model",
-            "temperature",
-            "top_p",
-            "parallel_tool_calls",
-            "stream",
-            "cache_salt",
-        )  # vLLM's salt
-        if k in body
-    }
+    # vLLM's salt; and what chat refuses, set, is refused (not ignored) there
+    passed = ("model", "temperature", "top_p", "parallel_tool_calls", "stream", "cache_salt", *CHAT_REFUSED)
+    chat = {k: body[k] for k in passed if k in body}
     if body.get("max_output_tokens") is not None:
         chat["max_completion_tokens"] = body["max_output_tokens"]
     if body.get("stream") is True:  # the usage that response.completed carries
