@@ -188,7 +188,7 @@ def test_readme_limits_name_the_limits_the_code_enforces():
     code's value: `n` up to 16, `logprobs` up to 20, `logit_bias` up to 1024 ids, `tools` up to 128, the engine's
     and the model config's size bounds were refused with no word of them where a user reads the limits."""
     from lserve_lite import chat_template, config, sampling_params, tokenizer
-    from lserve_lite.engine import tool_calls
+    from lserve_lite.engine import intake, tool_calls
     from lserve_lite.serve import protocol
 
     sp, b = sampling_params, config.SIZE_BOUNDS
@@ -202,6 +202,7 @@ def test_readme_limits_name_the_limits_the_code_enforces():
         f"`repetition_penalty` in [{sp.REPETITION_PENALTY_RANGE[0]:g}, {sp.REPETITION_PENALTY_RANGE[1]:g}]",
         f"up to {tool_calls.MAX_TOOLS} `tools` named by 1-64 letters, digits, `_` or `-`",
         f"`chat_template` up to {_pow2(tokenizer.MAX_CALLER_TEMPLATE_CHARS)} characters",
+        f"`cache_salt` a string of 1-{intake.MAX_CACHE_SALT} characters",
         f"`max_num_seqs` up to {config.MAX_NUM_SEQS}",
         f"`max_num_batched_tokens` up to {_pow2(config.MAX_BATCHED_TOKENS)}",
         f"`num_kv_pages` up to {_pow2(config.MAX_POOL_PAGES)}",
