@@ -454,20 +454,22 @@ class LLM:
                 box.append(out)
 
     def _next_outputs(self, rids: list[str] | set[str], raise_errors: bool) -> list[StepOutput]:
-        """The unread outputs of `rids`, stepping the engine until there is one; with `raise_errors` a failed
-        request's error is raised (logits it could not sample, LLMEngine.step: none of its text is garbage)."""
+        """The unread outputs of `rids`, stepping the engine until there is one (a step and the read of its outputs
+        in one turn); with `raise_errors` a failed request's error is raised (logits it could not sample,
+        LLMEngine.step: none of its text is garbage)."""
         while True:
             with self._call():  # another thread's step may fill these boxes until this one is read
+                if not any(self._boxes[r] for r in rids):
+                    if not self.engine.has_unfinished():  # never with every step going through _step
+                        raise LServeError(
+                            f"requests {list(rids)[:4]} ended unseen: the engine was stepped outside LLM"
+                        )
+                    self._step()
                 outs = [self._boxes[r].popleft() for r in rids for _ in range(len(self._boxes[r]))]
                 if raise_errors and (failed := next((o.error for o in outs if o.error), None)):
                     raise LServeError(failed)
                 if outs:
                     return outs
-                if not self.engine.has_unfinished():  # never with every step going through _step
-                    raise LServeError(
-                        f"requests {list(rids)[:4]} ended unseen: the engine was stepped outside LLM"
-                    )
-                self._step()
 
     def _collect(self, rids: list[str], use_tqdm: bool = False) -> list[CompletionOutput]:
         pending = set(rids)

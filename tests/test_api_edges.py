@@ -918,6 +918,23 @@ def test_generate_from_two_threads_takes_turns(llm, monkeypatch):
     assert not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0
 
 
+def test_a_streamed_token_takes_one_turn_of_the_lock(llm, monkeypatch):
+    """A step and the read of its outputs share one turn of the LLM's lock: one a token of a stream (it took two,
+    the read in a turn of its own: three context managers more in every decode step's host time)."""
+    sp = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    turn, turns = llm._turn, [0]
+
+    def counted():
+        turns[0] += 1
+        return turn()
+
+    monkeypatch.setattr(llm, "_turn", counted)
+    outs = list(llm.stream_outputs([5, 6, 7], sp))
+    assert [len(o.token_ids) for o in outs] == [1] * 8
+    assert turns[0] == 1 + 8  # the request added, then one a token
+    assert not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0
+
+
 def test_grammars_are_built_outside_the_llms_lock(llm, monkeypatch):
     """A response_format's grammar (up to seconds for a large schema) was built inside add_request, under the
     LLM's lock, so every other thread's stream stalled meanwhile: each is built before the lock is taken."""

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from lserve_lite import LLM, EngineConfig, SamplingParams
-from lserve_lite.backends.reference.sampling import sample, sample_row
+from lserve_lite.backends import cpu
+from lserve_lite.backends.reference.sampling import sample, sample_row, sound_rows_ref
 from lserve_lite.sequence import Sequence
 from lserve_lite.tokenizer import IncrementalDecoder
 
@@ -14,6 +15,39 @@ from lserve_lite.tokenizer import IncrementalDecoder
 def _draws(x, n=4000, **kw):
     rng = np.random.default_rng(0)
     return np.array([sample_row(x, u=rng.random(), **kw) for _ in range(n)])
+
+
+def test_sound_rows_ref_is_every_logit_finite_and_not_all_equal():
+    """The two-pass form (a row's max and min) flags the rows the definition does: NaN, +inf or -inf at either end
+    or inside the row, all equal, all zero; sound rows one ulp apart or holding float32's extremes."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((14, 9)).astype(np.float32)
+    bad = [(0, np.nan), (8, np.nan), (4, np.nan), (0, np.inf), (8, -np.inf), (3, np.inf)]  # (column, value)
+    for row, (col, v) in enumerate(bad):
+        x[row, col] = v
+    x[6], x[7] = 0.0, 2.5
+    x[8, 0], x[8, 1:] = np.nextafter(np.float32(1), np.float32(2)), 1.0
+    x[9, 0], x[9, 1] = np.finfo(np.float32).max, np.finfo(np.float32).min
+    want = np.isfinite(x).all(axis=1) & (x.max(axis=1) > x.min(axis=1))
+    assert want.tolist() == [False] * 8 + [True] * 6
+    assert sound_rows_ref(x).tolist() == want.tolist()
+
+
+def test_cpu_sample_async_samples_sound_rows_from_the_logits_themselves(monkeypatch):
+    """A step whose rows are all sound (every step but an overflow) hands the sampler the logits as they are: no
+    copy of the [B, vocab] rows a step (there was one on every step, the sound rows gathered)."""
+    params = SamplingParams(temperature=0)
+    seqs = [Sequence([1, 2], params), Sequence([3], params)]
+    logits = np.random.default_rng(1).standard_normal((2, 50)).astype(np.float32)
+    given = []
+    monkeypatch.setattr(cpu, "sample", lambda rows, s: given.append(rows) or sample(rows, s))
+    got = cpu.CpuOps().sample_async(logits, seqs)
+    assert got.tolist() == logits.argmax(axis=1).tolist() and got.sound() == [True, True]
+    assert len(given) == 1 and given[0] is logits
+    logits[0, 7] = np.nan  # an unsound row: the sound one alone is sampled, the other reads 0 and unsound
+    got = cpu.CpuOps().sample_async(logits, seqs)
+    assert got.tolist() == [0, int(logits[1].argmax())] and got.sound() == [False, True]
+    assert given[1].shape == (1, 50)
 
 
 def test_top_k_and_top_p_restrict_support():

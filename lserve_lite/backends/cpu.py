@@ -252,7 +252,9 @@ class CpuOps:
         sound = sound_rows_ref(logits)
         ids = np.zeros(len(seqs), np.int64)
         keep = np.flatnonzero(sound)
-        if keep.size:
+        if keep.size == len(seqs):  # the usual step: the logits as they are, no copy of the rows
+            ids[:] = sample(logits, seqs)
+        elif keep.size:
             ids[keep] = sample(logits[keep], [seqs[i] for i in keep])
         return HostTokens(ids, sound)
 

@@ -46,7 +46,8 @@ def sample(logits: np.ndarray, seqs: list[Sequence]) -> list[int]:
 def sound_rows_ref(logits: np.ndarray) -> np.ndarray:
     """Whether each row can be sampled: every logit finite and not all equal (overflowed activations give NaN / inf,
     or zeros where a norm's sum of squares overflowed, and such a row samples a meaningless id)."""
-    return np.isfinite(logits).all(axis=1) & (logits.max(axis=1) > logits.min(axis=1))
+    hi, lo = logits.max(axis=1), logits.min(axis=1)  # a NaN anywhere in a row is its max and min: not finite
+    return np.isfinite(hi) & np.isfinite(lo) & (hi > lo)  # two passes over the logits, no [B, vocab] mask
 
 
 def has_additive(p: SamplingParams) -> bool:
