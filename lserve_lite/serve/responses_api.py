@@ -312,10 +312,14 @@ def response_usage(use: dict) -> dict:
             "output_tokens_details": {"reasoning_tokens": 0}}  # fmt: skip
 
 
+def text_part(text: str) -> dict:
+    """A message item's output_text part (no annotations or logprobs here)."""
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
 def message_item(text: str, status: str) -> dict:
-    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
     return {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant", "status": status,
-            "content": [part] if text or status != "in_progress" else []}  # fmt: skip
+            "content": [text_part(text)] if text or status != "in_progress" else []}  # fmt: skip
 
 
 def call_item(call: dict, status: str) -> dict:
@@ -371,10 +375,8 @@ class ResponseEvents:
         out = []
         if self.open is None or self.open["type"] != "message":
             out += self.add(message_item("", "in_progress"))
-            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-            out.append(
-                self.event("response.content_part.added", **self.where(self.open), content_index=0, part=part)
-            )
+            out.append(self.event("response.content_part.added", **self.where(self.open), content_index=0,
+                                  part=text_part("")))  # fmt: skip
             self.text = ""
         self.text += text
         delta = self.event("response.output_text.delta", **self.where(self.open), content_index=0, delta=text,
@@ -399,7 +401,7 @@ class ResponseEvents:
         item["status"] = status
         at, out = self.where(item), []
         if item["type"] == "message":
-            part = {"type": "output_text", "text": self.text, "annotations": [], "logprobs": []}
+            part = text_part(self.text)
             item["content"] = [part]
             out = [
                 self.event("response.output_text.done", **at, content_index=0, text=self.text, logprobs=[]),
