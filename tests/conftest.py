@@ -86,6 +86,17 @@ def smollm2_cpu(smollm2_dir):
 
 
 @pytest.fixture(scope="module")
+def tiny_dir(request, tmp_path_factory) -> Path:
+    """The model of `server`: make_tiny_numpy's, one per module, skipped without a package the module's optional
+    `NEEDS` names (a module with its own `tiny_dir` uses that)."""
+    for package in getattr(request.module, "NEEDS", ()):
+        pytest.importorskip(package)
+    from tiny_models import make_tiny_numpy
+
+    return make_tiny_numpy(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
 def server(request, tiny_dir):
     """The OpenAI server on the requesting module's `tiny_dir` model with its engine knobs `CFG`: (url, engine),
     one server for the module's tests (a module with its own `server` fixture uses that)."""

@@ -50,13 +50,6 @@ def valid(obj) -> bool:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from tiny_models import make_tiny_numpy
-
-    return make_tiny_numpy(tmp_path_factory.mktemp("tiny_api"))
-
-
-@pytest.fixture(scope="module")
 def llm(tiny_dir) -> LLM:
     return LLM(str(tiny_dir), backend="cpu", config=EngineConfig(**CFG))
 

@@ -11,6 +11,7 @@ import time
 
 import httpx
 import pytest
+from tiny_models import TOOLS_CFG
 
 from lserve_lite.serve.protocol import ApiError
 from lserve_lite.serve.response_store import ResponseStore, Stored
@@ -196,18 +197,8 @@ def test_chat_errors_are_named_as_the_responses_request_names_its_fields():
 
 
 # -- a live server and the openai client ----------------------------------------------------------------
-CFG = dict(
-    page_size=16, max_model_len=2048, num_kv_pages=512
-)  # the tiny tokenizer spends ~700 tokens on tools
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """The model of conftest's `server` (url, engine): tiny and random."""
-    pytest.importorskip("llguidance")
-    from tiny_models import make_tiny_numpy
-
-    return make_tiny_numpy(tmp_path_factory.mktemp("tiny_responses"))
+CFG = TOOLS_CFG  # conftest's `server` on its `tiny_dir`
+NEEDS = ["llguidance"]  # forced calls and formats are llguidance grammars
 
 
 def test_a_response_equals_the_chat_reply_of_the_same_conversation(client):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from tiny_models import TOOLS_CFG
 
 from lserve_lite import EngineConfig
 from lserve_lite.engine.tool_calls import MAX_TOOLS, ToolStream, plan_tools, prompt_messages
@@ -1262,17 +1263,8 @@ def test_a_template_sees_no_tools_as_none(tmp_path):
 
 
 # -- the server, with real clients -------------------------------------------------------------------------------
-CFG = dict(
-    page_size=16, max_model_len=2048, num_kv_pages=1024
-)  # the tiny tokenizer spends ~700 tokens on tools
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    pytest.importorskip("llguidance")
-    from tiny_models import make_tiny_numpy
-
-    return make_tiny_numpy(tmp_path_factory.mktemp("tiny_tools"))
+CFG = TOOLS_CFG  # conftest's `server` on its `tiny_dir`
+NEEDS = ["llguidance"]  # forced calls and formats are llguidance grammars
 
 
 def test_forced_calls_are_valid_for_their_schema(client):

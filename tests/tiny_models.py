@@ -6,6 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+# Engine knobs of a tiny model's server for tool calls: the tiny tokenizer spends ~700 tokens on the tools.
+TOOLS_CFG = dict(page_size=16, max_model_len=2048, num_kv_pages=1024)
+
 
 def write_tokenizer(path: Path, vocab_size: int) -> None:
     """A byte-level BPE tokenizer trained on a few lines, padded to vocab_size tokens."""
