@@ -98,23 +98,35 @@ def tiny_dir(request, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(request, tiny_dir):
-    """The OpenAI server on the requesting module's `tiny_dir` model with its engine knobs `CFG`: (url, engine),
-    one server for the module's tests (a module with its own `server` fixture uses that)."""
+    """The OpenAI server on the requesting module's `tiny_dir` model with its engine knobs `CFG` and its optional
+    `API_KEY`: (url, engine), one server for the module's tests (a module with its own `server` fixture uses that)."""
     pytest.importorskip("fastapi")
     from lserve_lite import EngineConfig
     from lserve_lite.engine.llm_engine import LLMEngine
     from lserve_lite.serve.app import ServerThread, create_app
 
     engine = LLMEngine(str(tiny_dir), "cpu", EngineConfig(**request.module.CFG))
-    with ServerThread(create_app(engine, served_model_name="tiny")) as url:
+    api_key = getattr(request.module, "API_KEY", None)
+    with ServerThread(create_app(engine, api_key=api_key, served_model_name="tiny")) as url:
         yield url, engine
 
 
 @pytest.fixture
-def client(server):
-    """The `openai` package's client of the module's `server` (a module with its own `client` fixture uses that)."""
+def client(request, server):
+    """The `openai` package's client of the module's `server`, with its `API_KEY` (a module with its own `client`
+    fixture uses that)."""
     openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url=server[0] + "/v1", api_key="x", max_retries=0, timeout=120)
+    key = getattr(request.module, "API_KEY", "x")
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def llm(request, tiny_dir):
+    """The LLM on the module's `tiny_dir` with its `CFG`: what the server's replies are held to offline (a module
+    with its own `llm` fixture uses that)."""
+    from lserve_lite import LLM, EngineConfig
+
+    return LLM(str(tiny_dir), backend="cpu", config=EngineConfig(**request.module.CFG))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from lserve_lite import LLM, EngineConfig, InvalidRequestError, SamplingParams  # noqa: E402
+from lserve_lite import EngineConfig, InvalidRequestError, SamplingParams  # noqa: E402
 from lserve_lite.engine.intake import MAX_CACHE_SALT  # noqa: E402
 from lserve_lite.engine.llm_engine import LLMEngine  # noqa: E402
 from lserve_lite.serve.app import create_app  # noqa: E402
@@ -31,13 +31,9 @@ BAD = [
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_llama) -> LLM:
-    return LLM(str(tiny_llama), backend="cpu", config=EngineConfig(**CFG))
-
-
-@pytest.fixture(scope="module")
-def client(tiny_llama):
-    engine = LLMEngine(str(tiny_llama), "cpu", EngineConfig(**CFG))
+def client(tiny_dir):
+    """An in-process client of the app on conftest's `tiny_dir`, the model of its `llm` too."""
+    engine = LLMEngine(str(tiny_dir), "cpu", EngineConfig(**CFG))
     with TestClient(create_app(engine, served_model_name="tiny")) as c:
         yield c
 

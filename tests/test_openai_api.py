@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from lserve_lite import LLM, EngineConfig, SamplingParams
+from lserve_lite import EngineConfig, SamplingParams
 from lserve_lite.backends.reference.sampling import allowed_tokens, bias_terms, penalty_terms, sample
 from lserve_lite.errors import InvalidRequestError
 from lserve_lite.sequence import Sequence
@@ -47,11 +47,6 @@ def valid(obj) -> bool:
         and len(obj["name"]) <= 12 and isinstance(obj["age"], int) and 0 <= obj["age"] <= 120
         and len(obj["tags"]) <= 3 and set(obj["tags"]) <= {"a", "b", "c"}
     )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_dir) -> LLM:
-    return LLM(str(tiny_dir), backend="cpu", config=EngineConfig(**CFG))
 
 
 # -- SamplingParams and the CPU sampler ---------------------------------------------------------------------

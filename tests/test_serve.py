@@ -21,35 +21,19 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
 
-from lserve_lite import LLM, EngineConfig, SamplingParams  # noqa: E402
+from lserve_lite import EngineConfig, SamplingParams  # noqa: E402
 from lserve_lite.engine.llm_engine import LLMEngine  # noqa: E402
 from lserve_lite.serve.app import ServerThread, create_app  # noqa: E402
 
-KEY = "test-key"
+API_KEY = "test-key"
 CFG = dict(num_kv_pages=64, max_model_len=256, max_num_seqs=64)
 PROMPTS = ["hello world", "the quick brown fox", "0123456789", "how are you today?"]
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tiny_llama) -> Path:
+    """The model of conftest's `server` and `llm`: the transformers-made tiny llama."""
     return tiny_llama
-
-
-@pytest.fixture(scope="module")
-def ref(tiny_dir) -> LLM:
-    return LLM(str(tiny_dir), backend="cpu", config=EngineConfig(**CFG))
-
-
-@pytest.fixture(scope="module")
-def server(tiny_dir):
-    engine = LLMEngine(str(tiny_dir), "cpu", EngineConfig(**CFG))
-    with ServerThread(create_app(engine, api_key=KEY, served_model_name="tiny")) as url:
-        yield url, engine
-
-
-@pytest.fixture
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -95,7 +79,7 @@ def chat_msgs(p: str) -> list[dict]:
 def test_models_health_metrics(server, client):
     url, _ = server
     assert [m.id for m in client.models.list().data] == ["tiny"]
-    auth = {"Authorization": f"Bearer {KEY}"}
+    auth = {"Authorization": f"Bearer {API_KEY}"}
     # with a trailing slash it is the list too (it was the card of a model named "", for any name served)
     assert httpx.get(url + "/v1/models/", headers=auth, timeout=60).json()["object"] == "list"
     assert httpx.get(url + "/v1/models/", timeout=60).status_code == 401
@@ -111,10 +95,10 @@ def test_models_health_metrics(server, client):
     assert 'lserve_time_per_output_token_seconds_bucket{le="+Inf"}' in m
 
 
-def test_tokenize_and_detokenize(server, ref):
+def test_tokenize_and_detokenize(server, llm):
     """vLLM's /tokenize (a prompt as completions encode it, a conversation as chat renders it) and /detokenize."""
     url, engine = server
-    auth = {"Authorization": f"Bearer {KEY}"}
+    auth = {"Authorization": f"Bearer {API_KEY}"}
 
     def post(path: str, **body):
         return httpx.post(url + path, json=body, headers=auth, timeout=30)
@@ -123,22 +107,22 @@ def test_tokenize_and_detokenize(server, ref):
     assert r == {
         "count": len(r["tokens"]),
         "max_model_len": engine.max_len,
-        "tokens": ref.tokenizer.encode("hello world"),
+        "tokens": llm.tokenizer.encode("hello world"),
         "token_strs": None,
     }
     # vLLM's return_token_strs: the vocabulary's strings of the ids (transformers' convert_ids_to_tokens)
     r2 = post("/tokenize", prompt="hello world", return_token_strs=True).json()
     assert r2["tokens"] == r["tokens"] and r2["token_strs"] == [
-        ref.tokenizer.tok.id_to_token(i) for i in r["tokens"]
+        llm.tokenizer.tok.id_to_token(i) for i in r["tokens"]
     ]
     assert "".join(r2["token_strs"]).replace("\u0120", " ").endswith("hello world".split()[-1])
     # null is vLLM's Optional[bool] unset (it was a 400 "must be a boolean")
     assert post("/tokenize", prompt="hello world", model="tiny", return_token_strs=None).json() == r
     msgs = chat_msgs("hi")
     r = post("/tokenize", messages=msgs).json()
-    assert r["tokens"] == ref.tokenizer.encode_chat(msgs)
+    assert r["tokens"] == llm.tokenizer.encode_chat(msgs)
     assert post("/tokenize", messages=msgs, add_generation_prompt=True, add_special_tokens=False).json() == r
-    assert post("/detokenize", tokens=r["tokens"]).json()["prompt"] == ref.tokenizer.decode(
+    assert post("/detokenize", tokens=r["tokens"]).json()["prompt"] == llm.tokenizer.decode(
         r["tokens"], False
     )
     # an empty prompt is 0 tokens, as vLLM counts it (it was a 400 "the prompt is empty", which generating needs)
@@ -211,9 +195,9 @@ def test_empty_api_key_means_none(monkeypatch, capsys):
 
 
 # -- greedy equality with the embedded API ------------------------------------------------------------------
-def test_chat_matches_llm(client, ref):
+def test_chat_matches_llm(client, llm):
     for p in PROMPTS[:2]:
-        want = ref.chat(chat_msgs(p), greedy(16))
+        want = llm.chat(chat_msgs(p), greedy(16))
         r = client.chat.completions.create(model="tiny", messages=chat_msgs(p), max_tokens=16, temperature=0)
         c = r.choices[0]
         assert (c.message.content, c.finish_reason, c.message.role) == (
@@ -246,10 +230,10 @@ def test_streamed_content_as_the_openai_helper_assembles_it(client):
         assert (whole == "") == bool(bias)
 
 
-def test_completions_match_llm(client, ref):
-    prompts = PROMPTS[2:] + [ref.tokenizer.encode("the lazy dog")]
+def test_completions_match_llm(client, llm):
+    prompts = PROMPTS[2:] + [llm.tokenizer.encode("the lazy dog")]
     for p in prompts:
-        want = ref.generate(p, greedy(12))[0]
+        want = llm.generate(p, greedy(12))[0]
         r = client.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0)
         assert (r.choices[0].text, r.choices[0].finish_reason) == (want.text, want.finish_reason)
         assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (
@@ -264,30 +248,30 @@ def test_completions_match_llm(client, ref):
         assert all(ch.usage is None for ch in chunks)  # no include_usage: no usage chunk
 
 
-def test_stop_seed_top_p(client, ref):
-    full = ref.generate(PROMPTS[1], greedy(24, ignore_eos=True))[0].text
+def test_stop_seed_top_p(client, llm):
+    full = llm.generate(PROMPTS[1], greedy(24, ignore_eos=True))[0].text
     stop = full[5:8]
     cut = full[: full.index(stop)]
     r = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=24, temperature=0, stop=[stop],
                                   extra_body={"ignore_eos": True})  # fmt: skip
     assert (r.choices[0].text, r.choices[0].finish_reason) == (cut, "stop")
-    want = ref.generate(PROMPTS[0], SamplingParams(max_new_tokens=16, temperature=0.9, top_p=0.8, seed=7))[0]
+    want = llm.generate(PROMPTS[0], SamplingParams(max_new_tokens=16, temperature=0.9, top_p=0.8, seed=7))[0]
     for _ in range(2):
         r = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=16, temperature=0.9, top_p=0.8,
                                       seed=7)  # fmt: skip
         assert r.choices[0].text == want.text
     # vLLM's min_p reaches the sampler: the text LLM gives with it, not the one without
-    want = ref.generate(PROMPTS[0], SamplingParams(max_new_tokens=16, temperature=1.0, min_p=0.8, seed=7))[0]
-    free = ref.generate(PROMPTS[0], SamplingParams(max_new_tokens=16, temperature=1.0, seed=7))[0]
+    want = llm.generate(PROMPTS[0], SamplingParams(max_new_tokens=16, temperature=1.0, min_p=0.8, seed=7))[0]
+    free = llm.generate(PROMPTS[0], SamplingParams(max_new_tokens=16, temperature=1.0, seed=7))[0]
     r = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=16, temperature=1.0, seed=7,
                                   extra_body={"min_p": 0.8})  # fmt: skip
     assert r.choices[0].text == want.text != free.text
 
 
-def test_include_stop_str_and_special_tokens_as_vllms(client, ref):
+def test_include_stop_str_and_special_tokens_as_vllms(client, llm):
     """vLLM's include_stop_str_in_output and skip_special_tokens=false (refused with a 400 before): the reply, whole
     or streamed, keeps the stop string that ended it, and the special tokens' text."""
-    full = ref.generate(PROMPTS[1], greedy(24, ignore_eos=True))[0].text
+    full = llm.generate(PROMPTS[1], greedy(24, ignore_eos=True))[0].text
     stop = full[5:8]
     kept = full[: full.index(stop) + len(stop)]
     ask = dict(model="tiny", prompt=PROMPTS[1], max_tokens=24, temperature=0, stop=[stop])
@@ -296,7 +280,7 @@ def test_include_stop_str_and_special_tokens_as_vllms(client, ref):
     assert (r.choices[0].text, r.choices[0].finish_reason) == (kept, "stop")
     chunks = list(client.completions.create(**ask, stream=True, extra_body=body))
     assert "".join(ch.choices[0].text for ch in chunks) == kept
-    bos = ref.tokenizer.token_id("<|im_start|>")
+    bos = llm.tokenizer.token_id("<|im_start|>")
     forced = dict(model="tiny", max_tokens=3, temperature=0, logit_bias={str(bos): 100})
     for special, want in ((True, ""), (False, "<|im_start|>" * 3)):
         r = client.chat.completions.create(messages=chat_msgs("hi"), **forced,
@@ -308,10 +292,10 @@ def test_include_stop_str_and_special_tokens_as_vllms(client, ref):
 
 
 # -- concurrency and disconnects -------------------------------------------------------------------------------
-def test_32_concurrent_streams(server, ref):
+def test_32_concurrent_streams(server, llm):
     url, _ = server
     prompts = [f"{PROMPTS[i % 4]} {i}" for i in range(32)]
-    want = ref.chat([[{"role": "user", "content": p}] for p in prompts], greedy(24, ignore_eos=True))
+    want = llm.chat([[{"role": "user", "content": p}] for p in prompts], greedy(24, ignore_eos=True))
 
     async def one(c: openai.AsyncOpenAI, i: int):
         stream = await c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompts[i]}],
@@ -328,7 +312,7 @@ def test_32_concurrent_streams(server, ref):
         return "".join(text), reason, used
 
     async def main():
-        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0) as c:
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0) as c:
             return await asyncio.gather(*(one(c, i) for i in range(32)))
 
     results = asyncio.run(main())
@@ -354,7 +338,7 @@ def test_client_killed_mid_stream_frees_pages(server, client):
         t.start()
     body = {"model": "tiny", "prompt": "the quick brown fox", "max_tokens": 230, "temperature": 0, "stream": True,
             "ignore_eos": True}  # fmt: skip
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}) as h:
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}) as h:
         with h.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
             got = 0
@@ -378,7 +362,10 @@ def test_non_streaming_client_gone_aborts(server):
     with paused(engine):
         with pytest.raises(httpx.TimeoutException):
             httpx.post(
-                url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5
+                url + "/v1/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {API_KEY}"},
+                timeout=0.5,
             )
         time.sleep(0.2)
     assert wait_for(lambda: metrics(url)['lserve_requests_total{finish_reason="abort"}'] == aborted0 + 1)
@@ -396,7 +383,7 @@ def _error(r: httpx.Response, status: int) -> dict:
 
 def test_bad_requests_400(server, client):
     url, _ = server
-    auth = {"Authorization": f"Bearer {KEY}"}
+    auth = {"Authorization": f"Bearer {API_KEY}"}
     r = httpx.post(
         url + "/v1/chat/completions", content=b'{"model": "tiny", "messages": [', headers=auth, timeout=60
     )
@@ -437,7 +424,7 @@ def test_each_fields_range_has_one_message(server):
     """repetition_penalty 0 got pydantic's "Input should be greater than 0", 0.005 the engine's "[0.01, 100]" line;
     so did top_k (-2 / 2^31), min_tokens (-1 / past max_tokens) and chat's max_tokens (-1 / 0). Each field's
     out-of-range values now get one message, naming the field."""
-    url, auth = server[0], {"Authorization": f"Bearer {KEY}"}
+    url, auth = server[0], {"Authorization": f"Bearer {API_KEY}"}
     chat = {"model": "tiny", "messages": chat_msgs("hi"), "max_tokens": 10}
     cases = {  # field: (path, body, values on both sides of the former split)
         "repetition_penalty": ("/v1/chat/completions", chat, [0, -1, 0.005, 101]),
@@ -467,7 +454,7 @@ def test_bodies_are_validated_off_the_event_loop_with_the_same_errors(server, mo
     fields pydantic checks, then the model)."""
     import lserve_lite.serve.app as app_module
 
-    url, auth = server[0], {"Authorization": f"Bearer {KEY}"}
+    url, auth = server[0], {"Authorization": f"Bearer {API_KEY}"}
     on_loop, real = [], app_module.parse
 
     def watched(model, body):
@@ -563,7 +550,7 @@ def test_vllm_extensions_that_would_change_the_reply_are_refused(server):
     """vLLM's fields that change what a reply holds were ignored with 200 (a client asking for prompt_logprobs,
     allowed_token_ids or usage in every chunk got none of it): set to
     anything but their off value they are refused, naming the field; their off values pass."""
-    url, auth = server[0], {"Authorization": f"Bearer {KEY}"}
+    url, auth = server[0], {"Authorization": f"Bearer {API_KEY}"}
     both = [dict(prompt_logprobs=1),
             dict(allowed_token_ids=[5]), dict(bad_words=["fox"]), dict(truncate_prompt_tokens=4),
             dict(return_tokens_as_token_ids=True), dict(return_token_ids=True), dict(logits_processors=["x"]),
@@ -605,19 +592,21 @@ def test_auth_401_and_model_404(server):
     _error(httpx.post(url + "/v1/completions", json={"prompt": "hi"}, timeout=60), 401)
     _error(
         httpx.post(
-            url + "/v1/completions", json={"prompt": "hi"}, headers={"Authorization": KEY}, timeout=60
+            url + "/v1/completions", json={"prompt": "hi"}, headers={"Authorization": API_KEY}, timeout=60
         ),
         401,
     )
     assert httpx.get(url + "/health", timeout=60).status_code == 200  # health and metrics stay open
-    good = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+    good = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0)
     with pytest.raises(openai.NotFoundError) as e:
         good.chat.completions.create(model="gpt-4o", messages=chat_msgs("hi"), max_tokens=2)
     assert e.value.code == "model_not_found"
     with pytest.raises(openai.NotFoundError):
         good.models.retrieve("gpt-4o")
     assert good.models.retrieve("tiny").id == "tiny"
-    _error(httpx.get(url + "/v1/nothing-here", headers={"Authorization": f"Bearer {KEY}"}, timeout=60), 404)
+    _error(
+        httpx.get(url + "/v1/nothing-here", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60), 404
+    )
 
 
 def test_overload_429(tiny_dir):
@@ -770,7 +759,7 @@ def test_internal_errors_500_without_trace(server, client, monkeypatch):
     with monkeypatch.context() as mp:
         mp.setattr(engine.tokenizer, "encode_chat", boom)
         r = httpx.post(url + "/v1/chat/completions", json={"messages": chat_msgs("hi")},
-                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60)  # fmt: skip
+                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)  # fmt: skip
         err = _error(r, 500)
         assert "secret" not in r.text and err["message"] == "internal server error"
     # a failing engine step fails the requests in flight, then the server carries on
@@ -798,7 +787,7 @@ def test_sse_wire_format(server):
     url, _ = server
     body = {"model": "tiny", "messages": chat_msgs("hi"), "max_tokens": 3, "stream": True, "temperature": 0}
     r = httpx.post(
-        url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+        url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60
     )
     assert r.headers["content-type"].startswith("text/event-stream")
     events = [e for e in r.text.split("\n\n") if e]
@@ -814,7 +803,7 @@ def test_sse_lines_hold_no_character_that_splitlines_splits_on(server):
     prompt = "a\u2028b\u2029c\x85d"
     body = {"model": "tiny", "prompt": prompt, "max_tokens": 1, "echo": True, "stream": True}
     with httpx.stream(
-        "POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+        "POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60
     ) as r:
         lines = [line for line in r.iter_lines() if line]
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]", lines
@@ -839,7 +828,7 @@ def test_default_model_matches_llm(smollm2_cpu):
         assert "".join(ch.choices[0].delta.content or "" for ch in s) == want.text
 
 
-def test_usage_and_metrics_report_cached_prompt_tokens(server, client, ref):
+def test_usage_and_metrics_report_cached_prompt_tokens(server, client, llm):
     """A second request sharing a long system prompt: OpenAI's usage.prompt_tokens_details.cached_tokens and
     the /metrics counters show the cached pages; the reply equals a cold run."""
     url, _ = server
@@ -849,7 +838,7 @@ def test_usage_and_metrics_report_cached_prompt_tokens(server, client, ref):
     for q in ("hello world", "how are you today?"):
         msgs = [{"role": "system", "content": system}, {"role": "user", "content": q}]
         r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, temperature=0)
-        assert r.choices[0].message.content == ref.chat(msgs, greedy(4)).text
+        assert r.choices[0].message.content == llm.chat(msgs, greedy(4)).text
         usages.append(r.usage)
     assert usages[0].prompt_tokens_details.cached_tokens == 0
     assert usages[1].prompt_tokens_details.cached_tokens >= 64
