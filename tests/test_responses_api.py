@@ -12,24 +12,14 @@ import time
 import httpx
 import pytest
 from tiny_models import TOOLS_CFG
+from weather_tool import WEATHER as CHAT_WEATHER
 
 from lserve_lite.serve.protocol import ApiError
 from lserve_lite.serve.response_store import ResponseStore, Stored
 from lserve_lite.serve.responses import sse
 from lserve_lite.serve.responses_api import chat_body, renamed, response_events, shell
 
-WEATHER = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "Current weather of a city",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["c", "f"]}},
-        "required": ["city", "unit"],
-        "additionalProperties": False,
-    },
-    "strict": True,
-}
+WEATHER = {"type": "function", **CHAT_WEATHER["function"], "strict": True}  # the Responses API's flat form
 DIGIT = {"format": {"type": "json_schema", "name": "D", "strict": True, "schema": {
     "type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"],
     "additionalProperties": False}}}  # fmt: skip

@@ -14,24 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 from tiny_models import TOOLS_CFG
+from weather_tool import WEATHER
 
 from lserve_lite import EngineConfig
 from lserve_lite.engine.tool_calls import MAX_TOOLS, ToolStream, plan_tools, prompt_messages
 from lserve_lite.errors import InvalidRequestError
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather of a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["c", "f"]}},
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {},
                                                                             "additionalProperties": False}}}  # fmt: skip
 
