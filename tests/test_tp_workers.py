@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_models import make_tiny_numpy
 
 from lserve_lite import LLM, EngineConfig, SamplingParams, SparseConfig
 from lserve_lite.engine import tp_group
@@ -32,11 +31,6 @@ def python_handles_ctrl_c():
     old = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, old)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_numpy(tmp_path_factory.mktemp("tp_tiny"))
 
 
 def tp_llm(path, world: int = 2, **kw) -> LLM:
