@@ -97,6 +97,16 @@ def tiny_dir(request, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def tiny_lserve(tmp_path_factory) -> Path:
+    """make_tiny_numpy's model with a head pattern for LServe mode: one streaming KV head of each layer's two."""
+    from tiny_models import make_tiny_numpy
+
+    path = make_tiny_numpy(tmp_path_factory.mktemp("tiny_lserve"))
+    (path / "full_attention_heads.tsv").write_text("0.9\t0.1\n0.2\t0.8\n")
+    return path
+
+
+@pytest.fixture(scope="module")
 def server(request, tiny_dir):
     """The OpenAI server on the requesting module's `tiny_dir` model with its engine knobs `CFG` and its optional
     `API_KEY`: (url, engine), one server for the module's tests (a module with its own `server` fixture uses that)."""

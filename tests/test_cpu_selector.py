@@ -143,15 +143,6 @@ def test_parts_cover_every_unit_once(rng, n):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tiny_models import make_tiny_numpy
-
-    p = make_tiny_numpy(tmp_path_factory.mktemp("tiny_sel"))
-    (p / "full_attention_heads.tsv").write_text("0.9\t0.1\n0.2\t0.8\n")
-    return p
-
-
 def _lserve_cfg(**extra):
     """LServe on the tiny model: page 16, budget 4 pages of a 15-page prompt, a new selection every step."""
     from lserve_lite import EngineConfig, SparseConfig
@@ -162,7 +153,7 @@ def _lserve_cfg(**extra):
 
 
 @pytest.mark.parametrize("reduce", REDUCTIONS)
-def test_engine_selects_and_generates_as_the_reference(tiny, monkeypatch, reduce):
+def test_engine_selects_and_generates_as_the_reference(tiny_lserve, monkeypatch, reduce):
     """LServe on the CPU engine (page 16, budget 4 pages of a 15-page prompt, a new selection every step): the
     Numba selector runs and makes the reference's selections at every call, so the greedy tokens are equal."""
     from lserve_lite import LLM, SamplingParams
@@ -179,7 +170,7 @@ def test_engine_selects_and_generates_as_the_reference(tiny, monkeypatch, reduce
             calls.append((a[6].copy(), a[7].copy()))  # sel_idx, sel_cnt after the call
 
         monkeypatch.setattr(C, "select_pages_numba", spy)  # CpuOps.select_pages's callee
-        out = LLM(str(tiny), backend="cpu", config=cfg).generate(
+        out = LLM(str(tiny_lserve), backend="cpu", config=cfg).generate(
             [ids], SamplingParams(temperature=0, max_new_tokens=8)
         )
         runs[name] = out[0].token_ids, calls
@@ -199,7 +190,7 @@ def test_selector_switch_reads_as_the_other_switches(monkeypatch, value, selecto
     assert C.CpuOps().selector == selector
 
 
-def test_selector_switch_and_its_clock(tiny, monkeypatch):
+def test_selector_switch_and_its_clock(tiny_lserve, monkeypatch):
     """LSERVE_CPU_SELECTOR=ref runs the NumPy reference through CpuOps.select_pages (the benchmarks' comparison) and
     gives the Numba selector's tokens; select_seconds counts the selector's time; a bad value is refused at once."""
     from lserve_lite import LLM, SamplingParams
@@ -215,7 +206,7 @@ def test_selector_switch_and_its_clock(tiny, monkeypatch):
         calls = []
         spy = lambda *a, calls=calls, **kw: (calls.append(1), select_pages_ref(*a, **kw))  # noqa: E731
         monkeypatch.setattr(C, "select_pages_ref", spy)
-        llm = LLM(str(tiny), backend="cpu", config=cfg)
+        llm = LLM(str(tiny_lserve), backend="cpu", config=cfg)
         out = llm.generate([ids], SamplingParams(temperature=0, max_new_tokens=6))
         assert (len(calls) > 0) == (sel == "ref")
         assert llm.engine.ops.select_seconds > 0

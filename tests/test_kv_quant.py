@@ -430,15 +430,6 @@ def test_numba_merged_stats_keep_nan_keys_as_the_reference():
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    from tiny_models import make_tiny_numpy
-
-    p = make_tiny_numpy(tmp_path_factory.mktemp("tiny_kvq"))
-    (p / "full_attention_heads.tsv").write_text("0.9\t0.1\n0.2\t0.8\n")
-    return p
-
-
 def _llm(path, kv: str, sparse: bool = False, chunk: int = 2048):
     from lserve_lite import LLM
 
@@ -450,7 +441,7 @@ def _llm(path, kv: str, sparse: bool = False, chunk: int = 2048):
 
 
 @pytest.mark.parametrize("sparse", [False, True])
-def test_engine_greedy_with_quantized_kv(tiny, sparse):
+def test_engine_greedy_with_quantized_kv(tiny_lserve, sparse):
     """fp16 / int8 / int4 / fp8 KV: greedy tokens as fp32 KV's on the tiny model (fp16, int8), logits close; chunked prefill over
     cached quantized pages = one-chunk prefill."""
     from lserve_lite import SamplingParams
@@ -459,21 +450,23 @@ def test_engine_greedy_with_quantized_kv(tiny, sparse):
     # greedy check compares near-tie argmaxes of a random tiny model, so the prompt is fixed
     ids = [int(t) for t in np.random.default_rng(230).integers(3, 300, 230)]
     greedy = SamplingParams(temperature=0, max_new_tokens=10)
-    ref = _llm(tiny, "fp32", sparse)
+    ref = _llm(tiny_lserve, "fp32", sparse)
     ref_tokens, ref_logits = ref.generate([ids], greedy)[0].token_ids, ref.logits(ids)
     for kv, tol in (("fp16", 2e-3), ("int8", 0.02), ("int4", 0.2), ("fp8", 0.05)):
         if kv == "fp16" and not NATIVE_HALF:
             continue  # no fp16 KV on this host
-        llm = _llm(tiny, kv, sparse)
+        llm = _llm(tiny_lserve, kv, sparse)
         assert llm.engine.kv_format.name == kv and f"KV cache {kv}" in llm.engine.kv_summary()
         lg = llm.logits(ids)
         assert rel(lg, ref_logits) < tol
         if kv in ("fp16", "int8"):
             assert llm.generate([ids], greedy)[0].token_ids == ref_tokens
-        np.testing.assert_allclose(_llm(tiny, kv, sparse, chunk=48).logits(ids), lg, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            _llm(tiny_lserve, kv, sparse, chunk=48).logits(ids), lg, rtol=1e-4, atol=1e-4
+        )
 
 
-def test_selector_stats_of_a_quantized_cache_are_the_unquantized_keys(tiny):
+def test_selector_stats_of_a_quantized_cache_are_the_unquantized_keys(tiny_lserve):
     """Layer 0 keys do not depend on the cache format: its stats must equal the fp32 cache's exactly, after
     chunked prefill and decode steps (merged, never read back from quantized keys); int4's are those of the
     Hadamard-rotated keys (the basis its queries meet them in), i.e. of the fp32 cache's keys rotated."""
@@ -482,7 +475,7 @@ def test_selector_stats_of_a_quantized_cache_are_the_unquantized_keys(tiny):
     ids = [int(t) for t in RNG.integers(3, 300, 140)]
     stats, keys = {}, None
     for kv in ("fp32", "int8", "int4"):
-        h = SparseHarness(_llm(tiny, kv, sparse=True, chunk=40))
+        h = SparseHarness(_llm(tiny_lserve, kv, sparse=True, chunk=40))
         seq = h.begin(ids, prompt_len=130)
         try:
             h.forward(seq, 130, logits="last")
@@ -508,9 +501,9 @@ def test_selector_stats_of_a_quantized_cache_are_the_unquantized_keys(tiny):
         np.testing.assert_array_equal(got[1], block.min(1))
 
 
-def test_prefix_cache_snapshot_copies_scales(tiny):
+def test_prefix_cache_snapshot_copies_scales(tiny_lserve):
     """copy_stream_pages moves the streaming pool's scales with its values."""
-    llm = _llm(tiny, "int8", sparse=True)
+    llm = _llm(tiny_lserve, "int8", sparse=True)
     cache = llm.engine.runner.cache
     for a in (*cache.ks, *cache.ks_scale, *cache.vs_scale):
         a[2] = RNG.integers(1, 100, a[2].shape).astype(a.dtype)
@@ -521,14 +514,14 @@ def test_prefix_cache_snapshot_copies_scales(tiny):
 
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("kv", ["fp32", "fp16", *CPU_FORMATS])
-def test_stale_nan_past_a_context_does_not_reach_another_request(tiny, kv, sparse):
+def test_stale_nan_past_a_context_does_not_reach_another_request(tiny_lserve, kv, sparse):
     """A freed page's slots past the next owner's context keep what the last one wrote, NaN included (an fp16 cache
     stores a value past its range as inf, and the request that wrote it turned NaN): attention must not read them
     (0 * NaN = NaN), in prefill or decode, dense or LServe. Every pool poisoned after a first run (prefix caching off:
     nothing is reused) gives the same logprobs, bit for bit; the prompts end mid-page."""
     if kv == "fp16" and not NATIVE_HALF:
         pytest.skip("fp16 KV needs the host's half conversions")
-    check_stale_nan(tiny, "cpu", kv, sparse, np.random.default_rng(5))
+    check_stale_nan(tiny_lserve, "cpu", kv, sparse, np.random.default_rng(5))
 
 
 def check_stale_nan(model, backend: str, kv: str, sparse: bool, rng: np.random.Generator, **engine) -> None:
@@ -559,7 +552,7 @@ def check_stale_nan(model, backend: str, kv: str, sparse: bool, rng: np.random.G
 
 
 @pytest.mark.parametrize("sparse", [False, True])
-def test_pages_handed_out_read_as_fresh(tiny, sparse):
+def test_pages_handed_out_read_as_fresh(tiny_lserve, sparse):
     """Every pool NaN-poisoned, then one prefill step of a 37-token prompt: the pages the step got were cleared
     before it wrote them, so their slots past the context hold zeros (a fresh pool's), not the earlier values;
     pages nobody got keep theirs."""
@@ -569,7 +562,7 @@ def test_pages_handed_out_read_as_fresh(tiny, sparse):
                  token_budget=32)  # fmt: skip
     sp = SparseConfig(enabled=True, static_sparsity=0.5, **knobs) if sparse else SparseConfig()
     cfg = EngineConfig(kv_dtype="int4", page_size=16, sparse=sp, num_kv_pages=16, prefix_caching=False)
-    llm = LLM(str(tiny), backend="cpu", config=cfg)
+    llm = LLM(str(tiny_lserve), backend="cpu", config=cfg)
     eng, cache = llm.engine, llm.engine.runner.cache
     for a in cache.dense_pools() + cache.stream_pools():
         a[...] = np.nan if a.dtype.kind == "f" else 127
