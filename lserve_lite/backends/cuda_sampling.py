@@ -171,15 +171,16 @@ class GpuSampler:
             self._tick = cp.zeros(max(b, 0 if self._tick is None else self._tick.size), cp.uint32)
         return self._part[: b * g], self._part[b * g :], self._tick
 
-    def argmax(self, logits, out, sound=None) -> None:
+    def argmax(self, logits, out, sound=None, host_ids=None) -> None:
         """out[r] (int64) = np.argmax(logits[r]) for contiguous float32 logits [B, V] (two-level argmax_rows); with
         `sound` (a contiguous [B] bool device or pinned host array), also `sound_rows`' flags of the rows, from the
-        same pass."""
+        same pass; with `host_ids` (a contiguous [B] int64 pinned host array), the ids there too."""
         b, vocab = int(logits.shape[0]), int(logits.shape[1])
         g = row_blocks(vocab)
         keys, pairs, tick = self._row_scratch(b, g)
-        flags = np.uint64(0) if sound is None else kernel_ptr(sound)
-        args = (logits, np.int64(vocab), np.int32(vocab), np.int32(ROW_CHUNK), keys, tick, out, pairs, flags)
+        flags, hids = (np.uint64(0) if a is None else kernel_ptr(a) for a in (sound, host_ids))
+        args = (logits, np.int64(vocab), np.int32(vocab), np.int32(ROW_CHUNK), keys, tick, out, pairs, flags,
+                hids)  # fmt: skip
         self.k["argmax_rows"]((g, b), (ARGMAX_THREADS,), args)
 
     def sample(self, logits, seqs: list) -> list[int]:
