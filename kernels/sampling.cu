@@ -165,12 +165,13 @@ __device__ __forceinline__ u64 thread_best(const float* __restrict__ x, int lo, 
 // (a ticket on tick[row], which it resets to 0) takes the G partials. One block a row read a 128k vocabulary at
 // one SM's share of L2 (18.8 us on an H200). tick: zeroed once by the launcher, before the first launch.
 // sound (null: not asked): also sound_rows' flag of each row, from the same pass (its (max, min) partials in mm[row,
-// g]): a greedy step's overflow check without a second launch over the logits.
+// g]): a greedy step's overflow check without a second launch over the logits. host_ids (null: not written): also
+// each row's id, written where out[row] is (pinned host memory: the step's ids without a device-to-host copy).
 template <bool SOUND>
 __device__ __forceinline__ void argmax_body(const float* __restrict__ logits, long long stride, int vocab, int chunk,
                                             u64* __restrict__ part, unsigned int* __restrict__ tick,
                                             long long* __restrict__ out, float2* __restrict__ mm,
-                                            unsigned char* __restrict__ sound) {
+                                            unsigned char* __restrict__ sound, long long* __restrict__ host_ids) {
   const float inf = __int_as_float(0x7f800000);
   __shared__ u64 scratch[32];
   __shared__ float fscr[32];
@@ -195,7 +196,9 @@ __device__ __forceinline__ void argmax_body(const float* __restrict__ logits, lo
   unsigned char flag = 0;
   if constexpr (SOUND) flag = sound_merge(mm + (long long)row * G, G, fscr);
   if (threadIdx.x == 0) {
-    out[row] = (long long)(v & 0xffffffffu);
+    const long long id = (long long)(v & 0xffffffffu);
+    out[row] = id;
+    if (host_ids != nullptr) host_ids[row] = id;
     if constexpr (SOUND) sound[row] = flag;
     tick[row] = 0;  // ready for the next launch
   }
@@ -203,12 +206,13 @@ __device__ __forceinline__ void argmax_body(const float* __restrict__ logits, lo
 
 __global__ void argmax_rows(const float* __restrict__ logits, long long stride, int vocab, int chunk,
                             u64* __restrict__ part, unsigned int* __restrict__ tick, long long* __restrict__ out,
-                            float2* __restrict__ mm, unsigned char* __restrict__ sound) {
+                            float2* __restrict__ mm, unsigned char* __restrict__ sound,
+                            long long* __restrict__ host_ids) {
   lserve::pdl_enter();
   if (sound != nullptr) {
-    argmax_body<true>(logits, stride, vocab, chunk, part, tick, out, mm, sound);
+    argmax_body<true>(logits, stride, vocab, chunk, part, tick, out, mm, sound, host_ids);
   } else {
-    argmax_body<false>(logits, stride, vocab, chunk, part, tick, out, mm, sound);
+    argmax_body<false>(logits, stride, vocab, chunk, part, tick, out, mm, sound, host_ids);
   }
 }
 

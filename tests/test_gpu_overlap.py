@@ -139,3 +139,43 @@ def test_sample_async_flags_the_unsound_rows(biased):
     ids = np.asarray(toks.tolist())
     expect = np.full(b, 7) if biased else np.argmax(x, axis=1)
     assert (ids[want] == expect[want]).all()
+
+
+@pytest.mark.parametrize("b", [1, 3, 17])
+def test_greedy_ids_come_to_the_host_from_argmax_rows_itself(b, monkeypatch):
+    """argmax_rows writes each row's id into pinned host memory as well (host buffers poisoned with -1: its host
+    ids equal its device ids and np.argmax), so a greedy sample_async queues no device-to-host copy and a sampled
+    one still does; steps overlapped as the engine does (step N read after step N + 1 is queued, fresh logits
+    each) reuse two slots of the sampler's pinned ring and read their own ids, never a stale step's."""
+    import cupy as cp
+    import cupyx
+
+    from lserve_lite import SamplingParams
+    from lserve_lite.backends.cuda_sampling import ROW_CHUNK, GpuSampler
+    from lserve_lite.sequence import Sequence
+
+    rng = np.random.default_rng(b)
+    vocab = 2 * ROW_CHUNK + 37  # not a multiple of the chunk
+    sampler = GpuSampler()
+    x = rng.standard_normal((b, vocab)).astype(np.float32)
+    host, ids = cupyx.empty_pinned(b, np.int64), cp.full(b, -1, cp.int64)
+    host[:] = -1
+    sampler.argmax(cp.asarray(x), ids, host_ids=host)
+    cp.cuda.get_current_stream().synchronize()
+    assert host.tolist() == ids.get().tolist() == np.argmax(x, axis=1).tolist()
+
+    copies = []
+    memcpy = cp.cuda.runtime.memcpyAsync
+    monkeypatch.setattr(cp.cuda.runtime, "memcpyAsync", lambda *a: copies.append(a) or memcpy(*a))
+    greedy = [Sequence([1, 2], SamplingParams(temperature=0.0)) for _ in range(b)]
+    sampled = [Sequence([1, 2], SamplingParams(temperature=1.0, seed=i)) for i in range(b)]
+    prev = None
+    for step in range(8):
+        x = rng.standard_normal((b, vocab)).astype(np.float32)
+        seqs = sampled if step % 4 == 2 else greedy
+        toks = sampler.sample_async(cp.asarray(x), seqs)
+        if prev is not None:  # step N, read while step N + 1 is queued
+            assert prev[0].tolist() == prev[0].ids.get().tolist()
+            assert prev[1] is None or prev[0].tolist() == prev[1]
+        prev = (toks, np.argmax(x, axis=1).tolist() if seqs is greedy else None)
+    assert prev[0].tolist() == prev[1] and len(copies) == 2 and len(sampler._pinned) == 2

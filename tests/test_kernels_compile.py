@@ -241,7 +241,7 @@ def test_host_emulation_that_does_not_build_is_one_line(tmp_path, monkeypatch):
     shutil.which("nvcc") is None, reason="nvcc not installed (the host emulation builds with it)"
 )
 def test_sampling_kernels_on_the_host():
-    """argmax_rows (with and without its soundness flags), sound_rows, sample_bounds + sample_fill + sample_rows (bin lists, a pass a selection, the radix
+    """argmax_rows (with and without its soundness flags and host ids), sound_rows, sample_bounds + sample_fill + sample_rows (bin lists, a pass a selection, the radix
     path), logprob_rows and min_p_mask compiled as host code (tools/sampling_host_check.py) against np.argmax,
     sound_rows_ref, sample_row and logprobs_ref on the harness's mixed and crowded rows."""
     import subprocess
@@ -251,7 +251,7 @@ def test_sampling_kernels_on_the_host():
     tool = Path(__file__).resolve().parents[1] / "tools" / "sampling_host_check.py"
     run = subprocess.run([sys.executable, str(tool)], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0 and "all passed" in run.stdout, run.stdout[-4000:] + run.stderr[-4000:]
-    assert run.stdout.count(" PASS") == 14
+    assert run.stdout.count(" PASS") == 15
 
 
 EMU_SELF_TEST = r"""

@@ -43,20 +43,27 @@ def report(what: str, miss: int, ok: bool) -> bool:
 
 
 def check_argmax(exe: Path, tmp: Path, rng: np.random.Generator) -> bool:
+    """argmax_rows, and with host ids (a greedy overlapped step's) the same ids in its second output (poisoned
+    with -1)."""
     ok = True
-    for b, vocab, ties in [(3, 9000, True), (2, 4099, False)]:
+    for b, vocab, ties, host in [(3, 9000, True, False), (2, 4099, False, False), (17, 8193, False, True)]:
         x = (rng.standard_normal((b, vocab)) * 3).astype(np.float32)
         x = np.round(x) if ties else x
         x.tofile(tmp / "logits.bin")
-        run(exe, tmp, "argmax", b, vocab)
-        miss = int(np.sum(np.fromfile(tmp / "out.bin", np.int64) != np.argmax(x, axis=1)))
-        ok &= report(f"argmax_rows B{b} V{vocab}{' ties' if ties else ''}", miss, miss == 0)
+        run(exe, tmp, "argmax", b, vocab, 0, int(host))
+        got, want = np.fromfile(tmp / "out.bin", np.int64), np.argmax(x, axis=1)
+        miss = int(np.sum(got != want))
+        if host:
+            miss += int(np.sum(np.fromfile(tmp / "host.bin", np.int64) != want))
+        what = f"argmax_rows B{b} V{vocab}{' ties' if ties else ''}{' + host ids' if host else ''}"
+        ok &= report(what, miss, miss == 0)
     return ok
 
 
 def check_sound(exe: Path, tmp: Path, rng: np.random.Generator) -> bool:
     """Rows with a NaN, +-inf, all equal (zeros), equal but for one logit, and random ones, over several chunks:
-    sound_rows, and argmax_rows asked for the flags from its own pass (ids and flags both)."""
+    sound_rows, and argmax_rows asked for the flags from its own pass (ids, flags and host ids: a greedy
+    overlapped step)."""
     b, vocab = 7, 2 * ROW_CHUNK + 5
     x = rng.standard_normal((b, vocab)).astype(np.float32)
     x[0, vocab - 1] = np.nan
@@ -70,11 +77,12 @@ def check_sound(exe: Path, tmp: Path, rng: np.random.Generator) -> bool:
     got, want = np.fromfile(tmp / "out.bin", np.uint8), sound_rows_ref(x)
     assert want.tolist() == [False, False, False, False, True, True, True], want
     ok = report(f"sound_rows B{b} V{vocab}", int(np.sum(got != want)), np.array_equal(got, want))
-    run(exe, tmp, "argmax", b, vocab, 1)
+    run(exe, tmp, "argmax", b, vocab, 1, 1)
     flags, ids = np.fromfile(tmp / "sound.bin", np.uint8), np.fromfile(tmp / "out.bin", np.int64)
     fine = want.astype(bool)  # argmax over NaN / inf rows is not asked of it
     miss = int(np.sum(flags != want)) + int(np.sum(ids[fine] != np.argmax(x[fine], axis=1)))
-    return ok & report(f"argmax_rows + sound B{b} V{vocab}", miss, miss == 0)
+    miss += int(np.sum(np.fromfile(tmp / "host.bin", np.int64) != ids))
+    return ok & report(f"argmax_rows + sound + host ids B{b} V{vocab}", miss, miss == 0)
 
 
 def check_sample(exe: Path, tmp: Path, rng: np.random.Generator) -> bool:

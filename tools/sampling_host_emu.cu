@@ -1,9 +1,11 @@
 // Host emulation of kernels/sampling.cu for checking it without a GPU (driven by tools/sampling_host_check.py).
 // The kernel source is compiled as host code (tools/host_emu.cuh), unchanged but for sample_rows' `extern
 // __shared__` array (the driver points it at emu_dyn_smem). Launches as backends/cuda_sampling.py makes them.
-//   sampling_host_emu argmax DIR rows vocab chunk [sound]        out.bin (int64 [rows]) <- argmax_rows; with a 5th
+//   sampling_host_emu argmax DIR rows vocab chunk [sound [host]] out.bin (int64 [rows]) <- argmax_rows; with a 5th
 //                                                                argument 1, also sound.bin (uint8 [rows]) <- its
-//                                                                soundness flags from the same pass
+//                                                                soundness flags from the same pass; with a 6th
+//                                                                argument 1, also host.bin (int64 [rows]) <- the
+//                                                                ids it writes into (pinned) host memory
 //   sampling_host_emu sound DIR rows vocab chunk                 out.bin (uint8 [rows]) <- sound_rows
 //   sampling_host_emu sample DIR rows vocab chunk lists radix    out.bin <- sample_bounds + sample_fill (with the
 //                                                                bin lists if lists) + sample_rows; radix:
@@ -32,20 +34,22 @@ int main(int argc, char** argv) {
   auto logits = read_bytes(dir + "/logits.bin");
   const float* x = (const float*)logits.data();
   if (mode == "argmax") {
-    const bool with_sound = argc == 7 && atoi(argv[6]);
+    const bool with_sound = argc >= 7 && atoi(argv[6]), with_host = argc == 8 && atoi(argv[7]);
     std::vector<u64> part((size_t)rows * g);
     std::vector<float2> pairs((size_t)rows * g);
     std::vector<unsigned> tick(rows, 0u);
-    std::vector<long long> out(rows, -7);
+    std::vector<long long> out(rows, -7), host(rows, -1);
     std::vector<unsigned char> sound(rows, 7);
     u64* pp = part.data();
     float2* mp = pairs.data();
     unsigned* tp = tick.data();
-    long long* op = out.data();
+    long long *op = out.data(), *hp = with_host ? host.data() : nullptr;
     unsigned char* sp = with_sound ? sound.data() : nullptr;
-    launch({(unsigned)g, (unsigned)rows, 1}, 256, [=] { argmax_rows(x, vocab, vocab, chunk, pp, tp, op, mp, sp); });
+    launch({(unsigned)g, (unsigned)rows, 1}, 256,
+           [=] { argmax_rows(x, vocab, vocab, chunk, pp, tp, op, mp, sp, hp); });
     write_bytes(dir + "/out.bin", op, out.size() * 8);
     if (with_sound) write_bytes(dir + "/sound.bin", sp, sound.size());
+    if (with_host) write_bytes(dir + "/host.bin", hp, host.size() * 8);
   } else if (mode == "sound") {
     std::vector<float2> part((size_t)rows * g);
     std::vector<unsigned> tick(rows, 0u);

@@ -250,9 +250,10 @@ class Ops(Protocol):
     def sample(self, logits: Array, seqs: list) -> list[int]: ...
     def sample_async(self, logits: Array, seqs: list, out: Array | None = None) -> SampledTokens:
         """`sample` without waiting for the device: the ids stay on it (in `out`, [B] int64, when given: the
-        executor's `ids_row`), their copy to the host is queued with each row's soundness: all finite and not all
-        equal (activations that overflowed float32 give NaN / inf, or zeros where a norm's sum of squares
-        overflowed, and such a row samples a meaningless id; checked on the sampled rows only, none per layer)."""
+        executor's `ids_row`), their way to the host (a copy, or the sampling kernels' own writes) is queued with
+        each row's soundness: all finite and not all equal (activations that overflowed float32 give NaN / inf, or
+        zeros where a norm's sum of squares overflowed, and such a row samples a meaningless id; checked on the
+        sampled rows only, none per layer)."""
         ...
 
     def logprobs(

@@ -5,7 +5,8 @@ from the sequence's own seeded generator, exactly as the CPU sampler draws it), 
 unique ids, the (row, id, amount) triples of presence / frequency penalties and logit bias, the bitmasks
 of grammar-constrained rows and the min_p of the rows that set it, and copies back only the B token ids (with
 `sample_async`, also B flags of rows that could not be sampled, `sound_rows`; its ids also stay on the
-device as the next step's inputs, and the copy is only queued). Logprobs (`logprobs`) come back as the
+device as the next step's inputs, and reach pinned host memory by a queued copy, or from a greedy batch's
+argmax_rows itself, with no copy). Logprobs (`logprobs`) come back as the
 chosen ids' values and the top-k ids and values, never a vocabulary-sized row. Same seed, same token as the CPU backend up to ties
 (and up to float64 summation-order rounding at a CDF boundary).
 """
@@ -19,6 +20,7 @@ import numpy as np
 from ..sampling_params import MAX_LOGPROBS
 from ..sequence import Sequence
 from .cuda_compile import load_module
+from .pinned_ring import PinnedRing
 from .reference.sampling import FLOAT32_MAX, bias_terms, penalty_terms
 
 SAMPLING_KERNELS = (
@@ -118,20 +120,28 @@ def kernel_ptr(a):
     return np.uint64(a.ctypes.data) if isinstance(a, np.ndarray) else a
 
 
+def pinned_rows(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One pinned host allocation as a step's int64 ids [size] and its bool soundness flags [size]."""
+    import cupyx
+
+    buf = cupyx.empty_pinned(9 * size, np.uint8)
+    return buf[: 8 * size].view(np.int64), buf[8 * size :].view(np.bool_)
+
+
 class DeviceTokens:
-    """A step's sampled ids on the device (`ids`), their copy into pinned host memory queued on the current stream
-    right behind the sampling, and the rows' soundness flags, which the kernels wrote into pinned host memory
-    themselves (`GpuSampler.sample_async`): `tolist` and `sound` wait for that point, not for steps launched later."""
+    """A step's sampled ids on the device (`ids`) and in pinned host memory (`host_ids`: written by the kernels
+    themselves, or with `copy` by a copy queued on the current stream right behind the sampling), and the rows'
+    soundness flags, which the kernels wrote into pinned host memory (`GpuSampler.sample_async`): `tolist` and
+    `sound` wait for that point (`_copied`), not for steps launched later."""
 
-    def __init__(self, ids, host_sound: np.ndarray):
+    def __init__(self, ids, host_ids: np.ndarray, host_sound: np.ndarray, copy: bool):
         import cupy as cp
-        import cupyx
 
-        self.ids, self._host_sound = ids, host_sound
-        self._host = cupyx.empty_pinned(ids.shape, np.int64)
+        self.ids, self._host, self._host_sound = ids, host_ids, host_sound
         stream = cp.cuda.get_current_stream()
-        cp.cuda.runtime.memcpyAsync(self._host.ctypes.data, ids.data.ptr, ids.nbytes,
-                                    cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)  # fmt: skip
+        if copy:
+            cp.cuda.runtime.memcpyAsync(host_ids.ctypes.data, ids.data.ptr, ids.nbytes,
+                                        cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)  # fmt: skip
         self._copied = stream.record()
 
     def tolist(self) -> list[int]:
@@ -143,7 +153,8 @@ class DeviceTokens:
         return self._host_sound.tolist()
 
     def __del__(self):
-        """The pinned buffers return to CuPy's pool only after the writes into them are done."""
+        """The pinned buffers return to CuPy's pool (the sampler and its ring gone too) only after the writes into
+        them are done."""
         self._copied.synchronize()
 
 
@@ -160,6 +171,7 @@ class GpuSampler:
         self._part = self._tick = None  # argmax_rows' / sound_rows' partials and tickets (`_row_scratch`)
         self._hist = None  # sample_fill's rows: mass, count, bounds (zeroed each launch), then the bin lists
         self._lp_tick = self._lp_buf = None  # logprob_rows' tickets, and its partials and outputs
+        self._pinned = PinnedRing(pinned_rows)  # sample_async's host ids and flags
 
     def _row_scratch(self, b: int, g: int):
         """argmax_rows' and sound_rows' partials (two 8-byte words a block: argmax_rows' keys, then the (max, min)
@@ -171,29 +183,34 @@ class GpuSampler:
             self._tick = cp.zeros(max(b, 0 if self._tick is None else self._tick.size), cp.uint32)
         return self._part[: b * g], self._part[b * g :], self._tick
 
-    def argmax(self, logits, out, sound=None) -> None:
+    def argmax(self, logits, out, sound=None, host_ids=None) -> None:
         """out[r] (int64) = np.argmax(logits[r]) for contiguous float32 logits [B, V] (two-level argmax_rows); with
         `sound` (a contiguous [B] bool device or pinned host array), also `sound_rows`' flags of the rows, from the
-        same pass."""
+        same pass; with `host_ids` (a contiguous [B] int64 pinned host array), the ids there too."""
         b, vocab = int(logits.shape[0]), int(logits.shape[1])
         g = row_blocks(vocab)
         keys, pairs, tick = self._row_scratch(b, g)
-        flags = np.uint64(0) if sound is None else kernel_ptr(sound)
-        args = (logits, np.int64(vocab), np.int32(vocab), np.int32(ROW_CHUNK), keys, tick, out, pairs, flags)
+        flags, hids = (np.uint64(0) if a is None else kernel_ptr(a) for a in (sound, host_ids))
+        args = (logits, np.int64(vocab), np.int32(vocab), np.int32(ROW_CHUNK), keys, tick, out, pairs, flags,
+                hids)  # fmt: skip
         self.k["argmax_rows"]((g, b), (ARGMAX_THREADS,), args)
 
     def sample(self, logits, seqs: list) -> list[int]:
-        return [int(t) for t in self._launch(logits, seqs).get()] if seqs else []
+        return [int(t) for t in self._launch(logits, seqs)[0].get()] if seqs else []
 
     def sample_async(self, logits, seqs: list, out=None) -> DeviceTokens:
         """The ids as the next step's int64 inputs on the device (in `out`, a contiguous [B] int64 device
-        array, when given), their copy to the host queued behind them, and the rows' `sound_rows` flags."""
-        import cupyx
-
-        # the flags are written by the kernels straight into pinned host memory (the same address on the device
-        # under unified addressing): one device-to-host copy a step, the ids'
-        sound = cupyx.empty_pinned(len(seqs), np.bool_)
-        return DeviceTokens(self._launch(logits, seqs, out, sound), sound)
+        array, when given) and on the host once the returned tokens' event completes, and the rows' `sound_rows`
+        flags."""
+        b = len(seqs)
+        # the kernels write the flags (and a greedy batch's ids) straight into pinned host memory (the same address
+        # on the device under unified addressing): no device-to-host copy but a sampled batch's ids
+        slot = self._pinned.take(b)
+        host_ids, sound = slot.bufs[0][:b], slot.bufs[1][:b]
+        ids, on_host = self._launch(logits, seqs, out, sound, host_ids)
+        tokens = DeviceTokens(ids, host_ids, sound, copy=not on_host)
+        slot.hold(tokens, tokens._copied)
+        return tokens
 
     def sound_rows(self, logits, out=None):
         """Reference: reference/sampling.sound_rows_ref, on the caller's (raw) logits: bools [B] on the device (in
@@ -212,11 +229,12 @@ class GpuSampler:
             self.k["sound_rows"]((g, b), (ARGMAX_THREADS,), args)
         return out
 
-    def _launch(self, logits, seqs: list, out=None, sound=None):
-        """Queue the sampling kernels of a non-empty batch; the [B] int64 ids on the device. `sound` (a [B] bool
-        device or pinned host array): the rows' `sound_rows` flags of the caller's logits, written by argmax_rows'
-        own pass where the batch is greedy and nothing changed the logits (one launch less a step), else by
-        sound_rows."""
+    def _launch(self, logits, seqs: list, out=None, sound=None, host_ids=None):
+        """Queue the sampling kernels of a non-empty batch; the [B] int64 ids on the device, and whether they were
+        written into `host_ids` (a [B] int64 pinned host array) too: by argmax_rows, where the batch is greedy.
+        `sound` (a [B] bool device or pinned host array): the rows' `sound_rows` flags of the caller's logits,
+        written by argmax_rows' own pass where the batch is greedy and nothing changed the logits (one launch less
+        a step), else by sound_rows."""
         cp = self.cp
         b = len(seqs)
         logits = cp.asarray(logits)
@@ -248,7 +266,7 @@ class GpuSampler:
         greedy = not params[0].any()  # all greedy (min_p: sampled rows only)
         fused = sound is not None and logits is raw and greedy
         if greedy:
-            self.argmax(logits, out, sound if fused else None)
+            self.argmax(logits, out, sound if fused else None, host_ids)
         else:
             dparams = cp.asarray(params)
             if min_p is not None:
@@ -256,7 +274,7 @@ class GpuSampler:
             self.sample_rows(logits, dparams, out)
         if sound is not None and not fused:
             self.sound_rows(raw, sound)
-        return out
+        return out, greedy and host_ids is not None
 
     def sample_rows(self, logits, params, out, radix: bool = False) -> None:
         """out[r] (int64) <- row r of contiguous float32 `logits` sampled by params [4, B]: sample_bounds and sample_fill

@@ -75,7 +75,9 @@ def case_sampling(c: Ctx) -> list[Result]:
 def _case_sound_rows(c: Ctx) -> list[Result]:
     """sound_rows against sound_rows_ref: a NaN, +-inf, all-zero and all-equal rows, one logit apart, random ones;
     and argmax_rows asked for the same flags from its own pass (a greedy step's check), its ids against np.argmax
-    on the sound rows."""
+    on the sound rows and its copy of them in pinned host memory (poisoned with -1) against its device ids."""
+    import cupyx
+
     b, vocab = 9, 128256
     x = (c.rng.standard_normal((b, vocab)) * 3).astype(np.float32)
     x[0, vocab - 1], x[1, 4096], x[2, 0], x[3], x[4] = np.nan, np.inf, -np.inf, 0.0, 2.5
@@ -86,10 +88,14 @@ def _case_sound_rows(c: Ctx) -> list[Result]:
     miss = int(np.sum(got != want))
     out = [Result("sound_rows", f"B{b} V{vocab}", miss, 0.0, miss == 0 and int(want.sum()) == 4)]
     ids, flags = c.poison((b,), np.int64), c.cp.full((b,), 7, c.cp.uint8)  # 7: neither flag
-    c.ops.sampler.argmax(c.cp.asarray(x), ids, flags)
+    host = cupyx.empty_pinned(b, np.int64)
+    host[:] = -1
+    c.ops.sampler.argmax(c.cp.asarray(x), ids, flags, host)
+    c.cp.cuda.get_current_stream().synchronize()  # the kernel's writes into host memory are done
     fine = want.astype(bool)
     miss = int(np.sum(flags.get() != want)) + int(np.sum(ids.get()[fine] != np.argmax(x[fine], axis=1)))
-    out.append(Result("argmax_rows + sound", f"B{b} V{vocab}", miss, 0.0, miss == 0))
+    miss += int(np.sum(host != ids.get()))
+    out.append(Result("argmax_rows + sound + host ids", f"B{b} V{vocab}", miss, 0.0, miss == 0))
     return out
 
 
