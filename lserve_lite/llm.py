@@ -199,42 +199,15 @@ class LLM:
         with self._turn():  # inside this thread's own turn, that turn does it as it ends
             self._close_pending = True
 
-    @contextmanager
-    def _turn(self) -> Iterator[bool]:
-        """Hold the engine for one call, waiting for another thread's turn to end; yields whether it is a turn of
-        its own (False: this thread is inside a turn already, e.g. a signal handler run mid-step)."""
-        with self._lock:
-            with self._held() as mine:
-                yield mine
+    def _turn(self) -> _Turn:
+        """Hold the engine for one call, waiting for another thread's turn to end; `with` gives whether it is a turn
+        of its own (False: this thread is inside a turn already, e.g. a signal handler run mid-step)."""
+        return _Turn(self)
 
-    @contextmanager
-    def _held(self) -> Iterator[bool]:
-        """A turn, the lock taken: False inside a turn of this thread (where a step would run inside a step).
-        A close asked for meanwhile is done as the turn ends."""
-        if self._busy:
-            yield False
-            return
-        self._busy = True
-        try:
-            yield True
-        finally:
-            self._busy = False
-            if self._close_pending and not self._closed:
-                self._closed = True
-                self.engine.close()
-
-    @contextmanager
-    def _call(self) -> Iterator[None]:
+    def _call(self) -> _Turn:
         """A call's turn on the open engine. Inside a turn of this thread (a signal handler run mid-step) it is
         refused in one line: it would run a step inside a step (it waited for itself before)."""
-        with self._turn() as mine:
-            if not mine:
-                raise LServeError(
-                    "this LLM was called inside one of its own steps (a signal handler?) or hold_engine blocks: "
-                    "call it after"
-                )
-            self._check_open()  # in the turn: a close may have run while this thread waited
-            yield
+        return self._turn().as_call()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -439,7 +412,8 @@ class LLM:
             self.engine.abort(r)
         if rids and not self.engine.closed and self._lock.acquire(blocking=wait):
             try:
-                with self._held() as mine:  # not inside this thread's own turn: its next step frees them
+                # not inside this thread's own turn: that turn's next step frees them
+                with _Turn(self, locked=True) as mine:
                     if mine and not self.engine.closed:
                         self._step()
             finally:
@@ -507,6 +481,53 @@ class LLM:
             return texts[t]
 
         return [None if e is None else e.with_decoded(decode) for e in entries]
+
+
+class _Turn:
+    """One use of an LLM's turn (`LLM._turn`): its lock taken (unless `locked`: the caller took it), `with` gives
+    whether the turn is this use's own, and its end does a close asked for meanwhile. A class, not nested generator
+    context managers: a stream takes a turn a token, and the generators cost several times as much."""
+
+    __slots__ = ("_llm", "_locked", "_refuse", "_mine")
+
+    def __init__(self, llm: LLM, locked: bool = False):
+        self._llm, self._locked, self._refuse, self._mine = llm, locked, False, False
+
+    def as_call(self) -> _Turn:
+        """This turn as a call's (`LLM._call`): one that is not its own, or on a closed LLM, raises one line."""
+        self._refuse = True
+        return self
+
+    def __enter__(self) -> bool:
+        llm = self._llm
+        if not self._locked:
+            llm._lock.__enter__()
+        self._mine = mine = not llm._busy  # False: inside this thread's own turn, which keeps it
+        llm._busy = True
+        if self._refuse:
+            try:
+                if not mine:
+                    raise LServeError(
+                        "this LLM was called inside one of its own steps (a signal handler?) or hold_engine "
+                        "blocks: call it after"
+                    )
+                llm._check_open()  # in the turn: a close may have run while this thread waited
+            except LServeError:
+                self.__exit__()
+                raise
+        return mine
+
+    def __exit__(self, *exc: object) -> None:
+        llm = self._llm
+        try:
+            if self._mine:
+                llm._busy = False
+                if llm._close_pending and not llm._closed:
+                    llm._closed = True
+                    llm.engine.close()
+        finally:
+            if not self._locked:
+                llm._lock.__exit__(None, None, None)
 
 
 def _check_priority(priority: object, count: int) -> None:

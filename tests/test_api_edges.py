@@ -1452,6 +1452,40 @@ def test_hold_engine_gives_the_engine_and_refuses_the_llms_own_calls_inside(tiny
         pass
 
 
+def test_a_stream_closed_during_another_threads_turn_does_not_wait_for_it(tiny_llama):
+    """A stream closed (or collected) in one thread while another holds the turn aborts its request without
+    waiting for that turn (the lock taken without blocking): the next step frees its pages."""
+    llm = LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=16))
+    sp = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    s = llm.stream_outputs([5, 6, 7], sp)
+    next(s)
+    closed = threading.Event()
+    with llm.hold_engine():
+        threading.Thread(target=lambda: (s.close(), closed.set()), daemon=True).start()
+        assert closed.wait(10), "the stream's close waited for another thread's turn"
+    assert len(llm.generate([[8, 9]], sp)[0].token_ids) == 4
+    assert not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0
+
+
+def test_a_turn_left_by_an_exception_is_over_and_does_its_pending_close(tiny_llama):
+    """A turn that ends by an exception still ends: other threads' calls get the lock, and a close asked for
+    inside it (as a signal handler would) is done as it ends."""
+    llm = LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=16))
+    sp = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    with pytest.raises(KeyError), llm.hold_engine():
+        raise KeyError("in the block")
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(llm.generate([[5, 6, 7]], sp)), daemon=True)
+    t.start()
+    t.join(timeout=30)  # only a lock left held waits this long
+    assert not t.is_alive() and len(got[0][0].token_ids) == 4
+    with pytest.raises(KeyError), llm.hold_engine():
+        llm.close()  # inside the turn: returns at once, the turn's end closes
+        assert not llm.engine.closed
+        raise KeyError("in the block")
+    assert llm.engine.closed and not llm._busy
+
+
 @pytest.mark.parametrize("call", ["generate", "logits", "stream"])
 def test_a_call_that_waited_out_a_close_names_llm_close(tiny_llama, monkeypatch, call):
     """A call past its first check that waited for the lock while another thread's LLM.close ran got the

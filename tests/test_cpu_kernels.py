@@ -210,6 +210,35 @@ def test_gate_up_silu_is_silu_mul_of_linear(n, fmt):
     assert np.array_equal(got, ops.silu_mul(ops.linear(x, ops.upload(w))))
 
 
+def test_sound_rows_is_sound_rows_ref_in_one_pass():
+    """The CPU sampler's soundness check (every logit finite, not all equal), one Numba pass over integer order keys
+    instead of NumPy's max and min, flags what sound_rows_ref flags: NaN of either sign, +-inf at either end or
+    inside, rows all equal (+0.0 and -0.0 mixed), float32's extremes, random bit patterns; any layout."""
+    from lserve_lite.backends.reference.sampling import sound_rows_ref
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((24, 37)).astype(np.float32)
+    for row, (col, v) in enumerate([(0, np.nan), (36, -np.nan), (5, np.nan), (0, np.inf), (36, -np.inf),
+                                    (9, np.inf), (3, -np.inf)]):  # fmt: skip
+        x[row, col] = v
+    x[7], x[8], x[9, ::2] = 2.5, -0.0, 0.0  # all equal: 2.5, -0.0, +0.0 and -0.0 mixed
+    x[9, 1::2] = -0.0
+    x[10, 0], x[10, 1:] = np.nextafter(np.float32(1), np.float32(2)), 1.0
+    x[11, 0], x[11, 1] = np.finfo(np.float32).max, np.finfo(np.float32).min
+    x[12], x[12, 4] = np.finfo(np.float32).max, np.inf
+    x[13], x[13, 2] = -0.0, np.float32(1e-45)  # the smallest subnormal above zeros
+    bits = rng.integers(-(2**31), 2**31, (10, 37)).astype(np.int32)
+    x[14:] = bits.view(np.float32)  # NaNs, infs, subnormals among them
+    with np.errstate(invalid="ignore"):
+        want = sound_rows_ref(x)
+    assert want[:14].tolist() == [False] * 10 + [True, True, False, True] and 0 < want[14:].sum() < 10
+    for view in (x, x[::2], x[:, 1:-1], np.asfortranarray(x)):
+        got = np.ones(len(view), np.bool_)
+        with np.errstate(invalid="ignore"):
+            want = sound_rows_ref(view)
+        assert K.sound_rows(view, got) == want.sum() and got.tolist() == want.tolist()
+
+
 def test_split_runner_results_do_not_depend_on_threads():
     ops = C.CpuOps()
     ops.split = C.SplitRunner(parts=2, first=1 << 30)

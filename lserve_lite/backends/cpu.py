@@ -31,7 +31,7 @@ from .memory import MemoryNeed, host_memory_bytes, step_needs
 from .reference.attention import attend_qblocks, visited_pages
 from .reference.layers import embed_ref
 from .reference.page_select import select_pages_ref
-from .reference.sampling import logprobs_ref, sample, sound_rows_ref
+from .reference.sampling import logprobs_ref, sample
 
 # Up to this many rows (decode), the Numba GEMV and attention kernels; beyond (prefill), OpenBLAS GEMMs.
 SMALL_ROWS = 8
@@ -248,13 +248,14 @@ class CpuOps:
         return sample(logits, seqs)
 
     def sample_async(self, logits: np.ndarray, seqs: list, out: None = None) -> HostTokens:
-        """Rows that could not be sampled (sound_rows_ref) are not: their ids read 0, their flags False."""
-        sound = sound_rows_ref(logits)
+        """Rows that could not be sampled (`K.sound_rows`: sound_rows_ref's rule) are not: their ids read 0, their
+        flags False."""
+        sound = np.empty(len(seqs), np.bool_)
+        if K.sound_rows(logits, sound) == len(seqs):  # the usual step: the logits as they are, no row copied
+            return HostTokens(np.array(sample(logits, seqs), np.int64), sound)
         ids = np.zeros(len(seqs), np.int64)
         keep = np.flatnonzero(sound)
-        if keep.size == len(seqs):  # the usual step: the logits as they are, no copy of the rows
-            ids[:] = sample(logits, seqs)
-        elif keep.size:
+        if keep.size:
             ids[keep] = sample(logits[keep], [seqs[i] for i in keep])
         return HostTokens(ids, sound)
 

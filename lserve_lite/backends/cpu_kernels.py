@@ -37,6 +37,46 @@ def _bits_to_f32(typingctx, i):
     return types.float32(types.int32), codegen
 
 
+@intrinsic
+def _f32_bits(typingctx, x):
+    """The int32 with the same bits as a float32."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@nb.njit(inline="always")
+def _order_key(bits):
+    """float32 bits as an int32 that orders as the floats do (-0.0 just below +0.0, NaN beyond +-inf by its sign);
+    its own inverse."""
+    return np.int32(bits ^ ((bits >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+
+
+_POS_INF_KEY, _NEG_INF_KEY = np.int32(0x7F800000), np.int32(-0x7F800001)
+
+
+@nb.njit(**JIT)
+def sound_rows(x, sound):
+    """reference.sampling.sound_rows_ref (every logit finite, not all equal) of float32 x [B, V] into sound [B]
+    in one vectorizing pass of integer max / min (NumPy's takes two passes and six calls); returns the count."""
+    n = 0
+    for r in range(x.shape[0]):
+        hi, lo = np.int32(-0x80000000), np.int32(0x7FFFFFFF)
+        for j in range(x.shape[1]):
+            k = _order_key(_f32_bits(x[r, j]))
+            hi, lo = max(hi, k), min(lo, k)
+        # finite: between -inf's key and +inf's; not all equal: as floats (-0.0 == +0.0)
+        sound[r] = ok = (
+            _NEG_INF_KEY < lo
+            and hi < _POS_INF_KEY
+            and _bits_to_f32(_order_key(hi)) > _bits_to_f32(_order_key(lo))
+        )
+        n += ok
+    return n
+
+
 @nb.njit(inline="always")
 def exp32(x):
     """float32 exp (Cody-Waite reduction, Cephes polynomial, <= 1 ulp, median 0.25, on [-87, 0]) that vectorizes.
