@@ -97,7 +97,6 @@ def test_tools_tool_choice_and_text_format_in_chats_shape():
             "include: only 'message.output_text.logprobs'",
         ),
         ({"include": "message.output_text.logprobs"}, "include", "include: only"),
-        ({"top_logprobs": 2}, "top_logprobs", "top_logprobs needs include: ['message.output_text.logprobs']"),
         ({"truncation": "auto"}, "truncation", "truncation: only 'disabled'"),
         (
             {"tools": [{"type": "web_search"}]},
@@ -703,6 +702,7 @@ def test_text_logprobs_are_chats_for_the_same_greedy_prompt(client):
     bare = client.responses.create(**kw, **LOGPROBS).output[0].content[0].logprobs  # no top_logprobs: none
     assert [(e.token, e.logprob, e.top_logprobs) for e in bare] == [(t, lp, []) for t, lp, _, _ in got]
     assert client.responses.create(**kw).output[0].content[0].logprobs == []  # not included: none
+    assert client.responses.create(**kw, top_logprobs=3).output[0].content[0].logprobs == []  # OpenAI's rule
 
 
 def test_streamed_deltas_carry_the_logprobs_of_the_whole_response(client):
@@ -764,7 +764,8 @@ def test_bad_logprob_fields_are_refused_in_one_line(server):
             "include",
             "include: only 'message.output_text.logprobs'",
         ),
-        ({"top_logprobs": 5}, "top_logprobs", "top_logprobs needs include"),
+        ({"top_logprobs": 21}, "top_logprobs", "top_logprobs must be an integer in [0, 20], got 21"),
+        ({"top_logprobs": True}, "top_logprobs", "top_logprobs must be an integer"),
     ):
         r = httpx.post(
             f"{server[0]}/v1/responses", json={"input": "x", "max_output_tokens": 1} | body, timeout=60

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from ..errors import InvalidRequestError
-from ..sampling_params import refuse_set
+from ..sampling_params import MAX_LOGPROBS, refuse_set
 from .protocol import CHAT_REFUSED, ApiError, now
 from .response_store import ResponseStore, Stored
 from .responses import EventStream, sse
@@ -87,14 +87,18 @@ def chat_body(body: dict, earlier: list[dict] | None = None) -> dict:
 
 def chat_logprobs(include: object, top: object) -> dict:
     """`include` of the text's logprobs, with `top_logprobs` alternatives, as chat's fields (chat checks the
-    count's range: 0-20); other items, or alternatives not included, are refused in one line naming the field."""
+    count's range: 0-20); other items are refused in one line naming the field. `top_logprobs` without the item
+    returns no logprobs, as OpenAI's API does."""
     items = [] if include is None else include
     if not isinstance(items, list) or any(x != LOGPROBS for x in items):
         raise ApiError(400, f"include: only {LOGPROBS!r} is supported (the text's token logprobs), got "
                        f"{include!r:.80}", "include")  # fmt: skip
-    if not items:
-        if top is not None and not (isinstance(top, int) and top == 0):
-            raise ApiError(400, f"top_logprobs needs include: [{LOGPROBS!r}]", "top_logprobs")
+    if not items:  # OpenAI's rule: the count alone is checked, and no logprobs come (an empty list)
+        if top is not None and (
+            isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS
+        ):
+            raise ApiError(400, f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {top!r:.40}",
+                           "top_logprobs")  # fmt: skip
         return {}
     return {"logprobs": True, "top_logprobs": 0 if top is None else top}
 
