@@ -17,7 +17,7 @@ from weather_tool import WEATHER as CHAT_WEATHER
 from lserve_lite.serve.protocol import ApiError
 from lserve_lite.serve.response_store import ResponseStore, Stored
 from lserve_lite.serve.responses import sse
-from lserve_lite.serve.responses_api import chat_body, renamed, response_events, shell
+from lserve_lite.serve.responses_api import chat_body, renamed, response_events, shell, text_logprobs
 
 WEATHER = {"type": "function", **CHAT_WEATHER["function"], "strict": True}  # the Responses API's flat form
 DIGIT = {"format": {"type": "json_schema", "name": "D", "strict": True, "schema": {
@@ -91,8 +91,12 @@ def test_tools_tool_choice_and_text_format_in_chats_shape():
         ({"conversation": "conv_1"}, "conversation", "conversations are not stored"),
         ({"background": True}, "background", "background is not supported"),
         ({"reasoning": {"effort": "low"}}, "reasoning", "reasoning is not supported"),
-        ({"include": ["message.output_text.logprobs"]}, "include", "include is not supported"),
-        ({"top_logprobs": 2}, "top_logprobs", "top_logprobs is not supported"),
+        (
+            {"include": ["file_search_call.results"]},
+            "include",
+            "include: only 'message.output_text.logprobs'",
+        ),
+        ({"include": "message.output_text.logprobs"}, "include", "include: only"),
         ({"truncation": "auto"}, "truncation", "truncation: only 'disabled'"),
         (
             {"tools": [{"type": "web_search"}]},
@@ -187,6 +191,30 @@ def test_chat_errors_are_named_as_the_responses_request_names_its_fields():
 
 
 # -- a live server and the openai client ----------------------------------------------------------------
+def test_the_text_logprobs_item_is_chats_logprobs():
+    lp = {"include": ["message.output_text.logprobs"]}
+    assert chat_body({"input": "x"} | lp | {"top_logprobs": 3}) | {"messages": []} == {
+        "logprobs": True, "top_logprobs": 3, "messages": []}  # fmt: skip
+    assert chat_body({"input": "x"} | lp)["top_logprobs"] == 0  # each token's own logprob, no alternatives
+    assert "logprobs" not in chat_body({"input": "x", "include": None, "top_logprobs": None})
+
+
+def _lp(token: str) -> dict:
+    return {"token": token, "logprob": -1.0, "bytes": list(token.encode()), "top_logprobs": []}
+
+
+def test_beside_calls_the_text_has_the_logprobs_of_its_tokens_before_the_first_call():
+    lps = [_lp("Sure"), _lp("."), _lp("<tool_call>"), _lp("{}")]
+    assert text_logprobs(lps, "Sure.", [{"id": "c"}]) == lps[:2]
+    assert text_logprobs(lps, "Sure.<tool_call>{}", []) == lps  # no calls: every token's
+    split = [
+        {**_lp(""), "bytes": [0xE2]},
+        {**_lp(""), "bytes": [0x98, 0x83]},
+        _lp("<"),
+    ]  # one character, 2 tokens
+    assert text_logprobs(split, "\u2603", [{"id": "c"}]) == split[:2]
+
+
 CFG = TOOLS_CFG  # conftest's `server` on its `tiny_dir`
 NEEDS = ["llguidance"]  # forced calls and formats are llguidance grammars
 
@@ -644,3 +672,104 @@ def test_langchain_chat_openai_on_the_responses_api(server):
         and set(call["args"]) == {"city", "unit"}
         and call["args"]["unit"] in "cf"
     )
+
+
+# -- token logprobs: include ["message.output_text.logprobs"] with top_logprobs --------------------------------
+LOGPROBS = {"include": ["message.output_text.logprobs"]}
+
+
+def _entries(logprobs) -> list[tuple]:
+    """Logprob entries (the openai package's models or chat's) as comparable tuples."""
+    return [(e.token, e.logprob, e.bytes, [(t.token, t.logprob, t.bytes) for t in e.top_logprobs])
+            for e in logprobs]  # fmt: skip
+
+
+def test_text_logprobs_are_chats_for_the_same_greedy_prompt(client):
+    from openai.types.responses.response_output_text import Logprob
+
+    kw = dict(model="tiny", input="hello", instructions="be brief", max_output_tokens=8, temperature=0)
+    r = client.responses.create(**kw, **LOGPROBS, top_logprobs=3)
+    chat = client.chat.completions.create(model="tiny", max_tokens=8, temperature=0, logprobs=True, top_logprobs=3,
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}])  # fmt: skip
+    (part,) = r.output[0].content
+    assert all(isinstance(e, Logprob) for e in part.logprobs)  # the openai client parsed them
+    got = _entries(part.logprobs)
+    assert got == _entries(chat.choices[0].logprobs.content) and len(got) == r.usage.output_tokens == 8
+    for _, logprob, _, top in got:
+        assert len(top) == 3 and [t[1] for t in top] == sorted((t[1] for t in top), reverse=True)
+        assert top[0][1] == logprob  # greedy: the chosen token is the likeliest
+    assert client.responses.retrieve(r.id).model_dump() == r.model_dump()  # stored with them
+    bare = client.responses.create(**kw, **LOGPROBS).output[0].content[0].logprobs  # no top_logprobs: none
+    assert [(e.token, e.logprob, e.top_logprobs) for e in bare] == [(t, lp, []) for t, lp, _, _ in got]
+    assert client.responses.create(**kw).output[0].content[0].logprobs == []  # not included: none
+    assert client.responses.create(**kw, top_logprobs=3).output[0].content[0].logprobs == []  # OpenAI's rule
+
+
+def test_streamed_deltas_carry_the_logprobs_of_the_whole_response(client):
+    kw = dict(model="tiny", input="hello", max_output_tokens=8, temperature=0, **LOGPROBS, top_logprobs=2)
+    whole = _entries(client.responses.create(**kw).output[0].content[0].logprobs)
+    events = list(client.responses.create(**kw, stream=True))
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert [len(e.logprobs) for e in deltas] != [0] * len(deltas)
+    streamed = [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs])
+                for d in deltas for e in d.logprobs]  # fmt: skip
+    assert streamed == [(t, lp, [x[:2] for x in top]) for t, lp, _, top in whole]
+    (done,) = [e for e in events if e.type == "response.output_text.done"]
+    assert [(e.token, e.logprob) for e in done.logprobs] == [x[:2] for x in whole]
+    final = events[-1].response
+    assert _entries(final.output[0].content[0].logprobs) == whole
+    assert _entries(client.responses.retrieve(final.id).output[0].content[0].logprobs) == whole
+
+
+def test_a_function_call_carries_no_logprobs(client):
+    kw = dict(model="tiny", input="weather?", tools=[WEATHER], tool_choice="required", parallel_tool_calls=False,
+              max_output_tokens=120, temperature=0, **LOGPROBS, top_logprobs=2)  # fmt: skip
+    (call,) = client.responses.create(**kw).output
+    assert call.type == "function_call" and "logprobs" not in call.model_dump()
+    events = list(client.responses.create(**kw, stream=True))
+    assert "response.output_text.delta" not in [e.type for e in events]
+    assert [o.type for o in events[-1].response.output] == ["function_call"]
+
+
+def _scored(delta: dict, lps: list[dict], finish: str | None = None) -> dict:
+    """A chat chunk of one choice with the logprob entries of its tokens."""
+    return {"choices": [{"index": 0, "delta": delta, "logprobs": {"content": lps}, "finish_reason": finish}]}
+
+
+def test_a_streams_logprobs_go_with_its_text_and_not_with_its_calls():
+    """Entries of held text (a possible stop string, EOS) go with the next delta, or at the end in a delta of no
+    text; those of a call's tokens with none."""
+    use = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}
+    a, b, c = _lp("a"), _lp("b"), _lp("</s>")
+    chunks = [_delta({"role": "assistant"}), _scored({}, [a]), _scored({"content": "ab"}, [b]),
+              _scored({}, [c], "stop"), use]  # fmt: skip
+    events = events_of(chunks)
+    deltas = [(e["delta"], e["logprobs"]) for e in events if e["type"] == "response.output_text.delta"]
+    assert deltas == [("ab", [a, b]), ("", [c])]
+    assert events[-1]["response"]["output"][0]["content"][0]["logprobs"] == [a, b, c]
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    chunks = [_scored({"content": "hi"}, [a]), _scored({}, [b]), _delta({"tool_calls": [call]}),
+              _scored({}, [c], "tool_calls"), use]  # fmt: skip
+    out = events_of(chunks)[-1]["response"]["output"]
+    assert [o["type"] for o in out] == ["message", "function_call"] and "logprobs" not in out[1]
+    assert out[0]["content"][0]["logprobs"] == [a]
+
+
+def test_bad_logprob_fields_are_refused_in_one_line(server):
+    for body, param, words in (
+        (LOGPROBS | {"top_logprobs": 21}, "top_logprobs", "top_logprobs must be in [0, 20], got 21"),
+        (LOGPROBS | {"top_logprobs": -1}, "top_logprobs", "top_logprobs must be in [0, 20]"),
+        (
+            {"include": ["reasoning.encrypted_content"]},
+            "include",
+            "include: only 'message.output_text.logprobs'",
+        ),
+        ({"top_logprobs": 21}, "top_logprobs", "top_logprobs must be an integer in [0, 20], got 21"),
+        ({"top_logprobs": True}, "top_logprobs", "top_logprobs must be an integer"),
+    ):
+        r = httpx.post(
+            f"{server[0]}/v1/responses", json={"input": "x", "max_output_tokens": 1} | body, timeout=60
+        )
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == param and words in err["message"], r.text
+        assert "\n" not in err["message"]

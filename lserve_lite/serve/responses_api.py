@@ -6,13 +6,14 @@ chat reply, whole or streamed, becomes a response object or its events, kept (`s
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from ..errors import InvalidRequestError
-from ..sampling_params import refuse_set
+from ..sampling_params import MAX_LOGPROBS, refuse_set
 from .protocol import CHAT_REFUSED, ApiError, now
 from .response_store import ResponseStore, Stored
 from .responses import EventStream, sse
@@ -29,11 +30,10 @@ REFUSED: dict[str, tuple[object, str]] = {
         "responses run while the request is open: send stream: true to read one as it is written",
     ),
     "reasoning": ({}, "no reasoning effort or summaries"),
-    "include": ([], "a response holds its output items only"),
     "prompt": (None, "no stored prompts: send the text in input"),
     "max_tool_calls": (None, "parallel_tool_calls: false allows one call a response"),
-    "top_logprobs": (0, "/v1/chat/completions returns logprobs"),
 }
+LOGPROBS = "message.output_text.logprobs"  # the one `include` item served: the text's token logprobs
 ROLES = ("user", "system", "developer", "assistant")
 PARTS = ("input_text", "output_text")  # the text parts of a message; images, files and audio are refused
 METADATA_PAIRS, METADATA_KEY, METADATA_VALUE = 16, 64, 512  # OpenAI's limits
@@ -65,9 +65,10 @@ def chat_body(body: dict, earlier: list[dict] | None = None) -> dict:
     if body.get("store") is not None and not isinstance(body["store"], bool):
         raise ApiError(400, "store: must be a boolean", "store")
     check_metadata(body.get("metadata"))
+    chat = chat_logprobs(body.get("include"), body.get("top_logprobs"))
     # vLLM's salt; and what chat refuses, set, is refused (not ignored) there
     passed = ("model", "temperature", "top_p", "parallel_tool_calls", "stream", "cache_salt", *CHAT_REFUSED)
-    chat = {k: body[k] for k in passed if k in body}
+    chat |= {k: body[k] for k in passed if k in body}
     if body.get("max_output_tokens") is not None:
         chat["max_completion_tokens"] = body["max_output_tokens"]
     if body.get("stream") is True:  # the usage that response.completed carries
@@ -82,6 +83,24 @@ def chat_body(body: dict, earlier: list[dict] | None = None) -> dict:
     if form is not None:
         chat["response_format"] = form
     return chat
+
+
+def chat_logprobs(include: object, top: object) -> dict:
+    """`include` of the text's logprobs, with `top_logprobs` alternatives, as chat's fields (chat checks the
+    count's range: 0-20); other items are refused in one line naming the field. `top_logprobs` without the item
+    returns no logprobs, as OpenAI's API does."""
+    items = [] if include is None else include
+    if not isinstance(items, list) or any(x != LOGPROBS for x in items):
+        raise ApiError(400, f"include: only {LOGPROBS!r} is supported (the text's token logprobs), got "
+                       f"{include!r:.80}", "include")  # fmt: skip
+    if not items:  # OpenAI's rule: the count alone is checked, and no logprobs come (an empty list)
+        if top is not None and (
+            isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS
+        ):
+            raise ApiError(400, f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {top!r:.40}",
+                           "top_logprobs")  # fmt: skip
+        return {}
+    return {"logprobs": True, "top_logprobs": 0 if top is None else top}
 
 
 def check_metadata(meta: object) -> None:
@@ -312,14 +331,33 @@ def response_usage(use: dict) -> dict:
             "output_tokens_details": {"reasoning_tokens": 0}}  # fmt: skip
 
 
-def text_part(text: str) -> dict:
-    """A message item's output_text part (no annotations or logprobs here)."""
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def text_part(text: str, logprobs: list[dict] | None = None) -> dict:
+    """A message item's output_text part (no annotations here), with its tokens' logprobs where `include`d."""
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
-def message_item(text: str, status: str) -> dict:
+def message_item(text: str, status: str, logprobs: list[dict] | None = None) -> dict:
     return {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant", "status": status,
-            "content": [text_part(text)] if text or status != "in_progress" else []}  # fmt: skip
+            "content": [text_part(text, logprobs)] if text or status != "in_progress" else []}  # fmt: skip
+
+
+def entries(logprobs: dict | None) -> list[dict]:
+    """A chat choice's or delta's logprob entries (token, logprob, bytes, top_logprobs: the Responses shape too)."""
+    return (logprobs or {}).get("content") or []
+
+
+def text_logprobs(lps: list[dict], text: str, calls: list) -> list[dict]:
+    """The entries of a reply's text: all of them, or beside calls those before the first call (the tokens whose
+    text, decoded as the reply's, the text begins with; a call carries none), as a stream sends them."""
+    if not calls:
+        return lps
+    utf8, seen, out = codecs.getincrementaldecoder("utf-8")("replace"), "", []
+    for e in lps:
+        seen += utf8.decode(bytes(e["bytes"]))
+        if not text.startswith(seen):
+            break
+        out.append(e)
+    return out
 
 
 def call_item(call: dict, status: str) -> dict:
@@ -339,7 +377,9 @@ def response_object(rid: str, body: dict, reply: dict, stored: bool = False) -> 
     (choice,) = reply["choices"]
     msg, finish = choice["message"], choice["finish_reason"]
     calls = msg.get("tool_calls") or []
-    text = [message_item(msg["content"] or "", "completed")] if msg["content"] or not calls else []
+    content = msg["content"] or ""
+    lps = text_logprobs(entries(choice["logprobs"]), content, calls)
+    text = [message_item(content, "completed", lps)] if msg["content"] or not calls else []
     response = shell(rid, body, reply["model"], "completed", stored)
     response["output"] = text + [call_item(c, "completed") for c in calls]
     response["output"][-1]["status"] = last_status(finish)
@@ -348,12 +388,21 @@ def response_object(rid: str, body: dict, reply: dict, stored: bool = False) -> 
 
 class ResponseEvents:
     """A chat stream's chunks as the Responses API's events, each numbered in `sequence_number`. The last item
-    stays open (its done event held) until the next begins or the reply ends: the end says whether it was cut."""
+    stays open (its done event held) until the next begins or the reply ends: the end says whether it was cut.
+    Logprob entries (`take`) go out with the next text delta, those of a call's tokens with none."""
 
     def __init__(self, response: dict):
         self.response, self.seq = response, 0
         self.open: dict | None = None  # the item not yet done: a message (its text in `text`) or a call
         self.text = ""
+        self.lps: list[dict] = []  # the open message's logprob entries
+        self.pending: list[dict] = []  # entries of tokens whose text is not sent yet
+        self.called = False  # a call was made: the entries after it are no text's
+
+    def take(self, lps: list[dict]) -> None:
+        """A chunk's logprob entries, before its text: text that follows before any call sends them."""
+        if not self.called:
+            self.pending += lps
 
     def event(self, kind: str, **fields) -> str:
         self.seq += 1
@@ -377,14 +426,17 @@ class ResponseEvents:
             out += self.add(message_item("", "in_progress"))
             out.append(self.event("response.content_part.added", **self.where(self.open), content_index=0,
                                   part=text_part("")))  # fmt: skip
-            self.text = ""
+            self.text, self.lps = "", []
         self.text += text
+        lps, self.pending = self.pending, []
+        self.lps += lps
         delta = self.event("response.output_text.delta", **self.where(self.open), content_index=0, delta=text,
-                           logprobs=[])  # fmt: skip
+                           logprobs=lps)  # fmt: skip
         return out + [delta]
 
     def call(self, call: dict) -> list[str]:
         """A call (chat streams each whole, in one delta): its item, its arguments in one delta."""
+        self.called, self.pending = True, []
         out = self.add(call_item(call, "in_progress"))
         item, args = self.open, call["function"]["arguments"]
         item["arguments"] = args
@@ -401,18 +453,21 @@ class ResponseEvents:
         item["status"] = status
         at, out = self.where(item), []
         if item["type"] == "message":
-            part = text_part(self.text)
+            part = text_part(self.text, self.lps)
             item["content"] = [part]
             out = [
-                self.event("response.output_text.done", **at, content_index=0, text=self.text, logprobs=[]),
+                self.event(
+                    "response.output_text.done", **at, content_index=0, text=self.text, logprobs=self.lps
+                ),
                 self.event("response.content_part.done", **at, content_index=0, part=part),
             ]
         return out + [self.event("response.output_item.done", output_index=at["output_index"], item=item)]
 
     def end(self, finish: str | None, use: dict | None) -> list[str]:
-        """The last events: the open item done (an empty reply is a message of no text, as whole), and the response
-        completed, or incomplete where max_output_tokens cut it."""
-        out = [] if self.response["output"] else self.write("")
+        """The last events: the open item done (an empty reply is a message of no text, as whole; entries of text not
+        sent, such as a stop string's or EOS's, go in a delta of none), and the response completed, or incomplete where
+        max_output_tokens cut it."""
+        out = self.write("") if self.pending or not self.response["output"] else []
         out += self.close(last_status(finish))
         done = finished(self.response, finish, use)
         kind = "response.incomplete" if done["status"] == "incomplete" else "response.completed"
@@ -446,6 +501,7 @@ async def response_events(
                 return
             for choice in chunk["choices"]:
                 delta = choice["delta"]
+                ev.take(entries(choice.get("logprobs")))
                 for e in ev.write(delta["content"]) if delta.get("content") else []:
                     yield e
                 for call in delta.get("tool_calls") or []:
