@@ -204,6 +204,27 @@ class LLM:
         of its own (False: this thread is inside a turn already, e.g. a signal handler run mid-step)."""
         return _Turn(self)
 
+    def _enter_turn(self, locked: bool) -> bool:
+        """Take the lock (unless the caller holds it: `locked`) and the turn; False inside this thread's own turn,
+        which keeps it."""
+        if not locked:
+            self._lock.__enter__()
+        mine = not self._busy
+        self._busy = True
+        return mine
+
+    def _exit_turn(self, mine: bool, locked: bool) -> None:
+        """End a turn `_enter_turn` began: a turn of its own does a close asked for meanwhile."""
+        try:
+            if mine:
+                self._busy = False
+                if self._close_pending and not self._closed:
+                    self._closed = True
+                    self.engine.close()
+        finally:
+            if not locked:
+                self._lock.__exit__(None, None, None)
+
     def _call(self) -> _Turn:
         """A call's turn on the open engine. Inside a turn of this thread (a signal handler run mid-step) it is
         refused in one line: it would run a step inside a step (it waited for itself before)."""
@@ -500,10 +521,7 @@ class _Turn:
 
     def __enter__(self) -> bool:
         llm = self._llm
-        if not self._locked:
-            llm._lock.__enter__()
-        self._mine = mine = not llm._busy  # False: inside this thread's own turn, which keeps it
-        llm._busy = True
+        self._mine = mine = llm._enter_turn(self._locked)
         if self._refuse:
             try:
                 if not mine:
@@ -518,16 +536,7 @@ class _Turn:
         return mine
 
     def __exit__(self, *exc: object) -> None:
-        llm = self._llm
-        try:
-            if self._mine:
-                llm._busy = False
-                if llm._close_pending and not llm._closed:
-                    llm._closed = True
-                    llm.engine.close()
-        finally:
-            if not self._locked:
-                llm._lock.__exit__(None, None, None)
+        self._llm._exit_turn(self._mine, self._locked)
 
 
 def _check_priority(priority: object, count: int) -> None:
