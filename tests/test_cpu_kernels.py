@@ -8,6 +8,7 @@ import pytest
 
 from lserve_lite.backends import cpu as C
 from lserve_lite.backends import cpu_kernels as K
+from lserve_lite.backends import cpu_threads
 from lserve_lite.backends.cpu_half import NATIVE_HALF, half_to_f32
 from lserve_lite.backends.reference import attention as A
 from lserve_lite.backends.reference import layers as L
@@ -313,3 +314,26 @@ def test_batch1_decode_attention_matches_float64(fmt_name, page, ctx, streaming,
         for st in runner._keys.values():
             st.spread = True
         assert np.array_equal(C.paged_attention_numba(q, kq, vq, plan, hc, runner, ks, vs), got)
+
+
+@pytest.mark.parametrize("fmt_name", ["fp32", "fp16", "int8"])
+def test_spread_decode_attention_of_a_float_cache_is_a_native_job(fmt_name, monkeypatch):
+    """Decode attention spread over a float cache (fp32, fp16) runs the helpers' parts as a native job: a Python
+    part waits for the GIL and an OS wake-up (as long as the whole call at 512 keys), so spreading lost to one
+    thread. Quantized caches keep Python parts. The bits are one thread's either way."""
+    rng = np.random.default_rng(zlib.crc32(fmt_name.encode()))
+    q, (kq, vq, ks, vs), _, plan, hc = _decode_case(rng, 517, 64, fmt_name, False, False)
+    native, spread = [], cpu_threads._HELPERS.spread
+
+    def spy(part, bounds, job=None):
+        native.append(job is not None and job()[0] != 0)
+        return spread(part, bounds, job)
+
+    monkeypatch.setattr(cpu_threads._HELPERS, "spread", spy)
+    want = C.paged_attention_numba(q, kq, vq, plan, hc, None, ks, vs)
+    runner = C.SplitRunner(parts=2, first=1 << 30)
+    C.paged_attention_numba(q, kq, vq, plan, hc, runner, ks, vs)
+    for st in runner._keys.values():
+        st.spread = True
+    assert np.array_equal(C.paged_attention_numba(q, kq, vq, plan, hc, runner, ks, vs), want)
+    assert native == [fmt_name != "int8"]

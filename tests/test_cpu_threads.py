@@ -181,3 +181,44 @@ def test_spin_setting_refused_at_backend_start(monkeypatch):
         monkeypatch.setenv("LSERVE_CPU_SPIN_US", bad)
         with pytest.raises(ValueError, match=r"LSERVE_CPU_SPIN_US must be a number in \[0, 1e\+06\]"):
             CpuOps()
+
+
+class _OneThread(SplitRunner):
+    """A runner that never spreads (its first timing window never ends) and records the ranges its parts ran."""
+
+    def __init__(self, parts: int):
+        super().__init__(parts=parts, first=1 << 30)
+        self.ranges: list[tuple[int, int]] = []
+
+    def run(self, key, part, bounds, joint=False, native=None):
+        def recorded(a: int, b: int) -> None:
+            self.ranges.append((a, b))
+            part(a, b)
+
+        super().run(key, recorded, bounds, joint, native)
+
+
+@pytest.mark.parametrize("n", [1, GEMV_ROWS, GEMV_ROWS + 1])
+def test_a_decode_gemv_on_one_thread_is_one_kernel_call(n):
+    """On one thread a decode GEMV's parts (independent rows) run as one call over all rows, one Numba dispatch a
+    product instead of one a part; the tiled GEMM keeps its parts (tiles start at each part's first row)."""
+    rng = np.random.default_rng(n)
+    qt, _ = _make("q4_1", 203, 512, rng)
+    x = rng.standard_normal((n, 512)).astype(np.float32)
+    bounds = cpu_threads.even_bounds(0, 203, 3)
+    want = [(0, 203)] if n <= GEMV_ROWS else list(zip(bounds[:-1], bounds[1:]))
+    head, _ = _make("q8_0", 203, 512, rng)  # an 8-bit head's int16 pass
+    split = _OneThread(3)
+    for y in (lambda s: linear_q(x, qt, s), lambda s: logits_q(x, head, s)):
+        split.ranges.clear()
+        if n <= GEMV_ROWS:  # the same bits as without a runner (a GEMM's sums depend on its tiles)
+            np.testing.assert_array_equal(y(split), y(None))
+        else:
+            y(split)
+        assert split.ranges == want
+
+
+def test_even_bounds_are_kept_per_shape():
+    """The bounds of a shape are made once (a decode step asks for the same ones at every product)."""
+    assert cpu_threads.even_bounds(0, 203, 3) == (0, 67, 135, 203)
+    assert cpu_threads.even_bounds(0, 203, 3) is cpu_threads.even_bounds(0, 203, 3)

@@ -384,12 +384,15 @@ def test_cached_kernels_follow_a_changed_kv_format(tmp_path):
 
 def test_kernel_caches_follow_every_module_compiled_in():
     """The CPU kernels compile in cpu_kv.py's format loops and, through them, cpu_half.py's fp16 conversions (int4's
-    nibbles, fp8's codes, fp16 KV): a change to either flushes their disk cache (the stamp beside it covers both;
-    cpu_half.py was left out, so a fixed conversion could keep running its cached old code)."""
-    from lserve_lite.backends import cpu_half, cpu_kv, cpu_select
+    nibbles, fp8's codes, fp16 KV), and cpu_native.py's array views (the native attention job): a change to any
+    flushes their disk cache (the stamp beside it covers them; cpu_half.py was left out, so a fixed conversion could
+    keep running its cached old code)."""
+    from lserve_lite.backends import cpu_half, cpu_kv, cpu_native, cpu_select
     from lserve_lite.backends.numba_cache import deps_stamp
 
-    for mod, deps in ((K, [cpu_kv, cpu_half]), (cpu_select, [cpu_kv, cpu_half, K])):  # cpu_select: K.nan_max
+    kernels = (K, [cpu_kv, cpu_half, cpu_native])
+    select = (cpu_select, [cpu_kv, cpu_half, K])  # cpu_select: K.nan_max
+    for mod, deps in (kernels, select):
         stamp = Path(K.paged_attention._cache.cache_path) / f"{mod.__name__.rsplit('.', 1)[-1]}.deps.sha256"
         assert stamp.read_text() == deps_stamp(deps)
 

@@ -11,13 +11,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numba
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from lserve_lite.backends import cpu_quant_simd
-from lserve_lite.backends.cpu_quant import GEMV_ROWS, dequant_rows, embed_q, linear_q, logits_q
+from lserve_lite.backends.cpu_quant import (
+    GEMV_ROWS,
+    dequant_rows,
+    embed_q,
+    linear_q,
+    logits_q,
+    quantize_activations,
+)
 from lserve_lite.backends.cpu_threads import SplitRunner
 from lserve_lite.errors import ModelLoadError
 from lserve_lite.weights.qtensor import FORMATS, LAYOUTS, QuantTensor, concat_rows
@@ -409,6 +417,42 @@ def test_portable_path_matches_avx2(tmp_path):
         np.testing.assert_array_equal(got[fmt + "_gemm"], gemm)
         err = np.abs(got[fmt + "_logits"] - logits_q(xl, qt))
         assert (err <= 4 * _rounding(xl, ref)).all(), f"{fmt} logits: {err.max():.3g}"
+
+
+def _row_dots(fmt: str):
+    """A fresh (uncached) GEMV over `ROW_DOT[fmt]`, lowered with `cpu_quant_simd`'s flags as they are now."""
+    row_dot = cpu_quant_simd.ROW_DOT[FORMATS.index(fmt)]
+
+    @numba.njit
+    def rows(data, nblocks, xq, dx, xs, out):
+        for j in range(data.shape[0]):
+            out[j] = row_dot(data[j], nblocks, xq, dx, xs)
+
+    return rows
+
+
+@pytest.mark.skipif(not cpu_quant_simd._VNNI, reason="AVX-512 VNNI hosts only (vpdpbusd)")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_vnni_dot_is_avx2_dot_bitwise(fmt, monkeypatch):
+    """Where the host has AVX-512 VNNI, a block's 32 products are summed by one vpdpbusd instead of pmaddubsw +
+    pmaddwd (q6_k keeps them: its pairs take per-16 scales): the same int32 lanes (each the sum of 4 adjacent
+    products; no pair saturates int16), so the GEMV's bits are the AVX2 path's."""
+    rng = np.random.default_rng(FORMATS.index(fmt))
+    qt, _ = _make(fmt, 37, 768, rng)
+    xq, dx, xs = np.empty((1, 768), np.int8), np.empty((1, 24), np.float32), np.empty((1, 48), np.float32)
+    quantize_activations(rng.standard_normal((1, 768)).astype(np.float32), xq, dx, xs)
+    nblocks = 768 // LAYOUTS[fmt].block
+    vnni, avx2 = np.empty(37, np.float32), np.empty(37, np.float32)
+    fast = _row_dots(fmt)
+    fast(qt.data, nblocks, xq[0], dx[0], xs[0], vnni)
+    monkeypatch.setattr(cpu_quant_simd, "_VNNI", False)
+    plain = _row_dots(fmt)
+    plain(qt.data, nblocks, xq[0], dx[0], xs[0], avx2)
+    np.testing.assert_array_equal(vnni.view(np.uint32), avx2.view(np.uint32))
+    sig = fast.signatures[0]
+    uses_vnni = fmt != "q6_k"  # q6_k's pairs take 16-bit scales: pmaddwd
+    assert ("vpdpbusd" in fast.inspect_asm(sig)) == uses_vnni
+    assert "vpdpbusd" not in plain.inspect_asm(sig)
 
 
 def test_smollm2_gguf_weights_stay_quantized(smollm2_path):

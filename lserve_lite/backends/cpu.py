@@ -4,6 +4,7 @@ CPU and GPU kernel is tested against."""
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -24,6 +25,7 @@ from .base import (
 )
 from .cpu_half import NATIVE_HALF
 from .cpu_kv import kernel_view
+from .cpu_native import job_address
 from .cpu_quant import embed_q, linear_q, logits_q
 from .cpu_select import select_pages_numba
 from .cpu_threads import SplitRunner, even_bounds, openblas_set_threads, spin_seconds
@@ -405,6 +407,17 @@ def _scales_arg(scales):
     return NO_SCALES if scales is None else scales
 
 
+# A float cache as the kernels take it (fp16: its bits): its decode attention spreads as a native job.
+FLOAT_VIEWS = (np.float32, np.uint16)
+
+
+def _attention_native(args: tuple, n: int) -> tuple[int, np.ndarray]:
+    """(job address, int64 args) of `K.attention_job` over paged_attention's operands `args` in n parts; (0, none):
+    Python parts, where `K.attention_args` cannot pack them."""
+    packed = K.attention_args(*args, n)
+    return (job_address(K.attention_job), packed) if packed.size else (0, packed)
+
+
 def paged_attention_numba(
     q,
     k_cache,
@@ -442,7 +455,10 @@ def paged_attention_numba(
         K.paged_attention(*args, 0, 1, 1)
     else:
         key = ("attn", plan.num_qblocks, plan.kv_page.shape[0].bit_length())
-        split.run(key, lambda a, b: K.paged_attention(*args, a, b, n), list(range(n + 1)), joint=True)
+        native = functools.partial(_attention_native, args, n) if k_cache.dtype in FLOAT_VIEWS else None
+        split.run(
+            key, lambda a, b: K.paged_attention(*args, a, b, n), range(n + 1), joint=True, native=native
+        )
     out = np.empty(q.shape, np.float32)
     K.merge_units(plan.qb_start, plan.qb_len, plan.kv_indptr, hc, ih, chunk, part, acc, out)
     return out.reshape(q.shape[0], -1)

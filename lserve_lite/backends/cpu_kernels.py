@@ -15,8 +15,9 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from . import cpu_half, cpu_kv
+from . import cpu_half, cpu_kv, cpu_native
 from .cpu_kv import hadamard_row, kv_store, page_rows, page_scores, page_weighted_sum, to_f32
+from .cpu_native import view
 from .numba_cache import flush_if_deps_changed
 
 # Reassociation (vectorized float32 sums) without "no NaN / no Inf", which masks and softmax rely on.
@@ -310,6 +311,67 @@ def paged_attention(q, k_cache, v_cache, k_scale, v_scale, qb_start, qb_len, qb_
                 u += 1
 
 
+ATTN_ARRAYS = 19  # paged_attention's arrays, packed by `attention_args`: address and up to 4 dims each
+
+
+@nb.njit(inline="always")
+def _pack(a, i, x):
+    a[5 * i] = x.ctypes.data
+    for d in range(x.ndim):
+        a[5 * i + 1 + d] = x.shape[d]
+    return x.flags.c_contiguous
+
+
+@nb.njit(**JIT)
+def attention_args(q, k_cache, v_cache, k_scale, v_scale, qb_start, qb_len, qb_pos, qb_seq, seq_ctx, indptr, kv_page,
+                   kv_lpage, head_class, item_head, qb_sink, qb_local, chunk, part, acc, n):  # fmt: skip
+    """`paged_attention`'s operands (a float cache: fp32, or fp16 bits) as the int64 args of `attention_job`; none
+    (size 0: run Python parts) if an array is not C-contiguous or a plan vector not 32-bit."""
+    a = np.zeros(5 * ATTN_ARRAYS + 3, np.int64)
+    ok = _pack(a, 0, q) and _pack(a, 1, k_cache) and _pack(a, 2, v_cache) and _pack(a, 3, k_scale)
+    ok = ok and _pack(a, 4, v_scale) and _pack(a, 17, part) and _pack(a, 18, acc)
+    plan = (qb_start, qb_len, qb_pos, qb_seq, seq_ctx, indptr, kv_page, kv_lpage, head_class, item_head, qb_sink,
+            qb_local)  # fmt: skip
+    for i in range(12):
+        ok = ok and _pack(a, 5 + i, plan[i]) and plan[i].itemsize == 4
+    a[5 * ATTN_ARRAYS], a[5 * ATTN_ARRAYS + 1], a[5 * ATTN_ARRAYS + 2] = chunk, n, k_cache.itemsize == 2
+    return a if ok else a[:0]
+
+
+@nb.njit(inline="always")
+def _i32(a, i):
+    return view(a[5 * i], (a[5 * i + 1],), nb.int32)
+
+
+@nb.njit(inline="always")
+def _f32(a, i):
+    return view(a[5 * i], (a[5 * i + 1], a[5 * i + 2], a[5 * i + 3]), nb.float32)
+
+
+@nb.njit(inline="always")
+def _arr4(a, i, dtype):
+    return view(a[5 * i], (a[5 * i + 1], a[5 * i + 2], a[5 * i + 3], a[5 * i + 4]), dtype)
+
+
+@nb.njit(inline="always")
+def _attend_parts(a, k_cache, v_cache, p0, p1):
+    o = 5 * ATTN_ARRAYS
+    paged_attention(_f32(a, 0), k_cache, v_cache, _arr4(a, 3, nb.float32), _arr4(a, 4, nb.float32), _i32(a, 5),
+                    _i32(a, 6), _i32(a, 7), _i32(a, 8), _i32(a, 9), _i32(a, 10), _i32(a, 11), _i32(a, 12),
+                    _i32(a, 13), _i32(a, 14), _i32(a, 15), _i32(a, 16), a[o], _f32(a, 17), _f32(a, 18), p0, p1,
+                    a[o + 1])  # fmt: skip
+
+
+def attention_job(args, p0, p1):
+    """Parts p0..p1 of a decode attention call packed by `attention_args`: a native job (cpu_native), so that its
+    parts spread over the helper threads without the GIL (a Python part waits for it: ~30 us, the call's length)."""
+    a = view(args, (5 * ATTN_ARRAYS + 3,), nb.int64)
+    if a[5 * ATTN_ARRAYS + 2]:
+        _attend_parts(a, _arr4(a, 1, nb.uint16), _arr4(a, 2, nb.uint16), p0, p1)
+    else:
+        _attend_parts(a, _arr4(a, 1, nb.float32), _arr4(a, 2, nb.float32), p0, p1)
+
+
 @nb.njit(fastmath=FAST, **JIT)
 def _attend_unit(qv, kv, h, pages, lpages, rows, win, scale, s, tmp, ml, acc):
     """KV head h's score rows qv [R, D] over `pages`: (max, sum of exp) per row into ml, the weighted V into acc."""
@@ -380,6 +442,6 @@ def merge_units(qb_start, qb_len, indptr, head_class, item_head, chunk, part, ac
             u += units
 
 
-# The KV formats' store and page loops are compiled in from cpu_kv.py, and its fp16 conversions from cpu_half.py,
-# which Numba's cache does not track.
-flush_if_deps_changed(globals(), [cpu_kv, cpu_half])
+# The KV formats' store and page loops are compiled in from cpu_kv.py, its fp16 conversions from cpu_half.py, and
+# the native jobs' array views from cpu_native.py, which Numba's cache does not track.
+flush_if_deps_changed(globals(), [cpu_kv, cpu_half, cpu_native])

@@ -294,8 +294,10 @@ def linear_q(
         part = lambda a, b: gemm_rows_q(fmt, x, w.data, y, a, b)  # noqa: E731
         native, key = None, ("qgemm", n.bit_length(), w.fmt, w.shape)
     bounds = even_bounds(0, m, parts)
-    if split:
-        split.run(key, part, bounds, native=native if w.data.flags.c_contiguous else None)
+    if split:  # the GEMV's rows are independent: on one thread, its parts are one call
+        split.run(
+            key, part, bounds, joint=n <= GEMV_ROWS, native=native if w.data.flags.c_contiguous else None
+        )
     else:
         part(0, m)
     if n <= GEMV_ROWS and y_c is not y:
@@ -323,7 +325,7 @@ def logits_q(x: np.ndarray, w: QuantTensor, split: SplitRunner | None = None) ->
     native = functools.partial(native_job, _gemv16_job, _gemv16_args, fmt, xq, dx, w.data, y)
     if split:
         split.run(
-            ("qgemv16", n, w.fmt, w.shape), part, even_bounds(0, m, split.parts),
+            ("qgemv16", n, w.fmt, w.shape), part, even_bounds(0, m, split.parts), joint=True,
             native=native if w.data.flags.c_contiguous else None,
         )  # fmt: skip
     else:

@@ -4,11 +4,12 @@ and the choice, timed per call shape, between spreading a call over them or runn
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -50,7 +51,7 @@ class _Helpers:
         self.spin_s = spin_s
         self._spins = -1
 
-    def spread(self, part, bounds: list[int], native: NativeJob | None = None) -> bool:
+    def spread(self, part, bounds: Sequence[int], native: NativeJob | None = None) -> bool:
         """part(bounds[i], bounds[i + 1]) for i >= 1 on helpers while part 0 runs here; False if busy.
         `native`: a callable giving (job function address, args array) that run the same parts without Python
         (cpu_native), made only when the parts are spread."""
@@ -143,9 +144,10 @@ def openblas_set_threads(n: int) -> bool:
     return False
 
 
-def even_bounds(lo: int, hi: int, parts: int) -> list[int]:
-    """parts + 1 boundaries cutting lo..hi into near-equal ranges."""
-    return [lo + (hi - lo) * i // parts for i in range(parts + 1)]
+@functools.lru_cache(maxsize=1024)
+def even_bounds(lo: int, hi: int, parts: int) -> tuple[int, ...]:
+    """parts + 1 boundaries cutting lo..hi into near-equal ranges (kept per shape: every decode step asks again)."""
+    return tuple(lo + (hi - lo) * i // parts for i in range(parts + 1))
 
 
 class SplitRunner:
@@ -162,7 +164,9 @@ class SplitRunner:
         self.first, self.longest = first, longest
         self._keys: dict = {}
 
-    def run(self, key, part, bounds: list[int], joint: bool = False, native: NativeJob | None = None) -> None:
+    def run(
+        self, key, part, bounds: Sequence[int], joint: bool = False, native: NativeJob | None = None
+    ) -> None:
         """part(bounds[i], bounds[i + 1]) for every i, spread over threads when that was faster lately.
         `joint`: part(bounds[0], bounds[-1]) does the same as the parts, so on one thread it is one call.
         `native`: the same parts as a native job for the helpers (`_Helpers.spread`)."""
