@@ -764,7 +764,7 @@ def test_bad_logprob_fields_are_refused_in_one_line(server):
             "include",
             "include: only 'message.output_text.logprobs'",
         ),
-        ({"top_logprobs": 21}, "top_logprobs", "top_logprobs must be an integer in [0, 20], got 21"),
+        ({"top_logprobs": 21}, "top_logprobs", "top_logprobs must be in [0, 20], got 21"),
         ({"top_logprobs": True}, "top_logprobs", "top_logprobs must be an integer"),
     ):
         r = httpx.post(

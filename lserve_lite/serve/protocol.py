@@ -277,6 +277,12 @@ class _Request(BaseModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
+def check_top_logprobs(top: int | None) -> None:
+    """OpenAI's bound on `top_logprobs` (0-20), for chat and the Responses API alike: one line naming the field."""
+    if top is not None and not 0 <= top <= MAX_LOGPROBS:
+        raise ApiError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {top}", "top_logprobs")
+
+
 def param_of(message: str) -> str:
     """The request field a SamplingParams error names ('top_k must be ...', 'a stop string has ...')."""
     words = message.split(" ", 2)
@@ -387,9 +393,7 @@ class ChatCompletionRequest(_Request):
                 400, str(e), "tool_choice" if str(e).startswith("tool_choice") else "tools"
             ) from None
         self._tool_plan = plan and plan.fit(self.response_format)  # fit_tools: to the template too
-        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
-            raise ApiError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}",
-                           "top_logprobs")  # fmt: skip
+        check_top_logprobs(self.top_logprobs)
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
         if self.max_tokens is not None and self.max_tokens < 1:

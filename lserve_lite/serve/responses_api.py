@@ -13,8 +13,8 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from ..errors import InvalidRequestError
-from ..sampling_params import MAX_LOGPROBS, refuse_set
-from .protocol import CHAT_REFUSED, ApiError, now
+from ..sampling_params import refuse_set
+from .protocol import CHAT_REFUSED, ApiError, check_top_logprobs, now
 from .response_store import ResponseStore, Stored
 from .responses import EventStream, sse
 
@@ -94,11 +94,9 @@ def chat_logprobs(include: object, top: object) -> dict:
         raise ApiError(400, f"include: only {LOGPROBS!r} is supported (the text's token logprobs), got "
                        f"{include!r:.80}", "include")  # fmt: skip
     if not items:  # OpenAI's rule: the count alone is checked, and no logprobs come (an empty list)
-        if top is not None and (
-            isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS
-        ):
-            raise ApiError(400, f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {top!r:.40}",
-                           "top_logprobs")  # fmt: skip
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int)):
+            raise ApiError(400, f"top_logprobs must be an integer, got {top!r:.40}", "top_logprobs")
+        check_top_logprobs(top)
         return {}
     return {"logprobs": True, "top_logprobs": 0 if top is None else top}
 
