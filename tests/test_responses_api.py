@@ -773,3 +773,34 @@ def test_bad_logprob_fields_are_refused_in_one_line(server):
         err = r.json()["error"]
         assert r.status_code == 400 and err["param"] == param and words in err["message"], r.text
         assert "\n" not in err["message"]
+
+
+def test_a_call_streamed_in_pieces_is_one_item_of_argument_deltas():
+    """Chat's deltas of a call (its id and name, then pieces of its arguments) are one function_call item: added,
+    an arguments delta per piece, and the done events with the joined arguments when the next item begins or the
+    reply ends; a call sent whole is one delta."""
+    head = {"index": 0, "id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+    pieces = ['{"city":', '"Rome",', '"unit":"c"}']
+    whole = {"index": 1, "id": "c2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
+    chunks = [_delta({"role": "assistant"}), _delta({"content": "Hi. "}), _delta({"tool_calls": [head]})]
+    chunks += [_delta({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}) for p in pieces]
+    chunks += [_delta({"tool_calls": [whole]}), _delta({}, "tool_calls")]
+    chunks.append({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 9, "total_tokens": 10}})
+    events = events_of(chunks)
+    kinds = ("response.function_call", "response.output_item")
+    calls = [e for e in events if e["type"].startswith(kinds)][2:]
+    assert [e["type"] for e in calls] == [  # after the message's item, added and done
+        "response.output_item.added", *["response.function_call_arguments.delta"] * 3,
+        "response.function_call_arguments.done", "response.output_item.done",
+        "response.output_item.added", "response.function_call_arguments.delta",
+        "response.function_call_arguments.done", "response.output_item.done",
+    ]  # fmt: skip
+    assert calls[0]["item"]["arguments"] == "" and [e["delta"] for e in calls[1:4]] == pieces
+    assert calls[4]["arguments"] == calls[5]["item"]["arguments"] == "".join(pieces)
+    assert calls[4]["name"] == "get_weather"
+    assert calls[8]["arguments"] == "{}" and calls[9]["item"]["status"] == "completed"
+    final = events[-1]["response"]
+    assert events[-1]["type"] == "response.completed"
+    assert [(o["type"], o.get("arguments")) for o in final["output"]] == [
+        ("message", None), ("function_call", "".join(pieces)), ("function_call", "{}")
+    ]  # fmt: skip

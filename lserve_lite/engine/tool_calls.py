@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 
 from ..errors import InvalidRequestError
 from ..tokenizer import Tokenizer, message_text
+from .call_args import HEAD_MAX, ArgScan, head
 
 MAX_TOOLS = 128  # OpenAI's limit
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -282,9 +283,9 @@ class ToolPlan:
         return self.read(text)[:2]
 
     def read(self, text: str) -> tuple[str | None, list[dict], bool]:
-        """`parse`'s (content, tool calls), and whether a forced reply was cut in a call (by max_tokens or a stop
-        string: its finish reason is not "tool_calls"); the reply's JSON is parsed once (it may be as long as the
-        context)."""
+        """`parse`'s (content, tool calls), and whether the reply was cut in a call (by max_tokens or a stop string:
+        its finish reason is not "tool_calls"), forced or a guided one (ToolStream); the reply's JSON is parsed once
+        (it may be as long as the context)."""
         if self.forced:
             if self.in_form:
                 calls, cut = _calls_in_form(self, text)
@@ -292,8 +293,9 @@ class ToolPlan:
                 obj = _json(text)
                 calls, cut = _calls_of(self, obj) or _cut_calls(self, text), obj is None
             return (None if calls else ""), calls, cut
-        content, calls = ToolStream(self).feed(text, finished=True)
-        return (None if calls and not content.strip() else content), calls, False
+        stream = ToolStream(self)
+        content, calls = stream.feed(text, finished=True)
+        return (None if calls and not content.strip() else content), calls, stream.cut
 
     def reply(self, text: str, finish: str | None) -> tuple[str | None, list[dict], str | None]:
         """A finished reply as (content, tool calls, finish reason): the one reading of a reply that the server's
@@ -447,19 +449,26 @@ class ToolStream:
     token is held whole and parsed when it ends (at the marker's end token, or the end of the reply); a marker
     followed by anything else is content; whitespace that opens the content is held until other text follows it
     (beside calls alone it is no content, as whole); with parallel_tool_calls false, calls after the first are dropped (as
-    vLLM drops them: OpenAI's reply then makes one call at most). Forced: the reply is calls alone, held whole
-    and parsed at the end."""
+    vLLM drops them: OpenAI's reply then makes one call at most). A guided reply's <tool_call> call (its grammar
+    holds it to a call, so it cannot turn out text) is streamed (`deltas`): its name once its JSON names it, then
+    its arguments as they come, the text the model wrote. Forced: the reply is calls alone, held whole and parsed
+    at the end."""
 
     def __init__(self, plan: ToolPlan):
         # buf: the text not yet scanned, or a scanned tail where a tag may begin; held: text scanned and held (a
         # call's body, held JSON, a forced reply), joined once when it ends (each chunk is scanned once, not the
         # whole held text again: a long reply streamed in small chunks was quadratic)
         self.plan, self.buf, self.held, self.pos = plan, "", [], 0
-        self.made = 0  # calls returned so far
+        self.made = 0  # calls made so far (a streamed call from its first delta)
+        self.out: list[dict] = []  # the calls' stream deltas not yet taken (`deltas`)
+        # the call being streamed ({"index", "call", "scan", "args": pieces, "ended"}); whether a guided block's
+        # text is still read for its head (`call_args.head`)
+        self.open: dict | None = None
+        self.heading = False
         # space: whitespace held while no other text was sent (`wrote`): beside calls alone it is no content
         # (`ToolPlan.read`); sent, it made the streamed content "\n" where the whole reply's is null
         self.space, self.wrote = "", False
-        self.cut = False  # a forced reply that ended cut in a call (ToolPlan.read)
+        self.cut = False  # a reply that ended cut in a call: forced (ToolPlan.read) or streamed
         # text: scanning for tags; block: inside <tool_call>; lead: after `lead` (a marker, "" at the reply's
         # start), not yet known whether JSON follows; held: JSON after `lead`, held until it ends. A guided reply's
         # calls are in its format only: its text is scanned for its tag alone, and opens bare calls only in Llama's
@@ -472,6 +481,8 @@ class ToolStream:
             if not finished:
                 return "", []
             content, calls, self.cut = self.plan.read(self._take(0))
+            self.out += [{"index": k, **c} for k, c in enumerate(calls)]
+            self.made = len(calls)
             return content or "", calls
         # pos: where the text not yet placed starts; buf is cut there once, at the end (cutting it at each tag
         # copied the rest of a whole reply per call, quadratic in the calls)
@@ -490,6 +501,10 @@ class ToolStream:
                 out.append(buf[self.pos : at])
                 self.pos = at + len(tag)
                 self.mode, self.lead = ("block", "") if tag == OPEN else ("lead", tag)
+                self.heading = self.plan.guided and (self.plan.parallel or not self.made)
+            elif self.mode == "block" and (self.heading or self.open):
+                if not self._stream(buf, finished, calls):
+                    break
             elif self.mode == "block":
                 at = buf.find(CLOSE, self.pos)
                 if at < 0:
@@ -503,7 +518,7 @@ class ToolStream:
                 obj = _json(body.strip())
                 got = _calls_of(self.plan, obj) if isinstance(obj, dict) else []
                 if got:
-                    calls += got
+                    calls += self._made(got)
                 else:  # not a call of a known tool: the text stays as the model wrote it
                     out.append(OPEN + body + CLOSE)
             elif self.mode == "lead":
@@ -528,13 +543,10 @@ class ToolStream:
                 at = len(buf) if at < 0 else at
                 body, self.mode = self._take(at, len(end)), "text"
                 got = _bare_calls(self.plan, body)
-                calls += got
+                calls += self._made(got)
                 if not got:  # not wholly calls of the tools: the text as the model wrote it
                     out.append(self.lead + body + end)
         self.buf = buf[self.pos :]
-        if not self.plan.parallel:
-            calls = calls[: max(0, 1 - self.made)]
-        self.made += len(calls)
         text, self.space = self.space + "".join(out), ""
         if not self.wrote and not text.strip():  # whitespace alone so far: beside calls alone, no content
             if not finished:
@@ -543,6 +555,59 @@ class ToolStream:
                 text = ""
         self.wrote = self.wrote or bool(text.strip())
         return text, calls
+
+    def deltas(self, text: str, finished: bool = False) -> tuple[str, list[dict]]:
+        """`feed`'s content, and its calls as chat's stream deltas, OpenAI's: a call's first delta holds its index,
+        id, type and name (and its arguments whole, where it was read whole), the next ones pieces of its
+        arguments; joined, they are the calls `feed` returns."""
+        content = self.feed(text, finished)[0]
+        out, self.out = self.out, []
+        return content, out
+
+    def _made(self, got: list[dict]) -> list[dict]:
+        """Calls read whole, made: with parallel_tool_calls false, none after the first."""
+        got = got if self.plan.parallel else got[: max(0, 1 - self.made)]
+        self.out += [{"index": self.made + k, **c} for k, c in enumerate(got)]
+        self.made += len(got)
+        return got
+
+    def _stream(self, buf: str, finished: bool, calls: list[dict]) -> bool:
+        """A guided <tool_call> block from pos: read for its head (its tool's name, its arguments' brace), then its
+        arguments sent as they come up to their closing brace, the rest of its JSON dropped up to the closing tag.
+        False: wait for more text. A block that does not open with a head is read whole (`heading` off); one cut
+        after its head is a call, its arguments as far as written and `cut` set (as a forced reply's)."""
+        if self.open is None:
+            found = head(buf[self.pos :])
+            if found and self.plan.by_name(found[0]):
+                call = {"id": self.plan.call_id(), "type": "function", "function": {"name": found[0]}}
+                self.out.append({"index": self.made, **call, "function": {"name": found[0], "arguments": ""}})
+                self.open = {"index": self.made, "call": call, "scan": ArgScan(), "args": [], "ended": False}
+                self.made += 1
+                self.pos += found[1]
+            elif finished or len(buf) - self.pos >= HEAD_MAX or CLOSE in buf[self.pos :]:
+                self.heading = False  # read whole
+                return True
+            else:
+                return False
+        op = self.open
+        if not op["ended"]:
+            end = op["scan"].end(buf, self.pos)
+            stop = len(buf) if end < 0 else end
+            if stop > self.pos:
+                op["args"].append(buf[self.pos : stop])
+                self.out.append({"index": op["index"], "function": {"arguments": op["args"][-1]}})
+            self.pos, op["ended"] = stop, end >= 0
+        at = buf.find(CLOSE, self.pos) if op["ended"] else -1
+        if at < 0 and not finished:
+            if op["ended"]:  # the call's JSON after its arguments (the grammar's "}\n"): dropped
+                self.pos = max(self.pos, len(buf) - len(CLOSE) + 1)
+            return False
+        op["call"]["function"]["arguments"] = "".join(op["args"])
+        calls.append(op["call"])
+        self.cut = self.cut or at < 0
+        self.pos = len(buf) if at < 0 else at + len(CLOSE)
+        self.open, self.heading, self.mode = None, False, "text"
+        return True
 
     def _hold(self, keep: int) -> None:
         """Moves the text from pos, but its last `keep` characters (where an end tag may begin), to the held text."""

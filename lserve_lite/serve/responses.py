@@ -186,7 +186,6 @@ async def sse_events(
     offsets = [TextOffsets() for _ in handles]
     started = [False] * len(handles)
     tools = [ToolStream(shape.tools) if shape.tools else None for _ in handles]
-    ncalls = [0] * len(handles)
     wrote = [False] * len(handles)  # whether a choice's content was sent
 
     def chunk(
@@ -211,20 +210,21 @@ async def sse_events(
             echo = ("", [], []) if started[i] else shape.echo_part(i, out.seq)
             started[i] = True
             new, new_lps = ("", []) if shape.scores_only else (out.text, out.logprobs)
-            text, calls = (echo[0] + new, []) if tools[i] is None else tools[i].feed(new, out.finished)
+            text, calls = (echo[0] + new, []) if tools[i] is None else tools[i].deltas(new, out.finished)
             if text or new_lps or echo[2]:
                 lp = shape.logprobs(new_lps, offsets[i], echo)
                 # chat: logprobs without text carry no content (a reply of calls alone stays content null)
                 yield chunk(i, text if text or not shape.chat else None, lp)
                 wrote[i] = wrote[i] or bool(text)
-            for call in calls:  # a call in one delta, its arguments whole
-                yield chunk(i, None, calls=[{"index": ncalls[i], **call}])
-                ncalls[i] += 1
+            # a call's first delta (id, name), then pieces of its arguments (ToolStream.deltas)
+            for call in calls:
+                yield chunk(i, None, calls=[call])
             if out.finished:
                 lasts[i] = out
+                ncalls = tools[i].made if tools[i] else 0
                 # a reply that sent no content and made no calls is empty: its content is "", as whole
-                empty = None if wrote[i] or ncalls[i] else ""
-                made = ncalls[i] > 0 and not tools[i].cut  # whole calls
+                empty = None if wrote[i] or ncalls else ""
+                made = ncalls > 0 and not tools[i].cut  # whole calls
                 yield chunk(i, empty, finish=finish_reason(shape.finish(out), made))
         if include_usage:
             yield sse(base | {"choices": [], "usage": shape.usage(lasts)})

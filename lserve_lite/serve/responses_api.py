@@ -386,7 +386,7 @@ def response_object(rid: str, body: dict, reply: dict, stored: bool = False) -> 
 
 class ResponseEvents:
     """A chat stream's chunks as the Responses API's events, each numbered in `sequence_number`. The last item
-    stays open (its done event held) until the next begins or the reply ends: the end says whether it was cut.
+    stays open (its done events held) until the next begins or the reply ends: the end says whether it was cut.
     Logprob entries (`take`) go out with the next text delta, those of a call's tokens with none."""
 
     def __init__(self, response: dict):
@@ -432,16 +432,18 @@ class ResponseEvents:
                            logprobs=lps)  # fmt: skip
         return out + [delta]
 
-    def call(self, call: dict) -> list[str]:
-        """A call (chat streams each whole, in one delta): its item, its arguments in one delta."""
-        self.called, self.pending = True, []
-        out = self.add(call_item(call, "in_progress"))
-        item, args = self.open, call["function"]["arguments"]
-        item["arguments"] = args
-        return out + [
-            self.event("response.function_call_arguments.delta", **self.where(item), delta=args),
-            self.event("response.function_call_arguments.done", **self.where(item), name=item["name"], arguments=args),
-        ]  # fmt: skip
+    def call(self, delta: dict) -> list[str]:
+        """A call's delta in chat's stream: its first (id, name) opens the call's item; its arguments, whole or a
+        piece, go out as an arguments delta (the done event comes when the item closes)."""
+        out = []
+        if "id" in delta:
+            self.called, self.pending = True, []
+            out = self.add(call_item(delta, "in_progress"))
+        item, args = self.open, delta["function"]["arguments"]
+        if args:
+            item["arguments"] += args
+            out.append(self.event("response.function_call_arguments.delta", **self.where(item), delta=args))
+        return out
 
     def close(self, status: str) -> list[str]:
         """The open item's done events, with `status`."""
@@ -459,6 +461,9 @@ class ResponseEvents:
                 ),
                 self.event("response.content_part.done", **at, content_index=0, part=part),
             ]
+        else:
+            args, name = item["arguments"], item["name"]
+            out = [self.event("response.function_call_arguments.done", **at, name=name, arguments=args)]
         return out + [self.event("response.output_item.done", output_index=at["output_index"], item=item)]
 
     def end(self, finish: str | None, use: dict | None) -> list[str]:

@@ -1,0 +1,156 @@
+"""A call's arguments streamed as the model writes them: a guided reply's <tool_call> call (its grammar holds it to
+a call) goes out as a first delta of its id and name, then pieces of its arguments whose join is the whole reply's
+arguments, however the reply is split or cut; calls a grammar does not hold go out whole (a block can still turn
+out no call). Through the server: chat's deltas and the Responses API's argument events."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny_models import TOOLS_CFG
+from weather_tool import WEATHER
+
+from lserve_lite.engine.call_args import HEAD_MAX, ArgScan, head
+from lserve_lite.engine.tool_calls import ToolStream, plan_tools
+
+CFG = TOOLS_CFG  # conftest's `server` on its `tiny_dir`
+STRICT = {"type": "function", "function": WEATHER["function"] | {"strict": True}}
+ANY = {"type": "function", "function": {"name": "note", "parameters": {"type": "object"}}}  # any object
+ROME = '{"city":"Rome","unit":"c"}'
+ONE = f'<tool_call>\n{{"name":"get_weather","arguments":{ROME}}}\n</tool_call>'
+# strings holding braces, brackets, quotes, backslashes and </tool_call>; nested values; non-ASCII; a second call
+NOTE = '{"t":"a}\\"]\\\\","u":[{"v":{}}],"w":"</tool_call>","x":"é\\u00e9"}'
+TRICKY = (
+    f'Let me see. <tool_call>\n{{"name":"note","arguments":{NOTE}}}\n</tool_call>\n<tool_call>\n'
+    '{"name":"get_weather","arguments":{"city":"Oslo","unit":"f"}}\n</tool_call>\n'
+)
+
+
+def _streamed(plan, pieces: list[str]) -> tuple[str, list[dict], bool, list[dict]]:
+    """A reply fed to ToolStream.deltas in `pieces`: (content, the calls its deltas join to, cut, the deltas)."""
+    s, content, deltas = ToolStream(plan), [], []
+    for k, piece in enumerate(pieces):
+        text, got = s.deltas(piece, finished=k == len(pieces) - 1)
+        content.append(text)
+        deltas += got
+    calls: list[dict] = []
+    for d in deltas:
+        if "id" in d:
+            assert d["index"] == len(calls) and d["type"] == "function"
+            calls.append({"id": d["id"], "type": "function", "function": dict(d["function"])})
+        else:
+            assert set(d) == {"index", "function"} and set(d["function"]) == {"arguments"}
+            assert d["index"] == len(calls) - 1 and d["function"]["arguments"]  # the open call's, not empty
+            calls[-1]["function"]["arguments"] += d["function"]["arguments"]
+    return "".join(content), calls, s.cut, deltas
+
+
+def _whole(plan, reply: str) -> tuple[str, list[dict], bool]:
+    content, calls, cut = plan.read(reply)
+    return content or "", [c["function"] for c in calls], cut
+
+
+def _split_every_way(reply: str) -> list[list[str]]:
+    return [[reply[:k], reply[k:]] for k in range(1, len(reply))] + [
+        [reply[i : i + step] for i in range(0, len(reply), step)] for step in (1, 2, 3, 7)
+    ]
+
+
+@pytest.mark.parametrize("reply, first", [(ONE, ROME), (TRICKY, NOTE)])
+@pytest.mark.parametrize("parallel", [None, False])
+def test_a_guided_call_streams_its_name_then_its_arguments(reply, first, parallel):
+    """Split at every point, its deltas join to the whole reply's calls, arguments exactly as the model wrote them;
+    the name comes alone first, then the arguments in pieces as they come."""
+    plan = plan_tools([STRICT, ANY], "auto", parallel)
+    assert plan.guided
+    whole = _whole(plan, reply)
+    assert whole[1][0]["arguments"] == first and json.loads(first)
+    for pieces in _split_every_way(reply):
+        content, calls, cut, deltas = _streamed(plan, pieces)
+        assert (content, [c["function"] for c in calls], cut) == whole, pieces
+    _, _, _, deltas = _streamed(plan, list(reply))
+    assert deltas[0]["function"] == {"name": whole[1][0]["name"], "arguments": ""}
+    assert len([d for d in deltas if d["index"] == 0]) > 10  # a piece per character fed
+
+
+@pytest.mark.parametrize("reply", [ONE, TRICKY])
+def test_a_guided_reply_cut_anywhere_streams_what_it_reads_whole(reply):
+    """Cut after any character (max_tokens, a stop string): the stream ends with what the whole reply reads, a call
+    cut after its name being a call with its arguments as far as written (as a forced reply's), `cut` set (its finish
+    reason is not "tool_calls"); before its name, the block stays text, no delta sent."""
+    plan = plan_tools([STRICT, ANY], "auto", None)
+    for k in range(1, len(reply) + 1):
+        part = reply[:k]
+        whole = _whole(plan, part)
+        for pieces in ([part], list(part), [part[: k // 2], part[k // 2 :]]):
+            content, calls, cut, _ = _streamed(plan, [p for p in pieces if p] or [""])
+            assert (content, [c["function"] for c in calls], cut) == whole, pieces
+    content, calls, cut = _whole(plan, ONE[:-14])  # the arguments whole, the call not
+    assert content == "" and calls[0]["arguments"] == '{"city":"Rome","unit":"c"}' and cut
+    assert _whole(plan, ONE[:20]) == (ONE[:20], [], False)
+    assert plan.reply(ONE[:50], "length")[2] == "length" and plan.reply(ONE, "stop")[2] == "tool_calls"
+
+
+def test_a_guided_block_without_a_head_is_read_whole():
+    """A block whose JSON does not open with the name and the arguments' object (keys in another order, arguments
+    as a string) is read whole at its closing tag, one delta, as before."""
+    plan = plan_tools([STRICT, ANY], "auto", None)
+    for body in ('{"arguments":{"k":1},"name":"note"}', '{"name":"note","arguments":"{\\"k\\": 1}"}'):
+        reply = f"<tool_call>\n{body}\n</tool_call>"
+        for pieces in _split_every_way(reply):
+            content, calls, cut, deltas = _streamed(plan, pieces)
+            assert (content, [c["function"] for c in calls], cut) == _whole(plan, reply)
+            assert len(deltas) == 1 and json.loads(deltas[0]["function"]["arguments"]) == {"k": 1}
+    padded = "<tool_call>" + " " * HEAD_MAX + '{"name":"note","arguments":{}}</tool_call>'
+    assert len(_streamed(plan, list(padded))[3]) == 1
+
+
+def test_a_call_no_grammar_holds_is_sent_whole_when_its_block_closes():
+    """Unguided, a block may turn out no call (malformed, an unknown tool): nothing of it goes out as a call
+    before its closing tag, and then either the whole call in one delta or the block as content."""
+    plan = plan_tools([WEATHER], "auto", None)
+    good = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}</tool_call>'
+    bad = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}} oops</tool_call>'
+    for reply in (good, bad):
+        for pieces in _split_every_way(reply):
+            content, calls, cut, deltas = _streamed(plan, pieces)
+            assert (content, [c["function"] for c in calls], cut) == _whole(plan, reply)
+            assert len(deltas) == (reply == good)
+    assert _streamed(plan, [bad])[0] == bad
+
+
+def test_the_arguments_scan_skips_strings_and_escapes_across_pieces():
+    text = '{"a":"}\\"\\\\","b":[{"c":"]"}],"d":"\\\\"}'
+    assert json.loads(text)
+    for k in range(len(text) + 1):
+        scan = ArgScan()
+        first = scan.end(text[:k], 0)
+        assert (first if first >= 0 else k + scan.end(text[k:] + "}", 0)) == len(text), k
+    assert head(' {"name" : "f", "parameters":{') == ("f", 29) and head('{"name":"f","arguments":"') is None
+
+
+ANSWER = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 20}}, "required": ["answer"],
+          "additionalProperties": False}  # fmt: skip
+AS_ANSWER = {"type": "json_schema", "json_schema": {"name": "Answer", "schema": ANSWER, "strict": True}}
+
+
+def test_the_server_streams_a_guided_calls_arguments_in_pieces(client):
+    """Chat completions with a strict tool (and a response_format, the Agents SDK's output_type), sampled with
+    seeds: a reply that calls streams the call's id and name first, then its arguments in several deltas whose join
+    is the whole reply's arguments; the openai stream helper assembles the same call."""
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "weather?"}], tools=[STRICT], max_tokens=300,
+              parallel_tool_calls=False, response_format=AS_ANSWER, temperature=1.0)  # fmt: skip
+    replies = ((s, client.chat.completions.create(**kw, seed=s).choices[0]) for s in range(8))
+    seed, whole = next((s, c) for s, c in replies if c.message.tool_calls)
+    chunks = list(client.chat.completions.create(**kw, seed=seed, stream=True))
+    first, *rest = [t for ch in chunks if ch.choices for t in ch.choices[0].delta.tool_calls or []]
+    (call,) = whole.message.tool_calls
+    assert (first.index, first.type, first.function.name) == (0, "function", "get_weather")
+    assert first.function.arguments == "" and first.id.startswith("call_")
+    assert len(rest) > 2 and all((d.index, d.id, d.function.name) == (0, None, None) for d in rest)
+    assert "".join(d.function.arguments for d in rest) == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == whole.finish_reason == "tool_calls"
+    with client.chat.completions.stream(**kw, seed=seed) as s:
+        (got,) = s.get_final_completion().choices[0].message.tool_calls
+    assert (got.function.name, got.function.arguments) == (call.function.name, call.function.arguments)
