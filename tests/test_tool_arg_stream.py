@@ -6,6 +6,7 @@ out no call). Through the server: chat's deltas and the Responses API's argument
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from tiny_models import TOOLS_CFG
@@ -43,7 +44,7 @@ def _streamed(plan, pieces: list[str]) -> tuple[str, list[dict], bool, list[dict
             assert set(d) == {"index", "function"} and set(d["function"]) == {"arguments"}
             assert d["index"] == len(calls) - 1 and d["function"]["arguments"]  # the open call's, not empty
             calls[-1]["function"]["arguments"] += d["function"]["arguments"]
-    return "".join(content), calls, s.cut, deltas
+    return "".join(content), [c["function"] for c in calls], s.cut, deltas
 
 
 def _whole(plan, reply: str) -> tuple[str, list[dict], bool]:
@@ -68,10 +69,43 @@ def test_a_guided_call_streams_its_name_then_its_arguments(reply, first, paralle
     assert whole[1][0]["arguments"] == first and json.loads(first)
     for pieces in _split_every_way(reply):
         content, calls, cut, deltas = _streamed(plan, pieces)
-        assert (content, [c["function"] for c in calls], cut) == whole, pieces
+        assert (content, calls, cut) == whole, pieces
     _, _, _, deltas = _streamed(plan, list(reply))
     assert deltas[0]["function"] == {"name": whole[1][0]["name"], "arguments": ""}
     assert len([d for d in deltas if d["index"] == 0]) > 10  # a piece per character fed
+
+
+# a forced reply in each format its grammar writes (Mistral's marker kept, or dropped by the detokenizer)
+W_CALL = '{"name":"get_weather","arguments":{"city":"Rome","unit":"c"}}'
+N_CALL = f'{{"name":"note","arguments":{NOTE}}}'
+FORCED = {
+    "tagged": f"<tool_call>\n{W_CALL}\n</tool_call>\n<tool_call>\n{N_CALL}\n</tool_call>\n",
+    "mistral": f"[TOOL_CALLS][{W_CALL}, {N_CALL}]",
+    "mistral_dropped": f" [{N_CALL}, {W_CALL}]",
+    "llama": "; ".join(c.replace('"arguments"', '"parameters"') for c in (W_CALL, N_CALL)),
+}
+
+
+def _forced(form: str):
+    return replace(plan_tools([STRICT, ANY], "required", None), form=form.removesuffix("_dropped"))
+
+
+@pytest.mark.parametrize("form", list(FORCED))
+def test_a_forced_reply_streams_each_calls_name_then_its_arguments(form):
+    """tool_choice "required" in each format: split at every point or cut after every character, the deltas join to
+    the whole reply's calls (names, arguments as written, the cut one's as far as written, `cut`); a call whose head
+    was not yet written when the reply was cut goes out whole at the end."""
+    plan, reply = _forced(form), FORCED[form]
+    whole = _whole(plan, reply)
+    assert [c["arguments"] for c in whole[1]] == ([ROME, NOTE] if form != "mistral_dropped" else [NOTE, ROME])
+    for pieces in _split_every_way(reply):
+        assert _streamed(plan, pieces)[:3] == whole, pieces
+    for k in range(1, len(reply)):
+        part = reply[:k]
+        for pieces in ([part], list(part)):
+            assert _streamed(plan, pieces)[:3] == _whole(plan, part), pieces
+    deltas = _streamed(plan, list(reply))[3]
+    assert deltas[0]["function"]["arguments"] == "" and len(deltas) > 20
 
 
 @pytest.mark.parametrize("reply", [ONE, TRICKY])
@@ -85,7 +119,7 @@ def test_a_guided_reply_cut_anywhere_streams_what_it_reads_whole(reply):
         whole = _whole(plan, part)
         for pieces in ([part], list(part), [part[: k // 2], part[k // 2 :]]):
             content, calls, cut, _ = _streamed(plan, [p for p in pieces if p] or [""])
-            assert (content, [c["function"] for c in calls], cut) == whole, pieces
+            assert (content, calls, cut) == whole, pieces
     content, calls, cut = _whole(plan, ONE[:-14])  # the arguments whole, the call not
     assert content == "" and calls[0]["arguments"] == '{"city":"Rome","unit":"c"}' and cut
     assert _whole(plan, ONE[:20]) == (ONE[:20], [], False)
@@ -100,7 +134,7 @@ def test_a_guided_block_without_a_head_is_read_whole():
         reply = f"<tool_call>\n{body}\n</tool_call>"
         for pieces in _split_every_way(reply):
             content, calls, cut, deltas = _streamed(plan, pieces)
-            assert (content, [c["function"] for c in calls], cut) == _whole(plan, reply)
+            assert (content, calls, cut) == _whole(plan, reply)
             assert len(deltas) == 1 and json.loads(deltas[0]["function"]["arguments"]) == {"k": 1}
     padded = "<tool_call>" + " " * HEAD_MAX + '{"name":"note","arguments":{}}</tool_call>'
     assert len(_streamed(plan, list(padded))[3]) == 1
@@ -115,7 +149,7 @@ def test_a_call_no_grammar_holds_is_sent_whole_when_its_block_closes():
     for reply in (good, bad):
         for pieces in _split_every_way(reply):
             content, calls, cut, deltas = _streamed(plan, pieces)
-            assert (content, [c["function"] for c in calls], cut) == _whole(plan, reply)
+            assert (content, calls, cut) == _whole(plan, reply)
             assert len(deltas) == (reply == good)
     assert _streamed(plan, [bad])[0] == bad
 

@@ -1319,14 +1319,17 @@ def test_streamed_forced_call_and_the_conversation_after_it(client, server):
     chunks = list(client.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER], tool_choice=named,
                                                  max_tokens=120, temperature=0, stream=True))  # fmt: skip
     deltas = [c.choices[0] for c in chunks if c.choices]
-    calls = [tc for d in deltas for tc in d.delta.tool_calls or []]
-    assert len(calls) == 1 and calls[0].index == 0 and calls[0].function.name == "get_weather"
-    assert valid_weather(calls[0].function.arguments) and deltas[-1].finish_reason == "tool_calls"
+    # the call's id and name, then its arguments in pieces as the model writes them
+    first, *rest = [tc for d in deltas for tc in d.delta.tool_calls or []]
+    assert (first.index, first.function.name, first.function.arguments) == (0, "get_weather", "")
+    args = "".join(tc.function.arguments for tc in rest)
+    assert len(rest) > 1 and all(tc.index == 0 and tc.id is None for tc in rest)
+    assert valid_weather(args) and deltas[-1].finish_reason == "tool_calls"
     whole = client.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER], tool_choice=named,
                                            max_tokens=120, temperature=0)  # fmt: skip
-    assert whole.choices[0].message.tool_calls[0].function.arguments == calls[0].function.arguments  # greedy
+    assert whole.choices[0].message.tool_calls[0].function.arguments == args  # greedy
     follow = ask + [whole.choices[0].message.model_dump(exclude_none=True),
-                    {"role": "tool", "tool_call_id": calls[0].id, "content": '{"temp": 21}'}]  # fmt: skip
+                    {"role": "tool", "tool_call_id": first.id, "content": '{"temp": 21}'}]  # fmt: skip
     r = client.chat.completions.create(
         model="tiny", messages=follow, tools=[WEATHER], max_tokens=8, temperature=0
     )
@@ -1340,9 +1343,7 @@ def test_a_forced_call_cut_short_is_a_tool_call(client):
     ask = [{"role": "user", "content": "weather in Rome?"}]
     full = client.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER], tool_choice="required",
                                           parallel_tool_calls=False, max_tokens=120, temperature=0)  # fmt: skip
-    # as the model wrote them (the complete call's are re-serialized)
-    written = json.dumps(json.loads(full.choices[0].message.tool_calls[0].function.arguments), ensure_ascii=False,
-                         separators=(",", ":"))  # fmt: skip
+    written = full.choices[0].message.tool_calls[0].function.arguments  # as the model wrote them
     named = {"type": "function", "function": {"name": "get_weather"}}
     # a stop string cuts it too: finish_reason "stop", not "tool_calls" (the call is not whole)
     for choice, cut in (("required", {}), (named, {}), (named, {"stop": ['"unit"'], "max_tokens": 120})):
@@ -1356,11 +1357,9 @@ def test_a_forced_call_cut_short_is_a_tool_call(client):
         assert written.startswith(call.function.arguments) and call.function.arguments != written
         deltas = [ch.choices[0] for ch in client.chat.completions.create(**kw, stream=True)]
         assert deltas[-1].finish_reason == finish and not any(d.delta.content for d in deltas), deltas
-        (streamed,) = [t for d in deltas for t in d.delta.tool_calls or []]
-        assert (streamed.function.name, streamed.function.arguments) == (
-            call.function.name,
-            call.function.arguments,
-        )
+        first, *rest = [t for d in deltas for t in d.delta.tool_calls or []]  # the name, then pieces
+        args = "".join(t.function.arguments for t in [first, *rest])
+        assert (first.function.name, args) == (call.function.name, call.function.arguments)
     # cut before any call began: an empty reply, whole as streamed
     kw = dict(model="tiny", messages=ask, tools=[WEATHER, TIME], tool_choice="required", max_tokens=1)
     c = client.chat.completions.create(**kw).choices[0]

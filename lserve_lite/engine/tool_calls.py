@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 from ..errors import InvalidRequestError
 from ..tokenizer import Tokenizer, message_text
-from .call_args import HEAD_MAX, ArgScan, head
+from .call_args import HEAD_MAX, ArgScan, CallScan, head, written
 
 MAX_TOOLS = 128  # OpenAI's limit
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -289,6 +289,7 @@ class ToolPlan:
         if self.forced:
             if self.in_form:
                 calls, cut = _calls_in_form(self, text)
+                calls = _as_written(calls, written(text))
             else:
                 obj = _json(text)
                 calls, cut = _calls_of(self, obj) or _cut_calls(self, text), obj is None
@@ -393,6 +394,18 @@ def _cut_call(plan: ToolPlan, text: str, at: int) -> list[dict]:
     return [{"id": plan.call_id(), "type": "function", "function": fn}]
 
 
+def _as_written(calls: list[dict], scanned: list[tuple[str, str]]) -> list[dict]:
+    """A forced reply's calls in the model's format with their arguments as the model wrote them, as its stream sent
+    them (`call_args.written`): those the scan found in order, by name (the grammar writes each so); the others as
+    parsed (a call cut before its arguments began)."""
+    out = list(calls)
+    for k, (call, (name, args)) in enumerate(zip(calls, scanned)):
+        if call["function"]["name"] != name:
+            break
+        out[k] = {**call, "function": {"name": name, "arguments": args}}
+    return out
+
+
 def _calls_in_form(plan: ToolPlan, text: str) -> tuple[list[dict], bool]:
     """A forced reply in the model's format (`ToolPlan.grammar`, its marker's text dropped by the detokenizer or
     kept) as (calls, whether it was cut before its end): cut, its complete calls and the one it was cut in."""
@@ -465,6 +478,10 @@ class ToolStream:
         # text is still read for its head (`call_args.head`)
         self.open: dict | None = None
         self.heading = False
+        # a forced reply's calls in the model's format, streamed as the grammar writes them: the scan, and the id
+        # and arguments sent of each call begun
+        self.scan = CallScan() if plan.forced and plan.in_form else None
+        self.begun: list[tuple[str, list[str]]] = []
         # space: whitespace held while no other text was sent (`wrote`): beside calls alone it is no content
         # (`ToolPlan.read`); sent, it made the streamed content "\n" where the whole reply's is null
         self.space, self.wrote = "", False
@@ -478,11 +495,12 @@ class ToolStream:
         """New text (the last of the reply when `finished`) -> (content to send now, calls completed by it)."""
         if self.plan.forced:
             self.held.append(text)
+            if self.scan is not None:
+                self._sent(self.scan.feed(text))
             if not finished:
                 return "", []
             content, calls, self.cut = self.plan.read(self._take(0))
-            self.out += [{"index": k, **c} for k, c in enumerate(calls)]
-            self.made = len(calls)
+            self._rest(calls)
             return content or "", calls
         # pos: where the text not yet placed starts; buf is cut there once, at the end (cutting it at each tag
         # copied the rest of a whole reply per call, quadratic in the calls)
@@ -563,6 +581,37 @@ class ToolStream:
         content = self.feed(text, finished)[0]
         out, self.out = self.out, []
         return content, out
+
+    def _sent(self, found: list[tuple[str, str]]) -> None:
+        """A forced reply's calls as CallScan finds them: a first delta per name, a delta per piece of arguments."""
+        for kind, value in found:
+            if kind == "name":
+                self.begun.append((self.plan.call_id(), []))
+                fn = {"name": value, "arguments": ""}
+                self.out.append(
+                    {
+                        "index": len(self.begun) - 1,
+                        "id": self.begun[-1][0],
+                        "type": "function",
+                        "function": fn,
+                    }
+                )
+            else:
+                self.begun[-1][1].append(value)
+                self.out.append({"index": len(self.begun) - 1, "function": {"arguments": value}})
+
+    def _rest(self, calls: list[dict]) -> None:
+        """The forced reply's calls, read whole at its end: of those begun, their ids and what the arguments sent
+        lack (none: they are the text sent, `_as_written`), the others whole."""
+        for k, call in enumerate(calls):
+            if k < len(self.begun):
+                call_id, sent = self.begun[k]
+                call["id"], rest = call_id, call["function"]["arguments"][len("".join(sent)) :]
+                if rest:
+                    self.out.append({"index": k, "function": {"arguments": rest}})
+            else:
+                self.out.append({"index": k, **call})
+        self.made = len(calls)
 
     def _made(self, got: list[dict]) -> list[dict]:
         """Calls read whole, made: with parallel_tool_calls false, none after the first."""
