@@ -108,6 +108,43 @@ def test_a_forced_reply_streams_each_calls_name_then_its_arguments(form):
     assert deltas[0]["function"]["arguments"] == "" and len(deltas) > 20
 
 
+def _guided(form: str, lead: int | None):
+    """A strict "auto" plan in Mistral's or Llama's format (`lead`: the marker's token id, as call_form finds it)."""
+    return replace(plan_tools([STRICT, ANY], "auto", None), form=form, lead=lead)
+
+
+L_CALLS = FORCED["llama"]
+GUIDED = [
+    ("mistral", 5, f"Let me check. [TOOL_CALLS][{W_CALL}, {N_CALL}]"),
+    ("mistral", 5, f"[TOOL_CALLS] [{N_CALL}]\n"),
+    ("llama", None, L_CALLS),
+    ("llama", 7, f"Checking.\n<|python_tag|>{L_CALLS}"),
+]
+
+
+@pytest.mark.parametrize("form, lead, reply", GUIDED)
+def test_a_guided_reply_in_mistrals_or_llamas_format_streams_its_calls(form, lead, reply):
+    """Strict tools under "auto" in Mistral's marker array or Llama's bare / <|python_tag|> calls: the grammar holds
+    what follows the marker (or a reply's opening JSON) to calls, streamed as a forced reply's, split at every point
+    or cut after every character; cut in its calls, the reply reads as a forced one (its complete calls and the
+    one it was cut in)."""
+    plan = _guided(form, lead)
+    assert plan.guided
+    whole = _whole(plan, reply)
+    assert len(whole[1]) == reply.count('"name"') and not whole[2]
+    for pieces in _split_every_way(reply):
+        assert _streamed(plan, pieces)[:3] == whole, pieces
+    for k in range(1, len(reply)):
+        part = reply[:k]
+        for pieces in ([part], list(part)):
+            assert _streamed(plan, pieces)[:3] == _whole(plan, part), pieces
+    deltas = _streamed(plan, list(reply))[3]
+    assert len(deltas) > 20 and all(set(d) == {"index", "function"} for d in deltas if "id" not in d)
+    if '"unit"' in reply:  # cut in get_weather's arguments (a stop string): that call, cut
+        content, calls, cut = _whole(plan, reply[: reply.index('"unit"')])
+        assert calls == [{"name": "get_weather", "arguments": '{"city":"Rome",'}] and cut, calls
+
+
 @pytest.mark.parametrize("reply", [ONE, TRICKY])
 def test_a_guided_reply_cut_anywhere_streams_what_it_reads_whole(reply):
     """Cut after any character (max_tokens, a stop string): the stream ends with what the whole reply reads, a call

@@ -462,10 +462,11 @@ class ToolStream:
     token is held whole and parsed when it ends (at the marker's end token, or the end of the reply); a marker
     followed by anything else is content; whitespace that opens the content is held until other text follows it
     (beside calls alone it is no content, as whole); with parallel_tool_calls false, calls after the first are dropped (as
-    vLLM drops them: OpenAI's reply then makes one call at most). A guided reply's <tool_call> call (its grammar
-    holds it to a call, so it cannot turn out text) is streamed (`deltas`): its name once its JSON names it, then
-    its arguments as they come, the text the model wrote. Forced: the reply is calls alone, held whole and parsed
-    at the end."""
+    vLLM drops them: OpenAI's reply then makes one call at most). Calls a grammar holds (they cannot turn out
+    text) are streamed (`deltas`), each call's name once its JSON names it, then its arguments as the model wrote
+    them: a guided reply's <tool_call> call, its calls after Mistral's or Llama's marker (or opening the reply,
+    Llama's) and a forced reply's in the model's format, the last two read at their end as a forced reply is.
+    Forced: the reply is calls alone, held whole and parsed at the end."""
 
     def __init__(self, plan: ToolPlan):
         # buf: the text not yet scanned, or a scanned tail where a tag may begin; held: text scanned and held (a
@@ -482,6 +483,7 @@ class ToolStream:
         # and arguments sent of each call begun
         self.scan = CallScan() if plan.forced and plan.in_form else None
         self.begun: list[tuple[str, list[str]]] = []
+        self.base = 0  # the index of the first call begun (guided: the calls made before them)
         # space: whitespace held while no other text was sent (`wrote`): beside calls alone it is no content
         # (`ToolPlan.read`); sent, it made the streamed content "\n" where the whole reply's is null
         self.space, self.wrote = "", False
@@ -549,6 +551,8 @@ class ToolStream:
                     break  # not known yet (a reply may open with a marker: "[TOOL_CALLS]" starts with "[")
                 if head[:1] in ("{", "[") and not head.startswith(TAGS):
                     self.mode = "held"
+                    if self.plan.guided:  # calls its grammar holds: streamed as a forced reply's
+                        self.scan, self.begun, self.base = CallScan(), [], self.made
                 else:  # no JSON: the marker, and the whitespace held after it, are text
                     out.append(self.lead + self._take(self.pos))
                     self.mode = "text"
@@ -556,12 +560,22 @@ class ToolStream:
                 ends = LEADS.get(self.lead, ())
                 at, end = _first(buf, ends, self.pos)
                 if at < 0 and not finished:
-                    self._hold(max(map(len, ends), default=1) - 1)
+                    moved = self._hold(max(map(len, ends), default=1) - 1)
+                    if self.scan is not None:
+                        self._sent(self.scan.feed(moved))
                     break
                 at = len(buf) if at < 0 else at
+                if self.scan is not None:
+                    self._sent(self.scan.feed(buf[self.pos : at]))
                 body, self.mode = self._take(at, len(end)), "text"
-                got = _bare_calls(self.plan, body)
-                calls += self._made(got)
+                if self.scan is None:
+                    got = self._made(_bare_calls(self.plan, body))
+                else:  # guided: the calls its grammar writes, the last maybe cut (as a forced reply's)
+                    got, cut = _calls_in_form(self.plan, self.lead + body.lstrip())
+                    got = _as_written(got, written(body))
+                    self._rest(got)
+                    self.cut, self.scan = self.cut or (cut and bool(got)), None
+                calls += got
                 if not got:  # not wholly calls of the tools: the text as the model wrote it
                     out.append(self.lead + body + end)
         self.buf = buf[self.pos :]
@@ -583,35 +597,28 @@ class ToolStream:
         return content, out
 
     def _sent(self, found: list[tuple[str, str]]) -> None:
-        """A forced reply's calls as CallScan finds them: a first delta per name, a delta per piece of arguments."""
+        """Calls a grammar holds as CallScan finds them: a first delta per name, a delta per piece of arguments."""
         for kind, value in found:
             if kind == "name":
                 self.begun.append((self.plan.call_id(), []))
-                fn = {"name": value, "arguments": ""}
-                self.out.append(
-                    {
-                        "index": len(self.begun) - 1,
-                        "id": self.begun[-1][0],
-                        "type": "function",
-                        "function": fn,
-                    }
-                )
+                fn, at = {"name": value, "arguments": ""}, self.base + len(self.begun) - 1
+                self.out.append({"index": at, "id": self.begun[-1][0], "type": "function", "function": fn})
             else:
                 self.begun[-1][1].append(value)
-                self.out.append({"index": len(self.begun) - 1, "function": {"arguments": value}})
+                self.out.append({"index": self.base + len(self.begun) - 1, "function": {"arguments": value}})
 
     def _rest(self, calls: list[dict]) -> None:
-        """The forced reply's calls, read whole at its end: of those begun, their ids and what the arguments sent
-        lack (none: they are the text sent, `_as_written`), the others whole."""
+        """Those calls, read whole at their end: of those begun, their ids and what the arguments sent lack (none:
+        they are the text sent, `_as_written`), the others whole."""
         for k, call in enumerate(calls):
             if k < len(self.begun):
                 call_id, sent = self.begun[k]
                 call["id"], rest = call_id, call["function"]["arguments"][len("".join(sent)) :]
                 if rest:
-                    self.out.append({"index": k, "function": {"arguments": rest}})
+                    self.out.append({"index": self.base + k, "function": {"arguments": rest}})
             else:
-                self.out.append({"index": k, **call})
-        self.made = len(calls)
+                self.out.append({"index": self.base + k, **call})
+        self.made = self.base + len(calls)
 
     def _made(self, got: list[dict]) -> list[dict]:
         """Calls read whole, made: with parallel_tool_calls false, none after the first."""
@@ -658,12 +665,15 @@ class ToolStream:
         self.open, self.heading, self.mode = None, False, "text"
         return True
 
-    def _hold(self, keep: int) -> None:
-        """Moves the text from pos, but its last `keep` characters (where an end tag may begin), to the held text."""
+    def _hold(self, keep: int) -> str:
+        """Moves the text from pos, but its last `keep` characters (where an end tag may begin), to the held text;
+        returns the text moved."""
         cut = max(self.pos, len(self.buf) - keep)
-        if cut > self.pos:
-            self.held.append(self.buf[self.pos : cut])
+        moved = self.buf[self.pos : cut]
+        if moved:
+            self.held.append(moved)
             self.pos = cut
+        return moved
 
     def _take(self, at: int, skip: int = 0) -> str:
         """The held text and buf[pos:at], joined once; pos then moves `skip` characters (an end tag) past `at`."""
