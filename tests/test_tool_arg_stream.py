@@ -1,6 +1,7 @@
-"""A call's arguments streamed as the model writes them: a guided reply's <tool_call> call (its grammar holds it to
-a call) goes out as a first delta of its id and name, then pieces of its arguments whose join is the whole reply's
-arguments, however the reply is split or cut; calls a grammar does not hold go out whole (a block can still turn
+"""A call's arguments streamed as the model writes them: a call that a grammar holds (strict tools or a
+response_format beside them under "auto", in <tool_call> blocks or Mistral's or Llama's format; a forced choice in the
+model's format) goes out as a first delta of its id and name, then pieces of its arguments whose join is the whole
+reply's arguments, however the reply is split or cut; calls no grammar holds go out whole (a block can still turn
 out no call). Through the server: chat's deltas and the Responses API's argument events."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 from tiny_models import TOOLS_CFG
 from weather_tool import WEATHER
 
-from lserve_lite.engine.call_args import HEAD_MAX, ArgScan, head
+from lserve_lite.engine.call_args import HEAD_MAX, ArgScan, call_head
 from lserve_lite.engine.tool_calls import ToolStream, plan_tools
 
 CFG = TOOLS_CFG  # conftest's `server` on its `tiny_dir`
@@ -198,7 +199,8 @@ def test_the_arguments_scan_skips_strings_and_escapes_across_pieces():
         scan = ArgScan()
         first = scan.end(text[:k], 0)
         assert (first if first >= 0 else k + scan.end(text[k:] + "}", 0)) == len(text), k
-    assert head(' {"name" : "f", "parameters":{') == ("f", 29) and head('{"name":"f","arguments":"') is None
+    assert call_head(' {"name" : "f", "parameters":{') == ("f", 29)
+    assert call_head('{"name":"f","arguments":"') is None  # arguments as a string: read whole
 
 
 ANSWER = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 20}}, "required": ["answer"],
@@ -225,3 +227,23 @@ def test_the_server_streams_a_guided_calls_arguments_in_pieces(client):
     with client.chat.completions.stream(**kw, seed=seed) as s:
         (got,) = s.get_final_completion().choices[0].message.tool_calls
     assert (got.function.name, got.function.arguments) == (call.function.name, call.function.arguments)
+
+
+def test_the_responses_api_streams_a_calls_arguments_in_pieces(client):
+    """responses.stream with a forced call: the call's item is added (arguments ""), then an arguments delta per
+    piece, then the done events; the pieces join to the done event's, the final item's and the whole response's."""
+    kw = dict(model="tiny", input="weather?", tools=[{"type": "function", **STRICT["function"]}],
+              tool_choice="required", parallel_tool_calls=False, max_output_tokens=120, temperature=0)  # fmt: skip
+    with client.responses.stream(**kw) as s:
+        events = list(s)
+        final = s.get_final_response()
+    kinds = [e.type for e in events]
+    delta = "response.function_call_arguments.delta"
+    pieces = [e.delta for e in events if e.type == delta]
+    first, last = kinds.index(delta), len(kinds) - 1 - kinds[::-1].index(delta)
+    assert kinds[first - 1] == "response.output_item.added" and events[first - 1].item.arguments == ""
+    done = ["response.function_call_arguments.done", "response.output_item.done"]
+    assert kinds[first : last + 1] == [delta] * len(pieces) and kinds[last + 1 : last + 3] == done
+    (call,) = final.output
+    assert len(pieces) > 2 and "".join(pieces) == events[last + 1].arguments == call.arguments
+    assert client.responses.create(**kw).output[0].arguments == call.arguments  # greedy

@@ -1,5 +1,5 @@
 """A call's arguments streamed as the model writes them (ToolStream, for calls a grammar holds): where a call's
-JSON names its tool and its arguments' object begins (`head`, `CallScan`), and where that object ends (`ArgScan`)."""
+JSON names its tool and its arguments' object begins (`call_head`, `CallScan`), and where that object ends (`ArgScan`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ HEAD_MAX = 160
 _SIGNIFICANT = re.compile(r'["\\{}\[\]]')
 
 
-def head(text: str) -> tuple[str, int] | None:
+def call_head(text: str) -> tuple[str, int] | None:
     """(tool name, where its arguments' object starts) of a call's text opening with its head within HEAD_MAX
     characters; None if it does not (yet): read on a bounded prefix, the answer is the same however it was split."""
     m = _OPENING.match(text[:HEAD_MAX])
@@ -25,8 +25,8 @@ def head(text: str) -> tuple[str, int] | None:
 
 
 class CallScan:
-    """The calls in a forced reply fed in pieces, as its grammar writes them: each head, searched for outside
-    arguments (separators and tags hold none), then its arguments' text up to their closing brace."""
+    """Calls a grammar writes (a forced reply's, a guided one's after its marker) fed in pieces: each head, searched
+    for outside arguments (separators and tags hold none), then its arguments' text up to their closing brace."""
 
     def __init__(self) -> None:
         # the text not yet searched (shorter than HEAD_MAX); the open arguments' scan

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 from ..errors import InvalidRequestError
 from ..tokenizer import Tokenizer, message_text
-from .call_args import HEAD_MAX, ArgScan, CallScan, head, written
+from .call_args import HEAD_MAX, ArgScan, CallScan, call_head, written
 
 MAX_TOOLS = 128  # OpenAI's limit
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -395,9 +395,9 @@ def _cut_call(plan: ToolPlan, text: str, at: int) -> list[dict]:
 
 
 def _as_written(calls: list[dict], scanned: list[tuple[str, str]]) -> list[dict]:
-    """A forced reply's calls in the model's format with their arguments as the model wrote them, as its stream sent
-    them (`call_args.written`): those the scan found in order, by name (the grammar writes each so); the others as
-    parsed (a call cut before its arguments began)."""
+    """Calls in the model's format (a forced reply's, a guided one's after its marker) with their arguments as the
+    model wrote them, as its stream sent them (`call_args.written`): those the scan found in order, by name (the
+    grammar writes each so); the others as parsed (a call cut before its arguments began)."""
     out = list(calls)
     for k, (call, (name, args)) in enumerate(zip(calls, scanned)):
         if call["function"]["name"] != name:
@@ -476,7 +476,7 @@ class ToolStream:
         self.made = 0  # calls made so far (a streamed call from its first delta)
         self.out: list[dict] = []  # the calls' stream deltas not yet taken (`deltas`)
         # the call being streamed ({"index", "call", "scan", "args": pieces, "ended"}); whether a guided block's
-        # text is still read for its head (`call_args.head`)
+        # text is still read for its head (`call_head`)
         self.open: dict | None = None
         self.heading = False
         # a forced reply's calls in the model's format, streamed as the grammar writes them: the scan, and the id
@@ -633,7 +633,7 @@ class ToolStream:
         False: wait for more text. A block that does not open with a head is read whole (`heading` off); one cut
         after its head is a call, its arguments as far as written and `cut` set (as a forced reply's)."""
         if self.open is None:
-            found = head(buf[self.pos :])
+            found = call_head(buf[self.pos :])
             if found and self.plan.by_name(found[0]):
                 call = {"id": self.plan.call_id(), "type": "function", "function": {"name": found[0]}}
                 self.out.append({"index": self.made, **call, "function": {"name": found[0], "arguments": ""}})
