@@ -84,16 +84,18 @@ FORCED = {
     "mistral": f"[TOOL_CALLS][{W_CALL}, {N_CALL}]",
     "mistral_dropped": f" [{N_CALL}, {W_CALL}]",
     "llama": "; ".join(c.replace('"arguments"', '"parameters"') for c in (W_CALL, N_CALL)),
+    "generic": f"[{W_CALL},{N_CALL}]",  # a template of another format: the calls' JSON
 }
 
 
 def _forced(form: str):
-    return replace(plan_tools([STRICT, ANY], "required", None), form=form.removesuffix("_dropped"))
+    as_in = None if form == "generic" else form.removesuffix("_dropped")
+    return replace(plan_tools([STRICT, ANY], "required", None), form=as_in)
 
 
 @pytest.mark.parametrize("form", list(FORCED))
 def test_a_forced_reply_streams_each_calls_name_then_its_arguments(form):
-    """tool_choice "required" in each format: split at every point or cut after every character, the deltas join to
+    """tool_choice "required" in each format (and the generic JSON): split at every point or cut after every character, the deltas join to
     the whole reply's calls (names, arguments as written, the cut one's as far as written, `cut`); a call whose head
     was not yet written when the reply was cut goes out whole at the end."""
     plan, reply = _forced(form), FORCED[form]

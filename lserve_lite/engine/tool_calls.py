@@ -289,11 +289,10 @@ class ToolPlan:
         if self.forced:
             if self.in_form:
                 calls, cut = _calls_in_form(self, text)
-                calls = _as_written(calls, written(text))
             else:
                 obj = _json(text)
                 calls, cut = _calls_of(self, obj) or _cut_calls(self, text), obj is None
-            return (None if calls else ""), calls, cut
+            return (None if calls else ""), _as_written(calls, written(text)), cut
         stream = ToolStream(self)
         content, calls = stream.feed(text, finished=True)
         return (None if calls and not content.strip() else content), calls, stream.cut
@@ -395,8 +394,8 @@ def _cut_call(plan: ToolPlan, text: str, at: int) -> list[dict]:
 
 
 def _as_written(calls: list[dict], scanned: list[tuple[str, str]]) -> list[dict]:
-    """Calls in the model's format (a forced reply's, a guided one's after its marker) with their arguments as the
-    model wrote them, as its stream sent them (`call_args.written`): those the scan found in order, by name (the
+    """Calls a grammar wrote (a forced reply's, a guided one's after its marker) with their arguments as the model
+    wrote them, as its stream sent them (`call_args.written`): those the scan found in order, by name (the
     grammar writes each so); the others as parsed (a call cut before its arguments began)."""
     out = list(calls)
     for k, (call, (name, args)) in enumerate(zip(calls, scanned)):
@@ -465,7 +464,7 @@ class ToolStream:
     vLLM drops them: OpenAI's reply then makes one call at most). Calls a grammar holds (they cannot turn out
     text) are streamed (`deltas`), each call's name once its JSON names it, then its arguments as the model wrote
     them: a guided reply's <tool_call> call, its calls after Mistral's or Llama's marker (or opening the reply,
-    Llama's) and a forced reply's in the model's format, the last two read at their end as a forced reply is.
+    Llama's) and a forced reply's, the last two read at their end as a forced reply is.
     Forced: the reply is calls alone, held whole and parsed at the end."""
 
     def __init__(self, plan: ToolPlan):
@@ -479,9 +478,9 @@ class ToolStream:
         # text is still read for its head (`call_head`)
         self.open: dict | None = None
         self.heading = False
-        # a forced reply's calls in the model's format, streamed as the grammar writes them: the scan, and the id
-        # and arguments sent of each call begun
-        self.scan = CallScan() if plan.forced and plan.in_form else None
+        # a forced reply's calls, streamed as the grammar writes them: the scan, and the id and arguments sent of
+        # each call begun
+        self.scan = CallScan() if plan.forced else None
         self.begun: list[tuple[str, list[str]]] = []
         self.base = 0  # the index of the first call begun (guided: the calls made before them)
         # space: whitespace held while no other text was sent (`wrote`): beside calls alone it is no content
