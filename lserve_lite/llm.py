@@ -518,6 +518,8 @@ class _Turn:
         return self
 
     def __enter__(self) -> bool:
+        if not self._llm._lock._is_owned():  # `with llm._call():` alone, the form before, would run unlocked
+            raise RuntimeError("a turn is entered inside its LLM's lock: `with llm._lock, turn:`")
         self._close_if_asked()  # where an interrupt cut a close short
         if self._refuse:
             self._llm._check_open()  # in the turn: a close may have run while this thread waited

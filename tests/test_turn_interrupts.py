@@ -156,6 +156,14 @@ def test_ctrl_c_at_any_point_of_a_turn_leaves_the_llm_usable(llm, call):
     assert each_point(setup, calls[call], check, files) > 10
 
 
+def test_a_turn_entered_outside_the_lock_is_refused(llm):
+    """`with llm._call():`, the form from before the lock came first, would run a call unlocked beside other
+    threads' steps: it raises instead."""
+    with pytest.raises(RuntimeError, match="inside its LLM's lock"), llm._call():
+        pass
+    assert len(llm.generate([[5, 6, 7]], SP)[0].token_ids) == 2
+
+
 def test_ctrl_c_at_any_point_of_close_still_closes(tiny_llama):
     """An interrupted close is done by closing again (or the next turn's end); it never leaves the lock held."""
     made: list[LLM] = []
