@@ -175,13 +175,11 @@ class LLM:
         # may be open at once, and whichever of them steps the engine gets every request's outputs.
         self._boxes: dict[str, deque[StepOutput]] = {}
         # The engine is not thread-safe: every call that touches it (adding requests, steps, scoring) takes a turn
-        # (`_turn`: this lock), so calls from several threads take turns and each still gets exactly its own
-        # outputs. Reentrant only so that a close from inside this thread's own turn (a signal handler run
-        # mid-step) is no deadlock: `_busy` keeps a turn from starting inside another.
+        # (`with self._lock, turn:`, `_turn`), so calls from several threads take turns and each still gets exactly
+        # its own outputs. Reentrant so that a turn inside this thread's own (a signal handler run mid-step, a
+        # hold_engine block) is no deadlock: `_Turn` tells it from one of its own by the lock's owner.
         self._lock = threading.RLock()
-        self._busy = False
-        self._close_pending = False  # asked for inside a turn: done as it ends
-        self._closed = False
+        self._closed = False  # close asked: calls are refused; a turn of its own closes the engine as it ends
         # the seeds of requests added without one (vLLM's engine seed); None: each draws fresh entropy
         self._seeds = None if seed is None else np.random.default_rng(seed)
 
@@ -196,34 +194,14 @@ class LLM:
         (LLMEngine.close), not when the object is collected. Closing again does nothing. Every later call, and a
         stream still open, raises one line. A step of another thread ends first; called inside a step of this
         thread (a signal handler), it returns at once and the LLM closes as that step ends."""
-        with self._turn():  # inside this thread's own turn, that turn does it as it ends
-            self._close_pending = True
+        turn = self._turn()
+        with self._lock, turn:  # inside this thread's own turn, that turn closes the engine as it ends
+            self._closed = True
 
     def _turn(self) -> _Turn:
-        """Hold the engine for one call, waiting for another thread's turn to end; `with` gives whether it is a turn
-        of its own (False: this thread is inside a turn already, e.g. a signal handler run mid-step)."""
+        """A turn of this LLM for `with self._lock, turn:`, made before the lock is taken (it tells whether the turn is
+        its own); the block waits for another thread's turn to end."""
         return _Turn(self)
-
-    def _enter_turn(self, locked: bool) -> bool:
-        """Take the lock (unless the caller holds it: `locked`) and the turn; False inside this thread's own turn,
-        which keeps it."""
-        if not locked:
-            self._lock.__enter__()
-        mine = not self._busy
-        self._busy = True
-        return mine
-
-    def _exit_turn(self, mine: bool, locked: bool) -> None:
-        """End a turn `_enter_turn` began: a turn of its own does a close asked for meanwhile."""
-        try:
-            if mine:
-                self._busy = False
-                if self._close_pending and not self._closed:
-                    self._closed = True
-                    self.engine.close()
-        finally:
-            if not locked:
-                self._lock.__exit__(None, None, None)
 
     def _call(self) -> _Turn:
         """A call's turn on the open engine. Inside a turn of this thread (a signal handler run mid-step) it is
@@ -401,12 +379,14 @@ class LLM:
         of other threads (generate, chat, stream, logits, another hold) wait until the block ends, as they wait for
         each other. Inside the block, use the engine it gives: this LLM's own calls there (and a harness step's, which
         holds the turn itself) are refused in one line, as on a closed LLM or inside one of its steps."""
-        with self._call():
+        turn = self._call()
+        with self._lock, turn:
             yield self.engine
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Teacher-forced next-token logits [T, vocab] (float32 NumPy)."""
-        with self._call():
+        turn = self._call()
+        with self._lock, turn:
             return self.engine.score(token_ids)
 
     @cached_property
@@ -418,7 +398,8 @@ class LLM:
         """Queue one request with its output box, under the lock: a step in another thread between the two
         would drop the request's first outputs. Its grammar is built before: other threads' streams go on."""
         guide = self.engine.guide(params)
-        with self._call():  # seeds drawn in the turn: requests of several threads take them in turn
+        turn = self._call()
+        with self._lock, turn:  # seeds drawn in the turn: requests of several threads take them in turn
             if params.seed is None and self._seeds is not None:
                 params = replace(params, seed=int(self._seeds.integers(1 << 63)))
             rid = self.engine.add_request(prompt, params, guide=guide, cache_salt=cache_salt)
@@ -431,14 +412,20 @@ class LLM:
         collection runs it inside a turn of this very thread."""
         for r in rids:
             self.engine.abort(r)
-        if rids and not self.engine.closed and self._lock.acquire(blocking=wait):
-            try:
-                # not inside this thread's own turn: that turn's next step frees them
-                with _Turn(self, locked=True) as mine:
-                    if mine and not self.engine.closed:
+        # inside this thread's own turn, that turn's next step frees them
+        if not rids or self.engine.closed or self._lock._is_owned():
+            return
+        turn = self._turn()
+        try:  # taken by hand, not by `with`, to try it without `wait`: an interrupt anywhere in here gives it back
+            if self._lock.acquire(wait):
+                with turn:
+                    if not self.engine.closed:
                         self._step()
-            finally:
                 self._lock.release()
+        except BaseException:
+            if self._lock._is_owned():
+                self._lock.release()
+            raise
 
     def _step(self) -> None:
         """One engine step (the caller holds the lock); each output goes to its request's box (outputs of requests
@@ -453,7 +440,8 @@ class LLM:
         in one turn); with `raise_errors` a failed request's error is raised (logits it could not sample,
         LLMEngine.step: none of its text is garbage)."""
         while True:
-            with self._call():  # another thread's step may fill these boxes until this one is read
+            turn = self._call()
+            with self._lock, turn:  # another thread's step may fill these boxes until this one is read
                 if not any(self._boxes[r] for r in rids):
                     if not self.engine.has_unfinished():  # never with every step going through _step
                         raise LServeError(
@@ -505,38 +493,46 @@ class LLM:
 
 
 class _Turn:
-    """One use of an LLM's turn (`LLM._turn`): its lock taken (unless `locked`: the caller took it), `with` gives
-    whether the turn is this use's own, and its end does a close asked for meanwhile. A class, not nested generator
-    context managers: a stream takes a turn a token, and the generators cost several times as much."""
+    """One use of an LLM's turn, made before its lock is taken and entered inside it: `turn = llm._turn()`, then
+    `with llm._lock, turn:`. The lock's own `__exit__` gives it back, a C call that no KeyboardInterrupt can come
+    before: one raised after the lock was taken and before a Python `__exit__` ran held it for good (later calls
+    waited, or were refused as inside a turn). `with` gives whether the turn is this use's own (False inside this
+    thread's own turn, e.g. a signal handler run mid-step), and its end closes the engine where a close was asked.
+    A class, not a generator context manager: a stream takes a turn a token, and the generators cost several times
+    as much."""
 
-    __slots__ = ("_llm", "_locked", "_refuse", "_mine")
+    __slots__ = ("_llm", "_mine", "_refuse")
 
-    def __init__(self, llm: LLM, locked: bool = False):
-        self._llm, self._locked, self._refuse, self._mine = llm, locked, False, False
+    def __init__(self, llm: LLM):
+        # made before the lock is taken: the lock held already is this thread's own turn
+        self._llm, self._mine, self._refuse = llm, not llm._lock._is_owned(), False
 
     def as_call(self) -> _Turn:
         """This turn as a call's (`LLM._call`): one that is not its own, or on a closed LLM, raises one line."""
+        if not self._mine:
+            raise LServeError(
+                "this LLM was called inside one of its own steps (a signal handler?) or hold_engine "
+                "blocks: call it after"
+            )
         self._refuse = True
         return self
 
     def __enter__(self) -> bool:
-        llm = self._llm
-        self._mine = mine = llm._enter_turn(self._locked)
+        if not self._llm._lock._is_owned():  # `with llm._call():` alone, the form before, would run unlocked
+            raise RuntimeError("a turn is entered inside its LLM's lock: `with llm._lock, turn:`")
+        self._close_if_asked()  # where an interrupt cut a close short
         if self._refuse:
-            try:
-                if not mine:
-                    raise LServeError(
-                        "this LLM was called inside one of its own steps (a signal handler?) or hold_engine "
-                        "blocks: call it after"
-                    )
-                llm._check_open()  # in the turn: a close may have run while this thread waited
-            except LServeError:
-                self.__exit__()
-                raise
-        return mine
+            self._llm._check_open()  # in the turn: a close may have run while this thread waited
+        return self._mine
 
     def __exit__(self, *exc: object) -> None:
-        self._llm._exit_turn(self._mine, self._locked)
+        self._close_if_asked()
+
+    def _close_if_asked(self) -> None:
+        """Close the engine where a close was asked, in a turn of its own (one inside it leaves that to it)."""
+        llm = self._llm
+        if llm._closed and self._mine and not llm.engine.closed:
+            llm.engine.close()
 
 
 def _check_priority(priority: object, count: int) -> None:

@@ -942,7 +942,7 @@ def test_grammars_are_built_outside_the_llms_lock(llm, monkeypatch):
     matcher, held = llm.engine.grammars.matcher, []
 
     def watched(fmt):
-        held.append(llm._busy)  # a turn (the lock) held
+        held.append(llm._lock._is_owned())  # a turn (the lock) held
         return matcher(fmt)
 
     monkeypatch.setattr(llm.engine.grammars, "matcher", watched)
@@ -1483,7 +1483,7 @@ def test_a_turn_left_by_an_exception_is_over_and_does_its_pending_close(tiny_lla
         llm.close()  # inside the turn: returns at once, the turn's end closes
         assert not llm.engine.closed
         raise KeyError("in the block")
-    assert llm.engine.closed and not llm._busy
+    assert llm.engine.closed and not llm._lock._is_owned()
 
 
 @pytest.mark.parametrize("call", ["generate", "logits", "stream"])

@@ -540,6 +540,9 @@ def test_harness_steps_and_another_threads_generate_take_turns(tiny_dir, monkeyp
         def release(self) -> None:
             self.lock.release()
 
+        def _is_owned(self) -> bool:
+            return self.lock._is_owned()
+
         __enter__ = acquire
 
         def __exit__(self, *exc: object) -> None:

@@ -1,0 +1,200 @@
+"""Ctrl-C at any point of an LLM call's turn (the lock every call takes) leaves the LLM usable: a KeyboardInterrupt
+raised after the lock was taken but before the turn's `with` took hold, or while the turn ended, left the lock held
+(other threads' calls waited for good) and the turn marked busy (this thread's calls were refused)."""
+
+from __future__ import annotations
+
+import contextlib
+import dis
+import inspect
+import itertools
+import sys
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from lserve_lite import LLM, EngineConfig, LServeError, SamplingParams
+from lserve_lite import llm as llm_module
+
+if sys.version_info < (
+    3,
+    11,
+):  # Python 3.10 checks for signals at other bytecodes, which this model does not name
+    pytest.skip("the interrupt points modelled are CPython 3.11's and later", allow_module_level=True)
+# an interrupt at the start of a finalizer that a call runs (tqdm's __del__) is Python's unraisable one, as a Ctrl-C's
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+SP = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
+WAIT_S = 20  # a second call's limit: only a turn left held waits this long
+
+
+# Where CPython (3.11) runs a pending signal's handler: a function's start (a generator's too, and its resumption by
+# next / send, not by throw or close), and the next bytecode after a call returns or a backward jump. Not at every
+# bytecode: no code could be safe there, not even `with lock:`, whose exit call is set up by bytecodes no handler
+# covers.
+RESUME = dis.opmap["RESUME"]
+CHECKED_AFTER = {RESUME, dis.opmap["CALL"], dis.opmap["CALL_FUNCTION_EX"], dis.opmap["JUMP_BACKWARD"]}
+
+
+def interrupted_at(n: int, files: tuple[str, ...], fn: Callable[[], object]) -> int:
+    """`fn()` with one KeyboardInterrupt raised at the n-th point where Python would raise a Ctrl-C's, in the frames
+    of `files` (llm.py: the turn's code and its callers) and at the start of the functions they call, and caught;
+    gives the count of points passed."""
+    ran = [0]
+
+    def passed() -> None:
+        ran[0] += 1
+        if ran[0] == n:
+            raise KeyboardInterrupt  # a trace function that raises is removed: one interrupt
+
+    def call(frame, event, arg):
+        traced = frame.f_code.co_filename in files
+        if not traced and (frame.f_back is None or frame.f_back.f_code.co_filename not in files):
+            return None
+        code = frame.f_code
+        generator = bool(code.co_flags & inspect.CO_GENERATOR)
+        if not generator:
+            passed()  # raised as it starts
+        if not traced:
+            return None
+        frame.f_trace_opcodes = True
+        # a generator's from its first bytecode: raised inside it, where its `finally` runs (f_lasti is its RESUME,
+        # not yet run where a throw or close resumes it)
+        last = [code.co_code[frame.f_lasti] if generator else -1]
+
+        def opcode(frame, event, arg):
+            if event == "opcode":
+                if last[0] in CHECKED_AFTER:
+                    passed()
+                last[0] = frame.f_code.co_code[frame.f_lasti]
+            return opcode
+
+        return opcode
+
+    sys.settrace(call)
+    try:
+        fn()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.settrace(None)
+    return ran[0]
+
+
+def completes(fn: Callable[[], object]) -> object:
+    """`fn()` run in another thread, which must end within WAIT_S (a lock left held by this one blocks it)."""
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(fn()), daemon=True)
+    t.start()
+    t.join(WAIT_S)
+    assert not t.is_alive(), "a call from another thread waited for a turn this thread never ended"
+    assert got, "the other thread's call failed"
+    return got[0]
+
+
+def usable(llm: LLM) -> None:
+    """Another thread's call runs, and so does this thread's (refused as one inside its own turn while it held the
+    lock)."""
+    assert len(completes(lambda: llm.generate([[5, 6, 7]], SP))[0].token_ids) == 2
+    assert len(llm.generate([[5, 6, 7]], SP)[0].token_ids) == 2
+
+
+def each_point(
+    setup: Callable[[], None],
+    call: Callable[[], object],
+    check: Callable[[], None],
+    files: tuple[str, ...] = (),
+) -> int:
+    """`call()` with the interrupt at each point n in turn (each after `setup()`, then `check()`), until a call
+    ends before reaching n; gives that count. `files`: traced besides llm.py."""
+    for n in itertools.count(1):
+        setup()
+        ran = interrupted_at(n, (llm_module.__file__, *files), call)
+        try:
+            check()
+        except AssertionError as e:
+            raise AssertionError(f"interrupted at point {n}: {e}") from None
+        if ran < n:
+            return n - 1
+
+
+@pytest.fixture
+def llm(tiny_llama):
+    return LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=16))
+
+
+@pytest.mark.parametrize("call", ["logits", "hold_engine", "generate", "stream", "stream_close"])
+def test_ctrl_c_at_any_point_of_a_turn_leaves_the_llm_usable(llm, call):
+    streams: list[Iterator] = []
+
+    def setup() -> None:  # a stream past its first token, opened before the interrupt is armed
+        streams.clear()
+        if call.startswith("stream"):
+            streams.append(llm.stream_outputs([5, 6, 7], SamplingParams(max_new_tokens=8, ignore_eos=True)))
+            next(streams[0])
+
+    def hold() -> None:
+        with llm.hold_engine() as engine:
+            assert not engine.closed
+
+    calls = {
+        "logits": lambda: llm.logits([5, 6]),
+        "hold_engine": hold,
+        "generate": lambda: llm.generate([[5, 6, 7]], SP),
+        "stream": lambda: next(streams[0]),
+        "stream_close": lambda: streams[0].close(),
+    }
+
+    def check() -> None:
+        if streams:
+            streams.pop().close()  # an interrupted stream's request aborted, as the chat REPL does
+        usable(llm)
+
+    # hold_engine's `with` is contextlib's: one landing there leaves the turn to the generator it holds, given back
+    # as that KeyboardInterrupt is dropped (its traceback held it)
+    files = (contextlib.__file__,) if call == "hold_engine" else ()
+    assert each_point(setup, calls[call], check, files) > 10
+
+
+def test_a_turn_entered_outside_the_lock_is_refused(llm):
+    """`with llm._call():`, the form from before the lock came first, would run a call unlocked beside other
+    threads' steps: it raises instead."""
+    with pytest.raises(RuntimeError, match="inside its LLM's lock"), llm._call():
+        pass
+    assert len(llm.generate([[5, 6, 7]], SP)[0].token_ids) == 2
+
+
+def test_ctrl_c_at_any_point_of_close_still_closes(tiny_llama):
+    """An interrupted close is done by closing again (or the next turn's end); it never leaves the lock held."""
+    made: list[LLM] = []
+
+    def check() -> None:
+        completes(made[-1].close)
+        assert made[-1].engine.closed
+        with pytest.raises(LServeError, match="was closed"):
+            made[-1].logits([5, 6])
+
+    def setup() -> None:
+        made.append(LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=16)))
+
+    assert each_point(setup, lambda: made[-1].close(), check) > 5
+
+
+def test_chat_ctrl_c_at_any_point_of_a_reply_keeps_the_repl_answering(llm, monkeypatch, capsys, tmp_path):
+    """Ctrl-C during a reply stops it and the next question is answered, wherever it lands in the reply's turns
+    (one landing as a token's turn began left the turn marked busy: every later message was refused in one
+    "called inside one of its own steps" line)."""
+    from lserve_lite import cli
+
+    typed: list[str] = []
+    monkeypatch.setenv("HOME", str(tmp_path))  # the REPL's history file
+    monkeypatch.setattr("builtins.input", lambda prompt="": typed.pop(0))
+    monkeypatch.setattr(cli, "_make_llm", lambda args: llm)
+    argv = ["chat", "--model", "tiny", "--backend", "cpu", "--max-new-tokens", "3"]
+
+    def check() -> None:
+        err = capsys.readouterr().err
+        assert "error:" not in err and err.count("tokens, first after") == 2, err[-2000:]
+        usable(llm)
+
+    assert each_point(lambda: typed.extend(["hi", "again", "/exit"]), lambda: cli.main(argv), check) > 10
