@@ -10,6 +10,7 @@ from lserve_lite.backends import cpu as C
 from lserve_lite.backends import cpu_kernels as K
 from lserve_lite.backends import cpu_threads
 from lserve_lite.backends.cpu_half import NATIVE_HALF, half_to_f32
+from lserve_lite.backends.cpu_native import JOB_SIG
 from lserve_lite.backends.reference import attention as A
 from lserve_lite.backends.reference import layers as L
 from lserve_lite.sparse.plan import BatchLayout, build_plan
@@ -314,6 +315,16 @@ def test_batch1_decode_attention_matches_float64(fmt_name, page, ctx, streaming,
         for st in runner._keys.values():
             st.spread = True
         assert np.array_equal(C.paged_attention_numba(q, kq, vq, plan, hc, runner, ks, vs), got)
+
+
+@pytest.mark.parametrize("kv", ["float32", "uint16"])
+def test_each_float_cache_type_has_a_decode_attention_job_of_its_own(kv):
+    """The decode attention job of a float cache type (fp32, or fp16 as its bits) holds paged_attention compiled
+    for that type only: one job for both held both, so an fp16 process loaded the fp32 code too (the chat's RSS,
+    docs/QUANT.md)."""
+    job = nb.cfunc(JOB_SIG, error_model="numpy", cache=True)(K.ATTENTION_JOBS[np.dtype(kv)])
+    compiled = {f.name for f in job._library._shared_module.functions if "15paged_attention" in f.name}
+    assert len(compiled) == 1
 
 
 @pytest.mark.parametrize("fmt_name", ["fp32", "fp16", "int8"])
