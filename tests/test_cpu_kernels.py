@@ -10,6 +10,7 @@ from lserve_lite.backends import cpu as C
 from lserve_lite.backends import cpu_kernels as K
 from lserve_lite.backends import cpu_threads
 from lserve_lite.backends.cpu_half import NATIVE_HALF, half_to_f32
+from lserve_lite.backends.cpu_native import JOB_SIG, job_address
 from lserve_lite.backends.reference import attention as A
 from lserve_lite.backends.reference import layers as L
 from lserve_lite.sparse.plan import BatchLayout, build_plan
@@ -316,11 +317,22 @@ def test_batch1_decode_attention_matches_float64(fmt_name, page, ctx, streaming,
         assert np.array_equal(C.paged_attention_numba(q, kq, vq, plan, hc, runner, ks, vs), got)
 
 
+@pytest.mark.parametrize("kv", ["float32", "uint16"])
+def test_each_float_cache_type_has_a_decode_attention_job_of_its_own(kv):
+    """The decode attention job of a float cache type (fp32, or fp16 as its bits) holds paged_attention compiled
+    for that type only: one job for both held both, so an fp16 process loaded the fp32 code too (the chat's RSS,
+    docs/QUANT.md)."""
+    job = nb.cfunc(JOB_SIG, error_model="numpy", cache=True)(K.ATTENTION_JOBS[np.dtype(kv)])
+    compiled = {f.name for f in job._library._shared_module.functions if "15paged_attention" in f.name}
+    assert len(compiled) == 1
+
+
 @pytest.mark.parametrize("fmt_name", ["fp32", "fp16", "int8"])
 def test_spread_decode_attention_of_a_float_cache_is_a_native_job(fmt_name, monkeypatch):
     """Decode attention spread over a float cache (fp32, fp16) runs the helpers' parts as a native job: a Python
     part waits for the GIL and an OS wake-up (as long as the whole call at 512 keys), so spreading lost to one
-    thread. Quantized caches keep Python parts. The bits are one thread's either way."""
+    thread. This thread's parts run the job too, spread or not: `paged_attention`'s own dispatcher is never
+    called (nor loaded). Quantized caches keep Python parts. The bits are one thread's either way."""
     rng = np.random.default_rng(zlib.crc32(fmt_name.encode()))
     q, (kq, vq, ks, vs), _, plan, hc = _decode_case(rng, 517, 64, fmt_name, False, False)
     native, spread = [], cpu_threads._HELPERS.spread
@@ -331,9 +343,14 @@ def test_spread_decode_attention_of_a_float_cache_is_a_native_job(fmt_name, monk
 
     monkeypatch.setattr(cpu_threads._HELPERS, "spread", spy)
     want = C.paged_attention_numba(q, kq, vq, plan, hc, None, ks, vs)
+    if fmt_name != "int8":  # the job compiled before the kernel's name it calls is rebound below
+        job_address(K.ATTENTION_JOBS[C.kernel_view(kq, ks).dtype])
+    calls, kernel = [], K.paged_attention
+    monkeypatch.setattr(K, "paged_attention", lambda *a: calls.append(a[-3:]) or kernel(*a))
     runner = C.SplitRunner(parts=2, first=1 << 30)
-    C.paged_attention_numba(q, kq, vq, plan, hc, runner, ks, vs)
+    assert np.array_equal(C.paged_attention_numba(q, kq, vq, plan, hc, runner, ks, vs), want)  # one thread
     for st in runner._keys.values():
         st.spread = True
     assert np.array_equal(C.paged_attention_numba(q, kq, vq, plan, hc, runner, ks, vs), want)
     assert native == [fmt_name != "int8"]
+    assert sorted(calls) == ([] if fmt_name != "int8" else [(0, 1, 2), (0, 2, 2), (1, 2, 2)])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_quant_kernels import _make
 
-from lserve_lite.backends import cpu_quant, cpu_threads
+from lserve_lite.backends import cpu_native, cpu_quant, cpu_threads
 from lserve_lite.backends.cpu_native import job_address, native_job
 from lserve_lite.backends.cpu_quant import GEMV_ROWS, linear_q, logits_q
 from lserve_lite.backends.cpu_threads import MAX_HELPERS, SplitRunner, _Helpers
@@ -68,6 +68,30 @@ def test_native_job_runs_without_the_python_part():
     assert helpers.spread(part, [0, 20, 41, 64], native)
     assert ran == [(0, 20)]
     np.testing.assert_array_equal(y, linear_q(x, qt))
+
+
+@pytest.mark.parametrize("spread", [False, True])
+def test_a_native_job_runs_the_callers_parts_too(spread):
+    """Given a native job, a runner's own parts run it too (`cpu_native.run_job`), spread or on one thread, and
+    the Python part never: a decode step loads one compiled copy of each kernel, the job's, not also the part's
+    Numba dispatcher (~1 MB resident each; the chat's RSS, docs/QUANT.md)."""
+    rng = np.random.default_rng(5)
+    qt, _ = _make("q4_1", 64, 256, rng)
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    xq, dx, xs = np.empty((1, 256), np.int8), np.empty((1, 8), np.float32), np.empty((1, 16), np.float32)
+    cpu_quant.quantize_activations(x, xq, dx, xs)
+    y = np.empty((1, 64), np.float32)
+    args = (cpu_quant._gemv_job, cpu_quant._gemv_args, FORMATS.index("q4_1"), xq, dx, xs, qt.data, y)
+
+    def part(a, b):
+        raise AssertionError(f"the Python part ran rows {a}..{b}")
+
+    split = _spreading(3) if spread else SplitRunner(parts=3, first=1 << 30)
+    for _ in range(3):  # the first call times one thread; then spread, or not
+        y[:] = np.nan
+        split.run("gemv", part, [0, 20, 41, 64], joint=True, native=lambda: native_job(*args))
+        np.testing.assert_array_equal(y, linear_q(x, qt))
+    assert split._keys["gemv"].spread == spread
 
 
 def _spread_both_kinds(helpers: _Helpers, qt: QuantTensor, x: np.ndarray, want: np.ndarray) -> None:
@@ -184,7 +208,8 @@ def test_spin_setting_refused_at_backend_start(monkeypatch):
 
 
 class _OneThread(SplitRunner):
-    """A runner that never spreads (its first timing window never ends) and records the ranges its parts ran."""
+    """A runner that never spreads (its first timing window never ends) and records the ranges its Python parts
+    ran."""
 
     def __init__(self, parts: int):
         super().__init__(parts=parts, first=1 << 30)
@@ -199,9 +224,10 @@ class _OneThread(SplitRunner):
 
 
 @pytest.mark.parametrize("n", [1, GEMV_ROWS, GEMV_ROWS + 1])
-def test_a_decode_gemv_on_one_thread_is_one_kernel_call(n):
-    """On one thread a decode GEMV's parts (independent rows) run as one call over all rows, one Numba dispatch a
-    product instead of one a part; the tiled GEMM keeps its parts (tiles start at each part's first row)."""
+def test_a_decode_gemv_on_one_thread_is_one_kernel_call(n, monkeypatch):
+    """On one thread a decode GEMV's parts (independent rows) run as one call over all rows (its native job's),
+    one Numba dispatch a product instead of one a part; the tiled GEMM keeps its parts (tiles start at each
+    part's first row)."""
     rng = np.random.default_rng(n)
     qt, _ = _make("q4_1", 203, 512, rng)
     x = rng.standard_normal((n, 512)).astype(np.float32)
@@ -209,6 +235,13 @@ def test_a_decode_gemv_on_one_thread_is_one_kernel_call(n):
     want = [(0, 203)] if n <= GEMV_ROWS else list(zip(bounds[:-1], bounds[1:]))
     head, _ = _make("q8_0", 203, 512, rng)  # an 8-bit head's int16 pass
     split = _OneThread(3)
+    run_job = cpu_native.run_job
+
+    def recorded_job(fn, args, a, b):
+        split.ranges.append((a, b))
+        run_job(fn, args, a, b)
+
+    monkeypatch.setattr(cpu_native, "run_job", recorded_job)
     for y in (lambda s: linear_q(x, qt, s), lambda s: logits_q(x, head, s)):
         split.ranges.clear()
         if n <= GEMV_ROWS:  # the same bits as without a runner (a GEMM's sums depend on its tiles)

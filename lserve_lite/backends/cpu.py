@@ -407,15 +407,11 @@ def _scales_arg(scales):
     return NO_SCALES if scales is None else scales
 
 
-# A float cache as the kernels take it (fp16: its bits): its decode attention spreads as a native job.
-FLOAT_VIEWS = (np.float32, np.uint16)
-
-
 def _attention_native(args: tuple, n: int) -> tuple[int, np.ndarray]:
-    """(job address, int64 args) of `K.attention_job` over paged_attention's operands `args` in n parts; (0, none):
-    Python parts, where `K.attention_args` cannot pack them."""
+    """(job address, int64 args) of the cache type's `K.ATTENTION_JOBS` job over paged_attention's operands `args`
+    in n parts; (0, none): Python parts, where `K.attention_args` cannot pack them."""
     packed = K.attention_args(*args, n)
-    return (job_address(K.attention_job), packed) if packed.size else (0, packed)
+    return (job_address(K.ATTENTION_JOBS[args[1].dtype]), packed) if packed.size else (0, packed)
 
 
 def paged_attention_numba(
@@ -455,7 +451,7 @@ def paged_attention_numba(
         K.paged_attention(*args, 0, 1, 1)
     else:
         key = ("attn", plan.num_qblocks, plan.kv_page.shape[0].bit_length())
-        native = functools.partial(_attention_native, args, n) if k_cache.dtype in FLOAT_VIEWS else None
+        native = functools.partial(_attention_native, args, n) if k_cache.dtype in K.ATTENTION_JOBS else None
         split.run(
             key, lambda a, b: K.paged_attention(*args, a, b, n), range(n + 1), joint=True, native=native
         )

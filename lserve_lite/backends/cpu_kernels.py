@@ -325,16 +325,16 @@ def _pack(a, i, x):
 @nb.njit(**JIT)
 def attention_args(q, k_cache, v_cache, k_scale, v_scale, qb_start, qb_len, qb_pos, qb_seq, seq_ctx, indptr, kv_page,
                    kv_lpage, head_class, item_head, qb_sink, qb_local, chunk, part, acc, n):  # fmt: skip
-    """`paged_attention`'s operands (a float cache: fp32, or fp16 bits) as the int64 args of `attention_job`; none
-    (size 0: run Python parts) if an array is not C-contiguous or a plan vector not 32-bit."""
-    a = np.zeros(5 * ATTN_ARRAYS + 3, np.int64)
+    """`paged_attention`'s operands (a float cache: fp32, or fp16 bits) as the int64 args of its `ATTENTION_JOBS`
+    job; none (size 0: run Python parts) if an array is not C-contiguous or a plan vector not 32-bit."""
+    a = np.zeros(5 * ATTN_ARRAYS + 2, np.int64)
     ok = _pack(a, 0, q) and _pack(a, 1, k_cache) and _pack(a, 2, v_cache) and _pack(a, 3, k_scale)
     ok = ok and _pack(a, 4, v_scale) and _pack(a, 17, part) and _pack(a, 18, acc)
     plan = (qb_start, qb_len, qb_pos, qb_seq, seq_ctx, indptr, kv_page, kv_lpage, head_class, item_head, qb_sink,
             qb_local)  # fmt: skip
     for i in range(12):
         ok = ok and _pack(a, 5 + i, plan[i]) and plan[i].itemsize == 4
-    a[5 * ATTN_ARRAYS], a[5 * ATTN_ARRAYS + 1], a[5 * ATTN_ARRAYS + 2] = chunk, n, k_cache.itemsize == 2
+    a[5 * ATTN_ARRAYS], a[5 * ATTN_ARRAYS + 1] = chunk, n
     return a if ok else a[:0]
 
 
@@ -353,23 +353,25 @@ def _arr4(a, i, dtype):
     return view(a[5 * i], (a[5 * i + 1], a[5 * i + 2], a[5 * i + 3], a[5 * i + 4]), dtype)
 
 
-@nb.njit(inline="always")
-def _attend_parts(a, k_cache, v_cache, p0, p1):
-    o = 5 * ATTN_ARRAYS
-    paged_attention(_f32(a, 0), k_cache, v_cache, _arr4(a, 3, nb.float32), _arr4(a, 4, nb.float32), _i32(a, 5),
-                    _i32(a, 6), _i32(a, 7), _i32(a, 8), _i32(a, 9), _i32(a, 10), _i32(a, 11), _i32(a, 12),
-                    _i32(a, 13), _i32(a, 14), _i32(a, 15), _i32(a, 16), a[o], _f32(a, 17), _f32(a, 18), p0, p1,
-                    a[o + 1])  # fmt: skip
+def _attention_job(kv_type):
+    """The decode attention job of a float cache of `kv_type` (float32, or uint16: fp16 bits) over args packed by
+    `attention_args`: one per cache type, so that a process loads the compiled code of the type it uses only."""
+
+    def job(args, p0, p1):
+        """Parts p0..p1 of the call: a native job (cpu_native), so that its parts spread over the helper threads
+        without the GIL (a Python part waits for it: ~30 us, the call's length)."""
+        a = view(args, (5 * ATTN_ARRAYS + 2,), nb.int64)
+        o = 5 * ATTN_ARRAYS
+        paged_attention(_f32(a, 0), _arr4(a, 1, kv_type), _arr4(a, 2, kv_type), _arr4(a, 3, nb.float32),
+                        _arr4(a, 4, nb.float32), _i32(a, 5), _i32(a, 6), _i32(a, 7), _i32(a, 8), _i32(a, 9),
+                        _i32(a, 10), _i32(a, 11), _i32(a, 12), _i32(a, 13), _i32(a, 14), _i32(a, 15), _i32(a, 16),
+                        a[o], _f32(a, 17), _f32(a, 18), p0, p1, a[o + 1])  # fmt: skip
+
+    return job
 
 
-def attention_job(args, p0, p1):
-    """Parts p0..p1 of a decode attention call packed by `attention_args`: a native job (cpu_native), so that its
-    parts spread over the helper threads without the GIL (a Python part waits for it: ~30 us, the call's length)."""
-    a = view(args, (5 * ATTN_ARRAYS + 3,), nb.int64)
-    if a[5 * ATTN_ARRAYS + 2]:
-        _attend_parts(a, _arr4(a, 1, nb.uint16), _arr4(a, 2, nb.uint16), p0, p1)
-    else:
-        _attend_parts(a, _arr4(a, 1, nb.float32), _arr4(a, 2, nb.float32), p0, p1)
+# a float cache's kernel view (cpu_kv.kernel_view) -> its decode attention's native job
+ATTENTION_JOBS = {d: _attention_job(nb.from_dtype(d)) for d in map(np.dtype, (np.float32, np.uint16))}
 
 
 @nb.njit(fastmath=FAST, **JIT)

@@ -166,6 +166,13 @@ def spin_for(spins):
         _spin(i)
 
 
+@nb.njit(nogil=True, cache=True)
+def run_job(fn, args, j0, j1):
+    """The JOB_SIG function at address fn over the int64 `args`, rows j0..j1, on this thread: a split call's own
+    parts run the helpers' compiled job, so no kernel dispatcher of its own is loaded beside it (~1 MB each)."""
+    _call_job(fn, args.ctypes.data, j0, j1)
+
+
 @functools.cache
 def job_address(body) -> int:
     """A job body compiled as a C callback, on first use: after its module's `flush_if_deps_changed` at import,

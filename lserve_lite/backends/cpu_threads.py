@@ -169,10 +169,15 @@ class SplitRunner:
     ) -> None:
         """part(bounds[i], bounds[i + 1]) for every i, spread over threads when that was faster lately.
         `joint`: part(bounds[0], bounds[-1]) does the same as the parts, so on one thread it is one call.
-        `native`: the same parts as a native job for the helpers (`_Helpers.spread`)."""
+        `native`: the same parts as a native job, which then runs them here too (`cpu_native.run_job`) and on the
+        helpers (`_Helpers.spread`); `part` only where it gives no job (address 0)."""
         if len(bounds) < 3:
             part(bounds[0], bounds[-1])
             return
+        if native is not None:
+            job = native()
+            if job[0]:
+                part, native = functools.partial(cpu_native.run_job, *job), lambda: job
         st = self._keys.get(key) or self._keys.setdefault(key, _WayStats(self.first))
         probe = st.countdown <= 0
         t = time.perf_counter()
