@@ -93,6 +93,17 @@ def _forced(form: str):
     return replace(plan_tools([STRICT, ANY], "required", None), form=as_in)
 
 
+def _check_every_split_and_cut(plan, reply: str, whole) -> None:
+    """Split at every point the reply streams to `whole`; cut after every character, to what the cut reply reads
+    as whole."""
+    for pieces in _split_every_way(reply):
+        assert _streamed(plan, pieces)[:3] == whole, pieces
+    for k in range(1, len(reply)):
+        part = reply[:k]
+        for pieces in ([part], list(part)):
+            assert _streamed(plan, pieces)[:3] == _whole(plan, part), pieces
+
+
 @pytest.mark.parametrize("form", list(FORCED))
 def test_a_forced_reply_streams_each_calls_name_then_its_arguments(form):
     """tool_choice "required" in each format (and the generic JSON): split at every point or cut after every character, the deltas join to
@@ -101,12 +112,7 @@ def test_a_forced_reply_streams_each_calls_name_then_its_arguments(form):
     plan, reply = _forced(form), FORCED[form]
     whole = _whole(plan, reply)
     assert [c["arguments"] for c in whole[1]] == ([ROME, NOTE] if form != "mistral_dropped" else [NOTE, ROME])
-    for pieces in _split_every_way(reply):
-        assert _streamed(plan, pieces)[:3] == whole, pieces
-    for k in range(1, len(reply)):
-        part = reply[:k]
-        for pieces in ([part], list(part)):
-            assert _streamed(plan, pieces)[:3] == _whole(plan, part), pieces
+    _check_every_split_and_cut(plan, reply, whole)
     deltas = _streamed(plan, list(reply))[3]
     assert deltas[0]["function"]["arguments"] == "" and len(deltas) > 20
 
@@ -135,12 +141,7 @@ def test_a_guided_reply_in_mistrals_or_llamas_format_streams_its_calls(form, lea
     assert plan.guided
     whole = _whole(plan, reply)
     assert len(whole[1]) == reply.count('"name"') and not whole[2]
-    for pieces in _split_every_way(reply):
-        assert _streamed(plan, pieces)[:3] == whole, pieces
-    for k in range(1, len(reply)):
-        part = reply[:k]
-        for pieces in ([part], list(part)):
-            assert _streamed(plan, pieces)[:3] == _whole(plan, part), pieces
+    _check_every_split_and_cut(plan, reply, whole)
     deltas = _streamed(plan, list(reply))[3]
     assert len(deltas) > 20 and all(set(d) == {"index", "function"} for d in deltas if "id" not in d)
     if '"unit"' in reply:  # cut in get_weather's arguments (a stop string): that call, cut
