@@ -16,6 +16,7 @@ import pytest
 
 from lserve_lite import LLM, EngineConfig, LServeError, SamplingParams
 from lserve_lite import llm as llm_module
+from lserve_lite.engine import llm_engine
 
 if sys.version_info < (
     3,
@@ -154,6 +155,34 @@ def test_ctrl_c_at_any_point_of_a_turn_leaves_the_llm_usable(llm, call):
     # as that KeyboardInterrupt is dropped (its traceback held it)
     files = (contextlib.__file__,) if call == "hold_engine" else ()
     assert each_point(setup, calls[call], check, files) > 10
+
+
+def test_ctrl_c_in_engine_close_is_finished_by_closing_again(tiny_llama):
+    """LLMEngine.close cut short (here: as it stops the tensor-parallel workers) is completed by a second close (it
+    returned at once, as on a closed engine: the workers ran on)."""
+    made: list[LLM] = []
+
+    class Workers:  # a tensor-parallel group's close, as engine/tp_group.WorkerGroup's
+        stopped = False
+
+        def close(self) -> None:
+            self.stopped = True
+
+        def fault(self) -> None:
+            return None
+
+    def setup() -> None:
+        made.append(LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=16)))
+        made[-1].engine._group = Workers()
+
+    def check() -> None:
+        engine, workers = made[-1].engine, made[-1].engine._group
+        engine.close()
+        assert engine.closed and not hasattr(engine, "runner")
+        assert workers is None or workers.stopped, "the workers were never stopped"
+
+    close = lambda: made[-1].engine.close()  # noqa: E731
+    assert each_point(setup, close, check, (llm_engine.__file__,)) > 2
 
 
 def test_a_turn_entered_outside_the_lock_is_refused(llm):

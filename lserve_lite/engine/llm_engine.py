@@ -186,13 +186,13 @@ class LLMEngine:
         reaches: the server re-raises SIGTERM). No request, step or score runs after, in one process too, and the
         model runner goes now (weights, KV cache), not when this engine is collected: a closed LLM kept in scope
         held all of it. The config, tokenizer and block tables stay (small)."""
-        if self._closed:
-            return
         self._closed = True
-        # a decode step in flight (`_inflight`) stays: it holds what its copy to the host still writes into
-        del self.runner
+        # a decode step in flight (`_inflight`) stays: it holds what its copy to the host still writes into.
+        # Each part is let go of only if still held, so a close a Ctrl-C cut short is completed by closing again.
+        if hasattr(self, "runner"):
+            del self.runner
         if self._group is not None:
-            self._group.close()
+            self._group.close()  # closing a closed group does nothing
 
     @property
     def closed(self) -> bool:
