@@ -1,6 +1,7 @@
 """Ctrl-C at any point of an LLM call's turn (the lock every call takes) leaves the LLM usable: a KeyboardInterrupt
 raised after the lock was taken but before the turn's `with` took hold, or while the turn ended, left the lock held
-(other threads' calls waited for good) and the turn marked busy (this thread's calls were refused)."""
+(other threads' calls waited for good) and the turn marked busy (this thread's calls were refused). It leaves no
+request decoding unread nor an output box behind."""
 
 from __future__ import annotations
 
@@ -100,6 +101,18 @@ def usable(llm: LLM) -> None:
     assert len(llm.generate([[5, 6, 7]], SP)[0].token_ids) == 2
 
 
+def nothing_left(llm: LLM) -> None:
+    """With no call open, every output box and every request still in the engine is one recorded for the next step
+    to drop or abort (an interrupted clean-up left boxes behind, and requests decoding unread to their end); and after
+    a step (`usable`) none is left at all."""
+    aborted = {s.request_id for s in llm.engine._aborts}  # not running: the next step frees them
+    dropped = set(getattr(llm, "_dropped", ())) | aborted
+    assert set(llm._boxes) <= dropped, f"boxes nobody reads: {sorted(set(llm._boxes) - dropped)}"
+    assert set(llm.engine.seqs) <= dropped, f"requests nobody reads: {sorted(set(llm.engine.seqs) - dropped)}"
+    usable(llm)
+    assert not llm._boxes and not llm.engine.seqs, (dict(llm._boxes), list(llm.engine.seqs))
+
+
 def each_point(
     setup: Callable[[], None],
     call: Callable[[], object],
@@ -149,7 +162,7 @@ def test_ctrl_c_at_any_point_of_a_turn_leaves_the_llm_usable(llm, call):
     def check() -> None:
         if streams:
             streams.pop().close()  # an interrupted stream's request aborted, as the chat REPL does
-        usable(llm)
+        nothing_left(llm)
 
     # hold_engine's `with` is contextlib's: one landing there leaves the turn to the generator it holds, given back
     # as that KeyboardInterrupt is dropped (its traceback held it)

@@ -94,10 +94,8 @@ class LLMEngine:
         prefix-cache pages only with requests of the same salt (None: with the other unsalted ones)."""
         self._check_open()
         intake.check_request(params, sparse, request_id, cache_salt)
-        if (
-            request_id is None
-        ):  # skip ids a caller gave explicitly: a generated id is never refused as a duplicate
-            request_id = next(r for r in (f"req-{i}" for i in self._ids) if r not in self.seqs)
+        if request_id is None:
+            request_id = self.new_request_id()
         params.validate()  # again: its fields may have changed since it was made
         ids = list(self.prompt_ids(prompt))
         intake.check_prompt_room(ids, params, self.max_len, self.cfg.vocab_size)
@@ -119,6 +117,11 @@ class LLMEngine:
             )
             self.scheduler.add(seq)
         return seq.request_id
+
+    def new_request_id(self) -> str:
+        """An id for `add_request` that no request in flight holds (LLM picks it before queueing, so a Ctrl-C's
+        clean-up knows it); ids a caller gave explicitly are skipped: a generated id is never refused as a duplicate."""
+        return next(r for r in (f"req-{i}" for i in self._ids) if r not in self.seqs)
 
     def prompt_ids(self, prompt: str | list[int]) -> PromptIds:
         """A prompt's token ids checked (text encoded; ids of the model's vocabulary, not none), as add_request takes
