@@ -174,6 +174,9 @@ class LLM:
         # Outputs of this LLM's open requests not read yet, by request id: several streams and generate calls
         # may be open at once, and whichever of them steps the engine gets every request's outputs.
         self._boxes: dict[str, deque[StepOutput]] = {}
+        # A step's outputs not handed to their boxes yet: the engine appends them here before the step returns, and
+        # the next turn hands on what a Ctrl-C left, so no request loses one (`_deliver`).
+        self._undelivered: deque[StepOutput] = deque()
         # Requests whose caller is done with them, recorded first thing in its clean-up: the next step aborts those
         # still running and drops their boxes, however far a Ctrl-C let that clean-up get (`_drop_recorded`).
         self._dropped: list[str] = []
@@ -445,10 +448,19 @@ class LLM:
         its request's box (outputs of requests not opened here are dropped)."""
         if self._dropped:
             self._drop_recorded()
-        for out in self.engine.step():
+        self.engine.step_into(self._undelivered)
+        self._deliver()
+
+    def _deliver(self) -> None:
+        """Hand the undelivered outputs to their boxes, each taken off after: one a Ctrl-C cut short is handed on by
+        the next turn, before any box is read (not twice: it is its box's last output then)."""
+        pending = self._undelivered
+        while pending:
+            out = pending[0]
             box = self._boxes.get(out.request_id)
-            if box is not None:
+            if box is not None and not (box and box[-1] is out):
                 box.append(out)
+            pending.popleft()
 
     def _drop_recorded(self) -> None:
         """Abort the requests that clean-ups recorded (those still running) and drop their boxes; each is taken off
@@ -468,6 +480,8 @@ class LLM:
         while True:
             turn = self._call()
             with self._lock, turn:  # another thread's step may fill these boxes until this one is read
+                if self._undelivered:  # a Ctrl-C cut a step's delivery short: hand it on before a box is read
+                    self._deliver()
                 if not any(self._boxes[r] for r in rids):
                     if not self.engine.has_unfinished():  # never with every step going through _step
                         raise LServeError(

@@ -1,7 +1,7 @@
 """Ctrl-C at any point of an LLM call's turn (the lock every call takes) leaves the LLM usable: a KeyboardInterrupt
 raised after the lock was taken but before the turn's `with` took hold, or while the turn ended, left the lock held
 (other threads' calls waited for good) and the turn marked busy (this thread's calls were refused). It leaves no
-request decoding unread nor an output box behind."""
+request decoding unread nor an output box behind, and loses no token of another open stream."""
 
 from __future__ import annotations
 
@@ -168,6 +168,39 @@ def test_ctrl_c_at_any_point_of_a_turn_leaves_the_llm_usable(llm, call):
     # as that KeyboardInterrupt is dropped (its traceback held it)
     files = (contextlib.__file__,) if call == "hold_engine" else ()
     assert each_point(setup, calls[call], check, files) > 10
+
+
+@pytest.mark.parametrize("call", ["generate", "stream", "stream_close", "add"])
+def test_ctrl_c_in_a_call_loses_no_token_of_another_open_stream(llm, call):
+    """A stream open beside an interrupted call gets every token it gets without the interrupt (one landing after
+    `engine.step()` returned lost that step's outputs of every request: a missing token, or "ended unseen")."""
+    other = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    want = llm.generate([[9, 10, 11]], other)[0].token_ids
+    streams: dict[str, Iterator] = {}
+    got: list[int] = []
+
+    def setup() -> None:  # the other stream past its first token, and the interrupted one's
+        got.clear()
+        streams["other"] = llm.stream_outputs([9, 10, 11], other)
+        got.extend(next(streams["other"]).token_ids)
+        streams["mine"] = llm.stream_outputs([5, 6, 7], SamplingParams(max_new_tokens=8, ignore_eos=True))
+        if call != "add":
+            next(streams["mine"])
+
+    calls = {
+        "generate": lambda: llm.generate([[5, 6, 7]], SP),
+        "stream": lambda: next(streams["mine"]),
+        "stream_close": lambda: streams["mine"].close(),
+        "add": lambda: next(streams["mine"]),  # the interrupted call adds its request, then steps
+    }
+
+    def check() -> None:
+        streams.pop("mine").close()
+        got.extend(t for out in streams.pop("other") for t in out.token_ids)
+        assert got == want, f"the other stream got {got}, {want} without the interrupt"
+        nothing_left(llm)
+
+    assert each_point(setup, calls[call], check) > 10
 
 
 def test_ctrl_c_in_engine_close_is_finished_by_closing_again(tiny_llama):

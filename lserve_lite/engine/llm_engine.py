@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+from collections.abc import MutableSequence
 from functools import cached_property
 from pathlib import Path
 
@@ -237,10 +238,18 @@ class LLMEngine:
 
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        """One scheduled step. A plain decode batch is launched without waiting for the device (`_launch`):
-        its outputs come one call later; anything else first reads the step in flight, then runs in sync."""
+        """One scheduled step's outputs (`step_into`)."""
+        outs: list[StepOutput] = []
+        self.step_into(outs)
+        return outs
+
+    def step_into(self, outs: MutableSequence[StepOutput]) -> None:
+        """One scheduled step, its outputs appended to `outs` as they come (LLM's undelivered ones: a Ctrl-C as the
+        step returns loses none). A plain decode batch is launched without waiting for the device (`_launch`): its
+        outputs come one call later; anything else first reads the step in flight, then runs in sync."""
         self._check_open()
-        outs, self._ready = self._ready, []
+        outs += self._ready
+        self._ready = []
         outs += self._apply_aborts()
         if self._inflight is not None and inflight_ends(self._inflight, self.max_len):
             outs += self._read(self._take_inflight())  # schedule none of them past its limits
@@ -250,13 +259,14 @@ class LLMEngine:
             outs += self._read(self._take_inflight())
             drop_finished(batch)
         if not batch.seqs:
-            return outs
+            return
         self.prompt_tokens_computed += sum(
             max(0, min(s.num_cached + n, len(s.prompt_ids)) - s.num_cached)
             for s, n in zip(batch.seqs, batch.num_new)
         )
         if self._overlaps(batch):
-            return outs + self._launch(batch)
+            outs += self._launch(batch)
+            return
         wants = [s.wants_prompt_logprobs for s in batch.seqs]
         logits = self.runner.run(batch.seqs, batch.num_new)
         for seq, n in zip(batch.seqs, batch.num_new):
@@ -272,7 +282,7 @@ class LLMEngine:
             logits = logits[last[np.asarray(done_rows, np.int64)]] if done_rows else None
         done = [batch.seqs[i] for i in done_rows]
         if not done:
-            return outs
+            return
         self.grammars.fill_masks(done)
         sampled = self.ops.sample_async(logits, done)  # the ids and the rows' soundness in one readback
         tokens, sound = sampled.tolist(), sampled.sound()
@@ -283,7 +293,6 @@ class LLMEngine:
         record_token_logprobs(self.ops, logits, done, tokens)
         for seq, tok in zip(done, tokens):
             outs.append(self._append(seq, tok))
-        return outs
 
     # -- the overlapped decode step ---------------------------------------------------------------
     def _overlaps(self, batch: ScheduledBatch) -> bool:
