@@ -174,6 +174,12 @@ class LLM:
         # Outputs of this LLM's open requests not read yet, by request id: several streams and generate calls
         # may be open at once, and whichever of them steps the engine gets every request's outputs.
         self._boxes: dict[str, deque[StepOutput]] = {}
+        # A step's outputs not handed to their boxes yet: the engine appends them here before the step returns, and
+        # the next turn hands on what a Ctrl-C left, so no request loses one (`_deliver`).
+        self._undelivered: deque[StepOutput] = deque()
+        # Requests whose caller is done with them, recorded first thing in its clean-up: the next step aborts those
+        # still running and drops their boxes, however far a Ctrl-C let that clean-up get (`_drop_recorded`).
+        self._dropped: list[str] = []
         # The engine is not thread-safe: every call that touches it (adding requests, steps, scoring) takes a turn
         # (`with self._lock, turn:`, `_turn`), so calls from several threads take turns and each still gets exactly
         # its own outputs. Reentrant so that a turn inside this thread's own (a signal handler run mid-step, a
@@ -254,12 +260,16 @@ class LLM:
                 candidates = sp.candidates()
                 ids = self.engine.prompt_ids(p)  # encoded and checked once for its n candidates
                 for i, c in enumerate(candidates):
-                    rids.append(self._add(ids, c, salt))
+                    self._add(ids, c, salt, rids)
                     about.append((p if isinstance(p, str) else None, i))
             outs = self._collect(rids, use_tqdm)
+            outs = [replace(o, prompt=text, index=i) for o, (text, i) in zip(outs, about)]
             done = True
-            return [replace(o, prompt=text, index=i) for o, (text, i) in zip(outs, about)]
+            # no call just before the clean-up: a Ctrl-C raised after one would skip the clean-up's first line
+            return outs
         finally:  # a refused prompt, an error or an interrupt: none of the batch stays queued or running
+            # first, in one step that no interrupt splits: the next step does what an interrupt skips here
+            self._dropped += rids
             if not done:
                 self._abort(rids, wait=True)
             for r in rids:
@@ -349,17 +359,21 @@ class LLM:
             prompt = self.tokenizer.encode_chat(
                 *prompt_messages(prompt, None, self.tokenizer.template_reads_tools)
             )
-        rid = self._add(prompt, params, salt)
+        mine: list[str] = []  # its request's id, from before it is queued
         done = False
         try:
+            self._add(prompt, params, salt, mine)
             while not done:
-                for out in self._next_outputs([rid], raise_errors=True):
+                for out in self._next_outputs(mine, raise_errors=True):
                     done = out.finished
                     yield out
         finally:
+            # first, in one step that no interrupt splits: the next step does what an interrupt skips here
+            self._dropped += mine
             if not done:  # closed early, or garbage-collected, perhaps inside a step of this thread
-                self._abort([rid], wait=False)
-            self._boxes.pop(rid, None)
+                self._abort(mine, wait=False)
+            for r in mine:
+                self._boxes.pop(r, None)
 
     def get_default_sampling_params(self) -> SamplingParams:
         """vLLM's: a new SamplingParams of the model's generation_config.json sampling fields (the rest, and a GGUF's,
@@ -394,17 +408,19 @@ class LLM:
         """How the chat template takes calls: its call ids and calls' format (tool_calls.call_form, probed once)."""
         return call_form(self.tokenizer)
 
-    def _add(self, prompt, params: SamplingParams, cache_salt: str | None = None) -> str:
+    def _add(self, prompt, params: SamplingParams, cache_salt: str | None, rids: list[str]) -> None:
         """Queue one request with its output box, under the lock: a step in another thread between the two
-        would drop the request's first outputs. Its grammar is built before: other threads' streams go on."""
+        would drop the request's first outputs. Its id goes to the caller's `rids` before it is queued, so the
+        caller's clean-up drops it wherever a Ctrl-C lands. Its grammar is built before: other threads' streams go on."""
         guide = self.engine.guide(params)
         turn = self._call()
         with self._lock, turn:  # seeds drawn in the turn: requests of several threads take them in turn
             if params.seed is None and self._seeds is not None:
                 params = replace(params, seed=int(self._seeds.integers(1 << 63)))
-            rid = self.engine.add_request(prompt, params, guide=guide, cache_salt=cache_salt)
+            rid = self.engine.new_request_id()
+            rids.append(rid)
+            self.engine.add_request(prompt, params, rid, guide=guide, cache_salt=cache_salt)
             self._boxes[rid] = deque()
-        return rid
 
     def _abort(self, rids: list[str], wait: bool) -> None:
         """Abort `rids` and free their pages with one step now; without `wait` (a generator's clean-up) the step
@@ -412,8 +428,8 @@ class LLM:
         collection runs it inside a turn of this very thread."""
         for r in rids:
             self.engine.abort(r)
-        # inside this thread's own turn, that turn's next step frees them
-        if not rids or self.engine.closed or self._lock._is_owned():
+        # inside this thread's own turn, that turn's next step frees them; none queued (refused): nothing to free
+        if not any(r in self.engine.seqs for r in rids) or self.engine.closed or self._lock._is_owned():
             return
         turn = self._turn()
         try:  # taken by hand, not by `with`, to try it without `wait`: an interrupt anywhere in here gives it back
@@ -428,12 +444,34 @@ class LLM:
             raise
 
     def _step(self) -> None:
-        """One engine step (the caller holds the lock); each output goes to its request's box (outputs of requests
-        not opened here are dropped)."""
-        for out in self.engine.step():
+        """One engine step (the caller holds the lock), after dropping what clean-ups recorded; each output goes to
+        its request's box (outputs of requests not opened here are dropped)."""
+        if self._dropped:
+            self._drop_recorded()
+        self.engine.step_into(self._undelivered)
+        self._deliver()
+
+    def _deliver(self) -> None:
+        """Hand the undelivered outputs to their boxes, each taken off after: one a Ctrl-C cut short is handed on by
+        the next turn, before any box is read (not twice: it is its box's last output then)."""
+        pending = self._undelivered
+        while pending:
+            out = pending[0]
             box = self._boxes.get(out.request_id)
-            if box is not None:
+            if box is not None and not (box and box[-1] is out):
                 box.append(out)
+            pending.popleft()
+
+    def _drop_recorded(self) -> None:
+        """Abort the requests that clean-ups recorded (those still running) and drop their boxes; each is taken off
+        the record last, so one a Ctrl-C cut short is dropped again (either twice does nothing more)."""
+        dropped = self._dropped
+        while dropped:
+            rid = dropped[0]
+            self.engine.abort(rid)
+            self._boxes.pop(rid, None)
+            # not pop(0): a clean-up run meanwhile (by garbage collection) may have added one
+            dropped.remove(rid)
 
     def _next_outputs(self, rids: list[str] | set[str], raise_errors: bool) -> list[StepOutput]:
         """The unread outputs of `rids`, stepping the engine until there is one (a step and the read of its outputs
@@ -442,6 +480,8 @@ class LLM:
         while True:
             turn = self._call()
             with self._lock, turn:  # another thread's step may fill these boxes until this one is read
+                if self._undelivered:  # a Ctrl-C cut a step's delivery short: hand it on before a box is read
+                    self._deliver()
                 if not any(self._boxes[r] for r in rids):
                     if not self.engine.has_unfinished():  # never with every step going through _step
                         raise LServeError(

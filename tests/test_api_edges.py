@@ -868,13 +868,13 @@ def test_streams_and_generate_interleaved_lose_nothing(llm, monkeypatch):
     sp = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
     a, b = [5, 6, 7, 8], [9, 10, 11]
     want_a, want_b = (llm.generate([p], sp)[0].token_ids for p in (a, b))
-    step = llm.engine.step
+    step = llm.engine.step_into  # LLM's steps
 
-    def checked():
+    def checked(outs):
         assert llm.engine.has_unfinished(), "an idle engine stepped: a stream lost its last output"
-        return step()
+        step(outs)
 
-    monkeypatch.setattr(llm.engine, "step", checked)
+    monkeypatch.setattr(llm.engine, "step_into", checked)
     got_a, got_b = [], []
     for oa, ob in zip(llm.stream_outputs(a, sp), llm.stream_outputs(b, sp)):
         got_a += oa.token_ids
@@ -894,9 +894,9 @@ def test_generate_from_two_threads_takes_turns(llm, monkeypatch):
     want = [llm.generate([p], sp)[0].token_ids for p in ([5, 6, 7], [9, 10, 11])]
     got, other_in, running, most = {}, threading.Event(), [0], [0]
     other = threading.Thread(target=lambda: got.update(b=llm.generate([[9, 10, 11]], sp)[0].token_ids))
-    step = llm.engine.step
+    step = llm.engine.step_into  # LLM's steps
 
-    def watched():
+    def watched(outs):
         running[0] += 1
         most[0] = max(most[0], running[0])
         try:
@@ -907,11 +907,11 @@ def test_generate_from_two_threads_takes_turns(llm, monkeypatch):
             ):  # the main thread's first step: start the other call
                 other.start()
                 other_in.wait(timeout=2)  # set only if the other thread's step got in beside this one
-            return step()
+            step(outs)
         finally:
             running[0] -= 1
 
-    monkeypatch.setattr(llm.engine, "step", watched)
+    monkeypatch.setattr(llm.engine, "step_into", watched)
     got["a"] = llm.generate([[5, 6, 7]], sp)[0].token_ids
     other.join()
     assert most[0] == 1 and [got["a"], got["b"]] == want
@@ -972,18 +972,18 @@ def test_stream_closed_inside_a_step_steps_nothing_itself(llm, monkeypatch):
     s = llm.stream_outputs([5, 6, 7], sp)
     next(s)
     running, most = [0], [0]
-    step = llm.engine.step
+    step = llm.engine.step_into  # LLM's steps
 
-    def watched():
+    def watched(outs):
         running[0] += 1
         most[0] = max(most[0], running[0])
         try:
             s.close()  # as the collector would, in the middle of another call's step
-            return step()
+            step(outs)
         finally:
             running[0] -= 1
 
-    monkeypatch.setattr(llm.engine, "step", watched)
+    monkeypatch.setattr(llm.engine, "step_into", watched)
     assert len(llm.generate([[9, 10, 11]], sp)[0].token_ids) == 6
     assert most[0] == 1 and not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0
 
@@ -1269,16 +1269,16 @@ def test_params_changed_after_construction_are_checked_again(llm):
 def test_interrupted_generate_leaves_nothing_running(llm, monkeypatch):
     """Ctrl-C (or any error) inside generate's loop aborts its batch: no orphan keeps decoding or holds pages."""
     calls = []
-    step = llm.engine.step
+    step = llm.engine.step_into  # LLM's steps
 
-    def interrupted():
+    def interrupted(outs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return step()
+        step(outs)
 
     with monkeypatch.context() as mp:
-        mp.setattr(llm.engine, "step", interrupted)
+        mp.setattr(llm.engine, "step_into", interrupted)
         with pytest.raises(KeyboardInterrupt):
             llm.generate(["x", "y"], SamplingParams(max_new_tokens=50, ignore_eos=True))
     assert not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0
@@ -1405,17 +1405,17 @@ def test_close_inside_a_step_of_the_same_thread_is_done_after_it(tiny_llama, mon
     call then raises the closed line); any other call made there is refused in one line instead of hanging."""
     llm = LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=16))
     sp = SamplingParams(max_new_tokens=8, ignore_eos=True)
-    real, seen = llm.engine.step, []
+    real, seen = llm.engine.step_into, []  # LLM's steps
 
-    def step():
+    def step(outs):
         if not seen:  # as a SIGTERM handler that closes the LLM would, mid-step
             with pytest.raises(LServeError, match=r"^this LLM was called inside one of its own steps"):
                 llm.logits([5, 6])
             llm.close()
             seen.append(llm.engine.closed)
-        return real()
+        real(outs)
 
-    monkeypatch.setattr(llm.engine, "step", step)
+    monkeypatch.setattr(llm.engine, "step_into", step)
     err: list[BaseException] = []
 
     def gen() -> None:

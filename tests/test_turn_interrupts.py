@@ -1,6 +1,7 @@
 """Ctrl-C at any point of an LLM call's turn (the lock every call takes) leaves the LLM usable: a KeyboardInterrupt
 raised after the lock was taken but before the turn's `with` took hold, or while the turn ended, left the lock held
-(other threads' calls waited for good) and the turn marked busy (this thread's calls were refused)."""
+(other threads' calls waited for good) and the turn marked busy (this thread's calls were refused). It leaves no
+request decoding unread nor an output box behind, and loses no token of another open stream."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 
 from lserve_lite import LLM, EngineConfig, LServeError, SamplingParams
 from lserve_lite import llm as llm_module
+from lserve_lite.engine import llm_engine
 
 if sys.version_info < (
     3,
@@ -99,6 +101,18 @@ def usable(llm: LLM) -> None:
     assert len(llm.generate([[5, 6, 7]], SP)[0].token_ids) == 2
 
 
+def nothing_left(llm: LLM) -> None:
+    """With no call open, every output box and every request still in the engine is one recorded for the next step
+    to drop or abort (an interrupted clean-up left boxes behind, and requests decoding unread to their end); and after
+    a step (`usable`) none is left at all."""
+    aborted = {s.request_id for s in llm.engine._aborts}  # not running: the next step frees them
+    dropped = set(getattr(llm, "_dropped", ())) | aborted
+    assert set(llm._boxes) <= dropped, f"boxes nobody reads: {sorted(set(llm._boxes) - dropped)}"
+    assert set(llm.engine.seqs) <= dropped, f"requests nobody reads: {sorted(set(llm.engine.seqs) - dropped)}"
+    usable(llm)
+    assert not llm._boxes and not llm.engine.seqs, (dict(llm._boxes), list(llm.engine.seqs))
+
+
 def each_point(
     setup: Callable[[], None],
     call: Callable[[], object],
@@ -148,12 +162,73 @@ def test_ctrl_c_at_any_point_of_a_turn_leaves_the_llm_usable(llm, call):
     def check() -> None:
         if streams:
             streams.pop().close()  # an interrupted stream's request aborted, as the chat REPL does
-        usable(llm)
+        nothing_left(llm)
 
     # hold_engine's `with` is contextlib's: one landing there leaves the turn to the generator it holds, given back
     # as that KeyboardInterrupt is dropped (its traceback held it)
     files = (contextlib.__file__,) if call == "hold_engine" else ()
     assert each_point(setup, calls[call], check, files) > 10
+
+
+@pytest.mark.parametrize("call", ["generate", "stream", "stream_close", "add"])
+def test_ctrl_c_in_a_call_loses_no_token_of_another_open_stream(llm, call):
+    """A stream open beside an interrupted call gets every token it gets without the interrupt (one landing after
+    `engine.step()` returned lost that step's outputs of every request: a missing token, or "ended unseen")."""
+    other = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    want = llm.generate([[9, 10, 11]], other)[0].token_ids
+    streams: dict[str, Iterator] = {}
+    got: list[int] = []
+
+    def setup() -> None:  # the other stream past its first token, and the interrupted one's
+        got.clear()
+        streams["other"] = llm.stream_outputs([9, 10, 11], other)
+        got.extend(next(streams["other"]).token_ids)
+        streams["mine"] = llm.stream_outputs([5, 6, 7], SamplingParams(max_new_tokens=8, ignore_eos=True))
+        if call != "add":
+            next(streams["mine"])
+
+    calls = {
+        "generate": lambda: llm.generate([[5, 6, 7]], SP),
+        "stream": lambda: next(streams["mine"]),
+        "stream_close": lambda: streams["mine"].close(),
+        "add": lambda: next(streams["mine"]),  # the interrupted call adds its request, then steps
+    }
+
+    def check() -> None:
+        streams.pop("mine").close()
+        got.extend(t for out in streams.pop("other") for t in out.token_ids)
+        assert got == want, f"the other stream got {got}, {want} without the interrupt"
+        nothing_left(llm)
+
+    assert each_point(setup, calls[call], check) > 10
+
+
+def test_ctrl_c_in_engine_close_is_finished_by_closing_again(tiny_llama):
+    """LLMEngine.close cut short (here: as it stops the tensor-parallel workers) is completed by a second close (it
+    returned at once, as on a closed engine: the workers ran on)."""
+    made: list[LLM] = []
+
+    class Workers:  # a tensor-parallel group's close, as engine/tp_group.WorkerGroup's
+        stopped = False
+
+        def close(self) -> None:
+            self.stopped = True
+
+        def fault(self) -> None:
+            return None
+
+    def setup() -> None:
+        made.append(LLM(str(tiny_llama), backend="cpu", config=EngineConfig(num_kv_pages=16)))
+        made[-1].engine._group = Workers()
+
+    def check() -> None:
+        engine, workers = made[-1].engine, made[-1].engine._group
+        engine.close()
+        assert engine.closed and not hasattr(engine, "runner")
+        assert workers is None or workers.stopped, "the workers were never stopped"
+
+    close = lambda: made[-1].engine.close()  # noqa: E731
+    assert each_point(setup, close, check, (llm_engine.__file__,)) > 2
 
 
 def test_a_turn_entered_outside_the_lock_is_refused(llm):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+from collections.abc import MutableSequence
 from functools import cached_property
 from pathlib import Path
 
@@ -94,10 +95,8 @@ class LLMEngine:
         prefix-cache pages only with requests of the same salt (None: with the other unsalted ones)."""
         self._check_open()
         intake.check_request(params, sparse, request_id, cache_salt)
-        if (
-            request_id is None
-        ):  # skip ids a caller gave explicitly: a generated id is never refused as a duplicate
-            request_id = next(r for r in (f"req-{i}" for i in self._ids) if r not in self.seqs)
+        if request_id is None:
+            request_id = self.new_request_id()
         params.validate()  # again: its fields may have changed since it was made
         ids = list(self.prompt_ids(prompt))
         intake.check_prompt_room(ids, params, self.max_len, self.cfg.vocab_size)
@@ -119,6 +118,11 @@ class LLMEngine:
             )
             self.scheduler.add(seq)
         return seq.request_id
+
+    def new_request_id(self) -> str:
+        """An id for `add_request` that no request in flight holds (LLM picks it before queueing, so a Ctrl-C's
+        clean-up knows it); ids a caller gave explicitly are skipped: a generated id is never refused as a duplicate."""
+        return next(r for r in (f"req-{i}" for i in self._ids) if r not in self.seqs)
 
     def prompt_ids(self, prompt: str | list[int]) -> PromptIds:
         """A prompt's token ids checked (text encoded; ids of the model's vocabulary, not none), as add_request takes
@@ -186,13 +190,13 @@ class LLMEngine:
         reaches: the server re-raises SIGTERM). No request, step or score runs after, in one process too, and the
         model runner goes now (weights, KV cache), not when this engine is collected: a closed LLM kept in scope
         held all of it. The config, tokenizer and block tables stay (small)."""
-        if self._closed:
-            return
         self._closed = True
-        # a decode step in flight (`_inflight`) stays: it holds what its copy to the host still writes into
-        del self.runner
+        # a decode step in flight (`_inflight`) stays: it holds what its copy to the host still writes into.
+        # Each part is let go of only if still held, so a close a Ctrl-C cut short is completed by closing again.
+        if hasattr(self, "runner"):
+            del self.runner
         if self._group is not None:
-            self._group.close()
+            self._group.close()  # closing a closed group does nothing
 
     @property
     def closed(self) -> bool:
@@ -234,10 +238,18 @@ class LLMEngine:
 
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        """One scheduled step. A plain decode batch is launched without waiting for the device (`_launch`):
-        its outputs come one call later; anything else first reads the step in flight, then runs in sync."""
+        """One scheduled step's outputs (`step_into`)."""
+        outs: list[StepOutput] = []
+        self.step_into(outs)
+        return outs
+
+    def step_into(self, outs: MutableSequence[StepOutput]) -> None:
+        """One scheduled step, its outputs appended to `outs` as they come (LLM's undelivered ones: a Ctrl-C as the
+        step returns loses none). A plain decode batch is launched without waiting for the device (`_launch`): its
+        outputs come one call later; anything else first reads the step in flight, then runs in sync."""
         self._check_open()
-        outs, self._ready = self._ready, []
+        outs += self._ready
+        self._ready = []
         outs += self._apply_aborts()
         if self._inflight is not None and inflight_ends(self._inflight, self.max_len):
             outs += self._read(self._take_inflight())  # schedule none of them past its limits
@@ -247,13 +259,14 @@ class LLMEngine:
             outs += self._read(self._take_inflight())
             drop_finished(batch)
         if not batch.seqs:
-            return outs
+            return
         self.prompt_tokens_computed += sum(
             max(0, min(s.num_cached + n, len(s.prompt_ids)) - s.num_cached)
             for s, n in zip(batch.seqs, batch.num_new)
         )
         if self._overlaps(batch):
-            return outs + self._launch(batch)
+            outs += self._launch(batch)
+            return
         wants = [s.wants_prompt_logprobs for s in batch.seqs]
         logits = self.runner.run(batch.seqs, batch.num_new)
         for seq, n in zip(batch.seqs, batch.num_new):
@@ -269,7 +282,7 @@ class LLMEngine:
             logits = logits[last[np.asarray(done_rows, np.int64)]] if done_rows else None
         done = [batch.seqs[i] for i in done_rows]
         if not done:
-            return outs
+            return
         self.grammars.fill_masks(done)
         sampled = self.ops.sample_async(logits, done)  # the ids and the rows' soundness in one readback
         tokens, sound = sampled.tolist(), sampled.sound()
@@ -280,7 +293,6 @@ class LLMEngine:
         record_token_logprobs(self.ops, logits, done, tokens)
         for seq, tok in zip(done, tokens):
             outs.append(self._append(seq, tok))
-        return outs
 
     # -- the overlapped decode step ---------------------------------------------------------------
     def _overlaps(self, batch: ScheduledBatch) -> bool:
