@@ -178,7 +178,7 @@ class LLM:
         # the next turn hands on what a Ctrl-C left, so no request loses one (`_deliver`).
         self._undelivered: deque[StepOutput] = deque()
         # Requests whose caller is done with them, recorded first thing in its clean-up: the next step aborts those
-        # still running and drops their boxes, however far a Ctrl-C let that clean-up get (`_drop_recorded`).
+        # whose box is left and drops it, however far a Ctrl-C let that clean-up get (`_drop_recorded`).
         self._dropped: list[str] = []
         # The engine is not thread-safe: every call that touches it (adding requests, steps, scoring) takes a turn
         # (`with self._lock, turn:`, `_turn`), so calls from several threads take turns and each still gets exactly
@@ -410,8 +410,10 @@ class LLM:
 
     def _add(self, prompt, params: SamplingParams, cache_salt: str | None, rids: list[str]) -> None:
         """Queue one request with its output box, under the lock: a step in another thread between the two
-        would drop the request's first outputs. Its id goes to the caller's `rids` before it is queued, so the
-        caller's clean-up drops it wherever a Ctrl-C lands. Its grammar is built before: other threads' streams go on."""
+        would drop the request's first outputs. Its id goes to the caller's `rids`, then its box is made, before it
+        is queued, so the caller's clean-up drops it wherever a Ctrl-C lands. A request add_request refuses only
+        uses up its id (ids stay unique: the engine's counter never gives one twice); its box goes with the
+        caller's clean-up. Its grammar is built before: other threads' streams go on."""
         guide = self.engine.guide(params)
         turn = self._call()
         with self._lock, turn:  # seeds drawn in the turn: requests of several threads take them in turn
@@ -419,8 +421,8 @@ class LLM:
                 params = replace(params, seed=int(self._seeds.integers(1 << 63)))
             rid = self.engine.new_request_id()
             rids.append(rid)
+            self._boxes[rid] = deque()  # before it is queued: only an id with a box is this LLM's to abort
             self.engine.add_request(prompt, params, rid, guide=guide, cache_salt=cache_salt)
-            self._boxes[rid] = deque()
 
     def _abort(self, rids: list[str], wait: bool) -> None:
         """Abort `rids` and free their pages with one step now; without `wait` (a generator's clean-up) the step
@@ -463,13 +465,16 @@ class LLM:
             pending.popleft()
 
     def _drop_recorded(self) -> None:
-        """Abort the requests that clean-ups recorded (those still running) and drop their boxes; each is taken off
-        the record last, so one a Ctrl-C cut short is dropped again (either twice does nothing more)."""
+        """Abort the requests that clean-ups recorded and drop their boxes; only ids with a box are this LLM's still
+        (a clean-up that ran to its end dropped it, and the id is free to another caller's request: not aborted).
+        Each is taken off the record last, so one a Ctrl-C cut short is dropped again (either twice does nothing
+        more)."""
         dropped = self._dropped
         while dropped:
             rid = dropped[0]
-            self.engine.abort(rid)
-            self._boxes.pop(rid, None)
+            if rid in self._boxes:
+                self.engine.abort(rid)
+                self._boxes.pop(rid, None)
             # not pop(0): a clean-up run meanwhile (by garbage collection) may have added one
             dropped.remove(rid)
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from lserve_lite import LLM, EngineConfig, LServeError, SamplingParams
+from lserve_lite import LLM, EngineConfig, InvalidRequestError, LServeError, SamplingParams
 from lserve_lite import llm as llm_module
 from lserve_lite.engine import llm_engine
 
@@ -201,6 +201,29 @@ def test_ctrl_c_in_a_call_loses_no_token_of_another_open_stream(llm, call):
         nothing_left(llm)
 
     assert each_point(setup, calls[call], check) > 10
+
+
+@pytest.mark.parametrize("how", ["finished", "refused", "stream"])
+def test_a_clean_up_record_aborts_no_later_request_of_its_id(llm, how):
+    """A request of this LLM that ended (or was refused) leaves its id free: another caller's request under it ran
+    until the next step aborted it, as the clean-up's record of the id was kept until then."""
+    if how == "finished":
+        rid = llm.generate([[5, 6, 7]], SP)[0].request_id
+    elif how == "stream":
+        rid = list(llm.stream_outputs([5, 6, 7], SP))[-1].request_id
+    else:  # refused by add_request, after `_add` took its id: the clean-up recorded it all the same
+        with pytest.raises(InvalidRequestError, match="stop_token_ids"):
+            llm.generate([[5, 6, 7]], SamplingParams(max_new_tokens=2, stop_token_ids=[10**6]))
+        (rid,) = llm._dropped
+    theirs = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    with llm.hold_engine() as engine:
+        engine.add_request([9, 10, 11], theirs, request_id=rid)
+    assert len(llm.generate([[5, 6]], SP)[0].token_ids) == 2  # steps the engine, theirs beside it
+    with llm.hold_engine() as engine:
+        assert rid in engine.seqs, f"{rid} was aborted by a stale record of this LLM's request of that id"
+        ends = [o.finish_reason for _ in range(16) for o in engine.step() if o.finished]
+    assert ends == ["length"]
+    assert not llm._boxes
 
 
 def test_ctrl_c_in_engine_close_is_finished_by_closing_again(tiny_llama):
