@@ -43,14 +43,13 @@ class CallScan:
                     return out
                 out.append(("name", m["name"]))
                 self.args, at = ArgScan(), m.end() - 1
-            end = self.args.end(buf, at)
-            stop = len(buf) if end < 0 else end
-            if stop > at:
-                out.append(("args", buf[at:stop]))
-            if end < 0:
+            piece, at, ended = self.args.piece(buf, at)
+            if piece:
+                out.append(("args", piece))
+            if not ended:
                 self.tail = ""
                 return out
-            self.args, at = None, end
+            self.args = None
 
 
 def written(text: str) -> list[tuple[str, str]]:
@@ -71,6 +70,13 @@ class ArgScan:
 
     def __init__(self) -> None:
         self.depth, self.in_string, self.escaped = 0, False, False
+
+    def piece(self, text: str, start: int) -> tuple[str, int, bool]:
+        """The arguments' text in text[start:] (up to their closing brace, if there), where it stops, and whether
+        the object ended there: the one reading of a piece that both streams of arguments send."""
+        end = self.end(text, start)
+        stop = len(text) if end < 0 else end
+        return text[start:stop], stop, end >= 0
 
     def end(self, text: str, start: int) -> int:
         """Where the object ends in text[start:] (the index past its closing brace), or -1 if not there yet."""

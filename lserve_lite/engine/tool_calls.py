@@ -646,12 +646,10 @@ class ToolStream:
                 return False
         op = self.open
         if not op["ended"]:
-            end = op["scan"].end(buf, self.pos)
-            stop = len(buf) if end < 0 else end
-            if stop > self.pos:
-                op["args"].append(buf[self.pos : stop])
-                self.out.append({"index": op["index"], "function": {"arguments": op["args"][-1]}})
-            self.pos, op["ended"] = stop, end >= 0
+            piece, self.pos, op["ended"] = op["scan"].piece(buf, self.pos)
+            if piece:
+                op["args"].append(piece)
+                self.out.append({"index": op["index"], "function": {"arguments": piece}})
         at = buf.find(CLOSE, self.pos) if op["ended"] else -1
         if at < 0 and not finished:
             if op["ended"]:  # the call's JSON after its arguments (the grammar's "}\n"): dropped
