@@ -270,8 +270,10 @@ class LLM:
         finally:  # a refused prompt, an error or an interrupt: none of the batch stays queued or running
             # first, in one step that no interrupt splits: the next step does what an interrupt skips here
             self._dropped += rids
-            if not done:
-                self._abort(rids, wait=True)
+            if (
+                not done
+            ):  # only those still with a box: a finished one's id may be another caller's request now
+                self._abort([r for r in rids if r in self._boxes], wait=True)
             for r in rids:
                 self._boxes.pop(r, None)
 
@@ -522,6 +524,8 @@ class LLM:
                             error=out.error,
                         )
                         pending.discard(out.request_id)
+                        # its id is free from here: a clean-up (generate's abort, a recorded drop) leaves it alone
+                        self._boxes.pop(out.request_id, None)
                         bar.update(1)
         return [results[r] for r in rids]
 

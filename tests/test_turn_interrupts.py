@@ -226,6 +226,42 @@ def test_a_clean_up_record_aborts_no_later_request_of_its_id(llm, how):
     assert not llm._boxes
 
 
+def test_an_interrupted_generate_aborts_none_of_its_finished_ids(llm, monkeypatch):
+    """A generate cut short after one of its requests ended aborts only those still running: the ended one's id is
+    free, and another caller's request under it (here added mid-step, as a signal handler could) runs on (until
+    2026-12-07 the clean-up aborted the whole batch's ids)."""
+    theirs = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    short, long = (SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (1, 6))
+    step_into = llm.engine.step_into
+    state: dict[str, str] = {}
+
+    def step_then_interrupt(
+        into,
+    ) -> None:  # the step after the short request ended: theirs added, then Ctrl-C
+        ended = [o.request_id for o in into if o.finished]
+        if state.get("ended") and not state.get("added"):
+            state["added"] = state["ended"]
+            llm.engine.add_request([9, 10, 11], theirs, request_id=state["ended"])
+            raise KeyboardInterrupt
+        step_into(into)
+        if not state.get("ended"):
+            state["ended"] = next(
+                (o.request_id for o in into if o.finished and o.request_id not in ended), ""
+            )
+
+    monkeypatch.setattr(llm.engine, "step_into", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([[5, 6, 7], [5, 6, 8]], [short, long])
+    monkeypatch.setattr(llm.engine, "step_into", step_into)
+    rid = state["added"]
+    assert rid and rid in llm.engine.seqs, f"{rid}, another caller's request now, was aborted by the clean-up"
+    assert len(llm.generate([[5, 6]], SP)[0].token_ids) == 2  # the next step drops the clean-up's record
+    with llm.hold_engine() as engine:
+        assert rid in engine.seqs, f"{rid} was aborted by the record of this LLM's ended request"
+        ends = [o.finish_reason for _ in range(16) for o in engine.step() if o.finished]
+    assert ends == ["length"] and not llm._boxes
+
+
 def test_ctrl_c_in_engine_close_is_finished_by_closing_again(tiny_llama):
     """LLMEngine.close cut short (here: as it stops the tensor-parallel workers) is completed by a second close (it
     returned at once, as on a closed engine: the workers ran on)."""
