@@ -6,9 +6,16 @@ fp16 weights, L layers chained, as
   chain_pdl  the same with programmatic dependent launch, each kernel loading its first weights before the wait
              (what the engine's decode GEMVs do);
   persist    one kernel for all L layers, a grid barrier where the chain has a kernel boundary, each warp loading
-             its first weights of the next phase before the barrier.
+             its first weights of the next phase before the barrier;
+  chain_sep  (PDL) three kernels a layer: the add + RMSNorm in a one-block kernel of its own, as the engine runs it
+             before a packed-weight GEMV, then gate_up reading the normed row, then down;
+  chain_ss   (PDL) two kernels a layer, the residual add in down's epilogue, which also leaves each block's sum of
+             squares of the rows it wrote; gate_up sums those partials in a fixed order (one warp) and scales its
+             dot products by the norm, so its prologue has no block reduction before the GEMV (the question: is
+             this cheaper than the hop chain_sep pays, and than chain_pdl's prologue?).
 
-Same device code, same work split (a warp per output row pair / row), so the difference is the boundary. Checked
+Same device code, same work split (a warp per output row pair / row), so the difference is the boundary (and, for
+chain_sep / chain_ss, where the norm is done). Checked
 against a float64 NumPy reference of the same fp16 weights (each mode, fresh random inputs, outputs poisoned first).
     python3 tools/results/gpu_2026-12-07g/mlp_persist.py [--layers 30] [--shape 576x1536] [--json FILE]
 """
@@ -90,7 +97,7 @@ __device__ __forceinline__ void norm_in(float* xs, const float* x, const float* 
 
 // gate/up rows j and I + j of wgu, SiLU(gate) * up into act[j], for this warp's rows; the first row pair preloaded.
 __device__ __forceinline__ void gate_up(float* act, const __half* wgu, const float* xs, int gw, int GW,
-                                        uint4 (&g0)[HPL], uint4 (&u0)[HPL]) {
+                                        uint4 (&g0)[HPL], uint4 (&u0)[HPL], float scale = 1.f) {
   for (int j = gw, first = 1; j < I; j += GW, first = 0) {
     uint4 g[HPL], u[HPL];
     if (first) {
@@ -100,7 +107,7 @@ __device__ __forceinline__ void gate_up(float* act, const __half* wgu, const flo
       load_row<HV, HPL>(g, wgu + (long long)j * H);
       load_row<HV, HPL>(u, wgu + (long long)(I + j) * H);
     }
-    const float a = dot_row<HV, HPL>(g, xs), b = dot_row<HV, HPL>(u, xs);
+    const float a = scale * dot_row<HV, HPL>(g, xs), b = scale * dot_row<HV, HPL>(u, xs);
     if ((threadIdx.x & 31) == 0) __stcg(act + j, a / (1.f + __expf(-a)) * b);
   }
 }
@@ -152,6 +159,81 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) k_down(const __half* wd
   for (int i = threadIdx.x; i < I; i += blockDim.x) as[i] = __ldcg(act + i);
   __syncthreads();
   down(out, wd, as, gw, GW, d0);
+}
+
+// chain_sep: the add + RMSNorm alone (one block), its normed row read by gate_up
+extern "C" __global__ void __launch_bounds__(WARPS * 32) k_norm(const __half* lnw, const float* x, const float* res_in,
+    float* res_out, float* xn, float eps) {
+  __shared__ __align__(16) float xs[H];
+  lserve::pdl_enter();
+  norm_in(xs, x, res_in, res_out, lnw, eps);
+  for (int i = threadIdx.x; i < H; i += blockDim.x) __stcg(xn + i, xs[i]);
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32) k_gate_up_xn(const __half* wgu, const float* xn, float* act) {
+  __shared__ __align__(16) float xs[H];
+  const int gw = blockIdx.x * WARPS + (threadIdx.x >> 5), GW = gridDim.x * WARPS;
+  uint4 g0[HPL], u0[HPL];
+  preload_gu(g0, u0, wgu, gw);
+  lserve::pdl_enter();
+  for (int i = threadIdx.x; i < H; i += blockDim.x) xs[i] = __ldcg(xn + i);
+  __syncthreads();
+  gate_up(act, wgu, xs, gw, GW, g0, u0);
+}
+
+// chain_ss: down with the residual add in its epilogue (res_out = res_in + W_d act) and each block's sum of squares
+// of the rows it wrote in part[blockIdx.x] (0 where it wrote none)
+extern "C" __global__ void __launch_bounds__(WARPS * 32) k_down_ss(const __half* wd, const float* act,
+    const float* res_in, float* res_out, float* part) {
+  __shared__ __align__(16) float as[I];
+  __shared__ float red[WARPS];
+  const int gw = blockIdx.x * WARPS + (threadIdx.x >> 5), GW = gridDim.x * WARPS;
+  uint4 d0[IPL];
+  preload_d(d0, wd, gw);
+  lserve::pdl_enter();
+  for (int i = threadIdx.x; i < I; i += blockDim.x) as[i] = __ldcg(act + i);
+  __syncthreads();
+  float ss = 0.f;
+  for (int r = gw, first = 1; r < H; r += GW, first = 0) {
+    uint4 d[IPL];
+    if (first) {
+#pragma unroll
+      for (int i = 0; i < IPL; ++i) d[i] = d0[i];
+    } else {
+      load_row<IV, IPL>(d, wd + (long long)r * I);
+    }
+    const float v = dot_row<IV, IPL>(d, as) + __ldcg(res_in + r);  // every lane holds the row's sum
+    if ((threadIdx.x & 31) == 0) __stcg(res_out + r, v);
+    ss += v * v;
+  }
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float t = 0.f;
+    for (int w = 0; w < WARPS; ++w) t += red[w];
+    __stcg(part + blockIdx.x, t);
+  }
+}
+
+// chain_ss: gate_up over the residual stream res, normed by the P partial sums of squares the down before it left
+// (summed by one warp in the same order in every block) folded into its dot products' scale
+extern "C" __global__ void __launch_bounds__(WARPS * 32) k_gate_up_ss(const __half* wgu, const __half* lnw,
+    const float* res, const float* part, int P, float* act, float eps) {
+  __shared__ __align__(16) float xs[H];
+  __shared__ float inv_s;
+  const int gw = blockIdx.x * WARPS + (threadIdx.x >> 5), GW = gridDim.x * WARPS;
+  uint4 g0[HPL], u0[HPL];
+  preload_gu(g0, u0, wgu, gw);
+  lserve::pdl_enter();
+  if (threadIdx.x < 32) {
+    float t = 0.f;
+    for (int i = threadIdx.x; i < P; i += 32) t += __ldcg(part + i);
+    t = warp_sum(t);
+    if (threadIdx.x == 0) inv_s = rsqrtf(t / H + eps);
+  }
+  for (int i = threadIdx.x; i < H; i += blockDim.x) xs[i] = __ldcg(res + i) * __half2float(lnw[i]);
+  __syncthreads();
+  gate_up(act, wgu, xs, gw, GW, g0, u0, inv_s);
 }
 
 // generation barrier: bar[0] arrivals, bar[1] generation (acquire / release at gpu scope)
@@ -245,11 +327,13 @@ def main() -> int:
         x = cp.empty((2, H), cp.float32)
         res = cp.empty((2, H), cp.float32)
         act = cp.empty(inter, cp.float32)
+        xn = cp.empty(H, cp.float32)
         bar = cp.zeros(2, cp.uint32)
         wbytes = (3 * H * inter) * 2
         for blocks in (sms, 2 * sms):
             row = {"H": H, "I": inter, "layers": L, "blocks": blocks, "weight_MB_a_layer": wbytes / 1e6}
-            for mode in ("chain", "chain_pdl", "persist"):
+            part = cp.zeros((2, blocks), cp.float32)
+            for mode in ("chain", "chain_pdl", "chain_sep", "chain_ss", "persist"):
                 mod = plain_mod if mode == "chain" else pdl_mod
                 with stream:
                     stream.begin_capture()
@@ -257,6 +341,20 @@ def main() -> int:
                         mod.get_function("k_persist")(
                             (blocks,), (256,), (wgu, wd, lnw, x, res, act, np.float32(eps), np.int32(L), bar)
                         )
+                    elif mode == "chain_sep":
+                        kn, ku, kd = (mod.get_function(k) for k in ("k_norm", "k_gate_up_xn", "k_down"))
+                        for layer in range(L):
+                            p, q = layer & 1, (layer + 1) & 1
+                            kn((1,), (256,), (lnw[layer], x[p], res[p], res[q], xn, np.float32(eps)))
+                            ku((blocks,), (256,), (wgu[layer], xn, act))
+                            kd((blocks,), (256,), (wd[layer], act, x[q]))
+                    elif mode == "chain_ss":
+                        ku, kd = mod.get_function("k_gate_up_ss"), mod.get_function("k_down_ss")
+                        for layer in range(L):
+                            p, q = layer & 1, (layer + 1) & 1
+                            ku((blocks,), (256,), (wgu[layer], lnw[layer], res[p], part[p], np.int32(blocks), act,
+                                                   np.float32(eps)))  # fmt: skip
+                            kd((blocks,), (256,), (wd[layer], act, res[p], res[q], part[q]))
                     else:
                         ku, kd = mod.get_function("k_gate_up"), mod.get_function("k_down")
                         for layer in range(L):
@@ -274,10 +372,19 @@ def main() -> int:
                     act[...] = cp.nan
                     x[0] = cp.asarray(x0)
                     res[0] = cp.asarray(r0)
+                    if mode == "chain_ss":  # its input: the residual stream with x added, and that row's norm
+                        h0 = x0.astype(np.float64) + r0
+                        res[0] = cp.asarray(h0.astype(np.float32))
+                        part[...] = cp.nan
+                        part[0] = 0
+                        part[0, 0] = float(np.sum(h0 * h0))
                     graph.launch(stream)
                     stream.synchronize()
                     want_x, want_r = reference(wgu_h, wd_h, lnw_h, x0, r0, eps, L, inter)
                     got_x, got_r = cp.asnumpy(x[L & 1]), cp.asnumpy(res[L & 1])
+                    if mode == "chain_ss":  # it leaves the last residual add done: compare that sum (twice)
+                        want_x = want_r = want_x + want_r
+                        got_x = got_r
                     err = max(
                         float(np.max(np.abs(got_x - want_x)) / np.max(np.abs(want_x))),
                         float(np.max(np.abs(got_r - want_r)) / np.max(np.abs(want_r))),
@@ -298,8 +405,8 @@ def main() -> int:
             out_rows.append(row)
             print(
                 f"H {H} I {inter} blocks {blocks} | us a layer (MLP): chain {row['chain']:.2f}  pdl {row['chain_pdl']:.2f}"
-                f"  persist {row['persist']:.2f} | GB/s {row['chain_GBps']} / {row['chain_pdl_GBps']} / "
-                f"{row['persist_GBps']} | ok {[row[m + '_ok'] for m in ('chain', 'chain_pdl', 'persist')]}",
+                f"  sep {row['chain_sep']:.2f}  ss {row['chain_ss']:.2f}  persist {row['persist']:.2f} | ok "
+                f"{[row[m + '_ok'] for m in ('chain', 'chain_pdl', 'chain_sep', 'chain_ss', 'persist')]}",
                 flush=True,
             )
     if args.json:
