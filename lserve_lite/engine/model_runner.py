@@ -95,16 +95,23 @@ class ModelRunner:
     def run(
         self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False, ids: Array | None = None
     ) -> Array:
-        """Process each sequence's next `num_new` tokens; backend logits of every last row (or all rows).
-        `ids`: the step's token ids as a backend array, when they are the previous step's samples still on
-        the device (the engine's overlapped decode; the host holds placeholders for them)."""
+        """Process each sequence's next `num_new` tokens (`forward`, then `advance`); backend logits of every last
+        row (or all rows)."""
+        logits = self.forward(seqs, num_new, all_logits, ids)
+        advance(seqs, num_new)
+        return logits
+
+    def forward(
+        self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False, ids: Array | None = None
+    ) -> Array:
+        """`run`'s forward, the sequences not advanced: the engine records that with the step's tokens, so a Ctrl-C
+        between the two cannot leave a sequence computed but never sampled. `ids`: the step's token ids as a backend
+        array, when they are the previous step's samples still on the device (the engine's overlapped decode; the
+        host holds placeholders for them)."""
         step = self.prepare(seqs, num_new, all_logits)
         if ids is not None:
             step.ids = ids
-        logits = self.executor.run(self.executor.plan(step))
-        for seq, n in zip(seqs, num_new):
-            seq.num_cached += n
-        return logits
+        return self.executor.run(self.executor.plan(step))
 
     def ids_row(self, n: int) -> Array | None:
         """Where the next n-row decode step reads its token ids on the device, if the executor has such a
@@ -202,3 +209,9 @@ class ModelRunner:
         layout.sel_slots = [s.sel_slot for s in seqs]
         layout.sel_keep = keep
         layout.sel_refresh = refresh
+
+
+def advance(seqs: list[Sequence], num_new: list[int]) -> None:
+    """Record that a forward wrote each sequence's next `num_new` tokens' K/V."""
+    for seq, n in zip(seqs, num_new):
+        seq.num_cached += n
