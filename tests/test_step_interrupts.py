@@ -44,7 +44,8 @@ def pages_accounted(llm: LLM) -> None:
     cache's index one-to-one; the pages announced as being computed those of sequences still holding pages."""
     engine, blocks = llm.engine, llm.engine.blocks
     sched = engine.scheduler
-    seqs = {id(s): s for s in (*sched.running, *sched.waiting, *engine.seqs.values())}.values()
+    held = (*sched.running, *sched.waiting, *engine.seqs.values(), *filter(None, [engine._scoring]))
+    seqs = {id(s): s for s in held}.values()
     owners = Counter(p for s in seqs for p in s.page_table)
     free, idle = list(blocks.free), list(blocks.cache.idle)
     assert len(set(free)) == len(free), "a page twice in the free list"
@@ -107,3 +108,20 @@ def test_ctrl_c_inside_a_step_leaves_the_engine_sound(llms, where, monkeypatch):
 
     points = interrupt_points.each_point(setup, lambda: next(state["mine"]), check, STEP_FILES)
     assert points > 150
+
+
+def test_ctrl_c_inside_a_score_leaves_the_pages_whole(llms):
+    """`LLM.logits` (`LLMEngine.score`, which takes pages outside the scheduler) interrupted at each point of the
+    same frames: its pages are held as recorded, and the next call gives them all back (until 2026-12-07 a Ctrl-C
+    inside its page grant or as its `finally` began lost pages for good)."""
+    llm, _ = llms
+    firsts = itertools.count(20)
+
+    def check() -> None:
+        pages_accounted(llm)
+        assert llm.logits([5, 6]).shape == (2, llm.engine.cfg.vocab_size)
+        blocks = llm.engine.blocks
+        assert blocks.num_free == blocks.num_pages and not any(blocks.ref), "pages still held"
+
+    score = lambda: llm.logits([next(firsts) % 300 + 3, *range(40, 109)])  # noqa: E731
+    assert interrupt_points.each_point(lambda: None, score, check, STEP_FILES) > 50

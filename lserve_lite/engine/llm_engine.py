@@ -70,6 +70,9 @@ class LLMEngine:
         self._inflight: InFlight | None = None  # the overlapped decode step (docs/ARCHITECTURE.md)
         self.overlapped_rows = 0  # rows launched by overlapped steps (how much of the decode overlapped)
         self._ready: list[StepOutput] = []  # outputs of a step in flight that `score` read: the next step's
+        self._scoring: Sequence | None = (
+            None  # `score`'s sequence until its pages are given back (`_end_score`)
+        )
         self._closed = False
 
     def kv_summary(self) -> str:
@@ -249,6 +252,8 @@ class LLMEngine:
         step returns loses none). A plain decode batch is launched without waiting for the device (`_launch`): its
         outputs come one call later; anything else first reads the step in flight, then runs in sync."""
         self._check_open()
+        if self._scoring is not None:
+            self._end_score()
         outs += self._ready
         self._ready = []
         if self._aborts:
@@ -402,6 +407,8 @@ class LLMEngine:
         sized = f"scoring {n} tokens x vocab {vocab}"
         need = MemoryNeed(n * vocab * LOGIT_BYTES, sized, "logits", "the number of tokens scored")
         check_needs([need], *self._host_left)
+        if self._scoring is not None:
+            self._end_score()
         seq = Sequence(list(token_ids), SamplingParams(max_new_tokens=1))
         # prefill only: it selects no pages, so it needs no selection slot (running requests may hold them all);
         # where they hold the pages it needs, they run until they free them (their outputs come with the next step):
@@ -412,8 +419,10 @@ class LLMEngine:
         if not self.blocks.can_grow(seq, len(token_ids), slot=False):
             short = self.blocks.shortfall(seq, len(token_ids))
             raise InvalidRequestError(f"not enough free KV pages to score this sequence now ({short})")
-        self.blocks.grow(seq, len(token_ids), slot=False)
+        self._scoring = seq
         try:
+            with ctrl_c_held():  # pages handed out and recorded whole
+                self.blocks.grow(seq, len(token_ids), slot=False)
             self.run_page_ops()
             out = np.empty((n, vocab), np.float32)  # filled chunk by chunk: no second copy of the chunks
             while seq.num_pending:
@@ -421,4 +430,11 @@ class LLMEngine:
                 out[start : start + k] = self.ops.to_numpy(self.runner.run([seq], [k], all_logits=True))
             return out
         finally:
-            self.blocks.release(seq)
+            self._end_score()
+
+    def _end_score(self) -> None:
+        """Give back the pages `score` took. A Ctrl-C as its `finally` began skipped this: the next step or score
+        does it (the pages were lost for good)."""
+        with ctrl_c_held():
+            self.blocks.release(self._scoring)
+            self._scoring = None
