@@ -125,3 +125,26 @@ def test_ctrl_c_inside_a_score_leaves_the_pages_whole(llms):
 
     score = lambda: llm.logits([next(firsts) % 300 + 3, *range(40, 109)])  # noqa: E731
     assert interrupt_points.each_point(lambda: None, score, check, STEP_FILES) > 50
+
+
+def test_ctrl_c_in_a_score_waiting_for_pages_loses_no_token_of_a_stream(llms):
+    """A score that steps the running requests until they free its pages (here: another stream's, holding most of
+    the pool) interrupted at each point of the same frames: the stream gets its uninterrupted greedy tokens."""
+    llm, plain = llms
+    other = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    long = [*range(3, 153)]  # 10 of the 16 pages; the score's 120 tokens take 8
+    want = plain.generate([long], other)[0].token_ids
+    firsts = itertools.count(20)
+    state: dict = {}
+
+    def setup() -> None:
+        state["stream"] = llm.stream_outputs(long, other)
+        state["got"] = list(next(state["stream"]).token_ids)
+
+    def check() -> None:
+        state["got"] += [t for out in state.pop("stream") for t in out.token_ids]
+        assert state["got"] == want, f"the stream got {state['got']}, {want} uninterrupted"
+        pages_accounted(llm)
+
+    score = lambda: llm.logits([next(firsts) % 300 + 3, *range(200, 319)])  # noqa: E731
+    assert interrupt_points.each_point(setup, score, check, STEP_FILES) > 200

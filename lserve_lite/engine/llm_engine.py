@@ -254,8 +254,9 @@ class LLMEngine:
         self._check_open()
         if self._scoring is not None:
             self._end_score()
-        outs += self._ready
-        self._ready = []
+        if outs is not self._ready:  # `score` steps into `_ready` itself
+            outs += self._ready
+            self._ready = []
         if self._aborts:
             self._apply_aborts(outs)
         if self._inflight is not None and inflight_ends(self._inflight, self.max_len):
@@ -414,7 +415,7 @@ class LLMEngine:
         # where they hold the pages it needs, they run until they free them (their outputs come with the next step):
         # preempting them instead starved them under repeated scores, each throwing away their progress
         while not self.blocks.can_grow(seq, len(token_ids), slot=False) and self.scheduler.has_work():
-            self._ready = self.step()
+            self.step_into(self._ready)  # appended as they come: a Ctrl-C as a step returned lost its outputs
         self.sync()
         if not self.blocks.can_grow(seq, len(token_ids), slot=False):
             short = self.blocks.shortfall(seq, len(token_ids))
