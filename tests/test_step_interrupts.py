@@ -10,11 +10,13 @@ from collections import Counter
 from pathlib import Path
 
 import interrupt_points
+import numpy as np
 import pytest
 
-from lserve_lite import LLM, EngineConfig, SamplingParams
+from lserve_lite import LLM, EngineConfig, SamplingParams, SparseConfig
 from lserve_lite.engine import llm_engine
 from lserve_lite.kv import block_manager
+from lserve_lite.sparse.patterns import save_pattern
 
 if sys.version_info < (3, 11):
     pytest.skip("the interrupt points modelled are CPython 3.11's and later", allow_module_level=True)
@@ -27,16 +29,32 @@ STEP_FILES = tuple(
 # 16-token pages; 32-token steps: a 70-token prompt takes three prefill chunks beside a decode
 CFG = dict(num_kv_pages=16, page_size=16, max_num_batched_tokens=32)
 OTHER = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+OTHER_PROMPT = [*range(150, 230)]  # 80 tokens: LServe selects its pages (past 64 tokens)
 MINE = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def llms(tiny_llama) -> tuple[LLM, LLM]:
-    """The engine interrupted (prefix caching on) and a reference without prefix caching."""
-    make = lambda cache: LLM(  # noqa: E731
-        str(tiny_llama), backend="cpu", config=EngineConfig(**CFG, prefix_caching=cache)
+def kinds(tiny_llama, tmp_path_factory) -> dict[str, tuple[LLM, LLM]]:
+    """Per kind, the engine interrupted (prefix caching on) and a reference without prefix caching: dense, and
+    LServe (half the KV heads streaming, with prefix-cache snapshots; pages selected past 64 tokens, every other
+    step anew)."""
+    pattern = save_pattern(
+        tmp_path_factory.mktemp("pattern") / "p.tsv", np.random.default_rng(5).random((2, 2))
     )
-    return make(True), make(False)
+    lserve = SparseConfig(enabled=True, page_size=16, static_sparsity=0.5, prefill_sink=16, prefill_local=32,
+                          decode_sink=16, decode_local=32, token_budget=64, select_interval=2,
+                          pattern_path=str(pattern))  # fmt: skip
+
+    def pair(sparse: SparseConfig) -> tuple[LLM, LLM]:
+        cfg = lambda cache: EngineConfig(**CFG, sparse=sparse, prefix_caching=cache)  # noqa: E731
+        return tuple(LLM(str(tiny_llama), backend="cpu", config=cfg(c)) for c in (True, False))
+
+    return {"dense": pair(SparseConfig()), "lserve": pair(lserve)}
+
+
+@pytest.fixture
+def llms(kinds) -> tuple[LLM, LLM]:
+    return kinds["dense"]
 
 
 def pages_accounted(llm: LLM) -> None:
@@ -57,6 +75,15 @@ def pages_accounted(llm: LLM) -> None:
             f"page {page}: refcount {blocks.ref[page]}, held {owners[page]}"
         )
     assert len(free) + len(idle) + len(owners) == blocks.num_pages, "pages lost (neither free, idle nor held)"
+    streams = Counter(p for s in seqs for p in s.stream_table)
+    snapshots = [p for snap in blocks.cache.snaps for p in snap.pages]
+    assert sorted([*streams, *snapshots, *blocks.stream_free]) == list(range(blocks.num_stream_pages)), (
+        "streaming pages lost, or held twice"
+    )
+    slots = [s.sel_slot for s in seqs if s.sel_slot >= 0]
+    assert sorted([*slots, *blocks.slots]) == list(range(blocks.num_slots)), (
+        "selection slots lost, or held twice"
+    )
     c = blocks.cache
     assert {p: k for k, p in c.page_of.items()} == c.key_of, "the prefix cache's index is not one-to-one"
     assert set(idle) <= set(c.key_of), "an idle page the prefix cache does not index"
@@ -70,24 +97,27 @@ def greedy(llm: LLM, prompt: list[int]) -> list[int]:
     return llm.generate([prompt], MINE)[0].token_ids
 
 
-@pytest.mark.parametrize("where", ["prefill", "decode", "overlapped"])
-def test_ctrl_c_inside_a_step_leaves_the_engine_sound(llms, where, monkeypatch):
+@pytest.mark.parametrize(
+    "kind, where", [("dense", "prefill"), ("dense", "decode"), ("dense", "overlapped"), ("lserve", "decode")]
+)
+def test_ctrl_c_inside_a_step_leaves_the_engine_sound(kinds, kind, where, monkeypatch):
     """A KeyboardInterrupt at each point of the step's frames (engine/*.py, kv/*.py: ~1300 points in prefill, ~190
     in decode) while a request prefills a prompt of three chunks or decodes (in overlapped steps too, as the GPU's:
     a placeholder token held while the sample is in flight), with another request decoding beside it; the interrupted stream is closed, as the REPL does. Then the other request's tokens are
     those of an uninterrupted greedy run; every page is free, idle or held as its refcount says; the pool is whole
     once every request ended; and the interrupted prompt's greedy output, its pages now taken from the prefix
     cache where they were registered, is a run's without prefix caching (a page registered before its K/V was
-    written reads garbage)."""
-    llm, plain = llms
+    written reads garbage). LServe's decode: the other request selects its pages (until 2026-12-07 an interrupted
+    forward had moved its selection count on: run again, it selected one step off, and its tokens differed)."""
+    llm, plain = kinds[kind]
     monkeypatch.setattr(llm.engine.ops, "async_steps", where == "overlapped")
-    want = plain.generate([[9, 10, 11]], OTHER)[0].token_ids
+    want = plain.generate([OTHER_PROMPT], OTHER)[0].token_ids
     firsts = itertools.count(20)  # each prompt's own first token: a cold prefix, however far the last one got
     state: dict = {}
 
     def setup() -> None:
         state["got"] = []
-        state["other"] = llm.stream_outputs([9, 10, 11], OTHER)
+        state["other"] = llm.stream_outputs(OTHER_PROMPT, OTHER)
         state["got"] += next(state["other"]).token_ids
         state["prompt"] = [next(firsts) % 300 + 3, *range(40, 109)]  # 70 tokens
         state["mine"] = llm.stream_outputs(state["prompt"], MINE)

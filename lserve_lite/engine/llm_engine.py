@@ -26,7 +26,6 @@ from .intake import PromptIds
 from .interrupts import ctrl_c_held
 from .kv_sizing import kv_line, pools_in_use
 from .logprobs import record_prompt_logprobs, record_token_logprobs
-from .model_runner import advance
 from .outputs import StepOutput, new_text, overflowed, step_output, take_token
 from .overlap import PLACEHOLDER, InFlight, drop_finished, inflight_ends, overlaps
 from .prefix_setup import prefix_cache, seq_kv_salt
@@ -286,7 +285,7 @@ class LLMEngine:
         self, batch: ScheduledBatch, wants: list[bool], logits, outs: MutableSequence[StepOutput]
     ) -> None:
         """A synchronous step's forward recorded: sequences advanced, pages indexed, tokens sampled and taken."""
-        advance(batch.seqs, batch.num_new)
+        self.runner.advance(batch.seqs, batch.num_new)
         for seq, n in zip(batch.seqs, batch.num_new):
             self.blocks.cache_computed(seq, n)
         self.run_page_ops()  # snapshots taken, before sequences move on
@@ -330,7 +329,7 @@ class LLMEngine:
                 ids = ids[self.ops.upload(np.asarray([row[id(s)] for s in batch.seqs], np.int64))]
         logits = self.runner.forward(batch.seqs, batch.num_new, ids=ids)
         with ctrl_c_held():
-            advance(batch.seqs, batch.num_new)
+            self.runner.advance(batch.seqs, batch.num_new)
             self.overlapped_rows += len(batch.seqs)
             out = self.runner.ids_row(len(batch.seqs))  # the next step's id row, when it has one
             self._inflight = InFlight(list(batch.seqs), self.ops.sample_async(logits, batch.seqs, out=out))
