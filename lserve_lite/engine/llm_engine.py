@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backends.base import Array
 from ..backends.memory import LOGIT_BYTES, MemoryNeed, check_needs
 from ..config import EngineConfig, SparseConfig
 from ..errors import InvalidRequestError, LServeError
@@ -69,9 +70,8 @@ class LLMEngine:
         self._inflight: InFlight | None = None  # the overlapped decode step (docs/ARCHITECTURE.md)
         self.overlapped_rows = 0  # rows launched by overlapped steps (how much of the decode overlapped)
         self._ready: list[StepOutput] = []  # outputs of a step in flight that `score` read: the next step's
-        self._scoring: Sequence | None = (
-            None  # `score`'s sequence until its pages are given back (`_end_score`)
-        )
+        # `score`'s sequence until its pages are given back (`_end_score`)
+        self._scoring: Sequence | None = None
         self._closed = False
 
     def kv_summary(self) -> str:
@@ -282,7 +282,7 @@ class LLMEngine:
             self._take_step(batch, wants, logits, outs)
 
     def _take_step(
-        self, batch: ScheduledBatch, wants: list[bool], logits, outs: MutableSequence[StepOutput]
+        self, batch: ScheduledBatch, wants: list[bool], logits: Array, outs: MutableSequence[StepOutput]
     ) -> None:
         """A synchronous step's forward recorded: sequences advanced, pages indexed, tokens sampled and taken."""
         self.runner.advance(batch.seqs, batch.num_new)
