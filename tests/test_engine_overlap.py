@@ -138,13 +138,13 @@ def test_one_token_recompute_chunks_run_in_sync(tiny_llama):
     kw = dict(num_kv_pages=8, max_num_batched_tokens=2, prefix_caching=False)
     over = engine(tiny_llama, True, **kw)
     chunks = []  # whether each one-token recompute chunk was launched overlapped
-    run = over.runner.run
+    forward = over.runner.forward
 
     def spy(seqs, num_new, all_logits=False, ids=None):
         chunks.extend(ids is not None for s, n in zip(seqs, num_new) if n == 1 < s.num_pending)
-        return run(seqs, num_new, all_logits, ids)
+        return forward(seqs, num_new, all_logits, ids)
 
-    over.runner.run = spy
+    over.runner.forward = spy
     assert drive(over, reqs) == drive(engine(tiny_llama, False, **kw), reqs)
     assert chunks and not any(chunks)
 

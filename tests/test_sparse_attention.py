@@ -215,12 +215,15 @@ def test_a_one_token_recompute_chunk_is_planned_as_prefill(tiny_llama, tmp_path)
     for cached in (len(ids) + 2, seq.num_tokens - 1):  # mid-recompute; the last sampled token
         seq.num_cached = cached
         plan = runner.prepare([seq], [1]).plan
+        runner.advance([seq], [1])  # the step ran: its selection count moves on (here: stays 0)
         assert (int(plan.qb_keep[0]), int(plan.qb_sink[0]), int(plan.qb_local[0])) == prefill
         assert seq.decode_steps == 0
     seq.output_ids.append(5)  # the next sample decodes, and selects anew
     blocks.grow(seq, seq.num_tokens)
     seq.num_cached = seq.num_tokens - 1
     plan = runner.prepare([seq], [1]).plan
+    assert seq.decode_steps == 0  # until the step has run
+    runner.advance([seq], [1])
     assert (int(plan.qb_keep[0]), int(plan.qb_sink[0]), int(plan.qb_local[0])) == decode
     assert int(plan.qb_refresh[0]) == 1 and seq.decode_steps == 1
 

@@ -93,8 +93,8 @@ def run_steps(
         for g in got[1:]:
             np.testing.assert_array_equal(g, got[0])  # every rank gets the same gathered logits
         out.append((want, got[0]))
-        for (s, n), row in zip(live, want):
-            s.num_cached += n
+        ref.advance([s for s, _ in live], [n for _, n in live])  # the step ran: K/V and selection counts
+        for (s, _), row in zip(live, want):
             if s.num_cached >= len(s.prompt_ids):
                 s.output_ids.append(int(np.argmax(row)))
     return out

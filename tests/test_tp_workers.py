@@ -4,6 +4,7 @@ ends the engine with one clear error, never a hang."""
 
 from __future__ import annotations
 
+import _signal
 import os
 import pickle
 import re
@@ -648,7 +649,7 @@ def test_signal_between_handler_swaps_leaves_none_swapped(monkeypatch, at):
     from lserve_lite.cli import _terminate
     from lserve_lite.engine.interrupts import ctrl_c_held
 
-    real = signal.signal
+    real = _signal.signal  # what interrupts.ctrl_c_held swaps handlers with
     before = signal.getsignal(signal.SIGINT)
     old = real(signal.SIGTERM, _terminate)
     swaps: list[int] = []
@@ -661,7 +662,7 @@ def test_signal_between_handler_swaps_leaves_none_swapped(monkeypatch, at):
         return out
 
     try:
-        monkeypatch.setattr(signal, "signal", swap)
+        monkeypatch.setattr(_signal, "signal", swap)
         with pytest.raises(KeyboardInterrupt if at == "hold" else SystemExit):
             with ctrl_c_held():
                 pass

@@ -6,13 +6,11 @@ request decoding unread nor an output box behind, and loses no token of another 
 from __future__ import annotations
 
 import contextlib
-import dis
-import inspect
-import itertools
 import sys
 import threading
 from collections.abc import Callable, Iterator
 
+import interrupt_points
 import pytest
 
 from lserve_lite import LLM, EngineConfig, InvalidRequestError, LServeError, SamplingParams
@@ -28,59 +26,6 @@ if sys.version_info < (
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 SP = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
 WAIT_S = 20  # a second call's limit: only a turn left held waits this long
-
-
-# Where CPython (3.11) runs a pending signal's handler: a function's start (a generator's too, and its resumption by
-# next / send, not by throw or close), and the next bytecode after a call returns or a backward jump. Not at every
-# bytecode: no code could be safe there, not even `with lock:`, whose exit call is set up by bytecodes no handler
-# covers.
-RESUME = dis.opmap["RESUME"]
-CHECKED_AFTER = {RESUME, dis.opmap["CALL"], dis.opmap["CALL_FUNCTION_EX"], dis.opmap["JUMP_BACKWARD"]}
-
-
-def interrupted_at(n: int, files: tuple[str, ...], fn: Callable[[], object]) -> int:
-    """`fn()` with one KeyboardInterrupt raised at the n-th point where Python would raise a Ctrl-C's, in the frames
-    of `files` (llm.py: the turn's code and its callers) and at the start of the functions they call, and caught;
-    gives the count of points passed."""
-    ran = [0]
-
-    def passed() -> None:
-        ran[0] += 1
-        if ran[0] == n:
-            raise KeyboardInterrupt  # a trace function that raises is removed: one interrupt
-
-    def call(frame, event, arg):
-        traced = frame.f_code.co_filename in files
-        if not traced and (frame.f_back is None or frame.f_back.f_code.co_filename not in files):
-            return None
-        code = frame.f_code
-        generator = bool(code.co_flags & inspect.CO_GENERATOR)
-        if not generator:
-            passed()  # raised as it starts
-        if not traced:
-            return None
-        frame.f_trace_opcodes = True
-        # a generator's from its first bytecode: raised inside it, where its `finally` runs (f_lasti is its RESUME,
-        # not yet run where a throw or close resumes it)
-        last = [code.co_code[frame.f_lasti] if generator else -1]
-
-        def opcode(frame, event, arg):
-            if event == "opcode":
-                if last[0] in CHECKED_AFTER:
-                    passed()
-                last[0] = frame.f_code.co_code[frame.f_lasti]
-            return opcode
-
-        return opcode
-
-    sys.settrace(call)
-    try:
-        fn()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sys.settrace(None)
-    return ran[0]
 
 
 def completes(fn: Callable[[], object]) -> object:
@@ -119,17 +64,8 @@ def each_point(
     check: Callable[[], None],
     files: tuple[str, ...] = (),
 ) -> int:
-    """`call()` with the interrupt at each point n in turn (each after `setup()`, then `check()`), until a call
-    ends before reaching n; gives that count. `files`: traced besides llm.py."""
-    for n in itertools.count(1):
-        setup()
-        ran = interrupted_at(n, (llm_module.__file__, *files), call)
-        try:
-            check()
-        except AssertionError as e:
-            raise AssertionError(f"interrupted at point {n}: {e}") from None
-        if ran < n:
-            return n - 1
+    """interrupt_points.each_point in llm.py's frames (the turn's code and its callers) and `files`'."""
+    return interrupt_points.each_point(setup, call, check, (llm_module.__file__, *files))
 
 
 @pytest.fixture

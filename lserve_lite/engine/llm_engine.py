@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backends.base import Array
 from ..backends.memory import LOGIT_BYTES, MemoryNeed, check_needs
 from ..config import EngineConfig, SparseConfig
 from ..errors import InvalidRequestError, LServeError
@@ -69,6 +70,8 @@ class LLMEngine:
         self._inflight: InFlight | None = None  # the overlapped decode step (docs/ARCHITECTURE.md)
         self.overlapped_rows = 0  # rows launched by overlapped steps (how much of the decode overlapped)
         self._ready: list[StepOutput] = []  # outputs of a step in flight that `score` read: the next step's
+        # `score`'s sequence until its pages are given back (`_end_score`)
+        self._scoring: Sequence | None = None
         self._closed = False
 
     def kv_summary(self) -> str:
@@ -231,7 +234,7 @@ class LLMEngine:
         model runs outside the scheduler (`score`, the evaluation harness), whose one-row run uploads its token ids
         where that step's samples lie on the GPU (the next launch read those ids as the requests' tokens)."""
         if self._inflight is not None:
-            self._ready += self._read(self._take_inflight())
+            self._read_inflight(self._ready)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._aborts) or bool(self._ready)
@@ -248,15 +251,19 @@ class LLMEngine:
         step returns loses none). A plain decode batch is launched without waiting for the device (`_launch`): its
         outputs come one call later; anything else first reads the step in flight, then runs in sync."""
         self._check_open()
-        outs += self._ready
-        self._ready = []
-        outs += self._apply_aborts()
+        if self._scoring is not None:
+            self._end_score()
+        if outs is not self._ready:  # `score` steps into `_ready` itself
+            outs += self._ready
+            self._ready = []
+        if self._aborts:
+            self._apply_aborts(outs)
         if self._inflight is not None and inflight_ends(self._inflight, self.max_len):
-            outs += self._read(self._take_inflight())  # schedule none of them past its limits
+            self._read_inflight(outs)  # schedule none of them past its limits
         batch = self.scheduler.schedule()
         self.run_page_ops()  # snapshots attached, pages cleared: before any write
         if self._inflight is not None and not self._overlaps(batch):
-            outs += self._read(self._take_inflight())
+            self._read_inflight(outs)
             drop_finished(batch)
         if not batch.seqs:
             return
@@ -265,10 +272,20 @@ class LLMEngine:
             for s, n in zip(batch.seqs, batch.num_new)
         )
         if self._overlaps(batch):
-            outs += self._launch(batch)
+            self._launch(batch, outs)
             return
         wants = [s.wants_prompt_logprobs for s in batch.seqs]
-        logits = self.runner.run(batch.seqs, batch.num_new)
+        logits = self.runner.forward(batch.seqs, batch.num_new)  # a Ctrl-C here: the step runs again
+        # held from the sequences' advance to their tokens: a sequence advanced but never given its sample had
+        # nothing left to compute (the scheduler stalled on it), and a finished one stayed in `seqs`
+        with ctrl_c_held():
+            self._take_step(batch, wants, logits, outs)
+
+    def _take_step(
+        self, batch: ScheduledBatch, wants: list[bool], logits: Array, outs: MutableSequence[StepOutput]
+    ) -> None:
+        """A synchronous step's forward recorded: sequences advanced, pages indexed, tokens sampled and taken."""
+        self.runner.advance(batch.seqs, batch.num_new)
         for seq, n in zip(batch.seqs, batch.num_new):
             self.blocks.cache_computed(seq, n)
         self.run_page_ops()  # snapshots taken, before sequences move on
@@ -299,34 +316,40 @@ class LLMEngine:
         """Whether the batch may launch before the host reads its samples (overlap.overlaps)."""
         return overlaps(batch, self._inflight, self.ecfg.async_scheduling and self.ops.async_steps)
 
-    def _launch(self, batch: ScheduledBatch) -> list[StepOutput]:
+    def _launch(self, batch: ScheduledBatch, outs: MutableSequence[StepOutput]) -> None:
         """Launch the batch on the previous step's samples (still on the device), then read those back and
         handle them (detokenize, stop checks) while the device computes this one. Sequences that stop there
-        computed one token too many: it is never appended (`_read` skips finished sequences)."""
+        computed one token too many: it is never appended (`_read` skips finished sequences). Ctrl-C is held
+        from the launch's return to the placeholders, as over a synchronous step's recording."""
         prev, ids = self._inflight, None
         if prev is not None:
             ids = prev.tokens.ids
             if batch.seqs != prev.seqs:  # some finished or were aborted: gather the survivors' rows
                 row = {id(s): i for i, s in enumerate(prev.seqs)}
                 ids = ids[self.ops.upload(np.asarray([row[id(s)] for s in batch.seqs], np.int64))]
-        logits = self.runner.run(batch.seqs, batch.num_new, ids=ids)
-        self.overlapped_rows += len(batch.seqs)
-        out = self.runner.ids_row(len(batch.seqs))  # the next step's id row, when it has one
-        self._inflight = InFlight(list(batch.seqs), self.ops.sample_async(logits, batch.seqs, out=out))
-        outs = self._read(prev) if prev is not None else []
-        for seq in batch.seqs:
-            if not seq.is_finished:
-                seq.output_ids.append(PLACEHOLDER)  # its pending token for the scheduler's next step
-        return outs
+        logits = self.runner.forward(batch.seqs, batch.num_new, ids=ids)
+        with ctrl_c_held():
+            self.runner.advance(batch.seqs, batch.num_new)
+            self.overlapped_rows += len(batch.seqs)
+            out = self.runner.ids_row(len(batch.seqs))  # the next step's id row, when it has one
+            self._inflight = InFlight(list(batch.seqs), self.ops.sample_async(logits, batch.seqs, out=out))
+            if prev is not None:
+                self._read(prev, outs)
+            for seq in batch.seqs:
+                if not seq.is_finished:
+                    seq.output_ids.append(PLACEHOLDER)  # its pending token for the scheduler's next step
 
-    def _take_inflight(self) -> InFlight:
-        fl, self._inflight = self._inflight, None
-        return fl
+    def _read_inflight(self, outs: MutableSequence[StepOutput]) -> None:
+        """The step in flight read (`_read`) and let go of, in one hold of Ctrl-C: one between the two lost its
+        tokens, its sequences left advanced on placeholders."""
+        with ctrl_c_held():
+            fl, self._inflight = self._inflight, None
+            self._read(fl, outs)
 
-    def _read(self, fl: InFlight) -> list[StepOutput]:
-        """The host's half of an overlapped step: its samples replace the placeholders and are handled as a
-        synchronous step handles its tokens; sequences finished (or aborted) meanwhile drop theirs."""
-        outs = []
+    def _read(self, fl: InFlight, outs: MutableSequence[StepOutput]) -> None:
+        """The host's half of an overlapped step, its outputs appended to `outs`: its samples replace the
+        placeholders and are handled as a synchronous step handles its tokens; sequences finished (or aborted)
+        meanwhile drop theirs."""
         for seq, tok, ok in zip(fl.seqs, fl.tokens.tolist(), fl.tokens.sound()):
             if seq.is_finished:
                 continue
@@ -340,19 +363,18 @@ class LLMEngine:
                 self.blocks.cache_computed(seq, 1)
             seq.output_ids.pop()
             outs.append(self._append(seq, tok))
-        return outs
 
-    def _apply_aborts(self) -> list[StepOutput]:
-        with self._lock:
+    def _apply_aborts(self, outs: MutableSequence[StepOutput]) -> None:
+        """End the requests `abort` recorded, in one hold of Ctrl-C: one cut short lost the aborts not yet applied
+        (their requests ran on, unread) or left a finished request in `seqs`."""
+        with ctrl_c_held(), self._lock:
             seqs, self._aborts = self._aborts, []
-        outs = []
-        for seq in seqs:
-            if not seq.is_finished:
-                if seq.output_ids and seq.output_ids[-1] == PLACEHOLDER:
-                    seq.output_ids.pop()  # its token in flight is dropped with it
-                self.scheduler.finish(seq, "abort")
-                outs.append(self._output(seq, "", []))
-        return outs
+            for seq in seqs:
+                if not seq.is_finished:
+                    if seq.output_ids and seq.output_ids[-1] == PLACEHOLDER:
+                        seq.output_ids.pop()  # its token in flight is dropped with it
+                    self.scheduler.finish(seq, "abort")
+                    outs.append(self._output(seq, "", []))
 
     def _append(self, seq: Sequence, tok: int) -> StepOutput:
         """`seq`'s sampled token taken (outputs.take_token), the request finished where that says it ends."""
@@ -385,18 +407,22 @@ class LLMEngine:
         sized = f"scoring {n} tokens x vocab {vocab}"
         need = MemoryNeed(n * vocab * LOGIT_BYTES, sized, "logits", "the number of tokens scored")
         check_needs([need], *self._host_left)
+        if self._scoring is not None:
+            self._end_score()
         seq = Sequence(list(token_ids), SamplingParams(max_new_tokens=1))
         # prefill only: it selects no pages, so it needs no selection slot (running requests may hold them all);
         # where they hold the pages it needs, they run until they free them (their outputs come with the next step):
         # preempting them instead starved them under repeated scores, each throwing away their progress
         while not self.blocks.can_grow(seq, len(token_ids), slot=False) and self.scheduler.has_work():
-            self._ready = self.step()
+            self.step_into(self._ready)  # appended as they come: a Ctrl-C as a step returned lost its outputs
         self.sync()
         if not self.blocks.can_grow(seq, len(token_ids), slot=False):
             short = self.blocks.shortfall(seq, len(token_ids))
             raise InvalidRequestError(f"not enough free KV pages to score this sequence now ({short})")
-        self.blocks.grow(seq, len(token_ids), slot=False)
+        self._scoring = seq
         try:
+            with ctrl_c_held():  # pages handed out and recorded whole
+                self.blocks.grow(seq, len(token_ids), slot=False)
             self.run_page_ops()
             out = np.empty((n, vocab), np.float32)  # filled chunk by chunk: no second copy of the chunks
             while seq.num_pending:
@@ -404,4 +430,11 @@ class LLMEngine:
                 out[start : start + k] = self.ops.to_numpy(self.runner.run([seq], [k], all_logits=True))
             return out
         finally:
-            self.blocks.release(seq)
+            self._end_score()
+
+    def _end_score(self) -> None:
+        """Give back the pages `score` took. A Ctrl-C as its `finally` began skipped this: the next step or score
+        does it (the pages were lost for good)."""
+        with ctrl_c_held():
+            self.blocks.release(self._scoring)
+            self._scoring = None

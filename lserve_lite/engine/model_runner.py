@@ -58,6 +58,8 @@ class ModelRunner:
         else:
             self._copy, self._clear = executor.copy_stream_pages, executor.clear_pages
         self.executor = executor
+        # each sequence's page-selection count once the step last prepared has run (`advance` records it)
+        self._counts: list[tuple[Sequence, int]] = []
 
     def set_head_classes(self, classes: list[np.ndarray], sink: int, local: int) -> None:
         """Public hook for calibration: in dense mode, make chosen KV heads streaming heads (1) with a
@@ -95,16 +97,33 @@ class ModelRunner:
     def run(
         self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False, ids: Array | None = None
     ) -> Array:
-        """Process each sequence's next `num_new` tokens; backend logits of every last row (or all rows).
-        `ids`: the step's token ids as a backend array, when they are the previous step's samples still on
-        the device (the engine's overlapped decode; the host holds placeholders for them)."""
+        """Process each sequence's next `num_new` tokens (`forward`, then `advance`); backend logits of every last
+        row (or all rows)."""
+        logits = self.forward(seqs, num_new, all_logits, ids)
+        self.advance(seqs, num_new)
+        return logits
+
+    def advance(self, seqs: list[Sequence], num_new: list[int]) -> None:
+        """Record that the step last prepared ran: each sequence's next `num_new` tokens' K/V written, its
+        page-selection count moved on (not in `prepare`: a forward a Ctrl-C cut short, run again, selected one
+        step off the uninterrupted run's schedule)."""
+        for seq, n in zip(seqs, num_new):
+            seq.num_cached += n
+        for seq, count in self._counts:
+            seq.decode_steps = count
+        self._counts = []
+
+    def forward(
+        self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False, ids: Array | None = None
+    ) -> Array:
+        """`run`'s forward, the sequences not advanced: the engine records that with the step's tokens, so a Ctrl-C
+        between the two cannot leave a sequence computed but never sampled. `ids`: the step's token ids as a backend
+        array, when they are the previous step's samples still on the device (the engine's overlapped decode; the
+        host holds placeholders for them)."""
         step = self.prepare(seqs, num_new, all_logits)
         if ids is not None:
             step.ids = ids
-        logits = self.executor.run(self.executor.plan(step))
-        for seq, n in zip(seqs, num_new):
-            seq.num_cached += n
-        return logits
+        return self.executor.run(self.executor.plan(step))
 
     def ids_row(self, n: int) -> Array | None:
         """Where the next n-row decode step reads its token ids on the device, if the executor has such a
@@ -112,7 +131,8 @@ class ModelRunner:
         return self.executor.ids_row(n)
 
     def prepare(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False) -> StepInputs:
-        """Host inputs of one step; advances the sequences' page-selection schedules."""
+        """Host inputs of one step; the sequences' page-selection counts after it are kept for `advance`."""
+        self._counts = []
         ids, pos, slots, plan, rows = self._inputs(seqs, num_new)
         rows = np.arange(len(ids), dtype=np.int64) if all_logits else rows
         return StepInputs(ids, pos, slots, plan, rows, self.head_classes)
@@ -177,7 +197,7 @@ class ModelRunner:
         a selection would keep): no selector work for it, and a step of such rows replays the graph without the
         selector's launches. Its selection count restarts, so the first step past the budget selects anew; a
         prefill row restarts it too (the first decode step after a prefill selects)."""
-        windows, keep, refresh = [], [], []
+        windows, keep, refresh, counts = [], [], [], []
         for seq, n in zip(seqs, num_new):
             sp: SparseConfig = seq.sparse or self.ecfg.sparse
             if seq.decodes(n):
@@ -187,18 +207,20 @@ class ModelRunner:
                     if seq.sel_slot < 0:  # row -1 is another sequence's: it would select there, silently
                         raise RuntimeError("a selecting decode row without a page-selection slot")
                     refresh.append(int(refresh_due(seq.decode_steps, sp.select_interval)))
-                    seq.decode_steps += 1
+                    counts.append(seq.decode_steps + 1)
                 else:  # every page fits (or no selection at all): nothing to select, the count restarts
-                    budget, seq.decode_steps = 0, 0
+                    budget = 0
+                    counts.append(0)
                     refresh.append(0)
                 keep.append(budget)
             else:  # a prefill chunk (a harness's teacher-forced outputs too): the next decode step selects anew
                 windows.append((sp.prefill_sink, sp.prefill_local) if self.layout.has_streaming else (0, 0))
                 keep.append(0)
                 refresh.append(0)
-                seq.decode_steps = 0
+                counts.append(0)
         layout.stream_tables = [s.stream_table for s in seqs]
         layout.windows = windows
         layout.sel_slots = [s.sel_slot for s in seqs]
         layout.sel_keep = keep
         layout.sel_refresh = refresh
+        self._counts = list(zip(seqs, counts))

@@ -31,6 +31,10 @@ pages stay in the prefix cache, so readmission attaches what was not evicted mea
 A step that schedules nothing and preempts nothing while work exists can never make progress (a budget
 or seat limit below 1, a pool too small for the head request alone, or every page-selection slot held by
 sequences outside the scheduler: an evaluation harness's): it raises SchedulerStalled.
+
+Ctrl-C is held (interrupts.ctrl_c_held) wherever pages move: a grow with its preemptions, an admission with its
+bookkeeping. One landing inside handed out pages no table recorded, or left an admitted request queued with its
+pages (admitted again, it lost them). Steps that move no page (most decode steps) take no hold.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from dataclasses import dataclass
 from ..errors import LServeError
 from ..kv.block_manager import BlockManager
 from ..sequence import Sequence, Status
+from .interrupts import ctrl_c_held
 
 RESERVE_DIVISOR = 4  # while requests wait, running prefills leave budget // 4 tokens for the queue
 
@@ -126,14 +131,17 @@ class Scheduler:
         """Schedule n tokens of running `seq`, preempting the newest unscheduled sequences for pages."""
         tokens = seq.num_cached + n
         if not self.blocks.has_room(seq, tokens):
-            while not self.blocks.can_grow(seq, tokens):
-                victim = next(s for s in reversed(self.running) if s not in batch.seqs)  # seq is unscheduled
-                self.running.remove(victim)
-                self._preempt(victim)
-                batch.preempted.append(victim)
-                if victim is seq:
-                    return 0
-            self.blocks.grow(seq, tokens)
+            with ctrl_c_held():  # pages moved and recorded whole (module docstring)
+                while not self.blocks.can_grow(seq, tokens):
+                    victim = next(
+                        s for s in reversed(self.running) if s not in batch.seqs
+                    )  # seq is unscheduled
+                    self.running.remove(victim)
+                    self._preempt(victim)
+                    batch.preempted.append(victim)
+                    if victim is seq:
+                        return 0
+                self.blocks.grow(seq, tokens)
         batch.seqs.append(seq)
         batch.num_new.append(n)
         return n
@@ -146,16 +154,19 @@ class Scheduler:
                 break
             if self.blocks.awaits_prefix(seq):
                 continue
-            n = self.blocks.admit(seq, budget - used)  # its cached prefix is attached only if the chunk fits
-            if not n:
-                break
-            got = seq.num_attached
-            if seq.num_prefix_cached is None:
-                seq.num_prefix_cached = got
-            self.prompt_tokens_cached += min(got, len(seq.prompt_ids))
-            self.waiting.remove(seq)
-            seq.status = Status.RUNNING
-            self.running.append(seq)
+            with ctrl_c_held():  # pages moved and recorded whole (module docstring)
+                n = self.blocks.admit(
+                    seq, budget - used
+                )  # its cached prefix is attached only if the chunk fits
+                if not n:
+                    break
+                got = seq.num_attached
+                if seq.num_prefix_cached is None:
+                    seq.num_prefix_cached = got
+                self.prompt_tokens_cached += min(got, len(seq.prompt_ids))
+                self.waiting.remove(seq)
+                seq.status = Status.RUNNING
+                self.running.append(seq)
             batch.seqs.append(seq)
             batch.num_new.append(n)
             used += n

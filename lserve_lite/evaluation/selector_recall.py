@@ -47,7 +47,7 @@ def decode_step_queries(h: SparseHarness, seq) -> list[np.ndarray]:
             x = ops.linear(ops.attention(q, cache, i, plan, classes[i]), layer.o)
             hh, residual = ops.add_rmsnorm(x, residual, layer.ln2, eps)
             x = ops.linear(ops.gate_up_silu(hh, layer.gate_up), layer.down)
-        seq.num_cached += 1
+        r.advance([seq], [1])
     return qs
 
 
