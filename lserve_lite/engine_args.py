@@ -16,9 +16,10 @@ from .config import (
     EngineConfig,
     SparseConfig,
     is_utf8,
+    user_path,
     written_in_place,
 )
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, ModelLoadError
 
 
 def _bounded(kind: type, what: str, lo: float, hi: float):
@@ -148,7 +149,10 @@ def output_file(text: str) -> str:
 def existing_file(text: str) -> str:
     """An argparse type: a path to a file that exists, checked before a long run needs it; `~` expanded, as the
     check found it (`--pattern=~/p.tsv`, which no shell expands, passed here and was then not found)."""
-    path = Path(text).expanduser()
+    try:
+        path = user_path(text)
+    except ModelLoadError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"{text}: file not found")
     return str(path)

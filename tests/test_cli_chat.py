@@ -992,3 +992,32 @@ def test_kv_dtype_help_says_what_auto_is(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert e.value.code == 0 and "auto (fp16; fp32 on a CPU without F16C)" in help_text
     assert (CudaOps.kv_dtypes[0], CpuOps.kv_dtypes[0]) == ("fp16", "fp16" if NATIVE_HALF else "fp32")
+
+
+NO_USER = "~lserve-lite-no-such-user"  # a `~user` prefix naming no user of this machine
+
+
+@pytest.mark.parametrize(
+    "argv, env, status",
+    [
+        (["generate", "--prompt", "x", "--model", f"{NO_USER}/m"], None, 1),
+        (["generate", "--prompt", "x", "--backend", "cpu"], f"{NO_USER}/w", 1),  # the default model's home
+        (["convert", f"{NO_USER}/m.gguf", "out"], None, 1),
+        (["generate", "--prompt", "x", "--sparse", "--pattern", f"{NO_USER}/p.tsv"], None, 2),
+    ],
+)
+def test_a_tilde_naming_no_user_is_one_line(argv, env, status, monkeypatch, capsys, tmp_path):
+    """`--model ~nosuchuser/m` (or such a `convert` input, `--pattern` or LSERVE_LITE_HOME) ended in pathlib's
+    RuntimeError "Could not determine home directory." and a traceback; now one `error:` line naming the path."""
+    from lserve_lite.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    if env:
+        monkeypatch.setenv("LSERVE_LITE_HOME", env)
+    try:
+        code = main(argv)
+    except SystemExit as e:  # the parser's refusal
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == status and "error:" in err and NO_USER in err and "names no user" in err, err
+    assert not list(tmp_path.iterdir())  # nothing written
