@@ -1021,3 +1021,18 @@ def test_a_tilde_naming_no_user_is_one_line(argv, env, status, monkeypatch, caps
     err = capsys.readouterr().err
     assert code == status and "error:" in err and NO_USER in err and "names no user" in err, err
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.skipif(
+    not os.path.isdir("/proc/self"), reason="needs Linux's /proc, a folder no file can be made in"
+)
+def test_eval_results_in_a_folder_that_cannot_be_written_are_refused_by_the_parser(capsys):
+    """`eval --out /proc/x` (or a read-only folder) ran every prompt, then failed to write its results ("error:
+    /proc/.x.json.N.tmp: No such file or directory"); the parser now refuses it before the model loads, as
+    calibrate's own check did."""
+    from lserve_lite.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--out", "/proc/lserve-lite-results"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "/proc/lserve-lite-results: cannot be written" in err, err
