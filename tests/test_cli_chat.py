@@ -1036,3 +1036,26 @@ def test_eval_results_in_a_folder_that_cannot_be_written_are_refused_by_the_pars
         main(["eval", "--out", "/proc/lserve-lite-results"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "/proc/lserve-lite-results: cannot be written" in err, err
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero"])
+def test_eval_plot_only_of_a_fifo_or_device_is_one_line(special, tmp_path):
+    """`eval --plot-only` read its JSON with read_text: a FIFO hung the command, /dev/zero grew memory without end
+    (here a MemoryError traceback under a 4 GiB address-space limit); now a results file is read as every JSON
+    file is (config.read_text_file: a regular file of at most 64 MB), and each is one `error:` line."""
+    import resource
+
+    path = special
+    if special == "fifo":
+        path = str(tmp_path / "run.json")
+        os.mkfifo(path)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    r = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "eval", "--plot-only", path],
+        capture_output=True, text=True, timeout=20, preexec_fn=limit,
+    )  # fmt: skip
+    msg = f"error: {path}: not a regular file (a FIFO, device or directory)\n"
+    assert (r.returncode, r.stderr) == (1, msg)
