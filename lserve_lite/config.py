@@ -105,6 +105,15 @@ def read_text_file(path: Path, what: str) -> str:
         raise ModelLoadError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
+def user_path(path: str | Path, what: str = "") -> Path:
+    """`path` with a leading `~` / `~user` expanded; a `~user` naming no user here is one line (pathlib raised a
+    bare RuntimeError, which the CLI printed as a traceback). `what` names where the path came from."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise ModelLoadError(f"{what}{path}: its ~ names no user's home directory here") from None
+
+
 def path_name(path: str | Path) -> str:
     """The name of a model's directory or file, as results record it and head patterns are found by: its absolute
     path's last part, without following links (`Path(".").name` is "", so `--model .` was recorded nameless)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,9 +17,10 @@ from .config import (
     EngineConfig,
     SparseConfig,
     is_utf8,
+    user_path,
     written_in_place,
 )
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, ModelLoadError
 
 
 def _bounded(kind: type, what: str, lo: float, hi: float):
@@ -134,7 +136,8 @@ def json_file(text: str) -> str:
 
 def output_file(text: str) -> str:
     """An argparse type: a results file (or the stem of several) that a tool writes after its run, making missing
-    folders: refused now if it names a directory or lies under a file (the write would fail after all the work)."""
+    folders: refused now if it names a directory, lies under a file or in a folder no file can be made in (the write
+    would fail after all the work)."""
     path = Path(text)  # as the tools open it (no ~ expansion: the shell does that)
     # Path drops a trailing slash: `out/` (a new folder) would be written as the file `out`
     if path.is_dir() or text.endswith(("/", os.sep)):
@@ -142,13 +145,23 @@ def output_file(text: str) -> str:
     folder = next(p for p in path.absolute().parents if p.exists())
     if not folder.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: {folder} is a file, not a folder")
+    try:  # the nearest folder that exists: a read-only one, a read-only file system, /proc
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise argparse.ArgumentTypeError(
+            f"{text}: cannot be written ({(e.strerror or str(e)).lower()})"
+        ) from None
     return text
 
 
 def existing_file(text: str) -> str:
     """An argparse type: a path to a file that exists, checked before a long run needs it; `~` expanded, as the
     check found it (`--pattern=~/p.tsv`, which no shell expands, passed here and was then not found)."""
-    path = Path(text).expanduser()
+    try:
+        path = user_path(text)
+    except ModelLoadError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"{text}: file not found")
     return str(path)

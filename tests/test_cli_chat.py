@@ -992,3 +992,70 @@ def test_kv_dtype_help_says_what_auto_is(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert e.value.code == 0 and "auto (fp16; fp32 on a CPU without F16C)" in help_text
     assert (CudaOps.kv_dtypes[0], CpuOps.kv_dtypes[0]) == ("fp16", "fp16" if NATIVE_HALF else "fp32")
+
+
+NO_USER = "~lserve-lite-no-such-user"  # a `~user` prefix naming no user of this machine
+
+
+@pytest.mark.parametrize(
+    "argv, env, status",
+    [
+        (["generate", "--prompt", "x", "--model", f"{NO_USER}/m"], None, 1),
+        (["generate", "--prompt", "x", "--backend", "cpu"], f"{NO_USER}/w", 1),  # the default model's home
+        (["convert", f"{NO_USER}/m.gguf", "out"], None, 1),
+        (["generate", "--prompt", "x", "--sparse", "--pattern", f"{NO_USER}/p.tsv"], None, 2),
+    ],
+)
+def test_a_tilde_naming_no_user_is_one_line(argv, env, status, monkeypatch, capsys, tmp_path):
+    """`--model ~nosuchuser/m` (or such a `convert` input, `--pattern` or LSERVE_LITE_HOME) ended in pathlib's
+    RuntimeError "Could not determine home directory." and a traceback; now one `error:` line naming the path."""
+    from lserve_lite.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    if env:
+        monkeypatch.setenv("LSERVE_LITE_HOME", env)
+    try:
+        code = main(argv)
+    except SystemExit as e:  # the parser's refusal
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == status and "error:" in err and NO_USER in err and "names no user" in err, err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.skipif(
+    not os.path.isdir("/proc/self"), reason="needs Linux's /proc, a folder no file can be made in"
+)
+def test_eval_results_in_a_folder_that_cannot_be_written_are_refused_by_the_parser(capsys):
+    """`eval --out /proc/x` (or a read-only folder) ran every prompt, then failed to write its results ("error:
+    /proc/.x.json.N.tmp: No such file or directory"); the parser now refuses it before the model loads, as
+    calibrate's own check did."""
+    from lserve_lite.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--out", "/proc/lserve-lite-results"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "/proc/lserve-lite-results: cannot be written" in err, err
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero"])
+def test_eval_plot_only_of_a_fifo_or_device_is_one_line(special, tmp_path):
+    """`eval --plot-only` read its JSON with read_text: a FIFO hung the command, /dev/zero grew memory without end
+    (here a MemoryError traceback under a 4 GiB address-space limit); now a results file is read as every JSON
+    file is (config.read_text_file: a regular file of at most 64 MB), and each is one `error:` line."""
+    import resource
+
+    path = special
+    if special == "fifo":
+        path = str(tmp_path / "run.json")
+        os.mkfifo(path)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    r = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "eval", "--plot-only", path],
+        capture_output=True, text=True, timeout=20, preexec_fn=limit,
+    )  # fmt: skip
+    msg = f"error: {path}: not a regular file (a FIFO, device or directory)\n"
+    assert (r.returncode, r.stderr) == (1, msg)

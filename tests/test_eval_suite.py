@@ -150,7 +150,7 @@ def test_plot_only_refuses_a_bad_file_in_one_line(tmp_path, capsys):
     (tmp_path / "p.tsv").write_text("1.0\t0.5\n")
     (tmp_path / "passkey.json").write_text('{"tool": "eval_passkey", "results": []}')
     (tmp_path / "empty.json").write_text('{"tool": "lserve-lite eval", "summary": {}, "results": []}')
-    cases = {"nonexistent.json": "no such file", "p.tsv": "not a JSON file",
+    cases = {"nonexistent.json": "file not found", "p.tsv": "not a JSON file",
              "passkey.json": "not the JSON written by lserve-lite eval", "empty.json": "nothing to plot"}  # fmt: skip
     for name, msg in cases.items():
         assert main(["eval", "--plot-only", str(tmp_path / name)]) == 1, name

@@ -158,8 +158,8 @@ BAD_ARGS = [
         "length 4096 exceeds the model's context",
     ),
     ("eval_selector", ["--model", "/nonexist"], "error: /nonexist"),
-    ("eval_passkey", ["--plot-only", "/nonexist.json"], "error: /nonexist.json: no such file"),
-    ("eval_ppl", ["--plot-only", "/nonexist.json"], "error: /nonexist.json: no such file"),
+    ("eval_passkey", ["--plot-only", "/nonexist.json"], "error: /nonexist.json: file not found"),
+    ("eval_ppl", ["--plot-only", "/nonexist.json"], "error: /nonexist.json: file not found"),
     ("kv_quant_error", ["--steps", "0"], "--steps: 0 is outside [1,"),
     ("kv_quant_error", ["--model", "/nonexist"], "error: /nonexist"),
     (

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ..config import write_text_atomic
+from ..config import read_text_file, write_text_atomic
 from ..errors import InvalidRequestError
 from .eval_args import stem_file
 
@@ -38,14 +38,10 @@ def finish_figure(plt, fig, path: Path, title: str) -> bool:
 
 def load_result(path: str | Path, tool: str) -> dict:
     """The JSON an earlier run of `tool` wrote (its "tool" field), for `--plot-only`: a missing, unreadable or
-    foreign file is one InvalidRequestError, not a traceback from the plot."""
+    foreign file is one LServeError, not a traceback from the plot; read as every JSON file (a FIFO hung it)."""
     path = Path(path)
     try:
-        res = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InvalidRequestError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InvalidRequestError(f"{path}: cannot read it ({e})") from None
+        res = json.loads(read_text_file(path, "a results JSON"))
     except json.JSONDecodeError as e:
         raise InvalidRequestError(f"{path}: not a JSON file ({e})") from None
     if not isinstance(res, dict) or res.get("tool") != tool:

@@ -19,6 +19,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..config import user_path
 from ..errors import ModelLoadError
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -35,7 +36,7 @@ def weights_home() -> Path:
     """The folder holding the default GGUF and the converted default model directory."""
     env = os.environ.get("LSERVE_LITE_HOME")
     if env:
-        return Path(env).expanduser()
+        return user_path(env, "LSERVE_LITE_HOME=")
     repo = Path(__file__).resolve().parents[2]
     if (repo / "pyproject.toml").is_file() and (repo / "weights").is_dir():
         return repo / "weights"

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ModelConfig
+from ..config import ModelConfig, user_path
 from ..errors import ModelLoadError
 from ..sampling_params import is_int
 from .gguf_reader import _one_line, read_gguf
@@ -66,7 +66,7 @@ def convert_gguf(
     An existing non-empty `out_dir` is an error unless `overwrite`; a file there always is. Returns `out_dir`
     (resolved: "." names the working directory, whose name and parent the temp dir needs).
     """
-    src = Path(gguf_path).expanduser()
+    src = user_path(gguf_path)
     try:
         out = Path(out_dir).expanduser().resolve()
     except (OSError, RuntimeError) as e:  # a deleted working directory; a symlink loop

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import lfs_pointer_error
+from ..config import lfs_pointer_error, user_path
 from ..errors import ModelLoadError
 
 
@@ -112,7 +112,7 @@ def read_gguf(gguf_path: str | Path) -> tuple[dict[str, Any], dict[str, GGUFTens
     """
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    path = Path(gguf_path).expanduser()
+    path = user_path(gguf_path)
     if path.is_dir():
         raise ModelLoadError(f"{path}: is a directory; a GGUF file (.gguf) is expected here")
     if not path.is_file():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ModelConfig, path_name, read_json_object, token_ids
+from ..config import ModelConfig, path_name, read_json_object, token_ids, user_path
 from ..errors import ModelLoadError
 from ..tokenizer import Tokenizer
 from .gguf_weights import float_projections, gguf_config, gguf_model, gguf_tokenizer
@@ -132,7 +132,7 @@ def resolve_model_dir(model: str | Path | None) -> Path:
         from .default_model import default_gguf_path
 
         return default_gguf_path()
-    p = Path(model).expanduser()
+    p = user_path(model)
     if _is_gguf(p):
         return p
     if p.is_file():
