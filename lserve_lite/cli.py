@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 
+from . import __version__
 from .config import is_utf8
 from .engine_args import add_engine_args, engine_config_from_args, utf8_text
 from .errors import InvalidRequestError, LServeError, exit_status
@@ -268,6 +269,7 @@ def cmd_kernels(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lserve-lite", description=__doc__)
+    ap.add_argument("--version", action="version", version=f"lserve-lite {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("chat", help="interactive chat REPL (streams replies)")

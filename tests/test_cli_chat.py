@@ -537,6 +537,18 @@ def test_top_level_help():
     assert r.returncode == 0 and "eval" in r.stdout, r.stderr
 
 
+def test_version_is_the_package_version():
+    import lserve_lite
+
+    r = subprocess.run(
+        [sys.executable, "-m", "lserve_lite.cli", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0 and r.stdout.split() == ["lserve-lite", lserve_lite.__version__], (
+        r.stdout,
+        r.stderr,
+    )
+
+
 def test_chat_status_line_reports_cached_tokens(tiny_llama):
     on, off = _chat(tiny_llama), _chat(tiny_llama, "--no-prefix-caching")
     assert [p for _, p in on] == [p for _, p in off] and len(on) == 3
