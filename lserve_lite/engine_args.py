@@ -76,8 +76,11 @@ def float_list(lo: float, hi: float) -> Callable[[str], list[float]]:
 
 
 def name_list(text: str) -> list[str]:
-    """An argparse type: comma-separated distinct names (blanks around each dropped)."""
-    return distinct([t.strip() for t in text.split(",")])
+    """An argparse type: comma-separated distinct names (blanks around each dropped; an empty one refused)."""
+    names = [t.strip() for t in text.split(",")]
+    if "" in names:
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty name (a comma too many?)")
+    return distinct(names)
 
 
 def choice_list(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:

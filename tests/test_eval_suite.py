@@ -108,6 +108,8 @@ def test_per_run_settings_refused_per_setting():
         (["--out", "/"], "--out: /: a directory, not a file"),  # the stem '/' wrote '/.json'
         (["--lengths", "512,512"], "--lengths: 512 is given twice"),  # the same prompts counted twice
         (["--tasks", "qa, qa"], "--tasks: qa is given twice"),
+        (["--tasks", ","], "--tasks: ',' has an empty name"),  # was "argument --tasks:  is given twice"
+        (["--tasks", "qa,"], "--tasks: 'qa,' has an empty name"),
     ],
 )
 def test_eval_refuses_bad_seed_time_limit_and_out_at_the_parser(argv, msg, capsys):
