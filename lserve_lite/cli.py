@@ -130,7 +130,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     )  # `chat < questions > answers`: the file holds the replies alone
     while True:
         try:
-            line = input(prompt)
+            line = _read_line(prompt)
+        except LineTooLong:
+            print(f"error: that line is over {MAX_LINE_CHARS} characters; it was dropped", file=sys.stderr)
+            continue
         except EOFError:
             print(file=sys.stderr)
             return 0
@@ -219,6 +222,28 @@ def _cut(out, params, engine) -> str:
     if engine.max_len < engine.ecfg.resolve_max_len(engine.cfg):  # a larger --max-model-len would not help
         return f"; cut: the context is full (the KV pool (--kv-pages) holds {engine.max_len} tokens)"
     return f"; cut: the context is full (--max-model-len {engine.max_len})"
+
+
+MAX_LINE_CHARS = 1 << 24  # a piped chat line's characters at most: a longer one is read on and dropped
+
+
+class LineTooLong(Exception):
+    """A piped chat line past MAX_LINE_CHARS (its rest read and dropped)."""
+
+
+def _read_line(prompt: str) -> str:
+    """The chat's next line: `input()` at a terminal (line editing, history); from a pipe or a file a bounded read,
+    as `input()` read a line with no newline whole (`chat < /dev/zero` grew memory without end)."""
+    if sys.stdin.isatty():
+        return input(prompt)
+    line = sys.stdin.readline(MAX_LINE_CHARS + 1)
+    if not line:
+        raise EOFError
+    if len(line) > MAX_LINE_CHARS and not line.endswith("\n"):
+        while (rest := sys.stdin.readline(1 << 20)) and not rest.endswith("\n"):
+            pass
+        raise LineTooLong
+    return line.removesuffix("\n")
 
 
 REPLY_ROOM = 16  # tokens a chat prompt leaves free at least, so that a reply can start

@@ -3,6 +3,7 @@ context (oldest exchanges are dropped, with a note), and still answers."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -43,6 +44,27 @@ def test_chat_bad_bytes_under_a_strict_utf8_stdin_lose_only_their_line(tiny_llam
     assert r.returncode == 0, err[-2000:]
     assert "/help: /reset clears" in err and "not valid UTF-8" in err, err[-2000:]
     assert "unknown command /bogus" in err and "(conversation cleared)" in err, err[-2000:]
+
+
+def test_chat_drops_a_piped_line_over_the_limit_with_bounded_reads(tiny_llama, monkeypatch, capsys, tmp_path):
+    """A piped line with no newline (`chat < /dev/zero`) was read whole by input(), memory growing without end: a
+    line past MAX_LINE_CHARS is now read on in bounded pieces and dropped with one error line, and the next line is
+    answered; a line of exactly the limit is a message."""
+    from lserve_lite import cli
+
+    class Piped(io.StringIO):
+        def readline(self, size: int = -1) -> str:
+            assert 0 < size <= 1 << 20, f"an unbounded read ({size})"
+            return super().readline(size)
+
+    monkeypatch.setattr(cli, "MAX_LINE_CHARS", 64)
+    monkeypatch.setattr(sys, "stdin", Piped("x" * 5000 + "\n" + "y" * 64 + "\nhi\n"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    argv = ["chat", "--model", str(tiny_llama), "--backend", "cpu", "--max-new-tokens", "1"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.count("error: that line is over 64 characters; it was dropped") == 1, err[-2000:]
+    assert err.count("tokens, first after") == 2, err[-2000:]  # the 64-character line and "hi"
 
 
 def test_chat_reads_a_windows_file(tiny_llama):
@@ -293,7 +315,7 @@ def test_chat_ctrl_c_at_the_prompt_keeps_the_conversation(tiny_llama, monkeypatc
         return item
 
     monkeypatch.setenv("HOME", str(tmp_path))  # the REPL's history file
-    monkeypatch.setattr("builtins.input", fake_input)
+    monkeypatch.setattr(cli, "_read_line", fake_input)
     argv = ["chat", "--model", str(tiny_llama), "--backend", "cpu", "--max-new-tokens", "2"]
     assert cli.main(argv) == 0
     err = capsys.readouterr().err
@@ -308,7 +330,7 @@ def test_chat_ctrl_c_while_a_paste_is_read_keeps_the_conversation(tiny_llama, mo
 
     typed = iter(["a long paste", "hi", "/exit"])
     monkeypatch.setenv("HOME", str(tmp_path))  # the REPL's history file
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    monkeypatch.setattr(cli, "_read_line", lambda prompt="": next(typed))
     encode_chat = Tokenizer.encode_chat
 
     def interrupted_once(self, messages, *a, **kw):
@@ -384,7 +406,7 @@ def test_chat_refusal_of_a_long_message_gives_the_limit(tiny_llama, monkeypatch,
 
     typed = iter(["hello " * 300, "/exit"])
     monkeypatch.setenv("HOME", str(tmp_path))  # the REPL's history file
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    monkeypatch.setattr(cli, "_read_line", lambda prompt="": next(typed))
     argv = [
         "chat",
         "--model",
