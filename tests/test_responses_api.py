@@ -638,7 +638,8 @@ def test_a_client_gone_before_a_whole_response_aborts_its_request(server):
 
     async def leave() -> None:
         async with httpx.AsyncClient(timeout=60) as c:
-            body = {"input": "hello", "max_output_tokens": 200}
+            # long: it must not end before the client leaves (200 tokens once did, under a loaded CI host)
+            body = {"input": "hello", "max_output_tokens": 960}
             post = asyncio.create_task(c.post(url + "/v1/responses", json=body))
             while _metric(url, "lserve_requests_in_flight") != 1:
                 await asyncio.sleep(0.02)

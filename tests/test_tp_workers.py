@@ -456,7 +456,7 @@ def test_chat_ends_when_a_worker_died(tiny_dir, monkeypatch, capsys):
     proc.join()
     lines = iter(["hello", "again"])
     monkeypatch.setattr(cli, "_make_llm", lambda args: llm)
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setattr(cli, "_read_line", lambda prompt="": next(lines))
     args = cli.build_parser().parse_args(["chat", "--model", str(tiny_dir), "--max-new-tokens", "4"])
     try:
         assert cli.cmd_chat(args) == 1

@@ -258,7 +258,7 @@ def test_chat_ctrl_c_at_any_point_of_a_reply_keeps_the_repl_answering(llm, monke
 
     typed: list[str] = []
     monkeypatch.setenv("HOME", str(tmp_path))  # the REPL's history file
-    monkeypatch.setattr("builtins.input", lambda prompt="": typed.pop(0))
+    monkeypatch.setattr(cli, "_read_line", lambda prompt="": typed.pop(0))
     monkeypatch.setattr(cli, "_make_llm", lambda args: llm)
     argv = ["chat", "--model", "tiny", "--backend", "cpu", "--max-new-tokens", "3"]
 
