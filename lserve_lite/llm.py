@@ -270,9 +270,8 @@ class LLM:
         finally:  # a refused prompt, an error or an interrupt: none of the batch stays queued or running
             # first, in one step that no interrupt splits: the next step does what an interrupt skips here
             self._dropped += rids
-            if (
-                not done
-            ):  # only those still with a box: a finished one's id may be another caller's request now
+            # only those still with a box: a finished one's id may be another caller's request now
+            if not done:
                 self._abort([r for r in rids if r in self._boxes], wait=True)
             for r in rids:
                 self._boxes.pop(r, None)

@@ -251,8 +251,7 @@ class LLMEngine:
         step returns loses none). A plain decode batch is launched without waiting for the device (`_launch`): its
         outputs come one call later; anything else first reads the step in flight, then runs in sync."""
         self._check_open()
-        if self._scoring is not None:
-            self._end_score()
+        self._end_score()
         if outs is not self._ready:  # `score` steps into `_ready` itself
             outs += self._ready
             self._ready = []
@@ -407,8 +406,7 @@ class LLMEngine:
         sized = f"scoring {n} tokens x vocab {vocab}"
         need = MemoryNeed(n * vocab * LOGIT_BYTES, sized, "logits", "the number of tokens scored")
         check_needs([need], *self._host_left)
-        if self._scoring is not None:
-            self._end_score()
+        self._end_score()
         seq = Sequence(list(token_ids), SamplingParams(max_new_tokens=1))
         # prefill only: it selects no pages, so it needs no selection slot (running requests may hold them all);
         # where they hold the pages it needs, they run until they free them (their outputs come with the next step):
@@ -433,8 +431,10 @@ class LLMEngine:
             self._end_score()
 
     def _end_score(self) -> None:
-        """Give back the pages `score` took. A Ctrl-C as its `finally` began skipped this: the next step or score
-        does it (the pages were lost for good)."""
+        """Give back the pages `score` took, if it holds any. A Ctrl-C as its `finally` began skipped this: the next
+        step or score does it (the pages were lost for good)."""
+        if self._scoring is None:
+            return
         with ctrl_c_held():
             self.blocks.release(self._scoring)
             self._scoring = None

@@ -133,9 +133,8 @@ class Scheduler:
         if not self.blocks.has_room(seq, tokens):
             with ctrl_c_held():  # pages moved and recorded whole (module docstring)
                 while not self.blocks.can_grow(seq, tokens):
-                    victim = next(
-                        s for s in reversed(self.running) if s not in batch.seqs
-                    )  # seq is unscheduled
+                    # seq is unscheduled: the newest one not in the batch may be seq itself
+                    victim = next(s for s in reversed(self.running) if s not in batch.seqs)
                     self.running.remove(victim)
                     self._preempt(victim)
                     batch.preempted.append(victim)
@@ -155,9 +154,8 @@ class Scheduler:
             if self.blocks.awaits_prefix(seq):
                 continue
             with ctrl_c_held():  # pages moved and recorded whole (module docstring)
-                n = self.blocks.admit(
-                    seq, budget - used
-                )  # its cached prefix is attached only if the chunk fits
+                # its cached prefix is attached only if the chunk fits
+                n = self.blocks.admit(seq, budget - used)
                 if not n:
                     break
                 got = seq.num_attached
