@@ -28,6 +28,7 @@
 
 #include "pdl.cuh"
 #include "rope_out.cuh"
+#include "spread_norm.cuh"
 
 typedef unsigned char u8;
 
@@ -61,20 +62,26 @@ __device__ __forceinline__ int groups_per_row(int K) {
 // x rows [n, K] fp16 -> xq [P][n][K / 4] words of int8 and xs [P][n][K / 32] {dx, sum of the chunk's xq}.
 // P = 2 (the logits): pass 1 rounds the residual x - dx * xq of pass 0 the same way, so the two passes
 // together leave each value off by dx' / 2 ~ dx / 508 (cpu_quant.logits_q's scheme).
-template <int P>
-__device__ __forceinline__ void quantize_x(const __half* __restrict__ x, int n, int K, int* xq, float2* xs) {
+// NORM (spread_norm.cuh): the rows are r * w of the residual stream sp.res instead of x (rstd applied later).
+template <int P, bool NORM = false>
+__device__ __forceinline__ void quantize_x(const __half* __restrict__ x, int n, int K, int* xq, float2* xs,
+                                           const lserve::Spread& sp) {
   const int nc = K / 32;
   for (int c = threadIdx.x; c < n * nc; c += blockDim.x) {
-    const uint4* src = reinterpret_cast<const uint4*>(x + (long long)c * 32);  // rows are contiguous
     float f[32];
+    if constexpr (NORM) {
+      lserve::spread_normed32(sp, K, c, f);
+    } else {
+      const uint4* src = reinterpret_cast<const uint4*>(x + (long long)c * 32);  // rows are contiguous
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint4 v = __ldg(src + i);
-      const __half2* h = reinterpret_cast<const __half2*>(&v);
+      for (int i = 0; i < 4; ++i) {
+        const uint4 v = __ldg(src + i);
+        const __half2* h = reinterpret_cast<const __half2*>(&v);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 p = __half22float2(h[j]);
-        f[8 * i + 2 * j] = p.x, f[8 * i + 2 * j + 1] = p.y;
+        for (int j = 0; j < 4; ++j) {
+          const float2 p = __half22float2(h[j]);
+          f[8 * i + 2 * j] = p.x, f[8 * i + 2 * j + 1] = p.y;
+        }
       }
     }
 #pragma unroll
@@ -232,10 +239,12 @@ __device__ __forceinline__ void dot_chunks(const Chunks<F, R, U>& b, const int* 
 }
 
 // The warp's sums over its lanes into y (outputs m0 .. m0 + R - 1, or R/2 with SILU: silu(gate) * up, each with
-// int8's per-channel scale rs applied first), then acc cleared for the warp's next row group.
-template <typename F, int R, int NMAX, typename TOut, bool SILU, int ROPE>
+// int8's per-channel scale rs applied first), then acc cleared for the warp's next row group. ADD: each output
+// (rounded to fp16) added into the residual stream instead of stored in y, its square summed into lane 0's ss.
+template <typename F, int R, int NMAX, typename TOut, bool SILU, int ROPE, bool ADD = false>
 __device__ __forceinline__ void store_rows(float (&acc)[R][NMAX], const float (&rs)[R], int n, TOut* __restrict__ y,
-                                           int ldy, int m0, int M, int lane, const lserve::RopeOut& ro) {
+                                           int ldy, int m0, int M, int lane, const lserve::RopeOut& ro,
+                                           const lserve::Spread& sp, float (&ss)[NMAX]) {
 #pragma unroll
   for (int i = 0; i < R; ++i)
 #pragma unroll
@@ -266,6 +275,14 @@ __device__ __forceinline__ void store_rows(float (&acc)[R][NMAX], const float (&
             if (r < n) {
               const float g = rg * acc[i][r];
               y[(long long)r * ldy + m] = __float2half(g / (1.0f + expf(-g)) * (ru * acc[i + R / 2][r]));
+            }
+          }
+        } else if constexpr (ADD) {
+#pragma unroll
+          for (int r = 0; r < NMAX; ++r) {
+            if (r < n) {
+              const float v = lserve::spread_add(sp, r, m, rg * acc[i][r]);
+              ss[r] = fmaf(v, v, ss[r]);
             }
           }
         } else {
@@ -306,18 +323,23 @@ struct SplitItem {
 // ROPE (quant_gemv_split_rope; rope_out.cuh's RopeKind: the cache's kind and KV format): W is the fused q/k/v
 // matrix, outputs in rope_out.cuh's paired order, and the epilogue rotates each pair and writes q and the K/V page
 // slots (`ro`; CudaOps.qkv_rope); every output's sum is quant_gemv_split's at R = 2.
-template <typename F, int R, int NMAX, int P, typename TOut, bool SILU, int UX, int ROPE>
+// SP (spread_norm.cuh; quant_gemv_split_spread, quant_gemv_split_rope_spread): ADD adds the outputs into the
+// residual stream sp.res and leaves the block's sum of squares in sp.part (no y); NORM reads the rows as
+// RMSNorm(sp.res) from the partials (no x). Dynamic shared memory: spread_floats<SWARPS, NMAX> floats more.
+template <typename F, int R, int NMAX, int P, typename TOut, bool SILU, int UX, int ROPE, int SP = lserve::SPREAD_OFF>
 __device__ __forceinline__ void quant_gemv_split_body(const u8* __restrict__ q, const __half* __restrict__ d,
                                                       const __half* __restrict__ mn,
                                                       const unsigned short* __restrict__ sub,
                                                       const __half* __restrict__ x, int n, TOut* __restrict__ y,
-                                                      int ldy, int M, int K, const lserve::RopeOut& ro) {
+                                                      int ldy, int M, int K, const lserve::RopeOut& ro,
+                                                      const lserve::Spread& sp = {}) {
   static_assert(!SILU || R % 2 == 0, "SILU pairs gate and up rows in a warp");
   static_assert(ROPE == 0 || (R % 2 == 0 && !SILU), "ROPE pairs a head's channels j and j + D / 2 in a warp");
   constexpr int U = SPLIT_U<F, R> * UX, RO = SILU ? R / 2 : R;  // chunks per lane and set, outputs per warp
   extern __shared__ int4 smem[];
   int* xq = reinterpret_cast<int*>(smem);
   float2* xs = reinterpret_cast<float2*>(xq + P * n * (K / 4));
+  float* spread_s = reinterpret_cast<float*>(xs + P * n * (K / 32));  // SP: rstd (NORM), warp sums (ADD)
   const int nc = K / 32, ng = groups_per_row<F>(K), steps = (nc + 32 * U - 1) / (32 * U);
   const long long qrow = (long long)K * F::BITS / 8;
   const int lane = threadIdx.x & 31, groups = (M + RO - 1) / RO, gstride = gridDim.x * SWARPS;
@@ -329,14 +351,17 @@ __device__ __forceinline__ void quant_gemv_split_body(const u8* __restrict__ q, 
     ld.next(steps, gstride);
   }
   lserve::pdl_enter();  // and while the kernel that writes x ends
-  quantize_x<P>(x, n, K, xq, xs);
+  if constexpr (SP == lserve::SPREAD_NORM) lserve::spread_rstd<NMAX>(sp, n, K, spread_s);
+  quantize_x<P, SP == lserve::SPREAD_NORM>(x, n, K, xq, xs, sp);
   __syncthreads();
-  if (gw >= groups) return;
-  float acc[R][NMAX];
+  if (SP != lserve::SPREAD_ADD && gw >= groups) return;  // ADD: every warp reaches spread_part's barrier
+  float acc[R][NMAX], ss[NMAX];
 #pragma unroll
-  for (int i = 0; i < R; ++i)
+  for (int r = 0; r < NMAX; ++r) {
+    ss[r] = 0.f;
 #pragma unroll
-    for (int r = 0; r < NMAX; ++r) acc[i][r] = 0.f;
+    for (int i = 0; i < R; ++i) acc[i][r] = 0.f;
+  }
   // One item: the next item's loads into `fill`, then `use`'s math (and its row group's epilogue). Two items a
   // trip, one per register set, so each set's loads are in flight during the other's math.
   auto step = [&](Chunks<F, R, U>& use, Chunks<F, R, U>& fill) {
@@ -346,13 +371,24 @@ __device__ __forceinline__ void quant_gemv_split_body(const u8* __restrict__ q, 
       ld.next(steps, gstride);
     }
     dot_chunks<F, R, U, NMAX, P>(use, xq, xs, n, nc, lane + 32 * U * cur.s, acc);
-    if (cur.s == steps - 1)
-      store_rows<F, R, NMAX, TOut, SILU, ROPE>(acc, use.rs, n, y, ldy, cur.g * RO, M, lane, ro);
+    if (cur.s == steps - 1) {
+      if constexpr (SP == lserve::SPREAD_NORM) {
+#pragma unroll
+        for (int i = 0; i < R; ++i)
+#pragma unroll
+          for (int r = 0; r < NMAX; ++r) acc[i][r] *= spread_s[r];
+      }
+      store_rows<F, R, NMAX, TOut, SILU, ROPE, SP == lserve::SPREAD_ADD>(acc, use.rs, n, y, ldy, cur.g * RO, M, lane,
+                                                                         ro, sp, ss);
+    }
     cur.next(steps, gstride);
     return cur.g < groups;
   };
-  while (step(a, b) && step(b, a)) {
+  if (gw < groups) {
+    while (step(a, b) && step(b, a)) {
+    }
   }
+  if constexpr (SP == lserve::SPREAD_ADD) lserve::spread_part<SWARPS, NMAX>(sp, n, ss, spread_s);
 }
 
 template <typename F, int R, int NMAX, int P, typename TOut, bool SILU = false, int UX = 1>
@@ -371,6 +407,28 @@ __global__ void __launch_bounds__(SWARPS * 32, (SPLIT_MIN_BLOCKS<F, 2, NMAX, 1, 
                           const unsigned short* __restrict__ sub, const __half* __restrict__ x, int n, int M, int K,
                           const lserve::RopeOut ro) {
   quant_gemv_split_body<F, 2, NMAX, 1, __half, false, 1, ROPE>(q, d, mn, sub, x, n, nullptr, 0, M, K, ro);
+}
+
+// Batch-1 launches with the spread norm (SP above; CudaOps.linear_add and its consumers): SPREAD_ADD, the output
+// projections (x their input, y unused), or SPREAD_NORM, gate_up with SILU (x unused). One row, one pass, fp16.
+template <typename F, int R, bool SILU, int UX, int SP>
+__global__ void __launch_bounds__(SWARPS * 32, (SPLIT_MIN_BLOCKS<F, R, 1, 1, SILU, UX>))
+    quant_gemv_split_spread(const u8* __restrict__ q, const __half* __restrict__ d, const __half* __restrict__ mn,
+                            const unsigned short* __restrict__ sub, const __half* __restrict__ x,
+                            __half* __restrict__ y, int ldy, int M, int K, const lserve::Spread sp) {
+  static_assert(SP != lserve::SPREAD_ADD || !SILU, "the residual add follows an output projection");
+  quant_gemv_split_body<F, R, 1, 1, __half, SILU, UX, 0, SP>(q, d, mn, sub, x, 1, y, ldy, M, K, lserve::RopeOut{},
+                                                            sp);
+}
+
+// The q/k/v GEMV with the RoPE epilogue over RMSNorm(sp.res) from the partials (SPREAD_NORM; one row).
+template <typename F, int ROPE>
+__global__ void __launch_bounds__(SWARPS * 32, (SPLIT_MIN_BLOCKS<F, 2, 1, 1, false, 1>))
+    quant_gemv_split_rope_spread(const u8* __restrict__ q, const __half* __restrict__ d,
+                                 const __half* __restrict__ mn, const unsigned short* __restrict__ sub, int M, int K,
+                                 const lserve::RopeOut ro, const lserve::Spread sp) {
+  quant_gemv_split_body<F, 2, 1, 1, __half, false, 1, ROPE, lserve::SPREAD_NORM>(q, d, mn, sub, nullptr, 1, nullptr,
+                                                                                 0, M, K, ro, sp);
 }
 
 // out[j, :] = W's row (rows ? rows[j] : r0 + j) as fp16, for j < nrows; one thread per 8 values (a 16-byte

@@ -178,6 +178,7 @@ def test_kernel_names_cover_every_format_and_row_count():
         SPLIT_R,
         SPLIT_ROWS,
         SPLIT_SILU_R,
+        SPREAD_ROPE_KINDS,
         kernel_names,
     )
     from lserve_lite.backends.quant_split import SPLIT_FORMATS
@@ -188,7 +189,12 @@ def test_kernel_names_cover_every_format_and_row_count():
     # instantiations per NMAX, + deep, dequant
     per_fmt = (len(SPLIT_PASSES) * len(SPLIT_R) + len(SPLIT_SILU_R) + 2) * len(SPLIT_ROWS) + 2
     per_fmt += 2 * (len(KV_FORMAT_INDEX) - 1) * len(QUANT_ROPE_ROWS)
+    # the spread norm's module: the producer at every R and the deep sets, gate_up at the SiLU R, q/k/v per kind
+    per_fmt += len(SPLIT_R) + 1 + len(SPLIT_SILU_R) + len(SPREAD_ROPE_KINDS)
     assert len(SPLIT_KERNELS) == len(SPLIT_FORMATS) * per_fmt
+    spread = kernel_names("q4_1", ("spread",))
+    assert "quant_gemv_split_spread<SQ4_1, 2, false, 2, 1>" in spread  # the deep producer
+    assert "quant_gemv_split_rope_spread<SQ4_1, 2>" in spread and not set(spread) & set(kernel_names("q4_1"))
     names = kernel_names("q4_k")
     assert "quant_gemv<Q4_K, 8, float>" in names and "quant_gemv2<Q4_K, 8, float>" in names
     assert "quant_gemv_split<SQ4_K, 2, 4, 2, float>" in names and "quant_dequant_split<SQ4_K>" in names

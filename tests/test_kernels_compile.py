@@ -13,7 +13,8 @@
   against the plain kernel plus NumPy's RoPE), and the k-quants' split GEMV, logits, dequantize and gate_up kernels
   (their integer sub-scales), compiled as host code and run against float64 (tools/quant_host_check.py); the
   sampling kernels against the CPU sampler and logprobs (tools/sampling_host_check.py); the K/V writes into quantized
-  caches against the reference layers (tools/layers_host_check.py).
+  caches against the reference layers (tools/layers_host_check.py); the spread norm's kernels
+  (tools/spread_host_check.py).
 """
 
 from __future__ import annotations
@@ -138,7 +139,28 @@ def test_split_kernels_on_the_host(args):
         assert run.stdout.count("residual exact PASS") == 2 * len(NORM_SHAPES) * len(ROW_SLICES)
 
 
-@pytest.mark.parametrize("tool", ["quant_host_check.py", "page_select_host_check.py", "layers_host_check.py"])
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None, reason="nvcc not installed (the host emulation builds with it)"
+)
+def test_spread_norm_kernels_on_the_host():
+    """The spread norm's producer and consumers (tools/spread_host_check.py: q4_1, int8, q4_k) against float64 and bit
+    for bit against the plain split kernels; every case must print, and pass."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "spread_host_check.py"
+    run = subprocess.run([sys.executable, str(tool)], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0 and "all passed" in run.stdout, run.stdout[-4000:] + run.stderr[-4000:]
+    # producer: 3 shapes (q4_k's 256-value blocks: 1) x 4 R x 2 grids; gate_up: 2 shapes (q4_k 1) x 2 R; q/k/v: 2 x 2
+    assert run.stdout.count(" PASS") == (3 + 3 + 1) * 4 * 2 + (2 + 2 + 1) * 2 + 3 * 2 * 2
+
+
+@pytest.mark.parametrize(
+    "tool",
+    ["quant_host_check.py", "page_select_host_check.py", "layers_host_check.py", "spread_host_check.py"],
+)
 def test_host_checks_refuse_a_negative_seed_before_building(tool):
     """`--seed -1` built the emulator (nvcc, a minute) and then ended in NumPy's ValueError traceback."""
     import subprocess

@@ -16,6 +16,12 @@
 // of layers.cu has inline PTX), W fp16:
 //   quant_host_emu grows - n M K W X Y                  y[n, M] (float) = x W^T through gemv_rows<n, float>
 //   quant_host_emu gsilu - n M K W X Y                  y[n, M] (fp16) through gemv_rows<n, __half, true>
+// The spread norm (spread_norm.cuh), one row of x:
+//   quant_host_emu sadd FMT M K R G Q D MN SUB X RES PART   quant_gemv_split_spread with SPREAD_ADD (R as split's:
+//                                                          -2 the deep sets): RES [M] float32 updated in place,
+//                                                          PART [blocks] written (NaN-poisoned first)
+// and an ssilu / srope run of n = 1 may start with `spread RES PARTS NP LNW EPS` (X "-"): the SPREAD_NORM kernels
+// (quant_gemv_split_spread with SILU, quant_gemv_split_rope_spread) over RMSNorm(RES [K]) from NP partials.
 // A grows / gsilu run may start with `norm RES LNW RESOUT EPS` (RES "-": no residual): gemv_rows' NORM
 // instantiation (rms_in.cuh's residual add and RMSNorm of x in the prologue; fp16 outputs), with the residual
 // stream it writes in RESOUT.
@@ -76,6 +82,14 @@ struct EmuNorm {
   const __half* w = nullptr;
 };
 EmuNorm emu_norm;
+
+struct EmuSpread {  // the `spread` prefix's files, read when K is known
+  bool on = false;
+  const char *res_path, *part_path, *w_path;
+  int parts = 0;
+  float eps = 0.f;
+};
+EmuSpread emu_spread;
 
 template <typename T>
 static T* read_file(const char* path, size_t count, size_t pad) {
@@ -221,6 +235,40 @@ static void gemv_split_silu(int n, int M, int K, int ldy, int G, char** a) {
   write_file(a[5], yp, y.size());
 }
 
+// quant_gemv_split_spread with SILU and SPREAD_NORM: one row, its input RMSNorm(RES) from the partials.
+template <typename S, int R>
+static void gemv_split_silu_spread(int M, int K, int ldy, int G, char** a) {
+  const SplitArrays<S> w(a, 2 * M, K);
+  lserve::Spread sp{};
+  sp.res = read_file<float>(emu_spread.res_path, K, 0);
+  sp.part = read_file<float>(emu_spread.part_path, emu_spread.parts, 0);
+  sp.w = read_file<__half>(emu_spread.w_path, K, 0);
+  sp.ld = K, sp.parts = emu_spread.parts, sp.eps = emu_spread.eps;
+  std::vector<__half> y((size_t)ldy, __float2half(12344.f));
+  __half* yp = y.data();
+  launch_blocks(split_grid(M, R / 2, G), SWARPS, [=] {
+    quant_gemv_split_spread<S, R, true, 1, lserve::SPREAD_NORM>(w.q, w.d, w.mn, w.sub, nullptr, yp, ldy, M, K, sp);
+  });
+  write_file(a[5], yp, y.size());
+}
+
+// quant_gemv_split_spread with SPREAD_ADD: RES [M] += fp16(x W^T), PART [blocks] the blocks' sums of squares.
+template <typename S, int R, int UX>
+static void gemv_split_add(int M, int K, int G, char** a) {
+  const SplitArrays<S> w(a, M, K);
+  const int blocks = split_grid(M, R, G);
+  lserve::Spread sp{};
+  sp.res = read_file<float>(a[5], M, 0);
+  std::vector<float> part(blocks, NAN);
+  sp.part = part.data(), sp.ld = M;
+  const __half* x = read_file<__half>(a[4], K, 0);
+  launch_blocks(blocks, SWARPS, [=] {
+    quant_gemv_split_spread<S, R, false, UX, lserve::SPREAD_ADD>(w.q, w.d, w.mn, w.sub, x, nullptr, 0, M, K, sp);
+  });
+  write_file(a[5], sp.res, M);
+  write_file(a[6], part.data(), blocks);
+}
+
 template <typename S, int R>
 static void gemv_split_silu_n(int n, int M, int K, int ldy, int G, char** a) {
   if (n <= 1) return gemv_split_silu<S, R, 1>(n, M, K, ldy, G, a);
@@ -291,6 +339,24 @@ static void gemv_split_rope(const int* s, char** a) {  // s: n Hq Hkv D K page L
   e.save();
 }
 
+// quant_gemv_split_rope_spread: srope's arguments (n = 1, X "-") over RMSNorm(RES) from the `spread` partials.
+template <typename S, int KIND>
+static void gemv_split_rope_spread(const int* s, char** a) {
+  const int K = s[4], M = (s[1] + 2 * s[2]) * s[3], G = s[11];
+  const SplitArrays<S> w(a, M, K);
+  const EmuRope e(1, s[1], s[2], s[3], s[5], s[6], s[7], s[8], s[9], s[10], a + 5);
+  const lserve::RopeOut ro = e.ro;
+  lserve::Spread sp{};
+  sp.res = read_file<float>(emu_spread.res_path, K, 0);
+  sp.part = read_file<float>(emu_spread.part_path, emu_spread.parts, 0);
+  sp.w = read_file<__half>(emu_spread.w_path, K, 0);
+  sp.ld = K, sp.parts = emu_spread.parts, sp.eps = emu_spread.eps;
+  launch_blocks(split_grid(M, 2, G), SWARPS, [=] {
+    quant_gemv_split_rope_spread<S, KIND>(w.q, w.d, w.mn, w.sub, M, K, ro, sp);
+  });
+  e.save();
+}
+
 template <int N, int KIND>
 static void rows_rope(const int* s, char** a) {  // s: n Hq Hkv D K page L P nd ns sub
   const int K = s[4], M = (s[1] + 2 * s[2]) * s[3] / 2;  // RoPE pairs
@@ -312,13 +378,23 @@ static void run_split(const std::string& mode, char** v) {
     int s[12];
     for (int i = 0; i < 12; ++i) s[i] = atoi(v[i]);  // n Hq Hkv D K page L P nd ns sub G
     const bool ls = strcmp(v[12 + 5 + 9], "-") != 0;  // HC given: an LServe cache (ROPE = 2)
+    if (emu_spread.on) return ls ? gemv_split_rope_spread<S, 2>(s, v + 12) : gemv_split_rope_spread<S, 1>(s, v + 12);
     if (s[0] <= 1) return ls ? gemv_split_rope<S, 1, 2>(s, v + 12) : gemv_split_rope<S, 1, 1>(s, v + 12);
     if (s[0] <= 4) return ls ? gemv_split_rope<S, 4, 2>(s, v + 12) : gemv_split_rope<S, 4, 1>(s, v + 12);
     return ls ? gemv_split_rope<S, 8, 2>(s, v + 12) : gemv_split_rope<S, 8, 1>(s, v + 12);
   }
   if (mode == "dsplit") return dequant_split<S>(atoi(v[0]), atoi(v[1]), atoi(v[2]), v + 3);
+  if (mode == "sadd") {
+    const int M = atoi(v[0]), K = atoi(v[1]), R = atoi(v[2]), G = atoi(v[3]);
+    if (R == 1) return gemv_split_add<S, 1, 1>(M, K, G, v + 4);
+    if (R == 2) return gemv_split_add<S, 2, 1>(M, K, G, v + 4);
+    if (R == -2) return gemv_split_add<S, 2, 2>(M, K, G, v + 4);
+    return gemv_split_add<S, 4, 1>(M, K, G, v + 4);
+  }
   if (mode == "ssilu") {
     const int n = atoi(v[0]), M = atoi(v[1]), K = atoi(v[2]), ldy = atoi(v[3]), R = atoi(v[4]), G = atoi(v[5]);
+    if (emu_spread.on) return R == 2 ? gemv_split_silu_spread<S, 2>(M, K, ldy, G, v + 6)
+                                     : gemv_split_silu_spread<S, 4>(M, K, ldy, G, v + 6);
     if (R == 2) return gemv_split_silu_n<S, 2>(n, M, K, ldy, G, v + 6);
     return gemv_split_silu_n<S, 4>(n, M, K, ldy, G, v + 6);
   }
@@ -378,6 +454,12 @@ int main(int argc, char** argv) {
     emu_norm.eps = (float)atof(argv[5]);
     argc -= 5, argv += 5;
   }
+  if (argc > 6 && !strcmp(argv[1], "spread")) {
+    emu_spread.on = true;
+    emu_spread.res_path = argv[2], emu_spread.part_path = argv[3], emu_spread.parts = atoi(argv[4]);
+    emu_spread.w_path = argv[5], emu_spread.eps = (float)atof(argv[6]);
+    argc -= 6, argv += 6;
+  }
   if (argc < 4) return 2;
   const std::string mode = argv[1], fmt = argv[2];
   char** v = argv + 3;
@@ -397,7 +479,7 @@ int main(int argc, char** argv) {
     else ls ? rows_rope<8, 2>(s, v + 11) : rows_rope<8, 1>(s, v + 11);
     return 0;
   }
-  if (mode == "split" || mode == "dsplit" || mode == "ssilu" || mode == "srope") {
+  if (mode == "split" || mode == "dsplit" || mode == "ssilu" || mode == "srope" || mode == "sadd") {
     if (fmt == "q8_0") run_split<SQ8_0>(mode, v);
     else if (fmt == "q4_0") run_split<SQ4_0>(mode, v);
     else if (fmt == "q4_1") run_split<SQ4_1>(mode, v);

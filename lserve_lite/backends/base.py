@@ -180,6 +180,15 @@ class EagerExecutor:
         return None
 
 
+@dataclass(frozen=True)
+class Added:
+    """A projection's output already added into the residual stream by its kernel (Ops.linear_add), with what the
+    next norm needs of it: each block's sum of squares of the values it wrote (`part` [parts, N] on the device)."""
+
+    part: Array
+    parts: int
+
+
 class Ops(Protocol):
     """Backend operations; arrays are the backend's own (NumPy or CuPy). A weight given to `upload` may be a
     float array, a `QuantTensor` or a `RowStack` (weights/qtensor.py); `linear`, `embed` and `logits` take
@@ -225,6 +234,12 @@ class Ops(Protocol):
         """A layer's input norm and the projection that consumes it: (linear(h, w, bias), or gate_up_silu(h, w)
         with `silu`; the residual stream), h = add_rmsnorm(x, residual): one method so that a backend can run the
         norm inside the product's kernel (CUDA: decode GEMVs); `norm_then_linear` is the unfused form."""
+        ...
+
+    def linear_add(self, x: Array, w: Array, residual: Array) -> tuple[Array | Added, Array]:
+        """An output projection whose result joins the residual stream before the next norm: (linear(x, w), residual)
+        for the next rmsnorm_linear / qkv_rope, or, where a backend adds it in the product's epilogue (CUDA: the
+        spread norm of packed-weight decode), (Added, the residual stream with it added)."""
         ...
 
     def rope_write_kv(

@@ -196,6 +196,10 @@ class CpuOps:
         """silu_mul(linear(h, w)): the same kernels and numerics as the two calls (nothing fused on the CPU)."""
         return self.silu_mul(self.linear(h, w))
 
+    def linear_add(self, x, w, residual):
+        """linear(x, w), the residual add left to the next norm (nothing fused on the CPU)."""
+        return self.linear(x, w), residual
+
     def rmsnorm_linear(self, x, residual, norm_w, eps, w, bias=None, silu=False):
         """The two calls (nothing fused on the CPU)."""
         return norm_then_linear(self, x, residual, norm_w, eps, w, bias, silu)

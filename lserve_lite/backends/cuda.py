@@ -26,6 +26,7 @@ from ..sparse.plan import AttentionPlan
 from ..weights.qtensor import QuantTensor, RowStack
 from .base import (
     ROPE_CHUNK,
+    Added,
     EagerExecutor,
     Forward,
     KVCache,
@@ -274,8 +275,9 @@ class CudaOps:
     async_steps = True  # kernels and graph replays are queued on a stream: the host may plan the next step
 
     def __init__(
-        self, device: int | None = None, fuse_rope: bool | None = None, fuse_rope_quant: bool | None = None
-    ):
+        self, device: int | None = None, fuse_rope: bool | None = None, fuse_rope_quant: bool | None = None,
+        spread_norm: bool | None = None,
+    ):  # fmt: skip
         import cupy as cp
         from cupy_backends.cuda.api import runtime
 
@@ -324,6 +326,11 @@ class CudaOps:
         # gemv_rows with S = 2 warps per row where twice the rows fit this many waves of resident warps (gemv_slices);
         # LSERVE_GEMV_KSPLIT=0: one warp per row everywhere (1.5, splitting the QKV projection too, measured slower).
         self.gemv_ksplit = env_float("LSERVE_GEMV_KSPLIT", 1.0, 0.0, 8.0)
+        # The spread norm of batch-1 packed-weight decode (linear_add; kernels/spread_norm.cuh) with
+        # LSERVE_CUDA_SPREAD_NORM=1; off by default until measured faster on a GPU (`spread_norm`: this instance's).
+        env_spread = env_flag("LSERVE_CUDA_SPREAD_NORM", False)
+        self.spread_norm = env_spread if spread_norm is None else spread_norm
+        self.quant.spread = self.spread_norm
         self.resident_warps = 64 * int(self.device.attributes["MultiProcessorCount"])  # at <= 32 registers
 
     # -- data movement ------------------------------------------------------------------------
@@ -617,13 +624,38 @@ class CudaOps:
             fused = True
         return out if fused else self.silu_mul(self.linear(h, w), out=out)
 
+    def _spreads(self, w, n: int) -> bool:
+        """Whether the spread norm runs around the GEMV of n rows of w: on, one row, a split weight."""
+        return self.spread_norm and n == 1 and isinstance(w, DeviceQuant) and w.split is not None
+
+    def linear_add(self, x, w, residual):
+        """One row of a split weight with the spread norm on: res += fp16(x @ w^T) in the GEMV's epilogue, each block
+        leaving its sum of squares for the next norm (Added); otherwise `linear`, the add left to that norm.
+        Reference: reference/layers.rmsnorm_ref's residual add of the plain product."""
+        if residual is None or not self._spreads(w, int(x.shape[0])):
+            return self.linear(x, w), residual
+        res = self.cp.ascontiguousarray(residual, dtype=self.cp.float32)
+        return self.quant.linear_add(self.cp.ascontiguousarray(x), w, res), res
+
+    def _stream_only(self, residual):
+        """x for the composed norm over a stream that already holds the projection (an Added whose consumer has no
+        spread kernel): zeros, so that add_rmsnorm's sum is the stream itself, bit for bit."""
+        return self.cp.zeros(residual.shape, self.cp.float16)
+
     def rmsnorm_linear(self, x, residual, norm_w, eps, w, bias=None, silu=False):
         """Decode rows of an fp16 weight: the residual add and RMSNorm in the prologue of gemv_rows (NORM: no
         add_rmsnorm launch), the residual stream returned in a new float32 array. Everything else (packed
         weights, whose split GEMV measured slower with the norm in its prologue: docs/ARCHITECTURE.md; cuBLAS
         rows; N * K halves past NORM_SMEM) and LSERVE_CUDA_FUSE_NORM=0: add_rmsnorm, then `linear` /
-        `gate_up_silu`. Reference: that composition of reference/layers.rmsnorm_ref and the product."""
+        `gate_up_silu`. After linear_add's Added: gate_up's spread norm kernel (one launch; anything else
+        composes). Reference: that composition of reference/layers.rmsnorm_ref and the product."""
         cp = self.cp
+        if isinstance(x, Added):
+            if silu and self.fuse_silu and self._spreads(w, 1):
+                out = cp.empty((1, int(w.shape[0]) // 2), cp.float16)
+                self.quant.gate_up_norm(x, residual, norm_w, eps, w, out)
+                return out, residual
+            x = self._stream_only(residual)
         n, k = int(x.shape[0]), int(x.shape[1])
         rows = int(w.shape[0]) // 2 if silu else int(w.shape[0])
         norm = None
@@ -668,22 +700,23 @@ class CudaOps:
         weight): no rope_write_kv launch, no qkv array (a quantized cache's K / V heads pass through a stage the
         size of one). Everything else (`fuses_qkv_rope` false: cuBLAS rows, RowStacks, block formats, steps of more
         than `fuse_rope_rows` rows, quantized caches at more than one row): `norm_qkv_rope`. Reference:
-        reference/layers.rope_write_kv(_sparse)_ref of rmsnorm_linear's product."""
+        reference/layers.rope_write_kv(_sparse)_ref of rmsnorm_linear's product. After linear_add's Added, into an
+        fp16 cache: the split GEMV's spread norm kernel (anything else composes)."""
         cp = self.cp
+        if isinstance(x, Added):
+            fused = self.fuses_qkv_rope(residual, w, positions, slots, cache)
+            if fused and self._spreads(w, 1) and not cache.quantized:
+                q, ro, _alive = self._rope_out(1, w, positions, slots, cache, layer, rope, bias)
+                self.quant.qkv_rope_norm(x, residual, norm_w, eps, w, ro)
+                return q, residual
+            x = self._stream_only(residual)
         if not self.fuses_qkv_rope(x, w, positions, slots, cache):
             return norm_qkv_rope(
                 self, x, residual, norm_w, eps, w, bias, positions, slots, cache, layer, rope
             )
-        n, k, m, d = int(x.shape[0]), int(x.shape[1]), int(w.shape[0]), cache.head_dim
+        n, k, m = int(x.shape[0]), int(x.shape[1]), int(w.shape[0])
         split = isinstance(w, DeviceQuant) and w.split is not None
-        quant = cache.quantized
-        hq = m // d - 2 * cache.kv_heads(layer)
-        q = cp.empty((n, hq, d), cp.float16)
-        pos, slots = cp.ascontiguousarray(positions), cp.ascontiguousarray(slots)  # alive until the launch
-        stage = cp.empty((n, m // d, d), cp.float16) if quant else None
-        ro = rope_out(
-            pos, slots, rope, q, cache, layer, bias, hq, stage, self._rope_tickets if quant else None
-        )
+        q, ro, _alive = self._rope_out(n, w, positions, slots, cache, layer, rope, bias)
         norm = self._prologue_norm(x, residual, norm_w, eps, w, self.gemv_slices(m, k), True)  # fp16 w only
         if norm is not None:
             self._gemv_rows(cp.ascontiguousarray(x), w, q, m // 2, k, norm=norm, rope=ro)
@@ -694,6 +727,20 @@ class CudaOps:
         else:
             self._gemv_rows(h, w, q, m // 2, k, rope=ro)
         return q, residual
+
+    def _rope_out(self, n: int, w, positions, slots, cache: KVCache, layer: int, rope, bias) -> tuple:
+        """(q [n, Hq, D] to fill, the RopeOut argument of a fused q/k/v launch, the arrays its pointers name: keep
+        them alive until the launch)."""
+        cp, m, d = self.cp, int(w.shape[0]), cache.head_dim
+        quant = cache.quantized
+        hq = m // d - 2 * cache.kv_heads(layer)
+        q = cp.empty((n, hq, d), cp.float16)
+        pos, slots = cp.ascontiguousarray(positions), cp.ascontiguousarray(slots)
+        stage = cp.empty((n, m // d, d), cp.float16) if quant else None
+        ro = rope_out(
+            pos, slots, rope, q, cache, layer, bias, hq, stage, self._rope_tickets if quant else None
+        )
+        return q, ro, (pos, slots, stage)
 
     def silu_mul(self, gate_up, out=None):
         """Reference: reference/layers.silu_mul_ref."""

@@ -31,9 +31,11 @@ import numpy as np
 
 from ..config import env_choice, env_flag
 from ..weights.qtensor import FORMATS, LAYOUTS, QuantTensor, RowStack, Weight, stored_bytes
+from .base import Added
 from .cuda_compile import load_module
 from .quant_split import SPLIT_FORMATS, SplitFormat, split
 from .rope_out import rope_kind, rope_kinds, rope_rows
+from .spread import spread_arg
 
 QUANT_SOURCE = "quant_gemv.cu"
 SPLIT_SOURCE = "quant_gemv_split.cu"
@@ -64,6 +66,10 @@ SPLIT_GRIDS = ("persist", "grid")  # LSERVE_QGEMV_SPLIT: the split GEMV's grid (
 # pass), for matrices whose row groups all fit the GPU's resident warps (split_deep)
 SPLIT_DEEP_R = 2
 SPLIT_ROPE_R = 2  # rows per warp of quant_gemv_split_rope (one RoPE pair; fixed in the kernel)
+# The spread norm (spread_norm.cuh; CudaOps.linear_add): floats of shared memory past split_smem (NMAX = 1), the
+# modes' template values, and the RoPE kinds its q/k/v consumer is compiled for (fp16 caches, dense and LServe)
+SPREAD_SMEM_FLOATS, SPREAD_ADD, SPREAD_NORM = SPLIT_WARPS, 1, 2
+SPREAD_ROPE_KINDS = (1, 2)
 SMEM_DEFAULT = 48 << 10  # dynamic shared memory a launch gets without opting in
 
 
@@ -102,11 +108,33 @@ def rope_name(trait: str, nmax: int, kind: int) -> str:
     return f"quant_gemv_split_rope<{trait}, {nmax}, {kind}>"
 
 
+def spread_name(trait: str, r: int, mode: int, silu: bool = False, ux: int = 1) -> str:
+    """A batch-1 split GEMV with the spread norm: `mode` SPREAD_ADD (an output projection adding into the residual
+    stream) or SPREAD_NORM (gate_up with `silu`, normalizing the stream)."""
+    return f"quant_gemv_split_spread<{trait}, {r}, {'true' if silu else 'false'}, {ux}, {mode}>"
+
+
+def spread_rope_name(trait: str, kind: int) -> str:
+    """The q/k/v split GEMV with the RoPE epilogue over the spread norm's stream (one row)."""
+    return f"quant_gemv_split_rope_spread<{trait}, {kind}>"
+
+
+def spread_names(trait: str) -> list[str]:
+    """The spread norm's instantiations of a split format: the producer at every R (and the deep sets), gate_up at
+    the SiLU R, q/k/v at SPREAD_ROPE_KINDS (a module of its own, compiled only when the spread norm is on)."""
+    names = [spread_name(trait, r, SPREAD_ADD) for r in SPLIT_R]
+    names.append(spread_name(trait, SPLIT_DEEP_R, SPREAD_ADD, ux=2))
+    names += [spread_name(trait, r, SPREAD_NORM, silu=True) for r in SPLIT_SILU_R]
+    return names + [spread_rope_name(trait, kind) for kind in SPREAD_ROPE_KINDS]
+
+
 def split_name_shape(name: str) -> tuple[int, int]:
-    """(NMAX, passes) of a split GEMV instantiation's name: quant_gemv_split<T, R, NMAX, P, ...>, or
-    `rope_name`'s quant_gemv_split_rope<T, NMAX, KIND> (one pass)."""
+    """(NMAX, passes) of a split GEMV instantiation's name: quant_gemv_split<T, R, NMAX, P, ...>,
+    `rope_name`'s quant_gemv_split_rope<T, NMAX, KIND> (one pass), or a spread norm's (one row, one pass)."""
     f = name.split(",")
-    return (int(f[1]), 1) if name.startswith("quant_gemv_split_rope<") else (int(f[2]), int(f[3]))
+    if name.startswith("quant_gemv_split_rope<"):
+        return int(f[1]), 1
+    return (1, 1) if "_spread<" in name else (int(f[2]), int(f[3]))
 
 
 def deep_setting() -> bool:
@@ -184,14 +212,17 @@ def kernel_names(fmt: str, variants: tuple[str, ...] = (*GEMV_VARIANTS, "split")
                 names.append(deep_name(s))
                 names.append(f"quant_dequant_split<{s}>")
             continue
+        if v == "spread":
+            names += spread_names(SPLIT_FORMATS[fmt].trait) if fmt in SPLIT_FORMATS else []
+            continue
         names += [f"{GEMV_VARIANTS[v][0]}<{t}, {n}, {o}>" for n in GEMV_ROWS for o in ("__half", "float")]
-    if any(v != "split" for v in variants):
+    if any(v in GEMV_VARIANTS for v in variants):
         names.append(f"quant_dequant<{t}>")
     return tuple(names)
 
 
 QUANT_KERNELS = tuple(name for fmt in FORMATS for name in kernel_names(fmt, tuple(GEMV_VARIANTS)))
-SPLIT_KERNELS = tuple(name for fmt in SPLIT_FORMATS for name in kernel_names(fmt, ("split",)))
+SPLIT_KERNELS = tuple(name for fmt in SPLIT_FORMATS for name in kernel_names(fmt, ("split", "spread")))
 
 
 @dataclass(frozen=True, eq=False)
@@ -247,6 +278,7 @@ class QuantKernels:
         self.split_grid = split_grid_setting()  # "persist" | "grid": the split GEMV's grid (split_blocks)
         self.split_resident: int | None = None  # persistent launches' blocks (None: the occupancy's; tests)
         self.split_deep = deep_setting()  # the deep GEMV where split_deep allows it
+        self.spread = False  # the spread norm's kernels compiled at upload too (CudaOps.spread_norm sets it)
         self._resident: dict[tuple[str, int], int] = {}  # (kernel, shared memory) -> blocks resident at once
         self._num_sms: int | None = None
         self._fns: dict[tuple[str, str], dict[str, Any]] = {}
@@ -282,12 +314,14 @@ class QuantKernels:
             for v in {self._variant(w, n) for n in (1, GEMV_MAX_ROWS)}:
                 self._kernels(w.fmt, v)
             return
-        for name, fn in self._kernels(w.fmt, "split").items():
-            if name.startswith("quant_gemv_split"):
-                nmax, passes = split_name_shape(name)
-                self._opt_in(name, fn, split_smem(nmax, k, passes))
-                if self.split_grid == "persist" and split_smem(nmax, k, passes) <= self.smem_limit:
-                    self.resident_blocks(name, fn, split_smem(nmax, k, passes))
+        for variant in ("split", "spread") if self.spread else ("split",):
+            for name, fn in self._kernels(w.fmt, variant).items():
+                if name.startswith("quant_gemv_split"):
+                    nmax, passes = split_name_shape(name)
+                    smem = split_smem(nmax, k, passes) + 4 * SPREAD_SMEM_FLOATS * (variant == "spread")
+                    self._opt_in(name, fn, smem)
+                    if self.split_grid == "persist" and smem <= self.smem_limit:
+                        self.resident_blocks(name, fn, smem)
 
     def _device(self, a: np.ndarray):
         """A host array's bytes on the device, flat, with PAD zero bytes after them."""
@@ -343,7 +377,7 @@ class QuantKernels:
         fns = self._fns.get(key)
         if fns is None:
             names = kernel_names(fmt, (variant,))
-            mod = load_module(SPLIT_SOURCE if variant == "split" else QUANT_SOURCE, names)
+            mod = load_module(SPLIT_SOURCE if variant in ("split", "spread") else QUANT_SOURCE, names)
             fns = self._fns[key] = {n: mod.get_function(n) for n in names}
         return fns
 
@@ -428,22 +462,66 @@ class QuantKernels:
             name = f"quant_gemv_split<{w.split.trait}, {r}, {nmax}, {passes}, {t}{tail}>"
             if rope is not None:
                 name = rope_name(w.split.trait, nmax, rope_kind(rope))
-            fn, smem = fns[name], split_smem(rows, k, passes)
+            smem = split_smem(rows, k, passes)
             if rope is None:
                 args = (w.data, *self._fields(w), x[i : i + rows], np.int32(rows), out[i : i + rows], ldy,
                         np.int32(outs), np.int32(k))  # fmt: skip
             else:  # no y: the RopeOut struct, moved to these rows
                 args = (w.data, *self._fields(w), x[i : i + rows], np.int32(rows), np.int32(outs), np.int32(k),
                         rope_rows(rope, i))  # fmt: skip
-            resident = self.split_resident
-            if resident is None and self.split_grid == "persist":
-                resident = self.resident_blocks(name, fn, smem)
-            if self.split_deep and not silu and rope is None and nmax == 1 and passes == 1:
-                deep = deep_name(w.split.trait)
-                if split_deep(outs, r, self.resident_blocks(deep, fns[deep], smem)):
-                    fn, resident = fns[deep], None  # a row group per warp
-            grid = split_blocks(outs, r // 2 if silu else r, resident)
-            fn((grid,), (32 * SPLIT_WARPS,), args, shared_mem=smem)
+            plain = not silu and rope is None and nmax == 1 and passes == 1
+            deep = deep_name(w.split.trait) if plain else None
+            self._launch(fns, name, args, smem, outs, r, r // 2 if silu else r, deep)
+
+    def _launch(self, fns, name: str, args: tuple, smem: int, outs: int, r: int, per_warp: int,
+                deep: str | None = None) -> int:  # fmt: skip
+        """Launch a split GEMV over `outs` outputs at `r` rows (`per_warp` outputs) a warp: the persistent grid
+        (split_blocks) or, where `deep` (its deep twin, the same arguments) fits split_deep, a row group per warp of
+        that. Returns the grid's blocks."""
+        fn, resident = fns[name], self.split_resident
+        if resident is None and self.split_grid == "persist":
+            resident = self.resident_blocks(name, fn, smem)
+        deep_fits = deep is not None and self.split_deep
+        if deep_fits and split_deep(outs, r, self.resident_blocks(deep, fns[deep], smem)):
+            fn, resident = fns[deep], None  # a row group per warp
+        grid = split_blocks(outs, per_warp, resident)
+        fn((grid,), (32 * SPLIT_WARPS,), args, shared_mem=smem)
+        return grid
+
+    def linear_add(self, x, w: DeviceQuant, res) -> Added:
+        """res[0] += x[0] @ W^T (each output rounded to fp16 first) for one row of x, in the GEMV's epilogue (SPREAD_ADD),
+        with each block's sum of squares of what it wrote: the Added the next spread_norm consumer reads."""
+        m, k = w.shape
+        fns, r = self._kernels(w.fmt, "spread"), self.split_r or split_rows(m, 1)
+        deep = spread_name(w.split.trait, SPLIT_DEEP_R, SPREAD_ADD, ux=2) if r == SPLIT_DEEP_R else None
+        smem = split_smem(1, k) + 4 * SPREAD_SMEM_FLOATS
+        grid_max = split_blocks(m, r)  # the most blocks it may take: the partials' room
+        part = self.cp.empty((grid_max, 1), self.cp.float32)
+        sp = spread_arg(res, part)
+        args = (w.data, *self._fields(w), x, np.uint64(0), np.int32(0), np.int32(m), np.int32(k), sp)
+        parts = self._launch(fns, spread_name(w.split.trait, r, SPREAD_ADD), args, smem, m, r, r, deep)
+        return Added(part, parts)
+
+    def gate_up_norm(self, add: Added, res, norm_w, eps: float, w: DeviceQuant, out) -> None:
+        """out[0] = silu(h Wg^T) * (h Wu^T), h = RMSNorm(res[0]) from add's partials (SPREAD_NORM with SILU)."""
+        m, k = w.shape
+        r = max(2, self.split_r or split_silu_rows(m, 1))
+        sp = spread_arg(res, add.part, norm_w, add.parts, eps)
+        ldy = np.int32(out.strides[0] // out.itemsize)
+        args = (w.data, *self._fields(w), np.uint64(0), out, ldy, np.int32(m // 2), np.int32(k), sp)
+        name = spread_name(w.split.trait, r, SPREAD_NORM, silu=True)
+        self._launch(self._kernels(w.fmt, "spread"), name, args, split_smem(1, k) + 4 * SPREAD_SMEM_FLOATS, m // 2,
+                     r, r // 2)  # fmt: skip
+
+    def qkv_rope_norm(self, add: Added, res, norm_w, eps: float, w: DeviceQuant, ro: np.void) -> None:
+        """The q/k/v GEMV with the RoPE epilogue (`ro`, an fp16 cache's) over h = RMSNorm(res[0]) from add's
+        partials (SPREAD_NORM)."""
+        m, k = w.shape
+        sp = spread_arg(res, add.part, norm_w, add.parts, eps)
+        args = (w.data, *self._fields(w), np.int32(m), np.int32(k), ro, sp)
+        name = spread_rope_name(w.split.trait, rope_kind(ro))
+        self._launch(self._kernels(w.fmt, "spread"), name, args, split_smem(1, k) + 4 * SPREAD_SMEM_FLOATS, m,
+                     SPLIT_ROPE_R, SPLIT_ROPE_R)  # fmt: skip
 
     def _variant(self, w: DeviceQuant, n: int) -> str:
         """The kernels of w's layout: split for a split weight, else the setting's block kernel (v1 / v2, for

@@ -3,7 +3,7 @@
 One module per kernel family, named after kernels/<family>.cu and backends/reference/<family>.py:
 layers (layers.cu, and the GEMMs), quant (quant_gemv.cu: quantized weights, against float64), attention
 (attention_prefill.cu + attention_decode.cu), page_select, sampling, kv_quant (the quantized KV cache in those
-kernels, per KV dtype). Each case draws new random inputs (never zeros; from the seed and its name, so `CASE
+kernels, per KV dtype), spread (spread_norm.cuh: the residual add + RMSNorm spread over two split GEMVs). Each case draws new random inputs (never zeros; from the seed and its name, so `CASE
 --seed N` draws again what CASE drew in the run that printed N), poisons the outputs (NaN, or -1 for token ids)
 before the launch, runs the kernel through its launcher and compares with the float32 reference evaluated on the
 same float16-rounded inputs. One row per kernel and shape: max abs error, rel = max abs error / max |ref|,
@@ -61,6 +61,7 @@ from .quant import (
     case_quant_split_rowstack,
 )
 from .sampling import case_sampling
+from .spread import case_spread_norm
 
 CASES: dict[str, Callable[[Ctx], list[Result]]] = {
     "embed": case_embed,
@@ -79,6 +80,7 @@ CASES: dict[str, Callable[[Ctx], list[Result]]] = {
     "quant_split_rowstack": case_quant_split_rowstack,
     "quant_embed": case_quant_embed,
     "quant_gate_up_silu": case_quant_gate_up_silu,
+    "spread_norm": case_spread_norm,
     "sampling": case_sampling,
     "attention": case_attention,
     "sparse_attention": case_sparse_attention,

@@ -111,14 +111,22 @@ class LlamaModel:
             if plan.refreshes:
                 ops.select_pages(q, cache, i, plan)
             a = ops.attention(q, cache, i, plan, head_classes[i])
-            x = self._sum(ops.linear(a, layer.o))
+            x, residual = self._project(a, layer.o, residual)
             act, residual = ops.rmsnorm_linear(
                 x, residual, layer.ln2, cfg.rms_norm_eps, layer.gate_up, silu=True
             )
-            x = self._sum(ops.linear(act, layer.down))
+            x, residual = self._project(act, layer.down, residual, last=i == len(self.layers) - 1)
         h, _ = ops.add_rmsnorm(x[logit_rows], residual[logit_rows], self.norm, cfg.rms_norm_eps)
         logits = ops.logits(h, self.lm_head)
         return logits if self.comm is None else self.comm.all_gather(logits)
+
+    def _project(self, x: Any, w: Any, residual: Any, last: bool = False) -> tuple[Any, Any]:
+        """An output projection and the residual stream for the norm after it: Ops.linear_add (the add may go into
+        the product's kernel), except under tensor parallelism (the all-reduce comes first) and in the last layer
+        (the final norm takes the rows of x it needs)."""
+        if self.comm is None and not last:
+            return self.ops.linear_add(x, w, residual)
+        return self._sum(self.ops.linear(x, w)), residual
 
     def _sum(self, x: Any) -> Any:
         """The all-reduce that completes a row-parallel product (and the vocabulary-parallel embedding)."""
