@@ -240,11 +240,13 @@ __device__ __forceinline__ void dot_chunks(const Chunks<F, R, U>& b, const int* 
 
 // The warp's sums over its lanes into y (outputs m0 .. m0 + R - 1, or R/2 with SILU: silu(gate) * up, each with
 // int8's per-channel scale rs applied first), then acc cleared for the warp's next row group. ADD: each output
-// (rounded to fp16) added into the residual stream instead of stored in y, its square summed into lane 0's ss.
+// (rounded to fp16) added to the stream's value `old` and stored into the stream instead of y, its square summed
+// into lane 0's ss.
 template <typename F, int R, int NMAX, typename TOut, bool SILU, int ROPE, bool ADD = false>
 __device__ __forceinline__ void store_rows(float (&acc)[R][NMAX], const float (&rs)[R], int n, TOut* __restrict__ y,
                                            int ldy, int m0, int M, int lane, const lserve::RopeOut& ro,
-                                           const lserve::Spread& sp, float (&ss)[NMAX]) {
+                                           const lserve::Spread& sp, const float (&old)[R][NMAX],
+                                           float (&ss)[NMAX]) {
 #pragma unroll
   for (int i = 0; i < R; ++i)
 #pragma unroll
@@ -281,7 +283,7 @@ __device__ __forceinline__ void store_rows(float (&acc)[R][NMAX], const float (&
 #pragma unroll
           for (int r = 0; r < NMAX; ++r) {
             if (r < n) {
-              const float v = lserve::spread_add(sp, r, m, rg * acc[i][r]);
+              const float v = lserve::spread_add(sp, r, m, old[i][r], rg * acc[i][r]);
               ss[r] = fmaf(v, v, ss[r]);
             }
           }
@@ -355,7 +357,7 @@ __device__ __forceinline__ void quant_gemv_split_body(const u8* __restrict__ q, 
   quantize_x<P, SP == lserve::SPREAD_NORM>(x, n, K, xq, xs, sp);
   __syncthreads();
   if (SP != lserve::SPREAD_ADD && gw >= groups) return;  // ADD: every warp reaches spread_part's barrier
-  float acc[R][NMAX], ss[NMAX];
+  float acc[R][NMAX], ss[NMAX], old[R][NMAX];  // old: ADD's stream values (spread_load)
 #pragma unroll
   for (int r = 0; r < NMAX; ++r) {
     ss[r] = 0.f;
@@ -370,6 +372,9 @@ __device__ __forceinline__ void quant_gemv_split_body(const u8* __restrict__ q, 
                                        fill);
       ld.next(steps, gstride);
     }
+    if constexpr (SP == lserve::SPREAD_ADD) {
+      if (cur.s == steps - 1) lserve::spread_load<R, NMAX>(sp, n, cur.g * RO, M, old);
+    }
     dot_chunks<F, R, U, NMAX, P>(use, xq, xs, n, nc, lane + 32 * U * cur.s, acc);
     if (cur.s == steps - 1) {
       if constexpr (SP == lserve::SPREAD_NORM) {
@@ -379,7 +384,7 @@ __device__ __forceinline__ void quant_gemv_split_body(const u8* __restrict__ q, 
           for (int r = 0; r < NMAX; ++r) acc[i][r] *= spread_s[r];
       }
       store_rows<F, R, NMAX, TOut, SILU, ROPE, SP == lserve::SPREAD_ADD>(acc, use.rs, n, y, ldy, cur.g * RO, M, lane,
-                                                                         ro, sp, ss);
+                                                                         ro, sp, old, ss);
     }
     cur.next(steps, gstride);
     return cur.g < groups;

@@ -62,11 +62,22 @@ __device__ __forceinline__ void spread_normed32(const Spread& sp, int K, int c, 
   }
 }
 
-// ADD, one output: r = res + y rounded to fp16, stored back; returns r.
-__device__ __forceinline__ float spread_add(const Spread& sp, int row, int m, float y) {
-  float* p = sp.res + (long long)row * sp.ld + m;
-  const float r = *p + __half2float(__float2half(y));
-  *p = r;
+// ADD, lane 0 of a warp: the stream's values at outputs m0 .. m0 + R - 1 (those < M) of the n rows, loaded when the
+// warp's last K step begins so that the epilogue does not wait on them.
+template <int R, int NMAX>
+__device__ __forceinline__ void spread_load(const Spread& sp, int n, int m0, int M, float (&old)[R][NMAX]) {
+  if ((threadIdx.x & 31) != 0) return;
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int r = 0; r < NMAX; ++r)
+      if (r < n && m0 + i < M) old[i][r] = sp.res[(long long)r * sp.ld + m0 + i];
+}
+
+// ADD, one output: r = old + y rounded to fp16 (old: spread_load's), stored into the stream; returns r.
+__device__ __forceinline__ float spread_add(const Spread& sp, int row, int m, float old, float y) {
+  const float r = old + __half2float(__float2half(y));
+  sp.res[(long long)row * sp.ld + m] = r;
   return r;
 }
 
