@@ -30,18 +30,20 @@ static_assert(sizeof(Spread) == 40, "backends/spread.py's SPREAD dtype");
 template <int WARPS, int NMAX>
 constexpr int spread_floats = WARPS * NMAX;
 
-// NORM, warp 0: rstd[r] for the n rows from the producer's partials, lane-strided then a butterfly (fixed order).
+// NORM, the block's last warp (quantize_x's chunks start at thread 0: at K <= 7168 the last warp has none):
+// rstd[r] for the n rows from the producer's partials, lane-strided then a butterfly (a fixed order).
 template <int NMAX>
 __device__ __forceinline__ void spread_rstd(const Spread& sp, int n, int K, float* rstd) {
-  if (threadIdx.x >= 32) return;
+  if (threadIdx.x < blockDim.x - 32) return;
+  const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int r = 0; r < NMAX; ++r) {
     if (r >= n) continue;
     float t = 0.f;
-    for (int i = threadIdx.x; i < sp.parts; i += 32) t += sp.part[(long long)i * n + r];
+    for (int i = lane; i < sp.parts; i += 32) t += sp.part[(long long)i * n + r];
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
-    if (threadIdx.x == 0) rstd[r] = 1.0f / sqrtf(t / (float)K + sp.eps);
+    if (lane == 0) rstd[r] = 1.0f / sqrtf(t / (float)K + sp.eps);
   }
 }
 
