@@ -334,7 +334,7 @@ __device__ __forceinline__ void quant_gemv_split_body(const u8* __restrict__ q, 
                                                       const unsigned short* __restrict__ sub,
                                                       const __half* __restrict__ x, int n, TOut* __restrict__ y,
                                                       int ldy, int M, int K, const lserve::RopeOut& ro,
-                                                      const lserve::Spread& sp = {}) {
+                                                      const lserve::Spread& sp) {
   static_assert(!SILU || R % 2 == 0, "SILU pairs gate and up rows in a warp");
   static_assert(ROPE == 0 || (R % 2 == 0 && !SILU), "ROPE pairs a head's channels j and j + D / 2 in a warp");
   constexpr int U = SPLIT_U<F, R> * UX, RO = SILU ? R / 2 : R;  // chunks per lane and set, outputs per warp
@@ -401,7 +401,8 @@ __global__ void __launch_bounds__(SWARPS * 32, (SPLIT_MIN_BLOCKS<F, R, NMAX, P, 
     quant_gemv_split(const u8* __restrict__ q, const __half* __restrict__ d, const __half* __restrict__ mn,
                      const unsigned short* __restrict__ sub, const __half* __restrict__ x, int n,
                      TOut* __restrict__ y, int ldy, int M, int K) {
-  quant_gemv_split_body<F, R, NMAX, P, TOut, SILU, UX, 0>(q, d, mn, sub, x, n, y, ldy, M, K, lserve::RopeOut{});
+  quant_gemv_split_body<F, R, NMAX, P, TOut, SILU, UX, 0>(q, d, mn, sub, x, n, y, ldy, M, K, lserve::RopeOut{},
+                                                          lserve::Spread{});
 }
 
 // The q/k/v GEMV with the RoPE epilogue (ROPE above; two rows a warp, one pass, fp16; CudaOps.qkv_rope): its own
@@ -411,7 +412,8 @@ __global__ void __launch_bounds__(SWARPS * 32, (SPLIT_MIN_BLOCKS<F, 2, NMAX, 1, 
     quant_gemv_split_rope(const u8* __restrict__ q, const __half* __restrict__ d, const __half* __restrict__ mn,
                           const unsigned short* __restrict__ sub, const __half* __restrict__ x, int n, int M, int K,
                           const lserve::RopeOut ro) {
-  quant_gemv_split_body<F, 2, NMAX, 1, __half, false, 1, ROPE>(q, d, mn, sub, x, n, nullptr, 0, M, K, ro);
+  quant_gemv_split_body<F, 2, NMAX, 1, __half, false, 1, ROPE>(q, d, mn, sub, x, n, nullptr, 0, M, K, ro,
+                                                               lserve::Spread{});
 }
 
 // Batch-1 launches with the spread norm (SP above; CudaOps.linear_add and its consumers): SPREAD_ADD, the output
