@@ -90,8 +90,8 @@ def main() -> int:
               f"floor {floor * 1e6:7.1f} us (off {off / floor:.3f}x, on {on / floor:.3f}x)  logits rel diff {diff:.1e}",
               flush=True)  # fmt: skip
         del runs
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(copy_gbps=bw / 1e9, rows=rows), indent=1))
+        if args.json:  # after every row: a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps(dict(copy_gbps=bw / 1e9, rows=rows), indent=1))
     return 0
 
 
