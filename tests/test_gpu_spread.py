@@ -18,8 +18,10 @@ from lserve_lite.weights.quantize import quantize_weights
 @pytest.mark.parametrize(("mode", "qkv_bias"), [("int4", False), ("int8", True)], ids=["int4", "int8-qwen2"])
 def test_spread_norm_decode_matches_composed_and_cpu(monkeypatch, mode, qkv_bias):
     """Prefill 21 tokens, then 12 decode steps teacher-forced with the CPU's greedy tokens: the spread norm's logits
-    within 5e-3 of the composed path's (int8 activations of r * w instead of the fp16 norm: a rounding apart) and
-    of its own eager run under graphs, 2e-2 of the CPU's."""
+    within 2e-2 of the composed path's and of the CPU's, 5e-3 of its own eager run under graphs. The composed path
+    is another int8 rounding of the same activations (of the fp16 norm h, not of r * w), as the CPU's is, hence the
+    CPU's bound: the CPU backend made to round as the spread norm does drifts 8.8e-3 (relative to the largest logit)
+    from its composed path over these 12 steps of the int4 model (5e-6 with int8), each GEMV alone 4e-7 apart."""
     from lserve_lite.backends.base import Added
     from lserve_lite.sampling_params import SamplingParams
     from lserve_lite.sequence import Sequence
@@ -44,7 +46,7 @@ def test_spread_norm_decode_matches_composed_and_cpu(monkeypatch, mode, qkv_bias
             seqs[k][0].output_ids.append(token)
         out = {k: _step(r, b, seqs[k], [1]) for k, (r, b) in runs.items()}
         scale = np.abs(out["cpu"]).max()
-        assert np.abs(out["spread"] - out["plain"]).max() / scale < 5e-3, f"spread vs composed at step {step}"
+        assert np.abs(out["spread"] - out["plain"]).max() / scale < 2e-2, f"spread vs composed at step {step}"
         assert np.abs(out["spread_graph"] - out["spread"]).max() / scale < 5e-3, (
             f"graph vs eager at step {step}"
         )
