@@ -43,7 +43,15 @@ from quant_host_check import (  # noqa: E402
 from lserve_lite.backends.quant_split import SPLIT_FORMATS  # noqa: E402
 from lserve_lite.engine_args import bounded_int  # noqa: E402
 from lserve_lite.errors import exit_status  # noqa: E402
-from lserve_lite.harness.quant import U32, activation_bound, norm_linear_ref, random_quant, reference_matrix  # noqa: E402
+from lserve_lite.harness.quant import (  # noqa: E402
+    U32,
+    activation_bound,
+    norm_linear_ref,
+    random_quant,
+    reference_matrix,
+    unit_scale,
+)
+from lserve_lite.harness.spread import random_partials  # noqa: E402
 from lserve_lite.weights.qtensor import LAYOUTS  # noqa: E402
 
 WARPS = 8  # quant_gemv_split's SWARPS
@@ -55,12 +63,6 @@ ROPE_SHAPES = [(256, 4, 2, 64), (512, 6, 3, 128)]  # (K, Hq, Hkv, D) of the q/k/
 
 def run(exe: Path, *args) -> None:
     subprocess.run([str(exe), *(str(a) for a in args)], check=True)
-
-
-def unit_scale(ref_w: np.ndarray) -> float:
-    """The factor that gives unit-variance inputs outputs of about unit size (the k-quants' random weights reach
-    hundreds: fp16 outputs would overflow)."""
-    return float(1.0 / np.sqrt(ref_w.shape[1] * np.mean(ref_w**2)))
 
 
 def block_outputs(m: int, r: int, blocks: int) -> list[np.ndarray]:
@@ -113,9 +115,7 @@ def write_spread(tmp: Path, res: np.ndarray, lnw: np.ndarray, rng: np.random.Gen
     """The `spread` prefix's files: the residual, its squares summed in float32 over pieces cut at random points
     (a producer's partials; one empty), the norm weight."""
     res.astype(np.float32).tofile(tmp / "sres.bin")
-    cuts = np.sort(rng.choice(np.arange(1, len(res)), 6, replace=False))
-    sq = res.astype(np.float32) ** 2
-    part = np.array([np.sum(p, dtype=np.float32) for p in np.split(sq, cuts)] + [0.0], np.float32)
+    part = random_partials(rng, res, 6)
     part.tofile(tmp / "spart.bin")
     lnw.tofile(tmp / "slnw.bin")
     return [tmp / "sres.bin", tmp / "spart.bin", len(part), tmp / "slnw.bin"]

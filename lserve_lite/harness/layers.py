@@ -20,7 +20,7 @@ from ..backends.reference.layers import (
 from ..backends.reference.page_stats import update_page_stats
 from ..config import ModelConfig
 from .common import Ctx, Result, compare, silu_mul_atol
-from .quant import U32, norm_linear_ref, random_quant, reference_matrix, silu_inputs
+from .quant import U32, norm_linear_ref, random_quant, reference_matrix, silu_inputs, unit_scale
 from .sparse_batch import head_classes
 
 
@@ -207,7 +207,7 @@ def case_rmsnorm_linear(c: Ctx) -> list[Result]:
         ref_w = reference_matrix(w)
         x, lnw = c.f16(n, k), c.f16(k, scale=0.3) + 1.0
         if silu:  # h @ W of std ~3 (silu_inputs' reason: random q4_k blocks overflow fp16 unscaled)
-            lnw = lnw * 3.0 / np.sqrt(k * np.mean(ref_w**2))
+            lnw = lnw * 3.0 * unit_scale(ref_w)
         lnw = lnw.astype(np.float16)
         res = None if i == 0 else c.rng.standard_normal((n, k)).astype(np.float32) * 2
         split = fmt is not None and pick_variant(c.ops.quant.gemv_variant, fmt, n) == "split" and n <= 8

@@ -178,12 +178,17 @@ def case_quant_gemv(c: Ctx) -> list[Result]:
     return out
 
 
+def unit_scale(ref_w: np.ndarray) -> float:
+    """The factor that gives unit-variance inputs products x @ W^T of about unit size (random q4_k / q6_k blocks
+    reach hundreds a weight: unscaled, fp16 outputs overflow)."""
+    return float(1.0 / np.sqrt(ref_w.shape[1] * np.mean(ref_w**2)))
+
+
 def silu_inputs(rng: np.random.Generator, n: int, ref_w: np.ndarray) -> np.ndarray:
     """x [n, K] (float16 values, as float32) scaled so x @ W^T has a standard deviation of about 3: silu's curved
     range, and no fp16 overflow of silu(g) * u (unscaled, int8's N(0, 1) weights or random q4_k / q6_k blocks
     make products past 65504)."""
-    k = ref_w.shape[1]
-    x = rng.standard_normal((n, k)) * 3.0 / np.sqrt(k * np.mean(ref_w**2))
+    x = rng.standard_normal((n, ref_w.shape[1])) * 3.0 * unit_scale(ref_w)
     return x.astype(np.float16).astype(np.float32)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from ..backends.base import Added, KVCache
 from .common import Ctx, Result, compare
-from .quant import U32, activation_bound, norm_linear_ref, random_quant, reference_matrix
+from .quant import U32, activation_bound, norm_linear_ref, random_quant, reference_matrix, unit_scale
 
 # (format, K, M) of the output projections: SmolLM2's o_proj and down, Llama-3-8B's down (the deep sets)
 ADD_CASES = [("q4_1", 576, 576), ("q4_1", 1536, 576), ("int8", 14336, 4096), ("q4_k", 512, 301)]
@@ -26,7 +26,7 @@ def case_spread_norm(c: Ctx) -> list[Result]:
     for fmt, k, m in ADD_CASES:
         qt = random_quant(fmt, m, k, c.rng)
         ref_w, w = reference_matrix(qt), ops.upload(qt)
-        x = (c.rng.standard_normal((1, k)) / np.sqrt(k * np.mean(ref_w**2))).astype(np.float16)
+        x = (c.rng.standard_normal((1, k)) * unit_scale(ref_w)).astype(np.float16)
         res = (3 * c.rng.standard_normal((1, m))).astype(np.float32)
         y = ops.linear(c.dev16(x), w).get()  # the plain split GEMV, fp16
         stream = cp.asarray(res)
@@ -49,7 +49,7 @@ def case_spread_norm(c: Ctx) -> list[Result]:
         qt = random_quant(fmt, 2 * inter, k, c.rng)
         ref_w, w = reference_matrix(qt), ops.upload(qt)
         res = (2 * c.rng.standard_normal((1, k))).astype(np.float32)
-        lnw = ((c.rng.standard_normal(k) * 0.3 + 1) * 3 / np.sqrt(k * np.mean(ref_w**2))).astype(np.float16)
+        lnw = ((c.rng.standard_normal(k) * 0.3 + 1) * 3 * unit_scale(ref_w)).astype(np.float16)
         ref, atol, _ = norm_linear_ref(np.zeros((1, k), np.float16), res, lnw, 1e-5, ref_w, True, True)
         got, got_res = ops.rmsnorm_linear(
             _partials(c, res), cp.asarray(res), c.dev16(lnw), 1e-5, w, silu=True
@@ -62,12 +62,18 @@ def case_spread_norm(c: Ctx) -> list[Result]:
     return out
 
 
+def random_partials(rng: np.random.Generator, row: np.ndarray, cuts: int) -> np.ndarray:
+    """A row's sums of squares in float32 over pieces cut at `cuts` random points, then an empty piece's 0: partials
+    as a producer's blocks leave them (also tools/spread_host_check.py's)."""
+    sq = row.astype(np.float32) ** 2
+    at = np.sort(rng.choice(np.arange(1, sq.size), cuts, replace=False))
+    return np.asarray([np.sum(p, dtype=np.float32) for p in np.split(sq, at)] + [0.0], np.float32)
+
+
 def _partials(c: Ctx, res: np.ndarray) -> Added:
-    """res's sums of squares in float32 over pieces cut at random points (one empty), as a producer leaves them."""
-    sq = res[0].astype(np.float32) ** 2
-    cuts = np.sort(c.rng.choice(np.arange(1, sq.size), 5, replace=False))
-    part = [np.sum(p, dtype=np.float32) for p in np.split(sq, cuts)] + [0.0]
-    return Added(c.cp.asarray(np.asarray(part, np.float32)[:, None]), len(part))
+    """res's partials (random_partials) on the device, as linear_add returns them."""
+    part = random_partials(c.rng, res[0], 5)
+    return Added(c.cp.asarray(part[:, None]), len(part))
 
 
 def _rope_rows(c: Ctx, ops, fmt: str, k: int, hq: int, hkv: int, d: int) -> list[Result]:
@@ -77,7 +83,7 @@ def _rope_rows(c: Ctx, ops, fmt: str, k: int, hq: int, hkv: int, d: int) -> list
     qt = random_quant(fmt, m, k, c.rng)
     ref_w, w = reference_matrix(qt), ops.upload(qt)
     res = np.where(c.rng.random((1, k)) < 0.5, -2.0, 2.0).astype(np.float32)
-    lnw = ((c.rng.standard_normal(k) * 0.3 + 1) / np.sqrt(k * np.mean(ref_w**2))).astype(np.float16)
+    lnw = ((c.rng.standard_normal(k) * 0.3 + 1) * unit_scale(ref_w)).astype(np.float16)
     ang = c.rng.uniform(0, 2 * np.pi, (max_len, d // 2))
     rope = (c.dev16(np.cos(ang)), c.dev16(np.sin(ang)))
     pos = cp.asarray(c.rng.integers(0, max_len, 1).astype(np.int64))
