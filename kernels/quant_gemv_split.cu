@@ -327,7 +327,7 @@ struct SplitItem {
 // slots (`ro`; CudaOps.qkv_rope); every output's sum is quant_gemv_split's at R = 2.
 // SP (spread_norm.cuh; quant_gemv_split_spread, quant_gemv_split_rope_spread): ADD adds the outputs into the
 // residual stream sp.res and leaves the block's sum of squares in sp.part (no y); NORM reads the rows as
-// RMSNorm(sp.res) from the partials (no x). Dynamic shared memory: spread_floats<SWARPS, NMAX> floats more.
+// RMSNorm(sp.res) from the partials (no x). Dynamic shared memory: SWARPS x NMAX floats more (spread_norm.cuh).
 template <typename F, int R, int NMAX, int P, typename TOut, bool SILU, int UX, int ROPE, int SP = lserve::SPREAD_OFF>
 __device__ __forceinline__ void quant_gemv_split_body(const u8* __restrict__ q, const __half* __restrict__ d,
                                                       const __half* __restrict__ mn,

@@ -25,10 +25,8 @@ struct Spread {
 };
 static_assert(sizeof(Spread) == 40, "backends/spread.py's SPREAD dtype");
 
-// Floats of dynamic shared memory a spread launch takes after the GEMV's own (cuda_quant.SPREAD_SMEM_FLOATS):
-// NMAX rstd values, or SWARPS x NMAX warp sums.
-template <int WARPS, int NMAX>
-constexpr int spread_floats = WARPS * NMAX;
+// A spread launch's dynamic shared memory holds WARPS x NMAX floats more than the GEMV's own (cuda_quant.spread_smem;
+// at NMAX = 1 SPREAD_SMEM_FLOATS): NMAX rstd values (NORM), or each warp's sums of squares (ADD).
 
 // NORM, the block's last warp (quantize_x's chunks start at thread 0: at K <= 7168 the last warp has none):
 // rstd[r] for the n rows from the producer's partials, lane-strided then a butterfly (a fixed order).

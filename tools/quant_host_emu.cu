@@ -101,6 +101,16 @@ static T* read_file(const char* path, size_t count, size_t pad) {
   return p;
 }
 
+// The SPREAD_NORM kernels' argument from the `spread` prefix's files, for one row of K.
+static lserve::Spread spread_norm_args(int K) {
+  lserve::Spread sp{};
+  sp.res = read_file<float>(emu_spread.res_path, K, 0);
+  sp.part = read_file<float>(emu_spread.part_path, emu_spread.parts, 0);
+  sp.w = read_file<__half>(emu_spread.w_path, K, 0);
+  sp.ld = K, sp.parts = emu_spread.parts, sp.eps = emu_spread.eps;
+  return sp;
+}
+
 // A kernel with barriers: `blocks` blocks of `warps` warps (host_emu.cuh's launch).
 template <typename Fn>
 static void launch_blocks(int blocks, int warps, Fn kernel) {
@@ -239,11 +249,7 @@ static void gemv_split_silu(int n, int M, int K, int ldy, int G, char** a) {
 template <typename S, int R>
 static void gemv_split_silu_spread(int M, int K, int ldy, int G, char** a) {
   const SplitArrays<S> w(a, 2 * M, K);
-  lserve::Spread sp{};
-  sp.res = read_file<float>(emu_spread.res_path, K, 0);
-  sp.part = read_file<float>(emu_spread.part_path, emu_spread.parts, 0);
-  sp.w = read_file<__half>(emu_spread.w_path, K, 0);
-  sp.ld = K, sp.parts = emu_spread.parts, sp.eps = emu_spread.eps;
+  const lserve::Spread sp = spread_norm_args(K);
   std::vector<__half> y((size_t)ldy, __float2half(12344.f));
   __half* yp = y.data();
   launch_blocks(split_grid(M, R / 2, G), SWARPS, [=] {
@@ -346,11 +352,7 @@ static void gemv_split_rope_spread(const int* s, char** a) {
   const SplitArrays<S> w(a, M, K);
   const EmuRope e(1, s[1], s[2], s[3], s[5], s[6], s[7], s[8], s[9], s[10], a + 5);
   const lserve::RopeOut ro = e.ro;
-  lserve::Spread sp{};
-  sp.res = read_file<float>(emu_spread.res_path, K, 0);
-  sp.part = read_file<float>(emu_spread.part_path, emu_spread.parts, 0);
-  sp.w = read_file<__half>(emu_spread.w_path, K, 0);
-  sp.ld = K, sp.parts = emu_spread.parts, sp.eps = emu_spread.eps;
+  const lserve::Spread sp = spread_norm_args(K);
   launch_blocks(split_grid(M, 2, G), SWARPS, [=] {
     quant_gemv_split_rope_spread<S, KIND>(w.q, w.d, w.mn, w.sub, M, K, ro, sp);
   });

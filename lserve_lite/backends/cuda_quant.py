@@ -128,6 +128,11 @@ def spread_names(trait: str) -> list[str]:
     return names + [spread_rope_name(trait, kind) for kind in SPREAD_ROPE_KINDS]
 
 
+def spread_smem(k: int) -> int:
+    """Dynamic shared memory of a spread norm launch (one row, one pass): split_smem's, then SPREAD_SMEM_FLOATS."""
+    return split_smem(1, k) + 4 * SPREAD_SMEM_FLOATS
+
+
 def split_name_shape(name: str) -> tuple[int, int]:
     """(NMAX, passes) of a split GEMV instantiation's name: quant_gemv_split<T, R, NMAX, P, ...>,
     `rope_name`'s quant_gemv_split_rope<T, NMAX, KIND> (one pass), or a spread norm's (one row, one pass)."""
@@ -318,7 +323,7 @@ class QuantKernels:
             for name, fn in self._kernels(w.fmt, variant).items():
                 if name.startswith("quant_gemv_split"):
                     nmax, passes = split_name_shape(name)
-                    smem = split_smem(nmax, k, passes) + 4 * SPREAD_SMEM_FLOATS * (variant == "spread")
+                    smem = spread_smem(k) if variant == "spread" else split_smem(nmax, k, passes)
                     self._opt_in(name, fn, smem)
                     if self.split_grid == "persist" and smem <= self.smem_limit:
                         self.resident_blocks(name, fn, smem)
@@ -493,13 +498,14 @@ class QuantKernels:
         with each block's sum of squares of what it wrote: the Added the next spread_norm consumer reads."""
         m, k = w.shape
         fns, r = self._kernels(w.fmt, "spread"), self.split_r or split_rows(m, 1)
-        deep = spread_name(w.split.trait, SPLIT_DEEP_R, SPREAD_ADD, ux=2) if r == SPLIT_DEEP_R else None
-        smem = split_smem(1, k) + 4 * SPREAD_SMEM_FLOATS
+        deep = spread_name(w.split.trait, SPLIT_DEEP_R, SPREAD_ADD, ux=2)  # split_deep takes it at R = 2 only
         grid_max = split_blocks(m, r)  # the most blocks it may take: the partials' room
         part = self.cp.empty((grid_max, 1), self.cp.float32)
         sp = spread_arg(res, part)
         args = (w.data, *self._fields(w), x, np.uint64(0), np.int32(0), np.int32(m), np.int32(k), sp)
-        parts = self._launch(fns, spread_name(w.split.trait, r, SPREAD_ADD), args, smem, m, r, r, deep)
+        parts = self._launch(
+            fns, spread_name(w.split.trait, r, SPREAD_ADD), args, spread_smem(k), m, r, r, deep
+        )
         return Added(part, parts)
 
     def gate_up_norm(self, add: Added, res, norm_w, eps: float, w: DeviceQuant, out) -> None:
@@ -510,8 +516,7 @@ class QuantKernels:
         ldy = np.int32(out.strides[0] // out.itemsize)
         args = (w.data, *self._fields(w), np.uint64(0), out, ldy, np.int32(m // 2), np.int32(k), sp)
         name = spread_name(w.split.trait, r, SPREAD_NORM, silu=True)
-        self._launch(self._kernels(w.fmt, "spread"), name, args, split_smem(1, k) + 4 * SPREAD_SMEM_FLOATS, m // 2,
-                     r, r // 2)  # fmt: skip
+        self._launch(self._kernels(w.fmt, "spread"), name, args, spread_smem(k), m // 2, r, r // 2)
 
     def qkv_rope_norm(self, add: Added, res, norm_w, eps: float, w: DeviceQuant, ro: np.void) -> None:
         """The q/k/v GEMV with the RoPE epilogue (`ro`, an fp16 cache's) over h = RMSNorm(res[0]) from add's
@@ -520,8 +525,9 @@ class QuantKernels:
         sp = spread_arg(res, add.part, norm_w, add.parts, eps)
         args = (w.data, *self._fields(w), np.int32(m), np.int32(k), ro, sp)
         name = spread_rope_name(w.split.trait, rope_kind(ro))
-        self._launch(self._kernels(w.fmt, "spread"), name, args, split_smem(1, k) + 4 * SPREAD_SMEM_FLOATS, m,
-                     SPLIT_ROPE_R, SPLIT_ROPE_R)  # fmt: skip
+        self._launch(
+            self._kernels(w.fmt, "spread"), name, args, spread_smem(k), m, SPLIT_ROPE_R, SPLIT_ROPE_R
+        )
 
     def _variant(self, w: DeviceQuant, n: int) -> str:
         """The kernels of w's layout: split for a split weight, else the setting's block kernel (v1 / v2, for
